@@ -1,0 +1,61 @@
+"""Alembic migrations applied programmatically: `upgrade_if_behind()` and the revision it is at."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+logger = logging.getLogger('agentrt.db')
+
+MIGRATIONS_DIR = Path(__file__).parent / 'migrations'
+
+
+def alembic_config() -> Config:
+    """An Alembic config pointing at the packaged migrations (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option('script_location', str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str | None:
+    """The newest migration shipped with this version of the runtime."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at, or None before the first migration."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_current_revision)
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
+    """Apply migrations up to `revision` (Alembic runs them under an advisory lock)."""
+    async with engine.connect() as conn:
+        await conn.run_sync(_upgrade, revision)
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes['connection'] = connection
+    command.upgrade(config, revision)
+
+
+async def upgrade_if_behind(engine: AsyncEngine) -> bool:
+    """Upgrade the schema when it is behind the packaged head; return True if it did."""
+    current, head = await current_revision(engine), head_revision()
+    if current == head:
+        return False
+    logger.info('database schema at %s, upgrading to %s', current or 'empty', head)
+    await upgrade(engine)
+    return True

@@ -1,0 +1,39 @@
+"""Alembic environment: runs migrations on the runtime's async engine, one process at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.models import Base
+
+# Any fixed number: concurrent `init_database()` calls in several processes migrate one after another.
+MIGRATION_LOCK_KEY = 0x61677274
+
+
+def _run(connection: Connection) -> None:
+    connection.execute(text('SELECT pg_advisory_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+    try:
+        context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        connection.execute(text('SELECT pg_advisory_unlock(:key)'), {'key': MIGRATION_LOCK_KEY})
+        connection.commit()
+
+
+async def _run_async(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+
+
+connectable = context.config.attributes.get('connection')
+if connectable is not None:
+    _run(connectable)
+else:
+    engine = context.config.attributes['engine']
+    asyncio.run(_run_async(engine))

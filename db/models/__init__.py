@@ -1,0 +1,8 @@
+"""ORM models. Importing this package registers every table on `Base.metadata`."""
+
+from db.models.base import Base
+from db.models.conversations import ConversationEntryRow, ConversationRow
+from db.models.directory import DirectoryEntry
+from db.models.tenancy import Account, AgentInstance
+
+__all__ = ['Account', 'AgentInstance', 'Base', 'ConversationEntryRow', 'ConversationRow', 'DirectoryEntry']

@@ -1,0 +1,133 @@
+"""Runtime configuration: one pydantic-settings class read from the environment and an optional `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from db.errors import ConfigError
+
+_POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
+
+
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data when `AGENTRT_DATA_DIR` is not set."""
+    return Path(platformdirs.user_data_dir('agentrt')) / 'pgdata'
+
+
+class Settings(BaseSettings):
+    """Every knob of the runtime. Environment variable names are given in each field's alias."""
+
+    model_config = SettingsConfigDict(env_file='.env', extra='ignore', populate_by_name=True)
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices('DATABASE_URL', 'database_url'),
+        description='PostgreSQL URL; unset starts the embedded server.',
+    )
+    pool_size: int = Field(default=10, ge=1, le=1000, validation_alias=AliasChoices('DB_POOL_SIZE', 'pool_size'))
+    max_overflow: int = Field(
+        default=10, ge=0, le=1000, validation_alias=AliasChoices('DB_MAX_OVERFLOW', 'max_overflow')
+    )
+    pool_timeout: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias=AliasChoices('DB_POOL_TIMEOUT', 'pool_timeout')
+    )
+    pool_pre_ping: bool = Field(default=True, validation_alias=AliasChoices('DB_POOL_PRE_PING', 'pool_pre_ping'))
+    pool_recycle: int = Field(
+        default=1800, ge=-1, validation_alias=AliasChoices('DB_POOL_RECYCLE', 'pool_recycle'), description='seconds'
+    )
+    connect_timeout: float = Field(
+        default=10.0, gt=0, le=600, validation_alias=AliasChoices('DB_CONNECT_TIMEOUT', 'connect_timeout')
+    )
+    statement_timeout_ms: int = Field(
+        default=30_000, ge=0, validation_alias=AliasChoices('DB_STATEMENT_TIMEOUT_MS', 'statement_timeout_ms')
+    )
+    lock_timeout_ms: int = Field(
+        default=10_000, ge=0, validation_alias=AliasChoices('DB_LOCK_TIMEOUT_MS', 'lock_timeout_ms')
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir, validation_alias=AliasChoices('AGENTRT_DATA_DIR', 'data_dir')
+    )
+    model: str = Field(default='demo', min_length=1, validation_alias=AliasChoices('AGENTRT_MODEL', 'model'))
+    auto_migrate: bool = Field(default=True, validation_alias=AliasChoices('AGENTRT_AUTO_MIGRATE', 'auto_migrate'))
+
+    @field_validator('database_url')
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_database_url(value)
+        return value.strip()
+
+    @property
+    def uses_embedded(self) -> bool:
+        """True when no `DATABASE_URL` is configured and the embedded server is used."""
+        return self.database_url is None
+
+
+def parse_database_url(value: str) -> URL:
+    """Parse and check a PostgreSQL URL, returning it with the asyncpg driver.
+
+    Raises:
+        ConfigError: naming `DATABASE_URL` and what is wrong with it.
+    """
+    try:
+        url = make_url(value.strip())
+    except ArgumentError as exc:
+        raise ConfigError(
+            f'DATABASE_URL is not a valid URL ({exc}); expected postgresql://user:pass@host:5432/db'
+        ) from exc
+    if url.drivername not in _POSTGRES_DRIVERS:
+        raise ConfigError(
+            f'DATABASE_URL must use the postgresql:// (or postgresql+asyncpg://) scheme, got {url.drivername!r}'
+        )
+    if not url.database:
+        raise ConfigError('DATABASE_URL names no database; expected postgresql://user:pass@host:5432/db')
+    if not url.host and 'host' not in url.query:
+        raise ConfigError('DATABASE_URL names no host; expected postgresql://user:pass@host:5432/db')
+    try:
+        _ = url.port
+    except ValueError as exc:  # pragma: no cover - make_url already rejects most bad ports
+        raise ConfigError(f'DATABASE_URL has an invalid port: {exc}') from exc
+    return url.set(drivername='postgresql+asyncpg')
+
+
+def mask_url(url: URL | str) -> str:
+    """Render a URL with any password replaced by `***`."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    return parsed.render_as_string(hide_password=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the settings once per process.
+
+    Raises:
+        ConfigError: with the name of every invalid variable.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = '; '.join(_describe(err) for err in exc.errors())
+        raise ConfigError(f'invalid configuration: {problems}') from exc
+
+
+def _describe(err: dict) -> str:
+    field = str(err['loc'][0]) if err.get('loc') else '?'
+    env_name = _ENV_NAMES.get(field, field)
+    message = str(err.get('msg', 'invalid value'))
+    if isinstance(err.get('ctx'), dict) and isinstance(err['ctx'].get('error'), ConfigError):
+        return str(err['ctx']['error'])
+    return f'{env_name}: {message}'
+
+
+_ENV_NAMES = {
+    name: next(choice for choice in field.validation_alias.choices if choice.isupper())  # type: ignore[union-attr]
+    for name, field in Settings.model_fields.items()
+}

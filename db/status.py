@@ -1,0 +1,27 @@
+"""What `agentrt db status` reports: server version, migration revision and row counts."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.models import Base
+
+
+async def server_version(*, session: AsyncSession) -> str:
+    """The server's `SHOW server_version`."""
+    return (await session.execute(text('SHOW server_version'))).scalar_one()
+
+
+async def table_counts(*, session: AsyncSession) -> dict[str, int | None]:
+    """Row counts of every runtime table; None for a table the schema does not have yet."""
+    existing = set(
+        (await session.execute(text('SELECT tablename FROM pg_tables WHERE schemaname = current_schema()'))).scalars()
+    )
+    counts: dict[str, int | None] = {}
+    for table in Base.metadata.sorted_tables:
+        if table.name in existing:
+            counts[table.name] = (await session.execute(select(func.count()).select_from(table))).scalar_one()
+        else:
+            counts[table.name] = None
+    return counts

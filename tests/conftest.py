@@ -1,0 +1,77 @@
+"""Test harness: one real PostgreSQL per test run, state reset before every test.
+
+The server is the embedded one, started in a temporary directory, or the server in `DATABASE_URL`
+when that is set (its runtime tables are truncated between tests: never point it at data you keep).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pydantic_ai.models
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from db.engine import close_database, get_engine, init_database
+from db.models import Base
+from db.session import get_db_session
+from db.settings import Settings
+from services.demo_data import seed_demo_data
+
+# No test may reach a real model provider.
+pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
+
+TEST_POOL_SIZE = 5
+TEST_MAX_OVERFLOW = 5
+
+
+def _test_settings(data_dir: Path) -> Settings:
+    return Settings(
+        database_url=os.environ.get('DATABASE_URL') or None,
+        data_dir=data_dir,
+        pool_size=TEST_POOL_SIZE,
+        max_overflow=TEST_MAX_OVERFLOW,
+        pool_timeout=30,
+        model='demo',
+    )
+
+
+@pytest_asyncio.fixture(scope='session', autouse=True)
+async def database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
+    """Start (or connect to) PostgreSQL once, migrated to head, for the whole run."""
+    settings = _test_settings(tmp_path_factory.mktemp('pg') / 'data')
+    await init_database(settings, migrate=True)
+    if settings.uses_embedded:
+        # A throwaway cluster: durability buys nothing here and costs seconds per run.
+        async with get_engine().connect() as conn:
+            await conn.execute(text('COMMIT'))
+            await conn.execute(text('ALTER SYSTEM SET fsync = off'))
+            await conn.execute(text('ALTER SYSTEM SET synchronous_commit = off'))
+            await conn.execute(text('SELECT pg_reload_conf()'))
+    yield settings
+    await close_database()
+
+
+@pytest.fixture(scope='session')
+def database_url(database: Settings) -> str:
+    """A URL other processes (CLI and script tests) can use to reach the test server."""
+    return get_engine().url.render_as_string(hide_password=False)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def clean_database(database: Settings) -> AsyncIterator[None]:
+    """Empty every runtime table before each test."""
+    names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    async with get_db_session() as session:
+        await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
+    yield
+
+
+@pytest_asyncio.fixture
+async def demo_data(clean_database: None) -> None:
+    """The seeded demo accounts, agents and directories."""
+    async with get_db_session() as session:
+        await seed_demo_data(session=session)

@@ -1,0 +1,106 @@
+"""The `get_db_session()` contract, and the shared-session failure the runtime exists to avoid."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import InvalidRequestError
+
+from db.engine import get_sessionmaker, pool_status
+from db.models import Account
+from db.session import get_db_session, get_read_only_session, get_side_session
+from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
+
+
+async def _count_accounts() -> int:
+    async with get_db_session() as session:
+        return (await session.execute(select(func.count()).select_from(Account))).scalar_one()
+
+
+async def test_commits_on_clean_exit() -> None:
+    async with get_db_session() as session:
+        session.add(Account(slug='a', name='A'))
+    assert await _count_accounts() == 1
+    assert pool_status().checked_out == 0
+
+
+async def test_rolls_back_on_exception() -> None:
+    with pytest.raises(RuntimeError, match='boom'):
+        async with get_db_session() as session:
+            session.add(Account(slug='a', name='A'))
+            await session.flush()
+            raise RuntimeError('boom')
+    assert await _count_accounts() == 0
+    assert pool_status().checked_out == 0
+
+
+async def test_rolls_back_and_returns_connection_on_cancellation() -> None:
+    in_query = asyncio.Event()
+
+    async def slow_insert() -> None:
+        async with get_db_session() as session:
+            session.add(Account(slug='a', name='A'))
+            await session.flush()
+            in_query.set()
+            await session.execute(text('SELECT pg_sleep(10)'))
+
+    task = asyncio.create_task(slow_insert())
+    await asyncio.wait_for(in_query.wait(), 5)
+    await asyncio.sleep(0.1)
+    assert pool_status().checked_out == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool_status().checked_out == 0
+    assert await _count_accounts() == 0
+
+
+async def test_many_concurrent_sessions_share_a_small_pool() -> None:
+    assert TEST_POOL_SIZE + TEST_MAX_OVERFLOW < 100
+
+    async def one(i: int) -> None:
+        async with get_db_session() as session:
+            await session.execute(text('SELECT pg_sleep(0.01)'))
+            session.add(Account(slug=f'acct-{i}', name=f'Account {i}'))
+
+    await asyncio.gather(*(one(i) for i in range(100)))
+    assert await _count_accounts() == 100
+    assert pool_status().checked_out == 0
+
+
+async def test_read_only_session_rejects_writes() -> None:
+    with pytest.raises(Exception, match='read-only transaction'):
+        async with get_read_only_session() as session:
+            await session.execute(text("INSERT INTO accounts (slug, name) VALUES ('x', 'X')"))
+    assert await _count_accounts() == 0
+
+
+async def test_side_session_sets_transaction_local_timeouts() -> None:
+    async with get_side_session(lock_timeout_ms=1234, statement_timeout_ms=4321) as session:
+        lock = (await session.execute(text('SHOW lock_timeout'))).scalar_one()
+        stmt = (await session.execute(text('SHOW statement_timeout'))).scalar_one()
+    assert (lock, stmt) == ('1234ms', '4321ms')
+
+
+async def test_one_shared_session_fails_under_concurrency() -> None:
+    """Why the runtime exists: two tasks on one AsyncSession raise SQLAlchemy's isce error."""
+    session = get_sessionmaker()()
+    try:
+        results = await asyncio.gather(
+            session.execute(text('SELECT pg_sleep(0.2)')),
+            session.execute(text('SELECT pg_sleep(0.2)')),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors, 'sharing one AsyncSession between tasks should fail'
+        assert any(
+            isinstance(e, InvalidRequestError) and 'concurrent operations are not permitted' in str(e) for e in errors
+        ), errors
+    finally:
+        try:
+            await session.close()
+        except Exception:
+            # Closing a session that was used concurrently can itself fail; that is the point.
+            await session.invalidate()

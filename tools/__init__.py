@@ -1,0 +1,1 @@
+"""Tools the agents call; each opens its own database session."""
