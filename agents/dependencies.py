@@ -1,0 +1,35 @@
+"""`SessionDependencies`: what every tool of a chat run can see through `ctx.deps`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class EmbeddingService(Protocol):
+    """Anything that turns texts into vectors (optional; the demo directory search does not need one)."""
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Return one vector per text."""
+        ...
+
+
+@dataclass(frozen=True)
+class SessionDependencies:
+    """Configuration and identity for one chat turn. Deliberately holds no database session.
+
+    Pydantic AI runs the tool calls of one model response concurrently, one asyncio task each, and
+    they all share this object. An `AsyncSession` here would be used by several tasks at once and
+    fail ("This session is provisioning a new connection; concurrent operations are not permitted"),
+    taking the cost-tracking write down with it. Tools open their own `async with get_db_session()`
+    instead; this object only says *who* is asking, so every query can be scoped to the account.
+    """
+
+    session_id: str
+    account_id: int
+    account_slug: str
+    agent_instance_id: int
+    agent_instance_slug: str
+    agent_type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    embedding_service: EmbeddingService | None = None
