@@ -212,14 +212,14 @@ async def seed_demo_data(*, session: AsyncSession) -> SeedReport:
             .on_conflict_do_nothing(index_elements=['account_id', 'slug'])
         )
         rows = [{**row, 'account_id': account_id} for row in spec['entries']()]
-        for start in range(0, len(rows), 1000):
-            result = await session.execute(
-                insert(DirectoryEntry)
-                .values(rows[start : start + 1000])
-                .on_conflict_do_nothing(index_elements=['account_id', 'external_id'])
-                .returning(DirectoryEntry.id)
-            )
-            inserted += len(result.all())
+        # executemany with RETURNING: SQLAlchemy batches it into few round trips ("insertmanyvalues").
+        result = await session.execute(
+            insert(DirectoryEntry)
+            .on_conflict_do_nothing(index_elements=['account_id', 'external_id'])
+            .returning(DirectoryEntry.id),
+            rows,
+        )
+        inserted += len(result.all())
     counts = [
         (await session.execute(select(func.count()).select_from(model))).scalar_one()
         for model in (Account, AgentInstance, DirectoryEntry)

@@ -1,0 +1,108 @@
+"""Engine lifecycle and bad input: unreachable servers, unusable data directories, pool status."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from db.embedded import start_embedded
+from db.engine import build_engine, check_connection, get_engine, init_database, pool_status
+from db.errors import DatabaseUnavailableError, EmbeddedPostgresError
+from db.settings import Settings, parse_database_url
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers, like a firewalled server."""
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def _closed_port() -> int:
+    probe = socket.socket()
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+async def test_refused_connection_names_host_and_port() -> None:
+    port = _closed_port()
+    url = parse_database_url(f'postgresql://u:secret@127.0.0.1:{port}/db')
+    engine = build_engine(url, Settings(database_url=str(url), connect_timeout=2))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await check_connection(engine, url, 2)
+    finally:
+        await engine.dispose()
+    assert f'127.0.0.1:{port}' in str(info.value)
+    assert 'secret' not in str(info.value)
+
+
+async def test_silent_server_fails_within_connect_timeout(silent_server: int) -> None:
+    url = parse_database_url(f'postgresql://u:p@127.0.0.1:{silent_server}/db')
+    engine = build_engine(url, Settings(database_url=str(url), connect_timeout=1))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await check_connection(engine, url, 1)
+    finally:
+        await engine.dispose()
+    assert time.monotonic() - started < 5
+    assert f'127.0.0.1:{silent_server}' in str(info.value)
+
+
+def test_data_dir_that_cannot_be_created_names_the_path(tmp_path: Path) -> None:
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a directory')
+    with pytest.raises(EmbeddedPostgresError) as info:
+        start_embedded(blocker / 'pgdata')
+    assert str(blocker) in str(info.value)
+
+
+def test_data_dir_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    target = tmp_path / 'pgdata'
+    target.write_text('oops')
+    with pytest.raises(EmbeddedPostgresError, match='not a directory'):
+        start_embedded(target)
+
+
+async def test_init_database_is_idempotent(database: Settings) -> None:
+    assert await init_database(database) is get_engine()
+
+
+async def test_pool_status_counts_checked_out_connections() -> None:
+    before = pool_status()
+    async with get_engine().connect() as conn:
+        await conn.execute(text('SELECT 1'))
+        assert pool_status().checked_out == before.checked_out + 1
+    assert pool_status().checked_out == before.checked_out
+    assert pool_status().size == 5
+
+
+async def test_statement_timeout_applies_per_connection(database: Settings) -> None:
+    async with get_engine().connect() as conn:
+        value = (await conn.execute(text('SHOW statement_timeout'))).scalar_one()
+    assert value == f'{database.statement_timeout_ms // 1000}s'
+
+
+async def test_unreachable_server_does_not_hang_init(tmp_path: Path) -> None:
+    """`init_database` itself (not only the probe) fails fast with a closed port."""
+    from db import engine as engine_module
+
+    saved, engine_module._runtime = engine_module._runtime, None
+    try:
+        settings = Settings(database_url=f'postgresql://u:p@127.0.0.1:{_closed_port()}/db', connect_timeout=2)
+        with pytest.raises(DatabaseUnavailableError):
+            await asyncio.wait_for(init_database(settings), 10)
+    finally:
+        engine_module._runtime = saved

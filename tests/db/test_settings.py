@@ -1,0 +1,62 @@
+"""Configuration: environment variables, defaults and clear errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from db.errors import ConfigError
+from db.settings import Settings, get_settings, mask_url, parse_database_url
+
+
+def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('DATABASE_URL', 'postgresql://app:s3cret@db.example:6543/agents')
+    monkeypatch.setenv('DB_POOL_SIZE', '7')
+    monkeypatch.setenv('DB_STATEMENT_TIMEOUT_MS', '1500')
+    monkeypatch.setenv('AGENTRT_MODEL', 'openai-chat:gpt-4o-mini')
+    settings = Settings()
+    assert settings.pool_size == 7
+    assert settings.statement_timeout_ms == 1500
+    assert settings.model == 'openai-chat:gpt-4o-mini'
+    assert not settings.uses_embedded
+
+
+def test_no_database_url_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv('DATABASE_URL', raising=False)
+    assert Settings(_env_file=None).uses_embedded
+
+
+@pytest.mark.parametrize(
+    ('url', 'problem'),
+    [
+        ('mysql://u:p@h/db', 'postgresql://'),
+        ('postgresql://u:p@host', 'no database'),
+        ('postgresql:///db', 'no host'),
+        ('not a url at all', 'not a valid URL'),
+    ],
+)
+def test_malformed_database_url_names_the_variable(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_database_url(url)
+    assert 'DATABASE_URL' in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_get_settings_reports_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    get_settings.cache_clear()
+    monkeypatch.setenv('DB_POOL_SIZE', 'lots')
+    monkeypatch.setenv('DATABASE_URL', 'mysql://u:p@h/db')
+    try:
+        with pytest.raises(ConfigError) as info:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(info.value)
+    assert 'DB_POOL_SIZE' in message
+    assert 'DATABASE_URL' in message
+
+
+def test_asyncpg_driver_and_masked_password() -> None:
+    url = parse_database_url('postgres://app:s3cret@db.example:6543/agents')
+    assert url.drivername == 'postgresql+asyncpg'
+    assert 's3cret' not in mask_url(url)
+    assert 'db.example:6543/agents' in mask_url(url)
