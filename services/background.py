@@ -1,0 +1,280 @@
+"""`TaskSupervisor`: tracked background tasks with bounded concurrency, timing, error logging and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import logfire
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from db.errors import AgentRuntimeError
+from db.models.base import Base
+
+T = TypeVar('T')
+
+logger = logging.getLogger('agentrt.background')
+
+DEFAULT_MAX_RUNNING = 4
+DEFAULT_MAX_QUEUED = 10_000
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+# After the shutdown timeout, how long cancelled tasks get to roll back and return their connections.
+CANCEL_GRACE = 5.0
+
+
+class BackgroundQueueFull(AgentRuntimeError):
+    """`spawn` refused a task because the backlog of queued tasks is full."""
+
+
+class SupervisorClosed(AgentRuntimeError):
+    """`spawn` was called after `shutdown` started."""
+
+
+@dataclass(frozen=True)
+class SupervisorStats:
+    """Counters of a supervisor; `running` and `queued` are current, the rest are totals since creation."""
+
+    spawned: int
+    running: int
+    queued: int
+    completed: int
+    failed: int
+    cancelled: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class ShutdownReport:
+    """What `shutdown` found: totals since creation, and tasks that ignored cancellation (`abandoned`)."""
+
+    completed: int
+    failed: int
+    cancelled: int
+    rejected: int
+    abandoned: int
+    seconds: float
+
+
+class TaskSupervisor:
+    """Runs coroutine functions as tracked asyncio tasks on one event loop.
+
+    Each task is given ids, never an ORM object or a session, and opens its own session
+    (`async with get_side_session() as session:`): the caller's session is closed, or busy committing,
+    by the time the task runs. `spawn` refuses `AsyncSession`, `Session` and ORM instances outright.
+
+    At most `max_running` tasks run at once, so a burst cannot take every pooled connection from
+    foreground requests; up to `max_queued` more wait their turn (a waiting task holds no connection),
+    and beyond that `spawn` raises `BackgroundQueueFull`, logs a warning and counts the rejection.
+    """
+
+    def __init__(
+        self, *, max_running: int = DEFAULT_MAX_RUNNING, max_queued: int = DEFAULT_MAX_QUEUED, name: str = 'background'
+    ) -> None:
+        if max_running < 1 or max_queued < 0:
+            raise ValueError('max_running must be >= 1 and max_queued >= 0')
+        self.name = name
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self._semaphore = asyncio.Semaphore(max_running)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._accepting = True
+        self._spawned = self._running = self._queued = 0
+        self._completed = self._failed = self._cancelled = self._rejected = 0
+
+    @property
+    def accepting(self) -> bool:
+        """False once `shutdown` has started."""
+        return self._accepting
+
+    def stats(self) -> SupervisorStats:
+        """A snapshot of the counters; safe to call at any time."""
+        return SupervisorStats(
+            spawned=self._spawned,
+            running=self._running,
+            queued=self._queued,
+            completed=self._completed,
+            failed=self._failed,
+            cancelled=self._cancelled,
+            rejected=self._rejected,
+        )
+
+    def spawn(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, name: str | None = None, **kwargs: Any
+    ) -> asyncio.Task[T]:
+        """Schedule `fn(*args, **kwargs)` as a tracked task; must be called from the supervisor's loop.
+
+        `name` belongs to the supervisor (log lines and the span), so `fn` cannot take a keyword called
+        `name`. A failure is logged with its traceback and counted; awaiting the returned task re-raises
+        it, but nobody has to: the supervisor retrieves every exception. The task may start before the
+        caller's transaction commits, so spawn after the commit when the task reads rows the caller wrote.
+
+        Args:
+            fn: a coroutine function that opens its own database session.
+            *args: plain values (ids, strings, numbers), never a session or an ORM object.
+            name: shown in logs and spans; defaults to the function's qualified name.
+            **kwargs: keyword arguments for `fn`, same rule as `args`.
+
+        Returns:
+            The task, which resolves to `fn`'s result.
+
+        Raises:
+            SupervisorClosed: `shutdown` has started.
+            BackgroundQueueFull: `max_queued` tasks are already waiting.
+            TypeError: an argument is a session or an ORM object.
+        """
+        task_name = name or getattr(fn, '__qualname__', repr(fn))
+        _reject_unsafe_arguments(task_name, args, kwargs)
+        if not self._accepting:
+            self._rejected += 1
+            logger.warning('background task %s rejected: supervisor %s is shutting down', task_name, self.name)
+            raise SupervisorClosed(f'background supervisor {self.name!r} is shutting down; {task_name} not started')
+        if self._queued >= self.max_queued:
+            self._rejected += 1
+            logger.warning(
+                'background task %s rejected: %d tasks already queued (limit %d, %d running)',
+                task_name,
+                self._queued,
+                self.max_queued,
+                self._running,
+            )
+            raise BackgroundQueueFull(f'background queue full ({self.max_queued} waiting); {task_name} not started')
+        self._spawned += 1
+        self._queued += 1
+        task = asyncio.get_running_loop().create_task(self._run(task_name, fn, args, kwargs), name=task_name)
+        self._tasks.add(task)
+        task.add_done_callback(self._on_done)
+        return task
+
+    async def join(self) -> None:
+        """Wait until no task is queued or running, tasks spawned meanwhile included, without shutting down.
+
+        Wrap it in `asyncio.timeout(...)` to bound the wait; that cancels only the wait, not the tasks.
+        """
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    # `timeout` is part of the contract (wait, then cancel), not a way to abandon the call: hence the noqa.
+    async def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> ShutdownReport:  # noqa: ASYNC109
+        """Stop accepting work, wait up to `timeout` for running and queued tasks, then cancel the rest.
+
+        Cancelled tasks get `CANCEL_GRACE` seconds to finish their cleanup (rollback, connection back
+        to the pool); any still running after that are counted as `abandoned` and logged.
+        """
+        started = time.monotonic()
+        self._accepting = False
+        pending = set(self._tasks)
+        if pending:
+            logger.info('background %s: waiting up to %.1fs for %d tasks', self.name, timeout, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        if pending:
+            logger.warning(
+                'background %s: cancelling %d tasks still running after %.1fs', self.name, len(pending), timeout
+            )
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+        if pending:
+            logger.error(
+                'background %s: %d tasks ignored cancellation: %s',
+                self.name,
+                len(pending),
+                ', '.join(sorted(t.get_name() for t in pending)),
+            )
+        report = ShutdownReport(
+            completed=self._completed,
+            failed=self._failed,
+            cancelled=self._cancelled,
+            rejected=self._rejected,
+            abandoned=len(pending),
+            seconds=time.monotonic() - started,
+        )
+        logger.info('background %s shut down: %s', self.name, report)
+        return report
+
+    async def _run(self, task_name: str, fn: Callable[..., Awaitable[T]], args: tuple, kwargs: dict) -> T:
+        spawned_at = time.monotonic()
+        started_at: float | None = None
+        try:
+            async with self._semaphore:
+                self._queued -= 1
+                self._running += 1
+                started_at = time.monotonic()
+                waited = started_at - spawned_at
+                logger.debug('background task %s started (waited %.3fs)', task_name, waited)
+                try:
+                    with logfire.span(
+                        'background task {task_name}', task_name=task_name, queued_seconds=waited
+                    ) as span:
+                        try:
+                            result = await fn(*args, **kwargs)
+                        finally:
+                            span.set_attribute('duration_seconds', time.monotonic() - started_at)
+                finally:
+                    self._running -= 1
+        except asyncio.CancelledError:
+            self._cancelled += 1
+            if started_at is None:
+                self._queued -= 1
+                logger.info('background task %s cancelled before it started', task_name)
+            else:
+                logger.warning('background task %s cancelled after %.3fs', task_name, time.monotonic() - started_at)
+            raise
+        except Exception:
+            self._failed += 1
+            elapsed = time.monotonic() - (started_at if started_at is not None else spawned_at)
+            logger.exception('background task %s failed after %.3fs', task_name, elapsed)
+            raise
+        self._completed += 1
+        logger.info('background task %s completed in %.3fs', task_name, time.monotonic() - started_at)
+        return result
+
+    def _on_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            # Already logged in `_run`; retrieving it here stops "Task exception was never retrieved".
+            task.exception()
+
+
+def _reject_unsafe_arguments(task_name: str, args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, AsyncSession | Session | Base):
+            raise TypeError(
+                f'background task {task_name} was given a {type(value).__name__}: pass ids and open a session '
+                "inside the task (the caller's session is closed by the time the task runs)"
+            )
+
+
+# One supervisor per event loop: a supervisor's tasks and semaphore belong to the loop they were made on.
+# Weak keys, so a finished `asyncio.run` takes its supervisor with it.
+_supervisors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskSupervisor] = weakref.WeakKeyDictionary()
+
+
+def get_supervisor() -> TaskSupervisor:
+    """The process's supervisor for the running event loop, created on first use.
+
+    Every caller on the same loop (`simple_chat`, `simple_chat_stream`, the CLI) gets the same one. A new
+    loop (another `asyncio.run`), or a call after `drain_supervisor()`, gets a new supervisor.
+    """
+    loop = asyncio.get_running_loop()
+    supervisor = _supervisors.get(loop)
+    if supervisor is None or not supervisor.accepting:
+        supervisor = _supervisors[loop] = TaskSupervisor()
+    return supervisor
+
+
+async def drain_supervisor(timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> ShutdownReport | None:  # noqa: ASYNC109
+    """Shut down the running loop's supervisor, if one was created; call it before the loop ends.
+
+    Returns:
+        The shutdown report, or None when this loop has no supervisor.
+    """
+    supervisor = _supervisors.pop(asyncio.get_running_loop(), None)
+    if supervisor is None:
+        return None
+    return await supervisor.shutdown(timeout)

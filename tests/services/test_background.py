@@ -1,0 +1,302 @@
+"""`TaskSupervisor`: tasks get ids and open their own sessions; failures, shutdown, bursts and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from logfire.testing import CaptureLogfire
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.engine import pool_status
+from db.models import Account
+from db.session import get_db_session, get_side_session
+from services.background import (
+    BackgroundQueueFull,
+    SupervisorClosed,
+    TaskSupervisor,
+    drain_supervisor,
+    get_supervisor,
+)
+from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
+
+LOGGER = 'agentrt.background'
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _isolated(capfire: CaptureLogfire) -> AsyncIterator[None]:
+    """Configure logfire locally (capfire exports nowhere) and never leave a process supervisor behind."""
+    yield
+    await drain_supervisor(5)
+
+
+async def _create_account(slug: str = 'acme') -> int:
+    async with get_db_session() as session:
+        account = Account(slug=slug, name='Before')
+        session.add(account)
+        await session.flush()
+        return account.id
+
+
+async def _account_name(account_id: int) -> str | None:
+    async with get_db_session() as session:
+        return (await session.execute(select(Account.name).where(Account.id == account_id))).scalar_one_or_none()
+
+
+async def rename_account(account_id: int, new_name: str) -> None:
+    """The right pattern: the task gets an id and opens its own session."""
+    async with get_side_session() as session:
+        await session.execute(update(Account).where(Account.id == account_id).values(name=new_name))
+
+
+async def sleep_in_database(seconds: float) -> None:
+    async with get_side_session(statement_timeout_ms=60_000) as session:
+        await session.execute(text('SELECT pg_sleep(:s)'), {'s': seconds})
+
+
+async def test_task_spawned_in_a_handler_completes_with_its_own_session() -> None:
+    account_id = await _create_account()
+    supervisor = TaskSupervisor()
+
+    async def handler() -> None:
+        async with get_db_session() as session:
+            account = (await session.execute(select(Account).where(Account.id == account_id))).scalar_one()
+            supervisor.spawn(rename_account, account.id, 'After', name='rename')
+            # The task starts while this session is still busy, and goes on after it has closed.
+            await session.execute(text('SELECT pg_sleep(0.05)'))
+
+    await handler()
+    await supervisor.join()
+    assert await _account_name(account_id) == 'After'
+    assert supervisor.stats().completed == 1
+    assert pool_status().checked_out == 0
+
+
+async def test_legacy_pattern_of_sharing_the_handlers_session_fails() -> None:
+    account_id = await _create_account()
+
+    async def legacy_rename(session: AsyncSession, account_id: int) -> None:
+        await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
+
+    async with get_db_session() as session:
+        await session.execute(select(Account).where(Account.id == account_id))
+        task = asyncio.create_task(legacy_rename(session, account_id))
+    # The task ran while the handler's session was committing and closing.
+    with pytest.raises(InvalidRequestError, match=r'no further SQL|concurrent operations|closed'):
+        await task
+    assert await _account_name(account_id) == 'Before'
+    assert pool_status().checked_out == 0
+
+
+async def test_legacy_pattern_run_later_loses_its_work_and_holds_a_connection() -> None:
+    account_id = await _create_account()
+
+    async def late_legacy_rename(session: AsyncSession, account_id: int) -> None:
+        await asyncio.sleep(0.05)
+        await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
+
+    async with get_db_session() as session:
+        task = asyncio.create_task(late_legacy_rename(session, account_id))
+    await task
+    # The closed session quietly began a new transaction that nobody commits, on a connection nobody returns.
+    assert pool_status().checked_out == 1
+    assert await _account_name(account_id) == 'Before'
+    await session.close()
+    assert pool_status().checked_out == 0
+
+
+async def test_spawn_refuses_sessions_and_orm_objects() -> None:
+    supervisor = TaskSupervisor()
+    async with get_db_session() as session:
+        with pytest.raises(TypeError, match='pass ids'):
+            supervisor.spawn(rename_account, session, 'x')
+        with pytest.raises(TypeError, match='pass ids'):
+            supervisor.spawn(rename_account, account_id=Account(slug='a', name='A'), new_name='x')
+    assert supervisor.stats().spawned == 0
+
+
+async def test_failing_task_is_logged_with_duration_and_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    ids = [await _create_account(f'a{i}') for i in range(3)]
+    supervisor = TaskSupervisor()
+
+    async def explode(account_id: int) -> None:
+        async with get_side_session() as session:
+            await session.execute(text('SELECT 1'))
+        raise RuntimeError(f'boom for {account_id}')
+
+    supervisor.spawn(explode, ids[0], name='explode')
+    for account_id in ids:
+        supervisor.spawn(rename_account, account_id, 'After', name='rename')
+    await supervisor.join()
+    gc.collect()
+
+    assert [await _account_name(i) for i in ids] == ['After'] * 3
+    assert supervisor.stats().failed == 1 and supervisor.stats().completed == 3
+    [failure] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failure.name == LOGGER and 'background task explode failed after' in failure.getMessage()
+    assert failure.exc_info and 'RuntimeError: boom for' in caplog.text and 'Traceback' in caplog.text
+    completions = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len([m for m in completions if m.startswith('background task rename completed in')]) == 3
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG and 'started' in r.getMessage()]) == 4
+    # Nobody awaited the failing task, yet asyncio has nothing to complain about.
+    assert not [r for r in caplog.records if r.name == 'asyncio']
+    assert pool_status().checked_out == 0
+
+
+async def test_awaiting_a_failed_task_reraises_its_error() -> None:
+    supervisor = TaskSupervisor()
+
+    async def explode() -> None:
+        raise ValueError('bad')
+
+    with pytest.raises(ValueError, match='bad'):
+        await supervisor.spawn(explode)
+
+
+async def test_shutdown_lets_running_tasks_finish_within_the_timeout() -> None:
+    supervisor = TaskSupervisor(max_running=2)
+    for _ in range(4):
+        supervisor.spawn(sleep_in_database, 0.2)
+    report = await supervisor.shutdown(timeout=10)
+    assert (report.completed, report.failed, report.cancelled, report.abandoned) == (4, 0, 0, 0)
+    assert report.seconds < 5
+    assert pool_status().checked_out == 0
+
+
+async def test_shutdown_cancels_what_is_still_running_and_returns_every_connection() -> None:
+    supervisor = TaskSupervisor(max_running=3)
+    quick = [supervisor.spawn(sleep_in_database, 0.05, name='quick') for _ in range(2)]
+    stuck = [supervisor.spawn(sleep_in_database, 60, name='stuck') for _ in range(4)]
+    await asyncio.wait(quick)
+    await _wait_for_checked_out(3)
+    assert supervisor.stats().running == 3 and supervisor.stats().queued == 1
+
+    started = time.monotonic()
+    report = await supervisor.shutdown(timeout=0.5)
+    elapsed = time.monotonic() - started
+
+    assert (report.completed, report.failed, report.cancelled, report.abandoned) == (2, 0, 4, 0)
+    assert 0.5 <= elapsed < 3
+    assert all(task.cancelled() for task in stuck)
+    assert pool_status().checked_out == 0
+    with pytest.raises(SupervisorClosed):
+        supervisor.spawn(sleep_in_database, 0)
+    assert supervisor.stats().rejected == 1
+
+
+async def test_a_thousand_tasks_at_once_share_the_small_pool() -> None:
+    limit = TEST_POOL_SIZE + TEST_MAX_OVERFLOW
+    supervisor = TaskSupervisor(max_running=limit)
+    peak = 0
+
+    async def insert_account(i: int) -> None:
+        nonlocal peak
+        peak = max(peak, supervisor.stats().running)
+        async with get_side_session() as session:
+            session.add(Account(slug=f'acct-{i}', name=f'Account {i}'))
+
+    tasks = [supervisor.spawn(insert_account, i) for i in range(1000)]
+    await supervisor.join()
+
+    stats = supervisor.stats()
+    assert (stats.completed, stats.failed, stats.running, stats.queued) == (1000, 0, 0, 0)
+    assert all(task.exception() is None for task in tasks)
+    assert peak <= limit
+    async with get_db_session() as session:
+        assert (await session.execute(select(func.count()).select_from(Account))).scalar_one() == 1000
+    assert pool_status().checked_out == 0
+
+
+async def test_full_backlog_rejects_with_a_logged_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    supervisor = TaskSupervisor(max_running=1, max_queued=2)
+    gate = asyncio.Event()
+    running = asyncio.Event()
+
+    async def blocker() -> None:
+        running.set()
+        await gate.wait()
+
+    async def noop() -> None:
+        return None
+
+    supervisor.spawn(blocker)
+    await asyncio.wait_for(running.wait(), 5)
+    supervisor.spawn(noop)
+    supervisor.spawn(noop)
+    assert supervisor.stats().queued == 2
+    with pytest.raises(BackgroundQueueFull, match='2 waiting'):
+        supervisor.spawn(noop, name='one-too-many')
+    assert 'background task one-too-many rejected: 2 tasks already queued' in caplog.text
+
+    gate.set()
+    await supervisor.join()
+    stats = supervisor.stats()
+    assert (stats.spawned, stats.completed, stats.rejected, stats.running, stats.queued) == (3, 3, 1, 0, 0)
+
+
+async def test_counters_track_every_state() -> None:
+    supervisor = TaskSupervisor(max_running=1)
+    gate = asyncio.Event()
+
+    async def wait_for_gate() -> None:
+        await gate.wait()
+
+    async def explode() -> None:
+        raise RuntimeError('boom')
+
+    supervisor.spawn(wait_for_gate)
+    supervisor.spawn(explode)
+    await asyncio.sleep(0)
+    assert supervisor.stats() == supervisor.stats().__class__(
+        spawned=2, running=1, queued=1, completed=0, failed=0, cancelled=0, rejected=0
+    )
+    gate.set()
+    await supervisor.join()
+    stats = supervisor.stats()
+    assert (stats.spawned, stats.running, stats.queued, stats.completed, stats.failed) == (2, 0, 0, 1, 1)
+
+
+async def test_each_task_gets_a_span_with_its_name_and_duration(capfire: CaptureLogfire) -> None:
+    supervisor = TaskSupervisor()
+    await supervisor.spawn(asyncio.sleep, 0.05, name='nap')
+    [span] = [s for s in capfire.exporter.exported_spans_as_dict() if s['name'] == 'background task {task_name}']
+    assert span['attributes']['task_name'] == 'nap'
+    assert span['attributes']['logfire.msg'] == 'background task nap'
+    assert span['attributes']['duration_seconds'] >= 0.05
+    assert span['end_time'] > span['start_time']
+
+
+async def test_one_supervisor_per_loop_until_drained() -> None:
+    supervisor = get_supervisor()
+    assert get_supervisor() is supervisor
+    supervisor.spawn(asyncio.sleep, 0.01)
+
+    def other_loop() -> bool:
+        async def main() -> bool:
+            other = get_supervisor()
+            await drain_supervisor()
+            return other is not supervisor
+
+        return asyncio.run(main())
+
+    assert await asyncio.to_thread(other_loop)
+    report = await drain_supervisor(timeout=5)
+    assert report is not None and report.completed == 1
+    assert await drain_supervisor() is None
+    assert get_supervisor() is not supervisor
+
+
+async def _wait_for_checked_out(count: int) -> None:
+    """Poll the pool (it has no event to wait on) until `count` connections are checked out."""
+    async with asyncio.timeout(5):
+        while pool_status().checked_out != count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
