@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from agents.cli_chat import chat
 from agents.cli_db import db_app
 from agents.cli_support import setup_logging
 
@@ -14,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(db_app, name='db')
+app.command('chat')(chat)
 
 
 @app.callback()

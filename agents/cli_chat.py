@@ -1,0 +1,149 @@
+"""`agentrt chat`: stream a chat turn to the terminal, showing each tool call and a summary line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import typer
+from rich.markup import escape
+
+from agents.cli_support import console, err_console, run
+from agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
+from db.engine import close_database, init_database
+from db.session import get_db_session
+from services.background import drain_supervisor
+from services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+
+EXIT_COMMANDS = {'exit', 'quit', ':q'}
+
+
+def chat(
+    message: str | None = typer.Argument(None, help='Your message; omit it for an interactive conversation.'),
+    session: str | None = typer.Option(None, '--session', '-s', help='Conversation id to continue.'),
+    account: str = typer.Option(MEDICAL_ACCOUNT, '--account', '-a', help='Account slug (tenant).'),
+    agent: str | None = typer.Option(None, '--agent', help='Agent slug of the account (default: its first agent).'),
+    model: str | None = typer.Option(None, '--model', '-m', help="'demo' or a pydantic-ai model string."),
+    delay: float = typer.Option(0.02, '--delay', min=0, max=2, help='Pause between words of the demo model (s).'),
+) -> None:
+    """Chat with an agent; the answer streams as it is produced."""
+    session_id = session or f'cli-{uuid.uuid4().hex[:12]}'
+    run(_chat, message, session_id, account, agent, model, delay)
+
+
+async def _chat(message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float):
+    await init_database()
+    try:
+        await _seed_demo_if_empty(account)
+        if message is not None:
+            await _turn(message, session_id, account, agent, model, delay)
+            return
+        err_console.print(f'conversation {session_id}; type exit or press Ctrl-D to leave', style='dim')
+        while True:
+            try:
+                line = await asyncio.to_thread(console.input, '[bold cyan]you>[/] ')
+            except EOFError:
+                break
+            if line.strip().lower() in EXIT_COMMANDS:
+                break
+            if line.strip():
+                await _turn(line, session_id, account, agent, model, delay)
+    finally:
+        await _drain_background()
+        await close_database()
+
+
+async def _seed_demo_if_empty(account: str) -> None:
+    """On a fresh install, `agentrt chat` seeds the demo data itself rather than failing."""
+    if account != MEDICAL_ACCOUNT:
+        return
+    from sqlalchemy import select
+
+    from db.models import Account
+
+    async with get_db_session() as session:
+        if (await session.execute(select(Account.id).limit(1))).first() is not None:
+            return
+        report = await seed_demo_data(session=session)
+    err_console.print(f'empty database: seeded the demo data ({report.directory_entries:,} directory entries)')
+
+
+async def _turn(
+    message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
+) -> None:
+    display = _Display()
+    started = time.perf_counter()
+    stream = simple_chat_stream(
+        message,
+        session_id=session_id,
+        account=account,
+        agent_instance=agent,
+        model=model,
+        on_tool_event=display.tool,
+        stream_delay=delay,
+    )
+    async for delta in stream:
+        display.text(delta)
+    display.end_line()
+    assert stream.result is not None
+    summary = _summary(stream.result, display.tools_run, time.perf_counter() - started)
+    console.print(summary, style='dim', highlight=False, soft_wrap=True)
+
+
+class _Display:
+    """Interleaves tool progress lines with the streamed answer."""
+
+    def __init__(self) -> None:
+        self.mid_line = False
+        self.tools_run = 0
+
+    def tool(self, event: ToolEvent) -> None:
+        self.end_line()
+        if not event.finished:
+            console.print(
+                f'  [yellow]→[/] {event.tool_name}({escape(_short_args(event.args))})', highlight=False, soft_wrap=True
+            )
+            return
+        self.tools_run += 1
+        mark = '[green]✓[/]' if event.outcome == 'success' else f'[red]✗ {event.outcome}[/]'
+        took = f'{event.duration_s * 1000:.0f} ms' if event.duration_s is not None else ''
+        console.print(f'  {mark} {event.tool_name} {took}', highlight=False, soft_wrap=True)
+
+    def text(self, delta: str) -> None:
+        console.print(delta, end='', markup=False, highlight=False, soft_wrap=True)
+        self.mid_line = not delta.endswith('\n')
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            console.print()
+            self.mid_line = False
+
+
+def _short_args(args: object) -> str:
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return args[:120]
+    if isinstance(args, dict):
+        shown = {k: v for k, v in args.items() if v not in (None, {}, [])}
+        text = ', '.join(f'{k}={json.dumps(v, ensure_ascii=False)}' for k, v in shown.items())
+        return text if len(text) <= 160 else text[:157] + '...'
+    return ''
+
+
+def _summary(result: ChatResult, tools_run: int, wall: float) -> str:
+    usage = result.usage
+    cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
+    return (
+        f'model {result.model_name} · {usage.requests} requests · {usage.total_tokens:,} tokens '
+        f'({usage.input_tokens:,} in / {usage.output_tokens:,} out) · cost {cost} · {tools_run} tools · '
+        f'{wall:.2f} s · session {result.session_id}'
+    )
+
+
+async def _drain_background() -> None:
+    """Let post-turn background work finish before the process exits."""
+    await drain_supervisor()

@@ -1,0 +1,261 @@
+"""The offline `demo` model: a deterministic, scripted planner built on pydantic-ai's `FunctionModel`.
+
+It is not a language model. It recognises directory criteria in the user's message (specialty,
+city, insurance, produce category, ...) from a fixed vocabulary and plays a three-step script:
+
+1. one response asking for several `search_directory` calls at once: the full search plus one
+   search per relaxed criterion (so pydantic-ai runs them in parallel);
+2. one response asking for `get_directory_entry` on the top matches, again in parallel;
+3. an answer written only from the tool results.
+
+Usage is estimated by `FunctionModel` (it counts words), in the plain and the streamed path alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic_ai import ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, RetryPromptPart, ToolReturnPart, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from services import demo_data as vocab
+
+DEMO_MODEL_NAME = 'demo'
+SCHEMAS_LINE = 'Directories you can search:'
+TOP_DETAILS = 3
+
+# (stem to look for in the lower-cased message, canonical value); first match wins, so specific stems go first.
+_SPECIALTY_STEMS = [
+    ('cardiolog', 'Cardiology'), ('heart', 'Cardiology'), ('dermatolog', 'Dermatology'), ('skin', 'Dermatology'),
+    ('family', 'Family Medicine'), ('primary care', 'Family Medicine'), ('pediatric', 'Pediatrics'),
+    ('orthop', 'Orthopedics'), ('neurolog', 'Neurology'), ('oncolog', 'Oncology'), ('cancer', 'Oncology'),
+    ('psychiatr', 'Psychiatry'), ('obstetric', 'Obstetrics and Gynecology'), ('gynecolog', 'Obstetrics and Gynecology'),
+    ('ob-gyn', 'Obstetrics and Gynecology'), ('ophthalmolog', 'Ophthalmology'), ('eye', 'Ophthalmology'),
+    ('endocrin', 'Endocrinology'), ('diabet', 'Endocrinology'), ('gastro', 'Gastroenterology'),
+]  # fmt: skip
+_PRODUCE_STEMS = [
+    ('root veg', 'Root Vegetables'), ('carrot', 'Root Vegetables'), ('potato', 'Root Vegetables'),
+    ('leafy', 'Leafy Greens'), ('lettuce', 'Leafy Greens'), ('spinach', 'Leafy Greens'), ('berr', 'Berries'),
+    ('citrus', 'Citrus'), ('orange', 'Citrus'), ('lemon', 'Citrus'), ('mushroom', 'Mushrooms'), ('herb', 'Herbs'),
+    ('vegetable', 'Vegetables'), ('fruit', 'Fruit'),
+]  # fmt: skip
+_CERTIFICATION_STEMS = [
+    ('organic', 'USDA Organic'), ('fair trade', 'Fair Trade'), ('non-gmo', 'Non-GMO'), ('gmo-free', 'Non-GMO'),
+    ('global', 'GlobalG.A.P.'), ('rainforest', 'Rainforest Alliance'),
+]  # fmt: skip
+_DAY_STEMS = [(name.lower(), name) for name in vocab.DELIVERY_DAYS] + [
+    ('monday', 'Mon'), ('tuesday', 'Tue'), ('wednesday', 'Wed'), ('thursday', 'Thu'), ('friday', 'Fri'),
+    ('saturday', 'Sat'),
+]  # fmt: skip
+_STOP_WORDS = set(
+    'a an and any are can find for from get give i in is me my near of on or please show some the to who with '
+    'which what where that accept accepts accepting take takes looking need want doctors doctor providers '
+    'suppliers supplier'.split()
+)
+
+
+@dataclass
+class Plan:
+    """What the planner understood from a message."""
+
+    schema: str | None
+    filters: dict[str, str | bool] = field(default_factory=dict)
+    query: str | None = None
+
+
+def plan_for(message: str, schemas: list[str]) -> Plan:
+    """Recognise the directory and criteria in `message`, restricted to the account's `schemas`."""
+    text = message.lower()
+    medical: dict[str, str | bool] = {}
+    produce: dict[str, str | bool] = {}
+    if specialty := _first(text, _SPECIALTY_STEMS):
+        medical['specialty'] = specialty
+    if insurance := _first(text, [(p.lower(), p) for p in vocab.INSURANCE_PLANS]):
+        medical['insurance'] = insurance
+    if language := _first(text, [(lang.lower(), lang) for lang in vocab.LANGUAGES[1:]]):
+        medical['language'] = language
+    if 'new patient' in text:
+        medical['accepting_new_patients'] = True
+    if category := _first(text, _PRODUCE_STEMS):
+        produce['category'] = category
+    if certification := _first(text, _CERTIFICATION_STEMS):
+        produce['certification'] = certification
+    if day := _first(text, _DAY_STEMS, whole_word=True):
+        produce['delivery_day'] = day
+    candidates = [
+        (vocab.MEDICAL_SCHEMA, medical, vocab.MEDICAL_CITIES),
+        (vocab.PRODUCE_SCHEMA, produce, vocab.PRODUCE_CITIES),
+    ]
+    candidates.sort(key=lambda c: (c[0] in schemas, len(c[1])), reverse=True)
+    schema, filters, cities = candidates[0]
+    if schema not in schemas:
+        return Plan(schema=schemas[0] if schemas else None, query=_keywords(message))
+    if city := _first(text, [(c.lower(), c) for c in cities]):
+        filters = {**filters, 'city': city}
+    return Plan(schema=schema, filters=filters, query=None if filters else _keywords(message))
+
+
+def _first(text: str, stems: list[tuple[str, str]], *, whole_word: bool = False) -> str | None:
+    for stem, value in stems:
+        pattern = rf'\b{re.escape(stem)}\b' if whole_word else rf'\b{re.escape(stem)}'
+        if re.search(pattern, text):
+            return value
+    return None
+
+
+def _keywords(message: str) -> str | None:
+    words = [w for w in re.findall(r"[a-zA-Z][a-zA-Z'-]+", message.lower()) if w not in _STOP_WORDS]
+    return ' '.join(words[:8]) or None
+
+
+def _schemas_from(info: AgentInfo) -> list[str]:
+    match = re.search(rf'{re.escape(SCHEMAS_LINE)}\s*([^\n.]+)', info.instructions or '')
+    return [s.strip() for s in match.group(1).split(',') if s.strip()] if match else []
+
+
+# --- the script -------------------------------------------------------------------------------------------------
+
+
+def _turn_messages(messages: list[ModelMessage]) -> tuple[str, int, list[Any]]:
+    """The latest user prompt, its turn number, and the request parts since it."""
+    prompt, turn, parts = '', 0, []
+    for message in messages:
+        if not isinstance(message, ModelRequest):
+            continue
+        for part in message.parts:
+            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                prompt, turn, parts = part.content, turn + 1, []
+            elif isinstance(part, ToolReturnPart | RetryPromptPart):
+                parts.append(part)
+    return prompt, turn, parts
+
+
+def next_response(messages: list[ModelMessage], info: AgentInfo) -> list[ToolCallPart] | str:
+    """The planner's next move: tool calls to make in parallel, or the final answer text."""
+    prompt, turn, parts = _turn_messages(messages)
+    returns = {p.tool_call_id: _content(p) for p in parts if isinstance(p, ToolReturnPart)}
+    retries = [p for p in parts if isinstance(p, RetryPromptPart)]
+    plan = plan_for(prompt, _schemas_from(info))
+    prefix = f't{turn}'
+    if plan.schema is None:
+        return 'I have no directory to search for this account.'
+    if not parts:
+        return _search_calls(plan, prefix)
+    main = returns.get(f'{prefix}-search')
+    if main is None:
+        problems = '; '.join(str(r.content) for r in retries) or 'the search did not run'
+        return f'I could not search the {plan.schema.replace("_", " ")} directory: {problems}'
+    detail_ids = [hit['id'] for hit in main.get('results', [])[:TOP_DETAILS]]
+    if detail_ids and not any(key.startswith(f'{prefix}-entry-') for key in returns):
+        return [
+            ToolCallPart('get_directory_entry', {'entry_id': entry_id}, tool_call_id=f'{prefix}-entry-{entry_id}')
+            for entry_id in detail_ids
+        ]
+    return compose_answer(plan, main, returns, prefix)
+
+
+def _search_calls(plan: Plan, prefix: str) -> list[ToolCallPart]:
+    def call(suffix: str, filters: dict[str, str | bool], limit: int) -> ToolCallPart:
+        args = {'query': plan.query, 'schema_name': plan.schema, 'filters': filters, 'limit': limit}
+        return ToolCallPart('search_directory', args, tool_call_id=f'{prefix}-{suffix}')
+
+    calls = [call('search', plan.filters, 5)]
+    if len(plan.filters) >= 2:
+        # One search per relaxed criterion, all in this one response: pydantic-ai runs them concurrently.
+        for name in list(plan.filters)[:4]:
+            calls.append(call(f'without-{name}', {k: v for k, v in plan.filters.items() if k != name}, 1))
+    else:
+        calls.append(call('whole-directory', {}, 1))
+    return calls
+
+
+def _content(part: ToolReturnPart) -> Any:
+    try:
+        return json.loads(part.model_response_str())
+    except (TypeError, ValueError):
+        return {}
+
+
+def compose_answer(plan: Plan, main: dict[str, Any], returns: dict[str, Any], prefix: str) -> str:
+    """Write the answer from the tool results only."""
+    what = _describe(plan)
+    total = main.get('total_matches', 0)
+    lines = [f'I found {total} {what}.' if total else f'I found no {what}.']
+    for index, hit in enumerate(main.get('results', [])[:5], start=1):
+        detail = returns.get(f'{prefix}-entry-{hit["id"]}') or hit
+        lines.append(f'{index}. {_entry_line(detail)}')
+    context = []
+    for key, value in returns.items():
+        if key.startswith(f'{prefix}-without-') and isinstance(value, dict):
+            dropped = key.removeprefix(f'{prefix}-without-')
+            context.append(f'{value.get("total_matches", 0)} without the {dropped.replace("_", " ")} criterion')
+        elif key == f'{prefix}-whole-directory' and isinstance(value, dict):
+            context.append(f'{value.get("total_matches", 0)} entries in the whole directory')
+    if context:
+        lines.append('For comparison: ' + '; '.join(context) + '.')
+    return '\n'.join(lines)
+
+
+def _describe(plan: Plan) -> str:
+    noun = 'providers' if plan.schema == vocab.MEDICAL_SCHEMA else 'suppliers'
+    filters = dict(plan.filters)
+    head = f'{filters.pop("specialty", None) or filters.pop("category", None) or ""} {noun}'.strip()
+    parts = [f'{head} matching "{plan.query}"' if plan.query else head]
+    if 'city' in filters:
+        parts.append(f'in {filters.pop("city")}')
+    for name, value in filters.items():
+        if name == 'insurance':
+            parts.append(f'who accept {value}')
+        elif name == 'accepting_new_patients':
+            parts.append('accepting new patients')
+        else:
+            parts.append(f'with {name.replace("_", " ")} {value}')
+    return ' '.join(parts)
+
+
+def _entry_line(entry: dict[str, Any]) -> str:
+    attributes = entry.get('attributes') or {}
+    facts = [f'{entry.get("category")}, {entry.get("city")}']
+    for key in ('insurance', 'certifications', 'languages', 'delivery_days'):
+        if attributes.get(key):
+            facts.append(f'{key.replace("_", " ")}: {", ".join(map(str, attributes[key]))}')
+    for key in ('rating', 'phone', 'min_order_usd'):
+        if key in attributes:
+            facts.append(f'{key.replace("_", " ")} {attributes[key]}')
+    if attributes.get('accepting_new_patients') is not None:
+        facts.append('accepting new patients' if attributes['accepting_new_patients'] else 'not accepting new patients')
+    return f'{entry.get("name")} (#{entry.get("id")}): ' + '; '.join(facts)
+
+
+# --- FunctionModel glue ------------------------------------------------------------------------------------------
+
+
+def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    move = next_response(messages, info)
+    return ModelResponse(parts=[TextPart(move)] if isinstance(move, str) else list(move))
+
+
+def _stream(delay: float):
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        move = next_response(messages, info)
+        if isinstance(move, str):
+            for chunk in re.findall(r'\s*\S+', move) or [move]:
+                if delay:
+                    await asyncio.sleep(delay)
+                yield chunk
+            return
+        for index, call in enumerate(move):
+            yield {index: DeltaToolCall(call.tool_name, call.args_as_json_str(), tool_call_id=call.tool_call_id)}
+
+    return stream
+
+
+def demo_model(*, stream_delay: float = 0.0) -> FunctionModel:
+    """The `demo` model. `stream_delay` pauses between streamed words so streaming is visible in a terminal."""
+    return FunctionModel(_respond, stream_function=_stream(stream_delay), model_name=DEMO_MODEL_NAME)

@@ -1,0 +1,172 @@
+"""Repro: parallel tool calls on one shared AsyncSession fail; a session per tool fixes it, and is faster.
+
+(a) legacy pattern: the deps hold one AsyncSession; the model asks for two tools in one response;
+    pydantic-ai runs them concurrently and SQLAlchemy raises its concurrent-operations error. The
+    cost-tracking write on that same session fails too, and the session cannot be closed cleanly.
+(b) the runtime's pattern: each tool opens `async with get_db_session()`; the same turn succeeds and
+    the cost row is written in its own session.
+(c) tools that each spend a fixed time in the database (pg_sleep), run in parallel and sequentially.
+
+Run (embedded PostgreSQL unless DATABASE_URL is set):  python scripts/repro_parallel_tools.py
+Exit status 0 only if (a) reproduced the failure and (b) succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+
+from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart, capture_run_messages
+from pydantic_ai.messages import ModelMessage, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.engine import close_database, get_sessionmaker, init_database, pool_status
+from db.session import get_db_session
+
+SLEEP_S = 0.25
+PARALLEL_TOOLS = 4
+COST_TABLE = 'repro_cost_rows'
+
+
+def planner(tool_count: int):
+    """A scripted model: `tool_count` tool calls in ONE response, then an answer."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
+            return ModelResponse(parts=[TextPart('done')])
+        name = info.function_tools[0].name
+        return ModelResponse(parts=[ToolCallPart(name, {'n': i}, tool_call_id=f'c{i}') for i in range(tool_count)])
+
+    return FunctionModel(respond, model_name='repro')
+
+
+@dataclass
+class LegacyDeps:
+    session: AsyncSession  # the anti-pattern: one session shared by every concurrent tool task
+
+
+legacy_agent = Agent(planner(2), deps_type=LegacyDeps)
+
+
+@legacy_agent.tool
+async def legacy_query(ctx: RunContext[LegacyDeps], n: int) -> int:
+    """Count directory entries using the session from deps."""
+    return (
+        await ctx.deps.session.execute(text('SELECT count(*) FROM directory_entries WHERE id > :n'), {'n': n})
+    ).scalar_one()
+
+
+fixed_agent = Agent(planner(2))
+
+
+@fixed_agent.tool_plain
+async def per_tool_query(n: int) -> int:
+    """Count directory entries in this tool's own session."""
+    async with get_db_session() as session:
+        return (
+            await session.execute(text('SELECT count(*) FROM directory_entries WHERE id > :n'), {'n': n})
+        ).scalar_one()
+
+
+timing_agent = Agent(planner(PARALLEL_TOOLS))
+
+
+@timing_agent.tool_plain
+async def slow_query(n: int) -> int:
+    """Spend a fixed time in the database, in this tool's own session."""
+    async with get_db_session() as session:
+        await session.execute(text('SELECT pg_sleep(:s)'), {'s': SLEEP_S})
+    return n
+
+
+async def part_a() -> bool:
+    print('(a) legacy: one AsyncSession in deps, two tools in one model response')
+    session = get_sessionmaker()()
+    reproduced = False
+    with capture_run_messages() as messages:
+        try:
+            result = await legacy_agent.run('count', deps=LegacyDeps(session))
+            # The legacy cost tracker writes after the run, on the same shared session.
+            await session.execute(
+                text(f"INSERT INTO {COST_TABLE} (pattern, tokens) VALUES ('legacy', :t)"),
+                {'t': result.usage.total_tokens},
+            )
+            await session.commit()
+            print('    the run unexpectedly succeeded')
+        except Exception as exc:
+            reproduced = 'concurrent operations are not permitted' in str(exc)
+            print(f'    run failed: {type(exc).__name__}: {str(exc).splitlines()[0]}')
+    billed = [m for m in messages if isinstance(m, ModelResponse)]
+    tokens = sum(m.usage.total_tokens for m in billed)
+    try:
+        await session.close()
+        print('    session.close(): ok')
+    except Exception as exc:
+        print(f'    session.close(): failed ({type(exc).__name__}: {str(exc).splitlines()[0]})')
+    async with get_db_session() as check:
+        rows = (await check.execute(text(f"SELECT count(*) FROM {COST_TABLE} WHERE pattern = 'legacy'"))).scalar_one()
+    print(f'    model requests made: {len(billed)} ({tokens} tokens); cost rows written: {rows} -> billing data lost')
+    print(f'    connections still checked out afterwards: {pool_status().checked_out}')
+    return reproduced and rows == 0
+
+
+async def part_b() -> bool:
+    print('(b) runtime: each tool opens its own session; cost row written in its own session')
+    try:
+        result = await fixed_agent.run('count')
+        async with get_db_session() as session:
+            await session.execute(text(f"INSERT INTO {COST_TABLE} (pattern, tokens) VALUES ('per-tool', 42)"))
+    except Exception as exc:
+        print(f'    FAILED: {type(exc).__name__}: {exc}')
+        return False
+    async with get_db_session() as session:
+        rows = (
+            await session.execute(text(f"SELECT count(*) FROM {COST_TABLE} WHERE pattern = 'per-tool'"))
+        ).scalar_one()
+    print(
+        f'    run succeeded: output {result.output!r}; cost rows written: {rows}; '
+        f'checked out: {pool_status().checked_out}'
+    )
+    return rows == 1 and pool_status().checked_out == 0
+
+
+async def part_c() -> None:
+    print(f'(c) {PARALLEL_TOOLS} tools, each spending {SLEEP_S * 1000:.0f} ms in PostgreSQL')
+    started = time.perf_counter()
+    await timing_agent.run('go')
+    parallel = time.perf_counter() - started
+    with Agent.parallel_tool_call_execution_mode('sequential'):
+        started = time.perf_counter()
+        await timing_agent.run('go')
+        sequential = time.perf_counter() - started
+    print(f'    parallel (session per tool): {parallel:.3f} s')
+    print(f'    sequential:                  {sequential:.3f} s')
+    print(
+        f'    speed-up: {sequential / parallel:.2f}x '
+        f'(ideal {PARALLEL_TOOLS}x; the floor is the slowest tool, {SLEEP_S:.2f} s)'
+    )
+
+
+async def main() -> int:
+    await init_database()
+    try:
+        async with get_db_session() as session:
+            await session.execute(text(f'CREATE TABLE IF NOT EXISTS {COST_TABLE} (pattern text, tokens int)'))
+            await session.execute(text(f'TRUNCATE {COST_TABLE}'))
+        reproduced = await part_a()
+        fixed = await part_b()
+        await part_c()
+        async with get_db_session() as session:
+            await session.execute(text(f'DROP TABLE IF EXISTS {COST_TABLE}'))
+    finally:
+        await close_database()
+    print(f'result: failure reproduced={reproduced}, fix works={fixed}')
+    return 0 if reproduced and fixed else 1
+
+
+if __name__ == '__main__':
+    sys.exit(asyncio.run(main()))

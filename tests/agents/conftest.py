@@ -1,0 +1,14 @@
+"""Helpers for agent tests."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from db.models import Account
+from db.session import get_db_session
+
+
+async def account_id(slug: str) -> int:
+    """The id of the account `slug`."""
+    async with get_db_session() as session:
+        return (await session.execute(select(Account.id).where(Account.slug == slug))).scalar_one()

@@ -1,0 +1,120 @@
+"""`simple_chat` / `simple_chat_stream` with the demo model against the seeded directory."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic_ai.models.function import FunctionModel
+
+from agents.demo_model import DEMO_MODEL_NAME
+from agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
+from db.engine import pool_status
+from db.errors import ConfigError
+from services.conversation_store import ConcurrentTurnError, PostgresConversationStore
+from services.tenancy import UnknownTenantError
+
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
+
+
+async def test_plain_turn_answers_from_the_directory(demo_data: None) -> None:
+    result = await simple_chat(QUESTION, session_id='s1', account='acme-health')
+    assert result.output.startswith('I found ')
+    assert 'Cardiology providers in Seattle who accept Medicare' in result.output
+    assert '1. Dr. ' in result.output
+    assert result.model_name == DEMO_MODEL_NAME
+    assert result.usage.requests == 3
+    assert result.usage.tool_calls == 7
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert result.cost is None  # the demo model is unpriced
+    assert pool_status().checked_out == 0
+
+
+async def test_streamed_and_plain_paths_give_the_same_text(demo_data: None) -> None:
+    plain = await simple_chat(QUESTION, session_id='plain', account='acme-health')
+    events: list[ToolEvent] = []
+    stream = simple_chat_stream(QUESTION, session_id='streamed', account='acme-health', on_tool_event=events.append)
+    deltas = [delta async for delta in stream]
+    assert len(deltas) > 10
+    assert ''.join(deltas) == plain.output
+    assert stream.result is not None and stream.result.output == plain.output
+    assert stream.result.usage.requests == plain.usage.requests
+
+
+async def test_stream_reports_parallel_tool_calls(demo_data: None) -> None:
+    events: list[ToolEvent] = []
+    stream = simple_chat_stream(QUESTION, session_id='events', account='acme-health', on_tool_event=events.append)
+    async for _ in stream:
+        pass
+    searches = [e for e in events if e.tool_name == 'search_directory']
+    assert len(searches) == 8  # 4 starts + 4 finishes
+    first_finish = next(i for i, e in enumerate(searches) if e.finished)
+    assert first_finish == 4, 'all four searches start before the first one finishes'
+    assert all(e.outcome == 'success' and e.duration_s is not None for e in searches if e.finished)
+
+
+async def test_history_persists_across_turns(demo_data: None) -> None:
+    first = await simple_chat(QUESTION, session_id='conv', account='acme-health')
+    seen: list[int] = []
+
+    def count_history(messages, info):
+        from pydantic_ai import ModelResponse, TextPart
+
+        seen.append(len(messages))
+        return ModelResponse(parts=[TextPart('noted')])
+
+    second = await simple_chat('thanks', session_id='conv', account='acme-health', model=FunctionModel(count_history))
+    assert second.output == 'noted'
+    assert seen[0] > 6, "the second turn sees the first turn's messages"
+    from tests.agents.conftest import account_id
+
+    store = PostgresConversationStore(await account_id('acme-health'))
+    conversation = await store.load('conv')
+    assert conversation is not None
+    texts = [p.content for m in conversation.messages if m.kind == 'response' for p in m.parts if p.part_kind == 'text']
+    assert texts == [first.output, 'noted']
+    assert conversation.messages[-1].parts[0].content == 'noted'
+
+
+async def test_concurrent_turns_on_one_conversation(demo_data: None) -> None:
+    await simple_chat(QUESTION, session_id='race', account='acme-health')
+    outcomes = await asyncio.gather(
+        simple_chat('Dermatologists in Boston', session_id='race', account='acme-health'),
+        simple_chat('Pediatricians in Denver', session_id='race', account='acme-health'),
+        return_exceptions=True,
+    )
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], ConcurrentTurnError), outcomes
+    assert 'race' in str(errors[0])
+    assert pool_status().checked_out == 0
+
+
+async def test_tenant_sees_only_its_own_directory(demo_data: None) -> None:
+    result = await simple_chat('organic berries in Fresno', session_id='t', account='green-grocer')
+    assert 'Berries suppliers in Fresno' in result.output
+    medical = await simple_chat('organic berries in Fresno', session_id='t', account='acme-health')
+    assert 'Berries' not in medical.output.split('\n', 1)[0] or 'no' in medical.output
+
+
+async def test_unknown_account_lists_the_valid_ones(demo_data: None) -> None:
+    with pytest.raises(UnknownTenantError, match="unknown account 'nope'; accounts: acme-health, green-grocer"):
+        await simple_chat(QUESTION, session_id='x', account='nope')
+
+
+async def test_unknown_agent_lists_the_valid_ones(demo_data: None) -> None:
+    with pytest.raises(UnknownTenantError, match='agents: provider-finder'):
+        await simple_chat(QUESTION, session_id='x', account='acme-health', agent_instance='nope')
+
+
+@pytest.mark.parametrize('model', ['nosuch:model', 'openai-chat:gpt-4o-mini'])
+async def test_unusable_model_fails_before_anything_runs(
+    demo_data: None, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv('OPENAI_API_KEY', raising=False)
+    with pytest.raises(ConfigError, match=model):
+        await simple_chat(QUESTION, session_id='x', account='acme-health', model=model)
+
+
+async def test_empty_message_is_rejected() -> None:
+    with pytest.raises(ConfigError, match='empty'):
+        await simple_chat('   ', session_id='x', account='acme-health')
