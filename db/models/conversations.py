@@ -5,20 +5,67 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, PrimaryKeyConstraint, String, func
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    PrimaryKeyConstraint,
+    String,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base, CreatedAtMixin
 
 
+class ConversationEntryRow(CreatedAtMixin, Base):
+    """One message of a conversation, linked to its parent entry (entries are shared by forks).
+
+    Entries have no conversation id: a fork's history points into another conversation's entries.
+    The parent must belong to the same account, which the composite foreign key enforces.
+    """
+
+    __tablename__ = 'conversation_entries'
+    __table_args__ = (
+        # The target of the same-account foreign keys below; also serves every `account_id = :a` lookup.
+        UniqueConstraint('account_id', 'id', name='uq_conversation_entries_account_id_id'),
+        ForeignKeyConstraint(
+            ['account_id', 'parent_id'],
+            ['conversation_entries.account_id', 'conversation_entries.id'],
+            name='fk_conversation_entries_parent',
+        ),
+        # Without it, every deleted entry makes PostgreSQL scan the table for children (the FK check).
+        Index('ix_conversation_entries_account_id_parent_id', 'account_id', 'parent_id'),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey('accounts.id', ondelete='CASCADE'), nullable=False)
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    message: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+
+
 class ConversationRow(CreatedAtMixin, Base):
-    """A conversation's record: head entry, revision for compare-and-swap, and the full record as JSON."""
+    """A conversation's record: the full record as JSON, plus the columns queries and compare-and-swap need."""
 
     __tablename__ = 'conversations'
     __table_args__ = (
         PrimaryKeyConstraint('account_id', 'conversation_id'),
+        # Deferred: the record is swapped before the entries it points at are inserted (see the store).
+        ForeignKeyConstraint(
+            ['account_id', 'head_id'],
+            ['conversation_entries.account_id', 'conversation_entries.id'],
+            name='fk_conversations_head',
+            deferrable=True,
+            initially='DEFERRED',
+        ),
         Index('ix_conversations_account_scope_updated', 'account_id', 'scope', 'updated_at'),
+        Index('ix_conversations_account_updated', 'account_id', 'updated_at'),
+        Index('ix_conversations_account_head', 'account_id', 'head_id'),
     )
 
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey('accounts.id', ondelete='CASCADE'))
@@ -28,16 +75,3 @@ class ConversationRow(CreatedAtMixin, Base):
     revision: Mapped[str] = mapped_column(String(64), nullable=False)
     record: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
-
-
-class ConversationEntryRow(CreatedAtMixin, Base):
-    """One message of a conversation, linked to its parent entry (entries are shared by forks)."""
-
-    __tablename__ = 'conversation_entries'
-    __table_args__ = (Index('ix_conversation_entries_account_id', 'account_id'),)
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey('accounts.id', ondelete='CASCADE'), nullable=False)
-    parent_id: Mapped[str | None] = mapped_column(String(64), ForeignKey('conversation_entries.id'))
-    kind: Mapped[str] = mapped_column(String(32), nullable=False)
-    message: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)

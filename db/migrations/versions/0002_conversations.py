@@ -19,6 +19,26 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_table(
+        'conversation_entries',
+        sa.Column('id', sa.String(64), nullable=False),
+        sa.Column('account_id', sa.BigInteger(), nullable=False),
+        sa.Column('parent_id', sa.String(64), nullable=True),
+        sa.Column('kind', sa.String(32), nullable=False),
+        sa.Column('message', postgresql.JSONB(), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.PrimaryKeyConstraint('id', name='pk_conversation_entries'),
+        sa.UniqueConstraint('account_id', 'id', name='uq_conversation_entries_account_id_id'),
+        sa.ForeignKeyConstraint(
+            ['account_id'], ['accounts.id'], name='fk_conversation_entries_account_id_accounts', ondelete='CASCADE'
+        ),
+        sa.ForeignKeyConstraint(
+            ['account_id', 'parent_id'],
+            ['conversation_entries.account_id', 'conversation_entries.id'],
+            name='fk_conversation_entries_parent',
+        ),
+    )
+    op.create_index('ix_conversation_entries_account_id_parent_id', 'conversation_entries', ['account_id', 'parent_id'])
+    op.create_table(
         'conversations',
         sa.Column('account_id', sa.BigInteger(), nullable=False),
         sa.Column('conversation_id', sa.String(200), nullable=False),
@@ -32,27 +52,19 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ['account_id'], ['accounts.id'], name='fk_conversations_account_id_accounts', ondelete='CASCADE'
         ),
+        sa.ForeignKeyConstraint(
+            ['account_id', 'head_id'],
+            ['conversation_entries.account_id', 'conversation_entries.id'],
+            name='fk_conversations_head',
+            deferrable=True,
+            initially='DEFERRED',
+        ),
     )
     op.create_index('ix_conversations_account_scope_updated', 'conversations', ['account_id', 'scope', 'updated_at'])
-    op.create_table(
-        'conversation_entries',
-        sa.Column('id', sa.String(64), nullable=False),
-        sa.Column('account_id', sa.BigInteger(), nullable=False),
-        sa.Column('parent_id', sa.String(64), nullable=True),
-        sa.Column('kind', sa.String(32), nullable=False),
-        sa.Column('message', postgresql.JSONB(), nullable=False),
-        sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
-        sa.PrimaryKeyConstraint('id', name='pk_conversation_entries'),
-        sa.ForeignKeyConstraint(
-            ['account_id'], ['accounts.id'], name='fk_conversation_entries_account_id_accounts', ondelete='CASCADE'
-        ),
-        sa.ForeignKeyConstraint(
-            ['parent_id'], ['conversation_entries.id'], name='fk_conversation_entries_parent_id_conversation_entries'
-        ),
-    )
-    op.create_index('ix_conversation_entries_account_id', 'conversation_entries', ['account_id'])
+    op.create_index('ix_conversations_account_updated', 'conversations', ['account_id', 'updated_at'])
+    op.create_index('ix_conversations_account_head', 'conversations', ['account_id', 'head_id'])
 
 
 def downgrade() -> None:
-    op.drop_table('conversation_entries')
     op.drop_table('conversations')
+    op.drop_table('conversation_entries')

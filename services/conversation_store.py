@@ -1,0 +1,317 @@
+"""A PostgreSQL `ConversationStore` scoped to one account, plus load/save helpers for chat turns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic_ai import Conversation
+from pydantic_ai.conversation_store import (
+    ConversationConflict,
+    ConversationEntry,
+    ConversationRecord,
+    ConversationStore,
+)
+from pydantic_ai.run import AgentRunResult
+from sqlalchemy import Integer, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.errors import AgentRuntimeError
+from db.models import ConversationEntryRow, ConversationRow
+from db.session import get_db_session
+
+__all__ = [
+    'ConcurrentTurnError',
+    'PostgresConversationStore',
+    'load_conversation',
+    'save_turn',
+]
+
+_records = ConversationRow.__table__
+_entries = ConversationEntryRow.__table__
+_record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
+_entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
+
+# First key of the two-key advisory lock that orders writes against pruning, per account.
+_LOCK_NAMESPACE = 0x636F6E76  # 'conv'
+
+# Entries that no record of the account reaches: from every head and branch tip, walk up the parents.
+_PRUNE_UNREACHABLE = text("""
+WITH RECURSIVE reachable(id) AS (
+    SELECT tip FROM (
+        SELECT head_id AS tip FROM conversations WHERE account_id = :account_id
+        UNION
+        SELECT jsonb_array_elements_text(record -> 'branches') FROM conversations WHERE account_id = :account_id
+    ) AS tips
+    WHERE tip IS NOT NULL
+    UNION
+    SELECT e.parent_id
+    FROM conversation_entries AS e JOIN reachable AS r ON e.id = r.id
+    WHERE e.account_id = :account_id AND e.parent_id IS NOT NULL
+)
+DELETE FROM conversation_entries AS e
+WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WHERE r.id = e.id)
+""")
+
+
+class ConcurrentTurnError(AgentRuntimeError):
+    """Another turn saved the conversation between this turn's load and save; this turn's messages were not stored."""
+
+    def __init__(self, conversation_id: str) -> None:
+        self.conversation_id = conversation_id
+        super().__init__(f'conversation {conversation_id!r} was changed by another turn; reload and retry')
+
+
+class PostgresConversationStore(ConversationStore):
+    """A `ConversationStore` in PostgreSQL, holding one account's conversations.
+
+    Every query is filtered by `account_id`, so two accounts can use the same conversation id without
+    seeing each other; `scope` (a user, a channel) narrows further within the account. Each primitive
+    opens its own short session, so one store can serve concurrent tasks and never holds a connection
+    between calls.
+
+    Saves use compare-and-swap on the record's revision: of two turns saved from the same revision one
+    wins and the other gets `ConversationConflict`. Deleting a conversation also deletes the entries no
+    remaining record of the account reaches (its head, its branches, and forks pointing into it keep
+    them), like `InMemoryConversationStore`. Writes take a shared per-account advisory lock and deletes
+    an exclusive one, so the pruning never races a save or fork that points at an entry it would delete.
+    """
+
+    def __init__(self, account_id: int) -> None:
+        """Create a store for one account's conversations.
+
+        Args:
+            account_id: The account (tenant) whose conversations this store reads and writes.
+        """
+        self.account_id = account_id
+
+    async def read_record(self, conversation_id: str) -> ConversationRecord | None:
+        """The record for a conversation of this account, or `None` if there is none."""
+        query = select(_records.c.record).where(
+            _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
+        )
+        async with get_db_session() as session:
+            data = (await session.execute(query)).scalar_one_or_none()
+        return None if data is None else _record_adapter.validate_python(data)
+
+    async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
+        """This account's records, or those with `scope`, newest `updated_at` first, at most `limit` of them."""
+        query = (
+            select(_records.c.record)
+            .where(_records.c.account_id == self.account_id)
+            # conversation_id breaks ties so the order is stable between calls.
+            .order_by(_records.c.updated_at.desc(), _records.c.conversation_id)
+            .limit(limit)
+        )
+        if scope is not None:
+            query = query.where(_records.c.scope == scope)
+        async with get_db_session() as session:
+            rows = (await session.execute(query)).scalars().all()
+        return [_record_adapter.validate_python(data) for data in rows]
+
+    async def write_record(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+    ) -> None:
+        """Store `record` and `new_entries` in one transaction, if the stored revision is `expected_revision`.
+
+        Raises:
+            ConversationConflict: If the stored revision isn't `expected_revision` (or a record exists
+                when it is `None`), or `record.head_id` or an entry's parent names an entry this account
+                doesn't have and `new_entries` doesn't add.
+        """
+        async with get_db_session() as session:
+            await self._lock(session, exclusive=False)
+            # Swap the record first: the row lock makes a concurrent writer of the same conversation wait
+            # here and then find the revision changed, before either inserts a single entry.
+            if not await self._swap_record(session, record, expected_revision):
+                raise ConversationConflict(record.conversation_id)
+            new_ids = {entry.id for entry in new_entries}
+            referenced = {record.head_id, *(entry.parent_id for entry in new_entries)} - new_ids - {None}
+            if referenced and await self._count_entries(session, referenced) != len(referenced):
+                raise ConversationConflict(record.conversation_id)
+            if new_entries:
+                await session.execute(_entries.insert(), [self._entry_row(entry) for entry in new_entries])
+
+    async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
+        """Delete a record if its revision is `expected_revision`, and the entries no remaining record reaches.
+
+        Raises:
+            ConversationConflict: If no record with `expected_revision` is stored for this account.
+        """
+        statement = (
+            _records.delete()
+            .where(
+                _records.c.account_id == self.account_id,
+                _records.c.conversation_id == conversation_id,
+                _records.c.revision == expected_revision,
+            )
+            .returning(_records.c.conversation_id)
+        )
+        async with get_db_session() as session:
+            await self._lock(session, exclusive=True)
+            if (await session.execute(statement)).first() is None:
+                raise ConversationConflict(conversation_id)
+            await session.execute(_PRUNE_UNREACHABLE, {'account_id': self.account_id})
+
+    async def read_entry(self, entry_id: str) -> ConversationEntry:
+        """The entry with this id in this account.
+
+        Raises:
+            KeyError: If this account has no such entry.
+        """
+        query = select(_entries.c.id, _entries.c.parent_id, _entries.c.kind, _entries.c.message).where(
+            _entries.c.account_id == self.account_id, _entries.c.id == entry_id
+        )
+        async with get_db_session() as session:
+            row = (await session.execute(query)).mappings().first()
+        if row is None:
+            raise KeyError(entry_id)
+        return _entry_adapter.validate_python(dict(row))
+
+    async def read_history(self, head_id: str | None, *, limit: int | None = None) -> list[ConversationEntry]:
+        """The entries from the first one up to `head_id`, in order, or only the last `limit`: one query.
+
+        Raises:
+            KeyError: If `head_id`, or a parent on the way, is not an entry of this account.
+        """
+        if head_id is None or limit == 0:
+            return []
+        walk = (
+            select(
+                _entries.c.id,
+                _entries.c.parent_id,
+                _entries.c.kind,
+                _entries.c.message,
+                literal(1, Integer).label('depth'),
+            )
+            .where(_entries.c.account_id == self.account_id, _entries.c.id == head_id)
+            .cte('walk', recursive=True)
+        )
+        parent = _entries.alias('parent')
+        step = (
+            select(parent.c.id, parent.c.parent_id, parent.c.kind, parent.c.message, walk.c.depth + 1)
+            .join(walk, parent.c.id == walk.c.parent_id)
+            .where(parent.c.account_id == self.account_id)
+        )
+        if limit is not None:
+            step = step.where(walk.c.depth < limit)
+        walk = walk.union_all(step)
+        query = select(walk.c.id, walk.c.parent_id, walk.c.kind, walk.c.message).order_by(walk.c.depth.desc())
+        async with get_db_session() as session:
+            rows = (await session.execute(query)).mappings().all()
+        if not rows:
+            raise KeyError(head_id)
+        # A parent the walk could not find would make the default implementation's read_entry fail too.
+        first_parent = rows[0]['parent_id']
+        if first_parent is not None and (limit is None or len(rows) < limit):
+            raise KeyError(first_parent)
+        return [_entry_adapter.validate_python(dict(row)) for row in rows]
+
+    async def _lock(self, session: AsyncSession, *, exclusive: bool) -> None:
+        """Take this account's conversation lock until the transaction ends: shared to write, exclusive to prune."""
+        lock = func.pg_advisory_xact_lock if exclusive else func.pg_advisory_xact_lock_shared
+        # The two-key form keeps clear of single-key advisory locks; collisions past 2**31 accounts only
+        # serialise more, they never lose a lock.
+        key = self.account_id % 2**31
+        await session.execute(select(lock(literal(_LOCK_NAMESPACE, Integer), literal(key, Integer))))
+
+    async def _swap_record(
+        self, session: AsyncSession, record: ConversationRecord, expected_revision: str | None
+    ) -> bool:
+        """Insert or update the record if the stored revision is `expected_revision`; whether it was written."""
+        values: dict[str, Any] = {
+            'scope': record.scope,
+            'head_id': record.head_id,
+            'revision': record.revision,
+            'record': _record_adapter.dump_python(record, mode='json'),
+            'updated_at': record.updated_at,
+        }
+        if expected_revision is None:
+            statement = (
+                insert(_records)
+                .values(account_id=self.account_id, conversation_id=record.conversation_id, **values)
+                .on_conflict_do_nothing(index_elements=[_records.c.account_id, _records.c.conversation_id])
+                .returning(_records.c.revision)
+            )
+        else:
+            statement = (
+                update(_records)
+                .where(
+                    _records.c.account_id == self.account_id,
+                    _records.c.conversation_id == record.conversation_id,
+                    _records.c.revision == expected_revision,
+                )
+                .values(**values)
+                .returning(_records.c.revision)
+            )
+        return (await session.execute(statement)).first() is not None
+
+    async def _count_entries(self, session: AsyncSession, entry_ids: set[str]) -> int:
+        query = (
+            select(func.count())
+            .select_from(_entries)
+            .where(_entries.c.account_id == self.account_id, _entries.c.id.in_(entry_ids))
+        )
+        return (await session.execute(query)).scalar_one()
+
+    def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
+        data = _entry_adapter.dump_python(entry, mode='json')
+        return {
+            'id': data['id'],
+            'account_id': self.account_id,
+            'parent_id': data['parent_id'],
+            'kind': data['kind'],
+            'message': data['message'],
+        }
+
+
+async def load_conversation(
+    store: ConversationStore, conversation_id: str, *, scope: str | None = None
+) -> Conversation:
+    """Load a conversation for the next turn, or start an empty one with that id.
+
+    A conversation stored under another `scope` loads as a new empty one; saving that then fails with
+    `ConcurrentTurnError` (via `save_turn`) rather than overwriting it.
+
+    Args:
+        store: The conversation store, e.g. a `PostgresConversationStore` for the caller's account.
+        conversation_id: The conversation to continue or start.
+        scope: Only load it if it was saved with this scope (the user or channel it belongs to).
+
+    Returns:
+        The stored conversation, or `Conversation(conversation_id=conversation_id)` when there is none.
+    """
+    conversation = await store.load(conversation_id, scope=scope)
+    return conversation if conversation is not None else Conversation(conversation_id=conversation_id)
+
+
+async def save_turn(
+    store: ConversationStore, result: AgentRunResult[Any], *, scope: str | None = None
+) -> list[ConversationEntry]:
+    """Save the messages a run added to its conversation.
+
+    Two turns run on the same loaded revision race here: the first save wins, the other raises
+    `ConcurrentTurnError` and stores nothing, so the chat layer can reload the conversation and retry.
+
+    Args:
+        store: The store the conversation was loaded from.
+        result: The run's result; `result.conversation` carries the new revision afterwards.
+        scope: The scope to save under; defaults to the one it was saved with before.
+
+    Returns:
+        The entries this save stored, in order.
+
+    Raises:
+        ConcurrentTurnError: If the conversation was saved, deleted or created by another turn since it
+            was loaded, or it belongs to another scope.
+    """
+    try:
+        return await store.save(result, scope=scope)
+    except ConversationConflict as exc:
+        raise ConcurrentTurnError(exc.conversation_id) from exc
