@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.errors import AgentRuntimeError
 from db.models import ConversationEntryRow, ConversationRow
 from db.session import get_db_session
+from services.pg_text import without_nul
 
 __all__ = [
     'ConcurrentTurnError',
@@ -229,7 +230,7 @@ class PostgresConversationStore(ConversationStore):
             'scope': record.scope,
             'head_id': record.head_id,
             'revision': record.revision,
-            'record': _record_adapter.dump_python(record, mode='json'),
+            'record': without_nul(_record_adapter.dump_python(record, mode='json')),
             'updated_at': record.updated_at,
         }
         if expected_revision is None:
@@ -261,7 +262,7 @@ class PostgresConversationStore(ConversationStore):
         return (await session.execute(query)).scalar_one()
 
     def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
-        data = _entry_adapter.dump_python(entry, mode='json')
+        data = without_nul(_entry_adapter.dump_python(entry, mode='json'))
         return {
             'id': data['id'],
             'account_id': self.account_id,

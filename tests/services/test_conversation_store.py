@@ -504,3 +504,14 @@ async def test_parity_with_in_memory_store(store: PostgresConversationStore) -> 
     assert expected[8] == 'UserError' and expected[10] == 'ConversationConflict'
     assert expected[9][1][5] == ['e3', 'e4']  # two branches left
     assert expected[16] == ['e0', 'e1'] and expected[18] == []  # pruned down to the fork's entries, then to none
+
+
+async def test_nul_characters_do_not_lose_the_turn(store: PostgresConversationStore) -> None:
+    """PostgreSQL rejects NUL in jsonb; a tool result containing one must not make the save fail."""
+    agent = Agent(FunctionModel(lambda messages, info: ModelResponse(parts=[TextPart('bin\x00ary')])))
+    conversation = await load_conversation(store, 'nul')
+    result = await agent.run('read\x00me', conversation=conversation)
+    await save_turn(store, result)
+    loaded = await store.load('nul')
+    assert loaded is not None
+    assert loaded.messages[-1].parts[0].content == 'bin\ufffdary'
