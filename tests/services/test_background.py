@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import logfire
 import pytest
 import pytest_asyncio
 from logfire.testing import CaptureLogfire
@@ -273,6 +274,14 @@ async def test_each_task_gets_a_span_with_its_name_and_duration(capfire: Capture
     assert span['attributes']['logfire.msg'] == 'background task nap'
     assert span['attributes']['duration_seconds'] >= 0.05
     assert span['end_time'] > span['start_time']
+
+
+async def test_a_failing_span_never_fails_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_span(*args: object, **kwargs: object) -> None:
+        raise UserWarning('No logs or spans will be created until `logfire.configure()` has been called.')
+
+    monkeypatch.setattr(logfire, 'span', broken_span)
+    assert await TaskSupervisor().spawn(asyncio.sleep, 0, 'done') == 'done'
 
 
 async def test_one_supervisor_per_loop_until_drained() -> None:
