@@ -1,0 +1,267 @@
+"""Shared helpers for the benchmark scripts: database start-up, pool meter, tables, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, TextPartDelta, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from sqlalchemy import event, text
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from agents.demo_model import SCHEMAS_LINE, next_response  # noqa: E402
+from agents.dependencies import SessionDependencies  # noqa: E402
+from agents.simple_chat import BASE_INSTRUCTIONS  # noqa: E402
+from db.engine import get_engine, init_database  # noqa: E402
+from db.session import get_db_session  # noqa: E402
+from db.settings import Settings, default_data_dir  # noqa: E402
+from tools.directory_tools import directory_toolset  # noqa: E402
+
+
+def parser(description: str, name: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes: `--out` and `--quick`."""
+    result = argparse.ArgumentParser(description=description)
+    result.add_argument('--out', type=Path, default=ROOT / 'bench-results' / f'{name}.json', help='JSON output path')
+    result.add_argument('--quick', action='store_true', help='tiny parameters, for the smoke test')
+    return result
+
+
+def int_list(value: str) -> list[int]:
+    """Parse `1,2,4` into `[1, 2, 4]` (an argparse type)."""
+    return [int(part) for part in value.split(',') if part.strip()]
+
+
+async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
+    """Start the runtime's engine: `DATABASE_URL` if set, else the embedded server.
+
+    The embedded server uses `AGENTRT_DATA_DIR` when set, else its own `bench-pgdata` directory beside the
+    default data directory, so benchmark rows never land in the user's own ledger.
+    """
+    data_dir = Path(os.environ.get('AGENTRT_DATA_DIR') or default_data_dir().parent / 'bench-pgdata')
+    settings = Settings(data_dir=data_dir, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
+    await init_database(settings)
+
+
+async def machine_info() -> dict[str, Any]:
+    """The machine and server the figures were taken on, and the load when the run started."""
+    names = "'server_version', 'fsync', 'synchronous_commit'"
+    async with get_db_session() as session:
+        rows = await session.execute(text(f'SELECT name, setting FROM pg_settings WHERE name IN ({names})'))
+        server = dict(rows.tuples().all())
+    return _host_info() | {
+        'postgresql': server.get('server_version'),
+        'fsync': server.get('fsync'),
+        'synchronous_commit': server.get('synchronous_commit'),
+        'embedded': get_engine().url.host is None,
+    }
+
+
+def _host_info() -> dict[str, Any]:
+    meminfo = Path('/proc/meminfo').read_text().splitlines()
+    mem_kib = next((int(line.split()[1]) for line in meminfo if line.startswith('MemTotal')), 0)
+    git = ['git', 'rev-parse', '--short', 'HEAD']
+    commit = subprocess.run(git, cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        'cpus': os.cpu_count(),
+        'memory_gib': round(mem_kib / 2**20, 1),
+        'python': platform.python_version(),
+        'load_average_at_start': [round(x, 2) for x in os.getloadavg()],
+        'git_commit': commit or None,
+        'when': datetime.now(UTC).isoformat(timespec='seconds'),
+    }
+
+
+@dataclass
+class PoolMeter:
+    """Counts pool checkouts: peak connections checked out at once and connection-seconds held."""
+
+    current: int = 0
+    peak: int = 0
+    checkouts: int = 0
+    held_s: float = 0.0
+    _since: dict[int, float] = field(default_factory=dict)
+
+    def attach(self) -> PoolMeter:
+        """Listen to the engine's pool (the listeners survive `engine.dispose()`)."""
+        event.listen(get_engine().sync_engine, 'checkout', self._checkout)
+        event.listen(get_engine().sync_engine, 'checkin', self._checkin)
+        return self
+
+    def reset(self) -> None:
+        """Zero the counters; connections checked out now keep being timed."""
+        self.peak, self.checkouts, self.held_s = self.current, 0, 0.0
+
+    def _checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        self._since[id(record)] = time.perf_counter()
+        self.current += 1
+        self.checkouts += 1
+        self.peak = max(self.peak, self.current)
+
+    def _checkin(self, dbapi_conn: Any, record: Any) -> None:
+        started = self._since.pop(id(record), None)
+        if started is not None:
+            self.current -= 1
+            self.held_s += time.perf_counter() - started
+
+
+async def server_busy_s() -> dict[str, float]:
+    """The database's own counters (seconds): time executing statements and time idle in a transaction.
+
+    PostgreSQL flushes a backend's counters when it exits, so the pool is disposed first.
+    """
+    await get_engine().dispose()
+    await asyncio.sleep(0.3)
+    async with get_db_session() as session:
+        await session.execute(text('SELECT pg_stat_clear_snapshot()'))
+        query = 'SELECT active_time, idle_in_transaction_time FROM pg_stat_database WHERE datname = current_database()'
+        row = (await session.execute(text(query))).one()
+    return {'active_s': row[0] / 1000, 'idle_in_transaction_s': row[1] / 1000}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation, or None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds to milliseconds, rounded to 0.1 ms."""
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def print_config(title: str, config: dict[str, Any]) -> None:
+    """Print the benchmark's title and configuration."""
+    print(title)
+    for key, value in config.items():
+        print(f'  {key}: {value}')
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str | Callable[[dict], Any]]]) -> None:
+    """Print `rows` as a plain aligned table; each column is (header, key or function of the row)."""
+    cells = [[_cell(get(row) if callable(get) else row.get(get)) for _, get in columns] for row in rows]
+    headers = [header for header, _ in columns]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print('  '.join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return '-'
+    if isinstance(value, float):
+        return f'{value:.2f}' if abs(value) < 100 else f'{value:.0f}'
+    return str(value)
+
+
+def write_results(
+    out: Path, name: str, config: dict[str, Any], machine: dict[str, Any], results: list, summary: dict
+) -> None:
+    """Write the run's figures as JSON: benchmark, config, machine, results (one object per row), summary."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {'benchmark': name, 'config': config, 'machine': machine, 'results': results, 'summary': summary}
+    out.write_text(json.dumps(payload, indent=2, default=str) + '\n')
+    print(f'figures written to {out}')
+
+
+def scripted_model(
+    tool_name: str, calls: int, *, latency: float = 0.0, args: Callable[[int], dict[str, Any]] | None = None
+) -> FunctionModel:
+    """A model that waits `latency` s per request, asks for `calls` tool calls in one response, then answers."""
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if latency:
+            await asyncio.sleep(latency)
+        if not calls or any(isinstance(p, ToolReturnPart) for p in messages[-1].parts):
+            return ModelResponse(parts=[TextPart('done')])
+        make = args or (lambda i: {'n': i})
+        return ModelResponse(parts=[ToolCallPart(tool_name, make(i), tool_call_id=f'c{i}') for i in range(calls)])
+
+    return FunctionModel(respond, model_name=f'scripted-{calls}x{tool_name}')
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost interesting exception (follows groups, `__cause__` and `__context__`)."""
+    while True:
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            return exc
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    """Await `fn()` and return the wall time in seconds."""
+    started = time.perf_counter()
+    await fn()
+    return time.perf_counter() - started
+
+
+def demo_planner_model(latency: float) -> FunctionModel:
+    """The demo planner (`agents.demo_model`) waiting `latency` s before each response or stream.
+
+    Named `gpt-4o-mini` so that pydantic-ai prices its (estimated) usage with genai-prices, as for a real model.
+    """
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await asyncio.sleep(latency)
+        move = next_response(messages, info)
+        return ModelResponse(parts=[TextPart(move)] if isinstance(move, str) else list(move))
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        await asyncio.sleep(latency)
+        move = next_response(messages, info)
+        if isinstance(move, str):
+            for chunk in re.findall(r'\s*\S+', move) or [move]:
+                yield chunk
+            return
+        for index, call in enumerate(move):
+            yield {index: DeltaToolCall(call.tool_name, call.args_as_json_str(), tool_call_id=call.tool_call_id)}
+
+    return FunctionModel(respond, stream_function=stream, model_name='gpt-4o-mini')
+
+
+def bare_directory_agent() -> Agent[SessionDependencies, str]:
+    """The simple_chat agent's instructions and toolset with nothing of the runtime attached (no capabilities)."""
+    agent: Agent[SessionDependencies, str] = Agent(
+        deps_type=SessionDependencies, name='simple_chat', instructions=BASE_INSTRUCTIONS, toolsets=[directory_toolset]
+    )
+
+    @agent.instructions
+    def _tenant(ctx: RunContext[SessionDependencies]) -> str:  # as in agents/simple_chat.py
+        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or 'none configured'
+        return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
+
+    return agent
+
+
+def is_text_delta(event: Any) -> bool:
+    """True for a streamed event that carries answer text."""
+    if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+        return bool(event.part.content)
+    return (
+        isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta) and bool(event.delta.content_delta)
+    )

@@ -1,0 +1,216 @@
+"""Benchmark 2: pool capacity. C concurrent chats, 1 s model latency, 3 tools per turn, pool 20 + overflow 10.
+
+Side by side at each C: the runtime (a session per operation: load, each tool, save; none held across a model
+call) against the request-scoped pattern (one session opened for the whole turn, as a web framework dependency
+would, used by the tools under a lock). Each chat runs turns back to back for a window; reported: completed
+turns/s, p50/p95 latency, pool timeouts (sqlalchemy TimeoutError), peak connections checked out, and
+connection-seconds held per turn against the database's own busy time (pg_stat_database.active_time).
+
+Run (embedded PostgreSQL unless DATABASE_URL is set):
+    .venv/bin/python scripts/bench_pool_capacity.py [--chats 25,50,100,200,400] [--window 5] [--pool-timeout 5]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from bench_common import (
+    PoolMeter,
+    int_list,
+    machine_info,
+    ms,
+    parser,
+    percentile,
+    print_config,
+    print_table,
+    root_cause,
+    scripted_model,
+    server_busy_s,
+    start_database,
+    write_results,
+)
+from pydantic_ai import Agent, RunContext
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.engine import close_database
+from db.session import get_db_session
+
+TOOL_QUERY = text('SELECT pg_sleep(:s)')
+LOAD = text('SELECT count(*) FROM bench_turns WHERE chat = :c')
+SAVE = text('INSERT INTO bench_turns (chat) VALUES (:c)')
+tool_s = 0.01
+
+
+@dataclass
+class ScopedDeps:
+    session: AsyncSession
+    lock: asyncio.Lock  # one AsyncSession must never be used by two tasks at once
+
+
+async def lookup(n: int) -> int:
+    """The runtime's tool: its own session, back to the pool when it returns."""
+    async with get_db_session() as session:
+        await session.execute(TOOL_QUERY, {'s': tool_s})
+    return n
+
+
+async def scoped_lookup(ctx: RunContext[ScopedDeps], n: int) -> int:
+    """The request-scoped tool: the turn's session, one call at a time."""
+    async with ctx.deps.lock:
+        await ctx.deps.session.execute(TOOL_QUERY, {'s': tool_s})
+    return n
+
+
+async def runtime_turn(agent: Agent, chat: str) -> None:
+    async with get_db_session() as session:
+        await session.execute(LOAD, {'c': chat})
+    await agent.run('go')
+    async with get_db_session() as session:
+        await session.execute(SAVE, {'c': chat})
+
+
+async def scoped_turn(agent: Agent, chat: str) -> None:
+    async with get_db_session() as session:  # what `Depends(get_db)` gives a request handler
+        await session.execute(LOAD, {'c': chat})
+        await agent.run('go', deps=ScopedDeps(session, asyncio.Lock()))
+        await session.execute(SAVE, {'c': chat})
+
+
+async def run_level(pattern: str, agent: Agent, chats: int, window: float, spread: float, meter: PoolMeter) -> dict:
+    """`chats` chats run turns back to back, starting new ones for `window` seconds; in-flight turns finish.
+
+    Each chat starts at a random moment within the first `spread` seconds, as independent users would.
+    """
+    turn = runtime_turn if pattern == 'runtime' else scoped_turn
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    before = await server_busy_s()
+    meter.reset()
+    started, cpu = time.perf_counter(), time.process_time()
+
+    async def chat(i: int) -> None:
+        await asyncio.sleep(random.uniform(0, spread))
+        while time.perf_counter() - started < window:
+            begin = time.perf_counter()
+            try:
+                await turn(agent, f'{pattern}-{chats}-{i}')
+                latencies.append(time.perf_counter() - begin)
+            except Exception as exc:
+                cause = root_cause(exc)
+                failures['pool_timeout' if isinstance(cause, sa_exc.TimeoutError) else type(cause).__name__] += 1
+
+    await asyncio.gather(*(chat(i) for i in range(chats)))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    held, peak = meter.held_s, meter.peak
+    after = await server_busy_s()
+    done = max(len(latencies), 1)
+    return {
+        'pattern': pattern,
+        'chats': chats,
+        'completed': len(latencies),
+        'turns_per_s': round(len(latencies) / elapsed, 1),
+        'p50_ms': ms(percentile(latencies, 50)),
+        'p95_ms': ms(percentile(latencies, 95)),
+        'pool_timeouts': failures.pop('pool_timeout', 0),
+        'other_errors': dict(failures),
+        'peak_checked_out': peak,
+        'held_s_per_turn': round(held / done, 3),
+        'db_active_s_per_turn': round((after['active_s'] - before['active_s']) / done, 4),
+        'db_idle_in_tx_s_per_turn': round((after['idle_in_transaction_s'] - before['idle_in_transaction_s']) / done, 3),
+        'cpu_ms_per_turn': ms(cpu / done),
+        'elapsed_s': round(elapsed, 1),
+    }
+
+
+COLUMNS = [
+    ('pattern', 'pattern'),
+    ('C', 'chats'),
+    ('turns', 'completed'),
+    ('turns/s', 'turns_per_s'),
+    ('p50 ms', 'p50_ms'),
+    ('p95 ms', 'p95_ms'),
+    ('pool timeouts', 'pool_timeouts'),
+    ('other errors', lambda r: sum(r['other_errors'].values())),
+    ('peak conns', 'peak_checked_out'),
+    ('held s/turn', 'held_s_per_turn'),
+    ('db busy s/turn', 'db_active_s_per_turn'),
+    ('idle-in-tx s/turn', 'db_idle_in_tx_s_per_turn'),
+    ('CPU ms/turn', 'cpu_ms_per_turn'),
+]
+
+
+def sustained(rows: list[dict], pattern: str, max_p95_ms: float = float('inf')) -> int:
+    """The largest C with no pool timeout, no other error, and p95 latency within `max_p95_ms`."""
+    ok = [r for r in rows if r['pattern'] == pattern and r['completed'] and not r['pool_timeouts']]
+    return max([r['chats'] for r in ok if not r['other_errors'] and r['p95_ms'] <= max_p95_ms], default=0)
+
+
+def ratio(best: dict[str, int]) -> float | None:
+    """Runtime chats over request-scoped chats (None when request-scoped sustained no level)."""
+    return round(best['runtime'] / best['request-scoped'], 1) if best['request-scoped'] else None
+
+
+async def main() -> None:
+    global tool_s
+    args = parser(__doc__.splitlines()[0], 'pool_capacity')
+    args.add_argument('--chats', type=int_list, default=[25, 50, 100, 200, 400], help='concurrent chats per level')
+    args.add_argument('--window', type=float, default=5.0, help='seconds during which each chat starts new turns')
+    args.add_argument('--model-latency', type=float, default=1.0, help='seconds per model request')
+    args.add_argument('--pool-timeout', type=float, default=5.0, help='seconds to wait for a pooled connection')
+    opts = args.parse_args()
+    if opts.quick:
+        opts.chats, opts.window, opts.model_latency, opts.pool_timeout = [4], 0.2, 0.02, 2.0
+    tool_s = 0.01 if not opts.quick else 0.001
+    config = {'chats': opts.chats, 'window_s': opts.window, 'model_latency_s': opts.model_latency}
+    config |= {'tools_per_turn': 3, 'tool_db_time_ms': tool_s * 1000, 'model_requests_per_turn': 2}
+    config |= {'pool_size': 20, 'max_overflow': 10, 'pool_timeout_s': opts.pool_timeout}
+    await start_database(pool_size=20, max_overflow=10, pool_timeout=opts.pool_timeout)
+    try:
+        async with get_db_session() as session:
+            await session.execute(text('CREATE TABLE IF NOT EXISTS bench_turns (id bigserial PRIMARY KEY, chat text)'))
+            await session.execute(text('CREATE INDEX IF NOT EXISTS bench_turns_chat ON bench_turns (chat)'))
+        machine = await machine_info()
+        print_config('Benchmark 2: pool capacity, runtime vs request-scoped session', config | machine)
+        meter = PoolMeter().attach()
+        model = scripted_model('lookup', 3, latency=opts.model_latency)
+        agents = {
+            'runtime': Agent(model, tools=[lookup]),
+            'request-scoped': Agent(
+                scripted_model('scoped_lookup', 3, latency=opts.model_latency),
+                deps_type=ScopedDeps,
+                tools=[scoped_lookup],
+            ),
+        }
+        started = time.perf_counter()
+        await runtime_turn(agents['runtime'], 'baseline')
+        baseline = time.perf_counter() - started
+        rows = []
+        for chats in opts.chats:
+            for pattern, agent in agents.items():
+                row = await run_level(pattern, agent, chats, opts.window, baseline, meter)
+                rows.append(row)
+                print(f'  {pattern} C={chats}: {row["completed"]} turns, {row["pool_timeouts"]} pool timeouts')
+        print_table(rows, COLUMNS)
+        no_timeouts = {p: sustained(rows, p) for p in agents}
+        fast = {p: sustained(rows, p, 1500 * baseline) for p in agents}
+        summary = {'turn_alone_ms': ms(baseline), 'max_chats_without_pool_timeouts': no_timeouts}
+        summary['max_chats_with_p95_within_1_5x_alone'] = fast
+        summary['ratio_without_pool_timeouts'] = ratio(no_timeouts)
+        summary['ratio_with_p95_within_1_5x'] = ratio(fast)
+        summary['target_5x_with_0_timeouts'] = (summary['ratio_without_pool_timeouts'] or 0) >= 5
+        print('summary:', summary)
+        write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
+        async with get_db_session() as session:
+            await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
+    finally:
+        await close_database()
+
+
+if __name__ == '__main__':
+    asyncio.run(main())

@@ -1,0 +1,67 @@
+"""Every benchmark script runs with `--quick` against the test database and writes its figures as JSON.
+
+Timings are never asserted: only that each script exits 0 and its JSON has the expected shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+EXPECTED_ROW_KEYS = {
+    'bench_parallel_tools': {'tools', 'parallel_ms', 'sequential_ms', 'ideal_ms', 'parallel_over_ideal', 'legacy'},
+    'bench_pool_capacity': {
+        'pattern',
+        'chats',
+        'turns_per_s',
+        'p50_ms',
+        'p95_ms',
+        'pool_timeouts',
+        'peak_checked_out',
+        'held_s_per_turn',
+        'db_active_s_per_turn',
+    },
+    'bench_overhead': {'pattern', 'mode', 'model_latency_ms', 'median_ms', 'cpu_ms', 'ttft_ms'},
+    'bench_ledger_throughput': {'writers', 'rows_per_s', 'p50_ms', 'p99_ms', 'rows_in_db', 'duplicates', 'lost'},
+}
+
+
+@pytest.fixture(scope='module')
+def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    """Run the four benchmarks at once (they share the test server), each with `--quick`."""
+    out_dir = tmp_path_factory.mktemp('bench')
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(out_dir / 'spool.jsonl')}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / 'scripts' / f'{name}.py'), '--quick', '--out', str(out_dir / f'{name}.json')],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for name in EXPECTED_ROW_KEYS
+    }
+    results = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=90)
+        results[name] = (proc.returncode, output, out_dir / f'{name}.json')
+    return results
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED_ROW_KEYS))
+def test_benchmark_runs_and_writes_json(name: str, quick_runs: dict[str, tuple[int, str, Path]]) -> None:
+    returncode, output, out = quick_runs[name]
+    assert returncode == 0, output
+    data = json.loads(out.read_text())
+    assert {'benchmark', 'config', 'machine', 'results', 'summary'} <= set(data)
+    assert data['results'], 'no rows'
+    for row in data['results']:
+        assert EXPECTED_ROW_KEYS[name] <= set(row), row
+    assert 'figures written to' in output
