@@ -6,6 +6,7 @@ import typer
 
 from agents.cli_chat import chat
 from agents.cli_db import db_app
+from agents.cli_ledger import audit_app, costs, ledger_app
 from agents.cli_support import setup_logging
 
 app = typer.Typer(
@@ -16,6 +17,9 @@ app = typer.Typer(
 )
 app.add_typer(db_app, name='db')
 app.command('chat')(chat)
+app.add_typer(audit_app, name='audit')
+app.command('costs')(costs)
+app.add_typer(ledger_app, name='ledger')
 
 
 @app.callback()

@@ -33,6 +33,7 @@ from agents.models import resolve_model
 from db.engine import current_settings, init_database
 from db.session import get_read_only_session
 from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
+from services.ledger_capability import ledger_capability
 from services.tenancy import get_account, get_agent_instance
 from tools.directory_tools import directory_toolset
 
@@ -96,7 +97,7 @@ def create_simple_chat_agent(model: Model | str | None = None) -> Agent[SessionD
 
 
 def _runtime_capabilities() -> list[Any]:
-    return []
+    return [ledger_capability()]
 
 
 _agent: Agent[SessionDependencies, str] | None = None

@@ -3,6 +3,7 @@
 from db.models.base import Base
 from db.models.conversations import ConversationEntryRow, ConversationRow
 from db.models.directory import DirectoryEntry
+from db.models.ledger import LLMRequestContentRow, LLMRequestRow  # noqa: F401 - registers the ledger tables
 from db.models.tenancy import Account, AgentInstance
 
 __all__ = ['Account', 'AgentInstance', 'Base', 'ConversationEntryRow', 'ConversationRow', 'DirectoryEntry']

@@ -1,0 +1,317 @@
+"""A pydantic-ai capability that records every model request of a run in the LLM ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic_ai import ModelMessagesTypeAdapter
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.exceptions import ModelHTTPError, SkipModelRequest
+from pydantic_ai.messages import ModelResponse
+from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
+from pydantic_ai.models.wrapper import WrapperModel
+
+from services.ledger_record import ContentKind, LedgerRecord, new_request_id, utc_now
+from services.llm_request_tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
+
+logger = logging.getLogger('agentrt.ledger')
+
+_RESPONSE_ADAPTER = TypeAdapter(ModelResponse)
+_IDENTITY_INTS = ('account_id', 'agent_instance_id')
+_IDENTITY_STRS = ('account_slug', 'agent_instance_slug', 'agent_type')
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """One model request of a run, from just before it is sent until it is recorded."""
+
+    id: Any
+    started: float
+    started_at: Any
+    streamed: bool
+    stream: StreamedResponse | None = None
+    stream_started: float | None = None
+    response: ModelResponse | None = None
+
+
+@dataclass(slots=True)
+class _RunLedger:
+    """Per-run state. Model requests of one run are sequential, so one in-flight slot is enough."""
+
+    tracker: LLMRequestTracker
+    identity: dict[str, Any]
+    current: _InFlight | None = None
+    acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
+
+
+@dataclass
+class LedgerCapability(AbstractCapability[Any]):
+    """Records one ledger row per model request: plain, streamed, failed, cancelled or stopped early.
+
+    The subclass form of pydantic-ai's `Hooks` capability (same lifecycle methods), because it needs
+    per-run state (`for_run`) and a model wrapper for streams. `wrap_model_request` covers a request
+    that succeeds, fails (`on_model_request_error` has re-raised by then) or is cancelled mid-stream;
+    `after_model_request` keeps a response a later hook rejects. The request id is minted before the
+    request is sent. Rows are handed to the tracker, which
+    writes them in its own side sessions (never a tool's or the caller's); the run waits for them
+    to be durable at its end (committed, or spooled when the database is down), at most
+    `ack_timeout` seconds, and never fails because of billing.
+    """
+
+    tracker: LLMRequestTracker | None = None
+    """The tracker to write to; the process-wide `get_request_tracker()` when `None`."""
+    store_content: bool = True
+    """Store the full prompt and response (redacted) as content rows."""
+    wait_for_durable: bool = True
+    """Let the run end only once its rows (and their contents) are committed, or spooled."""
+    ack_timeout: float = 10.0
+    """The longest a run waits for that; past it the run goes on and the writes finish behind it."""
+    measure_time_to_first_token: bool = True
+    """Wrap the model of streamed requests to time their first chunk."""
+    _run: _RunLedger | None = field(default=None, repr=False, compare=False)
+
+    async def for_run(self, ctx: Any) -> LedgerCapability:
+        """A per-run copy, so concurrent runs never share in-flight state."""
+        return replace(self, _run=_RunLedger(self.tracker or get_request_tracker(), _identity(ctx.deps)))
+
+    def _state(self, ctx: Any) -> _RunLedger:
+        if self._run is None:  # used outside `for_run` (a hand-driven capability): still record
+            self._run = _RunLedger(self.tracker or get_request_tracker(), _identity(ctx.deps))
+        return self._run
+
+    async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
+        """Run, then wait (bounded) until this run's ledger rows are durable."""
+        try:
+            result = await handler()
+        except Exception:
+            await self._settle(ctx)
+            raise
+        await self._settle(ctx)
+        return result
+
+    async def _settle(self, ctx: Any) -> None:
+        state = self._state(ctx)
+        acks, state.acks = state.acks, []
+        if not (self.wait_for_durable and acks):
+            return
+        _, pending = await asyncio.wait(acks, timeout=self.ack_timeout)
+        if pending:
+            logger.warning('ledger: %d row(s) not durable after %gs; the run goes on', len(pending), self.ack_timeout)
+
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        """For a streamed request, a thin wrapper that notes the stream (time to first chunk, partial usage)."""
+        flight = self._run.current if self._run is not None else None
+        if not self.measure_time_to_first_token or flight is None or not flight.streamed:
+            return None
+        return _StreamProbe(model, flight)
+
+    async def wrap_model_request(self, ctx: Any, *, request_context: ModelRequestContext, handler: Any) -> Any:
+        """Mint the ledger key, send the request, and record the outcome whatever it is."""
+        state = self._state(ctx)
+        flight = _InFlight(new_request_id(), time.perf_counter(), utc_now(), bool(request_context.streaming))
+        state.current = flight
+        try:
+            response = await handler(request_context)
+        except SkipModelRequest:
+            state.current = None  # nothing was sent
+            raise
+        except BaseException as exc:
+            self._record(ctx, state, request_context, flight, None, exc)
+            raise
+        self._record(ctx, state, request_context, flight, response, None)
+        return response
+
+    async def after_model_request(
+        self, ctx: Any, *, request_context: ModelRequestContext, response: ModelResponse
+    ) -> ModelResponse:
+        """Note the response before any later hook can reject it (its usage is billed either way)."""
+        if self._run is not None and self._run.current is not None:
+            self._run.current.response = response
+        return response
+
+    def _record(
+        self,
+        ctx: Any,
+        state: _RunLedger,
+        request_context: ModelRequestContext,
+        flight: _InFlight,
+        response: ModelResponse | None,
+        error: BaseException | None,
+    ) -> None:
+        state.current = None
+        try:
+            record = self._build(ctx, state, request_context, flight, response, error)
+            state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
+        except Exception:  # billing must never fail the chat
+            logger.exception('ledger: could not record model request %s', flight.id)
+
+    def _build(
+        self,
+        ctx: Any,
+        state: _RunLedger,
+        request_context: ModelRequestContext,
+        flight: _InFlight,
+        response: ModelResponse | None,
+        error: BaseException | None,
+    ) -> LedgerRecord:
+        finished = time.perf_counter()
+        seen = response if response is not None else flight.response or _partial(flight.stream)
+        if response is not None:
+            status = 'complete' if response.state in ('complete', 'suspended') else 'cancelled'
+        elif isinstance(error, Exception):
+            status = 'error'
+        else:
+            status = 'cancelled'
+        record = LedgerRecord(
+            id=flight.id,
+            model=request_context.model.model_name,
+            streamed=flight.streamed,
+            status=status,
+            success=status == 'complete',
+            latency_ms=(finished - flight.started) * 1000,
+            started_at=flight.started_at,
+            finished_at=utc_now(),
+            run_id=ctx.run_id,
+            run_step=ctx.run_step,
+            conversation_id=ctx.conversation_id,
+            agent_name=getattr(ctx.agent, 'name', None),
+            provider=request_context.model.system,
+            **state.identity,
+        )
+        if flight.stream is not None and flight.stream_started is not None:
+            first = flight.stream.time_to_first_chunk(flight.stream_started)
+            record.time_to_first_token_ms = None if first is None else first * 1000
+        if seen is not None:
+            _apply_response(record, seen)
+        else:
+            record.usage_reported = False
+            record.price_source = 'unmeasured'
+        if error is not None:
+            record.error_type = type(error).__qualname__
+            record.error_message = str(error) or repr(error)
+        elif status == 'cancelled':
+            record.error_message = 'stream stopped before the response was complete'
+        if self.store_content:
+            record.raw_contents = _contents(request_context, seen, error)
+        return record
+
+
+def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
+    usage = response.usage
+    record.response_model = response.model_name
+    record.provider = response.provider_name or record.provider
+    record.finish_reason = response.finish_reason
+    record.provider_response_id = response.provider_response_id
+    record.input_tokens = usage.input_tokens
+    record.output_tokens = usage.output_tokens
+    record.cache_read_tokens = usage.cache_read_tokens
+    record.cache_write_tokens = usage.cache_write_tokens
+    record.reasoning_tokens = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
+    record.total_tokens = usage.total_tokens
+    record.usage_reported = not usage.unmeasured_requests
+    record.total_cost = usage.cost
+    if not record.usage_reported:
+        record.price_source = 'unmeasured'
+    elif usage.cost is None and response.state == 'complete':
+        record.price_source = 'unpriced'  # pydantic-ai's genai-prices lookup already found no price
+    else:
+        # The writer prices the input/output split (and a cut-off stream's total) off the request's path.
+        record.price_source = 'genai-prices' if usage.cost is not None else 'unpriced'
+        record.pricing = response
+
+
+def _partial(stream: StreamedResponse | None) -> ModelResponse | None:
+    """What a stream received before it was cut off, with the usage reported so far."""
+    if stream is None:
+        return None
+    try:
+        return stream.get()
+    except Exception:
+        return None
+
+
+def _contents(
+    request_context: ModelRequestContext, response: ModelResponse | None, error: BaseException | None
+) -> list[tuple[ContentKind, bytes | str]]:
+    """Serialise the prompt (messages sent, with instructions), the response and the error, now, before any
+    later hook can mutate the messages. Redaction and the size cap run in the writer."""
+    parts = getattr(request_context.model_request_parameters, 'instruction_parts', None) or []
+    instructions = '\n\n'.join(part.content for part in parts) or None
+    prompt = b''.join(
+        (
+            b'{"instructions":',
+            json.dumps(instructions).encode(),
+            b',"messages":',
+            ModelMessagesTypeAdapter.dump_json(request_context.messages),
+            b'}',
+        )
+    )
+    contents: list[tuple[ContentKind, bytes | str]] = [('prompt', prompt)]
+    if response is not None:
+        contents.append(('response', _RESPONSE_ADAPTER.dump_json(response)))
+    if error is not None:
+        contents.append(('error', json.dumps(_describe_error(error), default=str)))
+    return contents
+
+
+def _describe_error(error: BaseException) -> dict[str, Any]:
+    described: dict[str, Any] = {'type': type(error).__qualname__, 'message': str(error)}
+    if isinstance(error, ModelHTTPError):
+        described.update(status_code=error.status_code, model_name=error.model_name, body=error.body)
+    return described
+
+
+def _identity(deps: Any) -> dict[str, Any]:
+    """Who is asking, from `SessionDependencies` (or anything shaped like it); missing or odd values are None."""
+    get = deps.get if isinstance(deps, Mapping) else lambda name: getattr(deps, name, None)
+    identity: dict[str, Any] = {}
+    session_id = get('session_id')
+    identity['chat_session_id'] = str(session_id) if isinstance(session_id, str | int) else None
+    for name in _IDENTITY_INTS:
+        value = get(name)
+        identity[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    for name in _IDENTITY_STRS:
+        value = get(name)
+        identity[name] = value if isinstance(value, str) else None
+    return identity
+
+
+class _StreamProbe(WrapperModel):
+    """Passes a streamed request through, noting the `StreamedResponse` and when the request was sent."""
+
+    def __init__(self, wrapped: Model, flight: _InFlight) -> None:
+        super().__init__(wrapped)
+        self._flight = flight
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: Any,
+        model_settings: Any,
+        model_request_parameters: Any,
+        run_context: Any = None,
+    ) -> AsyncGenerator[StreamedResponse]:
+        started = time.perf_counter()
+        async with self.wrapped.request_stream(
+            messages, model_settings, model_request_parameters, run_context
+        ) as stream:
+            self._flight.stream, self._flight.stream_started = stream, started
+            yield stream
+
+
+def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:
+    """The capability to add to an agent (`Agent(..., capabilities=[ledger_capability()])`) or to one run.
+
+    Args:
+        tracker: where rows go; the process-wide `get_request_tracker()` when omitted.
+        **options: `LedgerCapability` fields (`store_content`, `wait_for_durable`, `ack_timeout`, ...).
+    """
+    return LedgerCapability(tracker=tracker, **options)

@@ -1,0 +1,105 @@
+"""Configuration of the LLM ledger writer, read from the environment: spool path, content cap, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from db.engine import current_settings
+from db.errors import AgentRuntimeError, ConfigError
+from db.settings import Settings, default_data_dir, get_settings, parse_database_url
+from services.ledger_retry import RetryPolicy
+
+DEFAULT_CONTENT_MAX_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """Knobs of `LLMRequestTracker`.
+
+    Environment: `AGENTRT_LEDGER_SPOOL` (spool file), `AGENTRT_LEDGER_STORE_CONTENT` (0/1),
+    `AGENTRT_LEDGER_CONTENT_MAX_BYTES`, `AGENTRT_LEDGER_RETRY_ATTEMPTS`.
+    """
+
+    spool_path: Path | None = None
+    """The spool file; `None` means `default_spool_path()`, resolved when first needed."""
+    store_content: bool = True
+    content_max_bytes: int = DEFAULT_CONTENT_MAX_BYTES
+    """Cap per stored body (prompt, response, error); longer bodies are cut and flagged `truncated`."""
+    max_batch_rows: int = 500
+    """Ledger rows per group commit."""
+    max_batch_content_bytes: int = 8 * 1024 * 1024
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lock_timeout_ms: int = 2000
+    statement_timeout_ms: int = 15000
+    replay_check_interval: float = 30.0
+    """Seconds between checks for spool files left by other processes or earlier runs."""
+
+    @classmethod
+    def from_env(cls) -> LedgerConfig:
+        """Build the configuration from `AGENTRT_LEDGER_*` environment variables.
+
+        Raises:
+            ConfigError: a variable is set to an invalid value.
+        """
+        spool = os.environ.get('AGENTRT_LEDGER_SPOOL', '').strip()
+        return cls(
+            spool_path=Path(spool).expanduser() if spool else None,
+            store_content=_env_bool('AGENTRT_LEDGER_STORE_CONTENT', True),
+            content_max_bytes=_env_int('AGENTRT_LEDGER_CONTENT_MAX_BYTES', DEFAULT_CONTENT_MAX_BYTES, minimum=1024),
+            retry=RetryPolicy(attempts=_env_int('AGENTRT_LEDGER_RETRY_ATTEMPTS', 8, minimum=1)),
+        )
+
+    def resolved_spool_path(self) -> Path:
+        """The configured spool path, or the default one."""
+        return self.spool_path or default_spool_path()
+
+
+def default_spool_path() -> Path:
+    """`<data dir>/../ledger-spool/llm-ledger-<database>.jsonl`: beside the embedded PostgreSQL data, never in it.
+
+    The file name carries a fingerprint of the database (server, port, name, user; or the embedded
+    data directory), so a spool is only ever replayed into the database its rows were meant for.
+    """
+    settings: Settings | None
+    try:
+        settings = current_settings()
+    except AgentRuntimeError:
+        try:
+            settings = get_settings()
+        except ConfigError:
+            settings = None
+    data_dir = Path(settings.data_dir if settings else default_data_dir()).expanduser()
+    if settings is not None and settings.database_url:
+        url = parse_database_url(settings.database_url)
+        identity = f'{url.username}@{url.host or url.query.get("host")}:{url.port or 5432}/{url.database}'
+    else:
+        identity = f'embedded:{data_dir.resolve()}'
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return data_dir.parent / 'ledger-spool' / f'llm-ledger-{fingerprint}.jsonl'
+
+
+def _env_int(name: str, default: int, *, minimum: int) -> int:
+    raw = os.environ.get(name, '').strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f'{name} must be an integer, got {raw!r}') from exc
+    if value < minimum:
+        raise ConfigError(f'{name} must be at least {minimum}, got {value}')
+    return value
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, '').strip().lower()
+    if not raw:
+        return default
+    if raw in {'1', 'true', 'yes', 'on'}:
+        return True
+    if raw in {'0', 'false', 'no', 'off'}:
+        return False
+    raise ConfigError(f'{name} must be true or false, got {raw!r}')

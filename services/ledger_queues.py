@@ -1,0 +1,83 @@
+"""The tracker's in-memory state: rows waiting for a group commit, contents waiting for their rows, counters."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from services.ledger_record import LedgerRecord
+
+WriteOutcome = Literal['written', 'spooled', 'lost']
+
+
+@dataclass
+class TrackerStats:
+    """Counters for measuring the tracker, cumulative since it was created."""
+
+    submitted: int = 0
+    written: int = 0
+    spooled: int = 0
+    lost: int = 0
+    retries: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    batch_seconds: float = 0.0
+    ack_seconds: float = 0.0
+    contents_written: int = 0
+    content_failures: int = 0
+    replayed_rows: int = 0
+    replay_duplicates: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters, plus mean rows per batch and mean time from submit to durable acknowledgement."""
+        acked = self.written + self.spooled
+        return {
+            **asdict(self),
+            'mean_batch_rows': acked / self.batches if self.batches else 0.0,
+            'mean_ack_ms': 1000 * self.ack_seconds / acked if acked else 0.0,
+        }
+
+
+@dataclass(slots=True)
+class PendingRow:
+    """A row submitted to the tracker and the future its submitter may await."""
+
+    record: LedgerRecord
+    future: asyncio.Future[WriteOutcome]
+    submitted: float
+    with_content: bool = False
+    deferred: bool = False
+    """Its future waits for the contents, not only for the row."""
+
+
+@dataclass(slots=True)
+class ContentJob:
+    """The contents of a committed row, to be redacted and written."""
+
+    row: dict[str, Any]
+    raw: list[tuple[str, bytes | str]]
+    waiter: asyncio.Future[WriteOutcome] | None = None
+
+    def settle(self) -> None:
+        """The contents are stored, spooled or given up on: release whoever waits (the row itself is written)."""
+        if self.waiter is not None and not self.waiter.done() and not self.waiter.get_loop().is_closed():
+            self.waiter.set_result('written')
+
+
+@dataclass
+class LoopQueues:
+    """The writer state of one event loop: a tracker may serve several (threads, successive `asyncio.run`s)."""
+
+    pending: list[PendingRow] = field(default_factory=list)
+    inflight: list[PendingRow] = field(default_factory=list)
+    contents: list[ContentJob] = field(default_factory=list)
+    content_inflight: list[ContentJob] = field(default_factory=list)
+    ledger_task: asyncio.Task[None] | None = None
+    content_task: asyncio.Task[None] | None = None
+    replay_task: asyncio.Task[None] | None = None
+    replay_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """The writer and replay tasks still running."""
+        return [t for t in (self.ledger_task, self.content_task, self.replay_task) if t is not None and not t.done()]

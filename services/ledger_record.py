@@ -1,0 +1,247 @@
+"""`LedgerRecord`: one model request as the ledger stores it, plus its content, costs and JSON form."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+from genai_prices.data_snapshot import get_snapshot
+
+from services.redaction import redact, redact_text
+
+Status = Literal['complete', 'error', 'cancelled']
+ContentKind = Literal['prompt', 'response', 'error']
+
+ERROR_MESSAGE_MAX_CHARS = 4000
+
+# Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
+_STRING_LIMITS = {
+    'run_id': 64,
+    'conversation_id': 200,
+    'chat_session_id': 200,
+    'account_slug': 64,
+    'agent_instance_slug': 64,
+    'agent_type': 64,
+    'agent_name': 200,
+    'provider': 100,
+    'model': 200,
+    'response_model': 200,
+    'price_source': 200,
+    'finish_reason': 32,
+    'error_type': 200,
+    'provider_response_id': 200,
+}
+
+
+def new_request_id() -> uuid.UUID:
+    """A time-ordered UUID (version 7 layout), minted before the model call: the ledger row's idempotency key.
+
+    Time order keeps inserts at the right edge of the primary key index.
+    """
+    millis = time.time_ns() // 1_000_000
+    value = (millis & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), 'big')
+    value = (value & ~(0xF << 76)) | (0x7 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return uuid.UUID(int=value)
+
+
+@dataclass(slots=True)
+class ContentItem:
+    """One stored prompt, response or error body, already redacted and capped."""
+
+    kind: ContentKind
+    body: str
+    size_bytes: int
+    truncated: bool
+    redactions: int
+
+    @classmethod
+    def build(cls, kind: ContentKind, raw: bytes | str, max_bytes: int) -> ContentItem:
+        """Redact `raw` and cut it to `max_bytes` (UTF-8), recording the original size."""
+        text = raw.decode('utf-8', errors='replace') if isinstance(raw, bytes) else raw
+        text, redactions = redact(text)
+        # PostgreSQL text cannot hold NUL; JSON escapes it, free text might not.
+        text = text.replace('\x00', '\\u0000')
+        encoded = text.encode('utf-8')
+        truncated = len(encoded) > max_bytes
+        if truncated:
+            text = encoded[:max_bytes].decode('utf-8', errors='ignore')
+        return cls(kind=kind, body=text, size_bytes=len(encoded), truncated=truncated, redactions=redactions)
+
+
+@dataclass(slots=True)
+class LedgerRecord:
+    """Everything the ledger stores about one model request. Field names match `llm_requests` columns."""
+
+    id: uuid.UUID
+    model: str
+    streamed: bool
+    status: Status
+    success: bool
+    latency_ms: float
+    started_at: datetime
+    finished_at: datetime
+    run_id: str | None = None
+    run_step: int | None = None
+    conversation_id: str | None = None
+    chat_session_id: str | None = None
+    account_id: int | None = None
+    account_slug: str | None = None
+    agent_instance_id: int | None = None
+    agent_instance_slug: str | None = None
+    agent_type: str | None = None
+    agent_name: str | None = None
+    provider: str | None = None
+    response_model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    usage_reported: bool = True
+    input_cost: Decimal | None = None
+    output_cost: Decimal | None = None
+    total_cost: Decimal | None = None
+    price_source: str | None = None
+    time_to_first_token_ms: float | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    provider_response_id: str | None = None
+    # Raw content (serialised JSON), redacted and capped by the writer, off the model call's path.
+    raw_contents: list[tuple[ContentKind, bytes | str]] = field(default_factory=list)
+    # Set by `resolve_costs()` from `pricing`; kept out of rows and the spool.
+    pricing: Any = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The `llm_requests` row, with strings cut to their column sizes and the error message redacted."""
+        row = {name: getattr(self, name) for name in ROW_FIELDS}
+        for name, limit in _STRING_LIMITS.items():
+            value = row[name]
+            if value is not None and len(value) > limit:
+                row[name] = value[:limit]
+        if row['error_message'] is not None:
+            row['error_message'] = redact_text(row['error_message'])[:ERROR_MESSAGE_MAX_CHARS]
+        return row
+
+    def resolve_costs(self) -> None:
+        """Split the cost into input and output with genai-prices, once, off the model call's path.
+
+        pydantic-ai already filled `usage.cost` (the total) from genai-prices; the split needs
+        `ModelResponse.cost()`, which takes a few hundred microseconds, so it runs in the writer.
+        """
+        response, self.pricing = self.pricing, None
+        if response is None:
+            return
+        try:
+            calc = _price(response)
+        except Exception:  # unknown model (LookupError), omitted usage (ValueError), or a pricing bug
+            return
+        self.input_cost, self.output_cost = calc.input_price, calc.output_price
+        if self.total_cost is None:
+            self.total_cost = calc.total_price
+        self.price_source = f'genai-prices {_genai_prices_version()}: {calc.provider.id}/{calc.model.id}'
+
+
+ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord) if f.name not in {'raw_contents', 'pricing'})
+_ROW_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LedgerRecord) if f.name in ROW_FIELDS}
+
+
+_PRICE_CACHE: dict[tuple[Any, ...], Any] = {}
+_PRICE_CACHE_SIZE = 4096
+
+
+def _price(response: Any) -> Any:
+    """`response.cost()`, memoised on everything the price depends on.
+
+    genai-prices takes a few hundred microseconds per calculation; identical usage (same model,
+    provider, token counts, price context, snapshot and hour) gets the same price, so repeats are free.
+    """
+    usage = response.usage
+    timestamp = response.timestamp
+    key = (
+        response.model_name,
+        response.provider_url,
+        response.provider_name,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_tokens,
+        usage.cache_write_tokens,
+        usage.cache_write_1h_tokens,
+        usage.output_reasoning_tokens,
+        usage.input_audio_tokens,
+        usage.cache_audio_read_tokens,
+        usage.output_audio_tokens,
+        usage.audio_seconds,
+        usage.unmeasured_requests,
+        tuple(sorted(usage.details.items())) if usage.details else (),
+        timestamp.replace(minute=0, second=0, microsecond=0) if timestamp else None,
+        json.dumps(response.provider_details, sort_keys=True, default=str) if response.provider_details else None,
+        id(get_snapshot()),
+    )
+    calc = _PRICE_CACHE.get(key)
+    if calc is None:
+        calc = response.cost()
+        if len(_PRICE_CACHE) >= _PRICE_CACHE_SIZE:
+            _PRICE_CACHE.pop(next(iter(_PRICE_CACHE)))
+        _PRICE_CACHE[key] = calc
+    return calc
+
+
+@lru_cache(maxsize=1)
+def _genai_prices_version() -> str:
+    try:
+        return version('genai-prices')
+    except PackageNotFoundError:  # pragma: no cover
+        return 'unknown'
+
+
+def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row in JSON-safe form, for the spool file (decimals as strings, times in ISO 8601)."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, uuid.UUID | Decimal):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        out[name] = value
+    return out
+
+
+_DECIMALS = {'input_cost', 'output_cost', 'total_cost'}
+_TIMES = {'started_at', 'finished_at'}
+
+
+def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `row_to_json`: a row ready for the database driver. Unknown keys are ignored."""
+    row: dict[str, Any] = {}
+    for name in ROW_FIELDS:
+        value = data.get(name)
+        if value is None:
+            value = _ROW_DEFAULTS.get(name)
+            value = None if value is MISSING else value
+        else:
+            if name == 'id':
+                value = uuid.UUID(value)
+            elif name in _DECIMALS:
+                value = Decimal(value)
+            elif name in _TIMES:
+                value = datetime.fromisoformat(value)
+        row[name] = value
+    if row['id'] is None or row['model'] is None or row['started_at'] is None:
+        raise ValueError('spooled ledger row lacks id, model or started_at')
+    return row
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,151 @@
+"""The ledger's local spool: an append-only JSON-lines file for rows the database could not take, replayed later."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger('agentrt.ledger')
+
+SPOOL_FORMAT_VERSION = 1
+
+
+class LedgerSpool:
+    """Append-only spool of ledger entries (`{"v": 1, "row": {...}, "contents": [...]}` per line).
+
+    Appends are flushed and fsynced before they return, and safe across processes (`flock`).
+    Replay claims the file by renaming it (new appends start a fresh file), so a replay never races
+    a writer, and a claimed file is deleted only after every row in it was written. Rows carry
+    their minted key, so replaying a file twice (after a crash) still writes each row once.
+    Contents are redacted before they are spooled: no secret reaches the disk either.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file that serialises replays across processes."""
+        return self.path.with_name(self.path.name + '.lock')
+
+    @property
+    def rejected_path(self) -> Path:
+        """Where lines that can never be written (unparseable, invalid) are moved, for a person to look at."""
+        return self.path.with_name(self.path.name + '.rejected')
+
+    def append(self, entries: list[dict[str, Any]]) -> None:
+        """Append entries as JSON lines, then flush and fsync. Blocking: call it in a thread from async code.
+
+        Raises:
+            OSError: the spool cannot be written (disk full, permissions).
+        """
+        if not entries:
+            return
+        payload = ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        while True:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A replay may have renamed the file between our open and our lock: write to the live one.
+                if not self._is_live(fd):
+                    continue
+                view = memoryview(payload)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+                return
+            finally:
+                os.close(fd)
+
+    def _is_live(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def pending_files(self) -> list[Path]:
+        """The live spool file (if not empty) and any claimed files a crashed replay left behind."""
+        found = sorted(self.path.parent.glob(self.path.name + '.replaying-*')) if self.path.parent.exists() else []
+        try:
+            if self.path.stat().st_size > 0:
+                found.append(self.path)
+        except FileNotFoundError:
+            pass
+        return found
+
+    def has_pending(self) -> bool:
+        """True when there is anything to replay."""
+        return bool(self.pending_files())
+
+    @contextmanager
+    def replay_lock(self) -> Iterator[bool]:
+        """Hold the cross-process replay lock without waiting; yields False when another replay holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def claim(self) -> list[Path]:
+        """Rename the live spool aside (under the append lock) and return every claimed file, oldest first.
+
+        Call only while holding `replay_lock()`.
+        """
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if self._is_live(fd) and os.fstat(fd).st_size > 0:
+                    target = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{os.getpid()}')
+                    os.rename(self.path, target)
+            finally:
+                os.close(fd)
+        return sorted(self.path.parent.glob(self.path.name + '.replaying-*'))
+
+    def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        """Parse a claimed file: the entries, and the lines that are not valid entries (e.g. a torn last line)."""
+        entries: list[dict[str, Any]] = []
+        bad: list[str] = []
+        with open(path, encoding='utf-8', errors='replace') as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    bad.append(line)
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get('row'), dict):
+                    entries.append(entry)
+                else:
+                    bad.append(line)
+        return entries, bad
+
+    def reject(self, lines: list[str]) -> None:
+        """Keep lines that can never be written in the `.rejected` file, fsynced, and log how many."""
+        if not lines:
+            return
+        with open(self.rejected_path, 'a', encoding='utf-8') as handle:
+            handle.writelines(line if line.endswith('\n') else line + '\n' for line in lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        logger.error('ledger spool: %d unwritable line(s) moved to %s', len(lines), self.rejected_path)
+
+    def release(self, path: Path) -> None:
+        """Delete a claimed file once all of its rows are in the database."""
+        path.unlink(missing_ok=True)

@@ -1,0 +1,369 @@
+"""`LLMRequestTracker`: writes ledger rows in sessions of its own, group-committed, retried, spooled, never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.session import get_side_session
+from services.ledger_config import LedgerConfig
+from services.ledger_queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from services.ledger_record import LedgerRecord
+from services.ledger_retry import retry_transient
+from services.ledger_spool import LedgerSpool
+from services.ledger_store import (
+    CONTENT_INSERT,
+    LEDGER_INSERT,
+    ReplayReport,
+    SessionFactory,
+    content_rows,
+    database_unavailable,
+    insert_rows,
+    replay_spool,
+    spool_entry,
+)
+
+logger = logging.getLogger('agentrt.ledger')
+
+__all__ = [
+    'LLMRequestTracker',
+    'ReplayReport',
+    'TrackerStats',
+    'WriteOutcome',
+    'get_request_tracker',
+    'set_request_tracker',
+]
+
+
+class LLMRequestTracker:
+    """Writes one ledger row per model request, never in the caller's session, and never loses one.
+
+    `submit()` queues a record and returns a future that resolves once the row is durable: committed
+    (`'written'`) or, when the database stays unreachable through every retry, appended to the fsynced
+    spool file (`'spooled'`). One writer task group-commits whatever is queued (one `INSERT ... ON
+    CONFLICT DO NOTHING` per batch, in a side session with lock and statement timeouts), so 200
+    concurrent chats cost one connection, not 200. Contents (prompt, response, error) are redacted and
+    written by a second task, only after their ledger rows committed. The spool is replayed after a
+    later successful write, and by `replay_spool()`. Nothing raises into the caller: failures are
+    logged and counted in `stats`.
+    """
+
+    def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
+        """Create a tracker. It holds no session: it opens one per batch.
+
+        Args:
+            config: settings; `LedgerConfig.from_env()` when omitted.
+            session_factory: opens a side session; `get_side_session` with the config's timeouts by default.
+        """
+        self.config = config or LedgerConfig.from_env()
+        self._session_factory = session_factory or self._side_session
+        self.stats = TrackerStats()
+        self._by_loop: dict[asyncio.AbstractEventLoop, LoopQueues] = {}
+        self._by_loop_lock = threading.Lock()
+        self._spool: LedgerSpool | None = None
+        self._spool_dirty = False
+        self._last_spool_check: float | None = None
+
+    def _side_session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return get_side_session(
+            lock_timeout_ms=self.config.lock_timeout_ms, statement_timeout_ms=self.config.statement_timeout_ms
+        )
+
+    @property
+    def spool(self) -> LedgerSpool:
+        """The spool file this tracker appends to and replays."""
+        if self._spool is None:
+            self._spool = LedgerSpool(self.config.resolved_spool_path())
+        return self._spool
+
+    def submit(self, record: LedgerRecord, *, with_content: bool = False) -> asyncio.Future[WriteOutcome]:
+        """Queue `record` for the next group commit; never blocks, never raises for database reasons.
+
+        Call it from a running event loop. Awaiting the future is optional, and the write happens even
+        if the caller is cancelled (await it through `asyncio.shield`).
+
+        Args:
+            record: the ledger row, with its raw contents.
+            with_content: resolve the future only once the contents are stored too (or spooled, or
+                given up on and logged), not as soon as the row is durable.
+        """
+        loop = asyncio.get_running_loop()
+        queues = self._queues(loop)
+        future: asyncio.Future[WriteOutcome] = loop.create_future()
+        queues.pending.append(PendingRow(record, future, time.perf_counter(), with_content))
+        self.stats.submitted += 1
+        if queues.ledger_task is None or queues.ledger_task.done():
+            queues.ledger_task = loop.create_task(self._ledger_worker(queues), name='agentrt-ledger-writer')
+            queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
+        return future
+
+    async def track_request(self, record: LedgerRecord) -> WriteOutcome:
+        """Write one ledger row (its contents follow) and wait until it is durable.
+
+        Returns:
+            `'written'` once committed, `'spooled'` when it went to the spool file instead, or `'lost'` if
+            even the spool failed (then the row is logged at error level).
+        """
+        return await asyncio.shield(self.submit(record))
+
+    async def flush(self) -> None:
+        """Wait until everything this event loop queued (rows, contents, a running replay) is written or spooled.
+
+        Bound it with `asyncio.timeout()` if needed: the writers go on either way.
+        """
+        queues = self._queues(asyncio.get_running_loop())
+        while tasks := queues.tasks():
+            await asyncio.wait(tasks)
+
+    async def aclose(self) -> None:
+        """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool."""
+        await self.flush()
+
+    async def replay_spool(self) -> ReplayReport:
+        """Write every spooled row and its contents to the database, exactly once, then delete the spool files.
+
+        Raises:
+            Exception: a database error that outlived the retries; the spool files stay for the next replay.
+        """
+        queues = self._queues(asyncio.get_running_loop())
+        async with queues.replay_lock:
+            report = await replay_spool(self.spool, self._session_factory, self.config.retry, on_retry=self._retried)
+        self.stats.replayed_rows += report.inserted
+        self.stats.replay_duplicates += report.duplicates
+        return report
+
+    def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
+        """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""
+        queues = self._by_loop.get(loop)
+        if queues is not None:
+            return queues
+        with self._by_loop_lock:
+            for old in [old for old in self._by_loop if old.is_closed()]:
+                left = self._by_loop.pop(old)
+                contents = left.content_inflight + left.contents
+                self._spool_now(left.inflight + left.pending, contents, 'event loop closed')
+            return self._by_loop.setdefault(loop, LoopQueues())
+
+    def _retried(self, exc: BaseException) -> None:
+        self.stats.retries += 1
+
+    async def _retrying(self, statement: Any, rows: list[dict[str, Any]], what: str) -> None:
+        await retry_transient(
+            lambda: insert_rows(self._session_factory, statement, rows),
+            self.config.retry,
+            what=what,
+            on_retry=self._retried,
+        )
+
+    # --- ledger rows ---
+
+    async def _ledger_worker(self, queues: LoopQueues) -> None:
+        while queues.pending:
+            batch = queues.pending[: self.config.max_batch_rows]
+            del queues.pending[: len(batch)]
+            queues.inflight = batch
+            outcome = await self._write_batch(queues, batch)
+            queues.inflight = []
+            now = time.perf_counter()
+            for item in batch:
+                self.stats.ack_seconds += now - item.submitted
+                if not item.future.done() and not item.deferred:
+                    item.future.set_result(outcome)
+        queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
+
+    def _ledger_done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
+        """Runs even for a task cancelled before it started (`asyncio.run()` ending): spool what it held."""
+        if queues.ledger_task is task:
+            queues.ledger_task = None
+        if task.cancelled() or task.exception() is not None:
+            leftovers, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
+            reason = 'writer cancelled' if task.cancelled() else f'writer failed: {task.exception()!r}'
+            self._spool_now(leftovers, [], reason)
+
+    async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> WriteOutcome:
+        started = time.perf_counter()
+        records = [item.record for item in items]
+        for record in records:
+            record.resolve_costs()
+        rows = [record.to_row() for record in records]
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        try:
+            await self._retrying(LEDGER_INSERT, rows, 'ledger write')
+        except Exception as exc:
+            if len(rows) > 1 and not database_unavailable(exc):
+                # One bad row must not take the batch with it: write the rows one at a time.
+                outcomes = [await self._write_batch(queues, [item]) for item in items]
+                return 'written' if all(outcome == 'written' for outcome in outcomes) else 'spooled'
+            logger.warning('ledger: %d row(s) not written (%s: %s); spooling', len(rows), type(exc).__name__, exc)
+            pairs = zip(records, rows, strict=True)
+            entries = [spool_entry(row, self._content_rows(row, record.raw_contents)) for record, row in pairs]
+            return await self._spool_entries(entries, rows=len(rows))
+        finally:
+            self.stats.batch_seconds += time.perf_counter() - started
+        self.stats.written += len(rows)
+        self._queue_contents(queues, items, rows)
+        self._maybe_replay(queues)
+        return 'written'
+
+    # --- contents ---
+
+    def _content_rows(self, row: dict[str, Any], raw: list[tuple[str, bytes | str]]) -> list[dict[str, Any]]:
+        return content_rows(row['id'], raw, self.config.content_max_bytes) if self.config.store_content else []
+
+    def _queue_contents(self, queues: LoopQueues, items: list[PendingRow], rows: list[dict[str, Any]]) -> None:
+        if not self.config.store_content:
+            return
+        for item, row in zip(items, rows, strict=True):
+            if item.record.raw_contents:
+                item.deferred = item.with_content
+                queues.contents.append(
+                    ContentJob(row, item.record.raw_contents, item.future if item.deferred else None)
+                )
+        if queues.contents and (queues.content_task is None or queues.content_task.done()):
+            queues.content_task = asyncio.get_running_loop().create_task(
+                self._content_worker(queues), name='agentrt-ledger-contents'
+            )
+            queues.content_task.add_done_callback(lambda task: self._content_done(queues, task))
+
+    async def _content_worker(self, queues: LoopQueues) -> None:
+        while queues.contents:
+            batch, size = [], 0
+            while queues.contents and (not batch or size < self.config.max_batch_content_bytes):
+                job = queues.contents.pop(0)
+                size += sum(len(body) for _, body in job.raw)
+                batch.append(job)
+            queues.content_inflight = batch
+            await self._write_contents(batch)
+            queues.content_inflight = []
+            for job in batch:
+                job.settle()
+        queues.content_task = None
+
+    def _content_done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
+        if queues.content_task is task:
+            queues.content_task = None
+        if task.cancelled() or task.exception() is not None:
+            leftovers, queues.content_inflight, queues.contents = queues.content_inflight + queues.contents, [], []
+            self._spool_now([], leftovers, 'content writer stopped')
+
+    async def _write_contents(self, batch: list[ContentJob]) -> None:
+        rows_per_job = [self._content_rows(job.row, job.raw) for job in batch]
+        try:
+            await self._retrying(CONTENT_INSERT, [row for rows in rows_per_job for row in rows], 'content write')
+            self.stats.contents_written += sum(len(rows) for rows in rows_per_job)
+            return
+        except Exception as exc:
+            if database_unavailable(exc) or len(batch) == 1:
+                for job, rows in zip(batch, rows_per_job, strict=True):
+                    await self._content_failed(job, rows, exc)
+                return
+        # A failure that is about the data: find the culprit by writing one request's contents at a time.
+        for job, rows in zip(batch, rows_per_job, strict=True):
+            try:
+                await self._retrying(CONTENT_INSERT, rows, 'content write')
+                self.stats.contents_written += len(rows)
+            except Exception as exc:
+                await self._content_failed(job, rows, exc)
+
+    async def _content_failed(self, job: ContentJob, rows: list[dict[str, Any]], exc: Exception) -> None:
+        """The ledger row is committed and stays. Contents that failed for a connection reason are spooled."""
+        if database_unavailable(exc):
+            logger.warning('ledger: content of request %s not written (%s); spooling', job.row['id'], exc)
+            await self._spool_entries([spool_entry(job.row, rows)], rows=0)
+            return
+        self.stats.content_failures += 1
+        logger.error('ledger: content of request %s not stored (%s: %s)', job.row['id'], type(exc).__name__, exc)
+
+    # --- the spool ---
+
+    async def _spool_entries(self, entries: list[dict[str, Any]], *, rows: int) -> WriteOutcome:
+        try:
+            await asyncio.to_thread(self.spool.append, entries)
+        except Exception as exc:
+            return self._spool_failed(entries, exc, rows)
+        self._spool_dirty = True
+        self.stats.spooled += rows
+        return 'spooled'
+
+    def _spool_now(self, pending: list[PendingRow], contents: list[ContentJob], reason: str) -> None:
+        """Spool synchronously (the loop is going away) and resolve the futures of `pending`."""
+        entries = []
+        for item in pending:
+            item.record.resolve_costs()
+            row = item.record.to_row()
+            entries.append(spool_entry(row, self._content_rows(row, item.record.raw_contents)))
+        entries += [spool_entry(job.row, self._content_rows(job.row, job.raw)) for job in contents]
+        if not entries:
+            return
+        for job in contents:
+            job.settle()
+        logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
+        try:
+            self.spool.append(entries)
+            self._spool_dirty = True
+            self.stats.spooled += len(pending)
+            outcome: WriteOutcome = 'spooled'
+        except Exception as exc:
+            outcome = self._spool_failed(entries, exc, len(pending))
+        for item in pending:
+            if not item.future.done() and not item.future.get_loop().is_closed():
+                item.future.set_result(outcome)
+
+    def _spool_failed(self, entries: list[dict[str, Any]], exc: Exception, rows: int) -> WriteOutcome:
+        self.stats.lost += rows
+        for entry in entries:
+            logger.error('ledger: neither the database nor the spool took this row (%s): %s', exc, entry['row'])
+        return 'lost'
+
+    def _maybe_replay(self, queues: LoopQueues) -> None:
+        """After a successful write, replay the spool if this tracker spooled, or now and then for other processes."""
+        if queues.replay_task is not None:
+            return
+        now = time.monotonic()
+        due = self._last_spool_check is None or now - self._last_spool_check >= self.config.replay_check_interval
+        if not (self._spool_dirty or due):
+            return
+        self._last_spool_check = now
+        try:
+            pending = self._spool_dirty or self.spool.has_pending()
+        except OSError:
+            return
+        if pending:
+            self._spool_dirty = False
+            queues.replay_task = asyncio.get_running_loop().create_task(self._background_replay(queues))
+
+    async def _background_replay(self, queues: LoopQueues) -> None:
+        try:
+            report = await self.replay_spool()
+            if report.rows:
+                logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)
+        except Exception as exc:
+            self._spool_dirty = True
+            logger.warning('ledger: spool replay failed (%s: %s); will retry', type(exc).__name__, exc)
+        finally:
+            queues.replay_task = None
+
+
+_default_tracker: LLMRequestTracker | None = None
+
+
+def get_request_tracker() -> LLMRequestTracker:
+    """The process-wide tracker, configured from the environment on first use."""
+    global _default_tracker
+    if _default_tracker is None:
+        _default_tracker = LLMRequestTracker()
+    return _default_tracker
+
+
+def set_request_tracker(tracker: LLMRequestTracker | None) -> LLMRequestTracker | None:
+    """Replace the process-wide tracker (e.g. with another configuration); returns the previous one."""
+    global _default_tracker
+    previous, _default_tracker = _default_tracker, tracker
+    return previous

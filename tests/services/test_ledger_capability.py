@@ -1,0 +1,242 @@
+"""The ledger capability on offline models: every request recorded, whatever happens to the run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from pydantic_ai import Agent, ModelResponse, RequestUsage, RunContext, TextPart, ToolCallPart
+from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.messages import ModelMessage, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from sqlalchemy import text
+
+from agents.dependencies import SessionDependencies
+from db.engine import pool_status
+from db.session import get_db_session
+from services.ledger_capability import ledger_capability
+from services.llm_request_tracker import LLMRequestTracker
+from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows, scalar
+
+
+@pytest_asyncio.fixture
+async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    yield tracker
+    await tracker.flush()
+
+
+def _tools_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """First request: two parallel tool calls; second: the answer."""
+    if not any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
+        return ModelResponse(
+            parts=[ToolCallPart('count_entries', {'n': 1}, tool_call_id='a'), ToolCallPart('count_entries', {'n': 2})],
+            usage=RequestUsage(input_tokens=500, output_tokens=40, cache_read_tokens=100),
+            provider_name='openai',
+        )
+    return ModelResponse(
+        parts=[TextPart('done')], usage=RequestUsage(input_tokens=700, output_tokens=10), provider_name='openai'
+    )
+
+
+def _db_agent(tracker: LLMRequestTracker) -> Agent[SessionDependencies, str]:
+    agent = Agent(
+        FunctionModel(_tools_then_text, model_name='gpt-4o-mini'),
+        deps_type=SessionDependencies,
+        instructions='You are the directory assistant.',
+        capabilities=[ledger_capability(tracker)],
+    )
+
+    @agent.tool
+    async def count_entries(ctx: RunContext[SessionDependencies], n: int) -> int:
+        # A tool opens its own session: the ledger never shares it.
+        async with get_db_session() as session:
+            return (await session.execute(text('SELECT count(*) + :n FROM accounts'), {'n': n})).scalar_one()
+
+    return agent
+
+
+async def test_plain_run_records_each_request_with_identity_tokens_cost_and_content(tracker: LLMRequestTracker):
+    agent = _db_agent(tracker)
+    result = await agent.run('how many?', deps=chat_deps())
+
+    rows = await ledger_rows()
+    responses = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
+    assert len(rows) == len(responses) == 2
+    first = rows[0]
+    assert (first['status'], first['success'], first['streamed']) == ('complete', True, False)
+    assert first['run_id'] == result.run_id and [r['run_step'] for r in rows] == [1, 2]
+    assert (first['chat_session_id'], first['account_id'], first['account_slug']) == ('chat-1', 7, 'acct-7')
+    assert (first['agent_instance_id'], first['agent_instance_slug'], first['agent_type']) == (
+        70,
+        'agent-70',
+        'simple_chat',
+    )
+    assert (first['model'], first['provider']) == ('gpt-4o-mini', 'openai')
+    assert (first['input_tokens'], first['output_tokens'], first['cache_read_tokens']) == (500, 40, 100)
+    assert first['total_tokens'] == 540
+    for row, response in zip(rows, responses, strict=True):
+        assert row['total_cost'] == response.usage.cost and row['total_cost'] > 0
+        priced = response.cost()
+        assert (row['input_cost'], row['output_cost']) == (priced.input_price, priced.output_price)
+        assert row['price_source'].startswith('genai-prices') and 'openai/gpt-4o-mini' in row['price_source']
+    assert sum(r['total_cost'] for r in rows) == result.usage.cost
+    assert first['latency_ms'] >= 0 and first['time_to_first_token_ms'] is None
+    contents = await content_rows(first['id'])  # the run waited for them: no flush needed
+    assert [c['kind'] for c in contents] == ['prompt', 'response']
+    assert 'You are the directory assistant.' in contents[0]['body'] and 'how many?' in contents[0]['body']
+    assert 'count_entries' in contents[1]['body']
+    assert pool_status().checked_out == 0
+
+
+async def test_unpriced_model_stores_tokens_and_null_cost(tracker: LLMRequestTracker):
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('hi')], usage=RequestUsage(input_tokens=12, output_tokens=3))
+
+    agent = Agent(FunctionModel(answer, model_name='my-local-llama'), capabilities=[ledger_capability(tracker)])
+    await agent.run('hello')
+    [row] = await ledger_rows()
+    assert (row['input_tokens'], row['output_tokens']) == (12, 3)
+    assert (row['input_cost'], row['output_cost'], row['total_cost']) == (None, None, None)
+    assert row['price_source'] == 'unpriced'
+    assert row['chat_session_id'] is None and row['account_id'] is None  # deps=None is handled
+
+
+async def test_failed_model_request_is_recorded_with_success_false(tracker: LLMRequestTracker):
+    def overloaded(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise ModelHTTPError(status_code=503, model_name='gpt-4o-mini', body={'error': 'overloaded'})
+
+    agent = Agent(FunctionModel(overloaded, model_name='gpt-4o-mini'), capabilities=[ledger_capability(tracker)])
+    with pytest.raises(ModelHTTPError):
+        await agent.run('hi', deps=chat_deps())
+    [row] = await ledger_rows()
+    assert (row['status'], row['success'], row['error_type']) == ('error', False, 'ModelHTTPError')
+    assert '503' in row['error_message'] and row['usage_reported'] is False
+    await tracker.flush()
+    error = {c['kind']: c for c in await content_rows(row['id'])}['error']
+    assert 'overloaded' in error['body'] and '503' in error['body']
+
+
+async def test_rollback_of_the_callers_transaction_keeps_the_ledger_row(tracker: LLMRequestTracker):
+    agent = _db_agent(tracker)
+    with pytest.raises(RuntimeError, match='caller gives up'):
+        async with get_db_session() as session:
+            await session.execute(text("INSERT INTO accounts (slug, name) VALUES ('tmp', 'Temp')"))
+            await agent.run('how many?', deps=chat_deps())
+            raise RuntimeError('caller gives up')
+    assert await scalar("SELECT count(*) FROM accounts WHERE slug = 'tmp'") == 0
+    assert len(await ledger_rows()) == 2
+
+
+async def test_stream_stopped_early_records_a_cancelled_row_with_usage_so_far(tracker: LLMRequestTracker):
+    async def words(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for word in ['one ', 'two ', 'three ', 'four ', 'five ', 'six']:
+            await asyncio.sleep(0.005)
+            yield word
+
+    agent = Agent(
+        FunctionModel(stream_function=words, model_name='gpt-4o-mini'), capabilities=[ledger_capability(tracker)]
+    )
+    async with agent.run_stream('count', deps=chat_deps()) as stream:
+        async for delta in stream.stream_text(delta=True, debounce_by=None):
+            if delta.startswith('two'):
+                break
+    await tracker.flush()
+    [row] = await ledger_rows()
+    assert (row['status'], row['success'], row['streamed']) == ('cancelled', False, True)
+    assert 0 < row['output_tokens'] < 6 and row['input_tokens'] > 0  # FunctionModel estimates as it streams
+    assert row['total_cost'] is not None and row['time_to_first_token_ms'] is not None
+    assert row['time_to_first_token_ms'] <= row['latency_ms']
+
+
+async def test_consumer_raising_mid_stream_and_cancelled_runs_are_recorded(tracker: LLMRequestTracker):
+    async def slow(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for word in ['a ', 'b ', 'c ', 'd ', 'e ']:
+            await asyncio.sleep(0.01)
+            yield word
+
+    agent = Agent(
+        FunctionModel(stream_function=slow, model_name='gpt-4o-mini'), capabilities=[ledger_capability(tracker)]
+    )
+    with pytest.raises(KeyError):
+        async with agent.run_stream('go') as stream:
+            async for delta in stream.stream_text(delta=True, debounce_by=None):
+                if delta.startswith('b'):
+                    raise KeyError('consumer failed')
+
+    async def consume() -> None:
+        async with agent.run_stream('go') as stream:
+            async for _ in stream.stream_text(delta=True, debounce_by=None):
+                pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.035)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await tracker.flush()
+    rows = await ledger_rows()
+    assert [(r['status'], r['success']) for r in rows] == [('cancelled', False), ('cancelled', False)]
+    assert all(r['output_tokens'] > 0 and r['error_type'] == 'CancelledError' for r in rows)
+
+
+async def test_redaction_keeps_planted_secrets_out_of_stored_content(tracker: LLMRequestTracker):
+    secrets = [
+        'sk-proj-PLANTEDplantedPLANTED1234567890',
+        'ghp_PLANTEDplantedPLANTEDplanted12345678',
+        'Bearer PLANTEDbearer0123456789',
+        's3cr3t-PLANTED-pw',
+    ]
+
+    def echo(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart(f'echo: {secrets[0]} and password={secrets[3]}')])
+
+    agent = Agent(
+        FunctionModel(echo, model_name='gpt-4o-mini'),
+        instructions=f'Use the key {secrets[1]}.',
+        capabilities=[ledger_capability(tracker)],
+    )
+    prompt = f'key {secrets[0]}, header Authorization: {secrets[2]}, db postgresql://app:{secrets[3]}@db/prod'
+    await agent.run(prompt)
+    await tracker.flush()
+    contents = await content_rows()
+    assert {c['kind'] for c in contents} == {'prompt', 'response'}
+    stored = ' '.join(c['body'] for c in contents)
+    for planted in ('PLANTED', 's3cr3t'):
+        assert planted not in stored
+    assert all(c['redactions'] > 0 for c in contents)
+    assert 'postgresql://app:[REDACTED]@db/prod' in stored
+
+
+async def test_100_concurrent_chats_with_parallel_db_tools(tracker: LLMRequestTracker):
+    agent = _db_agent(tracker)
+    results = await asyncio.gather(*(agent.run('how many?', deps=chat_deps(f'chat-{i}')) for i in range(100)))
+    await tracker.flush()
+    requests = sum(r.usage.requests for r in results)
+    assert requests == 200
+    assert await scalar('SELECT count(*) FROM llm_requests') == requests
+    assert await scalar('SELECT count(DISTINCT id) FROM llm_requests') == requests
+    assert await scalar('SELECT count(DISTINCT chat_session_id) FROM llm_requests') == 100
+    assert await scalar("SELECT count(*) FROM llm_requests WHERE status <> 'complete'") == 0
+    assert await scalar('SELECT count(*) FROM llm_request_contents') == 2 * requests
+    assert tracker.stats.spooled == tracker.stats.lost == tracker.stats.content_failures == 0
+    assert tracker.stats.batches < requests  # group commit: fewer transactions than rows
+    assert pool_status().checked_out == 0
+
+
+async def test_per_run_capability_and_a_run_without_the_capability(tracker: LLMRequestTracker):
+    agent = Agent(FunctionModel(_tools_then_text, model_name='gpt-4o-mini'))
+
+    @agent.tool_plain
+    def count_entries(n: int) -> int:
+        return n
+
+    await agent.run('untracked')
+    assert await ledger_rows() == []
+    await agent.run('tracked', capabilities=[ledger_capability(tracker)])
+    rows = await ledger_rows()
+    assert len(rows) == 2 and all(r['total_cost'] == Decimal(r['total_cost']) for r in rows)

@@ -1,0 +1,151 @@
+"""The ledger on the real client path: OpenAIChatModel and the `openai` client against a loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from genai_prices import calc_price
+from pydantic_ai import Agent, RequestUsage
+from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.models import override_allow_model_requests
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
+
+from db.engine import pool_status
+from services.ledger_capability import ledger_capability
+from services.llm_request_tracker import LLMRequestTracker
+from tests.fake_openai import SERVED_MODEL, FakeOpenAI, Reply
+from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows
+
+API_KEY = 'sk-test-PLANTEDapikey0123456789abcdef'
+
+
+@pytest.fixture(autouse=True)
+def _allow_loopback_model_requests() -> Iterator[None]:
+    with override_allow_model_requests(True):  # only ever to the loopback server below
+        yield
+
+
+@pytest_asyncio.fixture
+async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    yield tracker
+    await tracker.flush()
+
+
+def _weather_script(body: dict[str, Any]) -> Reply:
+    """Two parallel tool calls, then the answer once both results are in."""
+    if body['messages'][-1]['role'] == 'tool':
+        return Reply(
+            text='Paris is sunny and Rome is sunny.', prompt_tokens=320, completion_tokens=12, cached_tokens=128
+        )
+    return Reply(
+        tool_calls=[('weather', {'city': 'Paris'}), ('weather', {'city': 'Rome'})],
+        prompt_tokens=210,
+        completion_tokens=31,
+        reasoning_tokens=9,
+    )
+
+
+def _agent(fake: FakeOpenAI, tracker: LLMRequestTracker) -> Agent[Any, str]:
+    model = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key=API_KEY))
+    agent = Agent(model, instructions='Report the weather.', capabilities=[ledger_capability(tracker)])
+
+    @agent.tool_plain
+    async def weather(city: str) -> str:
+        await asyncio.sleep(0.01)
+        return f'{city}: sunny'
+
+    return agent
+
+
+def _expected_usage(reply: Reply) -> RequestUsage:
+    return RequestUsage(
+        input_tokens=reply.prompt_tokens,
+        output_tokens=reply.completion_tokens,
+        cache_read_tokens=reply.cached_tokens,
+        details={'reasoning_tokens': reply.reasoning_tokens},
+    )
+
+
+def _assert_row_matches_server(row: dict[str, Any], reply: Reply) -> None:
+    assert (row['input_tokens'], row['output_tokens']) == (reply.prompt_tokens, reply.completion_tokens)
+    assert (row['cache_read_tokens'], row['reasoning_tokens']) == (reply.cached_tokens, reply.reasoning_tokens)
+    assert row['total_tokens'] == reply.prompt_tokens + reply.completion_tokens
+    price = calc_price(_expected_usage(reply), SERVED_MODEL, provider_id='openai')
+    assert row['total_cost'] == price.total_price
+    assert (row['input_cost'], row['output_cost']) == (price.input_price, price.output_price)
+    assert row['input_cost'] + row['output_cost'] == row['total_cost']
+    assert (row['provider'], row['model'], row['response_model']) == ('openai', 'gpt-4o-mini', SERVED_MODEL)
+    assert row['status'] == 'complete' and row['success'] is True and row['usage_reported'] is True
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['run', 'run_stream'])
+async def test_real_client_with_parallel_tool_calls(tracker: LLMRequestTracker, streamed: bool):
+    with FakeOpenAI(_weather_script).running() as fake:
+        agent = _agent(fake, tracker)
+        if streamed:
+            async with agent.run_stream('Weather in Paris and Rome?', deps=chat_deps()) as stream:
+                output = await stream.get_output()
+        else:
+            output = (await agent.run('Weather in Paris and Rome?', deps=chat_deps())).output
+    assert 'sunny' in output
+    assert len(fake.requests) == 2  # one request with two parallel tool calls, one with both results
+    assert all(bool(body.get('stream')) is streamed for body in fake.requests)
+    if streamed:
+        assert fake.requests[0]['stream_options'] == {'include_usage': True}
+
+    rows = await ledger_rows()
+    assert len(rows) == len(fake.requests)
+    for row, reply in zip(rows, fake.replies, strict=True):
+        _assert_row_matches_server(row, reply)
+        assert row['streamed'] is streamed
+        assert (row['time_to_first_token_ms'] is not None) is streamed
+    assert [r['finish_reason'] for r in rows] == ['tool_call', 'stop']
+    await tracker.flush()
+    first_prompt = {c['kind']: c for c in await content_rows(rows[0]['id'])}['prompt']
+    assert 'Report the weather.' in first_prompt['body'] and 'Weather in Paris and Rome?' in first_prompt['body']
+    second_prompt = {c['kind']: c for c in await content_rows(rows[1]['id'])}['prompt']['body']
+    assert 'Paris: sunny' in second_prompt and 'Rome: sunny' in second_prompt
+    assert pool_status().checked_out == 0
+
+
+async def test_real_client_error_is_recorded_with_the_raw_error(tracker: LLMRequestTracker):
+    def refuse(body: dict[str, Any]) -> Reply:
+        return Reply(status=400, error=f'Incorrect API key provided: {API_KEY}')
+
+    with FakeOpenAI(refuse).running() as fake:
+        with pytest.raises(ModelHTTPError) as raised:
+            await _agent(fake, tracker).run('hi', deps=chat_deps())
+    [row] = await ledger_rows()
+    assert (row['status'], row['success'], row['error_type']) == ('error', False, raised.type.__qualname__)
+    assert '400' in row['error_message'] and 'PLANTED' not in row['error_message']
+    await tracker.flush()
+    error = {c['kind']: c for c in await content_rows(row['id'])}['error']
+    assert 'Incorrect API key provided' in error['body'] and 'PLANTED' not in error['body']
+    assert '"status_code": 400' in error['body']
+
+
+async def test_real_client_stream_stopped_early_keeps_the_usage_seen_so_far(tracker: LLMRequestTracker):
+    def long_answer(body: dict[str, Any]) -> Reply:
+        return Reply(text='word ' * 40, chunks=40, chunk_delay=0.005, prompt_tokens=90, completion_tokens=40)
+
+    with FakeOpenAI(long_answer).running() as fake:
+        agent = _agent(fake, tracker)
+        settings = {'openai_continuous_usage_stats': True}  # the server reports cumulative usage on every chunk
+        async with agent.run_stream('talk', model_settings=settings) as stream:  # type: ignore[arg-type]
+            received = 0
+            async for _ in stream.stream_text(delta=True, debounce_by=None):
+                received += 1
+                if received == 3:
+                    break
+    await tracker.flush()
+    [row] = await ledger_rows()
+    assert (row['status'], row['success'], row['streamed']) == ('cancelled', False, True)
+    assert row['input_tokens'] == 90 and 0 < row['output_tokens'] < 40
+    assert row['total_cost'] is not None and row['total_cost'] > 0
