@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, TextPartDelta, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` from anywhere
@@ -133,6 +136,80 @@ async def server_busy_s() -> dict[str, float]:
         query = 'SELECT active_time, idle_in_transaction_time FROM pg_stat_database WHERE datname = current_database()'
         row = (await session.execute(text(query))).one()
     return {'active_s': row[0] / 1000, 'idle_in_transaction_s': row[1] / 1000}
+
+
+async def warm_pool(connections: int) -> None:
+    """Open `connections` pooled connections at once and return them, so a measurement starts with a warm pool."""
+    engine = get_engine()
+    ready = asyncio.Event()
+    opened = 0
+
+    async def hold() -> None:
+        nonlocal opened
+        async with engine.connect() as conn:
+            await conn.execute(text('SELECT 1'))
+            opened += 1
+            if opened == connections:
+                ready.set()
+            await ready.wait()
+
+    await asyncio.gather(*(hold() for _ in range(connections)))
+
+
+@dataclass
+class LoadRun:
+    """What a closed-loop run measured."""
+
+    latencies: list[float]
+    outcomes: Counter[str]
+    failures: Counter[str]
+    elapsed_s: float
+    cpu_s: float
+    loop_lag_p95_s: float | None
+
+
+async def closed_loop(
+    workers: int, window: float, op: Callable[[int], Awaitable[Any]], *, spread: float = 0.0
+) -> LoadRun:
+    """`workers` tasks call `op(worker)` back to back, starting new calls for `window` s; calls in flight finish.
+
+    Each worker starts at a random moment within the first `spread` seconds, as independent users would. Failures
+    are counted by kind (`pool_timeout` for a pool checkout timeout), non-None results by value. A probe measures
+    how late the event loop wakes a 5 ms sleep: CPU saturation of this process shows there.
+    """
+    latencies: list[float] = []
+    outcomes: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    lags: list[float] = []
+    started, cpu = time.perf_counter(), time.process_time()
+
+    async def worker(i: int) -> None:
+        await asyncio.sleep(random.uniform(0, spread))
+        while time.perf_counter() - started < window:
+            begin = time.perf_counter()
+            try:
+                result = await op(i)
+            except Exception as exc:
+                cause = root_cause(exc)
+                failures['pool_timeout' if isinstance(cause, sa_exc.TimeoutError) else type(cause).__name__] += 1
+                continue
+            latencies.append(time.perf_counter() - begin)
+            if result is not None:
+                outcomes[str(result)] += 1
+
+    async def lag_probe() -> None:
+        while True:
+            begin = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - begin - 0.005)
+
+    probe = asyncio.create_task(lag_probe())
+    try:
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+    finally:
+        probe.cancel()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

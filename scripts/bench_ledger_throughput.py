@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 import uuid
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 from bench_common import (
+    closed_loop,
     int_list,
     machine_info,
     ms,
@@ -75,56 +74,37 @@ def record(level: str, content_bytes: int) -> LedgerRecord:
 async def run_level(tracker: LLMRequestTracker, writers: int, window: float, content_bytes: int) -> dict:
     """`writers` tasks write rows back to back for `window` seconds; then the rows are counted in the database."""
     level = f'bench-{writers}-{uuid.uuid4().hex[:8]}'
-    latencies: list[float] = []
-    outcomes: Counter[str] = Counter()
-    batches_before = tracker.stats.batches
-    written_before = tracker.stats.written
-    started = time.perf_counter()
-
-    async def writer() -> None:
-        while time.perf_counter() - started < window:
-            begin = time.perf_counter()
-            outcomes[await tracker.track_request(record(level, content_bytes))] += 1
-            latencies.append(time.perf_counter() - begin)
-
-    await asyncio.gather(*(writer() for _ in range(writers)))
-    elapsed = time.perf_counter() - started
+    batches, written = tracker.stats.batches, tracker.stats.written
+    run = await closed_loop(writers, window, lambda _: tracker.track_request(record(level, content_bytes)))
     await tracker.flush()
-    batches = tracker.stats.batches - batches_before
+    batches, written = tracker.stats.batches - batches, tracker.stats.written - written
     async with get_db_session() as session:
-        present, distinct = (
-            await session.execute(
-                text('SELECT count(*), count(DISTINCT id) FROM llm_requests WHERE run_id = :r'), {'r': level}
-            )
-        ).one()
-    submitted = sum(outcomes.values())
+        query = text('SELECT count(*), count(DISTINCT id) FROM llm_requests WHERE run_id = :r')
+        present, distinct = (await session.execute(query, {'r': level})).one()
+    submitted = sum(run.outcomes.values()) + sum(run.failures.values())
     return {
         'writers': writers,
         'rows': submitted,
-        'rows_per_s': round(submitted / elapsed),
-        'p50_ms': ms(percentile(latencies, 50)),
-        'p99_ms': ms(percentile(latencies, 99)),
-        'mean_batch_rows': round((tracker.stats.written - written_before) / batches, 1) if batches else None,
-        'outcomes': dict(outcomes),
+        'rows_per_s': round(submitted / run.elapsed_s),
+        'p50_ms': ms(percentile(run.latencies, 50)),
+        'p99_ms': ms(percentile(run.latencies, 99)),
+        'mean_batch_rows': round(written / batches, 1) if batches else None,
+        'outcomes': dict(run.outcomes),
+        'errors': dict(run.failures),
         'rows_in_db': present,
         'duplicates': present - distinct,
-        'lost': submitted - outcomes['spooled'] - present,
-        'elapsed_s': round(elapsed, 2),
+        'lost': submitted - run.outcomes['spooled'] - present,
+        'cpu_ms_per_row': round(1000 * run.cpu_s / max(submitted, 1), 3),
+        'elapsed_s': round(run.elapsed_s, 2),
     }
 
 
 COLUMNS = [
-    ('writers', 'writers'),
-    ('rows', 'rows'),
-    ('rows/s', 'rows_per_s'),
-    ('p50 ms', 'p50_ms'),
-    ('p99 ms', 'p99_ms'),
-    ('rows/commit', 'mean_batch_rows'),
-    ('in DB', 'rows_in_db'),
-    ('spooled', lambda r: r['outcomes'].get('spooled', 0)),
-    ('duplicates', 'duplicates'),
-    ('lost', 'lost'),
-]
+    ('writers', 'writers'), ('rows', 'rows'), ('rows/s', 'rows_per_s'), ('p50 ms', 'p50_ms'), ('p99 ms', 'p99_ms'),
+    ('rows/commit', 'mean_batch_rows'), ('in DB', 'rows_in_db'),
+    ('spooled', lambda r: r['outcomes'].get('spooled', 0)), ('duplicates', 'duplicates'), ('lost', 'lost'),
+    ('CPU ms/row', 'cpu_ms_per_row'),
+]  # fmt: skip
 
 
 async def main() -> None:

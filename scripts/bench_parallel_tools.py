@@ -35,6 +35,7 @@ from db.engine import close_database, get_sessionmaker, pool_status
 from db.session import get_db_session
 
 durations: list[float] = []  # each tool call's own time: session opened, pg_sleep, committed, closed
+tool_errors: list[int] = []  # legacy tool calls that raised
 sleep_s = 0.1
 
 
@@ -49,7 +50,11 @@ async def own_session_tool(n: int) -> int:
 
 async def shared_session_tool(ctx: RunContext[AsyncSession], n: int) -> int:
     """The legacy pattern: the one session in deps, used by every concurrent call."""
-    await ctx.deps.execute(text('SELECT pg_sleep(:s)'), {'s': sleep_s})
+    try:
+        await ctx.deps.execute(text('SELECT pg_sleep(:s)'), {'s': sleep_s})
+    except Exception:
+        tool_errors.append(n)  # pydantic-ai then fails the run and cancels the sibling calls
+        raise
     return n
 
 
@@ -69,6 +74,7 @@ async def legacy(n: int, repeats: int) -> dict[str, object]:
     """Run the shared-session pattern `repeats` times; count failed turns, failed closes and leaked connections."""
     agent = Agent(scripted_model('shared_session_tool', n), deps_type=AsyncSession, tools=[shared_session_tool])
     failed, close_errors, leaked, kinds = 0, 0, 0, set()
+    tool_errors.clear()
     for _ in range(repeats):
         session = get_sessionmaker()()
         try:
@@ -88,6 +94,7 @@ async def legacy(n: int, repeats: int) -> dict[str, object]:
     return {
         'turns': repeats,
         'failed_turns': failed,
+        'tool_errors': len(tool_errors),
         'close_errors': close_errors,
         'leaked_connections': leaked,
         'errors': sorted(kinds),
@@ -95,17 +102,13 @@ async def legacy(n: int, repeats: int) -> dict[str, object]:
 
 
 COLUMNS = [
-    ('N', 'tools'),
-    ('parallel ms', 'parallel_ms'),
-    ('sequential ms', 'sequential_ms'),
-    ('ideal ms', 'ideal_ms'),
-    ('par/ideal', 'parallel_over_ideal'),
-    ('seq/ideal', 'sequential_over_ideal'),
-    ('speed-up', 'speedup'),
+    ('N', 'tools'), ('parallel ms', 'parallel_ms'), ('sequential ms', 'sequential_ms'), ('ideal ms', 'ideal_ms'),
+    ('par/ideal', 'parallel_over_ideal'), ('seq/ideal', 'sequential_over_ideal'), ('speed-up', 'speedup'),
     ('CPU ms/turn', 'parallel_cpu_ms'),
     ('legacy failed turns', lambda r: f'{r["legacy"]["failed_turns"]}/{r["legacy"]["turns"]}'),
+    ('legacy tool errors', lambda r: r['legacy']['tool_errors']),
     ('legacy close errors', lambda r: r['legacy']['close_errors']),
-]
+]  # fmt: skip
 
 
 async def main() -> None:
