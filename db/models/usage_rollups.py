@@ -1,0 +1,62 @@
+"""Daily usage per account, agent and model, rolled up from the LLM ledger, and which ledger rows it holds."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, Date, DateTime, ForeignKey, Index, Numeric, String, UniqueConstraint, Uuid, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db.models.base import Base
+
+
+class UsageDailyRollup(Base):
+    """Totals of the ledger's requests for one UTC day, account, agent instance and model.
+
+    Account and agent are copied ids, NULL when the ledger row had none (like the ledger, no foreign
+    key: totals outlive the tenant rows they name). NULLs count as one key (`NULLS NOT DISTINCT`,
+    PostgreSQL 15+), so the upsert has a single row to hit. Costs sum the priced requests;
+    `unpriced_requests` says how many had no price.
+    """
+
+    __tablename__ = 'usage_daily_rollups'
+    __table_args__ = (
+        UniqueConstraint('day', 'account_id', 'agent_instance_id', 'model', postgresql_nulls_not_distinct=True),
+        Index('ix_usage_daily_rollups_account_id_day', 'account_id', 'day'),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    day: Mapped[date] = mapped_column(Date, nullable=False)
+    account_id: Mapped[int | None] = mapped_column(BigInteger)
+    agent_instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    # Labels copied from the ledger (the greatest seen in the bucket), for reports that outlive the tenant rows.
+    account_slug: Mapped[str | None] = mapped_column(String(64))
+    agent_instance_slug: Mapped[str | None] = mapped_column(String(64))
+    agent_name: Mapped[str | None] = mapped_column(String(200))
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    failed_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unpriced_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_cost: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    output_cost: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    total_cost: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class UsageRolledUpRequest(Base):
+    """A ledger row already counted in `usage_daily_rollups`: what makes a retried roll-up count nothing twice."""
+
+    __tablename__ = 'usage_rolled_up_requests'
+
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey('llm_requests.id', ondelete='CASCADE'), primary_key=True
+    )
+    rolled_up_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)

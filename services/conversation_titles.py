@@ -1,0 +1,168 @@
+"""Post-turn work on a conversation row: a title from its first exchange and a short, current summary."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic_ai.conversation_store import ConversationEntry
+from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+from sqlalchemy import DateTime, String, Text, column, func, select, table, update
+
+from db.session import get_side_session
+from services.conversation_store import PostgresConversationStore
+
+logger = logging.getLogger('agentrt.conversations')
+
+TITLE_MAX_CHARS = 80
+SUMMARY_MAX_CHARS = 500
+# The summary reads only the tail of the history: its cost must not grow with the conversation.
+SUMMARY_WINDOW_MESSAGES = 12
+RECENT_QUESTIONS = 3
+
+# The columns added by migration 0004, addressed as a plain table so this module does not depend on
+# which of them the `ConversationRow` model maps.
+_conversations = table(
+    'conversations',
+    column('account_id'),
+    column('conversation_id', String),
+    column('head_id', String),
+    column('title', String),
+    column('summary', Text),
+    column('summary_head_id', String),
+    column('summarised_at', DateTime(timezone=True)),
+)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A user's question and the text of the answer to it (empty when the answer was only tool calls)."""
+
+    question: str
+    answer: str
+
+
+async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bool:
+    """Background task: title the conversation if it has no title yet, and rewrite its summary.
+
+    Idempotent and safe to run late or twice: it works from the conversation's current head, does
+    nothing when the summary already reflects that head, never replaces an existing title, and writes
+    only if the head has not moved meanwhile (the task of the newer turn then writes instead).
+
+    Args:
+        account_id: the conversation's account.
+        conversation_id: the conversation (`session_id` in the chat layer).
+
+    Returns:
+        True when the row was updated.
+    """
+    key = (_conversations.c.account_id == account_id) & (_conversations.c.conversation_id == conversation_id)
+    async with get_side_session() as session:
+        row = (
+            await session.execute(
+                select(_conversations.c.head_id, _conversations.c.title, _conversations.c.summary_head_id).where(key)
+            )
+        ).first()
+    if row is None or row.head_id is None or row.head_id == row.summary_head_id:
+        return False
+
+    store = PostgresConversationStore(account_id)
+    title = row.title
+    if title is None:
+        # Only until the conversation has a title, usually just its first turn: the whole history.
+        history = await store.read_history(row.head_id)
+        first = first_exchange(history)
+        title = make_title(first) if first else None
+        recent = exchanges(history[-SUMMARY_WINDOW_MESSAGES:])
+    else:
+        recent = exchanges(await store.read_history(row.head_id, limit=SUMMARY_WINDOW_MESSAGES))
+    summary = make_summary(title, recent)
+
+    async with get_side_session() as session:
+        result = await session.execute(
+            update(_conversations)
+            .where(key, _conversations.c.head_id == row.head_id)
+            .values(
+                title=func.coalesce(_conversations.c.title, title),
+                summary=summary,
+                summary_head_id=row.head_id,
+                summarised_at=func.now(),
+            )
+        )
+    if result.rowcount == 0:
+        logger.debug(
+            'conversation %s moved on while it was summarised; the newer turn will summarise it', conversation_id
+        )
+        return False
+    return True
+
+
+def exchanges(entries: Sequence[ConversationEntry]) -> list[Exchange]:
+    """Pair each user prompt with the text of the responses that follow it, in order."""
+    found: list[Exchange] = []
+    for entry in entries:
+        message = entry.message
+        if isinstance(message, ModelRequest):
+            question = ' '.join(_prompt_text(part) for part in message.parts if isinstance(part, UserPromptPart))
+            if question.strip():
+                found.append(Exchange(_squash(question), ''))
+        elif isinstance(message, ModelResponse) and found:
+            text = ' '.join(part.content for part in message.parts if isinstance(part, TextPart))
+            if text.strip():
+                last = found[-1]
+                found[-1] = Exchange(last.question, _squash(f'{last.answer} {text}'))
+    return found
+
+
+def first_exchange(entries: Sequence[ConversationEntry]) -> Exchange | None:
+    """The conversation's first question and its answer, if it has one."""
+    found = exchanges(entries)
+    return found[0] if found else None
+
+
+def make_title(exchange: Exchange) -> str:
+    """A title from the first question (the answer only when the question is too short to say much)."""
+    title = exchange.question
+    if len(title) < 12 and exchange.answer:
+        title = f'{title}: {exchange.answer}'
+    return _shorten(title.rstrip('?!.:; '), TITLE_MAX_CHARS) or 'Untitled conversation'
+
+
+def make_summary(title: str | None, recent: Sequence[Exchange]) -> str:
+    """A few sentences: the topic, the latest questions, and the latest answer."""
+    parts = [_sentence(f'Topic: {title}')] if title else []
+    questions = [_shorten(e.question, 100) for e in recent[-RECENT_QUESTIONS:]]
+    if questions:
+        parts.append(_sentence('Recent questions: ' + '; '.join(questions)))
+    answer = next((e.answer for e in reversed(recent) if e.answer), '')
+    if answer:
+        parts.append(_sentence(f'Latest answer: {_shorten(answer, 200)}'))
+    return _shorten(' '.join(parts), SUMMARY_MAX_CHARS)
+
+
+def _prompt_text(part: UserPromptPart) -> str:
+    if isinstance(part.content, str):
+        return part.content
+    # Multimodal prompts: keep the text items, skip images, audio and documents.
+    return ' '.join(item for item in part.content if isinstance(item, str))
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith(('.', '?', '!', '…')) else f'{text}.'
+
+
+def _squash(text: str) -> str:
+    return re.sub(r'\s+', ' ', text).strip()
+
+
+def _shorten(text: str, limit: int) -> str:
+    """Cut at a word boundary with an ellipsis, so titles never end mid-word."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(' ')
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(' ,;:-') + '…'

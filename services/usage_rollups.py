@@ -1,0 +1,267 @@
+"""Daily usage per account, agent and model: rolled up from the ledger exactly once, recomputable, read by costs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.session import get_side_session
+
+logger = logging.getLogger('agentrt.usage')
+
+Grouping = Literal['account', 'agent', 'model', 'day']
+
+# How far back the post-turn roll-up looks for ledger rows not yet counted: the turn's own rows, and
+# rows a previous turn's ledger write delivered late. Older stragglers need `roll_up_pending(since=...)`.
+POST_TURN_LOOKBACK = timedelta(hours=1)
+# Roll-ups and recomputes of large ranges can wait behind each other; the side session's default is 2 s.
+_LOCK_TIMEOUT_MS = 30_000
+_STATEMENT_TIMEOUT_MS = 120_000
+
+# Incremental roll-ups share this lock; a recompute takes it exclusively, so it never interleaves with one.
+_LOCK_KEYS = {'namespace': 0x726F6C6C, 'key': 0}  # 'roll'
+_LOCK_SHARED = text('SELECT pg_advisory_xact_lock_shared(:namespace, :key)')
+_LOCK_EXCLUSIVE = text('SELECT pg_advisory_xact_lock(:namespace, :key)')
+
+_COUNTERS = (
+    'requests',
+    'failed_requests',
+    'unpriced_requests',
+    'input_tokens',
+    'output_tokens',
+    'cache_read_tokens',
+    'cache_write_tokens',
+    'reasoning_tokens',
+    'total_tokens',
+    'input_cost',
+    'output_cost',
+    'total_cost',
+)
+_KEY = 'day, account_id, agent_instance_id, model'
+# One UTC day per row; the same expression in the incremental and the recompute path keeps them equal.
+_LEDGER_KEY = "(r.started_at AT TIME ZONE 'UTC')::date AS day, r.account_id, r.agent_instance_id, r.model"
+_LEDGER_AGGREGATES = """
+    count(*) AS requests,
+    count(*) FILTER (WHERE NOT r.success) AS failed_requests,
+    count(*) FILTER (WHERE r.total_cost IS NULL) AS unpriced_requests,
+    coalesce(sum(r.input_tokens), 0)::bigint AS input_tokens,
+    coalesce(sum(r.output_tokens), 0)::bigint AS output_tokens,
+    coalesce(sum(r.cache_read_tokens), 0)::bigint AS cache_read_tokens,
+    coalesce(sum(r.cache_write_tokens), 0)::bigint AS cache_write_tokens,
+    coalesce(sum(r.reasoning_tokens), 0)::bigint AS reasoning_tokens,
+    coalesce(sum(r.total_tokens), 0)::bigint AS total_tokens,
+    coalesce(sum(r.input_cost), 0) AS input_cost,
+    coalesce(sum(r.output_cost), 0) AS output_cost,
+    coalesce(sum(r.total_cost), 0) AS total_cost
+"""
+_LABELS = ('account_slug', 'agent_instance_slug', 'agent_name')
+_LEDGER_LABELS = ', '.join(f'max(r.{name}) AS {name}' for name in _LABELS)
+_COLUMNS = f'{_KEY}, {", ".join(_LABELS)}, {", ".join(_COUNTERS)}'
+
+# Claim the matching ledger rows nobody counted yet (the claim is the idempotency key: a retried or
+# concurrent roll-up claims nothing twice), then add just those rows to their buckets. Sorted so two
+# roll-ups touching the same buckets lock them in the same order and cannot deadlock.
+_ROLL_UP = f"""
+WITH claimed AS (
+    INSERT INTO usage_rolled_up_requests (request_id)
+    SELECT r.id FROM llm_requests AS r
+    WHERE r.started_at >= :since {{where}}
+      AND NOT EXISTS (SELECT 1 FROM usage_rolled_up_requests AS u WHERE u.request_id = r.id)
+    ORDER BY r.id
+    ON CONFLICT DO NOTHING
+    RETURNING request_id
+)
+INSERT INTO usage_daily_rollups ({_COLUMNS})
+SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
+FROM llm_requests AS r JOIN claimed AS c ON c.request_id = r.id
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
+ON CONFLICT ON CONSTRAINT uq_usage_daily_rollups_day_account_id_agent_instance_id_model DO UPDATE SET
+    {', '.join(f'{name} = usage_daily_rollups.{name} + EXCLUDED.{name}' for name in _COUNTERS)},
+    {', '.join(f'{name} = greatest(usage_daily_rollups.{name}, EXCLUDED.{name})' for name in _LABELS)},
+    updated_at = now()
+RETURNING requests
+"""
+
+_RECOMPUTE_DELETE = text('DELETE FROM usage_daily_rollups WHERE day >= :first_day AND day <= :last_day')
+# One statement, so the rows claimed and the rows summed come from one snapshot: a ledger row committed
+# between two statements would otherwise be summed here unclaimed and counted again by the next roll-up.
+_RECOMPUTE = text(f"""
+WITH in_range AS (
+    SELECT r.id FROM llm_requests AS r WHERE r.started_at >= :start AND r.started_at < :end
+), claimed AS (
+    INSERT INTO usage_rolled_up_requests (request_id) SELECT id FROM in_range ON CONFLICT DO NOTHING
+)
+INSERT INTO usage_daily_rollups ({_COLUMNS})
+SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
+FROM llm_requests AS r JOIN in_range AS i ON i.id = r.id
+GROUP BY 1, 2, 3, 4
+""")
+
+# Per grouping: the key columns, and the labels reported with them (the greatest in the group).
+_GROUPINGS: dict[Grouping, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    'account': (('account_id',), ('account_slug',)),
+    'agent': (('account_id', 'agent_instance_id'), _LABELS),
+    'model': (('model',), ()),
+    'day': (('day',), ()),
+}
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Summed usage for one group; the key and label fields the grouping does not use are None."""
+
+    day: date | None
+    account_id: int | None
+    agent_instance_id: int | None
+    model: str | None
+    account_slug: str | None
+    agent_instance_slug: str | None
+    agent_name: str | None
+    requests: int
+    failed_requests: int
+    unpriced_requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    input_cost: Decimal
+    output_cost: Decimal
+    total_cost: Decimal
+
+
+async def roll_up_account_usage(account_id: int) -> int:
+    """Background task after a chat turn: add the account's recent, uncounted ledger rows to the rollup.
+
+    Args:
+        account_id: the account whose ledger rows (started within `POST_TURN_LOOKBACK`) to roll up.
+
+    Returns:
+        How many buckets were created or updated.
+    """
+    return await roll_up_pending(datetime.now(UTC) - POST_TURN_LOOKBACK, account_id=account_id)
+
+
+async def roll_up_pending(since: datetime, *, account_id: int | None = None) -> int:
+    """Add every ledger row started at or after `since` that is not counted yet, for one account or all.
+
+    Safe to run any number of times, concurrently too: each ledger row is counted once. Use it after
+    replaying spooled ledger rows, or on a schedule, for rows older than the post-turn lookback.
+
+    Returns:
+        How many buckets were created or updated.
+    """
+    where, params = '', {'since': since}
+    if account_id is not None:
+        where, params = 'AND r.account_id = :account_id', {**params, 'account_id': account_id}
+    async with get_side_session(
+        lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
+    ) as session:
+        await session.execute(_LOCK_SHARED, _LOCK_KEYS)
+        touched = len((await session.execute(text(_ROLL_UP.format(where=where)), params)).all())
+    return touched
+
+
+async def recompute_usage_rollups(first_day: date, last_day: date) -> int:
+    """Rebuild the rollup of the UTC days `first_day`..`last_day` (inclusive) from the ledger.
+
+    Runs under the exclusive roll-up lock, so no incremental roll-up interleaves; afterwards every
+    ledger row of those days is marked counted.
+
+    Returns:
+        How many buckets the range now has.
+    """
+    params = {'first_day': first_day, 'last_day': last_day, **_day_bounds(first_day, last_day)}
+    async with get_side_session(
+        lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
+    ) as session:
+        await session.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)
+        await session.execute(_RECOMPUTE_DELETE, params)
+        result = await session.execute(_RECOMPUTE, params)
+    logger.info('usage rollup recomputed for %s..%s: %d buckets', first_day, last_day, result.rowcount)
+    return result.rowcount
+
+
+async def usage_totals(
+    by: Grouping,
+    *,
+    session: AsyncSession,
+    first_day: date | None = None,
+    last_day: date | None = None,
+    account_id: int | None = None,
+) -> list[UsageTotals]:
+    """Usage and cost grouped `by` account, agent, model or day, read from the rollup (for `agentrt costs`).
+
+    Args:
+        by: the grouping; 'agent' groups by account and agent instance.
+        session: the caller's session.
+        first_day: first UTC day included; unbounded when None.
+        last_day: last UTC day included; unbounded when None.
+        account_id: only this account.
+    """
+    return await _totals('usage_daily_rollups AS r', _sums(), by, session, first_day, last_day, account_id)
+
+
+async def ledger_usage_totals(
+    by: Grouping,
+    *,
+    session: AsyncSession,
+    first_day: date | None = None,
+    last_day: date | None = None,
+    account_id: int | None = None,
+) -> list[UsageTotals]:
+    """The same totals as `usage_totals`, computed by scanning the ledger: the reference the rollup must equal."""
+    day = "(r.started_at AT TIME ZONE 'UTC')::date"
+    source = f'(SELECT {day} AS day, r.* FROM llm_requests AS r) AS r'
+    return await _totals(source, _LEDGER_AGGREGATES, by, session, first_day, last_day, account_id)
+
+
+async def _totals(
+    source: str,
+    aggregates: str,
+    by: Grouping,
+    session: AsyncSession,
+    first_day: date | None,
+    last_day: date | None,
+    account_id: int | None,
+) -> list[UsageTotals]:
+    keys, labels = _GROUPINGS[by]  # the allowlist: `by` never reaches SQL as text
+    conditions, params = ['TRUE'], {}
+    if first_day is not None:
+        conditions.append('r.day >= :first_day')
+        params['first_day'] = first_day
+    if last_day is not None:
+        conditions.append('r.day <= :last_day')
+        params['last_day'] = last_day
+    if account_id is not None:
+        conditions.append('r.account_id = :account_id')
+        params['account_id'] = account_id
+    group = ', '.join(f'r.{key}' for key in keys)
+    selected = ', '.join([group, *(f'max(r.{label}) AS {label}' for label in labels), aggregates])
+    query = text(f'SELECT {selected} FROM {source} WHERE {" AND ".join(conditions)} GROUP BY {group} ORDER BY {group}')
+    rows = (await session.execute(query, params)).mappings().all()
+    empty = dict.fromkeys(('day', 'account_id', 'agent_instance_id', 'model', *_LABELS))
+    return [UsageTotals(**{**empty, **row}) for row in rows]
+
+
+def _sums() -> str:
+    # sum(bigint) is numeric in PostgreSQL: counters go back to bigint, costs stay numeric.
+    return ', '.join(
+        f'coalesce(sum(r.{name}), 0){"" if name.endswith("_cost") else "::bigint"} AS {name}' for name in _COUNTERS
+    )
+
+
+def _day_bounds(first_day: date, last_day: date) -> dict[str, datetime]:
+    """Timestamps around the UTC days, so the ledger's `started_at` index bounds the scan."""
+    return {
+        'start': datetime.combine(first_day, time.min, UTC),
+        'end': datetime.combine(last_day + timedelta(days=1), time.min, UTC),
+    }

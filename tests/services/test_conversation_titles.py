@@ -1,0 +1,138 @@
+"""Conversation titles and summaries: written from the stored history, idempotent, never stale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic_ai import Agent, ModelResponse, RequestUsage, TextPart
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from sqlalchemy import text
+
+from db.models import Account
+from db.session import get_db_session
+from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
+from services.conversation_titles import Exchange, make_summary, make_title, refresh_title_and_summary
+
+
+def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    prompt = messages[-1].parts[-1].content  # type: ignore[union-attr]
+    return ModelResponse(parts=[TextPart(f'Answer to: {prompt}')], usage=RequestUsage(input_tokens=10, output_tokens=3))
+
+
+AGENT = Agent(FunctionModel(_answer, model_name='test-model'))
+
+
+async def _account(slug: str = 'acme') -> int:
+    async with get_db_session() as session:
+        account = Account(slug=slug, name=slug.title())
+        session.add(account)
+        await session.flush()
+        return account.id
+
+
+async def _turn(account_id: int, conversation_id: str, prompt: str) -> None:
+    store = PostgresConversationStore(account_id)
+    conversation = await load_conversation(store, conversation_id)
+    await save_turn(store, await AGENT.run(prompt, conversation=conversation))
+
+
+async def _row(account_id: int, conversation_id: str) -> dict[str, Any]:
+    async with get_db_session() as session:
+        row = await session.execute(
+            text(
+                'SELECT title, summary, summary_head_id, head_id, summarised_at FROM conversations '
+                'WHERE account_id = :a AND conversation_id = :c'
+            ),
+            {'a': account_id, 'c': conversation_id},
+        )
+        return dict(row.mappings().one())
+
+
+async def test_first_turn_titles_and_summarises_the_conversation() -> None:
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'Who runs  the cardiology\ndepartment?')
+
+    assert await refresh_title_and_summary(account_id, 'c1') is True
+    row = await _row(account_id, 'c1')
+    assert row['title'] == 'Who runs the cardiology department'
+    assert row['summary'] == (
+        'Topic: Who runs the cardiology department. Recent questions: Who runs the cardiology department? '
+        'Latest answer: Answer to: Who runs the cardiology department?'
+    )
+    assert row['summary_head_id'] == row['head_id'] and row['summarised_at'] is not None
+
+
+async def test_later_turns_keep_the_title_and_refresh_the_summary() -> None:
+    account_id = await _account()
+    for prompt in ('Find the pharmacy', 'Opening hours?', 'And on Sunday?', 'Phone number?'):
+        await _turn(account_id, 'c1', prompt)
+        assert await refresh_title_and_summary(account_id, 'c1') is True
+    row = await _row(account_id, 'c1')
+    assert row['title'] == 'Find the pharmacy'
+    assert 'Recent questions: Opening hours?; And on Sunday?; Phone number? ' in row['summary']
+    assert row['summary'].endswith('Latest answer: Answer to: Phone number?')
+
+
+async def test_a_retry_or_late_task_does_nothing() -> None:
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'Where is radiology?')
+    assert await refresh_title_and_summary(account_id, 'c1') is True
+    before = await _row(account_id, 'c1')
+    assert await refresh_title_and_summary(account_id, 'c1') is False
+    assert await _row(account_id, 'c1') == before
+    assert await refresh_title_and_summary(account_id, 'no-such-conversation') is False
+
+
+async def test_an_existing_title_is_never_replaced() -> None:
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'Where is radiology?')
+    async with get_db_session() as session:
+        await session.execute(
+            text("UPDATE conversations SET title = 'Chosen by the user' WHERE conversation_id = 'c1'")
+        )
+    await refresh_title_and_summary(account_id, 'c1')
+    row = await _row(account_id, 'c1')
+    assert row['title'] == 'Chosen by the user' and row['summary'].startswith('Topic: Chosen by the user.')
+
+
+async def test_a_turn_saved_meanwhile_wins_over_the_stale_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'First question')
+    read_history = PostgresConversationStore.read_history
+    calls = 0
+
+    async def read_then_race(self: PostgresConversationStore, head_id: str | None, *, limit: int | None = None) -> Any:
+        nonlocal calls
+        calls += 1
+        history = await read_history(self, head_id, limit=limit)
+        if calls == 1:
+            await _turn(account_id, 'c1', 'Second question')  # lands between the task's read and its write
+        return history
+
+    monkeypatch.setattr(PostgresConversationStore, 'read_history', read_then_race)
+    assert await refresh_title_and_summary(account_id, 'c1') is False
+    assert (await _row(account_id, 'c1'))['summary'] is None
+    monkeypatch.undo()
+    assert await refresh_title_and_summary(account_id, 'c1') is True
+    assert 'Second question' in (await _row(account_id, 'c1'))['summary']
+
+
+async def test_accounts_are_kept_apart() -> None:
+    first, second = await _account('first'), await _account('second')
+    await _turn(first, 'shared-id', 'About billing')
+    await _turn(second, 'shared-id', 'About parking')
+    await refresh_title_and_summary(second, 'shared-id')
+    assert (await _row(first, 'shared-id'))['title'] is None
+    assert (await _row(second, 'shared-id'))['title'] == 'About parking'
+
+
+def test_titles_are_cut_at_a_word_boundary() -> None:
+    title = make_title(Exchange('word ' * 40, ''))
+    assert len(title) <= 80 and title.endswith('word…')
+    assert make_title(Exchange('?', '')) == 'Untitled conversation'
+    assert make_title(Exchange('Hi', 'Hello, how can I help with the directory?')) == (
+        'Hi: Hello, how can I help with the directory'
+    )
+    assert len(make_summary('t', [Exchange('q ' * 300, 'a ' * 300)] * 5)) <= 500

@@ -1,0 +1,94 @@
+"""Post-turn work after real chat turns: titled, summarised conversations and a rollup equal to the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from sqlalchemy import func, select, text
+
+from agents.simple_chat import simple_chat
+from db.engine import pool_status
+from db.models.ledger import LLMRequestRow
+from db.session import get_db_session
+from services.background import TaskSupervisor, drain_supervisor, get_supervisor
+from services.post_turn import schedule_post_turn_work
+from services.usage_rollups import ledger_usage_totals, usage_totals
+
+ACCOUNT = 'acme-health'
+QUESTIONS = (
+    'Find me cardiologists in Seattle who accept Medicare',
+    'Which pediatricians in Portland take new patients?',
+    'List dermatologists in Boston',
+)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _drain() -> AsyncIterator[None]:
+    yield
+    await drain_supervisor(30)
+
+
+async def _turn(conversation_id: str, question: str) -> None:
+    """One chat turn followed by its post-turn work, as the chat layer schedules it."""
+    result = await simple_chat(question, session_id=conversation_id, account=ACCOUNT)
+    async with get_db_session() as session:
+        account_id = (await session.execute(text('SELECT id FROM accounts WHERE slug = :s'), {'s': ACCOUNT})).scalar()
+    schedule_post_turn_work(account_id, conversation_id, run_id=result.run_id)
+
+
+async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_rollups(demo_data: None) -> None:
+    conversations = [f'chat-{i}' for i in range(12)]
+    await asyncio.gather(*(_turn(c, QUESTIONS[i % 3]) for i, c in enumerate(conversations)))
+    await asyncio.gather(*(_turn(c, 'And in Seattle?') for c in conversations[:4]))
+    report = await drain_supervisor(timeout=60)
+    assert report is not None and (report.failed, report.cancelled, report.rejected) == (0, 0, 0)
+    assert report.completed == 2 * 16
+
+    async with get_db_session() as session:
+        rows = (
+            await session.execute(
+                text('SELECT conversation_id, title, summary FROM conversations ORDER BY conversation_id')
+            )
+        ).all()
+        assert len(rows) == 12
+        for i, conversation_id in enumerate(conversations):
+            row = next(r for r in rows if r.conversation_id == conversation_id)
+            assert row.title == QUESTIONS[i % 3].rstrip('?')
+            assert row.summary.startswith(f'Topic: {row.title}')
+            assert ('And in Seattle?' in row.summary) == (i < 4)
+
+        ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
+        for by in ('account', 'agent', 'model', 'day'):
+            assert await usage_totals(by, session=session) == await ledger_usage_totals(by, session=session)
+        rolled_up = sum(t.requests for t in await usage_totals('day', session=session))
+    assert rolled_up == ledger_rows >= 16 * 3  # the demo model makes three requests per turn
+    assert pool_status().checked_out == 0
+
+
+async def test_a_full_backlog_skips_post_turn_work_without_failing_the_turn(demo_data: None) -> None:
+    await drain_supervisor()
+    supervisor = get_supervisor()
+    assert isinstance(supervisor, TaskSupervisor)
+    supervisor.max_queued = 0
+    gate = asyncio.Event()
+    for _ in range(supervisor.max_running):
+        supervisor.spawn(gate.wait)  # every slot busy, no room to queue
+    await asyncio.sleep(0)
+    assert supervisor.stats().running == supervisor.max_running
+
+    await _turn('chat-skipped', QUESTIONS[0])
+    assert supervisor.stats().rejected == 2
+    gate.set()
+    await supervisor.join()
+    async with get_db_session() as session:
+        title = await session.execute(text("SELECT title FROM conversations WHERE conversation_id = 'chat-skipped'"))
+        assert title.scalar() is None
+    # The next turn's tasks do the skipped work too.
+    supervisor.max_queued = 100
+    await _turn('chat-skipped', 'And in Portland?')
+    await supervisor.join()
+    async with get_db_session() as session:
+        title = await session.execute(text("SELECT title FROM conversations WHERE conversation_id = 'chat-skipped'"))
+        assert title.scalar() == QUESTIONS[0]

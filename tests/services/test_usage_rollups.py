@@ -1,0 +1,260 @@
+"""The daily usage rollup: equal to the ledger after concurrent turns, retries and recomputes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import func, select, text
+
+from db.engine import pool_status
+from db.models import Account, AgentInstance
+from db.models.ledger import LLMRequestRow
+from db.models.usage_rollups import UsageRolledUpRequest
+from db.session import get_db_session
+from services.background import drain_supervisor
+from services.ledger_queries import LedgerFilters, summarise_costs
+from services.post_turn import schedule_post_turn_work
+from services.rollup_costs import RollupCannotAnswer, summarise_costs_from_rollup
+from services.usage_rollups import (
+    Grouping,
+    ledger_usage_totals,
+    recompute_usage_rollups,
+    roll_up_account_usage,
+    roll_up_pending,
+    usage_totals,
+)
+
+GROUPINGS: tuple[Grouping, ...] = ('account', 'agent', 'model', 'day')
+TODAY = datetime.now(UTC).date()
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _drain() -> AsyncIterator[None]:
+    """Leave no post-turn task running into the next test."""
+    yield
+    await drain_supervisor(30)
+
+
+async def _tenants(n_accounts: int = 3) -> list[tuple[int, int]]:
+    """(account id, agent instance id) pairs: two agents per account."""
+    async with get_db_session() as session:
+        pairs = []
+        for a in range(n_accounts):
+            account = Account(slug=f'acct-{a}', name=f'Account {a}')
+            session.add(account)
+            await session.flush()
+            for g in range(2):
+                agent = AgentInstance(account_id=account.id, slug=f'agent-{g}', agent_type='simple_chat')
+                session.add(agent)
+                await session.flush()
+                pairs.append((account.id, agent.id))
+        return pairs
+
+
+async def _ledger(
+    account_id: int | None,
+    agent_instance_id: int | None,
+    *,
+    model: str = 'gpt-4o-mini',
+    started_at: datetime | None = None,
+    tokens: tuple[int, int] = (100, 20),
+    cost: Decimal | None = Decimal('0.000123'),
+    success: bool = True,
+    run_id: str | None = None,
+) -> None:
+    """Write one ledger row in its own session, as the ledger tracker does."""
+    started = started_at or datetime.now(UTC)
+    input_tokens, output_tokens = tokens
+    async with get_db_session() as session:
+        session.add(
+            LLMRequestRow(
+                id=uuid.uuid4(),
+                run_id=run_id,
+                account_id=account_id,
+                account_slug=None if account_id is None else f'account-{account_id}',
+                agent_instance_id=agent_instance_id,
+                agent_instance_slug=None if agent_instance_id is None else f'agent-{agent_instance_id}',
+                agent_name='simple_chat',
+                model=model,
+                streamed=False,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_read_tokens=input_tokens // 10,
+                cache_write_tokens=0,
+                reasoning_tokens=output_tokens // 4,
+                total_tokens=input_tokens + output_tokens,
+                input_cost=None if cost is None else cost / 2,
+                output_cost=None if cost is None else cost / 2,
+                total_cost=cost,
+                latency_ms=12.5,
+                status='complete' if success else 'error',
+                success=success,
+                started_at=started,
+                finished_at=started + timedelta(milliseconds=12),
+            )
+        )
+
+
+async def _assert_rollup_equals_ledger(**filters: object) -> None:
+    async with get_db_session() as session:
+        for by in GROUPINGS:
+            assert await usage_totals(by, session=session, **filters) == await ledger_usage_totals(
+                by, session=session, **filters
+            ), by
+
+
+async def _total_requests() -> int:
+    async with get_db_session() as session:
+        return sum(t.requests for t in await usage_totals('day', session=session))
+
+
+async def test_roll_up_counts_every_ledger_row_once() -> None:
+    (a1, g1), (_, g2), (a2, g3), *_ = await _tenants()
+    await _ledger(a1, g1, tokens=(1000, 200), cost=Decimal('0.0015'))
+    await _ledger(a1, g1, tokens=(10, 2), cost=None, model='unpriced-model')
+    await _ledger(a1, g2, success=False, tokens=(0, 0), cost=None)
+    await _ledger(a2, g3, started_at=datetime.now(UTC) - timedelta(days=3))
+    await _ledger(None, None)  # a request outside any tenant still counts, under NULL keys
+
+    assert await roll_up_pending(LONG_AGO) == 5
+    assert await roll_up_pending(LONG_AGO) == 0  # a retry finds nothing left to count
+    await _assert_rollup_equals_ledger()
+
+    async with get_db_session() as session:
+        [account] = await usage_totals('account', session=session, account_id=a1)
+    assert (account.requests, account.failed_requests, account.unpriced_requests) == (3, 1, 2)
+    assert (account.input_tokens, account.output_tokens, account.total_tokens) == (1010, 202, 1212)
+    assert account.total_cost == Decimal('0.0015') and account.input_cost == Decimal('0.00075')
+    assert account.account_slug == f'account-{a1}' and account.agent_instance_slug is None
+    assert all(type(getattr(account, name)) is int for name in ('requests', 'input_tokens', 'total_tokens'))
+
+
+async def test_post_turn_roll_up_sees_only_its_account_and_recent_rows() -> None:
+    (a1, g1), _, (a2, g3), *_ = await _tenants()
+    await _ledger(a1, g1)
+    await _ledger(a2, g3)
+    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=2))  # older than the lookback
+
+    assert await roll_up_account_usage(a1) == 1
+    assert await _total_requests() == 1
+    # A row the ledger delivers late is picked up by the next roll-up; older stragglers by a sweep.
+    await _ledger(a1, g1)
+    await roll_up_account_usage(a1)
+    assert await _total_requests() == 2
+    await roll_up_pending(LONG_AGO)
+    await _assert_rollup_equals_ledger()
+
+
+async def test_concurrent_turns_and_retried_roll_ups_match_the_ledger() -> None:
+    tenants = await _tenants()
+    rng = random.Random(5)
+
+    async def chat_turn(i: int) -> None:
+        account_id, agent_id = tenants[i % len(tenants)]
+        for _ in range(rng.randint(1, 3)):  # one ledger row per model request of the turn
+            await _ledger(
+                account_id,
+                agent_id,
+                model=rng.choice(['gpt-4o-mini', 'gpt-4o', 'unpriced-model']),
+                tokens=(rng.randint(1, 5000), rng.randint(1, 500)),
+                cost=Decimal(rng.randint(1, 10**6)) / 10**9,
+                success=rng.random() > 0.1,
+            )
+        schedule_post_turn_work(account_id, f'conversation-{i}')
+        if i % 5 == 0:
+            schedule_post_turn_work(account_id, f'conversation-{i}')  # a retried task
+
+    await asyncio.gather(*(chat_turn(i) for i in range(60)))
+    report = await drain_supervisor(timeout=60)
+    assert report is not None and report.failed == 0 and report.cancelled == 0
+
+    async with get_db_session() as session:
+        ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
+        claimed = (await session.execute(select(func.count()).select_from(UsageRolledUpRequest))).scalar_one()
+    assert claimed == ledger_rows > 60
+    assert await _total_requests() == ledger_rows
+    await _assert_rollup_equals_ledger()
+    await _assert_rollup_equals_ledger(account_id=tenants[0][0], first_day=TODAY, last_day=TODAY)
+    assert pool_status().checked_out == 0
+
+
+async def test_recompute_rebuilds_the_same_totals_and_repairs_drift() -> None:
+    (a1, g1), _, (a2, g2), _ = await _tenants(2)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    for started in (None, yesterday, yesterday - timedelta(days=5)):
+        await _ledger(a1, g1, started_at=started)
+        await _ledger(a2, g2, started_at=started, model='gpt-4o')
+    await roll_up_pending(LONG_AGO)
+    async with get_db_session() as session:
+        before = {by: await usage_totals(by, session=session) for by in GROUPINGS}
+        await session.execute(text('UPDATE usage_daily_rollups SET requests = requests + 7, total_cost = 99'))
+
+    first_day = TODAY - timedelta(days=10)
+    assert await recompute_usage_rollups(first_day, TODAY) == 6
+    async with get_db_session() as session:
+        assert {by: await usage_totals(by, session=session) for by in GROUPINGS} == before
+    await _assert_rollup_equals_ledger()
+    assert await roll_up_pending(LONG_AGO) == 0  # the recompute marked every row of the range counted
+
+
+async def test_recompute_and_roll_ups_running_together_stay_equal_to_the_ledger() -> None:
+    tenants = await _tenants()
+
+    async def writer(i: int) -> None:
+        account_id, agent_id = tenants[i % len(tenants)]
+        await _ledger(account_id, agent_id, started_at=datetime.now(UTC) - timedelta(hours=i % 30))
+        await roll_up_pending(LONG_AGO, account_id=account_id)
+
+    first_day: date = TODAY - timedelta(days=3)
+    await asyncio.gather(
+        *(writer(i) for i in range(40)), *(recompute_usage_rollups(first_day, TODAY) for _ in range(3))
+    )
+    await roll_up_pending(LONG_AGO)
+    await _assert_rollup_equals_ledger()
+    assert await _total_requests() == 40
+
+
+async def test_costs_from_the_rollup_equal_costs_from_the_ledger() -> None:
+    (a1, g1), (_, g2), (a2, g3), _ = await _tenants(2)
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    await _ledger(a1, g1, tokens=(1000, 200), cost=Decimal('0.0015'))
+    await _ledger(a1, g2, model='gpt-4o', cost=Decimal('0.02'), started_at=two_days_ago)
+    await _ledger(a1, g2, model='unpriced-model', cost=None, success=False)
+    await _ledger(a2, g3, cost=Decimal('0.5'))
+    await _ledger(None, None, model='unpriced-model', cost=None)
+    await roll_up_pending(LONG_AGO)
+
+    midnight = datetime.combine(TODAY, datetime.min.time(), UTC)
+    for filters in (
+        None,
+        LedgerFilters(account=f'account-{a1}'),
+        LedgerFilters(account=a2),
+        LedgerFilters(agent=f'agent-{g2}'),
+        LedgerFilters(model='unpriced-model'),
+        LedgerFilters(since=midnight - timedelta(days=1)),
+        LedgerFilters(until=midnight),
+    ):
+        for by in GROUPINGS:
+            async with get_db_session() as session:
+                from_ledger = await summarise_costs(session=session, by=by, filters=filters)
+                assert await summarise_costs_from_rollup(session=session, by=by, filters=filters) == from_ledger
+                assert from_ledger, (by, filters)
+
+    async with get_db_session() as session:
+        for filters in (LedgerFilters(success=False), LedgerFilters(since=midnight + timedelta(hours=3))):
+            with pytest.raises(RollupCannotAnswer):
+                await summarise_costs_from_rollup(session=session, by='day', filters=filters)
+
+
+async def test_grouping_is_an_allowlist() -> None:
+    async with get_db_session() as session:
+        with pytest.raises(KeyError):
+            await usage_totals('account; DROP TABLE llm_requests', session=session)  # type: ignore[arg-type]
