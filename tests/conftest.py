@@ -10,19 +10,23 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import logfire
 import pydantic_ai.models
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from db.engine import close_database, get_engine, init_database
+from agents.runtime import shutdown_runtime
+from db.engine import get_engine, init_database
 from db.models import Base
 from db.session import get_db_session
 from db.settings import Settings
+from services.background import drain_supervisor
 from services.demo_data import seed_demo_data
 
-# No test may reach a real model provider.
+# No test may reach a real model provider, and no span may leave the machine.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
+logfire.configure(send_to_logfire=False, console=False)
 
 TEST_POOL_SIZE = 5
 TEST_MAX_OVERFLOW = 5
@@ -52,7 +56,7 @@ async def database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
             await conn.execute(text('ALTER SYSTEM SET synchronous_commit = off'))
             await conn.execute(text('SELECT pg_reload_conf()'))
     yield settings
-    await close_database()
+    await shutdown_runtime()
 
 
 @pytest.fixture(scope='session')
@@ -63,11 +67,12 @@ def database_url(database: Settings) -> str:
 
 @pytest_asyncio.fixture(autouse=True)
 async def clean_database(database: Settings) -> AsyncIterator[None]:
-    """Empty every runtime table before each test."""
+    """Empty every runtime table before each test; afterwards, let its background work finish."""
     names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
     async with get_db_session() as session:
         await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
     yield
+    await drain_supervisor(30)
 
 
 @pytest_asyncio.fixture

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     PrimaryKeyConstraint,
     String,
+    Text,
     UniqueConstraint,
     func,
 )
@@ -75,3 +76,8 @@ class ConversationRow(CreatedAtMixin, Base):
     revision: Mapped[str] = mapped_column(String(64), nullable=False)
     record: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+    # Kept up to date by background post-turn work (migration 0004_background).
+    title: Mapped[str | None] = mapped_column(String(200))
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_head_id: Mapped[str | None] = mapped_column(String(64))
+    summarised_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

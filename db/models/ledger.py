@@ -42,6 +42,9 @@ class LLMRequestRow(Base):
         CheckConstraint(f'status IN {REQUEST_STATUSES!r}', name='status'),
         Index('ix_llm_requests_started_at', 'started_at'),
         Index('ix_llm_requests_account_id_started_at', 'account_id', 'started_at'),
+        # Usage roll-ups catch up on rows by when they were written (migration 0005).
+        Index('ix_llm_requests_recorded_at', 'recorded_at'),
+        Index('ix_llm_requests_account_id_recorded_at', 'account_id', 'recorded_at'),
         Index('ix_llm_requests_chat_session_id', 'chat_session_id'),
     )
 

@@ -11,6 +11,7 @@ from agents.demo_model import DEMO_MODEL_NAME
 from agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
 from db.engine import pool_status
 from db.errors import ConfigError
+from services.background import get_supervisor
 from services.conversation_store import ConcurrentTurnError, PostgresConversationStore
 from services.tenancy import UnknownTenantError
 
@@ -27,6 +28,7 @@ async def test_plain_turn_answers_from_the_directory(demo_data: None) -> None:
     assert result.usage.tool_calls == 7
     assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
     assert result.cost is None  # the demo model is unpriced
+    await get_supervisor().join()
     assert pool_status().checked_out == 0
 
 
@@ -86,6 +88,7 @@ async def test_concurrent_turns_on_one_conversation(demo_data: None) -> None:
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(errors) == 1 and isinstance(errors[0], ConcurrentTurnError), outcomes
     assert 'race' in str(errors[0])
+    await get_supervisor().join()  # the winner's post-turn work holds connections of its own
     assert pool_status().checked_out == 0
 
 

@@ -13,7 +13,6 @@ from db.engine import pool_status
 from db.models.ledger import LLMRequestRow
 from db.session import get_db_session
 from services.background import TaskSupervisor, drain_supervisor, get_supervisor
-from services.post_turn import schedule_post_turn_work
 from services.usage_rollups import ledger_usage_totals, usage_totals
 
 ACCOUNT = 'acme-health'
@@ -31,11 +30,8 @@ async def _drain() -> AsyncIterator[None]:
 
 
 async def _turn(conversation_id: str, question: str) -> None:
-    """One chat turn followed by its post-turn work, as the chat layer schedules it."""
-    result = await simple_chat(question, session_id=conversation_id, account=ACCOUNT)
-    async with get_db_session() as session:
-        account_id = (await session.execute(text('SELECT id FROM accounts WHERE slug = :s'), {'s': ACCOUNT})).scalar()
-    schedule_post_turn_work(account_id, conversation_id, run_id=result.run_id)
+    """One chat turn; `simple_chat` schedules its post-turn work itself."""
+    await simple_chat(question, session_id=conversation_id, account=ACCOUNT)
 
 
 async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_rollups(demo_data: None) -> None:

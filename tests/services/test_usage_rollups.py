@@ -65,12 +65,13 @@ async def _ledger(
     *,
     model: str = 'gpt-4o-mini',
     started_at: datetime | None = None,
+    recorded_at: datetime | None = None,
     tokens: tuple[int, int] = (100, 20),
     cost: Decimal | None = Decimal('0.000123'),
     success: bool = True,
     run_id: str | None = None,
 ) -> None:
-    """Write one ledger row in its own session, as the ledger tracker does."""
+    """Write one ledger row in its own session, as the ledger tracker does (recorded when it started by default)."""
     started = started_at or datetime.now(UTC)
     input_tokens, output_tokens = tokens
     async with get_db_session() as session:
@@ -99,6 +100,7 @@ async def _ledger(
                 success=success,
                 started_at=started,
                 finished_at=started + timedelta(milliseconds=12),
+                recorded_at=recorded_at or started + timedelta(milliseconds=15),
             )
         )
 
@@ -141,12 +143,13 @@ async def test_post_turn_roll_up_sees_only_its_account_and_recent_rows() -> None
     (a1, g1), _, (a2, g3), *_ = await _tenants()
     await _ledger(a1, g1)
     await _ledger(a2, g3)
-    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=2))  # older than the lookback
+    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=2))  # recorded before the lookback
 
     assert await roll_up_account_usage(a1) == 1
     assert await _total_requests() == 1
-    # A row the ledger delivers late is picked up by the next roll-up; older stragglers by a sweep.
-    await _ledger(a1, g1)
+    # A row the ledger delivers late (e.g. replayed from the spool) is recorded now, whatever its start:
+    # the next roll-up picks it up; rows recorded before the lookback need a sweep.
+    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=1), recorded_at=datetime.now(UTC))
     await roll_up_account_usage(a1)
     assert await _total_requests() == 2
     await roll_up_pending(LONG_AGO)
