@@ -14,3 +14,9 @@ test:
 
 repro:
 	.venv/bin/python scripts/repro_parallel_tools.py
+
+bench:
+	.venv/bin/python scripts/bench_parallel_tools.py
+	.venv/bin/python scripts/bench_pool_capacity.py
+	.venv/bin/python scripts/bench_overhead.py
+	.venv/bin/python scripts/bench_ledger_throughput.py

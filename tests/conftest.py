@@ -6,6 +6,8 @@ when that is set (its runtime tables are truncated between tests: never point it
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,3 +82,29 @@ async def demo_data(clean_database: None) -> None:
     """The seeded demo accounts, agents and directories."""
     async with get_db_session() as session:
         await seed_demo_data(session=session)
+
+
+class _AsyncioErrors(logging.Handler):
+    """Collects what asyncio reports through logging rather than warnings: "Task was destroyed but it is
+    pending", "Task exception was never retrieved", errors in callbacks. Any of them fails the run."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_asyncio_errors = _AsyncioErrors()
+logging.getLogger('asyncio').addHandler(_asyncio_errors)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if asyncio logged a pending task, an unretrieved exception or a callback error."""
+    gc.collect()  # destroyed-pending-task reports come from garbage collection
+    if _asyncio_errors.messages:
+        print('\nasyncio reported errors during the run:')
+        for message in _asyncio_errors.messages:
+            print(f'  - {message.splitlines()[0]}')
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
