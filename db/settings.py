@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         default=30.0, gt=0, le=3600, validation_alias=AliasChoices('DB_POOL_TIMEOUT', 'pool_timeout')
     )
     pool_pre_ping: bool = Field(default=True, validation_alias=AliasChoices('DB_POOL_PRE_PING', 'pool_pre_ping'))
+    pool_pre_ping_idle: float = Field(
+        default=5.0,
+        ge=0,
+        le=86_400,
+        validation_alias=AliasChoices('DB_POOL_PRE_PING_IDLE', 'pool_pre_ping_idle'),
+        description='seconds; with pre-ping on, only connections idle longer than this are tested (0: every checkout)',
+    )
     pool_recycle: int = Field(
         default=1800, ge=-1, validation_alias=AliasChoices('DB_POOL_RECYCLE', 'pool_recycle'), description='seconds'
     )

@@ -106,3 +106,31 @@ async def test_unreachable_server_does_not_hang_init(tmp_path: Path) -> None:
             await asyncio.wait_for(init_database(settings), 10)
     finally:
         engine_module._runtime = saved
+
+
+async def test_idle_connections_are_pinged_and_replaced_when_dead(database: Settings) -> None:
+    settings = database.model_copy(update={'pool_size': 1, 'max_overflow': 0, 'pool_pre_ping_idle': 0.2})
+    engine = build_engine(get_engine().url, settings)
+    pings: list[int] = []
+    real_ping = engine.sync_engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection) -> bool:
+        pings.append(1)
+        return real_ping(dbapi_connection)
+
+    engine.sync_engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
+    try:
+        async with engine.connect() as conn:
+            first_pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+        async with engine.connect() as conn:  # reused at once: not pinged
+            assert (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one() == first_pid
+        assert pings == []
+        async with get_engine().connect() as admin:
+            await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': first_pid})
+        await asyncio.sleep(0.3)
+        async with engine.connect() as conn:  # idle past the threshold: pinged, found dead, replaced
+            second_pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+        assert len(pings) == 1
+        assert second_pid != first_pid
+    finally:
+        await engine.dispose()
