@@ -24,6 +24,7 @@ from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, T
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` from anywhere
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` from anywher
 from agents.demo_model import SCHEMAS_LINE, next_response  # noqa: E402
 from agents.dependencies import SessionDependencies  # noqa: E402
 from agents.simple_chat import BASE_INSTRUCTIONS  # noqa: E402
-from db.engine import get_engine, init_database  # noqa: E402
+from db.engine import build_engine, current_settings, get_engine, init_database  # noqa: E402
 from db.session import get_db_session  # noqa: E402
 from db.settings import Settings, default_data_dir  # noqa: E402
 from tools.directory_tools import directory_toolset  # noqa: E402
@@ -342,3 +343,13 @@ def is_text_delta(event: Any) -> bool:
     return (
         isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta) and bool(event.delta.content_delta)
     )
+
+
+def legacy_engine() -> AsyncEngine:
+    """An engine configured as legacy applications commonly do: `pool_pre_ping=True`, a ping on every checkout.
+
+    The runtime only pings connections that sat idle (`DB_POOL_PRE_PING_IDLE`). The shared-session failure is a
+    race: it shows as SQLAlchemy's concurrent-operations error whenever a call finds the session still
+    provisioning its connection (a ping, a new connection), and as silently serialised queries otherwise.
+    """
+    return build_engine(get_engine().url, current_settings().model_copy(update={'pool_pre_ping_idle': 0}))

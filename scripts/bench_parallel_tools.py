@@ -2,7 +2,8 @@
 
 Side by side in one run, for N = 1, 2, 4, 8, 16: the runtime's pattern (each tool opens its own session, pydantic-ai
 runs the calls in parallel), the same tools run sequentially, and the ideal (the slowest tool, measured alone); then
-the legacy pattern (one AsyncSession shared through deps) at each N: failed turns and errors.
+the legacy pattern (one AsyncSession shared through deps, on an engine with `pool_pre_ping=True` as legacy apps
+commonly configure it) at each N: failed turns and errors.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
     .venv/bin/python scripts/bench_parallel_tools.py [--tools 1,2,4,8,16] [--repeats 5] [--sleep-ms 100]
@@ -17,6 +18,7 @@ import time
 
 from bench_common import (
     int_list,
+    legacy_engine,
     machine_info,
     ms,
     parser,
@@ -29,9 +31,9 @@ from bench_common import (
 )
 from pydantic_ai import Agent, RunContext
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.engine import close_database, get_sessionmaker, pool_status
+from db.engine import close_database
 from db.session import get_db_session
 
 durations: list[float] = []  # each tool call's own time: session opened, pg_sleep, committed, closed
@@ -75,8 +77,10 @@ async def legacy(n: int, repeats: int) -> dict[str, object]:
     agent = Agent(scripted_model('shared_session_tool', n), deps_type=AsyncSession, tools=[shared_session_tool])
     failed, close_errors, leaked, kinds = 0, 0, 0, set()
     tool_errors.clear()
+    engine = legacy_engine()
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
     for _ in range(repeats):
-        session = get_sessionmaker()()
+        session = sessions()
         try:
             await agent.run('go', deps=session)
             await session.commit()
@@ -88,9 +92,10 @@ async def legacy(n: int, repeats: int) -> dict[str, object]:
         except Exception as exc:
             close_errors += 1
             kinds.add(type(exc).__name__)
-        leaked = max(leaked, pool_status().checked_out)
+        leaked = max(leaked, engine.pool.checkedout())  # type: ignore[attr-defined]
         del session
         gc.collect()  # the field notes: a connection behind a failed close leaks until garbage collection
+    await engine.dispose()
     return {
         'turns': repeats,
         'failed_turns': failed,

@@ -22,9 +22,9 @@ from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.engine import close_database, get_sessionmaker, init_database, pool_status
+from db.engine import build_engine, close_database, current_settings, get_engine, init_database, pool_status
 from db.session import get_db_session
 
 SLEEP_S = 0.25
@@ -85,7 +85,11 @@ async def slow_query(n: int) -> int:
 
 async def part_a() -> bool:
     print('(a) legacy: one AsyncSession in deps, two tools in one model response')
-    session = get_sessionmaker()()
+    # The legacy app's engine, configured as commonly done: pool_pre_ping=True (a ping on every checkout).
+    # Sharing a session is a race: the error shows whenever a call finds the session still provisioning its
+    # connection; otherwise the queries silently run one after another.
+    legacy_engine = build_engine(get_engine().url, current_settings().model_copy(update={'pool_pre_ping_idle': 0}))
+    session = async_sessionmaker(legacy_engine)()
     reproduced = False
     with capture_run_messages() as messages:
         try:
@@ -110,7 +114,8 @@ async def part_a() -> bool:
     async with get_db_session() as check:
         rows = (await check.execute(text(f"SELECT count(*) FROM {COST_TABLE} WHERE pattern = 'legacy'"))).scalar_one()
     print(f'    model requests made: {len(billed)} ({tokens} tokens); cost rows written: {rows} -> billing data lost')
-    print(f'    connections still checked out afterwards: {pool_status().checked_out}')
+    print(f'    connections still checked out afterwards: {legacy_engine.pool.checkedout()}')  # type: ignore[attr-defined]
+    await legacy_engine.dispose()
     return reproduced and rows == 0
 
 

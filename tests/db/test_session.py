@@ -7,10 +7,12 @@ import asyncio
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from db.engine import get_sessionmaker, pool_status
+from db.engine import build_engine, get_engine, pool_status
 from db.models import Account
 from db.session import get_db_session, get_read_only_session, get_side_session
+from db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
 
@@ -84,9 +86,15 @@ async def test_side_session_sets_transaction_local_timeouts() -> None:
     assert (lock, stmt) == ('1234ms', '4321ms')
 
 
-async def test_one_shared_session_fails_under_concurrency() -> None:
-    """Why the runtime exists: two tasks on one AsyncSession raise SQLAlchemy's isce error."""
-    session = get_sessionmaker()()
+async def test_one_shared_session_fails_under_concurrency(database: Settings) -> None:
+    """Why the runtime exists: two tasks on one AsyncSession raise SQLAlchemy's isce error.
+
+    The engine pings on every checkout (`pool_pre_ping=True`, as legacy apps commonly configure it), so the
+    second task finds the session still provisioning its connection. Without that window the two queries
+    would silently run one after another instead: a race either way.
+    """
+    engine = build_engine(get_engine().url, database.model_copy(update={'pool_pre_ping_idle': 0}))
+    session = async_sessionmaker(engine)()
     try:
         results = await asyncio.gather(
             session.execute(text('SELECT pg_sleep(0.2)')),
@@ -104,3 +112,4 @@ async def test_one_shared_session_fails_under_concurrency() -> None:
         except Exception:
             # Closing a session that was used concurrently can itself fail; that is the point.
             await session.invalidate()
+        await engine.dispose()
