@@ -106,6 +106,12 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         server_settings['statement_timeout'] = str(settings.statement_timeout_ms)
     if settings.lock_timeout_ms:
         server_settings['lock_timeout'] = str(settings.lock_timeout_ms)
+    connect_args: dict[str, Any] = {'timeout': settings.connect_timeout, 'server_settings': server_settings}
+    if not settings.statement_cache:
+        # PgBouncer in transaction mode hands each transaction to any server connection, where a statement
+        # prepared on another one does not exist (field notes: 85 of 200 transactions failed without this).
+        connect_args['statement_cache_size'] = 0
+        url = url.update_query_dict({'prepared_statement_cache_size': '0'})
     engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
@@ -113,7 +119,7 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         pool_timeout=settings.pool_timeout,
         pool_pre_ping=settings.pool_pre_ping and settings.pool_pre_ping_idle == 0,
         pool_recycle=settings.pool_recycle,
-        connect_args={'timeout': settings.connect_timeout, 'server_settings': server_settings},
+        connect_args=connect_args,
     )
     # One broken connection should not throw away every healthy one in the pool (see field notes:
     # a third more throughput while backends are being killed).

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     pool_recycle: int = Field(
         default=1800, ge=-1, validation_alias=AliasChoices('DB_POOL_RECYCLE', 'pool_recycle'), description='seconds'
     )
+    statement_cache: bool = Field(
+        default=True,
+        validation_alias=AliasChoices('DB_STATEMENT_CACHE', 'statement_cache'),
+        description='false behind PgBouncer in transaction mode (prepared statements do not survive it)',
+    )
     connect_timeout: float = Field(
         default=10.0, gt=0, le=600, validation_alias=AliasChoices('DB_CONNECT_TIMEOUT', 'connect_timeout')
     )

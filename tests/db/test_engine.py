@@ -134,3 +134,16 @@ async def test_idle_connections_are_pinged_and_replaced_when_dead(database: Sett
         assert second_pid != first_pid
     finally:
         await engine.dispose()
+
+
+async def test_statement_cache_can_be_turned_off_for_pgbouncer(database: Settings) -> None:
+    engine = build_engine(get_engine().url, database.model_copy(update={'statement_cache': False}))
+    try:
+        assert engine.url.query['prepared_statement_cache_size'] == '0'
+        async with engine.connect() as conn:
+            for _ in range(3):  # the same statement again: no prepared statement is reused
+                assert (await conn.execute(text('SELECT CAST(:v AS integer) + 1'), {'v': 1})).scalar_one() == 2
+            raw = await conn.get_raw_connection()
+            assert raw.driver_connection._stmt_cache.get_max_size() == 0  # type: ignore[union-attr]
+    finally:
+        await engine.dispose()
