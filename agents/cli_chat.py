@@ -74,7 +74,7 @@ async def _turn(
 ) -> None:
     display = _Display()
     started = time.perf_counter()
-    stream = simple_chat_stream(
+    async with simple_chat_stream(
         message,
         session_id=session_id,
         account=account,
@@ -82,9 +82,9 @@ async def _turn(
         model=model,
         on_tool_event=display.tool,
         stream_delay=delay,
-    )
-    async for delta in stream:
-        display.text(delta)
+    ) as stream:
+        async for delta in stream:
+            display.text(delta)
     display.end_line()
     assert stream.result is not None
     summary = _summary(stream.result, display.tools_run, time.perf_counter() - started)

@@ -8,7 +8,7 @@ session.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -210,18 +210,28 @@ async def simple_chat(
 
 
 class ChatStream:
-    """An async iterator of text deltas; `result` holds the `ChatResult` once the stream is exhausted."""
+    """An async iterator of text deltas; `result` holds the `ChatResult` once the stream is exhausted.
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        self._events = events
+    Use it as `async with simple_chat_stream(...) as stream:` (or call `aclose()`), so a consumer that stops
+    early cancels the run at once, and its ledger row is recorded, rather than when the generator is collected.
+    """
+
+    def __init__(self, make_events: Callable[[ChatStream], AsyncGenerator[str, None]]) -> None:
         self.result: ChatResult | None = None
+        self._events = make_events(self)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._events
 
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
-        """Stop the stream early; the turn is then not saved."""
-        await self._events.aclose()  # type: ignore[attr-defined]
+        """Stop the stream; a turn stopped before its end is cancelled and not saved."""
+        await self._events.aclose()
 
 
 def simple_chat_stream(
@@ -240,25 +250,19 @@ def simple_chat_stream(
     Takes the same arguments as `simple_chat`, plus `on_tool_event`, called when each tool call starts
     and finishes, and `stream_delay`, a pause between the demo model's words. After the last delta,
     `stream.result` holds the same `ChatResult` `simple_chat` would return. A consumer that stops early
-    cancels the run and nothing is saved.
+    (`aclose()`, or leaving `async with`) cancels the run: nothing is saved, and the ledger records the
+    request it cut off as cancelled.
     """
     _check_message(message)
-    stream = ChatStream(
-        _stream_turn(message, session_id, account, agent_instance, model, usage_limits, on_tool_event, stream_delay)
+    return ChatStream(
+        lambda stream: _stream_turn(
+            stream, message, session_id, account, agent_instance, model, usage_limits, on_tool_event, stream_delay
+        )
     )
-    stream._events = _capture(stream, stream._events)  # type: ignore[arg-type]
-    return stream
-
-
-async def _capture(stream: ChatStream, source: AsyncIterator[str | ChatResult]) -> AsyncIterator[str]:
-    async for item in source:
-        if isinstance(item, ChatResult):
-            stream.result = item
-        else:
-            yield item
 
 
 async def _stream_turn(
+    stream: ChatStream,
     message: str,
     session_id: str,
     account: str,
@@ -267,7 +271,7 @@ async def _stream_turn(
     usage_limits: UsageLimits | None,
     on_tool_event: Callable[[ToolEvent], None] | None,
     stream_delay: float,
-) -> AsyncIterator[str | ChatResult]:
+) -> AsyncGenerator[str, None]:
     turn = await _prepare(session_id, account, agent_instance, model, stream_delay)
     started: dict[str, float] = {}
     result: AgentRunResult[str] | None = None
@@ -282,7 +286,7 @@ async def _stream_turn(
             elif on_tool_event is not None:
                 _report_tool(event, started, on_tool_event)
     assert result is not None, 'run_stream_events ended without a result'
-    yield await _finish(turn, result)
+    stream.result = await _finish(turn, result)
 
 
 def _text_delta(event: AgentStreamEvent | Any) -> str | None:

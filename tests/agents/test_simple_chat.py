@@ -11,6 +11,7 @@ from agents.demo_model import DEMO_MODEL_NAME
 from agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
 from db.engine import pool_status
 from db.errors import ConfigError
+from db.models import ConversationRow
 from services.background import get_supervisor
 from services.conversation_store import ConcurrentTurnError, PostgresConversationStore
 from services.tenancy import UnknownTenantError
@@ -121,3 +122,27 @@ async def test_unusable_model_fails_before_anything_runs(
 async def test_empty_message_is_rejected() -> None:
     with pytest.raises(ConfigError, match='empty'):
         await simple_chat('   ', session_id='x', account='acme-health')
+
+
+async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran(demo_data: None) -> None:
+    from sqlalchemy import func, select
+
+    from db.models.ledger import LLMRequestRow
+    from db.session import get_db_session
+    from services.llm_request_tracker import get_request_tracker
+
+    received = []
+    async with simple_chat_stream(QUESTION, session_id='early', account='acme-health', stream_delay=0.01) as stream:
+        async for delta in stream:
+            received.append(delta)
+            if len(received) == 3:
+                break
+    assert stream.result is None
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    async with get_db_session() as session:
+        statuses = (await session.execute(select(LLMRequestRow.status).order_by(LLMRequestRow.started_at))).scalars()
+        conversations = (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
+    assert list(statuses) == ['complete', 'complete', 'cancelled']  # two tool rounds, then the stopped answer
+    assert conversations == 0  # an unfinished turn is not saved
+    assert pool_status().checked_out == 0
