@@ -68,6 +68,23 @@ class Settings(BaseSettings):
     )
     model: str = Field(default='demo', min_length=1, validation_alias=AliasChoices('AGENTRT_MODEL', 'model'))
     auto_migrate: bool = Field(default=True, validation_alias=AliasChoices('AGENTRT_AUTO_MIGRATE', 'auto_migrate'))
+    # The LLM ledger (services/ledger_config.py turns these into the tracker's configuration).
+    ledger_spool: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices('AGENTRT_LEDGER_SPOOL', 'ledger_spool'),
+        description='spool file for ledger rows written while the database is unreachable',
+    )
+    ledger_store_content: bool = Field(
+        default=True, validation_alias=AliasChoices('AGENTRT_LEDGER_STORE_CONTENT', 'ledger_store_content')
+    )
+    ledger_content_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices('AGENTRT_LEDGER_CONTENT_MAX_BYTES', 'ledger_content_max_bytes'),
+    )
+    ledger_retry_attempts: int = Field(
+        default=8, ge=1, le=100, validation_alias=AliasChoices('AGENTRT_LEDGER_RETRY_ATTEMPTS', 'ledger_retry_attempts')
+    )
 
     @field_validator('database_url')
     @classmethod
@@ -116,9 +133,8 @@ def mask_url(url: URL | str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """Read the settings once per process.
+def read_settings() -> Settings:
+    """Read the settings from the environment and `.env` now.
 
     Raises:
         ConfigError: with the name of every invalid variable.
@@ -128,6 +144,12 @@ def get_settings() -> Settings:
     except ValidationError as exc:
         problems = '; '.join(_describe(err) for err in exc.errors())
         raise ConfigError(f'invalid configuration: {problems}') from exc
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the settings once per process (see `read_settings`)."""
+    return read_settings()
 
 
 def _describe(err: dict) -> str:

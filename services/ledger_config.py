@@ -1,15 +1,14 @@
-"""Configuration of the LLM ledger writer, read from the environment: spool path, content cap, retries."""
+"""Configuration of the LLM ledger writer, from the runtime's settings: spool path, content cap, retries."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from db.engine import current_settings
 from db.errors import AgentRuntimeError, ConfigError
-from db.settings import Settings, default_data_dir, get_settings, parse_database_url
+from db.settings import Settings, default_data_dir, get_settings, parse_database_url, read_settings
 from services.ledger_retry import RetryPolicy
 
 DEFAULT_CONTENT_MAX_BYTES = 4 * 1024 * 1024
@@ -39,17 +38,17 @@ class LedgerConfig:
 
     @classmethod
     def from_env(cls) -> LedgerConfig:
-        """Build the configuration from `AGENTRT_LEDGER_*` environment variables.
+        """Build the configuration from the runtime's settings (`AGENTRT_LEDGER_*` variables, `.env`).
 
         Raises:
-            ConfigError: a variable is set to an invalid value.
+            ConfigError: a variable is set to an invalid value (the message names it).
         """
-        spool = os.environ.get('AGENTRT_LEDGER_SPOOL', '').strip()
+        settings = read_settings()
         return cls(
-            spool_path=Path(spool).expanduser() if spool else None,
-            store_content=_env_bool('AGENTRT_LEDGER_STORE_CONTENT', True),
-            content_max_bytes=_env_int('AGENTRT_LEDGER_CONTENT_MAX_BYTES', DEFAULT_CONTENT_MAX_BYTES, minimum=1024),
-            retry=RetryPolicy(attempts=_env_int('AGENTRT_LEDGER_RETRY_ATTEMPTS', 8, minimum=1)),
+            spool_path=settings.ledger_spool.expanduser() if settings.ledger_spool else None,
+            store_content=settings.ledger_store_content,
+            content_max_bytes=settings.ledger_content_max_bytes,
+            retry=RetryPolicy(attempts=settings.ledger_retry_attempts),
         )
 
     def resolved_spool_path(self) -> Path:
@@ -79,27 +78,3 @@ def default_spool_path() -> Path:
         identity = f'embedded:{data_dir.resolve()}'
     fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return data_dir.parent / 'ledger-spool' / f'llm-ledger-{fingerprint}.jsonl'
-
-
-def _env_int(name: str, default: int, *, minimum: int) -> int:
-    raw = os.environ.get(name, '').strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f'{name} must be an integer, got {raw!r}') from exc
-    if value < minimum:
-        raise ConfigError(f'{name} must be at least {minimum}, got {value}')
-    return value
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, '').strip().lower()
-    if not raw:
-        return default
-    if raw in {'1', 'true', 'yes', 'on'}:
-        return True
-    if raw in {'0', 'false', 'no', 'off'}:
-        return False
-    raise ConfigError(f'{name} must be true or false, got {raw!r}')

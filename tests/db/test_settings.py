@@ -60,3 +60,17 @@ def test_asyncpg_driver_and_masked_password() -> None:
     assert url.drivername == 'postgresql+asyncpg'
     assert 's3cret' not in mask_url(url)
     assert 'db.example:6543/agents' in mask_url(url)
+
+
+def test_ledger_settings_come_from_the_same_class(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from services.ledger_config import LedgerConfig
+
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'spool.jsonl'))
+    monkeypatch.setenv('AGENTRT_LEDGER_STORE_CONTENT', 'false')
+    monkeypatch.setenv('AGENTRT_LEDGER_RETRY_ATTEMPTS', '3')
+    config = LedgerConfig.from_env()
+    assert (config.spool_path, config.store_content, config.retry.attempts) == (tmp_path / 'spool.jsonl', False, 3)
+
+    monkeypatch.setenv('AGENTRT_LEDGER_CONTENT_MAX_BYTES', '12')
+    with pytest.raises(ConfigError, match='AGENTRT_LEDGER_CONTENT_MAX_BYTES'):
+        LedgerConfig.from_env()
