@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 import typer
@@ -73,7 +72,6 @@ async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
     display = _Display()
-    started = time.perf_counter()
     async with simple_chat_stream(
         message,
         session_id=session_id,
@@ -87,7 +85,7 @@ async def _turn(
             display.text(delta)
     display.end_line()
     assert stream.result is not None
-    summary = _summary(stream.result, display.tools_run, time.perf_counter() - started)
+    summary = _summary(stream.result, display.tools_run)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)
 
 
@@ -133,11 +131,11 @@ def _short_args(args: object) -> str:
     return ''
 
 
-def _summary(result: ChatResult, tools_run: int, wall: float) -> str:
+def _summary(result: ChatResult, tools_run: int) -> str:
     usage = result.usage
     cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
     return (
         f'model {result.model_name} · {usage.requests} requests · {usage.total_tokens:,} tokens '
         f'({usage.input_tokens:,} in / {usage.output_tokens:,} out) · cost {cost} · {tools_run} tools · '
-        f'{wall:.2f} s · session {result.session_id}'
+        f'{result.duration_s:.2f} s · session {result.session_id}'
     )

@@ -31,6 +31,7 @@ from agents.demo_model import SCHEMAS_LINE
 from agents.dependencies import SessionDependencies
 from agents.models import resolve_model
 from db.engine import current_settings, init_database
+from db.errors import ConfigError
 from db.session import get_read_only_session
 from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
 from services.ledger_capability import ledger_capability
@@ -311,6 +312,4 @@ def _report_tool(event: Any, started: dict[str, float], callback: Callable[[Tool
 
 def _check_message(message: str) -> None:
     if not isinstance(message, str) or not message.strip():
-        from db.errors import ConfigError
-
         raise ConfigError('the chat message is empty')

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from tests.agents.cli_helpers import run_cli
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
@@ -30,16 +34,13 @@ def test_chat_streams_a_grounded_answer_with_tool_calls_and_summary(demo_data: N
 
 
 def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database_url: str) -> None:
-    import subprocess
-    import sys
-
     proc = subprocess.run(
         [sys.executable, '-m', 'agents.cli', 'chat', '--delay', '0'],
         input='organic berries in Fresno\nexit\n',
         capture_output=True,
         text=True,
         timeout=120,
-        env={**__import__('os').environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'},
+        env={**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'},
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
