@@ -24,7 +24,7 @@ from pydantic_ai import ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, RetryPromptPart, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
-from services import demo_data as vocab
+from agentrt.services import demo_data as vocab
 
 DEMO_MODEL_NAME = 'demo'
 SCHEMAS_LINE = 'Directories you can search:'

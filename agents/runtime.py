@@ -6,9 +6,9 @@ import os
 
 import logfire
 
-from db.engine import close_database
-from services.background import drain_supervisor
-from services.llm_request_tracker import get_request_tracker
+from agentrt.db.engine import close_database
+from agentrt.services.background import drain_supervisor
+from agentrt.services.ledger._tracker import get_request_tracker
 
 _configured = False
 

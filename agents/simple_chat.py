@@ -27,17 +27,17 @@ from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
 from pydantic_ai.usage import RunUsage, UsageLimits
 
-from agents.demo_model import SCHEMAS_LINE
-from agents.dependencies import SessionDependencies
-from agents.models import resolve_model
-from db.engine import current_settings, init_database
-from db.errors import ConfigError
-from db.session import get_read_only_session
-from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
-from services.ledger_capability import ledger_capability
-from services.post_turn import schedule_post_turn_work
-from services.tenancy import get_account, get_agent_instance
-from tools.directory_tools import directory_toolset
+from agentrt.agents.demo_model import SCHEMAS_LINE
+from agentrt.agents.model_resolution import resolve_model
+from agentrt.db.engine import current_settings, init_database
+from agentrt.db.errors import ConfigError
+from agentrt.db.session import get_read_only_session
+from agentrt.services.conversations._store import PostgresConversationStore, load_conversation, save_turn
+from agentrt.services.ledger._capability import ledger_capability
+from agentrt.services.post_turn import schedule_post_turn_work
+from agentrt.services.tenancy import get_account, get_agent_instance
+from agentrt.tools.dependencies import SessionDependencies
+from agentrt.tools.directory_tools import directory_toolset
 
 BASE_INSTRUCTIONS = (
     "You help people find entries in their organisation's directory. Use the search_directory tool, "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from db.errors import EmbeddedPostgresError
+from agentrt.db.errors import EmbeddedPostgresError
 
 logger = logging.getLogger('agentrt.db')
 

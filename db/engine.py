@@ -14,9 +14,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from db.embedded import EmbeddedServer, start_embedded
-from db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
-from db.settings import Settings, get_settings, mask_url, parse_database_url
+from agentrt.db.embedded import EmbeddedServer, start_embedded
+from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
+from agentrt.db.settings import Settings, get_settings, mask_url, parse_database_url
 
 logger = logging.getLogger('agentrt.db')
 
@@ -75,7 +75,7 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
         try:
             await check_connection(engine, url, settings.connect_timeout)
             if settings.auto_migrate if migrate is None else migrate:
-                from db.migrate import upgrade_if_behind
+                from agentrt.db.migrate import upgrade_if_behind
 
                 await upgrade_if_behind(engine)
         except BaseException:

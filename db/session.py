@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engine import get_sessionmaker
+from agentrt.db.engine import get_sessionmaker
 
 logger = logging.getLogger('agentrt.db')
 

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from db.errors import ConfigError
+from agentrt.db.errors import ConfigError
 
 _POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models import Base
+from agentrt.db.models import Base
 
 
 async def server_version(*, session: AsyncSession) -> str:

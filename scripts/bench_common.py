@@ -10,7 +10,6 @@ import platform
 import random
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,17 +25,15 @@ from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python scripts/bench_x.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
+from agentrt.agents.simple_chat import BASE_INSTRUCTIONS
+from agentrt.db.engine import build_engine, current_settings, get_engine, init_database
+from agentrt.db.session import get_db_session
+from agentrt.db.settings import Settings, default_data_dir
+from agentrt.tools.dependencies import SessionDependencies
+from agentrt.tools.directory_tools import directory_toolset
 
-from agents.demo_model import SCHEMAS_LINE, next_response  # noqa: E402
-from agents.dependencies import SessionDependencies  # noqa: E402
-from agents.simple_chat import BASE_INSTRUCTIONS  # noqa: E402
-from db.engine import build_engine, current_settings, get_engine, init_database  # noqa: E402
-from db.session import get_db_session  # noqa: E402
-from db.settings import Settings, default_data_dir  # noqa: E402
-from tools.directory_tools import directory_toolset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parser(description: str, name: str) -> argparse.ArgumentParser:

@@ -30,11 +30,11 @@ from bench_common import (
 )
 from sqlalchemy import text
 
-from db.engine import close_database
-from db.session import get_db_session
-from services.ledger_config import LedgerConfig
-from services.ledger_record import LedgerRecord, new_request_id, utc_now
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.db.engine import close_database
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._record import LedgerRecord, new_request_id, utc_now
+from agentrt.services.ledger._tracker import LLMRequestTracker
 
 ACCOUNT = 'bench-ledger'  # every row this benchmark writes carries it, and is deleted at the end
 

@@ -36,14 +36,14 @@ from pydantic_ai import Agent
 from pydantic_ai.models import Model
 from sqlalchemy import text
 
-from agents.dependencies import SessionDependencies
-from agents.simple_chat import load_dependencies, simple_chat, simple_chat_stream
-from db.engine import close_database
-from db.session import get_db_session
-from services.background import get_supervisor
-from services.conversation_store import PostgresConversationStore
-from services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
-from services.llm_request_tracker import get_request_tracker
+from agentrt.agents.simple_chat import load_dependencies, simple_chat, simple_chat_stream
+from agentrt.db.engine import close_database
+from agentrt.db.session import get_db_session
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+from agentrt.services.ledger._tracker import get_request_tracker
+from agentrt.tools.dependencies import SessionDependencies
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 LEFT_BEHIND = text(

@@ -33,8 +33,8 @@ from pydantic_ai import Agent, RunContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.engine import close_database
-from db.session import get_db_session
+from agentrt.db.engine import close_database
+from agentrt.db.session import get_db_session
 
 durations: list[float] = []  # each tool call's own time: session opened, pg_sleep, committed, closed
 tool_errors: list[int] = []  # legacy tool calls that raised

@@ -36,8 +36,8 @@ from pydantic_ai import Agent, RunContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engine import close_database
-from db.session import get_db_session
+from agentrt.db.engine import close_database
+from agentrt.db.session import get_db_session
 
 TOOL_QUERY = text('SELECT pg_sleep(:s)')
 LOAD = text('SELECT count(*) FROM bench_turns WHERE chat = :c')

@@ -24,8 +24,8 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.engine import build_engine, close_database, current_settings, get_engine, init_database, pool_status
-from db.session import get_db_session
+from agentrt.db.engine import build_engine, close_database, current_settings, get_engine, init_database, pool_status
+from agentrt.db.session import get_db_session
 
 SLEEP_S = 0.25
 PARALLEL_TOOLS = 4

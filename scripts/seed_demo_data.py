@@ -7,7 +7,7 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):  python scripts/seed_demo_
 
 from __future__ import annotations
 
-from agents.cli import app
+from agentrt.agents.cli import app
 
 
 def main() -> None:

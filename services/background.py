@@ -15,8 +15,8 @@ import logfire
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from db.errors import AgentRuntimeError
-from db.models.base import Base
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models.base import Base
 
 T = TypeVar('T')
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models import Account, AgentInstance, DirectoryEntry
+from agentrt.db.models import Account, AgentInstance, DirectoryEntry
 
 MEDICAL_ACCOUNT = 'acme-health'
 PRODUCE_ACCOUNT = 'green-grocer'

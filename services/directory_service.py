@@ -11,8 +11,8 @@ from sqlalchemy import ColumnElement, Float, Row, Select, exists, func, literal,
 from sqlalchemy.dialects.postgresql import REGCONFIG
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import AgentRuntimeError
-from db.models import DirectoryEntry
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models import DirectoryEntry
 
 MAX_RESULTS = 25
 """Hard cap on the rows one search returns, whatever the caller asks for."""

@@ -6,9 +6,9 @@ import asyncio
 import logging
 from typing import Any
 
-from services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
-from services.conversation_titles import refresh_title_and_summary
-from services.usage_rollups import roll_up_account_usage
+from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
+from agentrt.services.conversations._titles import refresh_title_and_summary
+from agentrt.services.ledger._rollups import roll_up_account_usage
 
 logger = logging.getLogger('agentrt.background')
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import AgentRuntimeError
-from db.models import Account, AgentInstance
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models import Account, AgentInstance
 
 
 class UnknownTenantError(AgentRuntimeError):

@@ -18,13 +18,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from agents.runtime import shutdown_runtime
-from db.engine import get_engine, init_database
-from db.models import Base
-from db.session import get_db_session
-from db.settings import Settings
-from services.background import drain_supervisor
-from services.demo_data import seed_demo_data
+from agentrt.agents.runtime import shutdown_runtime
+from agentrt.db.engine import get_engine, init_database
+from agentrt.db.models import Base
+from agentrt.db.session import get_db_session
+from agentrt.db.settings import Settings
+from agentrt.services.background import drain_supervisor
+from agentrt.services.demo_data import seed_demo_data
 
 # No test may reach a real model provider, and no span may leave the machine.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False

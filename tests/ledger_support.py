@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from agents.dependencies import SessionDependencies
-from db.session import get_db_session
-from services.ledger_config import LedgerConfig
-from services.ledger_retry import RetryPolicy
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._retry import RetryPolicy
+from agentrt.tools.dependencies import SessionDependencies
 
 
 def fast_config(tmp_path: Path, **overrides: Any) -> LedgerConfig:

@@ -9,10 +9,10 @@ from pydantic import AfterValidator, Field, StrictBool, StringConstraints
 from pydantic_ai import FunctionToolset, ModelRetry, RunContext
 from pydantic_ai.tools import ToolDefinition
 
-from agents.dependencies import SessionDependencies
-from db.session import get_read_only_session
-from services import directory_service as directory
-from services.directory_service import DirectoryEntryDetail, DirectorySearchResult
+from agentrt.db.session import get_read_only_session
+from agentrt.services import directory_service as directory
+from agentrt.services.directory_service import DirectoryEntryDetail, DirectorySearchResult
+from agentrt.tools.dependencies import SessionDependencies
 
 MAX_QUERY_LENGTH = 200
 MAX_FILTERS = 8

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.models import Base
+from agentrt.db.models import Base
 
 # Any fixed number: concurrent `init_database()` calls in several processes migrate one after another.
 MIGRATION_LOCK_KEY = 0x61677274

@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, CreatedAtMixin
+from agentrt.db.models.base import Base, CreatedAtMixin
 
 
 class ConversationEntryRow(CreatedAtMixin, Base):

@@ -8,7 +8,7 @@ from sqlalchemy import BigInteger, Computed, ForeignKey, Index, String, Text, Un
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, CreatedAtMixin
+from agentrt.db.models.base import Base, CreatedAtMixin
 
 
 class DirectoryEntry(CreatedAtMixin, Base):

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base
+from agentrt.db.models.base import Base
 
 REQUEST_STATUSES = ('complete', 'error', 'cancelled')
 CONTENT_KINDS = ('prompt', 'response', 'error')

@@ -8,7 +8,7 @@ from sqlalchemy import BigInteger, ForeignKey, String, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, CreatedAtMixin
+from agentrt.db.models.base import Base, CreatedAtMixin
 
 
 class Account(CreatedAtMixin, Base):

@@ -9,7 +9,7 @@ from decimal import Decimal
 from sqlalchemy import BigInteger, Date, DateTime, ForeignKey, Index, Numeric, String, UniqueConstraint, Uuid, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base
+from agentrt.db.models.base import Base
 
 
 class UsageDailyRollup(Base):

@@ -12,7 +12,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     """Run `agentrt ARGS...` with the test environment plus `env`; never raises on a non-zero exit."""
     full_env = {**os.environ, 'COLUMNS': '200', **(env or {})}
     return subprocess.run(
-        [sys.executable, '-m', 'agents.cli', *args],
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
         capture_output=True,
         text=True,
         env=full_env,

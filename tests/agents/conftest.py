@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from db.models import Account
-from db.session import get_db_session
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session
 
 
 async def account_id(slug: str) -> int:

@@ -35,7 +35,7 @@ def test_chat_streams_a_grounded_answer_with_tool_calls_and_summary(demo_data: N
 
 def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database_url: str) -> None:
     proc = subprocess.run(
-        [sys.executable, '-m', 'agents.cli', 'chat', '--delay', '0'],
+        [sys.executable, '-m', 'agentrt.agents.cli', 'chat', '--delay', '0'],
         input='organic berries in Fresno\nexit\n',
         capture_output=True,
         text=True,

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from agents.cli_ledger import render_costs, render_detail, render_page
-from agents.cli_support import console
-from db.session import get_db_session
-from services.ledger_queries import get_request, list_requests, summarise_costs
-from services.ledger_record import LedgerRecord, new_request_id
-from services.ledger_spool import LedgerSpool
-from services.ledger_store import content_rows, spool_entry
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.agents.cli.ledger import render_costs, render_detail, render_page
+from agentrt.agents.cli.support import console
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger._queries import get_request, list_requests, summarise_costs
+from agentrt.services.ledger._record import LedgerRecord, new_request_id
+from agentrt.services.ledger._spool import LedgerSpool
+from agentrt.services.ledger._tracker import LLMRequestTracker
+from agentrt.services.ledger._writes import content_rows, spool_entry
 from tests.agents.cli_helpers import run_cli
 from tests.ledger_support import fast_config, scalar
 

@@ -7,14 +7,14 @@ import asyncio
 import pytest
 from pydantic_ai.models.function import FunctionModel
 
-from agents.demo_model import DEMO_MODEL_NAME
-from agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
-from db.engine import pool_status
-from db.errors import ConfigError
-from db.models import ConversationRow
-from services.background import get_supervisor
-from services.conversation_store import ConcurrentTurnError, PostgresConversationStore
-from services.tenancy import UnknownTenantError
+from agentrt.agents.demo_model import DEMO_MODEL_NAME
+from agentrt.agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
+from agentrt.db.engine import pool_status
+from agentrt.db.errors import ConfigError
+from agentrt.db.models import ConversationRow
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations._store import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.tenancy import UnknownTenantError
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 
@@ -127,9 +127,9 @@ async def test_empty_message_is_rejected() -> None:
 async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran(demo_data: None) -> None:
     from sqlalchemy import func, select
 
-    from db.models.ledger import LLMRequestRow
-    from db.session import get_db_session
-    from services.llm_request_tracker import get_request_tracker
+    from agentrt.db.models.ledger import LLMRequestRow
+    from agentrt.db.session import get_db_session
+    from agentrt.services.ledger._tracker import get_request_tracker
 
     received = []
     async with simple_chat_stream(QUESTION, session_id='early', account='acme-health', stream_delay=0.01) as stream:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from db.embedded import start_embedded
-from db.engine import build_engine, check_connection, get_engine, init_database, pool_status
-from db.errors import DatabaseUnavailableError, EmbeddedPostgresError
-from db.settings import Settings, parse_database_url
+from agentrt.db.embedded import start_embedded
+from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
+from agentrt.db.errors import DatabaseUnavailableError, EmbeddedPostgresError
+from agentrt.db.settings import Settings, parse_database_url
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ async def test_statement_timeout_applies_per_connection(database: Settings) -> N
 
 async def test_unreachable_server_does_not_hang_init(tmp_path: Path) -> None:
     """`init_database` itself (not only the probe) fails fast with a closed port."""
-    from db import engine as engine_module
+    from agentrt.db import engine as engine_module
 
     saved, engine_module._runtime = engine_module._runtime, None
     try:

@@ -6,9 +6,9 @@ import uuid
 
 from sqlalchemy import text
 
-from db.engine import build_engine, get_engine
-from db.migrate import alembic_config, current_revision, head_revision, upgrade, upgrade_if_behind
-from db.settings import Settings
+from agentrt.db.engine import build_engine, get_engine
+from agentrt.db.migrate import alembic_config, current_revision, head_revision, upgrade, upgrade_if_behind
+from agentrt.db.settings import Settings
 
 
 async def test_test_database_is_at_head() -> None:

@@ -9,10 +9,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from db.engine import build_engine, get_engine, pool_status
-from db.models import Account
-from db.session import get_db_session, get_read_only_session, get_side_session
-from db.settings import Settings
+from agentrt.db.engine import build_engine, get_engine, pool_status
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session, get_read_only_session, get_side_session
+from agentrt.db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from db.errors import ConfigError
-from db.settings import Settings, get_settings, mask_url, parse_database_url
+from agentrt.db.errors import ConfigError
+from agentrt.db.settings import Settings, get_settings, mask_url, parse_database_url
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,7 +63,7 @@ def test_asyncpg_driver_and_masked_password() -> None:
 
 
 def test_ledger_settings_come_from_the_same_class(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from services.ledger_config import LedgerConfig
+    from agentrt.services.ledger._config import LedgerConfig
 
     monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'spool.jsonl'))
     monkeypatch.setenv('AGENTRT_LEDGER_STORE_CONTENT', 'false')

@@ -16,10 +16,10 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engine import pool_status
-from db.models import Account
-from db.session import get_db_session, get_side_session
-from services.background import (
+from agentrt.db.engine import pool_status
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session, get_side_session
+from agentrt.services.background import (
     BackgroundQueueFull,
     SupervisorClosed,
     TaskSupervisor,

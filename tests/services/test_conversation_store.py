@@ -33,10 +33,10 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import func, select, text
 
-from db.errors import AgentRuntimeError
-from db.models import Account, ConversationEntryRow, ConversationRow
-from db.session import get_db_session
-from services.conversation_store import (
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models import Account, ConversationEntryRow, ConversationRow
+from agentrt.db.session import get_db_session
+from agentrt.services.conversations._store import (
     ConcurrentTurnError,
     PostgresConversationStore,
     load_conversation,

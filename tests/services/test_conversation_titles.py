@@ -10,10 +10,10 @@ from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
-from db.models import Account
-from db.session import get_db_session
-from services.conversation_store import PostgresConversationStore, load_conversation, save_turn
-from services.conversation_titles import Exchange, make_summary, make_title, refresh_title_and_summary
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session
+from agentrt.services.conversations._store import PostgresConversationStore, load_conversation, save_turn
+from agentrt.services.conversations._titles import Exchange, make_summary, make_title, refresh_title_and_summary
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from db.models import Account, AgentInstance, DirectoryEntry
-from db.session import get_db_session
-from services.demo_data import MEDICAL_COUNT, PRODUCE_COUNT, medical_entries, seed_demo_data
+from agentrt.db.models import Account, AgentInstance, DirectoryEntry
+from agentrt.db.session import get_db_session
+from agentrt.services.demo_data import MEDICAL_COUNT, PRODUCE_COUNT, medical_entries, seed_demo_data
 
 
 async def test_seed_is_idempotent() -> None:

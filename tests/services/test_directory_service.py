@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, text
 
-from db.models import Account, DirectoryEntry
-from db.session import get_db_session, get_read_only_session
-from services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
-from services.directory_service import (
+from agentrt.db.models import Account, DirectoryEntry
+from agentrt.db.session import get_db_session, get_read_only_session
+from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
+from agentrt.services.directory_service import (
     MAX_RESULTS,
     SCHEMAS,
     DirectoryError,

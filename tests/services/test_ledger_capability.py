@@ -15,11 +15,11 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
-from agents.dependencies import SessionDependencies
-from db.engine import pool_status
-from db.session import get_db_session
-from services.ledger_capability import ledger_capability
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.db.engine import pool_status
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger._capability import ledger_capability
+from agentrt.services.ledger._tracker import LLMRequestTracker
+from agentrt.tools.dependencies import SessionDependencies
 from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows, scalar
 
 

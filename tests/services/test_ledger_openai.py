@@ -16,9 +16,9 @@ from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
-from db.engine import pool_status
-from services.ledger_capability import ledger_capability
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.db.engine import pool_status
+from agentrt.services.ledger._capability import ledger_capability
+from agentrt.services.ledger._tracker import LLMRequestTracker
 from tests.fake_openai import SERVED_MODEL, FakeOpenAI, Reply
 from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from db.session import get_db_session
-from services.ledger_queries import (
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger._queries import (
     AmbiguousRequestIdError,
     LedgerFilters,
     get_request,
     list_requests,
     summarise_costs,
 )
-from services.ledger_record import LedgerRecord, new_request_id
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.services.ledger._record import LedgerRecord, new_request_id
+from agentrt.services.ledger._tracker import LLMRequestTracker
 from tests.ledger_support import fast_config
 
 DAY1 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)

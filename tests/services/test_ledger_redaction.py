@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.redaction import REDACTED, redact
+from agentrt.services.ledger.redaction import REDACTED, redact
 
 SECRETS = [
     ('OpenAI key: sk-proj-ABCDEFGHIJKLMNOPqrstuvwxyz123456', 'sk-proj-ABCDEF'),

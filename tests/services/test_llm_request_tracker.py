@@ -16,11 +16,11 @@ import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from db.engine import get_engine, pool_status
-from db.session import get_db_session, get_side_session
-from services.ledger_record import LedgerRecord, new_request_id, utc_now
-from services.ledger_retry import is_transient_db_error
-from services.llm_request_tracker import LLMRequestTracker
+from agentrt.db.engine import get_engine, pool_status
+from agentrt.db.session import get_db_session, get_side_session
+from agentrt.services.ledger._record import LedgerRecord, new_request_id, utc_now
+from agentrt.services.ledger._retry import is_transient_db_error
+from agentrt.services.ledger._tracker import LLMRequestTracker
 from tests.ledger_support import content_rows, fast_config, ledger_rows, scalar
 
 
@@ -166,7 +166,7 @@ async def test_a_torn_spool_line_is_set_aside_and_the_rest_replayed(tmp_path: Pa
 
 
 def _row_json(record: LedgerRecord) -> dict[str, object]:
-    from services.ledger_record import row_to_json
+    from agentrt.services.ledger._record import row_to_json
 
     return row_to_json(record.to_row())
 

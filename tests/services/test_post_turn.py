@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from sqlalchemy import func, select, text
 
-from agents.simple_chat import simple_chat
-from db.engine import pool_status
-from db.models.ledger import LLMRequestRow
-from db.session import get_db_session
-from services.background import TaskSupervisor, drain_supervisor, get_supervisor
-from services.usage_rollups import ledger_usage_totals, usage_totals
+from agentrt.agents.simple_chat import simple_chat
+from agentrt.db.engine import pool_status
+from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.session import get_db_session
+from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
+from agentrt.services.ledger._rollups import ledger_usage_totals, usage_totals
 
 ACCOUNT = 'acme-health'
 QUESTIONS = (

@@ -13,16 +13,15 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import func, select, text
 
-from db.engine import pool_status
-from db.models import Account, AgentInstance
-from db.models.ledger import LLMRequestRow
-from db.models.usage_rollups import UsageRolledUpRequest
-from db.session import get_db_session
-from services.background import drain_supervisor
-from services.ledger_queries import LedgerFilters, summarise_costs
-from services.post_turn import schedule_post_turn_work
-from services.rollup_costs import RollupCannotAnswer, summarise_costs_from_rollup
-from services.usage_rollups import (
+from agentrt.db.engine import pool_status
+from agentrt.db.models import Account, AgentInstance
+from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.models.usage_rollups import UsageRolledUpRequest
+from agentrt.db.session import get_db_session
+from agentrt.services.background import drain_supervisor
+from agentrt.services.ledger._costs import RollupCannotAnswer, summarise_costs_from_rollup
+from agentrt.services.ledger._queries import LedgerFilters, summarise_costs
+from agentrt.services.ledger._rollups import (
     Grouping,
     ledger_usage_totals,
     recompute_usage_rollups,
@@ -30,6 +29,7 @@ from services.usage_rollups import (
     roll_up_pending,
     usage_totals,
 )
+from agentrt.services.post_turn import schedule_post_turn_work
 
 GROUPINGS: tuple[Grouping, ...] = ('account', 'agent', 'model', 'day')
 TODAY = datetime.now(UTC).date()

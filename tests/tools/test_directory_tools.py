@@ -18,12 +18,12 @@ from pydantic_ai.tools import ToolDefinition
 from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
-from agents.dependencies import SessionDependencies
-from db.engine import get_engine, pool_status
-from db.models import Account, AgentInstance, DirectoryEntry
-from db.session import get_db_session
-from services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
-from tools.directory_tools import directory_toolset
+from agentrt.db.engine import get_engine, pool_status
+from agentrt.db.models import Account, AgentInstance, DirectoryEntry
+from agentrt.db.session import get_db_session
+from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
+from agentrt.tools.dependencies import SessionDependencies
+from agentrt.tools.directory_tools import directory_toolset
 
 pytestmark = pytest.mark.usefixtures('demo_data')
 

@@ -11,8 +11,8 @@ from pydantic_ai.conversation_store import ConversationEntry
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 from sqlalchemy import DateTime, String, Text, column, func, select, table, update
 
-from db.session import get_side_session
-from services.conversation_store import PostgresConversationStore
+from agentrt.db.session import get_side_session
+from agentrt.services.conversations._store import PostgresConversationStore
 
 logger = logging.getLogger('agentrt.conversations')
 

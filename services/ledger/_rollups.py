@@ -11,7 +11,7 @@ from typing import Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.session import get_side_session
+from agentrt.db.session import get_side_session
 
 logger = logging.getLogger('agentrt.usage')
 

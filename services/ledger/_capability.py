@@ -19,8 +19,8 @@ from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
-from services.ledger_record import ContentKind, LedgerRecord, new_request_id, utc_now
-from services.llm_request_tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
+from agentrt.services.ledger._record import ContentKind, LedgerRecord, new_request_id, utc_now
+from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
 logger = logging.getLogger('agentrt.ledger')
 

@@ -9,12 +9,12 @@ import uuid
 import typer
 from rich.markup import escape
 
-from agents.cli_support import console, err_console, run
-from agents.runtime import shutdown_runtime
-from agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
-from db.engine import init_database
-from db.session import get_db_session
-from services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+from agentrt.agents.cli.support import console, err_console, run
+from agentrt.agents.runtime import shutdown_runtime
+from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
+from agentrt.db.engine import init_database
+from agentrt.db.session import get_db_session
+from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
 EXIT_COMMANDS = {'exit', 'quit', ':q'}
 
@@ -59,7 +59,7 @@ async def _seed_demo_if_empty(account: str) -> None:
         return
     from sqlalchemy import select
 
-    from db.models import Account
+    from agentrt.db.models import Account
 
     async with get_db_session() as session:
         if (await session.execute(select(Account.id).limit(1))).first() is not None:

@@ -13,12 +13,13 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from agents.cli_support import EXIT_FAILURE, EXIT_USAGE, console, err_console, fail, run
-from db.engine import close_database, init_database
-from db.models.ledger import LLMRequestRow
-from db.session import get_read_only_session
-from services.ledger_config import LedgerConfig
-from services.ledger_queries import (
+from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, err_console, fail, run
+from agentrt.db.engine import close_database, init_database
+from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.session import get_read_only_session
+from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._costs import RollupCannotAnswer, summarise_costs_from_rollup
+from agentrt.services.ledger._queries import (
     COST_GROUPINGS,
     AmbiguousRequestIdError,
     CostSummary,
@@ -29,9 +30,8 @@ from services.ledger_queries import (
     list_requests,
     summarise_costs,
 )
-from services.llm_request_tracker import LLMRequestTracker
-from services.rollup_costs import RollupCannotAnswer, summarise_costs_from_rollup
-from services.usage_rollups import roll_up_pending
+from agentrt.services.ledger._rollups import roll_up_pending
+from agentrt.services.ledger._tracker import LLMRequestTracker
 
 COST_SOURCES = ('rollup', 'ledger')
 ROLLUP_CATCH_UP = timedelta(days=7)

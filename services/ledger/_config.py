@@ -6,10 +6,10 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from db.engine import current_settings
-from db.errors import AgentRuntimeError, ConfigError
-from db.settings import Settings, default_data_dir, get_settings, parse_database_url, read_settings
-from services.ledger_retry import RetryPolicy
+from agentrt.db.engine import current_settings
+from agentrt.db.errors import AgentRuntimeError, ConfigError
+from agentrt.db.settings import Settings, default_data_dir, get_settings, parse_database_url, read_settings
+from agentrt.services.ledger._retry import RetryPolicy
 
 DEFAULT_CONTENT_MAX_BYTES = 4 * 1024 * 1024
 

@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import BigInteger, ColumnElement, Select, String, case, cast, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import AgentRuntimeError
-from db.models.usage_rollups import UsageDailyRollup
-from services.ledger_queries import CostGrouping, CostSummary, LedgerFilters
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models.usage_rollups import UsageDailyRollup
+from agentrt.services.ledger._queries import CostGrouping, CostSummary, LedgerFilters
 
 
 class RollupCannotAnswer(AgentRuntimeError):

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from db.errors import AgentRuntimeError, ConfigError
+from agentrt.db.errors import AgentRuntimeError, ConfigError
 
 T = TypeVar('T')
 

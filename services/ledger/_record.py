@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from genai_prices.data_snapshot import get_snapshot
 
-from services.redaction import redact, redact_text
+from agentrt.services.ledger.redaction import redact, redact_text
 
 Status = Literal['complete', 'error', 'cancelled']
 ContentKind = Literal['prompt', 'response', 'error']

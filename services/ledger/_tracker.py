@@ -11,13 +11,13 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.session import get_side_session
-from services.ledger_config import LedgerConfig
-from services.ledger_queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
-from services.ledger_record import LedgerRecord
-from services.ledger_retry import retry_transient
-from services.ledger_spool import LedgerSpool
-from services.ledger_store import (
+from agentrt.db.session import get_side_session
+from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from agentrt.services.ledger._record import LedgerRecord
+from agentrt.services.ledger._retry import retry_transient
+from agentrt.services.ledger._spool import LedgerSpool
+from agentrt.services.ledger._writes import (
     CONTENT_INSERT,
     LEDGER_INSERT,
     ReplayReport,

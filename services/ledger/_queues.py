@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from services.ledger_record import LedgerRecord
+from agentrt.services.ledger._record import LedgerRecord
 
 WriteOutcome = Literal['written', 'spooled', 'lost']
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic_ai.exceptions import UserError
 from pydantic_ai.models import Model, infer_model
 
-from agents.demo_model import DEMO_MODEL_NAME, demo_model
-from db.errors import ConfigError
+from agentrt.agents.demo_model import DEMO_MODEL_NAME, demo_model
+from agentrt.db.errors import ConfigError
 
 
 def resolve_model(name: str | Model | None, *, default: str = DEMO_MODEL_NAME, stream_delay: float = 0.0) -> Model:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from sqlalchemy import BigInteger, ColumnElement, Select, String, and_, case, cast, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models.ledger import LLMRequestContentRow, LLMRequestRow
+from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 
 MAX_PAGE_SIZE = 100
 CostGrouping = Literal['account', 'agent', 'model', 'day']

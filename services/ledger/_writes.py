@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import DatabaseNotInitializedError
-from db.models.ledger import LLMRequestContentRow, LLMRequestRow
-from services.ledger_record import ContentItem, row_from_json, row_to_json
-from services.ledger_retry import RetryPolicy, is_transient_db_error, retry_transient
-from services.ledger_spool import SPOOL_FORMAT_VERSION, LedgerSpool
+from agentrt.db.errors import DatabaseNotInitializedError
+from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
+from agentrt.services.ledger._record import ContentItem, row_from_json, row_to_json
+from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error, retry_transient
+from agentrt.services.ledger._spool import SPOOL_FORMAT_VERSION, LedgerSpool
 
 logger = logging.getLogger('agentrt.ledger')
 

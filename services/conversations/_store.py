@@ -18,10 +18,10 @@ from sqlalchemy import Integer, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import AgentRuntimeError
-from db.models import ConversationEntryRow, ConversationRow
-from db.session import get_db_session
-from services.pg_text import without_nul
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models import ConversationEntryRow, ConversationRow
+from agentrt.db.session import get_db_session
+from agentrt.services.pg_text import without_nul
 
 __all__ = [
     'ConcurrentTurnError',

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from agents.cli_chat import chat
-from agents.cli_db import db_app
-from agents.cli_ledger import audit_app, costs, ledger_app
-from agents.cli_support import setup_logging
-from agents.runtime import configure_observability
+from agentrt.agents.cli.chat import chat
+from agentrt.agents.cli.database import db_app
+from agentrt.agents.cli.ledger import audit_app, costs, ledger_app
+from agentrt.agents.cli.support import setup_logging
+from agentrt.agents.runtime import configure_observability
 
 app = typer.Typer(
     name='agentrt',
@@ -32,7 +32,3 @@ def _root(verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debu
 def main() -> None:
     """Console entry point."""
     app()
-
-
-if __name__ == '__main__':
-    main()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from agents.cli_support import console, run
-from db.engine import close_database, current_settings, get_engine, init_database, server_info
-from db.migrate import current_revision, head_revision, upgrade
-from db.session import get_db_session
-from db.status import server_version, table_counts
-from services.demo_data import seed_demo_data
+from agentrt.agents.cli.support import console, run
+from agentrt.db.engine import close_database, current_settings, get_engine, init_database, server_info
+from agentrt.db.migrate import current_revision, head_revision, upgrade
+from agentrt.db.session import get_db_session
+from agentrt.db.status import server_version, table_counts
+from agentrt.services.demo_data import seed_demo_data
 
 db_app = typer.Typer(help='Database: status, migrations and demo data.', no_args_is_help=True)
 

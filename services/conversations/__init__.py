@@ -1,0 +1,1 @@
+"""Conversations in PostgreSQL: the pydantic-ai ConversationStore backend, titles and summaries."""
