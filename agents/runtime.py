@@ -8,7 +8,7 @@ import logfire
 
 from agentrt.db.engine import close_database
 from agentrt.services.background import drain_supervisor
-from agentrt.services.ledger._tracker import get_request_tracker
+from agentrt.services.ledger import get_request_tracker
 
 _configured = False
 

@@ -32,8 +32,8 @@ from agentrt.agents.model_resolution import resolve_model
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import ConfigError
 from agentrt.db.session import get_read_only_session
-from agentrt.services.conversations._store import PostgresConversationStore, load_conversation, save_turn
-from agentrt.services.ledger._capability import ledger_capability
+from agentrt.services.conversations import PostgresConversationStore, load_conversation, save_turn
+from agentrt.services.ledger import ledger_capability
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import get_account, get_agent_instance
 from agentrt.tools.dependencies import SessionDependencies

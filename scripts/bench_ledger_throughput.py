@@ -32,9 +32,7 @@ from sqlalchemy import text
 
 from agentrt.db.engine import close_database
 from agentrt.db.session import get_db_session
-from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._record import LedgerRecord, new_request_id, utc_now
-from agentrt.services.ledger._tracker import LLMRequestTracker
+from agentrt.services.ledger import LedgerConfig, LedgerRecord, LLMRequestTracker, new_request_id, utc_now
 
 ACCOUNT = 'bench-ledger'  # every row this benchmark writes carries it, and is deleted at the end
 

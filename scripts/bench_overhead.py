@@ -40,9 +40,9 @@ from agentrt.agents.simple_chat import load_dependencies, simple_chat, simple_ch
 from agentrt.db.engine import close_database
 from agentrt.db.session import get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
-from agentrt.services.ledger._tracker import get_request_tracker
+from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'

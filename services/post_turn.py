@@ -7,8 +7,8 @@ import logging
 from typing import Any
 
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
-from agentrt.services.conversations._titles import refresh_title_and_summary
-from agentrt.services.ledger._rollups import roll_up_account_usage
+from agentrt.services.conversations import refresh_title_and_summary
+from agentrt.services.ledger import roll_up_account_usage
 
 logger = logging.getLogger('agentrt.background')
 

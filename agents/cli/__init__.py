@@ -1,12 +1,14 @@
-"""The `agentrt` command line."""
+"""The `agentrt` command line: `chat`, `db`, `audit`, `costs` and `ledger`, one module each."""
 
 from __future__ import annotations
 
 import typer
 
+from agentrt.agents.cli.audit import audit_app
 from agentrt.agents.cli.chat import chat
+from agentrt.agents.cli.costs import costs
 from agentrt.agents.cli.database import db_app
-from agentrt.agents.cli.ledger import audit_app, costs, ledger_app
+from agentrt.agents.cli.ledger import ledger_app
 from agentrt.agents.cli.support import setup_logging
 from agentrt.agents.runtime import configure_observability
 
@@ -30,5 +32,5 @@ def _root(verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debu
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point (`agentrt`, `python -m agentrt.agents.cli`)."""
     app()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -49,3 +53,16 @@ def run(coro_fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         fail(str(exc))
     except KeyboardInterrupt:
         fail('interrupted', 130)
+
+
+def print_json(payload: Any) -> None:
+    """Print `payload` as indented JSON; decimals and UUIDs as strings (exact), times in ISO 8601."""
+    typer.echo(json.dumps(payload, default=_json_default, indent=2))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)  # a string keeps the exact decimal
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f'not JSON serialisable: {type(value).__name__}')

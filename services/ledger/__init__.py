@@ -1,1 +1,76 @@
-"""The LLM ledger: billing and audit rows for every model request, their reading, costs and daily rollup."""
+"""The LLM ledger: a billing and audit row for every model request, written so it is never lost nor counted twice.
+
+Write path: `ledger_capability()` (on an agent or a run) builds a `LedgerRecord` per model request and hands it to
+the process-wide `LLMRequestTracker`, which group-commits rows in side sessions, retries, spools to a file when the
+database is down and replays it. Read path: `list_requests`, `get_request`, `summarise_costs` (from the ledger or
+the daily rollup kept by `roll_up_pending`). Secrets are redacted (`agentrt.services.ledger.redaction`) before
+any body is stored or spooled. The modules with a leading underscore are this wing's internals.
+"""
+
+from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
+from agentrt.services.ledger._config import LedgerConfig, default_spool_path
+from agentrt.services.ledger._costs import COST_GROUPINGS, COST_SOURCES, CostGrouping, CostSummary, summarise_costs
+from agentrt.services.ledger._filters import CostSource, LedgerFilters, RollupCannotAnswer
+from agentrt.services.ledger._identity import LedgerIdentity, RunIdentity, identity_of
+from agentrt.services.ledger._queries import (
+    MAX_PAGE_SIZE,
+    AmbiguousRequestIdError,
+    LedgerDetail,
+    LedgerPage,
+    get_request,
+    list_requests,
+)
+from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
+from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
+from agentrt.services.ledger._replay import ReplayReport
+from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error
+from agentrt.services.ledger._rollups import (
+    POST_TURN_LOOKBACK,
+    recompute_usage_rollups,
+    roll_up_account_usage,
+    roll_up_pending,
+)
+from agentrt.services.ledger._spool import LedgerSpool
+from agentrt.services.ledger._tracker import LLMRequestTracker, get_request_tracker, set_request_tracker
+
+__all__ = [
+    'COST_GROUPINGS',
+    'COST_SOURCES',
+    'MAX_PAGE_SIZE',
+    'POST_TURN_LOOKBACK',
+    'AmbiguousRequestIdError',
+    'ContentKind',
+    'CostGrouping',
+    'CostSource',
+    'CostSummary',
+    'LLMRequestTracker',
+    'LedgerCapability',
+    'LedgerConfig',
+    'LedgerDetail',
+    'LedgerFilters',
+    'LedgerIdentity',
+    'LedgerPage',
+    'LedgerRecord',
+    'LedgerSpool',
+    'ReplayReport',
+    'RetryPolicy',
+    'RollupCannotAnswer',
+    'RunIdentity',
+    'Status',
+    'TrackerStats',
+    'WriteOutcome',
+    'default_spool_path',
+    'get_request',
+    'get_request_tracker',
+    'identity_of',
+    'is_transient_db_error',
+    'ledger_capability',
+    'list_requests',
+    'new_request_id',
+    'recompute_usage_rollups',
+    'roll_up_account_usage',
+    'roll_up_pending',
+    'set_request_tracker',
+    'summarise_costs',
+    'utc_now',
+]

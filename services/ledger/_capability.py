@@ -6,9 +6,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -19,14 +19,13 @@ from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
+from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
 logger = logging.getLogger('agentrt.ledger')
 
 _RESPONSE_ADAPTER = TypeAdapter(ModelResponse)
-_IDENTITY_INTS = ('account_id', 'agent_instance_id')
-_IDENTITY_STRS = ('account_slug', 'agent_instance_slug', 'agent_type')
 
 
 @dataclass(slots=True)
@@ -47,7 +46,7 @@ class _RunLedger:
     """Per-run state. Model requests of one run are sequential, so one in-flight slot is enough."""
 
     tracker: LLMRequestTracker
-    identity: dict[str, Any]
+    identity: LedgerIdentity
     current: _InFlight | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
 
@@ -80,11 +79,11 @@ class LedgerCapability(AbstractCapability[Any]):
 
     async def for_run(self, ctx: Any) -> LedgerCapability:
         """A per-run copy, so concurrent runs never share in-flight state."""
-        return replace(self, _run=_RunLedger(self.tracker or get_request_tracker(), _identity(ctx.deps)))
+        return replace(self, _run=_RunLedger(self.tracker or get_request_tracker(), identity_of(ctx.deps)))
 
     def _state(self, ctx: Any) -> _RunLedger:
         if self._run is None:  # used outside `for_run` (a hand-driven capability): still record
-            self._run = _RunLedger(self.tracker or get_request_tracker(), _identity(ctx.deps))
+            self._run = _RunLedger(self.tracker or get_request_tracker(), identity_of(ctx.deps))
         return self._run
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
@@ -184,7 +183,7 @@ class LedgerCapability(AbstractCapability[Any]):
             conversation_id=ctx.conversation_id,
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
-            **state.identity,
+            **asdict(state.identity),
         )
         if flight.stream is not None and flight.stream_started is not None:
             first = flight.stream.time_to_first_chunk(flight.stream_started)
@@ -267,21 +266,6 @@ def _describe_error(error: BaseException) -> dict[str, Any]:
     if isinstance(error, ModelHTTPError):
         described.update(status_code=error.status_code, model_name=error.model_name, body=error.body)
     return described
-
-
-def _identity(deps: Any) -> dict[str, Any]:
-    """Who is asking, from `SessionDependencies` (or anything shaped like it); missing or odd values are None."""
-    get = deps.get if isinstance(deps, Mapping) else lambda name: getattr(deps, name, None)
-    identity: dict[str, Any] = {}
-    session_id = get('session_id')
-    identity['chat_session_id'] = str(session_id) if isinstance(session_id, str | int) else None
-    for name in _IDENTITY_INTS:
-        value = get(name)
-        identity[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
-    for name in _IDENTITY_STRS:
-        value = get(name)
-        identity[name] = value if isinstance(value, str) else None
-    return identity
 
 
 class _StreamProbe(WrapperModel):

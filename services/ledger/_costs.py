@@ -1,95 +1,123 @@
-"""`agentrt costs` from the daily usage rollup: the same `CostSummary` rows as the ledger scan, without the scan."""
+"""Cost reports: requests, tokens and cost per account, agent, model or UTC day, from the ledger or the daily rollup.
+
+One query shape for both sources: the same filters (`LedgerFilters`), the same group labels and order, the same
+`CostSummary` rows. The ledger scan sees every row at once; the rollup answers without the scan, for what the
+post-turn roll-up (or `roll_up_pending()`) has reached.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
-from typing import Any
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
 
-from sqlalchemy import BigInteger, ColumnElement, Select, String, case, cast, func, literal, or_, select
+from sqlalchemy import BigInteger, ColumnElement, Select, String, case, cast, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageDailyRollup
-from agentrt.services.ledger._queries import CostGrouping, CostSummary, LedgerFilters
+from agentrt.services.ledger._filters import CostSource, LedgerFilters
+
+CostGrouping = Literal['account', 'agent', 'model', 'day']
+COST_GROUPINGS: tuple[CostGrouping, ...] = ('account', 'agent', 'model', 'day')
+COST_SOURCES: tuple[CostSource, ...] = ('ledger', 'rollup')
 
 
-class RollupCannotAnswer(AgentRuntimeError):
-    """The filters need the ledger itself: success, chat session, or a time that is not a UTC midnight."""
+@dataclass(frozen=True)
+class CostSummary:
+    """Totals for one group of requests."""
+
+    key: str
+    requests: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    total_cost: Decimal | None
+    unpriced: int
+    """Requests without a price (unknown model, or usage not reported): counted in tokens, not in cost."""
 
 
-async def summarise_costs_from_rollup(
-    *, session: AsyncSession, by: CostGrouping, filters: LedgerFilters | None = None
+async def summarise_costs(
+    *,
+    session: AsyncSession,
+    by: CostGrouping,
+    filters: LedgerFilters | None = None,
+    source: CostSource = 'ledger',
 ) -> list[CostSummary]:
-    """Sum requests, tokens and cost per account, agent, model or UTC day, like `summarise_costs`, from the rollup.
+    """Sum requests, tokens and cost per account, agent, model or UTC day.
 
-    Groups are labelled and ordered as `summarise_costs` does. The rollup holds what has been rolled
-    up: rows the post-turn task has not reached yet (or that were replayed from the spool later) show
-    after the next roll-up or `roll_up_pending()`. The model filter matches the requested model only.
+    Days are listed in date order; other groupings by cost, highest first. Both sources give the same rows for
+    the same requests; the rollup holds what has been rolled up (rows the post-turn task has not reached yet, or
+    replayed from the spool later, show after the next roll-up or `roll_up_pending()`).
+
+    Args:
+        session: the session to read with.
+        by: the grouping.
+        filters: which requests; all of them when omitted.
+        source: `'ledger'` scans `llm_requests`; `'rollup'` reads `usage_daily_rollups`.
 
     Raises:
-        RollupCannotAnswer: a filter needs the ledger; call `summarise_costs` instead.
-        ValueError: `by` is not a grouping.
+        ValueError: `by` is not one of `COST_GROUPINGS`, or `source` not one of `COST_SOURCES`.
+        RollupCannotAnswer: `source` is `'rollup'` and a filter needs the ledger; ask the ledger instead.
     """
-    filters = filters or LedgerFilters()
-    key = _group_key(by).label('key')
-    r = UsageDailyRollup
-    priced_none = func.sum(r.requests) == func.sum(r.unpriced_requests)
-    total_cost = case((priced_none, None), else_=func.sum(r.total_cost))
-    query: Select[Any] = (
-        select(
-            key,
-            cast(func.sum(r.requests), BigInteger).label('requests'),
-            cast(func.sum(r.failed_requests), BigInteger).label('failed'),
-            cast(func.sum(r.input_tokens), BigInteger).label('input_tokens'),
-            cast(func.sum(r.output_tokens), BigInteger).label('output_tokens'),
-            cast(func.sum(r.total_tokens), BigInteger).label('total_tokens'),
-            total_cost.label('total_cost'),
-            cast(func.sum(r.unpriced_requests), BigInteger).label('unpriced'),
-        )
-        .where(*_conditions(filters))
-        .group_by(key)
-    )
-    query = query.order_by(key) if by == 'day' else query.order_by(total_cost.desc().nulls_last(), key)
+    if by not in COST_GROUPINGS:  # the allowlist: `by` picks an expression, it never reaches SQL as text
+        raise ValueError(f'cannot group costs by {by!r}; choose one of {", ".join(COST_GROUPINGS)}')
+    if source not in COST_SOURCES:
+        raise ValueError(f'unknown cost source {source!r}; choose one of {", ".join(COST_SOURCES)}')
+    conditions = (filters or LedgerFilters()).conditions(source)
+    key = _group_key(by, source).label('key')
+    totals = _ledger_totals() if source == 'ledger' else _rollup_totals()
+    columns = [expression.label(name) for name, expression in totals.items()]
+    query: Select[Any] = select(key, *columns).where(*conditions).group_by(key)
+    if by == 'day':
+        query = query.order_by(key)
+    else:
+        query = query.order_by(totals['total_cost'].desc().nulls_last(), key)
     return [CostSummary(**dict(row)) for row in (await session.execute(query)).mappings()]
 
 
-def _group_key(by: CostGrouping) -> ColumnElement[Any]:
-    """The labels `services.ledger_queries` gives each group, from the rollup's copied slugs."""
-    r = UsageDailyRollup
+def _group_key(by: CostGrouping, source: CostSource) -> ColumnElement[Any]:
+    """The group label; both tables carry the same id and label columns, only the day differs."""
+    table = LLMRequestRow if source == 'ledger' else UsageDailyRollup
+    none = literal('(none)')
     if by == 'account':
-        return func.coalesce(r.account_slug, cast(r.account_id, String), literal('(none)'))
+        return func.coalesce(table.account_slug, cast(table.account_id, String), none)
     if by == 'agent':
-        account = func.coalesce(r.account_slug, cast(r.account_id, String), literal('-'))
-        return account + literal('/') + func.coalesce(r.agent_instance_slug, r.agent_name, literal('(none)'))
+        account = func.coalesce(table.account_slug, cast(table.account_id, String), literal('-'))
+        return account + literal('/') + func.coalesce(table.agent_instance_slug, table.agent_name, none)
     if by == 'model':
-        return r.model
-    if by == 'day':
-        return cast(r.day, String)
-    raise ValueError(f'cannot group costs by {by!r}; choose one of account, agent, model, day')
+        return table.model.expression
+    if source == 'ledger':
+        return cast(func.date(func.timezone('UTC', LLMRequestRow.started_at)), String)
+    return cast(UsageDailyRollup.day, String)
 
 
-def _conditions(filters: LedgerFilters) -> list[ColumnElement[bool]]:
-    if filters.success is not None or filters.chat_session_id is not None:
-        raise RollupCannotAnswer('the usage rollup has no success or chat-session breakdown; read the ledger')
+def _ledger_totals() -> dict[str, ColumnElement[Any]]:
+    """`CostSummary`'s totals over ledger rows."""
+    row = LLMRequestRow
+    return {
+        'requests': func.count(),
+        'failed': func.count().filter(row.success.is_(False)),
+        'input_tokens': cast(func.coalesce(func.sum(row.input_tokens), 0), BigInteger),
+        'output_tokens': cast(func.coalesce(func.sum(row.output_tokens), 0), BigInteger),
+        'total_tokens': cast(func.coalesce(func.sum(row.total_tokens), 0), BigInteger),
+        'total_cost': func.sum(row.total_cost),
+        'unpriced': func.count().filter(row.total_cost.is_(None)),
+    }
+
+
+def _rollup_totals() -> dict[str, ColumnElement[Any]]:
+    """The same totals over rollup buckets, which hold sums already."""
     r = UsageDailyRollup
-    conditions: list[ColumnElement[bool]] = []
-    if isinstance(filters.account, int):
-        conditions.append(r.account_id == filters.account)
-    elif filters.account is not None:
-        conditions.append(r.account_slug == filters.account)
-    if filters.agent is not None:
-        conditions.append(or_(r.agent_instance_slug == filters.agent, r.agent_name == filters.agent))
-    if filters.model is not None:
-        conditions.append(r.model == filters.model)
-    if filters.since is not None:
-        conditions.append(r.day >= _utc_day(filters.since, '--since'))
-    if filters.until is not None:
-        conditions.append(r.day < _utc_day(filters.until, '--until'))
-    return conditions
-
-
-def _utc_day(moment: datetime, what: str) -> Any:
-    utc = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    if utc.time() != time.min:
-        raise RollupCannotAnswer(f'{what} {moment.isoformat()} is not a UTC day boundary; the rollup is per day')
-    return utc.date()
+    # The rollup stores 0 for a bucket without a priced request; the ledger's sum is NULL when none was priced.
+    all_unpriced = func.sum(r.requests) == func.sum(r.unpriced_requests)
+    return {
+        'requests': cast(func.sum(r.requests), BigInteger),
+        'failed': cast(func.sum(r.failed_requests), BigInteger),
+        'input_tokens': cast(func.sum(r.input_tokens), BigInteger),
+        'output_tokens': cast(func.sum(r.output_tokens), BigInteger),
+        'total_tokens': cast(func.sum(r.total_tokens), BigInteger),
+        'total_cost': case((all_unpriced, None), else_=func.sum(r.total_cost)),
+        'unpriced': cast(func.sum(r.unpriced_requests), BigInteger),
+    }

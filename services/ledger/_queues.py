@@ -55,8 +55,7 @@ class PendingRow:
 class ContentJob:
     """The contents of a committed row, to be redacted and written."""
 
-    row: dict[str, Any]
-    raw: list[tuple[str, bytes | str]]
+    record: LedgerRecord
     waiter: asyncio.Future[WriteOutcome] | None = None
 
     def settle(self) -> None:

@@ -1,26 +1,25 @@
-"""`LedgerRecord`: one model request as the ledger stores it, plus its content, costs and JSON form."""
+"""`LedgerRecord`: one model request as the ledger stores it; it builds its own row, content rows and spool line."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
-from genai_prices.data_snapshot import get_snapshot
+from pydantic_ai.messages import ModelResponse
 
+from agentrt.services.ledger._pricing import price, price_source
 from agentrt.services.ledger.redaction import redact, redact_text
 
 Status = Literal['complete', 'error', 'cancelled']
 ContentKind = Literal['prompt', 'response', 'error']
 
 ERROR_MESSAGE_MAX_CHARS = 4000
+SPOOL_FORMAT_VERSION = 1
 
 # Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
 _STRING_LIMITS = {
@@ -76,6 +75,17 @@ class ContentItem:
             text = encoded[:max_bytes].decode('utf-8', errors='ignore')
         return cls(kind=kind, body=text, size_bytes=len(encoded), truncated=truncated, redactions=redactions)
 
+    def to_row(self, request_id: uuid.UUID) -> dict[str, Any]:
+        """The `llm_request_contents` row of this body."""
+        return {
+            'request_id': request_id,
+            'kind': self.kind,
+            'body': self.body,
+            'size_bytes': self.size_bytes,
+            'truncated': self.truncated,
+            'redactions': self.redactions,
+        }
+
 
 @dataclass(slots=True)
 class LedgerRecord:
@@ -119,11 +129,14 @@ class LedgerRecord:
     provider_response_id: str | None = None
     # Raw content (serialised JSON), redacted and capped by the writer, off the model call's path.
     raw_contents: list[tuple[ContentKind, bytes | str]] = field(default_factory=list)
-    # Set by `resolve_costs()` from `pricing`; kept out of rows and the spool.
-    pricing: Any = None
+    # The response to split the cost of; `resolve_costs()` consumes it. Kept out of rows and the spool.
+    pricing: ModelResponse | None = None
+    # The content rows, redacted once (and the cap they were built with), reused if they must be spooled.
+    _contents: tuple[int, list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
 
     def to_row(self) -> dict[str, Any]:
-        """The `llm_requests` row, with strings cut to their column sizes and the error message redacted."""
+        """The `llm_requests` row: priced (`resolve_costs()`), strings cut to their column sizes, error redacted."""
+        self.resolve_costs()
         row = {name: getattr(self, name) for name in ROW_FIELDS}
         for name, limit in _STRING_LIMITS.items():
             value = row[name]
@@ -132,6 +145,25 @@ class LedgerRecord:
         if row['error_message'] is not None:
             row['error_message'] = redact_text(row['error_message'])[:ERROR_MESSAGE_MAX_CHARS]
         return row
+
+    def content_rows(self, max_bytes: int) -> list[dict[str, Any]]:
+        """The `llm_request_contents` rows: each raw body redacted and cut to `max_bytes` (UTF-8), built once."""
+        if self._contents is None or self._contents[0] != max_bytes:
+            items = [ContentItem.build(kind, raw, max_bytes) for kind, raw in self.raw_contents]
+            self._contents = (max_bytes, [item.to_row(self.id) for item in items])
+        return self._contents[1]
+
+    def spool_entry(self, content_max_bytes: int | None) -> dict[str, Any]:
+        """The spool line of this record: its row and its redacted contents (none when `content_max_bytes` is None).
+
+        Contents are redacted before they are spooled, so no secret reaches the disk either.
+        """
+        contents = [] if content_max_bytes is None else self.content_rows(content_max_bytes)
+        return {
+            'v': SPOOL_FORMAT_VERSION,
+            'row': row_to_json(self.to_row()),
+            'contents': [{k: v for k, v in content.items() if k != 'request_id'} for content in contents],
+        }
 
     def resolve_costs(self) -> None:
         """Split the cost into input and output with genai-prices, once, off the model call's path.
@@ -143,66 +175,18 @@ class LedgerRecord:
         if response is None:
             return
         try:
-            calc = _price(response)
+            calc = price(response)
         except Exception:  # unknown model (LookupError), omitted usage (ValueError), or a pricing bug
             return
         self.input_cost, self.output_cost = calc.input_price, calc.output_price
         if self.total_cost is None:
             self.total_cost = calc.total_price
-        self.price_source = f'genai-prices {_genai_prices_version()}: {calc.provider.id}/{calc.model.id}'
+        self.price_source = price_source(calc)
 
 
-ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord) if f.name not in {'raw_contents', 'pricing'})
+_NOT_COLUMNS = {'raw_contents', 'pricing', '_contents'}
+ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord) if f.name not in _NOT_COLUMNS)
 _ROW_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LedgerRecord) if f.name in ROW_FIELDS}
-
-
-_PRICE_CACHE: dict[tuple[Any, ...], Any] = {}
-_PRICE_CACHE_SIZE = 4096
-
-
-def _price(response: Any) -> Any:
-    """`response.cost()`, memoised on everything the price depends on.
-
-    genai-prices takes a few hundred microseconds per calculation; identical usage (same model,
-    provider, token counts, price context, snapshot and hour) gets the same price, so repeats are free.
-    """
-    usage = response.usage
-    timestamp = response.timestamp
-    key = (
-        response.model_name,
-        response.provider_url,
-        response.provider_name,
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_read_tokens,
-        usage.cache_write_tokens,
-        usage.cache_write_1h_tokens,
-        usage.output_reasoning_tokens,
-        usage.input_audio_tokens,
-        usage.cache_audio_read_tokens,
-        usage.output_audio_tokens,
-        usage.audio_seconds,
-        usage.unmeasured_requests,
-        tuple(sorted(usage.details.items())) if usage.details else (),
-        timestamp.replace(minute=0, second=0, microsecond=0) if timestamp else None,
-        json.dumps(response.provider_details, sort_keys=True, default=str) if response.provider_details else None,
-        id(get_snapshot()),
-    )
-    calc = _PRICE_CACHE.get(key)
-    if calc is None:
-        calc = response.cost()
-        if len(_PRICE_CACHE) >= _PRICE_CACHE_SIZE:
-            _PRICE_CACHE.pop(next(iter(_PRICE_CACHE)))
-        _PRICE_CACHE[key] = calc
-    return calc
-
-
-@lru_cache(maxsize=1)
-def _genai_prices_version() -> str:
-    try:
-        return version('genai-prices')
-    except PackageNotFoundError:  # pragma: no cover
-        return 'unknown'
 
 
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +206,11 @@ _TIMES = {'started_at', 'finished_at'}
 
 
 def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `row_to_json`: a row ready for the database driver. Unknown keys are ignored."""
+    """The inverse of `row_to_json`: a row ready for the database driver. Unknown keys are ignored.
+
+    Raises:
+        ValueError: the row lacks its id, model or start time, or a value does not parse.
+    """
     row: dict[str, Any] = {}
     for name in ROW_FIELDS:
         value = data.get(name)
@@ -240,6 +228,16 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
     if row['id'] is None or row['model'] is None or row['started_at'] is None:
         raise ValueError('spooled ledger row lacks id, model or started_at')
     return row
+
+
+def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The inverse of `LedgerRecord.spool_entry`: the ledger row and its content rows.
+
+    Raises:
+        ValueError: the row is not valid (also TypeError or KeyError): the line goes to the `.rejected` file.
+    """
+    row = row_from_json(entry['row'])
+    return row, [{**content, 'request_id': row['id']} for content in entry.get('contents') or []]
 
 
 def utc_now() -> datetime:

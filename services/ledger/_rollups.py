@@ -1,21 +1,18 @@
-"""Daily usage per account, agent and model: rolled up from the ledger exactly once, recomputable, read by costs."""
+"""Daily usage per account, agent and model: rolled up from the ledger exactly once, and recomputable.
+
+`summarise_costs(source='rollup')` reads it.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
-from typing import Literal
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
 
 logger = logging.getLogger('agentrt.usage')
-
-Grouping = Literal['account', 'agent', 'model', 'day']
 
 # How far back (by the time a ledger row was recorded) the post-turn roll-up looks for rows not yet
 # counted: the turn's own rows, and rows delivered late (a previous turn's write, a spool replay).
@@ -105,39 +102,6 @@ FROM llm_requests AS r JOIN in_range AS i ON i.id = r.id
 GROUP BY 1, 2, 3, 4
 """)
 
-# Per grouping: the key columns, and the labels reported with them (the greatest in the group).
-_GROUPINGS: dict[Grouping, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    'account': (('account_id',), ('account_slug',)),
-    'agent': (('account_id', 'agent_instance_id'), _LABELS),
-    'model': (('model',), ()),
-    'day': (('day',), ()),
-}
-
-
-@dataclass(frozen=True)
-class UsageTotals:
-    """Summed usage for one group; the key and label fields the grouping does not use are None."""
-
-    day: date | None
-    account_id: int | None
-    agent_instance_id: int | None
-    model: str | None
-    account_slug: str | None
-    agent_instance_slug: str | None
-    agent_name: str | None
-    requests: int
-    failed_requests: int
-    unpriced_requests: int
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
-    input_cost: Decimal
-    output_cost: Decimal
-    total_cost: Decimal
-
 
 async def roll_up_account_usage(account_id: int) -> int:
     """Background task after a chat turn: add the account's recent, uncounted ledger rows to the rollup.
@@ -192,75 +156,6 @@ async def recompute_usage_rollups(first_day: date, last_day: date) -> int:
         result = await session.execute(_RECOMPUTE, params)
     logger.info('usage rollup recomputed for %s..%s: %d buckets', first_day, last_day, result.rowcount)
     return result.rowcount
-
-
-async def usage_totals(
-    by: Grouping,
-    *,
-    session: AsyncSession,
-    first_day: date | None = None,
-    last_day: date | None = None,
-    account_id: int | None = None,
-) -> list[UsageTotals]:
-    """Usage and cost grouped `by` account, agent, model or day, read from the rollup (for `agentrt costs`).
-
-    Args:
-        by: the grouping; 'agent' groups by account and agent instance.
-        session: the caller's session.
-        first_day: first UTC day included; unbounded when None.
-        last_day: last UTC day included; unbounded when None.
-        account_id: only this account.
-    """
-    return await _totals('usage_daily_rollups AS r', _sums(), by, session, first_day, last_day, account_id)
-
-
-async def ledger_usage_totals(
-    by: Grouping,
-    *,
-    session: AsyncSession,
-    first_day: date | None = None,
-    last_day: date | None = None,
-    account_id: int | None = None,
-) -> list[UsageTotals]:
-    """The same totals as `usage_totals`, computed by scanning the ledger: the reference the rollup must equal."""
-    day = "(r.started_at AT TIME ZONE 'UTC')::date"
-    source = f'(SELECT {day} AS day, r.* FROM llm_requests AS r) AS r'
-    return await _totals(source, _LEDGER_AGGREGATES, by, session, first_day, last_day, account_id)
-
-
-async def _totals(
-    source: str,
-    aggregates: str,
-    by: Grouping,
-    session: AsyncSession,
-    first_day: date | None,
-    last_day: date | None,
-    account_id: int | None,
-) -> list[UsageTotals]:
-    keys, labels = _GROUPINGS[by]  # the allowlist: `by` never reaches SQL as text
-    conditions, params = ['TRUE'], {}
-    if first_day is not None:
-        conditions.append('r.day >= :first_day')
-        params['first_day'] = first_day
-    if last_day is not None:
-        conditions.append('r.day <= :last_day')
-        params['last_day'] = last_day
-    if account_id is not None:
-        conditions.append('r.account_id = :account_id')
-        params['account_id'] = account_id
-    group = ', '.join(f'r.{key}' for key in keys)
-    selected = ', '.join([group, *(f'max(r.{label}) AS {label}' for label in labels), aggregates])
-    query = text(f'SELECT {selected} FROM {source} WHERE {" AND ".join(conditions)} GROUP BY {group} ORDER BY {group}')
-    rows = (await session.execute(query, params)).mappings().all()
-    empty = dict.fromkeys(('day', 'account_id', 'agent_instance_id', 'model', *_LABELS))
-    return [UsageTotals(**{**empty, **row}) for row in rows]
-
-
-def _sums() -> str:
-    # sum(bigint) is numeric in PostgreSQL: counters go back to bigint, costs stay numeric.
-    return ', '.join(
-        f'coalesce(sum(r.{name}), 0){"" if name.endswith("_cost") else "::bigint"} AS {name}' for name in _COUNTERS
-    )
 
 
 def _day_bounds(first_day: date, last_day: date) -> dict[str, datetime]:

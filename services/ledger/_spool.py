@@ -14,11 +14,9 @@ from typing import Any
 
 logger = logging.getLogger('agentrt.ledger')
 
-SPOOL_FORMAT_VERSION = 1
-
 
 class LedgerSpool:
-    """Append-only spool of ledger entries (`{"v": 1, "row": {...}, "contents": [...]}` per line).
+    """Append-only spool of ledger entries, one JSON object per line (`LedgerRecord.spool_entry()` makes them).
 
     Appends are flushed and fsynced before they return, and safe across processes (`flock`).
     Replay claims the file by renaming it (new appends start a fresh file), so a replay never races

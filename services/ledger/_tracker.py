@@ -15,18 +15,15 @@ from agentrt.db.session import get_side_session
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
+from agentrt.services.ledger._replay import ReplayReport, replay_spool
 from agentrt.services.ledger._retry import retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import (
     CONTENT_INSERT,
     LEDGER_INSERT,
-    ReplayReport,
     SessionFactory,
-    content_rows,
     database_unavailable,
     insert_rows,
-    replay_spool,
-    spool_entry,
 )
 
 logger = logging.getLogger('agentrt.ledger')
@@ -188,10 +185,7 @@ class LLMRequestTracker:
 
     async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> WriteOutcome:
         started = time.perf_counter()
-        records = [item.record for item in items]
-        for record in records:
-            record.resolve_costs()
-        rows = [record.to_row() for record in records]
+        rows = [item.record.to_row() for item in items]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
@@ -202,30 +196,29 @@ class LLMRequestTracker:
                 outcomes = [await self._write_batch(queues, [item]) for item in items]
                 return 'written' if all(outcome == 'written' for outcome in outcomes) else 'spooled'
             logger.warning('ledger: %d row(s) not written (%s: %s); spooling', len(rows), type(exc).__name__, exc)
-            pairs = zip(records, rows, strict=True)
-            entries = [spool_entry(row, self._content_rows(row, record.raw_contents)) for record, row in pairs]
+            entries = [item.record.spool_entry(self._content_cap) for item in items]
             return await self._spool_entries(entries, rows=len(rows))
         finally:
             self.stats.batch_seconds += time.perf_counter() - started
         self.stats.written += len(rows)
-        self._queue_contents(queues, items, rows)
+        self._queue_contents(queues, items)
         self._maybe_replay(queues)
         return 'written'
 
     # --- contents ---
 
-    def _content_rows(self, row: dict[str, Any], raw: list[tuple[str, bytes | str]]) -> list[dict[str, Any]]:
-        return content_rows(row['id'], raw, self.config.content_max_bytes) if self.config.store_content else []
+    @property
+    def _content_cap(self) -> int | None:
+        """The cap per stored body, or None when contents are not stored (spool lines then carry none)."""
+        return self.config.content_max_bytes if self.config.store_content else None
 
-    def _queue_contents(self, queues: LoopQueues, items: list[PendingRow], rows: list[dict[str, Any]]) -> None:
+    def _queue_contents(self, queues: LoopQueues, items: list[PendingRow]) -> None:
         if not self.config.store_content:
             return
-        for item, row in zip(items, rows, strict=True):
+        for item in items:
             if item.record.raw_contents:
                 item.deferred = item.with_content
-                queues.contents.append(
-                    ContentJob(row, item.record.raw_contents, item.future if item.deferred else None)
-                )
+                queues.contents.append(ContentJob(item.record, item.future if item.deferred else None))
         if queues.contents and (queues.content_task is None or queues.content_task.done()):
             queues.content_task = asyncio.get_running_loop().create_task(
                 self._content_worker(queues), name='agentrt-ledger-contents'
@@ -234,10 +227,11 @@ class LLMRequestTracker:
 
     async def _content_worker(self, queues: LoopQueues) -> None:
         while queues.contents:
-            batch, size = [], 0
+            batch: list[ContentJob] = []
+            size = 0
             while queues.contents and (not batch or size < self.config.max_batch_content_bytes):
                 job = queues.contents.pop(0)
-                size += sum(len(body) for _, body in job.raw)
+                size += sum(len(body) for _, body in job.record.raw_contents)
                 batch.append(job)
             queues.content_inflight = batch
             await self._write_contents(batch)
@@ -254,15 +248,16 @@ class LLMRequestTracker:
             self._spool_now([], leftovers, 'content writer stopped')
 
     async def _write_contents(self, batch: list[ContentJob]) -> None:
-        rows_per_job = [self._content_rows(job.row, job.raw) for job in batch]
+        cap = self.config.content_max_bytes
+        rows_per_job = [job.record.content_rows(cap) for job in batch]
         try:
             await self._retrying(CONTENT_INSERT, [row for rows in rows_per_job for row in rows], 'content write')
             self.stats.contents_written += sum(len(rows) for rows in rows_per_job)
             return
         except Exception as exc:
             if database_unavailable(exc) or len(batch) == 1:
-                for job, rows in zip(batch, rows_per_job, strict=True):
-                    await self._content_failed(job, rows, exc)
+                for job in batch:
+                    await self._content_failed(job, exc)
                 return
         # A failure that is about the data: find the culprit by writing one request's contents at a time.
         for job, rows in zip(batch, rows_per_job, strict=True):
@@ -270,16 +265,16 @@ class LLMRequestTracker:
                 await self._retrying(CONTENT_INSERT, rows, 'content write')
                 self.stats.contents_written += len(rows)
             except Exception as exc:
-                await self._content_failed(job, rows, exc)
+                await self._content_failed(job, exc)
 
-    async def _content_failed(self, job: ContentJob, rows: list[dict[str, Any]], exc: Exception) -> None:
+    async def _content_failed(self, job: ContentJob, exc: Exception) -> None:
         """The ledger row is committed and stays. Contents that failed for a connection reason are spooled."""
         if database_unavailable(exc):
-            logger.warning('ledger: content of request %s not written (%s); spooling', job.row['id'], exc)
-            await self._spool_entries([spool_entry(job.row, rows)], rows=0)
+            logger.warning('ledger: content of request %s not written (%s); spooling', job.record.id, exc)
+            await self._spool_entries([job.record.spool_entry(self.config.content_max_bytes)], rows=0)
             return
         self.stats.content_failures += 1
-        logger.error('ledger: content of request %s not stored (%s: %s)', job.row['id'], type(exc).__name__, exc)
+        logger.error('ledger: content of request %s not stored (%s: %s)', job.record.id, type(exc).__name__, exc)
 
     # --- the spool ---
 
@@ -294,12 +289,8 @@ class LLMRequestTracker:
 
     def _spool_now(self, pending: list[PendingRow], contents: list[ContentJob], reason: str) -> None:
         """Spool synchronously (the loop is going away) and resolve the futures of `pending`."""
-        entries = []
-        for item in pending:
-            item.record.resolve_costs()
-            row = item.record.to_row()
-            entries.append(spool_entry(row, self._content_rows(row, item.record.raw_contents)))
-        entries += [spool_entry(job.row, self._content_rows(job.row, job.raw)) for job in contents]
+        entries = [item.record.spool_entry(self._content_cap) for item in pending]
+        entries += [job.record.spool_entry(self._content_cap) for job in contents]
         if not entries:
             return
         for job in contents:

@@ -13,7 +13,7 @@ from agentrt.db.engine import pool_status
 from agentrt.db.errors import ConfigError
 from agentrt.db.models import ConversationRow
 from agentrt.services.background import get_supervisor
-from agentrt.services.conversations._store import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.tenancy import UnknownTenantError
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
@@ -129,7 +129,7 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
 
     from agentrt.db.models.ledger import LLMRequestRow
     from agentrt.db.session import get_db_session
-    from agentrt.services.ledger._tracker import get_request_tracker
+    from agentrt.services.ledger import get_request_tracker
 
     received = []
     async with simple_chat_stream(QUESTION, session_id='early', account='acme-health', stream_delay=0.01) as stream:

@@ -63,7 +63,7 @@ def test_asyncpg_driver_and_masked_password() -> None:
 
 
 def test_ledger_settings_come_from_the_same_class(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from agentrt.services.ledger._config import LedgerConfig
+    from agentrt.services.ledger import LedgerConfig
 
     monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'spool.jsonl'))
     monkeypatch.setenv('AGENTRT_LEDGER_STORE_CONTENT', 'false')

@@ -13,7 +13,7 @@ from agentrt.db.engine import pool_status
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import get_db_session
 from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
-from agentrt.services.ledger._rollups import ledger_usage_totals, usage_totals
+from tests.services.ledger.usage_oracle import ledger_totals, rollup_totals
 
 ACCOUNT = 'acme-health'
 QUESTIONS = (
@@ -57,8 +57,8 @@ async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_
 
         ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
         for by in ('account', 'agent', 'model', 'day'):
-            assert await usage_totals(by, session=session) == await ledger_usage_totals(by, session=session)
-        rolled_up = sum(t.requests for t in await usage_totals('day', session=session))
+            assert await rollup_totals(by, session=session) == await ledger_totals(by, session=session)
+        rolled_up = sum(t.requests for t in await rollup_totals('day', session=session))
     assert rolled_up == ledger_rows >= 16 * 3  # the demo model makes three requests per turn
     assert pool_status().checked_out == 0
 

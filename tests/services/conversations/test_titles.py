@@ -12,8 +12,15 @@ from sqlalchemy import text
 
 from agentrt.db.models import Account
 from agentrt.db.session import get_db_session
-from agentrt.services.conversations._store import PostgresConversationStore, load_conversation, save_turn
-from agentrt.services.conversations._titles import Exchange, make_summary, make_title, refresh_title_and_summary
+from agentrt.services.conversations import (
+    Exchange,
+    PostgresConversationStore,
+    load_conversation,
+    make_summary,
+    make_title,
+    refresh_title_and_summary,
+    save_turn,
+)
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

@@ -36,7 +36,7 @@ from sqlalchemy import func, select, text
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session
-from agentrt.services.conversations._store import (
+from agentrt.services.conversations import (
     ConcurrentTurnError,
     PostgresConversationStore,
     load_conversation,

@@ -18,30 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.session import get_db_session, get_side_session
-from agentrt.services.ledger._record import LedgerRecord, new_request_id, utc_now
-from agentrt.services.ledger._retry import is_transient_db_error
-from agentrt.services.ledger._tracker import LLMRequestTracker
-from tests.ledger_support import content_rows, fast_config, ledger_rows, scalar
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, is_transient_db_error, utc_now
+from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 
 
 def _record(**overrides: object) -> LedgerRecord:
     now = utc_now()
-    fields: dict[str, object] = {
-        'id': new_request_id(),
-        'model': 'gpt-4o-mini',
-        'streamed': False,
-        'status': 'complete',
-        'success': True,
-        'latency_ms': 12.5,
-        'started_at': now,
-        'finished_at': now,
-        'input_tokens': 10,
-        'output_tokens': 5,
-        'total_tokens': 15,
-        'raw_contents': [('prompt', b'{"messages": []}'), ('response', b'{"parts": []}')],
-    }
-    fields.update(overrides)
-    return LedgerRecord(**fields)  # type: ignore[arg-type]
+    return ledger_record(started_at=now, finished_at=now, **overrides)
 
 
 def _closed_port() -> int:
@@ -166,9 +149,8 @@ async def test_a_torn_spool_line_is_set_aside_and_the_rest_replayed(tmp_path: Pa
 
 
 def _row_json(record: LedgerRecord) -> dict[str, object]:
-    from agentrt.services.ledger._record import row_to_json
-
-    return row_to_json(record.to_row())
+    row: dict[str, object] = record.spool_entry(None)['row']
+    return row
 
 
 async def test_writer_cancelled_at_shutdown_spools_what_it_held(tmp_path: Path):

@@ -17,10 +17,9 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from agentrt.db.engine import pool_status
-from agentrt.services.ledger._capability import ledger_capability
-from agentrt.services.ledger._tracker import LLMRequestTracker
+from agentrt.services.ledger import LLMRequestTracker, ledger_capability
+from tests.factories import chat_deps, content_rows, fast_config, ledger_rows
 from tests.fake_openai import SERVED_MODEL, FakeOpenAI, Reply
-from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows
 
 API_KEY = 'sk-test-PLANTEDapikey0123456789abcdef'
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -14,24 +13,16 @@ import pytest_asyncio
 from sqlalchemy import func, select, text
 
 from agentrt.db.engine import pool_status
-from agentrt.db.models import Account, AgentInstance
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageRolledUpRequest
 from agentrt.db.session import get_db_session
 from agentrt.services.background import drain_supervisor
-from agentrt.services.ledger._costs import RollupCannotAnswer, summarise_costs_from_rollup
-from agentrt.services.ledger._queries import LedgerFilters, summarise_costs
-from agentrt.services.ledger._rollups import (
-    Grouping,
-    ledger_usage_totals,
-    recompute_usage_rollups,
-    roll_up_account_usage,
-    roll_up_pending,
-    usage_totals,
-)
+from agentrt.services.ledger import recompute_usage_rollups, roll_up_account_usage, roll_up_pending, summarise_costs
 from agentrt.services.post_turn import schedule_post_turn_work
+from tests.services.ledger.usage_oracle import GROUPINGS, ledger_totals, rollup_totals
+from tests.services.ledger.usage_rows import ledger_row as _ledger
+from tests.services.ledger.usage_rows import tenants as _tenants
 
-GROUPINGS: tuple[Grouping, ...] = ('account', 'agent', 'model', 'day')
 TODAY = datetime.now(UTC).date()
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -43,79 +34,17 @@ async def _drain() -> AsyncIterator[None]:
     await drain_supervisor(30)
 
 
-async def _tenants(n_accounts: int = 3) -> list[tuple[int, int]]:
-    """(account id, agent instance id) pairs: two agents per account."""
-    async with get_db_session() as session:
-        pairs = []
-        for a in range(n_accounts):
-            account = Account(slug=f'acct-{a}', name=f'Account {a}')
-            session.add(account)
-            await session.flush()
-            for g in range(2):
-                agent = AgentInstance(account_id=account.id, slug=f'agent-{g}', agent_type='simple_chat')
-                session.add(agent)
-                await session.flush()
-                pairs.append((account.id, agent.id))
-        return pairs
-
-
-async def _ledger(
-    account_id: int | None,
-    agent_instance_id: int | None,
-    *,
-    model: str = 'gpt-4o-mini',
-    started_at: datetime | None = None,
-    recorded_at: datetime | None = None,
-    tokens: tuple[int, int] = (100, 20),
-    cost: Decimal | None = Decimal('0.000123'),
-    success: bool = True,
-    run_id: str | None = None,
-) -> None:
-    """Write one ledger row in its own session, as the ledger tracker does (recorded when it started by default)."""
-    started = started_at or datetime.now(UTC)
-    input_tokens, output_tokens = tokens
-    async with get_db_session() as session:
-        session.add(
-            LLMRequestRow(
-                id=uuid.uuid4(),
-                run_id=run_id,
-                account_id=account_id,
-                account_slug=None if account_id is None else f'account-{account_id}',
-                agent_instance_id=agent_instance_id,
-                agent_instance_slug=None if agent_instance_id is None else f'agent-{agent_instance_id}',
-                agent_name='simple_chat',
-                model=model,
-                streamed=False,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cache_read_tokens=input_tokens // 10,
-                cache_write_tokens=0,
-                reasoning_tokens=output_tokens // 4,
-                total_tokens=input_tokens + output_tokens,
-                input_cost=None if cost is None else cost / 2,
-                output_cost=None if cost is None else cost / 2,
-                total_cost=cost,
-                latency_ms=12.5,
-                status='complete' if success else 'error',
-                success=success,
-                started_at=started,
-                finished_at=started + timedelta(milliseconds=12),
-                recorded_at=recorded_at or started + timedelta(milliseconds=15),
-            )
-        )
-
-
 async def _assert_rollup_equals_ledger(**filters: object) -> None:
     async with get_db_session() as session:
         for by in GROUPINGS:
-            assert await usage_totals(by, session=session, **filters) == await ledger_usage_totals(
+            assert await rollup_totals(by, session=session, **filters) == await ledger_totals(
                 by, session=session, **filters
             ), by
 
 
 async def _total_requests() -> int:
     async with get_db_session() as session:
-        return sum(t.requests for t in await usage_totals('day', session=session))
+        return sum(t.requests for t in await rollup_totals('day', session=session))
 
 
 async def test_roll_up_counts_every_ledger_row_once() -> None:
@@ -131,7 +60,7 @@ async def test_roll_up_counts_every_ledger_row_once() -> None:
     await _assert_rollup_equals_ledger()
 
     async with get_db_session() as session:
-        [account] = await usage_totals('account', session=session, account_id=a1)
+        [account] = await rollup_totals('account', session=session, account_id=a1)
     assert (account.requests, account.failed_requests, account.unpriced_requests) == (3, 1, 2)
     assert (account.input_tokens, account.output_tokens, account.total_tokens) == (1010, 202, 1212)
     assert account.total_cost == Decimal('0.0015') and account.input_cost == Decimal('0.00075')
@@ -197,13 +126,13 @@ async def test_recompute_rebuilds_the_same_totals_and_repairs_drift() -> None:
         await _ledger(a2, g2, started_at=started, model='gpt-4o')
     await roll_up_pending(LONG_AGO)
     async with get_db_session() as session:
-        before = {by: await usage_totals(by, session=session) for by in GROUPINGS}
+        before = {by: await rollup_totals(by, session=session) for by in GROUPINGS}
         await session.execute(text('UPDATE usage_daily_rollups SET requests = requests + 7, total_cost = 99'))
 
     first_day = TODAY - timedelta(days=10)
     assert await recompute_usage_rollups(first_day, TODAY) == 6
     async with get_db_session() as session:
-        assert {by: await usage_totals(by, session=session) for by in GROUPINGS} == before
+        assert {by: await rollup_totals(by, session=session) for by in GROUPINGS} == before
     await _assert_rollup_equals_ledger()
     assert await roll_up_pending(LONG_AGO) == 0  # the recompute marked every row of the range counted
 
@@ -225,39 +154,7 @@ async def test_recompute_and_roll_ups_running_together_stay_equal_to_the_ledger(
     assert await _total_requests() == 40
 
 
-async def test_costs_from_the_rollup_equal_costs_from_the_ledger() -> None:
-    (a1, g1), (_, g2), (a2, g3), _ = await _tenants(2)
-    two_days_ago = datetime.now(UTC) - timedelta(days=2)
-    await _ledger(a1, g1, tokens=(1000, 200), cost=Decimal('0.0015'))
-    await _ledger(a1, g2, model='gpt-4o', cost=Decimal('0.02'), started_at=two_days_ago)
-    await _ledger(a1, g2, model='unpriced-model', cost=None, success=False)
-    await _ledger(a2, g3, cost=Decimal('0.5'))
-    await _ledger(None, None, model='unpriced-model', cost=None)
-    await roll_up_pending(LONG_AGO)
-
-    midnight = datetime.combine(TODAY, datetime.min.time(), UTC)
-    for filters in (
-        None,
-        LedgerFilters(account=f'account-{a1}'),
-        LedgerFilters(account=a2),
-        LedgerFilters(agent=f'agent-{g2}'),
-        LedgerFilters(model='unpriced-model'),
-        LedgerFilters(since=midnight - timedelta(days=1)),
-        LedgerFilters(until=midnight),
-    ):
-        for by in GROUPINGS:
-            async with get_db_session() as session:
-                from_ledger = await summarise_costs(session=session, by=by, filters=filters)
-                assert await summarise_costs_from_rollup(session=session, by=by, filters=filters) == from_ledger
-                assert from_ledger, (by, filters)
-
-    async with get_db_session() as session:
-        for filters in (LedgerFilters(success=False), LedgerFilters(since=midnight + timedelta(hours=3))):
-            with pytest.raises(RollupCannotAnswer):
-                await summarise_costs_from_rollup(session=session, by='day', filters=filters)
-
-
 async def test_grouping_is_an_allowlist() -> None:
     async with get_db_session() as session:
-        with pytest.raises(KeyError):
-            await usage_totals('account; DROP TABLE llm_requests', session=session)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match='cannot group costs by'):
+            await summarise_costs(session=session, by='account; DROP TABLE llm_requests', source='rollup')  # type: ignore[arg-type]

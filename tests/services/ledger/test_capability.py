@@ -17,10 +17,9 @@ from sqlalchemy import text
 
 from agentrt.db.engine import pool_status
 from agentrt.db.session import get_db_session
-from agentrt.services.ledger._capability import ledger_capability
-from agentrt.services.ledger._tracker import LLMRequestTracker
+from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
-from tests.ledger_support import chat_deps, content_rows, fast_config, ledger_rows, scalar
+from tests.factories import chat_deps, content_rows, fast_config, ledger_rows, scalar
 
 
 @pytest_asyncio.fixture

@@ -1,16 +1,60 @@
-"""Helpers shared by the ledger tests: a fast-retrying tracker configuration and row readers."""
+"""Shared test factories: ledger records and rows, run identity, a fast-retrying ledger configuration, row readers."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
+from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import get_db_session
-from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._retry import RetryPolicy
+from agentrt.services.ledger import LedgerConfig, LedgerRecord, RetryPolicy, new_request_id, utc_now
 from agentrt.tools.dependencies import SessionDependencies
+
+
+def ledger_record(
+    *,
+    success: bool = True,
+    started_at: datetime | None = None,
+    cost: str | Decimal | None = None,
+    **fields: Any,
+) -> LedgerRecord:
+    """One model request as the ledger records it: the one ledger-row builder of the suite.
+
+    Defaults describe a small successful `gpt-4o-mini` request that started now, with a prompt and a response
+    body; `success=False` makes it an error. `cost` sets `total_cost`. Any other `LedgerRecord` field can be given.
+    """
+    started = started_at or utc_now()
+    values: dict[str, Any] = {
+        'id': new_request_id(),
+        'model': 'gpt-4o-mini',
+        'streamed': False,
+        'status': 'complete' if success else 'error',
+        'success': success,
+        'latency_ms': 12.5,
+        'started_at': started,
+        'finished_at': started + timedelta(seconds=1),
+        'input_tokens': 10,
+        'output_tokens': 5,
+        'total_tokens': 15,
+        'total_cost': None if cost is None else Decimal(cost),
+        'raw_contents': [('prompt', b'{"messages": []}'), ('response', b'{"parts": []}')],
+    }
+    values.update(fields)
+    return LedgerRecord(**values)
+
+
+async def write_ledger_row(record: LedgerRecord, *, recorded_at: datetime | None = None) -> None:
+    """Insert the record's `llm_requests` row directly, in its own session (no tracker, no contents).
+
+    `recorded_at` (when the row reached the database) defaults to a moment after the request started.
+    """
+    row = {**record.to_row(), 'recorded_at': recorded_at or record.started_at + timedelta(milliseconds=15)}
+    async with get_db_session() as session:
+        await session.execute(insert(LLMRequestRow), [row])
 
 
 def fast_config(tmp_path: Path, **overrides: Any) -> LedgerConfig:

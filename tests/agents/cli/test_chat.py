@@ -1,0 +1,66 @@
+"""`agentrt chat`: in-process through the CLI runner, plus one end-to-end run in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.agents.cli.helpers import invoke, run_cli
+
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
+
+
+async def test_chat_in_a_subprocess_streams_a_grounded_answer_with_tool_calls_and_summary(
+    demo_data: None, database_url: str
+) -> None:
+    result = await asyncio.to_thread(
+        run_cli, 'chat', QUESTION, '--delay', '0', '--session', 'cli-1', env={'DATABASE_URL': database_url}
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count('→ search_directory(') == 4
+    assert out.count('✓ search_directory') == 4
+    assert out.count('✓ get_directory_entry') == 3
+    assert 'I found ' in out and 'Cardiology providers in Seattle who accept Medicare' in out
+    assert 'model demo · 3 requests' in out and 'cost unpriced · 7 tools' in out
+    assert 'session cli-1' in out
+    # A search starts for every criterion before the first one finishes: they run in parallel.
+    lines = [line.strip() for line in out.splitlines()]
+    first_done = next(i for i, line in enumerate(lines) if line.startswith('✓'))
+    assert sum(1 for line in lines[:first_done] if line.startswith('→ search_directory')) == 4
+
+
+async def test_a_second_turn_continues_the_conversation(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    first = await invoke('chat', QUESTION, '--delay', '0', '--session', 'cli-2', env=env)
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout.count('✓ get_directory_entry') == 3 and 'model demo · 3 requests' in first.stdout
+    again = await invoke('chat', 'and dermatologists?', '--delay', '0', '--session', 'cli-2', env=env)
+    assert again.exit_code == 0, again.stderr
+    assert 'session cli-2' in again.stdout
+
+
+async def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database_url: str) -> None:
+    result = await invoke(
+        'chat', '--delay', '0', input='organic berries in Fresno\nexit\n', env={'DATABASE_URL': database_url}
+    )
+    assert result.exit_code == 0, result.stderr
+    assert 'conversation cli-' in result.stderr
+    assert 'model demo' in result.stdout
+
+
+async def test_unknown_account_is_a_clear_error(demo_data: None, database_url: str) -> None:
+    result = await invoke('chat', QUESTION, '--account', 'nope', env={'DATABASE_URL': database_url})
+    assert result.exit_code == 1
+    assert "unknown account 'nope'" in result.stderr and 'acme-health' in result.stderr
+
+
+async def test_unknown_model_is_a_usage_error(demo_data: None, database_url: str) -> None:
+    result = await invoke('chat', QUESTION, '--model', 'nosuch:model', env={'DATABASE_URL': database_url})
+    assert result.exit_code == 2
+    assert "model 'nosuch:model'" in result.stderr
+
+
+async def test_bad_flag_value_is_rejected(database_url: str) -> None:
+    result = await invoke('chat', QUESTION, '--delay', 'fast', env={'DATABASE_URL': database_url})
+    assert result.exit_code == 2
+    assert '--delay' in result.stderr

@@ -1,0 +1,42 @@
+"""`agentrt costs`: rendering, the command in-process, one subprocess run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from agentrt.agents.cli.costs import render_costs
+from agentrt.db.session import get_db_session
+from agentrt.services.ledger import LedgerRecord, summarise_costs
+from tests.agents.cli.helpers import invoke, run_cli
+
+
+async def test_costs_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
+    async with get_db_session() as session:
+        by_account = await summarise_costs(session=session, by='account')
+    render_costs('account', by_account, as_json=True)
+    totals = {group['key']: group for group in json.loads(capsys.readouterr().out)['groups']}
+    assert totals['acme']['total_cost'] == '0.004250' and totals['acme']['failed'] == 1
+    assert totals['globex']['requests'] == 1 and totals['globex']['input_tokens'] == 1200
+    render_costs('account', by_account, as_json=False)
+    table = capsys.readouterr().out
+    assert 'costs by account' in table and '0.004250' in table and '2,400' in table
+
+
+async def test_costs_in_a_subprocess(seeded: list[LedgerRecord], database_url: str) -> None:
+    by_model = await asyncio.to_thread(run_cli, 'costs', '--by', 'model', env={'DATABASE_URL': database_url})
+    assert by_model.returncode == 0, by_model.stderr
+    assert 'gpt-4o-mini' in by_model.stdout and '0.001000' in by_model.stdout
+
+
+async def test_costs_from_the_ledger_and_bad_choices(seeded: list[LedgerRecord], database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    by_day = await invoke('costs', '--by', 'day', '--source', 'ledger', '--json', env=env)
+    assert by_day.exit_code == 0, by_day.stderr
+    assert [(group['key'], group['requests']) for group in json.loads(by_day.stdout)['groups']] == [('2026-03-01', 3)]
+    bad_by = await invoke('costs', '--by', 'weekday', env=env)
+    assert bad_by.exit_code == 2 and '--by must be one of account, agent, model, day' in bad_by.stderr
+    bad_source = await invoke('costs', '--source', 'cache', env=env)
+    assert bad_source.exit_code == 2 and '--source must be one of rollup, ledger' in bad_source.stderr

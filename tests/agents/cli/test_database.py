@@ -1,0 +1,54 @@
+"""`agentrt db ...`: a fresh embedded server, seed, status and bad input in-process; one run in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.agents.cli.helpers import invoke, run_cli
+
+
+async def test_status_in_a_subprocess_against_database_url(database_url: str) -> None:
+    result = await asyncio.to_thread(run_cli, 'db', 'status', env={'DATABASE_URL': database_url})
+    assert result.returncode == 0, result.stderr
+    assert 'external (DATABASE_URL)' in result.stdout
+    assert 'rows: llm_requests' in result.stdout and 'behind' not in result.stdout
+
+
+async def test_seed_then_status_on_a_fresh_embedded_server(tmp_path: Path) -> None:
+    env = {'AGENTRT_DATA_DIR': str(tmp_path / 'pgdata'), 'DATABASE_URL': ''}
+    seeded = await invoke('db', 'seed', env=env)
+    assert seeded.exit_code == 0, seeded.stderr
+    assert 'embedded PostgreSQL: data in' in seeded.stderr
+    assert 'upgrading to' in seeded.stderr
+    assert '4,500 new directory entries' in seeded.stdout
+
+    status = await invoke('db', 'status', env=env)
+    assert status.exit_code == 0, status.stderr
+    assert f'embedded (data in {tmp_path / "pgdata"})' in status.stdout
+    assert 'rows: directory_entries' in status.stdout and '4,500' in status.stdout
+    assert 'behind' not in status.stdout
+
+    again = await invoke('db', 'seed', env=env)
+    assert again.exit_code == 0 and '0 new directory entries' in again.stdout
+    assert 'upgrading' not in again.stderr
+
+
+async def test_malformed_database_url_is_a_usage_error() -> None:
+    result = await invoke('db', 'status', env={'DATABASE_URL': 'mysql://root:hunter2@db/app'})
+    assert result.exit_code == 2
+    assert 'DATABASE_URL' in result.stderr
+    assert 'hunter2' not in result.stderr + result.stdout
+
+
+async def test_unreachable_server_exits_non_zero_quickly() -> None:
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'DB_CONNECT_TIMEOUT': '2'}
+    result = await invoke('db', 'status', env=env)
+    assert result.exit_code == 1
+    assert '127.0.0.1:1' in result.stderr
+
+
+async def test_unknown_option_is_rejected() -> None:
+    result = await invoke('db', 'status', '--bogus')
+    assert result.exit_code == 2
+    assert 'No such option' in result.stderr
