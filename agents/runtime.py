@@ -1,12 +1,18 @@
-"""Process lifecycle for programs embedding the runtime: observability set-up and a clean shutdown."""
+"""Process lifecycle for programs embedding the runtime: observability set-up and a clean shutdown.
+
+`async with agentrt_runtime():` does both around a block; `configure_observability()` and `shutdown_runtime()` are
+the two halves for programs that manage their own lifecycle (a web server's start-up and shutdown hooks).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import logfire
 
-from agentrt.db.engine import close_database
+from agentrt.db.engine import close_database, init_database
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import get_request_tracker
 
@@ -36,3 +42,24 @@ async def shutdown_runtime(timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a
     await drain_supervisor(timeout)
     await get_request_tracker().aclose()
     await close_database()
+
+
+@asynccontextmanager
+async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[None]:
+    """Run a block with the runtime up: observability configured, the database started (and migrated if behind).
+
+    On the way out, even after an error, the runtime is shut down as `shutdown_runtime()` does: background work
+    drained, the ledger flushed, the pool closed. Use it once around the part of a program that chats.
+
+    Args:
+        shutdown_timeout: seconds to let background tasks finish at the end before they are cancelled.
+
+    Raises:
+        ConfigError: a setting is invalid. DatabaseUnavailableError, EmbeddedPostgresError: no database.
+    """
+    configure_observability()
+    try:
+        await init_database()
+        yield
+    finally:
+        await shutdown_runtime(shutdown_timeout)

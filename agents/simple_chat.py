@@ -2,20 +2,20 @@
 
 Neither function holds a database session across a model request or the stream: loading the
 tenant, loading the conversation, every tool call and saving the turn each use their own short
-session.
+session. Both take extra toolsets and instructions for the turn, or a whole agent of your own
+(`create_simple_chat_agent(toolsets=..., instructions=...)`): adding a tool never means changing a
+module-level toolset.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import (
-    AgentStreamEvent,
     FunctionToolCallEvent,
     FunctionToolResultEvent,
     PartDeltaEvent,
@@ -25,25 +25,36 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
-from pydantic_ai.usage import RunUsage, UsageLimits
+from pydantic_ai.toolsets import AbstractToolset
+from pydantic_ai.usage import UsageLimits
 
+from agentrt.agents.chat_turn import ChatResult, Turn, check_message, finish_turn, load_dependencies, prepare_turn
 from agentrt.agents.demo_model import SCHEMAS_LINE
-from agentrt.agents.model_resolution import resolve_model
-from agentrt.db.engine import current_settings, init_database
-from agentrt.db.errors import ConfigError
-from agentrt.db.session import get_read_only_session
-from agentrt.services.conversations import PostgresConversationStore, load_conversation, save_turn
 from agentrt.services.ledger import ledger_capability
-from agentrt.services.post_turn import schedule_post_turn_work
-from agentrt.services.tenancy import get_account, get_agent_instance
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
+
+__all__ = [
+    'BASE_INSTRUCTIONS',
+    'ChatResult',
+    'ChatStream',
+    'Instruction',
+    'ToolEvent',
+    'create_simple_chat_agent',
+    'load_dependencies',
+    'simple_chat',
+    'simple_chat_stream',
+]
 
 BASE_INSTRUCTIONS = (
     "You help people find entries in their organisation's directory. Use the search_directory tool, "
     'several searches at once when the question has several criteria, and get_directory_entry for details. '
     'Answer only from tool results; say so when nothing matches.'
 )
+
+Instruction = str | Callable[[RunContext[SessionDependencies]], str]
+"""An instruction: text, or a function of the run's context (e.g. of `ctx.deps.account_slug`) returning text."""
+Toolsets = Sequence[AbstractToolset[SessionDependencies]]
 
 
 @dataclass(frozen=True)
@@ -58,36 +69,26 @@ class ToolEvent:
     outcome: str | None = None
 
 
-@dataclass(frozen=True)
-class ChatResult:
-    """The outcome of one chat turn."""
-
-    output: str
-    session_id: str
-    run_id: str
-    model_name: str
-    usage: RunUsage
-    duration_s: float
-
-    @property
-    def cost(self) -> Decimal | None:
-        """The turn's cost in USD from genai-prices, or None when the model is unpriced."""
-        return self.usage.cost
-
-
-def create_simple_chat_agent(model: Model | str | None = None) -> Agent[SessionDependencies, str]:
+def create_simple_chat_agent(
+    model: Model | str | None = None,
+    *,
+    toolsets: Toolsets = (),
+    instructions: Instruction | Sequence[Instruction] = (),
+) -> Agent[SessionDependencies, str]:
     """Build the directory chat agent: instructions, the directory toolset and the ledger capability.
 
     Args:
         model: the default model of the agent; runs can still pass another one.
+        toolsets: more toolsets for the agent, beside the directory toolset.
+        instructions: more instructions, after the base ones.
     """
     agent: Agent[SessionDependencies, str] = Agent(
         model,
         deps_type=SessionDependencies,
         name='simple_chat',
-        instructions=BASE_INSTRUCTIONS,
-        toolsets=[directory_toolset],
-        capabilities=_runtime_capabilities(),
+        instructions=[BASE_INSTRUCTIONS, *_instruction_list(instructions)],
+        toolsets=[directory_toolset, *toolsets],
+        capabilities=[ledger_capability()],
     )
 
     @agent.instructions
@@ -96,10 +97,6 @@ def create_simple_chat_agent(model: Model | str | None = None) -> Agent[SessionD
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent
-
-
-def _runtime_capabilities() -> list[Any]:
-    return [ledger_capability()]
 
 
 _agent: Agent[SessionDependencies, str] | None = None
@@ -112,70 +109,6 @@ def _default_agent() -> Agent[SessionDependencies, str]:
     return _agent
 
 
-async def load_dependencies(session_id: str, account: str, agent_instance: str | None) -> SessionDependencies:
-    """Look up the tenant in one short read-only session and build the run's dependencies.
-
-    Raises:
-        UnknownTenantError: the account or agent slug does not exist (the message lists what does).
-    """
-    async with get_read_only_session() as session:
-        account_row = await get_account(account, session=session)
-        instance = await get_agent_instance(account_row, agent_instance, session=session)
-        return SessionDependencies(
-            session_id=session_id,
-            account_id=account_row.id,
-            account_slug=account_row.slug,
-            agent_instance_id=instance.id,
-            agent_instance_slug=instance.slug,
-            agent_type=instance.agent_type,
-            config=dict(instance.config or {}),
-        )
-
-
-@dataclass
-class _Turn:
-    """Everything prepared before the model is called."""
-
-    agent: Agent[SessionDependencies, str]
-    model: Model
-    deps: SessionDependencies
-    store: PostgresConversationStore
-    conversation: Any
-    usage_before: RunUsage
-    started: float
-
-
-async def _prepare(
-    session_id: str, account: str, agent_instance: str | None, model: Model | str | None, stream_delay: float = 0.0
-) -> _Turn:
-    started = time.perf_counter()
-    await init_database()
-    resolved = resolve_model(model, default=current_settings().model, stream_delay=stream_delay)
-    deps = await load_dependencies(session_id, account, agent_instance)
-    store = PostgresConversationStore(deps.account_id)
-    conversation = await load_conversation(store, session_id)
-    usage_before = conversation.usage
-    return _Turn(_default_agent(), resolved, deps, store, conversation, usage_before, started)
-
-
-async def _finish(turn: _Turn, result: AgentRunResult[str]) -> ChatResult:
-    await save_turn(turn.store, result)
-    _after_turn(turn, result)
-    return ChatResult(
-        output=result.output,
-        session_id=turn.deps.session_id,
-        run_id=result.run_id,
-        model_name=turn.model.model_name,
-        usage=result.usage - turn.usage_before,
-        duration_s=time.perf_counter() - turn.started,
-    )
-
-
-def _after_turn(turn: _Turn, result: AgentRunResult[str]) -> None:
-    """Hand post-turn work (title and summary, usage rollup) to the background supervisor, by id only."""
-    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
-
-
 async def simple_chat(
     message: str,
     *,
@@ -184,6 +117,9 @@ async def simple_chat(
     agent_instance: str | None = None,
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
+    toolsets: Toolsets = (),
+    instructions: Instruction | Sequence[Instruction] = (),
+    agent: Agent[SessionDependencies, str] | None = None,
 ) -> ChatResult:
     """Run one chat turn and return its output, usage and cost.
 
@@ -196,18 +132,27 @@ async def simple_chat(
         agent_instance: the agent slug of that account; its first agent when omitted.
         model: a model or model name; the configured model (`AGENTRT_MODEL`, default `demo`) when omitted.
         usage_limits: pydantic-ai usage limits for the run.
+        toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`).
+        instructions: more instructions for this turn.
+        agent: the agent to run; `create_simple_chat_agent()`'s when omitted.
 
     Raises:
-        ConfigError: the model cannot be used (unknown, or its API key is missing).
+        ConfigError: the message is empty, or the model cannot be used (unknown, or its API key is missing).
         UnknownTenantError: the account or agent does not exist.
         ConcurrentTurnError: another turn changed this conversation meanwhile; nothing was saved.
     """
-    _check_message(message)
-    turn = await _prepare(session_id, account, agent_instance, model)
+    check_message(message)
+    turn = await prepare_turn(agent or _default_agent(), session_id, account, agent_instance, model)
     result = await turn.agent.run(
-        message, deps=turn.deps, conversation=turn.conversation, model=turn.model, usage_limits=usage_limits
+        message,
+        deps=turn.deps,
+        conversation=turn.conversation,
+        model=turn.model,
+        usage_limits=usage_limits,
+        toolsets=list(toolsets) or None,
+        instructions=_instruction_list(instructions) or None,
     )
-    return await _finish(turn, result)
+    return await finish_turn(turn, result)
 
 
 class ChatStream:
@@ -235,6 +180,23 @@ class ChatStream:
         await self._events.aclose()
 
 
+@dataclass(frozen=True)
+class _StreamRequest:
+    """What `simple_chat_stream` was asked to run."""
+
+    message: str
+    session_id: str
+    account: str
+    agent_instance: str | None
+    model: Model | str | None
+    usage_limits: UsageLimits | None
+    toolsets: list[AbstractToolset[SessionDependencies]]
+    instructions: list[Instruction]
+    agent: Agent[SessionDependencies, str] | None
+    on_tool_event: Callable[[ToolEvent], None] | None
+    stream_delay: float
+
+
 def simple_chat_stream(
     message: str,
     *,
@@ -243,6 +205,9 @@ def simple_chat_stream(
     agent_instance: str | None = None,
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
+    toolsets: Toolsets = (),
+    instructions: Instruction | Sequence[Instruction] = (),
+    agent: Agent[SessionDependencies, str] | None = None,
     on_tool_event: Callable[[ToolEvent], None] | None = None,
     stream_delay: float = 0.0,
 ) -> ChatStream:
@@ -253,44 +218,65 @@ def simple_chat_stream(
     `stream.result` holds the same `ChatResult` `simple_chat` would return. A consumer that stops early
     (`aclose()`, or leaving `async with`) cancels the run: nothing is saved, and the ledger records the
     request it cut off as cancelled.
+
+    Raises:
+        ConfigError: the message is empty (at once); the others of `simple_chat` when iteration starts.
     """
-    _check_message(message)
-    return ChatStream(
-        lambda stream: _stream_turn(
-            stream, message, session_id, account, agent_instance, model, usage_limits, on_tool_event, stream_delay
-        )
+    check_message(message)
+    request = _StreamRequest(
+        message,
+        session_id,
+        account,
+        agent_instance,
+        model,
+        usage_limits,
+        list(toolsets),
+        _instruction_list(instructions),
+        agent,
+        on_tool_event,
+        stream_delay,
     )
+    return ChatStream(lambda stream: _stream_turn(stream, request))
 
 
-async def _stream_turn(
-    stream: ChatStream,
-    message: str,
-    session_id: str,
-    account: str,
-    agent_instance: str | None,
-    model: Model | str | None,
-    usage_limits: UsageLimits | None,
-    on_tool_event: Callable[[ToolEvent], None] | None,
-    stream_delay: float,
-) -> AsyncGenerator[str, None]:
-    turn = await _prepare(session_id, account, agent_instance, model, stream_delay)
+async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
+    turn: Turn = await prepare_turn(
+        request.agent or _default_agent(),
+        request.session_id,
+        request.account,
+        request.agent_instance,
+        request.model,
+        request.stream_delay,
+    )
     started: dict[str, float] = {}
     result: AgentRunResult[str] | None = None
     async with turn.agent.run_stream_events(
-        message, deps=turn.deps, conversation=turn.conversation, model=turn.model, usage_limits=usage_limits
+        request.message,
+        deps=turn.deps,
+        conversation=turn.conversation,
+        model=turn.model,
+        usage_limits=request.usage_limits,
+        toolsets=request.toolsets or None,
+        instructions=request.instructions or None,
     ) as events:
         async for event in events:
             if isinstance(event, AgentRunResultEvent):
                 result = event.result
             elif (delta := _text_delta(event)) is not None:
                 yield delta
-            elif on_tool_event is not None:
-                _report_tool(event, started, on_tool_event)
+            elif request.on_tool_event is not None:
+                _report_tool(event, started, request.on_tool_event)
     assert result is not None, 'run_stream_events ended without a result'
-    stream.result = await _finish(turn, result)
+    stream.result = await finish_turn(turn, result)
 
 
-def _text_delta(event: AgentStreamEvent | Any) -> str | None:
+def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:
+    if isinstance(instructions, str) or callable(instructions):
+        return [instructions]
+    return list(instructions)
+
+
+def _text_delta(event: object) -> str | None:
     if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
         return event.part.content or None
     if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
@@ -298,7 +284,7 @@ def _text_delta(event: AgentStreamEvent | Any) -> str | None:
     return None
 
 
-def _report_tool(event: Any, started: dict[str, float], callback: Callable[[ToolEvent], None]) -> None:
+def _report_tool(event: object, started: dict[str, float], callback: Callable[[ToolEvent], None]) -> None:
     if isinstance(event, FunctionToolCallEvent):
         started[event.part.tool_call_id] = time.perf_counter()
         callback(ToolEvent(event.part.tool_name, event.part.tool_call_id, event.part.args, finished=False))
@@ -306,10 +292,4 @@ def _report_tool(event: Any, started: dict[str, float], callback: Callable[[Tool
         part = event.part
         begin = started.pop(part.tool_call_id, None)
         duration = time.perf_counter() - begin if begin is not None else None
-        outcome = getattr(part, 'outcome', None) or ('retried' if part.part_kind == 'retry-prompt' else 'success')
-        callback(ToolEvent(part.tool_name or '?', part.tool_call_id, None, True, duration, str(outcome)))
-
-
-def _check_message(message: str) -> None:
-    if not isinstance(message, str) or not message.strip():
-        raise ConfigError('the chat message is empty')
+        callback(ToolEvent(part.tool_name or '?', part.tool_call_id, None, True, duration, part.outcome))

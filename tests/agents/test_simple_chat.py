@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
-from pydantic_ai.models.function import FunctionModel
+from pydantic_ai import FunctionToolset, ModelResponse, RunContext, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from sqlalchemy import func, select
 
 from agentrt.agents.demo_model import DEMO_MODEL_NAME
-from agentrt.agents.simple_chat import ToolEvent, simple_chat, simple_chat_stream
+from agentrt.agents.simple_chat import (
+    BASE_INSTRUCTIONS,
+    ToolEvent,
+    create_simple_chat_agent,
+    simple_chat,
+    simple_chat_stream,
+)
 from agentrt.db.engine import pool_status
 from agentrt.db.errors import ConfigError
-from agentrt.db.models import ConversationRow
+from agentrt.db.models import ConversationRow, DirectoryEntry
+from agentrt.db.session import get_read_only_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.tenancy import UnknownTenantError
+from agentrt.tools.dependencies import SessionDependencies
+from agentrt.tools.directory_tools import directory_toolset
+from tests.factories import ledger_rows
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 
@@ -146,3 +160,92 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
     assert list(statuses) == ['complete', 'complete', 'cancelled']  # two tool rounds, then the stopped answer
     assert conversations == 0  # an unfinished turn is not saved
     assert pool_status().checked_out == 0
+
+
+# Extra toolsets and instructions: per turn, or baked into an agent of one's own; never a module-level change.
+
+_extra_tools = FunctionToolset[SessionDependencies]()
+
+
+@_extra_tools.tool
+async def count_entries(ctx: RunContext[SessionDependencies]) -> int:
+    """How many directory entries this account has."""
+    async with get_read_only_session() as session:
+        query = select(func.count()).where(DirectoryEntry.account_id == ctx.deps.account_id)
+        return (await session.execute(query)).scalar_one()
+
+
+class _Seen:
+    """A scripted model that calls `count_entries` if it is offered, and reports what it was given."""
+
+    def __init__(self) -> None:
+        self.tools: list[list[str]] = []
+        self.instructions: list[str | None] = []
+
+    def respond(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        self.tools.append(sorted(tool.name for tool in info.function_tools))
+        self.instructions.append(info.instructions)
+        returned = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if returned:
+            return ModelResponse(parts=[TextPart(f'{returned[-1].content} entries')])
+        if 'count_entries' in self.tools[-1]:
+            return ModelResponse(parts=[ToolCallPart('count_entries', {})])
+        return ModelResponse(parts=[TextPart('no extra tool')])
+
+    async def stream(self, messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        response = self.respond(messages, info)
+        for part in response.parts:
+            if isinstance(part, TextPart):
+                yield part.content
+            elif isinstance(part, ToolCallPart):
+                yield {0: DeltaToolCall(name=part.tool_name, json_args='{}', tool_call_id=part.tool_call_id)}
+
+    def model(self) -> FunctionModel:
+        return FunctionModel(self.respond, stream_function=self.stream)
+
+
+async def test_extra_toolsets_and_instructions_apply_to_one_turn_only(demo_data: None) -> None:
+    seen = _Seen()
+    result = await simple_chat(
+        'how many?',
+        session_id='extra',
+        account='acme-health',
+        model=seen.model(),
+        toolsets=[_extra_tools],
+        instructions='Count before answering.',
+    )
+    assert result.output == '3000 entries'  # the tool ran, in its own session, scoped to acme-health
+    assert seen.tools[0] == ['count_entries', 'get_directory_entry', 'search_directory']
+    assert seen.instructions[0] is not None and 'Count before answering.' in seen.instructions[0]
+    assert seen.instructions[0].startswith(BASE_INSTRUCTIONS)
+
+    later = await simple_chat('how many now?', session_id='plain-after', account='acme-health', model=seen.model())
+    assert later.output == 'no extra tool' and seen.tools[-1] == ['get_directory_entry', 'search_directory']
+    assert 'Count before answering.' not in (seen.instructions[-1] or '')
+    assert sorted(directory_toolset.tools) == ['get_directory_entry', 'search_directory']
+
+
+async def test_streamed_turn_takes_extra_toolsets_and_instructions(demo_data: None) -> None:
+    seen = _Seen()
+    async with simple_chat_stream(
+        'how many?',
+        session_id='extra-stream',
+        account='green-grocer',
+        model=seen.model(),
+        toolsets=[_extra_tools],
+        instructions=[lambda ctx: f'Tenant {ctx.deps.account_slug} asks.'],
+    ) as stream:
+        text = ''.join([delta async for delta in stream])
+    assert text == '1500 entries' and stream.result is not None and stream.result.output == text
+    assert 'Tenant green-grocer asks.' in (seen.instructions[0] or '')
+
+
+async def test_an_agent_built_with_extras_runs_through_simple_chat(demo_data: None) -> None:
+    seen = _Seen()
+    agent = create_simple_chat_agent(toolsets=[_extra_tools], instructions='Always count.')
+    result = await simple_chat(
+        'how many?', session_id='own-agent', account='acme-health', model=seen.model(), agent=agent
+    )
+    assert result.output == '3000 entries' and 'Always count.' in (seen.instructions[0] or '')
+    rows = await ledger_rows(chat_session_id='own-agent')
+    assert len(rows) == 2 and {row['agent_name'] for row in rows} == {'simple_chat'}  # the ledger rides along
