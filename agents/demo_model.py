@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_ai import ModelResponse, TextPart, ToolCallPart
-from pydantic_ai.messages import ModelMessage, ModelRequest, RetryPromptPart, ToolReturnPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from agentrt.services import demo_data as vocab
@@ -122,16 +122,17 @@ def _schemas_from(info: AgentInfo) -> list[str]:
 # --- the script -------------------------------------------------------------------------------------------------
 
 
-def _turn_messages(messages: list[ModelMessage]) -> tuple[str, int, list[Any]]:
-    """The latest user prompt, its turn number, and the request parts since it."""
-    prompt, turn, parts = '', 0, []
+def _turn_messages(messages: list[ModelMessage]) -> tuple[str, int, list[ToolReturnPart]]:
+    """The latest user prompt, its turn number, and the tool returns since it (retried calls included)."""
+    prompt, turn = '', 0
+    parts: list[ToolReturnPart] = []
     for message in messages:
         if not isinstance(message, ModelRequest):
             continue
         for part in message.parts:
             if isinstance(part, UserPromptPart) and isinstance(part.content, str):
                 prompt, turn, parts = part.content, turn + 1, []
-            elif isinstance(part, ToolReturnPart | RetryPromptPart):
+            elif isinstance(part, ToolReturnPart):
                 parts.append(part)
     return prompt, turn, parts
 
@@ -139,8 +140,10 @@ def _turn_messages(messages: list[ModelMessage]) -> tuple[str, int, list[Any]]:
 def next_response(messages: list[ModelMessage], info: AgentInfo) -> list[ToolCallPart] | str:
     """The planner's next move: tool calls to make in parallel, or the final answer text."""
     prompt, turn, parts = _turn_messages(messages)
-    returns = {p.tool_call_id: _content(p) for p in parts if isinstance(p, ToolReturnPart)}
-    retries = [p for p in parts if isinstance(p, RetryPromptPart)]
+    # A call the tool asked the model to retry (`ModelRetry`) comes back as a return with outcome 'retried'
+    # (pydantic-ai 2.68 retired `RetryPromptPart`): its content is the problem, not a result.
+    returns = {p.tool_call_id: _content(p) for p in parts if p.outcome != 'retried'}
+    retries = [p for p in parts if p.outcome == 'retried']
     plan = plan_for(prompt, _schemas_from(info))
     prefix = f't{turn}'
     if plan.schema is None:
@@ -241,7 +244,7 @@ def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     return ModelResponse(parts=[TextPart(move)] if isinstance(move, str) else list(move))
 
 
-def _stream(delay: float):
+def _stream(delay: float) -> Callable[[list[ModelMessage], AgentInfo], AsyncIterator[str | DeltaToolCalls]]:
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
         move = next_response(messages, info)
         if isinstance(move, str):

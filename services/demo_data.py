@@ -157,7 +157,9 @@ def produce_entries(count: int = PRODUCE_COUNT, seed: int = 7) -> list[dict[str,
     return rows
 
 
-def _row(external_id: str, schema: str, name: str, category: str, city: str, attributes: dict, text: str) -> dict:
+def _row(
+    external_id: str, schema: str, name: str, category: str, city: str, attributes: dict[str, Any], text: str
+) -> dict[str, Any]:
     return {
         'external_id': external_id,
         'schema_name': schema,
@@ -224,4 +226,5 @@ async def seed_demo_data(*, session: AsyncSession) -> SeedReport:
         (await session.execute(select(func.count()).select_from(model))).scalar_one()
         for model in (Account, AgentInstance, DirectoryEntry)
     ]
-    return SeedReport(*counts, inserted_entries=inserted)
+    accounts, agent_instances, directory_entries = counts
+    return SeedReport(accounts, agent_instances, directory_entries, inserted_entries=inserted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import cast
 
 import typer
 from rich.markup import escape
@@ -32,7 +33,9 @@ def chat(
     run(_chat, message, session_id, account, agent, model, delay)
 
 
-async def _chat(message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float):
+async def _chat(
+    message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float
+) -> None:
     await init_database()
     try:
         await _seed_demo_if_empty(account)
@@ -121,11 +124,12 @@ class _Display:
 def _short_args(args: object) -> str:
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            parsed: object = json.loads(args)
         except ValueError:
             return args[:120]
+        args = parsed
     if isinstance(args, dict):
-        shown = {k: v for k, v in args.items() if v not in (None, {}, [])}
+        shown = {str(k): v for k, v in cast(dict[object, object], args).items() if v not in (None, {}, [])}
         text = ', '.join(f'{k}={json.dumps(v, ensure_ascii=False)}' for k, v in shown.items())
         return text if len(text) <= 160 else text[:157] + '...'
     return ''

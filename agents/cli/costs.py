@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import typer
 from rich.table import Table
@@ -54,7 +53,7 @@ def costs(
     if source not in COST_SOURCES:
         fail(f'--source must be one of {", ".join(COST_SOURCES)}, got {source!r}', EXIT_USAGE)
     filters = ledger_filters(account, agent, model, since, until)
-    rows = run(_cost_rows, cast(CostGrouping, by), filters, source)
+    rows = run(_cost_rows, by, filters, source)
     render_costs(by, rows, as_json=as_json)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NoReturn, TypeVar
@@ -43,7 +43,7 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run(coro_fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     """Run a coroutine to completion, mapping the runtime's errors to clear messages and exit codes."""
     try:
         return asyncio.run(coro_fn(*args, **kwargs))

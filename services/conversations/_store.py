@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pydantic import TypeAdapter
 from pydantic_ai.conversation_store import (
@@ -12,7 +12,7 @@ from pydantic_ai.conversation_store import (
     ConversationRecord,
     ConversationStore,
 )
-from sqlalchemy import Integer, func, literal, select, text, update
+from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,8 +20,9 @@ from agentrt.db.models import ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session
 from agentrt.services.pg_text import without_nul
 
-_records = ConversationRow.__table__
-_entries = ConversationEntryRow.__table__
+# Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
+_records = cast(Table, ConversationRow.__table__)
+_entries = cast(Table, ConversationEntryRow.__table__)
 _record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
 _entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
 
@@ -115,7 +116,8 @@ class PostgresConversationStore(ConversationStore):
             if not await self._swap_record(session, record, expected_revision):
                 raise ConversationConflict(record.conversation_id)
             new_ids = {entry.id for entry in new_entries}
-            referenced = {record.head_id, *(entry.parent_id for entry in new_entries)} - new_ids - {None}
+            parents = (record.head_id, *(entry.parent_id for entry in new_entries))
+            referenced = {entry_id for entry_id in parents if entry_id is not None} - new_ids
             if referenced and await self._count_entries(session, referenced) != len(referenced):
                 raise ConversationConflict(record.conversation_id)
             if new_entries:
@@ -215,6 +217,7 @@ class PostgresConversationStore(ConversationStore):
             'record': without_nul(_record_adapter.dump_python(record, mode='json')),
             'updated_at': record.updated_at,
         }
+        statement: Executable
         if expected_revision is None:
             statement = (
                 insert(_records)

@@ -6,10 +6,11 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from pydantic_ai.conversation_store import ConversationEntry
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
-from sqlalchemy import DateTime, String, Text, column, func, select, table, update
+from sqlalchemy import CursorResult, DateTime, String, Text, column, func, select, table, update
 
 from agentrt.db.session import get_side_session
 from agentrt.services.conversations._store import PostgresConversationStore
@@ -91,7 +92,7 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bo
                 summarised_at=func.now(),
             )
         )
-    if result.rowcount == 0:
+    if cast(CursorResult[Any], result).rowcount == 0:
         logger.debug(
             'conversation %s moved on while it was summarised; the newer turn will summarise it', conversation_id
         )

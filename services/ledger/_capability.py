@@ -20,7 +20,7 @@ from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
-from agentrt.services.ledger._record import ContentKind, LedgerRecord, new_request_id, utc_now
+from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
 logger = logging.getLogger('agentrt.ledger')
@@ -163,6 +163,7 @@ class LedgerCapability(AbstractCapability[Any]):
     ) -> LedgerRecord:
         finished = time.perf_counter()
         seen = response if response is not None else flight.response or _partial(flight.stream)
+        status: Status
         if response is not None:
             status = 'complete' if response.state in ('complete', 'suspended') else 'cancelled'
         elif isinstance(error, Exception):

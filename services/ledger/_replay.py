@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,14 @@ async def replay_spool(
             for key, value in counts.items():
                 totals[key] += value
             totals['files'] += 1
-    return ReplayReport(**totals)
+    return ReplayReport(
+        files=totals['files'],
+        rows=totals['rows'],
+        inserted=totals['inserted'],
+        duplicates=totals['duplicates'],
+        contents=totals['contents'],
+        rejected=totals['rejected'],
+    )
 
 
 async def _replay_file(
@@ -91,7 +99,7 @@ async def _replay_file(
             rows.append(row)
             contents += row_contents
         inserted = await retry_transient(
-            lambda r=rows: insert_ledger_counting(session_factory, r), policy, what='ledger replay', on_retry=on_retry
+            partial(insert_ledger_counting, session_factory, rows), policy, what='ledger replay', on_retry=on_retry
         )
         counts['rows'] += len(rows)
         counts['inserted'] += inserted
@@ -99,7 +107,7 @@ async def _replay_file(
         if contents:
             try:
                 await retry_transient(
-                    lambda c=contents: insert_rows(session_factory, CONTENT_INSERT, c),
+                    partial(insert_rows, session_factory, CONTENT_INSERT, contents),
                     policy,
                     what='ledger replay contents',
                     on_retry=on_retry,

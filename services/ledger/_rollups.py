@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, cast
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 
 from agentrt.db.session import get_side_session
 
@@ -127,9 +128,9 @@ async def roll_up_pending(since: datetime, *, account_id: int | None = None) -> 
     Returns:
         How many buckets were created or updated.
     """
-    where, params = '', {'since': since}
+    where, params = '', dict[str, Any](since=since)
     if account_id is not None:
-        where, params = 'AND r.account_id = :account_id', {**params, 'account_id': account_id}
+        where, params['account_id'] = 'AND r.account_id = :account_id', account_id
     async with get_side_session(
         lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
@@ -147,13 +148,13 @@ async def recompute_usage_rollups(first_day: date, last_day: date) -> int:
     Returns:
         How many buckets the range now has.
     """
-    params = {'first_day': first_day, 'last_day': last_day, **_day_bounds(first_day, last_day)}
+    params: dict[str, Any] = {'first_day': first_day, 'last_day': last_day, **_day_bounds(first_day, last_day)}
     async with get_side_session(
         lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
         await session.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)
         await session.execute(_RECOMPUTE_DELETE, params)
-        result = await session.execute(_RECOMPUTE, params)
+        result = cast(CursorResult[Any], await session.execute(_RECOMPUTE, params))
     logger.info('usage rollup recomputed for %s..%s: %d buckets', first_day, last_day, result.rowcount)
     return result.rowcount
 

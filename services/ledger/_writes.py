@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,8 +16,11 @@ from agentrt.services.ledger._retry import is_transient_db_error
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 
-LEDGER_INSERT = pg_insert(LLMRequestRow.__table__).on_conflict_do_nothing(index_elements=['id'])
-CONTENT_INSERT = pg_insert(LLMRequestContentRow.__table__).on_conflict_do_nothing(index_elements=['request_id', 'kind'])
+# Core inserts on the tables (the ORM types `__table__` as a plain FromClause), executed with lists of row dicts.
+LEDGER_INSERT = pg_insert(cast(Table, LLMRequestRow.__table__)).on_conflict_do_nothing(index_elements=['id'])
+CONTENT_INSERT = pg_insert(cast(Table, LLMRequestContentRow.__table__)).on_conflict_do_nothing(
+    index_elements=['request_id', 'kind']
+)
 
 
 def database_unavailable(exc: BaseException) -> bool:

@@ -1,0 +1,43 @@
+"""The demo planner reads tool results from pydantic-ai 2.68 messages: a retried call is a problem, not a result."""
+
+from __future__ import annotations
+
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, ToolCallPart, ToolReturnPart, UserPromptPart
+from pydantic_ai.models.function import AgentInfo
+
+from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
+
+QUESTION = 'cardiologists in Seattle'
+
+
+def _info() -> AgentInfo:
+    """What the planner reads: the account's directories, listed in the instructions."""
+    return AgentInfo(
+        function_tools=[],
+        allow_text_output=True,
+        output_tools=[],
+        model_settings=None,
+        model_request_parameters=None,  # type: ignore[arg-type]
+        instructions=f'{SCHEMAS_LINE} medical_providers.',
+    )
+
+
+def test_a_retried_main_search_is_reported_not_read_as_results() -> None:
+    info = _info()
+    calls = next_response([ModelRequest(parts=[UserPromptPart(QUESTION)])], info)
+    assert isinstance(calls, list) and calls[0].tool_call_id == 't1-search'
+    returns = [
+        ToolReturnPart(
+            call.tool_name, 'unknown filter "town"; valid filters: city', call.tool_call_id, outcome='retried'
+        )
+        if call.tool_call_id == 't1-search'
+        else ToolReturnPart(call.tool_name, {'results': [], 'total_matches': 0}, call.tool_call_id)
+        for call in calls
+    ]
+    messages: list[ModelMessage] = [
+        ModelRequest(parts=[UserPromptPart(QUESTION)]),
+        ModelResponse(parts=list[ToolCallPart](calls)),
+        ModelRequest(parts=returns),
+    ]
+    answer = next_response(messages, info)
+    assert answer == 'I could not search the medical providers directory: unknown filter "town"; valid filters: city'
