@@ -1,9 +1,17 @@
-"""`SessionDependencies`: what every tool of a chat run can see through `ctx.deps`."""
+"""`SessionDependencies`: what every tool of a chat run can see through `ctx.deps`.
+
+It lives in the tools layer because tools are typed against it (`RunContext[SessionDependencies]`) and tools must
+not import agents; the agents build it (`agentrt.agents.chat_turn.load_dependencies`). The ledger reads its
+identity through the `RunIdentity` protocol, which this class satisfies (checked by the type checker below).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from agentrt.services.ledger import RunIdentity
 
 
 class EmbeddingService(Protocol):
@@ -33,3 +41,10 @@ class SessionDependencies:
     agent_type: str
     config: dict[str, Any] = field(default_factory=dict)
     embedding_service: EmbeddingService | None = None
+
+
+if TYPE_CHECKING:
+
+    def _ledger_reads_identity_from(deps: SessionDependencies) -> RunIdentity:
+        """Fails type checking if `SessionDependencies` stops providing what the ledger reads."""
+        return deps
