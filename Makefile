@@ -1,4 +1,4 @@
-.PHONY: install lint format test bench repro
+.PHONY: install lint format typecheck imports test wheel-check check bench repro
 
 install:
 	python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'
@@ -9,8 +9,22 @@ lint:
 format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
 
+# mypy and import-linter see the installed `agentrt` namespace through a link tree (build/namespace).
+typecheck:
+	.venv/bin/python scripts/namespace_tree.py >/dev/null
+	.venv/bin/mypy
+	PYTHONPATH=build/namespace .venv/bin/lint-imports
+
+imports: typecheck
+
 test:
 	.venv/bin/python -m pytest
+
+wheel-check:
+	.venv/bin/python scripts/check_wheel_install.py
+
+# Everything .ci/run checks, in the existing virtual environment.
+check: lint typecheck test wheel-check
 
 repro:
 	.venv/bin/python scripts/repro_parallel_tools.py

@@ -148,6 +148,29 @@ _asyncio_errors = _AsyncioErrors()
 logging.getLogger('asyncio').addHandler(_asyncio_errors)
 
 
+_PRIVATE_BASETEMP = pytest.StashKey[Path]()
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the run a temporary directory of its own unless `--basetemp` names one.
+
+    pytest's default base (`/tmp/pytest-of-<user>/`) is shared: a run that starts later prunes old entries there,
+    and would delete the data directory of a server this run still uses.
+    """
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix='agentrt-pytest-')
+        config.stash[_PRIVATE_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's own temporary directory (left in place when tests failed, to look at)."""
+    private = config.stash.get(_PRIVATE_BASETEMP, None)
+    if private is not None and config.stash.get(_PASSED, False):
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if asyncio logged a pending task, an unretrieved exception or a callback error."""
     gc.collect()  # destroyed-pending-task reports come from garbage collection
@@ -156,3 +179,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for message in _asyncio_errors.messages:
             print(f'  - {message.splitlines()[0]}')
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config.stash[_PASSED] = session.exitstatus == 0

@@ -55,18 +55,3 @@ async def test_readme_question_has_real_answers(demo_data: None) -> None:
             )
         ).scalar_one()
     assert count >= 5
-
-
-def test_seed_script_matches_the_cli(database_url: str) -> None:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / 'scripts' / 'seed_demo_data.py'
-    env = {**os.environ, 'DATABASE_URL': database_url}
-    first = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert '4,500 new directory entries' in first.stdout
-    again = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
-    assert again.returncode == 0 and '0 new directory entries' in again.stdout
