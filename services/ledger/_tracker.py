@@ -13,13 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
 from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._contents import ContentWriter
 from agentrt.services.ledger._queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport, replay_spool
 from agentrt.services.ledger._retry import retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import (
-    CONTENT_INSERT,
     LEDGER_INSERT,
     SessionFactory,
     database_unavailable,
@@ -46,7 +46,7 @@ class LLMRequestTracker:
     spool file (`'spooled'`). One writer task group-commits whatever is queued (one `INSERT ... ON
     CONFLICT DO NOTHING` per batch, in a side session with lock and statement timeouts), so 200
     concurrent chats cost one connection, not 200. Contents (prompt, response, error) are redacted and
-    written by a second task, only after their ledger rows committed. The spool is replayed after a
+    written by a second task (`ContentWriter`), only after their ledger rows committed. The spool is replayed after a
     later successful write, and by `replay_spool()`. Nothing raises into the caller: failures are
     logged and counted in `stats`.
     """
@@ -66,6 +66,7 @@ class LLMRequestTracker:
         self._spool: LedgerSpool | None = None
         self._spool_dirty = False
         self._last_spool_check: float | None = None
+        self._contents = ContentWriter(self.config, self.stats, self._retrying, self._spool_entries, self._spool_now)
 
     def _side_session(self) -> AbstractAsyncContextManager[AsyncSession]:
         return get_side_session(
@@ -201,84 +202,18 @@ class LLMRequestTracker:
         finally:
             self.stats.batch_seconds += time.perf_counter() - started
         self.stats.written += len(rows)
-        self._queue_contents(queues, items)
+        self._contents.queue(queues, items)
         self._maybe_replay(queues)
         return 'written'
 
-    # --- contents ---
+    # --- the spool ---
 
     @property
     def _content_cap(self) -> int | None:
         """The cap per stored body, or None when contents are not stored (spool lines then carry none)."""
         return self.config.content_max_bytes if self.config.store_content else None
 
-    def _queue_contents(self, queues: LoopQueues, items: list[PendingRow]) -> None:
-        if not self.config.store_content:
-            return
-        for item in items:
-            if item.record.raw_contents:
-                item.deferred = item.with_content
-                queues.contents.append(ContentJob(item.record, item.future if item.deferred else None))
-        if queues.contents and (queues.content_task is None or queues.content_task.done()):
-            queues.content_task = asyncio.get_running_loop().create_task(
-                self._content_worker(queues), name='agentrt-ledger-contents'
-            )
-            queues.content_task.add_done_callback(lambda task: self._content_done(queues, task))
-
-    async def _content_worker(self, queues: LoopQueues) -> None:
-        while queues.contents:
-            batch: list[ContentJob] = []
-            size = 0
-            while queues.contents and (not batch or size < self.config.max_batch_content_bytes):
-                job = queues.contents.pop(0)
-                size += sum(len(body) for _, body in job.record.raw_contents)
-                batch.append(job)
-            queues.content_inflight = batch
-            await self._write_contents(batch)
-            queues.content_inflight = []
-            for job in batch:
-                job.settle()
-        queues.content_task = None
-
-    def _content_done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
-        if queues.content_task is task:
-            queues.content_task = None
-        if task.cancelled() or task.exception() is not None:
-            leftovers, queues.content_inflight, queues.contents = queues.content_inflight + queues.contents, [], []
-            self._spool_now([], leftovers, 'content writer stopped')
-
-    async def _write_contents(self, batch: list[ContentJob]) -> None:
-        cap = self.config.content_max_bytes
-        rows_per_job = [job.record.content_rows(cap) for job in batch]
-        try:
-            await self._retrying(CONTENT_INSERT, [row for rows in rows_per_job for row in rows], 'content write')
-            self.stats.contents_written += sum(len(rows) for rows in rows_per_job)
-            return
-        except Exception as exc:
-            if database_unavailable(exc) or len(batch) == 1:
-                for job in batch:
-                    await self._content_failed(job, exc)
-                return
-        # A failure that is about the data: find the culprit by writing one request's contents at a time.
-        for job, rows in zip(batch, rows_per_job, strict=True):
-            try:
-                await self._retrying(CONTENT_INSERT, rows, 'content write')
-                self.stats.contents_written += len(rows)
-            except Exception as exc:
-                await self._content_failed(job, exc)
-
-    async def _content_failed(self, job: ContentJob, exc: Exception) -> None:
-        """The ledger row is committed and stays. Contents that failed for a connection reason are spooled."""
-        if database_unavailable(exc):
-            logger.warning('ledger: content of request %s not written (%s); spooling', job.record.id, exc)
-            await self._spool_entries([job.record.spool_entry(self.config.content_max_bytes)], rows=0)
-            return
-        self.stats.content_failures += 1
-        logger.error('ledger: content of request %s not stored (%s: %s)', job.record.id, type(exc).__name__, exc)
-
-    # --- the spool ---
-
-    async def _spool_entries(self, entries: list[dict[str, Any]], *, rows: int) -> WriteOutcome:
+    async def _spool_entries(self, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
         try:
             await asyncio.to_thread(self.spool.append, entries)
         except Exception as exc:
