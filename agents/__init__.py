@@ -1,1 +1,1 @@
-"""Agent factories, SessionDependencies, simple_chat / simple_chat_stream and the `agentrt` CLI."""
+"""Agents: the chat agent factory, simple_chat / simple_chat_stream, the demo model, lifecycle and the CLI."""

@@ -1,1 +1,1 @@
-"""Tools the agents call; each opens its own database session."""
+"""Tools the agents call, and `SessionDependencies` they see; each tool opens its own database session."""

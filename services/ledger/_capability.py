@@ -59,7 +59,8 @@ class LedgerCapability(AbstractCapability[Any]):
     per-run state (`for_run`) and a model wrapper for streams. `wrap_model_request` covers a request
     that succeeds, fails (`on_model_request_error` has re-raised by then) or is cancelled mid-stream;
     `after_model_request` keeps a response a later hook rejects. The request id is minted before the
-    request is sent. Rows are handed to the tracker, which
+    request is sent. Identity comes from `ctx.deps` through the `RunIdentity` protocol (deps without it
+    give rows without identity). Rows are handed to the tracker, which
     writes them in its own side sessions (never a tool's or the caller's); the run waits for them
     to be durable at its end (committed, or spooled when the database is down), at most
     `ack_timeout` seconds, and never fails because of billing.
