@@ -20,6 +20,7 @@ import textwrap
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def run(command: list[str], what: str, cwd: Path | None = None) -> str:
     return result.stdout + result.stderr
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print the problem on stderr and exit 1."""
     print(f'wheel check FAILED: {message}', file=sys.stderr)
     raise SystemExit(1)

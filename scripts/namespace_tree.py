@@ -11,7 +11,6 @@ Run:  python scripts/namespace_tree.py   (prints the directory to put on the too
 from __future__ import annotations
 
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
@@ -40,4 +39,3 @@ def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
 
 if __name__ == '__main__':
     print(build_tree())
-    sys.exit(0)
