@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
     model: str = Field(default='demo', min_length=1, validation_alias=AliasChoices('AGENTRT_MODEL', 'model'))
     auto_migrate: bool = Field(default=True, validation_alias=AliasChoices('AGENTRT_AUTO_MIGRATE', 'auto_migrate'))
-    # The LLM ledger (services/ledger_config.py turns these into the tracker's configuration).
+    # The LLM ledger (services/ledger/_config.py turns these into the tracker's configuration).
     ledger_spool: Path | None = Field(
         default=None,
         validation_alias=AliasChoices('AGENTRT_LEDGER_SPOOL', 'ledger_spool'),
