@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from genai_prices.data_snapshot import get_snapshot
 
-from services.redaction import redact, redact_text
+from services.ledger.redaction import redact, redact_text
 
 Status = Literal['complete', 'error', 'cancelled']
 ContentKind = Literal['prompt', 'response', 'error']
@@ -130,7 +130,7 @@ class LedgerRecord:
             if value is not None and len(value) > limit:
                 row[name] = value[:limit]
         if row['error_message'] is not None:
-            row['error_message'] = redact_text(row['error_message'])[:ERROR_MESSAGE_MAX_CHARS]
+            row['error_message'] = redact_text(row['error_message'])[0][:ERROR_MESSAGE_MAX_CHARS]
         return row
 
     def resolve_costs(self) -> None:
