@@ -83,7 +83,7 @@ class _Candidate:
     """A secret a rule's pattern matched, for its check to accept (returning the span to replace) or refuse."""
 
     data: bytes
-    match: Any  # re2 match object
+    spans: list[_Span]  # of every group of the match, (-1, -1) where a group did not take part
     groups: dict[str, int]  # the rule's group indexes by name
     group: int  # index of the group holding the secret
     start: int
@@ -96,12 +96,16 @@ class _Candidate:
 
 _Check = Callable[[_Candidate], '_Span | None']
 
-_PLACEHOLDER = re.compile(
-    rb'(?i)(?:\[REDACTED|\$\{|\$\(|\{\{|\{%|\{[\w.]*\}$|<[^>]*>|%[sdr]|%\(|\?+$|[*x.\-_#]+$|#[0-9a-f]{3,8}$'
-    rb'|\$[0-9]+$|\$[A-Z_][A-Z0-9_]*$|:[a-z_]+$|(?:null|none|nil|undefined|true|false|yes|no|on|off|empty|redacted)$)'
+_PLACEHOLDER_SHAPES = (
+    rb'\[REDACTED|\$\{|\$\(|\{\{|\{%|\{[\w.]*\}$|<[^>]*>|%[sdr]|%\(|\?+$|[*x.\-_#]+$|#[0-9a-f]{3,8}$|\$[0-9]+$'
+    rb'|(?-i:\$[A-Z_][A-Z0-9_]*)$|:[a-z_]+$|(?:null|none|nil|undefined|true|false|yes|no|on|off|empty|redacted)$'
 )
+"""Values that stand for a secret rather than being one: templates, bind parameters, masks, null-ish words."""
+_PLACEHOLDER = re.compile(rb'(?i:' + _PLACEHOLDER_SHAPES + rb')')
 _CONSTANT = re.compile(rb'_?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$|[A-Z_]+$')
-"""`API_KEY`, `TOKEN`, `"OPENAI_API_KEY"`: the name of a constant or an environment variable, not its value."""
+"""`API_KEY`, `TOKEN`: a bare upper-case name is a constant or an environment variable, not a value."""
+_NAME = re.compile(rb'_?[A-Z]+(?:_[A-Z]+)+$')
+"""`"OPENAI_API_KEY"`: a quoted name of an environment variable (a quoted `"HUNTER"` stays a secret)."""
 _TYPE_NAME = re.compile(rb'_?(?:[A-Z]+[a-z]{2,}){2,}$')
 """`SessionClientSecret`, `UserToken`: a type annotation (`client_secret: ClientSecret`), not a password."""
 _TYPE_OR_KEYWORD = frozenset(
@@ -111,8 +115,11 @@ _TYPE_OR_KEYWORD = frozenset(
 _CODE_PATH = re.compile(rb'[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][A-Za-z_$]*)+$|[A-Za-z_$][\w$.]*[(\[]')
 _IDENTIFIER = re.compile(rb'[A-Za-z_]+$')
 _DOTTED = re.compile(rb'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$')
-_PATH = re.compile(rb'(?:~|\.{1,2})?/[\w./-]*$')
+_PATH = re.compile(rb'(?:~|\.{1,2})?/[\w./-]*$|[a-z][a-z0-9+.-]*://')
+"""A file path or a URL (whose own password, if any, the url-password rule handles)."""
 _SYMBOLS = frozenset(b'!@#$%^&+=/?~|')  # not `*`: markdown emphasis
+_NOT_A_BARE_VALUE = re.compile(b'|'.join([_PLACEHOLDER.pattern, *(p.pattern for p in (_PATH, _CODE_PATH, _CONSTANT))]))
+"""A placeholder, a path, code or a constant: one match for all the shapes a bare value is not a secret in."""
 _DIGITS = frozenset(b'0123456789')
 _UPPER = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
 _LOWER = frozenset(b'abcdefghijklmnopqrstuvwxyz')
@@ -120,6 +127,8 @@ _IDENT = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 _LINE_LEAD = frozenset(b' \t"\'`*>-')
 _JSON_STRUCTURE = frozenset(b' \t\r\n:,]}')
 _BOUND = 64
+_SHAPE_MAX = 256
+"""Longest value the Python-side shape checks (placeholders, code, constants) look at."""
 """How far checks look around a candidate: a constant, so the Python work per match stays bounded."""
 
 
@@ -143,27 +152,38 @@ def _random_looking(c: _Candidate) -> _Span | None:
     code."""
     value = c.value
     chars = set(value)
-    if not (chars & _UPPER and chars & _LOWER and chars & _DIGITS) or _DOTTED.match(value):
+    if not (chars & _UPPER and chars & _LOWER and chars & _DIGITS) or _DOTTED.match(value[: _SHAPE_MAX + 1]):
         return None
     if c.data[c.end : c.end + 1] in (b'(', b'['):  # `NAME = SomeClass2(...)`
         return None
-    runs = sum(1 for a, b in itertools.pairwise(value) if b == a + 1)
-    return None if runs * 3 > len(value) else (c.start, c.end)  # `ABCDEFGH...0123456789`: an alphabet, not a key
+    head = value[:_BOUND]
+    runs = sum(1 for a, b in itertools.pairwise(head) if b == a + 1)
+    return None if runs * 3 > len(head) else (c.start, c.end)  # `ABCDEFGH...0123456789`: an alphabet, not a key
 
 
 def _basic_credentials(c: _Candidate) -> _Span | None:
     """`Basic <base64>` is a credential when the base64 decodes to `user:password`, which spares "basic text"."""
     value = c.value
     try:
-        decoded = base64.b64decode(value + b'=' * (-len(value) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        decoded = base64.b64decode(value + b'=' * (-len(value) % 4), validate=True).decode('utf-8')
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
         return None
-    return (c.start, c.end) if b':' in decoded else None
+    return (c.start, c.end) if decoded.find(':') > 0 and decoded.isprintable() else None
 
 
 def _not_placeholder(c: _Candidate) -> _Span | None:
     value = c.value
-    return None if _too_short(value) or _PLACEHOLDER.match(value) else (c.start, c.end)
+    return None if _too_short(value) or _is_placeholder(value) else (c.start, c.end)
+
+
+def _is_placeholder(value: bytes) -> bool:
+    return len(value) <= _SHAPE_MAX and _PLACEHOLDER.match(value) is not None
+
+
+def _shaped(pattern: re.Pattern[bytes], value: bytes) -> bool:
+    """Whether a short value has a shape (code, type name, constant); a long one never has: a long value after a
+    secret name is a secret, and the Python regexes never see more than `_SHAPE_MAX` characters."""
+    return len(value) <= _SHAPE_MAX and pattern.match(value) is not None
 
 
 def _url_password(c: _Candidate) -> _Span | None:
@@ -220,77 +240,85 @@ def _cut_bare(value: bytes) -> bytes:
 
 def _trim_closers(value: bytes) -> bytes:
     """Drop trailing punctuation and closing brackets the value did not open: `{token: abc}`, `f(password=abc)`,
-    `def f(pwd=None):` and `the password=hunter2.` end before them."""
-    while value:
-        last = value[-1:]
-        if last in (b'.', b',', b';', b':'):
-            value = value[:-1]
-        elif last in (b')', b']', b'}') and value.count(_OPENER[last]) < value.count(last):
-            value = value[:-1]
+    `def f(pwd=None):` and `the password=hunter2.` end before them. At most `_BOUND` characters go."""
+    if not value or value[-1] not in b'.,;:)]}':
+        return value
+    unmatched = {close: value.count(close) - value.count(_OPENER[close]) for close in _OPENER}
+    end, floor = len(value), max(0, len(value) - _BOUND)
+    while end > floor:
+        last = value[end - 1]
+        if last in b'.,;:':
+            end -= 1
+        elif last in unmatched and unmatched[last] > 0:
+            unmatched[last] -= 1
+            end -= 1
         else:
-            return value
-    return value
+            break
+    return value[:end]
 
 
-_OPENER = {b')': b'(', b']': b'[', b'}': b'{'}
+_OPENER = {ord(')'): ord('('), ord(']'): ord('['), ord('}'): ord('{')}
 
 
 def _secret_assignment(c: _Candidate) -> _Span | None:
     """The value of a secret-named key, unless it is code, a placeholder or prose.
 
-    Quoted values are secrets unless empty-ish or placeholders. Bare values are secrets after `=` unless they are
-    code (a call, an index, an attribute path, a keyword or type name) or a path; after `:` they must also look
-    like a credential or stand alone at the end of a line that starts with the key (YAML, HTTP headers); after
-    `is` they must look like a credential.
+    Quoted values are secrets unless they are placeholders, constants or the gap between two string literals.
+    Bare values are secrets after `=` unless they are code (a call, an index, an attribute path, a constant, a
+    variable passed on) or a path; after `:` they must also look like a credential or stand alone at the end of a
+    line that starts with the key (YAML, HTTP headers), and not be a type name; after `is` they must look like a
+    credential.
     """
-    quoted = c.group != c.groups['secret_bare']
     value = c.value
-    sep_start, sep_end = c.match.span(c.groups['sep'])
+    sep_start, sep_end = c.spans[c.groups['sep']]
     raw_sep = c.data[sep_start:sep_end]
     sep = raw_sep.strip()
-    if _too_short(value):
-        return None
-    if quoted:
-        # A value that starts or ends with a space or an operator is the gap between two string literals
-        # (`"Password: " + pw`, `"Basic " + b64`), and one that names the key is a constant (`SECRET = "secret"`).
-        if value[:1] in b' \t)],;+' or value[-1:] in b' \t' or _PLACEHOLDER.match(value) or _CONSTANT.match(value):
-            return None
-        if _name_before(c.data, sep_start).lower().endswith(value.lower()):
-            return None
-        if c.group == c.groups['secret_bt'] and not _credential_like(value):  # markdown `code`, JS `template`
-            return None
-        if sep == b'==' and (len(value) < 6 or not _credential_like(value)):  # `if token == "lambda":`
-            return None
-        return c.start, c.end
+    if c.group != c.groups['secret_bare']:
+        return (c.start, c.end) if _quoted_secret(c, value, sep, sep_start) else None
     value = _cut_bare(value)
     end = c.start + len(value)
-    if _too_short(value) or _PLACEHOLDER.match(value) or _PATH.match(value) or _CODE_PATH.match(value):
+    if _too_short(value) or _shaped(_NOT_A_BARE_VALUE, value) or sep == b'==':  # `==`: a comparison is code
         return None
-    if value.lower() in _TYPE_OR_KEYWORD or sep == b'==' or _CONSTANT.match(value):  # `==`: a comparison is code
+    if value.lower() in _TYPE_OR_KEYWORD or (raw_sep != sep and value.isdigit()):  # `OPTION_TOKEN = 1256`
         return None
-    if raw_sep != sep and value.isdigit():  # `ACCESS_TOKEN_OPTION = 1256`: a code constant (`PIN=1234` is not)
-        return None
-    if _IDENTIFIER.match(value) and _name_before(c.data, sep_start).lower().endswith(value.lower()):
+    variable = _shaped(_IDENTIFIER, value)
+    if variable and _name_before(c.data, sep_start).lower().endswith(value.lower()):
         return None  # `password=password`, `identity_token=identity_token`: passing a variable on
-    if sep.startswith(b':') and _TYPE_NAME.match(value):
-        return None
     if sep.startswith(b'=') or sep in (b':=', b'=>'):
         # `x = name` with spaces is code reading a variable, and so is `f(pwd=pwd)`; `.env` lines and URL pairs
         # have no spaces, and passwords in INI files usually have a digit or symbol.
-        if _IDENTIFIER.match(value) and (raw_sep != sep or c.data[end : end + 1] in (b')', b',')):
+        if variable and (raw_sep != sep or c.data[end : end + 1] in (b')', b',')):
             return None
         return c.start, end
     if sep.startswith(b':'):
+        if _shaped(_TYPE_NAME, value):
+            return None
         if _credential_like(value) or (_ends_line(c.data, end) and _starts_line(c.data, sep_start)):
             return c.start, end
         return None
     return (c.start, end) if _credential_like(value) else None  # `is` / `was`
 
 
+def _quoted_secret(c: _Candidate, value: bytes, sep: bytes, sep_start: int) -> bool:
+    if _too_short(value):
+        return False
+    # A value that starts or ends with a space or an operator is the gap between two string literals
+    # (`"Password: " + pw`, `"Basic " + b64`), and one that names the key is a constant (`SECRET = "secret"`).
+    if value[:1] in b' \t)],;+' or value[-1:] in b' \t' or _is_placeholder(value):
+        return False
+    if _shaped(_NAME, value) or _shaped(_PATH, value):
+        return False
+    if _name_before(c.data, sep_start).lower().endswith(value.lower()):
+        return False
+    if c.group == c.groups['secret_bt'] and not _credential_like(value):  # markdown `code`, JS `template`
+        return False
+    return sep != b'==' or (len(value) >= 6 and _credential_like(value))  # not `if token == "lambda":`
+
+
 def _not_code(c: _Candidate) -> _Span | None:
     """Real signatures have digits; `signature=block.signature` and `sig=obj.data` are code."""
     value = c.value
-    if _CODE_PATH.match(value) or not _DIGITS.intersection(value):
+    if _shaped(_CODE_PATH, value) or not _DIGITS.intersection(value):
         return None
     return c.start, c.end
 
@@ -334,11 +362,11 @@ class _Rule:
     def spans(self, data: bytes) -> Iterator[tuple[int, int]]:
         """Where this rule's secrets are in `data` (UTF-8 bytes), as byte offsets."""
         for m in self.regex.finditer(data):
-            group, (start, end) = 0, m.span(0)
+            spans = _match_spans(m)
+            group, (start, end) = 0, spans[0]
             for index in self.secret_groups:
-                span = m.span(index)
-                if span[0] >= 0:
-                    group, (start, end) = index, span
+                if spans[index][0] >= 0:
+                    group, (start, end) = index, spans[index]
                     break
             if start >= end or data.startswith(_REDACTED_BYTES, start):
                 continue
@@ -353,7 +381,7 @@ class _Rule:
             if self.min_entropy and _entropy(data[start:end]) < self.min_entropy:
                 continue
             if self.check is not None:
-                checked = self.check(_Candidate(data, m, self.groups, group, start, end))
+                checked = self.check(_Candidate(data, spans, self.groups, group, start, end))
                 if checked is None:
                     continue
                 start, end = checked
@@ -379,6 +407,13 @@ def _after_escape(data: bytes, start: int) -> int:
     if data[start : start + 1] == b'u' and _HEX4.match(data, start + 1, start + 5):
         return start + 5
     return start + 1
+
+
+def _match_spans(m: Any) -> list[_Span]:
+    """The spans of all groups of an re2 match. google-re2's `span()` asks C++ for the group count on every call,
+    which is most of the per-match cost on hostile input, so read its span list when it has one."""
+    spans = getattr(m, '_spans', None)
+    return spans if spans is not None else [m.span(i) for i in range(m.re.groups + 1)]
 
 
 def _byte_class(body: str) -> frozenset[int]:
@@ -452,24 +487,57 @@ def rule_kinds() -> list[tuple[str, str, str]]:
 # The matcher.
 
 
-def _byte_spans(data: bytes) -> list[tuple[int, int, str]]:
-    """Secrets in `data` (UTF-8), merged where they overlap or touch, as byte offsets with the first rule's id."""
+# A span is kept as one int, start << 40 | end << 8 | rule index: ints are not tracked by the garbage collector, and
+# hostile text yields one span per dozen bytes. Keeping tuples or objects alive instead promotes tens of thousands
+# of them per megabyte into the old generation, and the full collections that follow (tens of ms on an
+# application-sized heap, GIL held) would stall the event loop while a worker thread redacts.
+_START, _END, _RULE_BITS = 40, 8, 0xFF
+if len(_RULES) > _RULE_BITS:
+    raise ValueError(f'{_RULES_FILE.name}: at most {_RULE_BITS} rules fit the span encoding')
+
+
+def _byte_spans(data: bytes) -> list[int]:
+    """Secrets in `data` (UTF-8) as sorted, merged (where they overlap or touch) encoded byte spans."""
     hits = _TRIGGERS.Match(data)
     if not hits:
         return []
     enabled = sorted({index for hit in hits for index in _RULES_BY_TRIGGER[hit]})
-    found = [(start, end, _RULES[index].id) for index in enabled for start, end in _RULES[index].spans(data)]
-    if not found:
-        return found
+    found = [start << _START | end << _END | index for index in enabled for start, end in _RULES[index].spans(data)]
     found.sort()
-    merged = [found[0]]
-    for start, end, rule in found[1:]:
-        last_start, last_end, last_rule = merged[-1]
-        if start <= last_end:
-            merged[-1] = (last_start, max(last_end, end), last_rule)
+    merged: list[int] = []
+    last_start = last_end = -1
+    for span in found:
+        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
+        if start <= last_end:  # overlaps or touches the previous one: extend it, keep its rule
+            last_end = max(last_end, end)
+            merged[-1] = last_start << _START | last_end << _END | (merged[-1] & _RULE_BITS)
         else:
-            merged.append((start, end, rule))
+            merged.append(span)
+            last_start, last_end = start, end
     return merged
+
+
+_OFFSET_MASK = (1 << (_START - _END)) - 1
+
+
+def _char_spans(text: str) -> list[int]:
+    """`_byte_spans()` of `text`, with character offsets."""
+    if not text:
+        return []
+    # Lone surrogates cannot be encoded as UTF-8; 'replace' turns each into one '?', so character counts stay equal.
+    data = text.encode('utf-8', errors='replace')
+    spans = _byte_spans(data)
+    if not spans or len(data) == len(text):  # ASCII: byte offsets are character offsets
+        return spans
+    # Map byte offsets to character offsets in one pass over the text (linear, however many spans).
+    result, byte_at, char_at = [], 0, 0
+    for span in spans:
+        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
+        char_start = char_at + len(data[byte_at:start].decode('utf-8'))
+        char_end = char_start + len(data[start:end].decode('utf-8'))
+        result.append(char_start << _START | char_end << _END | (span & _RULE_BITS))
+        byte_at, char_at = end, char_end
+    return result
 
 
 def find_secrets(text: str) -> list[SecretSpan]:
@@ -481,21 +549,10 @@ def find_secrets(text: str) -> list[SecretSpan]:
     Returns:
         The spans `redact_text()` replaces.
     """
-    if not text:
-        return []
-    # Lone surrogates cannot be encoded as UTF-8; 'replace' turns each into one '?', so character counts stay equal.
-    data = text.encode('utf-8', errors='replace')
-    spans = _byte_spans(data)
-    if not spans or len(data) == len(text):  # ASCII: byte offsets are character offsets
-        return [SecretSpan(start, end, rule) for start, end, rule in spans]
-    # Map byte offsets to character offsets in one pass over the text (linear, however many spans).
-    result, byte_at, char_at = [], 0, 0
-    for start, end, rule in spans:
-        char_start = char_at + len(data[byte_at:start].decode('utf-8'))
-        char_end = char_start + len(data[start:end].decode('utf-8'))
-        result.append(SecretSpan(char_start, char_end, rule))
-        byte_at, char_at = end, char_end
-    return result
+    return [
+        SecretSpan(span >> _START, (span >> _END) & _OFFSET_MASK, _RULES[span & _RULE_BITS].id)
+        for span in _char_spans(text)
+    ]
 
 
 def redact_text(text: str) -> tuple[str, int]:
@@ -515,13 +572,13 @@ def redact_text(text: str) -> tuple[str, int]:
     """
     if not isinstance(text, str):
         raise TypeError(f'redact_text() takes a str, not {type(text).__name__}')
-    spans = find_secrets(text)
+    spans = _char_spans(text)
     if not spans:
         return text, 0
     pieces, last = [], 0
     for span in spans:
-        pieces += [text[last : span.start], REDACTED]
-        last = span.end
+        pieces += [text[last : span >> _START], REDACTED]
+        last = (span >> _END) & _OFFSET_MASK
     pieces.append(text[last:])
     return ''.join(pieces), len(spans)
 

@@ -338,4 +338,25 @@ FALSE_POSITIVES: tuple[str, ...] = (
     '2024-03-31T12:00:00Z INFO request_id=7f9c2a1e status=200 duration_ms=12 path=/api/v1/chat',
     '| name | value |\n|------|-------|\n| tokens | 512 |\n| key | primary |\n-----\n',
     'Use the -u flag for unbuffered output: python -u main.py; git push -u origin main',
+    # shapes found by scanning library sources and docs: code, not secrets
+    (
+        'class Client:\n'
+        '    client_secret: SessionClientSecret\n'
+        '    token: EventLoopToken | None = None\n'
+        "    styles = {'token': TOKEN, 'api_key': API_KEY, Token: '#ffffff'}\n"
+        '    stream = self.root.open(self.at, mode, pwd=pwd)\n'
+        '    out = Block(signature=block.signature, sig=part.signature_delta)\n'
+        '    if token == "lambda":\n'
+        '        headers["authorization"] = "Basic " + b64encode(raw).decode()\n'
+        '    upgrade_token="%s_upgrades" % name\n'
+        '    REVISION_SCRIPT_TOKEN = "REVISION_SCRIPT_FILENAME"\n'
+        '    ACCESS_TOKEN_OPTION = 1256\n'
+        '    UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"\n'
+        '    KUBERNETES_POD_UID = ResourceAttributes.K8S_POD_UID\n'
+        '    emoji = {"cookie": "🍪", "secret": "㊙"}\n'
+    ),
+    '[set up the credentials]: https://github.com/nodejs/node-core-utils#setting-up-github-credentials',
+    'env: {PWD: \'/Users/maciej\', "OLDPWD": "/home/node/project"}',
+    '2.7.2. Basic Options; basic usage; Basic Authentication is described in RFC 7617.',
+    'The handle is an in-process correlation token: `last_message` holds a live message.',
 )

@@ -301,6 +301,30 @@ def test_labels_stay_and_only_the_secret_goes(text: str, expected: str):
     assert redact_text(text)[0] == expected
 
 
+@pytest.mark.parametrize(
+    ('text', 'secret'),
+    [
+        ('password = "hunter2"', 'hunter2'),
+        ('if password == "Tr0ub4dor&3":', 'Tr0ub4dor'),
+        ('[db]\npassword = s3cret!x', 's3cret'),
+        ('PASSWORD=letmein', 'letmein'),
+        ('GET /cb?token=abcdefgh&x=1', 'abcdefgh'),
+        ('db:\n  password: letmein', 'letmein'),
+        ('Password: LetMeIn', 'LetMeIn'),
+        ('secret = "HUNTER"', 'HUNTER'),
+        ('password: "$ecretPass"', 'ecretPass'),
+        ('my password is hunter2, ok', 'hunter2'),
+        ('mysql --password hunter2pw', 'hunter2pw'),
+        ("requests.get(url, auth=('bob', 'x'), headers={'X-Api-Key': 'k3y-abc'})", 'k3y-abc'),
+        ('<password>opensesame</password>', 'opensesame'),
+        ('curl -u admin:opensesame https://x', 'opensesame'),
+    ],
+)
+def test_secret_values_in_code_and_config(text: str, secret: str):
+    redacted, count = redact_text(text)
+    assert secret not in redacted and count >= 1, redacted
+
+
 def test_find_secrets_reports_character_offsets_and_rules():
     text = 'é🙂 key ghp_' + 'a1B2' * 9 + ' and password=hunter22'
     spans = find_secrets(text)
@@ -352,6 +376,7 @@ _HOSTILE = {
     'name-colon': 'password: ',
     'dense-secrets': ''.join(k.text + '\n' for k in KINDS[:20]),
     'url-no-at': 'a://a:',
+    'closers-and-dots': 'password=a' + ').' * 2000,
     'aws-context': 'aws wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ',
     'base64-soup': ''.join(random.Random(3).choices(string.ascii_letters + string.digits + '+/', k=4096)),
 }
