@@ -19,25 +19,35 @@ What is caught (rules in `redaction_rules.toml` beside this module, listed by `r
 - high-entropy strings, but only where they cannot flood ordinary text: as the value of an upper-case
   `KEY=value` environment line (random-looking: upper and lower case and digits, entropy >= 3.5 bits/char).
 
-What is deliberately not caught (known gaps, each a trade against false positives in ordinary text):
+What is deliberately not caught (known gaps, each a trade against false positives in ordinary text and code):
 - random strings without a known shape or a secret-named key before them (a bare 32-character hex string could
-  be a Datadog key or a checksum; only `DD_API_KEY=...` and the like are caught);
+  be a Datadog key or a checksum; only `DD_API_KEY=...` and the like are caught), and `KEY=value` lines that do
+  not start a line;
 - after `name:` in running prose, a plain word without digits or symbols that does not end its line
-  (`Token: the unit of text`), and after `name is`, anything that does not look like a credential;
-- bare values shaped like code: `password = get_password()`, `token = self.token`, `api_key: str`,
-  `token = tokens[0]`, paths (`PWD=/home/me`), placeholders (`${DB_PASSWORD}`, `<password>`, `%s`, `***`);
-- in JSON text whose strings are escaped twice, a quote inside a quoted password ends the redacted span early.
+  (`Token: the unit of text`); after `name is`, anything that does not look like a credential; after `name:`, a
+  letters-only CamelCase word, taken for a type annotation (`client_secret: ClientSecret`);
+- bare values shaped like code: calls and indexing (`get_password()`, `tokens[0]`, so also `password=abc(def)`),
+  attribute paths (`self.token`), keywords and type names (`api_key: str`), upper-case constants (`API_KEY`),
+  `x = name` with spaces around `=` and a letters-only value (so also INI `password = letmein`), `pwd=pwd`,
+  comparisons (`token == X`); paths and URLs; placeholders (`${DB_PASSWORD}`, `<password>`, `%s`, `***`, `{x}`);
+- quoted values that are upper-case names with underscores (`"OPENAI_API_KEY"`), paths, or start or end with a
+  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first).
 
 Contract:
 - `redact_text()` works on the real text: newlines are newlines, so a secret at the start of a line, after a tab,
   inside JSON inside a string a tool returned, inside a URL or in an error body is caught. It also accepts JSON
-  text and keeps it valid: a replaced span never contains `"` and contains `\\` only as whole `\\n`/`\\r`/`\\t`
-  escapes, so the structure of JSON text is never broken.
+  text and keeps it valid: a replaced span never contains `"`, never starts inside an escape or in the structure
+  between two strings, and contains `\\` only as whole `\\n`/`\\r`/`\\t` escapes.
 - Linear time whatever the input: every pattern runs on RE2 (google-re2), whose automata match in time linear in
-  the input and never backtrack; the Python work per match is bounded. A single RE2 set of literal-like triggers
-  picks the rules a text can match in one pass, so ordinary prose costs one scan. RE2 releases the GIL while it
-  matches, so calling this from a worker thread does not stall an event loop. See `scripts/bench_redaction.py`.
+  the input and never backtrack; the Python work per candidate match is bounded by constants. A single RE2 set of
+  literal-like triggers picks the rules a text can match in one pass, so ordinary prose costs one scan.
+- Friendly to an event loop when run in a worker thread (`asyncio.to_thread`): RE2 releases the GIL while it
+  scans, and no per-match Python object outlives its match (spans are kept as ints), so redaction does not set
+  off long garbage collections. See `scripts/bench_redaction.py`.
 - Never raises on hostile text: NUL, lone surrogates, megabytes of trigger characters.
+
+For callers: apply `redact_value()` to message parts (prompts, instructions, tool arguments and returns, model
+text, error bodies) as Python values, before serialising; redacting serialised JSON works too but sees escapes.
 """
 
 from __future__ import annotations
@@ -117,9 +127,9 @@ _IDENTIFIER = re.compile(rb'[A-Za-z_]+$')
 _DOTTED = re.compile(rb'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$')
 _PATH = re.compile(rb'(?:~|\.{1,2})?/[\w./-]*$|[a-z][a-z0-9+.-]*://')
 """A file path or a URL (whose own password, if any, the url-password rule handles)."""
-_SYMBOLS = frozenset(b'!@#$%^&+=/?~|')  # not `*`: markdown emphasis
 _NOT_A_BARE_VALUE = re.compile(b'|'.join([_PLACEHOLDER.pattern, *(p.pattern for p in (_PATH, _CODE_PATH, _CONSTANT))]))
 """A placeholder, a path, code or a constant: one match for all the shapes a bare value is not a secret in."""
+_SYMBOLS = frozenset(b'!@#$%^&+=/?~|')  # not `*`: markdown emphasis
 _DIGITS = frozenset(b'0123456789')
 _UPPER = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
 _LOWER = frozenset(b'abcdefghijklmnopqrstuvwxyz')
@@ -627,8 +637,9 @@ def redact_value(value: _T) -> tuple[_T, int]:
     Every string (dict keys included) goes through `redact_text()`. The value of a key that names a secret
     (`is_secret_name()`) is replaced whole when it is a string, a number or bytes; inside a list or tuple under
     such a key every such item is replaced; a dict under it is walked normally (its own keys decide). Other types
-    are returned as they are. The walk is iterative, so depth is no problem; a container that contains itself is
-    replaced by `[REDACTED]` at the point of the cycle.
+    are returned as they are (dump models and dataclasses to dicts first, e.g. with pydantic's `dump_python(...,
+    mode='json')`); subclasses of dict, list and tuple come back as the plain type. The walk is iterative, so
+    depth is no problem; a container that contains itself is replaced by `[REDACTED]` at the point of the cycle.
 
     Args:
         value: for example a tool call's arguments, a tool's return value, a message dumped with `model_dump()`.

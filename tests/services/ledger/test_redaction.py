@@ -9,6 +9,16 @@ import string
 import time
 
 import pytest
+from pydantic_ai import ModelMessagesTypeAdapter
+from pydantic_ai.messages import (
+    ModelRequest,
+    ModelResponse,
+    SystemPromptPart,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 
 from services.ledger import redaction
 from services.ledger.redaction import (
@@ -397,3 +407,35 @@ def test_time_grows_linearly_with_input(unit: str):
 
     small, large = best(32_000), best(256_000)
     assert large < 24 * max(small, 1e-4), f'{small=:.4f}s {large=:.4f}s'
+
+
+# --- pydantic-ai messages, the way the ledger will redact them ---------------------------------------------------
+
+
+def test_pydantic_ai_messages_dumped_redacted_and_validated_back():
+    pem = next(k for k in KINDS if k.name == 'pem-encrypted-key')
+    ghp = next(k for k in KINDS if k.name == 'github-classic-token')
+    messages = [
+        ModelRequest(
+            parts=[
+                SystemPromptPart('You are helpful. Deploy key:\nAKIAZ7Q3W9E5R1T8Y4U2'),
+                UserPromptPart(f'my key is below\n{pem.text}\nthanks'),
+            ]
+        ),
+        ModelResponse(
+            parts=[
+                TextPart(f'Use {ghp.text} carefully.'),
+                ToolCallPart('login', {'user': 'bob', 'password': 'plain words', 'max_tokens': 5}, tool_call_id='c1'),
+            ]
+        ),
+        ModelRequest(parts=[ToolReturnPart('login', {'ok': True, 'session': {'token': 'abc'}}, tool_call_id='c1')]),
+    ]
+    dumped = ModelMessagesTypeAdapter.dump_python(messages, mode='json')
+    redacted, count = redact_value(dumped)
+    restored = ModelMessagesTypeAdapter.validate_python(redacted)  # the structure is intact
+    text = json.dumps(redacted)
+    assert count == 5 and len(restored) == 3
+    for fragment in (*pem.distinctive(), *ghp.distinctive(), 'AKIAZ7Q3W9E5R1T8Y4U2', 'plain words', '"abc"'):
+        assert fragment not in text
+    call = restored[1].parts[1]
+    assert isinstance(call, ToolCallPart) and call.args == {'user': 'bob', 'password': REDACTED, 'max_tokens': 5}
