@@ -143,7 +143,7 @@ class LedgerRecord:
             if value is not None and len(value) > limit:
                 row[name] = value[:limit]
         if row['error_message'] is not None:
-            row['error_message'] = redact_text(row['error_message'])[:ERROR_MESSAGE_MAX_CHARS]
+            row['error_message'] = redact_text(row['error_message'])[0][:ERROR_MESSAGE_MAX_CHARS]
         return row
 
     def content_rows(self, max_bytes: int) -> list[dict[str, Any]]:

@@ -1,167 +1,731 @@
-"""Redact secrets (API keys, bearer tokens, passwords in URLs and key=value pairs) before text is stored or logged."""
+"""Redact secrets from text and from JSON-like values before they are stored or logged.
+
+What is caught (rules in `redaction_rules.toml` beside this module, listed by `rule_kinds()`):
+- provider tokens by their published shapes: OpenAI / Anthropic / other `sk-` keys, GitHub (classic and
+  fine-grained), GitLab, Slack (tokens and webhooks), Stripe, AWS access key ids, Google (API keys, OAuth access
+  and refresh tokens, client secrets), Hugging Face, npm, PyPI, SendGrid, Twilio, Mailgun, Mailchimp, Telegram,
+  Discord, Azure (storage keys, AD client secrets), Databricks, DigitalOcean, Vault, Terraform Cloud, Docker Hub,
+  Atlassian, Shopify, Square, Sentry, Grafana, New Relic, Doppler, Pulumi, Notion, Figma, Airtable, Heroku,
+  Supabase, Alibaba, Facebook, age, Firebase, Groq, Replicate, Perplexity, xAI, Logfire, Artifactory;
+- JWTs, signed or not (an `alg: none` token with an empty signature included);
+- PEM private keys (any type, encrypted ones with Proc-Type / DEK-Info headers, PGP, SSH2, PuTTY): the armour line
+  stays, the rest goes, up to the END line or the end of a truncated key;
+- credentials in context: `scheme://user:password@host` (passwords containing `/`, `@` or `:` included),
+  `curl -u user:password`, `Authorization: Basic/Bearer ...` anywhere, signed-URL signatures, AWS secret access
+  keys near "aws" or "secret", and the value of any secret-named key (`password`, `passwd`, `pwd`, `secret`,
+  `token`, `api_key`, `client_secret`, `authorization`, `cookie`, `credentials`, `*_key` of a known kind...)
+  written as `name=value`, `name: value`, `"name": "value"`, `--name value`, `<name>value</name>` or
+  `name is value`;
+- high-entropy strings, but only where they cannot flood ordinary text: as the value of an upper-case
+  `KEY=value` environment line (random-looking: upper and lower case and digits, entropy >= 3.5 bits/char).
+
+What is deliberately not caught (known gaps, each a trade against false positives in ordinary text and code):
+- random strings without a known shape or a secret-named key before them (a bare 32-character hex string could
+  be a Datadog key or a checksum; only `DD_API_KEY=...` and the like are caught), and `KEY=value` lines that do
+  not start a line;
+- after `name:` in running prose, a plain word without digits or symbols that does not end its line
+  (`Token: the unit of text`); after `name is`, anything that does not look like a credential; after `name:`, a
+  letters-only CamelCase word, taken for a type annotation (`client_secret: ClientSecret`);
+- bare values shaped like code: calls and indexing (`get_password()`, `tokens[0]`, so also `password=abc(def)`),
+  attribute paths (`self.token`), keywords and type names (`api_key: str`), upper-case constants (`API_KEY`),
+  `x = name` with spaces around `=` and a letters-only value (so also INI `password = letmein`), `pwd=pwd`,
+  comparisons (`token == X`); paths and URLs; placeholders (`${DB_PASSWORD}`, `<password>`, `%s`, `***`, `{x}`);
+- quoted values that are upper-case names with underscores (`"OPENAI_API_KEY"`), paths, or start or end with a
+  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first).
+
+Contract:
+- `redact_text()` works on the real text: newlines are newlines, so a secret at the start of a line, after a tab,
+  inside JSON inside a string a tool returned, inside a URL or in an error body is caught. It also accepts JSON
+  text and keeps it valid: a replaced span never contains `"`, never starts inside an escape or in the structure
+  between two strings, and contains `\\` only as whole `\\n`/`\\r`/`\\t` escapes.
+- Linear time whatever the input: every pattern runs on RE2 (google-re2), whose automata match in time linear in
+  the input and never backtrack; the Python work per candidate match is bounded by constants. A single RE2 set of
+  literal-like triggers picks the rules a text can match in one pass, so ordinary prose costs one scan.
+- Friendly to an event loop when run in a worker thread (`asyncio.to_thread`): RE2 releases the GIL while it
+  scans, and no per-match Python object outlives its match (spans are kept as ints), so redaction does not set
+  off long garbage collections. See `scripts/bench_redaction.py`.
+- Never raises on hostile text: NUL, lone surrogates, megabytes of trigger characters.
+
+For callers: apply `redact_value()` to message parts (prompts, instructions, tool arguments and returns, model
+text, error bodies) as Python values, before serialising; redacting serialised JSON works too but sees escapes.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import itertools
+import math
 import re
-from collections.abc import Callable
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import re2  # google-re2: linear-time matching
 
 REDACTED = '[REDACTED]'
+_REDACTED_BYTES = REDACTED.encode()
+_RULES_FILE = Path(__file__).with_name('redaction_rules.toml')
 
-# Python's `re` scans at roughly 30-100 ns per character per pattern, too slow to run a dozen patterns
-# over every stored prompt. So each pattern runs only when a C-speed substring check finds one of its
-# triggers, and key=value secrets are found with `str.find` and matched anchored at each hit.
-# Every replaced span keeps `"` and `\` out, so redacting JSON text (where quotes inside strings are
-# escaped as `\"`) never breaks the JSON. Prefixes that say what the secret was are kept.
+_T = TypeVar('_T')
+
+
+@dataclass(frozen=True, slots=True)
+class SecretSpan:
+    """One secret found in a text: `text[start:end]` is replaced, `rule` is the id of the rule that found it."""
+
+    start: int
+    end: int
+    rule: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks named by rules (`check = '...'`): they run on a candidate after RE2 matched it, with bounded work each.
+
+_Span = tuple[int, int]
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A secret a rule's pattern matched, for its check to accept (returning the span to replace) or refuse."""
+
+    data: bytes
+    spans: list[_Span]  # of every group of the match, (-1, -1) where a group did not take part
+    groups: dict[str, int]  # the rule's group indexes by name
+    group: int  # index of the group holding the secret
+    start: int
+    end: int
+
+    @property
+    def value(self) -> bytes:
+        return self.data[self.start : self.end]
+
+
+_Check = Callable[[_Candidate], '_Span | None']
+
+_PLACEHOLDER_SHAPES = (
+    rb'\[REDACTED|\$\{|\$\(|\{\{|\{%|\{[\w.]*\}$|<[^>]*>|%[sdr]|%\(|\?+$|[*x.\-_#]+$|#[0-9a-f]{3,8}$|\$[0-9]+$'
+    rb'|(?-i:\$[A-Z_][A-Z0-9_]*)$|:[a-z_]+$|(?:null|none|nil|undefined|true|false|yes|no|on|off|empty|redacted)$'
+)
+"""Values that stand for a secret rather than being one: templates, bind parameters, masks, null-ish words."""
+_PLACEHOLDER = re.compile(rb'(?i:' + _PLACEHOLDER_SHAPES + rb')')
+_CONSTANT = re.compile(rb'_?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$|[A-Z_]+$')
+"""`API_KEY`, `TOKEN`: a bare upper-case name is a constant or an environment variable, not a value."""
+_NAME = re.compile(rb'_?[A-Z]+(?:_[A-Z]+)+$')
+"""`"OPENAI_API_KEY"`: a quoted name of an environment variable (a quoted `"HUNTER"` stays a secret)."""
+_TYPE_NAME = re.compile(rb'_?(?:[A-Z]+[a-z]{2,}){2,}$')
+"""`SessionClientSecret`, `UserToken`: a type annotation (`client_secret: ClientSecret`), not a password."""
+_TYPE_OR_KEYWORD = frozenset(
+    b'str string bytes int integer bool boolean any optional secretstr secretbytes text varchar char object '
+    b'await new this self function lambda async yield not typeof input getpass required'.split()
+)
+_CODE_PATH = re.compile(rb'[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][A-Za-z_$]*)+$|[A-Za-z_$][\w$.]*[(\[]')
+_IDENTIFIER = re.compile(rb'[A-Za-z_]+$')
+_DOTTED = re.compile(rb'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$')
+_PATH = re.compile(rb'(?:~|\.{1,2})?/[\w./-]*$|[a-z][a-z0-9+.-]*://')
+"""A file path or a URL (whose own password, if any, the url-password rule handles)."""
+_NOT_A_BARE_VALUE = re.compile(b'|'.join([_PLACEHOLDER.pattern, *(p.pattern for p in (_PATH, _CODE_PATH, _CONSTANT))]))
+"""A placeholder, a path, code or a constant: one match for all the shapes a bare value is not a secret in."""
+_SYMBOLS = frozenset(b'!@#$%^&+=/?~|')  # not `*`: markdown emphasis
+_DIGITS = frozenset(b'0123456789')
+_UPPER = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
+_LOWER = frozenset(b'abcdefghijklmnopqrstuvwxyz')
+_IDENT = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-')
+_LINE_LEAD = frozenset(b' \t"\'`*>-')
+_JSON_STRUCTURE = frozenset(b' \t\r\n:,]}')
+_BOUND = 64
+_SHAPE_MAX = 256
+"""Longest value the Python-side shape checks (placeholders, code, constants) look at."""
+"""How far checks look around a candidate: a constant, so the Python work per match stays bounded."""
+
+
+def _has_digit(c: _Candidate) -> _Span | None:
+    return (c.start, c.end) if _DIGITS.intersection(c.value) else None
+
+
+def _credential_like(value: bytes) -> bool:
+    """A digit, a symbol, or a length no word has: what a password or key has and a word of prose does not."""
+    chars = set(value)
+    return bool(chars & _DIGITS or chars & _SYMBOLS or len(value) >= 24)
+
+
+def _credential_like_check(c: _Candidate) -> _Span | None:
+    return (c.start, c.end) if _credential_like(c.value) else None
+
+
+def _random_looking(c: _Candidate) -> _Span | None:
+    """Upper and lower case letters and a digit: random keys of 32+ characters nearly always have all three;
+    paths, words, hex digests and version strings rarely do. `K8S = Attributes.K8S_POD_UID`, `X = Cls2(...)` are
+    code."""
+    value = c.value
+    chars = set(value)
+    if not (chars & _UPPER and chars & _LOWER and chars & _DIGITS) or _DOTTED.match(value[: _SHAPE_MAX + 1]):
+        return None
+    if c.data[c.end : c.end + 1] in (b'(', b'['):  # `NAME = SomeClass2(...)`
+        return None
+    head = value[:_BOUND]
+    runs = sum(1 for a, b in itertools.pairwise(head) if b == a + 1)
+    return None if runs * 3 > len(head) else (c.start, c.end)  # `ABCDEFGH...0123456789`: an alphabet, not a key
+
+
+def _basic_credentials(c: _Candidate) -> _Span | None:
+    """`Basic <base64>` is a credential when the base64 decodes to `user:password`, which spares "basic text"."""
+    value = c.value
+    try:
+        decoded = base64.b64decode(value + b'=' * (-len(value) % 4), validate=True).decode('utf-8')
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return (c.start, c.end) if decoded.find(':') > 0 and decoded.isprintable() else None
+
+
+def _not_placeholder(c: _Candidate) -> _Span | None:
+    value = c.value
+    return None if _too_short(value) or _is_placeholder(value) else (c.start, c.end)
+
+
+def _is_placeholder(value: bytes) -> bool:
+    return len(value) <= _SHAPE_MAX and _PLACEHOLDER.match(value) is not None
+
+
+def _shaped(pattern: re.Pattern[bytes], value: bytes) -> bool:
+    """Whether a short value has a shape (code, type name, constant); a long one never has: a long value after a
+    secret name is a secret, and the Python regexes never see more than `_SHAPE_MAX` characters."""
+    return len(value) <= _SHAPE_MAX and pattern.match(value) is not None
+
+
+def _url_password(c: _Candidate) -> _Span | None:
+    value = c.value
+    if re.match(rb'[0-9]{1,5}(?:/|$)', value):  # http://host:8000/@user: a port and a path, not a password
+        return None
+    return _not_placeholder(c)
+
+
+def _too_short(value: bytes) -> bool:
+    """Fewer than 3 characters (not bytes: a lone emoji is 4 bytes) is no secret worth a redaction."""
+    return len(value) < 3 or (len(value) < 12 and len(value.decode('utf-8', errors='replace')) < 3)
+
+
+def _name_before(data: bytes, at: int) -> bytes:
+    """The key name (identifier characters, at most `_BOUND`) that ends before `at`, skipping its closing quote."""
+    end = at
+    while end > 0 and at - end < 4 and data[end - 1] in b'"\'`]\\':
+        end -= 1
+    start, floor = end, max(0, end - _BOUND)
+    while start > floor and data[start - 1] in _IDENT:
+        start -= 1
+    return data[start:end]
+
+
+def _starts_line(data: bytes, at: int) -> bool:
+    """Whether only a key name and indentation/quotes/bullets stand between `at` and the start of its line."""
+    i, floor = at, max(0, at - _BOUND)
+    while i > floor and data[i - 1] in _IDENT:
+        i -= 1
+    floor = max(0, i - 16)
+    while i > floor and data[i - 1] in _LINE_LEAD:
+        i -= 1
+    return i == 0 or data[i - 1] in b'\r\n' or (i >= 2 and data[i - 2] == 92 and data[i - 1] in b'nr')
+
+
+def _ends_line(data: bytes, at: int) -> bool:
+    """Whether the value ending at `at` is the last thing on its line (YAML `password: letmein`)."""
+    i, ceiling = at, min(len(data), at + 16)
+    while i < ceiling and data[i] in b' \t':
+        i += 1
+    return i == len(data) or data[i] in b'\r\n;}' or (data[i] == 92 and data[i + 1 : i + 2] in (b'n', b'r'))
+
+
+_NEXT_PAIR = re.compile(rb'[,;&](?=\s|[\w.-]+[:=]|$)')
+
+
+def _cut_bare(value: bytes) -> bytes:
+    """A bare value ends where `,` `;` `&` start the next pair (`?password=abc&next=/`, `Password=abc;Host=db`) or
+    end the value, but a password may contain them (`password=Tr0ub4dor&3`)."""
+    cut = _NEXT_PAIR.search(value)
+    return _trim_closers(value[: cut.start()] if cut else value)
+
+
+def _trim_closers(value: bytes) -> bytes:
+    """Drop trailing punctuation and closing brackets the value did not open: `{token: abc}`, `f(password=abc)`,
+    `def f(pwd=None):` and `the password=hunter2.` end before them. At most `_BOUND` characters go."""
+    if not value or value[-1] not in b'.,;:)]}':
+        return value
+    unmatched = {close: value.count(close) - value.count(_OPENER[close]) for close in _OPENER}
+    end, floor = len(value), max(0, len(value) - _BOUND)
+    while end > floor:
+        last = value[end - 1]
+        if last in b'.,;:':
+            end -= 1
+        elif last in unmatched and unmatched[last] > 0:
+            unmatched[last] -= 1
+            end -= 1
+        else:
+            break
+    return value[:end]
+
+
+_OPENER = {ord(')'): ord('('), ord(']'): ord('['), ord('}'): ord('{')}
+
+
+def _secret_assignment(c: _Candidate) -> _Span | None:
+    """The value of a secret-named key, unless it is code, a placeholder or prose.
+
+    Quoted values are secrets unless they are placeholders, constants or the gap between two string literals.
+    Bare values are secrets after `=` unless they are code (a call, an index, an attribute path, a constant, a
+    variable passed on) or a path; after `:` they must also look like a credential or stand alone at the end of a
+    line that starts with the key (YAML, HTTP headers), and not be a type name; after `is` they must look like a
+    credential.
+    """
+    value = c.value
+    sep_start, sep_end = c.spans[c.groups['sep']]
+    raw_sep = c.data[sep_start:sep_end]
+    sep = raw_sep.strip()
+    if c.group != c.groups['secret_bare']:
+        return (c.start, c.end) if _quoted_secret(c, value, sep, sep_start) else None
+    value = _cut_bare(value)
+    end = c.start + len(value)
+    if _too_short(value) or _shaped(_NOT_A_BARE_VALUE, value) or sep == b'==':  # `==`: a comparison is code
+        return None
+    if value.lower() in _TYPE_OR_KEYWORD or (raw_sep != sep and value.isdigit()):  # `OPTION_TOKEN = 1256`
+        return None
+    variable = _shaped(_IDENTIFIER, value)
+    if variable and _name_before(c.data, sep_start).lower().endswith(value.lower()):
+        return None  # `password=password`, `identity_token=identity_token`: passing a variable on
+    if sep.startswith(b'=') or sep in (b':=', b'=>'):
+        # `x = name` with spaces is code reading a variable, and so is `f(pwd=pwd)`; `.env` lines and URL pairs
+        # have no spaces, and passwords in INI files usually have a digit or symbol.
+        if variable and (raw_sep != sep or c.data[end : end + 1] in (b')', b',')):
+            return None
+        return c.start, end
+    if sep.startswith(b':'):
+        if _shaped(_TYPE_NAME, value):
+            return None
+        if _credential_like(value) or (_ends_line(c.data, end) and _starts_line(c.data, sep_start)):
+            return c.start, end
+        return None
+    return (c.start, end) if _credential_like(value) else None  # `is` / `was`
+
+
+def _quoted_secret(c: _Candidate, value: bytes, sep: bytes, sep_start: int) -> bool:
+    if _too_short(value):
+        return False
+    # A value that starts or ends with a space or an operator is the gap between two string literals
+    # (`"Password: " + pw`, `"Basic " + b64`), and one that names the key is a constant (`SECRET = "secret"`).
+    if value[:1] in b' \t)],;+' or value[-1:] in b' \t' or _is_placeholder(value):
+        return False
+    if _shaped(_NAME, value) or _shaped(_PATH, value):
+        return False
+    if _name_before(c.data, sep_start).lower().endswith(value.lower()):
+        return False
+    if c.group == c.groups['secret_bt'] and not _credential_like(value):  # markdown `code`, JS `template`
+        return False
+    return sep != b'==' or (len(value) >= 6 and _credential_like(value))  # not `if token == "lambda":`
+
+
+def _not_code(c: _Candidate) -> _Span | None:
+    """Real signatures have digits; `signature=block.signature` and `sig=obj.data` are code."""
+    value = c.value
+    if _shaped(_CODE_PATH, value) or not _DIGITS.intersection(value):
+        return None
+    return c.start, c.end
+
+
+_CHECKS: dict[str, _Check] = {
+    'not_code': _not_code,
+    'has_digit': _has_digit,
+    'credential_like': _credential_like_check,
+    'random_looking': _random_looking,
+    'basic_credentials': _basic_credentials,
+    'not_placeholder': _not_placeholder,
+    'url_password': _url_password,
+    'secret_assignment': _secret_assignment,
+}
+
+
+def _entropy(value: bytes) -> float:
+    """Shannon entropy in bits per character."""
+    counts = Counter(value)
+    total = len(value)
+    return -sum(n / total * math.log2(n / total) for n in counts.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rules: loaded from the TOML data, checked, compiled once at import.
 
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    triggers: tuple[str, ...]
-    """Substrings one of which must occur (in the original text, or lower-cased when `fold`)."""
-    pattern: re.Pattern[str]
-    replace: str | Callable[[re.Match[str]], str]
-    fold: bool = False
-    requires: str = ''
-    """A character the text must contain for the rule to apply: a `memchr`-speed first check."""
+    id: str
+    kind: str
+    source: str
+    regex: Any  # re2._Regexp
+    groups: dict[str, int]
+    secret_groups: tuple[int, ...]
+    check: _Check | None
+    min_entropy: float
+    not_followed_by: frozenset[int]
+    not_preceded_by: frozenset[int]
+
+    def spans(self, data: bytes) -> Iterator[tuple[int, int]]:
+        """Where this rule's secrets are in `data` (UTF-8 bytes), as byte offsets."""
+        for m in self.regex.finditer(data):
+            spans = _match_spans(m)
+            group, (start, end) = 0, spans[0]
+            for index in self.secret_groups:
+                if spans[index][0] >= 0:
+                    group, (start, end) = index, spans[index]
+                    break
+            if start >= end or data.startswith(_REDACTED_BYTES, start):
+                continue
+            # After a closing quote, JSON text continues with structure, which always starts with one of these:
+            # a "quoted value" there is the gap between two strings (`": "`), not a value.
+            if start and data[start - 1] == 34 and data[start] in _JSON_STRUCTURE:
+                continue
+            if self.not_followed_by and end < len(data) and data[end] in self.not_followed_by:
+                continue
+            if self.not_preceded_by and start > 0 and data[start - 1] in self.not_preceded_by:
+                continue
+            if self.min_entropy and _entropy(data[start:end]) < self.min_entropy:
+                continue
+            if self.check is not None:
+                checked = self.check(_Candidate(data, spans, self.groups, group, start, end))
+                if checked is None:
+                    continue
+                start, end = checked
+            start = _after_escape(data, start)
+            quote = data.find(b'"', start, end)  # the patterns exclude it; this keeps JSON safe whatever a rule says
+            if quote != -1:
+                end = quote
+            if start < end:
+                yield start, end
 
 
-_TOKEN_RULES: tuple[_Rule, ...] = (
-    # OpenAI / Anthropic / DeepSeek-style keys: sk-..., sk-proj-..., sk-ant-api03-...
-    _Rule(('sk-',), re.compile(r'\bsk-[A-Za-z0-9_\-]{16,}'), REDACTED, requires='-'),
-    # Stripe-style live/test keys.
-    _Rule(('_live_', '_test_'), re.compile(r'\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}'), REDACTED, requires='_'),
-    # GitHub, Slack, Hugging Face, Groq, Replicate and Logfire tokens.
-    _Rule(
-        ('ghp_', 'gho_', 'ghu_', 'ghs_', 'ghr_', 'github_pat_', 'xox', 'hf_', 'gsk_', 'r8_', 'pylf_'),
-        re.compile(
-            r'\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{40,}|xox[abposr]-[A-Za-z0-9\-]{10,}'
-            r'|hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pylf_v\d_[A-Za-z0-9_]{20,})'
-        ),
-        REDACTED,
-    ),
-    # Google API keys and AWS access key ids.
-    _Rule(('AIza', 'AKIA', 'ASIA'), re.compile(r'\b(?:AIza[0-9A-Za-z_\-]{35}|(?:AKIA|ASIA)[0-9A-Z]{16}\b)'), REDACTED),
-    # JSON Web Tokens.
-    _Rule(
-        ('eyJ',), re.compile(r'\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}'), REDACTED, requires='.'
-    ),
-    # PEM private keys: the body only; the armour lines stay.
-    _Rule(
-        ('PRIVATE KEY',),
-        re.compile(r'(?<=-----BEGIN )[A-Z ]*PRIVATE KEY-----[^-]+(?=-----END)'),
-        REDACTED,
-        requires='-',
-    ),
-    # `Bearer <token>`; a real token has a digit, which spares "bearer instruments".
-    _Rule(
-        ('bearer',),
-        re.compile(r'\b(bearer\s+)(?=[A-Za-z\-._~+/]*[0-9])[A-Za-z0-9\-._~+/]{8,}=*', re.IGNORECASE),
-        lambda m: f'{m.group(1)}{REDACTED}',
-        fold=True,
-    ),
-    # `scheme://user:password@host`: keep the user, drop the password.
-    _Rule(
-        ('://',),
-        re.compile(r'\b([a-z][a-z0-9+.\-]*://[^\s:/@"\\]*:)([^\s@/"\\]+)(@)', re.IGNORECASE),
-        lambda m: f'{m.group(1)}{REDACTED}{m.group(3)}',
-        requires=':',
-    ),
-)
-
-# Names whose value is a secret. `token` also covers access_token, auth_token, refresh_token, x-auth-token.
-_SECRET_NAMES = (
-    'password',
-    'passwd',
-    'passphrase',
-    'pwd',
-    'secret',
-    'apikey',
-    'api_key',
-    'api-key',
-    'private_key',
-    'private-key',
-    'token',
-    'authorization',
-)
-# After the name: an optional closing quote, `:` or `=`, then the value, quoted (up to the closing quote,
-# so "two words" goes too) or bare (up to the next separator). An auth scheme before the value is kept.
-_SEPARATOR = r'(?:\\*["\'])?\s*[:=]\s*'
-_SCHEME = r'(?:(?:basic|bearer|token)\s+)?+'
-_QUOTED_VALUE = re.compile(
-    _SEPARATOR + r'\\*["\']' + _SCHEME + r'(?!\[REDACTED\])([^"\'\\\r\n]{1,256}+)(?=\\*["\'])', re.IGNORECASE
-)
-_BARE_VALUE = re.compile(
-    _SEPARATOR + r'(?:\\*["\'])?+' + _SCHEME + r'(?!\[REDACTED\])([^\s"\'\\,;&}<>]{3,})', re.IGNORECASE
-)
+_HEX4 = re.compile(rb'[0-9A-Fa-f]{4}')
 
 
-def redact(text: str) -> tuple[str, int]:
-    """Replace secrets in `text` with `[REDACTED]`.
-
-    Safe on JSON text: replaced spans never contain quotes or backslashes, so the result stays valid JSON.
-
-    Args:
-        text: any text: a prompt, a serialised message list, an error message.
-
-    Returns:
-        The redacted text and the number of secrets replaced.
-    """
-    lowered = _lower(text)
-    count = 0
-    for rule in _TOKEN_RULES:
-        if rule.requires and rule.requires not in text:
-            continue
-        haystack = lowered if rule.fold else text
-        if any(trigger in haystack for trigger in rule.triggers):
-            text, n = rule.pattern.subn(rule.replace, text)
-            count += n
-            if n:
-                lowered = _lower(text)
-    spans = _secret_value_spans(text, lowered)
-    if spans:
-        pieces, last = [], 0
-        for start, end in spans:
-            pieces += [text[last:start], REDACTED]
-            last = end
-        text = ''.join([*pieces, text[last:]])
-    return text, count + len(spans)
+def _after_escape(data: bytes, start: int) -> int:
+    """Move `start` past a JSON escape it would otherwise begin inside (`\\u2028eyJ...`, `\\npm_...` where the
+    `n` belongs to the escape): replacing from there would leave a lone backslash and break JSON text."""
+    run = 0
+    while run < _BOUND and start - run > 0 and data[start - run - 1] == 92:
+        run += 1
+    if run % 2 == 0 and run < _BOUND:
+        return start
+    if data[start : start + 1] == b'u' and _HEX4.match(data, start + 1, start + 5):
+        return start + 5
+    return start + 1
 
 
-def _secret_value_spans(text: str, lowered: str) -> list[tuple[int, int]]:
-    """Where the values of `password=...`-style pairs are, found with `str.find` and anchored matches."""
-    spans: list[tuple[int, int]] = []
-    if ':' not in text and '=' not in text:
-        return spans
-    for name in _SECRET_NAMES:
-        at = lowered.find(name)
-        while at != -1:
-            end = at + len(name)
-            if at == 0 or not lowered[at - 1].isalnum():
-                match = _QUOTED_VALUE.match(text, end) or _BARE_VALUE.match(text, end)
-                if match is not None:
-                    spans.append(match.span(1))
-            at = lowered.find(name, end)
-    if len(spans) < 2:
-        return spans
-    spans.sort()  # in text order, each value once even if two names led to it
-    merged = [spans[0]]
-    for span in spans[1:]:
-        if span[0] >= merged[-1][1]:
+def _match_spans(m: Any) -> list[_Span]:
+    """The spans of all groups of an re2 match. google-re2's `span()` asks C++ for the group count on every call,
+    which is most of the per-match cost on hostile input, so read its span list when it has one."""
+    spans = getattr(m, '_spans', None)
+    return spans if spans is not None else [m.span(i) for i in range(m.re.groups + 1)]
+
+
+def _byte_class(body: str) -> frozenset[int]:
+    """The ASCII bytes in the regex character class `[body]`."""
+    pattern = re.compile(f'[{body}]')
+    return frozenset(b for b in range(128) if pattern.fullmatch(chr(b)))
+
+
+def _options() -> Any:
+    options = re2.Options()
+    options.max_mem = 64 << 20  # room for the DFA of the larger patterns, so RE2 never falls back to its NFA
+    return options
+
+
+def _load_rules(path: Path) -> tuple[tuple[_Rule, ...], Any, tuple[tuple[int, ...], ...]]:
+    """The rules, the RE2 set of all triggers, and for each trigger the indexes of the rules it enables."""
+    rules: list[_Rule] = []
+    triggers: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for raw in tomllib.loads(path.read_text(encoding='utf-8'))['rules']:
+        rule_id = raw['id']
+        if rule_id in seen:
+            raise ValueError(f'{path.name}: duplicate rule id {rule_id!r}')
+        seen.add(rule_id)
+        if not raw.get('triggers'):
+            raise ValueError(f'{path.name}: rule {rule_id!r} has no triggers')
+        try:
+            regex = re2.compile(raw['pattern'], _options())
+        except re2.error as exc:
+            raise ValueError(f'{path.name}: rule {rule_id!r}: invalid RE2 pattern: {exc}') from exc
+        names = regex.groupindex
+        if len(names) != regex.groups:
+            raise ValueError(f'{path.name}: rule {rule_id!r}: every group must be named (use (?:...) otherwise)')
+        secret_groups = tuple(sorted(i for name, i in names.items() if name.startswith('secret')))
+        check_name = raw.get('check')
+        if check_name is not None and check_name not in _CHECKS:
+            raise ValueError(f'{path.name}: rule {rule_id!r}: unknown check {check_name!r}')
+        index = len(rules)
+        rules.append(
+            _Rule(
+                id=rule_id,
+                kind=raw['kind'],
+                source=raw['source'],
+                regex=regex,
+                groups=dict(names),
+                secret_groups=secret_groups,
+                check=_CHECKS[check_name] if check_name else None,
+                min_entropy=float(raw.get('min_entropy', 0.0)),
+                not_followed_by=_byte_class(raw['not_followed_by']) if 'not_followed_by' in raw else frozenset(),
+                not_preceded_by=_byte_class(raw['not_preceded_by']) if 'not_preceded_by' in raw else frozenset(),
+            )
+        )
+        for trigger in raw['triggers']:
+            triggers.setdefault(trigger, []).append(index)
+    trigger_set = re2.Set.SearchSet(_options())
+    for trigger in triggers:
+        trigger_set.Add(f'(?i:{trigger})')
+    trigger_set.Compile()
+    return tuple(rules), trigger_set, tuple(tuple(indexes) for indexes in triggers.values())
+
+
+_RULES, _TRIGGERS, _RULES_BY_TRIGGER = _load_rules(_RULES_FILE)
+
+
+def rule_kinds() -> list[tuple[str, str, str]]:
+    """`(id, kind, source)` of every rule, in the order they run: what this module catches, for docs and tests."""
+    return [(rule.id, rule.kind, rule.source) for rule in _RULES]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The matcher.
+
+
+# A span is kept as one int, start << 40 | end << 8 | rule index: ints are not tracked by the garbage collector, and
+# hostile text yields one span per dozen bytes. Keeping tuples or objects alive instead promotes tens of thousands
+# of them per megabyte into the old generation, and the full collections that follow (tens of ms on an
+# application-sized heap, GIL held) would stall the event loop while a worker thread redacts.
+_START, _END, _RULE_BITS = 40, 8, 0xFF
+if len(_RULES) > _RULE_BITS:
+    raise ValueError(f'{_RULES_FILE.name}: at most {_RULE_BITS} rules fit the span encoding')
+
+
+def _byte_spans(data: bytes) -> list[int]:
+    """Secrets in `data` (UTF-8) as sorted, merged (where they overlap or touch) encoded byte spans."""
+    hits = _TRIGGERS.Match(data)
+    if not hits:
+        return []
+    enabled = sorted({index for hit in hits for index in _RULES_BY_TRIGGER[hit]})
+    found = [start << _START | end << _END | index for index in enabled for start, end in _RULES[index].spans(data)]
+    found.sort()
+    merged: list[int] = []
+    last_start = last_end = -1
+    for span in found:
+        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
+        if start <= last_end:  # overlaps or touches the previous one: extend it, keep its rule
+            last_end = max(last_end, end)
+            merged[-1] = last_start << _START | last_end << _END | (merged[-1] & _RULE_BITS)
+        else:
             merged.append(span)
+            last_start, last_end = start, end
     return merged
 
 
-_ASCII_LOWER = str.maketrans('ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+_OFFSET_MASK = (1 << (_START - _END)) - 1
 
 
-def _lower(text: str) -> str:
-    """Lower-case with the same length as `text`, so offsets found in it are offsets in `text`."""
-    lowered = text.lower()
-    # A few characters lower-case to two (e.g. 'İ'): fall back to ASCII-only folding, which keeps offsets.
-    return lowered if len(lowered) == len(text) else text.translate(_ASCII_LOWER)
+def _char_spans(text: str) -> list[int]:
+    """`_byte_spans()` of `text`, with character offsets."""
+    if not text:
+        return []
+    # Lone surrogates cannot be encoded as UTF-8; 'replace' turns each into one '?', so character counts stay equal.
+    data = text.encode('utf-8', errors='replace')
+    spans = _byte_spans(data)
+    if not spans or len(data) == len(text):  # ASCII: byte offsets are character offsets
+        return spans
+    # Map byte offsets to character offsets in one pass over the text (linear, however many spans).
+    result, byte_at, char_at = [], 0, 0
+    for span in spans:
+        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
+        char_start = char_at + len(data[byte_at:start].decode('utf-8'))
+        char_end = char_start + len(data[start:end].decode('utf-8'))
+        result.append(char_start << _START | char_end << _END | (span & _RULE_BITS))
+        byte_at, char_at = end, char_end
+    return result
 
 
-def redact_text(text: str) -> str:
-    """`redact()` without the count, for log lines and error messages."""
-    return redact(text)[0]
+def find_secrets(text: str) -> list[SecretSpan]:
+    """Where the secrets in `text` are (character offsets, in order, never overlapping) and which rule found each.
+
+    Args:
+        text: any text; lone surrogates and NUL are fine.
+
+    Returns:
+        The spans `redact_text()` replaces.
+    """
+    return [
+        SecretSpan(span >> _START, (span >> _END) & _OFFSET_MASK, _RULES[span & _RULE_BITS].id)
+        for span in _char_spans(text)
+    ]
+
+
+def redact_text(text: str) -> tuple[str, int]:
+    """Replace every secret in `text` with `[REDACTED]`.
+
+    Works on the real text (a newline is a newline); JSON text is accepted too and stays valid JSON. Labels that
+    say what the secret was (`password=`, `Bearer `, the user of a URL, the armour of a PEM key) are kept.
+
+    Args:
+        text: a prompt, a tool result, model output, an error body, a log line.
+
+    Returns:
+        The redacted text (the very same object when nothing was found) and the number of secrets replaced.
+
+    Raises:
+        TypeError: `text` is not a `str`.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f'redact_text() takes a str, not {type(text).__name__}')
+    spans = _char_spans(text)
+    if not spans:
+        return text, 0
+    pieces, last = [], 0
+    for span in spans:
+        pieces += [text[last : span >> _START], REDACTED]
+        last = (span >> _END) & _OFFSET_MASK
+    pieces.append(text[last:])
+    return ''.join(pieces), len(spans)
+
+
+def redact(text: str) -> tuple[str, int]:
+    """The same as `redact_text()`: the name callers used before."""
+    return redact_text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nested values: JSON-like tool arguments and results, message parts dumped to dicts.
+
+_SECRET_NAME = re.compile(
+    r'(?i)(?:password|passwd|passphrase|passcode|secret|token|api[_.-]?key|pwd|authorization'
+    r'|(?:access|account|app|client|consumer|encryption|license|master|private|secret|service|session'
+    r'|shared[_.-]?access|signing|storage|subscription|webhook)[_.-]?key'
+    r'|(?:^|[^a-z])(?:pass|credentials?|cookie|sig|signature))'
+    r'(?:[_.-]?(?:confirm(?:ation)?|again|new|old|current|plain(?:text)?|value|[0-9]))?$'
+)
+_AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key with this name holds a secret: `password`, `api_key`, `client_secret`, `Authorization`,
+    `x-auth-token`, `DB_PASSWORD`, `accessToken`, ... but not `max_tokens`, `token_count` or `primary_key`."""
+    return _SECRET_NAME.search(name[-80:]) is not None
+
+
+def _redact_scalar(value: Any) -> tuple[Any, int]:
+    """The value of a secret-named key: strings, numbers and bytes go (an auth scheme before a string stays)."""
+    if isinstance(value, str):
+        if not value.strip() or value.startswith(REDACTED):
+            return value, 0
+        scheme = _AUTH_SCHEME.match(value)
+        return (scheme.group(1) if scheme else '') + REDACTED, 1
+    if isinstance(value, bool) or value is None:
+        return value, 0
+    if isinstance(value, int | float | bytes | bytearray):
+        return REDACTED, 1
+    return value, 0
+
+
+def redact_value(value: _T) -> tuple[_T, int]:
+    """A redacted copy of a JSON-like value: nested dicts, lists and tuples of strings, numbers, bools and None.
+
+    Every string (dict keys included) goes through `redact_text()`. The value of a key that names a secret
+    (`is_secret_name()`) is replaced whole when it is a string, a number or bytes; inside a list or tuple under
+    such a key every such item is replaced; a dict under it is walked normally (its own keys decide). Other types
+    are returned as they are (dump models and dataclasses to dicts first, e.g. with pydantic's `dump_python(...,
+    mode='json')`); subclasses of dict, list and tuple come back as the plain type. The walk is iterative, so
+    depth is no problem; a container that contains itself is replaced by `[REDACTED]` at the point of the cycle.
+
+    Args:
+        value: for example a tool call's arguments, a tool's return value, a message dumped with `model_dump()`.
+
+    Returns:
+        The redacted copy (the same object where nothing changed is not guaranteed) and the number of replacements.
+    """
+    return _Walker().walk(value)
+
+
+class _Walker:
+    """An explicit-stack walk, so hostile nesting depth cannot hit Python's recursion limit."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def leaf(self, value: Any, secret: bool) -> Any:
+        if secret:
+            replaced, n = _redact_scalar(value)
+            if n:
+                self.count += n
+                return replaced
+        if isinstance(value, str):
+            redacted, n = redact_text(value)
+            self.count += n
+            return redacted
+        return value
+
+    def key(self, key: Any, taken: dict[Any, Any]) -> Any:
+        if not isinstance(key, str):
+            return key
+        redacted, n = redact_text(key)
+        self.count += n
+        unique, suffix = redacted, 2
+        while n and unique in taken:  # two keys that redact alike stay two keys
+            unique, suffix = f'{redacted} ({suffix})', suffix + 1
+        return unique
+
+    @staticmethod
+    def frame(container: Any, secret: bool, key_in_parent: Any) -> _Frame:
+        if isinstance(container, dict):
+            items = ((k, v, isinstance(k, str) and is_secret_name(k)) for k, v in container.items())
+            return _Frame(container, iter(items), {}, key_in_parent)
+        return _Frame(container, iter((None, v, secret) for v in container), [], key_in_parent)
+
+    def walk(self, root: Any) -> tuple[Any, int]:
+        if not isinstance(root, dict | list | tuple):
+            return self.leaf(root, False), self.count
+        stack = [self.frame(root, False, None)]
+        on_path = {id(root)}
+        while True:
+            frame = stack[-1]
+            step = next(frame.items, None)
+            if step is None:  # container done: build it and hand it to its parent
+                stack.pop()
+                on_path.discard(id(frame.source))
+                built = tuple(frame.out) if isinstance(frame.source, tuple) else frame.out
+                if not stack:
+                    return built, self.count
+                _put(stack[-1].out, frame.key_in_parent, built)
+                continue
+            key, child, secret = step
+            if isinstance(frame.out, dict):
+                key = self.key(key, frame.out)
+            if isinstance(child, dict | list | tuple):
+                if id(child) in on_path:  # a container that contains itself
+                    self.count += 1
+                    _put(frame.out, key, REDACTED)
+                    continue
+                on_path.add(id(child))
+                # Under a secret-named key, list items inherit the secrecy; a dict's own keys decide for it.
+                stack.append(self.frame(child, secret and not isinstance(child, dict), key))
+                continue
+            _put(frame.out, key, self.leaf(child, secret))
+
+
+@dataclass(slots=True)
+class _Frame:
+    source: Any
+    items: Iterator[tuple[Any, Any, bool]]
+    out: Any  # dict or list being built
+    key_in_parent: Any
+
+
+def _put(out: Any, key: Any, value: Any) -> None:
+    if isinstance(out, dict):
+        out[key] = value
+    else:
+        out.append(value)

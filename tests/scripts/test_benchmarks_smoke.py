@@ -30,12 +30,13 @@ EXPECTED_ROW_KEYS = {
     },
     'bench_overhead': {'pattern', 'mode', 'model_latency_ms', 'median_ms', 'cpu_ms', 'ttft_ms'},
     'bench_ledger_throughput': {'writers', 'rows_per_s', 'p50_ms', 'p99_ms', 'rows_in_db', 'duplicates', 'lost'},
+    'bench_redaction': {'family', 'ms_1x', 'ratio_2x', 'found', 'lag_max_ms', 'lag_p99_ms'},
 }
 
 
 @pytest.fixture(scope='module')
 def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
-    """Run the four benchmarks at once (they share the test server), each with `--quick`."""
+    """Run the benchmarks at once (they share the test server), each with `--quick`."""
     out_dir = tmp_path_factory.mktemp('bench')
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(out_dir / 'spool.jsonl')}
     procs = {

@@ -1,14 +1,233 @@
-"""Redaction of secrets before prompts, responses and errors are stored."""
+"""Secret redaction: planted secrets of every kind in every position, ordinary text untouched, JSON kept valid,
+hostile input handled, and time linear in the input."""
 
 from __future__ import annotations
 
 import json
+import random
+import string
+import time
 
 import pytest
+from pydantic_ai import ModelMessagesTypeAdapter
+from pydantic_ai.messages import (
+    ModelRequest,
+    ModelResponse,
+    SystemPromptPart,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 
-from agentrt.services.ledger.redaction import REDACTED, redact
+from agentrt.services.ledger import redaction
+from agentrt.services.ledger.redaction import (
+    REDACTED,
+    find_secrets,
+    is_secret_name,
+    redact,
+    redact_text,
+    redact_value,
+    rule_kinds,
+)
+from tests.services.ledger.redaction_corpus import FALSE_POSITIVES, KINDS, POSITIONS, Kind
 
-SECRETS = [
+
+@pytest.fixture(autouse=True)
+def clean_database() -> None:
+    """Pure functions, no database: overrides the suite's per-test TRUNCATE (about 15 ms a test, x 1000 here)."""
+
+
+CASES = [pytest.param(kind, position, id=f'{kind.name}-{position}') for kind in KINDS for position in kind.positions]
+
+
+def _redact_in(kind: Kind, position: str) -> tuple[str, int]:
+    """Plant `kind` at `position`, redact it the way a caller would, and return the result as text."""
+    where = POSITIONS[position]
+    planted = where.build(kind.text)
+    if where.redacts_value:
+        redacted, count = redact_value(planted)
+        as_text = json.dumps(redacted, ensure_ascii=False)
+        # The tool return holding JSON text must still be JSON after redaction.
+        if isinstance(redacted, dict) and 'content' in redacted:
+            json.loads(redacted['content'])
+        return as_text, count
+    assert isinstance(planted, str)
+    redacted_text, count = redact_text(planted)
+    if where.is_json_text:
+        json.loads(redacted_text)
+    return redacted_text, count
+
+
+def test_corpus_covers_at_least_25_kinds_and_every_position():
+    assert len({kind.rule for kind in KINDS}) >= 25 and len(KINDS) >= 25
+    assert {p for kind in KINDS for p in kind.positions} == set(POSITIONS)
+
+
+@pytest.mark.parametrize(('kind', 'position'), CASES)
+def test_planted_secret_leaves_no_distinctive_bytes(kind: Kind, position: str):
+    redacted, count = _redact_in(kind, position)
+    assert count >= 1 and REDACTED in redacted
+    for fragment in kind.distinctive():
+        assert fragment not in redacted, f'{fragment!r} of {kind.name} survived at {position}: {redacted[:400]!r}'
+
+
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_each_kind_is_found_by_its_own_rule(kind: Kind):
+    data = kind.text.encode()
+    rule = next(r for r in redaction._RULES if r.id == kind.rule)
+    assert list(rule.spans(data)), f'rule {kind.rule} does not find {kind.name} on its own'
+
+
+def test_every_rule_has_a_planted_example():
+    assert {rule_id for rule_id, _, _ in rule_kinds()} <= {kind.rule for kind in KINDS}
+
+
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_redacting_twice_changes_nothing_more(kind: Kind):
+    once, _ = redact_text(POSITIONS['line_start'].build(kind.text))  # type: ignore[arg-type]
+    assert redact_text(once) == (once, 0)
+
+
+@pytest.mark.parametrize('text', FALSE_POSITIVES, ids=lambda t: t[:40])
+def test_ordinary_text_comes_back_byte_identical(text: str):
+    redacted, count = redact_text(text)
+    assert (redacted, count) == (text, 0), find_secrets(text)
+    assert redacted is text  # nothing copied either
+
+
+def test_ordinary_json_like_values_come_back_equal():
+    value = {'results': [{'text': text, 'n': i, 'ok': True, 'none': None} for i, text in enumerate(FALSE_POSITIVES)]}
+    value['usage'] = {'input_tokens': 512, 'output_tokens': 40, 'max_tokens': 1024, 'token_count': 3}
+    value['tuple'] = ('a', 1, 2.5)
+    redacted, count = redact_value(value)
+    assert (redacted, count) == (value, 0)
+    assert isinstance(redacted['tuple'], tuple)
+
+
+def test_false_positive_corpus_as_json_text_is_unchanged():
+    text = json.dumps({'messages': list(FALSE_POSITIVES)})
+    assert redact_text(text) == (text, 0)
+
+
+# --- redact_value: keys that name secrets ------------------------------------------------------------------------
+
+
+def test_values_of_secret_named_keys_are_replaced_whole():
+    value = {
+        'username': 'alice',
+        'password': 'plain words nobody would flag',
+        'api_key': 123456789,
+        'client_secret': b'raw-bytes',
+        'Authorization': 'Bearer abcdef',
+        'headers': {'X-Api-Key': 'abc', 'Content-Type': 'application/json'},
+        'tokens': ['not', 'secret'],
+        'secrets': {'token': 'x1'},
+        'secret': ['one', 'two', 3, None, True],
+        'token': None,
+        'passwd': '',
+        'has_password': False,
+        'max_tokens': 512,
+        'primary_key': 'id',
+    }
+    redacted, count = redact_value(value)
+    assert redacted == {
+        'username': 'alice',
+        'password': REDACTED,
+        'api_key': REDACTED,
+        'client_secret': REDACTED,
+        'Authorization': f'Bearer {REDACTED}',
+        'headers': {'X-Api-Key': REDACTED, 'Content-Type': 'application/json'},
+        'tokens': ['not', 'secret'],
+        'secrets': {'token': REDACTED},
+        'secret': [REDACTED, REDACTED, REDACTED, None, True],
+        'token': None,
+        'passwd': '',
+        'has_password': False,
+        'max_tokens': 512,
+        'primary_key': 'id',
+    }
+    assert count == 9
+
+
+@pytest.mark.parametrize(
+    'name',
+    ['password', 'PASSWORD', 'db_password', 'DB_PASSWORD', 'passwd', 'pwd', 'MYSQL_PWD', 'passphrase', 'secret',
+     'client_secret', 'clientSecret', 'token', 'access_token', 'accessToken', 'x-auth-token', 'GITHUB_TOKEN',
+     'api_key', 'apiKey', 'x-api-key', 'API-KEY', 'secret_key', 'private_key', 'AccountKey', 'authorization',
+     'Proxy-Authorization', 'cookie', 'set-cookie', 'credentials', 'password_confirmation', 'new_password', 'pass',
+     'db.pass', 'signing_key', 'SharedAccessKey', 'sig'],
+)  # fmt: skip
+def test_secret_names(name: str):
+    assert is_secret_name(name)
+    # The text rules agree with the key rule.
+    assert redact_text(f'{name}=Abc123xyz789')[0] == f'{name}={REDACTED}' or name in ('sig',)
+
+
+@pytest.mark.parametrize(
+    'name',
+    ['max_tokens', 'tokens', 'token_count', 'token_type', 'input_tokens', 'primary_key', 'sort_key', 'key',
+     'password_policy', 'private_key_id', 'keyboard', 'bypass', 'compass', 'passport', 'tokenizer', 'secretary',
+     'api_key_env', 'author', 'signature_count'],
+)  # fmt: skip
+def test_names_that_are_not_secret(name: str):
+    assert not is_secret_name(name)
+
+
+def test_keys_that_are_secrets_are_redacted_and_stay_distinct():
+    a, b = 'ghp_' + 'a1B2' * 9, 'ghp_' + 'c3D4' * 9
+    redacted, count = redact_value({a: 1, b: 2, 'plain': 3})
+    assert redacted == {REDACTED: 1, f'{REDACTED} (2)': 2, 'plain': 3} and count == 2
+
+
+def test_deep_nesting_and_cycles_do_not_break_the_walk():
+    deep: list[object] = ['password=hunter22']
+    for _ in range(50_000):
+        deep = [deep]
+    redacted, count = redact_value(deep)
+    assert count == 1
+    cyclic: dict[str, object] = {'a': 'token=abc123def'}
+    cyclic['self'] = cyclic
+    redacted, count = redact_value(cyclic)
+    assert redacted == {'a': f'token={REDACTED}', 'self': REDACTED} and count == 2
+
+
+def test_scalars_and_unknown_objects_pass_through():
+    marker = object()
+    assert redact_value(5) == (5, 0)
+    assert redact_value(None) == (None, 0)
+    assert redact_value(marker) == (marker, 0)
+    assert redact_value('password=hunter22') == (f'password={REDACTED}', 1)
+
+
+# --- JSON text stays JSON ----------------------------------------------------------------------------------------
+
+
+def test_random_json_documents_with_planted_secrets_stay_valid_json():
+    rng = random.Random(11)
+    pieces = [k.text for k in KINDS] + ['"', '\\', '\\n', '\n', '\t', 'é', '🙂', '\u2028', 'password', ': ', '=', '@']
+    for _ in range(300):
+        doc = {
+            rng.choice(['note', 'password', 'args', 'x']): ''.join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+            for _ in range(3)
+        }
+        for text in (json.dumps(doc), json.dumps({'outer': json.dumps(doc)}), json.dumps(doc, ensure_ascii=False)):
+            redacted, _ = redact_text(text)
+            json.loads(redacted)
+
+
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_json_text_escaped_twice_stays_valid(kind: Kind):
+    text = json.dumps({'messages': [{'content': kind.text, 'args': json.dumps({'note': kind.text})}]})
+    redacted, count = redact_text(text)
+    decoded = json.loads(redacted)
+    assert count >= 1 and REDACTED in decoded['messages'][0]['content']
+    json.loads(decoded['messages'][0]['args'])
+
+
+# --- the cases of the previous engine (tests/services/test_ledger_redaction.py) ----------------------------------
+
+LEGACY_SECRETS = [
     ('OpenAI key: sk-proj-ABCDEFGHIJKLMNOPqrstuvwxyz123456', 'sk-proj-ABCDEF'),
     ('anthropic sk-ant-api03-abcdefghijklmnopqrstuvwxyz', 'api03-abc'),
     ('Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlMTIz', 'eyJhbGci'),
@@ -30,21 +249,21 @@ SECRETS = [
 ]
 
 
-@pytest.mark.parametrize(('text', 'secret'), SECRETS)
-def test_secrets_are_replaced(text: str, secret: str):
+@pytest.mark.parametrize(('text', 'secret'), LEGACY_SECRETS)
+def test_legacy_secrets_are_replaced(text: str, secret: str):
     redacted, count = redact(text)
     assert secret not in redacted and REDACTED in redacted and count >= 1
 
 
-@pytest.mark.parametrize(('text', 'secret'), SECRETS)
-def test_redacting_json_text_keeps_it_valid_json(text: str, secret: str):
+@pytest.mark.parametrize(('text', 'secret'), LEGACY_SECRETS)
+def test_legacy_redacting_json_text_keeps_it_valid_json(text: str, secret: str):
     encoded = json.dumps({'messages': [{'content': text, 'args': json.dumps({'note': text})}]})
     redacted, _ = redact(encoded)
     decoded = json.loads(redacted)
     assert secret not in json.dumps(decoded) and REDACTED in decoded['messages'][0]['content']
 
 
-def test_ordinary_text_is_left_alone():
+def test_legacy_ordinary_text_is_left_alone():
     text = (
         'The bearer instruments are fine; token counting works (tokens: 500, input_tokens: 12). '
         'Passwords must be long. The key insight: secrets stay secret. https://example.com/path?q=1 '
@@ -61,3 +280,161 @@ def test_already_redacted_text_is_stable():
 def test_text_whose_lower_case_changes_length():
     redacted, count = redact('İstanbul İİ password=hunter22 İ')
     assert redacted == f'İstanbul İİ password={REDACTED} İ' and count == 1
+
+
+# --- what is kept around a secret ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('text', 'expected'),
+    [
+        ('postgresql://u:p@ss/w@host/db', f'postgresql://u:{REDACTED}@host/db'),
+        ('Authorization: Basic dXNlcjpwYXNzd29yZA==', f'Authorization: Basic {REDACTED}'),
+        ('"token": "Bearer abc123def"', f'"token": "Bearer {REDACTED}"'),
+        ('?password=abc123&next=/home', f'?password={REDACTED}&next=/home'),
+        ('Server=db;Password=p@ss;w0rd;Host=x', f'Server=db;Password={REDACTED};Host=x'),
+        ('password=Tr0ub4dor&3 ok', f'password={REDACTED} ok'),
+        ('{token: abc123}', f'{{token: {REDACTED}}}'),
+        ('f(password=hunter2)', f'f(password={REDACTED})'),
+        ('http://localhost:8000/@vite/client', 'http://localhost:8000/@vite/client'),
+        ('unsigned eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0. end', f'unsigned {REDACTED} end'),
+        (
+            '-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17\n\nMIIB\n'
+            '-----END RSA PRIVATE KEY-----',
+            f'-----BEGIN RSA PRIVATE KEY-----{REDACTED}-----END RSA PRIVATE KEY-----',
+        ),
+        ('cut off: -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg', f'cut off: -----BEGIN PRIVATE KEY-----{REDACTED}'),
+    ],
+)
+def test_labels_stay_and_only_the_secret_goes(text: str, expected: str):
+    assert redact_text(text)[0] == expected
+
+
+@pytest.mark.parametrize(
+    ('text', 'secret'),
+    [
+        ('password = "hunter2"', 'hunter2'),
+        ('if password == "Tr0ub4dor&3":', 'Tr0ub4dor'),
+        ('[db]\npassword = s3cret!x', 's3cret'),
+        ('PASSWORD=letmein', 'letmein'),
+        ('GET /cb?token=abcdefgh&x=1', 'abcdefgh'),
+        ('db:\n  password: letmein', 'letmein'),
+        ('Password: LetMeIn', 'LetMeIn'),
+        ('secret = "HUNTER"', 'HUNTER'),
+        ('password: "$ecretPass"', 'ecretPass'),
+        ('my password is hunter2, ok', 'hunter2'),
+        ('mysql --password hunter2pw', 'hunter2pw'),
+        ("requests.get(url, auth=('bob', 'x'), headers={'X-Api-Key': 'k3y-abc'})", 'k3y-abc'),
+        ('<password>opensesame</password>', 'opensesame'),
+        ('curl -u admin:opensesame https://x', 'opensesame'),
+    ],
+)
+def test_secret_values_in_code_and_config(text: str, secret: str):
+    redacted, count = redact_text(text)
+    assert secret not in redacted and count >= 1, redacted
+
+
+def test_find_secrets_reports_character_offsets_and_rules():
+    text = 'é🙂 key ghp_' + 'a1B2' * 9 + ' and password=hunter22'
+    spans = find_secrets(text)
+    assert [text[s.start : s.end] for s in spans] == ['ghp_' + 'a1B2' * 9, 'hunter22']
+    assert [s.rule for s in spans] == ['github-token', 'secret-assignment']
+
+
+# --- hostile input ------------------------------------------------------------------------------------------------
+
+
+def test_nul_and_lone_surrogates_are_kept_around_a_redacted_secret():
+    text = '\x00\ud800 password=hunter22 \udfff\x00 ghp_' + 'a1B2' * 9 + '\ud800'
+    redacted, count = redact_text(text)
+    assert redacted == f'\x00\ud800 password={REDACTED} \udfff\x00 {REDACTED}\ud800' and count == 2
+
+
+def test_a_surrogate_inside_a_secret_goes_with_it():
+    redacted, count = redact_text('https://u:pa\ud800ss@host/')
+    assert redacted == f'https://u:{REDACTED}@host/' and count == 1
+
+
+def test_five_megabytes_with_a_secret_at_the_end():
+    text = 'lorem ipsum dolor sit amet, ' * 180_000 + '\nghp_' + 'a1B2' * 9
+    assert len(text) > 5_000_000
+    redacted, count = redact_text(text)
+    assert count == 1 and redacted.endswith(f'\n{REDACTED}')
+
+
+@pytest.mark.parametrize(
+    'unit',
+    ['sk-', '-----BEGIN ', 'eyJ', '://', 'a=', 'password=', 'password: ', '"password": "', '\\n', '\\', '"', '@',
+     'Bearer ', 'xox', 'AKIA', '12345678:', '\x00', '\ud800', 'İ'],
+)  # fmt: skip
+def test_text_made_only_of_triggers_is_handled(unit: str):
+    text = unit * (200_000 // len(unit))
+    redacted, count = redact_text(text)
+    assert isinstance(redacted, str) and count <= 1
+    assert len(redacted) <= len(text) + len(REDACTED)
+
+
+def test_non_str_input_is_a_clear_error():
+    with pytest.raises(TypeError, match='takes a str, not bytes'):
+        redact_text(b'password=x')  # type: ignore[arg-type]
+
+
+# --- linear time --------------------------------------------------------------------------------------------------
+
+_HOSTILE = {
+    'name-colon': 'password: ',
+    'dense-secrets': ''.join(k.text + '\n' for k in KINDS[:20]),
+    'url-no-at': 'a://a:',
+    'closers-and-dots': 'password=a' + ').' * 2000,
+    'aws-context': 'aws wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ',
+    'base64-soup': ''.join(random.Random(3).choices(string.ascii_letters + string.digits + '+/', k=4096)),
+}
+
+
+@pytest.mark.parametrize('unit', _HOSTILE.values(), ids=_HOSTILE.keys())
+def test_time_grows_linearly_with_input(unit: str):
+    """8x the input must cost well under 64x (quadratic) the time; linear is ~8x. Best of 3 against noise."""
+
+    def best(size: int) -> float:
+        text = (unit * (size // len(unit) + 1))[:size]
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            redact_text(text)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    small, large = best(32_000), best(256_000)
+    assert large < 24 * max(small, 1e-4), f'{small=:.4f}s {large=:.4f}s'
+
+
+# --- pydantic-ai messages, the way the ledger will redact them ---------------------------------------------------
+
+
+def test_pydantic_ai_messages_dumped_redacted_and_validated_back():
+    pem = next(k for k in KINDS if k.name == 'pem-encrypted-key')
+    ghp = next(k for k in KINDS if k.name == 'github-classic-token')
+    messages = [
+        ModelRequest(
+            parts=[
+                SystemPromptPart('You are helpful. Deploy key:\nAKIAZ7Q3W9E5R1T8Y4U2'),
+                UserPromptPart(f'my key is below\n{pem.text}\nthanks'),
+            ]
+        ),
+        ModelResponse(
+            parts=[
+                TextPart(f'Use {ghp.text} carefully.'),
+                ToolCallPart('login', {'user': 'bob', 'password': 'plain words', 'max_tokens': 5}, tool_call_id='c1'),
+            ]
+        ),
+        ModelRequest(parts=[ToolReturnPart('login', {'ok': True, 'session': {'token': 'abc'}}, tool_call_id='c1')]),
+    ]
+    dumped = ModelMessagesTypeAdapter.dump_python(messages, mode='json')
+    redacted, count = redact_value(dumped)
+    restored = ModelMessagesTypeAdapter.validate_python(redacted)  # the structure is intact
+    text = json.dumps(redacted)
+    assert count == 5 and len(restored) == 3
+    for fragment in (*pem.distinctive(), *ghp.distinctive(), 'AKIAZ7Q3W9E5R1T8Y4U2', 'plain words', '"abc"'):
+        assert fragment not in text
+    call = restored[1].parts[1]
+    assert isinstance(call, ToolCallPart) and call.args == {'user': 'bob', 'password': REDACTED, 'max_tokens': 5}
