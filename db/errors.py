@@ -19,3 +19,41 @@ class EmbeddedPostgresError(AgentRuntimeError):
 
 class DatabaseNotInitializedError(AgentRuntimeError):
     """`get_db_session()` was used before `init_database()`."""
+
+
+# The classes below are raised above the database layer; they live here, at the bottom of the layers, so any layer
+# can raise them. `agentrt.agents.errors` is the documented public list.
+
+
+class InvalidInputError(AgentRuntimeError, ValueError):
+    """Input was refused at the boundary, before any model request or billing (message, id, slug, ...).
+
+    Attributes:
+        field: the name of the argument or field that was refused.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TurnLimitExceededError(AgentRuntimeError):
+    """A per-turn usage limit (requests, tool calls, tokens) was reached; nothing beyond it was sent."""
+
+
+class ModelProviderError(AgentRuntimeError):
+    """The model provider failed the request (HTTP error, rate limit, dropped connection, corrupt stream).
+
+    Attributes:
+        status_code: the HTTP status the provider answered with, or None when there was no answer.
+        model_name: the model that was asked.
+        body: the provider's error body, with secrets redacted (None when there was none).
+    """
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, model_name: str | None = None, body: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.model_name = model_name
+        self.body = body

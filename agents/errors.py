@@ -1,0 +1,31 @@
+"""Every error the runtime's public functions raise on purpose, in one place: catch `AgentRuntimeError` for all.
+
+`simple_chat`, `simple_chat_stream`, the CLI and the HTTP API raise only these (never a driver error or an
+undocumented pydantic-ai one); README.md lists them with what each means.
+"""
+
+from agentrt.db.errors import (
+    AgentRuntimeError,
+    ConfigError,
+    DatabaseNotInitializedError,
+    DatabaseUnavailableError,
+    EmbeddedPostgresError,
+    InvalidInputError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
+from agentrt.services.conversations import ConcurrentTurnError
+from agentrt.services.tenancy import UnknownTenantError
+
+__all__ = [
+    'AgentRuntimeError',
+    'ConcurrentTurnError',
+    'ConfigError',
+    'DatabaseNotInitializedError',
+    'DatabaseUnavailableError',
+    'EmbeddedPostgresError',
+    'InvalidInputError',
+    'ModelProviderError',
+    'TurnLimitExceededError',
+    'UnknownTenantError',
+]
