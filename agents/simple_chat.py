@@ -30,6 +30,7 @@ from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult, Turn, check_message, finish_turn, load_dependencies, prepare_turn
 from agentrt.agents.demo_model import SCHEMAS_LINE
+from agentrt.agents.run_errors import translated_run_errors
 from agentrt.services.ledger import ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -140,18 +141,22 @@ async def simple_chat(
         ConfigError: the message is empty, or the model cannot be used (unknown, or its API key is missing).
         UnknownTenantError: the account or agent does not exist.
         ConcurrentTurnError: another turn changed this conversation meanwhile; nothing was saved.
+        ModelProviderError: the model provider failed the request (HTTP error, dropped connection, corrupt answer);
+            nothing was saved, and the ledger has the failed request with its status code and body.
+        DatabaseUnavailableError: PostgreSQL could not be reached, or the connection was lost; nothing was saved.
     """
     check_message(message)
     turn = await prepare_turn(agent or _default_agent(), session_id, account, agent_instance, model)
-    result = await turn.agent.run(
-        message,
-        deps=turn.deps,
-        conversation=turn.conversation,
-        model=turn.model,
-        usage_limits=usage_limits,
-        toolsets=list(toolsets) or None,
-        instructions=_instruction_list(instructions) or None,
-    )
+    with translated_run_errors(turn.model.model_name):
+        result = await turn.agent.run(
+            message,
+            deps=turn.deps,
+            conversation=turn.conversation,
+            model=turn.model,
+            usage_limits=usage_limits,
+            toolsets=list(toolsets) or None,
+            instructions=_instruction_list(instructions) or None,
+        )
     return await finish_turn(turn, result)
 
 
@@ -250,22 +255,23 @@ async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGene
     )
     started: dict[str, float] = {}
     result: AgentRunResult[str] | None = None
-    async with turn.agent.run_stream_events(
-        request.message,
-        deps=turn.deps,
-        conversation=turn.conversation,
-        model=turn.model,
-        usage_limits=request.usage_limits,
-        toolsets=request.toolsets or None,
-        instructions=request.instructions or None,
-    ) as events:
-        async for event in events:
-            if isinstance(event, AgentRunResultEvent):
-                result = event.result
-            elif (delta := _text_delta(event)) is not None:
-                yield delta
-            elif request.on_tool_event is not None:
-                _report_tool(event, started, request.on_tool_event)
+    with translated_run_errors(turn.model.model_name):
+        async with turn.agent.run_stream_events(
+            request.message,
+            deps=turn.deps,
+            conversation=turn.conversation,
+            model=turn.model,
+            usage_limits=request.usage_limits,
+            toolsets=request.toolsets or None,
+            instructions=request.instructions or None,
+        ) as events:
+            async for event in events:
+                if isinstance(event, AgentRunResultEvent):
+                    result = event.result
+                elif (delta := _text_delta(event)) is not None:
+                    yield delta
+                elif request.on_tool_event is not None:
+                    _report_tool(event, started, request.on_tool_event)
     assert result is not None, 'run_stream_events ended without a result'
     stream.result = await finish_turn(turn, result)
 

@@ -126,6 +126,7 @@ class LedgerRecord:
     finish_reason: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+    error_status_code: int | None = None
     provider_response_id: str | None = None
     # Raw content (serialised JSON), redacted and capped by the writer, off the model call's path.
     raw_contents: list[tuple[ContentKind, bytes | str]] = field(default_factory=list)

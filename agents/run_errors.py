@@ -1,0 +1,98 @@
+"""What a chat turn raises instead of pydantic-ai's exceptions: the runtime's own errors, saying what to do.
+
+`simple_chat` and `simple_chat_stream` run the model inside `translated_run_errors()`, so a caller (the CLI, the
+HTTP API, a program) catches `agentrt.agents.errors` classes only. The ledger has already recorded the failed
+request (with pydantic-ai's own exception type, status code and body) by the time the translation happens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pydantic_ai.exceptions import (
+    ModelAPIError,
+    ModelAuthenticationError,
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelNotFoundError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelTimeoutError,
+)
+
+from agentrt.db.errors import ModelProviderError
+from agentrt.services.ledger.redaction import redact_text
+
+# How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
+MESSAGE_BODY_CHARS = 300
+
+
+@contextmanager
+def translated_run_errors(model_name: str | None = None) -> Iterator[None]:
+    """Raise the runtime's errors for pydantic-ai's ones raised inside the block.
+
+    Args:
+        model_name: the model the turn asked for; errors name it (pydantic-ai names the model a stream reported,
+            e.g. a dated version, in errors raised inside a stream).
+
+    Raises:
+        ModelProviderError: the model provider failed the request (HTTP error, rate limit, dropped connection,
+            corrupt answer, timeout).
+    """
+    try:
+        yield
+    except ModelAPIError as exc:
+        raise provider_error(exc, model_name) from exc
+
+
+def provider_error(exc: ModelAPIError, model_name: str | None = None) -> ModelProviderError:
+    """The `ModelProviderError` for a pydantic-ai model error: what happened, the status and body, what to do."""
+    status = exc.status_code if isinstance(exc, ModelHTTPError) else None
+    body = _redacted_body(exc.body)
+    model_name = model_name or exc.model_name
+    where = f'model {model_name!r}'
+    if isinstance(exc, ModelRequestTimeout | ModelTimeoutError):
+        what = f'{where} did not answer in time'
+    elif isinstance(exc, ModelConnectionError):
+        what = f'the connection to the provider of {where} failed ({_first_line(exc.message)})'
+    elif status is not None:
+        what = f'the provider of {where} answered HTTP {status}'
+    else:
+        what = f'the provider of {where} sent an answer that could not be used ({_first_line(exc.message)})'
+    if body:
+        shown = body if len(body) <= MESSAGE_BODY_CHARS else body[:MESSAGE_BODY_CHARS] + '...'
+        what += f': {shown}'
+    return ModelProviderError(
+        f'{what}. {_advice(exc, status)}; the turn was not saved', status_code=status, model_name=model_name, body=body
+    )
+
+
+def _advice(exc: ModelAPIError, status: int | None) -> str:
+    if isinstance(exc, ModelAuthenticationError) or status in (401, 403):
+        return 'Check the API key (e.g. OPENAI_API_KEY) and that it may use this model'
+    if isinstance(exc, ModelNotFoundError) or status == 404:
+        return 'Check the model name and the provider base URL'
+    if isinstance(exc, ModelQuotaExceededError):
+        return "The account's quota or credit is used up"
+    if isinstance(exc, ModelRateLimitError) or status == 429:
+        wait = f' (the provider asked for {exc.retry_after:g} s)' if exc.retry_after else ''
+        return f'Rate limited: wait and send the message again{wait}'
+    if isinstance(exc, ModelConnectionError | ModelRequestTimeout):
+        return 'Check the network and the provider base URL, then send the message again'
+    if status is not None and status < 500:
+        return 'The provider refused the request'
+    return 'The provider failed; send the message again later'
+
+
+def _redacted_body(body: object | None) -> str | None:
+    if body is None or body == '':
+        return None
+    text = body if isinstance(body, str) else json.dumps(body, default=str, ensure_ascii=False)
+    return redact_text(text)[0]
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [''])[0][:200]
