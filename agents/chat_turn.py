@@ -17,7 +17,7 @@ from pydantic_ai.usage import RunUsage
 from agentrt.agents.model_resolution import resolve_model
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import ConfigError
-from agentrt.db.session import get_read_only_session
+from agentrt.db.session import get_read_only_session, retry_on_disconnect
 from agentrt.services.conversations import PostgresConversationStore, load_conversation, save_turn
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import get_account, get_agent_instance
@@ -47,18 +47,22 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
     Raises:
         UnknownTenantError: the account or agent slug does not exist (the message lists what does).
     """
-    async with get_read_only_session() as session:
-        account_row = await get_account(account, session=session)
-        instance = await get_agent_instance(account_row, agent_instance, session=session)
-        return SessionDependencies(
-            session_id=session_id,
-            account_id=account_row.id,
-            account_slug=account_row.slug,
-            agent_instance_id=instance.id,
-            agent_instance_slug=instance.slug,
-            agent_type=instance.agent_type,
-            config=dict(instance.config or {}),
-        )
+
+    async def lookup() -> SessionDependencies:
+        async with get_read_only_session() as session:
+            account_row = await get_account(account, session=session)
+            instance = await get_agent_instance(account_row, agent_instance, session=session)
+            return SessionDependencies(
+                session_id=session_id,
+                account_id=account_row.id,
+                account_slug=account_row.slug,
+                agent_instance_id=instance.id,
+                agent_instance_slug=instance.slug,
+                agent_type=instance.agent_type,
+                config=dict(instance.config or {}),
+            )
+
+    return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
 
 
 @dataclass

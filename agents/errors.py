@@ -7,6 +7,7 @@ undocumented pydantic-ai one); README.md lists them with what each means.
 from agentrt.db.errors import (
     AgentRuntimeError,
     ConfigError,
+    DatabaseDisconnectedError,
     DatabaseNotInitializedError,
     DatabaseUnavailableError,
     EmbeddedPostgresError,
@@ -21,6 +22,7 @@ __all__ = [
     'AgentRuntimeError',
     'ConcurrentTurnError',
     'ConfigError',
+    'DatabaseDisconnectedError',
     'DatabaseNotInitializedError',
     'DatabaseUnavailableError',
     'EmbeddedPostgresError',
