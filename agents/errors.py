@@ -12,6 +12,7 @@ from agentrt.db.errors import (
     DatabaseUnavailableError,
     EmbeddedPostgresError,
     InvalidInputError,
+    MigrationError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     'DatabaseUnavailableError',
     'EmbeddedPostgresError',
     'InvalidInputError',
+    'MigrationError',
     'ModelProviderError',
     'TurnLimitExceededError',
     'UnknownTenantError',

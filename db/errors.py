@@ -24,6 +24,11 @@ class EmbeddedPostgresError(AgentRuntimeError):
     """The embedded PostgreSQL server could not be initialised or started."""
 
 
+class MigrationError(AgentRuntimeError):
+    """A schema migration failed; the message carries the migration's own error. Migrations run in one transaction,
+    so nothing of the failed upgrade was applied."""
+
+
 class DatabaseNotInitializedError(AgentRuntimeError):
     """`get_db_session()` was used before `init_database()`."""
 

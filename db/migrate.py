@@ -9,8 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
+from agentrt.db.failures import unavailable_error
 
 logger = logging.getLogger('agentrt.db')
 
@@ -40,9 +44,35 @@ def _current_revision(connection: Connection) -> str | None:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
-    """Apply migrations up to `revision` (Alembic runs them under an advisory lock)."""
-    async with engine.connect() as conn:
-        await conn.run_sync(_upgrade, revision)
+    """Apply migrations up to `revision`, in one transaction under an advisory lock (one process at a time).
+
+    Raises:
+        MigrationError: a migration failed (with its own error); nothing was applied.
+        DatabaseUnavailableError: the server could not be reached.
+        ConfigError: `revision` names no migration.
+    """
+    before = await current_revision(engine)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_upgrade, revision)
+    except AgentRuntimeError:
+        raise
+    except CommandError as exc:
+        raise ConfigError(f'cannot migrate to {revision!r}: {exc}') from exc
+    except Exception as exc:
+        if (unavailable := unavailable_error(exc)) is not None:
+            raise unavailable from exc
+        raise MigrationError(
+            f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
+            f'Nothing was applied: the schema is still at {before or "empty"}'
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The migration's own error: the driver's message without SQLAlchemy's SQL echo and link."""
+    orig = getattr(exc, 'orig', None)
+    text = str(orig if orig is not None else exc).strip() or type(exc).__name__
+    return f'{type(orig or exc).__name__}: {" ".join(text.split())[:500]}'
 
 
 def _upgrade(connection: Connection, revision: str) -> None:

@@ -9,7 +9,7 @@ from agentrt.agents.cli.chat import chat
 from agentrt.agents.cli.costs import costs
 from agentrt.agents.cli.database import db_app
 from agentrt.agents.cli.ledger import ledger_app
-from agentrt.agents.cli.support import setup_logging
+from agentrt.agents.cli.support import AgentrtGroup, set_debug, setup_logging
 from agentrt.agents.runtime import configure_observability
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     help='Pydantic AI chat agents on PostgreSQL, with a database session per operation.',
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=AgentrtGroup,
 )
 app.add_typer(db_app, name='db')
 app.command('chat')(chat)
@@ -26,7 +27,11 @@ app.add_typer(ledger_app, name='ledger')
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.')) -> None:
+def _root(
+    verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.'),
+    debug: bool = typer.Option(False, '--debug', help='Show the traceback of an error (also AGENTRT_DEBUG=1).'),
+) -> None:
+    set_debug(debug)
     setup_logging(verbose)
     configure_observability()
 

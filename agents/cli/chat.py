@@ -10,14 +10,29 @@ from typing import cast
 import typer
 from rich.markup import escape
 
-from agentrt.agents.cli.support import console, err_console, run
+from agentrt.agents.cli.support import console, err_console, error_line, run
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
 from agentrt.db.engine import init_database
+from agentrt.db.errors import (
+    DatabaseUnavailableError,
+    InvalidInputError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
 from agentrt.db.session import get_db_session
+from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
 EXIT_COMMANDS = {'exit', 'quit', ':q'}
+# What can fail one turn of an interactive conversation without ending it.
+TURN_ERRORS = (
+    ConcurrentTurnError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
 
 
 def chat(
@@ -51,7 +66,10 @@ async def _chat(
             if line.strip().lower() in EXIT_COMMANDS:
                 break
             if line.strip():
-                await _turn(line, session_id, account, agent, model, delay)
+                try:
+                    await _turn(line, session_id, account, agent, model, delay)
+                except TURN_ERRORS as exc:  # one failed turn does not end the conversation
+                    error_line(str(exc))
     finally:
         await shutdown_runtime()
 
@@ -75,18 +93,22 @@ async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
     display = _Display()
-    async with simple_chat_stream(
-        message,
-        session_id=session_id,
-        account=account,
-        agent_instance=agent,
-        model=model,
-        on_tool_event=display.tool,
-        stream_delay=delay,
-    ) as stream:
-        async for delta in stream:
-            display.text(delta)
-    display.end_line()
+    try:
+        async with simple_chat_stream(
+            message,
+            session_id=session_id,
+            account=account,
+            agent_instance=agent,
+            model=model,
+            on_tool_event=display.tool,
+            stream_delay=delay,
+        ) as stream:
+            async for delta in stream:
+                display.text(delta)
+    except DatabaseUnavailableError as exc:
+        raise type(exc)(f'{exc}; the turn was not saved: send the message again once PostgreSQL is back') from exc
+    finally:
+        display.end_line()
     assert stream.result is not None
     summary = _summary(stream.result, display.tools_run)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)
