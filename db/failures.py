@@ -93,6 +93,18 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
     return None
 
 
+def invalid_value(exc: BaseException) -> str | None:
+    """The driver's message when PostgreSQL refused a value (SQLSTATE class 22: a NUL in text, a number out of
+    range...), or None. At the command line such a value came from the user."""
+    for error in _chain(exc):
+        sqlstate = getattr(error, 'sqlstate', None)
+        if type(error).__name__ == 'DataError' or (isinstance(sqlstate, str) and sqlstate.startswith('22')):
+            if isinstance(error, sqlalchemy.exc.StatementError):
+                continue
+            return _first_line(error)
+    return None
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     pending: list[BaseException] = [exc]

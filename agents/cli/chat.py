@@ -10,6 +10,7 @@ from typing import cast
 import typer
 from rich.markup import escape
 
+from agentrt.agents.chat_turn import check_message
 from agentrt.agents.cli.support import console, err_console, error_line, run
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
@@ -44,6 +45,8 @@ def chat(
     delay: float = typer.Option(0.02, '--delay', min=0, max=2, help='Pause between words of the demo model (s).'),
 ) -> None:
     """Chat with an agent; the answer streams as it is produced."""
+    if message is not None:
+        check_message(message)  # before starting anything
     session_id = session or f'cli-{uuid.uuid4().hex[:12]}'
     run(_chat, message, session_id, account, agent, model, delay)
 

@@ -37,6 +37,7 @@ from agentrt.db.errors import (
     ModelProviderError,
     TurnLimitExceededError,
 )
+from agentrt.db.failures import invalid_value
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.tenancy import UnknownTenantError
 
@@ -205,6 +206,9 @@ def report(exc: BaseException) -> int:
         if isinstance(exc, cls):
             error_line(str(exc) or type(exc).__name__)
             return code
+    if (invalid := invalid_value(exc)) is not None:
+        error_line(f'a value given is not valid for the database: {invalid}')
+        return EXIT_USAGE
     detail = ' '.join(str(exc).split())[:300]
     hint = '' if debug_enabled() else '; run with --debug (or AGENTRT_DEBUG=1) for the traceback, and report it'
     error_line(f'internal error: {type(exc).__name__}: {detail}{hint}')
