@@ -114,7 +114,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        for nxt in (getattr(current, 'orig', None), current.__cause__, current.__context__):
+        # What it was raised from, not what was being handled when it was raised (`__context__`): a conflict
+        # raised while handling a lost connection is a conflict.
+        for nxt in (getattr(current, 'orig', None), current.__cause__):
             if isinstance(nxt, BaseException) and id(nxt) not in seen:
                 pending.append(nxt)
 

@@ -124,13 +124,13 @@ class PostgresConversationStore(ConversationStore):
         """
         try:
             await self._write(record, new_entries, expected_revision)
+            return
         except DatabaseDisconnectedError as exc:
-            # The connection was lost: nothing was written, or everything was and the reply was lost (one
-            # transaction). Which of the two shows in the database, and a retry is safe either way: it is the same
-            # compare-and-swap on `expected_revision`, which fails if anyone (this save included) wrote meanwhile.
-            if await retry_on_disconnect(lambda: self._stored(record, new_entries), what='conversation save check'):
-                return  # this save committed before the connection went
-            logger.info('conversation %r: save lost its connection (%s); saving again', record.conversation_id, exc)
+            logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
+        # Nothing was written, or everything was and the reply was lost (one transaction). Which of the two shows in
+        # the database; and a second write is safe either way: it is the same compare-and-swap on
+        # `expected_revision`, which fails if anyone (this save included) wrote meanwhile.
+        if not await retry_on_disconnect(lambda: self._stored(record, new_entries), what='conversation save check'):
             await self._write(record, new_entries, expected_revision)
 
     async def _write(
