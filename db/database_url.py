@@ -172,4 +172,4 @@ def _integer(value: str, name: str) -> int:
 
 def _check_port(port: int | None, what: str) -> None:
     if port is not None and not 1 <= port <= 65535:
-        raise ConfigError(f'DATABASE_URL {what} must be 1 to 65535, got {port}')
+        raise ConfigError(f'DATABASE_URL: {what} must be 1 to 65535, got {port}')

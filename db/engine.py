@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, start_embedded
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
+from agentrt.db.failures import connection_problem, pooler_error, unavailable_error
 from agentrt.db.settings import Settings, get_settings
 
 logger = logging.getLogger('agentrt.db')
@@ -217,11 +218,14 @@ def _closed(dbapi_connection: Any) -> bool:
 def _out_of_step(error: BaseException | None) -> bool:
     """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
     no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
-    test asks only whether the socket is closed yet, so such a connection could go back to the pool."""
+    test asks only whether the socket is closed yet, so such a connection could go back to the pool. Also a
+    prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
     seen = 0
     while error is not None and seen < 8:
         name = type(error).__name__
         if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+            return True
+        if name in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
             return True
         error = error.__cause__ or getattr(error, 'orig', None) or error.__context__
         seen += 1
@@ -232,7 +236,9 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
     """Run `SELECT 1`, failing within `connect_timeout` seconds with the host and port.
 
     Raises:
-        DatabaseUnavailableError: naming the server that could not be reached and why.
+        DatabaseUnavailableError: naming the server that could not be reached and why (with what to do when it is
+            an SSL or authentication problem).
+        ConfigError: the server is behind a pooler that needs `DB_STATEMENT_CACHE=false`.
     """
     where = describe_server(url)
     try:
@@ -241,11 +247,12 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
                 await conn.execute(text('SELECT 1'))
     except TimeoutError as exc:
         raise DatabaseUnavailableError(f'PostgreSQL at {where} did not answer within {connect_timeout:g}s') from exc
-    except (OSError, socket.gaierror) as exc:
-        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {exc}') from exc
-    except (OperationalError, InterfaceError, DBAPIError) as exc:
-        reason = str(exc.orig) if exc.orig is not None else str(exc)
-        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {reason}') from exc
+    except Exception as exc:
+        if (pooler := pooler_error(exc)) is not None:
+            raise pooler from exc
+        if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
+            raise
+        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
 
 
 def describe_server(url: URL) -> str:

@@ -8,11 +8,12 @@ session block.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 
 import sqlalchemy.exc
 
-from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
 
 # A connection that raised one of these is broken for good: its session state is gone or unknown.
 _LOST_CONNECTION_CLASSES = frozenset(
@@ -93,6 +94,37 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
     return None
 
 
+def connection_problem(exc: BaseException) -> str:
+    """Why a connection could not be made, on one line, with what to do for SSL and authentication failures."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"the server's certificate is not trusted ({error.verify_message or error}): give the CA that "
+                'signed it as sslrootcert=/path/ca.crt in DATABASE_URL (verify-full also checks the host name), '
+                'or use sslmode=require to encrypt without verifying'
+            )
+        if isinstance(error, ssl.SSLError):
+            return f'SSL failed ({_first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
+        if _class_names(error) & {'InvalidPasswordError', 'InvalidAuthorizationSpecificationError'}:
+            return f'{_first_line(error)}: check the user name and password in DATABASE_URL'
+    return _root_message(exc)
+
+
+def pooler_error(exc: BaseException) -> ConfigError | None:
+    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...): a configuration error that
+    `DB_STATEMENT_CACHE=false` fixes. asyncpg's own hint is kept."""
+    for error in _chain(exc):
+        if _class_names(error) & {'InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'}:
+            hint = ' '.join(str(getattr(error, 'hint', '') or '').split())
+            return ConfigError(
+                f'PostgreSQL lost a prepared statement ({_first_line(error)}): a connection pooler in transaction '
+                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set '
+                'DB_STATEMENT_CACHE=false (and behind PgBouncer DB_STATEMENT_TIMEOUT_MS=0 DB_LOCK_TIMEOUT_MS=0, '
+                'which it refuses as startup parameters)' + (f'. asyncpg: {hint}' if hint else '')
+            )
+    return None
+
+
 def invalid_value(exc: BaseException) -> str | None:
     """The driver's message when PostgreSQL refused a value (SQLSTATE class 22: a NUL in text, a number out of
     range...), or None. At the command line such a value came from the user."""
@@ -103,6 +135,11 @@ def invalid_value(exc: BaseException) -> str | None:
                 continue
             return _first_line(error)
     return None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it was raised from: SQLAlchemy's `.orig`, each `__cause__` (not `__context__`)."""
+    return _chain(exc)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
-from agentrt.db.failures import unavailable_error
+from agentrt.db.failures import causes, unavailable_error
 
 logger = logging.getLogger('agentrt.db')
 
@@ -69,10 +69,13 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
 
 
 def _cause(exc: BaseException) -> str:
-    """The migration's own error: the driver's message without SQLAlchemy's SQL echo and link."""
-    orig = getattr(exc, 'orig', None)
-    text = str(orig if orig is not None else exc).strip() or type(exc).__name__
-    return f'{type(orig or exc).__name__}: {" ".join(text.split())[:500]}'
+    """The migration's own error: PostgreSQL's (class, message, SQLSTATE), without SQLAlchemy's SQL echo and link."""
+    # The innermost error with a SQLSTATE: the driver's own class (DivisionByZeroError), not SQLAlchemy's wrapper.
+    server_error = next((e for e in reversed(list(causes(exc))) if getattr(e, 'sqlstate', None)), None)
+    error = server_error or getattr(exc, 'orig', None) or exc
+    text = ' '.join(str(error).split())[:500] or type(error).__name__
+    code = f' (SQLSTATE {server_error.sqlstate})' if server_error is not None else ''  # type: ignore[attr-defined]
+    return f'{type(error).__name__}: {text}{code}'
 
 
 def _upgrade(connection: Connection, revision: str) -> None:

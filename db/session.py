@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.engine import get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError
-from agentrt.db.failures import unavailable_error
+from agentrt.db.failures import pooler_error, unavailable_error
 
 T = TypeVar('T')
 
@@ -35,6 +35,7 @@ async def get_db_session() -> AsyncIterator[AsyncSession]:
         DatabaseDisconnectedError: the connection was lost while the block used it (restart, failover, killed
             backend); nothing of the block was committed, or the outcome of the commit is unknown.
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
+        ConfigError: a prepared statement vanished behind a pooler (`DB_STATEMENT_CACHE=false` fixes it).
     """
     session = get_sessionmaker()()
     try:
@@ -42,7 +43,7 @@ async def get_db_session() -> AsyncIterator[AsyncSession]:
         await session.commit()
     except BaseException as exc:
         await _finish(session.rollback(), 'rollback')
-        translated = unavailable_error(exc)
+        translated = pooler_error(exc) or unavailable_error(exc)
         if translated is not None and translated is not exc:
             raise translated from exc
         raise

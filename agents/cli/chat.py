@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
+from collections.abc import Callable
 from typing import cast
 
 import typer
@@ -63,7 +65,7 @@ async def _chat(
         err_console.print(f'conversation {session_id}; type exit or press Ctrl-D to leave', style='dim')
         while True:
             try:
-                line = await asyncio.to_thread(console.input, '[bold cyan]you>[/] ')
+                line = await _read_line('[bold cyan]you>[/] ')
             except EOFError:
                 break
             if line.strip().lower() in EXIT_COMMANDS:
@@ -75,6 +77,29 @@ async def _chat(
                     error_line(str(exc))
     finally:
         await shutdown_runtime()
+
+
+async def _read_line(prompt: str) -> str:
+    """One line from the terminal, read in a daemon thread: a signal that stops the command while it waits for
+    input must not leave the process waiting for that thread at exit."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not line.done():
+            outcome()
+
+    def read() -> None:
+        try:
+            text = console.input(prompt)
+        except BaseException as exc:  # EOFError at Ctrl-D, anything else the terminal raises
+            error = exc
+            loop.call_soon_threadsafe(settle, lambda: line.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(settle, lambda: line.set_result(text))
+
+    threading.Thread(target=read, name='agentrt-chat-input', daemon=True).start()
+    return await line
 
 
 async def _seed_demo_if_empty(account: str) -> None:

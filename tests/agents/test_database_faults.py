@@ -5,11 +5,10 @@ backends never leave a broken connection in the pool. Each scenario runs on a Po
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest_asyncio
+import pytest
 from sqlalchemy import event
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
@@ -21,11 +20,10 @@ from tests.private_database import CountingModel, PrivateDatabase
 QUESTION = 'Find cardiologists in Seattle'
 
 
-@pytest_asyncio.fixture(scope='module')
-async def private() -> AsyncIterator[PrivateDatabase]:
-    database = await PrivateDatabase.create()  # the default settings: pool 10 + 10, pre-ping of idle ones after 5 s
-    yield database
-    await database.close()
+@pytest.fixture
+def private(private_database: PrivateDatabase) -> PrivateDatabase:
+    """The run's private server, with the default settings: pool 10 + 10, idle connections pinged after 5 s."""
+    return private_database
 
 
 async def _turns(count: int, model: CountingModel, tag: str) -> list[ChatResult | BaseException]:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.engine import build_engine, get_engine, pool_status
-from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.db.models import Account
 from agentrt.db.session import get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
@@ -180,3 +180,19 @@ async def test_retry_on_disconnect_repeats_once_and_no_more() -> None:
     with pytest.raises(DatabaseUnavailableError):  # a server that is down is not waited for
         await retry_on_disconnect(down)
     assert len(calls) == 1
+
+
+async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() -> None:
+    query = select(func.count()).select_from(Account)
+    with pytest.raises(ConfigError) as raised:
+        async with get_db_session() as session:
+            await session.execute(query)  # prepared, and cached by the connection
+            # What a pooler in transaction mode does: the next transaction lands on a server connection that never
+            # saw the statement. Here the server forgets it.
+            await session.execute(text('DEALLOCATE ALL'))
+            await session.execute(query)
+    message = str(raised.value)
+    assert 'DB_STATEMENT_CACHE=false' in message
+    assert 'pgbouncer with pool_mode set to "transaction"' in message  # asyncpg's own hint, kept
+    assert '\n' not in message
+    assert await _count_accounts() == 0  # that connection (and its stale cache) is gone; the pool works on

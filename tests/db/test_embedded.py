@@ -1,0 +1,177 @@
+"""The embedded server's lifecycle across real CLI processes: started once, shared, stopped by the last user, never
+orphaned, whatever stops the CLI; and a data directory of another major version refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agentrt.db.embedded import SERVER_FILE, USERS_FILE, bundled_major_version, start_embedded
+from agentrt.db.errors import EmbeddedPostgresError
+from tests.agents.cli.helpers import ROOT, invoke
+
+QUESTION = 'Find cardiologists in Seattle who accept Medicare'
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != 'DATABASE_URL'}
+    return {**env, 'AGENTRT_DATA_DIR': str(data_dir), 'PYTHONUNBUFFERED': '1', 'COLUMNS': '200'}
+
+
+def _cli(data_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
+        cwd=ROOT,
+        env=_env(data_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _at_once(data_dir: Path, count: int, *args: str) -> list[tuple[int, str, str]]:
+    processes = [_cli(data_dir, *args) for _ in range(count)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def _servers(data_dir: Path) -> list[psutil.Process]:
+    """PostgreSQL server processes of this data directory still running."""
+    found = []
+    for process in psutil.process_iter(['name', 'cmdline']):
+        cmdline = process.info['cmdline'] or []
+        if process.info['name'] == 'postgres' and str(data_dir) in cmdline:
+            found.append(process)
+    return found
+
+
+def _assert_no_orphan(data_dir: Path) -> None:
+    deadline = time.monotonic() + 10
+    while _servers(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _servers(data_dir), 'the embedded server outlived its last user'
+    assert not (data_dir / 'postmaster.pid').exists()
+    assert json.loads((data_dir / USERS_FILE).read_text()) == {}  # no stale process id
+    assert json.loads((data_dir / '.handle_pids.json').read_text()) == []
+    assert not (data_dir / SERVER_FILE).exists()
+
+
+def _signal_mid_answer(data_dir: Path, signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start a chat whose answer streams slowly; signal it once the answer has begun."""
+    process = _cli(data_dir, 'chat', QUESTION, '--delay', '0.05')
+    assert process.stdout is not None and process.stderr is not None
+    seen: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        while chunk := process.stdout.read(1):
+            seen.append(chunk)
+            if 'I found' in ''.join(seen[-200:]):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(90), 'the answer never started: ' + process.stderr.read()
+    process.send_signal(signum)
+    code = process.wait(60)
+    reader.join(5)
+    err = process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
+    return code, err
+
+
+def test_cli_processes_share_the_server_and_sigterm_leaves_no_orphan(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    # Two processes at once on a new data directory: it is made once, both use it, the last one stops it.
+    for code, out, err in _at_once(data_dir, 2, 'db', 'status'):
+        assert code == 0, err
+        assert 'embedded' in out
+    _assert_no_orphan(data_dir)
+
+    # SIGTERM in the middle of a streamed answer: a clean shutdown, the cut request in the ledger.
+    code, err = _signal_mid_answer(data_dir)
+    assert code == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if line.startswith('error:')] == [
+        'error: stopped by SIGTERM; nothing in progress was saved'
+    ]
+    assert 'Traceback' not in err
+    _assert_no_orphan(data_dir)
+
+    # Two processes at once on the warm directory read the ledger: the request cut off is there.
+    for code, out, err in _at_once(data_dir, 2, 'audit', 'list', '--json'):
+        assert code == 0, err
+        rows = json.loads(out)['items']
+        cut = [row for row in rows if row['status'] == 'cancelled']
+        assert len(cut) == 1 and cut[0]['streamed'] is True and cut[0]['error_type'] == 'CancelledError'
+        assert all(row['status'] == 'complete' for row in rows if row is not cut[0])
+    _assert_no_orphan(data_dir)
+
+    # A process killed with SIGKILL leaves its id and a running server behind: the next user prunes the id,
+    # adopts the server, and stops it when it leaves.
+    _kill_9_while_using_the_server(data_dir)
+    assert _servers(data_dir) and json.loads((data_dir / USERS_FILE).read_text())
+    _use_briefly(data_dir)
+    _assert_no_orphan(data_dir)
+
+
+def _kill_9_while_using_the_server(data_dir: Path) -> None:
+    """A process that starts the server and dies by SIGKILL: no exit handler runs."""
+    code = 'import sys, pathlib, time; from agentrt.db.embedded import start_embedded; '
+    code += 'start_embedded(pathlib.Path(sys.argv[1])); print("up", flush=True); time.sleep(120)'
+    process = subprocess.Popen(
+        [sys.executable, '-c', code, str(data_dir)], cwd=ROOT, env=_env(data_dir), stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == 'up'
+    process.kill()
+    process.wait(30)
+    process.stdout.close()
+
+
+def _use_briefly(data_dir: Path) -> None:
+    code = 'import sys, pathlib; from agentrt.db.embedded import start_embedded; '
+    code += 'start_embedded(pathlib.Path(sys.argv[1]))'
+    subprocess.run([sys.executable, '-c', code, str(data_dir)], cwd=ROOT, env=_env(data_dir), check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_four_cli_processes_at_once_and_every_signal(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    for _ in ('new', 'warm'):
+        for code, _out, err in _at_once(data_dir, 4, 'db', 'status'):
+            assert code == 0, err
+        _assert_no_orphan(data_dir)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        code, err = _signal_mid_answer(data_dir, signum)
+        assert code == 128 + signum, err
+        assert 'Traceback' not in err
+        _assert_no_orphan(data_dir)
+
+
+async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'old'
+    data_dir.mkdir()
+    (data_dir / 'PG_VERSION').write_text('15\n')  # what initdb of PostgreSQL 15 writes first
+    with pytest.raises(EmbeddedPostgresError) as raised:
+        start_embedded(data_dir)
+    message = str(raised.value)
+    assert '\n' not in message
+    assert f'made by PostgreSQL 15, and this runtime ships PostgreSQL {bundled_major_version()}' in message
+    assert 'AGENTRT_DATA_DIR' in message and 'pg_upgrade' in message
+    result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
+    assert result.exit_code == 4
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f'error: {message}']
