@@ -99,7 +99,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
             _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
         elif not users and _started_by_agentrt(data_dir, info.pid):
             logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
-        users[str(os.getpid())] = _start_time(os.getpid())
+        users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
         _write_json(data_dir / USERS_FILE, users)
     _released.discard(data_dir)
     if stop_at_exit and data_dir not in _registered:
@@ -176,7 +176,7 @@ def _alive(pid: int, users: dict[str, float]) -> bool:
 
 def _start_time(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -195,7 +195,8 @@ def _postmaster_pid(data_dir: Path) -> int | None:
 
 
 def _started_by_agentrt(data_dir: Path, postmaster_pid: int) -> bool:
-    return _read_json(data_dir / SERVER_FILE, {}).get('postmaster_pid') == postmaster_pid
+    recorded: object = _read_json(data_dir / SERVER_FILE, {}).get('postmaster_pid')
+    return recorded == postmaster_pid
 
 
 def _stop(data_dir: Path) -> None:

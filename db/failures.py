@@ -179,6 +179,8 @@ def _root_message(exc: BaseException) -> str:
     """The driver's own message (the innermost one that says something), on one line."""
     message = ''
     for error in _chain(exc):
+        if isinstance(error, FileNotFoundError) and not error.filename:
+            return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none
         if isinstance(error, sqlalchemy.exc.StatementError):
             continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
         text = _first_line(error)

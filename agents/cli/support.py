@@ -96,6 +96,7 @@ def debug_enabled() -> bool:
 def setup_logging(verbose: bool = False) -> None:
     """Show the runtime's own one-line notices on stderr; keep libraries quiet unless verbose."""
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    handler.addFilter(_one_line_unless_debug)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format='%(message)s', force=True)
     logging.getLogger('agentrt').setLevel(logging.DEBUG if verbose else logging.INFO)
     # Per-task timing lines are for services' logs; in a terminal they would interleave with the answer.
@@ -109,6 +110,19 @@ def error_line(message: str) -> None:
     """Print `error: message` on stderr, on one line."""
     text = ' '.join(str(message).split())  # one line, whatever the message held
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
+
+
+def _one_line_unless_debug(record: logging.LogRecord) -> bool:
+    """A log line with an exception (a background task that failed while the database was down...) shows the
+    exception's own line, not its traceback, unless `--debug`."""
+    if record.exc_info and not debug_enabled():
+        error = record.exc_info[1]
+        if error is not None:
+            record.msg = f'{record.getMessage()}: {type(error).__name__}: {" ".join(str(error).split())[:300]}'
+            record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

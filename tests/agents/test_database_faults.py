@@ -45,12 +45,11 @@ async def _restart(private: PrivateDatabase) -> None:
 async def test_a_restart_between_turns_costs_no_turn(private: PrivateDatabase) -> None:
     model = CountingModel()
     async with private.active():
-        # Each restart finds the pool full of connections used moments ago (no idle ping would test them).
+        # The restarts find the pool holding connections used moments ago (no idle ping would test them).
         assert not _failures(await _turns(10, model, 'warm'))
         await _restart(private)
         for index in range(20):
             await simple_chat(QUESTION, session_id=f'after-{index}', account='acme-health', model=model)
-        assert not _failures(await _turns(10, model, 'warm-again'))
         await _restart(private)
         assert not _failures(await _turns(50, model, 'concurrent-after'))
         await private.settle()
