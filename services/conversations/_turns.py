@@ -7,16 +7,27 @@ from typing import Any
 from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationStore
 from pydantic_ai.run import AgentRunResult
+from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
 
 
 class ConcurrentTurnError(AgentRuntimeError):
-    """Another turn saved the conversation between this turn's load and save; this turn's messages were not stored."""
+    """Another turn saved the conversation after this turn loaded it; this turn's messages were not stored.
 
-    def __init__(self, conversation_id: str) -> None:
+    Attributes:
+        conversation_id: the conversation.
+        stopped_early: True when the turn learnt it before a model request and stopped there (nothing more was
+            sent); False when it learnt it only when saving.
+    """
+
+    def __init__(self, conversation_id: str, *, stopped_early: bool = False) -> None:
         self.conversation_id = conversation_id
-        super().__init__(f'conversation {conversation_id!r} was changed by another turn; reload and retry')
+        self.stopped_early = stopped_early
+        when = 'stopped before its next model request' if stopped_early else 'was not saved'
+        super().__init__(
+            f'conversation {conversation_id!r} was changed by another turn; this turn {when}; reload and retry'
+        )
 
 
 async def load_conversation(
@@ -40,7 +51,11 @@ async def load_conversation(
 
 
 async def save_turn(
-    store: ConversationStore, result: AgentRunResult[Any], *, scope: str | None = None
+    store: ConversationStore,
+    result: AgentRunResult[Any],
+    *,
+    scope: str | None = None,
+    usage_before: RunUsage | None = None,
 ) -> list[ConversationEntry]:
     """Save the messages a run added to its conversation.
 
@@ -49,8 +64,11 @@ async def save_turn(
 
     Args:
         store: The store the conversation was loaded from.
-        result: The run's result; `result.conversation` carries the new revision afterwards.
+        result: The run's result; `result.conversation` carries the new revision afterwards (unless
+            `usage_before` is given).
         scope: The scope to save under; defaults to the one it was saved with before.
+        usage_before: The conversation's lifetime usage before the run, when the run started counting from zero
+            (per-turn usage limits): the record then stores this plus the run's usage.
 
     Returns:
         The entries this save stored, in order.
@@ -59,7 +77,12 @@ async def save_turn(
         ConcurrentTurnError: If the conversation was saved, deleted or created by another turn since it
             was loaded, or it belongs to another scope.
     """
+    saved: Conversation | AgentRunResult[Any] = result
+    if usage_before is not None:
+        # A copy of the run's conversation with the lifetime usage: `result.conversation` keeps the old revision.
+        saved = result.conversation
+        saved.usage = usage_before + saved.usage
     try:
-        return await store.save(result, scope=scope)
+        return await store.save(saved, scope=scope)
     except ConversationConflict as exc:
         raise ConcurrentTurnError(exc.conversation_id) from exc
