@@ -1,12 +1,15 @@
 """One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-Each step opens its own short session; none is held across the model request. The turn runs with per-turn usage
-limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the lose-early race guard (`TurnGuard`).
+Each step opens its own short session; none is held across the model request. The turn holds its conversation
+(`conversation_claim`: one turn at a time) and runs with per-turn usage limits (`turn_usage_limits`), a bounded
+context (`ContextWindow`) and the race guard (`TurnGuard`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -26,7 +29,12 @@ from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.session import get_read_only_session
 from agentrt.db.settings import Settings, get_settings
-from agentrt.services.conversations import PostgresConversationStore, load_recent_conversation, save_turn
+from agentrt.services.conversations import (
+    PostgresConversationStore,
+    conversation_claim,
+    load_recent_conversation,
+    save_turn,
+)
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import get_account, get_agent_instance
 from agentrt.tools.dependencies import SessionDependencies
@@ -109,34 +117,40 @@ def check_turn_input(message: object, *, session_id: object, account: object, ag
     )
 
 
-async def prepare_turn(
+@asynccontextmanager
+async def open_turn(
     agent: Agent[SessionDependencies, str],
     turn_input: TurnInput,
     model: Model | str | None,
     *,
     usage_limits: UsageLimits | None = None,
     stream_delay: float = 0.0,
-) -> Turn:
-    """Start the database if needed, resolve the model, load the tenant and the recent part of the conversation.
+) -> AsyncIterator[Turn]:
+    """Start the database if needed, resolve the model, load the tenant, claim the conversation and load its tail.
+
+    The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
+        ConcurrentTurnError: another turn is running on the conversation (nothing was sent).
     """
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
     resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
     deps = await load_dependencies(turn_input.session_id, turn_input.account, turn_input.agent_instance)
-    store = PostgresConversationStore(deps.account_id)
-    recent = await load_recent_conversation(store, turn_input.session_id, max_tokens=settings.context_max_tokens)
-    conversation = recent.conversation
-    usage_before, conversation.usage = conversation.usage, RunUsage()
-    capabilities: list[AbstractCapability[Any]] = [
-        ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
-        TurnGuard(store, turn_input.session_id, conversation.revision),
-    ]
-    limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
-    return Turn(agent, resolved, deps, store, conversation, usage_before, limits, capabilities, started)
+    lease = settings.turn_lease_seconds
+    async with conversation_claim(deps.account_id, turn_input.session_id, lease_s=lease) as claim:
+        store = PostgresConversationStore(deps.account_id)
+        recent = await load_recent_conversation(store, turn_input.session_id, max_tokens=settings.context_max_tokens)
+        conversation = recent.conversation
+        usage_before, conversation.usage = conversation.usage, RunUsage()
+        capabilities: list[AbstractCapability[Any]] = [
+            ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
+            TurnGuard(store, turn_input.session_id, conversation.revision, claim),
+        ]
+        limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
+        yield Turn(agent, resolved, deps, store, conversation, usage_before, limits, capabilities, started)
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:

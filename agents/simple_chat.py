@@ -28,7 +28,7 @@ from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
 from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
-from agentrt.agents.chat_turn import ChatResult, Turn, check_turn_input, finish_turn, load_dependencies, prepare_turn
+from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
 from agentrt.agents.demo_model import SCHEMAS_LINE
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
@@ -144,23 +144,23 @@ async def simple_chat(
         UnknownTenantError: the account or agent does not exist.
         TurnLimitExceededError: the turn reached a per-turn usage limit; nothing was saved.
         ModelBehaviorError: the model's answer could not be used; nothing was saved.
-        ConcurrentTurnError: another turn saved this conversation meanwhile; this turn stopped before its next
-            model request, or at save, and saved nothing.
+        ConcurrentTurnError: another turn is running on this conversation (nothing was sent), or saved it meanwhile
+            (this turn stopped before its next model request, or at save); nothing was saved.
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
     with documented_errors():
-        turn = await prepare_turn(agent or _default_agent(), turn_input, model, usage_limits=usage_limits)
-        result = await turn.agent.run(
-            turn_input.message,
-            deps=turn.deps,
-            conversation=turn.conversation,
-            model=turn.model,
-            usage_limits=turn.usage_limits,
-            toolsets=list(toolsets) or None,
-            instructions=_instruction_list(instructions) or None,
-            capabilities=turn.capabilities,
-        )
-        return await finish_turn(turn, result)
+        async with open_turn(agent or _default_agent(), turn_input, model, usage_limits=usage_limits) as turn:
+            result = await turn.agent.run(
+                turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                toolsets=list(toolsets) or None,
+                instructions=_instruction_list(instructions) or None,
+                capabilities=turn.capabilities,
+            )
+            return await finish_turn(turn, result)
 
 
 class ChatStream:
@@ -243,34 +243,34 @@ def simple_chat_stream(
 
 async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
     with documented_errors():
-        turn: Turn = await prepare_turn(
+        async with open_turn(
             request.agent or _default_agent(),
             request.turn_input,
             request.model,
             usage_limits=request.usage_limits,
             stream_delay=request.stream_delay,
-        )
-        started: dict[str, float] = {}
-        result: AgentRunResult[str] | None = None
-        async with turn.agent.run_stream_events(
-            request.turn_input.message,
-            deps=turn.deps,
-            conversation=turn.conversation,
-            model=turn.model,
-            usage_limits=turn.usage_limits,
-            toolsets=request.toolsets or None,
-            instructions=request.instructions or None,
-            capabilities=turn.capabilities,
-        ) as events:
-            async for event in events:
-                if isinstance(event, AgentRunResultEvent):
-                    result = event.result
-                elif (delta := _text_delta(event)) is not None:
-                    yield delta
-                elif request.on_tool_event is not None:
-                    _report_tool(event, started, request.on_tool_event)
-        assert result is not None, 'run_stream_events ended without a result'
-        stream.result = await finish_turn(turn, result)
+        ) as turn:
+            started: dict[str, float] = {}
+            result: AgentRunResult[str] | None = None
+            async with turn.agent.run_stream_events(
+                request.turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                toolsets=request.toolsets or None,
+                instructions=request.instructions or None,
+                capabilities=turn.capabilities,
+            ) as events:
+                async for event in events:
+                    if isinstance(event, AgentRunResultEvent):
+                        result = event.result
+                    elif (delta := _text_delta(event)) is not None:
+                        yield delta
+                    elif request.on_tool_event is not None:
+                        _report_tool(event, started, request.on_tool_event)
+            assert result is not None, 'run_stream_events ended without a result'
+            stream.result = await finish_turn(turn, result)
 
 
 def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:

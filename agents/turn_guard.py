@@ -1,10 +1,12 @@
-"""`TurnGuard`: the race policy for turns on one conversation, lose early.
+"""`TurnGuard`: a turn that lost its conversation stops before its next model request.
 
-Turns on one conversation are not queued (a queue across processes would need a lock held across model calls).
-They race optimistically: each loads the conversation at some revision and the first to save wins (compare-and-swap
-in the store). `TurnGuard` makes the losers find out early: before every model request of the turn it reads the
-stored revision (one key lookup) and, if another turn saved meanwhile, stops the turn with `ConcurrentTurnError`
-before that request is sent, so a lost turn is billed only for the requests it sent before the winner saved.
+The race policy (README, "Turns on one conversation"): one turn at a time per conversation. A turn claims the
+conversation before loading it (`conversation_claim`); a second turn finds the claim and fails at once, before any
+model request. The guard covers what the claim cannot: before every model request it checks that the claim is
+still this turn's (a lease that expired while the event loop was stuck can be taken over) and that the stored
+revision is still the one loaded (a writer that does not claim, such as pydantic-ai's UI adapters on the same
+store, may have saved). Either way the turn stops with `ConcurrentTurnError` before that request is sent, so it is
+billed only for what it sent before.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 from pydantic_ai import ModelRequestNode, RunContext
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
 
-from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore, TurnClaim
 
 
 @dataclass
 class TurnGuard(AbstractCapability[Any]):
-    """Stop a turn before its next model request once another turn has saved its conversation.
+    """Stop a turn before its next model request once its conversation is no longer its own.
 
     It checks in `before_node_run`, before the model request's lifecycle starts, so the ledger has no row for the
     request that was not sent.
@@ -30,10 +32,13 @@ class TurnGuard(AbstractCapability[Any]):
     conversation_id: str
     revision: str | None
     """The revision the turn loaded; None for a conversation that did not exist yet."""
+    claim: TurnClaim | None = None
+    """The turn's claim on the conversation, when it holds one."""
 
     async def before_node_run(self, ctx: RunContext[Any], *, node: AgentNode[Any]) -> AgentNode[Any]:
-        """Raise `ConcurrentTurnError` before a model request when the stored revision moved on."""
+        """Raise `ConcurrentTurnError` (stage 'request') before a model request when the turn lost its conversation."""
         if isinstance(node, ModelRequestNode):
-            if await self.store.read_revision(self.conversation_id) != self.revision:
-                raise ConcurrentTurnError(self.conversation_id, stopped_early=True)
+            lost = self.claim is not None and self.claim.lost
+            if lost or await self.store.read_revision(self.conversation_id) != self.revision:
+                raise ConcurrentTurnError(self.conversation_id, stage='request')
         return node

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', 'turn_total_tokens_limit'),
         description='input plus output tokens over all requests of one turn',
     )
+    turn_lease_seconds: float = Field(
+        default=60.0,
+        ge=3,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_TURN_LEASE_SECONDS', 'turn_lease_seconds'),
+        description='how long a crashed turn keeps its conversation (a running turn renews its claim)',
+    )
     context_max_tokens: int = Field(
         default=16_000,
         ge=500,

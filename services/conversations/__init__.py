@@ -1,12 +1,14 @@
 """Conversations in PostgreSQL: pydantic-ai's `ConversationStore` backend, turns, titles and summaries.
 
 `PostgresConversationStore` holds one account's conversations; `load_recent_conversation` (or `load_conversation`
-for the whole history) / `save_turn` wrap a chat turn (a race between two turns raises `ConcurrentTurnError`);
+for the whole history) / `save_turn` wrap a chat turn, inside `conversation_claim` (one turn at a time per
+conversation; a race between two turns raises `ConcurrentTurnError`);
 `fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
 post-turn task that keeps a title and a short summary on the conversation row. The modules with a leading
 underscore are internals.
 """
 
+from agentrt.services.conversations._claims import TurnClaim, conversation_claim
 from agentrt.services.conversations._context import (
     RecentConversation,
     estimate_tokens,
@@ -25,7 +27,7 @@ from agentrt.services.conversations._titles import (
     message_exchanges,
     refresh_title_and_summary,
 )
-from agentrt.services.conversations._turns import ConcurrentTurnError, load_conversation, save_turn
+from agentrt.services.conversations._turns import ConcurrentTurnError, TurnStage, load_conversation, save_turn
 
 __all__ = [
     'SUMMARY_MAX_CHARS',
@@ -34,6 +36,9 @@ __all__ = [
     'Exchange',
     'PostgresConversationStore',
     'RecentConversation',
+    'TurnClaim',
+    'TurnStage',
+    'conversation_claim',
     'estimate_tokens',
     'exchanges',
     'first_exchange',

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationStore
@@ -11,23 +11,37 @@ from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
 
+TurnStage = Literal['start', 'request', 'save']
+"""Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
+
+_STAGE_MESSAGES = {
+    'start': 'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends',
+    'request': (
+        'conversation {id!r} was changed by another turn; this turn stopped before its next model request and '
+        'saved nothing; reload and retry'
+    ),
+    'save': 'conversation {id!r} was changed by another turn; this turn was not saved; reload and retry',
+}
+
 
 class ConcurrentTurnError(AgentRuntimeError):
-    """Another turn saved the conversation after this turn loaded it; this turn's messages were not stored.
+    """Another turn holds or changed this conversation; this turn's messages were not stored.
 
     Attributes:
         conversation_id: the conversation.
-        stopped_early: True when the turn learnt it before a model request and stopped there (nothing more was
-            sent); False when it learnt it only when saving.
+        stage: 'start' (another turn was running: nothing was sent), 'request' (another turn saved meanwhile: this
+            one stopped before its next model request) or 'save' (it learnt only when saving).
     """
 
-    def __init__(self, conversation_id: str, *, stopped_early: bool = False) -> None:
+    def __init__(self, conversation_id: str, *, stage: TurnStage = 'save') -> None:
         self.conversation_id = conversation_id
-        self.stopped_early = stopped_early
-        when = 'stopped before its next model request' if stopped_early else 'was not saved'
-        super().__init__(
-            f'conversation {conversation_id!r} was changed by another turn; this turn {when}; reload and retry'
-        )
+        self.stage: TurnStage = stage
+        super().__init__(_STAGE_MESSAGES[stage].format(id=conversation_id))
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when the turn stopped before sending everything it would have (stage 'start' or 'request')."""
+        return self.stage != 'save'
 
 
 async def load_conversation(

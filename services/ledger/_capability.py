@@ -18,10 +18,12 @@ from pydantic_ai.exceptions import ModelHTTPError, SkipModelRequest
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
+from pydantic_core import PydanticSerializationError
 
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
+from agentrt.services.pg_text import storable_text
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -197,7 +199,7 @@ class LedgerCapability(AbstractCapability[Any]):
             record.price_source = 'unmeasured'
         if error is not None:
             record.error_type = type(error).__qualname__
-            record.error_message = str(error) or repr(error)
+            record.error_message = storable_text(str(error) or repr(error))
         elif status == 'cancelled':
             record.error_message = 'stream stopped before the response was complete'
         if self.store_content:
@@ -251,16 +253,25 @@ def _contents(
             b'{"instructions":',
             json.dumps(instructions).encode(),
             b',"messages":',
-            ModelMessagesTypeAdapter.dump_json(request_context.messages),
+            _dump_json(ModelMessagesTypeAdapter, request_context.messages),
             b'}',
         )
     )
     contents: list[tuple[ContentKind, bytes | str]] = [('prompt', prompt)]
     if response is not None:
-        contents.append(('response', _RESPONSE_ADAPTER.dump_json(response)))
+        contents.append(('response', _dump_json(_RESPONSE_ADAPTER, response)))
     if error is not None:
         contents.append(('error', json.dumps(_describe_error(error), default=str)))
     return contents
+
+
+def _dump_json(adapter: TypeAdapter[Any], value: Any) -> bytes:
+    """`value` as JSON. pydantic cannot encode a lone surrogate (from a provider's `"\\ud800"`, a tool, a
+    `surrogateescape`d argument) as UTF-8; `json.dumps` escapes it instead, so the request keeps its row."""
+    try:
+        return adapter.dump_json(value)
+    except PydanticSerializationError:
+        return json.dumps(adapter.dump_python(value, mode='json')).encode()
 
 
 def _describe_error(error: BaseException) -> dict[str, Any]:

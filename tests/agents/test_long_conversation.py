@@ -33,7 +33,9 @@ def small_budget(monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
-async def test_a_hundred_turns_all_succeed_within_the_budget(demo_data: None, small_budget: int, streamed: bool) -> None:
+async def test_a_hundred_turns_all_succeed_within_the_budget(
+    demo_data: None, small_budget: int, streamed: bool
+) -> None:
     t0 = time.perf_counter()
     for turn in range(100):
         question = QUESTIONS[turn % len(QUESTIONS)]
@@ -58,7 +60,7 @@ async def test_a_hundred_turns_all_succeed_within_the_budget(demo_data: None, sm
     assert conversation.usage.requests == 300
 
     prompts = await scalar(
-        "SELECT json_agg(c.body ORDER BY r.started_at) FROM llm_requests r JOIN llm_request_contents c "
+        'SELECT json_agg(c.body ORDER BY r.started_at) FROM llm_requests r JOIN llm_request_contents c '
         "ON c.request_id = r.id AND c.kind = 'prompt' WHERE r.chat_session_id = 'long'"
     )
     sizes = []
