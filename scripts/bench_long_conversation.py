@@ -117,11 +117,14 @@ def around(rows: list[dict], turn: int, mode: str) -> dict:
     """The median of each figure over the turns within `WINDOW` of `turn`."""
     near = [row for row in rows if abs(row['turn'] - turn) <= WINDOW]
     keys = (*FIGURES, 'reported_input_tokens')
-    return {'mode': mode, 'turn': turn} | {key: statistics.median(row[key] for row in near) for key in keys}
+    span = f'{near[0]["turn"]}-{near[-1]["turn"]}'
+    return {'mode': mode, 'turn': turn, 'turns': span} | {
+        key: statistics.median(row[key] for row in near) for key in keys
+    }
 
 
 COLUMNS = [
-    ('mode', 'mode'), ('turn', 'turn'), ('latency ms', 'latency_ms'), ('CPU ms', 'cpu_ms'),
+    ('mode', 'mode'), ('turns', 'turns'), ('latency ms', 'latency_ms'), ('CPU ms', 'cpu_ms'),
     ('prompt tokens/request', 'prompt_tokens'), ('model-counted', 'reported_input_tokens'),
     ('ledger bytes/request', 'ledger_bytes'),
     ('latency x', 'latency_ms_ratio'), ('CPU x', 'cpu_ms_ratio'), ('tokens x', 'prompt_tokens_ratio'),
@@ -133,6 +136,7 @@ async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'long_conversation')
     args.add_argument('--turns', type=int, default=200, help='turns of each conversation')
     args.add_argument('--budget', type=int, default=4_000, help='context budget, estimated tokens')
+    args.add_argument('--early', type=int, default=5, help='the early turn compared (once the budget is full)')
     opts = args.parse_args()
     if opts.quick:
         opts.turns = 12
@@ -141,7 +145,7 @@ async def main() -> None:
     current_settings().context_max_tokens = opts.budget
     current_settings().message_max_chars = min(current_settings().message_max_chars, opts.budget * 4)
     prefix = f'bench-long-{uuid.uuid4().hex[:8]}'
-    first, last = 1 + WINDOW + 2, opts.turns - WINDOW  # turn 5, and the last turn with a full window around it
+    first, last = max(opts.early, 1 + WINDOW), opts.turns - WINDOW  # the last turn with a full window around it
     config = {'turns': opts.turns, 'context_budget_tokens': opts.budget, 'compared_turns': [first, last]}
     config |= {'model': 'demo (3 requests, 7 tool calls a turn)', 'median_of_turns': 2 * WINDOW + 1}
     try:

@@ -74,7 +74,6 @@ async def test_limits_count_one_turn_and_the_conversation_keeps_its_lifetime_usa
 async def test_a_turn_over_a_limit_stops_sends_nothing_more_and_saves_nothing(
     demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool, setting: str, value: int, sent: int, names: str
 ) -> None:
-    first = await _turn(QUESTION, 'limited', streamed)  # a turn within the defaults, saved
     monkeypatch.setattr(current_settings(), setting, value)
     with pytest.raises(TurnLimitExceededError, match=names) as info:
         await _turn(QUESTION, 'limited', streamed)
@@ -82,9 +81,9 @@ async def test_a_turn_over_a_limit_stops_sends_nothing_more_and_saves_nothing(
     assert isinstance(info.value.__cause__, UsageLimitExceeded)
     await get_request_tracker().flush()
     rows = await ledger_rows(chat_session_id='limited')
-    assert len(rows) == 3 + sent, 'the ledger has every request that was sent, and only those'
-    assert await scalar('SELECT count(*) FROM conversation_entries') == 6, "only the first turn's messages"
-    assert first.output.startswith('I found')
+    assert len(rows) == sent, 'the ledger has every request that was sent, and only those'
+    assert await scalar('SELECT count(*) FROM conversation_entries') == 0, 'nothing saved'
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0, 'the conversation was released'
 
 
 def _always_bad_args(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
