@@ -231,11 +231,17 @@ def _starts_line(data: bytes, at: int) -> bool:
 
 
 def _ends_line(data: bytes, at: int) -> bool:
-    """Whether the value ending at `at` is the last thing on its line (YAML `password: letmein`)."""
+    """Whether the value ending at `at` is the last thing on its line (YAML `password: letmein`); a newline may be
+    escaped any number of times (`\\n` in JSON text, `\\\\n` in JSON inside JSON or in a Python repr of it)."""
     i, ceiling = at, min(len(data), at + 16)
     while i < ceiling and data[i] in b' \t':
         i += 1
-    return i == len(data) or data[i] in b'\r\n;}' or (data[i] == 92 and data[i + 1 : i + 2] in (b'n', b'r'))
+    if i == len(data) or data[i] in b'\r\n;}':
+        return True
+    j = i
+    while j < i + 16 and data[j : j + 1] == b'\\':
+        j += 1
+    return j > i and data[j : j + 1] in (b'n', b'r')
 
 
 _NEXT_PAIR = re.compile(rb'[,;&](?=\s|[\w.-]+[:=]|$)')

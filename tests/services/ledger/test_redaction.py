@@ -225,6 +225,18 @@ def test_json_text_escaped_twice_stays_valid(kind: Kind):
     json.loads(decoded['messages'][0]['args'])
 
 
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_secrets_in_text_escaped_twice_or_in_a_python_repr_are_found(kind: Kind):
+    """What an error message holds: `str(ModelHTTPError)` is a Python repr of the provider's body, whose strings may
+    be JSON text themselves; a newline before or after a secret is then escaped twice."""
+    for position in kind.positions:
+        planted = POSITIONS[position].build(kind.text)
+        as_json = planted if isinstance(planted, str) else json.dumps(planted)
+        for text in (json.dumps(json.dumps(as_json)), repr({'body': planted}), repr({'error': {'details': as_json}})):
+            redacted, _ = redact_text(text)
+            assert not any(f in redacted for f in kind.distinctive()), f'{kind.name} at {position}: {redacted[:300]!r}'
+
+
 # --- the cases of the previous engine (tests/services/test_ledger_redaction.py) ----------------------------------
 
 LEGACY_SECRETS = [
