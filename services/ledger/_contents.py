@@ -24,7 +24,7 @@ from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_core import to_jsonable_python
 
-from agentrt.services.ledger.redaction import redact_value
+from agentrt.services.ledger.redaction import json_may_need_redaction, redact_value
 
 ContentKind = Literal['prompt', 'response', 'error']
 
@@ -67,6 +67,9 @@ class Body:
         return rendered
 
     def _render(self) -> tuple[str, int]:
+        text = _dumps(self._value)
+        if not json_may_need_redaction(text):  # the common case: no walk over every string
+            return text, 0
         redacted, count = redact_value(self._value)
         return _dumps(redacted), count
 

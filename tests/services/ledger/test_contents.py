@@ -53,17 +53,18 @@ def _agent(tracker: LLMRequestTracker, requests: int) -> Agent[None, str]:
 
 
 class _Spy:
-    """Counts `redact_value` calls of the bodies module and the threads they ran in."""
+    """Counts the bodies rendered (each is checked for secrets once, then walked if it may hold one), and the
+    threads they were rendered in."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.threads: list[str] = []
-        real = _contents.redact_value
+        real = _contents.json_may_need_redaction
 
-        def spy(value: Any) -> Any:
+        def spy(text: str) -> bool:
             self.threads.append(threading.current_thread().name)
-            return real(value)
+            return real(text)
 
-        monkeypatch.setattr(_contents, 'redact_value', spy)
+        monkeypatch.setattr(_contents, 'json_may_need_redaction', spy)
 
 
 async def test_each_message_of_a_run_is_redacted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
