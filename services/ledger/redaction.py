@@ -619,7 +619,7 @@ _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # with an escape in it (the name it stands for is only known once decoded). A match starting inside a string value
 # runs to the value's closing quote, which is never followed by `:`. RE2: one linear scan, whatever the text.
 _JSON_SECRET_KEY = re2.compile(
-    _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + r'"\s*:|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:'
+    (_SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + r'"\s*:|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:').encode()
 )
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
@@ -637,7 +637,20 @@ def json_may_need_redaction(text: str) -> bool:
     key names a secret. One scan in RE2 and C, about 15 times faster than walking the value in Python, so a caller
     can store the JSON as it is in the common case and walk the value only when this says it may hold a secret.
     """
-    return bool(_char_spans(text)) or _JSON_SECRET_KEY.search(text) is not None
+    data = text.encode('utf-8', errors='replace')
+    return _JSON_SECRET_KEY.search(data) is not None or _has_secret(data)
+
+
+def _has_secret(data: bytes) -> bool:
+    """Whether `_byte_spans(data)` would find anything, stopping at the first secret (hostile text full of secrets
+    then costs one match, not a full scan before the caller redacts it anyway)."""
+    hits = _TRIGGERS.Match(data)
+    if not hits:
+        return False
+    for index in sorted({index for hit in hits for index in _RULES_BY_TRIGGER[hit]}):
+        for _ in _RULES[index].spans(data):
+            return True
+    return False
 
 
 def _redact_scalar(value: Any) -> tuple[Any, int]:
