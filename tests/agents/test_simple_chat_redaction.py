@@ -13,7 +13,7 @@ inside strings too), never only in an escaped serialisation, where a newline ins
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 from sqlalchemy import text
 
-from agentrt.agents.simple_chat import simple_chat
+from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.session import get_db_session
 from agentrt.services.background import get_supervisor
@@ -37,6 +37,7 @@ from agentrt.services.conversations import (
     make_title,
     refresh_title_and_summary,
 )
+from agentrt.services.ledger import get_request_tracker
 from agentrt.services.ledger.redaction import REDACTED
 from tests.agents.cli.helpers import invoke
 from tests.agents.conftest import account_id
@@ -216,11 +217,46 @@ async def test_a_provider_error_body_through_the_openai_client_is_stored_redacte
     assert leaked(shown.stdout) == [] and leaked('\n'.join(strings(json.loads(shown.stdout)))) == []
 
 
+# --- the streamed path ----------------------------------------------------------------------------------------------
+
+
+def _streamed_secrets(stop_after: int | None = None) -> FunctionModel:
+    """Streams the corpus at line starts and after tabs in small chunks, so secrets are cut across chunks."""
+    text = planted_text(('line_start', 'after_tab'))
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for start in range(0, len(text), 97):
+            yield text[start : start + 97]
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise AssertionError('streamed only')
+
+    return FunctionModel(respond, stream_function=stream)
+
+
+async def test_streamed_turns_store_no_planted_secret(demo_data: None) -> None:
+    stream = simple_chat_stream(planted_text(TEXT), session_id='streamed', account=ACCOUNT, model=_streamed_secrets())
+    assert ''.join([delta async for delta in stream]).count('\n') > 100
+    async with simple_chat_stream('again', session_id='cut', account=ACCOUNT, model=_streamed_secrets()) as cut:
+        received = 0
+        async for delta in cut:
+            received += len(delta)
+            if received > 20_000:
+                break  # the consumer stops: the request is recorded as cancelled, with what it received
+    await get_request_tracker().flush()
+    stored = await _stored_bodies()
+    assert [row['kind'] for row in stored] == ['prompt', 'response', 'error', 'prompt', 'response']
+    cancelled = json.loads(stored[4]['body'])
+    assert cancelled['state'] == 'incomplete' and REDACTED in cancelled['parts'][0]['content']
+    everything = '\n'.join(searchable(row['body']) for row in stored)
+    assert leaked(everything) == [] and REDACTED in everything
+
+
 # --- titles and summaries ----------------------------------------------------------------------------------------
 
 # Titles show the first 80 characters of the first question, summaries 100 of each recent question and 200 of the
 # latest answer: secrets short enough to be seen there, each at the start of a question or an answer.
-SHORT = [kind for kind in KINDS if len(kind.text) <= 70 and not any(c in kind.text for c in '\n\t')]
+SHORT = [kind for kind in KINDS if len(kind.text) <= 70 and not any(c in kind.text for c in '\n\t')][:30]
 
 
 def _answers_with(kinds: list[Kind]) -> FunctionModel:
