@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
-from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_core import to_jsonable_python
 
@@ -146,8 +146,18 @@ class RunBodies:
 
 
 def error_body(error: BaseException) -> Body:
-    """The body of a failed request: the error's type and message, and a provider's status and error body."""
+    """The body of a failed request: the error's type and message and what the provider said (status, body, ...)."""
     described: dict[str, Any] = {'type': type(error).__qualname__, 'message': str(error)}
+    if isinstance(error, ModelAPIError):
+        described.update(
+            model_name=error.model_name,
+            body=error.body,
+            provider_error_code=error.provider_error_code,
+            provider_error_type=error.provider_error_type,
+            in_stream=error.in_stream,
+        )
     if isinstance(error, ModelHTTPError):
-        described.update(status_code=error.status_code, model_name=error.model_name, body=error.body)
+        described['status_code'] = error.status_code
+    if isinstance(error, ModelConnectionError):
+        described['phase'] = error.phase
     return Body(to_jsonable_python(described, fallback=_fallback))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ ERROR_MESSAGE_MAX_CHARS = 4000
 # bounded whatever the provider sent, and a secret can only reach the kept part if redaction shrank what came before
 # it by 60,000 characters.
 ERROR_MESSAGE_SCAN_CHARS = 16 * ERROR_MESSAGE_MAX_CHARS
+_UNSTORABLE = re.compile('[\x00\ud800-\udfff]')
 SPOOL_FORMAT_VERSION = 1
 
 # Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
@@ -192,7 +194,8 @@ class LedgerRecord:
     def _redacted_error(self, message: str) -> str:
         if self._error is None or self._error[0] is not message:
             redacted = redact_text(message[:ERROR_MESSAGE_SCAN_CHARS])[0][:ERROR_MESSAGE_MAX_CHARS]
-            self._error = (message, redacted)
+            # PostgreSQL text holds neither NUL nor a lone surrogate: either would make the row itself fail.
+            self._error = (message, _UNSTORABLE.sub('\ufffd', redacted))
         return self._error[1]
 
     def content_rows(self, max_bytes: int) -> list[dict[str, Any]]:

@@ -106,6 +106,14 @@ async def test_redaction_and_serialisation_run_off_the_event_loop(tmp_path: Path
     assert failed['error_message'] == f'provider said\n{REDACTED}'
 
 
+async def test_an_error_message_with_nul_and_lone_surrogates_keeps_its_row(tmp_path: Path):
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    record = ledger_record(success=False, error_message=f'bad \x00 byte \udc80 and\n{SECRET}')
+    assert await tracker.track_request(record) == 'written'
+    [row] = await ledger_rows(id=record.id)
+    assert row['error_message'] == f'bad \ufffd byte \ufffd and\n{REDACTED}'
+
+
 class _Held(Body):
     """A body whose rendering waits until the test lets it go: a huge message being redacted."""
 
