@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -15,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
 from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport, replay_spool
@@ -98,12 +97,11 @@ class LLMRequestTracker:
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)
         future: asyncio.Future[WriteOutcome] = loop.create_future()
-        item = PendingRow(record, future, time.perf_counter())
-        if record.needs_preparing(self._content_cap):
-            item.prepared = loop.run_in_executor(_preparers(), record.prepare, self._content_cap)
-            item.prepared.add_done_callback(lambda _: queues.wake())
-        else:
+        item = PendingRow(record, future, time.perf_counter(), start_preparing(loop, record, self._content_cap))
+        if item.prepared is None:
             queues.wake()
+        else:
+            item.prepared.add_done_callback(lambda _: queues.wake())
         queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
@@ -198,7 +196,7 @@ class LLMRequestTracker:
         size = 0
         for item in queues.pending:
             if item.ready and len(batch) < self.config.max_batch_rows and size < self.config.max_batch_content_bytes:
-                _check_prepared(item)
+                check_prepared(item)
                 batch.append(item)
                 size += sum(len(content['body']) for content in self._contents_of(item))
             else:
@@ -332,43 +330,6 @@ class LLMRequestTracker:
         finally:
             queues.replay_task = None
 
-
-def _check_prepared(item: PendingRow) -> None:
-    """A preparation that failed (a bug: redaction never raises) costs the record its contents, never its row."""
-    prepared = item.prepared
-    if prepared is None or not (prepared.cancelled() or prepared.exception() is not None):
-        return
-    error = None if prepared.cancelled() else prepared.exception()
-    logger.error('ledger: could not prepare request %s; its contents are dropped', item.record.id, exc_info=error)
-    item.record.discard_contents()
-
-
-_PREPARE_THREADS = 4
-_preparer_pool: ThreadPoolExecutor | None = None
-_preparer_lock = threading.Lock()
-
-
-def _preparers() -> ThreadPoolExecutor:
-    """The worker threads that prepare records, shared by every tracker and event loop of the process.
-
-    A pool of its own, not the loop's default executor: a burst of huge messages must not hold up other users of
-    `asyncio.to_thread` (or asyncpg's host name lookups). RE2 releases the GIL while it scans, so preparations run
-    beside the event loop on another core.
-    """
-    global _preparer_pool
-    with _preparer_lock:
-        if _preparer_pool is None:
-            _preparer_pool = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix='agentrt-ledger-prepare')
-        return _preparer_pool
-
-
-def _forget_preparers() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool there on first use."""
-    global _preparer_pool, _preparer_lock
-    _preparer_pool, _preparer_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_preparers)
 
 _default_tracker: LLMRequestTracker | None = None
 
