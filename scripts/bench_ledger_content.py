@@ -234,7 +234,7 @@ async def loop_lag(workers: int, latency: float, quiet: float, hostile_runs: int
     tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
     phases: list[tuple[str, float, float, float | None]] = []
     try:
-        await asyncio.sleep(1.0)  # warm-up
+        await asyncio.sleep(min(1.0, quiet))  # warm-up
         start = time.perf_counter()
         await asyncio.sleep(quiet)
         phases.append(('quiet', start, time.perf_counter(), None))
@@ -245,7 +245,7 @@ async def loop_lag(workers: int, latency: float, quiet: float, hostile_runs: int
             returned = time.perf_counter()
             await title_written(session_id)
             phases.append(('hostile', start, time.perf_counter(), returned - start))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(min(0.5, quiet))
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -303,7 +303,7 @@ async def main() -> None:
     args.add_argument('--size', type=int, default=1_000_000, help='characters of the hostile message')
     opts = args.parse_args()
     if opts.quick:
-        opts.turns, opts.lengths, opts.workers, opts.quiet, opts.hostile_runs, opts.size = 2, [3], 2, 0.5, 1, 20_000
+        opts.turns, opts.lengths, opts.workers, opts.quiet, opts.hostile_runs, opts.size = 2, [3], 2, 0.2, 1, 20_000
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     prefix = f'bench-lc-{uuid.uuid4().hex[:8]}'
