@@ -305,6 +305,11 @@ async def main() -> None:
     if opts.quick:
         opts.turns, opts.lengths, opts.workers, opts.quiet, opts.hostile_runs, opts.size = 2, [3], 2, 0.2, 1, 20_000
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    # The chat's input limits (message size, context and tokens per turn) refuse a 1 MB message by default; this
+    # benchmark is about storing one, so they are raised for this process (settings that do not exist are ignored).
+    os.environ.setdefault('AGENTRT_MESSAGE_MAX_CHARS', str(2 * opts.size))
+    os.environ.setdefault('AGENTRT_CONTEXT_MAX_TOKENS', str(2 * opts.size))
+    os.environ.setdefault('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', str(10 * opts.size))
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     prefix = f'bench-lc-{uuid.uuid4().hex[:8]}'
     since = datetime.now(UTC)
