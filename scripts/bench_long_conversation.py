@@ -1,4 +1,4 @@
-"""Benchmark 6: a long conversation. Turn 200 against turn 5 of one conversation, same run: does a turn cost the same?
+"""Benchmark 7: a long conversation. Turn 200 against turn 5 of one conversation, same run: does a turn cost the same?
 
 One conversation of `--turns` turns with the demo model (3 requests, 7 tool calls a turn), plain and streamed (one
 conversation each). Per turn: latency (what the caller waits), CPU (time.process_time, the ledger and background
@@ -152,7 +152,7 @@ async def main() -> None:
         async with get_db_session() as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
-        print_config('Benchmark 6: turn 200 against turn 5 of one conversation', config | machine)
+        print_config('Benchmark 7: turn 200 against turn 5 of one conversation', config | machine)
         results, per_turn = [], {}
         for streamed in (False, True):
             mode = 'streamed' if streamed else 'plain'
