@@ -22,12 +22,6 @@ def storable_text(text: str) -> str:
     return _UNSTORABLE.sub(REPLACEMENT, text) if _UNSTORABLE.search(text) else text
 
 
-def unstorable_character(text: str) -> tuple[int, str] | None:
-    """The position and character of the first NUL or lone surrogate in `text`, or None when it has none."""
-    match = _UNSTORABLE.search(text)
-    return None if match is None else (match.start(), match.group())
-
-
 def storable(value: Any) -> Any:
     """`value` with `storable_text` applied to every string in it, dict keys and nested lists included.
 
@@ -41,8 +35,3 @@ def storable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [storable(v) for v in value]
     return value
-
-
-def without_nul(value: Any) -> Any:
-    """Alias of `storable`, kept for callers that predate lone-surrogate handling."""
-    return storable(value)
