@@ -13,6 +13,7 @@ from agentrt.db.errors import (
     EmbeddedPostgresError,
     InvalidInputError,
     MigrationError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     'EmbeddedPostgresError',
     'InvalidInputError',
     'MigrationError',
+    'ModelBehaviorError',
     'ModelProviderError',
     'TurnLimitExceededError',
     'UnknownTenantError',

@@ -1,13 +1,16 @@
-"""What a chat turn raises instead of pydantic-ai's exceptions: the runtime's own errors, saying what to do.
+"""The one place where what a pydantic-ai run raises becomes one of the runtime's documented errors.
 
-`simple_chat` and `simple_chat_stream` run the model inside `translated_run_errors()`, so a caller (the CLI, the
-HTTP API, a program) catches `agentrt.agents.errors` classes only. The ledger has already recorded the failed
-request (with pydantic-ai's own exception type, status code and body) by the time the translation happens.
+`simple_chat`, `simple_chat_stream` (and through them the CLI and the HTTP API) run the agent inside
+`documented_errors()`, so nothing undocumented escapes from a run: README.md lists what does. Errors the runtime
+raises itself (`AgentRuntimeError` subclasses, e.g. `ConcurrentTurnError` from the turn guard) pass through. The
+ledger has already recorded a failed request (with pydantic-ai's own exception type, status code and body) by the
+time the translation happens.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,31 +24,60 @@ from pydantic_ai.exceptions import (
     ModelRateLimitError,
     ModelRequestTimeout,
     ModelTimeoutError,
+    UnexpectedModelBehavior,
+    UsageLimitExceeded,
 )
 
-from agentrt.db.errors import ModelProviderError
+from agentrt.agents.turn_limits import LIMIT_SETTINGS
+from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError, TurnLimitExceededError
 from agentrt.services.ledger.redaction import redact_text
 
 # How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
 MESSAGE_BODY_CHARS = 300
 
 
-@contextmanager
-def translated_run_errors(model_name: str | None = None) -> Iterator[None]:
-    """Raise the runtime's errors for pydantic-ai's ones raised inside the block.
+def documented_error(exc: BaseException, model_name: str | None = None) -> AgentRuntimeError | None:
+    """The documented error that stands for `exc`, raised by a run; None when `exc` is not one to translate.
+
+    - `UsageLimitExceeded` -> `TurnLimitExceededError`, naming the limit and its setting;
+    - `UnexpectedModelBehavior` (tool retries exhausted, output cut off by its token limit, a content filter)
+      -> `ModelBehaviorError`, keeping the body the model sent;
+    - `ModelAPIError` (an HTTP error, a rate limit, a dropped connection, a corrupt answer, a timeout: plain or
+      streamed alike) -> `ModelProviderError` with the status code and the redacted body.
 
     Args:
+        exc: what the run raised.
         model_name: the model the turn asked for; errors name it (pydantic-ai names the model a stream reported,
             e.g. a dated version, in errors raised inside a stream).
-
-    Raises:
-        ModelProviderError: the model provider failed the request (HTTP error, rate limit, dropped connection,
-            corrupt answer, timeout).
     """
+    if isinstance(exc, AgentRuntimeError):
+        return None
+    if isinstance(exc, UsageLimitExceeded):
+        return TurnLimitExceededError(_limit_message(exc.message))
+    if isinstance(exc, UnexpectedModelBehavior):
+        return ModelBehaviorError(f'the model did not produce a usable answer: {exc.message}', body=exc.body)
+    if isinstance(exc, ModelAPIError):
+        return provider_error(exc, model_name)
+    return None
+
+
+@contextmanager
+def documented_errors(model_name: str | None = None) -> Iterator[None]:
+    """Re-raise what `documented_error` translates as its documented error (the original is its `__cause__`)."""
     try:
         yield
-    except ModelAPIError as exc:
-        raise provider_error(exc, model_name) from exc
+    except Exception as exc:
+        translated = documented_error(exc, model_name)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def _limit_message(message: str) -> str:
+    found = re.search(r'\b(\w+_limit)\b', message)
+    setting = LIMIT_SETTINGS.get(found.group(1)) if found else None
+    where = f' ({setting})' if setting else ''
+    return f'this turn reached its usage limit{where}: {message.rstrip(".")}; the turn stopped and was not saved'
 
 
 def provider_error(exc: ModelAPIError, model_name: str | None = None) -> ModelProviderError:

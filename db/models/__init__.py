@@ -1,10 +1,18 @@
 """ORM models. Importing this package registers every table on `Base.metadata`."""
 
 from agentrt.db.models.base import Base
-from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow
+from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow, ConversationTurnRow
 from agentrt.db.models.directory import DirectoryEntry
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow  # noqa: F401 - registers the ledger tables
 from agentrt.db.models.tenancy import Account, AgentInstance
 from agentrt.db.models.usage_rollups import UsageDailyRollup, UsageRolledUpRequest  # noqa: F401 - registers the rollup tables
 
-__all__ = ['Account', 'AgentInstance', 'Base', 'ConversationEntryRow', 'ConversationRow', 'DirectoryEntry']
+__all__ = [
+    'Account',
+    'AgentInstance',
+    'Base',
+    'ConversationEntryRow',
+    'ConversationRow',
+    'ConversationTurnRow',
+    'DirectoryEntry',
+]
