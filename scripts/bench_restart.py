@@ -4,8 +4,10 @@ On the embedded server (its own `bench-pgdata` directory), restarted in fast mod
 backend terminated) with full `simple_chat` turns of the demo model:
 1. between turns: W concurrent turns fill the pool, restart, 20 sequential turns; restart, 50 concurrent turns;
 2. during turns: 100 concurrent turns, restart 0.3 s in; then 20 more turns once the server is back;
-3. steady: 200 concurrent turns, no restart: this process's CPU per turn.
-Reported per pool setting: failed turns (by error class), ledger rows against model requests.
+3. steady: 200 concurrent turns, no restart: this process's CPU per turn;
+4. sessions: 10,000 short sessions (checkout, SELECT 1, commit) from 20 tasks: CPU per session, the pool's own cost.
+Reported per pool setting: failed turns (by error class), ledger rows against model requests, CPU (per turn, or per
+session in 4).
 
 It restarts the server it uses, so it always starts an embedded one of its own (never `DATABASE_URL`), and the
 benchmark smoke test leaves it out. Run (public APIs only, so it also runs against older versions of the runtime):
@@ -80,6 +82,30 @@ def failed(results: list[BaseException | None]) -> tuple[int, Counter[str]]:
     return sum(kinds.values()), kinds
 
 
+async def sessions(variant: str, count: int) -> dict[str, Any]:
+    """CPU per short session (checkout, SELECT 1, commit, checkin) from 20 tasks: the pool's own cost per use."""
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            async with get_db_session() as session:
+                await session.execute(text('SELECT 1'))
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(worker(count // 20) for _ in range(20)))
+    cpu = time.process_time() - cpu0
+    return {
+        'scenario': 'sessions',
+        'settings': variant,
+        'turns': count,
+        'failed': 0,
+        'errors': {},
+        'model_requests': 0,
+        'ledger_rows': 0,
+        'cpu_ms_per_turn': round(cpu / count * 1000, 3),
+        'wall_s': 0,
+    }
+
+
 async def scenario(name: str, variant: str, rounds: int, warm: int) -> dict[str, Any]:
     model, tag, lost = Counting(), f'{name}-{variant}-{time.monotonic_ns()}', Counter[str]()
     n_failed = n_turns = 0
@@ -125,7 +151,7 @@ async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'restart')
     args.add_argument('--settings', default='default,ping-every-checkout', help=f'of {", ".join(SETTINGS)}')
     args.add_argument('--rounds', type=int, default=3)
-    args.add_argument('--scenarios', default='between,during,steady')
+    args.add_argument('--scenarios', default='between,during,steady,sessions')
     opts = args.parse_args()
     rounds, warm = (1, 5) if opts.quick else (opts.rounds, 20)
     data_dir = Path(os.environ.get('AGENTRT_DATA_DIR') or default_data_dir().parent / 'bench-pgdata')
@@ -137,7 +163,10 @@ async def main() -> None:
             async with get_db_session() as session:
                 await seed_demo_data(session=session)
         for name in opts.scenarios.split(','):
-            rows.append(await scenario(name, variant, rounds, warm))
+            if name == 'sessions':
+                rows.append(await sessions(variant, 1000 if opts.quick else 10_000 * rounds))
+            else:
+                rows.append(await scenario(name, variant, rounds, warm))
             print(rows[-1], flush=True)
         await get_request_tracker().aclose()
         await close_database()

@@ -62,7 +62,10 @@ async def _chat(
         validate_identifiers(session_id=session_id, account=account, agent_instance=agent)
     else:
         message = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent).message
-    await init_database()
+    try:
+        await init_database()
+    except DatabaseUnavailableError as exc:
+        raise type(exc)(f'{exc}; the message was not sent and nothing was saved') from exc
     try:
         await _seed_demo_if_empty(account)
         if message is not None:

@@ -21,6 +21,7 @@ import pytest
 from agentrt.db.embedded import SERVER_FILE, USERS_FILE, bundled_major_version, release_embedded, start_embedded
 from agentrt.db.errors import EmbeddedPostgresError
 from tests.agents.cli.helpers import ROOT, invoke
+from tests.private_database import PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle who accept Medicare'
 
@@ -180,15 +181,20 @@ def test_four_cli_processes_at_once_and_every_signal(tmp_path: Path) -> None:
         _assert_no_orphan(data_dir)
 
 
-async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(tmp_path: Path) -> None:
-    data_dir = tmp_path / 'old'
-    data_dir.mkdir()
-    (data_dir / 'PG_VERSION').write_text('15\n')  # what initdb of PostgreSQL 15 writes first
+async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
+    tmp_path: Path, private_database: PrivateDatabase
+) -> None:
+    data_dir = private_database.server.data  # made by Debian's PostgreSQL 15 when it is installed
+    if (data_dir / 'PG_VERSION').read_text().strip() == bundled_major_version():
+        data_dir = tmp_path / 'old'  # only the embedded binaries here: the version file initdb writes first
+        data_dir.mkdir()
+        (data_dir / 'PG_VERSION').write_text('15\n')
     with pytest.raises(EmbeddedPostgresError) as raised:
         start_embedded(data_dir)
     message = str(raised.value)
     assert '\n' not in message
-    assert f'made by PostgreSQL 15, and this runtime ships PostgreSQL {bundled_major_version()}' in message
+    theirs = (data_dir / 'PG_VERSION').read_text().strip()
+    assert f'made by PostgreSQL {theirs}, and this runtime ships PostgreSQL {bundled_major_version()}' in message
     assert 'AGENTRT_DATA_DIR' in message and 'pg_upgrade' in message
     result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
     assert result.exit_code == 4

@@ -49,7 +49,7 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['chat', 'hi'], {'AGENTRT_MODEL': 'nosuch:model'}, 2, 'nosuch:model'),
     # the database is not there
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, '127.0.0.1:1'),
-    (['chat', 'hi'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, 'cannot connect'),
+    (['chat', 'hi'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, 'nothing was saved'),
 ]
 
 
