@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
+from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import get_db_session, retry_on_disconnect
+from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.conversations._turns import ConcurrentTurnError
 
 logger = logging.getLogger('agentrt.conversations')
@@ -109,10 +111,49 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
         try:
             await claim.release()
+        except DatabaseUnavailableError as exc:
+            # The database is down (the turn most likely failed for the same reason): release the claim once it is
+            # back, so the message can be sent again at once rather than after the lease.
+            _release_later(claim, exc)
         except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
             logger.warning(
                 'could not release the claim on conversation %s (%s); it expires in %gs', conversation_id, exc, lease_s
             )
+
+
+def _release_later(claim: TurnClaim, error: Exception) -> None:
+    try:
+        get_supervisor().spawn(
+            _release_when_back,
+            claim.account_id,
+            claim.conversation_id,
+            claim.claim_id,
+            claim.lease_s,
+            name=f'release the claim on conversation {claim.conversation_id}',
+        )
+    except (SupervisorClosed, BackgroundQueueFull):
+        logger.warning(
+            'could not release the claim on conversation %s (%s); it expires in %gs',
+            claim.conversation_id,
+            error,
+            claim.lease_s,
+        )
+
+
+async def _release_when_back(account_id: int, conversation_id: str, claim_id: str, lease_s: float) -> None:
+    """Retry releasing a claim, with backoff, until the database answers or the lease would have expired anyway."""
+    claim = TurnClaim(account_id, conversation_id, claim_id, lease_s)
+    deadline = asyncio.get_running_loop().time() + lease_s
+    delay = 0.1
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await claim.release()
+            return
+        except DatabaseUnavailableError:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                return  # expired by now: the next turn takes it over
+            delay = min(delay * 2, 2.0)
 
 
 async def _keep_alive(claim: TurnClaim) -> None:
