@@ -12,7 +12,7 @@ from decimal import Decimal
 from pydantic_ai import Agent, Conversation
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
-from pydantic_ai.usage import RunUsage
+from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.model_resolution import resolve_model
 from agentrt.db.engine import current_settings, init_database
@@ -61,6 +61,56 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
         )
 
 
+@dataclass(frozen=True)
+class TurnSetup:
+    """What a chat turn runs with, whichever path runs it: `simple_chat`, `simple_chat_stream` or the HTTP API.
+
+    The HTTP API hands these to pydantic-ai's UI adapters (which load and save the conversation through `store`
+    themselves); `prepare_turn` adds the loaded conversation for the in-process paths.
+    """
+
+    agent: Agent[SessionDependencies, str]
+    model: Model
+    deps: SessionDependencies
+    store: PostgresConversationStore
+    usage_limits: UsageLimits | None
+
+
+async def set_up_turn(
+    agent: Agent[SessionDependencies, str],
+    session_id: str,
+    account: str,
+    agent_instance: str | None,
+    model: Model | str | None,
+    *,
+    usage_limits: UsageLimits | None = None,
+    stream_delay: float = 0.0,
+) -> TurnSetup:
+    """Start the database if needed, resolve the model, load the tenant: everything a turn needs but its history.
+
+    Args:
+        agent: the agent to run.
+        session_id: the conversation (its id in the account's store).
+        account: the account slug.
+        agent_instance: the agent slug of that account; its first agent when None.
+        model: a model or model name; the configured model (`AGENTRT_MODEL`) when None.
+        usage_limits: the limits the caller asked for.
+        stream_delay: seconds between the demo model's streamed words.
+
+    Raises:
+        ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
+    """
+    await init_database()
+    resolved = resolve_model(model, default=current_settings().model, stream_delay=stream_delay)
+    deps = await load_dependencies(session_id, account, agent_instance)
+    return TurnSetup(agent, resolved, deps, PostgresConversationStore(deps.account_id), usage_limits)
+
+
+def schedule_after_turn(deps: SessionDependencies, run_id: str) -> None:
+    """Hand a saved turn's post-turn work (title and summary, usage rollup) to the background, by id only."""
+    schedule_post_turn_work(deps.account_id, deps.session_id, run_id=run_id)
+
+
 @dataclass
 class Turn:
     """Everything prepared before the model is called."""
@@ -82,18 +132,15 @@ async def prepare_turn(
     model: Model | str | None,
     stream_delay: float = 0.0,
 ) -> Turn:
-    """Start the database if needed, resolve the model, load the tenant and the conversation.
+    """Set the turn up (`set_up_turn`) and load its conversation.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
     """
     started = time.perf_counter()
-    await init_database()
-    resolved = resolve_model(model, default=current_settings().model, stream_delay=stream_delay)
-    deps = await load_dependencies(session_id, account, agent_instance)
-    store = PostgresConversationStore(deps.account_id)
-    conversation = await load_conversation(store, session_id)
-    return Turn(agent, resolved, deps, store, conversation, conversation.usage, started)
+    setup = await set_up_turn(agent, session_id, account, agent_instance, model, stream_delay=stream_delay)
+    conversation = await load_conversation(setup.store, session_id)
+    return Turn(setup.agent, setup.model, setup.deps, setup.store, conversation, conversation.usage, started)
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
@@ -103,7 +150,7 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         ConcurrentTurnError: another turn saved this conversation meanwhile; nothing was saved.
     """
     await save_turn(turn.store, result)
-    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
+    schedule_after_turn(turn.deps, result.run_id)
     return ChatResult(
         output=result.output,
         session_id=turn.deps.session_id,

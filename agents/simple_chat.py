@@ -41,6 +41,7 @@ __all__ = [
     'Instruction',
     'ToolEvent',
     'create_simple_chat_agent',
+    'default_chat_agent',
     'load_dependencies',
     'simple_chat',
     'simple_chat_stream',
@@ -102,7 +103,8 @@ def create_simple_chat_agent(
 _agent: Agent[SessionDependencies, str] | None = None
 
 
-def _default_agent() -> Agent[SessionDependencies, str]:
+def default_chat_agent() -> Agent[SessionDependencies, str]:
+    """The agent `simple_chat` runs when given none (built once per process): the HTTP API serves the same one."""
     global _agent
     if _agent is None:
         _agent = create_simple_chat_agent()
@@ -142,7 +144,7 @@ async def simple_chat(
         ConcurrentTurnError: another turn changed this conversation meanwhile; nothing was saved.
     """
     check_message(message)
-    turn = await prepare_turn(agent or _default_agent(), session_id, account, agent_instance, model)
+    turn = await prepare_turn(agent or default_chat_agent(), session_id, account, agent_instance, model)
     result = await turn.agent.run(
         message,
         deps=turn.deps,
@@ -241,7 +243,7 @@ def simple_chat_stream(
 
 async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
     turn: Turn = await prepare_turn(
-        request.agent or _default_agent(),
+        request.agent or default_chat_agent(),
         request.session_id,
         request.account,
         request.agent_instance,

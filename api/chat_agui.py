@@ -1,0 +1,86 @@
+"""`POST /api/v1/chat/ag-ui`: the same streamed turn as `/api/v1/chat`, in the AG-UI protocol (CopilotKit, ...).
+
+Registered only when `ag-ui-protocol` is installed (the `agui` extra). The body's `threadId` names the conversation
+of the caller's account; everything else (set-up, server-held history, post-turn work, safe error events) is as in
+`agentrt.api.chat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ag_ui.core import BaseEvent, RunAgentInput
+from fastapi import APIRouter, Request
+from pydantic_ai.ui.ag_ui import AGUIAdapter, AGUIEventStream
+from starlette.responses import Response
+
+from agentrt.agents.chat_turn import set_up_turn
+from agentrt.api.auth import ChatCaller
+from agentrt.api.chat import AGENT_QUERY, after_saved, chat_config
+from agentrt.api.errors import stream_error
+from agentrt.api.schemas import ERROR_RESPONSES
+from agentrt.api.turn_input import check_conversation_id, check_new_message, parse_run_input
+from agentrt.db.errors import InvalidInputError
+from agentrt.tools.dependencies import SessionDependencies
+
+router = APIRouter(prefix='/api/v1', tags=['chat'])
+
+
+class SafeAGUIStream(AGUIEventStream[SessionDependencies, str]):
+    """The AG-UI event stream with a `RUN_ERROR` that says what the client may know, and an error id."""
+
+    async def on_error(self, error: Exception) -> AsyncIterator[BaseEvent]:
+        """Replace the exception's text by a public message."""
+        async for event in super().on_error(Exception(stream_error(error).stream_text())):
+            yield event
+
+
+@dataclass
+class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
+    """`AGUIAdapter` with `SafeAGUIStream`."""
+
+    def build_event_stream(self) -> SafeAGUIStream:
+        """The event stream, with the safe error event."""
+        return SafeAGUIStream(
+            self.run_input,
+            accept=self.accept,
+            ag_ui_version=self.ag_ui_version,
+            include_usage=self.include_usage,
+            manage_system_prompt=self.manage_system_prompt,
+            preserve_file_data=self.preserve_file_data,
+        )
+
+
+@router.post(
+    '/chat/ag-ui',
+    summary='Stream a chat turn (AG-UI protocol)',
+    response_class=Response,
+    responses={200: {'description': 'AG-UI events.', 'content': {'text/event-stream': {}}}, **ERROR_RESPONSES},
+)
+async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = AGENT_QUERY) -> Response:
+    """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events."""
+    run_input = parse_run_input(request, await request.body(), AGUIChatAdapter.build_run_input)
+    conversation_id = check_conversation_id(run_input.thread_id, field='threadId')
+    check_new_message(_new_message_text(run_input), field='messages')
+    config = chat_config(request)
+    setup = await set_up_turn(config.agent, conversation_id, caller.account_slug, agent, config.model)
+    return await AGUIChatAdapter.dispatch_request(
+        request,
+        agent=setup.agent,
+        model=setup.model,
+        deps=setup.deps,
+        usage_limits=setup.usage_limits,
+        conversation_store=setup.store,
+        on_complete=after_saved(setup.deps),
+    )
+
+
+def _new_message_text(run_input: RunAgentInput) -> str:
+    users = [message for message in run_input.messages if message.role == 'user']
+    if not users:
+        raise InvalidInputError('the request has no user message', field='messages')
+    content = getattr(users[-1], 'content', '')
+    if isinstance(content, str):
+        return content
+    return ''.join(text for item in content if isinstance(text := getattr(item, 'text', None), str))
