@@ -35,6 +35,8 @@ from agentrt.tools.dependencies import SessionDependencies
 
 router = APIRouter(prefix='/api/v1', tags=['chat'])
 
+_TRIGGERS = frozenset({'submit-message', 'regenerate-message'})
+
 AGENT_QUERY = Query(None, min_length=1, max_length=64, description="One of the account's agents; its first if omitted.")
 
 
@@ -100,7 +102,7 @@ async def chat(
     in the caller's account: the client may send its whole history or only the new message. The conversation is
     created on first use.
     """
-    run_input = parse_run_input(request, await request.body(), ChatAdapter.build_run_input)
+    run_input = parse_run_input(request, await request.body(), ChatAdapter.build_run_input, tags=_TRIGGERS)
     conversation_id = check_conversation_id(run_input.id)
     check_new_message(_new_message_text(run_input), field='messages')
     setup = await _set_up(request, conversation_id, caller.account_slug, agent)

@@ -62,10 +62,13 @@ def check_new_message(text: str, *, field: str = 'message') -> None:
         raise InvalidInputError(str(exc), field=field) from exc
 
 
-def parse_run_input(request: Request, body: bytes, build: Callable[[bytes], T]) -> T:
+def parse_run_input(
+    request: Request, body: bytes, build: Callable[[bytes], T], *, tags: frozenset[str] = frozenset()
+) -> T:
     """A chat protocol's request body (`build` is the adapter's `build_run_input`), or the error naming the field.
 
-    The field errors do not echo the values sent (they can be huge, or hold what should not come back).
+    The field errors do not echo the values sent (they can be huge, or hold what should not come back). `tags` are
+    the values of the body's own discriminator (Vercel's `trigger`), which pydantic puts first in a location.
 
     Raises:
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
@@ -78,5 +81,8 @@ def parse_run_input(request: Request, body: bytes, build: Callable[[bytes], T]) 
         return build(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        where = '.'.join(str(part) for part in first['loc']) or 'body'
+        location = list(first['loc'])
+        if location and location[0] in tags:
+            location = location[1:]
+        where = '.'.join(str(part) for part in location) or 'body'
         raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc

@@ -121,7 +121,7 @@ async def list_api_keys(
         query = query.where(Account.slug == account)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
-    return [_info(row, slug) for row, slug in (await session.execute(query)).tuples()]
+    return [_info(row, slug) for row, slug in (await session.execute(query))]
 
 
 async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
@@ -213,7 +213,7 @@ async def _lookup(prefix: str) -> _Cached | None:
         row = (await session.execute(query)).first()
         if row is None:
             return None
-        key_id, secret_hash, scopes, account_id, slug = row.tuple()
+        key_id, secret_hash, scopes, account_id, slug = row
         stale = func.now() - timedelta(seconds=_TOUCH_EVERY_S)
         touch = update(ApiKey).where(ApiKey.id == key_id, func.coalesce(ApiKey.last_used_at, stale) <= stale)
         await session.execute(touch.values(last_used_at=func.now()))

@@ -51,7 +51,7 @@ async def list_conversations(
         query = query.where(tuple_(row.updated_at, row.conversation_id) < tuple_(*after))
     return [
         ConversationSummary(conversation_id, title, summary, created, updated, **_usage(usage))
-        for conversation_id, title, summary, created, updated, usage in (await session.execute(query)).tuples()
+        for conversation_id, title, summary, created, updated, usage in (await session.execute(query))
     ]
 
 
