@@ -29,7 +29,7 @@ from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult, Turn, check_message, finish_turn, load_dependencies, prepare_turn
-from agentrt.agents.demo_model import SCHEMAS_LINE
+from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
 from agentrt.services.ledger import ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -94,7 +94,7 @@ def create_simple_chat_agent(
 
     @agent.instructions
     def _tenant(ctx: RunContext[SessionDependencies]) -> str:
-        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or 'none configured'
+        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or NO_SCHEMAS
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent

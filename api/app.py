@@ -14,9 +14,12 @@ FastAPI runs a yield-dependency's exit after the response is sent, for a streame
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic_ai import Agent
@@ -74,6 +77,7 @@ def create_app(
         version=__version__,
         summary='Pydantic AI chat agents on PostgreSQL: streamed chat, audit, costs and conversations per account.',
         lifespan=lifespan,
+        **_telemetry_option(),
     )
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
@@ -88,6 +92,19 @@ def create_app(
     if static_dir is not None:
         app.mount('/', StaticFiles(directory=static_dir, html=True), name='static')
     return app
+
+
+def _telemetry_option() -> dict[str, Any]:
+    """FastAPI's own request spans and metrics (newer FastAPI) only when spans leave the process.
+
+    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) whether or
+    not `LOGFIRE_TOKEN` is set; like pydantic-ai's instrumentation there, they are on only with a token: otherwise
+    they would cost CPU on every request and every streamed event for spans nobody reads.
+    """
+    if 'telemetry' not in inspect.signature(FastAPI).parameters:
+        return {}
+    on = bool(os.environ.get('LOGFIRE_TOKEN'))
+    return {'telemetry': {'tracing': on, 'metrics': on, 'logs': on}}
 
 
 def _max_body_bytes(settings: Settings | None) -> int:

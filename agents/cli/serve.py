@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from agentrt.agents.cli.support import EXIT_USAGE, fail, run
 from agentrt.db.engine import close_database, init_database
@@ -26,12 +27,12 @@ def serve(
     log_level: str = typer.Option('info', '--log-level', help='uvicorn log level (debug, info, warning, error).'),
 ) -> None:
     """Serve the HTTP API: streamed chat, conversations, the audit, costs and health (see README)."""
-    missing = [name for name in HTTP_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = missing_http_packages()
     if missing:
-        fail(
-            f"the HTTP server needs the http extra ({', '.join(missing)} not installed): pip install 'agentrt[http]'",
-            EXIT_USAGE,
-        )
+        # Escaped: `fail` prints rich markup, in which `[http]` would be taken for a style tag and vanish.
+        needed = ', '.join(missing)
+        message = f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'"
+        fail(escape(message), EXIT_USAGE)
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
     run(_check_database)
@@ -47,6 +48,11 @@ def serve(
         log_config=_log_config(log_level.upper()),
         timeout_graceful_shutdown=30,
     )
+
+
+def missing_http_packages() -> list[str]:
+    """The packages of the `http` extra that are not installed."""
+    return [name for name in HTTP_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 async def _check_database() -> None:

@@ -15,10 +15,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentrt.api.app import create_app
-from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 from agentrt.db.session import get_db_session
 from agentrt.services.api_keys import create_api_key, forget_cached_api_keys
-
+from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
 TEST_POOL_OUT = {'size': TEST_POOL_SIZE, 'max_overflow': TEST_MAX_OVERFLOW}
 """What `/health/ready` reports of the suite's pool."""

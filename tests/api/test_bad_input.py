@@ -39,7 +39,13 @@ BAD_QUERIES: list[tuple[str, dict[str, str]]] = [
     (AUDIT, {'cursor': base64.urlsafe_b64encode(json.dumps(['2026-03-01T00:00:00+00:00', 'nope']).encode()).decode()}),
     (AUDIT, {'cursor': base64.urlsafe_b64encode(json.dumps(['2026-03-01T00:00:00', 'x']).encode()).decode()}),
     (AUDIT, {'cursor': 'A' * 601}),
-    (AUDIT, {'page': '2', 'cursor': 'WyIyMDI2LTAzLTAxVDEyOjAwOjAwKzAwOjAwIiwiMDFhMjMwMTQtZWE4Ny03OTFjLWFmZTctODIzMTc0ZDI3NGE1Il0'}),
+    (
+        AUDIT,
+        {
+            'page': '2',
+            'cursor': 'WyIyMDI2LTAzLTAxVDEyOjAwOjAwKzAwOjAwIiwiMDFhMjMwMTQtZWE4Ny03OTFjLWFmZTctODIzMTc0ZDI3NGE1Il0',
+        },
+    ),
     (f'{AUDIT}/not-a-uuid', {}),
     (f'{AUDIT}/{"1" * 40}', {}),
     (f'{AUDIT}/01a23014', {}),
@@ -118,9 +124,9 @@ async def test_bodies_over_the_limit_or_with_a_lying_length_are_refused(keys: Ke
         for _ in range(5):
             yield b'x' * (1024 * 1024)
 
-    streamed = await client.post('/api/v1/chat', content=chunks(), headers={**auth(keys.acme), 'content-type': 'application/json'})
-    assert streamed.status_code == 413
-    bad_length = await client.post(
-        '/api/v1/chat', content=b'{}', headers={**auth(keys.acme), 'content-length': 'abc'}
+    streamed = await client.post(
+        '/api/v1/chat', content=chunks(), headers={**auth(keys.acme), 'content-type': 'application/json'}
     )
+    assert streamed.status_code == 413
+    bad_length = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), 'content-length': 'abc'})
     assert bad_length.status_code == 400

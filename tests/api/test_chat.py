@@ -78,7 +78,10 @@ async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothin
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             status, events = await stream_chat(
-                client, keys.acme, chat_body('gone', QUESTION), stop=lambda e: isinstance(e, dict) and e.get('type') == 'text-delta'
+                client,
+                keys.acme,
+                chat_body('gone', QUESTION),
+                stop=lambda e: isinstance(e, dict) and e.get('type') == 'text-delta',
             )
         assert status == 200 and of_type(events, 'text-delta')
         for _ in range(200):  # the server notices the hang-up, cancels the run, and the ledger records it
@@ -165,7 +168,11 @@ async def test_refused_turns_run_nothing_and_name_the_field(keys: Keys, client: 
     raw = [
         ('{"id": "c", "messages": [', 'application/json', 422),
         ('[1, 2]', 'application/json', 422),
-        ('{"trigger":"submit-message","id":"c","messages":[{"id":"m","role":"user","parts":[{"type":"text","text":"\\ud800"}]}]}', 'application/json', 422),
+        (
+            '{"trigger":"submit-message","id":"c","messages":[{"id":"m","role":"user","parts":[{"type":"text","text":"\\ud800"}]}]}',
+            'application/json',
+            422,
+        ),
         ('id=c&text=hi', 'application/x-www-form-urlencoded', 415),
         ('{"id": "c"}', 'text/plain', 415),
     ]

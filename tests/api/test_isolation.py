@@ -34,7 +34,9 @@ async def test_another_accounts_key_sees_nothing_of_it_whatever_ids_it_sends(
     assert audit['total'] == 0 and audit['items'] == []
     for request_id in acme_ids:
         response = await client.get(f'{AUDIT}/{request_id}', headers=green)
-        assert response.status_code == 404 and request_id not in response.text.replace(f'no model request {request_id}', '')
+        assert response.status_code == 404 and request_id not in response.text.replace(
+            f'no model request {request_id}', ''
+        )
     for by in ('account', 'agent', 'model', 'day'):
         assert (await client.get('/api/v1/costs', params={'by': by}, headers=green)).json()['items'] == []
 
@@ -48,9 +50,9 @@ async def test_another_accounts_key_sees_nothing_of_it_whatever_ids_it_sends(
     assert before is not None and acme_conversation is not None and green_conversation is not None
     assert acme_conversation.revision == before.revision and acme_conversation.messages == before.messages
     assert 'Cardiologists' not in str(green_conversation.messages)
-    assert [i['conversation_id'] for i in (await client.get('/api/v1/conversations', headers=green)).json()['items']] == [
-        'shared-id'
-    ]
+    assert [
+        i['conversation_id'] for i in (await client.get('/api/v1/conversations', headers=green)).json()['items']
+    ] == ['shared-id']
     await get_request_tracker().flush()
     assert (await client.get(AUDIT, headers=auth(keys.acme))).json()['total'] == 3  # green's turn is not acme's
     assert (await client.get('/api/v1/conversations/shared-id', headers=auth(keys.acme))).status_code == 200

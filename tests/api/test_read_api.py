@@ -60,7 +60,9 @@ async def test_audit_pages_newest_first_with_totals_and_filters(
     first = (await client.get(AUDIT, params={'page': 1, 'page_size': 10}, headers=auth(keys.acme))).json()
     assert (first['total'], first['total_pages'], len(first['items'])) == (25, 3, 10)
     started = [item['started_at'] for item in first['items']]
-    assert started == sorted(started, reverse=True) and started[0] == (T0 + timedelta(minutes=24)).isoformat().replace('+00:00', 'Z')
+    assert started == sorted(started, reverse=True) and started[0] == (T0 + timedelta(minutes=24)).isoformat().replace(
+        '+00:00', 'Z'
+    )
     last = (await client.get(AUDIT, params={'page': 3, 'page_size': 10}, headers=auth(keys.acme))).json()
     assert len(last['items']) == 5 and last['next_cursor'] is None
     beyond = (await client.get(AUDIT, params={'page': 4, 'page_size': 10}, headers=auth(keys.acme))).json()
@@ -68,7 +70,9 @@ async def test_audit_pages_newest_first_with_totals_and_filters(
 
     failed = (await client.get(AUDIT, params={'success': 'false'}, headers=auth(keys.acme))).json()
     assert failed['total'] == 5
-    assert {(i['status'], i['success'], i['error_type']) for i in failed['items']} == {('error', False, 'ModelHTTPError')}
+    assert {(i['status'], i['success'], i['error_type']) for i in failed['items']} == {
+        ('error', False, 'ModelHTTPError')
+    }
     model = (await client.get(AUDIT, params={'model': 'gpt-4o'}, headers=auth(keys.acme))).json()
     assert model['total'] == 12 and {i['model'] for i in model['items']} == {'gpt-4o'}
     window = {'since': '2026-03-01T12:10:00', 'until': '2026-03-01T13:15:00+01:00', 'conversation_id': 'conv-1'}
@@ -101,7 +105,10 @@ async def test_audit_detail_shows_the_stored_prompt_and_response_or_error(
     failed = (await client.get(AUDIT, params={'success': 'false', 'page_size': 1}, headers=auth(keys.acme))).json()
     detail = (await client.get(f'{AUDIT}/{failed["items"][0]["id"]}', headers=auth(keys.acme))).json()
     assert detail['success'] is False and detail['error_message'] == 'status_code: 503, body: overloaded'
-    assert [(c['kind'], c['body']) for c in detail['contents']] == [('prompt', '{"q": "hello"}'), ('error', '{"a": "done"}')]
+    assert [(c['kind'], c['body']) for c in detail['contents']] == [
+        ('prompt', '{"q": "hello"}'),
+        ('error', '{"a": "done"}'),
+    ]
     missing = await client.get(f'{AUDIT}/01a23014-ea87-791c-afe7-823174d274a5', headers=auth(keys.acme))
     assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
 
@@ -176,7 +183,9 @@ async def test_concurrent_json_turns_on_one_conversation_one_wins_the_other_gets
 
 async def test_conversation_list_pages_with_a_cursor(keys: Keys, client: httpx2.AsyncClient) -> None:
     for n in range(5):
-        response = await client.post(f'/api/v1/conversations/c{n}/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+        response = await client.post(
+            f'/api/v1/conversations/c{n}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+        )
         assert response.status_code == 200
     seen: list[str] = []
     cursor = None
