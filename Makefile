@@ -34,3 +34,4 @@ bench:
 	.venv/bin/python scripts/bench_pool_capacity.py
 	.venv/bin/python scripts/bench_overhead.py
 	.venv/bin/python scripts/bench_ledger_throughput.py
+	.venv/bin/python scripts/bench_http.py

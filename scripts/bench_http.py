@@ -44,6 +44,7 @@ from bench_common import (
 )
 from sqlalchemy import text
 
+from agentrt.agents.runtime import configure_observability
 from agentrt.agents.simple_chat import simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
 from agentrt.db.session import get_db_session
@@ -260,7 +261,8 @@ async def main() -> None:
     args.add_argument('--throughput-latency', type=float, default=0.25, help='model s/request in part 2')
     opts = args.parse_args()
     if opts.quick:
-        opts.latencies, opts.turns, opts.streams, opts.window, opts.throughput_latency = [0.0], 2, [5], 1.0, 0.0
+        opts.latencies, opts.turns, opts.streams, opts.window, opts.throughput_latency = [0.0], 1, [3], 0.5, 0.0
+    configure_observability()
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=20, max_overflow=10, pool_timeout=30)
     prefix = f'bench-http-{uuid.uuid4().hex[:8]}'

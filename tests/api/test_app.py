@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx2
@@ -10,7 +11,7 @@ import pytest
 from agentrt.api import health
 from agentrt.api.app import create_app
 from agentrt.db.migrate import head_revision
-from tests.api.conftest import TEST_POOL_OUT
+from tests.api.conftest import TEST_POOL_OUT, Keys, auth
 
 
 async def test_openapi_lists_every_route_and_the_key_scheme(client: httpx2.AsyncClient) -> None:
@@ -71,3 +72,18 @@ async def test_ready_is_503_when_the_schema_is_behind_or_the_database_does_not_a
     monkeypatch.setattr(health, 'READY_TIMEOUT_S', 0.000001)
     slow = await client.get('/health/ready')
     assert slow.status_code == 503 and slow.json()['database']['error'] == 'no answer within 1e-06 s'
+
+
+async def test_the_readmes_curl_examples_work_as_written(keys: Keys, client: httpx2.AsyncClient) -> None:
+    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    section = text[text.index('## Serving over HTTP') :]
+    section = section[: section.index('\n## ', 3)]
+    body = re.search(r"-d '(\{.*?\})'", section, re.DOTALL)
+    audit = re.search(r"curl -s '(http://127\.0\.0\.1:8000)(/api/v1/llm-audit/interactions\?[^']*)'", section)
+    assert body is not None and audit is not None
+    chat = await client.post(
+        '/api/v1/chat', content=body.group(1), headers={**auth(keys.acme), 'content-type': 'application/json'}
+    )
+    assert chat.status_code == 200 and chat.text.rstrip().endswith('data: [DONE]')
+    page = (await client.get(audit.group(2), headers=auth(keys.acme))).json()
+    assert (page['page'], page['page_size'], page['total']) == (1, 20, 3)
