@@ -22,14 +22,15 @@ _configured = False
 def configure_observability() -> None:
     """Configure logfire once: spans stay local unless `LOGFIRE_TOKEN` is set.
 
-    With a token, pydantic-ai runs are instrumented too (agent, model request and tool spans).
+    With a token, pydantic-ai runs are instrumented too (agent, model request and tool spans), without their
+    content: prompts, tool arguments and results and model output are not sent (the ledger stores them, redacted).
     """
     global _configured
     if _configured:
         return
     logfire.configure(send_to_logfire='if-token-present', console=False, service_name='agentrt')
     if os.environ.get('LOGFIRE_TOKEN'):
-        logfire.instrument_pydantic_ai()
+        logfire.instrument_pydantic_ai(include_content=False)
     _configured = True
 
 

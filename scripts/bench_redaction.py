@@ -1,9 +1,11 @@
 """Benchmark 5: `redact_text()` on 1 MB of the worst inputs we could construct, and the event-loop lag it causes.
 
 For each input family: the time to redact 1 MB (best of --repeat runs; target < 1 s), the time for 2 MB divided by
-the time for 1 MB (linear time gives ~2, quadratic ~4), the number of secrets found, and the worst and p99 lag of
+the time for 1 MB (linear time gives ~2, quadratic ~4), the number of secrets found, the worst and p99 lag of
 1 ms ticks on an asyncio loop while that 1 MB is redacted in a worker thread (`asyncio.to_thread`), which is how
-callers keep redaction off the loop. No database needed.
+callers keep redaction off the loop, and the time the ledger takes to turn a message holding that 1 MB into its
+stored body (`Body.render()`: JSON, the check for secrets, the walk that redacts them). No database needed; the
+event-loop lag of concurrent chat turns while such a message is stored is in bench_ledger_content.py.
 
 Run:
     .venv/bin/python scripts/bench_redaction.py [--size 1000000] [--repeat 3] [--families prose,base64]
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 from bench_common import _host_info, parser, write_results  # puts the repository root on sys.path
 
+from agentrt.services.ledger._contents import Body
 from agentrt.services.ledger.redaction import redact_text
 
 PROSE = (
@@ -106,6 +109,16 @@ def _best(text: str, repeat: int) -> tuple[float, int]:
     return best, count
 
 
+def _stored(text: str, repeat: int) -> float:
+    best = float('inf')
+    for _ in range(repeat):
+        body = Body({'parts': [{'part_kind': 'user-prompt', 'content': text}], 'kind': 'request'})
+        started = time.perf_counter()
+        body.render()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 async def _loop_lag(text: str) -> tuple[float, float]:
     """Worst and p99 lag of 1 ms ticks on this loop while `text` is redacted in a worker thread."""
     lags: list[float] = []
@@ -126,7 +139,7 @@ def main() -> None:
     machine = _host_info()
     print(f'Python {machine["python"]}, {machine["cpus"]} CPUs, load {machine["load_average_at_start"]}')
     print(f'{size:,} characters per input, best of {repeat}')
-    print(f'{"input family":42} {"1x (ms)":>9} {"2x/1x":>6} {"found":>8} {"lag max":>8} {"lag p99":>8}')
+    print(f'{"input family":42} {"1x (ms)":>9} {"2x/1x":>6} {"found":>8} {"lag max":>8} {"lag p99":>8} {"stored":>8}')
     rows = []
     for name, make in FAMILIES.items():
         if wanted and not any(w in name for w in wanted):
@@ -135,12 +148,15 @@ def main() -> None:
         t1, count = _best(one, repeat)
         t2, _ = _best(two, repeat)
         lag_max, lag_p99 = asyncio.run(_loop_lag(one))
+        stored = _stored(one, repeat)
         ratio = t2 / t1 if t1 > 0 else float('nan')
         rows.append({
             'family': name, 'ms_1x': round(t1 * 1000, 1), 'ratio_2x': round(ratio, 2), 'found': count,
             'lag_max_ms': round(lag_max * 1000, 1), 'lag_p99_ms': round(lag_p99 * 1000, 1),
+            'stored_ms': round(stored * 1000, 1),
         })  # fmt: skip
-        print(f'{name:42} {t1 * 1000:9.1f} {ratio:6.2f} {count:8,} {lag_max * 1000:8.1f} {lag_p99 * 1000:8.1f}')
+        print(f'{name:42} {t1 * 1000:9.1f} {ratio:6.2f} {count:8,} {lag_max * 1000:8.1f} {lag_p99 * 1000:8.1f} '
+              f'{stored * 1000:8.1f}')  # fmt: skip
     worst = max(rows, key=lambda row: row['ms_1x'])
     summary = {
         'worst_family': worst['family'],
@@ -148,6 +164,7 @@ def main() -> None:
         'max_ratio_2x': max(row['ratio_2x'] for row in rows),
         'max_lag_ms': max(row['lag_max_ms'] for row in rows),
         'prose_ms_1x': next((row['ms_1x'] for row in rows if row['family'] == 'prose (English)'), None),
+        'worst_stored_ms': max(row['stored_ms'] for row in rows),
     }
     print(f'worst: {worst["family"]} {worst["ms_1x"]:.1f} ms (target < 1000 ms per MB); '
           f'largest 2x/1x {summary["max_ratio_2x"]:.2f}; worst loop lag {summary["max_lag_ms"]:.1f} ms')  # fmt: skip

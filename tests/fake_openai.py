@@ -26,6 +26,8 @@ class Reply:
     reasoning_tokens: int = 0
     status: int = 200
     error: str | None = None
+    error_body: dict[str, Any] | None = None
+    """The whole JSON body of an error reply; `{"error": {"message": error, ...}}` when None."""
     chunks: int = 2
     """How many pieces a streamed text is cut into."""
     chunk_delay: float = 0.0
@@ -94,7 +96,8 @@ class FakeOpenAI:
                 reply = fake._answer(body, dict(self.headers))
                 try:
                     if reply.status != 200:
-                        self._send_json(reply.status, {'error': {'message': reply.error, 'type': 'invalid_request'}})
+                        error = {'error': {'message': reply.error, 'type': 'invalid_request'}}
+                        self._send_json(reply.status, reply.error_body or error)
                     elif body.get('stream'):
                         self._stream(body, reply)
                     else:

@@ -1,7 +1,13 @@
-"""Post-turn work on a conversation row: a title from its first exchange and a short, current summary."""
+"""Post-turn work on a conversation row: a title from its first exchange and a short, current summary.
+
+Titles and summaries are derived from conversation text, so secrets are redacted from every question and answer
+(`redact_text`, the ledger's redaction) before any of it is squashed or shortened into them; the work runs in a
+worker thread, off the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -14,6 +20,7 @@ from sqlalchemy import CursorResult, DateTime, String, Text, column, func, selec
 
 from agentrt.db.session import get_side_session
 from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.ledger.redaction import redact_text
 
 logger = logging.getLogger('agentrt.conversations')
 
@@ -22,6 +29,9 @@ SUMMARY_MAX_CHARS = 500
 # The summary reads only the tail of the history: its cost must not grow with the conversation.
 SUMMARY_WINDOW_MESSAGES = 12
 RECENT_QUESTIONS = 3
+# Titles and summaries show the first hundred or so characters of a text: only this much of each is redacted and
+# kept, so the work is bounded however long a message is.
+TEXT_SCAN_CHARS = 4000
 
 # The columns added by migration 0004, addressed as a plain table so this module does not depend on
 # which of them the `ConversationRow` model maps.
@@ -70,16 +80,12 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bo
         return False
 
     store = PostgresConversationStore(account_id)
-    title = row.title
-    if title is None:
+    if row.title is None:
         # Only until the conversation has a title, usually just its first turn: the whole history.
         history = await store.read_history(row.head_id)
-        first = first_exchange(history)
-        title = make_title(first) if first else None
-        recent = exchanges(history[-SUMMARY_WINDOW_MESSAGES:])
     else:
-        recent = exchanges(await store.read_history(row.head_id, limit=SUMMARY_WINDOW_MESSAGES))
-    summary = make_summary(title, recent)
+        history = await store.read_history(row.head_id, limit=SUMMARY_WINDOW_MESSAGES)
+    title, summary = await asyncio.to_thread(title_and_summary, history, row.title)
 
     async with get_side_session() as session:
         result = await session.execute(
@@ -100,25 +106,46 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bo
     return True
 
 
+def title_and_summary(history: Sequence[ConversationEntry], title: str | None) -> tuple[str | None, str]:
+    """The title (`title` when there is one already, else from the first exchange) and the summary of `history`.
+
+    CPU-bound (redaction): `refresh_title_and_summary` runs it in a worker thread.
+    """
+    if title is None:
+        first = first_exchange(history)
+        title = make_title(first) if first else None
+    return title, make_summary(title, exchanges(history[-SUMMARY_WINDOW_MESSAGES:]))
+
+
 def exchanges(entries: Sequence[ConversationEntry]) -> list[Exchange]:
-    """Pair each user prompt with the text of the responses that follow it, in order."""
+    """Pair each user prompt with the text of the responses that follow it, in order, secrets redacted."""
     found: list[Exchange] = []
     for entry in entries:
         message = entry.message
         if isinstance(message, ModelRequest):
             question = ' '.join(_prompt_text(part) for part in message.parts if isinstance(part, UserPromptPart))
             if question.strip():
-                found.append(Exchange(_squash(question), ''))
+                found.append(Exchange(_clean(question), ''))
         elif isinstance(message, ModelResponse) and found:
             text = ' '.join(part.content for part in message.parts if isinstance(part, TextPart))
             if text.strip():
                 last = found[-1]
-                found[-1] = Exchange(last.question, _squash(f'{last.answer} {text}'))
+                found[-1] = Exchange(last.question, _squash(f'{last.answer} {_clean(text)}'))
     return found
 
 
 def first_exchange(entries: Sequence[ConversationEntry]) -> Exchange | None:
-    """The conversation's first question and its answer, if it has one."""
+    """The conversation's first question and its answer, if it has one (reading no further than the second)."""
+    asked = 0
+    for index, entry in enumerate(entries):
+        message = entry.message
+        if isinstance(message, ModelRequest) and any(
+            isinstance(part, UserPromptPart) and _prompt_text(part).strip() for part in message.parts
+        ):
+            asked += 1
+            if asked == 2:
+                entries = entries[:index]
+                break
     found = exchanges(entries)
     return found[0] if found else None
 
@@ -152,6 +179,12 @@ def _prompt_text(part: UserPromptPart) -> str:
 
 def _sentence(text: str) -> str:
     return text if text.endswith(('.', '?', '!', '…')) else f'{text}.'
+
+
+def _clean(text: str) -> str:
+    """The start of `text`, secrets redacted (before squashing: a PEM key or a line-start secret needs its newlines),
+    on one line."""
+    return _squash(redact_text(text[:TEXT_SCAN_CHARS])[0])
 
 
 def _squash(text: str) -> str:

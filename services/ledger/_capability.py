@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -11,21 +10,18 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pydantic import TypeAdapter
-from pydantic_ai import ModelMessagesTypeAdapter
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.exceptions import ModelHTTPError, SkipModelRequest
+from pydantic_ai.exceptions import SkipModelRequest
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
+from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
-from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
+from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
 logger = logging.getLogger('agentrt.ledger')
-
-_RESPONSE_ADAPTER = TypeAdapter(ModelResponse)
 
 
 @dataclass(slots=True)
@@ -49,6 +45,8 @@ class _RunLedger:
     identity: LedgerIdentity
     current: _InFlight | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
+    bodies: RunBodies = field(default_factory=RunBodies)
+    """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
 
 
 @dataclass
@@ -201,7 +199,7 @@ class LedgerCapability(AbstractCapability[Any]):
         elif status == 'cancelled':
             record.error_message = 'stream stopped before the response was complete'
         if self.store_content:
-            record.raw_contents = _contents(request_context, seen, error)
+            record.raw_contents = _contents(state.bodies, request_context, seen, error)
         return record
 
 
@@ -240,34 +238,18 @@ def _partial(stream: StreamedResponse | None) -> ModelResponse | None:
 
 
 def _contents(
-    request_context: ModelRequestContext, response: ModelResponse | None, error: BaseException | None
-) -> list[tuple[ContentKind, bytes | str]]:
-    """Serialise the prompt (messages sent, with instructions), the response and the error, now, before any
-    later hook can mutate the messages. Redaction and the size cap run in the writer."""
+    bodies: RunBodies, request_context: ModelRequestContext, response: ModelResponse | None, error: BaseException | None
+) -> list[tuple[ContentKind, RawBody]]:
+    """Take the prompt (messages sent, with instructions), the response and the error now, before any later hook
+    can change the messages; redaction, serialisation and the size cap run in the tracker's worker thread.
+    A body that cannot be taken is left out: the row is recorded all the same."""
     parts = getattr(request_context.model_request_parameters, 'instruction_parts', None) or []
     instructions = '\n\n'.join(part.content for part in parts) or None
-    prompt = b''.join(
-        (
-            b'{"instructions":',
-            json.dumps(instructions).encode(),
-            b',"messages":',
-            ModelMessagesTypeAdapter.dump_json(request_context.messages),
-            b'}',
-        )
-    )
-    contents: list[tuple[ContentKind, bytes | str]] = [('prompt', prompt)]
-    if response is not None:
-        contents.append(('response', _RESPONSE_ADAPTER.dump_json(response)))
-    if error is not None:
-        contents.append(('error', json.dumps(_describe_error(error), default=str)))
-    return contents
-
-
-def _describe_error(error: BaseException) -> dict[str, Any]:
-    described: dict[str, Any] = {'type': type(error).__qualname__, 'message': str(error)}
-    if isinstance(error, ModelHTTPError):
-        described.update(status_code=error.status_code, model_name=error.model_name, body=error.body)
-    return described
+    try:
+        return list(bodies.request_contents(instructions, request_context.messages, response, error))
+    except Exception:
+        logger.exception('ledger: could not take the contents of a model request; the row is recorded without')
+        return []
 
 
 class _StreamProbe(WrapperModel):

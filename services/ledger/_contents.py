@@ -1,105 +1,163 @@
-"""`ContentWriter`: the ledger tracker's second writer, for the contents (prompt, response, error) of committed rows."""
+"""Content bodies of a run's model requests: each message dumped once, and redacted and serialised once, off the loop.
+
+What is stored is the text itself, redacted string by string (`redact_value()` on the messages as JSON-able values),
+then serialised: a secret at the start of a line, after a tab, inside JSON a tool returned or in an error body is
+found wherever it sits, and every body is valid JSON that validates back into pydantic-ai messages.
+
+A run's request N resends messages 1..N-1. `RunBodies` (one per run) keeps each message's body by identity, so a
+run dumps, redacts and serialises each message once however many requests resend it; a request's prompt body is
+the join of its messages' bodies. Dumping to JSON-able values (`dump_python(mode='json')`, pydantic-core, a few
+microseconds a message) happens on the event loop when the request is recorded, because pydantic-ai may change its
+message objects later; redaction and `json.dumps`, the costly part, happen in `Body.render()`, which the tracker
+runs in a worker thread (RE2 releases the GIL while it scans).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
 
-from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
-from agentrt.services.ledger._writes import CONTENT_INSERT, database_unavailable
+from pydantic import TypeAdapter
+from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
+from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_core import to_jsonable_python
 
-logger = logging.getLogger('agentrt.ledger')
+from agentrt.services.ledger.redaction import json_may_need_redaction, redact_value
 
-Insert = Callable[[Any, list[dict[str, Any]], str], Awaitable[None]]
-"""Write rows with a statement, retrying connection failures (`LLMRequestTracker._retrying`)."""
-Spool = Callable[[list[dict[str, Any]], int], Awaitable[WriteOutcome]]
-"""Append spool entries (and count the ledger rows among them)."""
-SpoolNow = Callable[[list[PendingRow], list[ContentJob], str], None]
-"""Spool at once, without the event loop, what a stopped writer held."""
+ContentKind = Literal['prompt', 'response', 'error']
+
+_MESSAGE_ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 
 
-class ContentWriter:
-    """Writes contents only after their ledger rows committed, so no content row exists without its row.
+def _fallback(value: Any) -> str:
+    """How a value pydantic cannot serialise (an arbitrary object a tool returned) is stored: its repr."""
+    return repr(value)
 
-    Each record redacts and caps its own bodies; batches are bounded by `max_batch_content_bytes`. Contents the
-    database cannot take for a connection reason are spooled with their row (replay skips the row, writes them);
-    contents it refuses are logged and counted, and the ledger row stays.
+
+def _dumps(value: Any) -> str:
+    # Compact like pydantic's dump_json; non-ASCII kept as is (lone surrogates are escaped when the body is encoded).
+    return json.dumps(value, ensure_ascii=False, separators=(',', ':'), default=_fallback)
+
+
+class Body:
+    """A stored body: JSON-able values, redacted and serialised once, when `render()` is first called.
+
+    Thread-safe: concurrent `render()` calls compute it once and share the result.
     """
 
-    def __init__(
-        self, config: LedgerConfig, stats: TrackerStats, insert: Insert, spool: Spool, spool_now: SpoolNow
-    ) -> None:
-        """Share the tracker's configuration, counters, retrying insert and spool."""
-        self.config = config
-        self.stats = stats
-        self._insert = insert
-        self._spool = spool
-        self._spool_now = spool_now
+    __slots__ = ('_lock', '_rendered', '_value')
 
-    def queue(self, queues: LoopQueues, items: list[PendingRow]) -> None:
-        """Queue the contents of rows just committed, and start this loop's content task if it is not running."""
-        if not self.config.store_content:
-            return
-        for item in items:
-            if item.record.raw_contents:
-                item.deferred = item.with_content
-                queues.contents.append(ContentJob(item.record, item.future if item.deferred else None))
-        if queues.contents and (queues.content_task is None or queues.content_task.done()):
-            queues.content_task = asyncio.get_running_loop().create_task(
-                self._worker(queues), name='agentrt-ledger-contents'
-            )
-            queues.content_task.add_done_callback(lambda task: self._done(queues, task))
+    def __init__(self, value: Any) -> None:
+        """Keep `value` (JSON-able, owned by this body from now on) to be rendered later."""
+        self._value = value
+        self._rendered: tuple[str, int] | None = None
+        self._lock = threading.Lock()
 
-    async def _worker(self, queues: LoopQueues) -> None:
-        while queues.contents:
-            batch: list[ContentJob] = []
-            size = 0
-            while queues.contents and (not batch or size < self.config.max_batch_content_bytes):
-                job = queues.contents.pop(0)
-                size += sum(len(body) for _, body in job.record.raw_contents)
-                batch.append(job)
-            queues.content_inflight = batch
-            await self._write(batch)
-            queues.content_inflight = []
-            for job in batch:
-                job.settle()
-        queues.content_task = None
+    def render(self) -> tuple[str, int]:
+        """The redacted JSON text and the number of secrets replaced."""
+        rendered = self._rendered
+        if rendered is None:
+            with self._lock:
+                rendered = self._rendered
+                if rendered is None:
+                    rendered = self._rendered = self._render()
+                    self._value = None  # the redacted text is all that is needed from now on
+        return rendered
 
-    def _done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
-        if queues.content_task is task:
-            queues.content_task = None
-        if task.cancelled() or task.exception() is not None:
-            leftovers, queues.content_inflight, queues.contents = queues.content_inflight + queues.contents, [], []
-            self._spool_now([], leftovers, 'content writer stopped')
+    def _render(self) -> tuple[str, int]:
+        text = _dumps(self._value)
+        if not json_may_need_redaction(text):  # the common case: no walk over every string
+            return text, 0
+        redacted, count = redact_value(self._value)
+        return _dumps(redacted), count
 
-    async def _write(self, batch: list[ContentJob]) -> None:
-        cap = self.config.content_max_bytes
-        rows_per_job = [job.record.content_rows(cap) for job in batch]
-        try:
-            await self._insert(CONTENT_INSERT, [row for rows in rows_per_job for row in rows], 'content write')
-            self.stats.contents_written += sum(len(rows) for rows in rows_per_job)
-            return
-        except Exception as exc:
-            if database_unavailable(exc) or len(batch) == 1:
-                for job in batch:
-                    await self._failed(job, exc)
-                return
-        # A failure that is about the data: find the culprit by writing one request's contents at a time.
-        for job, rows in zip(batch, rows_per_job, strict=True):
-            try:
-                await self._insert(CONTENT_INSERT, rows, 'content write')
-                self.stats.contents_written += len(rows)
-            except Exception as exc:
-                await self._failed(job, exc)
 
-    async def _failed(self, job: ContentJob, exc: Exception) -> None:
-        """The ledger row is committed and stays. Contents that failed for a connection reason are spooled."""
-        if database_unavailable(exc):
-            logger.warning('ledger: content of request %s not written (%s); spooling', job.record.id, exc)
-            await self._spool([job.record.spool_entry(self.config.content_max_bytes)], 0)
-            return
-        self.stats.content_failures += 1
-        logger.error('ledger: content of request %s not stored (%s: %s)', job.record.id, type(exc).__name__, exc)
+class PromptBody(Body):
+    """A request's prompt: `{"instructions": ..., "messages": [...]}`, joined from bodies rendered once per run."""
+
+    __slots__ = ('_instructions', '_messages')
+
+    def __init__(self, instructions: Body, messages: list[Body]) -> None:
+        """Join `instructions` and `messages` when rendered; they may be shared with other requests of the run."""
+        super().__init__(None)
+        self._instructions = instructions
+        self._messages = messages
+
+    def _render(self) -> tuple[str, int]:
+        instructions, count = self._instructions.render()
+        texts = []
+        for message in self._messages:
+            text, found = message.render()
+            texts.append(text)
+            count += found
+        return ''.join(('{"instructions":', instructions, ',"messages":[', ','.join(texts), ']}')), count
+
+
+class RunBodies:
+    """The bodies of one run's requests, each message dumped, redacted and serialised once for the whole run.
+
+    Messages are recognised by identity (the object, kept alive here, and its number of parts); a message pydantic-ai
+    replaced by a copy is simply dumped again. Not thread-safe: call it from the run's event loop.
+    """
+
+    __slots__ = ('_instructions', '_messages')
+
+    def __init__(self) -> None:
+        """Start with no message seen."""
+        self._messages: dict[int, tuple[ModelMessage, int, Body]] = {}
+        self._instructions: dict[str | None, Body] = {}
+
+    def request_contents(
+        self,
+        instructions: str | None,
+        messages: Sequence[ModelMessage],
+        response: ModelResponse | None,
+        error: BaseException | None,
+    ) -> list[tuple[ContentKind, Body]]:
+        """The bodies to store for one request: its prompt, and its response and error if it has them.
+
+        Raises:
+            Exception: a message that cannot be dumped even with the fallback (the caller records the row without).
+        """
+        contents: list[tuple[ContentKind, Body]] = [('prompt', self.prompt(instructions, messages))]
+        if response is not None:
+            contents.append(('response', self.message(response)))
+        if error is not None:
+            contents.append(('error', error_body(error)))
+        return contents
+
+    def prompt(self, instructions: str | None, messages: Sequence[ModelMessage]) -> PromptBody:
+        """The prompt body of a request sending `messages` with `instructions`."""
+        shared = self._instructions.get(instructions)
+        if shared is None:
+            shared = self._instructions[instructions] = Body(instructions)
+        return PromptBody(shared, [self.message(message) for message in messages])
+
+    def message(self, message: ModelMessage) -> Body:
+        """The body of one message (a request, or a response, which the next request resends)."""
+        seen = self._messages.get(id(message))
+        if seen is not None and seen[0] is message and seen[1] == len(message.parts):
+            return seen[2]
+        body = Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
+        self._messages[id(message)] = (message, len(message.parts), body)
+        return body
+
+
+def error_body(error: BaseException) -> Body:
+    """The body of a failed request: the error's type and message and what the provider said (status, body, ...)."""
+    described: dict[str, Any] = {'type': type(error).__qualname__, 'message': str(error)}
+    if isinstance(error, ModelAPIError):
+        described.update(
+            model_name=error.model_name,
+            body=error.body,
+            provider_error_code=error.provider_error_code,
+            provider_error_type=error.provider_error_type,
+            in_stream=error.in_stream,
+        )
+    if isinstance(error, ModelHTTPError):
+        described['status_code'] = error.status_code
+    if isinstance(error, ModelConnectionError):
+        described['phase'] = error.phase
+    return Body(to_jsonable_python(described, fallback=_fallback))

@@ -1,4 +1,4 @@
-"""The tracker's in-memory state: rows waiting for a group commit, contents waiting for their rows, counters."""
+"""The tracker's in-memory state: rows being prepared and waiting for a group commit, and its counters."""
 
 from __future__ import annotations
 
@@ -46,22 +46,13 @@ class PendingRow:
     record: LedgerRecord
     future: asyncio.Future[WriteOutcome]
     submitted: float
-    with_content: bool = False
-    deferred: bool = False
-    """Its future waits for the contents, not only for the row."""
+    prepared: asyncio.Future[None] | None = None
+    """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
 
-
-@dataclass(slots=True)
-class ContentJob:
-    """The contents of a committed row, to be redacted and written."""
-
-    record: LedgerRecord
-    waiter: asyncio.Future[WriteOutcome] | None = None
-
-    def settle(self) -> None:
-        """The contents are stored, spooled or given up on: release whoever waits (the row itself is written)."""
-        if self.waiter is not None and not self.waiter.done() and not self.waiter.get_loop().is_closed():
-            self.waiter.set_result('written')
+    @property
+    def ready(self) -> bool:
+        """Prepared (or needing no preparation): it can join the next group commit."""
+        return self.prepared is None or self.prepared.done()
 
 
 @dataclass
@@ -70,13 +61,17 @@ class LoopQueues:
 
     pending: list[PendingRow] = field(default_factory=list)
     inflight: list[PendingRow] = field(default_factory=list)
-    contents: list[ContentJob] = field(default_factory=list)
-    content_inflight: list[ContentJob] = field(default_factory=list)
     ledger_task: asyncio.Task[None] | None = None
-    content_task: asyncio.Task[None] | None = None
     replay_task: asyncio.Task[None] | None = None
     replay_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wakeup: asyncio.Future[None] | None = None
+    """Set when a row becomes ready while the writer waits for one."""
+
+    def wake(self) -> None:
+        """Tell a waiting writer that a row is ready."""
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         """The writer and replay tasks still running."""
-        return [t for t in (self.ledger_task, self.content_task, self.replay_task) if t is not None and not t.done()]
+        return [t for t in (self.ledger_task, self.replay_task) if t is not None and not t.done()]

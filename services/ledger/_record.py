@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 import uuid
 from dataclasses import MISSING, dataclass, field, fields
@@ -12,13 +14,22 @@ from typing import Any, Literal
 
 from pydantic_ai.messages import ModelResponse
 
+from agentrt.services.ledger._contents import Body, ContentKind
 from agentrt.services.ledger._pricing import price, price_source
-from agentrt.services.ledger.redaction import redact, redact_text
+from agentrt.services.ledger.redaction import redact_text
+
+__all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
 
 Status = Literal['complete', 'error', 'cancelled']
-ContentKind = Literal['prompt', 'response', 'error']
+RawBody = bytes | str | Body
+"""A body to store: a `Body` (JSON-able values, redacted string by string), or text that is redacted as it is."""
 
 ERROR_MESSAGE_MAX_CHARS = 4000
+# An error message is redacted from at most this many characters (then cut to ERROR_MESSAGE_MAX_CHARS): the work is
+# bounded whatever the provider sent, and a secret can only reach the kept part if redaction shrank what came before
+# it by 60,000 characters.
+ERROR_MESSAGE_SCAN_CHARS = 16 * ERROR_MESSAGE_MAX_CHARS
+_UNSTORABLE = re.compile('[\x00\ud800-\udfff]')
 SPOOL_FORMAT_VERSION = 1
 
 # Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
@@ -63,13 +74,21 @@ class ContentItem:
     redactions: int
 
     @classmethod
-    def build(cls, kind: ContentKind, raw: bytes | str, max_bytes: int) -> ContentItem:
-        """Redact `raw` and cut it to `max_bytes` (UTF-8), recording the original size."""
-        text = raw.decode('utf-8', errors='replace') if isinstance(raw, bytes) else raw
-        text, redactions = redact(text)
-        # PostgreSQL text cannot hold NUL; JSON escapes it, free text might not.
-        text = text.replace('\x00', '\\u0000')
-        encoded = text.encode('utf-8')
+    def build(cls, kind: ContentKind, raw: RawBody, max_bytes: int) -> ContentItem:
+        """Render or redact `raw` and cut it to `max_bytes` (UTF-8), recording the size before the cut."""
+        if isinstance(raw, Body):
+            text, redactions = raw.render()
+        else:
+            text = raw.decode('utf-8', errors='replace') if isinstance(raw, bytes) else raw
+            text, redactions = redact_text(text)
+            # PostgreSQL text cannot hold NUL; JSON escapes it, free text might not.
+            text = text.replace('\x00', '\\u0000')
+        try:
+            encoded = text.encode('utf-8')
+        except UnicodeEncodeError:
+            # A lone surrogate cannot be stored as UTF-8: it becomes its JSON escape (`\udc80`), so JSON stays valid.
+            encoded = text.encode('utf-8', errors='backslashreplace')
+            text = encoded.decode('utf-8')
         truncated = len(encoded) > max_bytes
         if truncated:
             text = encoded[:max_bytes].decode('utf-8', errors='ignore')
@@ -127,12 +146,38 @@ class LedgerRecord:
     error_type: str | None = None
     error_message: str | None = None
     provider_response_id: str | None = None
-    # Raw content (serialised JSON), redacted and capped by the writer, off the model call's path.
-    raw_contents: list[tuple[ContentKind, bytes | str]] = field(default_factory=list)
+    # The bodies to store: redacted, rendered and capped by `prepare()`, in the tracker's worker thread.
+    raw_contents: list[tuple[ContentKind, RawBody]] = field(default_factory=list)
     # The response to split the cost of; `resolve_costs()` consumes it. Kept out of rows and the spool.
     pricing: ModelResponse | None = None
     # The content rows, redacted once (and the cap they were built with), reused if they must be spooled.
     _contents: tuple[int, list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
+    # The error message as stored (the raw message it was redacted from, and the result).
+    _error: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def prepare(self, content_max_bytes: int | None) -> None:
+        """Do the costly part of storing this record once: price it, redact its error message and, unless
+        `content_max_bytes` is None (contents not stored), render, redact and cap its bodies.
+
+        Blocking and CPU-bound (linear in the size of the bodies): the tracker runs it in a worker thread. Safe to
+        call again, or from two threads: later calls reuse the results.
+        """
+        with self._lock:
+            self.to_row()
+            if content_max_bytes is not None:
+                self.content_rows(content_max_bytes)
+
+    def discard_contents(self) -> None:
+        """Store no bodies for this record (they could not be prepared); the row itself is kept."""
+        self.raw_contents = []
+        self._contents = None
+
+    def needs_preparing(self, content_max_bytes: int | None) -> bool:
+        """Whether `prepare()` has work worth a worker thread: bodies to store, or an error message to redact."""
+        if content_max_bytes is not None and self.raw_contents and self._contents is None:
+            return True
+        return self.error_message is not None and (self._error is None or self._error[0] is not self.error_message)
 
     def to_row(self) -> dict[str, Any]:
         """The `llm_requests` row: priced (`resolve_costs()`), strings cut to their column sizes, error redacted."""
@@ -142,9 +187,16 @@ class LedgerRecord:
             value = row[name]
             if value is not None and len(value) > limit:
                 row[name] = value[:limit]
-        if row['error_message'] is not None:
-            row['error_message'] = redact_text(row['error_message'])[0][:ERROR_MESSAGE_MAX_CHARS]
+        if self.error_message is not None:
+            row['error_message'] = self._redacted_error(self.error_message)
         return row
+
+    def _redacted_error(self, message: str) -> str:
+        if self._error is None or self._error[0] is not message:
+            redacted = redact_text(message[:ERROR_MESSAGE_SCAN_CHARS])[0][:ERROR_MESSAGE_MAX_CHARS]
+            # PostgreSQL text holds neither NUL nor a lone surrogate: either would make the row itself fail.
+            self._error = (message, _UNSTORABLE.sub('\ufffd', redacted))
+        return self._error[1]
 
     def content_rows(self, max_bytes: int) -> list[dict[str, Any]]:
         """The `llm_request_contents` rows: each raw body redacted and cut to `max_bytes` (UTF-8), built once."""
@@ -158,6 +210,7 @@ class LedgerRecord:
 
         Contents are redacted before they are spooled, so no secret reaches the disk either.
         """
+        self.prepare(content_max_bytes)
         contents = [] if content_max_bytes is None else self.content_rows(content_max_bytes)
         return {
             'v': SPOOL_FORMAT_VERSION,
@@ -184,7 +237,7 @@ class LedgerRecord:
         self.price_source = price_source(calc)
 
 
-_NOT_COLUMNS = {'raw_contents', 'pricing', '_contents'}
+_NOT_COLUMNS = {'raw_contents', 'pricing', '_contents', '_error', '_lock'}
 ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRecord) if f.name not in _NOT_COLUMNS)
 _ROW_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LedgerRecord) if f.name in ROW_FIELDS}
 

@@ -13,17 +13,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
 from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._contents import ContentWriter
-from agentrt.services.ledger._queues import ContentJob, LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from agentrt.services.ledger._prepare import check_prepared, start_preparing
+from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport, replay_spool
 from agentrt.services.ledger._retry import retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import (
+    CONTENT_INSERT,
     LEDGER_INSERT,
     SessionFactory,
     database_unavailable,
-    insert_rows,
+    insert_together,
 )
 
 logger = logging.getLogger('agentrt.ledger')
@@ -43,12 +44,14 @@ class LLMRequestTracker:
 
     `submit()` queues a record and returns a future that resolves once the row is durable: committed
     (`'written'`) or, when the database stays unreachable through every retry, appended to the fsynced
-    spool file (`'spooled'`). One writer task group-commits whatever is queued (one `INSERT ... ON
-    CONFLICT DO NOTHING` per batch, in a side session with lock and statement timeouts), so 200
-    concurrent chats cost one connection, not 200. Contents (prompt, response, error) are redacted and
-    written by a second task (`ContentWriter`), only after their ledger rows committed. The spool is replayed after a
-    later successful write, and by `replay_spool()`. Nothing raises into the caller: failures are
-    logged and counted in `stats`.
+    spool file (`'spooled'`). A record with bodies to store (or an error message) is first prepared in a worker
+    thread (`LedgerRecord.prepare()`: pricing, redaction, serialisation), never on the event loop, and records are
+    prepared side by side, so a huge hostile message delays only its own row. One writer task group-commits the
+    rows that are ready, with their contents, in one transaction (`INSERT ... ON CONFLICT DO NOTHING` for the rows,
+    then for the contents, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
+    connection, not 200, and a turn's rows cost at most one transaction each. The spool is replayed after a later
+    successful write, and by `replay_spool()`. Nothing raises into the caller: failures are logged and counted in
+    `stats`.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
@@ -66,7 +69,6 @@ class LLMRequestTracker:
         self._spool: LedgerSpool | None = None
         self._spool_dirty = False
         self._last_spool_check: float | None = None
-        self._contents = ContentWriter(self.config, self.stats, self._retrying, self._spool_entries, self._spool_now)
 
     def _side_session(self) -> AbstractAsyncContextManager[AsyncSession]:
         return get_side_session(
@@ -88,13 +90,19 @@ class LLMRequestTracker:
 
         Args:
             record: the ledger row, with its raw contents.
-            with_content: resolve the future only once the contents are stored too (or spooled, or
-                given up on and logged), not as soon as the row is durable.
+            with_content: kept for callers of earlier versions: contents are written in the row's own
+                transaction (or just after it, when the database refused them), so the future always
+                resolves after them.
         """
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)
         future: asyncio.Future[WriteOutcome] = loop.create_future()
-        queues.pending.append(PendingRow(record, future, time.perf_counter(), with_content))
+        item = PendingRow(record, future, time.perf_counter(), start_preparing(loop, record, self._content_cap))
+        if item.prepared is None:
+            queues.wake()
+        else:
+            item.prepared.add_done_callback(lambda _: queues.wake())
+        queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
             queues.ledger_task = loop.create_task(self._ledger_worker(queues), name='agentrt-ledger-writer')
@@ -105,13 +113,14 @@ class LLMRequestTracker:
         """Write one ledger row (its contents follow) and wait until it is durable.
 
         Returns:
-            `'written'` once committed, `'spooled'` when it went to the spool file instead, or `'lost'` if
-            even the spool failed (then the row is logged at error level).
+            `'written'` once committed (with its contents, or with them given up on and logged), `'spooled'`
+            when it went to the spool file instead, or `'lost'` if even the spool failed (then the row is logged
+            at error level).
         """
         return await asyncio.shield(self.submit(record))
 
     async def flush(self) -> None:
-        """Wait until everything this event loop queued (rows, contents, a running replay) is written or spooled.
+        """Wait until everything this event loop queued (rows and contents, a running replay) is written or spooled.
 
         Bound it with `asyncio.timeout()` if needed: the writers go on either way.
         """
@@ -144,16 +153,15 @@ class LLMRequestTracker:
         with self._by_loop_lock:
             for old in [old for old in self._by_loop if old.is_closed()]:
                 left = self._by_loop.pop(old)
-                contents = left.content_inflight + left.contents
-                self._spool_now(left.inflight + left.pending, contents, 'event loop closed')
+                self._spool_now(left.inflight + left.pending, 'event loop closed')
             return self._by_loop.setdefault(loop, LoopQueues())
 
     def _retried(self, exc: BaseException) -> None:
         self.stats.retries += 1
 
-    async def _retrying(self, statement: Any, rows: list[dict[str, Any]], what: str) -> None:
+    async def _retrying(self, inserts: list[tuple[Any, list[dict[str, Any]]]], what: str) -> None:
         await retry_transient(
-            lambda: insert_rows(self._session_factory, statement, rows),
+            lambda: insert_together(self._session_factory, inserts),
             self.config.retry,
             what=what,
             on_retry=self._retried,
@@ -163,17 +171,43 @@ class LLMRequestTracker:
 
     async def _ledger_worker(self, queues: LoopQueues) -> None:
         while queues.pending:
-            batch = queues.pending[: self.config.max_batch_rows]
-            del queues.pending[: len(batch)]
+            batch = self._take_ready(queues)
+            if not batch:  # every queued row is still being prepared: wait for one
+                queues.wakeup = asyncio.get_running_loop().create_future()
+                try:
+                    await queues.wakeup
+                finally:
+                    queues.wakeup = None
+                continue
             queues.inflight = batch
-            outcome = await self._write_batch(queues, batch)
+            outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
             now = time.perf_counter()
-            for item in batch:
+            for item, outcome in zip(batch, outcomes, strict=True):
                 self.stats.ack_seconds += now - item.submitted
-                if not item.future.done() and not item.deferred:
+                if not item.future.done():
                     item.future.set_result(outcome)
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
+
+    def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
+        """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""
+        batch: list[PendingRow] = []
+        waiting: list[PendingRow] = []
+        size = 0
+        for item in queues.pending:
+            if item.ready and len(batch) < self.config.max_batch_rows and size < self.config.max_batch_content_bytes:
+                check_prepared(item)
+                batch.append(item)
+                size += sum(len(content['body']) for content in self._contents_of(item))
+            else:
+                waiting.append(item)
+        queues.pending[:] = waiting
+        return batch
+
+    def _contents_of(self, item: PendingRow) -> list[dict[str, Any]]:
+        """The content rows of a prepared record (none when contents are not stored)."""
+        cap = self._content_cap
+        return item.record.content_rows(cap) if cap is not None and item.record.raw_contents else []
 
     def _ledger_done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
         """Runs even for a task cancelled before it started (`asyncio.run()` ending): spool what it held."""
@@ -182,27 +216,47 @@ class LLMRequestTracker:
         if task.cancelled() or task.exception() is not None:
             leftovers, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
             reason = 'writer cancelled' if task.cancelled() else f'writer failed: {task.exception()!r}'
-            self._spool_now(leftovers, [], reason)
+            self._spool_now(leftovers, reason)
 
-    async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> WriteOutcome:
+    async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> list[WriteOutcome]:
+        """Write the rows of `items` and their contents in one transaction; the outcome of each row."""
         started = time.perf_counter()
         rows = [item.record.to_row() for item in items]
+        contents = [content for item in items for content in self._contents_of(item)]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
-            await self._retrying(LEDGER_INSERT, rows, 'ledger write')
+            await self._retrying([(LEDGER_INSERT, rows), (CONTENT_INSERT, contents)], 'ledger write')
         except Exception as exc:
-            if len(rows) > 1 and not database_unavailable(exc):
-                # One bad row must not take the batch with it: write the rows one at a time.
-                outcomes = [await self._write_batch(queues, [item]) for item in items]
-                return 'written' if all(outcome == 'written' for outcome in outcomes) else 'spooled'
+            if not database_unavailable(exc):
+                if len(items) > 1:  # one bad row or body must not take the batch with it: one request at a time
+                    return [outcome for item in items for outcome in await self._write_batch(queues, [item])]
+                if contents:
+                    return [await self._write_row_alone(queues, items[0], rows[0], exc)]
             logger.warning('ledger: %d row(s) not written (%s: %s); spooling', len(rows), type(exc).__name__, exc)
             entries = [item.record.spool_entry(self._content_cap) for item in items]
-            return await self._spool_entries(entries, rows=len(rows))
+            return [await self._spool_entries(entries, rows=len(rows))] * len(items)
         finally:
             self.stats.batch_seconds += time.perf_counter() - started
         self.stats.written += len(rows)
-        self._contents.queue(queues, items)
+        self.stats.contents_written += len(contents)
+        self._maybe_replay(queues)
+        return ['written'] * len(items)
+
+    async def _write_row_alone(
+        self, queues: LoopQueues, item: PendingRow, row: dict[str, Any], refused: Exception
+    ) -> WriteOutcome:
+        """The database refused a request's row with its contents: store the row (billing) and log the contents."""
+        try:
+            await self._retrying([(LEDGER_INSERT, [row])], 'ledger write')
+        except Exception as exc:
+            logger.warning('ledger: 1 row not written (%s: %s); spooling', type(exc).__name__, exc)
+            return await self._spool_entries([item.record.spool_entry(self._content_cap)], rows=1)
+        self.stats.written += 1
+        self.stats.content_failures += 1
+        logger.error(
+            'ledger: content of request %s not stored (%s: %s)', item.record.id, type(refused).__name__, refused
+        )
         self._maybe_replay(queues)
         return 'written'
 
@@ -222,14 +276,14 @@ class LLMRequestTracker:
         self.stats.spooled += rows
         return 'spooled'
 
-    def _spool_now(self, pending: list[PendingRow], contents: list[ContentJob], reason: str) -> None:
-        """Spool synchronously (the loop is going away) and resolve the futures of `pending`."""
+    def _spool_now(self, pending: list[PendingRow], reason: str) -> None:
+        """Spool synchronously (the loop is going away) and resolve the futures of `pending`.
+
+        Rows still being prepared are prepared here, in this thread (their worker thread may still be at it).
+        """
         entries = [item.record.spool_entry(self._content_cap) for item in pending]
-        entries += [job.record.spool_entry(self._content_cap) for job in contents]
         if not entries:
             return
-        for job in contents:
-            job.settle()
         logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
         try:
             self.spool.append(entries)

@@ -1,4 +1,4 @@
-"""The ledger's database writes: idempotent inserts of rows and contents, each in a side-session transaction."""
+"""The ledger's database writes: idempotent inserts of rows and contents in side-session transactions."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ async def insert_rows(session_factory: SessionFactory, statement: Any, rows: lis
     """Execute an `INSERT ... ON CONFLICT DO NOTHING` for `rows` in one side-session transaction."""
     async with session_factory() as session:
         await session.execute(statement, rows)
+
+
+async def insert_together(session_factory: SessionFactory, inserts: list[tuple[Any, list[dict[str, Any]]]]) -> None:
+    """Execute several `INSERT ... ON CONFLICT DO NOTHING` (statement, rows) in one side-session transaction, in
+    order (ledger rows before the contents that reference them); empty row lists are skipped."""
+    async with session_factory() as session:
+        for statement, rows in inserts:
+            if rows:
+                await session.execute(statement, rows)
 
 
 async def insert_ledger_counting(session_factory: SessionFactory, rows: list[dict[str, Any]]) -> int:

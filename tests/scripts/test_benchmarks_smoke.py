@@ -30,7 +30,8 @@ EXPECTED_ROW_KEYS = {
     },
     'bench_overhead': {'pattern', 'mode', 'model_latency_ms', 'median_ms', 'cpu_ms', 'ttft_ms'},
     'bench_ledger_throughput': {'writers', 'rows_per_s', 'p50_ms', 'p99_ms', 'rows_in_db', 'duplicates', 'lost'},
-    'bench_redaction': {'family', 'ms_1x', 'ratio_2x', 'found', 'lag_max_ms', 'lag_p99_ms'},
+    'bench_redaction': {'family', 'ms_1x', 'ratio_2x', 'found', 'lag_max_ms', 'lag_p99_ms', 'stored_ms'},
+    'bench_ledger_content': {'part', 'pattern'},
     'bench_http': {'part', 'pattern', 'model_latency_ms', 'turns', 'cpu_ms'},
 }
 

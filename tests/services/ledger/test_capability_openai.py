@@ -127,7 +127,7 @@ async def test_real_client_error_is_recorded_with_the_raw_error(tracker: LLMRequ
     await tracker.flush()
     error = {c['kind']: c for c in await content_rows(row['id'])}['error']
     assert 'Incorrect API key provided' in error['body'] and 'PLANTED' not in error['body']
-    assert '"status_code": 400' in error['body']
+    assert '"status_code":400' in error['body']
 
 
 async def test_real_client_stream_stopped_early_keeps_the_usage_seen_so_far(tracker: LLMRequestTracker):

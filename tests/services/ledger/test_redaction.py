@@ -25,6 +25,7 @@ from agentrt.services.ledger.redaction import (
     REDACTED,
     find_secrets,
     is_secret_name,
+    json_may_need_redaction,
     redact,
     redact_text,
     redact_value,
@@ -223,6 +224,36 @@ def test_json_text_escaped_twice_stays_valid(kind: Kind):
     decoded = json.loads(redacted)
     assert count >= 1 and REDACTED in decoded['messages'][0]['content']
     json.loads(decoded['messages'][0]['args'])
+
+
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_secrets_in_text_escaped_twice_or_in_a_python_repr_are_found(kind: Kind):
+    """What an error message holds: `str(ModelHTTPError)` is a Python repr of the provider's body, whose strings may
+    be JSON text themselves; a newline before or after a secret is then escaped twice."""
+    for position in kind.positions:
+        planted = POSITIONS[position].build(kind.text)
+        as_json = planted if isinstance(planted, str) else json.dumps(planted)
+        for text in (json.dumps(json.dumps(as_json)), repr({'body': planted}), repr({'error': {'details': as_json}})):
+            redacted, _ = redact_text(text)
+            assert not any(f in redacted for f in kind.distinctive()), f'{kind.name} at {position}: {redacted[:300]!r}'
+
+
+@pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
+def test_json_of_a_value_holding_a_secret_is_never_passed_as_clean(kind: Kind):
+    """The ledger stores a message's JSON as it is when `json_may_need_redaction()` says so: it must see every kind
+    at every position, whichever way the JSON was written."""
+    for position in kind.positions:
+        value = {'parts': [{'part_kind': 'tool-return', 'content': POSITIONS[position].build(kind.text)}]}
+        for text in (json.dumps(value), json.dumps(value, separators=(',', ':'), ensure_ascii=False)):
+            assert json_may_need_redaction(text), f'{kind.name} at {position}'
+
+
+def test_json_of_ordinary_values_is_passed_as_clean():
+    value = {'parts': [{'content': text, 'input_tokens': 3, 'max_tokens': 9} for text in FALSE_POSITIVES]}
+    assert not json_may_need_redaction(json.dumps(value, separators=(',', ':'), ensure_ascii=False))
+    assert not json_may_need_redaction(json.dumps({'primary_key': 1, 'bypass': 'x', 'design': 'y'}))
+    for secret_key in ({'password': 1}, {'x': [{'Authorization': None}]}, {'pass': 1}, {'token\n': 'x'}):
+        assert json_may_need_redaction(json.dumps(secret_key)), secret_key
 
 
 # --- the cases of the previous engine (tests/services/test_ledger_redaction.py) ----------------------------------

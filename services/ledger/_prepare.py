@@ -1,0 +1,61 @@
+"""Preparing ledger records off the event loop: the worker threads, and what a failed preparation costs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from agentrt.services.ledger._queues import PendingRow
+from agentrt.services.ledger._record import LedgerRecord
+
+logger = logging.getLogger('agentrt.ledger')
+
+PREPARE_THREADS = 4
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def start_preparing(
+    loop: asyncio.AbstractEventLoop, record: LedgerRecord, content_max_bytes: int | None
+) -> asyncio.Future[None] | None:
+    """Run `record.prepare()` (pricing, redaction, serialisation) in a worker thread; None when it has nothing
+    worth a thread (no body to store, no error message), and the writer then prices it on the loop."""
+    if not record.needs_preparing(content_max_bytes):
+        return None
+    return loop.run_in_executor(_preparers(), record.prepare, content_max_bytes)
+
+
+def check_prepared(item: PendingRow) -> None:
+    """A preparation that failed (a bug: redaction never raises) costs the record its contents, never its row."""
+    prepared = item.prepared
+    if prepared is None or not (prepared.cancelled() or prepared.exception() is not None):
+        return
+    error = None if prepared.cancelled() else prepared.exception()
+    logger.error('ledger: could not prepare request %s; its contents are dropped', item.record.id, exc_info=error)
+    item.record.discard_contents()
+
+
+def _preparers() -> ThreadPoolExecutor:
+    """The worker threads that prepare records, shared by every tracker and event loop of the process.
+
+    A pool of its own, not the loop's default executor: a burst of huge messages must not hold up other users of
+    `asyncio.to_thread` (or asyncpg's host name lookups). RE2 releases the GIL while it scans, so preparations run
+    beside the event loop on another core; records are prepared side by side, so a huge one delays only itself.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix='agentrt-ledger-prepare')
+        return _pool
+
+
+def _forget_preparers() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_preparers)
