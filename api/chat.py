@@ -78,10 +78,34 @@ class ChatAdapter(VercelAIAdapter[SessionDependencies, str]):
         )
 
 
+# The body is read by the adapter, not by FastAPI: described here for OpenAPI only.
+_CHAT_BODY = {
+    'required': True,
+    'content': {
+        'application/json': {
+            'schema': {
+                'type': 'object',
+                'required': ['id', 'messages'],
+                'properties': {
+                    'trigger': {'enum': ['submit-message', 'regenerate-message'], 'default': 'submit-message'},
+                    'id': {'type': 'string', 'maxLength': 200, 'description': 'The conversation (the chat id).'},
+                    'messages': {
+                        'type': 'array',
+                        'description': "AI SDK UI messages `{id, role, parts}`; the last user message is the turn's.",
+                        'items': {'type': 'object'},
+                    },
+                },
+            }
+        }
+    },
+}
+
+
 @router.post(
     '/chat',
     summary='Stream a chat turn (Vercel AI data-stream protocol)',
     response_class=Response,
+    openapi_extra={'requestBody': _CHAT_BODY},
     responses={
         200: {
             'description': 'Server-sent events, `x-vercel-ai-ui-message-stream: v1`.',

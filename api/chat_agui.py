@@ -57,6 +57,20 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
     summary='Stream a chat turn (AG-UI protocol)',
     response_class=Response,
     responses={200: {'description': 'AG-UI events.', 'content': {'text/event-stream': {}}}, **ERROR_RESPONSES},
+    openapi_extra={
+        'requestBody': {
+            'required': True,
+            'content': {
+                'application/json': {
+                    'schema': {
+                        'type': 'object',
+                        'description': 'AG-UI `RunAgentInput`; `threadId` names the conversation.',
+                        'required': ['threadId', 'runId', 'messages'],
+                    }
+                }
+            },
+        }
+    },
 )
 async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = AGENT_QUERY) -> Response:
     """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events."""

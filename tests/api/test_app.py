@@ -74,10 +74,14 @@ async def test_ready_is_503_when_the_schema_is_behind_or_the_database_does_not_a
     assert slow.status_code == 503 and slow.json()['database']['error'] == 'no answer within 1e-06 s'
 
 
-async def test_the_readmes_curl_examples_work_as_written(keys: Keys, client: httpx2.AsyncClient) -> None:
+def _readme_section(heading: str) -> str:
     text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
-    section = text[text.index('## Serving over HTTP') :]
-    section = section[: section.index('\n## ', 3)]
+    section = text[text.index(heading) :]
+    return section[: section.index('\n## ', 3)]
+
+
+async def test_the_readmes_curl_examples_work_as_written(keys: Keys, client: httpx2.AsyncClient) -> None:
+    section = _readme_section('## Serving over HTTP')
     body = re.search(r"-d '(\{.*?\})'", section, re.DOTALL)
     audit = re.search(r"curl -s '(http://127\.0\.0\.1:8000)(/api/v1/llm-audit/interactions\?[^']*)'", section)
     assert body is not None and audit is not None
