@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Query, Request
 from pydantic_ai import Agent
@@ -118,7 +118,7 @@ async def chat(
     request: Request,
     caller: ChatCaller,
     agent: str | None = AGENT_QUERY,
-    sdk_version: Literal[5, 6, 7] = Query(5, description='The AI SDK major version the client runs.'),
+    sdk_version: int = Query(5, ge=5, le=7, description='The AI SDK major version of the client: 5, 6 or 7.'),
 ) -> Response:
     """One turn of the conversation named by the body's `id` (the AI SDK's chat id), streamed as it runs.
 
@@ -133,7 +133,7 @@ async def chat(
     return await ChatAdapter.dispatch_request(
         request,
         agent=setup.agent,
-        sdk_version=sdk_version,
+        sdk_version=cast(Literal[5, 6, 7], sdk_version),
         model=setup.model,
         deps=setup.deps,
         usage_limits=setup.usage_limits,

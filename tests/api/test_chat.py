@@ -189,3 +189,16 @@ async def test_refused_turns_run_nothing_and_name_the_field(keys: Keys, client: 
     assert response.status_code == 413
     await _settled()
     assert await ledger_rows() == [] and await _conversations() == 0
+
+
+async def test_the_client_names_its_ai_sdk_version(keys: Keys, client: httpx2.AsyncClient) -> None:
+    for version in ('5', '6', '7'):
+        response = await client.post(
+            f'/api/v1/chat?sdk_version={version}', json=chat_body(f'v{version}', 'hi'), headers=auth(keys.acme)
+        )
+        assert response.status_code == 200 and response.headers['x-vercel-ai-ui-message-stream'] == 'v1'
+    for bad in ('4', '8', 'six'):
+        response = await client.post(
+            f'/api/v1/chat?sdk_version={bad}', json=chat_body('v', 'hi'), headers=auth(keys.acme)
+        )
+        assert response.status_code == 422 and response.json()['detail'][0]['loc'] == ['query', 'sdk_version']
