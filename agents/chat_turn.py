@@ -1,24 +1,40 @@
-"""One chat turn around the model call: tenant, model and conversation before it; save and post-turn work after.
+"""One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-Each step opens its own short session; none is held across the model request.
+Each step opens its own short session; none is held across the model request. The turn holds its conversation
+(`conversation_claim`: one turn at a time) and runs with per-turn usage limits (`turn_usage_limits`), a bounded
+context (`ContextWindow`) and the race guard (`TurnGuard`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from pydantic_ai import Agent, Conversation
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.usage import RunUsage, UsageLimits
 
+from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.turn_guard import TurnGuard
+from agentrt.agents.turn_input import TurnInput, validate_turn_input
+from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
-from agentrt.db.errors import ConfigError
+from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.session import get_read_only_session
-from agentrt.services.conversations import PostgresConversationStore, load_conversation, save_turn
+from agentrt.db.settings import Settings, get_settings
+from agentrt.services.conversations import (
+    PostgresConversationStore,
+    conversation_claim,
+    load_recent_conversation,
+    save_turn,
+)
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import get_account, get_agent_instance
 from agentrt.tools.dependencies import SessionDependencies
@@ -33,7 +49,10 @@ class ChatResult:
     run_id: str
     model_name: str
     usage: RunUsage
+    """This turn's usage (the per-turn limits apply to it)."""
     duration_s: float
+    conversation_usage: RunUsage = field(default_factory=RunUsage)
+    """The conversation's lifetime usage, this turn included (what the conversation record stores)."""
 
     @property
     def cost(self) -> Decimal | None:
@@ -61,56 +80,6 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
         )
 
 
-@dataclass(frozen=True)
-class TurnSetup:
-    """What a chat turn runs with, whichever path runs it: `simple_chat`, `simple_chat_stream` or the HTTP API.
-
-    The HTTP API hands these to pydantic-ai's UI adapters (which load and save the conversation through `store`
-    themselves); `prepare_turn` adds the loaded conversation for the in-process paths.
-    """
-
-    agent: Agent[SessionDependencies, str]
-    model: Model
-    deps: SessionDependencies
-    store: PostgresConversationStore
-    usage_limits: UsageLimits | None
-
-
-async def set_up_turn(
-    agent: Agent[SessionDependencies, str],
-    session_id: str,
-    account: str,
-    agent_instance: str | None,
-    model: Model | str | None,
-    *,
-    usage_limits: UsageLimits | None = None,
-    stream_delay: float = 0.0,
-) -> TurnSetup:
-    """Start the database if needed, resolve the model, load the tenant: everything a turn needs but its history.
-
-    Args:
-        agent: the agent to run.
-        session_id: the conversation (its id in the account's store).
-        account: the account slug.
-        agent_instance: the agent slug of that account; its first agent when None.
-        model: a model or model name; the configured model (`AGENTRT_MODEL`) when None.
-        usage_limits: the limits the caller asked for.
-        stream_delay: seconds between the demo model's streamed words.
-
-    Raises:
-        ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
-    """
-    await init_database()
-    resolved = resolve_model(model, default=current_settings().model, stream_delay=stream_delay)
-    deps = await load_dependencies(session_id, account, agent_instance)
-    return TurnSetup(agent, resolved, deps, PostgresConversationStore(deps.account_id), usage_limits)
-
-
-def schedule_after_turn(deps: SessionDependencies, run_id: str) -> None:
-    """Hand a saved turn's post-turn work (title and summary, usage rollup) to the background, by id only."""
-    schedule_post_turn_work(deps.account_id, deps.session_id, run_id=run_id)
-
-
 @dataclass
 class Turn:
     """Everything prepared before the model is called."""
@@ -120,27 +89,68 @@ class Turn:
     deps: SessionDependencies
     store: PostgresConversationStore
     conversation: Conversation
+    """The loaded tail of the conversation, its usage set to zero so the usage limits count this turn only."""
     usage_before: RunUsage
+    """The conversation's lifetime usage before this turn."""
+    usage_limits: UsageLimits
+    capabilities: list[AbstractCapability[Any]]
+    """The turn's `ContextWindow` and `TurnGuard`, added to the run."""
     started: float
 
 
-async def prepare_turn(
+def input_settings() -> Settings:
+    """The settings input is checked against: the running database's, else the environment's (nothing started)."""
+    try:
+        return current_settings()
+    except DatabaseNotInitializedError:
+        return get_settings()
+
+
+def check_turn_input(message: object, *, session_id: object, account: object, agent_instance: object) -> TurnInput:
+    """`validate_turn_input` against `input_settings()`: before the database, the model or the ledger is touched.
+
+    Raises:
+        InvalidInputError: the message or an identifier breaks the input rules.
+    """
+    return validate_turn_input(
+        message, session_id=session_id, account=account, agent_instance=agent_instance, settings=input_settings()
+    )
+
+
+@asynccontextmanager
+async def open_turn(
     agent: Agent[SessionDependencies, str],
-    session_id: str,
-    account: str,
-    agent_instance: str | None,
+    turn_input: TurnInput,
     model: Model | str | None,
+    *,
+    usage_limits: UsageLimits | None = None,
     stream_delay: float = 0.0,
-) -> Turn:
-    """Set the turn up (`set_up_turn`) and load its conversation.
+) -> AsyncIterator[Turn]:
+    """Start the database if needed, resolve the model, load the tenant, claim the conversation and load its tail.
+
+    The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
+        ConcurrentTurnError: another turn is running on the conversation (nothing was sent).
     """
     started = time.perf_counter()
-    setup = await set_up_turn(agent, session_id, account, agent_instance, model, stream_delay=stream_delay)
-    conversation = await load_conversation(setup.store, session_id)
-    return Turn(setup.agent, setup.model, setup.deps, setup.store, conversation, conversation.usage, started)
+    await init_database()
+    settings = current_settings()
+    resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
+    deps = await load_dependencies(turn_input.session_id, turn_input.account, turn_input.agent_instance)
+    lease = settings.turn_lease_seconds
+    async with conversation_claim(deps.account_id, turn_input.session_id, lease_s=lease) as claim:
+        store = PostgresConversationStore(deps.account_id)
+        recent = await load_recent_conversation(store, turn_input.session_id, max_tokens=settings.context_max_tokens)
+        conversation = recent.conversation
+        usage_before, conversation.usage = conversation.usage, RunUsage()
+        capabilities: list[AbstractCapability[Any]] = [
+            ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
+            TurnGuard(store, turn_input.session_id, conversation.revision, claim),
+        ]
+        limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
+        yield Turn(agent, resolved, deps, store, conversation, usage_before, limits, capabilities, started)
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
@@ -149,23 +159,14 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
     Raises:
         ConcurrentTurnError: another turn saved this conversation meanwhile; nothing was saved.
     """
-    await save_turn(turn.store, result)
-    schedule_after_turn(turn.deps, result.run_id)
+    await save_turn(turn.store, result, usage_before=turn.usage_before)
+    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
     return ChatResult(
         output=result.output,
         session_id=turn.deps.session_id,
         run_id=result.run_id,
         model_name=turn.model.model_name,
-        usage=result.usage - turn.usage_before,
+        usage=result.usage,
         duration_s=time.perf_counter() - turn.started,
+        conversation_usage=turn.usage_before + result.usage,
     )
-
-
-def check_message(message: str) -> None:
-    """Refuse an empty message before anything runs.
-
-    Raises:
-        ConfigError: the message is empty or not text.
-    """
-    if not isinstance(message, str) or not message.strip():
-        raise ConfigError('the chat message is empty')

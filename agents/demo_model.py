@@ -148,7 +148,7 @@ def next_response(messages: list[ModelMessage], info: AgentInfo) -> list[ToolCal
     returns = {p.tool_call_id: _content(p) for p in parts if p.outcome != 'retried'}
     retries = [p for p in parts if p.outcome == 'retried']
     plan = plan_for(prompt, _schemas_from(info))
-    prefix = f't{turn}'
+    prefix = _prefix_of(parts) or f't{turn}'
     if plan.schema is None:
         return 'I have no directory to search for this account.'
     if not parts:
@@ -164,6 +164,13 @@ def next_response(messages: list[ModelMessage], info: AgentInfo) -> list[ToolCal
             for entry_id in detail_ids
         ]
     return compose_answer(plan, main, returns, prefix)
+
+
+def _prefix_of(parts: list[ToolReturnPart]) -> str | None:
+    """The prefix this turn's first calls were given. The turn number counts the prompts the model is sent, which
+    changes within a turn when a bounded context leaves an older turn out between two requests."""
+    found = re.match(r't\d+(?=-)', parts[0].tool_call_id) if parts else None
+    return found.group() if found else None
 
 
 def _search_calls(plan: Plan, prefix: str) -> list[ToolCallPart]:

@@ -11,6 +11,7 @@ from agentrt.db.errors import (
     DatabaseUnavailableError,
     EmbeddedPostgresError,
     InvalidInputError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     'DatabaseUnavailableError',
     'EmbeddedPostgresError',
     'InvalidInputError',
+    'ModelBehaviorError',
     'ModelProviderError',
     'TurnLimitExceededError',
     'UnknownTenantError',

@@ -28,8 +28,10 @@ from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
 from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
-from agentrt.agents.chat_turn import ChatResult, Turn, check_message, finish_turn, load_dependencies, prepare_turn
+from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
+from agentrt.agents.run_errors import documented_errors
+from agentrt.agents.turn_input import TurnInput
 from agentrt.services.ledger import ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -133,28 +135,34 @@ async def simple_chat(
         account: the account slug; every query of the turn is scoped to it.
         agent_instance: the agent slug of that account; its first agent when omitted.
         model: a model or model name; the configured model (`AGENTRT_MODEL`, default `demo`) when omitted.
-        usage_limits: pydantic-ai usage limits for the run.
+        usage_limits: usage limits for this turn (they count this turn only); `AGENTRT_TURN_*` when omitted.
         toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`).
         instructions: more instructions for this turn.
         agent: the agent to run; `create_simple_chat_agent()`'s when omitted.
 
     Raises:
-        ConfigError: the message is empty, or the model cannot be used (unknown, or its API key is missing).
+        InvalidInputError: the message or an identifier breaks the input rules (nothing ran).
+        ConfigError: the model cannot be used (unknown, or its API key is missing).
         UnknownTenantError: the account or agent does not exist.
-        ConcurrentTurnError: another turn changed this conversation meanwhile; nothing was saved.
+        TurnLimitExceededError: the turn reached a per-turn usage limit; nothing was saved.
+        ModelBehaviorError: the model's answer could not be used; nothing was saved.
+        ConcurrentTurnError: another turn is running on this conversation (nothing was sent), or saved it meanwhile
+            (this turn stopped before its next model request, or at save); nothing was saved.
     """
-    check_message(message)
-    turn = await prepare_turn(agent or default_chat_agent(), session_id, account, agent_instance, model)
-    result = await turn.agent.run(
-        message,
-        deps=turn.deps,
-        conversation=turn.conversation,
-        model=turn.model,
-        usage_limits=usage_limits,
-        toolsets=list(toolsets) or None,
-        instructions=_instruction_list(instructions) or None,
-    )
-    return await finish_turn(turn, result)
+    turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
+    with documented_errors():
+        async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
+            result = await turn.agent.run(
+                turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                toolsets=list(toolsets) or None,
+                instructions=_instruction_list(instructions) or None,
+                capabilities=turn.capabilities,
+            )
+            return await finish_turn(turn, result)
 
 
 class ChatStream:
@@ -186,10 +194,7 @@ class ChatStream:
 class _StreamRequest:
     """What `simple_chat_stream` was asked to run."""
 
-    message: str
-    session_id: str
-    account: str
-    agent_instance: str | None
+    turn_input: TurnInput
     model: Model | str | None
     usage_limits: UsageLimits | None
     toolsets: list[AbstractToolset[SessionDependencies]]
@@ -222,14 +227,11 @@ def simple_chat_stream(
     request it cut off as cancelled.
 
     Raises:
-        ConfigError: the message is empty (at once); the others of `simple_chat` when iteration starts.
+        InvalidInputError: at once, when the message or an identifier breaks the input rules (nothing ran); the
+            others of `simple_chat` when iteration starts.
     """
-    check_message(message)
     request = _StreamRequest(
-        message,
-        session_id,
-        account,
-        agent_instance,
+        check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance),
         model,
         usage_limits,
         list(toolsets),
@@ -242,34 +244,35 @@ def simple_chat_stream(
 
 
 async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
-    turn: Turn = await prepare_turn(
-        request.agent or default_chat_agent(),
-        request.session_id,
-        request.account,
-        request.agent_instance,
-        request.model,
-        request.stream_delay,
-    )
-    started: dict[str, float] = {}
-    result: AgentRunResult[str] | None = None
-    async with turn.agent.run_stream_events(
-        request.message,
-        deps=turn.deps,
-        conversation=turn.conversation,
-        model=turn.model,
-        usage_limits=request.usage_limits,
-        toolsets=request.toolsets or None,
-        instructions=request.instructions or None,
-    ) as events:
-        async for event in events:
-            if isinstance(event, AgentRunResultEvent):
-                result = event.result
-            elif (delta := _text_delta(event)) is not None:
-                yield delta
-            elif request.on_tool_event is not None:
-                _report_tool(event, started, request.on_tool_event)
-    assert result is not None, 'run_stream_events ended without a result'
-    stream.result = await finish_turn(turn, result)
+    with documented_errors():
+        async with open_turn(
+            request.agent or default_chat_agent(),
+            request.turn_input,
+            request.model,
+            usage_limits=request.usage_limits,
+            stream_delay=request.stream_delay,
+        ) as turn:
+            started: dict[str, float] = {}
+            result: AgentRunResult[str] | None = None
+            async with turn.agent.run_stream_events(
+                request.turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                toolsets=request.toolsets or None,
+                instructions=request.instructions or None,
+                capabilities=turn.capabilities,
+            ) as events:
+                async for event in events:
+                    if isinstance(event, AgentRunResultEvent):
+                        result = event.result
+                    elif (delta := _text_delta(event)) is not None:
+                        yield delta
+                    elif request.on_tool_event is not None:
+                        _report_tool(event, started, request.on_tool_event)
+            assert result is not None, 'run_stream_events ended without a result'
+            stream.result = await finish_turn(turn, result)
 
 
 def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:

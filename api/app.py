@@ -31,8 +31,8 @@ from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
 from agentrt.api import audit, chat, conversations, costs, health
 from agentrt.api.body_limit import BodySizeLimit
-from agentrt.api.chat import ChatConfig
 from agentrt.api.errors import install_error_handlers
+from agentrt.api.turn_stream import ChatConfig
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings

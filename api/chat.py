@@ -1,35 +1,30 @@
 """`POST /api/v1/chat`: a streamed chat turn in the Vercel AI data-stream protocol (what the AI SDK's `useChat` speaks).
 
-pydantic-ai's `VercelAIAdapter` does the protocol. This module adds what the product needs around it: the caller's
-account from its API key, the turn set up as `simple_chat` sets it up (`set_up_turn`: tenant, model, limits, the
-account's `PostgresConversationStore`), history held on the server (the body's `id` names a conversation of the
-caller's account; the client may send only its new message), post-turn work once the turn is saved, and an error
-event that carries a message and an error id, never the exception's own text.
-
-A client that disconnects cancels the run at once: the ledger records the cut-off request as `cancelled`, and the
-turn is not saved. No database session is held while the model runs or the response streams.
+The turn is `simple_chat_stream`'s (`agentrt.api.turn_stream`): the caller's account from its API key, the input
+checked, the conversation claimed and its history held on the server (the body's `id` names a conversation of the
+caller's account; the client may send its whole history or only the new message), per-turn limits, the bounded
+context, saved before the stream says it finished, post-turn work after. pydantic-ai's `VercelAIAdapter` turns the
+run's events into the protocol's, with an error event that carries a message and an error id, never the
+exception's own text.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 from fastapi import APIRouter, Query, Request
-from pydantic_ai import Agent
-from pydantic_ai.models import Model
-from pydantic_ai.run import AgentRunResult
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
 from pydantic_ai.ui.vercel_ai.request_types import RequestData, TextUIPart
 from pydantic_ai.ui.vercel_ai.response_types import BaseChunk
 from starlette.responses import Response
 
-from agentrt.agents.chat_turn import TurnSetup, schedule_after_turn, set_up_turn
 from agentrt.api.auth import ChatCaller
 from agentrt.api.errors import stream_error
-from agentrt.api.schemas import ERROR_RESPONSES
-from agentrt.api.turn_input import check_conversation_id, check_new_message, parse_run_input
+from agentrt.api.schemas import ERROR_RESPONSES, ErrorOut
+from agentrt.api.turn_input import check_http_turn, parse_run_input
+from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -38,20 +33,6 @@ router = APIRouter(prefix='/api/v1', tags=['chat'])
 _TRIGGERS = frozenset({'submit-message', 'regenerate-message'})
 
 AGENT_QUERY = Query(None, min_length=1, max_length=64, description="One of the account's agents; its first if omitted.")
-
-
-@dataclass(frozen=True)
-class ChatConfig:
-    """What the app's chat routes run: the agent and the model (None: `AGENTRT_MODEL`)."""
-
-    agent: Agent[SessionDependencies, str]
-    model: Model | str | None = None
-
-
-def chat_config(request: Request) -> ChatConfig:
-    """The chat configuration `create_app` stored on the app."""
-    config: ChatConfig = request.app.state.agentrt_chat
-    return config
 
 
 class SafeVercelStream(VercelAIEventStream[SessionDependencies, str]):
@@ -87,11 +68,16 @@ _CHAT_BODY = {
                 'type': 'object',
                 'required': ['id', 'messages'],
                 'properties': {
-                    'trigger': {'enum': ['submit-message', 'regenerate-message'], 'default': 'submit-message'},
-                    'id': {'type': 'string', 'maxLength': 200, 'description': 'The conversation (the chat id).'},
+                    'trigger': {'enum': ['submit-message'], 'default': 'submit-message'},
+                    'id': {
+                        'type': 'string',
+                        'maxLength': 200,
+                        'pattern': '^[A-Za-z0-9][A-Za-z0-9._:@-]*$',
+                        'description': 'The conversation (the chat id).',
+                    },
                     'messages': {
                         'type': 'array',
-                        'description': "AI SDK UI messages `{id, role, parts}`; the last user message is the turn's.",
+                        'description': "AI SDK UI messages `{id, role, parts}`; the last, the user's, is the turn.",
                         'items': {'type': 'object'},
                     },
                 },
@@ -111,6 +97,7 @@ _CHAT_BODY = {
             'description': 'Server-sent events, `x-vercel-ai-ui-message-stream: v1`.',
             'content': {'text/event-stream': {}},
         },
+        409: {'model': ErrorOut, 'description': 'Another turn is running on this conversation.'},
         **ERROR_RESPONSES,
     },
 )
@@ -122,43 +109,37 @@ async def chat(
 ) -> Response:
     """One turn of the conversation named by the body's `id` (the AI SDK's chat id), streamed as it runs.
 
-    Body: the AI SDK's `{trigger, id, messages}` (`Content-Type: application/json`). History is held on the server
-    in the caller's account: the client may send its whole history or only the new message. The conversation is
-    created on first use.
+    Body: the AI SDK's `{trigger, id, messages}` (`Content-Type: application/json`); the last user message is the
+    turn's. The conversation is created on first use. Only `submit-message` is served: the conversation's history
+    is the server's, so regenerating or editing an earlier message is not (send a new message instead).
     """
     run_input = parse_run_input(request, await request.body(), ChatAdapter.build_run_input, tags=_TRIGGERS)
-    conversation_id = check_conversation_id(run_input.id)
-    check_new_message(_new_message_text(run_input), field='messages')
-    setup = await _set_up(request, conversation_id, caller.account_slug, agent)
-    return await ChatAdapter.dispatch_request(
-        request,
-        agent=setup.agent,
-        sdk_version=cast(Literal[5, 6, 7], sdk_version),
-        model=setup.model,
-        deps=setup.deps,
-        usage_limits=setup.usage_limits,
-        conversation_store=setup.store,
-        on_complete=after_saved(setup.deps),
+    if run_input.trigger != 'submit-message':
+        raise InvalidInputError(
+            f"{run_input.trigger} is not served: the history is the server's; send the message again", field='trigger'
+        )
+    turn_input = check_http_turn(
+        _new_message_text(run_input),
+        conversation_id=run_input.id,
+        account=caller.account_slug,
+        agent=agent,
+        id_field='id',
+        message_field='messages',
     )
+    adapter = ChatAdapter(
+        agent=chat_config(request).agent,
+        run_input=run_input,
+        accept=request.headers.get('accept'),
+        sdk_version=cast(Literal[5, 6, 7], sdk_version),
+    )
+    return await stream_turn(request, adapter, turn_input)
 
 
 def _new_message_text(run_input: RequestData) -> str:
-    """The text of the message this turn answers: the last user message of the body."""
-    users = [message for message in run_input.messages if message.role == 'user']
-    if not users:
-        raise InvalidInputError('the request has no user message', field='messages')
-    return ''.join(part.text for part in users[-1].parts if isinstance(part, TextUIPart))
-
-
-async def _set_up(request: Request, conversation_id: str, account: str, agent: str | None) -> TurnSetup:
-    config = chat_config(request)
-    return await set_up_turn(config.agent, conversation_id, account, agent, config.model)
-
-
-def after_saved(deps: SessionDependencies) -> Callable[[AgentRunResult[Any]], Awaitable[None]]:
-    """The adapters' `on_complete`: called after the turn is saved; schedules post-turn work on this event loop."""
-
-    async def on_complete(result: AgentRunResult[Any]) -> None:
-        schedule_after_turn(deps, result.run_id)
-
-    return on_complete
+    """The text of the message this turn answers: the last message of the body, which must be the user's."""
+    if not run_input.messages or run_input.messages[-1].role != 'user':
+        raise InvalidInputError("the last message of the request must be the user's new message", field='messages')
+    parts = run_input.messages[-1].parts
+    if any(not isinstance(part, TextUIPart) for part in parts):
+        raise InvalidInputError('only text parts are served in a user message', field='messages')
+    return ''.join(part.text for part in parts if isinstance(part, TextUIPart))

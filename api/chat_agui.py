@@ -1,8 +1,8 @@
 """`POST /api/v1/chat/ag-ui`: the same streamed turn as `/api/v1/chat`, in the AG-UI protocol (CopilotKit, ...).
 
 Registered only when `ag-ui-protocol` is installed (the `agui` extra). The body's `threadId` names the conversation
-of the caller's account; everything else (set-up, server-held history, post-turn work, safe error events) is as in
-`agentrt.api.chat`.
+of the caller's account and its last message, the user's, is the turn; everything else (the turn of
+`simple_chat_stream`, server-held history, safe error events) is as in `agentrt.api.chat`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from fastapi import APIRouter, Request
 from pydantic_ai.ui.ag_ui import AGUIAdapter, AGUIEventStream
 from starlette.responses import Response
 
-from agentrt.agents.chat_turn import set_up_turn
 from agentrt.api.auth import ChatCaller
-from agentrt.api.chat import AGENT_QUERY, after_saved, chat_config
+from agentrt.api.chat import AGENT_QUERY
 from agentrt.api.errors import stream_error
 from agentrt.api.schemas import ERROR_RESPONSES
-from agentrt.api.turn_input import check_conversation_id, check_new_message, parse_run_input
+from agentrt.api.turn_input import check_http_turn, parse_run_input
+from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -75,26 +75,27 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
 async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = AGENT_QUERY) -> Response:
     """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events."""
     run_input = parse_run_input(request, await request.body(), AGUIChatAdapter.build_run_input)
-    conversation_id = check_conversation_id(run_input.thread_id, field='threadId')
-    check_new_message(_new_message_text(run_input), field='messages')
-    config = chat_config(request)
-    setup = await set_up_turn(config.agent, conversation_id, caller.account_slug, agent, config.model)
-    return await AGUIChatAdapter.dispatch_request(
-        request,
-        agent=setup.agent,
-        model=setup.model,
-        deps=setup.deps,
-        usage_limits=setup.usage_limits,
-        conversation_store=setup.store,
-        on_complete=after_saved(setup.deps),
+    turn_input = check_http_turn(
+        _new_message_text(run_input),
+        conversation_id=run_input.thread_id,
+        account=caller.account_slug,
+        agent=agent,
+        id_field='threadId',
+        message_field='messages',
     )
+    adapter = AGUIChatAdapter(
+        agent=chat_config(request).agent, run_input=run_input, accept=request.headers.get('accept')
+    )
+    return await stream_turn(request, adapter, turn_input)
 
 
 def _new_message_text(run_input: RunAgentInput) -> str:
-    users = [message for message in run_input.messages if message.role == 'user']
-    if not users:
-        raise InvalidInputError('the request has no user message', field='messages')
-    content = getattr(users[-1], 'content', '')
+    """The text of the last message, which must be the user's."""
+    if not run_input.messages or run_input.messages[-1].role != 'user':
+        raise InvalidInputError("the last message of the request must be the user's new message", field='messages')
+    content = getattr(run_input.messages[-1], 'content', '')
     if isinstance(content, str):
         return content
-    return ''.join(text for item in content if isinstance(text := getattr(item, 'text', None), str))
+    if any(getattr(item, 'type', None) != 'text' for item in content):
+        raise InvalidInputError('only text content is served in a user message', field='messages')
+    return ''.join(str(getattr(item, 'text', '')) for item in content)

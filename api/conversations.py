@@ -16,7 +16,6 @@ from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.api.auth import ChatCaller, ReadCaller
-from agentrt.api.chat import chat_config
 from agentrt.api.cursors import decode_cursor, encode_cursor
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
@@ -29,7 +28,8 @@ from agentrt.api.schemas import (
     TurnResponse,
     UsageOut,
 )
-from agentrt.api.turn_input import check_conversation_id, check_new_message
+from agentrt.api.turn_input import check_conversation_id, check_http_turn
+from agentrt.api.turn_stream import chat_config
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
 
@@ -65,7 +65,7 @@ async def messages(
     ] = 'vercel',
 ) -> ConversationMessages:
     """The conversation's stored messages, in order."""
-    conversation_id = check_conversation_id(conversation_id, field='conversation_id')
+    conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     conversation = await PostgresConversationStore(caller.account_id).load(conversation_id)
     if conversation is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
@@ -95,7 +95,7 @@ async def delete(
     ] = None,
 ) -> Response:
     """Delete the conversation and the messages no other conversation of the account shares."""
-    conversation_id = check_conversation_id(conversation_id, field='conversation_id')
+    conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     store = PostgresConversationStore(caller.account_id)
     record = await store.read_record(conversation_id)
     if record is None:
@@ -114,16 +114,23 @@ async def run_turn(
 ) -> TurnResponse:
     """Run one turn of the conversation (created on first use) and return the answer: `simple_chat` over HTTP.
 
-    A turn that races another on the same conversation answers 409 and saves nothing.
+    A turn started while another runs on the same conversation answers 409 and runs nothing; one whose
+    conversation was saved by another meanwhile stops before its next model request, answers 409, saves nothing.
     """
-    conversation_id = check_conversation_id(conversation_id, field='conversation_id')
-    check_new_message(body.message)
+    turn_input = check_http_turn(
+        body.message,
+        conversation_id=conversation_id,
+        account=caller.account_slug,
+        agent=body.agent,
+        id_field='conversation_id',
+        message_field='message',
+    )
     config = chat_config(request)
     result = await simple_chat(
-        body.message,
-        session_id=conversation_id,
-        account=caller.account_slug,
-        agent_instance=body.agent,
+        turn_input.message,
+        session_id=turn_input.session_id,
+        account=turn_input.account,
+        agent_instance=turn_input.agent_instance,
         model=config.model,
         agent=config.agent,
     )

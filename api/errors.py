@@ -38,6 +38,7 @@ from agentrt.agents.errors import (
     DatabaseUnavailableError,
     EmbeddedPostgresError,
     InvalidInputError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
     UnknownTenantError,
@@ -123,6 +124,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
         return 422, 'turn_limit_exceeded', f'the turn reached a usage limit: {exc}', None
     if isinstance(exc, RollupCannotAnswer):
         return 422, 'invalid_input', str(exc), 'source'
+    if isinstance(exc, ModelBehaviorError):  # its message is written for people; the model's body stays in the log
+        return 502, 'model_behavior_error', str(exc), None
     if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
         return 502, 'model_provider_error', _provider_message(exc), None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):

@@ -1,65 +1,56 @@
-"""Checks on what a client sends for a turn, before anything is looked up, run or billed.
-
-The message itself goes through the same check as `simple_chat`'s (`agentrt.agents.chat_turn.check_message`);
-the conversation id must fit the store's column and be text PostgreSQL can hold.
-"""
+"""Reading a chat turn from an HTTP request: the protocol's body, then the turn's input checked as `simple_chat`
+checks it (`agentrt.agents.chat_turn.check_turn_input`: message size and text, conversation id and slugs), with
+the HTTP name of each field in the error."""
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from agentrt.agents.chat_turn import check_message
+from agentrt.agents.chat_turn import check_turn_input
+from agentrt.agents.turn_input import TurnInput, validate_identifiers
 from agentrt.api.errors import ApiError
-from agentrt.db.errors import ConfigError, InvalidInputError
+from agentrt.db.errors import InvalidInputError
 
 T = TypeVar('T')
 
-MAX_CONVERSATION_ID_CHARS = 200
-"""The length of the `conversations.conversation_id` column."""
 
+def check_http_turn(
+    message: object, *, conversation_id: object, account: str, agent: str | None, id_field: str, message_field: str
+) -> TurnInput:
+    """The turn's input, checked before anything is looked up, run or billed.
 
-def check_conversation_id(conversation_id: str, *, field: str = 'id') -> str:
-    """The conversation id, if it is 1-200 characters of printable text (no control characters, no lone surrogate).
-
-    Raises:
-        InvalidInputError: naming `field` and what is wrong.
-    """
-    if not conversation_id or len(conversation_id) > MAX_CONVERSATION_ID_CHARS:
-        raise InvalidInputError(f'the conversation id must be 1 to {MAX_CONVERSATION_ID_CHARS} characters', field=field)
-    if any(unicodedata.category(char) in ('Cc', 'Cs') for char in conversation_id):
-        raise InvalidInputError('the conversation id holds a control character or a lone surrogate', field=field)
-    return conversation_id
-
-
-def _encodable(text: str) -> bool:
-    """False when `text` holds a lone surrogate (which no UTF-8 text, and so no PostgreSQL column, can hold)."""
-    try:
-        text.encode('utf-8')
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_new_message(text: str, *, field: str = 'message') -> None:
-    """Refuse a message `simple_chat` would refuse, as invalid input of `field`.
+    Args:
+        message: the new user message.
+        conversation_id: the conversation, as the request names it.
+        account: the account slug of the caller's key.
+        agent: the agent slug the request asks for, or None.
+        id_field: where the request carries the conversation id (`id`, `threadId`, `conversation_id`).
+        message_field: where it carries the message (`messages`, `message`).
 
     Raises:
-        InvalidInputError: the message is empty, holds a NUL or a lone surrogate (PostgreSQL cannot store either),
-            or is otherwise not acceptable.
+        InvalidInputError: naming the request's field and the problem.
     """
-    if '\x00' in text or not _encodable(text):
-        raise InvalidInputError('the message holds a NUL character or a lone surrogate', field=field)
     try:
-        check_message(text)
-    except ConfigError as exc:  # the in-process check reports a bad message as a configuration error
-        raise InvalidInputError(str(exc), field=field) from exc
+        return check_turn_input(message, session_id=conversation_id, account=account, agent_instance=agent)
     except InvalidInputError as exc:
+        field = {'message': message_field, 'session_id': id_field, 'agent_instance': 'agent'}.get(exc.field, exc.field)
         raise InvalidInputError(str(exc), field=field) from exc
+
+
+def check_conversation_id(conversation_id: str, *, account: str) -> str:
+    """A conversation id from a path, by the turn's rules (so no query ever sees one it could not have stored).
+
+    Raises:
+        InvalidInputError: naming `conversation_id` and the problem.
+    """
+    try:
+        return validate_identifiers(session_id=conversation_id, account=account)[0]
+    except InvalidInputError as exc:
+        raise InvalidInputError(str(exc), field='conversation_id') from exc
 
 
 def parse_run_input(

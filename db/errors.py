@@ -57,3 +57,16 @@ class ModelProviderError(AgentRuntimeError):
         self.status_code = status_code
         self.model_name = model_name
         self.body = body
+
+
+class ModelBehaviorError(AgentRuntimeError):
+    """The model's answer could not be used: it kept calling a tool wrongly until the retries ran out, or its output
+    was cut off (output token limit) or filtered by the provider. Nothing of the turn was saved.
+
+    Attributes:
+        body: what the model sent, when pydantic-ai kept it (None otherwise).
+    """
+
+    def __init__(self, message: str, *, body: str | None = None) -> None:
+        super().__init__(message)
+        self.body = body

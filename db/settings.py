@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
@@ -15,6 +15,9 @@ from sqlalchemy.exc import ArgumentError
 from agentrt.db.errors import ConfigError
 
 _POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
+
+CHARS_PER_TOKEN = 4
+"""How the context budget turns text into tokens: the usual rule of thumb for English, without a tokenizer."""
 
 
 def default_data_dir() -> Path:
@@ -86,6 +89,60 @@ class Settings(BaseSettings):
     ledger_retry_attempts: int = Field(
         default=8, ge=1, le=100, validation_alias=AliasChoices('AGENTRT_LEDGER_RETRY_ATTEMPTS', 'ledger_retry_attempts')
     )
+
+    # Conversations (agents/turn_limits.py, agents/turn_input.py, services/conversations/_context.py). The
+    # limits apply to one turn, not to the conversation's lifetime usage, which stays on the conversation record.
+    turn_request_limit: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        validation_alias=AliasChoices('AGENTRT_TURN_REQUEST_LIMIT', 'turn_request_limit'),
+        description='model requests one turn may send',
+    )
+    turn_tool_calls_limit: int = Field(
+        default=60,
+        ge=0,
+        le=100_000,
+        validation_alias=AliasChoices('AGENTRT_TURN_TOOL_CALLS_LIMIT', 'turn_tool_calls_limit'),
+        description='tool calls one turn may run',
+    )
+    turn_total_tokens_limit: int = Field(
+        default=400_000,
+        ge=1,
+        validation_alias=AliasChoices('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', 'turn_total_tokens_limit'),
+        description='input plus output tokens over all requests of one turn',
+    )
+    turn_lease_seconds: float = Field(
+        default=60.0,
+        ge=3,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_TURN_LEASE_SECONDS', 'turn_lease_seconds'),
+        description='how long a crashed turn keeps its conversation (a running turn renews its claim)',
+    )
+    context_max_tokens: int = Field(
+        default=16_000,
+        ge=500,
+        le=10_000_000,
+        validation_alias=AliasChoices('AGENTRT_CONTEXT_MAX_TOKENS', 'context_max_tokens'),
+        description='estimated tokens of history sent with a request (4 characters a token)',
+    )
+    message_max_chars: int = Field(
+        default=32_000,
+        ge=1,
+        le=10_000_000,
+        validation_alias=AliasChoices('AGENTRT_MESSAGE_MAX_CHARS', 'message_max_chars'),
+        description='longest chat message accepted, in characters',
+    )
+
+    @model_validator(mode='after')
+    def _message_fits_the_context(self) -> Settings:
+        # The turn being answered is always sent whole: a message the budget cannot hold would overflow it alone.
+        if self.message_max_chars > self.context_max_tokens * CHARS_PER_TOKEN:
+            raise ConfigError(
+                f'AGENTRT_MESSAGE_MAX_CHARS ({self.message_max_chars}) must fit in AGENTRT_CONTEXT_MAX_TOKENS '
+                f'({self.context_max_tokens} tokens, {CHARS_PER_TOKEN} characters each)'
+            )
+        return self
 
     # The HTTP API (agentrt.api, `agentrt serve`).
     api_key_cache_seconds: float = Field(

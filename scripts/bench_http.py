@@ -1,4 +1,4 @@
-"""Benchmark 7: HTTP overhead. A streamed turn over HTTP (`POST /api/v1/chat`) against `simple_chat_stream` in-process.
+"""Benchmark 8: HTTP overhead. A streamed turn over HTTP (`POST /api/v1/chat`) against `simple_chat_stream` in-process.
 
 Same run, same model, same database: the demo planner (3 requests, 7 tool calls per turn) with a fixed simulated
 latency per request, as in benchmark 3. In-process: `simple_chat_stream` in this process. HTTP: the app of
@@ -284,7 +284,7 @@ async def main() -> None:
             await seed_demo_data(session=session)
             key = (await create_api_key(session=session, account=MEDICAL_ACCOUNT, name=prefix)).token
         machine = await machine_info()
-        print_config('Benchmark 7: HTTP streamed chat against simple_chat_stream in-process', config | machine)
+        print_config('Benchmark 8: HTTP streamed chat against simple_chat_stream in-process', config | machine)
         database_url = get_engine().url.render_as_string(hide_password=False)
         limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
         for latency in sorted({*opts.latencies, opts.throughput_latency}):

@@ -309,7 +309,7 @@ async def main() -> None:
     # benchmark is about storing one, so they are raised for this process (settings that do not exist are ignored).
     os.environ.setdefault('AGENTRT_MESSAGE_MAX_CHARS', str(2 * opts.size))
     os.environ.setdefault('AGENTRT_CONTEXT_MAX_TOKENS', str(2 * opts.size))
-    os.environ.setdefault('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', str(10 * opts.size))
+    os.environ.setdefault('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', str(max(10 * opts.size, 1_000_000)))  # echo: 250,000 in
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     prefix = f'bench-lc-{uuid.uuid4().hex[:8]}'
     since = datetime.now(UTC)

@@ -10,10 +10,13 @@ from typing import cast
 import typer
 from rich.markup import escape
 
+from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.cli.support import console, err_console, run
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
+from agentrt.agents.turn_input import validate_identifiers
 from agentrt.db.engine import init_database
+from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_db_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
@@ -29,13 +32,18 @@ def chat(
     delay: float = typer.Option(0.02, '--delay', min=0, max=2, help='Pause between words of the demo model (s).'),
 ) -> None:
     """Chat with an agent; the answer streams as it is produced."""
-    session_id = session or f'cli-{uuid.uuid4().hex[:12]}'
+    session_id = session if session is not None else f'cli-{uuid.uuid4().hex[:12]}'
     run(_chat, message, session_id, account, agent, model, delay)
 
 
 async def _chat(
     message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
+    # Bad flags and a bad message fail here, before the database starts or anything is billed.
+    if message is None:
+        validate_identifiers(session_id=session_id, account=account, agent_instance=agent)
+    else:
+        message = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent).message
     await init_database()
     try:
         await _seed_demo_if_empty(account)
@@ -50,8 +58,12 @@ async def _chat(
                 break
             if line.strip().lower() in EXIT_COMMANDS:
                 break
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 await _turn(line, session_id, account, agent, model, delay)
+            except InvalidInputError as exc:  # a bad line (too long) ends that turn, not the conversation
+                err_console.print(f'[bold red]error:[/] {exc}', highlight=False)
     finally:
         await shutdown_runtime()
 

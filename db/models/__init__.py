@@ -2,7 +2,7 @@
 
 from agentrt.db.models.api_keys import API_KEY_SCOPES, ApiKey
 from agentrt.db.models.base import Base
-from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow
+from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow, ConversationTurnRow
 from agentrt.db.models.directory import DirectoryEntry
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow  # noqa: F401 - registers the ledger tables
 from agentrt.db.models.tenancy import Account, AgentInstance
@@ -16,5 +16,6 @@ __all__ = [
     'Base',
     'ConversationEntryRow',
     'ConversationRow',
+    'ConversationTurnRow',
     'DirectoryEntry',
 ]

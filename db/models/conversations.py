@@ -81,3 +81,21 @@ class ConversationRow(CreatedAtMixin, Base):
     summary: Mapped[str | None] = mapped_column(Text)
     summary_head_id: Mapped[str | None] = mapped_column(String(64))
     summarised_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConversationTurnRow(Base):
+    """The turn running on a conversation now: a lease one turn holds from before it loads until it ends.
+
+    No foreign key to `conversations`: the first turn of a conversation claims it before its record exists.
+    A crashed process's claim expires at `expires_at` (a running turn renews it); see
+    `services/conversations/_claims.py`.
+    """
+
+    __tablename__ = 'conversation_turns'
+    __table_args__ = (PrimaryKeyConstraint('account_id', 'conversation_id'),)
+
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey('accounts.id', ondelete='CASCADE'))
+    conversation_id: Mapped[str] = mapped_column(String(200))
+    claim_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

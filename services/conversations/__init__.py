@@ -1,11 +1,20 @@
 """Conversations in PostgreSQL: pydantic-ai's `ConversationStore` backend, turns, titles and summaries.
 
-`PostgresConversationStore` holds one account's conversations; `load_conversation` / `save_turn` wrap a chat turn
-(a race between two turns raises `ConcurrentTurnError`); `list_conversations` pages through an account's list;
-`refresh_title_and_summary` is the post-turn task that keeps a title and a short summary on the conversation row.
-The modules with a leading underscore are internals.
+`PostgresConversationStore` holds one account's conversations; `load_recent_conversation` (or `load_conversation`
+for the whole history) / `save_turn` wrap a chat turn, inside `conversation_claim` (one turn at a time per
+conversation; a race between two turns raises `ConcurrentTurnError`);
+`fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
+post-turn task that keeps a title and a short summary on the conversation row; `list_conversations` pages through
+an account's conversations. The modules with a leading underscore are internals.
 """
 
+from agentrt.services.conversations._claims import TurnClaim, conversation_claim
+from agentrt.services.conversations._context import (
+    RecentConversation,
+    estimate_tokens,
+    fit_history,
+    load_recent_conversation,
+)
 from agentrt.services.conversations._listing import MAX_CONVERSATIONS_PAGE, ConversationSummary, list_conversations
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import (
@@ -16,9 +25,10 @@ from agentrt.services.conversations._titles import (
     first_exchange,
     make_summary,
     make_title,
+    message_exchanges,
     refresh_title_and_summary,
 )
-from agentrt.services.conversations._turns import ConcurrentTurnError, load_conversation, save_turn
+from agentrt.services.conversations._turns import ConcurrentTurnError, TurnStage, load_conversation, save_turn
 
 __all__ = [
     'MAX_CONVERSATIONS_PAGE',
@@ -28,12 +38,20 @@ __all__ = [
     'ConversationSummary',
     'Exchange',
     'PostgresConversationStore',
+    'RecentConversation',
+    'TurnClaim',
+    'TurnStage',
+    'conversation_claim',
+    'estimate_tokens',
     'exchanges',
     'first_exchange',
+    'fit_history',
     'list_conversations',
     'load_conversation',
+    'load_recent_conversation',
     'make_summary',
     'make_title',
+    'message_exchanges',
     'refresh_title_and_summary',
     'save_turn',
 ]

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.models import ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session
-from agentrt.services.pg_text import without_nul
+from agentrt.services.pg_text import storable
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
 _records = cast(Table, ConversationRow.__table__)
@@ -79,6 +79,18 @@ class PostgresConversationStore(ConversationStore):
         async with get_db_session() as session:
             data = (await session.execute(query)).scalar_one_or_none()
         return None if data is None else _record_adapter.validate_python(data)
+
+    async def read_revision(self, conversation_id: str) -> str | None:
+        """The stored revision of a conversation of this account, or `None` if there is none: one key lookup.
+
+        A turn compares it with the revision it loaded before each model request, to learn early that another
+        turn saved the conversation meanwhile (it would lose at save).
+        """
+        query = select(_records.c.revision).where(
+            _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
+        )
+        async with get_db_session() as session:
+            return (await session.execute(query)).scalar_one_or_none()
 
     async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
         """This account's records, or those with `scope`, newest `updated_at` first, at most `limit` of them."""
@@ -214,7 +226,7 @@ class PostgresConversationStore(ConversationStore):
             'scope': record.scope,
             'head_id': record.head_id,
             'revision': record.revision,
-            'record': without_nul(_record_adapter.dump_python(record, mode='json')),
+            'record': storable(_record_adapter.dump_python(record, mode='json')),
             'updated_at': record.updated_at,
         }
         statement: Executable
@@ -247,7 +259,7 @@ class PostgresConversationStore(ConversationStore):
         return (await session.execute(query)).scalar_one()
 
     def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
-        data = without_nul(_entry_adapter.dump_python(entry, mode='json'))
+        data = storable(_entry_adapter.dump_python(entry, mode='json'))
         return {
             'id': data['id'],
             'account_id': self.account_id,

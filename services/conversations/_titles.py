@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pydantic_ai.conversation_store import ConversationEntry
-from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 from sqlalchemy import CursorResult, DateTime, String, Text, column, func, select, table, update
 
 from agentrt.db.session import get_side_session
@@ -119,9 +119,13 @@ def title_and_summary(history: Sequence[ConversationEntry], title: str | None) -
 
 def exchanges(entries: Sequence[ConversationEntry]) -> list[Exchange]:
     """Pair each user prompt with the text of the responses that follow it, in order, secrets redacted."""
+    return message_exchanges([entry.message for entry in entries])
+
+
+def message_exchanges(messages: Sequence[ModelMessage]) -> list[Exchange]:
+    """`exchanges` of plain messages (a run's history rather than stored entries), secrets redacted."""
     found: list[Exchange] = []
-    for entry in entries:
-        message = entry.message
+    for message in messages:
         if isinstance(message, ModelRequest):
             question = ' '.join(_prompt_text(part) for part in message.parts if isinstance(part, UserPromptPart))
             if question.strip():

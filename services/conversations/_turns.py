@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationStore
 from pydantic_ai.run import AgentRunResult
+from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
 
+TurnStage = Literal['start', 'request', 'save']
+"""Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
+
+_STAGE_MESSAGES = {
+    'start': 'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends',
+    'request': (
+        'conversation {id!r} was changed by another turn; this turn stopped before its next model request and '
+        'saved nothing; reload and retry'
+    ),
+    'save': 'conversation {id!r} was changed by another turn; this turn was not saved; reload and retry',
+}
+
 
 class ConcurrentTurnError(AgentRuntimeError):
-    """Another turn saved the conversation between this turn's load and save; this turn's messages were not stored."""
+    """Another turn holds or changed this conversation; this turn's messages were not stored.
 
-    def __init__(self, conversation_id: str) -> None:
+    Attributes:
+        conversation_id: the conversation.
+        stage: 'start' (another turn was running: nothing was sent), 'request' (another turn saved meanwhile: this
+            one stopped before its next model request) or 'save' (it learnt only when saving).
+    """
+
+    def __init__(self, conversation_id: str, *, stage: TurnStage = 'save') -> None:
         self.conversation_id = conversation_id
-        super().__init__(f'conversation {conversation_id!r} was changed by another turn; reload and retry')
+        self.stage: TurnStage = stage
+        super().__init__(_STAGE_MESSAGES[stage].format(id=conversation_id))
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when the turn stopped before sending everything it would have (stage 'start' or 'request')."""
+        return self.stage != 'save'
 
 
 async def load_conversation(
@@ -40,7 +65,11 @@ async def load_conversation(
 
 
 async def save_turn(
-    store: ConversationStore, result: AgentRunResult[Any], *, scope: str | None = None
+    store: ConversationStore,
+    result: AgentRunResult[Any],
+    *,
+    scope: str | None = None,
+    usage_before: RunUsage | None = None,
 ) -> list[ConversationEntry]:
     """Save the messages a run added to its conversation.
 
@@ -49,8 +78,11 @@ async def save_turn(
 
     Args:
         store: The store the conversation was loaded from.
-        result: The run's result; `result.conversation` carries the new revision afterwards.
+        result: The run's result; `result.conversation` carries the new revision afterwards (unless
+            `usage_before` is given).
         scope: The scope to save under; defaults to the one it was saved with before.
+        usage_before: The conversation's lifetime usage before the run, when the run started counting from zero
+            (per-turn usage limits): the record then stores this plus the run's usage.
 
     Returns:
         The entries this save stored, in order.
@@ -59,7 +91,12 @@ async def save_turn(
         ConcurrentTurnError: If the conversation was saved, deleted or created by another turn since it
             was loaded, or it belongs to another scope.
     """
+    saved: Conversation | AgentRunResult[Any] = result
+    if usage_before is not None:
+        # A copy of the run's conversation with the lifetime usage: `result.conversation` keeps the old revision.
+        saved = result.conversation
+        saved.usage = usage_before + saved.usage
     try:
-        return await store.save(result, scope=scope)
+        return await store.save(saved, scope=scope)
     except ConversationConflict as exc:
         raise ConcurrentTurnError(exc.conversation_id) from exc

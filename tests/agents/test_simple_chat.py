@@ -20,7 +20,7 @@ from agentrt.agents.simple_chat import (
     simple_chat_stream,
 )
 from agentrt.db.engine import pool_status
-from agentrt.db.errors import ConfigError
+from agentrt.db.errors import ConfigError, InvalidInputError
 from agentrt.db.models import ConversationRow, DirectoryEntry
 from agentrt.db.session import get_read_only_session
 from agentrt.services.background import get_supervisor
@@ -134,7 +134,7 @@ async def test_unusable_model_fails_before_anything_runs(
 
 
 async def test_empty_message_is_rejected() -> None:
-    with pytest.raises(ConfigError, match='empty'):
+    with pytest.raises(InvalidInputError, match='empty'):
         await simple_chat('   ', session_id='x', account='acme-health')
 
 

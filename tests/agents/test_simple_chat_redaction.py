@@ -37,6 +37,7 @@ from agentrt.services.conversations import (
     make_title,
     refresh_title_and_summary,
 )
+from agentrt.services.conversations._context import SUMMARY_PREFIX
 from agentrt.services.ledger import get_request_tracker
 from agentrt.services.ledger.redaction import REDACTED
 from tests.agents.cli.helpers import invoke
@@ -171,13 +172,18 @@ async def test_no_planted_secret_reaches_the_ledger_or_audit_show(demo_data: Non
     assert leaked(everything) == []
     assert REDACTED in everything and CANARY in everything
     # Stored content is JSON that validates back into messages, and says how many secrets it replaced.
-    for row in stored:
+    *earlier, last_prompt = stored
+    for row in earlier:
         body = json.loads(row['body'])
         assert row['redactions'] > 0
         if row['kind'] == 'prompt':
             assert ModelMessagesTypeAdapter.validate_python(body['messages'])
         elif row['kind'] == 'response':
             assert ModelMessagesTypeAdapter.validate_python([body])
+    # The failing turn's prompt: the context budget folded the two big turns before it into their summary, which
+    # is written from redacted text, so there was nothing left to replace.
+    sent = json.loads(last_prompt['body'])['messages']
+    assert sent[0]['parts'][0]['content'].startswith(SUMMARY_PREFIX) and last_prompt['redactions'] == 0
     [error] = [row for row in stored if row['kind'] == 'error']
     assert error['error_message'] and REDACTED in error['error_message'] and leaked(error['error_message']) == []
     raised = ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': planted_text(('error_body', 'line_start'))}})

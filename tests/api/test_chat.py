@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from agentrt.agents.demo_model import demo_model
 from agentrt.api.app import create_app
 from agentrt.db.engine import pool_status
-from agentrt.db.models import ConversationRow
+from agentrt.db.models import ConversationRow, ConversationTurnRow
 from agentrt.db.session import get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
@@ -56,7 +56,7 @@ async def test_streamed_turns_carry_parallel_tool_calls_and_history_and_bill_eac
     assert {event['toolName'] for event in started} == {'search_directory', 'get_directory_entry'}
     text = ''.join(event['delta'] for event in of_type(first, 'text-delta'))
     assert 'Seattle' in text and 'Cardiology' in text
-    assert of_type(first, 'data-conversation-saved') and of_type(first, 'finish')
+    assert of_type(first, 'finish') and not of_type(first, 'error')
     assert 'Boston' in ''.join(event['delta'] for event in of_type(second, 'text-delta'))
 
     await _settled()
@@ -93,6 +93,46 @@ async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothin
     assert [row['status'] for row in await ledger_rows()] == ['complete', 'complete', 'cancelled']
     assert await _conversations() == 0
     assert pool_status().checked_out == 0
+    async with get_db_session() as session:  # the turn's claim on the conversation was released
+        assert (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() == 0
+
+
+async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream(keys: Keys) -> None:
+    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.005))
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            first = asyncio.create_task(stream_chat(client, keys.acme, chat_body('busy', QUESTION)))
+            for _ in range(500):  # until the first turn holds the conversation
+                if await _claimed():
+                    break
+                await asyncio.sleep(0.01)
+            second = await client.post(
+                '/api/v1/chat', json=chat_body('busy', 'and in Boston?'), headers=auth(keys.acme)
+            )
+            status, events = await first
+    assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
+    assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error')
+    await _settled()
+    assert len(await ledger_rows(chat_session_id='busy')) == 3  # the refused turn sent nothing
+
+
+async def _claimed() -> bool:
+    async with get_db_session() as session:
+        return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
+
+
+async def test_a_conversation_goes_on_past_the_old_lifetime_request_limit(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # 17 turns of 3 requests: 51 requests, past pydantic-ai's default request_limit of 50, which the adapter's own
+    # conversation handling would apply to the conversation's lifetime usage; the limits here are per turn.
+    for n in range(17):
+        response = await client.post(
+            '/api/v1/chat', json=chat_body('long', f'Cardiologists in Seattle {n}', f'm{n}'), headers=auth(keys.acme)
+        )
+        assert response.status_code == 200 and '"type":"error"' not in response.text, (n, response.text[-300:])
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('long')
+    assert stored is not None and stored.usage.requests == 51
 
 
 def _failing_model(message: str) -> FunctionModel:
@@ -152,9 +192,14 @@ async def test_ag_ui_turn_streams_run_events_and_saves_the_conversation(keys: Ke
 async def test_refused_turns_run_nothing_and_name_the_field(keys: Keys, client: httpx2.AsyncClient) -> None:
     cases = [
         (chat_body('c', ''), 'messages'),
-        (chat_body('c', 'nul \x00 inside'), 'messages'),
+        (chat_body('c', '   '), 'messages'),
+        (chat_body('c', 'x' * 32_001), 'messages'),  # AGENTRT_MESSAGE_MAX_CHARS
         (chat_body('x' * 201, 'hi'), 'id'),
         (chat_body('tab\tid', 'hi'), 'id'),
+        (chat_body('a\x00b', 'hi'), 'id'),
+        (chat_body('-starts-badly', 'hi'), 'id'),
+        (chat_body('c', 'hi') | {'trigger': 'regenerate-message'}, 'trigger'),
+        (chat_body('c', 'hi') | {'messages': [{'id': 'a', 'role': 'assistant', 'parts': []}]}, 'messages'),
         ({'trigger': 'submit-message', 'messages': []}, 'id'),
         ({'trigger': 'submit-message', 'id': 'c', 'messages': []}, 'messages'),
         ({'trigger': 'launch', 'id': 'c', 'messages': []}, None),
@@ -184,6 +229,8 @@ async def test_refused_turns_run_nothing_and_name_the_field(keys: Keys, client: 
     response = await client.post('/api/v1/chat?agent=nope', json=chat_body('c', 'hi'), headers=auth(keys.acme))
     assert response.status_code == 422 and response.json()['type'] == 'unknown_agent'
     assert 'provider-finder' in response.json()['detail'] and 'green' not in response.json()['detail']
+    response = await client.post('/api/v1/chat?agent=bad%20slug', json=chat_body('c', 'hi'), headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'] == 'agent'
     big = chat_body('c', 'x' * (4 * 1024 * 1024 + 1))
     response = await client.post('/api/v1/chat', json=big, headers=auth(keys.acme))
     assert response.status_code == 413

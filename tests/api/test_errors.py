@@ -16,6 +16,7 @@ from agentrt.db.errors import (
     ConfigError,
     DatabaseUnavailableError,
     InvalidInputError,
+    ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
 )
@@ -37,6 +38,11 @@ CASES: list[tuple[BaseException, int, str]] = [
     (ModelProviderError(SECRET, status_code=429, body=SECRET), 502, 'model_provider_error'),
     (ModelHTTPError(500, 'gpt-x', body=SECRET), 502, 'model_provider_error'),
     (UnexpectedModelBehavior(SECRET), 502, 'model_provider_error'),
+    (
+        ModelBehaviorError('the model did not produce a usable answer: output cut off', body=SECRET),
+        502,
+        'model_behavior_error',
+    ),
     (DatabaseUnavailableError(SECRET), 503, 'database_unavailable'),
     (OperationalError(SECRET, {}, Exception(SECRET)), 503, 'database_unavailable'),
     (PoolTimeoutError(SECRET), 503, 'busy'),

@@ -178,7 +178,7 @@ async def test_concurrent_json_turns_on_one_conversation_one_wins_the_other_gets
     )
     assert sorted(response.status_code for response in outcomes) == [200, 409]
     conflict = next(response for response in outcomes if response.status_code == 409).json()
-    assert conflict['type'] == 'concurrent_turn' and 'reload' in conflict['detail']
+    assert conflict['type'] == 'concurrent_turn' and 'another turn' in conflict['detail']
 
 
 async def test_conversation_list_pages_with_a_cursor(keys: Keys, client: httpx2.AsyncClient) -> None:

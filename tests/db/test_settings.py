@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from agentrt.db.errors import ConfigError
@@ -74,3 +76,44 @@ def test_ledger_settings_come_from_the_same_class(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv('AGENTRT_LEDGER_CONTENT_MAX_BYTES', '12')
     with pytest.raises(ConfigError, match='AGENTRT_LEDGER_CONTENT_MAX_BYTES'):
         LedgerConfig.from_env()
+
+
+def test_conversation_settings_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('AGENTRT_TURN_REQUEST_LIMIT', '5')
+    monkeypatch.setenv('AGENTRT_TURN_TOOL_CALLS_LIMIT', '9')
+    monkeypatch.setenv('AGENTRT_TURN_TOTAL_TOKENS_LIMIT', '1000')
+    monkeypatch.setenv('AGENTRT_TURN_LEASE_SECONDS', '30')
+    monkeypatch.setenv('AGENTRT_CONTEXT_MAX_TOKENS', '2000')
+    monkeypatch.setenv('AGENTRT_MESSAGE_MAX_CHARS', '8000')
+    settings = Settings(_env_file=None)
+    assert (settings.turn_request_limit, settings.turn_tool_calls_limit, settings.turn_total_tokens_limit) == (
+        5,
+        9,
+        1000,
+    )
+    assert (settings.turn_lease_seconds, settings.context_max_tokens, settings.message_max_chars) == (30, 2000, 8000)
+
+
+@pytest.mark.parametrize(
+    ('env', 'problem'),
+    [
+        ({'AGENTRT_TURN_REQUEST_LIMIT': '0'}, 'AGENTRT_TURN_REQUEST_LIMIT'),
+        ({'AGENTRT_CONTEXT_MAX_TOKENS': '10'}, 'AGENTRT_CONTEXT_MAX_TOKENS'),
+        ({'AGENTRT_TURN_LEASE_SECONDS': '1'}, 'AGENTRT_TURN_LEASE_SECONDS'),
+        (
+            {'AGENTRT_CONTEXT_MAX_TOKENS': '1000', 'AGENTRT_MESSAGE_MAX_CHARS': '4001'},
+            'AGENTRT_MESSAGE_MAX_CHARS (4001) must fit in AGENTRT_CONTEXT_MAX_TOKENS (1000 tokens, 4 characters each)',
+        ),
+    ],
+)
+def test_bad_conversation_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], problem: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            get_settings()
+    finally:
+        get_settings.cache_clear()

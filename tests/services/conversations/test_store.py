@@ -164,7 +164,9 @@ async def test_concurrent_turns_one_wins_other_gets_conflict(store: PostgresConv
     assert len(errors) == 1 and isinstance(errors[0], ConcurrentTurnError)
     assert isinstance(errors[0], AgentRuntimeError)
     assert isinstance(errors[0].__cause__, ConversationConflict)
-    assert str(errors[0]) == "conversation 'conv-1' was changed by another turn; reload and retry"
+    assert str(errors[0]) == (
+        "conversation 'conv-1' was changed by another turn; this turn was not saved; reload and retry"
+    )
     winner = result_b if isinstance(outcomes[0], BaseException) else result_a
     entries = await store.load_entries('conv-1')
     assert entries is not None

@@ -1,7 +1,7 @@
 """API keys for the HTTP API: per account, stored hashed, revocable, with scopes.
 
-Revision ID: 0006_api_keys
-Revises: 0005_ledger_recorded_at_index
+Revision ID: 0007_api_keys
+Revises: 0006_conversation_turns
 Create Date: 2026-11-24
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = '0006_api_keys'
-down_revision: str | None = '0005_ledger_recorded_at_index'
+revision: str = '0007_api_keys'
+down_revision: str | None = '0006_conversation_turns'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,114 @@
+"""One turn at a time per conversation: a claim (a lease row) taken before the conversation is loaded.
+
+The first turn to claim a conversation runs; a turn that finds a live claim fails at once with
+`ConcurrentTurnError` (stage 'start'): nothing was sent to a model, nothing billed. The running turn renews its
+lease in the background every third of `lease_s` and deletes the claim when it ends, however it ends; a crashed
+process's claim expires after `lease_s`, and the next turn takes it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import text
+
+from agentrt.db.session import get_db_session
+from agentrt.services.conversations._turns import ConcurrentTurnError
+
+logger = logging.getLogger('agentrt.conversations')
+
+# Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it.
+_CLAIM = text("""
+INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
+VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
+ON CONFLICT (account_id, conversation_id) DO UPDATE
+SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
+WHERE conversation_turns.expires_at < now()
+RETURNING claim_id
+""")
+_RENEW = text("""
+UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
+WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
+RETURNING claim_id
+""")
+_RELEASE = text("""
+DELETE FROM conversation_turns
+WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
+""")
+
+
+@dataclass
+class TurnClaim:
+    """A turn's hold on its conversation."""
+
+    account_id: int
+    conversation_id: str
+    claim_id: str
+    lease_s: float
+    lost: bool = False
+    """Set when a renewal found the claim gone (it expired and another turn took it over)."""
+
+    async def renew(self) -> bool:
+        """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
+        async with get_db_session() as session:
+            renewed = (await session.execute(_RENEW, self._params())).first() is not None
+        self.lost = self.lost or not renewed
+        return renewed
+
+    async def release(self) -> None:
+        """Delete the claim if it is still this turn's."""
+        async with get_db_session() as session:
+            await session.execute(_RELEASE, self._params())
+
+    def _params(self) -> dict[str, object]:
+        return {
+            'account_id': self.account_id,
+            'conversation_id': self.conversation_id,
+            'claim_id': self.claim_id,
+            'lease_s': self.lease_s,
+        }
+
+
+@asynccontextmanager
+async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: float) -> AsyncIterator[TurnClaim]:
+    """Hold the conversation for one turn: claim it, renew the lease while the block runs, release it at the end.
+
+    Args:
+        account_id: the conversation's account.
+        conversation_id: the conversation.
+        lease_s: how long a claim outlives its last renewal (a crashed process's claim blocks that long).
+
+    Raises:
+        ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
+    """
+    claim = TurnClaim(account_id, conversation_id, uuid.uuid4().hex, lease_s)
+    async with get_db_session() as session:
+        taken = (await session.execute(_CLAIM, claim._params())).first() is not None
+    if not taken:
+        raise ConcurrentTurnError(conversation_id, stage='start')
+    heartbeat = asyncio.create_task(_keep_alive(claim), name='agentrt-turn-claim')
+    try:
+        yield claim
+    finally:
+        heartbeat.cancel()
+        await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
+        try:
+            await claim.release()
+        except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
+            logger.warning(
+                'could not release the claim on conversation %s (%s); it expires in %gs', conversation_id, exc, lease_s
+            )
+
+
+async def _keep_alive(claim: TurnClaim) -> None:
+    while not claim.lost:
+        await asyncio.sleep(claim.lease_s / 3)
+        try:
+            await claim.renew()
+        except Exception as exc:  # a database blip: the lease still has two thirds to run
+            logger.warning('could not renew the claim on conversation %s (%s)', claim.conversation_id, exc)

@@ -1,0 +1,203 @@
+"""What of a conversation goes to the model: the latest turns whole, within a token budget, older turns folded.
+
+The stored conversation stays complete (it is the record); only what a request sends is bounded. Two halves:
+
+- `load_recent_conversation` loads only the tail of a long conversation, about what the budget can use (walking
+  back from the head in SQL until the stored JSON reaches a cap), so loading a turn costs the same at turn 500 as
+  at turn 5;
+- `fit_history` is the history processor: it keeps the turn being answered whole, then earlier turns newest first
+  while they fit, and folds everything older into one short summary request at the front. A turn is cut only at
+  its user prompt, so a tool call is never separated from its result.
+
+Tokens are estimated without a tokenizer (`CHARS_PER_TOKEN` characters a token, plus a little per message).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic_ai import Conversation
+from pydantic_ai.messages import (
+    BaseToolCallPart,
+    BaseToolReturnPart,
+    ModelMessage,
+    ModelRequest,
+    ModelRequestPart,
+    ModelResponsePart,
+    RetryPromptPart,
+    SystemPromptPart,
+    TextContent,
+    UserPromptPart,
+)
+from sqlalchemy import text
+
+from agentrt.db.session import get_db_session
+from agentrt.db.settings import CHARS_PER_TOKEN
+from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations._titles import make_summary, message_exchanges
+
+SUMMARY_MARK = 'agentrt.context_summary'
+"""`ModelRequest.metadata` key of the summary request `fit_history` puts in front of the kept turns."""
+
+SUMMARY_PREFIX = 'Earlier in this conversation (not shown here):'
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Role and framing tokens a provider adds per message."""
+MEDIA_CHARS = 4_000
+"""What an image, audio clip or document in a prompt counts for (about 1,000 tokens): real costs vary by provider."""
+LOAD_JSON_FACTOR = 3
+"""Stored JSON (ids, timestamps, part kinds) per character of text sent: the load reads up to this many times
+the budget, so the processor has whole turns to choose from."""
+LOAD_MAX_MESSAGES = 2_000
+"""A conversation of tiny messages still loads at most this many."""
+
+
+@dataclass(frozen=True)
+class RecentConversation:
+    """The tail of a conversation loaded for a turn, with what the processor needs to fold the rest."""
+
+    conversation: Conversation
+    """Ready for `agent.run(conversation=...)`; saving it appends to the whole stored conversation."""
+    title: str | None
+    """The conversation's title (from its first exchange, kept by the post-turn work), for the summary's topic."""
+    earlier_omitted: bool
+    """True when older messages were left in the database (the loaded tail does not start the conversation)."""
+
+
+async def load_recent_conversation(
+    store: PostgresConversationStore, conversation_id: str, *, max_tokens: int, scope: str | None = None
+) -> RecentConversation:
+    """Load the last messages of a conversation, about what `max_tokens` of context can use, or start a new one.
+
+    Args:
+        store: the account's conversation store.
+        conversation_id: the conversation to continue or start.
+        max_tokens: the context budget; the load reads stored JSON up to `LOAD_JSON_FACTOR` times its size.
+        scope: only load it if it was saved with this scope.
+    """
+    cap_chars = max_tokens * CHARS_PER_TOKEN * LOAD_JSON_FACTOR
+    params = {'account_id': store.account_id, 'conversation_id': conversation_id, 'cap': cap_chars}
+    async with get_db_session() as session:
+        row = (await session.execute(_WINDOW, params | {'max_messages': LOAD_MAX_MESSAGES})).one()
+    count, reached_first, title = row
+    conversation = await store.load(conversation_id, limit=count, scope=scope) if count else None
+    if conversation is None:
+        return RecentConversation(Conversation(conversation_id=conversation_id), None, False)
+    return RecentConversation(conversation, title, not reached_first)
+
+
+# From the head back, one entry at a time, while the JSON read so far is under the cap: the entry that crosses it is
+# the last one read. `reached_first` tells whether the walk got to the conversation's first message.
+_WINDOW = text("""
+WITH RECURSIVE walk(parent_id, total, depth) AS (
+    SELECT e.parent_id, length(e.message::text), 1
+    FROM conversations AS c
+    JOIN conversation_entries AS e ON e.account_id = c.account_id AND e.id = c.head_id
+    WHERE c.account_id = :account_id AND c.conversation_id = :conversation_id
+    UNION ALL
+    SELECT p.parent_id, w.total + length(p.message::text), w.depth + 1
+    FROM walk AS w
+    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
+    WHERE w.total < :cap AND w.depth < :max_messages
+)
+SELECT
+    (SELECT count(*) FROM walk),
+    coalesce((SELECT bool_or(parent_id IS NULL) FROM walk), true),
+    (SELECT title FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id)
+""")
+
+
+def fit_history(
+    messages: Sequence[ModelMessage], *, max_tokens: int, title: str | None = None, earlier_omitted: bool = False
+) -> list[ModelMessage]:
+    """The history processor: the messages to send, within `max_tokens` (estimated) where the turns allow it.
+
+    The turn being answered (from the last user prompt on) is always kept whole, even over the budget: the
+    per-turn usage limits bound it. Earlier turns are added newest first while they fit, each whole. What is left
+    out (and what `earlier_omitted` says the load left in the database) becomes one summary request in front:
+    the conversation's title and the latest questions and answer of the turns left out.
+
+    The kept messages are the same objects, in the same order (pydantic-ai records on the last request it sends).
+
+    Args:
+        messages: the run's history, ending with the request about to be sent.
+        max_tokens: the budget for the history sent (the agent's instructions and tool definitions come on top).
+        title: the conversation's title, the topic of the summary.
+        earlier_omitted: older messages exist that `messages` does not hold.
+    """
+    messages = list(messages)
+    starts = [i for i, message in enumerate(messages) if _starts_turn(message)]
+    if not starts:
+        return messages
+    turns = [messages[start:end] for start, end in zip(starts, [*starts[1:], len(messages)], strict=True)]
+    before_first = [m for m in messages[: starts[0]] if not _is_summary(m)]
+    carried = next((m for m in messages[: starts[0]] if _is_summary(m)), None)
+    kept_from = len(turns) - 1
+    used = estimate_tokens(turns[-1])
+    while kept_from > 0 and used + (cost := estimate_tokens(turns[kept_from - 1])) <= max_tokens:
+        kept_from, used = kept_from - 1, used + cost
+    while True:
+        left_out = before_first + [m for turn in turns[:kept_from] for m in turn]
+        if not left_out and not earlier_omitted and carried is None:
+            return messages[starts[0] :]
+        summary = _summary_request(title, left_out, carried)
+        # The summary is part of the budget: give up the oldest kept turn until it fits (never the current one).
+        if kept_from == len(turns) - 1 or used + estimate_tokens([summary]) <= max_tokens:
+            return [summary, *messages[starts[kept_from] :]]
+        used -= estimate_tokens(turns[kept_from])
+        kept_from += 1
+
+
+def estimate_tokens(messages: Sequence[ModelMessage]) -> int:
+    """Estimated tokens of `messages` as a provider counts them: text at `CHARS_PER_TOKEN`, plus framing."""
+    total = 0
+    for message in messages:
+        chars = sum(_part_chars(part) for part in message.parts)
+        total += math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+    return total
+
+
+def _part_chars(part: ModelRequestPart | ModelResponsePart) -> int:
+    if isinstance(part, BaseToolCallPart):
+        return len(part.tool_name) + len(part.args_as_json_str())
+    if isinstance(part, BaseToolReturnPart):
+        return len(part.tool_name) + len(part.model_response_str())
+    if isinstance(part, RetryPromptPart):
+        return len(part.model_response())
+    content = getattr(part, 'content', None)
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, Sequence):
+        return sum(_item_chars(item) for item in content)
+    return 0
+
+
+def _item_chars(item: object) -> int:
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, TextContent):
+        return len(item.content)
+    return MEDIA_CHARS
+
+
+def _starts_turn(message: ModelMessage) -> bool:
+    return isinstance(message, ModelRequest) and any(isinstance(part, UserPromptPart) for part in message.parts)
+
+
+def _is_summary(message: ModelMessage) -> bool:
+    return isinstance(message, ModelRequest) and bool(message.metadata) and SUMMARY_MARK in (message.metadata or {})
+
+
+def _summary_request(title: str | None, left_out: list[ModelMessage], carried: ModelMessage | None) -> ModelRequest:
+    """One request holding the summary of what was left out, or the carried one when nothing new was left out.
+
+    A processor that rewrites the run's history (pydantic-ai's `ProcessHistory`) hands back its own summary on
+    the next request of the turn; it is kept rather than re-summarised from nothing.
+    """
+    found = message_exchanges(left_out)
+    if carried is not None and not found:
+        assert isinstance(carried, ModelRequest)
+        return carried
+    body = make_summary(title, found) if (title or found) else 'its earlier turns are not repeated.'
+    return ModelRequest(parts=[SystemPromptPart(f'{SUMMARY_PREFIX} {body}')], metadata={SUMMARY_MARK: True})

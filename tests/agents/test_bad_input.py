@@ -1,0 +1,129 @@
+"""Bad input through every public path (`simple_chat`, `simple_chat_stream`, `agentrt chat`): the documented error,
+before any model request; no ledger row, nothing saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from pydantic_ai import ModelResponse, TextPart
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.engine import current_settings
+from agentrt.db.errors import InvalidInputError
+from agentrt.services.ledger import get_request_tracker
+from tests.agents.cli.helpers import invoke
+from tests.factories import scalar
+
+GOOD = {'message': 'Find me cardiologists in Seattle', 'session_id': 'bad-input', 'account': 'acme-health'}
+LIMIT = 2_000
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    field: str
+    value: object
+    reason: str
+
+
+CASES = [
+    Case('empty message', 'message', '', 'is empty'),
+    Case('blank message', 'message', '  \n ', 'is empty'),
+    Case('message over the limit', 'message', 'x' * (LIMIT + 1), 'the limit is 2,000 (AGENTRT_MESSAGE_MAX_CHARS)'),
+    Case('5 MB message', 'message', 'word ' * 1_000_000, '5,000,000 characters long'),
+    Case('message not text', 'message', 42, 'must be text'),
+    Case('empty session id', 'session_id', '', 'is empty'),
+    Case('session id over its column', 'session_id', 's' * 201, 'the limit is 200'),
+    Case('NUL in session id', 'session_id', 'conv\x00', 'U+0000, NUL'),
+    Case('lone surrogate in session id', 'session_id', 'conv\ud800', 'U+D800, a lone surrogate'),
+    Case('argv byte in session id', 'session_id', 'conv\udcff', 'U+DCFF, a lone surrogate'),
+    Case('space in session id', 'session_id', 'my conv', 'U+0020, whitespace'),
+    Case('slash in session id', 'session_id', 'a/b', "U+002F '/'"),
+    Case('session id not text', 'session_id', 7, 'must be text'),
+    Case('empty account', 'account', '', 'is empty'),
+    Case('account over its column', 'account', 'a' * 65, 'the limit is 64'),
+    Case('NUL in account', 'account', 'acme-health\x00', 'U+0000, NUL'),
+    Case('lone surrogate in account', 'account', '\udc80acme', 'U+DC80, a lone surrogate'),
+    Case('quote in account', 'account', "acme' OR '1'='1", 'U+0027'),
+    Case('empty agent', 'agent_instance', '', 'is empty'),
+    Case('agent over its column', 'agent_instance', 'p' * 65, 'the limit is 64'),
+    Case('NUL in agent', 'agent_instance', 'provider-finder\x00', 'U+0000, NUL'),
+    Case('lone surrogate in agent', 'agent_instance', 'finder\ud83d', 'U+D83D, a lone surrogate'),
+]
+CLI_FLAGS = {'session_id': '--session', 'account': '--account', 'agent_instance': '--agent'}
+
+
+@pytest.fixture
+def small_message_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(current_settings(), 'message_max_chars', LIMIT)
+
+
+class _NeverCalled:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def respond(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        self.calls += 1
+        return ModelResponse(parts=[TextPart('should not run')])
+
+
+async def _nothing_happened(case: Case) -> None:
+    await get_request_tracker().flush()
+    assert await scalar('SELECT count(*) FROM llm_requests') == 0, f'{case.id}: a ledger row'
+    assert await scalar('SELECT count(*) FROM conversations') == 0, f'{case.id}: a conversation was saved'
+    assert await scalar('SELECT count(*) FROM conversation_entries') == 0, f'{case.id}: entries were saved'
+
+
+@pytest.mark.parametrize('path', ['simple_chat', 'simple_chat_stream'])
+async def test_bad_input_is_refused_before_anything_runs(demo_data: None, small_message_limit: None, path: str) -> None:
+    model = _NeverCalled()
+    for case in CASES:
+        kwargs: dict = {**GOOD, case.field: case.value}
+        message = kwargs.pop('message')
+        with pytest.raises(InvalidInputError) as info:
+            if path == 'simple_chat':
+                await simple_chat(message, model=FunctionModel(model.respond), **kwargs)
+            else:
+                # Refused when called, before the stream is iterated: no half-open turn to clean up.
+                simple_chat_stream(message, model=FunctionModel(model.respond), **kwargs)
+        assert info.value.field == case.field, case.id
+        assert case.reason in str(info.value), (case.id, str(info.value))
+        assert model.calls == 0, case.id
+        await _nothing_happened(case)
+
+
+async def test_bad_input_through_the_cli_is_a_clear_error(
+    demo_data: None, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {'DATABASE_URL': database_url, 'AGENTRT_MESSAGE_MAX_CHARS': str(LIMIT)}
+    for case in CASES:
+        if not isinstance(case.value, str):
+            continue  # a command line only carries text
+        args = ['chat', GOOD['message'], '--delay', '0', '--session', GOOD['session_id']]
+        if case.field == 'message':
+            args[1] = case.value
+        else:
+            args += [CLI_FLAGS[case.field], case.value]
+        result = await invoke(*args, env=env)
+        assert result.exit_code != 0, case.id
+        assert 'error:' in result.stderr and case.reason in result.stderr, (case.id, result.stderr)
+        assert 'Traceback' not in result.stdout + result.stderr, case.id
+        assert 'model demo' not in result.stdout, case.id
+        await _nothing_happened(case)
+
+
+async def test_a_bad_line_in_an_interactive_chat_is_reported_and_the_chat_goes_on(
+    demo_data: None, database_url: str
+) -> None:
+    env = {'DATABASE_URL': database_url, 'AGENTRT_MESSAGE_MAX_CHARS': str(LIMIT)}
+    lines = '\n'.join(['x' * (LIMIT + 1), 'organic berries in Fresno', 'exit'])
+    result = await invoke(
+        'chat', '--delay', '0', '--account', 'green-grocer', '--session', 'inter', input=lines, env=env
+    )
+    assert result.exit_code == 0, result.stderr
+    assert '2,001 characters long; the limit is 2,000' in result.stderr
+    assert result.stdout.count('model demo') == 1, 'the good line ran'
+    assert await scalar("SELECT count(*) FROM llm_requests WHERE chat_session_id = 'inter'") == 3

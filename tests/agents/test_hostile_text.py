@@ -1,0 +1,97 @@
+"""Text PostgreSQL cannot store (NUL, lone surrogates) in every position of a turn: the turn runs, is saved with
+U+FFFD in their place, and every request sent keeps its ledger row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.ledger import get_request_tracker
+from agentrt.tools.dependencies import SessionDependencies
+from tests.agents.conftest import account_id
+from tests.factories import content_rows, ledger_rows
+
+HOSTILE = 'nul\x00 lone\ud800 escaped\udcff end'
+STORED = 'nul\ufffd lone\ufffd escaped\ufffd end'
+
+_tools = FunctionToolset[SessionDependencies]()
+
+
+@_tools.tool_plain
+def read_blob() -> str:
+    """A tool whose result holds text PostgreSQL cannot store."""
+    return f'blob: {HOSTILE}'
+
+
+def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Ask for `read_blob` once, then answer with hostile text of the model's own."""
+    if not any(isinstance(p, ToolReturnPart) for m in messages[-1:] for p in m.parts):
+        return ModelResponse(parts=[ToolCallPart('read_blob', {}, tool_call_id='blob-1')])
+    return ModelResponse(parts=[TextPart(f'answer: {HOSTILE}')])
+
+
+async def _stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+    response = _respond(messages, info)
+    for part in response.parts:
+        if isinstance(part, TextPart):
+            yield part.content
+        elif isinstance(part, ToolCallPart):
+            yield {0: DeltaToolCall(part.tool_name, '{}', tool_call_id=part.tool_call_id)}
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_hostile_text_everywhere_is_saved_replaced_and_every_request_keeps_its_row(
+    demo_data: None, streamed: bool
+) -> None:
+    model = FunctionModel(_respond, stream_function=_stream, model_name='gpt-4o-mini')
+    kwargs = dict(session_id='hostile', account='acme-health', model=model, toolsets=[_tools])
+    result: ChatResult | None
+    if streamed:
+        async with simple_chat_stream(f'question: {HOSTILE}', **kwargs) as stream:  # type: ignore[arg-type]
+            text = ''.join([delta async for delta in stream])
+        result = stream.result
+        assert text == f'answer: {HOSTILE}'
+    else:
+        result = await simple_chat(f'question: {HOSTILE}', **kwargs)  # type: ignore[arg-type]
+    assert result is not None and result.usage.requests == 2
+
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id='hostile')
+    assert [row['status'] for row in rows] == ['complete', 'complete'], 'one row per request sent'
+    prompts = [c['body'] for row in rows for c in await content_rows(row['id']) if c['kind'] == 'prompt']
+    assert len(prompts) == 2
+    sent = json.loads(prompts[1])['messages']
+    # The user's message was normalised at the boundary: the model and the ledger saw what the store keeps.
+    assert sent[0]['parts'][0]['content'] == f'question: {STORED}'
+    # The tool's result went to the model as it was; the ledger keeps it (escaped in JSON, decoded here).
+    assert sent[-1]['parts'][0]['content'] == f'blob: {HOSTILE}'
+
+    store = PostgresConversationStore(await account_id('acme-health'))
+    conversation = await store.load('hostile')
+    assert conversation is not None and len(conversation.messages) == 4
+    first = conversation.messages[0]
+    assert isinstance(first, ModelRequest) and isinstance(first.parts[0], UserPromptPart)
+    assert first.parts[0].content == f'question: {STORED}'
+    returned = conversation.messages[2].parts[0]
+    assert isinstance(returned, ToolReturnPart) and returned.content == f'blob: {STORED}'
+    answer = conversation.messages[3].parts[0]
+    assert isinstance(answer, TextPart) and answer.content == f'answer: {STORED}'
+
+
+async def test_a_failed_request_with_hostile_error_text_keeps_its_row(demo_data: None) -> None:
+    def fail(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise RuntimeError(f'provider said: {HOSTILE}')
+
+    with pytest.raises(RuntimeError):
+        await simple_chat('hello', session_id='hostile-error', account='acme-health', model=FunctionModel(fail))
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id='hostile-error')
+    assert [row['status'] for row in rows] == ['error']
+    assert rows[0]['error_message'] == f'provider said: {STORED}'

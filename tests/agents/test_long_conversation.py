@@ -1,0 +1,92 @@
+"""Long conversations: 100 turns on one conversation with the demo model, plain and streamed. Every turn succeeds,
+the record keeps every message, and every request sent (the last turn's included) is within the context budget,
+with older turns folded into a summary and no tool call separated from its result."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic_ai import ModelMessagesTypeAdapter
+from pydantic_ai.messages import BaseToolCallPart, BaseToolReturnPart, ModelRequest, SystemPromptPart, UserPromptPart
+
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.engine import current_settings
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore, estimate_tokens
+from agentrt.services.conversations._context import SUMMARY_PREFIX
+from agentrt.services.ledger import get_request_tracker
+from tests.agents.conftest import account_id
+from tests.factories import scalar
+
+TURNS = 100
+QUESTIONS = [
+    'Find me cardiologists in Seattle who accept Medicare',
+    'Dermatologists in Boston accepting new patients',
+    'Pediatricians in Denver who speak Spanish',
+    'Neurologists in Austin who accept Aetna',
+]
+BUDGET = 3_000  # a demo turn is about 1,100 estimated tokens: from turn 3 on, older turns are folded
+
+
+@pytest.fixture
+def small_budget(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(current_settings(), 'context_max_tokens', BUDGET)
+    monkeypatch.setattr(current_settings(), 'message_max_chars', 2_000)
+    return BUDGET
+
+
+async def _turn(question: str, streamed: bool) -> ChatResult:
+    if not streamed:
+        return await simple_chat(question, session_id='long', account='acme-health')
+    async with simple_chat_stream(question, session_id='long', account='acme-health') as stream:
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_hundred_turns_succeed_and_every_request_stays_within_the_budget(
+    demo_data: None, small_budget: int, streamed: bool
+) -> None:
+    for turn in range(TURNS):
+        result = await _turn(QUESTIONS[turn % len(QUESTIONS)], streamed)
+        assert result.output.startswith('I found'), (turn, result.output)
+        assert result.usage.requests == 3, 'the per-turn limits count this turn only'
+    assert result.conversation_usage.requests == 3 * TURNS
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+
+    conversation = await PostgresConversationStore(await account_id('acme-health')).load('long')
+    assert conversation is not None and len(conversation.messages) == 6 * TURNS, 'the record keeps every message'
+    assert conversation.usage.requests == 3 * TURNS
+
+    rows = await scalar(
+        "SELECT json_agg(json_build_object('body', c.body, 'input_tokens', r.input_tokens) ORDER BY r.started_at) "
+        "FROM llm_requests r JOIN llm_request_contents c ON c.request_id = r.id AND c.kind = 'prompt' "
+        "WHERE r.chat_session_id = 'long'"
+    )
+    assert len(rows) == 3 * TURNS
+    sent = [ModelMessagesTypeAdapter.validate_python(json.loads(row['body'])['messages']) for row in rows]
+    sizes = [estimate_tokens(messages) for messages in sent]
+    assert max(sizes) <= small_budget, 'every request within the budget'
+    assert max(row['input_tokens'] for row in rows[-3:]) <= small_budget, "the model's own count agrees"
+    assert max(sizes[-30:]) <= 1.3 * min(sizes[30:60]) + 500, 'flat: turn 100 sends about what turn 15 sent'
+    for messages in sent:
+        _assert_calls_have_results(messages)
+    last = sent[-1]
+    summary = last[0]
+    assert isinstance(summary, ModelRequest) and isinstance(summary.parts[0], SystemPromptPart)
+    assert summary.parts[0].content.startswith(SUMMARY_PREFIX)
+    assert 'Topic: Find me cardiologists in Seattle who accept Medicare' in summary.parts[0].content
+    prompts = [p.content for m in last for p in m.parts if isinstance(p, UserPromptPart)]
+    assert 1 <= len(prompts) < 5 and prompts[-1] == QUESTIONS[(TURNS - 1) % len(QUESTIONS)]
+
+
+def _assert_calls_have_results(messages: list[Any]) -> None:
+    """A request never carries a tool call without its result, nor a result without its call."""
+    calls = {p.tool_call_id for m in messages for p in m.parts if isinstance(p, BaseToolCallPart)}
+    returns = {p.tool_call_id for m in messages for p in m.parts if isinstance(p, BaseToolReturnPart)}
+    assert calls == returns, calls ^ returns

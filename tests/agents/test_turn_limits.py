@@ -1,0 +1,122 @@
+"""Usage limits apply to one turn: a conversation outlives them, a turn that reaches one stops with the documented
+error, sends nothing past a request or tool-call limit, and saves nothing; undocumented pydantic-ai errors are
+mapped."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic_ai import ModelResponse, ToolCallPart
+from pydantic_ai.exceptions import UnexpectedModelBehavior, UsageLimitExceeded
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.usage import UsageLimits
+
+from agentrt.agents.errors import ModelBehaviorError, TurnLimitExceededError
+from agentrt.agents.run_errors import documented_error
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.agents.turn_limits import turn_usage_limits
+from agentrt.db.engine import current_settings
+from agentrt.db.settings import Settings
+from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.ledger import get_request_tracker
+from tests.agents.conftest import account_id
+from tests.factories import ledger_rows, scalar
+
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'  # the demo plays 3 requests, 7 tool calls
+
+
+async def _turn(message: str, session_id: str, streamed: bool, **kwargs: object) -> ChatResult:
+    if not streamed:
+        return await simple_chat(message, session_id=session_id, account='acme-health', **kwargs)  # type: ignore[arg-type]
+    async with simple_chat_stream(message, session_id=session_id, account='acme-health', **kwargs) as stream:  # type: ignore[arg-type]
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+def test_defaults_and_settings() -> None:
+    limits = turn_usage_limits(Settings(_env_file=None))
+    assert (limits.request_limit, limits.tool_calls_limit, limits.total_tokens_limit) == (20, 60, 400_000)
+    mine = turn_usage_limits(Settings(_env_file=None, turn_request_limit=3, turn_tool_calls_limit=0))
+    assert mine.request_limit == 3 and mine.tool_calls_limit == 0
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_limits_count_one_turn_and_the_conversation_keeps_its_lifetime_usage(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # Exactly one turn's worth: with pydantic-ai's conversation-wide counting the second turn would be refused.
+    monkeypatch.setattr(current_settings(), 'turn_request_limit', 3)
+    monkeypatch.setattr(current_settings(), 'turn_tool_calls_limit', 7)
+    for turn in range(1, 5):
+        result = await _turn(QUESTION, 'lifetime', streamed)
+        assert result.usage.requests == 3 and result.usage.tool_calls == 7
+        assert result.conversation_usage.requests == 3 * turn
+        assert result.conversation_usage.tool_calls == 7 * turn
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('lifetime')
+    assert stored is not None and stored.usage.requests == 12 and stored.usage.tool_calls == 28
+    assert stored.usage.input_tokens == result.conversation_usage.input_tokens > result.usage.input_tokens
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+@pytest.mark.parametrize(
+    ('setting', 'value', 'sent', 'names'),
+    [
+        ('turn_request_limit', 2, 2, 'AGENTRT_TURN_REQUEST_LIMIT'),  # the third request is never sent
+        ('turn_tool_calls_limit', 3, 1, 'AGENTRT_TURN_TOOL_CALLS_LIMIT'),  # four searches asked: none runs
+        ('turn_total_tokens_limit', 60, 1, 'AGENTRT_TURN_TOTAL_TOKENS_LIMIT'),  # counted on the first response
+    ],
+)
+async def test_a_turn_over_a_limit_stops_sends_nothing_more_and_saves_nothing(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool, setting: str, value: int, sent: int, names: str
+) -> None:
+    monkeypatch.setattr(current_settings(), setting, value)
+    with pytest.raises(TurnLimitExceededError, match=names) as info:
+        await _turn(QUESTION, 'limited', streamed)
+    assert 'not saved' in str(info.value)
+    assert isinstance(info.value.__cause__, UsageLimitExceeded)
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id='limited')
+    assert len(rows) == sent, 'the ledger has every request that was sent, and only those'
+    assert await scalar('SELECT count(*) FROM conversation_entries') == 0, 'nothing saved'
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0, 'the conversation was released'
+
+
+def _always_bad_args(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    return ModelResponse(parts=[ToolCallPart('get_directory_entry', {'entry_id': -1})])
+
+
+async def _always_bad_args_stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[DeltaToolCalls]:
+    yield {0: DeltaToolCall('get_directory_entry', '{"entry_id": -1}')}
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_model_that_never_gets_a_tool_right_is_a_model_behavior_error(demo_data: None, streamed: bool) -> None:
+    model = FunctionModel(_always_bad_args, stream_function=_always_bad_args_stream)
+    with pytest.raises(ModelBehaviorError, match='did not produce a usable answer') as info:
+        await _turn('entry -1 please', 'retries', streamed, model=model)
+    assert isinstance(info.value.__cause__, UnexpectedModelBehavior)
+    await get_request_tracker().flush()
+    assert len(await ledger_rows(chat_session_id='retries')) >= 2, 'the retries were sent and billed'
+    assert await scalar('SELECT count(*) FROM conversations') == 0
+
+
+def test_documented_error_maps_only_what_it_documents() -> None:
+    limit = documented_error(UsageLimitExceeded('The next request would exceed the request_limit of 20'))
+    assert isinstance(limit, TurnLimitExceededError) and 'AGENTRT_TURN_REQUEST_LIMIT' in str(limit)
+    behavior = documented_error(UnexpectedModelBehavior('Exceeded maximum retries', body='{"x": 1}'))
+    assert isinstance(behavior, ModelBehaviorError) and json.loads(behavior.body or '') == {'x': 1}
+    assert documented_error(ConcurrentTurnError('c')) is None, 'already documented: passes through'
+    assert documented_error(ValueError('a bug')) is None
+    custom = documented_error(UsageLimitExceeded('Exceeded the input_tokens_limit of 5 (input_tokens=9)'))
+    assert isinstance(custom, TurnLimitExceededError) and 'AGENTRT_' not in str(custom)
+
+
+async def test_explicit_usage_limits_replace_the_settings_for_one_turn(demo_data: None) -> None:
+    with pytest.raises(TurnLimitExceededError):
+        await simple_chat(QUESTION, session_id='own', account='acme-health', usage_limits=UsageLimits(request_limit=1))
+    assert (await simple_chat(QUESTION, session_id='own', account='acme-health')).usage.requests == 3

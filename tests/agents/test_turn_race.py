@@ -1,0 +1,150 @@
+"""Turns racing on one conversation: one turn at a time. The first to claim it runs and saves; the others are
+refused before any model request (`ConcurrentTurnError`, stage 'start'); a turn that loses its conversation while
+running stops before its next model request (stage 'request'). The ledger shows how far each got."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.engine import pool_status
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.ledger import get_request_tracker
+from agentrt.tools.dependencies import SessionDependencies
+from tests.agents.conftest import account_id
+from tests.factories import ledger_rows, scalar
+
+TURNS = 20
+QUESTIONS = ['Find me cardiologists in Seattle who accept Medicare', 'Pediatricians in Denver who speak Spanish']
+
+
+async def _turn(message: str, session_id: str, streamed: bool, **kwargs: object) -> ChatResult:
+    if not streamed:
+        return await simple_chat(message, session_id=session_id, account='acme-health', **kwargs)  # type: ignore[arg-type]
+    async with simple_chat_stream(message, session_id=session_id, account='acme-health', **kwargs) as stream:  # type: ignore[arg-type]
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_twenty_turns_at_once_one_runs_and_the_others_are_refused_before_any_request(
+    demo_data: None, streamed: bool
+) -> None:
+    first = await _turn('Dermatologists in Boston', 'crowd', streamed)
+    outcomes = await asyncio.gather(
+        *(_turn(QUESTIONS[i % 2], 'crowd', streamed) for i in range(TURNS)), return_exceptions=True
+    )
+    saved = [o for o in outcomes if isinstance(o, ChatResult)]
+    lost = [o for o in outcomes if not isinstance(o, ChatResult)]
+    assert len(saved) == 1 and len(lost) == TURNS - 1, outcomes
+    assert all(isinstance(o, ConcurrentTurnError) and o.stage == 'start' for o in lost), lost
+    assert 'another turn is running' in str(lost[0]) and 'sent nothing' in str(lost[0])
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    per_run = Counter(row['run_id'] for row in await ledger_rows(chat_session_id='crowd'))
+    assert per_run == {first.run_id: first.usage.requests, saved[0].run_id: 3}, 'the losers sent nothing'
+    conversation = await PostgresConversationStore(await account_id('acme-health')).load('crowd')
+    assert conversation is not None and len(conversation.messages) == 12
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0, 'every claim was released'
+    assert pool_status().checked_out == 0
+
+
+def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Request 1 calls `wait_turn`; request 2 answers."""
+    if any(isinstance(p, ToolReturnPart) for p in messages[-1].parts):
+        return ModelResponse(parts=[TextPart('done')])
+    return ModelResponse(parts=[ToolCallPart('wait_turn', {}, tool_call_id='wait-1')])
+
+
+async def _stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+    for part in _respond(messages, info).parts:
+        if isinstance(part, TextPart):
+            yield part.content
+        else:
+            yield {0: DeltaToolCall('wait_turn', '{}', tool_call_id='wait-1')}
+
+
+def _gated(started: asyncio.Event, gate: asyncio.Event) -> FunctionToolset[SessionDependencies]:
+    toolset = FunctionToolset[SessionDependencies]()
+
+    @toolset.tool_plain
+    async def wait_turn() -> str:
+        """Hold the turn between its two model requests until the test lets it go."""
+        started.set()
+        await gate.wait()
+        return 'go'
+
+    return toolset
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
+    demo_data: None, streamed: bool
+) -> None:
+    model = FunctionModel(_respond, stream_function=_stream)
+    started, gate = asyncio.Event(), asyncio.Event()
+    slow = asyncio.create_task(_turn('slow', 'moved', streamed, model=model, toolsets=[_gated(started, gate)]))
+    await started.wait()  # request 1 sent; the turn sits in its tool
+    # Its claim expires (as if its process had hung past the lease): another turn takes the conversation over.
+    await scalar("UPDATE conversation_turns SET expires_at = now() - interval '1 second' RETURNING 1")
+    go = asyncio.Event()
+    go.set()
+    other = await _turn('quick', 'moved', streamed, model=model, toolsets=[_gated(asyncio.Event(), go)])
+    gate.set()
+    with pytest.raises(ConcurrentTurnError) as info:
+        await slow
+    assert info.value.stage == 'request' and info.value.stopped_early
+    assert 'stopped before its next model request' in str(info.value)
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id='moved')
+    per_run = Counter(row['run_id'] for row in rows)
+    assert per_run.pop(other.run_id) == 2
+    assert list(per_run.values()) == [1], 'the slow turn sent request 1 only'
+    conversation = await PostgresConversationStore(await account_id('acme-health')).load('moved')
+    assert conversation is not None and [m.parts[0].content for m in conversation.messages[:1]] == ['quick']
+    assert len(conversation.messages) == 4
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def test_a_live_claim_of_another_process_refuses_the_turn_and_an_expired_one_is_taken_over(
+    demo_data: None,
+) -> None:
+    account = await account_id('acme-health')
+    claim = (
+        'INSERT INTO conversation_turns (account_id, conversation_id, claim_id, expires_at) '
+        "VALUES (:a, 'held', 'other-process', now() + interval '1 minute') RETURNING 1"
+    )
+    await scalar(claim, a=account)
+    with pytest.raises(ConcurrentTurnError, match='another turn is running'):
+        await simple_chat(QUESTIONS[0], session_id='held', account='acme-health')
+    await get_request_tracker().flush()
+    assert await ledger_rows(chat_session_id='held') == []
+    await scalar("UPDATE conversation_turns SET expires_at = now() - interval '1 second' RETURNING 1")
+    result = await simple_chat(QUESTIONS[0], session_id='held', account='acme-health')
+    assert result.output.startswith('I found')
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def test_a_failed_or_abandoned_turn_releases_the_conversation(demo_data: None) -> None:
+    def fail(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise RuntimeError('model down')
+
+    with pytest.raises(RuntimeError):
+        await simple_chat('hello', session_id='released', account='acme-health', model=FunctionModel(fail))
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    async with simple_chat_stream(QUESTIONS[1], session_id='released', account='acme-health') as stream:
+        async for _ in stream:
+            break  # the consumer walks away mid-answer
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    result = await simple_chat(QUESTIONS[0], session_id='released', account='acme-health')
+    assert result.output.startswith('I found')

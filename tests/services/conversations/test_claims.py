@@ -1,0 +1,84 @@
+"""`conversation_claim`: one turn at a time per conversation, a lease renewed while the turn runs, released at the
+end however it ends, taken over once a crashed turn's lease has expired."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session
+from agentrt.services.conversations import ConcurrentTurnError, conversation_claim
+from tests.factories import scalar
+
+
+@pytest.fixture
+async def account() -> int:
+    row = Account(slug='claims', name='Claims')
+    async with get_db_session() as session:
+        session.add(row)
+        await session.flush()
+        return row.id
+
+
+async def _expires_in(account: int, conversation_id: str) -> float:
+    return await scalar(
+        'SELECT extract(epoch FROM expires_at - now()) FROM conversation_turns '
+        'WHERE account_id = :a AND conversation_id = :c',
+        a=account,
+        c=conversation_id,
+    )
+
+
+async def test_a_second_claim_is_refused_until_the_first_is_released(account: int) -> None:
+    async with conversation_claim(account, 'c1', lease_s=60) as claim:
+        assert 59 < await _expires_in(account, 'c1') <= 60
+        with pytest.raises(ConcurrentTurnError) as info:
+            async with conversation_claim(account, 'c1', lease_s=60):
+                pass
+        assert info.value.stage == 'start' and info.value.stopped_early
+        async with conversation_claim(account, 'c2', lease_s=60):  # another conversation is free
+            pass
+        assert not claim.lost
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    async with conversation_claim(account, 'c1', lease_s=60):
+        pass
+
+
+async def test_the_claim_is_released_when_the_turn_fails_or_is_cancelled(account: int) -> None:
+    with pytest.raises(RuntimeError):
+        async with conversation_claim(account, 'c', lease_s=60):
+            raise RuntimeError('the turn failed')
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+    inside = asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'c', lease_s=60):
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(turn())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def test_an_expired_claim_is_taken_over_and_its_holder_learns_it_lost(account: int) -> None:
+    async with conversation_claim(account, 'c', lease_s=60) as crashed:
+        await scalar("UPDATE conversation_turns SET expires_at = now() - interval '1 second' RETURNING 1")
+        async with conversation_claim(account, 'c', lease_s=60) as successor:
+            assert await crashed.renew() is False and crashed.lost
+            assert await successor.renew() is True and not successor.lost
+        # The successor released its claim; the one that lost never deletes another turn's claim.
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def test_a_running_turn_renews_its_lease(account: int) -> None:
+    async with conversation_claim(account, 'c', lease_s=0.6) as claim:
+        await asyncio.sleep(0.5)  # past a third of the lease: renewed at least once
+        assert await _expires_in(account, 'c') > 0.2
+        assert not claim.lost

@@ -1,0 +1,19 @@
+"""Text PostgreSQL cannot store: NUL and lone surrogates become U+FFFD, everything else is left as it is."""
+
+from __future__ import annotations
+
+from agentrt.services.pg_text import storable, storable_text
+
+
+def test_storable_text_replaces_only_nul_and_lone_surrogates() -> None:
+    assert storable_text('plain é 中 \U0001f600') == 'plain é 中 \U0001f600'
+    assert storable_text('a\x00b\ud800c\udfffd') == 'a\ufffdb\ufffdc\ufffdd'
+    assert storable_text('\x01\x7f\u2028') == '\x01\x7f\u2028', 'other control characters are storable'
+    ordinary = 'x' * 10_000
+    assert storable_text(ordinary) is ordinary, 'no copy when there is nothing to replace'
+
+
+def test_storable_walks_json_values_keys_included() -> None:
+    value = {'k\x00': ['v\udc80', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ('x\x00',)}
+    assert storable(value) == {'k\ufffd': ['v\ufffd', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ['x\ufffd']}
+    storable_text(str(storable(value))).encode('utf-8')
