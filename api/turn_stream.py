@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from pydantic_ai import Agent
 from pydantic_ai.messages import AgentStreamEvent
 from pydantic_ai.models import Model
@@ -52,7 +53,11 @@ def chat_config(request: Request) -> ChatConfig:
 
 
 class TurnStreamingResponse(StreamingResponse):
-    """A streaming response that closes the turn (its claim on the conversation) when the response is over."""
+    """A streaming response that closes the turn (its claim on the conversation) by the time the response is over.
+
+    The run closes it first, when it ends (`_run`); this is for a response whose stream never started (the client
+    left before the first byte), whose generator has no `finally` to run. Closing twice is harmless.
+    """
 
     def __init__(
         self,
@@ -90,24 +95,35 @@ async def stream_turn(
         await stack.aclose()
         raise
     protocol = adapter.build_event_stream()
-    events = adapter.transform_stream(_run(turn, turn_input))
+    events = adapter.transform_stream(_run(turn, turn_input, stack))
     return TurnStreamingResponse(
         adapter.encode_stream(events), stack, headers=protocol.response_headers, media_type=protocol.content_type
     )
 
 
-async def _run(turn: Turn, turn_input: TurnInput) -> AsyncIterator[NativeEvent]:
-    """The run's events; the turn is saved before its result event goes on, as `simple_chat_stream` saves it."""
-    with documented_errors():
-        async with turn.agent.run_stream_events(
-            turn_input.message,
-            deps=turn.deps,
-            conversation=turn.conversation,
-            model=turn.model,
-            usage_limits=turn.usage_limits,
-            capabilities=turn.capabilities,
-        ) as events:
-            async for event in events:
-                if isinstance(event, AgentRunResultEvent):
-                    await finish_turn(turn, event.result)
-                yield event
+async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> AsyncIterator[NativeEvent]:
+    """The run's events; the turn is saved before its result event goes on, as `simple_chat_stream` saves it.
+
+    The turn is closed (its claim released) as soon as the run is over, before the protocol's last events are sent:
+    a client that sends its next message the moment this stream ends must find the conversation free. The
+    response closes it too, for a stream that never started.
+    """
+    try:
+        with documented_errors():
+            async with turn.agent.run_stream_events(
+                turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                capabilities=turn.capabilities,
+            ) as events:
+                async for event in events:
+                    if isinstance(event, AgentRunResultEvent):
+                        await finish_turn(turn, event.result)
+                    yield event
+    finally:
+        # Shielded: on a disconnect Starlette cancels this stream's task group, whose (anyio) cancellation would
+        # interrupt every await of the clean-up and leave the claim to expire by itself.
+        with anyio.CancelScope(shield=True):
+            await close.aclose()

@@ -121,16 +121,20 @@ async def _claimed() -> bool:
         return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
 
 
-async def test_a_conversation_goes_on_past_the_old_lifetime_request_limit(
-    keys: Keys, client: httpx2.AsyncClient
+async def test_a_conversation_goes_on_turn_after_turn_past_the_old_lifetime_request_limit(
+    keys: Keys, live_url: str
 ) -> None:
-    # 17 turns of 3 requests: 51 requests, past pydantic-ai's default request_limit of 50, which the adapter's own
-    # conversation handling would apply to the conversation's lifetime usage; the limits here are per turn.
-    for n in range(17):
-        response = await client.post(
-            '/api/v1/chat', json=chat_body('long', f'Cardiologists in Seattle {n}', f'm{n}'), headers=auth(keys.acme)
-        )
-        assert response.status_code == 200 and '"type":"error"' not in response.text, (n, response.text[-300:])
+    # 17 turns of 3 requests, each sent the moment the last one's stream ended: 51 requests, past pydantic-ai's
+    # default request_limit of 50 (which the adapters' own conversation handling applies to the conversation's
+    # lifetime usage; the limits here are per turn), and never refused because the last turn still held the
+    # conversation (its claim is released before the stream's last events go out).
+    async with httpx2.AsyncClient(base_url=live_url, timeout=30) as client:
+        for n in range(17):
+            status, events = await stream_chat(
+                client, keys.acme, chat_body('long', f'Cardiologists in Seattle {n}', f'm{n}')
+            )
+            assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error'), (n, status, events[-3:])
+            assert not await _claimed()  # free by the time the stream has ended
     stored = await PostgresConversationStore(await account_id('acme-health')).load('long')
     assert stored is not None and stored.usage.requests == 51
 
