@@ -28,6 +28,8 @@ from agentrt.services import demo_data as vocab
 
 DEMO_MODEL_NAME = 'demo'
 SCHEMAS_LINE = 'Directories you can search:'
+NO_SCHEMAS = 'none configured'
+"""What the schemas line says for an account without a directory."""
 TOP_DETAILS = 3
 
 # (stem to look for in the lower-cased message, canonical value); first match wins, so specific stems go first.
@@ -116,7 +118,8 @@ def _keywords(message: str) -> str | None:
 
 def _schemas_from(info: AgentInfo) -> list[str]:
     match = re.search(rf'{re.escape(SCHEMAS_LINE)}\s*([^\n.]+)', info.instructions or '')
-    return [s.strip() for s in match.group(1).split(',') if s.strip()] if match else []
+    names = [s.strip() for s in match.group(1).split(',') if s.strip()] if match else []
+    return [] if names == [NO_SCHEMAS] else names
 
 
 # --- the script -------------------------------------------------------------------------------------------------

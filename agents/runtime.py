@@ -34,15 +34,21 @@ def configure_observability() -> None:
     _configured = True
 
 
-async def shutdown_runtime(timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a budget for draining, not a wait
+async def shutdown_runtime(
+    timeout: float = 10.0,  # noqa: ASYNC109 - a budget for draining, not a wait
+    *,
+    release_embedded_server: bool = False,
+) -> None:
     """Finish background work, flush the ledger, and close the pool; call it once before the event loop ends.
 
     Args:
         timeout: seconds to let background tasks finish before they are cancelled.
+        release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
+            for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
     """
     await drain_supervisor(timeout)
     await get_request_tracker().aclose()
-    await close_database()
+    await close_database(release_embedded_server=release_embedded_server)
 
 
 @asynccontextmanager

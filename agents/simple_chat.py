@@ -29,7 +29,7 @@ from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
-from agentrt.agents.demo_model import SCHEMAS_LINE
+from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
 from agentrt.services.ledger import ledger_capability
@@ -43,6 +43,7 @@ __all__ = [
     'Instruction',
     'ToolEvent',
     'create_simple_chat_agent',
+    'default_chat_agent',
     'load_dependencies',
     'simple_chat',
     'simple_chat_stream',
@@ -95,7 +96,7 @@ def create_simple_chat_agent(
 
     @agent.instructions
     def _tenant(ctx: RunContext[SessionDependencies]) -> str:
-        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or 'none configured'
+        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or NO_SCHEMAS
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent
@@ -104,7 +105,8 @@ def create_simple_chat_agent(
 _agent: Agent[SessionDependencies, str] | None = None
 
 
-def _default_agent() -> Agent[SessionDependencies, str]:
+def default_chat_agent() -> Agent[SessionDependencies, str]:
+    """The agent `simple_chat` runs when given none (built once per process): the HTTP API serves the same one."""
     global _agent
     if _agent is None:
         _agent = create_simple_chat_agent()
@@ -153,7 +155,7 @@ async def simple_chat(
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
     with documented_errors():
-        async with open_turn(agent or _default_agent(), turn_input, model, usage_limits=usage_limits) as turn:
+        async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
             with documented_errors(turn.model.model_name):  # a provider error names the model asked for
                 result = await turn.agent.run(
                     turn_input.message,
@@ -249,7 +251,7 @@ def simple_chat_stream(
 async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
     with documented_errors():
         async with open_turn(
-            request.agent or _default_agent(),
+            request.agent or default_chat_agent(),
             request.turn_input,
             request.model,
             usage_limits=request.usage_limits,

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
-from agentrt.db.embedded import EmbeddedServer, start_embedded
+from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.failures import connection_problem, pooler_error, unavailable_error
 from agentrt.db.settings import Settings, get_settings
@@ -93,12 +93,19 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
         return engine
 
 
-async def close_database() -> None:
-    """Dispose of the engine and its pool. Safe to call when not initialised."""
+async def close_database(*, release_embedded_server: bool = False) -> None:
+    """Dispose of the engine and its pool. Safe to call when not initialised.
+
+    Args:
+        release_embedded_server: also give up this process's hold on the embedded server (stopping it if no other
+            process uses it), as process exit would; for processes that may end by a signal (`release_embedded`).
+    """
     global _runtime
     runtime, _runtime = _runtime, None
     if runtime is not None:
         await runtime.engine.dispose()
+        if release_embedded_server and runtime.embedded is not None:
+            await asyncio.to_thread(release_embedded, runtime.embedded.data_dir)
 
 
 def build_engine(url: URL, settings: Settings) -> AsyncEngine:

@@ -143,6 +143,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    # The HTTP API (agentrt.api, `agentrt serve`).
+    api_key_cache_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_API_KEY_CACHE_SECONDS', 'api_key_cache_seconds'),
+        description='seconds a server process trusts a checked API key before reading it again (0: every request); '
+        'a revoked key stops working within this time',
+    )
+    http_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
+        description='largest HTTP request body accepted (413 beyond it)',
+    )
+
     @field_validator('database_url')
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

@@ -2,8 +2,10 @@
 
 Builds the wheel, checks that it holds every module of the layer folders under `agentrt/` (and nothing at the top
 level but `agentrt`), installs it with `openai-agents` (which owns the top-level `agents` package) into a fresh
-virtual environment, then, from a directory outside the repository: imports both, imports every `agentrt` module,
-reads the packaged migrations, and runs `agentrt --help`. Any failure prints what went wrong and exits 1.
+virtual environment, then, from a directory outside the repository: imports both, imports every `agentrt` module but
+the HTTP API's, reads the packaged migrations, runs `agentrt --help`, and checks that `agentrt serve` without the
+`http` extra says how to install it. Then it adds the `http` and `agui` extras and imports the HTTP API's modules.
+Any failure prints what went wrong and exits 1.
 
 Slow (a virtual environment and two installs), so `.ci/run` runs it as its own step, not in the test suite.
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run inside the fresh environment, from a directory with no `agents/` or `db/` folders in it.
 IMPORT_CHECK = textwrap.dedent("""
-    import importlib, pkgutil
+    import importlib, pkgutil, sys
     import agents, agentrt
     from agentrt.db.migrate import head_revision
 
@@ -36,10 +38,12 @@ IMPORT_CHECK = textwrap.dedent("""
     # Not imported: alembic's env (it runs migrations when imported) and `__main__` modules (they run the CLI).
     skip = ('agentrt.db.migrations.env', '.__main__')
     names = [m.name for m in pkgutil.walk_packages(agentrt.__path__, 'agentrt.') if not m.name.endswith(skip)]
+    http = sys.argv[1] == 'http'
+    names = [name for name in names if name.startswith('agentrt.api.') == http]  # the HTTP API needs its extra
     for name in names:
         importlib.import_module(name)
     assert head_revision(), 'the packaged migrations have no head revision'
-    print(f'agentrt {agentrt.__version__}: {len(names)} modules import beside the OpenAI Agents SDK')
+    print(f'agentrt {agentrt.__version__}: {len(names)} modules import beside the OpenAI Agents SDK ({sys.argv[1]})')
 """)
 
 
@@ -54,12 +58,18 @@ def main() -> int:
         run(install, 'install the wheel with openai-agents')
         outside = work / 'elsewhere'
         outside.mkdir()
-        imported = run([str(python), '-c', IMPORT_CHECK], 'import agentrt beside the OpenAI Agents SDK', cwd=outside)
+        imported = run(
+            [str(python), '-c', IMPORT_CHECK, 'core'], 'import agentrt beside the OpenAI Agents SDK', cwd=outside
+        )
         print(imported, end='')
         help_text = run([str(python.parent / 'agentrt'), '--help'], 'agentrt --help', cwd=outside)
-        for command in ('chat', 'db', 'audit', 'costs', 'ledger'):
+        for command in ('chat', 'db', 'audit', 'costs', 'ledger', 'keys', 'serve'):
             if command not in help_text:
                 fail(f'`agentrt --help` does not list the {command!r} command:\n{help_text}')
+        check_serve_without_extra(python.parent / 'agentrt', outside)
+        run([str(python), '-m', 'pip', 'install', '-q', f'{wheel}[http,agui]'], 'install the http and agui extras')
+        imported = run([str(python), '-c', IMPORT_CHECK, 'http'], 'import the HTTP API with its extras', cwd=outside)
+        print(imported, end='')
     print('wheel check passed')
     return 0
 
@@ -98,6 +108,15 @@ def check_contents(wheel: Path) -> None:
     if tops != {'agentrt'}:
         fail(f'{wheel.name} installs top-level names other than agentrt: {sorted(tops)}')
     print(f'{wheel.name}: {len(expected)} expected files present, only `agentrt` at the top level')
+
+
+def check_serve_without_extra(agentrt: Path, cwd: Path) -> None:
+    """`agentrt serve` without the http extra: exit 2 with the command that installs it, no traceback."""
+    print('-- agentrt serve without the http extra', flush=True)
+    result = subprocess.run([str(agentrt), 'serve'], capture_output=True, text=True, cwd=cwd, check=False)
+    said = ' '.join(result.stderr.split())  # the console wraps long lines
+    if result.returncode != 2 or "pip install 'agentrt[http]'" not in said or 'Traceback' in result.stderr:
+        fail(f'`agentrt serve` without the http extra: exit {result.returncode}\n{result.stdout}\n{result.stderr}')
 
 
 def make_venv(path: Path) -> Path:

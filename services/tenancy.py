@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -10,7 +12,15 @@ from agentrt.db.models import Account, AgentInstance
 
 
 class UnknownTenantError(AgentRuntimeError):
-    """An account or agent slug that does not exist."""
+    """An account or agent slug that does not exist.
+
+    Attributes:
+        what: `'account'` or `'agent'`: which of the two was not found.
+    """
+
+    def __init__(self, message: str, *, what: Literal['account', 'agent'] = 'account') -> None:
+        super().__init__(message)
+        self.what = what
 
 
 async def get_account(slug: str, *, session: AsyncSession) -> Account:
@@ -39,4 +49,4 @@ async def get_agent_instance(account: Account, slug: str | None, *, session: Asy
         if slug is None or agent.slug == slug:
             return agent
     hint = ', '.join(a.slug for a in agents) or 'none'
-    raise UnknownTenantError(f'unknown agent {slug!r} for account {account.slug!r}; agents: {hint}')
+    raise UnknownTenantError(f'unknown agent {slug!r} for account {account.slug!r}; agents: {hint}', what='agent')

@@ -41,6 +41,7 @@ def test_the_lint_rule_rejects_bare_imports(tmp_path: Path) -> None:
     probe.write_text(
         'import db.session\nfrom agents.simple_chat import simple_chat\nfrom services import tenancy\n'
         'from tools.directory_tools import directory_toolset\nfrom agentrt.db.session import get_db_session\n'
+        'from api.app import create_app\nfrom agentrt.api.app import create_app as factory\n'
     )
     result = subprocess.run(
         [
@@ -61,4 +62,4 @@ def test_the_lint_rule_rejects_bare_imports(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     flagged = [line for line in result.stdout.splitlines() if line.startswith('TID251')]
-    assert [line.split('`')[1] for line in flagged] == ['db', 'agents', 'services', 'tools'], result.stdout
+    assert [line.split('`')[1] for line in flagged] == ['db', 'agents', 'services', 'tools', 'api'], result.stdout

@@ -1,4 +1,4 @@
-"""The `agentrt` command line: `chat`, `db`, `audit`, `costs` and `ledger`, one module each."""
+"""The `agentrt` command line: `chat`, `db`, `audit`, `costs`, `ledger`, `keys` and `serve`, one module each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from agentrt.agents.cli.audit import audit_app
 from agentrt.agents.cli.chat import chat
 from agentrt.agents.cli.costs import costs
 from agentrt.agents.cli.database import db_app
+from agentrt.agents.cli.keys import keys_app
 from agentrt.agents.cli.ledger import ledger_app
+from agentrt.agents.cli.serve import serve
 from agentrt.agents.cli.support import AgentrtGroup, set_debug, setup_logging
 from agentrt.agents.runtime import configure_observability
 
@@ -24,6 +26,8 @@ app.command('chat')(chat)
 app.add_typer(audit_app, name='audit')
 app.command('costs')(costs)
 app.add_typer(ledger_app, name='ledger')
+app.add_typer(keys_app, name='keys')
+app.command('serve')(serve)
 
 
 @app.callback()

@@ -1,5 +1,6 @@
 """ORM models. Importing this package registers every table on `Base.metadata`."""
 
+from agentrt.db.models.api_keys import API_KEY_SCOPES, ApiKey
 from agentrt.db.models.base import Base
 from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow, ConversationTurnRow
 from agentrt.db.models.directory import DirectoryEntry
@@ -8,8 +9,10 @@ from agentrt.db.models.tenancy import Account, AgentInstance
 from agentrt.db.models.usage_rollups import UsageDailyRollup, UsageRolledUpRequest  # noqa: F401 - registers the rollup tables
 
 __all__ = [
+    'API_KEY_SCOPES',
     'Account',
     'AgentInstance',
+    'ApiKey',
     'Base',
     'ConversationEntryRow',
     'ConversationRow',

@@ -4,8 +4,8 @@
 for the whole history) / `save_turn` wrap a chat turn, inside `conversation_claim` (one turn at a time per
 conversation; a race between two turns raises `ConcurrentTurnError`);
 `fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
-post-turn task that keeps a title and a short summary on the conversation row. The modules with a leading
-underscore are internals.
+post-turn task that keeps a title and a short summary on the conversation row; `list_conversations` pages through
+an account's conversations. The modules with a leading underscore are internals.
 """
 
 from agentrt.services.conversations._claims import TurnClaim, conversation_claim
@@ -15,6 +15,7 @@ from agentrt.services.conversations._context import (
     fit_history,
     load_recent_conversation,
 )
+from agentrt.services.conversations._listing import MAX_CONVERSATIONS_PAGE, ConversationSummary, list_conversations
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import (
     SUMMARY_MAX_CHARS,
@@ -30,9 +31,11 @@ from agentrt.services.conversations._titles import (
 from agentrt.services.conversations._turns import ConcurrentTurnError, TurnStage, load_conversation, save_turn
 
 __all__ = [
+    'MAX_CONVERSATIONS_PAGE',
     'SUMMARY_MAX_CHARS',
     'TITLE_MAX_CHARS',
     'ConcurrentTurnError',
+    'ConversationSummary',
     'Exchange',
     'PostgresConversationStore',
     'RecentConversation',
@@ -43,6 +46,7 @@ __all__ = [
     'exchanges',
     'first_exchange',
     'fit_history',
+    'list_conversations',
     'load_conversation',
     'load_recent_conversation',
     'make_summary',

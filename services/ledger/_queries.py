@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy import ColumnElement, and_, case, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
@@ -42,20 +43,29 @@ class LedgerDetail:
 
 
 async def list_requests(
-    *, session: AsyncSession, filters: LedgerFilters | None = None, page: int = 1, page_size: int = 20
+    *,
+    session: AsyncSession,
+    filters: LedgerFilters | None = None,
+    page: int = 1,
+    page_size: int = 20,
+    after: tuple[datetime, uuid.UUID] | None = None,
 ) -> LedgerPage:
     """List ledger rows, newest first.
 
     Args:
         session: the session to read with.
         filters: which rows; all of them when omitted.
-        page: 1-based page number.
+        page: 1-based page number (counted from `after` when it is given).
         page_size: rows per page, capped at `MAX_PAGE_SIZE` (100).
+        after: a keyset cursor, the `(started_at, id)` of the last row already seen: only older rows are listed,
+            however many rows were added since. `total` still counts every row the filters match.
     """
     page = max(page, 1)
     page_size = min(max(page_size, 1), MAX_PAGE_SIZE)
     conditions = (filters or LedgerFilters()).conditions()
     total = (await session.execute(select(func.count()).select_from(LLMRequestRow).where(*conditions))).scalar_one()
+    if after is not None:
+        conditions.append(tuple_(LLMRequestRow.started_at, LLMRequestRow.id) < tuple_(*after))
     query = (
         select(LLMRequestRow)
         .where(*conditions)
@@ -67,14 +77,23 @@ async def list_requests(
     return LedgerPage(items=items, page=page, page_size=page_size, total=total)
 
 
-async def get_request(*, session: AsyncSession, request_id: str | uuid.UUID) -> LedgerDetail | None:
+async def get_request(
+    *, session: AsyncSession, request_id: str | uuid.UUID, account_id: int | None = None
+) -> LedgerDetail | None:
     """One ledger row with its contents, by its id or a unique prefix of it (at least 8 hex digits).
+
+    Args:
+        session: the session to read with.
+        request_id: the id, or a unique prefix of it.
+        account_id: only a row of this account (another account's row is not found, as if it did not exist).
 
     Raises:
         ValueError: `request_id` is not a UUID or a hex prefix of one.
         AmbiguousRequestIdError: the prefix matches several rows.
     """
     query = select(LLMRequestRow).where(_id_condition(request_id)).limit(2)
+    if account_id is not None:
+        query = query.where(LLMRequestRow.account_id == account_id)
     found = list((await session.execute(query)).scalars())
     if len(found) > 1:
         raise AmbiguousRequestIdError(f'{request_id!s} matches several requests; give more of the id')

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, ToolCallPart, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo
 
-from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
+from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE, next_response
 
 QUESTION = 'cardiologists in Seattle'
 
 
-def _info() -> AgentInfo:
+def _info(schemas: str = 'medical_providers') -> AgentInfo:
     """What the planner reads: the account's directories, listed in the instructions."""
     return AgentInfo(
         function_tools=[],
@@ -18,7 +18,7 @@ def _info() -> AgentInfo:
         output_tools=[],
         model_settings=None,
         model_request_parameters=None,  # type: ignore[arg-type]
-        instructions=f'{SCHEMAS_LINE} medical_providers.',
+        instructions=f'{SCHEMAS_LINE} {schemas}.',
     )
 
 
@@ -41,3 +41,9 @@ def test_a_retried_main_search_is_reported_not_read_as_results() -> None:
     ]
     answer = next_response(messages, info)
     assert answer == 'I could not search the medical providers directory: unknown filter "town"; valid filters: city'
+
+
+def test_an_account_without_a_directory_is_answered_without_a_search() -> None:
+    # What simple_chat's instructions say for an agent with no schemas configured.
+    answer = next_response([ModelRequest(parts=[UserPromptPart(QUESTION)])], _info(NO_SCHEMAS))
+    assert answer == 'I have no directory to search for this account.'

@@ -33,6 +33,7 @@ EXPECTED_ROW_KEYS = {
     'bench_redaction': {'family', 'ms_1x', 'ratio_2x', 'found', 'lag_max_ms', 'lag_p99_ms', 'stored_ms'},
     'bench_ledger_content': {'part', 'pattern'},
     'bench_long_conversation': {'mode', 'turn', 'latency_ms', 'cpu_ms', 'prompt_tokens', 'ledger_bytes'},
+    'bench_http': {'part', 'pattern', 'model_latency_ms', 'turns', 'cpu_ms'},
 }
 
 

@@ -1,0 +1,113 @@
+"""`agentrt keys create|list|revoke`: API keys for the HTTP API (`agentrt serve`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import typer
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agentrt.agents.cli.filters import JSON_OPTION
+from agentrt.agents.cli.support import console, err_console, print_json, run
+from agentrt.db.engine import close_database, init_database
+from agentrt.db.models import API_KEY_SCOPES
+from agentrt.db.session import get_db_session
+from agentrt.services.api_keys import (
+    ApiKeyInfo,
+    NewApiKey,
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+)
+
+T = TypeVar('T')
+
+keys_app = typer.Typer(
+    help='API keys for the HTTP API: one account per key, shown once, revocable.', no_args_is_help=True
+)
+
+
+_SCOPE_OPTION = typer.Option(
+    list(API_KEY_SCOPES), '--scope', help=f'A scope to grant ({", ".join(API_KEY_SCOPES)}); repeat for several.'
+)
+
+
+@keys_app.command('create')
+def create(
+    account: str = typer.Option(..., '--account', help='The account slug the key speaks for.'),
+    name: str = typer.Option('', '--name', help='A label to tell keys apart (e.g. the client using it).'),
+    scope: list[str] = _SCOPE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a key and print it: this is the only time the whole key is shown."""
+    created: NewApiKey = run(
+        _with_session, lambda s: create_api_key(session=s, account=account, name=name, scopes=scope)
+    )
+    if as_json:
+        print_json({'key': created.token, **asdict(created.info)})
+        return
+    typer.echo(created.token)
+    err_console.print(
+        f'API key {created.info.public_id} for account {created.info.account_slug!r} '
+        f'(scopes: {", ".join(created.info.scopes)}). Store it now: it is not shown again.',
+        highlight=False,
+    )
+
+
+@keys_app.command('list')
+def list_keys(
+    account: str | None = typer.Option(None, '--account', help='Only this account slug.'),
+    include_revoked: bool = typer.Option(False, '--all', help='Revoked keys too.'),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List keys (never their secrets), oldest first."""
+    keys: list[ApiKeyInfo] = run(
+        _with_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
+    )
+    if as_json:
+        print_json([asdict(key) for key in keys])
+        return
+    table = Table(title=f'API keys ({len(keys)})', title_justify='left')
+    for column in ('id', 'account', 'name', 'scopes', 'created (UTC)', 'last used (UTC)', 'revoked (UTC)'):
+        table.add_column(column, no_wrap=column == 'id')
+    for key in keys:
+        table.add_row(
+            key.public_id,
+            key.account_slug,
+            key.name or '-',
+            ','.join(key.scopes),
+            _when(key.created_at),
+            _when(key.last_used_at),
+            _when(key.revoked_at),
+        )
+    console.print(table)
+
+
+@keys_app.command('revoke')
+def revoke(
+    key: str = typer.Argument(..., help='The key id (art_ and 12 hex digits, as `keys list` shows it) or the key.'),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Revoke a key: servers refuse it within AGENTRT_API_KEY_CACHE_SECONDS (30 s by default)."""
+    revoked: ApiKeyInfo = run(_with_session, lambda s: revoke_api_key(session=s, key=key))
+    if as_json:
+        print_json(asdict(revoked))
+        return
+    console.print(f'revoked {revoked.public_id} (account {revoked.account_slug!r})', highlight=False)
+
+
+async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    await init_database()
+    try:
+        async with get_db_session() as session:
+            return await operation(session)
+    finally:
+        await close_database()
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S') if moment is not None else '-'

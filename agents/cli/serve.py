@@ -1,0 +1,67 @@
+"""`agentrt serve`: the HTTP API (agentrt.api) under uvicorn. Needs the `http` extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import typer
+
+from agentrt.agents.cli.support import EXIT_USAGE, fail, run
+from agentrt.db.engine import close_database, init_database
+
+# By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
+# themselves. Each worker process builds the app and its own engine and pool.
+APP_FACTORY = 'agentrt.api.app:create_app'
+HTTP_PACKAGES = ('fastapi', 'uvicorn', 'starlette')
+
+
+def serve(
+    host: str = typer.Option('127.0.0.1', '--host', envvar='AGENTRT_HTTP_HOST', help='Address to listen on.'),
+    port: int = typer.Option(8000, '--port', min=1, max=65535, envvar='AGENTRT_HTTP_PORT', help='Port to listen on.'),
+    workers: int = typer.Option(
+        1, '--workers', min=1, max=64, envvar='AGENTRT_HTTP_WORKERS', help='Server processes (each has its own pool).'
+    ),
+    log_level: str = typer.Option('info', '--log-level', help='uvicorn log level (debug, info, warning, error).'),
+) -> None:
+    """Serve the HTTP API: streamed chat, conversations, the audit, costs and health (see README)."""
+    missing = missing_http_packages()
+    if missing:
+        needed = ', '.join(missing)  # `fail` prints text as it is (`[http]` is no style tag)
+        fail(f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'", EXIT_USAGE)
+    # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
+    # before any worker starts, and workers never race to migrate.
+    run(_check_database)
+    import uvicorn
+
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level.lower(),
+        log_config=_log_config(log_level.upper()),
+        timeout_graceful_shutdown=30,
+    )
+
+
+def missing_http_packages() -> list[str]:
+    """The packages of the `http` extra that are not installed."""
+    return [name for name in HTTP_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+async def _check_database() -> None:
+    await init_database()
+    await close_database()
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, plus the runtime's own loggers (error ids of failed requests are logged there)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = {**LOGGING_CONFIG, 'loggers': dict(LOGGING_CONFIG['loggers'])}
+    known = level if level in logging.getLevelNamesMapping() else 'INFO'
+    config['loggers']['agentrt'] = {'handlers': ['default'], 'level': known, 'propagate': False}
+    return config

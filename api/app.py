@@ -1,0 +1,116 @@
+"""`create_app()`: the FastAPI application of the HTTP API, and its lifespan.
+
+Routes: `/api/v1/chat` (streamed, Vercel AI protocol), `/api/v1/chat/ag-ui` (AG-UI, when `ag-ui-protocol` is
+installed), `/api/v1/conversations...` (list, messages, delete, a non-streamed turn), `/api/v1/llm-audit/...`,
+`/api/v1/costs`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. Nothing is served at
+`/` unless `static_dir` is given (a web UI mounts there).
+
+The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
+FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
+`Depends(get_db)` session would stay checked out for the whole model run. Each operation opens its own
+`async with get_read_only_session()` / `get_db_session()` instead (`tests/api/test_no_session_dependency.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic_ai import Agent
+from pydantic_ai.models import Model
+from starlette.staticfiles import StaticFiles
+
+from agentrt import __version__
+from agentrt.agents.runtime import configure_observability, shutdown_runtime
+from agentrt.agents.simple_chat import default_chat_agent
+from agentrt.api import audit, chat, conversations, costs, health
+from agentrt.api.body_limit import BodySizeLimit
+from agentrt.api.errors import install_error_handlers
+from agentrt.api.turn_stream import ChatConfig
+from agentrt.db.engine import current_settings, init_database
+from agentrt.db.errors import DatabaseNotInitializedError
+from agentrt.db.settings import Settings, get_settings
+from agentrt.tools.dependencies import SessionDependencies
+
+
+def create_app(
+    *,
+    agent: Agent[SessionDependencies, str] | None = None,
+    model: Model | str | None = None,
+    settings: Settings | None = None,
+    manage_runtime: bool = True,
+    static_dir: Path | None = None,
+) -> FastAPI:
+    """Build the HTTP API.
+
+    Args:
+        agent: the chat agent; `simple_chat`'s (`default_chat_agent()`) when omitted.
+        model: the model for every turn; `AGENTRT_MODEL` when omitted.
+        settings: the runtime settings; read from the environment (and `.env`) when omitted.
+        manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
+            flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself.
+        static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI; nothing is served there
+            when omitted.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not manage_runtime:
+            yield
+            return
+        configure_observability()
+        try:
+            await init_database(settings)
+            yield
+        finally:
+            # uvicorn ends its process (and stops its workers) by SIGTERM after this, skipping exit handlers.
+            await shutdown_runtime(release_embedded_server=True)
+
+    app = FastAPI(
+        title='agentrt',
+        version=__version__,
+        summary='Pydantic AI chat agents on PostgreSQL: streamed chat, audit, costs and conversations per account.',
+        lifespan=lifespan,
+        **_telemetry_option(),
+    )
+    app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
+    app.include_router(chat.router)
+    if importlib.util.find_spec('ag_ui') is not None:
+        from agentrt.api import chat_agui
+
+        app.include_router(chat_agui.router)
+    for module in (conversations, audit, costs, health):
+        app.include_router(module.router)
+    if static_dir is not None:
+        app.mount('/', StaticFiles(directory=static_dir, html=True), name='static')
+    return app
+
+
+def _telemetry_option() -> dict[str, Any]:
+    """FastAPI's own request spans and metrics (newer FastAPI) only when spans leave the process.
+
+    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) whether or
+    not `LOGFIRE_TOKEN` is set; like pydantic-ai's instrumentation there, they are on only with a token: otherwise
+    they would cost CPU on every request and every streamed event for spans nobody reads.
+    """
+    if 'telemetry' not in inspect.signature(FastAPI).parameters:
+        return {}
+    on = bool(os.environ.get('LOGFIRE_TOKEN'))
+    return {'telemetry': {'tracing': on, 'metrics': on, 'logs': on}}
+
+
+def _max_body_bytes(settings: Settings | None) -> int:
+    if settings is not None:
+        return settings.http_max_body_bytes
+    try:
+        return current_settings().http_max_body_bytes
+    except DatabaseNotInitializedError:
+        return get_settings().http_max_body_bytes

@@ -1,0 +1,101 @@
+"""`POST /api/v1/chat/ag-ui`: the same streamed turn as `/api/v1/chat`, in the AG-UI protocol (CopilotKit, ...).
+
+Registered only when `ag-ui-protocol` is installed (the `agui` extra). The body's `threadId` names the conversation
+of the caller's account and its last message, the user's, is the turn; everything else (the turn of
+`simple_chat_stream`, server-held history, safe error events) is as in `agentrt.api.chat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ag_ui.core import BaseEvent, RunAgentInput
+from fastapi import APIRouter, Request
+from pydantic_ai.ui.ag_ui import AGUIAdapter, AGUIEventStream
+from starlette.responses import Response
+
+from agentrt.api.auth import ChatCaller
+from agentrt.api.chat import AGENT_QUERY
+from agentrt.api.errors import stream_error
+from agentrt.api.schemas import ERROR_RESPONSES
+from agentrt.api.turn_input import check_http_turn, parse_run_input
+from agentrt.api.turn_stream import chat_config, stream_turn
+from agentrt.db.errors import InvalidInputError
+from agentrt.tools.dependencies import SessionDependencies
+
+router = APIRouter(prefix='/api/v1', tags=['chat'])
+
+
+class SafeAGUIStream(AGUIEventStream[SessionDependencies, str]):
+    """The AG-UI event stream with a `RUN_ERROR` that says what the client may know, and an error id."""
+
+    async def on_error(self, error: Exception) -> AsyncIterator[BaseEvent]:
+        """Replace the exception's text by a public message."""
+        async for event in super().on_error(Exception(stream_error(error).stream_text())):
+            yield event
+
+
+@dataclass
+class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
+    """`AGUIAdapter` with `SafeAGUIStream`."""
+
+    def build_event_stream(self) -> SafeAGUIStream:
+        """The event stream, with the safe error event."""
+        return SafeAGUIStream(
+            self.run_input,
+            accept=self.accept,
+            ag_ui_version=self.ag_ui_version,
+            include_usage=self.include_usage,
+            manage_system_prompt=self.manage_system_prompt,
+            preserve_file_data=self.preserve_file_data,
+        )
+
+
+@router.post(
+    '/chat/ag-ui',
+    summary='Stream a chat turn (AG-UI protocol)',
+    response_class=Response,
+    responses={200: {'description': 'AG-UI events.', 'content': {'text/event-stream': {}}}, **ERROR_RESPONSES},
+    openapi_extra={
+        'requestBody': {
+            'required': True,
+            'content': {
+                'application/json': {
+                    'schema': {
+                        'type': 'object',
+                        'description': 'AG-UI `RunAgentInput`; `threadId` names the conversation.',
+                        'required': ['threadId', 'runId', 'messages'],
+                    }
+                }
+            },
+        }
+    },
+)
+async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = AGENT_QUERY) -> Response:
+    """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events."""
+    run_input = parse_run_input(request, await request.body(), AGUIChatAdapter.build_run_input)
+    turn_input = check_http_turn(
+        _new_message_text(run_input),
+        conversation_id=run_input.thread_id,
+        account=caller.account_slug,
+        agent=agent,
+        id_field='threadId',
+        message_field='messages',
+    )
+    adapter = AGUIChatAdapter(
+        agent=chat_config(request).agent, run_input=run_input, accept=request.headers.get('accept')
+    )
+    return await stream_turn(request, adapter, turn_input)
+
+
+def _new_message_text(run_input: RunAgentInput) -> str:
+    """The text of the last message, which must be the user's."""
+    if not run_input.messages or run_input.messages[-1].role != 'user':
+        raise InvalidInputError("the last message of the request must be the user's new message", field='messages')
+    content = getattr(run_input.messages[-1], 'content', '')
+    if isinstance(content, str):
+        return content
+    if any(getattr(item, 'type', None) != 'text' for item in content):
+        raise InvalidInputError('only text content is served in a user message', field='messages')
+    return ''.join(str(getattr(item, 'text', '')) for item in content)

@@ -1,0 +1,151 @@
+"""Conversations of the caller's account: list them, read one's messages, delete one, and run a non-streamed turn.
+
+Every route reaches only the caller's account's conversations (`PostgresConversationStore(account_id)` and the
+listing filter by account), so another account's conversation id is simply not found.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.messages import ModelMessagesTypeAdapter
+from pydantic_ai.ui.vercel_ai import VercelAIAdapter
+from starlette.responses import Response
+
+from agentrt.agents.simple_chat import simple_chat
+from agentrt.api.auth import ChatCaller, ReadCaller
+from agentrt.api.cursors import decode_cursor, encode_cursor
+from agentrt.api.errors import ApiError
+from agentrt.api.filters import Cursor
+from agentrt.api.schemas import (
+    ERROR_RESPONSES,
+    ConversationMessages,
+    ConversationOut,
+    ConversationPage,
+    TurnRequest,
+    TurnResponse,
+    UsageOut,
+)
+from agentrt.api.turn_input import check_conversation_id, check_http_turn
+from agentrt.api.turn_stream import chat_config
+from agentrt.db.session import get_read_only_session
+from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
+
+router = APIRouter(prefix='/api/v1/conversations', tags=['conversations'], responses=ERROR_RESPONSES)
+
+ConversationId = Annotated[str, Path(min_length=1, max_length=200, description='The conversation id.')]
+
+
+@router.get('', summary='List conversations, most recently updated first')
+async def list_all(
+    caller: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=MAX_CONVERSATIONS_PAGE, description='At most this many.')] = 50,
+    cursor: Cursor = None,
+) -> ConversationPage:
+    """The account's conversations with their titles, summaries and usage; follow `next_cursor` for more."""
+    after = decode_cursor(cursor) if cursor is not None else None
+    async with get_read_only_session() as session:
+        items = await list_conversations(session=session, account_id=caller.account_id, limit=limit, after=after)
+    last = items[-1] if len(items) == limit else None
+    return ConversationPage(
+        items=[ConversationOut.of(item) for item in items],
+        next_cursor=encode_cursor(last.updated_at, last.conversation_id) if last is not None else None,
+    )
+
+
+@router.get('/{conversation_id}', summary="One conversation's messages")
+async def messages(
+    caller: ReadCaller,
+    conversation_id: ConversationId,
+    format: Annotated[
+        Literal['vercel', 'pydantic'],
+        Query(description="`vercel`: AI SDK UI messages (for `useChat`); `pydantic`: pydantic-ai's messages."),
+    ] = 'vercel',
+) -> ConversationMessages:
+    """The conversation's stored messages, in order."""
+    conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
+    conversation = await PostgresConversationStore(caller.account_id).load(conversation_id)
+    if conversation is None:
+        raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
+    if format == 'vercel':
+        dumped = [
+            message.model_dump(mode='json', by_alias=True, exclude_none=True)
+            for message in VercelAIAdapter.dump_messages(conversation.messages)
+        ]
+    else:
+        dumped = ModelMessagesTypeAdapter.dump_python(conversation.messages, mode='json')
+    return ConversationMessages(
+        conversation_id=conversation_id, revision=conversation.revision, format=format, messages=dumped
+    )
+
+
+@router.delete(
+    '/{conversation_id}',
+    status_code=204,
+    summary='Delete a conversation',
+    responses={404: {'description': 'No such conversation.'}, 409: {'description': 'It changed meanwhile.'}},
+)
+async def delete(
+    caller: ChatCaller,
+    conversation_id: ConversationId,
+    if_match: Annotated[
+        str | None, Header(max_length=200, description='Delete only if the revision is still this one.')
+    ] = None,
+) -> Response:
+    """Delete the conversation and the messages no other conversation of the account shares."""
+    conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
+    store = PostgresConversationStore(caller.account_id)
+    record = await store.read_record(conversation_id)
+    if record is None:
+        raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
+    revision = if_match.strip('"') if if_match else record.revision
+    try:
+        await store.delete_record(conversation_id, expected_revision=revision)
+    except ConversationConflict as exc:
+        raise ApiError(409, 'conflict', 'the conversation changed meanwhile; read it again and retry') from exc
+    return Response(status_code=204)
+
+
+@router.post('/{conversation_id}/turns', summary='Run one turn, not streamed')
+async def run_turn(
+    request: Request, caller: ChatCaller, conversation_id: ConversationId, body: TurnRequest
+) -> TurnResponse:
+    """Run one turn of the conversation (created on first use) and return the answer: `simple_chat` over HTTP.
+
+    A turn started while another runs on the same conversation answers 409 and runs nothing; one whose
+    conversation was saved by another meanwhile stops before its next model request, answers 409, saves nothing.
+    """
+    turn_input = check_http_turn(
+        body.message,
+        conversation_id=conversation_id,
+        account=caller.account_slug,
+        agent=body.agent,
+        id_field='conversation_id',
+        message_field='message',
+    )
+    config = chat_config(request)
+    result = await simple_chat(
+        turn_input.message,
+        session_id=turn_input.session_id,
+        account=turn_input.account,
+        agent_instance=turn_input.agent_instance,
+        model=config.model,
+        agent=config.agent,
+    )
+    usage = result.usage
+    return TurnResponse(
+        output=result.output,
+        conversation_id=result.session_id,
+        run_id=result.run_id,
+        model_name=result.model_name,
+        usage=UsageOut(
+            requests=usage.requests,
+            tool_calls=usage.tool_calls,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        ),
+        cost=result.cost,
+        duration_s=result.duration_s,
+    )

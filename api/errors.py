@@ -1,0 +1,210 @@
+"""Errors over HTTP, in one place: which status each error gets and what the client may read of it.
+
+A client reads a message meant for it and an error id; the log line with that id holds the whole story (the
+exception, its text, the traceback). Nothing internal reaches the client: not an SQL statement, a host name, a
+provider's error body or a stack. The same mapping serves JSON responses (`install_error_handlers`) and the
+error event of a streamed chat (`public_error`).
+
+Body of every error response: `{"detail": <message or a list of field errors>, "type": <kind>, "error_id": <id>}`,
+plus `"field"` when one input is to blame.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic_ai.exceptions import (
+    AgentRunError,
+    ModelAPIError,
+    UnexpectedModelBehavior,
+    UsageLimitExceeded,
+    UserError,
+)
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from agentrt.agents.errors import (
+    AgentRuntimeError,
+    ConcurrentTurnError,
+    ConfigError,
+    DatabaseNotInitializedError,
+    DatabaseUnavailableError,
+    EmbeddedPostgresError,
+    InvalidInputError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+    UnknownTenantError,
+)
+from agentrt.services.ledger import RollupCannotAnswer
+
+logger = logging.getLogger('agentrt.api')
+
+_MAX_MESSAGE_CHARS = 500
+
+
+@dataclass(frozen=True)
+class PublicError:
+    """What a client is told about an error: an HTTP status, a kind, a message for people, and the id to look for."""
+
+    status: int
+    type: str
+    message: str
+    error_id: str
+    field: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        body: dict[str, Any] = {'detail': self.message, 'type': self.type, 'error_id': self.error_id}
+        if self.field is not None:
+            body['field'] = self.field
+        return body
+
+    def stream_text(self) -> str:
+        """The message with its id, for the error event of a streamed chat."""
+        return f'{self.message} (error id {self.error_id})'
+
+
+class ApiError(Exception):
+    """Raised by routes for an outcome with a fixed status: `raise ApiError(404, 'not_found', 'no such ...')`."""
+
+    def __init__(self, status: int, type_: str, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+
+
+def new_error_id() -> str:
+    """A short random id that ties what the client saw to the log line."""
+    return 'err_' + uuid.uuid4().hex[:16]
+
+
+def public_error(exc: BaseException, *, where: str = '') -> PublicError:
+    """Map an exception to what the client may see, and log it under a new error id.
+
+    Client errors (4xx) are logged at INFO with their message; everything else at ERROR with the traceback.
+
+    Args:
+        exc: the exception.
+        where: what was being done (method and path), for the log line.
+    """
+    error_id = new_error_id()
+    status, type_, message, field = _classify(exc)
+    if status >= 500:
+        logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
+    else:
+        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
+    return PublicError(status, type_, _short(message), error_id, field)
+
+
+def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
+    """(status, type, client message, field) for an exception. Messages of 5xx never quote the exception."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.type, exc.message, exc.field
+    if isinstance(exc, InvalidInputError):
+        return 422, 'invalid_input', str(exc), exc.field
+    if isinstance(exc, UnknownTenantError):
+        if exc.what == 'agent':  # names only the caller's own account's agents
+            return 422, 'unknown_agent', str(exc), 'agent'
+        return 401, 'unauthorized', "the API key's account no longer exists", None
+    if isinstance(exc, ConcurrentTurnError):
+        return 409, 'concurrent_turn', str(exc), None
+    if isinstance(exc, TurnLimitExceededError):
+        return 422, 'turn_limit_exceeded', str(exc), None
+    if isinstance(exc, UsageLimitExceeded):  # pydantic-ai's own text names the limit and its value
+        return 422, 'turn_limit_exceeded', f'the turn reached a usage limit: {exc}', None
+    if isinstance(exc, RollupCannotAnswer):
+        return 422, 'invalid_input', str(exc), 'source'
+    if isinstance(exc, ModelBehaviorError):  # its message is written for people; the model's body stays in the log
+        return 502, 'model_behavior_error', str(exc), None
+    if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
+        return 502, 'model_provider_error', _provider_message(exc), None
+    if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
+        return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None
+    if isinstance(exc, PoolTimeoutError):
+        return 503, 'busy', 'the server is busy; try again shortly', None
+    if isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None
+    if isinstance(exc, ConfigError):
+        return 500, 'configuration_error', 'the server is misconfigured; its operator can find the error id', None
+    if isinstance(exc, AgentRuntimeError):
+        return 500, 'internal_error', 'the request failed on the server', None
+    return 500, 'internal_error', 'the request failed on the server', None
+
+
+def stream_error(exc: BaseException) -> PublicError:
+    """`public_error` for an error inside a streamed chat, where pydantic-ai's own `UserError`s are for the client.
+
+    The UI adapters raise `UserError` with a fixed text written for the client ("Conversation ... was changed by
+    another request; reload it", ...) when the conversation store refuses a load or a save.
+    """
+    if isinstance(exc, UserError):
+        return public_error(ApiError(409, 'conversation_error', str(exc)), where='chat stream')
+    return public_error(exc, where='chat stream')
+
+
+def _provider_message(exc: BaseException) -> str:
+    status = getattr(exc, 'status_code', None)
+    suffix = f' (HTTP {status})' if isinstance(status, int) else ''
+    return f'the model provider failed{suffix}; try again shortly'
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 1] + '…'
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error a request can raise through `public_error`, so none answers with internal text."""
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        error = public_error(exc, where=f'{request.method} {request.url.path}')
+        headers = {'WWW-Authenticate': 'Bearer'} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        error_id = new_error_id()
+        logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
+        body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        error_id = new_error_id()
+        # The input values are left out: they can be huge, or hold what the client should not see echoed.
+        errors = [
+            {'loc': list(error.get('loc', ())), 'msg': _short(str(error.get('msg', ''))), 'type': error.get('type')}
+            for error in exc.errors()[:20]
+        ]
+        logger.info('%s %s %s: 422 %s', error_id, request.method, request.url.path, errors)
+        return JSONResponse({'detail': errors, 'type': 'invalid_request', 'error_id': error_id}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    # Handlers of these classes (and their subclasses) answer and the request ends there. The one for `Exception`
+    # runs in Starlette's outermost middleware, which answers with it and then re-raises, so the server logs it too.
+    for known in (ApiError, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
+        app.add_exception_handler(known, on_error)
+
+
+def _http_type(status: int) -> str:
+    return {
+        401: 'unauthorized',
+        403: 'forbidden',
+        404: 'not_found',
+        405: 'method_not_allowed',
+        409: 'conflict',
+        413: 'body_too_large',
+        415: 'unsupported_media_type',
+    }.get(status, 'http_error')

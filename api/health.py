@@ -1,0 +1,72 @@
+"""Health: `GET /health/live` (the process answers) and `GET /health/ready` (the database answers within a second,
+at the schema this version expects; the pool and the background work of this process). No API key needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import lru_cache
+
+from fastapi import APIRouter
+from sqlalchemy import text
+from starlette.responses import JSONResponse
+
+from agentrt.api.errors import new_error_id
+from agentrt.api.schemas import BackgroundOut, DatabaseOut, LiveOut, PoolOut, ReadyOut
+from agentrt.db.engine import pool_status
+from agentrt.db.errors import DatabaseNotInitializedError
+from agentrt.db.migrate import head_revision
+from agentrt.db.session import get_read_only_session
+from agentrt.services.background import get_supervisor
+
+logger = logging.getLogger('agentrt.api')
+
+router = APIRouter(prefix='/health', tags=['health'])
+
+READY_TIMEOUT_S = 1.0
+
+
+@router.get('/live', summary='Liveness')
+async def live() -> LiveOut:
+    """The process is up and its event loop answers."""
+    return LiveOut(status='alive')
+
+
+@router.get(
+    '/ready',
+    summary='Readiness',
+    response_model=ReadyOut,
+    responses={503: {'model': ReadyOut, 'description': 'Not ready: the database is slow, down or behind.'}},
+)
+async def ready() -> JSONResponse:
+    """200 when the database answers within a second at the expected schema revision; 503 otherwise."""
+    database = await _check_database()
+    try:
+        pool = PoolOut(**pool_status().__dict__)
+    except DatabaseNotInitializedError:
+        pool = None
+    stats = get_supervisor().stats()
+    background = BackgroundOut(running=stats.running, queued=stats.queued, failed=stats.failed)
+    ok = database.ok and database.revision == database.head
+    body = ReadyOut(status='ready' if ok else 'unavailable', database=database, pool=pool, background=background)
+    return JSONResponse(body.model_dump(mode='json'), status_code=200 if ok else 503)
+
+
+async def _check_database() -> DatabaseOut:
+    head = _head()
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S), get_read_only_session() as session:
+            revision = (await session.execute(text('SELECT version_num FROM alembic_version'))).scalar_one_or_none()
+    except TimeoutError:
+        return DatabaseOut(ok=False, revision=None, head=head, error=f'no answer within {READY_TIMEOUT_S:g} s')
+    except Exception as exc:  # whatever the driver raises, readiness answers: not ready, and why is in the log
+        error_id = new_error_id()
+        logger.warning('%s readiness: database check failed: %s: %s', error_id, type(exc).__name__, exc)
+        return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
+    return DatabaseOut(ok=True, revision=revision, head=head)
+
+
+@lru_cache(maxsize=1)
+def _head() -> str | None:
+    """The packaged head revision (read from the migration files once per process)."""
+    return head_revision()

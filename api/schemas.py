@@ -1,0 +1,282 @@
+"""Response (and request) models of the HTTP API: what OpenAPI publishes and what every route returns.
+
+Money is a decimal string (`"0.000123"`), exact as the ledger stores it; times are ISO 8601 with a UTC offset.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
+from agentrt.services.conversations import ConversationSummary
+from agentrt.services.ledger import CostSummary
+
+
+class ErrorOut(BaseModel):
+    """Every error response: a message (or a list of field errors), its kind, and the id to find it in the logs."""
+
+    detail: str | list[dict[str, Any]]
+    type: str
+    error_id: str
+    field: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {'model': ErrorOut, 'description': 'No API key, or an invalid or revoked one.'},
+    403: {'model': ErrorOut, 'description': 'The API key lacks the scope this route needs.'},
+    422: {'model': ErrorOut, 'description': 'A bad body, path or query value (`field` names it).'},
+    503: {'model': ErrorOut, 'description': 'The database is unavailable or the server is busy.'},
+}
+
+
+# The audit: one row per model request.
+
+
+class InteractionOut(BaseModel):
+    """One model request as the audit lists it (its prompt and response are in the detail)."""
+
+    id: uuid.UUID
+    started_at: datetime
+    finished_at: datetime
+    status: Literal['complete', 'error', 'cancelled']
+    success: bool
+    model: str
+    response_model: str | None
+    provider: str | None
+    agent: str | None = Field(description='The agent instance slug, or the agent name.')
+    conversation_id: str | None
+    run_id: str | None
+    streamed: bool
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    total_cost: Decimal | None = Field(description='USD; null when the model is unpriced.')
+    price_source: str | None
+    latency_ms: float
+    ttft_ms: float | None = Field(description='Time to the first streamed token.')
+    finish_reason: str | None
+    error_type: str | None
+    error_message: str | None
+
+    @classmethod
+    def of(cls, row: LLMRequestRow) -> InteractionOut:
+        """From a ledger row."""
+        return cls(
+            id=row.id,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            status=row.status,  # type: ignore[arg-type]  # the table's check constraint allows only these
+            success=row.success,
+            model=row.model,
+            response_model=row.response_model,
+            provider=row.provider,
+            agent=row.agent_instance_slug or row.agent_name,
+            conversation_id=row.chat_session_id,
+            run_id=row.run_id,
+            streamed=row.streamed,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            total_tokens=row.total_tokens,
+            total_cost=row.total_cost,
+            price_source=row.price_source,
+            latency_ms=row.latency_ms,
+            ttft_ms=row.time_to_first_token_ms,
+            finish_reason=row.finish_reason,
+            error_type=row.error_type,
+            error_message=row.error_message,
+        )
+
+
+class InteractionPage(BaseModel):
+    """A page of the audit, newest first, with the total the filters match."""
+
+    items: list[InteractionOut]
+    page: int
+    page_size: int
+    total: int
+    total_pages: int
+    next_cursor: str | None = Field(description='Pass as `cursor` for the next page (stable while rows arrive).')
+
+
+class ContentOut(BaseModel):
+    """A stored prompt, response or error body (secrets redacted before it was stored)."""
+
+    kind: Literal['prompt', 'response', 'error']
+    body: str
+    size_bytes: int
+    truncated: bool
+    redactions: int
+
+    @classmethod
+    def of(cls, row: LLMRequestContentRow) -> ContentOut:
+        """From a stored content row."""
+        return cls(
+            kind=row.kind,  # type: ignore[arg-type]  # the table's check constraint allows only these
+            body=row.body,
+            size_bytes=row.size_bytes,
+            truncated=row.truncated,
+            redactions=row.redactions,
+        )
+
+
+class InteractionDetail(InteractionOut):
+    """One model request with its stored prompt, response or error."""
+
+    contents: list[ContentOut]
+
+
+# Costs.
+
+
+class CostRowOut(BaseModel):
+    """Totals for one group of requests."""
+
+    key: str
+    requests: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    total_cost: Decimal | None
+    unpriced: int = Field(description='Requests without a price: counted in tokens, not in cost.')
+
+    @classmethod
+    def of(cls, summary: CostSummary) -> CostRowOut:
+        """From the service's summary."""
+        return cls(**summary.__dict__)
+
+
+class CostReport(BaseModel):
+    """Costs of the caller's account, grouped."""
+
+    by: Literal['account', 'agent', 'model', 'day']
+    source: Literal['ledger', 'rollup']
+    items: list[CostRowOut]
+
+
+# Conversations and turns.
+
+
+class UsageOut(BaseModel):
+    """Requests, tool calls and tokens."""
+
+    requests: int
+    tool_calls: int
+    input_tokens: int
+    output_tokens: int
+
+
+class ConversationOut(BaseModel):
+    """A conversation as listed, without its messages."""
+
+    conversation_id: str
+    title: str | None
+    summary: str | None
+    created_at: datetime
+    updated_at: datetime
+    usage: UsageOut
+
+    @classmethod
+    def of(cls, item: ConversationSummary) -> ConversationOut:
+        """From the service's summary."""
+        usage = UsageOut(
+            requests=item.requests,
+            tool_calls=item.tool_calls,
+            input_tokens=item.input_tokens,
+            output_tokens=item.output_tokens,
+        )
+        return cls(
+            conversation_id=item.conversation_id,
+            title=item.title,
+            summary=item.summary,
+            created_at=item.created_at,
+            updated_at=item.updated_at,
+            usage=usage,
+        )
+
+
+class ConversationPage(BaseModel):
+    """The caller's conversations, most recently updated first."""
+
+    items: list[ConversationOut]
+    next_cursor: str | None
+
+
+class ConversationMessages(BaseModel):
+    """The messages of one conversation, in the Vercel AI UI format or pydantic-ai's own."""
+
+    conversation_id: str
+    revision: str | None
+    format: Literal['vercel', 'pydantic']
+    messages: list[Any]
+
+
+class TurnRequest(BaseModel):
+    """A non-streamed turn: the user's message, and optionally which of the account's agents answers."""
+
+    model_config = ConfigDict(extra='forbid')
+
+    message: str = Field(min_length=1, description='The user message.')
+    agent: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class TurnResponse(BaseModel):
+    """The outcome of a non-streamed turn."""
+
+    output: str
+    conversation_id: str
+    run_id: str
+    model_name: str
+    usage: UsageOut
+    cost: Decimal | None = Field(description='USD of this turn; null when the model is unpriced.')
+    duration_s: float
+
+
+# Health.
+
+
+class LiveOut(BaseModel):
+    """The process answers."""
+
+    status: Literal['alive']
+
+
+class DatabaseOut(BaseModel):
+    """Whether the database answered within the deadline, and the schema it is at."""
+
+    ok: bool
+    revision: str | None
+    head: str | None
+    error: str | None = None
+
+
+class PoolOut(BaseModel):
+    """The connection pool of this process."""
+
+    size: int
+    checked_out: int
+    overflow: int
+    checked_in: int
+    max_overflow: int
+
+
+class BackgroundOut(BaseModel):
+    """Post-turn tasks of this process."""
+
+    running: int
+    queued: int
+    failed: int
+
+
+class ReadyOut(BaseModel):
+    """Readiness: `ready` when the database answers within a second at the schema this version expects."""
+
+    status: Literal['ready', 'unavailable']
+    database: DatabaseOut
+    pool: PoolOut | None
+    background: BackgroundOut | None

@@ -1,0 +1,79 @@
+"""Reading a chat turn from an HTTP request: the protocol's body, then the turn's input checked as `simple_chat`
+checks it (`agentrt.agents.chat_turn.check_turn_input`: message size and text, conversation id and slugs), with
+the HTTP name of each field in the error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from agentrt.agents.chat_turn import check_turn_input
+from agentrt.agents.turn_input import TurnInput, validate_identifiers
+from agentrt.api.errors import ApiError
+from agentrt.db.errors import InvalidInputError
+
+T = TypeVar('T')
+
+
+def check_http_turn(
+    message: object, *, conversation_id: object, account: str, agent: str | None, id_field: str, message_field: str
+) -> TurnInput:
+    """The turn's input, checked before anything is looked up, run or billed.
+
+    Args:
+        message: the new user message.
+        conversation_id: the conversation, as the request names it.
+        account: the account slug of the caller's key.
+        agent: the agent slug the request asks for, or None.
+        id_field: where the request carries the conversation id (`id`, `threadId`, `conversation_id`).
+        message_field: where it carries the message (`messages`, `message`).
+
+    Raises:
+        InvalidInputError: naming the request's field and the problem.
+    """
+    try:
+        return check_turn_input(message, session_id=conversation_id, account=account, agent_instance=agent)
+    except InvalidInputError as exc:
+        field = {'message': message_field, 'session_id': id_field, 'agent_instance': 'agent'}.get(exc.field, exc.field)
+        raise InvalidInputError(str(exc), field=field) from exc
+
+
+def check_conversation_id(conversation_id: str, *, account: str) -> str:
+    """A conversation id from a path, by the turn's rules (so no query ever sees one it could not have stored).
+
+    Raises:
+        InvalidInputError: naming `conversation_id` and the problem.
+    """
+    try:
+        return validate_identifiers(session_id=conversation_id, account=account)[0]
+    except InvalidInputError as exc:
+        raise InvalidInputError(str(exc), field='conversation_id') from exc
+
+
+def parse_run_input(
+    request: Request, body: bytes, build: Callable[[bytes], T], *, tags: frozenset[str] = frozenset()
+) -> T:
+    """A chat protocol's request body (`build` is the adapter's `build_run_input`), or the error naming the field.
+
+    The field errors do not echo the values sent (they can be huge, or hold what should not come back). `tags` are
+    the values of the body's own discriminator (Vercel's `trigger`), which pydantic puts first in a location.
+
+    Raises:
+        ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
+        InvalidInputError: the body does not validate; `field` is the first bad field's location.
+    """
+    media_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
+    if media_type != 'application/json':
+        raise ApiError(415, 'unsupported_media_type', 'send the body as Content-Type: application/json')
+    try:
+        return build(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        location = list(first['loc'])
+        if location and location[0] in tags:
+            location = location[1:]
+        where = '.'.join(str(part) for part in location) or 'body'
+        raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc

@@ -1,0 +1,129 @@
+"""A streamed chat turn over HTTP: the turn of `simple_chat_stream`, in a UI protocol's events.
+
+The turn is the in-process one (`agentrt.agents.chat_turn`): input checked (`check_turn_input`), then `open_turn`
+(tenant, model, the conversation claimed so one turn runs at a time, its recent history loaded, per-turn usage
+limits, the bounded context and the race guard), the run, and `finish_turn` (saved, post-turn work scheduled) before
+the client hears that the run finished. pydantic-ai's UI adapters (`VercelAIAdapter`, `AGUIAdapter`) only turn the
+run's events into the protocol's; the conversation is the server's, so a client may send its whole history or just
+its new message.
+
+The turn is opened before the response starts, so a refusal (bad input, an unknown agent, a conversation another
+turn holds, no database) is an HTTP status, not an event; `TurnStreamingResponse` closes it when the response ends,
+however it ends. A client that disconnects cancels the run at once: the ledger records the request it cut off as
+`cancelled`, nothing is saved, and the claim is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from pydantic_ai import Agent
+from pydantic_ai.messages import AgentStreamEvent
+from pydantic_ai.models import Model
+from pydantic_ai.run import AgentRunResultEvent
+from pydantic_ai.ui import UIAdapter
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from agentrt.agents.chat_turn import Turn, finish_turn, open_turn
+from agentrt.agents.run_errors import documented_errors
+from agentrt.agents.turn_input import TurnInput
+from agentrt.tools.dependencies import SessionDependencies
+
+NativeEvent = AgentStreamEvent | AgentRunResultEvent[Any]
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """What the app's chat routes run: the agent and the model (None: `AGENTRT_MODEL`)."""
+
+    agent: Agent[SessionDependencies, str]
+    model: Model | str | None = None
+
+
+def chat_config(request: Request) -> ChatConfig:
+    """The chat configuration `create_app` stored on the app."""
+    config: ChatConfig = request.app.state.agentrt_chat
+    return config
+
+
+class TurnStreamingResponse(StreamingResponse):
+    """A streaming response that closes the turn (its claim on the conversation) by the time the response is over.
+
+    The run closes it first, when it ends (`_run`); this is for a response whose stream never started (the client
+    left before the first byte), whose generator has no `finally` to run. Closing twice is harmless.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        turn: AsyncExitStack,
+        *,
+        headers: Mapping[str, str] | None,
+        media_type: str,
+    ) -> None:
+        super().__init__(content, headers=headers, media_type=media_type)
+        self._turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the stream; then, or when the client has gone, close the turn."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._turn.aclose()
+
+
+async def stream_turn(
+    request: Request, adapter: UIAdapter[Any, Any, Any, SessionDependencies, str], turn_input: TurnInput
+) -> TurnStreamingResponse:
+    """Open the turn, then stream its run through `adapter`'s protocol.
+
+    Raises:
+        ConfigError, UnknownTenantError, ConcurrentTurnError, DatabaseUnavailableError: the turn could not be opened
+            (nothing was sent to the model; the route answers with the error's status).
+    """
+    config = chat_config(request)
+    stack = AsyncExitStack()
+    try:
+        turn = await stack.enter_async_context(open_turn(config.agent, turn_input, config.model))
+    except BaseException:
+        await stack.aclose()
+        raise
+    protocol = adapter.build_event_stream()
+    events = adapter.transform_stream(_run(turn, turn_input, stack))
+    return TurnStreamingResponse(
+        adapter.encode_stream(events), stack, headers=protocol.response_headers, media_type=protocol.content_type
+    )
+
+
+async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> AsyncIterator[NativeEvent]:
+    """The run's events; the turn is saved before its result event goes on, as `simple_chat_stream` saves it.
+
+    The turn is closed (its claim released) as soon as the run is over, before the protocol's last events are sent:
+    a client that sends its next message the moment this stream ends must find the conversation free. The
+    response closes it too, for a stream that never started.
+    """
+    try:
+        with documented_errors():
+            async with turn.agent.run_stream_events(
+                turn_input.message,
+                deps=turn.deps,
+                conversation=turn.conversation,
+                model=turn.model,
+                usage_limits=turn.usage_limits,
+                capabilities=turn.capabilities,
+            ) as events:
+                async for event in events:
+                    if isinstance(event, AgentRunResultEvent):
+                        await finish_turn(turn, event.result)
+                    yield event
+    finally:
+        # Shielded: on a disconnect Starlette cancels this stream's task group, whose (anyio) cancellation would
+        # interrupt every await of the clean-up and leave the claim to expire by itself.
+        with anyio.CancelScope(shield=True):
+            await close.aclose()

@@ -1,0 +1,242 @@
+"""API keys: created for an account and shown once, stored as a SHA-256 of the secret, listed, revoked, checked.
+
+A key reads `art_<prefix>_<secret>`: `art_<prefix>` is its public id (listed, used to revoke it, safe in logs),
+the secret is 32 random bytes. Only the prefix and the secret's SHA-256 are stored; a hash without salt or
+stretching is enough because the secret is random, not a password. `authenticate_api_key` checks a key in its own
+short session and then trusts it for `AGENTRT_API_KEY_CACHE_SECONDS` in this process, so a revoked key stops
+working within that time (at once in the process that revoked it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agentrt.db.engine import current_settings
+from agentrt.db.errors import AgentRuntimeError, InvalidInputError
+from agentrt.db.models import API_KEY_SCOPES, Account, ApiKey
+from agentrt.db.session import get_db_session
+from agentrt.services.tenancy import get_account
+
+KEY_PREFIX = 'art'
+_TOKEN = re.compile(r'art_([0-9a-f]{12})_([A-Za-z0-9_-]{43})')
+_PUBLIC_ID = re.compile(r'(?:art_)?([0-9a-f]{12})(?:_[A-Za-z0-9_-]{43})?')
+_CACHE_LIMIT = 10_000
+_TOUCH_EVERY_S = 60
+
+
+class UnknownApiKeyError(AgentRuntimeError, LookupError):
+    """No API key has this id."""
+
+
+@dataclass(frozen=True)
+class ApiCaller:
+    """Who a valid API key speaks for: its account and what it may do."""
+
+    key_id: int
+    key_prefix: str
+    account_id: int
+    account_slug: str
+    scopes: frozenset[str]
+
+    @property
+    def public_id(self) -> str:
+        """The key's public id, `art_<prefix>`, for logs."""
+        return f'{KEY_PREFIX}_{self.key_prefix}'
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """An API key as listed: everything but the secret."""
+
+    id: int
+    public_id: str
+    account_slug: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """A key just created: `token` is the whole key, shown this once and never stored."""
+
+    token: str
+    info: ApiKeyInfo
+
+
+def check_scopes(scopes: Iterable[str]) -> list[str]:
+    """The scopes, deduplicated in a fixed order.
+
+    Raises:
+        InvalidInputError: an unknown scope, or none at all.
+    """
+    wanted = {scope.strip().lower() for scope in scopes}
+    unknown = sorted(wanted - set(API_KEY_SCOPES))
+    if unknown:
+        raise InvalidInputError(f'unknown scope {unknown[0]!r}; scopes: {", ".join(API_KEY_SCOPES)}', field='scopes')
+    if not wanted:
+        raise InvalidInputError(f'a key needs at least one scope: {", ".join(API_KEY_SCOPES)}', field='scopes')
+    return [scope for scope in API_KEY_SCOPES if scope in wanted]
+
+
+async def create_api_key(
+    *, session: AsyncSession, account: str, name: str = '', scopes: Sequence[str] = API_KEY_SCOPES
+) -> NewApiKey:
+    """Create a key for `account`; the returned `token` is the only copy of the secret.
+
+    Raises:
+        UnknownTenantError: no such account. InvalidInputError: an unknown scope, or a name over 200 characters.
+    """
+    allowed = check_scopes(scopes)
+    if len(name) > 200 or '\x00' in name:
+        raise InvalidInputError('a key name is at most 200 characters, without NUL', field='name')
+    account_row = await get_account(account, session=session)
+    prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    row = ApiKey(account_id=account_row.id, prefix=prefix, secret_hash=_digest(secret), name=name, scopes=allowed)
+    session.add(row)
+    await session.flush()
+    await session.refresh(row)
+    return NewApiKey(token=f'{KEY_PREFIX}_{prefix}_{secret}', info=_info(row, account_row.slug))
+
+
+async def list_api_keys(
+    *, session: AsyncSession, account: str | None = None, include_revoked: bool = False
+) -> list[ApiKeyInfo]:
+    """Keys, oldest first: of one account (a slug) or all; revoked ones only when asked."""
+    query = select(ApiKey, Account.slug).join(Account, Account.id == ApiKey.account_id).order_by(ApiKey.id)
+    if account is not None:
+        query = query.where(Account.slug == account)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return [_info(row, slug) for row, slug in (await session.execute(query))]
+
+
+async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
+    """Revoke a key by its public id (`art_<prefix>`), its bare prefix or the whole key. Revoking twice is harmless.
+
+    Raises:
+        UnknownApiKeyError: no key has that id.
+    """
+    match = _PUBLIC_ID.fullmatch(key.strip())
+    if match is None:
+        raise UnknownApiKeyError(f'not an API key id: {key[:40]!r} (expected art_ and 12 hex digits)')
+    prefix = match.group(1)
+    statement = (
+        update(ApiKey)
+        .where(ApiKey.prefix == prefix)
+        .values(revoked_at=func.coalesce(ApiKey.revoked_at, func.now()))
+        .returning(ApiKey)
+    )
+    row = (await session.execute(statement)).scalar_one_or_none()
+    if row is None:
+        raise UnknownApiKeyError(f'no API key {KEY_PREFIX}_{prefix}')
+    slug = (await session.execute(select(Account.slug).where(Account.id == row.account_id))).scalar_one()
+    _cache.pop(prefix, None)
+    return _info(row, slug)
+
+
+async def authenticate_api_key(token: str) -> ApiCaller | None:
+    """The caller a key speaks for, or None for a malformed, unknown, wrong or revoked key.
+
+    Checked in one short session of its own (which also notes when the key was last used, at most once a minute),
+    then cached in this process for `AGENTRT_API_KEY_CACHE_SECONDS`; concurrent first uses of one key share a
+    single lookup. The secret is compared in constant time, on every call, cached or not.
+    """
+    match = _TOKEN.fullmatch(token)
+    if match is None:
+        return None
+    prefix, secret = match.groups()
+    cached = _cache.get(prefix)
+    if cached is None or cached.expires < time.monotonic():
+        cached = await _lookup_once(prefix)
+    if cached is None or not hmac.compare_digest(cached.secret_hash, _digest(secret)):
+        return None
+    return cached.caller
+
+
+def forget_cached_api_keys() -> None:
+    """Drop every cached key in this process (the next use of each reads the database again)."""
+    _cache.clear()
+
+
+@dataclass(frozen=True)
+class _Cached:
+    caller: ApiCaller
+    secret_hash: bytes
+    expires: float
+
+
+_cache: dict[str, _Cached] = {}
+_inflight: dict[str, asyncio.Future[_Cached | None]] = {}
+
+
+async def _lookup_once(prefix: str) -> _Cached | None:
+    """One database lookup per prefix at a time: concurrent callers await the same one."""
+    pending = _inflight.get(prefix)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    future: asyncio.Future[_Cached | None] = asyncio.get_running_loop().create_future()
+    _inflight[prefix] = future
+    try:
+        found = await _lookup(prefix)
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved here, so a lookup nobody else awaited is not reported as lost
+        raise
+    else:
+        future.set_result(found)
+        return found
+    finally:
+        del _inflight[prefix]
+
+
+async def _lookup(prefix: str) -> _Cached | None:
+    query = (
+        select(ApiKey.id, ApiKey.secret_hash, ApiKey.scopes, Account.id, Account.slug)
+        .join(Account, Account.id == ApiKey.account_id)
+        .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
+    )
+    async with get_db_session() as session:
+        row = (await session.execute(query)).first()
+        if row is None:
+            return None
+        key_id, secret_hash, scopes, account_id, slug = row
+        stale = func.now() - timedelta(seconds=_TOUCH_EVERY_S)
+        touch = update(ApiKey).where(ApiKey.id == key_id, func.coalesce(ApiKey.last_used_at, stale) <= stale)
+        await session.execute(touch.values(last_used_at=func.now()))
+    caller = ApiCaller(key_id, prefix, account_id, slug, frozenset(scopes))
+    entry = _Cached(caller, bytes(secret_hash), time.monotonic() + current_settings().api_key_cache_seconds)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.pop(next(iter(_cache)))  # the oldest entry: dicts keep insertion order
+    _cache[prefix] = entry
+    return entry
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _info(row: ApiKey, account_slug: str) -> ApiKeyInfo:
+    return ApiKeyInfo(
+        id=row.id,
+        public_id=f'{KEY_PREFIX}_{row.prefix}',
+        account_slug=account_slug,
+        name=row.name,
+        scopes=list(row.scopes),
+        created_at=row.created_at,
+        last_used_at=row.last_used_at,
+        revoked_at=row.revoked_at,
+    )

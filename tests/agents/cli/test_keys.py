@@ -1,0 +1,61 @@
+"""`agentrt keys create|list|revoke` in-process, and `agentrt serve` without the http extra."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from agentrt.services.api_keys import authenticate_api_key, forget_cached_api_keys
+from tests.agents.cli.helpers import invoke
+
+
+async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    created = await invoke('keys', 'create', '--account', 'acme-health', '--name', 'ci', '--scope', 'read', env=env)
+    assert created.exit_code == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith('art_') and len(created.stdout.splitlines()) == 1  # only the key on stdout, for scripts
+    assert 'not shown again' in created.stderr and "'acme-health'" in created.stderr
+    forget_cached_api_keys()
+    caller = await authenticate_api_key(token)
+    assert caller is not None and caller.scopes == {'read'}
+
+    as_json = await invoke('keys', 'create', '--account', 'green-grocer', '--json', env=env)
+    made = json.loads(as_json.stdout)
+    assert made['key'].startswith(made['public_id'] + '_') and made['scopes'] == ['chat', 'read']
+
+    listed = await invoke('keys', 'list', env=env)
+    assert listed.exit_code == 0 and token[:16] in listed.stdout and 'green-grocer' in listed.stdout
+    assert token not in listed.stdout  # never the secret
+
+    revoked = await invoke('keys', 'revoke', token[:16], env=env)
+    assert revoked.exit_code == 0 and f'revoked {token[:16]}' in revoked.stdout
+    forget_cached_api_keys()
+    assert await authenticate_api_key(token) is None
+    remaining = json.loads((await invoke('keys', 'list', '--json', env=env)).stdout)
+    assert [key['name'] for key in remaining] == ['']
+    everything = json.loads((await invoke('keys', 'list', '--all', '--json', env=env)).stdout)
+    assert [key['revoked_at'] is not None for key in everything] == [True, False]
+
+
+async def test_bad_input_fails_with_a_message(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    for args, message in [
+        (('create', '--account', 'nobody'), "unknown account 'nobody'"),
+        (('create', '--account', 'acme-health', '--scope', 'admin'), "unknown scope 'admin'"),
+        (('revoke', 'art_000000000000'), 'no API key art_000000000000'),
+        (('revoke', 'not-an-id'), 'not an API key id'),
+    ]:
+        result = await invoke('keys', *args, env=env)
+        assert result.exit_code != 0 and message in result.stderr, (args, result.stderr)
+        assert 'Traceback' not in result.stderr
+
+
+async def test_serve_without_the_http_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_module = importlib.import_module('agentrt.agents.cli.serve')  # the package's `serve` is the command
+    monkeypatch.setattr(serve_module, 'missing_http_packages', lambda: ['fastapi', 'uvicorn'])
+    result = await invoke('serve')
+    assert result.exit_code == 2
+    assert "pip install 'agentrt[http]'" in result.stderr and 'fastapi, uvicorn not installed' in result.stderr

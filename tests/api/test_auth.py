@@ -1,0 +1,63 @@
+"""API keys over HTTP: 401 without a good key, 403 without the scope, revocation, and the health routes open."""
+
+from __future__ import annotations
+
+import httpx2
+from sqlalchemy import select
+
+from agentrt.db.models import ApiKey
+from agentrt.db.session import get_db_session
+from agentrt.services.api_keys import revoke_api_key
+from tests.api.conftest import Keys, auth
+
+AUDIT = '/api/v1/llm-audit/interactions'
+
+
+async def test_missing_malformed_unknown_and_wrong_keys_get_401(keys: Keys, client: httpx2.AsyncClient) -> None:
+    prefix = keys.acme[: len('art_') + 12]
+    wrong_secret = prefix + '_' + 'A' * 43
+    headers = [
+        {},
+        {'Authorization': 'Basic dXNlcjpwYXNz'},
+        {'Authorization': 'Bearer'},
+        {'Authorization': 'Bearer not-a-key'},
+        {'Authorization': f'Bearer {keys.acme}x'},
+        {'Authorization': f'Bearer {wrong_secret}'},  # a real key's id with another secret
+        {'Authorization': 'Bearer art_000000000000_' + 'A' * 43},
+        {'X-API-Key': keys.acme},  # only the bearer header is read
+    ]
+    for header in headers:
+        for method, path in (('GET', AUDIT), ('POST', '/api/v1/chat'), ('GET', '/api/v1/conversations')):
+            response = await client.request(method, path, headers=header)
+            assert response.status_code == 401, (header, path, response.text)
+            assert response.headers['www-authenticate'] == 'Bearer'
+            assert response.json()['type'] == 'unauthorized'
+    assert (await client.get(AUDIT, headers=auth(keys.acme))).status_code == 200
+
+
+async def test_a_key_without_the_scope_gets_403(keys: Keys, client: httpx2.AsyncClient) -> None:
+    chat = await client.post('/api/v1/chat', json={}, headers=auth(keys.acme_read_only))
+    turn = await client.post('/api/v1/conversations/c/turns', json={'message': 'hi'}, headers=auth(keys.acme_read_only))
+    delete = await client.delete('/api/v1/conversations/c', headers=auth(keys.acme_read_only))
+    assert chat.status_code == turn.status_code == delete.status_code == 403
+    assert "'chat' scope" in chat.json()['detail']
+    for path in (AUDIT, '/api/v1/costs', '/api/v1/conversations', '/api/v1/conversations/c'):
+        response = await client.get(path, headers=auth(keys.acme_chat_only))
+        assert response.status_code == 403 and "'read' scope" in response.json()['detail'], path
+    assert (await client.get(AUDIT, headers=auth(keys.acme_read_only))).status_code == 200
+
+
+async def test_a_revoked_key_is_refused_and_last_use_is_noted(keys: Keys, client: httpx2.AsyncClient) -> None:
+    assert (await client.get(AUDIT, headers=auth(keys.acme))).status_code == 200
+    async with get_db_session() as session:
+        used = (await session.execute(select(ApiKey.name, ApiKey.last_used_at))).all()
+        await revoke_api_key(session=session, key=keys.acme[:16])
+    assert {name for name, last_used in used if last_used is not None} == {'acme'}
+    response = await client.get(AUDIT, headers=auth(keys.acme))
+    assert response.status_code == 401 and 'revoked' in response.json()['detail']
+    assert (await client.get(AUDIT, headers=auth(keys.green))).status_code == 200
+
+
+async def test_health_needs_no_key(client: httpx2.AsyncClient) -> None:
+    assert (await client.get('/health/live')).json() == {'status': 'alive'}
+    assert (await client.get('/health/ready')).status_code == 200

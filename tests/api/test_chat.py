@@ -1,0 +1,255 @@
+"""`POST /api/v1/chat` (Vercel AI data stream) and `/api/v1/chat/ag-ui`, served by uvicorn on loopback or in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
+from sqlalchemy import func, select
+
+from agentrt.agents.demo_model import demo_model
+from agentrt.api.app import create_app
+from agentrt.db.engine import pool_status
+from agentrt.db.models import ConversationRow, ConversationTurnRow
+from agentrt.db.session import get_db_session
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.ledger import get_request_tracker
+from tests.agents.conftest import account_id
+from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
+from tests.factories import ledger_rows
+
+QUESTION = 'Cardiologists in Seattle who accept Medicare'
+
+
+async def _settled() -> None:
+    """Let the ledger writes and post-turn tasks of finished turns land."""
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+
+
+async def _conversations() -> int:
+    async with get_db_session() as session:
+        return (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
+
+
+async def test_streamed_turns_carry_parallel_tool_calls_and_history_and_bill_each_request(
+    keys: Keys, live_url: str
+) -> None:
+    async with httpx2.AsyncClient(base_url=live_url, timeout=30) as client:
+        status, first = await stream_chat(client, keys.acme, chat_body('conv-1', QUESTION))
+        # The AI SDK sends only its new message when the server holds the history.
+        status2, second = await stream_chat(client, keys.acme, chat_body('conv-1', 'and in Boston?', 'm2'))
+    assert status == status2 == 200
+    assert first[0] == {'type': 'start'} and first[-1] == '[DONE]' and second[-1] == '[DONE]'
+
+    # Parallel tool calls: several calls announced before the first result arrives.
+    kinds = [event['type'] for event in first if isinstance(event, dict)]
+    started = of_type(first, 'tool-input-start')
+    assert len({event['toolCallId'] for event in started}) >= 2
+    assert kinds.index('tool-output-available') > [i for i, k in enumerate(kinds) if k == 'tool-input-start'][1]
+    assert {event['toolName'] for event in started} == {'search_directory', 'get_directory_entry'}
+    text = ''.join(event['delta'] for event in of_type(first, 'text-delta'))
+    assert 'Seattle' in text and 'Cardiology' in text
+    assert of_type(first, 'finish') and not of_type(first, 'error')
+    assert 'Boston' in ''.join(event['delta'] for event in of_type(second, 'text-delta'))
+
+    await _settled()
+    acme = await account_id('acme-health')
+    stored = await PostgresConversationStore(acme).load('conv-1')
+    assert stored is not None
+    prompts = [part.content for m in stored.messages for part in m.parts if part.part_kind == 'user-prompt']
+    assert prompts == [QUESTION, 'and in Boston?']  # turn 2 continued turn 1's conversation
+    rows = await ledger_rows(chat_session_id='conv-1')
+    assert len(rows) == stored.usage.requests == 6  # one ledger row per model request, 3 per turn
+    assert {(row['status'], row['account_id'], row['streamed']) for row in rows} == {('complete', acme, True)}
+    async with get_db_session() as session:
+        title = (await session.execute(select(ConversationRow.title))).scalar_one()
+    assert title  # post-turn work ran from on_complete
+
+
+async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothing(keys: Keys) -> None:
+    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            status, events = await stream_chat(
+                client,
+                keys.acme,
+                chat_body('gone', QUESTION),
+                stop=lambda e: isinstance(e, dict) and e.get('type') == 'text-delta',
+            )
+        assert status == 200 and of_type(events, 'text-delta')
+        for _ in range(200):  # the server notices the hang-up, cancels the run, and the ledger records it
+            await get_request_tracker().flush()
+            if [row['status'] for row in await ledger_rows()] == ['complete', 'complete', 'cancelled']:
+                break
+            await asyncio.sleep(0.02)
+    await _settled()
+    assert [row['status'] for row in await ledger_rows()] == ['complete', 'complete', 'cancelled']
+    assert await _conversations() == 0
+    assert pool_status().checked_out == 0
+    async with get_db_session() as session:  # the turn's claim on the conversation was released
+        assert (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() == 0
+
+
+async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream(keys: Keys) -> None:
+    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.005))
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            first = asyncio.create_task(stream_chat(client, keys.acme, chat_body('busy', QUESTION)))
+            for _ in range(500):  # until the first turn holds the conversation
+                if await _claimed():
+                    break
+                await asyncio.sleep(0.01)
+            second = await client.post(
+                '/api/v1/chat', json=chat_body('busy', 'and in Boston?'), headers=auth(keys.acme)
+            )
+            status, events = await first
+    assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
+    assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error')
+    await _settled()
+    assert len(await ledger_rows(chat_session_id='busy')) == 3  # the refused turn sent nothing
+
+
+async def _claimed() -> bool:
+    async with get_db_session() as session:
+        return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
+
+
+async def test_a_conversation_goes_on_turn_after_turn_past_the_old_lifetime_request_limit(
+    keys: Keys, live_url: str
+) -> None:
+    # 17 turns of 3 requests, each sent the moment the last one's stream ended: 51 requests, past pydantic-ai's
+    # default request_limit of 50 (which the adapters' own conversation handling applies to the conversation's
+    # lifetime usage; the limits here are per turn), and never refused because the last turn still held the
+    # conversation (its claim is released before the stream's last events go out).
+    async with httpx2.AsyncClient(base_url=live_url, timeout=30) as client:
+        for n in range(17):
+            status, events = await stream_chat(
+                client, keys.acme, chat_body('long', f'Cardiologists in Seattle {n}', f'm{n}')
+            )
+            assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error'), (n, status, events[-3:])
+            assert not await _claimed()  # free by the time the stream has ended
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('long')
+    assert stored is not None and stored.usage.requests == 51
+
+
+def _failing_model(message: str) -> FunctionModel:
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> object:
+        raise RuntimeError(message)
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        raise RuntimeError(message)
+        yield ''
+
+    return FunctionModel(respond, stream_function=stream, model_name='failing')  # type: ignore[arg-type]
+
+
+async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = 'SELECT password FROM accounts WHERE host=db.internal:5432 -- hunter2'
+    app = create_app(manage_runtime=False, model=_failing_model(secret))
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+            response = await client.post('/api/v1/chat', json=chat_body('boom', 'hello'), headers=auth(keys.acme))
+    assert response.status_code == 200  # the stream had started: the error is an event in it
+    assert 'hunter2' not in response.text and 'SELECT' not in response.text
+    errors = of_type(sse_events(response.text), 'error')
+    assert len(errors) == 1
+    text = errors[0]['errorText']
+    assert text.startswith('the request failed on the server (error id err_')
+    error_id = text.rsplit(' ', 1)[-1].rstrip(')')
+    logged = [record for record in caplog.records if error_id in record.getMessage()]
+    assert logged and secret in logged[0].getMessage() and logged[0].exc_info is not None
+    await _settled()
+    # One row, not a success. (The ledger records a stream that fails before its first chunk as `cancelled`, in
+    # process as over HTTP: the capability sees the stream task's cancellation, not the model's error.)
+    assert [row['success'] for row in await ledger_rows()] == [False]
+    assert await _conversations() == 0
+
+
+async def test_ag_ui_turn_streams_run_events_and_saves_the_conversation(keys: Keys, client: httpx2.AsyncClient) -> None:
+    body = {
+        'threadId': 'thread-1',
+        'runId': 'run-1',
+        'messages': [{'id': 'u1', 'role': 'user', 'content': 'Dermatologists in Boston'}],
+        'tools': [],
+        'context': [],
+    }
+    response = await client.post('/api/v1/chat/ag-ui', json=body, headers=auth(keys.acme))
+    assert response.status_code == 200
+    kinds = [event['type'] for event in sse_events(response.text) if isinstance(event, dict)]
+    assert kinds[0] == 'RUN_STARTED' and kinds[-1] == 'RUN_FINISHED'
+    assert 'TOOL_CALL_START' in kinds and 'TEXT_MESSAGE_CONTENT' in kinds
+    await _settled()
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('thread-1')
+    assert stored is not None and len(await ledger_rows(chat_session_id='thread-1')) == stored.usage.requests == 3
+
+
+async def test_refused_turns_run_nothing_and_name_the_field(keys: Keys, client: httpx2.AsyncClient) -> None:
+    cases = [
+        (chat_body('c', ''), 'messages'),
+        (chat_body('c', '   '), 'messages'),
+        (chat_body('c', 'x' * 32_001), 'messages'),  # AGENTRT_MESSAGE_MAX_CHARS
+        (chat_body('x' * 201, 'hi'), 'id'),
+        (chat_body('tab\tid', 'hi'), 'id'),
+        (chat_body('a\x00b', 'hi'), 'id'),
+        (chat_body('-starts-badly', 'hi'), 'id'),
+        (chat_body('c', 'hi') | {'trigger': 'regenerate-message'}, 'trigger'),
+        (chat_body('c', 'hi') | {'messages': [{'id': 'a', 'role': 'assistant', 'parts': []}]}, 'messages'),
+        ({'trigger': 'submit-message', 'messages': []}, 'id'),
+        ({'trigger': 'submit-message', 'id': 'c', 'messages': []}, 'messages'),
+        ({'trigger': 'launch', 'id': 'c', 'messages': []}, None),
+    ]
+    for body, field in cases:
+        response = await client.post('/api/v1/chat', json=body, headers=auth(keys.acme))
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()['error_id'].startswith('err_')
+        if field is not None:
+            assert response.json()['field'] == field, response.json()
+    raw = [
+        ('{"id": "c", "messages": [', 'application/json', 422),
+        ('[1, 2]', 'application/json', 422),
+        (
+            '{"trigger":"submit-message","id":"c","messages":[{"id":"m","role":"user","parts":[{"type":"text","text":"\\ud800"}]}]}',
+            'application/json',
+            422,
+        ),
+        ('id=c&text=hi', 'application/x-www-form-urlencoded', 415),
+        ('{"id": "c"}', 'text/plain', 415),
+    ]
+    for content, media_type, status in raw:
+        response = await client.post(
+            '/api/v1/chat', content=content, headers={**auth(keys.acme), 'content-type': media_type}
+        )
+        assert response.status_code == status, (content, response.text)
+    response = await client.post('/api/v1/chat?agent=nope', json=chat_body('c', 'hi'), headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['type'] == 'unknown_agent'
+    assert 'provider-finder' in response.json()['detail'] and 'green' not in response.json()['detail']
+    response = await client.post('/api/v1/chat?agent=bad%20slug', json=chat_body('c', 'hi'), headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'] == 'agent'
+    big = chat_body('c', 'x' * (4 * 1024 * 1024 + 1))
+    response = await client.post('/api/v1/chat', json=big, headers=auth(keys.acme))
+    assert response.status_code == 413
+    await _settled()
+    assert await ledger_rows() == [] and await _conversations() == 0
+
+
+async def test_the_client_names_its_ai_sdk_version(keys: Keys, client: httpx2.AsyncClient) -> None:
+    for version in ('5', '6', '7'):
+        response = await client.post(
+            f'/api/v1/chat?sdk_version={version}', json=chat_body(f'v{version}', 'hi'), headers=auth(keys.acme)
+        )
+        assert response.status_code == 200 and response.headers['x-vercel-ai-ui-message-stream'] == 'v1'
+    for bad in ('4', '8', 'six'):
+        response = await client.post(
+            f'/api/v1/chat?sdk_version={bad}', json=chat_body('v', 'hi'), headers=auth(keys.acme)
+        )
+        assert response.status_code == 422 and response.json()['detail'][0]['loc'] == ['query', 'sdk_version']

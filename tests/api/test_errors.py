@@ -1,0 +1,78 @@
+"""The one mapping of errors to HTTP statuses: what the client reads, and that it never quotes internal text."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx2
+import pytest
+from pydantic_ai.exceptions import ModelHTTPError, UnexpectedModelBehavior, UsageLimitExceeded, UserError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from agentrt.api import audit
+from agentrt.api.errors import ApiError, public_error, stream_error
+from agentrt.db.errors import (
+    ConfigError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
+from agentrt.services.conversations import ConcurrentTurnError
+from agentrt.services.ledger import RollupCannotAnswer
+from agentrt.services.tenancy import UnknownTenantError
+from tests.api.conftest import Keys, auth
+
+SECRET = 'db.internal:5432 SELECT * FROM api_keys -- sk-live-123'
+
+CASES: list[tuple[BaseException, int, str]] = [
+    (InvalidInputError('the message is empty', field='message'), 422, 'invalid_input'),
+    (UnknownTenantError("unknown agent 'x' for account 'a'; agents: helper", what='agent'), 422, 'unknown_agent'),
+    (UnknownTenantError(f'unknown account; accounts: {SECRET}'), 401, 'unauthorized'),
+    (ConcurrentTurnError('c-1'), 409, 'concurrent_turn'),
+    (TurnLimitExceededError('the turn made 20 model requests, its limit'), 422, 'turn_limit_exceeded'),
+    (UsageLimitExceeded('The next request would exceed the request_limit of 50'), 422, 'turn_limit_exceeded'),
+    (RollupCannotAnswer('the rollup is per UTC day'), 422, 'invalid_input'),
+    (ModelProviderError(SECRET, status_code=429, body=SECRET), 502, 'model_provider_error'),
+    (ModelHTTPError(500, 'gpt-x', body=SECRET), 502, 'model_provider_error'),
+    (UnexpectedModelBehavior(SECRET), 502, 'model_provider_error'),
+    (
+        ModelBehaviorError('the model did not produce a usable answer: output cut off', body=SECRET),
+        502,
+        'model_behavior_error',
+    ),
+    (DatabaseUnavailableError(SECRET), 503, 'database_unavailable'),
+    (OperationalError(SECRET, {}, Exception(SECRET)), 503, 'database_unavailable'),
+    (PoolTimeoutError(SECRET), 503, 'busy'),
+    (ConfigError(SECRET), 500, 'configuration_error'),
+    (RuntimeError(SECRET), 500, 'internal_error'),
+    (ApiError(404, 'not_found', 'no such thing'), 404, 'not_found'),
+]
+
+
+def test_every_error_gets_its_status_and_no_internal_text(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        for exc, status, kind in CASES:
+            public = public_error(exc, where='test')
+            assert (public.status, public.type) == (status, kind), exc
+            assert 'db.internal' not in public.message and 'sk-live' not in public.message, exc
+            assert public.error_id in caplog.text  # the log line carries the id (and, for a 5xx, the whole error)
+    assert public_error(ModelProviderError('x', status_code=429)).message == (
+        'the model provider failed (HTTP 429); try again shortly'
+    )
+    assert stream_error(UserError('Conversation changed; reload it')).message == 'Conversation changed; reload it'
+    assert stream_error(RuntimeError(SECRET)).stream_text().startswith('the request failed on the server (error id ')
+
+
+async def test_a_database_outage_answers_503_without_its_text(
+    keys: Keys, client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(**kwargs: object) -> None:
+        raise DatabaseUnavailableError(f'cannot connect to {SECRET}')
+
+    monkeypatch.setattr(audit, 'list_requests', down)
+    response = await client.get('/api/v1/llm-audit/interactions', headers=auth(keys.acme))
+    assert response.status_code == 503 and 'db.internal' not in response.text
+    assert response.json()['type'] == 'database_unavailable'

@@ -1,0 +1,58 @@
+"""Tenant isolation over HTTP: green-grocer's key never reaches acme-health's conversations, audit rows or costs,
+whatever ids it sends."""
+
+from __future__ import annotations
+
+import httpx2
+
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.ledger import get_request_tracker
+from tests.agents.conftest import account_id
+from tests.api.conftest import Keys, auth, chat_body
+
+AUDIT = '/api/v1/llm-audit/interactions'
+
+
+async def test_another_accounts_key_sees_nothing_of_it_whatever_ids_it_sends(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    turn = await client.post(
+        '/api/v1/conversations/shared-id/turns', json={'message': 'Cardiologists in Seattle'}, headers=auth(keys.acme)
+    )
+    assert turn.status_code == 200
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    acme_ids = [item['id'] for item in (await client.get(AUDIT, headers=auth(keys.acme))).json()['items']]
+    assert len(acme_ids) == 3
+
+    green = auth(keys.green)
+    assert (await client.get('/api/v1/conversations', headers=green)).json()['items'] == []
+    assert (await client.get('/api/v1/conversations/shared-id', headers=green)).status_code == 404
+    assert (await client.delete('/api/v1/conversations/shared-id', headers=green)).status_code == 404
+    audit = (await client.get(AUDIT, params={'conversation_id': 'shared-id'}, headers=green)).json()
+    assert audit['total'] == 0 and audit['items'] == []
+    for request_id in acme_ids:
+        response = await client.get(f'{AUDIT}/{request_id}', headers=green)
+        assert response.status_code == 404 and request_id not in response.text.replace(
+            f'no model request {request_id}', ''
+        )
+    for by in ('account', 'agent', 'model', 'day'):
+        assert (await client.get('/api/v1/costs', params={'by': by}, headers=green)).json()['items'] == []
+
+    # The same conversation id from green's key is green's own conversation: acme's is untouched.
+    acme_store = PostgresConversationStore(await account_id('acme-health'))
+    before = await acme_store.load('shared-id')
+    chat = await client.post('/api/v1/chat', json=chat_body('shared-id', 'Organic berries'), headers=green)
+    assert chat.status_code == 200 and chat.text.rstrip().endswith('data: [DONE]') and '"type":"error"' not in chat.text
+    acme_conversation = await acme_store.load('shared-id')
+    green_conversation = await PostgresConversationStore(await account_id('green-grocer')).load('shared-id')
+    assert before is not None and acme_conversation is not None and green_conversation is not None
+    assert acme_conversation.revision == before.revision and acme_conversation.messages == before.messages
+    assert 'Cardiologists' not in str(green_conversation.messages)
+    assert [
+        i['conversation_id'] for i in (await client.get('/api/v1/conversations', headers=green)).json()['items']
+    ] == ['shared-id']
+    await get_request_tracker().flush()
+    assert (await client.get(AUDIT, headers=auth(keys.acme))).json()['total'] == 3  # green's turn is not acme's
+    assert (await client.get('/api/v1/conversations/shared-id', headers=auth(keys.acme))).status_code == 200

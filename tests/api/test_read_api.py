@@ -1,0 +1,199 @@
+"""The read API: the audit (pages, filters, totals, cursor, detail), costs, and conversations; the non-streamed turn."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from agentrt.services.background import get_supervisor
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request_tracker
+from tests.agents.conftest import account_id
+from tests.api.conftest import Keys, auth
+from tests.factories import fast_config, ledger_record
+
+AUDIT = '/api/v1/llm-audit/interactions'
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+async def _record(tmp_path: Path, records: list[LedgerRecord]) -> None:
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    for record in records:
+        await tracker.track_request(record)
+    await tracker.flush()
+
+
+def _row(account: int, slug: str, minute: int, *, success: bool = True, **fields: Any) -> LedgerRecord:
+    values: dict[str, Any] = {
+        'started_at': T0 + timedelta(minutes=minute),
+        'cost': '0.001',
+        'account_id': account,
+        'account_slug': slug,
+        'agent_instance_slug': 'helper',
+        'chat_session_id': f'conv-{minute % 3}',
+        'error_type': None if success else 'ModelHTTPError',
+        'error_message': None if success else 'status_code: 503, body: overloaded',
+        'raw_contents': [('prompt', '{"q": "hello"}'), ('response' if success else 'error', '{"a": "done"}')],
+    }
+    return ledger_record(success=success, **(values | fields))
+
+
+@pytest.fixture
+async def ledger(keys: Keys, tmp_path: Path) -> tuple[int, int]:
+    """25 requests of acme (every fifth failed, two models) and 3 of green-grocer."""
+    acme, green = await account_id('acme-health'), await account_id('green-grocer')
+    rows = [
+        _row(acme, 'acme-health', m, success=m % 5 != 4, model='gpt-4o' if m % 2 else 'gpt-4o-mini') for m in range(25)
+    ]
+    rows += [_row(green, 'green-grocer', m) for m in range(3)]
+    await _record(tmp_path, rows)
+    return acme, green
+
+
+async def test_audit_pages_newest_first_with_totals_and_filters(
+    ledger: tuple[int, int], keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    first = (await client.get(AUDIT, params={'page': 1, 'page_size': 10}, headers=auth(keys.acme))).json()
+    assert (first['total'], first['total_pages'], len(first['items'])) == (25, 3, 10)
+    started = [item['started_at'] for item in first['items']]
+    assert started == sorted(started, reverse=True) and started[0] == (T0 + timedelta(minutes=24)).isoformat().replace(
+        '+00:00', 'Z'
+    )
+    last = (await client.get(AUDIT, params={'page': 3, 'page_size': 10}, headers=auth(keys.acme))).json()
+    assert len(last['items']) == 5 and last['next_cursor'] is None
+    beyond = (await client.get(AUDIT, params={'page': 4, 'page_size': 10}, headers=auth(keys.acme))).json()
+    assert beyond['items'] == [] and beyond['total'] == 25
+
+    failed = (await client.get(AUDIT, params={'success': 'false'}, headers=auth(keys.acme))).json()
+    assert failed['total'] == 5
+    assert {(i['status'], i['success'], i['error_type']) for i in failed['items']} == {
+        ('error', False, 'ModelHTTPError')
+    }
+    model = (await client.get(AUDIT, params={'model': 'gpt-4o'}, headers=auth(keys.acme))).json()
+    assert model['total'] == 12 and {i['model'] for i in model['items']} == {'gpt-4o'}
+    window = {'since': '2026-03-01T12:10:00', 'until': '2026-03-01T13:15:00+01:00', 'conversation_id': 'conv-1'}
+    ranged = (await client.get(AUDIT, params=window, headers=auth(keys.acme))).json()
+    assert sorted(i['started_at'][14:16] for i in ranged['items']) == ['10', '13']  # minutes 10..14, conv-1
+    assert (await client.get(AUDIT, params={'agent': 'helper'}, headers=auth(keys.acme))).json()['total'] == 25
+    assert (await client.get(AUDIT, params={'agent': 'other'}, headers=auth(keys.acme))).json()['total'] == 0
+
+
+async def test_audit_cursor_walks_every_row_once_while_new_ones_arrive(
+    ledger: tuple[int, int], keys: Keys, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    seen: list[str] = []
+    cursor = None
+    for step in range(10):
+        params: dict[str, Any] = {'page_size': 7} | ({'cursor': cursor} if cursor else {})
+        page = (await client.get(AUDIT, params=params, headers=auth(keys.acme))).json()
+        seen += [item['id'] for item in page['items']]
+        if step == 0:  # a newer row lands after the first page: it must not shift the next ones
+            await _record(tmp_path, [_row(ledger[0], 'acme-health', 60)])
+        cursor = page['next_cursor']
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 25
+
+
+async def test_audit_detail_shows_the_stored_prompt_and_response_or_error(
+    ledger: tuple[int, int], keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    failed = (await client.get(AUDIT, params={'success': 'false', 'page_size': 1}, headers=auth(keys.acme))).json()
+    detail = (await client.get(f'{AUDIT}/{failed["items"][0]["id"]}', headers=auth(keys.acme))).json()
+    assert detail['success'] is False and detail['error_message'] == 'status_code: 503, body: overloaded'
+    assert [(c['kind'], c['body']) for c in detail['contents']] == [
+        ('prompt', '{"q": "hello"}'),
+        ('error', '{"a": "done"}'),
+    ]
+    missing = await client.get(f'{AUDIT}/01a23014-ea87-791c-afe7-823174d274a5', headers=auth(keys.acme))
+    assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
+
+
+async def test_costs_group_the_accounts_own_requests(
+    ledger: tuple[int, int], keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    by_model = (await client.get('/api/v1/costs', params={'by': 'model'}, headers=auth(keys.acme))).json()
+    assert by_model['source'] == 'ledger'
+    assert {(r['key'], r['requests'], r['failed'], r['total_cost']) for r in by_model['items']} == {
+        ('gpt-4o-mini', 13, 3, '0.013'),
+        ('gpt-4o', 12, 2, '0.012'),
+    }
+    by_day = (await client.get('/api/v1/costs', params={'by': 'day'}, headers=auth(keys.acme))).json()
+    assert [(r['key'], r['requests']) for r in by_day['items']] == [('2026-03-01', 25)]
+    account = (await client.get('/api/v1/costs', params={'by': 'account'}, headers=auth(keys.green))).json()
+    assert [(r['key'], r['requests']) for r in account['items']] == [('green-grocer', 3)]
+    rollup = await client.get(
+        '/api/v1/costs', params={'source': 'rollup', 'since': '2026-03-01T12:30:00Z'}, headers=auth(keys.acme)
+    )
+    assert rollup.status_code == 422 and rollup.json()['field'] == 'source' and 'UTC day' in rollup.json()['detail']
+
+
+async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_deleted(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    path = '/api/v1/conversations/script-1'
+    first = await client.post(f'{path}/turns', json={'message': 'Cardiologists in Seattle'}, headers=auth(keys.acme))
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert 'Seattle' in body['output'] and body['conversation_id'] == 'script-1' and body['model_name'] == 'demo'
+    assert body['usage']['requests'] == 3 and body['usage']['tool_calls'] >= 2 and body['cost'] is None
+    second = await client.post(f'{path}/turns', json={'message': 'and in Boston?'}, headers=auth(keys.acme))
+    assert second.status_code == 200 and second.json()['usage']['requests'] == 3  # this turn's usage only
+    await get_supervisor().join()
+    await get_request_tracker().flush()
+
+    listing = (await client.get('/api/v1/conversations', headers=auth(keys.acme))).json()
+    assert [item['conversation_id'] for item in listing['items']] == ['script-1']
+    item = listing['items'][0]
+    assert item['title'] and item['summary'] and item['usage']['requests'] == 6
+
+    vercel = (await client.get(path, headers=auth(keys.acme))).json()
+    roles = [message['role'] for message in vercel['messages']]
+    assert vercel['format'] == 'vercel' and roles.count('user') == 2 and roles[0] == 'user' and roles[-1] == 'assistant'
+    texts = [p['text'] for m in vercel['messages'] if m['role'] == 'user' for p in m['parts'] if p['type'] == 'text']
+    assert texts == ['Cardiologists in Seattle', 'and in Boston?']
+    native = (await client.get(path, params={'format': 'pydantic'}, headers=auth(keys.acme))).json()
+    assert [m['kind'] for m in native['messages']][:2] == ['request', 'response']
+
+    stale = await client.delete(path, headers={**auth(keys.acme), 'If-Match': '"not-the-revision"'})
+    assert stale.status_code == 409
+    gone = await client.delete(path, headers={**auth(keys.acme), 'If-Match': f'"{vercel["revision"]}"'})
+    assert gone.status_code == 204
+    assert (await client.get(path, headers=auth(keys.acme))).status_code == 404
+    assert (await client.delete(path, headers=auth(keys.acme))).status_code == 404
+
+
+async def test_concurrent_json_turns_on_one_conversation_one_wins_the_other_gets_409(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    outcomes = await asyncio.gather(
+        *(
+            client.post('/api/v1/conversations/race/turns', json={'message': text}, headers=auth(keys.acme))
+            for text in ('Cardiologists in Seattle', 'Dermatologists in Boston')
+        )
+    )
+    assert sorted(response.status_code for response in outcomes) == [200, 409]
+    conflict = next(response for response in outcomes if response.status_code == 409).json()
+    assert conflict['type'] == 'concurrent_turn' and 'another turn' in conflict['detail']
+
+
+async def test_conversation_list_pages_with_a_cursor(keys: Keys, client: httpx2.AsyncClient) -> None:
+    for n in range(5):
+        response = await client.post(
+            f'/api/v1/conversations/c{n}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+        )
+        assert response.status_code == 200
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {'limit': 2} | ({'cursor': cursor} if cursor else {})
+        page = (await client.get('/api/v1/conversations', params=params, headers=auth(keys.acme))).json()
+        seen += [item['conversation_id'] for item in page['items']]
+        cursor = page['next_cursor']
+        if cursor is None:
+            break
+    assert seen == ['c4', 'c3', 'c2', 'c1', 'c0']

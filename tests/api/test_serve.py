@@ -1,0 +1,148 @@
+"""`agentrt serve` as a user runs it, in its own process with a pool of 20 + 10 set by the environment:
+
+- a key from `agentrt keys create` (a subprocess too), and streamed chats with parallel tool calls;
+- 200 concurrent streamed chats: no errors, one ledger row per model request, no connection left checked out.
+  Lean on purpose, to stay in the default suite: they run for an account with no directory, so the demo model
+  answers in one request without tools (the tool-calling turns are the ones above and in test_chat.py); every
+  per-turn database step of the product path still runs (key, tenant, conversation check, load and save, ledger
+  row, post-turn title, summary and rollup);
+- a clean shutdown on SIGTERM that flushes the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from sqlalchemy import text
+
+from agentrt.db.models import Account, AgentInstance
+from agentrt.db.session import get_db_session
+from agentrt.services.api_keys import create_api_key
+from tests.agents.cli.helpers import ROOT, run_cli
+from tests.api.conftest import chat_body, of_type, stream_chat
+
+CHATS = 200
+TOOL_CHATS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return int(probe.getsockname()[1])
+
+
+async def _wait_until_up(url: str, server: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    async with httpx2.AsyncClient(base_url=url, timeout=2) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                stderr = server.stderr.read() if server.stderr else ''
+                raise AssertionError(f'agentrt serve exited with {server.returncode}: {stderr}')
+            try:
+                if (await client.get('/health/live')).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError('agentrt serve did not come up')
+
+
+async def _ready(client: httpx2.AsyncClient) -> dict[str, Any]:
+    """Readiness once the server's background work (titles, rollups) has drained."""
+    for _ in range(200):
+        body: dict[str, Any] = (await client.get('/health/ready')).json()
+        if body['background']['running'] == body['background']['queued'] == 0 and body['pool']['checked_out'] == 0:
+            break
+        await asyncio.sleep(0.05)
+    return body
+
+
+async def _directoryless_key() -> str:
+    """A key of an account whose agent has no directory: the demo model answers it in one request, no tools."""
+    async with get_db_session() as session:
+        account = Account(slug='no-directory', name='No Directory')
+        session.add(account)
+        await session.flush()
+        session.add(AgentInstance(account_id=account.id, slug='plain', agent_type='simple_chat', config={}))
+        await session.flush()
+        return (await create_api_key(session=session, account='no-directory')).token
+
+
+async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_streams_and_shuts_down_cleanly(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        'DATABASE_URL': database_url,
+        'DB_POOL_SIZE': '20',
+        'DB_MAX_OVERFLOW': '10',
+        'AGENTRT_MODEL': 'demo',
+        'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+    }
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f'http://127.0.0.1:{port}'
+        created, lean_key, _ = await asyncio.gather(
+            asyncio.to_thread(
+                run_cli, 'keys', 'create', '--account', 'acme-health', env={'DATABASE_URL': database_url}
+            ),
+            _directoryless_key(),
+            _wait_until_up(url, server),
+        )
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip()
+        assert key.startswith('art_') and 'not shown again' in created.stderr
+
+        limits = httpx2.Limits(max_connections=CHATS + 10, max_keepalive_connections=CHATS + 10)
+        async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            question = 'Cardiologists in Seattle who accept Medicare'  # parallel searches, details, the answer
+            tool_chats = await asyncio.gather(
+                *(stream_chat(client, key, chat_body(f'tools-{n}', question)) for n in range(TOOL_CHATS))
+            )
+            lean_chats = await asyncio.gather(
+                *(stream_chat(client, lean_key, chat_body(f'load-{n}', 'hello?')) for n in range(CHATS))
+            )
+            ready = await _ready(client)
+        results = tool_chats + lean_chats
+        failures = [(status, events[-3:]) for status, events in results if status != 200 or events[-1] != '[DONE]']
+        assert failures == []
+        assert not any(of_type(events, 'error') for _, events in results)
+        assert all(len(of_type(events, 'tool-input-available')) >= 4 for _, events in tool_chats)
+        answers = {''.join(event['delta'] for event in of_type(events, 'text-delta')) for _, events in lean_chats}
+        assert answers == {'I have no directory to search for this account.'}
+        assert ready['status'] == 'ready' and ready['pool']['checked_out'] == 0
+        assert (ready['pool']['size'], ready['pool']['max_overflow']) == (20, 10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    assert server.returncode in (0, -signal.SIGTERM), stderr
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+    # After the shutdown (which flushes the ledger): one row per model request the conversations account for.
+    async with get_db_session() as session:
+        conversations = await session.execute(
+            text(
+                "SELECT conversation_id LIKE 'load-%', count(*), sum((record->'usage'->>'requests')::int), "
+                'count(title) FROM conversations GROUP BY 1 ORDER BY 1'
+            )
+        )
+        rows = await session.execute(text('SELECT status, count(*) FROM llm_requests GROUP BY status'))
+        by_kind, statuses = conversations.all(), dict(rows.all())
+    assert [tuple(row) for row in by_kind] == [
+        (False, TOOL_CHATS, 3 * TOOL_CHATS, TOOL_CHATS),
+        (True, CHATS, CHATS, CHATS),
+    ]
+    assert statuses == {'complete': 3 * TOOL_CHATS + CHATS}

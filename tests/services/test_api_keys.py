@@ -1,0 +1,114 @@
+"""API keys: created and shown once, stored as a hash, listed, revoked, checked (and cached) in one short session."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+
+import pytest
+from sqlalchemy import select, text, update
+
+from agentrt.db.engine import current_settings
+from agentrt.db.errors import InvalidInputError
+from agentrt.db.models import ApiKey
+from agentrt.db.session import get_db_session
+from agentrt.services import api_keys
+from agentrt.services.api_keys import (
+    UnknownApiKeyError,
+    authenticate_api_key,
+    create_api_key,
+    forget_cached_api_keys,
+    list_api_keys,
+    revoke_api_key,
+)
+from agentrt.services.tenancy import UnknownTenantError
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache() -> None:
+    forget_cached_api_keys()
+
+
+async def _create(account: str = 'acme-health', **kwargs: object) -> str:
+    async with get_db_session() as session:
+        return (await create_api_key(session=session, account=account, **kwargs)).token  # type: ignore[arg-type]
+
+
+async def test_a_key_is_shown_once_and_only_its_hash_is_stored(demo_data: None) -> None:
+    async with get_db_session() as session:
+        created = await create_api_key(session=session, account='acme-health', name='ci', scopes=['read', 'chat'])
+    match = re.fullmatch(r'art_([0-9a-f]{12})_([A-Za-z0-9_-]{43})', created.token)
+    assert match is not None
+    prefix, secret = match.groups()
+    assert created.info.public_id == f'art_{prefix}' and created.info.scopes == ['chat', 'read']
+    async with get_db_session() as session:
+        row = (await session.execute(select(ApiKey))).scalar_one()
+        dump = str((await session.execute(text('SELECT row_to_json(api_keys)::text FROM api_keys'))).scalar_one())
+    assert row.prefix == prefix and bytes(row.secret_hash) == hashlib.sha256(secret.encode()).digest()
+    assert secret not in dump and created.token not in dump
+
+
+async def test_bad_scopes_names_and_accounts_are_refused(demo_data: None) -> None:
+    with pytest.raises(InvalidInputError, match="unknown scope 'admin'") as bad_scope:
+        await _create(scopes=['chat', 'admin'])
+    assert bad_scope.value.field == 'scopes'
+    with pytest.raises(InvalidInputError, match='at least one scope'):
+        await _create(scopes=[])
+    with pytest.raises(InvalidInputError, match='200 characters'):
+        await _create(name='n' * 201)
+    with pytest.raises(UnknownTenantError, match='unknown account'):
+        await _create(account='nobody')
+
+
+async def test_list_and_revoke(demo_data: None) -> None:
+    acme, green = await _create(name='a'), await _create('green-grocer', name='g')
+    async with get_db_session() as session:
+        first = await revoke_api_key(session=session, key=acme[:16])  # the public id
+        again = await revoke_api_key(session=session, key=acme)  # the whole key: harmless twice
+        assert first.revoked_at is not None and again.revoked_at == first.revoked_at
+        assert [k.name for k in await list_api_keys(session=session)] == ['g']
+        assert [k.name for k in await list_api_keys(session=session, include_revoked=True)] == ['a', 'g']
+        assert [k.name for k in await list_api_keys(session=session, account='green-grocer')] == ['g']
+        for unknown in ('art_000000000000', 'nonsense', green[4:16] + 'zz'):
+            with pytest.raises(UnknownApiKeyError):
+                await revoke_api_key(session=session, key=unknown)
+    assert await authenticate_api_key(acme) is None
+    caller = await authenticate_api_key(green)
+    assert caller is not None and caller.account_slug == 'green-grocer' and caller.scopes == {'chat', 'read'}
+
+
+async def test_a_checked_key_is_trusted_for_the_cache_time_only(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = await _create()
+    assert await authenticate_api_key(token) is not None
+    assert await authenticate_api_key(token[:-1] + ('A' if token[-1] != 'A' else 'B')) is None  # cached, still checked
+    async with get_db_session() as session:  # revoked by another process: this one does not know yet
+        await session.execute(update(ApiKey).values(revoked_at=text('now()')))
+    assert await authenticate_api_key(token) is not None
+    monkeypatch.setattr(current_settings(), 'api_key_cache_seconds', 0.0)
+    forget_cached_api_keys()
+    token2 = await _create()
+    assert await authenticate_api_key(token2) is not None
+    async with get_db_session() as session:
+        await session.execute(update(ApiKey).values(revoked_at=text('now()')))
+    assert await authenticate_api_key(token2) is None  # no cache: refused at once
+
+
+async def test_concurrent_first_uses_of_a_key_share_one_lookup(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = await _create()
+    lookups = 0
+    real = api_keys._lookup
+
+    async def counted(prefix: str) -> object:
+        nonlocal lookups
+        lookups += 1
+        await asyncio.sleep(0.05)
+        return await real(prefix)
+
+    monkeypatch.setattr(api_keys, '_lookup', counted)
+    callers = await asyncio.gather(*(authenticate_api_key(token) for _ in range(50)))
+    assert lookups == 1 and all(caller is not None for caller in callers)
