@@ -43,7 +43,7 @@ class InteractionOut(BaseModel):
     id: uuid.UUID
     started_at: datetime
     finished_at: datetime
-    status: Literal['complete', 'error', 'cancelled']
+    status: Literal['complete', 'error', 'cancelled', 'refused']
     success: bool
     model: str
     response_model: str | None

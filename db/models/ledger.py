@@ -26,7 +26,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from agentrt.db.models.base import Base
 
-REQUEST_STATUSES = ('complete', 'error', 'cancelled')
+REQUEST_STATUSES = ('complete', 'error', 'cancelled', 'refused')
+"""`refused`: a budget refused the request before it was sent (cost 0; not a model request in costs)."""
 CONTENT_KINDS = ('prompt', 'response', 'error')
 
 

@@ -20,7 +20,7 @@ from agentrt.services.ledger.redaction import redact_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
 
-Status = Literal['complete', 'error', 'cancelled']
+Status = Literal['complete', 'error', 'cancelled', 'refused']
 RawBody = bytes | str | Body
 """A body to store: a `Body` (JSON-able values, redacted string by string), or text that is redacted as it is."""
 

@@ -19,13 +19,7 @@ from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport, replay_spool
 from agentrt.services.ledger._retry import retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import (
-    CONTENT_INSERT,
-    LEDGER_INSERT,
-    SessionFactory,
-    database_unavailable,
-    insert_together,
-)
+from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -48,7 +42,8 @@ class LLMRequestTracker:
     thread (`LedgerRecord.prepare()`: pricing, redaction, serialisation), never on the event loop, and records are
     prepared side by side, so a huge hostile message delays only its own row. One writer task group-commits the
     rows that are ready, with their contents, in one transaction (`INSERT ... ON CONFLICT DO NOTHING` for the rows,
-    then for the contents, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
+    then for the contents, then the budget holds of the new rows are settled, in a side session with lock and
+    statement timeouts), so 200 concurrent chats cost one
     connection, not 200, and a turn's rows cost at most one transaction each. The spool is replayed after a later
     successful write, and by `replay_spool()`. Nothing raises into the caller: failures are logged and counted in
     `stats`.
@@ -159,9 +154,9 @@ class LLMRequestTracker:
     def _retried(self, exc: BaseException) -> None:
         self.stats.retries += 1
 
-    async def _retrying(self, inserts: list[tuple[Any, list[dict[str, Any]]]], what: str) -> None:
+    async def _retrying(self, rows: list[dict[str, Any]], contents: list[dict[str, Any]], what: str) -> None:
         await retry_transient(
-            lambda: insert_together(self._session_factory, inserts),
+            lambda: write_ledger_rows(self._session_factory, rows, contents),
             self.config.retry,
             what=what,
             on_retry=self._retried,
@@ -226,7 +221,7 @@ class LLMRequestTracker:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
-            await self._retrying([(LEDGER_INSERT, rows), (CONTENT_INSERT, contents)], 'ledger write')
+            await self._retrying(rows, contents, 'ledger write')
         except Exception as exc:
             if not database_unavailable(exc):
                 if len(items) > 1:  # one bad row or body must not take the batch with it: one request at a time
@@ -248,7 +243,7 @@ class LLMRequestTracker:
     ) -> WriteOutcome:
         """The database refused a request's row with its contents: store the row (billing) and log the contents."""
         try:
-            await self._retrying([(LEDGER_INSERT, [row])], 'ledger write')
+            await self._retrying([row], [], 'ledger write')
         except Exception as exc:
             logger.warning('ledger: 1 row not written (%s: %s); spooling', type(exc).__name__, exc)
             return await self._spool_entries([item.record.spool_entry(self._content_cap)], rows=1)

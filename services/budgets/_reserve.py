@@ -1,0 +1,183 @@
+"""Holding part of an account's budget for one model request: one conditional statement, admitted or refused.
+
+The statement locks the account's current window row only for itself: `UPDATE ... WHERE limit - spent - reserved
+>= :minimum` re-checks the condition on the newest row version (READ COMMITTED), so racing requests of an account
+are admitted one after the other, each seeing what the previous ones hold, and no sequence of them can hold more
+than the limit. A window's first request creates its row in the same statement, with `spent_usd` summed from the
+ledger rows of the window. The hold is `least(:full, what is left)`: a request near the limit is admitted with
+fewer output tokens (its caller caps `max_tokens` to what was held), as long as `:minimum` fits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+
+from agentrt.db.session import get_db_session
+from agentrt.services.budgets._holders import Holder, this_process
+from agentrt.services.budgets._windows import window_sql
+
+_START, _END = window_sql('b', 'CAST(:at AS timestamptz)')
+_HEADROOM = 'budget.limit_usd - p.spent_usd - p.reserved_usd'
+_FRESH_HEADROOM = 'budget.limit_usd - s.spent'
+
+_RESERVE = text(f"""
+WITH budget AS (
+    SELECT b.account_id, b.limit_usd, {_START} AS period_start, {_END} AS period_end
+    FROM account_budgets AS b WHERE b.account_id = :account_id
+), held AS (
+    UPDATE budget_periods AS p
+    SET reserved_usd = p.reserved_usd + least(:full, {_HEADROOM}),
+        last_reserved_usd = least(:full, {_HEADROOM}),
+        updated_at = now()
+    FROM budget
+    WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
+      AND {_HEADROOM} >= :minimum
+    RETURNING p.period_start, p.last_reserved_usd AS amount
+), fresh AS (
+    INSERT INTO budget_periods (account_id, period_start, period_end, spent_usd, spent_tokens, reserved_usd,
+                                last_reserved_usd)
+    SELECT budget.account_id, budget.period_start, budget.period_end, s.spent, s.tokens,
+           CASE WHEN {_FRESH_HEADROOM} >= :minimum THEN least(:full, {_FRESH_HEADROOM}) ELSE 0 END,
+           CASE WHEN {_FRESH_HEADROOM} >= :minimum THEN least(:full, {_FRESH_HEADROOM}) END
+    FROM budget, LATERAL (
+        SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
+        FROM llm_requests AS r
+        WHERE r.account_id = budget.account_id AND r.status <> 'refused'
+          AND r.started_at >= budget.period_start AND r.started_at < budget.period_end
+    ) AS s
+    WHERE NOT EXISTS (
+        SELECT 1 FROM budget_periods AS p
+        WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
+    )
+    ON CONFLICT DO NOTHING
+    RETURNING period_start, last_reserved_usd AS amount
+), admitted AS (
+    SELECT period_start, amount FROM held
+    UNION ALL
+    SELECT period_start, amount FROM fresh WHERE amount IS NOT NULL
+), hold AS (
+    INSERT INTO budget_reservations (id, account_id, period_start, amount_usd, input_usd, holder_host, holder_pid,
+                                     holder_started, expires_at)
+    SELECT :id, :account_id, period_start, amount, least(:input, amount), :host, :pid, :started,
+           now() + make_interval(secs => :ttl)
+    FROM admitted
+    RETURNING amount_usd
+)
+SELECT budget.limit_usd, budget.period_start, budget.period_end, p.spent_usd, p.reserved_usd,
+       (SELECT amount_usd FROM hold) AS amount, (SELECT count(*) FROM fresh) AS created
+FROM budget LEFT JOIN budget_periods AS p
+    ON p.account_id = budget.account_id AND p.period_start = budget.period_start
+""")
+
+# A refusal is counted on the window row; its figures are read again for the error message.
+_COUNT_REFUSAL = text("""
+UPDATE budget_periods SET refused_requests = refused_requests + 1
+WHERE account_id = :account_id AND period_start = :period_start
+RETURNING spent_usd, reserved_usd
+""")
+
+_RELEASE = text("""
+WITH r AS (DELETE FROM budget_reservations WHERE id = :id RETURNING account_id, period_start, amount_usd)
+UPDATE budget_periods AS p SET reserved_usd = p.reserved_usd - r.amount_usd, updated_at = now()
+FROM r WHERE p.account_id = r.account_id AND p.period_start = r.period_start
+""")
+
+_HAS_BUDGET = text('SELECT 1 FROM account_budgets WHERE account_id = :account_id')
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What one admitted request holds: `amount_usd` of the window starting `period_start`."""
+
+    id: uuid.UUID
+    account_id: int
+    amount_usd: Decimal
+    period_start: datetime
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was not admitted: the window's figures when it was refused."""
+
+    limit_usd: Decimal
+    spent_usd: Decimal | None
+    reserved_usd: Decimal | None
+    period_start: datetime
+    period_end: datetime
+
+
+async def reserve(
+    *,
+    request_id: uuid.UUID,
+    account_id: int,
+    full_usd: Decimal,
+    minimum_usd: Decimal,
+    input_usd: Decimal,
+    at: datetime,
+    ttl_seconds: float,
+    holder: Holder | None = None,
+) -> Hold | Refusal | None:
+    """Hold up to `full_usd` of the account's current window for request `request_id`, in one statement.
+
+    Args:
+        request_id: the ledger request id (the hold is settled by the ledger row with this id).
+        account_id: the account.
+        full_usd: what the request costs at most with the output tokens its settings ask for.
+        minimum_usd: the least it may be admitted with (its input and the fewest output tokens it may be given).
+        input_usd: what its input costs at most (charged when it fails without reporting usage).
+        at: the moment that picks the window (the ledger row's `started_at`).
+        ttl_seconds: how long the hold lasts if nothing settles it and its process cannot be checked.
+        holder: the process holding it; this one by default.
+
+    Returns:
+        The `Hold` (`amount_usd` may be below `full_usd`, never below `minimum_usd`), a `Refusal`, or None when
+        the account has no budget.
+    """
+    holder = holder or this_process()
+    params: dict[str, Any] = {
+        'id': request_id,
+        'account_id': account_id,
+        'full': full_usd,
+        'minimum': minimum_usd,
+        'input': min(input_usd, full_usd),
+        'at': at,
+        'ttl': float(ttl_seconds),
+        'host': holder.host,
+        'pid': holder.pid,
+        'started': holder.started,
+    }
+    async with get_db_session() as session:
+        for _ in range(3):  # another request created the window's row between our snapshot and our insert
+            found = (await session.execute(_RESERVE, params)).mappings().first()
+            if found is None:
+                return None
+            row = found
+            if row['amount'] is not None:
+                return Hold(request_id, account_id, row['amount'], row['period_start'])
+            if row['spent_usd'] is not None or row['created']:
+                counted = (
+                    await session.execute(
+                        _COUNT_REFUSAL, {'account_id': account_id, 'period_start': row['period_start']}
+                    )
+                ).first()
+                spent, reserved = (counted[0], counted[1]) if counted else (row['spent_usd'], row['reserved_usd'])
+                return Refusal(row['limit_usd'], spent, reserved, row['period_start'], row['period_end'])
+    return Refusal(row['limit_usd'], None, None, row['period_start'], row['period_end'])
+
+
+async def release(hold: Hold) -> None:
+    """Give back a hold whose request was never sent (a hook skipped it); a no-op if it was settled already."""
+    async with get_db_session() as session:
+        await session.execute(_RELEASE, {'id': hold.id})
+
+
+async def has_budget(account_id: int) -> bool:
+    """Whether the account has a budget."""
+    async with get_db_session() as session:
+        return (await session.execute(_HAS_BUDGET, {'account_id': account_id})).first() is not None

@@ -1,0 +1,106 @@
+"""The sweeper: gives back the holds of processes that died holding them, and holds that expired.
+
+A hold of a process on this host is released as soon as that process is gone (its id is free or names a process
+started at another time); any hold is released once it expires (`AGENTRT_BUDGET_RESERVATION_TTL_SECONDS`), which
+covers other hosts. If the request's ledger row arrives later (spooled while the database was down, replayed
+after), its cost still counts: it is added to the window its `started_at` falls in (`_settle.py`).
+
+Runs from `agentrt budget sweep`, and in the background of every process that reserves, at most once per
+`AGENTRT_BUDGET_SWEEP_INTERVAL_SECONDS` (on the event loop's `TaskSupervisor`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import text
+
+from agentrt.db.session import get_db_session
+from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
+from agentrt.services.budgets._holders import is_alive, this_host
+
+logger = logging.getLogger('agentrt.budgets')
+
+_HOLDERS_HERE = text("""
+SELECT DISTINCT holder_pid, holder_started FROM budget_reservations WHERE holder_host = :host
+""")
+
+_SWEEP = text("""
+WITH gone AS (
+    DELETE FROM budget_reservations
+    WHERE expires_at < now()
+       OR (holder_host = :host AND (holder_pid, holder_started) IN (
+           SELECT * FROM unnest(CAST(:pids AS integer[]), CAST(:starts AS double precision[]))))
+    RETURNING account_id, period_start, amount_usd, expires_at < now() AS expired
+), totals AS (
+    SELECT account_id, period_start, sum(amount_usd) AS held FROM gone GROUP BY account_id, period_start
+), released AS (
+    UPDATE budget_periods AS p SET reserved_usd = p.reserved_usd - t.held, updated_at = now()
+    FROM totals AS t WHERE p.account_id = t.account_id AND p.period_start = t.period_start
+)
+SELECT count(*) FILTER (WHERE NOT expired) AS dead, count(*) FILTER (WHERE expired) AS expired,
+       coalesce(sum(amount_usd), 0) AS amount
+FROM gone
+""")
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep released."""
+
+    dead_holders: int
+    """Processes on this host found gone while holding reservations."""
+    released_dead: int
+    """Reservations of those processes released."""
+    released_expired: int
+    """Reservations released because they expired."""
+    released_usd: str
+    """The amount given back, as a decimal string."""
+
+
+async def sweep_reservations() -> SweepReport:
+    """Release the reservations of dead processes on this host and every expired reservation, in one transaction.
+
+    Safe to run at any time, from any number of processes: a reservation is deleted (and its amount given back)
+    once, and one a live request holds is never touched before it expires.
+    """
+    host = this_host()
+    async with get_db_session() as session:
+        holders = (await session.execute(_HOLDERS_HERE, {'host': host})).all()
+        dead = [(pid, started) for pid, started in holders if not is_alive(pid, started)]
+        row = (
+            await session.execute(
+                _SWEEP, {'host': host, 'pids': [pid for pid, _ in dead], 'starts': [started for _, started in dead]}
+            )
+        ).one()
+    report = SweepReport(len(dead), row.dead, row.expired, str(row.amount))
+    if report.released_dead or report.released_expired:
+        logger.info(
+            'budgets: released %d reservation(s) of %d dead process(es) and %d expired one(s), $%s in all',
+            report.released_dead,
+            report.dead_holders,
+            report.released_expired,
+            report.released_usd,
+        )
+    return report
+
+
+_last_sweep: float | None = None
+
+
+def sweep_soon(interval_seconds: float) -> None:
+    """Start a background sweep on this loop's supervisor unless this process started one within the interval.
+
+    Never raises: a sweep that cannot start now (backlog full, shutting down) is covered by a later one.
+    """
+    global _last_sweep
+    now = time.monotonic()
+    if _last_sweep is not None and now - _last_sweep < interval_seconds:
+        return
+    _last_sweep = now
+    try:
+        get_supervisor().spawn(sweep_reservations, name='budget sweep')
+    except (BackgroundQueueFull, SupervisorClosed):
+        pass
