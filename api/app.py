@@ -2,8 +2,8 @@
 
 Routes: `/api/v1/chat` (streamed, Vercel AI protocol), `/api/v1/chat/ag-ui` (AG-UI, when `ag-ui-protocol` is
 installed), `/api/v1/conversations...` (list, messages, delete, a non-streamed turn), `/api/v1/llm-audit/...`,
-`/api/v1/costs`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. Nothing is served at
-`/` unless `static_dir` is given (a web UI mounts there).
+`/api/v1/costs`, `/api/v1/budget`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`.
+Nothing is served at `/` unless `static_dir` is given (a web UI mounts there).
 
 The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
 FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 from agentrt import __version__
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
-from agentrt.api import audit, chat, conversations, costs, health
+from agentrt.api import audit, budget, chat, conversations, costs, health
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
@@ -87,7 +87,7 @@ def create_app(
         from agentrt.api import chat_agui
 
         app.include_router(chat_agui.router)
-    for module in (conversations, audit, costs, health):
+    for module in (conversations, audit, costs, budget, health):
         app.include_router(module.router)
     if static_dir is not None:
         app.mount('/', StaticFiles(directory=static_dir, html=True), name='static')

@@ -1,10 +1,11 @@
-"""The `agentrt` command line: `chat`, `db`, `audit`, `costs`, `ledger`, `keys` and `serve`, one module each."""
+"""The `agentrt` command line: `chat`, `db`, `audit`, `costs`, `ledger`, `budget`, `keys`, `serve`; a module each."""
 
 from __future__ import annotations
 
 import typer
 
 from agentrt.agents.cli.audit import audit_app
+from agentrt.agents.cli.budget import budget_app
 from agentrt.agents.cli.chat import chat
 from agentrt.agents.cli.costs import costs
 from agentrt.agents.cli.database import db_app
@@ -26,6 +27,7 @@ app.command('chat')(chat)
 app.add_typer(audit_app, name='audit')
 app.command('costs')(costs)
 app.add_typer(ledger_app, name='ledger')
+app.add_typer(budget_app, name='budget')
 app.add_typer(keys_app, name='keys')
 app.command('serve')(serve)
 

@@ -29,6 +29,7 @@ from typer.core import TyperGroup
 
 from agentrt.db.errors import (
     AgentRuntimeError,
+    BudgetExceededError,
     ConfigError,
     DatabaseUnavailableError,
     EmbeddedPostgresError,
@@ -56,6 +57,7 @@ EXIT_PROVIDER = 6
 EXIT_LIMIT = 7
 EXIT_CONFLICT = 8
 EXIT_MODEL_BEHAVIOR = 9
+EXIT_BUDGET = 10
 EXIT_INTERNAL = 70
 EXIT_SIGNAL_BASE = 128  # + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
@@ -71,6 +73,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (TurnLimitExceededError, EXIT_LIMIT),
     (ConcurrentTurnError, EXIT_CONFLICT),
     (ModelBehaviorError, EXIT_MODEL_BEHAVIOR),
+    (BudgetExceededError, EXIT_BUDGET),
     (AgentRuntimeError, EXIT_FAILURE),
 )
 

@@ -161,9 +161,9 @@ async def budget_statuses(*, session: AsyncSession, account_id: int | None = Non
                 window_anchor=row['window_anchor'],
                 period_start=row['period_start'],
                 period_end=row['period_end'],
-                spent_usd=row['spent_usd'],
-                reserved_usd=row['reserved_usd'],
-                remaining_usd=max(remaining, Decimal(0)),
+                spent_usd=_plain(row['spent_usd']),
+                reserved_usd=_plain(row['reserved_usd']),
+                remaining_usd=_plain(max(remaining, Decimal(0))),
                 holds=row['holds'],
                 spent_tokens=row['spent_tokens'],
                 refused_requests=row['refused_requests'],
@@ -171,6 +171,11 @@ async def budget_statuses(*, session: AsyncSession, account_id: int | None = Non
             )
         )
     return statuses
+
+
+def _plain(amount: Decimal) -> Decimal:
+    """A zero as `0`, not `0E-7` (what subtracting two amounts of seven decimals gives)."""
+    return amount if amount != 0 else Decimal(0)
 
 
 async def account_budget_status(*, session: AsyncSession, account: str | int) -> BudgetStatus | None:
