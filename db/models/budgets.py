@@ -1,8 +1,11 @@
-"""Per-account spend limits: the budget, its current windows (spent and held) and the holds of requests in flight.
+"""Per-account spend limits: the budget, its windows (spent and held), the holds of requests in flight, and the
+settlements not yet folded into their window.
 
 A model request is admitted by one conditional `UPDATE` of its account's window row (spent + reserved + estimate
-<= limit) that also inserts a reservation row, keyed by the ledger request id; the ledger writer settles it (deletes
-the reservation, adds the real cost) in the transaction that inserts the ledger row. See `agentrt.services.budgets`.
+<= limit) that also inserts a reservation row, keyed by the ledger request id. The ledger writer settles it in the
+transaction that inserts the ledger row: it deletes the reservation and appends a settlement row (what was held,
+what it cost), never touching the window row, so a writer's commit never holds the row admissions queue on. The next
+admission of the window (or the sweeper) folds settlements into the window row. See `agentrt.services.budgets`.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class BudgetPeriod(Base):
     """One window of an account's budget: what was spent in it and what requests in flight hold.
 
     Created by the first reservation of the window, with `spent_usd` summed from the ledger rows of the window
-    (so a budget set mid-month counts the month so far). `reserved_usd` is the sum of the window's reservations.
+    (so a budget set mid-month counts the month so far). `reserved_usd` is the sum of the window's reservations;
+    settlements not folded yet (`BudgetSettlement`) still count in it, and their cost not yet in `spent_usd`.
     """
 
     __tablename__ = 'budget_periods'
@@ -90,7 +94,7 @@ class BudgetReservation(Base):
     """What one model request in flight holds of its account's window, until the ledger row settles it.
 
     `id` is the ledger request id. The holder (host, process id and start time) lets a sweeper release the holds of
-    a process that died; `expires_at` bounds any other hold.
+    a process that died; `expires_at` bounds any other hold. A row lives only while its request is in flight.
     """
 
     __tablename__ = 'budget_reservations'
@@ -101,9 +105,8 @@ class BudgetReservation(Base):
             ondelete='CASCADE',
         ),
         CheckConstraint('amount_usd >= 0 AND input_usd >= 0 AND input_usd <= amount_usd', name='amounts'),
-        Index('ix_budget_reservations_expires_at', 'expires_at'),
-        Index('ix_budget_reservations_holder_host', 'holder_host'),
-        Index('ix_budget_reservations_account_id_period_start', 'account_id', 'period_start'),
+        # No other index: the table holds only the requests in flight (scanned whole by the rare sweeper), and each
+        # index would be written twice per model request, inside the admission that holds the account's row.
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -117,3 +120,29 @@ class BudgetReservation(Base):
     holder_started: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class BudgetSettlement(Base):
+    """What the ledger rows of one writer's transaction settled in one window: held amounts released, costs spent.
+
+    Appended by the ledger writer; folded into the window row (and deleted) by the window's next admission or the
+    sweeper, in one statement, so each counts once.
+    """
+
+    __tablename__ = 'budget_settlements'
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ['account_id', 'period_start'],
+            ['budget_periods.account_id', 'budget_periods.period_start'],
+            ondelete='CASCADE',
+        ),
+        Index('ix_budget_settlements_account_id_period_start', 'account_id', 'period_start'),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    held_usd: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    spent_usd: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)

@@ -21,8 +21,10 @@ _START, _END = window_sql('b', 'now()')
 _STATUS = text(f"""
 SELECT a.id AS account_id, a.slug AS account_slug, b.limit_usd, b.period, b.window_seconds, b.window_anchor,
        w.period_start, w.period_end,
-       coalesce(p.spent_usd, s.spent, 0) AS spent_usd, coalesce(p.reserved_usd, 0) AS reserved_usd,
-       coalesce(p.spent_tokens, s.tokens, 0) AS spent_tokens, coalesce(p.refused_requests, 0) AS refused_requests,
+       coalesce(p.spent_usd + u.spent, s.spent, 0) AS spent_usd,
+       coalesce(p.reserved_usd - u.held, 0) AS reserved_usd,
+       coalesce(p.spent_tokens + u.tokens, s.tokens, 0) AS spent_tokens,
+       coalesce(p.refused_requests, 0) AS refused_requests,
        (SELECT count(*) FROM budget_reservations AS h
         WHERE h.account_id = b.account_id AND h.period_start = w.period_start) AS holds,
        b.updated_at
@@ -30,6 +32,12 @@ FROM account_budgets AS b
 JOIN accounts AS a ON a.id = b.account_id
 CROSS JOIN LATERAL (SELECT {_START} AS period_start, {_END} AS period_end) AS w
 LEFT JOIN budget_periods AS p ON p.account_id = b.account_id AND p.period_start = w.period_start
+-- Settlements the writer appended that no admission has folded into the window row yet.
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(x.held_usd), 0) AS held, coalesce(sum(x.spent_usd), 0) AS spent,
+           coalesce(sum(x.tokens), 0) AS tokens
+    FROM budget_settlements AS x WHERE x.account_id = b.account_id AND x.period_start = w.period_start
+) AS u
 LEFT JOIN LATERAL (
     SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
     FROM llm_requests AS r

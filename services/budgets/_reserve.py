@@ -1,94 +1,137 @@
 """Holding part of an account's budget for one model request: one conditional statement, admitted or refused.
 
-The statement locks the account's current window row only for itself: `UPDATE ... WHERE limit - spent - reserved
->= :minimum` re-checks the condition on the newest row version (READ COMMITTED), so racing requests of an account
-are admitted one after the other, each seeing what the previous ones hold, and no sequence of them can hold more
-than the limit. A window's first request creates its row in the same statement, with `spent_usd` summed from the
-ledger rows of the window. The hold is `least(:full, what is left)`: a request near the limit is admitted with
-fewer output tokens (its caller caps `max_tokens` to what was held), as long as `:minimum` fits.
+The statement locks the account's current window row only for itself: `UPDATE ... SET reserved = reserved + hold`
+with the hold computed from the newest row version (PostgreSQL re-reads the row after waiting for its lock, READ
+COMMITTED), so racing requests of an account are admitted one after the other, each seeing what the previous ones
+hold, and no sequence of them can hold more than the limit. In the same statement it folds in the settlements the
+ledger writer appended since (released holds, real costs), so the writer never has to lock the row. A window's first
+request creates its row, with `spent_usd` summed from the ledger rows of the window. The hold is `least(:full, what
+is left)`: a request near the limit is admitted with fewer output tokens (its caller caps `max_tokens` to what was
+held), as long as `:minimum` fits; a refusal is counted on the row.
+
+The statement runs on its own (autocommit: no `BEGIN`/`COMMIT` round trips), so the window row is locked only while
+the server executes it, and it does not wait for its commit to reach the disk (`synchronous_commit` off for it):
+admissions of one account queue behind each other for a fraction of a millisecond, not for a flush. A crash of the
+database can lose the statement's last moments, atomically: a hold lost is as if swept (its request's cost still
+counts when its ledger row arrives), and settlements folded are folded again.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agentrt.db.session import get_db_session
+from agentrt.db.engine import get_engine
+from agentrt.db.failures import pooler_error, unavailable_error
 from agentrt.services.budgets._holders import Holder, this_process
 from agentrt.services.budgets._windows import window_sql
 
 _START, _END = window_sql('b', 'CAST(:at AS timestamptz)')
-_HEADROOM = 'budget.limit_usd - p.spent_usd - p.reserved_usd'
-_FRESH_HEADROOM = 'budget.limit_usd - s.spent'
+# What is left of the limit once the pending settlements are folded in.
+_LEFT = 'budget.limit_usd - (p.spent_usd + f.spent) - (p.reserved_usd - f.held)'
+_FRESH_LEFT = 'budget.limit_usd - s.spent'
 
 _RESERVE = text(f"""
-WITH budget AS (
+WITH quick AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+), budget AS (
     SELECT b.account_id, b.limit_usd, {_START} AS period_start, {_END} AS period_end
     FROM account_budgets AS b WHERE b.account_id = :account_id
+), settled AS (
+    DELETE FROM budget_settlements AS s USING budget
+    WHERE s.account_id = budget.account_id AND s.period_start = budget.period_start
+    RETURNING s.held_usd, s.spent_usd, s.tokens
+), folded AS (
+    SELECT coalesce(sum(held_usd), 0) AS held, coalesce(sum(spent_usd), 0) AS spent,
+           coalesce(sum(tokens), 0) AS tokens
+    FROM settled
 ), held AS (
     UPDATE budget_periods AS p
-    SET reserved_usd = p.reserved_usd + least(:full, {_HEADROOM}),
-        last_reserved_usd = least(:full, {_HEADROOM}),
+    SET spent_usd = p.spent_usd + f.spent,
+        spent_tokens = p.spent_tokens + f.tokens,
+        -- (never below 0: a broken invariant must not lock the account out; the CHECK stays for direct writes)
+        reserved_usd = greatest(p.reserved_usd - f.held, 0)
+            + CASE WHEN {_LEFT} >= :minimum THEN least(:full, {_LEFT}) ELSE 0 END,
+        last_reserved_usd = CASE WHEN {_LEFT} >= :minimum THEN least(:full, {_LEFT}) END,
+        refused_requests = p.refused_requests + CASE WHEN {_LEFT} >= :minimum THEN 0 ELSE 1 END,
         updated_at = now()
-    FROM budget
+    FROM budget, folded AS f
     WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
-      AND {_HEADROOM} >= :minimum
-    RETURNING p.period_start, p.last_reserved_usd AS amount
+    RETURNING p.period_start, p.last_reserved_usd AS amount, p.spent_usd, p.reserved_usd
+), missing AS MATERIALIZED (
+    -- The window's first request only: the ledger is summed for it alone, never while the row exists.
+    SELECT budget.* FROM budget
+    WHERE NOT EXISTS (
+        SELECT 1 FROM budget_periods AS p
+        WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
+    )
 ), fresh AS (
     INSERT INTO budget_periods (account_id, period_start, period_end, spent_usd, spent_tokens, reserved_usd,
-                                last_reserved_usd)
+                                last_reserved_usd, refused_requests)
     SELECT budget.account_id, budget.period_start, budget.period_end, s.spent, s.tokens,
-           CASE WHEN {_FRESH_HEADROOM} >= :minimum THEN least(:full, {_FRESH_HEADROOM}) ELSE 0 END,
-           CASE WHEN {_FRESH_HEADROOM} >= :minimum THEN least(:full, {_FRESH_HEADROOM}) END
-    FROM budget, LATERAL (
+           CASE WHEN {_FRESH_LEFT} >= :minimum THEN least(:full, {_FRESH_LEFT}) ELSE 0 END,
+           CASE WHEN {_FRESH_LEFT} >= :minimum THEN least(:full, {_FRESH_LEFT}) END,
+           CASE WHEN {_FRESH_LEFT} >= :minimum THEN 0 ELSE 1 END
+    FROM missing AS budget, LATERAL (
         SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
         FROM llm_requests AS r
         WHERE r.account_id = budget.account_id AND r.status <> 'refused'
           AND r.started_at >= budget.period_start AND r.started_at < budget.period_end
     ) AS s
-    WHERE NOT EXISTS (
-        SELECT 1 FROM budget_periods AS p
-        WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
-    )
     ON CONFLICT DO NOTHING
-    RETURNING period_start, last_reserved_usd AS amount
-), admitted AS (
-    SELECT period_start, amount FROM held
-    UNION ALL
-    SELECT period_start, amount FROM fresh WHERE amount IS NOT NULL
+    RETURNING period_start, last_reserved_usd AS amount, spent_usd, reserved_usd
+), window_row AS (
+    SELECT * FROM held UNION ALL SELECT * FROM fresh
 ), hold AS (
     INSERT INTO budget_reservations (id, account_id, period_start, amount_usd, input_usd, holder_host, holder_pid,
                                      holder_started, expires_at)
     SELECT :id, :account_id, period_start, amount, least(:input, amount), :host, :pid, :started,
            now() + make_interval(secs => :ttl)
-    FROM admitted
+    FROM window_row WHERE amount IS NOT NULL
     RETURNING amount_usd
 )
-SELECT budget.limit_usd, budget.period_start, budget.period_end, p.spent_usd, p.reserved_usd,
-       (SELECT amount_usd FROM hold) AS amount, (SELECT count(*) FROM fresh) AS created
-FROM budget LEFT JOIN budget_periods AS p
-    ON p.account_id = budget.account_id AND p.period_start = budget.period_start
-""")
-
-# A refusal is counted on the window row; its figures are read again for the error message.
-_COUNT_REFUSAL = text("""
-UPDATE budget_periods SET refused_requests = refused_requests + 1
-WHERE account_id = :account_id AND period_start = :period_start
-RETURNING spent_usd, reserved_usd
+SELECT budget.limit_usd, budget.period_start, budget.period_end,
+       (SELECT amount_usd FROM hold) AS amount,
+       (SELECT spent_usd FROM window_row) AS spent_usd, (SELECT reserved_usd FROM window_row) AS reserved_usd,
+       (SELECT count(*) FROM window_row) AS touched
+FROM quick, budget
 """)
 
 _RELEASE = text("""
 WITH r AS (DELETE FROM budget_reservations WHERE id = :id RETURNING account_id, period_start, amount_usd)
-UPDATE budget_periods AS p SET reserved_usd = p.reserved_usd - r.amount_usd, updated_at = now()
+UPDATE budget_periods AS p SET reserved_usd = greatest(p.reserved_usd - r.amount_usd, 0), updated_at = now()
 FROM r WHERE p.account_id = r.account_id AND p.period_start = r.period_start
 """)
 
 _HAS_BUDGET = text('SELECT 1 FROM account_budgets WHERE account_id = :account_id')
+
+
+@asynccontextmanager
+async def autocommit_connection() -> AsyncIterator[AsyncConnection]:
+    """A pooled connection whose statements each commit on their own, in the round trip that runs them.
+
+    Core, not an ORM session: an admission is one statement on every model request, and the session's bookkeeping
+    would cost a third more CPU than the statement itself. Failures are translated as `get_db_session()` does.
+
+    Raises:
+        DatabaseUnavailableError: the database cannot be reached, or the connection was lost under the statement.
+    """
+    try:
+        async with get_engine().connect() as connection:
+            yield await connection.execution_options(isolation_level='AUTOCOMMIT')
+    except Exception as exc:
+        translated = pooler_error(exc) or unavailable_error(exc)
+        if translated is not None and translated is not exc:
+            raise translated from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -152,32 +195,28 @@ async def reserve(
         'pid': holder.pid,
         'started': holder.started,
     }
-    async with get_db_session() as session:
+    async with autocommit_connection() as connection:
         for _ in range(3):  # another request created the window's row between our snapshot and our insert
-            found = (await session.execute(_RESERVE, params)).mappings().first()
+            found = (await connection.execute(_RESERVE, params)).mappings().first()
             if found is None:
                 return None
             row = found
             if row['amount'] is not None:
                 return Hold(request_id, account_id, row['amount'], row['period_start'])
-            if row['spent_usd'] is not None or row['created']:
-                counted = (
-                    await session.execute(
-                        _COUNT_REFUSAL, {'account_id': account_id, 'period_start': row['period_start']}
-                    )
-                ).first()
-                spent, reserved = (counted[0], counted[1]) if counted else (row['spent_usd'], row['reserved_usd'])
-                return Refusal(row['limit_usd'], spent, reserved, row['period_start'], row['period_end'])
+            if row['touched']:
+                return Refusal(
+                    row['limit_usd'], row['spent_usd'], row['reserved_usd'], row['period_start'], row['period_end']
+                )
     return Refusal(row['limit_usd'], None, None, row['period_start'], row['period_end'])
 
 
 async def release(hold: Hold) -> None:
     """Give back a hold whose request was never sent (a hook skipped it); a no-op if it was settled already."""
-    async with get_db_session() as session:
-        await session.execute(_RELEASE, {'id': hold.id})
+    async with autocommit_connection() as connection:
+        await connection.execute(_RELEASE, {'id': hold.id})
 
 
 async def has_budget(account_id: int) -> bool:
     """Whether the account has a budget."""
-    async with get_db_session() as session:
-        return (await session.execute(_HAS_BUDGET, {'account_id': account_id})).first() is not None
+    async with autocommit_connection() as connection:
+        return (await connection.execute(_HAS_BUDGET, {'account_id': account_id})).first() is not None

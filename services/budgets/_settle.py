@@ -3,11 +3,16 @@
 The writer inserts rows with `ON CONFLICT DO NOTHING ... RETURNING id` and passes only the ids it inserted, so a
 retried write or a replayed spool line settles nothing twice: a row is new exactly once. For each new row:
 
-- with a reservation (the ledger id is the reservation id): the reservation is deleted, its amount leaves
-  `reserved_usd` and the row's cost joins `spent_usd`;
+- with a reservation (the ledger id is the reservation id): the reservation is deleted; its amount is to leave
+  `reserved_usd` and the row's cost to join `spent_usd`;
 - without one (its hold was swept after its process died or the hold expired, or it came from a process with
-  budgets off): its cost joins `spent_usd` of the account's window that its `started_at` falls in, if that window
-  row exists (a window row created later sums the ledger rows already there).
+  budgets off): its cost is to join `spent_usd` of the account's window that its `started_at` falls in, if that
+  window row exists (a window row created later sums the ledger rows already there).
+
+"Is to": the writer appends one settlement row per window (`budget_settlements`) and never updates the window row
+itself, so its commit (which waits for the disk) never holds the row that admissions of the account queue on. The
+window's next admission folds the settlements into the row in its own statement (`_reserve.py`), as does the sweeper;
+every reader of a window adds the settlements not folded yet (`budget_statuses`).
 
 The cost charged is the ledger's `total_cost`. When the row has none: 0 for an unpriced model whose usage was
 reported (its tokens still count in `spent_tokens`), 0 for a request the provider answered with an HTTP error
@@ -44,15 +49,10 @@ WITH new AS (
     FROM new JOIN budget_periods AS p
         ON p.account_id = new.account_id AND p.period_start <= new.started_at AND new.started_at < p.period_end
     WHERE new.status <> 'refused' AND NOT EXISTS (SELECT 1 FROM r WHERE r.id = new.id)
-), totals AS (
-    SELECT account_id, period_start, sum(held) AS held, sum(cost) AS cost, sum(tokens) AS tokens
-    FROM charges GROUP BY account_id, period_start
 )
-UPDATE budget_periods AS p
-SET spent_usd = p.spent_usd + t.cost, reserved_usd = p.reserved_usd - t.held,
-    spent_tokens = p.spent_tokens + t.tokens, updated_at = now()
-FROM totals AS t
-WHERE p.account_id = t.account_id AND p.period_start = t.period_start
+INSERT INTO budget_settlements (account_id, period_start, held_usd, spent_usd, tokens)
+SELECT account_id, period_start, sum(held), sum(cost), sum(tokens)
+FROM charges GROUP BY account_id, period_start
 """)
 
 

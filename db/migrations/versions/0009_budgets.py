@@ -1,4 +1,4 @@
-"""Budgets: per-account spend limits, their windows, the reservations of requests in flight; `refused` ledger rows.
+"""Budgets: per-account limits, their windows, holds of requests in flight, settlements; `refused` ledger rows.
 
 Revision ID: 0009_budgets
 Revises: 0008_ledger_error_status_code
@@ -83,10 +83,25 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint('id', name='pk_budget_reservations'),
     )
-    op.create_index('ix_budget_reservations_expires_at', 'budget_reservations', ['expires_at'])
-    op.create_index('ix_budget_reservations_holder_host', 'budget_reservations', ['holder_host'])
+    op.create_table(
+        'budget_settlements',
+        sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+        sa.Column('account_id', sa.BigInteger(), nullable=False),
+        sa.Column('period_start', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('held_usd', sa.Numeric(), nullable=False),
+        sa.Column('spent_usd', sa.Numeric(), nullable=False),
+        sa.Column('tokens', sa.BigInteger(), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ['account_id', 'period_start'],
+            ['budget_periods.account_id', 'budget_periods.period_start'],
+            name='fk_budget_settlements_account_id_budget_periods',
+            ondelete='CASCADE',
+        ),
+        sa.PrimaryKeyConstraint('id', name='pk_budget_settlements'),
+    )
     op.create_index(
-        'ix_budget_reservations_account_id_period_start', 'budget_reservations', ['account_id', 'period_start']
+        'ix_budget_settlements_account_id_period_start', 'budget_settlements', ['account_id', 'period_start']
     )
     # A request a budget refused is a ledger row too (cost 0), so the audit shows the refusal.
     op.drop_constraint('ck_llm_requests_status', 'llm_requests', type_='check')
@@ -99,6 +114,7 @@ def downgrade() -> None:
     op.execute("DELETE FROM llm_requests WHERE status = 'refused'")
     op.drop_constraint('ck_llm_requests_status', 'llm_requests', type_='check')
     op.create_check_constraint('ck_llm_requests_status', 'llm_requests', "status IN ('complete', 'error', 'cancelled')")
+    op.drop_table('budget_settlements')
     op.drop_table('budget_reservations')
     op.drop_table('budget_periods')
     op.drop_table('account_budgets')

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from agentrt.db.session import get_db_session
 from agentrt.services.budgets import Hold, reserve
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, new_request_id, utc_now
 from tests.factories import fast_config, ledger_record, scalar
@@ -117,9 +119,23 @@ async def test_a_row_the_database_refuses_to_settle_is_written_all_the_same(
     alpha, _ = two_accounts
     await give_budget('alpha', '1')
     hold = await _hold(alpha)
-    # A broken invariant (the hold is more than the window says it holds): settling would break the check constraint.
-    await scalar('UPDATE budget_periods SET reserved_usd = 0.01 RETURNING 1')
-    tracker = LLMRequestTracker(fast_config(tmp_path))
-    await _written(tracker, _record(hold, cost='0.05'))
+    # The database refuses the settlement (as it would a bug's): the billing row must be written all the same.
+    await _ddl(
+        'CREATE FUNCTION agentrt_test_refuse() RETURNS trigger LANGUAGE plpgsql '
+        "AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
+        'CREATE TRIGGER agentrt_test_refuse BEFORE INSERT ON budget_settlements '
+        'FOR EACH ROW EXECUTE FUNCTION agentrt_test_refuse()',
+    )
+    try:
+        await _written(LLMRequestTracker(fast_config(tmp_path)), _record(hold, cost='0.05'))
+    finally:
+        await _ddl('DROP TRIGGER agentrt_test_refuse ON budget_settlements', 'DROP FUNCTION agentrt_test_refuse()')
     assert 'not settled' in caplog.text
     assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=hold.id) == 1, 'billing row kept'
+    assert len(await reservations(alpha)) == 1, 'the hold stays until the sweeper releases it'
+
+
+async def _ddl(*statements: str) -> None:
+    async with get_db_session() as session:
+        for statement in statements:
+            await session.execute(text(statement))
