@@ -6,12 +6,15 @@ enough that nothing is refused). Rounds of N concurrent turns alternate: budgets
 held by one conditional statement, `max_tokens` capped, settled by the ledger writer) and budgets off
 (`BudgetConfig(enabled=False)`: no estimate, no hold; the writer still settles each row's cost into the period).
 Two spreads: every turn on one account (the worst case: one account's admissions queue on its one row) and turns
-spread over 20 accounts. Reported per spread and mode: turn latency (median, p95), the added latency per model
-request (the difference of the medians, over the requests of a turn), CPU per turn, and the hold statement's own
-time (median, p95). At the end every period must hold nothing and have spent what the ledger says.
+spread over 20 accounts; and turns one at a time, for the admission's own cost without 200 turns queueing on one
+event loop. Reported per spread and mode: turn latency (median, p95), the added latency per model
+request (the difference of the medians, over the requests of a turn), CPU per turn, and the admission's own time on
+the request path (estimate, hold statement, `max_tokens` cap; median, p95). At the end every period must hold
+nothing and have spent what the ledger says.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
-    .venv/bin/python scripts/bench_budgets.py [--turns 200] [--rounds 4] [--latency 0.1] [--accounts 1,20]
+    .venv/bin/python scripts/bench_budgets.py [--turns 200] [--rounds 6] [--latency 0.1] [--accounts 1,20]
+        [--sequential 40]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from agentrt.db.engine import close_database
 from agentrt.db.session import get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import BudgetConfig, Period, budget_statuses, remove_budget, set_budget
-from agentrt.services.ledger import _admission, get_request_tracker, ledger_capability
+from agentrt.services.ledger import _capability, get_request_tracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 
 ACCOUNT = 'bench-budgets'
@@ -83,12 +86,13 @@ def agent(model: FunctionModel, budgets: bool) -> Agent[SessionDependencies, str
     return built
 
 
-class HoldTimer:
-    """Times each hold statement (`reserve`) the capability runs, by wrapping it where the capability calls it."""
+class AdmissionTimer:
+    """Times each admission (estimate, hold statement, `max_tokens` cap) on the request path, by wrapping `admit`
+    where the ledger capability calls it: the latency budgets add before a request is sent, queueing included."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._original = _admission.reserve
+        self._original = _capability.admit
 
     def install(self) -> None:
         original = self._original
@@ -101,10 +105,10 @@ class HoldTimer:
             finally:
                 self.seconds.append(time.perf_counter() - started)
 
-        _admission.reserve = timed  # type: ignore[assignment]
+        _capability.admit = timed  # type: ignore[assignment]
 
     def uninstall(self) -> None:
-        _admission.reserve = self._original  # type: ignore[assignment]
+        _capability.admit = self._original  # type: ignore[assignment]
 
 
 async def bench_accounts(count: int) -> list[int]:
@@ -129,8 +133,10 @@ async def settle() -> None:
     await get_supervisor().join()
 
 
-async def round_of(turns: int, run: Callable[[int], Awaitable[Any]]) -> tuple[list[float], float]:
-    """`turns` turns started at once; their wall times, and the process CPU the round took per turn."""
+async def round_of(
+    turns: int, run: Callable[[int], Awaitable[Any]], *, concurrent: bool = True
+) -> tuple[list[float], float]:
+    """`turns` turns started at once (or one after another); their wall times, and the process CPU per turn."""
     cpu = time.process_time()
 
     async def one(i: int) -> float:
@@ -138,18 +144,24 @@ async def round_of(turns: int, run: Callable[[int], Awaitable[Any]]) -> tuple[li
         await run(i)
         return time.perf_counter() - started
 
-    walls = await asyncio.gather(*(one(i) for i in range(turns)))
+    if concurrent:
+        walls = await asyncio.gather(*(one(i) for i in range(turns)))
+    else:
+        walls = [await one(i) for i in range(turns)]
     await settle()
     return list(walls), (time.process_time() - cpu) / turns
 
 
-async def measure(turns: int, rounds: int, latency: float, accounts: list[int], prefix: str) -> list[dict]:
+async def measure(
+    turns: int, rounds: int, latency: float, accounts: list[int], prefix: str, *, concurrent: bool = True
+) -> list[dict]:
     """Alternate rounds of budgets on and off (a warm-up pair first, not counted); turn i is account i mod n's."""
     model = two_request_model(latency)
     agents = {'on': agent(model, True), 'off': agent(model, False)}
     walls: dict[str, list[float]] = {'on': [], 'off': []}
     cpus: dict[str, list[float]] = {'on': [], 'off': []}
-    timer = HoldTimer()
+    timer = AdmissionTimer()
+    admissions: list[float] = []
     timer.install()
     try:
         for index in range(rounds + 2):
@@ -167,20 +179,23 @@ async def measure(turns: int, rounds: int, latency: float, accounts: list[int], 
                 )
                 return agents[mode].run('Cardiologists in Seattle who accept Medicare?', deps=deps)
 
-            if not measured:
-                timer.seconds.clear()
-            wall, cpu = await round_of(turns, run)
+            timer.seconds.clear()
+            wall, cpu = await round_of(turns, run, concurrent=concurrent)
             if measured:
                 walls[mode] += wall
                 cpus[mode].append(cpu)
+                if mode == 'on':
+                    admissions += timer.seconds
             note = '' if measured else ', warm-up'
-            print(f'  {len(accounts)} account(s), round {index} ({mode}{note}): median {statistics.median(wall):.3f} s')
+            shape = f'{turns} {"concurrent" if concurrent else "sequential"} turns, {len(accounts)} account(s)'
+            print(f'  {shape}, round {index} ({mode}{note}): median {statistics.median(wall):.3f} s')
     finally:
         timer.uninstall()
     rows = []
     for mode in ('off', 'on'):
         rows.append(
             {
+                'concurrency': turns if concurrent else 1,
                 'accounts': len(accounts),
                 'mode': f'budgets {mode}',
                 'turns': len(walls[mode]),
@@ -193,12 +208,11 @@ async def measure(turns: int, rounds: int, latency: float, accounts: list[int], 
     on['added_ms_per_request'] = round((on['median_ms'] - off['median_ms']) / REQUESTS_PER_TURN, 2)
     on['added_p95_ms_per_request'] = round((on['p95_ms'] - off['p95_ms']) / REQUESTS_PER_TURN, 2)
     on['added_cpu_ms_per_request'] = round((on['cpu_ms_per_turn'] - off['cpu_ms_per_turn']) / REQUESTS_PER_TURN, 2)
-    holds = {
-        'holds_timed': len(timer.seconds),
-        'hold_median_ms': ms(statistics.median(timer.seconds)) if timer.seconds else None,
-        'hold_p95_ms': ms(percentile(timer.seconds, 95)),
+    on |= {
+        'admissions_timed': len(admissions),
+        'admission_median_ms': round(statistics.median(admissions) * 1000, 2) if admissions else None,
+        'admission_p95_ms': round(percentile(admissions, 95) * 1000, 2) if admissions else None,
     }
-    on |= holds
     return rows
 
 
@@ -224,22 +238,24 @@ async def check_books(accounts: list[int]) -> dict[str, Any]:
 
 
 COLUMNS = [
-    ('accounts', 'accounts'), ('mode', 'mode'), ('turns', 'turns'), ('median ms', 'median_ms'), ('p95 ms', 'p95_ms'),
+    ('concurrency', 'concurrency'), ('accounts', 'accounts'), ('mode', 'mode'), ('turns', 'turns'),
+    ('median ms', 'median_ms'), ('p95 ms', 'p95_ms'),
     ('CPU ms/turn', 'cpu_ms_per_turn'), ('added ms/request', 'added_ms_per_request'),
     ('added p95 ms/request', 'added_p95_ms_per_request'), ('added CPU ms/request', 'added_cpu_ms_per_request'),
-    ('hold median ms', 'hold_median_ms'), ('hold p95 ms', 'hold_p95_ms'),
+    ('admission median ms', 'admission_median_ms'), ('admission p95 ms', 'admission_p95_ms'),
 ]  # fmt: skip
 
 
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'budgets')
     args.add_argument('--turns', type=int, default=200, help='concurrent turns per round')
-    args.add_argument('--rounds', type=int, default=4, help='measured rounds per spread, alternating on and off')
+    args.add_argument('--rounds', type=int, default=6, help='measured rounds per spread, alternating on and off')
     args.add_argument('--latency', type=float, default=0.1, help='model latency per request (s)')
     args.add_argument('--accounts', type=int_list, default=[1, 20], help='spreads: turns over this many accounts')
+    args.add_argument('--sequential', type=int, default=40, help='turns per round run one at a time (0: none)')
     opts = args.parse_args()
     if opts.quick:
-        opts.turns, opts.rounds, opts.latency, opts.accounts = 20, 2, 0.0, [1, 4]
+        opts.turns, opts.rounds, opts.latency, opts.accounts, opts.sequential = 10, 2, 0.0, [1, 2], 3
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=20, max_overflow=10, pool_timeout=30)
     prefix = f'bench-budget-{os.getpid()}'
@@ -247,6 +263,7 @@ async def main() -> None:
         'concurrent_turns': opts.turns,
         'measured_rounds_per_spread': opts.rounds,
         'accounts_per_spread': opts.accounts,
+        'sequential_turns_per_round': opts.sequential,
         'model_latency_s_per_request': opts.latency,
         'model_requests_per_turn': REQUESTS_PER_TURN,
         'model': MODEL_NOTE,
@@ -259,10 +276,14 @@ async def main() -> None:
         rows = []
         for spread in opts.accounts:
             rows += await measure(opts.turns, opts.rounds, opts.latency, accounts[:spread], prefix)
+        if opts.sequential:  # the admission's own cost, without 200 turns queueing on the event loop
+            rows += await measure(opts.sequential, opts.rounds, opts.latency, accounts[:1], prefix, concurrent=False)
         print_table(rows, COLUMNS)
         books = await check_books(accounts)
         added = {
-            f'{row["accounts"]}_accounts': row['added_ms_per_request'] for row in rows if 'added_ms_per_request' in row
+            f'{row["concurrency"]}_turns_{row["accounts"]}_accounts': row['added_ms_per_request']
+            for row in rows
+            if 'added_ms_per_request' in row
         }
         summary = {'added_ms_per_request': added} | books
         print('summary:', summary)

@@ -34,6 +34,7 @@ EXPECTED_ROW_KEYS = {
     'bench_ledger_content': {'part', 'pattern'},
     'bench_long_conversation': {'mode', 'turn', 'latency_ms', 'cpu_ms', 'prompt_tokens', 'ledger_bytes'},
     'bench_http': {'part', 'pattern', 'model_latency_ms', 'turns', 'cpu_ms'},
+    'bench_budgets': {'accounts', 'mode', 'turns', 'median_ms', 'p95_ms', 'cpu_ms_per_turn'},
 }
 
 
