@@ -135,21 +135,33 @@ async def settle() -> None:
 
 async def round_of(
     turns: int, run: Callable[[int], Awaitable[Any]], *, concurrent: bool = True
-) -> tuple[list[float], float]:
-    """`turns` turns started at once (or one after another); their wall times, and the process CPU per turn."""
+) -> tuple[list[float], float, list[float]]:
+    """`turns` turns started at once (or one after another); their wall times, the process CPU per turn, and how
+    late the event loop woke a 5 ms sleep meanwhile (every await of a turn waits about that long)."""
     cpu = time.process_time()
+    lags: list[float] = []
 
     async def one(i: int) -> float:
         started = time.perf_counter()
         await run(i)
         return time.perf_counter() - started
 
-    if concurrent:
-        walls = await asyncio.gather(*(one(i) for i in range(turns)))
-    else:
-        walls = [await one(i) for i in range(turns)]
+    async def lag_probe() -> None:
+        while True:
+            begin = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - begin - 0.005)
+
+    probe = asyncio.create_task(lag_probe())
+    try:
+        if concurrent:
+            walls = await asyncio.gather(*(one(i) for i in range(turns)))
+        else:
+            walls = [await one(i) for i in range(turns)]
+    finally:
+        probe.cancel()
     await settle()
-    return list(walls), (time.process_time() - cpu) / turns
+    return list(walls), (time.process_time() - cpu) / turns, lags
 
 
 async def measure(
@@ -160,6 +172,7 @@ async def measure(
     agents = {'on': agent(model, True), 'off': agent(model, False)}
     walls: dict[str, list[float]] = {'on': [], 'off': []}
     cpus: dict[str, list[float]] = {'on': [], 'off': []}
+    lags: dict[str, list[float]] = {'on': [], 'off': []}
     timer = AdmissionTimer()
     admissions: list[float] = []
     timer.install()
@@ -180,10 +193,11 @@ async def measure(
                 return agents[mode].run('Cardiologists in Seattle who accept Medicare?', deps=deps)
 
             timer.seconds.clear()
-            wall, cpu = await round_of(turns, run, concurrent=concurrent)
+            wall, cpu, lag = await round_of(turns, run, concurrent=concurrent)
             if measured:
                 walls[mode] += wall
                 cpus[mode].append(cpu)
+                lags[mode] += lag
                 if mode == 'on':
                     admissions += timer.seconds
             note = '' if measured else ', warm-up'
@@ -202,6 +216,7 @@ async def measure(
                 'median_ms': ms(statistics.median(walls[mode])),
                 'p95_ms': ms(percentile(walls[mode], 95)),
                 'cpu_ms_per_turn': ms(statistics.fmean(cpus[mode])),
+                'loop_lag_median_ms': ms(statistics.median(lags[mode])) if lags[mode] else None,
             }
         )
     off, on = rows
@@ -243,6 +258,7 @@ COLUMNS = [
     ('CPU ms/turn', 'cpu_ms_per_turn'), ('added ms/request', 'added_ms_per_request'),
     ('added p95 ms/request', 'added_p95_ms_per_request'), ('added CPU ms/request', 'added_cpu_ms_per_request'),
     ('admission median ms', 'admission_median_ms'), ('admission p95 ms', 'admission_p95_ms'),
+    ('loop lag median ms', 'loop_lag_median_ms'),
 ]  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Admission of a model request by its account's budget, before it is sent (the ledger capability calls it).
 
-Order: the ledger id is minted → the request's most cost is estimated (input tokens bounded, output tokens the
+Order: the ledger id is minted → (a model the provider counts tokens for: is there a budget at all? the count is a
+provider call) → the request's most cost is estimated (input tokens bounded, output tokens the
 request's `max_tokens` or `AGENTRT_BUDGET_MAX_OUTPUT_TOKENS`) → one conditional statement holds it (`reserve`) → the
 request's `max_tokens` is set to what the hold pays for, never above what its settings ask and never below
 `AGENTRT_BUDGET_MIN_OUTPUT_TOKENS` (a request that cannot afford those is refused) → the request is sent. A refusal
@@ -68,7 +69,10 @@ async def admit(
                 account_id=account_id,
             )
         return None
-    input_tokens = await _input_tokens(request_context, sizes, config)
+    counting = config.count_tokens and supports_count_tokens(model)
+    if counting and not await has_budget(account_id):
+        return None  # the provider is asked to count only for an account with a budget (it is a request too)
+    input_tokens = await _input_tokens(request_context, sizes, counting)
     settings: dict[str, Any] = dict(request_context.model_settings or {})
     configured = settings.get('max_tokens')
     wanted = configured if isinstance(configured, int) and configured > 0 else config.max_output_tokens
@@ -86,6 +90,7 @@ async def admit(
     )
     if result is None:
         return None
+    sweep_soon(config.sweep_interval_seconds)  # (now and then) holds a dead process left are given back
     if isinstance(result, Refusal):
         raise _refused(identity, result, minimum, least)
     output = wanted
@@ -94,14 +99,13 @@ async def admit(
         output = wanted if affordable is None else max(min(affordable, wanted), 1)
     settings['max_tokens'] = output
     request_context.model_settings = cast(ModelSettings, settings)
-    sweep_soon(config.sweep_interval_seconds)
     return result
 
 
-async def _input_tokens(request_context: ModelRequestContext, sizes: RequestSizes, config: BudgetConfig) -> int:
+async def _input_tokens(request_context: ModelRequestContext, sizes: RequestSizes, counting: bool) -> int:
     """The provider's count where the model has one (and it is wanted), else the byte-length bound."""
     model = request_context.model
-    if config.count_tokens and supports_count_tokens(model):
+    if counting:
         try:
             usage = await model.count_tokens(
                 list(request_context.messages),

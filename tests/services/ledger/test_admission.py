@@ -183,3 +183,5 @@ async def test_the_input_is_counted_by_the_provider_where_the_model_can(
         await run
     assert _CountingModel.counted == 1
     assert holds[0] < holds[1], 'ten counted tokens hold less than the byte bound of the request'
+    await _agent(_CountingModel(), tmp_path).run('hi', deps=chat_deps('t', two_accounts[1]))
+    assert _CountingModel.counted == 1, 'the provider is not asked to count for an account without a budget'
