@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.exceptions import SkipModelRequest
+from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
@@ -35,6 +35,8 @@ class _InFlight:
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
+    stream_error: ModelAPIError | None = None
+    """The provider's failure of a streamed request, which the request hook itself sees as a cancellation."""
 
 
 @dataclass(slots=True)
@@ -122,7 +124,8 @@ class LedgerCapability(AbstractCapability[Any]):
             state.current = None  # nothing was sent
             raise
         except BaseException as exc:
-            self._record(ctx, state, request_context, flight, None, exc)
+            # A streamed request's own failure reaches this hook as a cancellation; the probe saw the real error.
+            self._record(ctx, state, request_context, flight, None, flight.stream_error or exc)
             raise
         self._record(ctx, state, request_context, flight, response, None)
         return response
@@ -268,11 +271,17 @@ class _StreamProbe(WrapperModel):
         run_context: Any = None,
     ) -> AsyncGenerator[StreamedResponse]:
         started = time.perf_counter()
-        async with self.wrapped.request_stream(
-            messages, model_settings, model_request_parameters, run_context
-        ) as stream:
-            self._flight.stream, self._flight.stream_started = stream, started
-            yield stream
+        try:
+            async with self.wrapped.request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as stream:
+                self._flight.stream, self._flight.stream_started = stream, started
+                yield stream
+        except ModelAPIError as exc:
+            # The provider failed, opening the stream or in its middle: recorded as an error with its body, not as
+            # the cancellation the request hook sees. (A consumer's own failure is not the provider's: not caught.)
+            self._flight.stream_error = exc
+            raise
 
 
 def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:
