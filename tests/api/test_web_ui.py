@@ -42,7 +42,7 @@ from tests.factories import ledger_rows
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
 HOSTILE = '<img src=x onerror="window.__injected = 1"> and in Boston?'
 SLOW = 'slowly'
-"""A message with this word is answered one word every 50 ms (time to stop it, or to find it busy)."""
+"""A message with this word is answered one word every 20 ms (time to stop it, or to find it busy)."""
 FAIL = 'please fail'
 """A message with these words meets a provider failure (HTTP 503) in the middle of the answer's stream."""
 CHROMIUM_ARGS = [
@@ -88,7 +88,7 @@ def _last_prompt(messages: list[ModelMessage]) -> str:
 
 def ui_model() -> FunctionModel:
     """The demo model, slower for a message saying `SLOW`, failing like a provider for one saying `FAIL`."""
-    fast, slow = demo_model(), demo_model(stream_delay=0.05)
+    fast, slow = demo_model(), demo_model(stream_delay=0.02)
 
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
         prompt = _last_prompt(messages)
@@ -229,7 +229,7 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
                 if '"text-delta"' in line:
                     break  # the other turn is running (the conversation is claimed until its run ends)
             await _send(page, 'and in Portland?')
-            await expect(page.locator('.notice .alert')).to_contain_text('This conversation is busy')
+            await expect(page.locator('.notice .alert')).to_contain_text('Another turn is running on conversation')
             await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Portland?')
     # Leaving the block hung up: that turn is cancelled. The provider fails (502 inside the stream): the error id.
     turn = await _send(page, f'Cardiologists in Seattle, {FAIL}')

@@ -114,7 +114,7 @@ export function errorMessage(error) {
   if (status === 401) return `The API key was not accepted: ${detail}. Sign in again with a valid key.`;
   if (status === 403) return `This API key may not do that: ${detail}.`;
   if (status === 404) return `Not found: ${detail}.`;
-  if (status === 409) return `This conversation is busy: ${detail}. Wait for the other turn to finish, then retry.`;
+  if (status === 409) return sentence(detail); // the server's words: busy, or changed meanwhile; what to do next
   if (status === 413) return 'The message is too large for the server.';
   if (status === 422) {
     return error.field ? `Please check “${error.field}”: ${detail}.` : `The server refused the input: ${detail}.`;
@@ -122,6 +122,14 @@ export function errorMessage(error) {
   const id = error.errorId ? ` Error id ${error.errorId}: the server's log has the details.` : '';
   if (status >= 500) return `The server failed (HTTP ${status}): ${detail}.${id}`;
   return `The request failed (HTTP ${status}): ${detail}.${id}`;
+}
+
+/** `text` as a sentence: capital first letter, full stop at the end. */
+function sentence(text) {
+  const trimmed = text.trim();
+  if (!trimmed) return 'The request failed.';
+  const capital = trimmed[0].toUpperCase() + trimmed.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
 }
 
 function fieldName(loc) {

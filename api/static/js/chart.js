@@ -61,12 +61,13 @@ export function barChart({ points, format, title, summary, width, idPrefix }) {
       svg.append(bar);
     }
     if ((points.length - 1 - index) % labelEvery === 0) {
+      const last = index === points.length - 1; // ends at the chart's edge rather than past it
       svg.append(
         h('svg:text', {
           class: 'axis-label',
-          x: x + slot / 2,
+          x: last ? x + slot : x + slot / 2,
           y: HEIGHT - 8,
-          'text-anchor': 'middle',
+          'text-anchor': last ? 'end' : 'middle',
           text: point.short ?? point.label,
         }),
       );
