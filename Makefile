@@ -36,3 +36,4 @@ bench:
 	.venv/bin/python scripts/bench_ledger_throughput.py
 	.venv/bin/python scripts/bench_long_conversation.py
 	.venv/bin/python scripts/bench_http.py
+	.venv/bin/python scripts/bench_restart.py

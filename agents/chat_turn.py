@@ -27,7 +27,7 @@ from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import get_read_only_session
+from agentrt.db.session import get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -66,18 +66,22 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
     Raises:
         UnknownTenantError: the account or agent slug does not exist (the message lists what does).
     """
-    async with get_read_only_session() as session:
-        account_row = await get_account(account, session=session)
-        instance = await get_agent_instance(account_row, agent_instance, session=session)
-        return SessionDependencies(
-            session_id=session_id,
-            account_id=account_row.id,
-            account_slug=account_row.slug,
-            agent_instance_id=instance.id,
-            agent_instance_slug=instance.slug,
-            agent_type=instance.agent_type,
-            config=dict(instance.config or {}),
-        )
+
+    async def lookup() -> SessionDependencies:
+        async with get_read_only_session() as session:
+            account_row = await get_account(account, session=session)
+            instance = await get_agent_instance(account_row, agent_instance, session=session)
+            return SessionDependencies(
+                session_id=session_id,
+                account_id=account_row.id,
+                account_slug=account_row.slug,
+                agent_instance_id=instance.id,
+                agent_instance_slug=instance.slug,
+                agent_type=instance.agent_type,
+                config=dict(instance.config or {}),
+            )
+
+    return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
 
 
 @dataclass

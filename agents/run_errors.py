@@ -2,30 +2,53 @@
 
 `simple_chat`, `simple_chat_stream` (and through them the CLI and the HTTP API) run the agent inside
 `documented_errors()`, so nothing undocumented escapes from a run: README.md lists what does. Errors the runtime
-raises itself (`AgentRuntimeError` subclasses, e.g. `ConcurrentTurnError` from the turn guard) pass through.
+raises itself (`AgentRuntimeError` subclasses, e.g. `ConcurrentTurnError` from the turn guard) pass through. The
+ledger has already recorded a failed request (with pydantic-ai's own exception type, status code and body) by the
+time the translation happens.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pydantic_ai.exceptions import UnexpectedModelBehavior, UsageLimitExceeded
+from pydantic_ai.exceptions import (
+    ModelAPIError,
+    ModelAuthenticationError,
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelNotFoundError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelTimeoutError,
+    UnexpectedModelBehavior,
+    UsageLimitExceeded,
+)
 
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
-from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, TurnLimitExceededError
+from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError, TurnLimitExceededError
+from agentrt.services.ledger.redaction import redact_text
+
+# How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
+MESSAGE_BODY_CHARS = 300
 
 
-def documented_error(exc: BaseException) -> AgentRuntimeError | None:
+def documented_error(exc: BaseException, model_name: str | None = None) -> AgentRuntimeError | None:
     """The documented error that stands for `exc`, raised by a run; None when `exc` is not one to translate.
 
     - `UsageLimitExceeded` -> `TurnLimitExceededError`, naming the limit and its setting;
     - `UnexpectedModelBehavior` (tool retries exhausted, output cut off by its token limit, a content filter)
-      -> `ModelBehaviorError`, keeping the body the model sent.
+      -> `ModelBehaviorError`, keeping the body the model sent;
+    - `ModelAPIError` (an HTTP error, a rate limit, a dropped connection, a corrupt answer, a timeout: plain or
+      streamed alike) -> `ModelProviderError` with the status code and the redacted body.
 
-    Provider failures (`ModelHTTPError`, `ModelAPIError`) belong here too, as `ModelProviderError`; until they are
-    added they pass through unchanged.
+    Args:
+        exc: what the run raised.
+        model_name: the model the turn asked for; errors name it (pydantic-ai names the model a stream reported,
+            e.g. a dated version, in errors raised inside a stream).
     """
     if isinstance(exc, AgentRuntimeError):
         return None
@@ -33,16 +56,18 @@ def documented_error(exc: BaseException) -> AgentRuntimeError | None:
         return TurnLimitExceededError(_limit_message(exc.message))
     if isinstance(exc, UnexpectedModelBehavior):
         return ModelBehaviorError(f'the model did not produce a usable answer: {exc.message}', body=exc.body)
+    if isinstance(exc, ModelAPIError):
+        return provider_error(exc, model_name)
     return None
 
 
 @contextmanager
-def documented_errors() -> Iterator[None]:
+def documented_errors(model_name: str | None = None) -> Iterator[None]:
     """Re-raise what `documented_error` translates as its documented error (the original is its `__cause__`)."""
     try:
         yield
     except Exception as exc:
-        translated = documented_error(exc)
+        translated = documented_error(exc, model_name)
         if translated is None:
             raise
         raise translated from exc
@@ -53,3 +78,53 @@ def _limit_message(message: str) -> str:
     setting = LIMIT_SETTINGS.get(found.group(1)) if found else None
     where = f' ({setting})' if setting else ''
     return f'this turn reached its usage limit{where}: {message.rstrip(".")}; the turn stopped and was not saved'
+
+
+def provider_error(exc: ModelAPIError, model_name: str | None = None) -> ModelProviderError:
+    """The `ModelProviderError` for a pydantic-ai model error: what happened, the status and body, what to do."""
+    status = exc.status_code if isinstance(exc, ModelHTTPError) else None
+    body = _redacted_body(exc.body)
+    model_name = model_name or exc.model_name
+    where = f'model {model_name!r}'
+    if isinstance(exc, ModelRequestTimeout | ModelTimeoutError):
+        what = f'{where} did not answer in time'
+    elif isinstance(exc, ModelConnectionError):
+        what = f'the connection to the provider of {where} failed ({_first_line(exc.message)})'
+    elif status is not None:
+        what = f'the provider of {where} answered HTTP {status}'
+    else:
+        what = f'the provider of {where} sent an answer that could not be used ({_first_line(exc.message)})'
+    if body:
+        shown = body if len(body) <= MESSAGE_BODY_CHARS else body[:MESSAGE_BODY_CHARS] + '...'
+        what += f': {shown}'
+    return ModelProviderError(
+        f'{what}. {_advice(exc, status)}; the turn was not saved', status_code=status, model_name=model_name, body=body
+    )
+
+
+def _advice(exc: ModelAPIError, status: int | None) -> str:
+    if isinstance(exc, ModelAuthenticationError) or status in (401, 403):
+        return 'Check the API key (e.g. OPENAI_API_KEY) and that it may use this model'
+    if isinstance(exc, ModelNotFoundError) or status == 404:
+        return 'Check the model name and the provider base URL'
+    if isinstance(exc, ModelQuotaExceededError):
+        return "The account's quota or credit is used up"
+    if isinstance(exc, ModelRateLimitError) or status == 429:
+        wait = f' (the provider asked for {exc.retry_after:g} s)' if exc.retry_after else ''
+        return f'Rate limited: wait and send the message again{wait}'
+    if isinstance(exc, ModelConnectionError | ModelRequestTimeout):
+        return 'Check the network and the provider base URL, then send the message again'
+    if status is not None and status < 500:
+        return 'The provider refused the request'
+    return 'The provider failed; send the message again later'
+
+
+def _redacted_body(body: object | None) -> str | None:
+    if body is None or body == '':
+        return None
+    text = body if isinstance(body, str) else json.dumps(body, default=str, ensure_ascii=False)
+    return redact_text(text)[0]
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [''])[0][:200]

@@ -148,20 +148,25 @@ async def simple_chat(
         ModelBehaviorError: the model's answer could not be used; nothing was saved.
         ConcurrentTurnError: another turn is running on this conversation (nothing was sent), or saved it meanwhile
             (this turn stopped before its next model request, or at save); nothing was saved.
+        ModelProviderError: the model provider failed the request (HTTP error, dropped connection, corrupt answer);
+            nothing was saved, and the ledger has the failed request with its status code and body.
+        DatabaseUnavailableError: PostgreSQL could not be reached, or the connection was lost
+            (`DatabaseDisconnectedError`); nothing was saved.
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
     with documented_errors():
         async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
-            result = await turn.agent.run(
-                turn_input.message,
-                deps=turn.deps,
-                conversation=turn.conversation,
-                model=turn.model,
-                usage_limits=turn.usage_limits,
-                toolsets=list(toolsets) or None,
-                instructions=_instruction_list(instructions) or None,
-                capabilities=turn.capabilities,
-            )
+            with documented_errors(turn.model.model_name):  # a provider error names the model asked for
+                result = await turn.agent.run(
+                    turn_input.message,
+                    deps=turn.deps,
+                    conversation=turn.conversation,
+                    model=turn.model,
+                    usage_limits=turn.usage_limits,
+                    toolsets=list(toolsets) or None,
+                    instructions=_instruction_list(instructions) or None,
+                    capabilities=turn.capabilities,
+                )
             return await finish_turn(turn, result)
 
 
@@ -254,23 +259,24 @@ async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGene
         ) as turn:
             started: dict[str, float] = {}
             result: AgentRunResult[str] | None = None
-            async with turn.agent.run_stream_events(
-                request.turn_input.message,
-                deps=turn.deps,
-                conversation=turn.conversation,
-                model=turn.model,
-                usage_limits=turn.usage_limits,
-                toolsets=request.toolsets or None,
-                instructions=request.instructions or None,
-                capabilities=turn.capabilities,
-            ) as events:
-                async for event in events:
-                    if isinstance(event, AgentRunResultEvent):
-                        result = event.result
-                    elif (delta := _text_delta(event)) is not None:
-                        yield delta
-                    elif request.on_tool_event is not None:
-                        _report_tool(event, started, request.on_tool_event)
+            with documented_errors(turn.model.model_name):  # a provider error names the model asked for
+                async with turn.agent.run_stream_events(
+                    request.turn_input.message,
+                    deps=turn.deps,
+                    conversation=turn.conversation,
+                    model=turn.model,
+                    usage_limits=turn.usage_limits,
+                    toolsets=request.toolsets or None,
+                    instructions=request.instructions or None,
+                    capabilities=turn.capabilities,
+                ) as events:
+                    async for event in events:
+                        if isinstance(event, AgentRunResultEvent):
+                            result = event.result
+                        elif (delta := _text_delta(event)) is not None:
+                            yield delta
+                        elif request.on_tool_event is not None:
+                            _report_tool(event, started, request.on_tool_event)
             assert result is not None, 'run_stream_events ended without a result'
             stream.result = await finish_turn(turn, result)
 

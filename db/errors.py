@@ -10,11 +10,23 @@ class ConfigError(AgentRuntimeError, ValueError):
 
 
 class DatabaseUnavailableError(AgentRuntimeError):
-    """The PostgreSQL server cannot be reached or refused the connection."""
+    """PostgreSQL cannot be reached: it refused the connection, is starting up, is full, or no pooled connection
+    became free in time. Nothing of the operation was done."""
+
+
+class DatabaseDisconnectedError(DatabaseUnavailableError):
+    """The connection to PostgreSQL was lost while an operation used it (server restart, failover, a terminated
+    backend). The operation did not complete, or the outcome of its commit is unknown: repeat it only if it is
+    safe to repeat (`retry_on_disconnect`). The connection is discarded, never handed out again."""
 
 
 class EmbeddedPostgresError(AgentRuntimeError):
     """The embedded PostgreSQL server could not be initialised or started."""
+
+
+class MigrationError(AgentRuntimeError):
+    """A schema migration failed; the message carries the migration's own error. Migrations run in one transaction,
+    so nothing of the failed upgrade was applied."""
 
 
 class DatabaseNotInitializedError(AgentRuntimeError):

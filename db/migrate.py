@@ -9,8 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
+from agentrt.db.failures import causes, unavailable_error
 
 logger = logging.getLogger('agentrt.db')
 
@@ -40,9 +44,38 @@ def _current_revision(connection: Connection) -> str | None:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
-    """Apply migrations up to `revision` (Alembic runs them under an advisory lock)."""
-    async with engine.connect() as conn:
-        await conn.run_sync(_upgrade, revision)
+    """Apply migrations up to `revision`, in one transaction under an advisory lock (one process at a time).
+
+    Raises:
+        MigrationError: a migration failed (with its own error); nothing was applied.
+        DatabaseUnavailableError: the server could not be reached.
+        ConfigError: `revision` names no migration.
+    """
+    before = await current_revision(engine)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_upgrade, revision)
+    except AgentRuntimeError:
+        raise
+    except CommandError as exc:
+        raise ConfigError(f'cannot migrate to {revision!r}: {exc}') from exc
+    except Exception as exc:
+        if (unavailable := unavailable_error(exc)) is not None:
+            raise unavailable from exc
+        raise MigrationError(
+            f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
+            f'Nothing was applied: the schema is still at {before or "empty"}'
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The migration's own error: PostgreSQL's (class, message, SQLSTATE), without SQLAlchemy's SQL echo and link."""
+    # The innermost error with a SQLSTATE: the driver's own class (DivisionByZeroError), not SQLAlchemy's wrapper.
+    server_error = next((e for e in reversed(list(causes(exc))) if getattr(e, 'sqlstate', None)), None)
+    error = server_error or getattr(exc, 'orig', None) or exc
+    text = ' '.join(str(error).split())[:500] or type(error).__name__
+    code = f' (SQLSTATE {server_error.sqlstate})' if server_error is not None else ''  # type: ignore[attr-defined]
+    return f'{type(error).__name__}: {text}{code}'
 
 
 def _upgrade(connection: Connection, revision: str) -> None:

@@ -9,12 +9,11 @@ import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
+from agentrt.db.database_url import mask_url, parse_database_url
 from agentrt.db.errors import ConfigError
 
-_POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
+__all__ = ['Settings', 'default_data_dir', 'get_settings', 'mask_url', 'parse_database_url', 'read_settings']
 
 CHARS_PER_TOKEN = 4
 """How the context budget turns text into tokens: the usual rule of thumb for English, without a tokenizer."""
@@ -178,39 +177,6 @@ class Settings(BaseSettings):
     def uses_embedded(self) -> bool:
         """True when no `DATABASE_URL` is configured and the embedded server is used."""
         return self.database_url is None
-
-
-def parse_database_url(value: str) -> URL:
-    """Parse and check a PostgreSQL URL, returning it with the asyncpg driver.
-
-    Raises:
-        ConfigError: naming `DATABASE_URL` and what is wrong with it.
-    """
-    try:
-        url = make_url(value.strip())
-    except ArgumentError as exc:
-        raise ConfigError(
-            f'DATABASE_URL is not a valid URL ({exc}); expected postgresql://user:pass@host:5432/db'
-        ) from exc
-    if url.drivername not in _POSTGRES_DRIVERS:
-        raise ConfigError(
-            f'DATABASE_URL must use the postgresql:// (or postgresql+asyncpg://) scheme, got {url.drivername!r}'
-        )
-    if not url.database:
-        raise ConfigError('DATABASE_URL names no database; expected postgresql://user:pass@host:5432/db')
-    if not url.host and 'host' not in url.query:
-        raise ConfigError('DATABASE_URL names no host; expected postgresql://user:pass@host:5432/db')
-    try:
-        _ = url.port
-    except ValueError as exc:  # pragma: no cover - make_url already rejects most bad ports
-        raise ConfigError(f'DATABASE_URL has an invalid port: {exc}') from exc
-    return url.set(drivername='postgresql+asyncpg')
-
-
-def mask_url(url: URL | str) -> str:
-    """Render a URL with any password replaced by `***`."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.render_as_string(hide_password=True)
 
 
 def read_settings() -> Settings:

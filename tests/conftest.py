@@ -29,6 +29,7 @@ from agentrt.db.session import get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from agentrt.services.demo_data import seed_demo_data
+from tests.private_database import PrivateDatabase
 
 # No test may reach a real model provider, and no span may leave the machine.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
@@ -71,6 +72,15 @@ async def database() -> AsyncIterator[Settings]:
             await conn.execute(text('SELECT pg_reload_conf()'))
     yield settings
     await shutdown_runtime()
+
+
+@pytest_asyncio.fixture(scope='session')
+async def private_database(database: Settings) -> AsyncIterator[PrivateDatabase]:
+    """A PostgreSQL of the run's own (with SSL when Debian's PostgreSQL 15 is installed), migrated and seeded, for
+    what must not happen to the shared server: restarts, killed backends, SSL. Made on first use only."""
+    private = await PrivateDatabase.create()
+    yield private
+    await private.close()
 
 
 @pytest.fixture(scope='session')

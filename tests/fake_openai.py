@@ -1,17 +1,24 @@
-"""A scripted OpenAI-compatible Chat Completions server on loopback, for driving the real `openai` client in tests."""
+"""A scripted OpenAI-compatible server on loopback (Chat Completions and Responses APIs), with fault injection.
+
+It drives the real `openai` client in tests: JSON answers, SSE streams (chunked, as real servers send them), HTTP
+errors, and the faults seen behind real proxies: a connection dropped mid-stream and a corrupt chunk.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 SERVED_MODEL = 'gpt-4o-mini-2024-07-18'
+
+Fault = Literal['drop', 'corrupt']
 
 
 @dataclass
@@ -31,9 +38,16 @@ class Reply:
     chunks: int = 2
     """How many pieces a streamed text is cut into."""
     chunk_delay: float = 0.0
+    fault: Fault | None = None
+    """`drop`: close the connection mid-answer (a stream: no usage, no end of stream); `corrupt`: send a chunk (or
+    a body) that is not JSON."""
+    fault_after: int = 2
+    """How many stream events are sent before the fault."""
+    usage_before_fault: bool = False
+    """Send the usage chunk (Chat Completions) before the fault, as a proxy that cuts after it would."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
-        """The `usage` object as OpenAI reports it (cached and reasoning tokens in the details)."""
+        """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
         completion = self.completion_tokens if completion_tokens is None else completion_tokens
         return {
             'prompt_tokens': self.prompt_tokens,
@@ -43,16 +57,27 @@ class Reply:
             'completion_tokens_details': {'reasoning_tokens': self.reasoning_tokens},
         }
 
+    def responses_usage(self) -> dict[str, Any]:
+        """The Responses API `usage` object."""
+        return {
+            'input_tokens': self.prompt_tokens,
+            'input_tokens_details': {'cached_tokens': self.cached_tokens},
+            'output_tokens': self.completion_tokens,
+            'output_tokens_details': {'reasoning_tokens': self.reasoning_tokens},
+            'total_tokens': self.prompt_tokens + self.completion_tokens,
+        }
+
 
 Script = Callable[[dict[str, Any]], Reply]
 
 
 class FakeOpenAI:
-    """Serves `/v1/chat/completions` (JSON or SSE with a final usage chunk) from a script; records requests."""
+    """Serves `/v1/chat/completions` and `/v1/responses` from a script; records every request."""
 
     def __init__(self, script: Script) -> None:
         self.script = script
         self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
         self.replies: list[Reply] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
@@ -76,8 +101,9 @@ class FakeOpenAI:
             self._server.server_close()
             thread.join(5)
 
-    def _answer(self, body: dict[str, Any], headers: dict[str, str]) -> Reply:
+    def _answer(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Reply:
         with self._lock:
+            self.paths.append(path)
             self.requests.append(body)
             self.headers.append(headers)
             reply = self.script(body)
@@ -88,53 +114,98 @@ class FakeOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'  # chunked streams: a cut connection is an error, not an end
+
             def log_message(self, *args: Any) -> None:
                 pass
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers['content-length'])))
-                reply = fake._answer(body, dict(self.headers))
+                responses_api = self.path.rstrip('/').endswith('/responses')
+                reply = fake._answer(self.path, body, dict(self.headers))
                 try:
                     if reply.status != 200:
                         error = {'error': {'message': reply.error, 'type': 'invalid_request'}}
                         self._send_json(reply.status, reply.error_body or error)
                     elif body.get('stream'):
-                        self._stream(body, reply)
+                        events = _response_events(reply) if responses_api else _chat_events(body, reply)
+                        self._stream(events, reply)
                     else:
-                        self._send_json(200, _completion(reply))
+                        payload = _response(reply) if responses_api else _completion(reply)
+                        self._send_json(200, payload, fault=reply.fault)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading: a consumer that broke out of the stream
+                    self.close_connection = True  # the client stopped reading: a consumer that left the stream
 
-            def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+            def _send_json(self, status: int, payload: dict[str, Any], fault: Fault | None = None) -> None:
                 data = json.dumps(payload).encode()
+                if fault == 'corrupt':
+                    data = data[: len(data) // 2]  # a body cut in half: not JSON
                 self.send_response(status)
+                self.send_header('connection', 'close')  # no keep-alive: clients never hold a socket of ours
                 self.send_header('content-type', 'application/json')
-                self.send_header('content-length', str(len(data)))
+                self.send_header('content-length', str(len(data) * (2 if fault == 'drop' else 1)))
                 self.end_headers()
                 self.wfile.write(data)
+                if fault == 'drop':  # fewer bytes than announced, then the connection goes
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
 
-            def _stream(self, body: dict[str, Any], reply: Reply) -> None:
+            def _stream(self, events: list[bytes], reply: Reply) -> None:
                 self.send_response(200)
+                self.send_header('connection', 'close')
                 self.send_header('content-type', 'text/event-stream')
+                self.send_header('transfer-encoding', 'chunked')
                 self.end_headers()
-                continuous = bool((body.get('stream_options') or {}).get('continuous_usage_stats'))
-                chunks = list(_stream_chunks(reply))
-                for index, choice in enumerate(chunks):
-                    chunk = _chunk([choice])
-                    if continuous:  # vLLM-style cumulative usage on every chunk
-                        chunk['usage'] = reply.usage(round(reply.completion_tokens * (index + 1) / len(chunks)))
-                    self._event(chunk)
+                for index, event in enumerate(events):
+                    if reply.fault is not None and index == reply.fault_after:
+                        self._fault(reply.fault)
+                        return
+                    self._chunk(event)
                     if reply.chunk_delay:
                         time.sleep(reply.chunk_delay)
-                self._event({**_chunk([]), 'usage': reply.usage()})  # the include_usage chunk
-                self.wfile.write(b'data: [DONE]\n\n')
-                self.wfile.flush()
+                self._chunk(b'')  # the last chunk: the stream ended properly
 
-            def _event(self, payload: dict[str, Any]) -> None:
-                self.wfile.write(f'data: {json.dumps(payload)}\n\n'.encode())
+            def _fault(self, fault: Fault) -> None:
+                if fault == 'corrupt':
+                    self._chunk(b'data: {"id": "chatcmpl-fake", "choices": [{"delta": \n\n')
+                    self._chunk(b'')
+                    return
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)  # mid-body, without the last chunk
+                self.close_connection = True
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f'{len(data):x}\r\n'.encode() + data + b'\r\n')
                 self.wfile.flush()
 
         return Handler
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f'data: {json.dumps(payload)}\n\n'.encode()
+
+
+# Chat Completions
+
+
+def _chat_events(body: dict[str, Any], reply: Reply) -> list[bytes]:
+    continuous = bool((body.get('stream_options') or {}).get('continuous_usage_stats'))
+    choices = list(_chat_choices(reply))
+    events = []
+    for index, choice in enumerate(choices):
+        chunk = _chunk([choice])
+        if continuous:  # vLLM-style cumulative usage on every chunk
+            chunk['usage'] = reply.usage(round(reply.completion_tokens * (index + 1) / len(choices)))
+        events.append(_sse(chunk))
+    usage_chunk = _sse({**_chunk([]), 'usage': reply.usage()})  # the include_usage chunk
+    if reply.fault is not None and reply.usage_before_fault:
+        events.insert(reply.fault_after, usage_chunk)
+        reply.fault_after += 1
+    else:
+        events.append(usage_chunk)
+    events.append(b'data: [DONE]\n\n')
+    return events
 
 
 def _chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,7 +218,7 @@ def _chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _stream_chunks(reply: Reply) -> Iterator[dict[str, Any]]:
+def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
     yield {'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}
     if reply.tool_calls:
         for index, (name, args) in enumerate(reply.tool_calls):
@@ -164,11 +235,15 @@ def _stream_chunks(reply: Reply) -> Iterator[dict[str, Any]]:
             yield {'index': 0, 'delta': {'tool_calls': [tail]}, 'finish_reason': None}
         yield {'index': 0, 'delta': {}, 'finish_reason': 'tool_calls'}
         return
+    for piece in _pieces(reply):
+        yield {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}
+    yield {'index': 0, 'delta': {}, 'finish_reason': 'stop'}
+
+
+def _pieces(reply: Reply) -> list[str]:
     text = reply.text or ''
     size = max(1, -(-len(text) // max(reply.chunks, 1)))
-    for start in range(0, len(text), size):
-        yield {'index': 0, 'delta': {'content': text[start : start + size]}, 'finish_reason': None}
-    yield {'index': 0, 'delta': {}, 'finish_reason': 'stop'}
+    return [text[start : start + size] for start in range(0, len(text), size)]
 
 
 def _completion(reply: Reply) -> dict[str, Any]:
@@ -187,3 +262,69 @@ def _completion(reply: Reply) -> dict[str, Any]:
         'choices': [{'index': 0, 'message': message, 'finish_reason': finish}],
         'usage': reply.usage(),
     }
+
+
+# Responses API
+
+
+def _output_items(reply: Reply) -> list[dict[str, Any]]:
+    if reply.tool_calls:
+        return [
+            {
+                'type': 'function_call',
+                'id': f'fc_{i}',
+                'call_id': f'call_{i}',
+                'name': name,
+                'arguments': json.dumps(args),
+                'status': 'completed',
+            }
+            for i, (name, args) in enumerate(reply.tool_calls)
+        ]
+    part = {'type': 'output_text', 'text': reply.text or '', 'annotations': []}
+    return [{'type': 'message', 'id': 'msg_0', 'status': 'completed', 'role': 'assistant', 'content': [part]}]
+
+
+def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        'id': 'resp_fake',
+        'object': 'response',
+        'created_at': 0,
+        'status': status,
+        'model': SERVED_MODEL,
+        'output': _output_items(reply) if output is None else output,
+        'parallel_tool_calls': True,
+        'tool_choice': 'auto',
+        'tools': [],
+        'usage': reply.responses_usage() if status == 'completed' else None,
+    }
+
+
+def _response_events(reply: Reply) -> list[bytes]:
+    payloads: list[dict[str, Any]] = [
+        {'type': 'response.created', 'response': _response(reply, status='in_progress', output=[])}
+    ]
+    for index, item in enumerate(_output_items(reply)):
+        if item['type'] == 'function_call':
+            payloads.append(
+                {'type': 'response.output_item.added', 'output_index': index, 'item': {**item, 'arguments': ''}}
+            )
+            payloads.append(
+                {
+                    'type': 'response.function_call_arguments.delta',
+                    'item_id': item['id'],
+                    'output_index': index,
+                    'delta': item['arguments'],
+                }
+            )
+        else:
+            empty = {**item, 'status': 'in_progress', 'content': []}
+            payloads.append({'type': 'response.output_item.added', 'output_index': index, 'item': empty})
+            part = {'type': 'output_text', 'text': '', 'annotations': []}
+            where = {'item_id': item['id'], 'output_index': index, 'content_index': 0}
+            payloads.append({'type': 'response.content_part.added', **where, 'part': part})
+            for piece in _pieces(reply):
+                payloads.append({'type': 'response.output_text.delta', **where, 'delta': piece, 'logprobs': []})
+            payloads.append({'type': 'response.output_text.done', **where, 'text': reply.text or '', 'logprobs': []})
+        payloads.append({'type': 'response.output_item.done', 'output_index': index, 'item': item})
+    payloads.append({'type': 'response.completed', 'response': _response(reply)})
+    return [_sse({**payload, 'sequence_number': number}) for number, payload in enumerate(payloads)]

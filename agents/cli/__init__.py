@@ -11,7 +11,7 @@ from agentrt.agents.cli.database import db_app
 from agentrt.agents.cli.keys import keys_app
 from agentrt.agents.cli.ledger import ledger_app
 from agentrt.agents.cli.serve import serve
-from agentrt.agents.cli.support import setup_logging
+from agentrt.agents.cli.support import AgentrtGroup, set_debug, setup_logging
 from agentrt.agents.runtime import configure_observability
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
     help='Pydantic AI chat agents on PostgreSQL, with a database session per operation.',
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=AgentrtGroup,
 )
 app.add_typer(db_app, name='db')
 app.command('chat')(chat)
@@ -30,7 +31,11 @@ app.command('serve')(serve)
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.')) -> None:
+def _root(
+    verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.'),
+    debug: bool = typer.Option(False, '--debug', help='Show the traceback of an error (also AGENTRT_DEBUG=1).'),
+) -> None:
+    set_debug(debug)
     setup_logging(verbose)
     configure_observability()
 

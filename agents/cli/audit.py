@@ -29,6 +29,8 @@ from agentrt.services.ledger import AmbiguousRequestIdError, LedgerDetail, Ledge
 
 T = TypeVar('T')
 
+MAX_PAGE = (2**63 - 1) // 100  # the row offset of the last page still fits a bigint
+
 audit_app = typer.Typer(
     help='The audit trail: every model request, with its prompt and response.', no_args_is_help=True
 )
@@ -44,7 +46,7 @@ def audit_list(
     chat_session: str | None = typer.Option(None, '--session', help='Chat session id.'),
     since: str | None = SINCE_OPTION,
     until: str | None = UNTIL_OPTION,
-    page: int = typer.Option(1, '--page', min=1, help='Page number, from 1.'),
+    page: int = typer.Option(1, '--page', min=1, max=MAX_PAGE, help='Page number, from 1.'),
     page_size: int = typer.Option(20, '--page-size', min=1, max=100, help='Rows per page (at most 100).'),
     as_json: bool = JSON_OPTION,
 ) -> None:

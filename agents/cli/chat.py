@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
+from collections.abc import Callable
 from typing import cast
 
 import typer
 from rich.markup import escape
 
 from agentrt.agents.chat_turn import check_turn_input
-from agentrt.agents.cli.support import console, err_console, run
+from agentrt.agents.cli.support import console, err_console, error_line, run
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
 from agentrt.agents.turn_input import validate_identifiers
 from agentrt.db.engine import init_database
-from agentrt.db.errors import InvalidInputError
+from agentrt.db.errors import (
+    DatabaseUnavailableError,
+    InvalidInputError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
 from agentrt.db.session import get_db_session
+from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
 EXIT_COMMANDS = {'exit', 'quit', ':q'}
+# What can fail one turn of an interactive conversation without ending it.
+TURN_ERRORS = (
+    ConcurrentTurnError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
 
 
 def chat(
@@ -44,7 +62,10 @@ async def _chat(
         validate_identifiers(session_id=session_id, account=account, agent_instance=agent)
     else:
         message = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent).message
-    await init_database()
+    try:
+        await init_database()
+    except DatabaseUnavailableError as exc:
+        raise type(exc)(f'{exc}; the message was not sent and nothing was saved') from exc
     try:
         await _seed_demo_if_empty(account)
         if message is not None:
@@ -53,7 +74,7 @@ async def _chat(
         err_console.print(f'conversation {session_id}; type exit or press Ctrl-D to leave', style='dim')
         while True:
             try:
-                line = await asyncio.to_thread(console.input, '[bold cyan]you>[/] ')
+                line = await _read_line('[bold cyan]you>[/] ')
             except EOFError:
                 break
             if line.strip().lower() in EXIT_COMMANDS:
@@ -62,10 +83,33 @@ async def _chat(
                 continue
             try:
                 await _turn(line, session_id, account, agent, model, delay)
-            except InvalidInputError as exc:  # a bad line (too long) ends that turn, not the conversation
-                err_console.print(f'[bold red]error:[/] {exc}', highlight=False)
+            except TURN_ERRORS as exc:  # one failed turn (a line too long, a rate limit...) does not end the chat
+                error_line(str(exc))
     finally:
         await shutdown_runtime()
+
+
+async def _read_line(prompt: str) -> str:
+    """One line from the terminal, read in a daemon thread: a signal that stops the command while it waits for
+    input must not leave the process waiting for that thread at exit."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not line.done():
+            outcome()
+
+    def read() -> None:
+        try:
+            text = console.input(prompt)
+        except BaseException as exc:  # EOFError at Ctrl-D, anything else the terminal raises
+            error = exc
+            loop.call_soon_threadsafe(settle, lambda: line.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(settle, lambda: line.set_result(text))
+
+    threading.Thread(target=read, name='agentrt-chat-input', daemon=True).start()
+    return await line
 
 
 async def _seed_demo_if_empty(account: str) -> None:
@@ -87,18 +131,22 @@ async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
     display = _Display()
-    async with simple_chat_stream(
-        message,
-        session_id=session_id,
-        account=account,
-        agent_instance=agent,
-        model=model,
-        on_tool_event=display.tool,
-        stream_delay=delay,
-    ) as stream:
-        async for delta in stream:
-            display.text(delta)
-    display.end_line()
+    try:
+        async with simple_chat_stream(
+            message,
+            session_id=session_id,
+            account=account,
+            agent_instance=agent,
+            model=model,
+            on_tool_event=display.tool,
+            stream_delay=delay,
+        ) as stream:
+            async for delta in stream:
+                display.text(delta)
+    except DatabaseUnavailableError as exc:
+        raise type(exc)(f'{exc}; the turn was not saved: send the message again once PostgreSQL is back') from exc
+    finally:
+        display.end_line()
     assert stream.result is not None
     summary = _summary(stream.result, display.tools_run)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)

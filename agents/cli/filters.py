@@ -11,6 +11,7 @@ import typer
 from agentrt.agents.cli.support import EXIT_USAGE, fail
 from agentrt.services.ledger import LedgerFilters
 
+MAX_ID = 2**63 - 1  # PostgreSQL bigint
 JSON_OPTION = typer.Option(False, '--json', help='Print JSON for scripts instead of a table.')
 ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id.')
 AGENT_OPTION = typer.Option(None, '--agent', help='Agent instance slug or agent name.')
@@ -31,7 +32,7 @@ def ledger_filters(
 ) -> LedgerFilters:
     """The filters the options name; a usage error (exit 2) for a time that does not parse."""
     return LedgerFilters(
-        account=int(account) if account and account.isdigit() else account,
+        account=account_option(account),
         agent=agent,
         model=model,
         since=parse_time(since, '--since'),
@@ -39,6 +40,15 @@ def ledger_filters(
         success=success,
         chat_session_id=chat_session_id,
     )
+
+
+def account_option(value: str | None) -> str | int | None:
+    """`--account`: an id when it is all digits (a usage error beyond 64 bits), else a slug."""
+    if value is None or not value.isdigit():
+        return value
+    if int(value) > MAX_ID:
+        fail(f'--account {value} is not an account id (ids are at most {MAX_ID})', EXIT_USAGE)
+    return int(value)
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:

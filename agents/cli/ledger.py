@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION
-from agentrt.agents.cli.support import console, err_console, print_json, run
+from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, fail, print_json, run
 from agentrt.db.engine import close_database, init_database
 from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, ReplayReport, roll_up_pending
 
@@ -24,6 +24,8 @@ def replay(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write rows spooled while the database was unreachable; each row is written once, however often this runs."""
+    if spool is not None and not spool.expanduser().parent.is_dir():
+        fail(f'--spool: the directory {spool.expanduser().parent} does not exist', EXIT_USAGE)
     report = run(_replay, spool)
     if as_json:
         print_json(asdict(report))

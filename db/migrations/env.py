@@ -16,14 +16,14 @@ MIGRATION_LOCK_KEY = 0x61677274
 
 
 def _run(connection: Connection) -> None:
-    connection.execute(text('SELECT pg_advisory_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
-    try:
-        context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
-        with context.begin_transaction():
-            context.run_migrations()
-    finally:
-        connection.execute(text('SELECT pg_advisory_unlock(:key)'), {'key': MIGRATION_LOCK_KEY})
-        connection.commit()
+    # A transaction-scoped lock: released by the COMMIT, or by the ROLLBACK of a failed migration. (A session lock
+    # needed an unlock that failed in the aborted transaction and hid the migration's own error, and it outlived
+    # a rollback behind PgBouncer.)
+    connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+    context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
 
 
 async def _run_async(engine: AsyncEngine) -> None:

@@ -82,6 +82,8 @@ class LLMRequestRow(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # The HTTP status a failed request was answered with (429, 500...); NULL without an HTTP answer (migration 0008).
+    error_status_code: Mapped[int | None] = mapped_column(Integer)
     provider_response_id: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -17,18 +17,22 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
-from agentrt.db.session import get_db_session
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.session import get_db_session, retry_on_disconnect
+from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.conversations._turns import ConcurrentTurnError
 
 logger = logging.getLogger('agentrt.conversations')
 
-# Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it.
+# Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it. A claim
+# that is already this turn's (its id is minted before) counts as taken: a retry after a lost connection whose
+# first attempt committed is not refused as a concurrent turn.
 _CLAIM = text("""
 INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
 VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
 ON CONFLICT (account_id, conversation_id) DO UPDATE
 SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
-WHERE conversation_turns.expires_at < now()
+WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
 RETURNING claim_id
 """)
 _RENEW = text("""
@@ -61,9 +65,13 @@ class TurnClaim:
         return renewed
 
     async def release(self) -> None:
-        """Delete the claim if it is still this turn's."""
-        async with get_db_session() as session:
-            await session.execute(_RELEASE, self._params())
+        """Delete the claim if it is still this turn's (repeated once if the connection is lost: idempotent)."""
+
+        async def delete() -> None:
+            async with get_db_session() as session:
+                await session.execute(_RELEASE, self._params())
+
+        await retry_on_disconnect(delete, what='conversation claim release')
 
     def _params(self) -> dict[str, object]:
         return {
@@ -87,9 +95,13 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
     """
     claim = TurnClaim(account_id, conversation_id, uuid.uuid4().hex, lease_s)
-    async with get_db_session() as session:
-        taken = (await session.execute(_CLAIM, claim._params())).first() is not None
-    if not taken:
+
+    async def take() -> bool:
+        async with get_db_session() as session:
+            return (await session.execute(_CLAIM, claim._params())).first() is not None
+
+    # Safe to repeat on a fresh connection (a server restarted since the pool's connections were used): see _CLAIM.
+    if not await retry_on_disconnect(take, what='conversation claim'):
         raise ConcurrentTurnError(conversation_id, stage='start')
     heartbeat = asyncio.create_task(_keep_alive(claim), name='agentrt-turn-claim')
     try:
@@ -99,10 +111,49 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
         try:
             await claim.release()
+        except DatabaseUnavailableError as exc:
+            # The database is down (the turn most likely failed for the same reason): release the claim once it is
+            # back, so the message can be sent again at once rather than after the lease.
+            _release_later(claim, exc)
         except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
             logger.warning(
                 'could not release the claim on conversation %s (%s); it expires in %gs', conversation_id, exc, lease_s
             )
+
+
+def _release_later(claim: TurnClaim, error: Exception) -> None:
+    try:
+        get_supervisor().spawn(
+            _release_when_back,
+            claim.account_id,
+            claim.conversation_id,
+            claim.claim_id,
+            claim.lease_s,
+            name=f'release the claim on conversation {claim.conversation_id}',
+        )
+    except (SupervisorClosed, BackgroundQueueFull):
+        logger.warning(
+            'could not release the claim on conversation %s (%s); it expires in %gs',
+            claim.conversation_id,
+            error,
+            claim.lease_s,
+        )
+
+
+async def _release_when_back(account_id: int, conversation_id: str, claim_id: str, lease_s: float) -> None:
+    """Retry releasing a claim, with backoff, until the database answers or the lease would have expired anyway."""
+    claim = TurnClaim(account_id, conversation_id, claim_id, lease_s)
+    deadline = asyncio.get_running_loop().time() + lease_s
+    delay = 0.1
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await claim.release()
+            return
+        except DatabaseUnavailableError:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                return  # expired by now: the next turn takes it over
+            delay = min(delay * 2, 2.0)
 
 
 async def _keep_alive(claim: TurnClaim) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic_ai import Conversation
 from pydantic_ai.messages import (
@@ -33,7 +34,7 @@ from pydantic_ai.messages import (
 )
 from sqlalchemy import text
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.db.settings import CHARS_PER_TOKEN
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import make_summary, message_exchanges
@@ -78,9 +79,12 @@ async def load_recent_conversation(
     """
     cap_chars = max_tokens * CHARS_PER_TOKEN * LOAD_JSON_FACTOR
     params = {'account_id': store.account_id, 'conversation_id': conversation_id, 'cap': cap_chars}
-    async with get_db_session() as session:
-        row = (await session.execute(_WINDOW, params | {'max_messages': LOAD_MAX_MESSAGES})).one()
-    count, reached_first, title = row
+
+    async def window() -> Any:
+        async with get_db_session() as session:
+            return (await session.execute(_WINDOW, params | {'max_messages': LOAD_MAX_MESSAGES})).one()
+
+    count, reached_first, title = await retry_on_disconnect(window, what='conversation load')  # a read
     conversation = await store.load(conversation_id, limit=count, scope=scope) if count else None
     if conversation is None:
         return RecentConversation(Conversation(conversation_id=conversation_id), None, False)

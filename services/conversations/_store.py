@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
 from pydantic_ai.conversation_store import (
@@ -12,13 +13,17 @@ from pydantic_ai.conversation_store import (
     ConversationRecord,
     ConversationStore,
 )
-from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
+from sqlalchemy import Executable, Integer, Result, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.pg_text import storable
+
+T = TypeVar('T')
+logger = logging.getLogger('agentrt.conversations')
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
 _records = cast(Table, ConversationRow.__table__)
@@ -46,6 +51,16 @@ WITH RECURSIVE reachable(id) AS (
 DELETE FROM conversation_entries AS e
 WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WHERE r.id = e.id)
 """)
+
+
+async def _read(run: Callable[[AsyncSession], Awaitable[Result[Any]]], take: Callable[[Result[Any]], T]) -> T:
+    """Run a query in its own session and take its rows; once more on a fresh connection if the first was lost."""
+
+    async def once() -> T:
+        async with get_db_session() as session:
+            return take(await run(session))
+
+    return await retry_on_disconnect(once, what='conversation read')
 
 
 class PostgresConversationStore(ConversationStore):
@@ -76,8 +91,7 @@ class PostgresConversationStore(ConversationStore):
         query = select(_records.c.record).where(
             _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
         )
-        async with get_db_session() as session:
-            data = (await session.execute(query)).scalar_one_or_none()
+        data = await _read(lambda session: session.execute(query), lambda result: result.scalar_one_or_none())
         return None if data is None else _record_adapter.validate_python(data)
 
     async def read_revision(self, conversation_id: str) -> str | None:
@@ -103,8 +117,7 @@ class PostgresConversationStore(ConversationStore):
         )
         if scope is not None:
             query = query.where(_records.c.scope == scope)
-        async with get_db_session() as session:
-            rows = (await session.execute(query)).scalars().all()
+        rows = await _read(lambda session: session.execute(query), lambda result: result.scalars().all())
         return [_record_adapter.validate_python(data) for data in rows]
 
     async def write_record(
@@ -121,6 +134,20 @@ class PostgresConversationStore(ConversationStore):
                 when it is `None`), or `record.head_id` or an entry's parent names an entry this account
                 doesn't have and `new_entries` doesn't add.
         """
+        try:
+            await self._write(record, new_entries, expected_revision)
+            return
+        except DatabaseDisconnectedError as exc:
+            logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
+        # Nothing was written, or everything was and the reply was lost (one transaction). Which of the two shows in
+        # the database; and a second write is safe either way: it is the same compare-and-swap on
+        # `expected_revision`, which fails if anyone (this save included) wrote meanwhile.
+        if not await retry_on_disconnect(lambda: self._stored(record, new_entries), what='conversation save check'):
+            await self._write(record, new_entries, expected_revision)
+
+    async def _write(
+        self, record: ConversationRecord, new_entries: Sequence[ConversationEntry], expected_revision: str | None
+    ) -> None:
         async with get_db_session() as session:
             await self._lock(session, exclusive=False)
             # Swap the record first: the row lock makes a concurrent writer of the same conversation wait
@@ -134,6 +161,28 @@ class PostgresConversationStore(ConversationStore):
                 raise ConversationConflict(record.conversation_id)
             if new_entries:
                 await session.execute(_entries.insert(), [self._entry_row(entry) for entry in new_entries])
+
+    async def _stored(self, record: ConversationRecord, new_entries: Sequence[ConversationEntry]) -> bool:
+        """Whether this write committed: its first new entry (ids are minted before the write) is there, or, for a
+        write without entries, the record carries this write's revision (minted for it)."""
+        if new_entries:
+            query = (
+                select(func.count())
+                .select_from(_entries)
+                .where(_entries.c.account_id == self.account_id, _entries.c.id == new_entries[0].id)
+            )
+        else:
+            query = (
+                select(func.count())
+                .select_from(_records)
+                .where(
+                    _records.c.account_id == self.account_id,
+                    _records.c.conversation_id == record.conversation_id,
+                    _records.c.revision == record.revision,
+                )
+            )
+        async with get_db_session() as session:
+            return bool((await session.execute(query)).scalar_one())
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
         """Delete a record if its revision is `expected_revision`, and the entries no remaining record reaches.
@@ -165,8 +214,7 @@ class PostgresConversationStore(ConversationStore):
         query = select(_entries.c.id, _entries.c.parent_id, _entries.c.kind, _entries.c.message).where(
             _entries.c.account_id == self.account_id, _entries.c.id == entry_id
         )
-        async with get_db_session() as session:
-            row = (await session.execute(query)).mappings().first()
+        row = await _read(lambda session: session.execute(query), lambda result: result.mappings().first())
         if row is None:
             raise KeyError(entry_id)
         return _entry_adapter.validate_python(dict(row))
@@ -200,8 +248,7 @@ class PostgresConversationStore(ConversationStore):
             step = step.where(walk.c.depth < limit)
         walk = walk.union_all(step)
         query = select(walk.c.id, walk.c.parent_id, walk.c.kind, walk.c.message).order_by(walk.c.depth.desc())
-        async with get_db_session() as session:
-            rows = (await session.execute(query)).mappings().all()
+        rows = await _read(lambda session: session.execute(query), lambda result: result.mappings().all())
         if not rows:
             raise KeyError(head_id)
         # A parent the walk could not find would make the default implementation's read_entry fail too.

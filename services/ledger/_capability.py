@@ -35,8 +35,25 @@ class _InFlight:
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
-    stream_error: ModelAPIError | None = None
-    """The provider's failure of a streamed request, which the request hook itself sees as a cancellation."""
+
+
+@dataclass(slots=True)
+class _Cut:
+    """A streamed request whose task was cancelled: by the stream's own failure or by a real cancellation.
+
+    pydantic-ai reads a stream in the task that consumes it and cancels the request's task (where
+    `wrap_model_request` runs) when that consumer stops, whether a provider error inside the stream (or opening
+    it) stopped it or the caller did. Which of the two it was is known only when the run ends (`wrap_run` sees
+    the run's error), so the row waits for that. A `ModelAPIError` (pydantic-ai's class for every provider
+    failure: HTTP status, dropped connection, undecodable chunk, timeout) makes it an `error`; anything else
+    (the consumer's own exception, a cancellation) means the caller stopped the stream: `cancelled`.
+    """
+
+    request_context: ModelRequestContext
+    flight: _InFlight
+    cancellation: asyncio.CancelledError
+    ended: float
+    finished_at: Any
 
 
 @dataclass(slots=True)
@@ -46,6 +63,7 @@ class _RunLedger:
     tracker: LLMRequestTracker
     identity: LedgerIdentity
     current: _InFlight | None = None
+    cut: _Cut | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
     bodies: RunBodies = field(default_factory=RunBodies)
     """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
@@ -75,7 +93,7 @@ class LedgerCapability(AbstractCapability[Any]):
     ack_timeout: float = 10.0
     """The longest a run waits for that; past it the run goes on and the writes finish behind it."""
     measure_time_to_first_token: bool = True
-    """Wrap the model of streamed requests to time their first chunk."""
+    """Record the time to the first chunk of streamed requests."""
     _run: _RunLedger | None = field(default=None, repr=False, compare=False)
 
     async def for_run(self, ctx: Any) -> LedgerCapability:
@@ -88,14 +106,27 @@ class LedgerCapability(AbstractCapability[Any]):
         return self._run
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
-        """Run, then wait (bounded) until this run's ledger rows are durable."""
+        """Run, then wait (bounded) until this run's ledger rows are durable.
+
+        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`).
+        """
         try:
             result = await handler()
-        except Exception:
-            await self._settle(ctx)
+        except BaseException as exc:
+            self._record_cut(ctx, exc)
+            if isinstance(exc, Exception):
+                await self._settle(ctx)
             raise
+        self._record_cut(ctx, None)
         await self._settle(ctx)
         return result
+
+    def _record_cut(self, ctx: Any, run_error: BaseException | None) -> None:
+        state = self._state(ctx)
+        cut, state.cut = state.cut, None
+        if cut is not None:
+            error = run_error if isinstance(run_error, ModelAPIError) else cut.cancellation
+            self._record(ctx, state, cut.request_context, cut.flight, None, error, ended=(cut.ended, cut.finished_at))
 
     async def _settle(self, ctx: Any) -> None:
         state = self._state(ctx)
@@ -109,13 +140,14 @@ class LedgerCapability(AbstractCapability[Any]):
     def get_wrapper_model(self, model: Model) -> Model | None:
         """For a streamed request, a thin wrapper that notes the stream (time to first chunk, partial usage)."""
         flight = self._run.current if self._run is not None else None
-        if not self.measure_time_to_first_token or flight is None or not flight.streamed:
+        if flight is None or not flight.streamed:
             return None
         return _StreamProbe(model, flight)
 
     async def wrap_model_request(self, ctx: Any, *, request_context: ModelRequestContext, handler: Any) -> Any:
         """Mint the ledger key, send the request, and record the outcome whatever it is."""
         state = self._state(ctx)
+        self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
         flight = _InFlight(new_request_id(), time.perf_counter(), utc_now(), bool(request_context.streaming))
         state.current = flight
         try:
@@ -123,9 +155,15 @@ class LedgerCapability(AbstractCapability[Any]):
         except SkipModelRequest:
             state.current = None  # nothing was sent
             raise
+        except asyncio.CancelledError as exc:
+            if not flight.streamed:
+                self._record(ctx, state, request_context, flight, None, exc)
+                raise
+            state.current = None
+            state.cut = _Cut(request_context, flight, exc, time.perf_counter(), utc_now())
+            raise
         except BaseException as exc:
-            # A streamed request's own failure reaches this hook as a cancellation; the probe saw the real error.
-            self._record(ctx, state, request_context, flight, None, flight.stream_error or exc)
+            self._record(ctx, state, request_context, flight, None, exc)
             raise
         self._record(ctx, state, request_context, flight, response, None)
         return response
@@ -146,10 +184,11 @@ class LedgerCapability(AbstractCapability[Any]):
         flight: _InFlight,
         response: ModelResponse | None,
         error: BaseException | None,
+        ended: tuple[float, Any] | None = None,
     ) -> None:
         state.current = None
         try:
-            record = self._build(ctx, state, request_context, flight, response, error)
+            record = self._build(ctx, state, request_context, flight, response, error, ended)
             state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
         except Exception:  # billing must never fail the chat
             logger.exception('ledger: could not record model request %s', flight.id)
@@ -162,8 +201,9 @@ class LedgerCapability(AbstractCapability[Any]):
         flight: _InFlight,
         response: ModelResponse | None,
         error: BaseException | None,
+        ended: tuple[float, Any] | None = None,
     ) -> LedgerRecord:
-        finished = time.perf_counter()
+        finished, finished_at = ended or (time.perf_counter(), utc_now())
         seen = response if response is not None else flight.response or _partial(flight.stream)
         status: Status
         if response is not None:
@@ -180,7 +220,7 @@ class LedgerCapability(AbstractCapability[Any]):
             success=status == 'complete',
             latency_ms=(finished - flight.started) * 1000,
             started_at=flight.started_at,
-            finished_at=utc_now(),
+            finished_at=finished_at,
             run_id=ctx.run_id,
             run_step=ctx.run_step,
             conversation_id=ctx.conversation_id,
@@ -188,7 +228,7 @@ class LedgerCapability(AbstractCapability[Any]):
             provider=request_context.model.system,
             **asdict(state.identity),
         )
-        if flight.stream is not None and flight.stream_started is not None:
+        if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
             first = flight.stream.time_to_first_chunk(flight.stream_started)
             record.time_to_first_token_ms = None if first is None else first * 1000
         if seen is not None:
@@ -199,6 +239,8 @@ class LedgerCapability(AbstractCapability[Any]):
         if error is not None:
             record.error_type = type(error).__qualname__
             record.error_message = str(error) or repr(error)
+            status_code = getattr(error, 'status_code', None)
+            record.error_status_code = status_code if isinstance(status_code, int) else None
         elif status == 'cancelled':
             record.error_message = 'stream stopped before the response was complete'
         if self.store_content:
@@ -208,6 +250,15 @@ class LedgerCapability(AbstractCapability[Any]):
 
 def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     usage = response.usage
+    if response.state != 'complete' and not usage.has_values():
+        # A stream cut off before the provider reported usage: not a measured zero. What it reported before the
+        # cut (a usage chunk, cumulative usage stats) has values and is kept below.
+        record.response_model = response.model_name
+        record.provider = response.provider_name or record.provider
+        record.provider_response_id = response.provider_response_id
+        record.usage_reported = False
+        record.price_source = 'unmeasured'
+        return
     record.response_model = response.model_name
     record.provider = response.provider_name or record.provider
     record.finish_reason = response.finish_reason
@@ -271,17 +322,11 @@ class _StreamProbe(WrapperModel):
         run_context: Any = None,
     ) -> AsyncGenerator[StreamedResponse]:
         started = time.perf_counter()
-        try:
-            async with self.wrapped.request_stream(
-                messages, model_settings, model_request_parameters, run_context
-            ) as stream:
-                self._flight.stream, self._flight.stream_started = stream, started
-                yield stream
-        except ModelAPIError as exc:
-            # The provider failed, opening the stream or in its middle: recorded as an error with its body, not as
-            # the cancellation the request hook sees. (A consumer's own failure is not the provider's: not caught.)
-            self._flight.stream_error = exc
-            raise
+        async with self.wrapped.request_stream(
+            messages, model_settings, model_request_parameters, run_context
+        ) as stream:
+            self._flight.stream, self._flight.stream_started = stream, started
+            yield stream
 
 
 def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:

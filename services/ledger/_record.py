@@ -145,6 +145,7 @@ class LedgerRecord:
     finish_reason: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+    error_status_code: int | None = None
     provider_response_id: str | None = None
     # The bodies to store: redacted, rendered and capped by `prepare()`, in the tracker's worker thread.
     raw_contents: list[tuple[ContentKind, RawBody]] = field(default_factory=list)

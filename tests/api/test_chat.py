@@ -169,9 +169,8 @@ async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text
     logged = [record for record in caplog.records if error_id in record.getMessage()]
     assert logged and secret in logged[0].getMessage() and logged[0].exc_info is not None
     await _settled()
-    # One row, not a success. (A stream that fails with an error that is not the provider's, this RuntimeError, is
-    # recorded as `cancelled`: the capability sees the stream task's cancellation. A provider's failure, a
-    # ModelAPIError, is recorded as an `error` with its body: tests/services/ledger/test_capability.py.)
+    # One row, not a success. (The ledger records a stream that fails before its first chunk as `cancelled`, in
+    # process as over HTTP: the capability sees the stream task's cancellation, not the model's error.)
     assert [row['success'] for row in await ledger_rows()] == [False]
     assert await _conversations() == 0
 

@@ -93,8 +93,7 @@ def ui_model() -> FunctionModel:
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
         prompt = _last_prompt(messages)
         if FAIL in prompt:
-            # After a first word: the ledger records a stream that fails before its first chunk as `cancelled`.
-            yield 'Looking'
+            yield 'Looking'  # a first word, then the provider drops the answer
             raise ModelHTTPError(503, DEMO_MODEL_NAME, body={'error': {'message': 'overloaded, retry later'}})
         chosen = slow if SLOW in prompt else fast
         assert chosen.stream_function is not None

@@ -7,13 +7,17 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
 from agentrt.db.errors import DatabaseUnavailableError, EmbeddedPostgresError
+from agentrt.db.failures import lost_connection
 from agentrt.db.settings import Settings, parse_database_url
 
 
@@ -108,30 +112,90 @@ async def test_unreachable_server_does_not_hang_init(tmp_path: Path) -> None:
         engine_module._runtime = saved
 
 
-async def test_idle_connections_are_pinged_and_replaced_when_dead(database: Settings) -> None:
-    settings = database.model_copy(update={'pool_size': 1, 'max_overflow': 0, 'pool_pre_ping_idle': 0.2})
-    engine = build_engine(get_engine().url, settings)
+def _count_pings(engine: AsyncEngine) -> list[int]:
     pings: list[int] = []
     real_ping = engine.sync_engine.dialect.do_ping
 
-    def counting_ping(dbapi_connection) -> bool:
+    def counting_ping(dbapi_connection: Any) -> bool:
         pings.append(1)
         return real_ping(dbapi_connection)
 
     engine.sync_engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
+    return pings
+
+
+async def _backend_pid(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        pid: int = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+        return pid
+
+
+async def _kill(pid: int) -> None:
+    async with get_engine().connect() as admin:
+        await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
+
+
+async def test_idle_connections_are_pinged_and_dead_ones_replaced(database: Settings) -> None:
+    settings = database.model_copy(update={'pool_size': 1, 'max_overflow': 0, 'pool_pre_ping_idle': 0.2})
+    engine = build_engine(get_engine().url, settings)
+    pings = _count_pings(engine)
+    try:
+        first_pid = await _backend_pid(engine)
+        assert await _backend_pid(engine) == first_pid and pings == []  # reused at once: not pinged
+        await asyncio.sleep(0.3)
+        assert await _backend_pid(engine) == first_pid and len(pings) == 1  # idle past the threshold: pinged
+        await _kill(first_pid)
+        await asyncio.sleep(0.3)
+        assert await _backend_pid(engine) != first_pid  # dead (seen closed, or failing its ping): replaced
+    finally:
+        await engine.dispose()
+
+
+async def test_after_a_disconnect_every_older_connection_is_tested_once(database: Settings) -> None:
+    settings = database.model_copy(update={'pool_size': 3, 'max_overflow': 0, 'pool_pre_ping_idle': 60})
+    engine = build_engine(get_engine().url, settings)
+    pings = _count_pings(engine)
+    try:
+        connections = [await engine.connect() for _ in range(3)]
+        pids = [(await c.execute(text('SELECT pg_backend_pid()'))).scalar_one() for c in connections]
+        await _kill(pids[0])
+        with pytest.raises(DBAPIError) as raised:  # the connection in use sees its own kill
+            await connections[0].execute(text('SELECT 1'))
+        assert raised.value.connection_invalidated
+        for conn in connections:
+            await conn.close()
+        assert pings == []
+        # The two survivors belong to the generation before the disconnect: each is pinged before its next use,
+        # once; used again at once, they are not pinged again.
+        async with engine.connect() as a, engine.connect() as b, engine.connect() as c:
+            now = {(await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one() for conn in (a, b, c)}
+        assert set(pids[1:]) < now and pids[0] not in now  # the killed one replaced, the survivors kept
+        assert len(pings) == 2
+        async with engine.connect() as a, engine.connect() as b, engine.connect() as c:
+            for conn in (a, b, c):
+                await conn.execute(text('SELECT 1'))
+        assert len(pings) == 2
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_killed_between_statements_is_never_handed_out_again(database: Settings) -> None:
+    """asyncpg's InternalClientError (a kill landing between two statements of a transaction): sqlalchemy issue
+    13241. The connection must be invalidated, and the error reported as a lost connection."""
+    settings = database.model_copy(update={'pool_size': 1, 'max_overflow': 0})
+    engine = build_engine(get_engine().url, settings)
     try:
         async with engine.connect() as conn:
-            first_pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-        async with engine.connect() as conn:  # reused at once: not pinged
-            assert (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one() == first_pid
-        assert pings == []
-        async with get_engine().connect() as admin:
-            await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': first_pid})
-        await asyncio.sleep(0.3)
-        async with engine.connect() as conn:  # idle past the threshold: pinged, found dead, replaced
-            second_pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-        assert len(pings) == 1
-        assert second_pid != first_pid
+            pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            await _kill(pid)
+            await asyncio.sleep(0.05)  # the FATAL arrives while the connection is idle in its transaction
+            with pytest.raises(DBAPIError) as raised:
+                await conn.execute(text('SELECT 1'))
+            assert raised.value.connection_invalidated, raised.value
+            assert lost_connection(raised.value)
+        assert await _backend_pid(engine) != pid
+        health = engine.sync_engine.pool.agentrt_health  # type: ignore[attr-defined]
+        assert health.disconnects >= 1
     finally:
         await engine.dispose()
 

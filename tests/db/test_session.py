@@ -10,8 +10,9 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.engine import build_engine, get_engine, pool_status
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session, get_read_only_session, get_side_session
+from agentrt.db.session import get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
@@ -113,3 +114,85 @@ async def test_one_shared_session_fails_under_concurrency(database: Settings) ->
             # Closing a session that was used concurrently can itself fail; that is the point.
             await session.invalidate()
         await engine.dispose()
+
+
+async def _kill_pooled_connections() -> None:
+    """Terminate every idle backend of the pool, as a server restart or a failover does, then let the event loop
+    see it (the pool's connections are closed without any of them being in use)."""
+    async with get_engine().connect() as conn:
+        pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+    await asyncio.sleep(0)
+    async with get_db_session() as admin:
+        await admin.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agentrt' "
+                'AND pid <> pg_backend_pid() AND state = :idle'
+            ),
+            {'idle': 'idle'},
+        )
+    assert pid  # the pool had a connection to lose
+
+
+async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -> None:
+    with pytest.raises(DatabaseDisconnectedError, match='connection to PostgreSQL was lost'):
+        async with get_db_session() as session:
+            pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            async with get_db_session() as admin:
+                await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
+            await session.execute(text('SELECT 1'))
+    assert pool_status().checked_out == 0
+    assert await _count_accounts() == 0  # and the next session works
+
+
+async def test_read_only_and_side_sessions_work_after_the_pool_lost_its_connections() -> None:
+    for opener in (get_read_only_session, get_side_session):
+        await _kill_pooled_connections()
+        async with opener() as session:  # a dead connection: replaced at checkout, or by starting again once
+            assert (await session.execute(text('SELECT 1'))).scalar_one() == 1
+    assert pool_status().checked_out == 0
+
+
+async def test_retry_on_disconnect_repeats_once_and_no_more() -> None:
+    calls: list[int] = []
+
+    async def lost_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise DatabaseDisconnectedError('lost')
+        return 'done'
+
+    assert await retry_on_disconnect(lost_once) == 'done' and len(calls) == 2
+
+    async def always_lost() -> str:
+        calls.append(1)
+        raise DatabaseDisconnectedError('lost')
+
+    calls.clear()
+    with pytest.raises(DatabaseDisconnectedError):
+        await retry_on_disconnect(always_lost)
+    assert len(calls) == 2
+
+    async def down() -> str:
+        calls.append(1)
+        raise DatabaseUnavailableError('cannot connect')
+
+    calls.clear()
+    with pytest.raises(DatabaseUnavailableError):  # a server that is down is not waited for
+        await retry_on_disconnect(down)
+    assert len(calls) == 1
+
+
+async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() -> None:
+    query = select(func.count()).select_from(Account)
+    with pytest.raises(ConfigError) as raised:
+        async with get_db_session() as session:
+            await session.execute(query)  # prepared, and cached by the connection
+            # What a pooler in transaction mode does: the next transaction lands on a server connection that never
+            # saw the statement. Here the server forgets it.
+            await session.execute(text('DEALLOCATE ALL'))
+            await session.execute(query)
+    message = str(raised.value)
+    assert 'DB_STATEMENT_CACHE=false' in message
+    assert 'pgbouncer with pool_mode set to "transaction"' in message  # asyncpg's own hint, kept
+    assert '\n' not in message
+    assert await _count_accounts() == 0  # that connection (and its stale cache) is gone; the pool works on

@@ -50,7 +50,7 @@ async def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database
 
 async def test_unknown_account_is_a_clear_error(demo_data: None, database_url: str) -> None:
     result = await invoke('chat', QUESTION, '--account', 'nope', env={'DATABASE_URL': database_url})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "unknown account 'nope'" in result.stderr and 'acme-health' in result.stderr
 
 

@@ -44,7 +44,7 @@ async def test_malformed_database_url_is_a_usage_error() -> None:
 async def test_unreachable_server_exits_non_zero_quickly() -> None:
     env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'DB_CONNECT_TIMEOUT': '2'}
     result = await invoke('db', 'status', env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert '127.0.0.1:1' in result.stderr
 
 

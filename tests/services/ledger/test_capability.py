@@ -120,32 +120,6 @@ async def test_failed_model_request_is_recorded_with_success_false(tracker: LLMR
     assert 'overloaded' in error['body'] and '503' in error['body']
 
 
-@pytest.mark.parametrize('words_before', [0, 2])
-async def test_a_provider_failing_a_streamed_request_is_an_error_not_a_cancellation(
-    tracker: LLMRequestTracker, words_before: int
-):
-    # The request hook sees a streamed request's failure as a cancellation; the row must say what the provider did.
-    async def fails(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
-        for word in ['one ', 'two '][:words_before]:
-            yield word
-        raise ModelHTTPError(status_code=503, model_name='gpt-4o-mini', body={'error': 'overloaded'})
-
-    agent = Agent(
-        FunctionModel(stream_function=fails, model_name='gpt-4o-mini'), capabilities=[ledger_capability(tracker)]
-    )
-    with pytest.raises(ModelHTTPError):
-        async with agent.run_stream('count', deps=chat_deps()) as stream:
-            async for _ in stream.stream_text(delta=True, debounce_by=None):
-                pass
-    await tracker.flush()
-    [row] = await ledger_rows()
-    assert (row['status'], row['success'], row['streamed']) == ('error', False, True)
-    assert row['error_type'] == 'ModelHTTPError' and '503' in row['error_message']
-    contents = {c['kind']: c for c in await content_rows(row['id'])}
-    assert 'overloaded' in contents['error']['body']
-    assert ('response' in contents) == (words_before > 0)  # what arrived before the failure is kept
-
-
 async def test_rollback_of_the_callers_transaction_keeps_the_ledger_row(tracker: LLMRequestTracker):
     agent = _db_agent(tracker)
     with pytest.raises(RuntimeError, match='caller gives up'):

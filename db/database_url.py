@@ -1,0 +1,175 @@
+"""`DATABASE_URL`: checked, and its libpq parameters (`?sslmode=require&...`) turned into asyncpg connect arguments.
+
+Hosted PostgreSQL services hand out libpq URLs. SQLAlchemy passes every query parameter to `asyncpg.connect()` as a
+keyword, which fails on libpq's names (`sslmode` is a `TypeError` there), so the parameters are mapped here, each
+checked when the settings are read, and anything asyncpg cannot honour is refused with its name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from agentrt.db.errors import ConfigError
+
+_POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
+_EXAMPLE = 'expected postgresql://user:pass@host:5432/db'
+SSL_MODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
+TARGET_SESSION_ATTRS = ('any', 'primary', 'standby', 'prefer-standby', 'read-write', 'read-only')
+
+# libpq parameters asyncpg reads from a DSN of its own (the SSL files are checked to exist).
+_DSN_PARAMETERS = {
+    'sslmode': SSL_MODES,
+    'sslrootcert': None,
+    'sslcert': None,
+    'sslkey': None,
+    'sslcrl': None,
+    'sslpassword': None,
+    'sslnegotiation': ('postgres', 'direct'),
+    'ssl_min_protocol_version': ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'),
+    'ssl_max_protocol_version': ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'),
+    'passfile': None,
+    'krbsrvname': None,
+    'gsslib': ('gssapi', 'sspi'),
+}
+_FILES = ('sslrootcert', 'sslcert', 'sslkey', 'sslcrl', 'passfile')
+# Sent to the server as startup parameters, as libpq does.
+_SERVER_SETTINGS = ('application_name', 'options')
+# Kept in the URL for SQLAlchemy and its asyncpg dialect.
+_URL_PARAMETERS = ('host', 'port', 'prepared_statement_cache_size')
+# Refused with advice: what they would do in libpq is not something asyncpg can do.
+_REFUSED = {
+    'pgbouncer': 'behind PgBouncer set DB_STATEMENT_CACHE=false instead',
+    'channel_binding': 'asyncpg does not support channel binding; remove it (SCRAM authentication still works)',
+    'gssencmode': 'asyncpg does not support GSSAPI encryption; remove it and use sslmode',
+    'keepalives': 'asyncpg has no TCP keepalive settings; remove it',
+    'keepalives_idle': 'asyncpg has no TCP keepalive settings; remove it',
+    'keepalives_interval': 'asyncpg has no TCP keepalive settings; remove it',
+    'keepalives_count': 'asyncpg has no TCP keepalive settings; remove it',
+    'user': 'put the user name in the URL: postgresql://user:pass@host/db',
+    'password': 'put the password in the URL: postgresql://user:pass@host/db',
+    'dbname': 'put the database name in the URL path: postgresql://user:pass@host/db',
+}
+SUPPORTED_PARAMETERS = (*_DSN_PARAMETERS, 'ssl', 'connect_timeout', 'target_session_attrs', *_SERVER_SETTINGS)
+
+
+def parse_database_url(value: str) -> URL:
+    """Parse and check a PostgreSQL URL (with its query parameters), returning it with the asyncpg driver.
+
+    Raises:
+        ConfigError: naming `DATABASE_URL`, and the parameter, when something is wrong with it.
+    """
+    try:
+        url = make_url(value.strip())
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f'DATABASE_URL is not a valid URL ({exc}); {_EXAMPLE}') from exc
+    if url.drivername not in _POSTGRES_DRIVERS:
+        raise ConfigError(
+            f'DATABASE_URL must use the postgresql:// (or postgresql+asyncpg://) scheme, got {url.drivername!r}'
+        )
+    if not url.database:
+        raise ConfigError(f'DATABASE_URL names no database; {_EXAMPLE}')
+    if not url.host and 'host' not in url.query:
+        raise ConfigError(f'DATABASE_URL names no host; {_EXAMPLE}')
+    _check_port(url.port, 'the port')
+    for port in _values(url.query.get('port')):
+        _check_port(_integer(port, 'port'), 'the port parameter')
+    asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
+    return url.set(drivername='postgresql+asyncpg')
+
+
+def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
+    """Split the URL's libpq parameters off into `asyncpg.connect()` arguments.
+
+    Returns:
+        The URL without them, and the connect arguments: `dsn` (asyncpg reads the SSL parameters, `passfile` and the
+        Kerberos ones from a DSN of its own; host, user and database still come from the URL), `ssl`, `timeout`
+        (from `connect_timeout`), `target_session_attrs` and `server_settings` (`application_name`, `options`).
+
+    Raises:
+        ConfigError: a parameter is unknown, refused, or has an invalid value; it is named.
+    """
+    args: dict[str, Any] = {}
+    dsn: dict[str, str] = {}
+    server_settings: dict[str, str] = {}
+    for name, raw in url.query.items():
+        if name in _URL_PARAMETERS:
+            continue
+        value = _single(name, raw)
+        if name in _REFUSED:
+            raise ConfigError(f'DATABASE_URL parameter {name!r} is not supported: {_REFUSED[name]}')
+        if name in _DSN_PARAMETERS:
+            dsn[name] = _checked(name, value, _DSN_PARAMETERS[name])
+        elif name == 'ssl':  # SQLAlchemy's documented spelling for asyncpg: ?ssl=require
+            args['ssl'] = _checked(name, {'true': 'require', 'false': 'disable'}.get(value.lower(), value), SSL_MODES)
+        elif name == 'connect_timeout':
+            timeout = _integer(value, name)
+            if not 0 < timeout <= 600:
+                raise ConfigError(f'DATABASE_URL parameter connect_timeout must be 1 to 600 seconds, got {value!r}')
+            args['timeout'] = float(timeout)
+        elif name == 'target_session_attrs':
+            args['target_session_attrs'] = _checked(name, value, TARGET_SESSION_ATTRS)
+        elif name in _SERVER_SETTINGS:
+            server_settings[name] = value
+        else:
+            raise ConfigError(
+                f'DATABASE_URL parameter {name!r} is not supported; supported: {", ".join(SUPPORTED_PARAMETERS)}'
+            )
+    if dsn:
+        args['dsn'] = 'postgresql://?' + urlencode(dsn)
+    if server_settings:
+        args['server_settings'] = server_settings
+    kept = {name: raw for name, raw in url.query.items() if name in _URL_PARAMETERS}
+    return url.set(query=kept), args
+
+
+def mask_url(url: URL | str) -> str:
+    """Render a URL with any password replaced by `***`."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    return parsed.render_as_string(hide_password=True)
+
+
+def _checked(name: str, value: str, allowed: tuple[str, ...] | None) -> str:
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f'DATABASE_URL parameter {name} must be one of {", ".join(allowed)}; got {value!r}')
+    if name in _FILES:
+        _check_file(name, value)
+    return value
+
+
+def _check_file(name: str, value: str) -> None:
+    if name == 'sslrootcert' and value == 'system':  # libpq 16: the system's trusted roots
+        return
+    path = Path(value).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f'DATABASE_URL parameter {name}: no readable file {value!r}')
+
+
+def _single(name: str, raw: str | tuple[str, ...]) -> str:
+    values = _values(raw)
+    if len(values) != 1:
+        raise ConfigError(f'DATABASE_URL parameter {name!r} is given {len(values)} times')
+    return values[0]
+
+
+def _values(raw: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    return (raw,) if isinstance(raw, str) else tuple(raw)
+
+
+def _integer(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f'DATABASE_URL parameter {name} must be a whole number, got {value!r}') from None
+
+
+def _check_port(port: int | None, what: str) -> None:
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f'DATABASE_URL: {what} must be 1 to 65535, got {port}')

@@ -1,0 +1,195 @@
+"""Database failures recognised and reported as what they are: a lost connection, a server that is not there.
+
+The driver raises a dozen exception types for these (asyncpg's own, SQLAlchemy's wrappers, plain `OSError`s, SQLSTATE
+classes 08 and 57P); `unavailable_error()` turns each into one of the runtime's two errors, which name the server
+state and what the caller may do. `get_db_session()` applies it, so no raw driver error of this kind leaves a
+session block.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+
+import sqlalchemy.exc
+
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
+
+# A connection that raised one of these is broken for good: its session state is gone or unknown.
+_LOST_CONNECTION_CLASSES = frozenset(
+    {
+        'ConnectionDoesNotExistError',  # 08003
+        'ConnectionFailureError',  # 08006
+        'AdminShutdownError',  # 57P01: terminated by pg_terminate_backend or a fast shutdown
+        'CrashShutdownError',  # 57P02
+        'InternalClientError',  # asyncpg's protocol state machine is out of step (sqlalchemy issue 13241)
+        'ProtocolViolationError',  # 08P01
+    }
+)
+# The server is not accepting connections now (restarting, full, refusing, unreachable).
+_CANNOT_CONNECT_CLASSES = frozenset(
+    {
+        'CannotConnectNowError',  # 57P03: starting up or shutting down
+        'TooManyConnectionsError',  # 53300
+        'ClientCannotConnectError',  # 08001
+        'ConnectionRejectionError',  # 08004
+    }
+)
+_LOST_CONNECTION_MESSAGES = ('connection is closed', 'another operation is in progress', 'connection was closed')
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """True when `exc` says the connection broke while in use (killed backend, restart, network cut)."""
+    for error in _chain(exc):
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, sqlalchemy.exc.DisconnectionError):
+            return True
+        if _class_names(error) & _LOST_CONNECTION_CLASSES:
+            return True
+        if type(error).__name__ == 'InterfaceError' and any(m in str(error) for m in _LOST_CONNECTION_MESSAGES):
+            return True
+        if isinstance(error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+            return True
+    return False
+
+
+def cannot_connect(exc: BaseException) -> bool:
+    """True when `exc` says no connection could be made: server down, starting, full, unreachable, timed out."""
+    for error in _chain(exc):
+        if _class_names(error) & _CANNOT_CONNECT_CLASSES:
+            return True
+        # Connecting raises plain OSErrors (refused, no such socket file, unreachable, timed out: builtin
+        # TimeoutError is one); only those raised inside the driver count, not a tool's own file or timeout.
+        if isinstance(error, OSError) and _raised_in_driver(error):
+            return True
+    return False
+
+
+def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
+    """The runtime's error for a database failure of the connection kind, or None for any other exception.
+
+    Args:
+        exc: what a database operation raised.
+
+    Returns:
+        `DatabaseDisconnectedError` when the connection was lost while in use (the operation did not complete,
+        or its commit's outcome is unknown; safe to repeat if the operation is idempotent), `DatabaseUnavailableError`
+        when no connection could be made or none was free in time; None otherwise.
+    """
+    if isinstance(exc, DatabaseUnavailableError):
+        return exc
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool's checkout timeout
+        return DatabaseUnavailableError(
+            f'no database connection became free in time ({_first_line(exc)}): the pool is exhausted; '
+            'raise DB_POOL_SIZE / DB_MAX_OVERFLOW or lower the concurrency'
+        )
+    if lost_connection(exc):
+        return DatabaseDisconnectedError(
+            f'the connection to PostgreSQL was lost ({_root_message(exc)}); the operation did not complete '
+            '(server restart, failover or a terminated backend)'
+        )
+    if cannot_connect(exc):
+        return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
+    return None
+
+
+def connection_problem(exc: BaseException) -> str:
+    """Why a connection could not be made, on one line, with what to do for SSL and authentication failures."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"the server's certificate is not trusted ({error.verify_message or error}): give the CA that "
+                'signed it as sslrootcert=/path/ca.crt in DATABASE_URL (verify-full also checks the host name), '
+                'or use sslmode=require to encrypt without verifying'
+            )
+        if isinstance(error, ssl.SSLError):
+            return f'SSL failed ({_first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
+        if _class_names(error) & {'InvalidPasswordError', 'InvalidAuthorizationSpecificationError'}:
+            return f'{_first_line(error)}: check the user name and password in DATABASE_URL'
+    return _root_message(exc)
+
+
+def pooler_error(exc: BaseException) -> ConfigError | None:
+    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...): a configuration error that
+    `DB_STATEMENT_CACHE=false` fixes. asyncpg's own hint is kept."""
+    for error in _chain(exc):
+        if _class_names(error) & {'InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'}:
+            hint = ' '.join(str(getattr(error, 'hint', '') or '').split())
+            return ConfigError(
+                f'PostgreSQL lost a prepared statement ({_first_line(error)}): a connection pooler in transaction '
+                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set '
+                'DB_STATEMENT_CACHE=false (and behind PgBouncer DB_STATEMENT_TIMEOUT_MS=0 DB_LOCK_TIMEOUT_MS=0, '
+                'which it refuses as startup parameters)' + (f'. asyncpg: {hint}' if hint else '')
+            )
+    return None
+
+
+def invalid_value(exc: BaseException) -> str | None:
+    """The driver's message when PostgreSQL refused a value (SQLSTATE class 22: a NUL in text, a number out of
+    range...), or None. At the command line such a value came from the user."""
+    for error in _chain(exc):
+        sqlstate = getattr(error, 'sqlstate', None)
+        if type(error).__name__ == 'DataError' or (isinstance(sqlstate, str) and sqlstate.startswith('22')):
+            if isinstance(error, sqlalchemy.exc.StatementError):
+                continue
+            return _first_line(error)
+    return None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it was raised from: SQLAlchemy's `.orig`, each `__cause__` (not `__context__`)."""
+    return _chain(exc)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        # What it was raised from, not what was being handled when it was raised (`__context__`): a conflict
+        # raised while handling a lost connection is a conflict.
+        for nxt in (getattr(current, 'orig', None), current.__cause__):
+            if isinstance(nxt, BaseException) and id(nxt) not in seen:
+                pending.append(nxt)
+
+
+def _raised_in_driver(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get('__name__', ''))
+        if module.startswith(_DRIVER_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_DRIVER_MODULES = ('sqlalchemy.', 'asyncpg')
+
+
+def _class_names(error: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(error).__mro__}
+
+
+def _root_message(exc: BaseException) -> str:
+    """The driver's own message (the innermost one that says something), on one line."""
+    message = ''
+    for error in _chain(exc):
+        if isinstance(error, FileNotFoundError) and not error.filename:
+            return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none
+        if isinstance(error, sqlalchemy.exc.StatementError):
+            continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
+        text = _first_line(error)
+        if text:
+            message = text
+            break
+    return message or type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

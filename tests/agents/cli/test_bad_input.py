@@ -1,0 +1,96 @@
+"""Every command against bad input: the exit code of its class, exactly one `error:` line, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.agents.cli.helpers import invoke
+
+BIG = str(2**70)  # beyond 64 bits
+NUL = 'a\x00b'
+SURROGATE = 'caf\udce9'  # a lone surrogate, as a mis-decoded argument arrives
+HUGE = 'x' * 200_000
+
+# (arguments, environment, exit code, words the error line has). The database ones use the test server's URL
+# unless the case sets DATABASE_URL itself.
+CASES: list[tuple[list[str], dict[str, str], int, str]] = [
+    # usage: the command line
+    (['nosuch'], {}, 2, 'No such command'),
+    (['db', 'status', '--bogus'], {}, 2, 'No such option'),
+    (['chat', 'hi', '--delay', 'fast'], {}, 2, '--delay'),
+    (['chat', 'hi', '--delay', '-1'], {}, 2, '--delay'),
+    (['chat', ''], {}, 2, 'empty'),
+    (['chat', 'hi', '--account', 'nope'], {}, 2, "unknown account 'nope'"),
+    (['chat', 'hi', '--account', NUL], {}, 2, ''),  # refused by PostgreSQL, or by the chat's own checks
+    (['chat', 'hi', '--agent', 'nope'], {}, 2, 'nope'),
+    (['chat', 'hi', '--model', 'nosuch:model'], {}, 2, "model 'nosuch:model'"),
+    (['audit', 'list', '--page', '0'], {}, 2, '--page'),
+    (['audit', 'list', '--page', BIG], {}, 2, '--page'),
+    (['audit', 'list', '--page-size', '101'], {}, 2, '--page-size'),
+    (['audit', 'list', '--since', 'yesterday'], {}, 2, '--since'),
+    (['audit', 'list', '--failed', '--succeeded'], {}, 2, 'exclude each other'),
+    (['audit', 'list', '--account', BIG], {}, 2, '--account'),
+    (['audit', 'show', 'zz'], {}, 2, 'not a request id'),
+    (['audit', 'show', NUL], {}, 2, 'not a request id'),
+    (['audit', 'show', HUGE], {}, 2, 'not a request id'),
+    (['audit', 'show', SURROGATE], {}, 2, 'not a request id'),
+    (['audit', 'show', 'ffffffff'], {}, 1, 'no model request'),
+    (['costs', '--by', 'planet'], {}, 2, '--by'),
+    (['costs', '--since', '2026-13-45'], {}, 2, '--since'),
+    (['costs', '--account', BIG], {}, 2, '--account'),
+    (['db', 'upgrade', 'nosuchrevision'], {}, 2, 'nosuchrevision'),
+    (['ledger', 'replay', '--spool', '/proc/no/such/dir/spool.jsonl'], {}, 2, 'spool'),
+    # configuration
+    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost:99999/db'}, 2, 'port'),
+    (['db', 'status'], {'DATABASE_URL': 'mysql://u:hunter2@localhost/db'}, 2, 'DATABASE_URL'),
+    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?sslmode=sometimes'}, 2, 'sslmode'),
+    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?pgbouncer=true'}, 2, 'DB_STATEMENT'),
+    (['db', 'status'], {'DB_POOL_SIZE': '0'}, 2, 'DB_POOL_SIZE'),
+    (['chat', 'hi'], {'AGENTRT_MODEL': 'nosuch:model'}, 2, 'nosuch:model'),
+    # the database is not there
+    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, '127.0.0.1:1'),
+    (['chat', 'hi'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, 'nothing was saved'),
+]
+
+
+# Only these reach the demo account (the others fail before, or never look it up): the rest run without copying it.
+_NEED_DEMO = {'--account', '--agent', '--model', 'AGENTRT_MODEL'}
+DEMO_CASES = [c for c in CASES if (c[0][0] == 'chat' and _NEED_DEMO & {*c[0], *c[1]}) or c[0][:2] == ['audit', 'show']]
+PLAIN_CASES = [c for c in CASES if c not in DEMO_CASES]
+
+
+def _ids(cases: list[tuple[list[str], dict[str, str], int, str]]) -> list[str]:
+    return [' '.join(c[0])[:40] + ' ' + ' '.join(c[1])[:30] for c in cases]
+
+
+@pytest.mark.parametrize(('args', 'env', 'code', 'words'), PLAIN_CASES, ids=_ids(PLAIN_CASES))
+async def test_bad_input_is_one_error_line_and_its_exit_code(
+    database_url: str, args: list[str], env: dict[str, str], code: int, words: str
+) -> None:
+    await _check(database_url, args, env, code, words)
+
+
+@pytest.mark.parametrize(('args', 'env', 'code', 'words'), DEMO_CASES, ids=_ids(DEMO_CASES))
+async def test_bad_input_with_the_demo_data(
+    demo_data: None, database_url: str, args: list[str], env: dict[str, str], code: int, words: str
+) -> None:
+    await _check(database_url, args, env, code, words)
+
+
+async def _check(database_url: str, args: list[str], env: dict[str, str], code: int, words: str) -> None:
+    result = await invoke(*args, env={'DATABASE_URL': database_url, 'DB_CONNECT_TIMEOUT': '2', **env})
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert result.exit_code == code, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert words in errors[0], errors[0]
+    assert 'Traceback' not in result.stderr + result.stdout
+    assert 'hunter2' not in result.stderr + result.stdout
+
+
+async def test_debug_shows_the_traceback(database_url: str) -> None:
+    result = await invoke('--debug', 'audit', 'list', '--account', BIG, env={'DATABASE_URL': database_url})
+    assert result.exit_code == 2 and 'error:' in result.stderr
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'AGENTRT_DEBUG': '1', 'DB_CONNECT_TIMEOUT': '2'}
+    result = await invoke('db', 'status', env=env)
+    assert result.exit_code == 3
+    assert 'Traceback' in result.stderr and result.stderr.strip().splitlines()[-1].startswith('error:')

@@ -1,0 +1,164 @@
+"""Chat turns across database faults: a server restart costs only the turns in flight while it was down, and killed
+backends never leave a broken connection in the pool. Each scenario runs on a PostgreSQL of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import event
+
+from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.agents.simple_chat import ChatResult, simple_chat
+from agentrt.db.engine import get_engine, pool_status
+from tests.factories import ledger_rows
+from tests.private_database import CountingModel, PrivateDatabase
+
+QUESTION = 'Find cardiologists in Seattle'
+
+
+@pytest.fixture
+def private(private_database: PrivateDatabase) -> PrivateDatabase:
+    """The run's private server, with the default settings: pool 10 + 10, idle connections pinged after 5 s."""
+    return private_database
+
+
+async def _turns(count: int, model: CountingModel, tag: str) -> list[ChatResult | BaseException]:
+    async def one(index: int) -> ChatResult:
+        return await simple_chat(QUESTION, session_id=f'{tag}-{index}', account='acme-health', model=model)
+
+    return await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+
+
+def _failures(results: list[Any]) -> list[BaseException]:
+    return [r for r in results if isinstance(r, BaseException)]
+
+
+async def _restart(private: PrivateDatabase) -> None:
+    """Restart the server (fast mode: every backend terminated); it is back when this returns."""
+    await asyncio.to_thread(private.server.restart)
+
+
+async def test_a_restart_between_turns_costs_no_turn(private: PrivateDatabase) -> None:
+    model = CountingModel()
+    async with private.active():
+        # The restarts find the pool holding connections used moments ago (no idle ping would test them).
+        assert not _failures(await _turns(10, model, 'warm'))
+        await _restart(private)
+        for index in range(20):
+            await simple_chat(QUESTION, session_id=f'after-{index}', account='acme-health', model=model)
+        await _restart(private)
+        assert not _failures(await _turns(50, model, 'concurrent-after'))
+        await private.settle()
+        rows = await ledger_rows()
+    assert len(rows) == model.requests and all(row['status'] == 'complete' for row in rows)
+
+
+async def test_a_restart_during_turns_costs_only_the_turns_in_flight(private: PrivateDatabase) -> None:
+    model = CountingModel()
+    async with private.active():
+        in_flight = asyncio.ensure_future(_turns(100, model, 'in-flight'))
+        await asyncio.sleep(0.3)
+        await _restart(private)
+        after = await _turns(10, model, 'after')  # started once the server was back
+        results = await in_flight
+        # The message of a turn that failed while the server was down can be sent again at once: its
+        # conversation's claim was released once the server was back, not left to expire.
+        failed = [index for index, result in enumerate(results) if isinstance(result, BaseException)][:10]
+        await private.settle()
+        again = [
+            await simple_chat(QUESTION, session_id=f'in-flight-{index}', account='acme-health', model=model)
+            for index in failed
+        ]
+        await private.settle()
+        rows = await ledger_rows()
+        assert pool_status().checked_out == 0
+    assert not _failures(after)
+    assert len(again) == len(failed)
+    failures = _failures(results)
+    assert all(isinstance(error, DatabaseUnavailableError) for error in failures), failures
+    # Billing stays exact: one row per model request, whether its turn failed or not.
+    assert len(rows) == model.requests
+    assert len({row['id'] for row in rows}) == len(rows)
+
+
+async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(private: PrivateDatabase) -> None:
+    model = CountingModel()
+    killer = await asyncpg.connect(private.server.url(), server_settings={'application_name': 'killer'})
+    kills = 0
+    broken: list[Any] = []  # every connection that raised a disconnect (strong references: ids stay unique)
+    handed_out_broken = 0
+
+    def on_error(context: Any) -> None:
+        if context.is_disconnect and context.connection is not None:
+            broken.append(context.connection.connection.dbapi_connection)
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        nonlocal handed_out_broken
+        handed_out_broken += any(dbapi_connection is seen for seen in broken)
+
+    async def kill_backends(stop: asyncio.Event) -> None:
+        # Backends in use (in a statement or a transaction): each kill hits the turn using that connection.
+        nonlocal kills
+        while not stop.is_set():
+            kills += await killer.fetchval(
+                'SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity '
+                "WHERE application_name = 'agentrt' AND state <> 'idle'"
+            )
+            await asyncio.sleep(0.02)
+
+    async with private.active():
+        sync_engine = get_engine().sync_engine
+        event.listen(sync_engine, 'handle_error', on_error)
+        event.listen(sync_engine, 'checkout', on_checkout)
+        try:
+            stop = asyncio.Event()
+            killing = asyncio.ensure_future(kill_backends(stop))
+            results = await _turns(40, model, 'killed')
+            stop.set()
+            await killing
+            await killer.close()
+            after = await _turns(10, model, 'after-kills')
+            await private.settle()
+        finally:
+            event.remove(sync_engine, 'handle_error', on_error)
+            event.remove(sync_engine, 'checkout', on_checkout)
+        status = pool_status()
+        rows = await ledger_rows()
+    assert kills > 0 and broken
+    failures = _failures(results)
+    # Each failed turn failed with the documented error, on a kill of the connection it was using: the driver's
+    # signs of a terminated backend, asyncpg's InternalClientError included (a kill between two statements of a
+    # transaction), and no connection that had failed was ever handed out again.
+    assert all(isinstance(error, DatabaseDisconnectedError) for error in failures), failures
+    assert all(_killed(error) for error in failures), [_primary(error) for error in failures]
+    assert handed_out_broken == 0
+    assert not _failures(after)
+    assert status.checked_out == 0 and status.size == 10
+    assert len(rows) == model.requests
+
+
+_KILL_SIGNS = {
+    'AdminShutdownError',
+    'ConnectionDoesNotExistError',
+    'InternalClientError',
+    'ConnectionResetError',
+    'BrokenPipeError',
+}
+
+
+def _primary(error: BaseException) -> list[str]:
+    """The error and what it was raised from (not what was being handled meanwhile)."""
+    names: list[str] = []
+    current: BaseException | None = error
+    while current is not None and len(names) < 10:
+        names.append(type(current).__name__)
+        current = current.__cause__ or getattr(current, 'orig', None)
+    return names
+
+
+def _killed(error: BaseException) -> bool:
+    return bool(_KILL_SIGNS & set(_primary(error)))

@@ -1,0 +1,118 @@
+"""`DATABASE_URL` as hosted PostgreSQL services hand it out: libpq parameters mapped to asyncpg or refused by name,
+and SSL against a server with a certificate made for the test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
+from agentrt.db.engine import build_engine, check_connection
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
+from agentrt.db.settings import Settings, read_settings
+from tests.agents.cli.helpers import invoke
+from tests.private_database import PrivateDatabase
+
+URL = 'postgresql://app:s3cret@db.example.com:5432/app'
+
+
+def test_libpq_parameters_become_asyncpg_arguments(tmp_path: Path) -> None:
+    ca = tmp_path / 'ca.crt'
+    ca.write_text('-----BEGIN CERTIFICATE-----\n')
+    url = parse_database_url(
+        f'{URL}?sslmode=verify-full&sslrootcert={ca}&connect_timeout=7&application_name=billing'
+        '&options=-c%20search_path%3Dapp&target_session_attrs=read-write'
+    )
+    assert url.drivername == 'postgresql+asyncpg'
+    stripped, args = asyncpg_connect_args(url)
+    assert dict(stripped.query) == {}
+    assert args['dsn'] == f'postgresql://?sslmode=verify-full&sslrootcert={str(ca).replace("/", "%2F")}'
+    assert args['timeout'] == 7.0 and args['target_session_attrs'] == 'read-write'
+    assert args['server_settings'] == {'application_name': 'billing', 'options': '-c search_path=app'}
+    # SQLAlchemy's own spelling, and the socket form, stay as they were.
+    assert asyncpg_connect_args(parse_database_url(f'{URL}?ssl=true'))[1] == {'ssl': 'require'}
+    socket_url = parse_database_url('postgresql://u@/db?host=/run/postgresql&port=5433')
+    assert dict(asyncpg_connect_args(socket_url)[0].query) == {'host': '/run/postgresql', 'port': '5433'}
+
+
+@pytest.mark.parametrize(
+    ('query', 'words'),
+    [
+        ('sslmode=sometimes', 'sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full'),
+        ('sslrootcert=/no/such/ca.crt', "sslrootcert: no readable file '/no/such/ca.crt'"),
+        ('connect_timeout=soon', 'connect_timeout must be a whole number'),
+        ('connect_timeout=0', 'connect_timeout must be 1 to 600 seconds'),
+        ('target_session_attrs=primary-ish', 'target_session_attrs must be one of'),
+        ('pgbouncer=true', 'DB_STATEMENT_CACHE=false'),
+        ('channel_binding=require', 'channel binding'),
+        ('keepalives=1', 'keepalive'),
+        ('sslmode=require&sslmode=disable', "'sslmode' is given 2 times"),
+        ('frobnicate=1', "parameter 'frobnicate' is not supported; supported: sslmode"),
+        ('port=70000&host=/tmp', 'port parameter must be 1 to 65535'),
+    ],
+)
+def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, words: str) -> None:
+    with pytest.raises(ConfigError, match='DATABASE_URL') as raised:
+        parse_database_url(f'{URL}?{query}')
+    assert words in str(raised.value)
+    assert 's3cret' not in str(raised.value)
+
+
+@pytest.mark.parametrize('port', ['99999', '0', '65536'])
+def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@localhost:{port}/db')
+    with pytest.raises(ConfigError, match=f'DATABASE_URL: the port must be 1 to 65535, got {int(port)}'):
+        read_settings()
+
+
+@asynccontextmanager
+async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
+    settings = Settings(database_url=url, pool_size=1, max_overflow=0, connect_timeout=5)
+    parsed = parse_database_url(url)
+    engine = build_engine(parsed, settings)
+    try:
+        await check_connection(engine, parsed, settings.connect_timeout)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def test_parameters_reach_the_server(private_database: PrivateDatabase) -> None:
+    url = private_database.server.url(
+        sslmode='disable', application_name='billing', options='-c%20search_path%3Dbilling', connect_timeout='3'
+    )
+    async with _engine(url) as engine, engine.connect() as conn:
+        assert (await conn.execute(text('SHOW application_name'))).scalar_one() == 'billing'
+        assert (await conn.execute(text('SHOW search_path'))).scalar_one() == 'billing'
+        assert (await conn.execute(text('SHOW statement_timeout'))).scalar_one() == '30s'  # ours kept too
+
+
+async def test_sslmode_require_connects_over_ssl(private_database: PrivateDatabase) -> None:
+    server = private_database.server
+    if not server.ssl:
+        pytest.skip("Debian's PostgreSQL 15 (with SSL) is not installed; the embedded one has no SSL")
+    query = 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()'
+    for url in (server.url(sslmode='require'), server.url(sslmode='verify-full', sslrootcert=str(server.ca_cert))):
+        async with _engine(url) as engine, engine.connect() as conn:
+            assert (await conn.execute(text(query))).scalar_one() is True
+
+
+async def test_verify_full_with_the_wrong_root_certificate_says_so(private_database: PrivateDatabase) -> None:
+    server = private_database.server
+    if not server.ssl:
+        pytest.skip("Debian's PostgreSQL 15 (with SSL) is not installed; the embedded one has no SSL")
+    url = server.url(sslmode='verify-full', sslrootcert=str(server.other_ca_cert))
+    with pytest.raises(DatabaseUnavailableError) as raised:
+        async with _engine(url):
+            pass
+    message = str(raised.value)
+    assert f'127.0.0.1:{server.port}' in message and "server's certificate is not trusted" in message
+    assert 'sslrootcert' in message and '\n' not in message
+    result = await invoke('db', 'status', env={'DATABASE_URL': url, 'DB_CONNECT_TIMEOUT': '5'})
+    assert result.exit_code == 3
+    assert [line for line in result.stderr.splitlines() if line.startswith('error:')] == [f'error: {message}']

