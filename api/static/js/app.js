@@ -125,10 +125,14 @@ async function render() {
 
 function mount(view, ticket) {
   if (ticket !== rendering) return; // a newer navigation won
+  const focused = document.activeElement?.id; // a filter that re-rendered its view keeps the focus
   if (main.firstElementChild !== view.element) main.replaceChildren(view.element);
   document.title = `${view.title} · agentrt`;
-  // Focus moves to the new view (its heading, or the message box), so keyboard and screen-reader users land there.
-  view.focus();
+  const same = focused ? view.element.querySelector(`#${CSS.escape(focused)}`) : null;
+  // Otherwise the focus moves to the new view (its heading, or the message box), where keyboard and screen-reader
+  // users then are.
+  if (same) same.focus();
+  else view.focus();
 }
 
 window.addEventListener('hashchange', render);
