@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
         description='largest HTTP request body accepted (413 beyond it)',
     )
+    http_web_ui: bool = Field(
+        default=True,
+        validation_alias=AliasChoices('AGENTRT_HTTP_WEB_UI', 'http_web_ui'),
+        description='`agentrt serve` serves the web UI at `/` (false: the API only)',
+    )
 
     # Budgets (agentrt.services.budgets, reserved by the ledger capability before every model request).
     budgets: bool = Field(
