@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from opentelemetry import trace
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
 from pydantic_ai.messages import ModelResponse
@@ -32,6 +33,7 @@ class _InFlight:
     started: float
     started_at: Any
     streamed: bool
+    trace_id: str | None
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
@@ -148,7 +150,9 @@ class LedgerCapability(AbstractCapability[Any]):
         """Mint the ledger key, send the request, and record the outcome whatever it is."""
         state = self._state(ctx)
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
-        flight = _InFlight(new_request_id(), time.perf_counter(), utc_now(), bool(request_context.streaming))
+        flight = _InFlight(
+            new_request_id(), time.perf_counter(), utc_now(), bool(request_context.streaming), _current_trace_id()
+        )
         state.current = flight
         try:
             response = await handler(request_context)
@@ -226,6 +230,7 @@ class LedgerCapability(AbstractCapability[Any]):
             conversation_id=ctx.conversation_id,
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
+            trace_id=flight.trace_id,
             **asdict(state.identity),
         )
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
@@ -246,6 +251,12 @@ class LedgerCapability(AbstractCapability[Any]):
         if self.store_content:
             record.raw_contents = _contents(state.bodies, request_context, seen, error)
         return record
+
+
+def _current_trace_id() -> str | None:
+    """The trace the request is made in (the run's, when pydantic-ai is instrumented), as 32 hex digits."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid and context.trace_flags.sampled else None
 
 
 def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
