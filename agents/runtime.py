@@ -39,7 +39,8 @@ async def shutdown_runtime(
 
 @asynccontextmanager
 async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[None]:
-    """Run a block with the runtime up: tracing configured (`configure_observability()`), the database started (and migrated if behind).
+    """Run a block with the runtime up: tracing configured (`configure_observability()`), the database started
+    (and migrated if behind).
 
     On the way out, even after an error, the runtime is shut down as `shutdown_runtime()` does: background work
     drained, the ledger flushed, the pool closed. Use it once around the part of a program that chats.

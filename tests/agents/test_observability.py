@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -118,7 +119,8 @@ async def test_an_otlp_collector_gets_agent_model_tool_and_database_spans_withou
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
     env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--account', 'acme-health', '-s', 'otlp'],
         capture_output=True,
         text=True,
@@ -169,7 +171,8 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
         print(tracing_active())
         """
     )
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, '-c', script],
         capture_output=True,
         text=True,
