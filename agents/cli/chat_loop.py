@@ -2,7 +2,7 @@
 
 Ctrl-C while an answer is coming stops that answer only: its task is cancelled (the turn is not saved, the model
 request it cut off is in the ledger as `cancelled`, the conversation is free again) and the prompt comes back. A
-second Ctrl-C before the answer has stopped ends the command ("interrupted", exit 130). Ctrl-C while waiting for a
+second Ctrl-C before the answer has stopped ends the command ("stopped by SIGINT", exit 130). Ctrl-C while waiting for a
 line (in a terminal it is a key of the line editor, see `chat_input`; a SIGINT from elsewhere) leaves, as Ctrl-D
 does. SIGTERM and SIGHUP stop the whole command as for every command (`support.run`).
 """
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from agentrt.agents.cli.chat_input import LineSource
-from agentrt.agents.cli.support import err_console, error_line
+from agentrt.agents.cli.support import Stopped, err_console, error_line
 
 EXIT_COMMANDS = frozenset({'exit', 'quit', ':q'})
 STOPPED_NOTE = 'stopped: this answer was not saved (the ledger has its request, as cancelled)'
@@ -58,7 +58,7 @@ async def converse(
         turn_errors: what can fail one turn without ending the conversation (printed as an `error:` line).
 
     Raises:
-        KeyboardInterrupt: Ctrl-C twice while an answer was stopping (the answer was stopped first).
+        Stopped: Ctrl-C twice while an answer was stopping (the answer was stopped first): exit 130.
     """
     main = asyncio.current_task()
     assert main is not None
@@ -82,7 +82,7 @@ async def converse(
                     task.cancel()
                     await asyncio.wait([task])
                     if interrupts.forced:
-                        raise KeyboardInterrupt from None
+                        raise Stopped(signal.SIGINT) from None
                     raise
                 err_console.print(STOPPED_NOTE, style='dim', highlight=False)
             except turn_errors as exc:  # one failed turn (a line too long, a rate limit...) does not end the chat
