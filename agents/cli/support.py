@@ -7,7 +7,6 @@ only with `agentrt --debug ...` or `AGENTRT_DEBUG=1`; an unexpected exception (a
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import logging
@@ -151,6 +150,8 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
     recorded, the ledger flushed or spooled, the pool closed) before the process exits, and the embedded server is
     stopped by the last process using it. Errors go to the CLI's error boundary (`AgentrtGroup`).
     """
+    import asyncio  # here: `agentrt --help` and `--version` do without it
+
     from agentrt.agents.observability import configure_observability
 
     configure_observability()
@@ -158,6 +159,8 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
 
 
 async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     received: list[int] = []
