@@ -191,7 +191,7 @@ def turn_span(*, session_id: str, account: str, agent_instance: str | None, stre
     if not tracing_active():
         yield
         return
-    attributes = {
+    attributes: dict[str, str | bool] = {
         'agentrt.session_id': session_id,
         'agentrt.account': account,
         'agentrt.agent_instance': agent_instance or '',

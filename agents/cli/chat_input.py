@@ -14,7 +14,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from prompt_toolkit.key_binding import KeyBindings
 
 from agentrt.agents.cli.support import console
 
@@ -117,7 +120,7 @@ class TerminalLines:
     def _disarm(self, _: object) -> None:
         self._armed = False
 
-    def _key_bindings(self) -> object:
+    def _key_bindings(self) -> KeyBindings:
         from prompt_toolkit.application import run_in_terminal
         from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 

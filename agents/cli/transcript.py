@@ -114,9 +114,10 @@ def _text(content: Any) -> str:
 def _arguments(args: Any) -> str:
     if isinstance(args, str):  # arguments as the model sent them: JSON text, or not
         try:
-            args = json.loads(args)
+            parsed: Any = json.loads(args)
         except ValueError:
             return args
+        return _pretty(parsed)
     return _pretty(args)
 
 
