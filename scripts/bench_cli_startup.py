@@ -52,7 +52,7 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0], 'cli_startup')
     args.add_argument('--runs', type=int, default=15, help='measured runs per command')
     opts = args.parse_args()
-    runs = 2 if opts.quick else opts.runs
+    runs = 1 if opts.quick else opts.runs
     agentrt = agentrt_command()
     cases: list[tuple[str, list[str]]] = [
         ('python -c pass (Python start-up)', [sys.executable, '-c', 'pass']),
