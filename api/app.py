@@ -2,8 +2,9 @@
 
 Routes: `/api/v1/chat` (streamed, Vercel AI protocol), `/api/v1/chat/ag-ui` (AG-UI, when `ag-ui-protocol` is
 installed), `/api/v1/conversations...` (list, messages, delete, a non-streamed turn), `/api/v1/llm-audit/...`,
-`/api/v1/costs`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. Nothing is served at
-`/` unless `static_dir` is given (a web UI mounts there).
+`/api/v1/costs`, `/api/v1/me`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. The
+web UI (`api/static/`: plain HTML, CSS and JavaScript modules, no build step) is served at `/` with `web_ui=True`,
+which is what `agentrt serve` runs (`create_served_app`); `static_dir` mounts a directory of your own there instead.
 
 The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
 FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
@@ -23,16 +24,16 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic_ai import Agent
 from pydantic_ai.models import Model
-from starlette.staticfiles import StaticFiles
 
 from agentrt import __version__
 from agentrt.agents.observability import spans_exported
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
-from agentrt.api import audit, chat, conversations, costs, health
+from agentrt.api import audit, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
+from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
@@ -46,6 +47,7 @@ def create_app(
     settings: Settings | None = None,
     manage_runtime: bool = True,
     static_dir: Path | None = None,
+    web_ui: bool = False,
 ) -> FastAPI:
     """Build the HTTP API.
 
@@ -55,8 +57,9 @@ def create_app(
         settings: the runtime settings; read from the environment (and `.env`) when omitted.
         manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
             flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself.
-        static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI; nothing is served there
-            when omitted.
+        static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI of your own.
+        web_ui: serve the packaged web UI at `/` (when `static_dir` is not given). Nothing is served at `/` when
+            neither is given.
     """
 
     @asynccontextmanager
@@ -87,11 +90,19 @@ def create_app(
         from agentrt.api import chat_agui
 
         app.include_router(chat_agui.router)
-    for module in (conversations, audit, costs, health):
+    for module in (conversations, audit, costs, me, health):
         app.include_router(module.router)
+    # Mounted last: every API route is matched before a file is looked for.
     if static_dir is not None:
-        app.mount('/', StaticFiles(directory=static_dir, html=True), name='static')
+        app.mount('/', WebUIFiles(directory=static_dir), name='static')
+    elif web_ui:
+        app.mount('/', WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS), name='static')
     return app
+
+
+def create_served_app() -> FastAPI:
+    """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`."""
+    return create_app(web_ui=get_settings().http_web_ui)
 
 
 def _telemetry_option() -> dict[str, Any]:

@@ -237,6 +237,17 @@ class TurnResponse(BaseModel):
     duration_s: float
 
 
+# The caller.
+
+
+class MeOut(BaseModel):
+    """Who an API key speaks for."""
+
+    account: str = Field(description="The account's slug.")
+    key_id: str = Field(description='The public id of the key, `art_<prefix>`.')
+    scopes: list[str] = Field(description='`chat`, `read`.')
+
+
 # Health.
 
 

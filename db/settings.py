@@ -159,6 +159,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
         description='largest HTTP request body accepted (413 beyond it)',
     )
+    http_web_ui: bool = Field(
+        default=True,
+        validation_alias=AliasChoices('AGENTRT_HTTP_WEB_UI', 'http_web_ui'),
+        description='`agentrt serve` serves the web UI at `/` (false: the API only)',
+    )
 
     @field_validator('database_url')
     @classmethod
