@@ -115,13 +115,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-async def test_an_otlp_collector_gets_agent_model_tool_and_database_spans_without_a_logfire_token(
+async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
     env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--account', 'acme-health', '-s', 'otlp'],
+        [sys.executable, '-m', 'agentrt.agents.cli', '--trace', 'chat', QUESTION, '-a', 'acme-health', '-s', 'otlp'],
         capture_output=True,
         text=True,
         env=env,
@@ -131,6 +131,9 @@ async def test_an_otlp_collector_gets_agent_model_tool_and_database_spans_withou
     )
     assert done.returncode == 0, done.stderr
     assert 'observability' not in done.stderr and 'Warning' not in done.stderr
+    # --trace: the same spans on stderr, none on stdout (the answer)
+    assert 'chat turn' in done.stderr and 'running tool: search_directory' in done.stderr
+    assert 'chat turn' not in done.stdout and 'I found' in done.stdout
     names = receiver.span_names()
     assert 'chat turn' in names and 'invoke_agent simple_chat' in names
     assert (
