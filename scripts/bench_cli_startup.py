@@ -61,6 +61,8 @@ def main() -> None:
         ('agentrt --version', [*agentrt, '--version']),
         *((f'agentrt {c.name} --help', [*agentrt, c.name, '--help']) for c in COMMANDS),
     ]  # fmt: skip
+    if opts.quick:  # the smoke test: the root's help and version, and one command's
+        cases = [case for case in cases if case[0] in ('agentrt --help', 'agentrt --version', 'agentrt chat --help')]
     config = {'runs': runs, 'agentrt': ' '.join(agentrt), 'target_s': TARGET_S}
     print_config('Benchmark 10a: agentrt start-up (--help, --version)', config)
     rows = []

@@ -62,7 +62,7 @@ class Collector:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-async def child(mode: str, turns: int, out: Path) -> None:
+async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
     """One process's measurement: warm-up, then `turns` turns of each pattern."""
     from bench_common import machine_info, start_database
 
@@ -93,8 +93,8 @@ async def child(mode: str, turns: int, out: Path) -> None:
 
     rows = []
     for streamed in (False, True):
-        for i in range(3):
-            await turn(-1 - i, streamed)  # warm-up
+        for i in range(warm_up):
+            await turn(-1 - i, streamed)
         await flush_spans()
         cpus, walls = [], []
         total_cpu = time.process_time()
@@ -121,13 +121,14 @@ async def child(mode: str, turns: int, out: Path) -> None:
     await asyncio.to_thread(out.write_text, json.dumps({'rows': rows, 'machine': machine}))
 
 
-def run_child(mode: str, turns: int, collector: Collector) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_child(mode: str, turns: int, warm_up: int, collector: Collector) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
     if mode == 'otlp':
         env['OTEL_EXPORTER_OTLP_ENDPOINT'] = collector.url
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'child.json'
         argv = [sys.executable, __file__, '--child', mode, '--turns', str(turns), '--child-out', str(out)]
+        argv += ['--warm-up', str(warm_up)]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f'{mode} run failed:\n{done.stdout}\n{done.stderr}')
@@ -145,27 +146,29 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0], 'tracing')
     args.add_argument('--turns', type=int, default=30, help='measured turns per pattern and process')
     args.add_argument('--rounds', type=int, default=2, help='processes per mode, alternating')
+    args.add_argument('--warm-up', type=int, default=3, help='unmeasured turns per pattern and process first')
     args.add_argument('--child', choices=MODES, help=argparse_hidden())
     args.add_argument('--child-out', type=Path, help=argparse_hidden())
     opts = args.parse_args()
     if opts.child:
-        asyncio.run(child(opts.child, opts.turns, opts.child_out))
+        asyncio.run(child(opts.child, opts.turns, opts.child_out, opts.warm_up))
         return
     if opts.quick:
-        opts.turns, opts.rounds = 3, 1
+        opts.turns, opts.rounds, opts.warm_up = 2, 1, 1
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     collector = Collector()
-    config = {'turns': opts.turns, 'rounds': opts.rounds, 'model': 'demo planner, no latency', 'question': QUESTION}
+    config = {'turns': opts.turns, 'rounds': opts.rounds, 'warm_up': opts.warm_up, 'model': 'demo planner, no latency'}
+    config['question'] = QUESTION
     print_config('Benchmark 10b: CPU per demo turn, tracing off and exported over OTLP', config)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     machine: dict[str, Any] = {}
     for round_ in range(opts.rounds):
         for mode in MODES:
             before = collector.spans
-            rows, machine = run_child(mode, opts.turns, collector)
+            rows, machine = run_child(mode, opts.turns, opts.warm_up, collector)
             spans = collector.spans - before
             for row in rows:
-                row['spans_per_turn'] = round(spans / (2 * (opts.turns + 3)), 1) if mode == 'otlp' else 0
+                row['spans_per_turn'] = round(spans / (2 * (opts.turns + opts.warm_up)), 1) if mode == 'otlp' else 0
                 results.setdefault((mode, row['pattern']), []).append(row)
             shown = ', '.join(f'{r["pattern"]} {r["cpu_ms_per_turn"]} ms' for r in rows)
             print(f'  round {round_ + 1}, {mode}: {shown}')
