@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from pydantic_ai import Agent
 from pydantic_ai.models import Model
 
 from agentrt import __version__
+from agentrt.agents.observability import spans_exported
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
@@ -109,13 +109,14 @@ def create_served_app() -> FastAPI:
 def _telemetry_option() -> dict[str, Any]:
     """FastAPI's own request spans and metrics (newer FastAPI) only when spans leave the process.
 
-    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) whether or
-    not `LOGFIRE_TOKEN` is set; like pydantic-ai's instrumentation there, they are on only with a token: otherwise
-    they would cost CPU on every request and every streamed event for spans nobody reads.
+    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) only when
+    spans are exported (Logfire, OTLP or the console); like the runtime's other instrumentation, they are on only
+    then: otherwise they would cost CPU on every request and every streamed event (~6 ms a turn) for spans nobody
+    reads.
     """
     if 'telemetry' not in inspect.signature(FastAPI).parameters:
         return {}
-    on = bool(os.environ.get('LOGFIRE_TOKEN'))
+    on = spans_exported()
     return {'telemetry': {'tracing': on, 'metrics': on, 'logs': on}}
 
 

@@ -63,6 +63,9 @@ class InteractionOut(BaseModel):
     finish_reason: str | None
     error_type: str | None
     error_message: str | None
+    trace_id: str | None = Field(
+        default=None, description='The OpenTelemetry trace the request was made in (32 hex digits), if one was.'
+    )
 
     @classmethod
     def of(cls, row: LLMRequestRow) -> InteractionOut:
@@ -90,6 +93,7 @@ class InteractionOut(BaseModel):
             finish_reason=row.finish_reason,
             error_type=row.error_type,
             error_message=row.error_message,
+            trace_id=row.trace_id,
         )
 
 

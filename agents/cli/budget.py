@@ -5,27 +5,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
 from agentrt.agents.cli.support import console, err_console, print_json, run
-from agentrt.db.engine import close_database, init_database
-from agentrt.db.session import get_db_session
-from agentrt.services.budgets import (
-    BudgetStatus,
-    Period,
-    SweepReport,
-    account_budget_status,
-    budget_statuses,
-    parse_limit,
-    remove_budget,
-    set_budget,
-    sweep_reservations,
-)
+
+if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from agentrt.services.budgets import BudgetStatus, SweepReport
 
 T = TypeVar('T')
 
@@ -50,6 +41,8 @@ def budget_set(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Set or change an account's budget; every process applies it from its next model request."""
+    from agentrt.services.budgets import Period, parse_limit, set_budget
+
     limit_usd = parse_limit(limit)
     window = Period.parse(period)
     anchored = parse_time(anchor, '--anchor')
@@ -78,6 +71,8 @@ def budget_show(
 @budget_app.command('remove')
 def budget_remove(account: str = _ACCOUNT, as_json: bool = JSON_OPTION) -> None:
     """Remove an account's budget: its requests are no longer limited."""
+    from agentrt.services.budgets import remove_budget
+
     who = _required_account(account)
     removed: bool = run(_with_session, lambda s: remove_budget(session=s, account=who))
     if as_json:
@@ -107,6 +102,8 @@ def _required_account(account: str) -> str | int:
 
 
 async def _statuses(session: AsyncSession, account: str | int | None) -> list[BudgetStatus]:
+    from agentrt.services.budgets import account_budget_status, budget_statuses
+
     if account is None:
         return await budget_statuses(session=session)
     status = await account_budget_status(session=session, account=account)
@@ -114,6 +111,9 @@ async def _statuses(session: AsyncSession, account: str | int | None) -> list[Bu
 
 
 async def _sweep() -> SweepReport:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.services.budgets import sweep_reservations
+
     await init_database()
     try:
         return await sweep_reservations()
@@ -122,6 +122,9 @@ async def _sweep() -> SweepReport:
 
 
 async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_db_session
+
     await init_database()
     try:
         async with get_db_session() as session:

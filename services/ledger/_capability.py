@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from opentelemetry import trace
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
 from pydantic_ai.messages import ModelResponse
@@ -36,6 +37,7 @@ class _InFlight:
     started: float
     started_at: Any
     streamed: bool
+    trace_id: str | None
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
@@ -171,7 +173,9 @@ class LedgerCapability(AbstractCapability[Any]):
         except BudgetExceededError as exc:
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)
             raise
-        flight = _InFlight(request_id, time.perf_counter(), started_at, bool(request_context.streaming))
+        flight = _InFlight(
+            request_id, time.perf_counter(), started_at, bool(request_context.streaming), _current_trace_id()
+        )
         state.current = flight
         try:
             response = await handler(request_context)
@@ -247,6 +251,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 output_cost=Decimal(0),
                 total_cost=Decimal(0),
                 price_source='budget: refused, not sent',
+                trace_id=_current_trace_id(),
                 error_type=type(error).__qualname__,
                 error_message=str(error),
                 **asdict(state.identity),
@@ -288,6 +293,7 @@ class LedgerCapability(AbstractCapability[Any]):
             conversation_id=ctx.conversation_id,
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
+            trace_id=flight.trace_id,
             **asdict(state.identity),
         )
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
@@ -316,6 +322,12 @@ async def _release(hold: Hold) -> None:
         await asyncio.shield(release(hold))
     except Exception:
         logger.warning('ledger: could not release the budget hold of %s; the sweeper will', hold.id, exc_info=True)
+
+
+def _current_trace_id() -> str | None:
+    """The trace the request is made in (the run's, when pydantic-ai is instrumented), as 32 hex digits."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid and context.trace_flags.sampled else None
 
 
 def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
@@ -22,6 +24,7 @@ from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
 logger = logging.getLogger('agentrt.ledger')
+_tracer = trace.get_tracer('agentrt.ledger')
 
 __all__ = [
     'LLMRequestTracker',
@@ -100,7 +103,11 @@ class LLMRequestTracker:
         queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
-            queues.ledger_task = loop.create_task(self._ledger_worker(queues), name='agentrt-ledger-writer')
+            # A context of its own: the writer outlives the request that started it and writes other requests' rows,
+            # so its spans must not join that request's trace (each batch is a trace of its own).
+            queues.ledger_task = loop.create_task(
+                self._ledger_worker(queues), name='agentrt-ledger-writer', context=contextvars.Context()
+            )
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
 
@@ -221,7 +228,10 @@ class LLMRequestTracker:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
-            await self._retrying(rows, contents, 'ledger write')
+            with _tracer.start_as_current_span(
+                'ledger write', attributes={'rows': len(rows), 'contents': len(contents)}
+            ):
+                await self._retrying(rows, contents, 'ledger write')
         except Exception as exc:
             if not database_unavailable(exc):
                 if len(items) > 1:  # one bad row or body must not take the batch with it: one request at a time
@@ -312,7 +322,9 @@ class LLMRequestTracker:
             return
         if pending:
             self._spool_dirty = False
-            queues.replay_task = asyncio.get_running_loop().create_task(self._background_replay(queues))
+            queues.replay_task = asyncio.get_running_loop().create_task(
+                self._background_replay(queues), context=contextvars.Context()
+            )
 
     async def _background_replay(self, queues: LoopQueues) -> None:
         try:
