@@ -14,7 +14,7 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
-from agentrt.db.engine import pool_status
+from agentrt.db.engine import current_settings, pool_status
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -87,10 +87,14 @@ def _gated(started: asyncio.Event, gate: asyncio.Event) -> FunctionToolset[Sessi
     return toolset
 
 
+@pytest.mark.parametrize('check_s', [0.0, 0.2], ids=['checks-every-request', 'checks-after-a-pause'])
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
-    demo_data: None, streamed: bool
+    demo_data: None, streamed: bool, check_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With `AGENTRT_TURN_CHECK_SECONDS=0` the turn checks before every request; with a pause longer than the
+    setting (a process that hung past its lease pauses far longer) it checks before the next one."""
+    monkeypatch.setattr(current_settings(), 'turn_check_seconds', check_s)
     model = FunctionModel(_respond, stream_function=_stream)
     started, gate = asyncio.Event(), asyncio.Event()
     slow = asyncio.create_task(_turn('slow', 'moved', streamed, model=model, toolsets=[_gated(started, gate)]))
@@ -100,6 +104,7 @@ async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
     go = asyncio.Event()
     go.set()
     other = await _turn('quick', 'moved', streamed, model=model, toolsets=[_gated(asyncio.Event(), go)])
+    await asyncio.sleep(check_s * 1.25)
     gate.set()
     with pytest.raises(ConcurrentTurnError) as info:
         await slow
