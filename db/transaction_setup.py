@@ -123,7 +123,7 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
     if setup is None:
         return
     driver = connection.connection.driver_connection
-    if isinstance(driver, PreludeConnection):
+    if _carries_prelude(driver):
         driver.agentrt_prelude = setup.begin_sql()
         return
     # An engine that was not built by `build_engine` (another driver class): the same statements, one by one.
@@ -141,5 +141,10 @@ def install_prelude(engine: AsyncEngine) -> None:
 
 def _clear_prelude(dbapi_connection: Any, record: Any) -> None:
     driver = getattr(dbapi_connection, 'driver_connection', None)
-    if isinstance(driver, PreludeConnection):
+    if _carries_prelude(driver):
         driver.agentrt_prelude = ''
+
+
+def _carries_prelude(driver: Any) -> bool:
+    # Not isinstance: asyncpg's connection metaclass answers True for every asyncpg connection.
+    return issubclass(type(driver), PreludeConnection)

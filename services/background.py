@@ -178,15 +178,17 @@ class TaskSupervisor:
         Raises:
             SupervisorClosed, BackgroundQueueFull, TypeError: as `spawn`.
         """
+        _reject_unsafe_arguments(name or getattr(fn, '__qualname__', None) or repr(fn), args, kwargs)
         loop = asyncio.get_running_loop()
-        due = self._last_run.get(key, float('-inf')) + interval
         if key in self._deferred:
             return None
+        due = self._last_run.get(key, float('-inf')) + interval
         if loop.time() >= due:
             task = self.spawn(fn, *args, name=name, **kwargs)
             self._last_run[key] = loop.time()
             return task
-        _reject_unsafe_arguments(name or repr(fn), args, kwargs)
+        if not self._accepting:
+            self.spawn(fn, *args, name=name, **kwargs)  # raises SupervisorClosed, logged and counted
 
         def run_deferred() -> None:
             self._deferred.pop(key, None)

@@ -104,7 +104,9 @@ async def load_recent_conversation(
     cap_chars = max_tokens * CHARS_PER_TOKEN * LOAD_JSON_FACTOR
     tail = await store.read_tail(conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, session=session)
     if tail is None or (scope is not None and tail.record.scope != scope):
-        return RecentConversation(Conversation(conversation_id=conversation_id), None, False)
+        new = Conversation(conversation_id=conversation_id)
+        new.new_message_index = 0  # nothing stored: everything the run adds is new
+        return RecentConversation(new, None, False)
     record = tail.record
     conversation = Conversation(
         messages=list(tail.messages),

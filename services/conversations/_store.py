@@ -289,24 +289,27 @@ class PostgresConversationStore(ConversationStore):
             'claim_id': claim_id,
         }
         statement = _APPEND_CREATE if expected_revision is None else _APPEND_UPDATE
-
-        async def write() -> bool:
-            async with get_db_session() as session:
-                swapped, released = (await session.execute(statement, params)).one()
-            if not swapped:
-                raise ConversationConflict(record.conversation_id)
-            return bool(released)
-
         try:
-            released = await write()
+            released = await self._append_write(record.conversation_id, statement, params)
         except DatabaseDisconnectedError as exc:
             logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
             # As in `write_record`: committed whole or not at all, and a second write is the same compare-and-swap.
             if await retry_on_disconnect(lambda: self._stored(record, entries), what='conversation save check'):
                 released = claim_id is not None
             else:
-                released = await write()
+                released = await self._append_write(record.conversation_id, statement, params)
         return Appended(entries, [len(body) for body in bodies], released)
+
+    async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
+        """One attempt of `append`, in its own transaction; whether the claim was released."""
+        async with get_db_session() as session:
+            swapped, released = await self._append_once(session, statement, params)
+        if not swapped:
+            raise ConversationConflict(conversation_id)
+        return bool(released)
+
+    async def _append_once(self, session: AsyncSession, statement: Executable, params: dict[str, Any]) -> Any:
+        return (await session.execute(statement, params)).one()
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
