@@ -164,6 +164,8 @@ class LoadRun:
     elapsed_s: float
     cpu_s: float
     loop_lag_p95_s: float | None
+    cpu_started: float = 0.0
+    """`time.process_time()` when the run started (to count work the calls deferred past it)."""
 
 
 async def closed_loop(
@@ -206,8 +208,9 @@ async def closed_loop(
         await asyncio.gather(*(worker(i) for i in range(workers)))
     finally:
         probe.cancel()
+    cpu_started = cpu
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95))
+    return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95), cpu_started)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

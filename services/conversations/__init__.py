@@ -11,6 +11,7 @@ an account's conversations. The modules with a leading underscore are internals.
 
 from agentrt.services.conversations._claims import TurnClaim, conversation_claim
 from agentrt.services.conversations._context import (
+    FitMemo,
     RecentConversation,
     SinceSummary,
     estimate_tokens,
@@ -50,6 +51,7 @@ __all__ = [
     'ConcurrentTurnError',
     'ConversationSummary',
     'Exchange',
+    'FitMemo',
     'PostgresConversationStore',
     'RawExchange',
     'RecentConversation',

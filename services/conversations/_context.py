@@ -133,7 +133,12 @@ async def load_recent_conversation(
 
 
 def fit_history(
-    messages: Sequence[ModelMessage], *, max_tokens: int, title: str | None = None, earlier_omitted: bool = False
+    messages: Sequence[ModelMessage],
+    *,
+    max_tokens: int,
+    title: str | None = None,
+    earlier_omitted: bool = False,
+    memo: FitMemo | None = None,
 ) -> list[ModelMessage]:
     """The history processor: the messages to send, within `max_tokens` (estimated) where the turns allow it.
 
@@ -149,7 +154,11 @@ def fit_history(
         max_tokens: the budget for the history sent (the agent's instructions and tool definitions come on top).
         title: the conversation's title, the topic of the summary.
         earlier_omitted: older messages exist that `messages` does not hold.
+        memo: estimates and summaries kept from the run's earlier requests (`FitMemo`), which resend the same
+            messages: each message is estimated once, and a summary of the same messages is made once.
     """
+    memo = memo or FitMemo()
+    estimate = memo.estimate
     messages = list(messages)
     starts = [i for i, message in enumerate(messages) if _starts_turn(message)]
     if not starts:
@@ -158,19 +167,60 @@ def fit_history(
     before_first = [m for m in messages[: starts[0]] if not _is_summary(m)]
     carried = next((m for m in messages[: starts[0]] if _is_summary(m)), None)
     kept_from = len(turns) - 1
-    used = estimate_tokens(turns[-1])
-    while kept_from > 0 and used + (cost := estimate_tokens(turns[kept_from - 1])) <= max_tokens:
+    used = estimate(turns[-1])
+    while kept_from > 0 and used + (cost := estimate(turns[kept_from - 1])) <= max_tokens:
         kept_from, used = kept_from - 1, used + cost
     while True:
         left_out = before_first + [m for turn in turns[:kept_from] for m in turn]
         if not left_out and not earlier_omitted and carried is None:
             return messages[starts[0] :]
-        summary = _summary_request(title, left_out, carried)
+        summary = memo.summary(title, left_out, carried)
         # The summary is part of the budget: give up the oldest kept turn until it fits (never the current one).
-        if kept_from == len(turns) - 1 or used + estimate_tokens([summary]) <= max_tokens:
+        if kept_from == len(turns) - 1 or used + estimate([summary]) <= max_tokens:
             return [summary, *messages[starts[kept_from] :]]
-        used -= estimate_tokens(turns[kept_from])
+        used -= estimate(turns[kept_from])
         kept_from += 1
+
+
+class FitMemo:
+    """What `fit_history` computed for one run's requests: token estimates by message and the latest summary.
+
+    Messages are recognised by identity (kept alive here): a request resends the run's earlier messages as the same
+    objects. Use one per run (`ContextWindow` does), not one per process.
+    """
+
+    __slots__ = ('_summary', '_tokens')
+
+    def __init__(self) -> None:
+        """Start with nothing estimated."""
+        self._tokens: dict[int, tuple[ModelMessage, int]] = {}
+        self._summary: tuple[tuple[ModelMessage, ...], str | None, ModelMessage | None, ModelRequest] | None = None
+
+    def estimate(self, messages: Sequence[ModelMessage]) -> int:
+        """`estimate_tokens`, each message estimated once."""
+        total = 0
+        for message in messages:
+            seen = self._tokens.get(id(message))
+            if seen is None or seen[0] is not message:
+                seen = self._tokens[id(message)] = (message, estimate_tokens([message]))
+            total += seen[1]
+        return total
+
+    def summary(self, title: str | None, left_out: list[ModelMessage], carried: ModelMessage | None) -> ModelRequest:
+        """`_summary_request`, made once for the same messages left out (the turn's later requests leave out the
+        same older turns)."""
+        kept = self._summary
+        if (
+            kept is not None
+            and kept[1] == title
+            and kept[2] is carried
+            and len(kept[0]) == len(left_out)
+            and all(a is b for a, b in zip(kept[0], left_out, strict=True))
+        ):
+            return kept[3]
+        summary = _summary_request(title, left_out, carried)
+        self._summary = (tuple(left_out), title, carried, summary)
+        return summary
 
 
 def estimate_tokens(messages: Sequence[ModelMessage]) -> int:
