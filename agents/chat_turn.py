@@ -29,7 +29,7 @@ from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import get_db_session, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -73,7 +73,7 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
     """
 
     async def lookup() -> SessionDependencies:
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
             return _dependencies(session_id, await lookup_tenant(account, agent_instance, session=session))
 
     return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
@@ -158,8 +158,9 @@ async def open_turn(
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
     async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
             tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session)
+            await enter_account(session, tenant.account_id)  # the rest of the transaction is this tenant's
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
             await claim.take(session=session)
             store = PostgresConversationStore(tenant.account_id)

@@ -21,15 +21,18 @@ async def _status() -> None:
     from agentrt.agents.observability import trace_export
     from agentrt.db.engine import close_database, current_settings, get_engine, init_database, server_info
     from agentrt.db.migrate import current_revision, head_revision
-    from agentrt.db.session import get_db_session
-    from agentrt.db.status import server_version, table_counts
+    from agentrt.db.session import Unscoped, get_db_session
+    from agentrt.db.status import roles_exist, server_version, table_counts
 
     await init_database(migrate=False)
     try:
         info = server_info()
         settings = current_settings()
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             version = await server_version(session=session)
+            migrated = await roles_exist(session=session)
+        # The operator's role sees every row; before migration 0012 made it, the login role counts.
+        async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
         revision, head = await current_revision(get_engine()), head_revision()
     finally:
@@ -87,12 +90,12 @@ def seed() -> None:
 
 async def _seed() -> None:
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.demo_data import seed_demo_data
 
     await init_database()
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             report = await seed_demo_data(session=session)
     finally:
         await close_database()
