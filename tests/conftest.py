@@ -25,7 +25,7 @@ from sqlalchemy import insert, text
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
 from agentrt.db.models import Account, AgentInstance, Base, DirectoryEntry
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from agentrt.services.demo_data import seed_demo_data
@@ -91,9 +91,13 @@ def database_url(database: Settings) -> str:
 
 @pytest_asyncio.fixture(autouse=True)
 async def clean_database(database: Settings) -> AsyncIterator[None]:
-    """Empty every runtime table before each test; afterwards, let its background work finish."""
+    """Empty every runtime table before each test; afterwards, let its background work finish.
+
+    The fixtures that truncate, copy and reset sequences run as the login role (`Unscoped.OWNER`), which owns the
+    tables: the embedded server's superuser, which row-level security does not restrict.
+    """
     names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
     yield
     await drain_supervisor(30)
@@ -107,7 +111,7 @@ _DEMO_TABLES = (Account.__table__, AgentInstance.__table__, DirectoryEntry.__tab
 
 @pytest_asyncio.fixture(scope='session')
 async def _demo_snapshot(database: Settings) -> AsyncIterator[None]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
         await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
         await seed_demo_data(session=session)
@@ -119,7 +123,7 @@ async def _demo_snapshot(database: Settings) -> AsyncIterator[None]:
                 text(f'CREATE TABLE {_SNAPSHOT_SCHEMA}."{table.name}" AS SELECT {columns} FROM "{table.name}"')
             )
     yield
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text(f'DROP SCHEMA {_SNAPSHOT_SCHEMA} CASCADE'))
 
 
@@ -131,7 +135,7 @@ def _stored_columns(table: Any) -> str:
 @pytest_asyncio.fixture
 async def demo_data(clean_database: None, _demo_snapshot: None) -> None:
     """The seeded demo accounts, agents and directories: exactly the rows `seed_demo_data()` writes."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         for table in _DEMO_TABLES:
             columns = _stored_columns(table)
             await session.execute(
@@ -145,7 +149,7 @@ async def demo_data(clean_database: None, _demo_snapshot: None) -> None:
 @pytest_asyncio.fixture
 async def two_accounts(clean_database: None) -> tuple[int, int]:
     """Two accounts of their own, `alpha` and `beta` (no demo data): their ids."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         result = await session.execute(
             insert(Account).returning(Account.id),
             [{'slug': 'alpha', 'name': 'Alpha'}, {'slug': 'beta', 'name': 'Beta'}],

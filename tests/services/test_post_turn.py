@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings, pool_status
 from agentrt.db.models.ledger import LLMRequestRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
 from tests.services.ledger.usage_oracle import ledger_totals, rollup_totals
 
@@ -52,7 +52,7 @@ async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_
     summaries = 12 + (4 if every_turns == 1 else 0)
     assert report.completed == summaries + 2  # one roll-up at once, the one pending at the end when draining
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (
             await session.execute(
                 text('SELECT conversation_id, title, summary FROM conversations ORDER BY conversation_id')
@@ -88,13 +88,13 @@ async def test_a_full_backlog_skips_post_turn_work_without_failing_the_turn(demo
     assert supervisor.stats().rejected == 2
     gate.set()
     await supervisor.join()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         title = await session.execute(text("SELECT title FROM conversations WHERE conversation_id = 'chat-skipped'"))
         assert title.scalar() is None
     # The next turn's tasks do the skipped work too.
     supervisor.max_queued = 100
     await _turn('chat-skipped', 'And in Portland?')
     await supervisor.join()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         title = await session.execute(text("SELECT title FROM conversations WHERE conversation_id = 'chat-skipped'"))
         assert title.scalar() == QUESTIONS[0]

@@ -81,6 +81,8 @@ GRANTS = {
         'SELECT (id, account_id, started_at, total_cost, total_tokens, usage_reported, status, error_status_code)': (
             'llm_requests',
         ),
+        # The key `ON CONFLICT (request_id, kind) DO NOTHING` checks; never a body.
+        'SELECT (request_id, kind)': ('llm_request_contents',),
         'SELECT, DELETE': ('budget_reservations',),
         'SELECT': ('budget_periods',),
     },
