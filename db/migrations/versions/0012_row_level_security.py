@@ -61,8 +61,9 @@ GRANTS = {
             'usage_daily_rollups',
             'api_keys',
             'account_budgets',
-            'budget_settlements',
         ),
+        # Budget admission folds the account's pending settlements into its window (services/budgets/_reserve.py).
+        'SELECT, DELETE': ('budget_settlements',),
         'SELECT, INSERT, UPDATE, DELETE': (
             'conversation_entries',
             'conversations',
