@@ -24,6 +24,7 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
@@ -142,18 +143,36 @@ async def open_turn(
     usage_limits: UsageLimits | None = None,
     stream_delay: float = 0.0,
 ) -> AsyncIterator[Turn]:
-    """Start the database if needed, resolve the model, load the tenant, claim the conversation and load its tail.
+    """Start the database if needed, resolve the model, wait for admission, then load the tenant, claim the
+    conversation and load its tail.
 
     The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
         ConcurrentTurnError: another turn is running on the conversation (nothing was sent).
+        RuntimeBusyError: the process is at the limit of what its event loop keeps up with, and the turn waited
+            longer than `AGENTRT_TURN_QUEUE_SECONDS` (nothing was sent).
     """
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
     resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
+    admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
+    async with admission.turn():
+        async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
+            yield turn
+
+
+@asynccontextmanager
+async def _claimed_turn(
+    agent: Agent[SessionDependencies, str],
+    turn_input: TurnInput,
+    resolved: Model,
+    settings: Settings,
+    usage_limits: UsageLimits | None,
+    started: float,
+) -> AsyncIterator[Turn]:
     conversation_id = turn_input.session_id
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 

@@ -15,6 +15,7 @@ from agentrt.db.errors import (
     MigrationError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
 )
 from agentrt.services.conversations import ConcurrentTurnError
@@ -32,6 +33,7 @@ __all__ = [
     'MigrationError',
     'ModelBehaviorError',
     'ModelProviderError',
+    'RuntimeBusyError',
     'TurnLimitExceededError',
     'UnknownTenantError',
 ]
