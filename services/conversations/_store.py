@@ -16,7 +16,7 @@ from pydantic_ai.conversation_store import (
     ConversationStore,
 )
 from pydantic_ai.messages import ModelMessage
-from sqlalchemy import Executable, Integer, Result, Table, func, literal, select, text, update
+from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +26,7 @@ from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.pg_text import storable
 
 T = TypeVar('T')
+R = TypeVar('R')
 logger = logging.getLogger('agentrt.conversations')
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
@@ -166,7 +167,7 @@ def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
     return data
 
 
-async def _read(run: Callable[[AsyncSession], Awaitable[Result[Any]]], take: Callable[[Result[Any]], T]) -> T:
+async def _read(run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
     """Run a query in its own session and take its rows; once more on a fresh connection if the first was lost."""
 
     async def once() -> T:
