@@ -2,8 +2,10 @@
 
 Routes: `/api/v1/chat` (streamed, Vercel AI protocol), `/api/v1/chat/ag-ui` (AG-UI, when `ag-ui-protocol` is
 installed), `/api/v1/conversations...` (list, messages, delete, a non-streamed turn), `/api/v1/llm-audit/...`,
-`/api/v1/costs`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. Nothing is served at
-`/` unless `static_dir` is given (a web UI mounts there).
+`/api/v1/costs`, `/api/v1/budget`, `/api/v1/me`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs
+at `/docs`. The web UI (`api/static/`: plain HTML, CSS and JavaScript modules, no build step) is served at `/` with
+`web_ui=True`, which is what `agentrt serve` runs (`create_served_app`); `static_dir` mounts a directory of your own
+there instead.
 
 The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
 FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,15 +25,16 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic_ai import Agent
 from pydantic_ai.models import Model
-from starlette.staticfiles import StaticFiles
 
 from agentrt import __version__
+from agentrt.agents.observability import spans_exported
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
-from agentrt.api import audit, chat, conversations, costs, health
+from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
+from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
@@ -46,6 +48,7 @@ def create_app(
     settings: Settings | None = None,
     manage_runtime: bool = True,
     static_dir: Path | None = None,
+    web_ui: bool = False,
 ) -> FastAPI:
     """Build the HTTP API.
 
@@ -55,8 +58,9 @@ def create_app(
         settings: the runtime settings; read from the environment (and `.env`) when omitted.
         manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
             flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself.
-        static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI; nothing is served there
-            when omitted.
+        static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI of your own.
+        web_ui: serve the packaged web UI at `/` (when `static_dir` is not given). Nothing is served at `/` when
+            neither is given.
     """
 
     @asynccontextmanager
@@ -87,23 +91,32 @@ def create_app(
         from agentrt.api import chat_agui
 
         app.include_router(chat_agui.router)
-    for module in (conversations, audit, costs, health):
+    for module in (conversations, audit, costs, budget, me, health):
         app.include_router(module.router)
+    # Mounted last: every API route is matched before a file is looked for.
     if static_dir is not None:
-        app.mount('/', StaticFiles(directory=static_dir, html=True), name='static')
+        app.mount('/', WebUIFiles(directory=static_dir), name='static')
+    elif web_ui:
+        app.mount('/', WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS), name='static')
     return app
+
+
+def create_served_app() -> FastAPI:
+    """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`."""
+    return create_app(web_ui=get_settings().http_web_ui)
 
 
 def _telemetry_option() -> dict[str, Any]:
     """FastAPI's own request spans and metrics (newer FastAPI) only when spans leave the process.
 
-    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) whether or
-    not `LOGFIRE_TOKEN` is set; like pydantic-ai's instrumentation there, they are on only with a token: otherwise
-    they would cost CPU on every request and every streamed event for spans nobody reads.
+    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) only when
+    spans are exported (Logfire, OTLP or the console); like the runtime's other instrumentation, they are on only
+    then: otherwise they would cost CPU on every request and every streamed event (~6 ms a turn) for spans nobody
+    reads.
     """
     if 'telemetry' not in inspect.signature(FastAPI).parameters:
         return {}
-    on = bool(os.environ.get('LOGFIRE_TOKEN'))
+    on = spans_exported()
     return {'telemetry': {'tracing': on, 'metrics': on, 'logs': on}}
 
 

@@ -42,6 +42,15 @@ IMPORT_CHECK = textwrap.dedent("""
     names = [name for name in names if name.startswith('agentrt.api.') == http]  # the HTTP API needs its extra
     for name in names:
         importlib.import_module(name)
+    if http:  # the web UI: its page and every file the page and its modules load are installed
+        import re
+        from agentrt.api.web_ui import WEB_UI_DIR
+        page = (WEB_UI_DIR / 'index.html').read_text()
+        wanted = set(re.findall(r'(?:src|href)="([\w./-]+\.(?:js|css|svg))"', page))
+        for module in (WEB_UI_DIR / 'js').glob('*.js'):
+            wanted |= {'js/' + name for name in re.findall(r"from '\./([\w.-]+\.js)'", module.read_text())}
+        missing = sorted(name for name in wanted if not (WEB_UI_DIR / name).is_file())
+        assert 'js/app.js' in wanted and not missing, f'the installed web UI lacks {missing}'
     assert head_revision(), 'the packaged migrations have no head revision'
     print(f'agentrt {agentrt.__version__}: {len(names)} modules import beside the OpenAI Agents SDK ({sys.argv[1]})')
 """)
@@ -93,14 +102,28 @@ def build_wheel(out_dir: Path) -> Path:
 
 def check_contents(wheel: Path) -> None:
     """Every module of every mapped folder is in the wheel under `agentrt/`, with the package data."""
-    mapping: dict[str, str] = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']['package-dir']
+    setuptools = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
+    mapping: dict[str, str] = setuptools['package-dir']
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {'agentrt/py.typed', 'agentrt/db/migrations/script.py.mako'}
+    expected = {'agentrt/py.typed', 'agentrt/db/migrations/script.py.mako', 'agentrt/api/static/index.html'}
     for package, folder in mapping.items():
         prefix = package.replace('.', '/')
         for source in (ROOT / folder).rglob('*.py'):
             if '__pycache__' not in source.parts:
                 expected.add(f'{prefix}/{source.relative_to(ROOT / folder).as_posix()}')
+    # Package data (the migrations' template, the redaction rules, the web UI's files): every file its patterns match.
+    for package, patterns in setuptools.get('package-data', {}).items():
+        owner = next(
+            (p for p in sorted(mapping, key=len, reverse=True) if package == p or package.startswith(p + '.')), None
+        )
+        if owner is None:
+            continue
+        folder = ROOT / mapping[owner] / package[len(owner) :].lstrip('.').replace('.', '/')
+        prefix = package.replace('.', '/')
+        for pattern in patterns:
+            for source in folder.glob(pattern):
+                if source.is_file():
+                    expected.add(f'{prefix}/{source.relative_to(folder).as_posix()}')
     missing = sorted(expected - names)
     if missing:
         fail(f'{wheel.name} lacks {len(missing)} file(s), e.g. {missing[:10]} (a package missing from `packages`?)')

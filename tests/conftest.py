@@ -20,7 +20,7 @@ import logfire
 import pydantic_ai.models
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
@@ -140,6 +140,18 @@ async def demo_data(clean_database: None, _demo_snapshot: None) -> None:
             # The ids were copied: move each identity on, as seeding would have.
             sequence = f"pg_get_serial_sequence('{table.name}', 'id')"
             await session.execute(text(f'SELECT setval({sequence}, (SELECT max(id) FROM "{table.name}"))'))
+
+
+@pytest_asyncio.fixture
+async def two_accounts(clean_database: None) -> tuple[int, int]:
+    """Two accounts of their own, `alpha` and `beta` (no demo data): their ids."""
+    async with get_db_session() as session:
+        result = await session.execute(
+            insert(Account).returning(Account.id),
+            [{'slug': 'alpha', 'name': 'Alpha'}, {'slug': 'beta', 'name': 'Beta'}],
+        )
+        alpha, beta = result.scalars().all()
+    return alpha, beta
 
 
 class _AsyncioErrors(logging.Handler):

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Any
 
 import typer
 
 from agentrt.agents.cli.support import EXIT_USAGE, fail, run
-from agentrt.db.engine import close_database, init_database
 
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
-APP_FACTORY = 'agentrt.api.app:create_app'
+APP_FACTORY = 'agentrt.api.app:create_served_app'
 HTTP_PACKAGES = ('fastapi', 'uvicorn', 'starlette')
 
 
@@ -24,12 +24,21 @@ def serve(
         1, '--workers', min=1, max=64, envvar='AGENTRT_HTTP_WORKERS', help='Server processes (each has its own pool).'
     ),
     log_level: str = typer.Option('info', '--log-level', help='uvicorn log level (debug, info, warning, error).'),
+    web_ui: bool | None = typer.Option(
+        None,
+        '--web-ui/--no-web-ui',
+        help='Serve the web UI at / (default: AGENTRT_HTTP_WEB_UI, true).',
+        show_default=False,
+    ),
 ) -> None:
-    """Serve the HTTP API: streamed chat, conversations, the audit, costs and health (see README)."""
+    """Serve the HTTP API and the web UI: streamed chat, conversations, the audit, costs and health (see README)."""
     missing = missing_http_packages()
     if missing:
         needed = ', '.join(missing)  # `fail` prints text as it is (`[http]` is no style tag)
         fail(f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'", EXIT_USAGE)
+    if web_ui is not None:
+        # The workers build their app from the settings (create_served_app), so the flag travels as the variable.
+        os.environ['AGENTRT_HTTP_WEB_UI'] = 'true' if web_ui else 'false'
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
     run(_check_database)
@@ -53,6 +62,8 @@ def missing_http_packages() -> list[str]:
 
 
 async def _check_database() -> None:
+    from agentrt.db.engine import close_database, init_database
+
     await init_database()
     await close_database()
 

@@ -138,5 +138,5 @@ async def test_simple_chat_waits_for_admission(demo_data: None, monkeypatch: pyt
 def test_the_cli_says_the_process_is_busy(capsys: pytest.CaptureFixture[str]) -> None:
     code = report(RuntimeBusyError('the turn waited 30s (AGENTRT_TURN_QUEUE_SECONDS) and was not started'))
     err = capsys.readouterr().err
-    assert code == EXIT_BUSY == 10
+    assert code == EXIT_BUSY == 11
     assert err.startswith('error:') and 'AGENTRT_TURN_QUEUE_SECONDS' in err and 'Traceback' not in err

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from fastapi import FastAPI
 
+from agentrt.api import app as app_module
 from agentrt.api import health
-from agentrt.api.app import create_app
+from agentrt.api.app import create_app, create_served_app
+from agentrt.api.web_ui import WEB_UI_DIR
 from agentrt.db.migrate import head_revision
+from agentrt.db.settings import Settings
 from tests.api.conftest import TEST_POOL_OUT, Keys, auth
 
 
@@ -49,8 +53,43 @@ async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
     (tmp_path / 'index.html').write_text('<h1>chat</h1>')
     app = create_app(manage_runtime=False, static_dir=tmp_path)
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as static:
-        assert (await static.get('/')).text == '<h1>chat</h1>'
+        page = await static.get('/')
+        assert page.text == '<h1>chat</h1>' and 'content-security-policy' not in page.headers  # your page, your rules
         assert (await static.get('/health/live')).json() == {'status': 'alive'}  # the API still wins
+
+
+async def test_the_web_ui_is_served_with_every_file_it_loads_and_a_strict_policy() -> None:
+    app = create_app(manage_runtime=False, web_ui=True)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as ui:
+        page = await ui.get('/')
+        assert page.status_code == 200 and page.headers['content-type'].startswith('text/html')
+        policy = page.headers['content-security-policy']
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and 'unsafe' not in policy
+        assert page.headers['x-content-type-options'] == 'nosniff'
+        # Every file the page and its modules load is there, scripts with a JavaScript type (modules need one).
+        wanted = set(re.findall(r'(?:src|href)="([\w./-]+\.(?:js|css|svg))"', page.text))
+        for module in (WEB_UI_DIR / 'js').glob('*.js'):
+            wanted |= {f'js/{name}' for name in re.findall(r"from '\./([\w.-]+\.js)'", module.read_text())}
+        assert {'js/app.js', 'app.css', 'js/chat.js', 'js/stream.js'} <= wanted
+        for name in sorted(wanted):
+            response = await ui.get(f'/{name}')
+            assert response.status_code == 200, name
+            if name.endswith('.js'):
+                assert response.headers['content-type'].split(';')[0] in ('text/javascript', 'application/javascript')
+        # An unknown API path is still the API's JSON error, not a page.
+        missing = await ui.get('/api/v1/no-such-route')
+        assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
+
+
+def test_agentrt_serve_runs_the_web_ui_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    def mounted(app: FastAPI) -> bool:
+        return any(getattr(route, 'name', None) == 'static' for route in app.routes)
+
+    monkeypatch.setattr(app_module, 'get_settings', lambda: Settings(http_web_ui=True))
+    assert mounted(create_served_app())
+    monkeypatch.setattr(app_module, 'get_settings', lambda: Settings(http_web_ui=False))
+    assert not mounted(create_served_app())
+    assert not mounted(create_app(manage_runtime=False))  # a library user's app: the API only, unless asked
 
 
 async def test_ready_reports_the_revision_and_the_pool(client: httpx2.AsyncClient) -> None:

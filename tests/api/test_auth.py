@@ -61,3 +61,13 @@ async def test_a_revoked_key_is_refused_and_last_use_is_noted(keys: Keys, client
 async def test_health_needs_no_key(client: httpx2.AsyncClient) -> None:
     assert (await client.get('/health/live')).json() == {'status': 'alive'}
     assert (await client.get('/health/ready')).status_code == 200
+
+
+async def test_me_says_which_account_and_scopes_a_key_has(keys: Keys, client: httpx2.AsyncClient) -> None:
+    reader = await client.get('/api/v1/me', headers=auth(keys.acme_read_only))
+    assert reader.status_code == 200
+    assert reader.json() == {'account': 'acme-health', 'key_id': keys.acme_read_only[:16], 'scopes': ['read']}
+    both = (await client.get('/api/v1/me', headers=auth(keys.green))).json()
+    assert (both['account'], both['scopes']) == ('green-grocer', ['chat', 'read'])
+    refused = await client.get('/api/v1/me', headers=auth('art_000000000000_' + 'A' * 43))
+    assert refused.status_code == 401 and refused.json()['type'] == 'unauthorized'

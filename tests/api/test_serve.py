@@ -6,6 +6,7 @@
   answers in one request without tools (the tool-calling turns are the ones above and in test_chat.py); every
   per-turn database step of the product path still runs (key, tenant, conversation check, load and save, ledger
   row, post-turn title, summary and rollup);
+- the web UI at `/`;
 - a clean shutdown on SIGTERM that flushes the ledger.
 """
 
@@ -116,6 +117,8 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
                 *(stream_chat(client, lean_key, chat_body(f'load-{n}', 'hello?')) for n in range(CHATS))
             )
             ready = await _ready(client)
+            page = await client.get('/')  # the web UI, served by default
+        assert page.status_code == 200 and 'js/app.js' in page.text
         results = tool_chats + lean_chats
         failures = [(status, events[-3:]) for status, events in results if status != 200 or events[-1] != '[DONE]']
         assert failures == []

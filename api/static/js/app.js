@@ -1,0 +1,154 @@
+// The page: sign-in with an API key, the header, and the views by URL (#/chat/<id>, #/conversations, #/audit,
+// #/audit/<id>, #/costs). A 401 from any request returns here, to sign-in, with the reason.
+
+import { errorMessage, request, session } from './api.js';
+import { auditDetailView, auditListView } from './audit.js';
+import { createChatView } from './chat.js';
+import { conversationsView } from './conversations.js';
+import { costsView } from './costs.js';
+import { alertBox, h } from './dom.js';
+
+const MESSAGE = 'agentrt.signInMessage';
+const main = document.getElementById('main');
+const nav = document.getElementById('nav');
+const account = document.getElementById('account');
+let chat = null;
+let rendering = 0;
+
+function route() {
+  const [path, query = ''] = window.location.hash.replace(/^#\/?/, '').split('?');
+  const parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
+  return { view: parts[0] || 'chat', id: parts[1], query: new URLSearchParams(query) };
+}
+
+function signInView() {
+  let message = null;
+  try {
+    message = JSON.parse(sessionStorage.getItem(MESSAGE) || 'null');
+  } catch {
+    // an unreadable note: no note
+  }
+  sessionStorage.removeItem(MESSAGE);
+  const title = h('h1', { id: 'signin-title', tabindex: '-1', text: 'Sign in' });
+  const notice = h('div', { class: 'notice' }, message ? alertBox(message.text, message.kind) : null);
+  const input = h('input', {
+    id: 'api-key',
+    name: 'api-key',
+    type: 'password',
+    required: true,
+    autocomplete: 'off',
+    spellcheck: 'false',
+    'aria-describedby': 'api-key-hint',
+  });
+  const button = h('button', { type: 'submit', text: 'Sign in' });
+  const form = h(
+    'form',
+    { class: 'signin-form' },
+    h('label', { for: 'api-key', text: 'API key' }),
+    input,
+    h('p', { id: 'api-key-hint', class: 'subtle' }, 'It starts with ', h('code', { text: 'art_' }), '. Make one with ', h('code', { text: 'agentrt keys create --account <slug>' }), '.'),
+    button,
+  );
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    notice.replaceChildren();
+    const key = input.value.trim();
+    if (!key.startsWith('art_')) {
+      notice.append(alertBox('That is not an API key: a key starts with art_ (from agentrt keys create).'));
+      input.focus();
+      return;
+    }
+    button.disabled = true;
+    try {
+      const me = await (await request('GET', '/me', { key })).json();
+      session.signIn(key, me);
+      input.value = '';
+      render();
+    } catch (error) {
+      notice.append(alertBox(errorMessage(error)));
+      input.focus();
+    } finally {
+      button.disabled = false;
+    }
+  });
+  const element = h(
+    'section',
+    { class: 'view signin', 'aria-labelledby': 'signin-title' },
+    title,
+    h('p', {}, 'Chat with your agents, and see the audit and costs of your account. The key stays in this browser tab only and is forgotten when the tab closes.'),
+    notice,
+    form,
+  );
+  return { element, title: 'Sign in', focus: () => input.focus() };
+}
+
+function showHeader(signedIn, view) {
+  nav.hidden = !signedIn;
+  account.hidden = !signedIn;
+  if (!signedIn) return;
+  const me = session.me;
+  document.getElementById('account-name').textContent = me ? `${me.account} · ${me.key_id}` : '';
+  for (const link of nav.querySelectorAll('a')) {
+    if (link.dataset.view === view) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+}
+
+async function render() {
+  const ticket = ++rendering;
+  const { view, id, query } = route();
+  if (!session.key) {
+    showHeader(false);
+    return mount(signInView(), ticket);
+  }
+  showHeader(true, view === 'audit' ? 'audit' : view);
+  if (view === 'chat' || !['conversations', 'audit', 'costs'].includes(view)) {
+    chat ??= createChatView();
+    const shown = chat.show(id);
+    mount(chat, ticket);
+    await shown;
+    return;
+  }
+  main.setAttribute('aria-busy', 'true');
+  let next;
+  try {
+    if (view === 'conversations') next = await conversationsView();
+    else if (view === 'audit') next = id ? await auditDetailView(id) : await auditListView(query);
+    else next = await costsView(query);
+  } catch (error) {
+    next = { element: h('section', { class: 'view' }, alertBox(errorMessage(error))), title: 'Error', focus: () => {} };
+  } finally {
+    main.removeAttribute('aria-busy');
+  }
+  mount(next, ticket);
+}
+
+function mount(view, ticket) {
+  if (ticket !== rendering) return; // a newer navigation won
+  const focused = document.activeElement?.id; // a filter that re-rendered its view keeps the focus
+  if (main.firstElementChild !== view.element) main.replaceChildren(view.element);
+  document.title = `${view.title} · agentrt`;
+  const same = focused ? view.element.querySelector(`#${CSS.escape(focused)}`) : null;
+  // Otherwise the focus moves to the new view (its heading, or the message box), where keyboard and screen-reader
+  // users then are.
+  if (same) same.focus();
+  else view.focus();
+}
+
+window.addEventListener('hashchange', render);
+window.addEventListener('agentrt:unauthorized', (event) => {
+  session.signOut();
+  sessionStorage.setItem(MESSAGE, JSON.stringify({ text: errorMessage(event.detail), kind: 'error' }));
+  window.location.reload(); // a clean page: no view of the previous key stays in memory
+});
+document.getElementById('sign-out').addEventListener('click', () => {
+  session.signOut();
+  sessionStorage.setItem(MESSAGE, JSON.stringify({ text: 'Signed out: this tab forgot the key.', kind: 'info' }));
+  window.location.hash = '#/chat';
+  window.location.reload();
+});
+document.getElementById('skip-link').addEventListener('click', (event) => {
+  event.preventDefault(); // #main would be taken for a route
+  main.focus();
+});
+render();

@@ -1,0 +1,317 @@
+// The chat view: a conversation's history (GET /conversations/{id}?format=vercel), and new turns streamed from
+// POST /chat as they are written, each tool call on a timeline. The server holds the history: a turn sends only the
+// new message. One chat view lives for the whole page, so a turn keeps streaming while another view is shown.
+
+import { ApiError, errorMessage, getJson, postChat } from './api.js';
+import { alertBox, formatMs, h, randomId } from './dom.js';
+import { readEventStream } from './stream.js';
+import { ToolTimeline } from './tools.js';
+
+const TITLE_CHARS = 80;
+
+/** A user's message. */
+function userMessage(text) {
+  return h(
+    'article',
+    { class: 'message user', 'aria-label': 'You' },
+    h('p', { class: 'who', text: 'You' }),
+    h('div', { class: 'text', text }),
+  );
+}
+
+/** The assistant's answer to one user message: its tool calls, its text, its outcome. */
+class AssistantTurn {
+  constructor({ live }) {
+    this.started = performance.now();
+    this.tools = new ToolTimeline({ live, clock: () => performance.now() - this.started });
+    this.answer = h('div', { class: 'text answer' });
+    this.outcome = h('div', { class: 'outcome' });
+    this.finished = false;
+    this.failed = false;
+    this.element = h(
+      'article',
+      { class: 'message assistant', 'aria-label': 'Assistant', dataset: { state: live ? 'streaming' : 'stored' } },
+      h('p', { class: 'who', text: 'Assistant' }),
+      this.tools.element,
+      this.answer,
+      this.outcome,
+    );
+    if (live) {
+      this.element.setAttribute('aria-busy', 'true');
+      this.outcome.append(h('p', { class: 'turn-status', text: 'Working…' }));
+    }
+  }
+
+  appendText(text, newSegment) {
+    if (newSegment && this.answer.textContent) this.answer.append('\n\n');
+    this.answer.append(text);
+  }
+
+  /** One event of the Vercel AI data stream. */
+  handle(event) {
+    switch (event.type) {
+      case 'text-start':
+        this.appendText('', true);
+        break;
+      case 'text-delta':
+        this.appendText(event.delta ?? '', false);
+        break;
+      case 'tool-input-start':
+        this.tools.announce(event.toolCallId, event.toolName);
+        break;
+      case 'tool-input-available':
+        this.tools.start(event.toolCallId, event.toolName, event.input);
+        break;
+      case 'tool-output-available':
+        this.tools.finish(event.toolCallId, { output: event.output });
+        break;
+      case 'tool-output-error':
+      case 'tool-input-error':
+        this.tools.finish(event.toolCallId, { error: event.errorText || 'the tool failed' });
+        break;
+      case 'error':
+        this.fail(event.errorText || 'The turn failed on the server.');
+        break;
+      case 'finish':
+        this.finished = true;
+        break;
+      default:
+        break; // start, steps, metadata, deltas of tool arguments: nothing to show
+    }
+  }
+
+  /** The stream ended: done, or cut off before its end. */
+  end() {
+    if (this.failed) return;
+    if (!this.finished) {
+      this.fail('The answer stopped before it was complete (the connection was lost). Nothing of it was saved.');
+      return;
+    }
+    this.close('done', `Answered in ${formatMs(performance.now() - this.started)}.`);
+  }
+
+  fail(message) {
+    this.failed = true;
+    this.close('error', null);
+    this.outcome.append(alertBox(message));
+  }
+
+  stopped() {
+    this.failed = true;
+    this.close('stopped', 'Stopped. This turn was cancelled and not saved.');
+  }
+
+  close(state, text) {
+    this.tools.abandon();
+    this.element.dataset.state = state;
+    this.element.removeAttribute('aria-busy');
+    this.outcome.replaceChildren(text ? h('p', { class: 'turn-status', text }) : '');
+  }
+
+  /** Parts of a stored assistant message (AI SDK UI message parts). */
+  addStored(parts) {
+    for (const part of parts || []) {
+      if (part.type === 'text') this.appendText(part.text ?? '', true);
+      else if (part.type === 'dynamic-tool' || part.type?.startsWith('tool-')) {
+        const name = part.type === 'dynamic-tool' ? part.toolName : part.type.slice('tool-'.length);
+        this.tools.addStored(part.toolCallId, name, { input: part.input, output: part.output, error: part.errorText });
+      }
+    }
+  }
+}
+
+export function createChatView() {
+  let conversationId = null; // null: a new conversation, named when its first message is sent
+  let shownId; // undefined until a conversation (or a new one) is first shown
+  let controller = null;
+
+  const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
+  const idLine = h('p', { class: 'subtle conversation-id' });
+  const auditLink = h('a', { class: 'button secondary', href: '#/audit', hidden: true, text: 'Its requests' });
+  const newChat = h('a', { class: 'button secondary', href: '#/chat/new', text: 'New chat' });
+  const notice = h('div', { class: 'notice' });
+  const empty = h(
+    'div',
+    { class: 'empty' },
+    h('p', { text: 'Ask something to start, for example “Cardiologists in Seattle who accept Medicare”.' }),
+    h('p', {
+      class: 'subtle',
+      text: 'The answer streams in as it is written; each tool call shows as a bar on a timeline, so calls that run at the same time overlap.',
+    }),
+  );
+  const transcript = h('div', { class: 'transcript', role: 'log', 'aria-label': 'Messages' });
+  const input = h('textarea', {
+    id: 'message',
+    name: 'message',
+    rows: '2',
+    required: true,
+    autocomplete: 'off',
+    'aria-describedby': 'message-hint',
+  });
+  const send = h('button', { type: 'submit', text: 'Send' });
+  const stop = h('button', { type: 'button', class: 'secondary', text: 'Stop', disabled: true });
+  const form = h(
+    'form',
+    { class: 'composer', 'aria-label': 'Send a message' },
+    notice, // on the message box (which stays in view), where the eyes are when a message is refused
+    h('label', { for: 'message', text: 'Message' }),
+    input,
+    h(
+      'div',
+      { class: 'composer-actions' },
+      h('p', { id: 'message-hint', class: 'subtle', text: 'Enter sends; Shift+Enter starts a new line.' }),
+      stop,
+      send,
+    ),
+  );
+  const element = h(
+    'section',
+    { class: 'view chat-view', 'aria-labelledby': 'chat-title', dataset: { busy: 'false' } },
+    h('div', { class: 'view-head' }, h('div', {}, title, idLine), h('div', { class: 'head-actions' }, auditLink, newChat)),
+    empty,
+    transcript,
+    form,
+  );
+
+  function setHead(firstMessage) {
+    if (firstMessage) title.textContent = firstMessage.length > TITLE_CHARS ? `${firstMessage.slice(0, TITLE_CHARS - 1)}…` : firstMessage;
+    else if (!conversationId || !transcript.childElementCount) title.textContent = 'New conversation';
+    idLine.textContent = conversationId ? `Conversation ${conversationId}` : 'Not saved until its first message is sent.';
+    auditLink.hidden = !conversationId;
+    if (conversationId) auditLink.href = `#/audit?conversation=${encodeURIComponent(conversationId)}`;
+    empty.hidden = transcript.childElementCount > 0;
+  }
+
+  function setBusy(busy) {
+    element.dataset.busy = String(busy);
+    send.disabled = busy;
+    stop.disabled = !busy;
+  }
+
+  /** Keep the newest content in view when the reader is at the bottom already. */
+  function follow(change) {
+    const atBottom = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
+    change();
+    if (atBottom) window.scrollTo(0, document.documentElement.scrollHeight);
+  }
+
+  function renderHistory(messages) {
+    let turn = null;
+    let first = null;
+    for (const message of messages) {
+      if (message.role === 'user') {
+        const text = (message.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
+        first ??= text;
+        turn = null;
+        transcript.append(userMessage(text));
+      } else if (message.role === 'assistant') {
+        if (!turn) {
+          turn = new AssistantTurn({ live: false });
+          transcript.append(turn.element);
+        }
+        turn.addStored(message.parts);
+      }
+    }
+    setHead(first);
+  }
+
+  /**
+   * Show conversation `id` as the server holds it ('new' for a new one; undefined: whichever was shown last, as it
+   * is on screen). The conversation a turn is streaming into stays as it is.
+   */
+  async function show(id) {
+    if (id === undefined) {
+      if (shownId !== undefined) return;
+      id = 'new';
+    }
+    const wanted = id === 'new' ? null : id;
+    if (shownId !== undefined && wanted === conversationId && (wanted === null || controller)) return;
+    if (controller) controller.abort(); // opening another conversation stops the turn that is running
+    conversationId = wanted;
+    shownId = wanted;
+    transcript.replaceChildren();
+    notice.replaceChildren();
+    setHead(null);
+    if (wanted === null) return;
+    try {
+      const data = await getJson(`/conversations/${encodeURIComponent(wanted)}`, { format: 'vercel' });
+      if (conversationId === wanted) renderHistory(data.messages);
+    } catch (error) {
+      if (conversationId !== wanted) return;
+      if (error instanceof ApiError && error.status === 404) {
+        notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
+      } else {
+        notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
+      }
+    }
+  }
+
+  async function sendMessage(text) {
+    notice.replaceChildren();
+    if (!conversationId) {
+      conversationId = `web-${randomId()}`;
+      shownId = conversationId;
+      // Not a hash change: the view stays as it is, and a reload reopens this conversation.
+      window.history.replaceState(null, '', `#/chat/${encodeURIComponent(conversationId)}`);
+    }
+    const mine = userMessage(text);
+    const turn = new AssistantTurn({ live: true });
+    const isFirst = transcript.childElementCount === 0;
+    follow(() => transcript.append(mine, turn.element));
+    setHead(isFirst ? text : null);
+    const sending = conversationId;
+    controller = new AbortController();
+    setBusy(true);
+    let response = null;
+    try {
+      response = await postChat(
+        {
+          trigger: 'submit-message',
+          id: sending,
+          messages: [{ id: `msg-${randomId()}`, role: 'user', parts: [{ type: 'text', text }] }],
+        },
+        controller.signal,
+      );
+      await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
+      turn.end();
+    } catch (error) {
+      if (error.name === 'AbortError') turn.stopped();
+      else if (response === null) {
+        // Refused before the turn started (busy, bad input, ...): nothing was sent to the model; give the text back.
+        mine.remove();
+        turn.element.remove();
+        if (!input.value) input.value = text;
+        setHead(null);
+        notice.append(alertBox(errorMessage(error)));
+      } else turn.fail(errorMessage(error));
+    } finally {
+      controller = null;
+      setBusy(false);
+    }
+  }
+
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = input.value;
+    if (!text.trim() || element.dataset.busy === 'true') return;
+    input.value = '';
+    sendMessage(text);
+  });
+  input.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  stop.addEventListener('click', () => controller?.abort());
+
+  return {
+    element,
+    title: 'Chat',
+    show,
+    focus: () => input.focus(),
+    get conversationId() {
+      return conversationId;
+    },
+  };
+}

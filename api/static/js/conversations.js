@@ -1,0 +1,92 @@
+// The conversations of the account (GET /conversations), newest first, with their titles and summaries; open one to
+// continue it in the chat, or delete it.
+
+import { errorMessage, getJson, remove } from './api.js';
+import { alertBox, formatInt, h, timeEl } from './dom.js';
+
+const PAGE = 20;
+
+export async function conversationsView() {
+  const title = h('h1', { id: 'conversations-title', tabindex: '-1', text: 'Conversations' });
+  const notice = h('div', { class: 'notice' });
+  const list = h('ul', { class: 'cards conversation-list', 'aria-labelledby': 'conversations-title' });
+  const more = h('button', { type: 'button', class: 'secondary', text: 'Show more', hidden: true });
+  const element = h(
+    'section',
+    { class: 'view', 'aria-labelledby': 'conversations-title' },
+    h(
+      'div',
+      { class: 'view-head' },
+      h('div', {}, title, h('p', { class: 'subtle', text: 'Most recently updated first. Open one to continue it.' })),
+      h('div', { class: 'head-actions' }, h('a', { class: 'button', href: '#/chat/new', text: 'New chat' })),
+    ),
+    notice,
+    list,
+    more,
+  );
+  let cursor = null;
+
+  function card(item) {
+    const usage = item.usage;
+    const remover = h('button', { type: 'button', class: 'secondary danger', text: 'Delete' });
+    const name = item.title || item.conversation_id;
+    remover.setAttribute('aria-label', `Delete “${name}”`);
+    const li = h(
+      'li',
+      { class: 'card', dataset: { conversationId: item.conversation_id } },
+      h('h2', {}, h('a', { href: `#/chat/${encodeURIComponent(item.conversation_id)}`, text: name })),
+      h('p', { class: 'summary', text: item.summary || 'No summary yet: it is written after each turn.' }),
+      h(
+        'p',
+        { class: 'subtle meta' },
+        'Updated ',
+        timeEl(item.updated_at),
+        ` · ${formatInt(usage.requests)} model requests · ${formatInt(usage.tool_calls)} tool calls · `,
+        `${formatInt(usage.input_tokens + usage.output_tokens)} tokens`,
+      ),
+      h('div', { class: 'card-actions' }, remover),
+    );
+    remover.addEventListener('click', async () => {
+      if (!window.confirm(`Delete the conversation “${name}”? Its messages are removed; its audit rows stay.`)) return;
+      notice.replaceChildren();
+      remover.disabled = true;
+      try {
+        await remove(`/conversations/${encodeURIComponent(item.conversation_id)}`);
+        li.remove();
+        notice.append(alertBox(`Deleted “${name}”.`, 'info'));
+        if (!list.childElementCount) list.replaceWith(emptyState());
+      } catch (error) {
+        remover.disabled = false;
+        notice.append(alertBox(errorMessage(error)));
+      }
+    });
+    return li;
+  }
+
+  function emptyState() {
+    return h(
+      'div',
+      { class: 'empty' },
+      h('p', {}, 'No conversations yet. ', h('a', { href: '#/chat/new', text: 'Start one in the chat' }), '.'),
+    );
+  }
+
+  async function load() {
+    more.disabled = true;
+    try {
+      const page = await getJson('/conversations', { limit: PAGE, cursor });
+      list.append(...page.items.map(card));
+      cursor = page.next_cursor;
+      more.hidden = !cursor;
+      if (!list.childElementCount) list.replaceWith(emptyState());
+    } catch (error) {
+      notice.append(alertBox(`The conversations could not be loaded. ${errorMessage(error)}`));
+    } finally {
+      more.disabled = false;
+    }
+  }
+
+  more.addEventListener('click', load);
+  await load();
+  return { element, title: 'Conversations', focus: () => title.focus() };
+}

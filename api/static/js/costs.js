@@ -1,0 +1,172 @@
+// Costs of the account (GET /costs): a chart by day, and tables by model and by agent, over the last 7, 30 or 90
+// days. Requests of unpriced models (the offline demo model, say) count in requests and tokens, not in cost.
+
+import { errorMessage, getJson } from './api.js';
+import { alertBox, formatCost, formatInt, h } from './dom.js';
+import { barChart } from './chart.js';
+
+const RANGES = [7, 30, 90];
+const METRICS = {
+  cost: { label: 'Cost (USD)', value: (row) => Number(row.total_cost ?? 0), format: (v) => formatCost(String(v)) },
+  tokens: { label: 'Tokens', value: (row) => row.total_tokens, format: formatInt },
+  requests: { label: 'Requests', value: (row) => row.requests, format: formatInt },
+};
+
+function utcDay(date) {
+  return date.toISOString().slice(0, 10);
+}
+
+/** Every UTC day from `days - 1` days ago to today, with that day's row or zeros. */
+function fillDays(rows, days) {
+  const byKey = new Map(rows.map((row) => [row.key, row]));
+  const today = new Date();
+  const out = [];
+  for (let back = days - 1; back >= 0; back -= 1) {
+    const key = utcDay(new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - back)));
+    out.push(byKey.get(key) ?? { key, requests: 0, failed: 0, input_tokens: 0, output_tokens: 0, total_tokens: 0, total_cost: null, unpriced: 0 });
+  }
+  return out;
+}
+
+function groupTable(caption, rows, keyName) {
+  if (!rows.length) return h('p', { class: 'subtle', text: 'No requests in this period.' });
+  const head = [keyName, 'Requests', 'Failed', 'Tokens in / out', 'Cost'];
+  return h(
+    'div',
+    { class: 'table-wrap' },
+    h(
+      'table',
+      { class: 'data numbers responsive' },
+      h('caption', { class: 'sr-only', text: caption }),
+      h('thead', {}, h('tr', {}, head.map((name) => h('th', { scope: 'col', text: name })))),
+      h(
+        'tbody',
+        {},
+        rows.map((row) =>
+          h(
+            'tr',
+            { dataset: { key: row.key } },
+            h('th', { scope: 'row', 'data-label': keyName, text: row.key }),
+            h('td', { 'data-label': head[1], text: formatInt(row.requests) }),
+            h('td', { 'data-label': head[2], text: formatInt(row.failed) }),
+            h('td', { 'data-label': head[3], text: `${formatInt(row.input_tokens)} / ${formatInt(row.output_tokens)}` }),
+            h('td', { 'data-label': head[4], text: costText(row) }),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function costText(row) {
+  if (row.total_cost === null) return row.requests ? 'unpriced' : '$0';
+  return row.unpriced ? `${formatCost(row.total_cost)} (+${row.unpriced} unpriced)` : formatCost(row.total_cost);
+}
+
+export async function costsView(query) {
+  const days = RANGES.includes(Number(query.get('days'))) ? Number(query.get('days')) : 30;
+  const title = h('h1', { id: 'costs-title', tabindex: '-1', text: 'Costs' });
+  const range = h('select', { id: 'costs-range' });
+  for (const value of RANGES) range.append(h('option', { value, text: `Last ${value} days`, selected: value === days }));
+  range.addEventListener('change', () => {
+    window.location.hash = `#/costs?days=${range.value}`;
+  });
+  const metric = h('select', { id: 'costs-metric' });
+  const notice = h('div', { class: 'notice' });
+  const element = h(
+    'section',
+    { class: 'view costs-view', 'aria-labelledby': 'costs-title' },
+    h(
+      'div',
+      { class: 'view-head' },
+      h('div', {}, title, h('p', { class: 'subtle', text: 'Model requests, tokens and cost of this account, by UTC day.' })),
+      h('div', { class: 'field head-actions' }, h('label', { for: 'costs-range', text: 'Period' }), range),
+    ),
+    notice,
+  );
+  const done = { element, title: 'Costs', focus: () => title.focus() };
+
+  const today = new Date();
+  const since = new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - (days - 1)));
+  let byDay;
+  let byModel;
+  let byAgent;
+  try {
+    [byDay, byModel, byAgent] = await Promise.all(
+      ['day', 'model', 'agent'].map((by) => getJson('/costs', { by, since: since.toISOString() })),
+    );
+  } catch (error) {
+    notice.append(alertBox(`The costs could not be loaded. ${errorMessage(error)}`));
+    return done;
+  }
+
+  const rows = fillDays(byDay.items, days);
+  const total = (name) => byDay.items.reduce((sum, row) => sum + Number(row[name] ?? 0), 0);
+  const unpriced = total('unpriced');
+  const priced = byDay.items.some((row) => row.total_cost !== null && Number(row.total_cost) > 0);
+  for (const [value, { label }] of Object.entries(METRICS)) {
+    metric.append(h('option', { value, text: label, selected: value === (priced ? 'cost' : 'tokens') }));
+  }
+  const requests = total('requests');
+  const totals = [`${formatInt(requests)} requests (${formatInt(total('failed'))} failed)`, `${formatInt(total('total_tokens'))} tokens`];
+  if (unpriced < requests) totals.push(`${formatCost(String(total('total_cost')))} spent`);
+  if (unpriced) {
+    totals.push(unpriced === requests ? 'all from unpriced models, so no cost' : `${formatInt(unpriced)} requests of unpriced models (no cost)`);
+  }
+
+  const chartBox = h('div', { class: 'chart-box' });
+  const dayTable = h('details', { class: 'raw' }, h('summary', { text: 'The chart as a table' }), groupTable('Costs by day', byDay.items, 'Day'));
+  const draw = () => {
+    const chosen = METRICS[metric.value];
+    const points = rows.map((row) => ({ label: row.key, short: row.key.slice(5), value: chosen.value(row) }));
+    const peak = points.reduce((best, point) => (point.value > best.value ? point : best), points[0]);
+    const width = Math.max(Math.floor(chartBox.clientWidth), 280);
+    chartBox.replaceChildren(
+      barChart({
+        points,
+        format: chosen.format,
+        width,
+        idPrefix: 'day-chart',
+        title: `${chosen.label} by day, last ${days} days`,
+        summary: peak.value > 0 ? `Highest on ${peak.label}: ${chosen.format(peak.value)}.` : 'Nothing in this period.',
+      }),
+    );
+  };
+  metric.addEventListener('change', draw);
+
+  element.append(
+    h('p', { class: 'totals', role: 'status', text: `Last ${days} days: ${totals.join(' · ')}.` }),
+    h(
+      'section',
+      { class: 'panel', 'aria-labelledby': 'by-day-title' },
+      h(
+        'div',
+        { class: 'panel-head' },
+        h('h2', { id: 'by-day-title', text: 'By day' }),
+        h('div', { class: 'field' }, h('label', { for: 'costs-metric', text: 'Show' }), metric),
+      ),
+      chartBox,
+      dayTable,
+    ),
+    h(
+      'div',
+      { class: 'columns' },
+      h('section', { class: 'panel', 'aria-labelledby': 'by-model-title' }, h('h2', { id: 'by-model-title', text: 'By model' }), groupTable('Costs by model', byModel.items, 'Model')),
+      h('section', { class: 'panel', 'aria-labelledby': 'by-agent-title' }, h('h2', { id: 'by-agent-title', text: 'By agent' }), groupTable('Costs by agent', byAgent.items, 'Agent')),
+    ),
+  );
+  let lastWidth = 0;
+  const observer = new ResizeObserver(() => {
+    if (!chartBox.isConnected) {
+      observer.disconnect();
+      return;
+    }
+    const width = Math.floor(chartBox.clientWidth);
+    if (width && width !== lastWidth) {
+      lastWidth = width;
+      draw();
+    }
+  });
+  observer.observe(chartBox);
+  return done;
+}

@@ -1,0 +1,45 @@
+"""The web UI's files (`api/static/`: HTML, CSS and JavaScript modules, no build step) and how they are served.
+
+The page talks to the API of the same origin with the API key a person signs in with (kept in the tab's
+`sessionStorage` only). It builds every element from text (never from HTML strings), and the packaged UI is served
+with a Content-Security-Policy that allows only its own scripts and styles, so a model's answer, a tool's output or
+a stored prompt that holds markup is shown as text and can never run as script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+WEB_UI_DIR = Path(__file__).resolve().parent / 'static'
+"""The packaged web UI (package data of `agentrt.api`)."""
+
+WEB_UI_HEADERS: Mapping[str, str] = {
+    'Content-Security-Policy': (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    'X-Content-Type-Options': 'nosniff',
+    'Referrer-Policy': 'no-referrer',
+    # Revalidated on every load (cheap: the ETag answers 304), so an upgraded server never runs yesterday's script.
+    'Cache-Control': 'no-cache',
+}
+
+
+class WebUIFiles(StaticFiles):
+    """`StaticFiles` that adds `headers` to every file it serves (the packaged UI's security headers)."""
+
+    def __init__(self, *, directory: Path, headers: Mapping[str, str] | None = None) -> None:
+        """Serve `directory` at the mount point (`index.html` for a directory), adding `headers`."""
+        super().__init__(directory=directory, html=True)
+        self._headers = dict(headers or {})
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        """The file, with the extra headers."""
+        response = await super().get_response(path, scope)
+        response.headers.update(self._headers)
+        return response
