@@ -41,6 +41,7 @@ from agentrt.services.conversations import (
     summary_due,
     summary_source,
 )
+from agentrt.services.ledger import remember_message_json
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import Tenant, lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
@@ -75,12 +76,15 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
 
     async def lookup() -> SessionDependencies:
         async with get_read_only_session() as session:
-            return _dependencies(session_id, await lookup_tenant(account, agent_instance, session=session))
+            tenant = await lookup_tenant(account, agent_instance, session=session)
+            return _dependencies(session_id, tenant, for_one_turn=False)
 
     return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
 
 
-def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
+def _dependencies(session_id: str, tenant: Tenant, *, for_one_turn: bool = True) -> SessionDependencies:
+    """The run's deps. Only deps made for one turn say whether the account has a budget: deps kept for many runs
+    must let each request check."""
     return SessionDependencies(
         session_id=session_id,
         account_id=tenant.account_id,
@@ -89,6 +93,7 @@ def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
         agent_instance_slug=tenant.agent_instance_slug,
         agent_type=tenant.agent_type,
         config=tenant.config,
+        account_has_budget=tenant.has_budget if for_one_turn else None,
     )
 
 
@@ -190,6 +195,8 @@ async def _claimed_turn(
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
     tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
     claim.loaded(recent.conversation.revision)
+    if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
+        remember_message_json(recent.stored, recent.stored_json)
     async with claim.held():
         deps = _dependencies(conversation_id, tenant)
         store = PostgresConversationStore(tenant.account_id)

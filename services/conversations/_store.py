@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -138,6 +138,8 @@ class StoredTail:
     messages: list[ModelMessage]
     reached_first: bool
     """True when `messages` start the conversation."""
+    bodies: list[str] = field(default_factory=list)
+    """Each message's stored JSON, as `message_json` writes it (empty when the tail holds entries of other kinds)."""
 
 
 @dataclass(frozen=True)
@@ -232,10 +234,12 @@ class PostgresConversationStore(ConversationStore):
             return None
         record = _record_adapter.validate_json(rows[0].record)
         entries = [row for row in rows if row.id is not None]
+        bodies: list[str] = []
         if any(row.kind != 'message' for row in entries):
             messages = [_entry_adapter.validate_python(_entry_data(row)).message for row in entries]
         else:
-            messages = _messages_adapter.validate_json('[' + ','.join(row.body for row in entries) + ']')
+            bodies = [row.body for row in entries]
+            messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
         return StoredTail(
             record=record,
             title=rows[0].title,
@@ -244,6 +248,7 @@ class PostgresConversationStore(ConversationStore):
             sizes=[len(row.body) for row in entries],
             messages=messages,
             reached_first=not entries or entries[0].parent_id is None,
+            bodies=bodies,
         )
 
     async def append(
