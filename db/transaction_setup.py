@@ -81,7 +81,7 @@ class TransactionSetup:
         return ''.join(f' {statement};' for statement in self.statements())
 
 
-class PreludeConnection(asyncpg.Connection):
+class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
 
     asyncpg starts a transaction with `execute('BEGIN;')` (the simple query protocol, which runs several statements
@@ -100,7 +100,8 @@ class PreludeConnection(asyncpg.Connection):
         """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude."""
         if self.agentrt_prelude and not args and query.startswith('BEGIN'):
             query, self.agentrt_prelude = query + self.agentrt_prelude, ''
-        return await super().execute(query, *args, timeout=timeout)
+        status: str = await super().execute(query, *args, timeout=timeout)
+        return status
 
 
 class RetryingSession(AsyncSession):
@@ -114,7 +115,7 @@ class RetryingSession(AsyncSession):
 
     retry_first_statement = False
 
-    async def execute(  # type: ignore[override]  # the overloads of AsyncSession.execute, passed through
+    async def execute(  # the overloads of AsyncSession.execute, passed through
         self, statement: Executable, params: Any = None, **kwargs: Any
     ) -> Result[Any]:
         """`AsyncSession.execute`, repeated once on a fresh connection as described above."""
@@ -143,7 +144,7 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
     setup: TransactionSetup | None = session.info.get(SETUP_KEY)
     if setup is None:
         return
-    driver = connection.connection.driver_connection
+    driver: Any = connection.connection.driver_connection
     if _carries_prelude(driver):
         driver.agentrt_prelude = setup.begin_sql()
         return
@@ -161,7 +162,7 @@ def install_prelude(engine: AsyncEngine) -> None:
 
 
 def _clear_prelude(dbapi_connection: Any, record: Any) -> None:
-    driver = getattr(dbapi_connection, 'driver_connection', None)
+    driver: Any = getattr(dbapi_connection, 'driver_connection', None)
     if _carries_prelude(driver):
         driver.agentrt_prelude = ''
 

@@ -147,7 +147,9 @@ async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -
 async def test_read_only_and_side_sessions_work_after_the_pool_lost_its_connections() -> None:
     for opener in (get_read_only_session, get_side_session):
         await _kill_pooled_connections()
-        async with opener(account=Unscoped.ADMIN) as session:  # a dead connection: replaced at checkout, or by starting again once
+        async with opener(
+            account=Unscoped.ADMIN
+        ) as session:  # a dead connection: replaced at checkout, or by starting again once
             assert (await session.execute(text('SELECT 1'))).scalar_one() == 1
     assert pool_status().checked_out == 0
 
