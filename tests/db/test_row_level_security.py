@@ -76,7 +76,8 @@ async def test_every_account_table_has_forced_row_level_security_and_a_tenant_po
                 text("""
                 SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
                        EXISTS (SELECT 1 FROM pg_policy AS p
-                               WHERE p.polrelid = c.oid AND p.polroles @> ARRAY[(SELECT oid FROM pg_roles WHERE rolname = :app)]
+                               WHERE p.polrelid = c.oid
+                                 AND p.polroles @> ARRAY[(SELECT oid FROM pg_roles WHERE rolname = :app)]
                                  AND pg_get_expr(p.polqual, p.polrelid) LIKE '%app.account_id%'
                                  AND pg_get_expr(p.polwithcheck, p.polrelid) LIKE '%app.account_id%') AS tenant_policy
                 FROM pg_class AS c WHERE c.relname = ANY(:tables)

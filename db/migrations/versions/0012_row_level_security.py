@@ -50,7 +50,7 @@ ALL_TABLES = (*ACCOUNT_TABLES, 'accounts', 'llm_request_contents', 'usage_rolled
 
 TENANT = "(SELECT nullif(current_setting('app.account_id', true), '')::bigint)"
 
-GRANTS = {
+GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
     'agentrt_app': {
         'SELECT': (
             'accounts',
