@@ -30,7 +30,7 @@ from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -183,8 +183,8 @@ async def _claimed_turn(
 
     async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
         async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
-            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session)
-            await enter_account(session, tenant.account_id)  # the rest of the transaction is this tenant's
+            # The same statement makes the rest of the transaction the found tenant's (`enter=True`).
+            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session, enter=True)
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
             await claim.take(session=session)
             store = PostgresConversationStore(tenant.account_id)

@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import ColumnElement, String, cast, func, literal, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError
@@ -22,6 +23,8 @@ __all__ = [
     'Account',
     'Unscoped',
     'enter_account',
+    'entered_account',
+    'entering_account',
     'get_db_session',
     'get_read_only_session',
     'get_side_session',
@@ -112,14 +115,36 @@ async def enter_account(session: AsyncSession, account_id: int) -> None:
     For a session opened with `Unscoped.TENANT_LOOKUP` that has just found its tenant (by API key or slug) and goes
     on in the same transaction as that account: one statement, transaction-local like the prelude.
     """
-    info = session.info.get(SETUP_KEY) or TransactionSetup()
     if not _row_security:
         return
-    session.info[SETUP_KEY] = replace(info, role=APP_ROLE, account_id=int(account_id))
+    entered_account(session, account_id)
     await session.execute(
         text(f"SELECT set_config('role', '{APP_ROLE}', true), set_config('{TENANT_SETTING}', :account, true)"),
         {'account': str(int(account_id))},
     )
+
+
+def entering_account(account_id: ColumnElement[int] | InstrumentedAttribute[int]) -> list[ColumnElement[str]]:
+    """Columns that, selected with the row that names the tenant, make the rest of the transaction that account's
+    (the request role with its tenant), as `enter_account` does, in the same statement.
+
+    The statement itself has been checked as the role that runs it; the next ones run as the request role. Call
+    `entered_account()` with the account the row named. Nothing with row-level security off (benchmarks).
+    """
+    if not _row_security:
+        return []
+    return [
+        func.set_config('role', literal(APP_ROLE), True),
+        func.set_config(TENANT_SETTING, cast(account_id, String), True),
+    ]
+
+
+def entered_account(session: AsyncSession, account_id: int) -> None:
+    """Record that the session's transaction is `account_id`'s now (`entering_account`): its later transactions
+    begin so too."""
+    info = session.info.get(SETUP_KEY) or TransactionSetup()
+    if _row_security:
+        session.info[SETUP_KEY] = replace(info, role=APP_ROLE, account_id=int(account_id))
 
 
 @asynccontextmanager

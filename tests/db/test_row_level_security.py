@@ -21,6 +21,7 @@ from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LE
 from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, scoped_setup
 from agentrt.services import directory_service as directory
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
+from agentrt.services.tenancy import lookup_tenant
 from agentrt.services.ledger import LLMRequestTracker
 from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import chat_deps, fast_config, ledger_record
@@ -251,6 +252,16 @@ async def test_a_tenant_lookup_session_enters_the_account_it_found() -> None:
         await enter_account(session, produce)
         assert set((await session.execute(select(AgentInstance.account_id))).scalars()) == {produce}
         assert (await session.execute(text('SELECT current_user'))).scalar_one() == APP_ROLE
+
+
+async def test_the_turns_tenant_lookup_enters_the_account_in_its_own_statement() -> None:
+    medical, produce = await _accounts()
+    async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+        tenant = await lookup_tenant(PRODUCE_ACCOUNT, None, session=session, enter=True)
+        assert tenant.account_id == produce
+        assert set((await session.execute(select(AgentInstance.account_id))).scalars()) == {produce}
+        await session.commit()  # a later transaction of the session begins as the tenant too
+        assert set((await session.execute(select(AgentInstance.account_id))).scalars()) == {produce}
 
 
 def test_a_session_needs_an_explicit_account() -> None:

@@ -73,7 +73,8 @@ GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
         'SELECT, INSERT, UPDATE': ('budget_periods',),
     },
     'agentrt_auth': {
-        'SELECT': ('accounts', 'agent_instances', 'api_keys'),
+        # The tenant lookup also reads whether the account has a budget (one EXISTS in its statement).
+        'SELECT': ('accounts', 'agent_instances', 'api_keys', 'account_budgets'),
         'UPDATE (last_used_at)': ('api_keys',),
     },
     'agentrt_ledger': {
