@@ -21,8 +21,8 @@ from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LE
 from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, scoped_setup
 from agentrt.services import directory_service as directory
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
-from agentrt.services.tenancy import lookup_tenant
 from agentrt.services.ledger import LLMRequestTracker
+from agentrt.services.tenancy import lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import chat_deps, fast_config, ledger_record
 
