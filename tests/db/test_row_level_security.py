@@ -255,7 +255,7 @@ async def test_a_tenant_lookup_session_enters_the_account_it_found() -> None:
 
 
 async def test_the_turns_tenant_lookup_enters_the_account_in_its_own_statement() -> None:
-    medical, produce = await _accounts()
+    _, produce = await _accounts()
     async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
         tenant = await lookup_tenant(PRODUCE_ACCOUNT, None, session=session, enter=True)
         assert tenant.account_id == produce
