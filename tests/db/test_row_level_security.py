@@ -6,7 +6,9 @@ Queries here leave out the account filter on purpose: what they see is what a fo
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic_ai import Agent, FunctionToolset, ModelResponse, RunContext, TextPart, ToolCallPart
@@ -14,11 +16,16 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from agentrt.db.engine import get_engine
+from agentrt.db.engine import build_engine, get_engine
+from agentrt.db.errors import MigrationError
+from agentrt.db.migrate import upgrade
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LEDGER_ROLE
 from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, scoped_setup
+from agentrt.db.settings import Settings
+from agentrt.db.transaction_setup import SETUP_KEY, RetryingSession, SetupSession
 from agentrt.services import directory_service as directory
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
 from agentrt.services.ledger import LLMRequestTracker
@@ -268,3 +275,62 @@ def test_a_session_needs_an_explicit_account() -> None:
     with pytest.raises(TypeError, match='Unscoped'):
         scoped_setup(None)  # type: ignore[arg-type]
     assert scoped_setup(Unscoped.ADMIN).role == ADMIN_ROLE
+
+
+async def test_a_login_role_that_owns_the_tables_and_is_no_superuser(database: Settings) -> None:
+    """`DATABASE_URL` as an operator sets it up (README "Tenant isolation"): the login role is granted the roles,
+    migrates and owns the tables; its sessions see what their role may."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, dbname = f'agentrt_test_owner_{suffix}', f'agentrt_test_owner_{suffix}'
+    admin_url = get_engine().url
+    async with get_db_session(account=Unscoped.OWNER) as session:  # the test server's superuser
+        await session.execute(text(f'CREATE ROLE {owner} LOGIN NOSUPERUSER'))
+        await session.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {owner}'))
+    async with get_engine().connect() as connection:
+        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+        await autocommit.execute(text(f'CREATE DATABASE {dbname} OWNER {owner}'))
+    engine = build_engine(admin_url.set(username=owner, database=dbname), database)
+    try:
+        await upgrade(engine)
+        sessions = async_sessionmaker(engine, class_=RetryingSession, sync_session_class=SetupSession)
+
+        async def as_(account: Any, sql: str) -> Any:
+            async with sessions() as session, session.begin():
+                session.info[SETUP_KEY] = scoped_setup(account)
+                result = await session.execute(text(sql))
+                return result.scalar() if result.returns_rows else None
+
+        await as_(Unscoped.ADMIN, "INSERT INTO accounts (slug, name) VALUES ('a', 'A'), ('b', 'B')")
+        # Forced: the owner gets what the policies give it, here through its membership of the operator's role.
+        assert await as_(Unscoped.OWNER, 'SELECT count(*) FROM accounts') == 2
+        assert await as_(Unscoped.ADMIN, 'SELECT count(*) FROM accounts') == 2
+        assert await as_(Unscoped.NO_TENANT, 'SELECT count(*) FROM accounts') == 0
+        assert await as_(1, 'SELECT count(*) FROM accounts') == 1
+        assert await as_(1, 'SELECT current_user') == APP_ROLE
+        assert await as_(Unscoped.OWNER, 'SELECT current_user') == owner
+    finally:
+        await engine.dispose()
+        async with get_engine().connect() as connection:
+            autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+            await autocommit.execute(text(f'DROP DATABASE {dbname}'))
+            await autocommit.execute(text(f'DROP ROLE {owner}'))
+
+
+async def test_migrating_without_the_roles_says_what_to_grant(database: Settings) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    owner, dbname = f'agentrt_test_owner_{suffix}', f'agentrt_test_owner_{suffix}'
+    async with get_engine().connect() as connection:
+        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+        await autocommit.execute(text(f'CREATE ROLE {owner} LOGIN NOSUPERUSER'))
+        await autocommit.execute(text(f'CREATE DATABASE {dbname} OWNER {owner}'))
+    engine = build_engine(get_engine().url.set(username=owner, database=dbname), database)
+    try:
+        with pytest.raises(MigrationError, match='Tenant isolation') as raised:
+            await upgrade(engine)
+        assert 'agentrt_app' in str(raised.value)
+    finally:
+        await engine.dispose()
+        async with get_engine().connect() as connection:
+            autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+            await autocommit.execute(text(f'DROP DATABASE {dbname}'))
+            await autocommit.execute(text(f'DROP ROLE {owner}'))
