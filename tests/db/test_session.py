@@ -122,7 +122,7 @@ async def _kill_pooled_connections() -> None:
     async with get_engine().connect() as conn:
         pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
     await asyncio.sleep(0)
-    async with get_db_session(account=Unscoped.ADMIN) as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agentrt' "
@@ -137,7 +137,7 @@ async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -
     with pytest.raises(DatabaseDisconnectedError, match='connection to PostgreSQL was lost'):
         async with get_db_session(account=Unscoped.ADMIN) as session:
             pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-            async with get_db_session(account=Unscoped.ADMIN) as admin:
+            async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
             await session.execute(text('SELECT 1'))
     assert pool_status().checked_out == 0

@@ -93,7 +93,7 @@ async def test_an_engine_without_the_prelude_connection_runs_the_statements_inst
 
 
 async def _kill(pid: int) -> None:
-    async with get_db_session(account=Unscoped.ADMIN) as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
 
 
@@ -101,7 +101,7 @@ async def test_a_first_statement_whose_connection_is_lost_runs_again_on_a_fresh_
     async with get_db_session(account=Unscoped.ADMIN) as session:
         pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
     # The first statement of the next read-only session waits on a lock: its backend is killed meanwhile.
-    async with get_db_session(account=Unscoped.ADMIN) as locker:
+    async with get_db_session(account=Unscoped.OWNER) as locker:
         await locker.execute(text('LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE'))
 
         async def read() -> tuple[int, int]:

@@ -121,7 +121,7 @@ async def wait_for_backends(*, lock_waiters: int, sleepers: int) -> None:
     )
     async with asyncio.timeout(10):
         while True:
-            async with get_db_session(account=Unscoped.ADMIN) as session:
+            async with get_db_session(account=Unscoped.OWNER) as session:  # sees every role's backends
                 if tuple((await session.execute(query)).one()) == (lock_waiters, sleepers):
                     return
             await asyncio.sleep(0.01)

@@ -61,6 +61,7 @@ GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
             'usage_daily_rollups',
             'api_keys',
             'account_budgets',
+            'alembic_version',  # the readiness check compares the schema's revision with the code's
         ),
         # Budget admission folds the account's pending settlements into its window (services/budgets/_reserve.py).
         'SELECT, DELETE': ('budget_settlements',),

@@ -136,6 +136,6 @@ async def test_a_row_the_database_refuses_to_settle_is_written_all_the_same(
 
 
 async def _ddl(*statements: str) -> None:
-    async with get_db_session(account=Unscoped.ADMIN) as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         for statement in statements:
             await session.execute(text(statement))

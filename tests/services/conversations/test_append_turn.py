@@ -191,7 +191,7 @@ async def test_a_save_whose_connection_is_killed_is_saved_once(
         attempts.append(1)
         if len(attempts) == 1:
             pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-            async with get_db_session(account=Unscoped.ADMIN) as admin:
+            async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
         return await real(self, session, *args)
 

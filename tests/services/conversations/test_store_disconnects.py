@@ -37,7 +37,7 @@ def _agent() -> Agent[None, str]:
 async def _kill_own_backend(session: Any) -> None:
     """Terminate this session's backend from another connection, as a failover or an operator would."""
     pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-    async with get_db_session(account=Unscoped.ADMIN) as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
 
 

@@ -194,7 +194,7 @@ async def test_rows_pending_when_the_program_ends_are_spooled_then_replayed(tmp_
 
 async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     tracker = LLMRequestTracker(fast_config(tmp_path))
-    async with get_db_session(account=Unscoped.ADMIN) as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:  # DDL: the owner
         await session.execute(
             text('ALTER TABLE llm_request_contents ADD CONSTRAINT ck_test_refuse CHECK (false) NOT VALID')
         )
@@ -203,7 +203,7 @@ async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, capl
         assert await tracker.track_request(record) == 'written'
         await tracker.flush()
     finally:
-        async with get_db_session(account=Unscoped.ADMIN) as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text('ALTER TABLE llm_request_contents DROP CONSTRAINT ck_test_refuse'))
     assert len(await ledger_rows(id=record.id)) == 1
     assert await content_rows(record.id) == []
