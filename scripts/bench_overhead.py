@@ -50,7 +50,7 @@ from sqlalchemy import event, text
 from agentrt.agents import chat_turn
 from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
-from agentrt.db.session import Unscoped, get_db_session
+from agentrt.db.session import Unscoped, enter_account, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -252,7 +252,9 @@ def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextMa
     async def dependencies(*args: Any, **kwargs: Any) -> SessionDependencies:
         return deps
 
-    async def tenant(*args: Any, **kwargs: Any) -> Any:
+    async def tenant(*args: Any, session: Any = None, enter: bool = False, **kwargs: Any) -> Any:
+        if enter:  # the transaction goes on as the tenant (row-level security), as the real lookup's statement does
+            await enter_account(session, deps.account_id)
         return Tenant(
             deps.account_id,
             deps.account_slug,
