@@ -5,6 +5,8 @@ Queries here leave out the account filter on purpose: what they see is what a fo
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,7 +22,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.engine import build_engine, get_engine
 from agentrt.db.errors import MigrationError
-from agentrt.db.migrate import upgrade
+from agentrt.db.migrate import MIGRATIONS_DIR, upgrade
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LEDGER_ROLE
 from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, scoped_setup
@@ -334,3 +336,35 @@ async def test_migrating_without_the_roles_says_what_to_grant(database: Settings
             autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
             await autocommit.execute(text(f'DROP DATABASE {dbname}'))
             await autocommit.execute(text(f'DROP ROLE {owner}'))
+
+
+async def test_creating_the_roles_from_several_connections_at_once_succeeds_everywhere() -> None:
+    """The migration's role creation, racing itself in four transactions (as databases of one server migrating at
+    once): each ends with the role there and itself a member, none fails."""
+    spec = importlib.util.spec_from_file_location(
+        'rls_migration', MIGRATIONS_DIR / 'versions' / '0012_row_level_security.py'
+    )
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    role = f'agentrt_test_race_{uuid.uuid4().hex[:8]}'
+    create = text(migration._CREATE_ROLES.format(roles=f"'{role}'"))
+    gate = asyncio.Event()
+
+    async def racer() -> None:
+        async with get_engine().connect() as connection, connection.begin():
+            await gate.wait()
+            await connection.execute(create)
+            await asyncio.sleep(0.05)  # hold the transaction: the others wait on its row, then find it there
+
+    tasks = [asyncio.create_task(racer()) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    try:
+        await asyncio.gather(*tasks)
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            found = await session.execute(text('SELECT count(*) FROM pg_roles WHERE rolname = :r'), {'r': role})
+            assert found.scalar_one() == 1
+    finally:
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'DROP ROLE IF EXISTS {role}'))
