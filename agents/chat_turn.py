@@ -1,13 +1,15 @@
 """One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-Each step opens its own short session; none is held across the model request. The turn holds its conversation
-(`conversation_claim`: one turn at a time) and runs with per-turn usage limits (`turn_usage_limits`), a bounded
-context (`ContextWindow`) and the race guard (`TurnGuard`).
+No session is held across the model request. Before it, one short session looks up the tenant, claims the
+conversation (one turn at a time) and loads its tail: one transaction, three statements. After it, one statement
+saves the turn and releases the claim. The run has per-turn usage limits (`turn_usage_limits`), a bounded context
+(`ContextWindow`) and the race guard (`TurnGuard`).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,16 +29,19 @@ from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import get_read_only_session, retry_on_disconnect
+from agentrt.db.session import get_db_session, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
-    conversation_claim,
+    RecentConversation,
+    TurnClaim,
+    append_turn,
     load_recent_conversation,
-    save_turn,
+    summary_due,
+    summary_source,
 )
 from agentrt.services.post_turn import schedule_post_turn_work
-from agentrt.services.tenancy import get_account, get_agent_instance
+from agentrt.services.tenancy import Tenant, lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -69,19 +74,21 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
 
     async def lookup() -> SessionDependencies:
         async with get_read_only_session() as session:
-            account_row = await get_account(account, session=session)
-            instance = await get_agent_instance(account_row, agent_instance, session=session)
-            return SessionDependencies(
-                session_id=session_id,
-                account_id=account_row.id,
-                account_slug=account_row.slug,
-                agent_instance_id=instance.id,
-                agent_instance_slug=instance.slug,
-                agent_type=instance.agent_type,
-                config=dict(instance.config or {}),
-            )
+            return _dependencies(session_id, await lookup_tenant(account, agent_instance, session=session))
 
     return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
+
+
+def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
+    return SessionDependencies(
+        session_id=session_id,
+        account_id=tenant.account_id,
+        account_slug=tenant.account_slug,
+        agent_instance_id=tenant.agent_instance_id,
+        agent_instance_slug=tenant.agent_instance_slug,
+        agent_type=tenant.agent_type,
+        config=tenant.config,
+    )
 
 
 @dataclass
@@ -100,6 +107,11 @@ class Turn:
     capabilities: list[AbstractCapability[Any]]
     """The turn's `ContextWindow` and `TurnGuard`, added to the run."""
     started: float
+    recent: RecentConversation
+    """What was loaded: the save appends to it without reading the conversation again."""
+    claim: TurnClaim
+    """The turn's claim on the conversation, released by the save (or when the turn ends)."""
+    settings: Settings
 
 
 def input_settings() -> Settings:
@@ -142,29 +154,80 @@ async def open_turn(
     await init_database()
     settings = current_settings()
     resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
-    deps = await load_dependencies(turn_input.session_id, turn_input.account, turn_input.agent_instance)
-    lease = settings.turn_lease_seconds
-    async with conversation_claim(deps.account_id, turn_input.session_id, lease_s=lease) as claim:
-        store = PostgresConversationStore(deps.account_id)
-        recent = await load_recent_conversation(store, turn_input.session_id, max_tokens=settings.context_max_tokens)
+    conversation_id = turn_input.session_id
+    claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
+
+    async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
+        async with get_db_session() as session:
+            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session)
+            claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
+            await claim.take(session=session)
+            store = PostgresConversationStore(tenant.account_id)
+            recent = await load_recent_conversation(
+                store, conversation_id, max_tokens=settings.context_max_tokens, session=session
+            )
+        return tenant, claim, recent
+
+    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
+    tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
+    claim.loaded(recent.conversation.revision)
+    async with claim.held():
+        deps = _dependencies(conversation_id, tenant)
+        store = PostgresConversationStore(tenant.account_id)
         conversation = recent.conversation
         usage_before, conversation.usage = conversation.usage, RunUsage()
         capabilities: list[AbstractCapability[Any]] = [
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
-            TurnGuard(store, turn_input.session_id, conversation.revision, claim),
+            TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
         ]
         limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
-        yield Turn(agent, resolved, deps, store, conversation, usage_before, limits, capabilities, started)
+        yield Turn(
+            agent,
+            resolved,
+            deps,
+            store,
+            conversation,
+            usage_before,
+            limits,
+            capabilities,
+            started,
+            recent,
+            claim,
+            settings,
+        )
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
-    """Save the turn, hand post-turn work (title and summary, usage rollup) to the background, by id only.
+    """Save the turn (releasing its claim), hand post-turn work (title and summary when due, usage rollup) to the
+    background.
 
     Raises:
         ConcurrentTurnError: another turn saved this conversation meanwhile; nothing was saved.
     """
-    await save_turn(turn.store, result, usage_before=turn.usage_before)
-    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
+    settings = turn.settings
+    saved = await append_turn(turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim)
+    summarise = summary_due(
+        turn.recent,
+        saved.stored_chars,
+        every_turns=settings.summary_every_turns,
+        every_tokens=settings.summary_every_tokens,
+    )
+    source = None
+    if summarise and saved.entries:
+        source = summary_source(
+            saved.entries[-1].id,
+            result.all_messages(),
+            title=turn.recent.title,
+            whole=not turn.recent.earlier_omitted,
+        )
+    schedule_post_turn_work(
+        turn.deps.account_id,
+        turn.deps.session_id,
+        run_id=result.run_id,
+        summarise=summarise,
+        summary=source,
+        rollup_interval_s=settings.usage_rollup_seconds,
+    )
     return ChatResult(
         output=result.output,
         session_id=turn.deps.session_id,
