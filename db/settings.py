@@ -58,6 +58,18 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('DB_STATEMENT_CACHE', 'statement_cache'),
         description='false behind PgBouncer in transaction mode (prepared statements do not survive it)',
     )
+    pooler: Literal['auto', 'none', 'pgbouncer'] = Field(
+        default='auto',
+        validation_alias=AliasChoices('DB_POOLER', 'pooler'),
+        description='pgbouncer: a pooler in transaction mode is between the runtime and PostgreSQL (statement caches '
+        'off, timeouts set per transaction, nothing kept in the session); auto: switch to it when PgBouncer is '
+        'detected at connect; none: connect directly',
+    )
+    migration_database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices('DATABASE_MIGRATION_URL', 'migration_database_url'),
+        description='a direct PostgreSQL URL for migrations when DATABASE_URL points at a pooler',
+    )
     connect_timeout: float = Field(
         default=10.0, gt=0, le=600, validation_alias=AliasChoices('DB_CONNECT_TIMEOUT', 'connect_timeout')
     )
@@ -257,13 +269,18 @@ class Settings(BaseSettings):
         'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
-    @field_validator('database_url')
+    @field_validator('database_url', 'migration_database_url')
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         parse_database_url(value)
         return value.strip()
+
+    @property
+    def pooled(self) -> bool:
+        """True in pooler mode (`DB_POOLER=pgbouncer`, or `auto` once PgBouncer was detected)."""
+        return self.pooler == 'pgbouncer'
 
     @property
     def uses_embedded(self) -> bool:

