@@ -24,6 +24,7 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
@@ -40,6 +41,7 @@ from agentrt.services.conversations import (
     summary_due,
     summary_source,
 )
+from agentrt.services.ledger import remember_message_json
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import Tenant, lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
@@ -74,12 +76,15 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
 
     async def lookup() -> SessionDependencies:
         async with get_read_only_session() as session:
-            return _dependencies(session_id, await lookup_tenant(account, agent_instance, session=session))
+            tenant = await lookup_tenant(account, agent_instance, session=session)
+            return _dependencies(session_id, tenant, for_one_turn=False)
 
     return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
 
 
-def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
+def _dependencies(session_id: str, tenant: Tenant, *, for_one_turn: bool = True) -> SessionDependencies:
+    """The run's deps. Only deps made for one turn say whether the account has a budget: deps kept for many runs
+    must let each request check."""
     return SessionDependencies(
         session_id=session_id,
         account_id=tenant.account_id,
@@ -88,6 +93,7 @@ def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
         agent_instance_slug=tenant.agent_instance_slug,
         agent_type=tenant.agent_type,
         config=tenant.config,
+        account_has_budget=tenant.has_budget if for_one_turn else None,
     )
 
 
@@ -142,18 +148,36 @@ async def open_turn(
     usage_limits: UsageLimits | None = None,
     stream_delay: float = 0.0,
 ) -> AsyncIterator[Turn]:
-    """Start the database if needed, resolve the model, load the tenant, claim the conversation and load its tail.
+    """Start the database if needed, resolve the model, wait for admission, then load the tenant, claim the
+    conversation and load its tail.
 
     The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
         ConcurrentTurnError: another turn is running on the conversation (nothing was sent).
+        RuntimeBusyError: the process is at the limit of what its event loop keeps up with, and the turn waited
+            longer than `AGENTRT_TURN_QUEUE_SECONDS` (nothing was sent).
     """
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
     resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
+    admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
+    async with admission.turn():
+        async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
+            yield turn
+
+
+@asynccontextmanager
+async def _claimed_turn(
+    agent: Agent[SessionDependencies, str],
+    turn_input: TurnInput,
+    resolved: Model,
+    settings: Settings,
+    usage_limits: UsageLimits | None,
+    started: float,
+) -> AsyncIterator[Turn]:
     conversation_id = turn_input.session_id
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
@@ -171,6 +195,8 @@ async def open_turn(
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
     tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
     claim.loaded(recent.conversation.revision)
+    if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
+        remember_message_json(recent.stored, recent.stored_json)
     async with claim.held():
         deps = _dependencies(conversation_id, tenant)
         store = PostgresConversationStore(tenant.account_id)

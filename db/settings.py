@@ -140,6 +140,21 @@ class Settings(BaseSettings):
         description='before a model request, a turn checks that its conversation is still its own once this long '
         'passed since it last knew (0: before every request)',
     )
+    turn_admission_lag_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=10_000,
+        validation_alias=AliasChoices('AGENTRT_TURN_ADMISSION_LAG_MS', 'turn_admission_lag_ms'),
+        description='a turn starts while the event loop comes back to a task within this; otherwise it waits its '
+        'turn holding no connection (0: every turn starts at once)',
+    )
+    turn_queue_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_TURN_QUEUE_SECONDS', 'turn_queue_seconds'),
+        description='the longest a turn waits to start before RuntimeBusyError',
+    )
     context_max_tokens: int = Field(
         default=16_000,
         ge=500,

@@ -77,7 +77,7 @@ class TransactionSetup:
         )
 
 
-class PreludeConnection(asyncpg.Connection):
+class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
 
     asyncpg starts a transaction with `execute('BEGIN;')` (the simple query protocol, which runs several statements
@@ -100,7 +100,8 @@ class PreludeConnection(asyncpg.Connection):
         """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude (or the default one)."""
         if not args and query.startswith('BEGIN'):
             query, self.agentrt_prelude = query + (self.agentrt_prelude or self.agentrt_default_prelude), ''
-        return await super().execute(query, *args, timeout=timeout)
+        status: str = await super().execute(query, *args, timeout=timeout)
+        return status
 
 
 class RetryingSession(AsyncSession):
@@ -114,7 +115,7 @@ class RetryingSession(AsyncSession):
 
     retry_first_statement = False
 
-    async def execute(  # type: ignore[override]  # the overloads of AsyncSession.execute, passed through
+    async def execute(  # the overloads of AsyncSession.execute, passed through
         self, statement: Executable, params: Any = None, **kwargs: Any
     ) -> Result[Any]:
         """`AsyncSession.execute`, repeated once on a fresh connection as described above."""
@@ -143,7 +144,7 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
     setup: TransactionSetup | None = session.info.get(SETUP_KEY)
     if setup is None:
         return
-    driver = connection.connection.driver_connection
+    driver: Any = connection.connection.driver_connection
     if _carries_prelude(driver):
         driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
         return
@@ -164,7 +165,7 @@ def install_prelude(engine: AsyncEngine, *, defaults: TransactionSetup | None = 
         default_prelude = defaults.begin_sql()
 
         def set_defaults(dbapi_connection: Any, record: Any) -> None:
-            driver = getattr(dbapi_connection, 'driver_connection', None)
+            driver: Any = getattr(dbapi_connection, 'driver_connection', None)
             if _carries_prelude(driver):
                 driver.agentrt_default_setup, driver.agentrt_default_prelude = defaults, default_prelude
 
@@ -172,7 +173,7 @@ def install_prelude(engine: AsyncEngine, *, defaults: TransactionSetup | None = 
 
 
 def _clear_prelude(dbapi_connection: Any, record: Any) -> None:
-    driver = getattr(dbapi_connection, 'driver_connection', None)
+    driver: Any = getattr(dbapi_connection, 'driver_connection', None)
     if _carries_prelude(driver):
         driver.agentrt_prelude = ''
 

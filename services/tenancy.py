@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import AgentRuntimeError
-from agentrt.db.models import Account, AgentInstance
+from agentrt.db.models import Account, AccountBudget, AgentInstance
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -63,6 +63,8 @@ class Tenant:
     agent_instance_slug: str
     agent_type: str
     config: dict[str, Any]
+    has_budget: bool | None = None
+    """Whether the account had a budget when it was looked up (None: not asked)."""
 
 
 async def lookup_tenant(account: str, agent_instance: str | None, *, session: AsyncSession) -> Tenant:
@@ -79,6 +81,7 @@ async def lookup_tenant(account: str, agent_instance: str | None, *, session: As
             AgentInstance.slug,
             AgentInstance.agent_type,
             AgentInstance.config,
+            exists().where(AccountBudget.account_id == Account.id),
         )
         .join(AgentInstance, AgentInstance.account_id == Account.id)
         .where(Account.slug == account)
@@ -92,4 +95,4 @@ async def lookup_tenant(account: str, agent_instance: str | None, *, session: As
         account_row = await get_account(account, session=session)
         await get_agent_instance(account_row, agent_instance, session=session)
         raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
-    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}))
+    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))

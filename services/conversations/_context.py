@@ -79,6 +79,8 @@ class RecentConversation:
     """The loaded messages, as loaded: a save appends after them only while the run kept them."""
     since_summary: SinceSummary | None = None
     """Growth since the stored summary; None when it has none or its head is older than the loaded tail."""
+    stored_json: tuple[str, ...] = ()
+    """The stored JSON of each of `stored` (empty when not at hand): what the ledger would dump again."""
 
 
 async def load_recent_conversation(
@@ -129,6 +131,7 @@ async def load_recent_conversation(
         record=record,
         stored=tuple(tail.messages),
         since_summary=since,
+        stored_json=tuple(tail.bodies),
     )
 
 

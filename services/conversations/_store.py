@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -16,7 +16,7 @@ from pydantic_ai.conversation_store import (
     ConversationStore,
 )
 from pydantic_ai.messages import ModelMessage
-from sqlalchemy import Executable, Integer, Result, Table, func, literal, select, text, update
+from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +26,7 @@ from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.pg_text import storable
 
 T = TypeVar('T')
+R = TypeVar('R')
 logger = logging.getLogger('agentrt.conversations')
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
@@ -137,6 +138,8 @@ class StoredTail:
     messages: list[ModelMessage]
     reached_first: bool
     """True when `messages` start the conversation."""
+    bodies: list[str] = field(default_factory=list)
+    """Each message's stored JSON, as `message_json` writes it (empty when the tail holds entries of other kinds)."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
     return data
 
 
-async def _read(run: Callable[[AsyncSession], Awaitable[Result[Any]]], take: Callable[[Result[Any]], T]) -> T:
+async def _read(run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
     """Run a query in its own session and take its rows; once more on a fresh connection if the first was lost."""
 
     async def once() -> T:
@@ -231,10 +234,12 @@ class PostgresConversationStore(ConversationStore):
             return None
         record = _record_adapter.validate_json(rows[0].record)
         entries = [row for row in rows if row.id is not None]
+        bodies: list[str] = []
         if any(row.kind != 'message' for row in entries):
             messages = [_entry_adapter.validate_python(_entry_data(row)).message for row in entries]
         else:
-            messages = _messages_adapter.validate_json('[' + ','.join(row.body for row in entries) + ']')
+            bodies = [row.body for row in entries]
+            messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
         return StoredTail(
             record=record,
             title=rows[0].title,
@@ -243,6 +248,7 @@ class PostgresConversationStore(ConversationStore):
             sizes=[len(row.body) for row in entries],
             messages=messages,
             reached_first=not entries or entries[0].parent_id is None,
+            bodies=bodies,
         )
 
     async def append(

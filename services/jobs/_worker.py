@@ -14,7 +14,7 @@ POLL_SECONDS = 2.0
 """How often a worker that cannot LISTEN (behind a transaction pooler) looks for new jobs."""
 
 
-async def run_worker(*, concurrency: int = 4, burst: bool = False, name: str | None = None) -> None:
+async def run_worker(*, concurrency: int = 4, burst: bool = False, name: str = 'agentrt-worker') -> None:
     """Run jobs until stopped (SIGINT/SIGTERM: running jobs finish first), or with `burst` until the queue is empty.
 
     Call `init_database()` first: the jobs use the process's engine and pool. The worker also defers the periodic

@@ -18,8 +18,10 @@ from sqlalchemy import event
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.errors import BudgetExceededError
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import get_request_tracker
+from tests.services.budgets.helpers import give_budget
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 STATEMENTS_BUDGET = 20
@@ -111,3 +113,13 @@ async def test_a_first_turn_adds_only_its_summary(demo_data: None, monkeypatch: 
     assert meter.sessions['usage rollup'] == 1, meter.sessions  # the account's first roll-up runs at once
     assert set(meter.sessions) <= {*SESSIONS_BUDGET, 'summary', 'usage rollup'}, meter.sessions
     assert len(meter.statements) <= STATEMENTS_BUDGET + 3, meter.statements
+
+
+async def test_a_budget_set_before_a_turn_holds_its_requests(demo_data: None) -> None:
+    # The turn's start reads whether the account has a budget with the tenant (no statement of its own), and a turn
+    # that found none checks nothing per request; a budget set before the turn applies to it: the demo model has no
+    # price, and AGENTRT_BUDGET_UNPRICED=refuse (the default) refuses its first request.
+    await simple_chat(QUESTION, session_id='before-budget', account='acme-health')
+    await give_budget('acme-health', '5')
+    with pytest.raises(BudgetExceededError, match='has no price'):
+        await simple_chat(QUESTION, session_id='after-budget', account='acme-health')

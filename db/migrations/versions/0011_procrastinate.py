@@ -11,6 +11,7 @@ Create Date: 2026-12-01
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from alembic import op
 from sqlalchemy.util import await_only
@@ -48,7 +49,7 @@ $$;
 def _run_script(sql: str) -> None:
     # Many statements and dollar-quoted bodies: sent as one simple-protocol query on the migration's connection
     # (inside its transaction), as psql would; SQLAlchemy's text() would read `:name` inside them as parameters.
-    driver = op.get_bind().connection.driver_connection
+    driver: Any = op.get_bind().connection.driver_connection
     await_only(driver.execute(sql))
 
 
