@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -107,12 +106,13 @@ def _worker(database_url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-async def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out waiting for {what}')
-        await asyncio.sleep(0.1)
+async def _wait_for(predicate: Any, seconds: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            while not await predicate():
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f'timed out waiting for {what}') from None
 
 
 async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_counted_once(
@@ -150,7 +150,8 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
     release.set()
     await holder
 
-    second = subprocess.run(
+    second = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, '-m', 'agentrt.agents.cli', 'worker', '--burst'],
         env={**os.environ, 'DATABASE_URL': database_url.replace('postgresql+asyncpg://', 'postgresql://')},
         capture_output=True,
