@@ -109,7 +109,7 @@ def _worker(database_url: str) -> subprocess.Popen[bytes]:
 async def _wait_for(predicate: Any, seconds: float, what: str) -> None:
     try:
         async with asyncio.timeout(seconds):
-            while not await predicate():
+            while not await predicate():  # noqa: ASYNC110 - polling the database is the wait
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f'timed out waiting for {what}') from None
