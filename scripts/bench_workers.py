@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from tests.pgbouncer import PgBouncer, bouncer_for  # the tests' PgBouncer launcher
 
 BUDGET = 10
+CHAT_PREFIX = f'bench-workers-{os.getpid()}'
 QUESTION = 'Find cardiologists in Seattle'
 
 
@@ -125,8 +126,6 @@ def cpu_of(pids: list[int]) -> float:
 
 
 async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[str, Any]:
-    async with get_db_session() as session:
-        since = (await session.execute(text('SELECT clock_timestamp()'))).scalar_one()
     before = await xact_seconds(bouncer)
     cpu_before = cpu_of([postmaster]), cpu_of([bouncer.process.pid if bouncer.process else 0])
     env = {
@@ -141,7 +140,7 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
     options = ['--chats', str(args.chats), '--turns', str(args.turns), '--latency', str(args.latency)]
     procs = [
         await asyncio.create_subprocess_exec(
-            *command, f'n{n}-p{i}-{time.time_ns()}', *options, env=env, stdout=subprocess.PIPE
+            *command, f'{CHAT_PREFIX}-n{n}-p{i}', *options, env=env, stdout=subprocess.PIPE
         )
         for i in range(n)
     ]
@@ -159,9 +158,8 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
     pg_cpu, pgb_cpu = cpu_of([postmaster]) - cpu_before[0], cpu_of([bouncer.process.pid if bouncer.process else 0])
     pgb_cpu -= cpu_before[1]
     async with get_db_session() as session:
-        ledger = (
-            await session.execute(text('SELECT count(*) FROM llm_requests WHERE started_at >= :t'), {'t': since})
-        ).scalar_one()
+        query = text('SELECT count(*) FROM llm_requests WHERE chat_session_id LIKE :p')
+        ledger = (await session.execute(query, {'p': f'{CHAT_PREFIX}-n{n}-%'})).scalar_one()
     ok, failed = sum(o['ok'] for o in outputs), sum(o['failed'] for o in outputs)
     requests = sum(o['requests'] for o in outputs)
     turns = max(ok, 1)
@@ -211,6 +209,7 @@ async def main() -> None:
         rows = [await run_n(n, bouncer, args, postmaster) for n in args.workers]
     finally:
         bouncer.stop()
+        await delete_chats()
         await shutdown_runtime()
     print_table(rows, [(key, key) for key in rows[0] if key != 'errors'])
     for row in rows:
@@ -218,6 +217,22 @@ async def main() -> None:
             print(f'  N={row["workers"]}: {error}')
     summary = {'all_ok': all(r['turns_failed'] == 0 and r['ledger_exact'] for r in rows)}
     write_results(args.out, 'bench_workers', config, machine, rows, summary)
+
+
+async def delete_chats() -> None:
+    """Remove the conversations (entries, claims) and ledger rows this run wrote."""
+    pattern = {'p': f'{CHAT_PREFIX}-%'}
+    async with get_db_session() as session:
+        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
+        heads = text(
+            'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
+            'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
+            'WHERE e.parent_id IS NOT NULL) SELECT id FROM chain WHERE id IS NOT NULL'
+        )
+        ids = list((await session.execute(heads, pattern)).scalars())
+        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
 
 
 def _postmaster_pid() -> int:
