@@ -85,6 +85,8 @@ class PgBouncer:
             # PgBouncer's usual list: asyncpg sends no extra_float_digits, but psycopg-based tools do.
             f'ignore_startup_parameters = {ignore_startup_parameters}',
             'server_reset_query =',
+            'log_connections = 0',
+            'log_disconnections = 0',
             f'logfile = {self.root}/pgbouncer.log',
             f'pidfile = {self.root}/pgbouncer.pid',
         ]
@@ -108,12 +110,15 @@ class PgBouncer:
         command = [str(BINARY), str(self.root / 'pgbouncer.ini')]
         if _AS_ROOT:
             command = ['runuser', '-u', _USER, '--', *command]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its console output goes to a file, never to a pipe nobody reads: a full pipe would stop PgBouncer (it logs
+        # every login), with every client waiting on it.
+        with (self.root / 'console.log').open('wb') as console:
+            self.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors='replace') if self.process.stderr else ''
-                raise RuntimeError(f'pgbouncer exited with {self.process.returncode}: {stderr}{self.log()[-2000:]}')
+                console_text = (self.root / 'console.log').read_text(errors='replace')
+                raise RuntimeError(f'pgbouncer exited with {self.process.returncode}: {console_text[-2000:]}')
             try:
                 with socket.create_connection(('127.0.0.1', self.port), timeout=0.5):
                     return
@@ -135,8 +140,6 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
