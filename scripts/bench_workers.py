@@ -4,9 +4,10 @@ For each N (1, 2, 4), N processes each run C concurrent chats of T turns (`simpl
 model latency per request: 3 requests and 7 tool calls a turn, ledger rows, post-turn work) through one PgBouncer with
 `default_pool_size=10`, each process in the pooler mode (`DB_POOLER=pgbouncer`) with its own pool of 5 + 5 client
 connections. Reported per N: turns ok/failed, ledger rows against model requests (exactly one each), server
-connection-seconds per turn (PgBouncer's `SHOW STATS` total_xact_time), peak server connections in use and clients
-waiting (`SHOW POOLS` every 100 ms), CPU per turn of the workers, of PostgreSQL and of PgBouncer. A 2-core machine
-cannot show throughput scaling: read it as "the budget is shared with 0 errors, and what each process needs".
+connection-seconds per turn (server connections in use, `SHOW POOLS` sampled every 100 ms and integrated), the time
+clients waited for one (`SHOW STATS` total_wait_time), peak server connections in use and clients waiting, CPU per
+turn of the workers, of PostgreSQL and of PgBouncer. A 2-core machine cannot show throughput scaling: read it as "the
+budget is shared with 0 errors, and what each process needs".
 
 Run (embedded PostgreSQL unless DATABASE_URL is set; needs pgbouncer, `apt-get install pgbouncer`):
     .venv/bin/python scripts/bench_workers.py [--workers 1,2,4] [--chats 25] [--turns 3] [--latency 0.3]
@@ -105,10 +106,10 @@ async def admin(bouncer: PgBouncer, command: str) -> list[dict[str, Any]]:
     return [row for row in rows if row.get('database') == bouncer.database]
 
 
-async def xact_seconds(bouncer: PgBouncer) -> float:
-    """Seconds of server connection time spent in transactions so far (`SHOW STATS` total_xact_time)."""
+async def wait_seconds(bouncer: PgBouncer) -> float:
+    """Seconds clients spent waiting for a server connection so far (`SHOW STATS` total_wait_time)."""
     rows = await admin(bouncer, 'SHOW STATS')
-    return float(rows[0]['total_xact_time']) / 1e6 if rows else 0.0
+    return float(rows[0]['total_wait_time']) / 1e6 if rows else 0.0
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -126,7 +127,7 @@ def cpu_of(pids: list[int]) -> float:
 
 
 async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[str, Any]:
-    before = await xact_seconds(bouncer)
+    before = await wait_seconds(bouncer)
     cpu_before = cpu_of([postmaster]), cpu_of([bouncer.process.pid if bouncer.process else 0])
     env = {
         **os.environ,
@@ -145,16 +146,20 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
         for i in range(n)
     ]
     peak_servers = peak_waiting = 0
-    started = time.monotonic()
+    busy = 0.0  # server connection-seconds: server connections in use, integrated over the samples
+    started = last = time.monotonic()
     outputs_pending = [asyncio.ensure_future(proc.communicate()) for proc in procs]
     while not all(output.done() for output in outputs_pending):
         for pool in await admin(bouncer, 'SHOW POOLS'):
+            now = time.monotonic()
+            busy += pool['sv_active'] * (now - last)
+            last = now
             peak_servers = max(peak_servers, pool['sv_active'])
             peak_waiting = max(peak_waiting, pool['cl_waiting'])
         await asyncio.sleep(0.1)
     wall = time.monotonic() - started
     outputs = [json.loads((await output)[0].decode().strip().splitlines()[-1]) for output in outputs_pending]
-    after = await xact_seconds(bouncer)
+    after = await wait_seconds(bouncer)
     pg_cpu, pgb_cpu = cpu_of([postmaster]) - cpu_before[0], cpu_of([bouncer.process.pid if bouncer.process else 0])
     pgb_cpu -= cpu_before[1]
     async with get_db_session() as session:
@@ -171,7 +176,8 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
         'model_requests': requests,
         'ledger_rows': ledger,
         'ledger_exact': ledger == requests,
-        'conn_s_per_turn': round((after - before) / turns, 4),
+        'server_conn_s_per_turn': round(busy / turns, 3),
+        'wait_s_per_turn': round((after - before) / turns, 3),
         'server_conns_peak': peak_servers,
         'clients_waiting_peak': peak_waiting,
         'worker_cpu_ms_per_turn': round(sum(o['cpu_s'] for o in outputs) * 1000 / turns, 1),

@@ -42,7 +42,7 @@ EXPECTED_ROW_KEYS = {
         'turns_ok',
         'turns_failed',
         'ledger_exact',
-        'conn_s_per_turn',
+        'server_conn_s_per_turn',
         'server_conns_peak',
         'worker_cpu_ms_per_turn',
     },
