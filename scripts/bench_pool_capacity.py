@@ -6,8 +6,10 @@ would, used by the tools under a lock), both a stripped turn (no ledger, history
 product: `simple_chat` with the demo planner (3 model requests of 1 s each, 7 tool calls with real directory
 searches, the conversation claimed, loaded and saved, ledger rows with stored content, post-turn work), the row the
 capacity target is read on. Each chat runs turns back to back for a window; reported: completed turns/s, p50/p95
-latency, pool timeouts (sqlalchemy TimeoutError), peak connections checked out, and connection-seconds held per
-turn against the database's own busy time (pg_stat_database.active_time).
+latency, pool timeouts (sqlalchemy TimeoutError), `simple_chat` turns refused after waiting for admission
+(`busy`: RuntimeBusyError, AGENTRT_TURN_QUEUE_SECONDS), peak connections checked out, and connection-seconds held
+per turn against the database's own busy time (pg_stat_database.active_time). AGENTRT_TURN_ADMISSION_LAG_MS=0 in the
+environment runs `simple_chat` without admission, for comparison.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
     .venv/bin/python scripts/bench_pool_capacity.py [--chats 25,50,100,200,400] [--window 5] [--pool-timeout 5]
@@ -132,6 +134,7 @@ async def run_level(
         'p50_ms': ms(percentile(run.latencies, 50)),
         'p95_ms': ms(percentile(run.latencies, 95)),
         'pool_timeouts': run.failures.pop('pool_timeout', 0),
+        'busy': run.failures.pop('RuntimeBusyError', 0),  # waited AGENTRT_TURN_QUEUE_SECONDS for admission
         'other_errors': dict(run.failures),
         'peak_checked_out': peak,
         'held_s_per_turn': round(held / done, 3),
@@ -145,7 +148,7 @@ async def run_level(
 
 COLUMNS = [
     ('pattern', 'pattern'), ('C', 'chats'), ('turns', 'completed'), ('turns/s', 'turns_per_s'), ('p50 ms', 'p50_ms'),
-    ('p95 ms', 'p95_ms'), ('pool timeouts', 'pool_timeouts'),
+    ('p95 ms', 'p95_ms'), ('pool timeouts', 'pool_timeouts'), ('busy', 'busy'),
     ('other errors', lambda r: sum(r['other_errors'].values())), ('peak conns', 'peak_checked_out'),
     ('held s/turn', 'held_s_per_turn'), ('db busy s/turn', 'db_active_s_per_turn'),
     ('idle-in-tx s/turn', 'db_idle_in_tx_s_per_turn'), ('CPU ms/turn', 'cpu_ms_per_turn'),
@@ -155,7 +158,7 @@ COLUMNS = [
 
 def sustained(rows: list[dict], pattern: str, max_p95_ms: float = float('inf')) -> int:
     """The largest C with no pool timeout, no other error, and p95 latency within `max_p95_ms`."""
-    ok = [r for r in rows if r['pattern'] == pattern and r['completed'] and not r['pool_timeouts']]
+    ok = [r for r in rows if r['pattern'] == pattern and r['completed'] and not r['pool_timeouts'] and not r['busy']]
     return max([r['chats'] for r in ok if not r['other_errors'] and r['p95_ms'] <= max_p95_ms], default=0)
 
 
@@ -237,6 +240,7 @@ async def main() -> None:
             largest = max(opts.chats)
             at_largest = [r for r in rows if r['pattern'] == 'simple_chat' and r['chats'] == largest]
             summary['simple_chat_pool_timeouts_at_largest'] = {largest: at_largest[0]['pool_timeouts']}
+            summary['simple_chat_busy_at_largest'] = {largest: at_largest[0]['busy']}
             summary['target_simple_chat_0_timeouts_at_400'] = largest >= 400 and at_largest[0]['pool_timeouts'] == 0
         print('summary:', summary)
         write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
