@@ -177,10 +177,14 @@ class PooledDatabase:
             yield
         finally:
             try:
-                await get_supervisor().join()  # post-turn work of the block goes through the pooler too
-                await get_request_tracker().flush()
+                await self.settle()
             finally:
                 engine._runtime = saved
+
+    async def settle(self) -> None:
+        """Wait for the post-turn work and the ledger writes of the turns run so far (through the pooler too)."""
+        await get_supervisor().join()
+        await get_request_tracker().flush()
 
     async def close(self) -> None:
         saved, engine._runtime = engine._runtime, self.runtime

@@ -164,7 +164,7 @@ async def test_chats_with_parallel_tools_bill_each_request_exactly_once(
 
     results = await asyncio.gather(*(one(i) for i in range(30)), return_exceptions=True)
     assert [r for r in results if isinstance(r, BaseException)] == []
-    await pooled.runtime.engine.dispose()  # nothing left behind on the shared server connections either
+    await pooled.settle()  # the ledger rows and the post-turn work, through the pooler too
     rows = await ledger_rows()
     assert len(rows) == model.requests == 90
     assert all(row['status'] == 'complete' for row in rows)
@@ -223,10 +223,13 @@ async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
                 with pytest.raises(MigrationError, match='DivisionByZeroError'):
                     await asyncio.wait_for(upgrade(engine), 60)
         assert await current_revision(engine) is None
-        direct = get_engine().url.set(database=fresh_database)
-        async with build_engine(direct, database).connect() as conn:
-            held = await conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
-            assert held.scalar_one() == 0
+        direct = build_engine(get_engine().url.set(database=fresh_database), database)
+        try:
+            async with direct.connect() as conn:
+                held = await conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+                assert held.scalar_one() == 0
+        finally:
+            await direct.dispose()
         await asyncio.wait_for(upgrade(engine), 60)
         assert await current_revision(engine) == head_revision()
     finally:
