@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, String, cast, func, literal, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -85,7 +85,7 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
         DatabaseDisconnectedError: the connection was lost while the block used it (restart, failover, killed
             backend); nothing of the block was committed, or the outcome of the commit is unknown.
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
-        ConfigError: a prepared statement vanished behind a pooler (`DB_STATEMENT_CACHE=false` fixes it).
+        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
         TypeError: `account` is neither an account id nor an `Unscoped` member.
     """
     scoped = scoped_setup(account, setup)
@@ -161,10 +161,10 @@ async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnectio
     setup = scoped_setup(account)
     try:
         async with get_engine().connect() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
+            driver: Any = (await connection.get_raw_connection()).driver_connection
             carries = issubclass(type(driver), PreludeConnection)
             if carries:
-                driver.agentrt_prelude = setup.begin_sql()  # type: ignore[union-attr]
+                driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
             async with connection.begin():
                 if not carries:  # an engine `build_engine` did not make: the same statements, one by one
                     for statement in setup.statements():

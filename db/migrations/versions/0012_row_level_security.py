@@ -15,7 +15,7 @@ their GRANTs bound what they may do with it. `llm_request_contents` follows its 
 request role its own account. Independent of other migrations' tables (procrastinate's): only the tables named here.
 
 Revision ID: 0012_row_level_security
-Revises: 0010_ledger_trace_id
+Revises: 0011_procrastinate
 Create Date: 2026-12-12
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = '0012_row_level_security'
-down_revision: str | None = '0010_ledger_trace_id'
+down_revision: str | None = '0011_procrastinate'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -91,6 +91,8 @@ GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     'agentrt_jobs': {
         'SELECT': ('llm_requests', 'account_budgets'),
+        # The reconcile job finds conversations left without a summary: their keys and heads, not their content.
+        'SELECT (account_id, conversation_id, head_id, summary_head_id, updated_at)': ('conversations',),
         'SELECT, INSERT, UPDATE, DELETE': (
             'usage_daily_rollups',
             'usage_rolled_up_requests',
