@@ -1,7 +1,8 @@
 """Benchmark 12: what tenant isolation (row-level security, function roles) adds per demo turn and per tool session.
 
-One process, both modes in the same run, interleaved in blocks (order shuffled each round) so machine noise hits
-both:
+One process, both modes in the same run, interleaved in short blocks (order shuffled each round) so machine noise
+hits both (blocks, not single operations: a prepared statement's plan is made again when the role changes, which
+alternating every operation would charge to both modes):
 - `rls`: the runtime as shipped. Each transaction switches to its function role and sets its tenant on its BEGIN
   (`set_config('role', ...)`, `set_config('app.account_id', ...)`, transaction-local), and PostgreSQL evaluates the
   policies of every account table it reads or writes.
@@ -14,7 +15,7 @@ and process CPU (`time.process_time`) per turn, until its deferred work (ledger,
 tool's session alone (the directory search a tool runs, in `get_read_only_session(account=...)`), per session.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
-    .venv/bin/python scripts/bench_rls.py [--turns 30] [--rounds 4] [--sessions 300]
+    .venv/bin/python scripts/bench_rls.py [--turns 4] [--rounds 20] [--sessions 50]
 """
 
 from __future__ import annotations
@@ -155,9 +156,9 @@ COLUMNS = [
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], 'rls')
-    args.add_argument('--turns', type=int, default=30, help='measured turns per mode and round')
-    args.add_argument('--rounds', type=int, default=4, help='rounds; each runs both modes, in random order')
-    args.add_argument('--sessions', type=int, default=300, help='measured tool sessions per mode and round')
+    args.add_argument('--turns', type=int, default=4, help='measured turns per mode and round (a block)')
+    args.add_argument('--rounds', type=int, default=20, help='rounds; each runs both modes, in random order')
+    args.add_argument('--sessions', type=int, default=50, help='measured tool sessions per mode and round (a block)')
     args.add_argument('--warm-up', type=int, default=3, help='unmeasured turns per mode first (and 10x sessions)')
     opts = args.parse_args()
     if opts.quick:
