@@ -4,11 +4,11 @@ One process serves as many turns as its CPU allows (a demo turn costs a few tens
 every turn still starts, the event loop falls behind, and each session holds its connection for as long as the loop
 takes to come back to it: connections are held seconds instead of milliseconds, and sessions time out waiting for
 the pool (`bench_pool_capacity.py`: the database is idle while the pool times out). So the turns running at once are
-capped, and the cap follows the loop: a watcher measures how late the loop comes back to a timer; while the loop is
-on time (within `AGENTRT_TURN_ADMISSION_LAG_MS`) and turns wait, the cap grows by one a tick; when it is late, the
-cap shrinks by a tenth (at most every `DECREASE_EVERY_S`, since turns already running keep their load). Waiting turns
-start in arrival order, with no session and no connection; one that waits longer than `AGENTRT_TURN_QUEUE_SECONDS`
-fails with `RuntimeBusyError` (nothing was sent, nothing billed).
+capped, and the cap follows the loop: a watcher measures how late the loop comes back to a timer; while turns wait
+and the loop is well on time (within half of `AGENTRT_TURN_ADMISSION_LAG_MS`), the cap grows by one a tick; when it
+is later than that setting, the cap shrinks by a tenth (at most every `DECREASE_EVERY_S`, since turns already
+running keep their load). Waiting turns start in arrival order, with no session and no connection; one that waits
+longer than `AGENTRT_TURN_QUEUE_SECONDS` fails with `RuntimeBusyError` (nothing was sent, nothing billed).
 
 A turn started inside another turn (a tool that chats) is admitted at once: it cannot wait for a place its own parent
 holds, so nesting never deadlocks.

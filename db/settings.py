@@ -145,8 +145,9 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000,
         validation_alias=AliasChoices('AGENTRT_TURN_ADMISSION_LAG_MS', 'turn_admission_lag_ms'),
-        description='a turn starts while the event loop comes back to a task within this; otherwise it waits its '
-        'turn holding no connection (0: every turn starts at once)',
+        description='the cap on turns running at once in a process shrinks while the event loop is later than this, '
+        'and grows while turns wait and it is within half of it; a turn over the cap waits holding no connection '
+        '(0: no cap)',
     )
     turn_queue_seconds: float = Field(
         default=30.0,
