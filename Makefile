@@ -40,3 +40,4 @@ bench:
 	.venv/bin/python scripts/bench_budgets.py
 	.venv/bin/python scripts/bench_cli_startup.py
 	.venv/bin/python scripts/bench_tracing.py
+	.venv/bin/python scripts/bench_workers.py

@@ -7,6 +7,7 @@ halves for programs that manage their own lifecycle (a web server's start-up and
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,6 +33,8 @@ async def shutdown_runtime(
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
     """
     await drain_supervisor(timeout)
+    if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
+        await sys.modules['agentrt.services.jobs'].close_queue()
     await get_request_tracker().aclose()
     await close_database(release_embedded_server=release_embedded_server)
     await flush_spans()

@@ -44,7 +44,7 @@ _SERVER_SETTINGS = ('application_name', 'options')
 _URL_PARAMETERS = ('host', 'port', 'prepared_statement_cache_size')
 # Refused with advice: what they would do in libpq is not something asyncpg can do.
 _REFUSED = {
-    'pgbouncer': 'behind PgBouncer set DB_STATEMENT_CACHE=false instead',
+    'pgbouncer': 'behind PgBouncer set DB_POOLER=pgbouncer instead',
     'channel_binding': 'asyncpg does not support channel binding; remove it (SCRAM authentication still works)',
     'gssencmode': 'asyncpg does not support GSSAPI encryption; remove it and use sslmode',
     'keepalives': 'asyncpg has no TCP keepalive settings; remove it',

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,14 +15,20 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
-from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
-from agentrt.db.failures import connection_problem, pooler_error, unavailable_error
+from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
+from agentrt.db.failures import connection_problem, pooler_error, refused_startup_parameter, unavailable_error
 from agentrt.db.settings import Settings, get_settings
-from agentrt.db.transaction_setup import PreludeConnection, RetryingSession, SetupSession, install_prelude
+from agentrt.db.transaction_setup import (
+    PreludeConnection,
+    RetryingSession,
+    SetupSession,
+    TransactionSetup,
+    install_prelude,
+)
 
 logger = logging.getLogger('agentrt.db')
 
@@ -75,13 +83,13 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
             logger.info('embedded PostgreSQL: data in %s (socket %s)', embedded.data_dir, embedded.socket_dir)
         else:
             url = parse_database_url(settings.database_url)
-        engine = build_engine(url, settings)
+        engine, settings = await connect_engine(url, settings)
         try:
-            await check_connection(engine, url, settings.connect_timeout)
             if settings.auto_migrate if migrate is None else migrate:
                 from agentrt.db.migrate import upgrade_if_behind
 
-                await upgrade_if_behind(engine)
+                async with migration_engine(engine, settings) as migrating:
+                    await upgrade_if_behind(migrating)
         except BaseException:
             await engine.dispose()
             raise
@@ -116,13 +124,86 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
             await asyncio.to_thread(release_embedded, runtime.embedded.data_dir)
 
 
+async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Settings]:
+    """`build_engine` and `check_connection`; with `DB_POOLER=auto`, switch to the pooler mode when PgBouncer is
+    found between the runtime and the server, and return the settings in force.
+
+    PgBouncer shows itself two ways: it refuses the timeouts sent as startup parameters (its default), or it drops
+    them (`ignore_startup_parameters`), so the server reports other timeouts than the ones sent. Either way the
+    runtime would run with no timeouts at all; in the pooler mode they are set per transaction.
+
+    Raises:
+        ConfigError: a pooler is detected with `DB_POOLER=none`.
+        DatabaseUnavailableError: as `check_connection`.
+    """
+    engine = build_engine(url, settings)
+    try:
+        in_force = await check_connection(engine, url, settings.connect_timeout)
+    except ConfigError as exc:
+        await engine.dispose()
+        parameter = refused_startup_parameter(exc)
+        if parameter is None or settings.pooler != 'auto':
+            raise
+        return await _pooled(url, settings, f'it refused the startup parameter {parameter}')
+    except BaseException:
+        await engine.dispose()
+        raise
+    dropped = [name for name, ms in configured_timeouts(settings).items() if ms and in_force.get(name) != ms]
+    if dropped and not settings.pooled:
+        await engine.dispose()
+        reason = f'the server does not have the {" and ".join(dropped)} sent at connect (a pooler dropped them)'
+        if settings.pooler == 'none':
+            raise ConfigError(
+                f'{reason}: with DB_POOLER=none the runtime would run without them; set DB_POOLER=pgbouncer (or '
+                'auto) to set them per transaction'
+            )
+        return await _pooled(url, settings, reason)
+    return engine, settings
+
+
+async def _pooled(url: URL, settings: Settings, reason: str) -> tuple[AsyncEngine, Settings]:
+    logger.warning('a pooler (PgBouncer) is in front of %s: %s; pooler mode on', describe_server(url), reason)
+    settings = settings.model_copy(update={'pooler': 'pgbouncer'})
+    engine = build_engine(url, settings)
+    try:
+        await check_connection(engine, url, settings.connect_timeout)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine, settings
+
+
+def configured_timeouts(settings: Settings) -> dict[str, int]:
+    """The session timeouts the settings ask for, in milliseconds (0: none), by PostgreSQL setting name."""
+    return {'statement_timeout': settings.statement_timeout_ms, 'lock_timeout': settings.lock_timeout_ms}
+
+
+@asynccontextmanager
+async def migration_engine(engine: AsyncEngine, settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The engine migrations run on: `engine`, or a small one on `DATABASE_MIGRATION_URL` (a direct connection when
+    `DATABASE_URL` points at a pooler), closed when the block ends."""
+    if settings.migration_database_url is None:
+        yield engine
+        return
+    url = parse_database_url(settings.migration_database_url)
+    direct, _ = await connect_engine(url, settings.model_copy(update={'pool_size': 1, 'max_overflow': 0}))
+    try:
+        yield direct
+    finally:
+        await direct.dispose()
+
+
 def build_engine(url: URL, settings: Settings) -> AsyncEngine:
-    """Create an async engine with the pool, per-connection timeouts and the disconnect handling from `settings`."""
+    """Create an async engine with the pool, per-connection timeouts and the disconnect handling from `settings`.
+
+    In the pooler mode (`DB_POOLER=pgbouncer`) the statement caches are off and the timeouts ride on every
+    transaction's BEGIN (`SET LOCAL`'s `set_config(..., true)`) instead of being startup parameters: PgBouncer
+    refuses those or drops them, and a session setting would stay on a server connection other clients share.
+    """
     server_settings = {'application_name': 'agentrt'}
-    if settings.statement_timeout_ms:
-        server_settings['statement_timeout'] = str(settings.statement_timeout_ms)
-    if settings.lock_timeout_ms:
-        server_settings['lock_timeout'] = str(settings.lock_timeout_ms)
+    timeouts = configured_timeouts(settings)
+    if not settings.pooled:
+        server_settings.update({name: str(ms) for name, ms in timeouts.items() if ms})
     connect_args: dict[str, Any] = {
         'timeout': settings.connect_timeout,
         'server_settings': server_settings,
@@ -132,7 +213,7 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
     connect_args.update(url_args)
     server_settings.update(url_args.pop('server_settings', {}))
     connect_args['server_settings'] = server_settings
-    if not settings.statement_cache:
+    if not settings.statement_cache or settings.pooled:
         # PgBouncer in transaction mode hands each transaction to any server connection, where a statement
         # prepared on another one does not exist (field notes: 85 of 200 transactions failed without this).
         connect_args['statement_cache_size'] = 0
@@ -148,7 +229,10 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         connect_args=connect_args,
     )
     PoolHealth(engine, ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None)
-    install_prelude(engine)
+    per_transaction = TransactionSetup(
+        lock_timeout_ms=timeouts['lock_timeout'] or None, statement_timeout_ms=timeouts['statement_timeout'] or None
+    )
+    install_prelude(engine, defaults=per_transaction if settings.pooled else None)
     return engine
 
 
@@ -253,19 +337,22 @@ def _out_of_step(error: BaseException | None) -> bool:
     return False
 
 
-async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float) -> None:
-    """Run `SELECT 1`, failing within `connect_timeout` seconds with the host and port.
+async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float) -> dict[str, int]:
+    """Read the timeouts in force in a transaction, failing within `connect_timeout` seconds with the host and port.
+
+    Returns:
+        `statement_timeout` and `lock_timeout` in milliseconds (0: none), as the server applies them.
 
     Raises:
         DatabaseUnavailableError: naming the server that could not be reached and why (with what to do when it is
             an SSL or authentication problem).
-        ConfigError: the server is behind a pooler that needs `DB_STATEMENT_CACHE=false`.
+        ConfigError: the server is behind a pooler and the pooler mode is off (`DB_POOLER`).
     """
     where = describe_server(url)
     try:
         async with asyncio.timeout(connect_timeout + 1):
             async with engine.connect() as conn:
-                await conn.execute(text('SELECT 1'))
+                return await timeouts_in_force(conn)
     except TimeoutError as exc:
         raise DatabaseUnavailableError(f'PostgreSQL at {where} did not answer within {connect_timeout:g}s') from exc
     except Exception as exc:
@@ -274,6 +361,17 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
         if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
             raise
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
+
+
+_TIMEOUTS_IN_FORCE = text(
+    "SELECT name, setting::bigint FROM pg_settings WHERE name IN ('statement_timeout', 'lock_timeout')"
+)
+
+
+async def timeouts_in_force(conn: AsyncConnection | AsyncSession) -> dict[str, int]:
+    """`statement_timeout` and `lock_timeout` in milliseconds as the server applies them in this transaction."""
+    rows = (await conn.execute(_TIMEOUTS_IN_FORCE)).all()
+    return {str(name): int(ms) for name, ms in rows}
 
 
 def describe_server(url: URL) -> str:

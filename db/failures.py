@@ -111,17 +111,32 @@ def connection_problem(exc: BaseException) -> str:
 
 
 def pooler_error(exc: BaseException) -> ConfigError | None:
-    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...): a configuration error that
-    `DB_STATEMENT_CACHE=false` fixes. asyncpg's own hint is kept."""
+    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...), or a startup parameter the
+    pooler refused: a configuration error that the pooler mode (`DB_POOLER=pgbouncer`) fixes. asyncpg's own hint is
+    kept."""
     for error in _chain(exc):
         if _class_names(error) & {'InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'}:
             hint = ' '.join(str(getattr(error, 'hint', '') or '').split())
             return ConfigError(
                 f'PostgreSQL lost a prepared statement ({_first_line(error)}): a connection pooler in transaction '
-                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set '
-                'DB_STATEMENT_CACHE=false (and behind PgBouncer DB_STATEMENT_TIMEOUT_MS=0 DB_LOCK_TIMEOUT_MS=0, '
-                'which it refuses as startup parameters)' + (f'. asyncpg: {hint}' if hint else '')
+                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set DB_POOLER=pgbouncer '
+                '(statement caches off, timeouts per transaction)' + (f'. asyncpg: {hint}' if hint else '')
             )
+        if (parameter := refused_startup_parameter(error)) is not None:
+            return ConfigError(
+                f'the server refused the startup parameter {parameter} (PgBouncer does): a connection pooler is '
+                'between the runtime and PostgreSQL; set DB_POOLER=pgbouncer (or auto), which sets the timeouts '
+                'per transaction instead'
+            )
+    return None
+
+
+def refused_startup_parameter(exc: BaseException) -> str | None:
+    """The parameter named by PgBouncer's "unsupported startup parameter: ..." refusal in `exc`'s chain, or None."""
+    for error in _chain(exc):
+        text = str(error)
+        if 'unsupported startup parameter' in text:
+            return text.split('unsupported startup parameter', 1)[1].strip(' :').split()[0] or '?'
     return None
 
 

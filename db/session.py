@@ -40,7 +40,7 @@ async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncItera
         DatabaseDisconnectedError: the connection was lost while the block used it (restart, failover, killed
             backend); nothing of the block was committed, or the outcome of the commit is unknown.
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
-        ConfigError: a prepared statement vanished behind a pooler (`DB_STATEMENT_CACHE=false` fixes it).
+        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
     """
     session = get_sessionmaker()()
     if setup is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,18 @@ class Settings(BaseSettings):
         default=True,
         validation_alias=AliasChoices('DB_STATEMENT_CACHE', 'statement_cache'),
         description='false behind PgBouncer in transaction mode (prepared statements do not survive it)',
+    )
+    pooler: Literal['auto', 'none', 'pgbouncer'] = Field(
+        default='auto',
+        validation_alias=AliasChoices('DB_POOLER', 'pooler'),
+        description='pgbouncer: a pooler in transaction mode is between the runtime and PostgreSQL (statement caches '
+        'off, timeouts set per transaction, nothing kept in the session); auto: switch to it when PgBouncer is '
+        'detected at connect; none: connect directly',
+    )
+    migration_database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices('DATABASE_MIGRATION_URL', 'migration_database_url'),
+        description='a direct PostgreSQL URL for migrations when DATABASE_URL points at a pooler',
     )
     connect_timeout: float = Field(
         default=10.0, gt=0, le=600, validation_alias=AliasChoices('DB_CONNECT_TIMEOUT', 'connect_timeout')
@@ -181,6 +194,41 @@ class Settings(BaseSettings):
         'turn); the last turn is rolled up at the end of the interval',
     )
 
+    # Background work after a turn (services/post_turn.py; the queue: services/jobs/).
+    background: Literal['inline', 'queue'] = Field(
+        default='inline',
+        validation_alias=AliasChoices('AGENTRT_BACKGROUND', 'background'),
+        description='inline: titles, summaries and usage rollups run in the process that ran the turn; queue: they '
+        'are durable jobs in PostgreSQL (procrastinate) that `agentrt worker` processes run',
+    )
+    queue_database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices('AGENTRT_QUEUE_DATABASE_URL', 'queue_database_url'),
+        description="the queue's connection (a direct one, for LISTEN/NOTIFY, when DATABASE_URL points at a "
+        'transaction pooler; default DATABASE_URL)',
+    )
+    jobs_heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_JOBS_HEARTBEAT_SECONDS', 'jobs_heartbeat_seconds'),
+        description='how often a worker tells PostgreSQL it is alive',
+    )
+    jobs_stalled_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        validation_alias=AliasChoices('AGENTRT_JOBS_STALLED_SECONDS', 'jobs_stalled_seconds'),
+        description='a running job whose worker sent no heartbeat for this long (it died) is run again by another',
+    )
+    jobs_reconcile_after_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        le=86_400,
+        validation_alias=AliasChoices('AGENTRT_JOBS_RECONCILE_AFTER_SECONDS', 'jobs_reconcile_after_seconds'),
+        description='the reconcile task queues the title and summary of a conversation left without them this long',
+    )
+
     @model_validator(mode='after')
     def _check_turn_within_lease(self) -> Settings:
         # A claim confirmed less than a lease ago cannot have expired: a shorter check interval misses no takeover.
@@ -189,6 +237,12 @@ class Settings(BaseSettings):
                 f'AGENTRT_TURN_CHECK_SECONDS ({self.turn_check_seconds:g}) must not exceed AGENTRT_TURN_LEASE_SECONDS '
                 f'({self.turn_lease_seconds:g})'
             )
+        return self
+
+    @model_validator(mode='after')
+    def _queue_is_installed(self) -> Settings:
+        if self.background == 'queue' and importlib.util.find_spec('procrastinate') is None:
+            raise ConfigError("AGENTRT_BACKGROUND=queue needs the queue extra: pip install 'agentrt[queue]'")
         return self
 
     @model_validator(mode='after')
@@ -273,13 +327,18 @@ class Settings(BaseSettings):
         'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
-    @field_validator('database_url')
+    @field_validator('database_url', 'migration_database_url', 'queue_database_url')
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         parse_database_url(value)
         return value.strip()
+
+    @property
+    def pooled(self) -> bool:
+        """True in pooler mode (`DB_POOLER=pgbouncer`, or `auto` once PgBouncer was detected)."""
+        return self.pooler == 'pgbouncer'
 
     @property
     def uses_embedded(self) -> bool:

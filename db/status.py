@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from agentrt.db.engine import timeouts_in_force
 from agentrt.db.models import Base
 
 
@@ -26,3 +27,11 @@ async def table_counts(*, session: AsyncSession) -> dict[str, int | None]:
         else:
             counts[table.name] = None
     return counts
+
+
+async def session_timeouts(engine: AsyncEngine) -> dict[str, int]:
+    """The timeouts a statement outside any transaction runs with (an autocommit connection: no BEGIN, so no
+    per-transaction prelude): the connection's, or behind a pooler the role's or the server's defaults."""
+    async with engine.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level='AUTOCOMMIT')
+        return await timeouts_in_force(autocommit)

@@ -7,14 +7,17 @@ demo turn. `TransactionSetup` describes the prelude and `begin_sql()` renders it
 protocol sends as one message: zero extra round trips, zero extra statements.
 
 This is the one place a transaction's prelude is built. Row-level security (`set_config('app.account_id', ...,
-true)` per transaction) and per-transaction timeouts behind PgBouncer extend `TransactionSetup` and `begin_sql()`;
-every session opener goes through `get_db_session(setup=...)`.
+true)` per transaction) extends `TransactionSetup` and `begin_sql()`; every session opener goes through
+`get_db_session(setup=...)`. Behind a transaction pooler (`DB_POOLER=pgbouncer`) the connection's default timeouts
+are per-transaction too: `install_prelude(defaults=...)` gives every transaction of the engine that prelude (also the
+ones opened without a session: migrations, `engine.connect()`), and a session's own setup takes the timeouts it does
+not set from it (`with_defaults`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -59,6 +62,20 @@ class TransactionSetup:
         """The prelude appended to `BEGIN;` (empty when there is nothing to set)."""
         return ''.join(f' {statement};' for statement in self.statements())
 
+    # Pooler mode (DB_POOLER=pgbouncer): the timeouts a direct connection gets at connect, set per transaction.
+    def with_defaults(self, defaults: TransactionSetup | None) -> TransactionSetup:
+        """This setup, with each timeout it leaves to the connection taken from `defaults` (the connection's
+        `default_setup`: the pooler mode's per-transaction timeouts)."""
+        if defaults is None:
+            return self
+        return replace(
+            self,
+            lock_timeout_ms=defaults.lock_timeout_ms if self.lock_timeout_ms is None else self.lock_timeout_ms,
+            statement_timeout_ms=(
+                defaults.statement_timeout_ms if self.statement_timeout_ms is None else self.statement_timeout_ms
+            ),
+        )
+
 
 class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
@@ -69,16 +86,20 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
     transaction.
     """
 
-    __slots__ = ('agentrt_prelude',)
+    __slots__ = ('agentrt_default_prelude', 'agentrt_default_setup', 'agentrt_prelude')
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.agentrt_prelude = ''
+        # Pooler mode: what every transaction on this connection sets when its session sets nothing else
+        # (`install_prelude(defaults=...)`); None on a direct connection, whose timeouts are set at connect.
+        self.agentrt_default_setup: TransactionSetup | None = None
+        self.agentrt_default_prelude = ''
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's)
-        """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude."""
-        if self.agentrt_prelude and not args and query.startswith('BEGIN'):
-            query, self.agentrt_prelude = query + self.agentrt_prelude, ''
+        """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude (or the default one)."""
+        if not args and query.startswith('BEGIN'):
+            query, self.agentrt_prelude = query + (self.agentrt_prelude or self.agentrt_default_prelude), ''
         status: str = await super().execute(query, *args, timeout=timeout)
         return status
 
@@ -125,19 +146,30 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
         return
     driver: Any = connection.connection.driver_connection
     if _carries_prelude(driver):
-        driver.agentrt_prelude = setup.begin_sql()
+        driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
         return
     # An engine that was not built by `build_engine` (another driver class): the same statements, one by one.
     for statement in setup.statements():
         connection.exec_driver_sql(statement)
 
 
-def install_prelude(engine: AsyncEngine) -> None:
-    """Drop a prelude left unsent (a session that began but ran nothing) when its connection is checked in.
+def install_prelude(engine: AsyncEngine, *, defaults: TransactionSetup | None = None) -> None:
+    """Drop a prelude left unsent (a session that began but ran nothing) when its connection is checked in; with
+    `defaults`, give every transaction of the engine that prelude when its session sets nothing else.
 
-    `build_engine` calls it, and connects with `connection_class=PreludeConnection`.
+    `build_engine` calls it, and connects with `connection_class=PreludeConnection`; the pooler mode passes its
+    per-transaction timeouts as `defaults`.
     """
     event.listen(engine.sync_engine, 'checkin', _clear_prelude)
+    if defaults is not None and defaults.statements():
+        default_prelude = defaults.begin_sql()
+
+        def set_defaults(dbapi_connection: Any, record: Any) -> None:
+            driver: Any = getattr(dbapi_connection, 'driver_connection', None)
+            if _carries_prelude(driver):
+                driver.agentrt_default_setup, driver.agentrt_default_prelude = defaults, default_prelude
+
+        event.listen(engine.sync_engine, 'connect', set_defaults)
 
 
 def _clear_prelude(dbapi_connection: Any, record: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+from agentrt.db.engine import current_settings
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.conversations import SummarySource, refresh_title_and_summary
 from agentrt.services.ledger import roll_up_account_usage
@@ -24,7 +25,8 @@ def schedule_post_turn_work(
     summary: SummarySource | None = None,
     rollup_interval_s: float = DEFAULT_ROLLUP_INTERVAL_S,
 ) -> list[asyncio.Task[Any]]:
-    """Spawn the post-turn tasks on this loop's supervisor; call it after the turn is saved.
+    """Spawn the post-turn tasks on this loop's supervisor; call it after the turn is saved. With
+    `AGENTRT_BACKGROUND=queue` the one task spawned queues them as durable jobs instead (`defer_post_turn_work`).
 
     The tasks get ids (and text to summarise) only and open their own sessions: one titles and summarises the
     conversation, when `summarise` (the chat turn asks when it is worth it: `summary_due`); one adds the account's
@@ -48,6 +50,25 @@ def schedule_post_turn_work(
     supervisor = get_supervisor()
     suffix = f' (run {run_id})' if run_id else ''
     tasks: list[asyncio.Task[Any]] = []
+    if current_settings().background == 'queue':
+        # Durable jobs (AGENTRT_BACKGROUND=queue): queued by a task of this process, off the turn's path; what a
+        # process that dies first never queues, the reconcile job queues (services/jobs/).
+        from agentrt.services.jobs import defer_post_turn_work
+
+        try:
+            tasks.append(
+                supervisor.spawn(
+                    defer_post_turn_work,
+                    account_id,
+                    conversation_id,
+                    summarise=summarise,
+                    rollup_interval_s=rollup_interval_s,
+                    name=f'queue post-turn jobs {conversation_id}{suffix}',
+                )
+            )
+        except (BackgroundQueueFull, SupervisorClosed):
+            pass
+        return tasks
     try:
         if summarise:
             tasks.append(

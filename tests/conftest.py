@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from agentrt.db.session import get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from agentrt.services.demo_data import seed_demo_data
+from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
+from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
 from tests.private_database import PrivateDatabase
 
 # No test may reach a real model provider, and no span may leave the machine.
@@ -81,6 +83,29 @@ async def private_database(database: Settings) -> AsyncIterator[PrivateDatabase]
     private = await PrivateDatabase.create()
     yield private
     await private.close()
+
+
+@pytest.fixture(scope='session')
+def pgbouncer(database: Settings) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction mode in front of the shared test server, with a budget of 4 server connections (so
+    the runtime's 5 + 5 client connections share them, as behind a production pooler). `.ci/run` installs it; a run
+    without it skips the pooler tests, except in CI where that is a failure."""
+    if PGBOUNCER_BINARY is None:
+        if os.environ.get('CI'):
+            pytest.fail('pgbouncer is not installed: .ci/run installs it with apt')
+        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer)')
+    bouncer = bouncer_for(get_engine().url, pool_size=4)
+    bouncer.start()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest_asyncio.fixture(scope='session')
+async def pooled_database(database: Settings, pgbouncer: PgBouncer) -> AsyncIterator[PooledDatabase]:
+    """The runtime on the shared server through `pgbouncer`, in the pooler mode (`DB_POOLER=pgbouncer`)."""
+    pooled = await PooledDatabase.create(pgbouncer, database)
+    yield pooled
+    await pooled.close()
 
 
 @pytest.fixture(scope='session')

@@ -25,6 +25,9 @@ COMMANDS = (
     LazyCommand('budget', 'agentrt.agents.cli.budget:budget_app', 'Spend limits per account: set, show, remove.'),
     LazyCommand('keys', 'agentrt.agents.cli.keys:keys_app', 'API keys of the HTTP API: create, list, revoke.'),
     LazyCommand('serve', 'agentrt.agents.cli.serve:serve', 'Serve the HTTP API (needs the http extra).'),
+    LazyCommand(
+        'worker', 'agentrt.agents.cli.worker:worker', 'Run the queued background jobs (AGENTRT_BACKGROUND=queue).'
+    ),
 )
 
 

@@ -19,10 +19,19 @@ async def _status() -> None:
     from rich.table import Table
 
     from agentrt.agents.observability import trace_export
-    from agentrt.db.engine import close_database, current_settings, get_engine, init_database, server_info
+    from agentrt.db.engine import (
+        close_database,
+        configured_timeouts,
+        current_settings,
+        get_engine,
+        init_database,
+        server_info,
+        timeouts_in_force,
+    )
     from agentrt.db.migrate import current_revision, head_revision
     from agentrt.db.session import get_db_session
-    from agentrt.db.status import server_version, table_counts
+    from agentrt.db.settings import get_settings
+    from agentrt.db.status import server_version, session_timeouts, table_counts
 
     await init_database(migrate=False)
     try:
@@ -30,7 +39,9 @@ async def _status() -> None:
         settings = current_settings()
         async with get_db_session() as session:
             version = await server_version(session=session)
+            in_force = await timeouts_in_force(session)
             counts = await table_counts(session=session)
+        session_defaults = await session_timeouts(get_engine())
         revision, head = await current_revision(get_engine()), head_revision()
     finally:
         await close_database()
@@ -48,15 +59,48 @@ async def _status() -> None:
         f'size {settings.pool_size}, max overflow {settings.max_overflow}, timeout {settings.pool_timeout:g}s, '
         f'pre-ping {settings.pool_pre_ping}, recycle {settings.pool_recycle}s',
     )
-    table.add_row(
-        'timeouts',
-        f'statement {settings.statement_timeout_ms} ms, lock {settings.lock_timeout_ms} ms, '
-        f'connect {settings.connect_timeout:g}s',
-    )
+    # The settings in force say `pgbouncer` once `auto` detected it; the environment's say what was asked for.
+    table.add_row('pooler', _pooler_line(settings.pooled, get_settings().pooler))
+    table.add_row('timeouts', _timeouts_line(configured_timeouts(settings), in_force, settings.connect_timeout))
+    if settings.pooled:
+        # Statements outside a transaction (autocommit: the budget admission) get the role's or server's defaults.
+        table.add_row('outside transactions', _in_force_line(session_defaults))
     table.add_row('tracing', trace_export().describe())
     for name, count in counts.items():
         table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else f'{count:,}')
     console.print(table)
+
+
+def _pooler_line(pooled: bool, configured: str) -> str:
+    if not pooled:
+        return f'none (DB_POOLER={configured}: direct connections, timeouts set at connect)'
+    how = 'detected' if configured != 'pgbouncer' else 'DB_POOLER=pgbouncer'
+    return f'pgbouncer, transaction mode ({how}): statement caches off, timeouts set per transaction'
+
+
+def _timeouts_line(configured: dict[str, int], in_force: dict[str, int], connect_timeout: float) -> str:
+    parts = []
+    for name, ms in configured.items():
+        actual = in_force.get(name)
+        label = name.removesuffix('_timeout')
+        shown = f'{label} {_ms(ms)}'
+        if actual != ms:
+            shown += f' (in force: {_ms(actual)}; not what was configured)'
+        parts.append(shown)
+    return ', '.join(parts) + f', connect {connect_timeout:g}s (read back from the server)'
+
+
+def _in_force_line(in_force: dict[str, int]) -> str:
+    shown = (
+        f'{name.removesuffix("_timeout")} {_ms(in_force.get(name))}' for name in ('statement_timeout', 'lock_timeout')
+    )
+    return ', '.join(shown) + (" (the role's defaults: ALTER ROLE ... SET statement_timeout = ...)")
+
+
+def _ms(value: int | None) -> str:
+    if value is None:
+        return 'unknown'
+    return 'none' if value == 0 else f'{value} ms'
 
 
 @db_app.command('upgrade')
@@ -66,14 +110,16 @@ def upgrade_cmd(revision: str = typer.Argument('head', help='Target revision.'))
 
 
 async def _upgrade(revision: str) -> None:
-    from agentrt.db.engine import close_database, get_engine, init_database
+    from agentrt.db.engine import close_database, current_settings, get_engine, init_database, migration_engine
     from agentrt.db.migrate import current_revision, upgrade
 
     await init_database(migrate=False)
     try:
-        before = await current_revision(get_engine())
-        await upgrade(get_engine(), revision)
-        after = await current_revision(get_engine())
+        # On DATABASE_MIGRATION_URL when it is set (a direct connection beside a pooler's DATABASE_URL).
+        async with migration_engine(get_engine(), current_settings()) as engine:
+            before = await current_revision(engine)
+            await upgrade(engine, revision)
+            after = await current_revision(engine)
     finally:
         await close_database()
     console.print(f'schema: {before or "empty"} -> {after}' if before != after else f'schema already at {after}')

@@ -48,7 +48,7 @@ def test_libpq_parameters_become_asyncpg_arguments(tmp_path: Path) -> None:
         ('connect_timeout=soon', 'connect_timeout must be a whole number'),
         ('connect_timeout=0', 'connect_timeout must be 1 to 600 seconds'),
         ('target_session_attrs=primary-ish', 'target_session_attrs must be one of'),
-        ('pgbouncer=true', 'DB_STATEMENT_CACHE=false'),
+        ('pgbouncer=true', 'DB_POOLER=pgbouncer'),
         ('channel_binding=require', 'channel binding'),
         ('keepalives=1', 'keepalive'),
         ('sslmode=require&sslmode=disable', "'sslmode' is given 2 times"),

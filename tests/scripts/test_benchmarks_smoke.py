@@ -37,6 +37,15 @@ EXPECTED_ROW_KEYS = {
     'bench_budgets': {'accounts', 'mode', 'turns', 'median_ms', 'p95_ms', 'cpu_ms_per_turn'},
     'bench_cli_startup': {'command', 'runs', 'median_ms', 'min_ms', 'max_ms'},
     'bench_tracing': {'mode', 'pattern', 'turns', 'cpu_ms_per_turn', 'median_turn_cpu_ms', 'spans_per_turn'},
+    'bench_workers': {
+        'workers',
+        'turns_ok',
+        'turns_failed',
+        'ledger_exact',
+        'server_conn_s_per_turn',
+        'server_conns_peak',
+        'worker_cpu_ms_per_turn',
+    },
 }
 
 

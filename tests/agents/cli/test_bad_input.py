@@ -44,7 +44,7 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost:99999/db'}, 2, 'port'),
     (['db', 'status'], {'DATABASE_URL': 'mysql://u:hunter2@localhost/db'}, 2, 'DATABASE_URL'),
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?sslmode=sometimes'}, 2, 'sslmode'),
-    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?pgbouncer=true'}, 2, 'DB_STATEMENT'),
+    (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?pgbouncer=true'}, 2, 'DB_POOLER'),
     (['db', 'status'], {'DB_POOL_SIZE': '0'}, 2, 'DB_POOL_SIZE'),
     (['chat', 'hi'], {'AGENTRT_MODEL': 'nosuch:model'}, 2, 'nosuch:model'),
     # the database is not there

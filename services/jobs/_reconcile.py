@@ -1,0 +1,58 @@
+"""The reconcile task: work the database says is missing, whatever happened to the jobs (a process that died between
+saving a turn and queueing its jobs, a job that failed every attempt, turns saved while the queue was off)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+
+from agentrt.db.engine import current_settings
+from agentrt.db.session import get_read_only_session
+from agentrt.services.jobs._defer import defer_summary
+from agentrt.services.ledger import roll_up_pending
+
+logger = logging.getLogger('agentrt.jobs')
+
+# Ledger rows written this long ago or less are looked at (the post-turn rollup looks back one hour).
+ROLLUP_LOOKBACK = timedelta(days=2)
+_BATCH = 1000
+
+# A conversation with turns and no summary at all: its first turn's title and summary never came.
+_UNSUMMARISED = text("""
+SELECT account_id, conversation_id FROM conversations
+WHERE head_id IS NOT NULL AND summary_head_id IS NULL AND updated_at < :before
+ORDER BY updated_at LIMIT :batch
+""")
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What one reconcile did: summaries queued, rollup buckets written."""
+
+    summaries_queued: int
+    rollup_buckets: int
+
+
+async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> ReconcileReport:
+    """Queue the title and summary of every conversation left without them for `idle_seconds` (default
+    `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), and roll up every ledger row of the last two days nobody counted.
+
+    Idempotent: a summary already queued is not queued twice (its queueing lock), a ledger row is counted once.
+
+    Returns:
+        What it did.
+    """
+    idle = current_settings().jobs_reconcile_after_seconds if idle_seconds is None else idle_seconds
+    before = datetime.now(UTC) - timedelta(seconds=idle)
+    async with get_read_only_session() as session:
+        missing = (await session.execute(_UNSUMMARISED, {'before': before, 'batch': _BATCH})).all()
+    queued = 0
+    for account_id, conversation_id in missing:
+        queued += await defer_summary(int(account_id), str(conversation_id))
+    buckets = await roll_up_pending(datetime.now(UTC) - ROLLUP_LOOKBACK)
+    if queued or buckets:
+        logger.info('reconcile: %d summaries queued, %d rollup buckets written', queued, buckets)
+    return ReconcileReport(summaries_queued=queued, rollup_buckets=buckets)

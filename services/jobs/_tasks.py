@@ -1,0 +1,65 @@
+"""The jobs: a conversation's title and summary, an account's usage rollup (ids only, idempotent, retried), and the
+two periodic ones: reconcile (work the database says is missing) and retry-stalled (jobs whose worker died)."""
+
+from __future__ import annotations
+
+import logging
+
+from procrastinate import RetryStrategy
+
+from agentrt.db.engine import current_settings
+from agentrt.services.conversations import refresh_title_and_summary
+from agentrt.services.jobs._app import jobs
+from agentrt.services.ledger import roll_up_account_usage
+
+logger = logging.getLogger('agentrt.jobs')
+
+POST_TURN_QUEUE = 'post_turn'
+MAINTENANCE_QUEUE = 'maintenance'
+QUEUES = (POST_TURN_QUEUE, MAINTENANCE_QUEUE)
+# Retried with growing waits (2, 4, 8, 16 s): a database restart or a lock held a while is over by then.
+_RETRY = RetryStrategy(max_attempts=5, exponential_wait=2)
+
+
+@jobs.task(name='agentrt.conversation_summary', queue=POST_TURN_QUEUE, retry=_RETRY)
+async def conversation_summary(account_id: int, conversation_id: str) -> None:
+    """Title and summarise the conversation from its stored history (nothing when the summary is current)."""
+    await refresh_title_and_summary(account_id, conversation_id)
+
+
+@jobs.task(name='agentrt.usage_rollup', queue=POST_TURN_QUEUE, retry=_RETRY)
+async def usage_rollup(account_id: int) -> None:
+    """Add the account's recent ledger rows nobody counted yet to the daily rollup (each row counted once)."""
+    await roll_up_account_usage(account_id)
+
+
+@jobs.periodic(cron='*/5 * * * *', periodic_id='reconcile')
+@jobs.task(name='agentrt.reconcile', queue=MAINTENANCE_QUEUE, queueing_lock='agentrt.reconcile', retry=_RETRY)
+async def reconcile(timestamp: int) -> None:
+    """Every five minutes: queue the work the database says is missing (`reconcile_post_turn_work`)."""
+    from agentrt.services.jobs._reconcile import reconcile_post_turn_work
+
+    await reconcile_post_turn_work()
+
+
+@jobs.periodic(cron='* * * * *', periodic_id='retry_stalled')
+@jobs.task(name='agentrt.retry_stalled', queue=MAINTENANCE_QUEUE, queueing_lock='agentrt.retry_stalled')
+async def retry_stalled(timestamp: int) -> None:
+    """Every minute: run again the jobs whose worker stopped sending heartbeats (`retry_stalled_jobs`)."""
+    await retry_stalled_jobs()
+
+
+async def retry_stalled_jobs(seconds_since_heartbeat: float | None = None) -> int:
+    """Put back in the queue every running job whose worker sent no heartbeat for `seconds_since_heartbeat` (default
+    `AGENTRT_JOBS_STALLED_SECONDS`): a worker killed mid-job (SIGKILL, a lost machine) never finishes it. The job runs
+    again from the start on another worker; every job here is idempotent, so a job that had half-run is done once.
+
+    Returns:
+        How many jobs were put back.
+    """
+    seconds = current_settings().jobs_stalled_seconds if seconds_since_heartbeat is None else seconds_since_heartbeat
+    stalled = list(await jobs.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds))
+    for job in stalled:
+        logger.warning('job %s (%s) stalled: its worker stopped; running it again', job.id, job.task_name)
+        await jobs.job_manager.retry_job(job)
+    return len(stalled)

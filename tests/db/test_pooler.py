@@ -1,0 +1,261 @@
+"""The pooler mode through a real PgBouncer 1.18 in transaction mode (4 server connections shared by the runtime's
+10 client connections): timeouts set per transaction and really applied, detection, clear errors without the
+mode, chats with parallel tools, the ledger's exactly-once, conversation compare-and-swap and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pydantic_ai import ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from agentrt.agents.simple_chat import simple_chat
+from agentrt.db import migrate
+from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
+from agentrt.db.errors import ConfigError, MigrationError
+from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
+from agentrt.db.session import get_db_session, get_read_only_session, get_side_session
+from agentrt.db.settings import Settings, parse_database_url
+from agentrt.services.conversations import PostgresConversationStore
+from tests.agents.cli.helpers import invoke
+from tests.factories import ledger_rows
+from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
+from tests.private_database import CountingModel
+
+CONFIGURED = {'statement_timeout': 30_000, 'lock_timeout': 10_000}
+
+
+@pytest.fixture
+async def pooled(pooled_database: PooledDatabase) -> AsyncIterator[PooledDatabase]:
+    async with pooled_database.active():
+        yield pooled_database
+
+
+def _url(bouncer: PgBouncer, database: str | None = None) -> str:
+    url = bouncer.url()
+    return url if database is None else url.rsplit('/', 1)[0] + f'/{database}'
+
+
+async def test_every_transaction_carries_its_timeouts_and_none_stays_on_the_server(pooled: PooledDatabase) -> None:
+    assert pooled.settings.pooled and pooled.settings.statement_timeout_ms == CONFIGURED['statement_timeout']
+
+    async def seen(kind: str) -> tuple[str, dict[str, int]]:
+        opener = {'plain': get_db_session, 'read_only': get_read_only_session, 'side': get_side_session}[kind]
+        async with opener() as session:
+            in_force = await timeouts_in_force(session)
+            await session.execute(text('SELECT pg_sleep(0.01)'))  # hold the server connection a moment
+        return kind, in_force
+
+    # 60 transactions of three kinds over 10 client and 4 server connections: each sees its own, none another's.
+    results = await asyncio.gather(*(seen(('plain', 'read_only', 'side')[i % 3]) for i in range(60)))
+    expected = {
+        'plain': CONFIGURED,
+        'read_only': CONFIGURED,
+        'side': {'statement_timeout': 5000, 'lock_timeout': 2000},
+    }
+    assert all(in_force == expected[kind] for kind, in_force in results)
+    # Outside a transaction the server connections still have the server's defaults: nothing was SET on them.
+    async with get_engine().connect() as conn:
+        autocommit = await conn.execution_options(isolation_level='AUTOCOMMIT')
+        for _ in range(8):
+            assert await timeouts_in_force(autocommit) == {'statement_timeout': 0, 'lock_timeout': 0}
+
+
+async def test_the_timeouts_are_really_applied(database: Settings, pgbouncer: PgBouncer) -> None:
+    tight = await PooledDatabase.create(pgbouncer, database, statement_timeout_ms=300, lock_timeout_ms=200)
+    try:
+        async with tight.active():
+            started = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                async with get_db_session() as session:
+                    await session.execute(text('SELECT pg_sleep(3)'))
+            assert 'canceling statement due to statement timeout' in str(raised.value)
+            assert time.monotonic() - started < 2.5
+
+            holder_has_lock, release = asyncio.Event(), asyncio.Event()
+
+            async def hold() -> None:
+                async with get_db_session() as session:
+                    await session.execute(text('SELECT pg_advisory_xact_lock(4242)'))
+                    holder_has_lock.set()
+                    await release.wait()
+
+            holder = asyncio.create_task(hold())
+            await holder_has_lock.wait()
+            with pytest.raises(Exception) as raised:
+                async with get_db_session() as session:
+                    await session.execute(text('SELECT pg_advisory_xact_lock(4242)'))
+            assert 'canceling statement due to lock timeout' in str(raised.value)
+            release.set()
+            await holder
+    finally:
+        await tight.close()
+
+
+async def test_pgbouncer_is_detected_whether_it_refuses_or_drops_the_timeouts(
+    database: Settings, pgbouncer: PgBouncer
+) -> None:
+    dropping = bouncer_for(
+        get_engine().url, ignore_startup_parameters='extra_float_digits,statement_timeout,lock_timeout'
+    )
+    dropping.start()
+    try:
+        for bouncer in (pgbouncer, dropping):
+            settings = database.model_copy(update={'database_url': bouncer.url(), 'pooler': 'auto'})
+            engine, in_force = await connect_engine(parse_database_url(bouncer.url()), settings)
+            try:
+                assert in_force.pooled
+                async with engine.connect() as conn:
+                    assert await timeouts_in_force(conn) == CONFIGURED
+            finally:
+                await engine.dispose()
+            with pytest.raises(ConfigError, match='DB_POOLER=pgbouncer'):
+                await connect_engine(parse_database_url(bouncer.url()), settings.model_copy(update={'pooler': 'none'}))
+    finally:
+        dropping.stop()
+
+
+async def test_prepared_statements_behind_the_pooler_without_the_mode_are_a_clear_error(
+    database: Settings, pgbouncer: PgBouncer
+) -> None:
+    # No timeouts to give PgBouncer away, and the statement cache on: what a user gets with DB_POOLER=none.
+    settings = database.model_copy(
+        update={'pooler': 'none', 'statement_timeout_ms': 0, 'lock_timeout_ms': 0, 'database_url': pgbouncer.url()}
+    )
+    unpooled = await PooledDatabase.create(pgbouncer, settings, pooler='none')
+    errors: list[BaseException] = []
+    try:
+        async with unpooled.active():
+
+            async def one(i: int) -> None:
+                async with get_db_session() as session:
+                    await session.execute(text('SELECT :i + 1'), {'i': i})
+                    await session.execute(text('SELECT count(*) FROM accounts WHERE id > :i'), {'i': i})
+
+            for _ in range(20):
+                outcomes = await asyncio.gather(*(one(i) for i in range(20)), return_exceptions=True)
+                errors += [o for o in outcomes if isinstance(o, BaseException)]
+                if errors:
+                    break
+    finally:
+        await unpooled.close()
+    assert errors, 'expected prepared statements to collide behind PgBouncer'
+    assert all(isinstance(error, ConfigError) for error in errors), errors
+    assert 'set DB_POOLER=pgbouncer' in str(errors[0]) and 'cannot connect' not in str(errors[0])
+
+
+async def test_chats_with_parallel_tools_bill_each_request_exactly_once(
+    demo_data: None, pooled: PooledDatabase
+) -> None:
+    model = CountingModel()
+
+    async def one(index: int) -> None:
+        await simple_chat(
+            'Find cardiologists in Seattle', session_id=f'pooled-{index}', account='acme-health', model=model
+        )
+
+    results = await asyncio.gather(*(one(i) for i in range(30)), return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    await pooled.settle()  # the ledger rows and the post-turn work, through the pooler too
+    rows = await ledger_rows()
+    assert len(rows) == model.requests == 90
+    assert all(row['status'] == 'complete' for row in rows)
+    assert len({row['id'] for row in rows}) == len(rows)
+
+
+async def test_conversation_compare_and_swap_has_one_winner(two_accounts: tuple[int, int], pooled: object) -> None:
+    store = PostgresConversationStore(two_accounts[0])
+    first = ConversationEntry(parent_id=None, message=ModelRequest(parts=[UserPromptPart('hi')]))
+    base = ConversationRecord(conversation_id='c', head_id=first.id)
+    await store.write_record(base, new_entries=[first], expected_revision=None)
+
+    async def write(i: int) -> str:
+        entry = ConversationEntry(parent_id=first.id, message=ModelResponse(parts=[TextPart(f'writer {i}')]))
+        record = ConversationRecord(conversation_id='c', head_id=entry.id)
+        await store.write_record(record, new_entries=[entry], expected_revision=base.revision)
+        return record.revision
+
+    outcomes = await asyncio.gather(*(write(i) for i in range(12)), return_exceptions=True)
+    winners = [o for o in outcomes if isinstance(o, str)]
+    assert len(winners) == 1
+    assert all(isinstance(o, ConversationConflict) for o in outcomes if not isinstance(o, str))
+    assert (await store.read_record('c')).revision == winners[0]
+
+
+@pytest.fixture
+async def fresh_database() -> AsyncIterator[str]:
+    name = f'pooled_{uuid.uuid4().hex[:8]}'
+    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE {name}'))
+    yield name
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+
+
+async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
+    database: Settings,
+    pgbouncer: PgBouncer,
+    fresh_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = database.model_copy(update={'database_url': _url(pgbouncer, fresh_database), 'pooler': 'pgbouncer'})
+    engine = build_engine(parse_database_url(_url(pgbouncer, fresh_database)), settings)
+    migrations = tmp_path / 'migrations'
+    shutil.copytree(MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns('__pycache__'))
+    (migrations / 'versions' / '9999_broken.py').write_text(
+        f"revision = '9999_broken'\ndown_revision = {head_revision()!r}\nbranch_labels = None\ndepends_on = None\n"
+        'from alembic import op\n\n\ndef upgrade():\n    op.execute("SELECT 1 / 0")\n\n\ndef downgrade():\n    pass\n'
+    )
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(migrate, 'MIGRATIONS_DIR', migrations)
+            for _ in range(2):  # the second attempt would hang on a lock the first left on a server connection
+                with pytest.raises(MigrationError, match='DivisionByZeroError'):
+                    await asyncio.wait_for(upgrade(engine), 60)
+        assert await current_revision(engine) is None
+        direct = build_engine(get_engine().url.set(database=fresh_database), database)
+        try:
+            async with direct.connect() as conn:
+                held = await conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+                assert held.scalar_one() == 0
+        finally:
+            await direct.dispose()
+        await asyncio.wait_for(upgrade(engine), 60)
+        assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
+
+
+async def test_migrations_use_the_direct_url_beside_a_pooled_one(
+    pgbouncer: PgBouncer, fresh_database: str, database_url: str
+) -> None:
+    """`agentrt db upgrade` with DATABASE_URL at the pooler migrates through DATABASE_MIGRATION_URL; `db status`
+    shows the pooler mode it detected and the timeouts read back from the server."""
+    direct = make_url(database_url).set(database=fresh_database).render_as_string(hide_password=False)
+    env = {'DATABASE_URL': pgbouncer.url(), 'DATABASE_MIGRATION_URL': direct, 'AGENTRT_AUTO_MIGRATE': 'false'}
+    result = await invoke('db', 'upgrade', env=env)
+    assert result.exit_code == 0, result.output
+    assert f'schema: empty -> {head_revision()}' in result.stdout
+    # The migration went to the direct URL's database (the pooled one is the suite's, already at head).
+    engine = build_engine(parse_database_url(direct), Settings(database_url=direct))
+    try:
+        assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
+
+    status = await invoke('db', 'status', env={'DATABASE_URL': pgbouncer.url()})
+    assert status.exit_code == 0, status.output
+    assert 'pgbouncer, transaction mode (detected)' in status.stdout
+    assert 'statement 30000 ms, lock 10000 ms' in status.stdout and 'not what was configured' not in status.stdout
+    refused = await invoke('db', 'status', env={'DATABASE_URL': pgbouncer.url(), 'DB_POOLER': 'none'})
+    assert refused.exit_code != 0 and 'set DB_POOLER=pgbouncer' in refused.stderr
