@@ -37,3 +37,6 @@ bench:
 	.venv/bin/python scripts/bench_long_conversation.py
 	.venv/bin/python scripts/bench_http.py
 	.venv/bin/python scripts/bench_restart.py
+	.venv/bin/python scripts/bench_budgets.py
+	.venv/bin/python scripts/bench_cli_startup.py
+	.venv/bin/python scripts/bench_tracing.py

@@ -6,6 +6,7 @@ undocumented pydantic-ai one); README.md lists them with what each means.
 
 from agentrt.db.errors import (
     AgentRuntimeError,
+    BudgetExceededError,
     ConfigError,
     DatabaseDisconnectedError,
     DatabaseNotInitializedError,
@@ -22,6 +23,7 @@ from agentrt.services.tenancy import UnknownTenantError
 
 __all__ = [
     'AgentRuntimeError',
+    'BudgetExceededError',
     'ConcurrentTurnError',
     'ConfigError',
     'DatabaseDisconnectedError',

@@ -1,37 +1,21 @@
-"""Process lifecycle for programs embedding the runtime: observability set-up and a clean shutdown.
+"""Process lifecycle for programs embedding the runtime: tracing set-up and a clean shutdown.
 
-`async with agentrt_runtime():` does both around a block; `configure_observability()` and `shutdown_runtime()` are
-the two halves for programs that manage their own lifecycle (a web server's start-up and shutdown hooks).
+`async with agentrt_runtime():` does both around a block; `configure_observability()` (from
+`agentrt.agents.observability`: spans go nowhere unless the environment asks) and `shutdown_runtime()` are the two
+halves for programs that manage their own lifecycle (a web server's start-up and shutdown hooks).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import logfire
-
+from agentrt.agents.observability import configure_observability, flush_spans
 from agentrt.db.engine import close_database, init_database
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import get_request_tracker
 
-_configured = False
-
-
-def configure_observability() -> None:
-    """Configure logfire once: spans stay local unless `LOGFIRE_TOKEN` is set.
-
-    With a token, pydantic-ai runs are instrumented too (agent, model request and tool spans), without their
-    content: prompts, tool arguments and results and model output are not sent (the ledger stores them, redacted).
-    """
-    global _configured
-    if _configured:
-        return
-    logfire.configure(send_to_logfire='if-token-present', console=False, service_name='agentrt')
-    if os.environ.get('LOGFIRE_TOKEN'):
-        logfire.instrument_pydantic_ai(include_content=False)
-    _configured = True
+__all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
 
 
 async def shutdown_runtime(
@@ -39,7 +23,8 @@ async def shutdown_runtime(
     *,
     release_embedded_server: bool = False,
 ) -> None:
-    """Finish background work, flush the ledger, and close the pool; call it once before the event loop ends.
+    """Finish background work, flush the ledger, close the pool and send the spans still buffered; call it once
+    before the event loop ends.
 
     Args:
         timeout: seconds to let background tasks finish before they are cancelled.
@@ -49,11 +34,13 @@ async def shutdown_runtime(
     await drain_supervisor(timeout)
     await get_request_tracker().aclose()
     await close_database(release_embedded_server=release_embedded_server)
+    await flush_spans()
 
 
 @asynccontextmanager
 async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[None]:
-    """Run a block with the runtime up: observability configured, the database started (and migrated if behind).
+    """Run a block with the runtime up: tracing configured (`configure_observability()`), the database started
+    (and migrated if behind).
 
     On the way out, even after an error, the runtime is shut down as `shutdown_runtime()` does: background work
     drained, the ledger flushed, the pool closed. Use it once around the part of a program that chats.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
+from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
 from agentrt.services.ledger import ledger_capability
@@ -154,7 +156,7 @@ async def simple_chat(
             (`DatabaseDisconnectedError`); nothing was saved.
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
-    with documented_errors():
+    with _turn_span(turn_input, streamed=False), documented_errors():
         async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
             with documented_errors(turn.model.model_name):  # a provider error names the model asked for
                 result = await turn.agent.run(
@@ -249,7 +251,7 @@ def simple_chat_stream(
 
 
 async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
-    with documented_errors():
+    with _turn_span(request.turn_input, streamed=True), documented_errors():
         async with open_turn(
             request.agent or default_chat_agent(),
             request.turn_input,
@@ -279,6 +281,15 @@ async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGene
                             _report_tool(event, started, request.on_tool_event)
             assert result is not None, 'run_stream_events ended without a result'
             stream.result = await finish_turn(turn, result)
+
+
+def _turn_span(turn_input: TurnInput, *, streamed: bool) -> AbstractContextManager[None]:
+    return turn_span(
+        session_id=turn_input.session_id,
+        account=turn_input.account,
+        agent_instance=turn_input.agent_instance,
+        streamed=streamed,
+    )
 
 
 def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:

@@ -2,9 +2,10 @@
 
 Routes: `/api/v1/chat` (streamed, Vercel AI protocol), `/api/v1/chat/ag-ui` (AG-UI, when `ag-ui-protocol` is
 installed), `/api/v1/conversations...` (list, messages, delete, a non-streamed turn), `/api/v1/llm-audit/...`,
-`/api/v1/costs`, `/api/v1/me`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs at `/docs`. The
-web UI (`api/static/`: plain HTML, CSS and JavaScript modules, no build step) is served at `/` with `web_ui=True`,
-which is what `agentrt serve` runs (`create_served_app`); `static_dir` mounts a directory of your own there instead.
+`/api/v1/costs`, `/api/v1/budget`, `/api/v1/me`, `/health/live`, `/health/ready`; OpenAPI at `/openapi.json`, docs
+at `/docs`. The web UI (`api/static/`: plain HTML, CSS and JavaScript modules, no build step) is served at `/` with
+`web_ui=True`, which is what `agentrt serve` runs (`create_served_app`); `static_dir` mounts a directory of your own
+there instead.
 
 The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
 FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +27,10 @@ from pydantic_ai import Agent
 from pydantic_ai.models import Model
 
 from agentrt import __version__
+from agentrt.agents.observability import spans_exported
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
-from agentrt.api import audit, chat, conversations, costs, health, me
+from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
@@ -90,7 +91,7 @@ def create_app(
         from agentrt.api import chat_agui
 
         app.include_router(chat_agui.router)
-    for module in (conversations, audit, costs, me, health):
+    for module in (conversations, audit, costs, budget, me, health):
         app.include_router(module.router)
     # Mounted last: every API route is matched before a file is looked for.
     if static_dir is not None:
@@ -108,13 +109,14 @@ def create_served_app() -> FastAPI:
 def _telemetry_option() -> dict[str, Any]:
     """FastAPI's own request spans and metrics (newer FastAPI) only when spans leave the process.
 
-    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) whether or
-    not `LOGFIRE_TOKEN` is set; like pydantic-ai's instrumentation there, they are on only with a token: otherwise
-    they would cost CPU on every request and every streamed event for spans nobody reads.
+    They go to the global OpenTelemetry providers, which `configure_observability()` sets up (logfire's) only when
+    spans are exported (Logfire, OTLP or the console); like the runtime's other instrumentation, they are on only
+    then: otherwise they would cost CPU on every request and every streamed event (~6 ms a turn) for spans nobody
+    reads.
     """
     if 'telemetry' not in inspect.signature(FastAPI).parameters:
         return {}
-    on = bool(os.environ.get('LOGFIRE_TOKEN'))
+    on = spans_exported()
     return {'telemetry': {'tracing': on, 'metrics': on, 'logs': on}}
 
 

@@ -21,6 +21,7 @@ from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
 from agentrt.api.schemas import (
     ERROR_RESPONSES,
+    BudgetExceededOut,
     ConversationMessages,
     ConversationOut,
     ConversationPage,
@@ -108,7 +109,13 @@ async def delete(
     return Response(status_code=204)
 
 
-@router.post('/{conversation_id}/turns', summary='Run one turn, not streamed')
+@router.post(
+    '/{conversation_id}/turns',
+    summary='Run one turn, not streamed',
+    responses={
+        429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none was sent."}
+    },
+)
 async def run_turn(
     request: Request, caller: ChatCaller, conversation_id: ConversationId, body: TurnRequest
 ) -> TurnResponse:
@@ -116,6 +123,8 @@ async def run_turn(
 
     A turn started while another runs on the same conversation answers 409 and runs nothing; one whose
     conversation was saved by another meanwhile stops before its next model request, answers 409, saves nothing.
+    A model request the account's budget refuses answers 429 (`budget_exceeded`, with the budget's figures) and
+    saves nothing.
     """
     turn_input = check_http_turn(
         body.message,

@@ -6,7 +6,8 @@ provider's error body or a stack. The same mapping serves JSON responses (`insta
 error event of a streamed chat (`public_error`).
 
 Body of every error response: `{"detail": <message or a list of field errors>, "type": <kind>, "error_id": <id>}`,
-plus `"field"` when one input is to blame.
+plus `"field"` when one input is to blame. A budget's refusal (429, `budget_exceeded`) adds its figures: `reason`,
+`limit_usd`, `spent_usd`, `reserved_usd`, `needed_usd` (decimal strings) and `period_end`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,6 +36,7 @@ from starlette.responses import JSONResponse
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
+    BudgetExceededError,
     ConcurrentTurnError,
     ConfigError,
     DatabaseNotInitializedError,
@@ -59,12 +64,15 @@ class PublicError:
     message: str
     error_id: str
     field: str | None = None
+    extra: dict[str, Any] = dataclass_field(default_factory=dict)
+    """More of the error a client may act on (a budget's figures), JSON-ready."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the error response."""
         body: dict[str, Any] = {'detail': self.message, 'type': self.type, 'error_id': self.error_id}
         if self.field is not None:
             body['field'] = self.field
+        body.update(self.extra)
         return body
 
     def stream_text(self) -> str:
@@ -98,12 +106,29 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
         where: what was being done (method and path), for the log line.
     """
     error_id = new_error_id()
-    status, type_, message, field = _classify(exc)
+    status, type_, message, field_name = _classify(exc)
     if status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
-    return PublicError(status, type_, _short(message), error_id, field)
+    extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
+    return PublicError(status, type_, _short(message), error_id, field_name, extra)
+
+
+def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
+    """The refusal's figures: the caller's own account's, so nothing of another tenant is told."""
+
+    def value(item: Decimal | datetime | None) -> str | None:
+        return None if item is None else item.isoformat() if isinstance(item, datetime) else str(item)
+
+    return {
+        'reason': exc.reason,
+        'limit_usd': value(exc.limit_usd),
+        'spent_usd': value(exc.spent_usd),
+        'reserved_usd': value(exc.reserved_usd),
+        'needed_usd': value(exc.needed_usd),
+        'period_end': value(exc.period_end),
+    }
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
@@ -118,6 +143,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
         return 401, 'unauthorized', "the API key's account no longer exists", None
     if isinstance(exc, ConcurrentTurnError):
         return 409, 'concurrent_turn', str(exc), None
+    if isinstance(exc, BudgetExceededError):  # its message names the account's own limit and what to do
+        return 429, 'budget_exceeded', str(exc), None
     if isinstance(exc, TurnLimitExceededError):
         return 422, 'turn_limit_exceeded', str(exc), None
     if isinstance(exc, UsageLimitExceeded):  # pydantic-ai's own text names the limit and its value

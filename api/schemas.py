@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
+from agentrt.services.budgets import BudgetStatus
 from agentrt.services.conversations import ConversationSummary
 from agentrt.services.ledger import CostSummary
 
@@ -43,7 +44,7 @@ class InteractionOut(BaseModel):
     id: uuid.UUID
     started_at: datetime
     finished_at: datetime
-    status: Literal['complete', 'error', 'cancelled']
+    status: Literal['complete', 'error', 'cancelled', 'refused']
     success: bool
     model: str
     response_model: str | None
@@ -62,6 +63,9 @@ class InteractionOut(BaseModel):
     finish_reason: str | None
     error_type: str | None
     error_message: str | None
+    trace_id: str | None = Field(
+        default=None, description='The OpenTelemetry trace the request was made in (32 hex digits), if one was.'
+    )
 
     @classmethod
     def of(cls, row: LLMRequestRow) -> InteractionOut:
@@ -89,6 +93,7 @@ class InteractionOut(BaseModel):
             finish_reason=row.finish_reason,
             error_type=row.error_type,
             error_message=row.error_message,
+            trace_id=row.trace_id,
         )
 
 
@@ -157,6 +162,53 @@ class CostReport(BaseModel):
     by: Literal['account', 'agent', 'model', 'day']
     source: Literal['ledger', 'rollup']
     items: list[CostRowOut]
+
+
+# Budget.
+
+
+class BudgetOut(BaseModel):
+    """The caller's account budget and where its current period stands (USD as decimal strings)."""
+
+    limited: bool = Field(description='Whether the account has a budget; the other fields are null when not.')
+    limit_usd: Decimal | None = None
+    period: str | None = Field(default=None, description='`month`, `week`, `day` (UTC) or a window such as `7d`.')
+    period_start: datetime | None = None
+    period_end: datetime | None = Field(default=None, description='When the period ends and the budget starts afresh.')
+    spent_usd: Decimal | None = Field(default=None, description="What the period's settled requests cost.")
+    reserved_usd: Decimal | None = Field(default=None, description='What requests in flight hold.')
+    remaining_usd: Decimal | None = None
+    holds: int | None = Field(default=None, description='Requests in flight holding part of the budget.')
+    refused_requests: int | None = Field(default=None, description='Requests refused this period.')
+
+    @classmethod
+    def of(cls, status: BudgetStatus | None) -> BudgetOut:
+        """From the service's status (None: no budget)."""
+        if status is None:
+            return cls(limited=False)
+        return cls(
+            limited=True,
+            limit_usd=status.limit_usd,
+            period=status.period,
+            period_start=status.period_start,
+            period_end=status.period_end,
+            spent_usd=status.spent_usd,
+            reserved_usd=status.reserved_usd,
+            remaining_usd=status.remaining_usd,
+            holds=status.holds,
+            refused_requests=status.refused_requests,
+        )
+
+
+class BudgetExceededOut(ErrorOut):
+    """429: the account's budget refused a model request of the turn; nothing was sent to the model."""
+
+    reason: Literal['limit', 'unpriced']
+    limit_usd: Decimal | None = None
+    spent_usd: Decimal | None = None
+    reserved_usd: Decimal | None = None
+    needed_usd: Decimal | None = Field(default=None, description='The least the refused request had to hold.')
+    period_end: datetime | None = Field(default=None, description='When the budget starts afresh.')
 
 
 # Conversations and turns.

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
@@ -125,7 +126,8 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         # prepared on another one does not exist (field notes: 85 of 200 transactions failed without this).
         connect_args['statement_cache_size'] = 0
         url = url.update_query_dict({'prepared_statement_cache_size': '0'})
-    engine = create_async_engine(
+    # Looked up on the module at each call: tracing (agents/observability.py) wraps it there to instrument new engines.
+    engine = sqlalchemy_asyncio.create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
@@ -278,6 +280,11 @@ def _require() -> _Runtime:
 def get_engine() -> AsyncEngine:
     """The process-wide engine. Raises `DatabaseNotInitializedError` before `init_database()`."""
     return _require().engine
+
+
+def current_engine() -> AsyncEngine | None:
+    """The engine, or None when the database is not initialised."""
+    return _runtime.engine if _runtime is not None else None
 
 
 def get_sessionmaker() -> async_sessionmaker[AsyncSession]:

@@ -1,5 +1,10 @@
 """Errors the database layer raises with messages meant for people."""
 
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
 
 class AgentRuntimeError(Exception):
     """Base class of every error the runtime raises on purpose."""
@@ -82,3 +87,43 @@ class ModelBehaviorError(AgentRuntimeError):
     def __init__(self, message: str, *, body: str | None = None) -> None:
         super().__init__(message)
         self.body = body
+
+
+class BudgetExceededError(AgentRuntimeError):
+    """The account's budget refused a model request: what it would cost at most does not fit in what is left of the
+    limit this period, or the model has no price and `AGENTRT_BUDGET_UNPRICED=refuse`. Nothing was sent; the
+    refusal is a ledger row with status `refused` and cost 0.
+
+    Attributes:
+        reason: `limit` (the request does not fit) or `unpriced` (the model has no price).
+        account_id: the account whose budget refused it.
+        limit_usd: the account's limit per period.
+        spent_usd: what the period's settled requests cost (None when unknown).
+        reserved_usd: what requests in flight hold of it (None when unknown).
+        needed_usd: the least this request had to hold (its input and the fewest output tokens it may be given).
+        period_start: the start of the period (UTC).
+        period_end: when the period ends and the budget starts afresh (UTC).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = 'limit',
+        account_id: int | None = None,
+        limit_usd: Decimal | None = None,
+        spent_usd: Decimal | None = None,
+        reserved_usd: Decimal | None = None,
+        needed_usd: Decimal | None = None,
+        period_start: datetime | None = None,
+        period_end: datetime | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.account_id = account_id
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.needed_usd = needed_usd
+        self.period_start = period_start
+        self.period_end = period_end

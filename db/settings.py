@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -163,6 +164,56 @@ class Settings(BaseSettings):
         default=True,
         validation_alias=AliasChoices('AGENTRT_HTTP_WEB_UI', 'http_web_ui'),
         description='`agentrt serve` serves the web UI at `/` (false: the API only)',
+    )
+
+    # Budgets (agentrt.services.budgets, reserved by the ledger capability before every model request).
+    budgets: bool = Field(
+        default=True,
+        validation_alias=AliasChoices('AGENTRT_BUDGETS', 'budgets'),
+        description='reserve against the account budget before every model request (off: no reservation and no '
+        'refusal in this process; what its requests cost still counts against the budget)',
+    )
+    budget_unpriced: Literal['count', 'refuse'] = Field(
+        default='refuse',
+        validation_alias=AliasChoices('AGENTRT_BUDGET_UNPRICED', 'budget_unpriced'),
+        description='a model without a price for an account with a budget: refuse the request, or count it (its '
+        'tokens are counted, it costs 0 against the limit)',
+    )
+    budget_max_output_tokens: int = Field(
+        default=16_384,
+        ge=1,
+        le=10_000_000,
+        validation_alias=AliasChoices('AGENTRT_BUDGET_MAX_OUTPUT_TOKENS', 'budget_max_output_tokens'),
+        description='output tokens reserved (and set as max_tokens) for a request whose settings set none',
+    )
+    budget_min_output_tokens: int = Field(
+        default=256,
+        ge=1,
+        le=10_000_000,
+        validation_alias=AliasChoices('AGENTRT_BUDGET_MIN_OUTPUT_TOKENS', 'budget_min_output_tokens'),
+        description='fewest output tokens a request near the limit is given; a request that cannot afford them is '
+        'refused',
+    )
+    budget_reservation_ttl_seconds: float = Field(
+        default=900.0,
+        ge=10,
+        le=7 * 24 * 3600,
+        validation_alias=AliasChoices('AGENTRT_BUDGET_RESERVATION_TTL_SECONDS', 'budget_reservation_ttl_seconds'),
+        description='how long a hold lasts when its process cannot be checked (another host); longer than the '
+        'longest model request',
+    )
+    budget_sweep_interval_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=86_400,
+        validation_alias=AliasChoices('AGENTRT_BUDGET_SWEEP_INTERVAL_SECONDS', 'budget_sweep_interval_seconds'),
+        description='how often a process releases the holds of dead processes and expired ones (in the background)',
+    )
+    budget_count_tokens: bool = Field(
+        default=True,
+        validation_alias=AliasChoices('AGENTRT_BUDGET_COUNT_TOKENS', 'budget_count_tokens'),
+        description="count a request's input tokens with the provider (Model.count_tokens) where the model "
+        'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
     @field_validator('database_url')

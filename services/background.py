@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import logfire
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,7 @@ from agentrt.db.models.base import Base
 T = TypeVar('T')
 
 logger = logging.getLogger('agentrt.background')
+_tracer = trace.get_tracer('agentrt.background')
 
 DEFAULT_MAX_RUNNING = 4
 DEFAULT_MAX_QUEUED = 10_000
@@ -246,13 +247,14 @@ class TaskSupervisor:
 
 
 def _task_span(task_name: str, waited: float) -> AbstractContextManager[Any]:
-    """The task's logfire span, or no span when logfire cannot make one.
+    """The task's span (OpenTelemetry's API: a no-op unless a tracer provider is installed), or none at all.
 
-    Telemetry must never fail the work it observes: unconfigured, logfire warns, and where warnings
-    are errors (pytest's `filterwarnings = error`) that warning would otherwise kill the task.
+    Telemetry must never fail the work it observes.
     """
     try:
-        return logfire.span('background task {task_name}', task_name=task_name, queued_seconds=waited)
+        return _tracer.start_as_current_span(
+            f'background task {task_name}', attributes={'task_name': task_name, 'queued_seconds': waited}
+        )
     except Exception:
         logger.debug('no span for background task %s', task_name, exc_info=True)
         return nullcontext()

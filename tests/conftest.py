@@ -20,7 +20,7 @@ import logfire
 import pydantic_ai.models
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
@@ -115,6 +115,18 @@ async def clean_database(request: pytest.FixtureRequest, database: Settings) -> 
 def demo_data(clean_database: None) -> None:
     """The seeded demo accounts, agents and directories: exactly the rows `seed_demo_data()` writes (put in place by
     `clean_database`, which sees this fixture among the test's)."""
+
+
+@pytest_asyncio.fixture
+async def two_accounts(clean_database: None) -> tuple[int, int]:
+    """Two accounts of their own, `alpha` and `beta` (no demo data): their ids."""
+    async with get_db_session() as session:
+        result = await session.execute(
+            insert(Account).returning(Account.id),
+            [{'slug': 'alpha', 'name': 'Alpha'}, {'slug': 'beta', 'name': 'Beta'}],
+        )
+        alpha, beta = result.scalars().all()
+    return alpha, beta
 
 
 class _AsyncioErrors(logging.Handler):

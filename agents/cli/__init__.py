@@ -1,43 +1,72 @@
-"""The `agentrt` command line: `chat`, `db`, `audit`, `costs`, `ledger`, `keys` and `serve`, one module each."""
+"""The `agentrt` command line: one module per command, each imported only when its command runs.
+
+To add a command: write its module (a command function, or a `typer.Typer()` of subcommands) and add one line to
+`COMMANDS` below, with the help line `agentrt --help` shows. Keep the module's top-level imports light (typer, the
+CLI's `support` and `filters`): import the runtime (database, agents, services) inside the functions that run, so
+`agentrt COMMAND --help` stays fast too (`scripts/bench_cli_startup.py` measures it). Errors of every command,
+an import error included, end in the error boundary of `AgentrtGroup` (`support.py`).
+"""
 
 from __future__ import annotations
 
+import os
+
 import typer
 
-from agentrt.agents.cli.audit import audit_app
-from agentrt.agents.cli.chat import chat
-from agentrt.agents.cli.costs import costs
-from agentrt.agents.cli.database import db_app
-from agentrt.agents.cli.keys import keys_app
-from agentrt.agents.cli.ledger import ledger_app
-from agentrt.agents.cli.serve import serve
-from agentrt.agents.cli.support import AgentrtGroup, set_debug, setup_logging
-from agentrt.agents.runtime import configure_observability
+from agentrt import __version__
+from agentrt.agents.cli.support import AgentrtGroup, LazyCommand, set_debug, setup_logging
+
+COMMANDS = (
+    LazyCommand('db', 'agentrt.agents.cli.database:db_app', 'The database: status, upgrade, seed the demo data.'),
+    LazyCommand('chat', 'agentrt.agents.cli.chat:chat', 'Chat with an agent; the answer streams as it is produced.'),
+    LazyCommand('audit', 'agentrt.agents.cli.audit:audit_app', 'The audit trail: every model request, in full.'),
+    LazyCommand('costs', 'agentrt.agents.cli.costs:costs', 'Requests, tokens and cost per account, agent, model, day.'),
+    LazyCommand('ledger', 'agentrt.agents.cli.ledger:ledger_app', 'The ledger: replay the spool, roll up usage.'),
+    LazyCommand('budget', 'agentrt.agents.cli.budget:budget_app', 'Spend limits per account: set, show, remove.'),
+    LazyCommand('keys', 'agentrt.agents.cli.keys:keys_app', 'API keys of the HTTP API: create, list, revoke.'),
+    LazyCommand('serve', 'agentrt.agents.cli.serve:serve', 'Serve the HTTP API (needs the http extra).'),
+)
+
+
+class _Agentrt(AgentrtGroup):
+    lazy_commands = COMMANDS
+
 
 app = typer.Typer(
     name='agentrt',
     help='Pydantic AI chat agents on PostgreSQL, with a database session per operation.',
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    cls=AgentrtGroup,
+    cls=_Agentrt,
 )
-app.add_typer(db_app, name='db')
-app.command('chat')(chat)
-app.add_typer(audit_app, name='audit')
-app.command('costs')(costs)
-app.add_typer(ledger_app, name='ledger')
-app.add_typer(keys_app, name='keys')
-app.command('serve')(serve)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f'agentrt {__version__}')
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, '--verbose', '-v', help='Show debug logs.'),
     debug: bool = typer.Option(False, '--debug', help='Show the traceback of an error (also AGENTRT_DEBUG=1).'),
+    trace: bool = typer.Option(
+        False, '--trace', help='Print the spans of what runs on stderr (as LOGFIRE_CONSOLE=true; see README).'
+    ),
+    version: bool = typer.Option(
+        False, '--version', is_eager=True, callback=_print_version, help='Print the version and exit.'
+    ),
 ) -> None:
     set_debug(debug)
     setup_logging(verbose)
-    configure_observability()
+    if trace:
+        set_trace()
+
+
+def set_trace() -> None:
+    """`--trace`: spans on stderr, in this process and the ones it starts (`agentrt serve --workers`)."""
+    os.environ['LOGFIRE_CONSOLE'] = 'true'
 
 
 def main() -> None:

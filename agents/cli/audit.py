@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.cli.filters import (
     ACCOUNT_OPTION,
     AGENT_OPTION,
+    CSV_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
     SINCE_OPTION,
@@ -20,16 +20,21 @@ from agentrt.agents.cli.filters import (
     dash,
     ledger_filters,
     money,
+    one_output_format,
 )
+from agentrt.agents.cli.output import Column, fitted_table, print_csv
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, print_json, run
-from agentrt.db.engine import close_database, init_database
-from agentrt.db.models.ledger import LLMRequestRow
-from agentrt.db.session import get_read_only_session
-from agentrt.services.ledger import AmbiguousRequestIdError, LedgerDetail, LedgerPage, get_request, list_requests
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from agentrt.services.ledger import LedgerDetail, LedgerPage
 
 T = TypeVar('T')
 
 MAX_PAGE = (2**63 - 1) // 100  # the row offset of the last page still fits a bigint
+TRACE_URL_ENV = 'AGENTRT_TRACE_URL'
 
 audit_app = typer.Typer(
     help='The audit trail: every model request, with its prompt and response.', no_args_is_help=True
@@ -49,16 +54,21 @@ def audit_list(
     page: int = typer.Option(1, '--page', min=1, max=MAX_PAGE, help='Page number, from 1.'),
     page_size: int = typer.Option(20, '--page-size', min=1, max=100, help='Rows per page (at most 100).'),
     as_json: bool = JSON_OPTION,
+    as_csv: bool = CSV_OPTION,
 ) -> None:
-    """List model requests, newest first."""
+    """List model requests, newest first (the columns that fit the terminal; --json or --csv for all of them)."""
     if failed and succeeded:
         fail('--failed and --succeeded exclude each other', EXIT_USAGE)
+    one_output_format(as_json=as_json, as_csv=as_csv)
     success = False if failed else True if succeeded else None
     filters = ledger_filters(account, agent, model, since, until, success=success, chat_session_id=chat_session)
-    result = run(
-        _with_session, lambda session: list_requests(session=session, filters=filters, page=page, page_size=page_size)
-    )
-    render_page(result, as_json=as_json)
+
+    async def query(session: AsyncSession) -> LedgerPage:
+        from agentrt.services.ledger import list_requests
+
+        return await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+
+    render_page(run(_with_session, query), as_json=as_json, as_csv=as_csv)
 
 
 @audit_app.command('show')
@@ -66,9 +76,16 @@ def audit_show(
     request_id: str = typer.Argument(..., help='The request id, or at least its first 8 hex digits.'),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show one model request with its stored prompt, response or error."""
+    """Show one model request: its columns, then its prompt, response or error as a conversation."""
+    from agentrt.services.ledger import AmbiguousRequestIdError
+
+    async def query(session: AsyncSession) -> LedgerDetail | None:
+        from agentrt.services.ledger import get_request
+
+        return await get_request(session=session, request_id=request_id)
+
     try:
-        detail = run(_with_session, lambda session: get_request(session=session, request_id=request_id))
+        detail = run(_with_session, query)
     except (ValueError, AmbiguousRequestIdError) as exc:
         fail(str(exc), EXIT_USAGE)
     if detail is None:
@@ -76,59 +93,100 @@ def audit_show(
     render_detail(detail, as_json=as_json)
 
 
-def render_page(result: LedgerPage, *, as_json: bool) -> None:
-    """Print one page of requests as a table, or as JSON (decimals as strings, so they stay exact)."""
+def _status(item: LLMRequestRow, *, full: bool) -> str:
+    return f'{item.status}: {item.error_type}' if full and not item.success and item.error_type else item.status
+
+
+# In the order they are shown. The table keeps the essential ones at any width and adds the others, richest
+# variant first, as far as the terminal allows (80 columns: id prefix, time, account, model, status, cost; 120:
+# tokens, latency and the error type too); --json and --csv have every column.
+LIST_COLUMNS: tuple[Column[LLMRequestRow], ...] = (
+    # Ids are time-ordered (UUID version 7): 16 hex digits reach past the millisecond, so they tell rows apart and
+    # `audit show` takes them.
+    Column('id', (lambda r: str(r.id), lambda r: r.id.hex[:16]), essential=True, rank=9),
+    Column(
+        'started (UTC)',
+        (
+            lambda r: r.started_at.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S'),
+            lambda r: r.started_at.astimezone(UTC).strftime('%m-%d %H:%M'),
+        ),
+        essential=True,
+        rank=7,
+    ),
+    Column('account', (lambda r: r.account_slug or dash(r.account_id),), rank=1),
+    Column('agent', (lambda r: r.agent_instance_slug or r.agent_name or '-',), rank=5),
+    Column('model', (lambda r: r.model + (' (stream)' if r.streamed else ''), lambda r: r.model), essential=True),
+    Column('status', (lambda r: _status(r, full=True), lambda r: _status(r, full=False)), essential=True, rank=4),
+    Column('tokens in/out', (lambda r: f'{r.input_tokens:,}/{r.output_tokens:,}',), rank=2, right=True),
+    Column('cost USD', (lambda r: money(r.total_cost),), essential=True, right=True),
+    Column('ms', (lambda r: f'{r.latency_ms:,.0f}',), rank=3, right=True),
+)
+
+
+def render_page(result: LedgerPage, *, as_json: bool, as_csv: bool = False) -> None:
+    """Print one page of requests as a table as wide as the terminal, as JSON (decimals as strings, so they stay
+    exact) or as CSV (every column, a header line first)."""
     if as_json:
         payload = {'page': result.page, 'page_size': result.page_size, 'total': result.total, 'pages': result.pages}
-        print_json({**payload, 'items': [_row_dict(item) for item in result.items]})
+        print_json({**payload, 'items': [row_dict(item) for item in result.items]})
+        return
+    if as_csv:
+        print_csv([row_dict(item) for item in result.items], columns=ledger_columns())
         return
     title = f'model requests: page {result.page} of {result.pages} ({result.total:,} in all)'
-    table = Table(title=title, title_justify='left')
-    for column in ('id', 'started (UTC)', 'account', 'agent', 'model', 'status', 'tokens in/out', 'cost USD', 'ms'):
-        table.add_column(column, no_wrap=column == 'id')
-    for item in result.items:
-        table.add_row(
-            str(item.id),
-            item.started_at.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S'),
-            item.account_slug or dash(item.account_id),
-            item.agent_instance_slug or item.agent_name or '-',
-            item.model + (' (stream)' if item.streamed else ''),
-            item.status if item.success or not item.error_type else f'{item.status}: {item.error_type}',
-            f'{item.input_tokens:,}/{item.output_tokens:,}',
-            money(item.total_cost),
-            f'{item.latency_ms:,.0f}',
-        )
-    console.print(table)
+    console.print(fitted_table(title, LIST_COLUMNS, result.items, width=console.width))
 
 
 def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
-    """Print one request: its columns, then each stored body in full."""
-    contents = [
-        {
-            'kind': c.kind,
-            'size_bytes': c.size_bytes,
-            'truncated': c.truncated,
-            'redactions': c.redactions,
-            'body': c.body,
-        }
-        for c in detail.contents
-    ]
+    """Print one request: its columns, its trace, then each stored body as a conversation (JSON: bodies as JSON
+    values, `format` saying `json`, or `text` for a body that is not JSON, such as one cut at the size cap)."""
+    from rich.table import Table
+
+    from agentrt.agents.cli.transcript import parse_body, render_body
+
+    row = row_dict(detail.request)
     if as_json:
-        print_json({**_row_dict(detail.request), 'contents': contents})
+        contents = []
+        for c in detail.contents:
+            body, is_json = parse_body(c.body, truncated=c.truncated)
+            contents.append(
+                {
+                    'kind': c.kind,
+                    'size_bytes': c.size_bytes,
+                    'truncated': c.truncated,
+                    'redactions': c.redactions,
+                    'format': 'json' if is_json else 'text',
+                    'body': body,
+                }
+            )
+        print_json({**row, 'trace_url': trace_url(detail.request.trace_id), 'contents': contents})
         return
     table = Table(title=f'model request {detail.request.id}', show_header=False, title_justify='left')
-    table.add_column(style='bold')
-    table.add_column()
-    for name, value in _row_dict(detail.request).items():
+    table.add_column(style='bold', no_wrap=True)
+    table.add_column(overflow='fold')
+    for name, value in row.items():
         table.add_row(name, '-' if value is None else str(value))
+    if (link := trace_url(detail.request.trace_id)) is not None:
+        table.add_row('trace', link)
     console.print(table)
-    for content in contents:
-        note = ' (truncated)' if content['truncated'] else ''
-        console.rule(f'{content["kind"]}: {content["size_bytes"]:,} bytes, {content["redactions"]} redacted{note}')
-        console.print(content['body'], markup=False, highlight=False, soft_wrap=True)
+    for content in detail.contents:
+        note = ' (truncated)' if content.truncated else ''
+        console.rule(f'{content.kind}: {content.size_bytes:,} bytes, {content.redactions} redacted{note}')
+        console.print(render_body(content.kind, content.body, truncated=content.truncated), highlight=False)
+
+
+def trace_url(trace_id: str | None) -> str | None:
+    """The trace's address in a tracing backend, from `AGENTRT_TRACE_URL` (e.g. `http://jaeger:16686/trace/{trace_id}`)."""
+    template = os.environ.get(TRACE_URL_ENV, '').strip()
+    if not trace_id or not template:
+        return None
+    return template.replace('{trace_id}', trace_id)
 
 
 async def _with_session(query: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_read_only_session
+
     await init_database()
     try:
         async with get_read_only_session() as session:
@@ -137,5 +195,13 @@ async def _with_session(query: Callable[[AsyncSession], Awaitable[T]]) -> T:
         await close_database()
 
 
-def _row_dict(row: LLMRequestRow) -> dict[str, Any]:
-    return {column.key: getattr(row, column.key) for column in LLMRequestRow.__table__.columns}
+def ledger_columns() -> list[str]:
+    """The columns of a ledger row, in table order."""
+    from agentrt.db.models.ledger import LLMRequestRow
+
+    return [column.key for column in LLMRequestRow.__table__.columns]
+
+
+def row_dict(row: LLMRequestRow) -> dict[str, Any]:
+    """A ledger row as a dict of its columns."""
+    return {key: getattr(row, key) for key in ledger_columns()}

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import uuid
-from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import typer
 from rich.markup import escape
 
-from agentrt.agents.chat_turn import check_turn_input
-from agentrt.agents.cli.support import console, err_console, error_line, run
-from agentrt.agents.runtime import shutdown_runtime
-from agentrt.agents.simple_chat import ChatResult, ToolEvent, simple_chat_stream
-from agentrt.agents.turn_input import validate_identifiers
-from agentrt.db.engine import init_database
+from agentrt.agents.cli.support import console, err_console, run
 from agentrt.db.errors import (
     DatabaseUnavailableError,
     InvalidInputError,
@@ -25,26 +17,31 @@ from agentrt.db.errors import (
     ModelProviderError,
     TurnLimitExceededError,
 )
-from agentrt.db.session import get_db_session
-from agentrt.services.conversations import ConcurrentTurnError
-from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
-EXIT_COMMANDS = {'exit', 'quit', ':q'}
-# What can fail one turn of an interactive conversation without ending it.
-TURN_ERRORS = (
-    ConcurrentTurnError,
-    DatabaseUnavailableError,
-    InvalidInputError,
-    ModelBehaviorError,
-    ModelProviderError,
-    TurnLimitExceededError,
-)
+if TYPE_CHECKING:
+    from agentrt.agents.simple_chat import ChatResult, ToolEvent
+
+DEFAULT_ACCOUNT = 'acme-health'  # services.demo_data.MEDICAL_ACCOUNT, not imported here: `chat --help` stays fast
+
+
+def turn_errors() -> tuple[type[BaseException], ...]:
+    """What can fail one turn of an interactive conversation without ending it."""
+    from agentrt.services.conversations import ConcurrentTurnError
+
+    return (
+        ConcurrentTurnError,
+        DatabaseUnavailableError,
+        InvalidInputError,
+        ModelBehaviorError,
+        ModelProviderError,
+        TurnLimitExceededError,
+    )
 
 
 def chat(
     message: str | None = typer.Argument(None, help='Your message; omit it for an interactive conversation.'),
     session: str | None = typer.Option(None, '--session', '-s', help='Conversation id to continue.'),
-    account: str = typer.Option(MEDICAL_ACCOUNT, '--account', '-a', help='Account slug (tenant).'),
+    account: str = typer.Option(DEFAULT_ACCOUNT, '--account', '-a', help='Account slug (tenant).'),
     agent: str | None = typer.Option(None, '--agent', help='Agent slug of the account (default: its first agent).'),
     model: str | None = typer.Option(None, '--model', '-m', help="'demo' or a pydantic-ai model string."),
     delay: float = typer.Option(0.02, '--delay', min=0, max=2, help='Pause between words of the demo model (s).'),
@@ -57,6 +54,11 @@ def chat(
 async def _chat(
     message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
+    from agentrt.agents.chat_turn import check_turn_input
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.agents.turn_input import validate_identifiers
+    from agentrt.db.engine import current_settings, init_database
+
     # Bad flags and a bad message fail here, before the database starts or anything is billed.
     if message is None:
         validate_identifiers(session_id=session_id, account=account, agent_instance=agent)
@@ -71,54 +73,28 @@ async def _chat(
         if message is not None:
             await _turn(message, session_id, account, agent, model, delay)
             return
-        err_console.print(f'conversation {session_id}; type exit or press Ctrl-D to leave', style='dim')
-        while True:
-            try:
-                line = await _read_line('[bold cyan]you>[/] ')
-            except EOFError:
-                break
-            if line.strip().lower() in EXIT_COMMANDS:
-                break
-            if not line.strip():
-                continue
-            try:
-                await _turn(line, session_id, account, agent, model, delay)
-            except TURN_ERRORS as exc:  # one failed turn (a line too long, a rate limit...) does not end the chat
-                error_line(str(exc))
+        from agentrt.agents.cli.chat_input import history_path, open_line_source
+        from agentrt.agents.cli.chat_loop import converse
+
+        lines = open_line_source(history_path(current_settings().data_dir))
+        err_console.print(
+            f'conversation {session_id}; Ctrl-C stops an answer, Ctrl-D (or exit) leaves', style='dim', highlight=False
+        )
+        await converse(lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors())
     finally:
         await shutdown_runtime()
 
 
-async def _read_line(prompt: str) -> str:
-    """One line from the terminal, read in a daemon thread: a signal that stops the command while it waits for
-    input must not leave the process waiting for that thread at exit."""
-    loop = asyncio.get_running_loop()
-    line: asyncio.Future[str] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not line.done():
-            outcome()
-
-    def read() -> None:
-        try:
-            text = console.input(prompt)
-        except BaseException as exc:  # EOFError at Ctrl-D, anything else the terminal raises
-            error = exc
-            loop.call_soon_threadsafe(settle, lambda: line.set_exception(error))
-        else:
-            loop.call_soon_threadsafe(settle, lambda: line.set_result(text))
-
-    threading.Thread(target=read, name='agentrt-chat-input', daemon=True).start()
-    return await line
-
-
 async def _seed_demo_if_empty(account: str) -> None:
     """On a fresh install, `agentrt chat` seeds the demo data itself rather than failing."""
-    if account != MEDICAL_ACCOUNT:
-        return
     from sqlalchemy import select
 
     from agentrt.db.models import Account
+    from agentrt.db.session import get_db_session
+    from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+
+    if account != MEDICAL_ACCOUNT:
+        return
 
     async with get_db_session() as session:
         if (await session.execute(select(Account.id).limit(1))).first() is not None:
@@ -130,6 +106,8 @@ async def _seed_demo_if_empty(account: str) -> None:
 async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
+    from agentrt.agents.simple_chat import simple_chat_stream
+
     display = _Display()
     try:
         async with simple_chat_stream(

@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from agentrt.agents.cli.filters import (
     ACCOUNT_OPTION,
     AGENT_OPTION,
+    CSV_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
     ledger_filters,
     money,
+    one_output_format,
 )
+from agentrt.agents.cli.output import print_csv
 from agentrt.agents.cli.support import EXIT_USAGE, console, fail, print_json, run
-from agentrt.db.engine import close_database, init_database
-from agentrt.db.session import get_read_only_session
-from agentrt.services.ledger import (
-    COST_GROUPINGS,
-    CostGrouping,
-    CostSummary,
-    LedgerFilters,
-    RollupCannotAnswer,
-    roll_up_pending,
-    summarise_costs,
-)
 
+if TYPE_CHECKING:
+    from agentrt.services.ledger import CostGrouping, CostSummary, LedgerFilters
+
+# services.ledger.COST_GROUPINGS, not imported here (`costs --help` stays fast; a test checks they agree).
+COST_GROUPINGS = ('account', 'agent', 'model', 'day')
 COST_SOURCES = ('rollup', 'ledger')
 ROLLUP_CATCH_UP = timedelta(days=7)
 
@@ -46,15 +43,17 @@ def costs(
         'rollup', '--source', help='rollup: the daily usage rollup kept after each chat turn; ledger: scan the ledger.'
     ),
     as_json: bool = JSON_OPTION,
+    as_csv: bool = CSV_OPTION,
 ) -> None:
     """Sum model requests, tokens and cost (USD, from genai-prices) per account, agent, model or day."""
     if by not in COST_GROUPINGS:
         fail(f'--by must be one of {", ".join(COST_GROUPINGS)}, got {by!r}', EXIT_USAGE)
     if source not in COST_SOURCES:
         fail(f'--source must be one of {", ".join(COST_SOURCES)}, got {source!r}', EXIT_USAGE)
+    one_output_format(as_json=as_json, as_csv=as_csv)
     filters = ledger_filters(account, agent, model, since, until)
     rows = run(_cost_rows, by, filters, source)
-    render_costs(by, rows, as_json=as_json)
+    render_costs(by, rows, as_json=as_json, as_csv=as_csv)
 
 
 async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> list[CostSummary]:
@@ -63,6 +62,10 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
     Post-turn work keeps the rollup current for chat turns; ledger rows written by other agents are caught up
     here first (the last `ROLLUP_CATCH_UP`), each counted once however often this runs.
     """
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_read_only_session
+    from agentrt.services.ledger import RollupCannotAnswer, roll_up_pending, summarise_costs
+
     await init_database()
     try:
         if source == 'rollup':
@@ -78,11 +81,22 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
         await close_database()
 
 
-def render_costs(by: str, rows: list[CostSummary], *, as_json: bool) -> None:
-    """Print cost totals per group as a table, or as JSON."""
+def render_costs(by: str, rows: list[CostSummary], *, as_json: bool, as_csv: bool = False) -> None:
+    """Print cost totals per group as a table, as JSON, or as CSV (`key` named after the grouping)."""
     if as_json:
         print_json({'by': by, 'groups': [asdict(row) for row in rows]})
         return
+    if as_csv:
+        from agentrt.services.ledger import CostSummary
+
+        names = [field.name for field in fields(CostSummary)]
+        print_csv(
+            [{by if k == 'key' else k: v for k, v in asdict(row).items()} for row in rows],
+            columns=[by if name == 'key' else name for name in names],
+        )
+        return
+    from rich.table import Table
+
     table = Table(title=f'costs by {by}', title_justify='left')
     for column in (by, 'requests', 'failed', 'tokens in', 'tokens out', 'cost USD', 'unpriced'):
         table.add_column(column, justify='left' if column == by else 'right')

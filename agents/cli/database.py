@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from agentrt.agents.cli.support import console, run
-from agentrt.db.engine import close_database, current_settings, get_engine, init_database, server_info
-from agentrt.db.migrate import current_revision, head_revision, upgrade
-from agentrt.db.session import get_db_session
-from agentrt.db.status import server_version, table_counts
-from agentrt.services.demo_data import seed_demo_data
 
 db_app = typer.Typer(help='Database: status, migrations and demo data.', no_args_is_help=True)
 
@@ -22,6 +16,14 @@ def status() -> None:
 
 
 async def _status() -> None:
+    from rich.table import Table
+
+    from agentrt.agents.observability import trace_export
+    from agentrt.db.engine import close_database, current_settings, get_engine, init_database, server_info
+    from agentrt.db.migrate import current_revision, head_revision
+    from agentrt.db.session import get_db_session
+    from agentrt.db.status import server_version, table_counts
+
     await init_database(migrate=False)
     try:
         info = server_info()
@@ -51,6 +53,7 @@ async def _status() -> None:
         f'statement {settings.statement_timeout_ms} ms, lock {settings.lock_timeout_ms} ms, '
         f'connect {settings.connect_timeout:g}s',
     )
+    table.add_row('tracing', trace_export().describe())
     for name, count in counts.items():
         table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else f'{count:,}')
     console.print(table)
@@ -63,6 +66,9 @@ def upgrade_cmd(revision: str = typer.Argument('head', help='Target revision.'))
 
 
 async def _upgrade(revision: str) -> None:
+    from agentrt.db.engine import close_database, get_engine, init_database
+    from agentrt.db.migrate import current_revision, upgrade
+
     await init_database(migrate=False)
     try:
         before = await current_revision(get_engine())
@@ -80,6 +86,10 @@ def seed() -> None:
 
 
 async def _seed() -> None:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_db_session
+    from agentrt.services.demo_data import seed_demo_data
+
     await init_database()
     try:
         async with get_db_session() as session:

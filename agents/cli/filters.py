@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from agentrt.agents.cli.support import EXIT_USAGE, fail
-from agentrt.services.ledger import LedgerFilters
+
+if TYPE_CHECKING:
+    from agentrt.services.ledger import LedgerFilters
 
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
 JSON_OPTION = typer.Option(False, '--json', help='Print JSON for scripts instead of a table.')
+CSV_OPTION = typer.Option(False, '--csv', help='Print CSV (every column, a header line first) instead of a table.')
 ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id.')
 AGENT_OPTION = typer.Option(None, '--agent', help='Agent instance slug or agent name.')
 MODEL_OPTION = typer.Option(None, '--model', help='Model name (requested or reported).')
@@ -31,6 +34,8 @@ def ledger_filters(
     chat_session_id: str | None = None,
 ) -> LedgerFilters:
     """The filters the options name; a usage error (exit 2) for a time that does not parse."""
+    from agentrt.services.ledger import LedgerFilters
+
     return LedgerFilters(
         account=account_option(account),
         agent=agent,
@@ -40,6 +45,12 @@ def ledger_filters(
         success=success,
         chat_session_id=chat_session_id,
     )
+
+
+def one_output_format(*, as_json: bool, as_csv: bool) -> None:
+    """A usage error (exit 2) when both `--json` and `--csv` are given."""
+    if as_json and as_csv:
+        fail('--json and --csv exclude each other', EXIT_USAGE)
 
 
 def account_option(value: str | None) -> str | int | None:

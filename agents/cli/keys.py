@@ -5,24 +5,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
-from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.cli.filters import JSON_OPTION
 from agentrt.agents.cli.support import console, err_console, print_json, run
-from agentrt.db.engine import close_database, init_database
-from agentrt.db.models import API_KEY_SCOPES
-from agentrt.db.session import get_db_session
-from agentrt.services.api_keys import (
-    ApiKeyInfo,
-    NewApiKey,
-    create_api_key,
-    list_api_keys,
-    revoke_api_key,
-)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from agentrt.services.api_keys import ApiKeyInfo, NewApiKey
+
+# agentrt.db.models.API_KEY_SCOPES, not imported here (`keys --help` stays fast; a test checks they agree).
+API_KEY_SCOPES = ('chat', 'read')
 
 T = TypeVar('T')
 
@@ -44,6 +40,8 @@ def create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a key and print it: this is the only time the whole key is shown."""
+    from agentrt.services.api_keys import create_api_key
+
     created: NewApiKey = run(
         _with_session, lambda s: create_api_key(session=s, account=account, name=name, scopes=scope)
     )
@@ -65,6 +63,10 @@ def list_keys(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List keys (never their secrets), oldest first."""
+    from rich.table import Table
+
+    from agentrt.services.api_keys import list_api_keys
+
     keys: list[ApiKeyInfo] = run(
         _with_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
     )
@@ -93,6 +95,8 @@ def revoke(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Revoke a key: servers refuse it within AGENTRT_API_KEY_CACHE_SECONDS (30 s by default)."""
+    from agentrt.services.api_keys import revoke_api_key
+
     revoked: ApiKeyInfo = run(_with_session, lambda s: revoke_api_key(session=s, key=key))
     if as_json:
         print_json(asdict(revoked))
@@ -101,6 +105,9 @@ def revoke(
 
 
 async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_db_session
+
     await init_database()
     try:
         async with get_db_session() as session:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION
 from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, fail, print_json, run
-from agentrt.db.engine import close_database, init_database
-from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, ReplayReport, roll_up_pending
+
+if TYPE_CHECKING:
+    from agentrt.services.ledger import ReplayReport
 
 ledger_app = typer.Typer(help='The LLM ledger: replay rows spooled while the database was down.', no_args_is_help=True)
 
@@ -39,6 +41,9 @@ def replay(
 
 
 async def _replay(spool: Path | None) -> ReplayReport:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, roll_up_pending
+
     await init_database()
     try:
         config = LedgerConfig.from_env()

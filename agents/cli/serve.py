@@ -10,7 +10,6 @@ from typing import Any
 import typer
 
 from agentrt.agents.cli.support import EXIT_USAGE, fail, run
-from agentrt.db.engine import close_database, init_database
 
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
@@ -63,6 +62,8 @@ def missing_http_packages() -> list[str]:
 
 
 async def _check_database() -> None:
+    from agentrt.db.engine import close_database, init_database
+
     await init_database()
     await close_database()
 

@@ -7,7 +7,7 @@ only with `agentrt --debug ...` or `AGENTRT_DEBUG=1`; an unexpected exception (a
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import logging
 import os
@@ -16,19 +16,21 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
+from typer._click import Command, Context, HelpFormatter
 from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from agentrt.db.errors import (
     AgentRuntimeError,
+    BudgetExceededError,
     ConfigError,
     DatabaseUnavailableError,
     EmbeddedPostgresError,
@@ -38,9 +40,6 @@ from agentrt.db.errors import (
     ModelProviderError,
     TurnLimitExceededError,
 )
-from agentrt.db.failures import invalid_value
-from agentrt.services.conversations import ConcurrentTurnError
-from agentrt.services.tenancy import UnknownTenantError
 
 T = TypeVar('T')
 
@@ -56,23 +55,33 @@ EXIT_PROVIDER = 6
 EXIT_LIMIT = 7
 EXIT_CONFLICT = 8
 EXIT_MODEL_BEHAVIOR = 9
+EXIT_BUDGET = 10
 EXIT_INTERNAL = 70
 EXIT_SIGNAL_BASE = 128  # + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
-# The most specific class first: the first match decides the exit code.
+# The most specific class first: the first match decides the exit code. The errors of the services layer join in
+# `exit_codes()`, imported only when an error is reported (importing them costs `agentrt --help` its speed).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, EXIT_USAGE),
     (InvalidInputError, EXIT_USAGE),
-    (UnknownTenantError, EXIT_USAGE),
     (DatabaseUnavailableError, EXIT_DATABASE),
     (EmbeddedPostgresError, EXIT_EMBEDDED),
     (MigrationError, EXIT_MIGRATION),
     (ModelProviderError, EXIT_PROVIDER),
     (TurnLimitExceededError, EXIT_LIMIT),
-    (ConcurrentTurnError, EXIT_CONFLICT),
     (ModelBehaviorError, EXIT_MODEL_BEHAVIOR),
+    (BudgetExceededError, EXIT_BUDGET),
     (AgentRuntimeError, EXIT_FAILURE),
 )
+
+
+def exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
+    """`EXIT_CODES` with the service errors that subclass `AgentRuntimeError` ahead of it."""
+    from agentrt.services.conversations import ConcurrentTurnError
+    from agentrt.services.tenancy import UnknownTenantError
+
+    return ((UnknownTenantError, EXIT_USAGE), (ConcurrentTurnError, EXIT_CONFLICT), *EXIT_CODES)
+
 
 _debug = False
 
@@ -98,6 +107,8 @@ def debug_enabled() -> bool:
 
 def setup_logging(verbose: bool = False) -> None:
     """Show the runtime's own one-line notices on stderr; keep libraries quiet unless verbose."""
+    from rich.logging import RichHandler
+
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     handler.addFilter(_one_line_unless_debug)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format='%(message)s', force=True)
@@ -137,14 +148,22 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     """Run a command's coroutine to completion; SIGTERM and SIGHUP stop it as Ctrl-C does.
 
-    A signal cancels the coroutine, so its `finally` blocks run (a chat turn's ledger row recorded, the ledger
-    flushed or spooled, the pool closed) before the process exits, and the embedded server is stopped by the last
-    process using it. Errors go to the CLI's error boundary (`AgentrtGroup`).
+    Tracing is set up first, as the environment asks (`configure_observability()`; `--trace` sets
+    `LOGFIRE_CONSOLE`). A signal cancels the coroutine, so its `finally` blocks run (a chat turn's ledger row
+    recorded, the ledger flushed or spooled, the pool closed) before the process exits, and the embedded server is
+    stopped by the last process using it. Errors go to the CLI's error boundary (`AgentrtGroup`).
     """
+    import asyncio  # here: `agentrt --help` and `--version` do without it
+
+    from agentrt.agents.observability import configure_observability
+
+    configure_observability()
     return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
 
 
 async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     received: list[int] = []
@@ -173,8 +192,71 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command of `agentrt`, imported only when it runs (or its own `--help` is asked for).
+
+    `target` is `'module:attribute'`: a `typer.Typer` (a group of subcommands, e.g. `agentrt db ...`) or a command
+    function. `help` is its line in `agentrt --help`, which lists every command without importing any.
+    """
+
+    name: str
+    target: str
+    help: str
+
+    def load(self) -> Command:
+        """Import the command and build it."""
+        module, _, attribute = self.target.partition(':')
+        found = getattr(importlib.import_module(module), attribute)
+        if isinstance(found, typer.Typer):  # a group, even of one subcommand (`agentrt ledger replay`)
+            command: Command = typer.main.get_group(found)
+        else:
+            command = typer.main.get_command(_single_command(self.name, found))
+        command.name = self.name
+        return command
+
+
+class _Unloaded(TyperCommand):
+    """What `agentrt --help` lists for a command not imported yet: its name and help line."""
+
+    def __init__(self, lazy: LazyCommand) -> None:
+        super().__init__(lazy.name, help=lazy.help)
+        self.lazy = lazy
+
+
+def _single_command(name: str, function: Callable[..., Any]) -> typer.Typer:
+    app = typer.Typer()
+    app.command(name)(function)
+    return app
+
+
 class AgentrtGroup(TyperGroup):
-    """The root command: the CLI's one error boundary (see the module docstring)."""
+    """The root command: the CLI's one error boundary (see the module docstring), and its commands loaded lazily.
+
+    A subclass lists its commands in `lazy_commands` (see `agentrt.agents.cli`); each module is imported when its
+    command is used, inside the boundary, so `agentrt --help` and `agentrt --version` import none of them.
+    """
+
+    lazy_commands: ClassVar[Sequence[LazyCommand]] = ()
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self._listing = False
+        for lazy in self.lazy_commands:
+            self.commands.setdefault(lazy.name, _Unloaded(lazy))
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = self.commands.get(cmd_name)
+        if isinstance(command, _Unloaded) and not self._listing:
+            command = self.commands[cmd_name] = command.lazy.load()
+        return command
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        self._listing = True  # list the commands by their help lines, without importing them
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
     def main(  # type: ignore[override]
         self,
@@ -219,10 +301,12 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, Stopped):
         error_line(f'stopped by {exc}; nothing in progress was saved')
         return EXIT_SIGNAL_BASE + exc.signum
-    for cls, code in EXIT_CODES:
+    for cls, code in exit_codes():
         if isinstance(exc, cls):
             error_line(str(exc) or type(exc).__name__)
             return code
+    from agentrt.db.failures import invalid_value
+
     if (invalid := invalid_value(exc)) is not None:
         error_line(f'a value given is not valid for the database: {invalid}')
         return EXIT_USAGE

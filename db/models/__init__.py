@@ -2,6 +2,13 @@
 
 from agentrt.db.models.api_keys import API_KEY_SCOPES, ApiKey
 from agentrt.db.models.base import Base
+from agentrt.db.models.budgets import (
+    BUDGET_PERIODS,
+    AccountBudget,
+    BudgetPeriod,
+    BudgetReservation,
+    BudgetSettlement,
+)
 from agentrt.db.models.conversations import ConversationEntryRow, ConversationRow, ConversationTurnRow
 from agentrt.db.models.directory import DirectoryEntry
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow  # noqa: F401 - registers the ledger tables
@@ -10,10 +17,15 @@ from agentrt.db.models.usage_rollups import UsageDailyRollup, UsageRolledUpReque
 
 __all__ = [
     'API_KEY_SCOPES',
+    'BUDGET_PERIODS',
     'Account',
+    'AccountBudget',
     'AgentInstance',
     'ApiKey',
     'Base',
+    'BudgetPeriod',
+    'BudgetReservation',
+    'BudgetSettlement',
     'ConversationEntryRow',
     'ConversationRow',
     'ConversationTurnRow',

@@ -26,7 +26,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from agentrt.db.models.base import Base
 
-REQUEST_STATUSES = ('complete', 'error', 'cancelled')
+REQUEST_STATUSES = ('complete', 'error', 'cancelled', 'refused')
+"""`refused`: a budget refused the request before it was sent (cost 0; not a model request in costs)."""
 CONTENT_KINDS = ('prompt', 'response', 'error')
 
 
@@ -85,6 +86,9 @@ class LLMRequestRow(Base):
     # The HTTP status a failed request was answered with (429, 500...); NULL without an HTTP answer (migration 0008).
     error_status_code: Mapped[int | None] = mapped_column(Integer)
     provider_response_id: Mapped[str | None] = mapped_column(String(200))
+    # The OpenTelemetry trace of the request (32 hex digits): the link from `agentrt audit show` to a tracing backend;
+    # NULL when no trace was being recorded (migration 0010).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)

@@ -8,14 +8,19 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
+from opentelemetry import trace
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
+from agentrt.db.errors import BudgetExceededError
+from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, release
+from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
@@ -32,6 +37,7 @@ class _InFlight:
     started: float
     started_at: Any
     streamed: bool
+    trace_id: str | None
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
@@ -62,11 +68,14 @@ class _RunLedger:
 
     tracker: LLMRequestTracker
     identity: LedgerIdentity
+    budget: BudgetConfig
     current: _InFlight | None = None
     cut: _Cut | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
     bodies: RunBodies = field(default_factory=RunBodies)
     """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
+    sizes: RequestSizes = field(default_factory=RequestSizes)
+    """The run's message sizes (the budget's input bound), each message measured once however often it is resent."""
 
 
 @dataclass
@@ -82,6 +91,10 @@ class LedgerCapability(AbstractCapability[Any]):
     writes them in its own side sessions (never a tool's or the caller's); the run waits for them
     to be durable at its end (committed, or spooled when the database is down), at most
     `ack_timeout` seconds, and never fails because of billing.
+
+    Budgets: before the request is sent, what it can cost at most is held of its account's budget and its
+    `max_tokens` capped to what was held (`_admission.py`); the writer settles the hold with the row. A request the
+    budget refuses raises `BudgetExceededError` and is recorded as a `refused` row (cost 0); nothing is sent.
     """
 
     tracker: LLMRequestTracker | None = None
@@ -94,16 +107,22 @@ class LedgerCapability(AbstractCapability[Any]):
     """The longest a run waits for that; past it the run goes on and the writes finish behind it."""
     measure_time_to_first_token: bool = True
     """Record the time to the first chunk of streamed requests."""
+    budget: BudgetConfig | None = None
+    """The budget knobs; `AGENTRT_BUDGET*` of the running settings when `None` (`BudgetConfig(enabled=False)`: none)."""
     _run: _RunLedger | None = field(default=None, repr=False, compare=False)
 
     async def for_run(self, ctx: Any) -> LedgerCapability:
         """A per-run copy, so concurrent runs never share in-flight state."""
-        return replace(self, _run=_RunLedger(self.tracker or get_request_tracker(), identity_of(ctx.deps)))
+        return replace(self, _run=self._new_run(ctx))
 
     def _state(self, ctx: Any) -> _RunLedger:
         if self._run is None:  # used outside `for_run` (a hand-driven capability): still record
-            self._run = _RunLedger(self.tracker or get_request_tracker(), identity_of(ctx.deps))
+            self._run = self._new_run(ctx)
         return self._run
+
+    def _new_run(self, ctx: Any) -> _RunLedger:
+        tracker = self.tracker or get_request_tracker()
+        return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current())
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
         """Run, then wait (bounded) until this run's ledger rows are durable.
@@ -145,15 +164,25 @@ class LedgerCapability(AbstractCapability[Any]):
         return _StreamProbe(model, flight)
 
     async def wrap_model_request(self, ctx: Any, *, request_context: ModelRequestContext, handler: Any) -> Any:
-        """Mint the ledger key, send the request, and record the outcome whatever it is."""
+        """Mint the ledger key, hold the budget, send the request, and record the outcome whatever it is."""
         state = self._state(ctx)
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
-        flight = _InFlight(new_request_id(), time.perf_counter(), utc_now(), bool(request_context.streaming))
+        request_id, started_at = new_request_id(), utc_now()
+        try:
+            hold = await admit(state.identity, request_context, request_id, started_at, state.sizes, state.budget)
+        except BudgetExceededError as exc:
+            self._record_refused(ctx, state, request_context, request_id, started_at, exc)
+            raise
+        flight = _InFlight(
+            request_id, time.perf_counter(), started_at, bool(request_context.streaming), _current_trace_id()
+        )
         state.current = flight
         try:
             response = await handler(request_context)
         except SkipModelRequest:
             state.current = None  # nothing was sent
+            if hold is not None:
+                await _release(hold)
             raise
         except asyncio.CancelledError as exc:
             if not flight.streamed:
@@ -193,6 +222,44 @@ class LedgerCapability(AbstractCapability[Any]):
         except Exception:  # billing must never fail the chat
             logger.exception('ledger: could not record model request %s', flight.id)
 
+    def _record_refused(
+        self,
+        ctx: Any,
+        state: _RunLedger,
+        request_context: ModelRequestContext,
+        request_id: Any,
+        started_at: Any,
+        error: BudgetExceededError,
+    ) -> None:
+        """The ledger row of a request the budget refused: status `refused`, no tokens, cost 0, the error's text."""
+        try:
+            record = LedgerRecord(
+                id=request_id,
+                model=request_context.model.model_name,
+                streamed=bool(request_context.streaming),
+                status='refused',
+                success=False,
+                latency_ms=0.0,
+                started_at=started_at,
+                finished_at=utc_now(),
+                run_id=ctx.run_id,
+                run_step=ctx.run_step,
+                conversation_id=ctx.conversation_id,
+                agent_name=getattr(ctx.agent, 'name', None),
+                provider=request_context.model.system,
+                input_cost=Decimal(0),
+                output_cost=Decimal(0),
+                total_cost=Decimal(0),
+                price_source='budget: refused, not sent',
+                trace_id=_current_trace_id(),
+                error_type=type(error).__qualname__,
+                error_message=str(error),
+                **asdict(state.identity),
+            )
+            state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
+        except Exception:  # the refusal stands whether or not its row can be recorded
+            logger.exception('ledger: could not record the refused model request %s', request_id)
+
     def _build(
         self,
         ctx: Any,
@@ -226,6 +293,7 @@ class LedgerCapability(AbstractCapability[Any]):
             conversation_id=ctx.conversation_id,
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
+            trace_id=flight.trace_id,
             **asdict(state.identity),
         )
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
@@ -246,6 +314,20 @@ class LedgerCapability(AbstractCapability[Any]):
         if self.store_content:
             record.raw_contents = _contents(state.bodies, request_context, seen, error)
         return record
+
+
+async def _release(hold: Hold) -> None:
+    """Give back the hold of a request that was never sent; the sweeper does it if this cannot."""
+    try:
+        await asyncio.shield(release(hold))
+    except Exception:
+        logger.warning('ledger: could not release the budget hold of %s; the sweeper will', hold.id, exc_info=True)
+
+
+def _current_trace_id() -> str | None:
+    """The trace the request is made in (the run's, when pydantic-ai is instrumented), as 32 hex digits."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid and context.trace_flags.sampled else None
 
 
 def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:

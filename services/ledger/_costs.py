@@ -66,6 +66,8 @@ async def summarise_costs(
     if source not in COST_SOURCES:
         raise ValueError(f'unknown cost source {source!r}; choose one of {", ".join(COST_SOURCES)}')
     conditions = (filters or LedgerFilters()).conditions(source)
+    if source == 'ledger':  # a request a budget refused was never sent: it is in the audit, not in the costs
+        conditions.append(LLMRequestRow.status != 'refused')
     key = _group_key(by, source).label('key')
     totals = _ledger_totals() if source == 'ledger' else _rollup_totals()
     columns = [expression.label(name) for name, expression in totals.items()]

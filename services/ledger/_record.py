@@ -20,7 +20,7 @@ from agentrt.services.ledger.redaction import redact_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
 
-Status = Literal['complete', 'error', 'cancelled']
+Status = Literal['complete', 'error', 'cancelled', 'refused']
 RawBody = bytes | str | Body
 """A body to store: a `Body` (JSON-able values, redacted string by string), or text that is redacted as it is."""
 
@@ -48,6 +48,7 @@ _STRING_LIMITS = {
     'finish_reason': 32,
     'error_type': 200,
     'provider_response_id': 200,
+    'trace_id': 32,
 }
 
 
@@ -147,6 +148,8 @@ class LedgerRecord:
     error_message: str | None = None
     error_status_code: int | None = None
     provider_response_id: str | None = None
+    trace_id: str | None = None
+    """The OpenTelemetry trace the request was made in (32 hex digits), when one was being recorded."""
     # The bodies to store: redacted, rendered and capped by `prepare()`, in the tracker's worker thread.
     raw_contents: list[tuple[ContentKind, RawBody]] = field(default_factory=list)
     # The response to split the cost of; `resolve_costs()` consumes it. Kept out of rows and the spool.

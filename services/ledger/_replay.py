@@ -18,8 +18,8 @@ from agentrt.services.ledger._writes import (
     CONTENT_INSERT,
     SessionFactory,
     database_unavailable,
-    insert_ledger_counting,
     insert_rows,
+    write_ledger_rows,
 )
 
 logger = logging.getLogger('agentrt.ledger')
@@ -99,7 +99,7 @@ async def _replay_file(
             rows.append(row)
             contents += row_contents
         inserted = await retry_transient(
-            partial(insert_ledger_counting, session_factory, rows), policy, what='ledger replay', on_retry=on_retry
+            partial(write_ledger_rows, session_factory, rows), policy, what='ledger replay', on_retry=on_retry
         )
         counts['rows'] += len(rows)
         counts['inserted'] += inserted

@@ -64,7 +64,8 @@ _LEDGER_LABELS = ', '.join(f'max(r.{name}) AS {name}' for name in _LABELS)
 _COLUMNS = f'{_KEY}, {", ".join(_LABELS)}, {", ".join(_COUNTERS)}'
 
 # Claim the matching ledger rows nobody counted yet (the claim is the idempotency key: a retried or
-# concurrent roll-up claims nothing twice), then add just those rows to their buckets. Sorted so two
+# concurrent roll-up claims nothing twice), then add just those rows to their buckets; rows a budget refused are
+# claimed (so they are not looked at again) but not counted: those requests were never sent. Sorted so two
 # roll-ups touching the same buckets lock them in the same order and cannot deadlock.
 _ROLL_UP = f"""
 WITH claimed AS (
@@ -79,6 +80,7 @@ WITH claimed AS (
 INSERT INTO usage_daily_rollups ({_COLUMNS})
 SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
 FROM llm_requests AS r JOIN claimed AS c ON c.request_id = r.id
+WHERE r.status <> 'refused'
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4
 ON CONFLICT ON CONSTRAINT uq_usage_daily_rollups_day_account_id_agent_instance_id_model DO UPDATE SET
@@ -100,6 +102,7 @@ WITH in_range AS (
 INSERT INTO usage_daily_rollups ({_COLUMNS})
 SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
 FROM llm_requests AS r JOIN in_range AS i ON i.id = r.id
+WHERE r.status <> 'refused'
 GROUP BY 1, 2, 3, 4
 """)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
@@ -19,15 +21,10 @@ from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport, replay_spool
 from agentrt.services.ledger._retry import retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import (
-    CONTENT_INSERT,
-    LEDGER_INSERT,
-    SessionFactory,
-    database_unavailable,
-    insert_together,
-)
+from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
 logger = logging.getLogger('agentrt.ledger')
+_tracer = trace.get_tracer('agentrt.ledger')
 
 __all__ = [
     'LLMRequestTracker',
@@ -48,7 +45,8 @@ class LLMRequestTracker:
     thread (`LedgerRecord.prepare()`: pricing, redaction, serialisation), never on the event loop, and records are
     prepared side by side, so a huge hostile message delays only its own row. One writer task group-commits the
     rows that are ready, with their contents, in one transaction (`INSERT ... ON CONFLICT DO NOTHING` for the rows,
-    then for the contents, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
+    then for the contents, then the budget holds of the new rows are settled, in a side session with lock and
+    statement timeouts), so 200 concurrent chats cost one
     connection, not 200, and a turn's rows cost at most one transaction each. The spool is replayed after a later
     successful write, and by `replay_spool()`. Nothing raises into the caller: failures are logged and counted in
     `stats`.
@@ -105,7 +103,11 @@ class LLMRequestTracker:
         queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
-            queues.ledger_task = loop.create_task(self._ledger_worker(queues), name='agentrt-ledger-writer')
+            # A context of its own: the writer outlives the request that started it and writes other requests' rows,
+            # so its spans must not join that request's trace (each batch is a trace of its own).
+            queues.ledger_task = loop.create_task(
+                self._ledger_worker(queues), name='agentrt-ledger-writer', context=contextvars.Context()
+            )
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
 
@@ -159,9 +161,9 @@ class LLMRequestTracker:
     def _retried(self, exc: BaseException) -> None:
         self.stats.retries += 1
 
-    async def _retrying(self, inserts: list[tuple[Any, list[dict[str, Any]]]], what: str) -> None:
+    async def _retrying(self, rows: list[dict[str, Any]], contents: list[dict[str, Any]], what: str) -> None:
         await retry_transient(
-            lambda: insert_together(self._session_factory, inserts),
+            lambda: write_ledger_rows(self._session_factory, rows, contents),
             self.config.retry,
             what=what,
             on_retry=self._retried,
@@ -226,7 +228,10 @@ class LLMRequestTracker:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
-            await self._retrying([(LEDGER_INSERT, rows), (CONTENT_INSERT, contents)], 'ledger write')
+            with _tracer.start_as_current_span(
+                'ledger write', attributes={'rows': len(rows), 'contents': len(contents)}
+            ):
+                await self._retrying(rows, contents, 'ledger write')
         except Exception as exc:
             if not database_unavailable(exc):
                 if len(items) > 1:  # one bad row or body must not take the batch with it: one request at a time
@@ -248,7 +253,7 @@ class LLMRequestTracker:
     ) -> WriteOutcome:
         """The database refused a request's row with its contents: store the row (billing) and log the contents."""
         try:
-            await self._retrying([(LEDGER_INSERT, [row])], 'ledger write')
+            await self._retrying([row], [], 'ledger write')
         except Exception as exc:
             logger.warning('ledger: 1 row not written (%s: %s); spooling', type(exc).__name__, exc)
             return await self._spool_entries([item.record.spool_entry(self._content_cap)], rows=1)
@@ -317,7 +322,9 @@ class LLMRequestTracker:
             return
         if pending:
             self._spool_dirty = False
-            queues.replay_task = asyncio.get_running_loop().create_task(self._background_replay(queues))
+            queues.replay_task = asyncio.get_running_loop().create_task(
+                self._background_replay(queues), context=contextvars.Context()
+            )
 
     async def _background_replay(self, queues: LoopQueues) -> None:
         try:

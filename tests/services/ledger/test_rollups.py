@@ -19,6 +19,7 @@ from agentrt.db.session import get_db_session
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import recompute_usage_rollups, roll_up_account_usage, roll_up_pending, summarise_costs
 from agentrt.services.post_turn import schedule_post_turn_work
+from tests.factories import ledger_record, write_ledger_row
 from tests.services.ledger.usage_oracle import GROUPINGS, ledger_totals, rollup_totals
 from tests.services.ledger.usage_rows import ledger_row as _ledger
 from tests.services.ledger.usage_rows import tenants as _tenants
@@ -66,6 +67,21 @@ async def test_roll_up_counts_every_ledger_row_once() -> None:
     assert account.total_cost == Decimal('0.0015') and account.input_cost == Decimal('0.00075')
     assert account.account_slug == f'account-{a1}' and account.agent_instance_slug is None
     assert all(type(getattr(account, name)) is int for name in ('requests', 'input_tokens', 'total_tokens'))
+
+
+async def test_requests_a_budget_refused_are_in_no_total() -> None:
+    (a1, g1), *_ = await _tenants()
+    await _ledger(a1, g1, tokens=(1000, 200), cost=Decimal('0.0015'))
+    await write_ledger_row(ledger_record(account_id=a1, status='refused', success=False, cost='0', input_tokens=0))
+    assert await roll_up_pending(LONG_AGO) == 1
+    await _assert_rollup_equals_ledger()
+    assert await _total_requests() == 1
+    recomputed = await recompute_usage_rollups(TODAY, TODAY)
+    assert recomputed == 1 and await _total_requests() == 1
+    async with get_db_session() as session:
+        (ledger,) = await summarise_costs(session=session, by='account')
+        (rolled,) = await summarise_costs(session=session, by='account', source='rollup')
+    assert ledger.requests == rolled.requests == 1 and ledger.failed == 0
 
 
 async def test_post_turn_roll_up_sees_only_its_account_and_recent_rows() -> None:

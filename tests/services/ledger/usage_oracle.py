@@ -106,7 +106,11 @@ async def ledger_totals(
     account_id: int | None = None,
 ) -> list[UsageTotals]:
     """The same totals computed by scanning `llm_requests`: what the rollup must equal."""
-    source = "(SELECT (r.started_at AT TIME ZONE 'UTC')::date AS day, r.* FROM llm_requests AS r) AS r"
+    # Requests a budget refused were never sent: they are in the audit, not in any total.
+    source = (
+        "(SELECT (r.started_at AT TIME ZONE 'UTC')::date AS day, r.* FROM llm_requests AS r"
+        " WHERE r.status <> 'refused') AS r"
+    )
     return await _totals(source, _LEDGER_SUMS, by, session, first_day, last_day, account_id)
 
 

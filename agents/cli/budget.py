@@ -1,0 +1,162 @@
+"""`agentrt budget set|show|remove|sweep`: per-account spend limits (README, "Budgets")."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
+from agentrt.agents.cli.support import console, err_console, print_json, run
+
+if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from agentrt.services.budgets import BudgetStatus, SweepReport
+
+T = TypeVar('T')
+
+budget_app = typer.Typer(
+    help='Spend limits per account (USD per month, week, day or a custom window), held before every model request.',
+    no_args_is_help=True,
+)
+
+_ACCOUNT = typer.Option(..., '--account', help='Account slug or id.')
+
+
+@budget_app.command('set')
+def budget_set(
+    account: str = _ACCOUNT,
+    limit: str = typer.Option(..., '--limit', help='The limit in USD per period, e.g. 50 or 12.50.'),
+    period: str = typer.Option(
+        'month', '--period', help='month, week or day (UTC), or a custom window such as 7d, 12h or 90m.'
+    ),
+    anchor: str | None = typer.Option(
+        None, '--anchor', help="Where a custom window's periods are counted from (ISO time; default: today 00:00 UTC)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Set or change an account's budget; every process applies it from its next model request."""
+    from agentrt.services.budgets import Period, parse_limit, set_budget
+
+    limit_usd = parse_limit(limit)
+    window = Period.parse(period)
+    anchored = parse_time(anchor, '--anchor')
+    who = _required_account(account)
+    status: BudgetStatus = run(
+        _with_session,
+        lambda s: set_budget(session=s, account=who, limit_usd=limit_usd, period=window, window_anchor=anchored),
+    )
+    _render([status], as_json=as_json)
+
+
+@budget_app.command('show')
+def budget_show(
+    account: str | None = typer.Option(None, '--account', help='Only this account (slug or id).'),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show budgets and their current period: limit, spent, held by requests in flight, remaining."""
+    who = account_option(account)
+    statuses: list[BudgetStatus] = run(_with_session, lambda s: _statuses(s, who))
+    if who is not None and not statuses and not as_json:
+        err_console.print(f'account {account!r} has no budget (no limit)', highlight=False)
+        return
+    _render(statuses, as_json=as_json)
+
+
+@budget_app.command('remove')
+def budget_remove(account: str = _ACCOUNT, as_json: bool = JSON_OPTION) -> None:
+    """Remove an account's budget: its requests are no longer limited."""
+    from agentrt.services.budgets import remove_budget
+
+    who = _required_account(account)
+    removed: bool = run(_with_session, lambda s: remove_budget(session=s, account=who))
+    if as_json:
+        print_json({'account': account, 'removed': removed})
+        return
+    console.print(f'budget of account {account!r} removed' if removed else f'account {account!r} had no budget')
+
+
+@budget_app.command('sweep')
+def budget_sweep(as_json: bool = JSON_OPTION) -> None:
+    """Release the holds of processes on this host that died holding them, and every expired hold."""
+    report: SweepReport = run(_sweep)
+    if as_json:
+        print_json(asdict(report))
+        return
+    console.print(
+        f'released {report.released_dead} hold(s) of {report.dead_holders} dead process(es) and '
+        f'{report.released_expired} expired hold(s): ${report.released_usd}',
+        highlight=False,
+    )
+
+
+def _required_account(account: str) -> str | int:
+    who = account_option(account)
+    assert who is not None  # a required option
+    return who
+
+
+async def _statuses(session: AsyncSession, account: str | int | None) -> list[BudgetStatus]:
+    from agentrt.services.budgets import account_budget_status, budget_statuses
+
+    if account is None:
+        return await budget_statuses(session=session)
+    status = await account_budget_status(session=session, account=account)
+    return [] if status is None else [status]
+
+
+async def _sweep() -> SweepReport:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.services.budgets import sweep_reservations
+
+    await init_database()
+    try:
+        return await sweep_reservations()
+    finally:
+        await close_database()
+
+
+async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import get_db_session
+
+    await init_database()
+    try:
+        async with get_db_session() as session:
+            return await operation(session)
+    finally:
+        await close_database()
+
+
+def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
+    if as_json:
+        print_json([_as_dict(status) for status in statuses])
+        return
+    table = Table(title=f'budgets ({len(statuses)})', title_justify='left')
+    for column in ('account', 'limit USD', 'period', 'current period (UTC)', 'spent', 'held', 'remaining', 'refused'):
+        table.add_column(column, justify='left' if column in ('account', 'period', 'current period (UTC)') else 'right')
+    for status in statuses:
+        table.add_row(
+            status.account_slug,
+            f'{status.limit_usd:,.2f}',
+            status.period,
+            f'{_when(status.period_start)} to {_when(status.period_end)}',
+            f'{status.spent_usd:.6f}',
+            f'{status.reserved_usd:.6f} ({status.holds})',
+            f'{status.remaining_usd:.6f}',
+            f'{status.refused_requests:,}',
+        )
+    console.print(table)
+
+
+def _as_dict(status: BudgetStatus) -> dict[str, Any]:
+    return asdict(status)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M')

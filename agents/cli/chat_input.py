@@ -1,0 +1,151 @@
+"""Where the interactive `agentrt chat` reads its lines: a line editor with history in a terminal, plain lines else.
+
+In a terminal (prompt_toolkit): arrows, Home/End, Ctrl-A/E/K/U/W, Alt-B/F, history (Up/Down, Ctrl-R) kept in a file
+across sessions; Ctrl-C clears the line, and at an empty prompt asks once more before leaving; Ctrl-D at an empty
+prompt leaves. Elsewhere (a pipe, a file, a test), lines are read as they come. Either way `read()` raises
+`EOFError` when the conversation should end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from prompt_toolkit.key_binding import KeyBindings
+
+from agentrt.agents.cli.support import console
+
+PROMPT = '[bold cyan]you>[/] '  # rich markup, for plain lines; the line editor draws the same
+HISTORY_ENV = 'AGENTRT_CHAT_HISTORY'
+LEAVE_HINT = 'press Ctrl-C again (or Ctrl-D) to leave'
+
+
+class LineSource(Protocol):
+    """Where the conversation's lines come from."""
+
+    async def read(self) -> str:
+        """The next line, without its end of line.
+
+        Raises:
+            EOFError: the user left (Ctrl-D, end of input, Ctrl-C twice at an empty prompt, `interrupt()`).
+        """
+        ...
+
+    def interrupt(self) -> None:
+        """End a `read()` in progress with `EOFError` (a SIGINT while waiting for input: leave)."""
+        ...
+
+
+def history_path(data_dir: Path) -> Path | None:
+    """The history file: `AGENTRT_CHAT_HISTORY` (empty: no history), else `chat-history` beside the data directory."""
+    configured = os.environ.get(HISTORY_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    return data_dir.parent / 'chat-history'
+
+
+def open_line_source(history: Path | None) -> LineSource:
+    """A line editor when both ends are a terminal, else plain lines from stdin."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return TerminalLines(history)
+    return PlainLines()
+
+
+class PlainLines:
+    """Lines from stdin as they come, read in a daemon thread: a signal that stops the command while it waits for
+    input must not leave the process waiting for that thread at exit."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[str] | None = None
+
+    def interrupt(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(EOFError())
+
+    async def read(self) -> str:
+        loop = asyncio.get_running_loop()
+        line: asyncio.Future[str] = loop.create_future()
+        self._pending = line
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not line.done():
+                outcome()
+
+        def read() -> None:
+            try:
+                text = console.input(PROMPT)
+            except BaseException as exc:  # EOFError at the end of input, anything else the stream raises
+                error = exc
+                loop.call_soon_threadsafe(settle, lambda: line.set_exception(error))
+            else:
+                loop.call_soon_threadsafe(settle, lambda: line.set_result(text))
+
+        threading.Thread(target=read, name='agentrt-chat-input', daemon=True).start()
+        return await line
+
+
+class TerminalLines:
+    """prompt_toolkit's line editor, with the history file (created readable by its owner only)."""
+
+    def __init__(self, history: Path | None) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.formatted_text import HTML
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        self._armed = False  # Ctrl-C was pressed at an empty prompt: a second one leaves
+        self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
+        stored = _private_file(history) if history is not None else None
+        self._session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(stored)) if stored is not None else InMemoryHistory(),
+            key_bindings=self._key_bindings(),
+            enable_history_search=False,
+        )
+        self._session.default_buffer.on_text_changed += self._disarm
+
+    async def read(self) -> str:
+        self._armed = False
+        # The chat loop owns SIGINT (it stops an answer); at the prompt Ctrl-C is a key (the terminal is raw).
+        return await self._session.prompt_async(self._message, handle_sigint=False)
+
+    def interrupt(self) -> None:
+        if self._session.app.is_running:
+            self._session.app.exit(exception=EOFError())
+
+    def _disarm(self, _: object) -> None:
+        self._armed = False
+
+    def _key_bindings(self) -> KeyBindings:
+        from prompt_toolkit.application import run_in_terminal
+        from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+        bindings = KeyBindings()
+
+        @bindings.add('c-c')
+        def _interrupt(event: KeyPressEvent) -> None:
+            buffer = event.app.current_buffer
+            if buffer.text:
+                buffer.reset()
+            elif self._armed:
+                event.app.exit(exception=EOFError())
+            else:
+                self._armed = True
+                run_in_terminal(lambda: console.print(LEAVE_HINT, style='dim', highlight=False))
+
+        return bindings
+
+
+def _private_file(path: Path) -> Path | None:
+    """`path`, created if missing with owner-only permissions (what is typed may be private); None if it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except OSError:
+        return None
+    return path

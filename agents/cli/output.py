@@ -1,0 +1,102 @@
+"""Output of the listing commands: tables that fit the terminal's width, and CSV.
+
+A table has essential columns (always shown, in their shortest form if need be) and others, added, like the
+richer forms of the essential ones, in order of `rank` while the terminal has room: an 80-column terminal gets a
+readable table, a wider one more of it, and nothing is cut to an ellipsis. JSON and CSV always have every column.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+R = TypeVar('R')
+
+COLUMN_GAP = 3  # between two columns of a table without vertical lines (padding, divider, padding)
+# A text cell starting with one of these is a formula to a spreadsheet (CSV injection): it gets a leading quote.
+_FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
+
+
+@dataclass(frozen=True)
+class Column(Generic[R]):
+    """A table column: its header and its forms (`variants`, functions of a row, richest first)."""
+
+    header: str
+    variants: tuple[Callable[[R], str], ...]
+    essential: bool = False
+    """Shown at any width, in its shortest form if nothing else fits."""
+    rank: int = 10
+    """When the column (or its richer form) gets room: lower first."""
+    right: bool = False
+    """Right-aligned (numbers)."""
+
+
+def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *, width: int) -> Table:
+    """A table of `rows` with the columns, and the forms of them, that fit in `width` cells."""
+    from rich import box
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    cells = [[[variant(row) for row in rows] for variant in column.variants] for column in columns]
+
+    def measure(index: int, variant: int) -> int:
+        return max([cell_len(columns[index].header), *(cell_len(text) for text in cells[index][variant])])
+
+    chosen: dict[int, int] = {i: len(c.variants) - 1 for i, c in enumerate(columns) if c.essential}
+
+    def used() -> int:
+        return sum(measure(i, v) for i, v in chosen.items()) + COLUMN_GAP * max(0, len(chosen) - 1)
+
+    for index in sorted(range(len(columns)), key=lambda i: columns[i].rank):
+        current = chosen.get(index)
+        for variant in range(len(columns[index].variants)):
+            if current is not None and variant >= current:
+                break  # nothing richer than what it has fits
+            chosen[index] = variant
+            if used() <= width:
+                break
+            if current is None:
+                del chosen[index]
+            else:
+                chosen[index] = current
+
+    table = Table(title=title, title_justify='left', box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    shown = sorted(chosen)
+    for index in shown:
+        column = columns[index]
+        table.add_column(column.header, justify='right' if column.right else 'left', overflow='fold')
+    for row_index in range(len(rows)):
+        table.add_row(*(cells[index][chosen[index]][row_index] for index in shown))
+    return table
+
+
+def print_csv(rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None:
+    """Write `rows` as CSV on stdout: a header line, then one line per row; empty for None, decimals exact, times
+    in ISO 8601, booleans `true`/`false`; text that a spreadsheet would run as a formula starts with `'`."""
+    writer = csv.writer(sys.stdout, lineterminator='\n')
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(name)) for name in columns])
+
+
+def csv_cell(value: Any) -> str:
+    """One value as a CSV cell (see `print_csv`)."""
+    if value is None:
+        return ''
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, int | float | Decimal | uuid.UUID):
+        return str(value)
+    text = str(value)
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text

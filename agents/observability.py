@@ -1,0 +1,201 @@
+"""Tracing: where spans go (nowhere unless asked), the runtime's instrumentation, and the span of a chat turn.
+
+Spans are exported only when the environment asks (`trace_export()`):
+
+- `LOGFIRE_TOKEN`: to Logfire;
+- `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (unless `OTEL_TRACES_EXPORTER` names another
+  exporter): to any OpenTelemetry backend over OTLP/HTTP, with the standard `OTEL_*` variables (headers, protocol);
+- `LOGFIRE_CONSOLE=true` (or `agentrt --trace`): printed on stderr.
+
+Then `configure_observability()` sets up logfire (its OpenTelemetry SDK) and `instrument_runtime()` adds pydantic-ai's
+spans (agent run, model request, tool call; no message content), SQLAlchemy's (connection checkout and each
+statement, with the PostgreSQL backend pid of the connection) and a span around each chat turn. Asked for nothing,
+it installs nothing: logfire is not configured, no tracer provider is set (the runtime's own spans are
+OpenTelemetry's no-op ones, and the turn span is not even made), no warning is printed, and nothing leaves the
+machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+
+TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
+SERVICE_NAME = 'agentrt'
+BACKEND_PID_ATTRIBUTE = 'db.postgresql.backend_pid'
+
+_tracer = trace.get_tracer('agentrt')
+
+
+@dataclass(frozen=True)
+class TraceExport:
+    """Where spans go, as the environment (and `agentrt --trace`) asked."""
+
+    logfire: bool
+    """`LOGFIRE_TOKEN` is set: spans go to Logfire."""
+    otlp_endpoint: str | None
+    """The OTLP endpoint spans go to (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`)."""
+    console: bool
+    """Spans are printed on stderr."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether spans go anywhere at all."""
+        return self.logfire or self.otlp_endpoint is not None or self.console
+
+    def describe(self) -> str:
+        """Where spans go, in a few words (`agentrt db status`, logs)."""
+        places = [
+            *(['Logfire'] if self.logfire else []),
+            *([f'OTLP {self.otlp_endpoint}'] if self.otlp_endpoint else []),
+            *(['console (stderr)'] if self.console else []),
+        ]
+        return ', '.join(places) or 'off'
+
+
+def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | None = None) -> TraceExport:
+    """Where spans would go, from the environment.
+
+    Args:
+        console: print spans on stderr (`agentrt --trace`); `None` leaves it to `LOGFIRE_CONSOLE`.
+        environ: the environment to read; `os.environ` when omitted.
+    """
+    env = os.environ if environ is None else environ
+    otlp: str | None = None
+    if env.get('OTEL_TRACES_EXPORTER', '').strip().lower() in ('', 'otlp'):
+        # As logfire (and the OpenTelemetry SDK) read them: the signal's own endpoint first.
+        otlp = env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or None
+    if console is None:
+        console = env.get('LOGFIRE_CONSOLE', '').strip().lower() in TRUE_VALUES
+    return TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
+
+
+_configured: TraceExport | None = None
+
+
+def configure_observability(*, console: bool | None = None) -> TraceExport:
+    """Set up tracing once per process, as `trace_export()` reads the environment; later calls change nothing.
+
+    With somewhere to send spans, logfire is configured (`send_to_logfire='if-token-present'`: Logfire only with a
+    token; OTLP and the console as asked) and `instrument_runtime()` is called. With nowhere, nothing is installed.
+    Either way pydantic-ai's first-run banner is turned off: the README says how to turn tracing on.
+
+    Args:
+        console: print spans on stderr (`agentrt --trace`); `None` leaves it to `LOGFIRE_CONSOLE`.
+
+    Returns:
+        Where spans go.
+    """
+    global _configured
+    if _configured is not None:
+        return _configured
+    import pydantic_ai
+
+    pydantic_ai.BANNER_ENABLED = False
+    export = trace_export(console=console)
+    if export.enabled:
+        import logfire
+
+        from agentrt import __version__
+
+        logfire.configure(
+            send_to_logfire='if-token-present',
+            console=logfire.ConsoleOptions(output=sys.stderr) if export.console else False,
+            service_name=SERVICE_NAME,
+            service_version=__version__,
+        )
+        instrument_runtime()
+    _configured = export
+    return export
+
+
+async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound on the exporters' work
+    """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here."""
+    if _configured is None or not _configured.enabled:
+        return
+    import logfire
+
+    await asyncio.to_thread(logfire.force_flush, int(timeout * 1000))
+
+
+def spans_exported() -> bool:
+    """Whether this process sends spans anywhere (as configured, or as the environment asks if not configured yet).
+
+    What costs CPU per request only to make spans (FastAPI's request telemetry) is on only then.
+    """
+    return (_configured or trace_export()).enabled
+
+
+def tracing_active() -> bool:
+    """Whether spans made now are recorded: a tracer provider is installed (by logfire, or by the host program)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def instrument_runtime() -> None:
+    """Add the runtime's spans to logfire's tracer provider: pydantic-ai runs and SQLAlchemy statements.
+
+    `configure_observability()` calls it; a program that configures logfire itself (`logfire.configure(...)`) calls
+    it after that. pydantic-ai's spans carry no prompt, tool arguments or results, or model output
+    (`include_content=False`): the ledger stores them, redacted. Engines made afterwards are instrumented too.
+    """
+    import logfire
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    from agentrt.db.engine import current_engine
+
+    logfire.instrument_pydantic_ai(include_content=False)
+    # The OpenTelemetry instrumentation declares SQLAlchemy < 2.1 (its range was not widened yet); the events it
+    # uses are unchanged in 2.1 (tests/agents/test_observability.py checks the spans).
+    logfire.instrument_sqlalchemy(engine=current_engine(), skip_dep_check=True)
+    if not event.contains(Pool, 'checkout', _note_backend_pid):
+        event.listen(Pool, 'checkout', _note_backend_pid)
+
+
+def uninstrument_runtime() -> None:
+    """Undo `instrument_runtime()` (tests; a program that turns tracing off)."""
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    from pydantic_ai import Agent
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    Agent.instrument_all(False)
+    SQLAlchemyInstrumentor().uninstrument()
+    if event.contains(Pool, 'checkout', _note_backend_pid):
+        event.remove(Pool, 'checkout', _note_backend_pid)
+
+
+def _note_backend_pid(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Name the server process on the span of a connection checkout, so separate sessions show as such."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    get_pid = getattr(getattr(dbapi_connection, 'driver_connection', None), 'get_server_pid', None)
+    if get_pid is not None:
+        span.set_attribute(BACKEND_PID_ATTRIBUTE, get_pid())
+
+
+@contextmanager
+def turn_span(*, session_id: str, account: str, agent_instance: str | None, streamed: bool) -> Iterator[None]:
+    """A span around one chat turn, so its database work before and after the agent run joins the run's trace.
+
+    Without a tracer provider it is not even made (the span would be a no-op).
+    """
+    if not tracing_active():
+        yield
+        return
+    attributes: dict[str, str | bool] = {
+        'agentrt.session_id': session_id,
+        'agentrt.account': account,
+        'agentrt.agent_instance': agent_instance or '',
+        'agentrt.streamed': streamed,
+    }
+    with _tracer.start_as_current_span('chat turn', attributes=attributes):
+        yield

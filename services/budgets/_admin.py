@@ -1,0 +1,206 @@
+"""Setting, removing and reading account budgets (the `agentrt budget` commands and `GET /api/v1/budget`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+from sqlalchemy import delete, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from agentrt.db.errors import InvalidInputError
+from agentrt.db.models import Account, AccountBudget, BudgetPeriod
+from agentrt.services.budgets._windows import Period, default_anchor, window_sql
+from agentrt.services.tenancy import UnknownTenantError, get_account
+
+MAX_LIMIT_USD = Decimal('1000000000')
+_START, _END = window_sql('b', 'now()')
+
+_STATUS = text(f"""
+SELECT a.id AS account_id, a.slug AS account_slug, b.limit_usd, b.period, b.window_seconds, b.window_anchor,
+       w.period_start, w.period_end,
+       coalesce(p.spent_usd + u.spent, s.spent, 0) AS spent_usd,
+       coalesce(p.reserved_usd - u.held, 0) AS reserved_usd,
+       coalesce(p.spent_tokens + u.tokens, s.tokens, 0) AS spent_tokens,
+       coalesce(p.refused_requests, 0) AS refused_requests,
+       (SELECT count(*) FROM budget_reservations AS h
+        WHERE h.account_id = b.account_id AND h.period_start = w.period_start) AS holds,
+       b.updated_at
+FROM account_budgets AS b
+JOIN accounts AS a ON a.id = b.account_id
+CROSS JOIN LATERAL (SELECT {_START} AS period_start, {_END} AS period_end) AS w
+LEFT JOIN budget_periods AS p ON p.account_id = b.account_id AND p.period_start = w.period_start
+-- Settlements the writer appended that no admission has folded into the window row yet.
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(x.held_usd), 0) AS held, coalesce(sum(x.spent_usd), 0) AS spent,
+           coalesce(sum(x.tokens), 0) AS tokens
+    FROM budget_settlements AS x WHERE x.account_id = b.account_id AND x.period_start = w.period_start
+) AS u
+LEFT JOIN LATERAL (
+    SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
+    FROM llm_requests AS r
+    WHERE p.account_id IS NULL AND r.account_id = b.account_id AND r.status <> 'refused'
+      AND r.started_at >= w.period_start AND r.started_at < w.period_end
+) AS s ON true
+WHERE CAST(:account_id AS bigint) IS NULL OR b.account_id = CAST(:account_id AS bigint)
+ORDER BY a.slug
+""")
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """An account's budget and where its current period stands."""
+
+    account_id: int
+    account_slug: str
+    limit_usd: Decimal
+    period: str
+    """`month`, `week`, `day`, or a custom window such as `7d`."""
+    window_anchor: datetime | None
+    """Where a custom window's periods are counted from (None for calendar periods)."""
+    period_start: datetime
+    period_end: datetime
+    spent_usd: Decimal
+    """What the period's requests cost (settled ledger rows)."""
+    reserved_usd: Decimal
+    """What requests in flight hold."""
+    remaining_usd: Decimal
+    """`limit - spent - reserved`, at least 0."""
+    holds: int
+    """Reservations held now (requests in flight)."""
+    spent_tokens: int
+    refused_requests: int
+    updated_at: datetime
+
+
+def parse_limit(value: str | Decimal | float | int) -> Decimal:
+    """A limit in USD: a finite decimal from 0 to 1,000,000,000.
+
+    Raises:
+        InvalidInputError: anything else (field `limit`).
+    """
+    try:
+        limit = Decimal(str(value).strip().lstrip('$'))
+    except (InvalidOperation, ValueError):
+        raise InvalidInputError(
+            f'the limit must be an amount in USD such as 50 or 12.50, got {value!r}', field='limit'
+        ) from None
+    if not limit.is_finite() or limit < 0 or limit > MAX_LIMIT_USD:
+        raise InvalidInputError(
+            f'the limit must be an amount in USD from 0 to {MAX_LIMIT_USD:,}, got {value!r}', field='limit'
+        )
+    return limit
+
+
+async def set_budget(
+    *,
+    session: AsyncSession,
+    account: str | int,
+    limit_usd: Decimal,
+    period: Period,
+    window_anchor: datetime | None = None,
+) -> BudgetStatus:
+    """Set (or change) the account's budget; it applies to the next model request of every process.
+
+    Changing only the limit keeps the current period's spending. Changing the period (or a window's anchor) starts
+    the new period from what the ledger holds for it; reservations of requests in flight are dropped with the old
+    periods (their ledger rows still count when they arrive).
+
+    Raises:
+        UnknownTenantError: no such account. InvalidInputError: a limit out of range, an anchor without a window.
+    """
+    account_row = await _account(session, account)
+    limit_usd = parse_limit(limit_usd)
+    if window_anchor is not None and period.kind != 'window':
+        raise InvalidInputError('an anchor applies to a custom window (e.g. --period 7d) only', field='anchor')
+    anchor = None
+    if period.kind == 'window':
+        anchor = (window_anchor or default_anchor()).astimezone(UTC)
+    existing = await session.get(AccountBudget, account_row.id, with_for_update=True)
+    changed_window = existing is not None and (
+        existing.period != period.kind
+        or existing.window_seconds != period.window_seconds
+        or existing.window_anchor != anchor
+    )
+    values = {
+        'account_id': account_row.id,
+        'limit_usd': limit_usd,
+        'period': period.kind,
+        'window_seconds': period.window_seconds,
+        'window_anchor': anchor,
+    }
+    upsert = pg_insert(AccountBudget).values(values)
+    upsert = upsert.on_conflict_do_update(index_elements=['account_id'], set_={**values, 'updated_at': text('now()')})
+    await session.execute(upsert)
+    if changed_window:
+        await session.execute(delete(BudgetPeriod).where(BudgetPeriod.account_id == account_row.id))
+    statuses = await budget_statuses(session=session, account_id=account_row.id)
+    return statuses[0]
+
+
+async def remove_budget(*, session: AsyncSession, account: str | int) -> bool:
+    """Remove the account's budget (its periods and reservations go with it). False when it had none.
+
+    Raises:
+        UnknownTenantError: no such account.
+    """
+    account_row = await _account(session, account)
+    result = await session.execute(
+        delete(AccountBudget).where(AccountBudget.account_id == account_row.id).returning(AccountBudget.account_id)
+    )
+    return result.first() is not None
+
+
+async def budget_statuses(*, session: AsyncSession, account_id: int | None = None) -> list[BudgetStatus]:
+    """Every budget (or the account's), with its current period's figures, by account slug."""
+    rows = (await session.execute(_STATUS, {'account_id': account_id})).mappings().all()
+    statuses = []
+    for row in rows:
+        period = Period(row['period'], row['window_seconds'])
+        remaining = row['limit_usd'] - row['spent_usd'] - row['reserved_usd']
+        statuses.append(
+            BudgetStatus(
+                account_id=row['account_id'],
+                account_slug=row['account_slug'],
+                limit_usd=row['limit_usd'],
+                period=period.describe(),
+                window_anchor=row['window_anchor'],
+                period_start=row['period_start'],
+                period_end=row['period_end'],
+                spent_usd=_plain(row['spent_usd']),
+                reserved_usd=_plain(row['reserved_usd']),
+                remaining_usd=_plain(max(remaining, Decimal(0))),
+                holds=row['holds'],
+                spent_tokens=row['spent_tokens'],
+                refused_requests=row['refused_requests'],
+                updated_at=row['updated_at'],
+            )
+        )
+    return statuses
+
+
+def _plain(amount: Decimal) -> Decimal:
+    """A zero as `0`, not `0E-7` (what subtracting two amounts of seven decimals gives)."""
+    return amount if amount != 0 else Decimal(0)
+
+
+async def account_budget_status(*, session: AsyncSession, account: str | int) -> BudgetStatus | None:
+    """The account's budget and current period, or None when it has no budget.
+
+    Raises:
+        UnknownTenantError: no such account.
+    """
+    account_row = await _account(session, account)
+    statuses = await budget_statuses(session=session, account_id=account_row.id)
+    return statuses[0] if statuses else None
+
+
+async def _account(session: AsyncSession, account: str | int) -> Account:
+    if isinstance(account, int):
+        row = (await session.execute(select(Account).where(Account.id == account))).scalar_one_or_none()
+        if row is None:
+            raise UnknownTenantError(f'unknown account id {account}')
+        return row
+    return await get_account(account, session=session)

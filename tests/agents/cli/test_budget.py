@@ -1,0 +1,69 @@
+"""`agentrt budget set|show|remove|sweep`, and a chat turn the budget refuses (exit code 10)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+from agentrt.agents.cli.support import EXIT_BUDGET, EXIT_USAGE
+from tests.agents.cli.helpers import invoke
+
+
+async def test_set_show_and_remove_a_budget(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    made = await invoke('budget', 'set', '--account', 'acme-health', '--limit', '50', '--period', 'month', env=env)
+    assert made.exit_code == 0, made.stderr
+    assert 'acme-health' in made.stdout and '50.00' in made.stdout and 'month' in made.stdout
+    await invoke('budget', 'set', '--account', 'green-grocer', '--limit', '$2.50', '--period', '12h', env=env)
+    shown = json.loads((await invoke('budget', 'show', '--json', env=env)).stdout)
+    assert [(b['account_slug'], b['limit_usd'], b['period']) for b in shown] == [
+        ('acme-health', '50', 'month'),
+        ('green-grocer', '2.50', '12h'),
+    ]
+    assert shown[0]['spent_usd'] == '0' and Decimal(shown[0]['remaining_usd']) == 50
+    one = json.loads((await invoke('budget', 'show', '--account', 'green-grocer', '--json', env=env)).stdout)
+    assert [b['account_slug'] for b in one] == ['green-grocer']
+
+    removed = await invoke('budget', 'remove', '--account', 'green-grocer', env=env)
+    assert removed.exit_code == 0 and 'removed' in removed.stdout
+    none = await invoke('budget', 'show', '--account', 'green-grocer', env=env)
+    assert none.exit_code == 0 and 'has no budget' in none.stderr
+    swept = await invoke('budget', 'sweep', '--json', env=env)
+    assert swept.exit_code == 0 and json.loads(swept.stdout)['released_dead'] == 0
+
+
+async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    for args, message in [
+        (('--account', 'acme-health', '--limit', 'lots'), 'the limit must be an amount in USD'),
+        (('--account', 'acme-health', '--limit', '-1'), 'from 0 to 1,000,000,000'),
+        (('--account', 'acme-health', '--limit', 'NaN'), 'from 0 to'),
+        (('--account', 'acme-health', '--limit', '5', '--period', 'fortnight'), 'month, week, day or a window'),
+        (('--account', 'acme-health', '--limit', '5', '--period', '0d'), 'month, week, day or a window'),
+        (('--account', 'acme-health', '--limit', '5', '--anchor', '2026-01-01'), 'custom window'),
+        (('--account', 'acme-health', '--limit', '5', '--period', '7d', '--anchor', 'soon'), '--anchor must be'),
+        (('--account', 'nobody', '--limit', '5'), "unknown account 'nobody'"),
+        (('--account', 'acme-health'), "Missing option '--limit'"),
+    ]:
+        result = await invoke('budget', 'set', *args, env=env)
+        assert result.exit_code == EXIT_USAGE, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], (args, result.stderr)
+    assert (await invoke('budget', 'show', '--json', env=env)).stdout.strip() == '[]', 'nothing was set'
+
+
+async def test_a_chat_turn_the_budget_refuses_exits_10_and_sends_nothing(demo_data: None, database_url: str) -> None:
+    # Nothing listens at this address: a request that were sent would fail with a connection error, not exit 10.
+    env = {'DATABASE_URL': database_url, 'OPENAI_API_KEY': 'sk-test', 'OPENAI_BASE_URL': 'http://127.0.0.1:9/v1'}
+    await invoke('budget', 'set', '--account', 'acme-health', '--limit', '0', env=env)
+    priced = ('chat', '--session', 'broke', '--model', 'openai-chat:gpt-4o-mini', 'Find cardiologists')
+    result = await invoke(*priced, env=env)
+    assert result.exit_code == EXIT_BUDGET == 10, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the budget of account 'acme-health' does not cover") and 'not sent' in lines[-1]
+    unpriced = await invoke('chat', '--session', 'broke', '--model', 'demo', 'Find cardiologists', env=env)
+    assert unpriced.exit_code == EXIT_BUDGET and "model 'demo' has no price" in unpriced.stderr
+    audit = json.loads((await invoke('audit', 'list', '--account', 'acme-health', '--json', env=env)).stdout)
+    assert [(item['status'], item['total_cost']) for item in audit['items']] == [('refused', '0'), ('refused', '0')]
+    costs = json.loads((await invoke('costs', '--source', 'ledger', '--json', env=env)).stdout)
+    assert costs['groups'] == [], 'a refusal is not a model request'

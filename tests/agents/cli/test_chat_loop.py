@@ -1,0 +1,104 @@
+"""The interactive loop (`converse`) with lines from a list and real SIGINTs: Ctrl-C stops the answer, not the chat."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+
+from agentrt.agents.cli.chat_input import history_path
+from agentrt.agents.cli.chat_loop import STOPPED_NOTE, converse
+from agentrt.agents.cli.support import Stopped
+from agentrt.db.errors import InvalidInputError
+
+
+class Lines:
+    """Lines from a list; then EOF (Ctrl-D). `interrupt()` ends a read in progress as the terminal sources do."""
+
+    def __init__(self, *lines: str, then_wait: bool = False) -> None:
+        self.lines = list(lines)
+        self.then_wait = then_wait
+        self.waiting: asyncio.Future[str] | None = None
+        self.reading = asyncio.Event()
+
+    async def read(self) -> str:
+        if self.lines:
+            return self.lines.pop(0)
+        if not self.then_wait:
+            raise EOFError
+        self.waiting = asyncio.get_running_loop().create_future()
+        self.reading.set()
+        return await self.waiting
+
+    def interrupt(self) -> None:
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_exception(EOFError())
+
+
+async def test_ctrl_c_stops_the_answer_and_the_next_line_is_answered(capsys: pytest.CaptureFixture[str]) -> None:
+    answered: list[str] = []
+    cancelled: list[str] = []
+
+    async def answer(line: str) -> None:
+        if line == 'slow':
+            try:
+                signal.raise_signal(signal.SIGINT)
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(line)
+                raise
+        answered.append(line)
+
+    before = signal.getsignal(signal.SIGINT)
+    await converse(Lines('slow', 'next'), answer, turn_errors=())
+    assert cancelled == ['slow'] and answered == ['next']
+    assert STOPPED_NOTE in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the prompt's Ctrl-C is the terminal's again
+
+
+async def test_ctrl_c_while_waiting_for_a_line_leaves() -> None:
+    lines = Lines(then_wait=True)
+    task = asyncio.create_task(converse(lines, lambda line: asyncio.sleep(0), turn_errors=()))
+    await lines.reading.wait()
+    signal.raise_signal(signal.SIGINT)
+    await asyncio.wait_for(task, 5)  # returned: the conversation ended as with Ctrl-D
+
+
+async def test_ctrl_c_twice_while_the_answer_stops_ends_the_command() -> None:
+    async def stubborn(line: str) -> None:
+        signal.raise_signal(signal.SIGINT)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            signal.raise_signal(signal.SIGINT)  # pressed again while the answer is still stopping
+            await asyncio.sleep(0.1)  # it takes a moment; the command waits for it
+            raise
+
+    with pytest.raises(Stopped) as stopped:
+        await asyncio.create_task(converse(Lines('slow', 'never'), stubborn, turn_errors=()))
+    assert stopped.value.signum == signal.SIGINT  # the CLI reports it and exits 130
+
+
+async def test_a_failed_turn_is_an_error_line_and_the_chat_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    answered: list[str] = []
+
+    async def answer(line: str) -> None:
+        if line == 'bad':
+            raise InvalidInputError('the message is too long', field='message')
+        answered.append(line)
+
+    await converse(Lines('bad', '   ', 'good', 'exit', 'after exit'), answer, turn_errors=(InvalidInputError,))
+    assert answered == ['good']
+    assert 'error: the message is too long' in capsys.readouterr().err
+
+
+def test_history_file_beside_the_data_directory_or_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = Path('/data/agentrt/pgdata')
+    monkeypatch.delenv('AGENTRT_CHAT_HISTORY', raising=False)
+    assert history_path(data) == Path('/data/agentrt/chat-history')
+    monkeypatch.setenv('AGENTRT_CHAT_HISTORY', '')
+    assert history_path(data) is None
+    monkeypatch.setenv('AGENTRT_CHAT_HISTORY', '~/h')
+    assert history_path(data) == Path('~/h').expanduser()

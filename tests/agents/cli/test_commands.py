@@ -1,0 +1,91 @@
+"""The command table: commands imported only when used, `--version`, the licence, constants kept in step."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+
+import pytest
+
+from agentrt import __version__
+from agentrt.agents.cli import COMMANDS, app
+from agentrt.agents.cli import chat as chat_cli
+from agentrt.agents.cli import costs as costs_cli
+from agentrt.agents.cli import keys as keys_cli
+from agentrt.db.models import API_KEY_SCOPES
+from agentrt.services.demo_data import MEDICAL_ACCOUNT
+from agentrt.services.ledger import COST_GROUPINGS
+from tests.agents.cli.helpers import ROOT, invoke, logging_restored
+
+HEAVY = ('sqlalchemy', 'asyncpg', 'pydantic_ai', 'agentrt.db.engine', 'agentrt.services', 'agentrt.agents.simple_chat')
+
+
+async def test_help_and_version_import_no_command_and_no_runtime() -> None:
+    """`agentrt --help`, `--version` and each command's `--help` load neither the database nor the agents."""
+    names = [command.name for command in COMMANDS]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from typer.testing import CliRunner
+        from agentrt.agents.cli import app
+        runs = [['--help'], ['--version'], *([name, '--help'] for name in {names!r})]
+        for args in runs:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, (args, result.output)
+            loaded = [name for name in {HEAVY!r} if name in sys.modules]
+            print(' '.join(args), loaded)
+            assert not loaded, (args, loaded)
+        """
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, '-c', script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_root_lists_every_command_in_table_order() -> None:
+    from typer.main import get_group
+    from typer.testing import CliRunner
+
+    with logging_restored():
+        help_text = CliRunner().invoke(app, ['--help']).output
+    listing = help_text[help_text.index('Commands') :]
+    positions = [listing.index(f' {command.name} ') for command in COMMANDS]
+    assert positions == sorted(positions)
+    assert all(command.help in help_text for command in COMMANDS)
+    group = get_group(app)
+    for command in COMMANDS:
+        loaded = command.load()
+        assert loaded.name == command.name and group.get_command(None, command.name) is not None  # type: ignore[arg-type]
+
+
+async def test_version() -> None:
+    shown = await invoke('--version')
+    assert shown.exit_code == 0 and shown.stdout.strip() == f'agentrt {__version__}'
+
+
+def test_trace_on_the_root_turns_on_console_spans_for_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv('LOGFIRE_CONSOLE', 'false')
+    with logging_restored():
+        result = CliRunner().invoke(app, ['--trace', 'db'])  # the group without a subcommand: its help, exit 2
+    assert result.exit_code == 2
+    assert os.environ['LOGFIRE_CONSOLE'] == 'true'  # read by configure_observability(), and by `serve`'s workers
+
+
+def test_the_licence_file_matches_the_declared_licence() -> None:
+    declared = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['license']
+    licence = (ROOT / 'LICENSE').read_text()
+    assert declared == 'MIT' and licence.startswith('MIT License')
+    assert 'Permission is hereby granted, free of charge' in licence
+
+
+def test_constants_the_cli_keeps_to_stay_fast_agree_with_their_sources() -> None:
+    assert chat_cli.DEFAULT_ACCOUNT == MEDICAL_ACCOUNT
+    assert costs_cli.COST_GROUPINGS == COST_GROUPINGS
+    assert keys_cli.API_KEY_SCOPES == API_KEY_SCOPES

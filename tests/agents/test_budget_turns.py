@@ -1,0 +1,119 @@
+"""Budgets through chat turns: 50 turns racing against a budget that fits N of them, plain and streamed.
+
+Each admitted request spends all it may (its input's byte bound, its capped `max_tokens`), so only the reservation
+keeps the account within its limit. The model holds every admitted request until all 50 turns are either admitted
+or refused, so the test sees what they hold at once: exactly N, and no room left for one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from agentrt.agents.errors import BudgetExceededError
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.session import get_db_session
+from agentrt.services.background import get_supervisor
+from agentrt.services.budgets import Period, budget_statuses, set_budget
+from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs
+from tests.agents.conftest import account_id
+from tests.factories import ledger_rows, scalar
+from tests.services.budgets.priced_model import PricedModel
+
+TURNS = 50
+ADMITTED = 7
+
+
+async def _turn(message: str, session_id: str, streamed: bool, model: PricedModel, account: str) -> ChatResult:
+    if not streamed:
+        return await simple_chat(message, session_id=session_id, account=account, model=model)
+    async with simple_chat_stream(message, session_id=session_id, account=account, model=model) as stream:
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+async def _set(account: str, limit: Decimal | str) -> None:
+    async with get_db_session() as session:
+        await set_budget(session=session, account=account, limit_usd=Decimal(limit), period=Period('month'))
+
+
+async def _status(account: str) -> tuple[Decimal, Decimal, int]:
+    async with get_db_session() as session:
+        (status,) = await budget_statuses(session=session, account_id=await account_id(account))
+    return status.spent_usd, status.reserved_usd, status.holds
+
+
+async def _drain() -> None:
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+
+
+async def _hold_of_one_turn(streamed: bool, account: str) -> Decimal:
+    """What one turn holds (the same for every turn below: same prompt, same size class)."""
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    turn = asyncio.create_task(_turn('How many cardiologists?', 'probe', streamed, model, account))
+    while model.arrived == 0:  # noqa: ASYNC110 - the model counts arrivals; polling it is the simplest wait
+        await asyncio.sleep(0.005)
+    held = await scalar('SELECT amount_usd FROM budget_reservations')
+    gate.set()
+    await turn
+    await _drain()
+    return held
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_fifty_racing_turns_admit_exactly_those_the_budget_fits(demo_data: None, streamed: bool) -> None:
+    account = 'acme-health'
+    await _set(account, '1000')
+    hold = await _hold_of_one_turn(streamed, account)
+    spent_before, _, _ = await _status(account)
+    # Room for 7 whole holds and a sliver: less than any request's input alone (1,024 framing tokens cost more), so an
+    # 8th turn cannot be admitted even with fewer output tokens.
+    limit = spent_before + hold * ADMITTED + hold / 1000
+    await _set(account, limit)
+
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    turns = [
+        asyncio.create_task(_turn('How many cardiologists?', f'race-{i:02d}', streamed, model, account))
+        for i in range(TURNS)
+    ]
+    try:
+        # Every turn is either held at the model (admitted) or done (refused).
+        while model.arrived + sum(t.done() for t in turns) < TURNS:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        spent, reserved, holds = await _status(account)
+        assert model.arrived == holds == ADMITTED
+        assert reserved == hold * ADMITTED and spent == spent_before
+        assert limit - spent - reserved < hold, 'no room for one more'
+    finally:
+        gate.set()
+        outcomes = await asyncio.gather(*turns, return_exceptions=True)
+    await _drain()
+
+    admitted = [o for o in outcomes if isinstance(o, ChatResult)]
+    refused = [o for o in outcomes if isinstance(o, BudgetExceededError)]
+    assert len(admitted) == ADMITTED and len(refused) == TURNS - ADMITTED, outcomes
+    assert 'was not sent' in str(refused[0]) and refused[0].reason == 'limit'
+    spent, reserved, holds = await _status(account)
+    assert spent <= limit and reserved == 0 and holds == 0
+    assert await scalar('SELECT count(*) FROM budget_reservations') == 0
+    rows = [row for row in await ledger_rows(account_slug=account) if row['chat_session_id'].startswith('race-')]
+    complete = [row for row in rows if row['status'] == 'complete']
+    refused_rows = [row for row in rows if row['status'] == 'refused']
+    assert len(complete) == ADMITTED and len(refused_rows) == TURNS - ADMITTED
+    assert all(row['total_cost'] == 0 and row['input_tokens'] == 0 for row in refused_rows), 'a refusal bills 0'
+    assert all(row['error_type'] == 'BudgetExceededError' for row in refused_rows)
+    assert spent == spent_before + sum(row['total_cost'] for row in complete), 'spent is the sum of ledger costs'
+    assert all(0 < row['total_cost'] <= hold for row in complete), 'no request cost more than it held'
+    assert set(model.max_tokens_seen) == {16_384}, 'each request was capped to what it held'
+    async with get_db_session() as session:
+        (summary,) = await summarise_costs(
+            session=session, by='account', filters=LedgerFilters(account=account, chat_session_id=None)
+        )
+    assert summary.requests == ADMITTED + 1, 'refusals are in the audit, not in the costs (+1: the probe turn)'

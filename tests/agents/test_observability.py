@@ -1,0 +1,193 @@
+"""Tracing: a turn's parallel tool calls each with their own database connection; where spans go; no noise when off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from logfire.testing import CaptureLogfire
+from sqlalchemy import select
+
+from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
+from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.models import LLMRequestRow
+from agentrt.db.session import get_db_session
+from tests.agents.otlp_receiver import OtlpReceiver
+
+QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
+
+
+@pytest_asyncio.fixture
+async def instrumented(capfire: CaptureLogfire) -> AsyncIterator[CaptureLogfire]:
+    """The runtime's instrumentation on logfire as `capfire` configured it (in memory), removed afterwards."""
+    instrument_runtime()
+    try:
+        yield capfire
+    finally:
+        uninstrument_runtime()
+
+
+def _children(spans: list[dict[str, Any]], parent: dict[str, Any]) -> list[dict[str, Any]]:
+    span_id = parent['context']['span_id']
+    return [s for s in spans if s['parent'] is not None and s['parent']['span_id'] == span_id]
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_parallel_tool_calls_overlap_each_with_its_own_database_connection(
+    demo_data: None, instrumented: CaptureLogfire, streamed: bool
+) -> None:
+    if streamed:
+        async with simple_chat_stream(QUESTION, session_id='traced', account='acme-health') as stream:
+            async for _ in stream:
+                pass
+    else:
+        await simple_chat(QUESTION, session_id='traced', account='acme-health')
+    spans = instrumented.exporter.exported_spans_as_dict()
+    [turn] = [s for s in spans if s['name'] == 'chat turn']
+    assert turn['parent'] is None and turn['attributes']['agentrt.streamed'] is streamed
+    trace_id = turn['context']['trace_id']
+    [run] = [s for s in spans if s['name'] == 'invoke_agent simple_chat']
+    assert run['context']['trace_id'] == trace_id
+    searches = [s for s in spans if s['name'] == 'execute_tool search_directory']
+    assert len(searches) >= 3
+    assert {s['context']['trace_id'] for s in searches} == {trace_id}
+    # All of them started before the first one ended: they ran at the same time.
+    assert max(s['start_time'] for s in searches) < min(s['end_time'] for s in searches)
+    pids = []
+    for search in searches:
+        [connect] = [s for s in _children(spans, search) if s['name'] == 'connect']
+        assert connect['attributes']['db.system'] == 'postgresql'
+        pids.append(connect['attributes'][BACKEND_PID_ATTRIBUTE])
+        assert any(s['name'] == 'SELECT' for s in _children(spans, search))
+    assert len(set(pids)) == len(pids), 'two tools running at once shared a connection'
+    # The turn's own database work (tenant, claim, history, save) is in the same trace, under the turn.
+    assert any(s['name'] == 'INSERT' for s in _children(spans, turn))
+    # No message content in any span: not the question, not a tool's arguments.
+    assert not [s['name'] for s in spans if 'Boston' in str(s['attributes'])]
+    # The ledger rows name the trace.
+    async with get_db_session() as session:
+        traces = (await session.execute(select(LLMRequestRow.trace_id))).scalars().all()
+    assert traces and set(traces) == {f'{trace_id:032x}'}
+
+
+@pytest.mark.parametrize(
+    ('environ', 'console', 'expected'),
+    [
+        ({}, None, 'off'),
+        ({'LOGFIRE_CONSOLE': 'true'}, None, 'console (stderr)'),
+        ({'LOGFIRE_CONSOLE': 'false'}, True, 'console (stderr)'),
+        ({'LOGFIRE_CONSOLE': '1'}, False, 'off'),
+        ({'LOGFIRE_TOKEN': 'pylf_v1_x'}, None, 'Logfire'),
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}, None, 'OTLP http://c:4318'),
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318', 'OTEL_TRACES_EXPORTER': 'none'}, None, 'off'),
+        (
+            {
+                'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318',
+                'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT': 'http://t/v1/traces',
+            },
+            None,
+            'OTLP http://t/v1/traces',
+        ),
+        ({'OTEL_EXPORTER_OTLP_HEADERS': 'a=b'}, None, 'off'),
+    ],
+)
+def test_where_spans_go(environ: dict[str, str], console: bool | None, expected: str) -> None:
+    export = trace_export(console=console, environ=environ)
+    assert export.describe() == expected
+    assert export.enabled is (expected != 'off')
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    return {**env, **extra}
+
+
+async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
+    demo_data: None, database_url: str, receiver: OtlpReceiver
+) -> None:
+    env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-m', 'agentrt.agents.cli', '--trace', 'chat', QUESTION, '-a', 'acme-health', '-s', 'otlp'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'observability' not in done.stderr and 'Warning' not in done.stderr
+    # --trace: the same spans on stderr, none on stdout (the answer)
+    assert 'chat turn' in done.stderr and 'running tool: search_directory' in done.stderr
+    assert 'chat turn' not in done.stdout and 'I found' in done.stdout
+    names = receiver.span_names()
+    assert 'chat turn' in names and 'invoke_agent simple_chat' in names
+    assert (
+        'chat demo' in names
+        and 'execute_tool search_directory' in names
+        and 'execute_tool get_directory_entry' in names
+    )
+    assert {'connect', 'SELECT', 'INSERT'} <= names
+    assert receiver.service_names() == {'agentrt'}
+    assert all(path in ('/v1/traces', '/v1/metrics', '/v1/logs') for path in receiver.paths)
+    # The ledger rows of the turn name the trace the collector received.
+    async with get_db_session() as session:
+        rows = (
+            await session.execute(select(LLMRequestRow.trace_id).where(LLMRequestRow.chat_session_id == 'otlp'))
+        ).scalars()
+        traces = set(rows.all())
+    assert traces and traces <= receiver.trace_ids()
+
+
+async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_span(
+    demo_data: None, database_url: str
+) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, warnings
+        warnings.simplefilter('error')
+        warnings.filterwarnings('ignore', module='platformdirs')
+        from agentrt.agents.simple_chat import simple_chat
+        from agentrt.agents.runtime import shutdown_runtime
+        from agentrt.agents.observability import tracing_active
+
+        async def main():
+            for _ in range(2):
+                await simple_chat('cardiologists in Boston', session_id='plain', account='acme-health')
+            await shutdown_runtime()
+
+        asyncio.run(main())
+        print(tracing_active())
+        """
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', script],
+        capture_output=True,
+        text=True,
+        env=_clean_env(DATABASE_URL=database_url),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['False']  # no tracer provider: the runtime's spans are no-ops
+    assert done.stderr == ''
+    async with get_db_session() as session:
+        rows = (
+            await session.execute(select(LLMRequestRow.trace_id).where(LLMRequestRow.chat_session_id == 'plain'))
+        ).scalars()
+        assert set(rows.all()) == {None}  # no trace was recorded, so none is named

@@ -1,0 +1,42 @@
+"""A process that races model requests against a budget and never finishes them, so the test can SIGKILL it.
+
+`python -m tests.services.budgets.hold_and_die DATABASE_URL ACCOUNT_ID TURNS`: runs TURNS runs at once through an
+agent with the ledger capability, on a model that holds every admitted request forever; prints one JSON line
+(`{"admitted": n, "refused": m}`) once every run is admitted (held at the model) or refused, then waits to be killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic_ai import Agent
+
+from agentrt.agents.errors import BudgetExceededError
+from agentrt.db.engine import init_database
+from agentrt.db.settings import Settings
+from agentrt.services.ledger import ledger_capability
+from tests.factories import chat_deps
+from tests.services.budgets.priced_model import PricedModel
+
+
+async def main(url: str, account_id: int, turns: int) -> None:
+    await init_database(Settings(database_url=url, data_dir=Path(tempfile.mkdtemp()), pool_size=5), migrate=False)
+    model = PricedModel(gate=asyncio.Event())  # never opened
+    agent = Agent(model, capabilities=[ledger_capability()])
+    runs = [
+        asyncio.create_task(agent.run('How many cardiologists?', deps=chat_deps(f'doomed-{i:02d}', account_id)))
+        for i in range(turns)
+    ]
+    while model.arrived + sum(run.done() for run in runs) < turns:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    refused = sum(1 for run in runs if run.done() and isinstance(run.exception(), BudgetExceededError))
+    print(json.dumps({'admitted': model.arrived, 'refused': refused}), flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == '__main__':
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
