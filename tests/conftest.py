@@ -24,6 +24,8 @@ from sqlalchemy import insert, text
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
+from agentrt.db.models import Account
+from agentrt.db.session import get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from tests.private_database import PrivateDatabase
