@@ -15,8 +15,10 @@ from tests.scripts.forked_scripts import run_forked
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One worker runs the benchmarks (the module's fixture), not each worker that gets one of these tests.
-pytestmark = pytest.mark.xdist_group('benchmarks')
+# One worker runs the benchmarks (the module's fixture), not each worker that gets one of these tests. Eleven
+# programs at once beside the other worker's tests took up to 75 s on a loaded 2-core machine (25 s when quiet):
+# more than the suite's 120 s per test would leave room for.
+pytestmark = [pytest.mark.xdist_group('benchmarks'), pytest.mark.timeout(300)]
 
 EXPECTED_ROW_KEYS = {
     'bench_parallel_tools': {'tools', 'parallel_ms', 'sequential_ms', 'ideal_ms', 'parallel_over_ideal', 'legacy'},
@@ -50,7 +52,7 @@ def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> d
     out_dir = tmp_path_factory.mktemp('bench')
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(out_dir / 'spool.jsonl')}
     runs = {name: ['--quick', '--out', str(out_dir / f'{name}.json')] for name in EXPECTED_ROW_KEYS}
-    results = run_forked(ROOT / 'scripts', runs, out_dir / 'logs', env=env, timeout=90)
+    results = run_forked(ROOT / 'scripts', runs, out_dir / 'logs', env=env, timeout=240)
     return {name: (code, output, out_dir / f'{name}.json') for name, (code, output) in results.items()}
 
 
