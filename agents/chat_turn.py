@@ -1,13 +1,15 @@
 """One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-Each step opens its own short session; none is held across the model request. The turn holds its conversation
-(`conversation_claim`: one turn at a time) and runs with per-turn usage limits (`turn_usage_limits`), a bounded
-context (`ContextWindow`) and the race guard (`TurnGuard`).
+No session is held across the model request. Before it, one short session looks up the tenant, claims the
+conversation (one turn at a time) and loads its tail: one transaction, three statements. After it, one statement
+saves the turn and releases the claim. The run has per-turn usage limits (`turn_usage_limits`), a bounded context
+(`ContextWindow`) and the race guard (`TurnGuard`).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,21 +24,26 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import get_read_only_session, retry_on_disconnect
+from agentrt.db.session import get_db_session, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
-    conversation_claim,
+    RecentConversation,
+    TurnClaim,
+    append_turn,
     load_recent_conversation,
-    save_turn,
+    summary_due,
+    summary_source,
 )
+from agentrt.services.ledger import remember_message_json
 from agentrt.services.post_turn import schedule_post_turn_work
-from agentrt.services.tenancy import get_account, get_agent_instance
+from agentrt.services.tenancy import Tenant, lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -69,19 +76,25 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
 
     async def lookup() -> SessionDependencies:
         async with get_read_only_session() as session:
-            account_row = await get_account(account, session=session)
-            instance = await get_agent_instance(account_row, agent_instance, session=session)
-            return SessionDependencies(
-                session_id=session_id,
-                account_id=account_row.id,
-                account_slug=account_row.slug,
-                agent_instance_id=instance.id,
-                agent_instance_slug=instance.slug,
-                agent_type=instance.agent_type,
-                config=dict(instance.config or {}),
-            )
+            tenant = await lookup_tenant(account, agent_instance, session=session)
+            return _dependencies(session_id, tenant, for_one_turn=False)
 
     return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
+
+
+def _dependencies(session_id: str, tenant: Tenant, *, for_one_turn: bool = True) -> SessionDependencies:
+    """The run's deps. Only deps made for one turn say whether the account has a budget: deps kept for many runs
+    must let each request check."""
+    return SessionDependencies(
+        session_id=session_id,
+        account_id=tenant.account_id,
+        account_slug=tenant.account_slug,
+        agent_instance_id=tenant.agent_instance_id,
+        agent_instance_slug=tenant.agent_instance_slug,
+        agent_type=tenant.agent_type,
+        config=tenant.config,
+        account_has_budget=tenant.has_budget if for_one_turn else None,
+    )
 
 
 @dataclass
@@ -100,6 +113,11 @@ class Turn:
     capabilities: list[AbstractCapability[Any]]
     """The turn's `ContextWindow` and `TurnGuard`, added to the run."""
     started: float
+    recent: RecentConversation
+    """What was loaded: the save appends to it without reading the conversation again."""
+    claim: TurnClaim
+    """The turn's claim on the conversation, released by the save (or when the turn ends)."""
+    settings: Settings
 
 
 def input_settings() -> Settings:
@@ -130,41 +148,112 @@ async def open_turn(
     usage_limits: UsageLimits | None = None,
     stream_delay: float = 0.0,
 ) -> AsyncIterator[Turn]:
-    """Start the database if needed, resolve the model, load the tenant, claim the conversation and load its tail.
+    """Start the database if needed, resolve the model, wait for admission, then load the tenant, claim the
+    conversation and load its tail.
 
     The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
         ConfigError: the model cannot be used. UnknownTenantError: the account or agent does not exist.
         ConcurrentTurnError: another turn is running on the conversation (nothing was sent).
+        RuntimeBusyError: the process is at the limit of what its event loop keeps up with, and the turn waited
+            longer than `AGENTRT_TURN_QUEUE_SECONDS` (nothing was sent).
     """
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
     resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
-    deps = await load_dependencies(turn_input.session_id, turn_input.account, turn_input.agent_instance)
-    lease = settings.turn_lease_seconds
-    async with conversation_claim(deps.account_id, turn_input.session_id, lease_s=lease) as claim:
-        store = PostgresConversationStore(deps.account_id)
-        recent = await load_recent_conversation(store, turn_input.session_id, max_tokens=settings.context_max_tokens)
+    admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
+    async with admission.turn():
+        async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
+            yield turn
+
+
+@asynccontextmanager
+async def _claimed_turn(
+    agent: Agent[SessionDependencies, str],
+    turn_input: TurnInput,
+    resolved: Model,
+    settings: Settings,
+    usage_limits: UsageLimits | None,
+    started: float,
+) -> AsyncIterator[Turn]:
+    conversation_id = turn_input.session_id
+    claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
+
+    async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
+        async with get_db_session() as session:
+            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session)
+            claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
+            await claim.take(session=session)
+            store = PostgresConversationStore(tenant.account_id)
+            recent = await load_recent_conversation(
+                store, conversation_id, max_tokens=settings.context_max_tokens, session=session
+            )
+        return tenant, claim, recent
+
+    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
+    tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
+    claim.loaded(recent.conversation.revision)
+    if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
+        remember_message_json(recent.stored, recent.stored_json)
+    async with claim.held():
+        deps = _dependencies(conversation_id, tenant)
+        store = PostgresConversationStore(tenant.account_id)
         conversation = recent.conversation
         usage_before, conversation.usage = conversation.usage, RunUsage()
         capabilities: list[AbstractCapability[Any]] = [
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
-            TurnGuard(store, turn_input.session_id, conversation.revision, claim),
+            TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
         ]
         limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
-        yield Turn(agent, resolved, deps, store, conversation, usage_before, limits, capabilities, started)
+        yield Turn(
+            agent,
+            resolved,
+            deps,
+            store,
+            conversation,
+            usage_before,
+            limits,
+            capabilities,
+            started,
+            recent,
+            claim,
+            settings,
+        )
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
-    """Save the turn, hand post-turn work (title and summary, usage rollup) to the background, by id only.
+    """Save the turn (releasing its claim), hand post-turn work (title and summary when due, usage rollup) to the
+    background.
 
     Raises:
         ConcurrentTurnError: another turn saved this conversation meanwhile; nothing was saved.
     """
-    await save_turn(turn.store, result, usage_before=turn.usage_before)
-    schedule_post_turn_work(turn.deps.account_id, turn.deps.session_id, run_id=result.run_id)
+    settings = turn.settings
+    saved = await append_turn(turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim)
+    summarise = summary_due(
+        turn.recent,
+        saved.stored_chars,
+        every_turns=settings.summary_every_turns,
+        every_tokens=settings.summary_every_tokens,
+    )
+    source = None
+    if summarise and saved.entries:
+        source = summary_source(
+            saved.entries[-1].id,
+            result.all_messages(),
+            title=turn.recent.title,
+            whole=not turn.recent.earlier_omitted,
+        )
+    schedule_post_turn_work(
+        turn.deps.account_id,
+        turn.deps.session_id,
+        run_id=result.run_id,
+        summarise=summarise,
+        summary=source,
+        rollup_interval_s=settings.usage_rollup_seconds,
+    )
     return ChatResult(
         output=result.output,
         session_id=turn.deps.session_id,

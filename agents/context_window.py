@@ -10,14 +10,14 @@ history and the store appends to the record as usual.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic_ai import RunContext
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models import ModelRequestContext
 
-from agentrt.services.conversations import fit_history
+from agentrt.services.conversations import FitMemo, fit_history
 
 
 @dataclass
@@ -35,6 +35,11 @@ class ContextWindow(AbstractCapability[Any]):
     """The conversation's title: the topic line of the summary."""
     earlier_omitted: bool = False
     """The run's history does not start the conversation (older messages were not loaded)."""
+    _memo: FitMemo = field(default_factory=FitMemo, repr=False, compare=False)
+
+    async def for_run(self, ctx: RunContext[Any]) -> ContextWindow:
+        """A copy per run: its requests share estimates and the summary (`FitMemo`), other runs do not."""
+        return replace(self, _memo=FitMemo())
 
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
@@ -45,5 +50,6 @@ class ContextWindow(AbstractCapability[Any]):
             max_tokens=self.max_tokens,
             title=self.title,
             earlier_omitted=self.earlier_omitted,
+            memo=self._memo,
         )
         return request_context

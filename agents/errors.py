@@ -16,6 +16,7 @@ from agentrt.db.errors import (
     MigrationError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
 )
 from agentrt.services.conversations import ConcurrentTurnError
@@ -34,6 +35,7 @@ __all__ = [
     'MigrationError',
     'ModelBehaviorError',
     'ModelProviderError',
+    'RuntimeBusyError',
     'TurnLimitExceededError',
     'UnknownTenantError',
 ]

@@ -96,8 +96,10 @@ def create_simple_chat_agent(
         capabilities=[ledger_capability()],
     )
 
+    # Async, though it awaits nothing: pydantic-ai runs a sync instruction function in a worker thread, a thread hop
+    # (and its CPU) before every model request.
     @agent.instructions
-    def _tenant(ctx: RunContext[SessionDependencies]) -> str:
+    async def _tenant(ctx: RunContext[SessionDependencies]) -> str:
         schemas = ', '.join(ctx.deps.config.get('schemas') or []) or NO_SCHEMAS
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 

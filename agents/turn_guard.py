@@ -7,11 +7,18 @@ still this turn's (a lease that expired while the event loop was stuck can be ta
 revision is still the one loaded (a writer that does not claim, such as pydantic-ai's UI adapters on the same
 store, may have saved). Either way the turn stops with `ConcurrentTurnError` before that request is sent, so it is
 billed only for what it sent before.
+
+The check costs a statement, so it is made only once `check_after_s` (`AGENTRT_TURN_CHECK_SECONDS`) passed since the
+turn last knew: the claim was taken with the load, and each check (or the claim's heartbeat) renews the lease and
+reads the revision in one statement. A claim confirmed less than a lease ago cannot have been taken over, so no
+takeover is missed (the setting may not exceed the lease); a writer that does not claim and saves within that
+time is found by the save's compare-and-swap instead (stage 'save'). 0 checks before every request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_ai import ModelRequestNode, RunContext
@@ -33,12 +40,27 @@ class TurnGuard(AbstractCapability[Any]):
     revision: str | None
     """The revision the turn loaded; None for a conversation that did not exist yet."""
     claim: TurnClaim | None = None
-    """The turn's claim on the conversation, when it holds one."""
+    """The turn's claim on the conversation, when it holds one (it then knows when it was last confirmed)."""
+    check_after_s: float = 0.0
+    """Trust what was last confirmed this long before checking again (0: check before every request)."""
+    _confirmed_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
 
     async def before_node_run(self, ctx: RunContext[Any], *, node: AgentNode[Any]) -> AgentNode[Any]:
         """Raise `ConcurrentTurnError` (stage 'request') before a model request when the turn lost its conversation."""
-        if isinstance(node, ModelRequestNode):
-            lost = self.claim is not None and self.claim.lost
-            if lost or await self.store.read_revision(self.conversation_id) != self.revision:
-                raise ConcurrentTurnError(self.conversation_id, stage='request')
+        if isinstance(node, ModelRequestNode) and not await self._still_ours():
+            raise ConcurrentTurnError(self.conversation_id, stage='request')
         return node
+
+    async def _still_ours(self) -> bool:
+        claim = self.claim
+        if claim is None:
+            if time.monotonic() - self._confirmed_at < self.check_after_s:
+                return True
+            started = time.monotonic()
+            revision = await self.store.read_revision(self.conversation_id)
+            self._confirmed_at = started
+            return revision == self.revision
+        stale = time.monotonic() - claim.confirmed_at >= self.check_after_s
+        if not claim.lost and (stale or not claim.knows_revision):
+            await claim.check()
+        return not claim.lost and claim.revision == self.revision

@@ -45,6 +45,7 @@ from agentrt.agents.errors import (
     InvalidInputError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
     UnknownTenantError,
 )
@@ -155,6 +156,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
         return 502, 'model_behavior_error', str(exc), None
     if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
         return 502, 'model_provider_error', _provider_message(exc), None
+    if isinstance(exc, RuntimeBusyError):  # the turn waited its turn too long: nothing was started
+        return 503, 'busy', 'the server is busy; try again shortly', None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
         return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None
     if isinstance(exc, PoolTimeoutError):

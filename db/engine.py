@@ -20,6 +20,7 @@ from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.failures import connection_problem, pooler_error, unavailable_error
 from agentrt.db.settings import Settings, get_settings
+from agentrt.db.transaction_setup import PreludeConnection, RetryingSession, SetupSession, install_prelude
 
 logger = logging.getLogger('agentrt.db')
 
@@ -88,7 +89,13 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
             settings=settings,
             url=url,
             engine=engine,
-            sessionmaker=async_sessionmaker(engine, expire_on_commit=False, autoflush=False),
+            sessionmaker=async_sessionmaker(
+                engine,
+                class_=RetryingSession,
+                sync_session_class=SetupSession,
+                expire_on_commit=False,
+                autoflush=False,
+            ),
             embedded=embedded,
         )
         return engine
@@ -116,7 +123,11 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         server_settings['statement_timeout'] = str(settings.statement_timeout_ms)
     if settings.lock_timeout_ms:
         server_settings['lock_timeout'] = str(settings.lock_timeout_ms)
-    connect_args: dict[str, Any] = {'timeout': settings.connect_timeout, 'server_settings': server_settings}
+    connect_args: dict[str, Any] = {
+        'timeout': settings.connect_timeout,
+        'server_settings': server_settings,
+        'connection_class': PreludeConnection,  # sends a transaction's prelude with its BEGIN (transaction_setup.py)
+    }
     url, url_args = asyncpg_connect_args(url)
     connect_args.update(url_args)
     server_settings.update(url_args.pop('server_settings', {}))
@@ -137,6 +148,7 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         connect_args=connect_args,
     )
     PoolHealth(engine, ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None)
+    install_prelude(engine)
     return engine
 
 

@@ -25,6 +25,12 @@ class DatabaseDisconnectedError(DatabaseUnavailableError):
     safe to repeat (`retry_on_disconnect`). The connection is discarded, never handed out again."""
 
 
+class RuntimeBusyError(AgentRuntimeError):
+    """The process was running as many turns as its event loop keeps up with, and this turn waited its turn longer
+    than `AGENTRT_TURN_QUEUE_SECONDS`: it was not started (nothing sent, nothing billed, nothing saved). Send the
+    message again shortly, or run more worker processes."""
+
+
 class EmbeddedPostgresError(AgentRuntimeError):
     """The embedded PostgreSQL server could not be initialised or started."""
 

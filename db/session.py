@@ -6,14 +6,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy import Executable, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.engine import get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.failures import pooler_error, unavailable_error
+from agentrt.db.transaction_setup import SETUP_KEY, RetryingSession, TransactionSetup
 
 T = TypeVar('T')
 
@@ -21,12 +21,17 @@ logger = logging.getLogger('agentrt.db')
 
 
 @asynccontextmanager
-async def get_db_session() -> AsyncIterator[AsyncSession]:
+async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncIterator[AsyncSession]:
     """Open a session in a transaction that commits on clean exit and rolls back otherwise.
 
     The transaction is rolled back on an exception or a cancellation, and the session is always
     closed so its connection returns to the pool. Every call gets its own session, so it is safe to
     call from many tasks at once; never share the yielded session between tasks.
+
+    Args:
+        setup: what the transaction sets before its first statement (read-only, timeouts), sent with its BEGIN: no
+            extra round trip. A session with a setup also repeats its first statement once on a fresh connection
+            when the pooled one was broken (`RetryingSession`).
 
     Yields:
         An `AsyncSession` bound to the process-wide engine.
@@ -38,6 +43,10 @@ async def get_db_session() -> AsyncIterator[AsyncSession]:
         ConfigError: a prepared statement vanished behind a pooler (`DB_STATEMENT_CACHE=false` fixes it).
     """
     session = get_sessionmaker()()
+    if setup is not None:
+        session.info[SETUP_KEY] = setup
+        if isinstance(session, RetryingSession):
+            session.retry_first_statement = True
     try:
         yield session
         await session.commit()
@@ -51,14 +60,18 @@ async def get_db_session() -> AsyncIterator[AsyncSession]:
         await _finish(session.close(), 'close')
 
 
+_READ_ONLY = TransactionSetup(read_only=True)
+
+
 @asynccontextmanager
 async def get_read_only_session() -> AsyncIterator[AsyncSession]:
     """Like `get_db_session()`, inside a `READ ONLY` transaction: for tools that only read.
 
-    A connection found broken by the first statement (a server restarted since it was last used) is replaced and
-    the transaction started again, once: nothing had been read yet.
+    The read-only mode rides on the transaction's BEGIN (no extra round trip). A connection found broken by the
+    first statement (a server restarted since it was last used) is replaced and the statement run again, once:
+    nothing had been read yet.
     """
-    async with _session_with_setup(text('SET TRANSACTION READ ONLY'), {}) as session:
+    async with get_db_session(setup=_READ_ONLY) as session:
         yield session
 
 
@@ -69,29 +82,12 @@ async def get_side_session(
     """A session for independent writers (billing, audit, background work) with tight timeouts.
 
     The timeouts are transaction-local, so a side write can never wait forever on a lock its own
-    caller holds in another session (PostgreSQL cannot see that deadlock). Like `get_read_only_session()`, a
-    connection found broken by that first statement is replaced once.
+    caller holds in another session (PostgreSQL cannot see that deadlock); they ride on the transaction's BEGIN.
+    Like `get_read_only_session()`, a connection found broken by the first statement is replaced once.
     """
-    setup = text("SELECT set_config('lock_timeout', :lock, true), set_config('statement_timeout', :stmt, true)")
-    params = {'lock': f'{int(lock_timeout_ms)}ms', 'stmt': f'{int(statement_timeout_ms)}ms'}
-    async with _session_with_setup(setup, params) as session:
+    setup = TransactionSetup(lock_timeout_ms=int(lock_timeout_ms), statement_timeout_ms=int(statement_timeout_ms))
+    async with get_db_session(setup=setup) as session:
         yield session
-
-
-@asynccontextmanager
-async def _session_with_setup(setup: Executable, params: dict[str, Any]) -> AsyncIterator[AsyncSession]:
-    for attempt in (1, 2):
-        set_up = False
-        try:
-            async with get_db_session() as session:
-                await session.execute(setup, params)
-                set_up = True
-                yield session
-                return
-        except DatabaseDisconnectedError:
-            if set_up or attempt == 2:
-                raise
-            logger.info('a pooled connection was found broken; starting the transaction again on a fresh one')
 
 
 async def retry_on_disconnect(operation: Callable[[], Awaitable[T]], *, what: str = 'database operation') -> T:

@@ -119,6 +119,30 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_TURN_LEASE_SECONDS', 'turn_lease_seconds'),
         description='how long a crashed turn keeps its conversation (a running turn renews its claim)',
     )
+    turn_check_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_TURN_CHECK_SECONDS', 'turn_check_seconds'),
+        description='before a model request, a turn checks that its conversation is still its own once this long '
+        'passed since it last knew (0: before every request)',
+    )
+    turn_admission_lag_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=10_000,
+        validation_alias=AliasChoices('AGENTRT_TURN_ADMISSION_LAG_MS', 'turn_admission_lag_ms'),
+        description='the cap on turns running at once in a process shrinks while the event loop is later than this, '
+        'and grows while turns wait and it is within half of it; a turn over the cap waits holding no connection '
+        '(0: no cap)',
+    )
+    turn_queue_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_TURN_QUEUE_SECONDS', 'turn_queue_seconds'),
+        description='the longest a turn waits to start before RuntimeBusyError',
+    )
     context_max_tokens: int = Field(
         default=16_000,
         ge=500,
@@ -133,6 +157,39 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_MESSAGE_MAX_CHARS', 'message_max_chars'),
         description='longest chat message accepted, in characters',
     )
+
+    summary_every_turns: int = Field(
+        default=5,
+        ge=1,
+        le=100_000,
+        validation_alias=AliasChoices('AGENTRT_SUMMARY_EVERY_TURNS', 'summary_every_turns'),
+        description="a conversation's title and summary are refreshed after its first turn, then every this many turns",
+    )
+    summary_every_tokens: int = Field(
+        default=8_000,
+        ge=1,
+        le=10_000_000,
+        validation_alias=AliasChoices('AGENTRT_SUMMARY_EVERY_TOKENS', 'summary_every_tokens'),
+        description='or once the conversation grew by this many estimated tokens since its last summary',
+    )
+    usage_rollup_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_USAGE_ROLLUP_SECONDS', 'usage_rollup_seconds'),
+        description="the daily usage rollup takes an account's new ledger rows at most this often (0: after every "
+        'turn); the last turn is rolled up at the end of the interval',
+    )
+
+    @model_validator(mode='after')
+    def _check_turn_within_lease(self) -> Settings:
+        # A claim confirmed less than a lease ago cannot have expired: a shorter check interval misses no takeover.
+        if self.turn_check_seconds > self.turn_lease_seconds:
+            raise ConfigError(
+                f'AGENTRT_TURN_CHECK_SECONDS ({self.turn_check_seconds:g}) must not exceed AGENTRT_TURN_LEASE_SECONDS '
+                f'({self.turn_lease_seconds:g})'
+            )
+        return self
 
     @model_validator(mode='after')
     def _message_fits_the_context(self) -> Settings:

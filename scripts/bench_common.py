@@ -164,6 +164,8 @@ class LoadRun:
     elapsed_s: float
     cpu_s: float
     loop_lag_p95_s: float | None
+    cpu_started: float = 0.0
+    """`time.process_time()` when the run started (to count work the calls deferred past it)."""
 
 
 async def closed_loop(
@@ -206,8 +208,9 @@ async def closed_loop(
         await asyncio.gather(*(worker(i) for i in range(workers)))
     finally:
         probe.cancel()
+    cpu_started = cpu
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95))
+    return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95), cpu_started)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -319,14 +322,19 @@ def demo_planner_model(latency: float) -> FunctionModel:
     return FunctionModel(respond, stream_function=stream, model_name='gpt-4o-mini')
 
 
-def bare_directory_agent() -> Agent[SessionDependencies, str]:
-    """The simple_chat agent's instructions and toolset with nothing of the runtime attached (no capabilities)."""
+def bare_directory_agent(capabilities: Sequence[Any] = ()) -> Agent[SessionDependencies, str]:
+    """The simple_chat agent's instructions and toolset with nothing of the runtime attached (no capabilities, unless
+    given: the overhead breakdown adds the ledger without stored content)."""
     agent: Agent[SessionDependencies, str] = Agent(
-        deps_type=SessionDependencies, name='simple_chat', instructions=BASE_INSTRUCTIONS, toolsets=[directory_toolset]
+        deps_type=SessionDependencies,
+        name='simple_chat',
+        instructions=BASE_INSTRUCTIONS,
+        toolsets=[directory_toolset],
+        capabilities=list(capabilities),
     )
 
     @agent.instructions
-    def _tenant(ctx: RunContext[SessionDependencies]) -> str:  # as in agents/simple_chat.py
+    async def _tenant(ctx: RunContext[SessionDependencies]) -> str:  # as in agents/simple_chat.py
         schemas = ', '.join(ctx.deps.config.get('schemas') or []) or 'none configured'
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 

@@ -7,18 +7,28 @@ content if attached, background post-turn work). The model is the demo planner (
 with a fixed simulated latency per request. Turns alternate bare/runtime so machine noise hits both alike; reported:
 median latency, CPU per turn (time.process_time, deferred ledger/background work included), time to first token.
 
+First, the per-turn breakdown (issue 20) at 0 ms model latency: bare, the runtime, and the runtime with one part
+turned off at a time (the ledger, its stored content, post-turn work, the conversation store, the claim and guard,
+the tenant lookup), interleaved turn by turn; CPU per turn (median), and sessions (pool checkouts) and statements
+(`before_cursor_execute`) per turn, counted from SQLAlchemy's events. The parts are turned off by replacing names in
+`agentrt.agents.chat_turn`; names a version does not have are skipped, so the same script measures earlier versions.
+
 Run (embedded PostgreSQL unless DATABASE_URL is set):
-    .venv/bin/python scripts/bench_overhead.py [--latencies 0,0.25] [--turns 15]
+    .venv/bin/python scripts/bench_overhead.py [--latencies 0,0.25] [--turns 15] [--breakdown-turns 30]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from bench_common import (
     bare_directory_agent,
@@ -32,18 +42,26 @@ from bench_common import (
     start_database,
     write_results,
 )
-from pydantic_ai import Agent
+from pydantic_ai import Agent, Conversation
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models import Model
-from sqlalchemy import text
+from sqlalchemy import event, text
 
-from agentrt.agents.simple_chat import load_dependencies, simple_chat, simple_chat_stream
-from agentrt.db.engine import close_database
+from agentrt.agents import chat_turn
+from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
+from agentrt.db.engine import close_database, get_engine
 from agentrt.db.session import get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
-from agentrt.services.ledger import get_request_tracker
+from agentrt.services.ledger import get_request_tracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
+
+try:  # names of this version; earlier ones (the before column) lack them and skip what uses them
+    from agentrt.services.conversations import SavedTurn, TurnClaim
+    from agentrt.services.tenancy import Tenant
+except ImportError:  # pragma: no cover
+    SavedTurn = TurnClaim = Tenant = None  # type: ignore[assignment,misc]
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 LEFT_BEHIND = text(
@@ -146,6 +164,171 @@ async def measure(latency: float, streamed: bool, turns: int, prefix: str) -> li
     return rows
 
 
+# ---- Per-turn breakdown (issue 20): CPU by part, sessions and statements per turn ---------------------------------
+
+BUDGET = {'cpu_x_bare': 1.3, 'sessions': 10, 'statements': 20}
+
+
+@dataclass
+class StatementMeter:
+    """Counts pool checkouts (one per session) and statements sent (`before_cursor_execute`) on the engine."""
+
+    sessions: int = 0
+    statements: int = 0
+
+    def attach(self) -> StatementMeter:
+        engine = get_engine().sync_engine
+        event.listen(engine, 'checkout', self._checkout)
+        event.listen(engine, 'before_cursor_execute', self._statement)
+        return self
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.sessions, self.statements
+
+    def _checkout(self, *args: Any) -> None:
+        self.sessions += 1
+
+    def _statement(self, *args: Any) -> None:
+        self.statements += 1
+
+
+def _patched(**replacements: Any) -> contextlib.AbstractContextManager[None]:
+    """Replace names in `agentrt.agents.chat_turn` for one turn; names this version does not have are skipped, so the
+    breakdown also runs against earlier versions (for the before column)."""
+    stack = contextlib.ExitStack()
+    for name, value in replacements.items():
+        if hasattr(chat_turn, name):
+            original = getattr(chat_turn, name)
+            setattr(chat_turn, name, value)
+            stack.callback(setattr, chat_turn, name, original)
+    return stack
+
+
+def _no_post_turn() -> contextlib.AbstractContextManager[None]:
+    return _patched(schedule_post_turn_work=lambda *args, **kwargs: [])
+
+
+def _no_store() -> contextlib.AbstractContextManager[None]:
+    """No history: nothing loaded (a new, empty conversation every turn), nothing saved."""
+
+    async def load(store: Any, conversation_id: str, **kwargs: Any) -> Any:
+        return RecentConversation(Conversation(conversation_id=conversation_id), None, False)
+
+    async def save(*args: Any, **kwargs: Any) -> Any:
+        return SavedTurn([], 0) if SavedTurn is not None else []
+
+    return _patched(load_recent_conversation=load, append_turn=save, save_turn=save)
+
+
+def _no_claim() -> contextlib.AbstractContextManager[None]:
+    """No claim on the conversation and no guard before each request."""
+
+    class Unguarded(AbstractCapability[Any]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    @contextlib.asynccontextmanager
+    async def no_claim(*args: Any, **kwargs: Any) -> AsyncIterator[None]:
+        yield None
+
+    replacements: dict[str, Any] = {'TurnGuard': Unguarded, 'conversation_claim': no_claim}
+    if TurnClaim is not None:
+
+        class Unclaimed(TurnClaim):  # type: ignore[misc,valid-type]
+            async def take(self, *, session: Any) -> None:
+                pass
+
+            @contextlib.asynccontextmanager
+            async def held(self) -> AsyncIterator[Any]:
+                yield self
+
+        replacements['TurnClaim'] = Unclaimed
+    return _patched(**replacements)
+
+
+def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextManager[None]:
+    """The tenant known in advance (no lookup query)."""
+
+    async def dependencies(*args: Any, **kwargs: Any) -> SessionDependencies:
+        return deps
+
+    async def tenant(*args: Any, **kwargs: Any) -> Any:
+        return Tenant(
+            deps.account_id,
+            deps.account_slug,
+            deps.agent_instance_id,
+            deps.agent_instance_slug,
+            deps.agent_type,
+            dict(deps.config),
+        )
+
+    return _patched(load_dependencies=dependencies, lookup_tenant=tenant)
+
+
+async def breakdown(turns: int, prefix: str) -> list[dict]:
+    """CPU, sessions and statements per demo turn at 0 ms model latency: bare, the runtime, and the runtime with one
+    part turned off at a time; variants interleaved turn by turn, medians of CPU, means of the counts."""
+    model = demo_planner_model(0.0)
+    bare = bare_directory_agent()
+    deps = await load_dependencies('bench-bare', MEDICAL_ACCOUNT, None)
+    without_ledger = bare_directory_agent()
+    without_content = bare_directory_agent([ledger_capability(store_content=False)])
+    runtime_agent = create_simple_chat_agent()
+    variants: dict[str, tuple[Agent[SessionDependencies, str] | None, Callable[[], Any]]] = {
+        'bare pydantic-ai': (None, contextlib.nullcontext),
+        'runtime': (runtime_agent, contextlib.nullcontext),
+        'runtime without the ledger': (without_ledger, contextlib.nullcontext),
+        'runtime without stored content': (without_content, contextlib.nullcontext),
+        'runtime without post-turn work': (runtime_agent, _no_post_turn),
+        'runtime without the conversation store': (runtime_agent, _no_store),
+        'runtime without claim and guard': (runtime_agent, _no_claim),
+        'runtime without the tenant lookup': (runtime_agent, lambda: _no_tenant_lookup(deps)),
+    }
+    meter = StatementMeter().attach()
+    samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in variants}
+    for i in range(turns + 1):  # the first round warms up
+        for n, (name, (agent, patch)) in enumerate(variants.items()):
+            await settle()
+            before, cpu = meter.snapshot(), time.process_time()
+            with patch():
+                if agent is None:
+                    await bare.run(QUESTION, deps=deps, model=model)
+                else:
+                    session_id = f'{prefix}-b{n}-{i // 4}'
+                    await simple_chat(
+                        QUESTION, session_id=session_id, account=MEDICAL_ACCOUNT, model=model, agent=agent
+                    )
+                await settle()
+            cpu = time.process_time() - cpu
+            after = meter.snapshot()
+            if i:
+                samples[name].append((cpu, after[0] - before[0], after[1] - before[1]))
+    rows = []
+    for name, values in samples.items():
+        cpus, sessions, statements = zip(*values, strict=True)
+        rows.append(
+            {
+                'variant': name,
+                'turns': len(values),
+                'cpu_ms': ms(statistics.median(cpus)),
+                'sessions_per_turn': round(statistics.fmean(sessions), 2),
+                'statements_per_turn': round(statistics.fmean(statements), 2),
+            }
+        )
+    bare_cpu, full_cpu = rows[0]['cpu_ms'], rows[1]['cpu_ms']
+    for row in rows:
+        row['x_bare'] = round(row['cpu_ms'] / bare_cpu, 2)
+        if row['variant'].startswith('runtime without'):
+            row['part_cpu_ms'] = round(full_cpu - row['cpu_ms'], 1)
+    return rows
+
+
+BREAKDOWN_COLUMNS = [
+    ('variant (0 ms model latency, plain)', 'variant'), ('CPU ms/turn', 'cpu_ms'), ('x bare', 'x_bare'),
+    ('part CPU ms', 'part_cpu_ms'), ('sessions/turn', 'sessions_per_turn'), ('statements/turn', 'statements_per_turn'),
+]  # fmt: skip
+
+
 COLUMNS = [
     ('model ms/request', 'model_latency_ms'), ('mode', 'mode'), ('pattern', 'pattern'), ('median ms', 'median_ms'),
     ('added ms', 'added_median_ms'), ('added %', 'added_median_pct'), ('CPU ms', 'cpu_ms'),
@@ -157,19 +340,25 @@ async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'overhead')
     args.add_argument('--latencies', type=lambda v: [float(x) for x in v.split(',')], default=[0.0, 0.25])
     args.add_argument('--turns', type=int, default=15, help='measured turns per pattern, mode and latency')
+    args.add_argument('--breakdown-turns', type=int, default=30, help='measured turns per breakdown variant (0: none)')
     opts = args.parse_args()
     if opts.quick:
-        opts.latencies, opts.turns = [0.0], 2
+        opts.latencies, opts.turns, opts.breakdown_turns = [0.0], 2, 1
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     prefix = f'bench-ovh-{uuid.uuid4().hex[:8]}'
     config = {'model_latency_s_per_request': opts.latencies, 'turns': opts.turns, 'model': MODEL_NOTE}
     config |= {'model_requests_per_turn': 3, 'tool_calls_per_turn': 7, 'runtime_conversation_turns': 4}
+    config |= {'breakdown_turns': opts.breakdown_turns}
     try:
         async with get_db_session() as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
         print_config('Benchmark 3: overhead of a runtime turn over a bare pydantic-ai run', config | machine)
+        parts: list[dict] = []
+        if opts.breakdown_turns:
+            parts = await breakdown(opts.breakdown_turns, prefix)
+            print_table(parts, BREAKDOWN_COLUMNS)
         before = await count_rows(prefix)
         rows = []
         for latency in opts.latencies:
@@ -187,6 +376,18 @@ async def main() -> None:
         summary['target_latency_ms_per_request'] = max(opts.latencies) * 1000
         summary['added_pct_at_target'] = {r['mode']: r['added_median_pct'] for r in target}
         summary['target_25_pct_met'] = all(r['added_median_pct'] <= 25 for r in target)
+        if parts:
+            runtime = parts[1]
+            summary['breakdown'] = parts
+            summary['runtime_cpu_x_bare'] = runtime['x_bare']
+            summary['runtime_sessions_per_turn'] = runtime['sessions_per_turn']
+            summary['runtime_statements_per_turn'] = runtime['statements_per_turn']
+            summary['budget'] = BUDGET
+            summary['budget_met'] = {
+                'cpu_x_bare': runtime['x_bare'] <= BUDGET['cpu_x_bare'],
+                'sessions': runtime['sessions_per_turn'] <= BUDGET['sessions'],
+                'statements': runtime['statements_per_turn'] <= BUDGET['statements'],
+            }
         print('summary:', summary)
         write_results(opts.out, 'overhead', config, machine, rows, summary)
     finally:

@@ -1,24 +1,36 @@
 """Benchmark 2: pool capacity. C concurrent chats, 1 s model latency, 3 tools per turn, pool 20 + overflow 10.
 
-Side by side at each C: the runtime (a session per operation: load, each tool, save; none held across a model
-call) against the request-scoped pattern (one session opened for the whole turn, as a web framework dependency
-would, used by the tools under a lock). Each chat runs turns back to back for a window; reported: completed
-turns/s, p50/p95 latency, pool timeouts (sqlalchemy TimeoutError), peak connections checked out, and
-connection-seconds held per turn against the database's own busy time (pg_stat_database.active_time).
+Side by side at each C: the runtime pattern (a session per operation: load, each tool, save; none held across a
+model call) against the request-scoped pattern (one session opened for the whole turn, as a web framework dependency
+would, used by the tools under a lock), both a stripped turn (no ledger, history or post-turn work); and the
+product: `simple_chat` with the demo planner (3 model requests of 1 s each, 7 tool calls with real directory
+searches, the conversation claimed, loaded and saved, ledger rows with stored content, post-turn work), the row the
+capacity target is read on. Each chat runs turns back to back for a window; reported: completed turns/s, p50/p95
+latency, pool timeouts (sqlalchemy TimeoutError), `simple_chat` turns refused after waiting for admission
+(`busy`: RuntimeBusyError, AGENTRT_TURN_QUEUE_SECONDS), peak connections checked out, and connection-seconds held
+per turn against the database's own busy time (pg_stat_database.active_time). AGENTRT_TURN_ADMISSION_LAG_MS=0 in the
+environment runs `simple_chat` without admission, for comparison.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
     .venv/bin/python scripts/bench_pool_capacity.py [--chats 25,50,100,200,400] [--window 5] [--pool-timeout 5]
+        [--patterns runtime,request-scoped,simple_chat]
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bench_common import (
     PoolMeter,
     closed_loop,
+    demo_planner_model,
     int_list,
     machine_info,
     ms,
@@ -36,8 +48,12 @@ from pydantic_ai import Agent, RunContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import close_database
 from agentrt.db.session import get_db_session
+from agentrt.services.background import drain_supervisor, get_supervisor
+from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+from agentrt.services.ledger import get_request_tracker
 
 TOOL_QUERY = text('SELECT pg_sleep(:s)')
 LOAD = text('SELECT count(*) FROM bench_turns WHERE chat = :c')
@@ -80,13 +96,32 @@ async def scoped_turn(agent: Agent, chat: str) -> None:
         await session.execute(SAVE, {'c': chat})
 
 
-async def run_level(pattern: str, agent: Agent, chats: int, window: float, spread: float, meter: PoolMeter) -> dict:
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
+CHAT_PREFIX = f'bench-pool-{uuid.uuid4().hex[:8]}'
+
+
+def simple_chat_turn(model: Any) -> Callable[[Any, str], Awaitable[None]]:
+    """The product's turn: `simple_chat` on the chat's own conversation, with the demo planner."""
+
+    async def turn(agent: Any, chat: str) -> None:
+        await simple_chat(QUESTION, session_id=f'{CHAT_PREFIX}-{chat}', account=MEDICAL_ACCOUNT, model=model)
+
+    return turn
+
+
+async def run_level(
+    pattern: str, turn: Callable[[Any, str], Awaitable[None]], agent: Any, chats: int, window: float, spread: float,
+    meter: PoolMeter,
+) -> dict:  # fmt: skip
     """`chats` chats run turns back to back for `window` s, starting at random within the first `spread` s."""
-    turn = runtime_turn if pattern == 'runtime' else scoped_turn
     before = await server_busy_s()
     await warm_pool(20)  # the pool keeps pool_size idle connections; overflow ones are closed on return
     meter.reset()
     run = await closed_loop(chats, window, lambda i: turn(agent, f'{pattern}-{chats}-{i}'), spread=spread)
+    if pattern == 'simple_chat':  # what the turns deferred (ledger contents, post-turn work) is part of their cost
+        await get_request_tracker().flush()
+        await get_supervisor().join()
+        run.cpu_s = time.process_time() - run.cpu_started
     held, peak = meter.held_s, meter.peak
     after = await server_busy_s()
     done = max(len(run.latencies), 1)
@@ -99,6 +134,7 @@ async def run_level(pattern: str, agent: Agent, chats: int, window: float, sprea
         'p50_ms': ms(percentile(run.latencies, 50)),
         'p95_ms': ms(percentile(run.latencies, 95)),
         'pool_timeouts': run.failures.pop('pool_timeout', 0),
+        'busy': run.failures.pop('RuntimeBusyError', 0),  # waited AGENTRT_TURN_QUEUE_SECONDS for admission
         'other_errors': dict(run.failures),
         'peak_checked_out': peak,
         'held_s_per_turn': round(held / done, 3),
@@ -112,7 +148,7 @@ async def run_level(pattern: str, agent: Agent, chats: int, window: float, sprea
 
 COLUMNS = [
     ('pattern', 'pattern'), ('C', 'chats'), ('turns', 'completed'), ('turns/s', 'turns_per_s'), ('p50 ms', 'p50_ms'),
-    ('p95 ms', 'p95_ms'), ('pool timeouts', 'pool_timeouts'),
+    ('p95 ms', 'p95_ms'), ('pool timeouts', 'pool_timeouts'), ('busy', 'busy'),
     ('other errors', lambda r: sum(r['other_errors'].values())), ('peak conns', 'peak_checked_out'),
     ('held s/turn', 'held_s_per_turn'), ('db busy s/turn', 'db_active_s_per_turn'),
     ('idle-in-tx s/turn', 'db_idle_in_tx_s_per_turn'), ('CPU ms/turn', 'cpu_ms_per_turn'),
@@ -122,7 +158,7 @@ COLUMNS = [
 
 def sustained(rows: list[dict], pattern: str, max_p95_ms: float = float('inf')) -> int:
     """The largest C with no pool timeout, no other error, and p95 latency within `max_p95_ms`."""
-    ok = [r for r in rows if r['pattern'] == pattern and r['completed'] and not r['pool_timeouts']]
+    ok = [r for r in rows if r['pattern'] == pattern and r['completed'] and not r['pool_timeouts'] and not r['busy']]
     return max([r['chats'] for r in ok if not r['other_errors'] and r['p95_ms'] <= max_p95_ms], default=0)
 
 
@@ -138,56 +174,99 @@ async def main() -> None:
     args.add_argument('--window', type=float, default=5.0, help='seconds during which each chat starts new turns')
     args.add_argument('--model-latency', type=float, default=1.0, help='seconds per model request')
     args.add_argument('--pool-timeout', type=float, default=5.0, help='seconds to wait for a pooled connection')
+    args.add_argument(
+        '--patterns',
+        type=lambda v: [p.strip() for p in v.split(',') if p.strip()],
+        default=['runtime', 'request-scoped', 'simple_chat'],
+        help='which of runtime, request-scoped, simple_chat to run',
+    )
     opts = args.parse_args()
     if opts.quick:
         opts.chats, opts.window, opts.model_latency, opts.pool_timeout = [4], 0.2, 0.02, 2.0
+    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     tool_s = 0.01 if not opts.quick else 0.001
     config = {'chats': opts.chats, 'window_s': opts.window, 'model_latency_s': opts.model_latency}
     config |= {'tools_per_turn': 3, 'tool_db_time_ms': tool_s * 1000, 'model_requests_per_turn': 2}
-    config |= {'pool_size': 20, 'max_overflow': 10, 'pool_timeout_s': opts.pool_timeout}
+    config |= {'pool_size': 20, 'max_overflow': 10, 'pool_timeout_s': opts.pool_timeout, 'patterns': opts.patterns}
+    config |= {'simple_chat_turn': 'demo planner: 3 model requests of model_latency_s each, 7 tool calls'}
     await start_database(pool_size=20, max_overflow=10, pool_timeout=opts.pool_timeout)
     try:
         async with get_db_session() as session:
             await session.execute(text('CREATE TABLE IF NOT EXISTS bench_turns (id bigserial PRIMARY KEY, chat text)'))
             await session.execute(text('CREATE INDEX IF NOT EXISTS bench_turns_chat ON bench_turns (chat)'))
+            await seed_demo_data(session=session)
         machine = await machine_info()
         print_config('Benchmark 2: pool capacity, runtime vs request-scoped session', config | machine)
         meter = PoolMeter().attach()
         model = scripted_model('lookup', 3, latency=opts.model_latency)
-        agents = {
-            'runtime': Agent(model, tools=[lookup]),
-            'request-scoped': Agent(
-                scripted_model('scoped_lookup', 3, latency=opts.model_latency),
-                deps_type=ScopedDeps,
-                tools=[scoped_lookup],
+        agents: dict[str, tuple[Callable[[Any, str], Awaitable[None]], Any]] = {
+            'runtime': (runtime_turn, Agent(model, tools=[lookup])),
+            'request-scoped': (
+                scoped_turn,
+                Agent(
+                    scripted_model('scoped_lookup', 3, latency=opts.model_latency),
+                    deps_type=ScopedDeps,
+                    tools=[scoped_lookup],
+                ),
             ),
+            'simple_chat': (simple_chat_turn(demo_planner_model(opts.model_latency)), None),
         }
-        alone = []
-        for _ in range(3):  # a turn with nothing else running: the first warms up, the best of the rest counts
-            started = time.perf_counter()
-            await runtime_turn(agents['runtime'], 'baseline')
-            alone.append(time.perf_counter() - started)
-        baseline = min(alone[1:])
+        agents = {name: agents[name] for name in opts.patterns}
+        alone: dict[str, float] = {}
+        for pattern, (turn, agent) in agents.items():
+            times = []
+            for _ in range(3):  # a turn with nothing else running: the first warms up, the best of the rest counts
+                started = time.perf_counter()
+                await turn(agent, 'baseline')
+                times.append(time.perf_counter() - started)
+            alone[pattern] = min(times[1:])
         rows = []
         for chats in opts.chats:
-            for pattern, agent in agents.items():
-                row = await run_level(pattern, agent, chats, opts.window, baseline, meter)
+            for pattern, (turn, agent) in agents.items():
+                row = await run_level(pattern, turn, agent, chats, opts.window, alone[pattern], meter)
                 rows.append(row)
                 print(f'  {pattern} C={chats}: {row["completed"]} turns, {row["pool_timeouts"]} pool timeouts')
         print_table(rows, COLUMNS)
         no_timeouts = {p: sustained(rows, p) for p in agents}
-        fast = {p: sustained(rows, p, 1500 * baseline) for p in agents}
-        summary = {'turn_alone_ms': ms(baseline), 'max_chats_without_pool_timeouts': no_timeouts}
+        fast = {p: sustained(rows, p, 1500 * alone[p]) for p in agents}
+        summary: dict[str, Any] = {'turn_alone_ms': {p: ms(t) for p, t in alone.items()}}
+        summary['max_chats_without_pool_timeouts'] = no_timeouts
         summary['max_chats_with_p95_within_1_5x_alone'] = fast
-        summary['ratio_without_pool_timeouts'] = ratio(no_timeouts)
-        summary['ratio_with_p95_within_1_5x'] = ratio(fast)
-        summary['target_5x_with_0_timeouts'] = (summary['ratio_without_pool_timeouts'] or 0) >= 5
+        if 'runtime' in agents and 'request-scoped' in agents:
+            summary['ratio_without_pool_timeouts'] = ratio(no_timeouts)
+            summary['ratio_with_p95_within_1_5x'] = ratio(fast)
+            summary['target_5x_with_0_timeouts'] = (summary['ratio_without_pool_timeouts'] or 0) >= 5
+        if 'simple_chat' in agents:
+            largest = max(opts.chats)
+            at_largest = [r for r in rows if r['pattern'] == 'simple_chat' and r['chats'] == largest]
+            summary['simple_chat_pool_timeouts_at_largest'] = {largest: at_largest[0]['pool_timeouts']}
+            summary['simple_chat_busy_at_largest'] = {largest: at_largest[0]['busy']}
+            summary['target_simple_chat_0_timeouts_at_400'] = largest >= 400 and at_largest[0]['pool_timeouts'] == 0
         print('summary:', summary)
         write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
         async with get_db_session() as session:
             await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
     finally:
+        await get_request_tracker().flush()
+        await drain_supervisor()  # and the usage roll-up still pending
+        await delete_chats()
         await close_database()
+
+
+async def delete_chats() -> None:
+    """Remove the simple_chat conversations (entries, claims) and ledger rows this run wrote."""
+    pattern = {'p': f'{CHAT_PREFIX}-%'}
+    async with get_db_session() as session:
+        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
+        heads = text(
+            'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
+            'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
+            'WHERE e.parent_id IS NOT NULL) SELECT id FROM chain WHERE id IS NOT NULL'
+        )
+        ids = list((await session.execute(heads, pattern)).scalars())
+        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -88,6 +88,8 @@ class TaskSupervisor:
         self._accepting = True
         self._spawned = self._running = self._queued = 0
         self._completed = self._failed = self._cancelled = self._rejected = 0
+        self._last_run: dict[Hashable, float] = {}
+        self._deferred: dict[Hashable, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
 
     @property
     def accepting(self) -> bool:
@@ -155,6 +157,53 @@ class TaskSupervisor:
         task.add_done_callback(self._on_done)
         return task
 
+    def spawn_throttled(
+        self,
+        key: Hashable,
+        interval: float,
+        fn: Callable[..., Awaitable[Any]],
+        /,
+        *args: Any,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> asyncio.Task[Any] | None:
+        """`spawn`, at most once per `interval` seconds per `key`, for idempotent work that catches up by itself.
+
+        The first call runs at once; calls within `interval` of that run leave one run pending for the end of the
+        interval (however many calls came), so the work of the last call is never dropped. A pending run starts at
+        once when the supervisor shuts down; `join` does not wait for one that has not started.
+
+        Returns:
+            The task when the work started now, else None.
+
+        Raises:
+            SupervisorClosed, BackgroundQueueFull, TypeError: as `spawn`.
+        """
+        _reject_unsafe_arguments(name or getattr(fn, '__qualname__', None) or repr(fn), args, kwargs)
+        loop = asyncio.get_running_loop()
+        if key in self._deferred:
+            return None
+        due = self._last_run.get(key, float('-inf')) + interval
+        if loop.time() >= due:
+            task = self.spawn(fn, *args, name=name, **kwargs)
+            self._last_run[key] = loop.time()
+            return task
+        if not self._accepting:
+            self.spawn(fn, *args, name=name, **kwargs)  # raises SupervisorClosed, logged and counted
+
+        def run_deferred() -> None:
+            self._deferred.pop(key, None)
+            if not self._accepting:
+                return
+            self._last_run[key] = loop.time()
+            try:
+                self.spawn(fn, *args, name=name, **kwargs)
+            except BackgroundQueueFull:
+                pass  # logged and counted by `spawn`; the next call's run covers it
+
+        self._deferred[key] = (loop.call_at(due, run_deferred), run_deferred)
+        return None
+
     async def join(self) -> None:
         """Wait until no task is queued or running, tasks spawned meanwhile included, without shutting down.
 
@@ -171,6 +220,9 @@ class TaskSupervisor:
         to the pool); any still running after that are counted as `abandoned` and logged.
         """
         started = time.monotonic()
+        for handle, run_deferred in list(self._deferred.values()):  # throttled work waiting: start it now
+            handle.cancel()
+            run_deferred()
         self._accepting = False
         pending = set(self._tasks)
         if pending:

@@ -205,7 +205,6 @@ async def search_directory(
         raise UnknownSchemaError(schema_name, await list_schemas(account_id, session=session))
     spec = schema_spec(schema_name)
     conditions = [_filter_condition(name, value, spec, schema_name) for name, value in (filters or {}).items()]
-    await _require_schema(account_id, schema_name, session=session)
 
     total = func.count().over().label('total_matches')
     rating = DirectoryEntry.attributes['rating'].astext.cast(Float)
@@ -228,6 +227,9 @@ async def search_directory(
         .limit(max(1, min(limit, MAX_RESULTS)))
     )
     rows = (await session.execute(stmt)).all()
+    if not rows:
+        # Whether the schema exists is asked only when nothing matched: a hit proves it (no query per search).
+        await _require_schema(account_id, schema_name, session=session)
     hits = [_hit(row, spec) for row in rows]
     return DirectorySearchResult(total_matches=rows[0].total_matches if rows else 0, results=hits)
 

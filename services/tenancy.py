@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import AgentRuntimeError
-from agentrt.db.models import Account, AgentInstance
+from agentrt.db.models import Account, AccountBudget, AgentInstance
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -50,3 +51,48 @@ async def get_agent_instance(account: Account, slug: str | None, *, session: Asy
             return agent
     hint = ', '.join(a.slug for a in agents) or 'none'
     raise UnknownTenantError(f'unknown agent {slug!r} for account {account.slug!r}; agents: {hint}', what='agent')
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """An account and one of its agent instances: what a chat turn needs to know about who is asking."""
+
+    account_id: int
+    account_slug: str
+    agent_instance_id: int
+    agent_instance_slug: str
+    agent_type: str
+    config: dict[str, Any]
+    has_budget: bool | None = None
+    """Whether the account had a budget when it was looked up (None: not asked)."""
+
+
+async def lookup_tenant(account: str, agent_instance: str | None, *, session: AsyncSession) -> Tenant:
+    """The account `account` and its agent instance `agent_instance` (its first one when None): one query.
+
+    Raises:
+        UnknownTenantError: listing the accounts, or the account's agents, that exist.
+    """
+    query = (
+        select(
+            Account.id,
+            Account.slug,
+            AgentInstance.id,
+            AgentInstance.slug,
+            AgentInstance.agent_type,
+            AgentInstance.config,
+            exists().where(AccountBudget.account_id == Account.id),
+        )
+        .join(AgentInstance, AgentInstance.account_id == Account.id)
+        .where(Account.slug == account)
+        .order_by(AgentInstance.id)
+        .limit(1)
+    )
+    if agent_instance is not None:
+        query = query.where(AgentInstance.slug == agent_instance)
+    row = (await session.execute(query)).first()
+    if row is None:  # the errors say what exists: the queries that know
+        account_row = await get_account(account, session=session)
+        await get_agent_instance(account_row, agent_instance, session=session)
+        raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))

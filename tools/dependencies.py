@@ -41,6 +41,10 @@ class SessionDependencies:
     agent_type: str
     config: dict[str, Any] = field(default_factory=dict)
     embedding_service: EmbeddingService | None = None
+    account_has_budget: bool | None = None
+    """Whether the account had a budget when the turn started (read with the tenant, no statement of its own).
+    False: the ledger holds none of the run's requests against a budget (a budget set meanwhile applies from the next
+    turn; the run's costs still count against it). None: not known, each request checks."""
 
 
 if TYPE_CHECKING:

@@ -38,6 +38,7 @@ from agentrt.db.errors import (
     MigrationError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
 )
 
@@ -56,6 +57,7 @@ EXIT_LIMIT = 7
 EXIT_CONFLICT = 8
 EXIT_MODEL_BEHAVIOR = 9
 EXIT_BUDGET = 10
+EXIT_BUSY = 11
 EXIT_INTERNAL = 70
 EXIT_SIGNAL_BASE = 128  # + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
@@ -71,6 +73,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (TurnLimitExceededError, EXIT_LIMIT),
     (ModelBehaviorError, EXIT_MODEL_BEHAVIOR),
     (BudgetExceededError, EXIT_BUDGET),
+    (RuntimeBusyError, EXIT_BUSY),
     (AgentRuntimeError, EXIT_FAILURE),
 )
 

@@ -102,7 +102,8 @@ async def set_budget(
     period: Period,
     window_anchor: datetime | None = None,
 ) -> BudgetStatus:
-    """Set (or change) the account's budget; it applies to the next model request of every process.
+    """Set (or change) the account's budget; it applies to the next model request of every process (for an account
+    that had no budget, to the next chat turn: a turn reads whether there is one when it starts).
 
     Changing only the limit keeps the current period's spending. Changing the period (or a window's anchor) starts
     the new period from what the ledger holds for it; reservations of requests in flight are dropped with the old

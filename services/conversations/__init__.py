@@ -1,34 +1,48 @@
 """Conversations in PostgreSQL: pydantic-ai's `ConversationStore` backend, turns, titles and summaries.
 
 `PostgresConversationStore` holds one account's conversations; `load_recent_conversation` (or `load_conversation`
-for the whole history) / `save_turn` wrap a chat turn, inside `conversation_claim` (one turn at a time per
-conversation; a race between two turns raises `ConcurrentTurnError`);
+for the whole history) / `append_turn` (or `save_turn`) wrap a chat turn, inside a `TurnClaim` (one turn at a time
+per conversation; a race between two turns raises `ConcurrentTurnError`);
 `fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
-post-turn task that keeps a title and a short summary on the conversation row; `list_conversations` pages through
+post-turn task that keeps a title and a short summary on the conversation row (`summary_due` says when a turn
+should run it, `summary_source` hands it the text); `list_conversations` pages through
 an account's conversations. The modules with a leading underscore are internals.
 """
 
 from agentrt.services.conversations._claims import TurnClaim, conversation_claim
 from agentrt.services.conversations._context import (
+    FitMemo,
     RecentConversation,
+    SinceSummary,
     estimate_tokens,
     fit_history,
     load_recent_conversation,
+    summary_due,
 )
 from agentrt.services.conversations._listing import MAX_CONVERSATIONS_PAGE, ConversationSummary, list_conversations
-from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations._store import PostgresConversationStore, StoredTail
 from agentrt.services.conversations._titles import (
     SUMMARY_MAX_CHARS,
     TITLE_MAX_CHARS,
     Exchange,
+    RawExchange,
+    SummarySource,
     exchanges,
     first_exchange,
     make_summary,
     make_title,
     message_exchanges,
     refresh_title_and_summary,
+    summary_source,
 )
-from agentrt.services.conversations._turns import ConcurrentTurnError, TurnStage, load_conversation, save_turn
+from agentrt.services.conversations._turns import (
+    ConcurrentTurnError,
+    SavedTurn,
+    TurnStage,
+    append_turn,
+    load_conversation,
+    save_turn,
+)
 
 __all__ = [
     'MAX_CONVERSATIONS_PAGE',
@@ -37,10 +51,17 @@ __all__ = [
     'ConcurrentTurnError',
     'ConversationSummary',
     'Exchange',
+    'FitMemo',
     'PostgresConversationStore',
+    'RawExchange',
     'RecentConversation',
+    'SavedTurn',
+    'SinceSummary',
+    'StoredTail',
+    'SummarySource',
     'TurnClaim',
     'TurnStage',
+    'append_turn',
     'conversation_claim',
     'estimate_tokens',
     'exchanges',
@@ -54,4 +75,6 @@ __all__ = [
     'message_exchanges',
     'refresh_title_and_summary',
     'save_turn',
+    'summary_due',
+    'summary_source',
 ]

@@ -4,18 +4,24 @@ The first turn to claim a conversation runs; a turn that finds a live claim fail
 `ConcurrentTurnError` (stage 'start'): nothing was sent to a model, nothing billed. The running turn renews its
 lease in the background every third of `lease_s` and deletes the claim when it ends, however it ends; a crashed
 process's claim expires after `lease_s`, and the next turn takes it over.
+
+A chat turn takes its claim in the session that looks up its tenant and loads its conversation (`TurnClaim.take`
+with `session=`), renews it with the statement that also reads the conversation's revision (`TurnClaim.check`: the
+turn guard's question, answered with the renewal), and releases it in the transaction that saves the turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import get_db_session, retry_on_disconnect
@@ -40,6 +46,15 @@ UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
 RETURNING claim_id
 """)
+# The renewal that also answers the turn guard: the claim is still this turn's (a row comes back) and the stored
+# revision of the conversation (NULL while it has none).
+_CHECK = text("""
+UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
+WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
+RETURNING (
+    SELECT revision FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
+)
+""")
 _RELEASE = text("""
 DELETE FROM conversation_turns
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
@@ -56,13 +71,59 @@ class TurnClaim:
     lease_s: float
     lost: bool = False
     """Set when a renewal found the claim gone (it expired and another turn took it over)."""
+    released: bool = False
+    """Set once the claim is deleted (by `release`, or by the transaction that saved the turn)."""
+    confirmed_at: float = field(default_factory=time.monotonic)
+    """`time.monotonic()` just before the claim was last taken, renewed or checked: the lease runs from later."""
+    revision: str | None = None
+    """The conversation's stored revision as of `confirmed_at` (what `take`'s caller loaded, or `check` read)."""
+    knows_revision: bool = False
+    """`revision` was read (by `check`) or set by the caller that loaded the conversation with the claim (`loaded`)."""
+
+    @classmethod
+    def mint(cls, account_id: int, conversation_id: str, *, lease_s: float) -> TurnClaim:
+        """A new claim (not taken yet) with a fresh id, so taking it is safe to repeat."""
+        return cls(account_id, conversation_id, uuid.uuid4().hex, lease_s)
+
+    async def take(self, *, session: AsyncSession) -> None:
+        """Take the claim in the caller's transaction (committed with it): free, expired, or already this one's.
+
+        Raises:
+            ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
+        """
+        self.confirmed_at = time.monotonic()
+        if (await session.execute(_CLAIM, self._params())).first() is None:
+            raise ConcurrentTurnError(self.conversation_id, stage='start')
 
     async def renew(self) -> bool:
         """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
+        started = time.monotonic()
         async with get_db_session() as session:
             renewed = (await session.execute(_RENEW, self._params())).first() is not None
-        self.lost = self.lost or not renewed
+        self._confirmed(started, renewed)
         return renewed
+
+    async def check(self) -> str | None:
+        """Renew the lease and read the conversation's stored revision, in one statement.
+
+        Returns:
+            The stored revision (None while the conversation has none); `lost` is set when the claim is gone.
+        """
+        started = time.monotonic()
+        async with get_db_session() as session:
+            row = (await session.execute(_CHECK, self._params())).first()
+        self._confirmed(started, row is not None)
+        if row is not None:
+            self.revision, self.knows_revision = row[0], True
+        return self.revision
+
+    def loaded(self, revision: str | None) -> None:
+        """Record the revision the caller loaded in the transaction that took the claim."""
+        self.revision, self.knows_revision = revision, True
+
+    def settled(self) -> None:
+        """Record that the claim was deleted by the caller's transaction (the save of the turn)."""
+        self.released = True
 
     async def release(self) -> None:
         """Delete the claim if it is still this turn's (repeated once if the connection is lost: idempotent)."""
@@ -72,6 +133,43 @@ class TurnClaim:
                 await session.execute(_RELEASE, self._params())
 
         await retry_on_disconnect(delete, what='conversation claim release')
+        self.released = True
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[TurnClaim]:
+        """Keep a taken claim alive while the block runs (renewed every third of the lease), release it at the end.
+
+        The release is skipped when the block's own transaction deleted the claim (`settled`); when the database is
+        down it is retried in the background until the server is back (bounded by the lease).
+        """
+        heartbeat = asyncio.create_task(_keep_alive(self), name='agentrt-turn-claim')
+        try:
+            yield self
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
+            if not self.released:
+                await self._release_or_defer()
+
+    async def _release_or_defer(self) -> None:
+        try:
+            await self.release()
+        except DatabaseUnavailableError as exc:
+            # The database is down (the turn most likely failed for the same reason): release the claim once it is
+            # back, so the message can be sent again at once rather than after the lease.
+            _release_later(self, exc)
+        except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
+            logger.warning(
+                'could not release the claim on conversation %s (%s); it expires in %gs',
+                self.conversation_id,
+                exc,
+                self.lease_s,
+            )
+
+    def _confirmed(self, started: float, held: bool) -> None:
+        if held:
+            self.confirmed_at = max(self.confirmed_at, started)
+        self.lost = self.lost or not held
 
     def _params(self) -> dict[str, object]:
         return {
@@ -86,6 +184,8 @@ class TurnClaim:
 async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: float) -> AsyncIterator[TurnClaim]:
     """Hold the conversation for one turn: claim it, renew the lease while the block runs, release it at the end.
 
+    A chat turn takes its claim in the session that loads the conversation instead (`TurnClaim.take`, `held`).
+
     Args:
         account_id: the conversation's account.
         conversation_id: the conversation.
@@ -94,31 +194,16 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
     Raises:
         ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
     """
-    claim = TurnClaim(account_id, conversation_id, uuid.uuid4().hex, lease_s)
+    claim = TurnClaim.mint(account_id, conversation_id, lease_s=lease_s)
 
-    async def take() -> bool:
+    async def take() -> None:
         async with get_db_session() as session:
-            return (await session.execute(_CLAIM, claim._params())).first() is not None
+            await claim.take(session=session)
 
     # Safe to repeat on a fresh connection (a server restarted since the pool's connections were used): see _CLAIM.
-    if not await retry_on_disconnect(take, what='conversation claim'):
-        raise ConcurrentTurnError(conversation_id, stage='start')
-    heartbeat = asyncio.create_task(_keep_alive(claim), name='agentrt-turn-claim')
-    try:
+    await retry_on_disconnect(take, what='conversation claim')
+    async with claim.held():
         yield claim
-    finally:
-        heartbeat.cancel()
-        await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
-        try:
-            await claim.release()
-        except DatabaseUnavailableError as exc:
-            # The database is down (the turn most likely failed for the same reason): release the claim once it is
-            # back, so the message can be sent again at once rather than after the lease.
-            _release_later(claim, exc)
-        except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
-            logger.warning(
-                'could not release the claim on conversation %s (%s); it expires in %gs', conversation_id, exc, lease_s
-            )
 
 
 def _release_later(claim: TurnClaim, error: Exception) -> None:
@@ -160,6 +245,6 @@ async def _keep_alive(claim: TurnClaim) -> None:
     while not claim.lost:
         await asyncio.sleep(claim.lease_s / 3)
         try:
-            await claim.renew()
+            await claim.check()  # the renewal also tells the turn guard the conversation's revision
         except Exception as exc:  # a database blip: the lease still has two thirds to run
             logger.warning('could not renew the claim on conversation %s (%s)', claim.conversation_id, exc)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic_ai import Conversation
+from pydantic_ai.conversation_store import ConversationRecord
 from pydantic_ai.messages import (
     BaseToolCallPart,
     BaseToolReturnPart,
@@ -32,9 +32,8 @@ from pydantic_ai.messages import (
     TextContent,
     UserPromptPart,
 )
-from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.db.settings import CHARS_PER_TOKEN
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import make_summary, message_exchanges
@@ -55,6 +54,16 @@ LOAD_MAX_MESSAGES = 2_000
 
 
 @dataclass(frozen=True)
+class SinceSummary:
+    """How much a conversation grew after the head its stored summary was written from (post-turn work)."""
+
+    turns: int
+    """User turns stored after that head."""
+    stored_chars: int
+    """Their stored JSON, in characters."""
+
+
+@dataclass(frozen=True)
 class RecentConversation:
     """The tail of a conversation loaded for a turn, with what the processor needs to fold the rest."""
 
@@ -64,56 +73,75 @@ class RecentConversation:
     """The conversation's title (from its first exchange, kept by the post-turn work), for the summary's topic."""
     earlier_omitted: bool
     """True when older messages were left in the database (the loaded tail does not start the conversation)."""
+    record: ConversationRecord | None = None
+    """The stored record the tail belongs to (None for a new conversation): `append_turn` saves without reading it."""
+    stored: tuple[ModelMessage, ...] = ()
+    """The loaded messages, as loaded: a save appends after them only while the run kept them."""
+    since_summary: SinceSummary | None = None
+    """Growth since the stored summary; None when it has none or its head is older than the loaded tail."""
+    stored_json: tuple[str, ...] = ()
+    """The stored JSON of each of `stored` (empty when not at hand): what the ledger would dump again."""
 
 
 async def load_recent_conversation(
-    store: PostgresConversationStore, conversation_id: str, *, max_tokens: int, scope: str | None = None
+    store: PostgresConversationStore,
+    conversation_id: str,
+    *,
+    max_tokens: int,
+    scope: str | None = None,
+    session: AsyncSession | None = None,
 ) -> RecentConversation:
     """Load the last messages of a conversation, about what `max_tokens` of context can use, or start a new one.
+
+    One query (`PostgresConversationStore.read_tail`), each message validated once from the stored JSON text.
 
     Args:
         store: the account's conversation store.
         conversation_id: the conversation to continue or start.
         max_tokens: the context budget; the load reads stored JSON up to `LOAD_JSON_FACTOR` times its size.
         scope: only load it if it was saved with this scope.
+        session: load in the caller's transaction (a turn claims and loads its conversation in one); else in a
+            session of its own.
     """
     cap_chars = max_tokens * CHARS_PER_TOKEN * LOAD_JSON_FACTOR
-    params = {'account_id': store.account_id, 'conversation_id': conversation_id, 'cap': cap_chars}
-
-    async def window() -> Any:
-        async with get_db_session() as session:
-            return (await session.execute(_WINDOW, params | {'max_messages': LOAD_MAX_MESSAGES})).one()
-
-    count, reached_first, title = await retry_on_disconnect(window, what='conversation load')  # a read
-    conversation = await store.load(conversation_id, limit=count, scope=scope) if count else None
-    if conversation is None:
-        return RecentConversation(Conversation(conversation_id=conversation_id), None, False)
-    return RecentConversation(conversation, title, not reached_first)
-
-
-# From the head back, one entry at a time, while the JSON read so far is under the cap: the entry that crosses it is
-# the last one read. `reached_first` tells whether the walk got to the conversation's first message.
-_WINDOW = text("""
-WITH RECURSIVE walk(parent_id, total, depth) AS (
-    SELECT e.parent_id, length(e.message::text), 1
-    FROM conversations AS c
-    JOIN conversation_entries AS e ON e.account_id = c.account_id AND e.id = c.head_id
-    WHERE c.account_id = :account_id AND c.conversation_id = :conversation_id
-    UNION ALL
-    SELECT p.parent_id, w.total + length(p.message::text), w.depth + 1
-    FROM walk AS w
-    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
-    WHERE w.total < :cap AND w.depth < :max_messages
-)
-SELECT
-    (SELECT count(*) FROM walk),
-    coalesce((SELECT bool_or(parent_id IS NULL) FROM walk), true),
-    (SELECT title FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id)
-""")
+    tail = await store.read_tail(conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, session=session)
+    if tail is None or (scope is not None and tail.record.scope != scope):
+        new = Conversation(conversation_id=conversation_id)
+        new.new_message_index = 0  # nothing stored: everything the run adds is new
+        return RecentConversation(new, None, False)
+    record = tail.record
+    conversation = Conversation(
+        messages=list(tail.messages),
+        usage=record.usage,
+        conversation_id=record.conversation_id,
+        deferred_tool_requests=record.deferred_tool_requests,
+        revision=record.revision,
+    )
+    # The run appends after these; `append_turn` checks that it kept them (pydantic-ai's own marks are private).
+    conversation.new_message_index = len(conversation.messages)
+    since = None
+    if tail.summary_head_id is not None and tail.summary_head_id in tail.entry_ids:
+        after = tail.entry_ids.index(tail.summary_head_id) + 1
+        turns = sum(1 for message in tail.messages[after:] if _starts_turn(message))
+        since = SinceSummary(turns, sum(tail.sizes[after:]))
+    return RecentConversation(
+        conversation,
+        tail.title,
+        not tail.reached_first,
+        record=record,
+        stored=tuple(tail.messages),
+        since_summary=since,
+        stored_json=tuple(tail.bodies),
+    )
 
 
 def fit_history(
-    messages: Sequence[ModelMessage], *, max_tokens: int, title: str | None = None, earlier_omitted: bool = False
+    messages: Sequence[ModelMessage],
+    *,
+    max_tokens: int,
+    title: str | None = None,
+    earlier_omitted: bool = False,
+    memo: FitMemo | None = None,
 ) -> list[ModelMessage]:
     """The history processor: the messages to send, within `max_tokens` (estimated) where the turns allow it.
 
@@ -129,7 +157,11 @@ def fit_history(
         max_tokens: the budget for the history sent (the agent's instructions and tool definitions come on top).
         title: the conversation's title, the topic of the summary.
         earlier_omitted: older messages exist that `messages` does not hold.
+        memo: estimates and summaries kept from the run's earlier requests (`FitMemo`), which resend the same
+            messages: each message is estimated once, and a summary of the same messages is made once.
     """
+    memo = memo or FitMemo()
+    estimate = memo.estimate
     messages = list(messages)
     starts = [i for i, message in enumerate(messages) if _starts_turn(message)]
     if not starts:
@@ -138,19 +170,60 @@ def fit_history(
     before_first = [m for m in messages[: starts[0]] if not _is_summary(m)]
     carried = next((m for m in messages[: starts[0]] if _is_summary(m)), None)
     kept_from = len(turns) - 1
-    used = estimate_tokens(turns[-1])
-    while kept_from > 0 and used + (cost := estimate_tokens(turns[kept_from - 1])) <= max_tokens:
+    used = estimate(turns[-1])
+    while kept_from > 0 and used + (cost := estimate(turns[kept_from - 1])) <= max_tokens:
         kept_from, used = kept_from - 1, used + cost
     while True:
         left_out = before_first + [m for turn in turns[:kept_from] for m in turn]
         if not left_out and not earlier_omitted and carried is None:
             return messages[starts[0] :]
-        summary = _summary_request(title, left_out, carried)
+        summary = memo.summary(title, left_out, carried)
         # The summary is part of the budget: give up the oldest kept turn until it fits (never the current one).
-        if kept_from == len(turns) - 1 or used + estimate_tokens([summary]) <= max_tokens:
+        if kept_from == len(turns) - 1 or used + estimate([summary]) <= max_tokens:
             return [summary, *messages[starts[kept_from] :]]
-        used -= estimate_tokens(turns[kept_from])
+        used -= estimate(turns[kept_from])
         kept_from += 1
+
+
+class FitMemo:
+    """What `fit_history` computed for one run's requests: token estimates by message and the latest summary.
+
+    Messages are recognised by identity (kept alive here): a request resends the run's earlier messages as the same
+    objects. Use one per run (`ContextWindow` does), not one per process.
+    """
+
+    __slots__ = ('_summary', '_tokens')
+
+    def __init__(self) -> None:
+        """Start with nothing estimated."""
+        self._tokens: dict[int, tuple[ModelMessage, int]] = {}
+        self._summary: tuple[tuple[ModelMessage, ...], str | None, ModelMessage | None, ModelRequest] | None = None
+
+    def estimate(self, messages: Sequence[ModelMessage]) -> int:
+        """`estimate_tokens`, each message estimated once."""
+        total = 0
+        for message in messages:
+            seen = self._tokens.get(id(message))
+            if seen is None or seen[0] is not message:
+                seen = self._tokens[id(message)] = (message, estimate_tokens([message]))
+            total += seen[1]
+        return total
+
+    def summary(self, title: str | None, left_out: list[ModelMessage], carried: ModelMessage | None) -> ModelRequest:
+        """`_summary_request`, made once for the same messages left out (the turn's later requests leave out the
+        same older turns)."""
+        kept = self._summary
+        if (
+            kept is not None
+            and kept[1] == title
+            and kept[2] is carried
+            and len(kept[0]) == len(left_out)
+            and all(a is b for a, b in zip(kept[0], left_out, strict=True))
+        ):
+            return kept[3]
+        summary = _summary_request(title, left_out, carried)
+        self._summary = (tuple(left_out), title, carried, summary)
+        return summary
 
 
 def estimate_tokens(messages: Sequence[ModelMessage]) -> int:
@@ -205,3 +278,17 @@ def _summary_request(title: str | None, left_out: list[ModelMessage], carried: M
         return carried
     body = make_summary(title, found) if (title or found) else 'its earlier turns are not repeated.'
     return ModelRequest(parts=[SystemPromptPart(f'{SUMMARY_PREFIX} {body}')], metadata={SUMMARY_MARK: True})
+
+
+def summary_due(recent: RecentConversation, added_chars: int, *, every_turns: int, every_tokens: int) -> bool:
+    """Whether the turn that added `added_chars` of stored JSON to `recent` should refresh the title and summary.
+
+    Yes when the conversation has no title or no summary yet (its first turn), when the summary's head is older
+    than the loaded tail, and once `every_turns` turns or `every_tokens` estimated tokens (the stored JSON over
+    `LOAD_JSON_FACTOR` characters per character of text, at `CHARS_PER_TOKEN`) were added since the summary.
+    """
+    since = recent.since_summary
+    if recent.title is None or since is None:
+        return True
+    tokens = (since.stored_chars + added_chars) / (LOAD_JSON_FACTOR * CHARS_PER_TOKEN)
+    return since.turns + 1 >= every_turns or tokens >= every_tokens

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -13,7 +15,8 @@ from pydantic_ai.conversation_store import (
     ConversationRecord,
     ConversationStore,
 )
-from sqlalchemy import Executable, Integer, Result, Table, func, literal, select, text, update
+from pydantic_ai.messages import ModelMessage
+from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,6 +26,7 @@ from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.pg_text import storable
 
 T = TypeVar('T')
+R = TypeVar('R')
 logger = logging.getLogger('agentrt.conversations')
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
@@ -30,6 +34,9 @@ _records = cast(Table, ConversationRow.__table__)
 _entries = cast(Table, ConversationEntryRow.__table__)
 _record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
 _entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
+# A stored entry's `message` is what `_entry_adapter` dumps for it; these read and write that JSON directly.
+_message_adapter: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
+_messages_adapter: TypeAdapter[list[ModelMessage]] = TypeAdapter(list[ModelMessage])
 
 # First key of the two-key advisory lock that orders writes against pruning, per account.
 _LOCK_NAMESPACE = 0x636F6E76  # 'conv'
@@ -53,7 +60,116 @@ WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WH
 """)
 
 
-async def _read(run: Callable[[AsyncSession], Awaitable[Result[Any]]], take: Callable[[Result[Any]], T]) -> T:
+# The record and the newest entries of a conversation, in one statement: from the head back, one entry at a time,
+# while the JSON read so far is under the cap (the entry that crosses it is the last one read). Bodies come back as
+# text, validated from the text. No row: no record; one row with a NULL id: a record without messages.
+_TAIL = text("""
+WITH RECURSIVE conv AS (
+    SELECT record::text AS record, head_id, title, summary_head_id
+    FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
+), walk(id, parent_id, kind, body, total, depth) AS (
+    SELECT e.id, e.parent_id, e.kind, b.body, length(b.body), 1
+    FROM conv
+    JOIN conversation_entries AS e ON e.account_id = :account_id AND e.id = conv.head_id
+    CROSS JOIN LATERAL (SELECT e.message::text AS body) AS b
+    UNION ALL
+    SELECT p.id, p.parent_id, p.kind, b.body, w.total + length(b.body), w.depth + 1
+    FROM walk AS w
+    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
+    CROSS JOIN LATERAL (SELECT p.message::text AS body) AS b
+    WHERE w.total < :cap AND w.depth < :max_messages
+)
+SELECT conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body
+FROM conv LEFT JOIN walk ON true
+ORDER BY walk.depth DESC
+""")
+
+# A turn's save when the record is already stored: the account's shared write lock, the record swapped if it still
+# has the revision the turn loaded, the turn's entries added and its claim released, all only if the swap happened.
+_LOCKED = 'locked AS (SELECT pg_advisory_xact_lock_shared(CAST(:namespace AS integer), CAST(:lock_key AS integer)))'
+_APPEND_REST = """
+added AS (
+    INSERT INTO conversation_entries (id, account_id, parent_id, kind, message)
+    SELECT e.id, :account_id, e.parent_id, e.kind, CAST(e.message AS jsonb)
+    FROM unnest(
+        CAST(:ids AS text[]), CAST(:parent_ids AS text[]), CAST(:kinds AS text[]), CAST(:messages AS text[])
+    ) AS e(id, parent_id, kind, message)
+    WHERE EXISTS (SELECT FROM swapped)
+    RETURNING 1
+), released AS (
+    DELETE FROM conversation_turns
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
+        AND EXISTS (SELECT FROM swapped)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM swapped), (SELECT count(*) FROM released)
+"""
+_APPEND_UPDATE = text(f"""
+WITH {_LOCKED}, swapped AS (
+    UPDATE conversations
+    SET scope = :scope, head_id = :head_id, revision = :revision, record = CAST(:record AS jsonb),
+        updated_at = :updated_at
+    FROM locked
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
+    RETURNING 1
+), {_APPEND_REST}""")
+_APPEND_CREATE = text(f"""
+WITH {_LOCKED}, swapped AS (
+    INSERT INTO conversations (account_id, conversation_id, scope, head_id, revision, record, updated_at)
+    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at
+    FROM locked
+    ON CONFLICT (account_id, conversation_id) DO NOTHING
+    RETURNING 1
+), {_APPEND_REST}""")
+
+
+@dataclass(frozen=True)
+class StoredTail:
+    """What `PostgresConversationStore.read_tail` found: a conversation's record and its newest messages."""
+
+    record: ConversationRecord
+    title: str | None
+    summary_head_id: str | None
+    """The head the stored summary was written from (post-turn work), if any."""
+    entry_ids: list[str]
+    """The entries of `messages`, oldest first."""
+    sizes: list[int]
+    """Each entry's stored JSON, in characters."""
+    messages: list[ModelMessage]
+    reached_first: bool
+    """True when `messages` start the conversation."""
+    bodies: list[str] = field(default_factory=list)
+    """Each message's stored JSON, as `message_json` writes it (empty when the tail holds entries of other kinds)."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What `PostgresConversationStore.append` stored: the new entries and their stored JSON, in characters."""
+
+    entries: list[ConversationEntry]
+    sizes: list[int]
+    claim_released: bool
+    """The claim given to `append` was deleted in the same transaction."""
+
+
+def message_json(message: ModelMessage) -> str:
+    """The JSON an entry stores for `message` (what `storable` makes of `_entry_adapter`'s dump of it)."""
+    return _storable_json(_message_adapter, message)
+
+
+def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
+    """`value` as JSON for a `jsonb` column. The fast path is pydantic-core's JSON; a value with a NUL (`\\u0000` in
+    the JSON, which `jsonb` refuses) or a lone surrogate (which the encoder refuses) goes through `storable`."""
+    try:
+        data: str | None = adapter.dump_json(value).decode()
+    except ValueError:  # a lone surrogate: UTF-8 cannot encode it
+        data = None
+    if data is None or '\\u0000' in data:
+        data = json.dumps(storable(adapter.dump_python(value, mode='json')), ensure_ascii=False)
+    return data
+
+
+async def _read(run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
     """Run a query in its own session and take its rows; once more on a fresh connection if the first was lost."""
 
     async def once() -> T:
@@ -85,6 +201,121 @@ class PostgresConversationStore(ConversationStore):
             account_id: The account (tenant) whose conversations this store reads and writes.
         """
         self.account_id = account_id
+
+    async def read_tail(
+        self, conversation_id: str, *, cap_chars: int, max_messages: int, session: AsyncSession | None = None
+    ) -> StoredTail | None:
+        """The record and the newest messages of a conversation, up to about `cap_chars` of stored JSON: one query.
+
+        Messages are validated once, from the text PostgreSQL sends (no intermediate Python objects).
+
+        Args:
+            conversation_id: the conversation.
+            cap_chars: stop walking back once this much JSON was read (the entry that crosses it is included).
+            max_messages: read at most this many.
+            session: run in the caller's transaction; else in a session of its own (repeated once if the
+                connection is lost: a read).
+
+        Returns:
+            None when the account has no such conversation.
+        """
+        params = {
+            'account_id': self.account_id,
+            'conversation_id': conversation_id,
+            'cap': cap_chars,
+            'max_messages': max_messages,
+        }
+
+        async def run(session: AsyncSession) -> list[Any]:
+            return list((await session.execute(_TAIL, params)).all())
+
+        rows = await run(session) if session is not None else await _read(run, lambda result: result)
+        if not rows:
+            return None
+        record = _record_adapter.validate_json(rows[0].record)
+        entries = [row for row in rows if row.id is not None]
+        bodies: list[str] = []
+        if any(row.kind != 'message' for row in entries):
+            messages = [_entry_adapter.validate_python(_entry_data(row)).message for row in entries]
+        else:
+            bodies = [row.body for row in entries]
+            messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
+        return StoredTail(
+            record=record,
+            title=rows[0].title,
+            summary_head_id=rows[0].summary_head_id,
+            entry_ids=[row.id for row in entries],
+            sizes=[len(row.body) for row in entries],
+            messages=messages,
+            reached_first=not entries or entries[0].parent_id is None,
+            bodies=bodies,
+        )
+
+    async def append(
+        self,
+        record: ConversationRecord,
+        messages: Sequence[ModelMessage],
+        *,
+        expected_revision: str | None,
+        claim_id: str | None = None,
+    ) -> Appended:
+        """Store `record` with `messages` appended after its previous head, in one statement and one transaction.
+
+        The save of a turn that loaded the record: nothing is read first (the compare-and-swap on
+        `expected_revision` finds a record changed since), and the turn's claim (`claim_id`) is released in the
+        same transaction. `record.head_id` must be the parent of `messages[0]`: `append` mints the entries and
+        sets `record.head_id` to the last one. A lost connection is handled as `write_record` does.
+
+        Raises:
+            ConversationConflict: the stored revision is not `expected_revision` (or a record exists when it is
+                None).
+        """
+        entries: list[ConversationEntry] = []
+        parent_id = record.head_id
+        for message in messages:
+            entries.append(ConversationEntry(parent_id=parent_id, message=message))
+            parent_id = entries[-1].id
+        record.head_id = parent_id
+        bodies = [message_json(message) for message in messages]
+        params = {
+            'namespace': _LOCK_NAMESPACE,
+            'lock_key': self.account_id % 2**31,
+            'account_id': self.account_id,
+            'conversation_id': record.conversation_id,
+            'scope': record.scope,
+            'head_id': record.head_id,
+            'revision': record.revision,
+            'record': _storable_json(_record_adapter, record),
+            'updated_at': record.updated_at,
+            'expected_revision': expected_revision,
+            'ids': [entry.id for entry in entries],
+            'parent_ids': [entry.parent_id for entry in entries],
+            'kinds': [entry.kind for entry in entries],
+            'messages': bodies,
+            'claim_id': claim_id,
+        }
+        statement = _APPEND_CREATE if expected_revision is None else _APPEND_UPDATE
+        try:
+            released = await self._append_write(record.conversation_id, statement, params)
+        except DatabaseDisconnectedError as exc:
+            logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
+            # As in `write_record`: committed whole or not at all, and a second write is the same compare-and-swap.
+            if await retry_on_disconnect(lambda: self._stored(record, entries), what='conversation save check'):
+                released = claim_id is not None
+            else:
+                released = await self._append_write(record.conversation_id, statement, params)
+        return Appended(entries, [len(body) for body in bodies], released)
+
+    async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
+        """One attempt of `append`, in its own transaction; whether the claim was released."""
+        async with get_db_session() as session:
+            swapped, released = await self._append_once(session, statement, params)
+        if not swapped:
+            raise ConversationConflict(conversation_id)
+        return bool(released)
+
+    async def _append_once(self, session: AsyncSession, statement: Executable, params: dict[str, Any]) -> Any:
+        return (await session.execute(statement, params)).one()
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
@@ -314,3 +545,7 @@ class PostgresConversationStore(ConversationStore):
             'kind': data['kind'],
             'message': data['message'],
         }
+
+
+def _entry_data(row: Any) -> dict[str, Any]:
+    return {'id': row.id, 'parent_id': row.parent_id, 'kind': row.kind, 'message': json.loads(row.body)}

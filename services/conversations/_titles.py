@@ -3,6 +3,9 @@
 Titles and summaries are derived from conversation text, so secrets are redacted from every question and answer
 (`redact_text`, the ledger's redaction) before any of it is squashed or shortened into them; the work runs in a
 worker thread, off the event loop.
+
+A chat turn hands the work the text it needs (`SummarySource`: the turn has the messages in memory), so the task
+reads nothing and writes once; without one, the task reads the conversation's head and recent history itself.
 """
 
 from __future__ import annotations
@@ -55,7 +58,49 @@ class Exchange:
     answer: str
 
 
-async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bool:
+@dataclass(frozen=True)
+class RawExchange:
+    """An exchange as written (each text cut to `TEXT_SCAN_CHARS`), before redaction: `clean_exchanges` makes
+    `Exchange`s of them."""
+
+    question: str
+    answers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SummarySource:
+    """What a turn hands its post-turn work: the saved head and the text to title and summarise it from."""
+
+    head_id: str
+    """The conversation's head after the turn: the summary is written only while it still is."""
+    title: str | None
+    """The title the turn loaded; None when the conversation has none yet (then `first` makes one)."""
+    first: RawExchange | None
+    """The conversation's first exchange (only when there is no title)."""
+    recent: tuple[RawExchange, ...]
+    """The exchanges of its last `SUMMARY_WINDOW_MESSAGES` messages."""
+
+
+def summary_source(
+    head_id: str, messages: Sequence[ModelMessage], *, title: str | None, whole: bool
+) -> SummarySource | None:
+    """The `SummarySource` of a conversation whose last messages (all of them when `whole`) are `messages`.
+
+    None when the work needs the stored history instead: no title yet and `messages` do not start the conversation,
+    or fewer than the summary window of messages in memory while older ones exist.
+    """
+    if title is None and not whole:
+        return None
+    if not whole and len(messages) < SUMMARY_WINDOW_MESSAGES:
+        return None
+    first = None
+    if title is None:
+        firsts = raw_exchanges(_to_second_question(messages))
+        first = firsts[0] if firsts else None
+    return SummarySource(head_id, title, first, tuple(raw_exchanges(messages[-SUMMARY_WINDOW_MESSAGES:])))
+
+
+async def refresh_title_and_summary(account_id: int, conversation_id: str, source: SummarySource | None = None) -> bool:
     """Background task: title the conversation if it has no title yet, and rewrite its summary.
 
     Idempotent and safe to run late or twice: it works from the conversation's current head, does
@@ -65,11 +110,15 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bo
     Args:
         account_id: the conversation's account.
         conversation_id: the conversation (`session_id` in the chat layer).
+        source: the text a turn handed over (one write, no read); else the task reads what it needs.
 
     Returns:
         True when the row was updated.
     """
     key = (_conversations.c.account_id == account_id) & (_conversations.c.conversation_id == conversation_id)
+    if source is not None:
+        title, summary = await asyncio.to_thread(title_and_summary_from, source)
+        return await _write(key, conversation_id, source.head_id, title, summary)
     async with get_side_session() as session:
         row = (
             await session.execute(
@@ -86,15 +135,19 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str) -> bo
     else:
         history = await store.read_history(row.head_id, limit=SUMMARY_WINDOW_MESSAGES)
     title, summary = await asyncio.to_thread(title_and_summary, history, row.title)
+    return await _write(key, conversation_id, row.head_id, title, summary)
 
+
+async def _write(key: Any, conversation_id: str, head_id: str, title: str | None, summary: str) -> bool:
+    """Store the title (if the row has none) and the summary, only while the conversation's head is `head_id`."""
     async with get_side_session() as session:
         result = await session.execute(
             update(_conversations)
-            .where(key, _conversations.c.head_id == row.head_id)
+            .where(key, _conversations.c.head_id == head_id)
             .values(
                 title=func.coalesce(_conversations.c.title, title),
                 summary=summary,
-                summary_head_id=row.head_id,
+                summary_head_id=head_id,
                 summarised_at=func.now(),
             )
         )
@@ -117,6 +170,14 @@ def title_and_summary(history: Sequence[ConversationEntry], title: str | None) -
     return title, make_summary(title, exchanges(history[-SUMMARY_WINDOW_MESSAGES:]))
 
 
+def title_and_summary_from(source: SummarySource) -> tuple[str | None, str]:
+    """`title_and_summary` from a turn's `SummarySource` (the same result for the same messages)."""
+    title = source.title
+    if title is None and source.first is not None:
+        title = make_title(clean_exchanges([source.first])[0])
+    return title, make_summary(title, clean_exchanges(source.recent))
+
+
 def exchanges(entries: Sequence[ConversationEntry]) -> list[Exchange]:
     """Pair each user prompt with the text of the responses that follow it, in order, secrets redacted."""
     return message_exchanges([entry.message for entry in entries])
@@ -124,34 +185,53 @@ def exchanges(entries: Sequence[ConversationEntry]) -> list[Exchange]:
 
 def message_exchanges(messages: Sequence[ModelMessage]) -> list[Exchange]:
     """`exchanges` of plain messages (a run's history rather than stored entries), secrets redacted."""
-    found: list[Exchange] = []
+    return clean_exchanges(raw_exchanges(messages))
+
+
+def raw_exchanges(messages: Sequence[ModelMessage]) -> list[RawExchange]:
+    """Pair each user prompt with the texts of the responses that follow it, as written (no redaction yet)."""
+    found: list[RawExchange] = []
     for message in messages:
         if isinstance(message, ModelRequest):
             question = ' '.join(_prompt_text(part) for part in message.parts if isinstance(part, UserPromptPart))
             if question.strip():
-                found.append(Exchange(_clean(question), ''))
+                found.append(RawExchange(question[:TEXT_SCAN_CHARS]))
         elif isinstance(message, ModelResponse) and found:
             text = ' '.join(part.content for part in message.parts if isinstance(part, TextPart))
             if text.strip():
                 last = found[-1]
-                found[-1] = Exchange(last.question, _squash(f'{last.answer} {_clean(text)}'))
+                found[-1] = RawExchange(last.question, (*last.answers, text[:TEXT_SCAN_CHARS]))
+    return found
+
+
+def clean_exchanges(raw: Sequence[RawExchange]) -> list[Exchange]:
+    """`Exchange`s of `raw`: secrets redacted, each on one line (CPU-bound: run it in a worker thread)."""
+    found: list[Exchange] = []
+    for exchange in raw:
+        answer = ''
+        for text in exchange.answers:
+            answer = _squash(f'{answer} {_clean(text)}')
+        found.append(Exchange(_clean(exchange.question), answer))
     return found
 
 
 def first_exchange(entries: Sequence[ConversationEntry]) -> Exchange | None:
     """The conversation's first question and its answer, if it has one (reading no further than the second)."""
+    found = message_exchanges(_to_second_question([entry.message for entry in entries]))
+    return found[0] if found else None
+
+
+def _to_second_question(messages: Sequence[ModelMessage]) -> Sequence[ModelMessage]:
+    """`messages` up to (not including) the second request with a user question."""
     asked = 0
-    for index, entry in enumerate(entries):
-        message = entry.message
+    for index, message in enumerate(messages):
         if isinstance(message, ModelRequest) and any(
             isinstance(part, UserPromptPart) and _prompt_text(part).strip() for part in message.parts
         ):
             asked += 1
             if asked == 2:
-                entries = entries[:index]
-                break
-    found = exchanges(entries)
-    return found[0] if found else None
+                return messages[:index]
+    return messages
 
 
 def make_title(exchange: Exchange) -> str:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic_ai import Conversation
-from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationStore
+from pydantic_ai.conversation_store import (
+    ConversationConflict,
+    ConversationEntry,
+    ConversationRecord,
+    ConversationStore,
+)
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
+from agentrt.services.conversations._store import PostgresConversationStore, message_json
+
+if TYPE_CHECKING:
+    from agentrt.services.conversations._claims import TurnClaim
+    from agentrt.services.conversations._context import RecentConversation
 
 TurnStage = Literal['start', 'request', 'save']
 """Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
@@ -100,3 +111,78 @@ async def save_turn(
         return await store.save(saved, scope=scope)
     except ConversationConflict as exc:
         raise ConcurrentTurnError(exc.conversation_id) from exc
+
+
+@dataclass(frozen=True)
+class SavedTurn:
+    """What `append_turn` stored."""
+
+    entries: list[ConversationEntry]
+    """The entries this save stored, in order."""
+    stored_chars: int
+    """Their stored JSON, in characters."""
+
+
+async def append_turn(
+    store: PostgresConversationStore,
+    result: AgentRunResult[Any],
+    recent: RecentConversation,
+    *,
+    usage_before: RunUsage | None = None,
+    claim: TurnClaim | None = None,
+) -> SavedTurn:
+    """Save what a run added to the conversation `recent` loaded: one statement, nothing read first.
+
+    The new record is built from the loaded one (`recent.record`) and the run's messages after the loaded ones are
+    appended under a compare-and-swap on the loaded revision, so a turn saved meanwhile by anyone makes this one
+    fail, as `save_turn` would. The turn's claim is released in the same transaction. When the run did not keep
+    the loaded messages as they were (a capability rewrote the history), `save_turn`'s comparison decides instead.
+
+    Args:
+        store: the store `recent` was loaded from.
+        result: the run's result.
+        recent: what the turn loaded (`load_recent_conversation`).
+        usage_before: as for `save_turn`: the record stores this plus the run's usage.
+        claim: the turn's claim, deleted by the save (then `claim.released`).
+
+    Raises:
+        ConcurrentTurnError: another turn saved, deleted or created the conversation since it was loaded.
+    """
+    conversation = result.conversation  # a copy: `result.conversation` keeps the old revision
+    if usage_before is not None:
+        conversation.usage = usage_before + conversation.usage
+    record, index = recent.record, conversation.new_message_index
+    kept = (
+        index == len(recent.stored)
+        and conversation.revision == (record.revision if record is not None else None)
+        and all(message is loaded for message, loaded in zip(conversation.messages, recent.stored, strict=False))
+    )
+    if not kept:
+        try:
+            entries = await store.save(conversation)  # compares with the stored history; the claim goes at the end
+        except ConversationConflict as exc:
+            raise ConcurrentTurnError(exc.conversation_id) from exc
+        return SavedTurn(entries, sum(len(message_json(entry.message)) for entry in entries))
+    assert index is not None
+    updated = ConversationRecord(
+        conversation_id=conversation.conversation_id,
+        head_id=record.head_id if record is not None else None,
+        usage=conversation.usage,
+        deferred_tool_requests=conversation.deferred_tool_requests,
+        scope=record.scope if record is not None else None,
+        forked_from=record.forked_from if record is not None else None,
+        forked_at=record.forked_at if record is not None else None,
+        branches=list(record.branches) if record is not None else [],
+    )
+    try:
+        appended = await store.append(
+            updated,
+            conversation.messages[index:],
+            expected_revision=conversation.revision,
+            claim_id=claim.claim_id if claim is not None else None,
+        )
+    except ConversationConflict as exc:
+        raise ConcurrentTurnError(exc.conversation_id) from exc
+    if claim is not None:
+        claim.settled()  # deleted by the save, or no longer this turn's: nothing left to release
+    return SavedTurn(appended.entries, sum(appended.sizes))

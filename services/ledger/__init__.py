@@ -10,6 +10,7 @@ modules with a leading underscore are this wing's internals.
 
 from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
 from agentrt.services.ledger._config import LedgerConfig, default_spool_path
+from agentrt.services.ledger._contents import remember_message_json
 from agentrt.services.ledger._costs import COST_GROUPINGS, COST_SOURCES, CostGrouping, CostSummary, summarise_costs
 from agentrt.services.ledger._filters import CostSource, LedgerFilters, RollupCannotAnswer
 from agentrt.services.ledger._identity import LedgerIdentity, RunIdentity, identity_of
@@ -69,6 +70,7 @@ __all__ = [
     'list_requests',
     'new_request_id',
     'recompute_usage_rollups',
+    'remember_message_json',
     'roll_up_account_usage',
     'roll_up_pending',
     'set_request_tracker',

@@ -76,6 +76,8 @@ class _RunLedger:
     """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
     sizes: RequestSizes = field(default_factory=RequestSizes)
     """The run's message sizes (the budget's input bound), each message measured once however often it is resent."""
+    no_budget: bool = False
+    """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
 
 
 @dataclass
@@ -122,7 +124,8 @@ class LedgerCapability(AbstractCapability[Any]):
 
     def _new_run(self, ctx: Any) -> _RunLedger:
         tracker = self.tracker or get_request_tracker()
-        return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current())
+        no_budget = getattr(ctx.deps, 'account_has_budget', None) is False
+        return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current(), no_budget=no_budget)
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
         """Run, then wait (bounded) until this run's ledger rows are durable.
@@ -169,7 +172,11 @@ class LedgerCapability(AbstractCapability[Any]):
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
         request_id, started_at = new_request_id(), utc_now()
         try:
-            hold = await admit(state.identity, request_context, request_id, started_at, state.sizes, state.budget)
+            hold = (
+                None
+                if state.no_budget
+                else await admit(state.identity, request_context, request_id, started_at, state.sizes, state.budget)
+            )
         except BudgetExceededError as exc:
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)
             raise

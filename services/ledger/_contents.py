@@ -9,14 +9,17 @@ run dumps, redacts and serialises each message once however many requests resend
 the join of its messages' bodies. Dumping to JSON-able values (`dump_python(mode='json')`, pydantic-core, a few
 microseconds a message) happens on the event loop when the request is recorded, because pydantic-ai may change its
 message objects later; redaction and `json.dumps`, the costly part, happen in `Body.render()`, which the tracker
-runs in a worker thread (RE2 releases the GIL while it scans).
+runs in a worker thread (RE2 releases the GIL while it scans). A message whose JSON is known already (the history a
+chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all: its stored text is the
+body, parsed and redacted only when it may hold a secret.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
@@ -72,6 +75,52 @@ class Body:
             return text, 0
         redacted, count = redact_value(self._value)
         return _dumps(redacted), count
+
+
+class JsonBody(Body):
+    """A body whose JSON text is known already (a message loaded from the conversation store, as stored): rendered
+    from the text, parsed only when it may hold a secret."""
+
+    __slots__ = ('_text',)
+
+    def __init__(self, text: str) -> None:
+        """Keep the JSON `text` of a JSON-able value."""
+        super().__init__(None)
+        self._text = text
+
+    def _render(self) -> tuple[str, int]:
+        if not json_may_need_redaction(self._text):
+            return self._text, 0
+        redacted, count = redact_value(json.loads(self._text))
+        return _dumps(redacted), count
+
+
+_known_json: dict[int, tuple[weakref.ref[ModelMessage], int, str]] = {}
+"""Known JSON texts by message identity (messages are unhashable dataclasses); an entry leaves with its message."""
+
+
+def remember_message_json(messages: Iterable[ModelMessage], texts: Iterable[str]) -> None:
+    """Note the JSON each of `messages` is known by (their stored text, `TypeAdapter(ModelMessage).dump_json` of
+    them), so a run that sends them stores that text instead of dumping them again. Kept while a message lives, and
+    used only while it keeps its number of parts; call it from the event loop."""
+    for message, text in zip(messages, texts, strict=True):
+        key = id(message)
+        gone = _forget(key)
+        _known_json[key] = (weakref.ref(message, gone), len(message.parts), text)
+
+
+def _forget(key: int) -> Callable[[Any], None]:
+    def forget(_: Any) -> None:
+        _known_json.pop(key, None)
+
+    return forget
+
+
+def _known(message: ModelMessage) -> str | None:
+    entry = _known_json.get(id(message))
+    if entry is None or entry[0]() is not message or entry[1] != len(message.parts):
+        return None
+    return entry[2]
 
 
 class PromptBody(Body):
@@ -140,7 +189,12 @@ class RunBodies:
         seen = self._messages.get(id(message))
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
-        body = Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
+        known = _known(message)
+        body: Body
+        if known is not None:
+            body = JsonBody(known)
+        else:
+            body = Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
-from pydantic_ai.messages import ModelMessage, ToolReturnPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.models.wrapper import WrapperModel
 
 from agentrt.agents.demo_model import demo_model
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
-from agentrt.db.engine import pool_status
+from agentrt.db.engine import current_settings, pool_status
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -129,10 +129,14 @@ def _gated(started: asyncio.Event, gate: asyncio.Event) -> FunctionToolset[Sessi
     return toolset
 
 
+@pytest.mark.parametrize('check_s', [0.0, 0.2], ids=['checks-every-request', 'checks-after-a-pause'])
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
-    demo_data: None, streamed: bool
+    demo_data: None, streamed: bool, check_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With `AGENTRT_TURN_CHECK_SECONDS=0` the turn checks before every request; with a pause longer than the
+    setting (a process that hung past its lease pauses far longer) it checks before the next one."""
+    monkeypatch.setattr(current_settings(), 'turn_check_seconds', check_s)
     model = FunctionModel(_respond, stream_function=_stream)
     started, gate = asyncio.Event(), asyncio.Event()
     slow = asyncio.create_task(_turn('slow', 'moved', streamed, model=model, toolsets=[_gated(started, gate)]))
@@ -142,6 +146,7 @@ async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
     go = asyncio.Event()
     go.set()
     other = await _turn('quick', 'moved', streamed, model=model, toolsets=[_gated(asyncio.Event(), go)])
+    await asyncio.sleep(check_s * 1.25)
     gate.set()
     with pytest.raises(ConcurrentTurnError) as info:
         await slow
@@ -155,6 +160,32 @@ async def test_a_turn_whose_conversation_moved_on_stops_before_its_next_request(
     conversation = await PostgresConversationStore(await account_id('acme-health')).load('moved')
     assert conversation is not None and [m.parts[0].content for m in conversation.messages[:1]] == ['quick']
     assert len(conversation.messages) == 4
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+@pytest.mark.parametrize('check_s', [0.0, 600.0], ids=['checked', 'found-at-save'])
+async def test_a_save_by_a_writer_that_does_not_claim_stops_the_turn_once_it_checks(
+    demo_data: None, check_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-ai's own `save` on the same store takes no claim: a turn that checks (after
+    `AGENTRT_TURN_CHECK_SECONDS`) stops before its next request; one that has not checked yet loses at its save."""
+    monkeypatch.setattr(current_settings(), 'turn_check_seconds', check_s)
+    store = PostgresConversationStore(await account_id('acme-health'))
+    await _turn('first', 'unclaimed', False, model=FunctionModel(lambda m, i: ModelResponse(parts=[TextPart('ok')])))
+    started, gate = asyncio.Event(), asyncio.Event()
+    model = FunctionModel(_respond, stream_function=_stream)
+    slow = asyncio.create_task(_turn('slow', 'unclaimed', False, model=model, toolsets=[_gated(started, gate)]))
+    await started.wait()
+    conversation = await store.load('unclaimed')
+    assert conversation is not None
+    conversation.messages.append(ModelRequest(parts=[UserPromptPart('written without a claim')]))
+    await store.save(conversation)
+    gate.set()
+    with pytest.raises(ConcurrentTurnError) as info:
+        await slow
+    assert info.value.stage == ('request' if check_s == 0 else 'save')
+    await get_request_tracker().flush()
+    assert len(await ledger_rows(chat_session_id='unclaimed')) == (2 if check_s == 0 else 3)
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
 
 

@@ -18,6 +18,7 @@ from agentrt.db.errors import (
     InvalidInputError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
 )
 from agentrt.services.conversations import ConcurrentTurnError
@@ -46,6 +47,7 @@ CASES: list[tuple[BaseException, int, str]] = [
     (DatabaseUnavailableError(SECRET), 503, 'database_unavailable'),
     (OperationalError(SECRET, {}, Exception(SECRET)), 503, 'database_unavailable'),
     (PoolTimeoutError(SECRET), 503, 'busy'),
+    (RuntimeBusyError(SECRET), 503, 'busy'),
     (ConfigError(SECRET), 500, 'configuration_error'),
     (RuntimeError(SECRET), 500, 'internal_error'),
     (ApiError(404, 'not_found', 'no such thing'), 404, 'not_found'),

@@ -308,3 +308,53 @@ async def _wait_for_checked_out(count: int) -> None:
     async with asyncio.timeout(5):
         while pool_status().checked_out != count:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+async def test_throttled_work_runs_at_once_then_once_at_the_end_of_the_interval() -> None:
+    supervisor = TaskSupervisor()
+    runs: list[str] = []
+
+    async def work(label: str) -> None:
+        runs.append(label)
+
+    first = supervisor.spawn_throttled('key', 0.2, work, 'first')
+    assert first is not None
+    await first
+    for n in range(5):  # within the interval: one run left pending, for the last call's work too
+        assert supervisor.spawn_throttled('key', 0.2, work, f'call {n}') is None
+    assert supervisor.spawn_throttled('other key', 0.2, work, 'other') is not None
+    await supervisor.join()  # does not wait for the pending run
+    assert sorted(runs) == ['first', 'other']
+    await asyncio.sleep(0.3)
+    await supervisor.join()
+    assert runs[2:] == ['call 0']  # one run covers the calls that came meanwhile (the work is idempotent)
+    await supervisor.shutdown()
+
+
+async def test_a_pending_throttled_run_starts_when_the_supervisor_shuts_down() -> None:
+    supervisor = TaskSupervisor()
+    runs: list[int] = []
+
+    async def work(n: int) -> None:
+        runs.append(n)
+
+    supervisor.spawn_throttled('key', 600, work, 1)
+    supervisor.spawn_throttled('key', 600, work, 2)
+    started = time.monotonic()
+    report = await supervisor.shutdown(timeout=5)
+    assert runs == [1, 2] and report.completed == 2 and time.monotonic() - started < 1
+    with pytest.raises(SupervisorClosed):
+        supervisor.spawn_throttled('key', 0, work, 3)
+
+
+async def test_throttled_work_refuses_sessions_like_spawn() -> None:
+    supervisor = TaskSupervisor()
+
+    async def work(value: object) -> None:
+        pass
+
+    supervisor.spawn_throttled('key', 600, work, 1)
+    async with get_db_session() as session:
+        with pytest.raises(TypeError):
+            supervisor.spawn_throttled('key', 600, work, session)
+    await supervisor.shutdown()

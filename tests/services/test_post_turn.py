@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 from sqlalchemy import func, select, text
 
 from agentrt.agents.simple_chat import simple_chat
-from agentrt.db.engine import pool_status
+from agentrt.db.engine import current_settings, pool_status
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import get_db_session
 from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
@@ -34,13 +35,22 @@ async def _turn(conversation_id: str, question: str) -> None:
     await simple_chat(question, session_id=conversation_id, account=ACCOUNT)
 
 
-async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_rollups(demo_data: None) -> None:
+@pytest.mark.parametrize('every_turns', [1, 5])
+async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_rollups(
+    demo_data: None, every_turns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Titles after the first turn, summaries when due (every turn, or not yet at the second of five), and one
+    roll-up per interval whose last run, pending when the supervisor drains, leaves the rollup equal to the ledger."""
+    settings = current_settings()
+    monkeypatch.setattr(settings, 'summary_every_turns', every_turns)
+    monkeypatch.setattr(settings, 'usage_rollup_seconds', 600.0)
     conversations = [f'chat-{i}' for i in range(12)]
     await asyncio.gather(*(_turn(c, QUESTIONS[i % 3]) for i, c in enumerate(conversations)))
     await asyncio.gather(*(_turn(c, 'And in Seattle?') for c in conversations[:4]))
     report = await drain_supervisor(timeout=60)
     assert report is not None and (report.failed, report.cancelled, report.rejected) == (0, 0, 0)
-    assert report.completed == 2 * 16
+    summaries = 12 + (4 if every_turns == 1 else 0)
+    assert report.completed == summaries + 2  # one roll-up at once, the one pending at the end when draining
 
     async with get_db_session() as session:
         rows = (
@@ -53,7 +63,7 @@ async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_
             row = next(r for r in rows if r.conversation_id == conversation_id)
             assert row.title == QUESTIONS[i % 3].rstrip('?')
             assert row.summary.startswith(f'Topic: {row.title}')
-            assert ('And in Seattle?' in row.summary) == (i < 4)
+            assert ('And in Seattle?' in row.summary) == (i < 4 and every_turns == 1)
 
         ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
         for by in ('account', 'agent', 'model', 'day'):

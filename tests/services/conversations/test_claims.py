@@ -82,3 +82,15 @@ async def test_a_running_turn_renews_its_lease(account: int) -> None:
         await asyncio.sleep(0.5)  # past a third of the lease: renewed at least once
         assert await _expires_in(account, 'c') > 0.2
         assert not claim.lost
+
+
+async def test_a_check_renews_the_lease_and_reads_the_revision_in_one_statement(account: int) -> None:
+    async with conversation_claim(account, 'c', lease_s=60) as claim:
+        await scalar("UPDATE conversation_turns SET expires_at = now() + interval '5 seconds' RETURNING 1")
+        assert not claim.knows_revision and await claim.check() is None  # no conversation stored yet
+        assert claim.knows_revision and 59 < await _expires_in(account, 'c') <= 60
+        await scalar("UPDATE conversation_turns SET claim_id = 'another turn' RETURNING 1")  # taken over
+        before = claim.confirmed_at
+        await claim.check()
+        assert claim.lost and claim.confirmed_at == before
+        await scalar('UPDATE conversation_turns SET claim_id = :id RETURNING 1', id=claim.claim_id)

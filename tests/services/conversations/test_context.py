@@ -18,6 +18,7 @@ from sqlalchemy import text
 from agentrt.db.models import Account
 from agentrt.db.session import get_db_session
 from agentrt.services.conversations import (
+    FitMemo,
     PostgresConversationStore,
     estimate_tokens,
     fit_history,
@@ -147,3 +148,14 @@ async def test_the_tail_load_is_bounded_by_size_and_saving_appends_to_the_whole_
     saved = await store.save(conversation)
     assert len(saved) == 1 and saved[0].parent_id == entries[-1].id
     assert len((await store.load('long')).messages) == 161  # type: ignore[union-attr]
+
+
+def test_a_runs_requests_share_estimates_and_the_summary() -> None:
+    messages = [m for n in range(1, 41) for m in _turn(n, size=1_000)]
+    memo = FitMemo()
+    first = fit_history(messages, max_tokens=1_000, title='Topic', memo=memo)
+    plain = fit_history(messages, max_tokens=1_000, title='Topic')
+    assert first[1:] == plain[1:] and first[0].parts[0].content == plain[0].parts[0].content  # type: ignore[union-attr]
+    again = fit_history(messages, max_tokens=1_000, title='Topic', memo=memo)
+    assert again == first and again[0] is first[0], 'the same messages left out: the summary made once'
+    assert memo.estimate(messages) == estimate_tokens(messages)

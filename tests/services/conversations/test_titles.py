@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic_ai import Agent, ModelResponse, RequestUsage, TextPart
-from pydantic_ai.messages import ModelMessage
+from pydantic_ai import Agent, Conversation, ModelResponse, RequestUsage, TextPart
+from pydantic_ai.conversation_store import ConversationEntry
+from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
@@ -15,12 +16,17 @@ from agentrt.db.session import get_db_session
 from agentrt.services.conversations import (
     Exchange,
     PostgresConversationStore,
+    RecentConversation,
+    SinceSummary,
     load_conversation,
     make_summary,
     make_title,
     refresh_title_and_summary,
     save_turn,
+    summary_due,
+    summary_source,
 )
+from agentrt.services.conversations._titles import title_and_summary, title_and_summary_from
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -143,3 +149,62 @@ def test_titles_are_cut_at_a_word_boundary() -> None:
         'Hi: Hello, how can I help with the directory'
     )
     assert len(make_summary('t', [Exchange('q ' * 300, 'a ' * 300)] * 5)) <= 500
+
+
+def _chain(messages: list[ModelMessage]) -> list[ConversationEntry]:
+    entries: list[ConversationEntry] = []
+    for message in messages:
+        entries.append(ConversationEntry(parent_id=entries[-1].id if entries else None, message=message))
+    return entries
+
+
+def _exchange(question: str, answer: str) -> list[ModelMessage]:
+    return [ModelRequest(parts=[UserPromptPart(question)]), ModelResponse(parts=[TextPart(answer)])]
+
+
+def test_a_turn_hands_over_the_text_for_the_same_title_and_summary_the_stored_history_gives() -> None:
+    messages = [
+        *_exchange('My password: Hunter2-secret?  What is   it?', 'It is\nsecret'),
+        *_exchange('And the api key sk-abcdefghijklmnopqrstuvwxyz0123456789ABCD?', 'Redacted, sorry'),
+        *[m for n in range(8) for m in _exchange(f'Question {n}', f'Answer {n}')],
+    ]
+    entries = _chain(messages)
+    for title in (None, 'Chosen'):
+        source = summary_source(entries[-1].id, messages, title=title, whole=True)
+        assert source is not None
+        assert title_and_summary_from(source) == title_and_summary(entries, title)
+    made = title_and_summary_from(summary_source('h', messages, title=None, whole=True))  # type: ignore[arg-type]
+    assert made[0] is not None and 'Hunter2' not in made[0] and 'sk-abc' not in made[1]
+    # Without the first messages, a title cannot be made from memory; nor a summary from fewer than its window.
+    assert summary_source('h', messages[-4:], title=None, whole=False) is None
+    assert summary_source('h', messages[-4:], title='t', whole=False) is None
+    assert summary_source('h', messages[-12:], title='t', whole=False) is not None
+
+
+def test_a_summary_is_due_on_the_first_turn_then_every_n_turns_or_m_tokens() -> None:
+    def recent(title: str | None, since: SinceSummary | None) -> RecentConversation:
+        return RecentConversation(Conversation(conversation_id='c'), title, False, since_summary=since)
+
+    due = lambda r, added=0: summary_due(r, added, every_turns=5, every_tokens=1_000)  # noqa: E731
+    assert due(recent(None, None))  # first turn
+    assert due(recent('t', None))  # no summary in the loaded tail
+    assert due(recent(None, SinceSummary(0, 0)))  # no title yet
+    assert not due(recent('t', SinceSummary(3, 100)))
+    assert due(recent('t', SinceSummary(4, 100)))  # the fifth turn since
+    assert not due(recent('t', SinceSummary(0, 11_000)), 900)  # 11,900 JSON characters: under 1,000 tokens
+    assert due(recent('t', SinceSummary(0, 11_000)), 1_000)  # 12,000 JSON characters (12 a token): 1,000 tokens
+
+
+async def test_the_handed_over_text_writes_once_and_only_while_the_head_is_current() -> None:
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'Where is radiology?')
+    head = (await _row(account_id, 'c1'))['head_id']
+    history = await PostgresConversationStore(account_id).read_history(head)
+    source = summary_source(head, [entry.message for entry in history], title=None, whole=True)
+    assert source is not None
+    assert await refresh_title_and_summary(account_id, 'c1', source) is True
+    row = await _row(account_id, 'c1')
+    assert row['title'] == 'Where is radiology' and row['summary_head_id'] == head
+    await _turn(account_id, 'c1', 'And cardiology?')  # the head moves on: a late task writes nothing
+    assert await refresh_title_and_summary(account_id, 'c1', source) is False
+    assert (await _row(account_id, 'c1'))['summary_head_id'] == head

@@ -18,7 +18,8 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import get_side_session
-from agentrt.services.ledger import LLMRequestTracker, _contents, _record, ledger_capability
+from agentrt.services.conversations._store import message_json
+from agentrt.services.ledger import LLMRequestTracker, _contents, _record, ledger_capability, remember_message_json
 from agentrt.services.ledger._contents import Body, RunBodies
 from agentrt.services.ledger.redaction import REDACTED
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows
@@ -201,3 +202,22 @@ def test_a_message_is_dumped_again_once_it_changed():
     assert changed._messages[0] is not once._messages[0]
     text, count = changed.render()
     assert count == 1 and 'second [REDACTED]' in text and once.render()[1] == 0
+
+
+def test_a_message_loaded_from_the_store_is_stored_from_its_text_as_if_dumped() -> None:
+    clean = ModelRequest(parts=[UserPromptPart('Find me cardiologists in Seattle')])
+    secret = ModelResponse(parts=[TextPart(f'here:\n{SECRET}'), ToolCallPart('lookup', {'n': 1}, tool_call_id='c1')])
+    changed = ModelRequest(parts=[UserPromptPart('was one part')])
+    messages = [clean, secret, changed]
+    texts = [message_json(message) for message in messages]
+    dumped = RunBodies().prompt('be brief', messages).render()  # nothing remembered: each message dumped
+    remember_message_json(messages, texts)
+    changed.parts.append(UserPromptPart('and now two'))  # the run added a part: not what was stored
+    bodies = RunBodies()
+    prompt = bodies.prompt('be brief', messages)
+    assert [type(body) for body in prompt._messages] == [_contents.JsonBody, _contents.JsonBody, Body]
+    text, count = prompt.render()
+    assert count == 1 and SECRET not in text and '[REDACTED]' in text and 'and now two' in text
+    changed.parts.pop()
+    assert RunBodies().prompt('be brief', messages).render() == dumped  # the same text whichever way it was made
+    assert len(ModelMessagesTypeAdapter.validate_python(json.loads(text)['messages'])) == 3

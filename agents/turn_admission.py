@@ -1,0 +1,153 @@
+"""Admission of chat turns: as many run at once as the event loop keeps up with; the others wait, holding nothing.
+
+One process serves as many turns as its CPU allows (a demo turn costs a few tens of milliseconds of CPU). Past that,
+every turn still starts, the event loop falls behind, and each session holds its connection for as long as the loop
+takes to come back to it: connections are held seconds instead of milliseconds, and sessions time out waiting for
+the pool (`bench_pool_capacity.py`: the database is idle while the pool times out). So the turns running at once are
+capped, and the cap follows the loop: a watcher measures how late the loop comes back to a timer; while turns wait
+and the loop is well on time (within half of `AGENTRT_TURN_ADMISSION_LAG_MS`), the cap grows by one a tick; when it
+is later than that setting, the cap shrinks by a tenth (at most every `DECREASE_EVERY_S`, since turns already
+running keep their load). Waiting turns start in arrival order, with no session and no connection; one that waits
+longer than `AGENTRT_TURN_QUEUE_SECONDS` fails with `RuntimeBusyError` (nothing was sent, nothing billed).
+
+A turn started inside another turn (a tool that chats) is admitted at once: it cannot wait for a place its own parent
+holds, so nesting never deadlocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from agentrt.db.errors import RuntimeBusyError
+
+MIN_LIMIT = 2
+"""Turns admitted however late the loop is: progress is never blocked by a loop busy with something else."""
+INITIAL_LIMIT = 16
+"""The cap before the watcher has measured anything."""
+TICK_S = 0.01
+"""How often the watcher measures the loop's lateness while turns run."""
+DECREASE_EVERY_S = 0.1
+"""The cap shrinks at most this often: the load of turns already running lasts until they end."""
+
+_inside_turn: contextvars.ContextVar[bool] = contextvars.ContextVar('agentrt_inside_turn', default=False)
+
+
+class TurnAdmission:
+    """The waiting line of one event loop's turns (`turn_admission()` gives the running loop's).
+
+    Args:
+        max_lag_s: the loop is on time while a timer fires within this of its deadline (0: admit every turn at once).
+        queue_s: the longest a turn waits before `RuntimeBusyError`.
+    """
+
+    def __init__(self, *, max_lag_s: float, queue_s: float) -> None:
+        self.max_lag_s = max_lag_s
+        self.queue_s = queue_s
+        self.limit = float(INITIAL_LIMIT)
+        self.running = 0
+        self.lag_s = 0.0
+        self.admitted = 0
+        self.waited = 0
+        self.refused = 0
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_decrease = 0.0
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait until the turn may start, hold its place while the block runs.
+
+        Raises:
+            RuntimeBusyError: the turn waited longer than `queue_s`; nothing was started.
+        """
+        if self.max_lag_s <= 0 or _inside_turn.get():
+            self._start()  # no admission, or a turn inside a turn: at once
+        else:
+            await self._admit()
+        token = _inside_turn.set(True)
+        try:
+            yield
+        finally:
+            self.running -= 1
+            try:
+                _inside_turn.reset(token)
+            except ValueError:  # the block ended in another context (a streamed response closed by its server)
+                pass
+            self._admit_waiting()
+
+    async def _admit(self) -> None:
+        if not self._waiting and self.running < self.limit:
+            self._start()
+            return
+        admitted = asyncio.get_running_loop().create_future()
+        self._waiting.append(admitted)
+        self.waited += 1
+        self._watch()
+        try:
+            await asyncio.wait_for(asyncio.shield(admitted), self.queue_s)
+        except TimeoutError:
+            if not admitted.done():
+                admitted.cancel()
+                self.refused += 1
+                raise RuntimeBusyError(
+                    f'this process is running as many chat turns as its event loop keeps up with ({self.running}); '
+                    f'the turn waited {self.queue_s:g}s (AGENTRT_TURN_QUEUE_SECONDS) and was not started: try '
+                    'again shortly, or run more worker processes'
+                ) from None
+        except BaseException:
+            if admitted.done() and not admitted.cancelled():
+                self.running -= 1  # admitted as it was cancelled: give the place back
+                self._admit_waiting()
+            else:
+                admitted.cancel()
+            raise
+
+    def _start(self) -> None:
+        self.running += 1
+        self.admitted += 1
+        self._watch()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self.running < self.limit:
+            admitted = self._waiting.popleft()
+            if not admitted.done():  # not given up meanwhile
+                self._start()
+                admitted.set_result(None)
+
+    def _watch(self) -> None:
+        if self.running > MIN_LIMIT or self._waiting:
+            if self._watcher is None or self._watcher.done():
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_loop(), name='agentrt-admission')
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.running > MIN_LIMIT or self._waiting:
+            started = loop.time()
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            self.lag_s = now - started - TICK_S
+            if self.lag_s > self.max_lag_s:
+                if now - self._last_decrease >= DECREASE_EVERY_S:
+                    self.limit = max(MIN_LIMIT, min(self.limit, self.running) * 0.9)
+                    self._last_decrease = now
+            elif self._waiting and self.running >= self.limit - 1 and self.lag_s <= self.max_lag_s / 2:
+                self.limit += 1
+            self._admit_waiting()
+
+
+_admissions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnAdmission] = weakref.WeakKeyDictionary()
+
+
+def turn_admission(*, max_lag_s: float, queue_s: float) -> TurnAdmission:
+    """The running loop's `TurnAdmission`, made on first use (its settings follow the latest call's)."""
+    loop = asyncio.get_running_loop()
+    admission = _admissions.get(loop)
+    if admission is None:
+        admission = _admissions[loop] = TurnAdmission(max_lag_s=max_lag_s, queue_s=queue_s)
+    admission.max_lag_s, admission.queue_s = max_lag_s, queue_s
+    return admission

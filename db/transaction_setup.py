@@ -1,0 +1,151 @@
+"""What a transaction sets before its first statement (read-only mode, timeouts): sent with its BEGIN, in one place.
+
+A read-only session or a side session with tight timeouts used to spend a round trip (and a statement) on `SET
+TRANSACTION READ ONLY` or `SELECT set_config(...)` before its first real statement: 7 of the 51 statements of a
+demo turn. `TransactionSetup` describes the prelude and `begin_sql()` renders it; the runtime's asyncpg connections
+(`PreludeConnection`, installed by `build_engine`) append it to the transaction's `BEGIN`, which the simple query
+protocol sends as one message: zero extra round trips, zero extra statements.
+
+This is the one place a transaction's prelude is built. Row-level security (`set_config('app.account_id', ...,
+true)` per transaction) and per-transaction timeouts behind PgBouncer extend `TransactionSetup` and `begin_sql()`;
+every session opener goes through `get_db_session(setup=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Executable, Result, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+
+from agentrt.db.failures import lost_connection
+
+logger = logging.getLogger('agentrt.db')
+
+SETUP_KEY = 'agentrt_transaction_setup'
+"""`Session.info` key of the session's `TransactionSetup`."""
+
+
+@dataclass(frozen=True)
+class TransactionSetup:
+    """What a transaction needs before its first statement.
+
+    Attributes:
+        read_only: `SET TRANSACTION READ ONLY`: the transaction cannot write.
+        lock_timeout_ms: transaction-local `lock_timeout` (None: the connection's default).
+        statement_timeout_ms: transaction-local `statement_timeout` (None: the connection's default).
+    """
+
+    read_only: bool = False
+    lock_timeout_ms: int | None = None
+    statement_timeout_ms: int | None = None
+
+    def statements(self) -> list[str]:
+        """The prelude as SQL statements, in order. Values are formatted integers, never caller text: the simple
+        query protocol that carries them with BEGIN takes no parameters."""
+        statements = ['SET TRANSACTION READ ONLY'] if self.read_only else []
+        timeouts = (('lock_timeout', self.lock_timeout_ms), ('statement_timeout', self.statement_timeout_ms))
+        settings = [f"set_config('{name}', '{int(value)}ms', true)" for name, value in timeouts if value is not None]
+        if settings:
+            statements.append('SELECT ' + ', '.join(settings))
+        return statements
+
+    def begin_sql(self) -> str:
+        """The prelude appended to `BEGIN;` (empty when there is nothing to set)."""
+        return ''.join(f' {statement};' for statement in self.statements())
+
+
+class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
+
+    asyncpg starts a transaction with `execute('BEGIN;')` (the simple query protocol, which runs several statements
+    in one message); the prelude rides along. It is set by the session that is about to begin (`after_begin`) and
+    consumed by that BEGIN, or cleared when the connection goes back to the pool, so it never reaches another
+    transaction.
+    """
+
+    __slots__ = ('agentrt_prelude',)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.agentrt_prelude = ''
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's)
+        """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude."""
+        if self.agentrt_prelude and not args and query.startswith('BEGIN'):
+            query, self.agentrt_prelude = query + self.agentrt_prelude, ''
+        status: str = await super().execute(query, *args, timeout=timeout)
+        return status
+
+
+class RetryingSession(AsyncSession):
+    """The runtime's `AsyncSession`. With `retry_first_statement` set, a transaction's first statement that finds its
+    pooled connection broken (a server restarted since the connection was last used) runs once more on a fresh one.
+
+    Safe whatever the statement is: it was the transaction's first, nothing of the transaction was committed or
+    returned to the caller, and the rollback discards the broken connection. Read-only and side sessions set it
+    (their prelude used to be the statement that found the connection broken; it now rides on the BEGIN).
+    """
+
+    retry_first_statement = False
+
+    async def execute(  # the overloads of AsyncSession.execute, passed through
+        self, statement: Executable, params: Any = None, **kwargs: Any
+    ) -> Result[Any]:
+        """`AsyncSession.execute`, repeated once on a fresh connection as described above."""
+        if not self.retry_first_statement or self.in_transaction():
+            return await super().execute(statement, params, **kwargs)
+        self.retry_first_statement = False
+        try:
+            return await super().execute(statement, params, **kwargs)
+        except Exception as exc:
+            if not lost_connection(exc):
+                raise
+            logger.info(
+                'the connection was lost at the first statement of a transaction; starting it again on a fresh one'
+            )
+        await self.rollback()
+        return await super().execute(statement, params, **kwargs)
+
+
+class SetupSession(Session):
+    """The sync session class behind the runtime's `AsyncSession`s: applies `info[SETUP_KEY]` as each transaction
+    begins."""
+
+
+@event.listens_for(SetupSession, 'after_begin')
+def _apply_setup(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    setup: TransactionSetup | None = session.info.get(SETUP_KEY)
+    if setup is None:
+        return
+    driver: Any = connection.connection.driver_connection
+    if _carries_prelude(driver):
+        driver.agentrt_prelude = setup.begin_sql()
+        return
+    # An engine that was not built by `build_engine` (another driver class): the same statements, one by one.
+    for statement in setup.statements():
+        connection.exec_driver_sql(statement)
+
+
+def install_prelude(engine: AsyncEngine) -> None:
+    """Drop a prelude left unsent (a session that began but ran nothing) when its connection is checked in.
+
+    `build_engine` calls it, and connects with `connection_class=PreludeConnection`.
+    """
+    event.listen(engine.sync_engine, 'checkin', _clear_prelude)
+
+
+def _clear_prelude(dbapi_connection: Any, record: Any) -> None:
+    driver: Any = getattr(dbapi_connection, 'driver_connection', None)
+    if _carries_prelude(driver):
+        driver.agentrt_prelude = ''
+
+
+def _carries_prelude(driver: Any) -> bool:
+    # Not isinstance: asyncpg's connection metaclass answers True for every asyncpg connection.
+    return issubclass(type(driver), PreludeConnection)

@@ -1,0 +1,224 @@
+"""A chat turn's own load and save: the tail read in one statement, the turn appended in one, nothing read first.
+
+What the fast path stores must be what pydantic-ai's generic `save` stores (same rows, same JSON), its compare-and-swap
+and its disconnect handling must hold as `write_record`'s do, and a run that rewrote its history must still be saved
+correctly (by the generic path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic_ai import Agent, BinaryContent, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from sqlalchemy import text
+
+from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.models import Account, ConversationEntryRow
+from agentrt.db.session import get_db_session
+from agentrt.services.conversations import (
+    ConcurrentTurnError,
+    PostgresConversationStore,
+    RecentConversation,
+    TurnClaim,
+    append_turn,
+    load_conversation,
+    load_recent_conversation,
+    save_turn,
+)
+from agentrt.services.conversations._store import message_json
+from tests.factories import scalar
+from tests.services.conversations.test_store import assert_chain, count_rows
+
+
+def _reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    last = messages[-1]
+    if not any(isinstance(part, ToolReturnPart) for part in last.parts):
+        return ModelResponse(
+            parts=[ToolCallPart('lookup', {'q': 'kale\x00', 'n': 1.5}, tool_call_id=f'c{len(messages)}')]
+        )
+    return ModelResponse(parts=[TextPart('found \ud800 it\x00')])
+
+
+def _agent() -> Agent[None, str]:
+    agent = Agent(FunctionModel(_reply, model_name='gpt-4o-mini'))
+
+    @agent.tool_plain
+    def lookup(q: str, n: float) -> dict[str, Any]:
+        return {'q': q, 'n': n, 'text': 'caf\u00e9 \U0001f600 \\u0000'}
+
+    return agent
+
+
+@pytest.fixture
+async def store() -> PostgresConversationStore:
+    async with get_db_session() as session:
+        account = Account(slug='appender', name='Appender')
+        session.add(account)
+        await session.flush()
+        return PostgresConversationStore(account.id)
+
+
+async def _fast_turn(store: PostgresConversationStore, conversation_id: str, prompt: Any, **kwargs: Any) -> Any:
+    recent = await load_recent_conversation(store, conversation_id, max_tokens=16_000)
+    result = await _agent().run(prompt, conversation=recent.conversation)
+    return recent, result, await append_turn(store, result, recent, **kwargs)
+
+
+async def _stored_messages(account_id: int) -> list[Any]:
+    async with get_db_session() as session:
+        rows = await session.execute(
+            text('SELECT message FROM conversation_entries WHERE account_id = :a ORDER BY created_at, id'),
+            {'a': account_id},
+        )
+        return list(rows.scalars())
+
+
+async def test_the_fast_path_stores_what_the_generic_save_stores(store: PostgresConversationStore) -> None:
+    prompt = ['hello \x00 there', BinaryContent(data=b'\x89PNG\x00', media_type='image/png')]
+    saved_entries = []
+    for _ in range(2):
+        _, _, saved = await _fast_turn(store, 'fast', prompt)
+        assert saved.stored_chars == sum(len(message_json(entry.message)) for entry in saved.entries)
+        saved_entries += saved.entries
+    stored = await store.load_entries('fast')
+    assert stored is not None and len(stored) == 8 and [e.id for e in stored] == [e.id for e in saved_entries]
+    assert_chain(stored)
+    # Row for row, the JSON the generic path (`write_record`) would have stored for the same entries.
+    async with get_db_session() as session:
+        rows = await session.execute(
+            text('SELECT id, parent_id, kind, message FROM conversation_entries WHERE account_id = :a'),
+            {'a': store.account_id},
+        )
+        by_id = {row.id: row for row in rows}
+    for entry in saved_entries:
+        expected = store._entry_row(entry)
+        row = by_id[entry.id]
+        assert (row.parent_id, row.kind, row.message) == (expected['parent_id'], expected['kind'], expected['message'])
+    assert 'found \ufffd it\ufffd' in str(by_id[saved_entries[-1].id].message), 'NUL and lone surrogate as U+FFFD'
+    record = await store.read_record('fast')
+    assert record is not None and record.head_id == saved_entries[-1].id and record.usage.requests == 4
+    # Reloaded whole, the conversation is what the generic load gives, and a generic save continues it.
+    loaded = await load_conversation(store, 'fast')
+    assert loaded.messages == [entry.message for entry in stored]
+    assert len(await save_turn(store, await _agent().run('more', conversation=loaded))) == 4
+
+
+async def test_the_tail_is_what_the_generic_load_gives(store: PostgresConversationStore) -> None:
+    for _ in range(3):
+        await _fast_turn(store, 'c', 'question')
+    recent = await load_recent_conversation(store, 'c', max_tokens=1_000_000)
+    loaded = await store.load('c')
+    assert loaded is not None
+    assert recent.conversation.messages == loaded.messages and recent.record == await store.read_record('c')
+    assert recent.conversation.revision == loaded.revision and recent.conversation.usage == loaded.usage
+    assert recent.conversation.new_message_index == len(loaded.messages) and not recent.earlier_omitted
+    assert recent.since_summary is None  # never summarised
+    small = await load_recent_conversation(store, 'c', max_tokens=100)
+    assert small.earlier_omitted and small.conversation.messages == loaded.messages[-len(small.conversation.messages) :]
+
+
+async def test_a_turn_saved_meanwhile_wins_and_nothing_of_the_late_one_is_stored(
+    store: PostgresConversationStore,
+) -> None:
+    await _fast_turn(store, 'race', 'first')
+    mine = await load_recent_conversation(store, 'race', max_tokens=16_000)
+    theirs = await load_recent_conversation(store, 'race', max_tokens=16_000)
+    mine_result = await _agent().run('mine', conversation=mine.conversation)
+    theirs_result = await _agent().run('theirs', conversation=theirs.conversation)
+    await append_turn(store, theirs_result, theirs)
+    before = await count_rows(ConversationEntryRow)
+    with pytest.raises(ConcurrentTurnError) as info:
+        await append_turn(store, mine_result, mine)
+    assert info.value.stage == 'save'
+    assert await count_rows(ConversationEntryRow) == before
+    # Two first turns of one new conversation: one is created, the other refused.
+    first = await load_recent_conversation(store, 'fresh', max_tokens=16_000)
+    second = await load_recent_conversation(store, 'fresh', max_tokens=16_000)
+    await append_turn(store, await _agent().run('a', conversation=first.conversation), first)
+    with pytest.raises(ConcurrentTurnError):
+        await append_turn(store, await _agent().run('b', conversation=second.conversation), second)
+
+
+async def test_the_save_releases_the_claim_in_its_transaction(store: PostgresConversationStore) -> None:
+    claim = TurnClaim.mint(store.account_id, 'claimed', lease_s=60)
+    async with get_db_session() as session:
+        await claim.take(session=session)
+    recent = await load_recent_conversation(store, 'claimed', max_tokens=16_000)
+    result = await _agent().run('hi', conversation=recent.conversation)
+    async with claim.held():
+        await append_turn(store, result, recent, claim=claim)
+        assert claim.released
+        assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    # A refused save keeps the claim (the turn releases it when it ends).
+    claim = TurnClaim.mint(store.account_id, 'claimed', lease_s=60)
+    async with get_db_session() as session:
+        await claim.take(session=session)
+    with pytest.raises(ConcurrentTurnError):
+        await append_turn(store, result, recent, claim=claim)
+    assert not claim.released and await scalar('SELECT count(*) FROM conversation_turns') == 1
+    await claim.release()
+
+
+async def test_a_history_the_run_rewrote_is_saved_by_comparing(store: PostgresConversationStore) -> None:
+    await _fast_turn(store, 'rewritten', 'first')
+    recent = await load_recent_conversation(store, 'rewritten', max_tokens=16_000)
+    # The run is given copies of the loaded messages (as a capability that rewrites the history would leave them).
+    copied = recent.conversation
+    copied.messages = [ModelRequest(parts=[UserPromptPart('first')]), *copied.messages[1:]]
+    result = await _agent().run('second', conversation=copied)
+    saved = await append_turn(
+        store, result, RecentConversation(copied, recent.title, False, recent.record, recent.stored)
+    )
+    assert saved.entries and saved.stored_chars > 0
+    stored = await store.load_entries('rewritten')
+    assert stored is not None and [e.id for e in stored[-len(saved.entries) :]] == [e.id for e in saved.entries]
+    record = await store.read_record('rewritten')
+    assert record is not None and len(record.branches) == 1  # the history it rewrote is kept as a branch
+
+
+async def test_a_save_whose_connection_is_killed_is_saved_once(
+    store: PostgresConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _fast_turn(store, 'killed', 'first')
+    recent = await load_recent_conversation(store, 'killed', max_tokens=16_000)
+    result = await _agent().run('again', conversation=recent.conversation)
+    real, attempts = PostgresConversationStore._append_once, []
+
+    async def on_a_dying_connection(self: PostgresConversationStore, session: Any, *args: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            async with get_db_session() as admin:
+                await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
+        return await real(self, session, *args)
+
+    monkeypatch.setattr(PostgresConversationStore, '_append_once', on_a_dying_connection)
+    saved = await append_turn(store, result, recent)
+    assert len(attempts) == 2 and len(saved.entries) == 4
+    assert await count_rows(ConversationEntryRow) == 8
+
+
+async def test_a_save_that_committed_before_its_reply_was_lost_is_not_saved_again(
+    store: PostgresConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _fast_turn(store, 'lost-reply', 'first')
+    recent = await load_recent_conversation(store, 'lost-reply', max_tokens=16_000)
+    result = await _agent().run('again', conversation=recent.conversation)
+    real, attempts = PostgresConversationStore._append_write, []
+
+    async def committed_then_lost(self: PostgresConversationStore, *args: Any) -> Any:
+        attempts.append(1)
+        outcome = await real(self, *args)  # committed...
+        if len(attempts) == 1:
+            raise DatabaseDisconnectedError('the connection to PostgreSQL was lost')  # ...and the reply lost
+        return outcome
+
+    monkeypatch.setattr(PostgresConversationStore, '_append_write', committed_then_lost)
+    saved = await append_turn(store, result, recent)
+    assert len(attempts) == 1 and len(saved.entries) == 4  # found committed: not written again, not a conflict
+    assert await count_rows(ConversationEntryRow) == 8
+    await _fast_turn(store, 'lost-reply', 'and again')  # the conversation goes on from the saved revision
+    assert await count_rows(ConversationEntryRow) == 12
