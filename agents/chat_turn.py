@@ -2,8 +2,8 @@
 
 No session is held across the model request. Before it, one short session looks up the tenant, claims the
 conversation (one turn at a time) and loads its tail: one transaction, three statements. After it, one statement
-saves the turn and releases the claim. The run has per-turn usage limits (`turn_usage_limits`), a bounded context
-(`ContextWindow`) and the race guard (`TurnGuard`).
+saves the turn, releases the claim and, when due, stores the conversation's title and summary. The run has per-turn
+usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard (`TurnGuard`).
 """
 
 from __future__ import annotations
@@ -225,19 +225,21 @@ async def _claimed_turn(
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
-    """Save the turn (releasing its claim), hand post-turn work (title and summary when due, usage rollup) to the
-    background.
+    """Save the turn (releasing its claim, with the title and summary when due), hand the rest of the post-turn work
+    (the usage rollup; a title and summary the save could not make) to the background.
 
     Raises:
         ConcurrentTurnError: another turn saved this conversation meanwhile; nothing was saved.
     """
     settings = turn.settings
-    saved = await append_turn(turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim)
-    summarise = summary_due(
-        turn.recent,
-        saved.stored_chars,
-        every_turns=settings.summary_every_turns,
-        every_tokens=settings.summary_every_tokens,
+    every = (settings.summary_every_turns, settings.summary_every_tokens)
+    saved = await append_turn(
+        turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim, summary_every=every
+    )
+    # Due titles and summaries are stored by the save when the turn's messages can make them; else the post-turn
+    # work does it (reading the history when it must).
+    summarise = not saved.summarised and summary_due(
+        turn.recent, saved.stored_chars, every_turns=every[0], every_tokens=every[1]
     )
     source = None
     if summarise and saved.entries:

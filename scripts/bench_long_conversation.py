@@ -139,7 +139,7 @@ async def main() -> None:
     args.add_argument('--early', type=int, default=5, help='the early turn compared (once the budget is full)')
     opts = args.parse_args()
     if opts.quick:
-        opts.turns = 12
+        opts.turns = 8  # turn 5 and the last one with a full window (turns 3 to 8): the smallest run with both
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=10, max_overflow=5, pool_timeout=10)
     current_settings().context_max_tokens = opts.budget

@@ -10,7 +10,8 @@ median latency, CPU per turn (time.process_time, deferred ledger/background work
 First, the per-turn breakdown (issue 20) at 0 ms model latency: bare, the runtime, and the runtime with one part
 turned off at a time (the ledger, its stored content, post-turn work, the conversation store, the claim and guard,
 the tenant lookup), interleaved turn by turn; CPU per turn (median), and sessions (pool checkouts) and statements
-(`before_cursor_execute`) per turn, counted from SQLAlchemy's events. The parts are turned off by replacing names in
+(`before_cursor_execute`) per turn, counted from SQLAlchemy's events, and the runtime's sessions by kind (each
+named by its first statement). The parts are turned off by replacing names in
 `agentrt.agents.chat_turn`; names a version does not have are skipped, so the same script measures earlier versions.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
@@ -26,8 +27,9 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench_common import (
@@ -169,12 +171,29 @@ async def measure(latency: float, streamed: bool, turns: int, prefix: str) -> li
 BUDGET = {'cpu_x_bare': 1.3, 'sessions': 10, 'statements': 20}
 
 
+# A session's kind, from its first statement (as in tests/agents/test_turn_budget.py).
+SESSION_KINDS = (
+    ('SELECT accounts.id', 'turn start'),
+    ('WITH locked AS', 'turn save'),
+    ('INSERT INTO llm_requests', 'ledger'),
+    ('directory_entries', 'tool call'),
+    ('UPDATE conversations SET title', 'summary'),
+    ('usage_rolled_up_requests', 'usage rollup'),
+    ('pg_advisory_xact_lock_shared($1, $2)', 'usage rollup'),
+    ('UPDATE conversation_turns', 'turn check'),
+    ('budget_reservations', 'budget hold'),
+)
+
+
 @dataclass
 class StatementMeter:
-    """Counts pool checkouts (one per session) and statements sent (`before_cursor_execute`) on the engine."""
+    """Counts pool checkouts (one per session) and statements sent (`before_cursor_execute`) on the engine, and
+    sessions by kind (named by their first statement)."""
 
     sessions: int = 0
     statements: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    _unnamed: set[int] = field(default_factory=set)
 
     def attach(self) -> StatementMeter:
         engine = get_engine().sync_engine
@@ -185,11 +204,16 @@ class StatementMeter:
     def snapshot(self) -> tuple[int, int]:
         return self.sessions, self.statements
 
-    def _checkout(self, *args: Any) -> None:
+    def _checkout(self, dbapi_connection: Any, *args: Any) -> None:
         self.sessions += 1
+        self._unnamed.add(id(dbapi_connection))
 
-    def _statement(self, *args: Any) -> None:
+    def _statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.statements += 1
+        dbapi_connection = id(conn.connection.dbapi_connection)
+        if dbapi_connection in self._unnamed:
+            self._unnamed.discard(dbapi_connection)
+            self.kinds[next((kind for text, kind in SESSION_KINDS if text in statement), 'other')] += 1
 
 
 def _patched(**replacements: Any) -> contextlib.AbstractContextManager[None]:
@@ -288,9 +312,11 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     }
     meter = StatementMeter().attach()
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in variants}
+    runtime_kinds: Counter[str] = Counter()
     for i in range(turns + 1):  # the first round warms up
         for n, (name, (agent, patch)) in enumerate(variants.items()):
             await settle()
+            kinds_before = Counter(meter.kinds)
             before, cpu = meter.snapshot(), time.process_time()
             with patch():
                 if agent is None:
@@ -305,6 +331,8 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
             after = meter.snapshot()
             if i:
                 samples[name].append((cpu, after[0] - before[0], after[1] - before[1]))
+                if name == 'runtime':
+                    runtime_kinds += meter.kinds - kinds_before
     rows = []
     for name, values in samples.items():
         cpus, sessions, statements = zip(*values, strict=True)
@@ -322,6 +350,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
         row['x_bare'] = round(row['cpu_ms'] / bare_cpu, 2)
         if row['variant'].startswith('runtime without'):
             row['part_cpu_ms'] = round(full_cpu - row['cpu_ms'], 1)
+    rows[1]['sessions_by_kind'] = {kind: round(n / turns, 2) for kind, n in runtime_kinds.most_common()}
     return rows
 
 
@@ -361,6 +390,7 @@ async def main() -> None:
         if opts.breakdown_turns:
             parts = await breakdown(opts.breakdown_turns, prefix)
             print_table(parts, BREAKDOWN_COLUMNS)
+            print('runtime sessions per turn, by kind:', parts[1]['sessions_by_kind'])
         before = await count_rows(prefix)
         rows = []
         for latency in opts.latencies:
@@ -384,6 +414,7 @@ async def main() -> None:
             summary['runtime_cpu_x_bare'] = runtime['x_bare']
             summary['runtime_sessions_per_turn'] = runtime['sessions_per_turn']
             summary['runtime_statements_per_turn'] = runtime['statements_per_turn']
+            summary['runtime_sessions_by_kind'] = runtime['sessions_by_kind']
             summary['budget'] = BUDGET
             summary['budget_met'] = {
                 'cpu_x_bare': runtime['x_bare'] <= BUDGET['cpu_x_bare'],

@@ -134,7 +134,7 @@ async def _loop_lag(text: str) -> tuple[float, float]:
 
 def main() -> None:
     args = _arguments()
-    size, repeat = (100_000, 1) if args.quick else (args.size, args.repeat)
+    size, repeat = (25_000, 1) if args.quick else (args.size, args.repeat)
     wanted = [f.strip() for f in args.families.split(',') if f.strip()]
     machine = _host_info()
     print(f'Python {machine["python"]}, {machine["cpus"]} CPUs, load {machine["load_average_at_start"]}')

@@ -24,14 +24,15 @@ from sqlalchemy import insert, text
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
-from agentrt.db.models import Account, AgentInstance, Base, DirectoryEntry
+from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
-from agentrt.services.demo_data import seed_demo_data
 from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
 from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
 from tests.private_database import PrivateDatabase
+from tests.table_reset import TableReset
+from tests.worker_database import drop_worker_database, worker_database
 
 # No test may reach a real model provider, and no span may leave the machine.
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
@@ -41,9 +42,9 @@ TEST_POOL_SIZE = 5
 TEST_MAX_OVERFLOW = 5
 
 
-def _test_settings(data_dir: Path) -> Settings:
+def _test_settings(data_dir: Path, database_url: str | None) -> Settings:
     return Settings(
-        database_url=os.environ.get('DATABASE_URL') or None,
+        database_url=database_url,
         data_dir=data_dir,
         pool_size=TEST_POOL_SIZE,
         max_overflow=TEST_MAX_OVERFLOW,
@@ -52,18 +53,27 @@ def _test_settings(data_dir: Path) -> Settings:
     )
 
 
+_table_reset = TableReset()
+
+
 @pytest_asyncio.fixture(scope='session', autouse=True)
 async def database() -> AsyncIterator[Settings]:
-    """Start (or connect to) PostgreSQL once, migrated to head, for the whole run.
+    """Start (or connect to) PostgreSQL once, migrated to head, for the whole run (for each xdist worker).
 
-    The embedded server's data lives in a directory this run creates for itself, not under pytest's shared
-    basetemp, which another run's clean-up may delete while this one is using it.
+    The embedded server's data lives in a directory this process creates for itself, not under pytest's shared
+    basetemp, which another run's clean-up may delete while this one is using it: each xdist worker has a server
+    of its own. With `DATABASE_URL`, each worker uses a database of its own on that server (`worker_database`).
     """
     data_root = Path(tempfile.mkdtemp(prefix='agentrt-test-pg-'))
     # atexit runs handlers last-in first-out: registered before the server starts (whose stop handler comes
     # later), the directory goes only after the server has stopped.
     atexit.register(shutil.rmtree, data_root, ignore_errors=True)
-    settings = _test_settings(data_root / 'data')
+    given = external = os.environ.get('DATABASE_URL') or None
+    worker = os.environ.get('PYTEST_XDIST_WORKER')
+    if given and worker:
+        external = await worker_database(given, worker)
+        os.environ['DATABASE_URL'] = external  # the CLI in-process and subprocesses read it
+    settings = _test_settings(data_root / 'data', external)
     await init_database(settings, migrate=True)
     if settings.uses_embedded:
         # A throwaway cluster: durability buys nothing here and costs seconds per run.
@@ -73,13 +83,17 @@ async def database() -> AsyncIterator[Settings]:
             await conn.execute(text('ALTER SYSTEM SET synchronous_commit = off'))
             await conn.execute(text('SELECT pg_reload_conf()'))
     yield settings
+    await _table_reset.drop_snapshot()
     await shutdown_runtime()
+    if given and external != given:
+        await drop_worker_database(given, external)
 
 
 @pytest_asyncio.fixture(scope='session')
 async def private_database(database: Settings) -> AsyncIterator[PrivateDatabase]:
     """A PostgreSQL of the run's own (with SSL when Debian's PostgreSQL 15 is installed), migrated and seeded, for
-    what must not happen to the shared server: restarts, killed backends, SSL. Made on first use only."""
+    what must not happen to the shared server: restarts, killed backends, SSL. Made on first use only (its tests
+    share the xdist group `private-database`, so one worker makes it)."""
     private = await PrivateDatabase.create()
     yield private
     await private.close()
@@ -115,60 +129,19 @@ def database_url(database: Settings) -> str:
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def clean_database(database: Settings) -> AsyncIterator[None]:
-    """Empty every runtime table before each test; afterwards, let its background work finish.
-
-    The fixtures that truncate, copy and reset sequences run as the login role (`Unscoped.OWNER`), which owns the
-    tables: the embedded server's superuser, which row-level security does not restrict.
-    """
-    names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
+async def clean_database(request: pytest.FixtureRequest, database: Settings) -> AsyncIterator[None]:
+    """Before each test: every runtime table empty, or holding exactly the demo data when the test asks for
+    `demo_data` (tests/table_reset.py does only the work the last test made necessary). Afterwards, let the test's
+    background work finish."""
+    await _table_reset.reset(demo='demo_data' in request.fixturenames)
     yield
     await drain_supervisor(30)
 
 
-# The demo data, seeded once per run by `seed_demo_data()` and kept in a schema of its own: copying it back with
-# INSERT ... SELECT inside the server takes a tenth of the time of seeding 4,500 rows again for each test.
-_SNAPSHOT_SCHEMA = 'agentrt_test_demo_snapshot'
-_DEMO_TABLES = (Account.__table__, AgentInstance.__table__, DirectoryEntry.__table__)
-
-
-@pytest_asyncio.fixture(scope='session')
-async def _demo_snapshot(database: Settings) -> AsyncIterator[None]:
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-        await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
-        await seed_demo_data(session=session)
-        await session.execute(text(f'DROP SCHEMA IF EXISTS {_SNAPSHOT_SCHEMA} CASCADE'))
-        await session.execute(text(f'CREATE SCHEMA {_SNAPSHOT_SCHEMA}'))
-        for table in _DEMO_TABLES:
-            columns = _stored_columns(table)
-            await session.execute(
-                text(f'CREATE TABLE {_SNAPSHOT_SCHEMA}."{table.name}" AS SELECT {columns} FROM "{table.name}"')
-            )
-    yield
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        await session.execute(text(f'DROP SCHEMA {_SNAPSHOT_SCHEMA} CASCADE'))
-
-
-def _stored_columns(table: Any) -> str:
-    """The columns an INSERT may set: all but the generated ones (the search vector)."""
-    return ', '.join(f'"{column.name}"' for column in table.columns if column.computed is None)
-
-
-@pytest_asyncio.fixture
-async def demo_data(clean_database: None, _demo_snapshot: None) -> None:
-    """The seeded demo accounts, agents and directories: exactly the rows `seed_demo_data()` writes."""
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        for table in _DEMO_TABLES:
-            columns = _stored_columns(table)
-            await session.execute(
-                text(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM {_SNAPSHOT_SCHEMA}."{table.name}"')
-            )
-            # The ids were copied: move each identity on, as seeding would have.
-            sequence = f"pg_get_serial_sequence('{table.name}', 'id')"
-            await session.execute(text(f'SELECT setval({sequence}, (SELECT max(id) FROM "{table.name}"))'))
+@pytest.fixture
+def demo_data(clean_database: None) -> None:
+    """The seeded demo accounts, agents and directories: exactly the rows `seed_demo_data()` writes (put in place by
+    `clean_database`, which sees this fixture among the test's)."""
 
 
 @pytest_asyncio.fixture
@@ -201,6 +174,7 @@ logging.getLogger('asyncio').addHandler(_asyncio_errors)
 
 _PRIVATE_BASETEMP = pytest.StashKey[Path]()
 _PASSED = pytest.StashKey[bool]()
+_WORKER_ASYNCIO_ERRORS = pytest.StashKey[list[str]]()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -210,6 +184,10 @@ def pytest_configure(config: pytest.Config) -> None:
     pytest's default base (`/tmp/pytest-of-<user>/`) is shared: a run that starts later prunes old entries there,
     and would delete the data directory of a server this run still uses.
     """
+    # The Python processes the run starts (xdist workers, the CLI, scripts, `agentrt serve`) keep the bytecode they
+    # compile: with PYTHONDONTWRITEBYTECODE set (as in CI containers) each one compiled agentrt's modules afresh,
+    # about 0.4 s of CPU a process. (`__pycache__/` is ignored by git.)
+    os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
     if config.option.basetemp is None:
         config.option.basetemp = tempfile.mkdtemp(prefix='agentrt-pytest-')
         config.stash[_PRIVATE_BASETEMP] = Path(config.option.basetemp)
@@ -222,12 +200,54 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(private, ignore_errors=True)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    """The tests of `private_database` (a PostgreSQL server per process, made on first use) share one xdist worker
+    (`--dist loadgroup`); then `_xdist_group_ids`, once pytest-xdist's own hook has run."""
+    for item in items:
+        if 'private_database' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.xdist_group('private-database'))
+    yield
+    _xdist_group_ids(config, items)
+
+
+def _xdist_group_ids(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--dist loadgroup` tells the controller a test's group by appending `@group` to the node id; pytest-xdist 3.8
+    writes it where pytest 9.2 no longer reads it (pytest-dev/pytest-xdist#1386), so every group would be spread over
+    the workers. Here the suffix goes where pytest reads the id. A no-op when xdist already did it (older pytest, a
+    fixed xdist) and outside an xdist worker. Grouping only saves work: a test run in another worker still passes."""
+    if getattr(config, 'workerinput', None) is None or not config.getoption('loadgroup', False):
+        return
+    for item in items:
+        marks = item.iter_markers('xdist_group')
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get('name', 'default')) for mark in marks})
+        node_id = getattr(item, '_id', None)
+        if names and '@' not in item.nodeid and hasattr(node_id, 'parse'):
+            item._id = node_id.parse(f'{item.nodeid}@{"_".join(names)}')  # type: ignore[attr-defined,union-attr]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """In the xdist controller: keep what asyncio reported in a worker (`pytest_sessionfinish` sent it)."""
+    output = getattr(node, 'workeroutput', None) or {}
+    node.config.stash.setdefault(_WORKER_ASYNCIO_ERRORS, []).extend(output.get('asyncio_errors', []))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if asyncio logged a pending task, an unretrieved exception or a callback error."""
+    """Fail the run if asyncio logged a pending task, an unretrieved exception or a callback error.
+
+    An xdist worker hands its reports to the controller (a worker's exit status does not reach the run's).
+    """
     gc.collect()  # destroyed-pending-task reports come from garbage collection
-    if _asyncio_errors.messages:
+    messages = [message.splitlines()[0] for message in _asyncio_errors.messages]
+    worker_output = getattr(session.config, 'workeroutput', None)
+    if worker_output is not None:
+        worker_output['asyncio_errors'] = messages
+        return
+    messages += session.config.stash.get(_WORKER_ASYNCIO_ERRORS, [])
+    if messages:
         print('\nasyncio reported errors during the run:')
-        for message in _asyncio_errors.messages:
-            print(f'  - {message.splitlines()[0]}')
+        for message in messages:
+            print(f'  - {message}')
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     session.config.stash[_PASSED] = session.exitstatus == 0

@@ -23,10 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session, retry_on_disconnect
-from agentrt.services.pg_text import storable
+from agentrt.services.pg_text import storable, storable_text
 
 T = TypeVar('T')
 R = TypeVar('R')
+Summariser = Callable[[list[ConversationEntry], list[int]], Awaitable[tuple[str | None, str] | None]]
+"""Given a save's new entries and their stored JSON sizes: the title (None: keep) and summary to store with them."""
 logger = logging.getLogger('agentrt.conversations')
 
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
@@ -87,6 +89,13 @@ ORDER BY walk.depth DESC
 # A turn's save when the record is already stored: the account's shared write lock, the record swapped if it still
 # has the revision the turn loaded, the turn's entries added and its claim released, all only if the swap happened.
 _LOCKED = 'locked AS (SELECT pg_advisory_xact_lock_shared(CAST(:namespace AS integer), CAST(:lock_key AS integer)))'
+# The title and summary a turn may save with its messages (post-turn work riding on the save, when due): the title
+# only when the conversation has none, the summary with the head it was written from; NULLs leave them as they were.
+_SUMMARY_SET = """title = coalesce(conversations.title, CAST(:title AS varchar)),
+        summary = coalesce(CAST(:summary AS text), conversations.summary),
+        summary_head_id = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summary_head_id
+            ELSE CAST(:head_id AS varchar) END,
+        summarised_at = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summarised_at ELSE now() END"""
 _APPEND_REST = """
 added AS (
     INSERT INTO conversation_entries (id, account_id, parent_id, kind, message)
@@ -108,15 +117,21 @@ _APPEND_UPDATE = text(f"""
 WITH {_LOCKED}, swapped AS (
     UPDATE conversations
     SET scope = :scope, head_id = :head_id, revision = :revision, record = CAST(:record AS jsonb),
-        updated_at = :updated_at
+        updated_at = :updated_at, {_SUMMARY_SET}
     FROM locked
     WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
     RETURNING 1
 ), {_APPEND_REST}""")
 _APPEND_CREATE = text(f"""
 WITH {_LOCKED}, swapped AS (
-    INSERT INTO conversations (account_id, conversation_id, scope, head_id, revision, record, updated_at)
-    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at
+    INSERT INTO conversations (
+        account_id, conversation_id, scope, head_id, revision, record, updated_at,
+        title, summary, summary_head_id, summarised_at
+    )
+    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at,
+        CAST(:title AS varchar), CAST(:summary AS text),
+        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE CAST(:head_id AS varchar) END,
+        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE now() END
     FROM locked
     ON CONFLICT (account_id, conversation_id) DO NOTHING
     RETURNING 1
@@ -150,6 +165,8 @@ class Appended:
     sizes: list[int]
     claim_released: bool
     """The claim given to `append` was deleted in the same transaction."""
+    summarised: bool = False
+    """A title and summary were stored with the entries (`append`'s `summarise` returned them)."""
 
 
 def message_json(message: ModelMessage) -> str:
@@ -259,6 +276,7 @@ class PostgresConversationStore(ConversationStore):
         *,
         expected_revision: str | None,
         claim_id: str | None = None,
+        summarise: Summariser | None = None,
     ) -> Appended:
         """Store `record` with `messages` appended after its previous head, in one statement and one transaction.
 
@@ -266,6 +284,9 @@ class PostgresConversationStore(ConversationStore):
         `expected_revision` finds a record changed since), and the turn's claim (`claim_id`) is released in the
         same transaction. `record.head_id` must be the parent of `messages[0]`: `append` mints the entries and
         sets `record.head_id` to the last one. A lost connection is handled as `write_record` does.
+
+        `summarise`, when given, is awaited with the new entries and their stored JSON sizes before the write; the
+        title and summary it returns (None: none now) are stored by the same statement (`Appended.summarised`).
 
         Raises:
             ConversationConflict: the stored revision is not `expected_revision` (or a record exists when it is
@@ -278,6 +299,8 @@ class PostgresConversationStore(ConversationStore):
             parent_id = entries[-1].id
         record.head_id = parent_id
         bodies = [message_json(message) for message in messages]
+        sizes = [len(body) for body in bodies]
+        titled = await summarise(entries, sizes) if summarise is not None else None
         params = {
             'namespace': _LOCK_NAMESPACE,
             'lock_key': self.account_id % 2**31,
@@ -294,6 +317,8 @@ class PostgresConversationStore(ConversationStore):
             'kinds': [entry.kind for entry in entries],
             'messages': bodies,
             'claim_id': claim_id,
+            'title': storable_text(titled[0]) if titled is not None and titled[0] is not None else None,
+            'summary': storable_text(titled[1]) if titled is not None else None,
         }
         statement = _APPEND_CREATE if expected_revision is None else _APPEND_UPDATE
         try:
@@ -305,7 +330,7 @@ class PostgresConversationStore(ConversationStore):
                 released = claim_id is not None
             else:
                 released = await self._append_write(record.conversation_id, statement, params)
-        return Appended(entries, [len(body) for body in bodies], released)
+        return Appended(entries, sizes, released, summarised=titled is not None)
 
     async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
         """One attempt of `append`, in its own transaction; whether the claim was released."""

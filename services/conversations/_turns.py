@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,11 +18,14 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
-from agentrt.services.conversations._store import PostgresConversationStore, message_json
+from agentrt.services.conversations._context import RecentConversation, summary_due
+from agentrt.services.conversations._store import PostgresConversationStore, Summariser, message_json
+from agentrt.services.conversations._titles import summary_source, title_and_summary_from
 
 if TYPE_CHECKING:
     from agentrt.services.conversations._claims import TurnClaim
-    from agentrt.services.conversations._context import RecentConversation
+
+logger = logging.getLogger('agentrt.conversations')
 
 TurnStage = Literal['start', 'request', 'save']
 """Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
@@ -121,6 +126,8 @@ class SavedTurn:
     """The entries this save stored, in order."""
     stored_chars: int
     """Their stored JSON, in characters."""
+    summarised: bool = False
+    """The conversation's title and summary were refreshed by the save itself (they were due)."""
 
 
 async def append_turn(
@@ -130,6 +137,7 @@ async def append_turn(
     *,
     usage_before: RunUsage | None = None,
     claim: TurnClaim | None = None,
+    summary_every: tuple[int, int] | None = None,
 ) -> SavedTurn:
     """Save what a run added to the conversation `recent` loaded: one statement, nothing read first.
 
@@ -144,6 +152,9 @@ async def append_turn(
         recent: what the turn loaded (`load_recent_conversation`).
         usage_before: as for `save_turn`: the record stores this plus the run's usage.
         claim: the turn's claim, deleted by the save (then `claim.released`).
+        summary_every: `(turns, tokens)`: when the title and summary are due (`summary_due`) and the run's messages
+            are enough to make them (`summary_source`), the save stores them too (`SavedTurn.summarised`), so the
+            post-turn work needs no session of its own for them.
 
     Raises:
         ConcurrentTurnError: another turn saved, deleted or created the conversation since it was loaded.
@@ -180,9 +191,34 @@ async def append_turn(
             conversation.messages[index:],
             expected_revision=conversation.revision,
             claim_id=claim.claim_id if claim is not None else None,
+            summarise=_summariser(result, recent, summary_every) if summary_every is not None else None,
         )
     except ConversationConflict as exc:
         raise ConcurrentTurnError(exc.conversation_id) from exc
     if claim is not None:
         claim.settled()  # deleted by the save, or no longer this turn's: nothing left to release
-    return SavedTurn(appended.entries, sum(appended.sizes))
+    return SavedTurn(appended.entries, sum(appended.sizes), appended.summarised)
+
+
+def _summariser(result: AgentRunResult[Any], recent: RecentConversation, every: tuple[int, int]) -> Summariser:
+    """What `append` calls before writing: the title and summary when they are due and the run's messages can make
+    them, else None (then the post-turn work decides, as without it)."""
+
+    async def summarise(entries: list[ConversationEntry], sizes: list[int]) -> tuple[str | None, str] | None:
+        every_turns, every_tokens = every
+        if not entries or not summary_due(recent, sum(sizes), every_turns=every_turns, every_tokens=every_tokens):
+            return None
+        source = summary_source(
+            entries[-1].id, result.all_messages(), title=recent.title, whole=not recent.earlier_omitted
+        )
+        if source is None:
+            return None
+        try:  # redaction is CPU-bound: off the event loop, as the post-turn task did it
+            return await asyncio.to_thread(title_and_summary_from, source)
+        except Exception:  # the turn is saved without them; the post-turn work tries again
+            logger.exception(
+                'conversation %s: title and summary not made with the save', recent.conversation.conversation_id
+            )
+            return None
+
+    return summarise

@@ -14,21 +14,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import BudgetExceededError
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import get_request_tracker
 from tests.services.budgets.helpers import give_budget
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 STATEMENTS_BUDGET = 20
-# One session per tool call (7: a session per operation), at most one per model request for its ledger row (3: each
-# row is durable before the next request, so a lone turn cannot group them; concurrent turns share commits), and
-# the turn's own two: the start (tenant, claim, tail load) and the save (which releases the claim).
+# One session per tool call (7: a session per operation), at most one per model request for its ledger row (3: the
+# writer commits each row as soon as it is ready, while the run goes on; a lone turn's rows are ready one model
+# request apart, so they cannot share a commit; concurrent turns share commits), and the turn's own two: the start
+# (tenant, claim, tail load) and the save (which releases the claim and stores a title and summary that are due).
 SESSIONS_BUDGET = {'tool call': 7, 'ledger': 3, 'turn start': 1, 'turn save': 1}
+SUMMARISED = text(
+    'SELECT summary_head_id = head_id AND title IS NOT NULL AND summary IS NOT NULL FROM conversations '
+    'WHERE conversation_id = :c'
+)
 KINDS = (
     ('SELECT accounts.id', 'turn start'),
     ('WITH locked AS', 'turn save'),
@@ -85,6 +91,8 @@ async def test_a_demo_turn_stays_within_its_database_budget(demo_data: None, mon
     # a machine slow enough to take a second.
     monkeypatch.setattr(settings, 'usage_rollup_seconds', 600.0)
     monkeypatch.setattr(settings, 'turn_check_seconds', settings.turn_lease_seconds)
+    # Every turn is due its title and summary: the measured turn is the one with the most to do.
+    monkeypatch.setattr(settings, 'summary_every_turns', 1)
     for _ in range(3):
         await _turn('budget')
     with metered() as meter:
@@ -97,22 +105,26 @@ async def test_a_demo_turn_stays_within_its_database_budget(demo_data: None, mon
     assert meter.sessions['tool call'] == SESSIONS_BUDGET['tool call'], meter.sessions
     assert 1 <= meter.sessions['ledger'] <= SESSIONS_BUDGET['ledger'], meter.sessions
     assert meter.sessions['turn start'] == 1 and meter.sessions['turn save'] == 1, meter.sessions
-    # The fourth turn is not due a summary (every 5 turns by default), and nothing else opened a session.
+    # The title and summary rode on the save, and nothing else opened a session.
     assert set(meter.sessions) <= set(SESSIONS_BUDGET), meter.sessions
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        summarised = (await session.execute(SUMMARISED, {'c': 'budget'})).scalar_one()
+    assert summarised, 'the save stored the title and summary of the head it wrote'
     assert meter.sessions.total() <= sum(SESSIONS_BUDGET.values())
 
 
-async def test_a_first_turn_adds_only_its_summary(demo_data: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_first_turn_adds_only_the_accounts_first_usage_rollup(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = current_settings()
     monkeypatch.setattr(settings, 'usage_rollup_seconds', 600.0)
     monkeypatch.setattr(settings, 'turn_check_seconds', settings.turn_lease_seconds)
     with metered() as meter:
         await _turn('first')
-    # The first turn titles and summarises its conversation: one more session, one statement (it reads nothing).
-    assert meter.sessions['summary'] == 1, meter.sessions
+    # The first turn's title and summary are stored by its save: no session of their own.
     assert meter.sessions['usage rollup'] == 1, meter.sessions  # the account's first roll-up runs at once
-    assert set(meter.sessions) <= {*SESSIONS_BUDGET, 'summary', 'usage rollup'}, meter.sessions
-    assert len(meter.statements) <= STATEMENTS_BUDGET + 3, meter.statements
+    assert set(meter.sessions) <= {*SESSIONS_BUDGET, 'usage rollup'}, meter.sessions
+    assert len(meter.statements) <= STATEMENTS_BUDGET + 2, meter.statements
 
 
 async def test_a_budget_set_before_a_turn_holds_its_requests(demo_data: None) -> None:

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.models.wrapper import WrapperModel
 
+from agentrt.agents.demo_model import demo_model
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import current_settings, pool_status
 from agentrt.services.background import get_supervisor
@@ -36,14 +40,52 @@ async def _turn(message: str, session_id: str, streamed: bool, **kwargs: object)
     return stream.result
 
 
+class _HeldDemoModel(WrapperModel):
+    """The demo model, holding a turn's first request until each of the `turns` has either been refused or reached
+    the model: the winner keeps the conversation until every other turn has tried to claim it, however slowly they
+    get there (on a loaded machine a turn may otherwise end before the last ones reach the claim)."""
+
+    def __init__(self, turns: int) -> None:
+        super().__init__(demo_model())
+        self._waiting = turns
+        self._all_arrived = asyncio.Event()
+
+    def arrived(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._all_arrived.set()
+
+    async def _hold(self, messages: list[ModelMessage]) -> None:
+        if not self._all_arrived.is_set():  # a turn's first request: its later ones come after the gate opened
+            self.arrived()
+        await self._all_arrived.wait()
+
+    async def request(self, messages: list[ModelMessage], *args: Any, **kwargs: Any) -> ModelResponse:
+        await self._hold(messages)
+        return await super().request(messages, *args, **kwargs)
+
+    @asynccontextmanager
+    async def request_stream(self, messages: list[ModelMessage], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        await self._hold(messages)
+        async with super().request_stream(messages, *args, **kwargs) as stream:
+            yield stream
+
+
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_twenty_turns_at_once_one_runs_and_the_others_are_refused_before_any_request(
     demo_data: None, streamed: bool
 ) -> None:
     first = await _turn('Dermatologists in Boston', 'crowd', streamed)
-    outcomes = await asyncio.gather(
-        *(_turn(QUESTIONS[i % 2], 'crowd', streamed) for i in range(TURNS)), return_exceptions=True
-    )
+    held = _HeldDemoModel(TURNS)
+
+    async def crowd_turn(message: str) -> ChatResult:
+        try:
+            return await _turn(message, 'crowd', streamed, model=held)
+        except ConcurrentTurnError:
+            held.arrived()
+            raise
+
+    outcomes = await asyncio.gather(*(crowd_turn(QUESTIONS[i % 2]) for i in range(TURNS)), return_exceptions=True)
     saved = [o for o in outcomes if isinstance(o, ChatResult)]
     lost = [o for o in outcomes if not isinstance(o, ChatResult)]
     assert len(saved) == 1 and len(lost) == TURNS - 1, outcomes

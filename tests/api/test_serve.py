@@ -107,7 +107,9 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
         key = created.stdout.strip()
         assert key.startswith('art_') and 'not shown again' in created.stderr
 
-        limits = httpx2.Limits(max_connections=CHATS + 10, max_keepalive_connections=CHATS + 10)
+        # Pooled connections idle over 1 s are not reused: uvicorn closes a keep-alive connection idle 5 s, and on a
+        # loaded machine the first streams end long before the last, so reusing one could race its close (ReadError).
+        limits = httpx2.Limits(max_connections=CHATS + 10, max_keepalive_connections=CHATS + 10, keepalive_expiry=1)
         async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
             question = 'Cardiologists in Seattle who accept Medicare'  # parallel searches, details, the answer
             tool_chats = await asyncio.gather(

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scripts.forked_scripts import run_forked
+
 ROOT = Path(__file__).resolve().parents[2]
 
-# Thirteen benchmark processes start at once on the test server: on a loaded 2-core machine their set-up alone took
-# 106 s, close to the suite's 120 s per test.
-pytestmark = pytest.mark.timeout(300)
+# One worker runs the benchmarks (the module's fixture), not each worker that gets one of these tests. Eleven
+# programs at once beside the other worker's tests took up to 75 s on a loaded 2-core machine (25 s when quiet):
+# more than the suite's 120 s per test would leave room for.
+pytestmark = [pytest.mark.xdist_group('benchmarks'), pytest.mark.timeout(300)]
 
 EXPECTED_ROW_KEYS = {
     'bench_parallel_tools': {'tools', 'parallel_ms', 'sequential_ms', 'ideal_ms', 'parallel_over_ideal', 'legacy'},
@@ -56,24 +57,13 @@ EXPECTED_ROW_KEYS = {
 
 @pytest.fixture(scope='module')
 def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
-    """Run the benchmarks at once (they share the test server), each with `--quick`."""
+    """Run the benchmarks at once (they share the test server), each with `--quick`, each in a process of its own
+    forked from one that imported them (tests/scripts/forked_scripts.py: the imports were half the CPU)."""
     out_dir = tmp_path_factory.mktemp('bench')
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(out_dir / 'spool.jsonl')}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(ROOT / 'scripts' / f'{name}.py'), '--quick', '--out', str(out_dir / f'{name}.json')],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for name in EXPECTED_ROW_KEYS
-    }
-    results = {}
-    for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=90)
-        results[name] = (proc.returncode, output, out_dir / f'{name}.json')
-    return results
+    runs = {name: ['--quick', '--out', str(out_dir / f'{name}.json')] for name in EXPECTED_ROW_KEYS}
+    results = run_forked(ROOT / 'scripts', runs, out_dir / 'logs', env=env, timeout=240)
+    return {name: (code, output, out_dir / f'{name}.json') for name, (code, output) in results.items()}
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_ROW_KEYS))

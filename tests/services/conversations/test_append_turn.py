@@ -23,12 +23,14 @@ from agentrt.services.conversations import (
     PostgresConversationStore,
     RecentConversation,
     TurnClaim,
+    _turns,
     append_turn,
     load_conversation,
     load_recent_conversation,
     save_turn,
 )
 from agentrt.services.conversations._store import message_json
+from agentrt.services.conversations._titles import title_and_summary
 from tests.factories import scalar
 from tests.services.conversations.test_store import assert_chain, count_rows
 
@@ -127,7 +129,7 @@ async def test_a_turn_saved_meanwhile_wins_and_nothing_of_the_late_one_is_stored
     mine = await load_recent_conversation(store, 'race', max_tokens=16_000)
     theirs = await load_recent_conversation(store, 'race', max_tokens=16_000)
     mine_result = await _agent().run('mine', conversation=mine.conversation)
-    theirs_result = await _agent().run('theirs', conversation=theirs.conversation)
+    theirs_result = await _agent().run('Their longer question', conversation=theirs.conversation)
     await append_turn(store, theirs_result, theirs)
     before = await count_rows(ConversationEntryRow)
     with pytest.raises(ConcurrentTurnError) as info:
@@ -222,3 +224,66 @@ async def test_a_save_that_committed_before_its_reply_was_lost_is_not_saved_agai
     assert await count_rows(ConversationEntryRow) == 8
     await _fast_turn(store, 'lost-reply', 'and again')  # the conversation goes on from the saved revision
     assert await count_rows(ConversationEntryRow) == 12
+
+
+async def _summary_row(store: PostgresConversationStore, conversation_id: str) -> dict[str, Any]:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        row = await session.execute(
+            text(
+                'SELECT title, summary, summary_head_id, head_id, summarised_at FROM conversations '
+                'WHERE account_id = :a AND conversation_id = :c'
+            ),
+            {'a': store.account_id, 'c': conversation_id},
+        )
+        return dict(row.mappings().one())
+
+
+async def test_a_due_title_and_summary_are_stored_by_the_save(store: PostgresConversationStore) -> None:
+    # Every second turn: the first turn (no title yet) and the third are due, the second is not.
+    every = (2, 10**6)
+    *_, first = await _fast_turn(store, 'c', 'hello \x00 there', summary_every=every)
+    row = await _summary_row(store, 'c')
+    history = await store.read_history(row['head_id'])
+    assert first.summarised and row['summary_head_id'] == row['head_id'] and row['summarised_at'] is not None
+    # What the post-turn task makes from the stored history (NUL and lone surrogate made storable).
+    assert (row['title'], row['summary']) == title_and_summary(history, None)
+    *_, second = await _fast_turn(store, 'c', 'again', summary_every=every)
+    assert not second.summarised and (await _summary_row(store, 'c'))['summary_head_id'] == row['head_id']
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text("UPDATE conversations SET title = 'Chosen' WHERE conversation_id = 'c'"))
+    *_, third = await _fast_turn(store, 'c', 'and again', summary_every=every)
+    after = await _summary_row(store, 'c')
+    assert third.summarised and after['summary_head_id'] == after['head_id'] != row['head_id']
+    assert (
+        after['title'] == 'Chosen' and after['summary'].startswith('Topic: Chosen.') and 'and again' in after['summary']
+    )
+
+
+async def test_a_save_that_loses_the_race_stores_no_summary(store: PostgresConversationStore) -> None:
+    mine = await load_recent_conversation(store, 'c', max_tokens=16_000)
+    theirs = await load_recent_conversation(store, 'c', max_tokens=16_000)
+    theirs_saved = await append_turn(
+        store,
+        await _agent().run('Their longer question', conversation=theirs.conversation),
+        theirs,
+        summary_every=(1, 1),
+    )
+    with pytest.raises(ConcurrentTurnError):
+        await append_turn(store, await _agent().run('mine', conversation=mine.conversation), mine, summary_every=(1, 1))
+    row = await _summary_row(store, 'c')
+    assert (
+        theirs_saved.summarised and row['title'] == 'Their longer question' and row['summary_head_id'] == row['head_id']
+    )
+
+
+async def test_a_summary_that_cannot_be_made_leaves_the_save_whole(
+    store: PostgresConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(source: Any) -> Any:
+        raise RuntimeError('summariser bug')
+
+    monkeypatch.setattr(_turns, 'title_and_summary_from', broken)
+    *_, saved = await _fast_turn(store, 'c', 'hello', summary_every=(1, 1))
+    row = await _summary_row(store, 'c')
+    assert not saved.summarised and len(saved.entries) == 4 and row['head_id'] == saved.entries[-1].id
+    assert row['title'] is None and row['summary'] is None  # the post-turn task does it instead

@@ -20,6 +20,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import _turns
 from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from agentrt.services.ledger import get_request_tracker
 from tests.factories import ledger_rows, scalar
@@ -62,7 +63,20 @@ async def _title(session_id: str) -> Any:
     return await scalar('SELECT title FROM conversations WHERE conversation_id = :c', c=session_id)
 
 
-async def test_turns_queue_their_jobs_once_and_a_worker_runs_them(queue: None) -> None:
+def _titles_left_to_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turns' saves cannot make the title and summary (as when a turn's messages do not reach back to the start
+    of a long conversation), so the post-turn work is due them."""
+    monkeypatch.setattr(_turns, 'summary_source', lambda *args, **kwargs: None)
+
+
+async def test_a_title_and_summary_stored_by_the_save_queue_no_job(queue: None) -> None:
+    await _chat('saved')
+    assert await _jobs() == [('agentrt.usage_rollup', 'todo')]
+    assert await _title('saved')
+
+
+async def test_turns_queue_their_jobs_once_and_a_worker_runs_them(queue: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    _titles_left_to_the_background(monkeypatch)
     await _chat('queued')
     await _chat('queued')  # no summary due yet (every 5 turns), and the pending rollup covers this turn too
     assert await _jobs() == [('agentrt.conversation_summary', 'todo'), ('agentrt.usage_rollup', 'todo')]
@@ -82,6 +96,7 @@ async def test_reconcile_queues_the_work_of_a_turn_saved_by_a_process_that_died_
         return None  # the turn is saved; the process dies before its jobs are queued
 
     monkeypatch.setattr(jobs_module, 'defer_post_turn_work', died)
+    _titles_left_to_the_background(monkeypatch)
     await _chat('orphan')
     assert await _jobs() == [] and await _title('orphan') is None and await _rolled_up_requests() == 0
 
@@ -116,8 +131,9 @@ async def _wait_for(predicate: Any, seconds: float, what: str) -> None:
 
 
 async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_counted_once(
-    queue: None, database_url: str
+    queue: None, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _titles_left_to_the_background(monkeypatch)
     await _chat('killed')  # queues a summary and a rollup
     # Hold the rollup's lock, so the first worker's rollup is mid-job (waiting inside its transaction) when killed.
     release = asyncio.Event()
