@@ -41,3 +41,4 @@ bench:
 	.venv/bin/python scripts/bench_cli_startup.py
 	.venv/bin/python scripts/bench_tracing.py
 	.venv/bin/python scripts/bench_workers.py
+	.venv/bin/python scripts/bench_rls.py

@@ -30,7 +30,7 @@ from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import get_db_session, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -75,7 +75,7 @@ async def load_dependencies(session_id: str, account: str, agent_instance: str |
     """
 
     async def lookup() -> SessionDependencies:
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
             tenant = await lookup_tenant(account, agent_instance, session=session)
             return _dependencies(session_id, tenant, for_one_turn=False)
 
@@ -182,8 +182,9 @@ async def _claimed_turn(
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
     async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
-        async with get_db_session() as session:
-            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session)
+        async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+            # The same statement makes the rest of the transaction the found tenant's (`enter=True`).
+            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session, enter=True)
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
             await claim.take(session=session)
             store = PostgresConversationStore(tenant.account_id)

@@ -57,7 +57,7 @@ async def list_interactions(
         since=start,
         until=end,
     )
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=caller.account_id) as session:
         result = await list_requests(session=session, filters=filters, page=page, page_size=page_size, after=after)
     items = [InteractionOut.of(row) for row in result.items]
     last = result.items[-1] if len(result.items) == page_size else None
@@ -76,7 +76,7 @@ async def get_interaction(
     caller: ReadCaller, interaction_id: Annotated[uuid.UUID, Path(description='The request id.')]
 ) -> InteractionDetail:
     """The request, with its stored prompt, response or error (secrets redacted when they were stored)."""
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=caller.account_id) as session:
         detail = await get_request(session=session, request_id=interaction_id, account_id=caller.account_id)
     if detail is None:  # another account's request is not found either
         raise ApiError(404, 'not_found', f'no model request {interaction_id}')

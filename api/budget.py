@@ -16,6 +16,6 @@ router = APIRouter(prefix='/api/v1', tags=['budget'], responses=ERROR_RESPONSES)
 async def budget(caller: ReadCaller) -> BudgetOut:
     """The limit, the current period, what it spent, what requests in flight hold, and what is left
     (`limited: false` when the account has no budget). Set with `agentrt budget set`."""
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=caller.account_id) as session:
         status = await account_budget_status(session=session, account=caller.account_id)
     return BudgetOut.of(status)

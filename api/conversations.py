@@ -47,7 +47,7 @@ async def list_all(
 ) -> ConversationPage:
     """The account's conversations with their titles, summaries and usage; follow `next_cursor` for more."""
     after = decode_cursor(cursor) if cursor is not None else None
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=caller.account_id) as session:
         items = await list_conversations(session=session, account_id=caller.account_id, limit=limit, after=after)
     last = items[-1] if len(items) == limit else None
     return ConversationPage(

@@ -31,6 +31,6 @@ async def costs(
     """Totals of the account's model requests, days in date order, other groupings by cost, highest first."""
     start, end = time_range(since, until)
     filters = LedgerFilters(account=caller.account_id, agent=agent, model=model, since=start, until=end)
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=caller.account_id) as session:
         rows = await summarise_costs(session=session, by=by, filters=filters, source=source)
     return CostReport(by=by, source=source, items=[CostRowOut.of(row) for row in rows])

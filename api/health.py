@@ -16,7 +16,7 @@ from agentrt.api.schemas import BackgroundOut, DatabaseOut, LiveOut, PoolOut, Re
 from agentrt.db.engine import pool_status
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.migrate import head_revision
-from agentrt.db.session import get_read_only_session
+from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.background import get_supervisor
 
 logger = logging.getLogger('agentrt.api')
@@ -55,7 +55,7 @@ async def ready() -> JSONResponse:
 async def _check_database() -> DatabaseOut:
     head = _head()
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S), get_read_only_session() as session:
+        async with asyncio.timeout(READY_TIMEOUT_S), get_read_only_session(account=Unscoped.NO_TENANT) as session:
             revision = (await session.execute(text('SELECT version_num FROM alembic_version'))).scalar_one_or_none()
     except TimeoutError:
         return DatabaseOut(ok=False, revision=None, head=head, error=f'no answer within {READY_TIMEOUT_S:g} s')

@@ -6,22 +6,63 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from dataclasses import replace
+from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, String, cast, func, literal, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
-from agentrt.db.engine import get_sessionmaker
+from agentrt.db.engine import get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.failures import pooler_error, unavailable_error
-from agentrt.db.transaction_setup import SETUP_KEY, RetryingSession, TransactionSetup
+from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
+from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
+
+__all__ = [
+    'Account',
+    'Unscoped',
+    'enter_account',
+    'entered_account',
+    'entering_account',
+    'get_db_session',
+    'get_read_only_session',
+    'get_side_session',
+    'retry_on_disconnect',
+    'scoped_connection',
+]
 
 T = TypeVar('T')
 
 logger = logging.getLogger('agentrt.db')
 
 
+_row_security = True
+
+
+def set_row_security(enabled: bool) -> bool:
+    """Whether sessions switch to their function role and set the tenant; returns the previous value.
+
+    For `scripts/bench_rls.py` only, which measures a turn without it (as the superuser of the embedded server, with
+    row-level security disabled on the tables): with it off, the login role runs everything, and a login role that
+    is not a superuser sees no row of a table whose row-level security is forced.
+    """
+    global _row_security
+    previous, _row_security = _row_security, enabled
+    return previous
+
+
+def scoped_setup(account: Account, setup: TransactionSetup | None = None) -> TransactionSetup:
+    """`setup` (or none) plus the role and tenant of `account` (`agentrt.db.roles.scope_of`)."""
+    base = setup or TransactionSetup()
+    if not _row_security:
+        return base
+    role, account_id = scope_of(account)
+    return replace(base, role=role, account_id=account_id)
+
+
 @asynccontextmanager
-async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncIterator[AsyncSession]:
+async def get_db_session(*, account: Account, setup: TransactionSetup | None = None) -> AsyncIterator[AsyncSession]:
     """Open a session in a transaction that commits on clean exit and rolls back otherwise.
 
     The transaction is rolled back on an exception or a cancellation, and the session is always
@@ -29,6 +70,10 @@ async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncItera
     call from many tasks at once; never share the yielded session between tasks.
 
     Args:
+        account: whose rows the session sees: an account id (the request role, `agentrt_app`, with the tenant set:
+            row-level security shows it that account's rows only), or an `Unscoped` member naming the cross-account
+            role (ledger writer, jobs, tenant lookup, operator). Required: a session without a tenant is a visible
+            choice. Both are transaction-local and ride on the BEGIN (`TransactionSetup.role`, `.account_id`).
         setup: what the transaction sets before its first statement (read-only, timeouts), sent with its BEGIN: no
             extra round trip. A session with a setup also repeats its first statement once on a fresh connection
             when the pooled one was broken (`RetryingSession`).
@@ -41,12 +86,13 @@ async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncItera
             backend); nothing of the block was committed, or the outcome of the commit is unknown.
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
         ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
+        TypeError: `account` is neither an account id nor an `Unscoped` member.
     """
+    scoped = scoped_setup(account, setup)
     session = get_sessionmaker()()
-    if setup is not None:
-        session.info[SETUP_KEY] = setup
-        if isinstance(session, RetryingSession):
-            session.retry_first_statement = True
+    session.info[SETUP_KEY] = scoped
+    if setup is not None and isinstance(session, RetryingSession):
+        session.retry_first_statement = True
     try:
         yield session
         await session.commit()
@@ -63,30 +109,99 @@ async def get_db_session(*, setup: TransactionSetup | None = None) -> AsyncItera
 _READ_ONLY = TransactionSetup(read_only=True)
 
 
+async def enter_account(session: AsyncSession, account_id: int) -> None:
+    """Make the session's transaction (and its later ones) the request role's for `account_id`.
+
+    For a session opened with `Unscoped.TENANT_LOOKUP` that has just found its tenant (by API key or slug) and goes
+    on in the same transaction as that account: one statement, transaction-local like the prelude.
+    """
+    if not _row_security:
+        return
+    entered_account(session, account_id)
+    await session.execute(
+        text(f"SELECT set_config('role', '{APP_ROLE}', true), set_config('{TENANT_SETTING}', :account, true)"),
+        {'account': str(int(account_id))},
+    )
+
+
+def entering_account(account_id: ColumnElement[int] | InstrumentedAttribute[int]) -> list[ColumnElement[str]]:
+    """Columns that, selected with the row that names the tenant, make the rest of the transaction that account's
+    (the request role with its tenant), as `enter_account` does, in the same statement.
+
+    The statement itself has been checked as the role that runs it; the next ones run as the request role. Call
+    `entered_account()` with the account the row named. Nothing with row-level security off (benchmarks).
+    """
+    if not _row_security:
+        return []
+    return [
+        func.set_config('role', literal(APP_ROLE), True),
+        func.set_config(TENANT_SETTING, cast(account_id, String), True),
+    ]
+
+
+def entered_account(session: AsyncSession, account_id: int) -> None:
+    """Record that the session's transaction is `account_id`'s now (`entering_account`): its later transactions
+    begin so too."""
+    info = session.info.get(SETUP_KEY) or TransactionSetup()
+    if _row_security:
+        session.info[SETUP_KEY] = replace(info, role=APP_ROLE, account_id=int(account_id))
+
+
 @asynccontextmanager
-async def get_read_only_session() -> AsyncIterator[AsyncSession]:
+async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnection]:
+    """A Core connection in one transaction as `account`'s role and tenant (the prelude rides on its BEGIN).
+
+    For statements that skip the ORM session's bookkeeping (budget admission). Commits on clean exit, rolls back
+    otherwise. Failures are translated as `get_db_session()` does.
+
+    Raises:
+        DatabaseUnavailableError: the database cannot be reached, or the connection was lost under the statement.
+        ConfigError: a prepared statement vanished behind a pooler.
+    """
+    setup = scoped_setup(account)
+    try:
+        async with get_engine().connect() as connection:
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            carries = issubclass(type(driver), PreludeConnection)
+            if carries:
+                driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
+            async with connection.begin():
+                if not carries:  # an engine `build_engine` did not make: the same statements, one by one
+                    for statement in setup.statements():
+                        await connection.exec_driver_sql(statement)
+                yield connection
+    except Exception as exc:
+        translated = pooler_error(exc) or unavailable_error(exc)
+        if translated is not None and translated is not exc:
+            raise translated from exc
+        raise
+
+
+@asynccontextmanager
+async def get_read_only_session(*, account: Account) -> AsyncIterator[AsyncSession]:
     """Like `get_db_session()`, inside a `READ ONLY` transaction: for tools that only read.
 
     The read-only mode rides on the transaction's BEGIN (no extra round trip). A connection found broken by the
     first statement (a server restarted since it was last used) is replaced and the statement run again, once:
-    nothing had been read yet.
+    nothing had been read yet. `account` as for `get_db_session()`.
     """
-    async with get_db_session(setup=_READ_ONLY) as session:
+    async with get_db_session(account=account, setup=_READ_ONLY) as session:
         yield session
 
 
 @asynccontextmanager
 async def get_side_session(
-    *, lock_timeout_ms: int = 2000, statement_timeout_ms: int = 5000
+    *, account: Account, lock_timeout_ms: int = 2000, statement_timeout_ms: int = 5000
 ) -> AsyncIterator[AsyncSession]:
     """A session for independent writers (billing, audit, background work) with tight timeouts.
 
     The timeouts are transaction-local, so a side write can never wait forever on a lock its own
     caller holds in another session (PostgreSQL cannot see that deadlock); they ride on the transaction's BEGIN.
-    Like `get_read_only_session()`, a connection found broken by the first statement is replaced once.
+    Like `get_read_only_session()`, a connection found broken by the first statement is replaced once. `account` as
+    for `get_db_session()`.
     """
     setup = TransactionSetup(lock_timeout_ms=int(lock_timeout_ms), statement_timeout_ms=int(statement_timeout_ms))
-    async with get_db_session(setup=setup) as session:
+    async with get_db_session(account=account, setup=setup) as session:
         yield session
 
 

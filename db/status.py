@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from agentrt.db.engine import timeouts_in_force
 from agentrt.db.models import Base
+from agentrt.db.roles import ADMIN_ROLE
 
 
 async def server_version(*, session: AsyncSession) -> str:
@@ -27,6 +28,17 @@ async def table_counts(*, session: AsyncSession) -> dict[str, int | None]:
         else:
             counts[table.name] = None
     return counts
+
+
+async def roles_exist(*, session: AsyncSession) -> bool:
+    """Whether the operator's role of migration 0012 exists and the login role may switch to it."""
+    found = (
+        await session.execute(
+            text("SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = :role"),
+            {'role': ADMIN_ROLE},
+        )
+    ).scalar_one_or_none()
+    return bool(found)
 
 
 async def session_timeouts(engine: AsyncEngine) -> dict[str, int]:

@@ -6,17 +6,18 @@ demo turn. `TransactionSetup` describes the prelude and `begin_sql()` renders it
 (`PreludeConnection`, installed by `build_engine`) append it to the transaction's `BEGIN`, which the simple query
 protocol sends as one message: zero extra round trips, zero extra statements.
 
-This is the one place a transaction's prelude is built. Row-level security (`set_config('app.account_id', ...,
-true)` per transaction) extends `TransactionSetup` and `begin_sql()`; every session opener goes through
-`get_db_session(setup=...)`. Behind a transaction pooler (`DB_POOLER=pgbouncer`) the connection's default timeouts
-are per-transaction too: `install_prelude(defaults=...)` gives every transaction of the engine that prelude (also the
-ones opened without a session: migrations, `engine.connect()`), and a session's own setup takes the timeouts it does
-not set from it (`with_defaults`).
+This is the one place a transaction's prelude is built. Row-level security's role and tenant
+(`set_config('role', ..., true)`, `set_config('app.account_id', ..., true)`: `agentrt.db.roles`) are part of it;
+every session opener goes through `get_db_session(account=..., setup=...)`. Behind a transaction pooler
+(`DB_POOLER=pgbouncer`) the connection's default timeouts are per-transaction too: `install_prelude(defaults=...)`
+gives every transaction of the engine that prelude (also the ones opened without a session: migrations,
+`engine.connect()`), and a session's own setup takes the timeouts it does not set from it (`with_defaults`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,8 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from agentrt.db.failures import lost_connection
+from agentrt.db.roles import TENANT_SETTING
 
 logger = logging.getLogger('agentrt.db')
+
+_ROLE_NAME = re.compile(r'[a-z_][a-z0-9_]{0,62}')
 
 SETUP_KEY = 'agentrt_transaction_setup'
 """`Session.info` key of the session's `TransactionSetup`."""
@@ -42,11 +46,15 @@ class TransactionSetup:
         read_only: `SET TRANSACTION READ ONLY`: the transaction cannot write.
         lock_timeout_ms: transaction-local `lock_timeout` (None: the connection's default).
         statement_timeout_ms: transaction-local `statement_timeout` (None: the connection's default).
+        role: the role the transaction runs as (`SET LOCAL ROLE`, `agentrt.db.roles`); None: the login role.
+        account_id: the tenant (`app.account_id`) for row-level security; set (empty when None) whenever `role` is.
     """
 
     read_only: bool = False
     lock_timeout_ms: int | None = None
     statement_timeout_ms: int | None = None
+    role: str | None = None
+    account_id: int | None = None
 
     def statements(self) -> list[str]:
         """The prelude as SQL statements, in order. Values are formatted integers, never caller text: the simple
@@ -54,9 +62,21 @@ class TransactionSetup:
         statements = ['SET TRANSACTION READ ONLY'] if self.read_only else []
         timeouts = (('lock_timeout', self.lock_timeout_ms), ('statement_timeout', self.statement_timeout_ms))
         settings = [f"set_config('{name}', '{int(value)}ms', true)" for name, value in timeouts if value is not None]
+        settings[:0] = self._scope_settings()
         if settings:
             statements.append('SELECT ' + ', '.join(settings))
         return statements
+
+    def _scope_settings(self) -> list[str]:
+        """Role and tenant, transaction-local (`set_config(..., true)` is `SET LOCAL`): never a session `SET`, which
+        a transaction pooler would pass on to other clients. The tenant is set, empty, even without one, so a value
+        left on the server connection by anyone else is never used."""
+        if self.role is None:
+            return []
+        if not _ROLE_NAME.fullmatch(self.role):
+            raise ValueError(f'not a role name agentrt uses: {self.role!r}')
+        tenant = '' if self.account_id is None else str(int(self.account_id))
+        return [f"set_config('role', '{self.role}', true)", f"set_config('{TENANT_SETTING}', '{tenant}', true)"]
 
     def begin_sql(self) -> str:
         """The prelude appended to `BEGIN;` (empty when there is nothing to set)."""

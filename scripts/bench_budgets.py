@@ -46,7 +46,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
 from agentrt.db.engine import close_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import BudgetConfig, Period, budget_statuses, remove_budget, set_budget
 from agentrt.services.ledger import _capability, get_request_tracker, ledger_capability
@@ -114,7 +114,7 @@ class AdmissionTimer:
 async def bench_accounts(count: int) -> list[int]:
     """The benchmark's own accounts (created once), each with a budget no round reaches, set afresh for this run."""
     ids = []
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         for index in range(count):
             slug = f'{ACCOUNT}-{index}'
             await session.execute(
@@ -234,7 +234,7 @@ async def measure(
 async def check_books(accounts: list[int]) -> dict[str, Any]:
     """After the run: nothing held, and every period spent what the ledger says it cost."""
     held, unbalanced = 0, []
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         for account_id in accounts:
             (status,) = await budget_statuses(session=session, account_id=account_id)
             ledger = (
@@ -307,7 +307,7 @@ async def main() -> None:
             raise SystemExit(f'the books do not balance: {books}')
         write_results(opts.out, 'budgets', config, machine, rows, summary)
     finally:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
         await close_database()
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
 from agentrt.agents.simple_chat import BASE_INSTRUCTIONS
 from agentrt.db.engine import build_engine, current_settings, get_engine, init_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -63,7 +63,7 @@ async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: flo
 async def machine_info() -> dict[str, Any]:
     """The machine and server the figures were taken on, and the load when the run started."""
     names = "'server_version', 'fsync', 'synchronous_commit'"
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = await session.execute(text(f'SELECT name, setting FROM pg_settings WHERE name IN ({names})'))
         server = dict(rows.tuples().all())
     return _host_info() | {
@@ -129,7 +129,7 @@ async def server_busy_s() -> dict[str, float]:
     """
     await get_engine().dispose()
     await asyncio.sleep(0.3)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text('SELECT pg_stat_clear_snapshot()'))
         query = 'SELECT active_time, idle_in_transaction_time FROM pg_stat_database WHERE datname = current_database()'
         row = (await session.execute(text(query))).one()

@@ -47,7 +47,7 @@ from sqlalchemy import text
 from agentrt.agents.runtime import configure_observability
 from agentrt.agents.simple_chat import simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from agentrt.services.background import get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -280,7 +280,7 @@ async def main() -> None:
     }
     rows: list[dict[str, Any]] = []
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
             key = (await create_api_key(session=session, account=MEDICAL_ACCOUNT, name=prefix)).token
         machine = await machine_info()
@@ -309,7 +309,7 @@ async def main() -> None:
         write_results(opts.out, 'http', config, machine, rows, summary)
     finally:
         await settle()
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('DELETE FROM api_keys WHERE name = :p'), {'p': prefix})
         await close_database()
 
@@ -317,7 +317,7 @@ async def main() -> None:
 async def _summary(rows: list[dict[str, Any]], opts: Any, prefix: str) -> dict[str, Any]:
     latency_rows = [r for r in rows if r['part'] == 'latency' and r['pattern'] == 'http']
     at_target = [r for r in latency_rows if r['model_latency_ms'] == max(opts.latencies) * 1000]
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         ledger = (
             await session.execute(
                 text(

@@ -54,7 +54,7 @@ from sqlalchemy import text
 
 from agentrt.agents.simple_chat import load_dependencies, simple_chat
 from agentrt.db.engine import close_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import get_request_tracker, ledger_capability
@@ -209,7 +209,7 @@ async def title_written(session_id: str, wait_s: float = 30.0) -> None:
     )
     deadline = time.perf_counter() + wait_s
     while time.perf_counter() < deadline:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             if (await session.execute(query, {'c': session_id})).scalar():
                 return
         await asyncio.sleep(0.02)
@@ -270,7 +270,7 @@ async def loop_lag(workers: int, latency: float, quiet: float, hostile_runs: int
 async def delete_rows(prefix: str, since: datetime) -> None:
     """Remove what this run stored: its conversations and ledger rows (parts 1 and 2 have no conversation)."""
     await delete_conversations(prefix)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(
             text(
                 'DELETE FROM llm_requests WHERE started_at >= :since '
@@ -319,7 +319,7 @@ async def main() -> None:
         'hostile_family': HOSTILE_FAMILY,
     }  # fmt: skip
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
         print_config('Benchmark 6: stored content (ledger CPU per turn, loop lag, hostile message)', config | machine)

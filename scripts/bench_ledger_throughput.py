@@ -31,7 +31,7 @@ from bench_common import (
 from sqlalchemy import text
 
 from agentrt.db.engine import close_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerConfig, LedgerRecord, LLMRequestTracker, new_request_id, utc_now
 
 ACCOUNT = 'bench-ledger'  # every row this benchmark writes carries it, and is deleted at the end
@@ -76,7 +76,7 @@ async def run_level(tracker: LLMRequestTracker, writers: int, window: float, con
     run = await closed_loop(writers, window, lambda _: tracker.track_request(record(level, content_bytes)))
     await tracker.flush()
     batches, written = tracker.stats.batches - batches, tracker.stats.written - written
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         query = text('SELECT count(*), count(DISTINCT id) FROM llm_requests WHERE run_id = :r')
         present, distinct = (await session.execute(query, {'r': level})).one()
     submitted = sum(run.outcomes.values()) + sum(run.failures.values())
@@ -139,7 +139,7 @@ async def main() -> None:
         write_results(opts.out, 'ledger_throughput', config, machine, rows, summary)
     finally:
         await tracker.aclose()
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('DELETE FROM llm_requests WHERE account_slug = :a'), {'a': ACCOUNT})
         await close_database()
 

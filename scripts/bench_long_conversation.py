@@ -29,7 +29,7 @@ from sqlalchemy import text
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, current_settings
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, estimate_tokens
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -84,7 +84,7 @@ async def conversation(turns: int, streamed: bool, session_id: str) -> list[dict
         if turn % 50 == 0:
             print(f'  {"streamed" if streamed else "plain"}: turn {turn}, {rows[-1]["latency_ms"]} ms')
     ledger: dict[str, list[tuple[int, int, int]]] = {}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         for run_id, reported, size, prompt in await session.execute(PER_REQUEST, {'s': session_id}):
             ledger.setdefault(run_id, []).append((prompt_tokens(prompt), reported, size))
     for row in rows:
@@ -104,7 +104,7 @@ def prompt_tokens(body: str | None) -> int:
 
 async def delete_conversations(prefix: str) -> None:
     """Remove what this run stored: its conversations (and their entries) and its ledger rows."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
         account_id = (await session.execute(ACCOUNT, {'slug': MEDICAL_ACCOUNT})).scalar_one()
     store = PostgresConversationStore(account_id)
@@ -149,7 +149,7 @@ async def main() -> None:
     config = {'turns': opts.turns, 'context_budget_tokens': opts.budget, 'compared_turns': [first, last]}
     config |= {'model': 'demo (3 requests, 7 tool calls a turn)', 'median_of_turns': 2 * WINDOW + 1}
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
         print_config('Benchmark 7: turn 200 against turn 5 of one conversation', config | machine)

@@ -52,7 +52,7 @@ from sqlalchemy import event, text
 from agentrt.agents import chat_turn
 from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, enter_account, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -109,7 +109,7 @@ async def runtime_turn(session_id: str, model: Model, streamed: bool) -> float |
 
 async def count_rows(prefix: str) -> dict[str, int]:
     """What this run's runtime turns left behind: ledger rows, content rows, conversations, background tasks."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         ledger, contents, conversations = (await session.execute(LEFT_BEHIND, {'p': f'{prefix}-%'})).one()
     spawned = get_supervisor().stats().spawned
     return {
@@ -123,7 +123,7 @@ async def count_rows(prefix: str) -> dict[str, int]:
 async def delete_conversations(prefix: str) -> None:
     """Remove what this run stored: its conversations (and their entries) and its ledger rows."""
     store = PostgresConversationStore((await load_dependencies('cleanup', MEDICAL_ACCOUNT, None)).account_id)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         ids = list((await session.execute(CONVERSATIONS, {'p': f'{prefix}-%'})).scalars())
         await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
     for conversation_id in ids:
@@ -276,7 +276,9 @@ def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextMa
     async def dependencies(*args: Any, **kwargs: Any) -> SessionDependencies:
         return deps
 
-    async def tenant(*args: Any, **kwargs: Any) -> Any:
+    async def tenant(*args: Any, session: Any = None, enter: bool = False, **kwargs: Any) -> Any:
+        if enter:  # the transaction goes on as the tenant (row-level security), as the real lookup's statement does
+            await enter_account(session, deps.account_id)
         return Tenant(
             deps.account_id,
             deps.account_slug,
@@ -380,7 +382,7 @@ async def main() -> None:
     config |= {'model_requests_per_turn': 3, 'tool_calls_per_turn': 7, 'runtime_conversation_turns': 4}
     config |= {'breakdown_turns': opts.breakdown_turns}
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
         print_config('Benchmark 3: overhead of a runtime turn over a bare pydantic-ai run', config | machine)

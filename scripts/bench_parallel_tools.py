@@ -34,7 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agentrt.db.engine import close_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 
 durations: list[float] = []  # each tool call's own time: session opened, pg_sleep, committed, closed
 tool_errors: list[int] = []  # legacy tool calls that raised
@@ -44,7 +44,7 @@ sleep_s = 0.1
 async def own_session_tool(n: int) -> int:
     """The runtime's pattern: this call's own session, back to the pool when it returns."""
     started = time.perf_counter()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text('SELECT pg_sleep(:s)'), {'s': sleep_s})
     durations.append(time.perf_counter() - started)
     return n

@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import close_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import get_request_tracker
@@ -69,7 +69,7 @@ class ScopedDeps:
 
 async def lookup(n: int) -> int:
     """The runtime's tool: its own session, back to the pool when it returns."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(TOOL_QUERY, {'s': tool_s})
     return n
 
@@ -82,15 +82,15 @@ async def scoped_lookup(ctx: RunContext[ScopedDeps], n: int) -> int:
 
 
 async def runtime_turn(agent: Agent, chat: str) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(LOAD, {'c': chat})
     await agent.run('go')
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(SAVE, {'c': chat})
 
 
 async def scoped_turn(agent: Agent, chat: str) -> None:
-    async with get_db_session() as session:  # what `Depends(get_db)` gives a request handler
+    async with get_db_session(account=Unscoped.OWNER) as session:  # what `Depends(get_db)` gives a request handler
         await session.execute(LOAD, {'c': chat})
         await agent.run('go', deps=ScopedDeps(session, asyncio.Lock()))
         await session.execute(SAVE, {'c': chat})
@@ -191,7 +191,7 @@ async def main() -> None:
     config |= {'simple_chat_turn': 'demo planner: 3 model requests of model_latency_s each, 7 tool calls'}
     await start_database(pool_size=20, max_overflow=10, pool_timeout=opts.pool_timeout)
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text('CREATE TABLE IF NOT EXISTS bench_turns (id bigserial PRIMARY KEY, chat text)'))
             await session.execute(text('CREATE INDEX IF NOT EXISTS bench_turns_chat ON bench_turns (chat)'))
             await seed_demo_data(session=session)
@@ -244,7 +244,7 @@ async def main() -> None:
             summary['target_simple_chat_0_timeouts_at_400'] = largest >= 400 and at_largest[0]['pool_timeouts'] == 0
         print('summary:', summary)
         write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
     finally:
         await get_request_tracker().flush()
@@ -256,7 +256,7 @@ async def main() -> None:
 async def delete_chats() -> None:
     """Remove the simple_chat conversations (entries, claims) and ledger rows this run wrote."""
     pattern = {'p': f'{CHAT_PREFIX}-%'}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
         heads = text(
             'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '

@@ -31,7 +31,7 @@ from sqlalchemy import text
 from agentrt.agents.demo_model import demo_model
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import close_database, init_database, server_info
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
 from agentrt.services.background import drain_supervisor
 from agentrt.services.demo_data import seed_demo_data
@@ -72,7 +72,7 @@ async def restart() -> None:
 
 async def ledger_rows(tag: str) -> int:
     await get_request_tracker().flush()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         query = text('SELECT count(*) FROM llm_requests WHERE chat_session_id LIKE :tag')
         return int((await session.execute(query, {'tag': f'{tag}-%'})).scalar_one())
 
@@ -87,7 +87,7 @@ async def sessions(variant: str, count: int) -> dict[str, Any]:
 
     async def worker(n: int) -> None:
         for _ in range(n):
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
                 await session.execute(text('SELECT 1'))
 
     cpu0 = time.process_time()
@@ -160,7 +160,7 @@ async def main() -> None:
         await init_database(Settings(data_dir=data_dir, database_url=None, **SETTINGS[variant]))
         if variant == opts.settings.split(',')[0]:
             info = await machine_info()
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
                 await seed_demo_data(session=session)
         for name in opts.scenarios.split(','):
             if name == 'sessions':

@@ -69,14 +69,14 @@ async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
     from agentrt.agents.observability import configure_observability, flush_spans
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.background import get_supervisor
     from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
     from agentrt.services.ledger import get_request_tracker
 
     export = configure_observability()
     await start_database(pool_size=10, max_overflow=10, pool_timeout=10)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)
     prefix = f'bench-trace-{mode}-{uuid.uuid4().hex[:8]}'
 

@@ -44,7 +44,7 @@ from sqlalchemy import text
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import get_engine, init_database
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import seed_demo_data
 
 sys.path.insert(0, str(ROOT))
@@ -162,7 +162,7 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
     after = await wait_seconds(bouncer)
     pg_cpu, pgb_cpu = cpu_of([postmaster]) - cpu_before[0], cpu_of([bouncer.process.pid if bouncer.process else 0])
     pgb_cpu -= cpu_before[1]
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         query = text('SELECT count(*) FROM llm_requests WHERE chat_session_id LIKE :p')
         ledger = (await session.execute(query, {'p': f'{CHAT_PREFIX}-n{n}-%'})).scalar_one()
     ok, failed = sum(o['ok'] for o in outputs), sum(o['failed'] for o in outputs)
@@ -202,7 +202,7 @@ async def main() -> None:
     if args.quick:
         args.workers, args.chats, args.turns, args.latency = [1, 2], 3, 1, 0.05
     await init_database()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)
     postmaster = _postmaster_pid()
     bouncer = bouncer_for(get_engine().url, pool_size=BUDGET)
@@ -228,7 +228,7 @@ async def main() -> None:
 async def delete_chats() -> None:
     """Remove the conversations (entries, claims) and ledger rows this run wrote."""
     pattern = {'p': f'{CHAT_PREFIX}-%'}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
         heads = text(
             'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '

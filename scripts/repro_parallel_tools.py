@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from agentrt.db.engine import build_engine, close_database, current_settings, get_engine, init_database, pool_status
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 
 SLEEP_S = 0.25
 PARALLEL_TOOLS = 4
@@ -66,7 +66,7 @@ fixed_agent = Agent(planner(2))
 @fixed_agent.tool_plain
 async def per_tool_query(n: int) -> int:
     """Count directory entries in this tool's own session."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         return (
             await session.execute(text('SELECT count(*) FROM directory_entries WHERE id > :n'), {'n': n})
         ).scalar_one()
@@ -78,7 +78,7 @@ timing_agent = Agent(planner(PARALLEL_TOOLS))
 @timing_agent.tool_plain
 async def slow_query(n: int) -> int:
     """Spend a fixed time in the database, in this tool's own session."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text('SELECT pg_sleep(:s)'), {'s': SLEEP_S})
     return n
 
@@ -111,7 +111,7 @@ async def part_a() -> bool:
         print('    session.close(): ok')
     except Exception as exc:
         print(f'    session.close(): failed ({type(exc).__name__}: {str(exc).splitlines()[0]})')
-    async with get_db_session() as check:
+    async with get_db_session(account=Unscoped.OWNER) as check:
         rows = (await check.execute(text(f"SELECT count(*) FROM {COST_TABLE} WHERE pattern = 'legacy'"))).scalar_one()
     print(f'    model requests made: {len(billed)} ({tokens} tokens); cost rows written: {rows} -> billing data lost')
     print(f'    connections still checked out afterwards: {legacy_engine.pool.checkedout()}')  # type: ignore[attr-defined]
@@ -123,12 +123,12 @@ async def part_b() -> bool:
     print('(b) runtime: each tool opens its own session; cost row written in its own session')
     try:
         result = await fixed_agent.run('count')
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f"INSERT INTO {COST_TABLE} (pattern, tokens) VALUES ('per-tool', 42)"))
     except Exception as exc:
         print(f'    FAILED: {type(exc).__name__}: {exc}')
         return False
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         rows = (
             await session.execute(text(f"SELECT count(*) FROM {COST_TABLE} WHERE pattern = 'per-tool'"))
         ).scalar_one()
@@ -159,13 +159,13 @@ async def part_c() -> None:
 async def main() -> int:
     await init_database()
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'CREATE TABLE IF NOT EXISTS {COST_TABLE} (pattern text, tokens int)'))
             await session.execute(text(f'TRUNCATE {COST_TABLE}'))
         reproduced = await part_a()
         fixed = await part_b()
         await part_c()
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'DROP TABLE IF EXISTS {COST_TABLE}'))
     finally:
         await close_database()

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import AgentRuntimeError, InvalidInputError
 from agentrt.db.models import API_KEY_SCOPES, Account, ApiKey
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.tenancy import get_account
 
 KEY_PREFIX = 'art'
@@ -209,7 +209,7 @@ async def _lookup(prefix: str) -> _Cached | None:
         .join(Account, Account.id == ApiKey.account_id)
         .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
     )
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:  # any account's key
         row = (await session.execute(query)).first()
         if row is None:
             return None

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
+from agentrt.db.session import entered_account, entering_account
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -67,8 +68,14 @@ class Tenant:
     """Whether the account had a budget when it was looked up (None: not asked)."""
 
 
-async def lookup_tenant(account: str, agent_instance: str | None, *, session: AsyncSession) -> Tenant:
+async def lookup_tenant(
+    account: str, agent_instance: str | None, *, session: AsyncSession, enter: bool = False
+) -> Tenant:
     """The account `account` and its agent instance `agent_instance` (its first one when None): one query.
+
+    With `enter`, the same statement makes the rest of the session's transaction the found account's (the request
+    role with its tenant: `agentrt.db.session.entering_account`): for a session opened with
+    `Unscoped.TENANT_LOOKUP` that goes on as the tenant, without a statement more.
 
     Raises:
         UnknownTenantError: listing the accounts, or the account's agents, that exist.
@@ -90,9 +97,13 @@ async def lookup_tenant(account: str, agent_instance: str | None, *, session: As
     )
     if agent_instance is not None:
         query = query.where(AgentInstance.slug == agent_instance)
+    if enter:  # one account's rows at most (the slug is unique), so whichever row computes it sets the same tenant
+        query = query.add_columns(*entering_account(Account.id))
     row = (await session.execute(query)).first()
     if row is None:  # the errors say what exists: the queries that know
         account_row = await get_account(account, session=session)
         await get_agent_instance(account_row, agent_instance, session=session)
         raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+    if enter:
+        entered_account(session, row[0])
     return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))

@@ -25,7 +25,7 @@ from sqlalchemy import insert, text
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.db.engine import get_engine, init_database
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
@@ -147,7 +147,7 @@ def demo_data(clean_database: None) -> None:
 @pytest_asyncio.fixture
 async def two_accounts(clean_database: None) -> tuple[int, int]:
     """Two accounts of their own, `alpha` and `beta` (no demo data): their ids."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         result = await session.execute(
             insert(Account).returning(Account.id),
             [{'slug': 'alpha', 'name': 'Alpha'}, {'slug': 'beta', 'name': 'Beta'}],

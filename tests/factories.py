@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from agentrt.db.models.ledger import LLMRequestRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerConfig, LedgerRecord, RetryPolicy, new_request_id, utc_now
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -53,7 +53,7 @@ async def write_ledger_row(record: LedgerRecord, *, recorded_at: datetime | None
     `recorded_at` (when the row reached the database) defaults to a moment after the request started.
     """
     row = {**record.to_row(), 'recorded_at': recorded_at or record.started_at + timedelta(milliseconds=15)}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(insert(LLMRequestRow), [row])
 
 
@@ -82,7 +82,7 @@ def chat_deps(session_id: str = 'chat-1', account_id: int = 7, agent_instance_id
 async def ledger_rows(**where: Any) -> list[dict[str, Any]]:
     """Ledger rows, oldest first, optionally filtered by equality on columns."""
     clause = ' AND '.join(f'{name} = :{name}' for name in where) or 'TRUE'
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         result = await session.execute(
             text(f'SELECT * FROM llm_requests WHERE {clause} ORDER BY started_at, id'),
             where,
@@ -92,7 +92,7 @@ async def ledger_rows(**where: Any) -> list[dict[str, Any]]:
 
 async def content_rows(request_id: Any = None) -> list[dict[str, Any]]:
     """Content rows, for one request or all."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         if request_id is None:
             result = await session.execute(text('SELECT * FROM llm_request_contents ORDER BY request_id, kind'))
         else:
@@ -104,5 +104,5 @@ async def content_rows(request_id: Any = None) -> list[dict[str, Any]]:
 
 async def scalar(sql: str, **params: Any) -> Any:
     """One value from a query."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(text(sql), params)).scalar()

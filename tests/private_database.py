@@ -17,7 +17,7 @@ from sqlalchemy import text
 from agentrt.agents.demo_model import demo_model
 from agentrt.db import engine
 from agentrt.db.models import Base
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import get_supervisor
 from agentrt.services.demo_data import seed_demo_data
@@ -39,7 +39,7 @@ class PrivateDatabase:
         saved, engine._runtime = engine._runtime, None
         try:
             await engine.init_database(Settings(database_url=server.url(sslmode='disable'), **settings), migrate=True)
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
                 await seed_demo_data(session=session)
             return cls(server, engine._runtime)
         finally:
@@ -53,7 +53,7 @@ class PrivateDatabase:
         try:
             kept = {'accounts', 'agent_instances', 'directory_entries'}
             names = ', '.join(f'"{t.name}"' for t in Base.metadata.sorted_tables if t.name not in kept)
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
                 await session.execute(text(f'TRUNCATE {names}'))
             yield
         finally:

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Table, text
 
 from agentrt.db.models import Account, AgentInstance, Base, DirectoryEntry
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import seed_demo_data
 
 # The demo data, seeded once per run by `seed_demo_data()` and kept in a schema of its own: copying it back with
@@ -45,6 +45,10 @@ def _id_sequence(table: Table) -> str | None:
     return f"pg_get_serial_sequence('\"{table.name}\"', 'id')"
 
 
+# Every session here runs as the login role (`Unscoped.OWNER`): deleting, copying, DDL and sequences are the
+# owner's (the test server's superuser), whatever row-level security allows the runtime's roles.
+
+
 class TableReset:
     """The state the runtime tables are in, as far as this process has seen it, and the work to reset them."""
 
@@ -55,7 +59,7 @@ class TableReset:
     async def take_snapshot(self) -> None:
         """Seed the demo data once and keep a copy of it in `SNAPSHOT_SCHEMA`."""
         names = ', '.join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'TRUNCATE {names} RESTART IDENTITY CASCADE'))
             await seed_demo_data(session=session)
             await session.execute(text(f'DROP SCHEMA IF EXISTS {SNAPSHOT_SCHEMA} CASCADE'))
@@ -72,7 +76,7 @@ class TableReset:
     async def drop_snapshot(self) -> None:
         if not self._snapshot_rows:
             return
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'DROP SCHEMA IF EXISTS {SNAPSHOT_SCHEMA} CASCADE'))
 
     async def reset(self, *, demo: bool) -> None:
@@ -88,7 +92,7 @@ class TableReset:
         ]
         copy_demo = demo and not keep_demo
         sequences = [(table, _id_sequence(table)) for table in Base.metadata.sorted_tables]
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             if emptied:
                 # A role bound by a row-level security policy would delete only the rows it sees and leave the
                 # rest to the next test: with row security off, such a DELETE fails instead (superusers and table
@@ -134,7 +138,7 @@ class TableReset:
             else:
                 columns.append(f'EXISTS (SELECT FROM "{table.name}") AS "{table.name}:rows"')
         params = {'copy': self._copy_xid} if demo and self._copy_xid is not None else {}
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             row = (await session.execute(text(f'SELECT {", ".join(columns)}'), params)).one()
         return dict(row._mapping)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from agentrt.db.models import ConversationRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -52,6 +52,6 @@ async def test_the_python_example_runs_as_written(demo_data: None, database_url:
     assert 'Cardiology providers in Seattle who accept Medicare' in out and 'None' in out  # unpriced: cost None
     assert 'Boston' in out and 'RunUsage(' in out  # the streamed turn finished and was saved
     assert 'Traceback' not in result.stderr
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         saved = (await session.execute(select(func.count()).where(ConversationRow.conversation_id == 's-1'))).scalar()
     assert saved == 1

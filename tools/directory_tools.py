@@ -82,7 +82,7 @@ async def search_directory(
     """
     allowed = _configured_schemas(ctx.deps)
     try:
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=ctx.deps.account_id) as session:
             if allowed is not None and schema_name not in allowed:
                 raise directory.UnknownSchemaError(
                     schema_name, await directory.list_schemas(ctx.deps.account_id, session=session)
@@ -109,7 +109,7 @@ async def get_directory_entry(ctx: RunContext[SessionDependencies], entry_id: En
     Args:
         entry_id: the `id` of an entry from search_directory results.
     """
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=ctx.deps.account_id) as session:
         entry = await directory.get_directory_entry(
             ctx.deps.account_id, entry_id, schema_names=_configured_schemas(ctx.deps), session=session
         )

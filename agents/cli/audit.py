@@ -185,11 +185,11 @@ def trace_url(trace_id: str | None) -> str | None:
 
 async def _with_session(query: Callable[[AsyncSession], Awaitable[T]]) -> T:
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_read_only_session
+    from agentrt.db.session import Unscoped, get_read_only_session
 
     await init_database()
     try:
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
             return await query(session)
     finally:
         await close_database()

@@ -123,11 +123,11 @@ async def _sweep() -> SweepReport:
 
 async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
 
     await init_database()
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             return await operation(session)
     finally:
         await close_database()

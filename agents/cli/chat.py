@@ -90,13 +90,13 @@ async def _seed_demo_if_empty(account: str) -> None:
     from sqlalchemy import select
 
     from agentrt.db.models import Account
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 
     if account != MEDICAL_ACCOUNT:
         return
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         if (await session.execute(select(Account.id).limit(1))).first() is not None:
             return
         report = await seed_demo_data(session=session)

@@ -63,14 +63,14 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
     here first (the last `ROLLUP_CATCH_UP`), each counted once however often this runs.
     """
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_read_only_session
+    from agentrt.db.session import Unscoped, get_read_only_session
     from agentrt.services.ledger import RollupCannotAnswer, roll_up_pending, summarise_costs
 
     await init_database()
     try:
         if source == 'rollup':
             await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
             if source == 'rollup':
                 try:
                     return await summarise_costs(session=session, by=by, filters=filters, source='rollup')

@@ -29,17 +29,20 @@ async def _status() -> None:
         timeouts_in_force,
     )
     from agentrt.db.migrate import current_revision, head_revision
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
-    from agentrt.db.status import server_version, session_timeouts, table_counts
+    from agentrt.db.status import roles_exist, server_version, session_timeouts, table_counts
 
     await init_database(migrate=False)
     try:
         info = server_info()
         settings = current_settings()
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             version = await server_version(session=session)
             in_force = await timeouts_in_force(session)
+            migrated = await roles_exist(session=session)
+        # The operator's role sees every row; before migration 0012 made it, the login role counts.
+        async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
         session_defaults = await session_timeouts(get_engine())
         revision, head = await current_revision(get_engine()), head_revision()
@@ -133,12 +136,12 @@ def seed() -> None:
 
 async def _seed() -> None:
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.demo_data import seed_demo_data
 
     await init_database()
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             report = await seed_demo_data(session=session)
     finally:
         await close_database()

@@ -106,11 +106,11 @@ def revoke(
 
 async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
     from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
 
     await init_database()
     try:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             return await operation(session)
     finally:
         await close_database()

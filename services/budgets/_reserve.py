@@ -19,18 +19,14 @@ counts when its ledger row arrives), and settlements folded are folded again.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agentrt.db.engine import get_engine
-from agentrt.db.failures import pooler_error, unavailable_error
+from agentrt.db.session import scoped_connection
 from agentrt.services.budgets._holders import Holder, this_process
 from agentrt.services.budgets._windows import window_sql
 
@@ -114,26 +110,6 @@ FROM r WHERE p.account_id = r.account_id AND p.period_start = r.period_start
 _HAS_BUDGET = text('SELECT 1 FROM account_budgets WHERE account_id = :account_id')
 
 
-@asynccontextmanager
-async def autocommit_connection() -> AsyncIterator[AsyncConnection]:
-    """A pooled connection whose statements each commit on their own, in the round trip that runs them.
-
-    Core, not an ORM session: an admission is one statement on every model request, and the session's bookkeeping
-    would cost a third more CPU than the statement itself. Failures are translated as `get_db_session()` does.
-
-    Raises:
-        DatabaseUnavailableError: the database cannot be reached, or the connection was lost under the statement.
-    """
-    try:
-        async with get_engine().connect() as connection:
-            yield await connection.execution_options(isolation_level='AUTOCOMMIT')
-    except Exception as exc:
-        translated = pooler_error(exc) or unavailable_error(exc)
-        if translated is not None and translated is not exc:
-            raise translated from exc
-        raise
-
-
 @dataclass(frozen=True)
 class Hold:
     """What one admitted request holds: `amount_usd` of the window starting `period_start`."""
@@ -195,7 +171,8 @@ async def reserve(
         'pid': holder.pid,
         'started': holder.started,
     }
-    async with autocommit_connection() as connection:
+    # One transaction as the account's request role (row-level security); its role and tenant ride on the BEGIN.
+    async with scoped_connection(account=account_id) as connection:
         for _ in range(3):  # another request created the window's row between our snapshot and our insert
             found = (await connection.execute(_RESERVE, params)).mappings().first()
             if found is None:
@@ -212,11 +189,11 @@ async def reserve(
 
 async def release(hold: Hold) -> None:
     """Give back a hold whose request was never sent (a hook skipped it); a no-op if it was settled already."""
-    async with autocommit_connection() as connection:
+    async with scoped_connection(account=hold.account_id) as connection:
         await connection.execute(_RELEASE, {'id': hold.id})
 
 
 async def has_budget(account_id: int) -> bool:
     """Whether the account has a budget."""
-    async with autocommit_connection() as connection:
+    async with scoped_connection(account=account_id) as connection:
         return (await connection.execute(_HAS_BUDGET, {'account_id': account_id})).first() is not None

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
+from agentrt.db.session import Unscoped, scoped_connection
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.budgets._holders import is_alive, this_host
-from agentrt.services.budgets._reserve import autocommit_connection
 
 logger = logging.getLogger('agentrt.budgets')
 
@@ -93,7 +93,7 @@ async def sweep_reservations() -> SweepReport:
     touched before it expires.
     """
     host = this_host()
-    async with autocommit_connection() as connection:
+    async with scoped_connection(account=Unscoped.JOBS) as connection:  # every account's holds
         holders = (await connection.execute(_HOLDERS_HERE, {'host': host})).all()
         dead = [(pid, started) for pid, started in holders if not is_alive(pid, started)]
         params = {

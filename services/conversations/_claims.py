@@ -98,7 +98,7 @@ class TurnClaim:
     async def renew(self) -> bool:
         """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
         started = time.monotonic()
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             renewed = (await session.execute(_RENEW, self._params())).first() is not None
         self._confirmed(started, renewed)
         return renewed
@@ -110,7 +110,7 @@ class TurnClaim:
             The stored revision (None while the conversation has none); `lost` is set when the claim is gone.
         """
         started = time.monotonic()
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             row = (await session.execute(_CHECK, self._params())).first()
         self._confirmed(started, row is not None)
         if row is not None:
@@ -129,7 +129,7 @@ class TurnClaim:
         """Delete the claim if it is still this turn's (repeated once if the connection is lost: idempotent)."""
 
         async def delete() -> None:
-            async with get_db_session() as session:
+            async with get_db_session(account=self.account_id) as session:
                 await session.execute(_RELEASE, self._params())
 
         await retry_on_disconnect(delete, what='conversation claim release')
@@ -197,7 +197,7 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
     claim = TurnClaim.mint(account_id, conversation_id, lease_s=lease_s)
 
     async def take() -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=account_id) as session:
             await claim.take(session=session)
 
     # Safe to repeat on a fresh connection (a server restarted since the pool's connections were used): see _CLAIM.

@@ -186,11 +186,12 @@ def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
     return data
 
 
-async def _read(run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
-    """Run a query in its own session and take its rows; once more on a fresh connection if the first was lost."""
+async def _read(account_id: int, run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
+    """Run a query in its own session of `account_id` and take its rows; once more on a fresh connection if the first
+    was lost."""
 
     async def once() -> T:
-        async with get_db_session() as session:
+        async with get_db_session(account=account_id) as session:
             return take(await run(session))
 
     return await retry_on_disconnect(once, what='conversation read')
@@ -246,7 +247,7 @@ class PostgresConversationStore(ConversationStore):
         async def run(session: AsyncSession) -> list[Any]:
             return list((await session.execute(_TAIL, params)).all())
 
-        rows = await run(session) if session is not None else await _read(run, lambda result: result)
+        rows = await run(session) if session is not None else await _read(self.account_id, run, lambda result: result)
         if not rows:
             return None
         record = _record_adapter.validate_json(rows[0].record)
@@ -333,7 +334,7 @@ class PostgresConversationStore(ConversationStore):
 
     async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
         """One attempt of `append`, in its own transaction; whether the claim was released."""
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             swapped, released = await self._append_once(session, statement, params)
         if not swapped:
             raise ConversationConflict(conversation_id)
@@ -347,7 +348,9 @@ class PostgresConversationStore(ConversationStore):
         query = select(_records.c.record).where(
             _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
         )
-        data = await _read(lambda session: session.execute(query), lambda result: result.scalar_one_or_none())
+        data = await _read(
+            self.account_id, lambda session: session.execute(query), lambda result: result.scalar_one_or_none()
+        )
         return None if data is None else _record_adapter.validate_python(data)
 
     async def read_revision(self, conversation_id: str) -> str | None:
@@ -359,7 +362,7 @@ class PostgresConversationStore(ConversationStore):
         query = select(_records.c.revision).where(
             _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
         )
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             return (await session.execute(query)).scalar_one_or_none()
 
     async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
@@ -373,7 +376,9 @@ class PostgresConversationStore(ConversationStore):
         )
         if scope is not None:
             query = query.where(_records.c.scope == scope)
-        rows = await _read(lambda session: session.execute(query), lambda result: result.scalars().all())
+        rows = await _read(
+            self.account_id, lambda session: session.execute(query), lambda result: result.scalars().all()
+        )
         return [_record_adapter.validate_python(data) for data in rows]
 
     async def write_record(
@@ -404,7 +409,7 @@ class PostgresConversationStore(ConversationStore):
     async def _write(
         self, record: ConversationRecord, new_entries: Sequence[ConversationEntry], expected_revision: str | None
     ) -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             await self._lock(session, exclusive=False)
             # Swap the record first: the row lock makes a concurrent writer of the same conversation wait
             # here and then find the revision changed, before either inserts a single entry.
@@ -437,7 +442,7 @@ class PostgresConversationStore(ConversationStore):
                     _records.c.revision == record.revision,
                 )
             )
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             return bool((await session.execute(query)).scalar_one())
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
@@ -455,7 +460,7 @@ class PostgresConversationStore(ConversationStore):
             )
             .returning(_records.c.conversation_id)
         )
-        async with get_db_session() as session:
+        async with get_db_session(account=self.account_id) as session:
             await self._lock(session, exclusive=True)
             if (await session.execute(statement)).first() is None:
                 raise ConversationConflict(conversation_id)
@@ -470,7 +475,9 @@ class PostgresConversationStore(ConversationStore):
         query = select(_entries.c.id, _entries.c.parent_id, _entries.c.kind, _entries.c.message).where(
             _entries.c.account_id == self.account_id, _entries.c.id == entry_id
         )
-        row = await _read(lambda session: session.execute(query), lambda result: result.mappings().first())
+        row = await _read(
+            self.account_id, lambda session: session.execute(query), lambda result: result.mappings().first()
+        )
         if row is None:
             raise KeyError(entry_id)
         return _entry_adapter.validate_python(dict(row))
@@ -504,7 +511,9 @@ class PostgresConversationStore(ConversationStore):
             step = step.where(walk.c.depth < limit)
         walk = walk.union_all(step)
         query = select(walk.c.id, walk.c.parent_id, walk.c.kind, walk.c.message).order_by(walk.c.depth.desc())
-        rows = await _read(lambda session: session.execute(query), lambda result: result.mappings().all())
+        rows = await _read(
+            self.account_id, lambda session: session.execute(query), lambda result: result.mappings().all()
+        )
         if not rows:
             raise KeyError(head_id)
         # A parent the walk could not find would make the default implementation's read_entry fail too.

@@ -118,8 +118,8 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str, sourc
     key = (_conversations.c.account_id == account_id) & (_conversations.c.conversation_id == conversation_id)
     if source is not None:
         title, summary = await asyncio.to_thread(title_and_summary_from, source)
-        return await _write(key, conversation_id, source.head_id, title, summary)
-    async with get_side_session() as session:
+        return await _write(account_id, key, conversation_id, source.head_id, title, summary)
+    async with get_side_session(account=account_id) as session:
         row = (
             await session.execute(
                 select(_conversations.c.head_id, _conversations.c.title, _conversations.c.summary_head_id).where(key)
@@ -135,12 +135,14 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str, sourc
     else:
         history = await store.read_history(row.head_id, limit=SUMMARY_WINDOW_MESSAGES)
     title, summary = await asyncio.to_thread(title_and_summary, history, row.title)
-    return await _write(key, conversation_id, row.head_id, title, summary)
+    return await _write(account_id, key, conversation_id, row.head_id, title, summary)
 
 
-async def _write(key: Any, conversation_id: str, head_id: str, title: str | None, summary: str) -> bool:
+async def _write(
+    account_id: int, key: Any, conversation_id: str, head_id: str, title: str | None, summary: str
+) -> bool:
     """Store the title (if the row has none) and the summary, only while the conversation's head is `head_id`."""
-    async with get_side_session() as session:
+    async with get_side_session(account=account_id) as session:
         result = await session.execute(
             update(_conversations)
             .where(key, _conversations.c.head_id == head_id)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from agentrt.db.engine import current_settings
-from agentrt.db.session import get_read_only_session
+from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.jobs._defer import defer_summary
 from agentrt.services.ledger import roll_up_pending
 
@@ -47,7 +47,7 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
     """
     idle = current_settings().jobs_reconcile_after_seconds if idle_seconds is None else idle_seconds
     before = datetime.now(UTC) - timedelta(seconds=idle)
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.JOBS) as session:  # every account's conversations
         missing = (await session.execute(_UNSUMMARISED, {'before': before, 'batch': _BATCH})).all()
     queued = 0
     for account_id, conversation_id in missing:

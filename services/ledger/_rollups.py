@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, text
 
-from agentrt.db.session import get_side_session
+from agentrt.db.session import Unscoped, get_side_session
 
 logger = logging.getLogger('agentrt.usage')
 
@@ -135,7 +135,7 @@ async def roll_up_pending(since: datetime, *, account_id: int | None = None) -> 
     if account_id is not None:
         where, params['account_id'] = 'AND r.account_id = :account_id', account_id
     async with get_side_session(
-        lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
+        account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
         await session.execute(_LOCK_SHARED, _LOCK_KEYS)
         touched = len((await session.execute(text(_ROLL_UP.format(where=where)), params)).all())
@@ -153,7 +153,7 @@ async def recompute_usage_rollups(first_day: date, last_day: date) -> int:
     """
     params: dict[str, Any] = {'first_day': first_day, 'last_day': last_day, **_day_bounds(first_day, last_day)}
     async with get_side_session(
-        lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
+        account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
         await session.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)
         await session.execute(_RECOMPUTE_DELETE, params)

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.session import get_side_session
+from agentrt.db.session import Unscoped, get_side_session
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
@@ -70,7 +70,9 @@ class LLMRequestTracker:
 
     def _side_session(self) -> AbstractAsyncContextManager[AsyncSession]:
         return get_side_session(
-            lock_timeout_ms=self.config.lock_timeout_ms, statement_timeout_ms=self.config.statement_timeout_ms
+            account=Unscoped.LEDGER,
+            lock_timeout_ms=self.config.lock_timeout_ms,
+            statement_timeout_ms=self.config.statement_timeout_ms,
         )
 
     @property

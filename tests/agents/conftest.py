@@ -5,10 +5,10 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 
 
 async def account_id(slug: str) -> int:
     """The id of the account `slug`."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(Account.id).where(Account.slug == slug))).scalar_one()

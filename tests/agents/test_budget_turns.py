@@ -14,7 +14,7 @@ import pytest
 
 from agentrt.agents.errors import BudgetExceededError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, budget_statuses, set_budget
 from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs
@@ -37,12 +37,12 @@ async def _turn(message: str, session_id: str, streamed: bool, model: PricedMode
 
 
 async def _set(account: str, limit: Decimal | str) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account=account, limit_usd=Decimal(limit), period=Period('month'))
 
 
 async def _status(account: str) -> tuple[Decimal, Decimal, int]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         (status,) = await budget_statuses(session=session, account_id=await account_id(account))
     return status.spent_usd, status.reserved_usd, status.holds
 
@@ -112,7 +112,7 @@ async def test_fifty_racing_turns_admit_exactly_those_the_budget_fits(demo_data:
     assert spent == spent_before + sum(row['total_cost'] for row in complete), 'spent is the sum of ledger costs'
     assert all(0 < row['total_cost'] <= hold for row in complete), 'no request cost more than it held'
     assert set(model.max_tokens_seen) == {16_384}, 'each request was capped to what it held'
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         (summary,) = await summarise_costs(
             session=session, by='account', filters=LedgerFilters(account=account, chat_session_id=None)
         )

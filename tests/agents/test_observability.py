@@ -18,7 +18,7 @@ from sqlalchemy import select
 from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.models import LLMRequestRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.otlp_receiver import OtlpReceiver
 
 QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
@@ -72,7 +72,7 @@ async def test_parallel_tool_calls_overlap_each_with_its_own_database_connection
     # No message content in any span: not the question, not a tool's arguments.
     assert not [s['name'] for s in spans if 'Boston' in str(s['attributes'])]
     # The ledger rows name the trace.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         traces = (await session.execute(select(LLMRequestRow.trace_id))).scalars().all()
     assert traces and set(traces) == {f'{trace_id:032x}'}
 
@@ -145,7 +145,7 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
     assert receiver.service_names() == {'agentrt'}
     assert all(path in ('/v1/traces', '/v1/metrics', '/v1/logs') for path in receiver.paths)
     # The ledger rows of the turn name the trace the collector received.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (
             await session.execute(select(LLMRequestRow.trace_id).where(LLMRequestRow.chat_session_id == 'otlp'))
         ).scalars()
@@ -186,7 +186,7 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ['False']  # no tracer provider: the runtime's spans are no-ops
     assert done.stderr == ''
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (
             await session.execute(select(LLMRequestRow.trace_id).where(LLMRequestRow.chat_session_id == 'plain'))
         ).scalars()

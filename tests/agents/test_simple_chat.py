@@ -22,7 +22,7 @@ from agentrt.agents.simple_chat import (
 from agentrt.db.engine import pool_status
 from agentrt.db.errors import ConfigError, InvalidInputError
 from agentrt.db.models import ConversationRow, DirectoryEntry
-from agentrt.db.session import get_read_only_session
+from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.tenancy import UnknownTenantError
@@ -142,7 +142,7 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
     from sqlalchemy import func, select
 
     from agentrt.db.models.ledger import LLMRequestRow
-    from agentrt.db.session import get_db_session
+    from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.ledger import get_request_tracker
 
     received = []
@@ -154,7 +154,7 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
     assert stream.result is None
     await get_request_tracker().flush()
     await get_supervisor().join()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         statuses = (await session.execute(select(LLMRequestRow.status).order_by(LLMRequestRow.started_at))).scalars()
         conversations = (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
     assert list(statuses) == ['complete', 'complete', 'cancelled']  # two tool rounds, then the stopped answer
@@ -170,7 +170,7 @@ _extra_tools = FunctionToolset[SessionDependencies]()
 @_extra_tools.tool
 async def count_entries(ctx: RunContext[SessionDependencies]) -> int:
     """How many directory entries this account has."""
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         query = select(func.count()).where(DirectoryEntry.account_id == ctx.deps.account_id)
         return (await session.execute(query)).scalar_one()
 

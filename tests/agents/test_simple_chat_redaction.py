@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.errors import AgentRuntimeError
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import (
     Exchange,
@@ -135,7 +135,7 @@ def _failing_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespon
 
 
 async def _stored_bodies() -> list[dict[str, Any]]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = await session.execute(
             text(
                 'SELECT r.id, r.error_message, c.kind, c.body, c.redactions FROM llm_requests r '
@@ -288,7 +288,7 @@ async def test_titles_and_summaries_carry_no_planted_secret(demo_data: None) -> 
     await get_supervisor().join()
     for n in range(len(groups)):
         await refresh_title_and_summary(account, f'titled-{n}')  # up to date whatever the refresh policy
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (await session.execute(text('SELECT conversation_id, title, summary FROM conversations'))).all()
     assert len(rows) == len(groups)
     shown = '\n'.join(f'{row.title}\n{row.summary}' for row in rows)
@@ -336,6 +336,6 @@ async def test_ordinary_text_is_stored_unchanged(demo_data: None) -> None:
     assert answer.parts == [TextPart(ordinary)]
     await get_supervisor().join()
     await refresh_title_and_summary(await account_id(ACCOUNT), 'ordinary')
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         title, summary = (await session.execute(text('SELECT title, summary FROM conversations'))).one()
     assert title == make_title(Exchange(' '.join(ordinary.split()), '')) and REDACTED not in summary

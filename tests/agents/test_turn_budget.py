@@ -19,7 +19,7 @@ from sqlalchemy import event, text
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import BudgetExceededError
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import get_request_tracker
 from tests.services.budgets.helpers import give_budget
@@ -107,7 +107,7 @@ async def test_a_demo_turn_stays_within_its_database_budget(demo_data: None, mon
     assert meter.sessions['turn start'] == 1 and meter.sessions['turn save'] == 1, meter.sessions
     # The title and summary rode on the save, and nothing else opened a session.
     assert set(meter.sessions) <= set(SESSIONS_BUDGET), meter.sessions
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         summarised = (await session.execute(SUMMARISED, {'c': 'budget'})).scalar_one()
     assert summarised, 'the save stored the title and summary of the head it wrote'
     assert meter.sessions.total() <= sum(SESSIONS_BUDGET.values())

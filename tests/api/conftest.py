@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentrt.api.app import create_app
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key, forget_cached_api_keys
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
@@ -41,7 +41,7 @@ def auth(key: str) -> dict[str, str]:
 @pytest.fixture
 async def keys(demo_data: None) -> Keys:
     forget_cached_api_keys()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         made = [
             await create_api_key(session=session, account='acme-health', name='acme'),
             await create_api_key(session=session, account='green-grocer', name='green'),

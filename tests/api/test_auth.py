@@ -6,7 +6,7 @@ import httpx2
 from sqlalchemy import select
 
 from agentrt.db.models import ApiKey
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import revoke_api_key
 from tests.api.conftest import Keys, auth
 
@@ -49,7 +49,7 @@ async def test_a_key_without_the_scope_gets_403(keys: Keys, client: httpx2.Async
 
 async def test_a_revoked_key_is_refused_and_last_use_is_noted(keys: Keys, client: httpx2.AsyncClient) -> None:
     assert (await client.get(AUDIT, headers=auth(keys.acme))).status_code == 200
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         used = (await session.execute(select(ApiKey.name, ApiKey.last_used_at))).all()
         await revoke_api_key(session=session, key=keys.acme[:16])
     assert {name for name, last_used in used if last_used is not None} == {'acme'}

@@ -7,7 +7,7 @@ from decimal import Decimal
 import httpx2
 
 from agentrt.api.app import create_app
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, set_budget
 from agentrt.services.ledger import get_request_tracker
@@ -17,7 +17,7 @@ from tests.services.budgets.priced_model import PricedModel
 
 
 async def _budget(account: str, limit: str) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account=account, limit_usd=Decimal(limit), period=Period('day'))
 
 

@@ -16,7 +16,7 @@ from agentrt.agents.demo_model import demo_model
 from agentrt.api.app import create_app
 from agentrt.db.engine import pool_status
 from agentrt.db.models import ConversationRow, ConversationTurnRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -34,7 +34,7 @@ async def _settled() -> None:
 
 
 async def _conversations() -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
 
 
@@ -68,7 +68,7 @@ async def test_streamed_turns_carry_parallel_tool_calls_and_history_and_bill_eac
     rows = await ledger_rows(chat_session_id='conv-1')
     assert len(rows) == stored.usage.requests == 6  # one ledger row per model request, 3 per turn
     assert {(row['status'], row['account_id'], row['streamed']) for row in rows} == {('complete', acme, True)}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         title = (await session.execute(select(ConversationRow.title))).scalar_one()
     assert title  # post-turn work ran from on_complete
 
@@ -93,7 +93,7 @@ async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothin
     assert [row['status'] for row in await ledger_rows()] == ['complete', 'complete', 'cancelled']
     assert await _conversations() == 0
     assert pool_status().checked_out == 0
-    async with get_db_session() as session:  # the turn's claim on the conversation was released
+    async with get_db_session(account=Unscoped.ADMIN) as session:  # the turn's claim on the conversation was released
         assert (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() == 0
 
 
@@ -117,7 +117,7 @@ async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream
 
 
 async def _claimed() -> bool:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
 
 

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.api.app import create_app
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 
 API_DIR = Path(__file__).resolve().parents[2] / 'api'
 
@@ -73,7 +73,7 @@ def test_no_route_or_dependency_yields_or_handles_a_session() -> None:
 
 def test_the_check_finds_a_session_dependency() -> None:
     async def get_db() -> AsyncIterator[AsyncSession]:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             yield session
 
     async def with_session(session: AsyncSession = Depends(get_db)) -> None:  # noqa: B008

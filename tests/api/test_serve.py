@@ -26,7 +26,7 @@ import httpx2
 from sqlalchemy import text
 
 from agentrt.db.models import Account, AgentInstance
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, run_cli
 from tests.api.conftest import chat_body, of_type, stream_chat
@@ -69,7 +69,7 @@ async def _ready(client: httpx2.AsyncClient) -> dict[str, Any]:
 
 async def _directoryless_key() -> str:
     """A key of an account whose agent has no directory: the demo model answers it in one request, no tools."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug='no-directory', name='No Directory')
         session.add(account)
         await session.flush()
@@ -137,7 +137,7 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
     # After the shutdown (which flushes the ledger): one row per model request the conversations account for.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         conversations = await session.execute(
             text(
                 "SELECT conversation_id LIKE 'load-%', count(*), sum((record->'usage'->>'requests')::int), "

@@ -30,7 +30,7 @@ from sqlalchemy import text
 
 from agentrt.agents.demo_model import DEMO_MODEL_NAME, demo_model
 from agentrt.api.app import create_app
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import forget_cached_api_keys, revoke_api_key
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
@@ -107,7 +107,7 @@ async def _turns_ended() -> None:
     """Wait until no turn holds a conversation (a hung-up turn ends on the server after the browser has moved on),
     then for the ledger writes and post-turn work (titles, summaries) of every turn."""
     for _ in range(500):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             if not (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one():
                 break
         await asyncio.sleep(0.01)
@@ -275,7 +275,7 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
 
     # Costs: today's bar and the tables hold what the ledger holds for the account.
     await page.get_by_role('link', name='Costs').click()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         requests, tokens = (
             await session.execute(
                 text('SELECT count(*), sum(total_tokens) FROM llm_requests WHERE account_id = :account'),
@@ -305,7 +305,7 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
     await _no_sideways_scroll(page)
 
     # A revoked key: the next request returns to sign-in with the reason.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await revoke_api_key(session=session, key=keys.acme)
     forget_cached_api_keys()
     await page.get_by_role('link', name='Audit').click()

@@ -22,7 +22,7 @@ from agentrt.db import migrate
 from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
 from agentrt.db.errors import ConfigError, MigrationError
 from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
-from agentrt.db.session import get_db_session, get_read_only_session, get_side_session
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.cli.helpers import invoke
@@ -49,7 +49,7 @@ async def test_every_transaction_carries_its_timeouts_and_none_stays_on_the_serv
 
     async def seen(kind: str) -> tuple[str, dict[str, int]]:
         opener = {'plain': get_db_session, 'read_only': get_read_only_session, 'side': get_side_session}[kind]
-        async with opener() as session:
+        async with opener(account=Unscoped.ADMIN) as session:
             in_force = await timeouts_in_force(session)
             await session.execute(text('SELECT pg_sleep(0.01)'))  # hold the server connection a moment
         return kind, in_force
@@ -75,7 +75,7 @@ async def test_the_timeouts_are_really_applied(database: Settings, pgbouncer: Pg
         async with tight.active():
             started = time.monotonic()
             with pytest.raises(Exception) as raised:
-                async with get_db_session() as session:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
                     await session.execute(text('SELECT pg_sleep(3)'))
             assert 'canceling statement due to statement timeout' in str(raised.value)
             assert time.monotonic() - started < 2.5
@@ -83,7 +83,7 @@ async def test_the_timeouts_are_really_applied(database: Settings, pgbouncer: Pg
             holder_has_lock, release = asyncio.Event(), asyncio.Event()
 
             async def hold() -> None:
-                async with get_db_session() as session:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
                     await session.execute(text('SELECT pg_advisory_xact_lock(4242)'))
                     holder_has_lock.set()
                     await release.wait()
@@ -91,7 +91,7 @@ async def test_the_timeouts_are_really_applied(database: Settings, pgbouncer: Pg
             holder = asyncio.create_task(hold())
             await holder_has_lock.wait()
             with pytest.raises(Exception) as raised:
-                async with get_db_session() as session:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
                     await session.execute(text('SELECT pg_advisory_xact_lock(4242)'))
             assert 'canceling statement due to lock timeout' in str(raised.value)
             release.set()
@@ -136,7 +136,7 @@ async def test_prepared_statements_behind_the_pooler_without_the_mode_are_a_clea
         async with unpooled.active():
 
             async def one(i: int) -> None:
-                async with get_db_session() as session:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
                     await session.execute(text('SELECT :i + 1'), {'i': i})
                     await session.execute(text('SELECT count(*) FROM accounts WHERE id > :i'), {'i': i})
 

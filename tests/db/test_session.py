@@ -12,18 +12,18 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from agentrt.db.engine import build_engine, get_engine, pool_status
 from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
 
 
 async def _count_accounts() -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(func.count()).select_from(Account))).scalar_one()
 
 
 async def test_commits_on_clean_exit() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         session.add(Account(slug='a', name='A'))
     assert await _count_accounts() == 1
     assert pool_status().checked_out == 0
@@ -31,7 +31,7 @@ async def test_commits_on_clean_exit() -> None:
 
 async def test_rolls_back_on_exception() -> None:
     with pytest.raises(RuntimeError, match='boom'):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             session.add(Account(slug='a', name='A'))
             await session.flush()
             raise RuntimeError('boom')
@@ -43,7 +43,7 @@ async def test_rolls_back_and_returns_connection_on_cancellation() -> None:
     in_query = asyncio.Event()
 
     async def slow_insert() -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             session.add(Account(slug='a', name='A'))
             await session.flush()
             in_query.set()
@@ -64,7 +64,7 @@ async def test_many_concurrent_sessions_share_a_small_pool() -> None:
     assert TEST_POOL_SIZE + TEST_MAX_OVERFLOW < 100
 
     async def one(i: int) -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('SELECT pg_sleep(0.01)'))
             session.add(Account(slug=f'acct-{i}', name=f'Account {i}'))
 
@@ -75,13 +75,13 @@ async def test_many_concurrent_sessions_share_a_small_pool() -> None:
 
 async def test_read_only_session_rejects_writes() -> None:
     with pytest.raises(Exception, match='read-only transaction'):
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:
             await session.execute(text("INSERT INTO accounts (slug, name) VALUES ('x', 'X')"))
     assert await _count_accounts() == 0
 
 
 async def test_side_session_sets_transaction_local_timeouts() -> None:
-    async with get_side_session(lock_timeout_ms=1234, statement_timeout_ms=4321) as session:
+    async with get_side_session(account=Unscoped.ADMIN, lock_timeout_ms=1234, statement_timeout_ms=4321) as session:
         lock = (await session.execute(text('SHOW lock_timeout'))).scalar_one()
         stmt = (await session.execute(text('SHOW statement_timeout'))).scalar_one()
     assert (lock, stmt) == ('1234ms', '4321ms')
@@ -122,7 +122,7 @@ async def _kill_pooled_connections() -> None:
     async with get_engine().connect() as conn:
         pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
     await asyncio.sleep(0)
-    async with get_db_session() as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agentrt' "
@@ -135,9 +135,9 @@ async def _kill_pooled_connections() -> None:
 
 async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -> None:
     with pytest.raises(DatabaseDisconnectedError, match='connection to PostgreSQL was lost'):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-            async with get_db_session() as admin:
+            async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
             await session.execute(text('SELECT 1'))
     assert pool_status().checked_out == 0
@@ -147,7 +147,9 @@ async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -
 async def test_read_only_and_side_sessions_work_after_the_pool_lost_its_connections() -> None:
     for opener in (get_read_only_session, get_side_session):
         await _kill_pooled_connections()
-        async with opener() as session:  # a dead connection: replaced at checkout, or by starting again once
+        async with opener(
+            account=Unscoped.ADMIN
+        ) as session:  # a dead connection: replaced at checkout, or by starting again once
             assert (await session.execute(text('SELECT 1'))).scalar_one() == 1
     assert pool_status().checked_out == 0
 
@@ -185,7 +187,7 @@ async def test_retry_on_disconnect_repeats_once_and_no_more() -> None:
 async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() -> None:
     query = select(func.count()).select_from(Account)
     with pytest.raises(ConfigError) as raised:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(query)  # prepared, and cached by the connection
             # What a pooler in transaction mode does: the next transaction lands on a server connection that never
             # saw the statement. Here the server forgets it.

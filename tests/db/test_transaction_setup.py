@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.errors import DatabaseDisconnectedError
-from agentrt.db.session import get_db_session, get_read_only_session, get_side_session
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, SetupSession, TransactionSetup
 
 
@@ -48,9 +48,9 @@ def test_the_prelude_is_rendered_from_integers_only() -> None:
 
 async def test_read_only_and_timeouts_cost_no_statement_of_their_own() -> None:
     with statements() as seen:
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:
             read_only = (await session.execute(text('SHOW transaction_read_only'))).scalar_one()
-        async with get_side_session(lock_timeout_ms=1234, statement_timeout_ms=4321) as session:
+        async with get_side_session(account=Unscoped.ADMIN, lock_timeout_ms=1234, statement_timeout_ms=4321) as session:
             query = text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
             timeouts = (await session.execute(query)).one()
     assert read_only == 'on' and tuple(timeouts) == ('1234ms', '4321ms')
@@ -58,13 +58,13 @@ async def test_read_only_and_timeouts_cost_no_statement_of_their_own() -> None:
 
 
 async def test_the_prelude_is_transaction_local_and_never_leaks() -> None:
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         driver = (await (await session.connection()).get_raw_connection()).driver_connection
         assert type(driver) is PreludeConnection
         await session.execute(text('SELECT 1'))
         assert driver.agentrt_prelude == ''  # consumed by the BEGIN
     # A session that began but ran nothing: its unsent prelude is dropped when the connection goes back.
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         driver = (await (await session.connection()).get_raw_connection()).driver_connection
         assert driver.agentrt_prelude != ''
     assert driver.agentrt_prelude == ''
@@ -75,7 +75,7 @@ async def test_the_prelude_is_transaction_local_and_never_leaks() -> None:
 
 
 async def _write_and_roll_back() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(text('SHOW transaction_read_only'))).scalar_one() == 'off'
         await asyncio.sleep(0.01)
 
@@ -93,19 +93,19 @@ async def test_an_engine_without_the_prelude_connection_runs_the_statements_inst
 
 
 async def _kill(pid: int) -> None:
-    async with get_db_session() as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
 
 
 async def test_a_first_statement_whose_connection_is_lost_runs_again_on_a_fresh_one() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
     # The first statement of the next read-only session waits on a lock: its backend is killed meanwhile.
-    async with get_db_session() as locker:
+    async with get_db_session(account=Unscoped.OWNER) as locker:
         await locker.execute(text('LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE'))
 
         async def read() -> tuple[int, int]:
-            async with get_read_only_session() as session:
+            async with get_read_only_session(account=Unscoped.ADMIN) as session:
                 count = (await session.execute(text('SELECT count(*) FROM accounts'))).scalar_one()
                 return count, (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
 
@@ -119,7 +119,7 @@ async def test_a_first_statement_whose_connection_is_lost_runs_again_on_a_fresh_
 
 async def test_a_later_statement_is_never_repeated() -> None:
     with pytest.raises(DatabaseDisconnectedError):
-        async with get_read_only_session() as session:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:
             pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
             await _kill(pid)
             await session.execute(text('SELECT 1'))

@@ -12,7 +12,7 @@ from sqlalchemy import select, text, update
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.models import ApiKey
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import api_keys
 from agentrt.services.api_keys import (
     UnknownApiKeyError,
@@ -31,18 +31,18 @@ def _cold_cache() -> None:
 
 
 async def _create(account: str = 'acme-health', **kwargs: object) -> str:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await create_api_key(session=session, account=account, **kwargs)).token  # type: ignore[arg-type]
 
 
 async def test_a_key_is_shown_once_and_only_its_hash_is_stored(demo_data: None) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         created = await create_api_key(session=session, account='acme-health', name='ci', scopes=['read', 'chat'])
     match = re.fullmatch(r'art_([0-9a-f]{12})_([A-Za-z0-9_-]{43})', created.token)
     assert match is not None
     prefix, secret = match.groups()
     assert created.info.public_id == f'art_{prefix}' and created.info.scopes == ['chat', 'read']
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         row = (await session.execute(select(ApiKey))).scalar_one()
         dump = str((await session.execute(text('SELECT row_to_json(api_keys)::text FROM api_keys'))).scalar_one())
     assert row.prefix == prefix and bytes(row.secret_hash) == hashlib.sha256(secret.encode()).digest()
@@ -63,7 +63,7 @@ async def test_bad_scopes_names_and_accounts_are_refused(demo_data: None) -> Non
 
 async def test_list_and_revoke(demo_data: None) -> None:
     acme, green = await _create(name='a'), await _create('green-grocer', name='g')
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         first = await revoke_api_key(session=session, key=acme[:16])  # the public id
         again = await revoke_api_key(session=session, key=acme)  # the whole key: harmless twice
         assert first.revoked_at is not None and again.revoked_at == first.revoked_at
@@ -84,14 +84,16 @@ async def test_a_checked_key_is_trusted_for_the_cache_time_only(
     token = await _create()
     assert await authenticate_api_key(token) is not None
     assert await authenticate_api_key(token[:-1] + ('A' if token[-1] != 'A' else 'B')) is None  # cached, still checked
-    async with get_db_session() as session:  # revoked by another process: this one does not know yet
+    async with get_db_session(
+        account=Unscoped.ADMIN
+    ) as session:  # revoked by another process: this one does not know yet
         await session.execute(update(ApiKey).values(revoked_at=text('now()')))
     assert await authenticate_api_key(token) is not None
     monkeypatch.setattr(current_settings(), 'api_key_cache_seconds', 0.0)
     forget_cached_api_keys()
     token2 = await _create()
     assert await authenticate_api_key(token2) is not None
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(update(ApiKey).values(revoked_at=text('now()')))
     assert await authenticate_api_key(token2) is None  # no cache: refused at once
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.engine import pool_status
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session, get_side_session
+from agentrt.db.session import Unscoped, get_db_session, get_side_session
 from agentrt.services import background
 from agentrt.services.background import (
     BackgroundQueueFull,
@@ -39,7 +39,7 @@ async def _isolated(capfire: CaptureLogfire) -> AsyncIterator[None]:
 
 
 async def _create_account(slug: str = 'acme') -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug=slug, name='Before')
         session.add(account)
         await session.flush()
@@ -47,18 +47,18 @@ async def _create_account(slug: str = 'acme') -> int:
 
 
 async def _account_name(account_id: int) -> str | None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(Account.name).where(Account.id == account_id))).scalar_one_or_none()
 
 
 async def rename_account(account_id: int, new_name: str) -> None:
     """The right pattern: the task gets an id and opens its own session."""
-    async with get_side_session() as session:
+    async with get_side_session(account=Unscoped.ADMIN) as session:
         await session.execute(update(Account).where(Account.id == account_id).values(name=new_name))
 
 
 async def sleep_in_database(seconds: float) -> None:
-    async with get_side_session(statement_timeout_ms=60_000) as session:
+    async with get_side_session(account=Unscoped.ADMIN, statement_timeout_ms=60_000) as session:
         await session.execute(text('SELECT pg_sleep(:s)'), {'s': seconds})
 
 
@@ -67,7 +67,7 @@ async def test_task_spawned_in_a_handler_completes_with_its_own_session() -> Non
     supervisor = TaskSupervisor()
 
     async def handler() -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             account = (await session.execute(select(Account).where(Account.id == account_id))).scalar_one()
             supervisor.spawn(rename_account, account.id, 'After', name='rename')
             # The task starts while this session is still busy, and goes on after it has closed.
@@ -86,7 +86,7 @@ async def test_legacy_pattern_of_sharing_the_handlers_session_fails() -> None:
     async def legacy_rename(session: AsyncSession, account_id: int) -> None:
         await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(select(Account).where(Account.id == account_id))
         task = asyncio.create_task(legacy_rename(session, account_id))
     # The task ran while the handler's session was committing and closing.
@@ -103,7 +103,7 @@ async def test_legacy_pattern_run_later_loses_its_work_and_holds_a_connection() 
         await asyncio.sleep(0.05)
         await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         task = asyncio.create_task(late_legacy_rename(session, account_id))
     await task
     # The closed session quietly began a new transaction that nobody commits, on a connection nobody returns.
@@ -115,7 +115,7 @@ async def test_legacy_pattern_run_later_loses_its_work_and_holds_a_connection() 
 
 async def test_spawn_refuses_sessions_and_orm_objects() -> None:
     supervisor = TaskSupervisor()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         with pytest.raises(TypeError, match='pass ids'):
             supervisor.spawn(rename_account, session, 'x')
         with pytest.raises(TypeError, match='pass ids'):
@@ -129,7 +129,7 @@ async def test_failing_task_is_logged_with_duration_and_traceback(caplog: pytest
     supervisor = TaskSupervisor()
 
     async def explode(account_id: int) -> None:
-        async with get_side_session() as session:
+        async with get_side_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('SELECT 1'))
         raise RuntimeError(f'boom for {account_id}')
 
@@ -201,7 +201,7 @@ async def test_a_thousand_tasks_at_once_share_the_small_pool() -> None:
     async def insert_account(i: int) -> None:
         nonlocal peak
         peak = max(peak, supervisor.stats().running)
-        async with get_side_session() as session:
+        async with get_side_session(account=Unscoped.ADMIN) as session:
             session.add(Account(slug=f'acct-{i}', name=f'Account {i}'))
 
     tasks = [supervisor.spawn(insert_account, i) for i in range(1000)]
@@ -211,7 +211,7 @@ async def test_a_thousand_tasks_at_once_share_the_small_pool() -> None:
     assert (stats.completed, stats.failed, stats.running, stats.queued) == (1000, 0, 0, 0)
     assert all(task.exception() is None for task in tasks)
     assert peak <= limit
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(select(func.count()).select_from(Account))).scalar_one() == 1000
     assert pool_status().checked_out == 0
 
@@ -354,7 +354,7 @@ async def test_throttled_work_refuses_sessions_like_spawn() -> None:
         pass
 
     supervisor.spawn_throttled('key', 600, work, 1)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         with pytest.raises(TypeError):
             supervisor.spawn_throttled('key', 600, work, session)
     await supervisor.shutdown()

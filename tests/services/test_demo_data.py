@@ -5,14 +5,14 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from agentrt.db.models import Account, AgentInstance, DirectoryEntry
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import MEDICAL_COUNT, PRODUCE_COUNT, medical_entries, seed_demo_data
 
 
 async def test_seed_is_idempotent() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         first = await seed_demo_data(session=session)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         second = await seed_demo_data(session=session)
     assert first.inserted_entries == MEDICAL_COUNT + PRODUCE_COUNT
     assert second.inserted_entries == 0
@@ -24,7 +24,7 @@ def test_generation_is_deterministic() -> None:
 
 
 async def test_each_account_has_its_own_domain(demo_data: None) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (
             await session.execute(
                 select(Account.slug, DirectoryEntry.schema_name, func.count())
@@ -42,7 +42,7 @@ async def test_each_account_has_its_own_domain(demo_data: None) -> None:
 
 
 async def test_readme_question_has_real_answers(demo_data: None) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         count = (
             await session.execute(
                 select(func.count())

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from agentrt.db.models import Account, DirectoryEntry
-from agentrt.db.session import get_db_session, get_read_only_session
+from agentrt.db.session import Unscoped, get_db_session, get_read_only_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
 from agentrt.services.directory_service import (
     MAX_RESULTS,
@@ -27,24 +27,24 @@ INJECTION = "x'); DROP TABLE accounts; --"
 
 
 async def account_id(slug: str) -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(Account.id).where(Account.slug == slug))).scalar_one()
 
 
 async def count_sql(sql: str, **params: object) -> int:
     """An independent count, written by hand rather than through the service's query builder."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(text(sql), params)).scalar_one()
 
 
 async def search(account: int, **kwargs):
     kwargs.setdefault('query', None)
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         return await search_directory(account, session=session, **kwargs)
 
 
 async def test_list_schemas_per_account() -> None:
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         assert await list_schemas(await account_id(MEDICAL_ACCOUNT), session=session) == [MEDICAL_SCHEMA]
         assert await list_schemas(await account_id(PRODUCE_ACCOUNT), session=session) == [PRODUCE_SCHEMA]
         assert await list_schemas(999_999, session=session) == []
@@ -173,7 +173,7 @@ async def test_searches_never_cross_accounts() -> None:
 async def test_same_schema_in_two_accounts_stays_separate() -> None:
     acme, grocer = await account_id(MEDICAL_ACCOUNT), await account_id(PRODUCE_ACCOUNT)
     # Another tenant with the same directory type and a row that matches every criterion below.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         session.add(
             DirectoryEntry(
                 account_id=grocer,
@@ -196,11 +196,11 @@ async def test_same_schema_in_two_accounts_stays_separate() -> None:
 
 async def test_entry_of_another_account_is_not_found() -> None:
     acme, grocer = await account_id(MEDICAL_ACCOUNT), await account_id(PRODUCE_ACCOUNT)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         supplier_id = (
             await session.execute(select(func.min(DirectoryEntry.id)).where(DirectoryEntry.account_id == grocer))
         ).scalar_one()
-    async with get_read_only_session() as session:
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
         own = await get_directory_entry(grocer, supplier_id, session=session)
         assert own is not None and own.schema_name == PRODUCE_SCHEMA and 'min_order_usd' in own.attributes
         assert await get_directory_entry(acme, supplier_id, session=session) is None

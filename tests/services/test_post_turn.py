@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings, pool_status
 from agentrt.db.models.ledger import LLMRequestRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
 from tests.services.ledger.usage_oracle import ledger_totals, rollup_totals
 
@@ -55,7 +55,7 @@ async def test_concurrent_chats_leave_titled_summarised_conversations_and_exact_
     # the roll-ups: one at once, the one pending at the end when draining.
     assert report.completed == 2
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = (
             await session.execute(
                 text('SELECT conversation_id, title, summary FROM conversations ORDER BY conversation_id')
@@ -91,7 +91,7 @@ async def test_a_full_backlog_skips_post_turn_work_without_failing_the_turn(demo
     assert supervisor.stats().rejected == 1  # the roll-up (the title and summary rode on the save)
     gate.set()
     await supervisor.join()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         title = await session.execute(text("SELECT title FROM conversations WHERE conversation_id = 'chat-skipped'"))
         assert title.scalar() == QUESTIONS[0]
         assert not await rollup_totals('account', session=session)
@@ -99,6 +99,6 @@ async def test_a_full_backlog_skips_post_turn_work_without_failing_the_turn(demo
     supervisor.max_queued = 100
     await _turn('chat-skipped', 'And in Portland?')
     await supervisor.join()
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rolled_up = await rollup_totals('account', session=session)
         assert rolled_up and rolled_up == await ledger_totals('account', session=session)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.models import Account, AgentInstance, DirectoryEntry
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -35,7 +35,7 @@ INJECTION = "x'); DROP TABLE accounts; --"
 
 async def deps_for(slug: str, **overrides: Any) -> SessionDependencies:
     """Deps as the runtime builds them: identity from the seeded account and its first agent instance."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = (await session.execute(select(Account).where(Account.slug == slug))).scalar_one()
         agent = (
             await session.execute(select(AgentInstance).where(AgentInstance.account_id == account.id))
@@ -53,7 +53,7 @@ async def deps_for(slug: str, **overrides: Any) -> SessionDependencies:
 
 
 async def entry_ids(slug: str) -> list[int]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         query = select(DirectoryEntry.id).join(Account).where(Account.slug == slug).order_by(DirectoryEntry.id)
         return list((await session.execute(query.limit(5))).scalars())
 
@@ -90,7 +90,7 @@ probe_toolset = FunctionToolset[SessionDependencies]()
 @probe_toolset.tool_plain
 async def hold_connection(seconds: float) -> int:
     """Test-only: hold a session of its own in the database for `seconds`, returning its backend pid."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
         await session.execute(text('SELECT pg_sleep(:s)'), {'s': seconds})
         return pid
@@ -108,7 +108,7 @@ async def directory_gate() -> AsyncIterator[None]:
     on the same pooled connection and prove nothing about concurrency. Waiting on the lock, each one
     is known to be in flight on a connection of its own.
     """
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text('LOCK TABLE directory_entries IN ACCESS EXCLUSIVE MODE'))
         yield
 
@@ -121,7 +121,7 @@ async def wait_for_backends(*, lock_waiters: int, sleepers: int) -> None:
     )
     async with asyncio.timeout(10):
         while True:
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.OWNER) as session:  # sees every role's backends
                 if tuple((await session.execute(query)).one()) == (lock_waiters, sleepers):
                     return
             await asyncio.sleep(0.01)
@@ -375,6 +375,6 @@ async def test_malformed_arguments_become_retries_never_crashes() -> None:
     assert returns['query-sql'].content.total_matches == returns['value-sql'].content.total_matches == 0
     odd = returns['odd-case'].content
     assert len(odd.results) == 5 and {hit.city for hit in odd.results} == {'Seattle'}
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(select(func.count()).select_from(Account))).scalar_one() == 2
     assert pool_status().checked_out == 0

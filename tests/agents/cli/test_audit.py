@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from agentrt.agents.cli.audit import render_detail, render_page
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, get_request, list_requests
 from tests.agents.cli.helpers import invoke, run_cli
 from tests.factories import scalar
 
 
 async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         page = await list_requests(session=session)
     render_page(page, as_json=False)
     table = capsys.readouterr().out
@@ -30,7 +30,7 @@ async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.Ca
 
 
 async def test_show_prints_the_row_and_each_body(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         detail = await get_request(session=session, request_id=seeded[0].id)
     assert detail is not None
     render_detail(detail, as_json=False)

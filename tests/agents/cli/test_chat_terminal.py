@@ -11,7 +11,7 @@ from pathlib import Path
 import pexpect
 from sqlalchemy import text
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import ROOT
 
 QUESTION = 'Find cardiologists in Seattle'
@@ -66,7 +66,7 @@ async def test_ctrl_c_stops_the_answer_and_ctrl_c_twice_leaves(
     assert 'Traceback' not in output and 'error:' not in output
     assert 'observability' not in output  # pydantic-ai's first-run banner stays away
     assert QUESTION in output and 'search_directory' in output
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         statuses = (
             await session.execute(text("SELECT status FROM llm_requests WHERE chat_session_id = 'term'"))
         ).scalars()

@@ -8,13 +8,13 @@ import json
 import pytest
 
 from agentrt.agents.cli.costs import render_costs
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, summarise_costs
 from tests.agents.cli.helpers import invoke, run_cli
 
 
 async def test_costs_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         by_account = await summarise_costs(session=session, by='account')
     render_costs('account', by_account, as_json=True)
     totals = {group['key']: group for group in json.loads(capsys.readouterr().out)['groups']}

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from agentrt.agents.cli.output import csv_cell
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord
 from tests.agents.cli.helpers import invoke
 
@@ -74,7 +74,7 @@ async def test_audit_show_reads_as_a_conversation_and_json_has_structured_bodies
 
 
 async def test_audit_show_prints_a_body_that_is_not_json_as_text(seeded: list[LedgerRecord], database_url: str):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(
             text("UPDATE llm_request_contents SET body = :body, truncated = true WHERE kind = 'prompt'"),
             {'body': CUT_BODY},
@@ -88,7 +88,7 @@ async def test_audit_show_prints_a_body_that_is_not_json_as_text(seeded: list[Le
 
 
 async def test_trace_url_links_a_request_to_its_trace(seeded: list[LedgerRecord], database_url: str) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text("UPDATE llm_requests SET trace_id = '4bf92f3577b34da6a3ce929d0e0e4736'"))
     env = {'DATABASE_URL': database_url, 'AGENTRT_TRACE_URL': 'http://jaeger:16686/trace/{trace_id}'}
     shown = await invoke('audit', 'show', str(seeded[0].id), env=env)

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Hold, Holder, Period, Refusal, reserve, set_budget
 from agentrt.services.ledger import new_request_id, utc_now
 from tests.factories import ledger_record, write_ledger_row
@@ -99,7 +99,7 @@ async def test_windows_follow_the_calendar_in_utc_or_repeat_from_their_anchor(tw
 async def test_a_custom_window_repeats_every_length_from_its_anchor(two_accounts: tuple[int, int]) -> None:
     alpha, _ = two_accounts
     anchor = datetime(2026, 1, 1, 6, tzinfo=UTC)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account='alpha', limit_usd=Decimal(1), period=Period.parse('7d'),
                          window_anchor=anchor)  # fmt: skip
     hold = await _reserve(alpha, '0.01', at=datetime(2026, 1, 16, 5, tzinfo=UTC))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Hold, reserve
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, new_request_id, utc_now
 from tests.factories import fast_config, ledger_record, scalar
@@ -136,6 +136,6 @@ async def test_a_row_the_database_refuses_to_settle_is_written_all_the_same(
 
 
 async def _ddl(*statements: str) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         for statement in statements:
             await session.execute(text(statement))

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import Account, ConversationEntryRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
     ConcurrentTurnError,
     PostgresConversationStore,
@@ -56,7 +56,7 @@ def _agent() -> Agent[None, str]:
 
 @pytest.fixture
 async def store() -> PostgresConversationStore:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug='appender', name='Appender')
         session.add(account)
         await session.flush()
@@ -70,7 +70,7 @@ async def _fast_turn(store: PostgresConversationStore, conversation_id: str, pro
 
 
 async def _stored_messages(account_id: int) -> list[Any]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = await session.execute(
             text('SELECT message FROM conversation_entries WHERE account_id = :a ORDER BY created_at, id'),
             {'a': account_id},
@@ -89,7 +89,7 @@ async def test_the_fast_path_stores_what_the_generic_save_stores(store: Postgres
     assert stored is not None and len(stored) == 8 and [e.id for e in stored] == [e.id for e in saved_entries]
     assert_chain(stored)
     # Row for row, the JSON the generic path (`write_record`) would have stored for the same entries.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         rows = await session.execute(
             text('SELECT id, parent_id, kind, message FROM conversation_entries WHERE account_id = :a'),
             {'a': store.account_id},
@@ -146,7 +146,7 @@ async def test_a_turn_saved_meanwhile_wins_and_nothing_of_the_late_one_is_stored
 
 async def test_the_save_releases_the_claim_in_its_transaction(store: PostgresConversationStore) -> None:
     claim = TurnClaim.mint(store.account_id, 'claimed', lease_s=60)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await claim.take(session=session)
     recent = await load_recent_conversation(store, 'claimed', max_tokens=16_000)
     result = await _agent().run('hi', conversation=recent.conversation)
@@ -156,7 +156,7 @@ async def test_the_save_releases_the_claim_in_its_transaction(store: PostgresCon
         assert await scalar('SELECT count(*) FROM conversation_turns') == 0
     # A refused save keeps the claim (the turn releases it when it ends).
     claim = TurnClaim.mint(store.account_id, 'claimed', lease_s=60)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await claim.take(session=session)
     with pytest.raises(ConcurrentTurnError):
         await append_turn(store, result, recent, claim=claim)
@@ -193,7 +193,7 @@ async def test_a_save_whose_connection_is_killed_is_saved_once(
         attempts.append(1)
         if len(attempts) == 1:
             pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-            async with get_db_session() as admin:
+            async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
         return await real(self, session, *args)
 
@@ -227,7 +227,7 @@ async def test_a_save_that_committed_before_its_reply_was_lost_is_not_saved_agai
 
 
 async def _summary_row(store: PostgresConversationStore, conversation_id: str) -> dict[str, Any]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         row = await session.execute(
             text(
                 'SELECT title, summary, summary_head_id, head_id, summarised_at FROM conversations '
@@ -249,7 +249,7 @@ async def test_a_due_title_and_summary_are_stored_by_the_save(store: PostgresCon
     assert (row['title'], row['summary']) == title_and_summary(history, None)
     *_, second = await _fast_turn(store, 'c', 'again', summary_every=every)
     assert not second.summarised and (await _summary_row(store, 'c'))['summary_head_id'] == row['head_id']
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text("UPDATE conversations SET title = 'Chosen' WHERE conversation_id = 'c'"))
     *_, third = await _fast_turn(store, 'c', 'and again', summary_every=every)
     after = await _summary_row(store, 'c')

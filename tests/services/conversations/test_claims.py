@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import ConcurrentTurnError, conversation_claim
 from tests.factories import scalar
 
@@ -16,7 +16,7 @@ from tests.factories import scalar
 @pytest.fixture
 async def account() -> int:
     row = Account(slug='claims', name='Claims')
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         session.add(row)
         await session.flush()
         return row.id

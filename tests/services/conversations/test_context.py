@@ -16,7 +16,7 @@ from pydantic_ai.messages import (
 from sqlalchemy import text
 
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
     FitMemo,
     PostgresConversationStore,
@@ -115,7 +115,7 @@ def test_estimate_counts_text_arguments_and_results() -> None:
 
 
 async def test_the_tail_load_is_bounded_by_size_and_saving_appends_to_the_whole_record() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug='ctx', name='Ctx')
         session.add(account)
         await session.flush()
@@ -128,7 +128,7 @@ async def test_the_tail_load_is_bounded_by_size_and_saving_appends_to_the_whole_
         entries.append(ConversationEntry(parent_id=entries[-1].id if entries else None, message=message))
     record = ConversationRecord(conversation_id='long', head_id=entries[-1].id)
     await store.write_record(record, new_entries=entries, expected_revision=None)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(text("UPDATE conversations SET title = 'The topic' WHERE conversation_id = 'long'"))
 
     recent = await load_recent_conversation(store, 'long', max_tokens=1_000)

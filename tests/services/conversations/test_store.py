@@ -35,7 +35,7 @@ from sqlalchemy import func, select, text
 
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, ConversationEntryRow, ConversationRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
     ConcurrentTurnError,
     PostgresConversationStore,
@@ -87,7 +87,7 @@ def tool_agent() -> Agent[None, str]:
 async def account_ids() -> tuple[int, int]:
     """Two bare accounts (the full demo seed is not needed and costs a second per test)."""
     accounts = [Account(slug='tenant-a', name='Tenant A'), Account(slug='tenant-b', name='Tenant B')]
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         session.add_all(accounts)
         await session.flush()
         return accounts[0].id, accounts[1].id
@@ -102,7 +102,7 @@ async def count_rows(model: type, account_id: int | None = None) -> int:
     query = select(func.count()).select_from(model)
     if account_id is not None:
         query = query.where(model.account_id == account_id)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(query)).scalar_one()
 
 
@@ -404,7 +404,7 @@ async def test_entries_and_records_survive_json_round_trip(store: PostgresConver
     assert [await store.read_entry(e.id) for e in saved] == saved
 
     # Stored as JSON objects, readable from SQL.
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         kinds = (
             await session.execute(text("SELECT message ->> 'kind' FROM conversation_entries ORDER BY id"))
         ).scalars()

@@ -16,14 +16,14 @@ from sqlalchemy import text
 
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import Account, ConversationEntryRow
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore, load_conversation, save_turn
 from tests.services.conversations.test_store import Recorder, assert_chain, count_rows, turn
 
 
 @pytest.fixture
 async def store() -> PostgresConversationStore:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug='tenant-a', name='Tenant A')
         session.add(account)
         await session.flush()
@@ -37,7 +37,7 @@ def _agent() -> Agent[None, str]:
 async def _kill_own_backend(session: Any) -> None:
     """Terminate this session's backend from another connection, as a failover or an operator would."""
     pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-    async with get_db_session() as admin:
+    async with get_db_session(account=Unscoped.OWNER) as admin:
         await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
 
 

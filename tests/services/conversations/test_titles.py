@@ -12,7 +12,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
 from agentrt.db.models import Account
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
     Exchange,
     PostgresConversationStore,
@@ -38,7 +38,7 @@ AGENT = Agent(FunctionModel(_answer, model_name='test-model'))
 
 
 async def _account(slug: str = 'acme') -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         account = Account(slug=slug, name=slug.title())
         session.add(account)
         await session.flush()
@@ -52,7 +52,7 @@ async def _turn(account_id: int, conversation_id: str, prompt: str) -> None:
 
 
 async def _row(account_id: int, conversation_id: str) -> dict[str, Any]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         row = await session.execute(
             text(
                 'SELECT title, summary, summary_head_id, head_id, summarised_at FROM conversations '
@@ -101,7 +101,7 @@ async def test_a_retry_or_late_task_does_nothing() -> None:
 async def test_an_existing_title_is_never_replaced() -> None:
     account_id = await _account()
     await _turn(account_id, 'c1', 'Where is radiology?')
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         await session.execute(
             text("UPDATE conversations SET title = 'Chosen by the user' WHERE conversation_id = 'c1'")
         )

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import current_settings
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import _turns
@@ -36,7 +36,7 @@ async def queue(demo_data: None, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     settings = current_settings()
     monkeypatch.setattr(settings, 'background', 'queue')
     monkeypatch.setattr(settings, 'usage_rollup_seconds', 0.0)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text(f'TRUNCATE {_PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
     yield
     await get_supervisor().join()
@@ -50,7 +50,7 @@ async def _chat(session_id: str) -> None:
 
 
 async def _jobs() -> list[tuple[str, str]]:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:
         rows = await session.execute(text('SELECT task_name, status::text FROM procrastinate_jobs ORDER BY id'))
         return [(str(name), str(status)) for name, status in rows]
 
@@ -140,7 +140,7 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
     locked = asyncio.Event()
 
     async def hold_rollup_lock() -> None:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text(_ROLLUP_LOCK))
             locked.set()
             await release.wait()

@@ -16,7 +16,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
 from agentrt.db.engine import pool_status
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import chat_deps, content_rows, fast_config, ledger_rows, scalar
@@ -53,7 +53,7 @@ def _db_agent(tracker: LLMRequestTracker) -> Agent[SessionDependencies, str]:
     @agent.tool
     async def count_entries(ctx: RunContext[SessionDependencies], n: int) -> int:
         # A tool opens its own session: the ledger never shares it.
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             return (await session.execute(text('SELECT count(*) + :n FROM accounts'), {'n': n})).scalar_one()
 
     return agent
@@ -123,7 +123,7 @@ async def test_failed_model_request_is_recorded_with_success_false(tracker: LLMR
 async def test_rollback_of_the_callers_transaction_keeps_the_ledger_row(tracker: LLMRequestTracker):
     agent = _db_agent(tracker)
     with pytest.raises(RuntimeError, match='caller gives up'):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text("INSERT INTO accounts (slug, name) VALUES ('tmp', 'Temp')"))
             await agent.run('how many?', deps=chat_deps())
             raise RuntimeError('caller gives up')

@@ -17,7 +17,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, Use
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.session import get_side_session
+from agentrt.db.session import Unscoped, get_side_session
 from agentrt.services.conversations._store import message_json
 from agentrt.services.ledger import LLMRequestTracker, _contents, _record, ledger_capability, remember_message_json
 from agentrt.services.ledger._contents import Body, RunBodies
@@ -147,7 +147,7 @@ async def test_rows_and_their_contents_share_one_transaction(tmp_path: Path):
     async def counted() -> AsyncIterator[AsyncSession]:
         nonlocal sessions
         sessions += 1
-        async with get_side_session() as session:
+        async with get_side_session(account=Unscoped.ADMIN) as session:
             yield session
 
     tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=counted)

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerFilters, LedgerRecord, RollupCannotAnswer, roll_up_pending, summarise_costs
 from tests.services.ledger.usage_oracle import GROUPINGS
 from tests.services.ledger.usage_rows import ledger_row as _ledger
@@ -18,7 +18,7 @@ LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 async def test_cost_summaries_by_account_agent_model_and_day(seeded: list[LedgerRecord]):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         by = {
             grouping: await summarise_costs(session=session, by=grouping)
             for grouping in ('account', 'agent', 'model', 'day')
@@ -36,7 +36,7 @@ async def test_cost_summaries_by_account_agent_model_and_day(seeded: list[Ledger
     assert sum(s.input_tokens for s in by['day']) == 500 and isinstance(by['day'][0].input_tokens, int)
     assert {s.key for s in acme_only} == {'gpt-4o-mini', 'gpt-4o'}
     with pytest.raises(ValueError, match='cannot group'):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await summarise_costs(session=session, by='weekday')  # type: ignore[arg-type]
 
 
@@ -61,12 +61,12 @@ async def test_costs_from_the_rollup_equal_costs_from_the_ledger() -> None:
         LedgerFilters(until=midnight),
     ):
         for by in GROUPINGS:
-            async with get_db_session() as session:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
                 from_ledger = await summarise_costs(session=session, by=by, filters=filters)
                 assert await summarise_costs(session=session, by=by, filters=filters, source='rollup') == from_ledger
                 assert from_ledger, (by, filters)
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         for filters in (LedgerFilters(success=False), LedgerFilters(since=midnight + timedelta(hours=3))):
             with pytest.raises(RollupCannotAnswer):
                 await summarise_costs(session=session, by='day', filters=filters, source='rollup')

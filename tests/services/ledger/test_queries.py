@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import (
     AmbiguousRequestIdError,
     LedgerFilters,
@@ -21,7 +21,7 @@ DAY2 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 async def test_list_filters_and_orders_newest_first(seeded: list[LedgerRecord]):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         everything = await list_requests(session=session)
         failed = await list_requests(session=session, filters=LedgerFilters(success=False))
         acme = await list_requests(session=session, filters=LedgerFilters(account='acme'))
@@ -39,7 +39,7 @@ async def test_list_filters_and_orders_newest_first(seeded: list[LedgerRecord]):
 
 
 async def test_pages_and_the_page_size_cap(seeded: list[LedgerRecord]):
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         first = await list_requests(session=session, page=1, page_size=2)
         third = await list_requests(session=session, page=3, page_size=2)
         capped = await list_requests(session=session, page_size=10_000)
@@ -50,7 +50,7 @@ async def test_pages_and_the_page_size_cap(seeded: list[LedgerRecord]):
 
 async def test_get_request_by_id_or_prefix_with_its_contents(seeded: list[LedgerRecord]):
     target = seeded[0]
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         detail = await get_request(session=session, request_id=str(target.id))
         by_prefix = await get_request(session=session, request_id=target.id.hex[:20])
         missing = await get_request(session=session, request_id=uuid.uuid4())

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text
 from agentrt.db.engine import pool_status
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageRolledUpRequest
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import recompute_usage_rollups, roll_up_account_usage, roll_up_pending, summarise_costs
 from agentrt.services.post_turn import schedule_post_turn_work
@@ -36,7 +36,7 @@ async def _drain() -> AsyncIterator[None]:
 
 
 async def _assert_rollup_equals_ledger(**filters: object) -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         for by in GROUPINGS:
             assert await rollup_totals(by, session=session, **filters) == await ledger_totals(
                 by, session=session, **filters
@@ -44,7 +44,7 @@ async def _assert_rollup_equals_ledger(**filters: object) -> None:
 
 
 async def _total_requests() -> int:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         return sum(t.requests for t in await rollup_totals('day', session=session))
 
 
@@ -60,7 +60,7 @@ async def test_roll_up_counts_every_ledger_row_once() -> None:
     assert await roll_up_pending(LONG_AGO) == 0  # a retry finds nothing left to count
     await _assert_rollup_equals_ledger()
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         [account] = await rollup_totals('account', session=session, account_id=a1)
     assert (account.requests, account.failed_requests, account.unpriced_requests) == (3, 1, 2)
     assert (account.input_tokens, account.output_tokens, account.total_tokens) == (1010, 202, 1212)
@@ -78,7 +78,7 @@ async def test_requests_a_budget_refused_are_in_no_total() -> None:
     assert await _total_requests() == 1
     recomputed = await recompute_usage_rollups(TODAY, TODAY)
     assert recomputed == 1 and await _total_requests() == 1
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         (ledger,) = await summarise_costs(session=session, by='account')
         (rolled,) = await summarise_costs(session=session, by='account', source='rollup')
     assert ledger.requests == rolled.requests == 1 and ledger.failed == 0
@@ -124,7 +124,7 @@ async def test_concurrent_turns_and_retried_roll_ups_match_the_ledger() -> None:
     report = await drain_supervisor(timeout=60)
     assert report is not None and report.failed == 0 and report.cancelled == 0
 
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
         claimed = (await session.execute(select(func.count()).select_from(UsageRolledUpRequest))).scalar_one()
     assert claimed == ledger_rows > 60
@@ -141,13 +141,13 @@ async def test_recompute_rebuilds_the_same_totals_and_repairs_drift() -> None:
         await _ledger(a1, g1, started_at=started)
         await _ledger(a2, g2, started_at=started, model='gpt-4o')
     await roll_up_pending(LONG_AGO)
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         before = {by: await rollup_totals(by, session=session) for by in GROUPINGS}
         await session.execute(text('UPDATE usage_daily_rollups SET requests = requests + 7, total_cost = 99'))
 
     first_day = TODAY - timedelta(days=10)
     assert await recompute_usage_rollups(first_day, TODAY) == 6
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         assert {by: await rollup_totals(by, session=session) for by in GROUPINGS} == before
     await _assert_rollup_equals_ledger()
     assert await roll_up_pending(LONG_AGO) == 0  # the recompute marked every row of the range counted
@@ -171,6 +171,6 @@ async def test_recompute_and_roll_ups_running_together_stay_equal_to_the_ledger(
 
 
 async def test_grouping_is_an_allowlist() -> None:
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         with pytest.raises(ValueError, match='cannot group costs by'):
             await summarise_costs(session=session, by='account; DROP TABLE llm_requests', source='rollup')  # type: ignore[arg-type]

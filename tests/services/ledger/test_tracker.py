@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from agentrt.db.engine import get_engine, pool_status
-from agentrt.db.session import get_db_session, get_side_session
+from agentrt.db.session import Unscoped, get_db_session, get_side_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, is_transient_db_error, utc_now
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 
@@ -51,7 +51,7 @@ async def test_a_commit_whose_reply_is_lost_is_retried_without_billing_twice(tmp
     async def reply_lost_once() -> AsyncIterator[AsyncSession]:
         nonlocal calls
         calls += 1
-        async with get_side_session() as session:
+        async with get_side_session(account=Unscoped.ADMIN) as session:
             yield session
         if calls == 1:  # committed, but the caller never hears so
             raise ConnectionResetError('connection reset by peer')
@@ -110,7 +110,7 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
             async with dead_sessions() as session, session.begin():
                 yield session
         else:
-            async with get_side_session() as session:
+            async with get_side_session(account=Unscoped.ADMIN) as session:
                 yield session
 
     tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=sessions)
@@ -194,7 +194,7 @@ async def test_rows_pending_when_the_program_ends_are_spooled_then_replayed(tmp_
 
 async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     tracker = LLMRequestTracker(fast_config(tmp_path))
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.OWNER) as session:  # DDL: the owner
         await session.execute(
             text('ALTER TABLE llm_request_contents ADD CONSTRAINT ck_test_refuse CHECK (false) NOT VALID')
         )
@@ -203,7 +203,7 @@ async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, capl
         assert await tracker.track_request(record) == 'written'
         await tracker.flush()
     finally:
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text('ALTER TABLE llm_request_contents DROP CONSTRAINT ck_test_refuse'))
     assert len(await ledger_rows(id=record.id)) == 1
     assert await content_rows(record.id) == []
@@ -213,7 +213,7 @@ async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, capl
 
 async def test_no_content_row_can_exist_without_its_ledger_row(tmp_path: Path):
     with pytest.raises(sqlalchemy.exc.IntegrityError, match='foreign key'):
-        async with get_db_session() as session:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(
                 text(
                     'INSERT INTO llm_request_contents (request_id, kind, body, size_bytes, truncated, redactions) '

@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from agentrt.db.models import Account, AgentInstance
-from agentrt.db.session import get_db_session
+from agentrt.db.session import Unscoped, get_db_session
 from tests.factories import ledger_record, write_ledger_row
 
 
 async def tenants(n_accounts: int = 3) -> list[tuple[int, int]]:
     """(account id, agent instance id) pairs: two agents per account."""
-    async with get_db_session() as session:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
         pairs = []
         for a in range(n_accounts):
             account = Account(slug=f'acct-{a}', name=f'Account {a}')
