@@ -3,8 +3,9 @@
 Builds the wheel, checks that it holds every module of the layer folders under `agentrt/` (and nothing at the top
 level but `agentrt`), installs it with `openai-agents` (which owns the top-level `agents` package) into a fresh
 virtual environment, then, from a directory outside the repository: imports both, imports every `agentrt` module but
-the HTTP API's, reads the packaged migrations, runs `agentrt --help`, and checks that `agentrt serve` without the
-`http` extra says how to install it. Then it adds the `http` and `agui` extras and imports the HTTP API's modules.
+the HTTP API's and the job queue's, reads the packaged migrations, runs `agentrt --help`, and checks that `agentrt
+serve` without the `http` extra and `agentrt worker` without the `queue` extra say how to install them. Then it adds
+the `http`, `agui` and `queue` extras and imports the HTTP API's and the job queue's modules.
 Any failure prints what went wrong and exits 1.
 
 Slow (a virtual environment and two installs), so `.ci/run` runs it as its own step, not in the test suite.
@@ -39,7 +40,8 @@ IMPORT_CHECK = textwrap.dedent("""
     skip = ('agentrt.db.migrations.env', '.__main__')
     names = [m.name for m in pkgutil.walk_packages(agentrt.__path__, 'agentrt.') if not m.name.endswith(skip)]
     http = sys.argv[1] == 'http'
-    names = [name for name in names if name.startswith('agentrt.api.') == http]  # the HTTP API needs its extra
+    extras = ('agentrt.api.', 'agentrt.services.jobs')  # the HTTP API and the job queue need their extras
+    names = [name for name in names if name.startswith(extras) == http]
     for name in names:
         importlib.import_module(name)
     if http:  # the web UI: its page and every file the page and its modules load are installed
@@ -72,12 +74,18 @@ def main() -> int:
         )
         print(imported, end='')
         help_text = run([str(python.parent / 'agentrt'), '--help'], 'agentrt --help', cwd=outside)
-        for command in ('chat', 'db', 'audit', 'costs', 'ledger', 'keys', 'serve'):
+        for command in ('chat', 'db', 'audit', 'costs', 'ledger', 'budget', 'keys', 'serve', 'worker'):
             if command not in help_text:
                 fail(f'`agentrt --help` does not list the {command!r} command:\n{help_text}')
-        check_serve_without_extra(python.parent / 'agentrt', outside)
-        run([str(python), '-m', 'pip', 'install', '-q', f'{wheel}[http,agui]'], 'install the http and agui extras')
-        imported = run([str(python), '-c', IMPORT_CHECK, 'http'], 'import the HTTP API with its extras', cwd=outside)
+        check_without_extra(python.parent / 'agentrt', outside, 'serve', 'http')
+        check_without_extra(python.parent / 'agentrt', outside, 'worker', 'queue')
+        extras = f'{wheel}[http,agui,queue]'
+        run([str(python), '-m', 'pip', 'install', '-q', extras], 'install the http, agui and queue extras')
+        imported = run(
+            [str(python), '-c', IMPORT_CHECK, 'http'],
+            'import the HTTP API and the job queue with their extras',
+            cwd=outside,
+        )
         print(imported, end='')
     print('wheel check passed')
     return 0
@@ -133,13 +141,15 @@ def check_contents(wheel: Path) -> None:
     print(f'{wheel.name}: {len(expected)} expected files present, only `agentrt` at the top level')
 
 
-def check_serve_without_extra(agentrt: Path, cwd: Path) -> None:
-    """`agentrt serve` without the http extra: exit 2 with the command that installs it, no traceback."""
-    print('-- agentrt serve without the http extra', flush=True)
-    result = subprocess.run([str(agentrt), 'serve'], capture_output=True, text=True, cwd=cwd, check=False)
+def check_without_extra(agentrt: Path, cwd: Path, command: str, extra: str) -> None:
+    """`agentrt COMMAND` without the extra it needs: exit 2 with the command that installs it, no traceback."""
+    print(f'-- agentrt {command} without the {extra} extra', flush=True)
+    result = subprocess.run([str(agentrt), command], capture_output=True, text=True, cwd=cwd, check=False)
     said = ' '.join(result.stderr.split())  # the console wraps long lines
-    if result.returncode != 2 or "pip install 'agentrt[http]'" not in said or 'Traceback' in result.stderr:
-        fail(f'`agentrt serve` without the http extra: exit {result.returncode}\n{result.stdout}\n{result.stderr}')
+    if result.returncode != 2 or f"pip install 'agentrt[{extra}]'" not in said or 'Traceback' in result.stderr:
+        fail(
+            f'`agentrt {command}` without the {extra} extra: exit {result.returncode}\n{result.stdout}\n{result.stderr}'
+        )
 
 
 def make_venv(path: Path) -> Path:
