@@ -229,6 +229,22 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+async def delete_chats(prefix: str, *, account: Unscoped = Unscoped.OWNER) -> None:
+    """Remove the conversations (entries, claims) and ledger rows of chats whose ids start with `prefix-`."""
+    pattern = {'p': f'{prefix}-%'}
+    async with get_db_session(account=account) as session:
+        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
+        heads = text(
+            'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
+            'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
+            'WHERE e.parent_id IS NOT NULL) SELECT id FROM chain WHERE id IS NOT NULL'
+        )
+        ids = list((await session.execute(heads, pattern)).scalars())
+        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
+        await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
+
+
 def print_config(title: str, config: dict[str, Any]) -> None:
     """Print the benchmark's title and configuration."""
     print(title)

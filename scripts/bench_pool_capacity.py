@@ -30,6 +30,7 @@ from typing import Any
 from bench_common import (
     PoolMeter,
     closed_loop,
+    delete_chats,
     demo_planner_model,
     int_list,
     machine_info,
@@ -249,24 +250,8 @@ async def main() -> None:
     finally:
         await get_request_tracker().flush()
         await drain_supervisor()  # and the usage roll-up still pending
-        await delete_chats()
+        await delete_chats(CHAT_PREFIX)
         await close_database()
-
-
-async def delete_chats() -> None:
-    """Remove the simple_chat conversations (entries, claims) and ledger rows this run wrote."""
-    pattern = {'p': f'{CHAT_PREFIX}-%'}
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
-        heads = text(
-            'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
-            'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
-            'WHERE e.parent_id IS NOT NULL) SELECT id FROM chain WHERE id IS NOT NULL'
-        )
-        ids = list((await session.execute(heads, pattern)).scalars())
-        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
-        await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
-        await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
 
 
 if __name__ == '__main__':

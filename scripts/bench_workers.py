@@ -30,6 +30,7 @@ import psutil
 import psycopg
 from bench_common import (
     ROOT,
+    delete_chats,
     demo_planner_model,
     int_list,
     machine_info,
@@ -215,7 +216,7 @@ async def main() -> None:
         rows = [await run_n(n, bouncer, args, postmaster) for n in args.workers]
     finally:
         bouncer.stop()
-        await delete_chats()
+        await delete_chats(CHAT_PREFIX, account=Unscoped.ADMIN)
         await shutdown_runtime()
     print_table(rows, [(key, key) for key in rows[0] if key != 'errors'])
     for row in rows:
@@ -223,22 +224,6 @@ async def main() -> None:
             print(f'  N={row["workers"]}: {error}')
     summary = {'all_ok': all(r['turns_failed'] == 0 and r['ledger_exact'] for r in rows)}
     write_results(args.out, 'bench_workers', config, machine, rows, summary)
-
-
-async def delete_chats() -> None:
-    """Remove the conversations (entries, claims) and ledger rows this run wrote."""
-    pattern = {'p': f'{CHAT_PREFIX}-%'}
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
-        heads = text(
-            'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
-            'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
-            'WHERE e.parent_id IS NOT NULL) SELECT id FROM chain WHERE id IS NOT NULL'
-        )
-        ids = list((await session.execute(heads, pattern)).scalars())
-        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
-        await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
-        await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
 
 
 def _postmaster_pid() -> int:
