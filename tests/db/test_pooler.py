@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pydantic_ai import ModelRequest, ModelResponse, TextPart, UserPromptPart
-from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -26,6 +24,7 @@ from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, 
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.cli.helpers import invoke
+from tests.conversation_races import assert_one_writer_wins
 from tests.factories import ledger_rows
 from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
 from tests.private_database import CountingModel
@@ -173,21 +172,7 @@ async def test_chats_with_parallel_tools_bill_each_request_exactly_once(
 
 async def test_conversation_compare_and_swap_has_one_winner(two_accounts: tuple[int, int], pooled: object) -> None:
     store = PostgresConversationStore(two_accounts[0])
-    first = ConversationEntry(parent_id=None, message=ModelRequest(parts=[UserPromptPart('hi')]))
-    base = ConversationRecord(conversation_id='c', head_id=first.id)
-    await store.write_record(base, new_entries=[first], expected_revision=None)
-
-    async def write(i: int) -> str:
-        entry = ConversationEntry(parent_id=first.id, message=ModelResponse(parts=[TextPart(f'writer {i}')]))
-        record = ConversationRecord(conversation_id='c', head_id=entry.id)
-        await store.write_record(record, new_entries=[entry], expected_revision=base.revision)
-        return record.revision
-
-    outcomes = await asyncio.gather(*(write(i) for i in range(12)), return_exceptions=True)
-    winners = [o for o in outcomes if isinstance(o, str)]
-    assert len(winners) == 1
-    assert all(isinstance(o, ConversationConflict) for o in outcomes if not isinstance(o, str))
-    assert (await store.read_record('c')).revision == winners[0]
+    await assert_one_writer_wins(store, writers=12)
 
 
 @pytest.fixture

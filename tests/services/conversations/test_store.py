@@ -42,6 +42,7 @@ from agentrt.services.conversations import (
     load_conversation,
     save_turn,
 )
+from tests.conversation_races import assert_one_writer_wins
 
 
 @dataclass
@@ -181,22 +182,7 @@ async def test_concurrent_turns_one_wins_other_gets_conflict(store: PostgresConv
 
 
 async def test_many_concurrent_writers_exactly_one_wins(store: PostgresConversationStore) -> None:
-    first = ConversationEntry(parent_id=None, message=ModelRequest(parts=[UserPromptPart('hi')]))
-    base = ConversationRecord(conversation_id='c', head_id=first.id)
-    await store.write_record(base, new_entries=[first], expected_revision=None)
-
-    async def write(i: int) -> str:
-        entry = ConversationEntry(parent_id=first.id, message=ModelResponse(parts=[TextPart(f'writer {i}')]))
-        record = ConversationRecord(conversation_id='c', head_id=entry.id)
-        await store.write_record(record, new_entries=[entry], expected_revision=base.revision)
-        return record.revision
-
-    outcomes = await asyncio.gather(*(write(i) for i in range(8)), return_exceptions=True)
-
-    winners = [o for o in outcomes if isinstance(o, str)]
-    assert len(winners) == 1
-    assert all(isinstance(o, ConversationConflict) for o in outcomes if not isinstance(o, str))
-    assert (await store.read_record('c')).revision == winners[0]
+    await assert_one_writer_wins(store, writers=8)
     assert await count_rows(ConversationEntryRow) == 2
 
 
