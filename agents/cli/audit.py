@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -23,7 +22,7 @@ from agentrt.agents.cli.filters import (
     one_output_format,
 )
 from agentrt.agents.cli.output import Column, fitted_table, print_csv
-from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, print_json, run
+from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from agentrt.db.models.ledger import LLMRequestRow
     from agentrt.services.ledger import LedgerDetail, LedgerPage
 
-T = TypeVar('T')
 
 MAX_PAGE = (2**63 - 1) // 100  # the row offset of the last page still fits a bigint
 TRACE_URL_ENV = 'AGENTRT_TRACE_URL'
@@ -68,7 +66,7 @@ def audit_list(
 
         return await list_requests(session=session, filters=filters, page=page, page_size=page_size)
 
-    render_page(run(_with_session, query), as_json=as_json, as_csv=as_csv)
+    render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
 
 
 @audit_app.command('show')
@@ -85,7 +83,7 @@ def audit_show(
         return await get_request(session=session, request_id=request_id)
 
     try:
-        detail = run(_with_session, query)
+        detail = run(operator_session, query, read_only=True)
     except (ValueError, AmbiguousRequestIdError) as exc:
         fail(str(exc), EXIT_USAGE)
     if detail is None:
@@ -181,18 +179,6 @@ def trace_url(trace_id: str | None) -> str | None:
     if not trace_id or not template:
         return None
     return template.replace('{trace_id}', trace_id)
-
-
-async def _with_session(query: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import Unscoped, get_read_only_session
-
-    await init_database()
-    try:
-        async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
-            return await query(session)
-    finally:
-        await close_database()
 
 
 def ledger_columns() -> list[str]:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
-from agentrt.agents.cli.support import console, err_console, print_json, run
+from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from agentrt.services.budgets import BudgetStatus, SweepReport
 
-T = TypeVar('T')
 
 budget_app = typer.Typer(
     help='Spend limits per account (USD per month, week, day or a custom window), held before every model request.',
@@ -48,7 +46,7 @@ def budget_set(
     anchored = parse_time(anchor, '--anchor')
     who = _required_account(account)
     status: BudgetStatus = run(
-        _with_session,
+        operator_session,
         lambda s: set_budget(session=s, account=who, limit_usd=limit_usd, period=window, window_anchor=anchored),
     )
     _render([status], as_json=as_json)
@@ -61,7 +59,7 @@ def budget_show(
 ) -> None:
     """Show budgets and their current period: limit, spent, held by requests in flight, remaining."""
     who = account_option(account)
-    statuses: list[BudgetStatus] = run(_with_session, lambda s: _statuses(s, who))
+    statuses: list[BudgetStatus] = run(operator_session, lambda s: _statuses(s, who))
     if who is not None and not statuses and not as_json:
         err_console.print(f'account {account!r} has no budget (no limit)', highlight=False)
         return
@@ -74,7 +72,7 @@ def budget_remove(account: str = _ACCOUNT, as_json: bool = JSON_OPTION) -> None:
     from agentrt.services.budgets import remove_budget
 
     who = _required_account(account)
-    removed: bool = run(_with_session, lambda s: remove_budget(session=s, account=who))
+    removed: bool = run(operator_session, lambda s: remove_budget(session=s, account=who))
     if as_json:
         print_json({'account': account, 'removed': removed})
         return
@@ -117,18 +115,6 @@ async def _sweep() -> SweepReport:
     await init_database()
     try:
         return await sweep_reservations()
-    finally:
-        await close_database()
-
-
-async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import Unscoped, get_db_session
-
-    await init_database()
-    try:
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            return await operation(session)
     finally:
         await close_database()
 

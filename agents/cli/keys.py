@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION
-from agentrt.agents.cli.support import console, err_console, print_json, run
+from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
-
     from agentrt.services.api_keys import ApiKeyInfo, NewApiKey
 
 # agentrt.db.models.API_KEY_SCOPES, not imported here (`keys --help` stays fast; a test checks they agree).
 API_KEY_SCOPES = ('chat', 'read')
 
-T = TypeVar('T')
 
 keys_app = typer.Typer(
     help='API keys for the HTTP API: one account per key, shown once, revocable.', no_args_is_help=True
@@ -43,7 +39,7 @@ def create(
     from agentrt.services.api_keys import create_api_key
 
     created: NewApiKey = run(
-        _with_session, lambda s: create_api_key(session=s, account=account, name=name, scopes=scope)
+        operator_session, lambda s: create_api_key(session=s, account=account, name=name, scopes=scope)
     )
     if as_json:
         print_json({'key': created.token, **asdict(created.info)})
@@ -68,7 +64,7 @@ def list_keys(
     from agentrt.services.api_keys import list_api_keys
 
     keys: list[ApiKeyInfo] = run(
-        _with_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
+        operator_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
     )
     if as_json:
         print_json([asdict(key) for key in keys])
@@ -97,23 +93,11 @@ def revoke(
     """Revoke a key: servers refuse it within AGENTRT_API_KEY_CACHE_SECONDS (30 s by default)."""
     from agentrt.services.api_keys import revoke_api_key
 
-    revoked: ApiKeyInfo = run(_with_session, lambda s: revoke_api_key(session=s, key=key))
+    revoked: ApiKeyInfo = run(operator_session, lambda s: revoke_api_key(session=s, key=key))
     if as_json:
         print_json(asdict(revoked))
         return
     console.print(f'revoked {revoked.public_id} (account {revoked.account_slug!r})', highlight=False)
-
-
-async def _with_session(operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    from agentrt.db.engine import close_database, init_database
-    from agentrt.db.session import Unscoped, get_db_session
-
-    await init_database()
-    try:
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            return await operation(session)
-    finally:
-        await close_database()
 
 
 def _when(moment: datetime | None) -> str:

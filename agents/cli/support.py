@@ -15,11 +15,11 @@ import signal
 import threading
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -41,6 +41,9 @@ from agentrt.db.errors import (
     RuntimeBusyError,
     TurnLimitExceededError,
 )
+
+if TYPE_CHECKING:  # the runtime is imported when a command runs, so every `--help` stays fast
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 T = TypeVar('T')
 
@@ -146,6 +149,21 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
     error_line(message)
     raise typer.Exit(code)
+
+
+async def operator_session(operation: Callable[[AsyncSession], Awaitable[T]], *, read_only: bool = False) -> T:
+    """Start the database, run `operation` in one operator session (`Unscoped.ADMIN`: every account), close the
+    database; `read_only` for commands that only look. Run it with `run(operator_session, ...)`."""
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import Unscoped, get_db_session, get_read_only_session
+
+    await init_database()
+    try:
+        opened = get_read_only_session if read_only else get_db_session
+        async with opened(account=Unscoped.ADMIN) as session:
+            return await operation(session)
+    finally:
+        await close_database()
 
 
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
