@@ -14,35 +14,27 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import logfire
-import pydantic_ai.models
 import pytest
 import pytest_asyncio
-from sqlalchemy import insert, text
 
-from agentrt.agents.runtime import shutdown_runtime
-from agentrt.db.engine import get_engine, init_database
-from agentrt.db.models import Account
-from agentrt.db.session import Unscoped, get_db_session
-from agentrt.db.settings import Settings
-from agentrt.services.background import drain_supervisor
-from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
-from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
-from tests.private_database import PrivateDatabase
-from tests.table_reset import TableReset
-from tests.worker_database import drop_worker_database, worker_database
+if TYPE_CHECKING:
+    from agentrt.db.settings import Settings
+    from tests.pgbouncer import PgBouncer, PooledDatabase
+    from tests.private_database import PrivateDatabase
+    from tests.table_reset import TableReset
 
-# No test may reach a real model provider, and no span may leave the machine.
-pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
-logfire.configure(send_to_logfire=False, console=False)
+# The runtime is imported by the fixtures, not here: the xdist controller loads this file too, runs no test, and
+# starts the workers only once it is loaded (importing the runtime here made every run start 1.3 s later).
 
 TEST_POOL_SIZE = 5
 TEST_MAX_OVERFLOW = 5
 
 
 def _test_settings(data_dir: Path, database_url: str | None) -> Settings:
+    from agentrt.db.settings import Settings
+
     return Settings(
         database_url=database_url,
         data_dir=data_dir,
@@ -53,7 +45,16 @@ def _test_settings(data_dir: Path, database_url: str | None) -> Settings:
     )
 
 
-_table_reset = TableReset()
+def _set_up_test_process() -> None:
+    """In a process that runs tests: no test may reach a real model provider, and no span may leave the machine."""
+    import logfire
+    import pydantic_ai.models
+
+    pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
+    logfire.configure(send_to_logfire=False, console=False)
+
+
+_table_reset: TableReset | None = None
 
 
 @pytest_asyncio.fixture(scope='session', autouse=True)
@@ -64,6 +65,15 @@ async def database() -> AsyncIterator[Settings]:
     basetemp, which another run's clean-up may delete while this one is using it: each xdist worker has a server
     of its own. With `DATABASE_URL`, each worker uses a database of its own on that server (`worker_database`).
     """
+    global _table_reset
+    from sqlalchemy import text
+
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.db.engine import get_engine, init_database
+    from tests.table_reset import TableReset
+    from tests.worker_database import drop_worker_database, worker_database
+
+    _table_reset = TableReset()
     data_root = Path(tempfile.mkdtemp(prefix='agentrt-test-pg-'))
     # atexit runs handlers last-in first-out: registered before the server starts (whose stop handler comes
     # later), the directory goes only after the server has stopped.
@@ -94,6 +104,8 @@ async def private_database(database: Settings) -> AsyncIterator[PrivateDatabase]
     """A PostgreSQL of the run's own (with SSL when Debian's PostgreSQL 15 is installed), migrated and seeded, for
     what must not happen to the shared server: restarts, killed backends, SSL. Made on first use only (its tests
     share the xdist group `private-database`, so one worker makes it)."""
+    from tests.private_database import PrivateDatabase
+
     private = await PrivateDatabase.create()
     yield private
     await private.close()
@@ -104,6 +116,10 @@ def pgbouncer(database: Settings) -> Iterator[PgBouncer]:
     """A PgBouncer in transaction mode in front of the shared test server, with a budget of 4 server connections (so
     the runtime's 5 + 5 client connections share them, as behind a production pooler). `.ci/run` installs it; a run
     without it skips the pooler tests, except in CI where that is a failure."""
+    from agentrt.db.engine import get_engine
+    from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
+    from tests.pgbouncer import bouncer_for
+
     if PGBOUNCER_BINARY is None:
         if os.environ.get('CI'):
             pytest.fail('pgbouncer is not installed: .ci/run installs it with apt')
@@ -117,6 +133,8 @@ def pgbouncer(database: Settings) -> Iterator[PgBouncer]:
 @pytest_asyncio.fixture(scope='session')
 async def pooled_database(database: Settings, pgbouncer: PgBouncer) -> AsyncIterator[PooledDatabase]:
     """The runtime on the shared server through `pgbouncer`, in the pooler mode (`DB_POOLER=pgbouncer`)."""
+    from tests.pgbouncer import PooledDatabase
+
     pooled = await PooledDatabase.create(pgbouncer, database)
     yield pooled
     await pooled.close()
@@ -125,6 +143,8 @@ async def pooled_database(database: Settings, pgbouncer: PgBouncer) -> AsyncIter
 @pytest.fixture(scope='session')
 def database_url(database: Settings) -> str:
     """A URL other processes (CLI and script tests) can use to reach the test server."""
+    from agentrt.db.engine import get_engine
+
     return get_engine().url.render_as_string(hide_password=False)
 
 
@@ -133,6 +153,9 @@ async def clean_database(request: pytest.FixtureRequest, database: Settings) -> 
     """Before each test: every runtime table empty, or holding exactly the demo data when the test asks for
     `demo_data` (tests/table_reset.py does only the work the last test made necessary). Afterwards, let the test's
     background work finish."""
+    from agentrt.services.background import drain_supervisor
+
+    assert _table_reset is not None  # made by `database`
     await _table_reset.reset(demo='demo_data' in request.fixturenames)
     yield
     await drain_supervisor(30)
@@ -147,6 +170,11 @@ def demo_data(clean_database: None) -> None:
 @pytest_asyncio.fixture
 async def two_accounts(clean_database: None) -> tuple[int, int]:
     """Two accounts of their own, `alpha` and `beta` (no demo data): their ids."""
+    from sqlalchemy import insert
+
+    from agentrt.db.models import Account
+    from agentrt.db.session import Unscoped, get_db_session
+
     async with get_db_session(account=Unscoped.ADMIN) as session:
         result = await session.execute(
             insert(Account).returning(Account.id),
@@ -191,6 +219,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None:
         config.option.basetemp = tempfile.mkdtemp(prefix='agentrt-pytest-')
         config.stash[_PRIVATE_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Before collection, in a process that runs tests (an xdist worker, or the run with `-n 0`), not in the xdist
+    controller (which only hands tests out: it need not import the runtime)."""
+    if not session.config.pluginmanager.has_plugin('dsession'):
+        _set_up_test_process()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
