@@ -228,6 +228,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _set_up_test_process()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what exists once the tests are collected (modules, classes, functions, the collected items: objects that
+    live until the process ends) out of the garbage collector's way (`gc.freeze()`): each collection of the oldest
+    generation walked them all (measured: a quarter to two thirds of the garbage collector's time in a test process,
+    3 to 10 % of its CPU). Garbage made by the tests is collected as before, at the same thresholds."""
+    if not session.config.pluginmanager.has_plugin('dsession'):
+        gc.freeze()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the run's own temporary directory (left in place when tests failed, to look at)."""
     private = config.stash.get(_PRIVATE_BASETEMP, None)
