@@ -247,10 +247,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
     """The tests of `private_database` (a PostgreSQL server per process, made on first use) share one xdist worker
-    (`--dist loadgroup`); then `_xdist_group_ids`, once pytest-xdist's own hook has run."""
+    (`--dist loadgroup`); then `_xdist_group_ids`, once pytest-xdist's own hook has run.
+
+    The tests that want the demo rows run first, one after the other (a stable sort: each keeps its place among its
+    kind; the workers take tests in this order): between two of them the 4,500 rows stay in place, while each switch
+    from a test without them to one with them copied them back (about 0.1 s of the server's CPU, 30 times a run).
+    """
     for item in items:
         if 'private_database' in getattr(item, 'fixturenames', ()):
             item.add_marker(pytest.mark.xdist_group('private-database'))
+    items.sort(key=lambda item: 'demo_data' not in getattr(item, 'fixturenames', ()))
     yield
     _xdist_group_ids(config, items)
 
