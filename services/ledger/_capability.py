@@ -128,9 +128,11 @@ class LedgerCapability(AbstractCapability[Any]):
         return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current(), no_budget=no_budget)
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
-        """Run, then wait (bounded) until this run's ledger rows are durable.
+        """Run, then have the run's ledger rows committed now (not after the writer's commit delay) and wait (bounded)
+        until they are durable.
 
-        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`).
+        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`). A run
+        that is cancelled does not wait, but its rows are committed without delay all the same.
         """
         try:
             result = await handler()
@@ -138,6 +140,9 @@ class LedgerCapability(AbstractCapability[Any]):
             self._record_cut(ctx, exc)
             if isinstance(exc, Exception):
                 await self._settle(ctx)
+            else:
+                state = self._state(ctx)
+                state.tracker.commit_now(state.acks)
             raise
         self._record_cut(ctx, None)
         await self._settle(ctx)
@@ -153,6 +158,7 @@ class LedgerCapability(AbstractCapability[Any]):
     async def _settle(self, ctx: Any) -> None:
         state = self._state(ctx)
         acks, state.acks = state.acks, []
+        state.tracker.commit_now(acks)
         if not (self.wait_for_durable and acks):
             return
         _, pending = await asyncio.wait(acks, timeout=self.ack_timeout)

@@ -29,10 +29,13 @@ def start_preparing(
 
 
 def check_prepared(item: PendingRow) -> None:
-    """A preparation that failed (a bug: redaction never raises) costs the record its contents, never its row."""
+    """A preparation that failed (a bug: redaction never raises) costs the record its contents, never its row.
+
+    Checked once: the failure is logged and forgotten (`item.prepared` cleared)."""
     prepared = item.prepared
     if prepared is None or not (prepared.cancelled() or prepared.exception() is not None):
         return
+    item.prepared = None
     error = None if prepared.cancelled() else prepared.exception()
     logger.error('ledger: could not prepare request %s; its contents are dropped', item.record.id, exc_info=error)
     item.record.discard_contents()

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry import trace
@@ -113,24 +114,48 @@ class LLMRequestTracker:
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
 
+    def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
+        """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
+
+        They are committed, with whatever else is ready, as soon as the last of them is prepared, so a run's rows
+        still share one transaction. Never blocks; call it from the loop that submitted them.
+        """
+        queues = self._by_loop.get(asyncio.get_running_loop())
+        waiting = {future for future in futures if not future.done()}
+        if queues is None or not waiting:
+            return
+        token = object()
+        for item in queues.pending:
+            if item.future in waiting:
+                item.hurried = token
+        queues.wake()
+
     async def track_request(self, record: LedgerRecord) -> WriteOutcome:
-        """Write one ledger row (its contents follow) and wait until it is durable.
+        """Write one ledger row (its contents follow) and wait until it is durable; committed without delay.
 
         Returns:
             `'written'` once committed (with its contents, or with them given up on and logged), `'spooled'`
             when it went to the spool file instead, or `'lost'` if even the spool failed (then the row is logged
             at error level).
         """
-        return await asyncio.shield(self.submit(record))
+        future = self.submit(record)
+        self.commit_now([future])
+        return await asyncio.shield(future)
 
     async def flush(self) -> None:
-        """Wait until everything this event loop queued (rows and contents, a running replay) is written or spooled.
+        """Wait until everything this event loop queued (rows and contents, a running replay) is written or spooled;
+        rows are committed without waiting out the commit delay meanwhile.
 
         Bound it with `asyncio.timeout()` if needed: the writers go on either way.
         """
         queues = self._queues(asyncio.get_running_loop())
-        while tasks := queues.tasks():
-            await asyncio.wait(tasks)
+        queues.flushing += 1
+        try:
+            while tasks := queues.tasks():
+                queues.wake()
+                await asyncio.wait(tasks)
+        finally:
+            queues.flushing -= 1
 
     async def aclose(self) -> None:
         """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool."""
@@ -175,14 +200,11 @@ class LLMRequestTracker:
 
     async def _ledger_worker(self, queues: LoopQueues) -> None:
         while queues.pending:
-            batch = self._take_ready(queues)
-            if not batch:  # every queued row is still being prepared: wait for one
-                queues.wakeup = asyncio.get_running_loop().create_future()
-                try:
-                    await queues.wakeup
-                finally:
-                    queues.wakeup = None
+            wait = self._commit_wait(queues)
+            if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
+                await queues.sleep(wait)
                 continue
+            batch = self._take_ready(queues)
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
@@ -192,6 +214,37 @@ class LLMRequestTracker:
                 if not item.future.done():
                     item.future.set_result(outcome)
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
+
+    def _commit_wait(self, queues: LoopQueues) -> float | None:
+        """Seconds until the rows that are ready should be committed (0 or less: now); None when none is ready.
+
+        Now when there is no commit delay, a flush is waiting, a batch is full, or every row of a run that ended is
+        ready; otherwise when the oldest ready row has waited the commit delay since it was submitted.
+        """
+        delay = self.config.commit_delay_ms / 1000
+        ready = 0
+        size = 0
+        oldest: float | None = None
+        hurried: set[object] = set()
+        preparing: set[object] = set()
+        for item in queues.pending:
+            if not item.ready:
+                if item.hurried is not None:
+                    preparing.add(item.hurried)
+                continue
+            if delay <= 0 or queues.flushing:
+                return 0.0
+            ready += 1
+            oldest = item.submitted if oldest is None else min(oldest, item.submitted)
+            if item.hurried is not None:
+                hurried.add(item.hurried)
+            check_prepared(item)
+            size += sum(len(content['body']) for content in self._contents_of(item))
+        if oldest is None:
+            return None
+        if hurried - preparing or ready >= self.config.max_batch_rows or size >= self.config.max_batch_content_bytes:
+            return 0.0
+        return oldest + delay - time.perf_counter()
 
     def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
         """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""
