@@ -78,6 +78,11 @@ class _RunLedger:
     """The run's message sizes (the budget's input bound), each message measured once however often it is resent."""
     no_budget: bool = False
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
+    columns: dict[str, Any] = field(init=False)
+    """The identity as row columns, for every record of the run."""
+
+    def __post_init__(self) -> None:
+        self.columns = asdict(self.identity)
 
 
 @dataclass
@@ -267,7 +272,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 trace_id=_current_trace_id(),
                 error_type=type(error).__qualname__,
                 error_message=str(error),
-                **asdict(state.identity),
+                **state.columns,
             )
             state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
         except Exception:  # the refusal stands whether or not its row can be recorded
@@ -307,7 +312,7 @@ class LedgerCapability(AbstractCapability[Any]):
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
             trace_id=flight.trace_id,
-            **asdict(state.identity),
+            **state.columns,
         )
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
             first = flight.stream.time_to_first_chunk(flight.stream_started)
