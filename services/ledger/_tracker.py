@@ -38,19 +38,38 @@ __all__ = [
 
 
 class LLMRequestTracker:
-    """Writes one ledger row per model request, never in the caller's session, and never loses one.
+    """Writes one ledger row per model request, never in the caller's session, and never loses one to the database.
 
     `submit()` queues a record and returns a future that resolves once the row is durable: committed
     (`'written'`) or, when the database stays unreachable through every retry, appended to the fsynced
-    spool file (`'spooled'`). A record with bodies to store (or an error message) is first prepared in a worker
-    thread (`LedgerRecord.prepare()`: pricing, redaction, serialisation), never on the event loop, and records are
-    prepared side by side, so a huge hostile message delays only its own row. One writer task group-commits the
-    rows that are ready, with their contents, in one transaction (`INSERT ... ON CONFLICT DO NOTHING` for the rows,
-    then for the contents, then the budget holds of the new rows are settled, in a side session with lock and
-    statement timeouts), so 200 concurrent chats cost one
-    connection, not 200, and a turn's rows cost at most one transaction each. The spool is replayed after a later
-    successful write, and by `replay_spool()`. Nothing raises into the caller: failures are logged and counted in
-    `stats`.
+    spool file (`'spooled'`). A record's bodies are prepared (pricing, secrets checked, redaction, serialisation) as
+    it is submitted when they are small and hold no possible secret (a check of a fraction of a millisecond), and
+    otherwise in a worker thread, never on the event loop (`_prepare.py`); records are prepared side by side, so a
+    huge hostile message delays only its own row. One writer task group-commits the rows that are ready, with their
+    contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
+    ... ON CONFLICT DO NOTHING`, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
+    connection, not 200. The spool is replayed after a later successful write, and by `replay_spool()`. Nothing raises
+    into the caller: failures are logged and counted in `stats`.
+
+    The commit delay (`LedgerConfig.commit_delay_ms`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`, 50 ms by default): a ready row
+    waits for more rows, up to the delay after it was submitted, before the writer commits it (PostgreSQL's
+    `commit_delay`, in the process). It never delays a run: the run's end, or its cancellation or failure
+    (`commit_now()`, called by the ledger capability), `track_request()`, `flush()` and a full batch
+    (`max_batch_rows`, `max_batch_content_bytes`) commit at once, a run's rows together once the last is prepared.
+    So the rows of a run whose requests all end within the delay (a fast model, the demo at 0 ms) share one
+    transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
+    the delay are each committed the delay after their request, as before but later.
+
+    What the delay costs, precisely: a row is durable only once committed. Until then it exists only in this
+    process's memory; the spool covers a database that cannot be reached, not a process that dies (SIGKILL, out of
+    memory, power loss). A crash at a moment t loses every row not committed by t: without the delay, the rows whose
+    model requests ended in the last few milliseconds before t (their preparation and at most one commit in flight
+    before theirs); with it, also those that ended up to the delay before t and whose run had not ended, rows that
+    would otherwise have been committed already. The provider billed those requests, and their budget holds are
+    released by the sweeper without their cost being charged. A request in flight at t is lost either way (its row is
+    built from its response), so the delay lengthens, by up to 50 ms, a window that exists anyway and that model
+    requests (typically 0.3-30 s) dominate. A clean shutdown (`aclose()`; an event loop that closes spools what it
+    held) loses nothing. 0 turns the delay off: each row committed as soon as it is ready.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
