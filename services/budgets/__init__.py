@@ -2,8 +2,8 @@
 
 Before every model request the ledger capability reserves what the request can cost at most (`reserve`: one
 conditional statement on the account's window row; the request's `max_tokens` is capped to what was held), the
-ledger writer settles the hold against the row's real cost in the transaction that inserts the row
-(`settlement_ctes`, in the insert's own statement, exactly once like the ledger), and `sweep_reservations` gives back the holds of processes that
+ledger writer settles the hold against the row's real cost in the statement that inserts the row
+(`settlement_ctes`, exactly once like the ledger), and `sweep_reservations` gives back the holds of processes that
 died. `set_budget`, `remove_budget`, `budget_statuses` are the administration (`agentrt budget`,
 `GET /api/v1/budget`). The modules with a leading underscore are this wing's internals; README "Budgets" has the
 semantics and the documented bound.

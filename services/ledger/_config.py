@@ -1,4 +1,4 @@
-"""Configuration of the LLM ledger writer, from the runtime's settings: spool path, content cap, retries, commit delay."""
+"""Configuration of the LLM ledger writer, from the runtime's settings: spool, content cap, retries, commit delay."""
 
 from __future__ import annotations
 

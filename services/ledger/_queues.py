@@ -77,11 +77,11 @@ class LoopQueues:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
-    async def sleep(self, timeout: float | None) -> None:
-        """Wait until `wake()` is called, or `timeout` seconds have passed (None: no time limit)."""
+    async def sleep(self, seconds: float | None) -> None:
+        """Wait until `wake()` is called, or `seconds` have passed (None: no time limit)."""
         loop = asyncio.get_running_loop()
         self.wakeup = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, self.wake)
+        timer = None if seconds is None else loop.call_later(seconds, self.wake)
         try:
             await self.wakeup
         finally:

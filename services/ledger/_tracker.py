@@ -7,8 +7,8 @@ import contextvars
 import logging
 import threading
 import time
-from contextlib import AbstractAsyncContextManager
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from opentelemetry import trace

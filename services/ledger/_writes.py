@@ -32,7 +32,7 @@ CONTENT_INSERT = pg_insert(_CONTENTS).on_conflict_do_nothing(index_elements=['re
 
 def _columns(table: Table, names: tuple[str, ...], prefix: str) -> str:
     """`unnest`'s arguments: one array parameter per column, cast to the column's type."""
-    dialect = postgresql.dialect()
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are untyped
     return ', '.join(f'CAST(:{prefix}{name} AS {table.c[name].type.compile(dialect)}[])' for name in names)
 
 
@@ -97,9 +97,7 @@ async def write_ledger_rows(
             raise
         settle_error = exc
     new = await _write(session_factory, WRITE, rows, contents or [])
-    logger.error(
-        'ledger: budget holds of %d row(s) not settled; written without', len(rows), exc_info=settle_error
-    )
+    logger.error('ledger: budget holds of %d row(s) not settled; written without', len(rows), exc_info=settle_error)
     return new
 
 
