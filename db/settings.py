@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     ledger_retry_attempts: int = Field(
         default=8, ge=1, le=100, validation_alias=AliasChoices('AGENTRT_LEDGER_RETRY_ATTEMPTS', 'ledger_retry_attempts')
     )
+    ledger_commit_delay_ms: float = Field(
+        default=50,
+        ge=0,
+        le=5000,
+        validation_alias=AliasChoices('AGENTRT_LEDGER_COMMIT_DELAY_MS', 'ledger_commit_delay_ms'),
+        description='how long the ledger writer waits for more rows before it commits a ready one (0: at once)',
+    )
 
     # Conversations (agents/turn_limits.py, agents/turn_input.py, services/conversations/_context.py). The
     # limits apply to one turn, not to the conversation's lifetime usage, which stays on the conversation record.

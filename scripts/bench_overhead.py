@@ -9,7 +9,8 @@ median latency, CPU per turn (time.process_time, deferred ledger/background work
 
 First, the per-turn breakdown (issue 20) at 0 ms model latency: bare, the runtime, and the runtime with one part
 turned off at a time (the ledger, its stored content, post-turn work, the conversation store, the claim and guard,
-the tenant lookup), interleaved turn by turn; CPU per turn (median), and sessions (pool checkouts) and statements
+the tenant lookup) and with the ledger's commit delay at 0 (each row committed as soon as it is ready), interleaved
+turn by turn; CPU per turn (median), and sessions (pool checkouts) and statements
 (`before_cursor_execute`) per turn, counted from SQLAlchemy's events, and the runtime's sessions by kind (each
 named by its first statement). The parts are turned off by replacing names in
 `agentrt.agents.chat_turn`; names a version does not have are skipped, so the same script measures earlier versions.
@@ -28,8 +29,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench_common import (
@@ -56,7 +57,7 @@ from agentrt.db.session import Unscoped, enter_account, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
-from agentrt.services.ledger import get_request_tracker, ledger_capability
+from agentrt.services.ledger import LLMRequestTracker, get_request_tracker, ledger_capability, set_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 
 try:  # names of this version; earlier ones (the before column) lack them and skip what uses them
@@ -291,6 +292,21 @@ def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextMa
     return _patched(load_dependencies=dependencies, lookup_tenant=tenant)
 
 
+@contextlib.contextmanager
+def _commit_delay(milliseconds: float) -> Iterator[None]:
+    """The process's ledger tracker with another commit delay (0: each row committed as soon as it is ready, as before
+    the delay existed); skipped by versions without it."""
+    config = get_request_tracker().config
+    if not hasattr(config, 'commit_delay_ms'):
+        yield
+        return
+    previous = set_request_tracker(LLMRequestTracker(replace(config, commit_delay_ms=milliseconds)))
+    try:
+        yield
+    finally:
+        set_request_tracker(previous)
+
+
 async def breakdown(turns: int, prefix: str) -> list[dict]:
     """CPU, sessions and statements per demo turn at 0 ms model latency: bare, the runtime, and the runtime with one
     part turned off at a time; variants interleaved turn by turn, medians of CPU, means of the counts."""
@@ -309,6 +325,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
         'runtime without the conversation store': (runtime_agent, _no_store),
         'runtime without claim and guard': (runtime_agent, _no_claim),
         'runtime without the tenant lookup': (runtime_agent, lambda: _no_tenant_lookup(deps)),
+        'runtime, ledger commit delay 0': (runtime_agent, lambda: _commit_delay(0)),
     }
     meter = StatementMeter().attach()
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in variants}

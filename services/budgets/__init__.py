@@ -2,8 +2,8 @@
 
 Before every model request the ledger capability reserves what the request can cost at most (`reserve`: one
 conditional statement on the account's window row; the request's `max_tokens` is capped to what was held), the
-ledger writer settles the hold against the row's real cost in the transaction that inserts the row
-(`settle_ledger_rows`, exactly once like the ledger), and `sweep_reservations` gives back the holds of processes that
+ledger writer settles the hold against the row's real cost in the statement that inserts the row
+(`settlement_ctes`, exactly once like the ledger), and `sweep_reservations` gives back the holds of processes that
 died. `set_budget`, `remove_budget`, `budget_statuses` are the administration (`agentrt budget`,
 `GET /api/v1/budget`). The modules with a leading underscore are this wing's internals; README "Budgets" has the
 semantics and the documented bound.
@@ -22,12 +22,13 @@ from agentrt.services.budgets._config import BudgetConfig, UnpricedMode
 from agentrt.services.budgets._estimate import Pricer, RequestSizes, pricer_for, size_class, supports_count_tokens
 from agentrt.services.budgets._holders import Holder, is_alive, this_process
 from agentrt.services.budgets._reserve import Hold, Refusal, has_budget, release, reserve
-from agentrt.services.budgets._settle import settle_ledger_rows
+from agentrt.services.budgets._settle import SETTLED_COLUMNS, settlement_ctes
 from agentrt.services.budgets._sweep import SweepReport, sweep_reservations, sweep_soon
 from agentrt.services.budgets._windows import Period, default_anchor
 
 __all__ = [
     'MAX_LIMIT_USD',
+    'SETTLED_COLUMNS',
     'BudgetConfig',
     'BudgetStatus',
     'Hold',
@@ -49,7 +50,7 @@ __all__ = [
     'remove_budget',
     'reserve',
     'set_budget',
-    'settle_ledger_rows',
+    'settlement_ctes',
     'size_class',
     'supports_count_tokens',
     'sweep_reservations',

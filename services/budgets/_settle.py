@@ -1,7 +1,8 @@
-"""Settling holds against ledger rows, in the transaction of the ledger writer that inserts those rows.
+"""Settling holds against ledger rows, in the ledger writer's statement that inserts those rows.
 
-The writer inserts rows with `ON CONFLICT DO NOTHING ... RETURNING id` and passes only the ids it inserted, so a
-retried write or a replayed spool line settles nothing twice: a row is new exactly once. For each new row:
+The writer inserts rows with `ON CONFLICT DO NOTHING ... RETURNING` and settles only the rows it inserted, in the
+same statement (`settlement_ctes`, on what the insert returned), so a retried write or a replayed spool line settles
+nothing twice: a row is new exactly once. For each new row that names an account:
 
 - with a reservation (the ledger id is the reservation id): the reservation is deleted; its amount is to leave
   `reserved_usd` and the row's cost to join `spent_usd`;
@@ -22,44 +23,38 @@ input's share of the hold for a failed or cancelled one (what was sent is billed
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+SETTLED_COLUMNS = ('id', 'account_id', 'started_at', 'total_cost', 'total_tokens', 'usage_reported', 'status',
+                   'error_status_code')  # fmt: skip
+"""The columns of the new ledger rows that settling reads (what the writer's insert returns)."""
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
-_SETTLE = text("""
-WITH new AS (
-    SELECT id, account_id, started_at, total_cost, total_tokens, usage_reported, status, error_status_code
-    FROM llm_requests WHERE id = ANY(CAST(:ids AS uuid[])) AND account_id IS NOT NULL
-), r AS (
-    DELETE FROM budget_reservations AS h USING new WHERE h.id = new.id
+def settlement_ctes(new: str) -> str:
+    """Common table expressions that settle the holds of the ledger rows in the relation `new` (a CTE with
+    `SETTLED_COLUMNS`, the rows the same statement has just inserted), to follow it in a `WITH` list: each starts
+    with a comma, and the last, `settled`, appends the settlement rows.
+
+    Only for rows inserted by the same statement: a row is new exactly once, so nothing is settled twice.
+    """
+    return f"""
+, holds AS (
+    DELETE FROM budget_reservations AS h USING {new} WHERE h.id = {new}.id AND {new}.account_id IS NOT NULL
     RETURNING h.id, h.account_id, h.period_start, h.amount_usd, h.input_usd
 ), charges AS (
-    SELECT r.account_id, r.period_start, r.amount_usd AS held,
-           CASE WHEN new.total_cost IS NOT NULL THEN new.total_cost
-                WHEN new.usage_reported THEN 0
-                WHEN new.status = 'complete' THEN r.amount_usd
-                WHEN new.status = 'error' AND new.error_status_code IS NOT NULL THEN 0
-                ELSE r.input_usd END AS cost,
-           new.total_tokens AS tokens
-    FROM r JOIN new ON new.id = r.id
+    SELECT h.account_id, h.period_start, h.amount_usd AS held,
+           CASE WHEN n.total_cost IS NOT NULL THEN n.total_cost
+                WHEN n.usage_reported THEN 0
+                WHEN n.status = 'complete' THEN h.amount_usd
+                WHEN n.status = 'error' AND n.error_status_code IS NOT NULL THEN 0
+                ELSE h.input_usd END AS cost,
+           n.total_tokens AS tokens
+    FROM holds AS h JOIN {new} AS n ON n.id = h.id
     UNION ALL
-    SELECT p.account_id, p.period_start, 0, coalesce(new.total_cost, 0), new.total_tokens
-    FROM new JOIN budget_periods AS p
-        ON p.account_id = new.account_id AND p.period_start <= new.started_at AND new.started_at < p.period_end
-    WHERE new.status <> 'refused' AND NOT EXISTS (SELECT 1 FROM r WHERE r.id = new.id)
-)
-INSERT INTO budget_settlements (account_id, period_start, held_usd, spent_usd, tokens)
-SELECT account_id, period_start, sum(held), sum(cost), sum(tokens)
-FROM charges GROUP BY account_id, period_start
-""")
-
-
-async def settle_ledger_rows(session: AsyncSession, request_ids: Sequence[uuid.UUID]) -> None:
-    """Settle the holds of the ledger rows `request_ids`, which this transaction has just inserted.
-
-    Call it in the inserting transaction, with only the ids the insert returned (new rows), after the rows.
-    """
-    if request_ids:
-        await session.execute(_SETTLE, {'ids': list(request_ids)})
+    SELECT p.account_id, p.period_start, 0, coalesce(n.total_cost, 0), n.total_tokens
+    FROM {new} AS n JOIN budget_periods AS p
+        ON p.account_id = n.account_id AND p.period_start <= n.started_at AND n.started_at < p.period_end
+    WHERE n.status <> 'refused' AND NOT EXISTS (SELECT 1 FROM holds AS h WHERE h.id = n.id)
+), settled AS (
+    INSERT INTO budget_settlements (account_id, period_start, held_usd, spent_usd, tokens)
+    SELECT account_id, period_start, sum(held), sum(cost), sum(tokens)
+    FROM charges GROUP BY account_id, period_start
+)"""

@@ -1,11 +1,12 @@
 """The LLM ledger: a billing and audit row for every model request, written so it is never lost nor counted twice.
 
 Write path: `ledger_capability()` (on an agent or a run) builds a `LedgerRecord` per model request and hands it to
-the process-wide `LLMRequestTracker`, which group-commits rows in side sessions, retries, spools to a file when the
-database is down and replays it. Read path: `list_requests`, `get_request`, `summarise_costs` (from the ledger or
-the daily rollup kept by `roll_up_pending`). Secrets are redacted (`agentrt.services.ledger.redaction`) from every
-string of the messages before any body is stored or spooled, in worker threads, once per message per run. The
-modules with a leading underscore are this wing's internals.
+the process-wide `LLMRequestTracker`, which group-commits rows in side sessions (a run's rows together, with a short
+commit delay: `LedgerConfig.commit_delay_ms`), retries, spools to a file when the database is down and replays it.
+Read path: `list_requests`, `get_request`, `summarise_costs` (from the ledger or the daily rollup kept by
+`roll_up_pending`). Secrets are redacted (`agentrt.services.ledger.redaction`) from every string of the messages
+before any body is stored or spooled, once per message per run (in worker threads, unless a body is small and holds
+no possible secret). The modules with a leading underscore are this wing's internals.
 """
 
 from agentrt.services.ledger._capability import LedgerCapability, ledger_capability

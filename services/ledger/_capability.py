@@ -78,6 +78,11 @@ class _RunLedger:
     """The run's message sizes (the budget's input bound), each message measured once however often it is resent."""
     no_budget: bool = False
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
+    columns: dict[str, Any] = field(init=False)
+    """The identity as row columns, for every record of the run."""
+
+    def __post_init__(self) -> None:
+        self.columns = asdict(self.identity)
 
 
 @dataclass
@@ -128,9 +133,11 @@ class LedgerCapability(AbstractCapability[Any]):
         return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current(), no_budget=no_budget)
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
-        """Run, then wait (bounded) until this run's ledger rows are durable.
+        """Run, then have the run's ledger rows committed now (not after the writer's commit delay) and wait (bounded)
+        until they are durable.
 
-        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`).
+        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`). A run
+        that is cancelled does not wait, but its rows are committed without delay all the same.
         """
         try:
             result = await handler()
@@ -138,6 +145,9 @@ class LedgerCapability(AbstractCapability[Any]):
             self._record_cut(ctx, exc)
             if isinstance(exc, Exception):
                 await self._settle(ctx)
+            else:
+                state = self._state(ctx)
+                state.tracker.commit_now(state.acks)
             raise
         self._record_cut(ctx, None)
         await self._settle(ctx)
@@ -153,6 +163,7 @@ class LedgerCapability(AbstractCapability[Any]):
     async def _settle(self, ctx: Any) -> None:
         state = self._state(ctx)
         acks, state.acks = state.acks, []
+        state.tracker.commit_now(acks)
         if not (self.wait_for_durable and acks):
             return
         _, pending = await asyncio.wait(acks, timeout=self.ack_timeout)
@@ -261,7 +272,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 trace_id=_current_trace_id(),
                 error_type=type(error).__qualname__,
                 error_message=str(error),
-                **asdict(state.identity),
+                **state.columns,
             )
             state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
         except Exception:  # the refusal stands whether or not its row can be recorded
@@ -301,7 +312,7 @@ class LedgerCapability(AbstractCapability[Any]):
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,
             trace_id=flight.trace_id,
-            **asdict(state.identity),
+            **state.columns,
         )
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
             first = flight.stream.time_to_first_chunk(flight.stream_started)

@@ -1,4 +1,4 @@
-"""Configuration of the LLM ledger writer, from the runtime's settings: spool path, content cap, retries."""
+"""Configuration of the LLM ledger writer, from the runtime's settings: spool, content cap, retries, commit delay."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from agentrt.db.settings import Settings, default_data_dir, get_settings, parse_
 from agentrt.services.ledger._retry import RetryPolicy
 
 DEFAULT_CONTENT_MAX_BYTES = 4 * 1024 * 1024
+DEFAULT_COMMIT_DELAY_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class LedgerConfig:
     """Knobs of `LLMRequestTracker`.
 
     Environment: `AGENTRT_LEDGER_SPOOL` (spool file), `AGENTRT_LEDGER_STORE_CONTENT` (0/1),
-    `AGENTRT_LEDGER_CONTENT_MAX_BYTES`, `AGENTRT_LEDGER_RETRY_ATTEMPTS`.
+    `AGENTRT_LEDGER_CONTENT_MAX_BYTES`, `AGENTRT_LEDGER_RETRY_ATTEMPTS`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`.
     """
 
     spool_path: Path | None = None
@@ -30,6 +31,10 @@ class LedgerConfig:
     max_batch_rows: int = 500
     """Ledger rows per group commit."""
     max_batch_content_bytes: int = 8 * 1024 * 1024
+    commit_delay_ms: float = DEFAULT_COMMIT_DELAY_MS
+    """How long a ready row may wait for more rows before the writer commits it (PostgreSQL's `commit_delay`, in the
+    process): a run's rows go in one transaction when its requests end within it. The run's end, `track_request()`,
+    `flush()` and a full batch commit at once. 0: commit each row as soon as it is ready. See `LLMRequestTracker`."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     lock_timeout_ms: int = 2000
     statement_timeout_ms: int = 15000
@@ -49,6 +54,7 @@ class LedgerConfig:
             store_content=settings.ledger_store_content,
             content_max_bytes=settings.ledger_content_max_bytes,
             retry=RetryPolicy(attempts=settings.ledger_retry_attempts),
+            commit_delay_ms=settings.ledger_commit_delay_ms,
         )
 
     def resolved_spool_path(self) -> Path:

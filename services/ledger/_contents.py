@@ -1,17 +1,20 @@
-"""Content bodies of a run's model requests: each message dumped once, and redacted and serialised once, off the loop.
+"""Content bodies of a run's model requests: each message dumped once, and checked and redacted once, per run.
 
 What is stored is the text itself, redacted string by string (`redact_value()` on the messages as JSON-able values),
 then serialised: a secret at the start of a line, after a tab, inside JSON a tool returned or in an error body is
 found wherever it sits, and every body is valid JSON that validates back into pydantic-ai messages.
 
 A run's request N resends messages 1..N-1. `RunBodies` (one per run) keeps each message's body by identity, so a
-run dumps, redacts and serialises each message once however many requests resend it; a request's prompt body is
-the join of its messages' bodies. Dumping to JSON-able values (`dump_python(mode='json')`, pydantic-core, a few
-microseconds a message) happens on the event loop when the request is recorded, because pydantic-ai may change its
-message objects later; redaction and `json.dumps`, the costly part, happen in `Body.render()`, which the tracker
-runs in a worker thread (RE2 releases the GIL while it scans). A message whose JSON is known already (the history a
-chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all: its stored text is the
-body, parsed and redacted only when it may hold a secret.
+run dumps, checks and redacts each message once however many requests resend it; a request's prompt body is the
+join of its messages' bodies. Each message is dumped to JSON text (`dump_json`, pydantic-core) on the event loop when
+the request is recorded, because pydantic-ai may change its message objects later; a message whose JSON is known
+already (the history a chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all.
+Then the text is checked for secrets (`json_may_need_redaction`: one RE2 scan, linear, the GIL released) and, only
+when it may hold one, parsed and walked (`redact_value`, the costly part). A record whose unchecked text is small
+(`quick_render`, at most `INLINE_PREPARE_BYTES` together) is checked on the loop when it is recorded (a fraction of a
+millisecond; a thread hand-off costs more); a body the check finds a possible secret in, a bigger one, and an error
+body are rendered in the tracker's worker threads (`Body.render()`), so neither a huge message nor a hostile one
+holds up the loop.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ class Body:
 
     __slots__ = ('_lock', '_rendered', '_value')
 
+    def pending_size(self) -> int | None:
+        """The characters `quick_render()` would check (0 once rendered); None when unknown (not a quick body)."""
+        return 0 if self._rendered is not None else None
+
+    def quick_render(self) -> bool:
+        """Render now if that is quick (a text with no possible secret); False when it needs `render()` in a thread.
+
+        Never waits: a body a thread is rendering is left to it.
+        """
+        return self._rendered is not None
+
     def __init__(self, value: Any) -> None:
         """Keep `value` (JSON-able, owned by this body from now on) to be rendered later."""
         self._value = value
@@ -78,18 +92,40 @@ class Body:
 
 
 class JsonBody(Body):
-    """A body whose JSON text is known already (a message loaded from the conversation store, as stored): rendered
-    from the text, parsed only when it may hold a secret."""
+    """A body whose JSON text is known (a message dumped with `dump_json`, or loaded from the conversation store as
+    stored): rendered from the text, parsed only when it may hold a secret, checked for one once."""
 
-    __slots__ = ('_text',)
+    __slots__ = ('_suspect', '_text')
 
     def __init__(self, text: str) -> None:
         """Keep the JSON `text` of a JSON-able value."""
         super().__init__(None)
         self._text = text
+        self._suspect = False
+        """The check found a possible secret: `render()` walks the value without checking again."""
+
+    def pending_size(self) -> int | None:
+        """The length of the text until it is rendered."""
+        return 0 if self._rendered is not None else len(self._text)
+
+    def quick_render(self) -> bool:
+        """Check the text for secrets now; rendered (as it is) when there is none."""
+        if self._rendered is not None:
+            return True
+        if self._suspect or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._rendered is None:
+                if json_may_need_redaction(self._text):
+                    self._suspect = True
+                    return False
+                self._rendered = (self._text, 0)
+            return True
+        finally:
+            self._lock.release()
 
     def _render(self) -> tuple[str, int]:
-        if not json_may_need_redaction(self._text):
+        if not self._suspect and not json_may_need_redaction(self._text):
             return self._text, 0
         redacted, count = redact_value(json.loads(self._text))
         return _dumps(redacted), count
@@ -134,6 +170,27 @@ class PromptBody(Body):
         self._instructions = instructions
         self._messages = messages
 
+    def pending_size(self) -> int | None:
+        """What its instructions and messages have left to check (None if one of them is not a quick body)."""
+        if self._rendered is not None:
+            return 0
+        total = 0
+        for part in (self._instructions, *self._messages):
+            size = part.pending_size()
+            if size is None:
+                return None
+            total += size
+        return total
+
+    def quick_render(self) -> bool:
+        """Quick when each of its instructions and messages is: then joined here."""
+        if self._rendered is not None:
+            return True
+        if not (self._instructions.quick_render() and all(message.quick_render() for message in self._messages)):
+            return False
+        self.render()  # a join of rendered texts
+        return True
+
     def _render(self) -> tuple[str, int]:
         instructions, count = self._instructions.render()
         texts = []
@@ -145,7 +202,7 @@ class PromptBody(Body):
 
 
 class RunBodies:
-    """The bodies of one run's requests, each message dumped, redacted and serialised once for the whole run.
+    """The bodies of one run's requests, each message dumped, checked and redacted once for the whole run.
 
     Messages are recognised by identity (the object, kept alive here, and its number of parts); a message pydantic-ai
     replaced by a copy is simply dumped again. Not thread-safe: call it from the run's event loop.
@@ -181,7 +238,7 @@ class RunBodies:
         """The prompt body of a request sending `messages` with `instructions`."""
         shared = self._instructions.get(instructions)
         if shared is None:
-            shared = self._instructions[instructions] = Body(instructions)
+            shared = self._instructions[instructions] = JsonBody(_dumps(instructions))
         return PromptBody(shared, [self.message(message) for message in messages])
 
     def message(self, message: ModelMessage) -> Body:
@@ -190,13 +247,18 @@ class RunBodies:
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
         known = _known(message)
-        body: Body
-        if known is not None:
-            body = JsonBody(known)
-        else:
-            body = Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
+        body = JsonBody(known) if known is not None else _dumped(message)
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
+
+
+def _dumped(message: ModelMessage) -> Body:
+    """The body of a message whose JSON is not known: its JSON text from pydantic-core, or (a lone surrogate, which
+    UTF-8 cannot encode) its JSON-able values, serialised when rendered."""
+    try:
+        return JsonBody(_MESSAGE_ADAPTER.dump_json(message, fallback=_fallback).decode())
+    except ValueError:  # PydanticSerializationError: `ContentItem.build` escapes lone surrogates
+        return Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
 
 
 def error_body(error: BaseException) -> Body:

@@ -48,6 +48,9 @@ class PendingRow:
     submitted: float
     prepared: asyncio.Future[None] | None = None
     """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
+    hurried: object | None = None
+    """Set (to a token shared by the rows of one run) when its run ended: commit it without the commit delay, as soon
+    as every row with the same token is ready."""
 
     @property
     def ready(self) -> bool:
@@ -65,12 +68,26 @@ class LoopQueues:
     replay_task: asyncio.Task[None] | None = None
     replay_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wakeup: asyncio.Future[None] | None = None
-    """Set when a row becomes ready while the writer waits for one."""
+    """Set while the writer waits: for a row to be ready, a run to end, or its commit delay to pass."""
+    flushing: int = 0
+    """How many `flush()` calls are waiting: while any is, the writer commits what is ready at once."""
 
     def wake(self) -> None:
-        """Tell a waiting writer that a row is ready."""
+        """Tell a waiting writer that something changed: a row is ready, a run ended, a flush started."""
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
+
+    async def sleep(self, seconds: float | None) -> None:
+        """Wait until `wake()` is called, or `seconds` have passed (None: no time limit)."""
+        loop = asyncio.get_running_loop()
+        self.wakeup = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, self.wake)
+        try:
+            await self.wakeup
+        finally:
+            self.wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         """The writer and replay tasks still running."""

@@ -172,6 +172,27 @@ class LedgerRecord:
             if content_max_bytes is not None:
                 self.content_rows(content_max_bytes)
 
+    def prepare_quickly(self, content_max_bytes: int | None, max_pending: int) -> bool:
+        """`prepare()` here and now if that is quick: no error message to redact, and bodies whose text to check
+        comes to at most `max_pending` characters and holds no possible secret. False: `prepare()` it in a thread
+        (what was checked meanwhile is not checked again).
+        """
+        if self.error_message is not None:
+            return False
+        if content_max_bytes is not None and self._contents is None:
+            pending = 0
+            for _, raw in self.raw_contents:
+                size = raw.pending_size() if isinstance(raw, Body) else None
+                if size is None:
+                    return False
+                pending += size
+            if pending > max_pending:
+                return False
+            if not all(raw.quick_render() for _, raw in self.raw_contents if isinstance(raw, Body)):
+                return False
+        self.prepare(content_max_bytes)
+        return True
+
     def discard_contents(self) -> None:
         """Store no bodies for this record (they could not be prepared); the row itself is kept."""
         self.raw_contents = []

@@ -7,6 +7,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -37,19 +38,38 @@ __all__ = [
 
 
 class LLMRequestTracker:
-    """Writes one ledger row per model request, never in the caller's session, and never loses one.
+    """Writes one ledger row per model request, never in the caller's session, and never loses one to the database.
 
     `submit()` queues a record and returns a future that resolves once the row is durable: committed
     (`'written'`) or, when the database stays unreachable through every retry, appended to the fsynced
-    spool file (`'spooled'`). A record with bodies to store (or an error message) is first prepared in a worker
-    thread (`LedgerRecord.prepare()`: pricing, redaction, serialisation), never on the event loop, and records are
-    prepared side by side, so a huge hostile message delays only its own row. One writer task group-commits the
-    rows that are ready, with their contents, in one transaction (`INSERT ... ON CONFLICT DO NOTHING` for the rows,
-    then for the contents, then the budget holds of the new rows are settled, in a side session with lock and
-    statement timeouts), so 200 concurrent chats cost one
-    connection, not 200, and a turn's rows cost at most one transaction each. The spool is replayed after a later
-    successful write, and by `replay_spool()`. Nothing raises into the caller: failures are logged and counted in
-    `stats`.
+    spool file (`'spooled'`). A record's bodies are prepared (pricing, secrets checked, redaction, serialisation) as
+    it is submitted when they are small and hold no possible secret (a check of a fraction of a millisecond), and
+    otherwise in a worker thread, never on the event loop (`_prepare.py`); records are prepared side by side, so a
+    huge hostile message delays only its own row. One writer task group-commits the rows that are ready, with their
+    contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
+    ... ON CONFLICT DO NOTHING`, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
+    connection, not 200. The spool is replayed after a later successful write, and by `replay_spool()`. Nothing raises
+    into the caller: failures are logged and counted in `stats`.
+
+    The commit delay (`LedgerConfig.commit_delay_ms`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`, 50 ms by default): a ready row
+    waits for more rows, up to the delay after it was submitted, before the writer commits it (PostgreSQL's
+    `commit_delay`, in the process). It never delays a run: the run's end, or its cancellation or failure
+    (`commit_now()`, called by the ledger capability), `track_request()`, `flush()` and a full batch
+    (`max_batch_rows`, `max_batch_content_bytes`) commit at once, a run's rows together once the last is prepared.
+    So the rows of a run whose requests all end within the delay (a fast model, the demo at 0 ms) share one
+    transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
+    the delay are each committed the delay after their request, as before but later.
+
+    What the delay costs, precisely: a row is durable only once committed. Until then it exists only in this
+    process's memory; the spool covers a database that cannot be reached, not a process that dies (SIGKILL, out of
+    memory, power loss). A crash at a moment t loses every row not committed by t: without the delay, the rows whose
+    model requests ended in the last few milliseconds before t (their preparation and at most one commit in flight
+    before theirs); with it, also those that ended up to the delay before t and whose run had not ended, rows that
+    would otherwise have been committed already. The provider billed those requests, and their budget holds are
+    released by the sweeper without their cost being charged. A request in flight at t is lost either way (its row is
+    built from its response), so the delay lengthens, by up to 50 ms, a window that exists anyway and that model
+    requests (typically 0.3-30 s) dominate. A clean shutdown (`aclose()`; an event loop that closes spools what it
+    held) loses nothing. 0 turns the delay off: each row committed as soon as it is ready.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
@@ -113,24 +133,48 @@ class LLMRequestTracker:
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
 
+    def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
+        """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
+
+        They are committed, with whatever else is ready, as soon as the last of them is prepared, so a run's rows
+        still share one transaction. Never blocks; call it from the loop that submitted them.
+        """
+        queues = self._by_loop.get(asyncio.get_running_loop())
+        waiting = {future for future in futures if not future.done()}
+        if queues is None or not waiting:
+            return
+        token = object()
+        for item in queues.pending:
+            if item.future in waiting:
+                item.hurried = token
+        queues.wake()
+
     async def track_request(self, record: LedgerRecord) -> WriteOutcome:
-        """Write one ledger row (its contents follow) and wait until it is durable.
+        """Write one ledger row (its contents follow) and wait until it is durable; committed without delay.
 
         Returns:
             `'written'` once committed (with its contents, or with them given up on and logged), `'spooled'`
             when it went to the spool file instead, or `'lost'` if even the spool failed (then the row is logged
             at error level).
         """
-        return await asyncio.shield(self.submit(record))
+        future = self.submit(record)
+        self.commit_now([future])
+        return await asyncio.shield(future)
 
     async def flush(self) -> None:
-        """Wait until everything this event loop queued (rows and contents, a running replay) is written or spooled.
+        """Wait until everything this event loop queued (rows and contents, a running replay) is written or spooled;
+        rows are committed without waiting out the commit delay meanwhile.
 
         Bound it with `asyncio.timeout()` if needed: the writers go on either way.
         """
         queues = self._queues(asyncio.get_running_loop())
-        while tasks := queues.tasks():
-            await asyncio.wait(tasks)
+        queues.flushing += 1
+        try:
+            while tasks := queues.tasks():
+                queues.wake()
+                await asyncio.wait(tasks)
+        finally:
+            queues.flushing -= 1
 
     async def aclose(self) -> None:
         """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool."""
@@ -175,14 +219,11 @@ class LLMRequestTracker:
 
     async def _ledger_worker(self, queues: LoopQueues) -> None:
         while queues.pending:
-            batch = self._take_ready(queues)
-            if not batch:  # every queued row is still being prepared: wait for one
-                queues.wakeup = asyncio.get_running_loop().create_future()
-                try:
-                    await queues.wakeup
-                finally:
-                    queues.wakeup = None
+            wait = self._commit_wait(queues)
+            if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
+                await queues.sleep(wait)
                 continue
+            batch = self._take_ready(queues)
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
@@ -192,6 +233,37 @@ class LLMRequestTracker:
                 if not item.future.done():
                     item.future.set_result(outcome)
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
+
+    def _commit_wait(self, queues: LoopQueues) -> float | None:
+        """Seconds until the rows that are ready should be committed (0 or less: now); None when none is ready.
+
+        Now when there is no commit delay, a flush is waiting, a batch is full, or every row of a run that ended is
+        ready; otherwise when the oldest ready row has waited the commit delay since it was submitted.
+        """
+        delay = self.config.commit_delay_ms / 1000
+        ready = 0
+        size = 0
+        oldest: float | None = None
+        hurried: set[object] = set()
+        preparing: set[object] = set()
+        for item in queues.pending:
+            if not item.ready:
+                if item.hurried is not None:
+                    preparing.add(item.hurried)
+                continue
+            if delay <= 0 or queues.flushing:
+                return 0.0
+            ready += 1
+            oldest = item.submitted if oldest is None else min(oldest, item.submitted)
+            if item.hurried is not None:
+                hurried.add(item.hurried)
+            check_prepared(item)
+            size += sum(len(content['body']) for content in self._contents_of(item))
+        if oldest is None:
+            return None
+        if hurried - preparing or ready >= self.config.max_batch_rows or size >= self.config.max_batch_content_bytes:
+            return 0.0
+        return oldest + delay - time.perf_counter()
 
     def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
         """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""

@@ -1,5 +1,5 @@
 """The ledger's database writes: idempotent inserts of rows and contents, and the settlement of their budget holds,
-in side-session transactions."""
+in one statement of a side-session transaction."""
 
 from __future__ import annotations
 
@@ -8,26 +8,58 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, TextClause, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
-from agentrt.services.budgets import settle_ledger_rows
+from agentrt.services.budgets import SETTLED_COLUMNS, settlement_ctes
+from agentrt.services.ledger._record import ROW_FIELDS
 from agentrt.services.ledger._retry import is_transient_db_error
 
 logger = logging.getLogger('agentrt.ledger')
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 
-# Core inserts on the tables (the ORM types `__table__` as a plain FromClause), executed with lists of row dicts.
-LEDGER_INSERT = pg_insert(cast(Table, LLMRequestRow.__table__)).on_conflict_do_nothing(index_elements=['id'])
-# The rows that were new: only those settle their budget holds.
-LEDGER_RETURNING = LEDGER_INSERT.returning(LLMRequestRow.id, LLMRequestRow.account_id)
-CONTENT_INSERT = pg_insert(cast(Table, LLMRequestContentRow.__table__)).on_conflict_do_nothing(
-    index_elements=['request_id', 'kind']
-)
+_REQUESTS = cast(Table, LLMRequestRow.__table__)
+_CONTENTS = cast(Table, LLMRequestContentRow.__table__)
+CONTENT_COLUMNS = ('request_id', 'kind', 'body', 'size_bytes', 'truncated', 'redactions')
+# Core insert of contents, executed with a list of row dicts (the spool replay's second step).
+CONTENT_INSERT = pg_insert(_CONTENTS).on_conflict_do_nothing(index_elements=['request_id', 'kind'])
+
+
+def _columns(table: Table, names: tuple[str, ...], prefix: str) -> str:
+    """`unnest`'s arguments: one array parameter per column, cast to the column's type."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are untyped
+    return ', '.join(f'CAST(:{prefix}{name} AS {table.c[name].type.compile(dialect)}[])' for name in names)
+
+
+def _write_statement(*, settle: bool) -> TextClause:
+    """Insert the rows and their contents, each with `ON CONFLICT DO NOTHING`, and (with `settle`) settle the budget
+    holds of the rows that were new; the number of new rows. One round trip whatever the number of rows: each column
+    is one array parameter (so the text, and the server's prepared statement, are the same for every batch).
+
+    The contents' foreign key is checked at the end of the statement, when the rows are in.
+    """
+    return text(f"""
+WITH new AS (
+    INSERT INTO llm_requests ({', '.join(ROW_FIELDS)})
+    SELECT * FROM unnest({_columns(_REQUESTS, ROW_FIELDS, 'r_')})
+    ON CONFLICT (id) DO NOTHING
+    RETURNING {', '.join(SETTLED_COLUMNS)}
+), contents AS (
+    INSERT INTO llm_request_contents ({', '.join(CONTENT_COLUMNS)})
+    SELECT * FROM unnest({_columns(_CONTENTS, CONTENT_COLUMNS, 'c_')})
+    ON CONFLICT (request_id, kind) DO NOTHING
+){settlement_ctes('new') if settle else ''}
+SELECT count(*) FROM new
+""")
+
+
+WRITE_AND_SETTLE = _write_statement(settle=True)
+WRITE = _write_statement(settle=False)
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -44,43 +76,35 @@ async def insert_rows(session_factory: SessionFactory, statement: Any, rows: lis
 async def write_ledger_rows(
     session_factory: SessionFactory, rows: list[dict[str, Any]], contents: list[dict[str, Any]] | None = None
 ) -> int:
-    """In one side-session transaction: insert `rows` (`ON CONFLICT DO NOTHING`), then `contents`, then settle the
-    budget holds of the rows that were new (`settle_ledger_rows`, last, so window rows are locked only briefly).
+    """In one statement of a side-session transaction: insert `rows` and `contents` (`ON CONFLICT DO NOTHING`), and
+    settle the budget holds of the rows that were new (`settlement_ctes`).
 
-    A row is new exactly once, so a retried write or a replayed spool line settles nothing twice. If settling fails
-    for a reason other than the database being unavailable (a bug), the rows are written without it and the error
-    is logged: a billing row is never lost to its budget (its hold is released by the sweeper when it expires).
+    A row is new exactly once, so a retried write or a replayed spool line settles nothing twice. If the statement
+    fails for a reason other than the database being unavailable, it is tried once without settling: when that
+    works, settling was the problem (a bug), the rows are written without it and the error is logged, since a billing
+    row is never lost to its budget (its hold is released by the sweeper when it expires); when it fails too, the
+    rows (or contents) were, and that error is raised.
 
     Returns:
         How many rows were new (the rest were already there).
     """
+    if not rows:
+        return 0
     try:
-        return await _write(session_factory, rows, contents or [], settle=True)
-    except _SettleFailed as failed:
-        logger.error('ledger: budget holds of %d row(s) not settled; writing them without', len(rows), exc_info=failed)
-        return await _write(session_factory, rows, contents or [], settle=False)
-
-
-class _SettleFailed(Exception):
-    """Settling failed inside the write (not because the database is unavailable)."""
+        return await _write(session_factory, WRITE_AND_SETTLE, rows, contents or [])
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        settle_error = exc
+    new = await _write(session_factory, WRITE, rows, contents or [])
+    logger.error('ledger: budget holds of %d row(s) not settled; written without', len(rows), exc_info=settle_error)
+    return new
 
 
 async def _write(
-    session_factory: SessionFactory, rows: list[dict[str, Any]], contents: list[dict[str, Any]], *, settle: bool
+    session_factory: SessionFactory, statement: TextClause, rows: list[dict[str, Any]], contents: list[dict[str, Any]]
 ) -> int:
-    if not rows:
-        return 0
+    params = {f'r_{name}': [row[name] for row in rows] for name in ROW_FIELDS}
+    params |= {f'c_{name}': [content[name] for content in contents] for name in CONTENT_COLUMNS}
     async with session_factory() as session:
-        result = await session.execute(LEDGER_RETURNING, rows)
-        new = [(row.id, row.account_id) for row in result]
-        if contents:
-            await session.execute(CONTENT_INSERT, contents)
-        billable = [request_id for request_id, account_id in new if account_id is not None]
-        if settle and billable:
-            try:
-                await settle_ledger_rows(session, billable)
-            except Exception as exc:
-                if database_unavailable(exc):
-                    raise
-                raise _SettleFailed(f'{type(exc).__name__}: {exc}') from exc
-        return len(new)
+        return int((await session.execute(statement, params)).scalar_one())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -21,16 +21,16 @@ from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.ledger import get_request_tracker
+from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, get_request_tracker, set_request_tracker
 from tests.services.budgets.helpers import give_budget
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 STATEMENTS_BUDGET = 20
-# One session per tool call (7: a session per operation), at most one per model request for its ledger row (3: the
-# writer commits each row as soon as it is ready, while the run goes on; a lone turn's rows are ready one model
-# request apart, so they cannot share a commit; concurrent turns share commits), and the turn's own two: the start
-# (tenant, claim, tail load) and the save (which releases the claim and stores a title and summary that are due).
-SESSIONS_BUDGET = {'tool call': 7, 'ledger': 3, 'turn start': 1, 'turn save': 1}
+# One session per tool call (7: a session per operation), one for the turn's ledger rows (the writer holds a ready row
+# for up to its commit delay, and the run's end commits what it holds: at demo speed the three rows, in one statement),
+# and the turn's own two: the start (tenant, claim, tail load) and the save (which releases the claim and stores a
+# title and summary that are due).
+SESSIONS_BUDGET = {'tool call': 7, 'ledger': 1, 'turn start': 1, 'turn save': 1}
 SUMMARISED = text(
     'SELECT summary_head_id = head_id AND title IS NOT NULL AND summary IS NOT NULL FROM conversations '
     'WHERE conversation_id = :c'
@@ -84,7 +84,20 @@ async def _turn(session_id: str) -> None:
     await get_supervisor().join()
 
 
-async def test_a_demo_turn_stays_within_its_database_budget(demo_data: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def long_commit_delay() -> Iterator[None]:
+    """A commit delay no demo turn outlasts however slow the machine: its rows wait for its end (the default delay,
+    50 ms, covers a demo turn on a machine that is not overloaded; BENCHMARKS section 3b)."""
+    previous = set_request_tracker(LLMRequestTracker(replace(LedgerConfig.from_env(), commit_delay_ms=5000)))
+    try:
+        yield
+    finally:
+        set_request_tracker(previous)
+
+
+async def test_a_demo_turn_stays_within_its_database_budget(
+    demo_data: None, long_commit_delay: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = current_settings()
     # What the turn does at demo speed: no usage roll-up landing in the window (one per interval, whichever turn it
     # lands in), and no check of the claim (one statement per request once a second has passed, on slow models) on
@@ -103,7 +116,7 @@ async def test_a_demo_turn_stays_within_its_database_budget(demo_data: None, mon
     schema_checks = [s for s in meter.statements if 'EXISTS' in s and 'directory_entries' in s]
     assert not schema_checks, 'no schema check before a search that found rows'
     assert meter.sessions['tool call'] == SESSIONS_BUDGET['tool call'], meter.sessions
-    assert 1 <= meter.sessions['ledger'] <= SESSIONS_BUDGET['ledger'], meter.sessions
+    assert meter.sessions['ledger'] == SESSIONS_BUDGET['ledger'], meter.sessions
     assert meter.sessions['turn start'] == 1 and meter.sessions['turn save'] == 1, meter.sessions
     # The title and summary rode on the save, and nothing else opened a session.
     assert set(meter.sessions) <= set(SESSIONS_BUDGET), meter.sessions

@@ -70,11 +70,18 @@ def test_ledger_settings_come_from_the_same_class(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'spool.jsonl'))
     monkeypatch.setenv('AGENTRT_LEDGER_STORE_CONTENT', 'false')
     monkeypatch.setenv('AGENTRT_LEDGER_RETRY_ATTEMPTS', '3')
+    monkeypatch.setenv('AGENTRT_LEDGER_COMMIT_DELAY_MS', '0')
     config = LedgerConfig.from_env()
     assert (config.spool_path, config.store_content, config.retry.attempts) == (tmp_path / 'spool.jsonl', False, 3)
+    assert config.commit_delay_ms == 0
+    assert LedgerConfig().commit_delay_ms == Settings.model_fields['ledger_commit_delay_ms'].default  # one default
 
     monkeypatch.setenv('AGENTRT_LEDGER_CONTENT_MAX_BYTES', '12')
     with pytest.raises(ConfigError, match='AGENTRT_LEDGER_CONTENT_MAX_BYTES'):
+        LedgerConfig.from_env()
+    monkeypatch.delenv('AGENTRT_LEDGER_CONTENT_MAX_BYTES')
+    monkeypatch.setenv('AGENTRT_LEDGER_COMMIT_DELAY_MS', '-1')
+    with pytest.raises(ConfigError, match='AGENTRT_LEDGER_COMMIT_DELAY_MS'):
         LedgerConfig.from_env()
 
 

@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.session import Unscoped, get_side_session
 from agentrt.services.conversations._store import message_json
-from agentrt.services.ledger import LLMRequestTracker, _contents, _record, ledger_capability, remember_message_json
+from agentrt.services.ledger import (
+    LLMRequestTracker,
+    _contents,
+    _prepare,
+    _record,
+    ledger_capability,
+    remember_message_json,
+)
 from agentrt.services.ledger._contents import Body, RunBodies
 from agentrt.services.ledger.redaction import REDACTED
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows
@@ -88,23 +95,46 @@ async def test_each_message_of_a_run_is_redacted_once(tmp_path: Path, monkeypatc
     assert isinstance(call, ToolCallPart) and call.args == {'n': 0, 'note': f'key\n{REDACTED}'}
 
 
-async def test_redaction_and_serialisation_run_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    spy = _Spy(monkeypatch)
-    error_threads: list[str] = []
-    real = _record.redact_text
+def _threads_of(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[str]:
+    """The names of the threads `module.name` is called in, from now on."""
+    threads: list[str] = []
+    real = getattr(module, name)
 
-    def spy_error(text: str) -> tuple[str, int]:
-        error_threads.append(threading.current_thread().name)
-        return real(text)
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
 
-    monkeypatch.setattr(_record, 'redact_text', spy_error)
+    monkeypatch.setattr(module, name, spy)
+    return threads
+
+
+async def test_redaction_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    walks = _threads_of(monkeypatch, _contents, 'redact_value')
+    error_threads = _threads_of(monkeypatch, _record, 'redact_text')
     tracker = LLMRequestTracker(fast_config(tmp_path))
     await _agent(tracker, 3).run('look up')
     await tracker.track_request(ledger_record(success=False, error_message=f'provider said\n{SECRET}'))
-    assert spy.threads and error_threads
-    assert all(name.startswith('agentrt-ledger-prepare') for name in spy.threads + error_threads)
+    assert walks and error_threads
+    assert all(name.startswith('agentrt-ledger-prepare') for name in walks + error_threads)
     [failed] = [row for row in await ledger_rows() if not row['success']]
     assert failed['error_message'] == f'provider said\n{REDACTED}'
+
+
+async def test_small_clean_bodies_are_checked_on_the_loop_and_big_ones_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    spy = _Spy(monkeypatch)
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    agent: Agent[None, str] = Agent(FunctionModel(lambda messages, info: ModelResponse(parts=[TextPart('hello')])))
+    await agent.run('a short clean question', capabilities=[ledger_capability(tracker)])
+    assert spy.threads == [threading.current_thread().name] * 3  # instructions, question, answer: no hand-off
+    spy.threads.clear()
+    big = 'a long clean question ' * (_prepare.INLINE_PREPARE_BYTES // 20)
+    await agent.run(big, capabilities=[ledger_capability(tracker)])
+    assert spy.threads and all(name.startswith('agentrt-ledger-prepare') for name in spy.threads)
+    await tracker.flush()
+    prompts = [c['body'] for c in await content_rows() if c['kind'] == 'prompt']
+    assert len(prompts) == 2 and big in json.loads(max(prompts, key=len))['messages'][0]['parts'][0]['content']
 
 
 async def test_an_error_message_with_nul_and_lone_surrogates_keeps_its_row(tmp_path: Path):
@@ -215,7 +245,9 @@ def test_a_message_loaded_from_the_store_is_stored_from_its_text_as_if_dumped() 
     changed.parts.append(UserPromptPart('and now two'))  # the run added a part: not what was stored
     bodies = RunBodies()
     prompt = bodies.prompt('be brief', messages)
-    assert [type(body) for body in prompt._messages] == [_contents.JsonBody, _contents.JsonBody, Body]
+    # The remembered texts themselves, not dumped again; the changed message dumped.
+    assert [body._text for body in prompt._messages[:2]] == texts[:2]
+    assert prompt._messages[0]._text is texts[0] and prompt._messages[2]._text is not texts[2]
     text, count = prompt.render()
     assert count == 1 and SECRET not in text and '[REDACTED]' in text and 'and now two' in text
     changed.parts.pop()
