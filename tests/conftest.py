@@ -6,11 +6,14 @@ when that is set (its runtime tables are truncated between tests: never point it
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import gc
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -57,6 +60,53 @@ def _set_up_test_process() -> None:
 _table_reset: TableReset | None = None
 
 
+class _EarlyServer:
+    """This test process's embedded PostgreSQL, started by a short-lived process of its own while this one collects
+    the tests (`initdb` and the first start take about 1.3 s, mostly in PostgreSQL's own programs): the `database`
+    fixture finds it running and adopts it, as a CLI process does with a server whose starter has exited, and it is
+    stopped at exit. Started only without `DATABASE_URL`; should the starter fail, `database` starts it itself."""
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._starter: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._root = self._make_root()
+        data_dir = self._root / 'data'
+        code = 'import pathlib, sys\nfrom agentrt.db.embedded import start_embedded\n'
+        code += 'start_embedded(pathlib.Path(sys.argv[1]), stop_at_exit=False)'
+        self._starter = subprocess.Popen(
+            [sys.executable, '-c', code, str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        # Stopped at exit even if no test adopts it (a collection error): the last user (none here) stops it.
+        atexit.register(_release_embedded, data_dir)
+
+    async def started(self) -> Path:
+        """The directory the server's data is in (`data/` under it), once the starter has finished."""
+        if self._root is None:
+            self._root = self._make_root()
+        if self._starter is not None:
+            await asyncio.to_thread(self._starter.wait)
+        return self._root
+
+    @staticmethod
+    def _make_root() -> Path:
+        root = Path(tempfile.mkdtemp(prefix='agentrt-test-pg-'))
+        # atexit runs handlers last-in first-out: registered before the server starts (whose stop handler comes
+        # later), the directory goes only after the server has stopped.
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        return root
+
+
+def _release_embedded(data_dir: Path) -> None:
+    from agentrt.db.embedded import release_embedded
+
+    release_embedded(data_dir)
+
+
+_early_server = _EarlyServer()
+
+
 @pytest_asyncio.fixture(scope='session', autouse=True)
 async def database() -> AsyncIterator[Settings]:
     """Start (or connect to) PostgreSQL once, migrated to head, for the whole run (for each xdist worker).
@@ -74,10 +124,7 @@ async def database() -> AsyncIterator[Settings]:
     from tests.worker_database import drop_worker_database, worker_database
 
     _table_reset = TableReset()
-    data_root = Path(tempfile.mkdtemp(prefix='agentrt-test-pg-'))
-    # atexit runs handlers last-in first-out: registered before the server starts (whose stop handler comes
-    # later), the directory goes only after the server has stopped.
-    atexit.register(shutil.rmtree, data_root, ignore_errors=True)
+    data_root = await _early_server.started()
     given = external = os.environ.get('DATABASE_URL') or None
     worker = os.environ.get('PYTEST_XDIST_WORKER')
     if given and worker:
@@ -225,6 +272,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Before collection, in a process that runs tests (an xdist worker, or the run with `-n 0`), not in the xdist
     controller (which only hands tests out: it need not import the runtime)."""
     if not session.config.pluginmanager.has_plugin('dsession'):
+        if not os.environ.get('DATABASE_URL'):
+            _early_server.start()
         _set_up_test_process()
 
 
