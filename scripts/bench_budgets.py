@@ -270,8 +270,8 @@ async def main() -> None:
     args.add_argument('--accounts', type=int_list, default=[1, 20], help='spreads: turns over this many accounts')
     args.add_argument('--sequential', type=int, default=40, help='turns per round run one at a time (0: none)')
     opts = args.parse_args()
-    if opts.quick:
-        opts.turns, opts.rounds, opts.latency, opts.accounts, opts.sequential = 10, 2, 0.0, [1, 2], 3
+    if opts.quick:  # one spread (over two accounts): a second spread runs the same steps again
+        opts.turns, opts.rounds, opts.latency, opts.accounts, opts.sequential = 10, 2, 0.0, [2], 3
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
     await start_database(pool_size=20, max_overflow=10, pool_timeout=30)
     prefix = f'bench-budget-{os.getpid()}'

@@ -34,16 +34,16 @@ def agentrt_command() -> list[str]:
     return [found] if found else [sys.executable, '-m', 'agentrt.agents.cli']
 
 
-def time_runs(argv: list[str], runs: int) -> list[float]:
-    """Wall seconds of `runs` runs of `argv` (one unmeasured run first, to warm the file cache)."""
+def time_runs(argv: list[str], runs: int, *, warm_up: bool = True) -> list[float]:
+    """Wall seconds of `runs` runs of `argv` (with `warm_up`, one unmeasured run first, to warm the file cache)."""
     times = []
-    for i in range(runs + 1):
+    for i in range(runs + 1 if warm_up else runs):
         started = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(f'{" ".join(argv)} exited {done.returncode}: {done.stderr}')
-        if i:
+        if i or not warm_up:
             times.append(elapsed)
     return times
 
@@ -67,7 +67,7 @@ def main() -> None:
     print_config('Benchmark 10a: agentrt start-up (--help, --version)', config)
     rows = []
     for name, argv in cases:
-        times = time_runs(argv, runs)
+        times = time_runs(argv, runs, warm_up=not opts.quick)  # the smoke test: one run of each, cache warm or not
         rows.append(
             {
                 'command': name,

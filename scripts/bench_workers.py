@@ -200,8 +200,8 @@ async def main() -> None:
     if args.child:
         await child(args.child, args.chats, args.turns, args.latency)
         return
-    if args.quick:
-        args.workers, args.chats, args.turns, args.latency = [1, 2], 3, 1, 0.05
+    if args.quick:  # the smoke test: every step once (each worker process is another Python start, about 2 s of CPU)
+        args.workers, args.chats, args.turns, args.latency = [1], 3, 1, 0.05
     await init_database()
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)

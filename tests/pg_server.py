@@ -97,12 +97,13 @@ class PrivateServer:
         def run(*args: str) -> None:
             subprocess.run([openssl, *args], cwd=certs, capture_output=True, check=True, timeout=60)
 
+        # P-256 keys: made in a millisecond each, where RSA-2048 took about 0.15 s of CPU.
+        key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1']
         for name in ('ca', 'other-ca'):
             run(
                 'req',
                 '-x509',
-                '-newkey',
-                'rsa:2048',
+                *key,
                 '-nodes',
                 '-days',
                 '2',
@@ -115,8 +116,7 @@ class PrivateServer:
             )
         run(
             'req',
-            '-newkey',
-            'rsa:2048',
+            *key,
             '-nodes',
             '-subj',
             '/CN=127.0.0.1',

@@ -119,9 +119,11 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
     env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
+    # --delay 0: the demo model's pause between words (0.02 s by default, for a terminal) only made this wait 3 s.
+    chat = ['chat', QUESTION, '-a', 'acme-health', '-s', 'otlp', '--delay', '0']
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, '-m', 'agentrt.agents.cli', '--trace', 'chat', QUESTION, '-a', 'acme-health', '-s', 'otlp'],
+        [sys.executable, '-m', 'agentrt.agents.cli', '--trace', *chat],
         capture_output=True,
         text=True,
         env=env,

@@ -54,11 +54,11 @@ async def test_refused_connection_names_host_and_port() -> None:
 
 async def test_silent_server_fails_within_connect_timeout(silent_server: int) -> None:
     url = parse_database_url(f'postgresql://u:p@127.0.0.1:{silent_server}/db')
-    engine = build_engine(url, Settings(database_url=str(url), connect_timeout=1))
+    engine = build_engine(url, Settings(database_url=str(url), connect_timeout=0.3))
     started = time.monotonic()
     try:
         with pytest.raises(DatabaseUnavailableError) as info:
-            await check_connection(engine, url, 1)
+            await check_connection(engine, url, 0.3)
     finally:
         await engine.dispose()
     assert time.monotonic() - started < 5

@@ -13,7 +13,7 @@ def test_repro_script_reproduces_failure_and_fix(demo_data: None, database_url: 
     import os
 
     result = subprocess.run(
-        [sys.executable, str(ROOT / 'scripts' / 'repro_parallel_tools.py')],
+        [sys.executable, str(ROOT / 'scripts' / 'repro_parallel_tools.py'), '--quick'],
         capture_output=True,
         text=True,
         timeout=120,

@@ -23,11 +23,13 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import _turns
 from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from agentrt.services.ledger import get_request_tracker
+from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows, scalar
 
 QUESTION = 'Find cardiologists in Seattle'
 _PROCRASTINATE_TABLES = 'procrastinate_events, procrastinate_periodic_defers, procrastinate_jobs, procrastinate_workers'
 _ROLLUP_LOCK = 'SELECT pg_advisory_xact_lock(1919904876, 0)'  # services/ledger/_rollups.py: 'roll', exclusive
+HEARTBEAT_S, STALLED_S = 0.25, 1.0  # the killed worker's AGENTRT_JOBS_HEARTBEAT_SECONDS and _STALLED_SECONDS
 
 
 @pytest.fixture
@@ -114,8 +116,8 @@ def _worker(database_url: str) -> subprocess.Popen[bytes]:
         **os.environ,
         'DATABASE_URL': database_url.replace('postgresql+asyncpg://', 'postgresql://'),
         'AGENTRT_AUTO_MIGRATE': 'false',
-        'AGENTRT_JOBS_HEARTBEAT_SECONDS': '0.5',
-        'AGENTRT_JOBS_STALLED_SECONDS': '2',
+        'AGENTRT_JOBS_HEARTBEAT_SECONDS': str(HEARTBEAT_S),
+        'AGENTRT_JOBS_STALLED_SECONDS': str(STALLED_S),
     }
     command = [sys.executable, '-m', 'agentrt.agents.cli', 'worker', '--concurrency', '1']
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -161,20 +163,22 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
             first.kill()
         if first.stderr is not None:
             first.stderr.close()
-    await asyncio.sleep(2.5)  # no heartbeat for longer than AGENTRT_JOBS_STALLED_SECONDS
-    assert await retry_stalled_jobs(seconds_since_heartbeat=2) == 1
+    # Stalled once its worker's last heartbeat (at most HEARTBEAT_S before the kill) is STALLED_S old: polled for, not
+    # waited out with a fixed sleep.
+    async with asyncio.timeout(30):
+        while not (retried := await retry_stalled_jobs(seconds_since_heartbeat=STALLED_S)):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert retried == 1
     release.set()
     await holder
 
-    second = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-m', 'agentrt.agents.cli', 'worker', '--burst'],
-        env={**os.environ, 'DATABASE_URL': database_url.replace('postgresql+asyncpg://', 'postgresql://')},
-        capture_output=True,
-        timeout=120,
-        check=False,
+    # The other worker: `agentrt worker --burst`, in this process (the killed one above is the command's subprocess
+    # run); the queue is the process's, so this test's hold on it is given up first.
+    await close_queue()
+    second = await invoke(
+        'worker', '--burst', env={'DATABASE_URL': database_url.replace('postgresql+asyncpg://', 'postgresql://')}
     )
-    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    assert second.exit_code == 0, second.stderr[-2000:]
     assert await _jobs() == []
     assert await _rolled_up_requests() == len(await ledger_rows()) == 3  # each ledger row counted once
     assert await _title('killed')
