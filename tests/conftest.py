@@ -278,12 +278,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Move what exists once the tests are collected (modules, classes, functions, the collected items: objects that
-    live until the process ends) out of the garbage collector's way (`gc.freeze()`): each collection of the oldest
-    generation walked them all (measured: a quarter to two thirds of the garbage collector's time in a test process,
-    3 to 10 % of its CPU). Garbage made by the tests is collected as before, at the same thresholds."""
+    """Keep the garbage collector's work in proportion in a process that runs tests.
+
+    What exists once the tests are collected (modules, classes, functions, the collected items: objects that live
+    until the process ends) is moved out of its way (`gc.freeze()`): each collection of the oldest generation walked
+    them all. And it looks for cycles after 10,000 new objects rather than 700 (the older generations in proportion):
+    a test process holds far more long-lived objects than a program, so each full pass cost about 0.1 s. Measured on
+    the tests of `agents/` and `api/` in one process: 4.7 s of its 37 s of CPU in the collector before, 1.3 s after.
+    Every cycle of garbage is still collected (and the run ends with a full collection, `pytest_sessionfinish`),
+    only less often.
+    """
     if not session.config.pluginmanager.has_plugin('dsession'):
         gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
