@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from logfire.testing import capfire  # noqa: F401 - the fixture, here rather than through logfire's pytest plugin
 from sqlalchemy import select
 
 from agentrt.db.models import Account
