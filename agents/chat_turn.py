@@ -26,6 +26,7 @@ from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
 from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
+from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.engine import current_settings, init_database
@@ -111,7 +112,7 @@ class Turn:
     """The conversation's lifetime usage before this turn."""
     usage_limits: UsageLimits
     capabilities: list[AbstractCapability[Any]]
-    """The turn's `ContextWindow` and `TurnGuard`, added to the run."""
+    """The turn's `ContextWindow` and `TurnGuard`, added to the run as one capability (`TurnHooks`)."""
     started: float
     recent: RecentConversation
     """What was loaded: the save appends to it without reading the conversation again."""
@@ -203,10 +204,10 @@ async def _claimed_turn(
         store = PostgresConversationStore(tenant.account_id)
         conversation = recent.conversation
         usage_before, conversation.usage = conversation.usage, RunUsage()
-        capabilities: list[AbstractCapability[Any]] = [
+        capabilities = turn_hooks(
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
             TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
-        ]
+        )
         limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
         yield Turn(
             agent,
