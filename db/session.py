@@ -52,6 +52,11 @@ def set_row_security(enabled: bool) -> bool:
     return previous
 
 
+def row_security() -> bool:
+    """Whether sessions switch to their function role and set the tenant (`set_row_security`)."""
+    return _row_security
+
+
 def scoped_setup(account: Account, setup: TransactionSetup | None = None) -> TransactionSetup:
     """`setup` (or none) plus the role and tenant of `account` (`agentrt.db.roles.scope_of`)."""
     base = setup or TransactionSetup()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import exists, select
+from sqlalchemy import Select, bindparam, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
-from agentrt.db.session import entered_account, entering_account
+from agentrt.db.session import entered_account, entering_account, row_security
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -80,6 +81,22 @@ async def lookup_tenant(
     Raises:
         UnknownTenantError: listing the accounts, or the account's agents, that exist.
     """
+    query = _tenant_query(agent_instance is not None, enter and row_security())
+    params = {'account': account} if agent_instance is None else {'account': account, 'agent_instance': agent_instance}
+    row = (await session.execute(query, params)).first()
+    if row is None:  # the errors say what exists: the queries that know
+        account_row = await get_account(account, session=session)
+        await get_agent_instance(account_row, agent_instance, session=session)
+        raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+    if enter:
+        entered_account(session, row[0])
+    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))
+
+
+@cache
+def _tenant_query(by_agent: bool, enter: bool) -> Select[Any]:
+    """`lookup_tenant`'s statement, built once per shape: the slugs are parameters (`account`, `agent_instance`), so
+    SQLAlchemy neither rebuilds it nor computes its cache key on each turn."""
     query = (
         select(
             Account.id,
@@ -91,19 +108,12 @@ async def lookup_tenant(
             exists().where(AccountBudget.account_id == Account.id),
         )
         .join(AgentInstance, AgentInstance.account_id == Account.id)
-        .where(Account.slug == account)
+        .where(Account.slug == bindparam('account'))
         .order_by(AgentInstance.id)
         .limit(1)
     )
-    if agent_instance is not None:
-        query = query.where(AgentInstance.slug == agent_instance)
+    if by_agent:
+        query = query.where(AgentInstance.slug == bindparam('agent_instance'))
     if enter:  # one account's rows at most (the slug is unique), so whichever row computes it sets the same tenant
         query = query.add_columns(*entering_account(Account.id))
-    row = (await session.execute(query)).first()
-    if row is None:  # the errors say what exists: the queries that know
-        account_row = await get_account(account, session=session)
-        await get_agent_instance(account_row, agent_instance, session=session)
-        raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
-    if enter:
-        entered_account(session, row[0])
-    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))
+    return query
