@@ -18,11 +18,11 @@ from pydantic_ai.conversation_store import (
 from pydantic_ai.messages import ModelMessage
 from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
-from agentrt.db.session import get_db_session, retry_on_disconnect
+from agentrt.db.session import get_db_session, retry_on_disconnect, scoped_connection
 from agentrt.services.pg_text import storable, storable_text
 
 T = TypeVar('T')
@@ -333,15 +333,18 @@ class PostgresConversationStore(ConversationStore):
         return Appended(entries, sizes, released, summarised=titled is not None)
 
     async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
-        """One attempt of `append`, in its own transaction; whether the claim was released."""
-        async with get_db_session(account=self.account_id) as session:
-            swapped, released = await self._append_once(session, statement, params)
+        """One attempt of `append`, in its own transaction; whether the claim was released.
+
+        On a Core connection (`scoped_connection`: the same role, tenant and error translation as a session): one
+        statement needs none of the ORM session's bookkeeping."""
+        async with scoped_connection(account=self.account_id) as connection:
+            swapped, released = await self._append_once(connection, statement, params)
         if not swapped:
             raise ConversationConflict(conversation_id)
         return bool(released)
 
-    async def _append_once(self, session: AsyncSession, statement: Executable, params: dict[str, Any]) -> Any:
-        return (await session.execute(statement, params)).one()
+    async def _append_once(self, connection: AsyncConnection, statement: Executable, params: dict[str, Any]) -> Any:
+        return (await connection.execute(statement, params)).one()
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
