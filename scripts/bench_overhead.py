@@ -12,7 +12,8 @@ turned off at a time (the ledger, its stored content, post-turn work, the conver
 the tenant lookup) and with the ledger's commit delay at 0 (each row committed as soon as it is ready), interleaved
 turn by turn; CPU per turn (median), and sessions (pool checkouts) and statements
 (`before_cursor_execute`) per turn, counted from SQLAlchemy's events, and the runtime's sessions by kind (each
-named by its first statement). The parts are turned off by replacing names in
+named by its first statement), and, as an extra line, the bare agent carrying the same history in memory (the
+headline ratio stays against the bare turn without it). The parts are turned off by replacing names in
 `agentrt.agents.chat_turn`; names a version does not have are skipped, so the same script measures earlier versions.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
@@ -47,6 +48,7 @@ from bench_common import (
 )
 from pydantic_ai import Agent, Conversation
 from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from sqlalchemy import event, text
 
@@ -170,6 +172,10 @@ async def measure(latency: float, streamed: bool, turns: int, prefix: str) -> li
 # ---- Per-turn breakdown (issue 20): CPU by part, sessions and statements per turn ---------------------------------
 
 BUDGET = {'cpu_x_bare': 1.3, 'sessions': 10, 'statements': 20}
+WITH_HISTORY = 'bare pydantic-ai, the same history in memory'
+"""An extra line: the bare agent run with the history the runtime's turn carries (conversations of 4 turns, kept in
+memory as `message_history`), so what pydantic-ai itself spends on a history shows apart from the runtime's own work.
+The headline ratio (`x bare`) stays against the bare turn without history."""
 
 
 # A session's kind, from its first statement (as in tests/agents/test_turn_budget.py).
@@ -316,8 +322,9 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     without_ledger = bare_directory_agent()
     without_content = bare_directory_agent([ledger_capability(store_content=False)])
     runtime_agent = create_simple_chat_agent()
-    variants: dict[str, tuple[Agent[SessionDependencies, str] | None, Callable[[], Any]]] = {
+    variants: dict[str, tuple[Agent[SessionDependencies, str] | str | None, Callable[[], Any]]] = {
         'bare pydantic-ai': (None, contextlib.nullcontext),
+        WITH_HISTORY: (WITH_HISTORY, contextlib.nullcontext),
         'runtime': (runtime_agent, contextlib.nullcontext),
         'runtime without the ledger': (without_ledger, contextlib.nullcontext),
         'runtime without stored content': (without_content, contextlib.nullcontext),
@@ -330,7 +337,10 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     meter = StatementMeter().attach()
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in variants}
     runtime_kinds: Counter[str] = Counter()
+    history: list[ModelMessage] = []
     for i in range(turns + 1):  # the first round warms up
+        if i % 4 == 0:  # conversations of 4 turns, as the runtime's
+            history = []
         for n, (name, (agent, patch)) in enumerate(variants.items()):
             await settle()
             kinds_before = Counter(meter.kinds)
@@ -338,6 +348,8 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
             with patch():
                 if agent is None:
                     await bare.run(QUESTION, deps=deps, model=model)
+                elif agent == WITH_HISTORY:
+                    history = (await bare.run(QUESTION, deps=deps, model=model, message_history=history)).all_messages()
                 else:
                     session_id = f'{prefix}-b{n}-{i // 4}'
                     await simple_chat(
@@ -362,13 +374,16 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
                 'statements_per_turn': round(statistics.fmean(statements), 2),
             }
         )
+    with_history = rows.pop(1)  # an extra line, not a variant of the runtime: the headline ratio stays against bare
     bare_cpu, full_cpu = rows[0]['cpu_ms'], rows[1]['cpu_ms']
     for row in rows:
         row['x_bare'] = round(row['cpu_ms'] / bare_cpu, 2)
         if row['variant'].startswith('runtime without'):
             row['part_cpu_ms'] = round(full_cpu - row['cpu_ms'], 1)
     rows[1]['sessions_by_kind'] = {kind: round(n / turns, 2) for kind, n in runtime_kinds.most_common()}
-    return rows
+    with_history['x_bare'] = round(with_history['cpu_ms'] / bare_cpu, 2)
+    rows[1]['x_bare_with_history'] = round(full_cpu / with_history['cpu_ms'], 2)
+    return [*rows, with_history]
 
 
 BREAKDOWN_COLUMNS = [
@@ -408,6 +423,7 @@ async def main() -> None:
             parts = await breakdown(opts.breakdown_turns, prefix)
             print_table(parts, BREAKDOWN_COLUMNS)
             print('runtime sessions per turn, by kind:', parts[1]['sessions_by_kind'])
+            print(f'runtime / bare with the same history in memory: {parts[1]["x_bare_with_history"]}x')
         before = await count_rows(prefix)
         rows = []
         for latency in opts.latencies:
@@ -429,6 +445,7 @@ async def main() -> None:
             runtime = parts[1]
             summary['breakdown'] = parts
             summary['runtime_cpu_x_bare'] = runtime['x_bare']
+            summary['runtime_cpu_x_bare_with_history'] = runtime['x_bare_with_history']
             summary['runtime_sessions_per_turn'] = runtime['sessions_per_turn']
             summary['runtime_statements_per_turn'] = runtime['statements_per_turn']
             summary['runtime_sessions_by_kind'] = runtime['sessions_by_kind']
