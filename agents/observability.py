@@ -96,9 +96,14 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
     global _configured
     if _configured is not None:
         return _configured
-    import pydantic_ai
+    if 'pydantic_ai' in sys.modules:
+        import pydantic_ai
 
-    pydantic_ai.BANNER_ENABLED = False
+        pydantic_ai.BANNER_ENABLED = False
+    else:
+        # Not imported yet (a command that runs no agent, such as `agentrt db status`): importing it only to set
+        # its flag cost about 0.7 s of each such command's start; pydantic-ai reads this variable as it reads the flag.
+        os.environ.setdefault('PYDANTIC_AI_NO_BANNER', '1')
     export = trace_export(console=console)
     if export.enabled:
         import logfire

@@ -1,8 +1,9 @@
 """Benchmark 10b: CPU per demo turn with tracing off (nothing configured) and with spans exported over OTLP.
 
-Each mode runs in a process of its own (tracing is set up once per process, from the environment): `off` with no
-tracing variable, `otlp` with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at a loopback collector this script runs
-(it decodes what it receives, to count the spans). A process warms up, then runs demo turns (`simple_chat` and
+Each mode runs in a process of its own, forked from this one before any tracing or database is set up (tracing is
+set up once per process, from the environment): `off` with no tracing variable, `otlp` with
+`OTEL_EXPORTER_OTLP_ENDPOINT` pointing at a loopback collector this script runs (it decodes what it receives, to
+count the spans). A process warms up, then runs demo turns (`simple_chat` and
 `simple_chat_stream`, the demo planner: 3 model requests and 7 tool calls a turn, no model latency) one after the
 other; CPU is the process's (`time.process_time`: the exporter's thread included), from the start of a turn until
 its deferred work (ledger, background tasks) is done; the `otlp` process then flushes its exporter and that CPU is
@@ -18,8 +19,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench_common import ms, parser, print_config, print_table, write_results
+from bench_common import ms, parser, print_config, print_table, run_script_forked, write_results
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 MODES = ('off', 'otlp')
@@ -127,11 +126,10 @@ def run_child(mode: str, turns: int, warm_up: int, collector: Collector) -> tupl
         env['OTEL_EXPORTER_OTLP_ENDPOINT'] = collector.url
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'child.json'
-        argv = [sys.executable, __file__, '--child', mode, '--turns', str(turns), '--child-out', str(out)]
-        argv += ['--warm-up', str(warm_up)]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f'{mode} run failed:\n{done.stdout}\n{done.stderr}')
+        args = ['--child', mode, '--turns', str(turns), '--child-out', str(out), '--warm-up', str(warm_up)]
+        code, output = run_script_forked(__file__, args, env)
+        if code != 0:
+            raise SystemExit(f'{mode} run failed:\n{output}')
         data = json.loads(out.read_text())
     return data['rows'], data['machine']
 

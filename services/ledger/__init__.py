@@ -9,9 +9,9 @@ before any body is stored or spooled, once per message per run (in worker thread
 no possible secret). The modules with a leading underscore are this wing's internals.
 """
 
-from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
+from typing import TYPE_CHECKING, Any
+
 from agentrt.services.ledger._config import LedgerConfig, default_spool_path
-from agentrt.services.ledger._contents import remember_message_json
 from agentrt.services.ledger._costs import COST_GROUPINGS, COST_SOURCES, CostGrouping, CostSummary, summarise_costs
 from agentrt.services.ledger._filters import CostSource, LedgerFilters, RollupCannotAnswer
 from agentrt.services.ledger._identity import LedgerIdentity, RunIdentity, identity_of
@@ -23,9 +23,6 @@ from agentrt.services.ledger._queries import (
     get_request,
     list_requests,
 )
-from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
-from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
-from agentrt.services.ledger._replay import ReplayReport
 from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error
 from agentrt.services.ledger._rollups import (
     POST_TURN_LOOKBACK,
@@ -34,7 +31,46 @@ from agentrt.services.ledger._rollups import (
     roll_up_pending,
 )
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._tracker import LLMRequestTracker, get_request_tracker, set_request_tracker
+
+if TYPE_CHECKING:
+    from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
+    from agentrt.services.ledger._contents import remember_message_json
+    from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
+    from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
+    from agentrt.services.ledger._replay import ReplayReport
+    from agentrt.services.ledger._tracker import LLMRequestTracker, get_request_tracker, set_request_tracker
+
+# The write path imports pydantic-ai (its message types), about 0.7 s of CPU: it is imported when first used, so
+# the commands that only read the ledger (`agentrt costs`, `agentrt audit`) start without it.
+_WRITE_PATH = {
+    'LedgerCapability': '_capability',
+    'ledger_capability': '_capability',
+    'remember_message_json': '_contents',
+    'TrackerStats': '_queues',
+    'WriteOutcome': '_queues',
+    'ContentKind': '_record',
+    'LedgerRecord': '_record',
+    'Status': '_record',
+    'new_request_id': '_record',
+    'utc_now': '_record',
+    'ReplayReport': '_replay',
+    'LLMRequestTracker': '_tracker',
+    'get_request_tracker': '_tracker',
+    'set_request_tracker': '_tracker',
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of the write path on first use (PEP 562)."""
+    module = _WRITE_PATH.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    from importlib import import_module
+
+    value = getattr(import_module(f'{__name__}.{module}'), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
 
 __all__ = [
     'COST_GROUPINGS',

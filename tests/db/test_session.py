@@ -117,20 +117,41 @@ async def test_one_shared_session_fails_under_concurrency(database: Settings) ->
 
 
 async def _kill_pooled_connections() -> None:
-    """Terminate every idle backend of the pool, as a server restart or a failover does, then let the event loop
-    see it (the pool's connections are closed without any of them being in use)."""
-    async with get_engine().connect() as conn:
-        pid = (await conn.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+    """Terminate every idle backend of the pool, as a server restart or a failover does, and wait until they are
+    gone, so the next checkout surely meets a dead connection (the pool's connections are closed without any of them
+    being in use)."""
+    # Through `get_db_session`, which replaces a dead connection at checkout: the pool may still hold one that an
+    # earlier call terminated.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+    assert pid  # the pool has a connection to lose
     await asyncio.sleep(0)
     async with get_db_session(account=Unscoped.OWNER) as admin:
-        await admin.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agentrt' "
-                'AND pid <> pg_backend_pid() AND state = :idle'
-            ),
-            {'idle': 'idle'},
-        )
-    assert pid  # the pool had a connection to lose
+        killed = (
+            await admin.execute(
+                # Materialized first: within one WHERE, PostgreSQL may call pg_terminate_backend before the
+                # other conditions, on this very backend.
+                text(
+                    'WITH idle AS MATERIALIZED (SELECT pid FROM pg_stat_activity '
+                    "WHERE application_name = 'agentrt' AND pid <> pg_backend_pid() AND state = :idle) "
+                    'SELECT coalesce(array_agg(pid), ARRAY[]::int[]) FROM idle WHERE pg_terminate_backend(pid)'
+                ),
+                {'idle': 'idle'},
+            )
+        ).scalar_one()
+    assert pid in killed
+    # pg_terminate_backend only signals: poll until the backends have exited.
+    for _ in range(500):
+        async with get_db_session(account=Unscoped.OWNER) as admin:
+            alive = (
+                await admin.execute(
+                    text('SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)'), {'pids': list(killed)}
+                )
+            ).scalar_one()
+        if not alive:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f'terminated backends still alive: {killed}')
 
 
 async def test_a_lost_connection_is_one_clean_error_and_the_pool_stays_whole() -> None:
