@@ -21,6 +21,7 @@ from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_databa
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.failures import connection_problem, pooler_error, refused_startup_parameter, unavailable_error
+from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
 from agentrt.db.transaction_setup import (
     PreludeConnection,
@@ -85,7 +86,8 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
             url = parse_database_url(settings.database_url)
         engine, settings = await connect_engine(url, settings)
         try:
-            if settings.auto_migrate if migrate is None else migrate:
+            # At the packaged head (every start but the first after an upgrade), Alembic is not even imported.
+            if (settings.auto_migrate if migrate is None else migrate) and not await at_packaged_head(engine):
                 from agentrt.db.migrate import upgrade_if_behind
 
                 async with migration_engine(engine, settings) as migrating:

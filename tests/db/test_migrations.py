@@ -21,6 +21,7 @@ from agentrt.db.migrate import (
     upgrade,
     upgrade_if_behind,
 )
+from agentrt.db.schema_version import at_packaged_head, head_of, packaged_head
 from agentrt.db.settings import Settings
 from tests.agents.cli.helpers import invoke
 
@@ -28,6 +29,40 @@ from tests.agents.cli.helpers import invoke
 async def test_test_database_is_at_head() -> None:
     assert await current_revision(get_engine()) == head_revision()
     assert await upgrade_if_behind(get_engine()) is False
+    assert await at_packaged_head(get_engine()) is True
+
+
+def test_the_head_read_from_the_files_is_alembics() -> None:
+    assert packaged_head() == head_revision()
+
+
+def _versions_copy(tmp_path: Path) -> Path:
+    versions = tmp_path / 'versions'
+    shutil.copytree(MIGRATIONS_DIR / 'versions', versions, ignore=shutil.ignore_patterns('__pycache__'))
+    return versions
+
+
+def test_a_new_migration_is_the_new_head(tmp_path: Path) -> None:
+    versions = _versions_copy(tmp_path)
+    (versions / '9999_next.py').write_text(f"revision = '9999_next'\ndown_revision = {head_revision()!r}\n")
+    assert head_of(versions) == '9999_next'
+
+
+@pytest.mark.parametrize(
+    'extra',
+    [
+        "revision = 'merge'\ndown_revision = ('a', 'b')\n",  # a merge: not read here
+        'revision = REVISION\ndown_revision = None\n',  # not a literal
+        "down_revision = '0001_foundation'\n",  # no revision line
+        "revision = 'branch'\ndown_revision = '0001_foundation'\n",  # a second head
+        "revision = 'orphan'\ndown_revision = 'not_a_revision'\n",  # a parent that is not there
+    ],
+    ids=['merge', 'not-literal', 'no-revision', 'two-heads', 'missing-parent'],
+)
+def test_files_that_do_not_say_the_head_for_certain_leave_it_to_alembic(tmp_path: Path, extra: str) -> None:
+    versions = _versions_copy(tmp_path)
+    (versions / '9999_extra.py').write_text(extra)
+    assert head_of(versions) is None
 
 
 async def test_upgrade_downgrade_upgrade_on_a_fresh_database(database: Settings) -> None:
@@ -38,10 +73,18 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_database(database: Settings)
     engine = build_engine(get_engine().url.set(database=name), database)
     try:
         assert await current_revision(engine) is None
+        assert await at_packaged_head(engine) is False  # no alembic_version table
         assert await upgrade_if_behind(engine) is True
         assert await current_revision(engine) == head_revision()
+        assert await at_packaged_head(engine) is True
+        async with engine.begin() as conn:  # a database one migration behind
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0011_procrastinate'"))
+        assert await at_packaged_head(engine) is False
+        async with engine.begin() as conn:
+            await conn.execute(text('UPDATE alembic_version SET version_num = :head'), {'head': head_revision()})
         await _downgrade_to_base(engine)
         assert await current_revision(engine) is None
+        assert await at_packaged_head(engine) is False  # the table is there, empty
         await upgrade(engine)
         assert await current_revision(engine) == head_revision()
     finally:

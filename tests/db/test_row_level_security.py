@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -58,7 +59,8 @@ async def _account_tables() -> list[str]:
 
 async def _seed_both(medical: int, produce: int) -> None:
     """Conversations and ledger rows (with contents) for both demo accounts, beside their directories."""
-    tracker = LLMRequestTracker(fast_config(Path(tempfile.mkdtemp(prefix='agentrt-rls-'))))
+    spool_dir = Path(tempfile.mkdtemp(prefix='agentrt-rls-'))
+    tracker = LLMRequestTracker(fast_config(spool_dir))
     try:
         for account in (medical, produce):
             await tracker.track_request(
@@ -67,6 +69,7 @@ async def _seed_both(medical: int, produce: int) -> None:
         await tracker.flush()
     finally:
         await tracker.aclose()
+        shutil.rmtree(spool_dir, ignore_errors=True)  # nothing was spooled: the database took every row
     async with get_db_session(account=Unscoped.ADMIN) as session:
         for account in (medical, produce):
             await session.execute(
