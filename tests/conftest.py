@@ -2,6 +2,7 @@
 
 The server is the embedded one, started in a temporary directory, or the server in `DATABASE_URL`
 when that is set (its runtime tables are truncated between tests: never point it at data you keep).
+With xdist workers, each worker has a database of its own on that one server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,17 +62,27 @@ def _set_up_test_process() -> None:
 _table_reset: TableReset | None = None
 
 
+SHARED_SERVER_ENV = 'AGENTRT_TEST_SHARED_SERVER'
+"""Set by the xdist controller for its workers: the data directory of the run's one embedded server."""
+
+
 class _EarlyServer:
-    """This test process's embedded PostgreSQL, started by a short-lived process of its own while this one collects
-    the tests (`initdb` and the first start take about 1.3 s, mostly in PostgreSQL's own programs): the `database`
-    fixture finds it running and adopts it, as a CLI process does with a server whose starter has exited, and it is
-    stopped at exit. Started only without `DATABASE_URL`; should the starter fail, `database` starts it itself."""
+    """The run's embedded PostgreSQL, started by a short-lived process of its own while the tests are collected
+    (`initdb` and the first start take about 1.3 s, mostly in PostgreSQL's own programs).
+
+    With xdist the controller starts it, before its workers exist, and names its data directory to them
+    (`SHARED_SERVER_ENV`): each worker adopts it, as a CLI process does with a server whose starter has exited, and
+    makes a database of its own on it (`tests/worker_database.py`); the last worker to leave stops it. One server
+    instead of one per worker saved about 5 s of a 90 s run on 2 cores: a second `initdb` and server start, and a
+    second set of server processes. Without xdist (`-n 0`) the test process starts it for itself. Started only
+    without `DATABASE_URL`; should the starter fail, `database` starts it itself."""
 
     def __init__(self) -> None:
         self._root: Path | None = None
         self._starter: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self) -> Path:
+        """Start the server in a new directory; return its data directory (the server is up once `started()`)."""
         self._root = self._make_root()
         data_dir = self._root / 'data'
         code = 'import pathlib, sys\nfrom agentrt.db.embedded import start_embedded\n'
@@ -78,8 +90,12 @@ class _EarlyServer:
         self._starter = subprocess.Popen(
             [sys.executable, '-c', code, str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        # Reaped as soon as it ends: a zombie still counts as the server's user (its pid and start time are there),
+        # and the last worker to leave would not stop the server.
+        threading.Thread(target=self._starter.wait, name='early-server-reaper', daemon=True).start()
         # Stopped at exit even if no test adopts it (a collection error): the last user (none here) stops it.
         atexit.register(_release_embedded, data_dir)
+        return data_dir
 
     async def started(self) -> Path:
         """The directory the server's data is in (`data/` under it), once the starter has finished."""
@@ -99,6 +115,8 @@ class _EarlyServer:
 
 
 def _release_embedded(data_dir: Path) -> None:
+    if not (data_dir / 'postmaster.pid').exists():
+        return  # stopped by its last user (a worker): the xdist controller need not import the runtime to see that
     from agentrt.db.embedded import release_embedded
 
     release_embedded(data_dir)
@@ -124,15 +142,23 @@ async def database() -> AsyncIterator[Settings]:
     from tests.worker_database import drop_worker_database, worker_database
 
     _table_reset = TableReset()
-    data_root = await _early_server.started()
     given = external = os.environ.get('DATABASE_URL') or None
     worker = os.environ.get('PYTEST_XDIST_WORKER')
+    shared = os.environ.get(SHARED_SERVER_ENV) if worker and not given else None
+    if shared:  # the controller's server: adopted (the last worker to leave stops it)
+        from agentrt.db.embedded import start_embedded
+
+        server = await asyncio.to_thread(start_embedded, Path(shared))
+        given = server.url().render_as_string(hide_password=False)
+        data_dir = Path(shared)
+    else:
+        data_dir = await _early_server.started() / 'data'
     if given and worker:
         external = await worker_database(given, worker)
         os.environ['DATABASE_URL'] = external  # the CLI in-process and subprocesses read it
-    settings = _test_settings(data_root / 'data', external)
+    settings = _test_settings(data_dir, external)
     await init_database(settings, migrate=True)
-    if settings.uses_embedded:
+    if settings.uses_embedded or shared:
         # A throwaway cluster: durability buys nothing here and costs seconds per run.
         async with get_engine().connect() as conn:
             await conn.execute(text('COMMIT'))
@@ -144,6 +170,12 @@ async def database() -> AsyncIterator[Settings]:
     await shutdown_runtime()
     if given and external != given:
         await drop_worker_database(given, external)
+    if shared:
+        os.environ.pop('DATABASE_URL', None)  # it named this worker's database, now gone
+        # Here, not at exit: an xdist worker ends without running its exit handlers. The last worker stops it.
+        from agentrt.db.embedded import release_embedded
+
+        await asyncio.to_thread(release_embedded, Path(shared))
 
 
 @pytest_asyncio.fixture(scope='session')
@@ -266,13 +298,23 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None:
         config.option.basetemp = tempfile.mkdtemp(prefix='agentrt-pytest-')
         config.stash[_PRIVATE_BASETEMP] = Path(config.option.basetemp)
+    if _starts_workers(config) and not os.environ.get('DATABASE_URL'):
+        # Before xdist starts the workers (its own pytest_configure comes last), so they inherit the variable.
+        os.environ[SHARED_SERVER_ENV] = str(_early_server.start())
+
+
+def _starts_workers(config: pytest.Config) -> bool:
+    """Whether this process is an xdist controller about to start workers (not a worker, not `-n 0`)."""
+    if hasattr(config, 'workerinput') or config.getoption('collectonly'):
+        return False
+    return bool(config.getoption('numprocesses', None)) and config.getoption('dist', 'no') != 'no'
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Before collection, in a process that runs tests (an xdist worker, or the run with `-n 0`), not in the xdist
     controller (which only hands tests out: it need not import the runtime)."""
     if not session.config.pluginmanager.has_plugin('dsession'):
-        if not os.environ.get('DATABASE_URL'):
+        if not os.environ.get('DATABASE_URL') and not os.environ.get(SHARED_SERVER_ENV):
             _early_server.start()
         _set_up_test_process()
 

@@ -211,7 +211,12 @@ async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
         direct = build_engine(get_engine().url.set(database=fresh_database), database)
         try:
             async with direct.connect() as conn:
-                held = await conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+                held = await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        'AND database = (SELECT oid FROM pg_database WHERE datname = current_database())'
+                    )
+                )
                 assert held.scalar_one() == 0
         finally:
             await direct.dispose()

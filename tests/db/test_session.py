@@ -133,7 +133,8 @@ async def _kill_pooled_connections() -> None:
                 # other conditions, on this very backend.
                 text(
                     'WITH idle AS MATERIALIZED (SELECT pid FROM pg_stat_activity '
-                    "WHERE application_name = 'agentrt' AND pid <> pg_backend_pid() AND state = :idle) "
+                    "WHERE application_name = 'agentrt' AND datname = current_database() AND pid <> pg_backend_pid() "
+                    'AND state = :idle) '
                     'SELECT coalesce(array_agg(pid), ARRAY[]::int[]) FROM idle WHERE pg_terminate_backend(pid)'
                 ),
                 {'idle': 'idle'},

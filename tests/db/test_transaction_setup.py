@@ -132,7 +132,7 @@ async def _wait_for_blocked_backend(session: Any) -> int:
         pid = (
             await session.execute(
                 text(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database() "
                     "AND query LIKE 'SELECT count(*) FROM accounts%' AND pid <> pg_backend_pid()"
                 )
             )

@@ -80,7 +80,8 @@ async def test_a_backend_killed_mid_write_gives_exactly_one_row_after_the_retry(
                 await locker.execute(
                     text(
                         "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%INSERT INTO llm_requests%' AND pid <> pg_backend_pid()"
+                        "AND datname = current_database() AND query LIKE '%INSERT INTO llm_requests%' "
+                        'AND pid <> pg_backend_pid()'
                     )
                 )
             ).scalar()
