@@ -1,8 +1,8 @@
-"""A database of each xdist worker's own on the server `DATABASE_URL` names.
+"""A database of each xdist worker's own on the run's server (the embedded one, or the one `DATABASE_URL` names).
 
 The workers run at once and every test empties the runtime tables first: on one database, one worker would empty
-them under another's test. With the embedded server each worker starts a server of its own; on an external server
-each worker gets `<database>_<worker>` (e.g. `agentrt_test_gw0`), made afresh at the start of the run and dropped at
+them under another's test. So each worker gets `<database>_<worker>` (e.g. `agentrt_test_gw0`) on the server, the
+run's embedded one (tests/conftest.py) or an external one, made afresh at the start of the run and dropped at
 its end. That needs the CREATEDB privilege; without it the run stops with a message that says what to do.
 """
 
