@@ -120,12 +120,11 @@ async def _kill_pooled_connections() -> None:
     """Terminate every idle backend of the pool, as a server restart or a failover does, and wait until they are
     gone, so the next checkout surely meets a dead connection (the pool's connections are closed without any of them
     being in use)."""
-    # Through `get_db_session`, which replaces a dead connection at checkout: the pool may still hold one that an
-    # earlier call terminated.
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
-    assert pid  # the pool has a connection to lose
-    await asyncio.sleep(0)
+    # Two connections in the pool, so one is idle while the next session (on the other) kills it. Through
+    # `get_db_session`, which replaces a dead connection at checkout: the pool may hold one an earlier call killed.
+    async with get_db_session(account=Unscoped.ADMIN) as first, get_db_session(account=Unscoped.ADMIN) as second:
+        for session in (first, second):
+            assert (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
     async with get_db_session(account=Unscoped.OWNER) as admin:
         killed = (
             await admin.execute(
@@ -140,18 +139,19 @@ async def _kill_pooled_connections() -> None:
                 {'idle': 'idle'},
             )
         ).scalar_one()
-    assert pid in killed
-    # pg_terminate_backend only signals: poll until the backends have exited.
-    for _ in range(500):
-        async with get_db_session(account=Unscoped.OWNER) as admin:
+        assert killed, 'the pool had no idle connection to lose'
+        # pg_terminate_backend only signals: poll until the backends have exited, on this connection (the pool's
+        # others may be the dying ones).
+        for _ in range(500):
+            await admin.execute(text('SELECT pg_stat_clear_snapshot()'))  # activity is read once per transaction
             alive = (
                 await admin.execute(
                     text('SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)'), {'pids': list(killed)}
                 )
             ).scalar_one()
-        if not alive:
-            return
-        await asyncio.sleep(0.01)
+            if not alive:
+                return
+            await asyncio.sleep(0.01)
     raise AssertionError(f'terminated backends still alive: {killed}')
 
 
