@@ -1,8 +1,9 @@
 """A process that races model requests against a budget and never finishes them, so the test can SIGKILL it.
 
-`python -m tests.services.budgets.hold_and_die DATABASE_URL ACCOUNT_ID TURNS`: runs TURNS runs at once through an
-agent with the ledger capability, on a model that holds every admitted request forever; prints one JSON line
-(`{"admitted": n, "refused": m}`) once every run is admitted (held at the model) or refused, then waits to be killed.
+`python -m tests.services.budgets.hold_and_die DATABASE_URL ACCOUNT_ID TURNS DATA_DIR`: runs TURNS runs at once
+through an agent with the ledger capability, on a model that holds every admitted request forever; prints one JSON
+line (`{"admitted": n, "refused": m}`) once every run is admitted (held at the model) or refused, then waits to be
+killed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from pydantic_ai import Agent
@@ -23,8 +23,9 @@ from tests.factories import chat_deps
 from tests.services.budgets.priced_model import PricedModel
 
 
-async def main(url: str, account_id: int, turns: int) -> None:
-    await init_database(Settings(database_url=url, data_dir=Path(tempfile.mkdtemp()), pool_size=5), migrate=False)
+async def main(url: str, account_id: int, turns: int, data_dir: Path) -> None:
+    # A directory of the test's (this process is killed: it cannot remove one of its own).
+    await init_database(Settings(database_url=url, data_dir=data_dir, pool_size=5), migrate=False)
     model = PricedModel(gate=asyncio.Event())  # never opened
     agent = Agent(model, capabilities=[ledger_capability()])
     runs = [
@@ -39,4 +40,4 @@ async def main(url: str, account_id: int, turns: int) -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])))

@@ -55,7 +55,7 @@ async def _one_request_holds(account_id: int) -> Decimal:
 
 
 async def test_a_process_killed_while_holding_is_swept_and_its_budget_is_whole_again(
-    two_accounts: tuple[int, int], database_url: str
+    two_accounts: tuple[int, int], database_url: str, tmp_path: Path
 ) -> None:
     alpha, _ = two_accounts
     await give_budget('alpha', '1000')
@@ -66,7 +66,7 @@ async def test_a_process_killed_while_holding_is_swept_and_its_budget_is_whole_a
 
     process = await asyncio.create_subprocess_exec(
         sys.executable, '-m', 'tests.services.budgets.hold_and_die', database_url, str(alpha), str(TURNS),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        str(tmp_path), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert process.stdout is not None
