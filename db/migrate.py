@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
@@ -15,10 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
 from agentrt.db.failures import causes, unavailable_error
+from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
 
 logger = logging.getLogger('agentrt.db')
-
-MIGRATIONS_DIR = Path(__file__).parent / 'migrations'
 
 
 def alembic_config() -> Config:
