@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session, retry_on_disconnect, scoped_connection
+from agentrt.services.ledger import dumped_message_json
 from agentrt.services.pg_text import storable, storable_text
 
 T = TypeVar('T')
@@ -170,7 +171,14 @@ class Appended:
 
 
 def message_json(message: ModelMessage) -> str:
-    """The JSON an entry stores for `message` (what `storable` makes of `_entry_adapter`'s dump of it)."""
+    """The JSON an entry stores for `message` (what `storable` makes of `_entry_adapter`'s dump of it).
+
+    A request the ledger dumped as it was sent, unchanged since, is not dumped again: its text is that same dump
+    (`dumped_message_json`), still checked for NUL here.
+    """
+    known = dumped_message_json(message)
+    if known is not None and '\\u0000' not in known:
+        return known
     return _storable_json(_message_adapter, message)
 
 

@@ -34,7 +34,7 @@ from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
     from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
-    from agentrt.services.ledger._contents import remember_message_json
+    from agentrt.services.ledger._contents import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
     from agentrt.services.ledger._replay import ReplayReport
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 _WRITE_PATH = {
     'LedgerCapability': '_capability',
     'ledger_capability': '_capability',
+    'dumped_message_json': '_contents',
     'remember_message_json': '_contents',
     'TrackerStats': '_queues',
     'WriteOutcome': '_queues',
@@ -99,6 +100,7 @@ __all__ = [
     'TrackerStats',
     'WriteOutcome',
     'default_spool_path',
+    'dumped_message_json',
     'get_request',
     'get_request_tracker',
     'identity_of',

@@ -9,6 +9,8 @@ run dumps, checks and redacts each message once however many requests resend it;
 join of its messages' bodies. Each message is dumped to JSON text (`dump_json`, pydantic-core) on the event loop when
 the request is recorded, because pydantic-ai may change its message objects later; a message whose JSON is known
 already (the history a chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all.
+The other way round, the conversation store saves a turn's new requests from the text the ledger dumped when it sent
+them (`dumped_message_json`), while nothing pydantic-ai changes on a sent request has changed: one dump per request.
 Then the text is checked for secrets (`json_may_need_redaction`: one RE2 scan, linear, the GIL released) and, only
 when it may hold one, parsed and walked (`redact_value`, the costly part). A record whose unchecked text is small
 (`quick_render`, at most `INLINE_PREPARE_BYTES` together) is checked on the loop when it is recorded (a fraction of a
@@ -27,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
-from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_core import to_jsonable_python
 
 from agentrt.services.ledger.redaction import json_may_need_redaction, redact_value
@@ -131,8 +133,12 @@ class JsonBody(Body):
         return _dumps(redacted), count
 
 
-_known_json: dict[int, tuple[weakref.ref[ModelMessage], int, str]] = {}
-"""Known JSON texts by message identity (messages are unhashable dataclasses); an entry leaves with its message."""
+_RequestState = tuple[tuple[Any, ...], Any, str | None, str | None, str | None, str]
+"""What pydantic-ai changes on a request it sent (`_request_state`): its parts, timestamp, run stamps, instructions and
+state."""
+_known_json: dict[int, tuple[weakref.ref[ModelMessage], int, str, _RequestState | None]] = {}
+"""Known JSON texts by message identity (messages are unhashable dataclasses); an entry leaves with its message. The
+last item is set when the text is exactly `dump_json` of the message as it was then (`dumped_message_json`)."""
 
 
 def remember_message_json(messages: Iterable[ModelMessage], texts: Iterable[str]) -> None:
@@ -140,9 +146,13 @@ def remember_message_json(messages: Iterable[ModelMessage], texts: Iterable[str]
     them), so a run that sends them stores that text instead of dumping them again. Kept while a message lives, and
     used only while it keeps its number of parts; call it from the event loop."""
     for message, text in zip(messages, texts, strict=True):
-        key = id(message)
-        gone = _forget(key)
-        _known_json[key] = (weakref.ref(message, gone), len(message.parts), text)
+        _remember(message, text, None)
+
+
+def _remember(message: ModelMessage, text: str, state: _RequestState | None) -> None:
+    key = id(message)
+    gone = _forget(key)
+    _known_json[key] = (weakref.ref(message, gone), len(message.parts), text, state)
 
 
 def _forget(key: int) -> Callable[[Any], None]:
@@ -157,6 +167,48 @@ def _known(message: ModelMessage) -> str | None:
     if entry is None or entry[0]() is not message or entry[1] != len(message.parts):
         return None
     return entry[2]
+
+
+def _request_state(message: ModelMessage) -> _RequestState | None:
+    """What a request's JSON depends on that pydantic-ai changes after sending it; None for a message whose text is
+    not shared: a response (pydantic-ai stamps `run_id`, `conversation_id`, `model_id` and `workspace_ref` on it after
+    the ledger recorded it) or a request with metadata (a dict pydantic-ai may update in place)."""
+    if not isinstance(message, ModelRequest) or message.metadata is not None:
+        return None
+    return (
+        tuple(message.parts),
+        message.timestamp,
+        message.run_id,
+        message.conversation_id,
+        message.instructions,
+        message.state,
+    )
+
+
+def dumped_message_json(message: ModelMessage) -> str | None:
+    """`TypeAdapter(ModelMessage).dump_json(message)` (decoded), if the ledger dumped this request when it was sent
+    and nothing of it has changed since: the conversation store saves that text instead of dumping it again.
+
+    None when it is not known: a response, a request with metadata, one pydantic-ai changed (parts replaced or
+    added, run stamps, instructions, state), one dumped with a fallback for a value pydantic cannot serialise, or one
+    the ledger did not dump (lone surrogates, no ledger). Call it from the event loop.
+    """
+    entry = _known_json.get(id(message))
+    if entry is None or (state := entry[3]) is None or entry[0]() is not message:
+        return None
+    assert isinstance(message, ModelRequest)  # only requests have a state
+    parts = message.parts
+    unchanged = (
+        message.metadata is None
+        and len(parts) == len(state[0])
+        and all(part is then for part, then in zip(parts, state[0], strict=True))
+        and message.timestamp is state[1]
+        and message.run_id == state[2]
+        and message.conversation_id == state[3]
+        and message.instructions == state[4]
+        and message.state == state[5]
+    )
+    return entry[2] if unchanged else None
 
 
 class PromptBody(Body):
@@ -254,11 +306,26 @@ class RunBodies:
 
 def _dumped(message: ModelMessage) -> Body:
     """The body of a message whose JSON is not known: its JSON text from pydantic-core, or (a lone surrogate, which
-    UTF-8 cannot encode) its JSON-able values, serialised when rendered."""
+    UTF-8 cannot encode) its JSON-able values, serialised when rendered.
+
+    A request's text made without the fallback is what the conversation store would dump: it is remembered for it
+    (`dumped_message_json`), with what it depends on that pydantic-ai may still change.
+    """
+    state = _request_state(message)
+    fell_back = False
+
+    def fallback(value: Any) -> str:
+        nonlocal fell_back
+        fell_back = True
+        return repr(value)
+
     try:
-        return JsonBody(_MESSAGE_ADAPTER.dump_json(message, fallback=_fallback).decode())
+        text = _MESSAGE_ADAPTER.dump_json(message, fallback=fallback).decode()
     except ValueError:  # PydanticSerializationError: `ContentItem.build` escapes lone surrogates
         return Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
+    if state is not None and not fell_back:
+        _remember(message, text, state)
+    return JsonBody(text)
 
 
 def error_body(error: BaseException) -> Body:

@@ -1,0 +1,190 @@
+"""One JSON dump per new request per turn, shared by the ledger and the conversation store (issue 20).
+
+The ledger dumps each request as it is sent; the store saves that same text (`dumped_message_json`) when nothing
+pydantic-ai changes on a sent request has changed since, and dumps the message itself otherwise (responses, which
+pydantic-ai stamps after the ledger recorded them; NUL; lone surrogates; values dumped with the ledger's fallback).
+What the store saves must be, byte for byte, a fresh dump of the message as it is at the save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import TypeAdapter
+from pydantic_ai import ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
+from sqlalchemy import event, text
+
+from agentrt.agents.simple_chat import simple_chat
+from agentrt.db.engine import get_engine
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.conversations._store import _message_adapter, _storable_json, message_json
+from agentrt.services.ledger import dumped_message_json, get_request_tracker
+from agentrt.services.ledger._contents import RunBodies
+
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
+_ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
+
+
+def _fresh(message: ModelMessage) -> str:
+    return _ADAPTER.dump_json(message).decode()
+
+
+def _sent(*parts: Any, **fields: Any) -> ModelRequest:
+    """A request as pydantic-ai sends it (stamped), its body taken by the ledger."""
+    request = ModelRequest(parts=list(parts), run_id='run-1', conversation_id='conv-1', **fields)
+    request.timestamp = datetime.now(UTC)
+    RunBodies().prompt('be brief', [request])
+    return request
+
+
+def test_a_request_the_ledger_dumped_is_saved_from_that_very_text() -> None:
+    request = _sent(UserPromptPart('hello'), ToolReturnPart('lookup', {'n': 1, 'x': 'caf\u00e9'}, tool_call_id='c1'))
+    known = dumped_message_json(request)
+    assert known is not None and known == _fresh(request)
+    assert message_json(request) is known
+
+
+@pytest.mark.parametrize(
+    'change',
+    [
+        'run_id',
+        'conversation_id',
+        'timestamp',
+        'instructions',
+        'metadata',
+        'state',
+        'part appended',
+        'parts replaced',
+        'part replaced in place',
+    ],
+)
+def test_a_request_changed_after_it_was_sent_is_dumped_again(change: str) -> None:
+    request = _sent(UserPromptPart('hello'), ToolReturnPart('lookup', 'found', tool_call_id='c1'))
+    if change == 'run_id':
+        request.run_id = 'run-2'
+    elif change == 'conversation_id':
+        request.conversation_id = 'conv-2'
+    elif change == 'timestamp':
+        request.timestamp = datetime(2020, 1, 1, tzinfo=UTC)
+    elif change == 'instructions':
+        request.instructions = 'be thorough'
+    elif change == 'metadata':
+        request.metadata = {'k': 'v'}
+    elif change == 'state':
+        request.state = 'interrupted'  # type: ignore[assignment]
+    elif change == 'part appended':
+        request.parts.append(UserPromptPart('more'))  # type: ignore[attr-defined]
+    elif change == 'parts replaced':
+        request.parts = [UserPromptPart('hello'), ToolReturnPart('lookup', 'other', tool_call_id='c1')]
+    else:
+        request.parts[1] = replace(request.parts[1], content='other')  # type: ignore[index]
+    assert dumped_message_json(request) is None
+    assert message_json(request) == _fresh(request)
+
+
+def test_responses_are_not_shared_they_are_stamped_after_the_ledger_records_them() -> None:
+    response = ModelResponse(parts=[TextPart('hi'), ToolCallPart('lookup', {'n': 1}, tool_call_id='c1')])
+    RunBodies().message(response)
+    assert dumped_message_json(response) is None
+    response.run_id, response.model_id = 'run-1', 'function:m'  # what `_append_response` does next
+    assert message_json(response) == _fresh(response) and '"run_id":"run-1"' in message_json(response)
+
+
+def test_a_request_with_a_nul_is_stored_as_before() -> None:
+    request = _sent(ToolReturnPart('lookup', 'a\x00b', tool_call_id='c1'))
+    assert '\\u0000' in (dumped_message_json(request) or '')
+    stored = message_json(request)
+    assert '\\u0000' not in stored and stored == _storable_json(_message_adapter, request)
+
+
+def test_a_request_with_a_lone_surrogate_is_stored_as_before() -> None:
+    request = _sent(UserPromptPart('caf\ud800'))
+    assert dumped_message_json(request) is None  # the ledger could not dump it to JSON text
+    assert message_json(request) == _storable_json(_message_adapter, request)
+
+
+def test_a_request_dumped_with_the_ledgers_fallback_is_not_shared() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return 'opaque'
+
+    request = _sent(ToolReturnPart('lookup', {'thing': Opaque()}, tool_call_id='c1'))
+    assert dumped_message_json(request) is None
+    with pytest.raises(ValueError):  # the store never stored such a value, and still does not
+        message_json(request)
+
+
+def _message_texts(value: Any) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) and v.startswith('{"parts":') for v in value)
+    )
+
+
+@contextmanager
+def _saved_bodies() -> Iterator[list[list[str]]]:
+    """The `messages` array of every save statement, as sent to the driver."""
+    saves: list[list[str]] = []
+
+    def on_statement(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if 'INSERT INTO conversation_entries' in statement:
+            values = parameters.values() if isinstance(parameters, dict) else parameters
+            saves.extend(value for value in values if _message_texts(value))
+
+    engine = get_engine().sync_engine
+    event.listen(engine, 'before_cursor_execute', on_statement)
+    try:
+        yield saves
+    finally:
+        event.remove(engine, 'before_cursor_execute', on_statement)
+
+
+async def test_a_saved_turn_stores_exactly_a_fresh_dump_of_each_message(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appended: list[list[ModelMessage]] = []
+    append = PostgresConversationStore.append
+
+    async def spy(self: PostgresConversationStore, record: Any, messages: Any, **kwargs: Any) -> Any:
+        appended.append(list(messages))
+        return await append(self, record, messages, **kwargs)
+
+    monkeypatch.setattr(PostgresConversationStore, 'append', spy)
+    with _saved_bodies() as saves:
+        for _ in range(2):
+            await simple_chat(QUESTION, session_id='shared-dumps', account='acme-health')
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    assert len(appended) == len(saves) == 2
+    for messages, bodies in zip(appended, saves, strict=True):
+        assert len(messages) == len(bodies) == 6  # the prompt, 2 tool results, 3 responses
+        assert bodies == [_fresh(message) for message in messages]  # byte for byte, after every stamp
+        requests = [i for i, message in enumerate(messages) if isinstance(message, ModelRequest)]
+        assert len(requests) == 3 and all(bodies[i] is dumped_message_json(messages[i]) for i in requests)
+        for message in messages:
+            assert message.run_id is not None and message.conversation_id == 'shared-dumps'
+            if isinstance(message, ModelResponse):
+                assert message.model_id is not None and f'"model_id":"{message.model_id}"' in _fresh(message)
+    # The ledger stored the same requests, in full (the demo turn holds no secret).
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        prompts = list(
+            (
+                await session.execute(
+                    text(
+                        'SELECT c.body FROM llm_request_contents c JOIN llm_requests r ON r.id = c.request_id '
+                        "WHERE r.conversation_id = 'shared-dumps' AND c.kind = 'prompt' ORDER BY r.started_at"
+                    )
+                )
+            ).scalars()
+        )
+    assert len(prompts) == 6
+    last = appended[-1]
+    for i in (0, 2, 4):
+        assert _fresh(last[i]) in prompts[-1]
