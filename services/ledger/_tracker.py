@@ -12,9 +12,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agentrt.db.session import Unscoped, get_side_session
+from agentrt.db.session import Unscoped, scoped_connection
+from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
@@ -77,10 +78,14 @@ class LLMRequestTracker:
 
         Args:
             config: settings; `LedgerConfig.from_env()` when omitted.
-            session_factory: opens a side session; `get_side_session` with the config's timeouts by default.
+            session_factory: opens the writer's transaction (a session or a Core connection); a Core connection with
+                the config's timeouts by default.
         """
         self.config = config or LedgerConfig.from_env()
         self._session_factory = session_factory or self._side_session
+        self._setup = TransactionSetup(
+            lock_timeout_ms=int(self.config.lock_timeout_ms), statement_timeout_ms=int(self.config.statement_timeout_ms)
+        )
         self.stats = TrackerStats()
         self._by_loop: dict[asyncio.AbstractEventLoop, LoopQueues] = {}
         self._by_loop_lock = threading.Lock()
@@ -88,12 +93,10 @@ class LLMRequestTracker:
         self._spool_dirty = False
         self._last_spool_check: float | None = None
 
-    def _side_session(self) -> AbstractAsyncContextManager[AsyncSession]:
-        return get_side_session(
-            account=Unscoped.LEDGER,
-            lock_timeout_ms=self.config.lock_timeout_ms,
-            statement_timeout_ms=self.config.statement_timeout_ms,
-        )
+    def _side_session(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """The writer's transaction: a Core connection as the ledger's role with tight timeouts (as a side session's),
+        translated errors; a lost connection is retried by `_retrying` (the statement is idempotent)."""
+        return scoped_connection(account=Unscoped.LEDGER, setup=self._setup)
 
     @property
     def spool(self) -> LedgerSpool:
