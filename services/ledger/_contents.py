@@ -163,8 +163,10 @@ def _forget(key: int) -> Callable[[Any], None]:
 
 
 def _known(message: ModelMessage) -> str | None:
+    """The stored text `remember_message_json` noted for a message (not a text the ledger dumped itself: a later run
+    that sends the message again dumps it again, as before)."""
     entry = _known_json.get(id(message))
-    if entry is None or entry[0]() is not message or entry[1] != len(message.parts):
+    if entry is None or entry[3] is not None or entry[0]() is not message or entry[1] != len(message.parts):
         return None
     return entry[2]
 

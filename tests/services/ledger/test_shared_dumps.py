@@ -27,7 +27,7 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.conversations._store import _message_adapter, _storable_json, message_json
 from agentrt.services.ledger import dumped_message_json, get_request_tracker
-from agentrt.services.ledger._contents import RunBodies
+from agentrt.services.ledger._contents import JsonBody, RunBodies
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 _ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
@@ -188,3 +188,10 @@ async def test_a_saved_turn_stores_exactly_a_fresh_dump_of_each_message(
     last = appended[-1]
     for i in (0, 2, 4):
         assert _fresh(last[i]) in prompts[-1]
+
+
+def test_a_later_run_that_resends_a_request_dumps_it_again_for_its_own_bodies() -> None:
+    request = _sent(UserPromptPart('hello'))
+    first = dumped_message_json(request)
+    body = RunBodies().message(request)  # a new run: its own dump, not the text kept for the store
+    assert isinstance(body, JsonBody) and body._text is not first and body._text == first
