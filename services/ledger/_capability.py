@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any
 
@@ -27,6 +27,7 @@ from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, 
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
 logger = logging.getLogger('agentrt.ledger')
+_IDENTITY_COLUMNS = tuple(f.name for f in fields(LedgerIdentity))
 
 
 @dataclass(slots=True)
@@ -82,7 +83,7 @@ class _RunLedger:
     """The identity as row columns, for every record of the run."""
 
     def __post_init__(self) -> None:
-        self.columns = asdict(self.identity)
+        self.columns = {name: getattr(self.identity, name) for name in _IDENTITY_COLUMNS}  # scalars: no deep copy
 
 
 @dataclass
