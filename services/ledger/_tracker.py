@@ -48,9 +48,9 @@ class LLMRequestTracker:
     otherwise in a worker thread, never on the event loop (`_prepare.py`); records are prepared side by side, so a
     huge hostile message delays only its own row. One writer task group-commits the rows that are ready, with their
     contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
-    ... ON CONFLICT DO NOTHING`, in a side session with lock and statement timeouts), so 200 concurrent chats cost one
-    connection, not 200. The spool is replayed after a later successful write, and by `replay_spool()`. Nothing raises
-    into the caller: failures are logged and counted in `stats`.
+    ... ON CONFLICT DO NOTHING`, on a connection of its own with lock and statement timeouts), so 200 concurrent
+    chats cost one connection, not 200. The spool is replayed after a later successful write, and by
+    `replay_spool()`. Nothing raises into the caller: failures are logged and counted in `stats`.
 
     The commit delay (`LedgerConfig.commit_delay_ms`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`, 50 ms by default): a ready row
     waits for more rows, up to the delay after it was submitted, before the writer commits it (PostgreSQL's

@@ -105,7 +105,7 @@ def database_unavailable(exc: BaseException) -> bool:
 
 
 async def insert_rows(session_factory: SessionFactory, statement: Any, rows: list[dict[str, Any]]) -> None:
-    """Execute an `INSERT ... ON CONFLICT DO NOTHING` for `rows` in one side-session transaction."""
+    """Execute an `INSERT ... ON CONFLICT DO NOTHING` for `rows` in one transaction of `session_factory`."""
     async with session_factory() as session:
         await session.execute(statement, rows)
 
@@ -113,8 +113,8 @@ async def insert_rows(session_factory: SessionFactory, statement: Any, rows: lis
 async def write_ledger_rows(
     session_factory: SessionFactory, rows: list[dict[str, Any]], contents: list[dict[str, Any]] | None = None
 ) -> int:
-    """In one statement of a side-session transaction: insert `rows` and `contents` (`ON CONFLICT DO NOTHING`), and
-    settle the budget holds of the rows that were new (`settlement_ctes`).
+    """In one statement of a transaction of `session_factory`: insert `rows` and `contents` (`ON CONFLICT DO
+    NOTHING`), and settle the budget holds of the rows that were new (`settlement_ctes`).
 
     A row is new exactly once, so a retried write or a replayed spool line settles nothing twice. If the statement
     fails for a reason other than the database being unavailable, it is tried once without settling: when that
