@@ -195,3 +195,21 @@ def test_a_later_run_that_resends_a_request_dumps_it_again_for_its_own_bodies() 
     first = dumped_message_json(request)
     body = RunBodies().message(request)  # a new run: its own dump, not the text kept for the store
     assert isinstance(body, JsonBody) and body._text is not first and body._text == first
+
+
+@pytest.mark.parametrize('where', ['start', 'after a newline', 'after a tab', 'in a tool result', 'at the end'])
+def test_the_ledger_redacts_its_copy_and_the_store_keeps_the_message_as_it_is(where: str) -> None:
+    secret = 'ghp_0123456789abcdefghijABCDEFGHIJklmnop'
+    content = {
+        'start': f'{secret} is mine',
+        'after a newline': f'key:\n{secret}',
+        'after a tab': f'key\t{secret}',
+        'in a tool result': {'config': f'token:\n{secret}'},
+        'at the end': f'the key is {secret}',
+    }[where]
+    request = ModelRequest(parts=[ToolReturnPart('lookup', content, tool_call_id='c1')], run_id='run-1')
+    prompt = RunBodies().prompt('be brief', [request])
+    text, redactions = prompt.render()
+    assert redactions == 1 and secret not in text  # what the ledger stores
+    assert message_json(request) == _fresh(request) and secret in message_json(request)  # what the store stores
+    assert dumped_message_json(request) == _fresh(request)  # shared: the text before redaction
