@@ -20,7 +20,7 @@ from pydantic_ai import ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from sqlalchemy import event, text
 
-from agentrt.agents.simple_chat import simple_chat
+from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import get_engine
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
@@ -146,8 +146,9 @@ def _saved_bodies() -> Iterator[list[list[str]]]:
         event.remove(engine, 'before_cursor_execute', on_statement)
 
 
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_a_saved_turn_stores_exactly_a_fresh_dump_of_each_message(
-    demo_data: None, monkeypatch: pytest.MonkeyPatch
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool
 ) -> None:
     appended: list[list[ModelMessage]] = []
     append = PostgresConversationStore.append
@@ -159,7 +160,13 @@ async def test_a_saved_turn_stores_exactly_a_fresh_dump_of_each_message(
     monkeypatch.setattr(PostgresConversationStore, 'append', spy)
     with _saved_bodies() as saves:
         for _ in range(2):
-            await simple_chat(QUESTION, session_id='shared-dumps', account='acme-health')
+            if streamed:
+                assert [
+                    delta
+                    async for delta in simple_chat_stream(QUESTION, session_id='shared-dumps', account='acme-health')
+                ]
+            else:
+                await simple_chat(QUESTION, session_id='shared-dumps', account='acme-health')
     await get_request_tracker().flush()
     await get_supervisor().join()
     assert len(appended) == len(saves) == 2
