@@ -207,6 +207,7 @@ async def _claimed_turn(
         capabilities = turn_hooks(
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
             TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
+            agent=agent,
         )
         limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
         yield Turn(
