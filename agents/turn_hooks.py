@@ -4,18 +4,20 @@ pydantic-ai calls every lifecycle hook of every capability of a run (about 95 ca
 requests and 7 tool calls), each with a copy of the run's context made for that capability, whether or not the
 capability does anything in that hook. `ContextWindow` acts in one hook (`before_model_request`), `TurnGuard` in one
 (`before_node_run`) and the ledger in five (`for_run`, `wrap_run`, `wrap_model_request`, `after_model_request`,
-`get_wrapper_model`): as one capability they cost the run one set of calls and copies instead of three.
+`get_wrapper_model`): as one capability they cost the run one set of calls and copies instead of three (285 context
+copies a demo turn instead of 378; the bare agent's own capabilities make 186).
 
 The ledger is the agent's own (`ledger_capability()`, given to `Agent(capabilities=...)`): it stays usable on its
 own, and records every run of the agent that is not a runtime turn. For a turn, `turn_hooks(..., agent=agent)` finds
-it and gives the run's `TurnHooks` the ledger's `id`: pydantic-ai lets a run's capability replace the agent's
-capability of the same `id` for that run ("a run-level capability replaces its agent-level namesake, whole"), so the
-ledger is dispatched once, through `TurnHooks`. An agent whose ledger has no `id` keeps it as a capability of its
+it and wraps it with the parts in a `LedgeredTurnHooks`, a transparent `WrapperCapability` that takes the ledger's
+`id`: pydantic-ai lets a run's capability replace the agent's capability of the same `id` for that run ("a run-level
+capability replaces its agent-level namesake, whole"; a transparent wrapper names the capability it wraps), so the
+ledger is dispatched once, through the turn's hooks. An agent whose ledger has no `id` keeps it as a capability of its
 own (correct, one more set of calls); `create_simple_chat_agent` gives it `TURN_LEDGER_ID`.
 
-Each part keeps its own module and its own tests; this only delegates the hooks they use, in the order they were
-added (the ledger's after the parts', which use none of the ledger's hooks). `tests/agents/test_turn_hooks.py` fails
-if a part or the ledger comes to override a hook that is not delegated here.
+Each part keeps its own module and its own tests; this only delegates the hooks they use (`PART_HOOKS`), in the order
+they were added, before the ledger's; `tests/agents/test_turn_hooks.py` fails if a part comes to override another
+hook. The ledger's hooks are all delegated, whichever it defines (`WrapperCapability`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ TURN_LEDGER_ID = 'agentrt.ledger'
 
 PART_HOOKS = ('for_run', 'before_node_run', 'before_model_request')
 """The hooks `TurnHooks` delegates to its parts."""
-LEDGER_HOOKS = ('for_run', 'wrap_run', 'wrap_model_request', 'after_model_request', 'get_wrapper_model')
-"""The hooks `TurnHooks` delegates to the ledger it carries."""
 
 
 @dataclass
