@@ -112,7 +112,8 @@ class Turn:
     """The conversation's lifetime usage before this turn."""
     usage_limits: UsageLimits
     capabilities: list[AbstractCapability[Any]]
-    """The turn's `ContextWindow` and `TurnGuard`, added to the run as one capability (`TurnHooks`)."""
+    """The turn's `ContextWindow` and `TurnGuard`, added to the run as one capability (`TurnHooks`) that also carries
+    the agent's ledger when it has an `id` (`create_simple_chat_agent`'s does)."""
     started: float
     recent: RecentConversation
     """What was loaded: the save appends to it without reading the conversation again."""
@@ -207,6 +208,7 @@ async def _claimed_turn(
         capabilities = turn_hooks(
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
             TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
+            agent=agent,
         )
         limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
         yield Turn(

@@ -33,6 +33,7 @@ from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, 
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
 from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
+from agentrt.agents.turn_hooks import TURN_LEDGER_ID
 from agentrt.agents.turn_input import TurnInput
 from agentrt.services.ledger import ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
@@ -93,7 +94,7 @@ def create_simple_chat_agent(
         name='simple_chat',
         instructions=[BASE_INSTRUCTIONS, *_instruction_list(instructions)],
         toolsets=[directory_toolset, *toolsets],
-        capabilities=[ledger_capability()],
+        capabilities=[ledger_capability(id=TURN_LEDGER_ID)],
     )
 
     # Async, though it awaits nothing: pydantic-ai runs a sync instruction function in a worker thread, a thread hop

@@ -1,22 +1,50 @@
-"""`TurnHooks`: the turn's `ContextWindow` and `TurnGuard` as one capability still do each part's job.
+"""`TurnHooks`: the turn's `ContextWindow` and `TurnGuard`, and the agent's ledger, as one capability still do each
+part's job.
 
-The guard's and the window's behaviour in real turns (through `simple_chat`, which adds them as one `TurnHooks`) are
-tested in `test_turn_race.py` and `test_long_conversation.py`; here, the delegation itself, on a bare run.
+The guard's and the window's behaviour in real turns (through `simple_chat`, which adds them as one `TurnHooks`
+carrying the default agent's ledger) are tested in `test_turn_race.py` and `test_long_conversation.py`, the ledger's
+in `test_simple_chat.py` and `test_run_errors.py`; here, the delegation itself, on bare runs, with the ledger
+writing to the real database.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from pydantic_ai import Agent, ModelRequestNode, RunContext
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.run import AgentRunResultEvent
 
 from agentrt.agents.context_window import ContextWindow
-from agentrt.agents.turn_hooks import TurnHooks, turn_hooks
+from agentrt.agents.simple_chat import create_simple_chat_agent
+from agentrt.agents.turn_guard import TurnGuard
+from agentrt.agents.turn_hooks import (
+    PART_HOOKS,
+    TURN_LEDGER_ID,
+    LedgeredTurnHooks,
+    TurnHooks,
+    agent_ledger,
+    turn_hooks,
+)
+from agentrt.services.ledger import LedgerCapability, LLMRequestTracker, ledger_capability
+from tests.factories import chat_deps, content_rows, fast_config, ledger_rows
 
 
 class Stop(Exception):
@@ -86,3 +114,128 @@ async def test_each_run_gets_its_parts_own_copies() -> None:
     first, second = await hooks.for_run(None), await hooks.for_run(None)  # type: ignore[arg-type]
     assert isinstance(first.parts[0], ContextWindow) and isinstance(second.parts[0], ContextWindow)
     assert first.parts[0]._memo is not second.parts[0]._memo is not window._memo
+
+
+# --- the agent's ledger carried by the turn's hooks -------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    yield tracker
+    await tracker.flush()
+
+
+def _tool_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """A tool call, then (once its result came back) the answer: two requests."""
+    if any(isinstance(part, ToolReturnPart) for part in messages[-1].parts):
+        return ModelResponse(parts=[TextPart('done')])
+    return ModelResponse(parts=[ToolCallPart('echo', {'text': 'hi'})])
+
+
+async def _words(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+    for word in ['one ', 'two ', 'three ', 'four ']:
+        await asyncio.sleep(0.005)
+        yield word
+
+
+def _overloaded(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    raise ModelHTTPError(status_code=503, model_name='gpt-4o-mini', body={'error': 'overloaded'})
+
+
+def _ledgered_agent(tracker: LLMRequestTracker, model: FunctionModel) -> Agent[Any, str]:
+    agent: Agent[Any, str] = Agent(model, capabilities=[ledger_capability(tracker, id=TURN_LEDGER_ID)])
+
+    @agent.tool_plain
+    def echo(text: str) -> str:
+        return text
+
+    return agent
+
+
+def test_a_turn_carries_the_simple_chat_agents_ledger_and_an_agent_without_one_keeps_it_apart() -> None:
+    agent = create_simple_chat_agent()
+    ledger = agent_ledger(agent)
+    assert isinstance(ledger, LedgerCapability) and ledger.id == TURN_LEDGER_ID
+    [hooks] = turn_hooks(ContextWindow(1000), Guard(), agent=agent)
+    assert isinstance(hooks, LedgeredTurnHooks) and hooks.wrapped is ledger and hooks.id == TURN_LEDGER_ID
+    # A ledger without an id cannot be replaced for a run: the turn's hooks leave it be.
+    apart = Agent(FunctionModel(_overloaded), capabilities=[ledger_capability()])
+    assert agent_ledger(apart) is None
+    assert type(turn_hooks(Guard(), agent=apart)[0]) is TurnHooks
+
+
+@pytest.mark.parametrize('outcome', ['plain', 'streamed', 'failed', 'cancelled'])
+async def test_the_ledger_records_each_request_once_through_the_turns_hooks(
+    tracker: LLMRequestTracker, outcome: str
+) -> None:
+    """Had the agent's ledger run beside the turn's hooks, or not at all, each request would have two rows, or none."""
+    model = FunctionModel(
+        _overloaded if outcome == 'failed' else _tool_then_text, stream_function=_words, model_name='gpt-4o-mini'
+    )
+    agent = _ledgered_agent(tracker, model)
+    guard = Guard()
+    capabilities = turn_hooks(ContextWindow(16_000), guard, agent=agent)
+    if outcome == 'plain':
+        result = await agent.run('go', deps=chat_deps(), capabilities=capabilities)
+        assert result.output == 'done'
+    elif outcome == 'failed':
+        with pytest.raises(ModelHTTPError):
+            await agent.run('go', deps=chat_deps(), capabilities=capabilities)
+    elif outcome == 'streamed':
+        async with agent.run_stream_events('go', deps=chat_deps(), capabilities=capabilities) as events:
+            results = [event async for event in events if isinstance(event, AgentRunResultEvent)]
+        assert results[0].result.output == 'one two three four '
+    else:
+        async with agent.run_stream('go', deps=chat_deps(), capabilities=capabilities) as stream:
+            async for delta in stream.stream_text(delta=True, debounce_by=None):
+                if delta.startswith('two'):
+                    break
+    await tracker.flush()
+    rows = await ledger_rows()
+    expected = {
+        'plain': [('complete', False), ('complete', False)],
+        'streamed': [('complete', True)],
+        'failed': [('error', False)],
+        'cancelled': [('cancelled', True)],
+    }[outcome]
+    assert [(row['status'], row['streamed']) for row in rows] == expected
+    assert len(guard.seen) == len(rows)  # the guard saw each request the ledger recorded
+    assert all(row['chat_session_id'] == 'chat-1' for row in rows)
+
+
+async def test_the_ledger_records_what_the_window_sent_and_nothing_the_guard_stopped(
+    tracker: LLMRequestTracker,
+) -> None:
+    sent: list[list[ModelMessage]] = []
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        sent.append(messages)
+        return _tool_then_text(messages, info)
+
+    agent = _ledgered_agent(tracker, FunctionModel(respond, model_name='gpt-4o-mini'))
+    capabilities = turn_hooks(ContextWindow(300, title='a topic'), Guard(stop_at=2), agent=agent)
+    with pytest.raises(Stop):
+        await agent.run('now', deps=chat_deps(), message_history=_history(6), capabilities=capabilities)
+    await tracker.flush()
+    [row] = await ledger_rows()  # the request the guard stopped was never sent, nor recorded
+    assert len(sent) == 1 and len(sent[0]) < 13
+    bodies = {content['kind']: content['body'] for content in await content_rows(row['id'])}
+    assert 'Earlier in this conversation' in bodies['prompt'] and 'question 0' not in bodies['prompt']
+
+
+def _overridden(capability: type[Any], hooks: tuple[str, ...]) -> set[str]:
+    """The lifecycle hooks of `AbstractCapability` that `capability` overrides, outside `hooks`."""
+    names = {
+        name
+        for name, value in vars(AbstractCapability).items()
+        if callable(value) and not name.startswith('_') and name not in ('apply', 'visit_and_replace', 'combine')
+    }
+    return {name for name in names if getattr(capability, name) is not getattr(AbstractCapability, name)} - set(hooks)
+
+
+def test_every_hook_of_the_parts_is_delegated() -> None:
+    """A hook a part comes to override must be delegated too (the ledger's are, all of them, by `WrapperCapability`)."""
+    assert _overridden(ContextWindow, PART_HOOKS) == set()
+    assert _overridden(TurnGuard, PART_HOOKS) == set()
+    assert _overridden(TurnGuard, ()) == {'before_node_run'}  # the check sees an override
