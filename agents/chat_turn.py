@@ -29,9 +29,10 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
+from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -44,7 +45,7 @@ from agentrt.services.conversations import (
 )
 from agentrt.services.ledger import remember_message_json
 from agentrt.services.post_turn import schedule_post_turn_work
-from agentrt.services.tenancy import Tenant, lookup_tenant
+from agentrt.services.tenancy import Tenant, lookup_tenant, lookup_tenant_on, unknown_tenant_error
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -182,20 +183,26 @@ async def _claimed_turn(
     conversation_id = turn_input.session_id
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
-    async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
-        async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+    async def start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
+        # On the driver connection (`driver_transaction`): three fixed statements need none of SQLAlchemy's session.
+        async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
             # The same statement makes the rest of the transaction the found tenant's (`enter=True`).
-            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session, enter=True)
+            tenant = await lookup_tenant_on(transaction, turn_input.account, turn_input.agent_instance, enter=True)
+            if tenant is None:
+                return None
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
-            await claim.take(session=session)
+            await claim.take(session=transaction)
             store = PostgresConversationStore(tenant.account_id)
             recent = await load_recent_conversation(
-                store, conversation_id, max_tokens=settings.context_max_tokens, session=session
+                store, conversation_id, max_tokens=settings.context_max_tokens, transaction=transaction
             )
         return tenant, claim, recent
 
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
-    tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
+    opened = await retry_on_disconnect(start, what='turn start')
+    if opened is None:  # after the transaction: the error's own session lists what exists
+        raise await unknown_tenant_error(turn_input.account, turn_input.agent_instance)
+    tenant, claim, recent = opened
     claim.loaded(recent.conversation.revision)
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
         remember_message_json(recent.stored, recent.stored_json)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
@@ -41,6 +42,7 @@ SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at =
 WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
 RETURNING claim_id
 """)
+_CLAIM_ON_DRIVER = DriverStatement.of(_CLAIM)  # a chat turn's start runs on the driver connection
 _RENEW = text("""
 UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
@@ -85,14 +87,21 @@ class TurnClaim:
         """A new claim (not taken yet) with a fresh id, so taking it is safe to repeat."""
         return cls(account_id, conversation_id, uuid.uuid4().hex, lease_s)
 
-    async def take(self, *, session: AsyncSession) -> None:
+    async def take(self, *, session: AsyncSession | DriverTransaction) -> None:
         """Take the claim in the caller's transaction (committed with it): free, expired, or already this one's.
+
+        Args:
+            session: the caller's session, or its transaction on the driver connection (a chat turn's start).
 
         Raises:
             ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
         """
         self.confirmed_at = time.monotonic()
-        if (await session.execute(_CLAIM, self._params())).first() is None:
+        if isinstance(session, DriverTransaction):
+            taken = bool(await session.fetch(_CLAIM_ON_DRIVER, self._params()))
+        else:
+            taken = (await session.execute(_CLAIM, self._params())).first() is not None
+        if not taken:
             raise ConcurrentTurnError(self.conversation_id, stage='start')
 
     async def renew(self) -> bool:

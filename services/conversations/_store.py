@@ -18,11 +18,12 @@ from pydantic_ai.conversation_store import (
 from pydantic_ai.messages import ModelMessage
 from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction, driver_transaction
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
-from agentrt.db.session import get_db_session, retry_on_disconnect, scoped_connection
+from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.pg_text import storable, storable_text
 
 T = TypeVar('T')
@@ -136,6 +137,11 @@ WITH {_LOCKED}, swapped AS (
     ON CONFLICT (account_id, conversation_id) DO NOTHING
     RETURNING 1
 ), {_APPEND_REST}""")
+# The turn's own load and save run on the driver connection (`agentrt.db.driver`): the same SQL, prepared once per
+# connection, without SQLAlchemy's statement and row machinery.
+_TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
+_APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
+_APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,12 @@ class PostgresConversationStore(ConversationStore):
         self.account_id = account_id
 
     async def read_tail(
-        self, conversation_id: str, *, cap_chars: int, max_messages: int, session: AsyncSession | None = None
+        self,
+        conversation_id: str,
+        *,
+        cap_chars: int,
+        max_messages: int,
+        transaction: DriverTransaction | None = None,
     ) -> StoredTail | None:
         """The record and the newest messages of a conversation, up to about `cap_chars` of stored JSON: one query.
 
@@ -231,8 +242,8 @@ class PostgresConversationStore(ConversationStore):
             conversation_id: the conversation.
             cap_chars: stop walking back once this much JSON was read (the entry that crosses it is included).
             max_messages: read at most this many.
-            session: run in the caller's transaction; else in a session of its own (repeated once if the
-                connection is lost: a read).
+            transaction: run in the caller's transaction (`driver_transaction`); else in one of its own (repeated
+                once if the connection is lost: a read).
 
         Returns:
             None when the account has no such conversation.
@@ -243,30 +254,37 @@ class PostgresConversationStore(ConversationStore):
             'cap': cap_chars,
             'max_messages': max_messages,
         }
+        if transaction is not None:
+            rows = await transaction.fetch(_TAIL_ON_DRIVER, params)
+        else:
 
-        async def run(session: AsyncSession) -> list[Any]:
-            return list((await session.execute(_TAIL, params)).all())
+            async def once() -> list[Any]:
+                async with driver_transaction(account=self.account_id) as own:
+                    return await own.fetch(_TAIL_ON_DRIVER, params)
 
-        rows = await run(session) if session is not None else await _read(self.account_id, run, lambda result: result)
+            rows = await retry_on_disconnect(once, what='conversation read')
         if not rows:
             return None
-        record = _record_adapter.validate_json(rows[0].record)
-        entries = [row for row in rows if row.id is not None]
-        bodies: list[str] = []
-        if any(row.kind != 'message' for row in entries):
+        # Columns: record, title, summary_head_id, then the entry's id, parent_id, kind, body (NULLs: no entries).
+        first = rows[0]
+        record = _record_adapter.validate_json(first[0])
+        entries = rows if first[3] is not None else []
+        bodies: list[str] = [row[6] for row in entries]
+        if any(row[5] != 'message' for row in entries):
             messages = [_entry_adapter.validate_python(_entry_data(row)).message for row in entries]
+            stored_bodies: list[str] = []
         else:
-            bodies = [row.body for row in entries]
             messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
+            stored_bodies = bodies
         return StoredTail(
             record=record,
-            title=rows[0].title,
-            summary_head_id=rows[0].summary_head_id,
-            entry_ids=[row.id for row in entries],
-            sizes=[len(row.body) for row in entries],
+            title=first[1],
+            summary_head_id=first[2],
+            entry_ids=[row[3] for row in entries],
+            sizes=[len(body) for body in bodies],
             messages=messages,
-            reached_first=not entries or entries[0].parent_id is None,
-            bodies=bodies,
+            reached_first=not entries or entries[0][4] is None,
+            bodies=stored_bodies,
         )
 
     async def append(
@@ -320,7 +338,7 @@ class PostgresConversationStore(ConversationStore):
             'title': storable_text(titled[0]) if titled is not None and titled[0] is not None else None,
             'summary': storable_text(titled[1]) if titled is not None else None,
         }
-        statement = _APPEND_CREATE if expected_revision is None else _APPEND_UPDATE
+        statement = _APPEND_CREATE_ON_DRIVER if expected_revision is None else _APPEND_UPDATE_ON_DRIVER
         try:
             released = await self._append_write(record.conversation_id, statement, params)
         except DatabaseDisconnectedError as exc:
@@ -332,19 +350,22 @@ class PostgresConversationStore(ConversationStore):
                 released = await self._append_write(record.conversation_id, statement, params)
         return Appended(entries, sizes, released, summarised=titled is not None)
 
-    async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
+    async def _append_write(self, conversation_id: str, statement: DriverStatement, params: dict[str, Any]) -> bool:
         """One attempt of `append`, in its own transaction; whether the claim was released.
 
-        On a Core connection (`scoped_connection`: the same role, tenant and error translation as a session): one
-        statement needs none of the ORM session's bookkeeping."""
-        async with scoped_connection(account=self.account_id) as connection:
-            swapped, released = await self._append_once(connection, statement, params)
+        On the driver connection (`driver_transaction`: the same role, tenant, error translation and statement
+        events as a session): one statement needs none of SQLAlchemy's statement machinery."""
+        async with driver_transaction(account=self.account_id) as transaction:
+            swapped, released = await self._append_once(transaction, statement, params)
         if not swapped:
             raise ConversationConflict(conversation_id)
         return bool(released)
 
-    async def _append_once(self, connection: AsyncConnection, statement: Executable, params: dict[str, Any]) -> Any:
-        return (await connection.execute(statement, params)).one()
+    async def _append_once(
+        self, transaction: DriverTransaction, statement: DriverStatement, params: dict[str, Any]
+    ) -> tuple[int, int]:
+        row = (await transaction.fetch(statement, params))[0]
+        return row[0], row[1]
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
@@ -585,4 +606,4 @@ class PostgresConversationStore(ConversationStore):
 
 
 def _entry_data(row: Any) -> dict[str, Any]:
-    return {'id': row.id, 'parent_id': row.parent_id, 'kind': row.kind, 'message': json.loads(row.body)}
+    return {'id': row[3], 'parent_id': row[4], 'kind': row[5], 'message': json.loads(row[6])}

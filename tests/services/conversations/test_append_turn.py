@@ -15,6 +15,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, Use
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
+from agentrt.db.driver import DriverStatement
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import Account, ConversationEntryRow
 from agentrt.db.session import Unscoped, get_db_session
@@ -33,6 +34,8 @@ from agentrt.services.conversations._store import message_json
 from agentrt.services.conversations._titles import title_and_summary
 from tests.factories import scalar
 from tests.services.conversations.test_store import assert_chain, count_rows
+
+BACKEND_PID = DriverStatement.of(text('SELECT pg_backend_pid()'))
 
 
 def _reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -189,13 +192,13 @@ async def test_a_save_whose_connection_is_killed_is_saved_once(
     result = await _agent().run('again', conversation=recent.conversation)
     real, attempts = PostgresConversationStore._append_once, []
 
-    async def on_a_dying_connection(self: PostgresConversationStore, session: Any, *args: Any) -> Any:
+    async def on_a_dying_connection(self: PostgresConversationStore, transaction: Any, *args: Any) -> Any:
         attempts.append(1)
         if len(attempts) == 1:
-            pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            pid = (await transaction.fetch(BACKEND_PID, {}))[0][0]
             async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
-        return await real(self, session, *args)
+        return await real(self, transaction, *args)
 
     monkeypatch.setattr(PostgresConversationStore, '_append_once', on_a_dying_connection)
     saved = await append_turn(store, result, recent)
