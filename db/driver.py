@@ -16,6 +16,7 @@ machinery, which a turn's start and save (a handful of fixed statements) do not 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from typing import Any
 
 from sqlalchemy import ClauseElement
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from agentrt.db.engine import get_engine
 from agentrt.db.failures import lost_connection, pooler_error, unavailable_error
@@ -64,28 +67,34 @@ class DriverStatement:
 class DriverTransaction:
     """The asyncpg connection of one transaction (`driver_transaction`), its statements seen by SQLAlchemy's events."""
 
-    __slots__ = ('_connection', '_driver')
+    __slots__ = ('_driver', '_engine', '_event_connection', '_pooled')
 
-    def __init__(self, connection: AsyncConnection, driver: Any) -> None:
-        self._connection = connection
+    def __init__(self, engine: Engine, pooled: PoolProxiedConnection, driver: Any) -> None:
+        self._engine = engine
+        self._pooled = pooled
         self._driver = driver
+        self._event_connection: Connection | None = None
 
     async def fetch(self, statement: DriverStatement, params: Mapping[str, Any]) -> list[Any]:
         """Run `statement` with `params`; its rows (asyncpg `Record`s: by position or by column name)."""
         sql, args = statement.sql, statement.args(params)
-        sync = self._connection.sync_connection
-        dispatch = sync.dispatch if sync is not None else None
-        if dispatch is None or not (dispatch.before_cursor_execute or dispatch.after_cursor_execute):
+        dispatch = self._engine.dispatch
+        if not (dispatch.before_cursor_execute or dispatch.after_cursor_execute):
             rows: list[Any] = await self._driver.fetch(sql, *args)
             return rows
-        context = _EventContext()  # what listeners (tracing) keep per statement
+        # Listeners (statement counters, tracing) get what SQLAlchemy gives them: a `Connection` on this pooled
+        # connection (made only for them, never closed: the pool gets the connection back from `driver_transaction`)
+        # and a context object of their own per statement.
+        if self._event_connection is None:
+            self._event_connection = Connection(self._engine, connection=self._pooled)
+        connection, context = self._event_connection, _EventContext()
         for before in dispatch.before_cursor_execute:
-            sql, args = before(sync, None, sql, args, context, False)
+            sql, args = before(connection, None, sql, args, context, False)
         try:
             rows = await self._driver.fetch(sql, *args)
         finally:  # a failed statement's span ends too (without an error status: no `handle_error` context here)
             for after in dispatch.after_cursor_execute:
-                after(sync, None, sql, args, context, False)
+                after(connection, None, sql, args, context, False)
         return rows
 
 
@@ -98,18 +107,20 @@ async def driver_transaction(*, account: Account) -> AsyncIterator[DriverTransac
     """One transaction as `account`'s role and tenant on a pooled connection's asyncpg connection.
 
     Commits on clean exit, rolls back otherwise; a connection lost, or left in an unknown state (a cancellation
-    mid-statement), is discarded instead.
+    mid-statement), is discarded instead. The connection is checked out of the pool itself (its events, pings and
+    timeout), without a SQLAlchemy `Connection` around it.
 
     Raises:
         DatabaseDisconnectedError: the connection was lost under the block (nothing committed, or the commit's
             outcome unknown), as `get_db_session()` raises it.
-        DatabaseUnavailableError: the database cannot be reached.
+        DatabaseUnavailableError: the database cannot be reached, or no connection became free in time.
         ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
     """
     setup = scoped_setup(account)
+    engine = get_engine().sync_engine
     try:
-        async with get_engine().connect() as connection:
-            pooled = await connection.get_raw_connection()
+        pooled = await greenlet_spawn(engine.raw_connection)  # a checkout: may connect or ping (awaits inside)
+        try:
             driver: Any = pooled.driver_connection
             try:
                 if issubclass(type(driver), PreludeConnection):  # the prelude (and the pooler's defaults) on BEGIN
@@ -117,11 +128,14 @@ async def driver_transaction(*, account: Account) -> AsyncIterator[DriverTransac
                     await driver.execute('BEGIN;')
                 else:  # a plain asyncpg connection: the same prelude in the same message
                     await driver.execute('BEGIN;' + setup.begin_sql())
-                yield DriverTransaction(connection, driver)
+                yield DriverTransaction(engine, pooled, driver)
                 await driver.execute('COMMIT;')
             except BaseException as exc:
-                await _abandon(connection, pooled, driver, exc)
+                await _abandon(engine, pooled, driver, exc)
                 raise
+        finally:
+            # Back to the pool even when cancelled meanwhile (a checkin may close an overflow connection: awaits).
+            await asyncio.shield(greenlet_spawn(pooled.close))
     except Exception as exc:
         translated = pooler_error(exc) or unavailable_error(exc)
         if translated is not None and translated is not exc:
@@ -129,7 +143,7 @@ async def driver_transaction(*, account: Account) -> AsyncIterator[DriverTransac
         raise
 
 
-async def _abandon(connection: AsyncConnection, pooled: Any, driver: Any, exc: BaseException) -> None:
+async def _abandon(engine: Engine, pooled: PoolProxiedConnection, driver: Any, exc: BaseException) -> None:
     """End a failed transaction: ROLLBACK on a connection that answered (a statement failed, the caller raised), else
     discard the connection (lost, or cancelled mid-statement: its protocol state is unknown)."""
     if isinstance(exc, Exception) and not lost_connection(exc) and not driver.is_closed():
@@ -139,7 +153,11 @@ async def _abandon(connection: AsyncConnection, pooled: Any, driver: Any, exc: B
         except Exception as failed:
             exc = failed
     if isinstance(exc, Exception) and (lost_connection(exc) or driver.is_closed()):
-        health = getattr(connection.sync_engine.pool, 'agentrt_health', None)
+        health = getattr(engine.pool, 'agentrt_health', None)
         if health is not None:
             health.lost(pooled)
-    await connection.invalidate()
+        pooled.invalidate(exc)  # outside a greenlet SQLAlchemy terminates it at once: nothing to wait for
+        return
+    # Cancelled mid-statement: asyncpg is sending the server a cancel request; a graceful close (in a greenlet, up to
+    # 2 s) lets it through, so the server ends the statement and its transaction's locks now, not when it completes.
+    await greenlet_spawn(pooled.invalidate, exc if isinstance(exc, Exception) else None)

@@ -43,6 +43,15 @@ async def _kill(pid: int) -> None:
         await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
 
 
+async def _sleeping() -> int:
+    async with get_db_session(account=Unscoped.OWNER) as owner:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+            "AND query LIKE 'SELECT pg_sleep($1)%'"
+        )
+        return int((await owner.execute(query)).scalar_one())
+
+
 async def test_a_transaction_runs_as_its_tenant_commits_and_its_statements_are_seen(
     two_accounts: tuple[int, int],
 ) -> None:
@@ -136,6 +145,7 @@ async def test_a_cancelled_statement_discards_its_connection(two_accounts: tuple
     with pytest.raises(asyncio.CancelledError):
         await task
     assert drivers[0].is_closed()  # its protocol state was unknown: never back in the pool
+    assert await _sleeping() == 0  # and the server ended the statement (and its locks) rather than sleeping on
     assert get_engine().sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert await _claimed_by() == []
     async with driver_transaction(account=alpha) as transaction:  # the pool goes on
