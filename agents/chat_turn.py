@@ -1,9 +1,11 @@
 """One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-No session is held across the model request. Before it, one short session looks up the tenant, claims the
-conversation (one turn at a time) and loads its tail: one transaction, three statements. After it, one statement
-saves the turn, releases the claim and, when due, stores the conversation's title and summary. The run has per-turn
-usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard (`TurnGuard`).
+No session is held across the model request. Before it, one short transaction looks up the tenant, claims the
+conversation (one turn at a time) and loads its tail: two statements, the claim and the load in one. After it, one
+statement saves the turn, releases the claim and, when due, stores the conversation's title and summary. Both run on
+the driver connection (`agentrt.db.driver`: a few fixed statements need none of SQLAlchemy's statement machinery).
+The run has per-turn usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard
+(`TurnGuard`).
 """
 
 from __future__ import annotations
@@ -191,10 +193,10 @@ async def _claimed_turn(
             if tenant is None:
                 return None
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
-            await claim.take(session=transaction)
             store = PostgresConversationStore(tenant.account_id)
+            # The claim and the tail in one statement: a second turn on the conversation fails here, sent nothing.
             recent = await load_recent_conversation(
-                store, conversation_id, max_tokens=settings.context_max_tokens, transaction=transaction
+                store, conversation_id, max_tokens=settings.context_max_tokens, transaction=transaction, claim=claim
             )
         return tenant, claim, recent
 

@@ -5,9 +5,10 @@ The first turn to claim a conversation runs; a turn that finds a live claim fail
 lease in the background every third of `lease_s` and deletes the claim when it ends, however it ends; a crashed
 process's claim expires after `lease_s`, and the next turn takes it over.
 
-A chat turn takes its claim in the session that looks up its tenant and loads its conversation (`TurnClaim.take`
-with `session=`), renews it with the statement that also reads the conversation's revision (`TurnClaim.check`: the
-turn guard's question, answered with the renewal), and releases it in the transaction that saves the turn.
+A chat turn takes its claim in the transaction that looks up its tenant, in the statement that loads its
+conversation (`TurnClaim.sql`, `load_recent_conversation(claim=...)`), renews it with the statement that also reads
+the conversation's revision (`TurnClaim.check`: the turn guard's question, answered with the renewal), and releases
+it in the transaction that saves the turn.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,14 +36,15 @@ logger = logging.getLogger('agentrt.conversations')
 # Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it. A claim
 # that is already this turn's (its id is minted before) counts as taken: a retry after a lost connection whose
 # first attempt committed is not refused as a concurrent turn.
-_CLAIM = text("""
+_CLAIM_SQL = """
 INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
 VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
 ON CONFLICT (account_id, conversation_id) DO UPDATE
 SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
 WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
 RETURNING claim_id
-""")
+"""
+_CLAIM = text(_CLAIM_SQL)
 _CLAIM_ON_DRIVER = DriverStatement.of(_CLAIM)  # a chat turn's start runs on the driver connection
 _RENEW = text("""
 UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
@@ -125,6 +128,25 @@ class TurnClaim:
         if row is not None:
             self.revision, self.knows_revision = row[0], True
         return self.revision
+
+    sql: ClassVar[str] = _CLAIM_SQL
+    """The statement that takes a claim (parameters: `params()`), returning a row when it did: a caller may run it
+    inside a statement of its own (a chat turn claims and loads its conversation in one,
+    `load_recent_conversation(claim=...)`), then says whether it took it (`taken`)."""
+
+    def params(self) -> dict[str, object]:
+        """The parameters of `sql` (and of the claim's other statements)."""
+        self.confirmed_at = time.monotonic()
+        return self._params()
+
+    def taken(self, taken: bool) -> None:
+        """Record the outcome of `sql` run by the caller (after `params()`).
+
+        Raises:
+            ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
+        """
+        if not taken:
+            raise ConcurrentTurnError(self.conversation_id, stage='start')
 
     def loaded(self, revision: str | None) -> None:
         """Record the revision the caller loaded in the transaction that took the claim."""
