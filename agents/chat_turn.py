@@ -198,6 +198,8 @@ async def _claimed_turn(
             recent = await load_recent_conversation(
                 store, conversation_id, max_tokens=settings.context_max_tokens, transaction=transaction, claim=claim
             )
+            if not claim.acquired:  # a loader that left it (a replaced one): taken all the same before anything is sent
+                await claim.take(session=transaction)
         return tenant, claim, recent
 
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.

@@ -84,6 +84,8 @@ class TurnClaim:
     """The conversation's stored revision as of `confirmed_at` (what `take`'s caller loaded, or `check` read)."""
     knows_revision: bool = False
     """`revision` was read (by `check`) or set by the caller that loaded the conversation with the claim (`loaded`)."""
+    acquired: bool = False
+    """Set once the claim was taken (`take`, or `taken` after the caller's statement took it)."""
 
     @classmethod
     def mint(cls, account_id: int, conversation_id: str, *, lease_s: float) -> TurnClaim:
@@ -106,6 +108,7 @@ class TurnClaim:
             taken = (await session.execute(_CLAIM, self._params())).first() is not None
         if not taken:
             raise ConcurrentTurnError(self.conversation_id, stage='start')
+        self.acquired = True
 
     async def renew(self) -> bool:
         """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
@@ -147,6 +150,7 @@ class TurnClaim:
         """
         if not taken:
             raise ConcurrentTurnError(self.conversation_id, stage='start')
+        self.acquired = True
 
     def loaded(self, revision: str | None) -> None:
         """Record the revision the caller loaded in the transaction that took the claim."""

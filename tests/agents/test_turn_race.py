@@ -254,3 +254,22 @@ async def test_a_turn_start_that_loses_its_connection_is_repeated_and_claims_onc
     assert len(attempts) == 2 and result.output.startswith('I found')
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # released by the save
     assert await scalar(entries) == 2 * first  # this turn's messages once, after the first turn's
+
+
+async def test_a_replaced_loader_that_takes_no_claim_still_leaves_the_turn_claimed(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = chat_turn.load_recent_conversation
+    claimed: list[int] = []
+
+    async def loader_without_claim(*args: Any, claim: Any = None, **kwargs: Any) -> Any:
+        return await real(*args, **kwargs)
+
+    async def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        claimed.append(await scalar('SELECT count(*) FROM conversation_turns'))
+        return ModelResponse(parts=[TextPart('ok')])
+
+    monkeypatch.setattr(chat_turn, 'load_recent_conversation', loader_without_claim)
+    await simple_chat('hello', session_id='own-loader', account='acme-health', model=FunctionModel(model))
+    assert claimed == [1]  # taken before the model was called
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
