@@ -36,7 +36,7 @@ from agentrt.db.transaction_setup import PreludeConnection
 
 __all__ = ['DriverStatement', 'DriverTransaction', 'driver_transaction']
 
-_DIALECT = asyncpg_dialect()
+_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are untyped
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DriverStatement:
     @classmethod
     def of(cls, statement: ClauseElement) -> DriverStatement:
         """Compile `statement` for asyncpg (numbered parameters; a name used twice is one parameter)."""
-        compiled = statement.compile(dialect=_DIALECT)
+        compiled: Any = statement.compile(dialect=_DIALECT)  # a SQLCompiler: `positiontup` is its own
         names = tuple(compiled.positiontup or ())
         values = compiled.params
         return cls(str(compiled), names, tuple(values.get(name) for name in names))
