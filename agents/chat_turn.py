@@ -276,5 +276,6 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         model_name=turn.model.model_name,
         usage=result.usage,
         duration_s=time.perf_counter() - turn.started,
-        conversation_usage=turn.usage_before + result.usage,
+        # What the save stored (the lifetime usage it computed), not a second sum.
+        conversation_usage=saved.usage if saved.usage is not None else turn.usage_before + result.usage,
     )

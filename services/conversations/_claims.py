@@ -177,12 +177,20 @@ class TurnClaim:
         The release is skipped when the block's own transaction deleted the claim (`settled`); when the database is
         down it is retried in the background until the server is back (bounded by the lease).
         """
-        heartbeat = asyncio.create_task(_keep_alive(self), name='agentrt-turn-claim')
+        heartbeat: list[asyncio.Task[None]] = []
+
+        def beat() -> None:
+            heartbeat.append(asyncio.create_task(_keep_alive(self), name='agentrt-turn-claim'))
+
+        # A timer until the first renewal is due, then a task: most turns end before a third of the lease.
+        timer = asyncio.get_running_loop().call_later(self.lease_s / 3, beat)
         try:
             yield self
         finally:
-            heartbeat.cancel()
-            await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
+            timer.cancel()
+            if heartbeat:
+                heartbeat[0].cancel()
+                await asyncio.wait(heartbeat)  # unlike `await task`, never swallows this task's own cancellation
             if not self.released:
                 await self._release_or_defer()
 
@@ -277,9 +285,12 @@ async def _release_when_back(account_id: int, conversation_id: str, claim_id: st
 
 
 async def _keep_alive(claim: TurnClaim) -> None:
-    while not claim.lost:
-        await asyncio.sleep(claim.lease_s / 3)
+    """Renew now (a third of the lease has passed), then every third of the lease until the claim is lost."""
+    while True:
         try:
             await claim.check()  # the renewal also tells the turn guard the conversation's revision
         except Exception as exc:  # a database blip: the lease still has two thirds to run
             logger.warning('could not renew the claim on conversation %s (%s)', claim.conversation_id, exc)
+        if claim.lost:
+            return
+        await asyncio.sleep(claim.lease_s / 3)
