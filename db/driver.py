@@ -56,12 +56,25 @@ class DriverStatement:
         """Compile `statement` for asyncpg (numbered parameters; a name used twice is one parameter)."""
         compiled: Any = statement.compile(dialect=_DIALECT)  # a SQLCompiler: `positiontup` is its own
         names = tuple(compiled.positiontup or ())
-        values = compiled.params
-        return cls(str(compiled), names, tuple(values.get(name) for name in names))
+        binds, values = compiled.binds, compiled.params  # by the names `positiontup` uses
+        defaults = tuple(_REQUIRED if binds[name].required else values.get(name) for name in names)
+        return cls(str(compiled), names, defaults)
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
-        """The positional arguments for `params` (by name; a name not given takes the statement's own value)."""
-        return [params.get(name, default) for name, default in zip(self.names, self.defaults, strict=True)]
+        """The positional arguments for `params` (by name; a name not given takes the statement's own value).
+
+        Raises:
+            KeyError: a parameter the statement has no value of its own for is missing (as a session refuses it).
+        """
+        args = [params.get(name, default) for name, default in zip(self.names, self.defaults, strict=True)]
+        if _REQUIRED in args:
+            missing = [name for name, arg in zip(self.names, args, strict=True) if arg is _REQUIRED]
+            raise KeyError(f'no value for the parameters {missing} of the statement {self.sql[:80]!r}')
+        return args
+
+
+_REQUIRED: Any = object()
+"""A parameter's default when only the caller can give its value."""
 
 
 class DriverTransaction:

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, literal_column, select, text
 
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import get_engine
@@ -156,3 +156,7 @@ def test_a_statement_compiles_once_with_numbered_parameters() -> None:
     statement = DriverStatement.of(text('SELECT :a, :b, :a, now()::text'))
     assert statement.sql == 'SELECT $1, $2, $1, now()::text' and statement.names == ('a', 'b')
     assert statement.args({'b': 2, 'a': 1, 'unused': 3}) == [1, 2]
+    with pytest.raises(KeyError, match=r"\['b'\]"):  # a forgotten parameter is refused, not sent as NULL
+        statement.args({'a': 1})
+    limited = DriverStatement.of(select(literal_column('1')).limit(1))  # values the statement binds itself
+    assert limited.args({}) == [1]
