@@ -186,7 +186,7 @@ async def _claimed_turn(
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
     async def start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
-        # On the driver connection (`driver_transaction`): three fixed statements need none of SQLAlchemy's session.
+        # On the driver connection (`driver_transaction`): two fixed statements need none of SQLAlchemy's session.
         async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
             # The same statement makes the rest of the transaction the found tenant's (`enter=True`).
             tenant = await lookup_tenant_on(transaction, turn_input.account, turn_input.agent_instance, enter=True)
@@ -204,8 +204,10 @@ async def _claimed_turn(
 
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
     opened = await retry_on_disconnect(start, what='turn start')
-    if opened is None:  # after the transaction: the error's own session lists what exists
-        raise await unknown_tenant_error(turn_input.account, turn_input.agent_instance)
+    if opened is None:  # after the transaction: the error's own session lists what exists (a read: repeatable)
+        raise await retry_on_disconnect(
+            lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'
+        )
     tenant, claim, recent = opened
     claim.loaded(recent.conversation.revision)
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
