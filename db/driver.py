@@ -32,7 +32,7 @@ from agentrt.db.engine import get_engine
 from agentrt.db.failures import lost_connection, pooler_error, unavailable_error
 from agentrt.db.roles import Account
 from agentrt.db.session import scoped_setup
-from agentrt.db.transaction_setup import PreludeConnection
+from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup
 
 __all__ = ['DriverStatement', 'DriverTransaction', 'driver_transaction']
 
@@ -116,8 +116,13 @@ class _EventContext:
 
 
 @asynccontextmanager
-async def driver_transaction(*, account: Account) -> AsyncIterator[DriverTransaction]:
+async def driver_transaction(
+    *, account: Account, setup: TransactionSetup | None = None
+) -> AsyncIterator[DriverTransaction]:
     """One transaction as `account`'s role and tenant on a pooled connection's asyncpg connection.
+
+    `setup` (read-only, timeouts) rides on the BEGIN with the role and tenant, as for `get_db_session(setup=...)`
+    (which also repeats a broken connection's first statement: here the caller's `retry_on_disconnect` does).
 
     Commits on clean exit, rolls back otherwise; a connection lost, or left in an unknown state (a cancellation
     mid-statement), is discarded instead. The connection is checked out of the pool itself (its events, pings and
@@ -129,7 +134,7 @@ async def driver_transaction(*, account: Account) -> AsyncIterator[DriverTransac
         DatabaseUnavailableError: the database cannot be reached, or no connection became free in time.
         ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
     """
-    setup = scoped_setup(account)
+    setup = scoped_setup(account, setup)
     engine = get_engine().sync_engine
     try:
         pooled = await greenlet_spawn(engine.raw_connection)  # a checkout: may connect or ping (awaits inside)

@@ -18,12 +18,14 @@ from agentrt.db.engine import get_engine
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.roles import APP_ROLE, AUTH_ROLE
 from agentrt.db.session import Unscoped, get_db_session, retry_on_disconnect
+from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.conversations import TurnClaim
 
 WHO = DriverStatement.of(
     text("SELECT current_user, coalesce(current_setting('app.account_id', true), ''), pg_backend_pid()")
 )
 CLAIMED = DriverStatement.of(text('SELECT account_id FROM conversation_turns ORDER BY account_id'))
+SETTINGS = DriverStatement.of(text("SELECT current_setting('transaction_read_only'), current_setting('lock_timeout')"))
 SLEEP = DriverStatement.of(text('SELECT pg_sleep(:s)'))
 DIVIDE = DriverStatement.of(text('SELECT 1 / :zero'))
 
@@ -77,6 +79,10 @@ async def test_a_transaction_runs_as_its_tenant_commits_and_its_statements_are_s
     assert len(seen) == 4 and 'INSERT INTO conversation_turns' in seen[0]
     async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
         assert (await transaction.fetch(WHO, {}))[0][:2] == (AUTH_ROLE, '')
+    setup = TransactionSetup(read_only=True, lock_timeout_ms=1234)  # with the role and tenant, on the BEGIN
+    async with driver_transaction(account=alpha, setup=setup) as transaction:
+        assert (await transaction.fetch(WHO, {}))[0][:2] == (APP_ROLE, str(alpha))
+        assert (await transaction.fetch(SETTINGS, {}))[0][:] == ('on', '1234ms')
 
 
 async def test_a_failure_in_the_block_rolls_back_and_leaves_the_connection_clean(
