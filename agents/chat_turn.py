@@ -1,9 +1,11 @@
 """One chat turn around the model call: input checks, tenant, model and conversation before it; save after.
 
-No session is held across the model request. Before it, one short session looks up the tenant, claims the
-conversation (one turn at a time) and loads its tail: one transaction, three statements. After it, one statement
-saves the turn, releases the claim and, when due, stores the conversation's title and summary. The run has per-turn
-usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard (`TurnGuard`).
+No session is held across the model request. Before it, one short transaction looks up the tenant, claims the
+conversation (one turn at a time) and loads its tail: two statements, the claim and the load in one. After it, one
+statement saves the turn, releases the claim and, when due, stores the conversation's title and summary. Both run on
+the driver connection (`agentrt.db.driver`: a few fixed statements need none of SQLAlchemy's statement machinery).
+The run has per-turn usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard
+(`TurnGuard`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
+from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     PostgresConversationStore,
@@ -44,7 +47,7 @@ from agentrt.services.conversations import (
 )
 from agentrt.services.ledger import remember_message_json
 from agentrt.services.post_turn import schedule_post_turn_work
-from agentrt.services.tenancy import Tenant, lookup_tenant
+from agentrt.services.tenancy import Tenant, lookup_tenant, lookup_tenant_on, unknown_tenant_error
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -183,20 +186,30 @@ async def _claimed_turn(
     conversation_id = turn_input.session_id
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
 
-    async def start() -> tuple[Tenant, TurnClaim, RecentConversation]:
-        async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+    async def start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
+        # On the driver connection (`driver_transaction`): two fixed statements need none of SQLAlchemy's session.
+        async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
             # The same statement makes the rest of the transaction the found tenant's (`enter=True`).
-            tenant = await lookup_tenant(turn_input.account, turn_input.agent_instance, session=session, enter=True)
+            tenant = await lookup_tenant_on(transaction, turn_input.account, turn_input.agent_instance, enter=True)
+            if tenant is None:
+                return None
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
-            await claim.take(session=session)
             store = PostgresConversationStore(tenant.account_id)
+            # The claim and the tail in one statement: a second turn on the conversation fails here, sent nothing.
             recent = await load_recent_conversation(
-                store, conversation_id, max_tokens=settings.context_max_tokens, session=session
+                store, conversation_id, max_tokens=settings.context_max_tokens, transaction=transaction, claim=claim
             )
+            if not claim.acquired:  # a loader that left it (a replaced one): taken all the same before anything is sent
+                await claim.take(session=transaction)
         return tenant, claim, recent
 
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
-    tenant, claim, recent = await retry_on_disconnect(start, what='turn start')
+    opened = await retry_on_disconnect(start, what='turn start')
+    if opened is None:  # after the transaction: the error's own session lists what exists (a read: repeatable)
+        raise await retry_on_disconnect(
+            lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'
+        )
+    tenant, claim, recent = opened
     claim.loaded(recent.conversation.revision)
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
         remember_message_json(recent.stored, recent.stored_json)
@@ -267,5 +280,6 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         model_name=turn.model.model_name,
         usage=result.usage,
         duration_s=time.perf_counter() - turn.started,
-        conversation_usage=turn.usage_before + result.usage,
+        # What the save stored (the lifetime usage it computed), not a second sum.
+        conversation_usage=saved.usage if saved.usage is not None else turn.usage_before + result.usage,
     )

@@ -283,6 +283,15 @@ class PoolHealth:
             if self.ping_idle_after is not None:
                 context.invalidate_pool_on_disconnect = False
 
+    def lost(self, connection: Any) -> None:
+        """A connection (`PoolProxiedConnection`) lost under statements SQLAlchemy did not run (`agentrt.db.driver`):
+        what `_on_error` and SQLAlchemy do for a disconnect it sees. A new generation, so the pool tests its other
+        connections before handing them out; with pre-ping off, every connection opened before now is replaced."""
+        self.generation += 1
+        self.disconnects += 1
+        if self.ping_idle_after is None:
+            self._sync_engine.pool._invalidate(connection, _checkin=False)  # SQLAlchemy's own step for a disconnect
+
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         record.info[self.GENERATION] = self.generation
 

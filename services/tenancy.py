@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -9,9 +10,11 @@ from typing import Any, Literal
 from sqlalchemy import Select, bindparam, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
-from agentrt.db.session import entered_account, entering_account, row_security
+from agentrt.db.roles import Unscoped
+from agentrt.db.session import entered_account, entering_account, get_read_only_session, row_security
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -91,6 +94,42 @@ async def lookup_tenant(
     if enter:
         entered_account(session, row[0])
     return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))
+
+
+async def lookup_tenant_on(
+    transaction: DriverTransaction, account: str, agent_instance: str | None, *, enter: bool = False
+) -> Tenant | None:
+    """`lookup_tenant`'s statement in a transaction on the driver connection (a chat turn's start); None when it
+    found nothing (`unknown_tenant_error` says what exists, in a session of its own).
+
+    With `enter`, the rest of the transaction is the found account's, as for `lookup_tenant`.
+    """
+    statement = _tenant_statement(agent_instance is not None, enter and row_security())
+    rows = await transaction.fetch(statement, {'account': account, 'agent_instance': agent_instance})
+    if not rows:
+        return None
+    row = rows[0]
+    config = row[5]
+    if isinstance(config, str):  # the driver hands JSON over as text
+        config = json.loads(config)
+    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(config or {}), has_budget=bool(row[6]))
+
+
+async def unknown_tenant_error(account: str, agent_instance: str | None) -> UnknownTenantError:
+    """The error for slugs `lookup_tenant_on` found nothing for, listing what exists (a read-only session)."""
+    async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
+        try:
+            account_row = await get_account(account, session=session)
+            await get_agent_instance(account_row, agent_instance, session=session)
+        except UnknownTenantError as exc:
+            return exc
+    return UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+
+
+@cache
+def _tenant_statement(by_agent: bool, enter: bool) -> DriverStatement:
+    """`_tenant_query` compiled for the driver connection, once per shape."""
+    return DriverStatement.of(_tenant_query(by_agent, enter))
 
 
 @cache

@@ -5,9 +5,10 @@ The first turn to claim a conversation runs; a turn that finds a live claim fail
 lease in the background every third of `lease_s` and deletes the claim when it ends, however it ends; a crashed
 process's claim expires after `lease_s`, and the next turn takes it over.
 
-A chat turn takes its claim in the session that looks up its tenant and loads its conversation (`TurnClaim.take`
-with `session=`), renews it with the statement that also reads the conversation's revision (`TurnClaim.check`: the
-turn guard's question, answered with the renewal), and releases it in the transaction that saves the turn.
+A chat turn takes its claim in the transaction that looks up its tenant, in the statement that loads its
+conversation (`TurnClaim.sql`, `load_recent_conversation(claim=...)`), renews it with the statement that also reads
+the conversation's revision (`TurnClaim.check`: the turn guard's question, answered with the renewal), and releases
+it in the transaction that saves the turn.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
@@ -33,14 +36,16 @@ logger = logging.getLogger('agentrt.conversations')
 # Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it. A claim
 # that is already this turn's (its id is minted before) counts as taken: a retry after a lost connection whose
 # first attempt committed is not refused as a concurrent turn.
-_CLAIM = text("""
+_CLAIM_SQL = """
 INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
 VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
 ON CONFLICT (account_id, conversation_id) DO UPDATE
 SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
 WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
 RETURNING claim_id
-""")
+"""
+_CLAIM = text(_CLAIM_SQL)
+_CLAIM_ON_DRIVER = DriverStatement.of(_CLAIM)  # a chat turn's start runs on the driver connection
 _RENEW = text("""
 UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
@@ -79,21 +84,31 @@ class TurnClaim:
     """The conversation's stored revision as of `confirmed_at` (what `take`'s caller loaded, or `check` read)."""
     knows_revision: bool = False
     """`revision` was read (by `check`) or set by the caller that loaded the conversation with the claim (`loaded`)."""
+    acquired: bool = False
+    """Set once the claim was taken (`take`, or `taken` after the caller's statement took it)."""
 
     @classmethod
     def mint(cls, account_id: int, conversation_id: str, *, lease_s: float) -> TurnClaim:
         """A new claim (not taken yet) with a fresh id, so taking it is safe to repeat."""
         return cls(account_id, conversation_id, uuid.uuid4().hex, lease_s)
 
-    async def take(self, *, session: AsyncSession) -> None:
+    async def take(self, *, session: AsyncSession | DriverTransaction) -> None:
         """Take the claim in the caller's transaction (committed with it): free, expired, or already this one's.
+
+        Args:
+            session: the caller's session, or its transaction on the driver connection (a chat turn's start).
 
         Raises:
             ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
         """
         self.confirmed_at = time.monotonic()
-        if (await session.execute(_CLAIM, self._params())).first() is None:
+        if isinstance(session, DriverTransaction):
+            taken = bool(await session.fetch(_CLAIM_ON_DRIVER, self._params()))
+        else:
+            taken = (await session.execute(_CLAIM, self._params())).first() is not None
+        if not taken:
             raise ConcurrentTurnError(self.conversation_id, stage='start')
+        self.acquired = True
 
     async def renew(self) -> bool:
         """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
@@ -116,6 +131,26 @@ class TurnClaim:
         if row is not None:
             self.revision, self.knows_revision = row[0], True
         return self.revision
+
+    sql: ClassVar[str] = _CLAIM_SQL
+    """The statement that takes a claim (parameters: `params()`), returning a row when it did: a caller may run it
+    inside a statement of its own (a chat turn claims and loads its conversation in one,
+    `load_recent_conversation(claim=...)`), then says whether it took it (`taken`)."""
+
+    def params(self) -> dict[str, object]:
+        """The parameters of `sql` (and of the claim's other statements)."""
+        self.confirmed_at = time.monotonic()
+        return self._params()
+
+    def taken(self, taken: bool) -> None:
+        """Record the outcome of `sql` run by the caller (after `params()`).
+
+        Raises:
+            ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
+        """
+        if not taken:
+            raise ConcurrentTurnError(self.conversation_id, stage='start')
+        self.acquired = True
 
     def loaded(self, revision: str | None) -> None:
         """Record the revision the caller loaded in the transaction that took the claim."""
@@ -142,12 +177,20 @@ class TurnClaim:
         The release is skipped when the block's own transaction deleted the claim (`settled`); when the database is
         down it is retried in the background until the server is back (bounded by the lease).
         """
-        heartbeat = asyncio.create_task(_keep_alive(self), name='agentrt-turn-claim')
+        heartbeat: list[asyncio.Task[None]] = []
+
+        def beat() -> None:
+            heartbeat.append(asyncio.create_task(_keep_alive(self), name='agentrt-turn-claim'))
+
+        # A timer until the first renewal is due, then a task: most turns end before a third of the lease.
+        timer = asyncio.get_running_loop().call_later(self.lease_s / 3, beat)
         try:
             yield self
         finally:
-            heartbeat.cancel()
-            await asyncio.wait([heartbeat])  # unlike `await heartbeat`, never swallows this task's own cancellation
+            timer.cancel()
+            if heartbeat:
+                heartbeat[0].cancel()
+                await asyncio.wait(heartbeat)  # unlike `await task`, never swallows this task's own cancellation
             if not self.released:
                 await self._release_or_defer()
 
@@ -242,9 +285,12 @@ async def _release_when_back(account_id: int, conversation_id: str, claim_id: st
 
 
 async def _keep_alive(claim: TurnClaim) -> None:
-    while not claim.lost:
-        await asyncio.sleep(claim.lease_s / 3)
+    """Renew now (a third of the lease has passed), then every third of the lease until the claim is lost."""
+    while True:
         try:
             await claim.check()  # the renewal also tells the turn guard the conversation's revision
         except Exception as exc:  # a database blip: the lease still has two thirds to run
             logger.warning('could not renew the claim on conversation %s (%s)', claim.conversation_id, exc)
+        if claim.lost:
+            return
+        await asyncio.sleep(claim.lease_s / 3)

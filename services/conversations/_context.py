@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import ConversationRecord
@@ -32,11 +33,14 @@ from pydantic_ai.messages import (
     TextContent,
     UserPromptPart,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverTransaction
 from agentrt.db.settings import CHARS_PER_TOKEN
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import make_summary, message_exchanges
+
+if TYPE_CHECKING:
+    from agentrt.services.conversations._claims import TurnClaim
 
 SUMMARY_MARK = 'agentrt.context_summary'
 """`ModelRequest.metadata` key of the summary request `fit_history` puts in front of the kept turns."""
@@ -89,7 +93,8 @@ async def load_recent_conversation(
     *,
     max_tokens: int,
     scope: str | None = None,
-    session: AsyncSession | None = None,
+    transaction: DriverTransaction | None = None,
+    claim: TurnClaim | None = None,
 ) -> RecentConversation:
     """Load the last messages of a conversation, about what `max_tokens` of context can use, or start a new one.
 
@@ -100,11 +105,30 @@ async def load_recent_conversation(
         conversation_id: the conversation to continue or start.
         max_tokens: the context budget; the load reads stored JSON up to `LOAD_JSON_FACTOR` times its size.
         scope: only load it if it was saved with this scope.
-        session: load in the caller's transaction (a turn claims and loads its conversation in one); else in a
-            session of its own.
+        transaction: load in the caller's transaction (`driver_transaction`: a turn claims and loads its
+            conversation in one); else in one of its own.
+        claim: take this claim first, in the same statement (with `transaction` only): a chat turn's start.
+
+    Raises:
+        ConcurrentTurnError: `claim` was not taken: another turn holds the conversation (stage 'start').
     """
     cap_chars = max_tokens * CHARS_PER_TOKEN * LOAD_JSON_FACTOR
-    tail = await store.read_tail(conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, session=session)
+    if claim is not None:
+        if transaction is None:
+            raise ValueError("a claim is taken in the caller's transaction: give `transaction`")
+        taken, tail = await store.claim_and_read_tail(
+            transaction,
+            conversation_id,
+            claim_sql=claim.sql,
+            claim_params=claim.params(),
+            cap_chars=cap_chars,
+            max_messages=LOAD_MAX_MESSAGES,
+        )
+        claim.taken(taken)
+    else:
+        tail = await store.read_tail(
+            conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, transaction=transaction
+        )
     if tail is None or (scope is not None and tail.record.scope != scope):
         new = Conversation(conversation_id=conversation_id)
         new.new_message_index = 0  # nothing stored: everything the run adds is new

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -18,11 +19,12 @@ from pydantic_ai.conversation_store import (
 from pydantic_ai.messages import ModelMessage
 from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction, driver_transaction
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
-from agentrt.db.session import get_db_session, retry_on_disconnect, scoped_connection
+from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.ledger import dumped_message_json
 from agentrt.services.pg_text import storable, storable_text
 
@@ -66,8 +68,7 @@ WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WH
 # The record and the newest entries of a conversation, in one statement: from the head back, one entry at a time,
 # while the JSON read so far is under the cap (the entry that crosses it is the last one read). Bodies come back as
 # text, validated from the text. No row: no record; one row with a NULL id: a record without messages.
-_TAIL = text("""
-WITH RECURSIVE conv AS (
+_TAIL_CTES = """conv AS (
     SELECT record::text AS record, head_id, title, summary_head_id
     FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
 ), walk(id, parent_id, kind, body, total, depth) AS (
@@ -81,11 +82,36 @@ WITH RECURSIVE conv AS (
     JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
     CROSS JOIN LATERAL (SELECT p.message::text AS body) AS b
     WHERE w.total < :cap AND w.depth < :max_messages
-)
-SELECT conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body
+)"""
+_TAIL_COLUMNS = 'conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body'
+_TAIL = text(f"""
+WITH RECURSIVE {_TAIL_CTES}
+SELECT {_TAIL_COLUMNS}
 FROM conv LEFT JOIN walk ON true
 ORDER BY walk.depth DESC
 """)
+
+
+@cache
+def _claimed_tail(claim_sql: str) -> DriverStatement:
+    """`claim_sql` (a statement that returns a row when it took the claim) and the tail, in one statement: a chat
+    turn's claim and load in one round trip. A data-modifying CTE runs once, to completion, whatever the query reads.
+
+    Columns: the rows the claim returned (0: not taken); the claims of other turns the statement's snapshot shows
+    (see `claim_and_read_tail`); then `_TAIL`'s (all NULL without a record).
+    """
+    return DriverStatement.of(
+        text(f"""
+WITH RECURSIVE claimed AS ({claim_sql}), {_TAIL_CTES}
+SELECT taken.count, (
+    SELECT count(*) FROM conversation_turns
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id <> :claim_id
+), {_TAIL_COLUMNS}
+FROM (SELECT count(*) FROM claimed) AS taken LEFT JOIN (conv LEFT JOIN walk ON true) ON true
+ORDER BY walk.depth DESC
+""")
+    )
+
 
 # A turn's save when the record is already stored: the account's shared write lock, the record swapped if it still
 # has the revision the turn loaded, the turn's entries added and its claim released, all only if the swap happened.
@@ -137,6 +163,11 @@ WITH {_LOCKED}, swapped AS (
     ON CONFLICT (account_id, conversation_id) DO NOTHING
     RETURNING 1
 ), {_APPEND_REST}""")
+# The turn's own load and save run on the driver connection (`agentrt.db.driver`): the same SQL, prepared once per
+# connection, without SQLAlchemy's statement and row machinery.
+_TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
+_APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
+_APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)
 
 
 @dataclass(frozen=True)
@@ -229,7 +260,12 @@ class PostgresConversationStore(ConversationStore):
         self.account_id = account_id
 
     async def read_tail(
-        self, conversation_id: str, *, cap_chars: int, max_messages: int, session: AsyncSession | None = None
+        self,
+        conversation_id: str,
+        *,
+        cap_chars: int,
+        max_messages: int,
+        transaction: DriverTransaction | None = None,
     ) -> StoredTail | None:
         """The record and the newest messages of a conversation, up to about `cap_chars` of stored JSON: one query.
 
@@ -239,8 +275,8 @@ class PostgresConversationStore(ConversationStore):
             conversation_id: the conversation.
             cap_chars: stop walking back once this much JSON was read (the entry that crosses it is included).
             max_messages: read at most this many.
-            session: run in the caller's transaction; else in a session of its own (repeated once if the
-                connection is lost: a read).
+            transaction: run in the caller's transaction (`driver_transaction`); else in one of its own (repeated
+                once if the connection is lost: a read).
 
         Returns:
             None when the account has no such conversation.
@@ -251,31 +287,64 @@ class PostgresConversationStore(ConversationStore):
             'cap': cap_chars,
             'max_messages': max_messages,
         }
-
-        async def run(session: AsyncSession) -> list[Any]:
-            return list((await session.execute(_TAIL, params)).all())
-
-        rows = await run(session) if session is not None else await _read(self.account_id, run, lambda result: result)
-        if not rows:
-            return None
-        record = _record_adapter.validate_json(rows[0].record)
-        entries = [row for row in rows if row.id is not None]
-        bodies: list[str] = []
-        if any(row.kind != 'message' for row in entries):
-            messages = [_entry_adapter.validate_python(_entry_data(row)).message for row in entries]
+        if transaction is not None:
+            rows = await transaction.fetch(_TAIL_ON_DRIVER, params)
         else:
-            bodies = [row.body for row in entries]
-            messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
-        return StoredTail(
-            record=record,
-            title=rows[0].title,
-            summary_head_id=rows[0].summary_head_id,
-            entry_ids=[row.id for row in entries],
-            sizes=[len(row.body) for row in entries],
-            messages=messages,
-            reached_first=not entries or entries[0].parent_id is None,
-            bodies=bodies,
-        )
+
+            async def once() -> list[Any]:
+                async with driver_transaction(account=self.account_id) as own:
+                    return await own.fetch(_TAIL_ON_DRIVER, params)
+
+            rows = await retry_on_disconnect(once, what='conversation read')
+        return _stored_tail(rows, 0) if rows else None
+
+    async def claim_and_read_tail(
+        self,
+        transaction: DriverTransaction,
+        conversation_id: str,
+        *,
+        claim_sql: str,
+        claim_params: Mapping[str, Any],
+        cap_chars: int,
+        max_messages: int,
+    ) -> tuple[bool, StoredTail | None]:
+        """`read_tail` in the caller's transaction, after `claim_sql` in the same statement (a chat turn's start).
+
+        The claim and the tail share the statement's snapshot. When that snapshot still showed another turn's claim
+        (a turn that was saving: its save releases the claim in its own transaction, and this statement waited for
+        it), the tail is read again in a statement of its own, so a turn always starts from the last saved turn, as
+        when the claim and the load were two statements.
+
+        Args:
+            transaction: the caller's transaction on the driver connection.
+            conversation_id: the conversation.
+            claim_sql: a statement (`TurnClaim.sql`) that returns a row when it took the claim.
+            claim_params: its parameters, with the claim's `claim_id` (`account_id` and `conversation_id` are this
+                store's and `conversation_id`).
+            cap_chars: as for `read_tail`.
+            max_messages: as for `read_tail`.
+
+        Returns:
+            Whether the claim was taken, and the tail (None when the account has no such conversation).
+        """
+        params = {
+            **claim_params,
+            'account_id': self.account_id,
+            'conversation_id': conversation_id,
+            'cap': cap_chars,
+            'max_messages': max_messages,
+        }
+        rows = await transaction.fetch(_claimed_tail(claim_sql), params)
+        taken, first = bool(rows[0][0]), rows[0]
+        if taken and first[1]:
+            # The snapshot showed another turn's claim, gone by the time this one was taken: that turn released it
+            # (its save, which deletes the claim in the transaction that appends, committed while this statement
+            # waited on the row), so the tail read with the snapshot may miss its messages. Read it again, as a new
+            # statement (a new snapshot): the conversation as that turn left it.
+            return True, await self.read_tail(
+                conversation_id, cap_chars=cap_chars, max_messages=max_messages, transaction=transaction
+            )
+        return taken, (_stored_tail(rows, 2) if first[2] is not None else None)
 
     async def append(
         self,
@@ -328,7 +397,7 @@ class PostgresConversationStore(ConversationStore):
             'title': storable_text(titled[0]) if titled is not None and titled[0] is not None else None,
             'summary': storable_text(titled[1]) if titled is not None else None,
         }
-        statement = _APPEND_CREATE if expected_revision is None else _APPEND_UPDATE
+        statement = _APPEND_CREATE_ON_DRIVER if expected_revision is None else _APPEND_UPDATE_ON_DRIVER
         try:
             released = await self._append_write(record.conversation_id, statement, params)
         except DatabaseDisconnectedError as exc:
@@ -340,19 +409,22 @@ class PostgresConversationStore(ConversationStore):
                 released = await self._append_write(record.conversation_id, statement, params)
         return Appended(entries, sizes, released, summarised=titled is not None)
 
-    async def _append_write(self, conversation_id: str, statement: Executable, params: dict[str, Any]) -> bool:
+    async def _append_write(self, conversation_id: str, statement: DriverStatement, params: dict[str, Any]) -> bool:
         """One attempt of `append`, in its own transaction; whether the claim was released.
 
-        On a Core connection (`scoped_connection`: the same role, tenant and error translation as a session): one
-        statement needs none of the ORM session's bookkeeping."""
-        async with scoped_connection(account=self.account_id) as connection:
-            swapped, released = await self._append_once(connection, statement, params)
+        On the driver connection (`driver_transaction`: the same role, tenant, error translation and statement
+        events as a session): one statement needs none of SQLAlchemy's statement machinery."""
+        async with driver_transaction(account=self.account_id) as transaction:
+            swapped, released = await self._append_once(transaction, statement, params)
         if not swapped:
             raise ConversationConflict(conversation_id)
         return bool(released)
 
-    async def _append_once(self, connection: AsyncConnection, statement: Executable, params: dict[str, Any]) -> Any:
-        return (await connection.execute(statement, params)).one()
+    async def _append_once(
+        self, transaction: DriverTransaction, statement: DriverStatement, params: dict[str, Any]
+    ) -> tuple[int, int]:
+        row = (await transaction.fetch(statement, params))[0]
+        return row[0], row[1]
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
@@ -592,5 +664,30 @@ class PostgresConversationStore(ConversationStore):
         }
 
 
-def _entry_data(row: Any) -> dict[str, Any]:
-    return {'id': row.id, 'parent_id': row.parent_id, 'kind': row.kind, 'message': json.loads(row.body)}
+def _stored_tail(rows: Sequence[Any], at: int) -> StoredTail:
+    """The `StoredTail` of `_TAIL`'s rows, whose columns start at `at`: record, title, summary_head_id, then the
+    entry's id, parent_id, kind, body (NULLs: no entries)."""
+    first = rows[0]
+    record = _record_adapter.validate_json(first[at])
+    entries = rows if first[at + 3] is not None else []
+    bodies: list[str] = [row[at + 6] for row in entries]
+    if any(row[at + 5] != 'message' for row in entries):
+        messages = [_entry_adapter.validate_python(_entry_data(row, at)).message for row in entries]
+        stored_bodies: list[str] = []
+    else:
+        messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
+        stored_bodies = bodies
+    return StoredTail(
+        record=record,
+        title=first[at + 1],
+        summary_head_id=first[at + 2],
+        entry_ids=[row[at + 3] for row in entries],
+        sizes=[len(body) for body in bodies],
+        messages=messages,
+        reached_first=not entries or entries[0][at + 4] is None,
+        bodies=stored_bodies,
+    )
+
+
+def _entry_data(row: Any, at: int) -> dict[str, Any]:
+    return {'id': row[at + 3], 'parent_id': row[at + 4], 'kind': row[at + 5], 'message': json.loads(row[at + 6])}

@@ -128,6 +128,8 @@ class SavedTurn:
     """Their stored JSON, in characters."""
     summarised: bool = False
     """The conversation's title and summary were refreshed by the save itself (they were due)."""
+    usage: RunUsage | None = None
+    """The conversation's lifetime usage the save stored (None: not given, as by a stand-in save)."""
 
 
 async def append_turn(
@@ -173,7 +175,7 @@ async def append_turn(
             entries = await store.save(conversation)  # compares with the stored history; the claim goes at the end
         except ConversationConflict as exc:
             raise ConcurrentTurnError(exc.conversation_id) from exc
-        return SavedTurn(entries, sum(len(message_json(entry.message)) for entry in entries))
+        return SavedTurn(entries, sum(len(message_json(entry.message)) for entry in entries), usage=conversation.usage)
     assert index is not None
     updated = ConversationRecord(
         conversation_id=conversation.conversation_id,
@@ -197,7 +199,7 @@ async def append_turn(
         raise ConcurrentTurnError(exc.conversation_id) from exc
     if claim is not None:
         claim.settled()  # deleted by the save, or no longer this turn's: nothing left to release
-    return SavedTurn(appended.entries, sum(appended.sizes), appended.summarised)
+    return SavedTurn(appended.entries, sum(appended.sizes), appended.summarised, usage=conversation.usage)
 
 
 def _summariser(result: AgentRunResult[Any], recent: RecentConversation, every: tuple[int, int]) -> Summariser:

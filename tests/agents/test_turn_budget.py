@@ -112,6 +112,9 @@ async def test_a_demo_turn_stays_within_its_database_budget(
         await _turn('budget')
 
     assert len(meter.statements) <= STATEMENTS_BUDGET, meter.statements
+    # The turn start: the tenant, then the claim and the tail load in one statement.
+    claims = [s for s in meter.statements if 'INSERT INTO conversation_turns' in s]
+    assert len(claims) == 1 and 'WITH RECURSIVE claimed AS' in claims[0] and 'walk' in claims[0], claims
     assert not meter.statements or all('SET TRANSACTION' not in s for s in meter.statements), 'read-only rides on BEGIN'
     schema_checks = [s for s in meter.statements if 'EXISTS' in s and 'directory_entries' in s]
     assert not schema_checks, 'no schema check before a search that found rows'

@@ -15,10 +15,15 @@ from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.models.wrapper import WrapperModel
+from sqlalchemy import text
 
+from agentrt.agents import chat_turn
 from agentrt.agents.demo_model import demo_model
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.driver import DriverStatement
 from agentrt.db.engine import current_settings, pool_status
+from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -221,3 +226,50 @@ async def test_a_failed_or_abandoned_turn_releases_the_conversation(demo_data: N
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
     result = await simple_chat(QUESTIONS[0], session_id='released', account='acme-health')
     assert result.output.startswith('I found')
+
+
+@pytest.mark.parametrize('committed', [False, True], ids=['lost-before-commit', 'reply-lost-after-commit'])
+async def test_a_turn_start_that_loses_its_connection_is_repeated_and_claims_once(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    await simple_chat(QUESTIONS[0], session_id='restarted', account='acme-health')
+    entries = 'SELECT count(*) FROM conversation_entries'
+    first = await scalar(entries)
+    real, attempts = chat_turn.driver_transaction, []
+
+    @asynccontextmanager
+    async def losing(**kwargs: Any) -> AsyncIterator[Any]:
+        attempts.append(1)
+        async with real(**kwargs) as transaction:
+            yield transaction
+            if len(attempts) == 1 and not committed:  # killed with the claim taken and the tail read, uncommitted
+                pid = (await transaction.fetch(DriverStatement.of(text('SELECT pg_backend_pid()')), {}))[0][0]
+                async with get_db_session(account=Unscoped.OWNER) as owner:
+                    await owner.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
+        if len(attempts) == 1 and committed:  # the claim committed, its reply lost: the retry finds it its own
+            raise DatabaseDisconnectedError('the connection to PostgreSQL was lost')
+
+    monkeypatch.setattr(chat_turn, 'driver_transaction', losing)
+    result = await simple_chat(QUESTIONS[1], session_id='restarted', account='acme-health')
+    assert len(attempts) == 2 and result.output.startswith('I found')
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # released by the save
+    assert await scalar(entries) == 2 * first  # this turn's messages once, after the first turn's
+
+
+async def test_a_replaced_loader_that_takes_no_claim_still_leaves_the_turn_claimed(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = chat_turn.load_recent_conversation
+    claimed: list[int] = []
+
+    async def loader_without_claim(*args: Any, claim: Any = None, **kwargs: Any) -> Any:
+        return await real(*args, **kwargs)
+
+    async def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        claimed.append(await scalar('SELECT count(*) FROM conversation_turns'))
+        return ModelResponse(parts=[TextPart('ok')])
+
+    monkeypatch.setattr(chat_turn, 'load_recent_conversation', loader_without_claim)
+    await simple_chat('hello', session_id='own-loader', account='acme-health', model=FunctionModel(model))
+    assert claimed == [1]  # taken before the model was called
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0

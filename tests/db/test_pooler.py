@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db import migrate
+from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
 from agentrt.db.errors import ConfigError, MigrationError
 from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
@@ -29,6 +30,8 @@ from tests.factories import ledger_rows
 from tests.pgbouncer import PgBouncer, PooledDatabase, bouncer_for
 from tests.private_database import CountingModel
 
+_PLUS_ONE = DriverStatement.of(text('SELECT CAST(:i AS integer) + 1'))
+_COUNT = DriverStatement.of(text('SELECT count(*) FROM accounts WHERE id > :i'))
 CONFIGURED = {'statement_timeout': 30_000, 'lock_timeout': 10_000}
 
 
@@ -135,6 +138,11 @@ async def test_prepared_statements_behind_the_pooler_without_the_mode_are_a_clea
         async with unpooled.active():
 
             async def one(i: int) -> None:
+                if i % 2:  # statements on the driver connection (a turn's start and save) fail the same way
+                    async with driver_transaction(account=Unscoped.ADMIN) as transaction:
+                        await transaction.fetch(_PLUS_ONE, {'i': i})
+                        await transaction.fetch(_COUNT, {'i': i})
+                    return
                 async with get_db_session(account=Unscoped.ADMIN) as session:
                     await session.execute(text('SELECT :i + 1'), {'i': i})
                     await session.execute(text('SELECT count(*) FROM accounts WHERE id > :i'), {'i': i})

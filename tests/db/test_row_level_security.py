@@ -21,6 +21,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, get_engine
 from agentrt.db.errors import MigrationError
 from agentrt.db.migrate import MIGRATIONS_DIR, upgrade
@@ -32,7 +33,7 @@ from agentrt.db.transaction_setup import SETUP_KEY, RetryingSession, SetupSessio
 from agentrt.services import directory_service as directory
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
 from agentrt.services.ledger import LLMRequestTracker
-from agentrt.services.tenancy import lookup_tenant
+from agentrt.services.tenancy import lookup_tenant, lookup_tenant_on
 from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import chat_deps, fast_config, ledger_record
 
@@ -274,6 +275,26 @@ async def test_the_turns_tenant_lookup_enters_the_account_in_its_own_statement()
         assert set((await session.execute(select(AgentInstance.account_id))).scalars()) == {produce}
         await session.commit()  # a later transaction of the session begins as the tenant too
         assert set((await session.execute(select(AgentInstance.account_id))).scalars()) == {produce}
+
+
+async def test_a_chat_turns_start_on_the_driver_connection_enters_the_account_it_found() -> None:
+    """The turn start's transaction (`driver_transaction`) begins as the tenant lookup role; the lookup's own statement
+    makes the rest of it the found account's: its claim and tail load see that account's rows only."""
+    medical, produce = await _accounts()
+    agents = DriverStatement.of(select(AgentInstance.account_id))
+    who = DriverStatement.of(text("SELECT current_user, current_setting('app.account_id', true)"))
+    async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
+        assert {row[0] for row in await transaction.fetch(agents, {})} == {medical, produce}
+        tenant = await lookup_tenant_on(transaction, PRODUCE_ACCOUNT, None, enter=True)
+        assert tenant is not None and tenant.account_id == produce
+        assert {row[0] for row in await transaction.fetch(agents, {})} == {produce}
+        assert tuple((await transaction.fetch(who, {}))[0]) == (APP_ROLE, str(produce))
+    assert await lookup_tenant_on_new_transaction('no-such-account') is None
+
+
+async def lookup_tenant_on_new_transaction(account: str) -> Any:
+    async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
+        return await lookup_tenant_on(transaction, account, None, enter=True)
 
 
 def test_a_session_needs_an_explicit_account() -> None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import select, text
 
+from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import get_engine
 from agentrt.db.models import Account
 from agentrt.db.roles import FUNCTION_ROLES
@@ -18,6 +19,8 @@ from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
 from tests.pgbouncer import PooledDatabase
 
 pytestmark = pytest.mark.usefixtures('demo_data')
+_SLEEP = DriverStatement.of(text('SELECT pg_sleep(:s)'))
+_SAMPLE = DriverStatement.of(text('SELECT account_id FROM directory_entries ORDER BY random() LIMIT 20'))
 
 
 @pytest.fixture
@@ -33,6 +36,10 @@ async def test_400_concurrent_transactions_of_two_tenants_see_no_foreign_row(poo
 
     async def one(i: int) -> tuple[int, list[int]]:
         account = tenants[i % 2]
+        if i % 4 >= 2:  # a turn's start and save: statements on the driver connection (prepared, no cache here)
+            async with driver_transaction(account=account) as transaction:
+                await transaction.fetch(_SLEEP, {'s': random.random() / 200})
+                return account, [row[0] for row in await transaction.fetch(_SAMPLE, {})]
         async with get_read_only_session(account=account) as session:
             await session.execute(text('SELECT pg_sleep(:s)'), {'s': random.random() / 200})
             rows = await session.execute(text('SELECT account_id FROM directory_entries ORDER BY random() LIMIT 20'))

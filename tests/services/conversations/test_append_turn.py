@@ -7,6 +7,7 @@ correctly (by the generic path).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, Use
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
+from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import Account, ConversationEntryRow
 from agentrt.db.session import Unscoped, get_db_session
@@ -33,6 +35,8 @@ from agentrt.services.conversations._store import message_json
 from agentrt.services.conversations._titles import title_and_summary
 from tests.factories import scalar
 from tests.services.conversations.test_store import assert_chain, count_rows
+
+BACKEND_PID = DriverStatement.of(text('SELECT pg_backend_pid()'))
 
 
 def _reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -164,6 +168,83 @@ async def test_the_save_releases_the_claim_in_its_transaction(store: PostgresCon
     await claim.release()
 
 
+async def test_a_turn_claims_and_loads_in_one_statement(store: PostgresConversationStore) -> None:
+    async def claim_and_load(conversation_id: str, claim: TurnClaim) -> RecentConversation:
+        async with driver_transaction(account=store.account_id) as transaction:
+            return await load_recent_conversation(
+                store, conversation_id, max_tokens=16_000, transaction=transaction, claim=claim
+            )
+
+    # A new conversation: claimed, loaded empty.
+    fresh = TurnClaim.mint(store.account_id, 'one-statement', lease_s=60)
+    recent = await claim_and_load('one-statement', fresh)
+    assert recent.record is None and recent.conversation.messages == []
+    assert await scalar('SELECT claim_id FROM conversation_turns') == fresh.claim_id
+    # Held: the next turn is refused at its start, and its transaction (the load with it) is rolled back.
+    with pytest.raises(ConcurrentTurnError) as refused:
+        await claim_and_load('one-statement', TurnClaim.mint(store.account_id, 'one-statement', lease_s=60))
+    assert refused.value.stage == 'start'
+    # Taken again by the same claim (a repeated start): counts as taken; a saved conversation loads whole.
+    result = await _agent().run('hi', conversation=recent.conversation)
+    await append_turn(store, result, recent, claim=fresh)
+    again = TurnClaim.mint(store.account_id, 'one-statement', lease_s=60)
+    assert len((await claim_and_load('one-statement', again)).conversation.messages) == 4
+    assert len((await claim_and_load('one-statement', again)).stored) == 4
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 1
+    # The claim needs the caller's transaction.
+    with pytest.raises(ValueError, match='transaction'):
+        await load_recent_conversation(store, 'one-statement', max_tokens=16_000, claim=again)
+
+
+async def _waiting_on_a_lock() -> int:
+    async with get_db_session(account=Unscoped.OWNER) as owner:  # sees every backend's wait
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return int((await owner.execute(text(query))).scalar_one())
+
+
+async def test_a_turn_that_claims_while_the_last_one_saves_starts_from_that_save(
+    store: PostgresConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim and the tail share a snapshot; a turn whose claim waited for the last turn's save (which releases the
+    claim in its transaction) must still load what that save stored."""
+    await _fast_turn(store, 'handover', 'first')
+    saving = TurnClaim.mint(store.account_id, 'handover', lease_s=60)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await saving.take(session=session)
+    recent = await load_recent_conversation(store, 'handover', max_tokens=16_000)
+    result = await _agent().run('second', conversation=recent.conversation)
+    appended, commit = asyncio.Event(), asyncio.Event()
+    real = PostgresConversationStore._append_once
+
+    async def held_open(self: PostgresConversationStore, *args: Any) -> Any:
+        outcome = await real(self, *args)
+        appended.set()
+        await commit.wait()  # the save's transaction stays open, its claim row locked (deleted, not committed)
+        return outcome
+
+    monkeypatch.setattr(PostgresConversationStore, '_append_once', held_open)
+    save = asyncio.create_task(append_turn(store, result, recent, claim=saving))
+    await appended.wait()
+
+    async def next_turn() -> RecentConversation:
+        async with driver_transaction(account=store.account_id) as transaction:
+            claim = TurnClaim.mint(store.account_id, 'handover', lease_s=60)
+            return await load_recent_conversation(
+                store, 'handover', max_tokens=16_000, transaction=transaction, claim=claim
+            )
+
+    starting = asyncio.create_task(next_turn())
+    for _ in range(1000):  # its claim waits for the save's transaction
+        if await _waiting_on_a_lock():
+            break
+        await asyncio.sleep(0.01)
+    commit.set()
+    await save
+    loaded = await starting
+    assert len(loaded.conversation.messages) == 8  # both turns, not the snapshot from before the save
+    assert loaded.conversation.revision == (await store.read_record('handover')).revision  # type: ignore[union-attr]
+
+
 async def test_a_history_the_run_rewrote_is_saved_by_comparing(store: PostgresConversationStore) -> None:
     await _fast_turn(store, 'rewritten', 'first')
     recent = await load_recent_conversation(store, 'rewritten', max_tokens=16_000)
@@ -189,13 +270,13 @@ async def test_a_save_whose_connection_is_killed_is_saved_once(
     result = await _agent().run('again', conversation=recent.conversation)
     real, attempts = PostgresConversationStore._append_once, []
 
-    async def on_a_dying_connection(self: PostgresConversationStore, session: Any, *args: Any) -> Any:
+    async def on_a_dying_connection(self: PostgresConversationStore, transaction: Any, *args: Any) -> Any:
         attempts.append(1)
         if len(attempts) == 1:
-            pid = (await session.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            pid = (await transaction.fetch(BACKEND_PID, {}))[0][0]
             async with get_db_session(account=Unscoped.OWNER) as admin:
                 await admin.execute(text('SELECT pg_terminate_backend(:pid)'), {'pid': pid})
-        return await real(self, session, *args)
+        return await real(self, transaction, *args)
 
     monkeypatch.setattr(PostgresConversationStore, '_append_once', on_a_dying_connection)
     saved = await append_turn(store, result, recent)
