@@ -14,17 +14,11 @@ from typing import Any
 from agentrt.services.ledger._record import parse_spool_entry
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import (
-    CONTENT_INSERT,
-    SessionFactory,
-    database_unavailable,
-    insert_rows,
-    write_ledger_rows,
-)
+from agentrt.services.ledger._writes import SessionFactory, database_unavailable, insert_contents, write_ledger_rows
 
 logger = logging.getLogger('agentrt.ledger')
 
-# A multi-row VALUES binds every column of every row: stay well under PostgreSQL's 32767 parameters.
+# Rows per statement of a replay (each column is one array parameter): bounds one statement's size and duration.
 REPLAY_CHUNK_ROWS = 500
 
 
@@ -107,7 +101,7 @@ async def _replay_file(
         if contents:
             try:
                 await retry_transient(
-                    partial(insert_rows, session_factory, CONTENT_INSERT, contents),
+                    partial(insert_contents, session_factory, contents),
                     policy,
                     what='ledger replay contents',
                     on_retry=on_retry,

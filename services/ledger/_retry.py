@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
+from agentrt.db.errors import DatabaseUnavailableError
+
 logger = logging.getLogger('agentrt.ledger')
 
 T = TypeVar('T')
@@ -28,7 +30,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
     Broad on purpose (see the field notes): during a server restart the application sees raw
     `ConnectionRefusedError` / `ConnectionResetError` and SQLSTATE 57P03 without SQLAlchemy's
-    `connection_invalidated` flag, and a pool checkout timeout is `sqlalchemy.exc.TimeoutError`.
+    `connection_invalidated` flag, and a pool checkout timeout is `sqlalchemy.exc.TimeoutError`. Errors come
+    wrapped by SQLAlchemy (a session, a Core connection) or as the driver raised them (`driver_transaction`: asyncpg's
+    own exceptions, by class name and SQLSTATE), and translated by the database layer (`DatabaseUnavailableError`).
 
     Args:
         exc: the exception a database write raised.
@@ -50,7 +54,10 @@ def _is_transient_one(exc: BaseException) -> bool:
     if isinstance(exc, asyncio.CancelledError):
         return False
     # Builtin TimeoutError (asyncpg's command timeout, asyncio.timeout) and every socket error are OSErrors.
-    if isinstance(exc, OSError | sqlalchemy.exc.TimeoutError | sqlalchemy.exc.DisconnectionError):
+    # `DatabaseUnavailableError` (and `DatabaseDisconnectedError`): the database layer's own word for "not now".
+    if isinstance(
+        exc, DatabaseUnavailableError | OSError | sqlalchemy.exc.TimeoutError | sqlalchemy.exc.DisconnectionError
+    ):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True

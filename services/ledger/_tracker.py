@@ -12,9 +12,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agentrt.db.session import Unscoped, scoped_connection
+from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
@@ -78,8 +78,8 @@ class LLMRequestTracker:
 
         Args:
             config: settings; `LedgerConfig.from_env()` when omitted.
-            session_factory: opens the writer's transaction (a session or a Core connection); a Core connection with
-                the config's timeouts by default.
+            session_factory: opens the writer's transaction (a `driver_transaction()`, a session or a Core
+                connection); a `driver_transaction()` with the config's timeouts by default.
         """
         self.config = config or LedgerConfig.from_env()
         self._session_factory = session_factory or self._side_session
@@ -93,10 +93,11 @@ class LLMRequestTracker:
         self._spool_dirty = False
         self._last_spool_check: float | None = None
 
-    def _side_session(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """The writer's transaction: a Core connection as the ledger's role with tight timeouts (as a side session's),
-        translated errors; a lost connection is retried by `_retrying` (the statement is idempotent)."""
-        return scoped_connection(account=Unscoped.LEDGER, setup=self._setup)
+    def _side_session(self) -> AbstractAsyncContextManager[DriverTransaction]:
+        """The writer's transaction: the driver connection of a pooled connection (`driver_transaction`) as the
+        ledger's role with tight timeouts (as a side session's), statement events and translated errors as a
+        session's; a lost connection is retried by `_retrying` (the statement is idempotent)."""
+        return driver_transaction(account=Unscoped.LEDGER, setup=self._setup)
 
     @property
     def spool(self) -> LedgerSpool:

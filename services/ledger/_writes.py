@@ -1,9 +1,11 @@
 """The ledger's database writes: idempotent inserts of rows and contents, and the settlement of their budget holds,
-in one statement of a side transaction (a Core connection by default, `LLMRequestTracker`; any session factory works).
+in one statement of a side transaction (the driver connection by default, `LLMRequestTracker`; a session or a Core
+connection works too).
 
-The statement is compiled once per dialect to the driver's own SQL and run with `exec_driver_sql` and one array
-parameter per column: no ORM session, no compilation or bind processing per batch (about 0.2 ms of the client's CPU
-a write less than a session's `execute`), with SQLAlchemy's events, error handling and disconnect detection intact.
+The statement is compiled once to the driver's SQL (`DriverStatement`) and run on the asyncpg connection of a pooled
+connection (`driver_transaction`) with one array parameter per column: no ORM session, no SQLAlchemy statement or
+result machinery per batch (issue 20: about 0.7 ms of the client's CPU a write on a Core connection), with the same
+prelude, statement events, error translation and disconnect handling as a session.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Table, TextClause, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 from agentrt.services.budgets import SETTLED_COLUMNS, settlement_ctes
@@ -27,20 +29,24 @@ from agentrt.services.ledger._retry import is_transient_db_error
 
 logger = logging.getLogger('agentrt.ledger')
 
-SessionFactory = Callable[[], AbstractAsyncContextManager[AsyncSession | AsyncConnection]]
-"""Opens the writer's transaction: a session or a Core connection, committed when the block ends cleanly."""
+SessionFactory = Callable[[], AbstractAsyncContextManager[DriverTransaction | AsyncSession | AsyncConnection]]
+"""Opens the writer's transaction, committed when the block ends cleanly: a `driver_transaction()` (the tracker's
+own), a session or a Core connection."""
 
 _REQUESTS = cast(Table, LLMRequestRow.__table__)
 _CONTENTS = cast(Table, LLMRequestContentRow.__table__)
 CONTENT_COLUMNS = ('request_id', 'kind', 'body', 'size_bytes', 'truncated', 'redactions')
-# Core insert of contents, executed with a list of row dicts (the spool replay's second step).
-CONTENT_INSERT = pg_insert(_CONTENTS).on_conflict_do_nothing(index_elements=['request_id', 'kind'])
 
 
 def _columns(table: Table, names: tuple[str, ...], prefix: str) -> str:
     """`unnest`'s arguments: one array parameter per column, cast to the column's type."""
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are untyped
     return ', '.join(f'CAST(:{prefix}{name} AS {table.c[name].type.compile(dialect)}[])' for name in names)
+
+
+_INSERT_CONTENTS = f"""INSERT INTO llm_request_contents ({', '.join(CONTENT_COLUMNS)})
+    SELECT * FROM unnest({_columns(_CONTENTS, CONTENT_COLUMNS, 'c_')})
+    ON CONFLICT (request_id, kind) DO NOTHING"""
 
 
 def _write_statement(*, settle: bool) -> TextClause:
@@ -57,44 +63,36 @@ WITH new AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING {', '.join(SETTLED_COLUMNS)}
 ), contents AS (
-    INSERT INTO llm_request_contents ({', '.join(CONTENT_COLUMNS)})
-    SELECT * FROM unnest({_columns(_CONTENTS, CONTENT_COLUMNS, 'c_')})
-    ON CONFLICT (request_id, kind) DO NOTHING
+    {_INSERT_CONTENTS}
 ){settlement_ctes('new') if settle else ''}
 SELECT count(*) FROM new
 """)
 
 
-class DriverStatement:
-    """A text statement compiled once per dialect to the driver's SQL, with the order of its named parameters."""
+@dataclass(frozen=True)
+class _Write:
+    """A write statement: as SQLAlchemy runs it (a session or a Core connection) and as the driver runs it."""
 
-    __slots__ = ('_compiled', 'statement')
+    statement: TextClause
+    driver: DriverStatement
 
-    def __init__(self, statement: TextClause) -> None:
-        """Compile `statement` when first run on a dialect."""
-        self.statement = statement
-        self._compiled: dict[Dialect, tuple[str, tuple[str, ...]]] = {}
+    @classmethod
+    def of(cls, statement: TextClause) -> _Write:
+        return cls(statement, DriverStatement.of(statement))
 
-    def compiled(self, dialect: Dialect) -> tuple[str, tuple[str, ...]]:
-        """The driver's SQL and the names of its positional parameters, in order."""
-        compiled = self._compiled.get(dialect)
-        if compiled is None:
-            done = self.statement.compile(dialect=dialect)
-            order = tuple(done.positiontup or ())
-            if not order and done.params:  # a named paramstyle: not what `exec_driver_sql` is given here
-                raise TypeError(f'the ledger writer needs a positional paramstyle, not {dialect.paramstyle}')
-            compiled = self._compiled[dialect] = (done.string, order)
-        return compiled
-
-    async def scalar(self, connection: AsyncConnection, params: dict[str, Any]) -> Any:
-        """Run it on `connection` with `params` (by name) and return the first column of its one row."""
-        sql, order = self.compiled(connection.dialect)
-        result = await connection.exec_driver_sql(sql, tuple(params[name] for name in order))
-        return result.scalar_one()
+    async def run(self, opened: DriverTransaction | AsyncSession | AsyncConnection, params: dict[str, Any]) -> Any:
+        """Run it in the transaction `opened` with `params` (by name); the first column of its first row, if any."""
+        if isinstance(opened, DriverTransaction):
+            rows = await opened.fetch(self.driver, params)
+        else:
+            result = await opened.execute(self.statement, params)
+            rows = list(result) if result.returns_rows else []
+        return rows[0][0] if rows else None
 
 
-WRITE_AND_SETTLE = DriverStatement(_write_statement(settle=True))
-WRITE = DriverStatement(_write_statement(settle=False))
+WRITE_AND_SETTLE = _Write.of(_write_statement(settle=True))
+WRITE = _Write.of(_write_statement(settle=False))
+INSERT_CONTENTS = _Write.of(text(_INSERT_CONTENTS))
 _ROW_PARAMS = tuple((f'r_{name}', name) for name in ROW_FIELDS)
 _CONTENT_PARAMS = tuple((f'c_{name}', name) for name in CONTENT_COLUMNS)
 
@@ -104,10 +102,11 @@ def database_unavailable(exc: BaseException) -> bool:
     return is_transient_db_error(exc) or isinstance(exc, DatabaseNotInitializedError)
 
 
-async def insert_rows(session_factory: SessionFactory, statement: Any, rows: list[dict[str, Any]]) -> None:
-    """Execute an `INSERT ... ON CONFLICT DO NOTHING` for `rows` in one transaction of `session_factory`."""
-    async with session_factory() as session:
-        await session.execute(statement, rows)
+async def insert_contents(session_factory: SessionFactory, contents: list[dict[str, Any]]) -> None:
+    """Insert content rows (`ON CONFLICT DO NOTHING`) in one transaction of `session_factory` (the spool's replay,
+    after their ledger rows)."""
+    async with session_factory() as opened:
+        await INSERT_CONTENTS.run(opened, _content_params(contents))
 
 
 async def write_ledger_rows(
@@ -138,15 +137,14 @@ async def write_ledger_rows(
     return new
 
 
+def _content_params(contents: list[dict[str, Any]]) -> dict[str, Any]:
+    return {param: [content[name] for content in contents] for param, name in _CONTENT_PARAMS}
+
+
 async def _write(
-    session_factory: SessionFactory,
-    statement: DriverStatement,
-    rows: list[dict[str, Any]],
-    contents: list[dict[str, Any]],
+    session_factory: SessionFactory, statement: _Write, rows: list[dict[str, Any]], contents: list[dict[str, Any]]
 ) -> int:
     params = {param: [row[name] for row in rows] for param, name in _ROW_PARAMS}
-    for param, name in _CONTENT_PARAMS:
-        params[param] = [content[name] for content in contents]
+    params.update(_content_params(contents))
     async with session_factory() as opened:
-        connection = opened if isinstance(opened, AsyncConnection) else await opened.connection()
-        return int(await statement.scalar(connection, params))
+        return int(await statement.run(opened, params))

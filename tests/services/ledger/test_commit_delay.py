@@ -17,9 +17,9 @@ import pytest
 from pydantic_ai import Agent, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.session import Unscoped, get_side_session
+from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.roles import Unscoped
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from tests.factories import fast_config, ledger_record, ledger_rows, scalar
 
@@ -34,10 +34,10 @@ class _Counted:
         self.sessions = 0
 
     @asynccontextmanager
-    async def __call__(self) -> AsyncIterator[AsyncSession]:
+    async def __call__(self) -> AsyncIterator[DriverTransaction]:
         self.sessions += 1
-        async with get_side_session(account=Unscoped.LEDGER) as session:
-            yield session
+        async with driver_transaction(account=Unscoped.LEDGER) as transaction:
+            yield transaction
 
 
 def _tracker(tmp_path: Path, counted: _Counted | None = None, **config: Any) -> LLMRequestTracker:

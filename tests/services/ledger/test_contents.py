@@ -15,9 +15,9 @@ import pytest
 from pydantic_ai import Agent, ModelMessagesTypeAdapter, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from agentrt.db.session import Unscoped, get_side_session
+from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.roles import Unscoped
 from agentrt.services.conversations._store import message_json
 from agentrt.services.ledger import (
     LLMRequestTracker,
@@ -174,11 +174,11 @@ async def test_rows_and_their_contents_share_one_transaction(tmp_path: Path):
     sessions = 0
 
     @asynccontextmanager
-    async def counted() -> AsyncIterator[AsyncSession]:
+    async def counted() -> AsyncIterator[DriverTransaction]:
         nonlocal sessions
         sessions += 1
-        async with get_side_session(account=Unscoped.ADMIN) as session:
-            yield session
+        async with driver_transaction(account=Unscoped.LEDGER) as transaction:
+            yield transaction
 
     tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=counted)
     await _agent(tracker, 3).run('look up')

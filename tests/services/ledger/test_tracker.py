@@ -145,7 +145,7 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
 async def test_a_commit_on_the_writers_own_connection_whose_reply_is_lost_is_written_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """The default writer (a Core connection, the driver's SQL): a lost reply is retried, and the row, its contents
+    """The default writer (`driver_transaction`, the driver's SQL): a lost reply is retried, and the row, its contents
     and its budget settlement are there once."""
     tracker = LLMRequestTracker(fast_config(tmp_path))
     opened = tracker._session_factory
@@ -177,7 +177,7 @@ async def test_the_writers_own_connection_spools_when_the_database_cannot_be_rea
     tracker = LLMRequestTracker(fast_config(tmp_path))
     try:
         with monkeypatch.context() as patched:
-            patched.setattr('agentrt.db.session.get_engine', lambda: dead_engine)
+            patched.setattr('agentrt.db.driver.get_engine', lambda: dead_engine)
             record = _record(raw_contents=[('prompt', '{"key": "sk-spooledSECRET123456789"}')])
             assert await tracker.track_request(record) == 'spooled'
         assert tracker.stats.retries > 0 and 'SECRET' not in tracker.spool.path.read_text()
