@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from agentrt.db.engine import get_engine
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Hold, reserve
-from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, new_request_id, utc_now
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, RetryPolicy, new_request_id, utc_now
 from tests.factories import fast_config, ledger_record, scalar
 from tests.services.budgets.helpers import give_budget, period_row, reservations
 
@@ -133,6 +134,33 @@ async def test_a_row_the_database_refuses_to_settle_is_written_all_the_same(
     assert 'not settled' in caplog.text
     assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=hold.id) == 1, 'billing row kept'
     assert len(await reservations(alpha)) == 1, 'the hold stays until the sweeper releases it'
+
+
+async def test_a_lock_timeout_on_the_settlement_is_retried_not_written_without_settling(
+    two_accounts: tuple[int, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer's lock timeout (on its BEGIN) ends a wait on a settlement lock; the driver's own error (55P03) is
+    transient: the write is repeated, and settles, once the lock is gone."""
+    alpha, _ = two_accounts
+    await give_budget('alpha', '1')
+    hold = await _hold(alpha)
+    retry = RetryPolicy(attempts=200, base_delay=0.01, max_delay=0.05, attempt_timeout=10)
+    tracker = LLMRequestTracker(fast_config(tmp_path, lock_timeout_ms=50, retry=retry))
+    async with get_engine().connect() as locker:
+        await locker.execute(text('LOCK TABLE budget_settlements IN EXCLUSIVE MODE'))
+        ack = tracker.submit(_record(hold, cost='0.05'))
+        tracker.commit_now([ack])
+        for _ in range(3000):  # until the writer's lock timeout has ended an attempt
+            if tracker.stats.retries:
+                break
+            await asyncio.sleep(0.01)
+        assert tracker.stats.retries, 'the writer never timed out on the lock'
+        await locker.rollback()
+    assert await asyncio.wait_for(ack, 30) == 'written'
+    assert 'not settled' not in caplog.text
+    row = await period_row(alpha)
+    assert row is not None and row['spent_usd'] == Decimal('0.05') and row['reserved_usd'] == 0
+    assert await reservations(alpha) == []
 
 
 async def _ddl(*statements: str) -> None:
