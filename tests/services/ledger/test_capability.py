@@ -167,13 +167,17 @@ async def test_consumer_raising_mid_stream_and_cancelled_runs_are_recorded(track
                 if delta.startswith('b'):
                     raise KeyError('consumer failed')
 
+    streaming = asyncio.Event()
+
     async def consume() -> None:
         async with agent.run_stream('go') as stream:
             async for _ in stream.stream_text(delta=True, debounce_by=None):
-                pass
+                streaming.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.035)
+    # Cancelled mid-stream: once a token has arrived (the row's usage), while the rest is still coming (40 ms more).
+    await asyncio.wait_for(streaming.wait(), 30)
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
