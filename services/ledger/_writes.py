@@ -78,21 +78,19 @@ class _Write:
 
     @classmethod
     def of(cls, statement: TextClause) -> _Write:
+        """`statement`, and its compilation for the driver (once)."""
         return cls(statement, DriverStatement.of(statement))
 
-    async def run(self, opened: DriverTransaction | AsyncSession | AsyncConnection, params: dict[str, Any]) -> Any:
-        """Run it in the transaction `opened` with `params` (by name); the first column of its first row, if any."""
+    async def run(self, opened: DriverTransaction | AsyncSession | AsyncConnection, params: dict[str, Any]) -> int:
+        """Run it in the transaction `opened` with `params` (by name); its one value (how many rows were new)."""
         if isinstance(opened, DriverTransaction):
-            rows = await opened.fetch(self.driver, params)
-        else:
-            result = await opened.execute(self.statement, params)
-            rows = list(result) if result.returns_rows else []
-        return rows[0][0] if rows else None
+            return int((await opened.fetch(self.driver, params))[0][0])
+        return int((await opened.execute(self.statement, params)).scalar_one())
 
 
 WRITE_AND_SETTLE = _Write.of(_write_statement(settle=True))
 WRITE = _Write.of(_write_statement(settle=False))
-INSERT_CONTENTS = _Write.of(text(_INSERT_CONTENTS))
+INSERT_CONTENTS = _Write.of(text(f'WITH contents AS ({_INSERT_CONTENTS} RETURNING 1) SELECT count(*) FROM contents'))
 _ROW_PARAMS = tuple((f'r_{name}', name) for name in ROW_FIELDS)
 _CONTENT_PARAMS = tuple((f'c_{name}', name) for name in CONTENT_COLUMNS)
 
@@ -102,11 +100,11 @@ def database_unavailable(exc: BaseException) -> bool:
     return is_transient_db_error(exc) or isinstance(exc, DatabaseNotInitializedError)
 
 
-async def insert_contents(session_factory: SessionFactory, contents: list[dict[str, Any]]) -> None:
+async def insert_contents(session_factory: SessionFactory, contents: list[dict[str, Any]]) -> int:
     """Insert content rows (`ON CONFLICT DO NOTHING`) in one transaction of `session_factory` (the spool's replay,
-    after their ledger rows)."""
+    after their ledger rows); how many were new."""
     async with session_factory() as opened:
-        await INSERT_CONTENTS.run(opened, _content_params(contents))
+        return await INSERT_CONTENTS.run(opened, _content_params(contents))
 
 
 async def write_ledger_rows(
@@ -147,4 +145,4 @@ async def _write(
     params = {param: [row[name] for row in rows] for param, name in _ROW_PARAMS}
     params.update(_content_params(contents))
     async with session_factory() as opened:
-        return int(await statement.run(opened, params))
+        return await statement.run(opened, params)
