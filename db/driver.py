@@ -2,7 +2,8 @@
 
 An `AsyncSession` costs the client about 0.5 ms of CPU per transaction, a Core connection about 0.45, the asyncpg
 connection underneath about 0.3 (issue 20, `micro_tx.py`): the difference is SQLAlchemy's statement and result
-machinery, which a turn's start and save (a handful of fixed statements) do not need. What they must keep is kept here:
+machinery, which a turn's start and save and the ledger writer (a handful of fixed statements) do not need. What they
+must keep is kept here:
 
 - the connection comes from the engine's pool (its checkout events, `PoolHealth`'s pings);
 - the transaction's role, tenant and prelude ride on its BEGIN, as for a session (`scoped_setup`, `PreludeConnection`);

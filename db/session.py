@@ -158,7 +158,7 @@ async def scoped_connection(
 ) -> AsyncIterator[AsyncConnection]:
     """A Core connection in one transaction as `account`'s role and tenant (the prelude rides on its BEGIN).
 
-    For statements that skip the ORM session's bookkeeping (budget admission, the ledger writer). Commits on clean
+    For statements that skip the ORM session's bookkeeping (budget admission, the budget sweeper). Commits on clean
     exit, rolls back otherwise. Failures are translated as `get_db_session()` does. `setup` as for `get_db_session()`
     (read-only, timeouts), without its repeat of the first statement.
 
