@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import statistics
 import tempfile
@@ -55,7 +56,8 @@ from sqlalchemy import event, text
 from agentrt.agents import chat_turn
 from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
-from agentrt.db.session import Unscoped, enter_account, get_db_session
+from agentrt.db.roles import APP_ROLE, TENANT_SETTING
+from agentrt.db.session import Unscoped, enter_account, get_db_session, row_security
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -67,6 +69,16 @@ try:  # names of this version; earlier ones (the before column) lack them and sk
     from agentrt.services.tenancy import Tenant
 except ImportError:  # pragma: no cover
     SavedTurn = TurnClaim = Tenant = None  # type: ignore[assignment,misc]
+try:  # since the turn start runs on the driver connection
+    from agentrt.agents.turn_hooks import TURN_LEDGER_ID
+    from agentrt.db.driver import DriverStatement
+
+    LEDGER_ID: dict[str, str] = {'id': TURN_LEDGER_ID}
+    _ENTER_TENANT: Any = DriverStatement.of(
+        text(f"SELECT set_config('role', '{APP_ROLE}', true), set_config('{TENANT_SETTING}', :account, true)")
+    )
+except ImportError:  # pragma: no cover
+    LEDGER_ID, _ENTER_TENANT = {}, None
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 LEFT_BEHIND = text(
@@ -267,18 +279,26 @@ def _no_claim() -> contextlib.AbstractContextManager[None]:
 
         class Unclaimed(TurnClaim):  # type: ignore[misc,valid-type]
             async def take(self, *, session: Any) -> None:
-                pass
+                self.acquired = True  # counted as taken: the turn takes no claim of its own
 
             @contextlib.asynccontextmanager
             async def held(self) -> AsyncIterator[Any]:
                 yield self
 
         replacements['TurnClaim'] = Unclaimed
+    if 'claim' in inspect.signature(chat_turn.load_recent_conversation).parameters:
+        # The claim rides in the tail load's statement since 7e8878d: the load without it.
+        load = chat_turn.load_recent_conversation
+
+        async def unclaimed_load(*args: Any, claim: Any = None, **kwargs: Any) -> Any:
+            return await load(*args, **kwargs)
+
+        replacements['load_recent_conversation'] = unclaimed_load
     return _patched(**replacements)
 
 
-def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextManager[None]:
-    """The tenant known in advance (no lookup query)."""
+def _no_tenant_lookup(deps: SessionDependencies, known: Any = None) -> contextlib.AbstractContextManager[None]:
+    """The tenant known in advance (no lookup query): `known`, what the real lookup found once before the turns."""
 
     async def dependencies(*args: Any, **kwargs: Any) -> SessionDependencies:
         return deps
@@ -286,6 +306,8 @@ def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextMa
     async def tenant(*args: Any, session: Any = None, enter: bool = False, **kwargs: Any) -> Any:
         if enter:  # the transaction goes on as the tenant (row-level security), as the real lookup's statement does
             await enter_account(session, deps.account_id)
+        if known is not None:
+            return known
         return Tenant(
             deps.account_id,
             deps.account_slug,
@@ -295,7 +317,21 @@ def _no_tenant_lookup(deps: SessionDependencies) -> contextlib.AbstractContextMa
             dict(deps.config),
         )
 
-    return _patched(load_dependencies=dependencies, lookup_tenant=tenant)
+    async def tenant_on(transaction: Any, *args: Any, enter: bool = False, **kwargs: Any) -> Any:
+        if enter and row_security():  # as the real lookup's statement does, on the driver connection
+            await transaction.fetch(_ENTER_TENANT, {'account': str(deps.account_id)})
+        return await tenant()
+
+    return _patched(load_dependencies=dependencies, lookup_tenant=tenant, lookup_tenant_on=tenant_on)
+
+
+async def _looked_up_tenant() -> Any:
+    """The demo account's tenant as the lookup finds it (whether it has a budget included), for the variant that
+    skips the lookup; None for versions without `lookup_tenant_on` (their fake builds one from the dependencies)."""
+    if not hasattr(chat_turn, 'lookup_tenant_on'):
+        return None
+    async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+        return await chat_turn.lookup_tenant(MEDICAL_ACCOUNT, None, session=session)
 
 
 @contextlib.contextmanager
@@ -320,8 +356,10 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     bare = bare_directory_agent()
     deps = await load_dependencies('bench-bare', MEDICAL_ACCOUNT, None)
     without_ledger = bare_directory_agent()
-    without_content = bare_directory_agent([ledger_capability(store_content=False)])
+    # The ledger's id as the runtime's agent has it: the turn's hooks then carry it (one capability, not two).
+    without_content = bare_directory_agent([ledger_capability(store_content=False, **LEDGER_ID)])
     runtime_agent = create_simple_chat_agent()
+    known_tenant = await _looked_up_tenant()
     variants: dict[str, tuple[Agent[SessionDependencies, str] | str | None, Callable[[], Any]]] = {
         'bare pydantic-ai': (None, contextlib.nullcontext),
         WITH_HISTORY: (WITH_HISTORY, contextlib.nullcontext),
@@ -331,7 +369,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
         'runtime without post-turn work': (runtime_agent, _no_post_turn),
         'runtime without the conversation store': (runtime_agent, _no_store),
         'runtime without claim and guard': (runtime_agent, _no_claim),
-        'runtime without the tenant lookup': (runtime_agent, lambda: _no_tenant_lookup(deps)),
+        'runtime without the tenant lookup': (runtime_agent, lambda: _no_tenant_lookup(deps, known_tenant)),
         'runtime, ledger commit delay 0': (runtime_agent, lambda: _commit_delay(0)),
     }
     meter = StatementMeter().attach()
