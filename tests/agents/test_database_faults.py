@@ -96,6 +96,11 @@ async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(priva
         if context.is_disconnect and context.connection is not None:
             broken.append(context.connection.connection.dbapi_connection)
 
+    def on_invalidate(dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        # A connection discarded without SQLAlchemy's statement machinery (`driver_transaction`: the turn's start and
+        # save, the ledger writer) raises no `handle_error`; the pool sees it invalidated.
+        broken.append(dbapi_connection)
+
     def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         nonlocal handed_out_broken
         handed_out_broken += any(dbapi_connection is seen for seen in broken)
@@ -113,6 +118,7 @@ async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(priva
     async with private.active():
         sync_engine = get_engine().sync_engine
         event.listen(sync_engine, 'handle_error', on_error)
+        event.listen(sync_engine, 'invalidate', on_invalidate)
         event.listen(sync_engine, 'checkout', on_checkout)
         try:
             stop = asyncio.Event()
@@ -125,6 +131,7 @@ async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(priva
             await private.settle()
         finally:
             event.remove(sync_engine, 'handle_error', on_error)
+            event.remove(sync_engine, 'invalidate', on_invalidate)
             event.remove(sync_engine, 'checkout', on_checkout)
         status = pool_status()
         rows = await ledger_rows()
