@@ -87,13 +87,11 @@ async def lookup_tenant(
     query = _tenant_query(agent_instance is not None, enter and row_security())
     params = {'account': account} if agent_instance is None else {'account': account, 'agent_instance': agent_instance}
     row = (await session.execute(query, params)).first()
-    if row is None:  # the errors say what exists: the queries that know
-        account_row = await get_account(account, session=session)
-        await get_agent_instance(account_row, agent_instance, session=session)
-        raise UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+    if row is None:
+        raise await _unknown(account, agent_instance, session)
     if enter:
         entered_account(session, row[0])
-    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(row[5] or {}), has_budget=bool(row[6]))
+    return _tenant_of(row, row[5])
 
 
 async def lookup_tenant_on(
@@ -112,18 +110,28 @@ async def lookup_tenant_on(
     config = row[5]
     if isinstance(config, str):  # the driver hands JSON over as text
         config = json.loads(config)
-    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(config or {}), has_budget=bool(row[6]))
+    return _tenant_of(row, config)
 
 
 async def unknown_tenant_error(account: str, agent_instance: str | None) -> UnknownTenantError:
     """The error for slugs `lookup_tenant_on` found nothing for, listing what exists (a read-only session)."""
     async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
-        try:
-            account_row = await get_account(account, session=session)
-            await get_agent_instance(account_row, agent_instance, session=session)
-        except UnknownTenantError as exc:
-            return exc
+        return await _unknown(account, agent_instance, session)
+
+
+async def _unknown(account: str, agent_instance: str | None, session: AsyncSession) -> UnknownTenantError:
+    """The error for slugs the tenant query found nothing for: the queries that know say what exists."""
+    try:
+        account_row = await get_account(account, session=session)
+        await get_agent_instance(account_row, agent_instance, session=session)
+    except UnknownTenantError as exc:
+        return exc
     return UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
+
+
+def _tenant_of(row: Any, config: dict[str, Any] | None) -> Tenant:
+    """The `Tenant` of a row of `_tenant_query` (its config column decoded: `config`)."""
+    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(config or {}), has_budget=bool(row[6]))
 
 
 @cache
