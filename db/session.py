@@ -153,20 +153,17 @@ def entered_account(session: AsyncSession, account_id: int) -> None:
 
 
 @asynccontextmanager
-async def scoped_connection(
-    *, account: Account, setup: TransactionSetup | None = None
-) -> AsyncIterator[AsyncConnection]:
+async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnection]:
     """A Core connection in one transaction as `account`'s role and tenant (the prelude rides on its BEGIN).
 
     For statements that skip the ORM session's bookkeeping (budget admission, the budget sweeper). Commits on clean
-    exit, rolls back otherwise. Failures are translated as `get_db_session()` does. `setup` as for `get_db_session()`
-    (read-only, timeouts), without its repeat of the first statement.
+    exit, rolls back otherwise. Failures are translated as `get_db_session()` does.
 
     Raises:
         DatabaseUnavailableError: the database cannot be reached, or the connection was lost under the statement.
         ConfigError: a prepared statement vanished behind a pooler.
     """
-    setup = scoped_setup(account, setup)
+    setup = scoped_setup(account)
     try:
         async with get_engine().connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
