@@ -26,6 +26,7 @@ import pytest_asyncio
 
 if TYPE_CHECKING:
     from agentrt.db.settings import Settings
+    from agentrt.services.ledger import LLMRequestTracker
     from tests.pgbouncer import PgBouncer, PooledDatabase
     from tests.private_database import PrivateDatabase
     from tests.table_reset import TableReset
@@ -244,6 +245,17 @@ async def clean_database(request: pytest.FixtureRequest, database: Settings) -> 
 def demo_data(clean_database: None) -> None:
     """The seeded demo accounts, agents and directories: exactly the rows `seed_demo_data()` writes (put in place by
     `clean_database`, which sees this fixture among the test's)."""
+
+
+@pytest_asyncio.fixture
+async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
+    """A ledger tracker of the test's own (a private spool, fast retries), flushed when the test ends."""
+    from agentrt.services.ledger import LLMRequestTracker
+    from tests.factories import fast_config
+
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    yield tracker
+    await tracker.flush()
 
 
 @pytest_asyncio.fixture

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from pydantic_ai import Agent, ModelRequestNode, RunContext
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.exceptions import ModelHTTPError
@@ -44,7 +42,7 @@ from agentrt.agents.turn_hooks import (
     turn_hooks,
 )
 from agentrt.services.ledger import LedgerCapability, LLMRequestTracker, ledger_capability
-from tests.factories import chat_deps, content_rows, fast_config, ledger_rows
+from tests.factories import chat_deps, content_rows, ledger_rows
 
 
 class Stop(Exception):
@@ -117,13 +115,6 @@ async def test_each_run_gets_its_parts_own_copies() -> None:
 
 
 # --- the agent's ledger carried by the turn's hooks -------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
-    tracker = LLMRequestTracker(fast_config(tmp_path))
-    yield tracker
-    await tracker.flush()
 
 
 def _tool_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from pydantic_ai import Agent, ModelResponse, RequestUsage, RunContext, TextPart, ToolCallPart
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ToolReturnPart
@@ -19,14 +17,7 @@ from agentrt.db.engine import pool_status
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import chat_deps, content_rows, fast_config, ledger_rows, scalar
-
-
-@pytest_asyncio.fixture
-async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
-    tracker = LLMRequestTracker(fast_config(tmp_path))
-    yield tracker
-    await tracker.flush()
+from tests.factories import chat_deps, content_rows, ledger_rows, scalar
 
 
 def _tools_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

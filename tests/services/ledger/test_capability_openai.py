@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from genai_prices import calc_price
 from pydantic_ai import Agent, RequestUsage
 from pydantic_ai.exceptions import ModelHTTPError
@@ -18,7 +16,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 
 from agentrt.db.engine import pool_status
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
-from tests.factories import chat_deps, content_rows, fast_config, ledger_rows
+from tests.factories import chat_deps, content_rows, ledger_rows
 from tests.fake_openai import SERVED_MODEL, FakeOpenAI, Reply
 
 API_KEY = 'sk-test-PLANTEDapikey0123456789abcdef'
@@ -28,13 +26,6 @@ API_KEY = 'sk-test-PLANTEDapikey0123456789abcdef'
 def _allow_loopback_model_requests() -> Iterator[None]:
     with override_allow_model_requests(True):  # only ever to the loopback server below
         yield
-
-
-@pytest_asyncio.fixture
-async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
-    tracker = LLMRequestTracker(fast_config(tmp_path))
-    yield tracker
-    await tracker.flush()
 
 
 def _weather_script(body: dict[str, Any]) -> Reply:
