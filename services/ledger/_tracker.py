@@ -121,11 +121,12 @@ class LLMRequestTracker:
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)
         future: asyncio.Future[WriteOutcome] = loop.create_future()
-        item = PendingRow(record, future, time.perf_counter(), start_preparing(loop, record, self._content_cap))
-        if item.prepared is None:
+        item = PendingRow(record, future, time.perf_counter())
+        if self._content_cap is not None and not record.sealed():
+            item.sealing = True  # prepared once sealed (`_seal_due`)
             queues.wake()
         else:
-            item.prepared.add_done_callback(lambda _: queues.wake())
+            self._prepare(loop, queues, item)
         queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
@@ -136,6 +137,14 @@ class LLMRequestTracker:
             )
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
+
+    def _prepare(self, loop: asyncio.AbstractEventLoop, queues: LoopQueues, item: PendingRow) -> None:
+        """Start preparing the record of `item` (here when that is quick, else in a worker thread)."""
+        item.prepared = start_preparing(loop, item.record, self._content_cap)
+        if item.prepared is None:
+            queues.wake()
+        else:
+            item.prepared.add_done_callback(lambda _: queues.wake())
 
     def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
         """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
@@ -245,6 +254,7 @@ class LLMRequestTracker:
         ready; otherwise when the oldest ready row has waited the commit delay since it was submitted.
         """
         delay = self.config.commit_delay_ms / 1000
+        sealing = self._seal_due(queues, delay)
         ready = 0
         size = 0
         oldest: float | None = None
@@ -264,10 +274,31 @@ class LLMRequestTracker:
             check_prepared(item)
             size += sum(len(content['body']) for content in self._contents_of(item))
         if oldest is None:
-            return None
+            return sealing
         if hurried - preparing or ready >= self.config.max_batch_rows or size >= self.config.max_batch_content_bytes:
             return 0.0
-        return oldest + delay - time.perf_counter()
+        wait = oldest + delay - time.perf_counter()
+        return wait if sealing is None else min(wait, sealing)
+
+    def _seal_due(self, queues: LoopQueues, delay: float) -> float | None:
+        """Prepare the records waiting to be sealed that are: sealed by their run (at its next model request or its
+        end), or due all the same, sealed here as they are (their commit delay passed, their run ended, a flush is
+        waiting), so a row is never held longer than the commit delay; seconds until the next is due (None: none)."""
+        wait: float | None = None
+        now = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        for item in queues.pending:
+            if not item.sealing:
+                continue
+            if not item.record.sealed():
+                left = item.submitted + delay - now
+                if left > 0 and item.hurried is None and not queues.flushing:
+                    wait = left if wait is None else min(wait, left)
+                    continue
+                item.record.seal()
+            item.sealing = False
+            self._prepare(loop, queues, item)
+        return wait
 
     def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
         """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""
