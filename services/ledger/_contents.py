@@ -9,8 +9,12 @@ run dumps, checks and redacts each message once however many requests resend it;
 join of its messages' bodies. Each message is dumped to JSON text (`dump_json`, pydantic-core) on the event loop when
 the request is recorded, because pydantic-ai may change its message objects later; a message whose JSON is known
 already (the history a chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all.
-The other way round, the conversation store saves a turn's new requests from the text the ledger dumped when it sent
-them (`dumped_message_json`), while nothing pydantic-ai changes on a sent request has changed: one dump per request.
+A request's response is the exception: pydantic-ai stamps it (`run_id`, `conversation_id`, `model_id`,
+`workspace_ref`) after the ledger's hooks return, so it is kept as a `ResponseBody` and dumped when sealed, at the run's
+next model request or its end (or by the tracker when the row is due first): stored with its stamps.
+The other way round, the conversation store saves a turn's new messages from the text the ledger dumped (requests when
+they were sent, responses when sealed: `dumped_message_json`), while nothing pydantic-ai changes on a message has
+changed since: one dump per new message.
 Then the text is checked for secrets (`json_may_need_redaction`: one RE2 scan, linear, the GIL released) and, only
 when it may hold one, parsed and walked (`redact_value`, the costly part). A record whose unchecked text is small
 (`quick_render`, at most `INLINE_PREPARE_BYTES` together) is checked on the loop when it is recorded (a fraction of a
@@ -60,6 +64,11 @@ class Body:
     @property
     def sealed(self) -> bool:
         """Whether its content is final; False for a response taken before pydantic-ai stamped it (`ResponseBody`)."""
+        return True
+
+    @property
+    def stamped(self) -> bool:
+        """Whether sealing it now would take its final content (a `ResponseBody`: pydantic-ai has stamped it)."""
         return True
 
     def seal(self) -> None:
@@ -254,6 +263,11 @@ class PromptBody(Body):
         """Whether each of its messages is final."""
         return all(message.sealed for message in self._messages)
 
+    @property
+    def stamped(self) -> bool:
+        """Whether each of its messages is stamped."""
+        return all(message.stamped for message in self._messages)
+
     def seal(self) -> None:
         """Seal the messages that are not final yet."""
         for message in self._messages:
@@ -314,6 +328,13 @@ class ResponseBody(Body):
     def sealed(self) -> bool:
         """Whether the response was dumped."""
         return self._message is None
+
+    @property
+    def stamped(self) -> bool:
+        """Whether pydantic-ai has stamped the response: its `run_id` is set, in the same step as its other stamps
+        (`_append_response`), so it can be sealed before the run gets to it (the tracker then writes it sooner)."""
+        message = self._message
+        return message is None or message.run_id is not None
 
     def seal(self) -> None:
         """Dump the response as it is now; later calls do nothing. Never raises: a response that cannot be dumped

@@ -198,6 +198,10 @@ class LedgerRecord:
         (`ResponseBody`); `prepare()` only a sealed record, or one whose event loop went away."""
         return all(raw.sealed for _, raw in self.raw_contents if isinstance(raw, Body))
 
+    def stamped(self) -> bool:
+        """Whether sealing it now would take its bodies' final content (pydantic-ai has stamped its response)."""
+        return all(raw.stamped for _, raw in self.raw_contents if isinstance(raw, Body))
+
     def seal(self) -> None:
         """Make its bodies final as they are now (on the event loop)."""
         for _, raw in self.raw_contents:

@@ -61,6 +61,12 @@ class LLMRequestTracker:
     transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
     the delay are each committed the delay after their request, as before but later.
 
+    A record whose response body is not sealed yet (`ResponseBody`: the ledger takes a response's content once
+    pydantic-ai has stamped it, at the run's next model request or its end) is prepared once sealed; the writer seals
+    it itself, as the response is then, when its commit delay passed, its run ended or a flush waits, and takes it
+    along when a batch is due and pydantic-ai has stamped it (`_seal_due`, `_seal_stamped`): no row waits longer than
+    it did before.
+
     What the delay costs, precisely: a row is durable only once committed. Until then it exists only in this
     process's memory; the spool covers a database that cannot be reached, not a process that dies (SIGKILL, out of
     memory, power loss). A crash at a moment t loses every row not committed by t: without the delay, the rows whose
@@ -236,6 +242,7 @@ class LLMRequestTracker:
             if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
                 await queues.sleep(wait)
                 continue
+            self._seal_stamped(queues)
             batch = self._take_ready(queues)
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
@@ -299,6 +306,16 @@ class LLMRequestTracker:
             item.sealing = False
             self._prepare(loop, queues, item)
         return wait
+
+    def _seal_stamped(self, queues: LoopQueues) -> None:
+        """A batch is due: seal and prepare the records waiting to be sealed whose responses pydantic-ai has stamped
+        already, so they join it as they would have had they been ready (one transaction, not one more later)."""
+        loop = asyncio.get_running_loop()
+        for item in queues.pending:
+            if item.sealing and item.record.stamped():
+                item.record.seal()
+                item.sealing = False
+                self._prepare(loop, queues, item)
 
     def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
         """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""
