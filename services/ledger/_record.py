@@ -331,7 +331,7 @@ def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[
     """
     row = row_from_json(entry['row'])
     contents = [
-        {**{name: storable_text(v) if isinstance(v, str) else v for name, v in content.items()}, 'request_id': row['id']}
+        {**{key: storable_text(v) if isinstance(v, str) else v for key, v in content.items()}, 'request_id': row['id']}
         for content in entry.get('contents') or []
     ]
     return row, contents

@@ -55,9 +55,7 @@ def test_every_text_column_is_covered() -> None:
 async def test_unstorable_text_in_any_column_is_written_cleaned_once(tracker: LLMRequestTracker, case: str) -> None:
     value, stored = CASES[case]
     records = {
-        name: ledger_record(
-            **{name: value}, raw_contents=[('prompt', Body(METADATA)), ('response', b'{"parts": []}')]
-        )
+        name: ledger_record(**{name: value}, raw_contents=[('prompt', Body(METADATA)), ('response', b'{"parts": []}')])
         for name in TEXT_COLUMNS
     }
     # One batch: before the fix, each of these rows was refused and went to the spool, for good.
@@ -88,7 +86,7 @@ def _old_spool_entry(name: str, value: str) -> dict[str, Any]:
 
 
 async def test_a_spool_line_written_before_rows_were_cleaned_replays(tracker: LLMRequestTracker) -> None:
-    entries = {(name, case): _old_spool_entry(name, value) for name in TEXT_COLUMNS for case, (value, _) in CASES.items()}
+    entries = {(name, case): _old_spool_entry(name, CASES[case][0]) for name in TEXT_COLUMNS for case in CASES}
     # And contents a hand or an old version left unstorable: cleaned as the row is.
     entries['error_message', 'nul-start']['contents'][0]['body'] = 'raw\x00body\ud800'
     tracker.spool.append(list(entries.values()))
@@ -101,6 +99,6 @@ async def test_a_spool_line_written_before_rows_were_cleaned_replays(tracker: LL
     for (name, case), entry in entries.items():
         assert rows[entry['row']['id']][name] == CASES[case][1][: _limit(name)], (name, case)
         [content] = await content_rows(rows[entry['row']['id']]['id'])
-        expected = 'raw\ufffdbody\ufffd' if (name, case) == ('error_message', 'nul-start') else entry['contents'][0]['body']
-        assert content['body'] == expected
+        cleaned = (name, case) == ('error_message', 'nul-start')
+        assert content['body'] == ('raw\ufffdbody\ufffd' if cleaned else entry['contents'][0]['body'])
     assert (await tracker.replay_spool()).rows == 0
