@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from sqlalchemy import String, Table
 
 from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.ledger import LLMRequestTracker, roll_up_pending
 from agentrt.services.ledger._contents import Body
 from agentrt.services.ledger._record import ERROR_MESSAGE_MAX_CHARS, ROW_FIELDS, row_to_json
-from tests.factories import content_rows, ledger_record, ledger_rows, scalar
+from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 _TABLE = cast(Table, LLMRequestRow.__table__)
@@ -102,3 +104,36 @@ async def test_a_spool_line_written_before_rows_were_cleaned_replays(tracker: LL
         cleaned = (name, case) == ('error_message', 'nul-start')
         assert content['body'] == ('raw\ufffdbody\ufffd' if cleaned else entry['contents'][0]['body'])
     assert (await tracker.replay_spool()).rows == 0
+
+
+async def test_a_row_the_database_refuses_is_set_aside_and_the_rows_beside_it_replay(
+    tracker: LLMRequestTracker,
+) -> None:
+    """Rows are replayed 500 to a statement: one whose values the database refuses (a hand-edited status, a number
+    out of range) no longer holds back the others replay after replay; it goes to the `.rejected` file."""
+    good = [ledger_record() for _ in range(3)]
+    bad_status, too_big = ledger_record(), ledger_record(run_step=2**40)
+    entries = [record.spool_entry(1 << 20) for record in (good[0], bad_status, good[1], too_big, good[2])]
+    entries[1]['row']['status'] = 'bogus'  # the CHECK constraint refuses it
+    tracker.spool.append(entries)
+
+    report = await tracker.replay_spool()
+    assert (report.rows, report.inserted, report.rejected, report.contents) == (3, 3, 2, 6)
+    assert {row['id'] for row in await ledger_rows()} == {record.id for record in good}
+    rejected = [json.loads(line) for line in tracker.spool.rejected_path.read_text().splitlines()]
+    assert [entry['row']['id'] for entry in rejected] == [str(bad_status.id), str(too_big.id)]
+    assert not tracker.spool.has_pending()
+
+
+async def test_a_statement_that_fails_whatever_the_rows_keeps_the_spool(tmp_path: Path) -> None:
+    """Not the rows' fault (here a read-only transaction; a schema not migrated yet is another): nothing is set
+    aside, the file stays for a later replay, which writes it."""
+    entries = [ledger_record().spool_entry(None) for _ in range(2)]
+    read_only = LLMRequestTracker(
+        fast_config(tmp_path), session_factory=lambda: get_read_only_session(account=Unscoped.LEDGER)
+    )
+    read_only.spool.append(entries)
+    with pytest.raises(Exception, match='read-only transaction'):
+        await read_only.replay_spool()
+    assert read_only.spool.has_pending() and not read_only.spool.rejected_path.exists()
+    assert (await LLMRequestTracker(fast_config(tmp_path)).replay_spool()).inserted == 2
