@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelResponse
 from agentrt.services.ledger._contents import Body, ContentKind
 from agentrt.services.ledger._pricing import price, price_source
 from agentrt.services.ledger.redaction import redact_text
-from agentrt.services.pg_text import storable_text
+from agentrt.services.pg_text import is_storable, storable_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
 
@@ -31,7 +31,8 @@ ERROR_MESSAGE_MAX_CHARS = 4000
 ERROR_MESSAGE_SCAN_CHARS = 16 * ERROR_MESSAGE_MAX_CHARS
 SPOOL_FORMAT_VERSION = 1
 
-# Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
+# Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail: every
+# text column of the row (tests/services/ledger/test_row_text.py checks them against the table).
 _STRING_LIMITS: dict[str, int] = {
     'run_id': 64,
     'conversation_id': 200,
@@ -62,10 +63,18 @@ def storable_row(row: dict[str, Any]) -> dict[str, Any]:
     Any string column: agent names come from user code, model names from a user's model string, error types and
     messages from providers, slugs and ids from the caller. A billing row is never refused for its text.
     """
-    for name, value in row.items():
-        if isinstance(value, str):
-            limit = _STRING_LIMITS.get(name)
-            row[name] = storable_text(value if limit is None or len(value) <= limit else value[:limit])
+    texts = []
+    for name, limit in _STRING_LIMITS.items():
+        value = row[name]
+        if value is not None:
+            if len(value) > limit:
+                value = row[name] = value[:limit]
+            texts.append(value)
+    # One scan of all the text in the common case (nothing to replace): the writer builds every row this way.
+    if not is_storable(''.join(texts)):
+        for name in _STRING_LIMITS:
+            if row[name] is not None:
+                row[name] = storable_text(row[name])
     return row
 
 
