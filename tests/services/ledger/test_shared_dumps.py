@@ -309,3 +309,15 @@ def test_the_ledger_redacts_its_copy_and_the_store_keeps_the_message_as_it_is(wh
     assert redactions == 1 and secret not in text  # what the ledger stores
     assert message_json(request) == _fresh(request) and secret in message_json(request)  # what the store stores
     assert dumped_message_json(request) == _fresh(request)  # shared: the text before redaction
+
+
+def test_the_ledger_redacts_its_copy_of_a_response_and_the_store_keeps_it_as_it_is() -> None:
+    secret = 'ghp_0123456789abcdefghijABCDEFGHIJklmnop'
+    response = ModelResponse(parts=[TextPart(f'the key is\n{secret}')], model_name='m')
+    bodies = RunBodies()
+    body = bodies.response(response)
+    response.run_id = 'run-1'
+    bodies.seal()
+    text, redactions = body.render()
+    assert redactions == 1 and secret not in text and '"run_id":"run-1"' in text  # what the ledger stores
+    assert message_json(response) == _fresh(response) and secret in message_json(response)  # what the store stores
