@@ -311,8 +311,10 @@ class ResponseBody(Body):
     (`dumped_message_json`): one dump per response.
 
     Sealed on the event loop: by the ledger at the run's next model request or at the run's end (`RunBodies.seal`), or
-    by the tracker when the row is due first (its commit delay passed, a flush). The tracker prepares a record only
-    once its bodies are sealed; one rendered unsealed (spooled from a closed event loop) is sealed as it is then.
+    by the tracker when the row is due first (its commit delay passed, a flush), as the response is then: a row is
+    never held back for the stamps (with no commit delay, a streamed response is sealed before pydantic-ai stamps it,
+    the stream being closed in between). The tracker prepares a record only once its bodies are sealed; one rendered
+    unsealed (spooled from a closed event loop) is sealed as it is then.
     """
 
     __slots__ = ('_body', '_error', '_message')

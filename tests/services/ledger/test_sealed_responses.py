@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from pydantic_ai.usage import UsageLimits
 
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.services.ledger._contents import RunBodies
-from tests.factories import chat_deps, content_rows, ledger_record, ledger_rows
+from tests.factories import chat_deps, content_rows, fast_config, ledger_record, ledger_rows
 
 
 def _answered(messages: list[ModelMessage]) -> bool:
@@ -187,3 +188,38 @@ async def test_a_due_batch_takes_the_waiting_records_whose_responses_are_stamped
     for record, run_id in zip(waiting, ('run-1', 'run-2'), strict=True):
         [stored] = await content_rows(record.id)
         assert json.loads(stored['body'])['run_id'] == run_id
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_without_a_commit_delay_each_row_is_written_alone_with_its_stamped_response(
+    tmp_path: Path, streamed: bool
+) -> None:
+    """Delay 0: each row is written as soon as the writer gets to it, never held for its response's stamps. A plain
+    request's response is stamped by then (pydantic-ai does not yield between the ledger's hook and the stamps); a
+    streamed one's may not be (pydantic-ai closes the stream first): it is stored as it was, as before."""
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=0))
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if not _answered(messages):
+            yield {0: DeltaToolCall(name='lookup', json_args='{"n": 1}', tool_call_id='a')}
+        else:
+            yield 'done'
+
+    def answer(messages: list[ModelMessage]) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('done')], usage=RequestUsage(input_tokens=700, output_tokens=10))
+
+    async def events(ctx: RunContext[Any], stream: AsyncIterator[Any]) -> None:
+        async for _ in stream:
+            pass
+
+    if streamed:
+        agent = _agent(FunctionModel(stream_function=stream, model_name='gpt-4o-mini'), tracker)
+        await agent.run('go', deps=chat_deps(), event_stream_handler=events)
+    else:
+        await _agent(_lookup_then(answer), tracker).run('go', deps=chat_deps())
+    stored = await _stored(tracker, ['complete', 'complete'])
+    assert tracker.stats.batches == 2
+    for row, contents in stored:
+        assert set(contents) == {'prompt', 'response'}
+        if not streamed:
+            _assert_stamped(row, contents['response'])
