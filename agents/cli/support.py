@@ -3,6 +3,8 @@
 Every error a user or the environment causes ends the command with one `error: ...` line on stderr (what went
 wrong and what to do) and an exit code of its class (`EXIT_CODES`, documented in README.md). A traceback is printed
 only with `agentrt --debug ...` or `AGENTRT_DEBUG=1`; an unexpected exception (a bug) says so, with exit code 70.
+Whatever the CLI prints of an error (the `error:` line, a traceback, a log line) goes through the ledger's
+`redact_text` first: a provider's or the database's error text can hold a secret it was sent.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import traceback
 import uuid
@@ -127,20 +130,29 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def error_line(message: str) -> None:
-    """Print `error: message` on stderr, on one line."""
-    text = ' '.join(str(message).split())  # one line, whatever the message held
+    """Print `error: message` on stderr, on one line, without secrets."""
+    text = ' '.join(redacted(str(message)).split())  # one line, whatever the message held
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 
+def redacted(text: str) -> str:
+    """`text` with its secrets replaced (the ledger's redaction, imported when an error is shown, not for `--help`)."""
+    from agentrt.services.ledger.redaction import redact_text
+
+    return redact_text(text)[0]
+
+
 def _one_line_unless_debug(record: logging.LogRecord) -> bool:
-    """A log line with an exception (a background task that failed while the database was down...) shows the
-    exception's own line, not its traceback, unless `--debug`."""
-    if record.exc_info and not debug_enabled():
-        error = record.exc_info[1]
-        if error is not None:
-            record.msg = f'{record.getMessage()}: {type(error).__name__}: {" ".join(str(error).split())[:300]}'
-            record.args = None
-        record.exc_info = None
+    """A log line, redacted (`redact_record`: every logger's, not only the runtime's); with an exception (a
+    background task that failed while the database was down...) it shows the exception's own line, not its
+    traceback, unless `--debug`."""
+    from agentrt.services.log_redaction import redact_record
+
+    redact_record(record)  # the traceback becomes `exc_text`, its last line `exc_line`
+    if record.exc_text and not debug_enabled():
+        line = record.__dict__.get('exc_line')
+        record.msg = f'{record.getMessage()}: {line[:300]}' if line else record.getMessage()
+        record.args = None
         record.exc_text = None
     return True
 
@@ -315,7 +327,7 @@ class AgentrtGroup(TyperGroup):
 def report(exc: BaseException) -> int:
     """Print one `error:` line for `exc` (a traceback before it with `--debug`) and return the exit code."""
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt | Stopped):
-        traceback.print_exception(exc)
+        print(redacted(''.join(traceback.format_exception(exc))), end='', file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
         error_line('interrupted; nothing in progress was saved')
         return EXIT_SIGNAL_BASE + signal.SIGINT
@@ -331,7 +343,7 @@ def report(exc: BaseException) -> int:
     if (invalid := invalid_value(exc)) is not None:
         error_line(f'a value given is not valid for the database: {invalid}')
         return EXIT_USAGE
-    detail = ' '.join(str(exc).split())[:300]
+    detail = ' '.join(redacted(str(exc)[:2000]).split())[:300]
     hint = '' if debug_enabled() else '; run with --debug (or AGENTRT_DEBUG=1) for the traceback, and report it'
     error_line(f'internal error: {type(exc).__name__}: {detail}{hint}')
     return EXIT_INTERNAL
