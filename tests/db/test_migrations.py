@@ -160,19 +160,30 @@ VALUES (:day, :account_id, NULL, :model, :requests, :failed, 0, 0, 0, 0, 0, 0, 0
 """
 
 
-async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(database: Settings) -> None:
+@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
+async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(database: Settings, migrator: str) -> None:
     """A rollup written before 0013 counted cancelled requests as failed: the upgrade moves the ones whose ledger
-    rows it can see to `cancelled_requests` (a bucket at a time, its own rows only), the downgrade puts them back."""
+    rows it can see to `cancelled_requests` (a bucket at a time, its own rows only), the downgrade puts them back.
+    `owner`: migrated by a login role that owns the tables and is no superuser (README "Tenant isolation"), so the
+    backfill runs under the forced row-level security, through the role's membership of the cross-account roles."""
     from sqlalchemy import insert
 
     from agentrt.db.models.ledger import LLMRequestRow
+    from agentrt.db.roles import FUNCTION_ROLES
     from tests.factories import ledger_record
 
     name = f'migrations_{uuid.uuid4().hex[:8]}'
     admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    url = get_engine().url.set(database=name)
     async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE {name}'))
-    engine = build_engine(get_engine().url.set(database=name), database)
+        if migrator == 'owner':
+            await conn.execute(text(f'CREATE ROLE {name} LOGIN NOSUPERUSER'))
+            await conn.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {name}'))
+            await conn.execute(text(f'CREATE DATABASE {name} OWNER {name}'))
+            url = url.set(username=name)
+        else:
+            await conn.execute(text(f'CREATE DATABASE {name}'))
+    engine = build_engine(url, database)
     try:
         await _migrate_to(engine, '0012_row_level_security')
         rows = [
@@ -219,3 +230,4 @@ async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(databas
         await engine.dispose()
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+            await conn.execute(text(f'DROP ROLE IF EXISTS {name}'))
