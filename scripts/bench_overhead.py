@@ -190,6 +190,13 @@ memory as `message_history`), so what pydantic-ai itself spends on a history sho
 The headline ratio (`x bare`) stays against the bare turn without history."""
 
 
+PERIODIC_KINDS = ('usage rollup',)
+"""Sessions that run on a clock, not per turn: the account's usage roll-up runs at most once per 5 s
+(`services/post_turn.py`, `DEFAULT_ROLLUP_INTERVAL_S`), whatever the number of turns. Their share per turn is printed
+apart (0.02 in this benchmark's sequential turns, less the more turns a second); the sessions target is read on the
+turn's own sessions."""
+
+
 # A session's kind, from its first statement (as in tests/agents/test_turn_budget.py).
 SESSION_KINDS = (
     ('SELECT accounts.id', 'turn start'),
@@ -419,6 +426,9 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
         if row['variant'].startswith('runtime without'):
             row['part_cpu_ms'] = round(full_cpu - row['cpu_ms'], 1)
     rows[1]['sessions_by_kind'] = {kind: round(n / turns, 2) for kind, n in runtime_kinds.most_common()}
+    periodic = sum(runtime_kinds[kind] for kind in PERIODIC_KINDS) / turns
+    rows[1]['periodic_sessions_per_turn'] = round(periodic, 2)
+    rows[1]['turn_sessions_per_turn'] = round(rows[1]['sessions_per_turn'] - periodic, 2)
     with_history['x_bare'] = round(with_history['cpu_ms'] / bare_cpu, 2)
     rows[1]['x_bare_with_history'] = round(full_cpu / with_history['cpu_ms'], 2)
     return [*rows, with_history]
@@ -461,6 +471,10 @@ async def main() -> None:
             parts = await breakdown(opts.breakdown_turns, prefix)
             print_table(parts, BREAKDOWN_COLUMNS)
             print('runtime sessions per turn, by kind:', parts[1]['sessions_by_kind'])
+            print(
+                f"runtime sessions per turn: {parts[1]['turn_sessions_per_turn']} the turn's own, "
+                f'+ {parts[1]["periodic_sessions_per_turn"]} periodic ({", ".join(PERIODIC_KINDS)}, on a clock)'
+            )
             print(f'runtime / bare with the same history in memory: {parts[1]["x_bare_with_history"]}x')
         before = await count_rows(prefix)
         rows = []
@@ -487,10 +501,12 @@ async def main() -> None:
             summary['runtime_sessions_per_turn'] = runtime['sessions_per_turn']
             summary['runtime_statements_per_turn'] = runtime['statements_per_turn']
             summary['runtime_sessions_by_kind'] = runtime['sessions_by_kind']
+            summary['runtime_turn_sessions_per_turn'] = runtime['turn_sessions_per_turn']
+            summary['runtime_periodic_sessions_per_turn'] = runtime['periodic_sessions_per_turn']
             summary['budget'] = BUDGET
             summary['budget_met'] = {
                 'cpu_x_bare': runtime['x_bare'] <= BUDGET['cpu_x_bare'],
-                'sessions': runtime['sessions_per_turn'] <= BUDGET['sessions'],
+                'sessions': runtime['turn_sessions_per_turn'] <= BUDGET['sessions'],
                 'statements': runtime['statements_per_turn'] <= BUDGET['statements'],
             }
         print('summary:', summary)

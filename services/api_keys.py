@@ -26,6 +26,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.errors import AgentRuntimeError, InvalidInputError
 from agentrt.db.models import API_KEY_SCOPES, Account, ApiKey
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.pg_text import storable_text
 from agentrt.services.tenancy import get_account
 
 KEY_PREFIX = 'art'
@@ -98,11 +99,14 @@ async def create_api_key(
     """Create a key for `account`; the returned `token` is the only copy of the secret.
 
     Raises:
-        UnknownTenantError: no such account. InvalidInputError: an unknown scope, or a name over 200 characters.
+        UnknownTenantError: no such account. InvalidInputError: an unknown scope, or a name over 200 characters or
+            with text PostgreSQL cannot store (NUL, a lone surrogate).
     """
     allowed = check_scopes(scopes)
-    if len(name) > 200 or '\x00' in name:
-        raise InvalidInputError('a key name is at most 200 characters, without NUL', field='name')
+    if len(name) > 200 or storable_text(name) != name:  # PostgreSQL cannot store NUL; UTF-8 has no lone surrogate
+        raise InvalidInputError(
+            'a key name is at most 200 characters, without NUL or undecodable characters', field='name'
+        )
     account_row = await get_account(account, session=session)
     prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     row = ApiKey(account_id=account_row.id, prefix=prefix, secret_hash=_digest(secret), name=name, scopes=allowed)

@@ -22,6 +22,11 @@ def storable_text(text: str) -> str:
     return _UNSTORABLE.sub(REPLACEMENT, text) if _UNSTORABLE.search(text) else text
 
 
+def is_storable(text: str) -> bool:
+    """Whether `text` holds no NUL and no lone surrogate (`storable_text` would return it as it is)."""
+    return _UNSTORABLE.search(text) is None
+
+
 def storable(value: Any) -> Any:
     """`value` with `storable_text` applied to every string in it, dict keys and nested lists included.
 

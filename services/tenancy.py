@@ -15,6 +15,7 @@ from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
 from agentrt.db.roles import Unscoped
 from agentrt.db.session import entered_account, entering_account, get_read_only_session, row_security
+from agentrt.services.pg_text import storable_text
 
 
 class UnknownTenantError(AgentRuntimeError):
@@ -35,7 +36,9 @@ async def get_account(slug: str, *, session: AsyncSession) -> Account:
     Raises:
         UnknownTenantError: listing the accounts that exist.
     """
-    account = (await session.execute(select(Account).where(Account.slug == slug))).scalar_one_or_none()
+    # As stored text: a slug the driver cannot send (a lone surrogate of an undecodable argument) is simply unknown.
+    stored = storable_text(slug)
+    account = (await session.execute(select(Account).where(Account.slug == stored))).scalar_one_or_none()
     if account is None:
         known = (await session.execute(select(Account.slug).order_by(Account.slug))).scalars().all()
         hint = ', '.join(known) if known else 'none (run `agentrt db seed`)'

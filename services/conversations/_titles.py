@@ -24,6 +24,7 @@ from sqlalchemy import CursorResult, DateTime, String, Text, column, func, selec
 from agentrt.db.session import get_side_session
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.pg_text import storable_text
 
 logger = logging.getLogger('agentrt.conversations')
 
@@ -141,7 +142,13 @@ async def refresh_title_and_summary(account_id: int, conversation_id: str, sourc
 async def _write(
     account_id: int, key: Any, conversation_id: str, head_id: str, title: str | None, summary: str
 ) -> bool:
-    """Store the title (if the row has none) and the summary, only while the conversation's head is `head_id`."""
+    """Store the title (if the row has none) and the summary, only while the conversation's head is `head_id`.
+
+    Both are made storable (`storable_text`): a turn's `SummarySource` holds the model's text as it came, before the
+    store replaced its NUL and lone surrogates, and either would make the update fail.
+    """
+    title = None if title is None else storable_text(title)
+    summary = storable_text(summary)
     async with get_side_session(account=account_id) as session:
         result = await session.execute(
             update(_conversations)

@@ -11,6 +11,7 @@ from sqlalchemy import ColumnElement, or_
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageDailyRollup
+from agentrt.services.pg_text import storable_text
 
 CostSource = Literal['ledger', 'rollup']
 """`ledger`: scan `llm_requests`; `rollup`: read `usage_daily_rollups` (per UTC day, no success or session)."""
@@ -36,6 +37,15 @@ class LedgerFilters:
     """Requests started at or after this time."""
     until: datetime | None = None
     """Requests started before this time."""
+
+    def __post_init__(self) -> None:
+        # Text is matched as the ledger stores it (`storable_row`): NUL and lone surrogates as U+FFFD. So a filter
+        # finds the rows of the same value (an agent named with a NUL), and one the driver cannot send (a lone
+        # surrogate from an undecodable argument) is no driver error.
+        for name in ('account', 'agent', 'model', 'chat_session_id'):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, storable_text(value))
 
     def conditions(self, source: CostSource = 'ledger') -> list[ColumnElement[bool]]:
         """The filters as SQL conditions (values bound as parameters) on the ledger or on the daily rollup.

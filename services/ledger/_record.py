@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ from pydantic_ai.messages import ModelResponse
 from agentrt.services.ledger._contents import Body, ContentKind
 from agentrt.services.ledger._pricing import price, price_source
 from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.pg_text import is_storable, storable_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
 
@@ -29,11 +29,11 @@ ERROR_MESSAGE_MAX_CHARS = 4000
 # bounded whatever the provider sent, and a secret can only reach the kept part if redaction shrank what came before
 # it by 60,000 characters.
 ERROR_MESSAGE_SCAN_CHARS = 16 * ERROR_MESSAGE_MAX_CHARS
-_UNSTORABLE = re.compile('[\x00\ud800-\udfff]')
 SPOOL_FORMAT_VERSION = 1
 
-# Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail.
-_STRING_LIMITS = {
+# Column limits of `llm_requests`, applied before the write so a long value can never make a billing row fail: every
+# text column of the row (tests/services/ledger/test_row_text.py checks them against the table).
+_STRING_LIMITS: dict[str, int] = {
     'run_id': 64,
     'conversation_id': 200,
     'chat_session_id': 200,
@@ -49,7 +49,33 @@ _STRING_LIMITS = {
     'error_type': 200,
     'provider_response_id': 200,
     'trace_id': 32,
+    'status': 16,
+    'error_message': ERROR_MESSAGE_MAX_CHARS,
 }
+
+
+def storable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` (an `llm_requests` row) with every string column made storable, in place: cut to its column's size, NUL
+    and lone surrogates replaced by U+FFFD (`storable_text`). The one place a ledger row's text is cleaned, for rows
+    built now (`LedgerRecord.to_row`) and rows read back from a spool file (`row_from_json`: a line spooled before
+    rows were cleaned would otherwise be refused by every replay).
+
+    Any string column: agent names come from user code, model names from a user's model string, error types and
+    messages from providers, slugs and ids from the caller. A billing row is never refused for its text.
+    """
+    texts = []
+    for name, limit in _STRING_LIMITS.items():
+        value = row[name]
+        if value is not None:
+            if len(value) > limit:
+                value = row[name] = value[:limit]
+            texts.append(value)
+    # One scan of all the text in the common case (nothing to replace): the writer builds every row this way.
+    if not is_storable(''.join(texts)):
+        for name in _STRING_LIMITS:
+            if row[name] is not None:
+                row[name] = storable_text(row[name])
+    return row
 
 
 def new_request_id() -> uuid.UUID:
@@ -208,19 +234,15 @@ class LedgerRecord:
         """The `llm_requests` row: priced (`resolve_costs()`), strings cut to their column sizes, error redacted."""
         self.resolve_costs()
         row = {name: getattr(self, name) for name in ROW_FIELDS}
-        for name, limit in _STRING_LIMITS.items():
-            value = row[name]
-            if value is not None and len(value) > limit:
-                row[name] = value[:limit]
         if self.error_message is not None:
             row['error_message'] = self._redacted_error(self.error_message)
-        return row
+        return storable_row(row)
 
     def _redacted_error(self, message: str) -> str:
         if self._error is None or self._error[0] is not message:
             redacted = redact_text(message[:ERROR_MESSAGE_SCAN_CHARS])[0][:ERROR_MESSAGE_MAX_CHARS]
             # PostgreSQL text holds neither NUL nor a lone surrogate: either would make the row itself fail.
-            self._error = (message, _UNSTORABLE.sub('\ufffd', redacted))
+            self._error = (message, storable_text(redacted))
         return self._error[1]
 
     def content_rows(self, max_bytes: int) -> list[dict[str, Any]]:
@@ -305,7 +327,9 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
         row[name] = value
     if row['id'] is None or row['model'] is None or row['started_at'] is None:
         raise ValueError('spooled ledger row lacks id, model or started_at')
-    return row
+    # Lines spooled before rows were made storable can hold NUL or a lone surrogate (the JSON keeps both escaped):
+    # cleaned here, the replay writes them instead of being refused again by every replay.
+    return storable_row(row)
 
 
 def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -315,7 +339,11 @@ def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[
         ValueError: the row is not valid (also TypeError or KeyError): the line goes to the `.rejected` file.
     """
     row = row_from_json(entry['row'])
-    return row, [{**content, 'request_id': row['id']} for content in entry.get('contents') or []]
+    contents = [
+        {**{key: storable_text(v) if isinstance(v, str) else v for key, v in content.items()}, 'request_id': row['id']}
+        for content in entry.get('contents') or []
+    ]
+    return row, contents
 
 
 def utc_now() -> datetime:

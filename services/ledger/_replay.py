@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agentrt.db.failures import causes, invalid_value
 from agentrt.services.ledger._record import parse_spool_entry
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
@@ -80,32 +81,36 @@ async def _replay_file(
 ) -> dict[str, int]:
     entries, bad = await asyncio.to_thread(spool.read, path)
     counts = {'rows': 0, 'inserted': 0, 'duplicates': 0, 'contents': 0}
+    write = _Writer(session_factory, policy, on_retry)
     for start in range(0, len(entries), REPLAY_CHUNK_ROWS):
-        rows: list[dict[str, Any]] = []
-        contents: list[dict[str, Any]] = []
+        parsed: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
         for entry in entries[start : start + REPLAY_CHUNK_ROWS]:
             try:
                 row, row_contents = parse_spool_entry(entry)
             except (ValueError, TypeError, KeyError) as exc:
                 logger.error('ledger spool: invalid row (%s)', exc)
-                bad.append(json.dumps(entry, default=str))
+                bad.append(_line(entry))
                 continue
-            rows.append(row)
-            contents += row_contents
-        inserted = await retry_transient(
-            partial(write_ledger_rows, session_factory, rows), policy, what='ledger replay', on_retry=on_retry
-        )
-        counts['rows'] += len(rows)
+            parsed.append((entry, row, row_contents))
+        try:
+            inserted = await write.rows([row for _, row, _ in parsed])
+        except Exception as exc:
+            if not refused_for_its_values(exc):
+                raise  # the database unavailable, or the statement failing (a schema not migrated): kept for later
+            # A row whose values the database refuses must not hold back the rows beside it, replay after replay:
+            # each row alone, and the ones refused on their own go to the `.rejected` file (their contents with them).
+            logger.warning('ledger spool: %d row(s) refused (%s: %s)', len(parsed), type(exc).__name__, exc)
+            inserted, refused = await write.one_at_a_time(parsed) if len(parsed) > 1 else (0, parsed)
+            bad += [_line(entry) for entry, _, _ in refused]
+            set_aside = {id(entry) for entry, _, _ in refused}
+            parsed = [item for item in parsed if id(item[0]) not in set_aside]
+        counts['rows'] += len(parsed)
         counts['inserted'] += inserted
-        counts['duplicates'] += len(rows) - inserted
+        counts['duplicates'] += len(parsed) - inserted
+        contents = [content for _, _, row_contents in parsed for content in row_contents]
         if contents:
             try:
-                await retry_transient(
-                    partial(insert_contents, session_factory, contents),
-                    policy,
-                    what='ledger replay contents',
-                    on_retry=on_retry,
-                )
+                await write.contents(contents)
                 counts['contents'] += len(contents)
             except Exception as exc:
                 if database_unavailable(exc):
@@ -114,3 +119,56 @@ async def _replay_file(
     await asyncio.to_thread(spool.reject, bad)
     await asyncio.to_thread(spool.release, path)
     return {**counts, 'rejected': len(bad)}
+
+
+def refused_for_its_values(exc: BaseException) -> bool:
+    """Whether the database (or the driver) refused a write for the values of its rows: a data exception (SQLSTATE
+    class 22: a number out of range, text it cannot hold) or an integrity constraint (class 23: a CHECK, a NOT NULL).
+    Anything else (the database unavailable, a statement that fails whatever the rows) is not the rows' fault."""
+    if invalid_value(exc) is not None:
+        return True
+    return any(str(getattr(error, 'sqlstate', '')).startswith('23') for error in causes(exc))
+
+
+def _line(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, default=str)
+
+
+@dataclass(frozen=True)
+class _Writer:
+    """A replay's writes, each retried while the database is unavailable."""
+
+    session_factory: SessionFactory
+    policy: RetryPolicy
+    on_retry: Callable[[BaseException], None] | None
+
+    async def rows(self, rows: list[dict[str, Any]]) -> int:
+        return await retry_transient(
+            partial(write_ledger_rows, self.session_factory, rows),
+            self.policy,
+            what='ledger replay',
+            on_retry=self.on_retry,
+        )
+
+    async def contents(self, contents: list[dict[str, Any]]) -> None:
+        await retry_transient(
+            partial(insert_contents, self.session_factory, contents),
+            self.policy,
+            what='ledger replay contents',
+            on_retry=self.on_retry,
+        )
+
+    async def one_at_a_time(
+        self, parsed: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]
+    ) -> tuple[int, list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]]:
+        """Write each row alone: how many were new, and the rows the database refused (logged)."""
+        inserted, refused = 0, []
+        for item in parsed:
+            try:
+                inserted += await self.rows([item[1]])
+            except Exception as exc:
+                if not refused_for_its_values(exc):
+                    raise
+                logger.error('ledger spool: row %s refused (%s: %s)', item[1]['id'], type(exc).__name__, exc)
+                refused.append(item)
+        return inserted, refused

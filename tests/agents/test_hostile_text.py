@@ -11,7 +11,7 @@ from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
-from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.agents.simple_chat import ChatResult, create_simple_chat_agent, simple_chat, simple_chat_stream
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
@@ -95,3 +95,36 @@ async def test_a_failed_request_with_hostile_error_text_keeps_its_row(demo_data:
     rows = await ledger_rows(chat_session_id='hostile-error')
     assert [row['status'] for row in rows] == ['error']
     assert rows[0]['error_message'] == f'provider said: {STORED}'
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_an_agent_name_with_nul_and_a_model_name_with_a_lone_surrogate_keep_every_row(
+    demo_data: None, streamed: bool
+) -> None:
+    """The agent's name comes from user code and the model's from a user's model string: the ledger rows of the
+    turn are written with U+FFFD in their place (before, the database refused each row and the spool kept it for
+    good), and the turn is saved."""
+    agent = create_simple_chat_agent()
+    agent.name = '\x00front\x00desk\x00'
+    model = FunctionModel(_respond, stream_function=_stream, model_name='gpt\ud800-mini\udc80')
+    kwargs = dict(session_id='hostile-names', account='acme-health', model=model, toolsets=[_tools], agent=agent)
+    if streamed:
+        async with simple_chat_stream('hello', **kwargs) as stream:  # type: ignore[arg-type]
+            text = ''.join([delta async for delta in stream])
+        assert text == f'answer: {HOSTILE}' and stream.result is not None
+    else:
+        assert (await simple_chat('hello', **kwargs)).output == f'answer: {HOSTILE}'  # type: ignore[arg-type]
+
+    tracker = get_request_tracker()
+    await tracker.flush()
+    rows = await ledger_rows(chat_session_id='hostile-names')
+    assert [row['status'] for row in rows] == ['complete', 'complete'], 'one row per request sent, none spooled'
+    assert {row['agent_name'] for row in rows} == {'\ufffdfront\ufffddesk\ufffd'}
+    assert {(row['model'], row['response_model']) for row in rows} == {('gpt\ufffd-mini\ufffd', 'gpt\ufffd-mini\ufffd')}
+    assert all(row['streamed'] is streamed for row in rows)
+    assert [len(await content_rows(row['id'])) for row in rows] == [2, 2], 'prompt and response of each request'
+    assert not tracker.spool.has_pending()
+    conversation = await PostgresConversationStore(await account_id('acme-health')).load('hostile-names')
+    assert conversation is not None and len(conversation.messages) == 4
+    answer = conversation.messages[3]
+    assert isinstance(answer, ModelResponse) and answer.model_name == 'gpt\ufffd-mini\ufffd'

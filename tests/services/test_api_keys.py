@@ -57,6 +57,12 @@ async def test_bad_scopes_names_and_accounts_are_refused(demo_data: None) -> Non
         await _create(scopes=[])
     with pytest.raises(InvalidInputError, match='200 characters'):
         await _create(name='n' * 201)
+    # NUL (PostgreSQL text cannot hold it) and a lone surrogate (an undecodable byte of argv under surrogateescape:
+    # the driver cannot encode it) are refused with the field named, never a driver error.
+    for name in ('ci\x00', '\udcffci', 'c\ud800i'):
+        with pytest.raises(InvalidInputError, match='without NUL or undecodable characters') as bad_name:
+            await _create(name=name)
+        assert bad_name.value.field == 'name'
     with pytest.raises(UnknownTenantError, match='unknown account'):
         await _create(account='nobody')
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentrt.services.pg_text import storable, storable_text
+from agentrt.services.pg_text import is_storable, storable, storable_text
 
 
 def test_storable_text_replaces_only_nul_and_lone_surrogates() -> None:
@@ -17,3 +17,8 @@ def test_storable_walks_json_values_keys_included() -> None:
     value = {'k\x00': ['v\udc80', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ('x\x00',)}
     assert storable(value) == {'k\ufffd': ['v\ufffd', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ['x\ufffd']}
     storable_text(str(storable(value))).encode('utf-8')
+
+
+def test_is_storable_says_whether_storable_text_would_change_it() -> None:
+    assert is_storable('plain é 中 \U0001f600 \x01') and is_storable('')
+    assert not any(is_storable(text) for text in ('\x00', 'a\ud800', '\udfffb', 'x' * 10_000 + '\x00'))

@@ -10,9 +10,9 @@ import pytest
 
 from agentrt.agents.cli.audit import render_detail, render_page
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.ledger import LedgerRecord, get_request, list_requests
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request, list_requests
 from tests.agents.cli.helpers import invoke, run_cli
-from tests.factories import scalar
+from tests.factories import ledger_record, scalar
 
 
 async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,3 +70,23 @@ async def test_a_chat_turn_shows_up_in_the_audit_trail(demo_data: None, database
     assert all(item['input_tokens'] > 0 and item['account_slug'] == 'acme-health' for item in items)
     assert all(item['streamed'] and item['price_source'] == 'unpriced' for item in items)  # the demo model has no price
     assert await scalar("SELECT count(*) FROM llm_request_contents WHERE kind = 'prompt'") == 3  # stored before exit
+
+
+async def test_filters_with_unstorable_text_find_the_rows_of_that_text(
+    tracker: LLMRequestTracker, database_url: str
+) -> None:
+    """The ledger stores NUL and lone surrogates as U+FFFD; a filter with the same text (an undecodable argument
+    arrives as a lone surrogate) matches it the same way, and is never a driver error."""
+    hostile, plain = ledger_record(agent_name='desk\x00bot', model='gpt\udce9'), ledger_record()
+    assert await asyncio.gather(tracker.submit(hostile), tracker.submit(plain)) == ['written', 'written']
+    env = {'DATABASE_URL': database_url}
+    for args in (
+        ['--agent', 'desk\x00bot'],
+        ['--model', 'gpt\udce9'],
+        ['--agent', 'desk\x00bot', '--model', 'gpt\udce9'],
+    ):
+        listed = await invoke('audit', 'list', *args, '--json', env=env)
+        assert listed.exit_code == 0, listed.stderr
+        assert [item['id'] for item in json.loads(listed.stdout)['items']] == [str(hostile.id)], args
+    costs = await invoke('costs', '--source', 'ledger', '--agent', 'desk\x00bot', '--model', 'gpt\udce9', env=env)
+    assert costs.exit_code == 0 and 'error' not in costs.stderr, costs.stderr

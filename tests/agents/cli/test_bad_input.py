@@ -40,6 +40,10 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['costs', '--account', BIG], {}, 2, '--account'),
     (['db', 'upgrade', 'nosuchrevision'], {}, 2, 'nosuchrevision'),
     (['ledger', 'replay', '--spool', '/proc/no/such/dir/spool.jsonl'], {}, 2, 'spool'),
+    # text PostgreSQL cannot take (an undecodable argument is a lone surrogate): refused, or simply not found
+    (['keys', 'create', '--account', 'acme-health', '--name', SURROGATE], {}, 2, 'undecodable characters'),
+    (['keys', 'create', '--account', SURROGATE], {}, 2, 'unknown account'),
+    (['budget', 'show', '--account', SURROGATE], {}, 2, 'unknown account'),
     # configuration
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost:99999/db'}, 2, 'port'),
     (['db', 'status'], {'DATABASE_URL': 'mysql://u:hunter2@localhost/db'}, 2, 'DATABASE_URL'),

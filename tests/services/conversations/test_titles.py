@@ -208,3 +208,21 @@ async def test_the_handed_over_text_writes_once_and_only_while_the_head_is_curre
     await _turn(account_id, 'c1', 'And cardiology?')  # the head moves on: a late task writes nothing
     assert await refresh_title_and_summary(account_id, 'c1', source) is False
     assert (await _row(account_id, 'c1'))['summary_head_id'] == head
+
+
+async def test_the_handed_over_text_of_a_model_is_stored_with_nul_and_lone_surrogates_replaced() -> None:
+    """A turn hands over its messages as the model wrote them (the store replaces NUL and lone surrogates only in
+    what it saves): the title and summary made from them are made storable before the update, which would fail."""
+    account_id = await _account()
+    await _turn(account_id, 'c1', 'Where is radiology?')
+    head = (await _row(account_id, 'c1'))['head_id']
+    messages: list[ModelMessage] = [
+        ModelRequest(parts=[UserPromptPart('\x00Where is\ud800 radiology?')]),
+        ModelResponse(parts=[TextPart('On floor\x00 2\udc80')]),
+    ]
+    source = summary_source(head, messages, title=None, whole=True)
+    assert source is not None
+    assert await refresh_title_and_summary(account_id, 'c1', source) is True
+    row = await _row(account_id, 'c1')
+    assert row['title'] == '\ufffdWhere is\ufffd radiology' and row['summary_head_id'] == head
+    assert 'floor\ufffd 2\ufffd' in row['summary'], row['summary']
