@@ -129,9 +129,15 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
-def error_line(message: str) -> None:
-    """Print `error: message` on stderr, on one line, without secrets."""
-    text = ' '.join(redacted(str(message)).split())  # one line, whatever the message held
+def error_line(message: str, *, redact: bool = True) -> None:
+    """Print `error: message` on stderr, on one line, without secrets.
+
+    Args:
+        message: what went wrong and what to do.
+        redact: False only for the CLI's own messages about its arguments (usage errors, `fail()`): they quote
+            nothing but what the user typed, and skipping the redaction keeps them as fast as `--help`.
+    """
+    text = ' '.join((redacted(str(message)) if redact else str(message)).split())  # one line, whatever it held
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 
@@ -158,8 +164,8 @@ def _one_line_unless_debug(record: logging.LogRecord) -> bool:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    """Print `error: message` on stderr and exit with `code`."""
-    error_line(message)
+    """Print `error: message` (the command's own, about its arguments: not redacted) on stderr and exit with `code`."""
+    error_line(message, redact=False)
     raise typer.Exit(code)
 
 
@@ -306,13 +312,13 @@ class AgentrtGroup(TyperGroup):
             code = EXIT_USAGE
         except click_exceptions.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else 'agentrt'
-            error_line(f"{exc.format_message()} (see '{where} --help')")
+            error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
             code = EXIT_USAGE
         except click_exceptions.ClickException as exc:
-            error_line(exc.format_message())
+            error_line(exc.format_message(), redact=False)
             code = exc.exit_code
         except typer.Abort:
-            error_line('interrupted')
+            error_line('interrupted', redact=False)
             code = EXIT_SIGNAL_BASE + signal.SIGINT
         except BaseException as exc:  # the boundary: everything a command raised ends here
             if isinstance(exc, SystemExit):
@@ -329,10 +335,10 @@ def report(exc: BaseException) -> int:
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt | Stopped):
         print(redacted(''.join(traceback.format_exception(exc))), end='', file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
-        error_line('interrupted; nothing in progress was saved')
+        error_line('interrupted; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + signal.SIGINT
     if isinstance(exc, Stopped):
-        error_line(f'stopped by {exc}; nothing in progress was saved')
+        error_line(f'stopped by {exc}; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + exc.signum
     for cls, code in exit_codes():
         if isinstance(exc, cls):
