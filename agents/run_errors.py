@@ -5,6 +5,11 @@
 raises itself (`AgentRuntimeError` subclasses, e.g. `ConcurrentTurnError` from the turn guard) pass through. The
 ledger has already recorded a failed request (with pydantic-ai's own exception type, status code and body) by the
 time the translation happens.
+
+Every text of the provider's or the model's that a translated error carries (its message, the first line of a
+connection error's, the body) goes through the ledger's `redact_text` first, so a display that shows the error (the
+CLI's `error:` line, an HTTP error body or stream event, a log line) never shows a secret the provider echoed.
+Importing this module also puts the log redaction on the runtime's loggers (`agentrt.services.log_redaction`).
 """
 
 from __future__ import annotations
@@ -31,9 +36,15 @@ from pydantic_ai.exceptions import (
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
 from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError, TurnLimitExceededError
 from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.log_redaction import install_log_redaction
 
 # How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
 MESSAGE_BODY_CHARS = 300
+# How much of a provider's or model's error message is redacted and shown (the first line of it for a provider).
+MESSAGE_CHARS = 4000
+FIRST_LINE_CHARS = 200
+
+install_log_redaction()
 
 
 def documented_error(exc: BaseException, model_name: str | None = None) -> AgentRuntimeError | None:
@@ -55,7 +66,10 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
     if isinstance(exc, UsageLimitExceeded):
         return TurnLimitExceededError(_limit_message(exc.message))
     if isinstance(exc, UnexpectedModelBehavior):
-        return ModelBehaviorError(f'the model did not produce a usable answer: {exc.message}', body=exc.body)
+        return ModelBehaviorError(
+            f'the model did not produce a usable answer: {_redacted_message(exc.message)}',
+            body=_redacted_body(exc.body),
+        )
     if isinstance(exc, ModelAPIError):
         return provider_error(exc, model_name)
     return None
@@ -126,5 +140,13 @@ def _redacted_body(body: object | None) -> str | None:
     return redact_text(text)[0]
 
 
+def _redacted_message(message: str) -> str:
+    """The message, redacted, then cut to `MESSAGE_CHARS`. Twice that is redacted: a secret that the cut splits is
+    still whole when it is redacted (it could reach the kept part only if redaction shrank what came before it by
+    `MESSAGE_CHARS`), and the work stays bounded whatever the provider sent."""
+    shown = redact_text(message[: 2 * MESSAGE_CHARS])[0]
+    return shown[:MESSAGE_CHARS] + '...' if len(shown) > MESSAGE_CHARS else shown
+
+
 def _first_line(message: str) -> str:
-    return (message.strip().splitlines() or [''])[0][:200]
+    return (_redacted_message(message).strip().splitlines() or [''])[0][:FIRST_LINE_CHARS]

@@ -8,6 +8,10 @@ error event of a streamed chat (`public_error`).
 Body of every error response: `{"detail": <message or a list of field errors>, "type": <kind>, "error_id": <id>}`,
 plus `"field"` when one input is to blame. A budget's refusal (429, `budget_exceeded`) adds its figures: `reason`,
 `limit_usd`, `spent_usd`, `reserved_usd`, `needed_usd` (decimal strings) and `period_end`.
+
+Secrets: a client's message goes through `redact_text` (the ledger's redaction) before it is sent, and the log lines
+of `agentrt.api` (the exception's text and its traceback, the provider's error chained in it) are redacted by the
+runtime's log filter (`agentrt.services.log_redaction`), installed when this module is imported.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ from agentrt.agents.errors import (
     UnknownTenantError,
 )
 from agentrt.services.ledger import RollupCannotAnswer
+from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.log_redaction import install_log_redaction
 
 logger = logging.getLogger('agentrt.api')
+install_log_redaction()
 
 _MAX_MESSAGE_CHARS = 500
 
@@ -113,7 +120,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
-    return PublicError(status, type_, _short(message), error_id, field_name, extra)
+    return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
 
 
 def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
@@ -190,6 +197,11 @@ def _provider_message(exc: BaseException) -> str:
     return f'the model provider failed{suffix}; try again shortly'
 
 
+def _redacted(text: str) -> str:
+    """`text` without secrets; twice what `_short` keeps is redacted, so a secret the cut splits was redacted whole."""
+    return redact_text(text[: 2 * _MAX_MESSAGE_CHARS])[0]
+
+
 def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 1] + '…'
 
@@ -214,7 +226,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error_id = new_error_id()
         # The input values are left out: they can be huge, or hold what the client should not see echoed.
         errors = [
-            {'loc': list(error.get('loc', ())), 'msg': _short(str(error.get('msg', ''))), 'type': error.get('type')}
+            {
+                'loc': list(error.get('loc', ())),
+                'msg': _short(_redacted(str(error.get('msg', '')))),
+                'type': error.get('type'),
+            }
             for error in exc.errors()[:20]
         ]
         logger.info('%s %s %s: 422 %s', error_id, request.method, request.url.path, errors)

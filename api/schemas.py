@@ -143,7 +143,8 @@ class CostRowOut(BaseModel):
 
     key: str
     requests: int
-    failed: int
+    failed: int = Field(description='Requests that failed (provider error, unusable answer); not the cancelled ones.')
+    cancelled: int = Field(description='Requests the caller stopped (a stopped stream, a cancelled turn).')
     input_tokens: int
     output_tokens: int
     total_tokens: int

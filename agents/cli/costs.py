@@ -98,13 +98,14 @@ def render_costs(by: str, rows: list[CostSummary], *, as_json: bool, as_csv: boo
     from rich.table import Table
 
     table = Table(title=f'costs by {by}', title_justify='left')
-    for column in (by, 'requests', 'failed', 'tokens in', 'tokens out', 'cost USD', 'unpriced'):
+    for column in (by, 'requests', 'failed', 'cancelled', 'tokens in', 'tokens out', 'cost USD', 'unpriced'):
         table.add_column(column, justify='left' if column == by else 'right')
     for row in rows:
         table.add_row(
             row.key,
             f'{row.requests:,}',
             f'{row.failed:,}',
+            f'{row.cancelled:,}',
             f'{row.input_tokens:,}',
             f'{row.output_tokens:,}',
             money(row.total_cost),

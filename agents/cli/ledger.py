@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION
-from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, fail, print_json, run
+from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, fail, print_json, redacted, run
 
 if TYPE_CHECKING:
     from agentrt.services.ledger import ReplayReport
@@ -54,7 +54,8 @@ async def _replay(spool: Path | None) -> ReplayReport:
             try:
                 await roll_up_pending(datetime(1970, 1, 1, tzinfo=UTC))
             except Exception as exc:  # the replay itself succeeded; the rollup can be repaired later
-                err_console.print(f'warning: rows replayed, but the usage rollup was not updated: {exc}')
+                warning = f'warning: rows replayed, but the usage rollup was not updated: {redacted(str(exc))}'
+                err_console.print(warning, markup=False, highlight=False)
         return report
     finally:
         await close_database()

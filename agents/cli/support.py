@@ -3,6 +3,8 @@
 Every error a user or the environment causes ends the command with one `error: ...` line on stderr (what went
 wrong and what to do) and an exit code of its class (`EXIT_CODES`, documented in README.md). A traceback is printed
 only with `agentrt --debug ...` or `AGENTRT_DEBUG=1`; an unexpected exception (a bug) says so, with exit code 70.
+Whatever the CLI prints of an error (the `error:` line, a traceback, a log line) goes through the ledger's
+`redact_text` first: a provider's or the database's error text can hold a secret it was sent.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import traceback
 import uuid
@@ -126,28 +129,43 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
-def error_line(message: str) -> None:
-    """Print `error: message` on stderr, on one line."""
-    text = ' '.join(str(message).split())  # one line, whatever the message held
+def error_line(message: str, *, redact: bool = True) -> None:
+    """Print `error: message` on stderr, on one line, without secrets.
+
+    Args:
+        message: what went wrong and what to do.
+        redact: False only for the CLI's own messages about its arguments (usage errors, `fail()`): they quote
+            nothing but what the user typed, and skipping the redaction keeps them as fast as `--help`.
+    """
+    text = ' '.join((redacted(str(message)) if redact else str(message)).split())  # one line, whatever it held
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 
+def redacted(text: str) -> str:
+    """`text` with its secrets replaced (the ledger's redaction, imported when an error is shown, not for `--help`)."""
+    from agentrt.services.ledger.redaction import redact_text
+
+    return redact_text(text)[0]
+
+
 def _one_line_unless_debug(record: logging.LogRecord) -> bool:
-    """A log line with an exception (a background task that failed while the database was down...) shows the
-    exception's own line, not its traceback, unless `--debug`."""
-    if record.exc_info and not debug_enabled():
-        error = record.exc_info[1]
-        if error is not None:
-            record.msg = f'{record.getMessage()}: {type(error).__name__}: {" ".join(str(error).split())[:300]}'
-            record.args = None
-        record.exc_info = None
+    """A log line, redacted (`redact_record`: every logger's, not only the runtime's); with an exception (a
+    background task that failed while the database was down...) it shows the exception's own line, not its
+    traceback, unless `--debug`."""
+    from agentrt.services.log_redaction import redact_record
+
+    redact_record(record)  # the traceback becomes `exc_text`, its last line `exc_line`
+    if record.exc_text and not debug_enabled():
+        line = record.__dict__.get('exc_line')
+        record.msg = f'{record.getMessage()}: {line[:300]}' if line else record.getMessage()
+        record.args = None
         record.exc_text = None
     return True
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    """Print `error: message` on stderr and exit with `code`."""
-    error_line(message)
+    """Print `error: message` (the command's own, about its arguments: not redacted) on stderr and exit with `code`."""
+    error_line(message, redact=False)
     raise typer.Exit(code)
 
 
@@ -294,13 +312,13 @@ class AgentrtGroup(TyperGroup):
             code = EXIT_USAGE
         except click_exceptions.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else 'agentrt'
-            error_line(f"{exc.format_message()} (see '{where} --help')")
+            error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
             code = EXIT_USAGE
         except click_exceptions.ClickException as exc:
-            error_line(exc.format_message())
+            error_line(exc.format_message(), redact=False)
             code = exc.exit_code
         except typer.Abort:
-            error_line('interrupted')
+            error_line('interrupted', redact=False)
             code = EXIT_SIGNAL_BASE + signal.SIGINT
         except BaseException as exc:  # the boundary: everything a command raised ends here
             if isinstance(exc, SystemExit):
@@ -315,12 +333,12 @@ class AgentrtGroup(TyperGroup):
 def report(exc: BaseException) -> int:
     """Print one `error:` line for `exc` (a traceback before it with `--debug`) and return the exit code."""
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt | Stopped):
-        traceback.print_exception(exc)
+        print(redacted(''.join(traceback.format_exception(exc))), end='', file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
-        error_line('interrupted; nothing in progress was saved')
+        error_line('interrupted; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + signal.SIGINT
     if isinstance(exc, Stopped):
-        error_line(f'stopped by {exc}; nothing in progress was saved')
+        error_line(f'stopped by {exc}; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + exc.signum
     for cls, code in exit_codes():
         if isinstance(exc, cls):
@@ -331,7 +349,7 @@ def report(exc: BaseException) -> int:
     if (invalid := invalid_value(exc)) is not None:
         error_line(f'a value given is not valid for the database: {invalid}')
         return EXIT_USAGE
-    detail = ' '.join(str(exc).split())[:300]
+    detail = ' '.join(redacted(str(exc)[:2000]).split())[:300]
     hint = '' if debug_enabled() else '; run with --debug (or AGENTRT_DEBUG=1) for the traceback, and report it'
     error_line(f'internal error: {type(exc).__name__}: {detail}{hint}')
     return EXIT_INTERNAL

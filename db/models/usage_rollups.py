@@ -38,6 +38,8 @@ class UsageDailyRollup(Base):
     agent_name: Mapped[str | None] = mapped_column(String(200))
     requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     failed_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    """Requests that failed; the cancelled ones are in `cancelled_requests` (migration 0013)."""
+    cancelled_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     unpriced_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -33,7 +33,7 @@ from agentrt.services.ledger._rollups import (
 from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
-    from agentrt.services.ledger._capability import LedgerCapability, ledger_capability
+    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
     from agentrt.services.ledger._contents import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # the commands that only read the ledger (`agentrt costs`, `agentrt audit`) start without it.
 _WRITE_PATH = {
     'LedgerCapability': '_capability',
+    'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
     'dumped_message_json': '_contents',
     'remember_message_json': '_contents',
@@ -78,6 +79,7 @@ __all__ = [
     'COST_SOURCES',
     'MAX_PAGE_SIZE',
     'POST_TURN_LOOKBACK',
+    'RIDER_HOOKS',
     'AmbiguousRequestIdError',
     'ContentKind',
     'CostGrouping',

@@ -30,6 +30,9 @@ class CostSummary:
     key: str
     requests: int
     failed: int
+    """Requests that failed (a provider error, an unusable answer): not the cancelled ones."""
+    cancelled: int
+    """Requests the caller stopped (a stopped stream, a cancelled turn): counted apart from `failed`."""
     input_tokens: int
     output_tokens: int
     total_tokens: int
@@ -100,7 +103,8 @@ def _ledger_totals() -> dict[str, ColumnElement[Any]]:
     row = LLMRequestRow
     return {
         'requests': func.count(),
-        'failed': func.count().filter(row.success.is_(False)),
+        'failed': func.count().filter(row.success.is_(False), row.status != 'cancelled'),
+        'cancelled': func.count().filter(row.status == 'cancelled'),
         'input_tokens': cast(func.coalesce(func.sum(row.input_tokens), 0), BigInteger),
         'output_tokens': cast(func.coalesce(func.sum(row.output_tokens), 0), BigInteger),
         'total_tokens': cast(func.coalesce(func.sum(row.total_tokens), 0), BigInteger),
@@ -117,6 +121,7 @@ def _rollup_totals() -> dict[str, ColumnElement[Any]]:
     return {
         'requests': cast(func.sum(r.requests), BigInteger),
         'failed': cast(func.sum(r.failed_requests), BigInteger),
+        'cancelled': cast(func.sum(r.cancelled_requests), BigInteger),
         'input_tokens': cast(func.sum(r.input_tokens), BigInteger),
         'output_tokens': cast(func.sum(r.output_tokens), BigInteger),
         'total_tokens': cast(func.sum(r.total_tokens), BigInteger),

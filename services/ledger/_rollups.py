@@ -31,6 +31,7 @@ _LOCK_EXCLUSIVE = text('SELECT pg_advisory_xact_lock(:namespace, :key)')
 _COUNTERS = (
     'requests',
     'failed_requests',
+    'cancelled_requests',
     'unpriced_requests',
     'input_tokens',
     'output_tokens',
@@ -47,7 +48,8 @@ _KEY = 'day, account_id, agent_instance_id, model'
 _LEDGER_KEY = "(r.started_at AT TIME ZONE 'UTC')::date AS day, r.account_id, r.agent_instance_id, r.model"
 _LEDGER_AGGREGATES = """
     count(*) AS requests,
-    count(*) FILTER (WHERE NOT r.success) AS failed_requests,
+    count(*) FILTER (WHERE NOT r.success AND r.status <> 'cancelled') AS failed_requests,
+    count(*) FILTER (WHERE r.status = 'cancelled') AS cancelled_requests,
     count(*) FILTER (WHERE r.total_cost IS NULL) AS unpriced_requests,
     coalesce(sum(r.input_tokens), 0)::bigint AS input_tokens,
     coalesce(sum(r.output_tokens), 0)::bigint AS output_tokens,

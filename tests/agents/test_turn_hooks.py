@@ -1,8 +1,8 @@
-"""`TurnHooks`: the turn's `ContextWindow` and `TurnGuard`, and the agent's ledger, as one capability still do each
-part's job.
+"""`turn_hooks`: the turn's `ContextWindow` and `TurnGuard` as one capability (`TurnHooks`, or riding on the agent's
+ledger) still do each part's job, and the ledger its own.
 
-The guard's and the window's behaviour in real turns (through `simple_chat`, which adds them as one `TurnHooks`
-carrying the default agent's ledger) are tested in `test_turn_race.py` and `test_long_conversation.py`, the ledger's
+The guard's and the window's behaviour in real turns (through `simple_chat`, which puts them on the default agent's
+ledger as its riders) are tested in `test_turn_race.py` and `test_long_conversation.py`, the ledger's
 in `test_simple_chat.py` and `test_run_errors.py`; here, the delegation itself, on bare runs, with the ledger
 writing to the real database.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,7 +37,6 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import (
     PART_HOOKS,
     TURN_LEDGER_ID,
-    LedgeredTurnHooks,
     TurnHooks,
     agent_ledger,
     turn_hooks,
@@ -114,6 +114,17 @@ async def test_each_run_gets_its_parts_own_copies() -> None:
     assert first.parts[0]._memo is not second.parts[0]._memo is not window._memo
 
 
+async def test_each_run_of_the_ledger_gets_its_riders_own_copies() -> None:
+    window = ContextWindow(1000)
+    [ledger] = turn_hooks(window, agent=create_simple_chat_agent())
+    assert isinstance(ledger, LedgerCapability)
+    ctx = SimpleNamespace(deps=chat_deps())  # what the ledger's per-run state reads of a run's context
+    first, second = await ledger.for_run(ctx), await ledger.for_run(ctx)
+    assert isinstance(first.riders[0], ContextWindow) and isinstance(second.riders[0], ContextWindow)
+    assert first.riders[0]._memo is not second.riders[0]._memo is not window._memo
+    assert first._run is not second._run
+
+
 # --- the agent's ledger carried by the turn's hooks -------------------------------------------------------------
 
 
@@ -148,8 +159,12 @@ def test_a_turn_carries_the_simple_chat_agents_ledger_and_an_agent_without_one_k
     agent = create_simple_chat_agent()
     ledger = agent_ledger(agent)
     assert isinstance(ledger, LedgerCapability) and ledger.id == TURN_LEDGER_ID
-    [hooks] = turn_hooks(ContextWindow(1000), Guard(), agent=agent)
-    assert isinstance(hooks, LedgeredTurnHooks) and hooks.wrapped is ledger and hooks.id == TURN_LEDGER_ID
+    window, guard = ContextWindow(1000), Guard()
+    [hooks] = turn_hooks(window, guard, agent=agent)
+    # A copy of the agent's ledger (same type and id, so it replaces the agent's for the run) carrying the parts.
+    assert type(hooks) is LedgerCapability and hooks is not ledger and hooks.id == TURN_LEDGER_ID
+    assert hooks.riders == (window, guard) and ledger.riders == ()
+    assert (hooks.tracker, hooks.store_content, hooks.budget) == (ledger.tracker, ledger.store_content, ledger.budget)
     # A ledger without an id cannot be replaced for a run: the turn's hooks leave it be.
     apart = Agent(FunctionModel(_overloaded), capabilities=[ledger_capability()])
     assert agent_ledger(apart) is None
@@ -226,7 +241,7 @@ def _overridden(capability: type[Any], hooks: tuple[str, ...]) -> set[str]:
 
 
 def test_every_hook_of_the_parts_is_delegated() -> None:
-    """A hook a part comes to override must be delegated too (the ledger's are, all of them, by `WrapperCapability`)."""
+    """A hook a part comes to override must be delegated too, by `TurnHooks` and by the ledger to its riders."""
     assert _overridden(ContextWindow, PART_HOOKS) == set()
     assert _overridden(TurnGuard, PART_HOOKS) == set()
     assert _overridden(TurnGuard, ()) == {'before_node_run'}  # the check sees an override

@@ -167,7 +167,8 @@ async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text
     assert text.startswith('the request failed on the server (error id err_')
     error_id = text.rsplit(' ', 1)[-1].rstrip(')')
     logged = [record for record in caplog.records if error_id in record.getMessage()]
-    assert logged and secret in logged[0].getMessage() and logged[0].exc_info is not None
+    # The whole story is in the log: the message and the traceback (redacted, as text: `exc_text`, not `exc_info`).
+    assert logged and secret in logged[0].getMessage() and 'Traceback' in (logged[0].exc_text or '')
     await _settled()
     # One row, not a success. (The ledger records a stream that fails before its first chunk as `cancelled`, in
     # process as over HTTP: the capability sees the stream task's cancellation, not the model's error.)
@@ -253,3 +254,34 @@ async def test_the_client_names_its_ai_sdk_version(keys: Keys, client: httpx2.As
             f'/api/v1/chat?sdk_version={bad}', json=chat_body('v', 'hi'), headers=auth(keys.acme)
         )
         assert response.status_code == 422 and response.json()['detail'][0]['loc'] == ['query', 'sdk_version']
+
+
+@pytest.mark.parametrize('failure', ['connection', 'behavior', 'http'])
+async def test_provider_error_text_reaches_no_client_and_no_log_line_with_a_secret(
+    keys: Keys, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """JSON turns, the Vercel stream and the AG-UI stream: the client's message and every log line, redacted."""
+    from tests.agents.test_error_redaction import OPENAI_KEY, RUN_ERRORS, _assert_clean, _failing
+
+    app = create_app(manage_runtime=False, model=_failing(RUN_ERRORS[failure]))
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    ag_ui = {'threadId': f'agui-{failure}', 'runId': 'r', 'messages': [{'id': 'u', 'role': 'user', 'content': 'hi'}]}
+    with caplog.at_level(logging.INFO, logger='agentrt'):
+        async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+            plain = await client.post(
+                f'/api/v1/conversations/json-{failure}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+            )
+            streamed = await client.post('/api/v1/chat', json=chat_body(f'v-{failure}', 'hi'), headers=auth(keys.acme))
+            agui = await client.post(
+                '/api/v1/chat/ag-ui', json=ag_ui | {'tools': [], 'context': []}, headers=auth(keys.acme)
+            )
+    assert plain.status_code == 502 and plain.json()['error_id'].startswith('err_')
+    [error] = of_type(sse_events(streamed.text), 'error')
+    assert 'error id err_' in error['errorText']
+    assert 'RUN_ERROR' in agui.text
+    for shown in (plain.text, streamed.text, agui.text):
+        _assert_clean(shown, OPENAI_KEY)
+    assert caplog.records
+    for record in caplog.records:
+        _assert_clean(record.getMessage() + (record.exc_text or ''), OPENAI_KEY)
+    await _settled()

@@ -78,3 +78,22 @@ async def test_a_database_outage_answers_503_without_its_text(
     response = await client.get('/api/v1/llm-audit/interactions', headers=auth(keys.acme))
     assert response.status_code == 503 and 'db.internal' not in response.text
     assert response.json()['type'] == 'database_unavailable'
+
+
+def test_a_clients_message_and_the_log_line_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.agents.test_error_redaction import OPENAI_KEY, PLACES, _assert_clean, _planted
+
+    for place in PLACES:
+        planted = _planted(OPENAI_KEY, place)
+        with caplog.at_level(logging.INFO, logger='agentrt.api'):
+            for exc in (
+                InvalidInputError(f'the message is not valid: {planted}', field='message'),
+                ModelBehaviorError(f'the model did not produce a usable answer: {planted}', body=planted),
+                RuntimeError(planted),
+            ):
+                public = public_error(exc, where='test')
+                _assert_clean(public.message + public.stream_text(), OPENAI_KEY)
+        assert caplog.records
+        for record in caplog.records:
+            _assert_clean(record.getMessage() + (record.exc_text or ''), OPENAI_KEY)
+        caplog.clear()

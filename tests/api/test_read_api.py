@@ -197,3 +197,26 @@ async def test_conversation_list_pages_with_a_cursor(keys: Keys, client: httpx2.
         if cursor is None:
             break
     assert seen == ['c4', 'c3', 'c2', 'c1', 'c0']
+
+
+async def test_costs_count_cancelled_requests_apart_from_failed_ones_in_both_sources(
+    keys: Keys, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    from agentrt.services.ledger import roll_up_pending
+
+    acme = await account_id('acme-health')
+    stopped = {'status': 'cancelled', 'streamed': True, 'error_message': 'stream stopped before the response ended'}
+    refused = {'status': 'refused', 'error_type': 'BudgetExceededError', 'error_message': 'not sent', 'cost': '0'}
+    rows = [
+        _row(acme, 'acme-health', 0),
+        _row(acme, 'acme-health', 1, success=False),
+        _row(acme, 'acme-health', 2, success=False, **stopped),
+        _row(acme, 'acme-health', 3, success=False, **(stopped | {'streamed': False, 'error_type': 'CancelledError'})),
+        _row(acme, 'acme-health', 4, success=False, **refused),
+    ]
+    await _record(tmp_path, rows)
+    await roll_up_pending(T0 - timedelta(days=1000))
+    for source in ('ledger', 'rollup'):
+        body = await client.get('/api/v1/costs', params={'by': 'account', 'source': source}, headers=auth(keys.acme))
+        [row] = body.json()['items']
+        assert (row['requests'], row['failed'], row['cancelled']) == (4, 1, 2), source

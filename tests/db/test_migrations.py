@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_database(database: Settings)
         assert await current_revision(engine) == head_revision()
         assert await at_packaged_head(engine) is True
         async with engine.begin() as conn:  # a database one migration behind
-            await conn.execute(text("UPDATE alembic_version SET version_num = '0011_procrastinate'"))
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0012_row_level_security'"))
         assert await at_packaged_head(engine) is False
         async with engine.begin() as conn:
             await conn.execute(text('UPDATE alembic_version SET version_num = :head'), {'head': head_revision()})
@@ -137,3 +138,96 @@ async def test_a_failed_migration_shows_its_own_error_and_applies_nothing(
         await engine.dispose()
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE {name} WITH (FORCE)'))
+
+
+async def _migrate_to(engine, revision: str, *, down: bool = False) -> None:
+    from alembic import command
+
+    def run(connection) -> None:
+        config = alembic_config()
+        config.attributes['connection'] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+    async with engine.connect() as conn:
+        await conn.run_sync(run)
+
+
+_OLD_BUCKET = """
+INSERT INTO usage_daily_rollups (day, account_id, agent_instance_id, model, requests, failed_requests,
+    unpriced_requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens,
+    total_tokens, input_cost, output_cost, total_cost)
+VALUES (:day, :account_id, NULL, :model, :requests, :failed, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+"""
+
+
+@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
+async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(database: Settings, migrator: str) -> None:
+    """A rollup written before 0013 counted cancelled requests as failed: the upgrade moves the ones whose ledger
+    rows it can see to `cancelled_requests` (a bucket at a time, its own rows only), the downgrade puts them back.
+    `owner`: migrated by a login role that owns the tables and is no superuser (README "Tenant isolation"), so the
+    backfill runs under the forced row-level security, through the role's membership of the cross-account roles."""
+    from sqlalchemy import insert
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from agentrt.db.roles import FUNCTION_ROLES
+    from tests.factories import ledger_record
+
+    name = f'migrations_{uuid.uuid4().hex[:8]}'
+    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    url = get_engine().url.set(database=name)
+    async with admin.connect() as conn:
+        if migrator == 'owner':
+            await conn.execute(text(f'CREATE ROLE {name} LOGIN NOSUPERUSER'))
+            await conn.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {name}'))
+            await conn.execute(text(f'CREATE DATABASE {name} OWNER {name}'))
+            url = url.set(username=name)
+        else:
+            await conn.execute(text(f'CREATE DATABASE {name}'))
+    engine = build_engine(url, database)
+    try:
+        await _migrate_to(engine, '0012_row_level_security')
+        rows = [
+            ledger_record(account_id=1, status=status, success=status == 'complete', model=model)
+            for model, statuses in (
+                ('gpt-4o-mini', ('complete', 'error', 'cancelled', 'cancelled', 'refused')),
+                ('gpt-4o', ('cancelled',)),
+            )
+            for status in statuses
+        ]
+        # A rolled-up cancellation whose ledger row was deleted since: unknown now, it stays counted as failed.
+        gone = ledger_record(account_id=1, status='cancelled', success=False, model='gpt-4o')
+        day = rows[0].started_at.astimezone(UTC).date()
+        async with engine.begin() as conn:
+            await conn.execute(insert(LLMRequestRow), [row.to_row() for row in [*rows, gone]])
+            await conn.execute(text('INSERT INTO usage_rolled_up_requests (request_id) SELECT id FROM llm_requests'))
+            await conn.execute(text('DELETE FROM llm_requests WHERE id = :id'), {'id': gone.id})
+            # What the roll-up wrote before 0013: every unsuccessful request (not the refused) as failed.
+            buckets = [('gpt-4o-mini', 4, 3), ('gpt-4o', 2, 2), ('never-cancelled', 1, 1)]
+            for model, requests, failed in buckets:
+                params = {'day': day, 'account_id': 1, 'model': model, 'requests': requests, 'failed': failed}
+                await conn.execute(text(_OLD_BUCKET), params)
+        counters = text('SELECT model, requests, failed_requests, cancelled_requests FROM usage_daily_rollups')
+
+        await _migrate_to(engine, 'head')
+        async with engine.connect() as conn:
+            after = {row.model: tuple(row)[1:] for row in await conn.execute(counters)}
+        assert after == {'gpt-4o-mini': (4, 1, 2), 'gpt-4o': (2, 1, 1), 'never-cancelled': (1, 1, 0)}
+
+        await _migrate_to(engine, '0012_row_level_security', down=True)
+        async with engine.connect() as conn:
+            before = {
+                row.model: tuple(row)[1:]
+                for row in await conn.execute(text('SELECT model, requests, failed_requests FROM usage_daily_rollups'))
+            }
+            columns = await conn.execute(
+                text("SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_daily_rollups'")
+            )
+            assert 'cancelled_requests' not in set(columns.scalars())
+        assert before == {model: (requests, failed) for model, requests, failed in buckets}
+        await _migrate_to(engine, 'head')
+        assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+            await conn.execute(text(f'DROP ROLE IF EXISTS {name}'))

@@ -23,14 +23,14 @@ function fillDays(rows, days) {
   const out = [];
   for (let back = days - 1; back >= 0; back -= 1) {
     const key = utcDay(new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - back)));
-    out.push(byKey.get(key) ?? { key, requests: 0, failed: 0, input_tokens: 0, output_tokens: 0, total_tokens: 0, total_cost: null, unpriced: 0 });
+    out.push(byKey.get(key) ?? { key, requests: 0, failed: 0, cancelled: 0, input_tokens: 0, output_tokens: 0, total_tokens: 0, total_cost: null, unpriced: 0 });
   }
   return out;
 }
 
 function groupTable(caption, rows, keyName) {
   if (!rows.length) return h('p', { class: 'subtle', text: 'No requests in this period.' });
-  const head = [keyName, 'Requests', 'Failed', 'Tokens in / out', 'Cost'];
+  const head = [keyName, 'Requests', 'Failed', 'Cancelled', 'Tokens in / out', 'Cost'];
   return h(
     'div',
     { class: 'table-wrap' },
@@ -49,8 +49,9 @@ function groupTable(caption, rows, keyName) {
             h('th', { scope: 'row', 'data-label': keyName, text: row.key }),
             h('td', { 'data-label': head[1], text: formatInt(row.requests) }),
             h('td', { 'data-label': head[2], text: formatInt(row.failed) }),
-            h('td', { 'data-label': head[3], text: `${formatInt(row.input_tokens)} / ${formatInt(row.output_tokens)}` }),
-            h('td', { 'data-label': head[4], text: costText(row) }),
+            h('td', { 'data-label': head[3], text: formatInt(row.cancelled) }),
+            h('td', { 'data-label': head[4], text: `${formatInt(row.input_tokens)} / ${formatInt(row.output_tokens)}` }),
+            h('td', { 'data-label': head[5], text: costText(row) }),
           ),
         ),
       ),
@@ -108,7 +109,7 @@ export async function costsView(query) {
     metric.append(h('option', { value, text: label, selected: value === (priced ? 'cost' : 'tokens') }));
   }
   const requests = total('requests');
-  const totals = [`${formatInt(requests)} requests (${formatInt(total('failed'))} failed)`, `${formatInt(total('total_tokens'))} tokens`];
+  const totals = [`${formatInt(requests)} requests (${formatInt(total('failed'))} failed, ${formatInt(total('cancelled'))} cancelled)`, `${formatInt(total('total_tokens'))} tokens`];
   if (unpriced < requests) totals.push(`${formatCost(String(total('total_cost')))} spent`);
   if (unpriced) {
     totals.push(unpriced === requests ? 'all from unpriced models, so no cost' : `${formatInt(unpriced)} requests of unpriced models (no cost)`);

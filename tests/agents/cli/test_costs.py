@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
 from agentrt.agents.cli.costs import render_costs
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.ledger import LedgerRecord, summarise_costs
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, summarise_costs
+from tests.agents.cli.conftest import cli_record
 from tests.agents.cli.helpers import invoke, run_cli
+from tests.factories import fast_config
 
 
 async def test_costs_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
@@ -40,3 +43,33 @@ async def test_costs_from_the_ledger_and_bad_choices(seeded: list[LedgerRecord],
     assert bad_by.exit_code == 2 and '--by must be one of account, agent, model, day' in bad_by.stderr
     bad_source = await invoke('costs', '--source', 'cache', env=env)
     assert bad_source.exit_code == 2 and '--source must be one of rollup, ledger' in bad_source.stderr
+
+
+async def test_costs_show_cancelled_requests_apart_from_failed_ones(
+    seeded: list[LedgerRecord], database_url: str, tmp_path: Path
+) -> None:
+    """A stopped stream is no failure: both sources say 1 failed and 1 cancelled for acme, in JSON, CSV and table."""
+    stopped = cli_record('acme', 'gpt-4o-mini', '0.000100', success=False, minute=3)
+    stopped.status, stopped.error_type, stopped.streamed = 'cancelled', None, True
+    stopped.error_message = 'stream stopped before the response was complete'
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    await tracker.track_request(stopped)
+    await tracker.flush()
+    env = {'DATABASE_URL': database_url}
+    by_account = await invoke('costs', '--source', 'ledger', '--json', env=env)
+    groups = {group['key']: group for group in json.loads(by_account.stdout)['groups']}
+    assert (groups['acme']['requests'], groups['acme']['failed'], groups['acme']['cancelled']) == (3, 1, 1)
+    assert (groups['globex']['failed'], groups['globex']['cancelled']) == (0, 0)
+    for source in ('ledger', 'rollup'):  # these rows have no account id: the rollup keeps them in one bucket a model
+        result = await invoke('costs', '--by', 'day', '--source', source, '--json', env=env)
+        assert result.exit_code == 0, result.stderr
+        [day] = json.loads(result.stdout)['groups']
+        assert (day['requests'], day['failed'], day['cancelled']) == (4, 1, 1), source
+    as_csv = await invoke('costs', '--source', 'ledger', '--csv', env=env)
+    header, *lines = as_csv.stdout.splitlines()
+    assert header.split(',')[:4] == ['account', 'requests', 'failed', 'cancelled']
+    assert any(line.startswith('acme,3,1,1,') for line in lines)
+    table = await invoke('costs', '--source', 'ledger', env=env)
+    assert 'cancelled' in table.stdout
+    [acme] = [line for line in table.stdout.splitlines() if 'acme' in line]
+    assert [cell.strip() for cell in acme.split('│')[1:6]] == ['acme', '3', '1', '1', '3,600'], acme

@@ -21,6 +21,7 @@ GROUPINGS: tuple[Grouping, ...] = ('account', 'agent', 'model', 'day')
 _COUNTERS = (
     'requests',
     'failed_requests',
+    'cancelled_requests',
     'unpriced_requests',
     'input_tokens',
     'output_tokens',
@@ -42,7 +43,8 @@ _GROUPINGS: dict[Grouping, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 _LEDGER_SUMS = """
     count(*) AS requests,
-    count(*) FILTER (WHERE NOT r.success) AS failed_requests,
+    count(*) FILTER (WHERE r.status = 'error') AS failed_requests,
+    count(*) FILTER (WHERE r.status = 'cancelled') AS cancelled_requests,
     count(*) FILTER (WHERE r.total_cost IS NULL) AS unpriced_requests,
     coalesce(sum(r.input_tokens), 0)::bigint AS input_tokens,
     coalesce(sum(r.output_tokens), 0)::bigint AS output_tokens,
@@ -73,6 +75,7 @@ class UsageTotals:
     agent_name: str | None
     requests: int
     failed_requests: int
+    cancelled_requests: int
     unpriced_requests: int
     input_tokens: int
     output_tokens: int

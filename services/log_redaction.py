@@ -1,0 +1,79 @@
+"""Secrets out of the runtime's log lines: each `agentrt` logger redacts its records' messages and tracebacks.
+
+A provider's error (its message, its body in the exception's text) or a driver's (a statement's parameters) can
+reach a log line as an argument or in the traceback of a chained exception (`ModelProviderError` keeps pydantic-ai's
+error as its `__cause__`). `RedactingFilter`, on every logger of `LOGGERS`, passes the formatted message and the
+formatted traceback through `redact_text` (the one redaction) before any handler sees the record: the traceback
+becomes the record's `exc_text` (which `logging.Formatter` prints) and `exc_info` is cleared, so no handler formats
+the raw exception again. `exc_line` keeps the exception's own line (`Type: message`, redacted) for one-line displays.
+
+Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from agentrt.services.ledger.redaction import redact_text
+
+# Every logger the runtime logs to (tests/services/test_log_redaction.py checks the sources name no other).
+LOGGERS = (
+    'agentrt',
+    'agentrt.api',
+    'agentrt.background',
+    'agentrt.budgets',
+    'agentrt.conversations',
+    'agentrt.db',
+    'agentrt.jobs',
+    'agentrt.ledger',
+    'agentrt.usage',
+)
+# The most of a message or traceback redacted (and kept): bounded work whatever an error's text holds.
+MAX_LOGGED_CHARS = 64_000
+
+
+def redact_record(record: logging.LogRecord) -> None:
+    """Redact `record` in place: its message (arguments merged in), its traceback and its stack. Idempotent."""
+    try:
+        message = record.getMessage()
+    except Exception:  # arguments that do not fit the format: logging reports that itself, leave it be
+        return
+    redacted = _redacted(message)
+    if redacted is not message:
+        record.msg, record.args = redacted, None
+    if record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.exc_text = _redacted(''.join(traceback.format_exception(error)).rstrip('\n'))
+        record.__dict__['exc_line'] = _redacted(f'{type(error).__name__}: {" ".join(str(error).split())}')
+        record.exc_info = None
+    elif record.exc_text:
+        record.exc_text = _redacted(record.exc_text)
+    if record.stack_info:
+        record.stack_info = _redacted(record.stack_info)
+
+
+def _redacted(text: str) -> str:
+    if len(text) > MAX_LOGGED_CHARS:
+        text = text[:MAX_LOGGED_CHARS] + ' [cut]'
+    return redact_text(text)[0]
+
+
+class RedactingFilter(logging.Filter):
+    """A logger filter that redacts every record (it never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact `record`; keep it."""
+        redact_record(record)
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def install_log_redaction() -> None:
+    """Put the redacting filter on every logger of `LOGGERS` (once; calling again changes nothing)."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
