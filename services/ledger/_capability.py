@@ -159,13 +159,16 @@ class LedgerCapability(AbstractCapability[Any]):
         """Run, then have the run's ledger rows committed now (not after the writer's commit delay) and wait (bounded)
         until they are durable.
 
-        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`). A run
-        that is cancelled does not wait, but its rows are committed without delay all the same.
+        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`). The
+        responses recorded since the last model request are sealed here (`RunBodies.seal`): their stored content is
+        taken once pydantic-ai has stamped them. A run that is cancelled does not wait, but its rows are committed
+        without delay all the same.
         """
         try:
             result = await handler()
         except BaseException as exc:
             self._record_cut(ctx, exc)
+            self._state(ctx).bodies.seal()
             if isinstance(exc, Exception):
                 await self._settle(ctx)
             else:
@@ -173,6 +176,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 state.tracker.commit_now(state.acks)
             raise
         self._record_cut(ctx, None)
+        self._state(ctx).bodies.seal()  # the last response, stamped by now
         await self._settle(ctx)
         return result
 
@@ -204,6 +208,7 @@ class LedgerCapability(AbstractCapability[Any]):
         """Mint the ledger key, hold the budget, send the request, and record the outcome whatever it is."""
         state = self._state(ctx)
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
+        state.bodies.seal()  # the responses recorded so far: pydantic-ai has stamped them by now
         request_id, started_at = new_request_id(), utc_now()
         try:
             hold = (

@@ -9,8 +9,12 @@ run dumps, checks and redacts each message once however many requests resend it;
 join of its messages' bodies. Each message is dumped to JSON text (`dump_json`, pydantic-core) on the event loop when
 the request is recorded, because pydantic-ai may change its message objects later; a message whose JSON is known
 already (the history a chat turn loaded from the conversation store: `remember_message_json`) is not dumped at all.
-The other way round, the conversation store saves a turn's new requests from the text the ledger dumped when it sent
-them (`dumped_message_json`), while nothing pydantic-ai changes on a sent request has changed: one dump per request.
+A request's response is the exception: pydantic-ai stamps it (`run_id`, `conversation_id`, `model_id`,
+`workspace_ref`) after the ledger's hooks return, so it is kept as a `ResponseBody` and dumped when sealed, at the run's
+next model request or its end (or by the tracker when the row is due first): stored with its stamps.
+The other way round, the conversation store saves a turn's new messages from the text the ledger dumped (requests when
+they were sent, responses when sealed: `dumped_message_json`), while nothing pydantic-ai changes on a message has
+changed since: one dump per new message.
 Then the text is checked for secrets (`json_may_need_redaction`: one RE2 scan, linear, the GIL released) and, only
 when it may hold one, parsed and walked (`redact_value`, the costly part). A record whose unchecked text is small
 (`quick_render`, at most `INLINE_PREPARE_BYTES` together) is checked on the loop when it is recorded (a fraction of a
@@ -56,6 +60,19 @@ class Body:
     """
 
     __slots__ = ('_lock', '_rendered', '_value')
+
+    @property
+    def sealed(self) -> bool:
+        """Whether its content is final; False for a response taken before pydantic-ai stamped it (`ResponseBody`)."""
+        return True
+
+    @property
+    def stamped(self) -> bool:
+        """Whether sealing it now would take its final content (a `ResponseBody`: pydantic-ai has stamped it)."""
+        return True
+
+    def seal(self) -> None:
+        """Make its content final (on the event loop); nothing to do but for a `ResponseBody`."""
 
     def pending_size(self) -> int | None:
         """The characters `quick_render()` would check (0 once rendered); None when unknown (not a quick body)."""
@@ -133,10 +150,9 @@ class JsonBody(Body):
         return _dumps(redacted), count
 
 
-_RequestState = tuple[tuple[Any, ...], Any, str | None, str | None, str | None, str]
-"""What pydantic-ai changes on a request it sent (`_request_state`): its parts, timestamp, run stamps, instructions and
-state."""
-_known_json: dict[int, tuple[weakref.ref[ModelMessage], int, str, _RequestState | None]] = {}
+_MessageState = tuple[Any, ...]
+"""What pydantic-ai may change on a message after its text was dumped (`_message_state`): its parts, then fields."""
+_known_json: dict[int, tuple[weakref.ref[ModelMessage], int, str, _MessageState | None]] = {}
 """Known JSON texts by message identity (messages are unhashable dataclasses); an entry leaves with its message. The
 last item is set when the text is exactly `dump_json` of the message as it was then (`dumped_message_json`)."""
 
@@ -149,7 +165,7 @@ def remember_message_json(messages: Iterable[ModelMessage], texts: Iterable[str]
         _remember(message, text, None)
 
 
-def _remember(message: ModelMessage, text: str, state: _RequestState | None) -> None:
+def _remember(message: ModelMessage, text: str, state: _MessageState | None) -> None:
     key = id(message)
     gone = _forget(key)
     _known_json[key] = (weakref.ref(message, gone), len(message.parts), text, state)
@@ -171,46 +187,64 @@ def _known(message: ModelMessage) -> str | None:
     return entry[2]
 
 
-def _request_state(message: ModelMessage) -> _RequestState | None:
-    """What a request's JSON depends on that pydantic-ai changes after sending it; None for a message whose text is
-    not shared: a response (pydantic-ai stamps `run_id`, `conversation_id`, `model_id` and `workspace_ref` on it after
-    the ledger recorded it) or a request with metadata (a dict pydantic-ai may update in place)."""
-    if not isinstance(message, ModelRequest) or message.metadata is not None:
+def _message_state(message: ModelMessage) -> _MessageState | None:
+    """What a message's JSON depends on that pydantic-ai changes after the ledger dumped it: its parts (by identity),
+    then its run stamps, timestamp and state (a request's instructions; a response's `model_id`, `workspace_ref`,
+    usage, finish reason and provider details, by value where they are mutable). None for a message whose text is not
+    shared: one with metadata (a dict pydantic-ai may update in place)."""
+    if message.metadata is not None:
         return None
+    if isinstance(message, ModelRequest):
+        return (
+            tuple(message.parts),
+            message.timestamp,
+            message.run_id,
+            message.conversation_id,
+            message.state,
+            message.instructions,
+        )
+    usage, details = message.usage, message.provider_details
     return (
         tuple(message.parts),
         message.timestamp,
         message.run_id,
         message.conversation_id,
-        message.instructions,
         message.state,
+        message.model_id,
+        message.workspace_ref,
+        message.finish_reason,
+        message.provider_response_id,
+        message.history_digest,
+        None if message.failed_attempts is None else tuple(message.failed_attempts),
+        usage,
+        _usage_values(usage),
+        None if details is None else dict(details),
     )
 
 
-def dumped_message_json(message: ModelMessage) -> str | None:
-    """`TypeAdapter(ModelMessage).dump_json(message)` (decoded), if the ledger dumped this request when it was sent
-    and nothing of it has changed since: the conversation store saves that text instead of dumping it again.
+def _usage_values(usage: Any) -> tuple[Any, ...]:
+    """A response's usage by value (`RequestUsage` compares by identity and pydantic-ai fills its cost in place)."""
+    return (usage.input_tokens, usage.output_tokens, usage.cost, dict(usage.details))
 
-    None when it is not known: a response, a request with metadata, one pydantic-ai changed (parts replaced or
-    added, run stamps, instructions, state), one dumped with a fallback for a value pydantic cannot serialise, or one
-    the ledger did not dump (lone surrogates, no ledger). Call it from the event loop.
+
+def dumped_message_json(message: ModelMessage) -> str | None:
+    """`TypeAdapter(ModelMessage).dump_json(message)` (decoded), if the ledger dumped this message (a request when it
+    was sent, a response once pydantic-ai had stamped it) and nothing of it has changed since: the conversation store
+    saves that text instead of dumping it again.
+
+    None when it is not known: a message with metadata, one pydantic-ai changed (parts replaced or added, run stamps,
+    instructions, state, usage), one dumped with a fallback for a value pydantic cannot serialise, or one the ledger
+    did not dump (lone surrogates, no ledger). Call it from the event loop.
     """
     entry = _known_json.get(id(message))
     if entry is None or (state := entry[3]) is None or entry[0]() is not message:
         return None
-    assert isinstance(message, ModelRequest)  # only requests have a state
     parts = message.parts
-    unchanged = (
-        message.metadata is None
-        and len(parts) == len(state[0])
-        and all(part is then for part, then in zip(parts, state[0], strict=True))
-        and message.timestamp is state[1]
-        and message.run_id == state[2]
-        and message.conversation_id == state[3]
-        and message.instructions == state[4]
-        and message.state == state[5]
-    )
-    return entry[2] if unchanged else None
+    then = state[0]
+    if len(parts) != len(then) or not all(part is was for part, was in zip(parts, then, strict=True)):
+        return None
+    now = _message_state(message)
+    return entry[2] if now is not None and now[1:] == state[1:] else None
 
 
 class PromptBody(Body):
@@ -223,6 +257,21 @@ class PromptBody(Body):
         super().__init__(None)
         self._instructions = instructions
         self._messages = messages
+
+    @property
+    def sealed(self) -> bool:
+        """Whether each of its messages is final."""
+        return all(message.sealed for message in self._messages)
+
+    @property
+    def stamped(self) -> bool:
+        """Whether each of its messages is stamped."""
+        return all(message.stamped for message in self._messages)
+
+    def seal(self) -> None:
+        """Seal the messages that are not final yet."""
+        for message in self._messages:
+            message.seal()
 
     def pending_size(self) -> int | None:
         """What its instructions and messages have left to check (None if one of them is not a quick body)."""
@@ -255,6 +304,78 @@ class PromptBody(Body):
         return ''.join(('{"instructions":', instructions, ',"messages":[', ','.join(texts), ']}')), count
 
 
+class ResponseBody(Body):
+    """A request's response, taken when the request is recorded and dumped when sealed: once pydantic-ai has stamped
+    it (`run_id`, `conversation_id`, `model_id`, `workspace_ref`, in `_append_response`, after the ledger's hooks
+    returned), so the stored response has its stamps and the conversation store saves that same text
+    (`dumped_message_json`): one dump per response.
+
+    Sealed on the event loop: by the ledger at the run's next model request or at the run's end (`RunBodies.seal`), or
+    by the tracker when the row is due first (its commit delay passed, a flush), as the response is then: a row is
+    never held back for the stamps (with no commit delay, a streamed response is sealed before pydantic-ai stamps it,
+    the stream being closed in between). The tracker prepares a record only once its bodies are sealed; one rendered
+    unsealed (spooled from a closed event loop) is sealed as it is then.
+    """
+
+    __slots__ = ('_body', '_error', '_message')
+
+    def __init__(self, message: ModelResponse) -> None:
+        """Keep `message` (not copied: pydantic-ai stamps this very object) until `seal()`."""
+        super().__init__(None)
+        self._message: ModelResponse | None = message
+        self._body: Body | None = None
+        self._error: Exception | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the response was dumped."""
+        return self._message is None
+
+    @property
+    def stamped(self) -> bool:
+        """Whether pydantic-ai has stamped the response: its `run_id` is set, in the same step as its other stamps
+        (`_append_response`), so it can be sealed before the run gets to it (the tracker then writes it sooner)."""
+        message = self._message
+        return message is None or message.run_id is not None
+
+    def seal(self) -> None:
+        """Dump the response as it is now; later calls do nothing. Never raises: a response that cannot be dumped
+        even with the fallback makes rendering fail (the tracker then stores the row without its contents)."""
+        if self._message is None:
+            return
+        with self._lock:
+            self._seal()
+
+    def _seal(self) -> None:
+        message, self._message = self._message, None
+        if message is not None:
+            try:
+                self._body = _dumped(message)
+            except Exception as exc:
+                self._error = exc
+
+    def pending_size(self) -> int | None:
+        """Its dump's, once sealed; None before (and when it could not be dumped)."""
+        if self._rendered is not None:
+            return 0
+        return None if self._body is None else self._body.pending_size()
+
+    def quick_render(self) -> bool:
+        """Quick when sealed and its dump is."""
+        if self._rendered is not None:
+            return True
+        if self._body is None or not self._body.quick_render():
+            return False
+        self.render()
+        return True
+
+    def _render(self) -> tuple[str, int]:
+        self._seal()  # under the lock: a no-op unless its event loop went away before sealing it
+        if self._body is None:
+            raise self._error or RuntimeError('response body not dumped')
+        return self._body.render()
+
+
 class RunBodies:
     """The bodies of one run's requests, each message dumped, checked and redacted once for the whole run.
 
@@ -262,12 +383,13 @@ class RunBodies:
     replaced by a copy is simply dumped again. Not thread-safe: call it from the run's event loop.
     """
 
-    __slots__ = ('_instructions', '_messages')
+    __slots__ = ('_instructions', '_messages', '_open')
 
     def __init__(self) -> None:
         """Start with no message seen."""
         self._messages: dict[int, tuple[ModelMessage, int, Body]] = {}
         self._instructions: dict[str | None, Body] = {}
+        self._open: list[ResponseBody] = []
 
     def request_contents(
         self,
@@ -283,7 +405,7 @@ class RunBodies:
         """
         contents: list[tuple[ContentKind, Body]] = [('prompt', self.prompt(instructions, messages))]
         if response is not None:
-            contents.append(('response', self.message(response)))
+            contents.append(('response', self.response(response)))
         if error is not None:
             contents.append(('error', error_body(error)))
         return contents
@@ -296,7 +418,7 @@ class RunBodies:
         return PromptBody(shared, [self.message(message) for message in messages])
 
     def message(self, message: ModelMessage) -> Body:
-        """The body of one message (a request, or a response, which the next request resends)."""
+        """The body of one message a request sends (a request, or a response the run already had), dumped now."""
         seen = self._messages.get(id(message))
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
@@ -305,15 +427,39 @@ class RunBodies:
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
 
+    def response(self, response: ModelResponse) -> Body:
+        """The body of a request's response: dumped when sealed (`seal()`), so with the stamps pydantic-ai adds after
+        the request is recorded; the next request, which resends it, shares it."""
+        seen = self._messages.get(id(response))
+        if seen is not None and seen[0] is response and seen[1] == len(response.parts):
+            return seen[2]
+        known = _known(response)
+        body: Body
+        if known is not None:
+            body = JsonBody(known)
+        else:
+            body = ResponseBody(response)
+            self._open.append(body)
+        self._messages[id(response)] = (response, len(response.parts), body)
+        return body
+
+    def seal(self) -> None:
+        """Dump the responses taken since the last call, as they are now: call it once pydantic-ai has stamped them
+        (at the run's next model request, and at its end), from the event loop. Never raises."""
+        if self._open:
+            opened, self._open = self._open, []
+            for body in opened:
+                body.seal()
+
 
 def _dumped(message: ModelMessage) -> Body:
     """The body of a message whose JSON is not known: its JSON text from pydantic-core, or (a lone surrogate, which
     UTF-8 cannot encode) its JSON-able values, serialised when rendered.
 
-    A request's text made without the fallback is what the conversation store would dump: it is remembered for it
+    A text made without the fallback is what the conversation store would dump: it is remembered for it
     (`dumped_message_json`), with what it depends on that pydantic-ai may still change.
     """
-    state = _request_state(message)
+    state = _message_state(message)
     fell_back = False
 
     def fallback(value: Any) -> str:

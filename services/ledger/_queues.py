@@ -48,14 +48,16 @@ class PendingRow:
     submitted: float
     prepared: asyncio.Future[None] | None = None
     """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
+    sealing: bool = False
+    """Its record waits to be sealed (a response pydantic-ai stamps after it was recorded) before it is prepared."""
     hurried: object | None = None
     """Set (to a token shared by the rows of one run) when its run ended: commit it without the commit delay, as soon
     as every row with the same token is ready."""
 
     @property
     def ready(self) -> bool:
-        """Prepared (or needing no preparation): it can join the next group commit."""
-        return self.prepared is None or self.prepared.done()
+        """Sealed and prepared (or needing no preparation): it can join the next group commit."""
+        return not self.sealing and (self.prepared is None or self.prepared.done())
 
 
 @dataclass

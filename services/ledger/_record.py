@@ -219,6 +219,21 @@ class LedgerRecord:
         self.prepare(content_max_bytes)
         return True
 
+    def sealed(self) -> bool:
+        """Whether its bodies are final: a response body waits for pydantic-ai's stamps until sealed
+        (`ResponseBody`); `prepare()` only a sealed record, or one whose event loop went away."""
+        return all(raw.sealed for _, raw in self.raw_contents if isinstance(raw, Body))
+
+    def stamped(self) -> bool:
+        """Whether sealing it now would take its bodies' final content (pydantic-ai has stamped its response)."""
+        return all(raw.stamped for _, raw in self.raw_contents if isinstance(raw, Body))
+
+    def seal(self) -> None:
+        """Make its bodies final as they are now (on the event loop)."""
+        for _, raw in self.raw_contents:
+            if isinstance(raw, Body):
+                raw.seal()
+
     def discard_contents(self) -> None:
         """Store no bodies for this record (they could not be prepared); the row itself is kept."""
         self.raw_contents = []

@@ -61,6 +61,12 @@ class LLMRequestTracker:
     transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
     the delay are each committed the delay after their request, as before but later.
 
+    A record whose response body is not sealed yet (`ResponseBody`: the ledger takes a response's content once
+    pydantic-ai has stamped it, at the run's next model request or its end) is prepared once sealed; the writer seals
+    it itself, as the response is then, when its commit delay passed, its run ended or a flush waits, and takes it
+    along when a batch is due and pydantic-ai has stamped it (`_seal_due`, `_seal_stamped`): no row waits longer than
+    it did before.
+
     What the delay costs, precisely: a row is durable only once committed. Until then it exists only in this
     process's memory; the spool covers a database that cannot be reached, not a process that dies (SIGKILL, out of
     memory, power loss). A crash at a moment t loses every row not committed by t: without the delay, the rows whose
@@ -121,11 +127,12 @@ class LLMRequestTracker:
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)
         future: asyncio.Future[WriteOutcome] = loop.create_future()
-        item = PendingRow(record, future, time.perf_counter(), start_preparing(loop, record, self._content_cap))
-        if item.prepared is None:
+        item = PendingRow(record, future, time.perf_counter())
+        if self._content_cap is not None and not record.sealed():
+            item.sealing = True  # prepared once sealed (`_seal_due`)
             queues.wake()
         else:
-            item.prepared.add_done_callback(lambda _: queues.wake())
+            self._prepare(loop, queues, item)
         queues.pending.append(item)
         self.stats.submitted += 1
         if queues.ledger_task is None or queues.ledger_task.done():
@@ -136,6 +143,14 @@ class LLMRequestTracker:
             )
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
+
+    def _prepare(self, loop: asyncio.AbstractEventLoop, queues: LoopQueues, item: PendingRow) -> None:
+        """Start preparing the record of `item` (here when that is quick, else in a worker thread)."""
+        item.prepared = start_preparing(loop, item.record, self._content_cap)
+        if item.prepared is None:
+            queues.wake()
+        else:
+            item.prepared.add_done_callback(lambda _: queues.wake())
 
     def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
         """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
@@ -227,6 +242,7 @@ class LLMRequestTracker:
             if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
                 await queues.sleep(wait)
                 continue
+            self._seal_stamped(queues)
             batch = self._take_ready(queues)
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
@@ -245,6 +261,7 @@ class LLMRequestTracker:
         ready; otherwise when the oldest ready row has waited the commit delay since it was submitted.
         """
         delay = self.config.commit_delay_ms / 1000
+        sealing = self._seal_due(queues, delay)
         ready = 0
         size = 0
         oldest: float | None = None
@@ -264,10 +281,41 @@ class LLMRequestTracker:
             check_prepared(item)
             size += sum(len(content['body']) for content in self._contents_of(item))
         if oldest is None:
-            return None
+            return sealing
         if hurried - preparing or ready >= self.config.max_batch_rows or size >= self.config.max_batch_content_bytes:
             return 0.0
-        return oldest + delay - time.perf_counter()
+        wait = oldest + delay - time.perf_counter()
+        return wait if sealing is None else min(wait, sealing)
+
+    def _seal_due(self, queues: LoopQueues, delay: float) -> float | None:
+        """Prepare the records waiting to be sealed that are: sealed by their run (at its next model request or its
+        end), or due all the same, sealed here as they are (their commit delay passed, their run ended, a flush is
+        waiting), so a row is never held longer than the commit delay; seconds until the next is due (None: none)."""
+        wait: float | None = None
+        now = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        for item in queues.pending:
+            if not item.sealing:
+                continue
+            if not item.record.sealed():
+                left = item.submitted + delay - now
+                if left > 0 and item.hurried is None and not queues.flushing:
+                    wait = left if wait is None else min(wait, left)
+                    continue
+                item.record.seal()
+            item.sealing = False
+            self._prepare(loop, queues, item)
+        return wait
+
+    def _seal_stamped(self, queues: LoopQueues) -> None:
+        """A batch is due: seal and prepare the records waiting to be sealed whose responses pydantic-ai has stamped
+        already, so they join it as they would have had they been ready (one transaction, not one more later)."""
+        loop = asyncio.get_running_loop()
+        for item in queues.pending:
+            if item.sealing and item.record.stamped():
+                item.record.seal()
+                item.sealing = False
+                self._prepare(loop, queues, item)
 
     def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
         """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""

@@ -1,6 +1,7 @@
-"""Long conversations: 100 turns on one conversation with the demo model, plain and streamed. Every turn succeeds,
-the record keeps every message, and every request sent (the last turn's included) is within the context budget,
-with older turns folded into a summary and no tool call separated from its result."""
+"""Long conversations: 100 turns on one conversation with the demo model, plain and streamed (and 200 plain, `-m slow`).
+Every turn succeeds, the record keeps every message, the ledger stored every response as the conversation saved it
+(stamped with its run), and every request sent (the last turn's included) is within the context budget, with older
+turns folded into a summary and no tool call separated from its result."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 from pydantic_ai import ModelMessagesTypeAdapter
-from pydantic_ai.messages import BaseToolCallPart, BaseToolReturnPart, ModelRequest, SystemPromptPart, UserPromptPart
+from pydantic_ai.messages import (
+    BaseToolCallPart,
+    BaseToolReturnPart,
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    SystemPromptPart,
+    UserPromptPart,
+)
 
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import current_settings
@@ -27,6 +37,7 @@ QUESTIONS = [
     'Pediatricians in Denver who speak Spanish',
     'Neurologists in Austin who accept Aetna',
 ]
+_ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 BUDGET = 3_000  # a demo turn is about 1,100 estimated tokens: from turn 3 on, older turns are folded
 
 
@@ -47,33 +58,41 @@ async def _turn(question: str, streamed: bool) -> ChatResult:
     return stream.result
 
 
-@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+@pytest.mark.parametrize(
+    ('turns', 'streamed'),
+    [
+        pytest.param(TURNS, False, id='plain'),
+        pytest.param(TURNS, True, id='streamed'),
+        pytest.param(2 * TURNS, False, id='200-plain', marks=pytest.mark.slow),
+    ],
+)
 async def test_a_hundred_turns_succeed_and_every_request_stays_within_the_budget(
-    demo_data: None, small_budget: int, streamed: bool
+    demo_data: None, small_budget: int, turns: int, streamed: bool
 ) -> None:
-    for turn in range(TURNS):
+    for turn in range(turns):
         result = await _turn(QUESTIONS[turn % len(QUESTIONS)], streamed)
         assert result.output.startswith('I found'), (turn, result.output)
         assert result.usage.requests == 3, 'the per-turn limits count this turn only'
-    assert result.conversation_usage.requests == 3 * TURNS
+    assert result.conversation_usage.requests == 3 * turns
     await get_request_tracker().flush()
     await get_supervisor().join()
 
     conversation = await PostgresConversationStore(await account_id('acme-health')).load('long')
-    assert conversation is not None and len(conversation.messages) == 6 * TURNS, 'the record keeps every message'
-    assert conversation.usage.requests == 3 * TURNS
+    assert conversation is not None and len(conversation.messages) == 6 * turns, 'the record keeps every message'
+    assert conversation.usage.requests == 3 * turns
+    await _assert_the_ledger_stored_each_response_as_saved(conversation.messages)
 
     rows = await scalar(
         "SELECT json_agg(json_build_object('body', c.body, 'input_tokens', r.input_tokens) ORDER BY r.started_at) "
         "FROM llm_requests r JOIN llm_request_contents c ON c.request_id = r.id AND c.kind = 'prompt' "
         "WHERE r.chat_session_id = 'long'"
     )
-    assert len(rows) == 3 * TURNS
+    assert len(rows) == 3 * turns
     sent = [ModelMessagesTypeAdapter.validate_python(json.loads(row['body'])['messages']) for row in rows]
     sizes = [estimate_tokens(messages) for messages in sent]
     assert max(sizes) <= small_budget, 'every request within the budget'
     assert max(row['input_tokens'] for row in rows[-3:]) <= small_budget, "the model's own count agrees"
-    assert max(sizes[-30:]) <= 1.3 * min(sizes[30:60]) + 500, 'flat: turn 100 sends about what turn 15 sent'
+    assert max(sizes[-30:]) <= 1.3 * min(sizes[30:60]) + 500, 'flat: the last turn sends about what turn 15 sent'
     for messages in sent:
         _assert_calls_have_results(messages)
     last = sent[-1]
@@ -82,7 +101,22 @@ async def test_a_hundred_turns_succeed_and_every_request_stays_within_the_budget
     assert summary.parts[0].content.startswith(SUMMARY_PREFIX)
     assert 'Topic: Find me cardiologists in Seattle who accept Medicare' in summary.parts[0].content
     prompts = [p.content for m in last for p in m.parts if isinstance(p, UserPromptPart)]
-    assert 1 <= len(prompts) < 5 and prompts[-1] == QUESTIONS[(TURNS - 1) % len(QUESTIONS)]
+    assert 1 <= len(prompts) < 5 and prompts[-1] == QUESTIONS[(turns - 1) % len(QUESTIONS)]
+
+
+async def _assert_the_ledger_stored_each_response_as_saved(messages: list[ModelMessage]) -> None:
+    """The ledger's response of every request is the response the conversation saved, stamped with its run."""
+    rows = await scalar(
+        "SELECT json_agg(json_build_object('run_id', r.run_id, 'body', c.body) ORDER BY r.started_at) "
+        "FROM llm_requests r JOIN llm_request_contents c ON c.request_id = r.id AND c.kind = 'response' "
+        "WHERE r.chat_session_id = 'long'"
+    )
+    saved = [message for message in messages if isinstance(message, ModelResponse)]
+    assert len(rows) == len(saved)
+    for row, response in zip(rows, saved, strict=True):
+        stored = json.loads(row['body'])
+        assert stored == json.loads(_ADAPTER.dump_json(response))
+        assert (stored['run_id'], stored['conversation_id']) == (row['run_id'], 'long') and stored['model_id']
 
 
 def _assert_calls_have_results(messages: list[Any]) -> None:

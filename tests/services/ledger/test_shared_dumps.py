@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter
-from pydantic_ai import ModelResponse, TextPart, ToolCallPart
-from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
+from pydantic_ai import ModelResponse, RequestUsage, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart, WorkspaceRef
 from sqlalchemy import event, text
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
@@ -90,12 +91,95 @@ def test_a_request_changed_after_it_was_sent_is_dumped_again(change: str) -> Non
     assert message_json(request) == _fresh(request)
 
 
-def test_responses_are_not_shared_they_are_stamped_after_the_ledger_records_them() -> None:
-    response = ModelResponse(parts=[TextPart('hi'), ToolCallPart('lookup', {'n': 1}, tool_call_id='c1')])
-    RunBodies().message(response)
+def _recorded_response() -> tuple[ModelResponse, RunBodies]:
+    """A response as the ledger records it (not stamped yet), then stamped as `_append_response` does, then sealed."""
+    response = ModelResponse(
+        parts=[TextPart('hi'), ToolCallPart('lookup', {'n': 1}, tool_call_id='c1')],
+        usage=RequestUsage(input_tokens=10, output_tokens=2, details={'reasoning_tokens': 1}),
+        model_name='m',
+        provider_details={'finish_reason': 'stop'},
+    )
+    bodies = RunBodies()
+    body = bodies.response(response)
+    assert not body.sealed and dumped_message_json(response) is None  # taken, not dumped yet
+    response.run_id, response.conversation_id, response.model_id = 'run-1', 'conv-1', 'function:m'
+    response.usage.cost = Decimal('0.5')  # `fill_response_cost`, in place
+    bodies.seal()
+    assert body.sealed
+    return response, bodies
+
+
+def test_a_response_is_dumped_once_stamped_and_saved_from_that_very_text() -> None:
+    response, bodies = _recorded_response()
+    known = dumped_message_json(response)
+    assert known is not None and known == _fresh(response)
+    assert '"run_id":"run-1"' in known and '"conversation_id":"conv-1"' in known and '"model_id":"function:m"' in known
+    assert message_json(response) is known
+    assert bodies.response(response).render() == (known, 0)  # the ledger stores that same text
+    assert bodies.message(response).render() == (known, 0)  # and the next request's prompt resends it
+
+
+@pytest.mark.parametrize(
+    'change',
+    [
+        'run_id',
+        'conversation_id',
+        'model_id',
+        'workspace_ref',
+        'state',
+        'finish_reason',
+        'metadata',
+        'timestamp',
+        'cost in place',
+        'usage details in place',
+        'usage replaced',
+        'provider details in place',
+        'part appended',
+        'part replaced in place',
+    ],
+)
+def test_a_response_changed_after_it_was_sealed_is_dumped_again(change: str) -> None:
+    response, _ = _recorded_response()
+    if change == 'run_id':
+        response.run_id = 'run-2'
+    elif change == 'conversation_id':
+        response.conversation_id = 'conv-2'
+    elif change == 'model_id':
+        response.model_id = 'function:other'
+    elif change == 'workspace_ref':
+        response.workspace_ref = WorkspaceRef(provider='local', id='ws-1')
+    elif change == 'state':
+        response.state = 'interrupted'
+    elif change == 'finish_reason':
+        response.finish_reason = 'length'
+    elif change == 'metadata':
+        response.metadata = {'k': 'v'}
+    elif change == 'timestamp':
+        response.timestamp = datetime(2020, 1, 1, tzinfo=UTC)
+    elif change == 'cost in place':
+        response.usage.cost = Decimal('0.7')
+    elif change == 'usage details in place':
+        response.usage.details['reasoning_tokens'] = 2
+    elif change == 'usage replaced':
+        response.usage = RequestUsage(input_tokens=10, output_tokens=2, details={'reasoning_tokens': 1})
+    elif change == 'provider details in place':
+        assert response.provider_details is not None
+        response.provider_details['finish_reason'] = 'length'
+    elif change == 'part appended':
+        response.parts.append(TextPart('more'))  # type: ignore[attr-defined]
+    else:
+        response.parts[0] = TextPart('other')  # type: ignore[index]
     assert dumped_message_json(response) is None
-    response.run_id, response.model_id = 'run-1', 'function:m'  # what `_append_response` does next
-    assert message_json(response) == _fresh(response) and '"run_id":"run-1"' in message_json(response)
+    assert message_json(response) == _fresh(response)
+
+
+def test_a_response_sealed_by_a_render_without_its_run_is_stored_as_it_was() -> None:
+    """The tracker renders a record whose run never sealed it (its event loop went away): the response as it is."""
+    response = ModelResponse(parts=[TextPart('hi')], model_name='m')
+    body = RunBodies().response(response)
+    response.run_id = 'run-1'
+    text, _ = body.render()
+    assert text == _fresh(response) and body.sealed and dumped_message_json(response) == text
 
 
 def test_a_request_with_a_nul_is_stored_as_before() -> None:
@@ -173,27 +257,32 @@ async def test_a_saved_turn_stores_exactly_a_fresh_dump_of_each_message(
     for messages, bodies in zip(appended, saves, strict=True):
         assert len(messages) == len(bodies) == 6  # the prompt, 2 tool results, 3 responses
         assert bodies == [_fresh(message) for message in messages]  # byte for byte, after every stamp
-        requests = [i for i, message in enumerate(messages) if isinstance(message, ModelRequest)]
-        assert len(requests) == 3 and all(bodies[i] is dumped_message_json(messages[i]) for i in requests)
+        # One dump per message: requests from their sending, responses once stamped, each shared with the ledger.
+        assert all(bodies[i] is dumped_message_json(message) for i, message in enumerate(messages))
         for message in messages:
             assert message.run_id is not None and message.conversation_id == 'shared-dumps'
             if isinstance(message, ModelResponse):
                 assert message.model_id is not None and f'"model_id":"{message.model_id}"' in _fresh(message)
-    # The ledger stored the same requests, in full (the demo turn holds no secret).
+    # The ledger stored the same messages, in full (the demo turn holds no secret), responses with their stamps.
     async with get_db_session(account=Unscoped.ADMIN) as session:
-        prompts = list(
-            (
-                await session.execute(
-                    text(
-                        'SELECT c.body FROM llm_request_contents c JOIN llm_requests r ON r.id = c.request_id '
-                        "WHERE r.conversation_id = 'shared-dumps' AND c.kind = 'prompt' ORDER BY r.started_at"
-                    )
+        stored = (
+            await session.execute(
+                text(
+                    'SELECT r.run_id, c.kind, c.body FROM llm_request_contents c JOIN llm_requests r '
+                    "ON r.id = c.request_id WHERE r.conversation_id = 'shared-dumps' ORDER BY r.started_at, c.kind"
                 )
-            ).scalars()
-        )
-    assert len(prompts) == 6
+            )
+        ).all()
+    prompts = [body for _, kind, body in stored if kind == 'prompt']
+    responses = [(run_id, body) for run_id, kind, body in stored if kind == 'response']
+    assert len(prompts) == len(responses) == 6
+    saved = [message for turn in appended for message in turn if isinstance(message, ModelResponse)]
+    assert [body for _, body in responses] == [_fresh(response) for response in saved]
+    for (run_id, body), response in zip(responses, saved, strict=True):
+        assert response.run_id == run_id and f'"run_id":"{run_id}"' in body
+        assert '"conversation_id":"shared-dumps"' in body and f'"model_id":"{response.model_id}"' in body
     last = appended[-1]
-    for i in (0, 2, 4):
+    for i in range(5):  # the last request resent the turn's messages as they were saved
         assert _fresh(last[i]) in prompts[-1]
 
 
@@ -220,3 +309,15 @@ def test_the_ledger_redacts_its_copy_and_the_store_keeps_the_message_as_it_is(wh
     assert redactions == 1 and secret not in text  # what the ledger stores
     assert message_json(request) == _fresh(request) and secret in message_json(request)  # what the store stores
     assert dumped_message_json(request) == _fresh(request)  # shared: the text before redaction
+
+
+def test_the_ledger_redacts_its_copy_of_a_response_and_the_store_keeps_it_as_it_is() -> None:
+    secret = 'ghp_0123456789abcdefghijABCDEFGHIJklmnop'
+    response = ModelResponse(parts=[TextPart(f'the key is\n{secret}')], model_name='m')
+    bodies = RunBodies()
+    body = bodies.response(response)
+    response.run_id = 'run-1'
+    bodies.seal()
+    text, redactions = body.render()
+    assert redactions == 1 and secret not in text and '"run_id":"run-1"' in text  # what the ledger stores
+    assert message_json(response) == _fresh(response) and secret in message_json(response)  # what the store stores
