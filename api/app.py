@@ -38,6 +38,7 @@ from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
+from agentrt.services.heap import freeze_startup_heap
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -49,6 +50,7 @@ def create_app(
     manage_runtime: bool = True,
     static_dir: Path | None = None,
     web_ui: bool = False,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """Build the HTTP API.
 
@@ -61,6 +63,8 @@ def create_app(
         static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI of your own.
         web_ui: serve the packaged web UI at `/` (when `static_dir` is not given). Nothing is served at `/` when
             neither is given.
+        freeze_heap: once the runtime has started, freeze the process's start-up objects out of the cyclic GC's way
+            (`freeze_startup_heap`); what `agentrt serve` does, for a process that only serves this app.
     """
 
     @asynccontextmanager
@@ -71,6 +75,8 @@ def create_app(
         configure_observability()
         try:
             await init_database(settings)
+            if freeze_heap:
+                freeze_startup_heap()
             yield
         finally:
             # uvicorn ends its process (and stops its workers) by SIGTERM after this, skipping exit handlers.
@@ -102,8 +108,9 @@ def create_app(
 
 
 def create_served_app() -> FastAPI:
-    """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`."""
-    return create_app(web_ui=get_settings().http_web_ui)
+    """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`,
+    and the start-up heap frozen (`freeze_heap`): the process serves only this app."""
+    return create_app(web_ui=get_settings().http_web_ui, freeze_heap=True)
 
 
 def _telemetry_option() -> dict[str, Any]:

@@ -22,9 +22,12 @@ def worker(
 async def _worker(concurrency: int, burst: bool) -> None:
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.db.engine import init_database
+    from agentrt.services.heap import freeze_startup_heap
     from agentrt.services.jobs import run_worker
 
     await init_database()
+    if not burst:  # a process that runs until stopped: its start-up objects out of the cyclic GC's way
+        freeze_startup_heap()
     try:
         await run_worker(concurrency=concurrency, burst=burst)
     finally:
