@@ -1,10 +1,10 @@
 """`freeze_startup_heap`: a long-running server process's start-up objects moved out of the cyclic GC's way.
 
 What a process holds once it has started (modules, classes, pydantic and SQLAlchemy schemas, the engine, the app:
-about 180,000 objects in a runtime process) lives as long as the process, yet every full (gen2) collection walks
-it. Measured with runtime turns (BENCHMARKS 3b): a gen2 collection every 60-75 turns, each a pause of about 100 ms
-that stalls the event loop for every chat in flight (1.4-1.5 ms a turn averaged); with the start-up heap frozen
-(`gc.freeze()`), about 3 ms each.
+about 190,000 objects in a process running turns, 206,000 in a served app) lives as long as the process, yet every
+full (gen2) collection walks it. Measured with runtime turns (BENCHMARKS 3b): a gen2 collection every 60-75 turns,
+each a pause of about 100 ms that stalls the event loop for every chat in flight (1.4-1.5 ms a turn averaged); with
+the start-up heap frozen (`gc.freeze()`), about 3 ms each.
 
 Only for processes the runtime owns, once they have started (`agentrt serve`'s workers, `agentrt worker`): a frozen
 object is never collected, so in a program of your own, call it yourself once its start-up is done, if at all.
