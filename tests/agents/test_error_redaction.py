@@ -60,11 +60,19 @@ def _errors(message: str) -> list[BaseException]:
     ]
 
 
-@pytest.mark.parametrize('place', list(PLACES))
-@pytest.mark.parametrize('kind', KINDS, ids=[kind.name for kind in KINDS])
+def _placements() -> list[Any]:
+    """Every kind at every place, except a kind the corpus plants only at a line's start (`env-high-entropy`: a
+    variable's line) at a place inside other text."""
+    return [
+        pytest.param(kind, place, id=f'{kind.name}-{place}')
+        for kind in KINDS
+        for place in PLACES
+        if place == 'line_start' or 'url' in kind.positions or 'error_body' in kind.positions
+    ]
+
+
+@pytest.mark.parametrize(('kind', 'place'), _placements())
 def test_a_documented_error_never_shows_a_secret_of_the_providers_text(kind: Kind, place: str) -> None:
-    if place != 'line_start' and 'url' not in kind.positions and 'error_body' not in kind.positions:
-        pytest.skip(f'{kind.name} is not planted inside other text')
     message = _planted(kind, place)
     for raw in _errors(message):
         error = documented_error(raw, 'gpt-4o-mini')
