@@ -194,22 +194,13 @@ def _message_state(message: ModelMessage) -> _MessageState | None:
     shared: one with metadata (a dict pydantic-ai may update in place)."""
     if message.metadata is not None:
         return None
+    # Both kinds: the parts first (`dumped_message_json` compares them by identity, the rest by value).
+    stamped = (tuple(message.parts), message.timestamp, message.run_id, message.conversation_id, message.state)
     if isinstance(message, ModelRequest):
-        return (
-            tuple(message.parts),
-            message.timestamp,
-            message.run_id,
-            message.conversation_id,
-            message.state,
-            message.instructions,
-        )
+        return (*stamped, message.instructions)
     usage, details = message.usage, message.provider_details
     return (
-        tuple(message.parts),
-        message.timestamp,
-        message.run_id,
-        message.conversation_id,
-        message.state,
+        *stamped,
         message.model_id,
         message.workspace_ref,
         message.finish_reason,
