@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import event, insert, text
 
+from agentrt.db.engine import get_engine
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerConfig, LedgerRecord, RetryPolicy, new_request_id, utc_now
@@ -106,3 +109,17 @@ async def scalar(sql: str, **params: Any) -> Any:
     """One value from a query."""
     async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(text(sql), params)).scalar()
+
+
+@contextmanager
+def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) -> Iterator[None]:
+    """SQLAlchemy event listeners (`(event name, function)`) on `target`, the runtime's engine by default, while the
+    block runs; removed after it, whatever it raised."""
+    target = get_engine().sync_engine if target is None else target
+    for name, listener in listeners:
+        event.listen(target, name, listener)
+    try:
+        yield
+    finally:
+        for name, listener in listeners:
+            event.remove(target, name, listener)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from agentrt.agents.simple_chat import simple_chat
-from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.engine import current_settings
 from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, get_request_tracker, set_request_tracker
+from tests.factories import listening
 from tests.services.budgets.helpers import give_budget
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
@@ -68,14 +69,9 @@ class Meter:
 
 @contextmanager
 def metered() -> Iterator[Meter]:
-    meter, engine = Meter(), get_engine().sync_engine
-    event.listen(engine, 'checkout', meter.checkout)
-    event.listen(engine, 'before_cursor_execute', meter.statement)
-    try:
+    meter = Meter()
+    with listening(('checkout', meter.checkout), ('before_cursor_execute', meter.statement)):
         yield meter
-    finally:
-        event.remove(engine, 'checkout', meter.checkout)
-        event.remove(engine, 'before_cursor_execute', meter.statement)
 
 
 async def _turn(session_id: str) -> None:

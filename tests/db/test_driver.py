@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event, literal_column, select, text
+from sqlalchemy import literal_column, select, text
 
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import get_engine
@@ -20,6 +20,7 @@ from agentrt.db.roles import APP_ROLE, AUTH_ROLE
 from agentrt.db.session import Unscoped, get_db_session, retry_on_disconnect
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.conversations import TurnClaim
+from tests.factories import listening
 
 WHO = DriverStatement.of(
     text("SELECT current_user, coalesce(current_setting('app.account_id', true), ''), pg_backend_pid()")
@@ -63,9 +64,7 @@ async def test_a_transaction_runs_as_its_tenant_commits_and_its_statements_are_s
     def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
         seen.append(statement)
 
-    engine = get_engine().sync_engine
-    event.listen(engine, 'before_cursor_execute', before)
-    try:
+    with listening(('before_cursor_execute', before)):
         async with driver_transaction(account=alpha) as transaction:
             await _claim(transaction, alpha)
         async with driver_transaction(account=beta) as transaction:
@@ -73,8 +72,6 @@ async def test_a_transaction_runs_as_its_tenant_commits_and_its_statements_are_s
             who = (await transaction.fetch(WHO, {}))[0]
             assert (who[0], who[1]) == (APP_ROLE, str(beta))
             assert [row[0] for row in await transaction.fetch(CLAIMED, {})] == [beta]  # alpha's row is not seen
-    finally:
-        event.remove(engine, 'before_cursor_execute', before)
     assert await _claimed_by() == sorted([alpha, beta])  # both committed
     assert len(seen) == 4 and 'INSERT INTO conversation_turns' in seen[0]
     async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:

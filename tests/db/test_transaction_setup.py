@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from agentrt.db.engine import get_engine, pool_status
+from agentrt.db.engine import pool_status
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, SetupSession, TransactionSetup
+from tests.factories import listening
 
 
 @contextmanager
@@ -25,12 +26,8 @@ def statements() -> Iterator[list[str]]:
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    engine = get_engine().sync_engine
-    event.listen(engine, 'before_cursor_execute', record)
-    try:
+    with listening(('before_cursor_execute', record)):
         yield seen
-    finally:
-        event.remove(engine, 'before_cursor_execute', record)
 
 
 def test_the_prelude_is_rendered_from_integers_only() -> None:

@@ -15,15 +15,16 @@ from pydantic_ai.capabilities import Hooks
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.tools import ToolDefinition
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from agentrt.db.engine import get_engine, pool_status
+from agentrt.db.engine import pool_status
 from agentrt.db.models import Account, AgentInstance, DirectoryEntry
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
+from tests.factories import listening
 
 pytestmark = pytest.mark.usefixtures('demo_data')
 
@@ -171,12 +172,11 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
     rec = Recorder()
-    engine = get_engine().sync_engine
-    event.listen(engine, 'before_cursor_execute', rec.on_statement)
-    event.listen(Session, 'after_begin', rec.on_begin)
-    yield rec
-    event.remove(engine, 'before_cursor_execute', rec.on_statement)
-    event.remove(Session, 'after_begin', rec.on_begin)
+    with (
+        listening(('before_cursor_execute', rec.on_statement)),
+        listening(('after_begin', rec.on_begin), target=Session),
+    ):
+        yield rec
 
 
 # --- parallel calls, cancellation ----------------------------------------------------------------------------------

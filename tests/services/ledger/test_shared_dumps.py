@@ -19,16 +19,16 @@ import pytest
 from pydantic import TypeAdapter
 from pydantic_ai import ModelResponse, RequestUsage, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart, WorkspaceRef
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
-from agentrt.db.engine import get_engine
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.conversations._store import _message_adapter, _storable_json, message_json
 from agentrt.services.ledger import dumped_message_json, get_request_tracker
 from agentrt.services.ledger._contents import JsonBody, RunBodies
+from tests.factories import listening
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 _ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
@@ -222,12 +222,8 @@ def _saved_bodies() -> Iterator[list[list[str]]]:
             values = parameters.values() if isinstance(parameters, dict) else parameters
             saves.extend(value for value in values if _message_texts(value))
 
-    engine = get_engine().sync_engine
-    event.listen(engine, 'before_cursor_execute', on_statement)
-    try:
+    with listening(('before_cursor_execute', on_statement)):
         yield saves
-    finally:
-        event.remove(engine, 'before_cursor_execute', on_statement)
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
