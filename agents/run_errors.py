@@ -35,7 +35,7 @@ from pydantic_ai.exceptions import (
 
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
 from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError, TurnLimitExceededError
-from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.log_redaction import install_log_redaction
 
 # How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
@@ -141,11 +141,8 @@ def _redacted_body(body: object | None) -> str | None:
 
 
 def _redacted_message(message: str) -> str:
-    """The message, redacted, then cut to `MESSAGE_CHARS`. Twice that is redacted: a secret that the cut splits is
-    still whole when it is redacted (it could reach the kept part only if redaction shrank what came before it by
-    `MESSAGE_CHARS`), and the work stays bounded whatever the provider sent."""
-    shown = redact_text(message[: 2 * MESSAGE_CHARS])[0]
-    return shown[:MESSAGE_CHARS] + '...' if len(shown) > MESSAGE_CHARS else shown
+    """The message, redacted, then cut to `MESSAGE_CHARS` (`redact_cut`: a secret the cut splits is redacted whole)."""
+    return redact_cut(message, MESSAGE_CHARS, marker='...')
 
 
 def _first_line(message: str) -> str:

@@ -3,7 +3,7 @@
 A provider's error (its message, its body in the exception's text) or a driver's (a statement's parameters) can
 reach a log line as an argument or in the traceback of a chained exception (`ModelProviderError` keeps pydantic-ai's
 error as its `__cause__`). `RedactingFilter`, on every logger of `LOGGERS`, passes the formatted message and the
-formatted traceback through `redact_text` (the one redaction) before any handler sees the record: the traceback
+formatted traceback through `redact_cut` (the one redaction, bounded) before any handler sees the record: the traceback
 becomes the record's `exc_text` (which `logging.Formatter` prints) and `exc_info` is cleared, so no handler formats
 the raw exception again. `exc_line` keeps the exception's own line (`Type: message`, redacted) for one-line displays.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import traceback
 
-from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.ledger.redaction import redact_cut
 
-# Every logger the runtime logs to (tests/services/test_log_redaction.py checks the sources name no other).
+# Every logger the runtime logs to (tests/agents/test_error_redaction.py checks the sources name no other).
 LOGGERS = (
     'agentrt',
     'agentrt.api',
@@ -54,9 +54,7 @@ def redact_record(record: logging.LogRecord) -> None:
 
 
 def _redacted(text: str) -> str:
-    if len(text) > MAX_LOGGED_CHARS:
-        text = text[:MAX_LOGGED_CHARS] + ' [cut]'
-    return redact_text(text)[0]
+    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')  # redacted before the cut: no secret left half shown
 
 
 class RedactingFilter(logging.Filter):

@@ -15,7 +15,7 @@ from pydantic_ai.messages import ModelResponse
 
 from agentrt.services.ledger._contents import Body, ContentKind
 from agentrt.services.ledger._pricing import price, price_source
-from agentrt.services.ledger.redaction import redact_text
+from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.pg_text import is_storable, storable_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
@@ -255,7 +255,7 @@ class LedgerRecord:
 
     def _redacted_error(self, message: str) -> str:
         if self._error is None or self._error[0] is not message:
-            redacted = redact_text(message[:ERROR_MESSAGE_SCAN_CHARS])[0][:ERROR_MESSAGE_MAX_CHARS]
+            redacted = redact_cut(message, ERROR_MESSAGE_MAX_CHARS, scan=ERROR_MESSAGE_SCAN_CHARS)
             # PostgreSQL text holds neither NUL nor a lone surrogate: either would make the row itself fail.
             self._error = (message, storable_text(redacted))
         return self._error[1]

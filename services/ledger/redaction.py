@@ -599,6 +599,18 @@ def redact_text(text: str) -> tuple[str, int]:
     return ''.join(pieces), len(spans)
 
 
+def redact_cut(text: str, keep: int, *, scan: int | None = None, marker: str = '') -> str:
+    """`text` redacted, then cut to `keep` characters (`marker` added when something was cut): for a message that is
+    shown or stored with a bound (an error's text, a log line).
+
+    Redaction runs before the cut, so a secret the cut splits is replaced whole, not left half visible; only the first
+    `scan` characters (twice `keep` by default) are read, so the work stays bounded whatever the text holds, and a
+    secret can reach the kept part only if redaction shrank what came before it by `scan - keep` characters.
+    """
+    redacted = redact_text(text[: 2 * keep if scan is None else scan])[0]
+    return redacted[:keep] + marker if len(redacted) > keep else redacted
+
+
 def redact(text: str) -> tuple[str, int]:
     """The same as `redact_text()`: the name callers used before."""
     return redact_text(text)

@@ -26,7 +26,7 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
 from agentrt.agents.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError
 from agentrt.agents.run_errors import documented_error
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
-from agentrt.services.log_redaction import LOGGERS, RedactingFilter
+from agentrt.services.log_redaction import LOGGERS, MAX_LOGGED_CHARS, RedactingFilter
 from tests.services.ledger.redaction_corpus import KINDS, Kind
 
 OPENAI_KEY = next(kind for kind in KINDS if kind.name == 'openai-project-key')
@@ -90,6 +90,16 @@ def test_what_is_shown_of_a_message_is_its_first_line_redacted_then_cut() -> Non
     assert isinstance(huge, ModelBehaviorError)
     assert OPENAI_KEY.secret[:12] not in str(huge) and str(huge).endswith('...')
     assert 'Incorrect API key' in str(documented_error(ModelConnectionError('m', _planted(OPENAI_KEY, 'inside_json'))))
+
+
+def test_a_log_line_cut_to_its_bound_never_keeps_half_a_secret() -> None:
+    """The cut (`MAX_LOGGED_CHARS`) falls inside the key: redacted first, so not even its start is kept."""
+    message = 'x' * (MAX_LOGGED_CHARS - 20) + ' %s ' + 'y' * 100
+    record = logging.LogRecord('agentrt', logging.ERROR, __file__, 1, message, (OPENAI_KEY.secret,), None)
+    RedactingFilter().filter(record)
+    shown = record.getMessage()
+    assert OPENAI_KEY.secret[:12] not in shown and '[REDACTED]' in shown
+    assert shown.endswith(' [cut]') and len(shown) == MAX_LOGGED_CHARS + len(' [cut]')
 
 
 def _failing(error: Callable[[], BaseException]) -> FunctionModel:
