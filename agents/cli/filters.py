@@ -36,12 +36,15 @@ def ledger_filters(
     """The filters the options name; a usage error (exit 2) for a time that does not parse."""
     from agentrt.services.ledger import LedgerFilters
 
+    start, end = parse_time(since, '--since'), parse_time(until, '--until')
+    if start is not None and end is not None and start >= end:
+        fail('--since must be before --until', EXIT_USAGE)  # as the HTTP API says, rather than an empty answer
     return LedgerFilters(
         account=account_option(account),
         agent=agent,
         model=model,
-        since=parse_time(since, '--since'),
-        until=parse_time(until, '--until'),
+        since=start,
+        until=end,
         success=success,
         chat_session_id=chat_session_id,
     )
@@ -63,14 +66,21 @@ def account_option(value: str | None) -> str | int | None:
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:
-    """An ISO date or time, UTC unless it says otherwise; a usage error (exit 2) naming `option` if it is not one."""
+    """An ISO date or time in UTC (UTC unless it says otherwise); a usage error (exit 2) naming `option` if it is
+    not one, or if it is outside the times UTC can represent (9999-12-31T23:00-05:00)."""
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         fail(f'{option} must be an ISO date or time (e.g. 2026-03-01 or 2026-03-01T12:00), got {value!r}', EXIT_USAGE)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC here: converted later (the rollup's day, the driver's parameter), an overflow was an internal error.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        fail(f'{option} {value} is out of range: in UTC it falls outside years 1 to 9999', EXIT_USAGE)
 
 
 def money(value: Decimal | None) -> str:

@@ -38,6 +38,29 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['costs', '--by', 'planet'], {}, 2, '--by'),
     (['costs', '--since', '2026-13-45'], {}, 2, '--since'),
     (['costs', '--account', BIG], {}, 2, '--account'),
+    # a time past the last (or before the first) moment once in UTC: was an internal error (rollup), a driver's
+    # message (ledger)
+    (['costs', '--until', '9999-12-31T23:59:59-14:00'], {}, 2, '--until 9999-12-31T23:59:59-14:00 is out of range'),
+    (['costs', '--since', '0001-01-01T00:00+14:00', '--source', 'ledger'], {}, 2, '--since'),
+    (['audit', 'list', '--until', '9999-12-31T23:00-05:00'], {}, 2, 'out of range'),
+    (['audit', 'list', '--since', '2030-01-01', '--until', '2020-01-01'], {}, 2, '--since must be before --until'),
+    (
+        [
+            'budget',
+            'set',
+            '--account',
+            'acme-health',
+            '--limit',
+            '5',
+            '--period',
+            '7d',
+            '--anchor',
+            '0001-01-01T00:00+01:00',
+        ],
+        {},
+        2,
+        '--anchor',
+    ),
     (['db', 'upgrade', 'nosuchrevision'], {}, 2, 'nosuchrevision'),
     (['ledger', 'replay', '--spool', '/proc/no/such/dir/spool.jsonl'], {}, 2, 'spool'),
     # text PostgreSQL cannot take (an undecodable argument is a lone surrogate): refused, or simply not found
