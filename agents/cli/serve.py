@@ -39,6 +39,7 @@ def serve(
     if web_ui is not None:
         # The workers build their app from the settings (create_served_app), so the flag travels as the variable.
         os.environ['AGENTRT_HTTP_WEB_UI'] = 'true' if web_ui else 'false'
+    _check_address(host, port)
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
     run(_check_database)
@@ -59,6 +60,29 @@ def serve(
 def missing_http_packages() -> list[str]:
     """The packages of the `http` extra that are not installed."""
     return [name for name in HTTP_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _check_address(host: str, port: int) -> None:
+    """A usage error (exit 2) for an address this machine cannot listen on: a host that does not resolve or is not
+    its own, a port in use. uvicorn found out only after the database had started, logged it as a line of its own
+    and exited with 3, the code of an unreachable PostgreSQL."""
+    import socket
+
+    where = f'{host}:{port} (--host, --port; AGENTRT_HTTP_HOST, AGENTRT_HTTP_PORT)'
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError, ValueError) as exc:  # gaierror; an IDNA label too long; a NUL
+        fail(
+            f'cannot listen on {where}: the host does not resolve ({getattr(exc, "strerror", None) or exc})', EXIT_USAGE
+        )
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fail(f'cannot listen on {where}: {exc.strerror or exc}', EXIT_USAGE)
 
 
 async def _check_database() -> None:

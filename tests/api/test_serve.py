@@ -28,7 +28,7 @@ from sqlalchemy import text
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
-from tests.agents.cli.helpers import ROOT, run_cli
+from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.api.conftest import chat_body, of_type, stream_chat
 
 CHATS = 200
@@ -151,3 +151,24 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
         (True, CHATS, CHATS, CHATS),
     ]
     assert statuses == {'complete': 3 * TOOL_CHATS + CHATS}
+
+
+async def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_database_starts() -> None:
+    # uvicorn found out after the database had started, logged its own line and exited 3 (an unreachable database).
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db'}  # never reached: the address is checked first
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        in_use = await invoke('serve', '--port', port, env=env)
+    unknown = await invoke('serve', '--host', 'no-such-host.invalid', env=env)
+    foreign = await invoke('serve', '--host', '192.0.2.1', env=env)  # TEST-NET-1: not an address of this machine
+    for result, words in (
+        (in_use, f'cannot listen on 127.0.0.1:{port}'),
+        (unknown, 'cannot listen on no-such-host.invalid:8000'),
+        (foreign, 'cannot listen on 192.0.2.1:8000'),
+    ):
+        assert result.exit_code == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+        assert len(errors) == 1 and words in errors[0] and '--port' in errors[0], result.stderr
+        assert 'cannot connect to PostgreSQL' not in result.stderr
