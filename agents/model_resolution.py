@@ -23,7 +23,12 @@ def resolve_model(name: str | Model | None, *, default: str = DEMO_MODEL_NAME, s
     """
     if isinstance(name, Model):
         return name
-    name = (name or default).strip()
+    name = (default if name is None else name).strip()
+    if not name:
+        # Not the default: an empty name is a flag or variable that was meant to hold one (`--model "$MODEL"`).
+        raise ConfigError(
+            "the model name is empty: give 'demo' or a pydantic-ai model string such as openai-chat:gpt-4o"
+        )
     if name == DEMO_MODEL_NAME:
         return demo_model(stream_delay=stream_delay)
     try:

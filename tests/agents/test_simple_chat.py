@@ -133,6 +133,14 @@ async def test_unusable_model_fails_before_anything_runs(
         await simple_chat(QUESTION, session_id='x', account='acme-health', model=model)
 
 
+@pytest.mark.parametrize('model', ['', '   '])
+async def test_an_empty_model_name_is_refused_not_the_default(demo_data: None, model: str) -> None:
+    # `--model "$MODEL"` with MODEL unset ran the configured default (the demo) as if no model had been asked for,
+    # while AGENTRT_MODEL= is refused; blanks said "Unknown model: ".
+    with pytest.raises(ConfigError, match='the model name is empty'):
+        await simple_chat(QUESTION, session_id='x', account='acme-health', model=model)
+
+
 async def test_empty_message_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match='empty'):
         await simple_chat('   ', session_id='x', account='acme-health')
