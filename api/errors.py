@@ -206,6 +206,10 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 1] + '…'
 
 
+_FASTAPI_UNPARSED_BODY = 'There was an error parsing the body'
+_UNPARSED_BODY = 'the body is not JSON this server can read: send UTF-8 text nested at most a few hundred levels deep'
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error a request can raise through `public_error`, so none answers with internal text."""
 
@@ -219,6 +223,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error_id = new_error_id()
         logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
+        if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSED_BODY:
+            # FastAPI's words for a JSON body that is not UTF-8 or nests deeper than Python's parser goes.
+            body.update(detail=_UNPARSED_BODY, field='body')
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:

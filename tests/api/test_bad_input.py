@@ -118,6 +118,24 @@ async def test_bad_turn_bodies_are_refused_before_anything_runs(keys: Keys, clie
     assert await ledger_rows() == []
 
 
+async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # FastAPI's own words were "There was an error parsing the body", naming neither the body's fault nor the fix.
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    for content in (
+        b'{"message": "\xff\xfe"}',
+        b'{"message": "hi", "agent": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+    ):
+        response = await client.post('/api/v1/conversations/c1/turns', content=content, headers=headers)
+        assert response.status_code == 400, response.text
+        body = response.json()
+        assert body['field'] == 'body' and body['error_id'].startswith('err_'), body
+        assert 'not JSON this server can read' in body['detail'] and 'UTF-8' in body['detail'], body
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+
+
 async def test_bodies_over_the_limit_or_with_a_lying_length_are_refused(keys: Keys, client: httpx2.AsyncClient) -> None:
     huge = json.dumps({'message': 'x' * (4 * 1024 * 1024)})
     response = await client.post('/api/v1/conversations/c1/turns', content=huge, headers=auth(keys.acme))
