@@ -79,9 +79,9 @@ class LedgerFilters:
         if self.model is not None:
             conditions.append(rollup.model == self.model)
         if self.since is not None:
-            conditions.append(rollup.day >= _utc_day(self.since, '--since'))
+            conditions.append(rollup.day >= _utc_day(self.since, 'since'))
         if self.until is not None:
-            conditions.append(rollup.day < _utc_day(self.until, '--until'))
+            conditions.append(rollup.day < _utc_day(self.until, 'until'))
         return conditions
 
     def _tenant_conditions(self, table: type[LLMRequestRow] | type[UsageDailyRollup]) -> list[ColumnElement[bool]]:

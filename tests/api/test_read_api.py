@@ -130,6 +130,7 @@ async def test_costs_group_the_accounts_own_requests(
         '/api/v1/costs', params={'source': 'rollup', 'since': '2026-03-01T12:30:00Z'}, headers=auth(keys.acme)
     )
     assert rollup.status_code == 422 and rollup.json()['field'] == 'source' and 'UTC day' in rollup.json()['detail']
+    assert rollup.json()['detail'].startswith('since 2026-03-01T12:30:00+00:00 is not')  # the query's name, not a flag
 
 
 async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_deleted(
