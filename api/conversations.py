@@ -101,7 +101,7 @@ async def delete(
     record = await store.read_record(conversation_id)
     if record is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
-    revision = if_match.strip('"') if if_match else record.revision
+    revision = _revision(if_match) or record.revision
     try:
         await store.delete_record(conversation_id, expected_revision=revision)
     except ConversationConflict as exc:
@@ -158,3 +158,12 @@ async def run_turn(
         cost=result.cost,
         duration_s=result.duration_s,
     )
+
+
+def _revision(if_match: str | None) -> str | None:
+    """The revision an `If-Match` header names: its entity tag, quoted or not, weak (`W/"..."`) or strong; None for
+    no header or `*` (RFC 9110: any current revision), which deletes whatever revision is there."""
+    tag = (if_match or '').strip()
+    if tag in ('', '*'):
+        return None
+    return tag.removeprefix('W/').strip('"') or '""'  # an empty tag matches no revision
