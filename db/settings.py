@@ -378,7 +378,11 @@ def _describe(err: ErrorDetails) -> str:
     message = str(err.get('msg', 'invalid value'))
     context = err.get('ctx')
     if isinstance(context, dict) and isinstance(context.get('error'), ConfigError):
-        return str(context['error'])
+        text = str(context['error'])
+        # `parse_database_url` names DATABASE_URL; the same checks run on the migration and queue URLs.
+        if text.startswith('DATABASE_URL') and env_name != 'DATABASE_URL':
+            text = env_name + text.removeprefix('DATABASE_URL')
+        return text
     return f'{env_name}: {message}'
 
 

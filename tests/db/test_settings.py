@@ -57,6 +57,19 @@ def test_get_settings_reports_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
     assert 'DATABASE_URL' in message
 
 
+@pytest.mark.parametrize('variable', ['DATABASE_MIGRATION_URL', 'AGENTRT_QUEUE_DATABASE_URL'])
+def test_a_malformed_second_url_names_its_own_variable(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # The checks of DATABASE_URL run on these too, and their messages said DATABASE_URL was wrong.
+    get_settings.cache_clear()
+    monkeypatch.setenv(variable, 'postgresql://u:hunter2@h:99999/db')
+    try:
+        with pytest.raises(ConfigError) as info:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert str(info.value) == f'invalid configuration: {variable}: the port must be 1 to 65535, got 99999'
+
+
 def test_asyncpg_driver_and_masked_password() -> None:
     url = parse_database_url('postgres://app:s3cret@db.example:6543/agents')
     assert url.drivername == 'postgresql+asyncpg'
