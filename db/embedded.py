@@ -216,7 +216,14 @@ def _stop(data_dir: Path) -> None:
 def _lifecycle_lock(data_dir: Path) -> Iterator[None]:
     """An exclusive lock (across processes) on starting and stopping the server of `data_dir`."""
     lock_path = data_dir.parent / f'.{data_dir.name}.agentrt.lock'
-    with lock_path.open('a') as handle:
+    try:
+        handle = lock_path.open('a')
+    except OSError as exc:  # a place where root passes the access check but no file can be made (/proc)
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {data_dir}: {lock_path} cannot be created '
+            f'({exc.strerror or exc}). Set AGENTRT_DATA_DIR to a writable path.'
+        ) from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

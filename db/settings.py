@@ -334,6 +334,13 @@ class Settings(BaseSettings):
         'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
+    @field_validator('data_dir', mode='before')
+    @classmethod
+    def _blank_data_dir_is_the_default(cls, value: object) -> object:
+        # As a blank URL is no URL: `AGENTRT_DATA_DIR=` was Path(''), the working directory, where initdb failed
+        # (or, in an empty one, made a cluster).
+        return default_data_dir() if isinstance(value, str) and not value.strip() else value
+
     @field_validator('database_url', 'migration_database_url', 'queue_database_url')
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

@@ -231,3 +231,10 @@ def test_an_existing_data_dir_starts_without_a_warning_when_xdg_runtime_dir_is_u
         [sys.executable, '-W', 'default', '-c', script, str(tmp_path)], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stderr == ''
+
+
+def test_a_data_dir_where_no_file_can_be_made_is_one_line_naming_it() -> None:
+    # /proc passes root's access check, and the start's lock file could not be made: an internal error (exit 70).
+    with pytest.raises(EmbeddedPostgresError, match=r'/proc.*AGENTRT_DATA_DIR') as raised:
+        start_embedded(Path('/proc/agentrt-nowhere'), stop_at_exit=False)
+    assert '\n' not in str(raised.value)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from agentrt.db.errors import ConfigError
-from agentrt.db.settings import Settings, get_settings, mask_url, parse_database_url
+from agentrt.db.settings import Settings, default_data_dir, get_settings, mask_url, parse_database_url
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,3 +137,9 @@ def test_bad_conversation_settings_name_the_variable(
             get_settings()
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize('blank', ['', '  '])
+def test_a_blank_data_dir_is_the_default_not_the_working_directory(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    monkeypatch.setenv('AGENTRT_DATA_DIR', blank)
+    assert Settings().data_dir == default_data_dir()
