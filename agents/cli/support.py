@@ -340,7 +340,16 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, Stopped):
         error_line(f'stopped by {exc}; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + exc.signum
-    for cls, code in exit_codes():
+    if type(exc).__name__ == 'LogfireConfigError':
+        # Raised by logfire's import (pydantic-ai's, and pydantic's plugin loading, import it), which fails again in
+        # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.
+        error_line(f'invalid configuration: logfire refused a LOGFIRE_* variable: {exc}', redact=False)
+        return EXIT_USAGE
+    try:
+        codes = exit_codes()
+    except Exception:  # the services did not import: the failure being reported, again; the base classes decide
+        codes = EXIT_CODES
+    for cls, code in codes:
         if isinstance(exc, cls):
             error_line(str(exc) or type(exc).__name__)
             return code

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from tests.agents.cli.helpers import invoke
+from tests.agents.cli.helpers import invoke, run_cli
 
 BIG = str(2**70)  # beyond 64 bits
 NUL = 'a\x00b'
@@ -121,3 +123,19 @@ async def test_debug_shows_the_traceback(database_url: str) -> None:
     result = await invoke('db', 'status', env=env)
     assert result.exit_code == 3
     assert 'Traceback' in result.stderr and result.stderr.strip().splitlines()[-1].startswith('error:')
+
+
+async def test_a_logfire_variable_logfire_refuses_is_one_configuration_error() -> None:
+    # logfire reads LOGFIRE_* when it is first imported (pydantic-ai imports it): LOGFIRE_CONSOLE=maybe raised there,
+    # and again in the error boundary's own import of the services, so the command ended in a traceback. A new
+    # process: this one imported logfire long ago.
+    env = {
+        'LOGFIRE_CONSOLE': 'maybe',
+        'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db',
+        'DB_CONNECT_TIMEOUT': '2',
+    }
+    done = await asyncio.to_thread(run_cli, 'chat', 'hi', env=env)
+    assert done.returncode == 2, done.stderr
+    assert 'Traceback' not in done.stderr
+    refused = "logfire refused a LOGFIRE_* variable: Expected console to be a boolean, got 'maybe'"
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: invalid configuration: {refused}']
