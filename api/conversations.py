@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
 from pydantic_ai.messages import ModelMessagesTypeAdapter
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
@@ -29,7 +29,7 @@ from agentrt.api.schemas import (
     TurnResponse,
     UsageOut,
 )
-from agentrt.api.turn_input import check_conversation_id, check_http_turn
+from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_json
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
@@ -117,7 +117,11 @@ async def delete(
     },
 )
 async def run_turn(
-    request: Request, caller: ChatCaller, conversation_id: ConversationId, body: TurnRequest
+    request: Request,
+    caller: ChatCaller,
+    json_body: Annotated[None, Depends(require_json)],  # after the key: 401 before 415
+    conversation_id: ConversationId,
+    body: TurnRequest,
 ) -> TurnResponse:
     """Run one turn of the conversation (created on first use) and return the answer: `simple_chat` over HTTP.
 

@@ -53,6 +53,18 @@ def check_conversation_id(conversation_id: str, *, account: str) -> str:
         raise InvalidInputError(str(exc), field='conversation_id') from exc
 
 
+def require_json(request: Request) -> None:
+    """Refuse a body not declared JSON (a FastAPI dependency of the JSON turn route, which ran the body's
+    validation on nothing and answered 422, "Input should be a valid dictionary", for a JSON body sent as text).
+
+    Raises:
+        ApiError: 415 unless the Content-Type is application/json.
+    """
+    media_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
+    if media_type != 'application/json':
+        raise ApiError(415, 'unsupported_media_type', 'send the body as Content-Type: application/json')
+
+
 def parse_run_input(
     request: Request, body: bytes, build: Callable[[bytes], T], *, tags: frozenset[str] = frozenset()
 ) -> T:
@@ -65,9 +77,7 @@ def parse_run_input(
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
         InvalidInputError: the body does not validate; `field` is the first bad field's location.
     """
-    media_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
-    if media_type != 'application/json':
-        raise ApiError(415, 'unsupported_media_type', 'send the body as Content-Type: application/json')
+    require_json(request)
     try:
         return build(body)
     except ValidationError as exc:

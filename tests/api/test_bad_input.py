@@ -118,6 +118,25 @@ async def test_bad_turn_bodies_are_refused_before_anything_runs(keys: Keys, clie
     assert await ledger_rows() == []
 
 
+async def test_a_turn_body_not_declared_json_is_415_as_on_the_streamed_routes(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # It was a 422 saying the body "should be a valid dictionary": FastAPI reads only a JSON-typed body as JSON.
+    path = '/api/v1/conversations/c1/turns'
+    for media_type in ('text/plain', 'application/x-www-form-urlencoded', 'application/json-seq', None):
+        headers = {**auth(keys.acme), **({'content-type': media_type} if media_type else {})}
+        response = await client.post(path, content='{"message": "hi"}', headers=headers)
+        assert response.status_code == 415 and response.json()['type'] == 'unsupported_media_type', response.text
+    charset = await client.post(
+        path,
+        content='{"message": "Dermatologists"}',
+        headers={**auth(keys.acme), 'content-type': 'application/json; charset=utf-8'},
+    )
+    assert charset.status_code == 200, charset.text
+    keyless = await client.post(path, content='{"message": "hi"}', headers={'content-type': 'text/plain'})
+    assert keyless.status_code == 401  # the key first
+
+
 async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:
