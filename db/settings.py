@@ -334,6 +334,13 @@ class Settings(BaseSettings):
         'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
+    @field_validator('ledger_spool')
+    @classmethod
+    def _spool_is_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.expanduser().exists() and not value.expanduser().is_file():
+            raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
+        return value
+
     @field_validator('data_dir', mode='before')
     @classmethod
     def _blank_data_dir_is_the_default(cls, value: object) -> object:

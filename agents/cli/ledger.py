@@ -28,6 +28,8 @@ def replay(
     """Write rows spooled while the database was unreachable; each row is written once, however often this runs."""
     if spool is not None and not spool.expanduser().parent.is_dir():
         fail(f'--spool: the directory {spool.expanduser().parent} does not exist', EXIT_USAGE)
+    if spool is not None and spool.expanduser().exists() and not spool.expanduser().is_file():
+        fail(f"--spool: {spool} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
     report = run(_replay, spool)
     if as_json:
         print_json(asdict(report))

@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,10 +75,11 @@ class LedgerSpool:
         """The live spool file (if not empty) and any claimed files a crashed replay left behind."""
         found = sorted(self.path.parent.glob(self.path.name + '.replaying-*')) if self.path.parent.exists() else []
         try:
-            if self.path.stat().st_size > 0:
-                found.append(self.path)
+            status = self.path.stat()
         except FileNotFoundError:
-            pass
+            return found
+        if stat.S_ISREG(status.st_mode) and status.st_size > 0:  # a directory or a device is no spool of ours
+            found.append(self.path)
         return found
 
     def has_pending(self) -> bool:
@@ -108,7 +110,9 @@ class LedgerSpool:
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if self._is_live(fd) and os.fstat(fd).st_size > 0:
+                status = os.fstat(fd)
+                # Only a regular file: a spool path naming a directory (`--spool /tmp`) renamed the directory away.
+                if self._is_live(fd) and stat.S_ISREG(status.st_mode) and status.st_size > 0:
                     target = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{os.getpid()}')
                     os.rename(self.path, target)
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 from agentrt.services.ledger import LedgerSpool
@@ -28,3 +29,21 @@ async def test_ledger_replay_writes_spooled_rows_once(tmp_path: Path, database_u
     assert again.exit_code == 0 and '1 row(s), 0 new, 1 already there' in again.stdout
     assert await scalar('SELECT count(*) FROM llm_requests') == 3
     assert await scalar('SELECT count(*) FROM llm_request_contents') == 6
+
+
+async def test_a_spool_path_that_is_a_directory_is_refused_and_left_where_it_is(
+    tmp_path: Path, database_url: str
+) -> None:
+    # `--spool /tmp` renamed /tmp to /tmp.replaying-<ns>-<pid> (a directory's size is not 0), then failed with an
+    # internal IsADirectoryError: the directory and everything in it had moved.
+    victim = tmp_path / 'victim'
+    (victim / 'sub').mkdir(parents=True)
+    (victim / 'keep.txt').write_text('keep')
+    cli = await invoke('ledger', 'replay', '--spool', str(victim), env={'DATABASE_URL': database_url})
+    assert cli.exit_code == 2 and 'is not a file' in cli.stderr, cli.stderr
+    env = await invoke('ledger', 'replay', env={'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(victim)})
+    assert env.exit_code == 2 and 'AGENTRT_LEDGER_SPOOL' in env.stderr and 'is not a file' in env.stderr, env.stderr
+    spool = LedgerSpool(victim)  # a library's own configuration: the spool leaves it alone too
+    assert spool.pending_files() == [] and spool.claim() == []
+    assert sorted(os.listdir(tmp_path)) == ['victim']
+    assert (victim / 'keep.txt').read_text() == 'keep'
