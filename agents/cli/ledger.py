@@ -30,6 +30,12 @@ def replay(
         fail(f'--spool: the directory {spool.expanduser().parent} does not exist', EXIT_USAGE)
     if spool is not None and spool.expanduser().exists() and not spool.expanduser().is_file():
         fail(f"--spool: {spool} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
+    if spool is not None and not _looks_like_a_spool(spool.expanduser()):
+        # A replay renames the file, moves the lines it cannot write to `.rejected` (as text) and deletes it.
+        fail(
+            f'--spool: {spool} is not a ledger spool file (its first line is no spooled row); nothing was moved',
+            EXIT_USAGE,
+        )
     report = run(_replay, spool)
     if as_json:
         print_json(asdict(report))
@@ -40,6 +46,28 @@ def replay(
             f'replayed {report.files} spool file(s): {report.rows:,} row(s), {report.inserted:,} new, '
             f'{report.duplicates:,} already there, {report.contents:,} content row(s), {report.rejected:,} rejected'
         )
+
+
+def _looks_like_a_spool(path: Path) -> bool:
+    """Whether `path` is missing, empty, or starts with a spooled row (a JSON object with a `row` object)."""
+    import json
+
+    try:
+        with path.open('rb') as handle:
+            first = b''
+            while not first.strip():
+                first = handle.readline(8 * 1024 * 1024)
+                if not first:
+                    return True  # empty, or blank lines only
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        entry = json.loads(first)
+    except ValueError:  # not JSON, not UTF-8, or a line longer than read (no spooled row starts that way)
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get('row'), dict)
 
 
 async def _replay(spool: Path | None) -> ReplayReport:

@@ -47,3 +47,25 @@ async def test_a_spool_path_that_is_a_directory_is_refused_and_left_where_it_is(
     assert spool.pending_files() == [] and spool.claim() == []
     assert sorted(os.listdir(tmp_path)) == ['victim']
     assert (victim / 'keep.txt').read_text() == 'keep'
+
+
+async def test_a_spool_path_that_is_not_a_spool_file_is_refused_and_left_as_it_is(
+    tmp_path: Path, database_url: str
+) -> None:
+    # A replay renames the file, moves the lines it cannot write to `.rejected` as text (bytes that are not UTF-8
+    # replaced) and deletes it: `--spool ~/notes.txt` or a photo lost the file under its name (and a photo's bytes).
+    for name, content in (
+        ('notes.txt', b'dear diary\n'),
+        ('photo.jpg', b'\xff\xd8\xff\xe0' + bytes(range(256))),
+        ('a.json', b'{"v": 1}\n'),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        result = await invoke('ledger', 'replay', '--spool', str(path), env={'DATABASE_URL': database_url})
+        assert result.exit_code == 2 and 'is not a ledger spool file' in result.stderr, result.stderr
+        assert path.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ['a.json', 'notes.txt', 'photo.jpg']
+    blank = tmp_path / 'blank.jsonl'
+    blank.write_text('\n\n')
+    result = await invoke('ledger', 'replay', '--spool', str(blank), env={'DATABASE_URL': database_url})
+    assert result.exit_code == 0, result.stderr
