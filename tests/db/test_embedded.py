@@ -238,3 +238,16 @@ def test_a_data_dir_where_no_file_can_be_made_is_one_line_naming_it() -> None:
     with pytest.raises(EmbeddedPostgresError, match=r'/proc.*AGENTRT_DATA_DIR') as raised:
         start_embedded(Path('/proc/agentrt-nowhere'), stop_at_exit=False)
     assert '\n' not in str(raised.value)
+
+
+def test_a_directory_of_other_files_is_refused_untouched(tmp_path: Path) -> None:
+    # AGENTRT_DATA_DIR=$HOME: initdb refused it, after the wheel had made it the server user's (as root) and left
+    # files in it. An empty directory, or one with only agentrt's own files (a start that failed), is a data dir.
+    home = tmp_path / 'home'
+    home.mkdir()
+    (home / 'notes.txt').write_text('mine')
+    owner = home.stat().st_uid
+    with pytest.raises(EmbeddedPostgresError, match='holds other files and no PostgreSQL cluster') as raised:
+        start_embedded(home, stop_at_exit=False)
+    assert '\n' not in str(raised.value) and 'AGENTRT_DATA_DIR' in str(raised.value)
+    assert sorted(os.listdir(home)) == ['notes.txt'] and home.stat().st_uid == owner
