@@ -15,6 +15,7 @@ from agentrt.agents.cli.support import EXIT_USAGE, fail, run
 # themselves. Each worker process builds the app and its own engine and pool.
 APP_FACTORY = 'agentrt.api.app:create_served_app'
 HTTP_PACKAGES = ('fastapi', 'uvicorn', 'starlette')
+LOG_LEVELS = ('critical', 'error', 'warning', 'info', 'debug', 'trace')  # uvicorn's
 
 
 def serve(
@@ -39,6 +40,8 @@ def serve(
     if web_ui is not None:
         # The workers build their app from the settings (create_served_app), so the flag travels as the variable.
         os.environ['AGENTRT_HTTP_WEB_UI'] = 'true' if web_ui else 'false'
+    if log_level.lower() not in LOG_LEVELS:  # uvicorn's KeyError, once the database had started: an internal error
+        fail(f'--log-level must be one of {", ".join(LOG_LEVELS)}, got {log_level!r}', EXIT_USAGE)
     _check_address(host, port)
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.

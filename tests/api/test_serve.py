@@ -161,6 +161,11 @@ async def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_datab
         taken.listen()
         port = str(taken.getsockname()[1])
         in_use = await invoke('serve', '--port', port, env=env)
+    level = await invoke('serve', '--log-level', 'loud', env=env)  # was uvicorn's KeyError, an internal error
+    assert (
+        level.exit_code == 2
+        and "--log-level must be one of critical, error, warning, info, debug, trace, got 'loud'" in level.stderr
+    )
     unknown = await invoke('serve', '--host', 'no-such-host.invalid', env=env)
     foreign = await invoke('serve', '--host', '192.0.2.1', env=env)  # TEST-NET-1: not an address of this machine
     for result, words in (
