@@ -13,7 +13,7 @@ from agentrt.agents.cli.filters import JSON_OPTION
 from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, fail, print_json, redacted, run
 
 if TYPE_CHECKING:
-    from agentrt.services.ledger import ReplayReport
+    from agentrt.services.ledger import LedgerSpool, ReplayReport
 
 ledger_app = typer.Typer(help='The LLM ledger: replay rows spooled while the database was down.', no_args_is_help=True)
 
@@ -30,7 +30,7 @@ def replay(
         fail(f'--spool: the directory {spool.expanduser().parent} does not exist', EXIT_USAGE)
     if spool is not None and spool.expanduser().exists() and not spool.expanduser().is_file():
         fail(f"--spool: {spool} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
-    if spool is not None and not _looks_like_a_spool(spool.expanduser()):
+    if spool is not None and not _spool_file(spool.expanduser()).holds_spooled_rows():
         # A replay renames the file, moves the lines it cannot write to `.rejected` (as text) and deletes it.
         fail(
             f'--spool: {spool} is not a ledger spool file (its first line is no spooled row); nothing was moved',
@@ -48,26 +48,10 @@ def replay(
         )
 
 
-def _looks_like_a_spool(path: Path) -> bool:
-    """Whether `path` is missing, empty, or starts with a spooled row (a JSON object with a `row` object)."""
-    import json
+def _spool_file(path: Path) -> LedgerSpool:
+    from agentrt.services.ledger import LedgerSpool
 
-    try:
-        with path.open('rb') as handle:
-            first = b''
-            while not first.strip():
-                first = handle.readline(8 * 1024 * 1024)
-                if not first:
-                    return True  # empty, or blank lines only
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
-        entry = json.loads(first)
-    except ValueError:  # not JSON, not UTF-8, or a line longer than read (no spooled row starts that way)
-        return False
-    return isinstance(entry, dict) and isinstance(entry.get('row'), dict)
+    return LedgerSpool(path)
 
 
 async def _replay(spool: Path | None) -> ReplayReport:

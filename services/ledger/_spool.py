@@ -78,9 +78,24 @@ class LedgerSpool:
             status = self.path.stat()
         except FileNotFoundError:
             return found
-        if stat.S_ISREG(status.st_mode) and status.st_size > 0:  # a directory or a device is no spool of ours
+        # A directory, a device or someone else's file is no spool of ours.
+        if stat.S_ISREG(status.st_mode) and status.st_size > 0 and self.holds_spooled_rows():
             found.append(self.path)
         return found
+
+    def holds_spooled_rows(self) -> bool:
+        """Whether the spool file is missing, blank, or one of its first lines is a spooled row. A replay claims
+        nothing else: it renames the file, moves what it cannot write to `.rejected` and deletes it, so a spool path
+        naming someone's file (AGENTRT_LEDGER_SPOOL=~/.bashrc) would take it away. Three lines, not one: a crash can
+        tear the first append, and the next one continues that line."""
+        try:
+            with self.path.open('rb') as handle:
+                lines = [line for line in (handle.readline(_FIRST_LINE_BYTES) for _ in range(64)) if line.strip()][:3]
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return not lines or any(_is_spooled_row(line) for line in lines)
 
     def has_pending(self) -> bool:
         """True when there is anything to replay."""
@@ -112,7 +127,10 @@ class LedgerSpool:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 status = os.fstat(fd)
                 # Only a regular file: a spool path naming a directory (`--spool /tmp`) renamed the directory away.
-                if self._is_live(fd) and stat.S_ISREG(status.st_mode) and status.st_size > 0:
+                live = self._is_live(fd) and stat.S_ISREG(status.st_mode) and status.st_size > 0
+                if live and not self.holds_spooled_rows():
+                    logger.error('ledger spool: %s holds no spooled rows (another file?); left as it is', self.path)
+                elif live:
                     target = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{os.getpid()}')
                     os.rename(self.path, target)
             finally:
@@ -151,3 +169,14 @@ class LedgerSpool:
     def release(self, path: Path) -> None:
         """Delete a claimed file once all of its rows are in the database."""
         path.unlink(missing_ok=True)
+
+
+_FIRST_LINE_BYTES = 8 * 1024 * 1024
+
+
+def _is_spooled_row(line: bytes) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:  # not JSON, not UTF-8, or cut at _FIRST_LINE_BYTES
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get('row'), dict)

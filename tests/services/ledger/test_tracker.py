@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.session import Unscoped, get_db_session, get_side_session
-from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, is_transient_db_error, utc_now
+from agentrt.services.ledger import LedgerRecord, LedgerSpool, LLMRequestTracker, is_transient_db_error, utc_now
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 
 
@@ -334,3 +336,17 @@ def test_transient_error_found_in_the_cause_chain():
             raise RuntimeError('wrapped') from inner
     except RuntimeError as outer:
         assert is_transient_db_error(outer)
+
+
+async def test_a_spool_path_naming_someone_elses_file_is_never_claimed(tmp_path: Path) -> None:
+    # AGENTRT_LEDGER_SPOOL=~/.bashrc: the replay after a write renamed it, moved its lines to `.rejected` (as text)
+    # and deleted it. A spool whose first append was torn (the next one continues that line) is still claimed.
+    foreign = LedgerSpool(tmp_path / 'bashrc')
+    foreign.path.write_bytes(b'export PATH=/opt/bin:$PATH\n\xff\xfe binary\n')
+    assert not foreign.holds_spooled_rows() and foreign.pending_files() == [] and foreign.claim() == []
+    assert sorted(os.listdir(tmp_path)) == ['bashrc']
+    torn = LedgerSpool(tmp_path / 'spool.jsonl')
+    torn.path.write_text('{"v": 1, "row": {"id"' + json.dumps({'v': 1, 'row': {}, 'contents': []}) + '\n')
+    torn.append([{'v': 1, 'row': {}, 'contents': []}])
+    assert torn.holds_spooled_rows() and torn.pending_files() == [torn.path]
+    assert len(torn.claim()) == 1 and not torn.path.exists()
