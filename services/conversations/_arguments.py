@@ -1,0 +1,97 @@
+"""The conversation store's arguments checked before any SQL: identifiers PostgreSQL cannot take are refused.
+
+`PostgresConversationStore` is pydantic-ai's `ConversationStore`, so pydantic-ai's UI adapters and user code call it
+directly, with ids nobody checked (a chat turn checks its own with `agentrt.agents.turn_input`, stricter). An id
+holding a NUL or a lone surrogate, longer than its column, or not text would fail the statement with a driver
+error; these refuse it first with `InvalidInputError` (a `ValueError`) naming the argument. Ids are refused, never
+altered (`storable_text`): an altered id would address another conversation or entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
+from sqlalchemy import String
+
+from agentrt.db.errors import InvalidInputError
+from agentrt.db.models import ConversationEntryRow, ConversationRow, ConversationTurnRow
+from agentrt.services.pg_text import checked_identifier
+
+
+def _chars(column: Any) -> int:
+    length = cast(String, column.type).length
+    assert length is not None
+    return length
+
+
+CONVERSATION_ID_CHARS = _chars(ConversationRow.__table__.c.conversation_id)
+SCOPE_CHARS = _chars(ConversationRow.__table__.c.scope)
+REVISION_CHARS = _chars(ConversationRow.__table__.c.revision)
+ENTRY_ID_CHARS = _chars(ConversationEntryRow.__table__.c.id)
+KIND_CHARS = _chars(ConversationEntryRow.__table__.c.kind)
+CLAIM_ID_CHARS = _chars(ConversationTurnRow.__table__.c.claim_id)
+MAX_LIMIT = 2**31 - 1
+"""A `limit` is bound as a PostgreSQL `integer`."""
+
+
+def check_conversation_id(value: object, field: str = 'conversation_id') -> None:
+    """Raises `InvalidInputError` unless `value` is a conversation id the `conversations` table can hold."""
+    checked_identifier(value, field, max_chars=CONVERSATION_ID_CHARS)
+
+
+def check_scope(value: object, field: str = 'scope') -> None:
+    """Raises `InvalidInputError` unless `value` is None or a scope the `conversations` table can hold."""
+    if value is not None:
+        checked_identifier(value, field, max_chars=SCOPE_CHARS)
+
+
+def check_entry_id(value: object, field: str) -> None:
+    """Raises `InvalidInputError` unless `value` is None or an entry id the `conversation_entries` table can hold."""
+    if value is not None:
+        checked_identifier(value, field, max_chars=ENTRY_ID_CHARS)
+
+
+def check_revision(value: object, field: str) -> None:
+    """Raises `InvalidInputError` unless `value` is None or a revision the `conversations` table can hold."""
+    if value is not None:
+        checked_identifier(value, field, max_chars=REVISION_CHARS)
+
+
+def check_claim_id(value: object) -> None:
+    """Raises `InvalidInputError` unless `value` is None or a claim id (`conversation_turns`)."""
+    if value is not None:
+        checked_identifier(value, 'claim_id', max_chars=CLAIM_ID_CHARS)
+
+
+def check_limit(value: object) -> None:
+    """Raises `InvalidInputError` unless `value` is None or a whole number from 0 to `MAX_LIMIT`."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInputError(f'the limit must be a whole number, not {type(value).__name__}', field='limit')
+    if not 0 <= value <= MAX_LIMIT:
+        raise InvalidInputError(f'the limit must be from 0 to {MAX_LIMIT:,}, not {value:,}', field='limit')
+
+
+def check_record(record: ConversationRecord, field: str = 'record') -> None:
+    """Raises `InvalidInputError` unless every id of `record` can be stored as it is: the columns' (conversation id,
+    scope, head, revision) and those in its JSON (the conversation it was forked from, the fork's entry, branches)."""
+    check_conversation_id(record.conversation_id, f'{field}.conversation_id')
+    check_scope(record.scope, f'{field}.scope')
+    check_entry_id(record.head_id, f'{field}.head_id')
+    checked_identifier(record.revision, f'{field}.revision', max_chars=REVISION_CHARS)
+    if record.forked_from is not None:
+        checked_identifier(record.forked_from, f'{field}.forked_from')
+    check_entry_id(record.forked_at, f'{field}.forked_at')
+    for index, tip in enumerate(record.branches):
+        check_entry_id(tip, f'{field}.branches[{index}]')
+
+
+def check_entries(entries: Sequence[ConversationEntry], field: str = 'new_entries') -> None:
+    """Raises `InvalidInputError` unless the id, parent and kind of every entry can be stored as they are."""
+    for index, entry in enumerate(entries):
+        checked_identifier(entry.id, f'{field}[{index}].id', max_chars=ENTRY_ID_CHARS)
+        check_entry_id(entry.parent_id, f'{field}[{index}].parent_id')
+        checked_identifier(entry.kind, f'{field}[{index}].kind', max_chars=KIND_CHARS)
