@@ -75,23 +75,27 @@ def check_limit(value: object) -> None:
         raise InvalidInputError(f'the limit must be from 0 to {MAX_LIMIT:,}, not {value:,}', field='limit')
 
 
-def check_record(record: ConversationRecord, field: str = 'record') -> None:
+def check_record(record: ConversationRecord) -> None:
     """Raises `InvalidInputError` unless every id of `record` can be stored as it is: the columns' (conversation id,
-    scope, head, revision) and those in its JSON (the conversation it was forked from, the fork's entry, branches)."""
-    check_conversation_id(record.conversation_id, f'{field}.conversation_id')
-    check_scope(record.scope, f'{field}.scope')
-    check_entry_id(record.head_id, f'{field}.head_id')
-    checked_identifier(record.revision, f'{field}.revision', max_chars=REVISION_CHARS)
+    scope, head, revision) and those in its JSON (the conversation it was forked from, the fork's entry, branches).
+
+    On a turn's save: the field names are constants, so a record that passes costs no string formatting.
+    """
+    check_conversation_id(record.conversation_id, 'record.conversation_id')
+    check_scope(record.scope, 'record.scope')
+    check_entry_id(record.head_id, 'record.head_id')
+    checked_identifier(record.revision, 'record.revision', max_chars=REVISION_CHARS)
     if record.forked_from is not None:
-        checked_identifier(record.forked_from, f'{field}.forked_from')
-    check_entry_id(record.forked_at, f'{field}.forked_at')
+        checked_identifier(record.forked_from, 'record.forked_from')
+    check_entry_id(record.forked_at, 'record.forked_at')
     for index, tip in enumerate(record.branches):
-        check_entry_id(tip, f'{field}.branches[{index}]')
+        check_entry_id(tip, f'record.branches[{index}]')
 
 
-def check_entries(entries: Sequence[ConversationEntry], field: str = 'new_entries') -> None:
-    """Raises `InvalidInputError` unless the id, parent and kind of every entry can be stored as they are."""
+def check_entries(entries: Sequence[ConversationEntry]) -> None:
+    """Raises `InvalidInputError` unless the id, parent and kind of every entry of `new_entries` can be stored as
+    they are."""
     for index, entry in enumerate(entries):
-        checked_identifier(entry.id, f'{field}[{index}].id', max_chars=ENTRY_ID_CHARS)
-        check_entry_id(entry.parent_id, f'{field}[{index}].parent_id')
-        checked_identifier(entry.kind, f'{field}[{index}].kind', max_chars=KIND_CHARS)
+        checked_identifier(entry.id, f'new_entries[{index}].id', max_chars=ENTRY_ID_CHARS)
+        check_entry_id(entry.parent_id, f'new_entries[{index}].parent_id')
+        checked_identifier(entry.kind, f'new_entries[{index}].kind', max_chars=KIND_CHARS)
