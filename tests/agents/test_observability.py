@@ -102,6 +102,19 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
         raised[sql] = failed.value
     async with driver_transaction(account=alpha) as transaction:
         await transaction.fetch(DriverStatement.of(text('SELECT 1 -- fine')), {})
+
+    started = asyncio.Event()
+
+    async def cancelled() -> None:
+        async with driver_transaction(account=alpha) as transaction:
+            started.set()  # this task next yields inside the statement, its span started
+            await transaction.fetch(DriverStatement.of(text('SELECT pg_sleep(30) -- cancelled')), {})
+
+    task = asyncio.create_task(cancelled())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     spans = {
         span.attributes['db.statement']: span
         for span in instrumented.exporter.exported_spans
@@ -120,6 +133,7 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
             session.events,
         )
     assert spans['SELECT 1 -- fine'].status.status_code is StatusCode.UNSET
+    assert spans['SELECT pg_sleep(30) -- cancelled'].status.status_code is StatusCode.ERROR  # ended, as in a session
 
 
 @pytest.mark.parametrize(
