@@ -29,7 +29,7 @@ def worker(
         signals.append(stopped.signum)
     except KeyboardInterrupt:
         signals.append(signal.SIGINT)
-    if signals:  # a stop is how a worker ends: exit code 0, as `agentrt serve`
+    if signals:  # a stop is how a worker ends: exit code 0 (systemd counts 143 as a failure)
         err_console.print(f'worker stopped by {signal.Signals(signals[0]).name}', highlight=False)
 
 

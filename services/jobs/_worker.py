@@ -33,8 +33,7 @@ class WorkerStop:
     """
 
     requests: int = 0
-    put_back: int = 0
-    """Jobs cut short by the stop (back in the queue)."""
+    """How many times it was asked."""
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _running: dict[asyncio.Task[Any], JobContext] = field(default_factory=dict, init=False, repr=False)
     _deadline: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
@@ -43,14 +42,14 @@ class WorkerStop:
         """Stop the worker: gracefully the first time, at once the second."""
         self.requests += 1
         if self._worker is None:
-            return  # not started yet: `run_worker` returns as soon as it starts
+            return  # not started yet: `run_worker` returns instead of starting
         if self.requests == 1:
             self._begin(self._worker)
         else:
             self._cut_short('asked again')
 
     def _begin(self, worker: Worker) -> None:
-        worker.stop()  # no new job (one being fetched still starts: the deadline covers it too)
+        worker.stop()  # type: ignore[no-untyped-call]  # no new job (one being fetched still starts: the deadline too)
         seconds = current_settings().jobs_shutdown_seconds
         self._deadline = asyncio.get_running_loop().call_later(seconds, self._cut_short, f'not done in {seconds:g} s')
         if self._running:
@@ -74,10 +73,6 @@ class WorkerStop:
         self._running[task] = context
         try:
             return await call_next()
-        except asyncio.CancelledError:
-            if self.requests:
-                self.put_back += 1
-            raise
         finally:
             del self._running[task]
 
@@ -107,8 +102,6 @@ async def run_worker(
     """
     settings = current_settings()
     stop = stop or WorkerStop()
-    if stop.requests:
-        return
     app = await open_queue()
     worker = Worker(
         app,
@@ -125,8 +118,10 @@ async def run_worker(
         worker_middleware=[stop.middleware],
     )
     logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings.pooled))
+    if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
+        return
     stop.attach(worker)
-    running = asyncio.ensure_future(worker.run())
+    running = asyncio.ensure_future(worker.run())  # type: ignore[no-untyped-call]  # procrastinate: untyped
     heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, settings.jobs_heartbeat_seconds))
     cancelled = False
     try:
