@@ -68,7 +68,7 @@ async def _assert_nothing_left_behind() -> None:
 
 def _assert_one_line(worker: WorkerProcess, signum: int) -> None:
     assert worker.lines[-1] == f'worker stopped by {signal.Signals(signum).name}', worker.stderr
-    assert 'Traceback' not in worker.stderr and 'error:' not in worker.stderr, worker.stderr
+    assert not any(word in worker.stderr for word in ('Traceback', 'error:', 'ERROR')), worker.stderr
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
@@ -110,13 +110,13 @@ async def test_sigterm_while_a_job_runs_lets_it_finish_before_exiting(
     assert await title('graceful')
 
 
-@pytest.mark.parametrize('how', ['shutdown time over', 'second signal'])
+@pytest.mark.parametrize('how', ['shutdown time over', 'second signal', 'another one waiting'])
 async def test_a_job_still_running_when_the_worker_must_go_is_put_back_and_run_once_by_the_next(
     queue: None, database_url: str, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     titles_left_to_the_background(monkeypatch)
     await chat('cut')
-    shutdown_s = '0.5' if how == 'shutdown time over' else '20'
+    shutdown_s = '20' if how == 'second signal' else '0.5'
     env = {
         'AGENTRT_JOBS_SHUTDOWN_SECONDS': shutdown_s,
         'AGENTRT_JOBS_HEARTBEAT_SECONDS': str(HEARTBEAT_S),
@@ -126,6 +126,11 @@ async def test_a_job_still_running_when_the_worker_must_go_is_put_back_and_run_o
     try:
         async with rollup_lock_held():  # held until the worker has gone: the rollup cannot finish
             await wait_for(_rollup_running, 60, 'the worker to start the rollup')
+            if how == 'another one waiting':
+                # A turn meanwhile queues the next rollup of the account (its queueing lock is free while the first
+                # runs): the one cut short is not put back beside it (procrastinate's update would break the lock's
+                # unique index and leave it marked running) but removed: the waiting one counts its rows too.
+                await chat('cut')
             worker.signal(signal.SIGTERM)
             await worker.said('stopping: waiting for 1 running job')
             if how == 'second signal':
@@ -137,7 +142,7 @@ async def test_a_job_still_running_when_the_worker_must_go_is_put_back_and_run_o
                     await asyncio.sleep(0.1)
                 worker.signal(signal.SIGINT)  # Ctrl-C, or SIGTERM again: the same
             assert await worker.exit_code(STOP_S) == 0, worker.stderr
-            reason = 'not done in 0.5 s' if how == 'shutdown time over' else 'asked again'
+            reason = 'asked again' if how == 'second signal' else 'not done in 0.5 s'
             assert f'1 running job {reason}: put back in the queue, for the next worker' in worker.stderr
             # Back in the queue, due now, its half-done work rolled back: nothing counted.
             async with get_db_session(account=Unscoped.OWNER) as session:
@@ -161,5 +166,6 @@ async def test_a_job_still_running_when_the_worker_must_go_is_put_back_and_run_o
     after = await invoke('worker', '--burst', env={'DATABASE_URL': queue_url(database_url)})
     assert after.exit_code == 0, after.stderr[-2000:]
     assert await queued_jobs() == []
-    assert await rolled_up_requests() == len(await ledger_rows()) == 3  # each ledger row counted once
+    turns = 2 if how == 'another one waiting' else 1
+    assert await rolled_up_requests() == len(await ledger_rows()) == 3 * turns  # each ledger row counted once
     assert await title('cut')
