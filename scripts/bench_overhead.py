@@ -381,6 +381,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     }
     meter = StatementMeter().attach()
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in variants}
+    positions: dict[str, list[int]] = {name: [] for name in variants}  # each turn's place in its conversation
     runtime_kinds: Counter[str] = Counter()
     history: list[ModelMessage] = []
     for i in range(turns + 1):  # the first round warms up
@@ -405,6 +406,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
             after = meter.snapshot()
             if i:
                 samples[name].append((cpu, after[0] - before[0], after[1] - before[1]))
+                positions[name].append(i % 4)
                 if name == 'runtime':
                     runtime_kinds += meter.kinds - kinds_before
     rows = []
@@ -431,7 +433,32 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     rows[1]['turn_sessions_per_turn'] = round(rows[1]['sessions_per_turn'] - periodic, 2)
     with_history['x_bare'] = round(with_history['cpu_ms'] / bare_cpu, 2)
     rows[1]['x_bare_with_history'] = round(full_cpu / with_history['cpu_ms'], 2)
+    rows[1]['by_position'] = _by_position(samples, positions)
     return [*rows, with_history]
+
+
+def _by_position(samples: dict[str, list[tuple[float, int, int]]], positions: dict[str, list[int]]) -> dict[str, dict]:
+    """The runtime's CPU on a conversation's first turn (no history to carry: the demo chat's one question) and on its
+    later turns, against the bare turn and the bare turn carrying the same history, medians of the same run."""
+
+    def cpus_at(name: str, first: bool) -> list[float]:
+        return [cpu for (cpu, _, _), at in zip(samples[name], positions[name], strict=True) if (at == 0) == first]
+
+    split = {}
+    for label, first in (('first turn', True), ('later turns', False)):
+        if not cpus_at('runtime', first):  # too few turns (--quick) to have both
+            continue
+        bare, history, runtime = (
+            statistics.median(cpus_at(name, first)) for name in ('bare pydantic-ai', WITH_HISTORY, 'runtime')
+        )
+        split[label] = {
+            'bare_cpu_ms': ms(bare),
+            'bare_with_history_cpu_ms': ms(history),
+            'runtime_cpu_ms': ms(runtime),
+            'x_bare': round(runtime / bare, 2),
+            'x_bare_with_history': round(runtime / history, 2),
+        }
+    return split
 
 
 BREAKDOWN_COLUMNS = [
@@ -476,6 +503,11 @@ async def main() -> None:
                 f'+ {parts[1]["periodic_sessions_per_turn"]} periodic ({", ".join(PERIODIC_KINDS)}, on a clock)'
             )
             print(f'runtime / bare with the same history in memory: {parts[1]["x_bare_with_history"]}x')
+            for label, split in parts[1]['by_position'].items():
+                print(
+                    f'  {label} of a conversation: runtime {split["runtime_cpu_ms"]} ms, {split["x_bare"]}x bare, '
+                    f'{split["x_bare_with_history"]}x bare with the same history'
+                )
         before = await count_rows(prefix)
         rows = []
         for latency in opts.latencies:
@@ -498,6 +530,7 @@ async def main() -> None:
             summary['breakdown'] = parts
             summary['runtime_cpu_x_bare'] = runtime['x_bare']
             summary['runtime_cpu_x_bare_with_history'] = runtime['x_bare_with_history']
+            summary['runtime_cpu_by_position'] = runtime['by_position']
             summary['runtime_sessions_per_turn'] = runtime['sessions_per_turn']
             summary['runtime_statements_per_turn'] = runtime['statements_per_turn']
             summary['runtime_sessions_by_kind'] = runtime['sessions_by_kind']
