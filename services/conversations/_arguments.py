@@ -65,14 +65,15 @@ def check_claim_id(value: object) -> None:
         checked_identifier(value, 'claim_id', max_chars=CLAIM_ID_CHARS)
 
 
-def check_limit(value: object) -> None:
-    """Raises `InvalidInputError` unless `value` is None or a whole number from 0 to `MAX_LIMIT`."""
+def check_limit(value: object, field: str = 'limit') -> None:
+    """Raises `InvalidInputError` unless `value` is None or a whole number from 0 to `MAX_LIMIT` (bound as an
+    `integer`: a `limit`, a tail's `cap_chars` or `max_messages`)."""
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidInputError(f'the limit must be a whole number, not {type(value).__name__}', field='limit')
+        raise InvalidInputError(f'the {field} must be a whole number, not {type(value).__name__}', field=field)
     if not 0 <= value <= MAX_LIMIT:
-        raise InvalidInputError(f'the limit must be from 0 to {MAX_LIMIT:,}, not {value:,}', field='limit')
+        raise InvalidInputError(f'the {field} must be from 0 to {MAX_LIMIT:,}, not {value:,}', field=field)
 
 
 def check_record(record: ConversationRecord) -> None:

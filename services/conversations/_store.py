@@ -237,6 +237,12 @@ def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
     return data
 
 
+def _check_tail(conversation_id: object, cap_chars: object, max_messages: object) -> None:
+    check_conversation_id(conversation_id)
+    check_limit(cap_chars, 'cap_chars')
+    check_limit(max_messages, 'max_messages')
+
+
 async def _read(account_id: int, run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
     """Run a query in its own session of `account_id` and take its rows; once more on a fresh connection if the first
     was lost."""
@@ -298,9 +304,10 @@ class PostgresConversationStore(ConversationStore):
             None when the account has no such conversation.
 
         Raises:
-            InvalidInputError: `conversation_id` is not an id the store can hold.
+            InvalidInputError: `conversation_id` is not an id the store can hold, or `cap_chars` or `max_messages` is
+                not a whole number from 0 to 2**31 - 1.
         """
-        check_conversation_id(conversation_id)
+        _check_tail(conversation_id, cap_chars, max_messages)
         params = {
             'account_id': self.account_id,
             'conversation_id': conversation_id,
@@ -348,9 +355,10 @@ class PostgresConversationStore(ConversationStore):
             Whether the claim was taken, and the tail (None when the account has no such conversation).
 
         Raises:
-            InvalidInputError: `conversation_id` is not an id the store can hold.
+            InvalidInputError: `conversation_id` is not an id the store can hold, or `cap_chars` or `max_messages` is
+                not a whole number from 0 to 2**31 - 1.
         """
-        check_conversation_id(conversation_id)
+        _check_tail(conversation_id, cap_chars, max_messages)
         params = {
             **claim_params,
             'account_id': self.account_id,

@@ -20,7 +20,7 @@ from agentrt.db.driver import driver_transaction
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.conversations import PostgresConversationStore, TurnClaim
+from agentrt.services.conversations import PostgresConversationStore, TurnClaim, conversation_claim
 from agentrt.services.conversations._arguments import (
     CLAIM_ID_CHARS,
     CONVERSATION_ID_CHARS,
@@ -65,6 +65,15 @@ async def _claim_and_read_tail(stored: Stored, value: Any) -> Any:
         )
 
 
+async def _conversation_claim(stored: Stored, value: Any) -> None:
+    async with conversation_claim(stored.store.account_id, value, lease_s=30):
+        pass
+
+
+async def _mint(stored: Stored, value: Any) -> TurnClaim:
+    return TurnClaim.mint(stored.store.account_id, value, lease_s=30)
+
+
 async def _write_entry(stored: Stored, **changes: Any) -> None:
     entry = dataclasses.replace(ConversationEntry(parent_id=None, message=_request('hi')), **changes)
     await stored.store.write_record(stored.record(), new_entries=[entry], expected_revision=None)
@@ -97,6 +106,8 @@ CASES: list[tuple[str, str, int | None, Call]] = [
         lambda s, v: s.store.read_tail(v, cap_chars=9, max_messages=9),
     ),
     ('claim_and_read_tail', 'conversation_id', CONVERSATION_ID_CHARS, _claim_and_read_tail),
+    ('conversation_claim', 'conversation_id', CONVERSATION_ID_CHARS, _conversation_claim),
+    ('TurnClaim.mint', 'conversation_id', CONVERSATION_ID_CHARS, _mint),
     *_record_fields('append', lambda s, r: s.store.append(r, [_request('hi')], expected_revision=None)),
     (
         'append',
@@ -269,3 +280,28 @@ async def test_ids_at_their_limits_with_any_other_character_are_stored_and_read_
     assert [r.conversation_id for r in await stored.store.read_records(scope=scope)] == [conversation_id]
     assert (await stored.store.read_entry(entry.id)).id == entry.id
     assert await stored.store.read_record('') is None  # an empty id is an id like any other (none stored here)
+
+
+async def test_a_tails_sizes_are_whole_numbers_from_zero(stored: Stored) -> None:
+    store = stored.store
+
+    async def claimed(conversation_id: str, **sizes: Any) -> Any:
+        claim = TurnClaim.mint(store.account_id, conversation_id, lease_s=30)
+        async with driver_transaction(account=store.account_id) as transaction:
+            return await store.claim_and_read_tail(
+                transaction, conversation_id, claim_sql=claim.sql, claim_params=claim.params(), **sizes
+            )
+
+    before = await _contents()
+    for call in (store.read_tail, claimed):
+        for name in ('cap_chars', 'max_messages'):
+            for value, problem in ((-1, 'from 0 to'), (MAX_LIMIT + 1, 'from 0 to'), ('9', 'whole number, not str')):
+                sizes: dict[str, Any] = {'cap_chars': 9, 'max_messages': 9} | {name: value}
+                with pytest.raises(InvalidInputError, match=f'the {name} must be .*{problem}') as refused:
+                    await call('c', **sizes)
+                assert refused.value.field == name
+    assert await _contents() == before  # nothing written, no claim taken
+    tail = await store.read_tail('c', cap_chars=MAX_LIMIT, max_messages=MAX_LIMIT)
+    assert tail is not None and len(tail.messages) == 2
+    tail = await store.read_tail('c', cap_chars=0, max_messages=MAX_LIMIT)
+    assert tail is not None and len(tail.messages) == 1  # the head is read whatever the cap (the entry crossing it)
