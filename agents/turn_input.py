@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.settings import Settings
-from agentrt.services.pg_text import storable_text
+from agentrt.services.pg_text import describe_char, preview, storable_text
 
 SESSION_ID_MAX_CHARS = 200
 """`conversations.conversation_id` and `llm_requests.chat_session_id` are `varchar(200)`."""
@@ -103,8 +103,8 @@ def _identifier(value: object, field: str, name: str, pattern: re.Pattern[str], 
         position, char = _first_bad(value, pattern)
         allowed = _SESSION_ID_CHARS if pattern is _SESSION_ID else _SLUG_CHARS
         raise InvalidInputError(
-            f'the {name} {_preview(value)} has a character that is not allowed at position {position} '
-            f'({_describe(char)}); use {allowed}',
+            f'the {name} {preview(value)} has a character that is not allowed at position {position} '
+            f'({describe_char(char)}); use {allowed}',
             field=field,
         )
     return value
@@ -114,20 +114,3 @@ def _first_bad(value: str, pattern: re.Pattern[str]) -> tuple[int, str]:
     matched = pattern.match(value)
     position = matched.end() if matched is not None else 0
     return position, value[position]
-
-
-def _describe(char: str) -> str:
-    code = f'U+{ord(char):04X}'
-    if char == '\x00':
-        return f'{code}, NUL'
-    if 0xD800 <= ord(char) <= 0xDFFF:
-        return f'{code}, a lone surrogate'
-    if char.isspace():
-        return f'{code}, whitespace'
-    return f'{code} {char!r}' if char.isprintable() else code
-
-
-def _preview(value: str) -> str:
-    """The value quoted for an error message: at most 40 characters, escaped, so it prints on any terminal."""
-    shown = value[:40].encode('unicode_escape').decode('ascii').replace("'", "\\'")
-    return f"'{shown}'" + ('...' if len(value) > 40 else '')

@@ -8,7 +8,9 @@ must keep is kept here:
 - the connection comes from the engine's pool (its checkout events, `PoolHealth`'s pings);
 - the transaction's role, tenant and prelude ride on its BEGIN, as for a session (`scoped_setup`, `PreludeConnection`);
 - statements are prepared once per connection by asyncpg's statement cache (off in the pooler mode, as for sessions);
-- SQLAlchemy's cursor events fire for each statement (statement counters, tracing spans), as if it had run them;
+- SQLAlchemy's cursor events fire for each statement (statement counters, tracing spans), as if it had run them, and
+  a failed statement goes to its `handle_error` listeners instead of `after_cursor_execute`, as SQLAlchemy does (a
+  tracing span ends with an error status);
 - failures are translated as a session's are (`pooler_error`, `unavailable_error`); a lost connection is invalidated
   and reported to `PoolHealth`, so the pool tests its other connections before handing them out (a
   `retry_on_disconnect` gets a working one);
@@ -21,11 +23,12 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ClauseElement
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.base import ExceptionContextImpl
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
@@ -90,26 +93,69 @@ class DriverTransaction:
         self._event_connection: Connection | None = None
 
     async def fetch(self, statement: DriverStatement, params: Mapping[str, Any]) -> list[Any]:
-        """Run `statement` with `params`; its rows (asyncpg `Record`s: by position or by column name)."""
+        """Run `statement` with `params`; its rows (asyncpg `Record`s: by position or by column name).
+
+        A failed statement raises the driver's error, after SQLAlchemy's `handle_error` listeners saw it.
+        """
         sql, args = statement.sql, statement.args(params)
         dispatch = self._engine.dispatch
         if not (dispatch.before_cursor_execute or dispatch.after_cursor_execute):
-            rows: list[Any] = await self._driver.fetch(sql, *args)
+            try:  # free until something is raised (Python 3.11's exceptions)
+                rows: list[Any] = await self._driver.fetch(sql, *args)
+            except BaseException as exc:
+                self._failed(exc, sql, args, None)
+                raise
             return rows
         # Listeners (statement counters, tracing) get what SQLAlchemy gives them: a `Connection` on this pooled
         # connection (made only for them, never closed: the pool gets the connection back from `driver_transaction`)
         # and a context object of their own per statement.
-        if self._event_connection is None:
-            self._event_connection = Connection(self._engine, connection=self._pooled)
-        connection, context = self._event_connection, _EventContext()
+        connection, context = self._events_connection(), _EventContext()
         for before in dispatch.before_cursor_execute:
             sql, args = before(connection, None, sql, args, context, False)
         try:
             rows = await self._driver.fetch(sql, *args)
-        finally:  # a failed statement's span ends too (without an error status: no `handle_error` context here)
-            for after in dispatch.after_cursor_execute:
-                after(connection, None, sql, args, context, False)
+        except BaseException as exc:
+            # As SQLAlchemy does: a failed statement goes to `handle_error` (a tracing span ends there, with an
+            # error status), not to `after_cursor_execute`.
+            self._failed(exc, sql, args, context)
+            raise
+        for after in dispatch.after_cursor_execute:
+            after(connection, None, sql, args, context, False)
         return rows
+
+    def _events_connection(self) -> Connection:
+        if self._event_connection is None:
+            self._event_connection = Connection(self._engine, connection=self._pooled)
+        return self._event_connection
+
+    def _failed(self, exc: BaseException, sql: str, args: Any, context: _EventContext | None) -> None:
+        """Show a failed statement to SQLAlchemy's `handle_error` listeners, as a session's failed statement is.
+
+        They observe only: the caller gets the driver's error whatever they return, and the connection's fate is
+        decided by `driver_transaction` (a lost one is reported to `PoolHealth` there, so its listener is skipped).
+        """
+        dialect = self._engine.dialect
+        health = getattr(self._engine.pool, 'agentrt_health', None)
+        listeners = [fn for fn in dialect.dispatch.handle_error if health is None or fn != health.on_error]
+        if not listeners:
+            return
+        exiting = not isinstance(exc, Exception)  # a cancellation: the connection is discarded, as for SQLAlchemy
+        error_context = ExceptionContextImpl(
+            exception=exc,
+            sqlalchemy_exception=None,  # the driver's error is raised as it is
+            engine=self._engine,
+            dialect=dialect,
+            connection=self._events_connection(),
+            cursor=None,
+            statement=sql,
+            parameters=args,
+            context=cast(Any, context),
+            is_disconnect=exiting or lost_connection(exc),
+            invalidate_pool_on_disconnect=not exiting,
+            is_pre_ping=False,
+        )
+        for listener in listeners:
+            listener(error_context)
 
 
 class _EventContext:

@@ -266,7 +266,7 @@ class PoolHealth:
         self.ping_idle_after = ping_idle_after
         self._sync_engine = engine.sync_engine
         engine.sync_engine.pool.agentrt_health = self  # type: ignore[attr-defined]  # for pool_status() and tests
-        event.listen(engine.sync_engine, 'handle_error', self._on_error)
+        event.listen(engine.sync_engine, 'handle_error', self.on_error)
         if ping_idle_after is None:
             return
         event.listen(engine.sync_engine, 'connect', self._on_connect)
@@ -274,7 +274,9 @@ class PoolHealth:
         if ping_idle_after:
             event.listen(engine.sync_engine, 'checkin', self._on_checkin)
 
-    def _on_error(self, context: Any) -> None:
+    def on_error(self, context: Any) -> None:
+        """SQLAlchemy's `handle_error` listener: a disconnect starts a new generation (and an out-of-step connection
+        counts as one)."""
         if not context.is_disconnect and _out_of_step(context.original_exception):
             context.is_disconnect = True
         if context.is_disconnect:
@@ -285,7 +287,7 @@ class PoolHealth:
 
     def lost(self, connection: Any) -> None:
         """A connection (`PoolProxiedConnection`) lost under statements SQLAlchemy did not run (`agentrt.db.driver`):
-        what `_on_error` and SQLAlchemy do for a disconnect it sees. A new generation, so the pool tests its other
+        what `on_error` and SQLAlchemy do for a disconnect it sees. A new generation, so the pool tests its other
         connections before handing them out; with pre-ping off, every connection opened before now is replaced."""
         self.generation += 1
         self.disconnects += 1

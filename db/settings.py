@@ -228,6 +228,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_JOBS_STALLED_SECONDS', 'jobs_stalled_seconds'),
         description='a running job whose worker sent no heartbeat for this long (it died) is run again by another',
     )
+    jobs_shutdown_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        le=86_400,
+        validation_alias=AliasChoices('AGENTRT_JOBS_SHUTDOWN_SECONDS', 'jobs_shutdown_seconds'),
+        description='a worker asked to stop (SIGTERM, Ctrl-C) lets its running jobs finish this long, then puts the '
+        'rest back in the queue for the next worker (under the 30 s Kubernetes gives a pod by default)',
+    )
     jobs_reconcile_after_seconds: float = Field(
         default=120.0,
         ge=0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from agentrt.db.errors import InvalidInputError
+
 REPLACEMENT = '\ufffd'
 
 # A lone surrogate (U+D800-U+DFFF) is not a character: UTF-8 cannot encode it, so the driver fails on the whole
@@ -40,3 +42,45 @@ def storable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [storable(v) for v in value]
     return value
+
+
+def checked_identifier(value: object, field: str, *, max_chars: int | None = None) -> str:
+    """`value` when it is text PostgreSQL can store and compare as it is, at most `max_chars` characters; else refused.
+
+    For identifiers, which are refused rather than altered as `storable_text` alters text: an altered one would
+    address another row. No I/O: for the start of a public method, before any SQL.
+
+    Raises:
+        InvalidInputError: naming `field`: not text, longer than `max_chars`, or holding a NUL or a lone surrogate.
+    """
+    if not isinstance(value, str):
+        raise InvalidInputError(f'the {field} must be text, not {type(value).__name__}', field=field)
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidInputError(f'the {field} is {len(value):,} characters long; the limit is {max_chars}', field=field)
+    bad = _UNSTORABLE.search(value)
+    if bad is not None:
+        raise InvalidInputError(
+            f'the {field} {preview(value)} has a character PostgreSQL cannot store at position {bad.start()} '
+            f'({describe_char(bad.group())})',
+            field=field,
+        )
+    return value
+
+
+def describe_char(char: str) -> str:
+    """A character for an error message: its code point, and what it is when it does not print (NUL, a lone
+    surrogate, whitespace) or itself when it does."""
+    code = f'U+{ord(char):04X}'
+    if char == '\x00':
+        return f'{code}, NUL'
+    if 0xD800 <= ord(char) <= 0xDFFF:
+        return f'{code}, a lone surrogate'
+    if char.isspace():
+        return f'{code}, whitespace'
+    return f'{code} {char!r}' if char.isprintable() else code
+
+
+def preview(value: str) -> str:
+    """`value` quoted for an error message: at most 40 characters, escaped, so it prints on any terminal."""
+    shown = value[:40].encode('unicode_escape').decode('ascii').replace("'", "\\'")
+    return f"'{shown}'" + ('...' if len(value) > 40 else '')

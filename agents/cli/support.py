@@ -18,7 +18,8 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -208,7 +209,9 @@ async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
     received: list[int] = []
 
     def stop(signum: int) -> None:
-        if not received and task is not None:  # a second signal must not cut the clean shutdown short
+        if _stop_callbacks:  # the command stops itself (`stop_requests`)
+            _stop_callbacks[-1](signum)
+        elif not received and task is not None:  # a second signal must not cut the clean shutdown short
             received.append(signum)
             task.cancel()
 
@@ -225,6 +228,33 @@ async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
     finally:
         for sig in watched:
             loop.remove_signal_handler(sig)
+
+
+_stop_callbacks: list[Callable[[int], None]] = []
+
+
+@contextmanager
+def stop_requests(callback: Callable[[int], None]) -> Iterator[None]:
+    """While inside, each SIGTERM, SIGHUP and SIGINT (Ctrl-C) calls `callback(signum)` instead of stopping the
+    command (`run` cancels it, once): for a command that stops itself when asked, and sooner when asked again
+    (`agentrt worker`). Use it inside `run`'s coroutine; only the main thread gets signals (the in-process test runner
+    runs commands in another: nothing is routed there)."""
+    import asyncio
+
+    if not _in_main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    sigint = signal.getsignal(signal.SIGINT)  # asyncio.run's, which cancels the command (then raises at the second)
+    _stop_callbacks.append(callback)
+    loop.add_signal_handler(signal.SIGINT, callback, int(signal.SIGINT))
+    try:
+        yield
+    finally:
+        _stop_callbacks.remove(callback)
+        loop.remove_signal_handler(signal.SIGINT)
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _in_main_thread() -> bool:

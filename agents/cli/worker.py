@@ -3,32 +3,53 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 
 import typer
 
-from agentrt.agents.cli.support import EXIT_USAGE, fail, run
+from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, run, stop_requests
 
 
 def worker(
     concurrency: int = typer.Option(4, '--concurrency', min=1, max=256, help='Jobs run at once by this process.'),
     burst: bool = typer.Option(False, '--burst', help='Run the jobs due now, then exit (cron, tests).'),
 ) -> None:
-    """Run background jobs from the queue in PostgreSQL until stopped (Ctrl-C, SIGTERM); run as many as needed."""
+    """Run background jobs from the queue in PostgreSQL until stopped; run as many as needed.
+
+    SIGTERM, Ctrl-C or SIGHUP stop it cleanly (exit code 0): no new job is taken, the running ones finish (at most
+    AGENTRT_JOBS_SHUTDOWN_SECONDS, then they go back to the queue for the next worker); a second signal puts them back
+    at once.
+    """
     if importlib.util.find_spec('procrastinate') is None:
         fail("the worker needs the queue extra (procrastinate not installed): pip install 'agentrt[queue]'", EXIT_USAGE)
-    run(_worker, concurrency, burst)
+    signals: list[int] = []
+    try:
+        run(_worker, concurrency, burst, signals)
+    except Stopped as stopped:  # before the worker started (connecting to the database)
+        signals.append(stopped.signum)
+    except KeyboardInterrupt:
+        signals.append(signal.SIGINT)
+    if signals:  # a stop is how a worker ends: exit code 0 (systemd counts 143 as a failure)
+        err_console.print(f'worker stopped by {signal.Signals(signals[0]).name}', highlight=False)
 
 
-async def _worker(concurrency: int, burst: bool) -> None:
+async def _worker(concurrency: int, burst: bool, signals: list[int]) -> None:
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.db.engine import init_database
     from agentrt.services.heap import freeze_startup_heap
-    from agentrt.services.jobs import run_worker
+    from agentrt.services.jobs import WorkerStop, run_worker
 
     await init_database()
     if not burst:  # a process that runs until stopped: its start-up objects out of the cyclic GC's way
         freeze_startup_heap()
-    try:
-        await run_worker(concurrency=concurrency, burst=burst)
-    finally:
-        await shutdown_runtime(release_embedded_server=True)
+    stop = WorkerStop()
+
+    def requested(signum: int) -> None:
+        signals.append(signum)
+        stop.request()
+
+    with stop_requests(requested):  # the cleanup below too: a second signal cuts jobs short, never the cleanup
+        try:
+            await run_worker(concurrency=concurrency, burst=burst, stop=stop)
+        finally:
+            await shutdown_runtime(release_embedded_server=True)

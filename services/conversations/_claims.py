@@ -29,6 +29,7 @@ from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
+from agentrt.services.conversations._arguments import check_conversation_id
 from agentrt.services.conversations._turns import ConcurrentTurnError
 
 logger = logging.getLogger('agentrt.conversations')
@@ -89,7 +90,12 @@ class TurnClaim:
 
     @classmethod
     def mint(cls, account_id: int, conversation_id: str, *, lease_s: float) -> TurnClaim:
-        """A new claim (not taken yet) with a fresh id, so taking it is safe to repeat."""
+        """A new claim (not taken yet) with a fresh id, so taking it is safe to repeat.
+
+        Raises:
+            InvalidInputError: `conversation_id` is not an id the store can hold (a NUL, a lone surrogate, too long).
+        """
+        check_conversation_id(conversation_id)
         return cls(account_id, conversation_id, uuid.uuid4().hex, lease_s)
 
     async def take(self, *, session: AsyncSession | DriverTransaction) -> None:
@@ -236,6 +242,7 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
 
     Raises:
         ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
+        InvalidInputError: `conversation_id` is not an id the store can hold (checked before any SQL).
     """
     claim = TurnClaim.mint(account_id, conversation_id, lease_s=lease_s)
 

@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
+from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import (
     ConversationConflict,
     ConversationEntry,
@@ -17,6 +18,7 @@ from pydantic_ai.conversation_store import (
     ConversationStore,
 )
 from pydantic_ai.messages import ModelMessage
+from pydantic_ai.run import AgentRunResult
 from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,6 +27,16 @@ from agentrt.db.driver import DriverStatement, DriverTransaction, driver_transac
 from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.models import ConversationEntryRow, ConversationRow
 from agentrt.db.session import get_db_session, retry_on_disconnect
+from agentrt.services.conversations._arguments import (
+    check_claim_id,
+    check_conversation_id,
+    check_entries,
+    check_entry_id,
+    check_limit,
+    check_record,
+    check_revision,
+    check_scope,
+)
 from agentrt.services.ledger import dumped_message_json
 from agentrt.services.pg_text import storable, storable_text
 
@@ -225,6 +237,12 @@ def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
     return data
 
 
+def _check_tail(conversation_id: object, cap_chars: object, max_messages: object) -> None:
+    check_conversation_id(conversation_id)
+    check_limit(cap_chars, 'cap_chars')
+    check_limit(max_messages, 'max_messages')
+
+
 async def _read(account_id: int, run: Callable[[AsyncSession], Awaitable[R]], take: Callable[[R], T]) -> T:
     """Run a query in its own session of `account_id` and take its rows; once more on a fresh connection if the first
     was lost."""
@@ -249,6 +267,10 @@ class PostgresConversationStore(ConversationStore):
     remaining record of the account reaches (its head, its branches, and forks pointing into it keep
     them), like `InMemoryConversationStore`. Writes take a shared per-account advisory lock and deletes
     an exclusive one, so the pruning never races a save or fork that points at an entry it would delete.
+
+    Every public method refuses, before any SQL, an id PostgreSQL cannot take as it is (`InvalidInputError`, a
+    `ValueError`, naming the argument): not text, longer than its column, or holding a NUL or a lone surrogate
+    (`_arguments`). A `limit` is a whole number from 0 to 2**31 - 1.
     """
 
     def __init__(self, account_id: int) -> None:
@@ -280,7 +302,12 @@ class PostgresConversationStore(ConversationStore):
 
         Returns:
             None when the account has no such conversation.
+
+        Raises:
+            InvalidInputError: `conversation_id` is not an id the store can hold, or `cap_chars` or `max_messages` is
+                not a whole number from 0 to 2**31 - 1.
         """
+        _check_tail(conversation_id, cap_chars, max_messages)
         params = {
             'account_id': self.account_id,
             'conversation_id': conversation_id,
@@ -326,7 +353,12 @@ class PostgresConversationStore(ConversationStore):
 
         Returns:
             Whether the claim was taken, and the tail (None when the account has no such conversation).
+
+        Raises:
+            InvalidInputError: `conversation_id` is not an id the store can hold, or `cap_chars` or `max_messages` is
+                not a whole number from 0 to 2**31 - 1.
         """
+        _check_tail(conversation_id, cap_chars, max_messages)
         params = {
             **claim_params,
             'account_id': self.account_id,
@@ -368,7 +400,11 @@ class PostgresConversationStore(ConversationStore):
         Raises:
             ConversationConflict: the stored revision is not `expected_revision` (or a record exists when it is
                 None).
+            InvalidInputError: an id of `record`, `expected_revision` or `claim_id` is not one the store can hold.
         """
+        check_record(record)
+        check_revision(expected_revision, 'expected_revision')
+        check_claim_id(claim_id)
         entries: list[ConversationEntry] = []
         parent_id = record.head_id
         for message in messages:
@@ -426,8 +462,88 @@ class PostgresConversationStore(ConversationStore):
         row = (await transaction.fetch(statement, params))[0]
         return row[0], row[1]
 
+    # pydantic-ai's methods built on the primitives: their ids checked first, so a bad one is refused before any SQL
+    # (a primitive would refuse it too, but some only after a read).
+
+    async def load(
+        self, conversation_id: str, *, limit: int | None = None, scope: str | None = None
+    ) -> Conversation | None:
+        check_conversation_id(conversation_id)
+        check_scope(scope)
+        return await super().load(conversation_id, limit=limit, scope=scope)
+
+    async def load_entries(
+        self, conversation_id: str, *, limit: int | None = None, scope: str | None = None
+    ) -> list[ConversationEntry] | None:
+        check_conversation_id(conversation_id)
+        check_scope(scope)
+        return await super().load_entries(conversation_id, limit=limit, scope=scope)
+
+    async def save(
+        self, conversation: Conversation | AgentRunResult[Any], *, scope: str | None = None
+    ) -> list[ConversationEntry]:
+        saved = conversation.conversation if isinstance(conversation, AgentRunResult) else conversation
+        check_conversation_id(saved.conversation_id, 'conversation.conversation_id')
+        check_revision(saved.revision, 'conversation.revision')
+        check_scope(scope)
+        return await super().save(conversation, scope=scope)
+
+    async def branch(
+        self,
+        conversation_id: str,
+        *,
+        at: int | None = None,
+        from_entry: str | None = None,
+        expected_revision: str | None,
+        scope: str | None = None,
+    ) -> Conversation:
+        check_conversation_id(conversation_id)
+        check_entry_id(from_entry, 'from_entry')
+        check_revision(expected_revision, 'expected_revision')
+        check_scope(scope)
+        return await super().branch(
+            conversation_id, at=at, from_entry=from_entry, expected_revision=expected_revision, scope=scope
+        )
+
+    async def fork(
+        self,
+        conversation_id: str,
+        *,
+        at: int | None = None,
+        from_entry: str | None = None,
+        new_conversation_id: str | None = None,
+        scope: str | None = None,
+        source_scope: str | None = None,
+    ) -> Conversation:
+        check_conversation_id(conversation_id)
+        check_entry_id(from_entry, 'from_entry')
+        if new_conversation_id is not None:
+            check_conversation_id(new_conversation_id, 'new_conversation_id')
+        check_scope(scope)
+        check_scope(source_scope, 'source_scope')
+        return await super().fork(
+            conversation_id,
+            at=at,
+            from_entry=from_entry,
+            new_conversation_id=new_conversation_id,
+            scope=scope,
+            source_scope=source_scope,
+        )
+
+    async def list_conversations(
+        self, *, scope: str | None = None, limit: int | None = None
+    ) -> list[ConversationRecord]:
+        check_scope(scope)
+        return await super().list_conversations(scope=scope, limit=limit)
+
+    async def delete(self, conversation_id: str, *, scope: str | None = None) -> None:
+        check_conversation_id(conversation_id)
+        check_scope(scope)
+        await super().delete(conversation_id, scope=scope)
+
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
+        check_conversation_id(conversation_id)
         query = select(_records.c.record).where(
             _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
         )
@@ -442,6 +558,7 @@ class PostgresConversationStore(ConversationStore):
         A turn compares it with the revision it loaded before each model request, to learn early that another
         turn saved the conversation meanwhile (it would lose at save).
         """
+        check_conversation_id(conversation_id)
         query = select(_records.c.revision).where(
             _records.c.account_id == self.account_id, _records.c.conversation_id == conversation_id
         )
@@ -450,6 +567,8 @@ class PostgresConversationStore(ConversationStore):
 
     async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
         """This account's records, or those with `scope`, newest `updated_at` first, at most `limit` of them."""
+        check_scope(scope)
+        check_limit(limit)
         query = (
             select(_records.c.record)
             .where(_records.c.account_id == self.account_id)
@@ -477,7 +596,12 @@ class PostgresConversationStore(ConversationStore):
             ConversationConflict: If the stored revision isn't `expected_revision` (or a record exists
                 when it is `None`), or `record.head_id` or an entry's parent names an entry this account
                 doesn't have and `new_entries` doesn't add.
+            InvalidInputError: an id of `record` or `new_entries`, or `expected_revision`, is not one the store can
+                hold.
         """
+        check_record(record)
+        check_entries(new_entries)
+        check_revision(expected_revision, 'expected_revision')
         try:
             await self._write(record, new_entries, expected_revision)
             return
@@ -534,6 +658,8 @@ class PostgresConversationStore(ConversationStore):
         Raises:
             ConversationConflict: If no record with `expected_revision` is stored for this account.
         """
+        check_conversation_id(conversation_id)
+        check_revision(expected_revision, 'expected_revision')
         statement = (
             _records.delete()
             .where(
@@ -555,6 +681,9 @@ class PostgresConversationStore(ConversationStore):
         Raises:
             KeyError: If this account has no such entry.
         """
+        check_entry_id(entry_id, 'entry_id')
+        if entry_id is None:
+            raise KeyError(entry_id)
         query = select(_entries.c.id, _entries.c.parent_id, _entries.c.kind, _entries.c.message).where(
             _entries.c.account_id == self.account_id, _entries.c.id == entry_id
         )
@@ -571,6 +700,8 @@ class PostgresConversationStore(ConversationStore):
         Raises:
             KeyError: If `head_id`, or a parent on the way, is not an entry of this account.
         """
+        check_entry_id(head_id, 'head_id')
+        check_limit(limit)
         if head_id is None or limit == 0:
             return []
         walk = (

@@ -11,11 +11,12 @@ from agentrt.services.jobs._app import close_queue, jobs, listens, open_queue, q
 from agentrt.services.jobs._defer import defer_post_turn_work, defer_summary
 from agentrt.services.jobs._reconcile import ReconcileReport, reconcile_post_turn_work
 from agentrt.services.jobs._tasks import QUEUES, conversation_summary, retry_stalled_jobs, usage_rollup
-from agentrt.services.jobs._worker import run_worker
+from agentrt.services.jobs._worker import WorkerStop, run_worker
 
 __all__ = [
     'QUEUES',
     'ReconcileReport',
+    'WorkerStop',
     'close_queue',
     'conversation_summary',
     'defer_post_turn_work',

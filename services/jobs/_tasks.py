@@ -3,9 +3,12 @@ two periodic ones: reconcile (work the database says is missing) and retry-stall
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from procrastinate import RetryStrategy
+from procrastinate import BaseRetryStrategy, RetryStrategy
+from procrastinate.jobs import Job
+from procrastinate.retry import RetryDecision
 
 from agentrt.db.engine import current_settings
 from agentrt.services.conversations import refresh_title_and_summary
@@ -17,8 +20,25 @@ logger = logging.getLogger('agentrt.jobs')
 POST_TURN_QUEUE = 'post_turn'
 MAINTENANCE_QUEUE = 'maintenance'
 QUEUES = (POST_TURN_QUEUE, MAINTENANCE_QUEUE)
-# Retried with growing waits (2, 4, 8, 16 s): a database restart or a lock held a while is over by then.
-_RETRY = RetryStrategy(max_attempts=5, exponential_wait=2)
+
+
+class PutBackOnStop(BaseRetryStrategy):
+    """A job cut short because its worker stopped (SIGTERM, Ctrl-C: the job is cancelled) did not fail: it goes back to
+    the queue at once, for the next worker, whatever its attempts. A failure is retried as `failures` says (not at all
+    when None)."""
+
+    def __init__(self, failures: RetryStrategy | None = None) -> None:
+        self.failures = failures
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        """Now for a cancelled job; else the failure strategy's decision."""
+        if isinstance(exception, asyncio.CancelledError):
+            return RetryDecision()  # no retry_at: due now
+        return None if self.failures is None else self.failures.get_retry_decision(exception=exception, job=job)
+
+
+# Failures retried with growing waits (2, 4, 8, 16 s): a database restart or a lock held a while is over by then.
+_RETRY = PutBackOnStop(RetryStrategy(max_attempts=5, exponential_wait=2))
 
 
 @jobs.task(name='agentrt.conversation_summary', queue=POST_TURN_QUEUE, retry=_RETRY)
@@ -43,7 +63,9 @@ async def reconcile(timestamp: int) -> None:
 
 
 @jobs.periodic(cron='* * * * *', periodic_id='retry_stalled')
-@jobs.task(name='agentrt.retry_stalled', queue=MAINTENANCE_QUEUE, queueing_lock='agentrt.retry_stalled')
+@jobs.task(
+    name='agentrt.retry_stalled', queue=MAINTENANCE_QUEUE, queueing_lock='agentrt.retry_stalled', retry=PutBackOnStop()
+)
 async def retry_stalled(timestamp: int) -> None:
     """Every minute: run again the jobs whose worker stopped sending heartbeats (`retry_stalled_jobs`)."""
     await retry_stalled_jobs()

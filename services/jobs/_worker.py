@@ -1,8 +1,16 @@
-"""`run_worker`: a process that runs the queued jobs (`agentrt worker`)."""
+"""`run_worker`: a process that runs the queued jobs (`agentrt worker`), and how it stops (`WorkerStop`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from procrastinate.job_context import JobContext
+from procrastinate.worker import Worker
 
 from agentrt.db.engine import current_settings
 from agentrt.services.jobs._app import listens, open_queue
@@ -14,16 +22,89 @@ POLL_SECONDS = 2.0
 """How often a worker that cannot LISTEN (behind a transaction pooler) looks for new jobs."""
 
 
-async def run_worker(*, concurrency: int = 4, burst: bool = False, name: str = 'agentrt-worker') -> None:
-    """Run jobs until stopped (SIGINT/SIGTERM: running jobs finish first), or with `burst` until the queue is empty.
+@dataclass
+class WorkerStop:
+    """Asks a running `run_worker` to stop (the CLI calls `request()` on SIGTERM, SIGINT and SIGHUP).
+
+    The first request: the worker takes no new job and lets the running ones finish, for at most
+    `AGENTRT_JOBS_SHUTDOWN_SECONDS`; then it cancels those still running, and each goes back to the queue at once, for
+    the next worker (a cancelled job writes nothing: each runs in its own transactions and is idempotent). A second
+    request cancels them now. Either way the worker then leaves the queue's table of workers and returns.
+    """
+
+    requests: int = 0
+    """How many times it was asked."""
+    _worker: Worker | None = field(default=None, init=False, repr=False)
+    _running: dict[asyncio.Task[Any], JobContext] = field(default_factory=dict, init=False, repr=False)
+    _deadline: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+
+    def request(self) -> None:
+        """Stop the worker: gracefully the first time, at once the second."""
+        self.requests += 1
+        if self._worker is None:
+            return  # not started yet: `run_worker` returns instead of starting
+        if self.requests == 1:
+            self._begin(self._worker)
+        else:
+            self._cut_short('asked again')
+
+    def _begin(self, worker: Worker) -> None:
+        worker.stop()  # type: ignore[no-untyped-call]  # no new job (one being fetched still starts: the deadline too)
+        seconds = current_settings().jobs_shutdown_seconds
+        self._deadline = asyncio.get_running_loop().call_later(seconds, self._cut_short, f'not done in {seconds:g} s')
+        if self._running:
+            logger.info(
+                'stopping: waiting for %s to finish (at most %g s; stop again to put %s back in the queue now)',
+                _jobs(len(self._running)),
+                seconds,
+                'it' if len(self._running) == 1 else 'them',
+            )
+
+    def _cut_short(self, why: str) -> None:
+        if self._running:
+            logger.warning('%s %s: put back in the queue, for the next worker', _jobs(len(self._running)), why)
+        for task in self._running:
+            task.cancel()
+
+    async def middleware(self, call_next: Callable[[], Awaitable[Any]], context: JobContext, worker: Worker) -> Any:
+        """The worker middleware: knows the running jobs, so a stop can cut them short."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = context
+        try:
+            return await call_next()
+        finally:
+            del self._running[task]
+
+    def attach(self, worker: Worker) -> None:
+        """The worker to stop (`run_worker`)."""
+        self._worker = worker
+
+    def detach(self) -> None:
+        """The worker has returned."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._worker = None
+
+
+def _jobs(count: int) -> str:
+    return f'{count} running job' + ('' if count == 1 else 's')
+
+
+async def run_worker(
+    *, concurrency: int = 4, burst: bool = False, name: str = 'agentrt-worker', stop: WorkerStop | None = None
+) -> None:
+    """Run jobs until `stop.request()` (see `WorkerStop`), or with `burst` until the queue is empty.
 
     Call `init_database()` first: the jobs use the process's engine and pool. The worker also defers the periodic
-    jobs (reconcile every 5 minutes, retry-stalled every minute; one of each across all workers).
+    jobs (reconcile every 5 minutes, retry-stalled every minute; one of each across all workers). Cancelling it
+    stops it as a first `stop.request()` does, then raises `CancelledError`.
     """
     settings = current_settings()
+    stop = stop or WorkerStop()
     app = await open_queue()
-    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings.pooled))
-    await app.run_worker_async(
+    worker = Worker(
+        app,
         queues=list(QUEUES),
         concurrency=concurrency,
         name=name,
@@ -33,8 +114,46 @@ async def run_worker(*, concurrency: int = 4, burst: bool = False, name: str = '
         update_heartbeat_interval=settings.jobs_heartbeat_seconds,
         stalled_worker_timeout=settings.jobs_stalled_seconds,
         delete_jobs='successful',
-        install_signal_handlers=False,  # the CLI turns SIGTERM into a cancellation (agents/cli/support.run)
+        install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
+        worker_middleware=[stop.middleware],
     )
+    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings.pooled))
+    if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
+        return
+    stop.attach(worker)
+    running = asyncio.ensure_future(worker.run())  # type: ignore[no-untyped-call]  # procrastinate: untyped
+    heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, settings.jobs_heartbeat_seconds))
+    cancelled = False
+    try:
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if running.done():
+                    raise
+                cancelled = True
+                stop.request()  # the first stops gracefully, another cuts the running jobs short
+        running.result()
+        if cancelled:
+            raise asyncio.CancelledError
+    finally:
+        stop.detach()
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+
+
+async def _heartbeat_until_gone(worker: Worker, interval: float) -> None:
+    """The worker's heartbeat, until it leaves the table of workers. procrastinate stops its own as soon as the worker
+    stops taking jobs, but the running ones may take `AGENTRT_JOBS_SHUTDOWN_SECONDS` more (or, with `--burst`, as long
+    as they take): without a heartbeat another worker would find them stalled and run them a second time meanwhile."""
+    while True:
+        await asyncio.sleep(interval)
+        if worker.worker_id is not None:
+            try:
+                await worker.app.job_manager.update_heartbeat(worker.worker_id)
+            except Exception as exc:  # the database away a moment: the next beat may reach it
+                logger.debug('worker heartbeat failed: %s', exc)
 
 
 def _waits(pooled: bool) -> str:

@@ -10,15 +10,20 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 from logfire.testing import CaptureLogfire
-from sqlalchemy import select
+from opentelemetry.trace import StatusCode
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.db.transaction_setup import TransactionSetup
 from tests.agents.otlp_receiver import OtlpReceiver
 
 QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
@@ -77,6 +82,58 @@ async def test_parallel_tool_calls_overlap_each_with_its_own_database_connection
     async with get_db_session(account=Unscoped.ADMIN) as session:
         traces = (await session.execute(select(LLMRequestRow.trace_id))).scalars().all()
     assert traces and set(traces) == {f'{trace_id:032x}'}
+
+
+async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an_error_as_in_a_session(
+    two_accounts: tuple[int, int], instrumented: CaptureLogfire
+) -> None:
+    alpha, _ = two_accounts
+    timeout = TransactionSetup(statement_timeout_ms=20)
+    # Each failure twice, through a session and on the driver connection (the comment tells their spans apart).
+    failures = [('SELECT 1 / :zero', {'zero': 0}, None), ('SELECT pg_sleep(:s)', {'s': 5}, timeout)]
+    raised: dict[str, BaseException] = {}
+    for sql, params, setup in failures:
+        with pytest.raises(DBAPIError):
+            async with get_db_session(account=alpha, setup=setup) as session:
+                await session.execute(text(sql + ' -- session'), params)
+        with pytest.raises((asyncpg.DivisionByZeroError, asyncpg.QueryCanceledError)) as failed:
+            async with driver_transaction(account=alpha, setup=setup) as transaction:
+                await transaction.fetch(DriverStatement.of(text(sql + ' -- driver')), params)
+        raised[sql] = failed.value
+    async with driver_transaction(account=alpha) as transaction:
+        await transaction.fetch(DriverStatement.of(text('SELECT 1 -- fine')), {})
+
+    started = asyncio.Event()
+
+    async def cancelled() -> None:
+        async with driver_transaction(account=alpha) as transaction:
+            started.set()  # this task next yields inside the statement, its span started
+            await transaction.fetch(DriverStatement.of(text('SELECT pg_sleep(30) -- cancelled')), {})
+
+    task = asyncio.create_task(cancelled())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    spans = {
+        span.attributes['db.statement']: span
+        for span in instrumented.exporter.exported_spans
+        if span.attributes and span.attributes.get('logfire.span_type') == 'span' and 'db.statement' in span.attributes
+    }
+    for sql, params, _ in failures:
+        sent = sql.replace(f':{next(iter(params))}', '$1')  # as the statement was sent (its span's db.statement)
+        driver, session = spans[f'{sent} -- driver'], spans[f'{sent} -- session']
+        assert driver.status.status_code is StatusCode.ERROR
+        assert driver.status.description == str(raised[sql])  # the statement's error: division by zero, timeout
+        assert driver.attributes is not None and driver.attributes['logfire.level_num'] == 17  # an error to Logfire
+        # As the same failure's span through a session: status, message, events (the instrumentation adds none).
+        assert (driver.status.status_code, driver.status.description, driver.events) == (
+            session.status.status_code,
+            session.status.description,
+            session.events,
+        )
+    assert spans['SELECT 1 -- fine'].status.status_code is StatusCode.UNSET
+    assert spans['SELECT pg_sleep(30) -- cancelled'].status.status_code is StatusCode.ERROR  # ended, as in a session
 
 
 @pytest.mark.parametrize(

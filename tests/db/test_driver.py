@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import literal_column, select, text
 
@@ -102,6 +103,45 @@ async def test_a_failure_in_the_block_rolls_back_and_leaves_the_connection_clean
     assert get_engine().sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+async def test_a_failed_statement_goes_to_handle_error_as_in_a_session_and_still_raises_the_drivers_error(
+    two_accounts: tuple[int, int],
+) -> None:
+    alpha, _ = two_accounts
+    health: Any = get_engine().sync_engine.pool.agentrt_health  # type: ignore[attr-defined]
+    generation = health.generation
+    seen: list[tuple[str, Any]] = []
+
+    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        seen.append(('before', context))
+
+    def after(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        seen.append(('after', context))
+
+    def on_error(context: Any) -> Exception:
+        seen.append(('error', context))
+        return RuntimeError('a listener cannot swap the error')  # SQLAlchemy would raise this one; the driver not
+
+    cursor_events = [('before_cursor_execute', before), ('after_cursor_execute', after)]
+    for listeners in ([('handle_error', on_error)], [*cursor_events, ('handle_error', on_error)]):
+        seen.clear()
+        with listening(*listeners):
+            with pytest.raises(asyncpg.DivisionByZeroError, match='division by zero') as raised:
+                async with driver_transaction(account=alpha) as transaction:
+                    await transaction.fetch(DIVIDE, {'zero': 0})
+            async with driver_transaction(account=alpha) as transaction:  # a statement that succeeds: no error
+                assert (await transaction.fetch(WHO, {}))[0][1] == str(alpha)
+        kinds = [kind for kind, _ in seen]
+        assert kinds == (['error'] if len(listeners) == 1 else ['before', 'error', 'before', 'after'])
+        error = seen[kinds.index('error')][1]
+        assert error.original_exception is raised.value and error.sqlalchemy_exception is None
+        assert (error.statement, error.parameters, error.is_disconnect) == (DIVIDE.sql, [0], False)
+        assert error.connection is not None and error.engine is get_engine().sync_engine
+        if len(listeners) > 1:  # the context the cursor events got: where a tracing span waits to be ended
+            assert error.execution_context is seen[0][1]
+    assert health.generation == generation  # not a disconnect
+    assert get_engine().sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 async def test_a_lost_connection_is_discarded_reported_and_repeated_on_a_fresh_one(
     two_accounts: tuple[int, int],
 ) -> None:
@@ -121,7 +161,7 @@ async def test_a_lost_connection_is_discarded_reported_and_repeated_on_a_fresh_o
 
     with pytest.raises(DatabaseDisconnectedError, match='connection to PostgreSQL was lost'):
         await claim_once()
-    assert drivers[0].is_closed() and health.generation > generation
+    assert drivers[0].is_closed() and health.generation == generation + 1  # reported once, not by handle_error too
     assert await _claimed_by() == []
     attempts.clear()
     await retry_on_disconnect(claim_once, what='test claim')
