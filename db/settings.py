@@ -403,7 +403,7 @@ def _describe(err: ErrorDetails) -> str:
         text = str(context['error'])
         # `parse_database_url` names DATABASE_URL; the same checks run on the migration and queue URLs.
         if text.startswith('DATABASE_URL') and env_name != 'DATABASE_URL':
-            text = env_name + text.removeprefix('DATABASE_URL')
+            text = f'{env_name}{text.removeprefix("DATABASE_URL")}'
         return text
     return f'{env_name}: {message}'
 
