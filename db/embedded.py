@@ -279,7 +279,8 @@ def _check_not_foreign(data_dir: Path) -> None:
             f'cannot read the embedded PostgreSQL data directory {data_dir}: {exc.strerror or exc}. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         ) from exc
-    if 'PG_VERSION' in names or not names - {USERS_FILE, SERVER_FILE, HANDLE_PIDS_FILE, 'log'}:
+    ours = {USERS_FILE, SERVER_FILE, f'{USERS_FILE}.tmp', f'{SERVER_FILE}.tmp', HANDLE_PIDS_FILE, 'log'}
+    if 'PG_VERSION' in names or not names - ours:  # a cluster, or what a start that failed left
         return
     raise EmbeddedPostgresError(
         f'the embedded PostgreSQL data directory {data_dir} holds other files and no PostgreSQL cluster: set '
