@@ -7,9 +7,10 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agentrt.db.errors import InvalidInputError
+from agentrt.services.pg_text import is_storable
 
 MAX_CURSOR_CHARS = 600
 
@@ -32,10 +33,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4))
         moment, key = json.loads(raw)
         parsed = datetime.fromisoformat(moment)
-        if parsed.tzinfo is None or not isinstance(key, str):
+        if parsed.tzinfo is None or not isinstance(key, str) or not is_storable(key):
             raise ValueError('not a cursor')
-        return parsed, key
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        # In UTC here: the driver converts it, and a moment past year 9999 or before year 1 there was a 500.
+        return parsed.astimezone(UTC), key
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInputError('not a cursor from this API; pass next_cursor back unchanged', field='cursor') from exc
 
 

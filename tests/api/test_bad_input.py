@@ -15,6 +15,11 @@ from tests.factories import ledger_rows
 
 AUDIT = '/api/v1/llm-audit/interactions'
 
+
+def _cursor(moment: str, key: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([moment, key]).encode()).decode().rstrip('=')
+
+
 BAD_QUERIES: list[tuple[str, dict[str, str]]] = [
     (AUDIT, {'page': '0'}),
     (AUDIT, {'page': '-1'}),
@@ -58,6 +63,13 @@ BAD_QUERIES: list[tuple[str, dict[str, str]]] = [
     ('/api/v1/conversations', {'limit': '0'}),
     ('/api/v1/conversations', {'limit': '101'}),
     ('/api/v1/conversations', {'cursor': 'x'}),
+    # hand-made cursors of the right shape: a moment past the ends once in UTC, an id PostgreSQL cannot take (500s)
+    ('/api/v1/conversations', {'cursor': _cursor('0001-01-01T00:00:00+14:00', 'x')}),
+    ('/api/v1/conversations', {'cursor': _cursor('9999-12-31T23:59:59-14:00', 'x')}),
+    ('/api/v1/conversations', {'cursor': _cursor('2026-01-01T00:00:00+00:00', 'a\x00b')}),
+    ('/api/v1/conversations', {'cursor': _cursor('2026-01-01T00:00:00+00:00', 'a\ud800b')}),
+    (AUDIT, {'cursor': _cursor('0001-01-01T00:00:00+14:00', '01a23014-ea87-791c-afe7-823174d274a5')}),
+    (AUDIT, {'cursor': _cursor('9999-12-31T23:59:59-14:00', '01a23014-ea87-791c-afe7-823174d274a5')}),
     ('/api/v1/conversations/c1', {'format': 'xml'}),
     (f'/api/v1/conversations/{"c" * 201}', {}),
     ('/api/v1/conversations/a%20b', {}),
