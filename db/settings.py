@@ -255,6 +255,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode='after')
+    def _heartbeat_within_stall(self) -> Settings:
+        # A worker silent for AGENTRT_JOBS_STALLED_SECONDS is taken for dead: a slower heartbeat than that had live
+        # workers' jobs run a second time by others, every time.
+        if self.jobs_heartbeat_seconds >= self.jobs_stalled_seconds:
+            raise ConfigError(
+                f'AGENTRT_JOBS_HEARTBEAT_SECONDS ({self.jobs_heartbeat_seconds:g}) must be less than '
+                f'AGENTRT_JOBS_STALLED_SECONDS ({self.jobs_stalled_seconds:g})'
+            )
+        return self
+
+    @model_validator(mode='after')
     def _queue_is_installed(self) -> Settings:
         if self.background == 'queue' and importlib.util.find_spec('procrastinate') is None:
             raise ConfigError("AGENTRT_BACKGROUND=queue needs the queue extra: pip install 'agentrt[queue]'")

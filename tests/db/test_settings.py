@@ -143,3 +143,15 @@ def test_bad_conversation_settings_name_the_variable(
 def test_a_blank_data_dir_is_the_default_not_the_working_directory(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
     monkeypatch.setenv('AGENTRT_DATA_DIR', blank)
     assert Settings().data_dir == default_data_dir()
+
+
+def test_a_heartbeat_slower_than_the_stall_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Live workers would be taken for dead: their jobs run again by others, every time.
+    monkeypatch.setenv('AGENTRT_JOBS_HEARTBEAT_SECONDS', '100')
+    with pytest.raises(
+        ValueError,
+        match=r'AGENTRT_JOBS_HEARTBEAT_SECONDS \(100\) must be less than AGENTRT_JOBS_STALLED_SECONDS \(60\)',
+    ):
+        Settings()
+    monkeypatch.setenv('AGENTRT_JOBS_STALLED_SECONDS', '101')
+    assert Settings().jobs_heartbeat_seconds == 100
