@@ -47,7 +47,7 @@ from sqlalchemy import text
 
 from agentrt.db.engine import close_database
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.background import get_supervisor
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.budgets import BudgetConfig, Period, budget_statuses, remove_budget, set_budget
 from agentrt.services.ledger import _capability, get_request_tracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
@@ -307,6 +307,7 @@ async def main() -> None:
             raise SystemExit(f'the books do not balance: {books}')
         write_results(opts.out, 'budgets', config, machine, rows, summary)
     finally:
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
         await close_database()

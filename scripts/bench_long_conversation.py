@@ -30,7 +30,7 @@ from sqlalchemy import text
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, current_settings
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.background import get_supervisor
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, estimate_tokens
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import get_request_tracker
@@ -169,6 +169,7 @@ async def main() -> None:
         write_results(opts.out, 'long_conversation', config, machine, results, summary | {'per_turn': per_turn})
     finally:
         await settle()
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
         await delete_conversations(prefix)
         await close_database()
 

@@ -58,7 +58,7 @@ from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependenci
 from agentrt.db.engine import close_database, get_engine
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING
 from agentrt.db.session import Unscoped, enter_account, get_db_session, row_security
-from agentrt.services.background import get_supervisor
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import LLMRequestTracker, get_request_tracker, ledger_capability, set_request_tracker
@@ -546,6 +546,7 @@ async def main() -> None:
         write_results(opts.out, 'overhead', config, machine, rows, summary)
     finally:
         await settle()
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
         await delete_conversations(prefix)
         await close_database()
 
