@@ -34,7 +34,7 @@ from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
 from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_hooks import TURN_LEDGER_ID
-from agentrt.agents.turn_input import TurnInput
+from agentrt.agents.turn_input import TurnInput, validate_run_arguments
 from agentrt.services.ledger import ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -146,7 +146,8 @@ async def simple_chat(
         agent: the agent to run; `create_simple_chat_agent()`'s when omitted.
 
     Raises:
-        InvalidInputError: the message or an identifier breaks the input rules (nothing ran).
+        InvalidInputError: the message or an identifier breaks the input rules, or another argument has the wrong
+            type (nothing ran).
         ConfigError: the model cannot be used (unknown, or its API key is missing).
         UnknownTenantError: the account or agent does not exist.
         TurnLimitExceededError: the turn reached a per-turn usage limit; nothing was saved.
@@ -159,6 +160,9 @@ async def simple_chat(
             (`DatabaseDisconnectedError`); nothing was saved.
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
+    validate_run_arguments(
+        model=model, usage_limits=usage_limits, toolsets=toolsets, instructions=instructions, agent=agent
+    )
     with _turn_span(turn_input, streamed=False), documented_errors():
         async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
             with documented_errors(turn.model.model_name):  # a provider error names the model asked for
@@ -237,11 +241,21 @@ def simple_chat_stream(
     request it cut off as cancelled.
 
     Raises:
-        InvalidInputError: at once, when the message or an identifier breaks the input rules (nothing ran); the
+        InvalidInputError: at once, when the message, an identifier or another argument is refused (nothing ran); the
             others of `simple_chat` when iteration starts.
     """
+    turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
+    validate_run_arguments(
+        model=model,
+        usage_limits=usage_limits,
+        toolsets=toolsets,
+        instructions=instructions,
+        agent=agent,
+        on_tool_event=on_tool_event,
+        stream_delay=stream_delay,
+    )
     request = _StreamRequest(
-        check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance),
+        turn_input,
         model,
         usage_limits,
         list(toolsets),
@@ -296,7 +310,7 @@ def _turn_span(turn_input: TurnInput, *, streamed: bool) -> AbstractContextManag
 
 
 def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:
-    if isinstance(instructions, str) or callable(instructions):
+    if not isinstance(instructions, Sequence) or isinstance(instructions, str):  # one instruction
         return [instructions]
     return list(instructions)
 

@@ -10,8 +10,16 @@ store) is replaced by U+FFFD, as the store does with a model's or a tool's text,
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from pydantic_ai import Agent, TemplateStr
+from pydantic_ai.messages import InstructionPart
+from pydantic_ai.models import Model
+from pydantic_ai.toolsets import AbstractToolset
+from pydantic_ai.usage import UsageLimits
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.settings import Settings
@@ -90,6 +98,57 @@ def validate_message(message: object, *, max_chars: int) -> str:
     if not message.strip():
         raise InvalidInputError('the chat message is empty', field='message')
     return storable_text(message)
+
+
+def validate_run_arguments(
+    *,
+    model: object,
+    usage_limits: object,
+    toolsets: object,
+    instructions: object,
+    agent: object,
+    on_tool_event: object = None,
+    stream_delay: object = 0.0,
+) -> None:
+    """Check the types of `simple_chat`'s and `simple_chat_stream`'s other arguments, before anything runs.
+
+    A wrong type would otherwise fail deep inside the run (an `AttributeError` of pydantic-ai's), after the turn
+    claimed its conversation; a NaN or infinite `stream_delay` would make the demo model's stream wait for ever.
+
+    Raises:
+        InvalidInputError: naming the first argument of the wrong type or value.
+    """
+    if model is not None and not isinstance(model, str | Model):
+        raise _wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
+    if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
+        raise _wrong_type('usage_limits', 'a pydantic-ai UsageLimits or None', usage_limits)
+    if not _sequence_of(toolsets, lambda item: isinstance(item, AbstractToolset)):
+        raise _wrong_type('toolsets', 'a sequence of pydantic-ai toolsets', toolsets)
+    if not (_instruction(instructions) or _sequence_of(instructions, _instruction)):
+        raise _wrong_type('instructions', 'text, a function of the run context, or a sequence of them', instructions)
+    if agent is not None and not isinstance(agent, Agent):
+        raise _wrong_type('agent', 'a pydantic-ai Agent (create_simple_chat_agent()) or None', agent)
+    if on_tool_event is not None and not callable(on_tool_event):
+        raise _wrong_type('on_tool_event', 'a function or None', on_tool_event)
+    if isinstance(stream_delay, bool) or not isinstance(stream_delay, int | float):
+        raise _wrong_type('stream_delay', 'a number of seconds', stream_delay)
+    if not (math.isfinite(stream_delay) and stream_delay >= 0):
+        raise InvalidInputError(
+            f'stream_delay must be a finite number of seconds, 0 or more, not {stream_delay!r}', field='stream_delay'
+        )
+
+
+def _wrong_type(field: str, expected: str, value: object) -> InvalidInputError:
+    return InvalidInputError(f'{field} must be {expected}, not {type(value).__name__}', field=field)
+
+
+def _instruction(value: object) -> bool:
+    """What pydantic-ai takes as one instruction (`AgentInstruction`)."""
+    return isinstance(value, str | TemplateStr | InstructionPart) or callable(value)
+
+
+def _sequence_of(value: object, check: Callable[[object], bool]) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes) and all(check(item) for item in value)
 
 
 def _identifier(value: object, field: str, name: str, pattern: re.Pattern[str], max_chars: int) -> str:

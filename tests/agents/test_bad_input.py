@@ -95,6 +95,43 @@ async def test_bad_input_is_refused_before_anything_runs(demo_data: None, small_
         await _nothing_happened(case)
 
 
+ARGUMENT_CASES = [
+    Case('model not a model', 'model', 123, 'model must be a model name, a pydantic-ai Model or None, not int'),
+    Case('usage limits not UsageLimits', 'usage_limits', {'request_limit': 3}, 'not dict'),
+    Case('toolsets not a sequence', 'toolsets', 5, 'a sequence of pydantic-ai toolsets, not int'),
+    Case('toolsets a string', 'toolsets', 'directory', 'not str'),
+    Case('toolsets of strings', 'toolsets', ['directory'], 'not list'),
+    Case('instructions a number', 'instructions', 5, 'not int'),
+    Case('instructions with a number', 'instructions', ['be brief', 5], 'not list'),
+    Case('agent a name', 'agent', 'simple_chat', 'a pydantic-ai Agent'),
+]
+STREAM_ARGUMENT_CASES = [
+    Case('on_tool_event not callable', 'on_tool_event', 'print', 'a function or None, not str'),
+    Case('stream_delay text', 'stream_delay', '0.1', 'a number of seconds, not str'),
+    Case('stream_delay NaN', 'stream_delay', float('nan'), 'finite number of seconds, 0 or more, not nan'),
+    Case('stream_delay infinite', 'stream_delay', float('inf'), 'not inf'),
+    Case('stream_delay negative', 'stream_delay', -1, 'not -1'),
+]
+
+
+@pytest.mark.parametrize('path', ['simple_chat', 'simple_chat_stream'])
+async def test_arguments_of_the_wrong_type_are_refused_before_anything_runs(demo_data: None, path: str) -> None:
+    """Once an AttributeError deep in pydantic-ai after the claim, and a NaN `stream_delay` a stream that never
+    ended: now the documented error naming the argument, before the database or the model."""
+    cases = ARGUMENT_CASES if path == 'simple_chat' else ARGUMENT_CASES + STREAM_ARGUMENT_CASES
+    for case in cases:
+        kwargs: dict = {**GOOD, case.field: case.value}
+        message = kwargs.pop('message')
+        with pytest.raises(InvalidInputError) as info:
+            if path == 'simple_chat':
+                await simple_chat(message, **kwargs)
+            else:
+                simple_chat_stream(message, **kwargs)
+        assert info.value.field == case.field, case.id
+        assert case.reason in str(info.value), (case.id, str(info.value))
+        await _nothing_happened(case)
+
+
 async def test_bad_input_through_the_cli_is_a_clear_error(
     demo_data: None, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
