@@ -186,9 +186,18 @@ class ChatStream:
     early cancels the run at once, and its ledger row is recorded, rather than when the generator is collected.
     """
 
-    def __init__(self, make_events: Callable[[ChatStream], AsyncGenerator[str, None]]) -> None:
-        self.result: ChatResult | None = None
-        self._events = make_events(self)
+    def __init__(self, make_events: Callable[[_Outcome], AsyncGenerator[str, None]]) -> None:
+        # The generator gets the outcome, not the stream: a generator referring to its stream would be a reference
+        # cycle, freed only by the cyclic GC, which finalises the generator and the ones it is inside of all at once
+        # (each an `aclose()` task: "Task exception was never retrieved ... already running" for a stream left
+        # without `aclose()`). Without the cycle, the stream's last reference going closes the run in order.
+        self._outcome = _Outcome()
+        self._events = make_events(self._outcome)
+
+    @property
+    def result(self) -> ChatResult | None:
+        """The turn's `ChatResult` once the stream is exhausted; None before, or when it stopped early."""
+        return self._outcome.result
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._events
@@ -202,6 +211,13 @@ class ChatStream:
     async def aclose(self) -> None:
         """Stop the stream; a turn stopped before its end is cancelled and not saved."""
         await self._events.aclose()
+
+
+@dataclass
+class _Outcome:
+    """Where a streamed turn leaves its result."""
+
+    result: ChatResult | None = None
 
 
 @dataclass(frozen=True)
@@ -264,10 +280,10 @@ def simple_chat_stream(
         on_tool_event,
         stream_delay,
     )
-    return ChatStream(lambda stream: _stream_turn(stream, request))
+    return ChatStream(lambda outcome: _stream_turn(outcome, request))
 
 
-async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGenerator[str, None]:
+async def _stream_turn(outcome: _Outcome, request: _StreamRequest) -> AsyncGenerator[str, None]:
     with _turn_span(request.turn_input, streamed=True), documented_errors():
         async with open_turn(
             request.agent or default_chat_agent(),
@@ -297,7 +313,7 @@ async def _stream_turn(stream: ChatStream, request: _StreamRequest) -> AsyncGene
                         elif request.on_tool_event is not None:
                             _report_tool(event, started, request.on_tool_event)
             assert result is not None, 'run_stream_events ended without a result'
-            stream.result = await finish_turn(turn, result)
+            outcome.result = await finish_turn(turn, result)
 
 
 def _turn_span(turn_input: TurnInput, *, streamed: bool) -> AbstractContextManager[None]:

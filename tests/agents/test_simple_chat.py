@@ -170,6 +170,57 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
     assert pool_status().checked_out == 0
 
 
+async def test_a_stream_dropped_without_aclose_closes_cleanly(demo_data: None) -> None:
+    """A consumer that breaks out of `async for` and drops the stream without `aclose()` or `async with`: the stream
+    once referred to itself through its generator, so only the cyclic GC freed it, finalising the nested generators
+    all at once ("Task exception was never retrieved: aclose(): asynchronous generator is already running")."""
+    import gc
+
+    from sqlalchemy import func, select
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from agentrt.db.session import Unscoped, get_db_session
+    from agentrt.services.ledger import get_request_tracker
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        stream = simple_chat_stream(QUESTION, session_id='dropped', account='acme-health', stream_delay=0.01)
+        async for _ in stream:
+            break
+        del stream
+        for _ in range(50):  # the finaliser's aclose() runs as a task of its own
+            gc.collect()
+            await asyncio.sleep(0.02)
+            if await _cancelled_rows('dropped') == 1:
+                break
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
+    await get_request_tracker().flush()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        statuses = (await session.execute(select(LLMRequestRow.status).order_by(LLMRequestRow.started_at))).scalars()
+        conversations = (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
+    assert list(statuses) == ['complete', 'complete', 'cancelled'] and conversations == 0
+    result = await simple_chat(QUESTION, session_id='dropped', account='acme-health')  # the claim was released
+    assert result.output
+
+
+async def _cancelled_rows(session_id: str) -> int:
+    from agentrt.services.ledger import get_request_tracker
+    from tests.factories import scalar
+
+    await get_request_tracker().flush()
+    return int(
+        await scalar(
+            "SELECT count(*) FROM llm_requests WHERE status = 'cancelled' AND chat_session_id = :id", id=session_id
+        )
+    )
+
+
 # Extra toolsets and instructions: per turn, or baked into an agent of one's own; never a module-level change.
 
 _extra_tools = FunctionToolset[SessionDependencies]()
