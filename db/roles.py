@@ -69,9 +69,12 @@ def scope_of(account: Account) -> tuple[str | None, int | None]:
     Raises:
         TypeError: `account` is neither an account id nor an `Unscoped` member (None included: a session without
             a tenant is a choice, `Unscoped.NO_TENANT`).
+        ValueError: `account` is an integer out of the range of account ids (bigint).
     """
     if isinstance(account, Unscoped):
         return account.value or None, None
     if isinstance(account, int) and not isinstance(account, bool):
+        if not -(2**63) <= account < 2**63:  # else PostgreSQL's own "out of range for type bigint" at the BEGIN
+            raise ValueError(f'account {account} is not an account id: ids are 64-bit integers (bigint)')
         return APP_ROLE, account
     raise TypeError(f'account must be an account id or an Unscoped member, not {account!r}')

@@ -303,6 +303,19 @@ def test_a_session_needs_an_explicit_account() -> None:
     assert scoped_setup(Unscoped.ADMIN).role == ADMIN_ROLE
 
 
+async def test_an_account_id_out_of_the_bigint_range_is_refused_before_the_database(database: Settings) -> None:
+    """Once PostgreSQL's own "out of range for type bigint" (a raw driver error) from the transaction's BEGIN."""
+    for account in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(ValueError, match='is not an account id: ids are 64-bit integers'):
+            async with get_db_session(account=account):
+                pass
+        with pytest.raises(ValueError, match='is not an account id'):
+            async with driver_transaction(account=account):
+                pass
+    async with get_db_session(account=2**63 - 1) as session:  # the largest id: a tenant with no rows
+        assert (await session.execute(text('SELECT count(*) FROM directory_entries'))).scalar_one() == 0
+
+
 async def test_a_login_role_that_owns_the_tables_and_is_no_superuser(database: Settings) -> None:
     """`DATABASE_URL` as an operator sets it up (README "Tenant isolation"): the login role is granted the roles,
     migrates and owns the tables; its sessions see what their role may."""
