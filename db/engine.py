@@ -41,6 +41,8 @@ class _Runtime:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     embedded: EmbeddedServer | None
+    loop: asyncio.AbstractEventLoop
+    """The event loop the pool's connections belong to."""
 
 
 _runtime: _Runtime | None = None
@@ -74,6 +76,12 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
     """
     global _runtime
     async with _init_lock:
+        if _runtime is not None and _runtime.loop.is_closed():
+            # Started on an event loop that ended without `shutdown_runtime()` (`asyncio.run` called again): its
+            # connections cannot be used, nor closed, from this loop (asyncpg's "attached to a different loop").
+            # Dropped, their sockets went with that loop; the database starts afresh on this one.
+            ended, _runtime = _runtime, None
+            await ended.engine.dispose(close=False)
         if _runtime is not None:
             return _runtime.engine
         settings = settings or get_settings()
@@ -107,6 +115,7 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
                 autoflush=False,
             ),
             embedded=embedded,
+            loop=asyncio.get_running_loop(),
         )
         return engine
 
@@ -121,7 +130,9 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
     global _runtime
     runtime, _runtime = _runtime, None
     if runtime is not None:
-        await runtime.engine.dispose()
+        # Connections of an event loop that has ended cannot be closed from this one (asyncpg's "attached to a
+        # different loop"): dropped, their sockets went with that loop.
+        await runtime.engine.dispose(close=not runtime.loop.is_closed())
         if release_embedded_server and runtime.embedded is not None:
             await asyncio.to_thread(release_embedded, runtime.embedded.data_dir)
 

@@ -174,6 +174,52 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+async def test_turns_on_new_event_loops_after_ones_that_ended_without_shutdown(
+    demo_data: None, database_url: str
+) -> None:
+    """`asyncio.run(simple_chat(...))` again and again without `shutdown_runtime()`: the second once failed with
+    asyncpg's raw "got Future attached to a different loop" (the pool's connections belonged to the ended loop);
+    now the database starts afresh on the new loop, the ended loop's connections dropped without a traceback."""
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+        from agentrt.agents.runtime import shutdown_runtime
+
+        async def turn(i):
+            await simple_chat('cardiologists in Boston', session_id=f'loops-{i}', account='acme-health')
+            async with simple_chat_stream('and Seattle?', session_id=f'loops-{i}', account='acme-health') as stream:
+                async for _ in stream:
+                    pass
+            print(i, stream.result is not None)
+
+        for i in range(3):
+            asyncio.run(turn(i))
+
+        async def last():
+            await turn(3)
+            await shutdown_runtime()
+
+        asyncio.run(last())
+        """
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', script],
+        capture_output=True,
+        text=True,
+        env=_clean_env(DATABASE_URL=database_url),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['0 True', '1 True', '2 True', '3 True']
+    assert 'Traceback' not in done.stderr and 'different loop' not in done.stderr, done.stderr
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(text("SELECT count(*) FROM conversations WHERE conversation_id LIKE 'loops-%'"))
+        assert saved.scalar_one() == 4
+
+
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
