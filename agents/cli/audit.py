@@ -16,6 +16,7 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
+    check_account,
     dash,
     ledger_filters,
     money,
@@ -64,7 +65,10 @@ def audit_list(
     async def query(session: AsyncSession) -> LedgerPage:
         from agentrt.services.ledger import list_requests
 
-        return await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+        found = await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+        if not found.items:
+            await check_account(session, filters.account)
+        return found
 
     render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
 

@@ -16,6 +16,7 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
+    check_account,
     ledger_filters,
     money,
     one_output_format,
@@ -71,12 +72,17 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
         if source == 'rollup':
             await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
+            rows = None
             if source == 'rollup':
                 try:
-                    return await summarise_costs(session=session, by=by, filters=filters, source='rollup')
+                    rows = await summarise_costs(session=session, by=by, filters=filters, source='rollup')
                 except RollupCannotAnswer:
                     pass
-            return await summarise_costs(session=session, by=by, filters=filters)
+            if rows is None:
+                rows = await summarise_costs(session=session, by=by, filters=filters)
+            if not rows:
+                await check_account(session, filters.account)
+            return rows
     finally:
         await close_database()
 

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from agentrt.agents.cli.filters import JSON_OPTION
+from agentrt.agents.cli.filters import JSON_OPTION, check_account
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from agentrt.services.api_keys import ApiKeyInfo, NewApiKey
 
 # agentrt.db.models.API_KEY_SCOPES, not imported here (`keys --help` stays fast; a test checks they agree).
@@ -63,9 +65,13 @@ def list_keys(
 
     from agentrt.services.api_keys import list_api_keys
 
-    keys: list[ApiKeyInfo] = run(
-        operator_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
-    )
+    async def listed(session: AsyncSession) -> list[ApiKeyInfo]:
+        keys = await list_api_keys(session=session, account=account, include_revoked=include_revoked)
+        if not keys:
+            await check_account(session, account)
+        return keys
+
+    keys: list[ApiKeyInfo] = run(operator_session, listed)
     if as_json:
         print_json([asdict(key) for key in keys])
         return
