@@ -22,7 +22,7 @@ from agentrt.agents.cli.filters import (
     money,
     one_output_format,
 )
-from agentrt.agents.cli.output import Column, fitted_table, print_csv
+from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
     table.add_column(style='bold', no_wrap=True)
     table.add_column(overflow='fold')
     for name, value in row.items():
-        table.add_row(name, '-' if value is None else str(value))
+        table.add_row(*text_cells(name, '-' if value is None else str(value)))
     if (link := trace_url(detail.request.trace_id)) is not None:
         table.add_row('trace', link)
     console.print(table)

@@ -21,7 +21,7 @@ from agentrt.agents.cli.filters import (
     money,
     one_output_format,
 )
-from agentrt.agents.cli.output import print_csv
+from agentrt.agents.cli.output import print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_USAGE, console, fail, print_json, run
 
 if TYPE_CHECKING:
@@ -108,13 +108,15 @@ def render_costs(by: str, rows: list[CostSummary], *, as_json: bool, as_csv: boo
         table.add_column(column, justify='left' if column == by else 'right')
     for row in rows:
         table.add_row(
-            row.key,
-            f'{row.requests:,}',
-            f'{row.failed:,}',
-            f'{row.cancelled:,}',
-            f'{row.input_tokens:,}',
-            f'{row.output_tokens:,}',
-            money(row.total_cost),
-            f'{row.unpriced:,}',
+            *text_cells(
+                row.key,
+                f'{row.requests:,}',
+                f'{row.failed:,}',
+                f'{row.cancelled:,}',
+                f'{row.input_tokens:,}',
+                f'{row.output_tokens:,}',
+                money(row.total_cost),
+                f'{row.unpriced:,}',
+            )
         )
     console.print(table)

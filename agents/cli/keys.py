@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION, check_account
+from agentrt.agents.cli.output import text_cells
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:
@@ -80,13 +81,15 @@ def list_keys(
         table.add_column(column, no_wrap=column == 'id')
     for key in keys:
         table.add_row(
-            key.public_id,
-            key.account_slug,
-            key.name or '-',
-            ','.join(key.scopes),
-            _when(key.created_at),
-            _when(key.last_used_at),
-            _when(key.revoked_at),
+            *text_cells(
+                key.public_id,
+                key.account_slug,
+                key.name or '-',
+                ','.join(key.scopes),
+                _when(key.created_at),
+                _when(key.last_used_at),
+                _when(key.revoked_at),
+            )
         )
     console.print(table)
 
