@@ -88,8 +88,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     _check_writable(data_dir)
     _check_major_version(data_dir)
     with _lifecycle_lock(data_dir), warnings.catch_warnings():
-        # Under the lock: another process may be making the cluster here right now (initdb's files before its
-        # PG_VERSION), which is not a foreign directory.
+        # Under the lock, like every other look at the directory: never read a cluster another process is making.
         _check_not_foreign(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
