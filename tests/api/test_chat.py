@@ -170,9 +170,10 @@ async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text
     # The whole story is in the log: the message and the traceback (redacted, as text: `exc_text`, not `exc_info`).
     assert logged and secret in logged[0].getMessage() and 'Traceback' in (logged[0].exc_text or '')
     await _settled()
-    # One row, not a success. (The ledger records a stream that fails before its first chunk as `cancelled`, in
-    # process as over HTTP: the capability sees the stream task's cancellation, not the model's error.)
-    assert [row['success'] for row in await ledger_rows()] == [False]
+    # One row: the model's error (it failed before its first chunk), not a cancellation.
+    assert [(row['success'], row['status'], row['error_type']) for row in await ledger_rows()] == [
+        (False, 'error', 'RuntimeError')
+    ]
     assert await _conversations() == 0
 
 
