@@ -86,9 +86,10 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     """
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
-    _check_not_foreign(data_dir)
     _check_major_version(data_dir)
     with _lifecycle_lock(data_dir), warnings.catch_warnings():
+        # Under the lock, like every other look at the directory: never read a cluster another process is making.
+        _check_not_foreign(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         users = _prune(data_dir)

@@ -16,12 +16,13 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
+    check_account,
     dash,
     ledger_filters,
     money,
     one_output_format,
 )
-from agentrt.agents.cli.output import Column, fitted_table, print_csv
+from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
 
 if TYPE_CHECKING:
@@ -64,7 +65,10 @@ def audit_list(
     async def query(session: AsyncSession) -> LedgerPage:
         from agentrt.services.ledger import list_requests
 
-        return await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+        found = await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+        if not found.items:
+            await check_account(session, filters.account)
+        return found
 
     render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
 
@@ -163,7 +167,7 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
     table.add_column(style='bold', no_wrap=True)
     table.add_column(overflow='fold')
     for name, value in row.items():
-        table.add_row(name, '-' if value is None else str(value))
+        table.add_row(*text_cells(name, '-' if value is None else str(value)))
     if (link := trace_url(detail.request.trace_id)) is not None:
         table.add_row('trace', link)
     console.print(table)

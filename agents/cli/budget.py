@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
+from agentrt.agents.cli.output import text_cells
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
@@ -128,14 +129,16 @@ def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
         table.add_column(column, justify='left' if column in ('account', 'period', 'current period (UTC)') else 'right')
     for status in statuses:
         table.add_row(
-            status.account_slug,
-            f'{status.limit_usd:,.2f}',
-            status.period,
-            f'{_when(status.period_start)} to {_when(status.period_end)}',
-            f'{status.spent_usd:.6f}',
-            f'{status.reserved_usd:.6f} ({status.holds})',
-            f'{status.remaining_usd:.6f}',
-            f'{status.refused_requests:,}',
+            *text_cells(
+                status.account_slug,
+                f'{status.limit_usd:,.2f}',
+                status.period,
+                f'{_when(status.period_start)} to {_when(status.period_end)}',
+                f'{status.spent_usd:.6f}',
+                f'{status.reserved_usd:.6f} ({status.holds})',
+                f'{status.remaining_usd:.6f}',
+                f'{status.refused_requests:,}',
+            )
         )
     console.print(table)
 

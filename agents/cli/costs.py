@@ -16,11 +16,12 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
+    check_account,
     ledger_filters,
     money,
     one_output_format,
 )
-from agentrt.agents.cli.output import print_csv
+from agentrt.agents.cli.output import print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_USAGE, console, fail, print_json, run
 
 if TYPE_CHECKING:
@@ -71,12 +72,17 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
         if source == 'rollup':
             await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
+            rows = None
             if source == 'rollup':
                 try:
-                    return await summarise_costs(session=session, by=by, filters=filters, source='rollup')
+                    rows = await summarise_costs(session=session, by=by, filters=filters, source='rollup')
                 except RollupCannotAnswer:
                     pass
-            return await summarise_costs(session=session, by=by, filters=filters)
+            if rows is None:
+                rows = await summarise_costs(session=session, by=by, filters=filters)
+            if not rows:
+                await check_account(session, filters.account)
+            return rows
     finally:
         await close_database()
 
@@ -102,13 +108,15 @@ def render_costs(by: str, rows: list[CostSummary], *, as_json: bool, as_csv: boo
         table.add_column(column, justify='left' if column == by else 'right')
     for row in rows:
         table.add_row(
-            row.key,
-            f'{row.requests:,}',
-            f'{row.failed:,}',
-            f'{row.cancelled:,}',
-            f'{row.input_tokens:,}',
-            f'{row.output_tokens:,}',
-            money(row.total_cost),
-            f'{row.unpriced:,}',
+            *text_cells(
+                row.key,
+                f'{row.requests:,}',
+                f'{row.failed:,}',
+                f'{row.cancelled:,}',
+                f'{row.input_tokens:,}',
+                f'{row.output_tokens:,}',
+                money(row.total_cost),
+                f'{row.unpriced:,}',
+            )
         )
     console.print(table)

@@ -11,6 +11,8 @@ import typer
 from agentrt.agents.cli.support import EXIT_USAGE, fail
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from agentrt.services.ledger import LedgerFilters
 
 MAX_ID = 2**63 - 1  # PostgreSQL bigint
@@ -63,6 +65,24 @@ def account_option(value: str | None) -> str | int | None:
     if int(value) > MAX_ID:
         fail(f'--account {value} is not an account id (ids are at most {MAX_ID})', EXIT_USAGE)
     return int(value)
+
+
+async def check_account(session: AsyncSession, account: str | int | None) -> None:
+    """Raise `UnknownTenantError` (a usage error, listing the accounts) when `--account` names no account.
+
+    Listings call it when they found nothing: an empty answer for a misspelt account read as "no activity". Ledger
+    rows outlive their account (the ledger keeps its slug), so a deleted account's rows are still listed.
+    """
+    from sqlalchemy import select
+
+    from agentrt.db.models import Account
+    from agentrt.services.tenancy import UnknownTenantError, get_account
+
+    if isinstance(account, int):
+        if (await session.execute(select(Account.id).where(Account.id == account))).scalar_one_or_none() is None:
+            raise UnknownTenantError(f'unknown account id {account}')
+    elif account is not None:
+        await get_account(account, session=session)
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:

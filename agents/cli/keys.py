@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from agentrt.agents.cli.filters import JSON_OPTION
+from agentrt.agents.cli.filters import JSON_OPTION, check_account
+from agentrt.agents.cli.output import text_cells
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from agentrt.services.api_keys import ApiKeyInfo, NewApiKey
 
 # agentrt.db.models.API_KEY_SCOPES, not imported here (`keys --help` stays fast; a test checks they agree).
@@ -63,9 +66,13 @@ def list_keys(
 
     from agentrt.services.api_keys import list_api_keys
 
-    keys: list[ApiKeyInfo] = run(
-        operator_session, lambda s: list_api_keys(session=s, account=account, include_revoked=include_revoked)
-    )
+    async def listed(session: AsyncSession) -> list[ApiKeyInfo]:
+        keys = await list_api_keys(session=session, account=account, include_revoked=include_revoked)
+        if not keys:
+            await check_account(session, account)
+        return keys
+
+    keys: list[ApiKeyInfo] = run(operator_session, listed)
     if as_json:
         print_json([asdict(key) for key in keys])
         return
@@ -74,13 +81,15 @@ def list_keys(
         table.add_column(column, no_wrap=column == 'id')
     for key in keys:
         table.add_row(
-            key.public_id,
-            key.account_slug,
-            key.name or '-',
-            ','.join(key.scopes),
-            _when(key.created_at),
-            _when(key.last_used_at),
-            _when(key.revoked_at),
+            *text_cells(
+                key.public_id,
+                key.account_slug,
+                key.name or '-',
+                ','.join(key.scopes),
+                _when(key.created_at),
+                _when(key.last_used_at),
+                _when(key.revoked_at),
+            )
         )
     console.print(table)
 

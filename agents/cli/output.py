@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from rich.table import Table
+    from rich.text import Text
 
 R = TypeVar('R')
 
@@ -46,7 +47,9 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
     from rich.cells import cell_len
     from rich.table import Table
 
-    cells = [[[variant(row) for row in rows] for variant in column.variants] for column in columns]
+    from agentrt.agents.cli.transcript import visible
+
+    cells = [[[visible(variant(row)) for row in rows] for variant in column.variants] for column in columns]
 
     def measure(index: int, variant: int) -> int:
         return max([cell_len(columns[index].header), *(cell_len(text) for text in cells[index][variant])])
@@ -75,8 +78,19 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
         column = columns[index]
         table.add_column(column.header, justify='right' if column.right else 'left', overflow='fold')
     for row_index in range(len(rows)):
-        table.add_row(*(cells[index][chosen[index]][row_index] for index in shown))
+        table.add_row(*text_cells(*(cells[index][chosen[index]][row_index] for index in shown)))
     return table
+
+
+def text_cells(*values: str) -> list[Text]:
+    """Table cells that show `values` as they are. A plain string cell is rich markup: a key's name, a model's or an
+    error's with `[red]` in it was styled, one with `[/bold]` was a MarkupError (an internal error instead of the
+    table); terminal control characters (an escape sequence) are written out as `transcript.visible` does."""
+    from rich.text import Text
+
+    from agentrt.agents.cli.transcript import visible
+
+    return [Text(visible(value)) for value in values]
 
 
 def print_csv(rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None:

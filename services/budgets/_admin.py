@@ -15,6 +15,9 @@ from agentrt.db.models import Account, AccountBudget, BudgetPeriod
 from agentrt.services.budgets._windows import Period, default_anchor, window_sql
 from agentrt.services.tenancy import UnknownTenantError, get_account
 
+_INFINITE = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+"""The instants asyncpg stores as -infinity and infinity."""
+
 MAX_LIMIT_USD = Decimal('1000000000')
 _START, _END = window_sql('b', 'now()')
 
@@ -119,6 +122,13 @@ async def set_budget(
     anchor = None
     if period.kind == 'window':
         anchor = (window_anchor or default_anchor()).astimezone(UTC)
+        if anchor in _INFINITE:
+            # The driver sends these two instants as -infinity/infinity: every period computed from one was out of
+            # range ('timestamp out of range' from the database, naming nothing).
+            raise InvalidInputError(
+                'an anchor (--anchor) must be after 0001-01-01 00:00 UTC and before 9999-12-31 23:59:59.999999 UTC',
+                field='anchor',
+            )
     existing = await session.get(AccountBudget, account_row.id, with_for_update=True)
     changed_window = existing is not None and (
         existing.period != period.kind

@@ -45,6 +45,9 @@ class _InFlight:
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None
+    open_error: Exception | None = None
+    """What the model raised while opening its stream (before the first chunk): the request failed there, whatever
+    the run's own error turns out to be (`_record_cut`)."""
 
 
 @dataclass(slots=True)
@@ -55,8 +58,10 @@ class _Cut:
     `wrap_model_request` runs) when that consumer stops, whether a provider error inside the stream (or opening
     it) stopped it or the caller did. Which of the two it was is known only when the run ends (`wrap_run` sees
     the run's error), so the row waits for that. A `ModelAPIError` (pydantic-ai's class for every provider
-    failure: HTTP status, dropped connection, undecodable chunk, timeout) makes it an `error`; anything else
-    (the consumer's own exception, a cancellation) means the caller stopped the stream: `cancelled`.
+    failure: HTTP status, dropped connection, undecodable chunk, timeout) makes it an `error`, and so does whatever
+    the model raised while opening the stream (`_InFlight.open_error`: a custom model's exception, a stream that
+    ended before its first chunk); anything else (the consumer's own exception, a cancellation) means the caller
+    stopped the stream: `cancelled`.
     """
 
     request_context: ModelRequestContext
@@ -184,7 +189,10 @@ class LedgerCapability(AbstractCapability[Any]):
         state = self._state(ctx)
         cut, state.cut = state.cut, None
         if cut is not None:
-            error = run_error if isinstance(run_error, ModelAPIError) else cut.cancellation
+            # A model's own failure opening the stream counts as an error even when it is not a `ModelAPIError` (a
+            # custom model, pydantic-ai's `UnexpectedModelBehavior` for a stream that ended before any content).
+            opened = cut.flight.open_error
+            error = run_error if isinstance(run_error, ModelAPIError) else opened or cut.cancellation
             self._record(ctx, state, cut.request_context, cut.flight, None, error, ended=(cut.ended, cut.finished_at))
 
     async def _settle(self, ctx: Any) -> None:
@@ -450,11 +458,20 @@ class _StreamProbe(WrapperModel):
         run_context: Any = None,
     ) -> AsyncGenerator[StreamedResponse]:
         started = time.perf_counter()
-        async with self.wrapped.request_stream(
-            messages, model_settings, model_request_parameters, run_context
-        ) as stream:
-            self._flight.stream, self._flight.stream_started = stream, started
-            yield stream
+        opening = True
+        try:
+            async with self.wrapped.request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as stream:
+                opening = False
+                self._flight.stream, self._flight.stream_started = stream, started
+                yield stream
+        except Exception as exc:
+            # Raised before the stream was handed out: the model's (a provider's, or pydantic-ai's reading of the
+            # first chunk), never the consumer's, which can only fail once it has the stream.
+            if opening:
+                self._flight.open_error = exc
+            raise
 
 
 def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:

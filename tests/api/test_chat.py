@@ -170,9 +170,10 @@ async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text
     # The whole story is in the log: the message and the traceback (redacted, as text: `exc_text`, not `exc_info`).
     assert logged and secret in logged[0].getMessage() and 'Traceback' in (logged[0].exc_text or '')
     await _settled()
-    # One row, not a success. (The ledger records a stream that fails before its first chunk as `cancelled`, in
-    # process as over HTTP: the capability sees the stream task's cancellation, not the model's error.)
-    assert [row['success'] for row in await ledger_rows()] == [False]
+    # One row: the model's error (it failed before its first chunk), not a cancellation.
+    assert [(row['success'], row['status'], row['error_type']) for row in await ledger_rows()] == [
+        (False, 'error', 'RuntimeError')
+    ]
     assert await _conversations() == 0
 
 
@@ -285,3 +286,58 @@ async def test_provider_error_text_reaches_no_client_and_no_log_line_with_a_secr
     for record in caplog.records:
         _assert_clean(record.getMessage() + (record.exc_text or ''), OPENAI_KEY)
     await _settled()
+
+
+def _ag_ui(thread: str, text: str) -> dict[str, object]:
+    return {
+        'threadId': thread,
+        'runId': 'r1',
+        'messages': [{'id': 'u1', 'role': 'user', 'content': text}],
+        'tools': [],
+        'context': [],
+    }
+
+
+async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_is_refused(keys: Keys) -> None:
+    """The AG-UI route holds the same turn as the Vercel one: one at a time per conversation, a hang-up cancels it."""
+    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            first = asyncio.create_task(
+                stream_chat(
+                    client,
+                    keys.acme,
+                    _ag_ui('ag-gone', QUESTION),
+                    stop=lambda e: isinstance(e, dict) and e.get('type') == 'TEXT_MESSAGE_CONTENT',
+                    path='/api/v1/chat/ag-ui',
+                )
+            )
+            for _ in range(500):  # until the first turn holds the conversation
+                if await _claimed():
+                    break
+                await asyncio.sleep(0.01)
+            second = await client.post(
+                '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
+            )
+            status, events = await first
+            assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
+            assert status == 200 and of_type(events, 'TEXT_MESSAGE_CONTENT')
+            for _ in range(200):
+                await get_request_tracker().flush()
+                if [row['status'] for row in await ledger_rows()] == ['complete', 'complete', 'cancelled']:
+                    break
+                await asyncio.sleep(0.02)
+            # the server keeps serving: the conversation is free again and takes the next turn
+            for _ in range(200):
+                if not await _claimed():
+                    break
+                await asyncio.sleep(0.02)
+            again = await client.post(
+                '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'Dermatologists'), headers=auth(keys.acme)
+            )
+            assert again.status_code == 200 and 'RUN_FINISHED' in again.text
+    await _settled()
+    assert [row['status'] for row in await ledger_rows()][:3] == ['complete', 'complete', 'cancelled']
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('ag-gone')
+    assert stored is not None and QUESTION not in str(stored.messages)  # the cancelled turn saved nothing
+    assert pool_status().checked_out == 0

@@ -313,3 +313,44 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
     await expect(page.get_by_label('API key')).to_be_visible()
     assert await page.evaluate("sessionStorage.getItem('agentrt.apiKey')") is None
     assert crashes == []
+
+
+async def test_an_answer_cut_off_by_the_server_says_the_connection_was_lost(keys: Keys, tmp_path: Path) -> None:
+    """The server goes away in the middle of an answer (a restart): the chat says the connection was lost and nothing
+    was saved, not that the page failed (it said "This page failed: network error")."""
+    import uvicorn
+
+    app = create_app(manage_runtime=False, model=ui_model(), web_ui=True)
+    config = uvicorn.Config(app, host='127.0.0.1', port=0, lifespan='off', log_level='warning', access_log=False)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    for _ in range(1000):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    url = f'http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}'
+    try:
+        async with async_playwright() as driver:
+            context = await driver.chromium.launch_persistent_context(
+                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                page.set_default_timeout(15_000)
+                await page.goto(url)
+                await page.get_by_label('API key').fill(keys.acme)
+                await page.get_by_label('API key').press('Enter')
+                turn = await _send(page, f'{QUESTION}, {SLOW}')
+                await expect(turn.locator('.answer')).not_to_be_empty()
+                for connection in list(server.server_state.connections):  # the server's end of the stream, cut
+                    connection.transport.abort()  # type: ignore[attr-defined]
+                await expect(turn).to_have_attribute('data-state', 'error')
+                shown = await turn.inner_text()
+                assert 'connection was lost' in shown and 'Nothing of it was saved' in shown, shown
+                assert 'This page failed' not in shown
+            finally:
+                await context.close()
+    finally:
+        server.should_exit = True
+        await serving
+    await _turns_ended()

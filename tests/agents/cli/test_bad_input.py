@@ -32,6 +32,12 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['audit', 'list', '--since', 'yesterday'], {}, 2, '--since'),
     (['audit', 'list', '--failed', '--succeeded'], {}, 2, 'exclude each other'),
     (['audit', 'list', '--account', BIG], {}, 2, '--account'),
+    # an account that does not exist: was an empty list, read as "no activity" (a known one with none is still empty)
+    (['audit', 'list', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'; accounts:"),
+    (['audit', 'list', '--account', '424242'], {}, 2, 'unknown account id 424242'),
+    (['costs', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'"),
+    (['costs', '--account', 'nosuch', '--source', 'ledger'], {}, 2, "unknown account 'nosuch'"),
+    (['keys', 'list', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'"),
     (['audit', 'show', 'zz'], {}, 2, 'not a request id'),
     (['audit', 'show', NUL], {}, 2, 'not a request id'),
     (['audit', 'show', HUGE], {}, 2, 'not a request id'),

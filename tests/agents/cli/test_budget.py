@@ -42,6 +42,13 @@ async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, databas
         (('--account', 'acme-health', '--limit', '5', '--period', '0d'), 'month, week, day or a window'),
         (('--account', 'acme-health', '--limit', '5', '--anchor', '2026-01-01'), 'custom window'),
         (('--account', 'acme-health', '--limit', '5', '--period', '7d', '--anchor', 'soon'), '--anchor must be'),
+        # the first and last instants in UTC: the driver sends them as -infinity/infinity (was the database's
+        # 'timestamp out of range', naming no option)
+        (('--account', 'acme-health', '--limit', '5', '--period', '7d', '--anchor', '0001-01-01'), '--anchor'),
+        (
+            ('--account', 'acme-health', '--limit', '5', '--period', '7d', '--anchor', '9999-12-31T23:59:59.999999'),
+            '--anchor',
+        ),
         (('--account', 'nobody', '--limit', '5'), "unknown account 'nobody'"),
         (('--account', 'acme-health'), "Missing option '--limit'"),
     ]:

@@ -40,6 +40,18 @@ async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
     assert [key['revoked_at'] is not None for key in everything] == [True, False]
 
 
+async def test_a_key_name_with_markup_or_escapes_is_listed_as_text(demo_data: None, database_url: str) -> None:
+    env = {'DATABASE_URL': database_url}
+    # rich markup: '[/b]' was a MarkupError (an internal error instead of the table), '[red]' styled the cell; an
+    # escape sequence reached the terminal
+    hostile = '[/b][red]x\x1b[2J'
+    assert (await invoke('keys', 'create', '--account', 'acme-health', '--name', hostile, env=env)).exit_code == 0
+    for args in (('keys', 'list'), ('keys', 'list', '--account', 'acme-health')):
+        listed = await invoke(*args, env=env, columns=200)
+        assert listed.exit_code == 0, listed.stderr
+        assert '[/b][red]x\\x1b[2J' in listed.stdout and '\x1b' not in listed.stdout
+
+
 async def test_bad_input_fails_with_a_message(demo_data: None, database_url: str) -> None:
     env = {'DATABASE_URL': database_url}
     for args, message in [

@@ -234,3 +234,33 @@ async def test_per_run_capability_and_a_run_without_the_capability(tracker: LLMR
     await agent.run('tracked', capabilities=[ledger_capability(tracker)])
     rows = await ledger_rows()
     assert len(rows) == 2 and all(r['total_cost'] == Decimal(r['total_cost']) for r in rows)
+
+
+@pytest.mark.parametrize('path', ['run_stream', 'run_stream_events'])
+@pytest.mark.parametrize('failure', ['raises', 'empty'])
+async def test_a_stream_the_model_fails_to_open_is_an_error_not_a_cancellation(
+    tracker: LLMRequestTracker, path: str, failure: str
+) -> None:
+    # Before the first chunk: a custom model's own exception, or pydantic-ai's for a stream with no content. Neither
+    # is a `ModelAPIError`, and the request's task is cancelled when the consumer stops, as when a caller gives up.
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        if failure == 'raises':
+            raise RuntimeError('the model broke')
+        return
+        yield ''
+
+    agent = Agent(
+        FunctionModel(stream_function=stream, model_name='gpt-4o-mini'), capabilities=[ledger_capability(tracker)]
+    )
+    with pytest.raises(Exception) as raised:
+        if path == 'run_stream':
+            async with agent.run_stream('go') as result:
+                await result.get_output()
+        else:
+            async with agent.run_stream_events('go') as events:
+                async for _ in events:
+                    pass
+    await tracker.flush()
+    [row] = await ledger_rows()
+    assert (row['status'], row['success'], row['streamed']) == ('error', False, True)
+    assert row['error_type'] == type(raised.value).__qualname__ != 'CancelledError'
