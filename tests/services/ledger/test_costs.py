@@ -13,7 +13,6 @@ from tests.services.ledger.usage_oracle import GROUPINGS
 from tests.services.ledger.usage_rows import ledger_row as _ledger
 from tests.services.ledger.usage_rows import tenants as _tenants
 
-TODAY = datetime.now(UTC).date()
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -50,7 +49,7 @@ async def test_costs_from_the_rollup_equal_costs_from_the_ledger() -> None:
     await _ledger(None, None, model='unpriced-model', cost=None)
     await roll_up_pending(LONG_AGO)
 
-    midnight = datetime.combine(TODAY, datetime.min.time(), UTC)
+    midnight = datetime.combine(datetime.now(UTC).date(), datetime.min.time(), UTC)  # today's, as the rows were
     for filters in (
         None,
         LedgerFilters(account=f'account-{a1}'),

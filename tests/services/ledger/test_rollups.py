@@ -24,8 +24,12 @@ from tests.services.ledger.usage_oracle import GROUPINGS, ledger_totals, rollup_
 from tests.services.ledger.usage_rows import ledger_row as _ledger
 from tests.services.ledger.usage_rows import tenants as _tenants
 
-TODAY = datetime.now(UTC).date()
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _today() -> date:
+    """Today (UTC) when asked, not when the module was imported: a run that crosses midnight writes today's rows."""
+    return datetime.now(UTC).date()
 
 
 @pytest_asyncio.fixture(autouse=True)
@@ -76,7 +80,8 @@ async def test_requests_a_budget_refused_are_in_no_total() -> None:
     assert await roll_up_pending(LONG_AGO) == 1
     await _assert_rollup_equals_ledger()
     assert await _total_requests() == 1
-    recomputed = await recompute_usage_rollups(TODAY, TODAY)
+    today = _today()
+    recomputed = await recompute_usage_rollups(today, today)
     assert recomputed == 1 and await _total_requests() == 1
     async with get_db_session(account=Unscoped.ADMIN) as session:
         (ledger,) = await summarise_costs(session=session, by='account')
@@ -130,7 +135,7 @@ async def test_concurrent_turns_and_retried_roll_ups_match_the_ledger() -> None:
     assert claimed == ledger_rows > 60
     assert await _total_requests() == ledger_rows
     await _assert_rollup_equals_ledger()
-    await _assert_rollup_equals_ledger(account_id=tenants[0][0], first_day=TODAY, last_day=TODAY)
+    await _assert_rollup_equals_ledger(account_id=tenants[0][0], first_day=_today(), last_day=_today())
     assert pool_status().checked_out == 0
 
 
@@ -145,8 +150,8 @@ async def test_recompute_rebuilds_the_same_totals_and_repairs_drift() -> None:
         before = {by: await rollup_totals(by, session=session) for by in GROUPINGS}
         await session.execute(text('UPDATE usage_daily_rollups SET requests = requests + 7, total_cost = 99'))
 
-    first_day = TODAY - timedelta(days=10)
-    assert await recompute_usage_rollups(first_day, TODAY) == 6
+    today = _today()
+    assert await recompute_usage_rollups(today - timedelta(days=10), today) == 6
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert {by: await rollup_totals(by, session=session) for by in GROUPINGS} == before
     await _assert_rollup_equals_ledger()
@@ -161,9 +166,10 @@ async def test_recompute_and_roll_ups_running_together_stay_equal_to_the_ledger(
         await _ledger(account_id, agent_id, started_at=datetime.now(UTC) - timedelta(hours=i % 30))
         await roll_up_pending(LONG_AGO, account_id=account_id)
 
-    first_day: date = TODAY - timedelta(days=3)
+    today = _today()
+    first_day: date = today - timedelta(days=3)
     await asyncio.gather(
-        *(writer(i) for i in range(40)), *(recompute_usage_rollups(first_day, TODAY) for _ in range(3))
+        *(writer(i) for i in range(40)), *(recompute_usage_rollups(first_day, today) for _ in range(3))
     )
     await roll_up_pending(LONG_AGO)
     await _assert_rollup_equals_ledger()
