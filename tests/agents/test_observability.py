@@ -174,6 +174,19 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+async def _python(script: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """`script` run by a new interpreter on the test database, without the environment's tracing settings."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', script],
+        capture_output=True,
+        text=True,
+        env=_clean_env(DATABASE_URL=database_url),
+        timeout=120,
+        check=False,
+    )
+
+
 async def test_turns_on_new_event_loops_after_ones_that_ended_without_shutdown(
     demo_data: None, database_url: str
 ) -> None:
@@ -203,15 +216,7 @@ async def test_turns_on_new_event_loops_after_ones_that_ended_without_shutdown(
         asyncio.run(last())
         """
     )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', script],
-        capture_output=True,
-        text=True,
-        env=_clean_env(DATABASE_URL=database_url),
-        timeout=120,
-        check=False,
-    )
+    done = await _python(script, database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['0 True', '1 True', '2 True', '3 True']
     assert 'Traceback' not in done.stderr and 'different loop' not in done.stderr, done.stderr
@@ -283,15 +288,7 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
         print(tracing_active())
         """
     )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', script],
-        capture_output=True,
-        text=True,
-        env=_clean_env(DATABASE_URL=database_url),
-        timeout=120,
-        check=False,
-    )
+    done = await _python(script, database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ['False']  # no tracer provider: the runtime's spans are no-ops
     assert done.stderr == ''
