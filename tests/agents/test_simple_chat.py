@@ -308,3 +308,34 @@ async def test_an_agent_built_with_extras_runs_through_simple_chat(demo_data: No
     assert result.output == '3000 entries' and 'Always count.' in (seen.instructions[0] or '')
     rows = await ledger_rows(chat_session_id='own-agent')
     assert len(rows) == 2 and {row['agent_name'] for row in rows} == {'simple_chat'}  # the ledger rides along
+
+
+_broken_tools = FunctionToolset[SessionDependencies]()
+
+
+@_broken_tools.tool_plain(name='count_entries')
+async def broken_count() -> int:
+    """A tool of the user's own that fails with an exception of its own."""
+    raise ZeroDivisionError('the tool broke')
+
+
+@pytest.mark.parametrize('streamed', [False, True])
+async def test_a_users_own_tool_raising_reaches_the_caller_as_it_is_unsaved_and_billed(
+    demo_data: None, streamed: bool
+) -> None:
+    # The README's errors section: code of your own that raises reaches you untranslated; the turn is not saved and
+    # the ledger has the request that asked for the tool.
+    session_id = f'broken-tool-{streamed}'
+    turn = {'session_id': session_id, 'account': 'acme-health', 'model': _Seen().model(), 'toolsets': [_broken_tools]}
+    with pytest.raises(ZeroDivisionError, match='the tool broke'):
+        if streamed:
+            async with simple_chat_stream('how many?', **turn) as stream:
+                async for _ in stream:
+                    pass
+        else:
+            await simple_chat('how many?', **turn)
+    await get_supervisor().join()
+    rows = await ledger_rows()
+    assert [(row['status'], row['chat_session_id']) for row in rows] == [('complete', session_id)]
+    assert await PostgresConversationStore(rows[0]['account_id']).read_record(session_id) is None
+    assert pool_status().checked_out == 0
