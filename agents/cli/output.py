@@ -46,9 +46,11 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
     from rich import box
     from rich.cells import cell_len
     from rich.table import Table
+    from rich.text import Text
 
     from agentrt.agents.cli.transcript import visible
 
+    # Made visible once here (measured as shown), then given to the table as plain `Text`, never as markup.
     cells = [[[visible(variant(row)) for row in rows] for variant in column.variants] for column in columns]
 
     def measure(index: int, variant: int) -> int:
@@ -78,7 +80,7 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
         column = columns[index]
         table.add_column(column.header, justify='right' if column.right else 'left', overflow='fold')
     for row_index in range(len(rows)):
-        table.add_row(*text_cells(*(cells[index][chosen[index]][row_index] for index in shown)))
+        table.add_row(*(Text(cells[index][chosen[index]][row_index]) for index in shown))
     return table
 
 
