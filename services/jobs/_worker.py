@@ -35,7 +35,8 @@ class WorkerStop:
     requests: int = 0
     """How many times it was asked."""
     _worker: Worker | None = field(default=None, init=False, repr=False)
-    _running: dict[asyncio.Task[Any], JobContext] = field(default_factory=dict, init=False, repr=False)
+    _running: set[asyncio.Task[Any]] = field(default_factory=set, init=False, repr=False)
+    """The tasks of the jobs running now."""
     _deadline: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     def request(self) -> None:
@@ -70,11 +71,11 @@ class WorkerStop:
         """The worker middleware: knows the running jobs, so a stop can cut them short."""
         task = asyncio.current_task()
         assert task is not None
-        self._running[task] = context
+        self._running.add(task)
         try:
             return await call_next()
         finally:
-            del self._running[task]
+            self._running.remove(task)
 
     def attach(self, worker: Worker) -> None:
         """The worker to stop (`run_worker`)."""
