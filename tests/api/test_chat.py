@@ -102,10 +102,7 @@ async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(stream_chat(client, keys.acme, chat_body('busy', QUESTION)))
-            for _ in range(500):  # until the first turn holds the conversation
-                if await _claimed():
-                    break
-                await asyncio.sleep(0.01)
+            await _until_claimed()  # the first turn holds the conversation
             second = await client.post(
                 '/api/v1/chat', json=chat_body('busy', 'and in Boston?'), headers=auth(keys.acme)
             )
@@ -119,6 +116,14 @@ async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream
 async def _claimed() -> bool:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
+
+
+async def _until_claimed() -> None:
+    """Wait (up to about 5 s) until a turn holds a conversation."""
+    for _ in range(500):
+        if await _claimed():
+            break
+        await asyncio.sleep(0.01)
 
 
 async def test_a_conversation_goes_on_turn_after_turn_past_the_old_lifetime_request_limit(
@@ -312,10 +317,7 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
                     path='/api/v1/chat/ag-ui',
                 )
             )
-            for _ in range(500):  # until the first turn holds the conversation
-                if await _claimed():
-                    break
-                await asyncio.sleep(0.01)
+            await _until_claimed()  # the first turn holds the conversation
             second = await client.post(
                 '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
             )
