@@ -458,18 +458,16 @@ class _StreamProbe(WrapperModel):
         run_context: Any = None,
     ) -> AsyncGenerator[StreamedResponse]:
         started = time.perf_counter()
-        opening = True
         try:
             async with self.wrapped.request_stream(
                 messages, model_settings, model_request_parameters, run_context
             ) as stream:
-                opening = False
                 self._flight.stream, self._flight.stream_started = stream, started
                 yield stream
         except Exception as exc:
-            # Raised before the stream was handed out: the model's (a provider's, or pydantic-ai's reading of the
-            # first chunk), never the consumer's, which can only fail once it has the stream.
-            if opening:
+            # Raised before the stream was handed out (the flight has none yet): the model's (a provider's, or
+            # pydantic-ai's reading of the first chunk), never the consumer's, which can only fail once it has it.
+            if self._flight.stream is None:
                 self._flight.open_error = exc
             raise
 
