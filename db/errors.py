@@ -16,7 +16,8 @@ class ConfigError(AgentRuntimeError, ValueError):
 
 class DatabaseUnavailableError(AgentRuntimeError):
     """PostgreSQL cannot be reached: it refused the connection, is starting up, is full, or no pooled connection
-    became free in time. Nothing of the operation was done."""
+    became free in time; or it gave up on a statement (a lock or statement timeout, an operator's cancel). Nothing of
+    the operation was done."""
 
 
 class DatabaseDisconnectedError(DatabaseUnavailableError):

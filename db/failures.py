@@ -35,6 +35,9 @@ _CANNOT_CONNECT_CLASSES = frozenset(
         'ConnectionRejectionError',  # 08004
     }
 )
+# A statement PostgreSQL gave up on, the connection intact: it waited longer than `lock_timeout` for a lock another
+# session holds (55P03), or ran longer than `statement_timeout` or was cancelled by an operator (57014).
+_TIMED_OUT_SQLSTATES = {'55P03': 'lock', '57014': 'statement'}
 _LOST_CONNECTION_MESSAGES = ('connection is closed', 'another operation is in progress', 'connection was closed')
 
 
@@ -91,6 +94,27 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         )
     if cannot_connect(exc):
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
+    if (timeout := timed_out(exc)) is not None:
+        return DatabaseUnavailableError(timeout)
+    return None
+
+
+def timed_out(exc: BaseException) -> str | None:
+    """What PostgreSQL gave up on, for a person, when `exc` is a lock or statement timeout (or an operator's cancel),
+    else None. The connection is intact: such a statement is no bug of the caller's but a database too busy (a lock
+    held by another session, a slow query), so it is reported as the database being unavailable, with the setting."""
+    for error in _chain(exc):
+        kind = _TIMED_OUT_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
+        if kind == 'lock':
+            return (
+                f'PostgreSQL stopped waiting for a lock that another session holds ({_first_line(error)}; '
+                'DB_LOCK_TIMEOUT_MS): the operation did not complete; retry once that session has finished'
+            )
+        if kind == 'statement':
+            return (
+                f'PostgreSQL cancelled a statement ({_first_line(error)}; a statement runs at most '
+                'DB_STATEMENT_TIMEOUT_MS): the operation did not complete; retry once the database is less busy'
+            )
     return None
 
 

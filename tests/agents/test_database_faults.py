@@ -9,11 +9,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
-from agentrt.agents.simple_chat import ChatResult, simple_chat
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import get_engine, pool_status
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.ledger import get_request_tracker
 from tests.factories import ledger_rows
 from tests.private_database import CountingModel, PrivateDatabase
 
@@ -176,3 +178,42 @@ def _primary(error: BaseException) -> list[str]:
 
 def _killed(error: BaseException) -> bool:
     return bool(_KILL_SIGNS & set(_primary(error)))
+
+
+_WAITING_ON_DIRECTORY = text(
+    'SELECT count(pg_cancel_backend(pid)) FROM pg_locks '
+    "WHERE NOT granted AND relation = 'directory_entries'::regclass "
+    'AND database = (SELECT oid FROM pg_database WHERE datname = current_database())'
+)
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_tool_query_given_up_on_is_a_database_error_and_the_conversation_is_free(
+    demo_data: None, streamed: bool
+) -> None:
+    # The directory tools' queries wait on a lock another session holds; PostgreSQL gives up on them (an operator's
+    # cancel here, as a lock or statement timeout does): the turn fails with the documented error, not a raw driver
+    # error, nothing is saved, its model request is billed once and the conversation can take the next turn at once.
+
+    async def turn() -> str:
+        if not streamed:
+            return (await simple_chat(QUESTION, session_id='locked', account='acme-health')).output
+        async with simple_chat_stream(QUESTION, session_id='locked', account='acme-health') as stream:
+            return ''.join([delta async for delta in stream])
+
+    async with get_db_session(account=Unscoped.OWNER) as holder:
+        await holder.execute(text('LOCK TABLE directory_entries IN ACCESS EXCLUSIVE MODE'))
+        running = asyncio.ensure_future(turn())
+        cancelled = 0
+        async with get_db_session(account=Unscoped.OWNER) as operator:
+            while not running.done():
+                cancelled += (await operator.execute(_WAITING_ON_DIRECTORY)).scalar_one()
+                await asyncio.sleep(0.01)
+        with pytest.raises(DatabaseUnavailableError, match='cancelled a statement') as raised:
+            await running
+    assert cancelled and 'SELECT' not in str(raised.value)
+    await get_request_tracker().flush()
+    assert [row['status'] for row in await ledger_rows(chat_session_id='locked')] == ['complete']  # the one request
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one() == 0
+    assert (await turn()).startswith('I found ')  # the claim was released: the message can be sent again

@@ -206,6 +206,26 @@ async def test_retry_on_disconnect_repeats_once_and_no_more() -> None:
     assert len(calls) == 1
 
 
+async def test_a_lock_or_statement_timeout_is_a_database_unavailable_error_naming_it() -> None:
+    # Another session holds a lock the statement needs, longer than the lock timeout: PostgreSQL cancels the statement
+    # (SQLSTATE 55P03). Not a bug of the caller's, not a lost connection: the database is too busy, said so.
+    async with get_db_session(account=Unscoped.OWNER) as holder:
+        await holder.execute(text('LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE'))
+        with pytest.raises(DatabaseUnavailableError, match='lock that another session holds') as locked:
+            async with get_read_only_session(account=Unscoped.ADMIN) as session:
+                await session.execute(text("SET LOCAL lock_timeout = '50ms'"))
+                await session.execute(select(func.count()).select_from(Account))
+    assert 'DB_LOCK_TIMEOUT_MS' in str(locked.value) and not isinstance(locked.value, DatabaseDisconnectedError)
+    # A statement longer than the statement timeout (57014).
+    with pytest.raises(DatabaseUnavailableError, match='cancelled a statement') as slow:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(text("SET LOCAL statement_timeout = '50ms'"))
+            await session.execute(text('SELECT pg_sleep(5)'))
+    assert 'DB_STATEMENT_TIMEOUT_MS' in str(slow.value) and 'SELECT' not in str(slow.value)
+    assert pool_status().checked_out == 0
+    assert await _count_accounts() == 0  # the connections were fine: the next session works
+
+
 async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() -> None:
     query = select(func.count()).select_from(Account)
     with pytest.raises(ConfigError) as raised:
