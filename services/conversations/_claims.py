@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -61,6 +61,12 @@ RETURNING (
     SELECT revision FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
 )
 """)
+# How long the claim that refused a turn still holds the conversation (whole seconds, rounded up).
+_HELD_FOR = text("""
+SELECT greatest(ceil(extract(epoch FROM expires_at - now())), 0)::float8 FROM conversation_turns
+WHERE account_id = :account_id AND conversation_id = :conversation_id
+""")
+_HELD_FOR_ON_DRIVER = DriverStatement.of(_HELD_FOR)
 _RELEASE = text("""
 DELETE FROM conversation_turns
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
@@ -113,8 +119,25 @@ class TurnClaim:
         else:
             taken = (await session.execute(_CLAIM, self._params())).first() is not None
         if not taken:
-            raise ConcurrentTurnError(self.conversation_id, stage='start')
+            await self.refused(session=session)
         self.acquired = True
+
+    async def refused(self, *, session: AsyncSession | DriverTransaction) -> NoReturn:
+        """Raise the `ConcurrentTurnError` of a claim that was not taken, saying how long the claim that holds the
+        conversation still runs (read in the caller's transaction).
+
+        Raises:
+            ConcurrentTurnError: always (stage 'start').
+        """
+        params = {'account_id': self.account_id, 'conversation_id': self.conversation_id}
+        if isinstance(session, DriverTransaction):
+            rows = await session.fetch(_HELD_FOR_ON_DRIVER, params)
+            held = rows[0][0] if rows else None
+        else:
+            held = (await session.execute(_HELD_FOR, params)).scalar_one_or_none()
+        raise ConcurrentTurnError(
+            self.conversation_id, stage='start', expires_in_s=None if held is None else float(held)
+        )
 
     async def renew(self) -> bool:
         """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""

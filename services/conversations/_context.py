@@ -124,6 +124,8 @@ async def load_recent_conversation(
             cap_chars=cap_chars,
             max_messages=LOAD_MAX_MESSAGES,
         )
+        if not taken:
+            await claim.refused(session=transaction)  # says how long the conversation stays held
         claim.taken(taken)
     else:
         tail = await store.read_tail(

@@ -47,12 +47,24 @@ class ConcurrentTurnError(AgentRuntimeError):
         conversation_id: the conversation.
         stage: 'start' (another turn was running: nothing was sent), 'request' (another turn saved meanwhile: this
             one stopped before its next model request) or 'save' (it learnt only when saving).
+        expires_in_s: at stage 'start', the longest the other turn's claim still holds the conversation (its lease,
+            renewed while that turn runs); None when unknown.
     """
 
-    def __init__(self, conversation_id: str, *, stage: TurnStage = 'save') -> None:
+    def __init__(self, conversation_id: str, *, stage: TurnStage = 'save', expires_in_s: float | None = None) -> None:
         self.conversation_id = conversation_id
         self.stage: TurnStage = stage
-        super().__init__(_STAGE_MESSAGES[stage].format(id=conversation_id))
+        self.expires_in_s = expires_in_s
+        message = _STAGE_MESSAGES[stage].format(id=conversation_id)
+        if stage == 'start' and expires_in_s is not None:
+            # The claim may be a turn's that can no longer release it (its process was killed, or the database was
+            # down when it ended): then the lease is how long the conversation stays held, and the user needs to know.
+            message = (
+                f'another turn holds conversation {conversation_id!r} for up to {expires_in_s:.0f} s more (one '
+                'running now, or one whose process stopped or lost the database before it could let go: its claim '
+                'then expires); this turn sent nothing; retry when that one ends'
+            )
+        super().__init__(message)
 
     @property
     def stopped_early(self) -> bool:
