@@ -9,6 +9,8 @@ prompt leaves. Elsewhere (a pipe, a file, a test), lines are read as they come. 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import collections
 import os
 import sys
 import threading
@@ -59,10 +61,20 @@ def open_line_source(history: Path | None) -> LineSource:
 
 class PlainLines:
     """Lines from stdin as they come, read in a daemon thread: a signal that stops the command while it waits for
-    input must not leave the process waiting for that thread at exit."""
+    input must not leave the process waiting for that thread at exit.
+
+    The thread reads the file descriptor itself (`os.read`), not `sys.stdin`: a daemon thread blocked inside the
+    buffered `sys.stdin` holds its lock, and the interpreter, closing `sys.stdin` as it exits, then aborts ("Fatal
+    Python error: _enter_buffered_busy", SIGABRT) instead of exiting with the signal's code. One thread reads ahead
+    for every `read()`, so a line is never lost to a read that was interrupted. A stdin without a file descriptor (a
+    test's in-memory input) is read line by line in a thread per `read()`.
+    """
 
     def __init__(self) -> None:
         self._pending: asyncio.Future[str] | None = None
+        self._lines: collections.deque[str] = collections.deque()
+        self._end: BaseException | None = None  # EOFError at the end of input, or what reading raised
+        self._reading = False
 
     def interrupt(self) -> None:
         if self._pending is not None and not self._pending.done():
@@ -70,6 +82,56 @@ class PlainLines:
 
     async def read(self) -> str:
         loop = asyncio.get_running_loop()
+        fd = _stdin_fd()
+        if fd is None:
+            return await self._read_in_memory(loop)
+        console.print(PROMPT, end='')
+        if not self._reading:
+            self._reading = True
+            threading.Thread(target=self._pump, args=(fd, loop), name='agentrt-chat-input', daemon=True).start()
+        if self._lines:
+            return self._lines.popleft()
+        if self._end is not None:
+            raise self._end
+        line: asyncio.Future[str] = loop.create_future()
+        self._pending = line
+        return await line
+
+    def _pump(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Read `fd` to its end, handing each line (or the end, or the error) to the event loop."""
+        decoder = codecs.getincrementaldecoder(getattr(sys.stdin, 'encoding', None) or 'utf-8')('replace')
+        buffered = ''
+        try:
+            while chunk := os.read(fd, 65536):
+                buffered += decoder.decode(chunk)
+                *lines, buffered = buffered.split('\n')
+                for line in lines:
+                    self._hand(loop, line.removesuffix('\r'))
+            buffered += decoder.decode(b'', final=True)
+            if buffered:
+                self._hand(loop, buffered.removesuffix('\r'))
+            self._hand(loop, EOFError())
+        except BaseException as exc:  # anything the stream raises ends the conversation as EOF would
+            self._hand(loop, exc)
+
+    def _hand(self, loop: asyncio.AbstractEventLoop, item: str | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(self._deliver, item)
+        except RuntimeError:  # the loop is closed: the command has ended
+            pass
+
+    def _deliver(self, item: str | BaseException) -> None:
+        pending, self._pending = self._pending, None
+        if isinstance(item, BaseException):
+            self._end = item
+            if pending is not None and not pending.done():
+                pending.set_exception(item)
+        elif pending is not None and not pending.done():
+            pending.set_result(item)
+        else:
+            self._lines.append(item)
+
+    async def _read_in_memory(self, loop: asyncio.AbstractEventLoop) -> str:
         line: asyncio.Future[str] = loop.create_future()
         self._pending = line
 
@@ -88,6 +150,14 @@ class PlainLines:
 
         threading.Thread(target=read, name='agentrt-chat-input', daemon=True).start()
         return await line
+
+
+def _stdin_fd() -> int | None:
+    """The file descriptor behind `sys.stdin`, or None when it has none (an in-memory stream)."""
+    try:
+        return sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return None
 
 
 class TerminalLines:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 
-from tests.agents.cli.helpers import invoke, run_cli
+from tests.agents.cli.helpers import ROOT, invoke, run_cli
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 
@@ -64,3 +69,47 @@ async def test_bad_flag_value_is_rejected(database_url: str) -> None:
     result = await invoke('chat', QUESTION, '--delay', 'fast', env={'DATABASE_URL': database_url})
     assert result.exit_code == 2
     assert '--delay' in result.stderr
+
+
+def _chat_on_an_open_pipe_then(signal_number: int, database_url: str) -> tuple[int, str, str]:
+    """`agentrt chat` reading its lines from a pipe that stays open (a script feeding it): the first line answered,
+    the signal sent while it waits for the next one."""
+    env = {**os.environ, 'COLUMNS': '200', 'DATABASE_URL': database_url, 'AGENTRT_CHAT_HISTORY': ''}
+    with subprocess.Popen(
+        [sys.executable, '-m', 'agentrt.agents.cli', 'chat', '--delay', '0', '--session', 'piped'],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    ) as process:  # its pipes closed at the end
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        try:
+            process.stdin.write(f'{QUESTION}\n'.encode())
+            process.stdin.flush()
+            answered = b''
+            # The turn's summary line, then the prompt for the next line: it is waiting for it.
+            while b'you> ' not in answered.partition(b'model demo')[2]:
+                chunk = process.stdout.read1(4096)
+                assert chunk, 'the chat ended before answering'
+                answered += chunk
+            time.sleep(0.2)  # the prompt is written just before the read starts
+            process.send_signal(signal_number)
+            # Not `communicate()`: it closes stdin, and the end of input would end the read before the process exits.
+            out, err = process.stdout.read(), process.stderr.read()  # a few lines: neither pipe fills up meanwhile
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    return process.returncode, (answered + out).decode(), err.decode()
+
+
+async def test_a_signal_while_a_piped_chat_waits_for_its_next_line_stops_it_cleanly(
+    demo_data: None, database_url: str
+) -> None:
+    # The reader thread blocked in the buffered sys.stdin made the interpreter abort at exit (SIGABRT, "Fatal Python
+    # error: _enter_buffered_busy") instead of exiting with the signal's code.
+    code, out, err = await asyncio.to_thread(_chat_on_an_open_pipe_then, signal.SIGTERM, database_url)
+    assert 'I found ' in out
+    assert code == 143, err
+    assert 'Fatal Python error' not in err and 'stopped by SIGTERM' in err
