@@ -6,6 +6,8 @@ import asyncio
 import logging
 from datetime import datetime
 
+import psycopg
+import psycopg_pool
 from procrastinate import App, PsycopgConnector
 from procrastinate.exceptions import UniqueViolation
 from procrastinate.jobs import Status
@@ -14,6 +16,8 @@ from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
 from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.failures import causes
 from agentrt.db.settings import Settings, parse_database_url
 
 logger = logging.getLogger('agentrt.jobs')
@@ -46,6 +50,14 @@ class _JobManager(JobManager):
                 raise
             logger.info('job %s not put back: a waiting one (%s) does its work', job_id, exc.queueing_lock)
             await self.finish_job_by_id_async(job_id=job_id, status=Status.ABORTED, delete_job=True)
+
+
+class _QueuePool(psycopg_pool.AsyncConnectionPool):
+    """psycopg's pool, whose opening (procrastinate waits for it) gives up after the pool's own timeout
+    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached."""
+
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - psycopg's own
+        await super().open(wait, timeout=min(timeout, self.timeout))
 
 
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
@@ -90,9 +102,15 @@ async def open_queue() -> App:
             max_size=QUEUE_POOL_SIZE,
             timeout=settings.connect_timeout,
             kwargs={'prepare_threshold': None, 'application_name': 'agentrt-jobs'},
+            pool_factory=_QueuePool,
         )
         jobs.connector = jobs.job_manager.connector = connector  # as App.replace_connector does
-        await jobs.open_async()
+        try:
+            await jobs.open_async()
+        except Exception as exc:
+            if (unavailable := queue_unavailable(exc, 'cannot connect to PostgreSQL')) is not None:
+                raise unavailable from exc
+            raise
         _open_on = loop
         logger.info('job queue open on %s', mask_url(conninfo))
         return jobs
@@ -106,3 +124,22 @@ async def close_queue() -> None:
             return
         _open_on = None
         await jobs.close_async()
+
+
+def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError | None:
+    """The runtime's error for a failure of the queue's connections (psycopg's, wrapped by procrastinate in a
+    `ConnectorException`, or the pool's `PoolTimeout`): PostgreSQL down, restarting, unreachable, a connection lost;
+    None for any other exception.
+
+    Args:
+        exc: what the queue raised.
+        what: what failed, for the message (`cannot connect to PostgreSQL`, `lost PostgreSQL`...).
+    """
+    for error in causes(exc):
+        if isinstance(error, psycopg.OperationalError):  # psycopg_pool.PoolTimeout is one
+            detail = ' '.join(str(error).split())[:300] or type(error).__name__
+            if isinstance(error, psycopg_pool.PoolTimeout):  # psycopg logged each attempt's error as a warning
+                detail = f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
+            where = mask_url(queue_conninfo(current_settings(), get_engine().url))
+            return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
+    return None

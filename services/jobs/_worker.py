@@ -13,7 +13,8 @@ from procrastinate.job_context import JobContext
 from procrastinate.worker import Worker
 
 from agentrt.db.engine import current_settings
-from agentrt.services.jobs._app import listens, open_queue
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.services.jobs._app import listens, open_queue, queue_unavailable
 from agentrt.services.jobs._tasks import QUEUES
 
 logger = logging.getLogger('agentrt.jobs')
@@ -137,6 +138,21 @@ async def run_worker(
         running.result()
         if cancelled:
             raise asyncio.CancelledError
+        if not burst and not stop.requests:
+            # procrastinate stops a worker, without raising, when one of its side tasks fails: the LISTEN connection
+            # or the heartbeat lost PostgreSQL (a restart, a failover, a terminated backend). Exiting 0 would tell a
+            # process manager that all is well, and no job would run until someone started a worker again.
+            raise DatabaseUnavailableError(
+                'the worker stopped by itself: its connection to the job queue failed (the error is logged above: '
+                'PostgreSQL restarted or the connection was cut); start it again once PostgreSQL is back (a process '
+                'manager restarts a worker that exits with this code)'
+            )
+    except Exception as exc:
+        # procrastinate stops a worker whose queue connection failed (a restart, a failover): say so, as the rest of
+        # the runtime does, rather than with the connector's "Database error."; a process manager starts it again.
+        if lost := queue_unavailable(exc, 'lost PostgreSQL; the worker stopped, start it again once it is back'):
+            raise lost from exc
+        raise
     finally:
         stop.detach()
         heartbeat.cancel()

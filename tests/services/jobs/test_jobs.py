@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from agentrt.db.engine import current_settings
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
+from tests.private_database import PrivateDatabase
 from tests.services.jobs.helpers import (
     WorkerProcess,
     chat,
@@ -107,3 +113,49 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
     assert await queued_jobs() == []
     assert await rolled_up_requests() == len(await ledger_rows()) == 3  # each ledger row counted once
     assert await title('killed')
+
+
+async def test_a_worker_whose_server_restarts_stops_with_a_database_error_not_exit_0(
+    queue: None, private_database: PrivateDatabase
+) -> None:
+    # procrastinate stops a worker, without raising, when its LISTEN connection fails (a restart, a failover): the
+    # worker then exited 0, so no process manager started it again and no job ran; or, with the server still down
+    # as it left, with "internal error: ConnectorException: Database error.".
+    async with private_database.active():
+        try:
+            worker = asyncio.ensure_future(run_worker(concurrency=1))
+            for _ in range(500):  # until it has registered: it runs
+                if worker.done() or await _count_workers():
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(private_database.server.restart)
+            with pytest.raises(DatabaseUnavailableError, match=r'worker stopped by itself|job queue lost PostgreSQL'):
+                await asyncio.wait_for(worker, 30)
+        finally:
+            await close_queue()
+
+
+async def _count_workers() -> int:
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        return int((await session.execute(text('SELECT count(*) FROM procrastinate_workers'))).scalar_one())
+
+
+async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was "internal error: PoolTimeout: pool initialization incomplete after 30.0 sec ... report it", after 30 s.
+    settings = current_settings()
+    monkeypatch.setattr(settings, 'queue_database_url', f'postgresql://postgres@127.0.0.1:{_closed_port()}/postgres')
+    monkeypatch.setattr(settings, 'connect_timeout', 1)
+    await close_queue()
+    try:
+        with pytest.raises(DatabaseUnavailableError, match=r'job queue cannot connect to PostgreSQL at .*127\.0\.0\.1'):
+            await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
+    finally:
+        await close_queue()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
