@@ -343,3 +343,40 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
     stored = await PostgresConversationStore(await account_id('acme-health')).load('ag-gone')
     assert stored is not None and QUESTION not in str(stored.messages)  # the cancelled turn saved nothing
     assert pool_status().checked_out == 0
+
+
+def _history(count: int, part: dict[str, object]) -> list[dict[str, object]]:
+    """Earlier messages as a client that keeps its own copy sends them: here of a kind this server cannot read."""
+    return [{'id': f'h{n}', 'role': ('user', 'assistant')[n % 2], 'parts': [part]} for n in range(count)]
+
+
+async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_only(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The AI SDK's useChat sends every message of the chat with each turn. The history is the server's, so reading
+    # (validating) the earlier ones cost the event loop CPU growing with the conversation (about 1 s at turn 300 of
+    # the demo), and a part kind of a newer SDK anywhere in them refused every later turn of that conversation.
+    body = chat_body('whole', QUESTION, 'm-new')
+    body['messages'] = _history(400, {'type': 'part-of-a-newer-sdk', 'n': 1}) + body['messages']
+    status, events = await stream_chat(client, keys.acme, body)
+    assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error'), events[-3:]
+    ag_ui = _ag_ui('whole-ag-ui', QUESTION)
+    ag_ui['messages'] = [{'id': f'h{n}', 'role': 'a-newer-role', 'content': 1} for n in range(400)] + [
+        {'id': 'u-new', 'role': 'user', 'content': QUESTION}
+    ]
+    response = await client.post('/api/v1/chat/ag-ui', json=ag_ui, headers=auth(keys.acme))
+    assert response.status_code == 200 and 'RUN_FINISHED' in response.text and 'RUN_ERROR' not in response.text
+    await _settled()
+    for conversation in ('whole', 'whole-ag-ui'):
+        stored = await PostgresConversationStore(await account_id('acme-health')).load(conversation)
+        assert stored is not None
+        prompts = [part.content for m in stored.messages for part in m.parts if part.part_kind == 'user-prompt']
+        assert prompts == [QUESTION]
+
+    # The new message is still checked, and a fault in it named where the client put it.
+    bad = chat_body('whole', 'hi') | {'messages': [*_history(3, {'type': 'text', 'text': 'old'}), {'id': 'n'}]}
+    response = await client.post('/api/v1/chat', json=bad, headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'].startswith('messages.3'), response.json()
+    not_user = chat_body('whole', 'hi') | {'messages': _history(2, {'type': 'text', 'text': 'old'})}
+    response = await client.post('/api/v1/chat', json=not_user, headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'] == 'messages'
