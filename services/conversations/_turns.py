@@ -31,7 +31,10 @@ TurnStage = Literal['start', 'request', 'save']
 """Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
 
 _STAGE_MESSAGES = {
-    'start': 'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends',
+    'start': (
+        'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends (a turn '
+        'whose process died holds it until its lease lapses, AGENTRT_TURN_LEASE_SECONDS after it last renewed it)'
+    ),
     'request': (
         'conversation {id!r} was changed by another turn; this turn stopped before its next model request and '
         'saved nothing; reload and retry'

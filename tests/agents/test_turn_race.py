@@ -203,8 +203,10 @@ async def test_a_live_claim_of_another_process_refuses_the_turn_and_an_expired_o
         "VALUES (:a, 'held', 'other-process', now() + interval '1 minute') RETURNING 1"
     )
     await scalar(claim, a=account)
-    with pytest.raises(ConcurrentTurnError, match='another turn is running'):
+    with pytest.raises(ConcurrentTurnError, match='another turn is running') as refused:
         await simple_chat(QUESTIONS[0], session_id='held', account='acme-health')
+    # After a crash (SIGKILL, out of memory) the next process finds no turn running: the message says why it waits.
+    assert 'process died' in str(refused.value) and 'AGENTRT_TURN_LEASE_SECONDS' in str(refused.value)
     await get_request_tracker().flush()
     assert await ledger_rows(chat_session_id='held') == []
     await scalar("UPDATE conversation_turns SET expires_at = now() - interval '1 second' RETURNING 1")
