@@ -105,8 +105,8 @@ def _last_message_only(body: bytes) -> tuple[bytes, int]:
     validation to name what is wrong with it.
     """
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8 (ValueErrors both), or nested past the parser
+        data = json.loads(body.decode())  # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON (ValueErrors both), or nested past the parser
         return body, 0
     messages = data.get('messages') if isinstance(data, dict) else None
     if not isinstance(messages, list) or len(messages) < 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -380,3 +381,7 @@ async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_on
     not_user = chat_body('whole', 'hi') | {'messages': _history(2, {'type': 'text', 'text': 'old'})}
     response = await client.post('/api/v1/chat', json=not_user, headers=auth(keys.acme))
     assert response.status_code == 422 and response.json()['field'] == 'messages'
+    utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    response = await client.post('/api/v1/chat', content=utf16, headers=headers)
+    assert response.status_code == 422 and response.json()['field'] == 'body'  # JSON is read as UTF-8 only
