@@ -267,6 +267,7 @@ class ConversationMessages(BaseModel):
     revision: str | None
     format: Literal['vercel', 'pydantic']
     messages: list[Any]
+    earlier: bool = Field(default=False, description='Older messages were left out (`limit`).')
 
 
 class TurnRequest(BaseModel):
