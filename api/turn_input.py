@@ -13,6 +13,7 @@ from starlette.requests import Request
 from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.turn_input import TurnInput, validate_identifiers
 from agentrt.api.errors import ApiError
+from agentrt.api.lone_surrogates import lone_surrogate_in_body
 from agentrt.db.errors import InvalidInputError
 
 T = TypeVar('T')
@@ -75,13 +76,17 @@ def parse_run_input(
 
     Raises:
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
-        InvalidInputError: the body does not validate; `field` is the first bad field's location.
+        InvalidInputError: the body does not validate; `field` is the first bad field's location (that of the first
+            string or key with a lone surrogate escape, when that is why the body is not JSON to pydantic).
     """
     require_json(request)
     try:
         return build(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
+        surrogate = lone_surrogate_in_body(body) if first['type'] == 'json_invalid' else None
+        if surrogate is not None:  # the parser's words ("unexpected end of hex escape") do not say so
+            raise InvalidInputError(f'{surrogate.where}: {surrogate.message()}', field=surrogate.where) from exc
         location = list(first['loc'])
         if location and location[0] in tags:
             location = location[1:]
