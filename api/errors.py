@@ -54,6 +54,7 @@ from agentrt.agents.errors import (
     UnknownTenantError,
 )
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
+from agentrt.api.schemas import decimal_text
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
 from agentrt.services.log_redaction import install_log_redaction
@@ -128,7 +129,7 @@ def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
     """The refusal's figures: the caller's own account's, so nothing of another tenant is told."""
 
     def value(item: Decimal | datetime | None) -> str | None:
-        return None if item is None else item.isoformat() if isinstance(item, datetime) else str(item)
+        return None if item is None else item.isoformat() if isinstance(item, datetime) else decimal_text(item)
 
     return {
         'reason': exc.reason,
