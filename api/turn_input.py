@@ -14,6 +14,7 @@ from starlette.requests import Request
 from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.turn_input import TurnInput, validate_identifiers
 from agentrt.api.errors import ApiError
+from agentrt.api.lone_surrogates import lone_surrogate_in_body
 from agentrt.db.errors import InvalidInputError
 
 T = TypeVar('T')
@@ -80,8 +81,9 @@ def parse_run_input(
 
     Raises:
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
-        InvalidInputError: the body does not validate; `field` is the first bad field's location (in the body as
-            it was sent).
+        InvalidInputError: the body does not validate; `field` is the first bad field's location in the body as it
+            was sent (that of the first string or key with a lone surrogate escape, when that is why the body is not
+            JSON to pydantic).
     """
     require_json(request)
     body, skipped = _last_message_only(body)
@@ -89,13 +91,23 @@ def parse_run_input(
         return build(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
+        surrogate = lone_surrogate_in_body(body) if first['type'] == 'json_invalid' else None
+        if surrogate is not None:  # the parser's words ("unexpected end of hex escape") do not say so
+            where = _as_sent(list(surrogate.location), skipped)
+            raise InvalidInputError(f'{where}: {surrogate.message()}', field=where) from exc
         location = list(first['loc'])
         if location and location[0] in tags:
             location = location[1:]
-        if skipped and location[:2] == ['messages', 0]:
-            location[1] = skipped
-        where = '.'.join(str(part) for part in location) or 'body'
+        where = _as_sent(location, skipped)
         raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc
+
+
+def _as_sent(location: list[str | int], skipped: int) -> str:
+    """A location in the body as read (its last message only) as a field of the body as sent: `messages.0` is
+    `messages.<skipped>`."""
+    if skipped and location[:2] == ['messages', 0]:
+        location = ['messages', skipped, *location[2:]]
+    return '.'.join(str(part) for part in location) or 'body'
 
 
 def _last_message_only(body: bytes) -> tuple[bytes, int]:

@@ -32,6 +32,7 @@ from typer._click import Command, Context, HelpFormatter
 from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
 from typer.core import TyperCommand, TyperGroup
 
+from agentrt.agents.cli.output import plain_decimal
 from agentrt.db.errors import (
     AgentRuntimeError,
     BudgetExceededError,
@@ -395,13 +396,15 @@ def report(exc: BaseException) -> int:
 
 
 def print_json(payload: Any) -> None:
-    """Print `payload` as indented JSON; decimals and UUIDs as strings (exact), times in ISO 8601."""
+    """Print `payload` as indented JSON; decimals (exact, in plain notation) and UUIDs as strings, times in ISO 8601."""
     typer.echo(json.dumps(payload, default=_json_default, indent=2))
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal | uuid.UUID):
-        return str(value)  # a string keeps the exact decimal
+    if isinstance(value, Decimal):
+        return plain_decimal(value)  # a string keeps the exact decimal; plain, never `1E-9`
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f'not JSON serialisable: {type(value).__name__}')

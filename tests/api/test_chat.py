@@ -304,6 +304,38 @@ def _ag_ui(thread: str, text: str) -> dict[str, object]:
     }
 
 
+async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The runId came back on RUN_STARTED and RUN_FINISHED at any length the body limit allowed, NUL and newlines too.
+    def body(thread_id: str, run_id: str) -> dict[str, object]:
+        return {'threadId': thread_id, 'runId': run_id, 'messages': [{'id': 'u1', 'role': 'user', 'content': 'hi'}]}
+
+    refused = [
+        (body('t1', 'r' * 201), 'runId', 'the run id is 201 characters long; the limit is 200'),
+        (body('t1', 'r' * 100_000), 'runId', 'the run id is 100,000 characters long'),
+        (body('t1', 'a\nb'), 'runId', 'at position 1 (U+000A, whitespace)'),
+        (body('t1', 'a\x07b'), 'runId', 'at position 1 (U+0007)'),
+        (body('t1', 'a\x00b'), 'runId', 'at position 1 (U+0000, NUL)'),
+        (body('t1', ''), 'runId', 'the run id is empty'),
+        (body('t1', '-r'), 'runId', 'at position 0'),
+        (body('t' * 201, 'r1'), 'threadId', 'the session id is 201 characters long'),
+        (body('t\x07', 'r1'), 'threadId', 'at position 1 (U+0007)'),
+    ]
+    for request, field, says in refused:
+        response = await client.post('/api/v1/chat/ag-ui', json=request, headers=auth(keys.acme))
+        assert response.status_code == 422, response.text
+        error = response.json()
+        assert error['field'] == field and says in error['detail'] and error['error_id'].startswith('err_'), error
+        assert len(response.text) < 1_000  # the id is not echoed in the error either
+    await _settled()
+    assert await ledger_rows() == [] and await _conversations() == 0
+    run_id = '01a23438-8d08-711f-943d-32b9783614c0:' + 'r' * 163  # 200 characters: the longest taken
+    response = await client.post('/api/v1/chat/ag-ui', json=body('t1', run_id), headers=auth(keys.acme))
+    started = next(event for event in sse_events(response.text) if isinstance(event, dict))
+    assert response.status_code == 200 and started['type'] == 'RUN_STARTED' and started['runId'] == run_id
+
+
 async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_is_refused(keys: Keys) -> None:
     """The AG-UI route holds the same turn as the Vercel one: one at a time per conversation, a hang-up cancels it."""
     app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
@@ -381,7 +413,12 @@ async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_on
     not_user = chat_body('whole', 'hi') | {'messages': _history(2, {'type': 'text', 'text': 'old'})}
     response = await client.post('/api/v1/chat', json=not_user, headers=auth(keys.acme))
     assert response.status_code == 422 and response.json()['field'] == 'messages'
-    utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
+    old, new = _history(3, {'type': 'text', 'text': '\ud800'}), {'id': 'n', 'role': 'user', 'parts': []}
+    surrogate = json.dumps(chat_body('whole', 'hi') | {'messages': [*old, new | {'parts': old[0]['parts']}]})
     headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    response = await client.post('/api/v1/chat', content=surrogate, headers=headers)
+    assert response.status_code == 422 and response.json()['field'] == 'messages.3.parts.0.text', response.json()
+    assert 'lone surrogate' in response.json()['detail']
+    utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
     response = await client.post('/api/v1/chat', content=utf16, headers=headers)
     assert response.status_code == 422 and response.json()['field'] == 'body'  # JSON is read as UTF-8 only
