@@ -376,14 +376,9 @@ def report(exc: BaseException) -> int:
         # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.
         error_line(f'invalid configuration: logfire refused a LOGFIRE_* variable: {exc}', redact=False)
         return EXIT_USAGE
-    try:
-        codes = exit_codes()
-    except Exception:  # the services did not import: the failure being reported, again; the base classes decide
-        codes = EXIT_CODES
-    for cls, code in codes:
-        if isinstance(exc, cls):
-            error_line(str(exc) or type(exc).__name__)
-            return code
+    if (code := exit_code_of(exc)) is not None:
+        error_line(str(exc) or type(exc).__name__)
+        return code
     from agentrt.db.failures import invalid_value
 
     if (invalid := invalid_value(exc)) is not None:
@@ -393,6 +388,15 @@ def report(exc: BaseException) -> int:
     hint = '' if debug_enabled() else '; run with --debug (or AGENTRT_DEBUG=1) for the traceback, and report it'
     error_line(f'internal error: {type(exc).__name__}: {detail}{hint}')
     return EXIT_INTERNAL
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+    """The documented exit code of an error of the runtime (`EXIT_CODES`), None for anything else."""
+    try:
+        codes = exit_codes()
+    except Exception:  # the services did not import: the failure being reported, again; the base classes decide
+        codes = EXIT_CODES
+    return next((code for cls, code in codes if isinstance(exc, cls)), None)
 
 
 def print_json(payload: Any) -> None:
