@@ -23,6 +23,7 @@ async def test_set_show_and_remove_a_budget(demo_data: None, database_url: str) 
         ('green-grocer', '2.50', '12h'),
     ]
     assert shown[0]['spent_usd'] == '0' and Decimal(shown[0]['remaining_usd']) == 50
+    assert shown[0]['spent_tokens'] == 0 and shown[0]['holds'] == 0  # counts are JSON numbers, amounts strings
     one = json.loads((await invoke('budget', 'show', '--account', 'green-grocer', '--json', env=env)).stdout)
     assert [b['account_slug'] for b in one] == ['green-grocer']
 
