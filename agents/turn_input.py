@@ -81,6 +81,24 @@ def validate_identifiers(
     return checked_session, checked_account, checked_agent
 
 
+def validate_protocol_id(value: object, *, field: str, name: str) -> str:
+    """Check an id a chat protocol carries besides the conversation's (AG-UI's `runId`) by the session id's rule.
+
+    Such an id is echoed back in the stream (AG-UI's `RUN_STARTED` and `RUN_FINISHED`): unchecked, it came back at any
+    length the body allowed, control characters included.
+
+    Args:
+        value: the id as the request carries it.
+        field: the request's name for it, for the error (`runId`).
+        name: what it is, for the message (`run id`).
+
+    Raises:
+        InvalidInputError: naming `field`: not text, empty, longer than 200 characters, or with a character other
+            than letters, digits and `. _ : @ -` (or not starting with a letter or digit).
+    """
+    return _identifier(value, field, name, _SESSION_ID, SESSION_ID_MAX_CHARS)
+
+
 def validate_message(message: object, *, max_chars: int) -> str:
     """Check a chat message and return it with NUL and lone surrogates replaced by U+FFFD.
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic_ai.ui.ag_ui import AGUIAdapter, AGUIEventStream
 from starlette.responses import Response
 
+from agentrt.agents.turn_input import validate_protocol_id
 from agentrt.api.auth import ChatCaller
 from agentrt.api.chat import AGENT_QUERY
 from agentrt.api.errors import stream_error
@@ -73,8 +74,13 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
     },
 )
 async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = AGENT_QUERY) -> Response:
-    """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events."""
+    """One turn of the conversation named by the body's `threadId`, streamed as AG-UI events.
+
+    The `threadId` follows the conversation id's rule (1-200 letters, digits and `. _ : @ -`), and so does the
+    `runId`, which the stream echoes back.
+    """
     run_input = parse_run_input(request, await request.body(), AGUIChatAdapter.build_run_input)
+    validate_protocol_id(run_input.run_id, field='runId', name='run id')  # echoed on RUN_STARTED and RUN_FINISHED
     turn_input = check_http_turn(
         _new_message_text(run_input),
         conversation_id=run_input.thread_id,

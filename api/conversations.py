@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
-from pydantic_ai.messages import ModelMessagesTypeAdapter
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelRequest, UserPromptPart
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 from starlette.responses import Response
 
@@ -33,6 +33,8 @@ from agentrt.api.turn_input import check_conversation_id, check_http_turn, requi
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
+
+MAX_MESSAGES_PAGE = 100_000
 
 router = APIRouter(prefix='/api/v1/conversations', tags=['conversations'], responses=ERROR_RESPONSES)
 
@@ -64,22 +66,52 @@ async def messages(
         Literal['vercel', 'pydantic'],
         Query(description="`vercel`: AI SDK UI messages (for `useChat`); `pydantic`: pydantic-ai's messages."),
     ] = 'vercel',
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_MESSAGES_PAGE,
+            description='Only the latest messages: at most this many (pydantic-ai messages), from the start of a '
+            'turn; `earlier` says whether older ones were left out.',
+        ),
+    ] = None,
 ) -> ConversationMessages:
-    """The conversation's stored messages, in order."""
+    """The conversation's stored messages, in order (with `limit`, only the latest).
+
+    Without `limit` every message is read and sent: a conversation of several hundred turns is megabytes, which the
+    server takes about a second of CPU to read and encode.
+    """
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
-    conversation = await PostgresConversationStore(caller.account_id).load(conversation_id)
+    store = PostgresConversationStore(caller.account_id)
+    conversation = await store.load(conversation_id, limit=None if limit is None else limit + 1)
     if conversation is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
+    shown, earlier = _latest(conversation.messages, limit)
     if format == 'vercel':
         dumped = [
             message.model_dump(mode='json', by_alias=True, exclude_none=True)
-            for message in VercelAIAdapter.dump_messages(conversation.messages)
+            for message in VercelAIAdapter.dump_messages(shown)
         ]
     else:
-        dumped = ModelMessagesTypeAdapter.dump_python(conversation.messages, mode='json')
+        dumped = ModelMessagesTypeAdapter.dump_python(shown, mode='json')
     return ConversationMessages(
-        conversation_id=conversation_id, revision=conversation.revision, format=format, messages=dumped
+        conversation_id=conversation_id, revision=conversation.revision, format=format, messages=dumped, earlier=earlier
     )
+
+
+def _latest(messages: list[ModelMessage], limit: int | None) -> tuple[list[ModelMessage], bool]:
+    """At most `limit` of the last `messages` (read with one more, to know whether there are older ones), starting
+    at a user's message, so a turn is never shown from its middle (a tool result without its call); and whether any
+    were left out. A window holding no turn's start is empty."""
+    if limit is None or len(messages) <= limit:
+        return messages, False
+    window = messages[-limit:]
+    start = next((n for n, message in enumerate(window) if _starts_turn(message)), len(window))
+    return window[start:], True
+
+
+def _starts_turn(message: ModelMessage) -> bool:
+    return isinstance(message, ModelRequest) and any(isinstance(part, UserPromptPart) for part in message.parts)
 
 
 @router.delete(

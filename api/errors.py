@@ -53,6 +53,8 @@ from agentrt.agents.errors import (
     TurnLimitExceededError,
     UnknownTenantError,
 )
+from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
+from agentrt.api.schemas import decimal_text
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
 from agentrt.services.log_redaction import install_log_redaction
@@ -127,7 +129,7 @@ def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
     """The refusal's figures: the caller's own account's, so nothing of another tenant is told."""
 
     def value(item: Decimal | datetime | None) -> str | None:
-        return None if item is None else item.isoformat() if isinstance(item, datetime) else str(item)
+        return None if item is None else item.isoformat() if isinstance(item, datetime) else decimal_text(item)
 
     return {
         'reason': exc.reason,
@@ -235,7 +237,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [
             {
                 'loc': list(error.get('loc', ())),
-                'msg': _short(_redacted(str(error.get('msg', '')))),
+                'msg': _short(_redacted(_validation_message(error, exc.body))),
                 'type': error.get('type'),
             }
             for error in exc.errors()[:20]
@@ -249,6 +251,16 @@ def install_error_handlers(app: FastAPI) -> None:
     # runs in Starlette's outermost middleware, which answers with it and then re-raises, so the server logs it too.
     for known in (ApiError, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
         app.add_exception_handler(known, on_error)
+
+
+def _validation_message(error: dict[str, Any], body: Any) -> str:
+    """A validation error's message; for a lone surrogate escape, one that says so (pydantic's says only that it was
+    "unable to parse raw data as a unicode string")."""
+    text = error.get('input')
+    if error.get('type') == 'string_unicode' and isinstance(text, str):
+        where, *location = error.get('loc', ()) or ('',)
+        return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))
+    return str(error.get('msg', ''))
 
 
 def _http_type(status: int) -> str:

@@ -1,6 +1,7 @@
 """Response (and request) models of the HTTP API: what OpenAPI publishes and what every route returns.
 
-Money is a decimal string (`"0.000123"`), exact as the ledger stores it; times are ISO 8601 with a UTC offset.
+Money is a decimal string (`"0.000123"`), exact as the ledger stores it and in plain notation (`"0.000000001"`,
+never `"1E-9"`); times are ISO 8601 with a UTC offset.
 """
 
 from __future__ import annotations
@@ -8,14 +9,24 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 from agentrt.services.budgets import BudgetStatus
 from agentrt.services.conversations import ConversationSummary
 from agentrt.services.ledger import CostSummary
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as JSON carries it: a string, exact, in plain notation (`0.000000001`, never `1E-9`, which is what
+    `str()` and pydantic give under a millionth)."""
+    return format(value, 'f')
+
+
+Money = Annotated[Decimal, PlainSerializer(decimal_text, return_type=str, when_used='json')]
+"""USD (or any decimal) in a response: `decimal_text` in JSON."""
 
 
 class ErrorOut(BaseModel):
@@ -56,7 +67,7 @@ class InteractionOut(BaseModel):
     input_tokens: int
     output_tokens: int
     total_tokens: int
-    total_cost: Decimal | None = Field(description='USD; null when the model is unpriced.')
+    total_cost: Money | None = Field(description='USD; null when the model is unpriced.')
     price_source: str | None
     latency_ms: float
     ttft_ms: float | None = Field(description='Time to the first streamed token.')
@@ -148,7 +159,7 @@ class CostRowOut(BaseModel):
     input_tokens: int
     output_tokens: int
     total_tokens: int
-    total_cost: Decimal | None
+    total_cost: Money | None
     unpriced: int = Field(description='Requests without a price: counted in tokens, not in cost.')
 
     @classmethod
@@ -172,13 +183,13 @@ class BudgetOut(BaseModel):
     """The caller's account budget and where its current period stands (USD as decimal strings)."""
 
     limited: bool = Field(description='Whether the account has a budget; the other fields are null when not.')
-    limit_usd: Decimal | None = None
+    limit_usd: Money | None = None
     period: str | None = Field(default=None, description='`month`, `week`, `day` (UTC) or a window such as `7d`.')
     period_start: datetime | None = None
     period_end: datetime | None = Field(default=None, description='When the period ends and the budget starts afresh.')
-    spent_usd: Decimal | None = Field(default=None, description="What the period's settled requests cost.")
-    reserved_usd: Decimal | None = Field(default=None, description='What requests in flight hold.')
-    remaining_usd: Decimal | None = None
+    spent_usd: Money | None = Field(default=None, description="What the period's settled requests cost.")
+    reserved_usd: Money | None = Field(default=None, description='What requests in flight hold.')
+    remaining_usd: Money | None = None
     holds: int | None = Field(default=None, description='Requests in flight holding part of the budget.')
     refused_requests: int | None = Field(default=None, description='Requests refused this period.')
 
@@ -205,10 +216,10 @@ class BudgetExceededOut(ErrorOut):
     """429: the account's budget refused a model request of the turn; nothing was sent to the model."""
 
     reason: Literal['limit', 'unpriced']
-    limit_usd: Decimal | None = None
-    spent_usd: Decimal | None = None
-    reserved_usd: Decimal | None = None
-    needed_usd: Decimal | None = Field(default=None, description='The least the refused request had to hold.')
+    limit_usd: Money | None = None
+    spent_usd: Money | None = None
+    reserved_usd: Money | None = None
+    needed_usd: Money | None = Field(default=None, description='The least the refused request had to hold.')
     period_end: datetime | None = Field(default=None, description='When the budget starts afresh.')
 
 
@@ -267,6 +278,7 @@ class ConversationMessages(BaseModel):
     revision: str | None
     format: Literal['vercel', 'pydantic']
     messages: list[Any]
+    earlier: bool = Field(default=False, description='Older messages were left out (`limit`).')
 
 
 class TurnRequest(BaseModel):
@@ -286,7 +298,7 @@ class TurnResponse(BaseModel):
     run_id: str
     model_name: str
     usage: UsageOut
-    cost: Decimal | None = Field(description='USD of this turn; null when the model is unpriced.')
+    cost: Money | None = Field(description='USD of this turn; null when the model is unpriced.')
     duration_s: float
 
 

@@ -4,6 +4,7 @@ the HTTP name of each field in the error."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ from starlette.requests import Request
 from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.turn_input import TurnInput, validate_identifiers
 from agentrt.api.errors import ApiError
+from agentrt.api.lone_surrogates import lone_surrogate_in_body
 from agentrt.db.errors import InvalidInputError
 
 T = TypeVar('T')
@@ -73,17 +75,53 @@ def parse_run_input(
     The field errors do not echo the values sent (they can be huge, or hold what should not come back). `tags` are
     the values of the body's own discriminator (Vercel's `trigger`), which pydantic puts first in a location.
 
+    Only the body's last message is read: the conversation's history is the server's, and a client that keeps its
+    own copy (the AI SDK's `useChat`) sends all of it with every turn. Validating that copy cost CPU on the event
+    loop growing with the conversation, and refused every later turn once it held a part this server cannot read.
+
     Raises:
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
-        InvalidInputError: the body does not validate; `field` is the first bad field's location.
+        InvalidInputError: the body does not validate; `field` is the first bad field's location in the body as it
+            was sent (that of the first string or key with a lone surrogate escape, when that is why the body is not
+            JSON to pydantic).
     """
     require_json(request)
+    body, skipped = _last_message_only(body)
     try:
         return build(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
+        surrogate = lone_surrogate_in_body(body) if first['type'] == 'json_invalid' else None
+        if surrogate is not None:  # the parser's words ("unexpected end of hex escape") do not say so
+            where = _as_sent(list(surrogate.location), skipped)
+            raise InvalidInputError(f'{where}: {surrogate.message()}', field=where) from exc
         location = list(first['loc'])
         if location and location[0] in tags:
             location = location[1:]
-        where = '.'.join(str(part) for part in location) or 'body'
+        where = _as_sent(location, skipped)
         raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc
+
+
+def _as_sent(location: list[str | int], skipped: int) -> str:
+    """A location in the body as read (its last message only) as a field of the body as sent: `messages.0` is
+    `messages.<skipped>`."""
+    if skipped and location[:2] == ['messages', 0]:
+        location = ['messages', skipped, *location[2:]]
+    return '.'.join(str(part) for part in location) or 'body'
+
+
+def _last_message_only(body: bytes) -> tuple[bytes, int]:
+    """The body with its `messages` cut to the last one, and how many were left out (0: the body as it came).
+
+    A body that is not a JSON object with a list of several messages is passed on as it is, for the adapter's own
+    validation to name what is wrong with it.
+    """
+    try:
+        data = json.loads(body.decode())  # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON (ValueErrors both), or nested past the parser
+        return body, 0
+    messages = data.get('messages') if isinstance(data, dict) else None
+    if not isinstance(messages, list) or len(messages) < 2:
+        return body, 0
+    data['messages'] = messages[-1:]
+    return json.dumps(data).encode(), len(messages) - 1

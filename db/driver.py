@@ -11,9 +11,9 @@ must keep is kept here:
 - SQLAlchemy's cursor events fire for each statement (statement counters, tracing spans), as if it had run them, and
   a failed statement goes to its `handle_error` listeners instead of `after_cursor_execute`, as SQLAlchemy does (a
   tracing span ends with an error status);
-- failures are translated as a session's are (`pooler_error`, `unavailable_error`); a lost connection is invalidated
-  and reported to `PoolHealth`, so the pool tests its other connections before handing them out (a
-  `retry_on_disconnect` gets a working one);
+- failures are translated as a session's are (`pooler_error`, `unavailable_error`); a lost connection, or one out of
+  step with its server or with a prepared statement lost behind a pooler, is invalidated and reported to `PoolHealth`,
+  so the pool tests its other connections before handing them out (a `retry_on_disconnect` gets a working one);
 - the transaction always ends here (COMMIT, ROLLBACK, or the connection discarded): the pool never gets it back open.
 """
 
@@ -33,7 +33,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from agentrt.db.engine import get_engine
-from agentrt.db.failures import lost_connection, pooler_error, unavailable_error
+from agentrt.db.failures import lost_connection, out_of_step, pooler_error, unavailable_error
 from agentrt.db.roles import Account
 from agentrt.db.session import scoped_setup
 from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup
@@ -210,14 +210,15 @@ async def driver_transaction(
 
 async def _abandon(engine: Engine, pooled: PoolProxiedConnection, driver: Any, exc: BaseException) -> None:
     """End a failed transaction: ROLLBACK on a connection that answered (a statement failed, the caller raised), else
-    discard the connection (lost, or cancelled mid-statement: its protocol state is unknown)."""
-    if isinstance(exc, Exception) and not lost_connection(exc) and not driver.is_closed():
+    discard the connection (lost; out of step with its server, or with a prepared statement lost behind a pooler, as
+    `PoolHealth.on_error` judges a session's; cancelled mid-statement: its protocol state is unknown)."""
+    if isinstance(exc, Exception) and not _unusable(exc) and not driver.is_closed():
         try:
             await driver.execute('ROLLBACK;')
             return
         except Exception as failed:
             exc = failed
-    if isinstance(exc, Exception) and (lost_connection(exc) or driver.is_closed()):
+    if isinstance(exc, Exception) and (_unusable(exc) or driver.is_closed()):
         health = getattr(engine.pool, 'agentrt_health', None)
         if health is not None:
             health.lost(pooled)
@@ -226,3 +227,8 @@ async def _abandon(engine: Engine, pooled: PoolProxiedConnection, driver: Any, e
     # Cancelled mid-statement: asyncpg is sending the server a cancel request; a graceful close (in a greenlet, up to
     # 2 s) lets it through, so the server ends the statement and its transaction's locks now, not when it completes.
     await greenlet_spawn(pooled.invalidate, exc if isinstance(exc, Exception) else None)
+
+
+def _unusable(exc: BaseException) -> bool:
+    """Whether the connection must not serve another transaction: lost, or out of step (`out_of_step`)."""
+    return lost_connection(exc) or out_of_step(exc)

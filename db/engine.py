@@ -20,7 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
-from agentrt.db.failures import connection_problem, pooler_error, refused_startup_parameter, unavailable_error
+from agentrt.db.failures import (
+    connection_problem,
+    out_of_step,
+    pooler_error,
+    refused_startup_parameter,
+    unavailable_error,
+)
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
 from agentrt.db.transaction_setup import (
@@ -288,7 +294,7 @@ class PoolHealth:
     def on_error(self, context: Any) -> None:
         """SQLAlchemy's `handle_error` listener: a disconnect starts a new generation (and an out-of-step connection
         counts as one)."""
-        if not context.is_disconnect and _out_of_step(context.original_exception):
+        if not context.is_disconnect and out_of_step(context.original_exception):
             context.is_disconnect = True
         if context.is_disconnect:
             self.generation += 1
@@ -342,23 +348,6 @@ class PoolHealth:
 def _closed(dbapi_connection: Any) -> bool:
     is_closed = getattr(getattr(dbapi_connection, '_connection', None), 'is_closed', None)
     return bool(is_closed()) if callable(is_closed) else False
-
-
-def _out_of_step(error: BaseException | None) -> bool:
-    """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
-    no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
-    test asks only whether the socket is closed yet, so such a connection could go back to the pool. Also a
-    prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
-    seen = 0
-    while error is not None and seen < 8:
-        name = type(error).__name__
-        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
-            return True
-        if name in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
-            return True
-        error = error.__cause__ or getattr(error, 'orig', None) or error.__context__
-        seen += 1
-    return False
 
 
 async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float) -> dict[str, int]:

@@ -57,6 +57,23 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def out_of_step(error: BaseException | None) -> bool:
+    """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
+    no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
+    test asks only whether the socket is closed yet, so such a connection could go back to the pool. Also a
+    prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
+    seen = 0
+    while error is not None and seen < 8:
+        name = type(error).__name__
+        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+            return True
+        if name in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
+            return True
+        error = error.__cause__ or getattr(error, 'orig', None) or error.__context__
+        seen += 1
+    return False
+
+
 def cannot_connect(exc: BaseException) -> bool:
     """True when `exc` says no connection could be made: server down, starting, full, unreachable, timed out."""
     for error in _chain(exc):

@@ -353,6 +353,16 @@ class Settings(BaseSettings):
         'supports it, one extra provider call per request; otherwise the UTF-8 size of the request bounds them',
     )
 
+    @model_validator(mode='after')
+    def _min_output_within_max(self) -> Settings:
+        # Admission gives a request without max_tokens at most the maximum: a larger minimum was silently cut to it.
+        if self.budget_min_output_tokens > self.budget_max_output_tokens:
+            raise ConfigError(
+                f'AGENTRT_BUDGET_MIN_OUTPUT_TOKENS ({self.budget_min_output_tokens}) must not exceed '
+                f'AGENTRT_BUDGET_MAX_OUTPUT_TOKENS ({self.budget_max_output_tokens})'
+            )
+        return self
+
     @field_validator('ledger_spool')
     @classmethod
     def _spool_is_a_file(cls, value: Path | None) -> Path | None:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
-from agentrt.agents.cli.output import text_cells
+from agentrt.agents.cli.output import plain_decimal, text_cells
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
@@ -131,12 +131,12 @@ def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
         table.add_row(
             *text_cells(
                 status.account_slug,
-                f'{status.limit_usd:,.2f}',
+                plain_decimal(status.limit_usd, places=2, grouped=True),  # as set: a limit under a cent is no 0.00
                 status.period,
                 f'{_when(status.period_start)} to {_when(status.period_end)}',
-                f'{status.spent_usd:.6f}',
-                f'{status.reserved_usd:.6f} ({status.holds})',
-                f'{status.remaining_usd:.6f}',
+                plain_decimal(status.spent_usd, places=6),
+                f'{plain_decimal(status.reserved_usd, places=6)} ({status.holds})',
+                plain_decimal(status.remaining_usd, places=6),
                 f'{status.refused_requests:,}',
             )
         )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 import typer
 from rich.markup import escape
 
-from agentrt.agents.cli.support import console, err_console, run
+from agentrt.agents.cli.support import EXIT_FAILURE, console, err_console, error_line, exit_code_of, run
 from agentrt.db.errors import (
     DatabaseUnavailableError,
     InvalidInputError,
@@ -73,14 +73,20 @@ async def _chat(
         if message is not None:
             await _turn(message, session_id, account, agent, model, delay)
             return
-        from agentrt.agents.cli.chat_input import history_path, open_line_source
+        from agentrt.agents.cli.chat_input import TerminalLines, history_path, open_line_source
         from agentrt.agents.cli.chat_loop import converse
 
         lines = open_line_source(history_path(current_settings().data_dir))
         err_console.print(
             f'conversation {session_id}; Ctrl-C stops an answer, Ctrl-D (or exit) leaves', style='dim', highlight=False
         )
-        await converse(lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors())
+        conversed = await converse(
+            lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors()
+        )
+        if conversed.last_error is not None and not isinstance(lines, TerminalLines):
+            # Lines from a pipe or a file: the script that fed them reads the exit code, not the error lines.
+            error_line(f"{conversed.failed} of {conversed.turns} turns failed; the exit code is the last one's")
+            raise typer.Exit(exit_code_of(conversed.last_error) or EXIT_FAILURE)
     finally:
         await shutdown_runtime()
 

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 
 from agentrt.agents.cli.chat_input import LineSource
@@ -45,11 +46,20 @@ class _Interrupts:
             self.main.cancel()
 
 
+@dataclass
+class Conversed:
+    """What a conversation came to: the lines answered or tried, and the turns that failed (the last one's error)."""
+
+    turns: int = 0
+    failed: int = 0
+    last_error: BaseException | None = None
+
+
 async def converse(
     lines: LineSource,
     answer: Callable[[str], Awaitable[None]],
     turn_errors: tuple[type[BaseException], ...],
-) -> None:
+) -> Conversed:
     """Answer each line of `lines` with `answer(line)` until the user leaves (`EOFError`, or an exit command).
 
     Args:
@@ -57,22 +67,27 @@ async def converse(
         answer: one turn: sends the line and shows the answer.
         turn_errors: what can fail one turn without ending the conversation (printed as an `error:` line).
 
+    Returns:
+        How many turns ran and failed (an answer stopped by Ctrl-C is neither a failure nor an error).
+
     Raises:
         Stopped: Ctrl-C twice while an answer was stopping (the answer was stopped first): exit 130.
     """
     main = asyncio.current_task()
     assert main is not None
     interrupts = _Interrupts(lines, main)
+    conversed = Conversed()
     with _sigint_calls(interrupts.interrupt):
         while True:
             try:
                 line = await lines.read()
             except EOFError:
-                return
+                return conversed
             if line.strip().lower() in EXIT_COMMANDS:
-                return
+                return conversed
             if not line.strip():
                 continue
+            conversed.turns += 1
             interrupts.answer = task = asyncio.create_task(_answer(answer, line))
             interrupts.stopping = False
             try:
@@ -87,6 +102,8 @@ async def converse(
                 err_console.print(STOPPED_NOTE, style='dim', highlight=False)
             except turn_errors as exc:  # one failed turn (a line too long, a rate limit...) does not end the chat
                 error_line(str(exc))
+                conversed.failed += 1
+                conversed.last_error = exc
             finally:
                 interrupts.answer = None
 

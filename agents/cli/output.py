@@ -104,6 +104,21 @@ def print_csv(rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None
         writer.writerow([csv_cell(row.get(name)) for name in columns])
 
 
+def plain_decimal(value: Decimal, *, places: int = 0, grouped: bool = False) -> str:
+    """A decimal in plain notation, exact: `0.000000001`, never `1E-9` (what `str()` gives under a millionth).
+
+    Args:
+        value: the amount.
+        places: the fewest decimals shown (zeros added); more are shown when the value has them (none cut).
+        grouped: thousands separated by commas, for a table.
+    """
+    text = format(value, ',f' if grouped else 'f')
+    if not places:
+        return text
+    whole, _, decimals = text.partition('.')
+    return f'{whole}.{decimals.rstrip("0").ljust(places, "0")}'
+
+
 def csv_cell(value: Any) -> str:
     """One value as a CSV cell (see `print_csv`)."""
     if value is None:
@@ -112,7 +127,9 @@ def csv_cell(value: Any) -> str:
         return 'true' if value else 'false'
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, int | float | Decimal | uuid.UUID):
+    if isinstance(value, Decimal):
+        return plain_decimal(value)
+    if isinstance(value, int | float | uuid.UUID):
         return str(value)
     text = str(value)
     return f"'{text}" if text.startswith(_FORMULA_STARTS) else text

@@ -32,6 +32,7 @@ from typer._click import Command, Context, HelpFormatter
 from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
 from typer.core import TyperCommand, TyperGroup
 
+from agentrt.agents.cli.output import plain_decimal
 from agentrt.db.errors import (
     AgentRuntimeError,
     BudgetExceededError,
@@ -375,14 +376,9 @@ def report(exc: BaseException) -> int:
         # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.
         error_line(f'invalid configuration: logfire refused a LOGFIRE_* variable: {exc}', redact=False)
         return EXIT_USAGE
-    try:
-        codes = exit_codes()
-    except Exception:  # the services did not import: the failure being reported, again; the base classes decide
-        codes = EXIT_CODES
-    for cls, code in codes:
-        if isinstance(exc, cls):
-            error_line(str(exc) or type(exc).__name__)
-            return code
+    if (code := exit_code_of(exc)) is not None:
+        error_line(str(exc) or type(exc).__name__)
+        return code
     from agentrt.db.failures import invalid_value
 
     if (invalid := invalid_value(exc)) is not None:
@@ -394,14 +390,25 @@ def report(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+def exit_code_of(exc: BaseException) -> int | None:
+    """The documented exit code of an error of the runtime (`EXIT_CODES`), None for anything else."""
+    try:
+        codes = exit_codes()
+    except Exception:  # the services did not import: the failure being reported, again; the base classes decide
+        codes = EXIT_CODES
+    return next((code for cls, code in codes if isinstance(exc, cls)), None)
+
+
 def print_json(payload: Any) -> None:
-    """Print `payload` as indented JSON; decimals and UUIDs as strings (exact), times in ISO 8601."""
+    """Print `payload` as indented JSON; decimals (exact, in plain notation) and UUIDs as strings, times in ISO 8601."""
     typer.echo(json.dumps(payload, default=_json_default, indent=2))
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal | uuid.UUID):
-        return str(value)  # a string keeps the exact decimal
+    if isinstance(value, Decimal):
+        return plain_decimal(value)  # a string keeps the exact decimal; plain, never `1E-9`
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f'not JSON serialisable: {type(value).__name__}')

@@ -26,7 +26,7 @@ SELECT a.id AS account_id, a.slug AS account_slug, b.limit_usd, b.period, b.wind
        w.period_start, w.period_end,
        coalesce(p.spent_usd + u.spent, s.spent, 0) AS spent_usd,
        coalesce(p.reserved_usd - u.held, 0) AS reserved_usd,
-       coalesce(p.spent_tokens + u.tokens, s.tokens, 0) AS spent_tokens,
+       coalesce(p.spent_tokens + u.tokens, s.tokens, 0)::bigint AS spent_tokens,  -- sums of bigint are numeric
        coalesce(p.refused_requests, 0) AS refused_requests,
        (SELECT count(*) FROM budget_reservations AS h
         WHERE h.account_id = b.account_id AND h.period_start = w.period_start) AS holds,

@@ -79,7 +79,7 @@ class SweepReport:
     released_expired: int
     """Reservations released because they expired."""
     released_usd: str
-    """The amount given back, as a decimal string."""
+    """The amount given back, as a decimal string in plain notation."""
     folded_windows: int = 0
     """Windows whose pending settlements (or released holds) were folded into their row."""
 
@@ -103,7 +103,7 @@ async def sweep_reservations() -> SweepReport:
             'lock': _SWEEP_LOCK,
         }
         row = (await connection.execute(_SWEEP, params)).one()
-    report = SweepReport(len(dead), row.dead, row.expired, str(row.amount), row.windows)
+    report = SweepReport(len(dead), row.dead, row.expired, format(row.amount, 'f'), row.windows)  # never `1E-9`
     if report.released_dead or report.released_expired:
         logger.info(
             'budgets: released %d reservation(s) of %d dead process(es) and %d expired one(s), $%s in all',

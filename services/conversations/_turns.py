@@ -31,7 +31,10 @@ TurnStage = Literal['start', 'request', 'save']
 """Where a turn learnt it lost the conversation: before it ran, before a model request, or when saving."""
 
 _STAGE_MESSAGES = {
-    'start': 'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends',
+    'start': (
+        'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends (a turn '
+        'whose process died holds it until its lease lapses, AGENTRT_TURN_LEASE_SECONDS after it last renewed it)'
+    ),
     'request': (
         'conversation {id!r} was changed by another turn; this turn stopped before its next model request and '
         'saved nothing; reload and retry'
@@ -60,9 +63,9 @@ class ConcurrentTurnError(AgentRuntimeError):
             # The claim may be a turn's that can no longer release it (its process was killed, or the database was
             # down when it ended): then the lease is how long the conversation stays held, and the user needs to know.
             message = (
-                f'another turn holds conversation {conversation_id!r} for up to {expires_in_s:.0f} s more (one '
-                'running now, or one whose process stopped or lost the database before it could let go: its claim '
-                'then expires); this turn sent nothing; retry when that one ends'
+                f'another turn holds conversation {conversation_id!r} for up to {expires_in_s:.0f} s more: one running '
+                'now, or one whose process died or lost the database before it could let go (its lease lapses '
+                'AGENTRT_TURN_LEASE_SECONDS after it last renewed it); this turn sent nothing; retry when that one ends'
             )
         super().__init__(message)
 

@@ -23,6 +23,7 @@ from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, release
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
+from agentrt.services.ledger._options import check_option_names, check_options
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 
@@ -130,6 +131,11 @@ class LedgerCapability(AbstractCapability[Any]):
     window and guard ride on the agent's ledger (`agentrt.agents.turn_hooks`), so pydantic-ai, which calls every hook of
     every capability of a run, calls one capability's instead of two. Only for capabilities that use no other hook."""
     _run: _RunLedger | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A per-run copy (`for_run`) is of a capability already checked: no second check on every run.
+        if self._run is None:
+            check_options(self)
 
     async def for_run(self, ctx: Any) -> LedgerCapability:
         """A per-run copy, so concurrent runs never share in-flight state (and the riders' per-run copies)."""
@@ -478,5 +484,10 @@ def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) 
     Args:
         tracker: where rows go; the process-wide `get_request_tracker()` when omitted.
         **options: `LedgerCapability` fields (`store_content`, `wait_for_durable`, `ack_timeout`, ...).
+
+    Raises:
+        InvalidInputError: an option it does not have, or one of the wrong type or value (`ack_timeout` negative,
+            NaN or infinite; a flag that is not `True` or `False`), naming it.
     """
+    check_option_names(options, (f.name for f in fields(LedgerCapability)))
     return LedgerCapability(tracker=tracker, **options)

@@ -10,7 +10,7 @@ import httpx2
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth
+from tests.api.conftest import Keys, auth, chat_body
 from tests.factories import ledger_rows
 
 AUDIT = '/api/v1/llm-audit/interactions'
@@ -198,3 +198,85 @@ async def test_a_nul_in_a_message_is_stored_as_a_replacement_character_a_lone_su
     # JSON text with a lone surrogate is not valid UTF-8 once decoded: FastAPI's parser refuses the body.
     refused = await client.post(path, content='{"message": "\\ud800 Seattle"}', headers=headers)
     assert refused.status_code == 422 and refused.json()['detail'][0]['loc'] == ['body', 'message']
+
+
+# Where a lone surrogate escape goes in a string: at its start, inside, at its end (the parser's message varied).
+SURROGATE_TEXTS = [('\ud800 Seattle', 0), ('cardio\udc00logists', 6), ('Seattle \udbff', 8)]
+
+
+def _turn_bodies(text: str) -> list[tuple[dict[str, object], str]]:
+    return [({'message': text}, 'message'), ({'message': 'hi', 'agent': text}, 'agent')]
+
+
+def _vercel_bodies(text: str) -> list[tuple[dict[str, object], str]]:
+    return [(chat_body('c1', text), 'messages.0.parts.0.text'), (chat_body(text, 'hi'), 'id')]
+
+
+def _ag_ui_bodies(text: str) -> list[tuple[dict[str, object], str]]:
+    def body(thread: str, content: str) -> dict[str, object]:
+        return {'threadId': thread, 'runId': 'r1', 'messages': [{'id': 'u1', 'role': 'user', 'content': content}]}
+
+    return [(body('t1', text), 'messages.0.content'), (body(text, 'hi'), 'threadId')]
+
+
+async def test_a_lone_surrogate_escape_is_a_422_that_says_so_on_every_chat_route(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # It was pydantic's words: "unexpected end of hex escape at line 1 column 113" (or "lone leading surrogate in hex
+    # escape") on the streamed routes, "unable to parse raw data as a unicode string" on the turns route.
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    routes = [
+        ('/api/v1/conversations/c1/turns', _turn_bodies),
+        ('/api/v1/chat', _vercel_bodies),
+        ('/api/v1/chat/ag-ui', _ag_ui_bodies),
+    ]
+    wrong = []
+    for path, bodies in routes:
+        for text, position in SURROGATE_TEXTS:
+            escape = json.dumps(text[position])[1:-1]
+            for body, field in bodies(text):
+                response = await client.post(path, content=json.dumps(body), headers=headers)  # ASCII: \u escapes
+                said = _said(response.json(), field)
+                expected = f'the text has an invalid unicode escape, {escape} at position {position}: a lone surrogate'
+                if response.status_code != 422 or said is None or expected not in said:
+                    wrong.append((path, field, text.encode('unicode_escape'), response.status_code, response.text))
+    assert wrong == []
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+
+
+async def test_a_lone_surrogate_escape_in_a_key_is_named_as_a_key_of_its_object(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    vercel = chat_body('c1', 'hi')
+    vercel['messages'][0]['parts'][0]['te\ud800xt'] = 'x'
+    cases = [
+        ('/api/v1/conversations/c1/turns', {'message': 'hi', 'ag\udc00ent': 'x'}, 'body'),
+        ('/api/v1/chat', vercel, 'messages.0.parts.0'),
+        ('/api/v1/chat/ag-ui', {'thread\ud800Id': 't1', 'runId': 'r1', 'messages': []}, 'body'),
+    ]
+    for path, body, field in cases:
+        response = await client.post(path, content=json.dumps(body), headers=headers)
+        said = _said(response.json(), field)
+        assert response.status_code == 422 and said is not None, response.text
+        assert 'a key has an invalid unicode escape' in said and 'a lone surrogate' in said, said
+
+
+def _said(body: dict[str, object], field: str) -> str | None:
+    """The error message for `field`: the turns route reports FastAPI's list (`loc`), the streamed routes `field`."""
+    assert str(body['error_id']).startswith('err_')
+    if body['type'] == 'invalid_request':
+        location = ['body'] if field == 'body' else ['body', *field.split('.')]
+        messages = [error['msg'] for error in body['detail'] if error['loc'] == location]  # type: ignore[attr-defined]
+        return messages[0] if messages else None
+    return str(body['detail']) if body['type'] == 'invalid_input' and body.get('field') == field else None
+
+
+async def test_a_lone_surrogate_nested_deep_is_still_a_422(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # Read again by Python's parser and walked, a body nested deeper than either goes must not become a 500.
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    for depth in (900, 5_000):
+        content = '{"id": "c1", "messages": ' + '[' * depth + '"\\ud800"' + ']' * depth + '}'
+        response = await client.post('/api/v1/chat', content=content, headers=headers)
+        assert response.status_code == 422 and response.json()['type'] == 'invalid_input', response.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import httpx2
@@ -11,8 +12,9 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, set_budget
 from agentrt.services.ledger import get_request_tracker
+from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events
-from tests.factories import ledger_rows
+from tests.factories import ledger_record, ledger_rows, write_ledger_row
 from tests.services.budgets.priced_model import PricedModel
 
 
@@ -71,3 +73,22 @@ async def test_a_turn_the_budget_refuses_answers_429_and_saves_nothing(keys: Key
         assert [(item['status'], item['total_cost']) for item in audit['items']] == [('refused', '0')] * 2
     assert model.arrived == 0, 'nothing reached the model'
     assert len(await ledger_rows(status='refused')) == 2
+
+
+async def test_tiny_amounts_are_plain_decimal_strings_never_exponents(keys: Keys) -> None:
+    # pydantic writes `str()` of a decimal: `1E-9` for a limit under a millionth, `1.5E-7` for a cost.
+    await _budget('acme-health', '0.000000001')
+    async with _client(PricedModel()) as client:
+        budget = (await client.get('/api/v1/budget', headers=auth(keys.acme))).json()
+        assert (budget['limit_usd'], budget['remaining_usd']) == ('0.000000001', '0.000000001'), budget
+        acme = await account_id('acme-health')
+        await write_ledger_row(ledger_record(cost='0.00000015', account_id=acme, account_slug='acme-health'))
+        refused = await client.post('/api/v1/conversations/b4/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+        assert refused.status_code == 429 and refused.json()['limit_usd'] == '0.000000001', refused.text
+        audit = (await client.get('/api/v1/llm-audit/interactions', headers=auth(keys.acme))).json()
+        costs = (await client.get('/api/v1/costs?source=ledger', headers=auth(keys.acme))).json()
+        await get_request_tracker().flush()
+    assert '0.00000015' in [item['total_cost'] for item in audit['items']], audit
+    assert [item['total_cost'] for item in costs['items']] == ['0.00000015'], costs
+    for body in (budget, refused.json(), audit, costs):
+        assert 'E-' not in json.dumps(body), body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -303,6 +304,38 @@ def _ag_ui(thread: str, text: str) -> dict[str, object]:
     }
 
 
+async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The runId came back on RUN_STARTED and RUN_FINISHED at any length the body limit allowed, NUL and newlines too.
+    def body(thread_id: str, run_id: str) -> dict[str, object]:
+        return {'threadId': thread_id, 'runId': run_id, 'messages': [{'id': 'u1', 'role': 'user', 'content': 'hi'}]}
+
+    refused = [
+        (body('t1', 'r' * 201), 'runId', 'the run id is 201 characters long; the limit is 200'),
+        (body('t1', 'r' * 100_000), 'runId', 'the run id is 100,000 characters long'),
+        (body('t1', 'a\nb'), 'runId', 'at position 1 (U+000A, whitespace)'),
+        (body('t1', 'a\x07b'), 'runId', 'at position 1 (U+0007)'),
+        (body('t1', 'a\x00b'), 'runId', 'at position 1 (U+0000, NUL)'),
+        (body('t1', ''), 'runId', 'the run id is empty'),
+        (body('t1', '-r'), 'runId', 'at position 0'),
+        (body('t' * 201, 'r1'), 'threadId', 'the session id is 201 characters long'),
+        (body('t\x07', 'r1'), 'threadId', 'at position 1 (U+0007)'),
+    ]
+    for request, field, says in refused:
+        response = await client.post('/api/v1/chat/ag-ui', json=request, headers=auth(keys.acme))
+        assert response.status_code == 422, response.text
+        error = response.json()
+        assert error['field'] == field and says in error['detail'] and error['error_id'].startswith('err_'), error
+        assert len(response.text) < 1_000  # the id is not echoed in the error either
+    await _settled()
+    assert await ledger_rows() == [] and await _conversations() == 0
+    run_id = '01a23438-8d08-711f-943d-32b9783614c0:' + 'r' * 163  # 200 characters: the longest taken
+    response = await client.post('/api/v1/chat/ag-ui', json=body('t1', run_id), headers=auth(keys.acme))
+    started = next(event for event in sse_events(response.text) if isinstance(event, dict))
+    assert response.status_code == 200 and started['type'] == 'RUN_STARTED' and started['runId'] == run_id
+
+
 async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_is_refused(keys: Keys) -> None:
     """The AG-UI route holds the same turn as the Vercel one: one at a time per conversation, a hang-up cancels it."""
     app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
@@ -343,3 +376,49 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
     stored = await PostgresConversationStore(await account_id('acme-health')).load('ag-gone')
     assert stored is not None and QUESTION not in str(stored.messages)  # the cancelled turn saved nothing
     assert pool_status().checked_out == 0
+
+
+def _history(count: int, part: dict[str, object]) -> list[dict[str, object]]:
+    """Earlier messages as a client that keeps its own copy sends them: here of a kind this server cannot read."""
+    return [{'id': f'h{n}', 'role': ('user', 'assistant')[n % 2], 'parts': [part]} for n in range(count)]
+
+
+async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_only(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The AI SDK's useChat sends every message of the chat with each turn. The history is the server's, so reading
+    # (validating) the earlier ones cost the event loop CPU growing with the conversation (about 1 s at turn 300 of
+    # the demo), and a part kind of a newer SDK anywhere in them refused every later turn of that conversation.
+    body = chat_body('whole', QUESTION, 'm-new')
+    body['messages'] = _history(400, {'type': 'part-of-a-newer-sdk', 'n': 1}) + body['messages']
+    status, events = await stream_chat(client, keys.acme, body)
+    assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error'), events[-3:]
+    ag_ui = _ag_ui('whole-ag-ui', QUESTION)
+    ag_ui['messages'] = [{'id': f'h{n}', 'role': 'a-newer-role', 'content': 1} for n in range(400)] + [
+        {'id': 'u-new', 'role': 'user', 'content': QUESTION}
+    ]
+    response = await client.post('/api/v1/chat/ag-ui', json=ag_ui, headers=auth(keys.acme))
+    assert response.status_code == 200 and 'RUN_FINISHED' in response.text and 'RUN_ERROR' not in response.text
+    await _settled()
+    for conversation in ('whole', 'whole-ag-ui'):
+        stored = await PostgresConversationStore(await account_id('acme-health')).load(conversation)
+        assert stored is not None
+        prompts = [part.content for m in stored.messages for part in m.parts if part.part_kind == 'user-prompt']
+        assert prompts == [QUESTION]
+
+    # The new message is still checked, and a fault in it named where the client put it.
+    bad = chat_body('whole', 'hi') | {'messages': [*_history(3, {'type': 'text', 'text': 'old'}), {'id': 'n'}]}
+    response = await client.post('/api/v1/chat', json=bad, headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'].startswith('messages.3'), response.json()
+    not_user = chat_body('whole', 'hi') | {'messages': _history(2, {'type': 'text', 'text': 'old'})}
+    response = await client.post('/api/v1/chat', json=not_user, headers=auth(keys.acme))
+    assert response.status_code == 422 and response.json()['field'] == 'messages'
+    old, new = _history(3, {'type': 'text', 'text': '\ud800'}), {'id': 'n', 'role': 'user', 'parts': []}
+    surrogate = json.dumps(chat_body('whole', 'hi') | {'messages': [*old, new | {'parts': old[0]['parts']}]})
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    response = await client.post('/api/v1/chat', content=surrogate, headers=headers)
+    assert response.status_code == 422 and response.json()['field'] == 'messages.3.parts.0.text', response.json()
+    assert 'lone surrogate' in response.json()['detail']
+    utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
+    response = await client.post('/api/v1/chat', content=utf16, headers=headers)
+    assert response.status_code == 422 and response.json()['field'] == 'body'  # JSON is read as UTF-8 only

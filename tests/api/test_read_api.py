@@ -226,3 +226,35 @@ async def test_costs_count_cancelled_requests_apart_from_failed_ones_in_both_sou
         body = await client.get('/api/v1/costs', params={'by': 'account', 'source': source}, headers=auth(keys.acme))
         [row] = body.json()['items']
         assert (row['requests'], row['failed'], row['cancelled']) == (4, 1, 2), source
+
+
+async def test_a_conversation_is_read_in_its_latest_messages_from_the_start_of_a_turn(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # Read whole, a conversation of 600 demo turns was 3.7 MB and held the server's event loop for about 0.8 s
+    # (the web UI read it so on opening it); `limit` reads only the latest messages.
+    path = '/api/v1/conversations/paged'
+    questions = ['Cardiologists in Seattle', 'Dermatologists in Boston', 'Neurologists in Austin']
+    for question in questions:
+        response = await client.post(f'{path}/turns', json={'message': question}, headers=auth(keys.acme))
+        assert response.status_code == 200, response.text
+    whole = (await client.get(path, params={'format': 'pydantic'}, headers=auth(keys.acme))).json()
+    per_turn = len(whole['messages']) // 3
+    assert whole['earlier'] is False and len(whole['messages']) == 3 * per_turn
+
+    def prompts(messages: list[dict[str, Any]]) -> list[str]:
+        return [p['content'] for m in messages for p in m['parts'] if p['part_kind'] == 'user-prompt']
+
+    # A window reaching into the middle of turn 2 starts at turn 3: no tool result without its call.
+    latest = await client.get(path, params={'format': 'pydantic', 'limit': per_turn + 2}, headers=auth(keys.acme))
+    assert latest.json()['earlier'] is True and prompts(latest.json()['messages']) == questions[2:]
+    assert latest.json()['messages'] == whole['messages'][-per_turn:]
+    vercel = (await client.get(path, params={'limit': 2 * per_turn}, headers=auth(keys.acme))).json()
+    texts = [p['text'] for m in vercel['messages'] if m['role'] == 'user' for p in m['parts'] if p['type'] == 'text']
+    assert vercel['earlier'] is True and texts == questions[1:]
+    everything = (await client.get(path, params={'limit': 3 * per_turn}, headers=auth(keys.acme))).json()
+    assert everything['earlier'] is False and len(everything['messages']) == len(vercel['messages']) * 3 // 2
+    inside = (await client.get(path, params={'limit': 2}, headers=auth(keys.acme))).json()
+    assert inside['earlier'] is True and inside['messages'] == []  # no turn starts in the last 2 messages
+    for bad in (0, 100_001, 'x'):
+        assert (await client.get(path, params={'limit': bad}, headers=auth(keys.acme))).status_code == 422

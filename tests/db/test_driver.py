@@ -16,7 +16,7 @@ from sqlalchemy import literal_column, select, text
 
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import get_engine
-from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError
 from agentrt.db.roles import APP_ROLE, AUTH_ROLE
 from agentrt.db.session import Unscoped, get_db_session, retry_on_disconnect
 from agentrt.db.transaction_setup import TransactionSetup
@@ -203,3 +203,23 @@ def test_a_statement_compiles_once_with_numbered_parameters() -> None:
         statement.args({'a': 1})
     limited = DriverStatement.of(select(literal_column('1')).limit(1))  # values the statement binds itself
     assert limited.args({}) == [1]
+
+
+async def test_a_prepared_statement_lost_behind_a_pooler_discards_its_connection(two_accounts: tuple[int, int]) -> None:
+    alpha, _ = two_accounts
+    health: Any = get_engine().sync_engine.pool.agentrt_health  # type: ignore[attr-defined]
+    generation, drivers = health.generation, []
+    with pytest.raises(ConfigError, match='set DB_POOLER=pgbouncer'):
+        async with driver_transaction(account=alpha) as transaction:
+            drivers.append(transaction._driver)
+            await transaction.fetch(WHO, {})  # prepared, and cached by the connection
+            # What a pooler in transaction mode does: the next transaction lands on a server connection that never
+            # saw the statement. Here the server forgets it.
+            await transaction._driver.execute('DEALLOCATE ALL')
+            await transaction.fetch(WHO, {})
+    # Its statement cache is wrong from then on: discarded (as a session's is, through `PoolHealth.on_error`), not
+    # rolled back and handed to the next transaction to fail again.
+    assert drivers[0].is_closed() and health.generation == generation + 1
+    assert get_engine().sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with driver_transaction(account=alpha) as transaction:  # the pool goes on
+        assert (await transaction.fetch(WHO, {}))[0][1] == str(alpha)

@@ -155,3 +155,20 @@ def test_a_heartbeat_slower_than_the_stall_timeout_is_refused(monkeypatch: pytes
         Settings()
     monkeypatch.setenv('AGENTRT_JOBS_STALLED_SECONDS', '101')
     assert Settings().jobs_heartbeat_seconds == 100
+
+
+def test_a_budget_minimum_of_output_tokens_above_the_maximum_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was accepted, and admission then gave a request without max_tokens the maximum: the minimum meant nothing.
+    monkeypatch.setenv('AGENTRT_BUDGET_MIN_OUTPUT_TOKENS', '20000')
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r'invalid configuration: AGENTRT_BUDGET_MIN_OUTPUT_TOKENS \(20000\) must not exceed '
+            r'AGENTRT_BUDGET_MAX_OUTPUT_TOKENS \(16384\)',
+        ):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    monkeypatch.setenv('AGENTRT_BUDGET_MAX_OUTPUT_TOKENS', '20000')  # equal: every request is given exactly that
+    assert Settings().budget_min_output_tokens == 20000

@@ -8,6 +8,8 @@ import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
 const TITLE_CHARS = 80;
+// The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
+const HISTORY_MESSAGES = 600;
 
 /** A user's message. */
 function userMessage(text) {
@@ -234,8 +236,11 @@ export function createChatView() {
     setHead(null);
     if (wanted === null) return;
     try {
-      const data = await getJson(`/conversations/${encodeURIComponent(wanted)}`, { format: 'vercel' });
-      if (conversationId === wanted) renderHistory(data.messages);
+      const path = `/conversations/${encodeURIComponent(wanted)}`;
+      const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
+      if (conversationId !== wanted) return;
+      if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
+      renderHistory(data.messages);
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {

@@ -7,6 +7,8 @@ from decimal import Decimal
 
 from agentrt.agents.cli.support import EXIT_BUDGET, EXIT_USAGE
 from tests.agents.cli.helpers import invoke
+from tests.agents.conftest import account_id
+from tests.factories import ledger_record, write_ledger_row
 
 
 async def test_set_show_and_remove_a_budget(demo_data: None, database_url: str) -> None:
@@ -21,6 +23,7 @@ async def test_set_show_and_remove_a_budget(demo_data: None, database_url: str) 
         ('green-grocer', '2.50', '12h'),
     ]
     assert shown[0]['spent_usd'] == '0' and Decimal(shown[0]['remaining_usd']) == 50
+    assert shown[0]['spent_tokens'] == 0 and shown[0]['holds'] == 0  # counts are JSON numbers, amounts strings
     one = json.loads((await invoke('budget', 'show', '--account', 'green-grocer', '--json', env=env)).stdout)
     assert [b['account_slug'] for b in one] == ['green-grocer']
 
@@ -74,3 +77,29 @@ async def test_a_chat_turn_the_budget_refuses_exits_10_and_sends_nothing(demo_da
     assert [(item['status'], item['total_cost']) for item in audit['items']] == [('refused', '0'), ('refused', '0')]
     costs = json.loads((await invoke('costs', '--source', 'ledger', '--json', env=env)).stdout)
     assert costs['groups'] == [], 'a refusal is not a model request'
+
+
+async def test_tiny_amounts_print_in_plain_notation_never_as_exponents(demo_data: None, database_url: str) -> None:
+    # `str()` of a decimal under a millionth is `1E-9`: what the JSON of `budget`, `costs` and `audit` printed.
+    env = {'DATABASE_URL': database_url}
+    made = await invoke('budget', 'set', '--account', 'acme-health', '--limit', '0.000000001', '--json', env=env)
+    [status] = json.loads(made.stdout)
+    assert (status['limit_usd'], status['remaining_usd']) == ('0.000000001', '0.000000001'), made.stdout
+    table = await invoke('budget', 'show', env=env)
+    [row] = [line for line in table.stdout.splitlines() if 'acme-health' in line]
+    assert [cell.strip() for cell in row.split('│')[1:3]] == ['acme-health', '0.000000001'], row  # was 0.00
+    await invoke('budget', 'set', '--account', 'acme-health', '--limit', '1234.5', env=env)
+    wide = await invoke('budget', 'show', env=env)
+    assert '1,234.50' in wide.stdout and '0.000000' in wide.stdout, wide.stdout  # cents and micro-dollars as before
+
+    acme = await account_id('acme-health')
+    await write_ledger_row(ledger_record(cost='0.00000015', account_id=acme, account_slug='acme-health'))
+    outputs = [
+        (await invoke('costs', '--source', 'ledger', '--json', env=env)).stdout,
+        (await invoke('costs', '--source', 'ledger', '--csv', env=env)).stdout,
+        (await invoke('audit', 'list', '--account', 'acme-health', '--json', env=env)).stdout,
+        (await invoke('audit', 'list', '--account', 'acme-health', '--csv', env=env)).stdout,
+    ]
+    assert json.loads(outputs[0])['groups'][0]['total_cost'] == '0.00000015'
+    assert json.loads(outputs[2])['items'][0]['total_cost'] == '0.00000015'
+    assert all('0.00000015' in output and 'E-' not in output for output in outputs), outputs

@@ -53,6 +53,20 @@ async def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database
     assert 'model demo' in result.stdout
 
 
+async def test_piped_lines_exit_with_the_last_failed_turns_code(demo_data: None, database_url: str) -> None:
+    # A script feeding lines cannot read the errors: the exit code says that a turn failed, and which kind last.
+    env = {'DATABASE_URL': database_url, 'AGENTRT_MESSAGE_MAX_CHARS': '40'}
+    lines = 'organic berries in Fresno\n' + 'x' * 41 + '\norganic berries in Fresno\n'
+    result = await invoke('chat', '--delay', '0', input=lines, env=env)
+    assert result.exit_code == 2, result.stderr  # InvalidInputError's code, as for `agentrt chat <that message>`
+    assert result.stdout.count('model demo') == 2  # the failed line did not end the conversation
+    assert 'AGENTRT_MESSAGE_MAX_CHARS' in result.stderr
+    assert 'error: 1 of 3 turns failed' in result.stderr
+    every_line_answered = await invoke('chat', '--delay', '0', input='organic berries in Fresno\n', env=env)
+    assert every_line_answered.exit_code == 0, every_line_answered.stderr
+    assert 'turns failed' not in every_line_answered.stderr
+
+
 async def test_unknown_account_is_a_clear_error(demo_data: None, database_url: str) -> None:
     result = await invoke('chat', QUESTION, '--account', 'nope', env={'DATABASE_URL': database_url})
     assert result.exit_code == 2
