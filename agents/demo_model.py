@@ -174,17 +174,17 @@ def _prefix_of(parts: list[ToolReturnPart]) -> str | None:
 
 
 def _search_calls(plan: Plan, prefix: str) -> list[ToolCallPart]:
-    def call(suffix: str, filters: dict[str, str | bool], limit: int) -> ToolCallPart:
-        args = {'query': plan.query, 'schema_name': plan.schema, 'filters': filters, 'limit': limit}
+    def call(suffix: str, filters: dict[str, str | bool], limit: int, query: str | None) -> ToolCallPart:
+        args = {'query': query, 'schema_name': plan.schema, 'filters': filters, 'limit': limit}
         return ToolCallPart('search_directory', args, tool_call_id=f'{prefix}-{suffix}')
 
-    calls = [call('search', plan.filters, 5)]
+    calls = [call('search', plan.filters, 5, plan.query)]
     if len(plan.filters) >= 2:
         # One search per relaxed criterion, all in this one response: pydantic-ai runs them concurrently.
         for name in list(plan.filters)[:4]:
-            calls.append(call(f'without-{name}', {k: v for k, v in plan.filters.items() if k != name}, 1))
-    else:
-        calls.append(call('whole-directory', {}, 1))
+            calls.append(call(f'without-{name}', {k: v for k, v in plan.filters.items() if k != name}, 1, plan.query))
+    else:  # the whole directory: no criterion and no keywords
+        calls.append(call('whole-directory', {}, 1, None))
     return calls
 
 

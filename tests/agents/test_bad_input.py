@@ -160,7 +160,7 @@ async def test_a_bad_line_in_an_interactive_chat_is_reported_and_the_chat_goes_o
     result = await invoke(
         'chat', '--delay', '0', '--account', 'green-grocer', '--session', 'inter', input=lines, env=env
     )
-    assert result.exit_code == 0, result.stderr
-    assert '2,001 characters long; the limit is 2,000' in result.stderr
+    assert result.exit_code == 2, result.stderr  # lines from a pipe: the last failure's code, once the chat ended
+    assert '2,001 characters long; the limit is 2,000' in result.stderr and '1 of 2 turns failed' in result.stderr
     assert result.stdout.count('model demo') == 1, 'the good line ran'
     assert await scalar("SELECT count(*) FROM llm_requests WHERE chat_session_id = 'inter'") == 3

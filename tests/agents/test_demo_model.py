@@ -47,3 +47,13 @@ def test_an_account_without_a_directory_is_answered_without_a_search() -> None:
     # What simple_chat's instructions say for an agent with no schemas configured.
     answer = next_response([ModelRequest(parts=[UserPromptPart(QUESTION)])], _info(NO_SCHEMAS))
     assert answer == 'I have no directory to search for this account.'
+
+
+def test_the_whole_directory_comparison_searches_without_the_query() -> None:
+    # With fewer than two criteria the planner compares with the whole directory: no filter and no keywords, or it
+    # counted the entries matching the keywords and called that "the whole directory" (0 for "hi").
+    calls = next_response([ModelRequest(parts=[UserPromptPart('hi')])], _info())
+    assert isinstance(calls, list)
+    whole = next(call for call in calls if call.tool_call_id == 't1-whole-directory')
+    assert whole.args_as_dict() == {'query': None, 'schema_name': 'medical_providers', 'filters': {}, 'limit': 1}
+    assert calls[0].args_as_dict()['query'] == 'hi'  # the main search keeps them
