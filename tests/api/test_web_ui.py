@@ -228,7 +228,7 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
                 if '"text-delta"' in line:
                     break  # the other turn is running (the conversation is claimed until its run ends)
             await _send(page, 'and in Portland?')
-            await expect(page.locator('.notice .alert')).to_contain_text('Another turn is running on conversation')
+            await expect(page.locator('.notice .alert')).to_contain_text('Another turn holds conversation')
             await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Portland?')
     # Leaving the block hung up: that turn is cancelled. The provider fails (502 inside the stream): the error id.
     turn = await _send(page, f'Cardiologists in Seattle, {FAIL}')
