@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.driver import DriverStatement, driver_transaction
+from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
@@ -93,13 +94,15 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
     failures = [('SELECT 1 / :zero', {'zero': 0}, None), ('SELECT pg_sleep(:s)', {'s': 5}, timeout)]
     raised: dict[str, BaseException] = {}
     for sql, params, setup in failures:
-        with pytest.raises(DBAPIError):
+        # A statement timeout reaches the caller as DatabaseUnavailableError, from the driver's error.
+        with pytest.raises((DBAPIError, DatabaseUnavailableError)):
             async with get_db_session(account=alpha, setup=setup) as session:
                 await session.execute(text(sql + ' -- session'), params)
-        with pytest.raises((asyncpg.DivisionByZeroError, asyncpg.QueryCanceledError)) as failed:
+        with pytest.raises((asyncpg.DivisionByZeroError, DatabaseUnavailableError)) as failed:
             async with driver_transaction(account=alpha, setup=setup) as transaction:
                 await transaction.fetch(DriverStatement.of(text(sql + ' -- driver')), params)
-        raised[sql] = failed.value
+        error = failed.value
+        raised[sql] = error.__cause__ if isinstance(error, DatabaseUnavailableError) and error.__cause__ else error
     async with driver_transaction(account=alpha) as transaction:
         await transaction.fetch(DriverStatement.of(text('SELECT 1 -- fine')), {})
 
