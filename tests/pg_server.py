@@ -65,8 +65,9 @@ class PrivateServer:
         """A fast restart: every backend is terminated, the server is back when this returns."""
         self._pg_ctl('restart', '-w', '-m', 'fast', '-l', str(self.root / 'log'))
 
-    def stop(self) -> None:
-        self._pg_ctl('stop', '-w', '-m', 'immediate')
+    def stop(self, mode: str = 'immediate') -> None:
+        """Stop the server: `immediate` (a crash: without fsync, the last commits may be lost) or `fast` (clean)."""
+        self._pg_ctl('stop', '-w', '-m', mode)
 
     def remove(self) -> None:
         """Stop the server (if running) and delete its directory."""

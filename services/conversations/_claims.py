@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar, NoReturn
@@ -280,13 +280,15 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
 
 
 def _release_later(claim: TurnClaim, error: Exception) -> None:
+    supervisor = get_supervisor()
     try:
-        get_supervisor().spawn(
+        supervisor.spawn(
             _release_when_back,
             claim.account_id,
             claim.conversation_id,
             claim.claim_id,
             claim.lease_s,
+            lambda: not supervisor.accepting,
             name=f'release the claim on conversation {claim.conversation_id}',
         )
     except (SupervisorClosed, BackgroundQueueFull):
@@ -298,8 +300,12 @@ def _release_later(claim: TurnClaim, error: Exception) -> None:
         )
 
 
-async def _release_when_back(account_id: int, conversation_id: str, claim_id: str, lease_s: float) -> None:
-    """Retry releasing a claim, with backoff, until the database answers or the lease would have expired anyway."""
+async def _release_when_back(
+    account_id: int, conversation_id: str, claim_id: str, lease_s: float, shutting_down: Callable[[], bool]
+) -> None:
+    """Retry releasing a claim, with backoff, until the database answers or the lease would have expired anyway, or
+    the process is shutting down: its drain would wait for a server that may stay down, and the lease frees the
+    conversation by itself (a refused turn says how long it is still held)."""
     claim = TurnClaim(account_id, conversation_id, claim_id, lease_s)
     deadline = asyncio.get_running_loop().time() + lease_s
     delay = 0.1
@@ -309,6 +315,14 @@ async def _release_when_back(account_id: int, conversation_id: str, claim_id: st
             await claim.release()
             return
         except DatabaseUnavailableError:
+            if shutting_down():
+                logger.info(
+                    'conversation %s stays held until its claim expires (at most %gs): PostgreSQL is still '
+                    'unreachable as the process ends',
+                    conversation_id,
+                    lease_s,
+                )
+                return
             if asyncio.get_running_loop().time() + delay > deadline:
                 return  # expired by now: the next turn takes it over
             delay = min(delay * 2, 2.0)

@@ -5,16 +5,21 @@ backends never leave a broken connection in the pool. Each scenario runs on a Po
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import asyncpg
 import pytest
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import event, text
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.background import drain_supervisor
+from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
 from tests.factories import ledger_rows
 from tests.private_database import CountingModel, PrivateDatabase
@@ -217,3 +222,30 @@ async def test_a_tool_query_given_up_on_is_a_database_error_and_the_conversation
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one() == 0
     assert (await turn()).startswith('I found ')  # the claim was released: the message can be sent again
+
+
+async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_claim(
+    private: PrivateDatabase,
+) -> None:
+    # A turn that failed because PostgreSQL went away leaves its claim to be released once the server is back. A
+    # process ending meanwhile (a one-shot `agentrt chat`) must not spend its drain budget waiting for that: the
+    # claim's lease frees the conversation anyway, and the refusal says for how long.
+    async def stop_the_server(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await asyncio.to_thread(private.server.stop, 'fast')  # clean: the turn's claim, committed, survives it
+        return ModelResponse(parts=[TextPart('too late to save')])
+
+    model = FunctionModel(stop_the_server)
+    async with private.active():
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                await simple_chat(QUESTION, session_id='held', account='acme-health', model=model)
+            started = time.monotonic()
+            report = await drain_supervisor(timeout=10)
+            waited = time.monotonic() - started
+        finally:
+            await asyncio.to_thread(private.server.start)
+        assert report is not None and report.cancelled == 0 and report.abandoned == 0, report  # it let go by itself
+        assert waited < 3, f'the drain waited {waited:.1f}s for a claim the database could not release'
+        with pytest.raises(ConcurrentTurnError) as refused:  # still held, and the refusal says until when
+            await simple_chat(QUESTION, session_id='held', account='acme-health')
+        assert refused.value.expires_in_s is not None and 0 < refused.value.expires_in_s <= 60
