@@ -39,6 +39,7 @@ from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.heap import freeze_startup_heap
+from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -75,6 +76,9 @@ def create_app(
         configure_observability()
         try:
             await init_database(settings)
+            # Rows an earlier process spooled while the database was down reach the costs now, not at the first
+            # ledger write of this one.
+            get_request_tracker().replay_pending_in_background()
             if freeze_heap:
                 freeze_startup_heap()
             yield

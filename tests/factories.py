@@ -123,3 +123,30 @@ def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) ->
     finally:
         for name, listener in listeners:
             event.remove(target, name, listener)
+
+
+def spool_left_by_an_exited_process(spool_path: Path, rows: int) -> list[LedgerRecord]:
+    """`rows` ledger rows spooled to `spool_path` by a tracker whose database never answered, in an event loop (a
+    process) that then ended, as a chat run while PostgreSQL was down leaves them: nothing in the database yet."""
+    import asyncio
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from agentrt.services.ledger import LLMRequestTracker
+
+    @asynccontextmanager
+    async def stuck() -> AsyncIterator[Any]:
+        await asyncio.sleep(3600)  # the database never answers before the program ends
+        yield
+
+    tracker = LLMRequestTracker(LedgerConfig(spool_path=spool_path), session_factory=stuck)
+    now = utc_now()
+    records = [ledger_record(started_at=now, finished_at=now) for _ in range(rows)]
+
+    async def program() -> None:
+        for record in records:
+            tracker.submit(record)  # queued, not awaited: asyncio.run cancels the writer, which spools them
+
+    asyncio.run(program())
+    assert len(spool_path.read_text().splitlines()) == rows
+    return records

@@ -38,9 +38,13 @@ async def _worker(concurrency: int, burst: bool, signals: list[int]) -> None:
     from agentrt.db.engine import init_database
     from agentrt.services.heap import freeze_startup_heap
     from agentrt.services.jobs import WorkerStop, run_worker
+    from agentrt.services.ledger import get_request_tracker
 
     await init_database()
     if not burst:  # a process that runs until stopped: its start-up objects out of the cyclic GC's way
+        # Rows an earlier process spooled while the database was down reach the costs now, not at the first ledger
+        # write of this one (a worker may never make one).
+        get_request_tracker().replay_pending_in_background()
         freeze_startup_heap()
     stop = WorkerStop()
 

@@ -49,8 +49,9 @@ class LLMRequestTracker:
     huge hostile message delays only its own row. One writer task group-commits the rows that are ready, with their
     contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
     ... ON CONFLICT DO NOTHING`, on a connection of its own with lock and statement timeouts), so 200 concurrent
-    chats cost one connection, not 200. The spool is replayed after a later successful write, and by
-    `replay_spool()`. Nothing raises into the caller: failures are logged and counted in `stats`.
+    chats cost one connection, not 200. The spool is replayed after a later successful write, at the start of a
+    long-lived process (`replay_pending_in_background()`), and by `replay_spool()`. Nothing raises into the caller:
+    failures are logged and counted in `stats`.
 
     The commit delay (`LedgerConfig.commit_delay_ms`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`, 50 ms by default): a ready row
     waits for more rows, up to the delay after it was submitted, before the writer commits it (PostgreSQL's
@@ -211,6 +212,36 @@ class LLMRequestTracker:
         self.stats.replayed_rows += report.inserted
         self.stats.replay_duplicates += report.duplicates
         return report
+
+    def replay_pending_in_background(self) -> bool:
+        """Start replaying the spool in a background task of this event loop if it holds rows (left by this process
+        or an earlier one, e.g. one that spooled while the database was down and then exited); what a long-lived
+        process (`agentrt serve`, `agentrt worker`) calls once the database is up, so those rows reach the costs
+        without waiting for its first ledger write.
+
+        The task is the one a successful write would start: tracked (`flush()`, `aclose()` wait for it), its own
+        transactions, the cross-process replay lock (a replay already running elsewhere is left to finish), and a
+        failure logged as a warning and retried after the next successful write. Call it from a running event loop.
+
+        Returns:
+            True when a replay was started, False when there was nothing to replay or one is already running.
+        """
+        queues = self._queues(asyncio.get_running_loop())
+        if queues.replay_task is not None:
+            return False
+        self._last_spool_check = time.monotonic()
+        try:
+            pending = self.spool.has_pending()
+        except OSError as exc:
+            logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
+            return False
+        if not pending:
+            return False
+        self._spool_dirty = False
+        queues.replay_task = asyncio.get_running_loop().create_task(
+            self._background_replay(queues), context=contextvars.Context()
+        )
+        return True
 
     def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
         """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""

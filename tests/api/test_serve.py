@@ -30,6 +30,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.api.conftest import chat_body, of_type, stream_chat
+from tests.factories import ledger_rows, spool_left_by_an_exited_process
 
 CHATS = 200
 TOOL_CHATS = 3
@@ -177,3 +178,27 @@ async def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_datab
         errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
         assert len(errors) == 1 and words in errors[0] and '--port' in errors[0], result.stderr
         assert 'cannot connect to PostgreSQL' not in result.stderr
+
+
+async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(database_url: str, tmp_path: Path) -> None:
+    """Rows spooled while PostgreSQL was down by a process that then exited reach the ledger (and the costs) when
+    `agentrt serve` starts, before any chat makes it write to the ledger."""
+    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
+    records = await asyncio.to_thread(spool_left_by_an_exited_process, spool, 3)
+    port = _free_port()
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(spool)}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        await _wait_until_up(f'http://127.0.0.1:{port}', server)
+        deadline = time.monotonic() + 30
+        while len(await ledger_rows()) < len(records) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
+            await asyncio.sleep(0.1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
+    assert not spool.exists() or not spool.read_text().strip()
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]

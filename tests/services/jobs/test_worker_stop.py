@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -15,7 +16,7 @@ from sqlalchemy import text
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.jobs import close_queue, retry_stalled_jobs
 from tests.agents.cli.helpers import invoke
-from tests.factories import ledger_rows
+from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.services.jobs.helpers import (
     WorkerProcess,
     chat,
@@ -169,3 +170,26 @@ async def test_a_job_still_running_when_the_worker_must_go_is_put_back_and_run_o
     turns = 2 if how == 'another one waiting' else 1
     assert await rolled_up_requests() == len(await ledger_rows()) == 3 * turns  # each ledger row counted once
     assert await title('cut')
+
+
+async def test_a_worker_replays_at_start_the_rows_an_exited_process_spooled(
+    queue: None, database_url: str, tmp_path: Path
+) -> None:
+    """Rows spooled while PostgreSQL was down by a process that then exited (a one-shot chat) reach the ledger when
+    a worker starts, not at its first ledger write (a worker may never make one)."""
+    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
+    records = await asyncio.to_thread(spool_left_by_an_exited_process, spool, 3)
+    worker = WorkerProcess(database_url, '--concurrency', '1', env={'AGENTRT_LEDGER_SPOOL': str(spool)})
+    try:
+
+        async def replayed() -> bool:
+            return len(await ledger_rows()) == len(records)
+
+        await wait_for(replayed, 30, 'the spooled rows to be replayed')
+        worker.signal(signal.SIGTERM)
+        assert await worker.exit_code(STOP_S) == 0, worker.stderr
+    finally:
+        worker.kill()
+    assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}
+    assert not spool.exists() or not spool.read_text().strip()
+    _assert_one_line(worker, signal.SIGTERM)
