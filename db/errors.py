@@ -16,8 +16,9 @@ class ConfigError(AgentRuntimeError, ValueError):
 
 class DatabaseUnavailableError(AgentRuntimeError):
     """PostgreSQL cannot be reached: it refused the connection, is starting up, is full, or no pooled connection
-    became free in time; or it gave up on a statement (a lock or statement timeout, an operator's cancel). Nothing of
-    the operation was done."""
+    became free in time; or it gave up on a statement (a lock or statement timeout, an operator's cancel), or aborted
+    the transaction in a conflict with a concurrent one (a deadlock, a serialization failure). Nothing of the
+    operation was done; running it again normally succeeds once the cause has passed."""
 
 
 class DatabaseDisconnectedError(DatabaseUnavailableError):

@@ -1,9 +1,9 @@
 """Database failures recognised and reported as what they are: a lost connection, a server that is not there.
 
 The driver raises a dozen exception types for these (asyncpg's own, SQLAlchemy's wrappers, plain `OSError`s, SQLSTATE
-classes 08 and 57P); `unavailable_error()` turns each into one of the runtime's two errors, which name the server
-state and what the caller may do. `get_db_session()` applies it, so no raw driver error of this kind leaves a
-session block.
+classes 08 and 57P; a statement given up on, a transaction aborted in a conflict); `unavailable_error()` turns each
+into one of the runtime's two errors, which name the server state and what the caller may do. `get_db_session()`
+applies it, so no raw driver error of this kind leaves a session block.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ _CANNOT_CONNECT_CLASSES = frozenset(
 # A statement PostgreSQL gave up on, the connection intact: it waited longer than `lock_timeout` for a lock another
 # session holds (55P03), or ran longer than `statement_timeout` or was cancelled by an operator (57014).
 _TIMED_OUT_SQLSTATES = {'55P03': 'lock', '57014': 'statement'}
+# A transaction PostgreSQL aborted in a conflict with a concurrent one, the connection intact: a deadlock it broke by
+# ending this side (40P01), or a snapshot a concurrent commit made stale (40001, REPEATABLE READ and SERIALIZABLE).
+# The whole operation, run again, normally succeeds.
+_CONFLICT_SQLSTATES = {'40P01': 'deadlock', '40001': 'serialization'}
 _LOST_CONNECTION_MESSAGES = ('connection is closed', 'another operation is in progress', 'connection was closed')
 
 
@@ -113,6 +117,28 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
     if (timeout := timed_out(exc)) is not None:
         return DatabaseUnavailableError(timeout)
+    if (conflict := conflicted(exc)) is not None:
+        return DatabaseUnavailableError(conflict)
+    return None
+
+
+def conflicted(exc: BaseException) -> str | None:
+    """What happened, for a person, when PostgreSQL aborted the transaction in a conflict with a concurrent one (a
+    deadlock, SQLSTATE 40P01; a serialization failure, 40001), else None. Neither is a bug of the caller's nor a
+    broken connection: two sessions wanted the same rows at once, and the same operation run again normally
+    succeeds, so it is reported as the database being (briefly) unavailable for it."""
+    for error in _chain(exc):
+        kind = _CONFLICT_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
+        if kind == 'deadlock':
+            return (
+                f'PostgreSQL broke a deadlock with another session by ending this transaction ({_first_line(error)}):'
+                ' the operation did not complete (rolled back); retrying it normally succeeds'
+            )
+        if kind == 'serialization':
+            return (
+                f'PostgreSQL aborted this transaction in a conflict with a concurrent one ({_first_line(error)}): '
+                'the operation did not complete (rolled back); retrying it normally succeeds'
+            )
     return None
 
 

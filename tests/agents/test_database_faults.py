@@ -10,8 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai import RunContext
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.toolsets import FunctionToolset
 from sqlalchemy import event, text
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
@@ -21,6 +23,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
+from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import ledger_rows
 from tests.private_database import CountingModel, PrivateDatabase
 
@@ -222,6 +225,74 @@ async def test_a_tool_query_given_up_on_is_a_database_error_and_the_conversation
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one() == 0
     assert (await turn()).startswith('I found ')  # the claim was released: the message can be sent again
+
+
+_RENAME = text("UPDATE accounts SET name = name || ' *' WHERE slug = :slug")
+
+
+class _Deadlock:
+    """A tool that updates two accounts' rows in one transaction while the test updates them in the other order."""
+
+    def __init__(self) -> None:
+        self.tool_has_first, self.other_has_second = asyncio.Event(), asyncio.Event()
+        self.toolset = FunctionToolset[SessionDependencies]()
+        self.toolset.tool(self.rename_both)
+
+    async def rename_both(self, ctx: RunContext[SessionDependencies]) -> str:
+        """Mark both accounts."""
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(_RENAME, {'slug': 'acme-health'})
+            self.tool_has_first.set()
+            await self.other_has_second.wait()
+            await session.execute(_RENAME, {'slug': 'green-grocer'})  # waits first: PostgreSQL ends this side
+        return 'renamed'
+
+    async def other_session(self) -> None:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await self.tool_has_first.wait()
+            await session.execute(_RENAME, {'slug': 'green-grocer'})
+            self.other_has_second.set()
+            await asyncio.sleep(0.2)  # the tool is waiting for this row by now
+            await session.execute(_RENAME, {'slug': 'acme-health'})
+
+
+def _call_the_tool(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    if any(isinstance(part, ToolReturnPart) for message in messages for part in message.parts):
+        return ModelResponse(parts=[TextPart('renamed')])
+    return ModelResponse(parts=[ToolCallPart('rename_both', {})])
+
+
+async def test_a_tool_query_ended_by_a_deadlock_is_a_database_error_saying_a_retry_helps(demo_data: None) -> None:
+    # A tool's transaction and another session update the same rows in opposite orders: PostgreSQL breaks the
+    # deadlock by ending the tool's (SQLSTATE 40P01). The turn fails with the documented error (CLI exit 3, HTTP 503),
+    # not a raw driver error (exit 70, 500); nothing is saved and the message can be sent again at once.
+    deadlock = _Deadlock()
+    other = asyncio.ensure_future(deadlock.other_session())
+    with pytest.raises(DatabaseUnavailableError, match='deadlock') as raised:
+        await simple_chat(
+            'mark them',
+            session_id='deadlocked',
+            account='acme-health',
+            model=FunctionModel(_call_the_tool),
+            toolsets=[deadlock.toolset],
+        )
+    await other
+    message = str(raised.value)
+    assert 'retrying it normally succeeds' in message and 'UPDATE' not in message and '\n' not in message
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one() == 0
+        marked = await session.execute(text("SELECT count(*) FROM accounts WHERE name LIKE '% *'"))
+        assert marked.scalar_one() == 2  # the other session's marks only: the tool's were rolled back
+    again = _Deadlock()
+    again.other_has_second.set()  # nobody else holds the rows now: sent again, the same turn goes through
+    answer = await simple_chat(
+        'mark them',
+        session_id='deadlocked',
+        account='acme-health',
+        model=FunctionModel(_call_the_tool),
+        toolsets=[again.toolset],
+    )
+    assert answer.output == 'renamed'
 
 
 async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_claim(

@@ -6,11 +6,12 @@ import asyncio
 
 import pytest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.engine import build_engine, get_engine, pool_status
 from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.failures import unavailable_error
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
@@ -224,6 +225,69 @@ async def test_a_lock_or_statement_timeout_is_a_database_unavailable_error_namin
     assert 'DB_STATEMENT_TIMEOUT_MS' in str(slow.value) and 'SELECT' not in str(slow.value)
     assert pool_status().checked_out == 0
     assert await _count_accounts() == 0  # the connections were fine: the next session works
+
+
+async def _two_accounts() -> tuple[int, int]:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        first, second = Account(slug='first', name='First'), Account(slug='second', name='Second')
+        session.add_all([first, second])
+        await session.flush()
+        return first.id, second.id
+
+
+_RENAME = text('UPDATE accounts SET name = name || :suffix WHERE id = :id')
+
+
+async def test_a_deadlock_is_a_database_unavailable_error_saying_a_retry_helps() -> None:
+    # Two sessions update the same two rows in opposite orders. This session waits first, so PostgreSQL's deadlock
+    # check (after deadlock_timeout, 1 s) ends its transaction (SQLSTATE 40P01), and the other one goes on.
+    first, second = await _two_accounts()
+    other_has_second, this_waits = asyncio.Event(), asyncio.Event()
+
+    async def other() -> None:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(_RENAME, {'suffix': ' (other)', 'id': second})
+            other_has_second.set()
+            await this_waits.wait()
+            await asyncio.sleep(0.2)  # this session is waiting for `second` by now
+            await session.execute(_RENAME, {'suffix': ' (other)', 'id': first})
+
+    running = asyncio.ensure_future(other())
+    with pytest.raises(DatabaseUnavailableError, match='deadlock') as raised:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(_RENAME, {'suffix': ' (this)', 'id': first})
+            await other_has_second.wait()
+            this_waits.set()
+            await session.execute(_RENAME, {'suffix': ' (this)', 'id': second})
+    await running
+    message = str(raised.value)
+    assert 'retrying it normally succeeds' in message and 'UPDATE' not in message and '\n' not in message
+    assert not isinstance(raised.value, DatabaseDisconnectedError)
+    async with get_db_session(account=Unscoped.ADMIN) as session:  # rolled back: only the other's names
+        names = (await session.execute(text('SELECT name FROM accounts ORDER BY id'))).scalars().all()
+    assert names == ['First (other)', 'Second (other)']
+    assert pool_status().checked_out == 0
+
+
+async def test_a_serialization_failure_is_a_database_unavailable_error_saying_a_retry_helps() -> None:
+    # A REPEATABLE READ transaction updates a row a concurrent transaction changed after its snapshot (40001). A
+    # session's isolation level is the server's default (its prelude runs first), so the stale side is a connection
+    # of the engine's, its error translated as a session translates it.
+    first, _ = await _two_accounts()
+    async with get_engine().connect() as connection:
+        await connection.execution_options(isolation_level='REPEATABLE READ')
+        async with connection.begin():
+            await connection.execute(text('SELECT count(*) FROM accounts'))  # the snapshot is taken
+            async with get_db_session(account=Unscoped.ADMIN) as concurrent:
+                await concurrent.execute(_RENAME, {'suffix': ' (concurrent)', 'id': first})
+            with pytest.raises(DBAPIError) as raised:
+                await connection.execute(_RENAME, {'suffix': ' (stale)', 'id': first})
+    translated = unavailable_error(raised.value)
+    assert isinstance(translated, DatabaseUnavailableError) and not isinstance(translated, DatabaseDisconnectedError)
+    message = str(translated)
+    assert 'conflict with a concurrent one' in message and 'retrying it normally succeeds' in message
+    assert 'could not serialize access' in message and 'UPDATE' not in message
+    assert await _count_accounts() == 2
 
 
 async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() -> None:
