@@ -11,7 +11,7 @@ must keep is kept here:
 - SQLAlchemy's cursor events fire for each statement (statement counters, tracing spans), as if it had run them, and
   a failed statement goes to its `handle_error` listeners instead of `after_cursor_execute`, as SQLAlchemy does (a
   tracing span ends with an error status);
-- failures are translated as a session's are (`pooler_error`, `unavailable_error`); a lost connection, or one out of
+- failures are translated as a session's are (`translated_error`); a lost connection, or one out of
   step with its server or with a prepared statement lost behind a pooler, is invalidated and reported to `PoolHealth`,
   so the pool tests its other connections before handing them out (a `retry_on_disconnect` gets a working one);
 - the transaction always ends here (COMMIT, ROLLBACK, or the connection discarded): the pool never gets it back open.
@@ -33,9 +33,9 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from agentrt.db.engine import get_engine
-from agentrt.db.failures import lost_connection, out_of_step, pooler_error, unavailable_error
+from agentrt.db.failures import lost_connection, out_of_step
 from agentrt.db.roles import Account
-from agentrt.db.session import scoped_setup
+from agentrt.db.session import scoped_setup, translated_error
 from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup
 
 __all__ = ['DriverStatement', 'DriverTransaction', 'driver_transaction']
@@ -179,7 +179,8 @@ async def driver_transaction(
         DatabaseDisconnectedError: the connection was lost under the block (nothing committed, or the commit's
             outcome unknown), as `get_db_session()` raises it.
         DatabaseUnavailableError: the database cannot be reached, or no connection became free in time.
-        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
+        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it), or the login
+            role lacks a privilege only its set-up can give (`privilege_error`).
     """
     setup = scoped_setup(account, setup)
     engine = get_engine().sync_engine
@@ -202,7 +203,7 @@ async def driver_transaction(
             # Back to the pool even when cancelled meanwhile (a checkin may close an overflow connection: awaits).
             await asyncio.shield(greenlet_spawn(pooled.close))
     except Exception as exc:
-        translated = pooler_error(exc) or unavailable_error(exc)
+        translated = translated_error(exc, setup)
         if translated is not None and translated is not exc:
             raise translated from exc
         raise

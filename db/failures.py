@@ -198,6 +198,45 @@ def pooler_error(exc: BaseException) -> ConfigError | None:
     return None
 
 
+_RUNTIME_ROLES = 'agentrt_app, agentrt_auth, agentrt_ledger, agentrt_jobs, agentrt_admin'
+
+
+def privilege_error(exc: BaseException, *, as_login_role: bool, login: str | None = None) -> ConfigError | None:
+    """A privilege the login role of `DATABASE_URL` lacks (SQLSTATE 42501), when that can only be how the database
+    was set up, as a `ConfigError` saying what to grant; None otherwise.
+
+    Two cases are configuration for certain: the login role is not a member of one of the runtime's roles (every
+    transaction switches to one on its BEGIN: "permission denied to set role"), and a transaction that runs as the
+    login role itself (`Unscoped.OWNER`: `agentrt db status`, start-up checks) is refused a table: the login role
+    must own the tables or be a member of the roles. A transaction that runs as one of the runtime's roles and is
+    refused a table is left alone: the migrations grant those roles what their code needs, so that is a bug in the
+    runtime (code using the wrong role) or a grant revoked by hand, and is reported as an internal error.
+
+    Args:
+        exc: what a database operation raised.
+        as_login_role: the transaction ran as the login role (no `SET ROLE`).
+        login: the login role's name, for the message.
+    """
+    who = f'the login role of DATABASE_URL ({login})' if login else 'the login role of DATABASE_URL'
+    for error in _chain(exc):
+        if str(getattr(error, 'sqlstate', None) or '') != '42501':
+            continue
+        message = _first_line(error)
+        if message.startswith('permission denied to set role'):
+            return ConfigError(
+                f"{who} may not act as the runtime's roles ({message}): an administrator grants them, once per "
+                f'server: GRANT {_RUNTIME_ROLES} TO {login or "<login role>"} (README "Tenant isolation"; '
+                '`agentrt db upgrade` does it for a role that may)'
+            )
+        if as_login_role and message.startswith('permission denied for'):
+            return ConfigError(
+                f'{who} was refused a table ({message}): it must own the tables (run `agentrt db upgrade` as it) or '
+                f"be a member of the runtime's roles: GRANT {_RUNTIME_ROLES} TO {login or '<login role>'} "
+                '(README "Tenant isolation")'
+            )
+    return None
+
+
 def refused_startup_parameter(exc: BaseException) -> str | None:
     """The parameter named by PgBouncer's "unsupported startup parameter: ..." refusal in `exc`'s chain, or None."""
     for error in _chain(exc):

@@ -15,7 +15,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError
-from agentrt.db.failures import pooler_error, unavailable_error
+from agentrt.db.failures import pooler_error, privilege_error, unavailable_error
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
 
@@ -90,7 +90,8 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
         DatabaseDisconnectedError: the connection was lost while the block used it (restart, failover, killed
             backend); nothing of the block was committed, or the outcome of the commit is unknown.
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
-        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it).
+        ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it), or the login
+            role lacks a privilege only its set-up can give (`privilege_error`).
         TypeError: `account` is neither an account id nor an `Unscoped` member.
     """
     scoped = scoped_setup(account, setup)
@@ -103,12 +104,30 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
         await session.commit()
     except BaseException as exc:
         await _finish(session.rollback(), 'rollback')
-        translated = pooler_error(exc) or unavailable_error(exc)
+        translated = translated_error(exc, scoped)
         if translated is not None and translated is not exc:
             raise translated from exc
         raise
     finally:
         await _finish(session.close(), 'close')
+
+
+def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str | None = None) -> Exception | None:
+    """The runtime's error for what a transaction run with `setup` raised (`db/failures.py`), or None: a prepared
+    statement lost behind a pooler, a privilege the login role (`login`, the engine's user by default) lacks
+    (`ConfigError`), the database unavailable."""
+    return (
+        pooler_error(exc)
+        or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role())
+        or unavailable_error(exc)
+    )
+
+
+def _login_role() -> str | None:
+    try:
+        return get_engine().url.username
+    except Exception:  # no engine (any more): the message names no role
+        return None
 
 
 _READ_ONLY = TransactionSetup(read_only=True)
@@ -161,7 +180,7 @@ async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnectio
 
     Raises:
         DatabaseUnavailableError: the database cannot be reached, or the connection was lost under the statement.
-        ConfigError: a prepared statement vanished behind a pooler.
+        ConfigError: a prepared statement vanished behind a pooler, or the login role lacks a privilege.
     """
     setup = scoped_setup(account)
     try:
@@ -176,7 +195,7 @@ async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnectio
                         await connection.exec_driver_sql(statement)
                 yield connection
     except Exception as exc:
-        translated = pooler_error(exc) or unavailable_error(exc)
+        translated = translated_error(exc, setup)
         if translated is not None and translated is not exc:
             raise translated from exc
         raise

@@ -117,10 +117,30 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
         self.agentrt_default_prelude = ''
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's)
-        """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude (or the default one)."""
-        if not args and query.startswith('BEGIN'):
-            query, self.agentrt_prelude = query + (self.agentrt_prelude or self.agentrt_default_prelude), ''
-        status: str = await super().execute(query, *args, timeout=timeout)
+        """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude (or the default one).
+
+        A prelude PostgreSQL refuses (the login role may not take the transaction's role: "permission denied to set
+        role") fails after its BEGIN ran, and neither asyncpg nor SQLAlchemy knows a transaction is open: it is rolled
+        back here, else the connection would go back to the pool inside an aborted transaction, and every later
+        transaction on it would fail ("current transaction is aborted"), even once the cause was fixed.
+        """
+        if args or not query.startswith('BEGIN'):
+            status: str = await super().execute(query, *args, timeout=timeout)
+            return status
+        prelude, self.agentrt_prelude = self.agentrt_prelude or self.agentrt_default_prelude, ''
+        try:
+            status = await super().execute(query + prelude, timeout=timeout)
+        except asyncpg.PostgresError:
+            if prelude and not self.is_closed():
+                try:
+                    await super().execute('ROLLBACK')
+                except Exception:  # the connection broke meanwhile: the pool discards it
+                    logger.debug('ROLLBACK after a refused transaction prelude failed', exc_info=True)
+                else:
+                    # asyncpg keeps a transaction whose start failed as the connection's current one, so the next
+                    # transaction would start a SAVEPOINT outside any block: none is open any more.
+                    self._top_xact = None
+            raise
         return status
 
 

@@ -23,11 +23,18 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, get_engine
-from agentrt.db.errors import MigrationError
+from agentrt.db.errors import ConfigError, MigrationError
 from agentrt.db.migrate import MIGRATIONS_DIR, upgrade
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LEDGER_ROLE
-from agentrt.db.session import Unscoped, enter_account, get_db_session, get_read_only_session, scoped_setup
+from agentrt.db.session import (
+    Unscoped,
+    enter_account,
+    get_db_session,
+    get_read_only_session,
+    scoped_setup,
+    translated_error,
+)
 from agentrt.db.settings import Settings
 from agentrt.db.transaction_setup import SETUP_KEY, RetryingSession, SetupSession
 from agentrt.services import directory_service as directory
@@ -353,6 +360,53 @@ async def test_a_login_role_that_owns_the_tables_and_is_no_superuser(database: S
             autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
             await autocommit.execute(text(f'DROP DATABASE {dbname}'))
             await autocommit.execute(text(f'DROP ROLE {owner}'))
+
+
+async def test_a_login_role_without_the_roles_or_the_tables_is_told_what_to_grant(database: Settings) -> None:
+    """A `DATABASE_URL` whose user neither owns the tables nor is a member of the runtime's roles: PostgreSQL's
+    "permission denied" (42501) is a ConfigError saying what to grant, not an internal error. Once it is a member, a
+    runtime role refused a table is left as it is: the migrations grant those roles what their code needs, so that
+    is a bug in the runtime (here: the ledger's role reading conversations), not the set-up."""
+    login = f'agentrt_test_login_{uuid.uuid4().hex[:8]}'
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f"CREATE ROLE {login} LOGIN NOSUPERUSER PASSWORD 'pw'"))
+    engine = build_engine(get_engine().url.set(username=login, password='pw'), database)
+    sessions = async_sessionmaker(engine, class_=RetryingSession, sync_session_class=SetupSession)
+
+    async def refusal(account: Any, sql: str) -> tuple[DBAPIError, Exception | None]:
+        setup = scoped_setup(account)
+        with pytest.raises(DBAPIError) as raised:
+            async with sessions() as session, session.begin():
+                session.info[SETUP_KEY] = setup
+                await session.execute(text(sql))
+        assert getattr(raised.value.orig, 'sqlstate', None) == '42501'
+        return raised.value, translated_error(raised.value, setup, login=login)
+
+    try:
+        _, as_itself = await refusal(Unscoped.OWNER, 'SELECT count(*) FROM accounts')  # `agentrt db status`
+        assert isinstance(as_itself, ConfigError)
+        assert 'permission denied for table accounts' in str(as_itself) and 'must own the tables' in str(as_itself)
+        _, as_a_role = await refusal(Unscoped.ADMIN, 'SELECT count(*) FROM accounts')  # every other transaction
+        assert isinstance(as_a_role, ConfigError)
+        assert 'permission denied to set role "agentrt_admin"' in str(as_a_role)
+        for message in (str(as_itself), str(as_a_role)):
+            assert f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}' in message and 'Tenant isolation' in message
+            assert '\n' not in message and 'SELECT' not in message
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}'))
+        raw, bug = await refusal(Unscoped.LEDGER, 'SELECT count(*) FROM conversations')
+        assert bug is None and 'permission denied for table conversations' in str(raw)
+        # With the roles, the runtime's transactions work, on the pooled connections that were refused before too
+        # (each refused prelude's BEGIN rolled back, not left open in the pool).
+        for _ in range(3):
+            async with sessions() as session, session.begin():
+                session.info[SETUP_KEY] = scoped_setup(Unscoped.ADMIN)
+                assert (await session.execute(text('SELECT count(*) FROM accounts'))).scalar_one() == 2
+    finally:
+        await engine.dispose()
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'REVOKE {", ".join(FUNCTION_ROLES)} FROM {login}'))
+            await session.execute(text(f'DROP ROLE {login}'))
 
 
 async def test_migrating_without_the_roles_says_what_to_grant(database: Settings) -> None:

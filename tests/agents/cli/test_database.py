@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from agentrt.db.roles import FUNCTION_ROLES
+from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import invoke, run_cli
 
 
@@ -52,3 +58,24 @@ async def test_unknown_option_is_rejected() -> None:
     result = await invoke('db', 'status', '--bogus')
     assert result.exit_code == 2
     assert 'No such option' in result.stderr
+
+
+async def test_a_login_role_without_the_runtimes_roles_is_a_usage_error_saying_what_to_grant(
+    database_url: str, demo_data: None
+) -> None:
+    """`DATABASE_URL` names a user that neither owns the tables nor was granted the runtime's roles: one `error:` line
+    saying what to grant (exit 2), not "internal error: ProgrammingError ... permission denied" (exit 70)."""
+    login = f'agentrt_test_login_{uuid.uuid4().hex[:8]}'
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f"CREATE ROLE {login} LOGIN NOSUPERUSER PASSWORD 'pw'"))
+    url = make_url(database_url).set(username=login, password='pw').render_as_string(hide_password=False)
+    try:
+        for args in (('db', 'status'), ('chat', '--account', 'acme-health', 'hello')):
+            result = await invoke(*args, env={'DATABASE_URL': url, 'AGENTRT_AUTO_MIGRATE': 'false'})
+            assert result.exit_code == 2, (args, result.stderr)
+            assert result.stderr.startswith('error: the login role of DATABASE_URL'), (args, result.stderr)
+            assert f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}' in result.stderr
+            assert 'internal error' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    finally:
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'DROP ROLE {login}'))
