@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+from sqlalchemy import text
+
+from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
+from tests.factories import ledger_rows
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 
@@ -127,3 +131,44 @@ async def test_a_signal_while_a_piped_chat_waits_for_its_next_line_stops_it_clea
     assert 'I found ' in out
     assert code == 143, err
     assert 'Fatal Python error' not in err and 'stopped by SIGTERM' in err
+
+
+def _chat_read_by_head(database_url: str, session_id: str) -> tuple[int, bytes, str]:
+    """`agentrt chat QUESTION | head -c 20`: the reader takes 20 bytes and closes its end of the pipe, the answer
+    still streaming (the demo model pauses between words)."""
+    env = {**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--session', session_id, '--delay', '0.02']
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        head = process.stdout.read(20)
+        process.stdout.close()  # the reader went away
+        err = process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        assert process.stderr is not None
+        process.stderr.close()
+    return process.returncode, head, err.decode()
+
+
+async def test_a_reader_that_closes_stdout_early_ends_the_output_not_the_turn(
+    demo_data: None, database_url: str
+) -> None:
+    # It exited 1 with nothing said (click's own handling of a broken pipe), the turn cut short and not saved.
+    code, head, err = await asyncio.to_thread(_chat_read_by_head, database_url, 'read-by-head')
+    assert len(head) == 20
+    assert code == 0, err
+    assert 'error' not in err.lower() and 'Traceback' not in err and 'Exception ignored' not in err, err
+    # The turn ran to its end and was saved, as billed: the next turn continues it.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(
+            text("SELECT count(*) FROM conversations WHERE conversation_id = 'read-by-head' AND title IS NOT NULL")
+        )
+        assert saved.scalar_one() == 1
+    statuses = {row['status'] for row in await ledger_rows(chat_session_id='read-by-head')}
+    assert statuses == {'complete'}
