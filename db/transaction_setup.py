@@ -139,7 +139,7 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
                 else:
                     # asyncpg keeps a transaction whose start failed as the connection's current one, so the next
                     # transaction would start a SAVEPOINT outside any block: none is open any more.
-                    self._top_xact = None
+                    self._top_xact = None  # type: ignore[misc]  # asyncpg.Connection's slot, untyped
             raise
         return status
 
