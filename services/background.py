@@ -285,7 +285,9 @@ class TaskSupervisor:
         except Exception:
             self._failed += 1
             elapsed = time.monotonic() - (started_at if started_at is not None else spawned_at)
-            logger.exception('background task %s failed after %.3fs', task_name, elapsed)
+            logger.exception(
+                'background task %s failed after %.3fs', task_name, elapsed, extra={'task_name': task_name}
+            )
             raise
         self._completed += 1
         logger.info('background task %s completed in %.3fs', task_name, time.monotonic() - started_at)

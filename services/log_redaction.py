@@ -46,6 +46,7 @@ def redact_record(record: logging.LogRecord) -> None:
         error = record.exc_info[1]
         record.exc_text = _redacted(''.join(traceback.format_exception(error)).rstrip('\n'))
         record.__dict__['exc_line'] = _redacted(f'{type(error).__name__}: {" ".join(str(error).split())}')
+        record.__dict__['exc_class'] = type(error)  # for a handler that tells kinds of failure apart (the CLI's)
         record.exc_info = None
     elif record.exc_text:
         record.exc_text = _redacted(record.exc_text)

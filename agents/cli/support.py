@@ -151,12 +151,29 @@ def redacted(text: str) -> str:
 
 
 def _one_line_unless_debug(record: logging.LogRecord) -> bool:
-    """A log line, redacted (`redact_record`: every logger's, not only the runtime's); with an exception (a
-    background task that failed while the database was down...) it shows the exception's own line, not its
-    traceback, unless `--debug`."""
+    """A log line, redacted (`redact_record`: every logger's, not only the runtime's); with an exception it shows the
+    exception's own line, not its traceback, unless `--debug`. Two failures that are no fault to report are calmed
+    (unless `--debug`): a background task stopped by the database being unavailable (a chat during an outage: the
+    turn's own error line says so) is one short warning; a pooled connection whose closing was cancelled (a signal
+    cancels the command: the pool discards it) is not shown."""
     from agentrt.services.log_redaction import redact_record
 
-    redact_record(record)  # the traceback becomes `exc_text`, its last line `exc_line`
+    redact_record(record)  # the traceback becomes `exc_text`, its last line `exc_line`, its class `exc_class`
+    failure = record.__dict__.get('exc_class')
+    if failure is not None and not debug_enabled():
+        from asyncio import CancelledError  # here: `agentrt --help` does without asyncio
+
+        if issubclass(failure, CancelledError) and record.name.startswith('sqlalchemy.pool'):
+            return False
+        task = record.__dict__.get('task_name')
+        if issubclass(failure, DatabaseUnavailableError) and task:
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+            record.msg, record.args, record.exc_text = (
+                f'background task {task} not done: database unavailable',
+                None,
+                None,
+            )
+            return True
     if record.exc_text and not debug_enabled():
         line = record.__dict__.get('exc_line')
         record.msg = f'{record.getMessage()}: {line[:300]}' if line else record.getMessage()

@@ -1,0 +1,106 @@
+"""The CLI's log lines (`setup_logging`): one line each, and calm where nothing is wrong, unless `--debug`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from agentrt.agents.cli import support
+from agentrt.agents.cli.support import err_console, setup_logging
+from agentrt.db.engine import build_engine
+from agentrt.db.failures import unavailable_error
+from agentrt.db.settings import Settings
+from agentrt.services.background import get_supervisor
+from tests.agents.cli.helpers import logging_restored
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _terminal(debug: bool = False) -> Iterator[io.StringIO]:
+    """The CLI's logging, its stderr console 80 columns wide and captured."""
+    saved = err_console.file, err_console.width, support._debug
+    err_console.file, err_console.width = io.StringIO(), 80
+    support.set_debug(debug)
+    try:
+        with logging_restored():
+            setup_logging(False)
+            yield err_console.file  # type: ignore[misc]
+    finally:
+        err_console.file, err_console.width = saved[0], saved[1]
+        support.set_debug(saved[2])
+
+
+async def _rollup_while_the_database_is_down(database: Settings) -> None:
+    """What a post-turn task meets during an outage: a real connection failure, translated as a session does."""
+    engine = build_engine(make_url(f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere'), database)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text('SELECT 1'))
+    except Exception as exc:
+        raise unavailable_error(exc) or exc from exc
+    finally:
+        await engine.dispose()
+
+
+async def _background_failure(task: object, name: str) -> None:
+    get_supervisor().spawn(task, name=name)  # type: ignore[arg-type]
+    await get_supervisor().join()
+
+
+async def _broken() -> None:
+    raise RuntimeError('a bug\nover two lines')
+
+
+def _pool_close_cancelled() -> None:
+    """What SQLAlchemy's pool logs when closing a connection is cancelled (a signal cancelled the command)."""
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError:
+        logging.getLogger('sqlalchemy.pool.impl.AsyncAdaptedQueuePool').error(
+            'Exception closing connection %r', '<AdaptedConnection <asyncpg.connection.Connection>>', exc_info=True
+        )
+
+
+async def test_a_background_task_stopped_by_a_database_outage_is_one_calm_line(database: Settings) -> None:
+    # It printed "ERROR background task ... failed after 0.001s: DatabaseUnavailableError: cannot connect to ..."
+    # wrapped over three lines of an 80-column chat; and "ERROR Exception closing connection ... CancelledError" at
+    # a SIGTERM.
+    with _terminal() as stderr:
+        await _background_failure(lambda: _rollup_while_the_database_is_down(database), 'roll_up_account_usage')
+        _pool_close_cancelled()
+    lines = stderr.getvalue().rstrip().splitlines()
+    assert [line.rstrip() for line in lines] == [
+        'WARNING  background task roll_up_account_usage not done: database unavailable'
+    ]
+
+
+async def test_real_errors_stay_errors_and_debug_shows_everything(database: Settings) -> None:
+    with _terminal() as stderr:
+        await _background_failure(_broken, 'broken')
+    shown = stderr.getvalue()
+    assert shown.startswith('ERROR    background task broken failed after') and 'RuntimeError: a bug over' in shown
+    with _terminal(debug=True) as stderr:
+        await _background_failure(lambda: _rollup_while_the_database_is_down(database), 'roll_up_account_usage')
+        _pool_close_cancelled()
+    shown = stderr.getvalue()
+    assert 'ERROR    background task roll_up_account_usage failed after' in shown and 'Traceback' in shown
+    assert 'Exception closing connection' in shown and 'CancelledError' in shown
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_handlers() -> Iterator[None]:
+    yield
+    logging.getLogger('sqlalchemy.pool.impl.AsyncAdaptedQueuePool').handlers.clear()
