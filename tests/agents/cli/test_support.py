@@ -31,7 +31,8 @@ def _closed_port() -> int:
 @contextmanager
 def _terminal(debug: bool = False) -> Iterator[io.StringIO]:
     """The CLI's logging, its stderr console 80 columns wide and captured."""
-    saved = err_console.file, err_console.width, support._debug
+    # The console's own stream (None: whatever `sys.stderr` is when it writes), not `.file`, which resolves it now.
+    saved = err_console._file, err_console.width, support._debug
     err_console.file, err_console.width = io.StringIO(), 80
     support.set_debug(debug)
     try:
@@ -39,7 +40,7 @@ def _terminal(debug: bool = False) -> Iterator[io.StringIO]:
             setup_logging(False)
             yield err_console.file  # type: ignore[misc]
     finally:
-        err_console.file, err_console.width = saved[0], saved[1]
+        err_console._file, err_console.width = saved[0], saved[1]
         support.set_debug(saved[2])
 
 
