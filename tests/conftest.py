@@ -232,13 +232,17 @@ def database_url(database: Settings) -> str:
 async def clean_database(request: pytest.FixtureRequest, database: Settings) -> AsyncIterator[None]:
     """Before each test: every runtime table empty, or holding exactly the demo data when the test asks for
     `demo_data` (tests/table_reset.py does only the work the last test made necessary). Afterwards, let the test's
-    background work finish."""
+    background work finish, and the process's ledger write what the test's turns queued: a row held for the commit
+    delay would otherwise be committed into the next test's tables."""
     from agentrt.services.background import drain_supervisor
+    from agentrt.services.ledger import get_request_tracker
 
     assert _table_reset is not None  # made by `database`
     await _table_reset.reset(demo='demo_data' in request.fixturenames)
     yield
     await drain_supervisor(30)
+    async with asyncio.timeout(30):
+        await get_request_tracker().flush()
 
 
 @pytest.fixture

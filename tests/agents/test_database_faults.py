@@ -321,3 +321,7 @@ async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_c
         with pytest.raises(ConcurrentTurnError) as refused:  # still held, and the refusal says until when
             await simple_chat(QUESTION, session_id='held', account='acme-health')
         assert refused.value.expires_in_s is not None and 0 < refused.value.expires_in_s <= 60
+        # Its model request was spooled while the server was down: replayed here, into this database (the spool is
+        # the process's, and a later write would replay it into whichever database is then the process's).
+        await get_request_tracker().replay_spool()
+        assert [row['status'] for row in await ledger_rows(chat_session_id='held')] == ['complete']
