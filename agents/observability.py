@@ -54,10 +54,27 @@ class TraceExport:
         """Where spans go, in a few words (`agentrt db status`, logs)."""
         places = [
             *(['Logfire'] if self.logfire else []),
-            *([f'OTLP {self.otlp_endpoint}'] if self.otlp_endpoint else []),
+            *([f'OTLP {_shown_endpoint(self.otlp_endpoint)}'] if self.otlp_endpoint else []),
             *(['console (stderr)'] if self.console else []),
         ]
         return ', '.join(places) or 'off'
+
+
+def _shown_endpoint(endpoint: str) -> str:
+    """`endpoint` as it may be shown: a password in it masked (`***`, as in `DATABASE_URL`), other secrets redacted."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from agentrt.services.ledger.redaction import redact_text
+
+    try:
+        parts = urlsplit(endpoint)
+        if parts.password is not None:
+            host = parts.netloc.rpartition('@')[2]
+            parts = parts._replace(netloc=f'{parts.username or ""}:***@{host}')
+        endpoint = urlunsplit(parts)
+    except ValueError:  # not a URL the SDK could use either: shown redacted as text
+        pass
+    return redact_text(endpoint)[0]
 
 
 def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | None = None) -> TraceExport:

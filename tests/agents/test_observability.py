@@ -158,6 +158,13 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
             'OTLP http://t/v1/traces',
         ),
         ({'OTEL_EXPORTER_OTLP_HEADERS': 'a=b'}, None, 'off'),
+        # `agentrt db status` prints it: a password in the endpoint is masked as DATABASE_URL's is, a key redacted.
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'https://u:s3cretOtlpPw@c:4318/x'}, None, 'OTLP https://u:***@c:4318/x'),
+        (
+            {'OTEL_EXPORTER_OTLP_ENDPOINT': 'https://c/v1?api_key=aB3dE5fG7hJ9kL1mN3pQ5'},
+            None,
+            'OTLP https://c/v1?api_key=[REDACTED]',
+        ),
     ],
 )
 def test_where_spans_go(environ: dict[str, str], console: bool | None, expected: str) -> None:
