@@ -54,10 +54,27 @@ class TraceExport:
         """Where spans go, in a few words (`agentrt db status`, logs)."""
         places = [
             *(['Logfire'] if self.logfire else []),
-            *([f'OTLP {self.otlp_endpoint}'] if self.otlp_endpoint else []),
+            *([f'OTLP {_shown_endpoint(self.otlp_endpoint)}'] if self.otlp_endpoint else []),
             *(['console (stderr)'] if self.console else []),
         ]
         return ', '.join(places) or 'off'
+
+
+def _shown_endpoint(endpoint: str) -> str:
+    """`endpoint` as it may be shown: a password in it masked (`***`, as in `DATABASE_URL`), other secrets redacted."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from agentrt.services.ledger.redaction import redact_text
+
+    try:
+        parts = urlsplit(endpoint)
+        if parts.password is not None:
+            host = parts.netloc.rpartition('@')[2]
+            parts = parts._replace(netloc=f'{parts.username or ""}:***@{host}')
+        endpoint = urlunsplit(parts)
+    except ValueError:  # not a URL the SDK could use either: shown redacted as text
+        pass
+    return redact_text(endpoint)[0]
 
 
 def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | None = None) -> TraceExport:
@@ -202,5 +219,39 @@ def turn_span(*, session_id: str, account: str, agent_instance: str | None, stre
         'agentrt.agent_instance': agent_instance or '',
         'agentrt.streamed': streamed,
     }
-    with _tracer.start_as_current_span('chat turn', attributes=attributes):
-        yield
+    # The exception is recorded here, redacted: OpenTelemetry's own recording (`record_exception`) writes the whole
+    # traceback as it is, the provider's or driver's raw text chained under the documented error included.
+    with _tracer.start_as_current_span(
+        'chat turn', attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                _record_redacted(span, exc)
+            raise
+
+
+def _record_redacted(span: trace.Span, error: BaseException) -> None:
+    """What `Span.record_exception` and the error status record of `error`, through the log lines' redaction."""
+    import traceback
+
+    from agentrt.services.ledger.redaction import redact_cut
+    from agentrt.services.log_redaction import MAX_LOGGED_CHARS
+
+    message = redact_cut(str(error), MAX_LOGGED_CHARS, marker=' [cut]')
+    kind = type(error)
+    span.add_event(
+        'exception',
+        {
+            'exception.type': kind.__qualname__
+            if kind.__module__ == 'builtins'
+            else f'{kind.__module__}.{kind.__qualname__}',
+            'exception.message': message,
+            'exception.stacktrace': redact_cut(
+                ''.join(traceback.format_exception(error)), MAX_LOGGED_CHARS, marker=' [cut]'
+            ),
+            'exception.escaped': 'False',
+        },
+    )
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f'{kind.__name__}: {message}'))

@@ -219,13 +219,22 @@ def _lifecycle_lock(data_dir: Path) -> Iterator[None]:
     """An exclusive lock (across processes) on starting and stopping the server of `data_dir`."""
     lock_path = data_dir.parent / f'.{data_dir.name}.agentrt.lock'
     try:
-        handle = lock_path.open('a')
+        # Owner-only, never through a symlink: beside a data directory under /tmp anyone could make it first.
+        fd = os.open(lock_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:  # a place where root passes the access check but no file can be made (/proc)
         raise EmbeddedPostgresError(
             f'cannot use the embedded PostgreSQL data directory {data_dir}: {lock_path} cannot be created '
             f'({exc.strerror or exc}). Set AGENTRT_DATA_DIR to a writable path.'
         ) from exc
-    with handle:
+    owner = os.fstat(fd).st_uid
+    if owner not in (os.geteuid(), 0):
+        os.close(fd)
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {data_dir}: its lock file {lock_path} belongs to '
+            f'another user (uid {owner}), who could hold every start and stop of the server. Set AGENTRT_DATA_DIR '
+            'to a directory of your own.'
+        )
+    with open(fd, 'a') as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -29,7 +29,9 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Every knob of the runtime. Environment variable names are given in each field's alias."""
 
-    model_config = SettingsConfigDict(env_file='.env', extra='ignore', populate_by_name=True)
+    # Inputs stay out of validation errors: a URL too malformed to mask (`u:pw@host/db`, no scheme) was quoted
+    # whole in the ValidationError that `--debug` prints chained under the ConfigError.
+    model_config = SettingsConfigDict(env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True)
 
     database_url: str | None = Field(
         default=None,

@@ -163,10 +163,11 @@ async def authenticate_api_key(token: str) -> ApiCaller | None:
     if match is None:
         return None
     prefix, secret = match.groups()
+    digest = _digest(secret)
     cached = _cache.get(prefix)
     if cached is None or cached.expires < time.monotonic():
-        cached = await _lookup_once(prefix)
-    if cached is None or not hmac.compare_digest(cached.secret_hash, _digest(secret)):
+        cached = await _lookup_once(prefix, digest)
+    if cached is None or not hmac.compare_digest(cached.secret_hash, digest):
         return None
     return cached.caller
 
@@ -187,15 +188,16 @@ _cache: dict[str, _Cached] = {}
 _inflight: dict[str, asyncio.Future[_Cached | None]] = {}
 
 
-async def _lookup_once(prefix: str) -> _Cached | None:
-    """One database lookup per prefix at a time: concurrent callers await the same one."""
+async def _lookup_once(prefix: str, digest: bytes) -> _Cached | None:
+    """One database lookup per prefix at a time: concurrent callers await the same one (its `digest` decides only
+    whether the key's use is noted)."""
     pending = _inflight.get(prefix)
     if pending is not None:
         return await asyncio.shield(pending)
     future: asyncio.Future[_Cached | None] = asyncio.get_running_loop().create_future()
     _inflight[prefix] = future
     try:
-        found = await _lookup(prefix)
+        found = await _lookup(prefix, digest)
     except BaseException as exc:
         future.set_exception(exc)
         future.exception()  # retrieved here, so a lookup nobody else awaited is not reported as lost
@@ -207,7 +209,9 @@ async def _lookup_once(prefix: str) -> _Cached | None:
         del _inflight[prefix]
 
 
-async def _lookup(prefix: str) -> _Cached | None:
+async def _lookup(prefix: str, digest: bytes) -> _Cached | None:
+    """The key of `prefix`, noting its use when `digest` is its secret's: a wrong secret (anyone may know a key's
+    public id, `art_<prefix>`: it is shown in logs) never makes an unused key look used."""
     query = (
         select(ApiKey.id, ApiKey.secret_hash, ApiKey.scopes, Account.id, Account.slug)
         .join(Account, Account.id == ApiKey.account_id)
@@ -219,7 +223,11 @@ async def _lookup(prefix: str) -> _Cached | None:
             return None
         key_id, secret_hash, scopes, account_id, slug = row
         stale = func.now() - timedelta(seconds=_TOUCH_EVERY_S)
-        touch = update(ApiKey).where(ApiKey.id == key_id, func.coalesce(ApiKey.last_used_at, stale) <= stale)
+        touch = update(ApiKey).where(
+            ApiKey.id == key_id,
+            ApiKey.secret_hash == digest,
+            func.coalesce(ApiKey.last_used_at, stale) <= stale,
+        )
         await session.execute(touch.values(last_used_at=func.now()))
     caller = ApiCaller(key_id, prefix, account_id, slug, frozenset(scopes))
     entry = _Cached(caller, bytes(secret_hash), time.monotonic() + current_settings().api_key_cache_seconds)

@@ -7,7 +7,9 @@ formatted traceback through `redact_cut` (the one redaction, bounded) before any
 becomes the record's `exc_text` (which `logging.Formatter` prints) and `exc_info` is cleared, so no handler formats
 the raw exception again. `exc_line` keeps the exception's own line (`Type: message`, redacted) for one-line displays.
 
-Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints.
+Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints, and
+`agentrt serve` puts `RedactingFilter` on uvicorn's error handler and `ArgumentRedactingFilter` on its access handler
+(whose formatter reads the record's arguments: the request's path and query).
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`; keep it."""
         redact_record(record)
+        return True
+
+
+class ArgumentRedactingFilter(logging.Filter):
+    """A filter that redacts each string argument of a record in place, keeping the arguments' shape: for a
+    formatter that reads `record.args` itself (uvicorn's access log: client, method, path with query, version,
+    status), where `RedactingFilter`, merging the arguments into the message, would break it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact `record`'s string arguments; keep it."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 

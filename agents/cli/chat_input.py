@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import collections
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -211,11 +212,20 @@ class TerminalLines:
 
 
 def _private_file(path: Path) -> Path | None:
-    """`path`, created if missing with owner-only permissions (what is typed may be private); None if it cannot be."""
+    """`path`, created if missing with owner-only permissions (what is typed may be private), an existing one of ours
+    made owner-only; None if it cannot be, if it is a symlink or if it is another user's (a `chat-history` beside a
+    data directory under `/tmp` is a name anyone could have taken first, to read what is typed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
-        os.close(fd)
+        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
+                return None
+            if stat.S_IMODE(status.st_mode) & 0o077:  # an earlier version's, or made by hand
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     return path

@@ -96,10 +96,20 @@ async def _check_database() -> None:
 
 
 def _log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging, plus the runtime's own loggers (error ids of failed requests are logged there)."""
+    """uvicorn's logging, redacted, plus the runtime's own loggers (error ids of failed requests are logged there)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config: dict[str, Any] = {**LOGGING_CONFIG, 'loggers': dict(LOGGING_CONFIG['loggers'])}
+    # Secrets out of uvicorn's lines as out of the runtime's: a key in a URL's query (the access log), a provider's
+    # error in the traceback of an exception that escaped the app (the error log).
+    config['filters'] = {
+        'redact': {'()': 'agentrt.services.log_redaction.RedactingFilter'},
+        'redact_arguments': {'()': 'agentrt.services.log_redaction.ArgumentRedactingFilter'},
+    }
+    config['handlers'] = {
+        name: {**handler, 'filters': ['redact_arguments' if name == 'access' else 'redact']}
+        for name, handler in LOGGING_CONFIG['handlers'].items()
+    }
     known = level if level in logging.getLevelNamesMapping() else 'INFO'
     config['loggers']['agentrt'] = {'handlers': ['default'], 'level': known, 'propagate': False}
     return config

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agentrt.db.errors import ConfigError
+
 logger = logging.getLogger('agentrt.ledger')
 
 
@@ -24,6 +26,12 @@ class LedgerSpool:
     a writer, and a claimed file is deleted only after every row in it was written. Rows carry
     their minted key, so replaying a file twice (after a crash) still writes each row once.
     Contents are redacted before they are spooled: no secret reaches the disk either.
+
+    The spool is private: its directory is made owner-only, and one that another user owns or that others may write
+    (a data directory under `/tmp` puts the default spool in `/tmp/ledger-spool`, which anyone could make first) is
+    refused (`ConfigError`), for writing and for replaying alike: someone who can plant a file there has a replay
+    write rows of their choosing into any account's ledger. Files are opened without following a symlink, and the
+    lines a replay sets aside (`.rejected`) are as private as the spool.
     """
 
     def __init__(self, path: Path) -> None:
@@ -48,9 +56,9 @@ class LedgerSpool:
         if not entries:
             return
         payload = ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._private_directory()
         while True:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 # A replay may have renamed the file between our open and our lock: write to the live one.
@@ -71,8 +79,26 @@ class LedgerSpool:
         except FileNotFoundError:
             return False
 
+    def _private_directory(self) -> None:
+        """Make the spool's directory (owner-only) if missing; refuse one someone else could write.
+
+        Raises:
+            ConfigError: the directory is another user's, or writable by its group or by anyone.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = _not_private(self.path.parent)
+        if problem is not None:
+            raise ConfigError(
+                f'ledger spool: the directory {self.path.parent} {problem}, so others could read, replace or plant '
+                'spooled rows; refusing to use it. Point AGENTRT_LEDGER_SPOOL (or AGENTRT_DATA_DIR, the default '
+                'spool sits beside it) at a directory of your own, or make it owner-only (chmod 700)'
+            )
+
     def pending_files(self) -> list[Path]:
-        """The live spool file (if not empty) and any claimed files a crashed replay left behind."""
+        """The live spool file (if not empty) and any claimed files a crashed replay left behind; nothing in a
+        directory others may write (`_private_directory`)."""
+        if self.path.parent.exists() and _not_private(self.path.parent) is not None:
+            return []
         found = sorted(self.path.parent.glob(self.path.name + '.replaying-*')) if self.path.parent.exists() else []
         try:
             status = self.path.stat()
@@ -103,9 +129,13 @@ class LedgerSpool:
 
     @contextmanager
     def replay_lock(self) -> Iterator[bool]:
-        """Hold the cross-process replay lock without waiting; yields False when another replay holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Hold the cross-process replay lock without waiting; yields False when another replay holds it.
+
+        Raises:
+            ConfigError: the spool's directory is not private (`_private_directory`).
+        """
+        self._private_directory()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,7 +190,8 @@ class LedgerSpool:
         """Keep lines that can never be written in the `.rejected` file, fsynced, and log how many."""
         if not lines:
             return
-        with open(self.rejected_path, 'a', encoding='utf-8') as handle:
+        fd = os.open(self.rejected_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with open(fd, 'a', encoding='utf-8') as handle:
             handle.writelines(line if line.endswith('\n') else line + '\n' for line in lines)
             handle.flush()
             os.fsync(handle.fileno())
@@ -172,6 +203,16 @@ class LedgerSpool:
 
 
 _FIRST_LINE_BYTES = 8 * 1024 * 1024
+
+
+def _not_private(directory: Path) -> str | None:
+    """What makes `directory` unsafe for a spool (another user's, writable by others), or None."""
+    status = directory.stat()
+    if status.st_uid not in (os.geteuid(), 0):
+        return f'is owned by another user (uid {status.st_uid})'
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'is writable by others (mode {stat.S_IMODE(status.st_mode):o})'
+    return None
 
 
 def _is_spooled_row(line: bytes) -> bool:

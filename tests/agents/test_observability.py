@@ -158,6 +158,13 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
             'OTLP http://t/v1/traces',
         ),
         ({'OTEL_EXPORTER_OTLP_HEADERS': 'a=b'}, None, 'off'),
+        # `agentrt db status` prints it: a password in the endpoint is masked as DATABASE_URL's is, a key redacted.
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'https://u:s3cretOtlpPw@c:4318/x'}, None, 'OTLP https://u:***@c:4318/x'),
+        (
+            {'OTEL_EXPORTER_OTLP_ENDPOINT': 'https://c/v1?api_key=aB3dE5fG7hJ9kL1mN3pQ5'},
+            None,
+            'OTLP https://c/v1?api_key=[REDACTED]',
+        ),
     ],
 )
 def test_where_spans_go(environ: dict[str, str], console: bool | None, expected: str) -> None:
@@ -300,3 +307,45 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
             await session.execute(select(LLMRequestRow.trace_id).where(LLMRequestRow.chat_session_id == 'plain'))
         ).scalars()
         assert set(rows.all()) == {None}  # no trace was recorded, so none is named
+
+
+SPAN_SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_failed_turns_span_carries_its_error_redacted(
+    demo_data: None, instrumented: CaptureLogfire, streamed: bool
+) -> None:
+    # The provider's body (a key it echoes, a prompt it quotes) is chained under the documented error: the turn's
+    # span recorded the whole traceback, raw, in its `exception` event, for every trace backend to keep.
+    from pydantic_ai.exceptions import ModelHTTPError
+    from pydantic_ai.models.function import FunctionModel
+
+    from agentrt.agents.errors import ModelProviderError
+
+    def fail(*_: object) -> Any:
+        raise ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': f'Incorrect API key: {SPAN_SECRET}'}})
+
+    async def fail_streaming(*_: object) -> Any:
+        fail()
+        yield ''
+
+    model = FunctionModel(fail, stream_function=fail_streaming, model_name='gpt-4o-mini')
+    with pytest.raises(ModelProviderError):
+        if streamed:
+            async with simple_chat_stream('hi', session_id='span-secret', account='acme-health', model=model) as s:
+                async for _ in s:
+                    pass
+        else:
+            await simple_chat('hi', session_id='span-secret', account='acme-health', model=model)
+    spans = instrumented.exporter.exported_spans  # pending spans included: they are exported too
+    [turn] = [span for span in spans if span.name == 'chat turn' and span.end_time is not None and span.events]
+    assert turn.status.status_code is StatusCode.ERROR and 'ModelProviderError' in (turn.status.description or '')
+    [event] = [event for event in turn.events if event.name == 'exception']
+    assert event.attributes is not None
+    assert 'ModelHTTPError' in str(event.attributes['exception.stacktrace'])  # the story is still there
+    assert 'ModelProviderError' in str(event.attributes['exception.type'])
+    everything = repr(
+        [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
+    )
+    assert 'aB3dE5fG7hJ9' not in everything

@@ -21,6 +21,7 @@ import pytest
 from agentrt.db.embedded import (
     SERVER_FILE,
     USERS_FILE,
+    _lifecycle_lock,
     _prune,
     bundled_major_version,
     release_embedded,
@@ -251,3 +252,28 @@ def test_a_directory_of_other_files_is_refused_untouched(tmp_path: Path) -> None
         start_embedded(home, stop_at_exit=False)
     assert '\n' not in str(raised.value) and 'AGENTRT_DATA_DIR' in str(raised.value)
     assert sorted(os.listdir(home)) == ['notes.txt'] and home.stat().st_uid == owner
+
+
+def test_the_start_lock_beside_the_data_dir_is_private_and_never_a_symlink(tmp_path: Path) -> None:
+    # A data directory under /tmp puts the lock in /tmp, where anyone could make it first.
+    data_dir = tmp_path / 'pgdata'
+    lock = tmp_path / '.pgdata.agentrt.lock'
+    victim = tmp_path / 'victim'
+    victim.write_text('')
+    lock.symlink_to(victim)
+    with pytest.raises(EmbeddedPostgresError, match='cannot be created'), _lifecycle_lock(data_dir):
+        pass
+    lock.unlink()
+    with _lifecycle_lock(data_dir):
+        assert oct(lock.stat().st_mode & 0o777) == '0o600'
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='giving a file to another user needs root')
+def test_a_start_lock_another_user_made_first_is_refused(tmp_path: Path) -> None:
+    # Its owner could hold the lock forever: every start and stop of the server would wait for them.
+    data_dir = tmp_path / 'pgdata'
+    lock = tmp_path / '.pgdata.agentrt.lock'
+    lock.write_text('')
+    os.chown(lock, 65534, 65534)
+    with pytest.raises(EmbeddedPostgresError, match='another user'), _lifecycle_lock(data_dir):
+        pass

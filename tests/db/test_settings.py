@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
+import traceback
 
 import pytest
 
 from agentrt.db.errors import ConfigError
-from agentrt.db.settings import Settings, default_data_dir, get_settings, mask_url, parse_database_url
+from agentrt.db.settings import (
+    Settings,
+    default_data_dir,
+    get_settings,
+    mask_url,
+    parse_database_url,
+    read_settings,
+)
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,3 +180,19 @@ def test_a_budget_minimum_of_output_tokens_above_the_maximum_is_refused(monkeypa
         get_settings.cache_clear()
     monkeypatch.setenv('AGENTRT_BUDGET_MAX_OUTPUT_TOKENS', '20000')  # equal: every request is given exactly that
     assert Settings().budget_min_output_tokens == 20000
+
+
+@pytest.mark.parametrize(
+    'url', ['u:s3cr3t-pw@db.example/x', 'postgres:/u:s3cr3t-pw@db.example/x', 'postgresql//u:s3cr3t-pw@h/x']
+)
+def test_a_database_url_too_malformed_to_mask_never_reaches_the_error_or_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # `--debug` prints the whole chain; pydantic's ValidationError quoted the raw value (`input_value='...'`),
+    # where the redaction rules cannot see a password (no scheme to recognise the URL by).
+    monkeypatch.setenv('DATABASE_URL', url)
+    with pytest.raises(ConfigError) as caught:
+        read_settings()
+    shown = ''.join(traceback.format_exception(caught.value))
+    assert 'DATABASE_URL is not a valid URL' in shown
+    assert 's3cr3t-pw' not in shown

@@ -111,12 +111,26 @@ async def test_concurrent_first_uses_of_a_key_share_one_lookup(
     lookups = 0
     real = api_keys._lookup
 
-    async def counted(prefix: str) -> object:
+    async def counted(prefix: str, digest: bytes) -> object:
         nonlocal lookups
         lookups += 1
         await asyncio.sleep(0.05)
-        return await real(prefix)
+        return await real(prefix, digest)
 
     monkeypatch.setattr(api_keys, '_lookup', counted)
     callers = await asyncio.gather(*(authenticate_api_key(token) for _ in range(50)))
     assert lookups == 1 and all(caller is not None for caller in callers)
+
+
+async def test_a_wrong_secret_with_a_keys_public_id_does_not_note_the_key_as_used(demo_data: None) -> None:
+    # The public id (`art_<prefix>`) is shown in logs and listings: knowing it, anyone could keep an unused key
+    # looking used (`agentrt keys list`'s last use), the sign an operator revokes stale keys by.
+    token = await _create()
+    wrong = token[:-1] + ('A' if token[-1] != 'A' else 'B')
+    assert await authenticate_api_key(wrong) is None
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(select(ApiKey.last_used_at))).scalar_one() is None
+    forget_cached_api_keys()
+    assert await authenticate_api_key(token) is not None
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(select(ApiKey.last_used_at))).scalar_one() is not None

@@ -110,6 +110,7 @@ KINDS: tuple[Kind, ...] = (
     Kind('github-fine-grained-token', 'github-fine-grained-token',
          'github_pat_11' + tok('ghpat', UPPER_DIGITS, 20) + '_' + tok('ghpat', ALNUM, 59, part=1)),
     Kind('gitlab-token', 'gitlab-token', 'glpat-' + tok('glpat', URLSAFE, 20)),
+    Kind('agentrt-api-key', 'agentrt-api-key', 'art_' + tok('art', HEX, 12) + '_' + tok('art', URLSAFE, 43, part=1)),
     Kind('slack-bot-token', 'slack-token',
          f'xoxb-{tok("slack", string.digits, 12)}-{tok("slack", string.digits, 13, 1)}-{tok("slack", ALNUM, 24, 2)}'),
     Kind('slack-webhook', 'slack-webhook',

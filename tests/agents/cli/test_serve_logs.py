@@ -1,0 +1,37 @@
+"""`agentrt serve`'s log configuration redacts uvicorn's lines too: the access log (a URL's path and query, where a
+client may put a key: `?api_key=...`, or a secret as a conversation id) and the error log (the traceback of an
+exception that escaped the app, with a provider's or driver's error text chained in it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+# What uvicorn logs, in its own words (uvicorn/protocols/http/*_impl.py), under the configuration `serve` gives it.
+SCRIPT = f"""
+import logging.config
+from agentrt.agents.cli.serve import _log_config
+
+logging.config.dictConfig(_log_config('INFO'))
+logging.getLogger('uvicorn.access').info(
+    '%s - "%s %s HTTP/%s" %d', '127.0.0.1:5000', 'GET', '/api/v1/conversations/{SECRET}?api_key={SECRET}', '1.1', 404
+)
+try:
+    raise RuntimeError('provider said: invalid key {SECRET}')
+except RuntimeError as exc:
+    logging.getLogger('uvicorn.error').error('Exception in ASGI application\\n', exc_info=exc)
+logging.getLogger('uvicorn.error').info('client sent %s', '{SECRET}')
+"""
+
+
+def test_uvicorns_access_and_error_lines_are_redacted(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, '-c', SCRIPT], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"GET /api/v1/conversations/[REDACTED]?api_key=[REDACTED] HTTP/1.1" 404' in done.stdout
+    assert 'Exception in ASGI application' in done.stderr and 'RuntimeError: provider said: invalid key' in done.stderr
+    assert 'client sent [REDACTED]' in done.stderr
+    assert 'aB3dE5fG7hJ9' not in done.stdout + done.stderr
