@@ -35,11 +35,14 @@ _STAGE_MESSAGES = {
         'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends (a turn '
         'whose process died holds it until its lease lapses, AGENTRT_TURN_LEASE_SECONDS after it last renewed it)'
     ),
+    # The compare-and-swap cannot tell a record another turn saved from one that was deleted (the HTTP API's DELETE).
     'request': (
-        'conversation {id!r} was changed by another turn; this turn stopped before its next model request and '
-        'saved nothing; reload and retry'
+        'conversation {id!r} was changed by another turn, or was deleted; this turn stopped before its next model '
+        'request and saved nothing; reload and retry'
     ),
-    'save': 'conversation {id!r} was changed by another turn; this turn was not saved; reload and retry',
+    'save': (
+        'conversation {id!r} was changed by another turn, or was deleted; this turn was not saved; reload and retry'
+    ),
 }
 
 

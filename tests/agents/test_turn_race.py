@@ -280,3 +280,27 @@ async def test_a_replaced_loader_that_takes_no_claim_still_leaves_the_turn_claim
     await simple_chat('hello', session_id='own-loader', account='acme-health', model=FunctionModel(model))
     assert claimed == [1]  # taken before the model was called
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_turn_whose_conversation_was_deleted_meanwhile_says_so(demo_data: None, streamed: bool) -> None:
+    # The conversation is deleted (the HTTP API's DELETE, an operator) while a turn runs on it: the save finds no
+    # record to swap, and the error must not put that down to another turn alone.
+    await _turn('Pediatricians in Denver', 'c-gone', streamed)
+    store = PostgresConversationStore(await account_id('acme-health'))
+
+    async def delete_then_answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        record = await store.read_record('c-gone')
+        assert record is not None
+        await store.delete_record('c-gone', expected_revision=record.revision)
+        return ModelResponse(parts=[TextPart('too late')])
+
+    async def delete_then_stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        await delete_then_answer(messages, info)
+        yield 'too late'
+
+    model = FunctionModel(delete_then_answer, stream_function=delete_then_stream)
+    with pytest.raises(ConcurrentTurnError, match='or was deleted') as lost:
+        await _turn('and in Boston?', 'c-gone', streamed, model=model)
+    assert lost.value.stage == 'save'
+    assert await store.read_record('c-gone') is None  # nothing brought back half-written

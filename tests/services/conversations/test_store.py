@@ -166,7 +166,7 @@ async def test_concurrent_turns_one_wins_other_gets_conflict(store: PostgresConv
     assert isinstance(errors[0], AgentRuntimeError)
     assert isinstance(errors[0].__cause__, ConversationConflict)
     assert str(errors[0]) == (
-        "conversation 'conv-1' was changed by another turn; this turn was not saved; reload and retry"
+        "conversation 'conv-1' was changed by another turn, or was deleted; this turn was not saved; reload and retry"
     )
     winner = result_b if isinstance(outcomes[0], BaseException) else result_a
     entries = await store.load_entries('conv-1')
