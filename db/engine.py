@@ -246,6 +246,9 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         pool_pre_ping=False,  # PoolHealth pings, when and as often as needed
         pool_recycle=settings.pool_recycle,
         connect_args=connect_args,
+        # A statement's parameters are what users wrote (messages, prompts, tool arguments): an error's text goes to
+        # logs, CLI error lines and tracebacks, where the redaction catches only secret shapes.
+        hide_parameters=True,
     )
     PoolHealth(engine, ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None)
     per_transaction = TransactionSetup(

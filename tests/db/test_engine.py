@@ -211,3 +211,13 @@ async def test_statement_cache_can_be_turned_off_for_pgbouncer(database: Setting
             assert raw.driver_connection._stmt_cache.get_max_size() == 0  # type: ignore[union-attr]
     finally:
         await engine.dispose()
+
+
+async def test_a_failed_statements_error_never_quotes_its_parameters() -> None:
+    # Parameters are what users wrote (messages, stored prompts, tool arguments): an error's text goes to logs, CLI
+    # error lines and tracebacks, which must not carry them (the redaction only catches secret shapes).
+    with pytest.raises(DBAPIError) as raised:
+        async with get_engine().connect() as conn:
+            await conn.execute(text('SELECT length(:message) / 0'), {'message': 'my diagnosis, in confidence'})
+    assert 'division by zero' in str(raised.value)
+    assert 'my diagnosis' not in str(raised.value) and 'my diagnosis' not in repr(raised.value)
