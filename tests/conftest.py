@@ -314,6 +314,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None:
         config.option.basetemp = tempfile.mkdtemp(prefix='agentrt-pytest-')
         config.stash[_PRIVATE_BASETEMP] = Path(config.option.basetemp)
+    # What the runtime keeps beside its data directory (the ledger's spool and its lock files, the chat history) goes
+    # under the run's own directory, not the user's home, for the commands the tests run with only a DATABASE_URL.
+    os.environ.setdefault('AGENTRT_DATA_DIR', str(Path(config.option.basetemp) / 'agentrt' / 'pgdata'))
     if _starts_workers(config) and not os.environ.get('DATABASE_URL'):
         # Before xdist starts the workers (its own pytest_configure comes last), so they inherit the variable.
         os.environ[SHARED_SERVER_ENV] = str(_early_server.start())
