@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, cast
 import typer
 from rich.markup import escape
 
-from agentrt.agents.cli.support import EXIT_FAILURE, console, err_console, error_line, exit_code_of, run
+from agentrt.agents.cli.support import (
+    EXIT_FAILURE,
+    console,
+    err_console,
+    error_line,
+    exit_code_of,
+    reader_left,
+    run,
+)
 from agentrt.db.errors import (
     DatabaseUnavailableError,
     InvalidInputError,
@@ -81,7 +89,7 @@ async def _chat(
             f'conversation {session_id}; Ctrl-C stops an answer, Ctrl-D (or exit) leaves', style='dim', highlight=False
         )
         conversed = await converse(
-            lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors()
+            lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors(), reader_left
         )
         if conversed.last_error is not None and not isinstance(lines, TerminalLines):
             # Lines from a pipe or a file: the script that fed them reads the exit code, not the error lines.

@@ -22,6 +22,7 @@ from agentrt.agents.cli.support import Stopped, err_console, error_line
 
 EXIT_COMMANDS = frozenset({'exit', 'quit', ':q'})
 STOPPED_NOTE = 'stopped: this answer was not saved (the ledger has its request, as cancelled)'
+READER_LEFT_NOTE = 'the output is no longer read (its pipe was closed): the lines left were not sent'
 
 
 class _Interrupts:
@@ -59,13 +60,17 @@ async def converse(
     lines: LineSource,
     answer: Callable[[str], Awaitable[None]],
     turn_errors: tuple[type[BaseException], ...],
+    unread: Callable[[], bool] = lambda: False,
 ) -> Conversed:
-    """Answer each line of `lines` with `answer(line)` until the user leaves (`EOFError`, or an exit command).
+    """Answer each line of `lines` with `answer(line)` until the user leaves (`EOFError`, or an exit command), or
+    nobody reads the answers any more.
 
     Args:
         lines: where lines come from.
         answer: one turn: sends the line and shows the answer.
         turn_errors: what can fail one turn without ending the conversation (printed as an `error:` line).
+        unread: whether the answers' reader went away (`... | agentrt chat | head`): no further line is sent to the
+            model for an output nobody reads (the turn it left in runs to its end).
 
     Returns:
         How many turns ran and failed (an answer stopped by Ctrl-C is neither a failure nor an error).
@@ -78,7 +83,7 @@ async def converse(
     interrupts = _Interrupts(lines, main)
     conversed = Conversed()
     with _sigint_calls(interrupts.interrupt):
-        while True:
+        while not unread():
             try:
                 line = await lines.read()
             except EOFError:
@@ -106,6 +111,8 @@ async def converse(
                 conversed.last_error = exc
             finally:
                 interrupts.answer = None
+        err_console.print(READER_LEFT_NOTE, style='dim', highlight=False)
+    return conversed
 
 
 async def _answer(answer: Callable[[str], Awaitable[None]], line: str) -> None:

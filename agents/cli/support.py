@@ -423,6 +423,11 @@ class _ReaderMayLeave:
         return getattr(self._stream, name)
 
 
+def reader_left() -> bool:
+    """Whether standard output's reader went away (`reader_may_leave`): what is printed now is discarded."""
+    return bool(getattr(sys.stdout, 'reader_left', False))
+
+
 @contextmanager
 def reader_may_leave() -> Iterator[None]:
     """While inside, a standard output whose reader went away (a closed pipe) discards what is printed, quietly,

@@ -133,16 +133,21 @@ async def test_a_signal_while_a_piped_chat_waits_for_its_next_line_stops_it_clea
     assert 'Fatal Python error' not in err and 'stopped by SIGTERM' in err
 
 
-def _chat_read_by_head(database_url: str, session_id: str) -> tuple[int, bytes, str]:
-    """`agentrt chat QUESTION | head -c 20`: the reader takes 20 bytes and closes its end of the pipe, the answer
-    still streaming (the demo model pauses between words)."""
+def _chat_read_by_head(database_url: str, session_id: str, lines: bytes | None = None) -> tuple[int, bytes, str]:
+    """`agentrt chat QUESTION | head -c 20` (or `... lines | agentrt chat | head -c 20`): the reader takes 20 bytes
+    and closes its end of the pipe, the answer still streaming (the demo model pauses between words)."""
     env = {**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'}
-    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--session', session_id, '--delay', '0.02']
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    question = [] if lines is not None else [QUESTION]
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', *question, '--session', session_id]
+    command += ['--delay', '0.02']
+    stdin = subprocess.DEVNULL if lines is None else subprocess.PIPE
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout is not None and process.stderr is not None
+        if lines is not None:
+            assert process.stdin is not None
+            process.stdin.write(lines)
+            process.stdin.close()
         head = process.stdout.read(20)
         process.stdout.close()  # the reader went away
         err = process.stderr.read()
@@ -172,3 +177,14 @@ async def test_a_reader_that_closes_stdout_early_ends_the_output_not_the_turn(
         assert saved.scalar_one() == 1
     statuses = {row['status'] for row in await ledger_rows(chat_session_id='read-by-head')}
     assert statuses == {'complete'}
+
+
+async def test_piped_lines_stop_when_the_reader_of_the_output_goes_away(demo_data: None, database_url: str) -> None:
+    # `questions | agentrt chat | head -c 20`: the turn the reader left in runs to its end (billed), and no further
+    # line is sent to the model for an output nobody reads.
+    lines = f'{QUESTION}\nand in Boston?\nand in Denver?\n'.encode()
+    code, head, err = await asyncio.to_thread(_chat_read_by_head, database_url, 'left-early', lines)
+    assert len(head) == 20 and code == 0, err
+    assert 'Traceback' not in err and 'the lines left were not sent' in err, err
+    rows = await ledger_rows(chat_session_id='left-early')
+    assert len(rows) == 3 and {row['status'] for row in rows} == {'complete'}  # the first turn's 3 requests only
