@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -19,6 +21,17 @@ __all__ = ['Settings', 'default_data_dir', 'get_settings', 'mask_url', 'parse_da
 
 CHARS_PER_TOKEN = 4
 """How the context budget turns text into tokens: the usual rule of thumb for English, without a tokenizer."""
+
+
+def unsafe_directory(directory: Path) -> str | None:
+    """What makes `directory` unsafe for private files such as the ledger's spool (another user's, root's aside; or
+    writable by its group or by anyone, who could then read, replace or plant files in it), or None when it is not."""
+    status = directory.stat()
+    if status.st_uid not in (os.geteuid(), 0):
+        return f'is owned by another user (uid {status.st_uid})'
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'is writable by others (mode {stat.S_IMODE(status.st_mode):o})'
+    return None
 
 
 def default_data_dir() -> Path:
@@ -368,8 +381,17 @@ class Settings(BaseSettings):
     @field_validator('ledger_spool')
     @classmethod
     def _spool_is_a_file(cls, value: Path | None) -> Path | None:
-        if value is not None and value.expanduser().exists() and not value.expanduser().is_file():
+        if value is None:
+            return value
+        path = value.expanduser()
+        if path.exists() and not path.is_file():
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
+        # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
+        if path.parent.is_dir() and (problem := unsafe_directory(path.parent)) is not None:
+            raise ValueError(
+                f'its directory {path.parent} {problem}, so others could read, replace or plant spooled rows; give a '
+                'spool file in a directory of your own, or make that one owner-only (chmod 700)'
+            )
         return value
 
     @field_validator('data_dir', mode='before')

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agentrt.db.errors import ConfigError
+from agentrt.db.settings import unsafe_directory
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -86,7 +87,7 @@ class LedgerSpool:
             ConfigError: the directory is another user's, or writable by its group or by anyone.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        problem = _not_private(self.path.parent)
+        problem = unsafe_directory(self.path.parent)
         if problem is not None:
             raise ConfigError(
                 f'ledger spool: the directory {self.path.parent} {problem}, so others could read, replace or plant '
@@ -97,7 +98,7 @@ class LedgerSpool:
     def pending_files(self) -> list[Path]:
         """The live spool file (if not empty) and any claimed files a crashed replay left behind; nothing in a
         directory others may write (`_private_directory`)."""
-        if self.path.parent.exists() and _not_private(self.path.parent) is not None:
+        if self.path.parent.exists() and unsafe_directory(self.path.parent) is not None:
             return []
         found = sorted(self.path.parent.glob(self.path.name + '.replaying-*')) if self.path.parent.exists() else []
         try:
@@ -203,16 +204,6 @@ class LedgerSpool:
 
 
 _FIRST_LINE_BYTES = 8 * 1024 * 1024
-
-
-def _not_private(directory: Path) -> str | None:
-    """What makes `directory` unsafe for a spool (another user's, writable by others), or None."""
-    status = directory.stat()
-    if status.st_uid not in (os.geteuid(), 0):
-        return f'is owned by another user (uid {status.st_uid})'
-    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f'is writable by others (mode {stat.S_IMODE(status.st_mode):o})'
-    return None
 
 
 def _is_spooled_row(line: bytes) -> bool:

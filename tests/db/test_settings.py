@@ -196,3 +196,24 @@ def test_a_database_url_too_malformed_to_mask_never_reaches_the_error_or_its_tra
     shown = ''.join(traceback.format_exception(caught.value))
     assert 'DATABASE_URL is not a valid URL' in shown
     assert 's3cr3t-pw' not in shown
+
+
+def test_a_spool_in_a_directory_others_may_write_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The spool refused such a directory only when it first had to write, during an outage: the rows it was given
+    # then were lost. A configured one is checked with the rest of the configuration, before anything runs.
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    shared.chmod(0o777)
+    get_settings.cache_clear()
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(shared / 'spool.jsonl'))
+    try:
+        with pytest.raises(ConfigError) as info:
+            get_settings()
+        shared.chmod(0o700)
+        get_settings.cache_clear()
+        assert get_settings().ledger_spool == shared / 'spool.jsonl'
+    finally:
+        get_settings.cache_clear()
+    message = str(info.value)
+    assert message.startswith('invalid configuration: AGENTRT_LEDGER_SPOOL:') and 'writable by others' in message
+    assert f'{shared}' in message and 'chmod 700' in message
