@@ -35,13 +35,29 @@ _CANNOT_CONNECT_CLASSES = frozenset(
         'ConnectionRejectionError',  # 08004
     }
 )
-# A statement PostgreSQL gave up on, the connection intact: it waited longer than `lock_timeout` for a lock another
-# session holds (55P03), or ran longer than `statement_timeout` or was cancelled by an operator (57014).
-_TIMED_OUT_SQLSTATES = {'55P03': 'lock', '57014': 'statement'}
-# A transaction PostgreSQL aborted in a conflict with a concurrent one, the connection intact: a deadlock it broke by
-# ending this side (40P01), or a snapshot a concurrent commit made stale (40001, REPEATABLE READ and SERIALIZABLE).
-# The whole operation, run again, normally succeeds.
-_CONFLICT_SQLSTATES = {'40P01': 'deadlock', '40001': 'serialization'}
+# A statement or transaction PostgreSQL gave up on, the connection intact, with what happened and what to do: it
+# waited longer than `lock_timeout` for a lock another session holds (55P03); it ran longer than `statement_timeout`,
+# or an operator cancelled it (57014); it was aborted in a conflict with a concurrent transaction, a deadlock broken by
+# ending this side (40P01) or a snapshot a concurrent commit made stale (40001, REPEATABLE READ and SERIALIZABLE). None
+# is a bug of the caller's nor a broken connection, and the same operation run again normally succeeds.
+_GAVE_UP_SQLSTATES = {
+    '55P03': (
+        'PostgreSQL stopped waiting for a lock that another session holds ({error}; DB_LOCK_TIMEOUT_MS)',
+        'the operation did not complete; retry once that session has finished',
+    ),
+    '57014': (
+        'PostgreSQL cancelled a statement ({error}; a statement runs at most DB_STATEMENT_TIMEOUT_MS)',
+        'the operation did not complete; retry once the database is less busy',
+    ),
+    '40P01': (
+        'PostgreSQL broke a deadlock with another session by ending this transaction ({error})',
+        'the operation did not complete (rolled back); retrying it normally succeeds',
+    ),
+    '40001': (
+        'PostgreSQL aborted this transaction in a conflict with a concurrent one ({error})',
+        'the operation did not complete (rolled back); retrying it normally succeeds',
+    ),
+}
 _LOST_CONNECTION_MESSAGES = ('connection is closed', 'another operation is in progress', 'connection was closed')
 
 
@@ -115,49 +131,20 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         )
     if cannot_connect(exc):
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
-    if (timeout := timed_out(exc)) is not None:
-        return DatabaseUnavailableError(timeout)
-    if (conflict := conflicted(exc)) is not None:
-        return DatabaseUnavailableError(conflict)
+    if (gave_up := given_up(exc)) is not None:
+        return DatabaseUnavailableError(gave_up)
     return None
 
 
-def conflicted(exc: BaseException) -> str | None:
-    """What happened, for a person, when PostgreSQL aborted the transaction in a conflict with a concurrent one (a
-    deadlock, SQLSTATE 40P01; a serialization failure, 40001), else None. Neither is a bug of the caller's nor a
-    broken connection: two sessions wanted the same rows at once, and the same operation run again normally
-    succeeds, so it is reported as the database being (briefly) unavailable for it."""
+def given_up(exc: BaseException) -> str | None:
+    """What PostgreSQL gave up on, for a person, with what to do, when `exc` is a lock or statement timeout, an
+    operator's cancel, a deadlock or a serialization failure (`_GAVE_UP_SQLSTATES`), else None. Reported as the
+    database being (briefly) unavailable for the operation: the connection is intact, the caller made no mistake."""
     for error in _chain(exc):
-        kind = _CONFLICT_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
-        if kind == 'deadlock':
-            return (
-                f'PostgreSQL broke a deadlock with another session by ending this transaction ({_first_line(error)}):'
-                ' the operation did not complete (rolled back); retrying it normally succeeds'
-            )
-        if kind == 'serialization':
-            return (
-                f'PostgreSQL aborted this transaction in a conflict with a concurrent one ({_first_line(error)}): '
-                'the operation did not complete (rolled back); retrying it normally succeeds'
-            )
-    return None
-
-
-def timed_out(exc: BaseException) -> str | None:
-    """What PostgreSQL gave up on, for a person, when `exc` is a lock or statement timeout (or an operator's cancel),
-    else None. The connection is intact: such a statement is no bug of the caller's but a database too busy (a lock
-    held by another session, a slow query), so it is reported as the database being unavailable, with the setting."""
-    for error in _chain(exc):
-        kind = _TIMED_OUT_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
-        if kind == 'lock':
-            return (
-                f'PostgreSQL stopped waiting for a lock that another session holds ({_first_line(error)}; '
-                'DB_LOCK_TIMEOUT_MS): the operation did not complete; retry once that session has finished'
-            )
-        if kind == 'statement':
-            return (
-                f'PostgreSQL cancelled a statement ({_first_line(error)}; a statement runs at most '
-                'DB_STATEMENT_TIMEOUT_MS): the operation did not complete; retry once the database is less busy'
-            )
+        found = _GAVE_UP_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
+        if found is not None:
+            what, then = found
+            return f'{what.format(error=_first_line(error))}: {then}'
     return None
 
 
