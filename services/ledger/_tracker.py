@@ -226,22 +226,7 @@ class LLMRequestTracker:
         Returns:
             True when a replay was started, False when there was nothing to replay or one is already running.
         """
-        queues = self._queues(asyncio.get_running_loop())
-        if queues.replay_task is not None:
-            return False
-        self._last_spool_check = time.monotonic()
-        try:
-            pending = self.spool.has_pending()
-        except OSError as exc:
-            logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
-            return False
-        if not pending:
-            return False
-        self._spool_dirty = False
-        queues.replay_task = asyncio.get_running_loop().create_task(
-            self._background_replay(queues), context=contextvars.Context()
-        )
-        return True
+        return self._maybe_replay(self._queues(asyncio.get_running_loop()), at_start=True)
 
     def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
         """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""
@@ -464,24 +449,29 @@ class LLMRequestTracker:
             logger.error('ledger: neither the database nor the spool took this row (%s): %s', exc, entry['row'])
         return 'lost'
 
-    def _maybe_replay(self, queues: LoopQueues) -> None:
-        """After a successful write, replay the spool if this tracker spooled, or now and then for other processes."""
+    def _maybe_replay(self, queues: LoopQueues, *, at_start: bool = False) -> bool:
+        """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
+        `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started."""
         if queues.replay_task is not None:
-            return
+            return False
         now = time.monotonic()
         due = self._last_spool_check is None or now - self._last_spool_check >= self.config.replay_check_interval
-        if not (self._spool_dirty or due):
-            return
+        if not (self._spool_dirty or due or at_start):
+            return False
         self._last_spool_check = now
         try:
             pending = self._spool_dirty or self.spool.has_pending()
-        except OSError:
-            return
-        if pending:
-            self._spool_dirty = False
-            queues.replay_task = asyncio.get_running_loop().create_task(
-                self._background_replay(queues), context=contextvars.Context()
-            )
+        except OSError as exc:
+            if at_start:
+                logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
+            return False
+        if not pending:
+            return False
+        self._spool_dirty = False
+        queues.replay_task = asyncio.get_running_loop().create_task(
+            self._background_replay(queues), context=contextvars.Context()
+        )
+        return True
 
     async def _background_replay(self, queues: LoopQueues) -> None:
         try:
