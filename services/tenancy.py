@@ -30,12 +30,17 @@ class UnknownTenantError(AgentRuntimeError):
         self.what = what
 
 
-async def get_account(slug: str, *, session: AsyncSession) -> Account:
-    """Return the account with `slug`.
+async def get_account(slug: str | int, *, session: AsyncSession) -> Account:
+    """Return the account with `slug`, or with that id when it is an `int` (an operator's `--account 7`).
 
     Raises:
-        UnknownTenantError: listing the accounts that exist.
+        UnknownTenantError: listing the accounts that exist (for an id: naming it).
     """
+    if isinstance(slug, int):
+        found = (await session.execute(select(Account).where(Account.id == slug))).scalar_one_or_none()
+        if found is None:
+            raise UnknownTenantError(f'unknown account id {slug}')
+        return found
     # As stored text: a slug the driver cannot send (a lone surrogate of an undecodable argument) is simply unknown.
     stored = storable_text(slug)
     account = (await session.execute(select(Account).where(Account.slug == stored))).scalar_one_or_none()

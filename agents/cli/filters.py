@@ -73,15 +73,9 @@ async def check_account(session: AsyncSession, account: str | int | None) -> Non
     Listings call it when they found nothing: an empty answer for a misspelt account read as "no activity". Ledger
     rows outlive their account (the ledger keeps its slug), so a deleted account's rows are still listed.
     """
-    from sqlalchemy import select
+    from agentrt.services.tenancy import get_account
 
-    from agentrt.db.models import Account
-    from agentrt.services.tenancy import UnknownTenantError, get_account
-
-    if isinstance(account, int):
-        if (await session.execute(select(Account.id).where(Account.id == account))).scalar_one_or_none() is None:
-            raise UnknownTenantError(f'unknown account id {account}')
-    elif account is not None:
+    if account is not None:
         await get_account(account, session=session)
 
 

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import InvalidInputError
-from agentrt.db.models import Account, AccountBudget, BudgetPeriod
+from agentrt.db.models import AccountBudget, BudgetPeriod
 from agentrt.services.budgets._windows import Period, default_anchor, window_sql
-from agentrt.services.tenancy import UnknownTenantError, get_account
+from agentrt.services.tenancy import get_account
 
 _INFINITE = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 """The instants asyncpg stores as -infinity and infinity."""
@@ -115,7 +115,7 @@ async def set_budget(
     Raises:
         UnknownTenantError: no such account. InvalidInputError: a limit out of range, an anchor without a window.
     """
-    account_row = await _account(session, account)
+    account_row = await get_account(account, session=session)
     limit_usd = parse_limit(limit_usd)
     if window_anchor is not None and period.kind != 'window':
         raise InvalidInputError('an anchor applies to a custom window (e.g. --period 7d) only', field='anchor')
@@ -157,7 +157,7 @@ async def remove_budget(*, session: AsyncSession, account: str | int) -> bool:
     Raises:
         UnknownTenantError: no such account.
     """
-    account_row = await _account(session, account)
+    account_row = await get_account(account, session=session)
     result = await session.execute(
         delete(AccountBudget).where(AccountBudget.account_id == account_row.id).returning(AccountBudget.account_id)
     )
@@ -203,15 +203,6 @@ async def account_budget_status(*, session: AsyncSession, account: str | int) ->
     Raises:
         UnknownTenantError: no such account.
     """
-    account_row = await _account(session, account)
+    account_row = await get_account(account, session=session)
     statuses = await budget_statuses(session=session, account_id=account_row.id)
     return statuses[0] if statuses else None
-
-
-async def _account(session: AsyncSession, account: str | int) -> Account:
-    if isinstance(account, int):
-        row = (await session.execute(select(Account).where(Account.id == account))).scalar_one_or_none()
-        if row is None:
-            raise UnknownTenantError(f'unknown account id {account}')
-        return row
-    return await get_account(account, session=session)
