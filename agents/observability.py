@@ -236,10 +236,9 @@ def _record_redacted(span: trace.Span, error: BaseException) -> None:
     """What `Span.record_exception` and the error status record of `error`, through the log lines' redaction."""
     import traceback
 
-    from agentrt.services.ledger.redaction import redact_cut
-    from agentrt.services.log_redaction import MAX_LOGGED_CHARS
+    from agentrt.services.log_redaction import redacted_log_text
 
-    message = redact_cut(str(error), MAX_LOGGED_CHARS, marker=' [cut]')
+    message = redacted_log_text(str(error))
     kind = type(error)
     span.add_event(
         'exception',
@@ -248,9 +247,7 @@ def _record_redacted(span: trace.Span, error: BaseException) -> None:
             if kind.__module__ == 'builtins'
             else f'{kind.__module__}.{kind.__qualname__}',
             'exception.message': message,
-            'exception.stacktrace': redact_cut(
-                ''.join(traceback.format_exception(error)), MAX_LOGGED_CHARS, marker=' [cut]'
-            ),
+            'exception.stacktrace': redacted_log_text(''.join(traceback.format_exception(error))),
             'exception.escaped': 'False',
         },
     )

@@ -41,23 +41,24 @@ def redact_record(record: logging.LogRecord) -> None:
         message = record.getMessage()
     except Exception:  # arguments that do not fit the format: logging reports that itself, leave it be
         return
-    redacted = _redacted(message)
+    redacted = redacted_log_text(message)
     if redacted is not message:
         record.msg, record.args = redacted, None
     if record.exc_info and record.exc_info[1] is not None:
         error = record.exc_info[1]
-        record.exc_text = _redacted(''.join(traceback.format_exception(error)).rstrip('\n'))
-        record.__dict__['exc_line'] = _redacted(f'{type(error).__name__}: {" ".join(str(error).split())}')
+        record.exc_text = redacted_log_text(''.join(traceback.format_exception(error)).rstrip('\n'))
+        record.__dict__['exc_line'] = redacted_log_text(f'{type(error).__name__}: {" ".join(str(error).split())}')
         record.__dict__['exc_class'] = type(error)  # for a handler that tells kinds of failure apart (the CLI's)
         record.exc_info = None
     elif record.exc_text:
-        record.exc_text = _redacted(record.exc_text)
+        record.exc_text = redacted_log_text(record.exc_text)
     if record.stack_info:
-        record.stack_info = _redacted(record.stack_info)
+        record.stack_info = redacted_log_text(record.stack_info)
 
 
-def _redacted(text: str) -> str:
-    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')  # redacted before the cut: no secret left half shown
+def redacted_log_text(text: str) -> str:
+    """`text` as a log line may carry it: redacted, then cut to `MAX_LOGGED_CHARS` (no secret left half shown)."""
+    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')
 
 
 class RedactingFilter(logging.Filter):
@@ -77,7 +78,7 @@ class ArgumentRedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(_redacted(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(redacted_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 
