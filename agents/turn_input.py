@@ -10,7 +10,6 @@ store) is replaced by U+FFFD, as the store does with a model's or a tool's text,
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pydantic_ai.models import Model
 from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
-from agentrt.db.errors import InvalidInputError
+from agentrt.db.errors import InvalidInputError, check_seconds
 from agentrt.db.settings import Settings
 from agentrt.services.pg_text import describe_char, preview, storable_text
 
@@ -137,27 +136,20 @@ def validate_run_arguments(
         InvalidInputError: naming the first argument of the wrong type or value.
     """
     if model is not None and not isinstance(model, str | Model):
-        raise _wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
+        raise InvalidInputError.wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
     if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
-        raise _wrong_type('usage_limits', 'a pydantic-ai UsageLimits or None', usage_limits)
+        raise InvalidInputError.wrong_type('usage_limits', 'a pydantic-ai UsageLimits or None', usage_limits)
     if not _sequence_of(toolsets, lambda item: isinstance(item, AbstractToolset)):
-        raise _wrong_type('toolsets', 'a sequence of pydantic-ai toolsets', toolsets)
+        raise InvalidInputError.wrong_type('toolsets', 'a sequence of pydantic-ai toolsets', toolsets)
     if not (_instruction(instructions) or _sequence_of(instructions, _instruction)):
-        raise _wrong_type('instructions', 'text, a function of the run context, or a sequence of them', instructions)
-    if agent is not None and not isinstance(agent, Agent):
-        raise _wrong_type('agent', 'a pydantic-ai Agent (create_simple_chat_agent()) or None', agent)
-    if on_tool_event is not None and not callable(on_tool_event):
-        raise _wrong_type('on_tool_event', 'a function or None', on_tool_event)
-    if isinstance(stream_delay, bool) or not isinstance(stream_delay, int | float):
-        raise _wrong_type('stream_delay', 'a number of seconds', stream_delay)
-    if not (math.isfinite(stream_delay) and stream_delay >= 0):
-        raise InvalidInputError(
-            f'stream_delay must be a finite number of seconds, 0 or more, not {stream_delay!r}', field='stream_delay'
+        raise InvalidInputError.wrong_type(
+            'instructions', 'text, a function of the run context, or a sequence of them', instructions
         )
-
-
-def _wrong_type(field: str, expected: str, value: object) -> InvalidInputError:
-    return InvalidInputError(f'{field} must be {expected}, not {type(value).__name__}', field=field)
+    if agent is not None and not isinstance(agent, Agent):
+        raise InvalidInputError.wrong_type('agent', 'a pydantic-ai Agent (create_simple_chat_agent()) or None', agent)
+    if on_tool_event is not None and not callable(on_tool_event):
+        raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
+    check_seconds(stream_delay, 'stream_delay')
 
 
 def _instruction(value: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from decimal import Decimal
 
@@ -60,6 +61,24 @@ class InvalidInputError(AgentRuntimeError, ValueError):
     def __init__(self, message: str, *, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+    @classmethod
+    def wrong_type(cls, field: str, expected: str, value: object) -> InvalidInputError:
+        """`field must be <expected>, not <the value's type>`."""
+        return cls(f'{field} must be {expected}, not {type(value).__name__}', field=field)
+
+
+def check_seconds(value: object, field: str) -> None:
+    """Refuse a duration that is not a finite number of seconds, 0 or more (a NaN or negative one would make a wait
+    end at once, an infinite one never).
+
+    Raises:
+        InvalidInputError: naming `field`.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError.wrong_type(field, 'a number of seconds', value)
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInputError(f'{field} must be a finite number of seconds, 0 or more, not {value!r}', field=field)
 
 
 class TurnLimitExceededError(AgentRuntimeError):

@@ -6,13 +6,12 @@ flag would be taken as `True`: neither fails, both silently do something else th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 from pydantic_ai.capabilities import AbstractCapability
 
-from agentrt.db.errors import InvalidInputError
+from agentrt.db.errors import InvalidInputError, check_seconds
 from agentrt.services.budgets import BudgetConfig
 from agentrt.services.ledger._tracker import LLMRequestTracker
 
@@ -43,26 +42,16 @@ def check_options(capability: Any) -> None:
     for name in _FLAGS:
         value = getattr(capability, name)
         if not isinstance(value, bool):
-            raise _wrong_type(name, 'True or False', value)
+            raise InvalidInputError.wrong_type(name, 'True or False', value)
     for name in _TEXTS:
         value = getattr(capability, name)
         if value is not None and not isinstance(value, str):
-            raise _wrong_type(name, 'text or None', value)
-    ack_timeout = capability.ack_timeout
-    if isinstance(ack_timeout, bool) or not isinstance(ack_timeout, int | float):
-        raise _wrong_type('ack_timeout', 'a number of seconds', ack_timeout)
-    if not (math.isfinite(ack_timeout) and ack_timeout >= 0):
-        raise InvalidInputError(
-            f'ack_timeout must be a finite number of seconds, 0 or more, not {ack_timeout!r}', field='ack_timeout'
-        )
+            raise InvalidInputError.wrong_type(name, 'text or None', value)
+    check_seconds(capability.ack_timeout, 'ack_timeout')
     if capability.tracker is not None and not isinstance(capability.tracker, LLMRequestTracker):
-        raise _wrong_type('tracker', 'an LLMRequestTracker or None', capability.tracker)
+        raise InvalidInputError.wrong_type('tracker', 'an LLMRequestTracker or None', capability.tracker)
     if capability.budget is not None and not isinstance(capability.budget, BudgetConfig):
-        raise _wrong_type('budget', 'a BudgetConfig or None', capability.budget)
+        raise InvalidInputError.wrong_type('budget', 'a BudgetConfig or None', capability.budget)
     riders = capability.riders
     if not (isinstance(riders, tuple) and all(isinstance(rider, AbstractCapability) for rider in riders)):
-        raise _wrong_type('riders', 'a tuple of pydantic-ai capabilities', riders)
-
-
-def _wrong_type(field: str, expected: str, value: object) -> InvalidInputError:
-    return InvalidInputError(f'{field} must be {expected}, not {type(value).__name__}', field=field)
+        raise InvalidInputError.wrong_type('riders', 'a tuple of pydantic-ai capabilities', riders)
