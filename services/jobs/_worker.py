@@ -72,6 +72,7 @@ class WorkerStop:
         """The worker middleware: knows the running jobs, so a stop can cut them short."""
         task = asyncio.current_task()
         assert task is not None
+        task.add_done_callback(_outcome_not_saved)  # the job's own task: procrastinate saves the outcome in it, later
         self._running.add(task)
         try:
             return await call_next()
@@ -87,6 +88,21 @@ class WorkerStop:
         if self._deadline is not None:
             self._deadline.cancel()
         self._worker = None
+
+
+def _outcome_not_saved(task: asyncio.Task[Any]) -> None:
+    """Say once, calmly, that a job ran but PostgreSQL was lost as procrastinate saved how it ended. procrastinate
+    leaves that error in the job's task, which nothing awaits: asyncio printed "Task exception was never retrieved"
+    and two tracebacks at exit. The job is still marked running; the retry-stalled job runs it again (jobs are
+    idempotent)."""
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    lost = queue_unavailable(exc, 'lost PostgreSQL')
+    logger.warning(
+        '%s ran, but how it ended could not be saved: %s; it runs again once found stalled',
+        task.get_name().removeprefix('process job '),
+        lost or f'{type(exc).__name__}: {" ".join(str(exc).split())}',
+    )
 
 
 def _jobs(count: int) -> str:
