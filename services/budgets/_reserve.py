@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.session import scoped_connection
 from agentrt.services.budgets._holders import Holder, this_process
 from agentrt.services.budgets._settle import WINDOW_LOCK
@@ -179,6 +180,11 @@ async def reserve(
         'pid': holder.pid,
         'started': holder.started,
     }
+    # A hold committed as the caller is cancelled is given back (`undone_if_cancelled`), not left to its TTL.
+    return await undone_if_cancelled(_reserve(request_id, account_id, params), _release_hold)
+
+
+async def _reserve(request_id: uuid.UUID, account_id: int, params: dict[str, Any]) -> Hold | Refusal | None:
     # One transaction as the account's request role (row-level security); its role and tenant ride on the BEGIN.
     async with scoped_connection(account=account_id) as connection:
         params['open'] = False
@@ -199,6 +205,11 @@ async def reserve(
                 await connection.execute(_OPEN_WINDOW, {'key': WINDOW_LOCK})
                 params['open'] = True
     return Refusal(row['limit_usd'], None, None, row['period_start'], row['period_end'])
+
+
+async def _release_hold(result: Hold | Refusal | None) -> None:
+    if isinstance(result, Hold):
+        await release(result)
 
 
 async def release(hold: Hold) -> None:

@@ -21,7 +21,7 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget
 from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs
 from tests.agents.conftest import account_id
-from tests.factories import ledger_rows, scalar
+from tests.factories import ledger_rows, scalar, slow_commit_reply
 from tests.services.budgets.priced_model import PricedModel
 
 TURNS = 50
@@ -154,3 +154,24 @@ async def test_a_long_conversation_holds_what_its_requests_send_not_its_whole_hi
     sent_usd = pricer_for(model).cost(sent['input_tokens'], 0, sent['started_at'])  # type: ignore[union-attr]
     assert sent['input_tokens'] > 3_000, 'the request is past the budget (instructions and tools on top)'
     assert held <= sent_usd * Decimal('1.2'), f'held {held} for an input that cost {sent_usd}'
+
+
+async def test_a_turn_cancelled_as_its_hold_commits_gives_the_hold_back(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A turn cancelled (a client gone, a timeout) while the reply to its hold's COMMIT was in flight: pydantic-ai runs
+    # the request's hooks in an anyio cancel scope, which cancels again at every await, so the hold was left to its
+    # TTL (15 minutes in a live process), shown as held by a request in flight that nobody sent.
+    await _set('acme-health', '100')
+    model = PricedModel()
+    with slow_commit_reply(monkeypatch, skip=1) as committed:  # the turn's start commits first, then its hold
+        turn = asyncio.create_task(_turn('How many cardiologists?', 'cancelled-hold', False, model, 'acme-health'))
+        await committed.wait()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+    await _drain()
+    assert model.arrived == 0, 'nothing was sent'
+    assert await scalar('SELECT count(*) FROM budget_reservations') == 0
+    _, reserved, holds = await _status('acme-health')
+    assert reserved == 0 and holds == 0
