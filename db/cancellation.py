@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import anyio
+
 T = TypeVar('T')
 
 
@@ -39,13 +41,18 @@ async def undone_if_cancelled(operation: Coroutine[Any, Any, T], undo: Callable[
 
 
 async def _to_the_end(task: asyncio.Future[Any]) -> None:
-    """Wait until `task` ends, through any cancellation of the caller meanwhile: anyio's cancel scopes (pydantic-ai
-    runs a model request's hooks in one) cancel a task again at every await until the scope exits, so one wait would
-    end at once, and the operation would run on with nobody to undo it."""
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            continue
+    """Wait until `task` ends, through any cancellation of the caller meanwhile.
+
+    anyio's cancel scopes (pydantic-ai runs a model request's hooks in one, Starlette a streamed response) cancel a
+    task again at every await until the scope exits, so one wait would end at once and the operation would run on
+    with nobody to undo it: a shielded scope keeps them out (the loop, without it, spun on their redeliveries).
+    A plain asyncio cancellation still reaches the wait; the loop waits on.
+    """
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
     if not task.cancelled():
         task.exception()  # retrieved: an undo that failed is the lease's or TTL's to end, not a log line per task
