@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
 from agentrt.db.engine import current_settings, get_engine
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.settings import Settings, parse_database_url
 
@@ -86,6 +86,10 @@ async def open_queue() -> App:
     """Open the queue for this process (once per event loop; safe from many tasks): a small psycopg pool on
     `queue_conninfo`, owned by a connector of its own.
 
+    Raises:
+        DatabaseUnavailableError: the queue's server cannot be reached within `DB_CONNECT_TIMEOUT`.
+        ConfigError: its database has no job tables (another database than the runtime's, or not migrated).
+
     Prepared statements are off (`prepare_threshold=None`): behind PgBouncer in transaction mode psycopg's automatic
     ones collide (measured: 18 of 200 defers failed without it).
     """
@@ -107,10 +111,18 @@ async def open_queue() -> App:
         jobs.connector = jobs.job_manager.connector = connector  # as App.replace_connector does
         try:
             await jobs.open_async()
+            has_tables = await jobs.check_connection_async()
         except Exception as exc:
             if (unavailable := queue_unavailable(exc, 'cannot connect to PostgreSQL')) is not None:
                 raise unavailable from exc
             raise
+        if not has_tables:
+            await jobs.close_async()
+            raise ConfigError(
+                f"the job queue's database at {mask_url(conninfo)} has no job tables (procrastinate_jobs): it must be "
+                "the runtime's own database, migrated (`agentrt db upgrade`, migration 0011_procrastinate); "
+                'AGENTRT_QUEUE_DATABASE_URL, when set, names that same database by a direct connection'
+            )
         _open_on = loop
         logger.info('job queue open on %s', mask_url(conninfo))
         return jobs

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import signal
 import socket
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from agentrt.db.engine import current_settings
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
+from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
 from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
@@ -209,3 +213,38 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def database_without_jobs() -> AsyncIterator[str]:
+    """A database of the test server with no table at all: not migrated."""
+    name = f'no_jobs_{uuid.uuid4().hex[:8]}'
+    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE {name}'))
+    yield name
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+
+
+async def test_a_queue_database_without_the_job_tables_is_a_clear_error(
+    queue: None, database_without_jobs: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # AGENTRT_QUEUE_DATABASE_URL naming another database than the runtime's (or one never migrated): the worker ended
+    # with "internal error: ConnectorException: Database error. ... report it" (exit code 70), and every turn's
+    # process logged "failed: ConnectorException: Database error." with a traceback.
+    settings = current_settings()
+    other = get_engine().url.set(database=database_without_jobs).render_as_string(hide_password=False)
+    monkeypatch.setattr(settings, 'queue_database_url', queue_url(other))
+    await close_queue()
+    expected = rf'job queue.*{database_without_jobs}.* has no job tables .*agentrt db upgrade'
+    try:
+        with pytest.raises(ConfigError, match=expected):
+            await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
+        await chat('no-job-tables')
+        await get_supervisor().join()
+    finally:
+        await close_queue()
+    [failure] = [r for r in caplog.records if 'queue post-turn jobs no-job-tables' in r.getMessage()]
+    assert re.search(rf'ConfigError: .*{expected}', failure.exc_text or '')
+    assert 'ConnectorException' not in caplog.text
