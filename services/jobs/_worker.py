@@ -105,6 +105,35 @@ def _outcome_not_saved(task: asyncio.Task[Any]) -> None:
     )
 
 
+class _QueueLossSaidOnce(logging.Filter):
+    """On procrastinate's loggers while a worker runs: its lines for a lost queue connection said the runtime's way.
+
+    A side task (the listener, the heartbeat) that loses PostgreSQL stops procrastinate's worker, which logged it twice
+    ("Side task listener failed with exception: Database error., stopping worker", then "listener error:
+    ConnectorException(...)"), each with a traceback, before `run_worker` raised the runtime's own error: those lines
+    are dropped and their error kept (`lost`) for that one. A loss procrastinate recovers from (polling for jobs to
+    abort) is one warning line in the runtime's words, without the traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a line `run_worker`'s error replaces; a lost connection on one line; any other line as it is."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or (lost := queue_unavailable(exc, 'lost PostgreSQL')) is None:
+            return True
+        action = str(getattr(record, 'action', ''))
+        if action == 'side_task_failed' or (record.name == 'procrastinate.utils' and action.endswith('_error')):
+            self.lost = self.lost or exc
+            return False
+        record.msg, record.args = f'{action or record.getMessage()}: {lost}', None
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, 'WARNING'
+        return True
+
+
 def _jobs(count: int) -> str:
     return f'{count} running job' + ('' if count == 1 else 's')
 
@@ -139,6 +168,11 @@ async def run_worker(
     if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
         return
     stop.attach(worker)
+    said_once = _QueueLossSaidOnce()
+    loggers = [logging.getLogger(name) for name in ('procrastinate.worker', f'procrastinate.worker.{name}')]
+    loggers.append(logging.getLogger('procrastinate.utils'))
+    for each in loggers:
+        each.addFilter(said_once)
     running = asyncio.ensure_future(worker.run())  # type: ignore[no-untyped-call]  # procrastinate: untyped
     heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, settings.jobs_heartbeat_seconds))
     cancelled = False
@@ -152,6 +186,8 @@ async def run_worker(
                 cancelled = True
                 stop.request()  # the first stops gracefully, another cuts the running jobs short
         running.result()
+        if said_once.lost is not None:  # a side task lost the queue's connection: its lines were held back for this
+            raise said_once.lost
         if cancelled:
             raise asyncio.CancelledError
         if not burst and not stop.requests:
@@ -170,6 +206,8 @@ async def run_worker(
             raise lost from exc
         raise
     finally:
+        for each in loggers:
+            each.removeFilter(said_once)
         stop.detach()
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import re
 import signal
 import socket
@@ -124,7 +125,7 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
 
 
 async def test_a_worker_whose_server_goes_away_stops_with_a_database_error_not_exit_0(
-    queue: None, private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch
+    queue: None, private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # procrastinate stops a worker, without raising, when its LISTEN connection fails and cannot be made again (a
     # restart, a failover): the worker then exited 0, so no process manager started it again and no job ran; or, with
@@ -148,6 +149,11 @@ async def test_a_worker_whose_server_goes_away_stops_with_a_database_error_not_e
                 await asyncio.to_thread(private_database.server.start)
         finally:
             await close_queue()
+    # The error raised says it once: procrastinate's own lines for the failed side task ("Side task listener failed
+    # with exception: Database error., stopping worker", "listener error: ConnectorException(...)", each with a
+    # traceback under `--debug`) came before it.
+    procrastinates = [r for r in caplog.records if r.name.startswith('procrastinate') and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in procrastinates] == []
 
 
 async def test_a_job_that_ends_while_postgresql_is_down_says_its_outcome_was_not_saved(
