@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import re
 import signal
@@ -254,3 +255,53 @@ async def test_a_queue_database_without_the_job_tables_is_a_clear_error(
     [failure] = [r for r in caplog.records if 'queue post-turn jobs no-job-tables' in r.getMessage()]
     assert re.search(rf'ConfigError: .*{expected}', failure.exc_text or '')
     assert 'ConnectorException' not in caplog.text
+
+
+async def test_reconcile_deletes_the_jobs_that_failed_for_good_after_some_days(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Succeeded jobs were deleted as they ended, failed ones never: a job failing every attempt (a bug, a row that
+    # cannot be saved) added a row and its events to the queue's tables for ever; the periodic ones, every few minutes.
+    monkeypatch.setattr(current_settings(), 'jobs_keep_failed_days', 7)
+    ended = {}
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        for name, status, days_ago in (
+            ('old failed', 'failed', 8),
+            ('old aborted', 'aborted', 8),
+            ('recent failed', 'failed', 6),
+            ('waiting', 'todo', 30),  # queued long ago and still to run: kept
+        ):
+            job_id = (
+                await session.execute(
+                    text(
+                        "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW('post_turn', 'agentrt.usage_rollup', 0, NULL, "
+                        'NULL, CAST(:args AS jsonb), NULL)::procrastinate_job_to_defer_v1]))[1]'
+                    ),
+                    {'args': json.dumps({'account_id': len(ended) + 1})},
+                )
+            ).scalar_one()
+            if status != 'todo':
+                await session.execute(
+                    text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {'id': job_id}
+                )
+                await session.execute(
+                    text('UPDATE procrastinate_jobs SET status = CAST(:s AS procrastinate_job_status) WHERE id = :id'),
+                    {'id': job_id, 's': status},
+                )
+            await session.execute(
+                text('UPDATE procrastinate_events SET at = now() - make_interval(days => :days) WHERE job_id = :id'),
+                {'id': job_id, 'days': days_ago},
+            )
+            ended[name] = job_id
+
+    report = await reconcile_post_turn_work()
+
+    assert report.jobs_deleted == 2
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        left = set((await session.execute(text('SELECT id FROM procrastinate_jobs'))).scalars())
+        events = set((await session.execute(text('SELECT DISTINCT job_id FROM procrastinate_events'))).scalars())
+    assert left == events == {ended['recent failed'], ended['waiting']}
+    monkeypatch.setattr(current_settings(), 'jobs_keep_failed_days', 0)  # kept until deleted by hand
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text("UPDATE procrastinate_events SET at = now() - interval '1 year'"))
+    assert (await reconcile_post_turn_work()).jobs_deleted == 0
