@@ -78,8 +78,19 @@ def queue_conninfo(settings: Settings, engine_url: URL) -> str:
 
 def listens(settings: Settings) -> bool:
     """Whether workers wait for jobs with LISTEN/NOTIFY: not through a transaction pooler, where a LISTEN is lost
-    when the pooler hands the server connection to another client (the workers poll instead)."""
-    return not settings.pooled or settings.queue_database_url is not None
+    when the pooler hands the server connection to another client (the workers poll instead). In the pooler mode,
+    only when `AGENTRT_QUEUE_DATABASE_URL` names another address than `DATABASE_URL` (a direct connection): the same
+    address is the pooler again."""
+    if not settings.pooled:
+        return True
+    if settings.queue_database_url is None or settings.database_url is None:
+        return False
+    return _address(settings.queue_database_url) != _address(settings.database_url)
+
+
+def _address(database_url: str) -> tuple[object, ...]:
+    url = parse_database_url(database_url)
+    return (url.host, url.port, url.database, url.query.get('host'), url.query.get('port'))
 
 
 async def open_queue() -> App:

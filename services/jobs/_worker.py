@@ -14,6 +14,7 @@ from procrastinate.worker import Worker
 
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.settings import Settings
 from agentrt.services.jobs._app import listens, open_queue, queue_unavailable
 from agentrt.services.jobs._tasks import QUEUES
 
@@ -164,7 +165,7 @@ async def run_worker(
         install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
         worker_middleware=[stop.middleware],
     )
-    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings.pooled))
+    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings))
     if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
         return
     stop.attach(worker)
@@ -227,5 +228,9 @@ async def _heartbeat_until_gone(worker: Worker, interval: float) -> None:
                 logger.debug('worker heartbeat failed: %s', exc)
 
 
-def _waits(pooled: bool) -> str:
-    return 'polling (DATABASE_URL is a pooler)' if pooled and not current_settings().queue_database_url else 'LISTEN'
+def _waits(settings: Settings) -> str:
+    if listens(settings):
+        return 'LISTEN'
+    if settings.queue_database_url:
+        return 'polling (AGENTRT_QUEUE_DATABASE_URL is the pooler of DATABASE_URL: give it a direct connection)'
+    return 'polling (DATABASE_URL is a pooler)'

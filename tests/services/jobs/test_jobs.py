@@ -24,7 +24,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
-from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
+from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
 from tests.private_database import PrivateDatabase
@@ -305,3 +305,14 @@ async def test_reconcile_deletes_the_jobs_that_failed_for_good_after_some_days(
     async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text("UPDATE procrastinate_events SET at = now() - interval '1 year'"))
     assert (await reconcile_post_turn_work()).jobs_deleted == 0
+
+
+def test_a_queue_url_that_is_the_pooler_again_is_polled_not_listened_to() -> None:
+    # AGENTRT_QUEUE_DATABASE_URL set to DATABASE_URL's pooler (a copied environment): the worker said "LISTEN", and its
+    # LISTEN, lost as PgBouncer handed the server connection on, never woke it: jobs waited for the 5 s fallback poll.
+    pooler, direct = 'postgresql://app@127.0.0.1:6432/agents', 'postgresql://app@db.internal:5432/agents'
+    settings = current_settings().model_copy(update={'database_url': pooler, 'pooler': 'pgbouncer'})
+    assert not listens(settings)
+    assert not listens(settings.model_copy(update={'queue_database_url': pooler + '?sslmode=disable'}))
+    assert listens(settings.model_copy(update={'queue_database_url': direct}))
+    assert listens(settings.model_copy(update={'pooler': 'none', 'queue_database_url': pooler}))
