@@ -60,6 +60,26 @@ class _QueuePool(psycopg_pool.AsyncConnectionPool):
         await super().open(wait, timeout=min(timeout, self.timeout))
 
 
+_POOL_NAME = 'agentrt-jobs'
+
+
+class _OneLineConnectFailures(logging.Filter):
+    """On psycopg's pool logger: its warning for each failed connection attempt of the queue's pool (PostgreSQL
+    down, a closed port), one line in the runtime's words. psycopg's own was four lines of raw driver text each
+    ("error connecting in 'pool-1': connection failed: ... Is the server running on that host and accepting TCP/IP
+    connections?"), four times over before the runtime's one error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True: the record is kept, reworded when it is such a warning."""
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
+            detail = ' '.join(str(args[1]).split())[:300]
+            record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
+        return True
+
+
+logging.getLogger('psycopg.pool').addFilter(_OneLineConnectFailures())
+
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
 jobs = App(connector=PsycopgConnector())
 jobs.job_manager = _JobManager(connector=jobs.connector)
@@ -118,6 +138,7 @@ async def open_queue() -> App:
             timeout=settings.connect_timeout,
             kwargs={'prepare_threshold': None, 'application_name': 'agentrt-jobs'},
             pool_factory=_QueuePool,
+            name=_POOL_NAME,
         )
         jobs.connector = jobs.job_manager.connector = connector  # as App.replace_connector does
         try:

@@ -202,18 +202,25 @@ async def _listening() -> bool:
 
 
 async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
-    queue: None, monkeypatch: pytest.MonkeyPatch
+    queue: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Was "internal error: PoolTimeout: pool initialization incomplete after 30.0 sec ... report it", after 30 s.
     settings = current_settings()
     monkeypatch.setattr(settings, 'queue_database_url', f'postgresql://postgres@127.0.0.1:{_closed_port()}/postgres')
-    monkeypatch.setattr(settings, 'connect_timeout', 1)
+    monkeypatch.setattr(settings, 'connect_timeout', 2)
     await close_queue()
     try:
         with pytest.raises(DatabaseUnavailableError, match=r'job queue cannot connect to PostgreSQL at .*127\.0\.0\.1'):
             await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
     finally:
         await close_queue()
+    # Each failed attempt was psycopg's four lines ("error connecting in 'pool-1': connection failed: ... Is the server
+    # running on that host and accepting TCP/IP connections?"); now one line each, in the runtime's words.
+    attempts = [r.getMessage() for r in caplog.records if r.name == 'psycopg.pool' and r.levelno >= logging.WARNING]
+    assert attempts
+    for attempt in attempts:
+        assert attempt.startswith('the job queue cannot connect to PostgreSQL (connection failed: ')
+        assert attempt.endswith('; trying again') and '\n' not in attempt
 
 
 def _closed_port() -> int:
