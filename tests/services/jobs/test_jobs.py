@@ -5,6 +5,7 @@ were never queued is repaired by reconcile."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -15,7 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
+from procrastinate.exceptions import ConnectorException
 from sqlalchemy import text
 
 from agentrt.db.engine import current_settings, get_engine
@@ -24,6 +27,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
+from agentrt.services.jobs import _worker as worker_module
 from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
@@ -191,7 +195,7 @@ async def test_a_job_that_ends_while_postgresql_is_down_says_its_outcome_was_not
     assert 'never retrieved' not in caplog.text
     [warning] = [r.getMessage() for r in caplog.records if 'how it ended could not be saved' in r.getMessage()]
     assert warning.startswith('agentrt.reconcile[1] ran, but how it ended could not be saved: the job queue lost ')
-    assert warning.endswith('; it runs again once found stalled')
+    assert warning.endswith('; it goes back to the queue')
 
 
 async def _listening() -> bool:
@@ -207,7 +211,7 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
     # Was "internal error: PoolTimeout: pool initialization incomplete after 30.0 sec ... report it", after 30 s.
     settings = current_settings()
     monkeypatch.setattr(settings, 'queue_database_url', f'postgresql://postgres@127.0.0.1:{_closed_port()}/postgres')
-    monkeypatch.setattr(settings, 'connect_timeout', 2)
+    monkeypatch.setattr(settings, 'connect_timeout', 1)
     await close_queue()
     try:
         with pytest.raises(DatabaseUnavailableError, match=r'job queue cannot connect to PostgreSQL at .*127\.0\.0\.1'):
@@ -323,3 +327,43 @@ def test_a_queue_url_that_is_the_pooler_again_is_polled_not_listened_to() -> Non
     assert not listens(settings.model_copy(update={'queue_database_url': pooler + '?sslmode=disable'}))
     assert listens(settings.model_copy(update={'queue_database_url': direct}))
     assert listens(settings.model_copy(update={'pooler': 'none', 'queue_database_url': pooler}))
+
+
+async def test_a_job_whose_end_could_not_be_saved_goes_back_to_the_queue_while_its_worker_lives_on(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection lost as procrastinate saved how a job ended (a fast restart of PostgreSQL, a terminated backend)
+    # left the job marked running; retry-stalled looks only at jobs of silent workers, so while its worker went on
+    # beating it stayed so for good, and its lock (`rollup:<account>`) held back every later rollup of the account.
+    manager = jobs_module.jobs.job_manager
+    finish = manager.finish_job
+    failed: list[int] = []
+
+    async def lost_once(job: Any, **kwargs: Any) -> None:
+        if not failed:
+            failed.append(job.id)
+            try:
+                raise psycopg.OperationalError('server closed the connection unexpectedly')
+            except psycopg.OperationalError as exc:
+                raise ConnectorException from exc
+        await finish(job=job, **kwargs)
+
+    monkeypatch.setattr(manager, 'finish_job', lost_once)
+    monkeypatch.setattr(current_settings(), 'jobs_heartbeat_seconds', 0.2)
+    monkeypatch.setattr(worker_module, 'LISTEN_POLL_SECONDS', 0.2)  # a job put back is found at the next look
+    await chat('end-not-saved')
+    worker = asyncio.ensure_future(run_worker(concurrency=1))
+    try:
+        await wait_for(lambda: _ran_once_more(failed), 20, 'the job run again and its end saved')
+        assert not worker.done()
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    assert await rolled_up_requests() == len(await ledger_rows())
+
+
+async def _ran_once_more(failed: list[int]) -> bool:
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        left = (await session.execute(text('SELECT count(*) FROM procrastinate_jobs'))).scalar_one()
+    return bool(failed) and left == 0
