@@ -90,6 +90,9 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
         'DB_MAX_OVERFLOW': '10',
         'AGENTRT_MODEL': 'demo',
         'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+        # Every turn is served, however slow the machine: a busy one (a CI run beside other work) made turns wait
+        # past the default 30 s and answered 503 busy, as the admission is meant to (tests/agents/test_turn_admission).
+        'AGENTRT_TURN_QUEUE_SECONDS': '110',
     }
     command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
     server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
