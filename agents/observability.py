@@ -214,7 +214,9 @@ def turn_span(*, session_id: str, account: str, agent_instance: str | None, stre
         yield
         return
     attributes: dict[str, str | bool] = {
-        'agentrt.session_id': session_id,
+        # Not `agentrt.session_id`: logfire's scrubber replaces the value of any attribute whose name holds
+        # `session` ("[Scrubbed due to 'session']"); this is the name pydantic-ai's spans of the run use too.
+        'gen_ai.conversation.id': session_id,
         'agentrt.account': account,
         'agentrt.agent_instance': agent_instance or '',
         'agentrt.streamed': streamed,

@@ -58,6 +58,10 @@ async def test_parallel_tool_calls_overlap_each_with_its_own_database_connection
     spans = instrumented.exporter.exported_spans_as_dict()
     [turn] = [s for s in spans if s['name'] == 'chat turn']
     assert turn['parent'] is None and turn['attributes']['agentrt.streamed'] is streamed
+    # An operator finds a turn's trace by its conversation: logfire's scrubber replaced any attribute whose name
+    # holds `session` ("[Scrubbed due to 'session']"), so the id is under the name pydantic-ai's spans use.
+    assert turn['attributes']['gen_ai.conversation.id'] == 'traced', turn['attributes']
+    assert turn['attributes']['agentrt.account'] == 'acme-health'
     trace_id = turn['context']['trace_id']
     [run] = [s for s in spans if s['name'] == 'invoke_agent simple_chat']
     assert run['context']['trace_id'] == trace_id
