@@ -142,9 +142,11 @@ async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound
     """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here."""
     if _configured is None or not _configured.enabled:
         return
-    import logfire
-
-    await asyncio.to_thread(logfire.force_flush, int(timeout * 1000))
+    # The spans only: the metrics go at the process's exit (the meter provider's own shutdown); flushing them here
+    # too made a command's end wait for two exports to a collector that is down.
+    force_flush = getattr(trace.get_tracer_provider(), 'force_flush', None)
+    if force_flush is not None:
+        await asyncio.to_thread(force_flush, int(timeout * 1000))
 
 
 def spans_exported() -> bool:

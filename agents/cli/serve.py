@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from agentrt.agents.cli.support import EXIT_USAGE, fail, run
+from agentrt.agents.cli.support import EXIT_USAGE, fail, long_running, run
 
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
@@ -45,6 +45,7 @@ def serve(
     _check_address(host, port)
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
+    long_running()
     run(_check_database)
     import uvicorn
 

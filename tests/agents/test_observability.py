@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -353,3 +355,46 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
         [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
     )
     assert 'aB3dE5fG7hJ9' not in everything
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    return done, time.monotonic() - started
+
+
+async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(database_url: str) -> None:
+    # The OTLP exporter retries each export for 10 s (OTEL_EXPORTER_OTLP_TIMEOUT's default) at the end of a command,
+    # once for the spans and twice for the metrics: `agentrt db status` took 13 s with the collector down, 17 s with
+    # one that never answers, and printed up to 12 warnings of retries.
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(('127.0.0.1', 0))
+        silent.listen()
+        with socket.socket() as closed:
+            closed.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused
+            runs = [
+                _cli(
+                    _clean_env(
+                        DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=f'http://127.0.0.1:{port}', COLUMNS='400'
+                    ),
+                    *cmd,
+                )
+                for port in (silent.getsockname()[1], closed.getsockname()[1])
+                for cmd in (['db', 'status'],)
+            ]
+            results = await asyncio.gather(*runs)
+    for done, elapsed in results:
+        assert done.returncode == 0, done.stderr
+        assert 'tracing' in done.stdout
+        export_lines = [line for line in done.stderr.splitlines() if 'export' in line.lower()]
+        assert len(export_lines) <= 1, done.stderr
+        assert elapsed < 9, (elapsed, done.stderr)
