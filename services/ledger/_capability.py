@@ -500,7 +500,26 @@ class _StreamProbe(WrapperModel):
             # pydantic-ai's reading of the first chunk), never the consumer's, which can only fail once it has it.
             if self._flight.stream is None:
                 self._flight.open_error = exc
+                _mark_request_span(exc)
             raise
+
+
+def _mark_request_span(error: BaseException) -> None:
+    """Mark the model request's span (`chat <model>`, current here) failed, as pydantic-ai marks a plain request's.
+
+    pydantic-ai leaves a streamed request that failed to open (the provider refused it, the connection failed) with an
+    unset status and no exception: in a trace it looked like a request that succeeded with an empty answer. As
+    pydantic-ai does without content (`include_content=False`): the exception's type, no message (a provider's error
+    can quote the prompt or a key).
+    """
+    span = trace.get_current_span()
+    attributes = getattr(span, 'attributes', None) or {}
+    if not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
+        return  # not a model request's span (pydantic-ai not instrumented): nothing to mark
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == 'builtins' else f'{kind.__module__}.{kind.__qualname__}'
+    span.add_event('exception', attributes={'exception.type': name, 'exception.escaped': 'False'})
+    span.set_status(trace.Status(trace.StatusCode.ERROR))
 
 
 def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:

@@ -351,6 +351,17 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
     assert event.attributes is not None
     assert 'ModelHTTPError' in str(event.attributes['exception.stacktrace'])  # the story is still there
     assert 'ModelProviderError' in str(event.attributes['exception.type'])
+    # The model request that failed is marked so too, streamed or not (pydantic-ai marked only the plain one: a
+    # streamed request the provider refused showed as a success in the trace, with an empty answer).
+    [request] = [
+        span
+        for span in spans
+        if span.name == 'chat gpt-4o-mini' and (span.attributes or {}).get('logfire.span_type') == 'span'
+    ]
+    assert request.status.status_code is StatusCode.ERROR
+    assert [e.attributes['exception.type'] for e in request.events if e.name == 'exception' and e.attributes] == [
+        'pydantic_ai.exceptions.ModelHTTPError'
+    ]
     everything = repr(
         [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
     )
