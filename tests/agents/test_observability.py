@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -368,9 +369,8 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
     assert 'aB3dE5fG7hJ9' not in everything
 
 
-async def _cli(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    done = await asyncio.to_thread(
+async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, '-m', 'agentrt.agents.cli', *args],
         capture_output=True,
@@ -380,32 +380,72 @@ async def _cli(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedPro
         stdin=subprocess.DEVNULL,
         check=False,
     )
-    return done, time.monotonic() - started
+
+
+class SilentCollector:
+    """Accepts connections, never answers; notes how long each client waited before it gave up (closed)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self._socket = socket.create_server(('127.0.0.1', 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._hold, args=(connection, time.monotonic()), daemon=True).start()
+
+    def _hold(self, connection: socket.socket, accepted: float) -> None:
+        with connection:
+            connection.settimeout(30)
+            try:
+                while connection.recv(65536):
+                    pass
+            except OSError:
+                return
+            self.waits.append(time.monotonic() - accepted)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
 
 
 async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(database_url: str) -> None:
     # The OTLP exporter retries each export for 10 s (OTEL_EXPORTER_OTLP_TIMEOUT's default) at the end of a command,
     # once for the spans and twice for the metrics: `agentrt db status` took 13 s with the collector down, 17 s with
     # one that never answers, and printed up to 12 warnings of retries.
-    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
-        silent.bind(('127.0.0.1', 0))
-        silent.listen()
+    silent = SilentCollector()
+    try:
         with socket.socket() as closed:
             closed.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused
-            runs = [
-                _cli(
-                    _clean_env(
-                        DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=f'http://127.0.0.1:{port}', COLUMNS='400'
-                    ),
-                    *cmd,
+            results = await asyncio.gather(
+                *(
+                    _cli(
+                        _clean_env(
+                            DATABASE_URL=database_url,
+                            OTEL_EXPORTER_OTLP_ENDPOINT=f'http://127.0.0.1:{port}',
+                            COLUMNS='400',
+                        ),
+                        'db',
+                        'status',
+                    )
+                    for port in (silent.port, closed.getsockname()[1])
                 )
-                for port in (silent.getsockname()[1], closed.getsockname()[1])
-                for cmd in (['db', 'status'],)
-            ]
-            results = await asyncio.gather(*runs)
-    for done, elapsed in results:
+            )
+    finally:
+        silent.close()
+    for done in results:
         assert done.returncode == 0, done.stderr
         assert 'tracing' in done.stdout
         export_lines = [line for line in done.stderr.splitlines() if 'export' in line.lower()]
         assert len(export_lines) <= 1, done.stderr
-        assert elapsed < 9, (elapsed, done.stderr)
+    # Each export gave up after its 2 s (a loaded machine adds a little), not the SDK's 10 s.
+    assert silent.waits and max(silent.waits) < 6, silent.waits
