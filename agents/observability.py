@@ -212,9 +212,20 @@ def turn_span(*, session_id: str, account: str, agent_instance: str | None, stre
 
     Without a tracer provider it is not even made (the span would be a no-op).
     """
+    span = start_turn_span(session_id=session_id, account=account, agent_instance=agent_instance, streamed=streamed)
+    try:
+        with within_turn_span(span):
+            yield
+    finally:
+        if span is not None:
+            span.end()
+
+
+def start_turn_span(*, session_id: str, account: str, agent_instance: str | None, streamed: bool) -> trace.Span | None:
+    """Start a turn's span (`turn_span`) for a turn that runs in several parts (an HTTP turn: opened by the route,
+    run by the response): enter each part `within_turn_span()`, then end it. None without a tracer provider."""
     if not tracing_active():
-        yield
-        return
+        return None
     attributes: dict[str, str | bool] = {
         # Not `agentrt.session_id`: logfire's scrubber replaces the value of any attribute whose name holds
         # `session` ("[Scrubbed due to 'session']"); this is the name pydantic-ai's spans of the run use too.
@@ -223,11 +234,18 @@ def turn_span(*, session_id: str, account: str, agent_instance: str | None, stre
         'agentrt.agent_instance': agent_instance or '',
         'agentrt.streamed': streamed,
     }
-    # The exception is recorded here, redacted: OpenTelemetry's own recording (`record_exception`) writes the whole
-    # traceback as it is, the provider's or driver's raw text chained under the documented error included.
-    with _tracer.start_as_current_span(
-        'chat turn', attributes=attributes, record_exception=False, set_status_on_exception=False
-    ) as span:
+    return _tracer.start_span('chat turn', attributes=attributes, record_exception=False, set_status_on_exception=False)
+
+
+@contextmanager
+def within_turn_span(span: trace.Span | None) -> Iterator[None]:
+    """Run a block in `span` (current: what the block does joins it), recording an exception leaving the block,
+    redacted: OpenTelemetry's own recording (`record_exception`) writes the whole traceback as it is, the provider's or
+    driver's raw text chained under the documented error included. The span is not ended here."""
+    if span is None:
+        yield
+        return
+    with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         try:
             yield
         except BaseException as exc:

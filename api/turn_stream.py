@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from opentelemetry.trace import Span
 from pydantic_ai import Agent
 from pydantic_ai.messages import AgentStreamEvent
 from pydantic_ai.models import Model
@@ -31,6 +32,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from agentrt.agents.chat_turn import Turn, finish_turn, open_turn
+from agentrt.agents.observability import start_turn_span, within_turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
 from agentrt.tools.dependencies import SessionDependencies
@@ -88,20 +90,33 @@ async def stream_turn(
             (nothing was sent to the model; the route answers with the error's status).
     """
     config = chat_config(request)
+    # The turn's span, as `simple_chat_stream`'s: opened here, under the request's span, entered again by the run
+    # (another task, once the response starts), ended when the turn is closed (the last of the stack's exits).
+    span = start_turn_span(
+        session_id=turn_input.session_id,
+        account=turn_input.account,
+        agent_instance=turn_input.agent_instance,
+        streamed=True,
+    )
     stack = AsyncExitStack()
+    if span is not None:
+        stack.callback(span.end)
     try:
-        turn = await stack.enter_async_context(open_turn(config.agent, turn_input, config.model))
+        with within_turn_span(span):
+            turn = await stack.enter_async_context(open_turn(config.agent, turn_input, config.model))
     except BaseException:
         await stack.aclose()
         raise
     protocol = adapter.build_event_stream()
-    events = adapter.transform_stream(_run(turn, turn_input, stack))
+    events = adapter.transform_stream(_run(turn, turn_input, stack, span))
     return TurnStreamingResponse(
         adapter.encode_stream(events), stack, headers=protocol.response_headers, media_type=protocol.content_type
     )
 
 
-async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> AsyncIterator[NativeEvent]:
+async def _run(
+    turn: Turn, turn_input: TurnInput, close: AsyncExitStack, span: Span | None
+) -> AsyncIterator[NativeEvent]:
     """The run's events; the turn is saved before its result event goes on, as `simple_chat_stream` saves it.
 
     The turn is closed (its claim released) as soon as the run is over, before the protocol's last events are sent:
@@ -109,7 +124,7 @@ async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> Asyn
     response closes it too, for a stream that never started.
     """
     try:
-        with documented_errors():
+        with within_turn_span(span), documented_errors():
             async with turn.agent.run_stream_events(
                 turn_input.message,
                 deps=turn.deps,
@@ -125,5 +140,5 @@ async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> Asyn
     finally:
         # Shielded: on a disconnect Starlette cancels this stream's task group, whose (anyio) cancellation would
         # interrupt every await of the clean-up and leave the claim to expire by itself.
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), within_turn_span(span):
             await close.aclose()

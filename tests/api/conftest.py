@@ -13,6 +13,7 @@ import httpx2
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from logfire.testing import capfire  # noqa: F401 - the fixture, here rather than through logfire's pytest plugin
 
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session

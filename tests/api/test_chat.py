@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
+from logfire.testing import CaptureLogfire
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
 from sqlalchemy import func, select
@@ -422,3 +423,36 @@ async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_on
     utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
     response = await client.post('/api/v1/chat', content=utf16, headers=headers)
     assert response.status_code == 422 and response.json()['field'] == 'body'  # JSON is read as UTF-8 only
+
+
+async def test_a_streamed_http_turn_is_a_chat_turn_span_under_its_request_its_error_redacted(
+    keys: Keys, capfire: CaptureLogfire
+) -> None:
+    """An operator reads an HTTP turn's trace as a CLI one: `chat turn` (conversation, account), the run under it,
+    and a failed turn's error, redacted. The HTTP turn had no `chat turn` span: its database work and run sat under
+    the request's span with no conversation named and no error but pydantic-ai's."""
+    from agentrt.agents.observability import instrument_runtime, uninstrument_runtime
+    from tests.agents.test_error_redaction import OPENAI_KEY, RUN_ERRORS, _assert_clean, _failing
+
+    instrument_runtime()
+    try:
+        for conversation, model in (('http-span-ok', demo_model()), ('http-span-failed', _failing(RUN_ERRORS['http']))):
+            app = create_app(manage_runtime=False, model=model)
+            transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx2.AsyncClient(transport=transport, base_url='http://test', timeout=30) as client:
+                status, _ = await stream_chat(client, keys.acme, chat_body(conversation, QUESTION))
+            assert status == 200
+        await _settled()
+    finally:
+        uninstrument_runtime()
+    spans = [s for s in capfire.exporter.exported_spans_as_dict() if s['attributes'].get('logfire.span_type') == 'span']
+    turns = {s['attributes'].get('gen_ai.conversation.id'): s for s in spans if s['name'] == 'chat turn'}
+    assert set(turns) == {'http-span-ok', 'http-span-failed'}, [s['name'] for s in spans]
+    for turn in turns.values():
+        assert turn['attributes']['agentrt.account'] == 'acme-health' and turn['attributes']['agentrt.streamed']
+        under = [s['name'] for s in spans if s['parent'] and s['parent']['span_id'] == turn['context']['span_id']]
+        assert 'invoke_agent simple_chat' in under and 'SELECT' in under and 'WITH' in under, under
+    [error] = [e for e in turns['http-span-failed'].get('events', []) if e['name'] == 'exception']
+    assert error['attributes']['exception.type'] == 'agentrt.db.errors.ModelProviderError'
+    assert 'exception' not in [e['name'] for e in turns['http-span-ok'].get('events', [])]
+    _assert_clean(repr(spans), OPENAI_KEY)
