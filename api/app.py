@@ -75,7 +75,7 @@ def create_app(
             return
         configure_observability()
         try:
-            await init_database(settings)
+            await init_database(settings, allow_behind=True)  # /health/ready says 503 until it is upgraded
             # Rows an earlier process spooled while the database was down reach the costs now, not at the first
             # ledger write of this one.
             get_request_tracker().replay_pending_in_background()

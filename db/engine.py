@@ -66,7 +66,9 @@ class PoolStatus:
     max_overflow: int
 
 
-async def init_database(settings: Settings | None = None, *, migrate: bool | None = None) -> AsyncEngine:
+async def init_database(
+    settings: Settings | None = None, *, migrate: bool | None = None, allow_behind: bool = False
+) -> AsyncEngine:
     """Create the engine, start the embedded server if needed, check the connection and migrate.
 
     Calling it again while initialised returns the existing engine.
@@ -74,9 +76,12 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
     Args:
         settings: configuration to use; read from the environment when omitted.
         migrate: upgrade the schema when it is behind; defaults to `settings.auto_migrate`.
+        allow_behind: start even when the schema is behind and is not upgraded here (`AGENTRT_AUTO_MIGRATE=false`):
+            a server, whose `/health/ready` says so while a migration job runs. Otherwise that is a `SchemaBehindError`
+            (`migrate=False`, as `agentrt db status` and `db upgrade` pass, never checks).
 
     Raises:
-        ConfigError: a setting is invalid.
+        ConfigError: a setting is invalid. SchemaBehindError: the schema is behind and not upgraded here.
         EmbeddedPostgresError: the embedded server cannot start.
         DatabaseUnavailableError: the server cannot be reached within the connect timeout.
     """
@@ -106,6 +111,8 @@ async def init_database(settings: Settings | None = None, *, migrate: bool | Non
 
                 async with migration_engine(engine, settings) as migrating:
                     await upgrade_if_behind(migrating)
+            elif migrate is None and not settings.auto_migrate and not allow_behind:
+                await _refuse_a_schema_behind(engine)
         except BaseException:
             await engine.dispose()
             raise
@@ -444,3 +451,16 @@ def pool_status() -> PoolStatus:
         checked_in=pool.checkedin(),
         max_overflow=runtime.settings.max_overflow,
     )
+
+
+async def _refuse_a_schema_behind(engine: AsyncEngine) -> None:
+    """Without it, a command on a schema left behind failed on its first statement with the driver's words (a role or a
+    table that does not exist), as an internal error or a value the user gave."""
+    from agentrt.db.errors import SchemaBehindError
+    from agentrt.db.schema_version import packaged_head, revision_behind
+
+    if (revision := await revision_behind(engine)) is not None:
+        raise SchemaBehindError(
+            f"the database schema is at {revision}, behind this version's {packaged_head()} (AGENTRT_AUTO_MIGRATE is "
+            'false, so it is not upgraded here): run `agentrt db upgrade`, or set AGENTRT_AUTO_MIGRATE=true'
+        )

@@ -15,6 +15,10 @@ class ConfigError(AgentRuntimeError, ValueError):
     """A configuration value (environment variable, `.env`, CLI flag) is invalid."""
 
 
+class SchemaBehindError(ConfigError):
+    """The database's schema is behind this version's and `AGENTRT_AUTO_MIGRATE=false`: `agentrt db upgrade` first."""
+
+
 class DatabaseUnavailableError(AgentRuntimeError):
     """PostgreSQL cannot be reached: it refused the connection, is starting up, is full, or no pooled connection
     became free in time; or it gave up on a statement (a lock or statement timeout, an operator's cancel), or aborted

@@ -31,6 +31,38 @@ def packaged_head() -> str | None:
     return head_of(MIGRATIONS_DIR / 'versions')
 
 
+@cache
+def packaged_revisions() -> frozenset[str]:
+    """Every packaged migration's revision, from the files' text (empty when a file does not say it for certain)."""
+    revisions: set[str] = set()
+    for path in (MIGRATIONS_DIR / 'versions').glob('*.py'):
+        if path.name != '__init__.py':
+            found = _REVISION.findall(path.read_text(encoding='utf-8'))
+            if len(found) != 1:
+                return frozenset()
+            revisions.add(found[0])
+    return frozenset(revisions)
+
+
+async def revision_behind(engine: AsyncEngine) -> str | None:
+    """The database's schema revision when it is behind the packaged head (`'none'`: never migrated); None at the
+    head, ahead of it (a revision this version does not know, as in a rolling upgrade), or when it cannot tell."""
+    head = packaged_head()
+    if head is None:
+        return None
+    try:
+        async with engine.connect() as connection:
+            if not (await connection.execute(text("SELECT to_regclass('alembic_version') IS NOT NULL"))).scalar_one():
+                return 'none'
+            versions = (await connection.execute(text('SELECT version_num FROM alembic_version'))).scalars().all()
+    except SQLAlchemyError:
+        return None  # the command's own statements meet the same problem, and say what it is
+    if not versions:
+        return 'none'
+    behind = [version for version in versions if version != head and version in packaged_revisions()]
+    return behind[0] if behind and head not in versions else None
+
+
 def head_of(versions: Path) -> str | None:
     """The one revision of `versions/*.py` that no other names as its `down_revision`, or `None` if unsure."""
     revisions: set[str] = set()

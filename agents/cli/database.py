@@ -17,6 +17,7 @@ def status() -> None:
 
 async def _status() -> None:
     from rich.table import Table
+    from sqlalchemy.exc import ProgrammingError
 
     from agentrt.agents.observability import trace_export
     from agentrt.db.engine import (
@@ -40,12 +41,18 @@ async def _status() -> None:
         async with get_db_session(account=Unscoped.OWNER) as session:
             version = await server_version(session=session)
             in_force = await timeouts_in_force(session)
-            migrated = await roles_exist(session=session)
-        # The operator's role sees every row; before migration 0012 made it, the login role counts.
+            roles = await roles_exist(session=session)
+        head = head_revision()
+        try:
+            revision, readable = await current_revision(get_engine()), True
+        except ProgrammingError:  # a login role without the runtime's roles: the operator's session below says so
+            revision, readable = None, False
+        # The operator's role sees every row; before migration 0012 made it and granted it this database's tables, the
+        # login role counts (the roles are the cluster's: another database's migration may have made them already).
+        migrated = roles and (not readable or (revision is not None and revision >= ROW_LEVEL_SECURITY_REVISION))
         async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
         session_defaults = await session_timeouts(get_engine())
-        revision, head = await current_revision(get_engine()), head_revision()
     finally:
         await close_database()
     kind = f'embedded (data in {info["data_dir"]})' if info['embedded'] else 'external (DATABASE_URL)'
@@ -72,6 +79,10 @@ async def _status() -> None:
     for name, count in counts.items():
         table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else f'{count:,}')
     console.print(table)
+
+
+ROW_LEVEL_SECURITY_REVISION = '0012_row_level_security'
+"""The migration that made the operator's role and granted it the tables (revisions sort by their number)."""
 
 
 def _pooler_line(pooled: bool, configured: str) -> str:

@@ -79,3 +79,33 @@ async def test_a_login_role_without_the_runtimes_roles_is_a_usage_error_saying_w
     finally:
         async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'DROP ROLE {login}'))
+
+
+async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: str) -> None:
+    """With AGENTRT_AUTO_MIGRATE=false (a fleet migrated by one job) and the schema behind this version's, a command
+    said "a value given is not valid for the database: role "agentrt_admin" does not exist" (or a missing table),
+    exit 2 as if the operator had typed a wrong value."""
+    import asyncpg
+
+    name = f'agentrt_behind_{uuid.uuid4().hex[:8]}'
+    url = make_url(database_url)
+    admin = url.set(drivername='postgresql').render_as_string(hide_password=False)
+    connection = await asyncpg.connect(admin)
+    try:
+        await connection.execute(f'CREATE DATABASE {name}')
+        behind = url.set(database=name).render_as_string(hide_password=False)
+        upgraded = await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env={'DATABASE_URL': behind})
+        assert upgraded.exit_code == 0, upgraded.stderr
+        for args in (('keys', 'list'), ('audit', 'list'), ('chat', '--account', 'acme-health', 'hello')):
+            result = await invoke(*args, env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
+            assert result.exit_code == 2, (args, result.stderr)
+            assert result.stderr.startswith('error: the database schema is at 0005_ledger_recorded_at_index'), (
+                args,
+                result.stderr,
+            )
+            assert 'agentrt db upgrade' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        status = await invoke('db', 'status', env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
+        assert status.exit_code == 0 and 'behind' in status.stdout, status.stderr
+    finally:
+        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+        await connection.close()
