@@ -128,6 +128,12 @@ async def list_api_keys(
     return [_info(row, slug) for row, slug in (await session.execute(query))]
 
 
+def is_key_id(key: str) -> bool:
+    """Whether `key` has the form `revoke_api_key` takes: a public id (`art_<12 hex digits>`), its bare prefix or a
+    whole key (a caller can refuse a malformed one before it opens a session)."""
+    return _PUBLIC_ID.fullmatch(key.strip()) is not None
+
+
 async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
     """Revoke a key by its public id (`art_<prefix>`), its bare prefix or the whole key. Revoking twice is harmless.
 

@@ -10,7 +10,7 @@ import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION, check_account
 from agentrt.agents.cli.output import text_cells
-from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
+from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, error_line, operator_session, print_json, run
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -100,8 +100,12 @@ def revoke(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Revoke a key: servers refuse it within AGENTRT_API_KEY_CACHE_SECONDS (30 s by default)."""
-    from agentrt.services.api_keys import revoke_api_key
+    from agentrt.services.api_keys import is_key_id, revoke_api_key
 
+    if not is_key_id(key):  # a wrong argument (exit 2, as `audit show` says of a malformed id), found before any I/O
+        # Redacted (`fail` is not): what was pasted may be most of a key.
+        error_line(f'not an API key id: {key[:40]!r} (expected art_ and 12 hex digits)')
+        raise typer.Exit(EXIT_USAGE)
     revoked: ApiKeyInfo = run(operator_session, lambda s: revoke_api_key(session=s, key=key))
     if as_json:
         print_json(asdict(revoked))

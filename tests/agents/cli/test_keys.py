@@ -71,3 +71,13 @@ async def test_serve_without_the_http_extra_says_how_to_install_it(monkeypatch: 
     result = await invoke('serve')
     assert result.exit_code == 2
     assert "pip install 'agentrt[http]'" in result.stderr and 'fastapi, uvicorn not installed' in result.stderr
+
+
+async def test_revoking_a_malformed_key_id_is_a_usage_error(database_url: str) -> None:
+    # It exited 1 ("the command could not do it", as for a key that does not exist), where `audit show nope` exits 2.
+    for malformed in ('nope', 'art_12345', 'art_' + 'g' * 12, 'a\x00b'):
+        result = await invoke('keys', 'revoke', malformed, env={'DATABASE_URL': database_url})
+        assert result.exit_code == 2, (malformed, result.stderr)
+        assert result.stderr.startswith('error: not an API key id') and len(result.stderr.strip().splitlines()) == 1
+    unknown = await invoke('keys', 'revoke', 'art_' + '0' * 12, env={'DATABASE_URL': database_url})
+    assert unknown.exit_code == 1 and 'no API key art_000000000000' in unknown.stderr
