@@ -21,8 +21,14 @@ COMMANDS = (
     LazyCommand('chat', 'agentrt.agents.cli.chat:chat', 'Chat with an agent; the answer streams as it is produced.'),
     LazyCommand('audit', 'agentrt.agents.cli.audit:audit_app', 'The audit trail: every model request, in full.'),
     LazyCommand('costs', 'agentrt.agents.cli.costs:costs', 'Requests, tokens and cost per account, agent, model, day.'),
-    LazyCommand('ledger', 'agentrt.agents.cli.ledger:ledger_app', 'The ledger: replay the spool, roll up usage.'),
-    LazyCommand('budget', 'agentrt.agents.cli.budget:budget_app', 'Spend limits per account: set, show, remove.'),
+    LazyCommand(
+        'ledger', 'agentrt.agents.cli.ledger:ledger_app', 'The ledger: replay rows spooled while the database was down.'
+    ),
+    LazyCommand(
+        'budget',
+        'agentrt.agents.cli.budget:budget_app',
+        'Spend limits per account: set, show, remove; sweep stale holds.',
+    ),
     LazyCommand('keys', 'agentrt.agents.cli.keys:keys_app', 'API keys of the HTTP API: create, list, revoke.'),
     LazyCommand('serve', 'agentrt.agents.cli.serve:serve', 'Serve the HTTP API (needs the http extra).'),
     LazyCommand(
