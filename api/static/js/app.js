@@ -17,7 +17,12 @@ let rendering = 0;
 
 function route() {
   const [path, query = ''] = window.location.hash.replace(/^#\/?/, '').split('?');
-  const parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
+  let parts;
+  try {
+    parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
+  } catch {
+    return { view: null }; // a broken %-escape (a link cut in half): decodeURIComponent throws URIError
+  }
   return { view: parts[0] || 'chat', id: parts[1], query: new URLSearchParams(query) };
 }
 
@@ -102,6 +107,10 @@ async function render() {
     return mount(signInView(), ticket);
   }
   showHeader(true, view === 'audit' ? 'audit' : view);
+  if (view === null) {
+    const text = 'This address is not valid: it has a broken %-escape. Open a view from the menu above.';
+    return mount({ element: h('section', { class: 'view' }, alertBox(text)), title: 'Error', focus: () => {} }, ticket);
+  }
   if (view === 'chat' || !['conversations', 'audit', 'costs'].includes(view)) {
     chat ??= createChatView();
     const shown = chat.show(id);

@@ -1,0 +1,63 @@
+"""The web UI at its edges, in a real browser (Chromium through playwright, as `test_web_ui.py`): addresses a person
+may paste or mistype, the list of many conversations by keyboard, a reload after moving between views, a response
+that is not a chat stream. One browser launch; skipped without Chromium like `test_web_ui.py`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from agentrt.api.app import create_app
+from tests.api.conftest import Keys, serve
+from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
+
+
+def _quick_model() -> FunctionModel:
+    """A model answering 'ok' at once, streamed or not."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('ok')])
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield 'ok'
+
+    return FunctionModel(respond, stream_function=stream, model_name='quick')
+
+
+async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> None:
+    app = create_app(manage_runtime=False, model=_quick_model(), web_ui=True)
+    async for url in serve(app):
+        async with async_playwright() as driver:
+            context = await driver.chromium.launch_persistent_context(
+                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                await _edges(page, url, keys)
+            finally:
+                await context.close()
+
+
+async def _edges(page: Page, url: str, keys: Keys) -> None:
+    page.set_default_timeout(15_000)
+    crashes: list[str] = []
+    page.on('pageerror', lambda error: crashes.append(str(error)))
+    await page.goto(url)
+    await page.get_by_label('API key').fill(keys.acme)
+    await page.get_by_label('API key').press('Enter')
+    await expect(page.get_by_role('textbox', name='Message')).to_be_focused()
+
+    # An address with a broken escape (a link cut in half): a page saying so, not the previous view and a TypeError.
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await expect(page.locator('.chart')).to_be_visible()
+    for broken in ('#/chat/%ZZ', '#/audit/%E0%A4%A'):
+        await page.goto(f'{url}/{broken}')
+        await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
+    assert crashes == []
