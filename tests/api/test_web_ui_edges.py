@@ -7,16 +7,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx2
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from agentrt.api.app import create_app
-from tests.api.conftest import Keys, serve
+from tests.api.conftest import Keys, auth, serve
 from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
+
+
+CONVERSATIONS = 21
+"""One more than the conversation list shows at first (`PAGE` of conversations.js)."""
 
 
 def _quick_model() -> FunctionModel:
@@ -34,6 +39,13 @@ def _quick_model() -> FunctionModel:
 async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> None:
     app = create_app(manage_runtime=False, model=_quick_model(), web_ui=True)
     async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            for number in range(CONVERSATIONS):  # one more than a page of the list
+                body = {'message': f'Question {number}'}
+                turn = await client.post(
+                    f'/api/v1/conversations/c-{number:02d}/turns', json=body, headers=auth(keys.acme)
+                )
+                assert turn.status_code == 200, turn.text
         async with async_playwright() as driver:
             context = await driver.chromium.launch_persistent_context(
                 str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
@@ -60,4 +72,15 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     for broken in ('#/chat/%ZZ', '#/audit/%E0%A4%A'):
         await page.goto(f'{url}/{broken}')
         await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
+    assert crashes == []
+
+    # Many conversations, by keyboard: "Show more" loads the next page and the focus goes to its first conversation
+    # (it fell to the page's body when the button was disabled while loading, and a keyboard user started over).
+    await page.get_by_role('link', name='Conversations', exact=True).click()
+    await expect(page.locator('.card')).to_have_count(20)
+    await page.get_by_role('button', name='Show more').focus()
+    await page.keyboard.press('Enter')
+    await expect(page.locator('.card')).to_have_count(CONVERSATIONS)
+    await expect(page.get_by_role('button', name='Show more')).to_be_hidden()
+    await expect(page.locator('.card').nth(20).get_by_role('link')).to_be_focused()
     assert crashes == []
