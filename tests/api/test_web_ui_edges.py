@@ -83,4 +83,14 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.card')).to_have_count(CONVERSATIONS)
     await expect(page.get_by_role('button', name='Show more')).to_be_hidden()
     await expect(page.locator('.card').nth(20).get_by_role('link')).to_be_focused()
+
+    # Back to the chat through the menu, then a reload: the conversation that was on screen comes back (the address
+    # said #/chat, and the reload opened a new, empty conversation).
+    await page.locator('li[data-conversation-id="c-05"]').get_by_role('link').click()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+    await page.reload()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
     assert crashes == []

@@ -223,7 +223,11 @@ export function createChatView() {
    */
   async function show(id) {
     if (id === undefined) {
-      if (shownId !== undefined) return;
+      if (shownId !== undefined) {
+        // #/chat (the menu): the address names the conversation on screen, so that a reload reopens it.
+        if (conversationId) window.history.replaceState(null, '', `#/chat/${encodeURIComponent(conversationId)}`);
+        return;
+      }
       id = 'new';
     }
     const wanted = id === 'new' ? null : id;
