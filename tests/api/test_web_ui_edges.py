@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, Route, async_playwright, expect
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from agentrt.api.app import create_app
 from tests.api.conftest import Keys, auth, serve
-from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS
+from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
 
@@ -93,4 +93,16 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
     await page.reload()
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+
+    # A proxy's page instead of the chat stream (a sign-in page with 200): said so, not "the connection was lost".
+    async def proxy_page(route: Route) -> None:
+        await route.fulfill(status=200, content_type='text/html', body='<html><body>Sign in to the proxy</body></html>')
+
+    await page.route('**/api/v1/chat', proxy_page)
+    turn = await _send(page, 'and in Boston?')
+    await expect(turn).to_have_attribute('data-state', 'error')
+    await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
+    await page.unroute('**/api/v1/chat')
+    turn = await _send(page, 'and in Boston?')
+    await expect(turn).to_have_attribute('data-state', 'done')
     assert crashes == []

@@ -281,6 +281,14 @@ export function createChatView() {
         },
         controller.signal,
       );
+      const type = response.headers.get('Content-Type') || 'no content type';
+      if (!type.startsWith('text/event-stream')) {
+        // A proxy's page (a sign-in, an error) answered with 200: what became of the turn, the server knows.
+        turn.fail(
+          `The answer was not a chat stream (${type.split(';')[0]}): something between this page and the server answered instead. Reload to see what the conversation holds.`,
+        );
+        return;
+      }
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
       turn.end();
     } catch (error) {
