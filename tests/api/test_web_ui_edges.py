@@ -62,6 +62,11 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     crashes: list[str] = []
     page.on('pageerror', lambda error: crashes.append(str(error)))
     await page.goto(url)
+    # A key pasted with an invisible character (a zero-width space from a document): the key is refused as such, not
+    # as "The server cannot be reached" (fetch refuses a header that is not Latin-1 before it sends anything).
+    await page.get_by_label('API key').fill(keys.acme + '\u200b')
+    await page.get_by_label('API key').press('Enter')
+    await expect(page.get_by_role('alert')).to_contain_text('a character an API key never has (U+200B)')
     await page.get_by_label('API key').fill(keys.acme)
     await page.get_by_label('API key').press('Enter')
     await expect(page.get_by_role('textbox', name='Message')).to_be_focused()

@@ -58,8 +58,17 @@ function signInView() {
     event.preventDefault();
     notice.replaceChildren();
     const key = input.value.trim();
-    if (!key.startsWith('art_')) {
-      notice.append(alertBox('That is not an API key: a key starts with art_ (from agentrt keys create).'));
+    // A key is printable ASCII; anything else (a zero-width space pasted from a document) would make fetch refuse the
+    // header before sending, which read as "the server cannot be reached".
+    const odd = key.match(/[^\x21-\x7e]/u);
+    let wrong = null;
+    if (!key.startsWith('art_')) wrong = 'That is not an API key: a key starts with art_ (from agentrt keys create).';
+    else if (odd) {
+      const code = odd[0].codePointAt(0).toString(16).toUpperCase().padStart(4, '0');
+      wrong = `That is not an API key: it has a character an API key never has (U+${code}) at position ${odd.index + 1}. Copy the key again.`;
+    }
+    if (wrong) {
+      notice.append(alertBox(wrong));
       input.focus();
       return;
     }
