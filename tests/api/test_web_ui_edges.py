@@ -4,6 +4,7 @@ that is not a chat stream. One browser launch; skipped without Chromium like `te
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -108,6 +109,20 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
     await page.unroute('**/api/v1/chat')
+
+    # A busy server (503, as api/errors.py writes it): not "The server failed", and the message is back in the box.
+    async def busy(route: Route) -> None:
+        body = {'detail': 'the server is busy; try again shortly', 'type': 'busy', 'error_id': 'err_0123456789abcdef'}
+        await route.fulfill(status=503, content_type='application/json', body=json.dumps(body))
+
+    await page.route('**/api/v1/chat', busy)
+    await _send(page, 'and in Boston?')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('The server cannot take this now (HTTP 503): the server is busy; try again')
+    await expect(alert).not_to_contain_text('failed')
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Boston?')
+    await page.unroute('**/api/v1/chat')
+    await page.get_by_role('textbox', name='Message').fill('')
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')
     assert crashes == []
