@@ -24,7 +24,7 @@ from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import ledger_rows
+from tests.factories import ledger_rows, wait_until_waiting_on_a_lock
 from tests.private_database import CountingModel, PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle'
@@ -252,7 +252,7 @@ class _Deadlock:
             await self.tool_has_first.wait()
             await session.execute(_RENAME, {'slug': 'green-grocer'})
             self.other_has_second.set()
-            await asyncio.sleep(0.2)  # the tool is waiting for this row by now
+            await wait_until_waiting_on_a_lock('UPDATE accounts')  # the tool, for this row
             await session.execute(_RENAME, {'slug': 'acme-health'})
 
 
