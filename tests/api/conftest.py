@@ -111,9 +111,12 @@ async def stream_chat(
     stop: Callable[[dict[str, Any] | str], bool] | None = None,
     path: str = '/api/v1/chat',
 ) -> tuple[int, list[dict[str, Any] | str]]:
-    """POST a chat turn and read its events as they arrive; with `stop`, hang up after the first event it accepts."""
+    """POST a chat turn and read its events as they arrive; with `stop`, hang up after the first event it accepts.
+    A refusal (not 200) has no events: its body is returned as the one item, for the test's failure message."""
     events: list[dict[str, Any] | str] = []
     async with client.stream('POST', path, json=body, headers=auth(key)) as response:
+        if response.status_code != 200:
+            return response.status_code, [(await response.aread()).decode(errors='replace')]
         async for line in response.aiter_lines():
             if not line.startswith('data: '):
                 continue
