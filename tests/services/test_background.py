@@ -98,13 +98,16 @@ async def test_legacy_pattern_of_sharing_the_handlers_session_fails() -> None:
 
 async def test_legacy_pattern_run_later_loses_its_work_and_holds_a_connection() -> None:
     account_id = await _create_account()
+    handler_done = asyncio.Event()
 
     async def late_legacy_rename(session: AsyncSession, account_id: int) -> None:
-        await asyncio.sleep(0.05)
+        # Once the handler's session has closed (a fixed 50 ms wait raced the commit and close on a loaded machine).
+        await handler_done.wait()
         await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
 
     async with get_db_session(account=Unscoped.ADMIN) as session:
         task = asyncio.create_task(late_legacy_rename(session, account_id))
+    handler_done.set()
     await task
     # The closed session quietly began a new transaction that nobody commits, on a connection nobody returns.
     assert pool_status().checked_out == 1
