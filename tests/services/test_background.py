@@ -193,7 +193,7 @@ async def test_shutdown_cancels_what_is_still_running_and_returns_every_connecti
     elapsed = time.monotonic() - started
 
     assert (report.completed, report.failed, report.cancelled, report.abandoned) == (2, 0, 4, 0)
-    assert 0.5 <= elapsed < 3
+    assert 0.5 <= elapsed < 10  # not the stuck tasks' 60 s; cancelling their statements may take seconds under load
     assert all(task.cancelled() for task in stuck)
     assert pool_status().checked_out == 0
     with pytest.raises(SupervisorClosed):
