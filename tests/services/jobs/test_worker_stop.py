@@ -65,7 +65,7 @@ async def _assert_nothing_left_behind() -> None:
             'AND datname = current_database()'
         )
 
-    await wait_for(connections_closed, 5, "the worker's queue connections to close")
+    await wait_for(connections_closed, 30, "the worker's queue connections to close")
 
 
 def _assert_one_line(worker: WorkerProcess, signum: int) -> None:
