@@ -29,7 +29,7 @@ from tests.services.jobs.helpers import (
     wait_for,
 )
 
-STOP_S = 10  # a stopped worker exits well within this (start-up excluded)
+STOP_S = 15  # a stopped worker exits well within this (start-up excluded), and before the 20 s shutdown time
 HEARTBEAT_S, STALLED_S = 0.25, 2.0  # AGENTRT_JOBS_HEARTBEAT_SECONDS and _STALLED_SECONDS of a worker cut short
 # (stalled after 8 missed beats: with 1 s, a worker process descheduled 0.75 s on a loaded machine looked stalled)
 
