@@ -111,12 +111,12 @@ async def stream_chat(
     stop: Callable[[dict[str, Any] | str], bool] | None = None,
     path: str = '/api/v1/chat',
 ) -> tuple[int, list[dict[str, Any] | str]]:
-    """POST a chat turn and read its events as they arrive; with `stop`, hang up after the first event it accepts.
-    A refusal (not 200) has no events: its body is returned as the one item, for the test's failure message."""
+    """POST a chat turn and read its events as they arrive; with `stop`, hang up after the first event it accepts. A
+    refused turn's events are its error body (`{'type': 'http-error', ...}`), so a failing test shows it."""
     events: list[dict[str, Any] | str] = []
     async with client.stream('POST', path, json=body, headers=auth(key)) as response:
-        if response.status_code != 200:
-            return response.status_code, [(await response.aread()).decode(errors='replace')]
+        if response.status_code >= 400:
+            return response.status_code, [{'type': 'http-error', 'body': (await response.aread()).decode()[:500]}]
         async for line in response.aiter_lines():
             if not line.startswith('data: '):
                 continue
