@@ -31,6 +31,7 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
+from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
@@ -203,8 +204,14 @@ async def _claimed_turn(
                 await claim.take(session=transaction)
         return tenant, claim, recent
 
-    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
-    opened = await retry_on_disconnect(start, what='turn start')
+    async def give_back(opened: tuple[Tenant, TurnClaim, RecentConversation] | None) -> None:
+        if opened is not None:
+            async with opened[1].held():  # released as the block ends
+                pass
+
+    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken. A claim
+    # committed as the turn is cancelled is released, not left to its lease (`undone_if_cancelled`).
+    opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
     if opened is None:  # after the transaction: the error's own session lists what exists (a read: repeatable)
         raise await retry_on_disconnect(
             lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'

@@ -258,6 +258,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_JOBS_RECONCILE_AFTER_SECONDS', 'jobs_reconcile_after_seconds'),
         description='the reconcile task queues the title and summary of a conversation left without them this long',
     )
+    jobs_keep_failed_days: int = Field(
+        default=7,
+        ge=0,
+        le=3650,
+        validation_alias=AliasChoices('AGENTRT_JOBS_KEEP_FAILED_DAYS', 'jobs_keep_failed_days'),
+        description="a job that failed every attempt stays in procrastinate's table this many days, to be looked at, "
+        'then the reconcile task deletes it (0: kept until deleted by hand)',
+    )
 
     @model_validator(mode='after')
     def _check_turn_within_lease(self) -> Settings:

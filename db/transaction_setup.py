@@ -48,6 +48,9 @@ class TransactionSetup:
         statement_timeout_ms: transaction-local `statement_timeout` (None: the connection's default).
         role: the role the transaction runs as (`SET LOCAL ROLE`, `agentrt.db.roles`); None: the login role.
         account_id: the tenant (`app.account_id`) for row-level security; set (empty when None) whenever `role` is.
+        shared_lock: a transaction-level advisory lock taken in shared mode (`pg_advisory_xact_lock_shared`) before
+            the first statement, so that statement's snapshot follows whoever held it exclusively (the ledger writer
+            and a budget window's creation: `agentrt.services.budgets`); None: none.
     """
 
     read_only: bool = False
@@ -55,6 +58,7 @@ class TransactionSetup:
     statement_timeout_ms: int | None = None
     role: str | None = None
     account_id: int | None = None
+    shared_lock: int | None = None
 
     def statements(self) -> list[str]:
         """The prelude as SQL statements, in order. Values are formatted integers, never caller text: the simple
@@ -63,6 +67,8 @@ class TransactionSetup:
         timeouts = (('lock_timeout', self.lock_timeout_ms), ('statement_timeout', self.statement_timeout_ms))
         settings = [f"set_config('{name}', '{int(value)}ms', true)" for name, value in timeouts if value is not None]
         settings[:0] = self._scope_settings()
+        if self.shared_lock is not None:  # after the timeouts: `lock_timeout` bounds the wait
+            settings.append(f'pg_advisory_xact_lock_shared({int(self.shared_lock)})')
         if settings:
             statements.append('SELECT ' + ', '.join(settings))
         return statements

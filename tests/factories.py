@@ -15,6 +15,7 @@ from sqlalchemy import event, insert, text
 from agentrt.db.engine import get_engine
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.db.transaction_setup import PreludeConnection
 from agentrt.services.ledger import LedgerConfig, LedgerRecord, RetryPolicy, new_request_id, utc_now
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -166,3 +167,27 @@ def spool_left_by_an_exited_process(spool_path: Path, rows: int) -> list[LedgerR
     asyncio.run(program())
     assert len(spool_path.read_text().splitlines()) == rows
     return records
+
+
+@contextmanager
+def slow_commit_reply(monkeypatch: Any, delay: float = 0.2, *, skip: int = 0) -> Iterator[asyncio.Event]:
+    """The next COMMIT on a pooled connection (after `skip` others) is committed by the server, and its reply reaches
+    the caller `delay` seconds later: the event is set as it was committed, so a test can cancel the caller while the
+    reply is in flight.
+    """
+    committed = asyncio.Event()
+    original = PreludeConnection.execute
+    commits = 0
+
+    async def execute(self: PreludeConnection, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
+        nonlocal commits
+        result: str = await original(self, query, *args, timeout=timeout)
+        if query.strip().rstrip(';').upper() == 'COMMIT' and not committed.is_set():
+            commits += 1
+            if commits > skip:
+                committed.set()
+                await asyncio.sleep(delay)
+        return result
+
+    monkeypatch.setattr(PreludeConnection, 'execute', execute)
+    yield committed

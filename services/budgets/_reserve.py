@@ -14,6 +14,10 @@ the server executes it, and it does not wait for its commit to reach the disk (`
 admissions of one account queue behind each other for a fraction of a millisecond, not for a flush. A crash of the
 database can lose the statement's last moments, atomically: a hold lost is as if swept (its request's cost still
 counts when its ledger row arrives), and settlements folded are folded again.
+
+A window's first request finds no row (the statement changes nothing then): it takes `WINDOW_LOCK` exclusive, which
+waits for the ledger writes in flight to commit and holds new ones back, and runs the statement again to create the
+row with the ledger rows of the window so far (`_settle.py` says why). Once per account and window.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.session import scoped_connection
 from agentrt.services.budgets._holders import Holder, this_process
+from agentrt.services.budgets._settle import WINDOW_LOCK
 from agentrt.services.budgets._windows import window_sql
 
 _START, _END = window_sql('b', 'CAST(:at AS timestamptz)')
@@ -63,9 +69,10 @@ WITH quick AS (
     WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
     RETURNING p.period_start, p.last_reserved_usd AS amount, p.spent_usd, p.reserved_usd
 ), missing AS MATERIALIZED (
-    -- The window's first request only: the ledger is summed for it alone, never while the row exists.
+    -- The window's first request only: the ledger is summed for it alone, never while the row exists, and only
+    -- with :open (under `WINDOW_LOCK`, taken exclusive before this statement).
     SELECT budget.* FROM budget
-    WHERE NOT EXISTS (
+    WHERE CAST(:open AS boolean) AND NOT EXISTS (
         SELECT 1 FROM budget_periods AS p
         WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
     )
@@ -106,6 +113,8 @@ WITH r AS (DELETE FROM budget_reservations WHERE id = :id RETURNING account_id, 
 UPDATE budget_periods AS p SET reserved_usd = greatest(p.reserved_usd - r.amount_usd, 0), updated_at = now()
 FROM r WHERE p.account_id = r.account_id AND p.period_start = r.period_start
 """)
+
+_OPEN_WINDOW = text('SELECT pg_advisory_xact_lock(:key)')
 
 _HAS_BUDGET = text('SELECT 1 FROM account_budgets WHERE account_id = :account_id')
 
@@ -171,8 +180,14 @@ async def reserve(
         'pid': holder.pid,
         'started': holder.started,
     }
+    # A hold committed as the caller is cancelled is given back (`undone_if_cancelled`), not left to its TTL.
+    return await undone_if_cancelled(_reserve(request_id, account_id, params), _release_hold)
+
+
+async def _reserve(request_id: uuid.UUID, account_id: int, params: dict[str, Any]) -> Hold | Refusal | None:
     # One transaction as the account's request role (row-level security); its role and tenant ride on the BEGIN.
     async with scoped_connection(account=account_id) as connection:
+        params['open'] = False
         for _ in range(3):  # another request created the window's row between our snapshot and our insert
             found = (await connection.execute(_RESERVE, params)).mappings().first()
             if found is None:
@@ -184,7 +199,17 @@ async def reserve(
                 return Refusal(
                     row['limit_usd'], row['spent_usd'], row['reserved_usd'], row['period_start'], row['period_end']
                 )
+            if not params['open']:
+                # The window has no row yet: create it once the ledger writes in flight committed (`WINDOW_LOCK`),
+                # in a statement whose snapshot has them; writes that begin meanwhile wait, then see the row.
+                await connection.execute(_OPEN_WINDOW, {'key': WINDOW_LOCK})
+                params['open'] = True
     return Refusal(row['limit_usd'], None, None, row['period_start'], row['period_end'])
+
+
+async def _release_hold(result: Hold | Refusal | None) -> None:
+    if isinstance(result, Hold):
+        await release(result)
 
 
 async def release(hold: Hold) -> None:

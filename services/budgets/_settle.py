@@ -23,6 +23,17 @@ input's share of the hold for a failed or cancelled one (what was sent is billed
 
 from __future__ import annotations
 
+WINDOW_LOCK = int.from_bytes(b'agentrtW', 'big')
+"""The advisory lock between ledger writes and the creation of a budget window's row.
+
+A ledger row without a hold (a turn that started before its account had a budget, a process with budgets off, a hold
+swept) joins its window only if the writer's statement sees the window's row; a window's row is created (its first
+admission, `_reserve.py`) with the ledger rows committed before it. A row whose writer's statement began before the
+window's row existed and that committed after the window's row was created would be in neither. So every ledger
+write transaction takes this lock shared before its statement (`TransactionSetup.shared_lock`, on its BEGIN), and a
+window's row is created under it exclusive, in a statement that begins once the writes in flight committed: every
+row is then summed into the new window's row or sees it and is settled into it, once."""
+
 SETTLED_COLUMNS = ('id', 'account_id', 'started_at', 'total_cost', 'total_tokens', 'usage_reported', 'status',
                    'error_status_code')  # fmt: skip
 """The columns of the new ledger rows that settling reads (what the writer's insert returns)."""

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
 from agentrt.db.engine import current_settings, get_engine
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.settings import Settings, parse_database_url
 
@@ -60,6 +60,26 @@ class _QueuePool(psycopg_pool.AsyncConnectionPool):
         await super().open(wait, timeout=min(timeout, self.timeout))
 
 
+_POOL_NAME = 'agentrt-jobs'
+
+
+class _OneLineConnectFailures(logging.Filter):
+    """On psycopg's pool logger: its warning for each failed connection attempt of the queue's pool (PostgreSQL
+    down, a closed port), one line in the runtime's words. psycopg's own was four lines of raw driver text each
+    ("error connecting in 'pool-1': connection failed: ... Is the server running on that host and accepting TCP/IP
+    connections?"), four times over before the runtime's one error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True: the record is kept, reworded when it is such a warning."""
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
+            detail = ' '.join(str(args[1]).split())[:300]
+            record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
+        return True
+
+
+logging.getLogger('psycopg.pool').addFilter(_OneLineConnectFailures())
+
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
 jobs = App(connector=PsycopgConnector())
 jobs.job_manager = _JobManager(connector=jobs.connector)
@@ -78,13 +98,28 @@ def queue_conninfo(settings: Settings, engine_url: URL) -> str:
 
 def listens(settings: Settings) -> bool:
     """Whether workers wait for jobs with LISTEN/NOTIFY: not through a transaction pooler, where a LISTEN is lost
-    when the pooler hands the server connection to another client (the workers poll instead)."""
-    return not settings.pooled or settings.queue_database_url is not None
+    when the pooler hands the server connection to another client (the workers poll instead). In the pooler mode,
+    only when `AGENTRT_QUEUE_DATABASE_URL` names another address than `DATABASE_URL` (a direct connection): the same
+    address is the pooler again."""
+    if not settings.pooled:
+        return True
+    if settings.queue_database_url is None or settings.database_url is None:
+        return False
+    return _address(settings.queue_database_url) != _address(settings.database_url)
+
+
+def _address(database_url: str) -> tuple[object, ...]:
+    url = parse_database_url(database_url)
+    return (url.host, url.port, url.database, url.query.get('host'), url.query.get('port'))
 
 
 async def open_queue() -> App:
     """Open the queue for this process (once per event loop; safe from many tasks): a small psycopg pool on
     `queue_conninfo`, owned by a connector of its own.
+
+    Raises:
+        DatabaseUnavailableError: the queue's server cannot be reached within `DB_CONNECT_TIMEOUT`.
+        ConfigError: its database has no job tables (another database than the runtime's, or not migrated).
 
     Prepared statements are off (`prepare_threshold=None`): behind PgBouncer in transaction mode psycopg's automatic
     ones collide (measured: 18 of 200 defers failed without it).
@@ -103,14 +138,23 @@ async def open_queue() -> App:
             timeout=settings.connect_timeout,
             kwargs={'prepare_threshold': None, 'application_name': 'agentrt-jobs'},
             pool_factory=_QueuePool,
+            name=_POOL_NAME,
         )
         jobs.connector = jobs.job_manager.connector = connector  # as App.replace_connector does
         try:
             await jobs.open_async()
+            has_tables = await jobs.check_connection_async()
         except Exception as exc:
             if (unavailable := queue_unavailable(exc, 'cannot connect to PostgreSQL')) is not None:
                 raise unavailable from exc
             raise
+        if not has_tables:
+            await jobs.close_async()
+            raise ConfigError(
+                f"the job queue's database at {mask_url(conninfo)} has no job tables (procrastinate_jobs): it must be "
+                "the runtime's own database, migrated (`agentrt db upgrade`, migration 0011_procrastinate); "
+                'AGENTRT_QUEUE_DATABASE_URL, when set, names that same database by a direct connection'
+            )
         _open_on = loop
         logger.info('job queue open on %s', mask_url(conninfo))
         return jobs

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_read_only_session
+from agentrt.services.jobs._app import open_queue
 from agentrt.services.jobs._defer import defer_summary
 from agentrt.services.ledger import roll_up_pending
 
@@ -30,15 +31,19 @@ ORDER BY updated_at LIMIT :batch
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    """What one reconcile did: summaries queued, rollup buckets written."""
+    """What one reconcile did: summaries queued, rollup buckets written, finished jobs deleted."""
 
     summaries_queued: int
     rollup_buckets: int
+    jobs_deleted: int = 0
 
 
 async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> ReconcileReport:
     """Queue the title and summary of every conversation left without them for `idle_seconds` (default
-    `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), and roll up every ledger row of the last two days nobody counted.
+    `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), roll up every ledger row of the last two days nobody counted, and delete
+    the jobs that failed every attempt (or were cancelled or aborted) more than `AGENTRT_JOBS_KEEP_FAILED_DAYS` ago:
+    succeeded jobs are deleted as they end, and without this a job failing for good (a bug, a row that cannot be
+    saved) added a row to the queue's table for ever, every five minutes for the periodic ones.
 
     Idempotent: a summary already queued is not queued twice (its queueing lock), a ledger row is counted once.
 
@@ -53,6 +58,37 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
     for account_id, conversation_id in missing:
         queued += await defer_summary(int(account_id), str(conversation_id))
     buckets = await roll_up_pending(datetime.now(UTC) - ROLLUP_LOOKBACK)
-    if queued or buckets:
-        logger.info('reconcile: %d summaries queued, %d rollup buckets written', queued, buckets)
-    return ReconcileReport(summaries_queued=queued, rollup_buckets=buckets)
+    deleted = await delete_finished_jobs(current_settings().jobs_keep_failed_days)
+    if queued or buckets or deleted:
+        logger.info(
+            'reconcile: %d summaries queued, %d rollup buckets written, %d finished jobs deleted',
+            queued,
+            buckets,
+            deleted,
+        )
+    return ReconcileReport(summaries_queued=queued, rollup_buckets=buckets, jobs_deleted=deleted)
+
+
+# procrastinate's `delete_old_jobs` (its latest event, the one that ended the job, is older than the retention), with
+# the count; every status that ends a job: succeeded ones the worker left (none, as run here), failed, cancelled,
+# aborted.
+_DELETE_FINISHED = """
+WITH finished AS (
+    SELECT job.id FROM procrastinate_jobs job JOIN procrastinate_events event ON event.job_id = job.id
+    WHERE job.status IN ('succeeded', 'failed', 'cancelled', 'aborted')
+    GROUP BY job.id HAVING max(event.at) < now() - make_interval(days => %(days)s::int)
+), deleted AS (
+    DELETE FROM procrastinate_jobs WHERE id IN (SELECT id FROM finished) RETURNING 1
+)
+SELECT count(*) AS deleted FROM deleted
+"""
+
+
+async def delete_finished_jobs(keep_days: int) -> int:
+    """Delete the jobs that ended (failed every attempt, cancelled, aborted) more than `keep_days` days ago, with
+    their events; none when `keep_days` is 0. Returns how many."""
+    if keep_days <= 0:
+        return 0
+    app = await open_queue()
+    row = await app.connector.execute_query_one_async(_DELETE_FINISHED, days=keep_days)
+    return int(row['deleted'])

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from procrastinate.job_context import JobContext
+from procrastinate.jobs import Job
 from procrastinate.worker import Worker
 
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.settings import Settings
 from agentrt.services.jobs._app import listens, open_queue, queue_unavailable
 from agentrt.services.jobs._tasks import QUEUES
 
@@ -21,6 +25,8 @@ logger = logging.getLogger('agentrt.jobs')
 
 POLL_SECONDS = 2.0
 """How often a worker that cannot LISTEN (behind a transaction pooler) looks for new jobs."""
+LISTEN_POLL_SECONDS = 5.0
+"""How often a worker that LISTENs looks anyway (a job due later, one put back without a NOTIFY)."""
 
 
 @dataclass
@@ -39,6 +45,8 @@ class WorkerStop:
     _running: set[asyncio.Task[Any]] = field(default_factory=set, init=False, repr=False)
     """The tasks of the jobs running now."""
     _deadline: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _putting_back: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    """The tasks putting back in the queue the jobs whose end could not be saved."""
 
     def request(self) -> None:
         """Stop the worker: gracefully the first time, at once the second."""
@@ -72,7 +80,8 @@ class WorkerStop:
         """The worker middleware: knows the running jobs, so a stop can cut them short."""
         task = asyncio.current_task()
         assert task is not None
-        task.add_done_callback(_outcome_not_saved)  # the job's own task: procrastinate saves the outcome in it, later
+        # The job's own task: procrastinate saves the outcome in it, later.
+        task.add_done_callback(functools.partial(self._outcome_not_saved, context.job))
         self._running.add(task)
         try:
             return await call_next()
@@ -87,22 +96,76 @@ class WorkerStop:
         """The worker has returned."""
         if self._deadline is not None:
             self._deadline.cancel()
+        for putting_back in self._putting_back:
+            putting_back.cancel()
         self._worker = None
 
+    def _outcome_not_saved(self, job: Job, task: asyncio.Task[Any]) -> None:
+        """Say once, calmly, that a job ran but PostgreSQL was lost as procrastinate saved how it ended, and put the
+        job back in the queue. procrastinate leaves that error in the job's task, which nothing awaits: asyncio printed
+        "Task exception was never retrieved" and two tracebacks at exit. The job is still marked running, and the
+        retry-stalled job looks only at jobs of silent workers: while this one goes on (the connection lost for a
+        moment) it would stay so for good, its lock held. It is put back once the queue answers (jobs are idempotent);
+        if this worker stops first, the retry-stalled job runs it again."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        lost = queue_unavailable(exc, 'lost PostgreSQL')
+        logger.warning(
+            '%s ran, but how it ended could not be saved: %s; it goes back to the queue',
+            task.get_name().removeprefix('process job '),
+            lost or f'{type(exc).__name__}: {" ".join(str(exc).split())}',
+        )
+        if self._worker is not None and job.id is not None:
+            putting_back = asyncio.get_running_loop().create_task(_put_back(self._worker, job.id))
+            self._putting_back.add(putting_back)
+            putting_back.add_done_callback(self._putting_back.discard)
 
-def _outcome_not_saved(task: asyncio.Task[Any]) -> None:
-    """Say once, calmly, that a job ran but PostgreSQL was lost as procrastinate saved how it ended. procrastinate
-    leaves that error in the job's task, which nothing awaits: asyncio printed "Task exception was never retrieved"
-    and two tracebacks at exit. The job is still marked running; the retry-stalled job runs it again (jobs are
-    idempotent)."""
-    if task.cancelled() or (exc := task.exception()) is None:
+
+async def _put_back(worker: Worker, job_id: int) -> None:
+    """Put a running job whose end was not saved back in the queue, trying each heartbeat until the queue answers
+    (cancelled when the worker stops: the retry-stalled job covers it then)."""
+    interval = current_settings().jobs_heartbeat_seconds
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await worker.app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
+        except Exception as exc:
+            if queue_unavailable(exc, 'lost PostgreSQL') is not None:
+                continue  # still away: the next beat
+            # Not running any more (its end was saved after all, or another worker put it back): nothing to do.
+            logger.debug('job %s not put back: %s', job_id, exc)
+            return
+        logger.info('job %s put back in the queue: its end could not be saved', job_id)
         return
-    lost = queue_unavailable(exc, 'lost PostgreSQL')
-    logger.warning(
-        '%s ran, but how it ended could not be saved: %s; it runs again once found stalled',
-        task.get_name().removeprefix('process job '),
-        lost or f'{type(exc).__name__}: {" ".join(str(exc).split())}',
-    )
+
+
+class _QueueLossSaidOnce(logging.Filter):
+    """On procrastinate's loggers while a worker runs: its lines for a lost queue connection said the runtime's way.
+
+    A side task (the listener, the heartbeat) that loses PostgreSQL stops procrastinate's worker, which logged it twice
+    ("Side task listener failed with exception: Database error., stopping worker", then "listener error:
+    ConnectorException(...)"), each with a traceback, before `run_worker` raised the runtime's own error: those lines
+    are dropped and their error kept (`lost`) for that one. A loss procrastinate recovers from (polling for jobs to
+    abort) is one warning line in the runtime's words, without the traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a line `run_worker`'s error replaces; a lost connection on one line; any other line as it is."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or (lost := queue_unavailable(exc, 'lost PostgreSQL')) is None:
+            return True
+        action = str(getattr(record, 'action', ''))
+        if action == 'side_task_failed' or (record.name == 'procrastinate.utils' and action.endswith('_error')):
+            self.lost = self.lost or exc
+            return False
+        record.msg, record.args = f'{action or record.getMessage()}: {lost}', None
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, 'WARNING'
+        return True
 
 
 def _jobs(count: int) -> str:
@@ -128,17 +191,22 @@ async def run_worker(
         name=name,
         wait=not burst,
         listen_notify=listens(settings),
-        fetch_job_polling_interval=POLL_SECONDS if not listens(settings) else 5.0,
+        fetch_job_polling_interval=POLL_SECONDS if not listens(settings) else LISTEN_POLL_SECONDS,
         update_heartbeat_interval=settings.jobs_heartbeat_seconds,
         stalled_worker_timeout=settings.jobs_stalled_seconds,
         delete_jobs='successful',
         install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
         worker_middleware=[stop.middleware],
     )
-    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings.pooled))
+    logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings))
     if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
         return
     stop.attach(worker)
+    said_once = _QueueLossSaidOnce()
+    loggers = [logging.getLogger(name) for name in ('procrastinate.worker', f'procrastinate.worker.{name}')]
+    loggers.append(logging.getLogger('procrastinate.utils'))
+    for each in loggers:
+        each.addFilter(said_once)
     running = asyncio.ensure_future(worker.run())  # type: ignore[no-untyped-call]  # procrastinate: untyped
     heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, settings.jobs_heartbeat_seconds))
     cancelled = False
@@ -152,6 +220,8 @@ async def run_worker(
                 cancelled = True
                 stop.request()  # the first stops gracefully, another cuts the running jobs short
         running.result()
+        if said_once.lost is not None:  # a side task lost the queue's connection: its lines were held back for this
+            raise said_once.lost
         if cancelled:
             raise asyncio.CancelledError
         if not burst and not stop.requests:
@@ -170,6 +240,8 @@ async def run_worker(
             raise lost from exc
         raise
     finally:
+        for each in loggers:
+            each.removeFilter(said_once)
         stop.detach()
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -189,5 +261,9 @@ async def _heartbeat_until_gone(worker: Worker, interval: float) -> None:
                 logger.debug('worker heartbeat failed: %s', exc)
 
 
-def _waits(pooled: bool) -> str:
-    return 'polling (DATABASE_URL is a pooler)' if pooled and not current_settings().queue_database_url else 'LISTEN'
+def _waits(settings: Settings) -> str:
+    if listens(settings):
+        return 'LISTEN'
+    if settings.queue_database_url:
+        return 'polling (AGENTRT_QUEUE_DATABASE_URL is the pooler of DATABASE_URL: give it a direct connection)'
+    return 'polling (DATABASE_URL is a pooler)'

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
+from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import ModelRequestContext
 from pydantic_ai.settings import ModelSettings
 
@@ -43,8 +45,19 @@ async def admit(
     at: datetime,
     sizes: RequestSizes,
     config: BudgetConfig,
+    messages: Sequence[ModelMessage] | None = None,
 ) -> Hold | None:
     """Hold what the request can cost of its account's budget and cap its `max_tokens` to it.
+
+    Args:
+        identity: whose request it is.
+        request_context: the request (its `max_tokens` is set here).
+        request_id: the ledger id, the hold's id.
+        at: when it starts (picks the window).
+        sizes: the run's message sizes.
+        config: the budget knobs.
+        messages: the messages the request will send, when hooks that run after this one change them (a turn's
+            context window); `request_context.messages` when None.
 
     Returns:
         The hold, or None when nothing is held (budgets off, no account, no budget, an unpriced model counted).
@@ -72,7 +85,8 @@ async def admit(
     counting = config.count_tokens and supports_count_tokens(model)
     if counting and not await has_budget(account_id):
         return None  # the provider is asked to count only for an account with a budget (it is a request too)
-    input_tokens = await _input_tokens(request_context, sizes, counting)
+    sent = request_context.messages if messages is None else messages
+    input_tokens = await _input_tokens(request_context, sent, sizes, counting)
     settings: dict[str, Any] = dict(request_context.model_settings or {})
     configured = settings.get('max_tokens')
     wanted = configured if isinstance(configured, int) and configured > 0 else config.max_output_tokens
@@ -102,13 +116,15 @@ async def admit(
     return result
 
 
-async def _input_tokens(request_context: ModelRequestContext, sizes: RequestSizes, counting: bool) -> int:
-    """The provider's count where the model has one (and it is wanted), else the byte-length bound."""
+async def _input_tokens(
+    request_context: ModelRequestContext, messages: Sequence[ModelMessage], sizes: RequestSizes, counting: bool
+) -> int:
+    """The provider's count of `messages` where the model has one (and it is wanted), else the byte-length bound."""
     model = request_context.model
     if counting:
         try:
             usage = await model.count_tokens(
-                list(request_context.messages),
+                list(messages),
                 request_context.model_settings,
                 request_context.model_request_parameters,
             )
@@ -116,7 +132,7 @@ async def _input_tokens(request_context: ModelRequestContext, sizes: RequestSize
                 return usage.input_tokens
         except Exception as exc:  # the provider could not count: the byte bound holds all the same
             logger.debug('budgets: %s could not count tokens (%s); using the size bound', model.model_name, exc)
-    return sizes.input_tokens_bound(request_context.messages, request_context.model_request_parameters)
+    return sizes.input_tokens_bound(messages, request_context.model_request_parameters)
 
 
 def _refused(identity: LedgerIdentity, refusal: Refusal, needed: Decimal, least: int) -> BudgetExceededError:

@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry import trace
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
-from pydantic_ai.messages import ModelResponse
+from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
@@ -156,6 +156,23 @@ class LedgerCapability(AbstractCapability[Any]):
             request_context = await rider.before_model_request(ctx, request_context)
         return request_context
 
+    async def _messages_sent(self, ctx: Any, request_context: ModelRequestContext) -> list[ModelMessage] | None:
+        """The messages the request will send as the riders leave them (a turn's `ContextWindow` folds older turns),
+        for the budget's estimate; None without riders.
+
+        pydantic-ai runs `before_model_request` inside `wrap_model_request`'s handler, after the budget is held, so
+        the hold would otherwise be of the whole history loaded (up to three times the context budget). The riders
+        run on a copy of the request context, their result used for the estimate only; pydantic-ai runs them again
+        on the request (`ContextWindow` keeps its fit in its per-run memo).
+        """
+        state = self._state(ctx)
+        if not self.riders or not state.budget.enabled or state.identity.account_id is None:
+            return None
+        probe = replace(request_context, messages=list(request_context.messages))
+        for rider in self.riders:
+            probe = await rider.before_model_request(ctx, probe)
+        return list(probe.messages)
+
     def _state(self, ctx: Any) -> _RunLedger:
         if self._run is None:  # used outside `for_run` (a hand-driven capability): still record
             self._run = self._new_run(ctx)
@@ -228,7 +245,15 @@ class LedgerCapability(AbstractCapability[Any]):
             hold = (
                 None
                 if state.no_budget
-                else await admit(state.identity, request_context, request_id, started_at, state.sizes, state.budget)
+                else await admit(
+                    state.identity,
+                    request_context,
+                    request_id,
+                    started_at,
+                    state.sizes,
+                    state.budget,
+                    await self._messages_sent(ctx, request_context),
+                )
             )
         except BudgetExceededError as exc:
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
+from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
@@ -91,7 +92,9 @@ class LLMRequestTracker:
         self.config = config or LedgerConfig.from_env()
         self._session_factory = session_factory or self._side_session
         self._setup = TransactionSetup(
-            lock_timeout_ms=int(self.config.lock_timeout_ms), statement_timeout_ms=int(self.config.statement_timeout_ms)
+            lock_timeout_ms=int(self.config.lock_timeout_ms),
+            statement_timeout_ms=int(self.config.statement_timeout_ms),
+            shared_lock=WINDOW_LOCK,  # a budget window's row is never created while this write is in flight
         )
         self.stats = TrackerStats()
         self._by_loop: dict[asyncio.AbstractEventLoop, LoopQueues] = {}

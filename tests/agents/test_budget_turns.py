@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from agentrt.agents.errors import BudgetExceededError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.budgets import Period, budget_statuses, set_budget
+from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget
 from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs
 from tests.agents.conftest import account_id
-from tests.factories import ledger_rows, scalar
+from tests.factories import ledger_rows, scalar, slow_commit_reply
 from tests.services.budgets.priced_model import PricedModel
 
 TURNS = 50
@@ -117,3 +119,59 @@ async def test_fifty_racing_turns_admit_exactly_those_the_budget_fits(demo_data:
             session=session, by='account', filters=LedgerFilters(account=account, chat_session_id=None)
         )
     assert summary.requests == ADMITTED + 1, 'refusals are in the audit, not in the costs (+1: the probe turn)'
+
+
+class _HoldSpy(PricedModel):
+    """A `PricedModel` that notes, as each request arrives, the input share its budget hold was made of."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply, output_tokens=50)
+        self.held_input_usd: list[Decimal] = []
+
+    async def _arrive(self, messages: Any, settings: Any, parameters: Any) -> Any:
+        self.held_input_usd.append(await scalar('SELECT input_usd FROM budget_reservations'))
+        return await super()._arrive(messages, settings, parameters)
+
+
+async def test_a_long_conversation_holds_what_its_requests_send_not_its_whole_history(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once a conversation's history outgrows the context budget, each request sends only what fits (older turns
+    # folded): the hold was of the whole history loaded (up to three times the budget), about twice what was sent
+    # here, so near its limit a long conversation was refused a request it could afford.
+    monkeypatch.setattr(current_settings(), 'context_max_tokens', 3_000)
+    monkeypatch.setattr(current_settings(), 'message_max_chars', 2_000)
+    await _set('acme-health', '100')
+    answer = 'Cardiologists in Seattle who accept Medicare, with their addresses and hours. ' * 30
+    for turn in range(8):
+        model = _HoldSpy(answer)
+        await simple_chat(
+            f'Question {turn}: and in Boston?', session_id='long-held', account='acme-health', model=model
+        )
+    await _drain()
+    sent = (await ledger_rows(account_slug='acme-health', chat_session_id='long-held'))[-1]
+    (held,) = model.held_input_usd
+    sent_usd = pricer_for(model).cost(sent['input_tokens'], 0, sent['started_at'])  # type: ignore[union-attr]
+    assert sent['input_tokens'] > 3_000, 'the request is past the budget (instructions and tools on top)'
+    assert held <= sent_usd * Decimal('1.2'), f'held {held} for an input that cost {sent_usd}'
+
+
+async def test_a_turn_cancelled_as_its_hold_commits_gives_the_hold_back(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A turn cancelled (a client gone, a timeout) while the reply to its hold's COMMIT was in flight: pydantic-ai runs
+    # the request's hooks in an anyio cancel scope, which cancels again at every await, so the hold was left to its
+    # TTL (15 minutes in a live process), shown as held by a request in flight that nobody sent.
+    await _set('acme-health', '100')
+    model = PricedModel()
+    with slow_commit_reply(monkeypatch, skip=1) as committed:  # the turn's start commits first, then its hold
+        turn = asyncio.create_task(_turn('How many cardiologists?', 'cancelled-hold', False, model, 'acme-health'))
+        await committed.wait()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+    await _drain()
+    assert model.arrived == 0, 'nothing was sent'
+    assert await scalar('SELECT count(*) FROM budget_reservations') == 0
+    _, reserved, holds = await _status('acme-health')
+    assert reserved == 0 and holds == 0

@@ -160,6 +160,7 @@ def test_every_runtime_logger_redacts() -> None:
         for folder in ('agents', 'api', 'services', 'tools', 'db')
         for path in (root / folder).rglob('*.py')
         for name in re.findall(r"getLogger\('([^']+)'\)", path.read_text())
+        if name.split('.')[0] == 'agentrt'  # other libraries' (psycopg.pool, procrastinate): reworded, not ours
     }
     assert named and named <= set(LOGGERS), named - set(LOGGERS)
     for name in LOGGERS:

@@ -29,7 +29,7 @@ from agentrt.services.conversations import ConcurrentTurnError, PostgresConversa
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 from tests.agents.conftest import account_id
-from tests.factories import ledger_rows, scalar
+from tests.factories import ledger_rows, scalar, slow_commit_reply
 
 TURNS = 20
 QUESTIONS = ['Find me cardiologists in Seattle who accept Medicare', 'Pediatricians in Denver who speak Spanish']
@@ -232,6 +232,23 @@ async def test_a_failed_or_abandoned_turn_releases_the_conversation(demo_data: N
             break  # the consumer walks away mid-answer
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
     result = await simple_chat(QUESTIONS[0], session_id='released', account='acme-health')
+    assert result.output.startswith('I found')
+
+
+async def test_a_turn_cancelled_as_its_claim_commits_releases_the_conversation(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A turn cancelled (a client gone, a timeout) while the reply to its start's COMMIT was in flight left its claim,
+    # committed, to the lease: the user's next message on the conversation was refused (ConcurrentTurnError, HTTP
+    # 409) for up to AGENTRT_TURN_LEASE_SECONDS, with no turn running.
+    with slow_commit_reply(monkeypatch) as committed:
+        turn = asyncio.create_task(simple_chat(QUESTIONS[0], session_id='cancelled-start', account='acme-health'))
+        await committed.wait()  # the turn's first commit: its claim and the conversation's tail
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    result = await simple_chat(QUESTIONS[0], session_id='cancelled-start', account='acme-health')
     assert result.output.startswith('I found')
 
 

@@ -39,6 +39,9 @@ def test_the_prelude_is_rendered_from_integers_only() -> None:
         "set_config('statement_timeout', '5000ms', true);"
     )
     assert TransactionSetup(lock_timeout_ms=7).statements() == ["SELECT set_config('lock_timeout', '7ms', true)"]
+    assert TransactionSetup(lock_timeout_ms=7, shared_lock=42).statements() == [
+        "SELECT set_config('lock_timeout', '7ms', true), pg_advisory_xact_lock_shared(42)"  # waits at most 7 ms
+    ]
     with pytest.raises(ValueError):
         TransactionSetup(lock_timeout_ms='1; DROP TABLE accounts').statements()  # type: ignore[arg-type]
 

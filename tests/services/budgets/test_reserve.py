@@ -6,10 +6,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
+
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Hold, Holder, Period, Refusal, reserve, set_budget
 from agentrt.services.ledger import new_request_id, utc_now
-from tests.factories import ledger_record, write_ledger_row
+from tests.factories import ledger_record, slow_commit_reply, write_ledger_row
 from tests.services.budgets.helpers import give_budget, period_row, reservations
 
 HOUR = 3600.0
@@ -127,3 +129,31 @@ async def test_a_hold_records_its_holder_and_expiry(two_accounts: tuple[int, int
     assert (row['holder_host'], row['holder_pid'], row['holder_started']) == ('host-x', 4242, 123.5)
     assert row['amount_usd'] == Decimal('0.2') and row['input_usd'] == Decimal('0.05')
     assert timedelta(seconds=50) < row['expires_at'] - row['created_at'] <= timedelta(seconds=61)
+
+
+async def test_a_hold_committed_as_its_caller_is_cancelled_is_given_back(
+    two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request cancelled while its hold's COMMIT reply was in flight left the hold, committed, to its TTL (15 min in a
+    # live process): the budget showed it held by a request in flight that no longer was.
+    alpha, _ = two_accounts
+    await give_budget('alpha', '1')
+    with slow_commit_reply(monkeypatch) as committed:
+        admission = asyncio.create_task(
+            reserve(
+                request_id=new_request_id(),
+                account_id=alpha,
+                full_usd=Decimal('0.10'),
+                minimum_usd=Decimal('0.10'),
+                input_usd=Decimal('0.01'),
+                at=utc_now(),
+                ttl_seconds=3600,
+            )
+        )
+        await committed.wait()
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+    assert await reservations() == []
+    row = await period_row(alpha)
+    assert row is not None and row['reserved_usd'] == 0

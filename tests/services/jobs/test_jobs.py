@@ -7,19 +7,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
+import logging
+import re
 import signal
 import socket
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
+from procrastinate.exceptions import ConnectorException
 from sqlalchemy import text
 
-from agentrt.db.engine import current_settings
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
+from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
-from agentrt.services.jobs import close_queue, reconcile_post_turn_work, retry_stalled_jobs, run_worker
+from agentrt.services.jobs import _worker as worker_module
+from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
 from tests.private_database import PrivateDatabase
@@ -121,7 +130,7 @@ async def test_a_job_whose_worker_is_killed_mid_job_is_run_again_by_another_and_
 
 
 async def test_a_worker_whose_server_goes_away_stops_with_a_database_error_not_exit_0(
-    queue: None, private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch
+    queue: None, private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # procrastinate stops a worker, without raising, when its LISTEN connection fails and cannot be made again (a
     # restart, a failover): the worker then exited 0, so no process manager started it again and no job ran; or, with
@@ -146,6 +155,11 @@ async def test_a_worker_whose_server_goes_away_stops_with_a_database_error_not_e
         finally:
             await _stopped(worker)
             await close_queue()
+    # The error raised says it once: procrastinate's own lines for the failed side task ("Side task listener failed
+    # with exception: Database error., stopping worker", "listener error: ConnectorException(...)", each with a
+    # traceback under `--debug`) came before it.
+    procrastinates = [r for r in caplog.records if r.name.startswith('procrastinate') and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in procrastinates] == []
 
 
 async def test_a_job_that_ends_while_postgresql_is_down_says_its_outcome_was_not_saved(
@@ -184,7 +198,7 @@ async def test_a_job_that_ends_while_postgresql_is_down_says_its_outcome_was_not
     assert 'never retrieved' not in caplog.text
     [warning] = [r.getMessage() for r in caplog.records if 'how it ended could not be saved' in r.getMessage()]
     assert warning.startswith('agentrt.reconcile[1] ran, but how it ended could not be saved: the job queue lost ')
-    assert warning.endswith('; it runs again once found stalled')
+    assert warning.endswith('; it goes back to the queue')
 
 
 async def _stopped(worker: asyncio.Future[None] | None) -> None:
@@ -204,7 +218,7 @@ async def _listening() -> bool:
 
 
 async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
-    queue: None, monkeypatch: pytest.MonkeyPatch
+    queue: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Was "internal error: PoolTimeout: pool initialization incomplete after 30.0 sec ... report it", after 30 s.
     settings = current_settings()
@@ -216,9 +230,152 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
             await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
     finally:
         await close_queue()
+    # Each failed attempt was psycopg's four lines ("error connecting in 'pool-1': connection failed: ... Is the server
+    # running on that host and accepting TCP/IP connections?"); now one line each, in the runtime's words.
+    attempts = [r.getMessage() for r in caplog.records if r.name == 'psycopg.pool' and r.levelno >= logging.WARNING]
+    assert attempts
+    for attempt in attempts:
+        assert attempt.startswith('the job queue cannot connect to PostgreSQL (connection failed: ')
+        assert attempt.endswith('; trying again') and '\n' not in attempt
 
 
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def database_without_jobs() -> AsyncIterator[str]:
+    """A database of the test server with no table at all: not migrated."""
+    name = f'no_jobs_{uuid.uuid4().hex[:8]}'
+    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE {name}'))
+    yield name
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+
+
+async def test_a_queue_database_without_the_job_tables_is_a_clear_error(
+    queue: None, database_without_jobs: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # AGENTRT_QUEUE_DATABASE_URL naming another database than the runtime's (or one never migrated): the worker ended
+    # with "internal error: ConnectorException: Database error. ... report it" (exit code 70), and every turn's
+    # process logged "failed: ConnectorException: Database error." with a traceback.
+    settings = current_settings()
+    other = get_engine().url.set(database=database_without_jobs).render_as_string(hide_password=False)
+    monkeypatch.setattr(settings, 'queue_database_url', queue_url(other))
+    await close_queue()
+    expected = rf'job queue.*{database_without_jobs}.* has no job tables .*agentrt db upgrade'
+    try:
+        with pytest.raises(ConfigError, match=expected):
+            await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
+        await chat('no-job-tables')
+        await get_supervisor().join()
+    finally:
+        await close_queue()
+    [failure] = [r for r in caplog.records if 'queue post-turn jobs no-job-tables' in r.getMessage()]
+    assert re.search(rf'ConfigError: .*{expected}', failure.exc_text or '')
+    assert 'ConnectorException' not in caplog.text
+
+
+async def test_reconcile_deletes_the_jobs_that_failed_for_good_after_some_days(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Succeeded jobs were deleted as they ended, failed ones never: a job failing every attempt (a bug, a row that
+    # cannot be saved) added a row and its events to the queue's tables for ever; the periodic ones, every few minutes.
+    monkeypatch.setattr(current_settings(), 'jobs_keep_failed_days', 7)
+    ended = {}
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        for name, status, days_ago in (
+            ('old failed', 'failed', 8),
+            ('old aborted', 'aborted', 8),
+            ('recent failed', 'failed', 6),
+            ('waiting', 'todo', 30),  # queued long ago and still to run: kept
+        ):
+            job_id = (
+                await session.execute(
+                    text(
+                        "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW('post_turn', 'agentrt.usage_rollup', 0, NULL, "
+                        'NULL, CAST(:args AS jsonb), NULL)::procrastinate_job_to_defer_v1]))[1]'
+                    ),
+                    {'args': json.dumps({'account_id': len(ended) + 1})},
+                )
+            ).scalar_one()
+            if status != 'todo':
+                await session.execute(
+                    text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {'id': job_id}
+                )
+                await session.execute(
+                    text('UPDATE procrastinate_jobs SET status = CAST(:s AS procrastinate_job_status) WHERE id = :id'),
+                    {'id': job_id, 's': status},
+                )
+            await session.execute(
+                text('UPDATE procrastinate_events SET at = now() - make_interval(days => :days) WHERE job_id = :id'),
+                {'id': job_id, 'days': days_ago},
+            )
+            ended[name] = job_id
+
+    report = await reconcile_post_turn_work()
+
+    assert report.jobs_deleted == 2
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        left = set((await session.execute(text('SELECT id FROM procrastinate_jobs'))).scalars())
+        events = set((await session.execute(text('SELECT DISTINCT job_id FROM procrastinate_events'))).scalars())
+    assert left == events == {ended['recent failed'], ended['waiting']}
+    monkeypatch.setattr(current_settings(), 'jobs_keep_failed_days', 0)  # kept until deleted by hand
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text("UPDATE procrastinate_events SET at = now() - interval '1 year'"))
+    assert (await reconcile_post_turn_work()).jobs_deleted == 0
+
+
+def test_a_queue_url_that_is_the_pooler_again_is_polled_not_listened_to() -> None:
+    # AGENTRT_QUEUE_DATABASE_URL set to DATABASE_URL's pooler (a copied environment): the worker said "LISTEN", and its
+    # LISTEN, lost as PgBouncer handed the server connection on, never woke it: jobs waited for the 5 s fallback poll.
+    pooler, direct = 'postgresql://app@127.0.0.1:6432/agents', 'postgresql://app@db.internal:5432/agents'
+    settings = current_settings().model_copy(update={'database_url': pooler, 'pooler': 'pgbouncer'})
+    assert not listens(settings)
+    assert not listens(settings.model_copy(update={'queue_database_url': pooler + '?sslmode=disable'}))
+    assert listens(settings.model_copy(update={'queue_database_url': direct}))
+    assert listens(settings.model_copy(update={'pooler': 'none', 'queue_database_url': pooler}))
+
+
+async def test_a_job_whose_end_could_not_be_saved_goes_back_to_the_queue_while_its_worker_lives_on(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection lost as procrastinate saved how a job ended (a fast restart of PostgreSQL, a terminated backend)
+    # left the job marked running; retry-stalled looks only at jobs of silent workers, so while its worker went on
+    # beating it stayed so for good, and its lock (`rollup:<account>`) held back every later rollup of the account.
+    manager = jobs_module.jobs.job_manager
+    finish = manager.finish_job
+    failed: list[int] = []
+
+    async def lost_once(job: Any, **kwargs: Any) -> None:
+        if not failed:
+            failed.append(job.id)
+            try:
+                raise psycopg.OperationalError('server closed the connection unexpectedly')
+            except psycopg.OperationalError as exc:
+                raise ConnectorException from exc
+        await finish(job=job, **kwargs)
+
+    monkeypatch.setattr(manager, 'finish_job', lost_once)
+    monkeypatch.setattr(current_settings(), 'jobs_heartbeat_seconds', 0.2)
+    monkeypatch.setattr(worker_module, 'LISTEN_POLL_SECONDS', 0.2)  # a job put back is found at the next look
+    await chat('end-not-saved')
+    worker = asyncio.ensure_future(run_worker(concurrency=1))
+    try:
+        await wait_for(lambda: _ran_once_more(failed), 20, 'the job run again and its end saved')
+        assert not worker.done()
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    assert await rolled_up_requests() == len(await ledger_rows())
+
+
+async def _ran_once_more(failed: list[int]) -> bool:
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        left = (await session.execute(text('SELECT count(*) FROM procrastinate_jobs'))).scalar_one()
+    return bool(failed) and left == 0
