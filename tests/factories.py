@@ -113,6 +113,22 @@ async def scalar(sql: str, **params: Any) -> Any:
         return (await session.execute(text(sql), params)).scalar()
 
 
+async def wait_until_waiting_on_a_lock(statement_start: str, seconds: float = 30) -> None:
+    """Poll until a session of this database waits on a lock in a statement that starts with `statement_start`: what
+    a test that makes a deadlock needs before it takes its second lock (a fixed sleep was too short under load, and
+    then PostgreSQL ended the other transaction than the one the test expects)."""
+    waiting = text(
+        'SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() '
+        "AND wait_event_type = 'Lock' AND query LIKE :start"
+    )
+    async with asyncio.timeout(seconds):
+        while True:
+            async with get_db_session(account=Unscoped.OWNER) as session:  # sees every role's sessions
+                if (await session.execute(waiting, {'start': f'{statement_start}%'})).scalar_one():
+                    return
+            await asyncio.sleep(0.01)
+
+
 @contextmanager
 def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) -> Iterator[None]:
     """SQLAlchemy event listeners (`(event name, function)`) on `target`, the runtime's engine by default, while the
@@ -130,7 +146,6 @@ def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) ->
 def spool_left_by_an_exited_process(spool_path: Path, rows: int) -> list[LedgerRecord]:
     """`rows` ledger rows spooled to `spool_path` by a tracker whose database never answered, in an event loop (a
     process) that then ended, as a chat run while PostgreSQL was down leaves them: nothing in the database yet."""
-    import asyncio
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 

@@ -46,6 +46,12 @@ class PrivateServer:
             'synchronous_commit = off',
             'full_page_writes = off',
             'max_connections = 200',
+            "log_line_prefix = '%m [%p] %b '",  # when, which process: what a hung stop waited for
+            # A connection opened while the server shuts down is a child the postmaster waits for, and it waits this
+            # long for a startup packet that never comes when its client gave up mid-connect and the socket lingers
+            # (a cancelled connection attempt, closed only when garbage-collected): with the default 60 s a fast
+            # stop hung a minute past its checkpoint and `pg_ctl stop` timed out (seen under load, PostgreSQL 15).
+            "authentication_timeout = '10s'",
         ]
         if ssl:
             self.ca_cert, self.other_ca_cert = self._make_certificates()
@@ -60,6 +66,11 @@ class PrivateServer:
 
     def start(self) -> None:
         self._pg_ctl('start', '-w', '-l', str(self.root / 'log'))
+
+    def ensure_running(self) -> None:
+        """Start the server if it is stopped (a test that stopped it failed before starting it again)."""
+        if not (self.data / 'postmaster.pid').exists():
+            self.start()
 
     def restart(self) -> None:
         """A fast restart: every backend is terminated, the server is back when this returns."""
@@ -83,7 +94,30 @@ class PrivateServer:
         self._run([str(self.bin / 'pg_ctl'), '-D', str(self.data), *args])
 
     def _run(self, command: list[str]) -> None:
-        subprocess.run([*self._as_user(), *command], capture_output=True, check=True, timeout=60)
+        try:
+            subprocess.run([*self._as_user(), *command], capture_output=True, check=True, timeout=60)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            # What a CI log needs to tell why: the command's output, the server's processes still there (a stop that
+            # hangs waits for one of them) and the end of the server's log (deleted with the cluster at the end).
+            said = b''.join(part for part in (exc.stdout, exc.stderr) if part).decode(errors='replace')
+            raise RuntimeError(
+                f'{exc}\n{said[-2000:]}\nserver processes:\n{self._processes()}\nserver log:\n{self._log_tail()}'
+            ) from None
+
+    def _processes(self) -> str:
+        """The postmaster of this cluster and its children, with their state (`ps`)."""
+        try:
+            pid = (self.data / 'postmaster.pid').read_text().split()[0]
+        except (OSError, IndexError):
+            return '(no postmaster.pid)'
+        ps = ['ps', '-o', 'pid,ppid,stat,etime,wchan:24,args', '-p', pid, '--ppid', pid]
+        return subprocess.run(ps, capture_output=True, text=True, check=False, timeout=60).stdout
+
+    def _log_tail(self, lines: int = 60) -> str:
+        try:
+            return '\n'.join((self.root / 'log').read_text(errors='replace').splitlines()[-lines:])
+        except OSError:
+            return '(no log)'
 
     def _as_user(self) -> list[str]:
         return ['runuser', '-u', _USER, '--'] if _AS_ROOT else []

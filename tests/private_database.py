@@ -6,6 +6,7 @@ tests) keep working on the shared server.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,8 @@ class PrivateDatabase:
     async def active(self) -> AsyncIterator[None]:
         """Run the block with this database as the process's database (`get_db_session()`, the ledger...), its
         ledger and conversations emptied first (the demo data stays)."""
+        # One test that failed with the server stopped must not fail every later one of the private server.
+        await asyncio.to_thread(self.server.ensure_running)
         saved, engine._runtime = engine._runtime, self.runtime
         try:
             kept = {'accounts', 'agent_instances', 'directory_entries'}

@@ -24,7 +24,7 @@ from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import ledger_rows
+from tests.factories import ledger_rows, wait_until_waiting_on_a_lock
 from tests.private_database import CountingModel, PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle'
@@ -87,8 +87,8 @@ async def test_a_restart_during_turns_costs_only_the_turns_in_flight(private: Pr
         rows = await ledger_rows()
         # Every connection comes back to the pool. One whose operation was cancelled while the server was down is
         # checked in by a shielded close that may still be finishing (closing an overflow connection awaits): give it
-        # a few seconds; a leaked connection never comes back.
-        for _ in range(100):
+        # up to 30 s (a loaded machine is slow to finish it); a leaked connection never comes back.
+        for _ in range(600):
             if pool_status().checked_out == 0:
                 break
             await asyncio.sleep(0.05)
@@ -252,7 +252,7 @@ class _Deadlock:
             await self.tool_has_first.wait()
             await session.execute(_RENAME, {'slug': 'green-grocer'})
             self.other_has_second.set()
-            await asyncio.sleep(0.2)  # the tool is waiting for this row by now
+            await wait_until_waiting_on_a_lock('UPDATE accounts')  # the tool, for this row
             await session.execute(_RENAME, {'slug': 'acme-health'})
 
 
@@ -312,12 +312,13 @@ async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_c
             with pytest.raises(DatabaseUnavailableError):
                 await simple_chat(QUESTION, session_id='held', account='acme-health', model=model)
             started = time.monotonic()
-            report = await drain_supervisor(timeout=10)
+            report = await drain_supervisor(timeout=30)
             waited = time.monotonic() - started
         finally:
             await asyncio.to_thread(private.server.start)
         assert report is not None and report.cancelled == 0 and report.abandoned == 0, report  # it let go by itself
-        assert waited < 3, f'the drain waited {waited:.1f}s for a claim the database could not release'
+        # Well under the drain's budget (a loaded machine takes seconds to fail a connection; 3 s was tight).
+        assert waited < 10, f'the drain waited {waited:.1f}s for a claim the database could not release'
         with pytest.raises(ConcurrentTurnError) as refused:  # still held, and the refusal says until when
             await simple_chat(QUESTION, session_id='held', account='acme-health')
         assert refused.value.expires_in_s is not None and 0 < refused.value.expires_in_s <= 60

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 from sqlalchemy import text
 
 from agentrt.db.models import Account, AgentInstance
@@ -79,6 +80,7 @@ async def _directoryless_key() -> str:
         return (await create_api_key(session=session, account='no-directory')).token
 
 
+@pytest.mark.timeout(300)  # the turns may wait up to 110 s under load (AGENTRT_TURN_QUEUE_SECONDS, DB_POOL_TIMEOUT)
 async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_streams_and_shuts_down_cleanly(
     demo_data: None, database_url: str, tmp_path: Path
 ) -> None:
@@ -93,6 +95,7 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
         # Every turn is served, however slow the machine: a busy one (a CI run beside other work) made turns wait
         # past the default 30 s and answered 503 busy, as the admission is meant to (tests/agents/test_turn_admission).
         'AGENTRT_TURN_QUEUE_SECONDS': '110',
+        'DB_POOL_TIMEOUT': '110',  # and a session waiting for a free connection: the same 30 s by default
     }
     command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
     server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below

@@ -78,9 +78,9 @@ async def test_the_timeouts_are_really_applied(database: Settings, pgbouncer: Pg
             started = time.monotonic()
             with pytest.raises(Exception) as raised:
                 async with get_db_session(account=Unscoped.ADMIN) as session:
-                    await session.execute(text('SELECT pg_sleep(3)'))
+                    await session.execute(text('SELECT pg_sleep(10)'))
             assert 'canceling statement due to statement timeout' in str(raised.value)
-            assert time.monotonic() - started < 2.5
+            assert time.monotonic() - started < 8  # 300 ms, with room for a loaded machine (2.5 s of 3 was tight)
 
             holder_has_lock, release = asyncio.Event(), asyncio.Event()
 

@@ -16,6 +16,7 @@ from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
+from tests.factories import wait_until_waiting_on_a_lock
 
 
 async def _count_accounts() -> int:
@@ -249,7 +250,7 @@ async def test_a_deadlock_is_a_database_unavailable_error_saying_a_retry_helps()
             await session.execute(_RENAME, {'suffix': ' (other)', 'id': second})
             other_has_second.set()
             await this_waits.wait()
-            await asyncio.sleep(0.2)  # this session is waiting for `second` by now
+            await wait_until_waiting_on_a_lock('UPDATE accounts')  # this session, for `second`
             await session.execute(_RENAME, {'suffix': ' (other)', 'id': first})
 
     running = asyncio.ensure_future(other())

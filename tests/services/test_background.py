@@ -98,13 +98,16 @@ async def test_legacy_pattern_of_sharing_the_handlers_session_fails() -> None:
 
 async def test_legacy_pattern_run_later_loses_its_work_and_holds_a_connection() -> None:
     account_id = await _create_account()
+    handler_done = asyncio.Event()
 
     async def late_legacy_rename(session: AsyncSession, account_id: int) -> None:
-        await asyncio.sleep(0.05)
+        # Once the handler's session has closed (a fixed 50 ms wait raced the commit and close on a loaded machine).
+        await handler_done.wait()
         await session.execute(update(Account).where(Account.id == account_id).values(name='After'))
 
     async with get_db_session(account=Unscoped.ADMIN) as session:
         task = asyncio.create_task(late_legacy_rename(session, account_id))
+    handler_done.set()
     await task
     # The closed session quietly began a new transaction that nobody commits, on a connection nobody returns.
     assert pool_status().checked_out == 1
@@ -190,7 +193,7 @@ async def test_shutdown_cancels_what_is_still_running_and_returns_every_connecti
     elapsed = time.monotonic() - started
 
     assert (report.completed, report.failed, report.cancelled, report.abandoned) == (2, 0, 4, 0)
-    assert 0.5 <= elapsed < 3
+    assert 0.5 <= elapsed < 10  # not the stuck tasks' 60 s; cancelling their statements may take seconds under load
     assert all(task.cancelled() for task in stuck)
     assert pool_status().checked_out == 0
     with pytest.raises(SupervisorClosed):
@@ -347,7 +350,7 @@ async def test_a_pending_throttled_run_starts_when_the_supervisor_shuts_down() -
     supervisor.spawn_throttled('key', 600, work, 2)
     started = time.monotonic()
     report = await supervisor.shutdown(timeout=5)
-    assert runs == [1, 2] and report.completed == 2 and time.monotonic() - started < 1
+    assert runs == [1, 2] and report.completed == 2 and time.monotonic() - started < 10  # not the 600 s
     with pytest.raises(SupervisorClosed):
         supervisor.spawn_throttled('key', 0, work, 3)
 

@@ -1,7 +1,7 @@
 """The writer's commit delay: a run's rows share one transaction, committed when the run ends, never later.
 
-A delay of 5 s makes the timing unambiguous: a run that finishes in well under it was not held up by it, and a row
-not committed a fraction of a second after its request is being held for it.
+A delay of 20 s makes the timing unambiguous: a run that finishes in well under it (10 s: a budget no loaded machine
+misses) was not held up by it, and a row not committed a fraction of a second after its request is being held for it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from agentrt.db.roles import Unscoped
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from tests.factories import fast_config, ledger_record, ledger_rows, scalar
 
-LONG_DELAY_MS = 5000
+LONG_DELAY_MS = 20_000
 WELL_UNDER = LONG_DELAY_MS / 1000 / 2
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -290,20 +289,19 @@ async def test_content_over_the_cap_is_cut_and_flagged(tmp_path: Path):
     assert len(content['body'].encode()) <= 1024 and set(content['body']) == {'é'}
 
 
-async def test_group_commit_throughput_with_200_concurrent_writers(tmp_path: Path):
+async def test_200_concurrent_writers_share_commits(tmp_path: Path):
     tracker = LLMRequestTracker(fast_config(tmp_path, store_content=False))
 
     async def writer() -> None:
         for _ in range(10):
             await tracker.track_request(_record(raw_contents=[]))
 
-    started = time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(200)))
-    elapsed = time.perf_counter() - started
     assert await scalar('SELECT count(*) FROM llm_requests') == 2000
-    rate = 2000 / elapsed
-    print(f'ledger: {rate:,.0f} rows/s, stats {tracker.stats.as_dict()}')
-    assert rate > 1000  # measured well above 3,000 rows/s; the floor only catches a collapse
+    # The collapse this guards against is a commit per row: the rows of concurrent writers share commits (10 of 200
+    # rows here). A floor on rows/s (1,000; about 2,500 measured under load) failed on a busy enough machine: the
+    # rate is scripts/bench_ledger_throughput.py's figure, not a test's.
+    assert tracker.stats.batches <= 200, tracker.stats.as_dict()
 
 
 @pytest.mark.parametrize(
