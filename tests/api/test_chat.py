@@ -23,7 +23,7 @@ from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
-from tests.factories import ledger_rows
+from tests.factories import HeldModel, ledger_rows
 
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
 
@@ -99,15 +99,19 @@ async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothin
 
 
 async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream(keys: Keys) -> None:
-    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.005))
+    model = HeldModel()
+    app = create_app(manage_runtime=False, model=model)
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(stream_chat(client, keys.acme, chat_body('busy', QUESTION)))
-            await _until_claimed()  # the first turn holds the conversation
+            await model.wait_for_arrivals(1)  # the first turn holds the conversation, at its first model request
+            assert await _claimed()
             second = await client.post(
                 '/api/v1/chat', json=chat_body('busy', 'and in Boston?'), headers=auth(keys.acme)
             )
+            model.release.set()
             status, events = await first
+    assert model.arrived == 3  # the first turn's 3 requests; the refused turn never reached the model
     assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
     assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error')
     await _settled()
