@@ -123,14 +123,6 @@ async def _claimed() -> bool:
         return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
 
 
-async def _until_claimed() -> None:
-    """Wait (up to about 5 s) until a turn holds a conversation."""
-    for _ in range(500):
-        if await _claimed():
-            break
-        await asyncio.sleep(0.01)
-
-
 async def test_a_conversation_goes_on_turn_after_turn_past_the_old_lifetime_request_limit(
     keys: Keys, live_url: str
 ) -> None:
@@ -342,7 +334,8 @@ async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
 
 async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_is_refused(keys: Keys) -> None:
     """The AG-UI route holds the same turn as the Vercel one: one at a time per conversation, a hang-up cancels it."""
-    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
+    model = HeldModel(demo_model(stream_delay=0.02))
+    app = create_app(manage_runtime=False, model=model)
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(
@@ -354,10 +347,12 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
                     path='/api/v1/chat/ag-ui',
                 )
             )
-            await _until_claimed()  # the first turn holds the conversation
+            await model.wait_for_arrivals(1)  # the first turn holds the conversation, at its first model request
+            assert await _claimed()
             second = await client.post(
                 '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
             )
+            model.release.set()
             status, events = await first
             assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
             assert status == 200 and of_type(events, 'TEXT_MESSAGE_CONTENT')
