@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from pydantic import BaseModel
 from pydantic_ai import Agent
 from pydantic_ai.messages import AgentStreamEvent
 from pydantic_ai.models import Model
@@ -33,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 from agentrt.agents.chat_turn import Turn, finish_turn, open_turn
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
+from agentrt.services.pg_text import storable_text
 from agentrt.tools.dependencies import SessionDependencies
 
 NativeEvent = AgentStreamEvent | AgentRunResultEvent[Any]
@@ -95,7 +97,7 @@ async def stream_turn(
         await stack.aclose()
         raise
     protocol = adapter.build_event_stream()
-    events = adapter.transform_stream(_run(turn, turn_input, stack))
+    events = _encodable(adapter.transform_stream(_run(turn, turn_input, stack)))
     return TurnStreamingResponse(
         adapter.encode_stream(events), stack, headers=protocol.response_headers, media_type=protocol.content_type
     )
@@ -127,3 +129,40 @@ async def _run(turn: Turn, turn_input: TurnInput, close: AsyncExitStack) -> Asyn
         # interrupt every await of the clean-up and leave the claim to expire by itself.
         with anyio.CancelScope(shield=True):
             await close.aclose()
+
+
+async def _encodable(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The protocol's events with the text UTF-8 cannot encode replaced, as the store replaces it when it saves.
+
+    A model's text or tool arguments can hold a lone surrogate (`"\\ud83d"` in a provider's JSON: half an emoji cut
+    at a chunk boundary); encoding the event failed on it, which cut the stream off (the page said the connection was
+    lost) and logged a traceback. NUL is replaced too, so the stream shows what a reload of the conversation shows.
+    """
+    async for event in events:
+        yield _storable(event)
+
+
+def _storable(value: Any) -> Any:
+    """`value` with `storable_text` applied to every string in it (pydantic models, dicts, lists); `value` itself,
+    not a copy, when nothing needed replacing (the usual case: one regex search per string)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, BaseModel):
+        changed = {}
+        for name in type(value).model_fields:
+            field = getattr(value, name)
+            replaced = _storable(field)
+            if replaced is not field:
+                changed[name] = replaced
+        return value.model_copy(update=changed) if changed else value
+    if isinstance(value, dict):
+        pairs = [(key, item, _storable(key), _storable(item)) for key, item in value.items()]
+        if all(new_key is key and new_item is item for key, item, new_key, new_item in pairs):
+            return value
+        return {new_key: new_item for _, _, new_key, new_item in pairs}
+    if isinstance(value, list | tuple):
+        items = [_storable(item) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return type(value)(items)
+    return value

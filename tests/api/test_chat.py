@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx2
 import pytest
 from pydantic_ai.messages import ModelMessage
-from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from sqlalchemy import func, select
 
 from agentrt.agents.demo_model import demo_model
@@ -421,3 +421,54 @@ async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_on
     utf16 = json.dumps(chat_body('whole', 'hi') | {'messages': body['messages'][-2:]}).encode('utf-16')
     response = await client.post('/api/v1/chat', content=utf16, headers=headers)
     assert response.status_code == 422 and response.json()['field'] == 'body'  # JSON is read as UTF-8 only
+
+
+def _model_writing_lone_surrogates() -> FunctionModel:
+    """A model whose answer holds lone surrogates, as a provider's JSON can (`"\\ud83d"`: half an emoji cut at a chunk
+    boundary), after a tool call whose arguments hold one (pydantic-ai reads those as invalid JSON: no surrogate)."""
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if len(messages) == 1:
+            yield {0: DeltaToolCall(name='look_up', json_args='{"name": "Dr \\ud83d"}', tool_call_id='call-1')}
+            return
+        yield 'Found Dr \ud83d'
+        yield ' in Seattle \udc00.'
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> object:
+        raise AssertionError('streamed only')
+
+    return FunctionModel(respond, stream_function=stream, model_name='surrogates')  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize('protocol', ['ai-sdk', 'ag-ui'])
+async def test_a_lone_surrogate_in_the_models_answer_streams_as_a_replacement_character(
+    keys: Keys, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer is streamed and saved with U+FFFD in place of each lone surrogate, as the store
+    saves them (the stream failed on encoding the first one: 'surrogates not allowed', the page said the connection
+    was lost and the server logged a traceback)."""
+    app = create_app(manage_runtime=False, model=_model_writing_lone_surrogates())
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    path, body = (
+        ('/api/v1/chat', chat_body('odd', 'hi'))
+        if protocol == 'ai-sdk'
+        else ('/api/v1/chat/ag-ui', _ag_ui('odd', 'hi'))
+    )
+    with caplog.at_level(logging.WARNING):
+        async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+            response = await client.post(path, json=body, headers=auth(keys.acme))
+    assert response.status_code == 200
+    events = [event for event in sse_events(response.text) if isinstance(event, dict)]
+    kinds = [event['type'] for event in events]
+    if protocol == 'ai-sdk':
+        assert kinds[-1] == 'finish' and 'error' not in kinds, kinds
+        text = ''.join(event['delta'] for event in of_type(events, 'text-delta'))
+    else:
+        assert kinds[-1] == 'RUN_FINISHED' and 'RUN_ERROR' not in kinds, kinds
+        text = ''.join(event['delta'] for event in events if event['type'] == 'TEXT_MESSAGE_CONTENT')
+    assert text == 'Found Dr \ufffd in Seattle \ufffd.'
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    await _settled()
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('odd')
+    assert stored is not None
+    assert stored.messages[-1].parts[0].content == text  # type: ignore[union-attr]

@@ -120,6 +120,8 @@ export function errorMessage(error) {
     return error.field ? `Please check “${error.field}”: ${detail}.` : `The server refused the input: ${detail}.`;
   }
   const id = error.errorId ? ` Error id ${error.errorId}: the server's log has the details.` : '';
+  // Busy, or its database unavailable: a moment's wait, not a failure of the server.
+  if (status === 503) return `The server cannot take this now (HTTP 503): ${detail}.${id}`;
   if (status >= 500) return `The server failed (HTTP ${status}): ${detail}.${id}`;
   return `The request failed (HTTP ${status}): ${detail}.${id}`;
 }

@@ -17,7 +17,12 @@ let rendering = 0;
 
 function route() {
   const [path, query = ''] = window.location.hash.replace(/^#\/?/, '').split('?');
-  const parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
+  let parts;
+  try {
+    parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
+  } catch {
+    return { view: null }; // a broken %-escape (a link cut in half): decodeURIComponent throws URIError
+  }
   return { view: parts[0] || 'chat', id: parts[1], query: new URLSearchParams(query) };
 }
 
@@ -53,8 +58,17 @@ function signInView() {
     event.preventDefault();
     notice.replaceChildren();
     const key = input.value.trim();
-    if (!key.startsWith('art_')) {
-      notice.append(alertBox('That is not an API key: a key starts with art_ (from agentrt keys create).'));
+    // A key is printable ASCII; anything else (a zero-width space pasted from a document) would make fetch refuse the
+    // header before sending, which read as "the server cannot be reached".
+    const odd = key.match(/[^\x21-\x7e]/u);
+    let wrong = null;
+    if (!key.startsWith('art_')) wrong = 'That is not an API key: a key starts with art_ (from agentrt keys create).';
+    else if (odd) {
+      const code = odd[0].codePointAt(0).toString(16).toUpperCase().padStart(4, '0');
+      wrong = `That is not an API key: it has a character an API key never has (U+${code}) at position ${odd.index + 1}. Copy the key again.`;
+    }
+    if (wrong) {
+      notice.append(alertBox(wrong));
       input.focus();
       return;
     }
@@ -102,6 +116,10 @@ async function render() {
     return mount(signInView(), ticket);
   }
   showHeader(true, view === 'audit' ? 'audit' : view);
+  if (view === null) {
+    const text = 'This address is not valid: it has a broken %-escape. Open a view from the menu above.';
+    return mount({ element: h('section', { class: 'view' }, alertBox(text)), title: 'Error', focus: () => {} }, ticket);
+  }
   if (view === 'chat' || !['conversations', 'audit', 'costs'].includes(view)) {
     chat ??= createChatView();
     const shown = chat.show(id);

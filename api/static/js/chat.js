@@ -223,7 +223,11 @@ export function createChatView() {
    */
   async function show(id) {
     if (id === undefined) {
-      if (shownId !== undefined) return;
+      if (shownId !== undefined) {
+        // #/chat (the menu): the address names the conversation on screen, so that a reload reopens it.
+        if (conversationId) window.history.replaceState(null, '', `#/chat/${encodeURIComponent(conversationId)}`);
+        return;
+      }
       id = 'new';
     }
     const wanted = id === 'new' ? null : id;
@@ -277,6 +281,14 @@ export function createChatView() {
         },
         controller.signal,
       );
+      const type = response.headers.get('Content-Type') || 'no content type';
+      if (!type.startsWith('text/event-stream')) {
+        // A proxy's page (a sign-in, an error) answered with 200: what became of the turn, the server knows.
+        turn.fail(
+          `The answer was not a chat stream (${type.split(';')[0]}): something between this page and the server answered instead. Reload to see what the conversation holds.`,
+        );
+        return;
+      }
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
       turn.end();
     } catch (error) {

@@ -72,10 +72,15 @@ export async function conversationsView() {
   }
 
   async function load() {
+    // A keyboard user who pressed "Show more" goes on from the first new conversation (the button, disabled while
+    // loading and then perhaps hidden, would drop the focus to the page's start).
+    const fromButton = document.activeElement === more;
     more.disabled = true;
     try {
       const page = await getJson('/conversations', { limit: PAGE, cursor });
-      list.append(...page.items.map(card));
+      const cards = page.items.map(card);
+      list.append(...cards);
+      if (fromButton && cards.length) cards[0].querySelector('a').focus();
       cursor = page.next_cursor;
       more.hidden = !cursor;
       if (!list.childElementCount) list.replaceWith(emptyState());

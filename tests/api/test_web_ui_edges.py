@@ -1,0 +1,128 @@
+"""The web UI at its edges, in a real browser (Chromium through playwright, as `test_web_ui.py`): addresses a person
+may paste or mistype, the list of many conversations by keyboard, a reload after moving between views, a response
+that is not a chat stream. One browser launch; skipped without Chromium like `test_web_ui.py`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx2
+import pytest
+from playwright.async_api import Page, Route, async_playwright, expect
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from agentrt.api.app import create_app
+from tests.api.conftest import Keys, auth, serve
+from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
+
+
+CONVERSATIONS = 21
+"""One more than the conversation list shows at first (`PAGE` of conversations.js)."""
+
+
+def _quick_model() -> FunctionModel:
+    """A model answering 'ok' at once, streamed or not."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('ok')])
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield 'ok'
+
+    return FunctionModel(respond, stream_function=stream, model_name='quick')
+
+
+async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> None:
+    app = create_app(manage_runtime=False, model=_quick_model(), web_ui=True)
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            for number in range(CONVERSATIONS):  # one more than a page of the list
+                body = {'message': f'Question {number}'}
+                turn = await client.post(
+                    f'/api/v1/conversations/c-{number:02d}/turns', json=body, headers=auth(keys.acme)
+                )
+                assert turn.status_code == 200, turn.text
+        async with async_playwright() as driver:
+            context = await driver.chromium.launch_persistent_context(
+                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = context.pages[0] if context.pages else await context.new_page()
+                await _edges(page, url, keys)
+            finally:
+                await context.close()
+
+
+async def _edges(page: Page, url: str, keys: Keys) -> None:
+    page.set_default_timeout(15_000)
+    crashes: list[str] = []
+    page.on('pageerror', lambda error: crashes.append(str(error)))
+    await page.goto(url)
+    # A key pasted with an invisible character (a zero-width space from a document): the key is refused as such, not
+    # as "The server cannot be reached" (fetch refuses a header that is not Latin-1 before it sends anything).
+    await page.get_by_label('API key').fill(keys.acme + '\u200b')
+    await page.get_by_label('API key').press('Enter')
+    await expect(page.get_by_role('alert')).to_contain_text('a character an API key never has (U+200B)')
+    await page.get_by_label('API key').fill(keys.acme)
+    await page.get_by_label('API key').press('Enter')
+    await expect(page.get_by_role('textbox', name='Message')).to_be_focused()
+
+    # An address with a broken escape (a link cut in half): a page saying so, not the previous view and a TypeError.
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await expect(page.locator('.chart')).to_be_visible()
+    for broken in ('#/chat/%ZZ', '#/audit/%E0%A4%A'):
+        await page.goto(f'{url}/{broken}')
+        await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
+    assert crashes == []
+
+    # Many conversations, by keyboard: "Show more" loads the next page and the focus goes to its first conversation
+    # (it fell to the page's body when the button was disabled while loading, and a keyboard user started over).
+    await page.get_by_role('link', name='Conversations', exact=True).click()
+    await expect(page.locator('.card')).to_have_count(20)
+    await page.get_by_role('button', name='Show more').focus()
+    await page.keyboard.press('Enter')
+    await expect(page.locator('.card')).to_have_count(CONVERSATIONS)
+    await expect(page.get_by_role('button', name='Show more')).to_be_hidden()
+    await expect(page.locator('.card').nth(20).get_by_role('link')).to_be_focused()
+
+    # Back to the chat through the menu, then a reload: the conversation that was on screen comes back (the address
+    # said #/chat, and the reload opened a new, empty conversation).
+    await page.locator('li[data-conversation-id="c-05"]').get_by_role('link').click()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+    await page.reload()
+    await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+
+    # A proxy's page instead of the chat stream (a sign-in page with 200): said so, not "the connection was lost".
+    async def proxy_page(route: Route) -> None:
+        await route.fulfill(status=200, content_type='text/html', body='<html><body>Sign in to the proxy</body></html>')
+
+    await page.route('**/api/v1/chat', proxy_page)
+    turn = await _send(page, 'and in Boston?')
+    await expect(turn).to_have_attribute('data-state', 'error')
+    await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
+    await page.unroute('**/api/v1/chat')
+
+    # A busy server (503, as api/errors.py writes it): not "The server failed", and the message is back in the box.
+    async def busy(route: Route) -> None:
+        body = {'detail': 'the server is busy; try again shortly', 'type': 'busy', 'error_id': 'err_0123456789abcdef'}
+        await route.fulfill(status=503, content_type='application/json', body=json.dumps(body))
+
+    await page.route('**/api/v1/chat', busy)
+    await _send(page, 'and in Boston?')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('The server cannot take this now (HTTP 503): the server is busy; try again')
+    await expect(alert).not_to_contain_text('failed')
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Boston?')
+    await page.unroute('**/api/v1/chat')
+    await page.get_by_role('textbox', name='Message').fill('')
+    turn = await _send(page, 'and in Boston?')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert crashes == []
