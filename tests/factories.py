@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pydantic_ai.models import Model, StreamedResponse
+from pydantic_ai.models.wrapper import WrapperModel
 from sqlalchemy import event, insert, text
 
+from agentrt.agents.demo_model import demo_model
 from agentrt.db.engine import get_engine
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
@@ -146,9 +149,6 @@ def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) ->
 def spool_left_by_an_exited_process(spool_path: Path, rows: int) -> list[LedgerRecord]:
     """`rows` ledger rows spooled to `spool_path` by a tracker whose database never answered, in an event loop (a
     process) that then ended, as a chat run while PostgreSQL was down leaves them: nothing in the database yet."""
-    from collections.abc import AsyncIterator
-    from contextlib import asynccontextmanager
-
     from agentrt.services.ledger import LLMRequestTracker
 
     @asynccontextmanager
@@ -191,3 +191,39 @@ def slow_commit_reply(monkeypatch: Any, delay: float = 0.2, *, skip: int = 0) ->
 
     monkeypatch.setattr(PreludeConnection, 'execute', execute)
     yield committed
+
+
+class HeldModel(WrapperModel):
+    """A model (the demo model by default) whose requests wait at their start until the test sets `release`.
+
+    A turn is running, holding its claim and its admission place, for as long as the test wants, however fast the
+    machine: `arrived` counts the requests that reached the model (`wait_for_arrivals` awaits a number of them).
+    """
+
+    def __init__(self, wrapped: Model | None = None) -> None:
+        super().__init__(wrapped or demo_model())
+        self.release = asyncio.Event()
+        self.arrived = 0
+        self._arrival = asyncio.Event()
+
+    async def wait_for_arrivals(self, count: int, seconds: float = 30) -> None:
+        """Wait until `count` requests have reached the model (and wait there for `release`)."""
+        async with asyncio.timeout(seconds):
+            while self.arrived < count:
+                self._arrival.clear()
+                await self._arrival.wait()
+
+    async def _hold(self) -> None:
+        self.arrived += 1
+        self._arrival.set()
+        await self.release.wait()
+
+    async def request(self, *args: Any, **kwargs: Any) -> Any:
+        await self._hold()
+        return await super().request(*args, **kwargs)
+
+    @asynccontextmanager
+    async def request_stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[StreamedResponse]:
+        await self._hold()
+        async with super().request_stream(*args, **kwargs) as stream:
+            yield stream

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
+from typing import Any, Self
 
 import psycopg
 import psycopg_pool
@@ -50,6 +51,29 @@ class _JobManager(JobManager):
                 raise
             logger.info('job %s not put back: a waiting one (%s) does its work', job_id, exc.queueing_lock)
             await self.finish_job_by_id_async(job_id=job_id, status=Status.ABORTED, delete_job=True)
+
+
+class QueueConnection(psycopg.AsyncConnection):
+    """The queue's connections (its pool's and the worker's LISTEN connection, which procrastinate opens with the
+    pool's `connection_class`): a connection attempt that is cancelled closes its socket at once.
+
+    psycopg leaves a cancelled attempt's libpq connection in the frames of the `CancelledError`'s traceback, its
+    socket open for as long as that exception is kept (a task keeps it; often only the cyclic garbage collector frees
+    it). Cancelled before libpq sent its startup packet (during the TCP handshake, or after an `SSLRequest`, which
+    libpq sends first unless `sslmode=disable`), it is a connection a PostgreSQL shutting down waits for: the
+    postmaster forks a child for a connection that arrives while it shuts down, signals none of them, and waits for
+    each to read a startup packet, up to `authentication_timeout` (60 s by default). A worker stopping as its server
+    shuts down cancels procrastinate's listener while it connects again: a test server's fast stop was held a minute.
+    The traceback of a cancellation is of no use here; dropping it frees the attempt, and libpq closes the socket.
+    """
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> Self:
+        """`psycopg.AsyncConnection.connect`, leaving nothing open when cancelled."""
+        try:
+            return await super().connect(*args, **kwargs)
+        except asyncio.CancelledError as cancelled:
+            raise cancelled.with_traceback(None) from None
 
 
 class _QueuePool(psycopg_pool.AsyncConnectionPool):
@@ -138,6 +162,7 @@ async def open_queue() -> App:
             timeout=settings.connect_timeout,
             kwargs={'prepare_threshold': None, 'application_name': 'agentrt-jobs'},
             pool_factory=_QueuePool,
+            connection_class=QueueConnection,
             name=_POOL_NAME,
         )
         jobs.connector = jobs.job_manager.connector = connector  # as App.replace_connector does

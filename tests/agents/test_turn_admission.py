@@ -14,6 +14,7 @@ from agentrt.agents.simple_chat import simple_chat
 from agentrt.agents.turn_admission import MIN_LIMIT, TurnAdmission, turn_admission
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import RuntimeBusyError
+from tests.factories import HeldModel
 
 
 def _hog(seconds: float) -> None:
@@ -129,15 +130,20 @@ async def test_simple_chat_waits_for_admission(demo_data: None, monkeypatch: pyt
             _hog(0.02)
             await asyncio.sleep(0)
 
-    # Two turns hold the places while the loop is behind: a third is refused, nothing sent.
+    # Two turns hold the places (at their model, until released) while the loop is behind: a third is refused,
+    # nothing sent.
+    model = HeldModel()
     hog = asyncio.create_task(hog_loop())
     first = [
-        asyncio.create_task(simple_chat(f'Question {n}', session_id=f'a{n}', account='acme-health')) for n in range(2)
+        asyncio.create_task(simple_chat(f'Question {n}', session_id=f'a{n}', account='acme-health', model=model))
+        for n in range(2)
     ]
-    await asyncio.sleep(0)
+    await model.wait_for_arrivals(2)
     with pytest.raises(RuntimeBusyError):
-        await simple_chat('Third', session_id='a3', account='acme-health')
+        await simple_chat('Third', session_id='a3', account='acme-health', model=model)
+    assert model.arrived == 2
     stop.set()
+    model.release.set()
     await asyncio.gather(*first, hog)
     await simple_chat('Now there is room', session_id='a3', account='acme-health')
 

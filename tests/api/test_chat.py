@@ -24,7 +24,7 @@ from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
-from tests.factories import ledger_rows
+from tests.factories import HeldModel, ledger_rows
 
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
 
@@ -100,15 +100,19 @@ async def test_disconnect_mid_stream_cancels_the_run_records_it_and_saves_nothin
 
 
 async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream(keys: Keys) -> None:
-    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.005))
+    model = HeldModel()
+    app = create_app(manage_runtime=False, model=model)
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(stream_chat(client, keys.acme, chat_body('busy', QUESTION)))
-            await _until_claimed()  # the first turn holds the conversation
+            await model.wait_for_arrivals(1)  # the first turn holds the conversation, at its first model request
+            assert await _claimed()
             second = await client.post(
                 '/api/v1/chat', json=chat_body('busy', 'and in Boston?'), headers=auth(keys.acme)
             )
+            model.release.set()
             status, events = await first
+    assert model.arrived == 3  # the first turn's 3 requests; the refused turn never reached the model
     assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
     assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error')
     await _settled()
@@ -118,14 +122,6 @@ async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream
 async def _claimed() -> bool:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await session.execute(select(func.count()).select_from(ConversationTurnRow))).scalar_one() > 0
-
-
-async def _until_claimed() -> None:
-    """Wait (up to about 5 s) until a turn holds a conversation."""
-    for _ in range(500):
-        if await _claimed():
-            break
-        await asyncio.sleep(0.01)
 
 
 async def test_a_conversation_goes_on_turn_after_turn_past_the_old_lifetime_request_limit(
@@ -339,7 +335,8 @@ async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
 
 async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_is_refused(keys: Keys) -> None:
     """The AG-UI route holds the same turn as the Vercel one: one at a time per conversation, a hang-up cancels it."""
-    app = create_app(manage_runtime=False, model=demo_model(stream_delay=0.02))
+    model = HeldModel(demo_model(stream_delay=0.02))
+    app = create_app(manage_runtime=False, model=model)
     async for url in serve(app):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(
@@ -351,10 +348,12 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
                     path='/api/v1/chat/ag-ui',
                 )
             )
-            await _until_claimed()  # the first turn holds the conversation
+            await model.wait_for_arrivals(1)  # the first turn holds the conversation, at its first model request
+            assert await _claimed()
             second = await client.post(
                 '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
             )
+            model.release.set()
             status, events = await first
             assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
             assert status == 200 and of_type(events, 'TEXT_MESSAGE_CONTENT')

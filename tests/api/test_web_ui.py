@@ -42,7 +42,9 @@ from tests.factories import ledger_rows
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
 HOSTILE = '<img src=x onerror="window.__injected = 1"> and in Boston?'
 SLOW = 'slowly'
-"""A message with this word is answered one word every 20 ms (time to stop it, or to find it busy)."""
+"""A message with this word is answered with one word, then held until its turn is stopped (a hang-up cancels it; at
+most `HOLD_S`): the test stops it, or finds its conversation busy, however fast the machine."""
+HOLD_S = 30.0
 FAIL = 'please fail'
 """A message with these words meets a provider failure (HTTP 503) in the middle of the answer's stream."""
 CHROMIUM_ARGS = [
@@ -87,20 +89,24 @@ def _last_prompt(messages: list[ModelMessage]) -> str:
 
 
 def ui_model() -> FunctionModel:
-    """The demo model, slower for a message saying `SLOW`, failing like a provider for one saying `FAIL`."""
-    fast, slow = demo_model(), demo_model(stream_delay=0.02)
+    """The demo model, held after its first word for a message saying `SLOW`, failing like a provider for one saying
+    `FAIL`."""
+    demo = demo_model()
 
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
         prompt = _last_prompt(messages)
         if FAIL in prompt:
             yield 'Looking'  # a first word, then the provider drops the answer
             raise ModelHTTPError(503, DEMO_MODEL_NAME, body={'error': {'message': 'overloaded, retry later'}})
-        chosen = slow if SLOW in prompt else fast
-        assert chosen.stream_function is not None
-        async for chunk in chosen.stream_function(messages, info):
+        held = SLOW in prompt
+        assert demo.stream_function is not None
+        async for chunk in demo.stream_function(messages, info):
             yield chunk
+            if held and isinstance(chunk, str):  # the answer's first word has gone out: wait to be stopped
+                held = False
+                await asyncio.sleep(HOLD_S)
 
-    return FunctionModel(fast.function, stream_function=stream, model_name=DEMO_MODEL_NAME)
+    return FunctionModel(demo.function, stream_function=stream, model_name=DEMO_MODEL_NAME)
 
 
 async def _turns_ended() -> None:
@@ -230,7 +236,9 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
             await _send(page, 'and in Portland?')
             await expect(page.locator('.notice .alert')).to_contain_text('Another turn holds conversation')
             await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Portland?')
-    # Leaving the block hung up: that turn is cancelled. The provider fails (502 inside the stream): the error id.
+    # Leaving the block hung up: that turn is cancelled, and the conversation is free once its claim is given back.
+    await _turns_ended()
+    # The provider fails (502 inside the stream): the error id.
     turn = await _send(page, f'Cardiologists in Seattle, {FAIL}')
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('the model provider failed (HTTP 503)')

@@ -1,0 +1,72 @@
+"""The queue's connections: an attempt cancelled mid-connect leaves no socket open (one that had not sent its startup
+packet yet is a connection PostgreSQL's shutdown waits for, up to `authentication_timeout`: see `QueueConnection`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Generator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import generators
+
+from agentrt.db.engine import current_settings, get_engine
+from agentrt.services.jobs import open_queue
+from agentrt.services.jobs._app import QueueConnection, queue_conninfo
+
+
+def _sockets() -> int:
+    """The sockets this process has open."""
+    count = 0
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            count += os.readlink(f'/proc/self/fd/{fd}').startswith('socket:')
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            pass
+    return count
+
+
+async def _cancelled_at_its_first_wait(connection_class: type[psycopg.AsyncConnection[Any]]) -> BaseException:
+    """Cancel a connection attempt at its first wait for the server (its socket connected); return the
+    `CancelledError`, kept as a task or a caller keeps it."""
+    real = generators.connect
+    task: asyncio.Task[Any] | None = None
+
+    def connect(conninfo: str) -> Generator[Any, Any, Any]:
+        attempt = real(conninfo)
+        wait = next(attempt)
+        assert task is not None
+        task.cancel()
+        while True:
+            try:
+                wait = attempt.send((yield wait))
+            except StopIteration as done:
+                return done.value
+
+    generators.connect = connect  # not monkeypatch: it would keep `connect`, the task and the attempt till the end
+    try:
+        task = asyncio.create_task(connection_class.connect(queue_conninfo(current_settings(), get_engine().url)))
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+    finally:
+        generators.connect = real
+    return raised.value
+
+
+async def test_a_cancelled_connection_attempt_closes_its_socket_at_once() -> None:
+    before = _sockets()
+    kept = await _cancelled_at_its_first_wait(QueueConnection)
+    assert isinstance(kept, asyncio.CancelledError) and _sockets() == before
+    # psycopg's own keeps the attempt's socket open as long as its exception is (what QueueConnection is for).
+    also_kept = await _cancelled_at_its_first_wait(psycopg.AsyncConnection)
+    assert isinstance(also_kept, asyncio.CancelledError) and _sockets() == before + 1
+
+
+async def test_the_queue_and_its_worker_connect_with_it(queue: None) -> None:
+    app = await open_queue()
+    pool = app.connector.pool  # type: ignore[attr-defined]
+    assert pool.connection_class is QueueConnection  # procrastinate's LISTEN connection is made with it too
+    async with pool.connection() as connection:
+        assert isinstance(connection, QueueConnection)
