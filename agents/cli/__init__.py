@@ -9,7 +9,9 @@ an import error included, end in the error boundary of `AgentrtGroup` (`support.
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 import typer
 
@@ -80,4 +82,8 @@ def set_trace() -> None:
 
 def main() -> None:
     """Console entry point (`agentrt`, `python -m agentrt.agents.cli`)."""
+    # Text from outside (a provider's answer, a tool's result) can hold what UTF-8 cannot encode (a lone surrogate):
+    # printed as a replacement, never an error that ends the command (`chat` shows the store's U+FFFD itself).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors='replace')
     app()

@@ -148,23 +148,27 @@ class _Display:
     """Interleaves tool progress lines with the streamed answer."""
 
     def __init__(self) -> None:
+        from agentrt.services.pg_text import storable_text  # here: `chat --help` imports no service
+
+        # A lone surrogate (`"\ud83d"` in a provider's JSON) cannot be written as UTF-8: shown as the store saves it.
+        self.printable = storable_text
         self.mid_line = False
         self.tools_run = 0
 
     def tool(self, event: ToolEvent) -> None:
         self.end_line()
+        name = escape(self.printable(event.tool_name))
         if not event.finished:
-            console.print(
-                f'  [yellow]→[/] {event.tool_name}({escape(_short_args(event.args))})', highlight=False, soft_wrap=True
-            )
+            args = escape(self.printable(_short_args(event.args)))
+            console.print(f'  [yellow]→[/] {name}({args})', highlight=False, soft_wrap=True)
             return
         self.tools_run += 1
         mark = '[green]✓[/]' if event.outcome == 'success' else f'[red]✗ {event.outcome}[/]'
         took = f'{event.duration_s * 1000:.0f} ms' if event.duration_s is not None else ''
-        console.print(f'  {mark} {event.tool_name} {took}', highlight=False, soft_wrap=True)
+        console.print(f'  {mark} {name} {took}', highlight=False, soft_wrap=True)
 
     def text(self, delta: str) -> None:
-        console.print(delta, end='', markup=False, highlight=False, soft_wrap=True)
+        console.print(self.printable(delta), end='', markup=False, highlight=False, soft_wrap=True)
         self.mid_line = not delta.endswith('\n')
 
     def end_line(self) -> None:

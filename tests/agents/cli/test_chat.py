@@ -14,6 +14,7 @@ from sqlalchemy import text
 from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.factories import ledger_rows
+from tests.fake_openai import FakeOpenAI, Reply
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 
@@ -188,3 +189,25 @@ async def test_piped_lines_stop_when_the_reader_of_the_output_goes_away(demo_dat
     assert 'Traceback' not in err and 'the lines left were not sent' in err, err
     rows = await ledger_rows(chat_session_id='left-early')
     assert len(rows) == 3 and {row['status'] for row in rows} == {'complete'}  # the first turn's 3 requests only
+
+
+async def test_a_lone_surrogate_in_the_models_answer_is_printed_as_a_replacement_character(
+    demo_data: None, database_url: str
+) -> None:
+    # A provider's JSON can carry "\ud83d" (half an emoji cut at a chunk boundary). Printing it to a pipe failed in
+    # the middle of the answer: "internal error: UnicodeEncodeError: 'utf-8' codec can't encode character '\ud83d'",
+    # exit 70. It prints as U+FFFD, as the store saves it.
+    answer = 'Found Dr \ud83d in Seattle \udc00.'
+    with FakeOpenAI(lambda _: Reply(text=answer)).running() as fake:
+        env = {
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        done = await asyncio.to_thread(run_cli, 'chat', '--session', 'odd', 'hi', env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'Found Dr \ufffd in Seattle \ufffd.' in done.stdout
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        saved = (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one()
+    assert saved == 1
