@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,22 @@ async def pooled_database(database: Settings, pgbouncer: PgBouncer) -> AsyncIter
     pooled = await PooledDatabase.create(pgbouncer, database)
     yield pooled
     await pooled.close()
+
+
+@pytest_asyncio.fixture
+async def empty_database(database: Settings) -> AsyncIterator[str]:
+    """The name of a new database on the test server with no table at all (never migrated), dropped afterwards."""
+    from sqlalchemy import text
+
+    from agentrt.db.engine import get_engine
+
+    name = f'empty_{uuid.uuid4().hex[:8]}'
+    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE {name}'))
+    yield name
+    async with admin.connect() as conn:
+        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
 
 
 @pytest.fixture(scope='session')

@@ -191,6 +191,20 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`agentrt ARGS...` run by a new interpreter with exactly `env` (`_clean_env`), no standard input."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-m', 'agentrt.agents.cli', *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 async def _python(script: str, database_url: str) -> subprocess.CompletedProcess[str]:
     """`script` run by a new interpreter on the test database, without the environment's tracing settings."""
     return await asyncio.to_thread(
@@ -248,16 +262,7 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
     env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
     # --delay 0: the demo model's pause between words (0.02 s by default, for a terminal) only made this wait 3 s.
     chat = ['chat', QUESTION, '-a', 'acme-health', '-s', 'otlp', '--delay', '0']
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-m', 'agentrt.agents.cli', '--trace', *chat],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    done = await _cli(env, '--trace', *chat)
     assert done.returncode == 0, done.stderr
     assert 'observability' not in done.stderr and 'Warning' not in done.stderr
     # --trace: the same spans on stderr, none on stdout (the answer)
@@ -367,19 +372,6 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
         [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
     )
     assert 'aB3dE5fG7hJ9' not in everything
-
-
-async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-m', 'agentrt.agents.cli', *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 class SilentCollector:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -183,26 +182,15 @@ async def test_conversation_compare_and_swap_has_one_winner(two_accounts: tuple[
     await assert_one_writer_wins(store, writers=12)
 
 
-@pytest.fixture
-async def fresh_database() -> AsyncIterator[str]:
-    name = f'pooled_{uuid.uuid4().hex[:8]}'
-    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE {name}'))
-    yield name
-    async with admin.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
-
-
 async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
     database: Settings,
     pgbouncer: PgBouncer,
-    fresh_database: str,
+    empty_database: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = database.model_copy(update={'database_url': _url(pgbouncer, fresh_database), 'pooler': 'pgbouncer'})
-    engine = build_engine(parse_database_url(_url(pgbouncer, fresh_database)), settings)
+    settings = database.model_copy(update={'database_url': _url(pgbouncer, empty_database), 'pooler': 'pgbouncer'})
+    engine = build_engine(parse_database_url(_url(pgbouncer, empty_database)), settings)
     migrations = tmp_path / 'migrations'
     shutil.copytree(MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns('__pycache__'))
     (migrations / 'versions' / '9999_broken.py').write_text(
@@ -216,7 +204,7 @@ async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
                 with pytest.raises(MigrationError, match='DivisionByZeroError'):
                     await asyncio.wait_for(upgrade(engine), 60)
         assert await current_revision(engine) is None
-        direct = build_engine(get_engine().url.set(database=fresh_database), database)
+        direct = build_engine(get_engine().url.set(database=empty_database), database)
         try:
             async with direct.connect() as conn:
                 held = await conn.execute(
@@ -235,11 +223,11 @@ async def test_migrations_through_the_pooler_and_a_failed_one_leaves_no_lock(
 
 
 async def test_migrations_use_the_direct_url_beside_a_pooled_one(
-    pgbouncer: PgBouncer, fresh_database: str, database_url: str
+    pgbouncer: PgBouncer, empty_database: str, database_url: str
 ) -> None:
     """`agentrt db upgrade` with DATABASE_URL at the pooler migrates through DATABASE_MIGRATION_URL; `db status`
     shows the pooler mode it detected and the timeouts read back from the server."""
-    direct = make_url(database_url).set(database=fresh_database).render_as_string(hide_password=False)
+    direct = make_url(database_url).set(database=empty_database).render_as_string(hide_password=False)
     env = {'DATABASE_URL': pgbouncer.url(), 'DATABASE_MIGRATION_URL': direct, 'AGENTRT_AUTO_MIGRATE': 'false'}
     result = await invoke('db', 'upgrade', env=env)
     assert result.exit_code == 0, result.output

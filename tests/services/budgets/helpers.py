@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
 
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.budgets import Period, set_budget
+from agentrt.services.budgets import Hold, Period, Refusal, reserve, set_budget
+from agentrt.services.ledger import new_request_id, utc_now
+
+HOUR = 3600.0
 
 
 async def give_budget(account: str | int, limit: str, period: str = 'month') -> None:
     """Set the account's budget."""
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account=account, limit_usd=Decimal(limit), period=Period.parse(period))
+
+
+async def hold_usd(
+    account_id: int, full: str, minimum: str | None = None, *, at: datetime | None = None
+) -> Hold | Refusal | None:
+    """`reserve` for a new request of the account: `full` USD, at least `minimum` (`full` when None), for an hour."""
+    least = Decimal(minimum if minimum is not None else full)
+    return await reserve(
+        request_id=new_request_id(),
+        account_id=account_id,
+        full_usd=Decimal(full),
+        minimum_usd=least,
+        input_usd=least / 2,
+        at=at or utc_now(),
+        ttl_seconds=HOUR,
+    )
 
 
 _WINDOW = text("""

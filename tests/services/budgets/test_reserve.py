@@ -12,25 +12,11 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Hold, Holder, Period, Refusal, reserve, set_budget
 from agentrt.services.ledger import new_request_id, utc_now
 from tests.factories import ledger_record, slow_commit_reply, write_ledger_row
-from tests.services.budgets.helpers import give_budget, period_row, reservations
-
-HOUR = 3600.0
-
-
-async def _reserve(account_id: int, full: str, minimum: str | None = None, *, at: datetime | None = None) -> object:
-    return await reserve(
-        request_id=new_request_id(),
-        account_id=account_id,
-        full_usd=Decimal(full),
-        minimum_usd=Decimal(minimum if minimum is not None else full),
-        input_usd=Decimal(minimum if minimum is not None else full) / 2,
-        at=at or utc_now(),
-        ttl_seconds=HOUR,
-    )
+from tests.services.budgets.helpers import give_budget, hold_usd, period_row, reservations
 
 
 async def test_an_account_without_a_budget_holds_nothing(two_accounts: tuple[int, int]) -> None:
-    assert await _reserve(two_accounts[0], '5') is None
+    assert await hold_usd(two_accounts[0], '5') is None
     assert await reservations() == []
 
 
@@ -39,7 +25,7 @@ async def test_fifty_racing_holds_admit_exactly_those_that_fit(two_accounts: tup
     await give_budget('alpha', '1.00')
     await give_budget('beta', '0.50')
     outcomes = await asyncio.gather(
-        *(_reserve(alpha, '0.03') for _ in range(50)), *(_reserve(beta, '0.03') for _ in range(50))
+        *(hold_usd(alpha, '0.03') for _ in range(50)), *(hold_usd(beta, '0.03') for _ in range(50))
     )
     for account, limit, fits in ((alpha, Decimal('1.00'), 33), (beta, Decimal('0.50'), 16)):
         held = [o for o in outcomes if isinstance(o, Hold) and o.account_id == account]
@@ -55,9 +41,9 @@ async def test_fifty_racing_holds_admit_exactly_those_that_fit(two_accounts: tup
 async def test_a_request_near_the_limit_holds_what_is_left_if_its_minimum_fits(two_accounts: tuple[int, int]) -> None:
     alpha, _ = two_accounts
     await give_budget('alpha', '1.00')
-    first = await _reserve(alpha, '0.70', '0.10')
-    second = await _reserve(alpha, '0.70', '0.10')
-    third = await _reserve(alpha, '0.70', '0.10')
+    first = await hold_usd(alpha, '0.70', '0.10')
+    second = await hold_usd(alpha, '0.70', '0.10')
+    third = await hold_usd(alpha, '0.70', '0.10')
     assert isinstance(first, Hold) and first.amount_usd == Decimal('0.70')
     assert isinstance(second, Hold) and second.amount_usd == Decimal('0.30'), 'the rest of the limit'
     assert isinstance(third, Refusal) and third.limit_usd == Decimal('1.00')
@@ -77,8 +63,8 @@ async def test_a_window_created_mid_period_counts_what_the_ledger_spent_in_it(tw
     ):
         await write_ledger_row(record)
     await give_budget('alpha', '1.00')
-    assert isinstance(await _reserve(alpha, '0.30'), Refusal), '0.75 spent this month: 0.30 does not fit'
-    assert isinstance(await _reserve(alpha, '0.25'), Hold)
+    assert isinstance(await hold_usd(alpha, '0.30'), Refusal), '0.75 spent this month: 0.30 does not fit'
+    assert isinstance(await hold_usd(alpha, '0.25'), Hold)
     row = await period_row(alpha)
     assert row is not None and row['spent_usd'] == Decimal('0.75') and row['period_start'] == month_start
 
@@ -92,7 +78,7 @@ async def test_windows_follow_the_calendar_in_utc_or_repeat_from_their_anchor(tw
     )
     for period, at, start, end in cases:
         await give_budget('alpha', '1', period)
-        hold = await _reserve(alpha, '0.01', at=at)
+        hold = await hold_usd(alpha, '0.01', at=at)
         assert isinstance(hold, Hold) and hold.period_start == start, period
         row = await period_row(alpha)
         assert row is not None and row['period_end'] == end.replace(tzinfo=UTC), period
@@ -104,7 +90,7 @@ async def test_a_custom_window_repeats_every_length_from_its_anchor(two_accounts
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account='alpha', limit_usd=Decimal(1), period=Period.parse('7d'),
                          window_anchor=anchor)  # fmt: skip
-    hold = await _reserve(alpha, '0.01', at=datetime(2026, 1, 16, 5, tzinfo=UTC))
+    hold = await hold_usd(alpha, '0.01', at=datetime(2026, 1, 16, 5, tzinfo=UTC))
     assert isinstance(hold, Hold) and hold.period_start == datetime(2026, 1, 15, 6, tzinfo=UTC)
     row = await period_row(alpha)
     assert row is not None and row['period_end'] == datetime(2026, 1, 22, 6, tzinfo=UTC)
@@ -114,7 +100,7 @@ async def test_a_hold_records_its_holder_and_expiry(two_accounts: tuple[int, int
     alpha, _ = two_accounts
     await give_budget('alpha', '1')
     holder = Holder('host-x', 4242, 123.5)
-    hold = await reserve(
+    held = await reserve(
         request_id=new_request_id(),
         account_id=alpha,
         full_usd=Decimal('0.2'),
@@ -124,7 +110,7 @@ async def test_a_hold_records_its_holder_and_expiry(two_accounts: tuple[int, int
         ttl_seconds=60,
         holder=holder,
     )
-    assert isinstance(hold, Hold)
+    assert isinstance(held, Hold)
     (row,) = await reservations(alpha)
     assert (row['holder_host'], row['holder_pid'], row['holder_started']) == ('host-x', 4242, 123.5)
     assert row['amount_usd'] == Decimal('0.2') and row['input_usd'] == Decimal('0.05')
@@ -139,17 +125,7 @@ async def test_a_hold_committed_as_its_caller_is_cancelled_is_given_back(
     alpha, _ = two_accounts
     await give_budget('alpha', '1')
     with slow_commit_reply(monkeypatch) as committed:
-        admission = asyncio.create_task(
-            reserve(
-                request_id=new_request_id(),
-                account_id=alpha,
-                full_usd=Decimal('0.10'),
-                minimum_usd=Decimal('0.10'),
-                input_usd=Decimal('0.01'),
-                at=utc_now(),
-                ttl_seconds=3600,
-            )
-        )
+        admission = asyncio.create_task(hold_usd(alpha, '0.10'))
         await committed.wait()
         admission.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -9,10 +9,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from agentrt.db.driver import DriverTransaction
-from agentrt.services.budgets import Hold, reserve
-from agentrt.services.ledger import LLMRequestTracker, new_request_id, utc_now
+from agentrt.services.budgets import Hold
+from agentrt.services.ledger import LLMRequestTracker
 from tests.factories import fast_config, ledger_record, scalar
-from tests.services.budgets.helpers import give_budget, period_row
+from tests.services.budgets.helpers import give_budget, hold_usd, period_row
 
 
 class _SlowCommit(LLMRequestTracker):
@@ -47,17 +47,7 @@ async def test_a_row_committed_while_its_window_is_created_still_counts(
     row = asyncio.create_task(tracker.track_request(ledger_record(account_id=alpha, cost='0.25')))
     await tracker.written.wait()
     await give_budget('alpha', '1')
-    admission = asyncio.create_task(
-        reserve(
-            request_id=new_request_id(),
-            account_id=alpha,
-            full_usd=Decimal('0.10'),
-            minimum_usd=Decimal('0.10'),
-            input_usd=Decimal('0.01'),
-            at=utc_now(),
-            ttl_seconds=3600,
-        )
-    )
+    admission = asyncio.create_task(hold_usd(alpha, '0.10'))
     waiting = (
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         ' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())'

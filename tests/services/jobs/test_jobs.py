@@ -12,8 +12,6 @@ import logging
 import re
 import signal
 import socket
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -245,29 +243,17 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-async def database_without_jobs() -> AsyncIterator[str]:
-    """A database of the test server with no table at all: not migrated."""
-    name = f'no_jobs_{uuid.uuid4().hex[:8]}'
-    admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE {name}'))
-    yield name
-    async with admin.connect() as conn:
-        await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
-
-
 async def test_a_queue_database_without_the_job_tables_is_a_clear_error(
-    queue: None, database_without_jobs: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    queue: None, empty_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # AGENTRT_QUEUE_DATABASE_URL naming another database than the runtime's (or one never migrated): the worker ended
     # with "internal error: ConnectorException: Database error. ... report it" (exit code 70), and every turn's
     # process logged "failed: ConnectorException: Database error." with a traceback.
     settings = current_settings()
-    other = get_engine().url.set(database=database_without_jobs).render_as_string(hide_password=False)
+    other = get_engine().url.set(database=empty_database).render_as_string(hide_password=False)
     monkeypatch.setattr(settings, 'queue_database_url', queue_url(other))
     await close_queue()
-    expected = rf'job queue.*{database_without_jobs}.* has no job tables .*agentrt db upgrade'
+    expected = rf'job queue.*{empty_database}.* has no job tables .*agentrt db upgrade'
     try:
         with pytest.raises(ConfigError, match=expected):
             await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
