@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 SERVED_MODEL = 'gpt-4o-mini-2024-07-18'
 
-Fault = Literal['drop', 'corrupt']
+Fault = Literal['drop', 'corrupt', 'stall']
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Reply:
     """What the server answers to one request."""
 
     text: str | None = None
-    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    tool_calls: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
+    """Each call's name and arguments: a dict (sent as JSON) or the arguments' text as it is (e.g. not JSON)."""
     prompt_tokens: int = 100
     completion_tokens: int = 20
     cached_tokens: int = 0
@@ -45,6 +46,12 @@ class Reply:
     """How many stream events are sent before the fault."""
     usage_before_fault: bool = False
     """Send the usage chunk (Chat Completions) before the fault, as a proxy that cuts after it would."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """More response headers (e.g. `retry-after` on a 429)."""
+    raw_body: bytes | None = None
+    """A body sent as it is with `status` and `content_type`, streamed request or not (an HTML error page, a JSON
+    object that is not the API's)."""
+    content_type: str = 'application/json'
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
@@ -81,6 +88,7 @@ class FakeOpenAI:
         self.replies: list[Reply] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # ends a `stall`
         self._server = ThreadingHTTPServer(('127.0.0.1', 0), self._handler_class())
         self._server.daemon_threads = True
 
@@ -97,6 +105,7 @@ class FakeOpenAI:
         try:
             yield self
         finally:
+            self._stop.set()
             self._server.shutdown()
             self._server.server_close()
             thread.join(5)
@@ -124,9 +133,11 @@ class FakeOpenAI:
                 responses_api = self.path.rstrip('/').endswith('/responses')
                 reply = fake._answer(self.path, body, dict(self.headers))
                 try:
-                    if reply.status != 200:
+                    if reply.raw_body is not None:
+                        self._send(reply.status, reply.raw_body, reply)
+                    elif reply.status != 200:
                         error = {'error': {'message': reply.error, 'type': 'invalid_request'}}
-                        self._send_json(reply.status, reply.error_body or error)
+                        self._send_json(reply.status, reply.error_body or error, headers=reply.headers)
                     elif body.get('stream'):
                         events = _response_events(reply) if responses_api else _chat_events(body, reply)
                         self._stream(events, reply)
@@ -136,15 +147,37 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client stopped reading: a consumer that left the stream
 
-            def _send_json(self, status: int, payload: dict[str, Any], fault: Fault | None = None) -> None:
+            def _send(self, status: int, data: bytes, reply: Reply) -> None:
+                self.send_response(status)
+                self.send_header('connection', 'close')
+                self.send_header('content-type', reply.content_type)
+                self.send_header('content-length', str(len(data)))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _send_json(
+                self,
+                status: int,
+                payload: dict[str, Any],
+                fault: Fault | None = None,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 data = json.dumps(payload).encode()
                 if fault == 'corrupt':
                     data = data[: len(data) // 2]  # a body cut in half: not JSON
                 self.send_response(status)
                 self.send_header('connection', 'close')  # no keep-alive: clients never hold a socket of ours
                 self.send_header('content-type', 'application/json')
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header('content-length', str(len(data) * (2 if fault == 'drop' else 1)))
                 self.end_headers()
+                if fault == 'stall':  # the head sent, the body never: until the client gives up or the server stops
+                    self.wfile.flush()
+                    fake._stop.wait()
+                    return
                 self.wfile.write(data)
                 if fault == 'drop':  # fewer bytes than announced, then the connection goes
                     self.wfile.flush()
@@ -167,6 +200,9 @@ class FakeOpenAI:
                 self._chunk(b'')  # the last chunk: the stream ended properly
 
             def _fault(self, fault: Fault) -> None:
+                if fault == 'stall':  # nothing more, the connection left open: until the client gives up
+                    fake._stop.wait()
+                    return
                 if fault == 'corrupt':
                     self._chunk(b'data: {"id": "chatcmpl-fake", "choices": [{"delta": \n\n')
                     self._chunk(b'')
@@ -222,7 +258,7 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
     yield {'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}
     if reply.tool_calls:
         for index, (name, args) in enumerate(reply.tool_calls):
-            arguments = json.dumps(args)
+            arguments = _arguments(args)
             half = len(arguments) // 2
             head = {
                 'index': index,
@@ -240,6 +276,10 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
     yield {'index': 0, 'delta': {}, 'finish_reason': 'stop'}
 
 
+def _arguments(args: dict[str, Any] | str) -> str:
+    return args if isinstance(args, str) else json.dumps(args)
+
+
 def _pieces(reply: Reply) -> list[str]:
     text = reply.text or ''
     size = max(1, -(-len(text) // max(reply.chunks, 1)))
@@ -250,7 +290,7 @@ def _completion(reply: Reply) -> dict[str, Any]:
     message: dict[str, Any] = {'role': 'assistant', 'content': reply.text}
     if reply.tool_calls:
         message['tool_calls'] = [
-            {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': json.dumps(args)}}
+            {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': _arguments(args)}}
             for i, (name, args) in enumerate(reply.tool_calls)
         ]
     finish = 'tool_calls' if reply.tool_calls else 'stop'
@@ -275,7 +315,7 @@ def _output_items(reply: Reply) -> list[dict[str, Any]]:
                 'id': f'fc_{i}',
                 'call_id': f'call_{i}',
                 'name': name,
-                'arguments': json.dumps(args),
+                'arguments': _arguments(args),
                 'status': 'completed',
             }
             for i, (name, args) in enumerate(reply.tool_calls)
