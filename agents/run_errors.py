@@ -96,6 +96,10 @@ def documented_errors(model_name: str | None = None) -> Iterator[None]:
 # "Invalid response from openai chat completions endpoint, expected JSON data" (an HTML page) or "...: N validation
 # errors for ChatCompletion" (JSON without `choices`); the same answer to a streamed request is a stream without a
 # single event.
+UNUSABLE_ANSWER_ADVICE = (
+    "Check the provider base URL (a proxy's page, or a server that only looks like the API, answers like this), or "
+    'send the message again later'
+)
 UNUSABLE_ANSWER_PREFIXES = ('Invalid response from ', 'Streamed response ended without content or tool calls')
 
 
@@ -111,8 +115,7 @@ def unusable_answer_error(exc: UnexpectedModelBehavior, model_name: str | None =
     if body:
         what += f': {body if len(body) <= MESSAGE_BODY_CHARS else body[:MESSAGE_BODY_CHARS] + "..."}'
     return ModelProviderError(
-        f"{what}. Check the provider base URL (the answer is not the API's, e.g. a proxy's page), or send the message "
-        'again later; the turn was not saved',
+        f'{what}. {UNUSABLE_ANSWER_ADVICE}; the turn was not saved',
         status_code=None,
         model_name=model_name,
         body=body,
@@ -162,6 +165,8 @@ def _advice(exc: ModelAPIError, status: int | None) -> str:
         return 'Check the network and the provider base URL, then send the message again'
     if status is not None and status < 500:
         return 'The provider refused the request'
+    if status is None:  # an answer came, but could not be read
+        return UNUSABLE_ANSWER_ADVICE
     return 'The provider failed; send the message again later'
 
 

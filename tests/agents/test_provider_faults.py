@@ -62,12 +62,12 @@ EXPECTED: dict[str, tuple[type[AgentRuntimeError], str, list[tuple[Any, ...]]]] 
     ),
     'html page': (
         ModelProviderError,
-        'sent an answer that could not be used',
+        'sent an answer that could not be used (',
         [('error', 'UnexpectedModelBehavior', None)],
     ),
     'json without fields': (
         ModelProviderError,
-        'sent an answer that could not be used',
+        'sent an answer that could not be used (',
         [('error', 'UnexpectedModelBehavior', None)],
     ),
     'stall': (ModelProviderError, 'did not answer in time', [('error', 'ModelTimeoutError', None)]),
@@ -160,6 +160,8 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
         assert type(raised.value) is error_type, raised.value
         message = str(raised.value)
         assert words in message and '\n' not in message and SECRET not in message, message
+        if 'could not be used' in words:  # however pydantic-ai reported it (`ModelAPIError` or not), the same advice
+            assert ". Check the provider base URL (a proxy's page" in message, message
         if error_type is ModelProviderError:
             assert 'the turn was not saved' in message and raised.value.model_name == 'gpt-4o-mini'  # type: ignore[attr-defined]
             assert SECRET not in (raised.value.body or '')  # type: ignore[attr-defined]
