@@ -52,6 +52,8 @@ class Reply:
     """A body sent as it is with `status` and `content_type`, streamed request or not (an HTML error page, a JSON
     object that is not the API's)."""
     content_type: str = 'application/json'
+    reports_usage: bool = True
+    """False: no usage in the answer (no `usage` chunk in a stream), as some OpenAI-compatible servers and proxies."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
@@ -235,7 +237,9 @@ def _chat_events(body: dict[str, Any], reply: Reply) -> list[bytes]:
             chunk['usage'] = reply.usage(round(reply.completion_tokens * (index + 1) / len(choices)))
         events.append(_sse(chunk))
     usage_chunk = _sse({**_chunk([]), 'usage': reply.usage()})  # the include_usage chunk
-    if reply.fault is not None and reply.usage_before_fault:
+    if not reply.reports_usage:
+        pass
+    elif reply.fault is not None and reply.usage_before_fault:
         events.insert(reply.fault_after, usage_chunk)
         reply.fault_after += 1
     else:
@@ -300,7 +304,7 @@ def _completion(reply: Reply) -> dict[str, Any]:
         'created': 0,
         'model': SERVED_MODEL,
         'choices': [{'index': 0, 'message': message, 'finish_reason': finish}],
-        'usage': reply.usage(),
+        'usage': reply.usage() if reply.reports_usage else None,
     }
 
 
@@ -335,7 +339,7 @@ def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str,
         'parallel_tool_calls': True,
         'tool_choice': 'auto',
         'tools': [],
-        'usage': reply.responses_usage() if status == 'completed' else None,
+        'usage': reply.responses_usage() if status == 'completed' and reply.reports_usage else None,
     }
 
 

@@ -77,3 +77,27 @@ async def test_a_provider_fault_is_one_error_line_and_the_piped_conversation_goe
     stored = await PostgresConversationStore(await account_id('acme-health')).load('piped')
     assert stored is not None and [m.kind for m in stored.messages] == ['request', 'response']  # the answered line only
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+@pytest.mark.parametrize('model', ['openai:gpt-4o-mini', 'openai-chat:gpt-4o-mini'])
+async def test_a_provider_that_reports_no_usage_is_said_so_in_the_summary_line_not_by_a_python_warning(
+    demo_data: None, database_url: str, model: str
+) -> None:
+    # pydantic-ai warns (UsageLimitUnavailableWarning) when a response has no usage and the run has token limits,
+    # which every turn has (AGENTRT_TURN_TOTAL_TOKENS_LIMIT): under the answer, a site-packages path, the warning's
+    # paragraph and `warnings.warn(`; the summary said "0 tokens (0 in / 0 out) · cost unpriced".
+    with FakeOpenAI(lambda body: Reply(text='Nobody matches.', reports_usage=False)).running() as fake:
+        env = {
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': model,
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        done = await invoke('chat', '--session', 'no-usage', 'Who is in Seattle?', env=env)
+    assert done.exit_code == 0, done.stderr
+    assert done.stderr == ''
+    [answer, summary] = done.stdout.splitlines()
+    assert answer == 'Nobody matches.'
+    assert '· 1 requests · tokens unknown (usage not reported for 1 of 1 requests) · cost unknown ·' in summary
+    [row] = await ledger_rows(chat_session_id='no-usage')
+    assert (row['status'], row['usage_reported']) == ('complete', False)
