@@ -53,6 +53,9 @@ class Reply:
     object that is not the API's)."""
     content_type: str = 'application/json'
     reports_usage: bool = True
+    cut_off: Literal['length', 'content_filter'] | None = None
+    """The text answer ends cut off: at the output token limit, or by the provider's content filter (Chat Completions'
+    `finish_reason`; the Responses API's `incomplete` response and its reason)."""
     """False: no usage in the answer (no `usage` chunk in a stream), as some OpenAI-compatible servers and proxies."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
@@ -277,7 +280,7 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
         return
     for piece in _pieces(reply):
         yield {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}
-    yield {'index': 0, 'delta': {}, 'finish_reason': 'stop'}
+    yield {'index': 0, 'delta': {}, 'finish_reason': reply.cut_off or 'stop'}
 
 
 def _arguments(args: dict[str, Any] | str) -> str:
@@ -297,7 +300,7 @@ def _completion(reply: Reply) -> dict[str, Any]:
             {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': _arguments(args)}}
             for i, (name, args) in enumerate(reply.tool_calls)
         ]
-    finish = 'tool_calls' if reply.tool_calls else 'stop'
+    finish = 'tool_calls' if reply.tool_calls else reply.cut_off or 'stop'
     return {
         'id': 'chatcmpl-fake',
         'object': 'chat.completion',
@@ -328,7 +331,15 @@ def _output_items(reply: Reply) -> list[dict[str, Any]]:
     return [{'type': 'message', 'id': 'msg_0', 'status': 'completed', 'role': 'assistant', 'content': [part]}]
 
 
+_INCOMPLETE_REASONS = {'length': 'max_output_tokens', 'content_filter': 'content_filter'}
+
+
 def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    if status == 'completed' and reply.cut_off is not None:
+        return {
+            **_response(reply, status='incomplete', output=output),
+            'incomplete_details': {'reason': _INCOMPLETE_REASONS[reply.cut_off]},
+        }
     return {
         'id': 'resp_fake',
         'object': 'response',
@@ -339,7 +350,7 @@ def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str,
         'parallel_tool_calls': True,
         'tool_choice': 'auto',
         'tools': [],
-        'usage': reply.responses_usage() if status == 'completed' and reply.reports_usage else None,
+        'usage': reply.responses_usage() if status != 'in_progress' and reply.reports_usage else None,
     }
 
 
@@ -370,5 +381,6 @@ def _response_events(reply: Reply) -> list[bytes]:
                 payloads.append({'type': 'response.output_text.delta', **where, 'delta': piece, 'logprobs': []})
             payloads.append({'type': 'response.output_text.done', **where, 'text': reply.text or '', 'logprobs': []})
         payloads.append({'type': 'response.output_item.done', 'output_index': index, 'item': item})
-    payloads.append({'type': 'response.completed', 'response': _response(reply)})
+    final = 'response.incomplete' if reply.cut_off is not None else 'response.completed'
+    payloads.append({'type': final, 'response': _response(reply)})
     return [_sse({**payload, 'sequence_number': number}) for number, payload in enumerate(payloads)]

@@ -207,7 +207,15 @@ def _summary(result: ChatResult, tools_run: int) -> str:
         unmeasured = f'usage not reported for {usage.unmeasured_requests} of {usage.requests} requests'
         tokens = f'at least {tokens}, {unmeasured}' if usage.total_tokens else f'tokens unknown ({unmeasured})'
         cost = 'unknown' if usage.cost is None or not usage.total_tokens else f'at least ${usage.cost:.6f}'
+    cut = _CUT_OFF.get(result.finish_reason or '')
     return (
         f'model {result.model_name} · {usage.requests} requests · {tokens} · cost {cost} · {tools_run} tools · '
-        f'{result.duration_s:.2f} s · session {result.session_id}'
+        f'{result.duration_s:.2f} s · session {result.session_id}' + (f' · {cut}' if cut else '')
     )
+
+
+# A cut-off answer reads like a whole one: the summary says it was cut (the turn is saved as it is).
+_CUT_OFF = {
+    'length': 'the answer was cut off at its output token limit',
+    'content_filter': "the answer was cut off by the provider's content filter",
+}

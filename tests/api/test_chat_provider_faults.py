@@ -168,3 +168,16 @@ async def test_a_json_turn_whose_answer_holds_nul_and_a_lone_surrogate_answers_i
     assert stored is not None
     assert stored.messages[-1].parts[0].content == answer.json()['output']  # type: ignore[union-attr]
     assert [row['status'] for row in await ledger_rows(chat_session_id='odd')] == ['complete']
+
+
+@pytest.mark.parametrize('cut_off', ['length', None])
+async def test_a_json_turn_says_why_its_answer_ended(keys: Keys, cut_off: str | None) -> None:
+    # A text answer cut off at its output token limit is saved as it is; the JSON turn said nothing of it (the Vercel
+    # stream's finish event says `length`).
+    with FakeOpenAI(lambda body: Reply(text='The cardiologists are Dr', cut_off=cut_off)).running() as fake:  # type: ignore[arg-type]
+        async for client in _client(fake):
+            answer = await client.post(
+                f'/api/v1/conversations/cut-{cut_off}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+            )
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()['output'], answer.json()['finish_reason']) == ('The cardiologists are Dr', cut_off or 'stop')

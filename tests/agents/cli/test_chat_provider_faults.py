@@ -101,3 +101,32 @@ async def test_a_provider_that_reports_no_usage_is_said_so_in_the_summary_line_n
     assert '· 1 requests · tokens unknown (usage not reported for 1 of 1 requests) · cost unknown ·' in summary
     [row] = await ledger_rows(chat_session_id='no-usage')
     assert (row['status'], row['usage_reported']) == ('complete', False)
+
+
+@pytest.mark.parametrize('model', ['openai:gpt-4o-mini', 'openai-chat:gpt-4o-mini'])
+@pytest.mark.parametrize(
+    ('cut_off', 'said'),
+    [
+        ('length', 'the answer was cut off at its output token limit'),
+        ('content_filter', "the answer was cut off by the provider's content filter"),
+    ],
+)
+async def test_an_answer_cut_off_by_the_provider_is_said_so_in_the_summary_line(
+    demo_data: None, database_url: str, model: str, cut_off: str, said: str
+) -> None:
+    # A text answer that ends at max_tokens (which a budget near its limit lowers) or in a content filter is kept and
+    # saved by pydantic-ai as a whole answer: it read like one, with nothing said.
+    with FakeOpenAI(lambda body: Reply(text='The cardiologists in Seattle are Dr', cut_off=cut_off)).running() as fake:  # type: ignore[arg-type]
+        env = {
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': model,
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        done = await invoke('chat', '--session', 'cut-off', 'Who is in Seattle?', env=env)
+    assert done.exit_code == 0, done.stderr
+    [answer, summary] = done.stdout.splitlines()
+    assert answer == 'The cardiologists in Seattle are Dr'
+    assert summary.endswith(f'· session cut-off · {said}'), summary
+    [row] = await ledger_rows(chat_session_id='cut-off')
+    assert (row['status'], row['finish_reason']) == ('complete', cut_off)
