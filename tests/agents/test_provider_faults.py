@@ -199,3 +199,29 @@ async def test_nul_and_lone_surrogates_in_an_answer_and_in_tool_arguments_are_sa
     stored = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
     assert stored is not None
     assert stored.messages[-1].parts[0].content == 'Dr \ufffdWho \ufffd in Seattle.'  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_failure_after_a_tool_round_saves_none_of_the_turn(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool
+) -> None:
+    # The first request calls a tool (billed, complete), the second fails: the tool call and its result are not saved
+    # with the failed turn, and the next turn's model sees none of it.
+    replies = iter(
+        [
+            Reply(tool_calls=[('search_directory', {'query': 'cardiology', 'schema_name': 'medical_providers'})]),
+            Reply(status=500, error='upstream exploded'),
+            Reply(text='Nobody matches.'),
+        ]
+    )
+    session_id = f'half-{streamed}'
+    with FakeOpenAI(lambda body: next(replies)).running() as fake:
+        model = _model('chat', fake, clients)
+        with pytest.raises(ModelProviderError):
+            await _turn(streamed, model, session_id)
+        result = await _turn(streamed, model, session_id, 'And in Boston?')
+        sent = [(m['role'], m.get('content')) for m in fake.requests[-1]['messages'] if m['role'] != 'system']
+    assert sent == [('user', 'And in Boston?')]
+    assert result.conversation_usage.requests == 1
+    statuses = [(r['status'], r['error_type']) for r in await ledger_rows(chat_session_id=session_id)]
+    assert statuses == [('complete', None), ('error', 'ModelServerError'), ('complete', None)]
