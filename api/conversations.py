@@ -33,7 +33,6 @@ from agentrt.api.turn_input import check_conversation_id, check_http_turn, requi
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
-from agentrt.services.pg_text import storable_text
 
 MAX_MESSAGES_PAGE = 100_000
 
@@ -182,9 +181,7 @@ async def run_turn(
     )
     usage = result.usage
     return TurnResponse(
-        # As the store saved it: JSON cannot encode a lone surrogate ("\ud83d" in a provider's JSON), and the answer
-        # failed with a 500 after the turn was saved (a client that retried it ran the turn twice).
-        output=storable_text(result.output),
+        output=result.output,
         conversation_id=result.session_id,
         run_id=result.run_id,
         model_name=result.model_name,
