@@ -514,7 +514,9 @@ def _mark_read_failures(stream: StreamedResponse, span: trace.Span) -> None:
     (the plain request's span says ERROR). The provider's error is seen here, in the consumer's task, while the span
     is still open; one raised because the consumer cancelled the stream is not the provider's failure.
     """
-    read = stream._get_event_iterator  # pydantic-ai's per-provider reader, behind its own wrappers
+    read = getattr(stream, '_get_event_iterator', None)  # pydantic-ai's per-provider reader, behind its own wrappers
+    if read is None:  # a pydantic-ai that renamed it: the span goes unmarked, the stream is read as it is
+        return
 
     async def events() -> AsyncGenerator[Any]:
         try:
