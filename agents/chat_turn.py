@@ -173,7 +173,13 @@ async def open_turn(
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
-    resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
+    resolved = resolve_model(
+        model,
+        default=settings.model,
+        stream_delay=stream_delay,
+        timeout_s=settings.model_timeout_seconds,
+        max_retries=settings.model_max_retries,
+    )
     admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
     async with admission.turn():
         async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
