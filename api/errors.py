@@ -117,7 +117,8 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
-    capacity, an expected and documented answer) at WARNING in one line; everything else at ERROR with the traceback.
+    capacity, an expected and documented answer) and a model provider's or a model's failure (502: the ledger row
+    holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -127,12 +128,29 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     status, type_, message, field_name = _classify(exc)
     if type_ == 'busy':  # where it was raised says nothing the message does not: a traceback each buried real errors
         logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
+    elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
+        model = getattr(exc, 'model_name', None)
+        logger.warning(
+            '%s %s: %d %s: %s (model %s): %s',
+            error_id,
+            where,
+            status,
+            type_,
+            type(exc).__name__,
+            model or 'unknown',
+            _short(_redacted(str(exc))),
+        )
     elif status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
+
+
+# 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
+# run, the ledger, the route) and says nothing the error, its id and the ledger row do not.
+_NOT_OURS = frozenset({'model_provider_error', 'model_behavior_error'})
 
 
 def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:

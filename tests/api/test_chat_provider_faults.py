@@ -125,6 +125,9 @@ async def test_a_provider_fault_on_each_chat_route_says_what_to_do_and_leaves_th
             # version the stream reported, gpt-4o-mini-2024-07-18; an unusable streamed answer, None).
             logged = [r.getMessage() for r in caplog.records if 'ModelProviderError' in r.getMessage()]
             assert len(logged) == 3 and all("model 'gpt-4o-mini'" in line for line in logged), logged
+            # One WARNING line each: the provider's failure is no bug of the server's, no traceback of its code.
+            provider_lines = [r for r in caplog.records if 'ModelProviderError' in r.getMessage()]
+            assert all(r.levelno == logging.WARNING and not r.exc_info for r in provider_lines), provider_lines
             for conversation in (f'json-{name}', f'vercel-{name}', f'agui-{name}'):
                 rows = await ledger_rows(chat_session_id=conversation)
                 assert [(r['status'], r['error_type'], r['error_status_code']) for r in rows] == [row], conversation
