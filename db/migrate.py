@@ -31,6 +31,23 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def known_revisions() -> frozenset[str]:
+    """Every migration shipped with this version of the runtime."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
+def ahead_of_this_version(revision: str | None) -> bool:
+    """Whether a database at `revision` was migrated by a newer version of the runtime (a revision it does not ship)."""
+    return revision is not None and revision not in known_revisions()
+
+
+def _ahead_message(revision: str | None) -> str:
+    return (
+        f'the database schema is at {revision}, a revision this version of agentrt does not know (its newest is '
+        f'{head_revision()}): a newer agentrt migrated it'
+    )
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or None before the first migration."""
     async with engine.connect() as conn:
@@ -47,9 +64,16 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
     Raises:
         MigrationError: a migration failed (with its own error); nothing was applied.
         DatabaseUnavailableError: the server could not be reached.
-        ConfigError: `revision` names no migration.
+        ConfigError: `revision` names no migration, or the database is ahead of this version (a newer runtime
+            migrated it): nothing was applied.
     """
     before = await current_revision(engine)
+    if ahead_of_this_version(before):
+        # Alembic's own words were "Can't locate revision identified by '0014_...'", and `db status` said "behind".
+        raise ConfigError(
+            f'{_ahead_message(before)}; nothing was migrated. Run a version of agentrt that knows {before} (upgrade '
+            'the package), or point DATABASE_URL / AGENTRT_DATA_DIR at another database'
+        )
     try:
         async with engine.connect() as conn:
             await conn.run_sync(_upgrade, revision)
@@ -86,6 +110,11 @@ async def upgrade_if_behind(engine: AsyncEngine) -> bool:
     """Upgrade the schema when it is behind the packaged head; return True if it did."""
     current, head = await current_revision(engine), head_revision()
     if current == head:
+        return False
+    if ahead_of_this_version(current):
+        # A rolling upgrade: processes of the older version start on the newer schema, as they do with
+        # AGENTRT_AUTO_MIGRATE=false (`revision_behind`), rather than each failing on a revision it cannot migrate from.
+        logger.warning('%s; not migrated: this process runs on it as it is', _ahead_message(current))
         return False
     logger.info('database schema at %s, upgrading to %s', current or 'empty', head)
     await upgrade(engine)

@@ -29,7 +29,7 @@ async def _status() -> None:
         server_info,
         timeouts_in_force,
     )
-    from agentrt.db.migrate import current_revision, head_revision
+    from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
     from agentrt.db.status import roles_exist, server_version, session_timeouts, table_counts
@@ -63,6 +63,8 @@ async def _status() -> None:
     table.add_row('kind', kind)
     table.add_row('PostgreSQL', version)
     behind = '' if revision == head else f' (behind: head is {head}; run `agentrt db upgrade`)'
+    if ahead_of_this_version(revision):  # `db upgrade` cannot help: it does not know the revision
+        behind = f' (ahead: this version of agentrt knows up to {head}; a newer agentrt migrated it)'
     table.add_row('migration', f'{revision or "none"}{behind}')
     table.add_row(
         'pool',
