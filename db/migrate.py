@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 from alembic import command
 from alembic.config import Config
@@ -75,7 +77,7 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
             'the package), or point DATABASE_URL / AGENTRT_DATA_DIR at another database'
         )
     try:
-        async with engine.connect() as conn:
+        async with _one_at_a_time(), engine.connect() as conn:
             await conn.run_sync(_upgrade, revision)
     except AgentRuntimeError:
         raise
@@ -88,6 +90,22 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
             f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
             f'Nothing was applied: the schema is still at {before or "empty"}'
         ) from exc
+
+
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _one_at_a_time() -> asyncio.Lock:
+    """One upgrade at a time per event loop. Alembic keeps the running migration in module globals
+    (`alembic.context`, `alembic.op`), and two upgrades on one loop (two databases migrated with `asyncio.gather`)
+    interleave at every statement: the second's context replaced the first's, which failed on the other's connection
+    ("another operation is in progress") or lost its script (`KeyError: 'script'`). The advisory lock orders
+    processes; this orders the upgrades of one process."""
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
 
 
 def _cause(exc: BaseException) -> str:
