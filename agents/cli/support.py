@@ -255,7 +255,12 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
         # A command that ends soon bounds each at a few seconds unless the variable says otherwise.
         os.environ.setdefault('OTEL_EXPORTER_OTLP_TIMEOUT', SHORT_EXPORT_TIMEOUT)
     configure_observability()
-    return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+    try:
+        return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+    except KeyboardInterrupt:
+        # asyncio.run's answer to Ctrl-C, once the cancelled command has cleaned up. typer would turn it into a
+        # silent exit 130 before the error boundary saw it: said as SIGTERM's is.
+        raise Stopped(signal.SIGINT) from None
 
 
 SHORT_EXPORT_TIMEOUT = '2'

@@ -20,7 +20,7 @@ from agentrt.db.engine import build_engine
 from agentrt.db.failures import unavailable_error
 from agentrt.db.settings import Settings
 from agentrt.services.background import get_supervisor
-from tests.agents.cli.helpers import logging_restored
+from tests.agents.cli.helpers import invoke, logging_restored
 
 
 def _closed_port() -> int:
@@ -138,3 +138,16 @@ def test_a_closed_stderr_quiets_the_log_and_error_lines_instead_of_ending_the_co
             support.error_line('the command goes on to its end, and says nothing more')
     finally:
         err_console._file, err_console.quiet = saved
+
+
+async def test_ctrl_c_during_a_command_says_what_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncio.run answers a SIGINT by cancelling the command (its clean-up runs) and then raising KeyboardInterrupt,
+    # which typer turned into a silent exit 130 before the error boundary saw it: Ctrl-C while `agentrt db status`
+    # started the embedded server ended it without a word, where SIGTERM says "stopped by SIGTERM; ...".
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr('agentrt.agents.cli.database._status', interrupted)
+    result = await invoke('db', 'status')
+    assert result.exit_code == 130
+    assert result.stderr == 'error: stopped by SIGINT; nothing in progress was saved\n'
