@@ -69,6 +69,8 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
         ConfigError: `revision` names no migration, or the database is ahead of this version (a newer runtime
             migrated it): nothing was applied.
     """
+    if not revision.strip():  # Alembic's answer was an AssertionError, reported as a failed migration
+        raise ConfigError("no revision to migrate to: name one (e.g. 'head', the default)")
     before = await current_revision(engine)
     if ahead_of_this_version(before):
         # Alembic's own words were "Can't locate revision identified by '0014_...'", and `db status` said "behind".

@@ -138,7 +138,12 @@ async def _upgrade(revision: str) -> None:
             after = await current_revision(engine)
     finally:
         await close_database()
-    console.print(f'schema: {before or "empty"} -> {after}' if before != after else f'schema already at {after}')
+    if before != after:
+        console.print(f'schema: {before or "empty"} -> {after}')
+    elif revision not in ('head', 'heads') and not (after or '').startswith(revision):  # an earlier one: a no-op
+        console.print(f'schema at {after}, already past {revision}: nothing to do (agentrt db upgrade never downgrades)')
+    else:
+        console.print(f'schema already at {after}')
 
 
 @db_app.command('seed')

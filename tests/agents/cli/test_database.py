@@ -148,3 +148,16 @@ async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(
     finally:
         await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
         await connection.close()
+
+
+async def test_upgrade_to_a_revision_the_schema_is_past_or_to_nothing_says_so(database_url: str) -> None:
+    # `db upgrade 0005_...` on a schema at head said "schema already at <head>" (a downgrade was asked for; Alembic's
+    # upgrade to an ancestor does nothing); `db upgrade ''` was "migrating the schema from <head> to failed:
+    # AssertionError: AssertionError", exit 5, as if a migration had failed.
+    env = {'DATABASE_URL': database_url}
+    past = await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env=env)
+    assert past.exit_code == 0, past.stderr
+    assert 'already past 0005_ledger_recorded_at_index' in past.stdout and 'never downgrades' in past.stdout
+    empty = await invoke('db', 'upgrade', ' ', env=env)
+    assert empty.exit_code == 2
+    assert empty.stderr.startswith('error: no revision to migrate to') and 'AssertionError' not in empty.stderr
