@@ -141,7 +141,7 @@ async def _upgrade(revision: str) -> None:
     if before != after:
         console.print(f'schema: {before or "empty"} -> {after}')
     elif revision not in ('head', 'heads') and not (after or '').startswith(revision):  # an earlier one: a no-op
-        console.print(f'schema at {after}, already past {revision}: nothing to do (agentrt db upgrade never downgrades)')
+        console.print(f'schema at {after}, already past {revision}: nothing to do (db upgrade never downgrades)')
     else:
         console.print(f'schema already at {after}')
 
