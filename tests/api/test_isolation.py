@@ -94,5 +94,10 @@ async def test_two_accounts_turns_and_reads_at_once_each_see_their_own(keys: Key
     work += [reads(account) for _ in range(3) for account in own]
     await asyncio.gather(*work)
     await get_request_tracker().flush()
+    schemas = {'acme-health': 'medical_providers', 'green-grocer': 'produce_suppliers'}
     for account in own:
         assert sorted(await reads(account)) == [f'{account}-{n}' for n in range(3)]
+        for n in range(3):  # the turn's tool calls and results: its own account's directory only
+            conversation = await client.get(f'/api/v1/conversations/{account}-{n}', headers=own[account])
+            other = next(schema for slug, schema in schemas.items() if slug != account)
+            assert schemas[account] in conversation.text and other not in conversation.text
