@@ -47,6 +47,7 @@ from agentrt.services.conversations import (
     summary_source,
 )
 from agentrt.services.ledger import remember_message_json
+from agentrt.services.pg_text import storable
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.tenancy import Tenant, lookup_tenant, lookup_tenant_on, unknown_tenant_error
 from agentrt.tools.dependencies import SessionDependencies
@@ -281,7 +282,7 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         rollup_interval_s=settings.usage_rollup_seconds,
     )
     return ChatResult(
-        output=result.output,
+        output=storable(result.output),  # as the store saved it (NUL and lone surrogates as U+FFFD)
         session_id=turn.deps.session_id,
         run_id=result.run_id,
         model_name=turn.model.model_name,

@@ -248,10 +248,24 @@ def within_turn_span(span: trace.Span | None) -> Iterator[None]:
     with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         try:
             yield
-        except BaseException as exc:
-            if not isinstance(exc, GeneratorExit):
-                _record_redacted(span, exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            _record_cancelled(span)
             raise
+        except BaseException as exc:
+            _record_redacted(span, exc)
+            raise
+
+
+CANCELLED_STATUS = 'cancelled: the turn was stopped before its end; nothing of it was saved'
+"""A cancelled turn's span status: a hang-up, Ctrl-C or a task cancelled (`CancelledError`, whose text is empty: the
+status read "CancelledError: "), or a stream its caller closed early (`GeneratorExit`: no status at all)."""
+
+
+def _record_cancelled(span: trace.Span) -> None:
+    # No `exception` event: where the cancellation reached the turn is no error of the code; the ledger's row of the
+    # request it cut off says `cancelled` too.
+    span.set_attribute('agentrt.cancelled', True)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, CANCELLED_STATUS))
 
 
 def _record_redacted(span: trace.Span, error: BaseException) -> None:

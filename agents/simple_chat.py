@@ -36,6 +36,7 @@ from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_hooks import TURN_LEDGER_ID
 from agentrt.agents.turn_input import TurnInput, validate_run_arguments
 from agentrt.services.ledger import ledger_capability
+from agentrt.services.pg_text import storable, storable_text
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
 
@@ -254,7 +255,8 @@ def simple_chat_stream(
     and finishes, and `stream_delay`, a pause between the demo model's words. After the last delta,
     `stream.result` holds the same `ChatResult` `simple_chat` would return. A consumer that stops early
     (`aclose()`, or leaving `async with`) cancels the run: nothing is saved, and the ledger records the
-    request it cut off as cancelled.
+    request it cut off as cancelled. Deltas and tool events carry text as the store saves it: NUL and lone
+    surrogates (`"\\ud83d"` in a provider's JSON) as U+FFFD.
 
     Raises:
         InvalidInputError: at once, when the message, an identifier or another argument is refused (nothing ran); the
@@ -332,19 +334,24 @@ def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list
 
 
 def _text_delta(event: object) -> str | None:
+    # A lone surrogate (`"\ud83d"` in a provider's JSON) or a NUL goes out as U+FFFD, as the store saves it: a caller
+    # writing the deltas to a UTF-8 file or socket failed on it (the HTTP stream and the CLI show the same).
     if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
-        return event.part.content or None
+        return storable_text(event.part.content) or None
     if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
-        return event.delta.content_delta or None
+        return storable_text(event.delta.content_delta) or None
     return None
 
 
 def _report_tool(event: object, started: dict[str, float], callback: Callable[[ToolEvent], None]) -> None:
+    # Started and finished calls are matched on the id as the model gave it; the event carries what the store saves.
     if isinstance(event, FunctionToolCallEvent):
-        started[event.part.tool_call_id] = time.perf_counter()
-        callback(ToolEvent(event.part.tool_name, event.part.tool_call_id, event.part.args, finished=False))
-    elif isinstance(event, FunctionToolResultEvent):
         part = event.part
-        begin = started.pop(part.tool_call_id, None)
+        started[part.tool_call_id] = time.perf_counter()
+        callback(ToolEvent(storable_text(part.tool_name), storable_text(part.tool_call_id), storable(part.args), False))
+    elif isinstance(event, FunctionToolResultEvent):
+        result = event.part
+        begin = started.pop(result.tool_call_id, None)
         duration = time.perf_counter() - begin if begin is not None else None
-        callback(ToolEvent(part.tool_name or '?', part.tool_call_id, None, True, duration, part.outcome))
+        name, call_id = storable_text(result.tool_name or '?'), storable_text(result.tool_call_id)
+        callback(ToolEvent(name, call_id, None, True, duration, result.outcome))

@@ -109,7 +109,8 @@ def new_error_id() -> str:
 def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
-    Client errors (4xx) are logged at INFO with their message; everything else at ERROR with the traceback.
+    Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
+    capacity, an expected and documented answer) at WARNING in one line; everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -117,7 +118,9 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
-    if status >= 500:
+    if type_ == 'busy':  # where it was raised says nothing the message does not: a traceback each buried real errors
+        logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
+    elif status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))

@@ -1,6 +1,8 @@
-"""What `agentrt db status` reports: server version, migration revision and row counts."""
+"""What `agentrt db status` reports: server version, migration revision, row counts and the job queue."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -47,3 +49,30 @@ async def session_timeouts(engine: AsyncEngine) -> dict[str, int]:
     async with engine.connect() as conn:
         autocommit = await conn.execution_options(isolation_level='AUTOCOMMIT')
         return await timeouts_in_force(autocommit)
+
+
+@dataclass(frozen=True)
+class JobQueueState:
+    """The durable job queue's jobs by status (procrastinate's `todo`, `doing`, `failed`) and its live workers."""
+
+    waiting: int
+    running: int
+    failed: int
+    workers_alive: int
+
+
+async def job_queue_state(*, session: AsyncSession, alive_within_s: float) -> JobQueueState | None:
+    """The queue's jobs and the workers that sent a heartbeat within `alive_within_s`; None without its tables
+    (migration 0011_procrastinate not applied)."""
+    tables = "to_regclass('procrastinate_jobs') IS NOT NULL AND to_regclass('procrastinate_workers') IS NOT NULL"
+    if not (await session.execute(text(f'SELECT {tables}'))).scalar_one():
+        return None
+    rows = await session.execute(text('SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY status'))
+    by_status: dict[str, int] = {status: count for status, count in rows}
+    alive = (
+        await session.execute(
+            text('SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - make_interval(secs => :s)'),
+            {'s': alive_within_s},
+        )
+    ).scalar_one()
+    return JobQueueState(by_status.get('todo', 0), by_status.get('doing', 0), by_status.get('failed', 0), alive)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +19,8 @@ from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models.base import Base
 
 T = TypeVar('T')
+TaskAttributes = Mapping[str, str | int]
+"""Span attributes of a task: the ids it works on (`gen_ai.conversation.id`, `agentrt.account_id`, ...)."""
 
 logger = logging.getLogger('agentrt.background')
 _tracer = trace.get_tracer('agentrt.background')
@@ -109,19 +111,29 @@ class TaskSupervisor:
         )
 
     def spawn(
-        self, fn: Callable[..., Awaitable[T]], /, *args: Any, name: str | None = None, **kwargs: Any
+        self,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        name: str | None = None,
+        attributes: TaskAttributes | None = None,
+        **kwargs: Any,
     ) -> asyncio.Task[T]:
         """Schedule `fn(*args, **kwargs)` as a tracked task; must be called from the supervisor's loop.
 
-        `name` belongs to the supervisor (log lines and the span), so `fn` cannot take a keyword called
-        `name`. A failure is logged with its traceback and counted; awaiting the returned task re-raises
+        `name` and `attributes` belong to the supervisor (log lines and the span), so `fn` cannot take keywords
+        called so. A failure is logged with its traceback and counted; awaiting the returned task re-raises
         it, but nobody has to: the supervisor retrieves every exception. The task may start before the
         caller's transaction commits, so spawn after the commit when the task reads rows the caller wrote.
 
         Args:
             fn: a coroutine function that opens its own database session.
             *args: plain values (ids, strings, numbers), never a session or an ORM object.
-            name: shown in logs and spans; defaults to the function's qualified name.
+            name: what the task is, shown in logs and naming its span (`background task <name>`); the function's
+                qualified name by default. Few distinct names: a trace backend groups by span name, so ids go in
+                `attributes`.
+            attributes: the ids the task works on, on its span and in its log lines (`conversation summary
+                (conversation c-1, run 0193...)`).
             **kwargs: keyword arguments for `fn`, same rule as `args`.
 
         Returns:
@@ -132,7 +144,8 @@ class TaskSupervisor:
             BackgroundQueueFull: `max_running` tasks are running and `max_queued` more are waiting.
             TypeError: an argument is a session or an ORM object.
         """
-        task_name: str = name or getattr(fn, '__qualname__', None) or repr(fn)
+        kind: str = name or getattr(fn, '__qualname__', None) or repr(fn)
+        task_name = _label(kind, attributes)  # for people: log lines, the asyncio task
         _reject_unsafe_arguments(task_name, args, kwargs)
         if not self._accepting:
             self._rejected += 1
@@ -152,7 +165,8 @@ class TaskSupervisor:
             raise BackgroundQueueFull(f'background queue full ({self.max_queued} waiting); {task_name} not started')
         self._spawned += 1
         self._queued += 1
-        task = asyncio.get_running_loop().create_task(self._run(task_name, fn, args, kwargs), name=task_name)
+        run = self._run(task_name, kind, attributes or {}, fn, args, kwargs)
+        task = asyncio.get_running_loop().create_task(run, name=task_name)
         self._tasks.add(task)
         task.add_done_callback(self._on_done)
         return task
@@ -165,6 +179,7 @@ class TaskSupervisor:
         /,
         *args: Any,
         name: str | None = None,
+        attributes: TaskAttributes | None = None,
         **kwargs: Any,
     ) -> asyncio.Task[Any] | None:
         """`spawn`, at most once per `interval` seconds per `key`, for idempotent work that catches up by itself.
@@ -179,17 +194,19 @@ class TaskSupervisor:
         Raises:
             SupervisorClosed, BackgroundQueueFull, TypeError: as `spawn`.
         """
-        _reject_unsafe_arguments(name or getattr(fn, '__qualname__', None) or repr(fn), args, kwargs)
+        kind = name or getattr(fn, '__qualname__', None) or repr(fn)
+        _reject_unsafe_arguments(_label(kind, attributes), args, kwargs)
         loop = asyncio.get_running_loop()
         if key in self._deferred:
             return None
         due = self._last_run.get(key, float('-inf')) + interval
         if loop.time() >= due:
-            task = self.spawn(fn, *args, name=name, **kwargs)
+            task = self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
             self._last_run[key] = loop.time()
             return task
         if not self._accepting:
-            self.spawn(fn, *args, name=name, **kwargs)  # raises SupervisorClosed, logged and counted
+            # Raises SupervisorClosed, logged and counted.
+            self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
 
         def run_deferred() -> None:
             self._deferred.pop(key, None)
@@ -197,7 +214,7 @@ class TaskSupervisor:
                 return
             self._last_run[key] = loop.time()
             try:
-                self.spawn(fn, *args, name=name, **kwargs)
+                self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
             except BackgroundQueueFull:
                 pass  # logged and counted by `spawn`; the next call's run covers it
 
@@ -254,7 +271,13 @@ class TaskSupervisor:
         return report
 
     async def _run(
-        self, task_name: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        task_name: str,
+        kind: str,
+        attributes: TaskAttributes,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> T:
         spawned_at = time.monotonic()
         started_at: float | None = None
@@ -266,7 +289,7 @@ class TaskSupervisor:
                 waited = started_at - spawned_at
                 logger.debug('background task %s started (waited %.3fs)', task_name, waited)
                 try:
-                    with _task_span(task_name, waited) as span:
+                    with _task_span(kind, attributes, waited) as span:
                         try:
                             result = await fn(*args, **kwargs)
                         finally:
@@ -300,18 +323,34 @@ class TaskSupervisor:
             task.exception()
 
 
-def _task_span(task_name: str, waited: float) -> AbstractContextManager[Any]:
-    """The task's span (OpenTelemetry's API: a no-op unless a tracer provider is installed), or none at all.
+def _task_span(kind: str, attributes: TaskAttributes, waited: float) -> AbstractContextManager[Any]:
+    """The task's span (OpenTelemetry's API: a no-op unless a tracer provider is installed), or none at all: named
+    by its kind, its ids as attributes.
 
     Telemetry must never fail the work it observes.
     """
     try:
         return _tracer.start_as_current_span(
-            f'background task {task_name}', attributes={'task_name': task_name, 'queued_seconds': waited}
+            f'background task {kind}', attributes={**attributes, 'task_name': kind, 'queued_seconds': waited}
         )
     except Exception:
-        logger.debug('no span for background task %s', task_name, exc_info=True)
+        logger.debug('no span for background task %s', kind, exc_info=True)
         return nullcontext()
+
+
+# How an attribute reads in a log line; others as their name after `agentrt.`, `_` as a space.
+_LABELS = {'gen_ai.conversation.id': 'conversation', 'agentrt.account_id': 'account', 'agentrt.run_id': 'run'}
+
+
+def _label(kind: str, attributes: TaskAttributes | None) -> str:
+    """A task for people: `usage rollup (account 1, run 0193...)`."""
+    if not attributes:
+        return kind
+    described = (
+        f'{_LABELS.get(key) or key.removeprefix("agentrt.").replace("_", " ")} {value}'
+        for key, value in attributes.items()
+    )
+    return f'{kind} ({", ".join(described)})'
 
 
 def _reject_unsafe_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -48,7 +48,9 @@ def schedule_post_turn_work(
         pending roll-up).
     """
     supervisor = get_supervisor()
-    suffix = f' (run {run_id})' if run_id else ''
+    # Span names stay few (a trace backend groups by them): the ids are the spans' attributes.
+    run: dict[str, str | int] = {'agentrt.run_id': run_id} if run_id else {}
+    of_conversation = {'gen_ai.conversation.id': conversation_id, **run}
     tasks: list[asyncio.Task[Any]] = []
     if current_settings().background == 'queue':
         # Durable jobs (AGENTRT_BACKGROUND=queue): queued by a task of this process, off the turn's path; what a
@@ -63,7 +65,8 @@ def schedule_post_turn_work(
                     conversation_id,
                     summarise=summarise,
                     rollup_interval_s=rollup_interval_s,
-                    name=f'queue post-turn jobs {conversation_id}{suffix}',
+                    name='queue post-turn jobs',
+                    attributes=of_conversation,
                 )
             )
         except (BackgroundQueueFull, SupervisorClosed):
@@ -77,7 +80,8 @@ def schedule_post_turn_work(
                     account_id,
                     conversation_id,
                     summary,
-                    name=f'conversation summary {conversation_id}{suffix}',
+                    name='conversation summary',
+                    attributes=of_conversation,
                 )
             )
     except (BackgroundQueueFull, SupervisorClosed):
@@ -88,7 +92,8 @@ def schedule_post_turn_work(
             rollup_interval_s,
             roll_up_account_usage,
             account_id,
-            name=f'usage rollup account {account_id}{suffix}',
+            name='usage rollup',
+            attributes={'agentrt.account_id': account_id, **run},
         )
         if rollup is not None:
             tasks.append(rollup)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from agentrt.agents.cli.support import console, run
+
+if TYPE_CHECKING:
+    from agentrt.db.status import JobQueueState
 
 db_app = typer.Typer(help='Database: status, migrations and demo data.', no_args_is_help=True)
 
@@ -32,7 +37,7 @@ async def _status() -> None:
     from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
-    from agentrt.db.status import roles_exist, server_version, session_timeouts, table_counts
+    from agentrt.db.status import job_queue_state, roles_exist, server_version, session_timeouts, table_counts
 
     await init_database(migrate=False)
     try:
@@ -52,6 +57,9 @@ async def _status() -> None:
         migrated = roles and (not readable or (revision is not None and revision >= ROW_LEVEL_SECURITY_REVISION))
         async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
+        # The queue's tables are procrastinate's, not under the runtime's roles: the login role's, as the queue's.
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            queue = await job_queue_state(session=session, alive_within_s=settings.jobs_stalled_seconds)
         session_defaults = await session_timeouts(get_engine())
     finally:
         await close_database()
@@ -78,6 +86,8 @@ async def _status() -> None:
         # Statements outside a transaction (autocommit: the budget admission) get the role's or server's defaults.
         table.add_row('outside transactions', _in_force_line(session_defaults))
     table.add_row('tracing', trace_export().describe())
+    table.add_row('background', _background_line(settings.background, settings.queue_database_url))
+    table.add_row('job queue', _queue_line(queue, settings.background == 'queue', settings.jobs_stalled_seconds))
     for name, count in counts.items():
         table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else f'{count:,}')
     console.print(table)
@@ -85,6 +95,26 @@ async def _status() -> None:
 
 ROW_LEVEL_SECURITY_REVISION = '0012_row_level_security'
 """The migration that made the operator's role and granted it the tables (revisions sort by their number)."""
+
+
+def _background_line(mode: str, queue_url: str | None) -> str:
+    if mode == 'inline':
+        return 'inline (AGENTRT_BACKGROUND): in the process that ran the turn (titles, summaries, usage rollups)'
+    from agentrt.db.database_url import mask_url
+
+    where = f'; queue connection {mask_url(queue_url)} (AGENTRT_QUEUE_DATABASE_URL)' if queue_url else ''
+    return f'queue (AGENTRT_BACKGROUND): durable jobs run by `agentrt worker`{where}'
+
+
+def _queue_line(queue: JobQueueState | None, used: bool, alive_within_s: float) -> str:
+    if queue is None:
+        return 'missing (not migrated: `agentrt db upgrade`)'
+    jobs = f'{queue.waiting:,} waiting, {queue.running:,} running, {queue.failed:,} failed'
+    if not used:  # no worker is expected; jobs left from a time in queue mode still wait for one
+        return f'not used (AGENTRT_BACKGROUND=inline): {jobs}'
+    if not queue.workers_alive:
+        return f'{jobs}; no worker alive (none sent a heartbeat in the last {alive_within_s:g}s)'
+    return f'{jobs}; {queue.workers_alive} worker{"s" if queue.workers_alive != 1 else ""} alive'
 
 
 def _pooler_line(pooled: bool, configured: str) -> str:

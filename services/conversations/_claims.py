@@ -289,7 +289,8 @@ def _release_later(claim: TurnClaim, error: Exception) -> None:
             claim.claim_id,
             claim.lease_s,
             lambda: not supervisor.accepting,
-            name=f'release the claim on conversation {claim.conversation_id}',
+            name='release a conversation claim',
+            attributes={'gen_ai.conversation.id': claim.conversation_id},
         )
     except (SupervisorClosed, BackgroundQueueFull):
         logger.warning(

@@ -3,6 +3,7 @@ U+FFFD in their place, and every request sent keeps its ledger row."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,13 @@ from pydantic_ai import FunctionToolset, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
-from agentrt.agents.simple_chat import ChatResult, create_simple_chat_agent, simple_chat, simple_chat_stream
+from agentrt.agents.simple_chat import (
+    ChatResult,
+    ToolEvent,
+    create_simple_chat_agent,
+    simple_chat,
+    simple_chat_stream,
+)
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
@@ -57,10 +64,12 @@ async def test_hostile_text_everywhere_is_saved_replaced_and_every_request_keeps
         async with simple_chat_stream(f'question: {HOSTILE}', **kwargs) as stream:  # type: ignore[arg-type]
             text = ''.join([delta async for delta in stream])
         result = stream.result
-        assert text == f'answer: {HOSTILE}'
+        # The deltas are the text the store saves: a caller writing them to a UTF-8 file or socket does not fail.
+        assert text == f'answer: {STORED}'
     else:
         result = await simple_chat(f'question: {HOSTILE}', **kwargs)  # type: ignore[arg-type]
     assert result is not None and result.usage.requests == 2
+    assert result.output == f'answer: {STORED}', 'the output is what the store saved'
 
     await get_request_tracker().flush()
     rows = await ledger_rows(chat_session_id='hostile')
@@ -111,9 +120,9 @@ async def test_an_agent_name_with_nul_and_a_model_name_with_a_lone_surrogate_kee
     if streamed:
         async with simple_chat_stream('hello', **kwargs) as stream:  # type: ignore[arg-type]
             text = ''.join([delta async for delta in stream])
-        assert text == f'answer: {HOSTILE}' and stream.result is not None
+        assert text == f'answer: {STORED}' and stream.result is not None
     else:
-        assert (await simple_chat('hello', **kwargs)).output == f'answer: {HOSTILE}'  # type: ignore[arg-type]
+        assert (await simple_chat('hello', **kwargs)).output == f'answer: {STORED}'  # type: ignore[arg-type]
 
     tracker = get_request_tracker()
     await tracker.flush()
@@ -128,3 +137,41 @@ async def test_an_agent_name_with_nul_and_a_model_name_with_a_lone_surrogate_kee
     assert conversation is not None and len(conversation.messages) == 4
     answer = conversation.messages[3]
     assert isinstance(answer, ModelResponse) and answer.model_name == 'gpt\ufffd-mini\ufffd'
+
+
+async def test_streamed_deltas_and_tool_events_hold_only_text_utf8_can_encode(demo_data: None) -> None:
+    """A provider's JSON can carry `"\\ud83d"` (half an emoji cut at a chunk boundary) in the answer and in a tool
+    call's name. `simple_chat_stream` handed it on as a lone surrogate: a caller writing the deltas to a UTF-8
+    file or socket failed with `UnicodeEncodeError`. Deltas and tool events carry U+FFFD, as the store saves them."""
+    tools = FunctionToolset[SessionDependencies]()
+
+    @tools.tool_plain(name='echo\ud83d')
+    def echo(text: str) -> str:
+        """Return `text`."""
+        return text
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if not any(isinstance(p, ToolReturnPart) for m in messages[-1:] for p in m.parts):
+            yield {0: DeltaToolCall('echo\ud83d', json.dumps({'text': 'half \ud83d'}), tool_call_id='call\udc00')}
+            return
+        yield 'Found Dr \ud83d'
+        yield ' in Seattle \udc00.'
+
+    events: list[ToolEvent] = []
+    written = io.BytesIO()
+    async with simple_chat_stream(
+        'hi',
+        session_id='hostile-deltas',
+        account='acme-health',
+        model=FunctionModel(stream_function=stream, model_name='gpt-4o-mini'),
+        toolsets=[tools],
+        on_tool_event=events.append,
+    ) as chat:
+        async for delta in chat:
+            written.write(delta.encode('utf-8'))  # what a caller does with a socket: it raised here
+    assert written.getvalue().decode('utf-8') == 'Found Dr \ufffd in Seattle \ufffd.'
+    assert chat.result is not None and chat.result.output == 'Found Dr \ufffd in Seattle \ufffd.'
+    assert [(e.tool_name, e.tool_call_id, e.finished) for e in events] == [
+        ('echo\ufffd', 'call\ufffd', False),
+        ('echo\ufffd', 'call\ufffd', True),
+    ]

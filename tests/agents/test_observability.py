@@ -441,3 +441,46 @@ async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one
         assert len(export_lines) <= 1, done.stderr
     # Each export gave up after its 2 s (a loaded machine adds a little), not the SDK's 10 s.
     assert silent.waits and max(silent.waits) < 6, silent.waits
+
+
+@pytest.mark.parametrize('how', ['task cancelled', 'stream closed early'])
+async def test_a_cancelled_turns_span_says_it_was_cancelled(
+    demo_data: None, instrumented: CaptureLogfire, how: str
+) -> None:
+    # A turn cancelled (a client hung up, a Ctrl-C) ended its span with the status "CancelledError: " (the
+    # exception's text is empty); a stream its caller closed early ended it with no status at all.
+    from pydantic_ai.models.function import FunctionModel
+
+    started = asyncio.Event()
+
+    def respond(*_: object) -> Any:
+        raise AssertionError('streamed only')
+
+    async def hold(*_: object) -> AsyncIterator[str]:
+        yield 'one'
+        started.set()
+        await asyncio.sleep(30)  # until cancelled
+        yield 'never'
+
+    model = FunctionModel(respond, stream_function=hold, model_name='held')
+    stream = simple_chat_stream('hi', session_id='span-cancelled', account='acme-health', model=model)
+    if how == 'task cancelled':
+
+        async def consume() -> None:
+            async for _ in stream:
+                pass
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        async with stream:
+            async for _ in stream:
+                break
+    spans = instrumented.exporter.exported_spans
+    [turn] = [s for s in spans if s.name == 'chat turn' and (s.attributes or {}).get('logfire.span_type') == 'span']
+    assert turn.status.status_code is StatusCode.ERROR
+    assert turn.status.description == 'cancelled: the turn was stopped before its end; nothing of it was saved'
+    assert (turn.attributes or {}).get('agentrt.cancelled') is True

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx2
 import pytest
 from logfire.testing import CaptureLogfire
-from pydantic_ai.messages import ModelMessage
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from sqlalchemy import func, select
 
@@ -506,3 +506,17 @@ async def test_a_streamed_http_turn_is_a_chat_turn_span_under_its_request_its_er
     assert error['attributes']['exception.type'] == 'agentrt.db.errors.ModelProviderError'
     assert 'exception' not in [e['name'] for e in turns['http-span-ok'].get('events', [])]
     _assert_clean(repr(spans), OPENAI_KEY)
+
+
+async def test_a_lone_surrogate_in_a_plain_turns_answer_is_returned_as_a_replacement_character(keys: Keys) -> None:
+    """POST /conversations/{id}/turns returns the answer as the store saved it, U+FFFD in place of a lone surrogate."""
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('Found Dr \ud83d in Seattle \udc00.')])
+
+    app = create_app(manage_runtime=False, model=FunctionModel(respond, model_name='surrogates'))
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+        response = await client.post('/api/v1/conversations/odd/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+    assert response.status_code == 200, response.text
+    assert response.json()['output'] == 'Found Dr \ufffd in Seattle \ufffd.'

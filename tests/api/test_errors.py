@@ -97,3 +97,34 @@ def test_a_clients_message_and_the_log_line_are_redacted(caplog: pytest.LogCaptu
         for record in caplog.records:
             _assert_clean(record.getMessage() + (record.exc_text or ''), OPENAI_KEY)
         caplog.clear()
+
+
+@pytest.mark.parametrize(
+    'exc',
+    [
+        RuntimeBusyError('the turn waited 30s (AGENTRT_TURN_QUEUE_SECONDS) and was not started'),
+        PoolTimeoutError('QueuePool limit of size 10 overflow 5 reached, connection timed out, timeout 30.00'),
+    ],
+    ids=['turns', 'pool'],
+)
+def test_a_busy_refusal_is_one_warning_line_without_a_traceback(
+    exc: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 `busy` is the documented answer of a server at capacity: `agentrt serve` logged each as an ERROR with a
+    30-line traceback of the admission code (44 refused turns: 1,300 lines), burying real failures."""
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public = public_error(exc, where='POST /api/v1/chat')
+    assert (public.status, public.type) == (503, 'busy')
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None and record.exc_text is None, 'no traceback'
+    line = record.getMessage()
+    assert line.startswith(f'{public.error_id} POST /api/v1/chat: 503 busy: ') and str(exc)[:40] in line, line
+    assert type(exc).__name__ in line
+
+
+def test_an_unexpected_server_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public_error(RuntimeError('boom'), where='test')
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_text and 'RuntimeError: boom' in record.exc_text

@@ -1,9 +1,11 @@
 """The web UI at its edges, in a real browser (Chromium through playwright, as `test_web_ui.py`): addresses a person
 may paste or mistype, the list of many conversations by keyboard, a reload after moving between views, a response
-that is not a chat stream. One browser launch; skipped without Chromium like `test_web_ui.py`."""
+that is not a chat stream, a failed turn's text given back, a tool call still being written, the longest refusal on a
+short screen. One browser launch; skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,10 +13,12 @@ from pathlib import Path
 import httpx2
 import pytest
 from playwright.async_api import Page, Route, async_playwright, expect
+from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from agentrt.api.app import create_app
+from agentrt.services.conversations import ConcurrentTurnError
 from tests.api.conftest import Keys, auth, serve
 from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
 
@@ -25,14 +29,28 @@ CONVERSATIONS = 21
 """One more than the conversation list shows at first (`PAGE` of conversations.js)."""
 
 
+FAIL = 'please fail'
+HOLD_ARGS = 'hold the arguments'
+"""A message with these words starts a tool call and holds it (its arguments unfinished) until `args_looked_at`."""
+args_looked_at = asyncio.Event()
+"""A message with these words meets a provider failure (HTTP 503) after the answer's first word."""
+
+
 def _quick_model() -> FunctionModel:
-    """A model answering 'ok' at once, streamed or not."""
+    """A model answering 'ok' at once, streamed or not; streamed, it fails after a word when asked to `FAIL`."""
 
     def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[TextPart('ok')])
 
-    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if HOLD_ARGS in str(messages[-1]):
+            # A tool call whose arguments are still being written, until the test has looked; then a failure.
+            yield {0: DeltaToolCall('search_directory', None, tool_call_id='held-1')}
+            await asyncio.wait_for(args_looked_at.wait(), 30)
+            raise ModelHTTPError(503, 'quick', {'error': 'overloaded'})
         yield 'ok'
+        if FAIL in str(messages[-1]):
+            raise ModelHTTPError(503, 'quick', {'error': 'overloaded'})
 
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
@@ -109,6 +127,23 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
     await page.unroute('**/api/v1/chat')
+    # A failed turn saved nothing: its text is back in the box to send again (it was lost, and had to be retyped).
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_have_value('and in Boston?')
+    turn = await _send(page, f'and in Boston, {FAIL}')
+    await expect(turn).to_have_attribute('data-state', 'error')
+    await expect(turn.get_by_role('alert')).to_contain_text('the model provider failed (HTTP 503)')
+    await expect(box).to_have_value(f'and in Boston, {FAIL}')
+
+    # A tool call the model is still writing: listed as preparing, with no time axis yet (it read "0 … -Infinity ms").
+    turn = await _send(page, HOLD_ARGS)
+    await expect(turn.locator('.tool[data-state="pending"]')).to_have_count(1)
+    await expect(turn.locator('.tools-summary')).to_have_text('1 tool call')
+    await expect(turn.locator('.tool-axis')).to_be_hidden()
+    args_looked_at.set()
+    await expect(turn).to_have_attribute('data-state', 'error')
+    await expect(turn.locator('.tool[data-state="stopped"]')).to_have_count(1)
+    await expect(turn.locator('.tool-axis')).to_contain_text('ms')
 
     # A busy server (503, as api/errors.py writes it): not "The server failed", and the message is back in the box.
     async def busy(route: Route) -> None:
@@ -122,6 +157,25 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(alert).not_to_contain_text('failed')
     await expect(page.get_by_role('textbox', name='Message')).to_have_value('and in Boston?')
     await page.unroute('**/api/v1/chat')
+
+    # The longest refusal, a conversation held by a turn whose lease runs (409), on a phone with its keyboard open:
+    # the message box stays in view beside it (the notice grew the composer, which stays at the bottom of the screen,
+    # past the screen's height: the start of the message and the box were off screen).
+    held = str(ConcurrentTurnError('c-05', stage='start', expires_in_s=297))
+
+    async def conversation_busy(route: Route) -> None:
+        body = {'detail': held, 'type': 'concurrent_turn', 'error_id': None}
+        await route.fulfill(status=409, content_type='application/json', body=json.dumps(body))
+
+    await page.set_viewport_size({'width': 390, 'height': 320})
+    await page.route('**/api/v1/chat', conversation_busy)
+    await _send(page, 'and in Boston?')
+    await expect(alert).to_contain_text('lease lapses AGENTRT_TURN_LEASE_SECONDS')
+    composer = await page.locator('form.composer').bounding_box()
+    assert composer is not None and composer['height'] < 320, composer
+    await expect(page.get_by_role('textbox', name='Message')).to_be_in_viewport()
+    await page.unroute('**/api/v1/chat')
+    await page.set_viewport_size({'width': 1280, 'height': 720})
     await page.get_by_role('textbox', name='Message').fill('')
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')

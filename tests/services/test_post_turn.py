@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from logfire.testing import CaptureLogfire
 from sqlalchemy import func, select, text
 
 from agentrt.agents.simple_chat import simple_chat
@@ -14,6 +16,8 @@ from agentrt.db.engine import current_settings, pool_status
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import TaskSupervisor, drain_supervisor, get_supervisor
+from agentrt.services.post_turn import schedule_post_turn_work
+from tests.agents.conftest import account_id
 from tests.services.ledger.usage_oracle import ledger_totals, rollup_totals
 
 ACCOUNT = 'acme-health'
@@ -102,3 +106,29 @@ async def test_a_full_backlog_skips_post_turn_work_without_failing_the_turn(demo
     async with get_db_session(account=Unscoped.ADMIN) as session:
         rolled_up = await rollup_totals('account', session=session)
         assert rolled_up and rolled_up == await ledger_totals('account', session=session)
+
+
+async def test_post_turn_spans_are_named_by_their_kind_with_the_ids_as_attributes(
+    demo_data: None, capfire: CaptureLogfire, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A span's name is what a trace backend groups by: `background task conversation summary chat-7 (run 0193...)`
+    made one name per turn (a new series of metrics each, in most backends). The ids are attributes; the log lines
+    still name them."""
+    monkeypatch.setattr(current_settings(), 'usage_rollup_seconds', 0.0)
+    await drain_supervisor()
+    with caplog.at_level(logging.INFO, logger='agentrt.background'):
+        tasks = schedule_post_turn_work(
+            await account_id(ACCOUNT), 'chat-7', run_id='run-1', summarise=True, summary=None, rollup_interval_s=0
+        )
+        await asyncio.gather(*tasks)
+    spans = {
+        span['name']: span['attributes']
+        for span in capfire.exporter.exported_spans_as_dict()
+        if span['name'].startswith('background task')
+    }
+    assert set(spans) == {'background task conversation summary', 'background task usage rollup'}, set(spans)
+    summary, rollup = spans['background task conversation summary'], spans['background task usage rollup']
+    assert (summary['gen_ai.conversation.id'], summary['agentrt.run_id']) == ('chat-7', 'run-1')
+    assert (rollup['agentrt.account_id'], rollup['agentrt.run_id']) == (await account_id(ACCOUNT), 'run-1')
+    completed = [r.getMessage() for r in caplog.records if 'completed in' in r.getMessage()]
+    assert any(m.startswith('background task conversation summary (conversation chat-7, run run-1)') for m in completed)

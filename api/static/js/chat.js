@@ -304,6 +304,9 @@ export function createChatView() {
     } finally {
       controller = null;
       setBusy(false);
+      // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
+      // meanwhile. Not a stopped one: stopping was the person's choice, or they opened another conversation.
+      if (turn.element.dataset.state === 'error' && !input.value) input.value = text;
     }
   }
 

@@ -155,8 +155,13 @@ export class ToolTimeline {
     } else {
       const atOnce = parallel > 1 ? ` · up to ${parallel} at once` : '';
       this.summary.textContent = timed.length ? `${count}${atOnce} · ${formatMs(last - origin)} from first to last` : count;
+      // No axis before a call has started (the model is still writing its arguments): its range would be
+      // "0 … -Infinity ms".
+      this.axis.hidden = timed.length === 0;
       this.axis.replaceChildren(
-        h('span', { class: 'tool-axis-range' }, h('span', { text: '0' }), h('span', { text: formatMs(last - origin) })),
+        timed.length
+          ? h('span', { class: 'tool-axis-range' }, h('span', { text: '0' }), h('span', { text: formatMs(last - origin) }))
+          : '',
       );
     }
   }

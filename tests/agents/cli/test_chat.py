@@ -228,3 +228,20 @@ async def test_chats_starting_at_once_on_an_empty_database_say_seeded_once() -> 
     finally:
         err_console._file = saved
     assert said.count('empty database: seeded the demo data') == 1, said
+
+
+async def test_a_chat_with_the_job_queue_prints_the_answer_and_no_queue_notice(
+    demo_data: None, database_url: str
+) -> None:
+    # With AGENTRT_BACKGROUND=queue, the post-turn work opens the queue after the answer is printed: its INFO line
+    # ("job queue open on postgresql://...") came after the answer, in the middle of an interactive conversation.
+    # The worker, whose log it is, still prints its lines.
+    url = database_url.replace('postgresql+asyncpg://', 'postgresql://')  # as a user gives it
+    env = {'DATABASE_URL': url, 'AGENTRT_BACKGROUND': 'queue'}
+    chat = await invoke('chat', QUESTION, '--delay', '0', '--session', 'queued', env=env)
+    assert chat.exit_code == 0, chat.stderr[-2000:]
+    assert 'Cardiology' in chat.stdout
+    assert 'job queue' not in chat.stderr, chat.stderr
+    worker = await invoke('worker', '--burst', env=env)  # runs the turn's jobs, and empties the queue again
+    assert worker.exit_code == 0, worker.stderr[-2000:]
+    assert 'worker: queues' in worker.stderr and 'job queue open' in worker.stderr, worker.stderr

@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from agentrt.db.roles import FUNCTION_ROLES
 from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import invoke, run_cli
+from tests.services.jobs.helpers import PROCRASTINATE_TABLES
 
 
 async def test_status_in_a_subprocess_against_database_url(database_url: str) -> None:
@@ -106,6 +107,7 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
             assert 'agentrt db upgrade' in result.stderr and len(result.stderr.strip().splitlines()) == 1
         status = await invoke('db', 'status', env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
         assert status.exit_code == 0 and 'behind' in status.stdout, status.stderr
+        assert 'job queue  missing (not migrated: `agentrt db upgrade`)' in _squeezed(status.stdout), status.stdout
     finally:
         await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
         await connection.close()
@@ -161,3 +163,45 @@ async def test_upgrade_to_a_revision_the_schema_is_past_or_to_nothing_says_so(da
     empty = await invoke('db', 'upgrade', ' ', env=env)
     assert empty.exit_code == 2
     assert empty.stderr.startswith('error: no revision to migrate to') and 'AssertionError' not in empty.stderr
+
+
+async def test_status_tells_the_background_mode_and_the_job_queue(database_url: str) -> None:
+    """With AGENTRT_BACKGROUND=queue, jobs wait in PostgreSQL for `agentrt worker`: `db status` said nothing of the
+    mode, of the queue's tables, of jobs piling up or of a worker being alive."""
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
+        statuses = ('todo', 'todo', 'failed', 'succeeded')
+        await session.execute(
+            text("INSERT INTO procrastinate_jobs (queue_name, task_name, status) VALUES ('post_turn', 'summary', :s)"),
+            [{'s': status} for status in statuses],
+        )
+    try:
+        env = {'DATABASE_URL': database_url, 'AGENTRT_BACKGROUND': 'queue'}
+        queued = _squeezed((await invoke('db', 'status', env=env)).stdout)
+        assert 'background  queue (AGENTRT_BACKGROUND): durable jobs run by `agentrt worker`' in queued, queued
+        assert 'job queue  2 waiting, 0 running, 1 failed; no worker alive' in queued, queued
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text('INSERT INTO procrastinate_workers DEFAULT VALUES'))
+        alive = _squeezed((await invoke('db', 'status', env=env)).stdout)
+        assert 'job queue  2 waiting, 0 running, 1 failed; 1 worker alive' in alive, alive
+        inline = _squeezed((await invoke('db', 'status', env={'DATABASE_URL': database_url})).stdout)
+        assert 'background  inline (AGENTRT_BACKGROUND): in the process that ran the turn' in inline, inline
+        assert 'job queue  not used (AGENTRT_BACKGROUND=inline): 2 waiting, 0 running, 1 failed\n' in inline, inline
+    finally:
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
+
+
+def _squeezed(table: str) -> str:
+    """The rows of a two-column rich table as `name  value` lines (borders and padding dropped, a wrapped value's
+    lines joined by a space)."""
+    rows: list[list[str]] = []
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip('│').split('│')]
+        if len(cells) != 2:
+            continue
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1][1] += ' ' + cells[1]
+    return '\n'.join(f'{name}  {value}' for name, value in rows)

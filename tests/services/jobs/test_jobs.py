@@ -261,7 +261,7 @@ async def test_a_queue_database_without_the_job_tables_is_a_clear_error(
         await get_supervisor().join()
     finally:
         await close_queue()
-    [failure] = [r for r in caplog.records if 'queue post-turn jobs no-job-tables' in r.getMessage()]
+    [failure] = [r for r in caplog.records if 'queue post-turn jobs (conversation no-job-tables' in r.getMessage()]
     assert re.search(rf'ConfigError: .*{expected}', failure.exc_text or '')
     assert 'ConnectorException' not in caplog.text
 
