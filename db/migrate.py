@@ -20,6 +20,10 @@ from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also t
 
 logger = logging.getLogger('agentrt.db')
 
+MIGRATION_LOCK_KEY = 0x61677274
+"""The transaction-level advisory lock migrations take (`migrations/env.py`): several processes migrating one database
+(each `init_database()`, `agentrt db upgrade`) migrate one after another."""
+
 
 def alembic_config() -> Config:
     """An Alembic config pointing at the packaged migrations (no alembic.ini needed)."""

@@ -13,7 +13,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.engine import build_engine, get_engine
-from agentrt.db.migrate import alembic_config, current_revision, head_revision, upgrade, upgrade_if_behind
+from agentrt.db.migrate import (
+    MIGRATION_LOCK_KEY,
+    alembic_config,
+    current_revision,
+    head_revision,
+    upgrade,
+    upgrade_if_behind,
+)
 from agentrt.db.settings import Settings
 from tests.agents.cli.helpers import run_cli
 
@@ -182,3 +189,39 @@ async def test_two_databases_migrated_at_once_by_one_process_both_succeed(
             await engine.dispose()
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS {other} WITH (FORCE)'))
+
+
+async def test_a_process_waits_for_another_ones_migration_longer_than_its_timeouts(
+    database: Settings, empty_database: str
+) -> None:
+    # Another process's migration (a long backfill) held the migration lock: a process starting meanwhile waited at
+    # most DB_LOCK_TIMEOUT_MS (10 s), then failed "PostgreSQL stopped waiting for a lock that another session holds",
+    # exit 3, where README says concurrent migrations wait for each other. Its own statements keep their timeouts.
+    url = get_engine().url.set(database=empty_database)
+    quick = database.model_copy(update={'lock_timeout_ms': 200, 'statement_timeout_ms': 300})
+    engine, holder = build_engine(url, quick), build_engine(url, database)
+    try:
+        async with holder.connect() as other, other.begin():
+            await other.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+            migrating = asyncio.create_task(upgrade_if_behind(engine))
+            for _ in range(600):  # a poll: until the migrator has waited past both its timeouts, or failed
+                if migrating.done() or await _waited_past(holder, 0.5):
+                    break
+                await asyncio.sleep(0.05)
+        assert await migrating is True
+        assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
+        await holder.dispose()
+
+
+async def _waited_past(engine: AsyncEngine, seconds: float) -> bool:
+    """Whether a backend of the database has waited for an advisory lock longer than `seconds` (a new transaction
+    each time: a transaction sees one snapshot of `pg_stat_activity`)."""
+    waited = text(
+        "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid) WHERE l.locktype = 'advisory'"
+        ' AND NOT l.granted AND a.datname = current_database()'
+        ' AND clock_timestamp() - a.query_start > make_interval(secs => :seconds)'
+    )
+    async with engine.connect() as connection:
+        return bool((await connection.execute(waited, {'seconds': seconds})).scalar_one())
