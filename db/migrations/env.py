@@ -13,7 +13,6 @@ from agentrt.db.migrate import MIGRATION_LOCK_KEY
 from agentrt.db.models import Base
 
 
-
 def _run(connection: Connection) -> None:
     # A transaction-scoped lock: released by the COMMIT, or by the ROLLBACK of a failed migration. (A session lock
     # needed an unlock that failed in the aborted transaction and hid the migration's own error, and it outlived
