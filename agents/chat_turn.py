@@ -66,6 +66,10 @@ class ChatResult:
     duration_s: float
     conversation_usage: RunUsage = field(default_factory=RunUsage)
     """The conversation's lifetime usage, this turn included (what the conversation record stores)."""
+    finish_reason: str | None = None
+    """Why the model's last response ended (pydantic-ai's `FinishReason`): `'stop'`, or `'length'` when the answer was
+    cut off at its output token limit (`max_tokens`: a budget near its limit lowers it), `'content_filter'` when the
+    provider's filter cut it off; None when the provider did not say. A cut-off answer is saved as it is."""
 
     @property
     def cost(self) -> Decimal | None:
@@ -290,4 +294,5 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         duration_s=time.perf_counter() - turn.started,
         # What the save stored (the lifetime usage it computed), not a second sum.
         conversation_usage=saved.usage if saved.usage is not None else turn.usage_before + result.usage,
+        finish_reason=result.response.finish_reason,
     )

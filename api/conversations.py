@@ -193,6 +193,7 @@ async def run_turn(
         ),
         cost=result.cost,
         duration_s=result.duration_s,
+        finish_reason=result.finish_reason,
     )
 
 

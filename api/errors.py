@@ -17,6 +17,7 @@ runtime's log filter (`agentrt.services.log_redaction`), installed when this mod
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -29,6 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelAPIError,
+    ModelAuthenticationError,
+    ModelNotFoundError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelTimeoutError,
     UnexpectedModelBehavior,
     UsageLimitExceeded,
     UserError,
@@ -197,8 +204,23 @@ def stream_error(exc: BaseException) -> PublicError:
 
 
 def _provider_message(exc: BaseException) -> str:
+    """What a client may do about a provider's failure: try again (when, if the provider said), or nothing (the
+    server's key or model is wrong: only its operator can fix it). Never the provider's own text."""
     status = getattr(exc, 'status_code', None)
     suffix = f' (HTTP {status})' if isinstance(status, int) else ''
+    cause = exc if isinstance(exc, ModelAPIError) else exc.__cause__
+    if isinstance(cause, ModelAuthenticationError) or status in (401, 403):
+        return f"the model provider refused this server's credentials{suffix}; the server's operator must fix its key"
+    if isinstance(cause, ModelNotFoundError) or status == 404:
+        return f"the model provider does not serve this server's model{suffix}; the server's operator must fix it"
+    if isinstance(cause, ModelQuotaExceededError):
+        return f"the model provider's quota for this server is used up{suffix}; the server's operator must raise it"
+    if isinstance(cause, ModelRateLimitError) or status == 429:
+        retry_after = cause.retry_after if isinstance(cause, ModelAPIError) else None
+        when = f'in {math.ceil(retry_after)} s' if retry_after else 'shortly'
+        return f'the model provider is rate limiting this server{suffix}; try again {when}'
+    if isinstance(cause, ModelRequestTimeout | ModelTimeoutError):
+        return 'the model provider did not answer in time; try again shortly'
     return f'the model provider failed{suffix}; try again shortly'
 
 

@@ -61,8 +61,12 @@ def test_every_error_gets_its_status_and_no_internal_text(caplog: pytest.LogCapt
             assert (public.status, public.type) == (status, kind), exc
             assert 'db.internal' not in public.message and 'sk-live' not in public.message, exc
             assert public.error_id in caplog.text  # the log line carries the id (and, for a 5xx, the whole error)
+    assert public_error(ModelProviderError('x', status_code=500)).message == (
+        'the model provider failed (HTTP 500); try again shortly'
+    )
+    # A rate limit without the provider's Retry-After (with it: tests/api/test_chat_provider_faults.py).
     assert public_error(ModelProviderError('x', status_code=429)).message == (
-        'the model provider failed (HTTP 429); try again shortly'
+        'the model provider is rate limiting this server (HTTP 429); try again shortly'
     )
     assert stream_error(UserError('Conversation changed; reload it')).message == 'Conversation changed; reload it'
     assert stream_error(RuntimeError(SECRET)).stream_text().startswith('the request failed on the server (error id ')
