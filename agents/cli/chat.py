@@ -115,7 +115,8 @@ async def _seed_demo_if_empty(account: str) -> None:
         if (await session.execute(select(Account.id).limit(1))).first() is not None:
             return
         report = await seed_demo_data(session=session)
-    err_console.print(f'empty database: seeded the demo data ({report.directory_entries:,} directory entries)')
+    if report.inserted_entries:  # else another process started at once seeded it (its rows won: ON CONFLICT)
+        err_console.print(f'empty database: seeded the demo data ({report.directory_entries:,} directory entries)')
 
 
 async def _turn(
