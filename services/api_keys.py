@@ -122,7 +122,8 @@ async def list_api_keys(
     """Keys, oldest first: of one account (a slug) or all; revoked ones only when asked."""
     query = select(ApiKey, Account.slug).join(Account, Account.id == ApiKey.account_id).order_by(ApiKey.id)
     if account is not None:
-        query = query.where(Account.slug == account)
+        # As stored text, as `get_account` does: a slug the driver cannot send (an undecodable argument) matches none.
+        query = query.where(Account.slug == storable_text(account))
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
     return [_info(row, slug) for row, slug in (await session.execute(query))]
