@@ -76,11 +76,26 @@ def parse_database_url(value: str) -> URL:
         raise ConfigError(f'DATABASE_URL names no database; {_EXAMPLE}')
     if not url.host and 'host' not in url.query:
         raise ConfigError(f'DATABASE_URL names no host; {_EXAMPLE}')
+    for hosts in [url.host, *_values(url.query.get('host'))]:
+        for host in (hosts or '').split(','):  # libpq's list of hosts to try
+            _check_host(host.strip())
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
         _check_port(_integer(port, 'port'), 'the port parameter')
     asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
     return url.set(drivername='postgresql+asyncpg')
+
+
+def _check_host(host: str | None) -> None:
+    """A host name the resolver can take: one it cannot encode (a label over 63 characters) failed in the connect
+    itself, as an `idna` `UnicodeError` no error class knows. A socket directory (`/...`) or an address is no name."""
+    if not host or host.startswith('/') or ':' in host:
+        return
+    try:
+        host.encode('idna')
+    except UnicodeError as exc:
+        shown = host if len(host) <= 80 else f'{host[:60]}... ({len(host):,} characters)'
+        raise ConfigError(f'DATABASE_URL: the host {shown!r} is not a valid host name ({exc}); {_EXAMPLE}') from None
 
 
 def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
