@@ -280,13 +280,28 @@ def _write_json(path: Path, value: Any) -> None:
 def _check_writable(data_dir: Path) -> None:
     """Fail early, with the path and the reason, when the data directory cannot be used."""
     try:
+        # The server's tools take the path as UTF-8: an undecodable byte (a lone surrogate here) failed inside them.
+        str(data_dir).encode()
+    except UnicodeEncodeError:
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
+            'Set AGENTRT_DATA_DIR to another path.'
+        ) from None
+    try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EmbeddedPostgresError(
-            f'cannot create the embedded PostgreSQL data directory {data_dir.parent}: {exc.strerror or exc}. '
+            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {exc.strerror or exc}. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         ) from exc
-    target = data_dir if data_dir.exists() else data_dir.parent
+    try:
+        exists = data_dir.exists()
+    except OSError as exc:  # a name too long (ENAMETOOLONG): `exists()` raises rather than answer
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: {exc.strerror or exc}. '
+            'Set AGENTRT_DATA_DIR to another path.'
+        ) from exc
+    target = data_dir if exists else data_dir.parent
     if not target.is_dir():
         raise EmbeddedPostgresError(f'embedded PostgreSQL data directory {target} exists but is not a directory')
     if not os.access(target, os.W_OK | os.X_OK):
@@ -294,6 +309,12 @@ def _check_writable(data_dir: Path) -> None:
             f'embedded PostgreSQL data directory {target} is not writable by this user. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         )
+
+
+def _shown(path: Path) -> str:
+    """A path for an error line: a very long one (a pasted value) is cut, not printed whole."""
+    text = str(path)
+    return text if len(text) <= 200 else f'{text[:160]}... ({len(text):,} characters)'
 
 
 def _check_not_foreign(data_dir: Path) -> None:

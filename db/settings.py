@@ -410,10 +410,14 @@ class Settings(BaseSettings):
         if value is None:
             return value
         path = value.expanduser()
-        if path.exists() and not path.is_file():
+        try:
+            exists, parent_is_dir = path.exists(), path.parent.is_dir()
+        except OSError as exc:  # a name too long (ENAMETOOLONG), a component that is a file (ENOTDIR): was a crash
+            raise ValueError(f'the path cannot be used: {exc.strerror or exc}') from None
+        if exists and not path.is_file():
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
         # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
-        if path.parent.is_dir() and (problem := unsafe_directory(path.parent)) is not None:
+        if parent_is_dir and (problem := unsafe_directory(path.parent)) is not None:
             raise ValueError(
                 f'its directory {path.parent} {problem}, so others could read, replace or plant spooled rows; give a '
                 'spool file in a directory of your own, or make that one owner-only (chmod 700)'
