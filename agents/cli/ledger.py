@@ -22,14 +22,12 @@ _SPOOL = typer.Option(None, '--spool', help='Spool file (default: AGENTRT_LEDGER
 
 @ledger_app.command('replay')
 def replay(
-    spool: Path | None = _SPOOL,
+    spool_option: str | None = _SPOOL,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write rows spooled while the database was unreachable; each row is written once, however often this runs."""
-    if spool is not None and not spool.expanduser().parent.is_dir():
-        fail(f'--spool: the directory {spool.expanduser().parent} does not exist', EXIT_USAGE)
-    if spool is not None and spool.expanduser().exists() and not spool.expanduser().is_file():
-        fail(f"--spool: {spool} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
+    # Taken as text: typer makes `--spool ''` the path '.', which was then said to be a directory.
+    spool = None if spool_option is None else _checked_spool_path(spool_option)
     if spool is not None and not _spool_file(spool.expanduser()).holds_spooled_rows():
         # A replay renames the file, moves the lines it cannot write to `.rejected` (as text) and deletes it.
         fail(
@@ -46,6 +44,24 @@ def replay(
             f'replayed {report.files} spool file(s): {report.rows:,} row(s), {report.inserted:,} new, '
             f'{report.duplicates:,} already there, {report.contents:,} content row(s), {report.rejected:,} rejected'
         )
+
+
+def _checked_spool_path(spool: str) -> Path:
+    """`--spool` as a path; a usage error (exit 2) when it names no file: empty, too long, in no directory, a
+    directory."""
+    shown = spool if len(spool) <= 200 else f'{spool[:160]}... ({len(spool):,} characters)'
+    if not spool.strip():
+        fail("--spool is empty; give the spool file's path", EXIT_USAGE)
+    path = Path(spool).expanduser()
+    try:
+        parent_is_dir, exists, is_file = path.parent.is_dir(), path.exists(), path.is_file()
+    except OSError as exc:  # a name too long (ENAMETOOLONG): `exists()` raises rather than answer
+        fail(f'--spool: {shown} cannot be used: {exc.strerror or exc}', EXIT_USAGE)
+    if not parent_is_dir:
+        fail(f'--spool: the directory {path.parent} does not exist', EXIT_USAGE)
+    if exists and not is_file:
+        fail(f"--spool: {shown} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
+    return path
 
 
 def _spool_file(path: Path) -> LedgerSpool:
