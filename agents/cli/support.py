@@ -173,6 +173,10 @@ def _first_export_failure_only(record: logging.LogRecord) -> bool:
     return True
 
 
+MAX_ERROR_CHARS = 1500
+"""The longest `error:` line shown whole; a longer one keeps its start and its end."""
+
+
 def error_line(message: str, *, redact: bool = True) -> None:
     """Print `error: message` on stderr, on one line, without secrets.
 
@@ -182,6 +186,9 @@ def error_line(message: str, *, redact: bool = True) -> None:
             nothing but what the user typed, and skipping the redaction keeps them as fast as `--help`.
     """
     text = ' '.join((redacted(str(message)) if redact else str(message)).split())  # one line, whatever it held
+    if len(text) > MAX_ERROR_CHARS:  # a value pasted whole (100 KB) is quoted in part; the line's end says what to do
+        head, tail = text[: MAX_ERROR_CHARS * 2 // 3], text[-MAX_ERROR_CHARS // 3 :]
+        text = f'{head}[... {len(text) - MAX_ERROR_CHARS:,} characters not shown ...]{tail}'
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 

@@ -71,16 +71,28 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     ),
     (['db', 'upgrade', 'nosuchrevision'], {}, 2, 'nosuchrevision'),
     (['ledger', 'replay', '--spool', '/proc/no/such/dir/spool.jsonl'], {}, 2, 'spool'),
+    # a path the system refuses to look at (ENAMETOOLONG): was an internal error; an empty one was "'.' is a directory"
+    (['ledger', 'replay', '--spool', HUGE], {}, 2, '--spool: xxxx'),
+    (['ledger', 'replay', '--spool', ''], {}, 2, '--spool is empty'),
+    (['chat', 'hi'], {'AGENTRT_LEDGER_SPOOL': HUGE}, 2, 'AGENTRT_LEDGER_SPOOL'),
+    # the embedded server's directory: too long, or not UTF-8 (an undecodable byte): were internal errors
+    (['db', 'status'], {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': HUGE}, 4, 'File name too long'),
+    (['db', 'status'], {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': SURROGATE}, 4, 'not valid UTF-8'),
     # text PostgreSQL cannot take (an undecodable argument is a lone surrogate): refused, or simply not found
     (['keys', 'create', '--account', 'acme-health', '--name', SURROGATE], {}, 2, 'undecodable characters'),
     (['keys', 'create', '--account', SURROGATE], {}, 2, 'unknown account'),
     (['budget', 'show', '--account', SURROGATE], {}, 2, 'unknown account'),
+    # was the driver's "invalid input for query argument $1" (`keys list` sent the slug as it came)
+    (['keys', 'list', '--account', SURROGATE], {}, 2, "unknown account 'caf\\udce9'"),
     # configuration
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost:99999/db'}, 2, 'port'),
     (['db', 'status'], {'DATABASE_URL': 'mysql://u:hunter2@localhost/db'}, 2, 'DATABASE_URL'),
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?sslmode=sometimes'}, 2, 'sslmode'),
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?pgbouncer=true'}, 2, 'DB_POOLER'),
     (['db', 'status'], {'DB_POOL_SIZE': '0'}, 2, 'DB_POOL_SIZE'),
+    # a host name the resolver cannot encode (a label over 63 characters): was an internal error (idna UnicodeError)
+    (['db', 'status'], {'DATABASE_URL': f'postgresql://u:hunter2@{"h" * 64}/db'}, 2, 'not a valid host name'),
+    (['db', 'status'], {'DATABASE_URL': f'postgresql://u:hunter2@/db?host=localhost,{"h" * 64}'}, 2, 'host name'),
     (['chat', 'hi'], {'AGENTRT_MODEL': 'nosuch:model'}, 2, 'nosuch:model'),
     # the database is not there
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db'}, 3, '127.0.0.1:1'),
@@ -118,6 +130,7 @@ async def _check(database_url: str, args: list[str], env: dict[str, str], code: 
     assert result.exit_code == code, result.stderr
     assert len(errors) == 1, result.stderr
     assert words in errors[0], errors[0]
+    assert len(errors[0]) < 2000, f'{len(errors[0]):,} characters'  # a 100 KB value is not quoted whole
     assert 'Traceback' not in result.stderr + result.stdout
     assert 'hunter2' not in result.stderr + result.stdout
 
