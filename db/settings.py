@@ -21,6 +21,8 @@ __all__ = ['Settings', 'default_data_dir', 'get_settings', 'mask_url', 'parse_da
 
 CHARS_PER_TOKEN = 4
 """How the context budget turns text into tokens: the usual rule of thumb for English, without a tokenizer."""
+MAX_PG_TIMEOUT_MS = 2**31 - 1
+"""The largest `statement_timeout` / `lock_timeout` PostgreSQL takes (milliseconds, a 32-bit int)."""
 
 
 def unsafe_directory(directory: Path) -> str | None:
@@ -89,11 +91,19 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(
         default=10.0, gt=0, le=600, validation_alias=AliasChoices('DB_CONNECT_TIMEOUT', 'connect_timeout')
     )
+    # At most PostgreSQL's own maximum (INT_MAX ms, about 24.8 days): the server refused a larger one at the first
+    # connection, which was reported as the database being unreachable (exit 3) rather than as this setting.
     statement_timeout_ms: int = Field(
-        default=30_000, ge=0, validation_alias=AliasChoices('DB_STATEMENT_TIMEOUT_MS', 'statement_timeout_ms')
+        default=30_000,
+        ge=0,
+        le=MAX_PG_TIMEOUT_MS,
+        validation_alias=AliasChoices('DB_STATEMENT_TIMEOUT_MS', 'statement_timeout_ms'),
     )
     lock_timeout_ms: int = Field(
-        default=10_000, ge=0, validation_alias=AliasChoices('DB_LOCK_TIMEOUT_MS', 'lock_timeout_ms')
+        default=10_000,
+        ge=0,
+        le=MAX_PG_TIMEOUT_MS,
+        validation_alias=AliasChoices('DB_LOCK_TIMEOUT_MS', 'lock_timeout_ms'),
     )
     data_dir: Path = Field(
         default_factory=default_data_dir, validation_alias=AliasChoices('AGENTRT_DATA_DIR', 'data_dir')

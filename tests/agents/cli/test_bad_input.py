@@ -90,6 +90,9 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?sslmode=sometimes'}, 2, 'sslmode'),
     (['db', 'status'], {'DATABASE_URL': 'postgresql://u:hunter2@localhost/db?pgbouncer=true'}, 2, 'DB_POOLER'),
     (['db', 'status'], {'DB_POOL_SIZE': '0'}, 2, 'DB_POOL_SIZE'),
+    # beyond PostgreSQL's INT_MAX ms: the server refused it at connect, reported as unreachable (exit 3)
+    (['db', 'status'], {'DB_STATEMENT_TIMEOUT_MS': str(2**31)}, 2, 'DB_STATEMENT_TIMEOUT_MS'),
+    (['db', 'status'], {'DB_LOCK_TIMEOUT_MS': BIG}, 2, 'DB_LOCK_TIMEOUT_MS'),
     # a host name the resolver cannot encode (a label over 63 characters): was an internal error (idna UnicodeError)
     (['db', 'status'], {'DATABASE_URL': f'postgresql://u:hunter2@{"h" * 64}/db'}, 2, 'not a valid host name'),
     (['db', 'status'], {'DATABASE_URL': f'postgresql://u:hunter2@/db?host=localhost,{"h" * 64}'}, 2, 'host name'),
