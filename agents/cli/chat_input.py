@@ -55,9 +55,15 @@ def history_path(data_dir: Path) -> Path | None:
 
 def open_line_source(history: Path | None) -> LineSource:
     """A line editor when both ends are a terminal, else plain lines from stdin."""
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if _is_terminal(sys.stdin) and _is_terminal(sys.stdout):
         return TerminalLines(history)
     return PlainLines()
+
+
+def _is_terminal(stream: object) -> bool:
+    """Whether `stream` is a terminal; a closed descriptor (`agentrt chat <&-`: the stream is None) is not."""
+    isatty = getattr(stream, 'isatty', None)
+    return bool(isatty()) if isatty is not None else False
 
 
 class PlainLines:
@@ -82,6 +88,8 @@ class PlainLines:
             self._pending.set_exception(EOFError())
 
     async def read(self) -> str:
+        if sys.stdin is None:  # no standard input at all (`agentrt chat <&-`): the end of input, as an empty one
+            raise EOFError
         loop = asyncio.get_running_loop()
         fd = _stdin_fd()
         if fd is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrt.agents.cli.chat_input import history_path
+from agentrt.agents.cli.chat_input import PlainLines, history_path, open_line_source
 from agentrt.agents.cli.chat_loop import STOPPED_NOTE, converse
 from agentrt.agents.cli.support import Stopped
 from agentrt.db.errors import InvalidInputError
@@ -102,3 +102,12 @@ def test_history_file_beside_the_data_directory_or_as_configured(monkeypatch: py
     assert history_path(data) is None
     monkeypatch.setenv('AGENTRT_CHAT_HISTORY', '~/h')
     assert history_path(data) == Path('~/h').expanduser()
+
+
+async def test_no_standard_input_is_the_end_of_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `agentrt chat <&-`: Python's sys.stdin is None; `isatty()` on it was an internal error (exit 70).
+    monkeypatch.setattr('sys.stdin', None)
+    source = open_line_source(None)
+    assert isinstance(source, PlainLines)
+    with pytest.raises(EOFError):
+        await source.read()
