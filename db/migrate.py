@@ -89,6 +89,12 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
         raise
     except CommandError as exc:
         raise ConfigError(f'cannot migrate to {revision!r}: {exc}') from exc
+    except AssertionError as exc:
+        if not _raised_by_revision_lookup(exc):
+            raise
+        # Alembic's revision map asserts on some targets it cannot resolve (`head+1`): it was "AssertionError",
+        # reported as a failed migration (exit 5); it is a name that resolves to no migration, as `+1` says.
+        raise ConfigError(f'cannot migrate to {revision!r}: it names no migration after {before or "empty"}') from exc
     except Exception as exc:
         if (unavailable := unavailable_error(exc)) is not None:
             raise unavailable from exc
@@ -112,6 +118,14 @@ def _one_at_a_time() -> asyncio.Lock:
     if lock is None:
         lock = _locks[loop] = asyncio.Lock()
     return lock
+
+
+def _raised_by_revision_lookup(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside Alembic's revision map (resolving a target), not by a migration's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get('__name__', '')).startswith('alembic.script')
 
 
 def _cause(exc: BaseException) -> str:

@@ -70,6 +70,8 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
         '--anchor',
     ),
     (['db', 'upgrade', 'nosuchrevision'], {}, 2, 'nosuchrevision'),
+    # Alembic asserts on it: was "migrating ... failed: AssertionError: AssertionError" (exit 5)
+    (['db', 'upgrade', 'head+1'], {}, 2, "cannot migrate to 'head+1': it names no migration after"),
     (['ledger', 'replay', '--spool', '/proc/no/such/dir/spool.jsonl'], {}, 2, 'spool'),
     # a path the system refuses to look at (ENAMETOOLONG): was an internal error; an empty one was "'.' is a directory"
     (['ledger', 'replay', '--spool', HUGE], {}, 2, '--spool: xxxx'),
