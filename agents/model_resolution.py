@@ -57,6 +57,10 @@ def resolve_model(
         raise ConfigError(f'model {name!r} cannot be used: {exc}') from exc
     except ImportError as exc:
         raise ConfigError(f'model {name!r} needs a provider package that is not installed: {exc}') from exc
+    except Exception as exc:
+        # The provider's SDK refusing its environment as the client is built (no I/O yet): openai's `OpenAIError`
+        # "Missing credentials" for OPENAI_API_KEY set but empty was an internal error (exit 70).
+        raise ConfigError(f'model {name!r} cannot be used: {type(exc).__name__}: {exc}') from exc
     return with_provider_bounds(model, timeout_s=timeout_s, max_retries=max_retries)
 
 

@@ -19,6 +19,7 @@ from agentrt.agents.errors import ModelProviderError
 from agentrt.agents.model_resolution import resolve_model, with_provider_bounds
 from agentrt.agents.simple_chat import ChatResult, create_simple_chat_agent, simple_chat, simple_chat_stream
 from agentrt.db.engine import current_settings, init_database, pool_status
+from agentrt.db.errors import ConfigError
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar
@@ -143,3 +144,12 @@ def test_a_bound_the_model_ignores_is_not_set_and_its_own_settings_win() -> None
     bounded: Model = with_provider_bounds(ignores, timeout_s=5, max_retries=0)
     expected: ModelSettings = {'max_retries': 3}
     assert bounded.settings == expected
+
+
+def test_an_sdk_refusing_its_environment_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # OPENAI_API_KEY set but empty: openai's client raised OpenAIError("Missing credentials ...") as the model was
+    # built, which no error class knew (the CLI's "internal error", exit 70).
+    monkeypatch.setenv('OPENAI_API_KEY', '')
+    refused = r"model 'openai-chat:gpt-4o' cannot be used: OpenAIError: Missing credentials"
+    with pytest.raises(ConfigError, match=refused):
+        resolve_model('openai-chat:gpt-4o')
