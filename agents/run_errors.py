@@ -34,7 +34,13 @@ from pydantic_ai.exceptions import (
 )
 
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
-from agentrt.db.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError, TurnLimitExceededError
+from agentrt.db.errors import (
+    AgentRuntimeError,
+    ConfigError,
+    ModelBehaviorError,
+    ModelProviderError,
+    TurnLimitExceededError,
+)
 from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.log_redaction import install_log_redaction
 
@@ -56,7 +62,9 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
       at all (a body that is not JSON or lacks the API's fields, a stream that ended before its first event: a
       proxy's page, a server that only looks OpenAI-compatible) -> `ModelProviderError`, as a corrupt answer is;
     - `ModelAPIError` (an HTTP error, a rate limit, a dropped connection, a corrupt answer, a timeout: plain or
-      streamed alike) -> `ModelProviderError` with the status code and the redacted body.
+      streamed alike) -> `ModelProviderError` with the status code and the redacted body;
+    - a `UnicodeEncodeError` of the HTTP client building the request (a header, the API key, it cannot encode)
+      -> `ConfigError`, naming only the character.
 
     Args:
         exc: what the run raised.
@@ -76,7 +84,23 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
         )
     if isinstance(exc, ModelAPIError):
         return provider_error(exc, model_name)
+    if isinstance(exc, UnicodeEncodeError) and _raised_in_http_client(exc):
+        # A header the HTTP client cannot encode: an API key from an undecodable environment value (a lone
+        # surrogate) failed as the request was built, before anything was sent; it was an internal error.
+        character = exc.object[exc.start : exc.end]  # only the character: the header may be the key
+        return ConfigError(
+            f'the request to the provider of model {model_name!r} could not be built: a header value (the API key '
+            f'from the environment?) holds a character HTTP cannot send ({character!a}); nothing was sent'
+        )
     return None
+
+
+def _raised_in_http_client(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside the HTTP client (httpx, as the provider SDKs vendor or import it)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get('__name__', '')).startswith('httpx')
 
 
 @contextmanager

@@ -153,3 +153,16 @@ def test_an_sdk_refusing_its_environment_is_a_configuration_error(monkeypatch: p
     refused = r"model 'openai-chat:gpt-4o' cannot be used: OpenAIError: Missing credentials"
     with pytest.raises(ConfigError, match=refused):
         resolve_model('openai-chat:gpt-4o')
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_an_api_key_http_cannot_send_is_a_configuration_error(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, served: tuple[FakeOpenAI, Faulty], streamed: bool
+) -> None:
+    # An undecodable byte in OPENAI_API_KEY (a lone surrogate): httpx's UnicodeEncodeError as the request's headers
+    # were built was an internal error. Nothing is sent.
+    fake, _ = served
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-\udcff')
+    with pytest.raises(ConfigError, match=r'a header value \(the API key from the environment\?\) holds a character'):
+        await _turn(streamed, 'openai-chat:gpt-4o-mini', f'bad-key-{streamed}')
+    assert fake.requests == []
