@@ -66,6 +66,10 @@ class ChatResult:
     duration_s: float
     conversation_usage: RunUsage = field(default_factory=RunUsage)
     """The conversation's lifetime usage, this turn included (what the conversation record stores)."""
+    finish_reason: str | None = None
+    """Why the model's last response ended (pydantic-ai's `FinishReason`): `'stop'`, or `'length'` when the answer was
+    cut off at its output token limit (`max_tokens`: a budget near its limit lowers it), `'content_filter'` when the
+    provider's filter cut it off; None when the provider did not say. A cut-off answer is saved as it is."""
 
     @property
     def cost(self) -> Decimal | None:
@@ -169,7 +173,13 @@ async def open_turn(
     started = time.perf_counter()
     await init_database()
     settings = current_settings()
-    resolved = resolve_model(model, default=settings.model, stream_delay=stream_delay)
+    resolved = resolve_model(
+        model,
+        default=settings.model,
+        stream_delay=stream_delay,
+        timeout_s=settings.model_timeout_seconds,
+        max_retries=settings.model_max_retries,
+    )
     admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
     async with admission.turn():
         async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
@@ -290,4 +300,5 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         duration_s=time.perf_counter() - turn.started,
         # What the save stored (the lifetime usage it computed), not a second sum.
         conversation_usage=saved.usage if saved.usage is not None else turn.usage_before + result.usage,
+        finish_reason=result.response.finish_reason,
     )

@@ -52,7 +52,9 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
 
     - `UsageLimitExceeded` -> `TurnLimitExceededError`, naming the limit and its setting;
     - `UnexpectedModelBehavior` (tool retries exhausted, output cut off by its token limit, a content filter)
-      -> `ModelBehaviorError`, keeping the body the model sent;
+      -> `ModelBehaviorError`, keeping the body the model sent; but when what came back is not an answer of the API
+      at all (a body that is not JSON or lacks the API's fields, a stream that ended before its first event: a
+      proxy's page, a server that only looks OpenAI-compatible) -> `ModelProviderError`, as a corrupt answer is;
     - `ModelAPIError` (an HTTP error, a rate limit, a dropped connection, a corrupt answer, a timeout: plain or
       streamed alike) -> `ModelProviderError` with the status code and the redacted body.
 
@@ -65,6 +67,8 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
         return None
     if isinstance(exc, UsageLimitExceeded):
         return TurnLimitExceededError(_limit_message(exc.message))
+    if isinstance(exc, UnexpectedModelBehavior) and _is_unusable_answer(exc):
+        return unusable_answer_error(exc, model_name)
     if isinstance(exc, UnexpectedModelBehavior):
         return ModelBehaviorError(
             f'the model did not produce a usable answer: {_redacted_message(exc.message)}',
@@ -85,6 +89,37 @@ def documented_errors(model_name: str | None = None) -> Iterator[None]:
         if translated is None:
             raise
         raise translated from exc
+
+
+# pydantic-ai raises `UnexpectedModelBehavior` with these words when the provider's answer is not one of its API (it
+# has no type of its own for it): the provider's or a proxy's fault, not the model's. The plain request says
+# "Invalid response from openai chat completions endpoint, expected JSON data" (an HTML page) or "...: N validation
+# errors for ChatCompletion" (JSON without `choices`); the same answer to a streamed request is a stream without a
+# single event.
+UNUSABLE_ANSWER_ADVICE = (
+    "Check the provider base URL (a proxy's page, or a server that only looks like the API, answers like this), or "
+    'send the message again later'
+)
+UNUSABLE_ANSWER_PREFIXES = ('Invalid response from ', 'Streamed response ended without content or tool calls')
+
+
+def _is_unusable_answer(exc: UnexpectedModelBehavior) -> bool:
+    return exc.message.startswith(UNUSABLE_ANSWER_PREFIXES)
+
+
+def unusable_answer_error(exc: UnexpectedModelBehavior, model_name: str | None = None) -> ModelProviderError:
+    """The `ModelProviderError` for an answer that is not one of the provider's API: one line, the body redacted."""
+    body = _redacted_body(exc.body)
+    where = f'model {model_name!r}' if model_name else 'the model'
+    what = f'the provider of {where} sent an answer that could not be used ({_first_line(exc.message)})'
+    if body:
+        what += f': {body if len(body) <= MESSAGE_BODY_CHARS else body[:MESSAGE_BODY_CHARS] + "..."}'
+    return ModelProviderError(
+        f'{what}. {UNUSABLE_ANSWER_ADVICE}; the turn was not saved',
+        status_code=None,
+        model_name=model_name,
+        body=body,
+    )
 
 
 def _limit_message(message: str) -> str:
@@ -130,6 +165,8 @@ def _advice(exc: ModelAPIError, status: int | None) -> str:
         return 'Check the network and the provider base URL, then send the message again'
     if status is not None and status < 500:
         return 'The provider refused the request'
+    if status is None:  # an answer came, but could not be read
+        return UNUSABLE_ANSWER_ADVICE
     return 'The provider failed; send the message again later'
 
 

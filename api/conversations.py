@@ -17,6 +17,7 @@ from starlette.responses import Response
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.api.auth import ChatCaller, ReadCaller
 from agentrt.api.cursors import decode_cursor, encode_cursor
+from agentrt.api.disconnect import ClientDisconnected, unless_disconnected
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
 from agentrt.api.schemas import (
@@ -35,6 +36,7 @@ from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
 
 MAX_MESSAGES_PAGE = 100_000
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
 
 router = APIRouter(prefix='/api/v1/conversations', tags=['conversations'], responses=ERROR_RESPONSES)
 
@@ -144,6 +146,7 @@ async def delete(
 @router.post(
     '/{conversation_id}/turns',
     summary='Run one turn, not streamed',
+    response_model=TurnResponse,
     responses={
         429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none was sent."}
     },
@@ -154,13 +157,14 @@ async def run_turn(
     json_body: Annotated[None, Depends(require_json)],  # after the key: 401 before 415
     conversation_id: ConversationId,
     body: TurnRequest,
-) -> TurnResponse:
+) -> TurnResponse | Response:
     """Run one turn of the conversation (created on first use) and return the answer: `simple_chat` over HTTP.
 
     A turn started while another runs on the same conversation answers 409 and runs nothing; one whose
     conversation was saved by another meanwhile stops before its next model request, answers 409, saves nothing.
     A model request the account's budget refuses answers 429 (`budget_exceeded`, with the budget's figures) and
-    saves nothing.
+    saves nothing. A client that disconnects stops its turn, as a streamed one does: nothing saved, the conversation
+    free at once, the model request cut off recorded `cancelled`.
     """
     turn_input = check_http_turn(
         body.message,
@@ -171,7 +175,7 @@ async def run_turn(
         message_field='message',
     )
     config = chat_config(request)
-    result = await simple_chat(
+    turn = simple_chat(
         turn_input.message,
         session_id=turn_input.session_id,
         account=turn_input.account,
@@ -179,6 +183,10 @@ async def run_turn(
         model=config.model,
         agent=config.agent,
     )
+    try:
+        result = await unless_disconnected(request, turn)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the connection is gone
     usage = result.usage
     return TurnResponse(
         output=result.output,
@@ -193,6 +201,7 @@ async def run_turn(
         ),
         cost=result.cost,
         duration_s=result.duration_s,
+        finish_reason=result.finish_reason,
     )
 
 

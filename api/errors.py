@@ -17,6 +17,7 @@ runtime's log filter (`agentrt.services.log_redaction`), installed when this mod
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -29,6 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelAPIError,
+    ModelAuthenticationError,
+    ModelNotFoundError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelTimeoutError,
     UnexpectedModelBehavior,
     UsageLimitExceeded,
     UserError,
@@ -110,7 +117,8 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
-    capacity, an expected and documented answer) at WARNING in one line; everything else at ERROR with the traceback.
+    capacity, an expected and documented answer) and a model provider's or a model's failure (502: the ledger row
+    holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -120,12 +128,29 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     status, type_, message, field_name = _classify(exc)
     if type_ == 'busy':  # where it was raised says nothing the message does not: a traceback each buried real errors
         logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
+    elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
+        model = getattr(exc, 'model_name', None)
+        logger.warning(
+            '%s %s: %d %s: %s (model %s): %s',
+            error_id,
+            where,
+            status,
+            type_,
+            type(exc).__name__,
+            model or 'unknown',
+            _short(_redacted(str(exc))),
+        )
     elif status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
+
+
+# 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
+# run, the ledger, the route) and says nothing the error, its id and the ledger row do not.
+_NOT_OURS = frozenset({'model_provider_error', 'model_behavior_error'})
 
 
 def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
@@ -197,8 +222,23 @@ def stream_error(exc: BaseException) -> PublicError:
 
 
 def _provider_message(exc: BaseException) -> str:
+    """What a client may do about a provider's failure: try again (when, if the provider said), or nothing (the
+    server's key or model is wrong: only its operator can fix it). Never the provider's own text."""
     status = getattr(exc, 'status_code', None)
     suffix = f' (HTTP {status})' if isinstance(status, int) else ''
+    cause = exc if isinstance(exc, ModelAPIError) else exc.__cause__
+    if isinstance(cause, ModelAuthenticationError) or status in (401, 403):
+        return f"the model provider refused this server's credentials{suffix}; the server's operator must fix its key"
+    if isinstance(cause, ModelNotFoundError) or status == 404:
+        return f"the model provider does not serve this server's model{suffix}; the server's operator must fix it"
+    if isinstance(cause, ModelQuotaExceededError):
+        return f"the model provider's quota for this server is used up{suffix}; the server's operator must raise it"
+    if isinstance(cause, ModelRateLimitError) or status == 429:
+        retry_after = cause.retry_after if isinstance(cause, ModelAPIError) else None
+        when = f'in {math.ceil(retry_after)} s' if retry_after else 'shortly'
+        return f'the model provider is rate limiting this server{suffix}; try again {when}'
+    if isinstance(cause, ModelRequestTimeout | ModelTimeoutError):
+        return 'the model provider did not answer in time; try again shortly'
     return f'the model provider failed{suffix}; try again shortly'
 
 

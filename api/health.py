@@ -15,7 +15,7 @@ from agentrt.api.errors import new_error_id
 from agentrt.api.schemas import BackgroundOut, DatabaseOut, LiveOut, PoolOut, ReadyOut
 from agentrt.db.engine import pool_status
 from agentrt.db.errors import DatabaseNotInitializedError
-from agentrt.db.migrate import head_revision
+from agentrt.db.migrate import head_revision, known_revisions
 from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.background import get_supervisor
 
@@ -39,7 +39,8 @@ async def live() -> LiveOut:
     responses={503: {'model': ReadyOut, 'description': 'Not ready: the database is slow, down or behind.'}},
 )
 async def ready() -> JSONResponse:
-    """200 when the database answers within a second at the expected schema revision; 503 otherwise."""
+    """200 when the database answers within a second at the expected schema revision (or one a newer version
+    migrated); 503 otherwise."""
     database = await _check_database()
     try:
         pool = PoolOut(**pool_status().__dict__)
@@ -47,7 +48,10 @@ async def ready() -> JSONResponse:
         pool = None
     stats = get_supervisor().stats()
     background = BackgroundOut(running=stats.running, queued=stats.queued, failed=stats.failed)
-    ok = database.ok and database.revision == database.head
+    # A schema a newer version migrated (a rolling upgrade, a rollback of the package): the process runs on it, with a
+    # warning at its start (`upgrade_if_behind`), as every command does; only a schema behind is not ready.
+    ahead = database.revision is not None and database.revision not in _known()
+    ok = database.ok and (database.revision == database.head or ahead)
     body = ReadyOut(status='ready' if ok else 'unavailable', database=database, pool=pool, background=background)
     return JSONResponse(body.model_dump(mode='json'), status_code=200 if ok else 503)
 
@@ -64,6 +68,12 @@ async def _check_database() -> DatabaseOut:
         logger.warning('%s readiness: database check failed: %s: %s', error_id, type(exc).__name__, exc)
         return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
     return DatabaseOut(ok=True, revision=revision, head=head)
+
+
+@lru_cache(maxsize=1)
+def _known() -> frozenset[str]:
+    """Every packaged revision (read from the migration files once per process)."""
+    return known_revisions()
 
 
 @lru_cache(maxsize=1)

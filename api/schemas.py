@@ -300,6 +300,11 @@ class TurnResponse(BaseModel):
     usage: UsageOut
     cost: Money | None = Field(description='USD of this turn; null when the model is unpriced.')
     duration_s: float
+    finish_reason: str | None = Field(
+        None,
+        description="Why the answer ended: 'stop', 'length' (cut off at its output token limit), 'content_filter' (cut "
+        'off by the provider), ...; null when the provider did not say. A cut-off answer is saved as it is.',
+    )
 
 
 # The caller.

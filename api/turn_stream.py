@@ -126,7 +126,7 @@ async def _run(
     response closes it too, for a stream that never started.
     """
     try:
-        with within_turn_span(span), documented_errors():
+        with within_turn_span(span), documented_errors(turn.model.model_name):  # the model asked for, as in-process
             async with turn.agent.run_stream_events(
                 turn_input.message,
                 deps=turn.deps,

@@ -94,9 +94,19 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         warnings.simplefilter('ignore')
         users = _prune(data_dir)
         was_running = _postmaster_pid(data_dir) is not None
-        server = _get_server(data_dir)
-        _tune_cluster(data_dir, server)
-        info = server.get_postmaster_info()
+        try:
+            server = _get_server(data_dir)
+            if not was_running:
+                # Marked as soon as it runs, before tuning can fail or the process end (a signal, a SystemExit
+                # from a closed stderr): a server running unmarked, with no user, is taken for someone else's and
+                # never stopped by anyone.
+                _write_json(data_dir / SERVER_FILE, {'started_by': os.getpid()})
+            _tune_cluster(data_dir, server)
+            info = server.get_postmaster_info()
+        except BaseException:
+            if not was_running and not users:
+                _stop_started_here(data_dir)
+            raise
         if not was_running:
             _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
         elif not users and _started_by_agentrt(data_dir):
@@ -128,6 +138,15 @@ def release_embedded(data_dir: Path) -> bool:
         (data_dir / SERVER_FILE).unlink(missing_ok=True)
         logger.info('embedded PostgreSQL in %s stopped (last user left)', data_dir)
         return True
+
+
+def _stop_started_here(data_dir: Path) -> None:
+    """A start that failed after this process started the server (no one else uses it): stop it again, so no
+    server outlives a start that never registered its user (under the lifecycle lock)."""
+    if _postmaster_pid(data_dir) is not None:
+        logger.info('embedded PostgreSQL in %s: stopping the server this failed start started', data_dir)
+        _stop(data_dir)
+    (data_dir / SERVER_FILE).unlink(missing_ok=True)
 
 
 def _get_server(data_dir: Path) -> Any:

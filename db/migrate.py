@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 from alembic import command
 from alembic.config import Config
@@ -18,6 +20,10 @@ from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also t
 
 logger = logging.getLogger('agentrt.db')
 
+MIGRATION_LOCK_KEY = 0x61677274
+"""The transaction-level advisory lock migrations take (`migrations/env.py`): several processes migrating one database
+(each `init_database()`, `agentrt db upgrade`) migrate one after another."""
+
 
 def alembic_config() -> Config:
     """An Alembic config pointing at the packaged migrations (no alembic.ini needed)."""
@@ -29,6 +35,23 @@ def alembic_config() -> Config:
 def head_revision() -> str | None:
     """The newest migration shipped with this version of the runtime."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def known_revisions() -> frozenset[str]:
+    """Every migration shipped with this version of the runtime."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
+def ahead_of_this_version(revision: str | None) -> bool:
+    """Whether a database at `revision` was migrated by a newer version of the runtime (a revision it does not ship)."""
+    return revision is not None and revision not in known_revisions()
+
+
+def _ahead_message(revision: str | None) -> str:
+    return (
+        f'the database schema is at {revision}, a revision this version of agentrt does not know (its newest is '
+        f'{head_revision()}): a newer agentrt migrated it'
+    )
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
@@ -47,11 +70,20 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
     Raises:
         MigrationError: a migration failed (with its own error); nothing was applied.
         DatabaseUnavailableError: the server could not be reached.
-        ConfigError: `revision` names no migration.
+        ConfigError: `revision` names no migration, or the database is ahead of this version (a newer runtime
+            migrated it): nothing was applied.
     """
+    if not revision.strip():  # Alembic's answer was an AssertionError, reported as a failed migration
+        raise ConfigError("no revision to migrate to: name one (e.g. 'head', the default)")
     before = await current_revision(engine)
+    if ahead_of_this_version(before):
+        # Alembic's own words were "Can't locate revision identified by '0014_...'", and `db status` said "behind".
+        raise ConfigError(
+            f'{_ahead_message(before)}; nothing was migrated. Run a version of agentrt that knows {before} (upgrade '
+            'the package), or point DATABASE_URL / AGENTRT_DATA_DIR at another database'
+        )
     try:
-        async with engine.connect() as conn:
+        async with _one_at_a_time(), engine.connect() as conn:
             await conn.run_sync(_upgrade, revision)
     except AgentRuntimeError:
         raise
@@ -64,6 +96,22 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
             f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
             f'Nothing was applied: the schema is still at {before or "empty"}'
         ) from exc
+
+
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _one_at_a_time() -> asyncio.Lock:
+    """One upgrade at a time per event loop. Alembic keeps the running migration in module globals
+    (`alembic.context`, `alembic.op`), and two upgrades on one loop (two databases migrated with `asyncio.gather`)
+    interleave at every statement: the second's context replaced the first's, which failed on the other's connection
+    ("another operation is in progress") or lost its script (`KeyError: 'script'`). The advisory lock orders
+    processes; this orders the upgrades of one process."""
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
 
 
 def _cause(exc: BaseException) -> str:
@@ -86,6 +134,11 @@ async def upgrade_if_behind(engine: AsyncEngine) -> bool:
     """Upgrade the schema when it is behind the packaged head; return True if it did."""
     current, head = await current_revision(engine), head_revision()
     if current == head:
+        return False
+    if ahead_of_this_version(current):
+        # A rolling upgrade: processes of the older version start on the newer schema, as they do with
+        # AGENTRT_AUTO_MIGRATE=false (`revision_behind`), rather than each failing on a revision it cannot migrate from.
+        logger.warning('%s; not migrated: this process runs on it as it is', _ahead_message(current))
         return False
     logger.info('database schema at %s, upgrading to %s', current or 'empty', head)
     await upgrade(engine)

@@ -100,6 +100,24 @@ class Settings(BaseSettings):
     )
     model: str = Field(default='demo', min_length=1, validation_alias=AliasChoices('AGENTRT_MODEL', 'model'))
     auto_migrate: bool = Field(default=True, validation_alias=AliasChoices('AGENTRT_AUTO_MIGRATE', 'auto_migrate'))
+    # Applied to the models the runtime builds from a model string (agents/model_resolution.py), never to a `Model`
+    # object or to settings a caller passed (an agent's or a run's `model_settings` win over them).
+    model_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_MODEL_TIMEOUT_SECONDS', 'model_timeout_seconds'),
+        description='the longest a model request waits for the next byte from the provider (a plain answer arrives '
+        'whole, so there it bounds the whole answer; a stream may last longer as long as it keeps sending)',
+    )
+    model_max_retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        validation_alias=AliasChoices('AGENTRT_MODEL_MAX_RETRIES', 'model_max_retries'),
+        description="how many times the provider's SDK repeats a failed request (a timeout, a lost connection, HTTP "
+        '408/409/429/5xx) by itself, unseen by the ledger (0: one request is one HTTP request)',
+    )
     # The LLM ledger (services/ledger/_config.py turns these into the tracker's configuration).
     ledger_spool: Path | None = Field(
         default=None,

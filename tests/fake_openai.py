@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 SERVED_MODEL = 'gpt-4o-mini-2024-07-18'
 
-Fault = Literal['drop', 'corrupt']
+Fault = Literal['drop', 'corrupt', 'stall']
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Reply:
     """What the server answers to one request."""
 
     text: str | None = None
-    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    tool_calls: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
+    """Each call's name and arguments: a dict (sent as JSON) or the arguments' text as it is (e.g. not JSON)."""
     prompt_tokens: int = 100
     completion_tokens: int = 20
     cached_tokens: int = 0
@@ -45,6 +46,17 @@ class Reply:
     """How many stream events are sent before the fault."""
     usage_before_fault: bool = False
     """Send the usage chunk (Chat Completions) before the fault, as a proxy that cuts after it would."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """More response headers (e.g. `retry-after` on a 429)."""
+    raw_body: bytes | None = None
+    """A body sent as it is with `status` and `content_type`, streamed request or not (an HTML error page, a JSON
+    object that is not the API's)."""
+    content_type: str = 'application/json'
+    reports_usage: bool = True
+    cut_off: Literal['length', 'content_filter'] | None = None
+    """The text answer ends cut off: at the output token limit, or by the provider's content filter (Chat Completions'
+    `finish_reason`; the Responses API's `incomplete` response and its reason)."""
+    """False: no usage in the answer (no `usage` chunk in a stream), as some OpenAI-compatible servers and proxies."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
@@ -81,6 +93,7 @@ class FakeOpenAI:
         self.replies: list[Reply] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # ends a `stall`
         self._server = ThreadingHTTPServer(('127.0.0.1', 0), self._handler_class())
         self._server.daemon_threads = True
 
@@ -97,6 +110,7 @@ class FakeOpenAI:
         try:
             yield self
         finally:
+            self._stop.set()
             self._server.shutdown()
             self._server.server_close()
             thread.join(5)
@@ -124,9 +138,11 @@ class FakeOpenAI:
                 responses_api = self.path.rstrip('/').endswith('/responses')
                 reply = fake._answer(self.path, body, dict(self.headers))
                 try:
-                    if reply.status != 200:
+                    if reply.raw_body is not None:
+                        self._send(reply.status, reply.raw_body, reply)
+                    elif reply.status != 200:
                         error = {'error': {'message': reply.error, 'type': 'invalid_request'}}
-                        self._send_json(reply.status, reply.error_body or error)
+                        self._send_json(reply.status, reply.error_body or error, headers=reply.headers)
                     elif body.get('stream'):
                         events = _response_events(reply) if responses_api else _chat_events(body, reply)
                         self._stream(events, reply)
@@ -136,15 +152,37 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client stopped reading: a consumer that left the stream
 
-            def _send_json(self, status: int, payload: dict[str, Any], fault: Fault | None = None) -> None:
+            def _send(self, status: int, data: bytes, reply: Reply) -> None:
+                self.send_response(status)
+                self.send_header('connection', 'close')
+                self.send_header('content-type', reply.content_type)
+                self.send_header('content-length', str(len(data)))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _send_json(
+                self,
+                status: int,
+                payload: dict[str, Any],
+                fault: Fault | None = None,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 data = json.dumps(payload).encode()
                 if fault == 'corrupt':
                     data = data[: len(data) // 2]  # a body cut in half: not JSON
                 self.send_response(status)
                 self.send_header('connection', 'close')  # no keep-alive: clients never hold a socket of ours
                 self.send_header('content-type', 'application/json')
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header('content-length', str(len(data) * (2 if fault == 'drop' else 1)))
                 self.end_headers()
+                if fault == 'stall':  # the head sent, the body never: until the client gives up or the server stops
+                    self.wfile.flush()
+                    fake._stop.wait()
+                    return
                 self.wfile.write(data)
                 if fault == 'drop':  # fewer bytes than announced, then the connection goes
                     self.wfile.flush()
@@ -167,6 +205,9 @@ class FakeOpenAI:
                 self._chunk(b'')  # the last chunk: the stream ended properly
 
             def _fault(self, fault: Fault) -> None:
+                if fault == 'stall':  # nothing more, the connection left open: until the client gives up
+                    fake._stop.wait()
+                    return
                 if fault == 'corrupt':
                     self._chunk(b'data: {"id": "chatcmpl-fake", "choices": [{"delta": \n\n')
                     self._chunk(b'')
@@ -199,7 +240,9 @@ def _chat_events(body: dict[str, Any], reply: Reply) -> list[bytes]:
             chunk['usage'] = reply.usage(round(reply.completion_tokens * (index + 1) / len(choices)))
         events.append(_sse(chunk))
     usage_chunk = _sse({**_chunk([]), 'usage': reply.usage()})  # the include_usage chunk
-    if reply.fault is not None and reply.usage_before_fault:
+    if not reply.reports_usage:
+        pass
+    elif reply.fault is not None and reply.usage_before_fault:
         events.insert(reply.fault_after, usage_chunk)
         reply.fault_after += 1
     else:
@@ -222,7 +265,7 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
     yield {'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}
     if reply.tool_calls:
         for index, (name, args) in enumerate(reply.tool_calls):
-            arguments = json.dumps(args)
+            arguments = _arguments(args)
             half = len(arguments) // 2
             head = {
                 'index': index,
@@ -237,7 +280,11 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
         return
     for piece in _pieces(reply):
         yield {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}
-    yield {'index': 0, 'delta': {}, 'finish_reason': 'stop'}
+    yield {'index': 0, 'delta': {}, 'finish_reason': reply.cut_off or 'stop'}
+
+
+def _arguments(args: dict[str, Any] | str) -> str:
+    return args if isinstance(args, str) else json.dumps(args)
 
 
 def _pieces(reply: Reply) -> list[str]:
@@ -250,17 +297,17 @@ def _completion(reply: Reply) -> dict[str, Any]:
     message: dict[str, Any] = {'role': 'assistant', 'content': reply.text}
     if reply.tool_calls:
         message['tool_calls'] = [
-            {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': json.dumps(args)}}
+            {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': _arguments(args)}}
             for i, (name, args) in enumerate(reply.tool_calls)
         ]
-    finish = 'tool_calls' if reply.tool_calls else 'stop'
+    finish = 'tool_calls' if reply.tool_calls else reply.cut_off or 'stop'
     return {
         'id': 'chatcmpl-fake',
         'object': 'chat.completion',
         'created': 0,
         'model': SERVED_MODEL,
         'choices': [{'index': 0, 'message': message, 'finish_reason': finish}],
-        'usage': reply.usage(),
+        'usage': reply.usage() if reply.reports_usage else None,
     }
 
 
@@ -275,7 +322,7 @@ def _output_items(reply: Reply) -> list[dict[str, Any]]:
                 'id': f'fc_{i}',
                 'call_id': f'call_{i}',
                 'name': name,
-                'arguments': json.dumps(args),
+                'arguments': _arguments(args),
                 'status': 'completed',
             }
             for i, (name, args) in enumerate(reply.tool_calls)
@@ -284,7 +331,15 @@ def _output_items(reply: Reply) -> list[dict[str, Any]]:
     return [{'type': 'message', 'id': 'msg_0', 'status': 'completed', 'role': 'assistant', 'content': [part]}]
 
 
+_INCOMPLETE_REASONS = {'length': 'max_output_tokens', 'content_filter': 'content_filter'}
+
+
 def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    if status == 'completed' and reply.cut_off is not None:
+        return {
+            **_response(reply, status='incomplete', output=output),
+            'incomplete_details': {'reason': _INCOMPLETE_REASONS[reply.cut_off]},
+        }
     return {
         'id': 'resp_fake',
         'object': 'response',
@@ -295,7 +350,7 @@ def _response(reply: Reply, *, status: str = 'completed', output: list[dict[str,
         'parallel_tool_calls': True,
         'tool_choice': 'auto',
         'tools': [],
-        'usage': reply.responses_usage() if status == 'completed' else None,
+        'usage': reply.responses_usage() if status != 'in_progress' and reply.reports_usage else None,
     }
 
 
@@ -326,5 +381,6 @@ def _response_events(reply: Reply) -> list[bytes]:
                 payloads.append({'type': 'response.output_text.delta', **where, 'delta': piece, 'logprobs': []})
             payloads.append({'type': 'response.output_text.done', **where, 'text': reply.text or '', 'logprobs': []})
         payloads.append({'type': 'response.output_item.done', 'output_index': index, 'item': item})
-    payloads.append({'type': 'response.completed', 'response': _response(reply)})
+    final = 'response.incomplete' if reply.cut_off is not None else 'response.completed'
+    payloads.append({'type': final, 'response': _response(reply)})
     return [_sse({**payload, 'sequence_number': number}) for number, payload in enumerate(payloads)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from typing import TYPE_CHECKING, cast
 
 import typer
@@ -114,27 +115,34 @@ async def _seed_demo_if_empty(account: str) -> None:
         if (await session.execute(select(Account.id).limit(1))).first() is not None:
             return
         report = await seed_demo_data(session=session)
-    err_console.print(f'empty database: seeded the demo data ({report.directory_entries:,} directory entries)')
+    if report.inserted_entries:  # else another process started at once seeded it (its rows won: ON CONFLICT)
+        err_console.print(f'empty database: seeded the demo data ({report.directory_entries:,} directory entries)')
 
 
 async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
+    from pydantic_ai import UsageLimitUnavailableWarning
+
     from agentrt.agents.simple_chat import simple_chat_stream
 
     display = _Display()
     try:
-        async with simple_chat_stream(
-            message,
-            session_id=session_id,
-            account=account,
-            agent_instance=agent,
-            model=model,
-            on_tool_event=display.tool,
-            stream_delay=delay,
-        ) as stream:
-            async for delta in stream:
-                display.text(delta)
+        # A provider that reports no usage made pydantic-ai warn as Python does, under the answer: a source path, the
+        # warning's paragraph, `warnings.warn(`. The summary line says it instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UsageLimitUnavailableWarning)
+            async with simple_chat_stream(
+                message,
+                session_id=session_id,
+                account=account,
+                agent_instance=agent,
+                model=model,
+                on_tool_event=display.tool,
+                stream_delay=delay,
+            ) as stream:
+                async for delta in stream:
+                    display.text(delta)
     except DatabaseUnavailableError as exc:
         raise type(exc)(f'{exc}; the turn was not saved: send the message again once PostgreSQL is back') from exc
     finally:
@@ -193,9 +201,22 @@ def _short_args(args: object) -> str:
 
 def _summary(result: ChatResult, tools_run: int) -> str:
     usage = result.usage
+    tokens = f'{usage.total_tokens:,} tokens ({usage.input_tokens:,} in / {usage.output_tokens:,} out)'
     cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
+    if usage.unmeasured_requests:
+        # Not 0 tokens and "unpriced": the provider did not say, so neither is known (nor the turn's token limit kept).
+        unmeasured = f'usage not reported for {usage.unmeasured_requests} of {usage.requests} requests'
+        tokens = f'at least {tokens}, {unmeasured}' if usage.total_tokens else f'tokens unknown ({unmeasured})'
+        cost = 'unknown' if usage.cost is None or not usage.total_tokens else f'at least ${usage.cost:.6f}'
+    cut = _CUT_OFF.get(result.finish_reason or '')
     return (
-        f'model {result.model_name} · {usage.requests} requests · {usage.total_tokens:,} tokens '
-        f'({usage.input_tokens:,} in / {usage.output_tokens:,} out) · cost {cost} · {tools_run} tools · '
-        f'{result.duration_s:.2f} s · session {result.session_id}'
+        f'model {result.model_name} · {usage.requests} requests · {tokens} · cost {cost} · {tools_run} tools · '
+        f'{result.duration_s:.2f} s · session {result.session_id}' + (f' · {cut}' if cut else '')
     )
+
+
+# A cut-off answer reads like a whole one: the summary says it was cut (the turn is saved as it is).
+_CUT_OFF = {
+    'length': 'the answer was cut off at its output token limit',
+    'content_filter': "the answer was cut off by the provider's content filter",
+}

@@ -34,7 +34,7 @@ async def _status() -> None:
         server_info,
         timeouts_in_force,
     )
-    from agentrt.db.migrate import current_revision, head_revision
+    from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
     from agentrt.db.status import job_queue_state, roles_exist, server_version, session_timeouts, table_counts
@@ -71,6 +71,8 @@ async def _status() -> None:
     table.add_row('kind', kind)
     table.add_row('PostgreSQL', version)
     behind = '' if revision == head else f' (behind: head is {head}; run `agentrt db upgrade`)'
+    if ahead_of_this_version(revision):  # `db upgrade` cannot help: it does not know the revision
+        behind = f' (ahead: this version of agentrt knows up to {head}; a newer agentrt migrated it)'
     table.add_row('migration', f'{revision or "none"}{behind}')
     table.add_row(
         'pool',
@@ -166,7 +168,12 @@ async def _upgrade(revision: str) -> None:
             after = await current_revision(engine)
     finally:
         await close_database()
-    console.print(f'schema: {before or "empty"} -> {after}' if before != after else f'schema already at {after}')
+    if before != after:
+        console.print(f'schema: {before or "empty"} -> {after}')
+    elif revision not in ('head', 'heads') and not (after or '').startswith(revision):  # an earlier one: a no-op
+        console.print(f'schema at {after}, already past {revision}: nothing to do (db upgrade never downgrades)')
+    else:
+        console.print(f'schema already at {after}')
 
 
 @db_app.command('seed')

@@ -52,8 +52,23 @@ if TYPE_CHECKING:  # the runtime is imported when a command runs, so every `--he
 
 T = TypeVar('T')
 
+
+class _StderrConsole(Console):
+    """rich's console on stderr, whose reader may go away too (`agentrt chat ... 2>&1 | head -3`).
+
+    rich answers a closed pipe with `SystemExit(1)`, raised wherever the line was printed: a log line of the embedded
+    server's start (in its thread, after the server started and before its user was registered), of a turn, of a
+    shutdown. Here the console goes quiet instead and the command runs to its end, as with standard output
+    (`_ReaderMayLeave`): its exit code still says how it ended.
+    """
+
+    def on_broken_pipe(self) -> None:
+        """Print nothing more on stderr; never end the command."""
+        self.quiet = True
+
+
 console = Console()
-err_console = Console(stderr=True)
+err_console = _StderrConsole(stderr=True)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -248,7 +263,12 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
         # A command that ends soon bounds each at a few seconds unless the variable says otherwise.
         os.environ.setdefault('OTEL_EXPORTER_OTLP_TIMEOUT', SHORT_EXPORT_TIMEOUT)
     configure_observability()
-    return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+    try:
+        return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+    except KeyboardInterrupt:
+        # asyncio.run's answer to Ctrl-C, once the cancelled command has cleaned up. typer would turn it into a
+        # silent exit 130 before the error boundary saw it: said as SIGTERM's is.
+        raise Stopped(signal.SIGINT) from None
 
 
 SHORT_EXPORT_TIMEOUT = '2'

@@ -9,17 +9,28 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentrt.db.migrate import MIGRATION_LOCK_KEY
 from agentrt.db.models import Base
-
-# Any fixed number: concurrent `init_database()` calls in several processes migrate one after another.
-MIGRATION_LOCK_KEY = 0x61677274
 
 
 def _run(connection: Connection) -> None:
     # A transaction-scoped lock: released by the COMMIT, or by the ROLLBACK of a failed migration. (A session lock
     # needed an unlock that failed in the aborted transaction and hid the migration's own error, and it outlived
     # a rollback behind PgBouncer.)
+    # Waiting for another process's migration takes as long as that migration does (a backfill of a large ledger):
+    # no timeout for the wait (DB_LOCK_TIMEOUT_MS, 10 s, failed it "stopped waiting for a lock"), then the
+    # connection's own again for the migration's statements (a DDL lock queued behind live traffic stays bounded).
+    saved = connection.execute(
+        text(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+            "set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true)"
+        )
+    ).one()
     connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+    connection.execute(
+        text("SELECT set_config('lock_timeout', :lock, true), set_config('statement_timeout', :statement, true)"),
+        {'lock': saved[0], 'statement': saved[1]},
+    )
     context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()

@@ -64,9 +64,10 @@ RETURNING (
     SELECT revision FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
 )
 """)
-# How long the claim that refused a turn still holds the conversation (whole seconds, rounded up).
+# How long the claim that refused a turn still holds the conversation (whole seconds, rounded up), from the time of
+# asking: the transaction's `now()` may predate the claim, which then seemed to hold longer than its lease.
 _HELD_FOR = text("""
-SELECT greatest(ceil(extract(epoch FROM expires_at - now())), 0)::float8 FROM conversation_turns
+SELECT greatest(ceil(extract(epoch FROM expires_at - clock_timestamp())), 0)::float8 FROM conversation_turns
 WHERE account_id = :account_id AND conversation_id = :conversation_id
 """)
 _HELD_FOR_ON_DRIVER = DriverStatement.of(_HELD_FOR)

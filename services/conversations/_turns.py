@@ -65,10 +65,13 @@ class ConcurrentTurnError(AgentRuntimeError):
         if stage == 'start' and expires_in_s is not None:
             # The claim may be a turn's that can no longer release it (its process was killed, or the database was
             # down when it ended): then the lease is how long the conversation stays held, and the user needs to know.
+            # A live turn renews its claim while it runs: its claim's expiry is no promise, so the time left is said
+            # of the dead turn only (a live one's "for up to 58 s more" was renewed, again and again, under a retry).
             message = (
-                f'another turn holds conversation {conversation_id!r} for up to {expires_in_s:.0f} s more: one running '
-                'now, or one whose process died or lost the database before it could let go (its lease lapses '
-                'AGENTRT_TURN_LEASE_SECONDS after it last renewed it); this turn sent nothing; retry when that one ends'
+                f'another turn holds conversation {conversation_id!r}: one running now holds it until it ends; one '
+                'whose process died or lost the database before it could let go holds it for up to '
+                f'{expires_in_s:.0f} s more (its lease lapses AGENTRT_TURN_LEASE_SECONDS after it last renewed it); '
+                'this turn sent nothing; retry when that one ends'
             )
         super().__init__(message)
 

@@ -494,25 +494,50 @@ class _StreamProbe(WrapperModel):
                 messages, model_settings, model_request_parameters, run_context
             ) as stream:
                 self._flight.stream, self._flight.stream_started = stream, started
+                _mark_read_failures(stream, trace.get_current_span())
                 yield stream
         except Exception as exc:
             # Raised before the stream was handed out (the flight has none yet): the model's (a provider's, or
             # pydantic-ai's reading of the first chunk), never the consumer's, which can only fail once it has it.
             if self._flight.stream is None:
                 self._flight.open_error = exc
-                _mark_request_span(exc)
+                _mark_request_span(exc, trace.get_current_span())
             raise
 
 
-def _mark_request_span(error: BaseException) -> None:
-    """Mark the model request's span (`chat <model>`, current here) failed, as pydantic-ai marks a plain request's.
+def _mark_read_failures(stream: StreamedResponse, span: trace.Span) -> None:
+    """Mark the request's span failed when reading `stream` fails (the provider cut it, it stalled, a chunk was not
+    JSON), as when opening it fails.
 
-    pydantic-ai leaves a streamed request that failed to open (the provider refused it, the connection failed) with an
-    unset status and no exception: in a trace it looked like a request that succeeded with an empty answer. As
-    pydantic-ai does without content (`include_content=False`): the exception's type, no message (a provider's error
-    can quote the prompt or a key).
+    pydantic-ai reads a stream in its consumer's task and cancels the request's task when the consumer stops: the
+    request's span ended as cancelled, status unset, a stream the provider broke off looking like one that ended well
+    (the plain request's span says ERROR). The provider's error is seen here, in the consumer's task, while the span
+    is still open; one raised because the consumer cancelled the stream is not the provider's failure.
     """
-    span = trace.get_current_span()
+    read = getattr(stream, '_get_event_iterator', None)  # pydantic-ai's per-provider reader, behind its own wrappers
+    if read is None:  # a pydantic-ai that renamed it: the span goes unmarked, the stream is read as it is
+        return
+
+    async def events() -> AsyncGenerator[Any]:
+        try:
+            async for event in read():
+                yield event
+        except Exception as exc:
+            if not stream.cancelled:
+                _mark_request_span(exc, span)
+            raise
+
+    stream._get_event_iterator = events  # type: ignore[method-assign]
+
+
+def _mark_request_span(error: BaseException, span: trace.Span) -> None:
+    """Mark the model request's span (`chat <model>`) failed, as pydantic-ai marks a plain request's.
+
+    pydantic-ai leaves a streamed request that failed (the provider refused it, the connection failed, opening or
+    reading it) with an unset status and no exception: in a trace it looked like a request that succeeded with an empty
+    or short answer. As pydantic-ai does without content (`include_content=False`): the exception's type, no message (a
+    provider's error can quote the prompt or a key).
+    """
     attributes = getattr(span, 'attributes', None) or {}
     if not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
         return  # not a model request's span (pydantic-ai not instrumented): nothing to mark

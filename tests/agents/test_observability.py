@@ -374,6 +374,58 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
     assert 'aB3dE5fG7hJ9' not in everything
 
 
+@pytest.mark.parametrize(
+    ('api', 'fault'),
+    [('chat', 'drop'), ('responses', 'drop'), ('chat', 'stall'), ('chat', 'corrupt'), ('chat', None)],
+    ids=['cut-chat', 'cut-responses', 'stall', 'corrupt-chunk', 'consumer-left'],
+)
+async def test_a_stream_the_provider_breaks_off_marks_its_request_span_failed_and_one_the_consumer_leaves_does_not(
+    demo_data: None, instrumented: CaptureLogfire, api: str, fault: str | None
+) -> None:
+    # The request's span of a stream cut, stalled or corrupted after its first chunks ended with an unset status and
+    # no exception (pydantic-ai cancels the request's task when the stream's reader stops): a trace showed a request
+    # that succeeded with a short answer, where the plain request's span says ERROR.
+    from openai import AsyncOpenAI
+    from pydantic_ai.models import override_allow_model_requests
+    from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    from agentrt.agents.errors import ModelProviderError
+    from tests.fake_openai import FakeOpenAI, Reply
+
+    reply = Reply(text='Nobody in Seattle matches at all.', chunks=6, chunk_delay=0 if fault else 0.05)
+    reply.fault, reply.fault_after = fault, 5  # type: ignore[assignment]
+    with FakeOpenAI(lambda body: reply).running() as fake, override_allow_model_requests(True):
+        async with AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=0.5) as client:
+            provider = OpenAIProvider(openai_client=client)
+            model = (OpenAIChatModel if api == 'chat' else OpenAIResponsesModel)('gpt-4o-mini', provider=provider)
+            stream = simple_chat_stream('hi', session_id='broken-off', account='acme-health', model=model)
+            if fault is None:  # the consumer takes a delta and leaves: a cancellation, no failure of the provider's
+                async with stream:
+                    async for _ in stream:
+                        break
+            else:
+                with pytest.raises(ModelProviderError):
+                    async with stream:
+                        async for _ in stream:
+                            pass
+    spans = instrumented.exporter.exported_spans
+    [request] = [
+        span
+        for span in spans
+        if span.name == 'chat gpt-4o-mini'
+        and span.end_time is not None
+        and (span.attributes or {}).get('logfire.span_type') == 'span'
+    ]
+    failures = [e.attributes['exception.type'] for e in request.events if e.name == 'exception' and e.attributes]
+    if fault is None:
+        assert request.status.status_code is not StatusCode.ERROR and failures == []
+        return
+    assert request.status.status_code is StatusCode.ERROR
+    expected = {'drop': 'ModelConnectionError', 'stall': 'ModelTimeoutError', 'corrupt': 'ModelAPIError'}[fault]
+    assert failures == [f'pydantic_ai.exceptions.{expected}']
+
+
 class SilentCollector:
     """Accepts connections, never answers; notes how long each client waited before it gave up (closed)."""
 

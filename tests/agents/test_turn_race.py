@@ -206,9 +206,11 @@ async def test_a_live_claim_of_another_process_refuses_the_turn_and_an_expired_o
     # From here a killed process's claim looks the same (or one a turn could not release when the database went down
     # as it ended): the message says how long the conversation stays held rather than only that a turn is running.
     for streamed in (False, True):
-        with pytest.raises(ConcurrentTurnError, match=r"holds conversation 'held' for up to \d+ s more") as refused:
+        with pytest.raises(ConcurrentTurnError, match=r"holds conversation 'held'.* for up to \d+ s more") as refused:
             await _turn(QUESTIONS[0], 'held', streamed)
         assert refused.value.expires_in_s is not None and 55 <= refused.value.expires_in_s <= 60
+        # A running turn renews its claim: the time left is no promise while it runs, and the message says so.
+        assert 'one running now holds it until it ends' in str(refused.value)
         assert 'process died' in str(refused.value) and 'AGENTRT_TURN_LEASE_SECONDS' in str(refused.value)
     # Without the claim's expiry at hand (a caller raising it itself) the message still says why a turn may wait.
     assert 'process died' in str(ConcurrentTurnError('held', stage='start'))

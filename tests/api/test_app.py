@@ -113,6 +113,24 @@ async def test_ready_is_503_when_the_schema_is_behind_or_the_database_does_not_a
     assert slow.status_code == 503 and slow.json()['database']['error'] == 'no answer within 1e-06 s'
 
 
+async def test_ready_on_a_schema_a_newer_version_migrated(
+    client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rolling upgrade (or a rollback of the package): the server starts on the newer schema, with a warning, as every
+    # command does; its readiness said 503 "unavailable" for as long as it ran, though it serves.
+    newest = head_revision()
+    monkeypatch.setattr(health, '_head', lambda: '0012_row_level_security')  # this version's newest, one behind
+    monkeypatch.setattr(health, '_known', lambda: frozenset({'0012_row_level_security'}))
+    response = await client.get('/health/ready')
+    assert response.status_code == 200 and response.json()['status'] == 'ready'
+    assert response.json()['database'] == {
+        'ok': True,
+        'revision': newest,
+        'head': '0012_row_level_security',
+        'error': None,
+    }
+
+
 def _readme_section(heading: str) -> str:
     text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
     section = text[text.index(heading) :]

@@ -61,8 +61,12 @@ def test_every_error_gets_its_status_and_no_internal_text(caplog: pytest.LogCapt
             assert (public.status, public.type) == (status, kind), exc
             assert 'db.internal' not in public.message and 'sk-live' not in public.message, exc
             assert public.error_id in caplog.text  # the log line carries the id (and, for a 5xx, the whole error)
+    assert public_error(ModelProviderError('x', status_code=500)).message == (
+        'the model provider failed (HTTP 500); try again shortly'
+    )
+    # A rate limit without the provider's Retry-After (with it: tests/api/test_chat_provider_faults.py).
     assert public_error(ModelProviderError('x', status_code=429)).message == (
-        'the model provider failed (HTTP 429); try again shortly'
+        'the model provider is rate limiting this server (HTTP 429); try again shortly'
     )
     assert stream_error(UserError('Conversation changed; reload it')).message == 'Conversation changed; reload it'
     assert stream_error(RuntimeError(SECRET)).stream_text().startswith('the request failed on the server (error id ')
@@ -128,3 +132,45 @@ def test_an_unexpected_server_error_keeps_its_traceback(caplog: pytest.LogCaptur
         public_error(RuntimeError('boom'), where='test')
     [record] = caplog.records
     assert record.levelno == logging.ERROR and record.exc_text and 'RuntimeError: boom' in record.exc_text
+
+
+@pytest.mark.parametrize(
+    ('exc', 'kind', 'model'),
+    [
+        (
+            ModelProviderError(
+                "the provider of model 'gpt-4o-mini' answered HTTP 500: upstream failed. The provider failed",
+                status_code=500,
+                model_name='gpt-4o-mini',
+            ),
+            'model_provider_error',
+            'gpt-4o-mini',
+        ),
+        (ModelHTTPError(503, 'gpt-4o', body={'error': 'overloaded'}), 'model_provider_error', 'gpt-4o'),
+        (
+            UnexpectedModelBehavior('Invalid response from openai chat completions endpoint'),
+            'model_provider_error',
+            None,
+        ),
+        (
+            ModelBehaviorError("the model did not produce a usable answer: Tool 'x' exceeded max retries"),
+            'model_behavior_error',
+            None,
+        ),
+    ],
+    ids=['provider', 'pydantic-ai http', 'unusable answer', 'model behaviour'],
+)
+def test_a_provider_failure_is_one_warning_line_without_a_traceback(
+    exc: BaseException, kind: str, model: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 502 is the provider's or the model's failure, not the server's bug: `agentrt serve` logged each at ERROR with
+    a 20-line traceback of the run and the route."""
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public = public_error(exc, where='POST /api/v1/chat')
+    assert (public.status, public.type) == (502, kind)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None and record.exc_text is None, 'no traceback'
+    line = record.getMessage()
+    assert line.startswith(f'{public.error_id} POST /api/v1/chat: 502 {kind}: {type(exc).__name__} '), line
+    assert f'(model {model or "unknown"}): ' in line and str(exc)[:30] in line, line

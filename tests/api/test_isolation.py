@@ -3,6 +3,8 @@ whatever ids it sends."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx2
 
 from agentrt.services.background import get_supervisor
@@ -56,3 +58,46 @@ async def test_another_accounts_key_sees_nothing_of_it_whatever_ids_it_sends(
     await get_request_tracker().flush()
     assert (await client.get(AUDIT, headers=auth(keys.acme))).json()['total'] == 3  # green's turn is not acme's
     assert (await client.get('/api/v1/conversations/shared-id', headers=auth(keys.acme))).status_code == 200
+
+
+async def test_two_accounts_turns_and_reads_at_once_each_see_their_own(keys: Keys, client: httpx2.AsyncClient) -> None:
+    """Both accounts' turns run while both read conversations, audit, costs and budget: every answer is the
+    caller's, whatever the other account's requests do to the pool's connections meanwhile."""
+    own = {'acme-health': auth(keys.acme), 'green-grocer': auth(keys.green)}
+    messages = {'acme-health': 'Cardiologists in Seattle', 'green-grocer': 'Organic berries'}
+
+    async def turn(account: str, n: int) -> None:
+        response = await client.post(
+            f'/api/v1/conversations/{account}-{n}/turns', json={'message': messages[account]}, headers=own[account]
+        )
+        assert response.status_code == 200, response.text
+
+    async def reads(account: str) -> list[str]:
+        headers = own[account]
+        answers = await asyncio.gather(
+            client.get('/api/v1/conversations', headers=headers),
+            client.get(AUDIT, headers=headers),
+            client.get('/api/v1/costs', params={'by': 'account'}, headers=headers),
+            client.get('/api/v1/budget', headers=headers),
+            client.get('/api/v1/me', headers=headers),
+        )
+        assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+        conversations, audit, costs, _budget, _me = (answer.json() for answer in answers)
+        assert all(item['conversation_id'].startswith(account) for item in conversations['items'])
+        assert all(item['conversation_id'].startswith(account) for item in audit['items'])
+        other = next(slug for slug in own if slug != account)
+        assert all(other not in answer.text for answer in answers), [answer.text for answer in answers]
+        assert [group['key'] for group in costs['items']] in ([], [account]), costs
+        return [item['conversation_id'] for item in conversations['items']]
+
+    work = [turn(account, n) for n in range(3) for account in own]
+    work += [reads(account) for _ in range(3) for account in own]
+    await asyncio.gather(*work)
+    await get_request_tracker().flush()
+    schemas = {'acme-health': 'medical_providers', 'green-grocer': 'produce_suppliers'}
+    for account in own:
+        assert sorted(await reads(account)) == [f'{account}-{n}' for n in range(3)]
+        for n in range(3):  # the turn's tool calls and results: its own account's directory only
+            conversation = await client.get(f'/api/v1/conversations/{account}-{n}', headers=own[account])
+            other = next(schema for slug, schema in schemas.items() if slug != account)
+            assert schemas[account] in conversation.text and other not in conversation.text

@@ -277,3 +277,25 @@ def test_a_start_lock_another_user_made_first_is_refused(tmp_path: Path) -> None
     os.chown(lock, 65534, 65534)
     with pytest.raises(EmbeddedPostgresError, match='another user'), _lifecycle_lock(data_dir):
         pass
+
+
+def test_a_start_cut_short_after_the_server_started_stops_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `agentrt -v db status 2>&1 | head`: rich's stderr console raised SystemExit(1) from the start's thread at the
+    # next log line, after the server started and before it was marked agentrt's or its user registered. The server
+    # ran on, unmarked and with no user: taken for someone else's, no later process ever stopped it.
+    data_dir = tmp_path / 'pgdata'
+
+    def cut_short(*_args: object) -> None:
+        raise SystemExit(1)
+
+    monkeypatch.setattr('agentrt.db.embedded._tune_cluster', cut_short)
+    try:
+        with pytest.raises(SystemExit):
+            start_embedded(data_dir, stop_at_exit=False)
+        assert not _servers(data_dir), 'the server outlived the start that started it'
+        assert not (data_dir / SERVER_FILE).exists()
+    finally:
+        for process in _servers(data_dir):
+            process.kill()

@@ -217,3 +217,31 @@ def test_a_spool_in_a_directory_others_may_write_is_refused_at_start(monkeypatch
     message = str(info.value)
     assert message.startswith('invalid configuration: AGENTRT_LEDGER_SPOOL:') and 'writable by others' in message
     assert f'{shared}' in message and 'chmod 700' in message
+
+
+@pytest.mark.parametrize(
+    ('variable', 'value', 'problem'),
+    [
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', '0', 'greater than 0'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', '-5', 'greater than 0'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'nan', 'less than or equal to 3600'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'inf', 'less than or equal to 3600'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'two minutes', 'a valid number'),
+        ('AGENTRT_MODEL_MAX_RETRIES', '-1', 'greater than or equal to 0'),
+        ('AGENTRT_MODEL_MAX_RETRIES', '1.5', 'a valid integer'),
+    ],
+)
+def test_bad_model_bounds_name_their_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        read_settings()
+    assert str(info.value).startswith(f'invalid configuration: {variable}: ') and problem in str(info.value)
+
+
+def test_model_bounds_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings(_env_file=None).model_timeout_seconds, Settings(_env_file=None).model_max_retries) == (120, 0)
+    monkeypatch.setenv('AGENTRT_MODEL_TIMEOUT_SECONDS', '2.5')
+    monkeypatch.setenv('AGENTRT_MODEL_MAX_RETRIES', '2')
+    assert (read_settings().model_timeout_seconds, read_settings().model_max_retries) == (2.5, 2)

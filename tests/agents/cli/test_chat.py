@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -211,6 +212,22 @@ async def test_a_lone_surrogate_in_the_models_answer_is_printed_as_a_replacement
     async with get_db_session(account=Unscoped.OWNER) as session:
         saved = (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one()
     assert saved == 1
+
+
+async def test_chats_starting_at_once_on_an_empty_database_say_seeded_once() -> None:
+    # Wave 2: three `agentrt chat` started together on a new data directory each printed "empty database: seeded the
+    # demo data (4,500 directory entries)", though only the first one's inserts found no row there (ON CONFLICT).
+    from agentrt.agents.cli.chat import _seed_demo_if_empty
+    from agentrt.agents.cli.support import err_console
+
+    saved = err_console._file
+    err_console.file = io.StringIO()
+    try:
+        await asyncio.gather(*(_seed_demo_if_empty('acme-health') for _ in range(3)))
+        said = err_console.file.getvalue()
+    finally:
+        err_console._file = saved
+    assert said.count('empty database: seeded the demo data') == 1, said
 
 
 async def test_a_chat_with_the_job_queue_prints_the_answer_and_no_queue_notice(

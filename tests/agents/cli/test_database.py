@@ -113,6 +113,58 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
         await connection.close()
 
 
+async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(database_url: str) -> None:
+    """A newer agentrt migrated the database (a rolling upgrade, or a downgrade of the package): every command with
+    the default AGENTRT_AUTO_MIGRATE failed with Alembic's "cannot migrate to 'head': Can't locate revision
+    identified by '...'" (exit 2), and `db status` called the schema behind and said to run `db upgrade`, which
+    failed the same way."""
+    import asyncpg
+
+    name = f'agentrt_ahead_{uuid.uuid4().hex[:8]}'
+    url = make_url(database_url)
+    admin = url.set(drivername='postgresql').render_as_string(hide_password=False)
+    connection = await asyncpg.connect(admin)
+    try:
+        await connection.execute(f'CREATE DATABASE {name}')
+        ahead = url.set(database=name).render_as_string(hide_password=False)
+        assert (await invoke('db', 'upgrade', env={'DATABASE_URL': ahead})).exit_code == 0
+        database = await asyncpg.connect(url.set(drivername='postgresql', database=name).render_as_string(False))
+        try:
+            await database.execute("UPDATE alembic_version SET version_num = '9999_from_a_newer_agentrt'")
+        finally:
+            await database.close()
+
+        status = await invoke('db', 'status', env={'DATABASE_URL': ahead})
+        assert status.exit_code == 0, status.stderr
+        assert 'ahead' in status.stdout and 'behind' not in status.stdout and 'newer agentrt' in status.stdout
+
+        upgraded = await invoke('db', 'upgrade', env={'DATABASE_URL': ahead})
+        assert upgraded.exit_code == 2
+        assert upgraded.stderr.startswith('error: the database schema is at 9999_from_a_newer_agentrt, a revision')
+        assert 'newer agentrt migrated it' in upgraded.stderr and 'nothing was migrated' in upgraded.stderr
+        assert len(upgraded.stderr.strip().splitlines()) == 1 and "Can't locate" not in upgraded.stderr
+
+        for auto_migrate in ('true', 'false'):
+            listed = await invoke('keys', 'list', env={'DATABASE_URL': ahead, 'AGENTRT_AUTO_MIGRATE': auto_migrate})
+            assert listed.exit_code == 0, (auto_migrate, listed.stderr)
+    finally:
+        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+        await connection.close()
+
+
+async def test_upgrade_to_a_revision_the_schema_is_past_or_to_nothing_says_so(database_url: str) -> None:
+    # `db upgrade 0005_...` on a schema at head said "schema already at <head>" (a downgrade was asked for; Alembic's
+    # upgrade to an ancestor does nothing); `db upgrade ''` was "migrating the schema from <head> to failed:
+    # AssertionError: AssertionError", exit 5, as if a migration had failed.
+    env = {'DATABASE_URL': database_url}
+    past = await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env=env)
+    assert past.exit_code == 0, past.stderr
+    assert 'already past 0005_ledger_recorded_at_index' in past.stdout and 'never downgrades' in past.stdout
+    empty = await invoke('db', 'upgrade', ' ', env=env)
+    assert empty.exit_code == 2
+    assert empty.stderr.startswith('error: no revision to migrate to') and 'AssertionError' not in empty.stderr
+
+
 async def test_status_tells_the_background_mode_and_the_job_queue(database_url: str) -> None:
     """With AGENTRT_BACKGROUND=queue, jobs wait in PostgreSQL for `agentrt worker`: `db status` said nothing of the
     mode, of the queue's tables, of jobs piling up or of a worker being alive."""

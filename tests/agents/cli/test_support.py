@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,7 +20,7 @@ from agentrt.db.engine import build_engine
 from agentrt.db.failures import unavailable_error
 from agentrt.db.settings import Settings
 from agentrt.services.background import get_supervisor
-from tests.agents.cli.helpers import logging_restored
+from tests.agents.cli.helpers import invoke, logging_restored
 
 
 def _closed_port() -> int:
@@ -105,3 +106,48 @@ async def test_real_errors_stay_errors_and_debug_shows_everything(database: Sett
 def _no_leftover_handlers() -> Iterator[None]:
     yield
     logging.getLogger('sqlalchemy.pool.impl.AsyncAdaptedQueuePool').handlers.clear()
+
+
+class _ClosedPipe(io.StringIO):
+    """A stderr whose reader went away (`agentrt chat ... 2>&1 | head -3`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, 'Broken pipe')
+
+
+def test_a_closed_stderr_quiets_the_log_and_error_lines_instead_of_ending_the_command() -> None:
+    # rich's answer to a closed pipe is SystemExit(1), raised where the line was printed: `agentrt -v db status 2>&1
+    # | head` ended in the embedded server's start (in a thread), after the server started, before its user was
+    # registered. Standard output already lets its reader leave (`_ReaderMayLeave`); stderr does the same.
+    saved = err_console._file, err_console.quiet
+    err_console.file = _ClosedPipe()
+    finished: list[bool] = []
+
+    def start() -> None:
+        logging.getLogger('agentrt.db').info('embedded PostgreSQL: data in /somewhere')
+        logging.getLogger('agentrt.db').info('a second line, once the first found the pipe closed')
+        finished.append(True)
+
+    try:
+        with logging_restored():
+            setup_logging(False)
+            thread = threading.Thread(target=start)
+            thread.start()
+            thread.join()
+            assert finished == [True], 'the log line ended the thread that wrote it'
+            support.error_line('the command goes on to its end, and says nothing more')
+    finally:
+        err_console._file, err_console.quiet = saved
+
+
+async def test_ctrl_c_during_a_command_says_what_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncio.run answers a SIGINT by cancelling the command (its clean-up runs) and then raising KeyboardInterrupt,
+    # which typer turned into a silent exit 130 before the error boundary saw it: Ctrl-C while `agentrt db status`
+    # started the embedded server ended it without a word, where SIGTERM says "stopped by SIGTERM; ...".
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr('agentrt.agents.cli.database._status', interrupted)
+    result = await invoke('db', 'status')
+    assert result.exit_code == 130
+    assert result.stderr == 'error: stopped by SIGINT; nothing in progress was saved\n'

@@ -7,10 +7,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.conversations import ConcurrentTurnError, conversation_claim
+from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, conversation_claim
 from tests.factories import scalar
 
 
@@ -108,3 +109,16 @@ async def test_a_check_renews_the_lease_and_reads_the_revision_in_one_statement(
         await claim.check()
         assert claim.lost and claim.confirmed_at == before
         await scalar('UPDATE conversation_turns SET claim_id = :id RETURNING 1', id=claim.claim_id)
+
+
+async def test_a_refusal_never_says_the_claim_holds_longer_than_its_lease(account: int) -> None:
+    # The refused turn's transaction began before the winner took its claim: measured from that transaction's start
+    # (`now()`), the winner's lease looked longer than it is ('for up to 61 s' with a 60 s lease).
+    async with get_db_session(account=account) as session:
+        await session.execute(text('SELECT now()'))  # the transaction's clock starts here
+        await asyncio.sleep(0.3)  # time passing between the two transactions is what the test is about
+        async with conversation_claim(account, 'late', lease_s=60):
+            loser = TurnClaim.mint(account, 'late', lease_s=60)
+            with pytest.raises(ConcurrentTurnError) as info:
+                await loser.take(session=session)
+    assert info.value.expires_in_s is not None and 59 <= info.value.expires_in_s <= 60

@@ -1,0 +1,59 @@
+"""A JSON (not streamed) turn whose client disconnects stops, as a streamed one does: its claim released at once, its
+model request recorded `cancelled`, nothing saved; served by uvicorn on loopback, the client a real connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2
+from sqlalchemy import func, select
+
+from agentrt.api.app import create_app
+from agentrt.db.engine import pool_status
+from agentrt.db.models import ConversationRow, ConversationTurnRow
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.ledger import get_request_tracker
+from tests.api.conftest import Keys, auth, serve
+from tests.factories import HeldModel, ledger_rows
+
+QUESTION = 'Cardiologists in Seattle who accept Medicare'
+
+
+async def _count(table: type[ConversationRow] | type[ConversationTurnRow]) -> int:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(select(func.count()).select_from(table))).scalar_one()
+
+
+async def _statuses() -> list[str]:
+    await get_request_tracker().flush()
+    return [row['status'] for row in await ledger_rows(chat_session_id='gone')]
+
+
+async def test_a_json_turn_whose_client_disconnects_is_cancelled_and_frees_its_conversation(keys: Keys) -> None:
+    # Before, the turn ran on with nobody waiting, holding (and renewing) its claim until the model answered or the
+    # provider gave up: the client's retry got 409 all that time.
+    model = HeldModel()
+    app = create_app(manage_runtime=False, model=model)
+    path = '/api/v1/conversations/gone/turns'
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as leaving:
+            first = asyncio.create_task(leaving.post(path, json={'message': QUESTION}, headers=auth(keys.acme)))
+            await model.wait_for_arrivals(1)  # the turn holds its claim, at its first model request
+            async with httpx2.AsyncClient(base_url=url, timeout=30) as other:
+                refused = await other.post(path, json={'message': 'and in Boston?'}, headers=auth(keys.acme))
+            assert refused.status_code == 409, refused.text
+            assert 'one running now holds it until it ends' in refused.json()['detail']
+            first.cancel()  # the client gives up: its connection closes with the client
+            await asyncio.gather(first, return_exceptions=True)
+        for _ in range(500):  # the server notices the hang-up and cancels the turn
+            if await _count(ConversationTurnRow) == 0 and await _statuses() == ['cancelled']:
+                break
+            await asyncio.sleep(0.02)
+        assert await _statuses() == ['cancelled']
+        assert await _count(ConversationTurnRow) == 0 and await _count(ConversationRow) == 0
+        assert pool_status().checked_out == 0
+        model.release.set()  # the next turn runs at once, not 409 for the lease's rest
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            again = await client.post(path, json={'message': QUESTION}, headers=auth(keys.acme))
+        assert again.status_code == 200, again.text
+        assert again.json()['output'].startswith('I found')
