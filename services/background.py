@@ -15,7 +15,7 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.errors import AgentRuntimeError, DatabaseUnavailableError
 from agentrt.db.models.base import Base
 
 T = TypeVar('T')
@@ -375,6 +375,31 @@ def _reject_unsafe_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict
 # One supervisor per event loop: a supervisor's tasks and semaphore belong to the loop they were made on.
 # Weak keys, so a finished `asyncio.run` takes its supervisor with it.
 _supervisors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskSupervisor] = weakref.WeakKeyDictionary()
+
+
+class OutageAsOneLine(logging.Filter):
+    """A log filter for servers: a background task stopped by the database being unavailable is one WARNING line with
+    the reason, not an ERROR with a traceback of ~130 lines for each task an outage stops (every turn's own error
+    already says the database is away). Any other record passes as it is.
+
+    `agentrt serve` puts it on its handlers (`keep_traceback` at `--log-level debug`); the CLI's commands have their
+    own one-line handling.
+    """
+
+    def __init__(self, keep_traceback: bool = False) -> None:
+        super().__init__()
+        self.keep_traceback = keep_traceback
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a background outage failure in place; keep every record."""
+        exc = record.exc_info[1] if record.exc_info else None
+        task = record.__dict__.get('task_name')
+        if task and isinstance(exc, DatabaseUnavailableError):
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+            record.msg, record.args = 'background task %s not done: database unavailable: %s', (task, exc)
+            if not self.keep_traceback:
+                record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _loop_ending() -> bool:
