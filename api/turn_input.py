@@ -59,12 +59,25 @@ def require_json(request: Request) -> None:
     """Refuse a body not declared JSON (a FastAPI dependency of the JSON turn route, which ran the body's
     validation on nothing and answered 422, "Input should be a valid dictionary", for a JSON body sent as text).
 
+    A `charset` other than UTF-8 is refused too: JSON is UTF-8 (RFC 8259) and is read as such, so a body declared
+    `charset=latin-1` was read as UTF-8 all the same, and one in UTF-16 was taken on one route and not on the others.
+
     Raises:
-        ApiError: 415 unless the Content-Type is application/json.
+        ApiError: 415 unless the Content-Type is application/json (in UTF-8, when it names a charset).
     """
-    media_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
-    if media_type != 'application/json':
+    media_type, *parameters = request.headers.get('content-type', '').split(';')
+    if media_type.strip().lower() != 'application/json':
         raise ApiError(415, 'unsupported_media_type', 'send the body as Content-Type: application/json')
+    for parameter in parameters:
+        name, _, value = parameter.partition('=')
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == 'charset' and charset not in ('utf-8', 'utf8'):
+            raise ApiError(
+                415,
+                'unsupported_media_type',
+                f'charset={charset} is not served: JSON is UTF-8; send the body in UTF-8 (or name no charset)',
+                field='Content-Type',
+            )
 
 
 def parse_run_input(

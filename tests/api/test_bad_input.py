@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 
 import httpx2
+import pytest
 
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -280,3 +282,69 @@ async def test_a_lone_surrogate_nested_deep_is_still_a_422(keys: Keys, client: h
         content = '{"id": "c1", "messages": ' + '[' * depth + '"\\ud800"' + ']' * depth + '}'
         response = await client.post('/api/v1/chat', content=content, headers=headers)
         assert response.status_code == 422 and response.json()['type'] == 'invalid_input', response.text
+
+
+TURN_BODIES = [
+    ('/api/v1/conversations/coded/turns', {'message': 'hi'}),
+    ('/api/v1/chat', chat_body('coded', 'hi')),
+    (
+        '/api/v1/chat/ag-ui',
+        {'threadId': 'coded', 'runId': 'r1', 'messages': [{'id': 'u1', 'role': 'user', 'content': 'hi'}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(('path', 'body'), TURN_BODIES)
+@pytest.mark.parametrize(('coding', 'compressed'), [('gzip', True), ('gzip', False), ('deflate', False), ('br', False)])
+async def test_a_body_in_a_content_coding_is_415_naming_it(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], coding: str, compressed: bool
+) -> None:
+    # A body claiming gzip but sent plain ran the turn as if it were plain; a gzipped one was "not UTF-8".
+    content = json.dumps(body).encode()
+    headers = {**auth(keys.acme), 'content-type': 'application/json', 'content-encoding': coding}
+    response = await client.post(path, content=gzip.compress(content) if compressed else content, headers=headers)
+    refused = response.json()
+    assert response.status_code == 415, response.text
+    assert refused['type'] == 'unsupported_media_type' and refused['field'] == 'Content-Encoding', refused
+    assert f"Content-Encoding '{coding}' is not served" in refused['detail'] and refused['error_id'].startswith('err_')
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+    assert await PostgresConversationStore(await account_id('acme-health')).load('coded') is None
+
+
+@pytest.mark.parametrize(('path', 'body'), TURN_BODIES)
+@pytest.mark.parametrize('charset', ['latin-1', 'ISO-8859-1', 'utf-16', '"utf-32"'])
+async def test_a_json_body_declared_in_a_charset_other_than_utf8_is_415(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], charset: str
+) -> None:
+    # It was read as UTF-8 whatever it said; a UTF-16 body was taken on the turns route and refused on the others.
+    headers = {**auth(keys.acme), 'content-type': f'application/json; charset={charset}'}
+    response = await client.post(path, content=json.dumps(body), headers=headers)
+    refused = response.json()
+    assert response.status_code == 415 and refused['field'] == 'Content-Type', response.text
+    assert f'charset={charset.strip(chr(34)).lower()} is not served: JSON is UTF-8' in refused['detail'], refused
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+
+
+@pytest.mark.parametrize('content_type', ['application/json; charset=UTF-8', 'application/json;charset="utf8"'])
+async def test_a_json_body_declared_utf8_is_read(keys: Keys, client: httpx2.AsyncClient, content_type: str) -> None:
+    response = await client.post(
+        '/api/v1/conversations/c1/turns',
+        content='{"message": "Dermatologists"}',
+        headers={**auth(keys.acme), 'content-type': content_type},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ('headers', 'status', 'field'),
+    [({'content-length': 'abc'}, 400, 'Content-Length'), ({'content-length': str(10**12)}, 413, None)],
+)
+async def test_a_body_refused_before_it_is_read_gets_the_usual_error_body(
+    keys: Keys, client: httpx2.AsyncClient, headers: dict[str, str], status: int, field: str | None
+) -> None:
+    # These two answers were written apart from the one mapping: no error id, no log line to find.
+    response = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), **headers})
+    body = response.json()
+    assert response.status_code == status and body['error_id'].startswith('err_') and body.get('field') == field, body
