@@ -348,3 +348,35 @@ async def test_a_body_refused_before_it_is_read_gets_the_usual_error_body(
     response = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), **headers})
     body = response.json()
     assert response.status_code == status and body['error_id'].startswith('err_') and body.get('field') == field, body
+
+
+# (route, parameter, value, words of the message): these answered 200, a blank filter with an empty page, a number
+# read as a Unix time (-1 was 1969-12-31T23:59:59Z); a control character was "String should match pattern '^[^...'".
+FILTER_VALUES = [
+    (AUDIT, 'model', ' ', 'is blank'),
+    (AUDIT, 'agent', '\t ', 'control character (U+0009) at position 0'),
+    (AUDIT, 'conversation_id', '   ', 'is blank'),
+    ('/api/v1/costs', 'model', 'gpt\x00-4o', 'control character (U+0000) at position 3'),
+    ('/api/v1/costs', 'agent', '\u3000', 'is blank'),
+    (AUDIT, 'since', '-1', 'is a number, not a time'),
+    (AUDIT, 'until', '1.5', 'is a number, not a time'),
+    (AUDIT, 'since', '1700000000', 'is a number, not a time'),
+    ('/api/v1/costs', 'since', '2026', 'is a number, not a time'),
+    ('/api/v1/costs', 'until', '20260301', 'is a number, not a time'),
+]
+
+
+@pytest.mark.parametrize(('path', 'name', 'value', 'said'), FILTER_VALUES)
+async def test_a_blank_filter_or_a_number_for_a_time_is_a_422_saying_so(
+    keys: Keys, client: httpx2.AsyncClient, path: str, name: str, value: str, said: str
+) -> None:
+    response = await client.get(path, params={name: value}, headers=auth(keys.acme))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()['detail']
+    assert error['loc'] == ['query', name] and said in error['msg'], error
+
+
+async def test_filters_with_inner_spaces_and_iso_times_still_match(keys: Keys, client: httpx2.AsyncClient) -> None:
+    params = {'agent': 'Provider Finder', 'since': '2026-03-01', 'until': '2099-01-01T00:00:00Z'}
+    response = await client.get(AUDIT, params=params, headers=auth(keys.acme))
+    assert response.status_code == 200, response.text
