@@ -81,12 +81,20 @@ def require_json(request: Request) -> None:
 
 
 def parse_run_input(
-    request: Request, body: bytes, build: Callable[[bytes], T], *, tags: frozenset[str] = frozenset()
+    request: Request,
+    body: bytes,
+    build: Callable[[bytes], T],
+    *,
+    tags: frozenset[str] = frozenset(),
+    tag_field: str = '',
+    tag_default: str = '',
 ) -> T:
     """A chat protocol's request body (`build` is the adapter's `build_run_input`), or the error naming the field.
 
     The field errors do not echo the values sent (they can be huge, or hold what should not come back). `tags` are
-    the values of the body's own discriminator (Vercel's `trigger`), which pydantic puts first in a location.
+    the values of the body's own discriminator (Vercel's `trigger`, `tag_field`), which pydantic puts first in a
+    location; a body object without it is read as `tag_default` (what the OpenAPI schema publishes as its default:
+    it was a 422, "Unable to extract tag using discriminator 'trigger'").
 
     Only the body's last message is read: the conversation's history is the server's, and a client that keeps its
     own copy (the AI SDK's `useChat`) sends all of it with every turn. Validating that copy cost CPU on the event
@@ -99,7 +107,7 @@ def parse_run_input(
             JSON to pydantic).
     """
     require_json(request)
-    body, skipped = _last_message_only(body)
+    body, skipped = _last_message_only(body, {tag_field: tag_default} if tag_field else {})
     try:
         return build(body)
     except ValidationError as exc:
@@ -108,6 +116,8 @@ def parse_run_input(
         if surrogate is not None:  # the parser's words ("unexpected end of hex escape") do not say so
             where = _as_sent(list(surrogate.location), skipped)
             raise InvalidInputError(f'{where}: {surrogate.message()}', field=where) from exc
+        if tag_field and first['type'] in ('union_tag_invalid', 'union_tag_not_found') and not first['loc']:
+            raise InvalidInputError(f'{tag_field}: must be {tag_default!r} (or left out)', field=tag_field) from exc
         location = list(first['loc'])
         if location and location[0] in tags:
             location = location[1:]
@@ -123,8 +133,9 @@ def _as_sent(location: list[str | int], skipped: int) -> str:
     return '.'.join(str(part) for part in location) or 'body'
 
 
-def _last_message_only(body: bytes) -> tuple[bytes, int]:
-    """The body with its `messages` cut to the last one, and how many were left out (0: the body as it came).
+def _last_message_only(body: bytes, defaults: dict[str, str]) -> tuple[bytes, int]:
+    """The body with its `messages` cut to the last one and the `defaults` of fields it lacks, and how many messages
+    were left out (0: the body as it came).
 
     A body that is not a JSON object with a list of several messages is passed on as it is, for the adapter's own
     validation to name what is wrong with it.
@@ -133,8 +144,13 @@ def _last_message_only(body: bytes) -> tuple[bytes, int]:
         data = json.loads(body.decode())  # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too)
     except (ValueError, RecursionError):  # not UTF-8, not JSON (ValueErrors both), or nested past the parser
         return body, 0
-    messages = data.get('messages') if isinstance(data, dict) else None
-    if not isinstance(messages, list) or len(messages) < 2:
+    if not isinstance(data, dict):
         return body, 0
-    data['messages'] = messages[-1:]
-    return json.dumps(data).encode(), len(messages) - 1
+    missing = {name: value for name, value in defaults.items() if name not in data}
+    messages = data.get('messages')
+    skipped = len(messages) - 1 if isinstance(messages, list) and len(messages) >= 2 else 0
+    if not missing and not skipped:
+        return body, 0
+    if skipped:
+        data['messages'] = messages[-1:]
+    return json.dumps({**missing, **data}).encode(), skipped

@@ -380,3 +380,29 @@ async def test_filters_with_inner_spaces_and_iso_times_still_match(keys: Keys, c
     params = {'agent': 'Provider Finder', 'since': '2026-03-01', 'until': '2099-01-01T00:00:00Z'}
     response = await client.get(AUDIT, params=params, headers=auth(keys.acme))
     assert response.status_code == 200, response.text
+
+
+async def test_a_chat_body_without_trigger_is_the_submit_message_that_openapi_says_is_its_default(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # It was a 422 with pydantic's words, "Unable to extract tag using discriminator 'trigger'", for a body the
+    # published schema allows (trigger not required, default submit-message).
+    body = chat_body('no-trigger', 'Dermatologists in Boston')
+    del body['trigger']
+    body['messages'].insert(0, {'id': 'm0', 'role': 'user', 'parts': [{'type': 'text', 'text': 'earlier'}]})
+    response = await client.post('/api/v1/chat', json=body, headers=auth(keys.acme))
+    assert response.status_code == 200, response.text
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('no-trigger')
+    assert stored is not None
+    prompts = [part.content for m in stored.messages for part in m.parts if part.part_kind == 'user-prompt']
+    assert prompts == ['Dermatologists in Boston']
+
+
+@pytest.mark.parametrize('trigger', ['launch', None, 5, ''])
+async def test_a_chat_trigger_that_is_not_served_is_a_422_naming_trigger(
+    keys: Keys, client: httpx2.AsyncClient, trigger: object
+) -> None:
+    response = await client.post('/api/v1/chat', json=chat_body('c1', 'hi', trigger=trigger), headers=auth(keys.acme))
+    body = response.json()
+    assert response.status_code == 422 and body['field'] == 'trigger', body
+    assert body['detail'] == "trigger: must be 'submit-message' (or left out)", body
