@@ -43,23 +43,23 @@ class Utf8Url:
 
 def url_refusal(raw_path: bytes, query_string: bytes) -> InvalidInputError | None:
     """Why a request line's path or query is not text (the first fault found), or None when both are UTF-8."""
-    problem = _not_text(unquote_to_bytes(raw_path))
+    problem = not_utf8(unquote_to_bytes(raw_path))
     if problem is not None:
         return InvalidInputError(f'the URL path is not UTF-8 text: {problem}', field='path')
     for pair in query_string.split(b'&'):
         raw_name, _, raw_value = pair.partition(b'=')
         name_bytes = unquote_to_bytes(raw_name.replace(b'+', b' '))
-        problem = _not_text(name_bytes)
+        problem = not_utf8(name_bytes)
         if problem is not None:
             return InvalidInputError(f"a query parameter's name is not UTF-8 text: {problem}", field='query')
         name = name_bytes.decode()
-        problem = _not_text(unquote_to_bytes(raw_value.replace(b'+', b' ')))
+        problem = not_utf8(unquote_to_bytes(raw_value.replace(b'+', b' ')))
         if problem is not None:
             return InvalidInputError(f'the query parameter {name!r} is not UTF-8 text: {problem}', field=name)
     return None
 
 
-def _not_text(data: bytes) -> str | None:
+def not_utf8(data: bytes) -> str | None:
     """What is wrong with `data` as UTF-8 (the bad bytes, percent-encoded, and where), or None when it is text."""
     try:
         data.decode()

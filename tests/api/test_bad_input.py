@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from collections.abc import Callable
 
 import httpx2
 import pytest
@@ -406,3 +407,58 @@ async def test_a_chat_trigger_that_is_not_served_is_a_422_naming_trigger(
     body = response.json()
     assert response.status_code == 422 and body['field'] == 'trigger', body
     assert body['detail'] == "trigger: must be 'submit-message' (or left out)", body
+
+
+def _vercel_part(**part: object) -> dict[str, object]:
+    body = chat_body('c1', 'hi')
+    body['messages'] = [
+        {'id': 'm0', 'role': 'user', 'parts': [{'type': 'text', 'text': 'earlier'}]},
+        {'id': 'm1', 'role': 'user', 'parts': [part]},
+    ]
+    return body
+
+
+def _ag_ui_content(content: object) -> dict[str, object]:
+    return {'threadId': 't1', 'runId': 'r1', 'messages': [{'id': 'u1', 'role': 'user', 'content': content}]}
+
+
+# The fields were pydantic's locations, with the names of union members no client sends: 'messages.0.parts.0.
+# TextUIPart.text', 'messages.0.user.content.str'.
+FIELDS_AS_SENT = [
+    ('/api/v1/chat', _vercel_part(type='text'), 'messages.1.parts.0.text', 'Field required'),
+    ('/api/v1/chat', _vercel_part(type='text', text=5), 'messages.1.parts.0.text', 'valid string'),
+    ('/api/v1/chat', _vercel_part(type='text', text='hi', state='bogus'), 'messages.1.parts.0.state', "'streaming'"),
+    ('/api/v1/chat/ag-ui', _ag_ui_content(None), 'messages.0.content', 'valid string'),
+    ('/api/v1/chat/ag-ui', _ag_ui_content(5), 'messages.0.content', 'valid string'),
+]
+
+
+@pytest.mark.parametrize(('path', 'body', 'field', 'said'), FIELDS_AS_SENT)
+async def test_a_bad_field_of_a_chat_body_is_named_as_the_client_sent_it(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], field: str, said: str
+) -> None:
+    response = await client.post(path, json=body, headers=auth(keys.acme))
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == field, refused
+    assert refused['detail'].startswith(f'{field}: ') and said in refused['detail'], refused
+
+
+@pytest.mark.parametrize('path', ['/api/v1/chat', '/api/v1/chat/ag-ui'])
+@pytest.mark.parametrize(
+    ('encode', 'said'),
+    [
+        (lambda text: b'\xef\xbb\xbf' + text.encode(), 'starts with a byte order mark'),
+        (lambda text: text.encode('utf-16'), 'starts with a byte order mark'),
+        (lambda text: text.encode('utf-16-le'), 'a NUL byte at byte 1'),
+        (lambda text: text.replace('hi', 'caf\xe9').encode('latin-1'), 'not UTF-8 text: %E9 at byte'),
+    ],
+)
+async def test_a_chat_body_that_is_not_utf8_is_a_422_saying_so(
+    keys: Keys, client: httpx2.AsyncClient, path: str, encode: Callable[[str], bytes], said: str
+) -> None:
+    # It was the parser's "Invalid JSON: expected value at line 1 column 1", which names neither fault nor fix.
+    text = json.dumps(chat_body('c1', 'hi') if path == '/api/v1/chat' else _ag_ui_content('hi'))
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    response = await client.post(path, content=encode(text), headers=headers)
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'body' and said in refused['detail'], refused
