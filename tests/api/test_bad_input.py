@@ -462,3 +462,20 @@ async def test_a_chat_body_that_is_not_utf8_is_a_422_saying_so(
     response = await client.post(path, content=encode(text), headers=headers)
     refused = response.json()
     assert response.status_code == 422 and refused['field'] == 'body' and said in refused['detail'], refused
+
+
+@pytest.mark.parametrize(
+    ('if_match', 'said'),
+    [(b'W/"' + b'9' * 190 + b'"', '190 characters long; the limit is 64'), (b'"a\x00b"', 'PostgreSQL cannot store')],
+)
+async def test_an_if_match_no_revision_can_be_is_a_422_naming_the_header(
+    keys: Keys, client: httpx2.AsyncClient, if_match: bytes, said: str
+) -> None:
+    # It named the store's own argument: "the expected_revision is 190 characters long", field expected_revision.
+    turn = await client.post('/api/v1/conversations/kept/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+    assert turn.status_code == 200, turn.text
+    response = await client.delete('/api/v1/conversations/kept', headers={**auth(keys.acme), 'If-Match': if_match})
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'If-Match', refused
+    assert refused['detail'].startswith('If-Match: the revision') and said in refused['detail'], refused
+    assert await PostgresConversationStore(await account_id('acme-health')).load('kept') is not None
