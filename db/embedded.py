@@ -59,6 +59,8 @@ class EmbeddedServer:
     data_dir: Path
     socket_dir: Path
     port: int
+    created: bool = False
+    """Whether this start made the cluster (the directory's first use)."""
 
     def url(self, database: str = 'postgres') -> URL:
         """SQLAlchemy URL (asyncpg driver) for this server's Unix socket."""
@@ -94,6 +96,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         warnings.simplefilter('ignore')
         users = _prune(data_dir)
         was_running = _postmaster_pid(data_dir) is not None
+        created = not (data_dir / 'PG_VERSION').exists()
         try:
             server = _get_server(data_dir)
             if not was_running:
@@ -117,7 +120,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     if stop_at_exit and data_dir not in _registered:
         _registered.add(data_dir)
         atexit.register(release_embedded, data_dir)
-    return EmbeddedServer(data_dir=data_dir, socket_dir=Path(info.socket_dir), port=int(info.port or 5432))
+    return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
 
 
 def release_embedded(data_dir: Path) -> bool:
@@ -136,7 +139,7 @@ def release_embedded(data_dir: Path) -> bool:
             return False
         _stop(data_dir)
         (data_dir / SERVER_FILE).unlink(missing_ok=True)
-        logger.info('embedded PostgreSQL in %s stopped (last user left)', data_dir)
+        logger.debug('embedded PostgreSQL in %s stopped (last user left)', data_dir)  # routine: every CLI command
         return True
 
 

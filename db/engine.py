@@ -100,7 +100,14 @@ async def init_database(
         if settings.database_url is None:
             embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
             url = embedded.url()
-            logger.info('embedded PostgreSQL: data in %s (socket %s)', embedded.data_dir, embedded.socket_dir)
+            # Said once, when the directory is first used (where the data lives); after that at DEBUG (`-v`): every
+            # one-shot CLI command printed it.
+            logger.log(
+                logging.INFO if embedded.created else logging.DEBUG,
+                'embedded PostgreSQL: data in %s (socket %s)',
+                embedded.data_dir,
+                embedded.socket_dir,
+            )
         else:
             url = parse_database_url(settings.database_url)
         engine, settings = await connect_engine(url, settings)

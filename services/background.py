@@ -15,7 +15,7 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.errors import AgentRuntimeError, DatabaseUnavailableError
 from agentrt.db.models.base import Base
 
 T = TypeVar('T')
@@ -302,6 +302,16 @@ class TaskSupervisor:
             if started_at is None:
                 self._queued -= 1
                 logger.info('background task %s cancelled before it started', task_name)
+            elif self._accepting and _loop_ending():
+                # `asyncio.run(simple_chat(...))` in a script: the loop ends with the turn and cancels what the turn
+                # left running (the usage roll-up, a summary), which a later turn does again. Not worth a warning in
+                # every such program; `shutdown_runtime()` (or `agentrt_runtime()`) lets the work finish instead.
+                logger.info(
+                    'background task %s stopped with its event loop after %.3fs (the loop ended without '
+                    'shutdown_runtime(), which lets background work finish)',
+                    task_name,
+                    time.monotonic() - started_at,
+                )
             else:
                 logger.warning('background task %s cancelled after %.3fs', task_name, time.monotonic() - started_at)
             raise
@@ -365,6 +375,37 @@ def _reject_unsafe_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict
 # One supervisor per event loop: a supervisor's tasks and semaphore belong to the loop they were made on.
 # Weak keys, so a finished `asyncio.run` takes its supervisor with it.
 _supervisors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskSupervisor] = weakref.WeakKeyDictionary()
+
+
+class OutageAsOneLine(logging.Filter):
+    """A log filter for servers: a background task stopped by the database being unavailable is one WARNING line with
+    the reason, not an ERROR with a traceback of ~130 lines for each task an outage stops (every turn's own error
+    already says the database is away). Any other record passes as it is.
+
+    `agentrt serve` puts it on its handlers (`keep_traceback` at `--log-level debug`); the CLI's commands have their
+    own one-line handling.
+    """
+
+    def __init__(self, keep_traceback: bool = False) -> None:
+        super().__init__()
+        self.keep_traceback = keep_traceback
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a background outage failure in place; keep every record."""
+        exc = record.exc_info[1] if record.exc_info else None
+        task = record.__dict__.get('task_name')
+        if task and isinstance(exc, DatabaseUnavailableError):
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+            record.msg, record.args = 'background task %s not done: database unavailable: %s', (task, exc)
+            if not self.keep_traceback:
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _loop_ending() -> bool:
+    """Whether the running loop is being torn down: `asyncio.run`, once its main coroutine returned, cancels every task
+    left at once, so all of them are being cancelled (a task cancelled on its own leaves the others running)."""
+    return all(task.cancelling() for task in asyncio.all_tasks())
 
 
 def get_supervisor() -> TaskSupervisor:

@@ -106,9 +106,11 @@ def _log_config(level: str) -> dict[str, Any]:
     config['filters'] = {
         'redact': {'()': 'agentrt.services.log_redaction.RedactingFilter'},
         'redact_arguments': {'()': 'agentrt.services.log_redaction.ArgumentRedactingFilter'},
+        # Before the redaction, which then reads the line as rewritten: an outage's background failures, one line each.
+        'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
     }
     config['handlers'] = {
-        name: {**handler, 'filters': ['redact_arguments' if name == 'access' else 'redact']}
+        name: {**handler, 'filters': ['redact_arguments'] if name == 'access' else ['outage', 'redact']}
         for name, handler in LOGGING_CONFIG['handlers'].items()
     }
     known = level if level in logging.getLevelNamesMapping() else 'INFO'

@@ -36,13 +36,16 @@ logger = logging.getLogger('agentrt.conversations')
 
 # Take the claim if there is none or the one there has expired; RETURNING says whether this turn got it. A claim
 # that is already this turn's (its id is minted before) counts as taken: a retry after a lost connection whose
-# first attempt committed is not refused as a concurrent turn.
+# first attempt committed is not refused as a concurrent turn. So does one this process gave up and could not
+# release yet (`abandoned_claim_id`: its turn ended while PostgreSQL was down, `_release_later`): the next turn of
+# the conversation takes it over rather than being refused until the release's next attempt.
 _CLAIM_SQL = """
 INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
 VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
 ON CONFLICT (account_id, conversation_id) DO UPDATE
 SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
 WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
+    OR conversation_turns.claim_id = :abandoned_claim_id
 RETURNING claim_id
 """
 _CLAIM = text(_CLAIM_SQL)
@@ -116,9 +119,9 @@ class TurnClaim:
         """
         self.confirmed_at = time.monotonic()
         if isinstance(session, DriverTransaction):
-            taken = bool(await session.fetch(_CLAIM_ON_DRIVER, self._params()))
+            taken = bool(await session.fetch(_CLAIM_ON_DRIVER, self._claim_params()))
         else:
-            taken = (await session.execute(_CLAIM, self._params())).first() is not None
+            taken = (await session.execute(_CLAIM, self._claim_params())).first() is not None
         if not taken:
             await self.refused(session=session)
         self.acquired = True
@@ -170,7 +173,7 @@ class TurnClaim:
     def params(self) -> dict[str, object]:
         """The parameters of `sql` (and of the claim's other statements)."""
         self.confirmed_at = time.monotonic()
-        return self._params()
+        return self._claim_params()
 
     def taken(self, taken: bool) -> None:
         """Record the outcome of `sql` run by the caller (after `params()`).
@@ -252,6 +255,10 @@ class TurnClaim:
             'lease_s': self.lease_s,
         }
 
+    def _claim_params(self) -> dict[str, object]:
+        abandoned = _abandoned.get((self.account_id, self.conversation_id))
+        return self._params() | {'abandoned_claim_id': abandoned}
+
 
 @asynccontextmanager
 async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: float) -> AsyncIterator[TurnClaim]:
@@ -280,8 +287,17 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         yield claim
 
 
+_abandoned: dict[tuple[int, str], str] = {}
+"""The claims this process must still release, by (account, conversation): a turn that ended while PostgreSQL was
+down left its claim there (`_release_later`). The next turn of the conversation takes such a claim over (`_CLAIM_SQL`):
+the release retries with a backoff of up to 2 s, and until then that turn was refused as if another turn held the
+conversation for the rest of the lease. An entry leaves when its release ends, however it ends."""
+
+
 def _release_later(claim: TurnClaim, error: Exception) -> None:
     supervisor = get_supervisor()
+    key = (claim.account_id, claim.conversation_id)
+    _abandoned[key] = claim.claim_id
     try:
         supervisor.spawn(
             _release_when_back,
@@ -294,6 +310,8 @@ def _release_later(claim: TurnClaim, error: Exception) -> None:
             attributes={'gen_ai.conversation.id': claim.conversation_id},
         )
     except (SupervisorClosed, BackgroundQueueFull):
+        if _abandoned.get(key) == claim.claim_id:
+            del _abandoned[key]  # nothing will release it: only its lease frees the conversation
         logger.warning(
             'could not release the claim on conversation %s (%s); it expires in %gs',
             claim.conversation_id,
@@ -308,7 +326,15 @@ async def _release_when_back(
     """Retry releasing a claim, with backoff, until the database answers or the lease would have expired anyway, or
     the process is shutting down: its drain would wait for a server that may stay down, and the lease frees the
     conversation by itself (a refused turn says how long it is still held)."""
-    claim = TurnClaim(account_id, conversation_id, claim_id, lease_s)
+    try:
+        await _release_with_backoff(TurnClaim(account_id, conversation_id, claim_id, lease_s), shutting_down)
+    finally:
+        if _abandoned.get((account_id, conversation_id)) == claim_id:
+            del _abandoned[account_id, conversation_id]
+
+
+async def _release_with_backoff(claim: TurnClaim, shutting_down: Callable[[], bool]) -> None:
+    conversation_id, lease_s = claim.conversation_id, claim.lease_s
     deadline = asyncio.get_running_loop().time() + lease_s
     delay = 0.1
     while True:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any
@@ -16,12 +14,12 @@ from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
-from pydantic_ai.models.wrapper import WrapperModel
 
 from agentrt.db.errors import BudgetExceededError
 from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, release
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
+from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
@@ -35,52 +33,14 @@ RIDER_HOOKS = ('for_run', 'before_node_run', 'before_model_request')
 
 
 @dataclass(slots=True)
-class _InFlight:
-    """One model request of a run, from just before it is sent until it is recorded."""
-
-    id: Any
-    started: float
-    started_at: Any
-    streamed: bool
-    trace_id: str | None
-    stream: StreamedResponse | None = None
-    stream_started: float | None = None
-    response: ModelResponse | None = None
-    open_error: Exception | None = None
-    """What the model raised while opening its stream (before the first chunk): the request failed there, whatever
-    the run's own error turns out to be (`_record_cut`)."""
-
-
-@dataclass(slots=True)
-class _Cut:
-    """A streamed request whose task was cancelled: by the stream's own failure or by a real cancellation.
-
-    pydantic-ai reads a stream in the task that consumes it and cancels the request's task (where
-    `wrap_model_request` runs) when that consumer stops, whether a provider error inside the stream (or opening
-    it) stopped it or the caller did. Which of the two it was is known only when the run ends (`wrap_run` sees
-    the run's error), so the row waits for that. A `ModelAPIError` (pydantic-ai's class for every provider
-    failure: HTTP status, dropped connection, undecodable chunk, timeout) makes it an `error`, and so does whatever
-    the model raised while opening the stream (`_InFlight.open_error`: a custom model's exception, a stream that
-    ended before its first chunk); anything else (the consumer's own exception, a cancellation) means the caller
-    stopped the stream: `cancelled`.
-    """
-
-    request_context: ModelRequestContext
-    flight: _InFlight
-    cancellation: asyncio.CancelledError
-    ended: float
-    finished_at: Any
-
-
-@dataclass(slots=True)
 class _RunLedger:
     """Per-run state. Model requests of one run are sequential, so one in-flight slot is enough."""
 
     tracker: LLMRequestTracker
     identity: LedgerIdentity
     budget: BudgetConfig
-    current: _InFlight | None = None
-    cut: _Cut | None = None
+    current: InFlight | None = None
+    cut: Cut | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
     bodies: RunBodies = field(default_factory=RunBodies)
     """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
@@ -187,7 +147,7 @@ class LedgerCapability(AbstractCapability[Any]):
         """Run, then have the run's ledger rows committed now (not after the writer's commit delay) and wait (bounded)
         until they are durable.
 
-        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `_Cut`). The
+        A streamed request cut off meanwhile is recorded here, once the run's error says why (see `Cut`). The
         responses recorded since the last model request are sealed here (`RunBodies.seal`): their stored content is
         taken once pydantic-ai has stamped them. A run that is cancelled does not wait, but its rows are committed
         without delay all the same.
@@ -233,7 +193,7 @@ class LedgerCapability(AbstractCapability[Any]):
         flight = self._run.current if self._run is not None else None
         if flight is None or not flight.streamed:
             return None
-        return _StreamProbe(model, flight)
+        return StreamProbe(model, flight)
 
     async def wrap_model_request(self, ctx: Any, *, request_context: ModelRequestContext, handler: Any) -> Any:
         """Mint the ledger key, hold the budget, send the request, and record the outcome whatever it is."""
@@ -258,7 +218,7 @@ class LedgerCapability(AbstractCapability[Any]):
         except BudgetExceededError as exc:
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)
             raise
-        flight = _InFlight(
+        flight = InFlight(
             request_id, time.perf_counter(), started_at, bool(request_context.streaming), _current_trace_id()
         )
         state.current = flight
@@ -274,7 +234,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 self._record(ctx, state, request_context, flight, None, exc)
                 raise
             state.current = None
-            state.cut = _Cut(request_context, flight, exc, time.perf_counter(), utc_now())
+            state.cut = Cut(request_context, flight, exc, time.perf_counter(), utc_now())
             raise
         except BaseException as exc:
             self._record(ctx, state, request_context, flight, None, exc)
@@ -295,7 +255,7 @@ class LedgerCapability(AbstractCapability[Any]):
         ctx: Any,
         state: _RunLedger,
         request_context: ModelRequestContext,
-        flight: _InFlight,
+        flight: InFlight,
         response: ModelResponse | None,
         error: BaseException | None,
         ended: tuple[float, Any] | None = None,
@@ -350,7 +310,7 @@ class LedgerCapability(AbstractCapability[Any]):
         ctx: Any,
         state: _RunLedger,
         request_context: ModelRequestContext,
-        flight: _InFlight,
+        flight: InFlight,
         response: ModelResponse | None,
         error: BaseException | None,
         ended: tuple[float, Any] | None = None,
@@ -471,80 +431,6 @@ def _contents(
     except Exception:
         logger.exception('ledger: could not take the contents of a model request; the row is recorded without')
         return []
-
-
-class _StreamProbe(WrapperModel):
-    """Passes a streamed request through, noting the `StreamedResponse` and when the request was sent."""
-
-    def __init__(self, wrapped: Model, flight: _InFlight) -> None:
-        super().__init__(wrapped)
-        self._flight = flight
-
-    @asynccontextmanager
-    async def request_stream(
-        self,
-        messages: Any,
-        model_settings: Any,
-        model_request_parameters: Any,
-        run_context: Any = None,
-    ) -> AsyncGenerator[StreamedResponse]:
-        started = time.perf_counter()
-        try:
-            async with self.wrapped.request_stream(
-                messages, model_settings, model_request_parameters, run_context
-            ) as stream:
-                self._flight.stream, self._flight.stream_started = stream, started
-                _mark_read_failures(stream, trace.get_current_span())
-                yield stream
-        except Exception as exc:
-            # Raised before the stream was handed out (the flight has none yet): the model's (a provider's, or
-            # pydantic-ai's reading of the first chunk), never the consumer's, which can only fail once it has it.
-            if self._flight.stream is None:
-                self._flight.open_error = exc
-                _mark_request_span(exc, trace.get_current_span())
-            raise
-
-
-def _mark_read_failures(stream: StreamedResponse, span: trace.Span) -> None:
-    """Mark the request's span failed when reading `stream` fails (the provider cut it, it stalled, a chunk was not
-    JSON), as when opening it fails.
-
-    pydantic-ai reads a stream in its consumer's task and cancels the request's task when the consumer stops: the
-    request's span ended as cancelled, status unset, a stream the provider broke off looking like one that ended well
-    (the plain request's span says ERROR). The provider's error is seen here, in the consumer's task, while the span
-    is still open; one raised because the consumer cancelled the stream is not the provider's failure.
-    """
-    read = getattr(stream, '_get_event_iterator', None)  # pydantic-ai's per-provider reader, behind its own wrappers
-    if read is None:  # a pydantic-ai that renamed it: the span goes unmarked, the stream is read as it is
-        return
-
-    async def events() -> AsyncGenerator[Any]:
-        try:
-            async for event in read():
-                yield event
-        except Exception as exc:
-            if not stream.cancelled:
-                _mark_request_span(exc, span)
-            raise
-
-    stream._get_event_iterator = events  # type: ignore[method-assign]
-
-
-def _mark_request_span(error: BaseException, span: trace.Span) -> None:
-    """Mark the model request's span (`chat <model>`) failed, as pydantic-ai marks a plain request's.
-
-    pydantic-ai leaves a streamed request that failed (the provider refused it, the connection failed, opening or
-    reading it) with an unset status and no exception: in a trace it looked like a request that succeeded with an empty
-    or short answer. As pydantic-ai does without content (`include_content=False`): the exception's type, no message (a
-    provider's error can quote the prompt or a key).
-    """
-    attributes = getattr(span, 'attributes', None) or {}
-    if not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
-        return  # not a model request's span (pydantic-ai not instrumented): nothing to mark
-    kind = type(error)
-    name = kind.__qualname__ if kind.__module__ == 'builtins' else f'{kind.__module__}.{kind.__qualname__}'
-    span.add_event('exception', attributes={'exception.type': name, 'exception.escaped': 'False'})
-    span.set_status(trace.Status(trace.StatusCode.ERROR))
 
 
 def ledger_capability(tracker: LLMRequestTracker | None = None, **options: Any) -> LedgerCapability:

@@ -326,3 +326,41 @@ async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_c
         # the process's, and a later write would replay it into whichever database is then the process's).
         await get_request_tracker().replay_spool()
         assert [row['status'] for row in await ledger_rows(chat_session_id='held')] == ['complete']
+
+
+async def test_the_next_turn_after_an_outage_is_not_refused_by_the_claim_the_failed_turn_could_not_release(
+    private: PrivateDatabase,
+) -> None:
+    # A long conversation whose turn failed because PostgreSQL went away: the turn's claim, committed, outlived it,
+    # and its release is retried in the background with a backoff of up to 2 s. The user's next message, sent as
+    # soon as the server was back, was refused ("another turn holds conversation 'long' for up to 58 s more") though
+    # no turn was running: the process's own abandoned claim is taken over instead.
+    async def stop_the_server(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await asyncio.to_thread(private.server.stop, 'fast')  # clean: the turn's claim, committed, survives it
+        return ModelResponse(parts=[TextPart('too late to save')])
+
+    async with private.active():
+        model = CountingModel()
+        for _ in range(3):
+            await simple_chat(QUESTION, session_id='long', account='acme-health', model=model)
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                await simple_chat(
+                    QUESTION, session_id='long', account='acme-health', model=FunctionModel(stop_the_server)
+                )
+            await asyncio.sleep(1.6)  # the release's backoff grows past a server's start (0.1 s, then 0.2, 0.4...)
+        finally:
+            await asyncio.to_thread(private.server.start)
+        after = await simple_chat('and in Boston?', session_id='long', account='acme-health', model=model)
+        assert after.conversation_usage.requests == 3 * 4, 'the failed turn saved nothing, the next one was saved'
+        await private.settle()
+        await get_request_tracker().replay_spool()  # the failed turn's request, spooled while the server was down
+        rows = await ledger_rows(chat_session_id='long')
+        held = await _scalar('SELECT count(*) FROM conversation_turns')
+    assert len(rows) == model.requests + 1 and len({row['id'] for row in rows}) == len(rows)
+    assert held == 0
+
+
+async def _scalar(sql: str) -> Any:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(text(sql))).scalar_one()

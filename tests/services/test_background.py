@@ -366,3 +366,46 @@ async def test_throttled_work_refuses_sessions_like_spawn() -> None:
         with pytest.raises(TypeError):
             supervisor.spawn_throttled('key', 600, work, session)
     await supervisor.shutdown()
+
+
+async def test_work_left_running_when_asyncio_run_ends_is_stopped_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # `asyncio.run(simple_chat(...))` once per turn, without `shutdown_runtime()`: the loop's end cancelled the usage
+    # roll-up the turn had spawned, and every run printed "background task ... cancelled after 0.005s".
+    started = asyncio.Event()
+
+    async def program() -> None:
+        async def work() -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        get_supervisor().spawn(work, name='left running')
+        while not started.is_set():  # noqa: ASYNC110 - another loop's event: polled
+            await asyncio.sleep(0.001)
+
+    caplog.set_level(logging.INFO, logger='agentrt.background')
+    await asyncio.to_thread(asyncio.run, program())
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if 'left running' in r.getMessage()]
+    assert len(lines) == 1 and lines[0][0] == logging.INFO, lines
+    assert 'stopped with its event loop' in lines[0][1] and 'shutdown_runtime()' in lines[0][1]
+
+
+async def test_a_task_cancelled_while_its_loop_runs_on_is_still_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    supervisor = TaskSupervisor()
+    began = asyncio.Event()
+
+    async def work() -> None:
+        began.set()
+        await asyncio.sleep(60)
+
+    task = supervisor.spawn(work, name='cut short')
+    await began.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and 'cut short' in r.getMessage()
+    ]
+    assert len(warnings) == 1 and 'cancelled after' in warnings[0]
+    await supervisor.shutdown(1)

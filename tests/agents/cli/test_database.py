@@ -38,6 +38,9 @@ async def test_seed_then_status_on_a_fresh_embedded_server(tmp_path: Path) -> No
 
     again = await invoke('db', 'seed', env=env)
     assert again.exit_code == 0 and '0 new directory entries' in again.stdout
+    # Where the data lives is said at the directory's first use only; the routine start and stop of every later
+    # command are not (`-v` shows them): each one-shot printed two INFO lines around its output.
+    assert 'embedded PostgreSQL' not in status.stderr + again.stderr, status.stderr + again.stderr
     assert 'upgrading' not in again.stderr
 
 

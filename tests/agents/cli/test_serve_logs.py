@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
 # What uvicorn logs, in its own words (uvicorn/protocols/http/*_impl.py), under the configuration `serve` gives it.
 SCRIPT = f"""
@@ -35,3 +37,38 @@ def test_uvicorns_access_and_error_lines_are_redacted(tmp_path: Path) -> None:
     assert 'Exception in ASGI application' in done.stderr and 'RuntimeError: provider said: invalid key' in done.stderr
     assert 'client sent [REDACTED]' in done.stderr
     assert 'aB3dE5fG7hJ9' not in done.stdout + done.stderr
+
+
+# A background task an outage stops, logged by the real supervisor under `serve`'s configuration.
+OUTAGE = """
+import asyncio, logging.config, sys
+from agentrt.agents.cli.serve import _log_config
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.services.background import get_supervisor
+
+logging.config.dictConfig(_log_config(sys.argv[1]))
+
+async def rollup():
+    raise DatabaseUnavailableError('cannot connect to PostgreSQL at 127.0.0.1:5432: Connection refused')
+
+async def main():
+    get_supervisor().spawn(rollup, name='usage rollup')
+    await get_supervisor().join()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize('level', ['INFO', 'DEBUG'])
+def test_a_background_task_an_outage_stops_is_one_warning_line(tmp_path: Path, level: str) -> None:
+    # It was an ERROR with the task's whole traceback (about 130 lines under a real outage) for every task stopped.
+    done = subprocess.run(
+        [sys.executable, '-c', OUTAGE, level], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if 'usage rollup' in line and not line.startswith('DEBUG')]
+    assert lines == [
+        'WARNING:  background task usage rollup not done: database unavailable: cannot connect to PostgreSQL at '
+        '127.0.0.1:5432: Connection refused'
+    ], done.stderr
+    assert ('Traceback' in done.stderr) == (level == 'DEBUG')
