@@ -202,7 +202,7 @@ def _last_message_only(body: bytes, defaults: dict[str, str]) -> _ReadBody:
     skipped = len(messages) - 1 if isinstance(messages, list) and len(messages) >= 2 else 0
     if not missing and not skipped:
         return _ReadBody(body, 0, data)
-    if skipped:
+    if isinstance(messages, list) and skipped:
         data['messages'] = messages[-1:]
     data = {**missing, **data}
     return _ReadBody(json.dumps(data).encode(), skipped, data)
