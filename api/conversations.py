@@ -30,7 +30,7 @@ from agentrt.api.schemas import (
     TurnResponse,
     UsageOut,
 )
-from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_json
+from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_utf8_json
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
@@ -160,7 +160,7 @@ async def delete(
 async def run_turn(
     request: Request,
     caller: ChatCaller,
-    json_body: Annotated[None, Depends(require_json)],  # after the key: 401 before 415
+    json_body: Annotated[None, Depends(require_utf8_json)],  # after the key: 401 before 415
     conversation_id: ConversationId,
     body: TurnRequest,
 ) -> TurnResponse | Response:

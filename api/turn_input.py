@@ -82,6 +82,21 @@ def require_json(request: Request) -> None:
             )
 
 
+async def require_utf8_json(request: Request) -> None:
+    """`require_json`, and the body UTF-8 JSON text (a FastAPI dependency of the JSON turn route, run once FastAPI
+    has read the body): FastAPI's parser took UTF-16 and UTF-32 (with or without a byte order mark) and a UTF-8
+    byte order mark, which the streamed routes refuse.
+
+    Raises:
+        ApiError: 415 unless the Content-Type is application/json (in UTF-8, when it names a charset).
+        InvalidInputError: the body is not UTF-8 JSON text, and why (field `body`).
+    """
+    require_json(request)
+    reason = _not_utf8_json(await request.body())
+    if reason is not None:
+        raise InvalidInputError(f'body: {reason}', field='body')
+
+
 def parse_run_input(
     request: Request,
     body: bytes,

@@ -443,21 +443,26 @@ async def test_a_bad_field_of_a_chat_body_is_named_as_the_client_sent_it(
     assert refused['detail'].startswith(f'{field}: ') and said in refused['detail'], refused
 
 
-@pytest.mark.parametrize('path', ['/api/v1/chat', '/api/v1/chat/ag-ui'])
+TURN_ROUTES = ['/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/c1/turns']
+NOT_UTF8_JSON: list[tuple[Callable[[str], bytes], str, list[str]]] = [
+    (lambda text: b'\xef\xbb\xbf' + text.encode(), 'starts with a byte order mark', TURN_ROUTES),
+    (lambda text: text.encode('utf-16'), 'starts with a byte order mark', TURN_ROUTES),
+    (lambda text: text.encode('utf-16-le'), 'a NUL byte at byte 1', TURN_ROUTES),
+    # The turns route: FastAPI's own parser refuses it first, a 400 (test_a_body_that_is_not_utf8_or_nested_...).
+    (lambda text: text.replace('hi', 'caf\xe9').encode('latin-1'), 'not UTF-8 text: %E9 at byte', TURN_ROUTES[:2]),
+]
+
+
 @pytest.mark.parametrize(
-    ('encode', 'said'),
-    [
-        (lambda text: b'\xef\xbb\xbf' + text.encode(), 'starts with a byte order mark'),
-        (lambda text: text.encode('utf-16'), 'starts with a byte order mark'),
-        (lambda text: text.encode('utf-16-le'), 'a NUL byte at byte 1'),
-        (lambda text: text.replace('hi', 'caf\xe9').encode('latin-1'), 'not UTF-8 text: %E9 at byte'),
-    ],
+    ('path', 'encode', 'said'), [(path, encode, said) for encode, said, paths in NOT_UTF8_JSON for path in paths]
 )
-async def test_a_chat_body_that_is_not_utf8_is_a_422_saying_so(
+async def test_a_turn_body_that_is_not_utf8_json_is_a_422_saying_so(
     keys: Keys, client: httpx2.AsyncClient, path: str, encode: Callable[[str], bytes], said: str
 ) -> None:
-    # It was the parser's "Invalid JSON: expected value at line 1 column 1", which names neither fault nor fix.
-    text = json.dumps(chat_body('c1', 'hi') if path == '/api/v1/chat' else _ag_ui_content('hi'))
+    # It was the parser's "Invalid JSON: expected value at line 1 column 1", which names neither fault nor fix; the
+    # turns route ran the turn of a body in UTF-16 or with a byte order mark, which the streamed routes refuse.
+    bodies = {'/api/v1/chat': chat_body('c1', 'hi'), '/api/v1/chat/ag-ui': _ag_ui_content('hi')}
+    text = json.dumps(bodies.get(path, {'message': 'hi'}))
     headers = {**auth(keys.acme), 'content-type': 'application/json'}
     response = await client.post(path, content=encode(text), headers=headers)
     refused = response.json()
