@@ -3,5 +3,6 @@
 Needs the `http` extra (`pip install 'agentrt[http]'`). Build the app with `agentrt.api.app.create_app()`, or run
 `agentrt serve`. The modules: `app` (factory, lifespan), `auth` (API keys), `errors` (statuses and public error
 bodies, in one place), `chat` / `chat_agui` (streamed turns), `conversations`, `audit`, `costs`, `health`,
-`schemas` (response models), `filters` / `cursors` / `turn_input` / `body_limit` (input checks).
+`schemas` (response models), `filters` / `cursors` / `turn_input` / `body_limit` / `url_text`
+(input checks).
 """

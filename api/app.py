@@ -34,6 +34,7 @@ from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
+from agentrt.api.url_text import Utf8Url
 from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
@@ -96,6 +97,7 @@ def create_app(
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
+    app.add_middleware(Utf8Url)  # outermost: a URL that is not text is refused before anything else
     app.include_router(chat.router)
     if importlib.util.find_spec('ag_ui') is not None:
         from agentrt.api import chat_agui

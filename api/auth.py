@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Security
+from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from agentrt.api.errors import ApiError
-from agentrt.services.api_keys import ApiCaller, authenticate_api_key
+from agentrt.services.api_keys import ApiCaller, authenticate_api_key, is_api_key_shaped
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -24,14 +24,35 @@ _bearer = HTTPBearer(
 )
 
 
-async def api_caller(credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> ApiCaller:  # noqa: B008
+async def api_caller(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Security(_bearer),  # noqa: B008
+) -> ApiCaller:
     """The caller a request's API key speaks for.
+
+    The 401 says which of the header, the key's form or the key itself is wrong (a key's form is public, so
+    saying it leaks nothing): `Bearer<tab>art_...` or a key without its `Bearer` was "an API key is required", as if
+    none had been sent, and a truncated or padded key "invalid or revoked".
 
     Raises:
         ApiError: 401 when the key is missing, malformed, unknown or revoked.
     """
     if credentials is None:
+        if request.headers.get('authorization', '').strip():
+            raise ApiError(
+                401,
+                'unauthorized',
+                "the Authorization header is not 'Bearer <key>' (the word Bearer, one space, the key): "
+                'send Authorization: Bearer art_...',
+            )
         raise ApiError(401, 'unauthorized', 'an API key is required: send Authorization: Bearer art_...')
+    if not is_api_key_shaped(credentials.credentials):
+        raise ApiError(
+            401,
+            'unauthorized',
+            'the API key is malformed: a key is art_, 12 hex digits, _ and 43 letters, digits, - or _ '
+            '(as `agentrt keys create` printed it)',
+        )
     caller = await authenticate_api_key(credentials.credentials)
     if caller is None:
         raise ApiError(401, 'unauthorized', 'the API key is invalid or revoked')

@@ -1,16 +1,21 @@
-"""A cap on request bodies (`AGENTRT_HTTP_MAX_BODY_BYTES`): 413 before a byte more is read, whatever the framing."""
+"""A cap on request bodies (`AGENTRT_HTTP_MAX_BODY_BYTES`): 413 before a byte more is read, whatever the framing; and
+bodies in a content coding (`Content-Encoding: gzip`, ...) refused, since none is decoded."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentrt.api.errors import ApiError
+from agentrt.api.errors import ApiError, public_error
 
 
 class BodySizeLimit:
     """ASGI middleware refusing bodies over `max_bytes()` bytes: by `Content-Length` at once, or while reading.
+
+    It also refuses a body sent in a content coding (415): nothing here decodes one, so a gzipped body was read as
+    text ("not UTF-8") and a body that only claimed to be gzipped was taken as it was.
 
     Args:
         app: the application.
@@ -27,9 +32,20 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes()
-        declared = dict(scope['headers']).get(b'content-length')
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _refuse(scope, send, limit, bad_length=not declared.isdigit())
+        headers = dict(scope['headers'])
+        declared = headers.get(b'content-length')
+        coding = headers.get(b'content-encoding', b'identity').decode('latin-1').strip().lower()
+        if declared is not None and not declared.isdigit():
+            await _refuse(scope, send, ApiError(400, 'bad_request', 'invalid Content-Length', field='Content-Length'))
+            return
+        if declared is not None and int(declared) > limit:
+            await _refuse(scope, send, ApiError(413, 'body_too_large', f'the request body is over {limit:,} bytes'))
+            return
+        if coding not in ('identity', ''):
+            message = (
+                f'Content-Encoding {coding!r} is not served: send the body uncompressed, without a Content-Encoding'
+            )
+            await _refuse(scope, send, ApiError(415, 'unsupported_media_type', message, field='Content-Encoding'))
             return
         received = 0
 
@@ -45,14 +61,10 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-async def _refuse(scope: Scope, send: Send, limit: int, *, bad_length: bool) -> None:
-    from starlette.responses import JSONResponse
-
-    if bad_length:
-        response = JSONResponse({'detail': 'invalid Content-Length', 'type': 'bad_request'}, status_code=400)
-    else:
-        detail = f'the request body is over {limit:,} bytes'
-        response = JSONResponse({'detail': detail, 'type': 'body_too_large'}, status_code=413)
+async def _refuse(scope: Scope, send: Send, refusal: ApiError) -> None:
+    """Answer with `refusal` through the one error mapping (its body and log line), without reading the body."""
+    error = public_error(refusal, where=f'{scope.get("method", "")} {scope.get("path", "")}')
+    response = JSONResponse(error.body(), status_code=error.status)
 
     async def no_body() -> Message:
         return {'type': 'http.request', 'body': b'', 'more_body': False}

@@ -113,7 +113,14 @@ async def chat(
     turn's. The conversation is created on first use. Only `submit-message` is served: the conversation's history
     is the server's, so regenerating or editing an earlier message is not (send a new message instead).
     """
-    run_input = parse_run_input(request, await request.body(), ChatAdapter.build_run_input, tags=_TRIGGERS)
+    run_input = parse_run_input(
+        request,
+        await request.body(),
+        ChatAdapter.build_run_input,
+        tags=_TRIGGERS,
+        tag_field='trigger',
+        tag_default='submit-message',
+    )
     if run_input.trigger != 'submit-message':
         raise InvalidInputError(
             f"{run_input.trigger} is not served: the history is the server's; send the message again", field='trigger'

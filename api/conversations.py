@@ -30,8 +30,9 @@ from agentrt.api.schemas import (
     TurnResponse,
     UsageOut,
 )
-from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_json
+from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_utf8_json
 from agentrt.api.turn_stream import chat_config
+from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
 
@@ -140,6 +141,11 @@ async def delete(
         await store.delete_record(conversation_id, expected_revision=revision)
     except ConversationConflict as exc:
         raise ApiError(409, 'conflict', 'the conversation changed meanwhile; read it again and retry') from exc
+    except InvalidInputError as exc:  # the store's words named its own argument, expected_revision
+        if exc.field != 'expected_revision':
+            raise
+        message = str(exc).replace('the expected_revision', 'the revision', 1)
+        raise InvalidInputError(f'If-Match: {message}; send a revision this API returned', field='If-Match') from exc
     return Response(status_code=204)
 
 
@@ -154,7 +160,7 @@ async def delete(
 async def run_turn(
     request: Request,
     caller: ChatCaller,
-    json_body: Annotated[None, Depends(require_json)],  # after the key: 401 before 415
+    json_body: Annotated[None, Depends(require_utf8_json)],  # after the key: 401 before 415
     conversation_id: ConversationId,
     body: TurnRequest,
 ) -> TurnResponse | Response:

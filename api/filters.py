@@ -2,29 +2,54 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Query
+from pydantic import AfterValidator, BeforeValidator
 
 from agentrt.db.errors import InvalidInputError
 
-# No control characters: a NUL would reach PostgreSQL as text it refuses.
-_PRINTABLE = r'^[^\x00-\x1f\x7f]+$'
+_NUMBER = re.compile(r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?')
+_CONTROL = re.compile(r'[\x00-\x1f\x7f]')
+
+
+def _filter_text(value: str) -> str:
+    """A filter's text, refused when blank (it matched nothing, a 200 with an empty page) or when it holds a control
+    character (a NUL would reach PostgreSQL as text it refuses; no name holds one)."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(
+            f'has a control character (U+{ord(found.group()):04X}) at position {found.start()}; no name holds one'
+        )
+    if not value.strip():
+        raise ValueError('is blank; leave the parameter out to match every value')
+    return value
+
+
+def _iso_time(value: object) -> object:
+    """Refuse a bare number for a time: pydantic reads one as a Unix time (`-1` was 1969-12-31T23:59:59Z, `1.5`
+    a second and a half into 1970), which this API neither documents nor means."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        raise ValueError(
+            'is a number, not a time: give an ISO 8601 date or time, e.g. 2026-03-01 or 2026-03-01T12:00:00Z'
+        )
+    return value
+
+
+FilterText = Annotated[str, AfterValidator(_filter_text)]
 
 ModelFilter = Annotated[
-    str | None, Query(min_length=1, max_length=200, pattern=_PRINTABLE, description='Requested or reported model.')
+    FilterText | None, Query(min_length=1, max_length=200, description='Requested or reported model.')
 ]
-AgentFilter = Annotated[
-    str | None, Query(min_length=1, max_length=200, pattern=_PRINTABLE, description='Agent slug or agent name.')
-]
-ConversationFilter = Annotated[
-    str | None, Query(min_length=1, max_length=200, pattern=_PRINTABLE, description='Conversation id.')
-]
+AgentFilter = Annotated[FilterText | None, Query(min_length=1, max_length=200, description='Agent slug or agent name.')]
+ConversationFilter = Annotated[FilterText | None, Query(min_length=1, max_length=200, description='Conversation id.')]
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
 Since = Annotated[
-    datetime | None, Query(description='From this time, inclusive (ISO 8601; without an offset it is UTC).')
+    IsoTime | None, Query(description='From this time, inclusive (ISO 8601; without an offset it is UTC).')
 ]
-Until = Annotated[datetime | None, Query(description='Before this time (ISO 8601; without an offset it is UTC).')]
+Until = Annotated[IsoTime | None, Query(description='Before this time (ISO 8601; without an offset it is UTC).')]
 Cursor = Annotated[str | None, Query(min_length=1, max_length=600, description="A previous page's `next_cursor`.")]
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.turn_input import TurnInput, validate_identifiers
 from agentrt.api.errors import ApiError
 from agentrt.api.lone_surrogates import lone_surrogate_in_body
+from agentrt.api.url_text import not_utf8
 from agentrt.db.errors import InvalidInputError
 
 T = TypeVar('T')
@@ -59,21 +61,57 @@ def require_json(request: Request) -> None:
     """Refuse a body not declared JSON (a FastAPI dependency of the JSON turn route, which ran the body's
     validation on nothing and answered 422, "Input should be a valid dictionary", for a JSON body sent as text).
 
+    A `charset` other than UTF-8 is refused too: JSON is UTF-8 (RFC 8259) and is read as such, so a body declared
+    `charset=latin-1` was read as UTF-8 all the same, and one in UTF-16 was taken on one route and not on the others.
+
     Raises:
-        ApiError: 415 unless the Content-Type is application/json.
+        ApiError: 415 unless the Content-Type is application/json (in UTF-8, when it names a charset).
     """
-    media_type = request.headers.get('content-type', '').split(';')[0].strip().lower()
-    if media_type != 'application/json':
+    media_type, *parameters = request.headers.get('content-type', '').split(';')
+    if media_type.strip().lower() != 'application/json':
         raise ApiError(415, 'unsupported_media_type', 'send the body as Content-Type: application/json')
+    for parameter in parameters:
+        name, _, value = parameter.partition('=')
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == 'charset' and charset not in ('utf-8', 'utf8'):
+            raise ApiError(
+                415,
+                'unsupported_media_type',
+                f'charset={charset} is not served: JSON is UTF-8; send the body in UTF-8 (or name no charset)',
+                field='Content-Type',
+            )
+
+
+async def require_utf8_json(request: Request) -> None:
+    """`require_json`, and the body UTF-8 JSON text (a FastAPI dependency of the JSON turn route, run once FastAPI
+    has read the body): FastAPI's parser took UTF-16 and UTF-32 (with or without a byte order mark) and a UTF-8
+    byte order mark, which the streamed routes refuse.
+
+    Raises:
+        ApiError: 415 unless the Content-Type is application/json (in UTF-8, when it names a charset).
+        InvalidInputError: the body is not UTF-8 JSON text, and why (field `body`).
+    """
+    require_json(request)
+    reason = _not_utf8_json(await request.body())
+    if reason is not None:
+        raise InvalidInputError(f'body: {reason}', field='body')
 
 
 def parse_run_input(
-    request: Request, body: bytes, build: Callable[[bytes], T], *, tags: frozenset[str] = frozenset()
+    request: Request,
+    body: bytes,
+    build: Callable[[bytes], T],
+    *,
+    tags: frozenset[str] = frozenset(),
+    tag_field: str = '',
+    tag_default: str = '',
 ) -> T:
     """A chat protocol's request body (`build` is the adapter's `build_run_input`), or the error naming the field.
 
     The field errors do not echo the values sent (they can be huge, or hold what should not come back). `tags` are
-    the values of the body's own discriminator (Vercel's `trigger`), which pydantic puts first in a location.
+    the values of the body's own discriminator (Vercel's `trigger`, `tag_field`), which pydantic puts first in a
+    location; a body object without it is read as `tag_default` (what the OpenAPI schema publishes as its default:
+    it was a 422, "Unable to extract tag using discriminator 'trigger'").
 
     Only the body's last message is read: the conversation's history is the server's, and a client that keeps its
     own copy (the AI SDK's `useChat`) sends all of it with every turn. Validating that copy cost CPU on the event
@@ -86,32 +124,84 @@ def parse_run_input(
             JSON to pydantic).
     """
     require_json(request)
-    body, skipped = _last_message_only(body)
+    read = _last_message_only(body, {tag_field: tag_default} if tag_field else {})
     try:
-        return build(body)
+        return build(read.body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        surrogate = lone_surrogate_in_body(body) if first['type'] == 'json_invalid' else None
+        if first['type'] == 'json_invalid':
+            encoding = _not_utf8_json(read.body)
+            if encoding is not None:  # the parser's words ("expected value at line 1 column 1") do not say so
+                raise InvalidInputError(f'body: {encoding}', field='body') from exc
+        surrogate = lone_surrogate_in_body(read.body) if first['type'] == 'json_invalid' else None
         if surrogate is not None:  # the parser's words ("unexpected end of hex escape") do not say so
-            where = _as_sent(list(surrogate.location), skipped)
+            where = read.as_sent(list(surrogate.location))
             raise InvalidInputError(f'{where}: {surrogate.message()}', field=where) from exc
+        if tag_field and first['type'] in ('union_tag_invalid', 'union_tag_not_found') and not first['loc']:
+            raise InvalidInputError(f'{tag_field}: must be {tag_default!r} (or left out)', field=tag_field) from exc
         location = list(first['loc'])
         if location and location[0] in tags:
             location = location[1:]
-        where = _as_sent(location, skipped)
+        where = read.as_sent(location)
         raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc
 
 
-def _as_sent(location: list[str | int], skipped: int) -> str:
-    """A location in the body as read (its last message only) as a field of the body as sent: `messages.0` is
-    `messages.<skipped>`."""
-    if skipped and location[:2] == ['messages', 0]:
-        location = ['messages', skipped, *location[2:]]
-    return '.'.join(str(part) for part in location) or 'body'
+_BYTE_ORDER_MARKS = (b'\xef\xbb\xbf', b'\xff\xfe', b'\xfe\xff')
 
 
-def _last_message_only(body: bytes) -> tuple[bytes, int]:
-    """The body with its `messages` cut to the last one, and how many were left out (0: the body as it came).
+def _not_utf8_json(body: bytes) -> str | None:
+    """Why `body` is not even UTF-8 JSON text (a byte order mark, UTF-16, bytes that are not UTF-8), or None."""
+    if body.startswith(_BYTE_ORDER_MARKS):
+        return 'it starts with a byte order mark; send UTF-8 JSON without one'
+    problem = not_utf8(body)
+    if problem is not None:
+        return f'it is not UTF-8 text: {problem}'
+    nul = body.find(b'\x00')
+    if nul >= 0:  # valid UTF-8, never JSON text (a control character is escaped there): UTF-16 or UTF-32 without a BOM
+        return f'it has a NUL byte at byte {nul}, which JSON text never has (UTF-16?); send UTF-8 JSON'
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadBody:
+    """A protocol body as it is validated (its last message only), and what it takes to name a field as sent."""
+
+    body: bytes
+    skipped: int
+    """How many messages before the last were left out."""
+    data: Any = None
+    """The body parsed (after the cut); None when it is not JSON to Python's parser."""
+
+    def as_sent(self, location: list[str | int]) -> str:
+        """A validation error's location as a field of the body as sent: the union members pydantic names
+        (`TextUIPart`, AG-UI's `user` or `str`) left out, and `messages.0` is `messages.<skipped>`."""
+        location = _in_body(location, self.data) if self.data is not None else location
+        if self.skipped and location[:2] == ['messages', 0]:
+            location = ['messages', self.skipped, *location[2:]]
+        return '.'.join(str(part) for part in location) or 'body'
+
+
+def _in_body(location: list[str | int], data: Any) -> list[str | int]:
+    """The parts of `location` that are keys or indexes of `data` (the last one kept when it names a field missing
+    from an object); the others are pydantic's names for a member of a union, which the client never sent."""
+    kept: list[str | int] = []
+    node = data
+    for number, part in enumerate(location):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif number == len(location) - 1 and isinstance(node, dict) and isinstance(part, str) and part[:1].islower():
+            pass  # a required field that is missing: its name is the field
+        else:
+            continue
+        kept.append(part)
+    return kept
+
+
+def _last_message_only(body: bytes, defaults: dict[str, str]) -> _ReadBody:
+    """The body with its `messages` cut to the last one and the `defaults` of fields it lacks, and how many messages
+    were left out (0: the body as it came).
 
     A body that is not a JSON object with a list of several messages is passed on as it is, for the adapter's own
     validation to name what is wrong with it.
@@ -119,9 +209,15 @@ def _last_message_only(body: bytes) -> tuple[bytes, int]:
     try:
         data = json.loads(body.decode())  # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too)
     except (ValueError, RecursionError):  # not UTF-8, not JSON (ValueErrors both), or nested past the parser
-        return body, 0
-    messages = data.get('messages') if isinstance(data, dict) else None
-    if not isinstance(messages, list) or len(messages) < 2:
-        return body, 0
-    data['messages'] = messages[-1:]
-    return json.dumps(data).encode(), len(messages) - 1
+        return _ReadBody(body, 0)
+    if not isinstance(data, dict):
+        return _ReadBody(body, 0, data)
+    missing = {name: value for name, value in defaults.items() if name not in data}
+    messages = data.get('messages')
+    skipped = len(messages) - 1 if isinstance(messages, list) and len(messages) >= 2 else 0
+    if not missing and not skipped:
+        return _ReadBody(body, 0, data)
+    if isinstance(messages, list) and skipped:
+        data['messages'] = messages[-1:]
+    data = {**missing, **data}
+    return _ReadBody(json.dumps(data).encode(), skipped, data)

@@ -159,6 +159,11 @@ async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
     return _info(row, slug)
 
 
+def is_api_key_shaped(token: str) -> bool:
+    """Whether `token` has the form of an API key (`art_<12 hex digits>_<43 characters>`), known or not."""
+    return _TOKEN.fullmatch(token) is not None
+
+
 async def authenticate_api_key(token: str) -> ApiCaller | None:
     """The caller a key speaks for, or None for a malformed, unknown, wrong or revoked key.
 

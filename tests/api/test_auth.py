@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx2
+import pytest
 from sqlalchemy import select
 
 from agentrt.db.models import ApiKey
@@ -71,3 +72,34 @@ async def test_me_says_which_account_and_scopes_a_key_has(keys: Keys, client: ht
     assert (both['account'], both['scopes']) == ('green-grocer', ['chat', 'read'])
     refused = await client.get('/api/v1/me', headers=auth('art_000000000000_' + 'A' * 43))
     assert refused.status_code == 401 and refused.json()['type'] == 'unauthorized'
+
+
+def _headers(keys: Keys) -> list[tuple[bytes, str]]:
+    """Authorization headers that are wrong in one way each, and the words the 401 must use."""
+    key = keys.acme.encode()
+    header = "the Authorization header is not 'Bearer <key>'"
+    malformed = 'the API key is malformed'
+    return [
+        (key, header),  # no scheme
+        (b'Bearer\t' + key, header),
+        (b'Token ' + key, header),
+        (b'Bearer ' + b'A' * 10_240, malformed),
+        (b'Bearer ' + key + b' extra', malformed),
+        (b'Bearer ' + key[:-1], malformed),
+        (b'Bearer ' + key + b'\xc3\xa9', malformed),  # non-ASCII (read as Latin-1)
+        ('Bearer art_ａｂｃｄｅｆ０１２３４５_'.encode() + b'A' * 43, malformed),  # full-width digits
+        (b'Bearer ' + key[:16] + b'_' + b'A' * 43, 'the API key is invalid or revoked'),  # well formed, wrong secret
+    ]
+
+
+@pytest.mark.parametrize('case', range(9))
+async def test_a_401_says_whether_the_header_the_key_form_or_the_key_is_wrong(
+    keys: Keys, client: httpx2.AsyncClient, case: int
+) -> None:
+    # A key sent without 'Bearer ' or after a tab was told "an API key is required", as if none had been sent; a
+    # truncated or padded key "invalid or revoked", which sends its owner to revoke or re-create a good key.
+    value, said = _headers(keys)[case]
+    response = await client.get('/api/v1/me', headers={'Authorization': value})
+    assert response.status_code == 401 and response.headers['www-authenticate'] == 'Bearer', response.text
+    body = response.json()
+    assert body['type'] == 'unauthorized' and said in body['detail'] and body['error_id'].startswith('err_'), body

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+from collections.abc import Callable
 
 import httpx2
+import pytest
 
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
@@ -280,3 +283,204 @@ async def test_a_lone_surrogate_nested_deep_is_still_a_422(keys: Keys, client: h
         content = '{"id": "c1", "messages": ' + '[' * depth + '"\\ud800"' + ']' * depth + '}'
         response = await client.post('/api/v1/chat', content=content, headers=headers)
         assert response.status_code == 422 and response.json()['type'] == 'invalid_input', response.text
+
+
+TURN_BODIES = [
+    ('/api/v1/conversations/coded/turns', {'message': 'hi'}),
+    ('/api/v1/chat', chat_body('coded', 'hi')),
+    (
+        '/api/v1/chat/ag-ui',
+        {'threadId': 'coded', 'runId': 'r1', 'messages': [{'id': 'u1', 'role': 'user', 'content': 'hi'}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(('path', 'body'), TURN_BODIES)
+@pytest.mark.parametrize(('coding', 'compressed'), [('gzip', True), ('gzip', False), ('deflate', False), ('br', False)])
+async def test_a_body_in_a_content_coding_is_415_naming_it(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], coding: str, compressed: bool
+) -> None:
+    # A body claiming gzip but sent plain ran the turn as if it were plain; a gzipped one was "not UTF-8".
+    content = json.dumps(body).encode()
+    headers = {**auth(keys.acme), 'content-type': 'application/json', 'content-encoding': coding}
+    response = await client.post(path, content=gzip.compress(content) if compressed else content, headers=headers)
+    refused = response.json()
+    assert response.status_code == 415, response.text
+    assert refused['type'] == 'unsupported_media_type' and refused['field'] == 'Content-Encoding', refused
+    assert f"Content-Encoding '{coding}' is not served" in refused['detail'] and refused['error_id'].startswith('err_')
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+    assert await PostgresConversationStore(await account_id('acme-health')).load('coded') is None
+
+
+@pytest.mark.parametrize(('path', 'body'), TURN_BODIES)
+@pytest.mark.parametrize('charset', ['latin-1', 'ISO-8859-1', 'utf-16', '"utf-32"'])
+async def test_a_json_body_declared_in_a_charset_other_than_utf8_is_415(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], charset: str
+) -> None:
+    # It was read as UTF-8 whatever it said; a UTF-16 body was taken on the turns route and refused on the others.
+    headers = {**auth(keys.acme), 'content-type': f'application/json; charset={charset}'}
+    response = await client.post(path, content=json.dumps(body), headers=headers)
+    refused = response.json()
+    assert response.status_code == 415 and refused['field'] == 'Content-Type', response.text
+    assert f'charset={charset.strip(chr(34)).lower()} is not served: JSON is UTF-8' in refused['detail'], refused
+    await get_request_tracker().flush()
+    assert await ledger_rows() == []
+
+
+@pytest.mark.parametrize('content_type', ['application/json; charset=UTF-8', 'application/json;charset="utf8"'])
+async def test_a_json_body_declared_utf8_is_read(keys: Keys, client: httpx2.AsyncClient, content_type: str) -> None:
+    response = await client.post(
+        '/api/v1/conversations/c1/turns',
+        content='{"message": "Dermatologists"}',
+        headers={**auth(keys.acme), 'content-type': content_type},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ('headers', 'status', 'field'),
+    [({'content-length': 'abc'}, 400, 'Content-Length'), ({'content-length': str(10**12)}, 413, None)],
+)
+async def test_a_body_refused_before_it_is_read_gets_the_usual_error_body(
+    keys: Keys, client: httpx2.AsyncClient, headers: dict[str, str], status: int, field: str | None
+) -> None:
+    # These two answers were written apart from the one mapping: no error id, no log line to find.
+    response = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), **headers})
+    body = response.json()
+    assert response.status_code == status and body['error_id'].startswith('err_') and body.get('field') == field, body
+
+
+# (route, parameter, value, words of the message): these answered 200, a blank filter with an empty page, a number
+# read as a Unix time (-1 was 1969-12-31T23:59:59Z); a control character was "String should match pattern '^[^...'".
+FILTER_VALUES = [
+    (AUDIT, 'model', ' ', 'is blank'),
+    (AUDIT, 'agent', '\t ', 'control character (U+0009) at position 0'),
+    (AUDIT, 'conversation_id', '   ', 'is blank'),
+    ('/api/v1/costs', 'model', 'gpt\x00-4o', 'control character (U+0000) at position 3'),
+    ('/api/v1/costs', 'agent', '\u3000', 'is blank'),
+    (AUDIT, 'since', '-1', 'is a number, not a time'),
+    (AUDIT, 'until', '1.5', 'is a number, not a time'),
+    (AUDIT, 'since', '1700000000', 'is a number, not a time'),
+    ('/api/v1/costs', 'since', '2026', 'is a number, not a time'),
+    ('/api/v1/costs', 'until', '20260301', 'is a number, not a time'),
+]
+
+
+@pytest.mark.parametrize(('path', 'name', 'value', 'said'), FILTER_VALUES)
+async def test_a_blank_filter_or_a_number_for_a_time_is_a_422_saying_so(
+    keys: Keys, client: httpx2.AsyncClient, path: str, name: str, value: str, said: str
+) -> None:
+    response = await client.get(path, params={name: value}, headers=auth(keys.acme))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()['detail']
+    assert error['loc'] == ['query', name] and said in error['msg'], error
+
+
+async def test_filters_with_inner_spaces_and_iso_times_still_match(keys: Keys, client: httpx2.AsyncClient) -> None:
+    params = {'agent': 'Provider Finder', 'since': '2026-03-01', 'until': '2099-01-01T00:00:00Z'}
+    response = await client.get(AUDIT, params=params, headers=auth(keys.acme))
+    assert response.status_code == 200, response.text
+
+
+async def test_a_chat_body_without_trigger_is_the_submit_message_that_openapi_says_is_its_default(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # It was a 422 with pydantic's words, "Unable to extract tag using discriminator 'trigger'", for a body the
+    # published schema allows (trigger not required, default submit-message).
+    body = chat_body('no-trigger', 'Dermatologists in Boston')
+    del body['trigger']
+    body['messages'].insert(0, {'id': 'm0', 'role': 'user', 'parts': [{'type': 'text', 'text': 'earlier'}]})
+    response = await client.post('/api/v1/chat', json=body, headers=auth(keys.acme))
+    assert response.status_code == 200, response.text
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('no-trigger')
+    assert stored is not None
+    prompts = [part.content for m in stored.messages for part in m.parts if part.part_kind == 'user-prompt']
+    assert prompts == ['Dermatologists in Boston']
+
+
+@pytest.mark.parametrize('trigger', ['launch', None, 5, ''])
+async def test_a_chat_trigger_that_is_not_served_is_a_422_naming_trigger(
+    keys: Keys, client: httpx2.AsyncClient, trigger: object
+) -> None:
+    response = await client.post('/api/v1/chat', json=chat_body('c1', 'hi', trigger=trigger), headers=auth(keys.acme))
+    body = response.json()
+    assert response.status_code == 422 and body['field'] == 'trigger', body
+    assert body['detail'] == "trigger: must be 'submit-message' (or left out)", body
+
+
+def _vercel_part(**part: object) -> dict[str, object]:
+    body = chat_body('c1', 'hi')
+    body['messages'] = [
+        {'id': 'm0', 'role': 'user', 'parts': [{'type': 'text', 'text': 'earlier'}]},
+        {'id': 'm1', 'role': 'user', 'parts': [part]},
+    ]
+    return body
+
+
+def _ag_ui_content(content: object) -> dict[str, object]:
+    return {'threadId': 't1', 'runId': 'r1', 'messages': [{'id': 'u1', 'role': 'user', 'content': content}]}
+
+
+# The fields were pydantic's locations, with the names of union members no client sends: 'messages.0.parts.0.
+# TextUIPart.text', 'messages.0.user.content.str'.
+FIELDS_AS_SENT = [
+    ('/api/v1/chat', _vercel_part(type='text'), 'messages.1.parts.0.text', 'Field required'),
+    ('/api/v1/chat', _vercel_part(type='text', text=5), 'messages.1.parts.0.text', 'valid string'),
+    ('/api/v1/chat', _vercel_part(type='text', text='hi', state='bogus'), 'messages.1.parts.0.state', "'streaming'"),
+    ('/api/v1/chat/ag-ui', _ag_ui_content(None), 'messages.0.content', 'valid string'),
+    ('/api/v1/chat/ag-ui', _ag_ui_content(5), 'messages.0.content', 'valid string'),
+]
+
+
+@pytest.mark.parametrize(('path', 'body', 'field', 'said'), FIELDS_AS_SENT)
+async def test_a_bad_field_of_a_chat_body_is_named_as_the_client_sent_it(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object], field: str, said: str
+) -> None:
+    response = await client.post(path, json=body, headers=auth(keys.acme))
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == field, refused
+    assert refused['detail'].startswith(f'{field}: ') and said in refused['detail'], refused
+
+
+TURN_ROUTES = ['/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/c1/turns']
+NOT_UTF8_JSON: list[tuple[Callable[[str], bytes], str, list[str]]] = [
+    (lambda text: b'\xef\xbb\xbf' + text.encode(), 'starts with a byte order mark', TURN_ROUTES),
+    (lambda text: text.encode('utf-16'), 'starts with a byte order mark', TURN_ROUTES),
+    (lambda text: text.encode('utf-16-le'), 'a NUL byte at byte 1', TURN_ROUTES),
+    # The turns route: FastAPI's own parser refuses it first, a 400 (test_a_body_that_is_not_utf8_or_nested_...).
+    (lambda text: text.replace('hi', 'caf\xe9').encode('latin-1'), 'not UTF-8 text: %E9 at byte', TURN_ROUTES[:2]),
+]
+
+
+@pytest.mark.parametrize(
+    ('path', 'encode', 'said'), [(path, encode, said) for encode, said, paths in NOT_UTF8_JSON for path in paths]
+)
+async def test_a_turn_body_that_is_not_utf8_json_is_a_422_saying_so(
+    keys: Keys, client: httpx2.AsyncClient, path: str, encode: Callable[[str], bytes], said: str
+) -> None:
+    # It was the parser's "Invalid JSON: expected value at line 1 column 1", which names neither fault nor fix; the
+    # turns route ran the turn of a body in UTF-16 or with a byte order mark, which the streamed routes refuse.
+    bodies = {'/api/v1/chat': chat_body('c1', 'hi'), '/api/v1/chat/ag-ui': _ag_ui_content('hi')}
+    text = json.dumps(bodies.get(path, {'message': 'hi'}))
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    response = await client.post(path, content=encode(text), headers=headers)
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'body' and said in refused['detail'], refused
+
+
+@pytest.mark.parametrize(
+    ('if_match', 'said'),
+    [(b'W/"' + b'9' * 190 + b'"', '190 characters long; the limit is 64'), (b'"a\x00b"', 'PostgreSQL cannot store')],
+)
+async def test_an_if_match_no_revision_can_be_is_a_422_naming_the_header(
+    keys: Keys, client: httpx2.AsyncClient, if_match: bytes, said: str
+) -> None:
+    # It named the store's own argument: "the expected_revision is 190 characters long", field expected_revision.
+    turn = await client.post('/api/v1/conversations/kept/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+    assert turn.status_code == 200, turn.text
+    response = await client.delete('/api/v1/conversations/kept', headers={**auth(keys.acme), 'If-Match': if_match})
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'If-Match', refused
+    assert refused['detail'].startswith('If-Match: the revision') and said in refused['detail'], refused
+    assert await PostgresConversationStore(await account_id('acme-health')).load('kept') is not None
