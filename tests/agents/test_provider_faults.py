@@ -36,7 +36,8 @@ from tests.fake_openai import FakeOpenAI, Reply
 
 SECRET = 'sk-proj-PLANTEDsecretvalue0123456789abcdef'
 HTML = b'<html><head><title>502</title></head><body>nginx: upstream sent an invalid header</body></html>'
-TIMEOUT_S = 0.5  # the client's timeout: a stalled answer fails this fast
+TIMEOUT_S = 0.5  # the client's timeout for the stalled answer: it fails this fast
+ANSWER_TIMEOUT_S = 30  # for the others: a loaded machine's loopback answer can take more than 0.5 s
 
 FAULTS = {
     'bad key': Reply(
@@ -113,9 +114,9 @@ class Faulty:
         return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
 
 
-def _model(api: str, fake: FakeOpenAI, clients: list[AsyncOpenAI]) -> Model:
+def _model(api: str, fake: FakeOpenAI, clients: list[AsyncOpenAI], timeout: float = ANSWER_TIMEOUT_S) -> Model:
     # No SDK retries: one model request is one HTTP request, and the test stays fast.
-    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=TIMEOUT_S)
+    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=timeout)
     clients.append(openai_client)
     provider = OpenAIProvider(openai_client=openai_client)
     if api == 'chat':
@@ -154,7 +155,7 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
     session_id = f'{api}-{streamed}-{fault.replace(" ", "-")}'
     script = Faulty(FAULTS[fault])
     with FakeOpenAI(script).running() as fake:
-        model = _model(api, fake, clients)
+        model = _model(api, fake, clients, TIMEOUT_S if fault == 'stall' else ANSWER_TIMEOUT_S)
         with pytest.raises(AgentRuntimeError) as raised:
             await _turn(streamed, model, session_id)
         assert type(raised.value) is error_type, raised.value
@@ -174,7 +175,7 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
         assert pool_status().checked_out == 0
         # The next turn is not refused as concurrent, and starts from an empty conversation.
         script.healed = True
-        result = await _turn(streamed, model, session_id, 'And in Boston?')
+        result = await _turn(streamed, _model(api, fake, clients), session_id, 'And in Boston?')
     assert result.output == 'Nobody matches.' and result.conversation_usage.requests == 1
     assert len(await ledger_rows(chat_session_id=session_id)) == len(rows) + 1
 

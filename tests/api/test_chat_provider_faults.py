@@ -80,8 +80,9 @@ class Faulty:
         return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
 
 
-async def _client(fake: FakeOpenAI) -> AsyncIterator[httpx2.AsyncClient]:
-    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=0.5)
+async def _client(fake: FakeOpenAI, read_timeout_s: float = 30) -> AsyncIterator[httpx2.AsyncClient]:
+    # A stalled answer fails after `read_timeout_s`; the other answers get time enough on a loaded machine.
+    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=read_timeout_s)
     model = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(openai_client=openai_client))
     transport = httpx2.ASGITransport(app=create_app(manage_runtime=False, model=model), raise_app_exceptions=False)
     async with httpx2.AsyncClient(transport=transport, base_url='http://test', timeout=30) as client:
@@ -102,7 +103,7 @@ async def test_a_provider_fault_on_each_chat_route_says_what_to_do_and_leaves_th
     script = Faulty(FAULTS[fault])
     name = fault.replace(' ', '-')
     with FakeOpenAI(script).running() as fake, caplog.at_level(logging.INFO, logger='agentrt'):
-        async for client in _client(fake):
+        async for client in _client(fake, 0.5 if fault == 'stall' else 30):
             plain = await client.post(
                 f'/api/v1/conversations/json-{name}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
             )
