@@ -426,6 +426,12 @@ class Settings(BaseSettings):
             raise ValueError(f'the path cannot be used: {exc.strerror or exc}') from None
         if exists and not path.is_file():
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
+        if not parent_is_dir:  # made when first needed, during an outage: refused now if it never can be
+            ancestor = path.parent
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise ValueError(f'{ancestor} is a file, so the spool file cannot be made under it')
         # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
         if parent_is_dir and (problem := unsafe_directory(path.parent)) is not None:
             raise ValueError(

@@ -219,6 +219,24 @@ def test_a_spool_in_a_directory_others_may_write_is_refused_at_start(monkeypatch
     assert f'{shared}' in message and 'chmod 700' in message
 
 
+@pytest.mark.parametrize('under', ['spool.jsonl', 'deeper/spool.jsonl'])
+def test_a_spool_under_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path, under: str) -> None:
+    # `AGENTRT_LEDGER_SPOOL=/etc/passwd/x` was accepted: the spool failed only when it first had to write, during an
+    # outage, and the rows it was given then were lost. A spool whose directories do not exist yet is fine.
+    (tmp_path / 'a-file').write_text('')
+    get_settings.cache_clear()
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'a-file' / under))
+    try:
+        with pytest.raises(ConfigError) as info:
+            get_settings()
+        monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / 'not-yet' / under))
+        get_settings.cache_clear()
+        assert get_settings().ledger_spool == tmp_path / 'not-yet' / under
+    finally:
+        get_settings.cache_clear()
+    assert f'{tmp_path / "a-file"} is a file, so the spool file cannot be made under it' in str(info.value)
+
+
 @pytest.mark.parametrize(
     ('variable', 'value', 'problem'),
     [
