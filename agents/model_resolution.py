@@ -51,6 +51,13 @@ def resolve_model(
         )
     if name == DEMO_MODEL_NAME:
         return demo_model(stream_delay=stream_delay)
+    provider, colon, model_name = name.partition(':')
+    if colon and not model_name.strip():
+        # pydantic-ai built a model named '' from 'openai:' and sent the provider a request for it.
+        raise ConfigError(
+            f'model {name!r} names the provider {provider!r} but no model: give provider:model, such as '
+            'openai-chat:gpt-4o-mini'
+        )
     try:
         model = infer_model(name)
     except UserError as exc:

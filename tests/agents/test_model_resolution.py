@@ -155,6 +155,14 @@ def test_an_sdk_refusing_its_environment_is_a_configuration_error(monkeypatch: p
         resolve_model('openai-chat:gpt-4o')
 
 
+@pytest.mark.parametrize('name', ['openai:', 'openai-chat: ', 'anthropic:'])
+def test_a_provider_without_a_model_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # `--model openai:` built a model named '' and sent the provider a request for it.
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-test')
+    with pytest.raises(ConfigError, match=r"names the provider '[a-z-]+' but no model: give provider:model"):
+        resolve_model(name)
+
+
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_an_api_key_http_cannot_send_is_a_configuration_error(
     demo_data: None, monkeypatch: pytest.MonkeyPatch, served: tuple[FakeOpenAI, Faulty], streamed: bool
