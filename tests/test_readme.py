@@ -1,4 +1,5 @@
-"""README.md's Python example runs as written: the block is read from the README, so the two cannot drift apart."""
+"""README.md stays true: its Python example runs as written (the block is read from the README, so the two cannot
+drift apart), and its tables of settings, exit codes and routes are read back against the code."""
 
 from __future__ import annotations
 
@@ -55,3 +56,83 @@ async def test_the_python_example_runs_as_written(demo_data: None, database_url:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         saved = (await session.execute(select(func.count()).where(ConversationRow.conversation_id == 's-1'))).scalar()
     assert saved == 1
+
+
+# The README's tables, read back: a setting, an exit code or a route that changes without its row fails here.
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row of `text`, its header first (not the separator row)."""
+    rows = [[cell.strip() for cell in line.strip().strip('|').split('|')] for line in text.splitlines()]
+    return [cells for cells in rows if len(cells) > 1 and not all(set(cell) <= set('-:') for cell in cells)]
+
+
+def _readme_default(value: object) -> str:
+    """A setting's default as the README writes it."""
+    if value is None:
+        return 'unset'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_every_setting_has_a_readme_row_with_its_default() -> None:
+    from agentrt.db.settings import Settings
+
+    documented: dict[str, str] = {}
+    for cells in _table_rows(README.read_text()):
+        names = re.findall(r'`([A-Z_]+)`', cells[0])
+        if len(cells) < 3 or not names or not cells[0].startswith('`'):
+            continue
+        defaults = [part.strip().strip('`') for part in cells[1].split(' / ')]
+        first = names[0]
+        for index, name in enumerate(names):
+            # `AGENTRT_HTTP_HOST` / `_PORT`: a suffix replaces as many words of the first name as it has.
+            full = first.rsplit('_', name.count('_'))[0] + name if name.startswith('_') else name
+            documented.setdefault(full, defaults[index] if len(defaults) == len(names) else defaults[0])
+    unset_by_design = {'AGENTRT_DATA_DIR', 'AGENTRT_LEDGER_SPOOL'}  # computed from the data directory: said in words
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if alias is None:
+            continue
+        name = next(choice for choice in alias.choices if isinstance(choice, str) and choice.isupper())  # type: ignore[union-attr]
+        assert name in documented, f'README.md: no table row for {name}'
+        if name not in unset_by_design:
+            assert documented[name] == _readme_default(field.default), f'README.md: {name} default'
+
+
+def test_the_exit_code_table_is_the_clis() -> None:
+    from agentrt.agents.cli import support
+
+    text = README.read_text()
+    section = text[text.index('| Exit code | Meaning |') :]
+    rows = {cells[0]: cells[1] for cells in _table_rows(section[: section.index('\n\n')])[1:]}
+    by_class = {cls.__name__: code for cls, code in support.exit_codes()}
+    constants = {value for name, value in vars(support).items() if name.startswith('EXIT_') and isinstance(value, int)}
+    codes = {int(code) for code in rows if code.isdigit()}
+    assert codes - {0} == constants - {support.EXIT_SIGNAL_BASE}, 'README.md: the exit code table lists other codes'
+    for code, meaning in rows.items():
+        for name in re.findall(r'`([A-Za-z]+Error)`', meaning):
+            assert by_class.get(name) == int(code), f'README.md: {name} exits {by_class.get(name)}, not {code}'
+
+
+def _unnamed(path: str) -> str:
+    """A route's path with its parameters unnamed: the README writes `{id}` where the code has `{conversation_id}`."""
+    return re.sub(r'\{[^}]*\}', '{}', path)
+
+
+def test_the_route_table_is_the_apps() -> None:
+    from agentrt.api.app import create_app
+
+    text = README.read_text()
+    section = text[text.index('| Route | Scope | What |') :]
+    documented = set()
+    for cells in _table_rows(section[: section.index('\n\n')])[1:]:
+        for method, path in re.findall(r'`(GET|POST|DELETE|PUT|PATCH) ([^`?]+)', cells[0]):
+            documented.add((method, _unnamed(path.strip())))
+    paths = create_app().openapi()['paths']  # the routes as published (FastAPI nests included routers)
+    served = {(method.upper(), _unnamed(path)) for path, operations in paths.items() for method in operations}
+    assert served <= documented, f'routes the README does not list: {sorted(served - documented)}'
+    assert documented <= served | {('POST', '/api/v1/chat/ag-ui')}, f'listed, not served: {sorted(documented - served)}'
