@@ -4,6 +4,7 @@ drift apart), and its tables of settings, exit codes and routes are read back ag
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import subprocess
@@ -136,3 +137,19 @@ def test_the_route_table_is_the_apps() -> None:
     served = {(method.upper(), _unnamed(path)) for path, operations in paths.items() for method in operations}
     assert served <= documented, f'routes the README does not list: {sorted(served - documented)}'
     assert documented <= served | {('POST', '/api/v1/chat/ag-ui')}, f'listed, not served: {sorted(documented - served)}'
+
+
+def test_the_error_table_is_agents_errors() -> None:
+    import agentrt.agents.errors as errors
+
+    text = README.read_text()
+    section = text[text.index('| Error | When | What to do |') :]
+    rows = _table_rows(section[: section.index('\n\n')])[1:]
+    documented = {re.match(r'`(\w+)`', cells[0]).group(1): cells[0] for cells in rows}  # type: ignore[union-attr]
+    assert set(documented) == set(errors.__all__) - {'AgentRuntimeError'}
+    for name, cell in documented.items():
+        cls = getattr(errors, name)
+        for attribute in re.findall(r'`\.(\w+)`', cell):
+            # Set in the constructor of the class or of a base of ours: read from the source, no instance needed.
+            sources = [inspect.getsource(base) for base in cls.__mro__ if base.__module__.startswith('agentrt')]
+            assert any(f'self.{attribute}' in source for source in sources), f'README.md: {name}.{attribute}'
