@@ -6,6 +6,7 @@ errors, and the faults seen behind real proxies: a connection dropped mid-stream
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import threading
@@ -81,6 +82,18 @@ class Reply:
 
 
 Script = Callable[[dict[str, Any]], Reply]
+
+
+class Faulty:
+    """A script (`FakeOpenAI(Faulty(reply))`): the faulty `reply` to every request until `healed`, then a plain
+    answer, so a test can check that the turn after a provider's failure works."""
+
+    def __init__(self, fault: Reply) -> None:
+        self.fault = fault
+        self.healed = False
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
 
 
 class FakeOpenAI:

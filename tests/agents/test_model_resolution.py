@@ -6,7 +6,6 @@ alone. The model strings reach the loopback server through `OPENAI_BASE_URL`, as
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ from agentrt.db.errors import ConfigError
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import FakeOpenAI, Faulty, Reply
 
 STALL = {
     False: Reply(text='Nobody in Seattle matches.', fault='stall'),  # the head, then no body
@@ -35,17 +34,6 @@ STALL = {
 def _allow_loopback_model_requests() -> Iterator[None]:
     with override_allow_model_requests(True):  # only ever to the loopback server
         yield
-
-
-class Faulty:
-    """The server's script: the fault until `healed`, then a plain answer."""
-
-    def __init__(self, fault: Reply) -> None:
-        self.fault = fault
-        self.healed = False
-
-    def __call__(self, body: dict[str, Any]) -> Reply:
-        return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
 
 
 @pytest.fixture

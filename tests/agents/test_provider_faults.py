@@ -15,24 +15,20 @@ expected failure; it passes, failing the strict xfail, once pydantic-ai reports 
 
 from __future__ import annotations
 
-import copy
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from openai import AsyncOpenAI
 from pydantic_ai.models import Model, override_allow_model_requests
-from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
-from pydantic_ai.providers.openai import OpenAIProvider
 
 from agentrt.agents.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import pool_status
 from agentrt.services.conversations import PostgresConversationStore
-from tests.agents.conftest import account_id
+from tests.agents.conftest import account_id, loopback_model
 from tests.factories import ledger_rows, scalar
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import FakeOpenAI, Faulty, Reply
 
 SECRET = 'sk-proj-PLANTEDsecretvalue0123456789abcdef'
 HTML = b'<html><head><title>502</title></head><body>nginx: upstream sent an invalid header</body></html>'
@@ -95,35 +91,6 @@ def _allow_loopback_model_requests() -> Iterator[None]:
         yield
 
 
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[list[AsyncOpenAI]]:
-    made: list[AsyncOpenAI] = []
-    yield made
-    for openai_client in made:
-        await openai_client.close()
-
-
-class Faulty:
-    """The server's script: the fault until `healed`, then a plain answer."""
-
-    def __init__(self, fault: Reply) -> None:
-        self.fault = fault
-        self.healed = False
-
-    def __call__(self, body: dict[str, Any]) -> Reply:
-        return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
-
-
-def _model(api: str, fake: FakeOpenAI, clients: list[AsyncOpenAI], timeout: float = ANSWER_TIMEOUT_S) -> Model:
-    # No SDK retries: one model request is one HTTP request, and the test stays fast.
-    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0, timeout=timeout)
-    clients.append(openai_client)
-    provider = OpenAIProvider(openai_client=openai_client)
-    if api == 'chat':
-        return OpenAIChatModel('gpt-4o-mini', provider=provider)
-    return OpenAIResponsesModel('gpt-4o-mini', provider=provider)
-
-
 async def _turn(streamed: bool, model: Model, session_id: str, message: str = 'Who is in Seattle?') -> ChatResult:
     if not streamed:
         return await simple_chat(message, session_id=session_id, account='acme-health', model=model)
@@ -155,7 +122,7 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
     session_id = f'{api}-{streamed}-{fault.replace(" ", "-")}'
     script = Faulty(FAULTS[fault])
     with FakeOpenAI(script).running() as fake:
-        model = _model(api, fake, clients, TIMEOUT_S if fault == 'stall' else ANSWER_TIMEOUT_S)
+        model = loopback_model(api, fake, clients, TIMEOUT_S if fault == 'stall' else ANSWER_TIMEOUT_S)
         with pytest.raises(AgentRuntimeError) as raised:
             await _turn(streamed, model, session_id)
         assert type(raised.value) is error_type, raised.value
@@ -175,7 +142,9 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
         assert pool_status().checked_out == 0
         # The next turn is not refused as concurrent, and starts from an empty conversation.
         script.healed = True
-        result = await _turn(streamed, _model(api, fake, clients), session_id, 'And in Boston?')
+        result = await _turn(
+            streamed, loopback_model(api, fake, clients, ANSWER_TIMEOUT_S), session_id, 'And in Boston?'
+        )
     assert result.output == 'Nobody matches.' and result.conversation_usage.requests == 1
     assert len(await ledger_rows(chat_session_id=session_id)) == len(rows) + 1
 
@@ -194,7 +163,7 @@ async def test_nul_and_lone_surrogates_in_an_answer_and_in_tool_arguments_are_sa
     )
     session_id = f'odd-{streamed}'
     with FakeOpenAI(lambda body: next(answers)).running() as fake:
-        result = await _turn(streamed, _model('chat', fake, clients), session_id)
+        result = await _turn(streamed, loopback_model('chat', fake, clients, ANSWER_TIMEOUT_S), session_id)
     assert result.output == 'Dr \ufffdWho \ufffd in Seattle.'  # as saved
     assert [r['status'] for r in await ledger_rows(chat_session_id=session_id)] == ['complete', 'complete']
     stored = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
@@ -217,7 +186,7 @@ async def test_a_failure_after_a_tool_round_saves_none_of_the_turn(
     )
     session_id = f'half-{streamed}'
     with FakeOpenAI(lambda body: next(replies)).running() as fake:
-        model = _model('chat', fake, clients)
+        model = loopback_model('chat', fake, clients, ANSWER_TIMEOUT_S)
         with pytest.raises(ModelProviderError):
             await _turn(streamed, model, session_id)
         result = await _turn(streamed, model, session_id, 'And in Boston?')

@@ -8,21 +8,18 @@ same ledger outcome for the same failure and raise the same `ModelProviderError`
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from openai import AsyncOpenAI
 from pydantic_ai.models import Model, override_allow_model_requests
-from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
-from pydantic_ai.providers.openai import OpenAIProvider
 
 from agentrt.agents.errors import ModelProviderError
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import pool_status
 from agentrt.services.conversations import PostgresConversationStore
-from tests.agents.conftest import account_id
+from tests.agents.conftest import account_id, loopback_model
 from tests.factories import content_rows, ledger_rows
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -48,24 +45,6 @@ EXPECTED = {  # error type, status code, the words the caller's message has
 def _allow_loopback_model_requests() -> Iterator[None]:
     with override_allow_model_requests(True):  # only ever to the loopback server
         yield
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[list[AsyncOpenAI]]:
-    made: list[AsyncOpenAI] = []
-    yield made
-    for openai_client in made:
-        await openai_client.close()
-
-
-def _model(api: str, fake: FakeOpenAI, clients: list[AsyncOpenAI]) -> Model:
-    # No SDK retries: one model request is one HTTP request, and the test stays fast.
-    openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0)
-    clients.append(openai_client)
-    provider = OpenAIProvider(openai_client=openai_client)
-    if api == 'chat':
-        return OpenAIChatModel('gpt-4o-mini', provider=provider)
-    return OpenAIResponsesModel('gpt-4o-mini', provider=provider)
 
 
 async def _turn(streamed: bool, model: Model, session_id: str) -> None:
@@ -95,7 +74,7 @@ async def test_a_failure_is_recorded_and_raised_alike_on_both_paths(
         for streamed in (False, True):
             session_id = f'{api}-{fault}-{streamed}'
             with pytest.raises(ModelProviderError) as raised:
-                await _turn(streamed, _model(api, fake, clients), session_id)
+                await _turn(streamed, loopback_model(api, fake, clients), session_id)
             [row] = await ledger_rows(chat_session_id=session_id)
             assert row['streamed'] is streamed
             outcomes[streamed], messages[streamed] = _outcome(row), str(raised.value)
@@ -122,7 +101,7 @@ async def test_a_cut_stream_keeps_what_was_streamed_as_the_response(
 ) -> None:
     with FakeOpenAI(lambda body: copy.deepcopy(FAULTS['dropped'])).running() as fake:
         with pytest.raises(ModelProviderError):
-            await _turn(True, _model(api, fake, clients), 'cut')
+            await _turn(True, loopback_model(api, fake, clients), 'cut')
     [row] = await ledger_rows(chat_session_id='cut')
     response = {c['kind']: c for c in await content_rows(row['id'])}['response']['body']
     assert TEXT[:6] in response  # the text received before the cut
@@ -134,7 +113,7 @@ async def test_usage_reported_before_a_cut_is_kept_and_priced(demo_data: None, c
     cut_after_usage.fault, cut_after_usage.fault_after, cut_after_usage.usage_before_fault = 'drop', 4, True
     with FakeOpenAI(lambda body: copy.deepcopy(cut_after_usage)).running() as fake:
         with pytest.raises(ModelProviderError):
-            await _turn(True, _model('chat', fake, clients), 'usage-then-cut')
+            await _turn(True, loopback_model('chat', fake, clients), 'usage-then-cut')
     [row] = await ledger_rows(chat_session_id='usage-then-cut')
     assert (row['status'], row['error_type']) == ('error', 'ModelConnectionError')
     assert (row['input_tokens'], row['output_tokens'], row['usage_reported']) == (92, 22, True)

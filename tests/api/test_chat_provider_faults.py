@@ -4,7 +4,6 @@ or a secret), the ledger has the request once, nothing of the turn is saved, and
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from agentrt.api.app import create_app
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events
 from tests.factories import ledger_rows, scalar
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import FakeOpenAI, Faulty, Reply
 
 SECRET = 'sk-proj-PLANTEDsecretvalue0123456789abcdef'
 
@@ -67,17 +66,6 @@ EXPECTED = {
 def _allow_loopback_model_requests() -> Iterator[None]:
     with override_allow_model_requests(True):  # only ever to the loopback server
         yield
-
-
-class Faulty:
-    """The server's script: `fault` until `healed`, then a plain answer."""
-
-    def __init__(self, fault: Reply) -> None:
-        self.fault = fault
-        self.healed = False
-
-    def __call__(self, body: dict[str, Any]) -> Reply:
-        return Reply(text='Nobody matches.') if self.healed else copy.deepcopy(self.fault)
 
 
 async def _client(fake: FakeOpenAI, read_timeout_s: float = 30) -> AsyncIterator[httpx2.AsyncClient]:
