@@ -41,6 +41,7 @@ from agentrt.db.errors import (
     ModelProviderError,
     TurnLimitExceededError,
 )
+from agentrt.db.failures import raised_inside
 from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.log_redaction import install_log_redaction
 
@@ -84,7 +85,7 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
         )
     if isinstance(exc, ModelAPIError):
         return provider_error(exc, model_name)
-    if isinstance(exc, UnicodeEncodeError) and _raised_in_http_client(exc):
+    if isinstance(exc, UnicodeEncodeError) and raised_inside(exc, 'httpx'):
         # A header the HTTP client cannot encode: an API key from an undecodable environment value (a lone
         # surrogate) failed as the request was built, before anything was sent; it was an internal error.
         character = exc.object[exc.start : exc.end]  # only the character: the header may be the key
@@ -93,14 +94,6 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
             f'from the environment?) holds a character HTTP cannot send ({character!a}); nothing was sent'
         )
     return None
-
-
-def _raised_in_http_client(exc: BaseException) -> bool:
-    """Whether `exc` was raised inside the HTTP client (httpx, as the provider SDKs vendor or import it)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get('__name__', '')).startswith('httpx')
 
 
 @contextmanager

@@ -266,6 +266,15 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                 pending.append(nxt)
 
 
+def raised_inside(error: BaseException, module_prefix: str) -> bool:
+    """Whether the innermost frame of `error`'s traceback (where it was raised) is in a module whose name starts with
+    `module_prefix`: a library's own failure told apart from one raised by code it called."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get('__name__', '')).startswith(module_prefix)
+
+
 def _raised_in_driver(error: BaseException) -> bool:
     tb = error.__traceback__
     while tb is not None:

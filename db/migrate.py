@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
-from agentrt.db.failures import causes, unavailable_error
+from agentrt.db.failures import causes, raised_inside, unavailable_error
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
 
 logger = logging.getLogger('agentrt.db')
@@ -90,7 +90,7 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
     except CommandError as exc:
         raise ConfigError(f'cannot migrate to {revision!r}: {exc}') from exc
     except AssertionError as exc:
-        if not _raised_by_revision_lookup(exc):
+        if not raised_inside(exc, 'alembic.script'):
             raise
         # Alembic's revision map asserts on some targets it cannot resolve (`head+1`): it was "AssertionError",
         # reported as a failed migration (exit 5); it is a name that resolves to no migration, as `+1` says.
@@ -118,14 +118,6 @@ def _one_at_a_time() -> asyncio.Lock:
     if lock is None:
         lock = _locks[loop] = asyncio.Lock()
     return lock
-
-
-def _raised_by_revision_lookup(exc: BaseException) -> bool:
-    """Whether `exc` was raised inside Alembic's revision map (resolving a target), not by a migration's code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get('__name__', '')).startswith('alembic.script')
 
 
 def _cause(exc: BaseException) -> str:
