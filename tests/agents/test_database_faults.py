@@ -296,17 +296,23 @@ async def test_a_tool_query_ended_by_a_deadlock_is_a_database_error_saying_a_ret
     await get_request_tracker().flush()  # its ledger rows written in this test's database, not left to a later one
 
 
+def _stopping_the_server(private: PrivateDatabase) -> FunctionModel:
+    """A model that stops the server (cleanly: a turn's claim, committed, survives it) and then answers."""
+
+    async def stop_the_server(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await asyncio.to_thread(private.server.stop, 'fast')
+        return ModelResponse(parts=[TextPart('too late to save')])
+
+    return FunctionModel(stop_the_server)
+
+
 async def test_shutting_down_with_the_database_down_does_not_wait_to_release_a_claim(
     private: PrivateDatabase,
 ) -> None:
     # A turn that failed because PostgreSQL went away leaves its claim to be released once the server is back. A
     # process ending meanwhile (a one-shot `agentrt chat`) must not spend its drain budget waiting for that: the
     # claim's lease frees the conversation anyway, and the refusal says for how long.
-    async def stop_the_server(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        await asyncio.to_thread(private.server.stop, 'fast')  # clean: the turn's claim, committed, survives it
-        return ModelResponse(parts=[TextPart('too late to save')])
-
-    model = FunctionModel(stop_the_server)
+    model = _stopping_the_server(private)
     async with private.active():
         try:
             with pytest.raises(DatabaseUnavailableError):
@@ -335,10 +341,6 @@ async def test_the_next_turn_after_an_outage_is_not_refused_by_the_claim_the_fai
     # and its release is retried in the background with a backoff of up to 2 s. The user's next message, sent as
     # soon as the server was back, was refused ("another turn holds conversation 'long' for up to 58 s more") though
     # no turn was running: the process's own abandoned claim is taken over instead.
-    async def stop_the_server(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        await asyncio.to_thread(private.server.stop, 'fast')  # clean: the turn's claim, committed, survives it
-        return ModelResponse(parts=[TextPart('too late to save')])
-
     async with private.active():
         model = CountingModel()
         for _ in range(3):
@@ -346,7 +348,7 @@ async def test_the_next_turn_after_an_outage_is_not_refused_by_the_claim_the_fai
         try:
             with pytest.raises(DatabaseUnavailableError):
                 await simple_chat(
-                    QUESTION, session_id='long', account='acme-health', model=FunctionModel(stop_the_server)
+                    QUESTION, session_id='long', account='acme-health', model=_stopping_the_server(private)
                 )
             await asyncio.sleep(1.6)  # the release's backoff grows past a server's start (0.1 s, then 0.2, 0.4...)
         finally:
