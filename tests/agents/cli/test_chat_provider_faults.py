@@ -39,6 +39,16 @@ def _allow_loopback_model_requests() -> Iterator[None]:
         yield
 
 
+def _env(database_url: str, model: str, fake: FakeOpenAI) -> dict[str, str]:
+    """The CLI's environment for `model` on the loopback server."""
+    return {
+        'DATABASE_URL': database_url,
+        'AGENTRT_MODEL': model,
+        'OPENAI_BASE_URL': fake.base_url,
+        'OPENAI_API_KEY': 'sk-test',
+    }
+
+
 @pytest.mark.parametrize('fault', list(FAULTS))
 async def test_a_provider_fault_is_one_error_line_and_the_piped_conversation_goes_on(
     demo_data: None, database_url: str, fault: str
@@ -52,12 +62,7 @@ async def test_a_provider_fault_is_one_error_line_and_the_piped_conversation_goe
         return FAULTS[fault] if index in first_of_command else Reply(text='Nobody matches.')
 
     with FakeOpenAI(script).running() as fake:
-        env = {
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': 'openai:gpt-4o-mini',
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-        }
+        env = _env(database_url, 'openai:gpt-4o-mini', fake)
         once = await invoke('chat', '--session', 'once', 'Who is in Seattle?', env=env)
         piped = await invoke('chat', '--session', 'piped', input='Who is in Seattle?\nAnd in Boston?\n', env=env)
     assert once.exit_code == code, once.stderr
@@ -87,12 +92,7 @@ async def test_a_provider_that_reports_no_usage_is_said_so_in_the_summary_line_n
     # which every turn has (AGENTRT_TURN_TOTAL_TOKENS_LIMIT): under the answer, a site-packages path, the warning's
     # paragraph and `warnings.warn(`; the summary said "0 tokens (0 in / 0 out) · cost unpriced".
     with FakeOpenAI(lambda body: Reply(text='Nobody matches.', reports_usage=False)).running() as fake:
-        env = {
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': model,
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-        }
+        env = _env(database_url, model, fake)
         done = await invoke('chat', '--session', 'no-usage', 'Who is in Seattle?', env=env)
     assert done.exit_code == 0, done.stderr
     assert done.stderr == ''
@@ -117,12 +117,7 @@ async def test_an_answer_cut_off_by_the_provider_is_said_so_in_the_summary_line(
     # A text answer that ends at max_tokens (which a budget near its limit lowers) or in a content filter is kept and
     # saved by pydantic-ai as a whole answer: it read like one, with nothing said.
     with FakeOpenAI(lambda body: Reply(text='The cardiologists in Seattle are Dr', cut_off=cut_off)).running() as fake:  # type: ignore[arg-type]
-        env = {
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': model,
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-        }
+        env = _env(database_url, model, fake)
         done = await invoke('chat', '--session', 'cut-off', 'Who is in Seattle?', env=env)
     assert done.exit_code == 0, done.stderr
     [answer, summary] = done.stdout.splitlines()
