@@ -34,6 +34,8 @@ HOLD_ARGS = 'hold the arguments'
 """A message with these words starts a tool call and holds it (its arguments unfinished) until `args_looked_at`."""
 args_looked_at = asyncio.Event()
 """A message with these words meets a provider failure (HTTP 503) after the answer's first word."""
+HOLD = 'hold the answer'
+"""A message with these words is answered with a word, then held until its turn is stopped (at most 30 s)."""
 
 
 def _quick_model() -> FunctionModel:
@@ -51,6 +53,8 @@ def _quick_model() -> FunctionModel:
         yield 'ok'
         if FAIL in str(messages[-1]):
             raise ModelHTTPError(503, 'quick', {'error': 'overloaded'})
+        if HOLD in str(messages[-1]):
+            await asyncio.sleep(30)  # until the browser hangs up, which cancels the run
 
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
@@ -179,4 +183,21 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.get_by_role('textbox', name='Message').fill('')
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')
+
+    # By keyboard alone: Send, then Stop, each pressed where Tab takes the focus. Each is disabled as it is pressed,
+    # which dropped the focus to the start of the page (the next Tab went to "Skip to content"): it goes to the message
+    # box, where the next thing to do is.
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill(f'and in Denver, {HOLD}')
+    await box.press('Tab')
+    await expect(page.get_by_role('button', name='Send')).to_be_focused()
+    await page.keyboard.press('Enter')
+    turn = page.locator('.message.assistant').last
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await expect(box).to_be_focused()
+    await page.keyboard.press('Tab')  # Send is disabled while the answer comes: Stop is next
+    await expect(page.get_by_role('button', name='Stop')).to_be_focused()
+    await page.keyboard.press('Enter')
+    await expect(turn).to_have_attribute('data-state', 'stopped')
+    await expect(box).to_be_focused()
     assert crashes == []

@@ -186,6 +186,9 @@ export function createChatView() {
 
   function setBusy(busy) {
     element.dataset.busy = String(busy);
+    // A focused button that is disabled drops the focus to the start of the page, where a keyboard user would have to
+    // Tab back from: pressing Send or Stop leaves the focus in the message box instead, the next thing to use.
+    if (document.activeElement === (busy ? send : stop)) input.focus();
     send.disabled = busy;
     stop.disabled = !busy;
   }
