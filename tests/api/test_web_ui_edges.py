@@ -29,6 +29,10 @@ CONVERSATIONS = 21
 """One more than the conversation list shows at first (`PAGE` of conversations.js)."""
 
 
+LONG_TURNS = 12
+"""Turns of a conversation longer than the screen."""
+
+
 FAIL = 'please fail'
 HOLD_ARGS = 'hold the arguments'
 """A message with these words starts a tool call and holds it (its arguments unfinished) until `args_looked_at`."""
@@ -121,6 +125,22 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
     await page.reload()
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+
+    # A long conversation opens at its latest turn, and a message sent there shows with its answer. It opened at its
+    # first turn, and what was sent next streamed in below the screen, out of sight: nothing seemed to happen.
+    async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+        for number in range(LONG_TURNS):
+            body = {'message': f'Long question {number}'}
+            turn = await client.post('/api/v1/conversations/long/turns', json=body, headers=auth(keys.acme))
+            assert turn.status_code == 200, turn.text
+    await page.goto(f'{url}/#/chat/long')
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS)
+    await expect(page.locator('.message.assistant').last).to_be_in_viewport()
+    await expect(page.locator('.message.user').first).not_to_be_in_viewport()
+    turn = await _send(page, 'and one more?')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user').last).to_be_in_viewport()
+    await expect(turn).to_be_in_viewport()
 
     # A proxy's page instead of the chat stream (a sign-in page with 200): said so, not "the connection was lost".
     async def proxy_page(route: Route) -> None:

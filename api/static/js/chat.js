@@ -193,6 +193,11 @@ export function createChatView() {
     stop.disabled = !busy;
   }
 
+  /** Show the end of the conversation: its newest message, just above the message box. */
+  function toEnd() {
+    window.scrollTo(0, document.documentElement.scrollHeight);
+  }
+
   /** Keep the newest content in view when the reader is at the bottom already. */
   function follow(change) {
     const atBottom = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
@@ -248,6 +253,8 @@ export function createChatView() {
       if (conversationId !== wanted) return;
       if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
       renderHistory(data.messages);
+      // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
+      if (element.isConnected) toEnd();
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
@@ -269,8 +276,9 @@ export function createChatView() {
     const mine = userMessage(text);
     const turn = new AssistantTurn({ live: true });
     const isFirst = transcript.childElementCount === 0;
-    follow(() => transcript.append(mine, turn.element));
+    transcript.append(mine, turn.element);
     setHead(isFirst ? text : null);
+    toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
     controller = new AbortController();
     setBusy(true);
