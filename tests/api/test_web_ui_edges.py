@@ -204,6 +204,17 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')
 
+    # Half an emoji in the box (a lone surrogate, from a paste cut in the middle of one): sent as U+FFFD, as the server
+    # stores it. The body's escape was refused (422, "send the character itself, or both halves of its pair"), which
+    # the person could neither see in the box nor fix.
+    box = page.get_by_role('textbox', name='Message')
+    await box.evaluate("box => { box.value = 'cut \\ud83d here \\ud83d\\ude00'; }")
+    await box.press('Enter')
+    turn = page.locator('.message.assistant').last
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user').last).to_have_text('Youcut \ufffd here \U0001f600')
+    await expect(page.locator('.notice .alert')).to_have_count(0)
+
     # By keyboard alone: Send, then Stop, each pressed where Tab takes the focus. Each is disabled as it is pressed,
     # which dropped the focus to the start of the page (the next Tab went to "Skip to content"): it goes to the message
     # box, where the next thing to do is.

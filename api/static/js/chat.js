@@ -11,6 +11,14 @@ const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 const HISTORY_MESSAGES = 600;
 
+/**
+ * `text` with each lone surrogate (half of an emoji's UTF-16 pair, from a paste cut in the middle of one) as U+FFFD,
+ * as the server stores a message. The chat route refuses one in a body, which the person could neither see nor fix.
+ */
+function wellFormed(text) {
+  return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
+}
+
 /** A user's message. */
 function userMessage(text) {
   return h(
@@ -323,7 +331,7 @@ export function createChatView() {
 
   form.addEventListener('submit', (event) => {
     event.preventDefault();
-    const text = input.value;
+    const text = wellFormed(input.value);
     if (!text.trim() || element.dataset.busy === 'true') return;
     input.value = '';
     sendMessage(text);
