@@ -208,8 +208,21 @@ class TurnClaim:
         """Keep a taken claim alive while the block runs (renewed every third of the lease), release it at the end.
 
         The release is skipped when the block's own transaction deleted the claim (`settled`); when the database is
-        down it is retried in the background until the server is back (bounded by the lease).
+        down it is retried in the background until the server is back (bounded by the lease). Until it ends, the
+        claim counts as held by this process (`claims_released`).
         """
+        _holding[self.claim_id] = self
+        try:
+            async with self._renewed():
+                yield self
+        finally:
+            _holding.pop(self.claim_id, None)
+            if not _holding:
+                for waiter in _none_held:
+                    waiter.set()
+
+    @asynccontextmanager
+    async def _renewed(self) -> AsyncIterator[None]:
         heartbeat: list[asyncio.Task[None]] = []
 
         def beat() -> None:
@@ -218,7 +231,7 @@ class TurnClaim:
         # A timer until the first renewal is due, then a task: most turns end before a third of the lease.
         timer = asyncio.get_running_loop().call_later(self.lease_s / 3, beat)
         try:
-            yield self
+            yield
         finally:
             timer.cancel()
             if heartbeat:
@@ -285,6 +298,40 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
     await retry_on_disconnect(take, what='conversation claim')
     async with claim.held():
         yield claim
+
+
+_holding: dict[str, TurnClaim] = {}
+"""The claims this process holds, by claim id: turns running, and turns ending (cancelled, releasing theirs)."""
+_none_held: list[asyncio.Event] = []
+"""Set when the last claim held is given up (`claims_released` waits on one)."""
+
+
+async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget for the turns ending
+    """Wait until no turn of this process holds a conversation, for at most `timeout` seconds; before the pool closes.
+
+    A server stopping cancels the requests still running (uvicorn, once its graceful timeout is over) and shuts the
+    runtime down at once, while their turns are still ending: closing the pool under them left each conversation
+    claimed for the rest of its lease (the next turn, after a restart, was refused as concurrent) and the cancelled
+    request's ledger row unwritten.
+
+    Returns:
+        How many claims are still held (logged as a warning): their conversations are free when their leases expire.
+    """
+    if _holding:
+        waiter = asyncio.Event()
+        _none_held.append(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            _none_held.remove(waiter)
+    if _holding:
+        logger.warning(
+            '%d turn(s) still running at shutdown; their conversations are free when their claims expire',
+            len(_holding),
+        )
+    return len(_holding)
 
 
 _abandoned: dict[tuple[int, str], str] = {}
