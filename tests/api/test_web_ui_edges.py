@@ -115,6 +115,13 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.card')).to_have_count(CONVERSATIONS)
     await expect(page.get_by_role('button', name='Show more')).to_be_hidden()
     await expect(page.locator('.card').nth(20).get_by_role('link')).to_be_focused()
+    # Deleting one by keyboard: the focus goes on to the next conversation (the button, disabled and then removed with
+    # its card, dropped it to the start of the page).
+    page.once('dialog', lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.locator('li[data-conversation-id="c-10"]').get_by_role('button', name='Delete').focus()
+    await page.keyboard.press('Enter')
+    await expect(page.locator('li[data-conversation-id="c-10"]')).to_have_count(0)
+    await expect(page.locator('li[data-conversation-id="c-09"]').get_by_role('link')).to_be_focused()
 
     # Back to the chat through the menu, then a reload: the conversation that was on screen comes back (the address
     # said #/chat, and the reload opened a new, empty conversation).
