@@ -158,9 +158,34 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
     await page.unroute('**/api/v1/chat')
+
     # A failed turn saved nothing: its text is back in the box to send again (it was lost, and had to be retyped).
     box = page.get_by_role('textbox', name='Message')
     await expect(box).to_have_value('and in Boston?')
+
+    # An answer the model's output limit (or the provider's content filter) cut off: saved as it is, and said so; the
+    # page showed it as a complete answer, though the stream's finish event said why it ended.
+    finish_reason = ['']
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': 'The cardiologists are Dr'},
+            {'type': 'text-end', 'id': 't1'},
+            {'type': 'finish', 'finishReason': finish_reason[0]},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', cut_off)
+    for reason, words in (('length', "the model's output limit"), ('content-filter', "the provider's content filter")):
+        finish_reason[0] = reason
+        turn = await _send(page, 'and in Denver?')
+        await expect(turn).to_have_attribute('data-state', 'done')
+        await expect(turn.locator('.outcome')).to_contain_text(f'The answer was cut off by {words}')
+    await page.unroute('**/api/v1/chat')
+
     turn = await _send(page, f'and in Boston, {FAIL}')
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('the model provider failed (HTTP 503)')

@@ -10,6 +10,11 @@ import { ToolTimeline } from './tools.js';
 const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 const HISTORY_MESSAGES = 600;
+// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
+const CUT_OFF_BY = {
+  length: "the model's output limit (max_tokens)",
+  'content-filter': "the provider's content filter",
+};
 
 /**
  * `text` with each lone surrogate (half of an emoji's UTF-16 pair, from a paste cut in the middle of one) as U+FFFD,
@@ -84,6 +89,7 @@ class AssistantTurn {
         break;
       case 'finish':
         this.finished = true;
+        this.finishReason = event.finishReason;
         break;
       default:
         break; // start, steps, metadata, deltas of tool arguments: nothing to show
@@ -97,7 +103,10 @@ class AssistantTurn {
       this.fail('The answer stopped before it was complete (the connection was lost). Nothing of it was saved.');
       return;
     }
-    this.close('done', `Answered in ${formatMs(performance.now() - this.started)}.`);
+    const answered = `Answered in ${formatMs(performance.now() - this.started)}.`;
+    const cutBy = CUT_OFF_BY[this.finishReason];
+    // Saved as it is: the text stops where the limit or the filter stopped it, which read as a whole answer.
+    this.close('done', cutBy ? `${answered} The answer was cut off by ${cutBy}; it is saved as it is.` : answered);
   }
 
   fail(message) {
