@@ -149,6 +149,35 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.message.user').last).to_be_in_viewport()
     await expect(turn).to_be_in_viewport()
 
+    # A message sent while the conversation is still loading: it waits in the box until the history is shown. It was
+    # sent at once, shown above the history that arrived next, and shown twice once that history held it too.
+    history_held = asyncio.Event()
+
+    async def held_history(route: Route) -> None:
+        await history_held.wait()
+        await route.continue_()
+
+    def history_of_long(address: str) -> bool:
+        return '/api/v1/conversations/long?' in address
+
+    await page.route(history_of_long, held_history)
+    await page.reload()
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill('typed while it loads')
+    await box.press('Enter')
+    await expect(page.get_by_role('button', name='Send')).to_be_disabled()
+    await expect(box).to_have_value('typed while it loads')
+    await expect(page.locator('.message.user')).to_have_count(0)
+    history_held.set()
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS + 1)
+    await expect(page.get_by_role('button', name='Send')).to_be_enabled()
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS + 2)
+    await expect(page.locator('.message.user').first).to_have_text('YouLong question 0')
+    await expect(page.locator('.message.user').last).to_have_text('Youtyped while it loads')
+    await page.unroute(history_of_long)
+
     # A proxy's page instead of the chat stream (a sign-in page with 200): said so, not "the connection was lost".
     async def proxy_page(route: Route) -> None:
         await route.fulfill(status=200, content_type='text/html', body='<html><body>Sign in to the proxy</body></html>')

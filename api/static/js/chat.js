@@ -143,6 +143,7 @@ export function createChatView() {
   let conversationId = null; // null: a new conversation, named when its first message is sent
   let shownId; // undefined until a conversation (or a new one) is first shown
   let controller = null;
+  let loading = null; // the notice of a conversation whose history is loading, else null
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -206,8 +207,20 @@ export function createChatView() {
     // A focused button that is disabled drops the focus to the start of the page, where a keyboard user would have to
     // Tab back from: pressing Send or Stop leaves the focus in the message box instead, the next thing to use.
     if (document.activeElement === (busy ? send : stop)) input.focus();
-    send.disabled = busy;
+    send.disabled = busy || loading !== null;
     stop.disabled = !busy;
+  }
+
+  /**
+   * While a conversation's history loads (`note`: the notice saying so; null once shown), a message waits in the box:
+   * sent at once, it was shown above the history that came next, and twice once that history held it too.
+   */
+  function setLoading(note) {
+    if (loading && loading !== note) loading.remove();
+    loading = note;
+    element.dataset.loading = String(note !== null);
+    transcript.setAttribute('aria-busy', String(note !== null));
+    send.disabled = note !== null || element.dataset.busy === 'true';
   }
 
   /** Show the end of the conversation: its newest message, just above the message box. */
@@ -263,7 +276,13 @@ export function createChatView() {
     transcript.replaceChildren();
     notice.replaceChildren();
     setHead(null);
-    if (wanted === null) return;
+    if (wanted === null) {
+      setLoading(null);
+      return;
+    }
+    const loadingNote = alertBox('Loading the conversation…', 'info');
+    notice.append(loadingNote);
+    setLoading(loadingNote);
     try {
       const path = `/conversations/${encodeURIComponent(wanted)}`;
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
@@ -279,6 +298,8 @@ export function createChatView() {
       } else {
         notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
       }
+    } finally {
+      if (loading === loadingNote) setLoading(null); // else a newer show() is loading another one
     }
   }
 
@@ -341,7 +362,7 @@ export function createChatView() {
   form.addEventListener('submit', (event) => {
     event.preventDefault();
     const text = wellFormed(input.value);
-    if (!text.trim() || element.dataset.busy === 'true') return;
+    if (!text.trim() || element.dataset.busy === 'true' || loading !== null) return;
     input.value = '';
     sendMessage(text);
   });
