@@ -40,6 +40,9 @@ args_looked_at = asyncio.Event()
 """A message with these words meets a provider failure (HTTP 503) after the answer's first word."""
 HOLD = 'hold the answer'
 """A message with these words is answered with a word, then held until its turn is stopped (at most 30 s)."""
+OTHER_TAB = 'from the other tab'
+"""A message with these words is answered with a word, then its answer ends once `other_tab_may_end` is set."""
+other_tab_may_end = asyncio.Event()
 
 
 def _quick_model() -> FunctionModel:
@@ -59,6 +62,8 @@ def _quick_model() -> FunctionModel:
             raise ModelHTTPError(503, 'quick', {'error': 'overloaded'})
         if HOLD in str(messages[-1]):
             await asyncio.sleep(30)  # until the browser hangs up, which cancels the run
+        if OTHER_TAB in str(messages[-1]):
+            await asyncio.wait_for(other_tab_may_end.wait(), 30)
 
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
@@ -264,6 +269,33 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.get_by_role('textbox', name='Message').fill('')
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')
+
+    # Two tabs on one conversation: this one is refused (409) while the other's turn runs, and sends again once it
+    # ended. The other tab's turn shows above this one's, as the conversation holds it: the view stayed as it was
+    # loaded, without it, and this tab's answer followed a turn it did not show.
+    conversation = page.url.split('#/chat/', 1)[1]
+    async with httpx2.AsyncClient(base_url=url, timeout=30) as other:
+        body = {
+            'trigger': 'submit-message',
+            'id': conversation,
+            'messages': [{'id': 'o1', 'role': 'user', 'parts': [{'type': 'text', 'text': f'Dentists, {OTHER_TAB}'}]}],
+        }
+        async with other.stream('POST', '/api/v1/chat', json=body, headers=auth(keys.acme)) as running:
+            assert running.status_code == 200
+            lines = running.aiter_lines()  # kept: a finalised line iterator would hang up the stream
+            async for line in lines:
+                if '"text-delta"' in line:
+                    break
+            await _send(page, 'and in Miami?')
+            await expect(page.locator('.notice .alert')).to_contain_text('Another turn holds conversation')
+            other_tab_may_end.set()
+            assert [line async for line in lines if line.startswith('data:')][-1] == 'data: [DONE]'
+    shown = await page.locator('.message.user').count()
+    await page.get_by_role('textbox', name='Message').press('Enter')
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user')).to_have_count(shown + 2)
+    await expect(page.locator('.message.user').nth(-2)).to_have_text(f'YouDentists, {OTHER_TAB}')
+    await expect(page.locator('.message.user').last).to_have_text('Youand in Miami?')
 
     # Half an emoji in the box (a lone surrogate, from a paste cut in the middle of one): sent as U+FFFD, as the server
     # stores it. The body's escape was refused (422, "send the character itself, or both halves of its pair"), which

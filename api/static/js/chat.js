@@ -144,6 +144,7 @@ export function createChatView() {
   let shownId; // undefined until a conversation (or a new one) is first shown
   let controller = null;
   let loading = null; // the notice of a conversation whose history is loading, else null
+  let stale = false; // a turn here was refused as another one ran: the history shown lacks what that one saved
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -280,6 +281,7 @@ export function createChatView() {
       setLoading(null);
       return;
     }
+    stale = false;
     const loadingNote = alertBox('Loading the conversation…', 'info');
     notice.append(loadingNote);
     setLoading(loadingNote);
@@ -343,6 +345,7 @@ export function createChatView() {
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
       else if (response === null) {
+        if (error instanceof ApiError && error.status === 409) stale = true;
         // Refused before the turn started (busy, bad input, ...): nothing was sent to the model; give the text back.
         mine.remove();
         turn.element.remove();
@@ -363,6 +366,15 @@ export function createChatView() {
     event.preventDefault();
     const text = wellFormed(input.value);
     if (!text.trim() || element.dataset.busy === 'true' || loading !== null) return;
+    if (stale && conversationId) {
+      // Refused (409) while another tab or client ran a turn here: what that turn saved is shown first, then this
+      // message is sent (its answer followed a turn the view did not show).
+      const id = conversationId;
+      show(id).then(() => {
+        if (conversationId === id && element.isConnected) form.requestSubmit(); // not if the person moved on
+      });
+      return;
+    }
     input.value = '';
     sendMessage(text);
   });
