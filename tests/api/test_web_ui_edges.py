@@ -308,6 +308,16 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.message.user').last).to_have_text('Youcut \ufffd here \U0001f600')
     await expect(page.locator('.notice .alert')).to_have_count(0)
 
+    # A reload while the answer streams: the turn is cancelled (nothing saved), and the message comes back in the box
+    # of the reloaded page, to be sent again. It was gone, to be typed again from memory.
+    turn = await _send(page, f'and in Austin, {HOLD}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.reload()
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'and in Austin, {HOLD}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before the page was left')
+    await expect(page.locator('.message.user').last).not_to_have_text(f'Youand in Austin, {HOLD}')
+    await page.get_by_role('textbox', name='Message').fill('')
+
     # By keyboard alone: Send, then Stop, each pressed where Tab takes the focus. Each is disabled as it is pressed,
     # which dropped the focus to the start of the page (the next Tab went to "Skip to content"): it goes to the message
     # box, where the next thing to do is.

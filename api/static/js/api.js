@@ -21,6 +21,7 @@ export const session = {
   signOut() {
     sessionStorage.removeItem(KEY);
     sessionStorage.removeItem(WHO);
+    sessionStorage.removeItem('agentrt.pendingMessage'); // a message chat.js keeps for a reload: not the next key's
   },
 };
 

@@ -24,6 +24,11 @@ function wellFormed(text) {
   return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
 }
 
+// The message whose answer is streaming, kept in the tab until its turn ends here: a reload (or the tab closed and
+// restored) in the middle of the answer cancels the turn on the server, which saves nothing of it, and the message was
+// gone; the reloaded page gives it back (`restorePending`).
+const PENDING = 'agentrt.pendingMessage';
+
 /** A user's message. */
 function userMessage(text) {
   return h(
@@ -291,18 +296,39 @@ export function createChatView() {
       if (conversationId !== wanted) return;
       if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
       renderHistory(data.messages);
+      restorePending(wanted, data.messages);
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
       if (element.isConnected) toEnd();
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
+        restorePending(wanted, []);
       } else {
         notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
       }
     } finally {
       if (loading === loadingNote) setLoading(null); // else a newer show() is loading another one
     }
+  }
+
+  /** The message a page left before its answer ended back in the box, unless `messages` show it was saved. */
+  function restorePending(id, messages) {
+    let pending = null;
+    try {
+      pending = JSON.parse(sessionStorage.getItem(PENDING) || 'null');
+    } catch {
+      // an unreadable note: nothing to give back
+    }
+    sessionStorage.removeItem(PENDING);
+    if (!pending || pending.conversation !== id || typeof pending.text !== 'string') return;
+    const lastUser = messages.findLast((message) => message.role === 'user');
+    const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
+    if (saved === pending.text.replaceAll('\0', '\ufffd')) return; // answered and saved as the page left (stored: NUL as U+FFFD)
+    if (!input.value) input.value = pending.text;
+    notice.append(
+      alertBox('Your last message was not answered before the page was left, and was not saved: it is back in the box.', 'info'),
+    );
   }
 
   async function sendMessage(text) {
@@ -320,6 +346,7 @@ export function createChatView() {
     setHead(isFirst ? text : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
+    sessionStorage.setItem(PENDING, JSON.stringify({ conversation: sending, text }));
     controller = new AbortController();
     setBusy(true);
     let response = null;
@@ -354,6 +381,7 @@ export function createChatView() {
         notice.append(alertBox(errorMessage(error)));
       } else turn.fail(errorMessage(error));
     } finally {
+      sessionStorage.removeItem(PENDING); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
