@@ -4,6 +4,7 @@
 
 import { ApiError, errorMessage, getJson, postChat } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
+import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
@@ -23,11 +24,6 @@ const CUT_OFF_BY = {
 function wellFormed(text) {
   return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
 }
-
-// The message whose answer is streaming, kept in the tab until its turn ends here: a reload (or the tab closed and
-// restored) in the middle of the answer cancels the turn on the server, which saves nothing of it, and the message was
-// gone; the reloaded page gives it back (`restorePending`).
-const PENDING = 'agentrt.pendingMessage';
 
 /** A user's message. */
 function userMessage(text) {
@@ -312,23 +308,13 @@ export function createChatView() {
     }
   }
 
-  /** The message a page left before its answer ended back in the box, unless `messages` show it was saved. */
+  /** The message this tab sent before a reload cut its answer off (`takePending`) back in the box. */
   function restorePending(id, messages) {
-    let pending = null;
-    try {
-      pending = JSON.parse(sessionStorage.getItem(PENDING) || 'null');
-    } catch {
-      // an unreadable note: nothing to give back
-    }
-    sessionStorage.removeItem(PENDING);
-    if (!pending || pending.conversation !== id || typeof pending.text !== 'string') return;
-    const lastUser = messages.findLast((message) => message.role === 'user');
-    const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
-    if (saved === pending.text.replaceAll('\0', '\ufffd')) return; // answered and saved as the page left (stored: NUL as U+FFFD)
-    if (!input.value) input.value = pending.text;
-    notice.append(
-      alertBox('Your last message was not answered before the page was left, and was not saved: it is back in the box.', 'info'),
-    );
+    const text = takePending(id, messages);
+    if (text === null) return;
+    if (!input.value) input.value = text;
+    const back = 'Your last message was not answered before the page was left, and was not saved: it is back in the box.';
+    notice.append(alertBox(back, 'info'));
   }
 
   async function sendMessage(text) {
@@ -346,7 +332,7 @@ export function createChatView() {
     setHead(isFirst ? text : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
-    sessionStorage.setItem(PENDING, JSON.stringify({ conversation: sending, text }));
+    keepPending(sending, text);
     controller = new AbortController();
     setBusy(true);
     let response = null;
@@ -381,7 +367,7 @@ export function createChatView() {
         notice.append(alertBox(errorMessage(error)));
       } else turn.fail(errorMessage(error));
     } finally {
-      sessionStorage.removeItem(PENDING); // its turn ended here: saved, stopped, or its text back in the box
+      forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
