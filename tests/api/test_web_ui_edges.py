@@ -314,8 +314,20 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(turn.locator('.answer')).to_have_text('ok')
     await page.reload()
     await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'and in Austin, {HOLD}')
-    await expect(page.locator('.notice')).to_contain_text('was not answered before the page was left')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
     await expect(page.locator('.message.user').last).not_to_have_text(f'Youand in Austin, {HOLD}')
+    await page.get_by_role('textbox', name='Message').fill('')
+    # So does opening another conversation while the answer streams, once this one is opened again (the message was
+    # gone; the box is the other conversation's meanwhile, so it waits for this one).
+    here = page.url
+    turn = await _send(page, f'and in Dallas, {HOLD}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.get_by_role('link', name='New chat').click()
+    await expect(page.locator('.message')).to_have_count(0)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('')
+    await page.goto(here)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'and in Dallas, {HOLD}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
     await page.get_by_role('textbox', name='Message').fill('')
 
     # By keyboard alone: Send, then Stop, each pressed where Tab takes the focus. Each is disabled as it is pressed,

@@ -272,7 +272,11 @@ export function createChatView() {
     }
     const wanted = id === 'new' ? null : id;
     if (shownId !== undefined && wanted === conversationId && (wanted === null || controller)) return;
-    if (controller) controller.abort(); // opening another conversation stops the turn that is running
+    if (controller) {
+      // Opening another conversation stops the turn that is running; its message waits for this one (pending.js).
+      controller.left = true;
+      controller.abort();
+    }
     conversationId = wanted;
     shownId = wanted;
     transcript.replaceChildren();
@@ -308,12 +312,12 @@ export function createChatView() {
     }
   }
 
-  /** The message this tab sent before a reload cut its answer off (`takePending`) back in the box. */
+  /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
   function restorePending(id, messages) {
     const text = takePending(id, messages);
     if (text === null) return;
     if (!input.value) input.value = text;
-    const back = 'Your last message was not answered before the page was left, and was not saved: it is back in the box.';
+    const back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
     notice.append(alertBox(back, 'info'));
   }
 
@@ -333,7 +337,7 @@ export function createChatView() {
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
     keepPending(sending, text);
-    controller = new AbortController();
+    const ownController = (controller = new AbortController());
     setBusy(true);
     let response = null;
     try {
@@ -367,7 +371,7 @@ export function createChatView() {
         notice.append(alertBox(errorMessage(error)));
       } else turn.fail(errorMessage(error));
     } finally {
-      forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
+      if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed

@@ -1,6 +1,6 @@
 // The message whose answer is streaming, kept in the tab (sessionStorage) until its turn ends here. A reload (or the
-// tab closed and restored) in the middle of the answer cancels the turn on the server, which saves nothing of it, and
-// the message was gone: the reloaded page gives it back.
+// tab closed and restored), or another conversation opened, in the middle of the answer cancels the turn on the
+// server, which saves nothing of it, and the message was gone: its conversation, shown again, gives it back.
 
 const KEY = 'agentrt.pendingMessage';
 
@@ -15,18 +15,19 @@ export function forgetPending() {
 }
 
 /**
- * The message kept for conversation `id` and forgotten now, or null: none, another conversation's, or saved after all
- * (the last user message of `messages`, the conversation as the server holds it, is it: stored with NUL as U+FFFD).
+ * The message kept for conversation `id`, forgotten now, or null: none (another conversation's stays kept), or saved
+ * after all (the last user message of `messages`, the conversation as the server holds it, is it: stored with NUL as
+ * U+FFFD).
  */
 export function takePending(id, messages) {
   let pending = null;
   try {
     pending = JSON.parse(sessionStorage.getItem(KEY) || 'null');
   } catch {
-    // an unreadable note: nothing to give back
+    forgetPending(); // an unreadable note: nothing to give back
   }
+  if (pending?.conversation !== id || typeof pending.text !== 'string') return null;
   forgetPending();
-  if (!pending || pending.conversation !== id || typeof pending.text !== 'string') return null;
   const lastUser = messages.findLast((message) => message.role === 'user');
   const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
   return saved === pending.text.replaceAll('\0', '\ufffd') ? null : pending.text;
