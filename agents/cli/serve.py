@@ -27,7 +27,7 @@ def serve(
     ),
     log_level: str = typer.Option('info', '--log-level', help='uvicorn log level (debug, info, warning, error).'),
     shutdown_seconds: int = typer.Option(
-        30,
+        20,
         '--shutdown-seconds',
         min=0,
         max=3600,
