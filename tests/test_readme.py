@@ -59,6 +59,40 @@ async def test_the_python_example_runs_as_written(demo_data: None, database_url:
     assert saved == 1
 
 
+async def test_the_python_examples_tool_runs_when_a_model_calls_it(demo_data: None) -> None:
+    """The demo model never calls `count_entries`, so the run above cannot tell a broken tool: a model that does."""
+    from pydantic_ai import ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.messages import ModelMessage, ToolReturnPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+    from agentrt.agents.simple_chat import simple_chat
+    from agentrt.db.models import DirectoryEntry
+    from tests.agents.conftest import account_id
+
+    code = python_example().replace('asyncio.run(main())', '')  # the program's definitions, without its run
+    namespace: dict[str, object] = {'__name__': 'readme_example'}
+    exec(compile(code, 'README.md', 'exec'), namespace)
+
+    def ask_for_the_count(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if returns:
+            return ModelResponse(parts=[TextPart(f'{returns[-1].content} entries')])
+        return ModelResponse(parts=[ToolCallPart('count_entries', {})])
+
+    result = await simple_chat(
+        'How many entries?',
+        session_id='readme-tool',
+        account='acme-health',
+        model=FunctionModel(ask_for_the_count),
+        toolsets=[namespace['my_tools']],  # type: ignore[list-item]
+    )
+    acme = await account_id('acme-health')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        query = select(func.count()).select_from(DirectoryEntry).where(DirectoryEntry.account_id == acme)
+        expected = (await session.execute(query)).scalar_one()
+    assert result.output == f'{expected} entries'
+
+
 # The README's tables, read back: a setting, an exit code or a route that changes without its row fails here.
 
 

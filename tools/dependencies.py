@@ -29,7 +29,7 @@ class SessionDependencies:
     Pydantic AI runs the tool calls of one model response concurrently, one asyncio task each, and
     they all share this object. An `AsyncSession` here would be used by several tasks at once and
     fail ("This session is provisioning a new connection; concurrent operations are not permitted"),
-    taking the cost-tracking write down with it. Tools open their own `async with get_db_session()`
+    taking the cost-tracking write down with it. Tools open their own `async with get_db_session(account=...)`
     instead; this object only says *who* is asking, so every query can be scoped to the account.
     """
 
