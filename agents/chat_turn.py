@@ -162,6 +162,8 @@ async def open_turn(
     """Start the database if needed, resolve the model, wait for admission, then load the tenant, claim the
     conversation and load its tail.
 
+    The model is `model`, else the agent's own, else the configured one (`AGENTRT_MODEL`).
+
     The claim (one turn at a time per conversation) is held until the block exits, however it exits.
 
     Raises:
@@ -174,7 +176,9 @@ async def open_turn(
     await init_database()
     settings = current_settings()
     resolved = resolve_model(
-        model,
+        # The agent's own model (`create_simple_chat_agent(model)`, `Agent(model)`) before the configured one: a run
+        # passes its model explicitly, which in pydantic-ai would override the agent's.
+        agent.model if model is None else model,
         default=settings.model,
         stream_delay=stream_delay,
         timeout_s=settings.model_timeout_seconds,

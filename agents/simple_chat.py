@@ -140,7 +140,8 @@ async def simple_chat(
         session_id: the conversation to continue (created on first use).
         account: the account slug; every query of the turn is scoped to it.
         agent_instance: the agent slug of that account; its first agent when omitted.
-        model: a model or model name; the configured model (`AGENTRT_MODEL`, default `demo`) when omitted.
+        model: a model or model name; when omitted, the agent's own model, else the configured one (`AGENTRT_MODEL`,
+            default `demo`).
         usage_limits: usage limits for this turn (they count this turn only); `AGENTRT_TURN_*` when omitted.
         toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`).
         instructions: more instructions for this turn.

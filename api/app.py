@@ -58,7 +58,7 @@ def create_app(
 
     Args:
         agent: the chat agent; `simple_chat`'s (`default_chat_agent()`) when omitted.
-        model: the model for every turn; `AGENTRT_MODEL` when omitted.
+        model: the model for every turn; when omitted, the agent's own model, else `AGENTRT_MODEL`.
         settings: the runtime settings; read from the environment (and `.env`) when omitted.
         manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
             flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself.

@@ -44,7 +44,7 @@ NativeEvent = AgentStreamEvent | AgentRunResultEvent[Any]
 
 @dataclass(frozen=True)
 class ChatConfig:
-    """What the app's chat routes run: the agent and the model (None: `AGENTRT_MODEL`)."""
+    """What the app's chat routes run: the agent and the model (None: the agent's own, else `AGENTRT_MODEL`)."""
 
     agent: Agent[SessionDependencies, str]
     model: Model | str | None = None

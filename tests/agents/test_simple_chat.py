@@ -310,6 +310,37 @@ async def test_an_agent_built_with_extras_runs_through_simple_chat(demo_data: No
     assert len(rows) == 2 and {row['agent_name'] for row in rows} == {'simple_chat'}  # the ledger rides along
 
 
+def _answer(text: str) -> FunctionModel:
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield text
+
+    return FunctionModel(
+        lambda messages, info: ModelResponse(parts=[TextPart(text)]), stream_function=stream, model_name=f'says-{text}'
+    )
+
+
+@pytest.mark.parametrize('streamed', [False, True])
+async def test_an_agents_own_model_runs_its_turns_unless_the_call_names_one(demo_data: None, streamed: bool) -> None:
+    # create_simple_chat_agent(model) is "the default model of the agent": a turn without model= runs it, not
+    # AGENTRT_MODEL (the demo), and a turn's own model= still wins.
+    agent = create_simple_chat_agent(_answer('mine'))
+
+    async def turn(session_id: str, model: FunctionModel | None = None) -> tuple[str, str]:
+        arguments = {'session_id': session_id, 'account': 'acme-health', 'agent': agent, 'model': model}
+        if not streamed:
+            result = await simple_chat('who answers?', **arguments)  # type: ignore[arg-type]
+            return result.output, result.model_name
+        async with simple_chat_stream('who answers?', **arguments) as stream:  # type: ignore[arg-type]
+            text = ''.join([delta async for delta in stream])
+        assert stream.result is not None
+        return text, stream.result.model_name
+
+    assert await turn(f'agent-model-{streamed}') == ('mine', 'says-mine')
+    assert await turn(f'call-model-{streamed}', _answer('theirs')) == ('theirs', 'says-theirs')
+    rows = await ledger_rows(chat_session_id=f'agent-model-{streamed}')
+    assert [row['model'] for row in rows] == ['says-mine']
+
+
 _broken_tools = FunctionToolset[SessionDependencies]()
 
 
