@@ -63,3 +63,14 @@ def test_the_lint_rule_rejects_bare_imports(tmp_path: Path) -> None:
     assert result.returncode == 1
     flagged = [line for line in result.stdout.splitlines() if line.startswith('TID251')]
     assert [line.split('`')[1] for line in flagged] == ['db', 'agents', 'services', 'tools', 'api'], result.stdout
+
+
+def test_python_dash_m_agentrt_is_the_command_line(tmp_path: Path) -> None:
+    # `python -m agentrt` works where the `agentrt` script is not on PATH (a virtual environment not activated).
+    import agentrt
+
+    for args, expected in ((['--version'], f'agentrt {agentrt.__version__}'), (['--help'], 'python -m agentrt')):
+        result = subprocess.run(
+            [sys.executable, '-m', 'agentrt', *args], capture_output=True, text=True, cwd=tmp_path, check=False
+        )
+        assert result.returncode == 0 and expected in result.stdout, result.stdout + result.stderr
