@@ -13,7 +13,8 @@ it and returns a copy of it with the parts as its `riders` (`LedgerCapability.ri
 capability replace the agent's capability of the same `id` and type for that run ("a run-level capability replaces
 its agent-level namesake, whole"), so the ledger is dispatched once, carrying the parts. An agent whose ledger has no
 `id` keeps it as a capability of its own (correct, one more set of calls), and the parts go in a `TurnHooks`;
-`create_simple_chat_agent` gives its ledger `TURN_LEDGER_ID`.
+`create_simple_chat_agent` gives its ledger `TURN_LEDGER_ID`. An agent without a ledger (a user's own `Agent`) gets
+one for the turn, carrying the parts: every model request of a turn is billed and admitted against the budget.
 
 Each part keeps its own module and its own tests; `tests/agents/test_turn_hooks.py` fails if a part comes to
 override a hook that is not delegated (`PART_HOOKS`).
@@ -31,7 +32,7 @@ from pydantic_ai import Agent, RunContext
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.models import ModelRequestContext
 
-from agentrt.services.ledger import RIDER_HOOKS, LedgerCapability
+from agentrt.services.ledger import RIDER_HOOKS, LedgerCapability, ledger_capability
 
 TURN_LEDGER_ID = 'agentrt.ledger'
 """The `id` `create_simple_chat_agent` gives its ledger capability, so a turn can replace it with a copy carrying
@@ -85,8 +86,14 @@ def agent_ledger(agent: Agent[Any, Any]) -> LedgerCapability | None:
 
 def turn_hooks(*parts: AbstractCapability[Any], agent: Agent[Any, Any] | None = None) -> list[AbstractCapability[Any]]:
     """The capabilities a turn adds to its run: `agent`'s ledger carrying `parts` as its riders when it has one with
-    an `id` (`agent_ledger`), which replaces the agent's for the run; else `parts` as one `TurnHooks`."""
-    ledger = agent_ledger(agent) if agent is not None else None
-    if ledger is None:
+    an `id` (`agent_ledger`), which replaces the agent's for the run; a ledger carrying them when the agent has none
+    at all (a turn is billed, and held against the account's budget, whatever agent runs it); else `parts` as one
+    `TurnHooks` beside the agent's own ledger."""
+    if agent is None:
         return [TurnHooks(parts)]
-    return [replace(ledger, riders=(*ledger.riders, *parts))]
+    ledger = agent_ledger(agent)
+    if ledger is not None:
+        return [replace(ledger, riders=(*ledger.riders, *parts))]
+    if not any(isinstance(capability, LedgerCapability) for capability in agent.root_capability.capabilities):
+        return [ledger_capability(id=TURN_LEDGER_ID, riders=parts)]
+    return [TurnHooks(parts)]

@@ -341,6 +341,25 @@ async def test_an_agents_own_model_runs_its_turns_unless_the_call_names_one(demo
     assert [row['model'] for row in rows] == ['says-mine']
 
 
+@pytest.mark.parametrize('streamed', [False, True])
+async def test_an_agent_of_ones_own_without_the_ledger_is_billed_all_the_same(demo_data: None, streamed: bool) -> None:
+    # A turn bills every model request (and holds it against a budget) whatever agent runs it: an agent built without
+    # `ledger_capability()` left its turns without a ledger row, and without a budget's admission.
+    from pydantic_ai import Agent
+
+    agent = Agent(_answer('unledgered'), deps_type=SessionDependencies)
+    session_id = f'no-ledger-{streamed}'
+    arguments = {'session_id': session_id, 'account': 'acme-health', 'agent': agent}
+    if streamed:
+        async with simple_chat_stream('bill me', **arguments) as stream:  # type: ignore[arg-type]
+            assert ''.join([delta async for delta in stream]) == 'unledgered'
+    else:
+        assert (await simple_chat('bill me', **arguments)).output == 'unledgered'  # type: ignore[arg-type]
+    rows = await ledger_rows(chat_session_id=session_id)
+    billed = [(row['model'], row['status'], row['streamed']) for row in rows]
+    assert billed == [('says-unledgered', 'complete', streamed)]
+
+
 _broken_tools = FunctionToolset[SessionDependencies]()
 
 
