@@ -413,7 +413,10 @@ def describe_server(url: URL) -> str:
 
 def _require() -> _Runtime:
     if _runtime is None:
-        raise DatabaseNotInitializedError('the database is not initialised: await init_database() first')
+        raise DatabaseNotInitializedError(
+            'the database is not initialised: run inside `async with agentrt.agents.runtime.agentrt_runtime():`, '
+            'or await agentrt.db.engine.init_database() first'
+        )
     return _runtime
 
 

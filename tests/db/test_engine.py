@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +224,34 @@ async def test_a_failed_statements_error_never_quotes_its_parameters() -> None:
             await conn.execute(text('SELECT length(:message) / 0'), {'message': 'my diagnosis, in confidence'})
     assert 'division by zero' in str(raised.value)
     assert 'my diagnosis' not in str(raised.value) and 'my diagnosis' not in repr(raised.value)
+
+
+_WITHOUT_INIT = """
+import asyncio
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelResponse, TextPart
+from pydantic_ai.models.function import FunctionModel
+from agentrt.services.ledger import ledger_capability
+from agentrt.tools.dependencies import SessionDependencies
+
+deps = SessionDependencies('s-1', 1, 'acme-health', 1, 'provider-finder', 'mine')
+sent = []
+agent = Agent(FunctionModel(lambda m, i: sent.append(1) or ModelResponse(parts=[TextPart('hi')])),
+              capabilities=[ledger_capability()])
+try:
+    asyncio.run(agent.run('hi', deps=deps))
+except Exception as exc:
+    print(type(exc).__name__, exc, len(sent))
+"""
+
+
+def test_a_program_that_forgot_to_start_the_runtime_is_told_how_to(tmp_path: Path) -> None:
+    # A plain `agent.run` with the ledger and an account, in a program that never called init_database(): the budget
+    # admission cannot run, and the error says what to call and where it lives, before any model request was sent.
+    result = subprocess.run(
+        [sys.executable, '-c', _WITHOUT_INIT], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False
+    )
+    assert result.stdout.startswith('DatabaseNotInitializedError '), result.stdout + result.stderr
+    assert 'agentrt.agents.runtime.agentrt_runtime()' in result.stdout
+    assert 'agentrt.db.engine.init_database()' in result.stdout
+    assert result.stdout.rstrip().endswith(' 0'), 'no model request was sent'
