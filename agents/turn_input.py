@@ -23,6 +23,7 @@ from pydantic_ai.usage import UsageLimits
 from agentrt.db.errors import InvalidInputError, check_seconds
 from agentrt.db.settings import Settings
 from agentrt.services.pg_text import describe_char, preview, storable_text
+from agentrt.tools.dependencies import SessionDependencies
 
 SESSION_ID_MAX_CHARS = 200
 """`conversations.conversation_id` and `llm_requests.chat_session_id` are `varchar(200)`."""
@@ -147,9 +148,27 @@ def validate_run_arguments(
         )
     if agent is not None and not isinstance(agent, Agent):
         raise InvalidInputError.wrong_type('agent', 'a pydantic-ai Agent (create_simple_chat_agent()) or None', agent)
+    if agent is not None and not _takes_session_dependencies(agent.deps_type):
+        raise InvalidInputError(
+            f"the agent's deps_type is {agent.deps_type.__name__}, but a turn runs it with SessionDependencies "
+            '(agentrt.tools.dependencies), so its tools would not get theirs: build it with '
+            'deps_type=SessionDependencies (or a class of which SessionDependencies is one)',
+            field='agent',
+        )
     if on_tool_event is not None and not callable(on_tool_event):
         raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
     check_seconds(stream_delay, 'stream_delay')
+
+
+def _takes_session_dependencies(deps_type: object) -> bool:
+    """Whether a turn's `SessionDependencies` is a `deps_type` (its class, a base or protocol of it, `object`, or no
+    deps at all: tools that never read them); a generic alias or other form cannot be checked, and is let through."""
+    if deps_type is type(None) or not isinstance(deps_type, type):
+        return True
+    try:
+        return issubclass(SessionDependencies, deps_type)
+    except TypeError:  # a protocol with data members (`RunIdentity`) cannot be checked by issubclass
+        return True
 
 
 def _instruction(value: object) -> bool:

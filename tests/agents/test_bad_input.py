@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from pydantic_ai import ModelResponse, TextPart
+from pydantic_ai import Agent, ModelResponse, TextPart
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import InvalidInputError
-from agentrt.services.ledger import get_request_tracker
+from agentrt.services.ledger import RunIdentity, get_request_tracker
+from agentrt.tools.dependencies import SessionDependencies
 from tests.agents.cli.helpers import invoke
 from tests.factories import scalar
 
@@ -95,6 +97,20 @@ async def test_bad_input_is_refused_before_anything_runs(demo_data: None, small_
         await _nothing_happened(case)
 
 
+@dataclass
+class OtherDeps:
+    """A deps type of the user's own, which a turn cannot give the agent."""
+
+    tenant: str
+
+
+def test_an_agent_whose_deps_a_turn_can_give_is_accepted() -> None:
+    for deps_type in (SessionDependencies, object, type(None), RunIdentity):
+        validate_run_arguments(
+            model=None, usage_limits=None, toolsets=(), instructions=(), agent=Agent(None, deps_type=deps_type)
+        )
+
+
 ARGUMENT_CASES = [
     Case('model not a model', 'model', 123, 'model must be a model name, a pydantic-ai Model or None, not int'),
     Case('usage limits not UsageLimits', 'usage_limits', {'request_limit': 3}, 'not dict'),
@@ -104,6 +120,8 @@ ARGUMENT_CASES = [
     Case('instructions a number', 'instructions', 5, 'not int'),
     Case('instructions with a number', 'instructions', ['be brief', 5], 'not list'),
     Case('agent a name', 'agent', 'simple_chat', 'a pydantic-ai Agent'),
+    # Its tools would get SessionDependencies where they expect their own deps: an AttributeError mid-run, billed.
+    Case('agent of other deps', 'agent', Agent(None, deps_type=OtherDeps), "the agent's deps_type is OtherDeps"),
 ]
 STREAM_ARGUMENT_CASES = [
     Case('on_tool_event not callable', 'on_tool_event', 'print', 'a function or None, not str'),
