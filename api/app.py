@@ -30,6 +30,7 @@ from agentrt import __version__
 from agentrt.agents.observability import spans_exported
 from agentrt.agents.runtime import configure_observability, shutdown_runtime
 from agentrt.agents.simple_chat import default_chat_agent
+from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
@@ -67,6 +68,10 @@ def create_app(
             neither is given.
         freeze_heap: once the runtime has started, freeze the process's start-up objects out of the cyclic GC's way
             (`freeze_startup_heap`); what `agentrt serve` does, for a process that only serves this app.
+
+    Raises:
+        InvalidInputError: `agent` is not a pydantic-ai `Agent` a turn can run (its `deps_type` not
+            `SessionDependencies`), or `model` is neither a model name nor a `Model`.
     """
 
     @asynccontextmanager
@@ -94,6 +99,8 @@ def create_app(
         lifespan=lifespan,
         **_telemetry_option(),
     )
+    # A wrong agent or model is the program's mistake: refused here, at build time, not at each chat request.
+    validate_run_arguments(model=model, usage_limits=None, toolsets=(), instructions=(), agent=agent)
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import pytest
 from fastapi import FastAPI
+from pydantic_ai import Agent
 
 from agentrt.api import app as app_module
 from agentrt.api import health
 from agentrt.api.app import create_app, create_served_app
 from agentrt.api.web_ui import WEB_UI_DIR
+from agentrt.db.errors import InvalidInputError
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
+from agentrt.tools.dependencies import SessionDependencies
 from tests.api.conftest import TEST_POOL_OUT, Keys, auth
 
 
@@ -90,6 +94,22 @@ def test_agentrt_serve_runs_the_web_ui_unless_told_not_to(monkeypatch: pytest.Mo
     monkeypatch.setattr(app_module, 'get_settings', lambda: Settings(http_web_ui=False))
     assert not mounted(create_served_app())
     assert not mounted(create_app(manage_runtime=False))  # a library user's app: the API only, unless asked
+
+
+def test_an_agent_or_model_a_turn_cannot_run_is_refused_when_the_app_is_built() -> None:
+    # Built with such an agent, every chat request failed mid-run (its tools got SessionDependencies where they
+    # expected their own deps), each after a billed model request.
+    @dataclass
+    class OtherDeps:
+        tenant: str
+
+    with pytest.raises(InvalidInputError, match="the agent's deps_type is OtherDeps") as info:
+        create_app(manage_runtime=False, agent=Agent(None, deps_type=OtherDeps))
+    assert info.value.field == 'agent'
+    with pytest.raises(InvalidInputError, match='model must be a model name') as info:
+        create_app(manage_runtime=False, model=42)  # type: ignore[arg-type]
+    assert info.value.field == 'model'
+    assert create_app(manage_runtime=False, agent=Agent(None, deps_type=SessionDependencies))
 
 
 async def test_ready_reports_the_revision_and_the_pool(client: httpx2.AsyncClient) -> None:
