@@ -49,16 +49,35 @@ def serve(
     run(_check_database)
     import uvicorn
 
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level.lower(),
-        log_config=_log_config(log_level.upper()),
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        'factory': True,
+        'host': host,
+        'port': port,
+        'workers': workers,
+        'log_level': log_level.lower(),
+        'log_config': _log_config(log_level.upper()),
+        'timeout_graceful_shutdown': 30,
+    }
+    if workers > 1:
+        # uvicorn's supervisor: SIGTERM and Ctrl-C stop every worker gracefully and it exits 0; SIGHUP replaces the
+        # workers (uvicorn's reload), as documented for it.
+        uvicorn.run(APP_FACTORY, **options)
+        return
+    from agentrt.agents.cli.served import GracefulServer
+
+    config = uvicorn.Config(APP_FACTORY, **options)
+    config.load_app()  # as `uvicorn.run` does: an app that does not import is one line and exit code 3
+    server = GracefulServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as `uvicorn.run`: Ctrl-C outside the server's own handling ends it quietly
+        pass
+    if not server.started:  # the app's start-up failed (uvicorn logged why): as `uvicorn.run` ends then
+        raise typer.Exit(STARTUP_FAILURE)
+
+
+STARTUP_FAILURE = 3
+"""uvicorn's exit code for an app whose start-up failed (`uvicorn.config.STARTUP_FAILURE`)."""
 
 
 def missing_http_packages() -> list[str]:

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.api.conftest import chat_body, of_type, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
+from tests.fake_openai import FakeOpenAI, Reply
 
 CHATS = 200
 TOOL_CHATS = 3
@@ -140,7 +142,7 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
-    assert server.returncode in (0, -signal.SIGTERM), stderr
+    assert server.returncode == 0, stderr
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
     # After the shutdown (which flushes the ledger): one row per model request the conversations account for.
@@ -208,3 +210,74 @@ async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(databas
     assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])
+async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
+    demo_data: None, database_url: str, tmp_path: Path, stop: signal.Signals
+) -> None:
+    # SIGTERM ended a clean shutdown with the process dying of the signal uvicorn raised again (exit status 143);
+    # SIGHUP (the terminal closed) killed it at once: the turn in flight cut off, unsaved, its ledger row lost.
+    released = threading.Event()
+
+    def slow_provider(body: object) -> Reply:
+        released.wait(60)  # answers once the server is shutting down
+        return Reply(text='Nobody in Seattle matches.')
+
+    port = _free_port()
+    with FakeOpenAI(slow_provider).running() as fake:
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'info']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from threads below
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        shutting_down, signalled = '', False
+        try:
+            url = f'http://127.0.0.1:{port}'
+            key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = asyncio.create_task(stream_chat(client, key, chat_body('in-flight', 'Who is in Seattle?')))
+                while not fake.requests:  # noqa: ASYNC110 - polling the provider's thread
+                    await asyncio.sleep(0.05)
+                server.send_signal(stop)
+                signalled = True
+                shutting_down = await asyncio.to_thread(_stderr_until, server, 'Shutting down')
+                released.set()
+                status, events = await turn
+        finally:
+            released.set()
+            if not signalled:
+                server.send_signal(signal.SIGTERM)
+            _, rest = await asyncio.to_thread(server.communicate, timeout=60)
+    stderr = shutting_down + rest
+    assert server.returncode == 0, stderr[-3000:]
+    assert status == 200 and events[-1] == '[DONE]', events[-3:]
+    assert 'Nobody in Seattle matches.' in ''.join(event['delta'] for event in of_type(events, 'text-delta'))
+    assert [row['status'] for row in await ledger_rows(chat_session_id='in-flight')] == ['complete']
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(text("SELECT count(*) FROM conversations WHERE conversation_id = 'in-flight'"))
+    assert saved.scalar_one() == 1
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+
+async def _key(account: str) -> str:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await create_api_key(session=session, account=account)).token
+
+
+def _stderr_until(server: subprocess.Popen[str], words: str) -> str:
+    """The server's stderr up to and including the first line holding `words` (all of it if it ends first)."""
+    assert server.stderr is not None
+    read = ''
+    for line in server.stderr:
+        read += line
+        if words in line:
+            break
+    return read
