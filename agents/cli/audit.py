@@ -167,7 +167,7 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
     table.add_column(style='bold', no_wrap=True)
     table.add_column(overflow='fold')
     for name, value in row.items():
-        table.add_row(*text_cells(name, '-' if value is None else str(value)))
+        table.add_row(*text_cells(name, '-' if value is None else str(value), one_line=False))
     if (link := trace_url(detail.request.trace_id)) is not None:
         table.add_row('trace', link)
     console.print(table)
