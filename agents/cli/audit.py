@@ -17,6 +17,7 @@ from agentrt.agents.cli.filters import (
     SINCE_OPTION,
     UNTIL_OPTION,
     check_account,
+    check_agent,
     dash,
     ledger_filters,
     money,
@@ -68,6 +69,7 @@ def audit_list(
         found = await list_requests(session=session, filters=filters, page=page, page_size=page_size)
         if not found.items:
             await check_account(session, filters.account)
+            await check_agent(session, filters)
         return found
 
     render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
