@@ -120,13 +120,14 @@ def _log_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config: dict[str, Any] = {**LOGGING_CONFIG, 'loggers': dict(LOGGING_CONFIG['loggers'])}
+    debug = level in ('DEBUG', 'TRACE')
     # Secrets out of uvicorn's lines as out of the runtime's: a key in a URL's query (the access log), a provider's
     # error in the traceback of an exception that escaped the app (the error log).
     config['filters'] = {
         'redact': {'()': 'agentrt.services.log_redaction.RedactingFilter'},
         'redact_arguments': {'()': 'agentrt.services.log_redaction.ArgumentRedactingFilter'},
         # Before the redaction, which then reads the line as rewritten: an outage's background failures, one line each.
-        'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
+        'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': debug},
     }
     config['handlers'] = {
         name: {**handler, 'filters': ['redact_arguments'] if name == 'access' else ['outage', 'redact']}
@@ -134,4 +135,17 @@ def _log_config(level: str) -> dict[str, Any]:
     }
     known = level if level in logging.getLevelNamesMapping() else 'INFO'
     config['loggers']['agentrt'] = {'handlers': ['default'], 'level': known, 'propagate': False}
+    # OpenTelemetry's exporters (a collector down or not answering: a warning per retry, an error per batch given up
+    # on, every few seconds): one line per process, as a command prints, unless debug. The workers of `--workers N`
+    # printed every one of them bare, through Python's last-resort handler (no logging of the CLI's in them).
+    # On a handler of their own: a logger's filters see only the records logged on it, not its children's.
+    config['handlers']['tracing'] = {**LOGGING_CONFIG['handlers']['default'], 'filters': ['redact']}
+    if not debug:
+        config['filters']['export_once'] = {
+            '()': 'agentrt.agents.cli.support.ExportFailuresOnce',
+            'shows_all': '--log-level debug',
+        }
+        config['handlers']['tracing']['filters'] = ['export_once', 'redact']
+    exporters = {'handlers': ['tracing'], 'level': 'DEBUG' if debug else 'WARNING', 'propagate': False}
+    config['loggers']['opentelemetry'] = exporters
     return config
