@@ -31,7 +31,8 @@ from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
-from tests.api.conftest import chat_body, of_type, stream_chat
+from tests.agents.otlp_receiver import OtlpReceiver
+from tests.api.conftest import auth, chat_body, of_type, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -281,3 +282,69 @@ def _stderr_until(server: subprocess.Popen[str], words: str) -> str:
         if words in line:
             break
     return read
+
+
+SPAN_SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+
+async def test_serve_sends_each_requests_span_and_its_turn_to_a_collector_without_secrets_or_prompts(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # A key a client put in a URL (`?api_key=art_...`, a provider's key as a conversation id) reached the collector
+    # whole in the request span's url.path, url.query and message, while the access log showed it redacted.
+    port = _free_port()
+    question = 'Quixotic cardiologists in Boston'
+    with OtlpReceiver() as receiver:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+        env |= {
+            'DATABASE_URL': database_url,
+            'OTEL_EXPORTER_OTLP_ENDPOINT': receiver.url,
+            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            url = f'http://127.0.0.1:{port}'
+            key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = await client.post(
+                    '/api/v1/conversations/traced/turns', json={'message': question}, headers=auth(key)
+                )
+                assert turn.status_code == 200, turn.text
+                status, events = await stream_chat(client, key, chat_body('traced-stream', question))
+                assert status == 200 and events[-1] == '[DONE]'
+                for path in (
+                    f'/api/v1/conversations/{SPAN_SECRET}',
+                    f'/api/v1/me?api_key={key}',
+                    f'/api/v1/me?t={key}',
+                ):
+                    assert (await client.get(path, headers=auth(key))).status_code in (200, 404)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+        spans = [span for _, span in receiver.spans()]
+    assert server.returncode == 0, stderr[-3000:]
+    turns = {_attribute(span, 'gen_ai.conversation.id'): span for span in spans if span.name == 'chat turn'}
+    assert set(turns) == {'traced', 'traced-stream'}
+    by_id = {span.span_id: span for span in spans}
+    for turn in turns.values():
+        ancestors = []
+        parent = by_id.get(turn.parent_span_id)
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = by_id.get(parent.parent_span_id)
+        assert ancestors and ancestors[-1].startswith('POST /api/v1/'), ancestors  # under its request's span
+        assert turn.status.code == turn.status.STATUS_CODE_UNSET
+    everything = repr([(span.name, span.attributes, span.events, span.status) for span in spans])
+    assert 'Quixotic' not in everything  # no prompt text
+    secret_of_the_key = key[len('art_') + 13 :]  # art_<12 hex>_<secret>
+    assert 'aB3dE5fG7hJ9' not in everything and secret_of_the_key not in everything
+    paths = {_attribute(span, 'url.path') for span in spans if span.name.startswith('GET /api/v1/')}
+    assert '/api/v1/conversations/[REDACTED]' in paths
+
+
+def _attribute(span: Any, name: str) -> Any:
+    """A string attribute of a span as the collector received it."""
+    return next((a.value.string_value for a in span.attributes if a.key == name), None)
