@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agentrt.agents.observability import configure_observability, flush_spans
+from agentrt.agents.turn_admission import turns_ended
 from agentrt.db.engine import close_database, init_database
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import get_request_tracker
@@ -27,11 +28,16 @@ async def shutdown_runtime(
     """Finish background work, flush the ledger, close the pool and send the spans still buffered; call it once
     before the event loop ends.
 
+    Turns still ending are waited for first (at most `timeout` seconds): a server that stops cancels the requests it
+    gave up waiting for and goes on to its shutdown at once, and those turns' ledger rows and claims were then written
+    after the ledger and the pool had closed (spooled, held until their lease ran out).
+
     Args:
-        timeout: seconds to let background tasks finish before they are cancelled.
+        timeout: seconds to let turns still ending, then background tasks, finish (these are then cancelled).
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
     """
+    await turns_ended(timeout)
     await drain_supervisor(timeout)
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()
