@@ -234,6 +234,9 @@ async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
             'OPENAI_BASE_URL': fake.base_url,
             'OPENAI_API_KEY': 'sk-test',
             'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+            # A loaded machine must not make the save wait past the defaults (as in the test above).
+            'AGENTRT_TURN_QUEUE_SECONDS': '110',
+            'DB_POOL_TIMEOUT': '110',
         }
         command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'info']
         server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from threads below
