@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -288,6 +289,36 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
         ).scalars()
         traces = set(rows.all())
     assert traces and traces <= receiver.trace_ids()
+
+
+async def test_trace_with_stderr_closed_prints_no_span_among_the_answers(demo_data: None, database_url: str) -> None:
+    # `agentrt --trace chat ... 2>&-`: with no stderr, logfire's console printed the spans on stdout, into the answer.
+    env = _clean_env(DATABASE_URL=database_url, COLUMNS='200')
+    command = [
+        sys.executable,
+        '-m',
+        'agentrt.agents.cli',
+        '--trace',
+        'chat',
+        QUESTION,
+        '-s',
+        'no-stderr',
+        '--delay',
+        '0',
+    ]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ['bash', '-c', 'exec "$@" 2>&-', 'bash', *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+    spans = [line for line in done.stdout.splitlines() if re.match(r'\d\d:\d\d:\d\d\.\d{3} ', line)]
+    assert 'I found' in done.stdout and spans == [], spans[:5]
 
 
 async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_span(
