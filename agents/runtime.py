@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agentrt.agents.observability import configure_observability, flush_spans
-from agentrt.agents.turn_admission import turns_ended
 from agentrt.db.engine import close_database, init_database
 from agentrt.services.background import drain_supervisor
+from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import get_request_tracker
 
 __all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
@@ -25,19 +25,18 @@ async def shutdown_runtime(
     *,
     release_embedded_server: bool = False,
 ) -> None:
-    """Finish background work, flush the ledger, close the pool and send the spans still buffered; call it once
-    before the event loop ends.
-
-    Turns still ending are waited for first (at most `timeout` seconds): a server that stops cancels the requests it
-    gave up waiting for and goes on to its shutdown at once, and those turns' ledger rows and claims were then written
-    after the ledger and the pool had closed (spooled, held until their lease ran out).
+    """Let turns that are ending release their conversations, finish background work, flush the ledger, close the
+    pool and send the spans still buffered; call it once before the event loop ends.
 
     Args:
-        timeout: seconds to let turns still ending, then background tasks, finish (these are then cancelled).
+        timeout: seconds to let turns still running end (then their conversations stay claimed until their leases
+            expire), and then background tasks finish before they are cancelled.
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
     """
-    await turns_ended(timeout)
+    # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
+    # requests handed to the ledger, before the pool closes under them.
+    await claims_released(timeout)
     await drain_supervisor(timeout)
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()

@@ -57,7 +57,6 @@ class TurnAdmission:
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._watcher: asyncio.Task[None] | None = None
         self._last_decrease = 0.0
-        self._idle: asyncio.Event | None = None  # made by the first `ended()` that has to wait
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -74,7 +73,7 @@ class TurnAdmission:
         try:
             yield
         finally:
-            self._leave()
+            self.running -= 1
             try:
                 _inside_turn.reset(token)
             except ValueError:  # the block ended in another context (a streamed response closed by its server)
@@ -102,7 +101,7 @@ class TurnAdmission:
                 ) from None
         except BaseException:
             if admitted.done() and not admitted.cancelled():
-                self._leave()  # admitted as it was cancelled: give the place back
+                self.running -= 1  # admitted as it was cancelled: give the place back
                 self._admit_waiting()
             else:
                 admitted.cancel()
@@ -112,11 +111,6 @@ class TurnAdmission:
         self.running += 1
         self.admitted += 1
         self._watch()
-
-    def _leave(self) -> None:
-        self.running -= 1
-        if self.running == 0 and self._idle is not None:
-            self._idle.set()
 
     def _admit_waiting(self) -> None:
         while self._waiting and self.running < self.limit:
@@ -144,28 +138,6 @@ class TurnAdmission:
             elif self._waiting and self.running >= self.limit - 1 and self.lag_s <= self.max_lag_s / 2:
                 self.limit += 1
             self._admit_waiting()
-
-    async def ended(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound on a shutdown's wait
-        """Wait, at most `timeout` seconds, until no turn runs; whether none does."""
-        if self.running == 0:
-            return True
-        if self._idle is None:
-            self._idle = asyncio.Event()
-        self._idle.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-async def turns_ended(timeout: float) -> bool:  # noqa: ASYNC109 - a bound on a shutdown's wait
-    """Wait, at most `timeout` seconds, until the running loop runs no turn: for a shutdown, so that turns still ending
-    (cancelled by their server as it stops) write their ledger rows and release their claims before the ledger and
-    the pool close. Whether none runs."""
-    admission = _admissions.get(asyncio.get_running_loop())
-    return admission is None or await admission.ended(timeout)
 
 
 _admissions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnAdmission] = weakref.WeakKeyDictionary()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx2
@@ -20,7 +16,6 @@ from agentrt.api.web_ui import WEB_UI_DIR
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
 from tests.api.conftest import TEST_POOL_OUT, Keys, auth
-from tests.factories import ledger_rows, scalar
 
 
 async def test_openapi_lists_every_route_and_the_key_scheme(client: httpx2.AsyncClient) -> None:
@@ -153,72 +148,3 @@ async def test_the_readmes_curl_examples_work_as_written(keys: Keys, client: htt
     assert chat.status_code == 200 and chat.text.rstrip().endswith('data: [DONE]')
     page = (await client.get(audit.group(2), headers=auth(keys.acme))).json()
     assert (page['page'], page['page_size'], page['total']) == (1, 20, 3)
-
-
-# A served app whose turn is still waiting for its model when the server stops: uvicorn waits its graceful-shutdown
-# time, cancels the request, and goes on to the app's shutdown at once.
-CUT_AT_SHUTDOWN = """
-import asyncio, sys
-import httpx2, uvicorn
-from pydantic_ai.models.function import FunctionModel
-from agentrt.api.app import create_app
-
-KEY = sys.argv[1]
-asked = asyncio.Event()
-
-async def never(messages, info):
-    asked.set()
-    await asyncio.Event().wait()
-    yield ''
-
-async def chat(port):
-    body = {'trigger': 'submit-message', 'id': 'cut-at-shutdown',
-            'messages': [{'id': 'm1', 'role': 'user', 'parts': [{'type': 'text', 'text': 'hi'}]}]}
-    async with httpx2.AsyncClient(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
-        try:
-            await client.post('/api/v1/chat', json=body, headers={'Authorization': f'Bearer {KEY}'})
-        except httpx2.HTTPError:  # cut off by the server as it stops
-            pass
-
-async def main():
-    app = create_app(model=FunctionModel(stream_function=never, model_name='never'))
-    config = uvicorn.Config(app, host='127.0.0.1', port=0, log_level='critical', timeout_graceful_shutdown=0.5)
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    client = asyncio.create_task(chat(server.servers[0].sockets[0].getsockname()[1]))
-    await asked.wait()  # the turn's model request is waiting for its answer
-    server.should_exit = True
-    await serving
-    await client
-
-asyncio.run(main())
-"""
-
-
-async def test_a_turn_the_server_cuts_at_shutdown_writes_its_ledger_row_and_frees_its_conversation(
-    keys: Keys, database_url: str, tmp_path: Path
-) -> None:
-    # The app's shutdown closed the ledger and the pool while the cancelled turn was still ending: its ledger row was
-    # "not written (DatabaseNotInitializedError ...); spooling" and its claim held the conversation for its lease.
-    env = {
-        **os.environ,
-        'DATABASE_URL': database_url,
-        'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
-    }
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', CUT_AT_SHUTDOWN, keys.acme],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert 'not written' not in done.stderr, done.stderr[-3000:]
-    assert [row['status'] for row in await ledger_rows(chat_session_id='cut-at-shutdown')] == ['cancelled']
-    assert await scalar("SELECT count(*) FROM conversation_turns WHERE conversation_id = 'cut-at-shutdown'") == 0
-    assert not (tmp_path / 'spool.jsonl').exists() or not (tmp_path / 'spool.jsonl').read_text().strip()
