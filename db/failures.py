@@ -124,6 +124,8 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             f'no database connection became free in time ({_first_line(exc)}): the pool is exhausted; '
             'raise DB_POOL_SIZE / DB_MAX_OVERFLOW or lower the concurrency'
         )
+    if (full := pooler_full(exc)) is not None:
+        return full
     if lost_connection(exc):
         return DatabaseDisconnectedError(
             f'the connection to PostgreSQL was lost ({_root_message(exc)}); the operation did not complete '
@@ -133,6 +135,24 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
+    return None
+
+
+# PgBouncer's refusal of a client over its `max_client_conn`, at login (SQLSTATE 08P01, as for a broken protocol).
+_POOLER_FULL = 'no more connections allowed (max_client_conn)'
+
+
+def pooler_full(exc: BaseException) -> DatabaseUnavailableError | None:
+    """PgBouncer refusing a client connection over its `max_client_conn`, as the error that says so and what to do;
+    None for any other exception. Its SQLSTATE (08P01) is the one of a connection broken mid-protocol: reported as that,
+    it sent an operator looking for a restart of PostgreSQL rather than at the pooler's limit."""
+    for error in _chain(exc):
+        if _POOLER_FULL in str(error):
+            return DatabaseUnavailableError(
+                f'PgBouncer refused the connection: {_POOLER_FULL}: it accepts fewer client connections than the '
+                "runtime's processes open; raise its max_client_conn to at least processes x (DB_POOL_SIZE + "
+                'DB_MAX_OVERFLOW) + 2 per process with the job queue (and any other clients), or lower those pools'
+            )
     return None
 
 
