@@ -269,3 +269,26 @@ async def test_pgbouncer_out_of_client_connections_is_said_so_not_a_lost_connect
     message = str(refused.value)
     assert message.startswith('PgBouncer refused the connection: no more connections allowed (max_client_conn)')
     assert 'DB_POOL_SIZE' in message and 'DB_MAX_OVERFLOW' in message
+
+
+async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: Settings) -> None:
+    # A query that waited query_wait_timeout for one of PgBouncer's server connections (all busy, or PostgreSQL not
+    # reachable) is closed with SQLSTATE 08P01: it was "the connection to PostgreSQL was lost ... (server restart,
+    # failover or a terminated backend)".
+    busy = bouncer_for(get_engine().url, pool_size=1, query_wait_timeout=1)
+    busy.start()
+    try:
+        pooled = await PooledDatabase.create(busy, database)
+        try:
+            async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as holder:
+                await holder.execute(text('SELECT 1'))  # its transaction holds the one server connection
+                with pytest.raises(DatabaseDisconnectedError) as gave_up:
+                    async with get_db_session(account=Unscoped.ADMIN) as waiting:
+                        await waiting.execute(text('SELECT 1'))
+        finally:
+            await pooled.close()
+    finally:
+        busy.stop()
+    message = str(gave_up.value)
+    assert message.startswith('PgBouncer gave up waiting for a server connection (query_wait_timeout)'), message
+    assert 'default_pool_size' in message and 'server restart' not in message
