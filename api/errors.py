@@ -63,7 +63,7 @@ from agentrt.agents.errors import (
 )
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
-from agentrt.db.failures import cannot_connect, lost_connection
+from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
 from agentrt.services.log_redaction import install_log_redaction
@@ -206,6 +206,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
     if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
         return 502, 'model_provider_error', _provider_message(exc), None
     if isinstance(exc, RuntimeBusyError):  # the turn waited its turn too long: nothing was started
+        return 503, 'busy', 'the server is busy; try again shortly', None
+    if isinstance(exc, DatabaseUnavailableError) and pool_exhausted(exc):  # the runtime's words for the pool's timeout
         return 503, 'busy', 'the server is busy; try again shortly', None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
         return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None

@@ -77,6 +77,12 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """True when `exc` is (or was raised from) the pool's checkout timeout: every connection of the process's pool
+    stayed in use for `DB_POOL_TIMEOUT`, the process at capacity rather than PostgreSQL away."""
+    return any(isinstance(error, sqlalchemy.exc.TimeoutError) for error in _chain(exc))
+
+
 def out_of_step(error: BaseException | None) -> bool:
     """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
     no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect

@@ -107,13 +107,24 @@ def test_a_clients_message_and_the_log_line_are_redacted(caplog: pytest.LogCaptu
         caplog.clear()
 
 
+def _translated(exc: BaseException) -> DatabaseUnavailableError:
+    """The runtime's error for `exc`, raised from it, as a session or `driver_transaction` raises it."""
+    error = unavailable_error(exc)
+    assert error is not None
+    try:
+        raise error from exc
+    except DatabaseUnavailableError as raised:
+        return raised
+
+
 @pytest.mark.parametrize(
     'exc',
     [
         RuntimeBusyError('the turn waited 30s (AGENTRT_TURN_QUEUE_SECONDS) and was not started'),
         PoolTimeoutError('QueuePool limit of size 10 overflow 5 reached, connection timed out, timeout 30.00'),
+        _translated(PoolTimeoutError('QueuePool limit of size 5 overflow 5 reached, connection timed out')),
     ],
-    ids=['turns', 'pool'],
+    ids=['turns', 'pool', 'pool through a session'],
 )
 def test_a_busy_refusal_is_one_warning_line_without_a_traceback(
     exc: BaseException, caplog: pytest.LogCaptureFixture
