@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from agentrt.agents.observability import configure_observability, flush_spans
 from agentrt.db.engine import close_database, init_database
 from agentrt.services.background import drain_supervisor
+from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import get_request_tracker
 
 __all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
@@ -24,14 +25,18 @@ async def shutdown_runtime(
     *,
     release_embedded_server: bool = False,
 ) -> None:
-    """Finish background work, flush the ledger, close the pool and send the spans still buffered; call it once
-    before the event loop ends.
+    """Let turns that are ending release their conversations, finish background work, flush the ledger, close the
+    pool and send the spans still buffered; call it once before the event loop ends.
 
     Args:
-        timeout: seconds to let background tasks finish before they are cancelled.
+        timeout: seconds to let turns still running end (then their conversations stay claimed until their leases
+            expire), and then background tasks finish before they are cancelled.
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
     """
+    # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
+    # requests handed to the ledger, before the pool closes under them.
+    await claims_released(timeout)
     await drain_supervisor(timeout)
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()

@@ -43,6 +43,7 @@ from pydantic_ai.exceptions import (
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from agentrt.agents.errors import (
@@ -147,7 +148,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     elif status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
-        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc)))
+        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc) or message))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
 
@@ -185,6 +186,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
     """(status, type, client message, field) for an exception. Messages of 5xx never quote the exception."""
     if isinstance(exc, ApiError):
         return exc.status, exc.type, exc.message, exc.field
+    if isinstance(exc, ClientDisconnect):  # a hang-up while sending: nothing ran, and nobody reads the answer
+        return 400, 'client_disconnected', 'the client disconnected before its request body arrived', 'body'
     if isinstance(exc, InvalidInputError):
         return 422, 'invalid_input', str(exc), exc.field
     if isinstance(exc, UnknownTenantError):
@@ -279,6 +282,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body it could not read: none came
+            return await on_error(request, exc.__cause__)
         error_id = new_error_id()
         logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
@@ -306,7 +311,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
     # Handlers of these classes (and their subclasses) answer and the request ends there. The one for `Exception`
     # runs in Starlette's outermost middleware, which answers with it and then re-raises, so the server logs it too.
-    for known in (ApiError, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
+    # ClientDisconnect: the chat routes read their body themselves, and a client that hung up while sending it was a 500
+    # with two tracebacks in the log.
+    for known in (ApiError, ClientDisconnect, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
         app.add_exception_handler(known, on_error)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from asyncio import CancelledError
 from typing import Any
 
 import typer
@@ -25,6 +26,14 @@ def serve(
         1, '--workers', min=1, max=64, envvar='AGENTRT_HTTP_WORKERS', help='Server processes (each has its own pool).'
     ),
     log_level: str = typer.Option('info', '--log-level', help='uvicorn log level (debug, info, warning, error).'),
+    shutdown_seconds: int = typer.Option(
+        20,
+        '--shutdown-seconds',
+        min=0,
+        max=3600,
+        envvar='AGENTRT_HTTP_SHUTDOWN_SECONDS',
+        help='On SIGTERM, how long running requests (streamed answers) may go on before they are cut off.',
+    ),
     web_ui: bool | None = typer.Option(
         None,
         '--web-ui/--no-web-ui',
@@ -57,7 +66,7 @@ def serve(
         workers=workers,
         log_level=log_level.lower(),
         log_config=_log_config(log_level.upper()),
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=shutdown_seconds,
     )
 
 
@@ -108,11 +117,38 @@ def _log_config(level: str) -> dict[str, Any]:
         'redact_arguments': {'()': 'agentrt.services.log_redaction.ArgumentRedactingFilter'},
         # Before the redaction, which then reads the line as rewritten: an outage's background failures, one line each.
         'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
+        'cut_off': {'()': 'agentrt.agents.cli.serve.CutOffAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
     }
     config['handlers'] = {
-        name: {**handler, 'filters': ['redact_arguments'] if name == 'access' else ['outage', 'redact']}
+        name: {**handler, 'filters': ['redact_arguments'] if name == 'access' else ['outage', 'cut_off', 'redact']}
         for name, handler in LOGGING_CONFIG['handlers'].items()
     }
     known = level if level in logging.getLevelNamesMapping() else 'INFO'
     config['loggers']['agentrt'] = {'handlers': ['default'], 'level': known, 'propagate': False}
     return config
+
+
+class CutOffAsOneLine(logging.Filter):
+    """A request still running when the shutdown's grace (`--shutdown-seconds`) ran out is cancelled by uvicorn, which
+    logs the cancellation as an "Exception in ASGI application" with its traceback: one WARNING line instead (uvicorn's
+    own line, "Cancel N running task(s)", says how many). Any other record passes as it is."""
+
+    def __init__(self, keep_traceback: bool = False) -> None:
+        super().__init__()
+        self.keep_traceback = keep_traceback
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite uvicorn's record of a request cancelled by the shutdown in place; keep every record."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name == 'uvicorn.error' and isinstance(exc, CancelledError) and _GRACE_OVER in str(exc):
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+            record.msg, record.args = (
+                'a request still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) was cut off',
+                (),
+            )
+            if not self.keep_traceback:
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+_GRACE_OVER = 'timeout graceful shutdown exceeded'  # uvicorn's message on the cancellation (uvicorn/server.py)

@@ -9,7 +9,7 @@ should run it, `summary_source` hands it the text); `list_conversations` pages t
 an account's conversations. The modules with a leading underscore are internals.
 """
 
-from agentrt.services.conversations._claims import TurnClaim, conversation_claim
+from agentrt.services.conversations._claims import TurnClaim, claims_released, conversation_claim
 from agentrt.services.conversations._context import (
     FitMemo,
     RecentConversation,
@@ -62,6 +62,7 @@ __all__ = [
     'TurnClaim',
     'TurnStage',
     'append_turn',
+    'claims_released',
     'conversation_claim',
     'estimate_tokens',
     'exchanges',

@@ -208,8 +208,22 @@ class TurnClaim:
         """Keep a taken claim alive while the block runs (renewed every third of the lease), release it at the end.
 
         The release is skipped when the block's own transaction deleted the claim (`settled`); when the database is
-        down it is retried in the background until the server is back (bounded by the lease).
+        down it is retried in the background until the server is back (bounded by the lease). Until it ends, the
+        claim counts as held by this process (`claims_released`).
         """
+        loop = asyncio.get_running_loop()
+        _holding[self.claim_id] = loop
+        try:
+            async with self._renewed():
+                yield self
+        finally:
+            _holding.pop(self.claim_id, None)
+            if not _held_on(loop):
+                for waiter in _none_held.get(loop, ()):
+                    waiter.set()
+
+    @asynccontextmanager
+    async def _renewed(self) -> AsyncIterator[None]:
         heartbeat: list[asyncio.Task[None]] = []
 
         def beat() -> None:
@@ -218,7 +232,7 @@ class TurnClaim:
         # A timer until the first renewal is due, then a task: most turns end before a third of the lease.
         timer = asyncio.get_running_loop().call_later(self.lease_s / 3, beat)
         try:
-            yield self
+            yield
         finally:
             timer.cancel()
             if heartbeat:
@@ -285,6 +299,48 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
     await retry_on_disconnect(take, what='conversation claim')
     async with claim.held():
         yield claim
+
+
+_holding: dict[str, asyncio.AbstractEventLoop] = {}
+"""The claims this process holds (turns running, and turns ending: cancelled, releasing theirs), by claim id, with the
+event loop of their turn: a loop that ended with a turn still on it (no finally ran) leaves its entry for good."""
+_none_held: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+"""Set when the last claim held on their loop is given up (`claims_released` waits on one)."""
+
+
+def _held_on(loop: asyncio.AbstractEventLoop) -> int:
+    return sum(1 for held in _holding.values() if held is loop)
+
+
+async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget for the turns ending
+    """Wait until no turn on this event loop holds a conversation, at most `timeout` seconds; before the pool closes.
+
+    A server stopping cancels the requests still running (uvicorn, once its graceful timeout is over) and shuts the
+    runtime down at once, while their turns are still ending: closing the pool under them left each conversation
+    claimed for the rest of its lease (the next turn, after a restart, was refused as concurrent) and the cancelled
+    request's ledger row unwritten.
+
+    Returns:
+        How many claims are still held (logged as a warning): their conversations are free when their leases expire.
+    """
+    loop = asyncio.get_running_loop()  # only its turns can end while this waits
+    if _held_on(loop):
+        waiter = asyncio.Event()
+        _none_held.setdefault(loop, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            _none_held[loop].remove(waiter)
+            if not _none_held[loop]:
+                del _none_held[loop]
+    held = _held_on(loop)
+    if held:
+        logger.warning(
+            '%d turn(s) still running at shutdown; their conversations are free when their claims expire', held
+        )
+    return held
 
 
 _abandoned: dict[tuple[int, str], str] = {}

@@ -4,8 +4,10 @@ model request recorded `cancelled`, nothing saved; served by uvicorn on loopback
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx2
+import pytest
 from sqlalchemy import func, select
 
 from agentrt.api.app import create_app
@@ -57,3 +59,40 @@ async def test_a_json_turn_whose_client_disconnects_is_cancelled_and_frees_its_c
             again = await client.post(path, json={'message': QUESTION}, headers=auth(keys.acme))
         assert again.status_code == 200, again.text
         assert again.json()['output'].startswith('I found')
+
+
+@pytest.mark.parametrize('path', ['/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/gone/turns'])
+async def test_a_client_that_hangs_up_while_sending_its_body_is_logged_as_such_not_as_a_server_error(
+    keys: Keys, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    # The streamed routes read the body themselves: Starlette's ClientDisconnect reached the catch-all as a 500, logged
+    # at ERROR with its traceback, twice (the error id's line, then uvicorn's "Exception in ASGI application"). The
+    # JSON route's log line said the body was not JSON it could read.
+    server_log = logging.getLogger('uvicorn.error')  # uvicorn's loggers do not propagate to the root's capture
+    server_log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    try:
+        async for url in serve(create_app(manage_runtime=False)):
+            port = int(url.rsplit(':', 1)[1])
+            _, writer = await asyncio.open_connection('127.0.0.1', port)
+            head = (
+                f'POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {keys.acme}\r\n'
+                'Content-Type: application/json\r\nContent-Length: 400\r\n\r\n'
+            )
+            writer.write(head.encode() + b'{"id": "gone", "mess')  # a fifth of the body, then the client is gone
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(500):  # the server notices when it reads on
+                if any(path in record.getMessage() for record in caplog.records):
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        server_log.removeHandler(caplog.handler)
+    lines = [record for record in caplog.records if path in record.getMessage()]
+    assert len(lines) == 1, [record.getMessage() for record in caplog.records]
+    assert lines[0].levelno == logging.INFO
+    assert 'client disconnected before its request body arrived' in lines[0].getMessage()
+    loud = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING or record.exc_info]
+    assert loud == []
+    assert await _count(ConversationTurnRow) == 0 and await ledger_rows() == []

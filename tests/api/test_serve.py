@@ -30,8 +30,9 @@ from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
-from tests.api.conftest import chat_body, of_type, stream_chat
+from tests.api.conftest import Keys, auth, chat_body, of_type, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
+from tests.fake_openai import FakeOpenAI, Reply
 
 CHATS = 200
 TOOL_CHATS = 3
@@ -208,3 +209,49 @@ async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(databas
     assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+
+async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_records_its_request(
+    keys: Keys, database_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM while an answer streams past `--shutdown-seconds`: uvicorn cancels the stream, then runs the app's
+    shutdown at once. The shutdown closed the database under the turn's clean-up: its conversation stayed claimed for
+    the lease (the next turn, after a restart, was 409 for up to a minute) and its request was spooled, not written."""
+    spool = tmp_path / 'spool.jsonl'
+    with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
+        port = _free_port()
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+            'AGENTRT_LEDGER_SPOOL': str(spool),
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--shutdown-seconds', '1']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            url = f'http://127.0.0.1:{port}'
+            await _wait_until_up(url, server)
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                body = chat_body('cut-by-shutdown', 'Cardiologists in Seattle?')
+                async with client.stream('POST', '/api/v1/chat', json=body, headers=auth(keys.acme)) as response:
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()  # kept: a finalised line iterator would hang up the stream
+                    async for line in lines:
+                        if '"text-delta"' in line:
+                            break  # the answer is streaming
+                    server.send_signal(signal.SIGTERM)
+                    _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert server.returncode in (0, -signal.SIGTERM), stderr
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
+    assert claims == 0, stderr[-3000:]
+    assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
+    assert not spool.exists() or not spool.read_text().strip()
+    assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]

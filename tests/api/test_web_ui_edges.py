@@ -29,11 +29,20 @@ CONVERSATIONS = 21
 """One more than the conversation list shows at first (`PAGE` of conversations.js)."""
 
 
+LONG_TURNS = 12
+"""Turns of a conversation longer than the screen."""
+
+
 FAIL = 'please fail'
 HOLD_ARGS = 'hold the arguments'
 """A message with these words starts a tool call and holds it (its arguments unfinished) until `args_looked_at`."""
 args_looked_at = asyncio.Event()
 """A message with these words meets a provider failure (HTTP 503) after the answer's first word."""
+HOLD = 'hold the answer'
+"""A message with these words is answered with a word, then held until its turn is stopped (at most 30 s)."""
+OTHER_TAB = 'from the other tab'
+"""A message with these words is answered with a word, then its answer ends once `other_tab_may_end` is set."""
+other_tab_may_end = asyncio.Event()
 
 
 def _quick_model() -> FunctionModel:
@@ -51,6 +60,10 @@ def _quick_model() -> FunctionModel:
         yield 'ok'
         if FAIL in str(messages[-1]):
             raise ModelHTTPError(503, 'quick', {'error': 'overloaded'})
+        if HOLD in str(messages[-1]):
+            await asyncio.sleep(30)  # until the browser hangs up, which cancels the run
+        if OTHER_TAB in str(messages[-1]):
+            await asyncio.wait_for(other_tab_may_end.wait(), 30)
 
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
@@ -107,6 +120,13 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.card')).to_have_count(CONVERSATIONS)
     await expect(page.get_by_role('button', name='Show more')).to_be_hidden()
     await expect(page.locator('.card').nth(20).get_by_role('link')).to_be_focused()
+    # Deleting one by keyboard: the focus goes on to the next conversation (the button, disabled and then removed with
+    # its card, dropped it to the start of the page).
+    page.once('dialog', lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.locator('li[data-conversation-id="c-10"]').get_by_role('button', name='Delete').focus()
+    await page.keyboard.press('Enter')
+    await expect(page.locator('li[data-conversation-id="c-10"]')).to_have_count(0)
+    await expect(page.locator('li[data-conversation-id="c-09"]').get_by_role('link')).to_be_focused()
 
     # Back to the chat through the menu, then a reload: the conversation that was on screen comes back (the address
     # said #/chat, and the reload opened a new, empty conversation).
@@ -118,6 +138,51 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.reload()
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
 
+    # A long conversation opens at its latest turn, and a message sent there shows with its answer. It opened at its
+    # first turn, and what was sent next streamed in below the screen, out of sight: nothing seemed to happen.
+    async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+        for number in range(LONG_TURNS):
+            body = {'message': f'Long question {number}'}
+            turn = await client.post('/api/v1/conversations/long/turns', json=body, headers=auth(keys.acme))
+            assert turn.status_code == 200, turn.text
+    await page.goto(f'{url}/#/chat/long')
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS)
+    await expect(page.locator('.message.assistant').last).to_be_in_viewport()
+    await expect(page.locator('.message.user').first).not_to_be_in_viewport()
+    turn = await _send(page, 'and one more?')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user').last).to_be_in_viewport()
+    await expect(turn).to_be_in_viewport()
+
+    # A message sent while the conversation is still loading: it waits in the box until the history is shown. It was
+    # sent at once, shown above the history that arrived next, and shown twice once that history held it too.
+    history_held = asyncio.Event()
+
+    async def held_history(route: Route) -> None:
+        await history_held.wait()
+        await route.continue_()
+
+    def history_of_long(address: str) -> bool:
+        return '/api/v1/conversations/long?' in address
+
+    await page.route(history_of_long, held_history)
+    await page.reload()
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill('typed while it loads')
+    await box.press('Enter')
+    await expect(page.get_by_role('button', name='Send')).to_be_disabled()
+    await expect(box).to_have_value('typed while it loads')
+    await expect(page.locator('.message.user')).to_have_count(0)
+    history_held.set()
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS + 1)
+    await expect(page.get_by_role('button', name='Send')).to_be_enabled()
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user')).to_have_count(LONG_TURNS + 2)
+    await expect(page.locator('.message.user').first).to_have_text('YouLong question 0')
+    await expect(page.locator('.message.user').last).to_have_text('Youtyped while it loads')
+    await page.unroute(history_of_long)
+
     # A proxy's page instead of the chat stream (a sign-in page with 200): said so, not "the connection was lost".
     async def proxy_page(route: Route) -> None:
         await route.fulfill(status=200, content_type='text/html', body='<html><body>Sign in to the proxy</body></html>')
@@ -127,9 +192,34 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('The answer was not a chat stream (text/html)')
     await page.unroute('**/api/v1/chat')
+
     # A failed turn saved nothing: its text is back in the box to send again (it was lost, and had to be retyped).
     box = page.get_by_role('textbox', name='Message')
     await expect(box).to_have_value('and in Boston?')
+
+    # An answer the model's output limit (or the provider's content filter) cut off: saved as it is, and said so; the
+    # page showed it as a complete answer, though the stream's finish event said why it ended.
+    finish_reason = ['']
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': 'The cardiologists are Dr'},
+            {'type': 'text-end', 'id': 't1'},
+            {'type': 'finish', 'finishReason': finish_reason[0]},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', cut_off)
+    for reason, words in (('length', "the model's output limit"), ('content-filter', "the provider's content filter")):
+        finish_reason[0] = reason
+        turn = await _send(page, 'and in Denver?')
+        await expect(turn).to_have_attribute('data-state', 'done')
+        await expect(turn.locator('.outcome')).to_contain_text(f'The answer was cut off by {words}')
+    await page.unroute('**/api/v1/chat')
+
     turn = await _send(page, f'and in Boston, {FAIL}')
     await expect(turn).to_have_attribute('data-state', 'error')
     await expect(turn.get_by_role('alert')).to_contain_text('the model provider failed (HTTP 503)')
@@ -179,4 +269,81 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.get_by_role('textbox', name='Message').fill('')
     turn = await _send(page, 'and in Boston?')
     await expect(turn).to_have_attribute('data-state', 'done')
+
+    # Two tabs on one conversation: this one is refused (409) while the other's turn runs, and sends again once it
+    # ended. The other tab's turn shows above this one's, as the conversation holds it: the view stayed as it was
+    # loaded, without it, and this tab's answer followed a turn it did not show.
+    conversation = page.url.split('#/chat/', 1)[1]
+    async with httpx2.AsyncClient(base_url=url, timeout=30) as other:
+        body = {
+            'trigger': 'submit-message',
+            'id': conversation,
+            'messages': [{'id': 'o1', 'role': 'user', 'parts': [{'type': 'text', 'text': f'Dentists, {OTHER_TAB}'}]}],
+        }
+        async with other.stream('POST', '/api/v1/chat', json=body, headers=auth(keys.acme)) as running:
+            assert running.status_code == 200
+            lines = running.aiter_lines()  # kept: a finalised line iterator would hang up the stream
+            async for line in lines:
+                if '"text-delta"' in line:
+                    break
+            await _send(page, 'and in Miami?')
+            await expect(page.locator('.notice .alert')).to_contain_text('Another turn holds conversation')
+            other_tab_may_end.set()
+            assert [line async for line in lines if line.startswith('data:')][-1] == 'data: [DONE]'
+    shown = await page.locator('.message.user').count()
+    await page.get_by_role('textbox', name='Message').press('Enter')
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user')).to_have_count(shown + 2)
+    await expect(page.locator('.message.user').nth(-2)).to_have_text(f'YouDentists, {OTHER_TAB}')
+    await expect(page.locator('.message.user').last).to_have_text('Youand in Miami?')
+
+    # Half an emoji in the box (a lone surrogate, from a paste cut in the middle of one): sent as U+FFFD, as the server
+    # stores it. The body's escape was refused (422, "send the character itself, or both halves of its pair"), which
+    # the person could neither see in the box nor fix.
+    box = page.get_by_role('textbox', name='Message')
+    await box.evaluate("box => { box.value = 'cut \\ud83d here \\ud83d\\ude00'; }")
+    await box.press('Enter')
+    turn = page.locator('.message.assistant').last
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user').last).to_have_text('Youcut \ufffd here \U0001f600')
+    await expect(page.locator('.notice .alert')).to_have_count(0)
+
+    # A reload while the answer streams: the turn is cancelled (nothing saved), and the message comes back in the box
+    # of the reloaded page, to be sent again. It was gone, to be typed again from memory.
+    turn = await _send(page, f'and in Austin, {HOLD}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.reload()
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'and in Austin, {HOLD}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    await expect(page.locator('.message.user').last).not_to_have_text(f'Youand in Austin, {HOLD}')
+    await page.get_by_role('textbox', name='Message').fill('')
+    # So does opening another conversation while the answer streams, once this one is opened again (the message was
+    # gone; the box is the other conversation's meanwhile, so it waits for this one).
+    here = page.url
+    turn = await _send(page, f'and in Dallas, {HOLD}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.get_by_role('link', name='New chat').click()
+    await expect(page.locator('.message')).to_have_count(0)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('')
+    await page.goto(here)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'and in Dallas, {HOLD}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    await page.get_by_role('textbox', name='Message').fill('')
+
+    # By keyboard alone: Send, then Stop, each pressed where Tab takes the focus. Each is disabled as it is pressed,
+    # which dropped the focus to the start of the page (the next Tab went to "Skip to content"): it goes to the message
+    # box, where the next thing to do is.
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill(f'and in Denver, {HOLD}')
+    await box.press('Tab')
+    await expect(page.get_by_role('button', name='Send')).to_be_focused()
+    await page.keyboard.press('Enter')
+    turn = page.locator('.message.assistant').last
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await expect(box).to_be_focused()
+    await page.keyboard.press('Tab')  # Send is disabled while the answer comes: Stop is next
+    await expect(page.get_by_role('button', name='Stop')).to_be_focused()
+    await page.keyboard.press('Enter')
+    await expect(turn).to_have_attribute('data-state', 'stopped')
+    await expect(box).to_be_focused()
     assert crashes == []

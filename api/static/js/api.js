@@ -1,5 +1,7 @@
 // The HTTP API of the same origin, with the API key of this tab (sessionStorage only: forgotten when the tab closes).
 
+import { forgetPending } from './pending.js';
+
 const KEY = 'agentrt.apiKey';
 const WHO = 'agentrt.me';
 
@@ -21,6 +23,7 @@ export const session = {
   signOut() {
     sessionStorage.removeItem(KEY);
     sessionStorage.removeItem(WHO);
+    forgetPending(); // a message kept for a reload (pending.js) is not the next key's
   },
 };
 

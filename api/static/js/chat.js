@@ -4,12 +4,26 @@
 
 import { ApiError, errorMessage, getJson, postChat } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
+import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
 const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 const HISTORY_MESSAGES = 600;
+// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
+const CUT_OFF_BY = {
+  length: "the model's output limit (max_tokens)",
+  'content-filter': "the provider's content filter",
+};
+
+/**
+ * `text` with each lone surrogate (half of an emoji's UTF-16 pair, from a paste cut in the middle of one) as U+FFFD,
+ * as the server stores a message. The chat route refuses one in a body, which the person could neither see nor fix.
+ */
+function wellFormed(text) {
+  return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
+}
 
 /** A user's message. */
 function userMessage(text) {
@@ -76,6 +90,7 @@ class AssistantTurn {
         break;
       case 'finish':
         this.finished = true;
+        this.finishReason = event.finishReason;
         break;
       default:
         break; // start, steps, metadata, deltas of tool arguments: nothing to show
@@ -89,7 +104,10 @@ class AssistantTurn {
       this.fail('The answer stopped before it was complete (the connection was lost). Nothing of it was saved.');
       return;
     }
-    this.close('done', `Answered in ${formatMs(performance.now() - this.started)}.`);
+    const answered = `Answered in ${formatMs(performance.now() - this.started)}.`;
+    const cutBy = CUT_OFF_BY[this.finishReason];
+    // Saved as it is: the text stops where the limit or the filter stopped it, which read as a whole answer.
+    this.close('done', cutBy ? `${answered} The answer was cut off by ${cutBy}; it is saved as it is.` : answered);
   }
 
   fail(message) {
@@ -126,6 +144,8 @@ export function createChatView() {
   let conversationId = null; // null: a new conversation, named when its first message is sent
   let shownId; // undefined until a conversation (or a new one) is first shown
   let controller = null;
+  let loading = null; // the notice of a conversation whose history is loading, else null
+  let stale = false; // a turn here was refused as another one ran: the history shown lacks what that one saved
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -186,8 +206,28 @@ export function createChatView() {
 
   function setBusy(busy) {
     element.dataset.busy = String(busy);
-    send.disabled = busy;
+    // A focused button that is disabled drops the focus to the start of the page, where a keyboard user would have to
+    // Tab back from: pressing Send or Stop leaves the focus in the message box instead, the next thing to use.
+    if (document.activeElement === (busy ? send : stop)) input.focus();
+    send.disabled = busy || loading !== null;
     stop.disabled = !busy;
+  }
+
+  /**
+   * While a conversation's history loads (`note`: the notice saying so; null once shown), a message waits in the box:
+   * sent at once, it was shown above the history that came next, and twice once that history held it too.
+   */
+  function setLoading(note) {
+    if (loading && loading !== note) loading.remove();
+    loading = note;
+    element.dataset.loading = String(note !== null);
+    transcript.setAttribute('aria-busy', String(note !== null));
+    send.disabled = note !== null || element.dataset.busy === 'true';
+  }
+
+  /** Show the end of the conversation: its newest message, just above the message box. */
+  function toEnd() {
+    window.scrollTo(0, document.documentElement.scrollHeight);
   }
 
   /** Keep the newest content in view when the reader is at the bottom already. */
@@ -232,27 +272,53 @@ export function createChatView() {
     }
     const wanted = id === 'new' ? null : id;
     if (shownId !== undefined && wanted === conversationId && (wanted === null || controller)) return;
-    if (controller) controller.abort(); // opening another conversation stops the turn that is running
+    if (controller) {
+      // Opening another conversation stops the turn that is running; its message waits for this one (pending.js).
+      controller.left = true;
+      controller.abort();
+    }
     conversationId = wanted;
     shownId = wanted;
     transcript.replaceChildren();
     notice.replaceChildren();
     setHead(null);
-    if (wanted === null) return;
+    if (wanted === null) {
+      setLoading(null);
+      return;
+    }
+    stale = false;
+    const loadingNote = alertBox('Loading the conversation…', 'info');
+    notice.append(loadingNote);
+    setLoading(loadingNote);
     try {
       const path = `/conversations/${encodeURIComponent(wanted)}`;
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
       if (conversationId !== wanted) return;
       if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
       renderHistory(data.messages);
+      restorePending(wanted, data.messages);
+      // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
+      if (element.isConnected) toEnd();
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
+        restorePending(wanted, []);
       } else {
         notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
       }
+    } finally {
+      if (loading === loadingNote) setLoading(null); // else a newer show() is loading another one
     }
+  }
+
+  /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
+  function restorePending(id, messages) {
+    const text = takePending(id, messages);
+    if (text === null) return;
+    if (!input.value) input.value = text;
+    const back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
+    notice.append(alertBox(back, 'info'));
   }
 
   async function sendMessage(text) {
@@ -266,10 +332,12 @@ export function createChatView() {
     const mine = userMessage(text);
     const turn = new AssistantTurn({ live: true });
     const isFirst = transcript.childElementCount === 0;
-    follow(() => transcript.append(mine, turn.element));
+    transcript.append(mine, turn.element);
     setHead(isFirst ? text : null);
+    toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
-    controller = new AbortController();
+    keepPending(sending, text);
+    const ownController = (controller = new AbortController());
     setBusy(true);
     let response = null;
     try {
@@ -294,6 +362,7 @@ export function createChatView() {
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
       else if (response === null) {
+        if (error instanceof ApiError && error.status === 409) stale = true;
         // Refused before the turn started (busy, bad input, ...): nothing was sent to the model; give the text back.
         mine.remove();
         turn.element.remove();
@@ -302,6 +371,7 @@ export function createChatView() {
         notice.append(alertBox(errorMessage(error)));
       } else turn.fail(errorMessage(error));
     } finally {
+      if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
@@ -312,8 +382,17 @@ export function createChatView() {
 
   form.addEventListener('submit', (event) => {
     event.preventDefault();
-    const text = input.value;
-    if (!text.trim() || element.dataset.busy === 'true') return;
+    const text = wellFormed(input.value);
+    if (!text.trim() || element.dataset.busy === 'true' || loading !== null) return;
+    if (stale && conversationId) {
+      // Refused (409) while another tab or client ran a turn here: what that turn saved is shown first, then this
+      // message is sent (its answer followed a turn the view did not show).
+      const id = conversationId;
+      show(id).then(() => {
+        if (conversationId === id && element.isConnected) form.requestSubmit(); // not if the person moved on
+      });
+      return;
+    }
     input.value = '';
     sendMessage(text);
   });

@@ -49,14 +49,20 @@ export async function conversationsView() {
     remover.addEventListener('click', async () => {
       if (!window.confirm(`Delete the conversation “${name}”? Its messages are removed; its audit rows stay.`)) return;
       notice.replaceChildren();
+      const hadFocus = document.activeElement === remover; // before it is disabled, which drops the focus
       remover.disabled = true;
       try {
         await remove(`/conversations/${encodeURIComponent(item.conversation_id)}`);
+        // The focus was on the button, disabled and gone with its card (it fell to the start of the page): the next
+        // conversation, else the one before, else the heading, where a keyboard user goes on.
+        const next = (li.nextElementSibling || li.previousElementSibling)?.querySelector('a') || title;
         li.remove();
+        if (hadFocus) next.focus();
         notice.append(alertBox(`Deleted “${name}”.`, 'info'));
         if (!list.childElementCount) list.replaceWith(emptyState());
       } catch (error) {
         remover.disabled = false;
+        if (hadFocus) remover.focus();
         notice.append(alertBox(errorMessage(error)));
       }
     });

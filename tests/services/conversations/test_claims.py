@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, conversation_claim
+from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, claims_released, conversation_claim
 from tests.factories import scalar
 
 
@@ -122,3 +122,23 @@ async def test_a_refusal_never_says_the_claim_holds_longer_than_its_lease(accoun
             with pytest.raises(ConcurrentTurnError) as info:
                 await loser.take(session=session)
     assert info.value.expires_in_s is not None and 59 <= info.value.expires_in_s <= 60
+
+
+async def test_claims_released_waits_for_the_turns_still_ending_and_counts_those_that_did_not(account: int) -> None:
+    # What a server's shutdown waits for before it closes the pool (shutdown_runtime): turns cancelled as it stopped.
+    assert await claims_released(0) == 0
+    entered, leave = asyncio.Event(), asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'ending', lease_s=60):
+            entered.set()
+            await leave.wait()
+
+    running = asyncio.create_task(turn())
+    await entered.wait()
+    assert await claims_released(0.01) == 1  # still held: the caller is told, and goes on
+    waiting = asyncio.create_task(claims_released(30))
+    leave.set()
+    assert await waiting == 0
+    await running
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
