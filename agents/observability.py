@@ -126,12 +126,16 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         import logfire
 
         from agentrt import __version__
+        from agentrt.agents.span_redaction import UrlRedaction
 
         logfire.configure(
             send_to_logfire='if-token-present',
-            console=logfire.ConsoleOptions(output=sys.stderr) if export.console else False,
+            # Never on stdout: with stderr closed (`2>&-`, sys.stderr None) logfire printed the spans among the answers.
+            console=logfire.ConsoleOptions(output=sys.stderr) if export.console and sys.stderr is not None else False,
             service_name=SERVICE_NAME,
             service_version=__version__,
+            # First: a request's URL redacted before any exporter sees the span (a key in `?api_key=`).
+            additional_span_processors=[UrlRedaction()],
         )
         instrument_runtime()
     _configured = export

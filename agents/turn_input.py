@@ -1,11 +1,12 @@
 """Checking a chat turn's input at the boundary, before any database work, model request or billing.
 
-The rules (README, "Input rules"): a session id is 1-200 characters of letters, digits and `. _ : @ -`, starting
-with a letter or digit (it goes into 200-character columns and into URLs); an account or agent slug is 1-64
-characters of letters, digits and `. _ -`, starting with a letter or digit. Identifiers are refused, never
-altered: changing one would address another conversation or tenant. The message is text of at most
-`AGENTRT_MESSAGE_MAX_CHARS` characters, not blank; a NUL or a lone surrogate in it (which PostgreSQL cannot
-store) is replaced by U+FFFD, as the store does with a model's or a tool's text, so the model sees what is saved.
+The rules (README, "Input is checked first", in "Conversations that last"): a session id is 1-200 characters of
+letters, digits and `. _ : @ -`, starting with a letter or digit (it goes into 200-character columns and into URLs);
+an account or agent slug is 1-64 characters of letters, digits and `. _ -`, starting with a letter or digit.
+Identifiers are refused, never altered: changing one would address another conversation or tenant. The message is
+text of at most `AGENTRT_MESSAGE_MAX_CHARS` characters, not blank; a NUL or a lone surrogate in it (which PostgreSQL
+cannot store) is replaced by U+FFFD, as the store does with a model's or a tool's text, so the model sees what is
+saved.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ async def list_interactions(
     requests arrive.
     """
     start, end = time_range(since, until)
-    after = decode_uuid_cursor(cursor) if cursor is not None else None
+    after = decode_uuid_cursor(cursor, listing='audit', account_id=caller.account_id) if cursor is not None else None
     if after is not None and page != 1:
         raise InvalidInputError('give page or cursor, not both', field='cursor')
     filters = LedgerFilters(
@@ -67,7 +67,11 @@ async def list_interactions(
         page_size=page_size,
         total=result.total,
         total_pages=result.pages,
-        next_cursor=encode_cursor(last.started_at, last.id) if last is not None else None,
+        next_cursor=(
+            encode_cursor(last.started_at, last.id, listing='audit', account_id=caller.account_id)
+            if last is not None
+            else None
+        ),
     )
 
 

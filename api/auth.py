@@ -30,33 +30,66 @@ async def api_caller(
 ) -> ApiCaller:
     """The caller a request's API key speaks for.
 
-    The 401 says which of the header, the key's form or the key itself is wrong (a key's form is public, so
-    saying it leaks nothing): `Bearer<tab>art_...` or a key without its `Bearer` was "an API key is required", as if
-    none had been sent, and a truncated or padded key "invalid or revoked".
+    The header is read as RFC 7235 and RFC 6750 say: the scheme `Bearer` in any case, one or more spaces (not a
+    tab), then exactly one token, the key; one Authorization header. The 401 says which of the header, the key's form
+    or the key itself is wrong (a key's form is public, so saying it leaks nothing): `Bearer<tab>art_...` or a key
+    without its `Bearer` was "an API key is required", as if none had been sent, and a truncated or padded key
+    "invalid or revoked".
 
     Raises:
-        ApiError: 401 when the key is missing, malformed, unknown or revoked.
+        ApiError: 401 when the key is missing, malformed, unknown or revoked, or the header is not one bearer token.
     """
-    if credentials is None:
-        if request.headers.get('authorization', '').strip():
-            raise ApiError(
-                401,
-                'unauthorized',
-                "the Authorization header is not 'Bearer <key>' (the word Bearer, one space, the key): "
-                'send Authorization: Bearer art_...',
-            )
-        raise ApiError(401, 'unauthorized', 'an API key is required: send Authorization: Bearer art_...')
-    if not is_api_key_shaped(credentials.credentials):
+    del credentials  # declared for OpenAPI's security scheme; the header is read below, as the RFCs say
+    token = _bearer_token(request.headers.getlist('authorization'))
+    if not is_api_key_shaped(token):
         raise ApiError(
             401,
             'unauthorized',
             'the API key is malformed: a key is art_, 12 hex digits, _ and 43 letters, digits, - or _ '
             '(as `agentrt keys create` printed it)',
         )
-    caller = await authenticate_api_key(credentials.credentials)
+    caller = await authenticate_api_key(token)
     if caller is None:
         raise ApiError(401, 'unauthorized', 'the API key is invalid or revoked')
     return caller
+
+
+def _bearer_token(values: list[str]) -> str:
+    """The one token of the one `Authorization: Bearer <token>` header (RFC 7235 section 2.1, RFC 6750 section 2.1).
+
+    FastAPI's `HTTPBearer` split at the first space, so a header padded in front (which the field's own whitespace
+    is not part of, RFC 9110) read as no header, and kept whatever followed as one "key".
+
+    Raises:
+        ApiError: 401 naming what is wrong with the header.
+    """
+    if len(values) > 1:
+        # Which one counts would be a guess (the first here, the last in a proxy that checked it): none does.
+        raise ApiError(
+            401,
+            'unauthorized',
+            'the request has several Authorization headers: send one, Authorization: Bearer art_...',
+        )
+    value = values[0].strip(' \t') if values else ''
+    if not value:
+        raise ApiError(401, 'unauthorized', 'an API key is required: send Authorization: Bearer art_...')
+    scheme, _, token = value.partition(' ')
+    token = token.lstrip(' ')
+    if scheme.lower() != 'bearer' or not token:
+        raise ApiError(
+            401,
+            'unauthorized',
+            "the Authorization header is not 'Bearer <key>' (the word Bearer, a space, the key): "
+            'send Authorization: Bearer art_...',
+        )
+    if ' ' in token or '\t' in token:
+        raise ApiError(
+            401,
+            'unauthorized',
+            "the Authorization header holds more than one token after 'Bearer': send the key alone, "
+            'Authorization: Bearer art_...',
+        )
+    return token
 
 
 def require_scope(scope: str) -> Callable[[ApiCaller], Awaitable[ApiCaller]]:

@@ -51,13 +51,17 @@ async def list_all(
     cursor: Cursor = None,
 ) -> ConversationPage:
     """The account's conversations with their titles, summaries and usage; follow `next_cursor` for more."""
-    after = decode_cursor(cursor) if cursor is not None else None
+    after = decode_cursor(cursor, listing='conversations', account_id=caller.account_id) if cursor is not None else None
     async with get_read_only_session(account=caller.account_id) as session:
         items = await list_conversations(session=session, account_id=caller.account_id, limit=limit, after=after)
     last = items[-1] if len(items) == limit else None
     return ConversationPage(
         items=[ConversationOut.of(item) for item in items],
-        next_cursor=encode_cursor(last.updated_at, last.conversation_id) if last is not None else None,
+        next_cursor=(
+            encode_cursor(last.updated_at, last.conversation_id, listing='conversations', account_id=caller.account_id)
+            if last is not None
+            else None
+        ),
     )
 
 

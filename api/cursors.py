@@ -1,5 +1,11 @@
 """Opaque keyset cursors: the sort key of the last row a page showed, for a next page that stays stable while rows
-arrive. A cursor is base64url JSON; clients pass it back unchanged and never parse it."""
+arrive. A cursor is base64url JSON; clients pass it back unchanged and never parse it.
+
+A cursor names the listing and the account it was made for, and is refused (422, field `cursor`) by any other: the
+position of a row of another account (or of another listing, the audit's in the conversations') answered with a page
+of the caller's own rows starting at a place that meant nothing to them, a wrong page given as a right one. The
+account is not a secret (`GET /api/v1/me` says it); nothing else of it is in the cursor.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +14,63 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime
+from typing import Literal
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.pg_text import is_storable
 
 MAX_CURSOR_CHARS = 600
 
+Listing = Literal['audit', 'conversations']
+"""The listings that page with a cursor: `GET /api/v1/llm-audit/interactions`, `GET /api/v1/conversations`."""
 
-def encode_cursor(moment: datetime, key: str | uuid.UUID) -> str:
-    """A cursor after the row sorted at (`moment`, `key`)."""
-    raw = json.dumps([moment.isoformat(), str(key)], separators=(',', ':')).encode()
+_NOT_A_CURSOR = 'not a cursor from this API; pass next_cursor back unchanged'
+
+
+def encode_cursor(moment: datetime, key: str | uuid.UUID, *, listing: Listing, account_id: int) -> str:
+    """A cursor after the row sorted at (`moment`, `key`) of `listing`, for `account_id`'s requests only."""
+    raw = json.dumps([listing, account_id, moment.isoformat(), str(key)], separators=(',', ':')).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip('=')
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """(moment, key) from a cursor made by `encode_cursor`.
+def decode_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[datetime, str]:
+    """(moment, key) from a cursor `encode_cursor` made for this listing and account.
 
     Raises:
-        InvalidInputError: `cursor` is not one (field `cursor`).
+        InvalidInputError: `cursor` is not one, or was made for another listing or another account (field `cursor`).
     """
     try:
         if len(cursor) > MAX_CURSOR_CHARS:
             raise ValueError('too long')
         raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4))
-        moment, key = json.loads(raw)
+        made_for, owner, moment, key = json.loads(raw)
         parsed = datetime.fromisoformat(moment)
         if parsed.tzinfo is None or not isinstance(key, str) or not is_storable(key):
             raise ValueError('not a cursor')
         # In UTC here: the driver converts it, and a moment past year 9999 or before year 1 there was a 500.
-        return parsed.astimezone(UTC), key
+        after = parsed.astimezone(UTC), key
     except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidInputError('not a cursor from this API; pass next_cursor back unchanged', field='cursor') from exc
+        raise InvalidInputError(_NOT_A_CURSOR, field='cursor') from exc
+    if made_for not in ('audit', 'conversations') or not isinstance(owner, int):
+        raise InvalidInputError(_NOT_A_CURSOR, field='cursor')
+    if made_for != listing:
+        raise InvalidInputError(
+            f"this cursor is another listing's ({made_for!r}, not {listing!r}): pass back the next_cursor of this "
+            'listing',
+            field='cursor',
+        )
+    if owner != account_id:
+        raise InvalidInputError(
+            "this cursor was made for another account's page: pass back the next_cursor of a page listed with this "
+            'API key',
+            field='cursor',
+        )
+    return after
 
 
-def decode_uuid_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_uuid_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[datetime, uuid.UUID]:
     """`decode_cursor` for a cursor whose key is a UUID (the audit's)."""
-    moment, key = decode_cursor(cursor)
+    moment, key = decode_cursor(cursor, listing=listing, account_id=account_id)
     try:
         return moment, uuid.UUID(key)
     except ValueError as exc:

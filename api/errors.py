@@ -51,6 +51,7 @@ from agentrt.agents.errors import (
     BudgetExceededError,
     ConcurrentTurnError,
     ConfigError,
+    DatabaseDisconnectedError,
     DatabaseNotInitializedError,
     DatabaseUnavailableError,
     EmbeddedPostgresError,
@@ -63,6 +64,7 @@ from agentrt.agents.errors import (
 )
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
+from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
 from agentrt.services.log_redaction import install_log_redaction
@@ -118,8 +120,9 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
-    capacity, an expected and documented answer) and a model provider's or a model's failure (502: the ledger row
-    holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
+    capacity, an expected and documented answer), PostgreSQL away (503 `database_unavailable` for a connection that
+    could not be made or was lost: each turn through an outage says so) and a model provider's or a model's failure
+    (502: the ledger row holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -127,7 +130,8 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
-    if type_ == 'busy':  # where it was raised says nothing the message does not: a traceback each buried real errors
+    if type_ == 'busy' or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
+        # buried real errors (an outage of 10 s: 367 turns refused, 23,000 lines)
         logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
     elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
         model = getattr(exc, 'model_name', None)
@@ -147,6 +151,14 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc) or message))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
+
+
+def _outage(exc: BaseException) -> bool:
+    """Whether `exc` says PostgreSQL (or the pooler in front of it) is away: no connection could be made, or the one
+    in use was lost. A lock or statement timeout, a deadlock, is not: where it happened is worth its traceback."""
+    if not isinstance(exc, DatabaseUnavailableError):
+        return False
+    return isinstance(exc, DatabaseDisconnectedError) or cannot_connect(exc) or lost_connection(exc)
 
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
@@ -197,6 +209,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
     if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
         return 502, 'model_provider_error', _provider_message(exc), None
     if isinstance(exc, RuntimeBusyError):  # the turn waited its turn too long: nothing was started
+        return 503, 'busy', 'the server is busy; try again shortly', None
+    if isinstance(exc, DatabaseUnavailableError) and pool_exhausted(exc):  # the runtime's words for the pool's timeout
         return 503, 'busy', 'the server is busy; try again shortly', None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
         return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None

@@ -77,6 +77,12 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """True when `exc` is (or was raised from) the pool's checkout timeout: every connection of the process's pool
+    stayed in use for `DB_POOL_TIMEOUT`, the process at capacity rather than PostgreSQL away."""
+    return any(isinstance(error, sqlalchemy.exc.TimeoutError) for error in _chain(exc))
+
+
 def out_of_step(error: BaseException | None) -> bool:
     """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
     no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
@@ -124,6 +130,8 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             f'no database connection became free in time ({_first_line(exc)}): the pool is exhausted; '
             'raise DB_POOL_SIZE / DB_MAX_OVERFLOW or lower the concurrency'
         )
+    if (refused := pooler_refusal(exc)) is not None:
+        return refused
     if lost_connection(exc):
         return DatabaseDisconnectedError(
             f'the connection to PostgreSQL was lost ({_root_message(exc)}); the operation did not complete '
@@ -133,6 +141,35 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
+    return None
+
+
+# PgBouncer's own errors, which it sends with SQLSTATE 08P01 (a protocol violation, as for a connection broken
+# mid-protocol) and then closes the client's connection: a client over its `max_client_conn` (at login), a query that
+# waited `query_wait_timeout` for a server connection.
+_POOLER_FULL = 'no more connections allowed (max_client_conn)'
+_POOLER_WAIT = 'query_wait_timeout'
+
+
+def pooler_refusal(exc: BaseException) -> DatabaseUnavailableError | None:
+    """PgBouncer refusing a client (`max_client_conn`) or giving up on a query's wait for a server connection
+    (`query_wait_timeout`), as the error that says so and what to do; None for any other exception. Reported as a
+    connection lost (their SQLSTATE's class), they sent an operator looking for a restart of PostgreSQL rather than at
+    the pooler's limits."""
+    for error in _chain(exc):
+        text = str(error)
+        if _POOLER_FULL in text:
+            return DatabaseUnavailableError(
+                f'PgBouncer refused the connection: {_POOLER_FULL}: it accepts fewer client connections than the '
+                "runtime's processes open; raise its max_client_conn to at least processes x (DB_POOL_SIZE + "
+                'DB_MAX_OVERFLOW) + 2 per process with the job queue (and any other clients), or lower those pools'
+            )
+        if _POOLER_WAIT in text:
+            return DatabaseDisconnectedError(
+                f'PgBouncer gave up waiting for a server connection ({_POOLER_WAIT}) and closed the connection: its '
+                'default_pool_size server connections stayed busy (raise it, or fewer turns at once), or it could not '
+                'reach PostgreSQL; the operation did not complete'
+            )
     return None
 
 

@@ -26,7 +26,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.errors import AgentRuntimeError, InvalidInputError
 from agentrt.db.models import API_KEY_SCOPES, Account, ApiKey
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.pg_text import storable_text
+from agentrt.services.pg_text import describe_char, preview, storable_text
 from agentrt.services.tenancy import get_account
 
 KEY_PREFIX = 'art'
@@ -93,20 +93,45 @@ def check_scopes(scopes: Iterable[str]) -> list[str]:
     return [scope for scope in API_KEY_SCOPES if scope in wanted]
 
 
+MAX_NAME_CHARS = 200
+"""The longest key name (its column)."""
+
+# What a label cannot hold: control characters (a tab or a newline broke `keys list`'s table into extra lines),
+# line and paragraph separators, and the bidirectional overrides and isolates that make a name print reordered.
+_NOT_IN_A_NAME = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]')
+
+
+def check_key_name(name: str) -> None:
+    """Refuse a key name that is too long, or holds a character that does not belong in a one-line label.
+
+    Raises:
+        InvalidInputError: field `name`, saying which character and where.
+    """
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInputError(
+            f'a key name is at most {MAX_NAME_CHARS} characters, this one {len(name):,}', field='name'
+        )
+    bad = _NOT_IN_A_NAME.search(name)
+    if bad is not None:
+        raise InvalidInputError(
+            f'the key name {preview(name)} has a character not allowed in a name at position {bad.start()} '
+            f'({describe_char(bad.group())}): a name is one line of printable text',
+            field='name',
+        )
+
+
 async def create_api_key(
     *, session: AsyncSession, account: str, name: str = '', scopes: Sequence[str] = API_KEY_SCOPES
 ) -> NewApiKey:
     """Create a key for `account`; the returned `token` is the only copy of the secret.
 
     Raises:
-        UnknownTenantError: no such account. InvalidInputError: an unknown scope, or a name over 200 characters or
-            with text PostgreSQL cannot store (NUL, a lone surrogate).
+        UnknownTenantError: no such account. InvalidInputError: an unknown scope, or a name `check_key_name` refuses
+            (over 200 characters; a control character such as a tab, a newline or an escape, or a NUL or a lone
+            surrogate, which PostgreSQL cannot store).
     """
     allowed = check_scopes(scopes)
-    if len(name) > 200 or storable_text(name) != name:  # PostgreSQL cannot store NUL; UTF-8 has no lone surrogate
-        raise InvalidInputError(
-            'a key name is at most 200 characters, without NUL or undecodable characters', field='name'
-        )
+    check_key_name(name)
     account_row = await get_account(account, session=session)
     prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     row = ApiKey(account_id=account_row.id, prefix=prefix, secret_hash=_digest(secret), name=name, scopes=allowed)

@@ -392,14 +392,30 @@ class OutageAsOneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a background outage failure in place; keep every record."""
-        exc = record.exc_info[1] if record.exc_info else None
         task = record.__dict__.get('task_name')
-        if task and isinstance(exc, DatabaseUnavailableError):
+        reason = _outage_reason(record) if task else None
+        if reason is not None:
             record.levelno, record.levelname = logging.WARNING, 'WARNING'
-            record.msg, record.args = 'background task %s not done: database unavailable: %s', (task, exc)
+            record.msg, record.args = 'background task %s not done: database unavailable: %s', (task, reason)
             if not self.keep_traceback:
                 record.exc_info, record.exc_text = None, None
         return True
+
+
+def _outage_reason(record: logging.LogRecord) -> str | None:
+    """The message of the `DatabaseUnavailableError` a record was logged with; None for any other record.
+
+    The runtime's loggers redact their records before any handler sees them (`services/log_redaction.py`, installed
+    once the agents are imported, as in every server): the exception is gone from `exc_info` by then, its class and
+    its redacted line (`Type: message`) kept on the record instead.
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        return str(exc) if isinstance(exc, DatabaseUnavailableError) else None
+    exc_class = record.__dict__.get('exc_class')
+    if isinstance(exc_class, type) and issubclass(exc_class, DatabaseUnavailableError):
+        return str(record.__dict__.get('exc_line', '')).partition(': ')[2]
+    return None
 
 
 def _loop_ending() -> bool:

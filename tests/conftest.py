@@ -268,6 +268,17 @@ def demo_data(clean_database: None) -> None:
     `clean_database`, which sees this fixture among the test's)."""
 
 
+@pytest.fixture
+def allow_loopback_model_requests() -> Iterator[None]:
+    """Model requests allowed while the test runs (the test process forbids them: `_set_up_test_process`), for the
+    modules whose models talk only to the loopback OpenAI-compatible server (`tests/fake_openai.py`). A module opts
+    in with `pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')`."""
+    from pydantic_ai.models import override_allow_model_requests
+
+    with override_allow_model_requests(True):
+        yield
+
+
 @pytest_asyncio.fixture
 async def tracker(tmp_path: Path) -> AsyncIterator[LLMRequestTracker]:
     """A ledger tracker of the test's own (a private spool, fast retries), flushed when the test ends."""

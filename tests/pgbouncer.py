@@ -43,6 +43,8 @@ class PgBouncer:
         pool_size: `default_pool_size`: the server connections one user/database pair may use (the budget).
         user: the role clients log in as (trust authentication; the user list names it).
         max_client_conn: client connections accepted.
+        query_wait_timeout: seconds a client's query waits for a server connection before PgBouncer closes it with
+            an error (PgBouncer's default, 120, when None).
         ignore_startup_parameters: startup parameters accepted and dropped (the rest are refused).
     """
 
@@ -56,6 +58,7 @@ class PgBouncer:
         pool_size: int = 4,
         user: str = 'postgres',
         max_client_conn: int = 500,
+        query_wait_timeout: int | None = None,
         ignore_startup_parameters: str = 'extra_float_digits',
     ) -> None:
         if BINARY is None:
@@ -83,6 +86,7 @@ class PgBouncer:
             f'default_pool_size = {pool_size}',
             'reserve_pool_size = 0',
             f'max_client_conn = {max_client_conn}',
+            *([f'query_wait_timeout = {query_wait_timeout}'] if query_wait_timeout is not None else []),
             # PgBouncer's usual list: asyncpg sends no extra_float_digits, but psycopg-based tools do.
             f'ignore_startup_parameters = {ignore_startup_parameters}',
             'server_reset_query =',

@@ -187,3 +187,30 @@ def test_the_error_table_is_agents_errors() -> None:
             # Set in the constructor of the class or of a base of ours: read from the source, no instance needed.
             sources = [inspect.getsource(base) for base in cls.__mro__ if base.__module__.startswith('agentrt')]
             assert any(f'self.{attribute}' in source for source in sources), f'README.md: {name}.{attribute}'
+
+
+# Pointers into the README from the code (docstrings, error hints): each names a section or a bold lead-in that exists.
+_POINTER = re.compile(r'README,? "([^"]{3,80})"')
+_PRODUCT_FOLDERS = ('agents', 'api', 'db', 'services', 'tools')
+
+
+def _readme_places() -> list[str]:
+    """The README's headings and its bold lead-ins (`**Input is checked first**`), as their text."""
+    text = README.read_text()
+    headings = re.findall(r'^#+ (.+)$', text, re.MULTILINE)
+    return headings + re.findall(r'\*\*([^*\n]+)\*\*', text)
+
+
+def test_every_readme_pointer_in_the_code_names_a_place_in_the_readme() -> None:
+    # agents/turn_input.py sent readers to README "Input rules", a heading that never existed.
+    places = _readme_places()
+    root = README.parent
+    pointers = [
+        (path.relative_to(root), name)
+        for folder in _PRODUCT_FOLDERS
+        for path in sorted((root / folder).rglob('*.py'))
+        for name in _POINTER.findall(path.read_text())
+    ]
+    assert len(pointers) >= 5  # the pattern still finds them
+    missing = [(str(path), name) for path, name in pointers if not any(place.startswith(name) for place in places)]
+    assert missing == []

@@ -17,6 +17,7 @@ from agentrt.agents.cli.filters import (
     SINCE_OPTION,
     UNTIL_OPTION,
     check_account,
+    check_agent,
     dash,
     ledger_filters,
     money,
@@ -68,6 +69,7 @@ def audit_list(
         found = await list_requests(session=session, filters=filters, page=page, page_size=page_size)
         if not found.items:
             await check_account(session, filters.account)
+            await check_agent(session, filters)
         return found
 
     render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
@@ -167,7 +169,7 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
     table.add_column(style='bold', no_wrap=True)
     table.add_column(overflow='fold')
     for name, value in row.items():
-        table.add_row(*text_cells(name, '-' if value is None else str(value)))
+        table.add_row(*text_cells(name, '-' if value is None else str(value), one_line=False))
     if (link := trace_url(detail.request.trace_id)) is not None:
         table.add_row('trace', link)
     console.print(table)

@@ -2,8 +2,10 @@
 
 In a terminal (prompt_toolkit): arrows, Home/End, Ctrl-A/E/K/U/W, Alt-B/F, history (Up/Down, Ctrl-R) kept in a file
 across sessions; Ctrl-C clears the line, and at an empty prompt asks once more before leaving; Ctrl-D at an empty
-prompt leaves. Elsewhere (a pipe, a file, a test), lines are read as they come. Either way `read()` raises
-`EOFError` when the conversation should end.
+prompt leaves. Elsewhere (a pipe, a file, a test), lines are read as they come, with no prompt on standard output:
+there the answers are what a script captures (`agentrt chat < questions.txt > answers.txt`), and a `you> ` before each
+one was mixed into them. A person typing into a terminal whose output goes elsewhere (`agentrt chat | tee log`) gets
+the prompt on stderr. Either way `read()` raises `EOFError` when the conversation should end.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyBindings
 
-from agentrt.agents.cli.support import console
+from agentrt.agents.cli.support import console, err_console
 
-PROMPT = '[bold cyan]you>[/] '  # rich markup, for plain lines; the line editor draws the same
+PROMPT = '[bold cyan]you>[/] '  # rich markup, for plain lines typed at a terminal; the line editor draws the same
 HISTORY_ENV = 'AGENTRT_CHAT_HISTORY'
 LEAVE_HINT = 'press Ctrl-C again (or Ctrl-D) to leave'
 
@@ -54,10 +56,12 @@ def history_path(data_dir: Path) -> Path | None:
 
 
 def open_line_source(history: Path | None) -> LineSource:
-    """A line editor when both ends are a terminal, else plain lines from stdin."""
-    if _is_terminal(sys.stdin) and _is_terminal(sys.stdout):
+    """A line editor when both ends are a terminal, else plain lines from stdin (prompted on stderr when a person types
+    them at a terminal, not prompted when they come from a pipe or a file)."""
+    typed = _is_terminal(sys.stdin)
+    if typed and _is_terminal(sys.stdout):
         return TerminalLines(history)
-    return PlainLines()
+    return PlainLines(prompted=typed)
 
 
 def _is_terminal(stream: object) -> bool:
@@ -77,7 +81,9 @@ class PlainLines:
     test's in-memory input) is read line by line in a thread per `read()`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, prompted: bool = False) -> None:
+        """`prompted`: show `you> ` on stderr before each line (someone types them); never on stdout, the answers'."""
+        self._prompted = prompted
         self._pending: asyncio.Future[str] | None = None
         self._lines: collections.deque[str] = collections.deque()
         self._end: BaseException | None = None  # EOFError at the end of input, or what reading raised
@@ -94,7 +100,7 @@ class PlainLines:
         fd = _stdin_fd()
         if fd is None:
             return await self._read_in_memory(loop)
-        console.print(PROMPT, end='')
+        self._prompt()
         if not self._reading:
             self._reading = True
             threading.Thread(target=self._pump, args=(fd, loop), name='agentrt-chat-input', daemon=True).start()
@@ -140,7 +146,12 @@ class PlainLines:
         else:
             self._lines.append(item)
 
+    def _prompt(self) -> None:
+        if self._prompted:
+            err_console.print(PROMPT, end='')
+
     async def _read_in_memory(self, loop: asyncio.AbstractEventLoop) -> str:
+        self._prompt()
         line: asyncio.Future[str] = loop.create_future()
         self._pending = line
 
@@ -150,7 +161,10 @@ class PlainLines:
 
         def read() -> None:
             try:
-                text = console.input(PROMPT)
+                text = sys.stdin.readline()
+                if not text:
+                    raise EOFError
+                text = text.removesuffix('\n').removesuffix('\r')
             except BaseException as exc:  # EOFError at the end of input, anything else the stream raises
                 error = exc
                 loop.call_soon_threadsafe(settle, lambda: line.set_exception(error))

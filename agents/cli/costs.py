@@ -17,6 +17,7 @@ from agentrt.agents.cli.filters import (
     SINCE_OPTION,
     UNTIL_OPTION,
     check_account,
+    check_agent,
     ledger_filters,
     money,
     one_output_format,
@@ -82,6 +83,7 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
                 rows = await summarise_costs(session=session, by=by, filters=filters)
             if not rows:
                 await check_account(session, filters.account)
+                await check_agent(session, filters)
             return rows
     finally:
         await close_database()

@@ -79,6 +79,28 @@ async def check_account(session: AsyncSession, account: str | int | None) -> Non
         await get_account(account, session=session)
 
 
+async def check_agent(session: AsyncSession, filters: LedgerFilters) -> None:
+    """Raise `UnknownTenantError` (a usage error, listing the agents) when `--agent` names no agent: no agent instance
+    has that slug and no model request that agent (of `--account`, when given).
+
+    Listings call it when they found nothing: an empty page for a misspelt agent read as "no activity", where a
+    misspelt account is an error. An agent of the user's own (its name on ledger rows, no instance) is known by its
+    rows.
+    """
+    from agentrt.services.ledger import agent_is_known, agent_slugs
+    from agentrt.services.tenancy import UnknownTenantError
+
+    if filters.agent is None or await agent_is_known(session=session, agent=filters.agent, account=filters.account):
+        return
+    known = ', '.join(await agent_slugs(session=session, account=filters.account)) or 'none'
+    where = '' if filters.account is None else f' for account {filters.account!r}'
+    raise UnknownTenantError(
+        f'unknown agent {filters.agent!r}{where} (no agent instance has that slug, no model request was made by an '
+        f'agent of that name); agent instances: {known}',
+        what='agent',
+    )
+
+
 def parse_time(value: str | None, option: str) -> datetime | None:
     """An ISO date or time in UTC (UTC unless it says otherwise); a usage error (exit 2) naming `option` if it is
     not one, or if it is outside the times UTC can represent (9999-12-31T23:00-05:00)."""

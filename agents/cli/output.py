@@ -48,10 +48,10 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
     from rich.table import Table
     from rich.text import Text
 
-    from agentrt.agents.cli.transcript import visible
+    from agentrt.agents.cli.transcript import visible_line
 
     # Made visible once here (measured as shown), then given to the table as plain `Text`, never as markup.
-    cells = [[[visible(variant(row)) for row in rows] for variant in column.variants] for column in columns]
+    cells = [[[visible_line(variant(row)) for row in rows] for variant in column.variants] for column in columns]
 
     def measure(index: int, variant: int) -> int:
         return max([cell_len(columns[index].header), *(cell_len(text) for text in cells[index][variant])])
@@ -84,15 +84,22 @@ def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *,
     return table
 
 
-def text_cells(*values: str) -> list[Text]:
+def text_cells(*values: str, one_line: bool = True) -> list[Text]:
     """Table cells that show `values` as they are. A plain string cell is rich markup: a key's name, a model's or an
     error's with `[red]` in it was styled, one with `[/bold]` was a MarkupError (an internal error instead of the
-    table); terminal control characters (an escape sequence) are written out as `transcript.visible` does."""
+    table); terminal control characters (an escape sequence) are written out as `transcript.visible` does.
+
+    Args:
+        values: the cells' text.
+        one_line: write out newlines and tabs too (`transcript.visible_line`): a listing's row is one line. False for
+            a cell whose value may be text of several lines (`audit show`'s error message).
+    """
     from rich.text import Text
 
-    from agentrt.agents.cli.transcript import visible
+    from agentrt.agents.cli.transcript import visible, visible_line
 
-    return [Text(visible(value)) for value in values]
+    shown = visible_line if one_line else visible
+    return [Text(shown(value)) for value in values]
 
 
 def print_csv(rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None:

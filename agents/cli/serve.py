@@ -58,16 +58,35 @@ def serve(
     run(_check_database)
     import uvicorn
 
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level.lower(),
-        log_config=_log_config(log_level.upper()),
-        timeout_graceful_shutdown=shutdown_seconds,
-    )
+    options: dict[str, Any] = {
+        'factory': True,
+        'host': host,
+        'port': port,
+        'workers': workers,
+        'log_level': log_level.lower(),
+        'log_config': _log_config(log_level.upper()),
+        'timeout_graceful_shutdown': shutdown_seconds,
+    }
+    if workers > 1:
+        # uvicorn's supervisor: SIGTERM and Ctrl-C stop every worker gracefully and it exits 0; SIGHUP replaces the
+        # workers (uvicorn's reload), as documented for it.
+        uvicorn.run(APP_FACTORY, **options)
+        return
+    from agentrt.agents.cli.served import GracefulServer
+
+    config = uvicorn.Config(APP_FACTORY, **options)
+    config.load_app()  # as `uvicorn.run` does: an app that does not import is one line and exit code 3
+    server = GracefulServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as `uvicorn.run`: Ctrl-C outside the server's own handling ends it quietly
+        pass
+    if not server.started:  # the app's start-up failed (uvicorn logged why): as `uvicorn.run` ends then
+        raise typer.Exit(STARTUP_FAILURE)
+
+
+STARTUP_FAILURE = 3
+"""uvicorn's exit code for an app whose start-up failed (`uvicorn.config.STARTUP_FAILURE`)."""
 
 
 def missing_http_packages() -> list[str]:
@@ -110,14 +129,15 @@ def _log_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config: dict[str, Any] = {**LOGGING_CONFIG, 'loggers': dict(LOGGING_CONFIG['loggers'])}
+    debug = level in ('DEBUG', 'TRACE')
     # Secrets out of uvicorn's lines as out of the runtime's: a key in a URL's query (the access log), a provider's
     # error in the traceback of an exception that escaped the app (the error log).
     config['filters'] = {
         'redact': {'()': 'agentrt.services.log_redaction.RedactingFilter'},
         'redact_arguments': {'()': 'agentrt.services.log_redaction.ArgumentRedactingFilter'},
         # Before the redaction, which then reads the line as rewritten: an outage's background failures, one line each.
-        'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
-        'cut_off': {'()': 'agentrt.agents.cli.serve.CutOffAsOneLine', 'keep_traceback': level in ('DEBUG', 'TRACE')},
+        'outage': {'()': 'agentrt.services.background.OutageAsOneLine', 'keep_traceback': debug},
+        'cut_off': {'()': 'agentrt.agents.cli.serve.CutOffAsOneLine', 'keep_traceback': debug},
     }
     config['handlers'] = {
         name: {**handler, 'filters': ['redact_arguments'] if name == 'access' else ['outage', 'cut_off', 'redact']}
@@ -125,6 +145,19 @@ def _log_config(level: str) -> dict[str, Any]:
     }
     known = level if level in logging.getLevelNamesMapping() else 'INFO'
     config['loggers']['agentrt'] = {'handlers': ['default'], 'level': known, 'propagate': False}
+    # OpenTelemetry's exporters (a collector down or not answering: a warning per retry, an error per batch given up
+    # on, every few seconds): one line per process, as a command prints, unless debug. The workers of `--workers N`
+    # printed every one of them bare, through Python's last-resort handler (no logging of the CLI's in them).
+    # On a handler of their own: a logger's filters see only the records logged on it, not its children's.
+    config['handlers']['tracing'] = {**LOGGING_CONFIG['handlers']['default'], 'filters': ['redact']}
+    if not debug:
+        config['filters']['export_once'] = {
+            '()': 'agentrt.agents.cli.support.ExportFailuresOnce',
+            'shows_all': '--log-level debug',
+        }
+        config['handlers']['tracing']['filters'] = ['export_once', 'redact']
+    exporters = {'handlers': ['tracing'], 'level': 'DEBUG' if debug else 'WARNING', 'propagate': False}
+    config['loggers']['opentelemetry'] = exporters
     return config
 
 

@@ -148,7 +148,7 @@ def setup_logging(verbose: bool = False) -> None:
         # The embedded server logs whole server logs at ERROR when it fails; the error line says what matters.
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
     if not verbose:
-        handler.addFilter(_first_export_failure_only)
+        handler.addFilter(ExportFailuresOnce('--verbose'))
 
 
 def show_job_logs() -> None:
@@ -156,21 +156,30 @@ def show_job_logs() -> None:
     logging.getLogger('agentrt.jobs').setLevel(logging.NOTSET)
 
 
-_export_failure_shown = False
-
-
-def _first_export_failure_only(record: logging.LogRecord) -> bool:
+class ExportFailuresOnce(logging.Filter):
     """The first line of OpenTelemetry's exporters (a collector down: a warning per retry, an error per batch given
-    up on, spans and metrics each) and none of the rest, unless `--verbose`: one line says the collector failed."""
-    global _export_failure_shown
-    if not record.name.startswith('opentelemetry.'):
+    up on, spans and metrics each) and none of the rest: one line says the collector failed.
+
+    Args:
+        shows_all: the option that shows every line, named in the one shown (`--verbose`, `--log-level debug`).
+    """
+
+    def __init__(self, shows_all: str = '--verbose') -> None:
+        super().__init__()
+        self.shows_all = shows_all
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith('opentelemetry.'):
+            return True
+        if self.shown:
+            return False
+        self.shown = True
+        record.msg = (
+            f'tracing: {record.getMessage()} (later export failures are not shown; {self.shows_all} shows them)'
+        )
+        record.args = None
         return True
-    if _export_failure_shown:
-        return False
-    _export_failure_shown = True
-    record.msg = f'tracing: {record.getMessage()} (later export failures are not shown; --verbose shows them)'
-    record.args = None
-    return True
 
 
 MAX_ERROR_CHARS = 1500

@@ -64,6 +64,12 @@ def visible(text: str) -> str:
     return _CONTROL.sub(lambda match: f'\\x{ord(match.group()):02x}', text)
 
 
+def visible_line(text: str) -> str:
+    """`visible(text)` on one line: newlines and tabs written out too (`\\n`, `\\t`), for a table's cell, whose row a
+    newline in a name (a key's, an agent's) split into lines that read as other rows."""
+    return visible(text).replace('\n', '\\n').replace('\t', '\\t')
+
+
 def _prompt(prompt: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = []
     if prompt.get('instructions'):

@@ -170,6 +170,10 @@ async def open_queue() -> App:
             await jobs.open_async()
             has_tables = await jobs.check_connection_async()
         except Exception as exc:
+            # The pool may be open (its first query failed, not its opening): closed here, or its tasks would go on
+            # reconnecting in the background until the next opening replaced it ("Task was destroyed but it is
+            # pending!" as it was collected).
+            await jobs.close_async()
             if (unavailable := queue_unavailable(exc, 'cannot connect to PostgreSQL')) is not None:
                 raise unavailable from exc
             raise

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import JobDeferrer
 
-from agentrt.services.jobs._app import open_queue
+from agentrt.services.jobs._app import open_queue, queue_unavailable
 from agentrt.services.jobs._tasks import conversation_summary, usage_rollup
 
 logger = logging.getLogger('agentrt.jobs')
@@ -35,18 +37,30 @@ async def defer_post_turn_work(
         lock=f'rollup:{account_id}',  # one rollup of an account at a time, across workers
         schedule_in={'seconds': int(rollup_interval_s)} if rollup_interval_s >= 1 else None,
     )
-    try:
-        await deferrer.defer_async(account_id=account_id)
-    except AlreadyEnqueued:
-        pass  # one is pending: it will take this turn's ledger rows too
+    await _defer(deferrer, account_id=account_id)  # False: one is pending, it will take this turn's ledger rows too
 
 
 async def defer_summary(account_id: int, conversation_id: str) -> int:
     """Queue the conversation's title and summary unless one is pending already; 1 when queued now, else 0."""
     await open_queue()
     deferrer = conversation_summary.configure(queueing_lock=f'summary:{account_id}:{conversation_id}')
+    return int(await _defer(deferrer, account_id=account_id, conversation_id=conversation_id))
+
+
+async def _defer(deferrer: JobDeferrer, **kwargs: Any) -> bool:
+    """Queue one job: True when queued now, False when one with its queueing lock is pending already.
+
+    Raises:
+        DatabaseUnavailableError: the queue's PostgreSQL cannot be reached or its connection was lost (procrastinate's
+            `ConnectorException` around psycopg's error): the runtime's error for an outage, which a server logs as
+            one line for the task (`OutageAsOneLine`) rather than two chained tracebacks for each turn.
+    """
     try:
-        await deferrer.defer_async(account_id=account_id, conversation_id=conversation_id)
+        await deferrer.defer_async(**kwargs)
     except AlreadyEnqueued:
-        return 0
-    return 1
+        return False
+    except Exception as exc:
+        if (unavailable := queue_unavailable(exc, 'cannot queue a job')) is not None:
+            raise unavailable from exc
+        raise
+    return True

@@ -20,6 +20,8 @@ from agentrt.services.ledger._queries import (
     AmbiguousRequestIdError,
     LedgerDetail,
     LedgerPage,
+    agent_is_known,
+    agent_slugs,
     get_request,
     list_requests,
 )
@@ -101,6 +103,8 @@ __all__ = [
     'Status',
     'TrackerStats',
     'WriteOutcome',
+    'agent_is_known',
+    'agent_slugs',
     'default_spool_path',
     'dumped_message_json',
     'get_request',

@@ -6,11 +6,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, case, func, select, tuple_
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
+from agentrt.db.models.tenancy import Account, AgentInstance
 from agentrt.services.ledger._filters import LedgerFilters
+from agentrt.services.pg_text import storable_text
 
 MAX_PAGE_SIZE = 100
 
@@ -105,6 +107,34 @@ async def get_request(
         .order_by(case({'prompt': 0, 'response': 1}, value=LLMRequestContentRow.kind, else_=2))
     )
     return LedgerDetail(request=found[0], contents=list(contents.scalars()))
+
+
+async def agent_is_known(*, session: AsyncSession, agent: str, account: str | int | None = None) -> bool:
+    """Whether `agent` names an agent instance, or the agent of a ledger row (an instance's slug or an agent's name,
+    as `LedgerFilters.agent` matches), of `account` (an id or a slug) when it is given.
+
+    For a listing that found nothing: to tell "no such agent" (a misspelt `--agent`) from "no activity".
+    """
+    stored = storable_text(agent)
+    instances = select(AgentInstance.id).join(Account, Account.id == AgentInstance.account_id)
+    instances = instances.where(AgentInstance.slug == stored)
+    if isinstance(account, int):
+        instances = instances.where(AgentInstance.account_id == account)
+    elif account is not None:
+        instances = instances.where(Account.slug == storable_text(account))
+    rows = select(LLMRequestRow.id).where(*LedgerFilters(account=account, agent=agent).conditions())
+    return bool((await session.execute(select(or_(exists(instances), exists(rows))))).scalar_one())
+
+
+async def agent_slugs(*, session: AsyncSession, account: str | int | None = None) -> list[str]:
+    """The agent instances' slugs (of `account`, an id or a slug, when given), once each, sorted: what a message
+    about an unknown agent lists."""
+    query = select(AgentInstance.slug).join(Account, Account.id == AgentInstance.account_id)
+    if isinstance(account, int):
+        query = query.where(AgentInstance.account_id == account)
+    elif account is not None:
+        query = query.where(Account.slug == storable_text(account))
+    return list((await session.execute(query.distinct().order_by(AgentInstance.slug))).scalars())
 
 
 def _id_condition(request_id: str | uuid.UUID) -> ColumnElement[bool]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
-from pydantic_ai.models import Model, override_allow_model_requests
+from pydantic_ai.models import Model
 from pydantic_ai.models.function import FunctionModel
 from pydantic_ai.settings import ModelSettings
 
@@ -30,10 +30,7 @@ STALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
 from tests.agents.otlp_receiver import OtlpReceiver
+from tests.factories import ledger_rows
 
 QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
 
@@ -289,6 +291,36 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
     assert traces and traces <= receiver.trace_ids()
 
 
+async def test_trace_with_stderr_closed_prints_no_span_among_the_answers(demo_data: None, database_url: str) -> None:
+    # `agentrt --trace chat ... 2>&-`: with no stderr, logfire's console printed the spans on stdout, into the answer.
+    env = _clean_env(DATABASE_URL=database_url, COLUMNS='200')
+    command = [
+        sys.executable,
+        '-m',
+        'agentrt.agents.cli',
+        '--trace',
+        'chat',
+        QUESTION,
+        '-s',
+        'no-stderr',
+        '--delay',
+        '0',
+    ]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ['bash', '-c', 'exec "$@" 2>&-', 'bash', *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+    spans = [line for line in done.stdout.splitlines() if re.match(r'\d\d:\d\d:\d\d\.\d{3} ', line)]
+    assert 'I found' in done.stdout and spans == [], spans[:5]
+
+
 async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_span(
     demo_data: None, database_url: str
 ) -> None:
@@ -462,14 +494,19 @@ class SilentCollector:
         self._socket.close()
 
 
-async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(database_url: str) -> None:
+async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(
+    demo_data: None, database_url: str
+) -> None:
     # The OTLP exporter retries each export for 10 s (OTEL_EXPORTER_OTLP_TIMEOUT's default) at the end of a command,
     # once for the spans and twice for the metrics: `agentrt db status` took 13 s with the collector down, 17 s with
-    # one that never answers, and printed up to 12 warnings of retries.
+    # one that never answers, and printed up to 12 warnings of retries. A chat turn is answered as without tracing.
     silent = SilentCollector()
+    chat = ('chat', QUESTION, '-s', 'collector-down', '--delay', '0')
     try:
         with socket.socket() as closed:
             closed.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused
+            runs = [(silent.port, ('db', 'status')), (closed.getsockname()[1], ('db', 'status'))]
+            runs.append((closed.getsockname()[1], chat))
             results = await asyncio.gather(
                 *(
                     _cli(
@@ -478,21 +515,23 @@ async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one
                             OTEL_EXPORTER_OTLP_ENDPOINT=f'http://127.0.0.1:{port}',
                             COLUMNS='400',
                         ),
-                        'db',
-                        'status',
+                        *args,
                     )
-                    for port in (silent.port, closed.getsockname()[1])
+                    for port, args in runs
                 )
             )
     finally:
         silent.close()
-    for done in results:
+    for done, (_, args) in zip(results, runs, strict=True):
         assert done.returncode == 0, done.stderr
-        assert 'tracing' in done.stdout
+        assert ('tracing' if args[0] == 'db' else 'I found') in done.stdout
         export_lines = [line for line in done.stderr.splitlines() if 'export' in line.lower()]
         assert len(export_lines) <= 1, done.stderr
+        assert 'Traceback' not in done.stderr and 'error:' not in done.stderr, done.stderr
     # Each export gave up after its 2 s (a loaded machine adds a little), not the SDK's 10 s.
     assert silent.waits and max(silent.waits) < 6, silent.waits
+    # The turn was saved and billed as without tracing.
+    assert [row['status'] for row in await ledger_rows(chat_session_id='collector-down')] == ['complete'] * 3
 
 
 @pytest.mark.parametrize('how', ['task cancelled', 'stream closed early'])

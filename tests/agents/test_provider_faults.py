@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
-from pydantic_ai.models import Model, override_allow_model_requests
+from pydantic_ai.models import Model
 
 from agentrt.agents.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
@@ -85,10 +85,7 @@ EXPECTED: dict[str, tuple[type[AgentRuntimeError], str, list[tuple[Any, ...]]]] 
 ROWS_OF = {('html page', 'responses', False): [('error', 'ModelAPIError', None)]}
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 async def _turn(streamed: bool, model: Model, session_id: str, message: str = 'Who is in Seattle?') -> ChatResult:

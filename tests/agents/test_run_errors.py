@@ -8,12 +8,11 @@ same ledger outcome for the same failure and raise the same `ModelProviderError`
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
-from pydantic_ai.models import Model, override_allow_model_requests
+from pydantic_ai.models import Model
 
 from agentrt.agents.errors import ModelProviderError
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
@@ -41,10 +40,7 @@ EXPECTED = {  # error type, status code, the words the caller's message has
 }
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 async def _turn(streamed: bool, model: Model, session_id: str) -> None:

@@ -84,7 +84,8 @@ def _headers(keys: Keys) -> list[tuple[bytes, str]]:
         (b'Bearer\t' + key, header),
         (b'Token ' + key, header),
         (b'Bearer ' + b'A' * 10_240, malformed),
-        (b'Bearer ' + key + b' extra', malformed),
+        (b'Bearer ' + key + b' extra', 'more than one token'),
+        (b'Bearer ' + key + b'  ' + key, 'more than one token'),
         (b'Bearer ' + key[:-1], malformed),
         (b'Bearer ' + key + b'\xc3\xa9', malformed),  # non-ASCII (read as Latin-1)
         ('Bearer art_ａｂｃｄｅｆ０１２３４５_'.encode() + b'A' * 43, malformed),  # full-width digits
@@ -92,7 +93,7 @@ def _headers(keys: Keys) -> list[tuple[bytes, str]]:
     ]
 
 
-@pytest.mark.parametrize('case', range(9))
+@pytest.mark.parametrize('case', range(10))
 async def test_a_401_says_whether_the_header_the_key_form_or_the_key_is_wrong(
     keys: Keys, client: httpx2.AsyncClient, case: int
 ) -> None:
@@ -103,3 +104,24 @@ async def test_a_401_says_whether_the_header_the_key_form_or_the_key_is_wrong(
     assert response.status_code == 401 and response.headers['www-authenticate'] == 'Bearer', response.text
     body = response.json()
     assert body['type'] == 'unauthorized' and said in body['detail'] and body['error_id'].startswith('err_'), body
+
+
+@pytest.mark.parametrize(
+    'template',
+    ['Bearer {key}', 'bearer {key}', 'BEARER {key}', 'Bearer   {key}', '  Bearer {key}  '],
+    ids=['canonical', 'lower', 'upper', 'spaces', 'padded'],
+)
+async def test_the_header_is_read_as_the_rfcs_say(keys: Keys, client: httpx2.AsyncClient, template: str) -> None:
+    # RFC 7235: the scheme is case-insensitive and one or more spaces follow it; the field's own padding is not part of
+    # it (RFC 9110). The 401 for a wrong header said "one space", which the check never required.
+    response = await client.get('/api/v1/me', headers={'Authorization': template.format(key=keys.acme)})
+    assert response.status_code == 200, response.text
+
+
+async def test_several_authorization_headers_are_refused(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # The first was used and the others ignored: a proxy that checked the last one would disagree about who is asking.
+    for second in (keys.green, keys.acme):
+        headers = [('Authorization', f'Bearer {keys.acme}'), ('Authorization', f'Bearer {second}')]
+        response = await client.get('/api/v1/me', headers=headers)
+        body = response.json()
+        assert response.status_code == 401 and 'several Authorization headers' in body['detail'], body

@@ -5,13 +5,12 @@ or a secret), the ledger has the request once, nothing of the turn is saved, and
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
 import pytest
 from openai import AsyncOpenAI
-from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
@@ -62,10 +61,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 async def _client(fake: FakeOpenAI, read_timeout_s: float = 30) -> AsyncIterator[httpx2.AsyncClient]:

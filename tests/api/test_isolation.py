@@ -101,3 +101,34 @@ async def test_two_accounts_turns_and_reads_at_once_each_see_their_own(keys: Key
             conversation = await client.get(f'/api/v1/conversations/{account}-{n}', headers=own[account])
             other = next(schema for slug, schema in schemas.items() if slug != account)
             assert schemas[account] in conversation.text and other not in conversation.text
+
+
+async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # A cursor is a position in one account's listing. Another account's key was answered with a page of its own rows
+    # from that position (a wrong page, silently), and the audit's cursor gave the conversations listing one too.
+    for conversation in ('c1', 'c2'):
+        for key in (keys.acme, keys.green):
+            turn = await client.post(
+                f'/api/v1/conversations/{conversation}/turns', json={'message': 'hi'}, headers=auth(key)
+            )
+            assert turn.status_code == 200
+    await get_request_tracker().flush()
+    acme, green = auth(keys.acme), auth(keys.green)
+    conversations = (await client.get('/api/v1/conversations', params={'limit': 1}, headers=acme)).json()
+    audit = (await client.get(AUDIT, params={'page_size': 1}, headers=acme)).json()
+    assert conversations['next_cursor'] and audit['next_cursor']
+    # Its own account and listing: the next page.
+    assert (
+        await client.get('/api/v1/conversations', params={'cursor': conversations['next_cursor']}, headers=acme)
+    ).status_code == 200
+    for path, cursor, headers, words in (
+        ('/api/v1/conversations', conversations['next_cursor'], green, 'another account'),
+        (AUDIT, audit['next_cursor'], green, 'another account'),
+        ('/api/v1/conversations', audit['next_cursor'], acme, "another listing's"),
+        (AUDIT, conversations['next_cursor'], acme, "another listing's"),
+    ):
+        response = await client.get(path, params={'cursor': cursor}, headers=headers)
+        body = response.json()
+        assert response.status_code == 422 and body['field'] == 'cursor' and words in body['detail'], (path, body)

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
+from tests.agents.otlp_receiver import OtlpReceiver
 from tests.api.conftest import Keys, auth, chat_body, of_type, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
@@ -141,7 +143,7 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
-    assert server.returncode in (0, -signal.SIGTERM), stderr
+    assert server.returncode == 0, stderr
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
     # After the shutdown (which flushes the ledger): one row per model request the conversations account for.
@@ -255,3 +257,143 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
     assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])
+async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
+    demo_data: None, database_url: str, tmp_path: Path, stop: signal.Signals
+) -> None:
+    # SIGTERM ended a clean shutdown with the process dying of the signal uvicorn raised again (exit status 143);
+    # SIGHUP (the terminal closed) killed it at once: the turn in flight cut off, unsaved, its ledger row lost.
+    released = threading.Event()
+
+    def slow_provider(body: object) -> Reply:
+        released.wait(60)  # answers once the server is shutting down
+        return Reply(text='Nobody in Seattle matches.')
+
+    port = _free_port()
+    with FakeOpenAI(slow_provider).running() as fake:
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+            # A loaded machine must not make the save wait past the defaults (as in the test above).
+            'AGENTRT_TURN_QUEUE_SECONDS': '110',
+            'DB_POOL_TIMEOUT': '110',
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'info']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from threads below
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        shutting_down, signalled = '', False
+        try:
+            url = f'http://127.0.0.1:{port}'
+            key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = asyncio.create_task(stream_chat(client, key, chat_body('in-flight', 'Who is in Seattle?')))
+                while not fake.requests:  # noqa: ASYNC110 - polling the provider's thread
+                    await asyncio.sleep(0.05)
+                server.send_signal(stop)
+                signalled = True
+                shutting_down = await asyncio.to_thread(_stderr_until, server, 'Shutting down')
+                released.set()
+                status, events = await turn
+        finally:
+            released.set()
+            if not signalled:
+                server.send_signal(signal.SIGTERM)
+            _, rest = await asyncio.to_thread(server.communicate, timeout=60)
+    stderr = shutting_down + rest
+    assert server.returncode == 0, stderr[-3000:]
+    assert status == 200 and events[-1] == '[DONE]', events[-3:]
+    assert 'Nobody in Seattle matches.' in ''.join(event['delta'] for event in of_type(events, 'text-delta'))
+    assert [row['status'] for row in await ledger_rows(chat_session_id='in-flight')] == ['complete']
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(text("SELECT count(*) FROM conversations WHERE conversation_id = 'in-flight'"))
+    assert saved.scalar_one() == 1
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+
+async def _key(account: str) -> str:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await create_api_key(session=session, account=account)).token
+
+
+def _stderr_until(server: subprocess.Popen[str], words: str) -> str:
+    """The server's stderr up to and including the first line holding `words` (all of it if it ends first)."""
+    assert server.stderr is not None
+    read = ''
+    for line in server.stderr:
+        read += line
+        if words in line:
+            break
+    return read
+
+
+SPAN_SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+
+async def test_serve_sends_each_requests_span_and_its_turn_to_a_collector_without_secrets_or_prompts(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # A key a client put in a URL (`?api_key=art_...`, a provider's key as a conversation id) reached the collector
+    # whole in the request span's url.path, url.query and message, while the access log showed it redacted.
+    port = _free_port()
+    question = 'Quixotic cardiologists in Boston'
+    with OtlpReceiver() as receiver:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+        env |= {
+            'DATABASE_URL': database_url,
+            'OTEL_EXPORTER_OTLP_ENDPOINT': receiver.url,
+            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            url = f'http://127.0.0.1:{port}'
+            key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = await client.post(
+                    '/api/v1/conversations/traced/turns', json={'message': question}, headers=auth(key)
+                )
+                assert turn.status_code == 200, turn.text
+                status, events = await stream_chat(client, key, chat_body('traced-stream', question))
+                assert status == 200 and events[-1] == '[DONE]'
+                for path in (
+                    f'/api/v1/conversations/{SPAN_SECRET}',
+                    f'/api/v1/me?api_key={key}',
+                    f'/api/v1/me?t={key}',
+                ):
+                    assert (await client.get(path, headers=auth(key))).status_code in (200, 404)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+        spans = [span for _, span in receiver.spans()]
+    assert server.returncode == 0, stderr[-3000:]
+    turns = {_attribute(span, 'gen_ai.conversation.id'): span for span in spans if span.name == 'chat turn'}
+    assert set(turns) == {'traced', 'traced-stream'}
+    by_id = {span.span_id: span for span in spans}
+    for turn in turns.values():
+        ancestors = []
+        parent = by_id.get(turn.parent_span_id)
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = by_id.get(parent.parent_span_id)
+        assert ancestors and ancestors[-1].startswith('POST /api/v1/'), ancestors  # under its request's span
+        assert turn.status.code == turn.status.STATUS_CODE_UNSET
+    everything = repr([(span.name, span.attributes, span.events, span.status) for span in spans])
+    assert 'Quixotic' not in everything  # no prompt text
+    secret_of_the_key = key[len('art_') + 13 :]  # art_<12 hex>_<secret>
+    assert 'aB3dE5fG7hJ9' not in everything and secret_of_the_key not in everything
+    paths = {_attribute(span, 'url.path') for span in spans if span.name.startswith('GET /api/v1/')}
+    assert '/api/v1/conversations/[REDACTED]' in paths
+
+
+def _attribute(span: Any, name: str) -> Any:
+    """A string attribute of a span as the collector received it."""
+    return next((a.value.string_value for a in span.attributes if a.key == name), None)

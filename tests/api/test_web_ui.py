@@ -354,8 +354,14 @@ async def test_an_answer_cut_off_by_the_server_says_the_connection_was_lost(keys
                     connection.transport.abort()  # type: ignore[attr-defined]
                 await expect(turn).to_have_attribute('data-state', 'error')
                 shown = await turn.inner_text()
-                assert 'connection was lost' in shown and 'Nothing of it was saved' in shown, shown
+                assert 'connection was lost' in shown and 'shown again, as the server holds it' in shown, shown
                 assert 'This page failed' not in shown
+                # The next message first shows the conversation as the server holds it: the cut turn was not saved,
+                # so its answer (and the error) are gone, and the new turn is the only one.
+                turn = await _send(page, QUESTION)
+                await expect(turn).to_have_attribute('data-state', 'done')
+                await expect(page.locator('.message.assistant')).to_have_count(1)
+                await expect(page.locator('.message.user')).to_have_count(1)
             finally:
                 await context.close()
     finally:

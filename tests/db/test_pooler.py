@@ -18,7 +18,7 @@ from agentrt.agents.simple_chat import simple_chat
 from agentrt.db import migrate
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
-from agentrt.db.errors import ConfigError, MigrationError
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError, MigrationError
 from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.settings import Settings, parse_database_url
@@ -245,3 +245,50 @@ async def test_migrations_use_the_direct_url_beside_a_pooled_one(
     assert 'statement 30000 ms, lock 10000 ms' in status.stdout and 'not what was configured' not in status.stdout
     refused = await invoke('db', 'status', env={'DATABASE_URL': pgbouncer.url(), 'DB_POOLER': 'none'})
     assert refused.exit_code != 0 and 'set DB_POOLER=pgbouncer' in refused.stderr
+
+
+async def test_pgbouncer_out_of_client_connections_is_said_so_not_a_lost_connection(database: Settings) -> None:
+    # PgBouncer refuses a client over its max_client_conn at login (SQLSTATE 08P01); that was reported as "the
+    # connection to PostgreSQL was lost ...; the operation did not complete (server restart, failover or a terminated
+    # backend)", which sends an operator looking at PostgreSQL rather than at the pooler's limit and the pools' sizes.
+    full = bouncer_for(get_engine().url, max_client_conn=1)
+    full.start()
+    try:
+        pooled = await PooledDatabase.create(full, database)
+        try:
+            async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as first:
+                await first.execute(text('SELECT 1'))  # the one client connection PgBouncer accepts
+                with pytest.raises(DatabaseUnavailableError) as refused:
+                    async with get_db_session(account=Unscoped.ADMIN) as second:
+                        await second.execute(text('SELECT 1'))
+        finally:
+            await pooled.close()
+    finally:
+        full.stop()
+    assert not isinstance(refused.value, DatabaseDisconnectedError)
+    message = str(refused.value)
+    assert message.startswith('PgBouncer refused the connection: no more connections allowed (max_client_conn)')
+    assert 'DB_POOL_SIZE' in message and 'DB_MAX_OVERFLOW' in message
+
+
+async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: Settings) -> None:
+    # A query that waited query_wait_timeout for one of PgBouncer's server connections (all busy, or PostgreSQL not
+    # reachable) is closed with SQLSTATE 08P01: it was "the connection to PostgreSQL was lost ... (server restart,
+    # failover or a terminated backend)".
+    busy = bouncer_for(get_engine().url, pool_size=1, query_wait_timeout=1)
+    busy.start()
+    try:
+        pooled = await PooledDatabase.create(busy, database)
+        try:
+            async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as holder:
+                await holder.execute(text('SELECT 1'))  # its transaction holds the one server connection
+                with pytest.raises(DatabaseDisconnectedError) as gave_up:
+                    async with get_db_session(account=Unscoped.ADMIN) as waiting:
+                        await waiting.execute(text('SELECT 1'))
+        finally:
+            await pooled.close()
+    finally:
+        busy.stop()
+    message = str(gave_up.value)
+    assert message.startswith('PgBouncer gave up waiting for a server connection (query_wait_timeout)'), message
+    assert 'default_pool_size' in message and 'server restart' not in message

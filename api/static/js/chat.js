@@ -101,7 +101,11 @@ class AssistantTurn {
   end() {
     if (this.failed) return;
     if (!this.finished) {
-      this.fail('The answer stopped before it was complete (the connection was lost). Nothing of it was saved.');
+      // The server saves a turn just before its finish event: a cut in between lost only the event. So the view is
+      // reloaded before the next message (`stale`) rather than claiming nothing was saved.
+      this.fail(
+        'The answer stopped before it was complete (the connection was lost). A turn cut off is not saved, unless the server had just saved it: the conversation is shown again, as the server holds it, before your next message.',
+      );
       return;
     }
     const answered = `Answered in ${formatMs(performance.now() - this.started)}.`;
@@ -145,7 +149,7 @@ export function createChatView() {
   let shownId; // undefined until a conversation (or a new one) is first shown
   let controller = null;
   let loading = null; // the notice of a conversation whose history is loading, else null
-  let stale = false; // a turn here was refused as another one ran: the history shown lacks what that one saved
+  let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -358,6 +362,7 @@ export function createChatView() {
         return;
       }
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
+      if (!turn.finished && !turn.failed) stale = true; // cut off: see `end()`
       turn.end();
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
@@ -369,7 +374,10 @@ export function createChatView() {
         if (!input.value) input.value = text;
         setHead(null);
         notice.append(alertBox(errorMessage(error)));
-      } else turn.fail(errorMessage(error));
+      } else {
+        stale = true; // the stream broke mid-way: what the server saved, the next send shows first
+        turn.fail(errorMessage(error));
+      }
     } finally {
       if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;

@@ -90,3 +90,27 @@ async def test_filters_with_unstorable_text_find_the_rows_of_that_text(
         assert [item['id'] for item in json.loads(listed.stdout)['items']] == [str(hostile.id)], args
     costs = await invoke('costs', '--source', 'ledger', '--agent', 'desk\x00bot', '--model', 'gpt\udce9', env=env)
     assert costs.exit_code == 0 and 'error' not in costs.stderr, costs.stderr
+
+
+async def test_an_agent_that_does_not_exist_is_a_usage_error_not_an_empty_page(
+    tracker: LLMRequestTracker, demo_data: None, database_url: str
+) -> None:
+    # `audit list --agent provdier-finder` (misspelt) printed an empty page, as if the agent had done nothing, where a
+    # misspelt --account is an error listing the accounts.
+    own = ledger_record(agent_name='my-own-agent')  # an agent of the user's own: a name on ledger rows, no instance
+    assert await tracker.submit(own) == 'written'
+    env = {'DATABASE_URL': database_url}
+    for command in (('audit', 'list'), ('costs', '--source', 'ledger')):
+        unknown = await invoke(*command, '--agent', 'provdier-finder', env=env)
+        assert unknown.exit_code == 2, unknown.stderr
+        assert "unknown agent 'provdier-finder'" in unknown.stderr
+        assert 'agent instances: provider-finder, supplier-finder' in unknown.stderr
+        elsewhere = await invoke(*command, '--agent', 'provider-finder', '--account', 'green-grocer', env=env)
+        assert elsewhere.exit_code == 2, elsewhere.stderr
+        assert (
+            "for account 'green-grocer'" in elsewhere.stderr and 'agent instances: supplier-finder' in elsewhere.stderr
+        )
+        # Agents that exist, with nothing in the window asked for: an empty answer, no error.
+        for agent in ('provider-finder', 'my-own-agent'):
+            quiet = await invoke(*command, '--agent', agent, '--since', '2099-01-01', '--json', env=env)
+            assert quiet.exit_code == 0 and 'error' not in quiet.stderr, (agent, quiet.stderr)

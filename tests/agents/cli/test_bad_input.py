@@ -81,7 +81,7 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['db', 'status'], {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': HUGE}, 4, 'File name too long'),
     (['db', 'status'], {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': SURROGATE}, 4, 'not valid UTF-8'),
     # text PostgreSQL cannot take (an undecodable argument is a lone surrogate): refused, or simply not found
-    (['keys', 'create', '--account', 'acme-health', '--name', SURROGATE], {}, 2, 'undecodable characters'),
+    (['keys', 'create', '--account', 'acme-health', '--name', SURROGATE], {}, 2, '(U+DCE9, a lone surrogate)'),
     (['keys', 'create', '--account', SURROGATE], {}, 2, 'unknown account'),
     (['budget', 'show', '--account', SURROGATE], {}, 2, 'unknown account'),
     # was the driver's "invalid input for query argument $1" (`keys list` sent the slug as it came)

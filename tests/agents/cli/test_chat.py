@@ -59,6 +59,15 @@ async def test_interactive_loop_reads_stdin_until_exit(demo_data: None, database
     assert 'model demo' in result.stdout
 
 
+async def test_piped_lines_get_no_prompt_among_the_answers(demo_data: None, database_url: str) -> None:
+    # `agentrt chat < questions.txt > answers.txt`: a `you> ` before each answer was mixed into what the script read.
+    lines = 'organic berries in Fresno\nand apples?\n'
+    result = await invoke('chat', '--delay', '0', input=lines, env={'DATABASE_URL': database_url})
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count('model demo') == 2
+    assert 'you>' not in result.stdout and 'you>' not in result.stderr
+
+
 async def test_piped_lines_exit_with_the_last_failed_turns_code(demo_data: None, database_url: str) -> None:
     # A script feeding lines cannot read the errors: the exit code says that a turn failed, and which kind last.
     env = {'DATABASE_URL': database_url, 'AGENTRT_MESSAGE_MAX_CHARS': '40'}
@@ -108,12 +117,12 @@ def _chat_on_an_open_pipe_then(signal_number: int, database_url: str) -> tuple[i
             process.stdin.write(f'{QUESTION}\n'.encode())
             process.stdin.flush()
             answered = b''
-            # The turn's summary line, then the prompt for the next line: it is waiting for it.
-            while b'you> ' not in answered.partition(b'model demo')[2]:
+            # The turn's summary line: it waits for the next line then (no prompt: the input is not a terminal).
+            while b'session piped\n' not in answered:
                 chunk = process.stdout.read1(4096)
                 assert chunk, 'the chat ended before answering'
                 answered += chunk
-            time.sleep(0.2)  # the prompt is written just before the read starts
+            time.sleep(0.2)  # the summary is written just before the next read starts
             process.send_signal(signal_number)
             # Not `communicate()`: it closes stdin, and the end of input would end the read before the process exits.
             out, err = process.stdout.read(), process.stderr.read()  # a few lines: neither pipe fills up meanwhile
@@ -130,7 +139,7 @@ async def test_a_signal_while_a_piped_chat_waits_for_its_next_line_stops_it_clea
     # The reader thread blocked in the buffered sys.stdin made the interpreter abort at exit (SIGABRT, "Fatal Python
     # error: _enter_buffered_busy") instead of exiting with the signal's code.
     code, out, err = await asyncio.to_thread(_chat_on_an_open_pipe_then, signal.SIGTERM, database_url)
-    assert 'I found ' in out
+    assert 'I found ' in out and 'you>' not in out  # answers only: a prompt was mixed into them
     assert code == 143, err
     assert 'Fatal Python error' not in err and 'stopped by SIGTERM' in err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 from pathlib import Path
 
@@ -111,3 +112,16 @@ async def test_no_standard_input_is_the_end_of_input(monkeypatch: pytest.MonkeyP
     assert isinstance(source, PlainLines)
     with pytest.raises(EOFError):
         await source.read()
+
+
+async def test_lines_typed_at_a_terminal_whose_output_is_piped_are_prompted_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `agentrt chat | tee log`: someone types, the answers go to a pipe. The prompt helps them and stays out of the log.
+    monkeypatch.setattr('sys.stdin', io.StringIO('hello\n'))
+    typed = PlainLines(prompted=True)
+    assert await typed.read() == 'hello'
+    with pytest.raises(EOFError):
+        await typed.read()
+    captured = capsys.readouterr()
+    assert captured.err.count('you>') == 2 and 'you>' not in captured.out

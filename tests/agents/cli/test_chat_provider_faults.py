@@ -4,10 +4,7 @@ for a piped line, whose conversation goes on with the next line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from pydantic_ai.models import override_allow_model_requests
 
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.cli.helpers import invoke
@@ -33,10 +30,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 def _env(database_url: str, model: str, fake: FakeOpenAI) -> dict[str, str]:

@@ -6,7 +6,9 @@ import importlib
 import json
 
 import pytest
+from sqlalchemy import text
 
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import authenticate_api_key, forget_cached_api_keys
 from tests.agents.cli.helpers import invoke
 
@@ -40,16 +42,50 @@ async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
     assert [key['revoked_at'] is not None for key in everything] == [True, False]
 
 
-async def test_a_key_name_with_markup_or_escapes_is_listed_as_text(demo_data: None, database_url: str) -> None:
+async def test_a_key_name_with_markup_is_listed_as_text(demo_data: None, database_url: str) -> None:
     env = {'DATABASE_URL': database_url}
-    # rich markup: '[/b]' was a MarkupError (an internal error instead of the table), '[red]' styled the cell; an
-    # escape sequence reached the terminal
-    hostile = '[/b][red]x\x1b[2J'
-    assert (await invoke('keys', 'create', '--account', 'acme-health', '--name', hostile, env=env)).exit_code == 0
+    # rich markup: '[/b]' was a MarkupError (an internal error instead of the table), '[red]' styled the cell
+    assert (await invoke('keys', 'create', '--account', 'acme-health', '--name', '[/b][red]x', env=env)).exit_code == 0
     for args in (('keys', 'list'), ('keys', 'list', '--account', 'acme-health')):
         listed = await invoke(*args, env=env, columns=200)
         assert listed.exit_code == 0, listed.stderr
-        assert '[/b][red]x\\x1b[2J' in listed.stdout and '\x1b' not in listed.stdout
+        assert '[/b][red]x' in listed.stdout and '\x1b' not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ('name', 'position', 'shown'),
+    [
+        ('a\tb', 1, 'U+0009'),
+        ('ci\nprod', 2, 'U+000A'),
+        ('x\x1b[2J', 1, 'U+001B'),
+        ('\u202eevil', 0, 'U+202E'),  # a right-to-left override: the row printed reversed
+        ('a\u2028b', 1, 'U+2028'),
+    ],
+)
+async def test_a_key_name_with_a_control_character_is_refused(
+    demo_data: None, database_url: str, name: str, position: int, shown: str
+) -> None:
+    # A tab or a newline in a name was stored and broke `keys list`'s table (the row split into lines that read as
+    # other rows); an escape sequence was written out, but into a name no one can type back.
+    env = {'DATABASE_URL': database_url}
+    created = await invoke('keys', 'create', '--account', 'acme-health', '--name', name, env=env)
+    assert created.exit_code == 2, created.stderr
+    assert f'at position {position} ({shown}' in created.stderr and 'one line of printable text' in created.stderr
+    assert created.stdout == ''
+    listed = await invoke('keys', 'list', '--json', env=env)
+    assert json.loads(listed.stdout) == []
+
+
+async def test_a_stored_name_with_control_characters_is_listed_on_one_line(demo_data: None, database_url: str) -> None:
+    # Made before names were checked: the row stays one line, each control character written out.
+    env = {'DATABASE_URL': database_url}
+    assert (await invoke('keys', 'create', '--account', 'acme-health', '--name', 'old', env=env)).exit_code == 0
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text("UPDATE api_keys SET name = E'a\\tb\\nc\\x1b[2J'"))
+    listed = await invoke('keys', 'list', env=env, columns=200)
+    assert listed.exit_code == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if 'art_' in line]
+    assert 'a\\tb\\nc\\x1b[2J' in row and '\x1b' not in listed.stdout
 
 
 async def test_bad_input_fails_with_a_message(demo_data: None, database_url: str) -> None:

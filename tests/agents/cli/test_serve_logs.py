@@ -42,6 +42,7 @@ def test_uvicorns_access_and_error_lines_are_redacted(tmp_path: Path) -> None:
 # A background task an outage stops, logged by the real supervisor under `serve`'s configuration.
 OUTAGE = """
 import asyncio, logging.config, sys
+import agentrt.agents.run_errors  # as the served app does: the runtime's loggers redact their records from then on
 from agentrt.agents.cli.serve import _log_config
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.services.background import get_supervisor
@@ -61,7 +62,8 @@ asyncio.run(main())
 
 @pytest.mark.parametrize('level', ['INFO', 'DEBUG'])
 def test_a_background_task_an_outage_stops_is_one_warning_line(tmp_path: Path, level: str) -> None:
-    # It was an ERROR with the task's whole traceback (about 130 lines under a real outage) for every task stopped.
+    # It was an ERROR with the task's whole traceback (about 130 lines under a real outage) for every task stopped; and
+    # still was under `agentrt serve` once the log redaction had taken the exception off the record before the filter.
     done = subprocess.run(
         [sys.executable, '-c', OUTAGE, level], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
     )
@@ -72,3 +74,42 @@ def test_a_background_task_an_outage_stops_is_one_warning_line(tmp_path: Path, l
         '127.0.0.1:5432: Connection refused'
     ], done.stderr
     assert ('Traceback' in done.stderr) == (level == 'DEBUG')
+
+
+# What OpenTelemetry's exporters log while the collector is down (a retry, a batch given up on, the metrics' too), in
+# their own words, with a password in the endpoint as a user may put it there.
+EXPORT_FAILURES = f"""
+import logging.config, sys
+from agentrt.agents.cli.serve import _log_config
+
+logging.config.dictConfig(_log_config(sys.argv[1]))
+for name, level, message in [
+    ('opentelemetry.exporter.otlp.proto.http.trace_exporter', logging.WARNING, 'Transient error %s, retrying in 1s.'),
+    ('opentelemetry.exporter.otlp.proto.http.trace_exporter', logging.WARNING, 'Transient error %s, retrying in 2s.'),
+    ('opentelemetry.sdk._shared_internal', logging.ERROR, 'Failed to export span batch: %s'),
+    ('opentelemetry.exporter.otlp.proto.http.metric_exporter', logging.WARNING, 'Transient error %s, retrying in 1s.'),
+]:
+    logging.getLogger(name).log(level, message, 'http://otel:{SECRET}@collector:4318 refused')
+"""
+
+
+@pytest.mark.parametrize('level', ['INFO', 'DEBUG'])
+def test_a_collector_down_is_one_line_per_server_process(tmp_path: Path, level: str) -> None:
+    # A worker of `agentrt serve --workers N` printed each of them, every few seconds while the collector was down,
+    # bare (Python's last-resort handler: no level, no redaction), where a command prints one line.
+    done = subprocess.run(
+        [sys.executable, '-c', EXPORT_FAILURES, level],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    if level == 'INFO':
+        [line] = lines
+        assert line.startswith('WARNING:') and 'tracing: Transient error' in line and '--log-level debug' in line
+    else:
+        assert len(lines) == 4 and all(line.startswith(('WARNING:', 'ERROR:')) for line in lines), lines
+    assert 'aB3dE5fG7hJ9' not in done.stderr

@@ -10,11 +10,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from procrastinate import App
 from psycopg import generators
 
 from agentrt.db.engine import current_settings, get_engine
-from agentrt.services.jobs import open_queue
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.services.jobs import close_queue, jobs, open_queue
 from agentrt.services.jobs._app import QueueConnection, queue_conninfo
+from tests.private_database import PrivateDatabase
 
 
 def _sockets() -> int:
@@ -70,3 +73,34 @@ async def test_the_queue_and_its_worker_connect_with_it(queue: None) -> None:
     assert pool.connection_class is QueueConnection  # procrastinate's LISTEN connection is made with it too
     async with pool.connection() as connection:
         assert isinstance(connection, QueueConnection)
+
+
+async def test_a_queue_whose_server_goes_away_as_it_opens_leaves_no_pool_running(
+    queue: None, private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool opened, then its first query (the check for the job tables) failed: open_queue raised but left that
+    # pool running, its connection tasks trying to reconnect; the next open_queue replaced it, and asyncio printed
+    # "Task was destroyed but it is pending! task: <Task pending name='agentrt-jobs-worker-0' ...>" three times (seen in
+    # `agentrt serve`'s log when PgBouncer was killed as a process queued its first jobs).
+    real_open = jobs.open_async
+
+    async def open_then_server_stops() -> App:
+        opened = await real_open()
+        await asyncio.to_thread(private_database.server.stop, 'fast')
+        return opened
+
+    async with private_database.active():
+        monkeypatch.setattr(current_settings(), 'connect_timeout', 1)
+        monkeypatch.setattr(jobs, 'open_async', open_then_server_stops)
+        try:
+            with pytest.raises(DatabaseUnavailableError, match='job queue cannot connect to PostgreSQL'):
+                await open_queue()
+            assert _queue_pool_tasks() == []
+        finally:
+            await asyncio.to_thread(private_database.server.ensure_running)
+            await close_queue()
+
+
+def _queue_pool_tasks() -> list[str]:
+    """The tasks of a queue pool still running in this loop (psycopg names them after the pool)."""
+    return sorted(task.get_name() for task in asyncio.all_tasks() if task.get_name().startswith('agentrt-jobs'))

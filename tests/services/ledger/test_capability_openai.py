@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from genai_prices import calc_price
 from pydantic_ai import Agent, RequestUsage
 from pydantic_ai.exceptions import ModelHTTPError
-from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
@@ -22,10 +20,7 @@ from tests.fake_openai import SERVED_MODEL, FakeOpenAI, Reply
 API_KEY = 'sk-test-PLANTEDapikey0123456789abcdef'
 
 
-@pytest.fixture(autouse=True)
-def _allow_loopback_model_requests() -> Iterator[None]:
-    with override_allow_model_requests(True):  # only ever to the loopback server below
-        yield
+pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
 
 
 def _weather_script(body: dict[str, Any]) -> Reply:
