@@ -49,7 +49,9 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
         env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT')
     ):
         return
-    for signal in SIGNALS:
+    # A metrics or logs exporter turned off (`OTEL_METRICS_EXPORTER=none`) reads none of its own variables.
+    signals = [signal for signal in SIGNALS if env.get(f'OTEL_{signal}EXPORTER', '').strip().lower() != 'none']
+    for signal in signals:
         name = f'OTEL_EXPORTER_OTLP_{signal}PROTOCOL'
         protocol = env.get(name, '').strip().lower()
         if protocol and protocol not in HTTP_PROTOCOLS:
@@ -57,7 +59,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
                 f'{name}={_shown(protocol)} is not supported: agentrt exports over OTLP/HTTP only '
                 f"('http/protobuf', to the collector's HTTP port, usually 4318); unset it or set 'http/protobuf'"
             )
-    for signal in SIGNALS:
+    for signal in signals:
         name = f'OTEL_EXPORTER_OTLP_{signal}HEADERS'
         problem = _header_problem(env.get(name, ''))
         if problem:

@@ -209,6 +209,7 @@ ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
             r"^OTEL_EXPORTER_OTLP_TRACES_HEADERS: the .*'a'",
         ),
         ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_HEADERS': 'justatoken'}, r'entry 1 of 1 is malformed'),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'}, r'^OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='),
     ],
 )
 def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: dict[str, str], expected: str) -> None:
@@ -225,6 +226,7 @@ def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: d
         # Nothing exported over OTLP: the protocol and headers are not used.
         {'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc', 'OTEL_EXPORTER_OTLP_HEADERS': 'bad'},
         {**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'},
+        {**ENDPOINT, 'OTEL_METRICS_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'},
     ],
 )
 def test_otel_values_tracing_honours_pass(environ: dict[str, str]) -> None:
