@@ -4,7 +4,8 @@ Spans are exported only when the environment asks (`trace_export()`):
 
 - `LOGFIRE_TOKEN`: to Logfire;
 - `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (unless `OTEL_TRACES_EXPORTER` names another
-  exporter): to any OpenTelemetry backend over OTLP/HTTP, with the standard `OTEL_*` variables (headers, protocol);
+  exporter): to any OpenTelemetry backend over OTLP/HTTP, with the standard `OTEL_*` variables (headers, protocol;
+  a value logfire cannot honour, such as `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, is a `ConfigError`: `otlp_settings`);
 - `LOGFIRE_CONSOLE=true` (or `agentrt --trace`): printed on stderr.
 
 Then `configure_observability()` sets up logfire (its OpenTelemetry SDK) and `instrument_runtime()` adds pydantic-ai's
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+
+from agentrt.agents.otlp_settings import check_otlp_settings
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
@@ -83,8 +86,13 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
     Args:
         console: print spans on stderr (`agentrt --trace`); `None` leaves it to `LOGFIRE_CONSOLE`.
         environ: the environment to read; `os.environ` when omitted.
+
+    Raises:
+        ConfigError: an `OTEL_*` value the runtime cannot honour (`check_otlp_settings`): an exporter other than
+            `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry.
     """
     env = os.environ if environ is None else environ
+    check_otlp_settings(env)  # a value logfire would ignore or misread: a ConfigError, as an invalid setting is
     otlp: str | None = None
     if env.get('OTEL_TRACES_EXPORTER', '').strip().lower() in ('', 'otlp'):
         # As logfire (and the OpenTelemetry SDK) read them: the signal's own endpoint first.
@@ -109,6 +117,9 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
 
     Returns:
         Where spans go.
+
+    Raises:
+        ConfigError: an `OTEL_*` value the runtime cannot honour (see `trace_export`).
     """
     global _configured
     if _configured is not None:

@@ -88,17 +88,32 @@ _POOL_NAME = 'agentrt-jobs'
 
 
 class _OneLineConnectFailures(logging.Filter):
-    """On psycopg's pool logger: its warning for each failed connection attempt of the queue's pool (PostgreSQL
-    down, a closed port), one line in the runtime's words. psycopg's own was four lines of raw driver text each
-    ("error connecting in 'pool-1': connection failed: ... Is the server running on that host and accepting TCP/IP
-    connections?"), four times over before the runtime's one error line."""
+    """On psycopg's pool logger, its notices about the queue's pool in the runtime's words, one line each.
+
+    A failed connection attempt (PostgreSQL down, a closed port) stays a warning: psycopg's own was four lines of raw
+    driver text each ("error connecting in 'pool-1': connection failed: ... Is the server running on that host and
+    accepting TCP/IP connections?"), four times over before the runtime's one error line.
+
+    A connection that came back broken (PostgreSQL or PgBouncer went away while it was used) becomes a DEBUG line:
+    psycopg warned "discarding closed connection: <QueueConnection [BAD] at 0x...>", beside the line of the failure
+    itself, which the runtime reports already (the operation that used it raised `DatabaseUnavailableError`: a post-turn
+    task's "not done: database unavailable", a worker's `error:` line).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Always True: the record is kept, reworded when it is such a warning."""
+        """The record reworded when it is such a notice; False only for a discarded connection's with DEBUG off."""
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
             detail = ' '.join(str(args[1]).split())[:300]
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
+        elif (
+            record.msg == 'discarding closed connection: %s' and len(args) == 1 and isinstance(args[0], QueueConnection)
+        ):
+            # A logger's filter runs after its level was checked: as if logged at DEBUG, kept only when DEBUG is on.
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
+            record.msg, record.args = 'the job queue dropped a connection PostgreSQL closed; a new one replaces it', ()
         return True
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.driver import DriverStatement, driver_transaction
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
@@ -180,6 +180,65 @@ def test_where_spans_go(environ: dict[str, str], console: bool | None, expected:
     export = trace_export(console=console, environ=environ)
     assert export.describe() == expected
     assert export.enabled is (expected != 'off')
+
+
+ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
+
+
+@pytest.mark.parametrize(
+    ('environ', 'expected'),
+    [
+        # logfire speaks OTLP/HTTP only: gRPC was sent HTTP requests (the one warning line showed an HTTP error).
+        (
+            {**ENDPOINT, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'},
+            r"^OTEL_EXPORTER_OTLP_PROTOCOL='grpc' is not supported.*",
+        ),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_TRACES_PROTOCOL': 'GRPC'}, r'^OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=.*4318'),
+        # Any other exporter turned tracing off without a word.
+        ({**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'zipkin'}, r"^OTEL_TRACES_EXPORTER='zipkin' is not supported.*'otlp'"),
+        ({'OTEL_TRACES_EXPORTER': 'console'}, r'LOGFIRE_CONSOLE=true'),
+        ({**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'otlp,console'}, r'^OTEL_TRACES_EXPORTER='),
+        # A malformed header was dropped with a warning that used up the one line about export failures; its value
+        # (a token) is not quoted.
+        (
+            {**ENDPOINT, 'OTEL_EXPORTER_OTLP_HEADERS': 'x-team=a,authorization: Bearer s3cretT0ken'},
+            r"^OTEL_EXPORTER_OTLP_HEADERS: the header 'authorization' is malformed[^3]*$",
+        ),
+        (
+            {**ENDPOINT, 'OTEL_EXPORTER_OTLP_TRACES_HEADERS': 'a="quoted"'},
+            r"^OTEL_EXPORTER_OTLP_TRACES_HEADERS: the .*'a'",
+        ),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_HEADERS': 'justatoken'}, r'entry 1 of 1 is malformed'),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'}, r'^OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='),
+    ],
+)
+def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        trace_export(environ=environ)
+
+
+@pytest.mark.parametrize(
+    'environ',
+    [
+        {**ENDPOINT, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'http/protobuf', 'OTEL_TRACES_EXPORTER': 'OTLP'},
+        {**ENDPOINT, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'http/json'},  # a receiver of OTLP/HTTP takes protobuf as well
+        {**ENDPOINT, 'OTEL_EXPORTER_OTLP_HEADERS': 'authorization=Bearer abc%20d, x-team = a,'},
+        # Nothing exported over OTLP: the protocol and headers are not used.
+        {'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc', 'OTEL_EXPORTER_OTLP_HEADERS': 'bad'},
+        {**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'},
+        {**ENDPOINT, 'OTEL_METRICS_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'},
+    ],
+)
+def test_otel_values_tracing_honours_pass(environ: dict[str, str]) -> None:
+    trace_export(environ=environ)
+
+
+async def test_a_command_refuses_an_otel_value_it_cannot_honour_with_one_line(database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT='http://127.0.0.1:4317', COLUMNS='400')
+    done = await _cli({**env, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'}, 'db', 'status')
+    assert done.returncode == 2, done.stderr  # ConfigError's code: fix the configuration
+    assert done.stderr.startswith("error: OTEL_EXPORTER_OTLP_PROTOCOL='grpc' is not supported"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == '', done.stderr
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def _quick_model() -> FunctionModel:
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
 
+def test_the_web_uis_conversation_id_rule_is_the_servers() -> None:
+    # The chat view checks an id from the address itself, to say the address is at fault: with the server's rule.
+    from agentrt.agents.turn_input import _SESSION_ID, SESSION_ID_MAX_CHARS
+
+    script = (Path(__file__).resolve().parents[2] / 'api' / 'static' / 'js' / 'chat.js').read_text()
+    assert f'const CONVERSATION_ID = /^{_SESSION_ID.pattern}$/;' in script
+    assert f'const CONVERSATION_ID_MAX_CHARS = {SESSION_ID_MAX_CHARS};' in script
+
+
 async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> None:
     app = create_app(manage_runtime=False, model=_quick_model(), web_ui=True)
     async for url in serve(app):
@@ -110,6 +120,31 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
         await page.goto(f'{url}/{broken}')
         await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
     assert crashes == []
+
+    # A conversation id the server refuses, in the address: one message saying so and what an id is, on loading and on
+    # sending (they were "Please check “conversation_id”" and "Please check “id”"); the message stays in the box.
+    await page.goto(f'{url}/#/chat/a b')
+    invalid = 'The conversation id in the address, “a b”, is not valid: a conversation id is 1 to 200 letters, digits'
+    await expect(page.locator('.notice .alert')).to_contain_text(invalid)
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill('and in Boston?')
+    await box.press('Enter')
+    await expect(page.locator('.notice .alert')).to_have_count(1)
+    await expect(page.locator('.notice .alert')).to_contain_text(invalid)
+    await expect(box).to_have_value('and in Boston?')
+    await expect(page.locator('.message')).to_have_count(0)
+    # Enter on a blank message did nothing at all: a hint, read out (a status) and describing the box.
+    await page.get_by_role('link', name='New chat').click()
+    refusal = page.locator('#message-refusal')
+    await box.fill('  \n ')
+    await box.press('Enter')
+    await expect(refusal).to_have_text('Nothing to send: the message is only spaces or blank lines.')
+    await expect(refusal).to_have_attribute('role', 'status')
+    await expect(box).to_have_accessible_description(re.compile('Nothing to send'))
+    await box.press('x')  # typing takes it away
+    await expect(refusal).to_be_hidden()
+    await expect(page.locator('.message')).to_have_count(0)
+    await box.fill('')
 
     # Many conversations, by keyboard: "Show more" loads the next page and the focus goes to its first conversation
     # (it fell to the page's body when the button was disabled while loading, and a keyboard user started over).
@@ -341,9 +376,16 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     turn = page.locator('.message.assistant').last
     await expect(turn.locator('.answer')).to_have_text('ok')
     await expect(box).to_be_focused()
+    # Enter while the answer comes did nothing at all: a hint says why and what to do; the message waits in the box.
+    await box.fill('and in Reno?')
+    await box.press('Enter')
+    refusal = page.locator('#message-refusal')
+    await expect(refusal).to_have_text('An answer is still coming: wait for it, or press Stop, then send this message.')
+    await expect(box).to_have_value('and in Reno?')
     await page.keyboard.press('Tab')  # Send is disabled while the answer comes: Stop is next
     await expect(page.get_by_role('button', name='Stop')).to_be_focused()
     await page.keyboard.press('Enter')
     await expect(turn).to_have_attribute('data-state', 'stopped')
     await expect(box).to_be_focused()
+    await expect(refusal).to_be_hidden()  # said while the answer came; it has ended
     assert crashes == []

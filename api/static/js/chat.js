@@ -12,6 +12,10 @@ const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 const HISTORY_MESSAGES = 600;
 // Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
+// A conversation id as the server takes it (agents/turn_input.py); it refused any other as "conversation_id" when the
+// history loaded and as "id" when a message was sent, which did not say the address was at fault.
+const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
+const CONVERSATION_ID_MAX_CHARS = 200;
 const CUT_OFF_BY = {
   length: "the model's output limit (max_tokens)",
   'content-filter': "the provider's content filter",
@@ -23,6 +27,13 @@ const CUT_OFF_BY = {
  */
 function wellFormed(text) {
   return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
+}
+
+/** Why conversation id `id` (from the address) is not one, or null when it is. */
+function badConversationId(id) {
+  if (id.length <= CONVERSATION_ID_MAX_CHARS && CONVERSATION_ID.test(id)) return null;
+  const shown = id.length > 40 ? `${id.slice(0, 40)}…` : id;
+  return `The conversation id in the address, “${shown}”, is not valid: a conversation id is 1 to ${CONVERSATION_ID_MAX_CHARS} letters, digits and . _ : @ - (starting with a letter or digit). Start a new chat, or open one from Conversations.`;
 }
 
 /** A user's message. */
@@ -172,8 +183,10 @@ export function createChatView() {
     rows: '2',
     required: true,
     autocomplete: 'off',
-    'aria-describedby': 'message-hint',
+    'aria-describedby': 'message-hint message-refusal',
   });
+  // Why Enter sent nothing (a blank message, an answer still coming): it did nothing, silently.
+  const refusal = h('p', { id: 'message-refusal', class: 'composer-refusal', role: 'status' });
   const send = h('button', { type: 'submit', text: 'Send' });
   const stop = h('button', { type: 'button', class: 'secondary', text: 'Stop', disabled: true });
   const form = h(
@@ -182,6 +195,7 @@ export function createChatView() {
     notice, // on the message box (which stays in view), where the eyes are when a message is refused
     h('label', { for: 'message', text: 'Message' }),
     input,
+    refusal,
     h(
       'div',
       { class: 'composer-actions' },
@@ -215,6 +229,7 @@ export function createChatView() {
     if (document.activeElement === (busy ? send : stop)) input.focus();
     send.disabled = busy || loading !== null;
     stop.disabled = !busy;
+    if (!busy) refusal.textContent = '';
   }
 
   /**
@@ -288,6 +303,12 @@ export function createChatView() {
     setHead(null);
     if (wanted === null) {
       setLoading(null);
+      return;
+    }
+    const bad = badConversationId(wanted);
+    if (bad) {
+      setLoading(null);
+      notice.append(alertBox(bad));
       return;
     }
     stale = false;
@@ -391,7 +412,21 @@ export function createChatView() {
   form.addEventListener('submit', (event) => {
     event.preventDefault();
     const text = wellFormed(input.value);
-    if (!text.trim() || element.dataset.busy === 'true' || loading !== null) return;
+    if (!text.trim()) {
+      refusal.textContent = text ? 'Nothing to send: the message is only spaces or blank lines.' : 'Nothing to send: type a message first.';
+      return;
+    }
+    if (element.dataset.busy === 'true') {
+      refusal.textContent = 'An answer is still coming: wait for it, or press Stop, then send this message.';
+      return;
+    }
+    if (loading !== null) return; // the message waits in the box; the notice says the conversation is loading
+    refusal.textContent = '';
+    const bad = conversationId && badConversationId(conversationId);
+    if (bad) {
+      notice.replaceChildren(alertBox(bad)); // the message stays in the box
+      return;
+    }
     if (stale && conversationId) {
       // Refused (409) while another tab or client ran a turn here: what that turn saved is shown first, then this
       // message is sent (its answer followed a turn the view did not show).
@@ -409,6 +444,9 @@ export function createChatView() {
       event.preventDefault();
       form.requestSubmit();
     }
+  });
+  input.addEventListener('input', () => {
+    refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
 

@@ -241,6 +241,30 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
         assert attempt.endswith('; trying again') and '\n' not in attempt
 
 
+@pytest.mark.parametrize('level', [logging.WARNING, logging.DEBUG])
+async def test_a_queue_connection_postgresql_closed_is_no_warning_of_psycopgs(
+    queue: None, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    # PostgreSQL or PgBouncer gone: psycopg warned "discarding closed connection: <QueueConnection [BAD] at 0x...>" for
+    # each connection that came back broken, not in the runtime's words, beside the line of the failure itself.
+    caplog.set_level(level, logger='psycopg.pool')
+    pool = (await jobs_module.open_queue()).connector.pool  # type: ignore[attr-defined]
+    with pytest.raises(psycopg.OperationalError):
+        async with pool.connection() as connection:  # a connection in use when its server process ends
+            pid = (await (await connection.execute('SELECT pg_backend_pid()')).fetchone())[0]  # type: ignore[index]
+            async with get_db_session(account=Unscoped.OWNER) as session:
+                ended = await session.execute(text('SELECT pg_terminate_backend(:pid, 10000)'), {'pid': pid})
+                assert ended.scalar_one() is True
+            await connection.execute('SELECT 1')
+    notices = [r for r in caplog.records if r.name == 'psycopg.pool' and 'connection' in r.getMessage()]
+    assert all(r.levelno < logging.WARNING for r in notices), [r.getMessage() for r in notices]
+    dropped = [r.getMessage() for r in notices if 'closed' in r.getMessage()]
+    if level == logging.DEBUG:
+        assert dropped == ['the job queue dropped a connection PostgreSQL closed; a new one replaces it']
+    else:
+        assert dropped == []
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
