@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
+import pytest
 import pytest_asyncio
 from logfire.testing import capfire  # noqa: F401 - the fixture, here rather than through logfire's pytest plugin
 from openai import AsyncOpenAI
@@ -15,6 +17,7 @@ from sqlalchemy import select
 
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, set_request_tracker
 from tests.fake_openai import FakeOpenAI
 
 
@@ -44,3 +47,15 @@ def loopback_model(api: str, fake: FakeOpenAI, clients: list[AsyncOpenAI], timeo
     if api == 'chat':
         return OpenAIChatModel('gpt-4o-mini', provider=provider)
     return OpenAIResponsesModel('gpt-4o-mini', provider=provider)
+
+
+@pytest.fixture
+def long_commit_delay() -> Iterator[None]:
+    """A commit delay no demo turn outlasts however slow the machine: its rows wait for its end (the default delay,
+    50 ms, covers a demo turn on a machine that is not overloaded; BENCHMARKS section 3b). Also what lets a test
+    expect every stored response with its stamps: a row whose delay passed first is taken as it is then (README)."""
+    previous = set_request_tracker(LLMRequestTracker(replace(LedgerConfig.from_env(), commit_delay_ms=5000)))
+    try:
+        yield
+    finally:
+        set_request_tracker(previous)

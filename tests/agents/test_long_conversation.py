@@ -67,7 +67,7 @@ async def _turn(question: str, streamed: bool) -> ChatResult:
     ],
 )
 async def test_a_hundred_turns_succeed_and_every_request_stays_within_the_budget(
-    demo_data: None, small_budget: int, turns: int, streamed: bool
+    demo_data: None, long_commit_delay: None, small_budget: int, turns: int, streamed: bool
 ) -> None:
     for turn in range(turns):
         result = await _turn(QUESTIONS[turn % len(QUESTIONS)], streamed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.ledger import LedgerConfig, LLMRequestTracker, get_request_tracker, set_request_tracker
+from agentrt.services.ledger import get_request_tracker
 from tests.factories import listening
 from tests.services.budgets.helpers import give_budget
 
@@ -78,17 +78,6 @@ async def _turn(session_id: str) -> None:
     await simple_chat(QUESTION, session_id=session_id, account='acme-health')
     await get_request_tracker().flush()
     await get_supervisor().join()
-
-
-@pytest.fixture
-def long_commit_delay() -> Iterator[None]:
-    """A commit delay no demo turn outlasts however slow the machine: its rows wait for its end (the default delay,
-    50 ms, covers a demo turn on a machine that is not overloaded; BENCHMARKS section 3b)."""
-    previous = set_request_tracker(LLMRequestTracker(replace(LedgerConfig.from_env(), commit_delay_ms=5000)))
-    try:
-        yield
-    finally:
-        set_request_tracker(previous)
 
 
 async def test_a_demo_turn_stays_within_its_database_budget(
