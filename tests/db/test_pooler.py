@@ -247,26 +247,32 @@ async def test_migrations_use_the_direct_url_beside_a_pooled_one(
     assert refused.exit_code != 0 and 'set DB_POOLER=pgbouncer' in refused.stderr
 
 
-async def test_pgbouncer_out_of_client_connections_is_said_so_not_a_lost_connection(database: Settings) -> None:
-    # PgBouncer refuses a client over its max_client_conn at login (SQLSTATE 08P01); that was reported as "the
-    # connection to PostgreSQL was lost ...; the operation did not complete (server restart, failover or a terminated
-    # backend)", which sends an operator looking at PostgreSQL rather than at the pooler's limit and the pools' sizes.
-    full = bouncer_for(get_engine().url, max_client_conn=1)
-    full.start()
+async def _second_session_error(bouncer: PgBouncer, database: Settings) -> DatabaseUnavailableError:
+    """What a second session gets through `bouncer` (started and stopped here) while a first one is in a transaction."""
+    bouncer.start()
     try:
-        pooled = await PooledDatabase.create(full, database)
+        pooled = await PooledDatabase.create(bouncer, database)
         try:
             async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as first:
-                await first.execute(text('SELECT 1'))  # the one client connection PgBouncer accepts
+                await first.execute(text('SELECT 1'))
                 with pytest.raises(DatabaseUnavailableError) as refused:
                     async with get_db_session(account=Unscoped.ADMIN) as second:
                         await second.execute(text('SELECT 1'))
         finally:
             await pooled.close()
     finally:
-        full.stop()
-    assert not isinstance(refused.value, DatabaseDisconnectedError)
-    message = str(refused.value)
+        bouncer.stop()
+    return refused.value
+
+
+async def test_pgbouncer_out_of_client_connections_is_said_so_not_a_lost_connection(database: Settings) -> None:
+    # PgBouncer refuses a client over its max_client_conn at login (SQLSTATE 08P01); that was reported as "the
+    # connection to PostgreSQL was lost ...; the operation did not complete (server restart, failover or a terminated
+    # backend)", which sends an operator looking at PostgreSQL rather than at the pooler's limit and the pools' sizes.
+    # The first session holds the one client connection PgBouncer accepts.
+    refused = await _second_session_error(bouncer_for(get_engine().url, max_client_conn=1), database)
+    assert not isinstance(refused, DatabaseDisconnectedError)
+    message = str(refused)
     assert message.startswith('PgBouncer refused the connection: no more connections allowed (max_client_conn)')
     assert 'DB_POOL_SIZE' in message and 'DB_MAX_OVERFLOW' in message
 
@@ -275,20 +281,9 @@ async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: S
     # A query that waited query_wait_timeout for one of PgBouncer's server connections (all busy, or PostgreSQL not
     # reachable) is closed with SQLSTATE 08P01: it was "the connection to PostgreSQL was lost ... (server restart,
     # failover or a terminated backend)".
-    busy = bouncer_for(get_engine().url, pool_size=1, query_wait_timeout=1)
-    busy.start()
-    try:
-        pooled = await PooledDatabase.create(busy, database)
-        try:
-            async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as holder:
-                await holder.execute(text('SELECT 1'))  # its transaction holds the one server connection
-                with pytest.raises(DatabaseDisconnectedError) as gave_up:
-                    async with get_db_session(account=Unscoped.ADMIN) as waiting:
-                        await waiting.execute(text('SELECT 1'))
-        finally:
-            await pooled.close()
-    finally:
-        busy.stop()
-    message = str(gave_up.value)
+    # The first session's transaction holds the one server connection.
+    gave_up = await _second_session_error(bouncer_for(get_engine().url, pool_size=1, query_wait_timeout=1), database)
+    assert isinstance(gave_up, DatabaseDisconnectedError)
+    message = str(gave_up)
     assert message.startswith('PgBouncer gave up waiting for a server connection (query_wait_timeout)'), message
     assert 'default_pool_size' in message and 'server restart' not in message
