@@ -254,6 +254,16 @@ def _patched(**replacements: Any) -> contextlib.AbstractContextManager[None]:
     return stack
 
 
+def _no_ledger() -> contextlib.AbstractContextManager[None]:
+    """The turn's window and guard without a ledger: a turn adds one to an agent that has none (so every turn is
+    billed); for this variant it adds the two as they are."""
+    try:
+        from agentrt.agents.turn_hooks import TurnHooks
+    except ImportError:  # pragma: no cover - earlier versions added no ledger to an agent without one
+        return contextlib.nullcontext()
+    return _patched(turn_hooks=lambda *parts, agent=None: [TurnHooks(parts)])
+
+
 def _no_post_turn() -> contextlib.AbstractContextManager[None]:
     return _patched(schedule_post_turn_work=lambda *args, **kwargs: [])
 
@@ -371,7 +381,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
         'bare pydantic-ai': (None, contextlib.nullcontext),
         WITH_HISTORY: (WITH_HISTORY, contextlib.nullcontext),
         'runtime': (runtime_agent, contextlib.nullcontext),
-        'runtime without the ledger': (without_ledger, contextlib.nullcontext),
+        'runtime without the ledger': (without_ledger, _no_ledger),
         'runtime without stored content': (without_content, contextlib.nullcontext),
         'runtime without post-turn work': (runtime_agent, _no_post_turn),
         'runtime without the conversation store': (runtime_agent, _no_store),
