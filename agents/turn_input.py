@@ -156,6 +156,14 @@ def validate_run_arguments(
             'deps_type=SessionDependencies (or a class of which SessionDependencies is one)',
             field='agent',
         )
+    if agent is not None and agent.output_type is not str:
+        # A turn stores, prints and returns the answer as text (`ChatResult.output`, the session title, the HTTP
+        # turn): a structured output would reach them as a model object, after the turn ran and was billed.
+        raise InvalidInputError(
+            f"the agent's output_type is {_type_name(agent.output_type)}, but a turn answers in text: build it "
+            'with output_type=str (the default); structured output is not supported',
+            field='agent',
+        )
     if on_tool_event is not None and not callable(on_tool_event):
         raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
     check_seconds(stream_delay, 'stream_delay')
@@ -170,6 +178,11 @@ def _takes_session_dependencies(deps_type: object) -> bool:
         return issubclass(SessionDependencies, deps_type)
     except TypeError:  # a protocol with data members (`RunIdentity`) cannot be checked by issubclass
         return True
+
+
+def _type_name(value: object) -> str:
+    """A class's name, or the text of another output spec (a list, a `ToolOutput`...)."""
+    return value.__name__ if isinstance(value, type) else repr(value)
 
 
 def _instruction(value: object) -> bool:

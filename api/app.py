@@ -71,7 +71,7 @@ def create_app(
 
     Raises:
         InvalidInputError: `agent` is not a pydantic-ai `Agent` a turn can run (its `deps_type` not
-            `SessionDependencies`), or `model` is neither a model name nor a `Model`.
+            `SessionDependencies`, its `output_type` not `str`), or `model` is neither a model name nor a `Model`.
     """
 
     @asynccontextmanager

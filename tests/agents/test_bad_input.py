@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from pydantic import BaseModel
 from pydantic_ai import Agent, ModelResponse, TextPart
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -104,6 +105,12 @@ class OtherDeps:
     tenant: str
 
 
+class Answer(BaseModel):
+    """A structured output, which a turn (answering in text) cannot return."""
+
+    text: str
+
+
 def test_an_agent_whose_deps_a_turn_can_give_is_accepted() -> None:
     for deps_type in (SessionDependencies, object, type(None), RunIdentity):
         validate_run_arguments(
@@ -122,6 +129,8 @@ ARGUMENT_CASES = [
     Case('agent a name', 'agent', 'simple_chat', 'a pydantic-ai Agent'),
     # Its tools would get SessionDependencies where they expect their own deps: an AttributeError mid-run, billed.
     Case('agent of other deps', 'agent', Agent(None, deps_type=OtherDeps), "the agent's deps_type is OtherDeps"),
+    # ChatResult.output, the session's title and the HTTP turn take the answer as text: a model object broke them.
+    Case('agent of structured output', 'agent', Agent(None, output_type=Answer), "the agent's output_type is Answer"),
 ]
 STREAM_ARGUMENT_CASES = [
     Case('on_tool_event not callable', 'on_tool_event', 'print', 'a function or None, not str'),

@@ -106,6 +106,10 @@ def test_an_agent_or_model_a_turn_cannot_run_is_refused_when_the_app_is_built() 
     with pytest.raises(InvalidInputError, match="the agent's deps_type is OtherDeps") as info:
         create_app(manage_runtime=False, agent=Agent(None, deps_type=OtherDeps))
     assert info.value.field == 'agent'
+    # A structured output reached the HTTP turn's text answer as a model object.
+    with pytest.raises(InvalidInputError, match="the agent's output_type is list") as info:
+        create_app(manage_runtime=False, agent=Agent(None, deps_type=SessionDependencies, output_type=list[int]))
+    assert info.value.field == 'agent'
     with pytest.raises(InvalidInputError, match='model must be a model name') as info:
         create_app(manage_runtime=False, model=42)  # type: ignore[arg-type]
     assert info.value.field == 'model'
