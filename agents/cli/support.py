@@ -53,7 +53,22 @@ if TYPE_CHECKING:  # the runtime is imported when a command runs, so every `--he
 T = TypeVar('T')
 
 
-class _StderrConsole(Console):
+class _UnwrappedWhenPiped(Console):
+    """rich's console, which does not wrap a message's lines when it writes to a file or a pipe.
+
+    rich wraps at 80 columns when its file is not a terminal, so a script capturing `agentrt db seed > out.txt` or
+    `agentrt keys create ... | cat` got sentences (and a key or id in them) broken across lines. A message (text)
+    printed there is written on one line; a table still fits the width, as its cells would spill out of it otherwise.
+    """
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **options: Any) -> None:
+        """`Console.print`, soft-wrapped (never broken into lines) when every object is text and not for a terminal."""
+        if soft_wrap is None and not self.is_terminal and all(isinstance(item, str) for item in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **options)
+
+
+class _StderrConsole(_UnwrappedWhenPiped):
     """rich's console on stderr, whose reader may go away too (`agentrt chat ... 2>&1 | head -3`).
 
     rich answers a closed pipe with `SystemExit(1)`, raised wherever the line was printed: a log line of the embedded
@@ -67,7 +82,7 @@ class _StderrConsole(Console):
         self.quiet = True
 
 
-console = Console()
+console = _UnwrappedWhenPiped()
 err_console = _StderrConsole(stderr=True)
 
 EXIT_FAILURE = 1

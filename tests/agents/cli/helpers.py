@@ -110,10 +110,16 @@ def logging_restored() -> Iterator[None]:
             logger.handlers[:] = handlers
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, columns: int | None = 200
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m agentrt.agents.cli ARGS...` from the repository root (the working directory on `sys.path`,
-    so the installed namespace must win over the bare folders), with the test environment plus `env`."""
-    full_env = {**os.environ, 'COLUMNS': '200', **(env or {})}
+    so the installed namespace must win over the bare folders), with the test environment plus `env`. `columns` is
+    `COLUMNS`; None leaves it unset, as a shell does for a script (rich then takes 80 columns for a pipe)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop('COLUMNS', None)
+    if columns is not None:
+        full_env['COLUMNS'] = str(columns)
     return subprocess.run(
         [sys.executable, '-m', 'agentrt.agents.cli', *args],
         capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 
@@ -10,7 +11,7 @@ from sqlalchemy import text
 
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import authenticate_api_key, forget_cached_api_keys
-from tests.agents.cli.helpers import invoke
+from tests.agents.cli.helpers import invoke, run_cli
 
 
 async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
@@ -117,3 +118,20 @@ async def test_revoking_a_malformed_key_id_is_a_usage_error(database_url: str) -
         assert result.stderr.startswith('error: not an API key id') and len(result.stderr.strip().splitlines()) == 1
     unknown = await invoke('keys', 'revoke', 'art_' + '0' * 12, env={'DATABASE_URL': database_url})
     assert unknown.exit_code == 1 and 'no API key art_000000000000' in unknown.stderr
+
+
+async def test_messages_are_not_wrapped_when_the_output_is_a_pipe(demo_data: None, database_url: str) -> None:
+    # Not a terminal and no COLUMNS (a script's `agentrt keys create ... | cat`, `agentrt db seed > out.txt`): rich
+    # wrapped at 80 columns, so a message, and a key id in it, was broken across lines.
+    env = {'DATABASE_URL': database_url}
+    created = await asyncio.to_thread(
+        run_cli, 'keys', 'create', '--account', 'acme-health', '--name', 'nightly-export', env=env, columns=None
+    )
+    assert created.returncode == 0, created.stderr
+    public_id = created.stdout.strip()[:16]
+    [message] = [line for line in created.stderr.splitlines() if line.startswith('API key')]
+    assert len(message) > 80 and public_id in message and message.endswith('it is not shown again.'), message
+    seeded = await asyncio.to_thread(run_cli, 'db', 'seed', env=env, columns=None)
+    assert seeded.returncode == 0, seeded.stderr
+    [line] = seeded.stdout.splitlines()
+    assert len(line) > 80 and line.startswith('seeded: ') and line.endswith('directory entries'), seeded.stdout
