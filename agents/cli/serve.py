@@ -158,6 +158,13 @@ def _log_config(level: str) -> dict[str, Any]:
         config['handlers']['tracing']['filters'] = ['export_once', 'redact']
     exporters = {'handlers': ['tracing'], 'level': 'DEBUG' if debug else 'WARNING', 'propagate': False}
     config['loggers']['opentelemetry'] = exporters
+    # psycopg's pool logs the job queue's failed connections (reworded by the runtime: "the job queue cannot connect
+    # to PostgreSQL"); with no handler of its own they went through Python's last-resort handler, bare and unredacted.
+    config['loggers']['psycopg'] = {
+        'handlers': ['default'],
+        'level': 'DEBUG' if debug else 'WARNING',
+        'propagate': False,
+    }
     return config
 
 

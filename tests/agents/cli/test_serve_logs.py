@@ -113,3 +113,29 @@ def test_a_collector_down_is_one_line_per_server_process(tmp_path: Path, level: 
     else:
         assert len(lines) == 4 and all(line.startswith(('WARNING:', 'ERROR:')) for line in lines), lines
     assert 'aB3dE5fG7hJ9' not in done.stderr
+
+
+# psycopg's pool failing to connect the job queue, in its own words, with a secret in the driver's text.
+QUEUE_CONNECT = f"""
+import logging.config
+import agentrt.services.jobs  # its filter rewords the pool's notices in the runtime's words
+from agentrt.agents.cli.serve import _log_config
+
+logging.config.dictConfig(_log_config('INFO'))
+logging.getLogger('psycopg.pool').warning(
+    'error connecting in %r: %s', 'agentrt-jobs', 'connection failed: password {SECRET} refused'
+)
+"""
+
+
+def test_the_job_queues_connect_failures_go_through_serves_handlers(tmp_path: Path) -> None:
+    # With no logger of psycopg's in serve's configuration, they went through Python's last-resort handler: no level
+    # prefix, and not through the handlers' redaction.
+    done = subprocess.run(
+        [sys.executable, '-c', QUEUE_CONNECT], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        'WARNING:  the job queue cannot connect to PostgreSQL (connection failed: password [REDACTED] refused); '
+        'trying again'
+    ], done.stderr
