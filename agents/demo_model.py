@@ -125,29 +125,51 @@ def _schemas_from(info: AgentInfo) -> list[str]:
 # --- the script -------------------------------------------------------------------------------------------------
 
 
-def _turn_messages(messages: list[ModelMessage]) -> tuple[str, int, list[ToolReturnPart]]:
-    """The latest user prompt, its turn number, and the tool returns since it (retried calls included)."""
-    prompt, turn = '', 0
+def _turn_messages(messages: list[ModelMessage]) -> tuple[list[str], list[ToolReturnPart]]:
+    """The user prompts in order (the latest last; their count is its turn number), and the tool returns since the
+    latest (retried calls included)."""
+    prompts: list[str] = []
     parts: list[ToolReturnPart] = []
     for message in messages:
         if not isinstance(message, ModelRequest):
             continue
         for part in message.parts:
             if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                prompt, turn, parts = part.content, turn + 1, []
+                prompts, parts = [*prompts, part.content], []
             elif isinstance(part, ToolReturnPart):
                 parts.append(part)
-    return prompt, turn, parts
+    return prompts, parts
+
+
+_FOLLOW_UP = re.compile(r'\s*(and|also|what about|how about|same)\b', re.IGNORECASE)
+
+
+def plan_for_conversation(prompts: list[str], schemas: list[str]) -> Plan:
+    """The plan for the latest of `prompts`, with a follow-up's missing criteria taken from the questions before it.
+
+    A follow-up ("and in Denver?", "what about Aetna?", or a message of three words or fewer) that names a single
+    criterion keeps the previous question's others ("Dermatologists in Boston", then "and in Denver?": dermatologists
+    in Denver); any other message is planned on its own, as a first question is.
+    """
+    folded: Plan | None = None
+    for prompt in prompts:
+        current = plan_for(prompt, schemas)
+        follow_up = _FOLLOW_UP.match(prompt) is not None or len(prompt.split()) <= 3
+        if folded is not None and follow_up and len(current.filters) == 1 and current.schema == folded.schema:
+            current = Plan(schema=current.schema, filters={**folded.filters, **current.filters})
+        folded = current
+    return folded or plan_for('', schemas)
 
 
 def next_response(messages: list[ModelMessage], info: AgentInfo) -> list[ToolCallPart] | str:
     """The planner's next move: tool calls to make in parallel, or the final answer text."""
-    prompt, turn, parts = _turn_messages(messages)
+    prompts, parts = _turn_messages(messages)
+    turn = len(prompts)
     # A call the tool asked the model to retry (`ModelRetry`) comes back as a return with outcome 'retried'
     # (pydantic-ai 2.68 retired `RetryPromptPart`): its content is the problem, not a result.
     returns = {p.tool_call_id: _content(p) for p in parts if p.outcome != 'retried'}
     retries = [p for p in parts if p.outcome == 'retried']
-    plan = plan_for(prompt, _schemas_from(info))
+    plan = plan_for_conversation(prompts, _schemas_from(info))
     prefix = _prefix_of(parts) or f't{turn}'
     if plan.schema is None:
         return 'I have no directory to search for this account.'

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, ToolCallPart, ToolReturnPart, UserPromptPart
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 from pydantic_ai.models.function import AgentInfo
 
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE, next_response
@@ -57,3 +65,42 @@ def test_the_whole_directory_comparison_searches_without_the_query() -> None:
     whole = next(call for call in calls if call.tool_call_id == 't1-whole-directory')
     assert whole.args_as_dict() == {'query': None, 'schema_name': 'medical_providers', 'filters': {}, 'limit': 1}
     assert calls[0].args_as_dict()['query'] == 'hi'  # the main search keeps them
+
+
+def _search_filters(*prompts: str) -> dict[str, object]:
+    """The main search's filters for the last of `prompts`, the earlier ones answered in the history before it."""
+    messages: list[ModelMessage] = []
+    for prompt in prompts[:-1]:
+        messages += [ModelRequest(parts=[UserPromptPart(prompt)]), ModelResponse(parts=[TextPart('an answer')])]
+    messages.append(ModelRequest(parts=[UserPromptPart(prompts[-1])]))
+    calls = next_response(messages, _info())
+    assert isinstance(calls, list) and calls[0].tool_call_id == f't{len(prompts)}-search'
+    filters = calls[0].args_as_dict()['filters']
+    assert isinstance(filters, dict)
+    return filters
+
+
+def test_a_follow_up_keeps_the_previous_questions_other_criteria() -> None:
+    # "and in Denver?" after "Dermatologists in Boston" searched every Denver provider, as if asked alone.
+    assert _search_filters('Dermatologists in Boston', 'and in Denver?') == {
+        'specialty': 'Dermatology',
+        'city': 'Denver',
+    }
+    assert _search_filters('Cardiologists in Seattle who accept Medicare', 'and in Boston?') == {
+        'specialty': 'Cardiology',
+        'insurance': 'Medicare',
+        'city': 'Boston',
+    }
+    # Carried over a chain of follow-ups; a criterion named again replaces the earlier one.
+    assert _search_filters('Dermatologists in Boston', 'and in Denver?', 'what about Aetna?') == {
+        'specialty': 'Dermatology',
+        'city': 'Denver',
+        'insurance': 'Aetna',
+    }
+    # A question of its own is planned on its own, as a first question is.
+    assert _search_filters('Dermatologists in Boston', 'Pediatricians in Denver who accept Aetna') == {
+        'specialty': 'Pediatrics',
+        'insurance': 'Aetna',
+        'city': 'Denver',
+    }
+    assert _search_filters('Dermatologists in Boston') == {'specialty': 'Dermatology', 'city': 'Boston'}
