@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -212,13 +213,14 @@ class TurnClaim:
         claim counts as held by this process (`claims_released`).
         """
         loop = asyncio.get_running_loop()
-        _holding[self.claim_id] = loop
+        holding = _holding.setdefault(loop, set())
+        holding.add(self.claim_id)
         try:
             async with self._renewed():
                 yield self
         finally:
-            _holding.pop(self.claim_id, None)
-            if not _held_on(loop):
+            holding.discard(self.claim_id)
+            if not holding:
                 for waiter in _none_held.get(loop, ()):
                     waiter.set()
 
@@ -301,15 +303,11 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         yield claim
 
 
-_holding: dict[str, asyncio.AbstractEventLoop] = {}
-"""The claims this process holds (turns running, and turns ending: cancelled, releasing theirs), by claim id, with the
-event loop of their turn: a loop that ended with a turn still on it (no finally ran) leaves its entry for good."""
-_none_held: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+_holding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakref.WeakKeyDictionary()
+"""The ids of the claims this process holds (turns running, and turns ending: cancelled, releasing theirs), by the
+event loop of their turn; a loop that ended with a turn still on it (no finally ran) goes with its entry."""
+_none_held: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Event]] = weakref.WeakKeyDictionary()
 """Set when the last claim held on their loop is given up (`claims_released` waits on one)."""
-
-
-def _held_on(loop: asyncio.AbstractEventLoop) -> int:
-    return sum(1 for held in _holding.values() if held is loop)
 
 
 async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget for the turns ending
@@ -324,7 +322,7 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
         How many claims are still held (logged as a warning): their conversations are free when their leases expire.
     """
     loop = asyncio.get_running_loop()  # only its turns can end while this waits
-    if _held_on(loop):
+    if _holding.get(loop):
         waiter = asyncio.Event()
         _none_held.setdefault(loop, []).append(waiter)
         try:
@@ -335,7 +333,7 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
             _none_held[loop].remove(waiter)
             if not _none_held[loop]:
                 del _none_held[loop]
-    held = _held_on(loop)
+    held = len(_holding.get(loop, ()))
     if held:
         logger.warning(
             '%d turn(s) still running at shutdown; their conversations are free when their claims expire', held
