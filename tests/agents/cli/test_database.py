@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import text
@@ -85,19 +87,27 @@ async def test_a_login_role_without_the_runtimes_roles_is_a_usage_error_saying_w
             await session.execute(text(f'DROP ROLE {login}'))
 
 
+@asynccontextmanager
+async def _scratch_database(database_url: str, label: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the server of `database_url`, dropped afterwards."""
+    import asyncpg
+
+    name = f'agentrt_{label}_{uuid.uuid4().hex[:8]}'
+    url = make_url(database_url)
+    connection = await asyncpg.connect(url.set(drivername='postgresql').render_as_string(hide_password=False))
+    try:
+        await connection.execute(f'CREATE DATABASE {name}')
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+        await connection.close()
+
+
 async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: str) -> None:
     """With AGENTRT_AUTO_MIGRATE=false (a fleet migrated by one job) and the schema behind this version's, a command
     said "a value given is not valid for the database: role "agentrt_admin" does not exist" (or a missing table),
     exit 2 as if the operator had typed a wrong value."""
-    import asyncpg
-
-    name = f'agentrt_behind_{uuid.uuid4().hex[:8]}'
-    url = make_url(database_url)
-    admin = url.set(drivername='postgresql').render_as_string(hide_password=False)
-    connection = await asyncpg.connect(admin)
-    try:
-        await connection.execute(f'CREATE DATABASE {name}')
-        behind = url.set(database=name).render_as_string(hide_password=False)
+    async with _scratch_database(database_url, 'behind') as behind:
         upgraded = await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env={'DATABASE_URL': behind})
         assert upgraded.exit_code == 0, upgraded.stderr
         for args in (('keys', 'list'), ('audit', 'list'), ('chat', '--account', 'acme-health', 'hello')):
@@ -111,9 +121,6 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
         status = await invoke('db', 'status', env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
         assert status.exit_code == 0 and 'behind' in status.stdout, status.stderr
         assert 'job queue  missing (not migrated: `agentrt db upgrade`)' in _squeezed(status.stdout), status.stdout
-    finally:
-        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-        await connection.close()
 
 
 async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(database_url: str) -> None:
@@ -123,15 +130,9 @@ async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(
     failed the same way."""
     import asyncpg
 
-    name = f'agentrt_ahead_{uuid.uuid4().hex[:8]}'
-    url = make_url(database_url)
-    admin = url.set(drivername='postgresql').render_as_string(hide_password=False)
-    connection = await asyncpg.connect(admin)
-    try:
-        await connection.execute(f'CREATE DATABASE {name}')
-        ahead = url.set(database=name).render_as_string(hide_password=False)
+    async with _scratch_database(database_url, 'ahead') as ahead:
         assert (await invoke('db', 'upgrade', env={'DATABASE_URL': ahead})).exit_code == 0
-        database = await asyncpg.connect(url.set(drivername='postgresql', database=name).render_as_string(False))
+        database = await asyncpg.connect(make_url(ahead).set(drivername='postgresql').render_as_string(False))
         try:
             await database.execute("UPDATE alembic_version SET version_num = '9999_from_a_newer_agentrt'")
         finally:
@@ -150,9 +151,6 @@ async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(
         for auto_migrate in ('true', 'false'):
             listed = await invoke('keys', 'list', env={'DATABASE_URL': ahead, 'AGENTRT_AUTO_MIGRATE': auto_migrate})
             assert listed.exit_code == 0, (auto_migrate, listed.stderr)
-    finally:
-        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-        await connection.close()
 
 
 async def test_upgrade_to_a_revision_the_schema_is_past_or_to_nothing_says_so(database_url: str) -> None:
