@@ -151,11 +151,18 @@ def plan_for_conversation(prompts: list[str], schemas: list[str]) -> Plan:
     criterion keeps the previous question's others ("Dermatologists in Boston", then "and in Denver?": dermatologists
     in Denver); any other message is planned on its own, as a first question is.
     """
-    folded: Plan | None = None
-    for prompt in prompts:
-        current = plan_for(prompt, schemas)
+    # Back from the latest prompt while each is a follow-up naming one criterion: the first that is not is planned on
+    # its own, so the prompts before it cannot matter (a full question is planned once, not its whole history's).
+    chain: list[Plan] = []
+    for prompt in reversed(prompts):
+        plan = plan_for(prompt, schemas)
+        chain.append(plan)
         follow_up = _FOLLOW_UP.match(prompt) is not None or len(prompt.split()) <= 3
-        if folded is not None and follow_up and len(current.filters) == 1 and current.schema == folded.schema:
+        if not (follow_up and len(plan.filters) == 1):
+            break
+    folded: Plan | None = None
+    for current in reversed(chain):  # forward again, each follow-up keeping the criteria before it
+        if folded is not None and current.schema == folded.schema:
             current = Plan(schema=current.schema, filters={**folded.filters, **current.filters})
         folded = current
     return folded or plan_for('', schemas)
