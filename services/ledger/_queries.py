@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 from agentrt.db.models.tenancy import Account, AgentInstance
@@ -115,13 +117,7 @@ async def agent_is_known(*, session: AsyncSession, agent: str, account: str | in
 
     For a listing that found nothing: to tell "no such agent" (a misspelt `--agent`) from "no activity".
     """
-    stored = storable_text(agent)
-    instances = select(AgentInstance.id).join(Account, Account.id == AgentInstance.account_id)
-    instances = instances.where(AgentInstance.slug == stored)
-    if isinstance(account, int):
-        instances = instances.where(AgentInstance.account_id == account)
-    elif account is not None:
-        instances = instances.where(Account.slug == storable_text(account))
+    instances = _instances_of(AgentInstance.id, account).where(AgentInstance.slug == storable_text(agent))
     rows = select(LLMRequestRow.id).where(*LedgerFilters(account=account, agent=agent).conditions())
     return bool((await session.execute(select(or_(exists(instances), exists(rows))))).scalar_one())
 
@@ -129,12 +125,18 @@ async def agent_is_known(*, session: AsyncSession, agent: str, account: str | in
 async def agent_slugs(*, session: AsyncSession, account: str | int | None = None) -> list[str]:
     """The agent instances' slugs (of `account`, an id or a slug, when given), once each, sorted: what a message
     about an unknown agent lists."""
-    query = select(AgentInstance.slug).join(Account, Account.id == AgentInstance.account_id)
+    query = _instances_of(AgentInstance.slug, account).distinct().order_by(AgentInstance.slug)
+    return list((await session.execute(query)).scalars())
+
+
+def _instances_of(column: InstrumentedAttribute[Any], account: str | int | None) -> Select[tuple[Any]]:
+    """`column` of the agent instances of `account` (an id or a slug), or of every account when it is None."""
+    query = select(column).join(Account, Account.id == AgentInstance.account_id)
     if isinstance(account, int):
-        query = query.where(AgentInstance.account_id == account)
-    elif account is not None:
-        query = query.where(Account.slug == storable_text(account))
-    return list((await session.execute(query.distinct().order_by(AgentInstance.slug))).scalars())
+        return query.where(AgentInstance.account_id == account)
+    if account is not None:
+        return query.where(Account.slug == storable_text(account))
+    return query
 
 
 def _id_condition(request_id: str | uuid.UUID) -> ColumnElement[bool]:
