@@ -11,11 +11,11 @@ import { ToolTimeline } from './tools.js';
 const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 const HISTORY_MESSAGES = 600;
-// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
 // A conversation id as the server takes it (agents/turn_input.py); it refused any other as "conversation_id" when the
 // history loaded and as "id" when a message was sent, which did not say the address was at fault.
 const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
+// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
 const CUT_OFF_BY = {
   length: "the model's output limit (max_tokens)",
   'content-filter': "the provider's content filter",
@@ -428,8 +428,8 @@ export function createChatView() {
       return;
     }
     if (stale && conversationId) {
-      // Refused (409) while another tab or client ran a turn here: what that turn saved is shown first, then this
-      // message is sent (its answer followed a turn the view did not show).
+      // Refused (409) while another tab or client ran a turn here, or the last answer's stream was cut: what the
+      // server saved is shown first, then this message is sent (its answer follows what the server holds).
       const id = conversationId;
       show(id).then(() => {
         if (conversationId === id && element.isConnected) form.requestSubmit(); // not if the person moved on
