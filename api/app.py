@@ -33,6 +33,7 @@ from agentrt.agents.simple_chat import default_chat_agent
 from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
+from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
@@ -104,6 +105,7 @@ def create_app(
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
+    app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500
     app.add_middleware(Utf8Url)  # outermost: a URL that is not text is refused before anything else
     app.include_router(chat.router)
     if importlib.util.find_spec('ag_ui') is not None:

@@ -120,9 +120,10 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
-    capacity, an expected and documented answer), PostgreSQL away (503 `database_unavailable` for a connection that
-    could not be made or was lost: each turn through an outage says so) and a model provider's or a model's failure
-    (502: the ledger row holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
+    capacity, an expected and documented answer), a request the shutdown stopped (503 `shutting_down`), PostgreSQL
+    away (503 `database_unavailable` for a connection that could not be made or was lost: each turn through an outage
+    says so) and a model provider's or a model's failure (502: the ledger row holds the rest) at WARNING in one line;
+    everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -130,7 +131,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
-    if type_ == 'busy' or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
+    if type_ in _ONE_LINE or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
         # buried real errors (an outage of 10 s: 367 turns refused, 23,000 lines)
         logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
     elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
@@ -160,6 +161,9 @@ def _outage(exc: BaseException) -> bool:
         return False
     return isinstance(exc, DatabaseDisconnectedError) or cannot_connect(exc) or lost_connection(exc)
 
+
+# 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
+_ONE_LINE = frozenset({'busy', 'shutting_down'})
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
 # run, the ledger, the route) and says nothing the error, its id and the ledger row do not.

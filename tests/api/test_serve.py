@@ -259,6 +259,51 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
 
 
+async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_shape(
+    keys: Keys, database_url: str
+) -> None:
+    """SIGTERM while a JSON turn (`POST .../turns`) waits past `--shutdown-seconds` for its model: uvicorn cancels the
+    request and, its response not started, answered `500 Internal Server Error` in plain text (no error id, a server
+    error for a turn that was only stopped). The API's 503 `shutting_down` now, and the turn is not saved."""
+    with FakeOpenAI(lambda body: Reply(text='never sent', fault='stall')).running() as fake:
+        port = _free_port()
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--shutdown-seconds', '1']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            url = f'http://127.0.0.1:{port}'
+            await _wait_until_up(url, server)
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = asyncio.create_task(
+                    client.post('/api/v1/conversations/cut-json/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+                )
+                while not fake.requests:  # the turn is waiting for its model
+                    assert not turn.done(), turn.result().text
+                    await asyncio.sleep(0.02)
+                server.send_signal(signal.SIGTERM)
+                response = await turn
+                _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body['type'] == 'shutting_down' and body['error_id'].startswith('err_'), body
+    assert 'send it again' in body['detail']
+    assert body['error_id'] in stderr and 'Traceback' not in stderr, stderr[-3000:]
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        stored = (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one()
+    assert stored == 0
+
+
 @pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])
 async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
     demo_data: None, database_url: str, tmp_path: Path, stop: signal.Signals
