@@ -37,7 +37,7 @@ from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
-from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
+from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, FilesMount, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
@@ -114,11 +114,14 @@ def create_app(
         app.include_router(chat_agui.router)
     for module in (conversations, audit, costs, budget, me, health):
         app.include_router(module.router)
-    # Mounted last: every API route is matched before a file is looked for.
+    # Mounted last: every API route is matched before a file is looked for (and a path of the API is never a file's).
+    files = None
     if static_dir is not None:
-        app.mount('/', WebUIFiles(directory=static_dir), name='static')
+        files = WebUIFiles(directory=static_dir)
     elif web_ui:
-        app.mount('/', WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS), name='static')
+        files = WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS)
+    if files is not None:
+        app.router.routes.append(FilesMount('/', files, router=app.router, name='static'))
     return app
 
 

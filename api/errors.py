@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime
@@ -45,6 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, Route
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
@@ -291,10 +293,14 @@ def install_error_handlers(app: FastAPI) -> None:
         error_id = new_error_id()
         logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
+        headers = exc.headers
+        allowed = _allowed_methods(request) if exc.status_code == 405 else []
+        if allowed:  # Starlette's names the methods of the first route of the path, not of them all
+            headers = {**(headers or {}), 'Allow': ', '.join(allowed)}
         if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSED_BODY:
             # FastAPI's words for a JSON body that is not UTF-8 or nests deeper than Python's parser goes.
             body.update(detail=_UNPARSED_BODY, field='body')
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -319,6 +325,28 @@ def install_error_handlers(app: FastAPI) -> None:
     # with two tracebacks in the log.
     for known in (ApiError, ClientDisconnect, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
         app.add_exception_handler(known, on_error)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes)."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods, key=lambda method: (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else 99, method))
+
+
+def _routes(routes: list[BaseRoute]) -> Iterator[Route]:
+    """The routes in `routes`, those of included routers too (FastAPI keeps a router it includes as one entry)."""
+    for route in routes:
+        if isinstance(route, Route):
+            yield route
+        included = getattr(route, 'original_router', None)
+        if included is not None:
+            yield from _routes(included.routes)
+
+
+_METHOD_ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']
 
 
 def _validation_message(error: dict[str, Any], body: Any) -> str:
