@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -278,6 +279,19 @@ _FASTAPI_UNPARSED_BODY = 'There was an error parsing the body'
 _UNPARSED_BODY = 'the body is not JSON this server can read: send UTF-8 text nested at most a few hundred levels deep'
 
 
+def _unparsed_body(cause: BaseException | None) -> str:
+    """What is wrong with a JSON body Python's parser could not read (FastAPI's 400 for the JSON turn)."""
+    if isinstance(cause, UnicodeDecodeError):
+        where = f'byte {cause.start} (0x{cause.object[cause.start]:02X})' if cause.start < len(cause.object) else 'it'
+        return f'the body is not UTF-8 text: {where} is not UTF-8; send the JSON in UTF-8'
+    if isinstance(cause, RecursionError):
+        return 'the body nests deeper than this server reads JSON (a few hundred levels); send it less deeply nested'
+    if isinstance(cause, ValueError) and 'integer string conversion' in str(cause):
+        limit = sys.get_int_max_str_digits()
+        return f'the body has a number of more than {limit:,} digits, longer than this server reads; send it as text'
+    return _UNPARSED_BODY
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error a request can raise through `public_error`, so none answers with internal text."""
 
@@ -299,7 +313,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {**(headers or {}), 'Allow': ', '.join(allowed)}
         if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSED_BODY:
             # FastAPI's words for a JSON body that is not UTF-8 or nests deeper than Python's parser goes.
-            body.update(detail=_UNPARSED_BODY, field='body')
+            body.update(detail=_unparsed_body(exc.__cause__), field='body')
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
