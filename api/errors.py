@@ -365,8 +365,11 @@ _METHOD_ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TR
 
 def _validation_message(error: dict[str, Any], body: Any) -> str:
     """A validation error's message; for a lone surrogate escape, one that says so (pydantic's says only that it was
-    "unable to parse raw data as a unicode string")."""
+    "unable to parse raw data as a unicode string"); for a body that is not JSON, with the parser's reason."""
     text = error.get('input')
+    reason = (error.get('ctx') or {}).get('error')
+    if error.get('type') == 'json_invalid' and isinstance(reason, str):  # FastAPI's "JSON decode error" alone
+        return f'{error.get("msg", "JSON decode error")}: {reason}'
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)
         return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))

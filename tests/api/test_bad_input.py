@@ -183,6 +183,20 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
     assert await ledger_rows() == []
 
 
+async def test_a_turn_body_that_is_not_json_says_what_the_parser_found(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # FastAPI's message was "JSON decode error" and the offset alone: its parser's reason was left out.
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    for content, reason in (
+        (b'{"message": "hi"} xx', 'Extra data'),
+        (b'{"message": "hi",}', 'Expecting property name enclosed in double quotes'),
+        (b'{"message": ', 'Expecting value'),
+    ):
+        response = await client.post('/api/v1/conversations/c1/turns', content=content, headers=headers)
+        assert response.status_code == 422, response.text
+        [error] = response.json()['detail']
+        assert error['type'] == 'json_invalid' and error['msg'] == f'JSON decode error: {reason}', error
+
+
 async def test_bodies_over_the_limit_or_with_a_lying_length_are_refused(keys: Keys, client: httpx2.AsyncClient) -> None:
     huge = json.dumps({'message': 'x' * (4 * 1024 * 1024)})
     response = await client.post('/api/v1/conversations/c1/turns', content=huge, headers=auth(keys.acme))
