@@ -183,6 +183,20 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
     assert await ledger_rows() == []
 
 
+async def test_a_bad_conversation_id_is_called_a_conversation_id(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # The messages were `simple_chat`'s, which calls it a session id: a word the HTTP API uses nowhere.
+    bad = 'caf\u00e9'
+    for response in (
+        await client.get(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
+        await client.delete(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
+        await client.post(f'/api/v1/conversations/{bad}/turns', json={'message': 'hi'}, headers=auth(keys.acme)),
+        await client.post('/api/v1/chat', json=chat_body(bad, 'hi'), headers=auth(keys.acme)),
+    ):
+        assert response.status_code == 422, response.text
+        detail = response.json()['detail']
+        assert detail.startswith('the conversation id ') and 'has a character that is not allowed' in detail, detail
+
+
 async def test_a_turn_body_that_is_not_json_says_what_the_parser_found(keys: Keys, client: httpx2.AsyncClient) -> None:
     # FastAPI's message was "JSON decode error" and the offset alone: its parser's reason was left out.
     headers = {**auth(keys.acme), 'content-type': 'application/json'}

@@ -329,7 +329,7 @@ async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
         (body('t1', 'a\x00b'), 'runId', 'at position 1 (U+0000, NUL)'),
         (body('t1', ''), 'runId', 'the run id is empty'),
         (body('t1', '-r'), 'runId', 'at position 0'),
-        (body('t' * 201, 'r1'), 'threadId', 'the session id is 201 characters long'),
+        (body('t' * 201, 'r1'), 'threadId', 'the conversation id is 201 characters long'),  # was 'the session id'
         (body('t\x07', 'r1'), 'threadId', 'at position 1 (U+0007)'),
     ]
     for request, field, says in refused:
