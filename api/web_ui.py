@@ -61,10 +61,15 @@ class FilesMount(Mount):
         self._router = router
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        """No match for a path an API route has (its method aside); else the mount's own."""
+        """No match for a path an API route has (its method aside), with or without a trailing slash (the router
+        redirects it to the route's: `POST /api/v1/chat/` was the files' 405); else the mount's own."""
+        path = scope['path']
+        other = path.removesuffix('/') if path.endswith('/') else path + '/'
         for route in self._router.routes:
             if route is self:
                 break
             if route.matches(scope)[0] is not Match.NONE:
+                return Match.NONE, {}
+            if path != '/' and route.matches({**scope, 'path': other})[0] is not Match.NONE:
                 return Match.NONE, {}
         return super().matches(scope)
