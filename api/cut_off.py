@@ -3,8 +3,8 @@
 When `--shutdown-seconds` runs out, uvicorn cancels the requests still running; for one whose response had not
 started (a JSON turn, `POST .../turns`, waiting for its model) it then answered `500 Internal Server Error` in plain
 text: a server error with no error id, where the turn had only been stopped (not saved, its ledger row `cancelled`)
-and can be sent again to the next server. A streamed response that has started cannot change its status: its
-connection is closed, as before.
+and can be sent again to the next server. A streamed response that has started cannot change its status: it ends
+with the protocol's error event instead (`TurnStreamingResponse`).
 """
 
 from __future__ import annotations

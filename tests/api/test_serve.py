@@ -32,7 +32,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.agents.otlp_receiver import OtlpReceiver
-from tests.api.conftest import Keys, auth, chat_body, of_type, stream_chat
+from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -218,7 +218,8 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
 ) -> None:
     """SIGTERM while an answer streams past `--shutdown-seconds`: uvicorn cancels the stream, then runs the app's
     shutdown at once. The shutdown closed the database under the turn's clean-up: its conversation stayed claimed for
-    the lease (the next turn, after a restart, was 409 for up to a minute) and its request was spooled, not written."""
+    the lease (the next turn, after a restart, was 409 for up to a minute) and its request was spooled, not written.
+    The stream ends with the protocol's error event and end (it was cut mid-stream: "incomplete chunked read")."""
     spool = tmp_path / 'spool.jsonl'
     with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
         port = _free_port()
@@ -246,11 +247,16 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
                         if '"text-delta"' in line:
                             break  # the answer is streaming
                     server.send_signal(signal.SIGTERM)
+                    rest = sse_events('\n'.join([line async for line in lines]))  # to the stream's end
                     _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
         finally:
             if server.poll() is None:
                 server.kill()
     assert server.returncode in (0, -signal.SIGTERM), stderr
+    [*_, error, finish, done] = rest
+    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
+    assert error['errorText'].startswith('the server is shutting down') and 'error id err_' in error['errorText']
+    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
     async with get_db_session(account=Unscoped.ADMIN) as session:
         claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
     assert claims == 0, stderr[-3000:]
