@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from tests.api.conftest import Keys
 
@@ -63,3 +65,46 @@ async def test_a_mounted_app_starts_the_runtime_at_its_first_request(database_ur
     assert done.stdout.splitlines() == ["{'mine': True}", '200 acme-health', 'ready', '200 True'], (
         done.stdout + done.stderr
     )
+
+
+def _readme_mount_example() -> str:
+    """The ```python block README's "Serving over HTTP" gives for mounting the app in a program's own."""
+    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    section = text[text.index('In your own FastAPI application, mount it') :]
+    match = re.search(r'```python\n(.*?)```', section, re.DOTALL)
+    assert match is not None, 'README.md: no python block after "In your own FastAPI application, mount it"'
+    return match.group(1)
+
+
+async def test_the_readmes_mounting_example_runs_as_written(database_url: str, keys: Keys) -> None:
+    """README's lifespan for a program that mounts the app: started before the first request, shut down at its end."""
+    runner = textwrap.dedent(
+        """
+        import asyncio, sys
+        import httpx2 as httpx
+        from agentrt.db.engine import current_engine
+
+        async def main():
+            async with app.router.lifespan_context(app):  # what the program's server runs
+                print('started', current_engine() is not None)
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url='http://test') as client:
+                    me = await client.get('/agent/api/v1/me', headers={'Authorization': f'Bearer {sys.argv[1]}'})
+                    print(me.status_code, me.json().get('account'))
+            print('stopped', current_engine() is None)
+
+        asyncio.run(main())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', _readme_mount_example() + runner, keys.acme],
+        capture_output=True,
+        text=True,
+        env={**env, 'DATABASE_URL': database_url},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['started True', '200 acme-health', 'stopped True'], done.stdout + done.stderr
