@@ -59,6 +59,8 @@ _runtime: _Runtime | None = None
 _init_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 _starting: asyncio.AbstractEventLoop | None = None
 """The event loop initialising the database, while it does (before `_runtime` names it)."""
+_shut_down = False
+"""The runtime was closed (`close_database`, by `shutdown_runtime()`) and not started again since."""
 _loops_guard = threading.Lock()  # the check that no other running loop owns the runtime, and the claim, in one step
 
 
@@ -167,7 +169,7 @@ async def _start(
     settings: Settings | None, *, migrate: bool | None, allow_behind: bool, loop: asyncio.AbstractEventLoop
 ) -> AsyncEngine:
     """Start the database on `loop` (nobody has it): the embedded server or the URL, connect, migrate."""
-    global _runtime
+    global _runtime, _shut_down
     settings = settings or get_settings()
     embedded: EmbeddedServer | None = None
     if settings.database_url is None:
@@ -210,6 +212,7 @@ async def _start(
         embedded=embedded,
         loop=loop,
     )
+    _shut_down = False
     return engine
 
 
@@ -220,9 +223,10 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
         release_embedded_server: also give up this process's hold on the embedded server (stopping it if no other
             process uses it), as process exit would; for processes that may end by a signal (`release_embedded`).
     """
-    global _runtime
+    global _runtime, _shut_down
     runtime, _runtime = _runtime, None
     if runtime is not None:
+        _shut_down = True
         # Connections of an event loop that has ended cannot be closed from this one (asyncpg's "attached to a
         # different loop"): dropped, their sockets went with that loop.
         await runtime.engine.dispose(close=not runtime.loop.is_closed())
@@ -486,6 +490,12 @@ def describe_server(url: URL) -> str:
 
 def _require() -> _Runtime:
     runtime = _runtime
+    if runtime is None and _shut_down:
+        # A turn (or other work) that outlived `shutdown_runtime()`: "run inside agentrt_runtime()" misled.
+        raise DatabaseNotInitializedError(
+            'the runtime was shut down (shutdown_runtime(), or the end of agentrt_runtime()) while this was still '
+            'running: let turns end, or cancel them, before shutting down; start it again with init_database()'
+        )
     if runtime is None:
         raise DatabaseNotInitializedError(
             'the database is not initialised: run inside `async with agentrt.agents.runtime.agentrt_runtime():`, '

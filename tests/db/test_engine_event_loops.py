@@ -147,3 +147,44 @@ async def test_a_session_on_a_new_event_loop_after_one_that_ended_without_shutdo
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['first 1', 'first 1', 'second 1', 'third 1'], done.stdout + done.stderr
     assert 'Traceback' not in done.stderr and 'Event loop is closed' not in done.stderr, done.stderr
+
+
+async def test_work_that_outlived_a_shutdown_is_told_so(database_url: str) -> None:
+    """A turn still running when the program shut the runtime down got "the database is not initialised: run inside
+    agentrt_runtime()", advice for a program that never started it. Now the error says it was shut down meanwhile;
+    a start after it works as before."""
+    done = await _python(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from agentrt.agents.runtime import shutdown_runtime
+        from agentrt.db.engine import init_database
+        from agentrt.db.errors import DatabaseNotInitializedError
+        from agentrt.db.roles import Unscoped
+        from agentrt.db.session import get_db_session
+
+        async def query():
+            async with get_db_session(account=Unscoped.ADMIN) as session:
+                return (await session.execute(text('SELECT 1'))).scalar_one()
+
+        async def main():
+            try:
+                await query()
+            except DatabaseNotInitializedError as exc:
+                print('before', 'run inside' in str(exc))
+            await init_database()
+            await shutdown_runtime()
+            try:
+                await query()
+            except DatabaseNotInitializedError as exc:
+                print('after', 'was shut down' in str(exc), 'run inside' in str(exc))
+            await init_database()
+            print('again', await query())
+            await shutdown_runtime()
+
+        asyncio.run(main())
+        """,
+        database_url,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['before True', 'after True False', 'again 1'], done.stdout + done.stderr
