@@ -155,8 +155,8 @@ def check_event_loop() -> None:
 def _refuse_another_loop(loop: asyncio.AbstractEventLoop) -> None:
     """The pool's connections belong to the event loop that opened them: another loop running at the same time (in
     another thread) would share them and wait for ever on futures of the first."""
-    owner = _runtime.loop if _runtime is not None else _starting
-    if owner is not None and owner is not loop and owner.is_running():
+    owners = (_runtime.loop if _runtime is not None else None, _starting)  # the one that has it, one starting it
+    if any(owner is not None and owner is not loop and owner.is_running() for owner in owners):
         raise ConfigError(
             'the runtime is in use on another event loop, running in another thread: its connections belong to that '
             'loop, and a process runs the runtime on one event loop at a time. Run this on that loop (from another '
@@ -493,8 +493,9 @@ def _require() -> _Runtime:
     if runtime is None and _shut_down:
         # A turn (or other work) that outlived `shutdown_runtime()`: "run inside agentrt_runtime()" misled.
         raise DatabaseNotInitializedError(
-            'the runtime was shut down (shutdown_runtime(), or the end of agentrt_runtime()) while this was still '
-            'running: let turns end, or cancel them, before shutting down; start it again with init_database()'
+            'the runtime was shut down (shutdown_runtime(), or the end of agentrt_runtime()) and not started '
+            'again: start it with init_database(); for a turn that was still running then, let turns end (or '
+            'cancel them) before shutting down'
         )
     if runtime is None:
         raise DatabaseNotInitializedError(
