@@ -15,9 +15,10 @@ Loggers of other libraries are left alone; the CLI's handler applies `redact_rec
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 
-from agentrt.services.ledger.redaction import redact_cut
+from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_cut, redact_text
 
 # Every logger the runtime logs to (tests/agents/test_error_redaction.py checks the sources name no other).
 LOGGERS = (
@@ -61,6 +62,52 @@ def redacted_log_text(text: str) -> str:
     return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')
 
 
+_PERCENT_ESCAPE = re.compile(r'%([0-9A-Fa-f]{2})')
+
+
+def redact_url_text(text: str) -> tuple[str, int]:
+    """`text` (a URL, or its path or query, as written) with its secrets replaced, percent-encoded ones included.
+
+    A percent-escape before a secret (`%20`, `%3A`: a client's encoded space or colon) joins it to the word before
+    it, which hid it from every rule: the access log and a request's span showed `?q=key%20sk-proj-...` whole. So the
+    text is read a second time with each escape decoded to one character (each decoded character then maps back to its
+    place), and a secret found there is replaced where it is written; the rest keeps its escapes.
+
+    Returns:
+        The redacted text and how many secrets were replaced.
+    """
+    redacted, found = redact_text(text)
+    if _PERCENT_ESCAPE.search(redacted) is None:
+        return redacted, found
+    decoded: list[str] = []
+    starts: list[int] = []  # where each decoded character is written in `redacted`
+    at = 0
+    for escape in _PERCENT_ESCAPE.finditer(redacted):
+        decoded.append(redacted[at : escape.start()])
+        starts.extend(range(at, escape.start()))
+        # One byte, one character: UTF-8 is not decoded (the secrets the rules know are ASCII).
+        decoded.append(chr(int(escape.group(1), 16)))
+        starts.append(escape.start())
+        at = escape.end()
+    decoded.append(redacted[at:])
+    starts.extend(range(at, len(redacted) + 1))  # and the end
+    spans = find_secrets(''.join(decoded))
+    if not spans:
+        return redacted, found
+    pieces, last = [], 0
+    for span in spans:
+        pieces += [redacted[last : starts[span.start]], REDACTED]
+        last = starts[span.end]
+    pieces.append(redacted[last:])
+    return ''.join(pieces), found + len(spans)
+
+
+def redacted_url_log_text(text: str) -> str:
+    """`redacted_log_text` for a URL (uvicorn's access log): its percent-encoded secrets redacted too."""
+    redacted = redact_url_text(text[: 2 * MAX_LOGGED_CHARS])[0]
+    return redacted[:MAX_LOGGED_CHARS] + ' [cut]' if len(redacted) > MAX_LOGGED_CHARS else redacted
+
+
 class RedactingFilter(logging.Filter):
     """A logger filter that redacts every record (it never drops one)."""
 
@@ -73,12 +120,13 @@ class RedactingFilter(logging.Filter):
 class ArgumentRedactingFilter(logging.Filter):
     """A filter that redacts each string argument of a record in place, keeping the arguments' shape: for a
     formatter that reads `record.args` itself (uvicorn's access log: client, method, path with query, version,
-    status), where `RedactingFilter`, merging the arguments into the message, would break it."""
+    status), where `RedactingFilter`, merging the arguments into the message, would break it. An argument is read as
+    a URL may be written, percent-escapes and all (`redact_url_text`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(redacted_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(redacted_url_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 
