@@ -3,9 +3,10 @@
 A provider's error (its message, its body in the exception's text) or a driver's (a statement's parameters) can
 reach a log line as an argument or in the traceback of a chained exception (`ModelProviderError` keeps pydantic-ai's
 error as its `__cause__`). `RedactingFilter`, on every logger of `LOGGERS`, passes the formatted message and the
-formatted traceback through `redact_cut` (the one redaction, bounded) before any handler sees the record: the traceback
-becomes the record's `exc_text` (which `logging.Formatter` prints) and `exc_info` is cleared, so no handler formats
-the raw exception again. `exc_line` keeps the exception's own line (`Type: message`, redacted) for one-line displays.
+formatted traceback through `redacted_log_text` (the ledger's redaction, percent-encoded secrets too, bounded) before
+any handler sees the record: the traceback becomes the record's `exc_text` (which `logging.Formatter` prints) and
+`exc_info` is cleared, so no handler formats the raw exception again. `exc_line` keeps the exception's own line
+(`Type: message`, redacted) for one-line displays.
 
 Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints, and
 `agentrt serve` puts `RedactingFilter` on uvicorn's error handler and `ArgumentRedactingFilter` on its access handler
@@ -18,7 +19,7 @@ import logging
 import re
 import traceback
 
-from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_cut, redact_text
+from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_text
 
 # Every logger the runtime logs to (tests/agents/test_error_redaction.py checks the sources name no other).
 LOGGERS = (
@@ -58,8 +59,11 @@ def redact_record(record: logging.LogRecord) -> None:
 
 
 def redacted_log_text(text: str) -> str:
-    """`text` as a log line may carry it: redacted, then cut to `MAX_LOGGED_CHARS` (no secret left half shown)."""
-    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')
+    """`text` as a log line may carry it: redacted (percent-encoded secrets too: a line may quote a URL, as uvicorn's
+    access log and its trace of each request's scope do), then cut to `MAX_LOGGED_CHARS` (no secret left half shown).
+    """
+    redacted = redact_url_text(text[: 2 * MAX_LOGGED_CHARS])[0]
+    return redacted[:MAX_LOGGED_CHARS] + ' [cut]' if len(redacted) > MAX_LOGGED_CHARS else redacted
 
 
 _PERCENT_ESCAPE = re.compile(r'%([0-9A-Fa-f]{2})')
@@ -102,12 +106,6 @@ def redact_url_text(text: str) -> tuple[str, int]:
     return ''.join(pieces), found + len(spans)
 
 
-def redacted_url_log_text(text: str) -> str:
-    """`redacted_log_text` for a URL (uvicorn's access log): its percent-encoded secrets redacted too."""
-    redacted = redact_url_text(text[: 2 * MAX_LOGGED_CHARS])[0]
-    return redacted[:MAX_LOGGED_CHARS] + ' [cut]' if len(redacted) > MAX_LOGGED_CHARS else redacted
-
-
 class RedactingFilter(logging.Filter):
     """A logger filter that redacts every record (it never drops one)."""
 
@@ -120,13 +118,12 @@ class RedactingFilter(logging.Filter):
 class ArgumentRedactingFilter(logging.Filter):
     """A filter that redacts each string argument of a record in place, keeping the arguments' shape: for a
     formatter that reads `record.args` itself (uvicorn's access log: client, method, path with query, version,
-    status), where `RedactingFilter`, merging the arguments into the message, would break it. An argument is read as
-    a URL may be written, percent-escapes and all (`redact_url_text`)."""
+    status), where `RedactingFilter`, merging the arguments into the message, would break it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(redacted_url_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(redacted_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 

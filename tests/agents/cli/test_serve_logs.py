@@ -30,6 +30,8 @@ try:
 except RuntimeError as exc:
     logging.getLogger('uvicorn.error').error('Exception in ASGI application\\n', exc_info=exc)
 logging.getLogger('uvicorn.error').info('client sent %s', '{SECRET}')
+# What `--log-level trace` prints of each request (uvicorn's message logger): its scope, the raw path and query in it.
+logging.getLogger('uvicorn.asgi').info('ASGI [1] Started scope=%s', {{'query_string': b'q=x%3A{SECRET}'}})
 """
 
 
