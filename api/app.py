@@ -35,6 +35,7 @@ from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
+from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
@@ -115,7 +116,8 @@ def create_app(
     app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
     app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500
-    app.add_middleware(Utf8Url)  # outermost: a URL that is not text is refused before anything else
+    app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
+    app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included
     app.include_router(chat.router)
     if importlib.util.find_spec('ag_ui') is not None:
         from agentrt.api import chat_agui

@@ -31,7 +31,11 @@ What is deliberately not caught (known gaps, each a trade against false positive
   `x = name` with spaces around `=` and a letters-only value (so also INI `password = letmein`), `pwd=pwd`,
   comparisons (`token == X`); paths and URLs; placeholders (`${DB_PASSWORD}`, `<password>`, `%s`, `***`, `{x}`);
 - quoted values that are upper-case names with underscores (`"OPENAI_API_KEY"`), paths, or start or end with a
-  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first).
+  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first);
+- a secret behind a percent-escape in a prompt or a tool's result (`?q=key%20sk-...`: the escape's hex digits
+  join the word before the key). Log lines and request spans read such text decoded as well
+  (`agentrt.services.log_redaction.redact_url_text`); the ledger's bodies do not (a second scan of every text
+  with a `%`, and JSON text to keep valid through it).
 
 Contract:
 - `redact_text()` works on the real text: newlines are newlines, so a secret at the start of a line, after a tab,
