@@ -160,7 +160,7 @@ def _not_utf8_json(body: bytes) -> str | None:
     """Why `body` is not even UTF-8 JSON text (a byte order mark, UTF-16, bytes that are not UTF-8), or None."""
     if body.startswith(_BYTE_ORDER_MARKS):
         return 'it starts with a byte order mark; send UTF-8 JSON without one'
-    problem = not_utf8(body)
+    problem = not_utf8(body, advice='send the body as UTF-8 text')  # not the URL's advice: percent-encoding
     if problem is not None:
         return f'it is not UTF-8 text: {problem}'
     nul = body.find(b'\x00')

@@ -508,6 +508,7 @@ async def test_a_turn_body_that_is_not_utf8_json_is_a_422_saying_so(
     response = await client.post(path, content=encode(text), headers=headers)
     refused = response.json()
     assert response.status_code == 422 and refused['field'] == 'body' and said in refused['detail'], refused
+    assert 'percent-encode' not in refused['detail'], 'advice for a URL, not a body'
 
 
 @pytest.mark.parametrize(
