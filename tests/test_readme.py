@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from agentrt.db.models import ConversationRow
 from agentrt.db.session import Unscoped, get_db_session
+from tests.programs import run_program
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -224,16 +225,8 @@ async def test_the_accounts_example_makes_an_account_a_turn_runs_for(database_ur
     assert match is not None, 'README.md: no python block under "Accounts of your own"'
     script = tmp_path / 'accounts.py'
     script.write_text(match.group(1))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        env={**env, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')},
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
+    done = await run_program(
+        str(script), database_url=database_url, cwd=tmp_path, AGENTRT_LEDGER_SPOOL=str(tmp_path / 'spool.jsonl')
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == 'I have no directory to search for this account.', done.stdout + done.stderr

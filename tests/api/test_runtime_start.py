@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from tests.api.conftest import Keys
+from tests.programs import run_program
 
 MOUNTED = textwrap.dedent(
     """
@@ -51,16 +48,7 @@ async def test_a_mounted_app_starts_the_runtime_at_its_first_request(database_ur
     """`outer.mount('/agent', create_app())`: Starlette runs only the served app's lifespan, so the mounted app's
     never started the runtime, and every request answered 503 `database_unavailable` ("unreachable" from
     `/health/ready`) with PostgreSQL up. Now its first request starts it, and the turn runs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', MOUNTED, keys.acme],
-        capture_output=True,
-        text=True,
-        env={**env, 'DATABASE_URL': database_url},
-        timeout=120,
-        check=False,
-    )
+    done = await run_program('-c', MOUNTED, keys.acme, database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["{'mine': True}", '200 acme-health', 'ready', '200 True'], (
         done.stdout + done.stderr
@@ -96,15 +84,6 @@ async def test_the_readmes_mounting_example_runs_as_written(database_url: str, k
         asyncio.run(main())
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', _readme_mount_example() + runner, keys.acme],
-        capture_output=True,
-        text=True,
-        env={**env, 'DATABASE_URL': database_url},
-        timeout=120,
-        check=False,
-    )
+    done = await run_program('-c', _readme_mount_example() + runner, keys.acme, database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['started True', '200 acme-health', 'stopped True'], done.stdout + done.stderr

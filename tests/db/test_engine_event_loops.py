@@ -5,24 +5,14 @@ Each scenario runs in a new interpreter: the runtime is one per process, and the
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
 import textwrap
+
+from tests.programs import run_program
 
 
 async def _python(script: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        env={**env, 'DATABASE_URL': database_url},
-        timeout=120,
-        check=False,
-    )
+    return await run_program('-c', textwrap.dedent(script), database_url=database_url)
 
 
 async def test_starts_that_wait_for_each_other_on_a_second_event_loop(database_url: str) -> None:

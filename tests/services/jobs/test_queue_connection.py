@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Generator
 from typing import Any
@@ -21,6 +19,7 @@ from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.services.jobs import close_queue, jobs, open_queue
 from agentrt.services.jobs._app import QueueConnection, queue_conninfo
 from tests.private_database import PrivateDatabase
+from tests.programs import run_program
 
 
 def _sockets() -> int:
@@ -130,15 +129,6 @@ async def test_openings_that_wait_for_each_other_on_a_second_event_loop(database
         asyncio.run(two_openings(close=True))
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, '-c', script],
-        capture_output=True,
-        text=True,
-        env={**env, 'DATABASE_URL': database_url},
-        timeout=120,
-        check=False,
-    )
+    done = await run_program('-c', script, database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["['App', 'App']"] * 2, done.stdout + done.stderr
