@@ -85,7 +85,8 @@ async def _chat(
         from agentrt.agents.cli.chat_input import TerminalLines, history_path, open_line_source
         from agentrt.agents.cli.chat_loop import converse
 
-        lines = open_line_source(history_path(current_settings().data_dir))
+        settings = current_settings()
+        lines = open_line_source(history_path(settings.data_dir), max_chars=settings.message_max_chars)
         err_console.print(
             f'conversation {session_id}; Ctrl-C stops an answer, Ctrl-D (or exit) leaves', style='dim', highlight=False
         )
