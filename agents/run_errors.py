@@ -54,7 +54,9 @@ FIRST_LINE_CHARS = 200
 install_log_redaction()
 
 
-def documented_error(exc: BaseException, model_name: str | None = None) -> AgentRuntimeError | None:
+def documented_error(
+    exc: BaseException, model_name: str | None = None, *, limits_given: bool = False
+) -> AgentRuntimeError | None:
     """The documented error that stands for `exc`, raised by a run; None when `exc` is not one to translate.
 
     - `UsageLimitExceeded` -> `TurnLimitExceededError`, naming the limit and its setting;
@@ -71,11 +73,13 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
         exc: what the run raised.
         model_name: the model the turn asked for; errors name it (pydantic-ai names the model a stream reported,
             e.g. a dated version, in errors raised inside a stream).
+        limits_given: the turn's caller gave its usage limits (`usage_limits=`): a limit reached is theirs, not the
+            setting's.
     """
     if isinstance(exc, AgentRuntimeError):
         return None
     if isinstance(exc, UsageLimitExceeded):
-        return TurnLimitExceededError(_limit_message(exc.message))
+        return TurnLimitExceededError(_limit_message(exc.message, limits_given))
     if isinstance(exc, UnexpectedModelBehavior) and _is_unusable_answer(exc):
         return unusable_answer_error(exc, model_name)
     if isinstance(exc, UnexpectedModelBehavior):
@@ -97,12 +101,12 @@ def documented_error(exc: BaseException, model_name: str | None = None) -> Agent
 
 
 @contextmanager
-def documented_errors(model_name: str | None = None) -> Iterator[None]:
+def documented_errors(model_name: str | None = None, *, limits_given: bool = False) -> Iterator[None]:
     """Re-raise what `documented_error` translates as its documented error (the original is its `__cause__`)."""
     try:
         yield
     except Exception as exc:
-        translated = documented_error(exc, model_name)
+        translated = documented_error(exc, model_name, limits_given=limits_given)
         if translated is None:
             raise
         raise translated from exc
@@ -139,10 +143,11 @@ def unusable_answer_error(exc: UnexpectedModelBehavior, model_name: str | None =
     )
 
 
-def _limit_message(message: str) -> str:
+def _limit_message(message: str, limits_given: bool = False) -> str:
     found = re.search(r'\b(\w+_limit)\b', message)
     setting = LIMIT_SETTINGS.get(found.group(1)) if found else None
-    where = f' ({setting})' if setting else ''
+    # The caller's own `usage_limits=` replace the settings for the turn: naming a setting they never set misled.
+    where = ' (the usage_limits given to this turn)' if limits_given else f' ({setting})' if setting else ''
     return f'this turn reached its usage limit{where}: {message.rstrip(".")}; the turn stopped and was not saved'
 
 

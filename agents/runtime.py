@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agentrt.agents.observability import configure_observability, flush_spans
-from agentrt.db.engine import close_database, init_database
+from agentrt.db.engine import check_event_loop, close_database, init_database
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import get_request_tracker
@@ -33,7 +33,13 @@ async def shutdown_runtime(
             expire), and then background tasks finish before they are cancelled.
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
+
+    Raises:
+        ConfigError: the runtime is in use on another event loop, running in another thread (nothing is shut down).
     """
+    # The runtime of another thread's running event loop is not this loop's to shut down: its pool, ledger writer
+    # and claims work on that loop.
+    check_event_loop()
     # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
     # requests handed to the ledger, before the pool closes under them.
     await claims_released(timeout)
@@ -57,9 +63,11 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
         shutdown_timeout: seconds to let background tasks finish at the end before they are cancelled.
 
     Raises:
-        ConfigError: a setting is invalid. DatabaseUnavailableError, EmbeddedPostgresError: no database.
+        ConfigError: a setting is invalid, or the runtime is in use on another event loop running in another thread.
+        DatabaseUnavailableError, EmbeddedPostgresError: no database.
     """
     configure_observability()
+    check_event_loop()  # refused before the `finally` below would shut down another thread's runtime
     try:
         await init_database()
         yield

@@ -167,7 +167,8 @@ async def simple_chat(
     )
     with _turn_span(turn_input, streamed=False), documented_errors():
         async with open_turn(agent or default_chat_agent(), turn_input, model, usage_limits=usage_limits) as turn:
-            with documented_errors(turn.model.model_name):  # a provider error names the model asked for
+            # A provider error names the model asked for; a limit reached, the caller's usage_limits when given.
+            with documented_errors(turn.model.model_name, limits_given=usage_limits is not None):
                 result = await turn.agent.run(
                     turn_input.message,
                     deps=turn.deps,
@@ -297,7 +298,7 @@ async def _stream_turn(outcome: _Outcome, request: _StreamRequest) -> AsyncGener
         ) as turn:
             started: dict[str, float] = {}
             result: AgentRunResult[str] | None = None
-            with documented_errors(turn.model.model_name):  # a provider error names the model asked for
+            with documented_errors(turn.model.model_name, limits_given=request.usage_limits is not None):
                 async with turn.agent.run_stream_events(
                     request.turn_input.message,
                     deps=turn.deps,

@@ -4,8 +4,8 @@ key sent as a conversation id in a path.
 FastAPI's request spans carry the request's path and query as they came (`url.path`, `url.query`, and the span's
 message, which logfire makes of them), and logfire's scrubbing leaves URL attributes alone by design, so such a key
 reached every trace backend while the access log showed it redacted. `UrlRedaction` redacts them, with the ledger's
-rules (`redact_text`), as each span starts: before any processor exports it, its start (logfire's pending spans)
-included, and before its message is made of them at its end.
+rules (`redact_url_text`: percent-encoded secrets too), as each span starts: before any processor exports it, its
+start (logfire's pending spans) included, and before its message is made of them at its end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class UrlRedaction(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Replace the secrets of the span's URL attributes with `[REDACTED]`."""
-        from agentrt.services.ledger.redaction import redact_text
+        from agentrt.services.log_redaction import redact_url_text
 
         attributes = span.attributes
         if not attributes:
@@ -34,6 +34,6 @@ class UrlRedaction(SpanProcessor):
         for key in URL_ATTRIBUTES:
             value = attributes.get(key)
             if isinstance(value, str) and value:
-                redacted, found = redact_text(value)
+                redacted, found = redact_url_text(value)
                 if found:
                     span.set_attribute(key, redacted)

@@ -34,6 +34,8 @@ from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.errors import install_error_handlers
+from agentrt.api.response_headers import ResponseHeaders
+from agentrt.api.runtime_start import RuntimeStart, StartsRuntime
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
 from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
@@ -62,7 +64,9 @@ def create_app(
         model: the model for every turn; when omitted, the agent's own model, else `AGENTRT_MODEL`.
         settings: the runtime settings; read from the environment (and `.env`) when omitted.
         manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
-            flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself.
+            flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself. Mounted
+            in another app (whose server runs only that app's lifespan), the first request starts it instead, and the
+            other app's shutdown calls `shutdown_runtime()`.
         static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI of your own.
         web_ui: serve the packaged web UI at `/` (when `static_dir` is not given). Nothing is served at `/` when
             neither is given.
@@ -74,11 +78,14 @@ def create_app(
             `SessionDependencies`, its `output_type` not `str`), or `model` is neither a model name nor a `Model`.
     """
 
+    start = RuntimeStart(settings, by_lifespan=not manage_runtime)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not manage_runtime:
             yield
             return
+        start.by_lifespan = True
         configure_observability()
         try:
             await init_database(settings, allow_behind=True)  # /health/ready says 503 until it is upgraded
@@ -103,8 +110,12 @@ def create_app(
     validate_run_arguments(model=model, usage_limits=None, toolsets=(), instructions=(), agent=agent)
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
+    # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request
+    # starts the runtime instead.
+    app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
-    app.add_middleware(Utf8Url)  # outermost: a URL that is not text is refused before anything else
+    app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
+    app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included
     app.include_router(chat.router)
     if importlib.util.find_spec('ag_ui') is not None:
         from agentrt.api import chat_agui

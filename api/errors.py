@@ -150,7 +150,9 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     else:
         logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc) or message))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
-    return PublicError(status, type_, _short(_redacted(message)), error_id, field_name, extra)
+    # The field is the client's own words too (a key of its body, as sent): redacted as its message is.
+    shown_field = _short(_redacted(field_name)) if field_name is not None else None
+    return PublicError(status, type_, _short(_redacted(message)), error_id, shown_field, extra)
 
 
 def _outage(exc: BaseException) -> bool:
@@ -298,7 +300,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # The input values are left out: they can be huge, or hold what the client should not see echoed.
         errors = [
             {
-                'loc': list(error.get('loc', ())),
+                # A location names the keys of the body as sent, so a secret pasted as a key is in it.
+                'loc': [_short(_redacted(part)) if isinstance(part, str) else part for part in error.get('loc', ())],
                 'msg': _short(_redacted(_validation_message(error, exc.body))),
                 'type': error.get('type'),
             }

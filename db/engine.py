@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,7 +54,14 @@ class _Runtime:
 
 
 _runtime: _Runtime | None = None
-_init_lock = asyncio.Lock()
+# One lock per event loop: an `asyncio.Lock` binds itself to the first loop that waits on it, and a lock shared by
+# every loop failed the next `asyncio.run` whose first turns started together ("is bound to a different event loop").
+_init_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+_starting: asyncio.AbstractEventLoop | None = None
+"""The event loop initialising the database, while it does (before `_runtime` names it)."""
+_shut_down = False
+"""The runtime was closed (`close_database`, by `shutdown_runtime()`) and not started again since."""
+_loops_guard = threading.Lock()  # the check that no other running loop owns the runtime, and the claim, in one step
 
 
 @dataclass(frozen=True)
@@ -86,58 +95,125 @@ async def init_database(
         DatabaseUnavailableError: the server cannot be reached within the connect timeout.
     """
     global _runtime
-    async with _init_lock:
-        if _runtime is not None and _runtime.loop.is_closed():
-            # Started on an event loop that ended without `shutdown_runtime()` (`asyncio.run` called again): its
-            # connections cannot be used, nor closed, from this loop (asyncpg's "attached to a different loop").
-            # Dropped, their sockets went with that loop; the database starts afresh on this one.
-            ended, _runtime = _runtime, None
-            await ended.engine.dispose(close=False)
-        if _runtime is not None:
-            return _runtime.engine
-        settings = settings or get_settings()
-        embedded: EmbeddedServer | None = None
-        if settings.database_url is None:
-            embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
-            url = embedded.url()
-            # Said once, when the directory is first used (where the data lives); after that at DEBUG (`-v`): every
-            # one-shot CLI command printed it.
-            logger.log(
-                logging.INFO if embedded.created else logging.DEBUG,
-                'embedded PostgreSQL: data in %s (socket %s)',
-                embedded.data_dir,
-                embedded.socket_dir,
-            )
-        else:
-            url = parse_database_url(settings.database_url)
-        engine, settings = await connect_engine(url, settings)
-        try:
-            # At the packaged head (every start but the first after an upgrade), Alembic is not even imported.
-            if (settings.auto_migrate if migrate is None else migrate) and not await at_packaged_head(engine):
-                from agentrt.db.migrate import upgrade_if_behind
+    loop = asyncio.get_running_loop()
+    starting = _claim_start(loop)
+    try:
+        async with _init_lock(loop):
+            if _runtime is not None and _runtime.loop is not loop and not _runtime.loop.is_running():
+                # Started on an event loop that ended without `shutdown_runtime()` (`asyncio.run` called again), or
+                # that is not running: its connections cannot be used, nor closed, from this loop (asyncpg's
+                # "attached to a different loop"). Dropped, their sockets went with that loop; the database starts
+                # afresh on this one.
+                ended, _runtime = _runtime, None
+                await ended.engine.dispose(close=False)
+            if _runtime is not None:
+                return _runtime.engine
+            return await _start(settings, migrate=migrate, allow_behind=allow_behind, loop=loop)
+    finally:
+        if starting:
+            _end_start(loop)
 
-                async with migration_engine(engine, settings) as migrating:
-                    await upgrade_if_behind(migrating)
-            elif migrate is None and not settings.auto_migrate and not allow_behind:
-                await _refuse_a_schema_behind(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        _runtime = _Runtime(
-            settings=settings,
-            url=url,
-            engine=engine,
-            sessionmaker=async_sessionmaker(
-                engine,
-                class_=RetryingSession,
-                sync_session_class=SetupSession,
-                expire_on_commit=False,
-                autoflush=False,
-            ),
-            embedded=embedded,
-            loop=asyncio.get_running_loop(),
+
+def _init_lock(loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
+    lock = _init_locks.get(loop)
+    if lock is None:
+        lock = _init_locks[loop] = asyncio.Lock()
+    return lock
+
+
+def _claim_start(loop: asyncio.AbstractEventLoop) -> bool:
+    """Refuse `loop` when another running loop owns the runtime (or is starting it); mark `loop` as starting it when
+    nobody owns it. Returns whether this call made the mark (and so must clear it)."""
+    global _starting
+    with _loops_guard:
+        _refuse_another_loop(loop)
+        if (_runtime is None or _runtime.loop is not loop) and _starting is None:
+            _starting = loop
+            return True
+        return False
+
+
+def _end_start(loop: asyncio.AbstractEventLoop) -> None:
+    global _starting
+    with _loops_guard:
+        if _starting is loop:
+            _starting = None
+
+
+def check_event_loop() -> None:
+    """Refuse to act on the runtime from this event loop while another one, running in another thread, has it.
+
+    Raises:
+        ConfigError: the runtime's connections belong to another event loop that is running.
+    """
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        with _loops_guard:
+            _refuse_another_loop(loop)
+
+
+def _refuse_another_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The pool's connections belong to the event loop that opened them: another loop running at the same time (in
+    another thread) would share them and wait for ever on futures of the first."""
+    owners = (_runtime.loop if _runtime is not None else None, _starting)  # the one that has it, one starting it
+    if any(owner is not None and owner is not loop and owner.is_running() for owner in owners):
+        raise ConfigError(
+            'the runtime is in use on another event loop, running in another thread: its connections belong to that '
+            'loop, and a process runs the runtime on one event loop at a time. Run this on that loop (from another '
+            'thread: asyncio.run_coroutine_threadsafe(simple_chat(...), loop)), or shut the runtime down there first '
+            '(await shutdown_runtime())'
         )
-        return engine
+
+
+async def _start(
+    settings: Settings | None, *, migrate: bool | None, allow_behind: bool, loop: asyncio.AbstractEventLoop
+) -> AsyncEngine:
+    """Start the database on `loop` (nobody has it): the embedded server or the URL, connect, migrate."""
+    global _runtime, _shut_down
+    settings = settings or get_settings()
+    embedded: EmbeddedServer | None = None
+    if settings.database_url is None:
+        embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
+        url = embedded.url()
+        # Said once, when the directory is first used (where the data lives); after that at DEBUG (`-v`): every
+        # one-shot CLI command printed it.
+        logger.log(
+            logging.INFO if embedded.created else logging.DEBUG,
+            'embedded PostgreSQL: data in %s (socket %s)',
+            embedded.data_dir,
+            embedded.socket_dir,
+        )
+    else:
+        url = parse_database_url(settings.database_url)
+    engine, settings = await connect_engine(url, settings)
+    try:
+        # At the packaged head (every start but the first after an upgrade), Alembic is not even imported.
+        if (settings.auto_migrate if migrate is None else migrate) and not await at_packaged_head(engine):
+            from agentrt.db.migrate import upgrade_if_behind
+
+            async with migration_engine(engine, settings) as migrating:
+                await upgrade_if_behind(migrating)
+        elif migrate is None and not settings.auto_migrate and not allow_behind:
+            await _refuse_a_schema_behind(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    _runtime = _Runtime(
+        settings=settings,
+        url=url,
+        engine=engine,
+        sessionmaker=async_sessionmaker(
+            engine,
+            class_=RetryingSession,
+            sync_session_class=SetupSession,
+            expire_on_commit=False,
+            autoflush=False,
+        ),
+        embedded=embedded,
+        loop=loop,
+    )
+    _shut_down = False
+    return engine
 
 
 async def close_database(*, release_embedded_server: bool = False) -> None:
@@ -147,9 +223,10 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
         release_embedded_server: also give up this process's hold on the embedded server (stopping it if no other
             process uses it), as process exit would; for processes that may end by a signal (`release_embedded`).
     """
-    global _runtime
+    global _runtime, _shut_down
     runtime, _runtime = _runtime, None
     if runtime is not None:
+        _shut_down = True
         # Connections of an event loop that has ended cannot be closed from this one (asyncpg's "attached to a
         # different loop"): dropped, their sockets went with that loop.
         await runtime.engine.dispose(close=not runtime.loop.is_closed())
@@ -412,12 +489,41 @@ def describe_server(url: URL) -> str:
 
 
 def _require() -> _Runtime:
-    if _runtime is None:
+    runtime = _runtime
+    if runtime is None and _shut_down:
+        # A turn (or other work) that outlived `shutdown_runtime()`: "run inside agentrt_runtime()" misled.
+        raise DatabaseNotInitializedError(
+            'the runtime was shut down (shutdown_runtime(), or the end of agentrt_runtime()) and not started '
+            'again: start it with init_database(); for a turn that was still running then, let turns end (or '
+            'cancel them) before shutting down'
+        )
+    if runtime is None:
         raise DatabaseNotInitializedError(
             'the database is not initialised: run inside `async with agentrt.agents.runtime.agentrt_runtime():`, '
             'or await agentrt.db.engine.init_database() first'
         )
-    return _runtime
+    loop = asyncio._get_running_loop()
+    if loop is not None and loop is not runtime.loop:
+        with _loops_guard:
+            _refuse_another_loop(loop)
+            if _runtime is runtime and not runtime.loop.is_running():
+                _follow(runtime, loop)
+    return runtime
+
+
+def _follow(runtime: _Runtime, loop: asyncio.AbstractEventLoop) -> None:
+    """Give the pool to `loop`: the runtime's loop ended (or stopped) without `shutdown_runtime()`, and code of the
+    program opens a session on a new one (`asyncio.run` again) before any turn started the database afresh.
+
+    The old loop's connections are dropped, unclosed (closing one needs its loop: SQLAlchemy logged a traceback of
+    "Event loop is closed" for each as it replaced them); the pool opens new ones on this loop. No I/O.
+    """
+    pool = runtime.engine.sync_engine.pool
+    health = getattr(pool, 'agentrt_health', None)
+    runtime.engine.sync_engine.dispose(close=False)
+    if health is not None:
+        runtime.engine.sync_engine.pool.agentrt_health = health  # type: ignore[attr-defined]
+    runtime.loop = loop
 
 
 def get_engine() -> AsyncEngine:

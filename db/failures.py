@@ -8,6 +8,7 @@ applies it, so no raw driver error of this kind leaves a session block.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 
@@ -225,7 +226,9 @@ def pooler_error(exc: BaseException) -> ConfigError | None:
 _RUNTIME_ROLES = 'agentrt_app, agentrt_auth, agentrt_ledger, agentrt_jobs, agentrt_admin'
 
 
-def privilege_error(exc: BaseException, *, as_login_role: bool, login: str | None = None) -> ConfigError | None:
+def privilege_error(
+    exc: BaseException, *, as_login_role: bool, login: str | None = None, role: str | None = None
+) -> ConfigError | None:
     """A privilege the login role of `DATABASE_URL` lacks (SQLSTATE 42501), when that can only be how the database
     was set up, as a `ConfigError` saying what to grant; None otherwise.
 
@@ -233,13 +236,16 @@ def privilege_error(exc: BaseException, *, as_login_role: bool, login: str | Non
     transaction switches to one on its BEGIN: "permission denied to set role"), and a transaction that runs as the
     login role itself (`Unscoped.OWNER`: `agentrt db status`, start-up checks) is refused a table: the login role
     must own the tables or be a member of the roles. A transaction that runs as one of the runtime's roles and is
-    refused a table is left alone: the migrations grant those roles what their code needs, so that is a bug in the
-    runtime (code using the wrong role) or a grant revoked by hand, and is reported as an internal error.
+    refused one of the runtime's tables is left alone: the migrations grant those roles what their code needs, so that
+    is a bug in the runtime (code using the wrong role) or a grant revoked by hand, and is reported as an internal
+    error. Refused a table, view, sequence or schema of the program's own (a tool's `get_db_session(account=...)`
+    runs as `agentrt_app`), it is the program's set-up: the error names the `GRANT` to run.
 
     Args:
         exc: what a database operation raised.
         as_login_role: the transaction ran as the login role (no `SET ROLE`).
         login: the login role's name, for the message.
+        role: the runtime's role the transaction ran as (`SET ROLE`), if any.
     """
     who = f'the login role of DATABASE_URL ({login})' if login else 'the login role of DATABASE_URL'
     for error in _chain(exc):
@@ -258,7 +264,45 @@ def privilege_error(exc: BaseException, *, as_login_role: bool, login: str | Non
                 f"be a member of the runtime's roles: GRANT {_RUNTIME_ROLES} TO {login or '<login role>'} "
                 '(README "Tenant isolation")'
             )
+        if role and (refused := _program_object(message)) is not None:
+            kind, name = refused
+            return ConfigError(
+                f"the runtime's role {role} was refused the {kind} {name} ({message}): sessions of "
+                f'get_db_session(account=...) run as {role}, so a {kind} of your own needs a grant to it: '
+                f'{_grant(kind, name, role)} (README "Tables of your own")'
+            )
     return None
+
+
+_REFUSED_OBJECT = re.compile(r'permission denied for (table|view|materialized view|sequence|schema) "?([^"\s]+)"?$')
+
+
+def _program_object(message: str) -> tuple[str, str] | None:
+    """The kind and name of what a "permission denied for ..." message names, when it is not the runtime's own."""
+    matched = _REFUSED_OBJECT.fullmatch(message)
+    if matched is None:
+        return None
+    kind, name = matched.group(1), matched.group(2)
+    if kind == 'schema':
+        return None if name == 'public' else (kind, name)
+    from agentrt.db.models import Base  # on this error path only: the ORM models are not needed to connect
+
+    bare = name.rsplit('.', 1)[-1]
+    if bare.startswith('procrastinate_') or bare == 'alembic_version':
+        return None
+    if kind == 'sequence':
+        own = {f'{table.name}_{column.name}_seq' for table in Base.metadata.tables.values() for column in table.c}
+    else:
+        own = set(Base.metadata.tables)
+    return None if bare in own else (kind, name)
+
+
+def _grant(kind: str, name: str, role: str) -> str:
+    if kind == 'sequence':
+        return f'GRANT USAGE ON SEQUENCE {name} TO {role}'
+    if kind == 'schema':
+        return f'GRANT USAGE ON SCHEMA {name} TO {role}'
+    return f'GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO {role} (and USAGE on the sequences of its columns)'
 
 
 def refused_startup_parameter(exc: BaseException) -> str | None:

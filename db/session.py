@@ -118,7 +118,7 @@ def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str 
     (`ConfigError`), the database unavailable."""
     return (
         pooler_error(exc)
-        or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role())
+        or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role(), role=setup.role)
         or unavailable_error(exc)
     )
 

@@ -154,6 +154,14 @@ async def list_api_keys(
     return [_info(row, slug) for row, slug in (await session.execute(query))]
 
 
+def quoted_key_argument(key: str) -> str:
+    """`key`, an argument that is not a key id, as an error may quote it: at most its first 16 characters (`art_` and
+    12 hex digits, a public id's length), so a whole key pasted with a typo shows none of its secret (the secret's
+    redaction needs all of it, which a cut or a typo leaves unrecognised)."""
+    text = key.strip()  # as `revoke_api_key` reads it
+    return repr(text[:16]) + ('…' if len(text) > 16 else '')
+
+
 def is_key_id(key: str) -> bool:
     """Whether `key` has the form `revoke_api_key` takes: a public id (`art_<12 hex digits>`), its bare prefix or a
     whole key (a caller can refuse a malformed one before it opens a session)."""
@@ -168,7 +176,7 @@ async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
     """
     match = _PUBLIC_ID.fullmatch(key.strip())
     if match is None:
-        raise UnknownApiKeyError(f'not an API key id: {key[:40]!r} (expected art_ and 12 hex digits)')
+        raise UnknownApiKeyError(f'not an API key id: {quoted_key_argument(key)} (expected art_ and 12 hex digits)')
     prefix = match.group(1)
     statement = (
         update(ApiKey)

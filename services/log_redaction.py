@@ -3,9 +3,10 @@
 A provider's error (its message, its body in the exception's text) or a driver's (a statement's parameters) can
 reach a log line as an argument or in the traceback of a chained exception (`ModelProviderError` keeps pydantic-ai's
 error as its `__cause__`). `RedactingFilter`, on every logger of `LOGGERS`, passes the formatted message and the
-formatted traceback through `redact_cut` (the one redaction, bounded) before any handler sees the record: the traceback
-becomes the record's `exc_text` (which `logging.Formatter` prints) and `exc_info` is cleared, so no handler formats
-the raw exception again. `exc_line` keeps the exception's own line (`Type: message`, redacted) for one-line displays.
+formatted traceback through `redacted_log_text` (the ledger's redaction, percent-encoded secrets too, bounded) before
+any handler sees the record: the traceback becomes the record's `exc_text` (which `logging.Formatter` prints) and
+`exc_info` is cleared, so no handler formats the raw exception again. `exc_line` keeps the exception's own line
+(`Type: message`, redacted) for one-line displays.
 
 Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints, and
 `agentrt serve` puts `RedactingFilter` on uvicorn's error handler and `ArgumentRedactingFilter` on its access handler
@@ -15,9 +16,10 @@ Loggers of other libraries are left alone; the CLI's handler applies `redact_rec
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 
-from agentrt.services.ledger.redaction import redact_cut
+from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_text
 
 # Every logger the runtime logs to (tests/agents/test_error_redaction.py checks the sources name no other).
 LOGGERS = (
@@ -57,8 +59,51 @@ def redact_record(record: logging.LogRecord) -> None:
 
 
 def redacted_log_text(text: str) -> str:
-    """`text` as a log line may carry it: redacted, then cut to `MAX_LOGGED_CHARS` (no secret left half shown)."""
-    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]')
+    """`text` as a log line may carry it: redacted (percent-encoded secrets too: a line may quote a URL, as uvicorn's
+    access log and its trace of each request's scope do), then cut to `MAX_LOGGED_CHARS` (no secret left half shown).
+    """
+    redacted = redact_url_text(text[: 2 * MAX_LOGGED_CHARS])[0]
+    return redacted[:MAX_LOGGED_CHARS] + ' [cut]' if len(redacted) > MAX_LOGGED_CHARS else redacted
+
+
+_PERCENT_ESCAPE = re.compile(r'%([0-9A-Fa-f]{2})')
+
+
+def redact_url_text(text: str) -> tuple[str, int]:
+    """`text` (a URL, or its path or query, as written) with its secrets replaced, percent-encoded ones included.
+
+    A percent-escape before a secret (`%20`, `%3A`: a client's encoded space or colon) joins it to the word before
+    it, which hid it from every rule: the access log and a request's span showed `?q=key%20sk-proj-...` whole. So the
+    text is read a second time with each escape decoded to one character (each decoded character then maps back to its
+    place), and a secret found there is replaced where it is written; the rest keeps its escapes.
+
+    Returns:
+        The redacted text and how many secrets were replaced.
+    """
+    redacted, found = redact_text(text)
+    if _PERCENT_ESCAPE.search(redacted) is None:
+        return redacted, found
+    decoded: list[str] = []
+    starts: list[int] = []  # where each decoded character is written in `redacted`
+    at = 0
+    for escape in _PERCENT_ESCAPE.finditer(redacted):
+        decoded.append(redacted[at : escape.start()])
+        starts.extend(range(at, escape.start()))
+        # One byte, one character: UTF-8 is not decoded (the secrets the rules know are ASCII).
+        decoded.append(chr(int(escape.group(1), 16)))
+        starts.append(escape.start())
+        at = escape.end()
+    decoded.append(redacted[at:])
+    starts.extend(range(at, len(redacted) + 1))  # and the end
+    spans = find_secrets(''.join(decoded))
+    if not spans:
+        return redacted, found
+    pieces, last = [], 0
+    for span in spans:
+        pieces += [redacted[last : starts[span.start]], REDACTED]
+        last = starts[span.end]
+    pieces.append(redacted[last:])
+    return ''.join(pieces), found + len(spans)
 
 
 class RedactingFilter(logging.Filter):

@@ -81,6 +81,14 @@ def describe_char(char: str) -> str:
 
 
 def preview(value: str) -> str:
-    """`value` quoted for an error message: at most 40 characters, escaped, so it prints on any terminal."""
+    """`value` quoted for an error message: its secrets redacted, then at most 40 characters, escaped, so it prints on
+    any terminal.
+
+    Redacted before the cut: a key pasted as an id or a name, cut at 40 characters, no longer has the shape a rule
+    knows, and the redaction of the whole message (the CLI's error line, the API's error body) showed its start.
+    """
+    from agentrt.services.ledger.redaction import redact_text  # only on an error: the rules cost an import
+
+    value = redact_text(value)[0]
     shown = value[:40].encode('unicode_escape').decode('ascii').replace("'", "\\'")
     return f"'{shown}'" + ('...' if len(value) > 40 else '')

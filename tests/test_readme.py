@@ -214,3 +214,29 @@ def test_every_readme_pointer_in_the_code_names_a_place_in_the_readme() -> None:
     assert len(pointers) >= 5  # the pattern still finds them
     missing = [(str(path), name) for path, name in pointers if not any(place.startswith(name) for place in places)]
     assert missing == []
+
+
+async def test_the_accounts_example_makes_an_account_a_turn_runs_for(database_url: str, tmp_path: Path) -> None:
+    """README's "Accounts of your own": the rows it adds are a tenant `simple_chat` runs a turn for."""
+    text = README.read_text()
+    section = text[text.index('### Accounts of your own') :]
+    match = re.search(r'```python\n(.*?)```', section, re.DOTALL)
+    assert match is not None, 'README.md: no python block under "Accounts of your own"'
+    script = tmp_path / 'accounts.py'
+    script.write_text(match.group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**env, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')},
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'I have no directory to search for this account.', done.stdout + done.stderr
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(select(func.count()).where(ConversationRow.conversation_id == 'first'))
+        assert saved.scalar_one() == 1

@@ -100,11 +100,11 @@ def revoke(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Revoke a key: servers refuse it within AGENTRT_API_KEY_CACHE_SECONDS (30 s by default)."""
-    from agentrt.services.api_keys import is_key_id, revoke_api_key
+    from agentrt.services.api_keys import is_key_id, quoted_key_argument, revoke_api_key
 
     if not is_key_id(key):  # a wrong argument (exit 2, as `audit show` says of a malformed id), found before any I/O
-        # Redacted (`fail` is not): what was pasted may be most of a key.
-        error_line(f'not an API key id: {key[:40]!r} (expected art_ and 12 hex digits)')
+        # What was pasted may be most of a key: quoted no further than a public id goes, and redacted (`fail` is not).
+        error_line(f'not an API key id: {quoted_key_argument(key)} (expected art_ and 12 hex digits)')
         raise typer.Exit(EXIT_USAGE)
     revoked: ApiKeyInfo = run(operator_session, lambda s: revoke_api_key(session=s, key=key))
     if as_json:

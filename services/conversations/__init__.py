@@ -20,7 +20,8 @@ from agentrt.services.conversations._context import (
     summary_due,
 )
 from agentrt.services.conversations._listing import MAX_CONVERSATIONS_PAGE, ConversationSummary, list_conversations
-from agentrt.services.conversations._store import PostgresConversationStore, StoredTail
+from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations._stored import StoredTail
 from agentrt.services.conversations._titles import (
     SUMMARY_MAX_CHARS,
     TITLE_MAX_CHARS,

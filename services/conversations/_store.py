@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, TypeVar, cast
 
-from pydantic import TypeAdapter
 from pydantic_ai import Conversation
 from pydantic_ai.conversation_store import (
     ConversationConflict,
@@ -19,7 +15,7 @@ from pydantic_ai.conversation_store import (
 )
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.run import AgentRunResult
-from sqlalchemy import Executable, Integer, Table, func, literal, select, text, update
+from sqlalchemy import Executable, Integer, Table, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,7 +33,23 @@ from agentrt.services.conversations._arguments import (
     check_revision,
     check_scope,
 )
-from agentrt.services.ledger import dumped_message_json
+from agentrt.services.conversations._statements import (
+    APPEND_CREATE_ON_DRIVER,
+    APPEND_UPDATE_ON_DRIVER,
+    LOCK_NAMESPACE,
+    PRUNE_UNREACHABLE,
+    TAIL_ON_DRIVER,
+    claimed_tail,
+)
+from agentrt.services.conversations._stored import (
+    Appended,
+    StoredTail,
+    entry_adapter,
+    message_json,
+    record_adapter,
+    storable_json,
+    stored_tail,
+)
 from agentrt.services.pg_text import storable, storable_text
 
 T = TypeVar('T')
@@ -49,192 +61,6 @@ logger = logging.getLogger('agentrt.conversations')
 # Core tables (the ORM types `__table__` as a plain FromClause): inserts and deletes here stay Core statements.
 _records = cast(Table, ConversationRow.__table__)
 _entries = cast(Table, ConversationEntryRow.__table__)
-_record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
-_entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
-# A stored entry's `message` is what `_entry_adapter` dumps for it; these read and write that JSON directly.
-_message_adapter: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
-_messages_adapter: TypeAdapter[list[ModelMessage]] = TypeAdapter(list[ModelMessage])
-
-# First key of the two-key advisory lock that orders writes against pruning, per account.
-_LOCK_NAMESPACE = 0x636F6E76  # 'conv'
-
-# Entries that no record of the account reaches: from every head and branch tip, walk up the parents.
-_PRUNE_UNREACHABLE = text("""
-WITH RECURSIVE reachable(id) AS (
-    SELECT tip FROM (
-        SELECT head_id AS tip FROM conversations WHERE account_id = :account_id
-        UNION
-        SELECT jsonb_array_elements_text(record -> 'branches') FROM conversations WHERE account_id = :account_id
-    ) AS tips
-    WHERE tip IS NOT NULL
-    UNION
-    SELECT e.parent_id
-    FROM conversation_entries AS e JOIN reachable AS r ON e.id = r.id
-    WHERE e.account_id = :account_id AND e.parent_id IS NOT NULL
-)
-DELETE FROM conversation_entries AS e
-WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WHERE r.id = e.id)
-""")
-
-
-# The record and the newest entries of a conversation, in one statement: from the head back, one entry at a time,
-# while the JSON read so far is under the cap (the entry that crosses it is the last one read). Bodies come back as
-# text, validated from the text. No row: no record; one row with a NULL id: a record without messages.
-_TAIL_CTES = """conv AS (
-    SELECT record::text AS record, head_id, title, summary_head_id
-    FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
-), walk(id, parent_id, kind, body, total, depth) AS (
-    SELECT e.id, e.parent_id, e.kind, b.body, length(b.body), 1
-    FROM conv
-    JOIN conversation_entries AS e ON e.account_id = :account_id AND e.id = conv.head_id
-    CROSS JOIN LATERAL (SELECT e.message::text AS body) AS b
-    UNION ALL
-    SELECT p.id, p.parent_id, p.kind, b.body, w.total + length(b.body), w.depth + 1
-    FROM walk AS w
-    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
-    CROSS JOIN LATERAL (SELECT p.message::text AS body) AS b
-    WHERE w.total < :cap AND w.depth < :max_messages
-)"""
-_TAIL_COLUMNS = 'conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body'
-_TAIL = text(f"""
-WITH RECURSIVE {_TAIL_CTES}
-SELECT {_TAIL_COLUMNS}
-FROM conv LEFT JOIN walk ON true
-ORDER BY walk.depth DESC
-""")
-
-
-@cache
-def _claimed_tail(claim_sql: str) -> DriverStatement:
-    """`claim_sql` (a statement that returns a row when it took the claim) and the tail, in one statement: a chat
-    turn's claim and load in one round trip. A data-modifying CTE runs once, to completion, whatever the query reads.
-
-    Columns: the rows the claim returned (0: not taken); the claims of other turns the statement's snapshot shows
-    (see `claim_and_read_tail`); then `_TAIL`'s (all NULL without a record).
-    """
-    return DriverStatement.of(
-        text(f"""
-WITH RECURSIVE claimed AS ({claim_sql}), {_TAIL_CTES}
-SELECT taken.count, (
-    SELECT count(*) FROM conversation_turns
-    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id <> :claim_id
-), {_TAIL_COLUMNS}
-FROM (SELECT count(*) FROM claimed) AS taken LEFT JOIN (conv LEFT JOIN walk ON true) ON true
-ORDER BY walk.depth DESC
-""")
-    )
-
-
-# A turn's save when the record is already stored: the account's shared write lock, the record swapped if it still
-# has the revision the turn loaded, the turn's entries added and its claim released, all only if the swap happened.
-_LOCKED = 'locked AS (SELECT pg_advisory_xact_lock_shared(CAST(:namespace AS integer), CAST(:lock_key AS integer)))'
-# The title and summary a turn may save with its messages (post-turn work riding on the save, when due): the title
-# only when the conversation has none, the summary with the head it was written from; NULLs leave them as they were.
-_SUMMARY_SET = """title = coalesce(conversations.title, CAST(:title AS varchar)),
-        summary = coalesce(CAST(:summary AS text), conversations.summary),
-        summary_head_id = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summary_head_id
-            ELSE CAST(:head_id AS varchar) END,
-        summarised_at = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summarised_at ELSE now() END"""
-_APPEND_REST = """
-added AS (
-    INSERT INTO conversation_entries (id, account_id, parent_id, kind, message)
-    SELECT e.id, :account_id, e.parent_id, e.kind, CAST(e.message AS jsonb)
-    FROM unnest(
-        CAST(:ids AS text[]), CAST(:parent_ids AS text[]), CAST(:kinds AS text[]), CAST(:messages AS text[])
-    ) AS e(id, parent_id, kind, message)
-    WHERE EXISTS (SELECT FROM swapped)
-    RETURNING 1
-), released AS (
-    DELETE FROM conversation_turns
-    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
-        AND EXISTS (SELECT FROM swapped)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM swapped), (SELECT count(*) FROM released)
-"""
-_APPEND_UPDATE = text(f"""
-WITH {_LOCKED}, swapped AS (
-    UPDATE conversations
-    SET scope = :scope, head_id = :head_id, revision = :revision, record = CAST(:record AS jsonb),
-        updated_at = :updated_at, {_SUMMARY_SET}
-    FROM locked
-    WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
-    RETURNING 1
-), {_APPEND_REST}""")
-_APPEND_CREATE = text(f"""
-WITH {_LOCKED}, swapped AS (
-    INSERT INTO conversations (
-        account_id, conversation_id, scope, head_id, revision, record, updated_at,
-        title, summary, summary_head_id, summarised_at
-    )
-    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at,
-        CAST(:title AS varchar), CAST(:summary AS text),
-        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE CAST(:head_id AS varchar) END,
-        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE now() END
-    FROM locked
-    ON CONFLICT (account_id, conversation_id) DO NOTHING
-    RETURNING 1
-), {_APPEND_REST}""")
-# The turn's own load and save run on the driver connection (`agentrt.db.driver`): the same SQL, prepared once per
-# connection, without SQLAlchemy's statement and row machinery.
-_TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
-_APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
-_APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)
-
-
-@dataclass(frozen=True)
-class StoredTail:
-    """What `PostgresConversationStore.read_tail` found: a conversation's record and its newest messages."""
-
-    record: ConversationRecord
-    title: str | None
-    summary_head_id: str | None
-    """The head the stored summary was written from (post-turn work), if any."""
-    entry_ids: list[str]
-    """The entries of `messages`, oldest first."""
-    sizes: list[int]
-    """Each entry's stored JSON, in characters."""
-    messages: list[ModelMessage]
-    reached_first: bool
-    """True when `messages` start the conversation."""
-    bodies: list[str] = field(default_factory=list)
-    """Each message's stored JSON, as `message_json` writes it (empty when the tail holds entries of other kinds)."""
-
-
-@dataclass(frozen=True)
-class Appended:
-    """What `PostgresConversationStore.append` stored: the new entries and their stored JSON, in characters."""
-
-    entries: list[ConversationEntry]
-    sizes: list[int]
-    claim_released: bool
-    """The claim given to `append` was deleted in the same transaction."""
-    summarised: bool = False
-    """A title and summary were stored with the entries (`append`'s `summarise` returned them)."""
-
-
-def message_json(message: ModelMessage) -> str:
-    """The JSON an entry stores for `message` (what `storable` makes of `_entry_adapter`'s dump of it).
-
-    A request the ledger dumped as it was sent, unchanged since, is not dumped again: its text is that same dump
-    (`dumped_message_json`), still checked for NUL here.
-    """
-    known = dumped_message_json(message)
-    if known is not None and '\\u0000' not in known:
-        return known
-    return _storable_json(_message_adapter, message)
-
-
-def _storable_json(adapter: TypeAdapter[Any], value: Any) -> str:
-    """`value` as JSON for a `jsonb` column. The fast path is pydantic-core's JSON; a value with a NUL (`\\u0000` in
-    the JSON, which `jsonb` refuses) or a lone surrogate (which the encoder refuses) goes through `storable`."""
-    try:
-        data: str | None = adapter.dump_json(value).decode()
-    except ValueError:  # a lone surrogate: UTF-8 cannot encode it
-        data = None
-    if data is None or '\\u0000' in data:
-        data = json.dumps(storable(adapter.dump_python(value, mode='json')), ensure_ascii=False)
-    return data
 
 
 def _check_tail(conversation_id: object, cap_chars: object, max_messages: object) -> None:
@@ -315,15 +141,15 @@ class PostgresConversationStore(ConversationStore):
             'max_messages': max_messages,
         }
         if transaction is not None:
-            rows = await transaction.fetch(_TAIL_ON_DRIVER, params)
+            rows = await transaction.fetch(TAIL_ON_DRIVER, params)
         else:
 
             async def once() -> list[Any]:
                 async with driver_transaction(account=self.account_id) as own:
-                    return await own.fetch(_TAIL_ON_DRIVER, params)
+                    return await own.fetch(TAIL_ON_DRIVER, params)
 
             rows = await retry_on_disconnect(once, what='conversation read')
-        return _stored_tail(rows, 0) if rows else None
+        return stored_tail(rows, 0) if rows else None
 
     async def claim_and_read_tail(
         self,
@@ -366,7 +192,7 @@ class PostgresConversationStore(ConversationStore):
             'cap': cap_chars,
             'max_messages': max_messages,
         }
-        rows = await transaction.fetch(_claimed_tail(claim_sql), params)
+        rows = await transaction.fetch(claimed_tail(claim_sql), params)
         taken, first = bool(rows[0][0]), rows[0]
         if taken and first[1]:
             # The snapshot showed another turn's claim, gone by the time this one was taken: that turn released it
@@ -376,7 +202,7 @@ class PostgresConversationStore(ConversationStore):
             return True, await self.read_tail(
                 conversation_id, cap_chars=cap_chars, max_messages=max_messages, transaction=transaction
             )
-        return taken, (_stored_tail(rows, 2) if first[2] is not None else None)
+        return taken, (stored_tail(rows, 2) if first[2] is not None else None)
 
     async def append(
         self,
@@ -415,14 +241,14 @@ class PostgresConversationStore(ConversationStore):
         sizes = [len(body) for body in bodies]
         titled = await summarise(entries, sizes) if summarise is not None else None
         params = {
-            'namespace': _LOCK_NAMESPACE,
+            'namespace': LOCK_NAMESPACE,
             'lock_key': self.account_id % 2**31,
             'account_id': self.account_id,
             'conversation_id': record.conversation_id,
             'scope': record.scope,
             'head_id': record.head_id,
             'revision': record.revision,
-            'record': _storable_json(_record_adapter, record),
+            'record': storable_json(record_adapter, record),
             'updated_at': record.updated_at,
             'expected_revision': expected_revision,
             'ids': [entry.id for entry in entries],
@@ -433,7 +259,7 @@ class PostgresConversationStore(ConversationStore):
             'title': storable_text(titled[0]) if titled is not None and titled[0] is not None else None,
             'summary': storable_text(titled[1]) if titled is not None else None,
         }
-        statement = _APPEND_CREATE_ON_DRIVER if expected_revision is None else _APPEND_UPDATE_ON_DRIVER
+        statement = APPEND_CREATE_ON_DRIVER if expected_revision is None else APPEND_UPDATE_ON_DRIVER
         try:
             released = await self._append_write(record.conversation_id, statement, params)
         except DatabaseDisconnectedError as exc:
@@ -550,7 +376,7 @@ class PostgresConversationStore(ConversationStore):
         data = await _read(
             self.account_id, lambda session: session.execute(query), lambda result: result.scalar_one_or_none()
         )
-        return None if data is None else _record_adapter.validate_python(data)
+        return None if data is None else record_adapter.validate_python(data)
 
     async def read_revision(self, conversation_id: str) -> str | None:
         """The stored revision of a conversation of this account, or `None` if there is none: one key lookup.
@@ -581,7 +407,7 @@ class PostgresConversationStore(ConversationStore):
         rows = await _read(
             self.account_id, lambda session: session.execute(query), lambda result: result.scalars().all()
         )
-        return [_record_adapter.validate_python(data) for data in rows]
+        return [record_adapter.validate_python(data) for data in rows]
 
     async def write_record(
         self,
@@ -673,7 +499,7 @@ class PostgresConversationStore(ConversationStore):
             await self._lock(session, exclusive=True)
             if (await session.execute(statement)).first() is None:
                 raise ConversationConflict(conversation_id)
-            await session.execute(_PRUNE_UNREACHABLE, {'account_id': self.account_id})
+            await session.execute(PRUNE_UNREACHABLE, {'account_id': self.account_id})
 
     async def read_entry(self, entry_id: str) -> ConversationEntry:
         """The entry with this id in this account.
@@ -692,7 +518,7 @@ class PostgresConversationStore(ConversationStore):
         )
         if row is None:
             raise KeyError(entry_id)
-        return _entry_adapter.validate_python(dict(row))
+        return entry_adapter.validate_python(dict(row))
 
     async def read_history(self, head_id: str | None, *, limit: int | None = None) -> list[ConversationEntry]:
         """The entries from the first one up to `head_id`, in order, or only the last `limit`: one query.
@@ -734,7 +560,7 @@ class PostgresConversationStore(ConversationStore):
         first_parent = rows[0]['parent_id']
         if first_parent is not None and (limit is None or len(rows) < limit):
             raise KeyError(first_parent)
-        return [_entry_adapter.validate_python(dict(row)) for row in rows]
+        return [entry_adapter.validate_python(dict(row)) for row in rows]
 
     async def _lock(self, session: AsyncSession, *, exclusive: bool) -> None:
         """Take this account's conversation lock until the transaction ends: shared to write, exclusive to prune."""
@@ -742,7 +568,7 @@ class PostgresConversationStore(ConversationStore):
         # The two-key form keeps clear of single-key advisory locks; collisions past 2**31 accounts only
         # serialise more, they never lose a lock.
         key = self.account_id % 2**31
-        await session.execute(select(lock(literal(_LOCK_NAMESPACE, Integer), literal(key, Integer))))
+        await session.execute(select(lock(literal(LOCK_NAMESPACE, Integer), literal(key, Integer))))
 
     async def _swap_record(
         self, session: AsyncSession, record: ConversationRecord, expected_revision: str | None
@@ -752,7 +578,7 @@ class PostgresConversationStore(ConversationStore):
             'scope': record.scope,
             'head_id': record.head_id,
             'revision': record.revision,
-            'record': storable(_record_adapter.dump_python(record, mode='json')),
+            'record': storable(record_adapter.dump_python(record, mode='json')),
             'updated_at': record.updated_at,
         }
         statement: Executable
@@ -785,7 +611,7 @@ class PostgresConversationStore(ConversationStore):
         return (await session.execute(query)).scalar_one()
 
     def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
-        data = storable(_entry_adapter.dump_python(entry, mode='json'))
+        data = storable(entry_adapter.dump_python(entry, mode='json'))
         return {
             'id': data['id'],
             'account_id': self.account_id,
@@ -793,32 +619,3 @@ class PostgresConversationStore(ConversationStore):
             'kind': data['kind'],
             'message': data['message'],
         }
-
-
-def _stored_tail(rows: Sequence[Any], at: int) -> StoredTail:
-    """The `StoredTail` of `_TAIL`'s rows, whose columns start at `at`: record, title, summary_head_id, then the
-    entry's id, parent_id, kind, body (NULLs: no entries)."""
-    first = rows[0]
-    record = _record_adapter.validate_json(first[at])
-    entries = rows if first[at + 3] is not None else []
-    bodies: list[str] = [row[at + 6] for row in entries]
-    if any(row[at + 5] != 'message' for row in entries):
-        messages = [_entry_adapter.validate_python(_entry_data(row, at)).message for row in entries]
-        stored_bodies: list[str] = []
-    else:
-        messages = _messages_adapter.validate_json('[' + ','.join(bodies) + ']')
-        stored_bodies = bodies
-    return StoredTail(
-        record=record,
-        title=first[at + 1],
-        summary_head_id=first[at + 2],
-        entry_ids=[row[at + 3] for row in entries],
-        sizes=[len(body) for body in bodies],
-        messages=messages,
-        reached_first=not entries or entries[0][at + 4] is None,
-        bodies=stored_bodies,
-    )
-
-
-def _entry_data(row: Any, at: int) -> dict[str, Any]:
-    return {'id': row[at + 3], 'parent_id': row[at + 4], 'kind': row[at + 5], 'message': json.loads(row[at + 6])}

@@ -276,8 +276,19 @@ def _sentence(text: str) -> str:
 
 def _clean(text: str) -> str:
     """The start of `text`, secrets redacted (before squashing: a PEM key or a line-start secret needs its newlines),
-    on one line."""
-    return _squash(redact_text(text[:TEXT_SCAN_CHARS])[0])
+    on one line.
+
+    A text as long as the scan window may have been cut there (`raw_exchanges` cuts each to it): its last word is then
+    left out, since it may be the first part of a secret the cut made unrecognisable (after whitespace squashed to
+    nothing, that part was the title).
+    """
+    redacted = redact_text(text[:TEXT_SCAN_CHARS])[0]
+    if len(text) >= TEXT_SCAN_CHARS:
+        redacted = _LAST_WORD.sub('…', redacted)
+    return _squash(redacted)
+
+
+_LAST_WORD = re.compile(r'\S+\Z')
 
 
 def _squash(text: str) -> str:

@@ -19,7 +19,8 @@ from pydantic_ai.usage import RunUsage
 
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.services.conversations._context import RecentConversation, summary_due
-from agentrt.services.conversations._store import PostgresConversationStore, Summariser, message_json
+from agentrt.services.conversations._store import PostgresConversationStore, Summariser
+from agentrt.services.conversations._stored import message_json
 from agentrt.services.conversations._titles import summary_source, title_and_summary_from
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from datetime import datetime
 from typing import Any, Self
 
@@ -124,7 +125,17 @@ jobs = App(connector=PsycopgConnector())
 jobs.job_manager = _JobManager(connector=jobs.connector)
 
 _open_on: asyncio.AbstractEventLoop | None = None
-_lock = asyncio.Lock()
+# One lock per event loop: an `asyncio.Lock` binds itself to the first loop that waits on it, so one for the process
+# failed the openings that waited on it in the next `asyncio.run` ("is bound to a different event loop").
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
 
 
 def queue_conninfo(settings: Settings, engine_url: URL) -> str:
@@ -164,7 +175,7 @@ async def open_queue() -> App:
     ones collide (measured: 18 of 200 defers failed without it).
     """
     global _open_on
-    async with _lock:
+    async with _lock():
         loop = asyncio.get_running_loop()
         if _open_on is loop:
             return jobs
@@ -207,7 +218,7 @@ async def open_queue() -> App:
 async def close_queue() -> None:
     """Close the queue's pool, if this process opened it."""
     global _open_on
-    async with _lock:
+    async with _lock():
         if _open_on is None:
             return
         _open_on = None

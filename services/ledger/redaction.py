@@ -31,7 +31,11 @@ What is deliberately not caught (known gaps, each a trade against false positive
   `x = name` with spaces around `=` and a letters-only value (so also INI `password = letmein`), `pwd=pwd`,
   comparisons (`token == X`); paths and URLs; placeholders (`${DB_PASSWORD}`, `<password>`, `%s`, `***`, `{x}`);
 - quoted values that are upper-case names with underscores (`"OPENAI_API_KEY"`), paths, or start or end with a
-  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first).
+  space; a quote character inside a quoted password ends the replaced span (JSON safety comes first);
+- a secret behind a percent-escape in a prompt or a tool's result (`?q=key%20sk-...`: the escape's hex digits
+  join the word before the key). Log lines and request spans read such text decoded as well
+  (`agentrt.services.log_redaction.redact_url_text`); the ledger's bodies do not (a second scan of every text
+  with a `%`, and JSON text to keep valid through it).
 
 Contract:
 - `redact_text()` works on the real text: newlines are newlines, so a secret at the start of a line, after a tab,
@@ -52,19 +56,16 @@ text, error bodies) as Python values, before serialising; redacting serialised J
 
 from __future__ import annotations
 
-import base64
-import binascii
-import itertools
-import math
 import re
 import tomllib
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import re2  # google-re2: linear-time matching
+
+from agentrt.services.ledger._secret_checks import BOUND, CHECKS, JSON_STRUCTURE, Candidate, Check, Span, entropy
 
 REDACTED = '[REDACTED]'
 _REDACTED_BYTES = REDACTED.encode()
@@ -83,282 +84,6 @@ class SecretSpan:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checks named by rules (`check = '...'`): they run on a candidate after RE2 matched it, with bounded work each.
-
-_Span = tuple[int, int]
-
-
-@dataclass(slots=True)
-class _Candidate:
-    """A secret a rule's pattern matched, for its check to accept (returning the span to replace) or refuse."""
-
-    data: bytes
-    spans: list[_Span]  # of every group of the match, (-1, -1) where a group did not take part
-    groups: dict[str, int]  # the rule's group indexes by name
-    group: int  # index of the group holding the secret
-    start: int
-    end: int
-
-    @property
-    def value(self) -> bytes:
-        return self.data[self.start : self.end]
-
-
-_Check = Callable[[_Candidate], '_Span | None']
-
-_PLACEHOLDER_SHAPES = (
-    rb'\[REDACTED|\$\{|\$\(|\{\{|\{%|\{[\w.]*\}$|<[^>]*>|%[sdr]|%\(|\?+$|[*x.\-_#]+$|#[0-9a-f]{3,8}$|\$[0-9]+$'
-    rb'|(?-i:\$[A-Z_][A-Z0-9_]*)$|:[a-z_]+$|(?:null|none|nil|undefined|true|false|yes|no|on|off|empty|redacted)$'
-)
-"""Values that stand for a secret rather than being one: templates, bind parameters, masks, null-ish words."""
-_PLACEHOLDER = re.compile(rb'(?i:' + _PLACEHOLDER_SHAPES + rb')')
-_CONSTANT = re.compile(rb'_?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$|[A-Z_]+$')
-"""`API_KEY`, `TOKEN`: a bare upper-case name is a constant or an environment variable, not a value."""
-_NAME = re.compile(rb'_?[A-Z]+(?:_[A-Z]+)+$')
-"""`"OPENAI_API_KEY"`: a quoted name of an environment variable (a quoted `"HUNTER"` stays a secret)."""
-_TYPE_NAME = re.compile(rb'_?(?:[A-Z]+[a-z]{2,}){2,}$')
-"""`SessionClientSecret`, `UserToken`: a type annotation (`client_secret: ClientSecret`), not a password."""
-_TYPE_OR_KEYWORD = frozenset(
-    b'str string bytes int integer bool boolean any optional secretstr secretbytes text varchar char object '
-    b'await new this self function lambda async yield not typeof input getpass required'.split()
-)
-_CODE_PATH = re.compile(rb'[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][A-Za-z_$]*)+$|[A-Za-z_$][\w$.]*[(\[]')
-_IDENTIFIER = re.compile(rb'[A-Za-z_]+$')
-_DOTTED = re.compile(rb'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$')
-_PATH = re.compile(rb'(?:~|\.{1,2})?/[\w./-]*$|[a-z][a-z0-9+.-]*://')
-"""A file path or a URL (whose own password, if any, the url-password rule handles)."""
-_NOT_A_BARE_VALUE = re.compile(b'|'.join([_PLACEHOLDER.pattern, *(p.pattern for p in (_PATH, _CODE_PATH, _CONSTANT))]))
-"""A placeholder, a path, code or a constant: one match for all the shapes a bare value is not a secret in."""
-_SYMBOLS = frozenset(b'!@#$%^&+=/?~|')  # not `*`: markdown emphasis
-_DIGITS = frozenset(b'0123456789')
-_UPPER = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
-_LOWER = frozenset(b'abcdefghijklmnopqrstuvwxyz')
-_IDENT = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-')
-_LINE_LEAD = frozenset(b' \t"\'`*>-')
-_JSON_STRUCTURE = frozenset(b' \t\r\n:,]}')
-_BOUND = 64
-_SHAPE_MAX = 256
-"""Longest value the Python-side shape checks (placeholders, code, constants) look at."""
-"""How far checks look around a candidate: a constant, so the Python work per match stays bounded."""
-
-
-def _has_digit(c: _Candidate) -> _Span | None:
-    return (c.start, c.end) if _DIGITS.intersection(c.value) else None
-
-
-def _credential_like(value: bytes) -> bool:
-    """A digit, a symbol, or a length no word has: what a password or key has and a word of prose does not."""
-    chars = set(value)
-    return bool(chars & _DIGITS or chars & _SYMBOLS or len(value) >= 24)
-
-
-def _credential_like_check(c: _Candidate) -> _Span | None:
-    return (c.start, c.end) if _credential_like(c.value) else None
-
-
-def _random_looking(c: _Candidate) -> _Span | None:
-    """Upper and lower case letters and a digit: random keys of 32+ characters nearly always have all three;
-    paths, words, hex digests and version strings rarely do. `K8S = Attributes.K8S_POD_UID`, `X = Cls2(...)` are
-    code."""
-    value = c.value
-    chars = set(value)
-    if not (chars & _UPPER and chars & _LOWER and chars & _DIGITS) or _DOTTED.match(value[: _SHAPE_MAX + 1]):
-        return None
-    if c.data[c.end : c.end + 1] in (b'(', b'['):  # `NAME = SomeClass2(...)`
-        return None
-    head = value[:_BOUND]
-    runs = sum(1 for a, b in itertools.pairwise(head) if b == a + 1)
-    return None if runs * 3 > len(head) else (c.start, c.end)  # `ABCDEFGH...0123456789`: an alphabet, not a key
-
-
-def _basic_credentials(c: _Candidate) -> _Span | None:
-    """`Basic <base64>` is a credential when the base64 decodes to `user:password`, which spares "basic text"."""
-    value = c.value
-    try:
-        decoded = base64.b64decode(value + b'=' * (-len(value) % 4), validate=True).decode('utf-8')
-    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
-        return None
-    return (c.start, c.end) if decoded.find(':') > 0 and decoded.isprintable() else None
-
-
-def _not_placeholder(c: _Candidate) -> _Span | None:
-    value = c.value
-    return None if _too_short(value) or _is_placeholder(value) else (c.start, c.end)
-
-
-def _is_placeholder(value: bytes) -> bool:
-    return len(value) <= _SHAPE_MAX and _PLACEHOLDER.match(value) is not None
-
-
-def _shaped(pattern: re.Pattern[bytes], value: bytes) -> bool:
-    """Whether a short value has a shape (code, type name, constant); a long one never has: a long value after a
-    secret name is a secret, and the Python regexes never see more than `_SHAPE_MAX` characters."""
-    return len(value) <= _SHAPE_MAX and pattern.match(value) is not None
-
-
-def _url_password(c: _Candidate) -> _Span | None:
-    value = c.value
-    if re.match(rb'[0-9]{1,5}(?:/|$)', value):  # http://host:8000/@user: a port and a path, not a password
-        return None
-    return _not_placeholder(c)
-
-
-def _too_short(value: bytes) -> bool:
-    """Fewer than 3 characters (not bytes: a lone emoji is 4 bytes) is no secret worth a redaction."""
-    return len(value) < 3 or (len(value) < 12 and len(value.decode('utf-8', errors='replace')) < 3)
-
-
-def _name_before(data: bytes, at: int) -> bytes:
-    """The key name (identifier characters, at most `_BOUND`) that ends before `at`, skipping its closing quote."""
-    end = at
-    while end > 0 and at - end < 4 and data[end - 1] in b'"\'`]\\':
-        end -= 1
-    start, floor = end, max(0, end - _BOUND)
-    while start > floor and data[start - 1] in _IDENT:
-        start -= 1
-    return data[start:end]
-
-
-def _starts_line(data: bytes, at: int) -> bool:
-    """Whether only a key name and indentation/quotes/bullets stand between `at` and the start of its line."""
-    i, floor = at, max(0, at - _BOUND)
-    while i > floor and data[i - 1] in _IDENT:
-        i -= 1
-    floor = max(0, i - 16)
-    while i > floor and data[i - 1] in _LINE_LEAD:
-        i -= 1
-    return i == 0 or data[i - 1] in b'\r\n' or (i >= 2 and data[i - 2] == 92 and data[i - 1] in b'nr')
-
-
-def _ends_line(data: bytes, at: int) -> bool:
-    """Whether the value ending at `at` is the last thing on its line (YAML `password: letmein`); a newline may be
-    escaped any number of times (`\\n` in JSON text, `\\\\n` in JSON inside JSON or in a Python repr of it)."""
-    i, ceiling = at, min(len(data), at + 16)
-    while i < ceiling and data[i] in b' \t':
-        i += 1
-    if i == len(data) or data[i] in b'\r\n;}':
-        return True
-    j = i
-    while j < i + 16 and data[j : j + 1] == b'\\':
-        j += 1
-    return j > i and data[j : j + 1] in (b'n', b'r')
-
-
-_NEXT_PAIR = re.compile(rb'[,;&](?=\s|[\w.-]+[:=]|$)')
-
-
-def _cut_bare(value: bytes) -> bytes:
-    """A bare value ends where `,` `;` `&` start the next pair (`?password=abc&next=/`, `Password=abc;Host=db`) or
-    end the value, but a password may contain them (`password=Tr0ub4dor&3`)."""
-    cut = _NEXT_PAIR.search(value)
-    return _trim_closers(value[: cut.start()] if cut else value)
-
-
-def _trim_closers(value: bytes) -> bytes:
-    """Drop trailing punctuation and closing brackets the value did not open: `{token: abc}`, `f(password=abc)`,
-    `def f(pwd=None):` and `the password=hunter2.` end before them. At most `_BOUND` characters go."""
-    if not value or value[-1] not in b'.,;:)]}':
-        return value
-    unmatched = {close: value.count(close) - value.count(_OPENER[close]) for close in _OPENER}
-    end, floor = len(value), max(0, len(value) - _BOUND)
-    while end > floor:
-        last = value[end - 1]
-        if last in b'.,;:':
-            end -= 1
-        elif last in unmatched and unmatched[last] > 0:
-            unmatched[last] -= 1
-            end -= 1
-        else:
-            break
-    return value[:end]
-
-
-_OPENER = {ord(')'): ord('('), ord(']'): ord('['), ord('}'): ord('{')}
-
-
-def _secret_assignment(c: _Candidate) -> _Span | None:
-    """The value of a secret-named key, unless it is code, a placeholder or prose.
-
-    Quoted values are secrets unless they are placeholders, constants or the gap between two string literals.
-    Bare values are secrets after `=` unless they are code (a call, an index, an attribute path, a constant, a
-    variable passed on) or a path; after `:` they must also look like a credential or stand alone at the end of a
-    line that starts with the key (YAML, HTTP headers), and not be a type name; after `is` they must look like a
-    credential.
-    """
-    value = c.value
-    sep_start, sep_end = c.spans[c.groups['sep']]
-    raw_sep = c.data[sep_start:sep_end]
-    sep = raw_sep.strip()
-    if c.group != c.groups['secret_bare']:
-        return (c.start, c.end) if _quoted_secret(c, value, sep, sep_start) else None
-    value = _cut_bare(value)
-    end = c.start + len(value)
-    if _too_short(value) or _shaped(_NOT_A_BARE_VALUE, value) or sep == b'==':  # `==`: a comparison is code
-        return None
-    if value.lower() in _TYPE_OR_KEYWORD or (raw_sep != sep and value.isdigit()):  # `OPTION_TOKEN = 1256`
-        return None
-    variable = _shaped(_IDENTIFIER, value)
-    if variable and _name_before(c.data, sep_start).lower().endswith(value.lower()):
-        return None  # `password=password`, `identity_token=identity_token`: passing a variable on
-    if sep.startswith(b'=') or sep in (b':=', b'=>'):
-        # `x = name` with spaces is code reading a variable, and so is `f(pwd=pwd)`; `.env` lines and URL pairs
-        # have no spaces, and passwords in INI files usually have a digit or symbol.
-        if variable and (raw_sep != sep or c.data[end : end + 1] in (b')', b',')):
-            return None
-        return c.start, end
-    if sep.startswith(b':'):
-        if _shaped(_TYPE_NAME, value):
-            return None
-        if _credential_like(value) or (_ends_line(c.data, end) and _starts_line(c.data, sep_start)):
-            return c.start, end
-        return None
-    return (c.start, end) if _credential_like(value) else None  # `is` / `was`
-
-
-def _quoted_secret(c: _Candidate, value: bytes, sep: bytes, sep_start: int) -> bool:
-    if _too_short(value):
-        return False
-    # A value that starts or ends with a space or an operator is the gap between two string literals
-    # (`"Password: " + pw`, `"Basic " + b64`), and one that names the key is a constant (`SECRET = "secret"`).
-    if value[:1] in b' \t)],;+' or value[-1:] in b' \t' or _is_placeholder(value):
-        return False
-    if _shaped(_NAME, value) or _shaped(_PATH, value):
-        return False
-    if _name_before(c.data, sep_start).lower().endswith(value.lower()):
-        return False
-    if c.group == c.groups['secret_bt'] and not _credential_like(value):  # markdown `code`, JS `template`
-        return False
-    return sep != b'==' or (len(value) >= 6 and _credential_like(value))  # not `if token == "lambda":`
-
-
-def _not_code(c: _Candidate) -> _Span | None:
-    """Real signatures have digits; `signature=block.signature` and `sig=obj.data` are code."""
-    value = c.value
-    if _shaped(_CODE_PATH, value) or not _DIGITS.intersection(value):
-        return None
-    return c.start, c.end
-
-
-_CHECKS: dict[str, _Check] = {
-    'not_code': _not_code,
-    'has_digit': _has_digit,
-    'credential_like': _credential_like_check,
-    'random_looking': _random_looking,
-    'basic_credentials': _basic_credentials,
-    'not_placeholder': _not_placeholder,
-    'url_password': _url_password,
-    'secret_assignment': _secret_assignment,
-}
-
-
-def _entropy(value: bytes) -> float:
-    """Shannon entropy in bits per character."""
-    counts = Counter(value)
-    total = len(value)
-    return -sum(n / total * math.log2(n / total) for n in counts.values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Rules: loaded from the TOML data, checked, compiled once at import.
 
 
@@ -370,7 +95,7 @@ class _Rule:
     regex: Any  # re2._Regexp
     groups: dict[str, int]
     secret_groups: tuple[int, ...]
-    check: _Check | None
+    check: Check | None
     min_entropy: float
     not_followed_by: frozenset[int]
     not_preceded_by: frozenset[int]
@@ -388,16 +113,16 @@ class _Rule:
                 continue
             # After a closing quote, JSON text continues with structure, which always starts with one of these:
             # a "quoted value" there is the gap between two strings (`": "`), not a value.
-            if start and data[start - 1] == 34 and data[start] in _JSON_STRUCTURE:
+            if start and data[start - 1] == 34 and data[start] in JSON_STRUCTURE:
                 continue
             if self.not_followed_by and end < len(data) and data[end] in self.not_followed_by:
                 continue
             if self.not_preceded_by and start > 0 and data[start - 1] in self.not_preceded_by:
                 continue
-            if self.min_entropy and _entropy(data[start:end]) < self.min_entropy:
+            if self.min_entropy and entropy(data[start:end]) < self.min_entropy:
                 continue
             if self.check is not None:
-                checked = self.check(_Candidate(data, spans, self.groups, group, start, end))
+                checked = self.check(Candidate(data, spans, self.groups, group, start, end))
                 if checked is None:
                     continue
                 start, end = checked
@@ -416,16 +141,16 @@ def _after_escape(data: bytes, start: int) -> int:
     """Move `start` past a JSON escape it would otherwise begin inside (`\\u2028eyJ...`, `\\npm_...` where the
     `n` belongs to the escape): replacing from there would leave a lone backslash and break JSON text."""
     run = 0
-    while run < _BOUND and start - run > 0 and data[start - run - 1] == 92:
+    while run < BOUND and start - run > 0 and data[start - run - 1] == 92:
         run += 1
-    if run % 2 == 0 and run < _BOUND:
+    if run % 2 == 0 and run < BOUND:
         return start
     if data[start : start + 1] == b'u' and _HEX4.match(data, start + 1, start + 5):
         return start + 5
     return start + 1
 
 
-def _match_spans(m: Any) -> list[_Span]:
+def _match_spans(m: Any) -> list[Span]:
     """The spans of all groups of an re2 match. google-re2's `span()` asks C++ for the group count on every call,
     which is most of the per-match cost on hostile input, so read its span list when it has one."""
     spans = getattr(m, '_spans', None)
@@ -465,7 +190,7 @@ def _load_rules(path: Path) -> tuple[tuple[_Rule, ...], Any, tuple[tuple[int, ..
             raise ValueError(f'{path.name}: rule {rule_id!r}: every group must be named (use (?:...) otherwise)')
         secret_groups = tuple(sorted(i for name, i in names.items() if name.startswith('secret')))
         check_name = raw.get('check')
-        if check_name is not None and check_name not in _CHECKS:
+        if check_name is not None and check_name not in CHECKS:
             raise ValueError(f'{path.name}: rule {rule_id!r}: unknown check {check_name!r}')
         index = len(rules)
         rules.append(
@@ -476,7 +201,7 @@ def _load_rules(path: Path) -> tuple[tuple[_Rule, ...], Any, tuple[tuple[int, ..
                 regex=regex,
                 groups=dict(names),
                 secret_groups=secret_groups,
-                check=_CHECKS[check_name] if check_name else None,
+                check=CHECKS[check_name] if check_name else None,
                 min_entropy=float(raw.get('min_entropy', 0.0)),
                 not_followed_by=_byte_class(raw['not_followed_by']) if 'not_followed_by' in raw else frozenset(),
                 not_preceded_by=_byte_class(raw['not_preceded_by']) if 'not_preceded_by' in raw else frozenset(),

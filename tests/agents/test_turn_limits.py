@@ -116,7 +116,10 @@ def test_documented_error_maps_only_what_it_documents() -> None:
     assert isinstance(custom, TurnLimitExceededError) and 'AGENTRT_' not in str(custom)
 
 
-async def test_explicit_usage_limits_replace_the_settings_for_one_turn(demo_data: None) -> None:
-    with pytest.raises(TurnLimitExceededError):
-        await simple_chat(QUESTION, session_id='own', account='acme-health', usage_limits=UsageLimits(request_limit=1))
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_explicit_usage_limits_replace_the_settings_for_one_turn(demo_data: None, streamed: bool) -> None:
+    # The error names the caller's own limits: it named AGENTRT_TURN_REQUEST_LIMIT, a setting nobody had set.
+    with pytest.raises(TurnLimitExceededError, match=r'\(the usage_limits given to this turn\)') as info:
+        await _turn(QUESTION, 'own', streamed, usage_limits=UsageLimits(request_limit=1))
+    assert 'AGENTRT_' not in str(info.value)
     assert (await simple_chat(QUESTION, session_id='own', account='acme-health')).usage.requests == 3

@@ -495,3 +495,26 @@ async def test_an_if_match_no_revision_can_be_is_a_422_naming_the_header(
     assert response.status_code == 422 and refused['field'] == 'If-Match', refused
     assert refused['detail'].startswith('If-Match: the revision') and said in refused['detail'], refused
     assert await PostgresConversationStore(await account_id('acme-health')).load('kept') is not None
+
+
+# A secret a client pasted where a key of its body goes: its field (or pydantic's location) named it unredacted, while
+# the detail beside it and the log line said [REDACTED].
+_PASTED = 'sk-proj-' + 'Qx7vLm2Rt9Wz4Kp8Hs3Nd6Yb1Fc5Jg0Ae'
+
+
+@pytest.mark.parametrize(
+    ('path', 'body'),
+    [
+        ('/api/v1/chat', _vercel_part(type='text', text='hi', **{_PASTED: 1})),
+        ('/api/v1/conversations/c1/turns', {'message': 'hi', _PASTED: 1}),
+    ],
+    ids=['vercel', 'turns'],
+)
+async def test_a_secret_sent_as_a_key_of_a_body_is_redacted_in_the_field_it_names(
+    keys: Keys, client: httpx2.AsyncClient, path: str, body: dict[str, object]
+) -> None:
+    response = await client.post(path, json=body, headers=auth(keys.acme))
+
+    assert response.status_code == 422, response.text
+    assert _PASTED[8:] not in response.text, response.text
+    assert '[REDACTED]' in response.text, response.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 from sqlalchemy import func, select, text
@@ -305,3 +306,41 @@ async def test_a_prepared_statement_lost_behind_a_pooler_says_how_to_fix_it() ->
     assert 'pgbouncer with pool_mode set to "transaction"' in message  # asyncpg's own hint, kept
     assert '\n' not in message
     assert await _count_accounts() == 0  # that connection (and its stale cache) is gone; the pool works on
+
+
+async def test_a_table_of_the_programs_own_refused_to_the_request_role_says_what_to_grant() -> None:
+    """A program's tool opens `get_db_session(account=...)` on a table of its own: the session runs as `agentrt_app`,
+    which has no right on it, and the caller got the driver's raw "permission denied for table ..." (then the same
+    for the sequence of its id). Now each is a `ConfigError` naming the grant that fixes it; with them, it works."""
+    table = f'program_notes_{uuid.uuid4().hex[:8]}'
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f'CREATE TABLE {table} (id bigserial PRIMARY KEY, body text)'))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            async with get_db_session(account=1) as session:
+                await session.execute(text(f'SELECT count(*) FROM {table}'))
+        assert f'permission denied for table {table}' in str(refused.value)
+        assert f'GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO agentrt_app' in str(refused.value)
+        assert '\n' not in str(refused.value) and 'Tables of your own' in str(refused.value)
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'GRANT SELECT, INSERT ON {table} TO agentrt_app'))
+        with pytest.raises(ConfigError) as refused:
+            async with get_db_session(account=1) as session:
+                await session.execute(text(f"INSERT INTO {table} (body) VALUES ('x')"))
+        assert f'GRANT USAGE ON SEQUENCE {table}_id_seq TO agentrt_app' in str(refused.value)
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'GRANT USAGE ON SEQUENCE {table}_id_seq TO agentrt_app'))
+        async with get_db_session(account=1) as session:
+            await session.execute(text(f"INSERT INTO {table} (body) VALUES ('x')"))
+            assert (await session.execute(text(f'SELECT count(*) FROM {table}'))).scalar_one() == 1
+    finally:
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'DROP TABLE {table}'))
+
+
+async def test_one_of_the_runtimes_own_tables_refused_to_a_role_stays_an_internal_error() -> None:
+    """The runtime's roles get what their code needs from the migrations: one refused its own table is a bug, not
+    the program's set-up, and is not dressed as a grant to run."""
+    with pytest.raises(DBAPIError, match='permission denied for table conversation_entries'):
+        async with get_db_session(account=Unscoped.JOBS) as session:
+            await session.execute(text('SELECT count(*) FROM conversation_entries'))

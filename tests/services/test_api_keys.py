@@ -81,6 +81,10 @@ async def test_list_and_revoke(demo_data: None) -> None:
         for unknown in ('art_000000000000', 'nonsense', green[4:16] + 'zz'):
             with pytest.raises(UnknownApiKeyError):
                 await revoke_api_key(session=session, key=unknown)
+        # A whole key mistyped: the error quotes no part of its secret (it quoted 23 characters of it).
+        with pytest.raises(UnknownApiKeyError, match='not an API key id') as mistyped:
+            await revoke_api_key(session=session, key=green + 'x')
+        assert green[17:23] not in str(mistyped.value) and green[:16] in str(mistyped.value)
     assert await authenticate_api_key(acme) is None
     caller = await authenticate_api_key(green)
     assert caller is not None and caller.account_slug == 'green-grocer' and caller.scopes == {'chat', 'read'}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from agentrt.services.pg_text import is_storable, storable, storable_text
+import pytest
+
+from agentrt.db.errors import InvalidInputError
+from agentrt.services.pg_text import checked_identifier, is_storable, storable, storable_text
 
 
 def test_storable_text_replaces_only_nul_and_lone_surrogates() -> None:
@@ -22,3 +25,15 @@ def test_storable_walks_json_values_keys_included() -> None:
 def test_is_storable_says_whether_storable_text_would_change_it() -> None:
     assert is_storable('plain é 中 \U0001f600 \x01') and is_storable('')
     assert not any(is_storable(text) for text in ('\x00', 'a\ud800', '\udfffb', 'x' * 10_000 + '\x00'))
+
+
+def test_an_identifier_refused_shows_none_of_a_secret_pasted_into_it() -> None:
+    key = 'sk-proj-' + 'aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9fG1hJ3'
+    for value in (key + '\x00', 'conv-' + key + '\ud800', '\x00' + key):
+        with pytest.raises(InvalidInputError) as refused:
+            checked_identifier(value, 'conversation id')
+        message = str(refused.value)
+        assert 'conversation id' in message and 'PostgreSQL cannot store' in message
+        assert key[:12] not in message and key[-12:] not in message, message
+    with pytest.raises(InvalidInputError, match="'plain-id") as refused:
+        checked_identifier('plain-id\x00', 'conversation id')

@@ -135,3 +135,13 @@ async def test_messages_are_not_wrapped_when_the_output_is_a_pipe(demo_data: Non
     assert seeded.returncode == 0, seeded.stderr
     [line] = seeded.stdout.splitlines()
     assert len(line) > 80 and line.startswith('seeded: ') and line.endswith('directory entries'), seeded.stdout
+
+
+async def test_a_mistyped_whole_key_given_to_revoke_shows_none_of_its_secret(database_url: str) -> None:
+    # `revoke` takes the whole key too; one with a character too many or too few, or a space before it, was quoted to
+    # 40 characters: art_, its 12 hex digits, _ and 23 characters of the secret (too short for the key's redaction).
+    key = 'art_0123456789ab_' + 'Zq8Xw7Vu6Ts5Rq4Po3Nm2Lk1Jh0Gf9Ed8Cb7Aa6Yy5X'
+    for pasted in (key + 'x', key[:-1], f' {key}!'):
+        result = await invoke('keys', 'revoke', pasted, env={'DATABASE_URL': database_url})
+        assert result.exit_code == 2 and result.stderr.startswith('error: not an API key id'), result.stderr
+        assert 'Zq8Xw7' not in result.stderr and 'art_0123456789ab' in result.stderr, result.stderr

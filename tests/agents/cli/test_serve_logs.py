@@ -20,11 +20,18 @@ logging.config.dictConfig(_log_config('INFO'))
 logging.getLogger('uvicorn.access').info(
     '%s - "%s %s HTTP/%s" %d', '127.0.0.1:5000', 'GET', '/api/v1/conversations/{SECRET}?api_key={SECRET}', '1.1', 404
 )
+# Percent-encoded, as uvicorn quotes a path and as a client sends a query: '%20' before the key hid it from the rules.
+logging.getLogger('uvicorn.access').info(
+    '%s - "%s %s HTTP/%s" %d', '127.0.0.1:5000', 'GET', '/api/v1/conversations/a%20{SECRET}?q=key%3A{SECRET}', '1.1',
+    422,
+)
 try:
     raise RuntimeError('provider said: invalid key {SECRET}')
 except RuntimeError as exc:
     logging.getLogger('uvicorn.error').error('Exception in ASGI application\\n', exc_info=exc)
 logging.getLogger('uvicorn.error').info('client sent %s', '{SECRET}')
+# What `--log-level trace` prints of each request (uvicorn's message logger): its scope, the raw path and query in it.
+logging.getLogger('uvicorn.asgi').info('ASGI [1] Started scope=%s', {{'query_string': b'q=x%3A{SECRET}'}})
 """
 
 
@@ -34,6 +41,7 @@ def test_uvicorns_access_and_error_lines_are_redacted(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert '"GET /api/v1/conversations/[REDACTED]?api_key=[REDACTED] HTTP/1.1" 404' in done.stdout
+    assert '"GET /api/v1/conversations/a%20[REDACTED]?q=key%3A[REDACTED] HTTP/1.1" 422' in done.stdout
     assert 'Exception in ASGI application' in done.stderr and 'RuntimeError: provider said: invalid key' in done.stderr
     assert 'client sent [REDACTED]' in done.stderr
     assert 'aB3dE5fG7hJ9' not in done.stdout + done.stderr

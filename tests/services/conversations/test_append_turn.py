@@ -31,7 +31,7 @@ from agentrt.services.conversations import (
     load_recent_conversation,
     save_turn,
 )
-from agentrt.services.conversations._store import message_json
+from agentrt.services.conversations._stored import message_json
 from agentrt.services.conversations._titles import title_and_summary
 from tests.factories import scalar
 from tests.services.conversations.test_store import assert_chain, count_rows

@@ -26,7 +26,7 @@ from agentrt.services.conversations import (
     summary_due,
     summary_source,
 )
-from agentrt.services.conversations._titles import title_and_summary, title_and_summary_from
+from agentrt.services.conversations._titles import TEXT_SCAN_CHARS, title_and_summary, title_and_summary_from
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -226,3 +226,16 @@ async def test_the_handed_over_text_of_a_model_is_stored_with_nul_and_lone_surro
     row = await _row(account_id, 'c1')
     assert row['title'] == '\ufffdWhere is\ufffd radiology' and row['summary_head_id'] == head
     assert 'floor\ufffd 2\ufffd' in row['summary'], row['summary']
+
+
+@pytest.mark.parametrize(('before', 'blank'), [('', ' '), ('', '\n'), ('My key:', '\n')])
+def test_a_secret_the_scan_window_cuts_shows_none_of_itself_in_the_title_or_summary(before: str, blank: str) -> None:
+    # Only the first TEXT_SCAN_CHARS of a text are redacted; a secret that window cut in two was no longer one the
+    # rules knew, and once the whitespace before it was squashed its first part was the title.
+    secret = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9fG1hJ3'
+    question = before + blank * (TEXT_SCAN_CHARS - 20 - len(before)) + secret
+    messages = _exchange(question, 'An answer')
+
+    title, summary = title_and_summary(_chain(messages), None)
+
+    assert title is not None and 'aB3dE5' not in title and 'aB3dE5' not in summary, (title, summary)

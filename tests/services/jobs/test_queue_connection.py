@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Generator
 from typing import Any
 
@@ -104,3 +107,38 @@ async def test_a_queue_whose_server_goes_away_as_it_opens_leaves_no_pool_running
 def _queue_pool_tasks() -> list[str]:
     """The tasks of a queue pool still running in this loop (psycopg names them after the pool)."""
     return sorted(task.get_name() for task in asyncio.all_tasks() if task.get_name().startswith('agentrt-jobs'))
+
+
+async def test_openings_that_wait_for_each_other_on_a_second_event_loop(database_url: str) -> None:
+    """Two openings of the queue at once on one `asyncio.run`, then on the next (a script's turns, each queueing its
+    jobs): the lock they queue on was one for the process, bound to the first loop that waited on it, and the second
+    loop's waiter got asyncio's raw "RuntimeError: <Lock> is bound to a different event loop"."""
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from agentrt.db.engine import init_database
+        from agentrt.services.jobs import close_queue, open_queue
+
+        async def two_openings(close):
+            await init_database()
+            opened = await asyncio.gather(open_queue(), open_queue(), return_exceptions=True)
+            print([type(app).__name__ for app in opened])
+            if close:
+                await close_queue()
+
+        asyncio.run(two_openings(close=False))  # ends without closing it, as a script's asyncio.run(simple_chat()) does
+        asyncio.run(two_openings(close=True))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', script],
+        capture_output=True,
+        text=True,
+        env={**env, 'DATABASE_URL': database_url},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['App', 'App']"] * 2, done.stdout + done.stderr

@@ -18,7 +18,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.roles import Unscoped
-from agentrt.services.conversations._store import message_json
+from agentrt.services.conversations._stored import message_json
 from agentrt.services.ledger import (
     LLMRequestTracker,
     _contents,

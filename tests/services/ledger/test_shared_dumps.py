@@ -25,7 +25,7 @@ from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
-from agentrt.services.conversations._store import _message_adapter, _storable_json, message_json
+from agentrt.services.conversations._stored import message_adapter, message_json, storable_json
 from agentrt.services.ledger import dumped_message_json, get_request_tracker
 from agentrt.services.ledger._contents import JsonBody, RunBodies
 from tests.factories import listening
@@ -186,13 +186,13 @@ def test_a_request_with_a_nul_is_stored_as_before() -> None:
     request = _sent(ToolReturnPart('lookup', 'a\x00b', tool_call_id='c1'))
     assert '\\u0000' in (dumped_message_json(request) or '')
     stored = message_json(request)
-    assert '\\u0000' not in stored and stored == _storable_json(_message_adapter, request)
+    assert '\\u0000' not in stored and stored == storable_json(message_adapter, request)
 
 
 def test_a_request_with_a_lone_surrogate_is_stored_as_before() -> None:
     request = _sent(UserPromptPart('caf\ud800'))
     assert dumped_message_json(request) is None  # the ledger could not dump it to JSON text
-    assert message_json(request) == _storable_json(_message_adapter, request)
+    assert message_json(request) == storable_json(message_adapter, request)
 
 
 def test_a_request_dumped_with_the_ledgers_fallback_is_not_shared() -> None:

@@ -1,0 +1,70 @@
+"""The runtime started by the first request when the app's own lifespan never ran: `create_app()` mounted inside
+another application (`app.mount('/agent', create_app())`), whose server runs only the outer app's lifespan.
+
+Starlette runs the lifespan of the application it serves, never a mounted one's. Without this, every request of a
+mounted `create_app()` failed as if PostgreSQL were down (503 `database_unavailable`, `/health/ready` "unreachable"),
+its cause (the runtime never started) only in the log. A turn started the database itself (`simple_chat` does), but
+the key check before it did not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agentrt.agents.runtime import configure_observability
+from agentrt.db.engine import current_engine, init_database
+from agentrt.db.settings import Settings
+from agentrt.services.ledger import get_request_tracker
+
+logger = logging.getLogger('agentrt.api')
+
+
+@dataclass
+class RuntimeStart:
+    """Whether the app's lifespan started the runtime (then nothing is left to do here)."""
+
+    settings: Settings | None
+    by_lifespan: bool = False
+    said: bool = False
+
+
+class StartsRuntime:
+    """ASGI middleware: before a request, start the runtime if the app's lifespan did not (a mounted app).
+
+    The start is the lifespan's (tracing set-up, database started and migrated, spooled ledger rows replayed), once;
+    a start that fails leaves the request to fail as it would have (503), and the next request tries again. Nothing
+    shuts the runtime down at the end: the outer application's shutdown calls `shutdown_runtime()`, or runs this
+    app's lifespan inside its own (README "Serving over HTTP").
+
+    Args:
+        app: the application.
+        start: the app's start state, shared with its lifespan.
+    """
+
+    def __init__(self, app: ASGIApp, start: RuntimeStart) -> None:
+        self.app = app
+        self.start = start
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start the runtime if needed, then pass the request on."""
+        if scope['type'] == 'http' and not self.start.by_lifespan and current_engine() is None:
+            await self._start()
+        await self.app(scope, receive, send)
+
+    async def _start(self) -> None:
+        configure_observability()
+        try:
+            await init_database(self.start.settings, allow_behind=True)
+        except Exception as exc:  # the request fails as it would have, saying why; the next one tries again
+            logger.warning('the runtime could not start for a request: %s', exc)
+            return
+        get_request_tracker().replay_pending_in_background()
+        if not self.start.said:
+            self.start.said = True
+            logger.info(
+                "agentrt's app started the runtime at its first request: its lifespan did not run (an app mounted in "
+                'another, whose lifespan should call shutdown_runtime() at its end)'
+            )

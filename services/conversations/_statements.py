@@ -1,0 +1,137 @@
+"""The conversation store's SQL: a conversation's tail read (alone, or with a turn's claim in one round trip), a turn's
+save (the record swapped, its entries added and its claim released in one statement), and the pruning of entries no
+record reaches. The hot ones are `DriverStatement`s, run on the driver connection (`agentrt.db.driver`)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy import text
+
+from agentrt.db.driver import DriverStatement
+
+# First key of the two-key advisory lock that orders writes against pruning, per account.
+LOCK_NAMESPACE = 0x636F6E76  # 'conv'
+
+# Entries that no record of the account reaches: from every head and branch tip, walk up the parents.
+PRUNE_UNREACHABLE = text("""
+WITH RECURSIVE reachable(id) AS (
+    SELECT tip FROM (
+        SELECT head_id AS tip FROM conversations WHERE account_id = :account_id
+        UNION
+        SELECT jsonb_array_elements_text(record -> 'branches') FROM conversations WHERE account_id = :account_id
+    ) AS tips
+    WHERE tip IS NOT NULL
+    UNION
+    SELECT e.parent_id
+    FROM conversation_entries AS e JOIN reachable AS r ON e.id = r.id
+    WHERE e.account_id = :account_id AND e.parent_id IS NOT NULL
+)
+DELETE FROM conversation_entries AS e
+WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WHERE r.id = e.id)
+""")
+
+
+# The record and the newest entries of a conversation, in one statement: from the head back, one entry at a time,
+# while the JSON read so far is under the cap (the entry that crosses it is the last one read). Bodies come back as
+# text, validated from the text. No row: no record; one row with a NULL id: a record without messages.
+_TAIL_CTES = """conv AS (
+    SELECT record::text AS record, head_id, title, summary_head_id
+    FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
+), walk(id, parent_id, kind, body, total, depth) AS (
+    SELECT e.id, e.parent_id, e.kind, b.body, length(b.body), 1
+    FROM conv
+    JOIN conversation_entries AS e ON e.account_id = :account_id AND e.id = conv.head_id
+    CROSS JOIN LATERAL (SELECT e.message::text AS body) AS b
+    UNION ALL
+    SELECT p.id, p.parent_id, p.kind, b.body, w.total + length(b.body), w.depth + 1
+    FROM walk AS w
+    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
+    CROSS JOIN LATERAL (SELECT p.message::text AS body) AS b
+    WHERE w.total < :cap AND w.depth < :max_messages
+)"""
+_TAIL_COLUMNS = 'conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body'
+_TAIL = text(f"""
+WITH RECURSIVE {_TAIL_CTES}
+SELECT {_TAIL_COLUMNS}
+FROM conv LEFT JOIN walk ON true
+ORDER BY walk.depth DESC
+""")
+
+
+@cache
+def claimed_tail(claim_sql: str) -> DriverStatement:
+    """`claim_sql` (a statement that returns a row when it took the claim) and the tail, in one statement: a chat
+    turn's claim and load in one round trip. A data-modifying CTE runs once, to completion, whatever the query reads.
+
+    Columns: the rows the claim returned (0: not taken); the claims of other turns the statement's snapshot shows
+    (see `PostgresConversationStore.claim_and_read_tail`); then `_TAIL`'s (all NULL without a record).
+    """
+    return DriverStatement.of(
+        text(f"""
+WITH RECURSIVE claimed AS ({claim_sql}), {_TAIL_CTES}
+SELECT taken.count, (
+    SELECT count(*) FROM conversation_turns
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id <> :claim_id
+), {_TAIL_COLUMNS}
+FROM (SELECT count(*) FROM claimed) AS taken LEFT JOIN (conv LEFT JOIN walk ON true) ON true
+ORDER BY walk.depth DESC
+""")
+    )
+
+
+# A turn's save when the record is already stored: the account's shared write lock, the record swapped if it still
+# has the revision the turn loaded, the turn's entries added and its claim released, all only if the swap happened.
+_LOCKED = 'locked AS (SELECT pg_advisory_xact_lock_shared(CAST(:namespace AS integer), CAST(:lock_key AS integer)))'
+# The title and summary a turn may save with its messages (post-turn work riding on the save, when due): the title
+# only when the conversation has none, the summary with the head it was written from; NULLs leave them as they were.
+_SUMMARY_SET = """title = coalesce(conversations.title, CAST(:title AS varchar)),
+        summary = coalesce(CAST(:summary AS text), conversations.summary),
+        summary_head_id = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summary_head_id
+            ELSE CAST(:head_id AS varchar) END,
+        summarised_at = CASE WHEN CAST(:summary AS text) IS NULL THEN conversations.summarised_at ELSE now() END"""
+_APPEND_REST = """
+added AS (
+    INSERT INTO conversation_entries (id, account_id, parent_id, kind, message)
+    SELECT e.id, :account_id, e.parent_id, e.kind, CAST(e.message AS jsonb)
+    FROM unnest(
+        CAST(:ids AS text[]), CAST(:parent_ids AS text[]), CAST(:kinds AS text[]), CAST(:messages AS text[])
+    ) AS e(id, parent_id, kind, message)
+    WHERE EXISTS (SELECT FROM swapped)
+    RETURNING 1
+), released AS (
+    DELETE FROM conversation_turns
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
+        AND EXISTS (SELECT FROM swapped)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM swapped), (SELECT count(*) FROM released)
+"""
+_APPEND_UPDATE = text(f"""
+WITH {_LOCKED}, swapped AS (
+    UPDATE conversations
+    SET scope = :scope, head_id = :head_id, revision = :revision, record = CAST(:record AS jsonb),
+        updated_at = :updated_at, {_SUMMARY_SET}
+    FROM locked
+    WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
+    RETURNING 1
+), {_APPEND_REST}""")
+_APPEND_CREATE = text(f"""
+WITH {_LOCKED}, swapped AS (
+    INSERT INTO conversations (
+        account_id, conversation_id, scope, head_id, revision, record, updated_at,
+        title, summary, summary_head_id, summarised_at
+    )
+    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at,
+        CAST(:title AS varchar), CAST(:summary AS text),
+        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE CAST(:head_id AS varchar) END,
+        CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE now() END
+    FROM locked
+    ON CONFLICT (account_id, conversation_id) DO NOTHING
+    RETURNING 1
+), {_APPEND_REST}""")
+# The turn's own load and save run on the driver connection (`agentrt.db.driver`): the same SQL, prepared once per
+# connection, without SQLAlchemy's statement and row machinery.
+TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
+APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
+APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)

@@ -1,0 +1,110 @@
+"""`create_app()` mounted inside another application: the first request starts the runtime (`api/runtime_start.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.api.conftest import Keys
+
+MOUNTED = textwrap.dedent(
+    """
+    import asyncio, sys
+    import httpx2 as httpx
+    from fastapi import FastAPI
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.api.app import create_app
+
+    outer = FastAPI()  # the program's own app; a server runs its lifespan, never a mounted app's
+    outer.mount('/agent', create_app())
+
+    @outer.get('/mine')
+    async def mine():
+        return {'mine': True}
+
+    async def main():
+        transport = httpx.ASGITransport(app=outer)  # runs no lifespan at all
+        async with httpx.AsyncClient(transport=transport, base_url='http://test') as client:
+            print((await client.get('/mine')).json())
+            me = await client.get('/agent/api/v1/me', headers={'Authorization': f'Bearer {sys.argv[1]}'})
+            print(me.status_code, me.json().get('account'))
+            print((await client.get('/agent/health/ready')).json()['status'])
+            turn = await client.post(
+                '/agent/api/v1/conversations/mounted-1/turns',
+                json={'message': 'Dermatologists in Boston'},
+                headers={'Authorization': f'Bearer {sys.argv[1]}'},
+            )
+            print(turn.status_code, 'Dermatology' in turn.json().get('output', ''))
+        await shutdown_runtime()  # what the program's own shutdown does
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_mounted_app_starts_the_runtime_at_its_first_request(database_url: str, keys: Keys) -> None:
+    """`outer.mount('/agent', create_app())`: Starlette runs only the served app's lifespan, so the mounted app's
+    never started the runtime, and every request answered 503 `database_unavailable` ("unreachable" from
+    `/health/ready`) with PostgreSQL up. Now its first request starts it, and the turn runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', MOUNTED, keys.acme],
+        capture_output=True,
+        text=True,
+        env={**env, 'DATABASE_URL': database_url},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["{'mine': True}", '200 acme-health', 'ready', '200 True'], (
+        done.stdout + done.stderr
+    )
+
+
+def _readme_mount_example() -> str:
+    """The ```python block README's "Serving over HTTP" gives for mounting the app in a program's own."""
+    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    section = text[text.index('In your own FastAPI application, mount it') :]
+    match = re.search(r'```python\n(.*?)```', section, re.DOTALL)
+    assert match is not None, 'README.md: no python block after "In your own FastAPI application, mount it"'
+    return match.group(1)
+
+
+async def test_the_readmes_mounting_example_runs_as_written(database_url: str, keys: Keys) -> None:
+    """README's lifespan for a program that mounts the app: started before the first request, shut down at its end."""
+    runner = textwrap.dedent(
+        """
+        import asyncio, sys
+        import httpx2 as httpx
+        from agentrt.db.engine import current_engine
+
+        async def main():
+            async with app.router.lifespan_context(app):  # what the program's server runs
+                print('started', current_engine() is not None)
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url='http://test') as client:
+                    me = await client.get('/agent/api/v1/me', headers={'Authorization': f'Bearer {sys.argv[1]}'})
+                    print(me.status_code, me.json().get('account'))
+            print('stopped', current_engine() is None)
+
+        asyncio.run(main())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, '-c', _readme_mount_example() + runner, keys.acme],
+        capture_output=True,
+        text=True,
+        env={**env, 'DATABASE_URL': database_url},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['started True', '200 acme-health', 'stopped True'], done.stdout + done.stderr
