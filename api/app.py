@@ -33,12 +33,13 @@ from agentrt.agents.simple_chat import default_chat_agent
 from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
+from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
-from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, WebUIFiles
+from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, FilesMount, WebUIFiles
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
@@ -114,6 +115,7 @@ def create_app(
     # starts the runtime instead.
     app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
+    app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500
     app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
     app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included
     app.include_router(chat.router)
@@ -123,11 +125,14 @@ def create_app(
         app.include_router(chat_agui.router)
     for module in (conversations, audit, costs, budget, me, health):
         app.include_router(module.router)
-    # Mounted last: every API route is matched before a file is looked for.
+    # Mounted last: every API route is matched before a file is looked for (and a path of the API is never a file's).
+    files = None
     if static_dir is not None:
-        app.mount('/', WebUIFiles(directory=static_dir), name='static')
+        files = WebUIFiles(directory=static_dir)
     elif web_ui:
-        app.mount('/', WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS), name='static')
+        files = WebUIFiles(directory=WEB_UI_DIR, headers=WEB_UI_HEADERS)
+    if files is not None:
+        app.router.routes.append(FilesMount('/', files, router=app.router, name='static'))
     return app
 
 

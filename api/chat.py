@@ -17,7 +17,7 @@ from typing import Literal, cast
 from fastapi import APIRouter, Query, Request
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
 from pydantic_ai.ui.vercel_ai.request_types import RequestData, TextUIPart
-from pydantic_ai.ui.vercel_ai.response_types import BaseChunk
+from pydantic_ai.ui.vercel_ai.response_types import BaseChunk, FinishStepChunk
 from starlette.responses import Response
 
 from agentrt.api.auth import ChatCaller
@@ -36,12 +36,29 @@ AGENT_QUERY = Query(None, min_length=1, max_length=64, description="One of the a
 
 
 class SafeVercelStream(VercelAIEventStream[SessionDependencies, str]):
-    """The Vercel event stream with an error event that says what the client may know, and an error id."""
+    """The Vercel event stream with an error event that says what the client may know, and an error id; and no
+    `finish-step` closing a step that never started."""
+
+    _stepped = False
+    """Whether a model response started a step (`start-step`)."""
 
     async def on_error(self, error: Exception) -> AsyncIterator[BaseChunk]:
         """Replace the exception's text (which could quote SQL, hosts or a provider's body) by a public message."""
         async for chunk in super().on_error(Exception(stream_error(error).stream_text())):
             yield chunk
+
+    async def before_response(self) -> AsyncIterator[BaseChunk]:
+        """pydantic-ai's step chunks, noting that a step started."""
+        self._stepped = True
+        async for chunk in super().before_response():
+            yield chunk
+
+    async def after_stream(self) -> AsyncIterator[BaseChunk]:
+        """pydantic-ai's end of stream, without its `finish-step` when no step started: a turn refused (its budget)
+        or failed before its first model response streamed `start`, `error`, `finish-step`, a step closed unopened."""
+        async for chunk in super().after_stream():
+            if self._stepped or not isinstance(chunk, FinishStepChunk):
+                yield chunk
 
 
 @dataclass

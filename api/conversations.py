@@ -140,7 +140,8 @@ async def delete(
     record = await store.read_record(conversation_id)
     if record is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
-    revision = _revision(if_match) or record.revision
+    named = _revisions(if_match)
+    revision = record.revision if not named or record.revision in named else named[0]
     try:
         await store.delete_record(conversation_id, expected_revision=revision)
     except ConversationConflict as exc:
@@ -215,10 +216,13 @@ async def run_turn(
     )
 
 
-def _revision(if_match: str | None) -> str | None:
-    """The revision an `If-Match` header names: its entity tag, quoted or not, weak (`W/"..."`) or strong; None for
-    no header or `*` (RFC 9110: any current revision), which deletes whatever revision is there."""
-    tag = (if_match or '').strip()
-    if tag in ('', '*'):
-        return None
-    return tag.removeprefix('W/').strip('"') or '""'  # an empty tag matches no revision
+def _revisions(if_match: str | None) -> list[str]:
+    """The revisions an `If-Match` header names: its entity tags (RFC 9110: a comma-separated list, any of which
+    matches), each quoted or not, weak (`W/"..."`) or strong; none for no header or `*` (any current revision), which
+    deletes whatever revision is there."""
+    value = (if_match or '').strip()
+    if value in ('', '*'):
+        return []
+    tags = [tag.strip() for tag in value.split(',')]  # a revision never holds a comma
+    # An empty tag (and a header of commas only) matches no revision.
+    return [tag.removeprefix('W/').strip('"') or '""' for tag in tags if tag] or ['""']

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime
@@ -45,6 +47,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, Route
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
@@ -120,9 +123,10 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """Map an exception to what the client may see, and log it under a new error id.
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
-    capacity, an expected and documented answer), PostgreSQL away (503 `database_unavailable` for a connection that
-    could not be made or was lost: each turn through an outage says so) and a model provider's or a model's failure
-    (502: the ledger row holds the rest) at WARNING in one line; everything else at ERROR with the traceback.
+    capacity, an expected and documented answer), a request the shutdown stopped (503 `shutting_down`), PostgreSQL
+    away (503 `database_unavailable` for a connection that could not be made or was lost: each turn through an outage
+    says so) and a model provider's or a model's failure (502: the ledger row holds the rest) at WARNING in one line;
+    everything else at ERROR with the traceback.
 
     Args:
         exc: the exception.
@@ -130,7 +134,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
-    if type_ == 'busy' or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
+    if type_ in _ONE_LINE or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
         # buried real errors (an outage of 10 s: 367 turns refused, 23,000 lines)
         logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
     elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
@@ -162,6 +166,9 @@ def _outage(exc: BaseException) -> bool:
         return False
     return isinstance(exc, DatabaseDisconnectedError) or cannot_connect(exc) or lost_connection(exc)
 
+
+# 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
+_ONE_LINE = frozenset({'busy', 'shutting_down'})
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
 # run, the ledger, the route) and says nothing the error, its id and the ledger row do not.
@@ -274,6 +281,19 @@ _FASTAPI_UNPARSED_BODY = 'There was an error parsing the body'
 _UNPARSED_BODY = 'the body is not JSON this server can read: send UTF-8 text nested at most a few hundred levels deep'
 
 
+def _unparsed_body(cause: BaseException | None) -> str:
+    """What is wrong with a JSON body Python's parser could not read (FastAPI's 400 for the JSON turn)."""
+    if isinstance(cause, UnicodeDecodeError):
+        where = f'byte {cause.start} (0x{cause.object[cause.start]:02X})' if cause.start < len(cause.object) else 'it'
+        return f'the body is not UTF-8 text: {where} is not UTF-8; send the JSON in UTF-8'
+    if isinstance(cause, RecursionError):
+        return 'the body nests deeper than this server reads JSON (a few hundred levels); send it less deeply nested'
+    if isinstance(cause, ValueError) and 'integer string conversion' in str(cause):
+        limit = sys.get_int_max_str_digits()
+        return f'the body has a number of more than {limit:,} digits, longer than this server reads; send it as text'
+    return _UNPARSED_BODY
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error a request can raise through `public_error`, so none answers with internal text."""
 
@@ -289,10 +309,14 @@ def install_error_handlers(app: FastAPI) -> None:
         error_id = new_error_id()
         logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
+        headers = exc.headers
+        allowed = _allowed_methods(request) if exc.status_code == 405 else []
+        if allowed:  # Starlette's names the methods of the first route of the path, not of them all
+            headers = {**(headers or {}), 'Allow': ', '.join(allowed)}
         if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSED_BODY:
             # FastAPI's words for a JSON body that is not UTF-8 or nests deeper than Python's parser goes.
-            body.update(detail=_UNPARSED_BODY, field='body')
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+            body.update(detail=_unparsed_body(exc.__cause__), field='body')
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -320,10 +344,35 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(known, on_error)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes)."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods, key=lambda method: (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else 99, method))
+
+
+def _routes(routes: list[BaseRoute]) -> Iterator[Route]:
+    """The routes in `routes`, those of included routers too (FastAPI keeps a router it includes as one entry)."""
+    for route in routes:
+        if isinstance(route, Route):
+            yield route
+        included = getattr(route, 'original_router', None)
+        if included is not None:
+            yield from _routes(included.routes)
+
+
+_METHOD_ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']
+
+
 def _validation_message(error: dict[str, Any], body: Any) -> str:
     """A validation error's message; for a lone surrogate escape, one that says so (pydantic's says only that it was
-    "unable to parse raw data as a unicode string")."""
+    "unable to parse raw data as a unicode string"); for a body that is not JSON, with the parser's reason."""
     text = error.get('input')
+    reason = (error.get('ctx') or {}).get('error')
+    if error.get('type') == 'json_invalid' and isinstance(reason, str):  # FastAPI's "JSON decode error" alone
+        return f'{error.get("msg", "JSON decode error")}: {reason}'
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)
         return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))

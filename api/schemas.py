@@ -42,7 +42,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {'model': ErrorOut, 'description': 'No API key, or an invalid or revoked one.'},
     403: {'model': ErrorOut, 'description': 'The API key lacks the scope this route needs.'},
     422: {'model': ErrorOut, 'description': 'A bad body, path or query value (`field` names it).'},
-    503: {'model': ErrorOut, 'description': 'The database is unavailable or the server is busy.'},
+    503: {'model': ErrorOut, 'description': 'The database is unavailable, the server is busy, or it is shutting down.'},
 }
 
 

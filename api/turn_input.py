@@ -42,7 +42,7 @@ def check_http_turn(
         return check_turn_input(message, session_id=conversation_id, account=account, agent_instance=agent)
     except InvalidInputError as exc:
         field = {'message': message_field, 'session_id': id_field, 'agent_instance': 'agent'}.get(exc.field, exc.field)
-        raise InvalidInputError(str(exc), field=field) from exc
+        raise InvalidInputError(_in_http_words(exc), field=field) from exc
 
 
 def check_conversation_id(conversation_id: str, *, account: str) -> str:
@@ -54,7 +54,14 @@ def check_conversation_id(conversation_id: str, *, account: str) -> str:
     try:
         return validate_identifiers(session_id=conversation_id, account=account)[0]
     except InvalidInputError as exc:
-        raise InvalidInputError(str(exc), field='conversation_id') from exc
+        raise InvalidInputError(_in_http_words(exc), field='conversation_id') from exc
+
+
+def _in_http_words(exc: InvalidInputError) -> str:
+    """The error's message with the conversation called what the HTTP API calls it (`simple_chat`'s words are
+    "session id")."""
+    message = str(exc)
+    return message.replace('the session id', 'the conversation id', 1) if exc.field == 'session_id' else message
 
 
 def require_json(request: Request) -> None:
@@ -153,7 +160,7 @@ def _not_utf8_json(body: bytes) -> str | None:
     """Why `body` is not even UTF-8 JSON text (a byte order mark, UTF-16, bytes that are not UTF-8), or None."""
     if body.startswith(_BYTE_ORDER_MARKS):
         return 'it starts with a byte order mark; send UTF-8 JSON without one'
-    problem = not_utf8(body)
+    problem = not_utf8(body, advice='send the body as UTF-8 text')  # not the URL's advice: percent-encoding
     if problem is not None:
         return f'it is not UTF-8 text: {problem}'
     nul = body.find(b'\x00')

@@ -15,7 +15,9 @@ however it ends. A client that disconnects cancels the run at once: the ledger r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from asyncio import CancelledError
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +32,14 @@ from pydantic_ai.run import AgentRunResultEvent
 from pydantic_ai.ui import UIAdapter
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from agentrt.agents.chat_turn import Turn, finish_turn, open_turn
 from agentrt.agents.observability import start_turn_span, within_turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_input import TurnInput
+from agentrt.api.cut_off import STOPPED
+from agentrt.api.errors import ApiError
 from agentrt.services.pg_text import storable_text
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -61,6 +65,10 @@ class TurnStreamingResponse(StreamingResponse):
 
     The run closes it first, when it ends (`_run`); this is for a response whose stream never started (the client
     left before the first byte), whose generator has no `finally` to run. Closing twice is harmless.
+
+    A stream the server's shutdown cancels (still running when `--shutdown-seconds` ran out) ends with `stopped`, the
+    protocol's error and end events: the connection was cut mid-stream, which a client could only take for a network
+    failure ("incomplete chunked read"), with no error id and nothing saying that it may send the turn again.
     """
 
     def __init__(
@@ -70,14 +78,28 @@ class TurnStreamingResponse(StreamingResponse):
         *,
         headers: Mapping[str, str] | None,
         media_type: str,
+        stopped: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         super().__init__(content, headers=headers, media_type=media_type)
         self._turn = turn
+        self._stopped = stopped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the stream; then, or when the client has gone, close the turn."""
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message['type'] == 'http.response.start'
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, watched_send)
+        except CancelledError:
+            if started and self._stopped is not None:  # before the start, `CutOffAnswer` answers 503
+                with contextlib.suppress(Exception):  # a connection gone meanwhile: nobody to tell
+                    await send({'type': 'http.response.body', 'body': await self._stopped(), 'more_body': False})
+            raise
         finally:
             await self._turn.aclose()
 
@@ -112,8 +134,23 @@ async def stream_turn(
     protocol = adapter.build_event_stream()
     events = _encodable(adapter.transform_stream(_run(turn, turn_input, stack, span)))
     return TurnStreamingResponse(
-        adapter.encode_stream(events), stack, headers=protocol.response_headers, media_type=protocol.content_type
+        adapter.encode_stream(events),
+        stack,
+        headers=protocol.response_headers,
+        media_type=protocol.content_type,
+        stopped=lambda: _stopped_events(adapter),
     )
+
+
+async def _stopped_events(adapter: UIAdapter[Any, Any, Any, SessionDependencies, str]) -> bytes:
+    """The protocol's events ending a stream the shutdown stopped: its error event (503 `shutting_down`'s message and
+    an error id), then its end (Vercel's `finish` and `[DONE]`; AG-UI's `RUN_ERROR` is its end)."""
+    protocol = adapter.build_event_stream()
+    encoded = [
+        protocol.encode_event(event) async for event in protocol.on_error(ApiError(503, 'shutting_down', STOPPED))
+    ]
+    encoded += [protocol.encode_event(event) async for event in protocol.after_stream()]
+    return b''.join(part.encode() if isinstance(part, str) else part for part in encoded)
 
 
 async def _run(

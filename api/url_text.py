@@ -59,8 +59,13 @@ def url_refusal(raw_path: bytes, query_string: bytes) -> InvalidInputError | Non
     return None
 
 
-def not_utf8(data: bytes) -> str | None:
-    """What is wrong with `data` as UTF-8 (the bad bytes, percent-encoded, and where), or None when it is text."""
+URL_ADVICE = 'percent-encode the UTF-8 bytes of the text'
+"""What `not_utf8` tells a client to do about a URL."""
+
+
+def not_utf8(data: bytes, *, advice: str = URL_ADVICE) -> str | None:
+    """What is wrong with `data` as UTF-8 (the bad bytes, percent-encoded, and where), and `advice`; or None when it
+    is text."""
     try:
         data.decode()
     except UnicodeDecodeError as exc:
@@ -68,10 +73,10 @@ def not_utf8(data: bytes) -> str | None:
         if surrogate is not None:
             return (
                 f'{_percent(surrogate.group())} at byte {surrogate.start()} is an encoded lone surrogate (half of a '
-                'UTF-16 pair), not a character; percent-encode the UTF-8 bytes of the text'
+                f'UTF-16 pair), not a character; {advice}'
             )
         bad = _percent(data[exc.start : exc.end])
-        return f'{bad} at byte {exc.start} is not UTF-8 ({exc.reason}); percent-encode the UTF-8 bytes of the text'
+        return f'{bad} at byte {exc.start} is not UTF-8 ({exc.reason}); {advice}'
     return None
 
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from starlette.responses import Response
+from starlette.routing import Match, Mount, Router
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
 
 WEB_UI_DIR = Path(__file__).resolve().parent / 'static'
 """The packaged web UI (package data of `agentrt.api`)."""
@@ -43,3 +44,32 @@ class WebUIFiles(StaticFiles):
         response = await super().get_response(path, scope)
         response.headers.update(self._headers)
         return response
+
+
+class FilesMount(Mount):
+    """A `Mount` of files that takes no request an earlier route of `router` matches by its path.
+
+    Starlette's router prefers a route that matches fully to one whose path matches but not its method, so files
+    mounted at `/` answered every method an API route does not serve: `HEAD /health/live` was the files' 404, and
+    `DELETE /api/v1/chat` their 405 with `Allow: GET, HEAD`. Such a request goes to the API route now, whose 405
+    names the methods it serves.
+    """
+
+    def __init__(self, path: str, app: ASGIApp, *, router: Router, name: str | None = None) -> None:
+        """Mount `app` at `path`, after the routes of `router` (which it must be the last of)."""
+        super().__init__(path, app=app, name=name)
+        self._router = router
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """No match for a path an API route has (its method aside), with or without a trailing slash (the router
+        redirects it to the route's: `POST /api/v1/chat/` was the files' 405); else the mount's own."""
+        path = scope['path']
+        other = path.removesuffix('/') if path.endswith('/') else path + '/'
+        for route in self._router.routes:
+            if route is self:
+                break
+            if route.matches(scope)[0] is not Match.NONE:
+                return Match.NONE, {}
+            if path != '/' and route.matches({**scope, 'path': other})[0] is not Match.NONE:
+                return Match.NONE, {}
+        return super().matches(scope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -19,6 +20,10 @@ _INFINITE = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 """The instants asyncpg stores as -infinity and infinity."""
 
 MAX_LIMIT_USD = Decimal('1000000000')
+MAX_LIMIT_PLACES = 12
+"""Decimal places a limit may have: a millionth of a micro-dollar."""
+_FINEST = Decimal(1).scaleb(-MAX_LIMIT_PLACES)
+_AMOUNT = re.compile(r'(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?')
 _START, _END = window_sql('b', 'now()')
 
 _STATUS = text(f"""
@@ -79,22 +84,40 @@ class BudgetStatus:
 
 
 def parse_limit(value: str | Decimal | float | int) -> Decimal:
-    """A limit in USD: a finite decimal from 0 to 1,000,000,000.
+    """A limit in USD: a finite decimal from 0 to 1,000,000,000, with at most `MAX_LIMIT_PLACES` decimal places; as
+    text, in ASCII digits (`50`, `$12.50`, `1e3`).
 
     Raises:
         InvalidInputError: anything else (field `limit`).
     """
+    text = str(value).strip().lstrip('$')
+    not_an_amount = InvalidInputError(
+        f'the limit must be an amount in USD such as 50 or 12.50, got {value!r}', field='limit'
+    )
     try:
-        limit = Decimal(str(value).strip().lstrip('$'))
+        limit = Decimal(text)
     except (InvalidOperation, ValueError):
-        raise InvalidInputError(
-            f'the limit must be an amount in USD such as 50 or 12.50, got {value!r}', field='limit'
-        ) from None
+        raise not_an_amount from None
     if not limit.is_finite() or limit < 0 or limit > MAX_LIMIT_USD:
         raise InvalidInputError(
             f'the limit must be an amount in USD from 0 to {MAX_LIMIT_USD:,}, got {value!r}', field='limit'
         )
-    return limit
+    # Python's Decimal reads digits of every script and digit groups (`1_000`): a limit typed in another script's
+    # digits was taken as its value, silently.
+    if isinstance(value, str) and not _AMOUNT.fullmatch(text):
+        raise not_an_amount
+    exponent = limit.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite decimal's
+    # PostgreSQL's numeric keeps 16,383 digits after the point: past them the driver's own error reached the user,
+    # and within them a limit of thousands of digits was stored and shown. Far finer than any request's cost.
+    if exponent < -MAX_LIMIT_PLACES and limit != limit.quantize(_FINEST):
+        raise InvalidInputError(
+            f'the limit must be an amount in USD with at most {MAX_LIMIT_PLACES} decimal places, got {value!r}',
+            field='limit',
+        )
+    if exponent > 0:  # `1e3`: stored and shown as 1000
+        return limit.quantize(Decimal(1))
+    return limit.quantize(_FINEST) if exponent < -MAX_LIMIT_PLACES else limit  # only zeros past the last place
 
 
 async def set_budget(

@@ -85,6 +85,35 @@ async def test_the_web_ui_is_served_with_every_file_it_loads_and_a_strict_policy
         assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
 
 
+@pytest.mark.parametrize('web_ui', [True, False], ids=['web UI', 'API only'])
+async def test_a_method_a_route_does_not_serve_is_405_naming_the_ones_it_does(web_ui: bool) -> None:
+    """The web UI's files, mounted at `/`, took every request whose method an API route did not serve (Starlette
+    prefers a mount that matches to a route whose method differs): `HEAD /health/live` was 404, and `OPTIONS` or
+    `DELETE /api/v1/chat` 405 with `Allow: GET, HEAD`, the files' methods, where the route serves POST."""
+    app = create_app(manage_runtime=False, web_ui=web_ui)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as client:
+        for method, path, allowed in [
+            ('HEAD', '/health/live', 'GET'),
+            ('OPTIONS', '/api/v1/chat', 'POST'),
+            ('DELETE', '/api/v1/chat', 'POST'),
+            ('PUT', '/api/v1/conversations', 'GET'),
+            ('POST', '/api/v1/conversations/c-1', 'GET, DELETE'),
+            ('GET', '/api/v1/conversations/c-1/turns', 'POST'),
+        ]:
+            response = await client.request(method, path)
+            assert (response.status_code, response.headers.get('allow')) == (405, allowed), (method, path)
+            if method != 'HEAD':
+                assert response.json()['type'] == 'method_not_allowed', (method, path)
+        # A trailing slash is redirected to the route's path, as the API alone does (it was the files' 404, or 405
+        # with their methods).
+        for method, path in [('POST', '/api/v1/chat/'), ('GET', '/api/v1/conversations/'), ('HEAD', '/health/live/')]:
+            response = await client.request(method, path)
+            assert (response.status_code, response.headers.get('location')) == (307, f'http://test{path[:-1]}')
+        if web_ui:  # the files keep their own methods
+            assert (await client.head('/')).status_code == 200
+            assert (await client.options('/app.css')).headers.get('allow') == 'GET, HEAD'
+
+
 def test_agentrt_serve_runs_the_web_ui_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
     def mounted(app: FastAPI) -> bool:
         return any(getattr(route, 'name', None) == 'static' for route in app.routes)

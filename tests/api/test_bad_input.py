@@ -166,19 +166,49 @@ async def test_a_turn_body_not_declared_json_is_415_as_on_the_streamed_routes(
 async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:
-    # FastAPI's own words were "There was an error parsing the body", naming neither the body's fault nor the fix.
+    # FastAPI's own words were "There was an error parsing the body", naming neither the body's fault nor the fix;
+    # then one message for all three causes, which sent a client with a 5,000-digit number to look for bad UTF-8.
     headers = {**auth(keys.acme), 'content-type': 'application/json'}
-    for content in (
-        b'{"message": "\xff\xfe"}',
-        b'{"message": "hi", "agent": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+    for content, named in (
+        (b'{"message": "\xff\xfe"}', 'byte 13 (0xFF) is not UTF-8'),
+        (b'{"message": "hi", "agent": ' + b'[' * 100_000 + b']' * 100_000 + b'}', 'nests deeper'),
+        (b'{"message": "hi", "agent": ' + b'9' * 5000 + b'}', 'a number of more than 4,300 digits'),
     ):
         response = await client.post('/api/v1/conversations/c1/turns', content=content, headers=headers)
         assert response.status_code == 400, response.text
         body = response.json()
         assert body['field'] == 'body' and body['error_id'].startswith('err_'), body
-        assert 'not JSON this server can read' in body['detail'] and 'UTF-8' in body['detail'], body
+        assert named in body['detail'], body
     await get_request_tracker().flush()
     assert await ledger_rows() == []
+
+
+async def test_a_bad_conversation_id_is_called_a_conversation_id(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # The messages were `simple_chat`'s, which calls it a session id: a word the HTTP API uses nowhere.
+    bad = 'caf\u00e9'
+    for response in (
+        await client.get(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
+        await client.delete(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
+        await client.post(f'/api/v1/conversations/{bad}/turns', json={'message': 'hi'}, headers=auth(keys.acme)),
+        await client.post('/api/v1/chat', json=chat_body(bad, 'hi'), headers=auth(keys.acme)),
+    ):
+        assert response.status_code == 422, response.text
+        detail = response.json()['detail']
+        assert detail.startswith('the conversation id ') and 'has a character that is not allowed' in detail, detail
+
+
+async def test_a_turn_body_that_is_not_json_says_what_the_parser_found(keys: Keys, client: httpx2.AsyncClient) -> None:
+    # FastAPI's message was "JSON decode error" and the offset alone: its parser's reason was left out.
+    headers = {**auth(keys.acme), 'content-type': 'application/json'}
+    for content, reason in (
+        (b'{"message": "hi"} xx', 'Extra data'),
+        (b'{"message": "hi",}', 'Expecting property name enclosed in double quotes'),
+        (b'{"message": ', 'Expecting value'),
+    ):
+        response = await client.post('/api/v1/conversations/c1/turns', content=content, headers=headers)
+        assert response.status_code == 422, response.text
+        [error] = response.json()['detail']
+        assert error['type'] == 'json_invalid' and error['msg'] == f'JSON decode error: {reason}', error
 
 
 async def test_bodies_over_the_limit_or_with_a_lying_length_are_refused(keys: Keys, client: httpx2.AsyncClient) -> None:
@@ -478,6 +508,7 @@ async def test_a_turn_body_that_is_not_utf8_json_is_a_422_saying_so(
     response = await client.post(path, content=encode(text), headers=headers)
     refused = response.json()
     assert response.status_code == 422 and refused['field'] == 'body' and said in refused['detail'], refused
+    assert 'percent-encode' not in refused['detail'], 'advice for a URL, not a body'
 
 
 @pytest.mark.parametrize(

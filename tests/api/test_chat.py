@@ -180,6 +180,19 @@ async def test_an_error_reaches_the_client_as_a_message_and_an_id_never_its_text
     assert await _conversations() == 0
 
 
+async def test_a_run_that_fails_before_its_first_response_closes_no_step_it_never_opened(keys: Keys) -> None:
+    """The data stream's steps pair (`start-step` ... `finish-step`, as the AI SDK's UI message stream has them): a
+    run refused or failed before any model response streamed `start`, `error`, then a `finish-step` with no step
+    open (pydantic-ai's adapter ends every stream with one)."""
+    app = create_app(manage_runtime=False, model=_failing_model('no answer'))
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+        response = await client.post('/api/v1/chat', json=chat_body('no-step', 'hello'), headers=auth(keys.acme))
+    events = sse_events(response.text)
+    kinds = [event['type'] if isinstance(event, dict) else event for event in events]
+    assert kinds == ['start', 'error', 'finish', '[DONE]'], kinds
+
+
 async def test_ag_ui_turn_streams_run_events_and_saves_the_conversation(keys: Keys, client: httpx2.AsyncClient) -> None:
     body = {
         'threadId': 'thread-1',
@@ -316,7 +329,7 @@ async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
         (body('t1', 'a\x00b'), 'runId', 'at position 1 (U+0000, NUL)'),
         (body('t1', ''), 'runId', 'the run id is empty'),
         (body('t1', '-r'), 'runId', 'at position 0'),
-        (body('t' * 201, 'r1'), 'threadId', 'the session id is 201 characters long'),
+        (body('t' * 201, 'r1'), 'threadId', 'the conversation id is 201 characters long'),  # was 'the session id'
         (body('t\x07', 'r1'), 'threadId', 'at position 1 (U+0007)'),
     ]
     for request, field, says in refused:

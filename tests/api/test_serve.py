@@ -32,7 +32,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.agents.otlp_receiver import OtlpReceiver
-from tests.api.conftest import Keys, auth, chat_body, of_type, stream_chat
+from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -218,7 +218,8 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
 ) -> None:
     """SIGTERM while an answer streams past `--shutdown-seconds`: uvicorn cancels the stream, then runs the app's
     shutdown at once. The shutdown closed the database under the turn's clean-up: its conversation stayed claimed for
-    the lease (the next turn, after a restart, was 409 for up to a minute) and its request was spooled, not written."""
+    the lease (the next turn, after a restart, was 409 for up to a minute) and its request was spooled, not written.
+    The stream ends with the protocol's error event and end (it was cut mid-stream: "incomplete chunked read")."""
     spool = tmp_path / 'spool.jsonl'
     with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
         port = _free_port()
@@ -246,17 +247,67 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
                         if '"text-delta"' in line:
                             break  # the answer is streaming
                     server.send_signal(signal.SIGTERM)
+                    rest = sse_events('\n'.join([line async for line in lines]))  # to the stream's end
                     _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
         finally:
             if server.poll() is None:
                 server.kill()
     assert server.returncode in (0, -signal.SIGTERM), stderr
+    [*_, error, finish, done] = rest
+    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
+    assert error['errorText'].startswith('the server is shutting down') and 'error id err_' in error['errorText']
+    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
     async with get_db_session(account=Unscoped.ADMIN) as session:
         claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
     assert claims == 0, stderr[-3000:]
     assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
     assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
+
+
+async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_shape(
+    keys: Keys, database_url: str
+) -> None:
+    """SIGTERM while a JSON turn (`POST .../turns`) waits past `--shutdown-seconds` for its model: uvicorn cancels the
+    request and, its response not started, answered `500 Internal Server Error` in plain text (no error id, a server
+    error for a turn that was only stopped). The API's 503 `shutting_down` now, and the turn is not saved."""
+    with FakeOpenAI(lambda body: Reply(text='never sent', fault='stall')).running() as fake:
+        port = _free_port()
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--shutdown-seconds', '1']
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            url = f'http://127.0.0.1:{port}'
+            await _wait_until_up(url, server)
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                turn = asyncio.create_task(
+                    client.post('/api/v1/conversations/cut-json/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+                )
+                while not fake.requests:  # the turn is waiting for its model
+                    assert not turn.done(), turn.result().text
+                    await asyncio.sleep(0.02)
+                server.send_signal(signal.SIGTERM)
+                response = await turn
+                _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body['type'] == 'shutting_down' and body['error_id'].startswith('err_'), body
+    assert 'send it again' in body['detail']
+    assert body['error_id'] in stderr and 'Traceback' not in stderr, stderr[-3000:]
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        stored = (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one()
+    assert stored == 0
 
 
 @pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])

@@ -41,6 +41,14 @@ async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, databas
         (('--account', 'acme-health', '--limit', 'lots'), 'the limit must be an amount in USD'),
         (('--account', 'acme-health', '--limit', '-1'), 'from 0 to 1,000,000,000'),
         (('--account', 'acme-health', '--limit', 'NaN'), 'from 0 to'),
+        # finer than PostgreSQL's numeric stores: the driver's "cannot encode Decimal value into numeric" reached
+        # the user; 1e-16383 was taken, a 16,383-digit limit in every `budget show`
+        (('--account', 'acme-health', '--limit', '1e-16384'), 'at most 12 decimal places'),
+        (('--account', 'acme-health', '--limit', '1e-13'), 'at most 12 decimal places'),
+        (('--account', 'acme-health', '--limit', '0.0000000000001'), 'at most 12 decimal places'),
+        # digits Python reads and a person may not: another script's, digit groups
+        (('--account', 'acme-health', '--limit', '\u0665'), 'the limit must be an amount in USD'),
+        (('--account', 'acme-health', '--limit', '1_000'), 'the limit must be an amount in USD'),
         (('--account', 'acme-health', '--limit', '5', '--period', 'fortnight'), 'month, week, day or a window'),
         (('--account', 'acme-health', '--limit', '5', '--period', '0d'), 'month, week, day or a window'),
         (('--account', 'acme-health', '--limit', '5', '--anchor', '2026-01-01'), 'custom window'),
