@@ -109,14 +109,19 @@ def validate_message(message: object, *, max_chars: int) -> str:
     if not isinstance(message, str):
         raise InvalidInputError(f'the chat message must be text, not {type(message).__name__}', field='message')
     if len(message) > max_chars:
-        raise InvalidInputError(
-            f'the chat message is {len(message):,} characters long; the limit is {max_chars:,} '
-            '(AGENTRT_MESSAGE_MAX_CHARS)',
-            field='message',
-        )
+        raise message_too_long(len(message), max_chars=max_chars)
     if not message.strip():
         raise InvalidInputError('the chat message is empty', field='message')
     return storable_text(message)
+
+
+def message_too_long(length: int, *, max_chars: int) -> InvalidInputError:
+    """The error for a chat message of `length` characters, over `max_chars` (also the line editor's, which stops
+    taking in a line at the limit)."""
+    return InvalidInputError(
+        f'the chat message is {length:,} characters long; the limit is {max_chars:,} (AGENTRT_MESSAGE_MAX_CHARS)',
+        field='message',
+    )
 
 
 def validate_run_arguments(

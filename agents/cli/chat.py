@@ -85,7 +85,8 @@ async def _chat(
         from agentrt.agents.cli.chat_input import TerminalLines, history_path, open_line_source
         from agentrt.agents.cli.chat_loop import converse
 
-        lines = open_line_source(history_path(current_settings().data_dir))
+        settings = current_settings()
+        lines = open_line_source(history_path(settings.data_dir), max_chars=settings.message_max_chars)
         err_console.print(
             f'conversation {session_id}; Ctrl-C stops an answer, Ctrl-D (or exit) leaves', style='dim', highlight=False
         )
@@ -156,10 +157,19 @@ class _Display:
     """Interleaves tool progress lines with the streamed answer."""
 
     def __init__(self) -> None:
+        from agentrt.agents.cli.transcript import visible
         from agentrt.services.pg_text import storable_text  # here: `chat --help` imports no service
 
-        # A lone surrogate (`"\ud83d"` in a provider's JSON) cannot be written as UTF-8: shown as the store saves it.
-        self.printable = storable_text
+        def printable(text: str) -> str:
+            # A lone surrogate (`"\ud83d"` in a provider JSON) cannot be written as UTF-8: shown as the store saves it.
+            text = storable_text(text)
+            if not console.is_terminal:  # a script capturing the answers gets the model's text as it is
+                return text
+            # An escape sequence in the model's text (an echo of what it was given) is shown, not obeyed by the
+            # terminal (a new title, colours, the clipboard), as `audit show` shows it.
+            return visible(text.replace('\r\n', '\n'))
+
+        self.printable = printable
         self.mid_line = False
         self.tools_run = 0
 

@@ -2,7 +2,11 @@
 
 In a terminal (prompt_toolkit): arrows, Home/End, Ctrl-A/E/K/U/W, Alt-B/F, history (Up/Down, Ctrl-R) kept in a file
 across sessions; Ctrl-C clears the line, and at an empty prompt asks once more before leaving; Ctrl-D at an empty
-prompt leaves. Elsewhere (a pipe, a file, a test), lines are read as they come, with no prompt on standard output:
+prompt leaves. A line stops growing at the message limit (what comes after it is counted, and the line is refused
+as too long when Enter is pressed): prompt_toolkit copies the whole line for each key typed (and keeps each copy for
+undo), so a megabyte arriving as keys rather than as a bracketed paste took gigabytes and minutes.
+
+Elsewhere (a pipe, a file, a test), lines are read as they come, with no prompt on standard output:
 there the answers are what a script captures (`agentrt chat < questions.txt > answers.txt`), and a `you> ` before each
 one was mixed into them. A person typing into a terminal whose output goes elsewhere (`agentrt chat | tee log`) gets
 the prompt on stderr. Either way `read()` raises `EOFError` when the conversation should end.
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.key_binding import KeyBindings
 
 from agentrt.agents.cli.support import console, err_console
@@ -29,6 +34,8 @@ from agentrt.agents.cli.support import console, err_console
 PROMPT = '[bold cyan]you>[/] '  # rich markup, for plain lines typed at a terminal; the line editor draws the same
 HISTORY_ENV = 'AGENTRT_CHAT_HISTORY'
 LEAVE_HINT = 'press Ctrl-C again (or Ctrl-D) to leave'
+# A line longer than this keeps no undo steps: each one is a copy of the whole line.
+UNDO_MAX_CHARS = 2_000
 
 
 class LineSource(Protocol):
@@ -55,12 +62,17 @@ def history_path(data_dir: Path) -> Path | None:
     return data_dir.parent / 'chat-history'
 
 
-def open_line_source(history: Path | None) -> LineSource:
+def open_line_source(history: Path | None, *, max_chars: int | None = None) -> LineSource:
     """A line editor when both ends are a terminal, else plain lines from stdin (prompted on stderr when a person types
-    them at a terminal, not prompted when they come from a pipe or a file)."""
+    them at a terminal, not prompted when they come from a pipe or a file).
+
+    Args:
+        history: the line editor's history file (None: kept in memory only).
+        max_chars: the longest line the line editor takes in (the message limit); None: no limit.
+    """
     typed = _is_terminal(sys.stdin)
     if typed and _is_terminal(sys.stdout):
-        return TerminalLines(history)
+        return TerminalLines(history, max_chars=max_chars)
     return PlainLines(prompted=typed)
 
 
@@ -186,12 +198,15 @@ def _stdin_fd() -> int | None:
 class TerminalLines:
     """prompt_toolkit's line editor, with the history file (created readable by its owner only)."""
 
-    def __init__(self, history: Path | None) -> None:
+    def __init__(self, history: Path | None, *, max_chars: int | None = None) -> None:
+        """`max_chars`: a line stops growing there, and `read()` refuses it as too long (None: no limit)."""
         from prompt_toolkit import PromptSession
         from prompt_toolkit.formatted_text import HTML
         from prompt_toolkit.history import FileHistory, InMemoryHistory
 
         self._armed = False  # Ctrl-C was pressed at an empty prompt: a second one leaves
+        self._max_chars = max_chars
+        self._untaken = 0  # characters typed or pasted past `max_chars` into the line being read
         self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
         stored = _private_file(history) if history is not None else None
         self._session: PromptSession[str] = PromptSession(
@@ -202,9 +217,21 @@ class TerminalLines:
         self._session.default_buffer.on_text_changed += self._disarm
 
     async def read(self) -> str:
+        """The next line.
+
+        Raises:
+            EOFError: the user left.
+            InvalidInputError: the line went past the message limit (the chat goes on: the next line is read).
+        """
         self._armed = False
+        self._untaken = 0
         # The chat loop owns SIGINT (it stops an answer); at the prompt Ctrl-C is a key (the terminal is raw).
-        return await self._session.prompt_async(self._message, handle_sigint=False)
+        line = await self._session.prompt_async(self._message, handle_sigint=False)
+        if self._untaken and self._max_chars is not None:
+            from agentrt.agents.turn_input import message_too_long
+
+            raise message_too_long(len(line) + self._untaken, max_chars=self._max_chars)
+        return line
 
     def interrupt(self) -> None:
         if self._session.app.is_running:
@@ -213,11 +240,42 @@ class TerminalLines:
     def _disarm(self, _: object) -> None:
         self._armed = False
 
+    def _take(self, buffer: Buffer, text: str) -> None:
+        """Insert `text` up to the limit; count the rest (a line is never sent cut short: `read()` refuses it)."""
+        if self._max_chars is not None:
+            room = max(self._max_chars - len(buffer.text), 0)
+            if len(text) > room:
+                self._untaken += len(text) - room
+                text = text[:room]
+        if text:
+            buffer.insert_text(text)
+
     def _key_bindings(self) -> KeyBindings:
         from prompt_toolkit.application import run_in_terminal
+        from prompt_toolkit.filters import emacs_insert_mode, vi_insert_mode
         from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+        from prompt_toolkit.keys import Keys
 
         bindings = KeyBindings()
+
+        def undo_point(event: KeyPressEvent) -> bool:
+            return len(event.current_buffer.text) < UNDO_MAX_CHARS
+
+        # In place of prompt_toolkit's own (ours are looked up last, so they win).
+        @bindings.add(Keys.Any, filter=vi_insert_mode | emacs_insert_mode, save_before=undo_point)
+        def _insert(event: KeyPressEvent) -> None:
+            self._take(event.current_buffer, event.data * event.arg)
+
+        @bindings.add(Keys.BracketedPaste)
+        def _paste(event: KeyPressEvent) -> None:
+            # As prompt_toolkit's: some terminals paste \r\n or \r line endings.
+            self._take(event.current_buffer, event.data.replace('\r\n', '\n').replace('\r', '\n'))
+
+        @bindings.add(Keys.Vt100MouseEvent)
+        def _not_a_mouse(event: KeyPressEvent) -> None:
+            # The mouse is not turned on, so no terminal reports it: this is a colour code typed or pasted without
+            # bracketing (ESC [ 3 1 m), which prompt_toolkit's mouse handler failed on with a traceback.
+            pass
 
         @bindings.add('c-c')
         def _interrupt(event: KeyPressEvent) -> None:

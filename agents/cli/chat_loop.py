@@ -88,6 +88,12 @@ async def converse(
                 line = await lines.read()
             except EOFError:
                 return conversed
+            except turn_errors as exc:  # a line the line editor refused (past the message limit), as a turn would
+                error_line(str(exc))
+                conversed.turns += 1
+                conversed.failed += 1
+                conversed.last_error = exc
+                continue
             if line.strip().lower() in EXIT_COMMANDS:
                 return conversed
             if not line.strip():

@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+from rich.console import Console
 from sqlalchemy import text
 
+from agentrt.agents.cli import chat
 from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.factories import ledger_rows
@@ -254,3 +257,19 @@ async def test_a_chat_with_the_job_queue_prints_the_answer_and_no_queue_notice(
     worker = await invoke('worker', '--burst', env=env)  # runs the turn's jobs, and empties the queue again
     assert worker.exit_code == 0, worker.stderr[-2000:]
     assert 'worker: queues' in worker.stderr and 'job queue open' in worker.stderr, worker.stderr
+
+
+@pytest.mark.parametrize('terminal', [True, False])
+def test_an_escape_sequence_in_the_streamed_answer_is_shown_not_obeyed_in_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    # A model echoing what it was given (a directory entry, a pasted text) sent ESC ] 0 ; ... BEL (the terminal's title)
+    # or colour codes straight to the terminal; `audit show` already wrote them out.
+    screen = io.StringIO()
+    monkeypatch.setattr(chat, 'console', Console(file=screen, force_terminal=terminal, color_system=None))
+    display = chat._Display()
+    display.text('Dr \x1b]0;PWNED\x07 \x1b[31mred\r\n')
+    if terminal:
+        assert screen.getvalue() == 'Dr \\x1b]0;PWNED\\x07 \\x1b[31mred\n'
+    else:  # a script capturing the answers gets the model's text as it is (rich drops BEL and CR itself)
+        assert '\x1b]0;PWNED' in screen.getvalue() and '\x1b[31mred' in screen.getvalue()

@@ -1,0 +1,73 @@
+"""The line editor of the interactive `agentrt chat` (`TerminalLines`), fed keys as a terminal sends them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.input import PipeInput, create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from agentrt.agents.cli.chat_input import UNDO_MAX_CHARS, TerminalLines
+from agentrt.agents.cli.chat_loop import converse
+from agentrt.db.errors import InvalidInputError
+
+
+@pytest.fixture
+def keys() -> Iterator[PipeInput]:
+    """What the terminal sends; the line editor reads it as its input, and draws nowhere."""
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        yield pipe
+
+
+async def test_a_line_typed_past_the_limit_is_refused_with_its_length(keys: PipeInput) -> None:
+    lines = TerminalLines(None, max_chars=1_000)
+    keys.send_text('y' * 5_000 + '\r')  # keys, not a bracketed paste: what a terminal without it sends
+    with pytest.raises(InvalidInputError, match='is 5,000 characters long; the limit is 1,000'):
+        await lines.read()
+    keys.send_text('next\r')
+    assert await lines.read() == 'next'  # the refused line is gone; the next one is read as usual
+
+
+async def test_a_bracketed_paste_past_the_limit_is_refused_and_one_within_it_is_kept(keys: PipeInput) -> None:
+    lines = TerminalLines(None, max_chars=1_000)
+    keys.send_text('\x1b[200~' + 'z' * 3_000 + '\x1b[201~\r')
+    with pytest.raises(InvalidInputError, match='is 3,000 characters long'):
+        await lines.read()
+    keys.send_text('\x1b[200~two\r\nlines\x1b[201~\r')
+    assert await lines.read() == 'two\nlines'
+
+
+async def test_a_long_typed_line_keeps_no_copy_of_itself_per_key(keys: PipeInput) -> None:
+    # prompt_toolkit kept an undo step, a copy of the whole line, for every key: a megabyte typed took gigabytes.
+    lines = TerminalLines(None, max_chars=20_000)
+    keys.send_text('y' * 10_000 + '\r')
+    assert await lines.read() == 'y' * 10_000
+    undo = lines._session.default_buffer._undo_stack  # prompt_toolkit's, where the copies were kept
+    assert sum(len(text) for text, _ in undo) <= UNDO_MAX_CHARS**2
+
+
+async def test_a_refused_line_is_a_failed_turn_and_the_chat_goes_on(
+    keys: PipeInput, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answered: list[str] = []
+
+    async def answer(line: str) -> None:
+        answered.append(line)
+
+    keys.send_text('y' * 50 + '\rshort\r')
+    keys.send_text('\x04')  # Ctrl-D at an empty prompt: leave
+    conversed = await converse(TerminalLines(None, max_chars=20), answer, turn_errors=(InvalidInputError,))
+    assert answered == ['short']
+    assert (conversed.turns, conversed.failed) == (2, 1)
+    assert 'error: the chat message is 50 characters long; the limit is 20' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('sequence', ['\x1b[31m', '\x1b[0m', '\x1b[1;2;3;4m', '\x1b[<1m'])
+async def test_a_colour_code_typed_at_the_prompt_is_no_traceback(keys: PipeInput, sequence: str) -> None:
+    # prompt_toolkit reads ESC [ 31 m as a mouse report; its mouse handler failed on it ('Unhandled exception in event
+    # loop', a traceback, 'Press ENTER to continue...').
+    lines = TerminalLines(None)
+    keys.send_text(f'red {sequence}text\rnext\r')  # the failure's 'Press ENTER to continue' took 'text' and Enter
+    assert await lines.read() == 'red text'
