@@ -21,7 +21,9 @@ from agentrt.agents.cli.chat_input import LineSource
 from agentrt.agents.cli.support import Stopped, err_console, error_line
 
 EXIT_COMMANDS = frozenset({'exit', 'quit', ':q'})
-STOPPED_NOTE = 'stopped: this answer was not saved (the ledger has its request, as cancelled)'
+STOPPED_NOTE = (
+    'stopped: this answer was not saved (the ledger keeps its model requests; one the stop cut off is marked cancelled)'
+)
 READER_LEFT_NOTE = 'the output is no longer read (its pipe was closed): the lines left were not sent'
 
 
