@@ -409,3 +409,20 @@ async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
     assert await scalar('SELECT count(*) FROM llm_requests') == 0
     lost = [r.getMessage() for r in caplog.records if 'neither the database nor the spool' in r.getMessage()]
     assert len(lost) == 1 and str(record.id) in lost[0] and 'writable by others' in lost[0]
+
+
+async def test_a_replay_while_another_one_runs_does_nothing_and_leaves_the_spool_to_it(tmp_path: Path) -> None:
+    # Two processes replaying at once (`agentrt ledger replay` beside a server's writer): the second one steps aside.
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    spooled = _record()
+    tracker.spool.append([{'v': 1, 'row': _row_json(spooled), 'contents': []}])
+    other = LedgerSpool(tracker.spool.path)  # another process's: a lock of its own open file
+    with other.replay_lock() as acquired:
+        assert acquired
+        report = await tracker.replay_spool()
+        assert report.skipped and report.rows == 0
+        assert tracker.spool.pending_files() == [tracker.spool.path]
+        assert await scalar('SELECT count(*) FROM llm_requests') == 0
+    report = await tracker.replay_spool()
+    assert not report.skipped and report.inserted == 1
+    assert await scalar('SELECT id::text FROM llm_requests') == str(spooled.id)
