@@ -264,7 +264,7 @@ def test_every_file_the_docs_name_exists() -> None:
     files = _repository_files()
     missing = []
     for doc, text in _docs().items():
-        named = re.findall(r'`([\w./-]+\.(?:py|toml|md|js|css|html|sql|json|sh|cfg|ini|txt)|[\w./-]+/)`', text)
+        named = re.findall(r'`([\w./-]+\.(?:py|toml|md|js|css|html|sql|json|sh|cfg|ini|txt|png)|[\w./-]+/)`', text)
         for name in sorted(set(named) - _PLACEHOLDERS):
             if name.startswith(('/', 'build/', 'bench-results/')):  # the host's files (`/etc/...`), what a run makes
                 continue
@@ -369,3 +369,9 @@ def test_the_http_status_table_is_what_the_app_answers() -> None:
     }
     unknown = sorted(name for name in types - {''} if f"'{name}'" not in api_source)
     assert unknown == []
+
+
+def test_every_make_target_the_docs_give_is_the_makefiles() -> None:
+    targets = set(re.findall(r'^([a-z][-a-z]*):', (_ROOT / 'Makefile').read_text(), re.MULTILINE))
+    named = {name for text in _docs().values() for name in re.findall(r'`make ([a-z][-a-z]*)', text)}
+    assert named and named <= targets, sorted(named - targets)
