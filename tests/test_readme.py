@@ -114,9 +114,8 @@ def _readme_default(value: object) -> str:
     return str(value)
 
 
-def test_every_setting_has_a_readme_row_with_its_default() -> None:
-    from agentrt.db.settings import Settings
-
+def _documented_defaults() -> dict[str, str]:
+    """Each variable of the README's tables (`| `NAME` | default | meaning |`), with its default as written."""
     documented: dict[str, str] = {}
     for cells in _table_rows(README.read_text()):
         names = re.findall(r'`([A-Z_]+)`', cells[0])
@@ -128,6 +127,13 @@ def test_every_setting_has_a_readme_row_with_its_default() -> None:
             # `AGENTRT_HTTP_HOST` / `_PORT`: a suffix replaces as many words of the first name as it has.
             full = first.rsplit('_', name.count('_'))[0] + name if name.startswith('_') else name
             documented.setdefault(full, defaults[index] if len(defaults) == len(names) else defaults[0])
+    return documented
+
+
+def test_every_setting_has_a_readme_row_with_its_default() -> None:
+    from agentrt.db.settings import Settings
+
+    documented = _documented_defaults()
     unset_by_design = {'AGENTRT_DATA_DIR', 'AGENTRT_LEDGER_SPOOL'}  # computed from the data directory: said in words
     for field in Settings.model_fields.values():
         alias = field.validation_alias
@@ -375,3 +381,14 @@ def test_every_make_target_the_docs_give_is_the_makefiles() -> None:
     targets = set(re.findall(r'^([a-z][-a-z]*):', (_ROOT / 'Makefile').read_text(), re.MULTILINE))
     named = {name for text in _docs().values() for name in re.findall(r'`make ([a-z][-a-z]*)', text)}
     assert named and named <= targets, sorted(named - targets)
+
+
+def test_the_cli_options_read_from_the_environment_have_their_readme_default() -> None:
+    # `agentrt serve`'s host, port, workers and shutdown seconds are typer options with an `envvar`, not settings.
+    from agentrt.agents.cli import COMMANDS
+
+    documented = _documented_defaults()
+    with_env = [param for lazy in COMMANDS for param in getattr(lazy.load(), 'params', []) if param.envvar]
+    assert len(with_env) >= 4
+    for param in with_env:
+        assert documented.get(param.envvar) == _readme_default(param.default), f'README.md: {param.envvar} default'
