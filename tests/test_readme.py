@@ -392,3 +392,20 @@ def test_the_cli_options_read_from_the_environment_have_their_readme_default() -
     assert len(with_env) >= 4
     for param in with_env:
         assert documented.get(param.envvar) == _readme_default(param.default), f'README.md: {param.envvar} default'
+
+
+def test_the_database_url_parameters_are_the_ones_it_takes() -> None:
+    # `prepared_statement_cache_size` was taken without a row, where the README says any other parameter is refused.
+    from agentrt.db import database_url
+
+    text = README.read_text()
+    section = text[text.index('| Parameter | Effect |') :]
+    table = section[: section.index('\n\n')]
+    documented = {name for cells in _table_rows(table)[1:] for name in re.findall(r'`(\w+)`', cells[0])}
+    taken = (set(database_url.SUPPORTED_PARAMETERS) | set(database_url._URL_PARAMETERS)) - {
+        'ssl'
+    }  # ssl=true: in a note
+    assert documented == taken
+    refused = section[section.index('Refused with advice') :].split('\n\n')[0]
+    named = set(re.findall(r'`(\w+)', refused))  # `pgbouncer=true`; `keepalives*`: every keepalives_ parameter
+    assert {name for name in database_url._REFUSED if name not in named and name.split('_')[0] not in named} == set()
