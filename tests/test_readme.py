@@ -246,7 +246,7 @@ async def test_the_accounts_example_makes_an_account_a_turn_runs_for(database_ur
 # database): a module split or a flag renamed without its documentation fails here.
 _ROOT = README.parent
 _AGENTS_MD = _ROOT / 'AGENTS.md'
-_SOURCE_FOLDERS = (*_PRODUCT_FOLDERS, 'src', 'tests', 'scripts', '.ci')
+_SOURCE_FOLDERS = (*_PRODUCT_FOLDERS, 'src', 'tests', 'scripts', '.ci', 'docs')
 _PLACEHOLDERS = {'agents/x.py', 'env.py'}  # examples, not files
 
 
@@ -271,6 +271,7 @@ def test_every_file_the_docs_name_exists() -> None:
     missing = []
     for doc, text in _docs().items():
         named = re.findall(r'`([\w./-]+\.(?:py|toml|md|js|css|html|sql|json|sh|cfg|ini|txt|png)|[\w./-]+/)`', text)
+        named += re.findall(r'\]\(([\w./-]+)\)', text)  # a link or an image: [BENCHMARKS.md](BENCHMARKS.md)
         for name in sorted(set(named) - _PLACEHOLDERS):
             if name.startswith(('/', 'build/', 'bench-results/')):  # the host's files (`/etc/...`), what a run makes
                 continue
@@ -409,3 +410,8 @@ def test_the_database_url_parameters_are_the_ones_it_takes() -> None:
     refused = section[section.index('Refused with advice') :].split('\n\n')[0]
     named = set(re.findall(r'`(\w+)', refused))  # `pgbouncer=true`; `keepalives*`: every keepalives_ parameter
     assert {name for name in database_url._REFUSED if name not in named and name.split('_')[0] not in named} == set()
+
+
+def test_the_python_version_the_readme_asks_for_is_the_packages() -> None:
+    required = re.search(r"requires-python = '>=(3\.\d+)'", (_ROOT / 'pyproject.toml').read_text())
+    assert required is not None and f'Python {required.group(1)} or later' in README.read_text()
