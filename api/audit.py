@@ -13,7 +13,14 @@ from agentrt.api.auth import ReadCaller
 from agentrt.api.cursors import decode_uuid_cursor, encode_cursor
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import AgentFilter, ConversationFilter, Cursor, ModelFilter, Since, Until, time_range
-from agentrt.api.schemas import ERROR_RESPONSES, ContentOut, InteractionDetail, InteractionOut, InteractionPage
+from agentrt.api.schemas import (
+    ERROR_RESPONSES,
+    NOT_FOUND_RESPONSE,
+    ContentOut,
+    InteractionDetail,
+    InteractionOut,
+    InteractionPage,
+)
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
 from agentrt.services.ledger import MAX_PAGE_SIZE, LedgerFilters, get_request, list_requests
@@ -75,7 +82,11 @@ async def list_interactions(
     )
 
 
-@router.get('/interactions/{interaction_id}', summary='One model request with its prompt and response')
+@router.get(
+    '/interactions/{interaction_id}',
+    summary='One model request with its prompt and response',
+    responses=NOT_FOUND_RESPONSE,
+)
 async def get_interaction(
     caller: ReadCaller, interaction_id: Annotated[uuid.UUID, Path(description='The request id.')]
 ) -> InteractionDetail:

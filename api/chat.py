@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from agentrt.api.auth import ChatCaller
 from agentrt.api.errors import stream_error
-from agentrt.api.schemas import ERROR_RESPONSES, ErrorOut
+from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
 from agentrt.api.turn_input import check_http_turn, parse_run_input
 from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
@@ -114,7 +114,8 @@ _CHAT_BODY = {
             'description': 'Server-sent events, `x-vercel-ai-ui-message-stream: v1`.',
             'content': {'text/event-stream': {}},
         },
-        409: {'model': ErrorOut, 'description': 'Another turn is running on this conversation.'},
+        **BUSY_CONVERSATION_RESPONSE,
+        **BODY_RESPONSES,
         **ERROR_RESPONSES,
     },
 )

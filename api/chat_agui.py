@@ -19,7 +19,7 @@ from agentrt.agents.turn_input import validate_protocol_id
 from agentrt.api.auth import ChatCaller
 from agentrt.api.chat import AGENT_QUERY
 from agentrt.api.errors import stream_error
-from agentrt.api.schemas import ERROR_RESPONSES
+from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
 from agentrt.api.turn_input import check_http_turn, parse_run_input
 from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
@@ -57,7 +57,12 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
     '/chat/ag-ui',
     summary='Stream a chat turn (AG-UI protocol)',
     response_class=Response,
-    responses={200: {'description': 'AG-UI events.', 'content': {'text/event-stream': {}}}, **ERROR_RESPONSES},
+    responses={
+        200: {'description': 'AG-UI events.', 'content': {'text/event-stream': {}}},
+        **BUSY_CONVERSATION_RESPONSE,
+        **BODY_RESPONSES,
+        **ERROR_RESPONSES,
+    },
     openapi_extra={
         'requestBody': {
             'required': True,

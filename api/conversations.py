@@ -21,11 +21,15 @@ from agentrt.api.disconnect import ClientDisconnected, unless_disconnected
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
 from agentrt.api.schemas import (
+    BODY_RESPONSES,
+    BUSY_CONVERSATION_RESPONSE,
     ERROR_RESPONSES,
+    NOT_FOUND_RESPONSE,
     BudgetExceededOut,
     ConversationMessages,
     ConversationOut,
     ConversationPage,
+    ErrorOut,
     TurnRequest,
     TurnResponse,
     UsageOut,
@@ -65,7 +69,7 @@ async def list_all(
     )
 
 
-@router.get('/{conversation_id}', summary="One conversation's messages")
+@router.get('/{conversation_id}', summary="One conversation's messages", responses=NOT_FOUND_RESPONSE)
 async def messages(
     caller: ReadCaller,
     conversation_id: ConversationId,
@@ -125,7 +129,10 @@ def _starts_turn(message: ModelMessage) -> bool:
     '/{conversation_id}',
     status_code=204,
     summary='Delete a conversation',
-    responses={404: {'description': 'No such conversation.'}, 409: {'description': 'It changed meanwhile.'}},
+    responses={
+        404: {'model': ErrorOut, 'description': 'No such conversation.'},
+        409: {'model': ErrorOut, 'description': 'It changed meanwhile (`If-Match` names another revision).'},
+    },
 )
 async def delete(
     caller: ChatCaller,
@@ -159,7 +166,10 @@ async def delete(
     summary='Run one turn, not streamed',
     response_model=TurnResponse,
     responses={
-        429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none was sent."}
+        **BUSY_CONVERSATION_RESPONSE,
+        **BODY_RESPONSES,
+        429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none sent."},
+        502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
     },
 )
 async def run_turn(

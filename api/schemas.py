@@ -44,6 +44,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {'model': ErrorOut, 'description': 'A bad body, path or query value (`field` names it).'},
     503: {'model': ErrorOut, 'description': 'The database is unavailable, the server is busy, or it is shutting down.'},
 }
+# What a route answers beyond ERROR_RESPONSES, declared where it can happen: OpenAPI had none of these (a generated
+# client did not know that a request it asks for by id can be 404, or that a turn can be 409 or 502).
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {'model': ErrorOut, 'description': 'A `Content-Length` that is not a number, or a body that cannot be read.'},
+    413: {'model': ErrorOut, 'description': 'A body over `AGENTRT_HTTP_MAX_BODY_BYTES`.'},
+    415: {'model': ErrorOut, 'description': 'A body not sent as UTF-8 `application/json`, or in a content coding.'},
+}
+NOT_FOUND_RESPONSE: dict[int | str, dict[str, Any]] = {
+    404: {'model': ErrorOut, 'description': "Not found in the key's account."}
+}
+BUSY_CONVERSATION_RESPONSE: dict[int | str, dict[str, Any]] = {
+    409: {'model': ErrorOut, 'description': 'Another turn is running on this conversation, or saved it meanwhile.'}
+}
 
 
 # The audit: one row per model request.

@@ -133,7 +133,8 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
             server_settings[name] = value
         else:
             raise ConfigError(
-                f'DATABASE_URL parameter {name!r} is not supported; supported: {", ".join(SUPPORTED_PARAMETERS)}'
+                f'DATABASE_URL parameter {name!r} is not supported; supported: '
+                f'{", ".join((*SUPPORTED_PARAMETERS, *_URL_PARAMETERS))}'
             )
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)

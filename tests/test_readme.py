@@ -114,9 +114,8 @@ def _readme_default(value: object) -> str:
     return str(value)
 
 
-def test_every_setting_has_a_readme_row_with_its_default() -> None:
-    from agentrt.db.settings import Settings
-
+def _documented_defaults() -> dict[str, str]:
+    """Each variable of the README's tables (`| `NAME` | default | meaning |`), with its default as written."""
     documented: dict[str, str] = {}
     for cells in _table_rows(README.read_text()):
         names = re.findall(r'`([A-Z_]+)`', cells[0])
@@ -128,6 +127,13 @@ def test_every_setting_has_a_readme_row_with_its_default() -> None:
             # `AGENTRT_HTTP_HOST` / `_PORT`: a suffix replaces as many words of the first name as it has.
             full = first.rsplit('_', name.count('_'))[0] + name if name.startswith('_') else name
             documented.setdefault(full, defaults[index] if len(defaults) == len(names) else defaults[0])
+    return documented
+
+
+def test_every_setting_has_a_readme_row_with_its_default() -> None:
+    from agentrt.db.settings import Settings
+
+    documented = _documented_defaults()
     unset_by_design = {'AGENTRT_DATA_DIR', 'AGENTRT_LEDGER_SPOOL'}  # computed from the data directory: said in words
     for field in Settings.model_fields.values():
         alias = field.validation_alias
@@ -233,3 +239,179 @@ async def test_the_accounts_example_makes_an_account_a_turn_runs_for(database_ur
     async with get_db_session(account=Unscoped.ADMIN) as session:
         saved = await session.execute(select(func.count()).where(ConversationRow.conversation_id == 'first'))
         assert saved.scalar_one() == 1
+
+
+# What README.md and AGENTS.md name, read back against the code: files, environment variables, CLI flags, the
+# `agentrt.*` names they point at and the HTTP statuses they promise. Each check reads text only (no process, no
+# database): a module split or a flag renamed without its documentation fails here.
+_ROOT = README.parent
+_AGENTS_MD = _ROOT / 'AGENTS.md'
+_SOURCE_FOLDERS = (*_PRODUCT_FOLDERS, 'src', 'tests', 'scripts', '.ci', 'docs')
+_PLACEHOLDERS = {'agents/x.py', 'env.py'}  # examples, not files
+
+
+def _docs() -> dict[str, str]:
+    return {'README.md': README.read_text(), 'AGENTS.md': _AGENTS_MD.read_text()}
+
+
+def _repository_files() -> list[str]:
+    """The repository's own files (not the virtual environment's or the build's), as paths from its root."""
+    files = [path.name for path in _ROOT.iterdir() if path.is_file()]
+    for folder in _SOURCE_FOLDERS:
+        files += [
+            str(path.relative_to(_ROOT)) for path in (_ROOT / folder).rglob('*') if '__pycache__' not in path.parts
+        ]
+    return files
+
+
+def test_every_file_the_docs_name_exists() -> None:
+    # AGENTS.md's table names a wing's modules by their own name (`_tracker.py`) after the wing's folder: a named file
+    # is found when some file of the repository ends with it.
+    files = _repository_files()
+    missing = []
+    for doc, text in _docs().items():
+        named = re.findall(r'`([\w./-]+\.(?:py|toml|md|js|css|html|sql|json|sh|cfg|ini|txt|png)|[\w./-]+/)`', text)
+        named += re.findall(r'\]\(([\w./-]+)\)', text)  # a link or an image: [BENCHMARKS.md](BENCHMARKS.md)
+        for name in sorted(set(named) - _PLACEHOLDERS):
+            if name.startswith(('/', 'build/', 'bench-results/')):  # the host's files (`/etc/...`), what a run makes
+                continue
+            if not any(f'/{file}/'.endswith(f'/{name}') or f'/{file}'.endswith(f'/{name}') for file in files):
+                missing.append((doc, name))
+    assert missing == []
+
+
+def test_every_environment_variable_the_code_reads_is_in_the_readme() -> None:
+    # AGENTRT_DEBUG, AGENTRT_CHAT_HISTORY and the HTTP server's variables are read outside `Settings`, so the
+    # settings check above cannot see them.
+    text = README.read_text()
+    read = set()
+    for folder in (*_PRODUCT_FOLDERS, 'src'):
+        for path in (_ROOT / folder).rglob('*.py'):
+            read |= set(re.findall(r"""['"]((?:AGENTRT|OTEL|LOGFIRE)_[A-Z_]*[A-Z])['"]""", path.read_text()))
+    assert 'AGENTRT_DEBUG' in read and 'AGENTRT_HTTP_WORKERS' in read  # the pattern still finds them
+    # `AGENTRT_HTTP_HOST` / `_PORT` / `_WORKERS`: a row names the variables after the first by their last word.
+    named = set(re.findall(r'\b[A-Z][A-Z_]*[A-Z]\b', text))
+    unnamed = [name for name in sorted(read) if name not in named and f'/ `_{name.rsplit("_", 1)[1]}`' not in text]
+    assert unnamed == []
+
+
+def _cli_options() -> tuple[set[str], dict[tuple[str, ...], set[str]]]:
+    """The root's options, and each command's (`('budget', 'set')`, `('chat',)`) with its group's."""
+    import typer
+
+    from agentrt.agents.cli import COMMANDS, app
+
+    def options(command: object) -> set[str]:
+        params = getattr(command, 'params', [])
+        return {opt for param in params for opt in (*param.opts, *getattr(param, 'secondary_opts', ()))}
+
+    commands: dict[tuple[str, ...], set[str]] = {}
+    for lazy in COMMANDS:
+        command = lazy.load()
+        commands[(lazy.name,)] = options(command)
+        for name, sub in getattr(command, 'commands', {}).items():
+            commands[(lazy.name, name)] = options(sub) | options(command)
+    return options(typer.main.get_command(app)), commands
+
+
+def test_every_cli_flag_the_docs_give_is_the_commands() -> None:
+    root, commands = _cli_options()
+    every = root.union(*commands.values())
+    others = {'--help', '--check', '--strict', '--config-settings', '--dist', '--durations'}  # pip, ruff, mypy, pytest
+    wrong = []
+    for doc, text in _docs().items():
+        wrong += [(doc, flag) for flag in set(re.findall(r'(?<![\w-])(--[a-z][-a-z]*)', text)) - every - others]
+        # `agentrt [root flags] command [subcommand] ... --flag`, up to the end of a shell command or a code span.
+        for line in re.findall(r'agentrt((?: --?[a-z][-a-z]*)*) ([a-z]+)(?: ([a-z]+))?([^`\n|&;#]*)', text):
+            before, name, sub, rest = line
+            wrong += [(doc, flag) for flag in re.findall(r'(?<![\w-])(-[-a-z]+)', before) if flag not in root]
+            key = (name, sub) if (name, sub) in commands else (name,)
+            if key in commands:
+                flags = re.findall(r'(?<![\w-])(--?[a-z][-a-z]*)', rest)
+                wrong += [(doc, f'agentrt {" ".join(key)} {f}') for f in flags if f not in commands[key] | {'--help'}]
+    assert sorted(set(wrong)) == []
+
+
+def test_every_agentrt_name_the_docs_give_resolves() -> None:
+    # `agentrt.agents.context_window.ContextWindow`, `agentrt.services.heap.freeze_startup_heap`, ...: a module or a
+    # name moved away leaves a pointer to nothing. (`agentrt.account` and the like are span attributes: not modules.)
+    import importlib
+
+    broken = []
+    for doc, text in _docs().items():
+        for reference in sorted(set(re.findall(r'`(agentrt\.(?:agents|api|db|services|tools)(?:\.\w+)*)', text))):
+            parts = reference.split('.')
+            found: object = None
+            for end in range(len(parts), 1, -1):
+                try:
+                    found = importlib.import_module('.'.join(parts[:end]))
+                except ImportError:
+                    continue
+                for attribute in parts[end:]:
+                    found = getattr(found, attribute, None)
+                break
+            if found is None:
+                broken.append((doc, reference))
+    assert broken == []
+
+
+def test_the_http_status_table_is_what_the_app_answers() -> None:
+    from agentrt.api.app import create_app
+
+    text = README.read_text()
+    section = text[text.index('| Status | When |') :]
+    rows = {cells[0]: cells[1] for cells in _table_rows(section[: section.index('\n\n')])[1:]}
+    paths = create_app().openapi()['paths']
+    declared = {int(status) for ops in paths.values() for op in ops.values() for status in op['responses']}
+    errors = {status for status in declared if status >= 400}
+    documented = {int(status) for status in rows}
+    # 405 (routing) and 500 (anything unforeseen) are no route's answer to declare.
+    assert errors <= documented and documented - errors == {405, 500}, (sorted(errors), sorted(documented))
+    api_source = ''.join(path.read_text() for path in (_ROOT / 'api').glob('*.py'))
+    types = {
+        name
+        for meaning in rows.values()
+        for name in re.findall(r'type `([a-z_]+)`|`([a-z_]+)`:', meaning)
+        for name in name
+    }
+    unknown = sorted(name for name in types - {''} if f"'{name}'" not in api_source)
+    assert unknown == []
+
+
+def test_every_make_target_the_docs_give_is_the_makefiles() -> None:
+    targets = set(re.findall(r'^([a-z][-a-z]*):', (_ROOT / 'Makefile').read_text(), re.MULTILINE))
+    named = {name for text in _docs().values() for name in re.findall(r'`make ([a-z][-a-z]*)', text)}
+    assert named and named <= targets, sorted(named - targets)
+
+
+def test_the_cli_options_read_from_the_environment_have_their_readme_default() -> None:
+    # `agentrt serve`'s host, port, workers and shutdown seconds are typer options with an `envvar`, not settings.
+    from agentrt.agents.cli import COMMANDS
+
+    documented = _documented_defaults()
+    with_env = [param for lazy in COMMANDS for param in getattr(lazy.load(), 'params', []) if param.envvar]
+    assert len(with_env) >= 4
+    for param in with_env:
+        assert documented.get(param.envvar) == _readme_default(param.default), f'README.md: {param.envvar} default'
+
+
+def test_the_database_url_parameters_are_the_ones_it_takes() -> None:
+    # `prepared_statement_cache_size` was taken without a row, where the README says any other parameter is refused.
+    from agentrt.db import database_url
+
+    text = README.read_text()
+    section = text[text.index('| Parameter | Effect |') :]
+    table = section[: section.index('\n\n')]
+    documented = {name for cells in _table_rows(table)[1:] for name in re.findall(r'`(\w+)`', cells[0])}
+    taken = (set(database_url.SUPPORTED_PARAMETERS) | set(database_url._URL_PARAMETERS)) - {
+        'ssl'
+    }  # ssl=true: in a note
+    assert documented == taken
+    refused = section[section.index('Refused with advice') :].split('\n\n')[0]
+    named = set(re.findall(r'`(\w+)', refused))  # `pgbouncer=true`; `keepalives*`: every keepalives_ parameter
+    assert {name for name in database_url._REFUSED if name not in named and name.split('_')[0] not in named} == set()
+
+
+def test_the_python_version_the_readme_asks_for_is_the_packages() -> None:
+    required = re.search(r"requires-python = '>=(3\.\d+)'", (_ROOT / 'pyproject.toml').read_text())
+    assert required is not None and f'Python {required.group(1)} or later' in README.read_text()

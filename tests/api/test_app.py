@@ -50,6 +50,31 @@ async def test_openapi_lists_every_route_and_the_key_scheme(client: httpx2.Async
     }
 
 
+def test_openapi_declares_the_error_statuses_each_route_answers() -> None:
+    # A request by id answered 404 and a turn 409 or 502 (README's status table) without OpenAPI saying so: a client
+    # generated from it had no model for those bodies.
+    paths = create_app().openapi()['paths']
+    declared = {
+        (method.upper(), path): set(op['responses']) for path, ops in paths.items() for method, op in ops.items()
+    }
+    body = {'400', '413', '415'}
+    wanted = {
+        ('POST', '/api/v1/chat'): {'409'} | body,
+        ('POST', '/api/v1/chat/ag-ui'): {'409'} | body,
+        ('POST', '/api/v1/conversations/{conversation_id}/turns'): {'409', '429', '502'} | body,
+        ('GET', '/api/v1/conversations/{conversation_id}'): {'404'},
+        ('DELETE', '/api/v1/conversations/{conversation_id}'): {'404', '409'},
+        ('GET', '/api/v1/llm-audit/interactions/{interaction_id}'): {'404'},
+    }
+    missing = {route: sorted(statuses - declared[route]) for route, statuses in wanted.items()}
+    assert {route: gone for route, gone in missing.items() if gone} == {}
+    for (method, path), statuses in declared.items():
+        for status in statuses - {'200', '204'}:
+            content = paths[path][method.lower()]['responses'][status].get('content', {})
+            if not path.startswith('/health'):  # readiness answers its report, not an error body
+                assert 'application/json' in content, (method, path, status)  # an error body's model, not a bare line
+
+
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
     client: httpx2.AsyncClient, tmp_path: Path
 ) -> None:

@@ -172,22 +172,28 @@ async def test_a_record_its_run_never_sealed_is_written_all_the_same(tracker: LL
     assert json.loads(stored['body'])['run_id'] == 'run-1'
 
 
-async def test_a_due_batch_takes_the_waiting_records_whose_responses_are_stamped(tracker: LLMRequestTracker) -> None:
+async def test_a_due_batch_takes_the_waiting_records_whose_responses_are_stamped(tmp_path: Path) -> None:
     """A batch written before a run sealed its last response takes that record along once pydantic-ai stamped it
     (one transaction, as if it had been ready), and leaves one it has not stamped yet to its own commit delay."""
-    stamped, unstamped = (ModelResponse(parts=[TextPart(text)], model_name='gpt-4o-mini') for text in ('a', 'b'))
-    bodies = RunBodies()
-    waiting = [ledger_record(raw_contents=[('response', bodies.response(r))]) for r in (stamped, unstamped)]
-    futures = [tracker.submit(record) for record in waiting]
-    stamped.run_id = 'run-1'
-    assert await tracker.track_request(ledger_record()) == 'written'  # due at once: one batch
-    assert futures[0].done() and not futures[1].done() and tracker.stats.batches == 1
-    unstamped.run_id = 'run-2'
-    assert await asyncio.wait_for(asyncio.shield(futures[1]), 10) == 'written'  # its commit delay passed
-    assert tracker.stats.batches == 2
-    for record, run_id in zip(waiting, ('run-1', 'run-2'), strict=True):
-        [stored] = await content_rows(record.id)
-        assert json.loads(stored['body'])['run_id'] == run_id
+    # A commit delay no stall of a loaded machine reaches before the due record comes (with the default 50 ms, a
+    # fresh-clone CI under load wrote the stamped record in a batch of its own first: two batches, not one).
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=2000))
+    try:
+        stamped, unstamped = (ModelResponse(parts=[TextPart(text)], model_name='gpt-4o-mini') for text in ('a', 'b'))
+        bodies = RunBodies()
+        waiting = [ledger_record(raw_contents=[('response', bodies.response(r))]) for r in (stamped, unstamped)]
+        futures = [tracker.submit(record) for record in waiting]
+        stamped.run_id = 'run-1'
+        assert await tracker.track_request(ledger_record()) == 'written'  # due at once: one batch
+        assert futures[0].done() and not futures[1].done() and tracker.stats.batches == 1
+        unstamped.run_id = 'run-2'
+        assert await asyncio.wait_for(asyncio.shield(futures[1]), 10) == 'written'  # its commit delay passed
+        assert tracker.stats.batches == 2
+        for record, run_id in zip(waiting, ('run-1', 'run-2'), strict=True):
+            [stored] = await content_rows(record.id)
+            assert json.loads(stored['body'])['run_id'] == run_id
+    finally:
+        await tracker.flush()
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
