@@ -51,12 +51,7 @@ RETURNING claim_id
 """
 _CLAIM = text(_CLAIM_SQL)
 _CLAIM_ON_DRIVER = DriverStatement.of(_CLAIM)  # a chat turn's start runs on the driver connection
-_RENEW = text("""
-UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
-WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
-RETURNING claim_id
-""")
-# The renewal that also answers the turn guard: the claim is still this turn's (a row comes back) and the stored
+# The renewal, which also answers the turn guard: the claim is still this turn's (a row comes back) and the stored
 # revision of the conversation (NULL while it has none).
 _CHECK = text("""
 UPDATE conversation_turns SET expires_at = now() + :lease_s * interval '1 second'
@@ -143,14 +138,6 @@ class TurnClaim:
         raise ConcurrentTurnError(
             self.conversation_id, stage='start', expires_in_s=None if held is None else float(held)
         )
-
-    async def renew(self) -> bool:
-        """Extend the lease by `lease_s` from now; False (and `lost`) when the claim is no longer this turn's."""
-        started = time.monotonic()
-        async with get_db_session(account=self.account_id) as session:
-            renewed = (await session.execute(_RENEW, self._params())).first() is not None
-        self._confirmed(started, renewed)
-        return renewed
 
     async def check(self) -> str | None:
         """Renew the lease and read the conversation's stored revision, in one statement.

@@ -334,6 +334,8 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
             value = None if value is MISSING else value
         else:
             if name == 'id':
+                if not isinstance(value, str):  # `uuid.UUID` raised AttributeError for a number: no rejected line
+                    raise ValueError(f'spooled ledger row has an id that is not text: {value!r}')
                 value = uuid.UUID(value)
             elif name in _DECIMALS:
                 value = Decimal(value)
@@ -354,9 +356,14 @@ def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[
         ValueError: the row is not valid (also TypeError or KeyError): the line goes to the `.rejected` file.
     """
     row = row_from_json(entry['row'])
+    stored = entry.get('contents') or []
+    # Anything else went through as an AttributeError: the replay failed, kept the file and failed on every later
+    # write, holding back the good rows beside the line.
+    if not isinstance(stored, list) or not all(isinstance(content, dict) for content in stored):
+        raise ValueError('spooled ledger contents are not a list of objects')
     contents = [
         {**{key: storable_text(v) if isinstance(v, str) else v for key, v in content.items()}, 'request_id': row['id']}
-        for content in entry.get('contents') or []
+        for content in stored
     ]
     return row, contents
 

@@ -348,3 +348,81 @@ async def test_a_spool_path_naming_someone_elses_file_is_never_claimed(tmp_path:
     torn.append([{'v': 1, 'row': {}, 'contents': []}])
     assert torn.holds_spooled_rows() and torn.pending_files() == [torn.path]
     assert len(torn.claim()) == 1 and not torn.path.exists()
+
+
+@pytest.mark.parametrize(
+    'damage',
+    [
+        pytest.param({'id': 123}, id='a number for the id'),
+        pytest.param({'contents': ['not an object']}, id='a content that is not an object'),
+        pytest.param({'contents': 'text'}, id='contents that are not a list'),
+        pytest.param({'row': {'model': 'gpt-4o'}}, id='a row without its id'),
+    ],
+)
+async def test_a_spooled_line_that_can_never_be_written_is_set_aside_and_the_rest_replayed(
+    tmp_path: Path, damage: dict[str, object]
+) -> None:
+    # A damaged line (edited by hand, written by another version) went through as an AttributeError: the replay
+    # failed, kept the file, and failed again on every later write, holding back the good rows beside it.
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    good = _record()
+    bad_entry: dict[str, object] = {'v': 1, 'row': _row_json(_record()), 'contents': []}
+    if 'id' in damage:
+        bad_entry['row'] = {**_row_json(_record()), 'id': damage['id']}
+    else:
+        bad_entry.update(damage)
+    tracker.spool.append([bad_entry, {'v': 1, 'row': _row_json(good), 'contents': []}])
+    report = await tracker.replay_spool()
+    assert (report.rows, report.inserted, report.rejected) == (1, 1, 1)
+    assert await scalar('SELECT id::text FROM llm_requests') == str(good.id)
+    assert json.loads(tracker.spool.rejected_path.read_text()) == json.loads(json.dumps(bad_entry))
+    assert not tracker.spool.has_pending()
+
+
+async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database down and the spool refused (a directory others may write): the caller learns the row is lost, and
+    # the log names the row (nothing else keeps it).
+    dead_engine = create_async_engine(
+        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
+    )
+    dead_sessions = async_sessionmaker(dead_engine)
+
+    @asynccontextmanager
+    async def sessions() -> AsyncIterator[AsyncSession]:
+        async with dead_sessions() as session, session.begin():
+            yield session
+
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    shared.chmod(0o777)
+    tracker = LLMRequestTracker(fast_config(tmp_path, spool_path=shared / 'llm-ledger.jsonl'), session_factory=sessions)
+    record = _record()
+    try:
+        with caplog.at_level(logging.ERROR, logger='agentrt.ledger'):
+            assert await tracker.track_request(record) == 'lost'
+    finally:
+        await dead_engine.dispose()
+    assert tracker.stats.lost == 1 and tracker.stats.spooled == 0
+    assert os.listdir(shared) == []
+    assert await scalar('SELECT count(*) FROM llm_requests') == 0
+    lost = [r.getMessage() for r in caplog.records if 'neither the database nor the spool' in r.getMessage()]
+    assert len(lost) == 1 and str(record.id) in lost[0] and 'writable by others' in lost[0]
+
+
+async def test_a_replay_while_another_one_runs_does_nothing_and_leaves_the_spool_to_it(tmp_path: Path) -> None:
+    # Two processes replaying at once (`agentrt ledger replay` beside a server's writer): the second one steps aside.
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    spooled = _record()
+    tracker.spool.append([{'v': 1, 'row': _row_json(spooled), 'contents': []}])
+    other = LedgerSpool(tracker.spool.path)  # another process's: a lock of its own open file
+    with other.replay_lock() as acquired:
+        assert acquired
+        report = await tracker.replay_spool()
+        assert report.skipped and report.rows == 0
+        assert tracker.spool.pending_files() == [tracker.spool.path]
+        assert await scalar('SELECT count(*) FROM llm_requests') == 0
+    report = await tracker.replay_spool()
+    assert not report.skipped and report.inserted == 1
+    assert await scalar('SELECT id::text FROM llm_requests') == str(spooled.id)
