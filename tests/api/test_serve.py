@@ -46,6 +46,16 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _start_serve(
+    env: dict[str, str], *options: str, stdout: int = subprocess.PIPE
+) -> tuple[subprocess.Popen[str], str]:
+    """`agentrt serve OPTIONS` with exactly `env`, on a free loopback port: the process and its base URL."""
+    port = _free_port()
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), *options]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    return server, f'http://127.0.0.1:{port}'
+
+
 async def _wait_until_up(url: str, server: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
     async with httpx2.AsyncClient(base_url=url, timeout=2) as client:
@@ -87,7 +97,6 @@ async def _directoryless_key() -> str:
 async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_streams_and_shuts_down_cleanly(
     demo_data: None, database_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
     env = {
         **os.environ,
         'DATABASE_URL': database_url,
@@ -100,12 +109,8 @@ async def test_serve_streams_chats_from_its_own_process_under_200_concurrent_str
         'AGENTRT_TURN_QUEUE_SECONDS': '110',
         'DB_POOL_TIMEOUT': '110',  # and a session waiting for a free connection: the same 30 s by default
     }
-    command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    server, url = _start_serve(env, '--log-level', 'warning')
     try:
-        url = f'http://127.0.0.1:{port}'
         created, lean_key, _ = await asyncio.gather(
             asyncio.to_thread(
                 run_cli, 'keys', 'create', '--account', 'acme-health', env={'DATABASE_URL': database_url}
@@ -194,14 +199,10 @@ async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(databas
     `agentrt serve` starts, before any chat makes it write to the ledger."""
     spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
     records = await asyncio.to_thread(spool_left_by_an_exited_process, spool, 3)
-    port = _free_port()
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(spool)}
-    command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    server, url = _start_serve(env, '--log-level', 'warning')
     try:
-        await _wait_until_up(f'http://127.0.0.1:{port}', server)
+        await _wait_until_up(url, server)
         deadline = time.monotonic() + 30
         while len(await ledger_rows()) < len(records) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
             await asyncio.sleep(0.1)
@@ -222,7 +223,6 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     The stream ends with the protocol's error event and end (it was cut mid-stream: "incomplete chunked read")."""
     spool = tmp_path / 'spool.jsonl'
     with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
-        port = _free_port()
         env = {
             **os.environ,
             'DATABASE_URL': database_url,
@@ -231,12 +231,8 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
             'OPENAI_API_KEY': 'sk-test',
             'AGENTRT_LEDGER_SPOOL': str(spool),
         }
-        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--shutdown-seconds', '1']
-        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        server, url = _start_serve(env, '--shutdown-seconds', '1')
         try:
-            url = f'http://127.0.0.1:{port}'
             await _wait_until_up(url, server)
             async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
                 body = chat_body('cut-by-shutdown', 'Cardiologists in Seattle?')
@@ -272,7 +268,6 @@ async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_s
     request and, its response not started, answered `500 Internal Server Error` in plain text (no error id, a server
     error for a turn that was only stopped). The API's 503 `shutting_down` now, and the turn is not saved."""
     with FakeOpenAI(lambda body: Reply(text='never sent', fault='stall')).running() as fake:
-        port = _free_port()
         env = {
             **os.environ,
             'DATABASE_URL': database_url,
@@ -280,12 +275,8 @@ async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_s
             'OPENAI_BASE_URL': fake.base_url,
             'OPENAI_API_KEY': 'sk-test',
         }
-        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--shutdown-seconds', '1']
-        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        server, url = _start_serve(env, '--shutdown-seconds', '1')
         try:
-            url = f'http://127.0.0.1:{port}'
             await _wait_until_up(url, server)
             async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
                 turn = asyncio.create_task(
@@ -322,7 +313,6 @@ async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
         released.wait(60)  # answers once the server is shutting down
         return Reply(text='Nobody in Seattle matches.')
 
-    port = _free_port()
     with FakeOpenAI(slow_provider).running() as fake:
         env = {
             **os.environ,
@@ -335,13 +325,9 @@ async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
             'AGENTRT_TURN_QUEUE_SECONDS': '110',
             'DB_POOL_TIMEOUT': '110',
         }
-        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'info']
-        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from threads below
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        server, url = _start_serve(env, '--log-level', 'info', stdout=subprocess.DEVNULL)
         shutting_down, signalled = '', False
         try:
-            url = f'http://127.0.0.1:{port}'
             key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
             async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
                 turn = asyncio.create_task(stream_chat(client, key, chat_body('in-flight', 'Who is in Seattle?')))
@@ -392,7 +378,6 @@ async def test_serve_sends_each_requests_span_and_its_turn_to_a_collector_withou
 ) -> None:
     # A key a client put in a URL (`?api_key=art_...`, a provider's key as a conversation id) reached the collector
     # whole in the request span's url.path, url.query and message, while the access log showed it redacted.
-    port = _free_port()
     question = 'Quixotic cardiologists in Boston'
     with OtlpReceiver() as receiver:
         env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
@@ -401,12 +386,8 @@ async def test_serve_sends_each_requests_span_and_its_turn_to_a_collector_withou
             'OTEL_EXPORTER_OTLP_ENDPOINT': receiver.url,
             'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
         }
-        command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), '--log-level', 'warning']
-        server = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread below
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        server, url = _start_serve(env, '--log-level', 'warning', stdout=subprocess.DEVNULL)
         try:
-            url = f'http://127.0.0.1:{port}'
             key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
             async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
                 turn = await client.post(
