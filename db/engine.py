@@ -7,7 +7,6 @@ import logging
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from agentrt.db.failures import (
     refused_startup_parameter,
     unavailable_error,
 )
+from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
 from agentrt.db.transaction_setup import (
@@ -54,9 +54,8 @@ class _Runtime:
 
 
 _runtime: _Runtime | None = None
-# One lock per event loop: an `asyncio.Lock` binds itself to the first loop that waits on it, and a lock shared by
-# every loop failed the next `asyncio.run` whose first turns started together ("is bound to a different event loop").
-_init_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+# Per event loop: a lock shared by every loop failed the next `asyncio.run` whose first turns started together.
+_init_lock = LockPerLoop()
 _starting: asyncio.AbstractEventLoop | None = None
 """The event loop initialising the database, while it does (before `_runtime` names it)."""
 _shut_down = False
@@ -98,7 +97,7 @@ async def init_database(
     loop = asyncio.get_running_loop()
     starting = _claim_start(loop)
     try:
-        async with _init_lock(loop):
+        async with _init_lock():
             if _runtime is not None and _runtime.loop is not loop and not _runtime.loop.is_running():
                 # Started on an event loop that ended without `shutdown_runtime()` (`asyncio.run` called again), or
                 # that is not running: its connections cannot be used, nor closed, from this loop (asyncpg's
@@ -112,13 +111,6 @@ async def init_database(
     finally:
         if starting:
             _end_start(loop)
-
-
-def _init_lock(loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
-    lock = _init_locks.get(loop)
-    if lock is None:
-        lock = _init_locks[loop] = asyncio.Lock()
-    return lock
 
 
 def _claim_start(loop: asyncio.AbstractEventLoop) -> bool:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
 
 from alembic import command
 from alembic.config import Config
@@ -16,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
 from agentrt.db.failures import causes, raised_inside, unavailable_error
+from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
 
 logger = logging.getLogger('agentrt.db')
@@ -104,20 +103,12 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
         ) from exc
 
 
-_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _one_at_a_time() -> asyncio.Lock:
-    """One upgrade at a time per event loop. Alembic keeps the running migration in module globals
-    (`alembic.context`, `alembic.op`), and two upgrades on one loop (two databases migrated with `asyncio.gather`)
-    interleave at every statement: the second's context replaced the first's, which failed on the other's connection
-    ("another operation is in progress") or lost its script (`KeyError: 'script'`). The advisory lock orders
-    processes; this orders the upgrades of one process."""
-    loop = asyncio.get_running_loop()
-    lock = _locks.get(loop)
-    if lock is None:
-        lock = _locks[loop] = asyncio.Lock()
-    return lock
+# One upgrade at a time per event loop. Alembic keeps the running migration in module globals (`alembic.context`,
+# `alembic.op`), and two upgrades on one loop (two databases migrated with `asyncio.gather`) interleave at every
+# statement: the second's context replaced the first's, which failed on the other's connection ("another operation
+# is in progress") or lost its script (`KeyError: 'script'`). The advisory lock orders processes; this orders the
+# upgrades of one process.
+_one_at_a_time = LockPerLoop()
 
 
 def _cause(exc: BaseException) -> str:

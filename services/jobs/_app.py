@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from datetime import datetime
 from typing import Any, Self
 
@@ -20,6 +19,7 @@ from agentrt.db.database_url import mask_url
 from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
+from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
 
 logger = logging.getLogger('agentrt.jobs')
@@ -125,17 +125,8 @@ jobs = App(connector=PsycopgConnector())
 jobs.job_manager = _JobManager(connector=jobs.connector)
 
 _open_on: asyncio.AbstractEventLoop | None = None
-# One lock per event loop: an `asyncio.Lock` binds itself to the first loop that waits on it, so one for the process
-# failed the openings that waited on it in the next `asyncio.run` ("is bound to a different event loop").
-_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _lock() -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    lock = _locks.get(loop)
-    if lock is None:
-        lock = _locks[loop] = asyncio.Lock()
-    return lock
+# Per event loop: one lock for the process failed the openings that waited on it in the next `asyncio.run`.
+_lock = LockPerLoop()
 
 
 def queue_conninfo(settings: Settings, engine_url: URL) -> str:
