@@ -19,7 +19,7 @@ import logging
 import re
 import traceback
 
-from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_text
+from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_cut, redact_text
 
 # Every logger the runtime logs to (tests/agents/test_error_redaction.py checks the sources name no other).
 LOGGERS = (
@@ -62,8 +62,7 @@ def redacted_log_text(text: str) -> str:
     """`text` as a log line may carry it: redacted (percent-encoded secrets too: a line may quote a URL, as uvicorn's
     access log and its trace of each request's scope do), then cut to `MAX_LOGGED_CHARS` (no secret left half shown).
     """
-    redacted = redact_url_text(text[: 2 * MAX_LOGGED_CHARS])[0]
-    return redacted[:MAX_LOGGED_CHARS] + ' [cut]' if len(redacted) > MAX_LOGGED_CHARS else redacted
+    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]', redactor=redact_url_text)
 
 
 _PERCENT_ESCAPE = re.compile(r'%([0-9A-Fa-f]{2})')

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -324,15 +324,23 @@ def redact_text(text: str) -> tuple[str, int]:
     return ''.join(pieces), len(spans)
 
 
-def redact_cut(text: str, keep: int, *, scan: int | None = None, marker: str = '') -> str:
+def redact_cut(
+    text: str,
+    keep: int,
+    *,
+    scan: int | None = None,
+    marker: str = '',
+    redactor: Callable[[str], tuple[str, int]] | None = None,
+) -> str:
     """`text` redacted, then cut to `keep` characters (`marker` added when something was cut): for a message that is
     shown or stored with a bound (an error's text, a log line).
 
     Redaction runs before the cut, so a secret the cut splits is replaced whole, not left half visible; only the first
     `scan` characters (twice `keep` by default) are read, so the work stays bounded whatever the text holds, and a
     secret can reach the kept part only if redaction shrank what came before it by `scan - keep` characters.
+    `redactor` replaces `redact_text` (a log line's also reads percent-escapes: `log_redaction.redact_url_text`).
     """
-    redacted = redact_text(text[: 2 * keep if scan is None else scan])[0]
+    redacted = (redactor or redact_text)(text[: 2 * keep if scan is None else scan])[0]
     return redacted[:keep] + marker if len(redacted) > keep else redacted
 
 
