@@ -36,15 +36,14 @@ from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.response_headers import ResponseHeaders
-from agentrt.api.runtime_start import RuntimeStart, StartsRuntime
+from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
 from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, FilesMount, WebUIFiles
-from agentrt.db.engine import current_settings, init_database
+from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.heap import freeze_startup_heap
-from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -89,10 +88,7 @@ def create_app(
         start.by_lifespan = True
         configure_observability()
         try:
-            await init_database(settings, allow_behind=True)  # /health/ready says 503 until it is upgraded
-            # Rows an earlier process spooled while the database was down reach the costs now, not at the first
-            # ledger write of this one.
-            get_request_tracker().replay_pending_in_background()
+            await start_database_and_replay(settings)
             if freeze_heap:
                 freeze_startup_heap()
             yield

@@ -22,6 +22,15 @@ from agentrt.services.ledger import get_request_tracker
 logger = logging.getLogger('agentrt.api')
 
 
+async def start_database_and_replay(settings: Settings | None) -> None:
+    """The app's start after tracing is set up, by its lifespan or by its first request: the database started and
+    migrated (a schema left behind is allowed: `/health/ready` says 503 until it is upgraded), then the ledger rows an
+    earlier process spooled while the database was down replayed in the background, so they reach the costs now, not
+    at this process's first ledger write."""
+    await init_database(settings, allow_behind=True)
+    get_request_tracker().replay_pending_in_background()
+
+
 @dataclass
 class RuntimeStart:
     """Whether the app's lifespan started the runtime (then nothing is left to do here)."""
@@ -57,11 +66,10 @@ class StartsRuntime:
     async def _start(self) -> None:
         configure_observability()
         try:
-            await init_database(self.start.settings, allow_behind=True)
+            await start_database_and_replay(self.start.settings)
         except Exception as exc:  # the request fails as it would have, saying why; the next one tries again
             logger.warning('the runtime could not start for a request: %s', exc)
             return
-        get_request_tracker().replay_pending_in_background()
         if not self.start.said:
             self.start.said = True
             logger.info(
