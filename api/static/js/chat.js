@@ -2,7 +2,7 @@
 // POST /chat as they are written, each tool call on a timeline. The server holds the history: a turn sends only the
 // new message. One chat view lives for the whole page, so a turn keeps streaming while another view is shown.
 
-import { ApiError, errorMessage, getJson, postChat } from './api.js';
+import { ApiError, errorMessage, getJson, postChat, session } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
 import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
@@ -161,6 +161,7 @@ export function createChatView() {
   let controller = null;
   let loading = null; // the notice of a conversation whose history is loading, else null
   let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
+  let inFlight = null; // {conversation, text} of the message being sent and answered, else null
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -339,11 +340,23 @@ export function createChatView() {
 
   /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
   function restorePending(id, messages) {
-    const text = takePending(id, messages);
-    if (text === null) return;
-    if (!input.value) input.value = text;
-    const back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
+    const pending = takePending(id, messages, session.me?.account);
+    if (pending === null) return;
+    if (!input.value) input.value = pending.text;
+    const back = pending.signedOut
+      ? 'Your message was not sent, or not answered, before the page returned to sign-in: it is back in the box.'
+      : 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
     notice.append(alertBox(back, 'info'));
+  }
+
+  /**
+   * The page is leaving for sign-in (the key stopped working): the message being sent, else the one typed in the box
+   * of a conversation, as `{conversation, text}` (or null), no longer forgotten when its request fails.
+   */
+  function leaving() {
+    if (controller) controller.left = true; // its failure (the 401) must not forget the note kept for after sign-in
+    if (inFlight) return inFlight;
+    return conversationId && input.value.trim() ? { conversation: conversationId, text: input.value } : null;
   }
 
   async function sendMessage(text) {
@@ -361,7 +374,8 @@ export function createChatView() {
     setHead(isFirst ? text : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
-    keepPending(sending, text);
+    keepPending(sending, text, session.me?.account);
+    inFlight = { conversation: sending, text };
     const ownController = (controller = new AbortController());
     setBusy(true);
     let response = null;
@@ -402,6 +416,7 @@ export function createChatView() {
     } finally {
       if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
+      inFlight = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
       // meanwhile. Not a stopped one: stopping was the person's choice, or they opened another conversation.
@@ -455,6 +470,7 @@ export function createChatView() {
     title: 'Chat',
     show,
     focus: () => input.focus(),
+    leaving,
     get conversationId() {
       return conversationId;
     },
