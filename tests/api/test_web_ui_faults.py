@@ -1,6 +1,6 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
-as `test_web_ui.py`): a key revoked as a message is sent. One browser for the module, a new context (an empty tab
-state) for each short test; skipped without Chromium like `test_web_ui.py`."""
+as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline. One browser for the module, a new
+context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -108,3 +108,18 @@ async def test_a_message_sent_as_the_key_is_revoked_comes_back_after_signing_in_
     await expect(page.locator('.notice')).to_contain_text('This conversation has no saved messages yet')
     await expect(box).to_have_value('')
     assert await page.evaluate("sessionStorage.getItem('agentrt.pendingMessage')") is None
+
+
+async def test_a_message_sent_offline_says_the_browser_is_offline(page: Page) -> None:
+    # It said "The server cannot be reached. Is `agentrt serve` still running?", which sent people to restart a server
+    # that was fine.
+    await page.context.set_offline(True)
+    await _send(page, 'sent without a network')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('This browser is offline')
+    await expect(alert).not_to_contain_text('agentrt serve')
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_have_value('sent without a network')
+    await page.context.set_offline(False)
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant')).to_have_attribute('data-state', 'done')
