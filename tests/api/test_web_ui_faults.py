@@ -1,23 +1,31 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
-as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline. One browser for the module, a new
-context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
+as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, right-to-left overrides in what the
+page quotes. One browser for the module, a new context (an empty tab state) for each short test; skipped without
+Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
+import httpx2
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
 
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key, forget_cached_api_keys, revoke_api_key
-from tests.api.conftest import Keys, serve
+from agentrt.services.background import get_supervisor
+from tests.api.conftest import Keys, auth, serve
 from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
+
+
+RLO = '\u202e'
+"""RIGHT-TO-LEFT OVERRIDE: the text after it, to the end of its paragraph or a closing isolate, shows reversed."""
 
 
 def _quick_model() -> FunctionModel:
@@ -123,3 +131,66 @@ async def test_a_message_sent_offline_says_the_browser_is_offline(page: Page) ->
     await page.context.set_offline(False)
     await box.press('Enter')
     await expect(page.locator('.message.assistant')).to_have_attribute('data-state', 'done')
+
+
+READS_IN_ORDER = """element => {
+  // Whether the last two characters of `element`'s text show in their order (left to right), where they share a line.
+  const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+  let last = null;
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) if (node.data.trim().length > 1) last = node;
+  const end = last.data.trimEnd().length;
+  const box = (at) => { const range = document.createRange(); range.setStart(last, at); range.setEnd(last, at + 1);
+                        return range.getBoundingClientRect(); };
+  const [before, after] = [box(end - 2), box(end - 1)];
+  return Math.abs(before.top - after.top) > 2 || after.left > before.left;
+}"""
+
+
+async def test_a_right_to_left_override_ends_with_the_text_that_holds_it(page: Page, site: str, keys: Keys) -> None:
+    # A right-to-left override (U+202E) in text the page quotes in a sentence reversed the rest of the sentence:
+    # "Deleted “<RLO>abc”." showed as "Deleted “.”cba". Each is isolated now.
+    await page.goto(f'{site}/#/chat/{RLO}abc')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('is not valid')
+    assert await alert.evaluate(READS_IN_ORDER)
+
+    # A tool's arguments, summarised on one line: the override in one value reversed the arguments after it.
+    async def with_a_tool_call(route: Route) -> None:
+        call = {'toolCallId': 't1', 'toolName': 'search_directory'}
+        events = [
+            {'type': 'start'},
+            {'type': 'tool-input-available', **call, 'input': {'query': f'{RLO}evil', 'city': 'Boston'}},
+            {'type': 'tool-output-available', 'toolCallId': 't1', 'output': []},
+            {'type': 'finish'},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.goto(f'{site}/#/chat/new')
+    await page.route('**/api/v1/chat', with_a_tool_call)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert await turn.locator('.tool-args').evaluate(READS_IN_ORDER)
+    await page.unroute('**/api/v1/chat')
+
+    # A title (written from the first message) in the notice of its deletion, and in the question before it.
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        made = await client.post(
+            '/api/v1/conversations/rtl/turns', json={'message': f'{RLO}abc'}, headers=auth(keys.acme)
+        )
+        assert made.status_code == 200, made.text
+    await get_supervisor().join()  # the title
+    await page.goto(f'{site}/#/conversations')
+    questions: list[str] = []
+
+    async def answer(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        await dialog.accept()
+
+    page.once('dialog', answer)
+    await page.locator('li[data-conversation-id="rtl"]').get_by_role('button', name='Delete').click()
+    deleted = page.locator('.notice .alert')
+    await expect(deleted).to_contain_text('Deleted')
+    assert await deleted.evaluate(READS_IN_ORDER)
+    [question] = questions  # the dialog's text is a string: the title between isolates
+    assert question.startswith(f'Delete the conversation “\u2068{RLO}abc') and '\u2069”? Its messages' in question

@@ -29,11 +29,16 @@ function wellFormed(text) {
   return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
 }
 
-/** Why conversation id `id` (from the address) is not one, or null when it is. */
+/** Why conversation id `id` (from the address) is not one (text and elements for `alertBox`), or null when it is. */
 function badConversationId(id) {
   if (id.length <= CONVERSATION_ID_MAX_CHARS && CONVERSATION_ID.test(id)) return null;
   const shown = id.length > 40 ? `${id.slice(0, 40)}…` : id;
-  return `The conversation id in the address, “${shown}”, is not valid: a conversation id is 1 to ${CONVERSATION_ID_MAX_CHARS} letters, digits and . _ : @ - (starting with a letter or digit). Start a new chat, or open one from Conversations.`;
+  // The id in a <bdi>: a right-to-left override in it (U+202E) reversed the rest of the sentence.
+  return [
+    'The conversation id in the address, “',
+    h('bdi', { text: shown }),
+    `”, is not valid: a conversation id is 1 to ${CONVERSATION_ID_MAX_CHARS} letters, digits and . _ : @ - (starting with a letter or digit). Start a new chat, or open one from Conversations.`,
+  ];
 }
 
 /** A user's message. */
