@@ -1,7 +1,7 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
 as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, right-to-left overrides in what the
-page quotes. One browser for the module, a new context (an empty tab state) for each short test; skipped without
-Chromium like `test_web_ui.py`."""
+page quotes, the contrast of its controls, a 320 px screen. One browser for the module, a new context (an empty tab
+state) for each short test; skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -194,3 +194,43 @@ async def test_a_right_to_left_override_ends_with_the_text_that_holds_it(page: P
     assert await deleted.evaluate(READS_IN_ORDER)
     [question] = questions  # the dialog's text is a string: the title between isolates
     assert question.startswith(f'Delete the conversation “\u2068{RLO}abc') and '\u2069”? Its messages' in question
+
+
+CONTROL_CONTRAST = """() => {
+  // The contrast of each visible control's border against the background around it (WCAG 1.4.11 asks 3:1).
+  const rgb = (color) => color.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const luminance = (color) => {
+    const linear = (v) => (v / 255 <= 0.03928 ? v / 255 / 12.92 : ((v / 255 + 0.055) / 1.055) ** 2.4);
+    const [r, g, b] = rgb(color).map(linear);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const behind = (element) => {
+    for (let e = element.parentElement; e; e = e.parentElement) {
+      const color = getComputedStyle(e).backgroundColor;
+      if (!/rgba\\(.*, 0\\)$/.test(color) && color !== 'transparent') return color;
+    }
+    return 'rgb(255, 255, 255)';
+  };
+  return [...document.querySelectorAll('input, select, textarea')].filter((e) => e.offsetParent).map((e) => {
+    const [a, b] = [luminance(getComputedStyle(e).borderTopColor), luminance(behind(e))].sort((x, y) => y - x);
+    return [e.id || e.name, Math.round(((a + 0.05) / (b + 0.05)) * 100) / 100];
+  });
+}"""
+
+
+async def test_the_controls_stand_out_and_the_chat_fits_320_pixels(page: Page, site: str) -> None:
+    # The message box's border was #8c959f on the page's #f5f6f8: 2.8:1, under the 3:1 a control's edge needs.
+    for where in ('#/chat', '#/audit'):
+        await page.goto(f'{site}/{where}')
+        await expect(page.locator('textarea, select').first).to_be_visible()
+        contrasts = await page.evaluate(CONTROL_CONTRAST)
+        assert contrasts and all(ratio >= 3 for _, ratio in contrasts), contrasts
+    # The narrowest phone: a long unbroken message and its answer fit without sideways scrolling.
+    await page.set_viewport_size({'width': 320, 'height': 640})
+    await page.goto(f'{site}/#/chat/new')
+    turn = await _send(page, 'x' * 400)
+    await expect(turn).to_have_attribute('data-state', 'done')
+    for where in ('#/chat', '#/conversations'):
+        await page.goto(f'{site}/{where}')
+        await expect(page.locator('h1')).to_be_visible()
+        assert await page.evaluate('document.documentElement.scrollWidth') <= 320
