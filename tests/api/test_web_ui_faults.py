@@ -1,7 +1,7 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
-as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, right-to-left overrides in what the
-page quotes, the contrast of its controls, a 320 px screen. One browser for the module, a new context (an empty tab
-state) for each short test; skipped without Chromium like `test_web_ui.py`."""
+as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, the conversation on screen deleted,
+right-to-left overrides in what the page quotes, the contrast of its controls, a 320 px screen. One browser for the
+module, a new context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -234,3 +234,24 @@ async def test_the_controls_stand_out_and_the_chat_fits_320_pixels(page: Page, s
         await page.goto(f'{site}/{where}')
         await expect(page.locator('h1')).to_be_visible()
         assert await page.evaluate('document.documentElement.scrollWidth') <= 320
+
+
+async def test_the_conversation_on_screen_deleted_from_the_list_leaves_the_chat(page: Page) -> None:
+    # The chat went on showing it, and the next message started a new conversation of the same id below messages the
+    # model no longer had (a reload showed only the new turn).
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    await page.get_by_role('link', name='Conversations', exact=True).click()
+    page.once('dialog', lambda dialog: dialog.accept())
+    await page.locator(f'li[data-conversation-id="{conversation}"]').get_by_role('button', name='Delete').click()
+    await expect(page.locator('.notice .alert')).to_contain_text('Deleted')
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(page.locator('.notice .alert')).to_have_text(
+        'The conversation shown here was deleted: this is a new one.'
+    )
+    await expect(page.locator('.message')).to_have_count(0)
+    await expect(page.get_by_role('heading', level=1)).to_have_text('New conversation')
+    turn = await _send(page, 'second question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert page.url.split('#/chat/', 1)[1] != conversation

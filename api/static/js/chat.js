@@ -469,6 +469,17 @@ export function createChatView() {
     refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
+  window.addEventListener('agentrt:conversation-deleted', (event) => {
+    // Deleted from Conversations while shown here (no answer coming): it stayed on screen, and the next message started
+    // a conversation of the same id without any of it, below messages the model no longer had.
+    if (event.detail !== conversationId || controller) return;
+    conversationId = null;
+    shownId = null;
+    stale = false;
+    transcript.replaceChildren();
+    setHead(null);
+    notice.replaceChildren(alertBox('The conversation shown here was deleted: this is a new one.', 'info'));
+  });
 
   return {
     element,

@@ -58,6 +58,8 @@ export async function conversationsView() {
         const next = (li.nextElementSibling || li.previousElementSibling)?.querySelector('a') || title;
         li.remove();
         if (hadFocus) next.focus();
+        // The chat view may still show it: it empties itself (chat.js), rather than go on as if it were still there.
+        window.dispatchEvent(new CustomEvent('agentrt:conversation-deleted', { detail: item.conversation_id }));
         notice.append(alertBox(['Deleted “', h('bdi', { text: name }), '”.'], 'info'));
         if (!list.childElementCount) list.replaceWith(emptyState());
       } catch (error) {
