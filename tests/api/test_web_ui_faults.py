@@ -1,10 +1,12 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
 as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, the conversation on screen deleted,
-right-to-left overrides in what the page quotes, the contrast of its controls, a 320 px screen. One browser for the
-module, a new context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
+an answer streaming behind another view, right-to-left overrides in what the page quotes, the contrast of its
+controls, a 320 px screen. One browser for the module, a new context (an empty tab state) for each short test;
+skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -28,14 +30,22 @@ RLO = '\u202e'
 """RIGHT-TO-LEFT OVERRIDE: the text after it, to the end of its paragraph or a closing isolate, shows reversed."""
 
 
+DRIP = 'drip the answer'
+"""A message with these words is answered with 'ok', then ' and more' once `drip_more` is set (at most 30 s later)."""
+drip_more = asyncio.Event()
+
+
 def _quick_model() -> FunctionModel:
-    """A model answering 'ok' at once, streamed or not."""
+    """A model answering 'ok' at once, streamed or not; streamed, the rest of the answer to `DRIP` waits."""
 
     def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[TextPart('ok')])
 
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
         yield 'ok'
+        if DRIP in str(messages[-1]):
+            await asyncio.wait_for(drip_more.wait(), 30)
+            yield ' and more'
 
     return FunctionModel(respond, stream_function=stream, model_name='quick')
 
@@ -255,3 +265,27 @@ async def test_the_conversation_on_screen_deleted_from_the_list_leaves_the_chat(
     turn = await _send(page, 'second question')
     await expect(turn).to_have_attribute('data-state', 'done')
     assert page.url.split('#/chat/', 1)[1] != conversation
+
+
+async def test_an_answer_streaming_behind_another_view_leaves_its_scroll_alone(page: Page, site: str) -> None:
+    # Each piece of an answer that came while another view was shown scrolled that view to its bottom, when it was
+    # near it: the chat followed its answer in a page that was not its own.
+    turn = await _send(page, DRIP)
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.set_viewport_size({'width': 1280, 'height': 300})
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await expect(page.locator('.totals')).to_be_visible()
+    reading = await page.evaluate('document.documentElement.scrollHeight - window.innerHeight - 100')
+    assert reading > 0
+    await page.evaluate(f'window.scrollTo(0, {reading})')
+    drip_more.set()
+    # A fetch's resource timing entry is written once its body has been read to the end: the answer is all in (polled
+    # from here: the page's CSP refuses playwright's wait_for_function, which evaluates a string).
+    answered = "performance.getEntriesByType('resource').some(e => e.name.endsWith('/api/v1/chat'))"
+    for _ in range(1500):
+        if await page.evaluate(answered):
+            break
+        await asyncio.sleep(0.01)
+    assert await page.evaluate('window.scrollY') == reading
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(turn.locator('.answer')).to_have_text('ok and more')

@@ -257,6 +257,9 @@ export function createChatView() {
 
   /** Keep the newest content in view when the reader is at the bottom already. */
   function follow(change) {
+    // Not while another view is shown (the answer goes on behind it): its scroll is not this view's to move. It was
+    // moved to that view's bottom with each piece of the answer, when the reader was near it.
+    if (!element.isConnected) return change();
     const atBottom = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
     change();
     if (atBottom) window.scrollTo(0, document.documentElement.scrollHeight);
