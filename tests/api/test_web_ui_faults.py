@@ -66,10 +66,19 @@ async def site() -> AsyncIterator[str]:
         yield url
 
 
+CSP_WATCH = """window.__cspBreaches = [];
+document.addEventListener('securitypolicyviolation', (event) => {
+  window.__cspBreaches.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+});"""
+"""Collects the page's breaches of its Content-Security-Policy (run before the page's own scripts, in each document)."""
+
+
 @pytest.fixture
 async def page(browser: Browser, site: str, keys: Keys) -> AsyncIterator[Page]:
-    """A new tab state, signed in with acme's key, on a new chat; no script error may happen in it."""
+    """A new tab state, signed in with acme's key, on a new chat; no script error and no breach of the page's CSP (what
+    the page does needs no inline script or style) may happen in it."""
     context = await browser.new_context(viewport={'width': 1280, 'height': 800})
+    await context.add_init_script(CSP_WATCH)
     page = await context.new_page()
     page.set_default_timeout(15_000)
     expect.set_options(timeout=15_000)
@@ -79,6 +88,7 @@ async def page(browser: Browser, site: str, keys: Keys) -> AsyncIterator[Page]:
     await _sign_in(page, keys.acme)
     try:
         yield page
+        assert await page.evaluate('window.__cspBreaches') == []
     finally:
         await context.close()
     assert crashes == []
