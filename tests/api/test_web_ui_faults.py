@@ -316,3 +316,18 @@ async def test_an_answer_streaming_behind_another_view_leaves_its_scroll_alone(p
     assert await page.evaluate('window.scrollY') == reading
     await page.get_by_role('link', name='Chat', exact=True).click()
     await expect(turn.locator('.answer')).to_have_text('ok and more')
+
+
+async def test_shift_enter_starts_a_line_and_enter_sends_both(page: Page) -> None:
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_be_focused()
+    await box.type('line one')
+    await box.press('Shift+Enter')
+    await box.type('line two')
+    await expect(box).to_have_value('line one\nline two')
+    await expect(page.locator('.message')).to_have_count(0)
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant')).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user .text')).to_have_text('line one\nline two')
+    await expect(box).to_be_focused()
+    await expect(page.get_by_role('log', name='Messages')).to_contain_text('line two')
