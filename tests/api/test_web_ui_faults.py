@@ -1,8 +1,8 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
 as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, the conversation on screen deleted,
-an answer streaming behind another view, right-to-left overrides in what the page quotes, the contrast of its
-controls, a 320 px screen. One browser for the module, a new context (an empty tab state) for each short test;
-skipped without Chromium like `test_web_ui.py`."""
+an answer streaming behind another view, a conversation that cannot be loaded again, right-to-left overrides in what
+the page quotes, the contrast of its controls, a 320 px screen, the keyboard. One browser for the module, a new
+context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -331,3 +331,39 @@ async def test_shift_enter_starts_a_line_and_enter_sends_both(page: Page) -> Non
     await expect(page.locator('.message.user .text')).to_have_text('line one\nline two')
     await expect(box).to_be_focused()
     await expect(page.get_by_role('log', name='Messages')).to_contain_text('line two')
+
+
+async def test_a_conversation_that_cannot_be_shown_again_stays_on_screen_until_it_can(page: Page) -> None:
+    # After an answer cut off, the next message first shows the conversation as the server holds it. With the server
+    # still away, that wiped the conversation off the screen, and once it was back the message went out without it:
+    # the history shown was never loaded again (a reload showed it).
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': 'Hal'},
+        ]
+        await route.fulfill(
+            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
+        )
+
+    async def away(route: Route) -> None:
+        await route.abort('connectionrefused')
+
+    await page.route('**/api/v1/chat', cut_off)
+    turn = await _send(page, 'second question')
+    await expect(turn).to_contain_text('connection was lost')
+    await page.unroute('**/api/v1/chat')
+    await page.route('**/api/v1/**', away)
+    box = page.get_by_role('textbox', name='Message')
+    await box.press('Enter')
+    await expect(page.locator('.notice .alert')).to_contain_text('The server cannot be reached')
+    await expect(page.locator('.message.user').first).to_have_text('Youfirst question')
+    await expect(box).to_have_value('second question')
+    await page.unroute('**/api/v1/**')
+    await box.press('Enter')
+    await expect(page.locator('.message.user')).to_have_text(['Youfirst question', 'Yousecond question'])
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')

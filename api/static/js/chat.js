@@ -305,9 +305,13 @@ export function createChatView() {
       controller.left = true;
       controller.abort();
     }
+    // The same conversation again (shown as the server holds it before the next message, or its link followed): what
+    // is on screen stays until its history arrives, and stays if that fails. It was wiped first, and a server still
+    // away left an empty chat.
+    const again = shownId !== undefined && wanted !== null && wanted === conversationId;
     conversationId = wanted;
     shownId = wanted;
-    transcript.replaceChildren();
+    if (!again) transcript.replaceChildren();
     notice.replaceChildren();
     setHead(null);
     if (wanted === null) {
@@ -329,6 +333,7 @@ export function createChatView() {
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
       if (conversationId !== wanted) return;
       if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
+      transcript.replaceChildren();
       renderHistory(data.messages);
       restorePending(wanted, data.messages);
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
@@ -336,9 +341,13 @@ export function createChatView() {
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
+        transcript.replaceChildren();
+        setHead(null);
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
         restorePending(wanted, []);
       } else {
+        // What is shown (if anything) may lack what the server holds: loaded again before the next message is sent.
+        stale = true;
         notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
       }
     } finally {
@@ -455,7 +464,8 @@ export function createChatView() {
       // server saved is shown first, then this message is sent (its answer follows what the server holds).
       const id = conversationId;
       show(id).then(() => {
-        if (conversationId === id && element.isConnected) form.requestSubmit(); // not if the person moved on
+        // Not if the person moved on, nor when it could not be loaded (the message waits in the box; the notice says why).
+        if (!stale && conversationId === id && element.isConnected) form.requestSubmit();
       });
       return;
     }
