@@ -1,8 +1,9 @@
 """The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
-as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline, the conversation on screen deleted,
-an answer streaming behind another view, a conversation that cannot be loaded again, right-to-left overrides in what
-the page quotes, the contrast of its controls, a 320 px screen, the keyboard. One browser for the module, a new
-context (an empty tab state) for each short test; skipped without Chromium like `test_web_ui.py`."""
+as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline (before and during an answer), the
+conversation on screen deleted, an answer streaming behind another view, a conversation that cannot be loaded again,
+right-to-left overrides in what the page quotes, the contrast of its controls, a 320 px screen, the keyboard. One
+browser for the module, a new context (an empty tab state) for each short test; skipped without Chromium like
+`test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -297,6 +298,7 @@ async def test_the_conversation_on_screen_deleted_from_the_list_leaves_the_chat(
 async def test_an_answer_streaming_behind_another_view_leaves_its_scroll_alone(page: Page, site: str) -> None:
     # Each piece of an answer that came while another view was shown scrolled that view to its bottom, when it was
     # near it: the chat followed its answer in a page that was not its own.
+    drip_more.clear()
     turn = await _send(page, DRIP)
     await expect(turn.locator('.answer')).to_have_text('ok')
     await page.set_viewport_size({'width': 1280, 'height': 300})
@@ -367,3 +369,19 @@ async def test_a_conversation_that_cannot_be_shown_again_stays_on_screen_until_i
     await box.press('Enter')
     await expect(page.locator('.message.user')).to_have_text(['Youfirst question', 'Yousecond question'])
     await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+
+
+async def test_the_browser_going_offline_while_an_answer_comes_says_so(page: Page) -> None:
+    # The answer stopped coming and the page said "Working…" for as long as the connection was not closed: nothing
+    # told that the browser had lost its network.
+    drip_more.clear()
+    turn = await _send(page, DRIP)
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.context.set_offline(True)
+    offline = page.locator('.notice .alert')
+    await expect(offline).to_contain_text('This browser is offline: the rest of the answer cannot arrive')
+    await page.context.set_offline(False)
+    await expect(offline).to_have_count(0)
+    drip_more.set()
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(turn.locator('.answer')).to_have_text('ok and more')

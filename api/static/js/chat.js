@@ -167,6 +167,7 @@ export function createChatView() {
   let loading = null; // the notice of a conversation whose history is loading, else null
   let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
   let inFlight = null; // {conversation, text} of the message being sent and answered, else null
+  let offlineNote = null; // the notice that the browser is offline while an answer is coming, else null
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -236,6 +237,24 @@ export function createChatView() {
     send.disabled = busy || loading !== null;
     stop.disabled = !busy;
     if (!busy) refusal.textContent = '';
+    sayIfOffline();
+  }
+
+  /**
+   * While an answer is coming and the browser has no network, a notice says so (and goes when the network is back or
+   * the turn ends). The page said "Working…" for as long as the connection was not closed, which can be minutes.
+   */
+  function sayIfOffline() {
+    const away = !navigator.onLine && element.dataset.busy === 'true';
+    if (away && !offlineNote?.isConnected) {
+      offlineNote = alertBox(
+        'This browser is offline: the rest of the answer cannot arrive until the network is back. Stop gives it up (a stopped turn is not saved).',
+      );
+      notice.append(offlineNote);
+    } else if (!away && offlineNote) {
+      offlineNote.remove();
+      offlineNote = null;
+    }
   }
 
   /**
@@ -482,6 +501,8 @@ export function createChatView() {
     refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
+  window.addEventListener('offline', sayIfOffline);
+  window.addEventListener('online', sayIfOffline);
   window.addEventListener('agentrt:conversation-deleted', (event) => {
     // Deleted from Conversations while shown here (no answer coming): it stayed on screen, and the next message started
     // a conversation of the same id without any of it, below messages the model no longer had.
