@@ -35,6 +35,7 @@ from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.errors import install_error_handlers
+from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
 from agentrt.api.turn_stream import ChatConfig
@@ -109,6 +110,7 @@ def create_app(
     install_error_handlers(app)
     # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request
     # starts the runtime instead.
+    app.add_middleware(HeadAsGet)  # innermost: HEAD on a GET route is that GET's answer without its body
     app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
     app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500
