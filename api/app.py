@@ -34,6 +34,7 @@ from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
+from agentrt.api.docs_pages import install_docs_pages
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.response_headers import ResponseHeaders
@@ -102,8 +103,12 @@ def create_app(
         version=__version__,
         summary='Pydantic AI chat agents on PostgreSQL: streamed chat, audit, costs and conversations per account.',
         lifespan=lifespan,
+        # FastAPI's documentation pages, served by install_docs_pages with a Content-Security-Policy.
+        docs_url=None,
+        redoc_url=None,
         **_telemetry_option(),
     )
+    install_docs_pages(app)
     # A wrong agent or model is the program's mistake: refused here, at build time, not at each chat request.
     validate_run_arguments(model=model, usage_limits=None, toolsets=(), instructions=(), agent=agent)
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
