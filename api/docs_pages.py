@@ -43,14 +43,17 @@ def install_docs_pages(app: FastAPI, *, docs_url: str = '/docs', redoc_url: str 
     with `docs_url=None, redoc_url=None`)."""
     oauth2_redirect = f'{docs_url}/oauth2-redirect'
 
+    def root_path(request: Request) -> str:
+        return str(request.scope.get('root_path', '')).rstrip('/')
+
     def openapi_url(request: Request) -> str:
-        return request.scope.get('root_path', '').rstrip('/') + (app.openapi_url or '/openapi.json')
+        return root_path(request) + (app.openapi_url or '/openapi.json')
 
     async def swagger_ui(request: Request) -> HTMLResponse:
         page = get_swagger_ui_html(
             openapi_url=openapi_url(request),
             title=f'{app.title} - Swagger UI',
-            oauth2_redirect_url=request.scope.get('root_path', '').rstrip('/') + oauth2_redirect,
+            oauth2_redirect_url=root_path(request) + oauth2_redirect,
             init_oauth=app.swagger_ui_init_oauth,
             swagger_ui_parameters=app.swagger_ui_parameters,
         )
