@@ -45,12 +45,13 @@ class HeadAsGet:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A `HEAD` a `GET` route serves goes on as that `GET`, and its body is dropped; anything else passes."""
-        routes = getattr(getattr(scope.get('app'), 'router', None), 'routes', ())
-        if scope['type'] != 'http' or scope['method'] != 'HEAD' or serves(routes, scope, 'HEAD'):
+        if scope['type'] != 'http' or scope['method'] != 'HEAD':
             await self.app(scope, receive, send)
             return
-        if not serves(routes, scope, 'GET'):
-            await self.app(scope, receive, send)  # the router's 405 (or 404) names what the path serves
+        routes = getattr(getattr(scope.get('app'), 'router', None), 'routes', ())
+        if serves(routes, scope, 'HEAD') or not serves(routes, scope, 'GET'):
+            # A route of its own (Starlette's add HEAD to GET), or the router's 405 (or 404) naming what it serves.
+            await self.app(scope, receive, send)
             return
 
         async def head_only(message: Message) -> None:
