@@ -125,13 +125,23 @@ async def test_a_message_sent_as_the_key_is_revoked_comes_back_after_signing_in_
     await expect(page.locator('.notice')).to_contain_text('before the page returned to sign-in')
     await expect(page.locator('.message.user')).to_have_text(['Youfirst question'])  # as saved: the refused one is not
 
-    # Typed but not sent, as another view's request finds the key revoked: kept too, but never for another account.
+    # Typed but not sent, as another view's requests find the key revoked: kept too. The costs make three requests at
+    # once, and the second 401 signed out again, forgetting what the first had kept.
     await box.fill('a draft of mine')
     await _revoke(again.token)
-    await page.get_by_role('link', name='Audit', exact=True).click()
+    await page.get_by_role('link', name='Costs', exact=True).click()
     await expect(page.get_by_role('alert')).to_contain_text('The API key was not accepted')
     async with get_db_session(account=Unscoped.ADMIN) as session:
+        third = await create_api_key(session=session, account='acme-health', name='third')
         other = await create_api_key(session=session, account='green-grocer', name='other')
+    await _sign_in(page, third.token)
+    await page.goto(f'{site}/#/chat/{conversation}')
+    await expect(box).to_have_value('a draft of mine')
+
+    # Never for another account: a key of green-grocer signed in on this tab does not get acme's message.
+    await _revoke(third.token)
+    await page.get_by_role('link', name='Audit', exact=True).click()
+    await expect(page.get_by_role('alert')).to_contain_text('The API key was not accepted')
     await _sign_in(page, other.token)
     await page.goto(f'{site}/#/chat/{conversation}')
     await expect(page.locator('.notice')).to_contain_text('This conversation has no saved messages yet')

@@ -155,7 +155,12 @@ function mount(view, ticket) {
 }
 
 window.addEventListener('hashchange', render);
+let signingOut = false;
 window.addEventListener('agentrt:unauthorized', (event) => {
+  // Once: requests made together (the costs make three) each answer 401, and a second sign-out forgot what the
+  // first had kept for after signing in again.
+  if (signingOut) return;
+  signingOut = true;
   // The message being sent when the key stopped working (revoked, expired), or typed in the box, outlives the sign-out:
   // it was lost with the reload, to be typed again from memory. It comes back for a key of the same account only.
   const unsent = chat?.leaving();
