@@ -161,8 +161,9 @@ window.addEventListener('agentrt:unauthorized', (event) => {
   // first had kept for after signing in again.
   if (signingOut) return;
   signingOut = true;
-  // The message being sent when the key stopped working (revoked, expired), or typed in the box, outlives the sign-out:
-  // it was lost with the reload, to be typed again from memory. It comes back for a key of the same account only.
+  // The message being sent when the key stopped working (revoked, its account gone), or typed in the box, outlives the
+  // sign-out: it was lost with the reload, to be typed again from memory. It comes back for a key of the same account
+  // only.
   const unsent = chat?.leaving();
   const account = session.me?.account;
   session.signOut();
