@@ -395,3 +395,30 @@ async def test_the_browser_going_offline_while_an_answer_comes_says_so(page: Pag
     drip_more.set()
     await expect(turn).to_have_attribute('data-state', 'done')
     await expect(turn.locator('.answer')).to_have_text('ok and more')
+
+
+async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(
+    page: Page, site: str, keys: Keys
+) -> None:
+    # It kept the other view's scroll position (the top, for a short one): the chat came back at its oldest messages.
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        for number in range(8):
+            made = await client.post(
+                '/api/v1/conversations/scrolled/turns', json={'message': f'Question {number}'}, headers=auth(keys.acme)
+            )
+            assert made.status_code == 200, made.text
+    await page.set_viewport_size({'width': 1280, 'height': 400})
+    await page.goto(f'{site}/#/chat/scrolled')
+    await expect(page.locator('.message.user')).to_have_count(8)
+    at_end = 'window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 2'
+    for reading in (None, 150):  # at its end, then further up
+        if reading is not None:
+            await page.evaluate(f'window.scrollTo(0, {reading})')
+        await page.get_by_role('link', name='Costs', exact=True).click()
+        await expect(page.locator('.totals')).to_be_visible()
+        await page.get_by_role('link', name='Chat', exact=True).click()
+        await expect(page.get_by_role('textbox', name='Message')).to_be_focused()
+        if reading is None:
+            assert await page.evaluate(at_end)
+        else:
+            assert await page.evaluate('window.scrollY') == reading

@@ -168,6 +168,9 @@ export function createChatView() {
   let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
   let inFlight = null; // {conversation, text} of the message being sent and answered, else null
   let offlineNote = null; // the notice that the browser is offline while an answer is coming, else null
+  // Where the reader was in the chat (window.scrollY), or null at its end: the chat shown again after another view
+  // goes back there. It kept the other view's position, and came back at its oldest messages.
+  let readingAt = null;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -330,7 +333,10 @@ export function createChatView() {
     const again = shownId !== undefined && wanted !== null && wanted === conversationId;
     conversationId = wanted;
     shownId = wanted;
-    if (!again) transcript.replaceChildren();
+    if (!again) {
+      transcript.replaceChildren();
+      readingAt = null; // another conversation opens at its end
+    }
     notice.replaceChildren();
     setHead(null);
     if (wanted === null) {
@@ -501,6 +507,15 @@ export function createChatView() {
     refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
+  window.addEventListener(
+    'scroll',
+    () => {
+      if (!element.isConnected) return; // another view's scrolling
+      const atEnd = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
+      readingAt = atEnd ? null : window.scrollY;
+    },
+    { passive: true },
+  );
   window.addEventListener('offline', sayIfOffline);
   window.addEventListener('online', sayIfOffline);
   window.addEventListener('agentrt:conversation-deleted', (event) => {
@@ -519,7 +534,11 @@ export function createChatView() {
     element,
     title: 'Chat',
     show,
-    focus: () => input.focus(),
+    focus: () => {
+      // The message box stays in view (it sticks to the bottom): the transcript goes where the reader left it.
+      input.focus({ preventScroll: true });
+      window.scrollTo(0, readingAt ?? document.documentElement.scrollHeight);
+    },
     leaving,
     get conversationId() {
       return conversationId;
