@@ -6,7 +6,8 @@ per conversation; a race between two turns raises `ConcurrentTurnError`);
 `fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
 post-turn task that keeps a title and a short summary on the conversation row (`summary_due` says when a turn
 should run it, `summary_source` hands it the text); `list_conversations` pages through
-an account's conversations. The modules with a leading underscore are internals.
+an account's conversations; `load_page` reads one's messages a page at a time, newest first. The modules with a
+leading underscore are internals.
 """
 
 from agentrt.services.conversations._claims import TurnClaim, claims_released, conversation_claim
@@ -25,6 +26,7 @@ from agentrt.services.conversations._listing import (
     ConversationSummary,
     list_conversations,
 )
+from agentrt.services.conversations._pages import MessagePage, UnknownPositionError, load_page, starts_turn
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._stored import StoredTail
 from agentrt.services.conversations._titles import (
@@ -59,6 +61,7 @@ __all__ = [
     'ConversationSummary',
     'Exchange',
     'FitMemo',
+    'MessagePage',
     'PostgresConversationStore',
     'RawExchange',
     'RecentConversation',
@@ -68,6 +71,7 @@ __all__ = [
     'SummarySource',
     'TurnClaim',
     'TurnStage',
+    'UnknownPositionError',
     'append_turn',
     'claims_released',
     'conversation_claim',
@@ -77,12 +81,14 @@ __all__ = [
     'fit_history',
     'list_conversations',
     'load_conversation',
+    'load_page',
     'load_recent_conversation',
     'make_summary',
     'make_title',
     'message_exchanges',
     'refresh_title_and_summary',
     'save_turn',
+    'starts_turn',
     'summary_due',
     'summary_source',
 ]

@@ -135,3 +135,29 @@ WITH {_LOCKED}, swapped AS (
 TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
 APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
 APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)
+
+# A page of older messages (`_pages`): the record, and the entries before `:before` (an entry of the account), from
+# its parent back, at most `:max_messages`. No row: no record; `found` 0: the account has no entry `:before`.
+_BEFORE = text("""
+WITH RECURSIVE conv AS (
+    SELECT record::text AS record, title, summary_head_id
+    FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
+), mark AS (
+    SELECT e.parent_id FROM conversation_entries AS e WHERE e.account_id = :account_id AND e.id = :before
+), walk(id, parent_id, kind, body, depth) AS (
+    SELECT e.id, e.parent_id, e.kind, e.message::text, 1
+    FROM conv CROSS JOIN mark
+    JOIN conversation_entries AS e ON e.account_id = :account_id AND e.id = mark.parent_id
+    WHERE :max_messages > 0
+    UNION ALL
+    SELECT p.id, p.parent_id, p.kind, p.message::text, w.depth + 1
+    FROM walk AS w
+    JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = w.parent_id
+    WHERE w.depth < :max_messages
+)
+SELECT conv.record, conv.title, conv.summary_head_id, walk.id, walk.parent_id, walk.kind, walk.body,
+    (SELECT count(*) FROM mark) AS found
+FROM conv LEFT JOIN walk ON true
+ORDER BY walk.depth DESC
+""")
+BEFORE_ON_DRIVER = DriverStatement.of(_BEFORE)
