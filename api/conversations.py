@@ -10,13 +10,20 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelRequest, UserPromptPart
+from pydantic_ai.messages import ModelMessagesTypeAdapter
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.api.auth import ChatCaller, ReadCaller
-from agentrt.api.cursors import Listing, decode_cursor, encode_cursor
+from agentrt.api.cursors import (
+    MAX_CURSOR_CHARS,
+    Listing,
+    decode_cursor,
+    decode_message_cursor,
+    encode_cursor,
+    encode_message_cursor,
+)
 from agentrt.api.disconnect import ClientDisconnected, unless_disconnected
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
@@ -42,7 +49,9 @@ from agentrt.services.conversations import (
     MAX_CONVERSATIONS_PAGE,
     ConversationOrder,
     PostgresConversationStore,
+    UnknownPositionError,
     list_conversations,
+    load_page,
 )
 
 MAX_MESSAGES_PAGE = 100_000
@@ -104,47 +113,63 @@ async def messages(
         Query(
             ge=1,
             le=MAX_MESSAGES_PAGE,
-            description='Only the latest messages: at most this many (pydantic-ai messages), from the start of a '
-            'turn; `earlier` says whether older ones were left out.',
+            description='Only the latest messages (or the latest before `before`): at most this many (pydantic-ai '
+            'messages), from the start of a turn; `earlier` says whether older ones were left out, `earlier_cursor` '
+            "reads them. A turn longer than `limit` is cut before one of the model's responses (one more message "
+            'when needed), never between a tool call and its result.',
+        ),
+    ] = None,
+    before: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_CURSOR_CHARS,
+            description="Only the messages before this position: a previous page's `earlier_cursor`, passed back "
+            'unchanged. Positions stay valid while the conversation goes on.',
         ),
     ] = None,
 ) -> ConversationMessages:
-    """The conversation's stored messages, in order (with `limit`, only the latest).
+    """The conversation's stored messages, in order (with `limit`, only the latest; with `before`, the ones before a
+    page read earlier): page back with `limit` and `earlier_cursor` until `earlier` is false.
 
     Without `limit` every message is read and sent: a conversation of several hundred turns is megabytes, which the
     server takes about a second of CPU to read and encode.
     """
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
+    entry_id = (
+        decode_message_cursor(before, conversation_id=conversation_id, account_id=caller.account_id)
+        if before is not None
+        else None
+    )
     store = PostgresConversationStore(caller.account_id)
-    conversation = await store.load(conversation_id, limit=None if limit is None else limit + 1)
-    if conversation is None:
+    try:
+        page = await load_page(store, conversation_id, limit=limit, before=entry_id)
+    except UnknownPositionError as exc:
+        raise InvalidInputError(
+            'this position is no longer in the conversation (it was deleted since): read its latest messages again',
+            field='before',
+        ) from exc
+    if page is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
-    shown, earlier = _latest(conversation.messages, limit)
     if format == 'vercel':
         dumped = [
             message.model_dump(mode='json', by_alias=True, exclude_none=True)
-            for message in VercelAIAdapter.dump_messages(shown)
+            for message in VercelAIAdapter.dump_messages(page.messages)
         ]
     else:
-        dumped = ModelMessagesTypeAdapter.dump_python(shown, mode='json')
+        dumped = ModelMessagesTypeAdapter.dump_python(page.messages, mode='json')
     return ConversationMessages(
-        conversation_id=conversation_id, revision=conversation.revision, format=format, messages=dumped, earlier=earlier
+        conversation_id=conversation_id,
+        revision=page.revision,
+        format=format,
+        messages=dumped,
+        earlier=page.earlier is not None,
+        earlier_cursor=(
+            encode_message_cursor(page.earlier, conversation_id=conversation_id, account_id=caller.account_id)
+            if page.earlier is not None
+            else None
+        ),
     )
-
-
-def _latest(messages: list[ModelMessage], limit: int | None) -> tuple[list[ModelMessage], bool]:
-    """At most `limit` of the last `messages` (read with one more, to know whether there are older ones), starting
-    at a user's message, so a turn is never shown from its middle (a tool result without its call); and whether any
-    were left out. A window holding no turn's start is empty."""
-    if limit is None or len(messages) <= limit:
-        return messages, False
-    window = messages[-limit:]
-    start = next((n for n, message in enumerate(window) if _starts_turn(message)), len(window))
-    return window[start:], True
-
-
-def _starts_turn(message: ModelMessage) -> bool:
-    return isinstance(message, ModelRequest) and any(isinstance(part, UserPromptPart) for part in message.parts)
 
 
 @router.delete(

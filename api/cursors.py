@@ -78,3 +78,53 @@ def decode_uuid_cursor(cursor: str, *, listing: Listing, account_id: int) -> tup
         return moment, uuid.UUID(key)
     except ValueError as exc:
         raise InvalidInputError('not a cursor of this listing', field='cursor') from exc
+
+
+# A position in a conversation's messages (`GET /api/v1/conversations/{id}?before=`): the entry the page shown last
+# began with, for the conversation and account it was made for.
+_MESSAGES = 'messages'
+_NOT_A_POSITION = 'not a position from this API; pass earlier_cursor back unchanged'
+
+
+def encode_message_cursor(entry_id: str, *, conversation_id: str, account_id: int) -> str:
+    """A cursor for the messages before the entry `entry_id` of `conversation_id`, for `account_id`'s requests only."""
+    raw = json.dumps([_MESSAGES, account_id, conversation_id, entry_id], separators=(',', ':')).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip('=')
+
+
+def decode_message_cursor(cursor: str, *, conversation_id: str, account_id: int) -> str:
+    """The entry id of a cursor `encode_message_cursor` made for this conversation and account.
+
+    Raises:
+        InvalidInputError: `cursor` is not one, or was made for another conversation or another account (field
+            `before`).
+    """
+    try:
+        if len(cursor) > MAX_CURSOR_CHARS:
+            raise ValueError('too long')
+        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4))
+        made_for, owner, conversation, entry_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidInputError(_NOT_A_POSITION, field='before') from exc
+    if made_for in _LISTINGS:
+        raise InvalidInputError(
+            f"this is a listing's next_cursor ({made_for!r}), not a position in a conversation's messages: pass "
+            'the earlier_cursor of a page of this conversation',
+            field='before',
+        )
+    if made_for != _MESSAGES or not isinstance(owner, int) or not isinstance(conversation, str):
+        raise InvalidInputError(_NOT_A_POSITION, field='before')
+    if not isinstance(entry_id, str) or not entry_id or not is_storable(entry_id):
+        raise InvalidInputError(_NOT_A_POSITION, field='before')
+    if owner != account_id:
+        raise InvalidInputError(
+            "this position was made for another account's conversation: pass back the earlier_cursor of a page read "
+            'with this API key',
+            field='before',
+        )
+    if conversation != conversation_id:
+        raise InvalidInputError(
+            'this position is in another conversation: pass back the earlier_cursor of a page of this one',
+            field='before',
+        )
+    return entry_id

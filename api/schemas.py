@@ -292,6 +292,10 @@ class ConversationMessages(BaseModel):
     format: Literal['vercel', 'pydantic']
     messages: list[Any]
     earlier: bool = Field(default=False, description='Older messages were left out (`limit`).')
+    earlier_cursor: str | None = Field(
+        default=None,
+        description='When `earlier`: pass it as `before` (with `limit`) to read the messages before these.',
+    )
 
 
 class TurnRequest(BaseModel):

@@ -422,3 +422,55 @@ async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_
             assert await page.evaluate(at_end)
         else:
             assert await page.evaluate('window.scrollY') == reading
+
+
+async def _store_long_conversation(conversation_id: str, turns: int) -> list[str]:
+    """A conversation of acme's with `turns` turns of 4 messages (a question, a tool call, its result, an answer),
+    written in one statement (running that many turns would take minutes); the questions, in order."""
+    from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
+    from pydantic_ai.messages import ModelRequest, ToolCallPart, ToolReturnPart, UserPromptPart
+
+    from agentrt.services.conversations import PostgresConversationStore
+    from tests.agents.conftest import account_id
+
+    questions = [f'question {n}' for n in range(turns)]
+    entries: list[ConversationEntry] = []
+    for n, question in enumerate(questions):
+        for message in (
+            ModelRequest(parts=[UserPromptPart(question)]),
+            ModelResponse(parts=[ToolCallPart('search_directory', {'q': n}, tool_call_id=f'call-{n}')]),
+            ModelRequest(parts=[ToolReturnPart('search_directory', [n], tool_call_id=f'call-{n}')]),
+            ModelResponse(parts=[TextPart(f'answer {n}')]),
+        ):
+            entries.append(ConversationEntry(parent_id=entries[-1].id if entries else None, message=message))
+    store = PostgresConversationStore(await account_id('acme-health'))
+    record = ConversationRecord(conversation_id=conversation_id, head_id=entries[-1].id)
+    await store.write_record(record, new_entries=entries, expected_revision=None)
+    return questions
+
+
+async def test_older_messages_load_above_by_keyboard_keeping_the_place_read(page: Page, site: str) -> None:
+    # The chat showed a long conversation's latest 600 messages and said older ones were left out, with no way to read
+    # them. "Show older messages" loads the 600 before, above, each tool call on the page of its result.
+    questions = await _store_long_conversation('long-history', 320)  # 1,280 messages: 3 pages
+    await page.goto(f'{site}/#/chat/long-history')
+    users = page.locator('.message.user')
+    await expect(users).to_have_count(150)
+    await expect(users.first).to_have_text(f'You{questions[170]}')
+    button = page.get_by_role('button', name='Show older messages')
+    top = 'element => element.getBoundingClientRect().top'
+    for before, shown, first in ((150, 300, 20), (300, 320, 0)):
+        # The reader's place: the message first on screen stays where it was as the page goes in above it.
+        await button.focus()
+        at = await users.first.evaluate(top)
+        await page.keyboard.press('Enter')
+        await expect(users).to_have_count(shown)
+        await expect(users.first).to_have_text(f'You{questions[first]}')
+        assert await users.nth(shown - before).evaluate(top) == pytest.approx(at, abs=2)
+    await expect(button).to_be_hidden()
+    await expect(page.locator('.older-status')).to_be_hidden()  # its parent went with the button
+    await expect(page.locator('#chat-title')).to_be_focused()  # not the start of the page
+    await expect(page.locator('#chat-title')).to_have_text(questions[0])
+    # Every turn once, in order, each with its one tool call.
+    await expect(users).to_have_text([f'You{question}' for question in questions])
+    await expect(page.locator('.message.assistant')).to_have_count(320)

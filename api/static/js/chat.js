@@ -10,6 +10,7 @@ import { ToolTimeline } from './tools.js';
 
 const TITLE_CHARS = 80;
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
+// "Show older messages" loads as many again, each time, above them.
 const HISTORY_MESSAGES = 600;
 // A conversation id as the server takes it (agents/turn_input.py); it refused any other as "conversation_id" when the
 // history loaded and as "id" when a message was sent, which did not say the address was at fault.
@@ -171,6 +172,8 @@ export function createChatView() {
   // Where the reader was in the chat (window.scrollY), or null at its end: the chat shown again after another view
   // goes back there. It kept the other view's position, and came back at its oldest messages.
   let readingAt = null;
+  let earlierCursor = null; // where the messages shown begin (the server's `earlier_cursor`), or null from the first
+  let history = 0; // counts the histories shown: a page of older messages that arrives after another is not shown
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -187,6 +190,17 @@ export function createChatView() {
     }),
   );
   const transcript = h('div', { class: 'transcript', role: 'log', 'aria-label': 'Messages' });
+  // Older messages than those shown, a page at a time, above them. Not disabled while loading (a focused button that
+  // is disabled drops the focus to the start of the page): `aria-disabled` says it, and a press then does nothing.
+  const olderButton = h('button', { type: 'button', class: 'secondary', text: 'Show older messages' });
+  const olderStatus = h('div', { class: 'older-status', role: 'status' });
+  const older = h(
+    'div',
+    { class: 'older', hidden: true },
+    h('p', { class: 'subtle', text: 'Older messages of this conversation are not shown yet.' }),
+    olderButton,
+    olderStatus,
+  );
   const input = h('textarea', {
     id: 'message',
     name: 'message',
@@ -219,6 +233,7 @@ export function createChatView() {
     { class: 'view chat-view', 'aria-labelledby': 'chat-title', dataset: { busy: 'false' } },
     h('div', { class: 'view-head' }, h('div', {}, title, idLine), h('div', { class: 'head-actions' }, auditLink, newChat)),
     empty,
+    older,
     transcript,
     form,
   );
@@ -287,7 +302,12 @@ export function createChatView() {
     if (atBottom) window.scrollTo(0, document.documentElement.scrollHeight);
   }
 
-  function renderHistory(messages) {
+  /**
+   * Stored messages (AI SDK UI messages) into `into`; the first user message's text, if any. A page of older messages
+   * starts at a turn, or (a turn longer than a page) at one of the model's responses: each tool call is on the page of
+   * its result, so every row of a timeline has its output.
+   */
+  function renderHistory(messages, into = transcript) {
     let turn = null;
     let first = null;
     for (const message of messages) {
@@ -295,16 +315,63 @@ export function createChatView() {
         const text = (message.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
         first ??= text;
         turn = null;
-        transcript.append(userMessage(text));
+        into.append(userMessage(text));
       } else if (message.role === 'assistant') {
         if (!turn) {
           turn = new AssistantTurn({ live: false });
-          transcript.append(turn.element);
+          into.append(turn.element);
         }
         turn.addStored(message.parts);
       }
     }
+    return first;
+  }
+
+  /** Whether older messages can be loaded (`cursor`: the server's `earlier_cursor`, or null). */
+  function setEarlier(cursor) {
+    earlierCursor = cursor;
+    older.hidden = cursor === null;
+    olderButton.removeAttribute('aria-disabled');
+    olderButton.textContent = 'Show older messages';
+  }
+
+  /** The page of messages before those shown, above them; the reader's place stays where it was on screen. */
+  async function showOlder() {
+    if (earlierCursor === null || olderButton.getAttribute('aria-disabled') === 'true') return;
+    const id = conversationId;
+    const shown = history;
+    olderButton.setAttribute('aria-disabled', 'true');
+    olderButton.textContent = 'Loading older messages…';
+    olderStatus.replaceChildren();
+    let data;
+    try {
+      data = await getJson(`/conversations/${encodeURIComponent(id)}`, {
+        format: 'vercel',
+        limit: String(HISTORY_MESSAGES),
+        before: earlierCursor,
+      });
+    } catch (error) {
+      if (history !== shown) return;
+      setEarlier(earlierCursor);
+      olderStatus.append(alertBox(`The older messages could not be loaded. ${errorMessage(error)}`));
+      return;
+    }
+    if (history !== shown) return; // another conversation, or this one shown again, meanwhile
+    const page = document.createDocumentFragment();
+    const first = renderHistory(data.messages, page);
+    // What the reader sees stays put: the message that was first on screen is where it was after the page goes in.
+    const anchor = transcript.firstElementChild;
+    const top = anchor?.getBoundingClientRect().top;
+    transcript.prepend(page);
+    if (anchor) window.scrollBy(0, anchor.getBoundingClientRect().top - top);
     setHead(first);
+    const focused = document.activeElement === olderButton;
+    setEarlier(data.earlier_cursor ?? null);
+    olderStatus.textContent = data.earlier
+      ? `${data.messages.length} older messages shown above.`
+      : `${data.messages.length} older messages shown above: the conversation starts there.`;
+    // The button goes once the start is shown: the focus goes to the title, not to the start of the page.
+    if (older.hidden && focused) title.focus({ preventScroll: true });
   }
 
   /**
@@ -333,6 +400,9 @@ export function createChatView() {
     const again = shownId !== undefined && wanted !== null && wanted === conversationId;
     conversationId = wanted;
     shownId = wanted;
+    history += 1; // a page of older messages on its way is not shown
+    setEarlier(again ? earlierCursor : null);
+    olderStatus.replaceChildren();
     if (!again) {
       transcript.replaceChildren();
       readingAt = null; // another conversation opens at its end
@@ -357,9 +427,9 @@ export function createChatView() {
       const path = `/conversations/${encodeURIComponent(wanted)}`;
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
       if (conversationId !== wanted) return;
-      if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
       transcript.replaceChildren();
-      renderHistory(data.messages);
+      setHead(renderHistory(data.messages));
+      setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
       restorePending(wanted, data.messages);
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
       if (element.isConnected) toEnd();
@@ -367,6 +437,7 @@ export function createChatView() {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
         transcript.replaceChildren();
+        setEarlier(null);
         setHead(null);
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
         restorePending(wanted, []);
@@ -507,6 +578,7 @@ export function createChatView() {
     refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
+  olderButton.addEventListener('click', showOlder);
   window.addEventListener(
     'scroll',
     () => {
@@ -525,6 +597,9 @@ export function createChatView() {
     conversationId = null;
     shownId = null;
     stale = false;
+    history += 1;
+    setEarlier(null);
+    olderStatus.replaceChildren();
     transcript.replaceChildren();
     setHead(null);
     notice.replaceChildren(alertBox('The conversation shown here was deleted: this is a new one.', 'info'));
