@@ -111,7 +111,11 @@ def create_app(
     install_docs_pages(app)
     # A wrong agent or model is the program's mistake: refused here, at build time, not at each chat request.
     validate_run_arguments(model=model, usage_limits=None, toolsets=(), instructions=(), agent=agent)
-    app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
+    app.state.agentrt_chat = ChatConfig(
+        agent or default_chat_agent(),
+        model,
+        keepalive_seconds=lambda: _settings(settings).http_stream_keepalive_seconds,
+    )
     install_error_handlers(app)
     # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request
     # starts the runtime instead.
@@ -160,9 +164,14 @@ def _telemetry_option() -> dict[str, Any]:
 
 
 def _max_body_bytes(settings: Settings | None) -> int:
+    return _settings(settings).http_max_body_bytes
+
+
+def _settings(settings: Settings | None) -> Settings:
+    """The app's settings: those it was given, else the running runtime's, else the environment's."""
     if settings is not None:
-        return settings.http_max_body_bytes
+        return settings
     try:
-        return current_settings().http_max_body_bytes
+        return current_settings()
     except DatabaseNotInitializedError:
-        return get_settings().http_max_body_bytes
+        return get_settings()

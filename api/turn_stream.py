@@ -15,6 +15,7 @@ however it ends. A client that disconnects cancels the run at once: the ledger r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from asyncio import CancelledError
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -46,12 +47,20 @@ from agentrt.tools.dependencies import SessionDependencies
 NativeEvent = AgentStreamEvent | AgentRunResultEvent[Any]
 
 
+KEEPALIVE = b': keepalive\n\n'
+"""An SSE comment: every SSE parser skips it (the AI SDK's, AG-UI's, a browser's `EventSource`)."""
+DEFAULT_KEEPALIVE_SECONDS = 15.0
+
+
 @dataclass(frozen=True)
 class ChatConfig:
     """What the app's chat routes run: the agent and the model (None: the agent's own, else `AGENTRT_MODEL`)."""
 
     agent: Agent[SessionDependencies, str]
     model: Model | str | None = None
+    keepalive_seconds: Callable[[], float] = lambda: DEFAULT_KEEPALIVE_SECONDS
+    """How long a streamed turn may send nothing before it sends `KEEPALIVE` (0: never); read for each turn
+    (`AGENTRT_HTTP_STREAM_KEEPALIVE_SECONDS`)."""
 
 
 def chat_config(request: Request) -> ChatConfig:
@@ -69,6 +78,10 @@ class TurnStreamingResponse(StreamingResponse):
     A stream the server's shutdown cancels (still running when `--shutdown-seconds` ran out) ends with `stopped`, the
     protocol's error and end events: the connection was cut mid-stream, which a client could only take for a network
     failure ("incomplete chunked read"), with no error id and nothing saying that it may send the turn again.
+
+    While a slow tool or model request runs the run has no event to send: after `keepalive_seconds` of silence an SSE
+    comment (`KEEPALIVE`) is sent, between two events (each chunk of the stream is whole events), so a client can
+    tell a slow turn from a stalled connection and an idle-timeout proxy does not cut it. Only for an SSE stream.
     """
 
     def __init__(
@@ -79,28 +92,56 @@ class TurnStreamingResponse(StreamingResponse):
         headers: Mapping[str, str] | None,
         media_type: str,
         stopped: Callable[[], Awaitable[bytes]] | None = None,
+        keepalive_seconds: float = 0,
     ) -> None:
         super().__init__(content, headers=headers, media_type=media_type)
         self._turn = turn
         self._stopped = stopped
+        self._keepalive = keepalive_seconds if media_type.startswith('text/event-stream') else 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the stream; then, or when the client has gone, close the turn."""
         started = False
+        ended = False
+        last_sent = anyio.current_time()
+        sending = anyio.Lock()  # a keepalive never goes out in the middle of another message's send
 
         async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message['type'] == 'http.response.start'
-            await send(message)
+            nonlocal started, ended, last_sent
+            async with sending:
+                started = started or message['type'] == 'http.response.start'
+                await send(message)
+                last_sent = anyio.current_time()
+                ended = ended or (message['type'] == 'http.response.body' and not message.get('more_body', False))
 
+        async def keep_alive() -> None:
+            nonlocal last_sent
+            while not ended:
+                await anyio.sleep(max(0.0, last_sent + self._keepalive - anyio.current_time()))
+                async with sending:
+                    if ended or anyio.current_time() - last_sent < self._keepalive:
+                        continue
+                    if started:
+                        try:
+                            await send({'type': 'http.response.body', 'body': KEEPALIVE, 'more_body': True})
+                        except Exception:  # the client has gone: the stream's own send and disconnect watch say so
+                            return
+                    last_sent = anyio.current_time()
+
+        # A task of its own, not a task group's: a group would wrap the stream's own errors in an ExceptionGroup.
+        keeper = asyncio.create_task(keep_alive()) if self._keepalive > 0 else None
         try:
             await super().__call__(scope, receive, watched_send)
         except CancelledError:
+            if keeper is not None:
+                keeper.cancel()  # the last message is the stopped events
             if started and self._stopped is not None:  # before the start, `CutOffAnswer` answers 503
                 with contextlib.suppress(Exception):  # a connection gone meanwhile: nobody to tell
                     await send({'type': 'http.response.body', 'body': await self._stopped(), 'more_body': False})
             raise
         finally:
+            if keeper is not None:
+                keeper.cancel()
             await self._turn.aclose()
 
 
@@ -139,6 +180,7 @@ async def stream_turn(
         headers=protocol.response_headers,
         media_type=protocol.content_type,
         stopped=lambda: _stopped_events(adapter),
+        keepalive_seconds=config.keepalive_seconds(),
     )
 
 

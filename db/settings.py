@@ -348,6 +348,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
         description='largest HTTP request body accepted (413 beyond it)',
     )
+    http_stream_keepalive_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_HTTP_STREAM_KEEPALIVE_SECONDS', 'http_stream_keepalive_seconds'),
+        description='a streamed turn (server-sent events) that sent nothing for this long sends a `: keepalive` '
+        'comment, which SSE parsers ignore, so clients and idle-timeout proxies see the connection alive (0: never)',
+    )
     http_web_ui: bool = Field(
         default=True,
         validation_alias=AliasChoices('AGENTRT_HTTP_WEB_UI', 'http_web_ui'),
