@@ -79,10 +79,38 @@ class QueueConnection(psycopg.AsyncConnection):
 
 class _QueuePool(psycopg_pool.AsyncConnectionPool):
     """psycopg's pool, whose opening (procrastinate waits for it) gives up after the pool's own timeout
-    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached."""
+    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached.
+
+    Its `PoolTimeout` carries the last connection attempt's error (`last_connect_error`): psycopg's says only "pool
+    initialization incomplete after 10.0 sec", and the cause (`database "x" does not exist`, a password refused)
+    was in the warnings above the runtime's error line, never in it.
+    """
+
+    last_connect_error: Exception | None = None
 
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - psycopg's own
-        await super().open(wait, timeout=min(timeout, self.timeout))
+        try:
+            await super().open(wait, timeout=min(timeout, self.timeout))
+        except psycopg_pool.PoolTimeout as exc:
+            exc.last_connect_error = self.last_connect_error  # type: ignore[attr-defined]
+            raise
+
+    async def getconn(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - psycopg's own
+        try:
+            return await super().getconn(timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            exc.last_connect_error = self.last_connect_error  # type: ignore[attr-defined]
+            raise
+
+    async def _connect(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - psycopg's own
+        # psycopg's pool connects in its own tasks and only logs their failures: the last one is kept for the error.
+        try:
+            connection = await super()._connect(timeout)
+        except Exception as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return connection
 
 
 _POOL_NAME = 'agentrt-jobs'
@@ -227,9 +255,19 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
     """
     for error in causes(exc):
         if isinstance(error, psycopg.OperationalError):  # psycopg_pool.PoolTimeout is one
-            detail = ' '.join(str(error).split())[:300] or type(error).__name__
+            detail = _one_line(error)
             if isinstance(error, psycopg_pool.PoolTimeout):  # psycopg logged each attempt's error as a warning
-                detail = f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
+                last = getattr(error, 'last_connect_error', None)
+                # The cause first (a database or role that does not exist, a password refused): what to fix.
+                detail = (
+                    f'{_one_line(last)} (no connection could be made within DB_CONNECT_TIMEOUT)'
+                    if last is not None
+                    else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
+                )
             where = mask_url(queue_conninfo(current_settings(), get_engine().url))
             return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
     return None
+
+
+def _one_line(error: BaseException) -> str:
+    return ' '.join(str(error).split())[:300] or type(error).__name__

@@ -241,6 +241,26 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
         assert attempt.endswith('; trying again') and '\n' not in attempt
 
 
+async def test_a_queue_database_that_does_not_exist_is_named_in_the_error(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The error line said "no connection could be made within DB_CONNECT_TIMEOUT (pool initialization incomplete
+    # after 1.0 sec)": what was wrong (the database's name) only in the warnings above it.
+    settings = current_settings()
+    missing = get_engine().url.set(database='agentrt_no_such_queue').render_as_string(hide_password=False)
+    monkeypatch.setattr(settings, 'queue_database_url', queue_url(missing))
+    monkeypatch.setattr(settings, 'connect_timeout', 1)
+    await close_queue()
+    try:
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
+    finally:
+        await close_queue()
+    error = str(raised.value)
+    assert re.search(r'job queue cannot connect .*: .*database "agentrt_no_such_queue" does not exist', error)
+    assert 'DB_CONNECT_TIMEOUT' in error and 'pool initialization' not in error
+
+
 @pytest.mark.parametrize('level', [logging.WARNING, logging.DEBUG])
 async def test_a_queue_connection_postgresql_closed_is_no_warning_of_psycopgs(
     queue: None, caplog: pytest.LogCaptureFixture, level: int
