@@ -13,7 +13,7 @@ from agentrt.services.jobs._tasks import _RETRY
 
 def _decision(attempts: int, exception: BaseException) -> RetryDecision | None:
     """What becomes of a job that raised `exception` after `attempts` earlier attempts (None: it failed for good)."""
-    job = Job(id=1, queue='post_turn', lock=None, queueing_lock=None, task_name='agentrt.usage_rollup', attempts=attempts)
+    job = Job(id=1, queue='post_turn', lock=None, queueing_lock=None, task_name='agentrt.summary', attempts=attempts)
     return _RETRY.get_retry_decision(exception=exception, job=job)
 
 
