@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 from typing import Any, Self
 
 import psycopg
 import psycopg_pool
 from procrastinate import App, PsycopgConnector
-from procrastinate.exceptions import UniqueViolation
-from procrastinate.jobs import Status
-from procrastinate.manager import JobManager
 from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
@@ -21,37 +17,12 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
+from agentrt.services.jobs._manager import QueueJobManager
 
 logger = logging.getLogger('agentrt.jobs')
 
 QUEUE_POOL_SIZE = 2
 """psycopg connections a process keeps for the queue: deferring from a server, fetching and finishing in a worker."""
-
-_QUEUEING_LOCK_INDEX = 'procrastinate_jobs_queueing_lock_idx_v1'  # one waiting ('todo') job per queueing lock
-
-
-class _JobManager(JobManager):
-    """procrastinate's, except for a job put back in the queue (a failure retried, a job cut short by its worker's
-    stop, a stalled one) while another with its queueing lock waits there: procrastinate's update then breaks the
-    lock's unique index and the job stays marked as running; here it is removed instead, as the waiting job does the
-    same work (jobs carry ids only and are idempotent: the same conversation's summary, the same account's rollup)."""
-
-    async def retry_job_by_id_async(
-        self,
-        job_id: int,
-        retry_at: datetime,
-        priority: int | None = None,
-        queue: str | None = None,
-        lock: str | None = None,
-    ) -> None:
-        """Put the job back in the queue, or remove it if another with its queueing lock is waiting."""
-        try:
-            await super().retry_job_by_id_async(job_id, retry_at, priority=priority, queue=queue, lock=lock)
-        except UniqueViolation as exc:
-            if exc.constraint_name != _QUEUEING_LOCK_INDEX:
-                raise
-            logger.info('job %s not put back: a waiting one (%s) does its work', job_id, exc.queueing_lock)
-            await self.finish_job_by_id_async(job_id=job_id, status=Status.ABORTED, delete_job=True)
 
 
 class QueueConnection(psycopg.AsyncConnection):
@@ -150,7 +121,7 @@ logging.getLogger('psycopg.pool').addFilter(_OneLineConnectFailures())
 
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
 jobs = App(connector=PsycopgConnector())
-jobs.job_manager = _JobManager(connector=jobs.connector)
+jobs.job_manager = QueueJobManager(connector=jobs.connector)
 
 _open_on: asyncio.AbstractEventLoop | None = None
 # Per event loop: one lock for the process failed the openings that waited on it in the next `asyncio.run`.
