@@ -1,5 +1,6 @@
 // The conversations of the account (GET /conversations), newest first, with their titles and summaries; open one to
-// continue it in the chat, or delete it.
+// continue it in the chat, or delete it. The API's default order, by when each began: "Show more" lists each once,
+// where by the last update a conversation continued in another tab meanwhile would move ahead and be left out.
 
 import { errorMessage, getJson, remove } from './api.js';
 import { alertBox, formatInt, h, timeEl } from './dom.js';
@@ -17,7 +18,7 @@ export async function conversationsView() {
     h(
       'div',
       { class: 'view-head' },
-      h('div', {}, title, h('p', { class: 'subtle', text: 'Most recently updated first. Open one to continue it.' })),
+      h('div', {}, title, h('p', { class: 'subtle', text: 'Newest first. Open one to continue it.' })),
       h('div', { class: 'head-actions' }, h('a', { class: 'button', href: '#/chat/new', text: 'New chat' })),
     ),
     notice,
