@@ -167,8 +167,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def show_job_logs() -> None:
-    """The job queue's notices at the level of the runtime's other ones: for `agentrt worker`, whose log they are."""
+    """The job queue's notices at the level of the runtime's other ones: for `agentrt worker`, whose log they are;
+    with `--verbose`, procrastinate's line for each job too (started, succeeded, failed and to be retried)."""
     logging.getLogger('agentrt.jobs').setLevel(logging.NOTSET)
+    if logging.getLogger('agentrt').isEnabledFor(logging.DEBUG):  # --verbose: they were hidden even then
+        logging.getLogger('procrastinate').setLevel(logging.INFO)  # its DEBUG: each poll for a job
 
 
 class ExportFailuresOnce(logging.Filter):
