@@ -28,7 +28,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from agentrt.agents.otlp_settings import check_otlp_settings
+from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
@@ -89,7 +89,9 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
 
     Raises:
         ConfigError: an `OTEL_*` value the runtime cannot honour (`check_otlp_settings`): an exporter other than
-            `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry.
+            `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry or endpoint, a timeout or
+            compression the exporter cannot use, an unknown propagator; or, when spans are made, one of the SDK's own
+            variables it cannot read (`check_sdk_settings`: batching, sampler, resource attributes).
     """
     env = os.environ if environ is None else environ
     check_otlp_settings(env)  # a value logfire would ignore or misread: a ConfigError, as an invalid setting is
@@ -99,7 +101,10 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
         otlp = env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or None
     if console is None:
         console = env.get('LOGFIRE_CONSOLE', '').strip().lower() in TRUE_VALUES
-    return TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
+    export = TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
+    if export.enabled:  # the SDK is set up and reads its own variables (batching, sampler, resource)
+        check_sdk_settings(env)
+    return export
 
 
 _configured: TraceExport | None = None
