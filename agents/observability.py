@@ -142,7 +142,7 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         import logfire
 
         from agentrt import __version__
-        from agentrt.agents.span_redaction import UrlRedaction
+        from agentrt.agents.span_redaction import LogRedaction, UrlRedaction
 
         logfire.configure(
             send_to_logfire='if-token-present',
@@ -152,6 +152,11 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             service_version=__version__,
             # First: a request's URL redacted before any exporter sees the span (a key in `?api_key=`).
             additional_span_processors=[UrlRedaction()],
+            # First too: an exception's message and traceback redacted before a log record is exported.
+            advanced=logfire.AdvancedOptions(log_record_processors=[LogRedaction()]),
+            # A client's `traceparent` is honoured on purpose (an HTTP request joins its caller's trace): said, so
+            # logfire does not export a warning span ("Found propagated trace context") from each server process.
+            distributed_tracing=True,
         )
         instrument_runtime()
     _configured = export

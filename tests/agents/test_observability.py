@@ -31,6 +31,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
 from tests.agents.otlp_receiver import OtlpReceiver
 from tests.factories import ledger_rows
+from tests.programs import run_program
 
 QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
 
@@ -473,6 +474,7 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
 
 
 SPAN_SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+CLIENT_TRACE = '4bf92f3577b34da6a3ce929d0e0e4736'
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
@@ -694,3 +696,45 @@ async def test_a_cancelled_turns_span_says_it_was_cancelled(
     assert turn.status.status_code is StatusCode.ERROR
     assert turn.status.description == 'cancelled: the turn was stopped before its end; nothing of it was saved'
     assert (turn.attributes or {}).get('agentrt.cancelled') is True
+
+
+async def test_a_servers_exported_log_records_are_redacted_and_a_clients_traceparent_is_honoured_quietly(
+    database_url: str, receiver: OtlpReceiver
+) -> None:
+    # FastAPI's telemetry records an exception no handler mapped (a 500) as a log record with its message and whole
+    # traceback, which reached the collector raw while the server's own log line showed them redacted. And logfire,
+    # honouring a client's `traceparent`, exported a warning span ("Found propagated trace context") for it.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, httpx2
+        from agentrt.agents.runtime import agentrt_runtime
+        from agentrt.api.app import create_app
+
+        async def main():
+            async with agentrt_runtime():
+                app = create_app(manage_runtime=False)
+
+                @app.get('/boom')
+                async def boom():
+                    try:
+                        raise ConnectionError('upstream said: invalid key {SPAN_SECRET}')
+                    except ConnectionError as exc:
+                        raise RuntimeError('token={SPAN_SECRET}') from exc
+
+                transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+                async with httpx2.AsyncClient(transport=transport, base_url='http://agentrt') as client:
+                    headers = {{'traceparent': '00-{CLIENT_TRACE}-00f067aa0ba902b7-01'}}
+                    print((await client.get('/boom', headers=headers)).status_code)
+
+        asyncio.run(main())
+        """
+    )
+    done = await run_program('-c', script, database_url=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url)
+    assert done.stdout.split() == ['500'], done.stderr[-3000:]
+    [request] = [span for _, span in receiver.spans() if span.name == 'GET /boom']
+    assert request.trace_id.hex() == CLIENT_TRACE and request.parent_span_id.hex() == '00f067aa0ba902b7'
+    assert not [name for name in receiver.span_names() if 'propagated' in name.lower()]
+    [record] = [r for r in receiver.log_records() if r.body.string_value == 'Unhandled exception in FastAPI request']
+    text = repr(record)
+    assert 'RuntimeError' in text and 'ConnectionError' in text and '[REDACTED]' in text  # the story, redacted
+    assert 'aB3dE5fG7hJ9' not in text
