@@ -29,6 +29,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
+from agentrt.services.span_errors import record_redacted
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
@@ -277,7 +278,7 @@ def within_turn_span(span: trace.Span | None) -> Iterator[None]:
             _record_cancelled(span)
             raise
         except BaseException as exc:
-            _record_redacted(span, exc)
+            record_redacted(span, exc)
             raise
 
 
@@ -291,25 +292,3 @@ def _record_cancelled(span: trace.Span) -> None:
     # request it cut off says `cancelled` too.
     span.set_attribute('agentrt.cancelled', True)
     span.set_status(trace.Status(trace.StatusCode.ERROR, CANCELLED_STATUS))
-
-
-def _record_redacted(span: trace.Span, error: BaseException) -> None:
-    """What `Span.record_exception` and the error status record of `error`, through the log lines' redaction."""
-    import traceback
-
-    from agentrt.services.log_redaction import redacted_log_text
-
-    message = redacted_log_text(str(error))
-    kind = type(error)
-    span.add_event(
-        'exception',
-        {
-            'exception.type': kind.__qualname__
-            if kind.__module__ == 'builtins'
-            else f'{kind.__module__}.{kind.__qualname__}',
-            'exception.message': message,
-            'exception.stacktrace': redacted_log_text(''.join(traceback.format_exception(error))),
-            'exception.escaped': 'False',
-        },
-    )
-    span.set_status(trace.Status(trace.StatusCode.ERROR, f'{kind.__name__}: {message}'))

@@ -1,0 +1,46 @@
+"""Exceptions recorded on spans as OpenTelemetry records them (an `exception` event, an error status), redacted.
+
+OpenTelemetry's own recording (`record_exception`, `start_as_current_span`'s default) writes the exception's message
+and whole traceback as they are, a provider's or driver's raw text chained under the error included, for every trace
+backend to keep. `record_redacted` writes the same through the log lines' redaction (`redacted_log_text`); spans the
+runtime makes pass `record_exception=False, set_status_on_exception=False` and record through it (`recording_errors`).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+
+from agentrt.services.log_redaction import redacted_log_text
+
+
+def record_redacted(span: trace.Span, error: BaseException) -> None:
+    """What `Span.record_exception` and the error status record of `error`, through the log lines' redaction."""
+    message = redacted_log_text(str(error))
+    kind = type(error)
+    span.add_event(
+        'exception',
+        {
+            'exception.type': kind.__qualname__
+            if kind.__module__ == 'builtins'
+            else f'{kind.__module__}.{kind.__qualname__}',
+            'exception.message': message,
+            'exception.stacktrace': redacted_log_text(''.join(traceback.format_exception(error))),
+            'exception.escaped': 'False',
+        },
+    )
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f'{kind.__name__}: {message}'))
+
+
+@contextmanager
+def recording_errors(span: trace.Span) -> Iterator[None]:
+    """Record an exception leaving the block on `span`, redacted (`record_redacted`); a cancellation is no error."""
+    try:
+        yield
+    except Exception as exc:
+        if span.is_recording():
+            record_redacted(span, exc)
+        raise
