@@ -53,18 +53,19 @@ class LogRedaction(LogRecordProcessor):
     """
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
-        """Replace the secrets of the record's text with `[REDACTED]`, as the runtime's log lines have them."""
-        from agentrt.services.log_redaction import redacted_log_text
+        """Replace the secrets of the record's text with `[REDACTED]`, as the runtime's log lines have them (and a lone
+        surrogate with U+FFFD: `exported_text`)."""
+        from agentrt.services.span_errors import exported_text
 
         record = log_record.log_record
         if isinstance(record.body, str):
-            record.body = redacted_log_text(record.body)
+            record.body = exported_text(record.body)
         attributes = record.attributes
         if not attributes:
             return
         for key, value in list(attributes.items()):
             if isinstance(value, str):
-                redacted = redacted_log_text(value)
+                redacted = exported_text(value)
                 if redacted != value:
                     attributes[key] = redacted  # type: ignore[index]  # the SDK's record: mutable attributes
 

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from logfire.testing import CaptureLogfire
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.trace import StatusCode
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
@@ -489,7 +490,10 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
     from agentrt.agents.errors import ModelProviderError
 
     def fail(*_: object) -> Any:
-        raise ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': f'Incorrect API key: {SPAN_SECRET}'}})
+        # A lone surrogate, as a `"\ud800"` escape in a provider's JSON decodes: in the span's status, it failed the
+        # OTLP exporter's encoding of the whole batch (every span in it lost).
+        message = f'Incorrect API key: {SPAN_SECRET}, in \ud800 request'
+        raise ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': message}})
 
     async def fail_streaming(*_: object) -> Any:
         fail()
@@ -525,6 +529,8 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
         [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
     )
     assert 'aB3dE5fG7hJ9' not in everything
+    assert '\ufffd' in (turn.status.description or '')
+    encode_spans(spans)  # as the OTLP exporter does, before it sends a batch
 
 
 @pytest.mark.parametrize(
