@@ -31,6 +31,7 @@ from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
+from agentrt.agents.model_resolution import resolve_model
 from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_hooks import TURN_LEDGER_ID
@@ -85,12 +86,24 @@ def create_simple_chat_agent(
     """Build the directory chat agent: instructions, the directory toolset and the ledger capability.
 
     Args:
-        model: the default model of the agent; runs can still pass another one.
+        model: the default model of the agent; runs can still pass another one. A model string (`'demo'` too) stays
+            a name on the agent, which each turn builds with the runtime's bounds on its provider
+            (`AGENTRT_MODEL_TIMEOUT_SECONDS`, `AGENTRT_MODEL_MAX_RETRIES`), as it builds `AGENTRT_MODEL`; a `Model`
+            is used as it is.
         toolsets: more toolsets for the agent, beside the directory toolset.
         instructions: more instructions, after the base ones.
+
+    Raises:
+        ConfigError: `model` is a string no model can be built from (an unknown provider, a missing API key...).
     """
+    if isinstance(model, str):
+        # Checked now, as pydantic-ai would have built it now; kept as a name (`defer_model_check`): pydantic-ai
+        # built a model of its own from it, which the runtime cannot tell from one a caller built and leaves alone,
+        # so it had no timeout and the SDK's silent retries.
+        resolve_model(model)
     agent: Agent[SessionDependencies, str] = Agent(
         model,
+        defer_model_check=True,
         deps_type=SessionDependencies,
         name='simple_chat',
         instructions=[BASE_INSTRUCTIONS, *_instruction_list(instructions)],

@@ -34,7 +34,9 @@ from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
+from agentrt.api.docs_pages import install_docs_pages
 from agentrt.api.errors import install_error_handlers
+from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
 from agentrt.api.turn_stream import ChatConfig
@@ -101,14 +103,19 @@ def create_app(
         version=__version__,
         summary='Pydantic AI chat agents on PostgreSQL: streamed chat, audit, costs and conversations per account.',
         lifespan=lifespan,
+        # FastAPI's documentation pages, served by install_docs_pages with a Content-Security-Policy.
+        docs_url=None,
+        redoc_url=None,
         **_telemetry_option(),
     )
+    install_docs_pages(app)
     # A wrong agent or model is the program's mistake: refused here, at build time, not at each chat request.
     validate_run_arguments(model=model, usage_limits=None, toolsets=(), instructions=(), agent=agent)
     app.state.agentrt_chat = ChatConfig(agent or default_chat_agent(), model)
     install_error_handlers(app)
     # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request
     # starts the runtime instead.
+    app.add_middleware(HeadAsGet)  # innermost: HEAD on a GET route is that GET's answer without its body
     app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
     app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500

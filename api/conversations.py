@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.api.auth import ChatCaller, ReadCaller
-from agentrt.api.cursors import decode_cursor, encode_cursor
+from agentrt.api.cursors import Listing, decode_cursor, encode_cursor
 from agentrt.api.disconnect import ClientDisconnected, unless_disconnected
 from agentrt.api.errors import ApiError
 from agentrt.api.filters import Cursor
@@ -38,7 +38,12 @@ from agentrt.api.turn_input import check_conversation_id, check_http_turn, requi
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
-from agentrt.services.conversations import MAX_CONVERSATIONS_PAGE, PostgresConversationStore, list_conversations
+from agentrt.services.conversations import (
+    MAX_CONVERSATIONS_PAGE,
+    ConversationOrder,
+    PostgresConversationStore,
+    list_conversations,
+)
 
 MAX_MESSAGES_PAGE = 100_000
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that closed the connection before the answer
@@ -48,21 +53,38 @@ router = APIRouter(prefix='/api/v1/conversations', tags=['conversations'], respo
 ConversationId = Annotated[str, Path(min_length=1, max_length=200, description='The conversation id.')]
 
 
-@router.get('', summary='List conversations, most recently updated first')
+@router.get('', summary='List conversations, newest first')
 async def list_all(
     caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=MAX_CONVERSATIONS_PAGE, description='At most this many.')] = 50,
     cursor: Cursor = None,
+    order: Annotated[
+        ConversationOrder,
+        Query(
+            description='`created` (default): newest first by when each began; a walk with `next_cursor` lists each '
+            'conversation once. `updated`: most recently updated first; a conversation updated between two pages is '
+            'not on a later page.'
+        ),
+    ] = 'created',
 ) -> ConversationPage:
     """The account's conversations with their titles, summaries and usage; follow `next_cursor` for more."""
-    after = decode_cursor(cursor, listing='conversations', account_id=caller.account_id) if cursor is not None else None
+    # The cursor of each order is its own listing: a position by creation means nothing by update, and back.
+    listing: Listing = 'conversations-created' if order == 'created' else 'conversations'
+    after = decode_cursor(cursor, listing=listing, account_id=caller.account_id) if cursor is not None else None
     async with get_read_only_session(account=caller.account_id) as session:
-        items = await list_conversations(session=session, account_id=caller.account_id, limit=limit, after=after)
+        items = await list_conversations(
+            session=session, account_id=caller.account_id, limit=limit, after=after, order=order
+        )
     last = items[-1] if len(items) == limit else None
     return ConversationPage(
         items=[ConversationOut.of(item) for item in items],
         next_cursor=(
-            encode_cursor(last.updated_at, last.conversation_id, listing='conversations', account_id=caller.account_id)
+            encode_cursor(
+                last.created_at if order == 'created' else last.updated_at,
+                last.conversation_id,
+                listing=listing,
+                account_id=caller.account_id,
+            )
             if last is not None
             else None
         ),

@@ -21,8 +21,11 @@ from agentrt.services.pg_text import is_storable
 
 MAX_CURSOR_CHARS = 600
 
-Listing = Literal['audit', 'conversations']
-"""The listings that page with a cursor: `GET /api/v1/llm-audit/interactions`, `GET /api/v1/conversations`."""
+Listing = Literal['audit', 'conversations', 'conversations-created']
+"""The listings that page with a cursor: `GET /api/v1/llm-audit/interactions`, `GET /api/v1/conversations` with
+`order=updated` (`conversations`, the name its cursors had when that was the only order, so they stay valid) and with
+`order=created` (`conversations-created`): a position in one order means nothing in the other."""
+_LISTINGS = ('audit', 'conversations', 'conversations-created')
 
 _NOT_A_CURSOR = 'not a cursor from this API; pass next_cursor back unchanged'
 
@@ -51,12 +54,12 @@ def decode_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[da
         after = parsed.astimezone(UTC), key
     except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInputError(_NOT_A_CURSOR, field='cursor') from exc
-    if made_for not in ('audit', 'conversations') or not isinstance(owner, int):
+    if made_for not in _LISTINGS or not isinstance(owner, int):
         raise InvalidInputError(_NOT_A_CURSOR, field='cursor')
     if made_for != listing:
         raise InvalidInputError(
             f"this cursor is another listing's ({made_for!r}, not {listing!r}): pass back the next_cursor of this "
-            'listing',
+            'listing, with the query (order=) of the page that gave it',
             field='cursor',
         )
     if owner != account_id:

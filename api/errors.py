@@ -20,7 +20,6 @@ import logging
 import math
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime
@@ -47,7 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import Match
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
@@ -65,6 +64,7 @@ from agentrt.agents.errors import (
     TurnLimitExceededError,
     UnknownTenantError,
 )
+from agentrt.api.head_requests import all_routes
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
 from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
@@ -345,22 +345,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes)."""
+    """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes);
+    `HEAD` with `GET`, which every `GET` route answers (`HeadAsGet`)."""
     methods: set[str] = set()
-    for route in _routes(request.app.router.routes):
+    for route in all_routes(request.app.router.routes):
         if route.methods and route.matches(request.scope)[0] is not Match.NONE:
             methods |= route.methods
+    if 'GET' in methods:
+        methods.add('HEAD')
     return sorted(methods, key=lambda method: (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else 99, method))
-
-
-def _routes(routes: list[BaseRoute]) -> Iterator[Route]:
-    """The routes in `routes`, those of included routers too (FastAPI keeps a router it includes as one entry)."""
-    for route in routes:
-        if isinstance(route, Route):
-            yield route
-        included = getattr(route, 'original_router', None)
-        if included is not None:
-            yield from _routes(included.routes)
 
 
 _METHOD_ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']

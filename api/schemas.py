@@ -278,7 +278,7 @@ class ConversationOut(BaseModel):
 
 
 class ConversationPage(BaseModel):
-    """The caller's conversations, most recently updated first."""
+    """The caller's conversations, newest first (`order`: by when each began, or by the last update)."""
 
     items: list[ConversationOut]
     next_cursor: str | None

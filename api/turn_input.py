@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from agentrt.agents.chat_turn import check_turn_input
 from agentrt.agents.turn_input import TurnInput, validate_identifiers
+from agentrt.api.duplicate_keys import loads_with_unique_keys
 from agentrt.api.errors import ApiError
 from agentrt.api.lone_surrogates import lone_surrogate_in_body
 from agentrt.api.url_text import not_utf8
@@ -90,18 +91,26 @@ def require_json(request: Request) -> None:
 
 
 async def require_utf8_json(request: Request) -> None:
-    """`require_json`, and the body UTF-8 JSON text (a FastAPI dependency of the JSON turn route, run once FastAPI
-    has read the body): FastAPI's parser took UTF-16 and UTF-32 (with or without a byte order mark) and a UTF-8
-    byte order mark, which the streamed routes refuse.
+    """`require_json`, and the body UTF-8 JSON text with no key twice in an object (a FastAPI dependency of the JSON
+    turn route, run once FastAPI has read the body): FastAPI's parser took UTF-16 and UTF-32 (with or without a byte
+    order mark) and a UTF-8 byte order mark, which the streamed routes refuse, and kept the last of a repeated key.
 
     Raises:
         ApiError: 415 unless the Content-Type is application/json (in UTF-8, when it names a charset).
-        InvalidInputError: the body is not UTF-8 JSON text, and why (field `body`).
+        InvalidInputError: the body is not UTF-8 JSON text, and why (field `body`); an object of it has a key twice
+            (`field`: where the key is).
     """
     require_json(request)
-    reason = _not_utf8_json(await request.body())
+    body = await request.body()
+    reason = _not_utf8_json(body)
     if reason is not None:
         raise InvalidInputError(f'body: {reason}', field='body')
+    try:
+        loads_with_unique_keys(body)  # FastAPI's parser keeps the last of a key given twice
+    except InvalidInputError:
+        raise
+    except (ValueError, RecursionError):
+        pass  # not JSON: FastAPI's validation of the body says why
 
 
 def parse_run_input(
@@ -128,7 +137,7 @@ def parse_run_input(
         ApiError: 415 unless the body is declared JSON (also the adapters' guard against cross-site form posts).
         InvalidInputError: the body does not validate; `field` is the first bad field's location in the body as it
             was sent (that of the first string or key with a lone surrogate escape, when that is why the body is not
-            JSON to pydantic).
+            JSON to pydantic); or an object of the body has a key twice (`field`: where the key is).
     """
     require_json(request)
     read = _last_message_only(body, {tag_field: tag_default} if tag_field else {})
@@ -214,7 +223,10 @@ def _last_message_only(body: bytes, defaults: dict[str, str]) -> _ReadBody:
     validation to name what is wrong with it.
     """
     try:
-        data = json.loads(body.decode())  # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too)
+        # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too); a key twice in an object refused
+        data = loads_with_unique_keys(body.decode())
+    except InvalidInputError:
+        raise
     except (ValueError, RecursionError):  # not UTF-8, not JSON (ValueErrors both), or nested past the parser
         return _ReadBody(body, 0)
     if not isinstance(data, dict):

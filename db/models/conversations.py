@@ -66,6 +66,8 @@ class ConversationRow(CreatedAtMixin, Base):
         ),
         Index('ix_conversations_account_scope_updated', 'account_id', 'scope', 'updated_at'),
         Index('ix_conversations_account_updated', 'account_id', 'updated_at'),
+        # The listing's default order, newest first by when each began (migration 0014).
+        Index('ix_conversations_account_created', 'account_id', 'created_at', 'conversation_id'),
         Index('ix_conversations_account_head', 'account_id', 'head_id'),
     )
 

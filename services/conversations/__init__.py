@@ -19,7 +19,12 @@ from agentrt.services.conversations._context import (
     load_recent_conversation,
     summary_due,
 )
-from agentrt.services.conversations._listing import MAX_CONVERSATIONS_PAGE, ConversationSummary, list_conversations
+from agentrt.services.conversations._listing import (
+    MAX_CONVERSATIONS_PAGE,
+    ConversationOrder,
+    ConversationSummary,
+    list_conversations,
+)
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._stored import StoredTail
 from agentrt.services.conversations._titles import (
@@ -50,6 +55,7 @@ __all__ = [
     'SUMMARY_MAX_CHARS',
     'TITLE_MAX_CHARS',
     'ConcurrentTurnError',
+    'ConversationOrder',
     'ConversationSummary',
     'Exchange',
     'FitMemo',

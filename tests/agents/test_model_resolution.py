@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from pydantic_ai import Agent
 from pydantic_ai.models import Model
 from pydantic_ai.models.function import FunctionModel
 from pydantic_ai.settings import ModelSettings
@@ -20,6 +21,7 @@ from agentrt.agents.simple_chat import ChatResult, create_simple_chat_agent, sim
 from agentrt.db.engine import current_settings, init_database, pool_status
 from agentrt.db.errors import ConfigError
 from agentrt.services.conversations import PostgresConversationStore
+from agentrt.tools.dependencies import SessionDependencies
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar
 from tests.fake_openai import FakeOpenAI, Faulty, Reply
@@ -107,6 +109,31 @@ async def test_an_agents_own_model_settings_win_over_the_runtimes(
     with pytest.raises(ModelProviderError, match='answered HTTP 500'):
         await _turn(False, 'openai-chat:gpt-4o-mini', 'agent-retries', agent=agent)
     assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize('how', ['create_simple_chat_agent', 'Agent(defer_model_check=True)'])
+async def test_an_agents_own_model_string_gets_the_bounds(
+    demo_data: None, served: tuple[FakeOpenAI, Faulty], how: str
+) -> None:
+    # create_simple_chat_agent('openai-chat:...') let pydantic-ai build the model at once, a `Model` the runtime
+    # leaves alone: no timeout, and the SDK's two silent retries behind the ledger's one row.
+    fake, script = served
+    script.fault = Reply(status=429, error='Rate limit reached for requests', headers={'retry-after': '1'})
+    name = 'openai-chat:gpt-4o-mini'
+    agent: Agent[SessionDependencies, str] = (
+        create_simple_chat_agent(name)
+        if how == 'create_simple_chat_agent'
+        else Agent(name, deps_type=SessionDependencies, defer_model_check=True)
+    )
+    with pytest.raises(ModelProviderError, match='answered HTTP 429'):
+        await simple_chat('Who is in Seattle?', session_id=f'own-{len(how)}', account='acme-health', agent=agent)
+    assert len(fake.requests) == 1
+    assert agent.model == name  # kept as a name, which each turn builds with the bounds
+
+
+def test_a_model_string_the_agent_factory_cannot_build_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="model 'nonsense:x' cannot be used"):
+        create_simple_chat_agent('nonsense:x')
 
 
 def test_a_model_string_gets_the_bounds_and_a_model_object_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:

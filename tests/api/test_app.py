@@ -118,11 +118,11 @@ async def test_a_method_a_route_does_not_serve_is_405_naming_the_ones_it_does(we
     app = create_app(manage_runtime=False, web_ui=web_ui)
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as client:
         for method, path, allowed in [
-            ('HEAD', '/health/live', 'GET'),
+            ('HEAD', '/api/v1/chat', 'POST'),
             ('OPTIONS', '/api/v1/chat', 'POST'),
             ('DELETE', '/api/v1/chat', 'POST'),
-            ('PUT', '/api/v1/conversations', 'GET'),
-            ('POST', '/api/v1/conversations/c-1', 'GET, DELETE'),
+            ('PUT', '/api/v1/conversations', 'GET, HEAD'),
+            ('POST', '/api/v1/conversations/c-1', 'GET, HEAD, DELETE'),
             ('GET', '/api/v1/conversations/c-1/turns', 'POST'),
         ]:
             response = await client.request(method, path)

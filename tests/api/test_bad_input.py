@@ -21,7 +21,7 @@ from tests.factories import ledger_rows
 AUDIT = '/api/v1/llm-audit/interactions'
 
 
-def _cursor(moment: str, key: str, listing: str = 'conversations') -> str:
+def _cursor(moment: str, key: str, listing: str = 'conversations-created') -> str:
     """A hand-made cursor of the right shape (for an account id no key has: its moment or key is checked first)."""
     return base64.urlsafe_b64encode(json.dumps([listing, 0, moment, key]).encode()).decode().rstrip('=')
 

@@ -118,7 +118,9 @@ async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
     acme, green = auth(keys.acme), auth(keys.green)
     conversations = (await client.get('/api/v1/conversations', params={'limit': 1}, headers=acme)).json()
     audit = (await client.get(AUDIT, params={'page_size': 1}, headers=acme)).json()
-    assert conversations['next_cursor'] and audit['next_cursor']
+    by_update_page = {'limit': 1, 'order': 'updated'}
+    by_update = (await client.get('/api/v1/conversations', params=by_update_page, headers=acme)).json()
+    assert conversations['next_cursor'] and audit['next_cursor'] and by_update['next_cursor']
     # Its own account and listing: the next page.
     assert (
         await client.get('/api/v1/conversations', params={'cursor': conversations['next_cursor']}, headers=acme)
@@ -128,7 +130,13 @@ async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
         (AUDIT, audit['next_cursor'], green, 'another account'),
         ('/api/v1/conversations', audit['next_cursor'], acme, "another listing's"),
         (AUDIT, conversations['next_cursor'], acme, "another listing's"),
+        # A position by the last update means nothing by creation (the default order).
+        ('/api/v1/conversations', by_update['next_cursor'], acme, "another listing's"),
     ):
         response = await client.get(path, params={'cursor': cursor}, headers=headers)
         body = response.json()
         assert response.status_code == 422 and body['field'] == 'cursor' and words in body['detail'], (path, body)
+    # And back: a position by creation means nothing by the last update.
+    params = {'order': 'updated', 'cursor': conversations['next_cursor']}
+    response = await client.get('/api/v1/conversations', params=params, headers=acme)
+    assert response.status_code == 422 and "another listing's" in response.json()['detail'], response.text

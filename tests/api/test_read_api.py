@@ -192,22 +192,47 @@ async def test_concurrent_json_turns_on_one_conversation_one_wins_the_other_gets
     assert conflict['type'] == 'concurrent_turn' and 'another turn' in conflict['detail']
 
 
+async def _walk(client: httpx2.AsyncClient, keys: Keys, between: Any = None, **query: Any) -> list[str]:
+    """Every conversation id of a page walk of 2 a page, `between(page_number)` awaited after each page."""
+    seen: list[str] = []
+    cursor = None
+    for number in range(1, 100):
+        params: dict[str, Any] = {'limit': 2} | query | ({'cursor': cursor} if cursor else {})
+        response = await client.get('/api/v1/conversations', params=params, headers=auth(keys.acme))
+        assert response.status_code == 200, response.text
+        page = response.json()
+        seen += [item['conversation_id'] for item in page['items']]
+        cursor = page['next_cursor']
+        if cursor is None:
+            return seen
+        if between is not None:
+            await between(number)
+    raise AssertionError('the walk did not end')
+
+
 async def test_conversation_list_pages_with_a_cursor(keys: Keys, client: httpx2.AsyncClient) -> None:
     for n in range(5):
         response = await client.post(
             f'/api/v1/conversations/c{n}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
         )
         assert response.status_code == 200
-    seen: list[str] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {'limit': 2} | ({'cursor': cursor} if cursor else {})
-        page = (await client.get('/api/v1/conversations', params=params, headers=auth(keys.acme))).json()
-        seen += [item['conversation_id'] for item in page['items']]
-        cursor = page['next_cursor']
-        if cursor is None:
-            break
-    assert seen == ['c4', 'c3', 'c2', 'c1', 'c0']
+    assert await _walk(client, keys) == ['c4', 'c3', 'c2', 'c1', 'c0']
+    assert await _walk(client, keys, order='created') == ['c4', 'c3', 'c2', 'c1', 'c0']
+
+    async def turn(number: int) -> None:
+        # After the first page: one not listed yet (c1) and one listed already (c4) take a turn.
+        for conversation in ('c1', 'c4') if number == 1 else ():
+            answered = await client.post(
+                f'/api/v1/conversations/{conversation}/turns', json={'message': 'again'}, headers=auth(keys.acme)
+            )
+            assert answered.status_code == 200
+
+    # Newest first by creation, which a turn does not change: each conversation once, though two were updated
+    # between pages (ordered by the time of the last update, c1 moved ahead of the cursor and was never listed).
+    assert await _walk(client, keys, turn) == ['c4', 'c3', 'c2', 'c1', 'c0']
+    # order=updated: most recently updated first (c4 then c1, from the turns above), for a first page of what is
+    # recent; a walk is not stable, as README says.
+    assert (await _walk(client, keys, order='updated'))[:2] == ['c4', 'c1']
 
 
 async def test_costs_count_cancelled_requests_apart_from_failed_ones_in_both_sources(

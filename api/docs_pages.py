@@ -1,0 +1,82 @@
+"""The API's documentation pages, `/docs` (Swagger UI) and `/redoc`, as FastAPI writes them, with a
+Content-Security-Policy that lets each load what it needs and nothing else.
+
+FastAPI's pages load their scripts and styles from a CDN (`cdn.jsdelivr.net`; ReDoc its fonts from Google Fonts, the
+favicon from fastapi.tiangolo.com), so they need a browser that can reach those: offline they stay blank, while
+`/openapi.json` is the server's own. They were served with no policy at all, beside a web UI whose pages have a strict
+one. Each page's policy allows those origins, its own inline script by its SHA-256 (hashed per response: the script
+holds the URL of `/openapi.json`, which depends on where the app is mounted), the same origin for the document and
+"Try it out", and inline styles, which both UIs set in their bundles. Swagger UI's validator badge
+(validator.swagger.io, which would be sent the document's URL) stays blocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+CDN = 'https://cdn.jsdelivr.net'
+_COMMON = "default-src 'none'; base-uri 'none'; object-src 'none'; form-action 'none'; frame-ancestors 'none'"
+_FAVICON = 'https://fastapi.tiangolo.com'
+_SWAGGER_UI = (
+    f"script-src {CDN} {{scripts}}; style-src {CDN} 'unsafe-inline'; img-src 'self' data: {_FAVICON}; "
+    f"connect-src 'self'; {_COMMON}"
+)
+_REDOC = (
+    f"script-src {CDN}; style-src 'unsafe-inline' https://fonts.googleapis.com; font-src https://fonts.gstatic.com; "
+    f"img-src 'self' data: {_FAVICON}; connect-src 'self'; "
+    'worker-src blob:; '  # ReDoc's search runs in a worker it makes from a blob of its own bundle
+    f'{_COMMON}'
+)
+_OAUTH2_REDIRECT = f'script-src {{scripts}}; {_COMMON}'
+_INLINE_SCRIPT = re.compile(r'<script>(.*?)</script>', re.DOTALL)
+
+
+def install_docs_pages(app: FastAPI, *, docs_url: str = '/docs', redoc_url: str = '/redoc') -> None:
+    """Serve FastAPI's Swagger UI (and its OAuth2 redirect page) and ReDoc pages with their policies (`app` built
+    with `docs_url=None, redoc_url=None`)."""
+    oauth2_redirect = f'{docs_url}/oauth2-redirect'
+
+    def root_path(request: Request) -> str:
+        return str(request.scope.get('root_path', '')).rstrip('/')
+
+    def openapi_url(request: Request) -> str:
+        return root_path(request) + (app.openapi_url or '/openapi.json')
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=openapi_url(request),
+            title=f'{app.title} - Swagger UI',
+            oauth2_redirect_url=root_path(request) + oauth2_redirect,
+            init_oauth=app.swagger_ui_init_oauth,
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+        return _with_policy(page, _SWAGGER_UI)
+
+    async def swagger_ui_redirect(request: Request) -> HTMLResponse:
+        return _with_policy(get_swagger_ui_oauth2_redirect_html(), _OAUTH2_REDIRECT)
+
+    async def redoc(request: Request) -> HTMLResponse:
+        return _with_policy(get_redoc_html(openapi_url=openapi_url(request), title=f'{app.title} - ReDoc'), _REDOC)
+
+    app.add_route(docs_url, swagger_ui, include_in_schema=False)
+    app.add_route(oauth2_redirect, swagger_ui_redirect, include_in_schema=False)
+    app.add_route(redoc_url, redoc, include_in_schema=False)
+
+
+def _with_policy(page: HTMLResponse, policy: str) -> HTMLResponse:
+    """`page` with `policy`, its `{scripts}` the hashes of the page's inline scripts."""
+    html = bytes(page.body).decode()
+    hashes = ' '.join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(html)
+    )
+    page.headers['Content-Security-Policy'] = policy.format(scripts=hashes or "'none'")
+    page.headers['Referrer-Policy'] = 'no-referrer'
+    return page
