@@ -10,15 +10,18 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db import migrate
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
 from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError, MigrationError
+from agentrt.db.failures import unavailable_error
 from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.settings import Settings, parse_database_url
@@ -287,3 +290,21 @@ async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: S
     message = str(gave_up)
     assert message.startswith('PgBouncer gave up waiting for a server connection (query_wait_timeout)'), message
     assert 'default_pool_size' in message and 'server restart' not in message
+
+
+async def test_pgbouncer_refusing_clients_while_its_logins_fail_is_said_so() -> None:
+    # PostgreSQL stopped behind PgBouncer (serve --workers 3, a chat, db status): after its first failed login PgBouncer
+    # refuses every client that needs a server connection for server_login_retry seconds, with SQLSTATE 08P01 and this
+    # text. It was "the connection to PostgreSQL was lost (...); the operation did not complete (server restart,
+    # failover or a terminated backend)": a DatabaseDisconnectedError, whose outcome is unknown, for an operation that
+    # never reached PostgreSQL, and no word of PgBouncer or its setting.
+    pgbouncer_said = asyncpg.ProtocolViolationError(
+        'connection was closed in the middle of operation: server login has been failing, try again later '
+        '(server_login_retry)'
+    )
+    wrapped = DBAPIError('SELECT 1', {}, pgbouncer_said)
+    error = unavailable_error(wrapped)
+    assert isinstance(error, DatabaseUnavailableError) and not isinstance(error, DatabaseDisconnectedError)
+    message = str(error)
+    assert message.startswith('PgBouncer cannot log in to PostgreSQL'), message
+    assert 'server_login_retry' in message and 'not run' in message and 'terminated backend' not in message
