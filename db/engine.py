@@ -473,6 +473,15 @@ async def timeouts_in_force(conn: AsyncConnection | AsyncSession) -> dict[str, i
     return {str(name): int(ms) for name, ms in rows}
 
 
+def server_address() -> str | None:
+    """Where the process's runtime connects, for the messages of connections that fail after its start: `host:port/db`,
+    and `(PgBouncer)` in the pooler mode; None before the start."""
+    runtime = _runtime
+    if runtime is None:
+        return None
+    return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
+
+
 def describe_server(url: URL) -> str:
     """`host:port/database` (or the socket directory) for messages; never includes a password."""
     host = url.host or url.query.get('host') or 'localhost'

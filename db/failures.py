@@ -139,10 +139,20 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             '(server restart, failover or a terminated backend)'
         )
     if cannot_connect(exc):
-        return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
+        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_root_message(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
     return None
+
+
+def _at_server() -> str:
+    """` at host:port/db` of the runtime (PgBouncer's address when it is in front), or nothing before its start: a
+    connection refused after the start named no address, though the operator's next question is which one (the
+    pooler's or the server's, of which URL)."""
+    from agentrt.db.engine import server_address  # the engine imports this module
+
+    where = server_address()
+    return f' at {where}' if where else ''
 
 
 # PgBouncer's own errors, which it sends with SQLSTATE 08P01 (a protocol violation, as for a connection broken

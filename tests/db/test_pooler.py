@@ -308,3 +308,24 @@ async def test_pgbouncer_refusing_clients_while_its_logins_fail_is_said_so() -> 
     message = str(error)
     assert message.startswith('PgBouncer cannot log in to PostgreSQL'), message
     assert 'server_login_retry' in message and 'not run' in message and 'terminated backend' not in message
+
+
+async def test_a_connection_refused_after_the_start_names_the_pooler_it_could_not_reach(database: Settings) -> None:
+    # PgBouncer stopped under `serve --workers 3`: every turn was "cannot connect to PostgreSQL: [Errno 111] Connection
+    # refused", naming neither the address nor the pooler (the start's own message names them).
+    bouncer = bouncer_for(get_engine().url)
+    bouncer.start()
+    try:
+        pooled = await PooledDatabase.create(bouncer, database)
+    finally:
+        bouncer.stop()
+    try:
+        async with pooled.active():
+            # (a read finds its pooled connection closed and starts again on a new one: refused)
+            with pytest.raises(DatabaseUnavailableError) as refused:
+                async with get_read_only_session(account=Unscoped.ADMIN) as session:
+                    await session.execute(text('SELECT 1'))
+    finally:
+        await pooled.close()
+    message = str(refused.value)
+    assert f'cannot connect to PostgreSQL at 127.0.0.1:{bouncer.port}/{bouncer.database} (PgBouncer): ' in message
