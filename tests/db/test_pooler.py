@@ -123,6 +123,25 @@ async def test_pgbouncer_is_detected_whether_it_refuses_or_drops_the_timeouts(
                 await engine.dispose()
             with pytest.raises(ConfigError, match='DB_POOLER=pgbouncer'):
                 await connect_engine(parse_database_url(bouncer.url()), settings.model_copy(update={'pooler': 'none'}))
+            # With both timeouts 0 (none) nothing was sent at connect for PgBouncer to refuse or drop: it went
+            # undetected, and concurrent turns failed on "prepared statement ... already exists".
+            untimed = settings.model_copy(update={'statement_timeout_ms': 0, 'lock_timeout_ms': 0})
+            engine, in_force = await connect_engine(parse_database_url(bouncer.url()), untimed)
+            try:
+                assert in_force.pooled
+                async with engine.connect() as conn:
+                    assert await timeouts_in_force(conn) == {'statement_timeout': 0, 'lock_timeout': 0}
+            finally:
+                await engine.dispose()
+        # Direct, with both timeouts 0: no pooler, and nothing set at connect (the role's defaults apply).
+        direct = database.model_copy(update={'pooler': 'auto', 'statement_timeout_ms': 0, 'lock_timeout_ms': 0})
+        engine, in_force = await connect_engine(get_engine().url, direct)
+        try:
+            assert not in_force.pooled
+            async with engine.connect() as conn:
+                assert await timeouts_in_force(conn) == {'statement_timeout': 0, 'lock_timeout': 0}
+        finally:
+            await engine.dispose()
     finally:
         dropping.stop()
 
