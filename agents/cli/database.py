@@ -111,7 +111,8 @@ def _queue_line(queue: JobQueueState | None, used: bool, alive_within_s: float) 
         return 'missing (not migrated: `agentrt db upgrade`)'
     jobs = f'{queue.waiting:,} waiting, {queue.running:,} running, {queue.failed:,} failed'
     if not used:  # no worker is expected; jobs left from a time in queue mode still wait for one
-        return f'not used (AGENTRT_BACKGROUND=inline): {jobs}'
+        left = '; `agentrt worker --burst` runs the waiting ones' if queue.waiting else ''
+        return f'not used (AGENTRT_BACKGROUND=inline): {jobs}{left}'
     if not queue.workers_alive:
         return f'{jobs}; no worker alive (none sent a heartbeat in the last {alive_within_s:g}s)'
     return f'{jobs}; {queue.workers_alive} worker{"s" if queue.workers_alive != 1 else ""} alive'

@@ -167,8 +167,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def show_job_logs() -> None:
-    """The job queue's notices at the level of the runtime's other ones: for `agentrt worker`, whose log they are."""
+    """The job queue's notices at the level of the runtime's other ones: for `agentrt worker`, whose log they are;
+    with `--verbose`, procrastinate's line for each job too (started, succeeded, failed and to be retried)."""
     logging.getLogger('agentrt.jobs').setLevel(logging.NOTSET)
+    if logging.getLogger('agentrt').isEnabledFor(logging.DEBUG):  # --verbose: they were hidden even then
+        logging.getLogger('procrastinate').setLevel(logging.INFO)  # its DEBUG: each poll for a job
 
 
 class ExportFailuresOnce(logging.Filter):
@@ -199,6 +202,8 @@ class ExportFailuresOnce(logging.Filter):
 
 MAX_ERROR_CHARS = 1500
 """The longest `error:` line shown whole; a longer one keeps its start and its end."""
+LOG_EXCEPTION_CHARS = 600
+"""The longest exception shown whole on a log line (the line is about something else; all of it with `--debug`)."""
 
 
 def error_line(message: str, *, redact: bool = True) -> None:
@@ -209,11 +214,17 @@ def error_line(message: str, *, redact: bool = True) -> None:
         redact: False only for the CLI's own messages about its arguments (usage errors, `fail()`): they quote
             nothing but what the user typed, and skipping the redaction keeps them as fast as `--help`.
     """
-    text = ' '.join((redacted(str(message)) if redact else str(message)).split())  # one line, whatever it held
-    if len(text) > MAX_ERROR_CHARS:  # a value pasted whole (100 KB) is quoted in part; the line's end says what to do
-        head, tail = text[: MAX_ERROR_CHARS * 2 // 3], text[-MAX_ERROR_CHARS // 3 :]
-        text = f'{head}[... {len(text) - MAX_ERROR_CHARS:,} characters not shown ...]{tail}'
+    text = shortened(' '.join((redacted(str(message)) if redact else str(message)).split()), MAX_ERROR_CHARS)
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text`, or its start and end with a marker of how much is left out between them when it is over `limit`: a
+    value pasted whole (100 KB) is quoted in part, and the line's end, which says what to do, stays."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 2 // 3], text[-(limit // 3) :]
+    return f'{head}[... {len(text) - limit:,} characters not shown ...]{tail}'
 
 
 def redacted(text: str) -> str:
@@ -249,7 +260,7 @@ def _one_line_unless_debug(record: logging.LogRecord) -> bool:
             return True
     if record.exc_text and not debug_enabled():
         line = record.__dict__.get('exc_line')
-        record.msg = f'{record.getMessage()}: {line[:300]}' if line else record.getMessage()
+        record.msg = f'{record.getMessage()}: {shortened(line, LOG_EXCEPTION_CHARS)}' if line else record.getMessage()
         record.args = None
         record.exc_text = None
     return True

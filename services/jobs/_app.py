@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 from typing import Any, Self
 
 import psycopg
 import psycopg_pool
 from procrastinate import App, PsycopgConnector
-from procrastinate.exceptions import UniqueViolation
-from procrastinate.jobs import Status
-from procrastinate.manager import JobManager
 from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
@@ -21,37 +17,12 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
+from agentrt.services.jobs._manager import QueueJobManager
 
 logger = logging.getLogger('agentrt.jobs')
 
 QUEUE_POOL_SIZE = 2
 """psycopg connections a process keeps for the queue: deferring from a server, fetching and finishing in a worker."""
-
-_QUEUEING_LOCK_INDEX = 'procrastinate_jobs_queueing_lock_idx_v1'  # one waiting ('todo') job per queueing lock
-
-
-class _JobManager(JobManager):
-    """procrastinate's, except for a job put back in the queue (a failure retried, a job cut short by its worker's
-    stop, a stalled one) while another with its queueing lock waits there: procrastinate's update then breaks the
-    lock's unique index and the job stays marked as running; here it is removed instead, as the waiting job does the
-    same work (jobs carry ids only and are idempotent: the same conversation's summary, the same account's rollup)."""
-
-    async def retry_job_by_id_async(
-        self,
-        job_id: int,
-        retry_at: datetime,
-        priority: int | None = None,
-        queue: str | None = None,
-        lock: str | None = None,
-    ) -> None:
-        """Put the job back in the queue, or remove it if another with its queueing lock is waiting."""
-        try:
-            await super().retry_job_by_id_async(job_id, retry_at, priority=priority, queue=queue, lock=lock)
-        except UniqueViolation as exc:
-            if exc.constraint_name != _QUEUEING_LOCK_INDEX:
-                raise
-            logger.info('job %s not put back: a waiting one (%s) does its work', job_id, exc.queueing_lock)
-            await self.finish_job_by_id_async(job_id=job_id, status=Status.ABORTED, delete_job=True)
 
 
 class QueueConnection(psycopg.AsyncConnection):
@@ -79,10 +50,38 @@ class QueueConnection(psycopg.AsyncConnection):
 
 class _QueuePool(psycopg_pool.AsyncConnectionPool):
     """psycopg's pool, whose opening (procrastinate waits for it) gives up after the pool's own timeout
-    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached."""
+    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached.
+
+    Its `PoolTimeout` carries the last connection attempt's error (`last_connect_error`): psycopg's says only "pool
+    initialization incomplete after 10.0 sec", and the cause (`database "x" does not exist`, a password refused)
+    was in the warnings above the runtime's error line, never in it.
+    """
+
+    last_connect_error: Exception | None = None
 
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - psycopg's own
-        await super().open(wait, timeout=min(timeout, self.timeout))
+        try:
+            await super().open(wait, timeout=min(timeout, self.timeout))
+        except psycopg_pool.PoolTimeout as exc:
+            exc.last_connect_error = self.last_connect_error  # type: ignore[attr-defined]
+            raise
+
+    async def getconn(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - psycopg's own
+        try:
+            return await super().getconn(timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            exc.last_connect_error = self.last_connect_error  # type: ignore[attr-defined]
+            raise
+
+    async def _connect(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - psycopg's own
+        # psycopg's pool connects in its own tasks and only logs their failures: the last one is kept for the error.
+        try:
+            connection = await super()._connect(timeout)
+        except Exception as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return connection
 
 
 _POOL_NAME = 'agentrt-jobs'
@@ -122,7 +121,7 @@ logging.getLogger('psycopg.pool').addFilter(_OneLineConnectFailures())
 
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
 jobs = App(connector=PsycopgConnector())
-jobs.job_manager = _JobManager(connector=jobs.connector)
+jobs.job_manager = QueueJobManager(connector=jobs.connector)
 
 _open_on: asyncio.AbstractEventLoop | None = None
 # Per event loop: one lock for the process failed the openings that waited on it in the next `asyncio.run`.
@@ -227,9 +226,19 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
     """
     for error in causes(exc):
         if isinstance(error, psycopg.OperationalError):  # psycopg_pool.PoolTimeout is one
-            detail = ' '.join(str(error).split())[:300] or type(error).__name__
+            detail = _one_line(error)
             if isinstance(error, psycopg_pool.PoolTimeout):  # psycopg logged each attempt's error as a warning
-                detail = f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
+                last = getattr(error, 'last_connect_error', None)
+                # The cause first (a database or role that does not exist, a password refused): what to fix.
+                detail = (
+                    f'{_one_line(last)} (no connection could be made within DB_CONNECT_TIMEOUT)'
+                    if last is not None
+                    else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
+                )
             where = mask_url(queue_conninfo(current_settings(), get_engine().url))
             return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
     return None
+
+
+def _one_line(error: BaseException) -> str:
+    return ' '.join(str(error).split())[:300] or type(error).__name__

@@ -4,12 +4,14 @@ day (rollup), the rollup at the end of its interval so one job covers every turn
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.jobs import JobDeferrer
 
+from agentrt.db.engine import current_settings
 from agentrt.services.jobs._app import open_queue, queue_unavailable
 from agentrt.services.jobs._tasks import conversation_summary, usage_rollup
 
@@ -38,6 +40,53 @@ async def defer_post_turn_work(
         schedule_in={'seconds': int(rollup_interval_s)} if rollup_interval_s >= 1 else None,
     )
     await _defer(deferrer, account_id=account_id)  # False: one is pending, it will take this turn's ledger rows too
+    await _workers.check()
+
+
+WORKERS_CHECK_SECONDS = 300.0
+"""How often a process that queues jobs looks whether any worker is alive to run them (at its first job, then at
+most this often)."""
+
+
+class _WorkersWatch:
+    """Says, once until a worker is seen again, that no `agentrt worker` runs the jobs this process queues.
+
+    A server or a chat in queue mode with no worker running queued every turn's jobs in silence: titles, summaries and
+    rollups never came, and only `agentrt db status` ("no worker alive") told why.
+    """
+
+    def __init__(self) -> None:
+        self.next_check = 0.0
+        self.warned = False
+
+    async def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + WORKERS_CHECK_SECONDS
+        seconds = current_settings().jobs_stalled_seconds
+        try:
+            app = await open_queue()
+            row = await app.connector.execute_query_one_async(_WORKERS_ALIVE, seconds=seconds)
+        except Exception as exc:  # the job was queued; whether a worker runs is for the next check
+            logger.debug('could not count the workers alive: %s', exc)
+            return
+        if int(row['alive']):
+            self.warned = False
+        elif not self.warned:
+            self.warned = True
+            logger.warning(
+                'no `agentrt worker` is running (none sent a heartbeat in the last %gs): the titles, summaries and '
+                'usage rollups queued (AGENTRT_BACKGROUND=queue) wait until one runs',
+                seconds,
+            )
+
+
+_WORKERS_ALIVE = (
+    'SELECT count(*) AS alive FROM procrastinate_workers '
+    'WHERE last_heartbeat > now() - make_interval(secs => %(seconds)s)'
+)
+_workers = _WorkersWatch()
 
 
 async def defer_summary(account_id: int, conversation_id: str) -> int:

@@ -327,8 +327,10 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
             assert [line async for line in lines if line.startswith('data:')][-1] == 'data: [DONE]'
     shown = await page.locator('.message.user').count()
     await page.get_by_role('textbox', name='Message').press('Enter')
-    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    # What is on screen stays while the conversation loads again: its last answer is done already, so the new turn is
+    # waited for by its count first.
     await expect(page.locator('.message.user')).to_have_count(shown + 2)
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
     await expect(page.locator('.message.user').nth(-2)).to_have_text(f'YouDentists, {OTHER_TAB}')
     await expect(page.locator('.message.user').last).to_have_text('Youand in Miami?')
 

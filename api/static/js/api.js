@@ -107,6 +107,8 @@ export function postChat(body, signal) {
 /** What to tell a person about a failed request: one sentence, with the error id of a server error. */
 export function errorMessage(error) {
   if (error instanceof NetworkError) {
+    // The browser knows when it has no network at all: asking whether the server still runs sent people to restart it.
+    if (!navigator.onLine) return 'This browser is offline: the server cannot be reached until the network is back. Try again then.';
     return 'The server cannot be reached. Is `agentrt serve` still running? Try again in a moment.';
   }
   if (!(error instanceof ApiError)) return `This page failed: ${error?.message || error}`;

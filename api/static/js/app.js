@@ -7,6 +7,7 @@ import { createChatView } from './chat.js';
 import { conversationsView } from './conversations.js';
 import { costsView } from './costs.js';
 import { alertBox, h } from './dom.js';
+import { keepPending } from './pending.js';
 
 const MESSAGE = 'agentrt.signInMessage';
 const main = document.getElementById('main');
@@ -154,8 +155,19 @@ function mount(view, ticket) {
 }
 
 window.addEventListener('hashchange', render);
+let signingOut = false;
 window.addEventListener('agentrt:unauthorized', (event) => {
+  // Once: requests made together (the costs make three) each answer 401, and a second sign-out forgot what the
+  // first had kept for after signing in again.
+  if (signingOut) return;
+  signingOut = true;
+  // The message being sent when the key stopped working (revoked, its account gone), or typed in the box, outlives the
+  // sign-out: it was lost with the reload, to be typed again from memory. It comes back for a key of the same account
+  // only.
+  const unsent = chat?.leaving();
+  const account = session.me?.account;
   session.signOut();
+  if (unsent && account) keepPending(unsent.conversation, unsent.text, account, { signedOut: true });
   sessionStorage.setItem(MESSAGE, JSON.stringify({ text: errorMessage(event.detail), kind: 'error' }));
   window.location.reload(); // a clean page: no view of the previous key stays in memory
 });

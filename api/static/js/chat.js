@@ -2,7 +2,7 @@
 // POST /chat as they are written, each tool call on a timeline. The server holds the history: a turn sends only the
 // new message. One chat view lives for the whole page, so a turn keeps streaming while another view is shown.
 
-import { ApiError, errorMessage, getJson, postChat } from './api.js';
+import { ApiError, errorMessage, getJson, postChat, session } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
 import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
@@ -29,11 +29,16 @@ function wellFormed(text) {
   return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, '\ufffd');
 }
 
-/** Why conversation id `id` (from the address) is not one, or null when it is. */
+/** Why conversation id `id` (from the address) is not one (text and elements for `alertBox`), or null when it is. */
 function badConversationId(id) {
   if (id.length <= CONVERSATION_ID_MAX_CHARS && CONVERSATION_ID.test(id)) return null;
   const shown = id.length > 40 ? `${id.slice(0, 40)}…` : id;
-  return `The conversation id in the address, “${shown}”, is not valid: a conversation id is 1 to ${CONVERSATION_ID_MAX_CHARS} letters, digits and . _ : @ - (starting with a letter or digit). Start a new chat, or open one from Conversations.`;
+  // The id in a <bdi>: a right-to-left override in it (U+202E) reversed the rest of the sentence.
+  return [
+    'The conversation id in the address, “',
+    h('bdi', { text: shown }),
+    `”, is not valid: a conversation id is 1 to ${CONVERSATION_ID_MAX_CHARS} letters, digits and . _ : @ - (starting with a letter or digit). Start a new chat, or open one from Conversations.`,
+  ];
 }
 
 /** A user's message. */
@@ -161,6 +166,11 @@ export function createChatView() {
   let controller = null;
   let loading = null; // the notice of a conversation whose history is loading, else null
   let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
+  let inFlight = null; // {conversation, text} of the message being sent and answered, else null
+  let offlineNote = null; // the notice that the browser is offline while an answer is coming, else null
+  // Where the reader was in the chat (window.scrollY), or null at its end: the chat shown again after another view
+  // goes back there. It kept the other view's position, and came back at its oldest messages.
+  let readingAt = null;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -230,6 +240,24 @@ export function createChatView() {
     send.disabled = busy || loading !== null;
     stop.disabled = !busy;
     if (!busy) refusal.textContent = '';
+    sayIfOffline();
+  }
+
+  /**
+   * While an answer is coming and the browser has no network, a notice says so (and goes when the network is back or
+   * the turn ends). The page said "Working…" for as long as the connection was not closed, which can be minutes.
+   */
+  function sayIfOffline() {
+    const away = !navigator.onLine && element.dataset.busy === 'true';
+    if (away && !offlineNote?.isConnected) {
+      offlineNote = alertBox(
+        'This browser is offline: the rest of the answer cannot arrive until the network is back. Stop gives it up (a stopped turn is not saved).',
+      );
+      notice.append(offlineNote);
+    } else if (!away && offlineNote) {
+      offlineNote.remove();
+      offlineNote = null;
+    }
   }
 
   /**
@@ -251,6 +279,9 @@ export function createChatView() {
 
   /** Keep the newest content in view when the reader is at the bottom already. */
   function follow(change) {
+    // Not while another view is shown (the answer goes on behind it): its scroll is not this view's to move. It was
+    // moved to that view's bottom with each piece of the answer, when the reader was near it.
+    if (!element.isConnected) return change();
     const atBottom = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
     change();
     if (atBottom) window.scrollTo(0, document.documentElement.scrollHeight);
@@ -296,9 +327,16 @@ export function createChatView() {
       controller.left = true;
       controller.abort();
     }
+    // The same conversation again (shown as the server holds it before the next message, or its link followed): what
+    // is on screen stays until its history arrives, and stays if that fails. It was wiped first, and a server still
+    // away left an empty chat.
+    const again = shownId !== undefined && wanted !== null && wanted === conversationId;
     conversationId = wanted;
     shownId = wanted;
-    transcript.replaceChildren();
+    if (!again) {
+      transcript.replaceChildren();
+      readingAt = null; // another conversation opens at its end
+    }
     notice.replaceChildren();
     setHead(null);
     if (wanted === null) {
@@ -320,6 +358,7 @@ export function createChatView() {
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
       if (conversationId !== wanted) return;
       if (data.earlier) notice.append(alertBox('Only the latest turns of this conversation are shown.', 'info'));
+      transcript.replaceChildren();
       renderHistory(data.messages);
       restorePending(wanted, data.messages);
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
@@ -327,9 +366,13 @@ export function createChatView() {
     } catch (error) {
       if (conversationId !== wanted) return;
       if (error instanceof ApiError && error.status === 404) {
+        transcript.replaceChildren();
+        setHead(null);
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
         restorePending(wanted, []);
       } else {
+        // What is shown (if anything) may lack what the server holds: loaded again before the next message is sent.
+        stale = true;
         notice.append(alertBox(`The conversation could not be loaded. ${errorMessage(error)}`));
       }
     } finally {
@@ -339,11 +382,23 @@ export function createChatView() {
 
   /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
   function restorePending(id, messages) {
-    const text = takePending(id, messages);
-    if (text === null) return;
-    if (!input.value) input.value = text;
-    const back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
+    const pending = takePending(id, messages, session.me?.account);
+    if (pending === null) return;
+    if (!input.value) input.value = pending.text;
+    const back = pending.signedOut
+      ? 'Your message was not sent, or not answered, before the page returned to sign-in: it is back in the box.'
+      : 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
     notice.append(alertBox(back, 'info'));
+  }
+
+  /**
+   * The page is leaving for sign-in (the key stopped working): the message being sent, else the one typed in the box
+   * of a conversation, as `{conversation, text}` (or null), no longer forgotten when its request fails.
+   */
+  function leaving() {
+    if (controller) controller.left = true; // its failure (the 401) must not forget the note kept for after sign-in
+    if (inFlight) return inFlight;
+    return conversationId && input.value.trim() ? { conversation: conversationId, text: input.value } : null;
   }
 
   async function sendMessage(text) {
@@ -361,7 +416,8 @@ export function createChatView() {
     setHead(isFirst ? text : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
-    keepPending(sending, text);
+    keepPending(sending, text, session.me?.account);
+    inFlight = { conversation: sending, text };
     const ownController = (controller = new AbortController());
     setBusy(true);
     let response = null;
@@ -402,6 +458,7 @@ export function createChatView() {
     } finally {
       if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
+      inFlight = null;
       setBusy(false);
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
       // meanwhile. Not a stopped one: stopping was the person's choice, or they opened another conversation.
@@ -432,7 +489,8 @@ export function createChatView() {
       // server saved is shown first, then this message is sent (its answer follows what the server holds).
       const id = conversationId;
       show(id).then(() => {
-        if (conversationId === id && element.isConnected) form.requestSubmit(); // not if the person moved on
+        // Not if the person moved on, nor when it could not be loaded (the message waits in the box; the notice says why).
+        if (!stale && conversationId === id && element.isConnected) form.requestSubmit();
       });
       return;
     }
@@ -449,12 +507,39 @@ export function createChatView() {
     refusal.textContent = '';
   });
   stop.addEventListener('click', () => controller?.abort());
+  window.addEventListener(
+    'scroll',
+    () => {
+      if (!element.isConnected) return; // another view's scrolling
+      const atEnd = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 160;
+      readingAt = atEnd ? null : window.scrollY;
+    },
+    { passive: true },
+  );
+  window.addEventListener('offline', sayIfOffline);
+  window.addEventListener('online', sayIfOffline);
+  window.addEventListener('agentrt:conversation-deleted', (event) => {
+    // Deleted from Conversations while shown here (no answer coming): it stayed on screen, and the next message started
+    // a conversation of the same id without any of it, below messages the model no longer had.
+    if (event.detail !== conversationId || controller) return;
+    conversationId = null;
+    shownId = null;
+    stale = false;
+    transcript.replaceChildren();
+    setHead(null);
+    notice.replaceChildren(alertBox('The conversation shown here was deleted: this is a new one.', 'info'));
+  });
 
   return {
     element,
     title: 'Chat',
     show,
-    focus: () => input.focus(),
+    focus: () => {
+      // The message box stays in view (it sticks to the bottom): the transcript goes where the reader left it.
+      input.focus({ preventScroll: true });
+      window.scrollTo(0, readingAt ?? document.documentElement.scrollHeight);
+    },
+    leaving,
     get conversationId() {
       return conversationId;
     },

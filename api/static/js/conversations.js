@@ -3,7 +3,7 @@
 // where by the last update a conversation continued in another tab meanwhile would move ahead and be left out.
 
 import { errorMessage, getJson, remove } from './api.js';
-import { alertBox, formatInt, h, timeEl } from './dom.js';
+import { alertBox, formatInt, h, isolate, timeEl } from './dom.js';
 
 const PAGE = 20;
 
@@ -31,7 +31,7 @@ export async function conversationsView() {
     const usage = item.usage;
     const remover = h('button', { type: 'button', class: 'secondary danger', text: 'Delete' });
     const name = item.title || item.conversation_id;
-    remover.setAttribute('aria-label', `Delete “${name}”`);
+    remover.setAttribute('aria-label', `Delete “${isolate(name)}”`);
     const li = h(
       'li',
       { class: 'card', dataset: { conversationId: item.conversation_id } },
@@ -48,7 +48,7 @@ export async function conversationsView() {
       h('div', { class: 'card-actions' }, remover),
     );
     remover.addEventListener('click', async () => {
-      if (!window.confirm(`Delete the conversation “${name}”? Its messages are removed; its audit rows stay.`)) return;
+      if (!window.confirm(`Delete the conversation “${isolate(name)}”? Its messages are removed; its audit rows stay.`)) return;
       notice.replaceChildren();
       const hadFocus = document.activeElement === remover; // before it is disabled, which drops the focus
       remover.disabled = true;
@@ -59,7 +59,9 @@ export async function conversationsView() {
         const next = (li.nextElementSibling || li.previousElementSibling)?.querySelector('a') || title;
         li.remove();
         if (hadFocus) next.focus();
-        notice.append(alertBox(`Deleted “${name}”.`, 'info'));
+        // The chat view may still show it: it empties itself (chat.js), rather than go on as if it were still there.
+        window.dispatchEvent(new CustomEvent('agentrt:conversation-deleted', { detail: item.conversation_id }));
+        notice.append(alertBox(['Deleted “', h('bdi', { text: name }), '”.'], 'info'));
         if (!list.childElementCount) list.replaceWith(emptyState());
       } catch (error) {
         remover.disabled = false;

@@ -28,6 +28,16 @@ export function append(el, children) {
   return el;
 }
 
+/**
+ * `text` from outside the page (a title, a tool's argument) set apart for a sentence that must be a string (a dialog,
+ * an `aria-label`, a summary cut to length): between FIRST STRONG ISOLATE and POP DIRECTIONAL ISOLATE, so a
+ * right-to-left override in it (U+202E) ends with it; it reversed the rest of the sentence. In the page's elements,
+ * such text goes in a `<bdi>` instead.
+ */
+export function isolate(text) {
+  return `\u2068${text}\u2069`;
+}
+
 /** A random id usable in a conversation id (crypto.randomUUID needs a secure context; this does not). */
 export function randomId() {
   const bytes = crypto.getRandomValues(new Uint8Array(12));
@@ -90,7 +100,7 @@ export function summariseArgs(input, limit = 90, { nestedFirst = true } = {}) {
       if (typeof value === 'object' && !Array.isArray(value)) walk(value, nested);
       else if (Array.isArray(value) && value.some((item) => item !== null && typeof item === 'object')) {
         into.push(`${key}: ${value.length} item${value.length === 1 ? '' : 's'}`);
-      } else into.push(`${key}: ${Array.isArray(value) ? value.join(', ') : value}`);
+      } else into.push(`${key}: ${isolate(Array.isArray(value) ? value.join(', ') : value)}`);
     }
   };
   walk(input, flat);
@@ -98,7 +108,10 @@ export function summariseArgs(input, limit = 90, { nestedFirst = true } = {}) {
   return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
 }
 
-/** An alert box (`role="alert"`: read out when it appears) holding `message`; `kind` is `error` or `info`. */
+/**
+ * An alert box (`role="alert"`: read out when it appears) holding `message` (text, or text and elements); `kind` is
+ * `error` or `info`.
+ */
 export function alertBox(message, kind = 'error') {
   return h('div', { class: `alert ${kind}`, role: kind === 'error' ? 'alert' : 'status' }, message);
 }

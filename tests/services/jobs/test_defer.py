@@ -14,7 +14,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import OutageAsOneLine, get_supervisor
-from agentrt.services.jobs import close_queue, defer_post_turn_work, defer_summary, open_queue
+from agentrt.services.jobs import _defer, close_queue, defer_post_turn_work, defer_summary, open_queue
 from tests.private_database import PrivateDatabase
 from tests.services.jobs.helpers import PROCRASTINATE_TABLES
 
@@ -48,6 +48,30 @@ async def test_a_defer_while_postgresql_is_down_is_a_database_error_logged_as_on
     [failed] = [r for r in logged.records if r.levelno >= logging.WARNING]
     assert failed.levelname == 'WARNING' and failed.exc_info is None and failed.exc_text is None
     assert failed.getMessage().startswith('background task queue post-turn jobs not done: database unavailable: ')
+
+
+_NO_WORKER = 'no `agentrt worker` is running'
+
+
+async def test_a_process_that_queues_jobs_with_no_worker_alive_says_so_once(
+    queue: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server (or a chat) in queue mode with no worker queued every turn's jobs in silence: titles, summaries and
+    # rollups never came, and nothing but `agentrt db status` said why.
+    monkeypatch.setattr(_defer, '_workers', _defer._WorkersWatch())
+    monkeypatch.setattr(_defer, 'WORKERS_CHECK_SECONDS', 0.0)  # every job looks
+    caplog.set_level(logging.WARNING, logger='agentrt.jobs')
+    for conversation_id in ('c-1', 'c-2'):
+        await defer_post_turn_work(1, conversation_id, summarise=True, rollup_interval_s=0)
+    [warning] = [r for r in caplog.records if _NO_WORKER in r.getMessage()]
+    assert warning.levelname == 'WARNING' and 'AGENTRT_BACKGROUND=queue' in warning.getMessage()
+
+    caplog.clear()
+    async with get_db_session(account=Unscoped.OWNER) as session:  # a worker's heartbeat, just now
+        await session.execute(text('INSERT INTO procrastinate_workers DEFAULT VALUES'))
+    monkeypatch.setattr(_defer, '_workers', _defer._WorkersWatch())
+    await defer_post_turn_work(1, 'c-3', summarise=True, rollup_interval_s=0)
+    assert _NO_WORKER not in caplog.text
 
 
 class _Records(logging.Handler):

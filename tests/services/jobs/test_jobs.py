@@ -241,6 +241,26 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
         assert attempt.endswith('; trying again') and '\n' not in attempt
 
 
+async def test_a_queue_database_that_does_not_exist_is_named_in_the_error(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The error line said "no connection could be made within DB_CONNECT_TIMEOUT (pool initialization incomplete
+    # after 1.0 sec)": what was wrong (the database's name) only in the warnings above it.
+    settings = current_settings()
+    missing = get_engine().url.set(database='agentrt_no_such_queue').render_as_string(hide_password=False)
+    monkeypatch.setattr(settings, 'queue_database_url', queue_url(missing))
+    monkeypatch.setattr(settings, 'connect_timeout', 1)
+    await close_queue()
+    try:
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            await asyncio.wait_for(run_worker(concurrency=1, burst=True), 20)
+    finally:
+        await close_queue()
+    error = str(raised.value)
+    assert re.search(r'job queue cannot connect .*: .*database "agentrt_no_such_queue" does not exist', error)
+    assert 'DB_CONNECT_TIMEOUT' in error and 'pool initialization' not in error
+
+
 @pytest.mark.parametrize('level', [logging.WARNING, logging.DEBUG])
 async def test_a_queue_connection_postgresql_closed_is_no_warning_of_psycopgs(
     queue: None, caplog: pytest.LogCaptureFixture, level: int
@@ -393,3 +413,31 @@ async def _ran_once_more(failed: list[int]) -> bool:
     async with get_db_session(account=Unscoped.OWNER) as session:
         left = (await session.execute(text('SELECT count(*) FROM procrastinate_jobs'))).scalar_one()
     return bool(failed) and left == 0
+
+
+async def test_a_worker_taken_for_dead_and_removed_registers_again_and_goes_on(
+    queue: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker paused longer than AGENTRT_JOBS_STALLED_SECONDS (SIGSTOP, a suspended VM) had its row deleted by the
+    # next worker to start; resumed, its next job broke the jobs' foreign key to that row and it ended with "internal
+    # error: ConnectorException: Database error." (exit code 70).
+    worker = asyncio.ensure_future(run_worker(concurrency=1))
+    try:
+        await wait_for(lambda: _workers_registered(1), 20, 'the worker registered')
+        async with get_db_session(account=Unscoped.OWNER) as session:  # as a starting worker prunes a silent one
+            await session.execute(text('DELETE FROM procrastinate_workers'))
+        await chat('taken-for-dead')  # its rollup job wakes the worker
+        await wait_for(lambda: _ran_once_more([0]), 20, 'the job run')
+        assert not worker.done()
+        assert await _workers_registered(1)
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    assert 'was taken for dead' in caplog.text
+    assert await rolled_up_requests() == len(await ledger_rows())
+
+
+async def _workers_registered(count: int) -> bool:
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        return (await session.execute(text('SELECT count(*) FROM procrastinate_workers'))).scalar_one() == count

@@ -1,0 +1,424 @@
+"""The web UI against faults, hostile text and the basics of access, in a real browser (Chromium through playwright,
+as `test_web_ui.py`): a key revoked as a message is sent, a browser gone offline (before and during an answer), the
+conversation on screen deleted, an answer streaming behind another view, a conversation that cannot be loaded again,
+right-to-left overrides in what the page quotes, the contrast of its controls, a 320 px screen, the keyboard. One
+browser for the module, a new context (an empty tab state) for each short test; skipped without Chromium like
+`test_web_ui.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
+
+from agentrt.api.app import create_app
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.api_keys import create_api_key, forget_cached_api_keys, revoke_api_key
+from agentrt.services.background import get_supervisor
+from tests.api.conftest import Keys, auth, serve
+from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
+
+
+RLO = '\u202e'
+"""RIGHT-TO-LEFT OVERRIDE: the text after it, to the end of its paragraph or a closing isolate, shows reversed."""
+
+
+DRIP = 'drip the answer'
+"""A message with these words is answered with 'ok', then ' and more' once `drip_more` is set (at most 30 s later)."""
+drip_more = asyncio.Event()
+
+
+def _quick_model() -> FunctionModel:
+    """A model answering 'ok' at once, streamed or not; streamed, the rest of the answer to `DRIP` waits."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('ok')])
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        yield 'ok'
+        if DRIP in str(messages[-1]):
+            await asyncio.wait_for(drip_more.wait(), 30)
+            yield ' and more'
+
+    return FunctionModel(respond, stream_function=stream, model_name='quick')
+
+
+@pytest.fixture(scope='module')
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture(scope='module')
+async def site() -> AsyncIterator[str]:
+    async for url in serve(create_app(manage_runtime=False, model=_quick_model(), web_ui=True)):
+        yield url
+
+
+CSP_WATCH = """window.__cspBreaches = [];
+document.addEventListener('securitypolicyviolation', (event) => {
+  window.__cspBreaches.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+});"""
+"""Collects the page's breaches of its Content-Security-Policy (run before the page's own scripts, in each document)."""
+
+
+@pytest.fixture
+async def page(browser: Browser, site: str, keys: Keys) -> AsyncIterator[Page]:
+    """A new tab state, signed in with acme's key, on a new chat; no script error and no breach of the page's CSP (what
+    the page does needs no inline script or style) may happen in it."""
+    context = await browser.new_context(viewport={'width': 1280, 'height': 800})
+    await context.add_init_script(CSP_WATCH)
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    expect.set_options(timeout=15_000)
+    crashes: list[str] = []
+    page.on('pageerror', lambda error: crashes.append(str(error)))
+    await page.goto(site)
+    await _sign_in(page, keys.acme)
+    try:
+        yield page
+        assert await page.evaluate('window.__cspBreaches') == []
+    finally:
+        await context.close()
+    assert crashes == []
+
+
+async def _sign_in(page: Page, key: str) -> None:
+    await page.get_by_label('API key').fill(key)
+    await page.get_by_label('API key').press('Enter')
+    await expect(page.get_by_role('button', name='Sign out')).to_be_visible()
+
+
+async def _revoke(key: str) -> None:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await revoke_api_key(session=session, key=key)
+    forget_cached_api_keys()
+
+
+async def test_a_message_sent_as_the_key_is_revoked_comes_back_after_signing_in_again(page: Page, site: str) -> None:
+    # The key stops working as a message is sent (401): the page returns to sign-in, and the message was gone with it,
+    # to be typed again from memory. It comes back in the box once a key of the same account signs in.
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    key = await page.evaluate("sessionStorage.getItem('agentrt.apiKey')")
+    await _revoke(key)
+    await _send(page, 'my second, long-considered question')
+    await expect(page.get_by_role('alert')).to_contain_text('The API key was not accepted')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        again = await create_api_key(session=session, account='acme-health', name='again')
+    await _sign_in(page, again.token)
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_have_value('my second, long-considered question')
+    await expect(page.locator('.notice')).to_contain_text('before the page returned to sign-in')
+    await expect(page.locator('.message.user')).to_have_text(['Youfirst question'])  # as saved: the refused one is not
+
+    # Typed but not sent, as another view's requests find the key revoked: kept too. The costs make three requests at
+    # once, and the second 401 signed out again, forgetting what the first had kept.
+    await box.fill('a draft of mine')
+    await _revoke(again.token)
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await expect(page.get_by_role('alert')).to_contain_text('The API key was not accepted')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        third = await create_api_key(session=session, account='acme-health', name='third')
+        other = await create_api_key(session=session, account='green-grocer', name='other')
+    await _sign_in(page, third.token)
+    await page.goto(f'{site}/#/chat/{conversation}')
+    await expect(box).to_have_value('a draft of mine')
+
+    # Never for another account: a key of green-grocer signed in on this tab does not get acme's message.
+    await _revoke(third.token)
+    await page.get_by_role('link', name='Audit', exact=True).click()
+    await expect(page.get_by_role('alert')).to_contain_text('The API key was not accepted')
+    await _sign_in(page, other.token)
+    await page.goto(f'{site}/#/chat/{conversation}')
+    await expect(page.locator('.notice')).to_contain_text('This conversation has no saved messages yet')
+    await expect(box).to_have_value('')
+    assert await page.evaluate("sessionStorage.getItem('agentrt.pendingMessage')") is None
+
+
+async def test_a_message_sent_offline_says_the_browser_is_offline(page: Page) -> None:
+    # It said "The server cannot be reached. Is `agentrt serve` still running?", which sent people to restart a server
+    # that was fine.
+    await page.context.set_offline(True)
+    await _send(page, 'sent without a network')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('This browser is offline')
+    await expect(alert).not_to_contain_text('agentrt serve')
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_have_value('sent without a network')
+    await page.context.set_offline(False)
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant')).to_have_attribute('data-state', 'done')
+
+
+READS_IN_ORDER = """element => {
+  // Whether the last two characters of `element`'s text show in their order (left to right), where they share a line.
+  const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+  let last = null;
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) if (node.data.trim().length > 1) last = node;
+  const end = last.data.trimEnd().length;
+  const box = (at) => { const range = document.createRange(); range.setStart(last, at); range.setEnd(last, at + 1);
+                        return range.getBoundingClientRect(); };
+  const [before, after] = [box(end - 2), box(end - 1)];
+  return Math.abs(before.top - after.top) > 2 || after.left > before.left;
+}"""
+
+
+async def test_a_right_to_left_override_ends_with_the_text_that_holds_it(page: Page, site: str, keys: Keys) -> None:
+    # A right-to-left override (U+202E) in text the page quotes in a sentence reversed the rest of the sentence:
+    # "Deleted “<RLO>abc”." showed as "Deleted “.”cba". Each is isolated now.
+    await page.goto(f'{site}/#/chat/{RLO}abc')
+    alert = page.locator('.notice .alert')
+    await expect(alert).to_contain_text('is not valid')
+    assert await alert.evaluate(READS_IN_ORDER)
+
+    # A tool's arguments, summarised on one line: the override in one value reversed the arguments after it.
+    async def with_a_tool_call(route: Route) -> None:
+        call = {'toolCallId': 't1', 'toolName': 'search_directory'}
+        events = [
+            {'type': 'start'},
+            {'type': 'tool-input-available', **call, 'input': {'query': f'{RLO}evil', 'city': 'Boston'}},
+            {'type': 'tool-output-available', 'toolCallId': 't1', 'output': []},
+            {'type': 'finish'},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.goto(f'{site}/#/chat/new')
+    await page.route('**/api/v1/chat', with_a_tool_call)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert await turn.locator('.tool-args').evaluate(READS_IN_ORDER)
+    await page.unroute('**/api/v1/chat')
+
+    # A title (written from the first message) in the notice of its deletion, and in the question before it.
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        made = await client.post(
+            '/api/v1/conversations/rtl/turns', json={'message': f'{RLO}abc'}, headers=auth(keys.acme)
+        )
+        assert made.status_code == 200, made.text
+    await get_supervisor().join()  # the title
+    await page.goto(f'{site}/#/conversations')
+    questions: list[str] = []
+
+    async def answer(dialog: Dialog) -> None:
+        questions.append(dialog.message)
+        await dialog.accept()
+
+    page.once('dialog', answer)
+    await page.locator('li[data-conversation-id="rtl"]').get_by_role('button', name='Delete').click()
+    deleted = page.locator('.notice .alert')
+    await expect(deleted).to_contain_text('Deleted')
+    assert await deleted.evaluate(READS_IN_ORDER)
+    [question] = questions  # the dialog's text is a string: the title between isolates
+    assert question.startswith(f'Delete the conversation “\u2068{RLO}abc') and '\u2069”? Its messages' in question
+
+
+CONTRAST = """() => {
+  // What falls short of WCAG's contrast on screen: a control's border against what is behind it (1.4.11: 3:1), and
+  // text against its background (1.4.3: 4.5:1, 3:1 when large); disabled controls are exempt. And how many controls.
+  const rgb = (color) => color.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const luminance = (color) => {
+    const linear = (v) => (v / 255 <= 0.03928 ? v / 255 / 12.92 : ((v / 255 + 0.055) / 1.055) ** 2.4);
+    const [r, g, b] = rgb(color).map(linear);
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const behind = (element) => {
+    for (let e = element; e; e = e.parentElement) {
+      const color = getComputedStyle(e).backgroundColor;
+      if (!/rgba\\(.*, 0\\)$/.test(color) && color !== 'transparent') return color;
+    }
+    return 'rgb(255, 255, 255)';
+  };
+  const ratio = (one, two) => {
+    const [a, b] = [luminance(one), luminance(two)].sort((x, y) => y - x);
+    return Math.round(((a + 0.05) / (b + 0.05)) * 100) / 100;
+  };
+  const shown = [...document.querySelectorAll('body *')].filter((e) => e.offsetParent && !e.closest(':disabled'));
+  const controls = shown.filter((e) => e.matches('input, select, textarea'));
+  const short = controls
+    .map((e) => [e.id || e.name, ratio(getComputedStyle(e).borderTopColor, behind(e.parentElement))])
+    .filter(([, r]) => r < 3);
+  for (const e of shown) {
+    if (![...e.childNodes].some((node) => node.nodeType === Node.TEXT_NODE && node.data.trim())) continue;
+    const style = getComputedStyle(e);
+    const size = parseFloat(style.fontSize);
+    const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+    const r = ratio(style.color, behind(e));
+    if (r < (large ? 3 : 4.5)) short.push([`${e.tagName}.${e.className} “${e.textContent.trim().slice(0, 20)}”`, r]);
+  }
+  return { controls: controls.length, short };
+}"""
+
+
+async def test_the_controls_stand_out_and_the_chat_fits_320_pixels(page: Page, site: str) -> None:
+    # The message box's border was #8c959f on the page's #f5f6f8: 2.8:1, under the 3:1 a control's edge needs.
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    for where in ('#/chat', '#/audit'):
+        await page.goto(f'{site}/{where}')
+        await expect(page.locator('textarea, tbody tr').first).to_be_visible()
+        contrast = await page.evaluate(CONTRAST)
+        assert contrast['controls'] and contrast['short'] == [], contrast
+    # The narrowest phone: a long unbroken message and its answer fit without sideways scrolling.
+    await page.set_viewport_size({'width': 320, 'height': 640})
+    await page.goto(f'{site}/#/chat/new')
+    turn = await _send(page, 'x' * 400)
+    await expect(turn).to_have_attribute('data-state', 'done')
+    for where in ('#/chat', '#/conversations'):
+        await page.goto(f'{site}/{where}')
+        await expect(page.locator('h1')).to_be_visible()
+        assert await page.evaluate('document.documentElement.scrollWidth') <= 320
+
+
+async def test_the_conversation_on_screen_deleted_from_the_list_leaves_the_chat(page: Page) -> None:
+    # The chat went on showing it, and the next message started a new conversation of the same id below messages the
+    # model no longer had (a reload showed only the new turn).
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    await page.get_by_role('link', name='Conversations', exact=True).click()
+    page.once('dialog', lambda dialog: dialog.accept())
+    await page.locator(f'li[data-conversation-id="{conversation}"]').get_by_role('button', name='Delete').click()
+    await expect(page.locator('.notice .alert')).to_contain_text('Deleted')
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(page.locator('.notice .alert')).to_have_text(
+        'The conversation shown here was deleted: this is a new one.'
+    )
+    await expect(page.locator('.message')).to_have_count(0)
+    await expect(page.get_by_role('heading', level=1)).to_have_text('New conversation')
+    turn = await _send(page, 'second question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert page.url.split('#/chat/', 1)[1] != conversation
+
+
+async def test_an_answer_streaming_behind_another_view_leaves_its_scroll_alone(page: Page, site: str) -> None:
+    # Each piece of an answer that came while another view was shown scrolled that view to its bottom, when it was
+    # near it: the chat followed its answer in a page that was not its own.
+    drip_more.clear()
+    turn = await _send(page, DRIP)
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.set_viewport_size({'width': 1280, 'height': 300})
+    await page.get_by_role('link', name='Costs', exact=True).click()
+    await expect(page.locator('.totals')).to_be_visible()
+    reading = await page.evaluate('document.documentElement.scrollHeight - window.innerHeight - 100')
+    assert reading > 0
+    await page.evaluate(f'window.scrollTo(0, {reading})')
+    drip_more.set()
+    # A fetch's resource timing entry is written once its body has been read to the end: the answer is all in (polled
+    # from here: the page's CSP refuses playwright's wait_for_function, which evaluates a string).
+    answered = "performance.getEntriesByType('resource').some(e => e.name.endsWith('/api/v1/chat'))"
+    for _ in range(1500):
+        if await page.evaluate(answered):
+            break
+        await asyncio.sleep(0.01)
+    assert await page.evaluate('window.scrollY') == reading
+    await page.get_by_role('link', name='Chat', exact=True).click()
+    await expect(turn.locator('.answer')).to_have_text('ok and more')
+
+
+async def test_shift_enter_starts_a_line_and_enter_sends_both(page: Page) -> None:
+    box = page.get_by_role('textbox', name='Message')
+    await expect(box).to_be_focused()
+    await box.type('line one')
+    await box.press('Shift+Enter')
+    await box.type('line two')
+    await expect(box).to_have_value('line one\nline two')
+    await expect(page.locator('.message')).to_have_count(0)
+    await box.press('Enter')
+    await expect(page.locator('.message.assistant')).to_have_attribute('data-state', 'done')
+    await expect(page.locator('.message.user .text')).to_have_text('line one\nline two')
+    await expect(box).to_be_focused()
+    await expect(page.get_by_role('log', name='Messages')).to_contain_text('line two')
+
+
+async def test_a_conversation_that_cannot_be_shown_again_stays_on_screen_until_it_can(page: Page) -> None:
+    # After an answer cut off, the next message first shows the conversation as the server holds it. With the server
+    # still away, that wiped the conversation off the screen, and once it was back the message went out without it:
+    # the history shown was never loaded again (a reload showed it).
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': 'Hal'},
+        ]
+        await route.fulfill(
+            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
+        )
+
+    async def away(route: Route) -> None:
+        await route.abort('connectionrefused')
+
+    await page.route('**/api/v1/chat', cut_off)
+    turn = await _send(page, 'second question')
+    await expect(turn).to_contain_text('connection was lost')
+    await page.unroute('**/api/v1/chat')
+    await page.route('**/api/v1/**', away)
+    box = page.get_by_role('textbox', name='Message')
+    await box.press('Enter')
+    await expect(page.locator('.notice .alert')).to_contain_text('The server cannot be reached')
+    await expect(page.locator('.message.user').first).to_have_text('Youfirst question')
+    await expect(box).to_have_value('second question')
+    await page.unroute('**/api/v1/**')
+    await box.press('Enter')
+    await expect(page.locator('.message.user')).to_have_text(['Youfirst question', 'Yousecond question'])
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+
+
+async def test_the_browser_going_offline_while_an_answer_comes_says_so(page: Page) -> None:
+    # The answer stopped coming and the page said "Working…" for as long as the connection was not closed: nothing
+    # told that the browser had lost its network.
+    drip_more.clear()
+    turn = await _send(page, DRIP)
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.context.set_offline(True)
+    offline = page.locator('.notice .alert')
+    await expect(offline).to_contain_text('This browser is offline: the rest of the answer cannot arrive')
+    await page.context.set_offline(False)
+    await expect(offline).to_have_count(0)
+    drip_more.set()
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(turn.locator('.answer')).to_have_text('ok and more')
+
+
+async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(
+    page: Page, site: str, keys: Keys
+) -> None:
+    # It kept the other view's scroll position (the top, for a short one): the chat came back at its oldest messages.
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        for number in range(8):
+            made = await client.post(
+                '/api/v1/conversations/scrolled/turns', json={'message': f'Question {number}'}, headers=auth(keys.acme)
+            )
+            assert made.status_code == 200, made.text
+    await page.set_viewport_size({'width': 1280, 'height': 400})
+    await page.goto(f'{site}/#/chat/scrolled')
+    await expect(page.locator('.message.user')).to_have_count(8)
+    at_end = 'window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 2'
+    for reading in (None, 150):  # at its end, then further up
+        if reading is not None:
+            await page.evaluate(f'window.scrollTo(0, {reading})')
+        await page.get_by_role('link', name='Costs', exact=True).click()
+        await expect(page.locator('.totals')).to_be_visible()
+        await page.get_by_role('link', name='Chat', exact=True).click()
+        await expect(page.get_by_role('textbox', name='Message')).to_be_focused()
+        if reading is None:
+            assert await page.evaluate(at_end)
+        else:
+            assert await page.evaluate('window.scrollY') == reading
