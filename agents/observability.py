@@ -28,7 +28,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from agentrt.agents.otlp_settings import check_otlp_settings
+from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
+from agentrt.services.span_errors import record_redacted
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
@@ -89,7 +90,9 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
 
     Raises:
         ConfigError: an `OTEL_*` value the runtime cannot honour (`check_otlp_settings`): an exporter other than
-            `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry.
+            `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry or endpoint, a timeout or
+            compression the exporter cannot use, an unknown propagator; or, when spans are made, one of the SDK's own
+            variables it cannot read (`check_sdk_settings`: batching, sampler, resource attributes).
     """
     env = os.environ if environ is None else environ
     check_otlp_settings(env)  # a value logfire would ignore or misread: a ConfigError, as an invalid setting is
@@ -99,7 +102,10 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
         otlp = env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or None
     if console is None:
         console = env.get('LOGFIRE_CONSOLE', '').strip().lower() in TRUE_VALUES
-    return TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
+    export = TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
+    if export.enabled:  # the SDK is set up and reads its own variables (batching, sampler, resource)
+        check_sdk_settings(env)
+    return export
 
 
 _configured: TraceExport | None = None
@@ -137,7 +143,7 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         import logfire
 
         from agentrt import __version__
-        from agentrt.agents.span_redaction import UrlRedaction
+        from agentrt.agents.span_redaction import LogRedaction, UrlRedaction
 
         logfire.configure(
             send_to_logfire='if-token-present',
@@ -147,6 +153,11 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             service_version=__version__,
             # First: a request's URL redacted before any exporter sees the span (a key in `?api_key=`).
             additional_span_processors=[UrlRedaction()],
+            # First too: an exception's message and traceback redacted before a log record is exported.
+            advanced=logfire.AdvancedOptions(log_record_processors=[LogRedaction()]),
+            # A client's `traceparent` is honoured on purpose (an HTTP request joins its caller's trace): said, so
+            # logfire does not export a warning span ("Found propagated trace context") from each server process.
+            distributed_tracing=True,
         )
         instrument_runtime()
     _configured = export
@@ -267,7 +278,7 @@ def within_turn_span(span: trace.Span | None) -> Iterator[None]:
             _record_cancelled(span)
             raise
         except BaseException as exc:
-            _record_redacted(span, exc)
+            record_redacted(span, exc)
             raise
 
 
@@ -281,25 +292,3 @@ def _record_cancelled(span: trace.Span) -> None:
     # request it cut off says `cancelled` too.
     span.set_attribute('agentrt.cancelled', True)
     span.set_status(trace.Status(trace.StatusCode.ERROR, CANCELLED_STATUS))
-
-
-def _record_redacted(span: trace.Span, error: BaseException) -> None:
-    """What `Span.record_exception` and the error status record of `error`, through the log lines' redaction."""
-    import traceback
-
-    from agentrt.services.log_redaction import redacted_log_text
-
-    message = redacted_log_text(str(error))
-    kind = type(error)
-    span.add_event(
-        'exception',
-        {
-            'exception.type': kind.__qualname__
-            if kind.__module__ == 'builtins'
-            else f'{kind.__module__}.{kind.__qualname__}',
-            'exception.message': message,
-            'exception.stacktrace': redacted_log_text(''.join(traceback.format_exception(error))),
-            'exception.escaped': 'False',
-        },
-    )
-    span.set_status(trace.Status(trace.StatusCode.ERROR, f'{kind.__name__}: {message}'))

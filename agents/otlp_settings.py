@@ -5,12 +5,21 @@ unset or `otlp`. A value it cannot honour was silently ignored: `OTEL_EXPORTER_O
 port (the one warning line then showed an HTTP error), `OTEL_TRACES_EXPORTER=zipkin` turned tracing off, a malformed
 `OTEL_EXPORTER_OTLP_HEADERS` entry was dropped with a warning that took the place of the one export-failure line. Each
 is a `ConfigError` now, as an invalid `AGENTRT_*` setting is: one line naming the variable and what is supported.
+
+The SDK's own variables are checked too, for the same reason: a value it cannot read was a warning that took the place
+of the one export-failure line (an endpoint without `http://`, a timeout that is not a number, an unknown sampler or
+compression), an internal error with a traceback (`OTEL_BSP_MAX_QUEUE_SIZE=0`, an unknown `OTEL_PROPAGATORS` name:
+read when OpenTelemetry's propagation is imported, which FastAPI and pydantic-ai do whether tracing is on or not), or a
+command that never ended (a malformed `OTEL_RESOURCE_ATTRIBUTES` entry, a trailing comma included: the SDK warned from
+a thread while the main thread held the import lock the CLI's log filter waited for).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from agentrt.db.errors import ConfigError
 
@@ -20,6 +29,26 @@ HTTP_PROTOCOLS = ('http/protobuf', 'http/json')
 """OTLP/HTTP: logfire sends protobuf, which every OTLP/HTTP receiver takes (the specification requires both)."""
 SIGNALS = ('', 'TRACES_', 'METRICS_', 'LOGS_')
 """logfire exports spans, metrics and logs to the OTLP endpoint: each signal's own variable, then the general one."""
+COMPRESSIONS = ('gzip', 'deflate', 'none')
+MAX_EXPORT_TIMEOUT = 300.0
+"""The longest `OTEL_EXPORTER_OTLP_TIMEOUT` taken, in seconds: the Python SDK reads seconds where the specification
+says milliseconds, so `10000` (meant as 10 s) let a command's end wait almost three hours for a collector."""
+SAMPLERS = (
+    'always_on',
+    'always_off',
+    'traceidratio',
+    'parentbased_always_on',
+    'parentbased_always_off',
+    'parentbased_traceidratio',
+)
+BATCH_VARIABLES = ('OTEL_BSP_', 'OTEL_BLRP_')
+"""The span and log record batch processors' variables (`SCHEDULE_DELAY`, `MAX_QUEUE_SIZE`, ... as integers)."""
+_BATCH_DEFAULTS = {
+    'SCHEDULE_DELAY': 5000,
+    'EXPORT_TIMEOUT': 30000,
+    'MAX_QUEUE_SIZE': 2048,
+    'MAX_EXPORT_BATCH_SIZE': 512,
+}
 
 # What OpenTelemetry's parser accepts (opentelemetry.util.re, liberal mode): `name=value` pairs separated by commas,
 # a value of printable ASCII without `"`, `,`, `;` or `\`; an entry that does not match is dropped with a warning.
@@ -38,6 +67,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
     Raises:
         ConfigError: naming the variable, and what is supported.
     """
+    _check_propagators(env.get('OTEL_PROPAGATORS', ''))
     exporter = env.get('OTEL_TRACES_EXPORTER', '').strip().lower()
     if exporter not in ('', *SUPPORTED_EXPORTERS):
         console = " (for spans on stderr: LOGFIRE_CONSOLE=true or 'agentrt --trace')" if 'console' in exporter else ''
@@ -60,6 +90,13 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
                 f"('http/protobuf', to the collector's HTTP port, usually 4318); unset it or set 'http/protobuf'"
             )
     for signal in signals:
+        _check_endpoint(f'OTEL_EXPORTER_OTLP_{signal}ENDPOINT', env.get(f'OTEL_EXPORTER_OTLP_{signal}ENDPOINT', ''))
+        _check_timeout(f'OTEL_EXPORTER_OTLP_{signal}TIMEOUT', env.get(f'OTEL_EXPORTER_OTLP_{signal}TIMEOUT', ''))
+        name = f'OTEL_EXPORTER_OTLP_{signal}COMPRESSION'
+        compression = env.get(name, '').strip().lower()
+        if compression and compression not in COMPRESSIONS:
+            raise ConfigError(f'{name}={_shown(compression)} is not supported: use one of {", ".join(COMPRESSIONS)}')
+    for signal in signals:
         name = f'OTEL_EXPORTER_OTLP_{signal}HEADERS'
         problem = _header_problem(env.get(name, ''))
         if problem:
@@ -67,6 +104,111 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
                 f'{name}: {problem}; give comma-separated name=value pairs, values URL-encoded '
                 "(e.g. 'authorization=Bearer%20TOKEN,x-team=a')"
             )
+
+
+def check_sdk_settings(env: Mapping[str, str]) -> None:
+    """Refuse the values of the OpenTelemetry SDK's own variables it cannot read, when spans are made at all.
+
+    Args:
+        env: the environment the SDK will read.
+
+    Raises:
+        ConfigError: naming the variable, and what it takes.
+    """
+    for prefix in BATCH_VARIABLES:
+        sizes = {}
+        for setting, default in _BATCH_DEFAULTS.items():
+            name = f'{prefix}{setting}'
+            value = _integer(name, env.get(name, ''), default, least=0 if setting == 'EXPORT_TIMEOUT' else 1)
+            sizes[setting] = value
+        if sizes['MAX_EXPORT_BATCH_SIZE'] > sizes['MAX_QUEUE_SIZE']:
+            raise ConfigError(
+                f'{prefix}MAX_EXPORT_BATCH_SIZE ({sizes["MAX_EXPORT_BATCH_SIZE"]}) is larger than '
+                f'{prefix}MAX_QUEUE_SIZE ({sizes["MAX_QUEUE_SIZE"]}): a batch is taken from the queue; '
+                'make it at most that'
+            )
+    for name in ('OTEL_METRIC_EXPORT_INTERVAL', 'OTEL_METRIC_EXPORT_TIMEOUT'):
+        _integer(name, env.get(name, ''), 0, least=1)
+    sampler = env.get('OTEL_TRACES_SAMPLER', '').strip().lower()
+    if sampler and sampler not in SAMPLERS:
+        raise ConfigError(f'OTEL_TRACES_SAMPLER={_shown(sampler)} is not a sampler: use one of {", ".join(SAMPLERS)}')
+    ratio = env.get('OTEL_TRACES_SAMPLER_ARG', '').strip()
+    if sampler.endswith('traceidratio') and ratio and not (_number(ratio) is not None and 0 <= float(ratio) <= 1):
+        raise ConfigError(f'OTEL_TRACES_SAMPLER_ARG={_shown(ratio)} is not a ratio: give a number from 0 to 1')
+    attributes = env.get('OTEL_RESOURCE_ATTRIBUTES', '')
+    if attributes:
+        entries = attributes.split(',')
+        for index, entry in enumerate(entries, start=1):
+            if '=' not in entry or not entry.partition('=')[0].strip():
+                what = 'empty (a comma too many)' if not entry.strip() else 'not key=value'
+                raise ConfigError(
+                    f'OTEL_RESOURCE_ATTRIBUTES: entry {index} of {len(entries)} is {what}; give comma-separated '
+                    "key=value pairs, values URL-encoded (e.g. 'deployment.environment=prod,team=search')"
+                )
+
+
+def _check_propagators(value: str) -> None:
+    """An `OTEL_PROPAGATORS` name OpenTelemetry does not know fails its import (a ValueError, a traceback)."""
+    if not value.strip():
+        return
+    from importlib.metadata import entry_points
+
+    known = set(entry_points(group='opentelemetry_propagator').names)
+    for name in (part.strip() for part in value.split(',')):
+        if name.lower() == 'none':
+            return  # as OpenTelemetry reads it: no propagation, whatever follows
+        if name not in known:
+            raise ConfigError(
+                f'OTEL_PROPAGATORS: {_shown(name) if name else "an empty name (a comma too many)"} is not a propagator '
+                f'installed here; use {", ".join(sorted(known))} or none (comma-separated), or install its package'
+            )
+
+
+def _check_endpoint(name: str, value: str) -> None:
+    if not value:
+        return
+    try:
+        parts = urlsplit(value.strip())
+        usable = parts.scheme in ('http', 'https') and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number, a bracket not closed
+        usable = False
+    if not usable:
+        shown = re.sub(r'//[^/@]*@', '//***@', value)  # a password in it not quoted
+        raise ConfigError(
+            f'{name}={_shown(shown)} is not an http:// or https:// URL with a host '
+            "(e.g. 'http://localhost:4318', the collector's OTLP/HTTP port)"
+        )
+
+
+def _check_timeout(name: str, value: str) -> None:
+    if not value.strip():
+        return
+    seconds = _number(value)
+    if seconds is None or not 0 < seconds <= MAX_EXPORT_TIMEOUT:
+        raise ConfigError(
+            f'{name}={_shown(value)} is not a timeout: give seconds, more than 0 and at most {MAX_EXPORT_TIMEOUT:g} '
+            '(the Python SDK reads seconds, not milliseconds)'
+        )
+
+
+def _integer(name: str, value: str, default: int, *, least: int) -> int:
+    if not value.strip():
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = least - 1
+    if number < least:
+        raise ConfigError(f'{name}={_shown(value)} is not a whole number of at least {least}')
+    return number
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _header_problem(value: str) -> str | None:

@@ -82,6 +82,12 @@ def set_trace() -> None:
 
 def main() -> None:
     """Console entry point (`agentrt`, `python -m agentrt.agents.cli`)."""
+    # logfire registers itself as a pydantic plugin, so pydantic imported it (and OpenTelemetry's SDK) at the first
+    # model class of any command, tracing on or off: about 0.2 s of each start, and the SDK's resource detection
+    # warned from a thread during that import (a malformed OTEL_RESOURCE_ATTRIBUTES) into the CLI's log filter, whose
+    # own import then waited for the import lock the main thread held: the command never ended. The plugin records
+    # pydantic validations only for `logfire.instrument_pydantic()`, which the runtime never calls.
+    os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', 'logfire-plugin')
     # Text from outside (a provider's answer, a tool's result) can hold what UTF-8 cannot encode (a lone surrogate):
     # printed as a replacement, never an error that ends the command (`chat` shows the store's U+FFFD itself).
     if isinstance(sys.stdout, io.TextIOWrapper):

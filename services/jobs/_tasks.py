@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from opentelemetry import trace
 from procrastinate import BaseRetryStrategy, RetryStrategy
 from procrastinate.jobs import Job
 from procrastinate.retry import RetryDecision
@@ -16,6 +19,7 @@ from agentrt.services.jobs._app import jobs
 from agentrt.services.ledger import roll_up_account_usage
 
 logger = logging.getLogger('agentrt.jobs')
+_tracer = trace.get_tracer('agentrt.jobs')
 
 POST_TURN_QUEUE = 'post_turn'
 MAINTENANCE_QUEUE = 'maintenance'
@@ -37,6 +41,25 @@ class PutBackOnStop(BaseRetryStrategy):
         return None if self.failures is None else self.failures.get_retry_decision(exception=exception, job=job)
 
 
+@contextmanager
+def _job_span(kind: str, attributes: dict[str, str | int]) -> Iterator[None]:
+    """A job's span, named as the same work's in a process of its own (`background task <kind>`, its ids as
+    attributes): without it, each statement of a job the worker ran was a trace of its own. Its failure is recorded
+    redacted (`recording_errors`), as a background task's."""
+    from agentrt.services.span_errors import recording_errors
+
+    with (
+        _tracer.start_as_current_span(
+            f'background task {kind}',
+            attributes={**attributes, 'task_name': kind, 'agentrt.job': True},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span,
+        recording_errors(span),
+    ):
+        yield
+
+
 # Failures retried with growing waits (2, 4, 8, 16 s): a database restart or a lock held a while is over by then.
 # Five attempts in all, as README says: procrastinate's `max_attempts` counts the retries after the first (5 ran it 6
 # times, the last 32 s later).
@@ -46,13 +69,17 @@ _RETRY = PutBackOnStop(RetryStrategy(max_attempts=4, exponential_wait=2))
 @jobs.task(name='agentrt.conversation_summary', queue=POST_TURN_QUEUE, retry=_RETRY)
 async def conversation_summary(account_id: int, conversation_id: str) -> None:
     """Title and summarise the conversation from its stored history (nothing when the summary is current)."""
-    await refresh_title_and_summary(account_id, conversation_id)
+    with _job_span(
+        'conversation summary', {'agentrt.account_id': account_id, 'gen_ai.conversation.id': conversation_id}
+    ):
+        await refresh_title_and_summary(account_id, conversation_id)
 
 
 @jobs.task(name='agentrt.usage_rollup', queue=POST_TURN_QUEUE, retry=_RETRY)
 async def usage_rollup(account_id: int) -> None:
     """Add the account's recent ledger rows nobody counted yet to the daily rollup (each row counted once)."""
-    await roll_up_account_usage(account_id)
+    with _job_span('usage rollup', {'agentrt.account_id': account_id}):
+        await roll_up_account_usage(account_id)
 
 
 @jobs.periodic(cron='*/5 * * * *', periodic_id='reconcile')
@@ -61,7 +88,8 @@ async def reconcile(timestamp: int) -> None:
     """Every five minutes: queue the work the database says is missing (`reconcile_post_turn_work`)."""
     from agentrt.services.jobs._reconcile import reconcile_post_turn_work
 
-    await reconcile_post_turn_work()
+    with _job_span('reconcile', {}):
+        await reconcile_post_turn_work()
 
 
 @jobs.periodic(cron='* * * * *', periodic_id='retry_stalled')
@@ -70,7 +98,8 @@ async def reconcile(timestamp: int) -> None:
 )
 async def retry_stalled(timestamp: int) -> None:
     """Every minute: run again the jobs whose worker stopped sending heartbeats (`retry_stalled_jobs`)."""
-    await retry_stalled_jobs()
+    with _job_span('retry stalled jobs', {}):
+        await retry_stalled_jobs()
 
 
 async def retry_stalled_jobs(seconds_since_heartbeat: float | None = None) -> int:

@@ -1,4 +1,5 @@
-"""A loopback OpenTelemetry collector for tests: accepts OTLP/HTTP exports (protobuf or JSON) and keeps the spans."""
+"""A loopback OpenTelemetry collector for tests: accepts OTLP/HTTP exports (protobuf or JSON), keeps the spans and the
+log records."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -18,12 +20,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 class OtlpReceiver:
     """`with OtlpReceiver() as receiver:` listens on 127.0.0.1 (`receiver.url`) until the block ends.
 
-    `/v1/traces` bodies are decoded and kept (`spans`); other signals (`/v1/metrics`, `/v1/logs`) are accepted and
-    counted by path only.
+    `/v1/traces` and `/v1/logs` bodies are decoded and kept (`spans`, `log_records`); metrics (`/v1/metrics`) are
+    accepted and counted by path only.
     """
 
     def __init__(self) -> None:
         self.requests: list[ExportTraceServiceRequest] = []
+        self.log_requests: list[ExportLogsServiceRequest] = []
         self.paths: list[str] = []
         self._lock = threading.Lock()
         receiver = self
@@ -61,14 +64,19 @@ class OtlpReceiver:
     def _received(self, path: str, content_type: str, body: bytes) -> None:
         with self._lock:
             self.paths.append(path)
-            if path != '/v1/traces':
+            kinds = {
+                '/v1/traces': (ExportTraceServiceRequest, self.requests),
+                '/v1/logs': (ExportLogsServiceRequest, self.log_requests),
+            }
+            if path not in kinds:
                 return
-            request = ExportTraceServiceRequest()
+            kind, kept = kinds[path]
+            request = kind()
             if content_type.startswith('application/json'):
                 json_format.Parse(body, request)
             else:
                 request.ParseFromString(body)
-            self.requests.append(request)
+            kept.append(request)  # type: ignore[attr-defined]
 
     def spans(self) -> list[tuple[dict[str, Any], Any]]:
         """Every span received, with the attributes of the resource that sent it."""
@@ -93,3 +101,15 @@ class OtlpReceiver:
     def trace_ids(self) -> set[str]:
         """The trace ids received, as 32 hex digits."""
         return {span.trace_id.hex() for _, span in self.spans()}
+
+    def log_records(self) -> list[Any]:
+        """Every log record received."""
+        with self._lock:
+            requests = list(self.log_requests)
+        return [
+            record
+            for request in requests
+            for resource_logs in request.resource_logs
+            for scope_logs in resource_logs.scope_logs
+            for record in scope_logs.log_records
+        ]

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from logfire.testing import CaptureLogfire
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.trace import StatusCode
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
@@ -31,6 +32,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
 from tests.agents.otlp_receiver import OtlpReceiver
 from tests.factories import ledger_rows
+from tests.programs import run_program
 
 QUESTION = 'Find cardiologists in Boston who accept Aetna'  # the demo model searches four ways at once
 
@@ -210,6 +212,30 @@ ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
         ),
         ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_HEADERS': 'justatoken'}, r'entry 1 of 1 is malformed'),
         ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'}, r'^OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='),
+        # The SDK's own values it cannot read: a warning that took the one export-failure line, or a traceback.
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'collector:4318'}, r"^OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318' is not an"),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_LOGS_ENDPOINT': 'ftp://u:pw@c/'}, r"LOGS_ENDPOINT='ftp://\*\*\*@c/' is not"),
+        ({'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT': 'http://[::1/v1/traces'}, r'^OTEL_EXPORTER_OTLP_TRACES_ENDPOINT='),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_TIMEOUT': 'ten'}, r"^OTEL_EXPORTER_OTLP_TIMEOUT='ten' is not a timeout"),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_TIMEOUT': '-5'}, r'^OTEL_EXPORTER_OTLP_TIMEOUT='),  # every export failed
+        # The specification's milliseconds, read as seconds: a command's end waited hours for a silent collector.
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_TRACES_TIMEOUT': '10000'}, r'seconds, not milliseconds'),
+        ({**ENDPOINT, 'OTEL_EXPORTER_OTLP_COMPRESSION': 'zstd'}, r"^OTEL_EXPORTER_OTLP_COMPRESSION='zstd' .*gzip"),
+        ({**ENDPOINT, 'OTEL_BSP_MAX_QUEUE_SIZE': '0'}, r"^OTEL_BSP_MAX_QUEUE_SIZE='0' is not a whole number"),
+        ({'LOGFIRE_CONSOLE': 'true', 'OTEL_BSP_SCHEDULE_DELAY': '5s'}, r'^OTEL_BSP_SCHEDULE_DELAY='),
+        ({**ENDPOINT, 'OTEL_BLRP_MAX_QUEUE_SIZE': '100'}, r'^OTEL_BLRP_MAX_EXPORT_BATCH_SIZE \(512\) is larger'),
+        ({**ENDPOINT, 'OTEL_METRIC_EXPORT_INTERVAL': 'abc'}, r'^OTEL_METRIC_EXPORT_INTERVAL='),
+        ({**ENDPOINT, 'OTEL_TRACES_SAMPLER': 'ratio'}, r"^OTEL_TRACES_SAMPLER='ratio' is not a sampler.*traceidratio"),
+        (
+            {**ENDPOINT, 'OTEL_TRACES_SAMPLER': 'traceidratio', 'OTEL_TRACES_SAMPLER_ARG': '10%'},
+            r'^OTEL_TRACES_SAMPLER_ARG=',
+        ),
+        # A malformed entry (a comma too many included) made every command hang when the SDK warned of it.
+        ({**ENDPOINT, 'OTEL_RESOURCE_ATTRIBUTES': 'team=search,'}, r'entry 2 of 2 is empty'),
+        ({'LOGFIRE_TOKEN': 'pylf_v1_x', 'OTEL_RESOURCE_ATTRIBUTES': 'prod'}, r'entry 1 of 1 is not key=value'),
+        # Read when OpenTelemetry's propagation is imported, tracing on or off: an internal error with a traceback.
+        ({'OTEL_PROPAGATORS': 'tracecontext,jaegr'}, r"^OTEL_PROPAGATORS: 'jaegr' is not a propagator.*tracecontext"),
+        ({'OTEL_PROPAGATORS': 'tracecontext,'}, r'an empty name'),
     ],
 )
 def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: dict[str, str], expected: str) -> None:
@@ -227,6 +253,21 @@ def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: d
         {'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc', 'OTEL_EXPORTER_OTLP_HEADERS': 'bad'},
         {**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'},
         {**ENDPOINT, 'OTEL_METRICS_EXPORTER': 'none', 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL': 'grpc'},
+        {
+            'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT': 'https://u:p@c.example:4318/v1/traces',
+            'OTEL_EXPORTER_OTLP_TIMEOUT': '2.5',
+            'OTEL_EXPORTER_OTLP_COMPRESSION': 'GZIP',
+            'OTEL_BSP_MAX_QUEUE_SIZE': '4096',
+            'OTEL_BSP_MAX_EXPORT_BATCH_SIZE': '1024',
+            'OTEL_BSP_EXPORT_TIMEOUT': '0',
+            'OTEL_TRACES_SAMPLER': 'parentbased_traceidratio',
+            'OTEL_TRACES_SAMPLER_ARG': '0.25',
+            'OTEL_RESOURCE_ATTRIBUTES': 'deployment.environment=prod, team = search%2Cads',
+            'OTEL_PROPAGATORS': 'tracecontext, baggage',
+        },
+        {'OTEL_PROPAGATORS': 'none,unknown'},  # `none` ends the list, as OpenTelemetry reads it
+        # Spans made nowhere: the SDK's batching, sampler and resource are not used.
+        {'OTEL_RESOURCE_ATTRIBUTES': 'a,', 'OTEL_BSP_MAX_QUEUE_SIZE': '0', 'OTEL_TRACES_SAMPLER': 'x'},
     ],
 )
 def test_otel_values_tracing_honours_pass(environ: dict[str, str]) -> None:
@@ -235,10 +276,31 @@ def test_otel_values_tracing_honours_pass(environ: dict[str, str]) -> None:
 
 async def test_a_command_refuses_an_otel_value_it_cannot_honour_with_one_line(database_url: str) -> None:
     env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT='http://127.0.0.1:4317', COLUMNS='400')
-    done = await _cli({**env, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'}, 'db', 'status')
-    assert done.returncode == 2, done.stderr  # ConfigError's code: fix the configuration
-    assert done.stderr.startswith("error: OTEL_EXPORTER_OTLP_PROTOCOL='grpc' is not supported"), done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == '', done.stderr
+    runs = [
+        ({**env, 'OTEL_EXPORTER_OTLP_PROTOCOL': 'grpc'}, "error: OTEL_EXPORTER_OTLP_PROTOCOL='grpc' is not supported"),
+        # Never ended: the SDK warned of the entry from a thread while being imported (pydantic's logfire plugin
+        # imported it), and the CLI's log filter waited for an import lock the main thread held.
+        ({**env, 'OTEL_RESOURCE_ATTRIBUTES': 'team=search,'}, 'error: OTEL_RESOURCE_ATTRIBUTES: entry 2 of 2'),
+        # Tracing off: an internal error (exit 70) with a ValueError, as OpenTelemetry's propagation was imported.
+        (_clean_env(DATABASE_URL=database_url, OTEL_PROPAGATORS='b3'), "error: OTEL_PROPAGATORS: 'b3' is not"),
+    ]
+    results = await asyncio.gather(*(_cli(environ, 'db', 'status', seconds=60) for environ, _ in runs))
+    for done, (_, expected) in zip(results, runs, strict=True):
+        assert done.returncode == 2, done.stderr  # ConfigError's code: fix the configuration
+        assert done.stderr.startswith(expected), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == '', done.stderr
+
+
+async def test_a_malformed_resource_attribute_with_tracing_off_neither_hangs_a_chat_nor_shows_a_line(
+    demo_data: None, database_url: str
+) -> None:
+    # The SDK reads OTEL_RESOURCE_ATTRIBUTES when it is imported (pydantic-ai imports it), tracing on or off, and
+    # warns from a thread of its own: the CLI's log filter, importing its redaction from that thread while the main
+    # thread held an import lock it needed, hung the command for good. Unused with tracing off: no line either.
+    env = _clean_env(DATABASE_URL=database_url, OTEL_RESOURCE_ATTRIBUTES='k8s.pod.name=web-1,', COLUMNS='200')
+    done = await _cli(env, 'chat', 'cardiologists in Boston', '-s', 'resource-comma', '--delay', '0', seconds=60)
+    assert done.returncode == 0 and 'I found' in done.stdout, done.stderr
+    assert done.stderr == ''
 
 
 @pytest.fixture
@@ -252,7 +314,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+async def _cli(env: dict[str, str], *args: str, seconds: float = 120) -> subprocess.CompletedProcess[str]:
     """`agentrt ARGS...` run by a new interpreter with exactly `env` (`_clean_env`), no standard input."""
     return await asyncio.to_thread(
         subprocess.run,
@@ -260,7 +322,7 @@ async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=seconds,
         stdin=subprocess.DEVNULL,
         check=False,
     )
@@ -413,6 +475,7 @@ async def test_the_python_api_without_set_up_prints_no_warning_and_records_no_sp
 
 
 SPAN_SECRET = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+CLIENT_TRACE = '4bf92f3577b34da6a3ce929d0e0e4736'
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
@@ -427,7 +490,10 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
     from agentrt.agents.errors import ModelProviderError
 
     def fail(*_: object) -> Any:
-        raise ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': f'Incorrect API key: {SPAN_SECRET}'}})
+        # A lone surrogate, as a `"\ud800"` escape in a provider's JSON decodes: in the span's status, it failed the
+        # OTLP exporter's encoding of the whole batch (every span in it lost).
+        message = f'Incorrect API key: {SPAN_SECRET}, in \ud800 request'
+        raise ModelHTTPError(401, 'gpt-4o-mini', body={'error': {'message': message}})
 
     async def fail_streaming(*_: object) -> Any:
         fail()
@@ -463,6 +529,8 @@ async def test_a_failed_turns_span_carries_its_error_redacted(
         [(span.name, span.attributes, span.status, [e.attributes for e in span.events]) for span in spans]
     )
     assert 'aB3dE5fG7hJ9' not in everything
+    assert '\ufffd' in (turn.status.description or '')
+    encode_spans(spans)  # as the OTLP exporter does, before it sends a batch
 
 
 @pytest.mark.parametrize(
@@ -634,3 +702,45 @@ async def test_a_cancelled_turns_span_says_it_was_cancelled(
     assert turn.status.status_code is StatusCode.ERROR
     assert turn.status.description == 'cancelled: the turn was stopped before its end; nothing of it was saved'
     assert (turn.attributes or {}).get('agentrt.cancelled') is True
+
+
+async def test_a_servers_exported_log_records_are_redacted_and_a_clients_traceparent_is_honoured_quietly(
+    database_url: str, receiver: OtlpReceiver
+) -> None:
+    # FastAPI's telemetry records an exception no handler mapped (a 500) as a log record with its message and whole
+    # traceback, which reached the collector raw while the server's own log line showed them redacted. And logfire,
+    # honouring a client's `traceparent`, exported a warning span ("Found propagated trace context") for it.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, httpx2
+        from agentrt.agents.runtime import agentrt_runtime
+        from agentrt.api.app import create_app
+
+        async def main():
+            async with agentrt_runtime():
+                app = create_app(manage_runtime=False)
+
+                @app.get('/boom')
+                async def boom():
+                    try:
+                        raise ConnectionError('upstream said: invalid key {SPAN_SECRET}')
+                    except ConnectionError as exc:
+                        raise RuntimeError('token={SPAN_SECRET}') from exc
+
+                transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+                async with httpx2.AsyncClient(transport=transport, base_url='http://agentrt') as client:
+                    headers = {{'traceparent': '00-{CLIENT_TRACE}-00f067aa0ba902b7-01'}}
+                    print((await client.get('/boom', headers=headers)).status_code)
+
+        asyncio.run(main())
+        """
+    )
+    done = await run_program('-c', script, database_url=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url)
+    assert done.stdout.split() == ['500'], done.stderr[-3000:]
+    [request] = [span for _, span in receiver.spans() if span.name == 'GET /boom']
+    assert request.trace_id.hex() == CLIENT_TRACE and request.parent_span_id.hex() == '00f067aa0ba902b7'
+    assert not [name for name in receiver.span_names() if 'propagated' in name.lower()]
+    [record] = [r for r in receiver.log_records() if r.body.string_value == 'Unhandled exception in FastAPI request']
+    text = repr(record)
+    assert 'RuntimeError' in text and 'ConnectionError' in text and '[REDACTED]' in text  # the story, redacted
+    assert 'aB3dE5fG7hJ9' not in text

@@ -283,6 +283,30 @@ async def test_each_task_gets_a_span_with_its_name_and_duration(capfire: Capture
     assert span['end_time'] > span['start_time']
 
 
+async def test_a_failed_tasks_span_records_its_error_redacted(capfire: CaptureLogfire) -> None:
+    # OpenTelemetry's own recording (the span's defaults) wrote the error's message and whole traceback raw: a
+    # driver's error quotes the row values of a statement, a provider's error the key it was sent.
+    secret = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+    async def fail() -> None:
+        try:
+            raise ValueError(f'upstream said: invalid key {secret}')
+        except ValueError as exc:
+            raise RuntimeError(f'summary failed, token={secret}') from exc
+
+    with pytest.raises(RuntimeError):
+        await TaskSupervisor().spawn(fail, name='leaky')
+    [span] = [
+        s
+        for s in capfire.exporter.exported_spans
+        if s.name == 'background task leaky' and (s.attributes or {}).get('logfire.span_type') == 'span'
+    ]
+    assert span.status.status_code.name == 'ERROR' and '[REDACTED]' in (span.status.description or '')
+    [event] = [e for e in span.events if e.name == 'exception']
+    assert event.attributes is not None and 'ValueError' in str(event.attributes['exception.stacktrace'])
+    assert 'aB3dE5fG7hJ9' not in repr((span.status, [e.attributes for e in span.events]))
+
+
 async def test_a_failing_span_never_fails_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_span(*args: object, **kwargs: object) -> None:
         raise RuntimeError('no tracer')

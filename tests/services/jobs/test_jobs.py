@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from logfire.testing import CaptureLogfire
 from procrastinate.exceptions import ConnectorException
 from sqlalchemy import text
 
@@ -25,6 +26,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
+from agentrt.services.jobs import _tasks as tasks_module
 from agentrt.services.jobs import _worker as worker_module
 from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
 from tests.agents.cli.helpers import invoke
@@ -65,6 +67,36 @@ async def test_turns_queue_their_jobs_once_and_a_worker_runs_them(queue: None, m
     assert await title('queued')
     assert await rolled_up_requests() == len(await ledger_rows()) == 6
     assert await queued_jobs() == []  # succeeded jobs are deleted
+
+
+async def test_each_job_a_worker_runs_is_one_span_its_failure_recorded_redacted(
+    queue: None, capfire: CaptureLogfire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `agentrt worker` made no span of a job: each of its statements was a trace of its own, with nothing to say
+    # which job, conversation or account it was for, nor that the job failed.
+    titles_left_to_the_background(monkeypatch)
+    await chat('spanned')
+    secret = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+    async def fail(account_id: int) -> None:
+        raise RuntimeError(f'rollup failed, token={secret}')
+
+    monkeypatch.setattr(tasks_module, 'roll_up_account_usage', fail)
+    await run_worker(concurrency=2, burst=True)
+    spans = {
+        s.name: s
+        for s in capfire.exporter.exported_spans
+        if s.name.startswith('background task') and (s.attributes or {}).get('logfire.span_type') == 'span'
+    }
+    summary, rollup = spans['background task conversation summary'], spans['background task usage rollup']
+    assert summary.attributes is not None and summary.attributes['gen_ai.conversation.id'] == 'spanned'
+    assert summary.attributes['agentrt.job'] is True and summary.status.status_code.name == 'UNSET'
+    statements = [
+        s for s in capfire.exporter.exported_spans if s.parent and s.parent.span_id == summary.context.span_id
+    ]
+    assert statements  # its database work under it: the session's connection and statements
+    assert rollup.status.status_code.name == 'ERROR' and '[REDACTED]' in (rollup.status.description or '')
+    assert 'aB3dE5fG7hJ9' not in repr((rollup.status, [e.attributes for e in rollup.events]))
 
 
 async def test_reconcile_queues_the_work_of_a_turn_saved_by_a_process_that_died_before_queueing(
