@@ -64,10 +64,50 @@ async def _check_database() -> DatabaseOut:
     except TimeoutError:
         return DatabaseOut(ok=False, revision=None, head=head, error=f'no answer within {READY_TIMEOUT_S:g} s')
     except Exception as exc:  # whatever the driver raises, readiness answers: not ready, and why is in the log
-        error_id = new_error_id()
-        logger.warning('%s readiness: database check failed: %s: %s', error_id, type(exc).__name__, exc)
+        error_id = _failed(f'{type(exc).__name__}: {exc}')
         return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
+    _answered()
     return DatabaseOut(ok=True, revision=revision, head=head)
+
+
+class _Outage:
+    """The failure of the readiness check logged last in this process, until a check succeeds.
+
+    A load balancer or Kubernetes asks every few seconds, each server process answers: during an outage every probe
+    logged a WARNING with the same cause, a line per probe and process for as long as it lasted. Now a cause is logged
+    once (again when it changes), the probes that repeat it answer with its error id, and the first check that
+    succeeds says so once.
+    """
+
+    error_id: str | None = None
+    cause: str | None = None
+    repeats = 0
+
+
+def _failed(cause: str) -> str:
+    """Log `cause` unless it is the one logged last; the error id that names it in the log."""
+    if _Outage.error_id is None or _Outage.cause != cause:
+        _Outage.error_id, _Outage.cause, _Outage.repeats = new_error_id(), cause, 0
+        logger.warning(
+            '%s readiness: database check failed: %s (not logged again until it changes or a check succeeds)',
+            _Outage.error_id,
+            cause,
+        )
+    else:
+        _Outage.repeats += 1
+        logger.debug('%s readiness: database check failed again: %s', _Outage.error_id, cause)
+    return _Outage.error_id
+
+
+def _answered() -> None:
+    """A check succeeded: end the outage logged, if any, with one line."""
+    if _Outage.error_id is not None:
+        logger.info(
+            'readiness: the database answers again (after %s, and %d more failed check(s))',
+            _Outage.error_id,
+            _Outage.repeats,
+        )
+        _Outage.error_id, _Outage.cause, _Outage.repeats = None, None, 0
 
 
 @lru_cache(maxsize=1)

@@ -238,7 +238,13 @@ async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Set
         ConfigError: a pooler is detected with `DB_POOLER=none`.
         DatabaseUnavailableError: as `check_connection`.
     """
-    engine = build_engine(url, settings)
+    probe = settings
+    if settings.pooler == 'auto' and not any(configured_timeouts(settings).values()):
+        # No timeout to send at connect (both 0: none), so nothing PgBouncer could refuse or drop: it went undetected,
+        # prepared statements on, and the first concurrent turns failed with "prepared statement ... already exists".
+        # The check's connection sends one all the same (the longest there is); the runtime's connections do not.
+        probe = settings.model_copy(update={'statement_timeout_ms': _PROBE_TIMEOUT_MS})
+    engine = build_engine(url, probe)
     try:
         in_force = await check_connection(engine, url, settings.connect_timeout)
     except ConfigError as exc:
@@ -250,7 +256,7 @@ async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Set
     except BaseException:
         await engine.dispose()
         raise
-    dropped = [name for name, ms in configured_timeouts(settings).items() if ms and in_force.get(name) != ms]
+    dropped = [name for name, ms in configured_timeouts(probe).items() if ms and in_force.get(name) != ms]
     if dropped and not settings.pooled:
         await engine.dispose()
         reason = f'the server does not have the {" and ".join(dropped)} sent at connect (a pooler dropped them)'
@@ -260,7 +266,14 @@ async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Set
                 'auto) to set them per transaction'
             )
         return await _pooled(url, settings, reason)
+    if probe is not settings:
+        await engine.dispose()
+        engine = build_engine(url, settings)
     return engine, settings
+
+
+_PROBE_TIMEOUT_MS = 2_147_483_647
+"""The `statement_timeout` the detection's connection sends when the settings send none (PostgreSQL's maximum)."""
 
 
 async def _pooled(url: URL, settings: Settings, reason: str) -> tuple[AsyncEngine, Settings]:
@@ -471,6 +484,15 @@ async def timeouts_in_force(conn: AsyncConnection | AsyncSession) -> dict[str, i
     """`statement_timeout` and `lock_timeout` in milliseconds as the server applies them in this transaction."""
     rows = (await conn.execute(_TIMEOUTS_IN_FORCE)).all()
     return {str(name): int(ms) for name, ms in rows}
+
+
+def server_address() -> str | None:
+    """Where the process's runtime connects, for the messages of connections that fail after its start: `host:port/db`,
+    and `(PgBouncer)` in the pooler mode; None before the start."""
+    runtime = _runtime
+    if runtime is None:
+        return None
+    return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
 
 
 def describe_server(url: URL) -> str:

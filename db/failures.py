@@ -139,10 +139,20 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             '(server restart, failover or a terminated backend)'
         )
     if cannot_connect(exc):
-        return DatabaseUnavailableError(f'cannot connect to PostgreSQL: {_root_message(exc)}')
+        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_root_message(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
     return None
+
+
+def _at_server() -> str:
+    """` at host:port/db` of the runtime (PgBouncer's address when it is in front), or nothing before its start: a
+    connection refused after the start named no address, though the operator's next question is which one (the
+    pooler's or the server's, of which URL)."""
+    from agentrt.db.engine import server_address  # the engine imports this module
+
+    where = server_address()
+    return f' at {where}' if where else ''
 
 
 # PgBouncer's own errors, which it sends with SQLSTATE 08P01 (a protocol violation, as for a connection broken
@@ -150,11 +160,16 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
 # waited `query_wait_timeout` for a server connection.
 _POOLER_FULL = 'no more connections allowed (max_client_conn)'
 _POOLER_WAIT = 'query_wait_timeout'
+# A client that needs a server connection while PgBouncer's last login to PostgreSQL failed less than
+# `server_login_retry` seconds ago (PostgreSQL down or restarting, or refusing PgBouncer's login): refused at once,
+# before anything of the operation reached PostgreSQL.
+_POOLER_LOGIN = 'server login has been failing, try again later (server_login_retry)'
 
 
 def pooler_refusal(exc: BaseException) -> DatabaseUnavailableError | None:
-    """PgBouncer refusing a client (`max_client_conn`) or giving up on a query's wait for a server connection
-    (`query_wait_timeout`), as the error that says so and what to do; None for any other exception. Reported as a
+    """PgBouncer refusing a client (`max_client_conn`), refusing it while its logins to PostgreSQL fail
+    (`server_login_retry`) or giving up on a query's wait for a server connection (`query_wait_timeout`), as the
+    error that says so and what to do; None for any other exception. Reported as a
     connection lost (their SQLSTATE's class), they sent an operator looking for a restart of PostgreSQL rather than at
     the pooler's limits."""
     for error in _chain(exc):
@@ -164,6 +179,13 @@ def pooler_refusal(exc: BaseException) -> DatabaseUnavailableError | None:
                 f'PgBouncer refused the connection: {_POOLER_FULL}: it accepts fewer client connections than the '
                 "runtime's processes open; raise its max_client_conn to at least processes x (DB_POOL_SIZE + "
                 'DB_MAX_OVERFLOW) + 2 per process with the job queue (and any other clients), or lower those pools'
+            )
+        if _POOLER_LOGIN in text:
+            return DatabaseUnavailableError(
+                f'PgBouncer cannot log in to PostgreSQL ({_POOLER_LOGIN}): PostgreSQL is down or restarting, or '
+                "refuses PgBouncer's login (see PgBouncer's log); PgBouncer refuses clients for server_login_retry "
+                'seconds after a failed login (15 by default; 1 recovers sooner, README "Running several workers"); '
+                'the operation was not run'
             )
         if _POOLER_WAIT in text:
             return DatabaseDisconnectedError(

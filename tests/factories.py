@@ -193,6 +193,29 @@ def slow_commit_reply(monkeypatch: Any, delay: float = 0.2, *, skip: int = 0) ->
     yield committed
 
 
+@contextmanager
+def lost_commit_reply(monkeypatch: Any) -> Iterator[None]:
+    """The next COMMIT on a pooled connection is committed by the server and its reply lost: the connection closes
+    under it (asyncpg's "connection was closed in the middle of operation"), as when PgBouncer or PostgreSQL restarts
+    or the network cuts between the commit and its reply."""
+    import asyncpg
+
+    original = PreludeConnection.execute
+    lost = False
+
+    async def execute(self: PreludeConnection, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
+        nonlocal lost
+        result: str = await original(self, query, *args, timeout=timeout)
+        if query.strip().rstrip(';').upper() == 'COMMIT' and not lost:
+            lost = True
+            self.terminate()
+            raise asyncpg.ConnectionDoesNotExistError('connection was closed in the middle of operation')
+        return result
+
+    monkeypatch.setattr(PreludeConnection, 'execute', execute)
+    yield
+
+
 class HeldModel(WrapperModel):
     """A model (the demo model by default) whose requests wait at their start until the test sets `release`.
 

@@ -69,8 +69,12 @@ def serve(
     }
     if workers > 1:
         # uvicorn's supervisor: SIGTERM and Ctrl-C stop every worker gracefully and it exits 0; SIGHUP replaces the
-        # workers (uvicorn's reload), as documented for it.
-        uvicorn.run(APP_FACTORY, **options)
+        # workers (uvicorn's reload), as documented for it. It pings each worker every half second and kills one that
+        # does not answer within `timeout_worker_healthcheck` (5 s by default), counting from the worker's spawn: a
+        # new interpreter that configures the logging (the redaction filters import the ledger) before it can answer
+        # took longer than 5 s on a busy 2-core host, so workers were killed as they started ("Child process [...]
+        # died"), again and again while the load lasted.
+        uvicorn.run(APP_FACTORY, **options, timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
         return
     from agentrt.agents.cli.served import GracefulServer
 
@@ -87,6 +91,10 @@ def serve(
 
 STARTUP_FAILURE = 3
 """uvicorn's exit code for an app whose start-up failed (`uvicorn.config.STARTUP_FAILURE`)."""
+
+WORKER_HEALTHCHECK_SECONDS = 30
+"""How long uvicorn's supervisor of `--workers N` waits for a worker's answer to its ping before it kills the worker as
+hung (uvicorn's default is 5 s): a start on a loaded host stays well within it."""
 
 
 def missing_http_packages() -> list[str]:

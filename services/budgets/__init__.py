@@ -21,7 +21,7 @@ from agentrt.services.budgets._admin import (
 from agentrt.services.budgets._config import BudgetConfig, UnpricedMode
 from agentrt.services.budgets._estimate import Pricer, RequestSizes, pricer_for, size_class, supports_count_tokens
 from agentrt.services.budgets._holders import Holder, is_alive, this_process
-from agentrt.services.budgets._reserve import Hold, Refusal, has_budget, release, reserve
+from agentrt.services.budgets._reserve import Hold, Refusal, give_back, has_budget, release, reserve
 from agentrt.services.budgets._settle import SETTLED_COLUMNS, WINDOW_LOCK, settlement_ctes
 from agentrt.services.budgets._sweep import SweepReport, sweep_reservations, sweep_soon
 from agentrt.services.budgets._windows import Period, default_anchor
@@ -43,6 +43,7 @@ __all__ = [
     'account_budget_status',
     'budget_statuses',
     'default_anchor',
+    'give_back',
     'has_budget',
     'is_alive',
     'parse_limit',

@@ -31,8 +31,10 @@ from typing import Any
 from sqlalchemy import text
 
 from agentrt.db.cancellation import undone_if_cancelled
+from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.session import scoped_connection
 from agentrt.services.budgets._holders import Holder, this_process
+from agentrt.services.budgets._orphans import orphan, released
 from agentrt.services.budgets._settle import WINDOW_LOCK
 from agentrt.services.budgets._windows import window_sql
 
@@ -181,7 +183,29 @@ async def reserve(
         'started': holder.started,
     }
     # A hold committed as the caller is cancelled is given back (`undone_if_cancelled`), not left to its TTL.
-    return await undone_if_cancelled(_reserve(request_id, account_id, params), _release_hold)
+    try:
+        return await undone_if_cancelled(_reserve(request_id, account_id, params), _release_hold)
+    except DatabaseDisconnectedError:
+        # The connection was lost under the statement: it may have committed, and the request will not be sent.
+        await give_back(request_id, account_id)
+        raise
+
+
+async def give_back(hold_id: uuid.UUID, account_id: int) -> bool:
+    """Release the hold `hold_id` if it exists, now or (the database away) at this process's next sweep (`_orphans`).
+
+    Returns:
+        True when it was released now (or did not exist); False when it is left to the sweep. Never raises an
+        `Exception`: a hold that cannot be released now is remembered (a cancellation meanwhile leaves it remembered).
+    """
+    orphan(hold_id)
+    try:
+        async with scoped_connection(account=account_id) as connection:
+            await connection.execute(_RELEASE, {'id': hold_id})
+    except Exception:  # the database is still away (or the release failed): the sweep does it
+        return False
+    released([hold_id])
+    return True
 
 
 async def _reserve(request_id: uuid.UUID, account_id: int, params: dict[str, Any]) -> Hold | Refusal | None:

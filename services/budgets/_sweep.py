@@ -22,6 +22,7 @@ from sqlalchemy import text
 from agentrt.db.session import Unscoped, scoped_connection
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.budgets._holders import is_alive, this_host
+from agentrt.services.budgets._orphans import orphaned, released
 
 logger = logging.getLogger('agentrt.budgets')
 
@@ -40,8 +41,10 @@ WITH quick AS (
         expires_at < now()
         OR (holder_host = :host AND (holder_pid, holder_started) IN (
             SELECT * FROM unnest(CAST(:pids AS integer[]), CAST(:starts AS double precision[]))))
+        OR id = ANY(CAST(:orphans AS uuid[]))
     )
-    RETURNING account_id, period_start, amount_usd, expires_at < now() AS expired
+    RETURNING account_id, period_start, amount_usd, expires_at < now() AS expired,
+              id = ANY(CAST(:orphans AS uuid[])) AS orphan
 ), settled AS (
     DELETE FROM budget_settlements WHERE (SELECT mine FROM quick)
     RETURNING account_id, period_start, held_usd, spent_usd, tokens
@@ -60,8 +63,10 @@ WITH quick AS (
     FROM deltas AS t WHERE p.account_id = t.account_id AND p.period_start = t.period_start
     RETURNING 1
 )
-SELECT count(*) FILTER (WHERE NOT expired) AS dead, count(*) FILTER (WHERE expired) AS expired,
-       coalesce(sum(amount_usd), 0) AS amount, (SELECT count(*) FROM folded) AS windows
+SELECT count(*) FILTER (WHERE NOT expired AND NOT orphan) AS dead, count(*) FILTER (WHERE expired) AS expired,
+       count(*) FILTER (WHERE orphan AND NOT expired) AS orphans,
+       coalesce(sum(amount_usd), 0) AS amount, (SELECT count(*) FROM folded) AS windows,
+       (SELECT mine FROM quick) AS mine
 FROM gone
 """)
 # The advisory lock that makes sweeps exclusive (any constant; this one spells "budgets").
@@ -82,6 +87,8 @@ class SweepReport:
     """The amount given back, as a decimal string in plain notation."""
     folded_windows: int = 0
     """Windows whose pending settlements (or released holds) were folded into their row."""
+    released_orphans: int = 0
+    """Holds of this process released by id: it could not give them back itself (`_orphans.py`)."""
 
 
 async def sweep_reservations() -> SweepReport:
@@ -93,6 +100,7 @@ async def sweep_reservations() -> SweepReport:
     touched before it expires.
     """
     host = this_host()
+    orphans = orphaned()  # holds this process took and could not give back (`_orphans.py`)
     async with scoped_connection(account=Unscoped.JOBS) as connection:  # every account's holds
         holders = (await connection.execute(_HOLDERS_HERE, {'host': host})).all()
         dead = [(pid, started) for pid, started in holders if not is_alive(pid, started)]
@@ -101,15 +109,21 @@ async def sweep_reservations() -> SweepReport:
             'pids': [pid for pid, _ in dead],
             'starts': [started for _, started in dead],
             'lock': _SWEEP_LOCK,
+            'orphans': orphans,
         }
         row = (await connection.execute(_SWEEP, params)).one()
-    report = SweepReport(len(dead), row.dead, row.expired, format(row.amount, 'f'), row.windows)  # never `1E-9`
-    if report.released_dead or report.released_expired:
+    if row.mine:
+        released(orphans)  # committed: gone now, or never committed in the first place
+    amount = format(row.amount, 'f')  # never `1E-9`
+    report = SweepReport(len(dead), row.dead, row.expired, amount, row.windows, row.orphans)
+    if report.released_dead or report.released_expired or report.released_orphans:
         logger.info(
-            'budgets: released %d reservation(s) of %d dead process(es) and %d expired one(s), $%s in all',
+            'budgets: released %d reservation(s) of %d dead process(es), %d expired one(s) and %d this process could '
+            'not give back when the database was lost, $%s in all',
             report.released_dead,
             report.dead_holders,
             report.released_expired,
+            report.released_orphans,
             report.released_usd,
         )
     return report
@@ -125,7 +139,7 @@ def sweep_soon(interval_seconds: float) -> None:
     """
     global _last_sweep
     now = time.monotonic()
-    if _last_sweep is not None and now - _last_sweep < interval_seconds:
+    if _last_sweep is not None and now - _last_sweep < interval_seconds and not orphaned():
         return
     _last_sweep = now
     try:

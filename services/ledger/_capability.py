@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 
 from agentrt.db.errors import BudgetExceededError
-from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, release
+from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
@@ -362,11 +362,9 @@ class LedgerCapability(AbstractCapability[Any]):
 
 
 async def _release(hold: Hold) -> None:
-    """Give back the hold of a request that was never sent; the sweeper does it if this cannot."""
-    try:
-        await asyncio.shield(release(hold))
-    except Exception:
-        logger.warning('ledger: could not release the budget hold of %s; the sweeper will', hold.id, exc_info=True)
+    """Give back the hold of a request that was never sent; this process's next sweep does it if this cannot."""
+    if not await asyncio.shield(give_back(hold.id, hold.account_id)):
+        logger.warning('ledger: could not release the budget hold of %s now; the next sweep will', hold.id)
 
 
 def _current_trace_id() -> str | None:

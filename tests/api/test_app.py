@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -15,7 +17,7 @@ from agentrt.api import app as app_module
 from agentrt.api import health
 from agentrt.api.app import create_app, create_served_app
 from agentrt.api.web_ui import WEB_UI_DIR
-from agentrt.db.errors import InvalidInputError
+from agentrt.db.errors import DatabaseUnavailableError, InvalidInputError
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
 from agentrt.tools.dependencies import SessionDependencies
@@ -226,3 +228,35 @@ async def test_the_readmes_curl_examples_work_as_written(keys: Keys, client: htt
     assert chat.status_code == 200 and chat.text.rstrip().endswith('data: [DONE]')
     page = (await client.get(audit.group(2), headers=auth(keys.acme))).json()
     assert (page['page'], page['page_size'], page['total']) == (1, 20, 3)
+
+
+async def test_an_outage_is_logged_once_however_often_readiness_is_probed(
+    client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A load balancer probes every few seconds, each process answers: every failed probe logged a WARNING with the same
+    # cause, a line per probe and process for as long as PostgreSQL or PgBouncer was away.
+    working = health.get_read_only_session
+    cause = 'cannot connect to PostgreSQL: [Errno 111] Connection refused'
+
+    def away(**_: Any) -> Any:
+        raise DatabaseUnavailableError(cause)
+
+    caplog.set_level(logging.INFO, logger='agentrt.api')
+    monkeypatch.setattr(health, 'get_read_only_session', away)
+    answers = [await client.get('/health/ready') for _ in range(5)]
+    assert {answer.status_code for answer in answers} == {503}
+    errors = {answer.json()['database']['error'] for answer in answers}
+    assert len(errors) == 1, 'every probe names the one logged failure'
+    logged = [record for record in caplog.records if record.name == 'agentrt.api']
+    assert [record.levelname for record in logged] == ['WARNING']
+    assert cause in logged[0].getMessage() and errors.pop().split('error id ')[1].rstrip(')') in logged[0].getMessage()
+    monkeypatch.setattr(health, 'get_read_only_session', working)
+    assert (await client.get('/health/ready')).status_code == 200
+    assert (await client.get('/health/ready')).status_code == 200
+    back = [record.getMessage() for record in caplog.records if record.name == 'agentrt.api'][1:]
+    assert len(back) == 1 and 'answers again' in back[0] and '4 more failed' in back[0]
+    monkeypatch.setattr(health, 'get_read_only_session', away)
+    assert (await client.get('/health/ready')).status_code == 503
+    assert [r.levelname for r in caplog.records if r.name == 'agentrt.api'] == ['WARNING', 'INFO', 'WARNING']
+    monkeypatch.setattr(health, 'get_read_only_session', working)
+    assert (await client.get('/health/ready')).status_code == 200  # the process's outage ended for the next tests

@@ -10,15 +10,18 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db import migrate
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, connect_engine, get_engine, timeouts_in_force
 from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError, MigrationError
+from agentrt.db.failures import unavailable_error
 from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session
 from agentrt.db.settings import Settings, parse_database_url
@@ -120,6 +123,25 @@ async def test_pgbouncer_is_detected_whether_it_refuses_or_drops_the_timeouts(
                 await engine.dispose()
             with pytest.raises(ConfigError, match='DB_POOLER=pgbouncer'):
                 await connect_engine(parse_database_url(bouncer.url()), settings.model_copy(update={'pooler': 'none'}))
+            # With both timeouts 0 (none) nothing was sent at connect for PgBouncer to refuse or drop: it went
+            # undetected, and concurrent turns failed on "prepared statement ... already exists".
+            untimed = settings.model_copy(update={'statement_timeout_ms': 0, 'lock_timeout_ms': 0})
+            engine, in_force = await connect_engine(parse_database_url(bouncer.url()), untimed)
+            try:
+                assert in_force.pooled
+                async with engine.connect() as conn:
+                    assert await timeouts_in_force(conn) == {'statement_timeout': 0, 'lock_timeout': 0}
+            finally:
+                await engine.dispose()
+        # Direct, with both timeouts 0: no pooler, and nothing set at connect (the role's defaults apply).
+        direct = database.model_copy(update={'pooler': 'auto', 'statement_timeout_ms': 0, 'lock_timeout_ms': 0})
+        engine, in_force = await connect_engine(get_engine().url, direct)
+        try:
+            assert not in_force.pooled
+            async with engine.connect() as conn:
+                assert await timeouts_in_force(conn) == {'statement_timeout': 0, 'lock_timeout': 0}
+        finally:
+            await engine.dispose()
     finally:
         dropping.stop()
 
@@ -287,3 +309,42 @@ async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: S
     message = str(gave_up)
     assert message.startswith('PgBouncer gave up waiting for a server connection (query_wait_timeout)'), message
     assert 'default_pool_size' in message and 'server restart' not in message
+
+
+async def test_pgbouncer_refusing_clients_while_its_logins_fail_is_said_so() -> None:
+    # PostgreSQL stopped behind PgBouncer (serve --workers 3, a chat, db status): after its first failed login PgBouncer
+    # refuses every client that needs a server connection for server_login_retry seconds, with SQLSTATE 08P01 and this
+    # text. It was "the connection to PostgreSQL was lost (...); the operation did not complete (server restart,
+    # failover or a terminated backend)": a DatabaseDisconnectedError, whose outcome is unknown, for an operation that
+    # never reached PostgreSQL, and no word of PgBouncer or its setting.
+    pgbouncer_said = asyncpg.ProtocolViolationError(
+        'connection was closed in the middle of operation: server login has been failing, try again later '
+        '(server_login_retry)'
+    )
+    wrapped = DBAPIError('SELECT 1', {}, pgbouncer_said)
+    error = unavailable_error(wrapped)
+    assert isinstance(error, DatabaseUnavailableError) and not isinstance(error, DatabaseDisconnectedError)
+    message = str(error)
+    assert message.startswith('PgBouncer cannot log in to PostgreSQL'), message
+    assert 'server_login_retry' in message and 'not run' in message and 'terminated backend' not in message
+
+
+async def test_a_connection_refused_after_the_start_names_the_pooler_it_could_not_reach(database: Settings) -> None:
+    # PgBouncer stopped under `serve --workers 3`: every turn was "cannot connect to PostgreSQL: [Errno 111] Connection
+    # refused", naming neither the address nor the pooler (the start's own message names them).
+    bouncer = bouncer_for(get_engine().url)
+    bouncer.start()
+    try:
+        pooled = await PooledDatabase.create(bouncer, database)
+    finally:
+        bouncer.stop()
+    try:
+        async with pooled.active():
+            # (a read finds its pooled connection closed and starts again on a new one: refused)
+            with pytest.raises(DatabaseUnavailableError) as refused:
+                async with get_read_only_session(account=Unscoped.ADMIN) as session:
+                    await session.execute(text('SELECT 1'))
+    finally:
+        await pooled.close()
+    message = str(refused.value)
+    assert f'cannot connect to PostgreSQL at 127.0.0.1:{bouncer.port}/{bouncer.database} (PgBouncer): ' in message

@@ -4,6 +4,7 @@ tenant ride on each transaction's BEGIN, transaction-local, so no client ever se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 
@@ -49,6 +50,74 @@ async def test_400_concurrent_transactions_of_two_tenants_see_no_foreign_row(poo
     assert len(results) == 400 and all(len(rows) == 20 for _, rows in results)
     assert sum(row != account for account, rows in results for row in rows) == 0
     # Between transactions the server connections keep neither the role nor the tenant.
+    async with get_engine().connect() as connection:
+        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+        for _ in range(8):
+            user, tenant = (
+                await autocommit.execute(text("SELECT current_user, current_setting('app.account_id', true)"))
+            ).one()
+            assert user not in FUNCTION_ROLES and tenant in (None, '')
+
+
+_TENANTS = 12
+
+
+async def test_tenants_interleaved_with_errors_and_cancellations_never_see_another_tenant(
+    pooled: PooledDatabase,
+) -> None:
+    # 12 tenants' transactions interleaved on PgBouncer's 4 server connections, a third of them ending in an error
+    # (a failed statement, an exception of the caller's) or cancelled mid-statement: every transaction that runs sees
+    # only its own tenant (its setting, and `accounts` under the policy: its own row), whichever server connection
+    # served the failed or cancelled one before it.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        ids = list(
+            (
+                await session.execute(
+                    text(
+                        'INSERT INTO accounts (slug, name) SELECT $$t$$ || i, $$T$$ || i '
+                        'FROM generate_series(1, :n) AS i RETURNING id'
+                    ),
+                    {'n': _TENANTS},
+                )
+            ).scalars()
+        )
+    seen: list[tuple[int, str, str, list[int]]] = []
+    _WHO = text("SELECT current_user, current_setting('app.account_id', true), pg_sleep(:s)")
+
+    async def one(i: int) -> None:
+        account = ids[i % _TENANTS]
+        kind = i % 6
+        if kind == 0:  # a statement that fails mid-transaction
+            with pytest.raises(Exception, match='division by zero'):
+                async with get_db_session(account=account) as session:
+                    await session.execute(text('SELECT 1 / 0'))
+            return
+        if kind == 1:  # the caller's own exception after a statement
+            with pytest.raises(LookupError):
+                async with get_db_session(account=account) as session:
+                    await session.execute(_WHO, {'s': 0.001})
+                    raise LookupError
+            return
+        if kind == 2:  # cancelled mid-statement
+
+            async def sleeper() -> None:
+                async with get_db_session(account=account) as session:
+                    await session.execute(_WHO, {'s': 0.3})  # (bounded: a cancel PgBouncer does not pass on)
+
+            task = asyncio.create_task(sleeper())
+            await asyncio.sleep(random.random() / 50)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return
+        async with get_read_only_session(account=account) as session:
+            user, tenant, _ = (await session.execute(_WHO, {'s': random.random() / 200})).one()
+            visible = list((await session.execute(select(Account.id))).scalars())
+        seen.append((account, user, tenant, visible))
+
+    await asyncio.gather(*(one(i) for i in range(360)))
+    assert len(seen) == 180
+    assert [row for row in seen if (row[1], row[2], row[3]) != ('agentrt_app', str(row[0]), [row[0]])] == []
     async with get_engine().connect() as connection:
         autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
         for _ in range(8):

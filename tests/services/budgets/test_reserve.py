@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
+from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.budgets import Hold, Holder, Period, Refusal, reserve, set_budget
+from agentrt.services.budgets import Hold, Holder, Period, Refusal, _reserve, reserve, set_budget, sweep_reservations
 from agentrt.services.ledger import new_request_id, utc_now
-from tests.factories import ledger_record, slow_commit_reply, write_ledger_row
+from tests.factories import ledger_record, lost_commit_reply, slow_commit_reply, write_ledger_row
 from tests.services.budgets.helpers import give_budget, hold_usd, period_row, reservations
 
 
@@ -133,3 +135,48 @@ async def test_a_hold_committed_as_its_caller_is_cancelled_is_given_back(
     assert await reservations() == []
     row = await period_row(alpha)
     assert row is not None and row['reserved_usd'] == 0
+
+
+async def test_a_hold_whose_commit_reply_was_lost_is_given_back(
+    two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PgBouncer restarted between a hold's COMMIT and its reply: the admission failed (DatabaseDisconnectedError, the
+    # request not sent) with the hold committed, which nothing settled and the sweeper left to its TTL (15 min: the
+    # process was alive), so the account's next requests were refused for holds "by requests in flight" none were.
+    alpha, _ = two_accounts
+    await give_budget('alpha', '1')
+    with lost_commit_reply(monkeypatch), pytest.raises(DatabaseDisconnectedError):
+        await hold_usd(alpha, '0.10')
+    assert await reservations() == []
+    row = await period_row(alpha)
+    assert row is not None and row['reserved_usd'] == 0
+
+
+async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_sweep(
+    two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database still away when the hold is given back: its process remembers it, and its next sweep releases it
+    # (the process is alive, so its holds were otherwise left to their TTL).
+    alpha, _ = two_accounts
+    await give_budget('alpha', '1')
+    opened = _reserve.scoped_connection
+    calls = 0
+
+    def away_after_the_first(*, account: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise DatabaseUnavailableError('cannot connect to PostgreSQL: the test says so')
+        return opened(account=account)
+
+    monkeypatch.setattr(_reserve, 'scoped_connection', away_after_the_first)
+    with lost_commit_reply(monkeypatch), pytest.raises(DatabaseDisconnectedError):
+        await hold_usd(alpha, '0.10')
+    monkeypatch.setattr(_reserve, 'scoped_connection', opened)
+    assert len(await reservations()) == 1 and calls == 2
+    report = await sweep_reservations()
+    assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
+    assert await reservations() == []
+    row = await period_row(alpha)
+    assert row is not None and row['reserved_usd'] == 0
+    assert (await sweep_reservations()).released_orphans == 0, 'released once'

@@ -1,0 +1,36 @@
+"""`agentrt serve --workers N`: what it gives uvicorn's supervisor of several worker processes."""
+
+from __future__ import annotations
+
+import inspect
+import socket
+from typing import Any
+
+import pytest
+import uvicorn
+
+from tests.agents.cli.helpers import invoke
+
+
+async def test_workers_that_start_slowly_on_a_busy_host_are_not_killed_as_hung(
+    database: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn's supervisor kills a worker that does not answer its ping within timeout_worker_healthcheck (5 s by
+    # default), counted from the worker's spawn; a new interpreter configuring the logging took longer than that on a
+    # busy 2-core host, so `serve --workers 3` killed two of its workers as they started, and kept doing so while the
+    # load lasted ("Child process [...] died").
+    given: dict[str, Any] = {}
+
+    def run(app: str, **options: Any) -> None:
+        given.update(options, app=app)
+
+    monkeypatch.setattr(uvicorn, 'run', run)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    result = await invoke('serve', '--workers', '3', '--port', str(port))
+    assert result.exit_code == 0, result.stderr
+    assert given['workers'] == 3 and given['timeout_worker_healthcheck'] >= 30
+    given.pop('app')
+    # Every option is one uvicorn knows (not by building a Config: that would configure this process's logging).
+    assert set(given) <= set(inspect.signature(uvicorn.Config).parameters)
