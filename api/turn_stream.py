@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from asyncio import CancelledError
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +75,12 @@ class TurnStreamingResponse(StreamingResponse):
     The run closes it first, when it ends (`_run`); this is for a response whose stream never started (the client
     left before the first byte), whose generator has no `finally` to run. Closing twice is harmless.
 
+    A cancellation (the client gone, the server's shutdown) that lands while the response waits in `send` (a slow
+    client, the keepalive's lock) rather than in the stream leaves the stream's generators suspended, the run going
+    on in its own task with nobody to pull its events: `stream` (outermost first) is closed before the turn, so the
+    run is cancelled, and its cut-off request handed to the ledger, before the claim is released (what a stopping
+    server waits for before it closes the ledger and the pool).
+
     A stream the server's shutdown cancels (still running when `--shutdown-seconds` ran out) ends with `stopped`, the
     protocol's error and end events: the connection was cut mid-stream, which a client could only take for a network
     failure ("incomplete chunked read"), with no error id and nothing saying that it may send the turn again.
@@ -93,9 +99,11 @@ class TurnStreamingResponse(StreamingResponse):
         media_type: str,
         stopped: Callable[[], Awaitable[bytes]] | None = None,
         keepalive_seconds: float = 0,
+        stream: Sequence[AsyncGenerator[Any, None]] = (),
     ) -> None:
         super().__init__(content, headers=headers, media_type=media_type)
         self._turn = turn
+        self._stream = stream
         self._stopped = stopped
         self._keepalive = keepalive_seconds if media_type.startswith('text/event-stream') else 0
 
@@ -142,6 +150,10 @@ class TurnStreamingResponse(StreamingResponse):
         finally:
             if keeper is not None:
                 keeper.cancel()
+            with anyio.CancelScope(shield=True):
+                for generator in self._stream:  # each ended already when the cancellation went through it
+                    with contextlib.suppress(RuntimeError):  # one still running: its own task ends it
+                        await generator.aclose()
             await self._turn.aclose()
 
 
@@ -173,14 +185,18 @@ async def stream_turn(
         await stack.aclose()
         raise
     protocol = adapter.build_event_stream()
-    events = _encodable(adapter.transform_stream(_run(turn, turn_input, stack, span)))
+    run = _run(turn, turn_input, stack, span)
+    transformed = adapter.transform_stream(run)
+    events = _encodable(transformed)
+    encoded = adapter.encode_stream(events)
     return TurnStreamingResponse(
-        adapter.encode_stream(events),
+        encoded,
         stack,
         headers=protocol.response_headers,
         media_type=protocol.content_type,
         stopped=lambda: _stopped_events(adapter),
         keepalive_seconds=config.keepalive_seconds(),
+        stream=[part for part in (encoded, events, transformed, run) if isinstance(part, AsyncGenerator)],
     )
 
 

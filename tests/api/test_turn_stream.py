@@ -14,11 +14,15 @@ from openai._streaming import SSEDecoder  # a parser that follows the SSE specif
 from pydantic_ai import FunctionToolset
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from sqlalchemy import text
 
 from agentrt.agents.simple_chat import create_simple_chat_agent
 from agentrt.api.app import create_app
 from agentrt.db.engine import current_settings
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.ledger import get_request_tracker
 from tests.api.conftest import Keys, auth, chat_body, serve
+from tests.factories import ledger_rows
 
 KEEPALIVE = ': keepalive'
 released = asyncio.Event()
@@ -111,3 +115,65 @@ async def test_no_keepalive_when_it_is_off(keys: Keys, monkeypatch: pytest.Monke
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             response = await client.post('/api/v1/chat', json=chat_body('quick', 'look it up'), headers=auth(keys.acme))
     assert response.status_code == 200 and KEEPALIVE not in response.text and 'data: [DONE]' in response.text
+
+
+def _texting_model() -> FunctionModel:
+    """A model that streams its answer a word at a time, slowly: the turn is mid-answer for as long as a test likes."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('unused')])
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for _ in range(600):
+            yield 'word '
+            await asyncio.sleep(0.05)
+
+    return FunctionModel(respond, stream_function=stream, model_name='slow')
+
+
+@pytest.mark.parametrize('keepalive', [0, 0.01])
+async def test_a_stream_cancelled_while_it_waits_in_send_stops_its_run_before_its_claim_is_released(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch, keepalive: float
+) -> None:
+    # A cancellation (the shutdown's, a client gone) that landed in `send` (a slow client; the keepalive's lock) left
+    # the stream's generators suspended: the run went on in its own task, blocked on an event nobody pulled, and the
+    # claim was released with it still running; a stopping server then closed the ledger with the cut-off request
+    # never handed to it (seen once under load: no ledger row, "aclose(): asynchronous generator is already running").
+    monkeypatch.setattr(current_settings(), 'http_stream_keepalive_seconds', keepalive)
+    app = create_app(manage_runtime=False, model=_texting_model())
+    conversation = f'cut-in-send-{keepalive}'
+    body = json.dumps(chat_body(conversation, 'tell me a long story')).encode()
+    scope = {
+        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': '2.4'}, 'http_version': '1.1', 'method': 'POST',
+        'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '', 'query_string': b'',
+        'server': ('test', 80), 'client': ('127.0.0.1', 5000),
+        'headers': [
+            (b'host', b'test'), (b'content-type', b'application/json'),
+            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {keys.acme}'.encode()),
+        ],
+    }  # fmt: skip
+    sent = [{'type': 'http.request', 'body': body, 'more_body': False}]
+    gone = asyncio.Event()
+    answering = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        if sent:
+            return sent.pop()
+        await gone.wait()
+        return {'type': 'http.disconnect'}
+
+    async def send(message: dict[str, object]) -> None:
+        if b'text-delta' in message.get('body', b''):  # type: ignore[operator]
+            answering.set()
+            await asyncio.Event().wait()  # a client that reads no more: the response waits here
+
+    request = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(answering.wait(), 30)
+    request.cancel()  # as uvicorn does at the end of its shutdown's grace, or when the client has gone
+    await asyncio.gather(request, return_exceptions=True)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
+    await get_request_tracker().flush()  # what a stopping server does once no claim is held
+    assert claims == 0
+    assert [row['status'] for row in await ledger_rows(chat_session_id=conversation)] == ['cancelled']
+    gone.set()
