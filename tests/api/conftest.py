@@ -94,6 +94,17 @@ def chat_body(conversation_id: str, text: str, message_id: str = 'm1', **extra: 
     return {'trigger': 'submit-message', 'id': conversation_id, 'messages': [message], **extra}
 
 
+def agui_body(thread: str, text: str) -> dict[str, object]:
+    """An AG-UI `RunAgentInput` body with one user message (no client tools, no context)."""
+    return {
+        'threadId': thread,
+        'runId': 'r1',
+        'messages': [{'id': 'u1', 'role': 'user', 'content': text}],
+        'tools': [],
+        'context': [],
+    }
+
+
 def sse_events(body: str) -> list[dict[str, Any] | str]:
     """The `data:` events of a server-sent event stream (JSON decoded; `[DONE]` kept as text)."""
     events: list[dict[str, Any] | str] = []

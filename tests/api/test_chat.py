@@ -23,7 +23,7 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
+from tests.api.conftest import Keys, agui_body, auth, chat_body, of_type, serve, sse_events, stream_chat
 from tests.factories import HeldModel, ledger_rows
 
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
@@ -304,16 +304,6 @@ async def test_provider_error_text_reaches_no_client_and_no_log_line_with_a_secr
     await _settled()
 
 
-def _ag_ui(thread: str, text: str) -> dict[str, object]:
-    return {
-        'threadId': thread,
-        'runId': 'r1',
-        'messages': [{'id': 'u1', 'role': 'user', 'content': text}],
-        'tools': [],
-        'context': [],
-    }
-
-
 async def test_ag_ui_run_and_thread_ids_are_checked_before_they_are_echoed(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:
@@ -356,7 +346,7 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
                 stream_chat(
                     client,
                     keys.acme,
-                    _ag_ui('ag-gone', QUESTION),
+                    agui_body('ag-gone', QUESTION),
                     stop=lambda e: isinstance(e, dict) and e.get('type') == 'TEXT_MESSAGE_CONTENT',
                     path='/api/v1/chat/ag-ui',
                 )
@@ -364,7 +354,7 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
             await model.wait_for_arrivals(1)  # the first turn holds the conversation, at its first model request
             assert await _claimed()
             second = await client.post(
-                '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
+                '/api/v1/chat/ag-ui', json=agui_body('ag-gone', 'and in Boston?'), headers=auth(keys.acme)
             )
             model.release.set()
             status, events = await first
@@ -381,7 +371,7 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
                     break
                 await asyncio.sleep(0.02)
             again = await client.post(
-                '/api/v1/chat/ag-ui', json=_ag_ui('ag-gone', 'Dermatologists'), headers=auth(keys.acme)
+                '/api/v1/chat/ag-ui', json=agui_body('ag-gone', 'Dermatologists'), headers=auth(keys.acme)
             )
             assert again.status_code == 200 and 'RUN_FINISHED' in again.text
     await _settled()
@@ -406,7 +396,7 @@ async def test_a_client_sending_its_whole_history_is_read_for_its_new_message_on
     body['messages'] = _history(400, {'type': 'part-of-a-newer-sdk', 'n': 1}) + body['messages']
     status, events = await stream_chat(client, keys.acme, body)
     assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error'), events[-3:]
-    ag_ui = _ag_ui('whole-ag-ui', QUESTION)
+    ag_ui = agui_body('whole-ag-ui', QUESTION)
     ag_ui['messages'] = [{'id': f'h{n}', 'role': 'a-newer-role', 'content': 1} for n in range(400)] + [
         {'id': 'u-new', 'role': 'user', 'content': QUESTION}
     ]
@@ -466,7 +456,7 @@ async def test_a_lone_surrogate_in_the_models_answer_streams_as_a_replacement_ch
     path, body = (
         ('/api/v1/chat', chat_body('odd', 'hi'))
         if protocol == 'ai-sdk'
-        else ('/api/v1/chat/ag-ui', _ag_ui('odd', 'hi'))
+        else ('/api/v1/chat/ag-ui', agui_body('odd', 'hi'))
     )
     with caplog.at_level(logging.WARNING):
         async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import httpx2
 import pytest
 from fastapi import FastAPI
-from playwright.async_api import Route, async_playwright
+from playwright.async_api import Route
 
 from agentrt.api.app import create_app
 from tests.api.conftest import serve
-from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS
+from tests.api.test_web_ui import CHROMIUM, browser_page
 
 PAGES = ['/docs', '/redoc', '/docs/oauth2-redirect']
 
@@ -97,21 +97,14 @@ async def test_the_docs_pages_work_under_their_policy_in_a_browser(tmp_path: Pat
             await route.continue_()
 
     async for url in serve(create_app(manage_runtime=False)):
-        async with async_playwright() as driver:
-            context = await driver.chromium.launch_persistent_context(
-                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        async with browser_page(tmp_path / 'profile') as page:
+            page.set_default_timeout(15_000)
+            await page.route('**/*', cdn)
+            await page.context.add_init_script(
+                "window.violations = []; document.addEventListener('securitypolicyviolation', "
+                "(e) => window.violations.push(e.effectiveDirective + ' ' + e.blockedURI));"
             )
-            try:
-                page = context.pages[0] if context.pages else await context.new_page()
-                page.set_default_timeout(15_000)
-                await page.route('**/*', cdn)
-                await context.add_init_script(
-                    "window.violations = []; document.addEventListener('securitypolicyviolation', "
-                    "(e) => window.violations.push(e.effectiveDirective + ' ' + e.blockedURI));"
-                )
-                for path, where in (('/docs', '#swagger-ui'), ('/redoc', 'redoc')):
-                    await page.goto(url + path)
-                    await page.locator(where).get_by_text('rendered agentrt').wait_for()
-                    assert await page.evaluate('window.violations') == [], path
-            finally:
-                await context.close()
+            for path, where in (('/docs', '#swagger-ui'), ('/redoc', 'redoc')):
+                await page.goto(url + path)
+                await page.locator(where).get_by_text('rendered agentrt').wait_for()
+                assert await page.evaluate('window.violations') == [], path

@@ -21,7 +21,7 @@ from agentrt.api.app import create_app
 from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import get_request_tracker
-from tests.api.conftest import Keys, auth, chat_body, serve
+from tests.api.conftest import Keys, agui_body, auth, chat_body, serve
 from tests.factories import ledger_rows
 
 KEEPALIVE = ': keepalive'
@@ -50,23 +50,13 @@ def _model() -> FunctionModel:
     return FunctionModel(respond, stream_function=stream, model_name='slow')
 
 
-def _agui(thread: str, text: str) -> dict[str, object]:
-    return {
-        'threadId': thread,
-        'runId': 'r1',
-        'messages': [{'id': 'u1', 'role': 'user', 'content': text}],
-        'tools': [],
-        'context': [],
-    }
-
-
 @pytest.mark.parametrize(
     ('path', 'body', 'last'),
     [
         ('/api/v1/chat', chat_body('slow-vercel', 'look it up'), 'finish'),
-        ('/api/v1/chat/ag-ui', _agui('slow-agui', 'look it up'), 'RUN_FINISHED'),
+        ('/api/v1/chat/ag-ui', agui_body('slow-agui', 'look it up'), 'RUN_FINISHED'),
         ('/api/v1/chat', chat_body('slow-fail', 'look it up and fail'), 'finish'),
-        ('/api/v1/chat/ag-ui', _agui('slow-agui-fail', 'look it up and fail'), 'RUN_ERROR'),
+        ('/api/v1/chat/ag-ui', agui_body('slow-agui-fail', 'look it up and fail'), 'RUN_ERROR'),
     ],
 )
 async def test_a_slow_tool_gets_keepalive_comments_that_parsers_skip(

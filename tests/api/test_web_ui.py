@@ -17,6 +17,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ CHROMIUM_ARGS = [
     '--disable-component-update',
     '--disable-sync',
 ]
+
+
+@asynccontextmanager
+async def browser_page(profile: Path, **options: Any) -> AsyncIterator[Page]:
+    """A page of Chromium (`CHROMIUM`, headless) with a new, empty profile at `profile`; `options` go to playwright's
+    `launch_persistent_context` (a viewport...). Closed at the end."""
+    async with async_playwright() as driver:
+        context = await driver.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, **options
+        )
+        try:
+            yield context.pages[0] if context.pages else await context.new_page()
+        finally:
+            await context.close()
 
 
 def find_chromium() -> str | None:
@@ -153,19 +168,8 @@ async def test_web_ui_chat_conversations_audit_and_costs_in_a_real_browser(
 ) -> None:
     app = create_app(manage_runtime=False, model=ui_model(), web_ui=True)
     async for url in serve(app):
-        async with async_playwright() as driver:
-            context = await driver.chromium.launch_persistent_context(
-                str(tmp_path / 'profile'),  # a new, empty profile
-                executable_path=CHROMIUM,
-                args=CHROMIUM_ARGS,
-                headless=True,
-                viewport={'width': 1280, 'height': 1000},
-            )
-            try:
-                page = context.pages[0] if context.pages else await context.new_page()
-                await _walk_through(page, url, keys, shots)
-            finally:
-                await context.close()
+        async with browser_page(tmp_path / 'profile', viewport={'width': 1280, 'height': 1000}) as page:
+            await _walk_through(page, url, keys, shots)
 
 
 async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
@@ -338,32 +342,25 @@ async def test_an_answer_cut_off_by_the_server_says_the_connection_was_lost(keys
         await asyncio.sleep(0.01)
     url = f'http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}'
     try:
-        async with async_playwright() as driver:
-            context = await driver.chromium.launch_persistent_context(
-                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                page = context.pages[0] if context.pages else await context.new_page()
-                page.set_default_timeout(15_000)
-                await page.goto(url)
-                await page.get_by_label('API key').fill(keys.acme)
-                await page.get_by_label('API key').press('Enter')
-                turn = await _send(page, f'{QUESTION}, {SLOW}')
-                await expect(turn.locator('.answer')).not_to_be_empty()
-                for connection in list(server.server_state.connections):  # the server's end of the stream, cut
-                    connection.transport.abort()  # type: ignore[attr-defined]
-                await expect(turn).to_have_attribute('data-state', 'error')
-                shown = await turn.inner_text()
-                assert 'connection was lost' in shown and 'shown again, as the server holds it' in shown, shown
-                assert 'This page failed' not in shown
-                # The next message first shows the conversation as the server holds it: the cut turn was not saved,
-                # so its answer (and the error) are gone, and the new turn is the only one.
-                turn = await _send(page, QUESTION)
-                await expect(turn).to_have_attribute('data-state', 'done')
-                await expect(page.locator('.message.assistant')).to_have_count(1)
-                await expect(page.locator('.message.user')).to_have_count(1)
-            finally:
-                await context.close()
+        async with browser_page(tmp_path / 'profile') as page:
+            page.set_default_timeout(15_000)
+            await page.goto(url)
+            await page.get_by_label('API key').fill(keys.acme)
+            await page.get_by_label('API key').press('Enter')
+            turn = await _send(page, f'{QUESTION}, {SLOW}')
+            await expect(turn.locator('.answer')).not_to_be_empty()
+            for connection in list(server.server_state.connections):  # the server's end of the stream, cut
+                connection.transport.abort()  # type: ignore[attr-defined]
+            await expect(turn).to_have_attribute('data-state', 'error')
+            shown = await turn.inner_text()
+            assert 'connection was lost' in shown and 'shown again, as the server holds it' in shown, shown
+            assert 'This page failed' not in shown
+            # The next message first shows the conversation as the server holds it: the cut turn was not saved,
+            # so its answer (and the error) are gone, and the new turn is the only one.
+            turn = await _send(page, QUESTION)
+            await expect(turn).to_have_attribute('data-state', 'done')
+            await expect(page.locator('.message.assistant')).to_have_count(1)
+            await expect(page.locator('.message.user')).to_have_count(1)
     finally:
         server.should_exit = True
         await serving

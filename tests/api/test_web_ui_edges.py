@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from playwright.async_api import Page, Route, async_playwright, expect
+from playwright.async_api import Page, Route, expect
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
@@ -21,7 +21,7 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls
 from agentrt.api.app import create_app
 from agentrt.services.conversations import ConcurrentTurnError
 from tests.api.conftest import Keys, auth, serve
-from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
+from tests.api.test_web_ui import CHROMIUM, _send, browser_page
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
 
@@ -88,15 +88,8 @@ async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> Non
                     f'/api/v1/conversations/c-{number:02d}/turns', json=body, headers=auth(keys.acme)
                 )
                 assert turn.status_code == 200, turn.text
-        async with async_playwright() as driver:
-            context = await driver.chromium.launch_persistent_context(
-                str(tmp_path / 'profile'), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                page = context.pages[0] if context.pages else await context.new_page()
-                await _edges(page, url, keys)
-            finally:
-                await context.close()
+        async with browser_page(tmp_path / 'profile') as page:
+            await _edges(page, url, keys)
 
 
 async def _edges(page: Page, url: str, keys: Keys) -> None:

@@ -30,6 +30,17 @@ async def pooled(pooled_database: PooledDatabase) -> AsyncIterator[PooledDatabas
         yield pooled_database
 
 
+async def _no_connection_keeps_a_role_or_tenant() -> None:
+    """Outside a transaction, the server connections PgBouncer hands out (asked 8 times) have no role or tenant set."""
+    async with get_engine().connect() as connection:
+        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
+        for _ in range(8):
+            user, tenant = (
+                await autocommit.execute(text("SELECT current_user, current_setting('app.account_id', true)"))
+            ).one()
+            assert user not in FUNCTION_ROLES and tenant in (None, '')
+
+
 async def test_400_concurrent_transactions_of_two_tenants_see_no_foreign_row(pooled: PooledDatabase) -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         ids = dict((await session.execute(select(Account.slug, Account.id))).all())
@@ -50,13 +61,7 @@ async def test_400_concurrent_transactions_of_two_tenants_see_no_foreign_row(poo
     assert len(results) == 400 and all(len(rows) == 20 for _, rows in results)
     assert sum(row != account for account, rows in results for row in rows) == 0
     # Between transactions the server connections keep neither the role nor the tenant.
-    async with get_engine().connect() as connection:
-        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
-        for _ in range(8):
-            user, tenant = (
-                await autocommit.execute(text("SELECT current_user, current_setting('app.account_id', true)"))
-            ).one()
-            assert user not in FUNCTION_ROLES and tenant in (None, '')
+    await _no_connection_keeps_a_role_or_tenant()
 
 
 _TENANTS = 12
@@ -118,10 +123,4 @@ async def test_tenants_interleaved_with_errors_and_cancellations_never_see_anoth
     await asyncio.gather(*(one(i) for i in range(360)))
     assert len(seen) == 180
     assert [row for row in seen if (row[1], row[2], row[3]) != ('agentrt_app', str(row[0]), [row[0]])] == []
-    async with get_engine().connect() as connection:
-        autocommit = await connection.execution_options(isolation_level='AUTOCOMMIT')
-        for _ in range(8):
-            user, tenant = (
-                await autocommit.execute(text("SELECT current_user, current_setting('app.account_id', true)"))
-            ).one()
-            assert user not in FUNCTION_ROLES and tenant in (None, '')
+    await _no_connection_keeps_a_role_or_tenant()
