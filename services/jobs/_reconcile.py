@@ -29,6 +29,21 @@ ORDER BY updated_at LIMIT :batch
 """)
 
 
+# A conversation whose summary job failed every attempt this recently is not queued again yet: reconcile runs every
+# five minutes, and a summary that always fails (a bug, a history the model refuses) added a failed job a run, 288 a
+# day per conversation, to the queue's table until `AGENTRT_JOBS_KEEP_FAILED_DAYS` deleted them. Once a day it is
+# tried again (the cause may be gone), as a summary never queued is at the next run.
+SUMMARY_RETRY_AFTER = timedelta(days=1)
+# The conversations whose summary failed for good within that time (the job's last event: when it failed). The queue
+# may be another database (`AGENTRT_QUEUE_DATABASE_URL`), so it is asked apart, not joined.
+_RECENTLY_FAILED = """
+SELECT DISTINCT job.args->>'account_id' AS account_id, job.args->>'conversation_id' AS conversation_id
+FROM procrastinate_jobs job JOIN procrastinate_events event ON event.job_id = job.id
+WHERE job.task_name = 'agentrt.conversation_summary' AND job.status = 'failed'
+  AND event.at > now() - make_interval(secs => %(seconds)s)
+"""
+
+
 @dataclass(frozen=True)
 class ReconcileReport:
     """What one reconcile did: summaries queued, rollup buckets written, finished jobs deleted."""
@@ -45,7 +60,8 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
     succeeded jobs are deleted as they end, and without this a job failing for good (a bug, a row that cannot be
     saved) added a row to the queue's table for ever, every five minutes for the periodic ones.
 
-    Idempotent: a summary already queued is not queued twice (its queueing lock), a ledger row is counted once.
+    Idempotent: a summary already queued is not queued twice (its queueing lock), a ledger row is counted once. A
+    summary that failed every attempt is queued again a day later (`SUMMARY_RETRY_AFTER`), not at every run.
 
     Returns:
         What it did.
@@ -55,8 +71,15 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
     async with get_read_only_session(account=Unscoped.JOBS) as session:  # every account's conversations
         missing = (await session.execute(_UNSUMMARISED, {'before': before, 'batch': _BATCH})).all()
     queued = 0
-    for account_id, conversation_id in missing:
-        queued += await defer_summary(int(account_id), str(conversation_id))
+    if missing:
+        app = await open_queue()
+        failed = await app.connector.execute_query_all_async(
+            _RECENTLY_FAILED, seconds=SUMMARY_RETRY_AFTER.total_seconds()
+        )
+        resting = {(str(row['account_id']), str(row['conversation_id'])) for row in failed}
+        for account_id, conversation_id in missing:
+            if (str(account_id), str(conversation_id)) not in resting:
+                queued += await defer_summary(int(account_id), str(conversation_id))
     buckets = await roll_up_pending(datetime.now(UTC) - ROLLUP_LOOKBACK)
     deleted = await delete_finished_jobs(current_settings().jobs_keep_failed_days)
     if queued or buckets or deleted:

@@ -119,6 +119,49 @@ async def test_reconcile_queues_the_work_of_a_turn_saved_by_a_process_that_died_
     assert await rolled_up_requests() == len(await ledger_rows()) == 3
 
 
+async def test_reconcile_queues_a_summary_that_failed_for_good_again_a_day_later_not_at_every_run(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reconcile (every 5 minutes) queued a summary that failed every attempt again at each run: 288 failed jobs a day
+    # per conversation whose summary always fails, kept for AGENTRT_JOBS_KEEP_FAILED_DAYS.
+    async def died(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(jobs_module, 'defer_post_turn_work', died)
+    titles_left_to_the_background(monkeypatch)
+    await chat('always-fails')
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        account_id = (
+            await session.execute(text("SELECT account_id FROM conversations WHERE conversation_id = 'always-fails'"))
+        ).scalar_one()
+        args = json.dumps({'account_id': account_id, 'conversation_id': 'always-fails'})
+        job_id = (
+            await session.execute(
+                text(
+                    "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW('post_turn', 'agentrt.conversation_summary', 0, "
+                    'NULL, NULL, CAST(:args AS jsonb), NULL)::procrastinate_job_to_defer_v1]))[1]'
+                ),
+                {'args': args},
+            )
+        ).scalar_one()
+        for status in ('doing', 'failed'):  # its last attempt failed a minute ago
+            await session.execute(
+                text('UPDATE procrastinate_jobs SET status = CAST(:s AS procrastinate_job_status) WHERE id = :id'),
+                {'id': job_id, 's': status},
+            )
+        await session.execute(
+            text("UPDATE procrastinate_events SET at = now() - interval '1 minute' WHERE job_id = :id"), {'id': job_id}
+        )
+
+    assert (await reconcile_post_turn_work(idle_seconds=0)).summaries_queued == 0
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(
+            text("UPDATE procrastinate_events SET at = now() - interval '25 hours' WHERE job_id = :id"), {'id': job_id}
+        )
+    assert (await reconcile_post_turn_work(idle_seconds=0)).summaries_queued == 1  # a day on: tried again
+    assert ('agentrt.conversation_summary', 'todo') in await queued_jobs()
+
+
 async def rollup_running() -> bool:
     return ('agentrt.usage_rollup', 'doing') in await queued_jobs()
 
