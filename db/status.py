@@ -53,12 +53,17 @@ async def session_timeouts(engine: AsyncEngine) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class JobQueueState:
-    """The durable job queue's jobs by status (procrastinate's `todo`, `doing`, `failed`) and its live workers."""
+    """The durable job queue's jobs by status (procrastinate's `todo`, `doing`, `failed`) and its live workers.
+
+    A `doing` job whose worker sent no heartbeat within the window (killed, its machine gone) is `stalled`, not
+    `running`: nothing runs it until a live worker's stalled-job check puts it back in the queue.
+    """
 
     waiting: int
     running: int
     failed: int
     workers_alive: int
+    stalled: int = 0
 
 
 async def job_queue_state(*, session: AsyncSession, alive_within_s: float) -> JobQueueState | None:
@@ -67,7 +72,7 @@ async def job_queue_state(*, session: AsyncSession, alive_within_s: float) -> Jo
     tables = "to_regclass('procrastinate_jobs') IS NOT NULL AND to_regclass('procrastinate_workers') IS NOT NULL"
     if not (await session.execute(text(f'SELECT {tables}'))).scalar_one():
         return None
-    rows = await session.execute(text('SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY status'))
+    rows = await session.execute(_JOBS_BY_STATUS, {'s': alive_within_s})
     by_status: dict[str, int] = {status: count for status, count in rows}
     alive = (
         await session.execute(
@@ -75,4 +80,21 @@ async def job_queue_state(*, session: AsyncSession, alive_within_s: float) -> Jo
             {'s': alive_within_s},
         )
     ).scalar_one()
-    return JobQueueState(by_status.get('todo', 0), by_status.get('doing', 0), by_status.get('failed', 0), alive)
+    return JobQueueState(
+        waiting=by_status.get('todo', 0),
+        running=by_status.get('doing', 0),
+        failed=by_status.get('failed', 0),
+        workers_alive=alive,
+        stalled=by_status.get('stalled', 0),
+    )
+
+
+# A `doing` job counts as running while its worker is alive (a heartbeat within the window), else as stalled.
+_JOBS_BY_STATUS = text("""
+SELECT CASE WHEN job.status = 'doing' AND NOT EXISTS (
+           SELECT 1 FROM procrastinate_workers worker
+           WHERE worker.id = job.worker_id AND worker.last_heartbeat > now() - make_interval(secs => :s))
+       THEN 'stalled' ELSE job.status::text END AS status,
+       count(*)
+FROM procrastinate_jobs job GROUP BY 1
+""")

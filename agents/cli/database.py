@@ -110,6 +110,8 @@ def _queue_line(queue: JobQueueState | None, used: bool, alive_within_s: float) 
     if queue is None:
         return 'missing (not migrated: `agentrt db upgrade`)'
     jobs = f'{queue.waiting:,} waiting, {queue.running:,} running, {queue.failed:,} failed'
+    if queue.stalled:  # taken by a worker that is gone: a live worker's stalled-job check runs them again
+        jobs += f', {queue.stalled:,} stalled (their worker is gone; a live worker runs them again)'
     if not used:  # no worker is expected; jobs left from a time in queue mode still wait for one
         left = '; `agentrt worker --burst` runs the waiting ones' if queue.waiting else ''
         return f'not used (AGENTRT_BACKGROUND=inline): {jobs}{left}'

@@ -171,7 +171,7 @@ async def test_status_tells_the_background_mode_and_the_job_queue(database_url: 
     mode, of the queue's tables, of jobs piling up or of a worker being alive."""
     async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
-        statuses = ('todo', 'todo', 'failed', 'succeeded')
+        statuses = ('todo', 'todo', 'failed', 'succeeded', 'doing')  # the one doing: its worker is gone (none)
         await session.execute(
             text("INSERT INTO procrastinate_jobs (queue_name, task_name, status) VALUES ('post_turn', 'summary', :s)"),
             [{'s': status} for status in statuses],
@@ -180,15 +180,22 @@ async def test_status_tells_the_background_mode_and_the_job_queue(database_url: 
         env = {'DATABASE_URL': database_url, 'AGENTRT_BACKGROUND': 'queue'}
         queued = _squeezed((await invoke('db', 'status', env=env)).stdout)
         assert 'background  queue (AGENTRT_BACKGROUND): durable jobs run by `agentrt worker`' in queued, queued
-        assert 'job queue  2 waiting, 0 running, 1 failed; no worker alive' in queued, queued
+        # A job a worker took and will never finish was counted as running: nothing runs it until a live worker does.
+        stalled = '2 waiting, 0 running, 1 failed, 1 stalled (their worker is gone; a live worker runs them again)'
+        assert f'job queue  {stalled}; no worker alive' in queued, queued
         async with get_db_session(account=Unscoped.OWNER) as session:
-            await session.execute(text('INSERT INTO procrastinate_workers DEFAULT VALUES'))
+            worker = (
+                await session.execute(text('INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id'))
+            ).scalar_one()
+            await session.execute(
+                text("UPDATE procrastinate_jobs SET worker_id = :w WHERE status = 'doing'"), {'w': worker}
+            )
         alive = _squeezed((await invoke('db', 'status', env=env)).stdout)
-        assert 'job queue  2 waiting, 0 running, 1 failed; 1 worker alive' in alive, alive
+        assert 'job queue  2 waiting, 1 running, 1 failed; 1 worker alive' in alive, alive
         inline = _squeezed((await invoke('db', 'status', env={'DATABASE_URL': database_url})).stdout)
         assert 'background  inline (AGENTRT_BACKGROUND): in the process that ran the turn' in inline, inline
         # Jobs left from a time in queue mode: nothing runs them now; what does.
-        left = 'not used (AGENTRT_BACKGROUND=inline): 2 waiting, 0 running, 1 failed; `agentrt worker --burst` runs'
+        left = 'not used (AGENTRT_BACKGROUND=inline): 2 waiting, 1 running, 1 failed; `agentrt worker --burst` runs'
         assert f'job queue  {left}' in inline, inline
     finally:
         async with get_db_session(account=Unscoped.OWNER) as session:
