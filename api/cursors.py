@@ -14,7 +14,7 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.pg_text import is_storable
@@ -25,15 +25,30 @@ Listing = Literal['audit', 'conversations', 'conversations-created']
 """The listings that page with a cursor: `GET /api/v1/llm-audit/interactions`, `GET /api/v1/conversations` with
 `order=updated` (`conversations`, the name its cursors had when that was the only order, so they stay valid) and with
 `order=created` (`conversations-created`): a position in one order means nothing in the other."""
-_LISTINGS = ('audit', 'conversations', 'conversations-created')
+_LISTINGS: tuple[str, ...] = get_args(Listing)
 
 _NOT_A_CURSOR = 'not a cursor from this API; pass next_cursor back unchanged'
 
 
+def _packed(fields: list[Any]) -> str:
+    """`fields` as a cursor: compact JSON in base64url without padding."""
+    return base64.urlsafe_b64encode(json.dumps(fields, separators=(',', ':')).encode()).decode().rstrip('=')
+
+
+def _unpacked(cursor: str) -> Any:
+    """The JSON a cursor `_packed` made.
+
+    Raises:
+        ValueError, binascii.Error, UnicodeDecodeError: `cursor` is longer than `MAX_CURSOR_CHARS` or is not one.
+    """
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise ValueError('too long')
+    return json.loads(base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)))
+
+
 def encode_cursor(moment: datetime, key: str | uuid.UUID, *, listing: Listing, account_id: int) -> str:
     """A cursor after the row sorted at (`moment`, `key`) of `listing`, for `account_id`'s requests only."""
-    raw = json.dumps([listing, account_id, moment.isoformat(), str(key)], separators=(',', ':')).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip('=')
+    return _packed([listing, account_id, moment.isoformat(), str(key)])
 
 
 def decode_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[datetime, str]:
@@ -43,10 +58,7 @@ def decode_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[da
         InvalidInputError: `cursor` is not one, or was made for another listing or another account (field `cursor`).
     """
     try:
-        if len(cursor) > MAX_CURSOR_CHARS:
-            raise ValueError('too long')
-        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4))
-        made_for, owner, moment, key = json.loads(raw)
+        made_for, owner, moment, key = _unpacked(cursor)
         parsed = datetime.fromisoformat(moment)
         if parsed.tzinfo is None or not isinstance(key, str) or not is_storable(key):
             raise ValueError('not a cursor')
@@ -88,8 +100,7 @@ _NOT_A_POSITION = 'not a position from this API; pass earlier_cursor back unchan
 
 def encode_message_cursor(entry_id: str, *, conversation_id: str, account_id: int) -> str:
     """A cursor for the messages before the entry `entry_id` of `conversation_id`, for `account_id`'s requests only."""
-    raw = json.dumps([_MESSAGES, account_id, conversation_id, entry_id], separators=(',', ':')).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip('=')
+    return _packed([_MESSAGES, account_id, conversation_id, entry_id])
 
 
 def decode_message_cursor(cursor: str, *, conversation_id: str, account_id: int) -> str:
@@ -100,10 +111,7 @@ def decode_message_cursor(cursor: str, *, conversation_id: str, account_id: int)
             `before`).
     """
     try:
-        if len(cursor) > MAX_CURSOR_CHARS:
-            raise ValueError('too long')
-        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4))
-        made_for, owner, conversation, entry_id = json.loads(raw)
+        made_for, owner, conversation, entry_id = _unpacked(cursor)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInputError(_NOT_A_POSITION, field='before') from exc
     if made_for in _LISTINGS:
