@@ -13,16 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, UserPromptPart
 
-from agentrt.db.driver import driver_transaction
 from agentrt.db.errors import InvalidInputError
-from agentrt.db.session import retry_on_disconnect
 from agentrt.services.conversations._arguments import MAX_LIMIT, check_conversation_id, check_entry_id, check_limit
 from agentrt.services.conversations._statements import BEFORE_ON_DRIVER
-from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations._store import PostgresConversationStore, read_on_driver
 from agentrt.services.conversations._stored import StoredTail, stored_tail
 
 
@@ -118,18 +115,13 @@ def starts_turn(message: ModelMessage) -> bool:
 async def _read_before(
     store: PostgresConversationStore, conversation_id: str, before: str, max_messages: int
 ) -> StoredTail | None:
-    params: dict[str, Any] = {
+    params = {
         'account_id': store.account_id,
         'conversation_id': conversation_id,
         'before': before,
         'max_messages': max_messages,
     }
-
-    async def once() -> list[Any]:
-        async with driver_transaction(account=store.account_id) as own:
-            return await own.fetch(BEFORE_ON_DRIVER, params)
-
-    rows = await retry_on_disconnect(once, what='conversation read')
+    rows = await read_on_driver(store.account_id, BEFORE_ON_DRIVER, params)
     if not rows:
         return None
     if not rows[0][7]:

@@ -80,6 +80,17 @@ async def _read(account_id: int, run: Callable[[AsyncSession], Awaitable[R]], ta
     return await retry_on_disconnect(once, what='conversation read')
 
 
+async def read_on_driver(account_id: int, statement: DriverStatement, params: Mapping[str, Any]) -> list[Any]:
+    """The rows of a read `statement` in a driver transaction of its own as `account_id`; once more on a fresh
+    connection if the first was lost."""
+
+    async def once() -> list[Any]:
+        async with driver_transaction(account=account_id) as own:
+            return await own.fetch(statement, params)
+
+    return await retry_on_disconnect(once, what='conversation read')
+
+
 class PostgresConversationStore(ConversationStore):
     """A `ConversationStore` in PostgreSQL, holding one account's conversations.
 
@@ -143,12 +154,7 @@ class PostgresConversationStore(ConversationStore):
         if transaction is not None:
             rows = await transaction.fetch(TAIL_ON_DRIVER, params)
         else:
-
-            async def once() -> list[Any]:
-                async with driver_transaction(account=self.account_id) as own:
-                    return await own.fetch(TAIL_ON_DRIVER, params)
-
-            rows = await retry_on_disconnect(once, what='conversation read')
+            rows = await read_on_driver(self.account_id, TAIL_ON_DRIVER, params)
         return stored_tail(rows, 0) if rows else None
 
     async def claim_and_read_tail(
