@@ -289,7 +289,7 @@ class TaskSupervisor:
                 waited = started_at - spawned_at
                 logger.debug('background task %s started (waited %.3fs)', task_name, waited)
                 try:
-                    with _task_span(kind, attributes, waited) as span, _recording_errors(span):
+                    with _task_span(kind, attributes, waited) as span:
                         try:
                             result = await fn(*args, **kwargs)
                         finally:
@@ -335,29 +335,19 @@ class TaskSupervisor:
 
 def _task_span(kind: str, attributes: TaskAttributes, waited: float) -> AbstractContextManager[Any]:
     """The task's span (OpenTelemetry's API: a no-op unless a tracer provider is installed), or none at all: named
-    by its kind, its ids as attributes.
+    by its kind, its ids as attributes, its failure recorded redacted (`redacted_error_span`).
 
     Telemetry must never fail the work it observes.
     """
+    from agentrt.services.span_errors import redacted_error_span
+
     try:
-        return _tracer.start_as_current_span(
-            f'background task {kind}',
-            attributes={**attributes, 'task_name': kind, 'queued_seconds': waited},
-            # Recorded redacted instead (`_recording_errors`): OpenTelemetry's own recording writes a driver's raw
-            # error, the row values it quotes included, and its whole traceback.
-            record_exception=False,
-            set_status_on_exception=False,
+        return redacted_error_span(
+            _tracer, f'background task {kind}', {**attributes, 'task_name': kind, 'queued_seconds': waited}
         )
     except Exception:
         logger.debug('no span for background task %s', kind, exc_info=True)
         return nullcontext()
-
-
-def _recording_errors(span: Any) -> AbstractContextManager[None]:
-    """A failure of the task recorded on its span, redacted (`recording_errors`); nothing without a span."""
-    from agentrt.services.span_errors import recording_errors
-
-    return recording_errors(span) if span is not None else nullcontext()
 
 
 # How an attribute reads in a log line; others as their name after `agentrt.`, `_` as a space.

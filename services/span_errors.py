@@ -13,10 +13,11 @@ lost with it; in an attribute, that attribute was dropped with a traceback in th
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from agentrt.services.log_redaction import redacted_log_text
 from agentrt.services.pg_text import storable_text
@@ -55,3 +56,23 @@ def recording_errors(span: trace.Span) -> Iterator[None]:
         if span.is_recording():
             record_redacted(span, exc)
         raise
+
+
+def redacted_error_span(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, AttributeValue]
+) -> AbstractContextManager[trace.Span]:
+    """A span of `tracer`, current for the block, whose failure is recorded redacted (`recording_errors`) instead of by
+    OpenTelemetry, which writes a driver's raw error (the row values it quotes included) and its whole traceback.
+
+    The span is asked for at once, so a tracer that fails to make one raises here, before the block (a background
+    task then runs without a span).
+    """
+    return _recorded(
+        tracer.start_as_current_span(name, attributes=attributes, record_exception=False, set_status_on_exception=False)
+    )
+
+
+@contextmanager
+def _recorded(started: AbstractContextManager[trace.Span]) -> Iterator[trace.Span]:
+    with started as span, recording_errors(span):
+        yield span

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 from opentelemetry import trace
 from procrastinate import BaseRetryStrategy, RetryStrategy
@@ -41,23 +40,14 @@ class PutBackOnStop(BaseRetryStrategy):
         return None if self.failures is None else self.failures.get_retry_decision(exception=exception, job=job)
 
 
-@contextmanager
-def _job_span(kind: str, attributes: dict[str, str | int]) -> Iterator[None]:
+def _job_span(kind: str, attributes: dict[str, str | int]) -> AbstractContextManager[trace.Span]:
     """A job's span, named as the same work's in a process of its own (`background task <kind>`, its ids as
     attributes): without it, each statement of a job the worker ran was a trace of its own. Its failure is recorded
-    redacted (`recording_errors`), as a background task's."""
-    from agentrt.services.span_errors import recording_errors
+    redacted (`redacted_error_span`), as a background task's."""
+    from agentrt.services.span_errors import redacted_error_span
 
-    with (
-        _tracer.start_as_current_span(
-            f'background task {kind}',
-            attributes={**attributes, 'task_name': kind, 'agentrt.job': True},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span,
-        recording_errors(span),
-    ):
-        yield
+    span_attributes = {**attributes, 'task_name': kind, 'agentrt.job': True}
+    return redacted_error_span(_tracer, f'background task {kind}', span_attributes)
 
 
 # Failures retried with growing waits (2, 4, 8, 16 s): a database restart or a lock held a while is over by then.
