@@ -46,7 +46,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import Match
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
@@ -64,7 +63,7 @@ from agentrt.agents.errors import (
     TurnLimitExceededError,
     UnknownTenantError,
 )
-from agentrt.api.head_requests import all_routes
+from agentrt.api.head_requests import methods_served
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
 from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
@@ -347,10 +346,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def _allowed_methods(request: Request) -> list[str]:
     """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes);
     `HEAD` with `GET`, which every `GET` route answers (`HeadAsGet`)."""
-    methods: set[str] = set()
-    for route in all_routes(request.app.router.routes):
-        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= route.methods
+    methods = methods_served(request.app.router.routes, request.scope)
     if 'GET' in methods:
         methods.add('HEAD')
     return sorted(methods, key=lambda method: (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else 99, method))

@@ -14,22 +14,24 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-def all_routes(routes: Iterable[BaseRoute]) -> Iterator[Route]:
+def _all_routes(routes: Iterable[BaseRoute]) -> Iterator[Route]:
     """The routes in `routes`, those of included routers too (FastAPI keeps a router it includes as one entry)."""
     for route in routes:
         if isinstance(route, Route):
             yield route
         included = getattr(route, 'original_router', None)
         if included is not None:
-            yield from all_routes(included.routes)
+            yield from _all_routes(included.routes)
 
 
-def serves(routes: Iterable[BaseRoute], scope: Scope, method: str) -> bool:
-    """Whether a route of `routes` whose path matches the request's serves `method`."""
-    return any(
-        route.methods and method in route.methods and route.matches(scope)[0] is not Match.NONE
-        for route in all_routes(routes)
-    )
+def methods_served(routes: Iterable[BaseRoute], scope: Scope) -> set[str]:
+    """The methods the routes of `routes` whose path matches the request's serve (a path's `GET` and `DELETE` may be
+    two routes)."""
+    methods: set[str] = set()
+    for route in _all_routes(routes):
+        if route.methods and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return methods
 
 
 class HeadAsGet:
@@ -49,7 +51,8 @@ class HeadAsGet:
             await self.app(scope, receive, send)
             return
         routes = getattr(getattr(scope.get('app'), 'router', None), 'routes', ())
-        if serves(routes, scope, 'HEAD') or not serves(routes, scope, 'GET'):
+        methods = methods_served(routes, scope)
+        if 'HEAD' in methods or 'GET' not in methods:
             # A route of its own (Starlette's add HEAD to GET), or the router's 405 (or 404) naming what it serves.
             await self.app(scope, receive, send)
             return
