@@ -63,7 +63,7 @@ class JobQueueState:
     running: int
     failed: int
     workers_alive: int
-    stalled: int = 0
+    stalled: int
 
 
 async def job_queue_state(*, session: AsyncSession, alive_within_s: float) -> JobQueueState | None:
