@@ -132,6 +132,22 @@ async def wait_until_waiting_on_a_lock(statement_start: str, seconds: float = 30
             await asyncio.sleep(0.01)
 
 
+async def past_its_deadlock_check(statement_start: str) -> None:
+    """Wait until a session waits on a lock in a statement starting with `statement_start`, then until its deadlock
+    check is over (twice `deadlock_timeout`).
+
+    PostgreSQL checks a waiting session for a deadlock once, `deadlock_timeout` after it began waiting, and ends the
+    transaction of the session whose check finds the cycle. A test that closes the cycle only after this returns is
+    the one ended, whatever the load: closed sooner, which side's check came first depended on timing (the side the
+    test expected to go on was ended once in a while under load).
+    """
+    await wait_until_waiting_on_a_lock(statement_start)
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        timeout = text("SELECT extract(epoch FROM current_setting('deadlock_timeout')::interval)")
+        seconds = float((await session.execute(timeout)).scalar_one())
+    await asyncio.sleep(2 * seconds)  # no event says a waiter's check ran: its timer is the server's
+
+
 @contextmanager
 def listening(*listeners: tuple[str, Callable[..., Any]], target: Any = None) -> Iterator[None]:
     """SQLAlchemy event listeners (`(event name, function)`) on `target`, the runtime's engine by default, while the

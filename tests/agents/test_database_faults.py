@@ -24,7 +24,7 @@ from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import ledger_rows, wait_until_waiting_on_a_lock
+from tests.factories import ledger_rows, past_its_deadlock_check
 from tests.private_database import CountingModel, PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle'
@@ -231,10 +231,13 @@ _RENAME = text("UPDATE accounts SET name = name || ' *' WHERE slug = :slug")
 
 
 class _Deadlock:
-    """A tool that updates two accounts' rows in one transaction while the test updates them in the other order."""
+    """A tool that updates two accounts' rows in one transaction while the test updates them in the other order (when
+    `contended`): the test's session waits first, past its deadlock check; the tool's closes the cycle, so PostgreSQL
+    ends the tool's transaction."""
 
-    def __init__(self) -> None:
-        self.tool_has_first, self.other_has_second = asyncio.Event(), asyncio.Event()
+    def __init__(self, *, contended: bool = True) -> None:
+        self.contended = contended
+        self.tool_has_first = asyncio.Event()
         self.toolset = FunctionToolset[SessionDependencies]()
         self.toolset.tool(self.rename_both)
 
@@ -243,17 +246,16 @@ class _Deadlock:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(_RENAME, {'slug': 'acme-health'})
             self.tool_has_first.set()
-            await self.other_has_second.wait()
-            await session.execute(_RENAME, {'slug': 'green-grocer'})  # waits first: PostgreSQL ends this side
+            if self.contended:
+                await past_its_deadlock_check('UPDATE accounts')  # the other session, for this row
+            await session.execute(_RENAME, {'slug': 'green-grocer'})  # closes the cycle: PostgreSQL ends this side
         return 'renamed'
 
     async def other_session(self) -> None:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await self.tool_has_first.wait()
             await session.execute(_RENAME, {'slug': 'green-grocer'})
-            self.other_has_second.set()
-            await wait_until_waiting_on_a_lock('UPDATE accounts')  # the tool, for this row
-            await session.execute(_RENAME, {'slug': 'acme-health'})
+            await session.execute(_RENAME, {'slug': 'acme-health'})  # waits for the tool's transaction
 
 
 def _call_the_tool(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -283,8 +285,7 @@ async def test_a_tool_query_ended_by_a_deadlock_is_a_database_error_saying_a_ret
         assert (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one() == 0
         marked = await session.execute(text("SELECT count(*) FROM accounts WHERE name LIKE '% *'"))
         assert marked.scalar_one() == 2  # the other session's marks only: the tool's were rolled back
-    again = _Deadlock()
-    again.other_has_second.set()  # nobody else holds the rows now: sent again, the same turn goes through
+    again = _Deadlock(contended=False)  # nobody else holds the rows now: sent again, the same turn goes through
     answer = await simple_chat(
         'mark them',
         session_id='deadlocked',

@@ -17,7 +17,7 @@ from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
-from tests.factories import wait_until_waiting_on_a_lock
+from tests.factories import past_its_deadlock_check
 
 
 async def _count_accounts() -> int:
@@ -241,25 +241,24 @@ _RENAME = text('UPDATE accounts SET name = name || :suffix WHERE id = :id')
 
 
 async def test_a_deadlock_is_a_database_unavailable_error_saying_a_retry_helps() -> None:
-    # Two sessions update the same two rows in opposite orders. This session waits first, so PostgreSQL's deadlock
-    # check (after deadlock_timeout, 1 s) ends its transaction (SQLSTATE 40P01), and the other one goes on.
+    # Two sessions update the same two rows in opposite orders. The other session waits first, past its deadlock check;
+    # this one closes the cycle, so PostgreSQL's check of this one (after deadlock_timeout, 1 s) ends its transaction
+    # (SQLSTATE 40P01), and the other one goes on.
     first, second = await _two_accounts()
-    other_has_second, this_waits = asyncio.Event(), asyncio.Event()
+    this_has_first = asyncio.Event()
 
     async def other() -> None:
         async with get_db_session(account=Unscoped.ADMIN) as session:
+            await this_has_first.wait()
             await session.execute(_RENAME, {'suffix': ' (other)', 'id': second})
-            other_has_second.set()
-            await this_waits.wait()
-            await wait_until_waiting_on_a_lock('UPDATE accounts')  # this session, for `second`
-            await session.execute(_RENAME, {'suffix': ' (other)', 'id': first})
+            await session.execute(_RENAME, {'suffix': ' (other)', 'id': first})  # waits for this session
 
     running = asyncio.ensure_future(other())
     with pytest.raises(DatabaseUnavailableError, match='deadlock') as raised:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(_RENAME, {'suffix': ' (this)', 'id': first})
-            await other_has_second.wait()
-            this_waits.set()
+            this_has_first.set()
+            await past_its_deadlock_check('UPDATE accounts')  # the other session, for `first`, holding `second`
             await session.execute(_RENAME, {'suffix': ' (this)', 'id': second})
     await running
     message = str(raised.value)
