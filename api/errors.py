@@ -113,6 +113,19 @@ class ApiError(Exception):
         self.field = field
 
 
+def loggable(text: str) -> str:
+    """`text` safe to put in one log line: each character that is not printable (a control character such as ESC or
+    a newline, a format character such as U+202E, a separator other than the space) written as its escape (`\\x1b`).
+
+    A request's path is decoded from its percent-escapes, so a client chooses every character of it: unescaped,
+    `/%1b[2J` cleared the terminal of whoever read the log and `/%0a...` forged a line of its own. Secrets are
+    redacted first: escaped, a secret on a line of its own (`\\nsk-...`) would no longer read as one to the log filter.
+    """
+    if text.isprintable():
+        return text
+    return ''.join(char if char.isprintable() else ascii(char)[1:-1] for char in redact_text(text)[0])
+
+
 def new_error_id() -> str:
     """A short random id that ties what the client saw to the log line."""
     return 'err_' + uuid.uuid4().hex[:16]
@@ -133,9 +146,12 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
+    where = loggable(where)
     if type_ in _ONE_LINE or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
         # buried real errors (an outage of 10 s: 367 turns refused, 23,000 lines)
-        logger.warning('%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, _short(str(exc)))
+        logger.warning(
+            '%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, loggable(_short(str(exc)))
+        )
     elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
         model = getattr(exc, 'model_name', None)
         logger.warning(
@@ -146,12 +162,12 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
             type_,
             type(exc).__name__,
             model or 'unknown',
-            _short(_redacted(str(exc))),
+            loggable(_short(_redacted(str(exc)))),
         )
     elif status >= 500:
         logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, exc, exc_info=exc)
     else:
-        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, _short(str(exc) or message))
+        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, loggable(_short(str(exc) or message)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     # The field is the client's own words too (a key of its body, as sent): redacted as its message is.
     shown_field = _short(_redacted(field_name)) if field_name is not None else None
@@ -297,7 +313,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every error a request can raise through `public_error`, so none answers with internal text."""
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        error = public_error(exc, where=f'{request.method} {request.url.path}')
+        error = public_error(exc, where=f'{request.method} {request.url.path}')  # escaped there
         headers = {'WWW-Authenticate': 'Bearer'} if error.status == 401 else None
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
@@ -306,7 +322,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body it could not read: none came
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
-        logger.info('%s %s %s: %d %s', error_id, request.method, request.url.path, exc.status_code, exc.detail)
+        where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
+        logger.info('%s %s: %d %s', error_id, where, exc.status_code, loggable(str(exc.detail)))
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
         headers = exc.headers
         allowed = _allowed_methods(request) if exc.status_code == 405 else []
@@ -330,7 +347,7 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for error in exc.errors()[:20]
         ]
-        logger.info('%s %s %s: 422 %s', error_id, request.method, request.url.path, errors)
+        logger.info('%s %s: 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), loggable(str(errors)))
         return JSONResponse({'detail': errors, 'type': 'invalid_request', 'error_id': error_id}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, on_validation_error)

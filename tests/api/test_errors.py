@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from agentrt.api import audit
-from agentrt.api.errors import ApiError, public_error, stream_error
+from agentrt.api.errors import ApiError, loggable, public_error, stream_error
 from agentrt.db.errors import (
     ConfigError,
     DatabaseDisconnectedError,
@@ -235,3 +235,53 @@ def test_a_provider_failure_is_one_warning_line_without_a_traceback(
     line = record.getMessage()
     assert line.startswith(f'{public.error_id} POST /api/v1/chat: 502 {kind}: {type(exc).__name__} '), line
     assert f'(model {model or "unknown"}): ' in line and str(exc)[:30] in line, line
+
+
+# A request's path is percent-decoded: the client chooses each of its characters. ESC starts a terminal's control
+# sequence, a newline forges a log line, U+202E turns the rest of a line around on screen.
+HOSTILE_PATH = '%1b%5b2J%0a2026-12-01 INFO forged line%0d%E2%80%AE%E2%80%A8%00end'
+
+
+@pytest.mark.parametrize(
+    ('method', 'url', 'status'),
+    [
+        ('GET', f'/api/v1/nowhere/{HOSTILE_PATH}', 404),  # no route: Starlette's 404
+        ('PUT', f'/api/v1/conversations/{HOSTILE_PATH}', 405),  # a route, another method
+        ('GET', f'/api/v1/conversations/{HOSTILE_PATH}', 422),  # a route's refusal (`public_error`)
+    ],
+    ids=['no route', 'method not allowed', 'invalid conversation id'],
+)
+async def test_a_paths_control_characters_reach_the_log_escaped(
+    keys: Keys, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture, method: str, url: str, status: int
+) -> None:
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        response = await client.request(method, url, headers=auth(keys.acme))
+    assert response.status_code == status, response.text
+    lines = [record.getMessage() for record in caplog.records if record.name == 'agentrt.api']
+    assert any(response.json()['error_id'] in line for line in lines), lines
+    for line in lines:
+        assert line.isprintable(), line  # no ESC, newline, carriage return, NUL, U+202E, U+2028
+    logged = next(line for line in lines if response.json()['error_id'] in line)
+    # (the client drops the path's CR and LF before sending it; the unit test below covers them)
+    assert r'\x1b[2J' in logged and r'INFO forged line\u202e\u2028\x00end' in logged, logged
+
+
+async def test_a_body_keys_control_characters_reach_the_log_escaped(
+    keys: Keys, client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.agents.test_error_redaction import OPENAI_KEY, _assert_clean
+
+    body = {'message': 'hi', '\x1b]0;owned\x07\n' + OPENAI_KEY.text: 1}  # a key the model does not know: a 422
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        response = await client.post('/api/v1/conversations/c1/turns', headers=auth(keys.acme), json=body)
+    assert response.status_code == 422, response.text
+    line = next(record.getMessage() for record in caplog.records if response.json()['error_id'] in record.getMessage())
+    assert line.isprintable() and r'\x1b]0;owned\x07\n' in line, line
+    _assert_clean(line, OPENAI_KEY)  # redacted before it was escaped: `\nsk-...` would not read as a key
+
+
+def test_loggable_escapes_only_what_is_not_printable() -> None:
+    printable = 'GET /api/v1/café 😀 a\\b'
+    assert loggable(printable) is printable  # nothing to do, nothing copied
+    assert loggable('a\tb\x7f\u200b\ud800\U000e0001') == r'a\tb\x7f\u200b\ud800\U000e0001'
+    assert loggable('GET /x\r\n2026-12-01 INFO forged') == r'GET /x\r\n2026-12-01 INFO forged'
