@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
+from typing import Any
 
 import httpx2
+import pytest
 
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
@@ -14,7 +17,8 @@ from agentrt.services.budgets import Period, set_budget
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events
-from tests.factories import ledger_record, ledger_rows, write_ledger_row
+from tests.factories import ledger_record, ledger_rows, scalar, write_ledger_row
+from tests.services.budgets.helpers import period_row
 from tests.services.budgets.priced_model import PricedModel
 
 
@@ -92,3 +96,70 @@ async def test_tiny_amounts_are_plain_decimal_strings_never_exponents(keys: Keys
     assert [item['total_cost'] for item in costs['items']] == ['0.00000015'], costs
     for body in (budget, refused.json(), audit, costs):
         assert 'E-' not in json.dumps(body), body
+
+
+async def _hold_of_a_turn(client: httpx2.AsyncClient, key: str, model: PricedModel) -> Decimal:
+    """What one JSON turn of `hi` holds (the same for every such turn: same prompt, same size class)."""
+    gate = asyncio.Event()
+    model.gate = gate
+    turn = asyncio.create_task(client.post('/api/v1/conversations/probe/turns', json={'message': 'hi'}, headers=auth(key)))
+    while model.arrived == 0:  # noqa: ASYNC110 - the model counts arrivals
+        await asyncio.sleep(0.005)
+    held = await scalar('SELECT amount_usd FROM budget_reservations')
+    gate.set()
+    assert (await turn).status_code == 200
+    await get_request_tracker().flush()
+    return held
+
+
+@pytest.mark.parametrize('route', ['json', 'streamed'])
+async def test_racing_turns_of_one_account_are_admitted_as_far_as_its_limit_and_refused_429(
+    keys: Keys, route: str
+) -> None:
+    # A hostile tenant fires 30 turns at once at a budget that fits two: two reach the model, the rest are refused
+    # before anything is sent (429 budget_exceeded, or the stream's error event), billed nothing.
+    turns, fits = 30, 2
+    model = PricedModel()
+    acme = await account_id('acme-health')
+    await _budget('acme-health', '1000')
+    async with _client(model) as client:
+        hold = await _hold_of_a_turn(client, keys.acme, model)
+        spent_before = Decimal((await client.get('/api/v1/budget', headers=auth(keys.acme))).json()['spent_usd'])
+        limit = spent_before + hold * fits + hold / 1000
+        await _budget('acme-health', str(limit))
+        gate = asyncio.Event()
+        model.gate, model.arrived = gate, 0
+
+        def send(i: int) -> Any:
+            if route == 'json':
+                return client.post(f'/api/v1/conversations/race-{i}/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+            return client.post('/api/v1/chat', json=chat_body(f'race-{i}', 'hi'), headers=auth(keys.acme))
+
+        sent = [asyncio.create_task(send(i)) for i in range(turns)]
+        try:
+            while model.arrived + sum(t.done() for t in sent) < turns:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            window = await period_row(acme)
+            assert window is not None and model.arrived == fits
+            assert window['spent_usd'] + window['reserved_usd'] <= limit
+        finally:
+            gate.set()
+            answers = await asyncio.gather(*sent)
+        await get_request_tracker().flush()
+        await get_supervisor().join()
+        budget = (await client.get('/api/v1/budget', headers=auth(keys.acme))).json()
+    if route == 'json':
+        codes = sorted(answer.status_code for answer in answers)
+        assert codes == [200] * fits + [429] * (turns - fits), codes
+        assert all(a.json()['type'] == 'budget_exceeded' for a in answers if a.status_code == 429)
+    else:
+        errors = [of_type(sse_events(answer.text), 'error') for answer in answers]
+        assert sum(1 for e in errors if not e) == fits
+        assert all('does not cover' in e[0]['errorText'] for e in errors if e)
+    rows = [row for row in await ledger_rows(account_slug='acme-health') if row['chat_session_id'].startswith('race-')]
+    assert sorted(row['status'] for row in rows) == ['complete'] * fits + ['refused'] * (turns - fits)
+    assert all(row['total_cost'] == 0 for row in rows if row['status'] == 'refused')
+    spent = Decimal(budget['spent_usd'])
+    assert spent == spent_before + sum(row['total_cost'] for row in rows if row['status'] == 'complete')
+    assert spent <= limit and budget['reserved_usd'] == '0' and budget['holds'] == 0
+    assert budget['refused_requests'] == turns - fits
