@@ -8,18 +8,20 @@ or refused, so the test sees what they hold at once: exactly N, and no room left
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from agentrt.agents.errors import BudgetExceededError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget
-from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs
+from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget, sweep_reservations
+from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs, utc_now
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar, slow_commit_reply
 from tests.services.budgets.priced_model import PricedModel
@@ -175,3 +177,98 @@ async def test_a_turn_cancelled_as_its_hold_commits_gives_the_hold_back(
     assert await scalar('SELECT count(*) FROM budget_reservations') == 0
     _, reserved, holds = await _status('acme-health')
     assert reserved == 0 and holds == 0
+
+
+async def _held_turns(count: int, model: PricedModel, prefix: str) -> list[asyncio.Task[ChatResult]]:
+    """`count` turns of acme-health started and held at the model (admitted, their holds taken)."""
+    turns = [
+        asyncio.create_task(_turn('How many cardiologists?', f'{prefix}-{i}', False, model, 'acme-health'))
+        for i in range(count)
+    ]
+    while model.arrived < count:  # noqa: ASYNC110 - the model counts arrivals
+        await asyncio.sleep(0.005)
+    return turns
+
+
+async def _ledger_spent(prefix: str) -> Decimal:
+    """What acme-health's ledger rows of conversations named `prefix...` cost."""
+    rows = await ledger_rows(account_slug='acme-health')
+    return sum((row['total_cost'] for row in rows if (row['chat_session_id'] or '').startswith(prefix)), Decimal(0))
+
+
+async def test_a_limit_lowered_under_turns_in_flight_refuses_the_next_and_settles_those_once(demo_data: None) -> None:
+    await _set('acme-health', '1000')
+    hold = await _hold_of_one_turn(False, 'acme-health')
+    spent_before, _, _ = await _status('acme-health')
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    await _set('acme-health', spent_before + hold * 5)
+    flying = await _held_turns(3, model, 'lowered')
+    # The operator lowers the limit below what the three hold: they go on (README: a change applies to the next
+    # request), the next request is refused, and once they end each is charged once and its hold given back.
+    await _set('acme-health', spent_before + hold)
+    with pytest.raises(BudgetExceededError):
+        await simple_chat('and one more', session_id='lowered-refused', account='acme-health', model=PricedModel())
+    gate.set()
+    await asyncio.gather(*flying)
+    await _drain()
+    spent, reserved, holds = await _status('acme-health')
+    assert reserved == 0 and holds == 0
+    assert spent == spent_before + await _ledger_spent('lowered-'), 'each row charged once'
+    with pytest.raises(BudgetExceededError):
+        await simple_chat('and again', session_id='lowered-after', account='acme-health', model=PricedModel())
+
+
+async def test_a_period_changed_under_turns_in_flight_counts_their_rows_once_in_the_new_period(
+    demo_data: None,
+) -> None:
+    # Changing the period drops the holds of requests in flight (README); their rows, arriving later, count in the
+    # new period once: not twice (summed when the period's row is created and settled again), not zero times.
+    await _set('acme-health', '1000')
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    flying = await _held_turns(2, model, 'moved')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await set_budget(session=session, account='acme-health', limit_usd=Decimal(1000), period=Period('day'))
+    assert await scalar('SELECT count(*) FROM budget_reservations') == 0, 'dropped with the old period'
+    await simple_chat('meanwhile', session_id='moved-meanwhile', account='acme-health', model=PricedModel())
+    gate.set()
+    await asyncio.gather(*flying)
+    await _drain()
+    spent, reserved, holds = await _status('acme-health')
+    today = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
+    rows = await ledger_rows(account_slug='acme-health')
+    assert reserved == 0 and holds == 0 and sum(row['status'] == 'complete' for row in rows) == 3
+    assert spent == sum(row['total_cost'] for row in rows if row['started_at'] >= today), 'each row counted once'
+
+
+async def test_a_request_held_before_its_period_rolled_over_is_charged_to_the_period_it_started_in(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A turn admitted at 23:59:59 of the last day of a period ends in the next one: its cost is the old period's, and
+    # the new period (created by a request meanwhile) does not count it as well.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await set_budget(session=session, account='acme-health', limit_usd=Decimal(1000), period=Period('day'))
+    now = utc_now()
+    yesterday = now - timedelta(days=1)
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    with monkeypatch.context() as patched:
+        patched.setattr('agentrt.services.ledger._capability.utc_now', lambda: yesterday)
+        (late,) = await _held_turns(1, model, 'rolled-late')
+    await simple_chat('today', session_id='rolled-today', account='acme-health', model=PricedModel())
+    gate.set()
+    await late
+    await _drain()
+    await sweep_reservations()  # folds the settlements into both windows
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        rows = (
+            await session.execute(
+                text('SELECT period_start, spent_usd, reserved_usd FROM budget_periods ORDER BY period_start')
+            )
+        ).all()
+    assert [(start.date(), reserved) for start, _, reserved in rows] == [(yesterday.date(), 0), (now.date(), 0)]
+    assert rows[0].spent_usd == await _ledger_spent('rolled-late') > 0
+    assert rows[1].spent_usd == await _ledger_spent('rolled-today') > 0
+    spent, _, _ = await _status('acme-health')
+    assert spent == rows[1].spent_usd
