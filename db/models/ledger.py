@@ -75,6 +75,9 @@ class LLMRequestRow(Base):
     input_cost: Mapped[Decimal | None] = mapped_column(Numeric)
     output_cost: Mapped[Decimal | None] = mapped_column(Numeric)
     total_cost: Mapped[Decimal | None] = mapped_column(Numeric)
+    # A request cut off or failed without a complete answer: what the output it received can cost at most (its UTF-8
+    # size as tokens, at the output rate), charged to its budget hold beside the input's share (migration 0015).
+    output_bound_usd: Mapped[Decimal | None] = mapped_column(Numeric)
     price_source: Mapped[str | None] = mapped_column(String(200))
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
     time_to_first_token_ms: Mapped[float | None] = mapped_column(Float)

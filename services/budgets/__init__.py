@@ -19,7 +19,14 @@ from agentrt.services.budgets._admin import (
     set_budget,
 )
 from agentrt.services.budgets._config import BudgetConfig, UnpricedMode
-from agentrt.services.budgets._estimate import Pricer, RequestSizes, pricer_for, size_class, supports_count_tokens
+from agentrt.services.budgets._estimate import (
+    Pricer,
+    RequestSizes,
+    output_bound_usd,
+    pricer_for,
+    size_class,
+    supports_count_tokens,
+)
 from agentrt.services.budgets._holders import Holder, is_alive, this_process
 from agentrt.services.budgets._reserve import Hold, Refusal, give_back, has_budget, release, reserve
 from agentrt.services.budgets._settle import SETTLED_COLUMNS, WINDOW_LOCK, settlement_ctes
@@ -46,6 +53,7 @@ __all__ = [
     'give_back',
     'has_budget',
     'is_alive',
+    'output_bound_usd',
     'parse_limit',
     'pricer_for',
     'release',

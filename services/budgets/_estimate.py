@@ -24,7 +24,16 @@ from typing import Any
 from genai_prices import calc_price
 from genai_prices.types import PriceCalculation
 from pydantic import TypeAdapter
-from pydantic_ai.messages import FileUrl, ModelMessage, ModelRequest, UserPromptPart
+from pydantic_ai.messages import (
+    FileUrl,
+    ModelMessage,
+    ModelRequest,
+    ModelResponsePart,
+    TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    UserPromptPart,
+)
 from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.tools import ToolDefinition
@@ -149,6 +158,24 @@ def _base_url(model: Model) -> str | None:
         return model.base_url
     except Exception:  # some models resolve it lazily, or have none (pydantic-ai's own lookup does the same)
         return None
+
+
+def output_bound_usd(model: Model, parts: Sequence[ModelResponsePart], at: datetime) -> Decimal | None:
+    """What the output `parts` (an answer received in part) can cost at most at time `at`: their UTF-8 size as tokens
+    (a text's characters, a tool call's name and arguments; any other part as JSON), at the model's output rate.
+
+    None when there is no output or the model has no price (genai-prices).
+    """
+    size = 0
+    for part in parts:
+        if isinstance(part, TextPart | ThinkingPart):
+            size += _utf8_size(part.content)
+        elif isinstance(part, ToolCallPart):
+            size += _utf8_size(part.tool_name) + _utf8_size(part.args_as_json_str())
+        else:
+            size += len(to_json(part, fallback=repr))
+    pricer = pricer_for(model) if size else None
+    return None if pricer is None else pricer.cost(0, size, at)
 
 
 def supports_count_tokens(model: Model) -> bool:

@@ -18,7 +18,11 @@ every reader of a window adds the settlements not folded yet (`budget_statuses`)
 The cost charged is the ledger's `total_cost`. When the row has none: 0 for an unpriced model whose usage was
 reported (its tokens still count in `spent_tokens`), 0 for a request the provider answered with an HTTP error
 (providers do not bill those), the whole hold for a complete response whose usage was never reported, and the
-input's share of the hold for a failed or cancelled one (what was sent is billed; what it produced is unknown).
+input's share of the hold for a failed or cancelled one (what was sent is billed). A failed or cancelled request
+that had received output (a stream cut off before its end, where providers report usage) is charged at least its
+input's share and what that output can cost at most (`output_bound_usd`, its UTF-8 size as tokens), within its hold,
+whatever else it says: the provider bills the output it streamed, and a caller could otherwise read an answer and
+hang up before its usage arrived, over and over, its answers free against the budget.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ window's row is created under it exclusive, in a statement that begins once the 
 row is then summed into the new window's row or sees it and is settled into it, once."""
 
 SETTLED_COLUMNS = ('id', 'account_id', 'started_at', 'total_cost', 'total_tokens', 'usage_reported', 'status',
-                   'error_status_code')  # fmt: skip
+                   'error_status_code', 'output_bound_usd')  # fmt: skip
 """The columns of the new ledger rows that settling reads (what the writer's insert returns)."""
 
 
@@ -52,7 +56,9 @@ def settlement_ctes(new: str) -> str:
     RETURNING h.id, h.account_id, h.period_start, h.amount_usd, h.input_usd
 ), charges AS (
     SELECT h.account_id, h.period_start, h.amount_usd AS held,
-           CASE WHEN n.total_cost IS NOT NULL THEN n.total_cost
+           CASE WHEN n.output_bound_usd IS NOT NULL
+                    THEN greatest(coalesce(n.total_cost, 0), least(h.amount_usd, h.input_usd + n.output_bound_usd))
+                WHEN n.total_cost IS NOT NULL THEN n.total_cost
                 WHEN n.usage_reported THEN 0
                 WHEN n.status = 'complete' THEN h.amount_usd
                 WHEN n.status = 'error' AND n.error_status_code IS NOT NULL THEN 0

@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 
 from agentrt.db.errors import BudgetExceededError
-from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back
+from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, output_bound_usd
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
@@ -346,6 +346,8 @@ class LedgerCapability(AbstractCapability[Any]):
             record.time_to_first_token_ms = None if first is None else first * 1000
         if seen is not None:
             _apply_response(record, seen)
+            if status != 'complete':
+                record.output_bound_usd = _output_bound(request_context.model, seen, flight.started_at)
         else:
             record.usage_reported = False
             record.price_source = 'unmeasured'
@@ -365,6 +367,16 @@ async def _release(hold: Hold) -> None:
     """Give back the hold of a request that was never sent; this process's next sweep does it if this cannot."""
     if not await asyncio.shield(give_back(hold.id, hold.account_id)):
         logger.warning('ledger: could not release the budget hold of %s now; the next sweep will', hold.id)
+
+
+def _output_bound(model: Model, response: ModelResponse, at: Any) -> Decimal | None:
+    """What the output a cut-off or failed request received can cost at most (its budget hold is settled at no less);
+    None when it cannot be told (the row is recorded all the same)."""
+    try:
+        return output_bound_usd(model, response.parts, at)
+    except Exception:
+        logger.exception('ledger: could not bound the cost of the output a cut-off request received')
+        return None
 
 
 def _current_trace_id() -> str | None:

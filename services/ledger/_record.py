@@ -167,6 +167,9 @@ class LedgerRecord:
     input_cost: Decimal | None = None
     output_cost: Decimal | None = None
     total_cost: Decimal | None = None
+    output_bound_usd: Decimal | None = None
+    """A request cut off or failed without a complete answer: what the output it received can cost at most (its
+    UTF-8 size as tokens, at the output rate); its budget hold is settled at no less than its input's share and this."""
     price_source: str | None = None
     time_to_first_token_ms: float | None = None
     finish_reason: str | None = None
@@ -316,7 +319,7 @@ def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_DECIMALS = {'input_cost', 'output_cost', 'total_cost'}
+_DECIMALS = {'input_cost', 'output_cost', 'total_cost', 'output_bound_usd'}
 _TIMES = {'started_at', 'finished_at'}
 
 

@@ -24,7 +24,7 @@ from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_bu
 from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs, utc_now
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar, slow_commit_reply
-from tests.services.budgets.priced_model import PricedModel
+from tests.services.budgets.priced_model import LongAnswerModel, PricedModel
 
 TURNS = 50
 ADMITTED = 7
@@ -272,3 +272,34 @@ async def test_a_request_held_before_its_period_rolled_over_is_charged_to_the_pe
     assert rows[1].spent_usd == await _ledger_spent('rolled-today') > 0
     spent, _, _ = await _status('acme-health')
     assert spent == rows[1].spent_usd
+
+
+async def test_a_stream_cut_after_its_answer_began_is_charged_the_output_it_received(demo_data: None) -> None:
+    # A hostile tenant reads a long streamed answer and hangs up before its end, where the provider reports usage:
+    # the provider bills all the output it produced, but the hold was settled at its input's share alone, so the
+    # answer was free against the budget, turn after turn.
+    await _set('acme-health', '100')
+    model = LongAnswerModel()
+
+    async def read() -> None:
+        async with simple_chat_stream('Write an essay', session_id='cut', account='acme-health', model=model) as stream:
+            async for _ in stream:
+                pass
+
+    reader = asyncio.create_task(read())
+    async with asyncio.timeout(30):
+        await model.paused.wait()
+    reader.cancel()  # the caller is gone
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await _drain()
+    assert model.produced_tokens == model.pause_after * model.CHUNK_TOKENS
+    (row,) = await ledger_rows(account_slug='acme-health', chat_session_id='cut')
+    assert row['status'] == 'cancelled' and not row['usage_reported']
+    spent, reserved, holds = await _status('acme-health')
+    assert reserved == 0 and holds == 0
+    (held,) = model.held
+    pricer = pricer_for(model)
+    assert pricer is not None
+    produced = pricer.cost(0, model.produced_tokens, row['started_at'])
+    assert held.input_usd + produced <= spent <= held.amount_usd, (spent, held)

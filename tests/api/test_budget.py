@@ -9,17 +9,21 @@ from typing import Any
 
 import httpx2
 import pytest
+from openai import AsyncOpenAI
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.budgets import Period, set_budget
+from agentrt.services.budgets import Period, pricer_for, set_budget
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events
+from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
 from tests.factories import ledger_record, ledger_rows, scalar, write_ledger_row
 from tests.services.budgets.helpers import period_row
-from tests.services.budgets.priced_model import PricedModel
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.services.budgets.priced_model import LongAnswerModel, PricedModel
 
 
 async def _budget(account: str, limit: str) -> None:
@@ -102,7 +106,9 @@ async def _hold_of_a_turn(client: httpx2.AsyncClient, key: str, model: PricedMod
     """What one JSON turn of `hi` holds (the same for every such turn: same prompt, same size class)."""
     gate = asyncio.Event()
     model.gate = gate
-    turn = asyncio.create_task(client.post('/api/v1/conversations/probe/turns', json={'message': 'hi'}, headers=auth(key)))
+    turn = asyncio.create_task(
+        client.post('/api/v1/conversations/probe/turns', json={'message': 'hi'}, headers=auth(key))
+    )
     while model.arrived == 0:  # noqa: ASYNC110 - the model counts arrivals
         await asyncio.sleep(0.005)
     held = await scalar('SELECT amount_usd FROM budget_reservations')
@@ -132,7 +138,9 @@ async def test_racing_turns_of_one_account_are_admitted_as_far_as_its_limit_and_
 
         def send(i: int) -> Any:
             if route == 'json':
-                return client.post(f'/api/v1/conversations/race-{i}/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+                return client.post(
+                    f'/api/v1/conversations/race-{i}/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+                )
             return client.post('/api/v1/chat', json=chat_body(f'race-{i}', 'hi'), headers=auth(keys.acme))
 
         sent = [asyncio.create_task(send(i)) for i in range(turns)]
@@ -163,3 +171,76 @@ async def test_racing_turns_of_one_account_are_admitted_as_far_as_its_limit_and_
     assert spent == spent_before + sum(row['total_cost'] for row in rows if row['status'] == 'complete')
     assert spent <= limit and budget['reserved_usd'] == '0' and budget['holds'] == 0
     assert budget['refused_requests'] == turns - fits
+
+
+async def test_a_stream_whose_client_hangs_up_mid_answer_is_charged_once_for_what_it_streamed(keys: Keys) -> None:
+    # The client reads the answer's first words and hangs up: the turn is cancelled, its hold given back, and it is
+    # charged once, for its input and the output the provider had streamed (the provider bills it), not its input
+    # alone (the answer was free against the budget before: usage comes at a stream's end).
+    await _budget('acme-health', '100')
+    acme = await account_id('acme-health')
+    model = LongAnswerModel()
+    async for url in serve(create_app(manage_runtime=False, model=model)):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            status, events = await stream_chat(
+                client,
+                keys.acme,
+                chat_body('hung-up', 'Write an essay'),
+                stop=lambda e: isinstance(e, dict) and e.get('type') == 'text-delta',
+            )
+        assert status == 200 and of_type(events, 'text-delta')
+        for _ in range(500):  # the server notices the hang-up and cancels the turn
+            await get_request_tracker().flush()
+            if await ledger_rows(chat_session_id='hung-up'):
+                break
+            await asyncio.sleep(0.02)
+        model.resume.set()
+    await get_supervisor().join()
+    (row,) = await ledger_rows(chat_session_id='hung-up')
+    assert row['status'] == 'cancelled' and not row['usage_reported']
+    window = await period_row(acme)
+    assert (
+        window is not None
+        and window['reserved_usd'] == 0
+        and await scalar('SELECT count(*) FROM budget_reservations') == 0
+    )
+    (held,) = model.held
+    pricer = pricer_for(model)
+    assert pricer is not None
+    streamed = pricer.cost(0, model.produced_tokens, row['started_at'])
+    assert held.input_usd + streamed <= window['spent_usd'] <= held.amount_usd, (window, held)
+
+
+@pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
+async def test_a_stream_the_provider_drops_mid_answer_is_charged_for_what_it_streamed(keys: Keys) -> None:
+    # The provider's connection drops after the whole text and before its usage: charged for that text too, beside the
+    # input's share that a drop before any text is charged.
+    words = 400
+    replies = iter(
+        [
+            Reply(text='word ' * words, chunks=10, fault='drop', fault_after=1),  # only the role chunk
+            Reply(text='word ' * words, chunks=10, fault='drop', fault_after=11),  # every piece of the text
+        ]
+    )
+    await _budget('acme-health', '100')
+    acme = await account_id('acme-health')
+    spent = []
+    with FakeOpenAI(lambda body: next(replies)).running() as fake:  # type: ignore[arg-type]
+        openai_client = AsyncOpenAI(base_url=fake.base_url, api_key='sk-test', max_retries=0)
+        model = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(openai_client=openai_client))
+        transport = httpx2.ASGITransport(app=create_app(manage_runtime=False, model=model), raise_app_exceptions=False)
+        async with httpx2.AsyncClient(transport=transport, base_url='http://test', timeout=30) as client:
+            for conversation in ('dropped-1', 'dropped-2'):
+                answer = await client.post('/api/v1/chat', json=chat_body(conversation, 'hi'), headers=auth(keys.acme))
+                assert of_type(sse_events(answer.text), 'error'), answer.text
+                await get_request_tracker().flush()
+                window = await period_row(acme)
+                assert window is not None and window['reserved_usd'] == 0
+                spent.append(window['spent_usd'])
+        await openai_client.close()
+    rows = await ledger_rows(account_slug='acme-health')
+    assert [(row['status'], row['usage_reported']) for row in rows] == [('error', False)] * 2
+    pricer = pricer_for(model)
+    assert pricer is not None
+    quiet, loud = spent[0], spent[1] - spent[0]
+    assert quiet > 0 and loud >= quiet + pricer.cost(0, words, rows[1]['started_at']), (quiet, loud)

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic_ai import ModelResponse, TextPart
@@ -19,7 +20,9 @@ from pydantic_ai.messages import ModelMessage, ModelResponseStreamEvent
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RequestUsage
+from sqlalchemy import text
 
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import RequestSizes
 from agentrt.services.ledger import utc_now
 
@@ -107,3 +110,68 @@ class _Stream(StreamedResponse):
     @property
     def timestamp(self) -> datetime:
         return self._started
+
+
+@dataclass(frozen=True)
+class HeldAmounts:
+    """A hold's amount and the input's share of it."""
+
+    amount_usd: Decimal
+    input_usd: Decimal
+
+
+class LongAnswerModel(PricedModel):
+    """A `PricedModel` that streams a long answer, `chunks` pieces of `CHUNK_TOKENS` words each, and reports its usage
+    only with the last one (as OpenAI's Chat Completions do): a stream cut before its end was billed by the provider
+    for what it produced (`produced_tokens`), though it never said so. After `pause_after` pieces it waits for
+    `resume` (set it to let the answer go on), so a test can cut it there; `paused` is set when it waits."""
+
+    CHUNK_TOKENS = 50
+
+    def __init__(self, chunks: int = 40, pause_after: int = 4) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.pause_after = pause_after
+        self.resume = asyncio.Event()
+        self.paused = asyncio.Event()
+        self.produced_tokens = 0
+        self.held: list[HeldAmounts] = []
+        """What each request held as it arrived (the newest hold then)."""
+
+    async def _arrive(
+        self, messages: list[ModelMessage], settings: ModelSettings | None, parameters: ModelRequestParameters
+    ) -> RequestUsage:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            newest = text('SELECT amount_usd, input_usd FROM budget_reservations ORDER BY created_at DESC LIMIT 1')
+            amount, input_usd = (await session.execute(newest)).one()
+        self.held.append(HeldAmounts(amount, input_usd))
+        return await super()._arrive(messages, settings, parameters)
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: Any = None,
+    ) -> AsyncGenerator[StreamedResponse]:
+        usage = await self._arrive(messages, model_settings, model_request_parameters)
+        yield _LongStream(model_request_parameters, _model=self, _input_tokens=usage.input_tokens)
+
+
+@dataclass
+class _LongStream(_Stream):
+    _model: LongAnswerModel | None = None
+    _input_tokens: int = 0
+
+    async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+        model = self._model
+        assert model is not None
+        for index in range(model.chunks):
+            if index == model.pause_after:
+                model.paused.set()
+                await model.resume.wait()
+            model.produced_tokens += model.CHUNK_TOKENS
+            for event in self._parts_manager.handle_text_delta(vendor_part_id='content', content='word ' * 50):
+                yield event
+        self._usage = RequestUsage(input_tokens=self._input_tokens, output_tokens=model.produced_tokens)
