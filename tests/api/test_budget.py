@@ -21,8 +21,8 @@ from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
 from tests.factories import ledger_record, ledger_rows, scalar, write_ledger_row
-from tests.services.budgets.helpers import period_row
 from tests.fake_openai import FakeOpenAI, Reply
+from tests.services.budgets.helpers import period_row
 from tests.services.budgets.priced_model import LongAnswerModel, PricedModel
 
 
