@@ -198,7 +198,9 @@ async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(databas
         gone = ledger_record(account_id=1, status='cancelled', success=False, model='gpt-4o')
         day = rows[0].started_at.astimezone(UTC).date()
         async with engine.begin() as conn:
-            await conn.execute(insert(LLMRequestRow), [row.to_row() for row in [*rows, gone]])
+            # The rows as 0012 has them (`output_bound_usd` came with 0015).
+            at_0012 = [{k: v for k, v in row.to_row().items() if k != 'output_bound_usd'} for row in [*rows, gone]]
+            await conn.execute(insert(LLMRequestRow), at_0012)
             await conn.execute(text('INSERT INTO usage_rolled_up_requests (request_id) SELECT id FROM llm_requests'))
             await conn.execute(text('DELETE FROM llm_requests WHERE id = :id'), {'id': gone.id})
             # What the roll-up wrote before 0013: every unsuccessful request (not the refused) as failed.
