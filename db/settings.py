@@ -395,8 +395,8 @@ class Settings(BaseSettings):
         ge=10,
         le=7 * 24 * 3600,
         validation_alias=AliasChoices('AGENTRT_BUDGET_RESERVATION_TTL_SECONDS', 'budget_reservation_ttl_seconds'),
-        description='how long a hold lasts when its process cannot be checked (another host); longer than the '
-        'longest model request',
+        description='how long a hold lasts unrenewed when its process cannot be checked (another host); a request '
+        'in flight renews its hold every third of it',
     )
     budget_sweep_interval_seconds: float = Field(
         default=60.0,

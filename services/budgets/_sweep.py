@@ -1,9 +1,10 @@
 """The sweeper: gives back the holds of processes that died holding them, and holds that expired.
 
-A hold of a process on this host is released as soon as that process is gone (its id is free or names a process
-started at another time); any hold is released once it expires (`AGENTRT_BUDGET_RESERVATION_TTL_SECONDS`), which
-covers other hosts. If the request's ledger row arrives later (spooled while the database was down, replayed
-after), its cost still counts: it is added to the window its `started_at` falls in (`_settle.py`).
+A hold of a process on this host is released as soon as that process is gone (its id is free or names a process started
+at another time); any hold is released once it expires (`AGENTRT_BUDGET_RESERVATION_TTL_SECONDS` after it was taken or
+last renewed: a request in flight renews its own, `_renew.py`), which covers other hosts. If the request's ledger row
+arrives later (spooled while the database was down, replayed after), its cost still counts: it is added to the window
+its `started_at` falls in (`_settle.py`).
 
 It also folds the settlements the ledger writer appended into their windows (admissions do it for their own window;
 the sweeper for windows no request has used since). Runs from `agentrt budget sweep`, and in the background of

@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 
 from agentrt.db.errors import BudgetExceededError
-from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, output_bound_usd
+from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, kept, output_bound_usd
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
@@ -223,7 +223,9 @@ class LedgerCapability(AbstractCapability[Any]):
         )
         state.current = flight
         try:
-            response = await handler(request_context)
+            # However long the request runs (a slow reader holds a stream open), its hold does not expire under it.
+            async with kept(hold, state.budget.reservation_ttl_seconds):
+                response = await handler(request_context)
         except SkipModelRequest:
             state.current = None  # nothing was sent
             if hold is not None:

@@ -303,3 +303,30 @@ async def test_a_stream_cut_after_its_answer_began_is_charged_the_output_it_rece
     assert pricer is not None
     produced = pricer.cost(0, model.produced_tokens, row['started_at'])
     assert held.input_usd + produced <= spent <= held.amount_usd, (spent, held)
+
+
+async def test_a_request_in_flight_longer_than_the_hold_ttl_keeps_its_hold(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller decides how long a streamed request runs (a client that reads slowly or not at all holds it open): the
+    # sweeper released its hold once the TTL passed, so the account was admitted past its limit while it still ran.
+    ttl = 0.6
+    await _set('acme-health', '1000')
+    hold = await _hold_of_one_turn(False, 'acme-health')
+    spent_before, _, _ = await _status('acme-health')
+    await _set('acme-health', spent_before + hold + hold / 1000)  # room for one, and not for a second's input
+    monkeypatch.setattr(current_settings(), 'budget_reservation_ttl_seconds', ttl)
+    gate = asyncio.Event()
+    (slow,) = await _held_turns(1, PricedModel(gate=gate), 'slow')
+    past = f"SELECT now() > created_at + interval '{3 * ttl} seconds' FROM budget_reservations"
+    while not await scalar(past):  # three TTLs pass, sweeps running meanwhile
+        await sweep_reservations()
+        assert await scalar('SELECT count(*) FROM budget_reservations') == 1, 'the hold of a request in flight'
+        await asyncio.sleep(ttl / 6)
+    with pytest.raises(BudgetExceededError):
+        await simple_chat('and one more', session_id='slow-refused', account='acme-health', model=PricedModel())
+    gate.set()
+    await slow
+    await _drain()
+    spent, reserved, holds = await _status('acme-health')
+    assert reserved == 0 and holds == 0 and spent == spent_before + await _ledger_spent('slow-')
