@@ -4,9 +4,9 @@ Before every model request the ledger capability reserves what the request can c
 statement on the account's window row; the request's `max_tokens` is capped to what was held), the ledger writer settles
 the hold against the row's real cost in the statement that inserts the row (`settlement_ctes`, exactly once like the
 ledger), `kept` renews a hold while its request is in flight, and `sweep_reservations` gives back the holds of processes
-that died (or that nobody renewed). `set_budget`, `remove_budget`, `budget_statuses` are the administration (`agentrt
-budget`, `GET /api/v1/budget`). The modules with a leading underscore are this wing's internals; README "Budgets" has
-the semantics and the documented bound.
+that died (or that nobody renewed). `set_budget`, `remove_budget`, `budget_statuses` are the administration
+(`agentrt budget`, `GET /api/v1/budget`). The modules with a leading underscore are this wing's internals; README
+"Budgets" has the semantics and the documented bound.
 """
 
 from agentrt.services.budgets._admin import (
