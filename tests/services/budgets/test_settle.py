@@ -17,6 +17,9 @@ from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, RetryPolicy
 from tests.factories import fast_config, ledger_record, scalar
 from tests.services.budgets.helpers import give_budget, period_row, reservations
 
+_OUT = {'output_bound_usd': Decimal('0.03')}
+"""What the output a cut-off request received can cost at most."""
+
 
 async def _hold(account_id: int, full: str = '0.10', input_usd: str = '0.02') -> Hold:
     hold = await reserve(
@@ -51,8 +54,30 @@ async def _written(tracker: LLMRequestTracker, *records: LedgerRecord) -> None:
         ({'success': False, 'usage_reported': False}, '0.02'),  # failed without an answer: the input's share
         ({'success': False, 'status': 'cancelled', 'usage_reported': False}, '0.02'),  # cancelled: the input's share
         ({'success': False, 'status': 'cancelled', 'cost': '0.004'}, '0.004'),  # cut off with partial usage
+        # Cut off (or failed) after output arrived: at least the input's share and what that output can cost.
+        ({'success': False, 'status': 'cancelled', 'usage_reported': False, **_OUT}, '0.05'),
+        (
+            {'success': False, 'status': 'cancelled', 'usage_reported': False, 'output_bound_usd': Decimal(1)},
+            '0.10',
+        ),  # held
+        ({'success': False, 'status': 'cancelled', 'cost': '0.004', **_OUT}, '0.05'),  # more than the usage so far
+        ({'success': False, 'status': 'cancelled', 'cost': '0.07', **_OUT}, '0.07'),  # less: the usage reported
+        ({'success': False, 'usage_reported': False, 'error_status_code': 500, **_OUT}, '0.05'),  # an error mid-stream
     ],
-    ids=['priced', 'unpriced', 'complete-unmeasured', 'http-error', 'failed', 'cancelled', 'cancelled-partial'],
+    ids=[
+        'priced',
+        'unpriced',
+        'complete-unmeasured',
+        'http-error',
+        'failed',
+        'cancelled',
+        'cancelled-partial',
+        'cut-with-output',
+        'cut-with-output-past-the-hold',
+        'cut-with-partial-usage-and-more-output',
+        'cut-with-partial-usage-over-the-bound',
+        'http-error-after-output',
+    ],
 )
 async def test_a_ledger_row_settles_its_hold_at_what_it_cost(
     two_accounts: tuple[int, int], tmp_path: Path, fields: dict[str, Any], charged: str
