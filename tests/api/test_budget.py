@@ -16,7 +16,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.budgets import Period, pricer_for, set_budget
+from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body, of_type, serve, sse_events, stream_chat
@@ -29,6 +29,13 @@ from tests.services.budgets.priced_model import LongAnswerModel, PricedModel
 async def _budget(account: str, limit: str) -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account=account, limit_usd=Decimal(limit), period=Period('day'))
+
+
+async def _spent(account_id: int) -> Decimal:
+    """What the account's budget says it spent this period."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        (status,) = await budget_statuses(session=session, account_id=account_id)
+    return status.spent_usd
 
 
 def _client(model: PricedModel) -> httpx2.AsyncClient:
@@ -180,6 +187,7 @@ async def test_a_stream_whose_client_hangs_up_mid_answer_is_charged_once_for_wha
     await _budget('acme-health', '100')
     acme = await account_id('acme-health')
     model = LongAnswerModel()
+    spent_before = await _spent(acme)
     async for url in serve(create_app(manage_runtime=False, model=model)):
         async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
             status, events = await stream_chat(
@@ -207,8 +215,10 @@ async def test_a_stream_whose_client_hangs_up_mid_answer_is_charged_once_for_wha
     (held,) = model.held
     pricer = pricer_for(model)
     assert pricer is not None
-    streamed = pricer.cost(0, model.produced_tokens, row['started_at'])
-    assert held.input_usd + streamed <= window['spent_usd'] <= held.amount_usd, (window, held)
+    assert row['output_bound_usd'] >= pricer.cost(0, model.produced_tokens, row['started_at']), 'what it streamed'
+    assert window['spent_usd'] - spent_before == min(held.amount_usd, held.input_usd + row['output_bound_usd']), (
+        'charged once'
+    )
 
 
 @pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
@@ -243,4 +253,7 @@ async def test_a_stream_the_provider_drops_mid_answer_is_charged_for_what_it_str
     pricer = pricer_for(model)
     assert pricer is not None
     quiet, loud = spent[0], spent[1] - spent[0]
-    assert quiet > 0 and loud >= quiet + pricer.cost(0, words, rows[1]['started_at']), (quiet, loud)
+    assert rows[0]['output_bound_usd'] is None and rows[1]['output_bound_usd'] >= pricer.cost(
+        0, words, rows[1]['started_at']
+    )
+    assert quiet > 0 and loud == quiet + rows[1]['output_bound_usd'], 'the same input, and its text once'
