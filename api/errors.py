@@ -319,7 +319,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body it could not read: none came
+        # FastAPI's 400 for a body it could not read: none came (ClientDisconnect), or reading it was refused (the
+        # body limit's 413, raised by its `receive` while the body was read without a Content-Length).
+        if isinstance(exc.__cause__, ClientDisconnect | ApiError):
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
         where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped

@@ -220,10 +220,12 @@ async def test_bodies_over_the_limit_or_with_a_lying_length_are_refused(keys: Ke
         for _ in range(5):
             yield b'x' * (1024 * 1024)
 
-    streamed = await client.post(
-        '/api/v1/chat', content=chunks(), headers={**auth(keys.acme), 'content-type': 'application/json'}
-    )
-    assert streamed.status_code == 413
+    for path in ('/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/c1/turns'):
+        streamed = await client.post(
+            path, content=chunks(), headers={**auth(keys.acme), 'content-type': 'application/json'}
+        )
+        assert streamed.status_code == 413, (path, streamed.text)
+        assert streamed.json()['type'] == 'body_too_large', path
     bad_length = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), 'content-length': 'abc'})
     assert bad_length.status_code == 400
 
