@@ -204,6 +204,9 @@ async def test_a_turn_body_that_is_not_json_says_what_the_parser_found(keys: Key
         (b'{"message": "hi"} xx', 'Extra data'),
         (b'{"message": "hi",}', 'Expecting property name enclosed in double quotes'),
         (b'{"message": ', 'Expecting value'),
+        # Python's reason ends in "at" where its own message adds the place: the place is added (it read as cut off)
+        (b'{"message": "a\x00b"}', 'Invalid control character at position 14'),
+        (b'{"message": "ab', 'Unterminated string starting at position 12'),
     ):
         response = await client.post('/api/v1/conversations/c1/turns', content=content, headers=headers)
         assert response.status_code == 422, response.text
