@@ -34,6 +34,7 @@ async def _status() -> None:
         server_info,
         timeouts_in_force,
     )
+    from agentrt.db.errors import ConfigError
     from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
@@ -50,7 +51,7 @@ async def _status() -> None:
         head = head_revision()
         try:
             revision, readable = await current_revision(get_engine()), True
-        except ProgrammingError:  # a login role without the runtime's roles: the operator's session below says so
+        except (ProgrammingError, ConfigError):  # a login role without the runtime's roles: the session below says so
             revision, readable = None, False
         # The operator's role sees every row; before migration 0012 made it and granted it this database's tables, the
         # login role counts (the roles are the cluster's: another database's migration may have made them already).
