@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import typer
@@ -59,8 +60,14 @@ async def _status() -> None:
         async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
         # The queue's tables are procrastinate's, not under the runtime's roles: the login role's, as the queue's.
-        async with get_db_session(account=Unscoped.OWNER) as session:
-            queue = await job_queue_state(session=session, alive_within_s=settings.jobs_stalled_seconds)
+        queue: JobQueueState | str | None
+        try:
+            async with get_db_session(account=Unscoped.OWNER) as session:
+                queue = await job_queue_state(session=session, alive_within_s=settings.jobs_stalled_seconds)
+        except ConfigError as exc:
+            # A member of the runtime's roles that does not own the tables (another role migrated them) read the rest;
+            # the error's advice, to grant it the roles it has, would mislead: say what was refused instead.
+            queue = f'not readable by the login role ({_denied(str(exc))}): its tables belong to the role that migrated'
         session_defaults = await session_timeouts(get_engine())
     finally:
         await close_database()
@@ -107,7 +114,15 @@ def _background_line(mode: str, queue_url: str | None) -> str:
     return f'queue (AGENTRT_BACKGROUND): durable jobs run by `agentrt worker`{where}'
 
 
-def _queue_line(queue: JobQueueState | None, used: bool, alive_within_s: float) -> str:
+def _denied(message: str) -> str:
+    """PostgreSQL's own "permission denied for table ..." that a `ConfigError` quotes, in parentheses."""
+    found = re.search(r'\((permission denied [^)]*)\)', message)
+    return found.group(1) if found else message
+
+
+def _queue_line(queue: JobQueueState | str | None, used: bool, alive_within_s: float) -> str:
+    if isinstance(queue, str):  # what kept it from being read
+        return queue
     if queue is None:
         return 'missing (not migrated: `agentrt db upgrade`)'
     jobs = f'{queue.waiting:,} waiting, {queue.running:,} running, {queue.failed:,} failed'
