@@ -104,18 +104,31 @@ async def _defer(deferrer: JobDeferrer, **kwargs: Any) -> bool:
             `ConnectorException` around psycopg's error): the runtime's error for an outage, which a server logs as
             one line for the task (`OutageAsOneLine`) rather than two chained tracebacks for each turn.
     """
+    lock = deferrer.job.queueing_lock
+    if lock is not None:
+        if lock in _queueing:  # another turn of this process is queueing it
+            return False
+        _queueing.add(lock)
     try:
-        lock = deferrer.job.queueing_lock
         if lock is not None and await _pending(deferrer, lock):
             return False
         await deferrer.defer_async(**kwargs)
-    except AlreadyEnqueued:  # one was queued between the look and the insert
+    except AlreadyEnqueued:  # another process queued it between the look and the insert
         return False
     except Exception as exc:
         if (unavailable := queue_unavailable(exc, 'cannot queue a job')) is not None:
             raise unavailable from exc
         raise
+    finally:
+        if lock is not None:
+            _queueing.discard(lock)
     return True
+
+
+_queueing: set[str] = set()
+"""The queueing locks of the jobs this process is queueing now. Concurrent turns (a server's) that all looked before
+any inserted found none pending, and all but one insert failed; the others add nothing: the one queueing it covers
+their ledger rows as a pending job does. (Should it fail, the next turn or reconcile queues it: nothing is lost.)"""
 
 
 _PENDING = "SELECT count(*) AS pending FROM procrastinate_jobs WHERE queueing_lock = %(lock)s AND status = 'todo'"

@@ -62,6 +62,10 @@ async def test_turns_finding_their_job_pending_leave_no_error_in_the_servers_log
             async with get_db_session(account=Unscoped.OWNER) as session:
                 await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
             logged_before = log.read_text(errors='replace').count('queueing_lock')
+            # A server's turns at once (each looked before any inserted), then one after another.
+            await asyncio.gather(
+                *(defer_post_turn_work(1, 'conv-1', summarise=False, rollup_interval_s=60) for _ in range(8))
+            )
             for _turn in range(6):
                 await defer_post_turn_work(1, 'conv-1', summarise=True, rollup_interval_s=60)
                 assert await defer_summary(1, 'conv-1') == 0  # pending since the first turn
