@@ -319,7 +319,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body it could not read: none came
+        # FastAPI's 400 for a body it could not read: none came (ClientDisconnect), or reading it was refused (the
+        # body limit's 413, raised by its `receive` while the body was read without a Content-Length).
+        if isinstance(exc.__cause__, ClientDisconnect | ApiError):
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
         where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
@@ -378,6 +380,11 @@ def _validation_message(error: dict[str, Any], body: Any) -> str:
     text = error.get('input')
     reason = (error.get('ctx') or {}).get('error')
     if error.get('type') == 'json_invalid' and isinstance(reason, str):  # FastAPI's "JSON decode error" alone
+        position = error.get('loc', ())[-1:]
+        if reason.endswith(' at') and position and isinstance(position[0], int):
+            # Python's reason leaves the place to its own message ("Invalid control character at: line 1 column 15
+            # (char 14)"), which FastAPI drops: alone it read as cut off. The location holds it (`["body", 14]`).
+            reason = f'{reason} position {position[0]}'
         return f'{error.get("msg", "JSON decode error")}: {reason}'
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)
