@@ -64,16 +64,16 @@ def serve_child(argv: list[str]) -> None:
     """In the child: install the SIGUSR1 probe, then run the `agentrt` command line with `argv` (`serve ...`)."""
     probe_file = Path(os.environ[PROBE_FILE_ENV])
     frames = int(os.environ.get(TRACEMALLOC_ENV) or 0)
-    state: dict[str, Any] = {'seq': 0, 'first': None}
-    if frames:
-        import tracemalloc
-
-        tracemalloc.start(frames)
+    state: dict[str, Any] = {'seq': 0}
 
     def probe(signum: int, frame: object) -> None:
         # Runs in the main thread, between two bytecodes of whatever the event loop was doing: only reads.
         state['seq'] += 1
         out: dict[str, Any] = {'seq': state['seq']}
+        request = probe_file.with_suffix('.collect')
+        if request.exists():  # an idle sample: count the objects that live, not the garbage of the last turns
+            request.unlink()
+            out['collected'] = gc.collect()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -85,24 +85,32 @@ def serve_child(argv: list[str]) -> None:
             out['task_kinds'] = dict(names.most_common(8))
         out['gc_objects'] = len(gc.get_objects())
         out['gc_frozen'] = gc.get_freeze_count()
-        if frames:
-            import tracemalloc
+        import tracemalloc
 
-            snapshot = tracemalloc.take_snapshot().filter_traces(
-                [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, '<frozen importlib*')]
-            )
-            if state['first'] is None:
-                state['first'] = snapshot
-            diff = snapshot.compare_to(state['first'], 'traceback')[:12]
+        if tracemalloc.is_tracing():
+            # Traced since the warm-up: what is still allocated of what the server allocated since. The frames are
+            # shown as file:line (Traceback.format reads the source: linecache would be the top allocation).
+            out['traced_kib'] = round(tracemalloc.get_traced_memory()[0] / 1024)
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
             out['tracemalloc_top'] = [
-                {'kib': round(d.size_diff / 1024, 1), 'count': d.count_diff, 'where': d.traceback.format()}
-                for d in diff
+                {'kib': round(s.size / 1024, 1), 'count': s.count, 'where': [f'{f.filename}:{f.lineno}' for f in tb]}
+                for s in snapshot.statistics('traceback')[:10]
+                for tb in [s.traceback]
             ]
+            out['tracemalloc_lines'] = [str(s) for s in snapshot.statistics('lineno')[:15]]
         partial = probe_file.with_suffix('.part')
         partial.write_text(json.dumps(out))
         partial.replace(probe_file)
 
+    def trace(signum: int, frame: object) -> None:
+        # From the parent's idle sample after the warm-up on: allocations traced, `frames` deep.
+        import tracemalloc
+
+        tracemalloc.start(frames)
+
     signal.signal(signal.SIGUSR1, probe)
+    if frames:
+        signal.signal(signal.SIGUSR2, trace)
     from agentrt.agents.cli import main
 
     sys.argv = ['agentrt', *argv]
@@ -128,6 +136,7 @@ class Server:
         else:
             command = [sys.executable, '-m', 'agentrt', *serve]
         self.probing = probe
+        self.tracing = probe and tracemalloc_frames > 0
         self.log = self.log_path.open('w')  # a file, not a pipe: a pipe nobody reads would block the server
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid
@@ -177,10 +186,13 @@ class Server:
             'cpu_s': (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK'),
         }
 
-    async def probe(self) -> dict[str, Any]:
-        """The child's asyncio tasks and gc objects (empty when not probing or when it did not answer in 10 s)."""
+    async def probe(self, *, collect: bool = False) -> dict[str, Any]:
+        """The child's asyncio tasks and gc objects (empty when not probing or when it did not answer in 10 s); with
+        `collect`, after a full garbage collection."""
         if not self.probing:
             return {}
+        if collect:
+            self.probe_file.with_suffix('.collect').touch()
         before = self._read_probe().get('seq', 0)
         os.kill(self.pid, signal.SIGUSR1)
         for _ in range(200):
@@ -189,6 +201,11 @@ class Server:
             if found.get('seq', 0) > before:
                 return found
         return {}
+
+    async def rebase(self) -> None:
+        """With `--tracemalloc`, the child traces allocations from now on."""
+        if self.tracing:
+            os.kill(self.pid, signal.SIGUSR2)
 
     def _read_probe(self) -> dict[str, Any]:
         try:
@@ -387,13 +404,14 @@ async def sample(server: Server, pg: PgProbe, load: Load, since: int, started: f
     elapsed = round(time.perf_counter() - started, 1)
     row: dict[str, Any] = {'label': label, 'turns': since + len(ops), 'elapsed_s': elapsed}
     row |= server.proc()
-    found = await server.probe()
+    found = await server.probe(collect=label.startswith('idle'))
     row['tasks'] = found.get('tasks')
     row['gc_objects'] = found.get('gc_objects')
     if found.get('task_kinds'):
         row['task_kinds'] = found['task_kinds']
-    if found.get('tracemalloc_top'):
-        row['tracemalloc_top'] = found['tracemalloc_top']
+    for key in ('traced_kib', 'tracemalloc_top', 'tracemalloc_lines'):
+        if key in found:
+            row[key] = found[key]
     row |= await pg.counts()
     row |= await server.ready(client_module())
     row['window_ops'] = len(ops)
@@ -431,6 +449,7 @@ async def soak(opts: argparse.Namespace, server: Server, pg: PgProbe, key: str, 
             if load.pause_at is not None and len(load.done) >= load.pause_at and load.in_flight == 0:
                 rows.append(await idle_sample(server, pg, load, started, 'idle-warm', opts.idle_seconds))
                 print_row(rows[-1])
+                await server.rebase()
                 load.pause_at = None
             try:
                 await asyncio.wait_for(load.progressed.wait(), 1.0)
@@ -443,6 +462,8 @@ async def soak(opts: argparse.Namespace, server: Server, pg: PgProbe, key: str, 
         print_row(rows[-1])
     rows.append(await idle_sample(server, pg, load, started, 'idle-end', opts.idle_seconds))
     print_row(rows[-1])
+    for line in rows[-1].get('tracemalloc_lines', []):
+        print(f'  allocated since the warm-up and alive: {line}')
     outcomes = Counter(op.outcome for op in load.done)
     print(f'outcomes: {dict(outcomes)}')
     return rows
@@ -462,6 +483,7 @@ COLUMNS: list[tuple[str, str]] = [
     ('p50 ms', 'all_p50_ms'), ('p99 ms', 'all_p99_ms'),
     ('json p50', 'json_p50_ms'), ('stream p50', 'stream_p50_ms'), ('read p50', 'read_p50_ms'),
     ('CPU ms/op', 'cpu_ms_per_op'), ('drops', 'disconnects'), ('errors', 'errors'), ('load', 'load_1m'),
+    ('traced KiB', 'traced_kib'),
 ]  # fmt: skip
 _printed_header = False
 _previous: dict[str, Any] = {}
@@ -586,7 +608,9 @@ def parse_args() -> argparse.Namespace:
     args.add_argument('--slowdown-ratio', type=float, default=1.25, help='CPU per op, last/first window, called slow')
     args.add_argument('--data-dir', type=Path, help='where the embedded PostgreSQL lives (default: a new temp dir)')
     args.add_argument('--no-probe', action='store_true', help='run plain `agentrt serve`: no task or gc counts')
-    args.add_argument('--tracemalloc', type=int, default=0, metavar='FRAMES', help='trace allocations in the server')
+    args.add_argument(
+        '--tracemalloc', type=int, default=0, metavar='FRAMES', help='trace allocations in the server after the warm-up'
+    )
     args.add_argument('--seed', type=int, default=1)
     opts = args.parse_args()
     if opts.quick:
