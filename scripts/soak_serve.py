@@ -513,6 +513,10 @@ def verdict(rows: list[dict[str, Any]], opts: argparse.Namespace) -> dict[str, A
     for key in ('rss_kib', 'anon_kib'):
         slope = _slope([r['turns'] for r in after], [r[key] for r in after])
         summary[f'{key.removesuffix("_kib")}_growth_kib_per_1000'] = None if slope is None else round(slope * 1000, 1)
+    # A step early after the warm-up (the allocator's arenas) weighs on the fit: the second half shows if it goes on.
+    half = after[len(after) // 2 :]
+    slope = _slope([r['turns'] for r in half], [r['rss_kib'] for r in half])
+    summary['rss_growth_kib_per_1000_second_half'] = None if slope is None else round(slope * 1000, 1)
     if after:
         summary['rss_mib_first_last_after_warmup'] = [after[0]['rss_mib'], after[-1]['rss_mib']]
     start = next(r for r in rows if r['label'] == 'idle-start')
