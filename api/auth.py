@@ -7,11 +7,13 @@ or bad key answers 401, a key without the scope 403. The check runs in its own s
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, ClassVar
 
 from fastapi import Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.responses import Response
 
 from agentrt.api.errors import ApiError
 from agentrt.services.api_keys import ApiCaller, authenticate_api_key, is_api_key_shaped
@@ -40,6 +42,9 @@ async def api_caller(
         ApiError: 401 when the key is missing, malformed, unknown or revoked, or the header is not one bearer token.
     """
     del credentials  # declared for OpenAPI's security scheme; the header is read below, as the RFCs say
+    checked = request.scope.get(_CHECKED_CALLER)
+    if isinstance(checked, ApiCaller):  # checked before the body was read (`KeyBeforeBody`): once is enough
+        return checked
     token = _bearer_token(request.headers.getlist('authorization'))
     if not is_api_key_shaped(token):
         raise ApiError(
@@ -52,6 +57,34 @@ async def api_caller(
     if caller is None:
         raise ApiError(401, 'unauthorized', 'the API key is invalid or revoked')
     return caller
+
+
+_CHECKED_CALLER = 'agentrt.api_caller'
+"""The ASGI scope's entry holding the caller `KeyBeforeBody` checked, so the route's own dependency does not again."""
+
+
+class KeyBeforeBody(APIRoute):
+    """A route that checks the request's API key and its scope (401, 403) before FastAPI reads the body.
+
+    FastAPI reads and parses a route's body parameter before it solves any dependency, the key's included: a client
+    without a key had the server buffer and parse a body up to the size limit (4 MiB) first, and one that was not JSON
+    answered 422 rather than 401. The streamed chat routes read their body themselves, after the key. The route still
+    declares its caller parameter (`ChatCaller`: OpenAPI's security, and the value it uses), which finds the caller
+    checked here. A subclass names the scope (`ChatKeyBeforeBody`).
+    """
+
+    key_scope: ClassVar[str]
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler, after the key's check."""
+        handler = super().get_route_handler()
+        check = require_scope(self.key_scope)
+
+        async def key_first(request: Request) -> Response:
+            request.scope[_CHECKED_CALLER] = await check(await api_caller(request, None))
+            return await handler(request)
+
+        return key_first
 
 
 def _bearer_token(values: list[str]) -> str:
@@ -108,3 +141,9 @@ ChatCaller = Annotated[ApiCaller, Security(require_scope('chat'))]
 """A caller whose key has the `chat` scope: run turns, delete conversations."""
 ReadCaller = Annotated[ApiCaller, Security(require_scope('read'))]
 """A caller whose key has the `read` scope: the audit, costs and conversations."""
+
+
+class ChatKeyBeforeBody(KeyBeforeBody):
+    """`KeyBeforeBody` for a route of the `chat` scope (`route_class_override=` of its `add_api_route`)."""
+
+    key_scope = 'chat'

@@ -15,7 +15,7 @@ from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
-from agentrt.api.auth import ChatCaller, ReadCaller
+from agentrt.api.auth import ChatCaller, ChatKeyBeforeBody, ReadCaller
 from agentrt.api.cursors import (
     MAX_CURSOR_CHARS,
     Listing,
@@ -208,17 +208,6 @@ async def delete(
     return Response(status_code=204)
 
 
-@router.post(
-    '/{conversation_id}/turns',
-    summary='Run one turn, not streamed',
-    response_model=TurnResponse,
-    responses={
-        **BUSY_CONVERSATION_RESPONSE,
-        **BODY_RESPONSES,
-        429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none sent."},
-        502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
-    },
-)
 async def run_turn(
     request: Request,
     caller: ChatCaller,
@@ -271,6 +260,22 @@ async def run_turn(
         duration_s=result.duration_s,
         finish_reason=result.finish_reason,
     )
+
+
+router.add_api_route(
+    '/{conversation_id}/turns',
+    run_turn,
+    methods=['POST'],
+    route_class_override=ChatKeyBeforeBody,  # the key checked before the body is read
+    summary='Run one turn, not streamed',
+    response_model=TurnResponse,
+    responses={
+        **BUSY_CONVERSATION_RESPONSE,
+        **BODY_RESPONSES,
+        429: {'model': BudgetExceededOut, 'description': "The account's budget refused a model request; none sent."},
+        502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
+    },
+)
 
 
 def _revisions(if_match: str | None) -> list[str]:

@@ -97,6 +97,13 @@ class PublicError:
         body.update(self.extra)
         return body
 
+    def headers(self) -> dict[str, str] | None:
+        """The headers the error response carries: the scheme a 401 asks for, when a 503 may be tried again."""
+        if self.status == 401:
+            return {'WWW-Authenticate': 'Bearer'}
+        retry_after = _RETRY_AFTER_S.get(self.type) if self.status == 503 else None
+        return None if retry_after is None else {'Retry-After': str(retry_after)}
+
     def stream_text(self) -> str:
         """The message with its id, for the error event of a streamed chat."""
         return f'{self.message} (error id {self.error_id})'
@@ -184,6 +191,10 @@ def _outage(exc: BaseException) -> bool:
 
 # 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
 _ONE_LINE = frozenset({'busy', 'shutting_down'})
+
+# A 503's `Retry-After` (seconds, RFC 9110 section 10.2.3): a client or proxy that honours it waits instead of
+# hammering a server at capacity, or a database that is away (an outage lasts seconds at least), or a server stopping.
+_RETRY_AFTER_S = {'busy': 1, 'database_unavailable': 5, 'shutting_down': 5}
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
 # run, the ledger, the route) and says nothing the error, its id and the ledger row do not.
@@ -314,12 +325,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         error = public_error(exc, where=f'{request.method} {request.url.path}')  # escaped there
-        headers = {'WWW-Authenticate': 'Bearer'} if error.status == 401 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body it could not read: none came
+        # FastAPI's 400 for a body it could not read: none came (ClientDisconnect), or reading it was refused (the
+        # body limit's 413, raised by its `receive` while the body was read without a Content-Length).
+        if isinstance(exc.__cause__, ClientDisconnect | ApiError):
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
         where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
@@ -378,6 +390,11 @@ def _validation_message(error: dict[str, Any], body: Any) -> str:
     text = error.get('input')
     reason = (error.get('ctx') or {}).get('error')
     if error.get('type') == 'json_invalid' and isinstance(reason, str):  # FastAPI's "JSON decode error" alone
+        position = error.get('loc', ())[-1:]
+        if reason.endswith(' at') and position and isinstance(position[0], int):
+            # Python's reason leaves the place to its own message ("Invalid control character at: line 1 column 15
+            # (char 14)"), which FastAPI drops: alone it read as cut off. The location holds it (`["body", 14]`).
+            reason = f'{reason} position {position[0]}'
         return f'{error.get("msg", "JSON decode error")}: {reason}'
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)

@@ -4,7 +4,8 @@ A key reads `art_<prefix>_<secret>`: `art_<prefix>` is its public id (listed, us
 the secret is 32 random bytes. Only the prefix and the secret's SHA-256 are stored; a hash without salt or
 stretching is enough because the secret is random, not a password. `authenticate_api_key` checks a key in its own
 short session and then trusts it for `AGENTRT_API_KEY_CACHE_SECONDS` in this process, so a revoked key stops
-working within that time (at once in the process that revoked it).
+working within that time (at once in the process that revoked it). A prefix with no usable key (unknown or revoked) is
+remembered as refused for the same time, so a client retrying a revoked key in a loop costs no session per request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +35,7 @@ KEY_PREFIX = 'art'
 _TOKEN = re.compile(r'art_([0-9a-f]{12})_([A-Za-z0-9_-]{43})')
 _PUBLIC_ID = re.compile(r'(?:art_)?([0-9a-f]{12})(?:_[A-Za-z0-9_-]{43})?')
 _CACHE_LIMIT = 10_000
+_T = TypeVar('_T')
 _TOUCH_EVERY_S = 60
 
 
@@ -135,6 +138,7 @@ async def create_api_key(
     account_row = await get_account(account, session=session)
     prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     row = ApiKey(account_id=account_row.id, prefix=prefix, secret_hash=_digest(secret), name=name, scopes=allowed)
+    _refused.pop(prefix, None)
     session.add(row)
     await session.flush()
     await session.refresh(row)
@@ -208,6 +212,9 @@ async def authenticate_api_key(token: str) -> ApiCaller | None:
     if match is None:
         return None
     prefix, secret = match.groups()
+    refused_until = _refused.get(prefix)
+    if refused_until is not None and refused_until >= time.monotonic():
+        return None
     digest = _digest(secret)
     cached = _cache.get(prefix)
     if cached is None or cached.expires < time.monotonic():
@@ -218,8 +225,9 @@ async def authenticate_api_key(token: str) -> ApiCaller | None:
 
 
 def forget_cached_api_keys() -> None:
-    """Drop every cached key in this process (the next use of each reads the database again)."""
+    """Drop every cached key and refusal in this process (the next use of each reads the database again)."""
     _cache.clear()
+    _refused.clear()
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,10 @@ class _Cached:
 
 
 _cache: dict[str, _Cached] = {}
+# Prefixes with no usable key, and until when (monotonic) that answer stands. Apart from `_cache`: a flood of unknown
+# prefixes must not push the keys in use out of it. A refused prefix can turn usable only by a new key drawing the
+# same 48 random bits (`create_api_key` forgets it here; another process's within the cache time).
+_refused: dict[str, float] = {}
 _inflight: dict[str, asyncio.Future[_Cached | None]] = {}
 
 
@@ -265,6 +277,7 @@ async def _lookup(prefix: str, digest: bytes) -> _Cached | None:
     async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:  # any account's key
         row = (await session.execute(query)).first()
         if row is None:
+            _remember(_refused, prefix, time.monotonic() + current_settings().api_key_cache_seconds)
             return None
         key_id, secret_hash, scopes, account_id, slug = row
         stale = func.now() - timedelta(seconds=_TOUCH_EVERY_S)
@@ -276,10 +289,17 @@ async def _lookup(prefix: str, digest: bytes) -> _Cached | None:
         await session.execute(touch.values(last_used_at=func.now()))
     caller = ApiCaller(key_id, prefix, account_id, slug, frozenset(scopes))
     entry = _Cached(caller, bytes(secret_hash), time.monotonic() + current_settings().api_key_cache_seconds)
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.pop(next(iter(_cache)))  # the oldest entry: dicts keep insertion order
-    _cache[prefix] = entry
+    _remember(_cache, prefix, entry)
+    _refused.pop(prefix, None)
     return entry
+
+
+def _remember(entries: dict[str, _T], prefix: str, value: _T) -> None:
+    """Store `value` for `prefix`, dropping the oldest entry at `_CACHE_LIMIT`: the cache stays bounded."""
+    entries.pop(prefix, None)  # re-inserted last: the newest
+    if len(entries) >= _CACHE_LIMIT:
+        entries.pop(next(iter(entries)))  # the oldest entry: dicts keep insertion order
+    entries[prefix] = value
 
 
 def _digest(secret: str) -> bytes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx2
 import pytest
 from sqlalchemy import select
@@ -125,3 +128,43 @@ async def test_several_authorization_headers_are_refused(keys: Keys, client: htt
         response = await client.get('/api/v1/me', headers=headers)
         body = response.json()
         assert response.status_code == 401 and 'several Authorization headers' in body['detail'], body
+
+
+@pytest.mark.parametrize('path', ['/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/c1/turns'])
+@pytest.mark.parametrize('key', ['none', 'unknown', 'read_only'])
+async def test_a_chat_route_checks_the_key_before_it_reads_the_body(
+    keys: Keys, live_url: str, path: str, key: str
+) -> None:
+    # The JSON turn route had FastAPI read and parse the body (up to the 4 MiB limit) before its key was checked, so a
+    # client without a key could have the server buffer and parse 4 MiB a request, and a body that was not JSON was
+    # a 422 about the body rather than the 401. The streamed routes checked the key first; all three do now. Over a
+    # real server: the body's end never comes, so only an answer given before it can arrive.
+    header = {
+        'none': '',
+        'unknown': 'Authorization: Bearer art_000000000000_' + 'a' * 43 + '\r\n',
+        'read_only': f'Authorization: Bearer {keys.acme_read_only}\r\n',
+    }[key]
+    host, port = live_url.removeprefix('http://').split(':')
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = (
+            f'POST {path} HTTP/1.1\r\nHost: test\r\n{header}Content-Type: application/json\r\n'
+            'Transfer-Encoding: chunked\r\n\r\n'
+        )
+        writer.write(head.encode() + b'c\r\n{"message": \r\n')  # a chunk of the body; the rest never comes
+        await writer.drain()
+        async with asyncio.timeout(30):  # a guard only: the answer comes at once, or never (the server awaits the body)
+            status_line = await reader.readline()
+            response_head = await reader.readuntil(b'\r\n\r\n')
+        length = int(response_head.lower().split(b'content-length: ')[1].split(b'\r\n')[0])
+        body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    expected = (403, 'forbidden') if key == 'read_only' else (401, 'unauthorized')
+    assert (int(status_line.split()[1]), body['type']) == expected, (status_line, body)
+
+
+async def test_a_body_that_is_not_json_without_a_key_is_a_401(client: httpx2.AsyncClient) -> None:
+    for path in ('/api/v1/chat', '/api/v1/conversations/c1/turns'):
+        response = await client.post(path, content=b'{"message": ', headers={'Content-Type': 'application/json'})
+        assert response.status_code == 401, (path, response.text)

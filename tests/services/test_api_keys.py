@@ -140,3 +140,46 @@ async def test_a_wrong_secret_with_a_keys_public_id_does_not_note_the_key_as_use
     assert await authenticate_api_key(token) is not None
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(select(ApiKey.last_used_at))).scalar_one() is not None
+
+
+async def test_a_refused_key_is_remembered_for_the_cache_time(demo_data: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client retrying a revoked (or made-up) key in a loop opened a database session per request.
+    lookups = 0
+    real = api_keys._lookup
+
+    async def counted(prefix: str, digest: bytes) -> object:
+        nonlocal lookups
+        lookups += 1
+        return await real(prefix, digest)
+
+    monkeypatch.setattr(api_keys, '_lookup', counted)
+    revoked = await _create()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await revoke_api_key(session=session, key=revoked)
+    unknown = 'art_0123456789ab_' + 'A' * 43
+    for _ in range(20):
+        assert await authenticate_api_key(revoked) is None
+        assert await authenticate_api_key(unknown) is None
+    assert lookups == 2
+    # A key created in this process under a remembered prefix (48 random bits, so only by chance) is usable at once.
+    monkeypatch.setattr(api_keys.secrets, 'token_hex', lambda _: '0123456789ab')
+    made = await _create()
+    assert made.startswith('art_0123456789ab_') and await authenticate_api_key(made) is not None
+    # Past the cache time, a refusal is asked again.
+    monkeypatch.setattr(current_settings(), 'api_key_cache_seconds', 0.0)
+    forget_cached_api_keys()
+    assert await authenticate_api_key(revoked) is None
+    await asyncio.sleep(0.01)
+    assert await authenticate_api_key(revoked) is None
+    assert lookups == 5
+
+
+def test_a_flood_of_unknown_prefixes_stays_bounded_and_keeps_the_keys_in_use() -> None:
+    cached = api_keys._Cached(api_keys.ApiCaller(1, 'f' * 12, 1, 'acme', frozenset({'chat'})), b'h', float('inf'))
+    api_keys._cache['f' * 12] = cached
+    for n in range(api_keys._CACHE_LIMIT + 50):
+        api_keys._remember(api_keys._refused, f'{n:012x}', float('inf'))
+    assert len(api_keys._refused) == api_keys._CACHE_LIMIT and '000000000000' not in api_keys._refused
+    assert api_keys._cache == {'f' * 12: cached}
+    forget_cached_api_keys()
+    assert not api_keys._refused and not api_keys._cache
