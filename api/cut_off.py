@@ -55,6 +55,8 @@ class CutOffAnswer:
                 error = public_error(
                     ApiError(503, 'shutting_down', STOPPED), where=f'{scope.get("method", "")} {scope.get("path", "")}'
                 )
-                response = JSONResponse(error.body(), status_code=error.status, headers={'Connection': 'close'})
+                response = JSONResponse(
+                    error.body(), status_code=error.status, headers={**(error.headers() or {}), 'Connection': 'close'}
+                )
                 await response(scope, receive, send)
             raise

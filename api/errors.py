@@ -97,6 +97,13 @@ class PublicError:
         body.update(self.extra)
         return body
 
+    def headers(self) -> dict[str, str] | None:
+        """The headers the error response carries: the scheme a 401 asks for, when a 503 may be tried again."""
+        if self.status == 401:
+            return {'WWW-Authenticate': 'Bearer'}
+        retry_after = _RETRY_AFTER_S.get(self.type) if self.status == 503 else None
+        return None if retry_after is None else {'Retry-After': str(retry_after)}
+
     def stream_text(self) -> str:
         """The message with its id, for the error event of a streamed chat."""
         return f'{self.message} (error id {self.error_id})'
@@ -184,6 +191,10 @@ def _outage(exc: BaseException) -> bool:
 
 # 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
 _ONE_LINE = frozenset({'busy', 'shutting_down'})
+
+# A 503's `Retry-After` (seconds, RFC 9110 section 10.2.3): a client or proxy that honours it waits instead of
+# hammering a server at capacity, or a database that is away (an outage lasts seconds at least), or a server stopping.
+_RETRY_AFTER_S = {'busy': 1, 'database_unavailable': 5, 'shutting_down': 5}
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
 # run, the ledger, the route) and says nothing the error, its id and the ledger row do not.
@@ -314,8 +325,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         error = public_error(exc, where=f'{request.method} {request.url.path}')  # escaped there
-        headers = {'WWW-Authenticate': 'Bearer'} if error.status == 401 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

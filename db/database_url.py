@@ -18,7 +18,8 @@ from sqlalchemy.exc import ArgumentError
 from agentrt.db.errors import ConfigError
 
 _POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
-_EXAMPLE = 'expected postgresql://user:pass@host:5432/db'
+# Placeholders in angle brackets: `user:pass@` reads as a password in a URL, and every error line shown is redacted.
+_EXAMPLE = 'expected postgresql://<user>:<password>@<host>:5432/<database>'
 SSL_MODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
 TARGET_SESSION_ATTRS = ('any', 'primary', 'standby', 'prefer-standby', 'read-write', 'read-only')
 
@@ -51,9 +52,9 @@ _REFUSED = {
     'keepalives_idle': 'asyncpg has no TCP keepalive settings; remove it',
     'keepalives_interval': 'asyncpg has no TCP keepalive settings; remove it',
     'keepalives_count': 'asyncpg has no TCP keepalive settings; remove it',
-    'user': 'put the user name in the URL: postgresql://user:pass@host/db',
-    'password': 'put the password in the URL: postgresql://user:pass@host/db',
-    'dbname': 'put the database name in the URL path: postgresql://user:pass@host/db',
+    'user': 'put the user name in the URL: postgresql://<user>:<password>@<host>/<database>',
+    'password': 'put the password in the URL: postgresql://<user>:<password>@<host>/<database>',
+    'dbname': 'put the database name in the URL path: postgresql://<user>:<password>@<host>/<database>',
 }
 SUPPORTED_PARAMETERS = (*_DSN_PARAMETERS, 'ssl', 'connect_timeout', 'target_session_attrs', *_SERVER_SETTINGS)
 

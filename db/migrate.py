@@ -10,10 +10,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
-from agentrt.db.failures import causes, raised_inside, unavailable_error
+from agentrt.db.failures import causes, privilege_error, raised_inside, unavailable_error
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
 
@@ -54,9 +55,20 @@ def _ahead_message(revision: str | None) -> str:
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
-    """The revision the database is at, or None before the first migration."""
-    async with engine.connect() as conn:
-        return await conn.run_sync(_current_revision)
+    """The revision the database is at, or None before the first migration.
+
+    Raises:
+        ConfigError: the login role may not read `alembic_version` (it neither owns the tables nor is a member of the
+            runtime's roles): the message says what to grant, where it was an internal error quoting the SQL.
+    """
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_current_revision)
+    except DBAPIError as exc:
+        # Every command and server start reads the revision first, as the login role itself.
+        if (refused := privilege_error(exc, as_login_role=True, login=engine.url.username)) is not None:
+            raise refused from exc
+        raise
 
 
 def _current_revision(connection: Connection) -> str | None:

@@ -95,7 +95,15 @@ class PgBouncer:
             f'logfile = {self.root}/pgbouncer.log',
             f'pidfile = {self.root}/pgbouncer.pid',
         ]
-        (self.root / 'pgbouncer.ini').write_text('\n'.join(ini) + '\n')
+        self.write_ini(ini)
+
+    def ini_lines(self) -> list[str]:
+        """The lines of its `pgbouncer.ini`."""
+        return (self.root / 'pgbouncer.ini').read_text().splitlines()
+
+    def write_ini(self, lines: list[str]) -> None:
+        """Write its `pgbouncer.ini` (before `start`), readable by the user it runs as."""
+        (self.root / 'pgbouncer.ini').write_text('\n'.join(lines) + '\n')
         if _AS_ROOT:
             ensure_user_exists(_USER)
             self.root.chmod(0o755)

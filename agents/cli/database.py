@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import typer
@@ -34,6 +35,7 @@ async def _status() -> None:
         server_info,
         timeouts_in_force,
     )
+    from agentrt.db.errors import ConfigError
     from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
@@ -50,7 +52,7 @@ async def _status() -> None:
         head = head_revision()
         try:
             revision, readable = await current_revision(get_engine()), True
-        except ProgrammingError:  # a login role without the runtime's roles: the operator's session below says so
+        except (ProgrammingError, ConfigError):  # a login role without the runtime's roles: the session below says so
             revision, readable = None, False
         # The operator's role sees every row; before migration 0012 made it and granted it this database's tables, the
         # login role counts (the roles are the cluster's: another database's migration may have made them already).
@@ -58,8 +60,14 @@ async def _status() -> None:
         async with get_db_session(account=Unscoped.ADMIN if migrated else Unscoped.OWNER) as session:
             counts = await table_counts(session=session)
         # The queue's tables are procrastinate's, not under the runtime's roles: the login role's, as the queue's.
-        async with get_db_session(account=Unscoped.OWNER) as session:
-            queue = await job_queue_state(session=session, alive_within_s=settings.jobs_stalled_seconds)
+        queue: JobQueueState | str | None
+        try:
+            async with get_db_session(account=Unscoped.OWNER) as session:
+                queue = await job_queue_state(session=session, alive_within_s=settings.jobs_stalled_seconds)
+        except ConfigError as exc:
+            # A member of the runtime's roles that does not own the tables (another role migrated them) read the rest;
+            # the error's advice, to grant it the roles it has, would mislead: say what was refused instead.
+            queue = f'not readable by the login role ({_denied(str(exc))}): its tables belong to the role that migrated'
         session_defaults = await session_timeouts(get_engine())
     finally:
         await close_database()
@@ -106,7 +114,15 @@ def _background_line(mode: str, queue_url: str | None) -> str:
     return f'queue (AGENTRT_BACKGROUND): durable jobs run by `agentrt worker`{where}'
 
 
-def _queue_line(queue: JobQueueState | None, used: bool, alive_within_s: float) -> str:
+def _denied(message: str) -> str:
+    """PostgreSQL's own "permission denied for table ..." that a `ConfigError` quotes, in parentheses."""
+    found = re.search(r'\((permission denied [^)]*)\)', message)
+    return found.group(1) if found else message
+
+
+def _queue_line(queue: JobQueueState | str | None, used: bool, alive_within_s: float) -> str:
+    if isinstance(queue, str):  # what kept it from being read
+        return queue
     if queue is None:
         return 'missing (not migrated: `agentrt db upgrade`)'
     jobs = f'{queue.waiting:,} waiting, {queue.running:,} running, {queue.failed:,} failed'

@@ -86,6 +86,24 @@ async def test_a_database_outage_answers_503_without_its_text(
     response = await client.get('/api/v1/llm-audit/interactions', headers=auth(keys.acme))
     assert response.status_code == 503 and 'db.internal' not in response.text
     assert response.json()['type'] == 'database_unavailable'
+    assert response.headers['retry-after'] == '5'  # an outage lasts seconds at least: no hammering meanwhile
+
+
+async def test_a_busy_refusal_says_when_to_try_again(
+    keys: Keys, client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def busy(**kwargs: object) -> None:
+        raise RuntimeBusyError('the turn waited 30s (AGENTRT_TURN_QUEUE_SECONDS) and was not started')
+
+    monkeypatch.setattr(audit, 'list_requests', busy)
+    response = await client.get('/api/v1/llm-audit/interactions', headers=auth(keys.acme))
+    assert (response.status_code, response.json()['type'], response.headers['retry-after']) == (503, 'busy', '1')
+    # Other statuses are not to be tried again as they are: no Retry-After.
+    missing = await client.get('/api/v1/conversations/nope', headers=auth(keys.acme))
+    unauthorized = await client.get('/api/v1/conversations/nope')
+    assert missing.status_code == 404 and 'retry-after' not in missing.headers
+    assert unauthorized.status_code == 401 and 'retry-after' not in unauthorized.headers
+    assert unauthorized.headers['www-authenticate'] == 'Bearer'
 
 
 def test_a_clients_message_and_the_log_line_are_redacted(caplog: pytest.LogCaptureFixture) -> None:

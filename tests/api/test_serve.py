@@ -294,7 +294,7 @@ async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_s
     assert response.status_code == 503, response.text
     body = response.json()
     assert body['type'] == 'shutting_down' and body['error_id'].startswith('err_'), body
-    assert 'send it again' in body['detail']
+    assert 'send it again' in body['detail'] and response.headers['retry-after'] == '5'
     assert body['error_id'] in stderr and 'Traceback' not in stderr, stderr[-3000:]
     async with get_db_session(account=Unscoped.ADMIN) as session:
         stored = (await session.execute(text('SELECT count(*) FROM conversations'))).scalar_one()

@@ -65,6 +65,23 @@ def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, words:
     assert 's3cret' not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ('url', 'words'),
+    [
+        ('postgresql://app:s3cret@db.example.com:5432', 'names no database; expected postgresql://'),
+        (f'{URL}?user=app', 'put the user name in the URL: postgresql://'),
+    ],
+)
+async def test_the_url_a_refusal_shows_as_the_example_is_not_redacted(url: str, words: str) -> None:
+    # The example read `postgresql://user:pass@host:5432/db`, and the CLI's error line, redacted, showed
+    # `user:[REDACTED]@host`: a hint with a hole where the password goes.
+    result = await invoke('db', 'status', env={'DATABASE_URL': url})
+    assert result.exit_code == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert words in line and '<user>:<password>@<host>' in line and '[REDACTED]' not in line
+    assert 's3cret' not in result.stderr
+
+
 @pytest.mark.parametrize('port', ['99999', '0', '65536'])
 def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@localhost:{port}/db')

@@ -348,3 +348,50 @@ async def test_a_connection_refused_after_the_start_names_the_pooler_it_could_no
         await pooled.close()
     message = str(refused.value)
     assert f'cannot connect to PostgreSQL at 127.0.0.1:{bouncer.port}/{bouncer.database} (PgBouncer): ' in message
+
+
+def _readme_pgbouncer_ini() -> list[str]:
+    """The ```ini block of README's section "Running several workers", as a user copies it."""
+    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    section = readme[readme.index('## Running several workers') :]
+    section = section[: section.index('\n## ', 3)]
+    return section[
+        section.index('```ini\n') + len('```ini\n') : section.index('```', section.index('```ini\n') + 6)
+    ].splitlines()
+
+
+async def test_the_readme_pgbouncer_ini_runs_as_written(database: Settings) -> None:
+    # The README's ini put comments after values (`default_pool_size = 10   ; ...`): PgBouncer 1.18 reads the whole
+    # rest of the line as the value and refused to start ("invalid value ... for parameter default_pool_size").
+    # Kept verbatim but for where it runs: the database's address, the port, and trust authentication (no password
+    # here); its own files (log, pid) added.
+    bouncer = bouncer_for(get_engine().url)
+    ours = bouncer.ini_lines()
+    own_keys = ('listen_port', 'auth_type', 'auth_file', 'logfile', 'pidfile', 'unix_socket_dir', 'admin_users')
+
+    def key(line: str) -> str:
+        return line.split('=', 1)[0].strip()
+
+    readme = _readme_pgbouncer_ini()
+    assert 'pool_mode = transaction' in readme and any(key(line) == 'server_login_retry' for line in readme)
+    database_line = next(line for line in ours if line.startswith(f'{bouncer.database} = '))
+    ini: list[str] = []
+    for line in readme:
+        if line.startswith('agents = '):
+            ini.append(database_line)
+        elif key(line) not in own_keys:
+            ini.append(line)
+        if line == '[pgbouncer]':
+            ini += [line for line in ours if key(line) in own_keys]
+    bouncer.write_ini(ini)
+    try:
+        bouncer.start()  # raises with PgBouncer's own message when it exits instead
+        pooled = await PooledDatabase.create(bouncer, database)
+        try:
+            async with pooled.active(), get_db_session(account=Unscoped.ADMIN) as session:
+                assert (await session.execute(text('SELECT 1'))).scalar_one() == 1
+        finally:
+            await pooled.close()
+        assert 'FATAL' not in bouncer.log() and 'ERROR' not in bouncer.log()
+    finally:
+        bouncer.stop()

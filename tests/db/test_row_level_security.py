@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, get_engine
 from agentrt.db.errors import ConfigError, MigrationError
-from agentrt.db.migrate import MIGRATIONS_DIR, upgrade
+from agentrt.db.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.roles import ADMIN_ROLE, APP_ROLE, FUNCTION_ROLES, JOBS_ROLE, LEDGER_ROLE
 from agentrt.db.session import (
@@ -389,11 +389,16 @@ async def test_a_login_role_without_the_roles_or_the_tables_is_told_what_to_gran
         _, as_a_role = await refusal(Unscoped.ADMIN, 'SELECT count(*) FROM accounts')  # every other transaction
         assert isinstance(as_a_role, ConfigError)
         assert 'permission denied to set role "agentrt_admin"' in str(as_a_role)
-        for message in (str(as_itself), str(as_a_role)):
+        # The revision, which every command and server start reads first as the login role: an internal error
+        # quoting `SELECT alembic_version.version_num ...` (exit 70) before.
+        with pytest.raises(ConfigError, match='permission denied for table alembic_version') as revision_refused:
+            await current_revision(engine)
+        for message in (str(as_itself), str(as_a_role), str(revision_refused.value)):
             assert f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}' in message and 'Tenant isolation' in message
             assert '\n' not in message and 'SELECT' not in message
         async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}'))
+        assert await current_revision(engine) == head_revision()
         raw, bug = await refusal(Unscoped.LEDGER, 'SELECT count(*) FROM conversations')
         assert bug is None and 'permission denied for table conversations' in str(raw)
         # With the roles, the runtime's transactions work, on the pooled connections that were refused before too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -170,12 +171,18 @@ async def test_awaiting_a_failed_task_reraises_its_error() -> None:
         await supervisor.spawn(explode)
 
 
-async def test_shutdown_lets_running_tasks_finish_within_the_timeout() -> None:
+async def test_shutdown_lets_running_tasks_finish_within_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
     supervisor = TaskSupervisor(max_running=2)
     for _ in range(4):
         supervisor.spawn(sleep_in_database, 0.2)
-    report = await supervisor.shutdown(timeout=10)
+    with caplog.at_level(logging.INFO, logger='agentrt.background'):
+        report = await supervisor.shutdown(timeout=10)
     assert (report.completed, report.failed, report.cancelled, report.abandoned) == (4, 0, 0, 0)
+    # One readable line, not "background background shut down: ShutdownReport(completed=4, ...)".
+    assert re.fullmatch(
+        r'tasks of background shut down: 4 completed, 0 failed, 0 cancelled, 0 rejected, 0 abandoned in \d+\.\d\d s',
+        caplog.records[-1].getMessage(),
+    ), caplog.records[-1].getMessage()
     assert report.seconds < 5
     assert pool_status().checked_out == 0
 

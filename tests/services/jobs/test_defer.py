@@ -50,6 +50,38 @@ async def test_a_defer_while_postgresql_is_down_is_a_database_error_logged_as_on
     assert failed.getMessage().startswith('background task queue post-turn jobs not done: database unavailable: ')
 
 
+async def test_turns_finding_their_job_pending_leave_no_error_in_the_servers_log(
+    queue: None, private_database: PrivateDatabase
+) -> None:
+    # Every turn queues its account's rollup; within the rollup's interval one is pending, and the insert of another
+    # failed on the queueing lock's unique index: PostgreSQL logged an ERROR ("duplicate key value violates unique
+    # constraint procrastinate_jobs_queueing_lock_idx_v1") for nearly every turn of a server in queue mode.
+    log = private_database.server.root / 'log'
+    async with private_database.active():
+        try:
+            async with get_db_session(account=Unscoped.OWNER) as session:
+                await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
+            logged_before = log.read_text(errors='replace').count('queueing_lock')
+            # A server's turns at once (each looked before any inserted), then one after another.
+            await asyncio.gather(
+                *(defer_post_turn_work(1, 'conv-1', summarise=False, rollup_interval_s=60) for _ in range(8))
+            )
+            for _turn in range(6):
+                await defer_post_turn_work(1, 'conv-1', summarise=True, rollup_interval_s=60)
+                assert await defer_summary(1, 'conv-1') == 0  # pending since the first turn
+            async with get_db_session(account=Unscoped.OWNER) as session:
+                queued = await session.execute(
+                    text("SELECT task_name, count(*) FROM procrastinate_jobs WHERE status = 'todo' GROUP BY 1")
+                )
+                assert {name: count for name, count in queued} == {
+                    'agentrt.usage_rollup': 1,
+                    'agentrt.conversation_summary': 1,
+                }
+        finally:
+            await close_queue()
+    assert log.read_text(errors='replace').count('queueing_lock') == logged_before
+
+
 _NO_WORKER = 'no `agentrt worker` is running'
 
 
