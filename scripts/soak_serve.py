@@ -415,6 +415,8 @@ async def sample(server: Server, pg: PgProbe, load: Load, since: int, started: f
     row |= await pg.counts()
     row |= await server.ready(client_module())
     row['window_ops'] = len(ops)
+    from bench_common import ms, percentile  # the benchmarks' own (scripts/ is on the path: `setup` put it there)
+
     for kind in (None, *OPS):
         values = [op.latency_s for op in ops if (kind is None or op.kind == kind) and op.outcome == 'ok']
         name = kind or 'all'
@@ -563,20 +565,6 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return None if not var else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def mix(value: str) -> dict[str, float]:
