@@ -359,7 +359,8 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for error in exc.errors()[:20]
         ]
-        logger.info('%s %s: 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), loggable(str(errors)))
+        # The errors go in as their repr, which escapes what is not printable already (a body key's ESC as `\x1b`).
+        logger.info('%s %s: 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), errors)
         return JSONResponse({'detail': errors, 'type': 'invalid_request', 'error_id': error_id}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, on_validation_error)
