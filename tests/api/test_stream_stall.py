@@ -122,6 +122,9 @@ async def test_a_client_that_reads_nothing_loses_its_turn_as_on_a_hang_up(
     assert await scalar("SELECT count(*) FROM conversations WHERE conversation_id = 'stalled'") == 1
     warnings = [record.getMessage() for record in caplog.records if STALLED in record.getMessage()]
     assert warnings == [f'{STALLED}: its client read nothing for 0.3 s (AGENTRT_STREAM_SEND_TIMEOUT_SECONDS)']
+    # The stream's generators were closed in the task that ran them (from another, the turn span's context could not
+    # be reset: OpenTelemetry logged "Failed to detach context").
+    assert not [record for record in caplog.records if record.name == 'opentelemetry.context']
 
 
 async def test_a_keepalive_that_cannot_be_sent_ends_the_turn_too(
