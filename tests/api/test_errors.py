@@ -303,3 +303,68 @@ def test_loggable_escapes_only_what_is_not_printable() -> None:
     assert loggable(printable) is printable  # nothing to do, nothing copied
     assert loggable('a\tb\x7f\u200b\ud800\U000e0001') == r'a\tb\x7f\u200b\ud800\U000e0001'
     assert loggable('GET /x\r\n2026-12-01 INFO forged') == r'GET /x\r\n2026-12-01 INFO forged'
+
+
+@pytest.mark.parametrize('name', ['passwd', 'password', 'secret', 'api_key'])
+@pytest.mark.parametrize(
+    ('method', 'path', 'body', 'status'),
+    [
+        ('GET', '/api/v1/conversations/my-{name}', None, 404),  # a route's refusal (`public_error`)
+        ('GET', '/api/v1/nowhere/my-{name}', None, 404),  # no route: Starlette's 404
+        ('POST', '/api/v1/conversations/my-{name}/turns', {'message': 1}, 422),  # the body refused
+    ],
+    ids=['refusal', 'no route', 'invalid body'],
+)
+async def test_a_path_ending_in_a_secrets_name_keeps_the_status_in_the_log(
+    keys: Keys,
+    client: httpx2.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    method: str,
+    path: str,
+    body: object,
+    status: int,
+) -> None:
+    # The line read `err_... GET /api/v1/conversations/my-password: [REDACTED] not_found: ...`: the path's end was
+    # taken for a secret's name, the status for its value.
+    path = path.format(name=name)
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        response = await client.request(method, path, headers=auth(keys.acme), json=body)
+    assert response.status_code == status, response.text
+    line = next(record.getMessage() for record in caplog.records if response.json()['error_id'] in record.getMessage())
+    assert line.startswith(f'{response.json()["error_id"]} {method} {path}: {status} '), line
+    assert '[REDACTED]' not in line, line
+
+
+def test_a_server_errors_line_keeps_its_fields_and_redacts_its_secret(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public = public_error(RuntimeError('password=hunter2-x9'), where='GET /api/v1/conversations/my-secret')
+    [record] = caplog.records
+    assert (
+        record.getMessage()
+        == f'{public.error_id} GET /api/v1/conversations/my-secret: RuntimeError password=[REDACTED]'
+    )
+
+
+@pytest.mark.parametrize(
+    ('text', 'shown'),
+    [
+        ('boom\n2026-12-01 INFO forged line', r'boom\n2026-12-01 INFO forged line'),
+        ('boom\x1b[2J', r'boom\x1b[2J'),
+        ('boom\x00end', r'boom\x00end'),
+        ('boom\ud800end', r'boom\ud800end'),
+        (r'already \x1b escaped', r'already \x1b escaped'),  # escaped once: printable text is left as it is
+    ],
+    ids=['newline', 'ESC', 'NUL', 'lone surrogate', 'printable'],
+)
+def test_a_server_errors_text_reaches_its_line_escaped_once(
+    caplog: pytest.LogCaptureFixture, text: str, shown: str
+) -> None:
+    # The 5xx line put the exception's text in as it was: a newline forged a line of its own, ESC reached the terminal.
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public = public_error(RuntimeError(text), where='GET /api/v1/x')
+    [record] = caplog.records
+    line = record.getMessage()
+    assert line == f'{public.error_id} GET /api/v1/x: RuntimeError {shown}'
+    assert line.isprintable(), line
+    assert record.levelno == logging.ERROR and record.exc_text, 'the traceback is kept'
