@@ -175,3 +175,48 @@ async def test_a_keepalive_that_cannot_be_sent_ends_the_turn_too(
     assert await scalar("SELECT count(*) FROM conversations WHERE conversation_id = 'quiet'") == 0
     assert any(STALLED in record.getMessage() for record in caplog.records)
     model.resume.set()
+
+
+async def test_a_stream_the_shutdown_cuts_off_ends_though_its_client_reads_nothing(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shutdown cancels a stream, which then sends the protocol's stopped events: to a client that reads nothing
+    # that send waited for ever, and the server's shutdown with it.
+    monkeypatch.setattr(current_settings(), 'stream_send_timeout_seconds', 0.2)
+    monkeypatch.setattr(current_settings(), 'http_stream_keepalive_seconds', 0)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await set_budget(session=session, account='acme-health', limit_usd=Decimal('100'), period=Period('day'))
+    model = LongAnswerModel(chunks=40, pause_after=1)
+    app = create_app(manage_runtime=False, model=model)
+    body = json.dumps(chat_body('cut-stalled', 'Write an essay')).encode()
+    scope = {
+        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': '2.3'}, 'http_version': '1.1', 'method': 'POST',
+        'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '', 'query_string': b'',
+        'server': ('test', 80), 'client': ('127.0.0.1', 5000),
+        'headers': [
+            (b'host', b'test'), (b'content-type', b'application/json'),
+            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {keys.acme}'.encode()),
+        ],
+    }  # fmt: skip
+    sent = [{'type': 'http.request', 'body': body, 'more_body': False}]
+    never = asyncio.Event()
+    answering = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        if sent:
+            return sent.pop()
+        await never.wait()
+        return {'type': 'http.disconnect'}
+
+    async def send(message: dict[str, object]) -> None:
+        if answering.is_set():
+            await never.wait()  # the client read the first words, then nothing more
+        if b'text-delta' in message.get('body', b''):  # type: ignore[operator]
+            answering.set()
+
+    request = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(model.paused.wait(), 30)
+    request.cancel()  # as uvicorn does at the end of its shutdown's grace
+    await asyncio.wait_for(asyncio.gather(request, return_exceptions=True), 30)
+    assert await _turn_over('cut-stalled') == ['cancelled']
+    model.resume.set()
