@@ -259,6 +259,27 @@ async def closed_loop(
     return LoadRun(latencies, outcomes, failures, elapsed, cpu, percentile(lags, 95), cpu_started)
 
 
+async def wait_ready(
+    httpx2: Any, url: str, process: subprocess.Popen[Any], *, seconds: float, exited: Callable[[], str]
+) -> None:
+    """Poll `url`'s `/health/ready` every 0.1 s until it answers 200, for at most `seconds`.
+
+    Raises:
+        RuntimeError: the server process exited first (with `exited()`'s description), or it never got ready.
+    """
+    async with httpx2.AsyncClient(base_url=url, timeout=2) as client:
+        for _ in range(int(seconds * 10)):
+            if process.poll() is not None:
+                raise RuntimeError(f'server exited ({process.returncode}): {exited()}')
+            try:
+                if (await client.get('/health/ready')).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f'server did not start within {seconds:g} s')
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0-100) by linear interpolation, or None for no values."""
     if not values:

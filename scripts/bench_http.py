@@ -40,6 +40,7 @@ from bench_common import (
     print_config,
     print_table,
     start_database,
+    wait_ready,
     write_results,
 )
 from sqlalchemy import text
@@ -81,17 +82,13 @@ class HttpServer:
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     async def wait_up(self) -> None:
-        async with httpx2.AsyncClient(base_url=self.url, timeout=2) as client:
-            for _ in range(600):
-                if self.process.poll() is not None:
-                    raise RuntimeError(f'server exited: {self.process.stderr.read() if self.process.stderr else ""}')
-                try:
-                    if (await client.get('/health/ready')).status_code == 200:
-                        return
-                except httpx2.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError('server did not start')
+        await wait_ready(
+            httpx2,
+            self.url,
+            self.process,
+            seconds=60,
+            exited=lambda: self.process.stderr.read() if self.process.stderr else '',
+        )
 
     def cpu_s(self) -> float:
         fields = Path(f'/proc/{self.process.pid}/stat').read_text().rsplit(')', 1)[1].split()

@@ -142,17 +142,9 @@ class Server:
         self.pid = self.process.pid
 
     async def wait_up(self, httpx2: Any) -> None:
-        async with httpx2.AsyncClient(base_url=self.url, timeout=2) as client:
-            for _ in range(1200):
-                if self.process.poll() is not None:
-                    raise RuntimeError(f'server exited ({self.process.returncode}): see {self.log_path}')
-                try:
-                    if (await client.get('/health/ready')).status_code == 200:
-                        return
-                except httpx2.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError('server did not start within 120 s')
+        from bench_common import wait_ready  # the benchmarks' own (scripts/ is on the path: `setup` put it there)
+
+        await wait_ready(httpx2, self.url, self.process, seconds=120, exited=lambda: f'see {self.log_path}')
 
     async def ready(self, httpx2: Any) -> dict[str, Any]:
         """The server's own view from `/health/ready`: its pool (connections held, checked out) and background work."""

@@ -56,7 +56,7 @@ def audit_list(
     as_json: bool = JSON_OPTION,
     as_csv: bool = CSV_OPTION,
 ) -> None:
-    """List model requests, newest first (the columns that fit the terminal; --json or --csv for all of them)."""
+    """List model requests, newest first (the columns that fit the terminal, all in a pipe; or --json, --csv)."""
     if failed and succeeded:
         fail('--failed and --succeeded exclude each other', EXIT_USAGE)
     one_output_format(as_json=as_json, as_csv=as_csv)
@@ -138,7 +138,7 @@ def render_page(result: LedgerPage, *, as_json: bool, as_csv: bool = False) -> N
         print_csv([row_dict(item) for item in result.items], columns=ledger_columns())
         return
     title = f'model requests: page {result.page} of {result.pages} ({result.total:,} in all)'
-    console.print(fitted_table(title, LIST_COLUMNS, result.items, width=console.width))
+    console.print(fitted_table(title, LIST_COLUMNS, result.items, width=console.table_room))
 
 
 def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:

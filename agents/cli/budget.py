@@ -126,7 +126,11 @@ def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
         return
     table = Table(title=f'budgets ({len(statuses)})', title_justify='left')
     for column in ('account', 'limit USD', 'period', 'current period (UTC)', 'spent', 'held', 'remaining', 'refused'):
-        table.add_column(column, justify='left' if column in ('account', 'period', 'current period (UTC)') else 'right')
+        table.add_column(
+            column,
+            justify='left' if column in ('account', 'period', 'current period (UTC)') else 'right',
+            overflow='fold',
+        )
     for status in statuses:
         table.add_row(
             *text_cells(

@@ -107,7 +107,7 @@ def render_costs(by: str, rows: list[CostSummary], *, as_json: bool, as_csv: boo
 
     table = Table(title=f'costs by {by}', title_justify='left')
     for column in (by, 'requests', 'failed', 'cancelled', 'tokens in', 'tokens out', 'cost USD', 'unpriced'):
-        table.add_column(column, justify='left' if column == by else 'right')
+        table.add_column(column, justify='left' if column == by else 'right', overflow='fold')
     for row in rows:
         table.add_row(
             *text_cells(

@@ -74,7 +74,7 @@ async def _status() -> None:
     kind = f'embedded (data in {info["data_dir"]})' if info['embedded'] else 'external (DATABASE_URL)'
     table = Table(title='agentrt database', show_header=False, title_justify='left')
     table.add_column(style='bold')
-    table.add_column()
+    table.add_column(overflow='fold')
     table.add_row('server', info['url'])
     table.add_row('kind', kind)
     table.add_row('PostgreSQL', version)

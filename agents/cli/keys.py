@@ -78,7 +78,7 @@ def list_keys(
         return
     table = Table(title=f'API keys ({len(keys)})', title_justify='left')
     for column in ('id', 'account', 'name', 'scopes', 'created (UTC)', 'last used (UTC)', 'revoked (UTC)'):
-        table.add_column(column, no_wrap=column == 'id')
+        table.add_column(column, no_wrap=column == 'id', overflow='fold')
     for key in keys:
         table.add_row(
             *text_cells(

@@ -54,18 +54,50 @@ T = TypeVar('T')
 
 
 class _UnwrappedWhenPiped(Console):
-    """rich's console, which does not wrap a message's lines when it writes to a file or a pipe.
+    """rich's console, which neither wraps a message's lines nor cuts a table when it writes to a file or a pipe.
 
-    rich wraps at 80 columns when its file is not a terminal, so a script capturing `agentrt db seed > out.txt` or
-    `agentrt keys create ... | cat` got sentences (and a key or id in them) broken across lines. A message (text)
-    printed there is written on one line; a table still fits the width, as its cells would spill out of it otherwise.
+    rich lays out for 80 columns when no terminal tells it a width, so a script capturing `agentrt db seed > out.txt`
+    or `agentrt keys create ... | cat` got sentences (and a key or id in them) broken across lines, and `agentrt
+    costs > costs.txt` got an account's name cut to `acme-h…`. There, a message (text) is written on one line and a
+    table at its natural width, every cell in full. A width someone gave (`COLUMNS`, or `console.width`) still holds.
     """
 
+    @property
+    def table_room(self) -> int:
+        """How many columns a table may take: the terminal's (or the given) width; no limit for a file or a pipe."""
+        return sys.maxsize if self._unbounded() else self.width
+
+    def _unbounded(self) -> bool:
+        # `_width` is rich's record of a width it was given (its argument, the setter, or COLUMNS when it was made).
+        return not self.is_terminal and self._width is None and not os.environ.get('COLUMNS', '').isdigit()
+
     def print(self, *objects: Any, soft_wrap: bool | None = None, **options: Any) -> None:
-        """`Console.print`, soft-wrapped (never broken into lines) when every object is text and not for a terminal."""
+        """`Console.print`, soft-wrapped (never broken into lines) when every object is text and not for a terminal;
+        a table printed for a file or a pipe is as wide as its widest row needs."""
         if soft_wrap is None and not self.is_terminal and all(isinstance(item, str) for item in objects):
             soft_wrap = True
-        super().print(*objects, soft_wrap=soft_wrap, **options)
+        natural = self._natural_width(objects) if self._unbounded() else None
+        if natural is None or natural <= self.width:
+            super().print(*objects, soft_wrap=soft_wrap, **options)
+            return
+        self._width = natural  # rich never renders wider than the console: widen it for this print only
+        try:
+            super().print(*objects, soft_wrap=soft_wrap, **options)
+        finally:
+            self._width = None
+
+    def _natural_width(self, objects: tuple[Any, ...]) -> int | None:
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        tables = [item for item in objects if isinstance(item, Table)]
+        if not tables:
+            return None
+        room = self.options.update_width(_NO_LIMIT)
+        return max(Measurement.get(self, room, table).maximum for table in tables)
+
+
+_NO_LIMIT = 1_000_000  # columns: a measure wide enough for any table's widest row
 
 
 class _StderrConsole(_UnwrappedWhenPiped):

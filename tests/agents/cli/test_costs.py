@@ -73,3 +73,41 @@ async def test_costs_show_cancelled_requests_apart_from_failed_ones(
     assert 'cancelled' in table.stdout
     [acme] = [line for line in table.stdout.splitlines() if 'acme' in line]
     assert [cell.strip() for cell in acme.split('│')[1:6]] == ['acme', '3', '1', '1', '3,600'], acme
+
+
+LONG_MODEL = 'openrouter:anthropic/claude-3.5-sonnet-20241022-with-a-very-long-deployment-name'
+
+
+async def test_a_table_written_to_a_pipe_is_printed_in_full(
+    seeded: list[LedgerRecord], database_url: str, tmp_path: Path
+) -> None:
+    """`agentrt costs > costs.txt` (no terminal, no COLUMNS): every cell in full, not cut at rich's 80 columns."""
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    await tracker.track_request(cli_record('a-rather-long-account-name-for-a-wide-table', LONG_MODEL, '0.5', minute=4))
+    await tracker.flush()
+    env = {'DATABASE_URL': database_url}
+    for by, value in (('model', LONG_MODEL), ('account', 'a-rather-long-account-name-for-a-wide-table')):
+        piped = await asyncio.to_thread(run_cli, 'costs', '--by', by, '--source', 'ledger', env=env, columns=None)
+        assert piped.returncode == 0, piped.stderr
+        assert value in piped.stdout and '…' not in piped.stdout
+        assert 'requests' in piped.stdout and 'cancelled' in piped.stdout  # headers whole too
+        assert max(len(line) for line in piped.stdout.splitlines()) > 80
+    # A width someone gave still holds: COLUMNS for the subprocess, the terminal's width in-process; nothing is cut to
+    # an ellipsis there either (a cell too long for its column folds onto the next line).
+    narrow = await asyncio.to_thread(run_cli, 'costs', '--by', 'model', '--source', 'ledger', env=env, columns=80)
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80 and '…' not in narrow.stdout
+    terminal = await invoke('costs', '--by', 'account', '--source', 'ledger', env=env, columns=80)
+    assert terminal.exit_code == 0, terminal.stderr
+    assert max(len(line) for line in terminal.stdout.splitlines()) <= 80 and '…' not in terminal.stdout
+
+
+async def test_audit_list_written_to_a_pipe_has_every_column(seeded: list[LedgerRecord], database_url: str) -> None:
+    """With no terminal to fit, `audit list` shows each request's whole id and every column, as `--csv` does."""
+    piped = await asyncio.to_thread(run_cli, 'audit', 'list', env={'DATABASE_URL': database_url}, columns=None)
+    assert piped.returncode == 0, piped.stderr
+    assert all(str(record.id) in piped.stdout for record in seeded)
+    header = piped.stdout.splitlines()[1]
+    for column in ('agent', 'tokens in/out', 'ms', 'cost USD'):
+        assert column in header
+    assert '1,200/80' in piped.stdout and '…' not in piped.stdout
