@@ -52,6 +52,8 @@ def _checked_spool_path(spool: str) -> Path:
     shown = spool if len(spool) <= 200 else f'{spool[:160]}... ({len(spool):,} characters)'
     if not spool.strip():
         fail("--spool is empty; give the spool file's path", EXIT_USAGE)
+    if '\x00' in spool:  # no file name holds one: opening it was an internal error (ValueError: embedded null byte)
+        fail(f'--spool: {shown!r} has a NUL character, which no file name can have', EXIT_USAGE)
     path = Path(spool).expanduser()
     try:
         parent_is_dir, exists, is_file = path.parent.is_dir(), path.exists(), path.is_file()
