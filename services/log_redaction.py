@@ -60,9 +60,17 @@ def redact_record(record: logging.LogRecord) -> None:
 
 def redacted_log_text(text: str) -> str:
     """`text` as a log line may carry it: redacted (percent-encoded secrets too: a line may quote a URL, as uvicorn's
-    access log and its trace of each request's scope do), then cut to `MAX_LOGGED_CHARS` (no secret left half shown).
+    access log and its trace of each request's scope do), then cut to `MAX_LOGGED_CHARS` (no secret left half shown),
+    lone surrogates written out as escapes (`\\ud800`), so that any handler can encode it.
     """
-    return redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]', redactor=redact_url_text)
+    redacted = redact_cut(text, MAX_LOGGED_CHARS, marker=' [cut]', redactor=redact_url_text)
+    try:
+        redacted.encode('utf-8')
+    except UnicodeEncodeError:
+        # A lone surrogate (a client's `\udcff` in an error's text) cannot be written as UTF-8: a handler writing to a
+        # UTF-8 file raised on it and the line was lost ("--- Logging error ---"). Written out as its escape instead.
+        return redacted.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return redacted
 
 
 _PERCENT_ESCAPE = re.compile(r'%([0-9A-Fa-f]{2})')
