@@ -38,24 +38,39 @@ MAX_LOGGED_CHARS = 64_000
 
 
 def redact_record(record: logging.LogRecord) -> None:
-    """Redact `record` in place: its message (arguments merged in), its traceback and its stack. Idempotent."""
+    """Redact `record` in place: its message (arguments merged in), its traceback and its stack, each written so that
+    any handler can encode it (`logged_text`). Idempotent."""
     try:
         message = record.getMessage()
     except Exception:  # arguments that do not fit the format: logging reports that itself, leave it be
         return
-    redacted = redacted_log_text(message)
+    redacted = logged_text(message)
     if redacted is not message:
         record.msg, record.args = redacted, None
     if record.exc_info and record.exc_info[1] is not None:
         error = record.exc_info[1]
-        record.exc_text = redacted_log_text(''.join(traceback.format_exception(error)).rstrip('\n'))
-        record.__dict__['exc_line'] = redacted_log_text(f'{type(error).__name__}: {" ".join(str(error).split())}')
+        record.exc_text = logged_text(''.join(traceback.format_exception(error)).rstrip('\n'))
+        record.__dict__['exc_line'] = logged_text(f'{type(error).__name__}: {" ".join(str(error).split())}')
         record.__dict__['exc_class'] = type(error)  # for a handler that tells kinds of failure apart (the CLI's)
         record.exc_info = None
     elif record.exc_text:
-        record.exc_text = redacted_log_text(record.exc_text)
+        record.exc_text = logged_text(record.exc_text)
     if record.stack_info:
-        record.stack_info = redacted_log_text(record.stack_info)
+        record.stack_info = logged_text(record.stack_info)
+
+
+def logged_text(text: str) -> str:
+    """`redacted_log_text(text)`, a lone surrogate in it written out as its escape (`\\udcff`).
+
+    A lone surrogate (a client's `\\udcff` in an error's text, a provider's JSON `"\\ud800"`) cannot be written as
+    UTF-8: a handler writing a UTF-8 file raised on it, and logging printed "--- Logging error ---" instead of the line.
+    """
+    redacted = redacted_log_text(text)
+    try:
+        redacted.encode('utf-8')
+    except UnicodeEncodeError:
+        return redacted.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return redacted
 
 
 def redacted_log_text(text: str) -> str:
@@ -122,7 +137,7 @@ class ArgumentRedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(redacted_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(logged_text(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 
