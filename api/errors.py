@@ -69,7 +69,7 @@ from agentrt.api.schemas import decimal_text
 from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
-from agentrt.services.log_redaction import LogField, install_log_redaction
+from agentrt.services.log_redaction import install_log_redaction
 
 logger = logging.getLogger('agentrt.api')
 install_log_redaction()
@@ -133,13 +133,6 @@ def loggable(text: str) -> str:
     return ''.join(char if char.isprintable() else ascii(char)[1:-1] for char in redact_text(text)[0])
 
 
-def loggable_where(where: str) -> LogField:
-    """`where` (a request's method and path) as a field of a log line: escaped (`loggable`), and redacted alone by the
-    log filter (`LogField`), so a path ending in a secret's name (`/conversations/my-password`) is not read with the
-    `: 404` after it as `name: value`, which logged the status as `[REDACTED]`."""
-    return LogField(loggable(where))
-
-
 def new_error_id() -> str:
     """A short random id that ties what the client saw to the log line."""
     return 'err_' + uuid.uuid4().hex[:16]
@@ -160,16 +153,16 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     """
     error_id = new_error_id()
     status, type_, message, field_name = _classify(exc)
-    where = loggable_where(where)
+    where = loggable(where)
     if type_ in _ONE_LINE or _outage(exc):  # where it was raised says nothing the message does not: a traceback each
         # buried real errors (an outage of 10 s: 367 turns refused, 23,000 lines)
         logger.warning(
-            '%s %s: %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, loggable(_short(str(exc)))
+            '%s %s %d %s: %s %s', error_id, where, status, type_, type(exc).__name__, loggable(_short(str(exc)))
         )
     elif type_ in _NOT_OURS:  # the provider's or the model's failure, not a bug of the server's: no traceback
         model = getattr(exc, 'model_name', None)
         logger.warning(
-            '%s %s: %d %s: %s (model %s): %s',
+            '%s %s %d %s: %s (model %s): %s',
             error_id,
             where,
             status,
@@ -179,10 +172,19 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
             loggable(_short(_redacted(str(exc)))),
         )
     elif status >= 500:
-        # Escaped as the other lines are: an error's text can quote a client's (a newline, ESC: a forged log line).
-        logger.error('%s %s: %s %s', error_id, where, type(exc).__name__, loggable(str(exc)), exc_info=exc)
+        # The exception's text is escaped as the rest (a newline in it forged a line); the traceback follows it.
+        logger.error(
+            '%s %s %d %s: %s %s',
+            error_id,
+            where,
+            status,
+            type_,
+            type(exc).__name__,
+            loggable(_short(str(exc))),
+            exc_info=exc,
+        )
     else:
-        logger.info('%s %s: %d %s: %s', error_id, where, status, type_, loggable(_short(str(exc) or message)))
+        logger.info('%s %s %d %s: %s', error_id, where, status, type_, loggable(_short(str(exc) or message)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     # The field is the client's own words too (a key of its body, as sent): redacted as its message is.
     shown_field = _short(_redacted(field_name)) if field_name is not None else None
@@ -342,8 +344,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, ClientDisconnect | ApiError):
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
-        where = loggable_where(f'{request.method} {request.url.path}')  # the client's characters: escaped
-        logger.info('%s %s: %d %s', error_id, where, exc.status_code, loggable(str(exc.detail)))
+        where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
+        logger.info('%s %s %d %s', error_id, where, exc.status_code, loggable(str(exc.detail)))
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
         headers = exc.headers
         allowed = _allowed_methods(request) if exc.status_code == 405 else []
@@ -368,7 +370,7 @@ def install_error_handlers(app: FastAPI) -> None:
             for error in exc.errors()[:20]
         ]
         # The errors go in as their repr, which escapes what is not printable already (a body key's ESC as `\x1b`).
-        logger.info('%s %s: 422 %s', error_id, loggable_where(f'{request.method} {request.url.path}'), errors)
+        logger.info('%s %s 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), errors)
         return JSONResponse({'detail': errors, 'type': 'invalid_request', 'error_id': error_id}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -75,8 +75,13 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
+async def upgrade(engine: AsyncEngine, revision: str = 'head') -> str | None:
     """Apply migrations up to `revision`, in one transaction under an advisory lock (one process at a time).
+
+    Returns:
+        The revision the database was at when this upgrade got the lock (None: empty), which is where it migrated
+        from: another process's upgrade that held the lock meanwhile may have done it all already (then it is
+        `revision`), where a read before the lock said the revision that one migrated from.
 
     Raises:
         MigrationError: a migration failed (with its own error); nothing was applied.
@@ -95,7 +100,7 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> None:
         )
     try:
         async with _one_at_a_time(), engine.connect() as conn:
-            await conn.run_sync(_upgrade, revision)
+            return await conn.run_sync(_upgrade, revision, before)
     except AgentRuntimeError:
         raise
     except CommandError as exc:
@@ -133,10 +138,16 @@ def _cause(exc: BaseException) -> str:
     return f'{type(error).__name__}: {text}{code}'
 
 
-def _upgrade(connection: Connection, revision: str) -> None:
+REVISION_AT_LOCK = 'agentrt_revision_at_lock'
+"""The config attribute `migrations/env.py` sets to the revision it finds once it holds the migration lock."""
+
+
+def _upgrade(connection: Connection, revision: str, before: str | None) -> str | None:
     config = alembic_config()
     config.attributes['connection'] = connection
     command.upgrade(config, revision)
+    found: str | None = config.attributes.get(REVISION_AT_LOCK, before)  # `before`: an env.py that does not say
+    return found
 
 
 async def upgrade_if_behind(engine: AsyncEngine) -> bool:
@@ -150,5 +161,5 @@ async def upgrade_if_behind(engine: AsyncEngine) -> bool:
         logger.warning('%s; not migrated: this process runs on it as it is', _ahead_message(current))
         return False
     logger.info('database schema at %s, upgrading to %s', current or 'empty', head)
-    await upgrade(engine)
-    return True
+    # False when another process's migration, which this one waited for, had brought it to head meanwhile.
+    return await upgrade(engine) != head

@@ -8,11 +8,6 @@ any handler sees the record: the traceback becomes the record's `exc_text` (whic
 `exc_info` is cleared, so no handler formats the raw exception again. `exc_line` keeps the exception's own line
 (`Type: message`, redacted) for one-line displays.
 
-An argument that is a field of its own (`LogField`: a request's method and path, which the client writes) is redacted
-alone, and the rest of the message with the field left out: read as part of the line, a path ending in a secret's
-name (`GET /v1/conversations/my-password: 404 ...`) was taken for `name: value` and the status after it was logged
-as `[REDACTED]`.
-
 Loggers of other libraries are left alone; the CLI's handler applies `redact_record` to every record it prints, and
 `agentrt serve` puts `RedactingFilter` on uvicorn's error handler and `ArgumentRedactingFilter` on its access handler
 (whose formatter reads the record's arguments: the request's path and query).
@@ -22,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import traceback
 
 from agentrt.services.ledger.redaction import REDACTED, find_secrets, redact_cut, redact_text
@@ -43,62 +37,40 @@ LOGGERS = (
 MAX_LOGGED_CHARS = 64_000
 
 
-class LogField(str):
-    """A log record's argument that is one field of the line, redacted on its own (`redact_record`): text that
-    stands alone, such as a request's method and path, whose end must not read as a secret's name to the words
-    logged after it. Formatted with `%s`; never the value of a name in the format (`'password=%s'`): alone, a plain
-    password is no secret."""
-
-    __slots__ = ()
-
-
-# Where a `LogField` stands while the rest of its message is redacted: private-use characters around a nonce of the
-# record's, which no client can write in advance (its own path may hold private-use characters too).
-_FIELD_MARK = re.compile('\ue000[0-9a-f]{16}[0-9]+\ue001')
-
-
 def redact_record(record: logging.LogRecord) -> None:
-    """Redact `record` in place: its message (arguments merged in, each `LogField` redacted alone), its traceback and
-    its stack. Idempotent."""
+    """Redact `record` in place: its message (arguments merged in), its traceback and its stack, each written so that
+    any handler can encode it (`logged_text`). Idempotent."""
     try:
-        redacted = _redacted_message(record)
+        message = record.getMessage()
     except Exception:  # arguments that do not fit the format: logging reports that itself, leave it be
         return
-    if redacted is not None:
+    redacted = logged_text(message)
+    if redacted is not message:
         record.msg, record.args = redacted, None
     if record.exc_info and record.exc_info[1] is not None:
         error = record.exc_info[1]
-        record.exc_text = redacted_log_text(''.join(traceback.format_exception(error)).rstrip('\n'))
-        record.__dict__['exc_line'] = redacted_log_text(f'{type(error).__name__}: {" ".join(str(error).split())}')
+        record.exc_text = logged_text(''.join(traceback.format_exception(error)).rstrip('\n'))
+        record.__dict__['exc_line'] = logged_text(f'{type(error).__name__}: {" ".join(str(error).split())}')
         record.__dict__['exc_class'] = type(error)  # for a handler that tells kinds of failure apart (the CLI's)
         record.exc_info = None
     elif record.exc_text:
-        record.exc_text = redacted_log_text(record.exc_text)
+        record.exc_text = logged_text(record.exc_text)
     if record.stack_info:
-        record.stack_info = redacted_log_text(record.stack_info)
+        record.stack_info = logged_text(record.stack_info)
 
 
-def _redacted_message(record: logging.LogRecord) -> str | None:
-    """`record`'s message with its arguments merged in, redacted; None when it held nothing to redact."""
-    args = record.args
-    if not (isinstance(args, tuple) and any(isinstance(arg, LogField) for arg in args)):
-        message = record.getMessage()
-        redacted = redacted_log_text(message)
-        return None if redacted is message else redacted
-    # Each field stands as a mark while the rest is redacted, then takes its mark's place, redacted alone, in one
-    # pass (a field's own text is not read again). A mark a secret's span covered went with the secret.
-    nonce = secrets.token_hex(8)
-    fields: dict[str, str] = {}
-    marked: list[object] = []
-    for arg in args:
-        if isinstance(arg, LogField):
-            mark = f'\ue000{nonce}{len(fields)}\ue001'
-            fields[mark] = redacted_log_text(str(arg))
-            marked.append(mark)
-        else:
-            marked.append(arg)
-    redacted = redacted_log_text(str(record.msg) % tuple(marked))
-    return _FIELD_MARK.sub(lambda found: fields.get(found.group(), found.group()), redacted)
+def logged_text(text: str) -> str:
+    """`redacted_log_text(text)`, a lone surrogate in it written out as its escape (`\\udcff`).
+
+    A lone surrogate (a client's `\\udcff` in an error's text, a provider's JSON `"\\ud800"`) cannot be written as
+    UTF-8: a handler writing a UTF-8 file raised on it, and logging printed "--- Logging error ---" instead of the line.
+    """
+    redacted = redacted_log_text(text)
+    try:
+        redacted.encode('utf-8')
+    except UnicodeEncodeError:
+        return redacted.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return redacted
 
 
 def redacted_log_text(text: str) -> str:
@@ -165,7 +137,7 @@ class ArgumentRedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(redacted_log_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(logged_text(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 

@@ -182,8 +182,8 @@ async def _upgrade(revision: str) -> None:
     try:
         # On DATABASE_MIGRATION_URL when it is set (a direct connection beside a pooler's DATABASE_URL).
         async with migration_engine(get_engine(), current_settings()) as engine:
-            before = await current_revision(engine)
-            await upgrade(engine, revision)
+            # The revision under the migration lock: a `db upgrade` that waited for another one's finds nothing to do.
+            before = await upgrade(engine, revision)
             after = await current_revision(engine)
     finally:
         await close_database()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,9 @@ def replay(
             f'--spool: {spool} is not a ledger spool file (its first line is no spooled row); nothing was moved',
             EXIT_USAGE,
         )
+    if spool is not None and _nothing_to_replay(spool.expanduser()):
+        # Said plainly: a mistyped path otherwise "replayed 0" and left a `<name>.lock` file behind.
+        fail(f'--spool: {spool} does not exist (nor an interrupted replay of it); nothing to replay', EXIT_USAGE)
     report = run(_replay, spool)
     if as_json:
         print_json(asdict(report))
@@ -52,6 +56,8 @@ def _checked_spool_path(spool: str) -> Path:
     shown = spool if len(spool) <= 200 else f'{spool[:160]}... ({len(spool):,} characters)'
     if not spool.strip():
         fail("--spool is empty; give the spool file's path", EXIT_USAGE)
+    if '\x00' in spool:  # no file name holds one: opening it was an internal error (ValueError: embedded null byte)
+        fail(f'--spool: {shown!r} has a NUL character, which no file name can have', EXIT_USAGE)
     path = Path(spool).expanduser()
     try:
         parent_is_dir, exists, is_file = path.parent.is_dir(), path.exists(), path.is_file()
@@ -62,6 +68,13 @@ def _checked_spool_path(spool: str) -> Path:
     if exists and not is_file:
         fail(f"--spool: {shown} is not a file (a directory?); give the spool file's path", EXIT_USAGE)
     return path
+
+
+def _nothing_to_replay(path: Path) -> bool:
+    """Whether an explicit `--spool` names neither a file nor the `.replaying-*` files a crashed replay left."""
+    if path.exists():
+        return False
+    return not any(path.parent.glob(glob.escape(path.name) + '.replaying-*'))
 
 
 def _spool_file(path: Path) -> LedgerSpool:

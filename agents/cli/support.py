@@ -250,7 +250,12 @@ def error_line(message: str, *, redact: bool = True) -> None:
         redact: False only for the CLI's own messages about its arguments (usage errors, `fail()`): they quote
             nothing but what the user typed, and skipping the redaction keeps them as fast as `--help`.
     """
-    text = shortened(' '.join((redacted(str(message)) if redact else str(message)).split()), MAX_ERROR_CHARS)
+    from agentrt.agents.cli.transcript import visible
+
+    # Control characters written out: a message may quote a value as it came (a library's "Unknown model: ..."), and
+    # an escape sequence typed in an argument recoloured or cleared the terminal, a NUL went out as a raw byte.
+    one_line = ' '.join((redacted(str(message)) if redact else str(message)).split())
+    text = shortened(visible(one_line), MAX_ERROR_CHARS)
     err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 

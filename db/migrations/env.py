@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.migrate import MIGRATION_LOCK_KEY
+from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK
 from agentrt.db.models import Base
 
 
@@ -32,6 +32,8 @@ def _run(connection: Connection) -> None:
         {'lock': saved[0], 'statement': saved[1]},
     )
     context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
+    # Read under the lock: a process that waited for another's migration finds the schema where that one left it.
+    context.config.attributes[REVISION_AT_LOCK] = context.get_context().get_current_revision()
     with context.begin_transaction():
         context.run_migrations()
     connection.commit()

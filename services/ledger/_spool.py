@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -100,7 +101,7 @@ class LedgerSpool:
         directory others may write (`_private_directory`)."""
         if self.path.parent.exists() and unsafe_directory(self.path.parent) is not None:
             return []
-        found = sorted(self.path.parent.glob(self.path.name + '.replaying-*')) if self.path.parent.exists() else []
+        found = self._claimed_files() if self.path.parent.exists() else []
         try:
             status = self.path.stat()
         except FileNotFoundError:
@@ -166,7 +167,11 @@ class LedgerSpool:
                     os.rename(self.path, target)
             finally:
                 os.close(fd)
-        return sorted(self.path.parent.glob(self.path.name + '.replaying-*'))
+        return self._claimed_files()
+
+    def _claimed_files(self) -> list[Path]:
+        # Escaped: a spool named `spool[1].jsonl` otherwise matched nothing (`[1]` is a character class).
+        return sorted(self.path.parent.glob(glob.escape(self.path.name) + '.replaying-*'))
 
     def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         """Parse a claimed file: the entries, and the lines that are not valid entries (e.g. a torn last line)."""

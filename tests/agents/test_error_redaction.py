@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,3 +199,28 @@ async def test_the_cli_error_line_traceback_and_log_lines_hold_no_secret(
         assert 'Traceback' in result.stderr
     assert 'request failed: ' in result.stderr  # the library's line was printed, redacted
     _assert_clean(result.stdout + result.stderr, OPENAI_KEY)
+
+
+def test_a_lone_surrogate_in_a_log_line_or_its_traceback_is_written_to_a_utf8_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error's text holding a lone surrogate (a client's `\\udcff`) could not be encoded by a handler writing UTF-8:
+    logging printed "--- Logging error ---" and the line was lost. The filter writes it out as its escape."""
+    from agentrt.services.log_redaction import install_log_redaction
+
+    install_log_redaction()
+    logger = logging.getLogger('agentrt.api')
+    handler = logging.FileHandler(tmp_path / 'server.log', encoding='utf-8')
+    logger.addHandler(handler)
+    lone = 'conversation ' + chr(0xDCFF) + ' not found'
+    try:
+        try:
+            raise RuntimeError(lone)
+        except RuntimeError as exc:
+            logger.error('turn failed: %s', lone, exc_info=exc)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert 'Logging error' not in capsys.readouterr().err
+    written = (tmp_path / 'server.log').read_text(encoding='utf-8')
+    assert written.count(r'conversation \udcff not found') == 2, written  # the line, and the traceback's last line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -12,6 +13,7 @@ BIG = str(2**70)  # beyond 64 bits
 NUL = 'a\x00b'
 SURROGATE = 'caf\udce9'  # a lone surrogate, as a mis-decoded argument arrives
 HUGE = 'x' * 200_000
+ANSI = '\x1b[2J\x1b[31mred'  # clears the screen, then red: an argument typed or pasted with an escape sequence
 
 # (arguments, environment, exit code, words the error line has). The database ones use the test server's URL
 # unless the case sets DATABASE_URL itself.
@@ -76,6 +78,36 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     # a path the system refuses to look at (ENAMETOOLONG): was an internal error; an empty one was "'.' is a directory"
     (['ledger', 'replay', '--spool', HUGE], {}, 2, '--spool: xxxx'),
     (['ledger', 'replay', '--spool', ''], {}, 2, '--spool is empty'),
+    # was an internal error (ValueError: embedded null byte, exit 70) from opening the file
+    (['ledger', 'replay', '--spool', NUL], {}, 2, "--spool: 'a\\x00b' has a NUL character"),
+    # a library's message quoting the value as it came: the escape sequence went to the terminal (cleared it)
+    (['chat', 'hi', '--model', ANSI], {}, 2, 'Unknown model: \\x1b[2J\\x1b[31mred'),
+    (['db', 'upgrade', NUL], {}, 2, "Can't locate revision identified by 'a\\x00b'"),
+    (['db', 'upgrade', ANSI], {}, 2, "cannot migrate to '\\x1b[2J\\x1b[31mred'"),
+    # empty, blank and hostile values of the other free-text options: one line naming the option
+    (
+        ['costs', '--since', '   '],
+        {},
+        2,
+        "--since must be an ISO date or time (e.g. 2026-03-01 or 2026-03-01T12:00), got ' '",
+    ),
+    (['costs', '--until', NUL], {}, 2, '--until must be an ISO date or time'),
+    (['audit', 'list', '--since', ANSI], {}, 2, '--since must be an ISO date or time'),
+    (['costs', '--by', ''], {}, 2, '--by must be one of'),
+    (['costs', '--source', SURROGATE], {}, 2, '--source must be one of'),
+    (['audit', 'list', '--page-size', '-1'], {}, 2, '--page-size'),
+    (['audit', 'list', '--agent', ''], {}, 2, "unknown agent ''"),
+    (['keys', 'revoke', ANSI], {}, 2, 'not an API key id'),
+    (['keys', 'create', '--account', 'acme-health', '--name', ANSI], {}, 2, 'the key name'),
+    (['keys', 'create', '--account', 'acme-health', '--scope', '   '], {}, 2, 'unknown scope'),
+    (['budget', 'set', '--account', 'acme-health', '--limit', '   '], {}, 2, 'the limit must be an amount'),
+    (['budget', 'set', '--account', 'acme-health', '--limit', '-5'], {}, 2, 'limit'),
+    (['budget', 'set', '--account', 'acme-health', '--limit', BIG], {}, 2, 'limit'),
+    (['budget', 'set', '--account', 'acme-health', '--limit', '5', '--period', ''], {}, 2, 'the period must be'),
+    (['budget', 'set', '--account', 'acme-health', '--limit', '5', '--period', f'{BIG}d'], {}, 2, 'the period'),
+    (['worker', '--concurrency', BIG, '--burst'], {}, 2, '--concurrency'),
+    (['serve', '--workers', '-1'], {}, 2, '--workers'),
+    (['serve', '--log-level', ANSI], {}, 2, '--log-level'),
     (['chat', 'hi'], {'AGENTRT_LEDGER_SPOOL': HUGE}, 2, 'AGENTRT_LEDGER_SPOOL'),
     # the embedded server's directory: too long, or not UTF-8 (an undecodable byte): were internal errors
     (['db', 'status'], {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': HUGE}, 4, 'File name too long'),
@@ -137,6 +169,8 @@ async def _check(database_url: str, args: list[str], env: dict[str, str], code: 
     assert words in errors[0], errors[0]
     assert len(errors[0]) < 2000, f'{len(errors[0]):,} characters'  # a 100 KB value is not quoted whole
     assert 'Traceback' not in result.stderr + result.stdout
+    # A value quoted in a message shows its control characters written out: none reaches the terminal as it is.
+    assert not re.search('[\x00-\x08\x0b-\x1f\x7f]', result.stderr), repr(result.stderr)
     assert 'hunter2' not in result.stderr + result.stdout
 
 

@@ -69,3 +69,22 @@ async def test_a_spool_path_that_is_not_a_spool_file_is_refused_and_left_as_it_i
     blank.write_text('\n\n')
     result = await invoke('ledger', 'replay', '--spool', str(blank), env={'DATABASE_URL': database_url})
     assert result.exit_code == 0, result.stderr
+
+
+async def test_a_spool_path_that_does_not_exist_is_a_usage_error_unless_a_crashed_replay_left_its_files(
+    tmp_path: Path, database_url: str
+) -> None:
+    # A mistyped `--spool` said "replayed 0 spool file(s)" and left `<name>.lock` behind.
+    missing = tmp_path / 'spool.jsonl'
+    result = await invoke('ledger', 'replay', '--spool', str(missing), env={'DATABASE_URL': database_url})
+    assert result.exit_code == 2 and 'does not exist' in result.stderr and 'nothing to replay' in result.stderr
+    assert os.listdir(tmp_path) == []
+    # A replay killed after claiming the file leaves only `<name>.replaying-*`: that is still replayed. The name holds
+    # glob characters, which the lookup for those files must take literally.
+    spool = LedgerSpool(tmp_path / 'spool[1].jsonl')
+    spool.append([cli_record('acme', 'gpt-4o-mini', '0.000100', minute=7).spool_entry(None)])
+    spool.path.rename(spool.path.with_name(spool.path.name + '.replaying-1-1'))
+    again = await invoke('ledger', 'replay', '--spool', str(spool.path), env={'DATABASE_URL': database_url})
+    assert again.exit_code == 0 and '1 row(s), 1 new' in again.stdout, again.stdout + again.stderr
+    assert await scalar('SELECT count(*) FROM llm_requests') == 1
+    assert not any(name.startswith('spool[1].jsonl.replaying-') for name in os.listdir(tmp_path))
