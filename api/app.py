@@ -115,6 +115,7 @@ def create_app(
         agent or default_chat_agent(),
         model,
         keepalive_seconds=lambda: _settings(settings).http_stream_keepalive_seconds,
+        send_timeout_seconds=lambda: _settings(settings).stream_send_timeout_seconds,
     )
     install_error_handlers(app)
     # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request

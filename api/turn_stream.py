@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from asyncio import CancelledError
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -50,6 +51,9 @@ NativeEvent = AgentStreamEvent | AgentRunResultEvent[Any]
 KEEPALIVE = b': keepalive\n\n'
 """An SSE comment: every SSE parser skips it (the AI SDK's, AG-UI's, a browser's `EventSource`)."""
 DEFAULT_KEEPALIVE_SECONDS = 15.0
+DEFAULT_SEND_TIMEOUT_SECONDS = 30.0
+
+logger = logging.getLogger('agentrt.api')
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class ChatConfig:
     keepalive_seconds: Callable[[], float] = lambda: DEFAULT_KEEPALIVE_SECONDS
     """How long a streamed turn may send nothing before it sends `KEEPALIVE` (0: never); read for each turn
     (`AGENTRT_HTTP_STREAM_KEEPALIVE_SECONDS`)."""
+    send_timeout_seconds: Callable[[], float] = lambda: DEFAULT_SEND_TIMEOUT_SECONDS
+    """How long one piece of a streamed turn may wait to be sent before the client is taken for gone; read for each
+    turn (`AGENTRT_STREAM_SEND_TIMEOUT_SECONDS`)."""
 
 
 def chat_config(request: Request) -> ChatConfig:
@@ -88,6 +95,13 @@ class TurnStreamingResponse(StreamingResponse):
     While a slow tool or model request runs the run has no event to send: after `keepalive_seconds` of silence an SSE
     comment (`KEEPALIVE`) is sent, between two events (each chunk of the stream is whole events), so a client can
     tell a slow turn from a stalled connection and an idle-timeout proxy does not cut it. Only for an SSE stream.
+
+    A client that keeps its connection open but reads nothing (the socket's buffers full) left every `send` waiting
+    for ever, and the turn with it: its claim on the conversation, its place in the pool, its budget hold. A message
+    (a piece of the stream, a keepalive) not sent within `send_timeout_seconds` ends the response as a hang-up does:
+    the stream's work is cancelled, the run's cut-off request goes to the ledger as `cancelled`, nothing is saved and
+    the claim is released. The server's connection itself is the server's to close (uvicorn closes it once the
+    response is over, logging that it was not complete).
     """
 
     def __init__(
@@ -99,10 +113,12 @@ class TurnStreamingResponse(StreamingResponse):
         media_type: str,
         stopped: Callable[[], Awaitable[bytes]] | None = None,
         keepalive_seconds: float = 0,
+        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
         stream: Sequence[AsyncGenerator[Any, None]] = (),
     ) -> None:
         super().__init__(content, headers=headers, media_type=media_type)
         self._turn = turn
+        self._send_timeout = send_timeout_seconds
         self._stream = stream
         self._stopped = stopped
         self._keepalive = keepalive_seconds if media_type.startswith('text/event-stream') else 0
@@ -113,14 +129,31 @@ class TurnStreamingResponse(StreamingResponse):
         ended = False
         last_sent = anyio.current_time()
         sending = anyio.Lock()  # a keepalive never goes out in the middle of another message's send
+        # Cancelled when a message could not be sent in time: what Starlette's own cancellation on a hang-up does.
+        stall = anyio.CancelScope()
 
         async def watched_send(message: Message) -> None:
             nonlocal started, ended, last_sent
-            async with sending:
-                started = started or message['type'] == 'http.response.start'
-                await send(message)
-                last_sent = anyio.current_time()
-                ended = ended or (message['type'] == 'http.response.body' and not message.get('more_body', False))
+            try:
+                # The wait for the lock counts: a keepalive stuck in its own send holds it.
+                with anyio.move_on_after(self._send_timeout):
+                    async with sending:
+                        started = started or message['type'] == 'http.response.start'
+                        await send(message)
+                        last_sent = anyio.current_time()
+                        ended = ended or (
+                            message['type'] == 'http.response.body' and not message.get('more_body', False)
+                        )
+                    return
+            except BaseException:
+                # Stopped here (a hang-up, the stall, the shutdown), the stream's generators wait at a `yield`:
+                # closed in this task, whose context they ran in (the turn span's context is reset there; closed
+                # from another task, OpenTelemetry logged "Failed to detach context").
+                await self._close_stream()
+                raise
+            await self._close_stream()
+            stall.cancel()
+            await anyio.lowlevel.checkpoint()  # the stall's cancellation lands here
 
         async def keep_alive() -> None:
             nonlocal last_sent
@@ -131,30 +164,46 @@ class TurnStreamingResponse(StreamingResponse):
                         continue
                     if started:
                         try:
-                            await send({'type': 'http.response.body', 'body': KEEPALIVE, 'more_body': True})
+                            with anyio.move_on_after(self._send_timeout) as timer:
+                                await send({'type': 'http.response.body', 'body': KEEPALIVE, 'more_body': True})
                         except Exception:  # the client has gone: the stream's own send and disconnect watch say so
+                            return
+                        if timer.cancelled_caught:  # the run has nothing to send, so only this send can see it
+                            stall.cancel()
                             return
                     last_sent = anyio.current_time()
 
         # A task of its own, not a task group's: a group would wrap the stream's own errors in an ExceptionGroup.
         keeper = asyncio.create_task(keep_alive()) if self._keepalive > 0 else None
         try:
-            await super().__call__(scope, receive, watched_send)
+            with stall:
+                await super().__call__(scope, receive, watched_send)
+            if stall.cancel_called:
+                logger.warning(
+                    'a streamed turn was ended as on a hang-up: its client read nothing for %g s '
+                    '(AGENTRT_STREAM_SEND_TIMEOUT_SECONDS)',
+                    self._send_timeout,
+                )
         except CancelledError:
             if keeper is not None:
                 keeper.cancel()  # the last message is the stopped events
             if started and self._stopped is not None:  # before the start, `CutOffAnswer` answers 503
-                with contextlib.suppress(Exception):  # a connection gone meanwhile: nobody to tell
+                # Bounded too: a client that reads nothing would hold the server's shutdown here.
+                with contextlib.suppress(Exception), anyio.move_on_after(self._send_timeout):
                     await send({'type': 'http.response.body', 'body': await self._stopped(), 'more_body': False})
             raise
         finally:
             if keeper is not None:
                 keeper.cancel()
-            with anyio.CancelScope(shield=True):
-                for generator in self._stream:  # each ended already when the cancellation went through it
-                    with contextlib.suppress(RuntimeError):  # one still running: its own task ends it
-                        await generator.aclose()
+            await self._close_stream()
             await self._turn.aclose()
+
+    async def _close_stream(self) -> None:
+        """Close the stream's generators, outermost first, whatever cancels the caller (closing twice: harmless)."""
+        with anyio.CancelScope(shield=True):
+            for generator in self._stream:  # each ended already when the cancellation went through it
+                with contextlib.suppress(RuntimeError):  # one still running: its own task ends it
+                    await generator.aclose()
 
 
 async def stream_turn(
@@ -196,6 +245,7 @@ async def stream_turn(
         media_type=protocol.content_type,
         stopped=lambda: _stopped_events(adapter),
         keepalive_seconds=config.keepalive_seconds(),
+        send_timeout_seconds=config.send_timeout_seconds(),
         stream=[part for part in (encoded, events, transformed, run) if isinstance(part, AsyncGenerator)],
     )
 

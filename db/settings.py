@@ -356,6 +356,14 @@ class Settings(BaseSettings):
         description='a streamed turn (server-sent events) that sent nothing for this long sends a `: keepalive` '
         'comment, which SSE parsers ignore, so clients and idle-timeout proxies see the connection alive (0: never)',
     )
+    stream_send_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'stream_send_timeout_seconds'),
+        description='a streamed turn whose client reads nothing for this long (a piece of the stream, or a keepalive, '
+        'cannot be sent) is ended as a hang-up ends it: the run cancelled, nothing saved, the conversation released',
+    )
     http_web_ui: bool = Field(
         default=True,
         validation_alias=AliasChoices('AGENTRT_HTTP_WEB_UI', 'http_web_ui'),

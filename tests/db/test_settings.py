@@ -247,9 +247,14 @@ def test_a_spool_under_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatc
         ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'two minutes', 'a valid number'),
         ('AGENTRT_MODEL_MAX_RETRIES', '-1', 'greater than or equal to 0'),
         ('AGENTRT_MODEL_MAX_RETRIES', '1.5', 'a valid integer'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '0', 'greater than 0'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '-1', 'greater than 0'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'nan', 'less than or equal to 3600'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '3601', 'less than or equal to 3600'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'half a minute', 'a valid number'),
     ],
 )
-def test_bad_model_bounds_name_their_variable(
+def test_bad_timeouts_and_retries_name_their_variable(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
 ) -> None:
     monkeypatch.setenv(variable, value)
@@ -263,3 +268,9 @@ def test_model_bounds_read_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv('AGENTRT_MODEL_TIMEOUT_SECONDS', '2.5')
     monkeypatch.setenv('AGENTRT_MODEL_MAX_RETRIES', '2')
     assert (read_settings().model_timeout_seconds, read_settings().model_max_retries) == (2.5, 2)
+
+
+def test_the_stream_send_timeout_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).stream_send_timeout_seconds == 30
+    monkeypatch.setenv('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '2.5')
+    assert read_settings().stream_send_timeout_seconds == 2.5
