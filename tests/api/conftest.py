@@ -94,6 +94,20 @@ def chat_body(conversation_id: str, text: str, message_id: str = 'm1', **extra: 
     return {'trigger': 'submit-message', 'id': conversation_id, 'messages': [message], **extra}
 
 
+def chat_scope(key: str, body: bytes, *, spec_version: str = '2.3') -> dict[str, Any]:
+    """The ASGI scope of a `POST /api/v1/chat` carrying `body` with `key`, for a test that calls the app with a `send`
+    of its own (a client that stops reading, or is cut off mid-send)."""
+    return {
+        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': spec_version}, 'http_version': '1.1',
+        'method': 'POST', 'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '',
+        'query_string': b'', 'server': ('test', 80), 'client': ('127.0.0.1', 5000),
+        'headers': [
+            (b'host', b'test'), (b'content-type', b'application/json'),
+            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {key}'.encode()),
+        ],
+    }  # fmt: skip
+
+
 def agui_body(thread: str, text: str) -> dict[str, object]:
     """An AG-UI `RunAgentInput` body with one user message (no client tools, no context)."""
     return {

@@ -24,7 +24,7 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, set_budget
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events
+from tests.api.conftest import Keys, auth, chat_body, chat_scope, of_type, sse_events
 from tests.factories import ledger_rows, scalar
 from tests.services.budgets.helpers import period_row
 from tests.services.budgets.priced_model import LongAnswerModel
@@ -139,15 +139,7 @@ async def test_a_keepalive_that_cannot_be_sent_ends_the_turn_too(
     model = LongAnswerModel(chunks=40, pause_after=1)  # one piece of text, then it waits for `resume`
     app = create_app(manage_runtime=False, model=model)
     body = json.dumps(chat_body('quiet', 'Write an essay')).encode()
-    scope = {
-        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': '2.3'}, 'http_version': '1.1', 'method': 'POST',
-        'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '', 'query_string': b'',
-        'server': ('test', 80), 'client': ('127.0.0.1', 5000),
-        'headers': [
-            (b'host', b'test'), (b'content-type', b'application/json'),
-            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {keys.acme}'.encode()),
-        ],
-    }  # fmt: skip
+    scope = chat_scope(keys.acme, body)
     sent = [{'type': 'http.request', 'body': body, 'more_body': False}]
     never = asyncio.Event()
     reading = True
@@ -189,15 +181,7 @@ async def test_a_stream_the_shutdown_cuts_off_ends_though_its_client_reads_nothi
     model = LongAnswerModel(chunks=40, pause_after=1)
     app = create_app(manage_runtime=False, model=model)
     body = json.dumps(chat_body('cut-stalled', 'Write an essay')).encode()
-    scope = {
-        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': '2.3'}, 'http_version': '1.1', 'method': 'POST',
-        'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '', 'query_string': b'',
-        'server': ('test', 80), 'client': ('127.0.0.1', 5000),
-        'headers': [
-            (b'host', b'test'), (b'content-type', b'application/json'),
-            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {keys.acme}'.encode()),
-        ],
-    }  # fmt: skip
+    scope = chat_scope(keys.acme, body)
     sent = [{'type': 'http.request', 'body': body, 'more_body': False}]
     never = asyncio.Event()
     answering = asyncio.Event()

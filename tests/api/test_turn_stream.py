@@ -21,7 +21,7 @@ from agentrt.api.app import create_app
 from agentrt.db.engine import current_settings
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import get_request_tracker
-from tests.api.conftest import Keys, agui_body, auth, chat_body, serve
+from tests.api.conftest import Keys, agui_body, auth, chat_body, chat_scope, serve
 from tests.factories import ledger_rows
 
 KEEPALIVE = ': keepalive'
@@ -133,15 +133,7 @@ async def test_a_stream_cancelled_while_it_waits_in_send_stops_its_run_before_it
     app = create_app(manage_runtime=False, model=_texting_model())
     conversation = f'cut-in-send-{keepalive}'
     body = json.dumps(chat_body(conversation, 'tell me a long story')).encode()
-    scope = {
-        'type': 'http', 'asgi': {'version': '3.0', 'spec_version': '2.4'}, 'http_version': '1.1', 'method': 'POST',
-        'scheme': 'http', 'path': '/api/v1/chat', 'raw_path': b'/api/v1/chat', 'root_path': '', 'query_string': b'',
-        'server': ('test', 80), 'client': ('127.0.0.1', 5000),
-        'headers': [
-            (b'host', b'test'), (b'content-type', b'application/json'),
-            (b'content-length', str(len(body)).encode()), (b'authorization', f'Bearer {keys.acme}'.encode()),
-        ],
-    }  # fmt: skip
+    scope = chat_scope(keys.acme, body, spec_version='2.4')
     sent = [{'type': 'http.request', 'body': body, 'more_body': False}]
     gone = asyncio.Event()
     answering = asyncio.Event()
