@@ -132,28 +132,35 @@ class TurnStreamingResponse(StreamingResponse):
         # Cancelled when a message could not be sent in time: what Starlette's own cancellation on a hang-up does.
         stall = anyio.CancelScope()
 
+        sending_since: float | None = None  # when the send in progress began, its wait for the lock included
+
         async def watched_send(message: Message) -> None:
-            nonlocal started, ended, last_sent
+            nonlocal started, ended, last_sent, sending_since
+            sending_since = anyio.current_time()  # `watch_sends` ends the response if this send takes too long
             try:
-                # The wait for the lock counts: a keepalive stuck in its own send holds it.
-                with anyio.move_on_after(self._send_timeout):
-                    async with sending:
-                        started = started or message['type'] == 'http.response.start'
-                        await send(message)
-                        last_sent = anyio.current_time()
-                        ended = ended or (
-                            message['type'] == 'http.response.body' and not message.get('more_body', False)
-                        )
-                    return
+                async with sending:
+                    started = started or message['type'] == 'http.response.start'
+                    await send(message)
+                    last_sent = anyio.current_time()
+                    ended = ended or (message['type'] == 'http.response.body' and not message.get('more_body', False))
             except BaseException:
                 # Stopped here (a hang-up, the stall, the shutdown), the stream's generators wait at a `yield`:
                 # closed in this task, whose context they ran in (the turn span's context is reset there; closed
                 # from another task, OpenTelemetry logged "Failed to detach context").
                 await self._close_stream()
                 raise
-            await self._close_stream()
-            stall.cancel()
-            await anyio.lowlevel.checkpoint()  # the stall's cancellation lands here
+            finally:
+                sending_since = None
+
+        async def watch_sends() -> None:
+            # One timer for the response, not a cancel scope around each send: that cost about 8 us a message, and the
+            # demo turn's stream is 178 events. Wakes at the latest `send_timeout` after a stalled send began.
+            while not ended:
+                since, now = sending_since, anyio.current_time()
+                if since is not None and now - since >= self._send_timeout:
+                    stall.cancel()  # the send in progress raises CancelledError: the hang-up's path
+                    return
+                await anyio.sleep(self._send_timeout - (now - since if since is not None else 0))
 
         async def keep_alive() -> None:
             nonlocal last_sent
@@ -173,8 +180,9 @@ class TurnStreamingResponse(StreamingResponse):
                             return
                     last_sent = anyio.current_time()
 
-        # A task of its own, not a task group's: a group would wrap the stream's own errors in an ExceptionGroup.
+        # Tasks of their own, not a task group's: a group would wrap the stream's own errors in an ExceptionGroup.
         keeper = asyncio.create_task(keep_alive()) if self._keepalive > 0 else None
+        watcher = asyncio.create_task(watch_sends())
         try:
             with stall:
                 await super().__call__(scope, receive, watched_send)
@@ -193,6 +201,7 @@ class TurnStreamingResponse(StreamingResponse):
                     await send({'type': 'http.response.body', 'body': await self._stopped(), 'more_body': False})
             raise
         finally:
+            watcher.cancel()
             if keeper is not None:
                 keeper.cancel()
             await self._close_stream()
