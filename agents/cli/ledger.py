@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,9 +71,7 @@ def _checked_spool_path(spool: str) -> Path:
 
 def _nothing_to_replay(path: Path) -> bool:
     """Whether an explicit `--spool` names neither a file nor the `.replaying-*` files a crashed replay left."""
-    if path.exists():
-        return False
-    return not any(path.parent.glob(glob.escape(path.name) + '.replaying-*'))
+    return not path.exists() and not _spool_file(path).claimed_files()
 
 
 def _spool_file(path: Path) -> LedgerSpool:

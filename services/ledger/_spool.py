@@ -101,7 +101,7 @@ class LedgerSpool:
         directory others may write (`_private_directory`)."""
         if self.path.parent.exists() and unsafe_directory(self.path.parent) is not None:
             return []
-        found = self._claimed_files() if self.path.parent.exists() else []
+        found = self.claimed_files() if self.path.parent.exists() else []
         try:
             status = self.path.stat()
         except FileNotFoundError:
@@ -167,9 +167,10 @@ class LedgerSpool:
                     os.rename(self.path, target)
             finally:
                 os.close(fd)
-        return self._claimed_files()
+        return self.claimed_files()
 
-    def _claimed_files(self) -> list[Path]:
+    def claimed_files(self) -> list[Path]:
+        """The `.replaying-*` files beside the spool: claimed by a replay, and left there if it did not finish."""
         # Escaped: a spool named `spool[1].jsonl` otherwise matched nothing (`[1]` is a character class).
         return sorted(self.path.parent.glob(glob.escape(self.path.name) + '.replaying-*'))
 
