@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
 from pydantic_ai.messages import ModelMessagesTypeAdapter
-from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
@@ -43,6 +42,7 @@ from agentrt.api.schemas import (
 )
 from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_utf8_json
 from agentrt.api.turn_stream import chat_config
+from agentrt.api.vercel_messages import vercel_messages
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import (
@@ -152,10 +152,7 @@ async def messages(
     if page is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
     if format == 'vercel':
-        dumped = [
-            message.model_dump(mode='json', by_alias=True, exclude_none=True)
-            for message in VercelAIAdapter.dump_messages(page.messages)
-        ]
+        dumped = vercel_messages(page)  # each id its stored message's: the same on every page
     else:
         dumped = ModelMessagesTypeAdapter.dump_python(page.messages, mode='json')
     return ConversationMessages(

@@ -50,6 +50,31 @@ async def test_a_conversation_is_paged_back_to_its_start_while_it_goes_on(
     assert user_texts == QUESTIONS[2:] and before['earlier'] is True
 
 
+async def test_each_ai_sdk_message_keeps_one_id_on_every_page_and_in_every_read(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The ids were `<run_id>-<index in the page>`: pages shorter than a turn gave two messages one id, and a page read
+    # again after a turn gave every message another id.
+    path = f'{PATH}-ids'
+    await _turns(client, keys.acme, path, QUESTIONS)
+    whole = (await _get(client, keys.acme, path)).json()['messages']
+    assert len({message['id'] for message in whole}) == len(whole)
+    for limit in (2, 3):  # each turn is cut across two or more pages
+        pages: list[list[dict[str, Any]]] = []
+        params: dict[str, Any] = {'limit': limit}
+        while True:
+            page = (await _get(client, keys.acme, path, **params)).json()
+            pages.insert(0, page['messages'])
+            if page['earlier_cursor'] is None:
+                break
+            params['before'] = page['earlier_cursor']
+        assert len(pages) > len(QUESTIONS) and [message for page in pages for message in page] == whole
+    latest = (await _get(client, keys.acme, path, limit=4)).json()['messages']
+    await _turns(client, keys.acme, path, ['Pediatricians in Denver'])
+    after = (await _get(client, keys.acme, path)).json()['messages']
+    assert after[: len(whole)] == whole and all(message in after for message in latest)
+
+
 def _raw(data: object) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip('=')
 

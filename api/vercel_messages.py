@@ -1,0 +1,46 @@
+"""A page of a conversation's messages as AI SDK UI messages, each with an id that names its stored message.
+
+pydantic-ai's `VercelAIAdapter.dump_messages` ids a message by its run and its index in the list it was given
+(`<run_id>-<index>`). Given a page, that index counts from the page's first message, so the same message had
+another id on every page that held it (the latest 600 messages, read again after one more turn: every id changed),
+and two pages that each held part of one long turn gave two of its messages the same id (`<run_id>-0` on both). A
+client that merges pages, or a read before and after a turn, by id (the AI SDK keys its messages by id) showed
+messages twice or replaced one with another. The stored entry's id is the message's own: the same on every page,
+in every read, and never another message's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic_ai.messages import ModelRequest, ModelResponse
+from pydantic_ai.ui.vercel_ai import VercelAIAdapter
+
+from agentrt.services.conversations import MessagePage
+
+MessageIdFunction = Callable[[ModelRequest | ModelResponse, Literal['system', 'user', 'assistant'], int], str]
+
+
+def entry_message_ids(page: MessagePage) -> MessageIdFunction:
+    """A `generate_message_id` for `dump_messages(page.messages)`: the entry id of the message a UI message comes
+    from; a request dumped as several UI messages (its system-voice and user parts apart) adds `-1`, `-2`... to the
+    second and later ones."""
+    entries = {id(message): entry for message, entry in zip(page.messages, page.entry_ids, strict=True)}
+    dumped: dict[str, int] = {}
+
+    def message_id(message: ModelRequest | ModelResponse, role: str, index: int) -> str:
+        entry = entries[id(message)]
+        count = dumped.get(entry, 0)
+        dumped[entry] = count + 1
+        return entry if count == 0 else f'{entry}-{count}'
+
+    return message_id
+
+
+def vercel_messages(page: MessagePage) -> list[dict[str, Any]]:
+    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring)."""
+    return [
+        message.model_dump(mode='json', by_alias=True, exclude_none=True)
+        for message in VercelAIAdapter.dump_messages(page.messages, generate_message_id=entry_message_ids(page))
+    ]
