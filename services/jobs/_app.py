@@ -235,7 +235,10 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
                     if last is not None
                     else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
                 )
-            where = mask_url(queue_conninfo(current_settings(), get_engine().url))
+            settings = current_settings()
+            where = mask_url(queue_conninfo(settings, get_engine().url))
+            if settings.pooled:  # the queue's connections go to PgBouncer, which may be what went away
+                what, where = what.replace('PostgreSQL', 'its database'), f'{where} (PgBouncer)'
             return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
     return None
 

@@ -29,6 +29,7 @@ from agentrt.services.jobs import _reconcile as reconcile_module
 from agentrt.services.jobs import _tasks as tasks_module
 from agentrt.services.jobs import _worker as worker_module
 from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
+from agentrt.services.jobs._app import queue_unavailable
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
 from tests.private_database import PrivateDatabase
@@ -358,6 +359,19 @@ async def test_a_queue_connection_postgresql_closed_is_no_warning_of_psycopgs(
         assert dropped == ['the job queue dropped a connection PostgreSQL closed; a new one replaces it']
     else:
         assert dropped == []
+
+
+@pytest.mark.parametrize('pooler', ['none', 'pgbouncer'])
+def test_the_queue_losing_pgbouncer_says_pgbouncer(monkeypatch: pytest.MonkeyPatch, pooler: str) -> None:
+    # A worker whose PgBouncer went away said "the job queue lost PostgreSQL at 127.0.0.1:6432/...": an operator
+    # looked at PostgreSQL, which was fine.
+    monkeypatch.setattr(current_settings(), 'pooler', pooler)
+    lost = queue_unavailable(psycopg.OperationalError('server closed the connection unexpectedly'), 'lost PostgreSQL')
+    assert lost is not None
+    if pooler == 'pgbouncer':
+        assert re.match(r'the job queue lost its database at \S+ \(PgBouncer\): server closed', str(lost)), str(lost)
+    else:
+        assert re.match(r'the job queue lost PostgreSQL at \S+: server closed', str(lost)), str(lost)
 
 
 def _closed_port() -> int:
