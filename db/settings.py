@@ -46,7 +46,10 @@ class Settings(BaseSettings):
 
     # Inputs stay out of validation errors: a URL too malformed to mask (`u:pw@host/db`, no scheme) was quoted
     # whole in the ValidationError that `--debug` prints chained under the ConfigError.
-    model_config = SettingsConfigDict(env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True)
+    # Not NaN or infinity: `DB_POOL_TIMEOUT=nan` failed every bound and was reported as "less than or equal to 3600".
+    model_config = SettingsConfigDict(
+        env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -455,6 +458,13 @@ class Settings(BaseSettings):
                 'spool file in a directory of your own, or make that one owner-only (chmod 700)'
             )
         return value
+
+    @field_validator('ledger_spool', mode='before')
+    @classmethod
+    def _blank_spool_is_the_default(cls, value: object) -> object:
+        # As a blank data directory is the default one: `AGENTRT_LEDGER_SPOOL=` was Path(''), refused as ". is not a
+        # file", and a blank of spaces was a file named ' ' in the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator('data_dir', mode='before')
     @classmethod
