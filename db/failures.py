@@ -395,12 +395,22 @@ def _class_names(error: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(error).__mro__}
 
 
+# asyncpg's words for a connection whose protocol state no longer matches the server's ("cannot switch to state 15;
+# another operation (2) is in progress"): its server end was closed under it (a killed backend, PgBouncer's KILL).
+# The state numbers are asyncpg's internals, which say nothing to an operator.
+_OUT_OF_STEP_TEXT = 'the server or a pooler ended it while it was in use, mid-operation'
+
+
 def _root_message(exc: BaseException) -> str:
-    """The driver's own message (the innermost one that says something), on one line."""
+    """The driver's own message (the innermost one that says something), on one line; asyncpg's protocol-state
+    complaint in words."""
     message = ''
     for error in _chain(exc):
         if isinstance(error, FileNotFoundError) and not error.filename:
             return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none
+        name = type(error).__name__
+        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+            return _OUT_OF_STEP_TEXT
         if isinstance(error, sqlalchemy.exc.StatementError):
             continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
         text = _first_line(error)

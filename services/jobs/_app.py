@@ -235,9 +235,33 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
                     if last is not None
                     else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
                 )
-            where = mask_url(queue_conninfo(current_settings(), get_engine().url))
+            settings = current_settings()
+            where = mask_url(queue_conninfo(settings, get_engine().url))
+            if settings.pooled:  # the queue's connections go to PgBouncer, which may be what went away
+                what, where = what.replace('PostgreSQL', 'its database'), f'{where} (PgBouncer)'
             return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
     return None
+
+
+def queue_refused(exc: BaseException) -> ConfigError | None:
+    """The queue's login role refused procrastinate's tables or functions (SQLSTATE 42501), as the `ConfigError` that
+    says what to grant; None for any other exception. procrastinate said only "Database error."."""
+    for error in causes(exc):
+        if isinstance(error, psycopg.errors.InsufficientPrivilege):
+            url = parse_database_url(queue_conninfo(current_settings(), get_engine().url))
+            login = url.username or 'the login role'
+            return ConfigError(
+                f"the job queue's login role ({login}) was refused its tables ({_primary(error)}): the queue runs as "
+                "its URL's login role itself, which must own them or be a member of agentrt_jobs that inherits its "
+                f'rights (GRANT agentrt_jobs TO {login}), with the schema at head (`agentrt db upgrade`: migration '
+                '0016 grants them to agentrt_jobs; README "Background work")'
+            )
+    return None
+
+
+def _primary(error: psycopg.Error) -> str:
+    """PostgreSQL's own message, without the CONTEXT lines (the PL/pgSQL function of procrastinate's that ran it)."""
+    return error.diag.message_primary or _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

@@ -12,7 +12,7 @@ from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.jobs import JobDeferrer
 
 from agentrt.db.engine import current_settings
-from agentrt.services.jobs._app import open_queue, queue_unavailable
+from agentrt.services.jobs._app import open_queue, queue_refused, queue_unavailable
 from agentrt.services.jobs._tasks import conversation_summary, usage_rollup
 
 logger = logging.getLogger('agentrt.jobs')
@@ -118,6 +118,8 @@ async def _defer(deferrer: JobDeferrer, **kwargs: Any) -> bool:
     except Exception as exc:
         if (unavailable := queue_unavailable(exc, 'cannot queue a job')) is not None:
             raise unavailable from exc
+        if (refused := queue_refused(exc)) is not None:
+            raise refused from exc
         raise
     finally:
         if lock is not None:

@@ -18,7 +18,7 @@ from procrastinate.worker import Worker
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.settings import Settings
-from agentrt.services.jobs._app import listens, open_queue, queue_unavailable
+from agentrt.services.jobs._app import listens, open_queue, queue_refused, queue_unavailable
 from agentrt.services.jobs._tasks import QUEUES
 
 logger = logging.getLogger('agentrt.jobs')
@@ -238,6 +238,8 @@ async def run_worker(
         # the runtime does, rather than with the connector's "Database error."; a process manager starts it again.
         if lost := queue_unavailable(exc, 'lost PostgreSQL; the worker stopped, start it again once it is back'):
             raise lost from exc
+        if refused := queue_refused(exc):
+            raise refused from exc
         raise
     finally:
         for each in loggers:

@@ -329,6 +329,24 @@ async def test_pgbouncer_refusing_clients_while_its_logins_fail_is_said_so() -> 
     assert 'server_login_retry' in message and 'not run' in message and 'terminated backend' not in message
 
 
+@pytest.mark.parametrize(
+    'driver_said',
+    [
+        asyncpg.exceptions._base.InternalClientError('cannot switch to state 15; another operation (2) is in progress'),
+        asyncpg.InterfaceError('cannot perform operation: another operation is in progress'),
+    ],
+)
+def test_a_connection_found_out_of_step_is_said_in_words(driver_said: Exception) -> None:
+    # After a PgBouncer KILL (measured: `agentrt serve` behind PgBouncer, KILL and RESUME every 0.7 s under 4 turns at
+    # once) a turn's 503 and the server's log said "the connection to PostgreSQL was lost (cannot switch to state 15;
+    # another operation (2) is in progress)": asyncpg's protocol states, which tell an operator nothing.
+    error = unavailable_error(DBAPIError('BEGIN;', {}, driver_said))
+    assert isinstance(error, DatabaseDisconnectedError)
+    message = str(error)
+    assert message.startswith('the connection to PostgreSQL was lost (the server or a pooler ended it while'), message
+    assert 'state' not in message and 'another operation' not in message, message
+
+
 async def test_a_connection_refused_after_the_start_names_the_pooler_it_could_not_reach(database: Settings) -> None:
     # PgBouncer stopped under `serve --workers 3`: every turn was "cannot connect to PostgreSQL: [Errno 111] Connection
     # refused", naming neither the address nor the pooler (the start's own message names them).

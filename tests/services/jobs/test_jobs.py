@@ -12,6 +12,7 @@ import logging
 import re
 import signal
 import socket
+import uuid
 from typing import Any
 
 import psycopg
@@ -22,13 +23,22 @@ from sqlalchemy import text
 
 from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
+from agentrt.db.roles import FUNCTION_ROLES
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import jobs as jobs_module
 from agentrt.services.background import get_supervisor
 from agentrt.services.jobs import _reconcile as reconcile_module
 from agentrt.services.jobs import _tasks as tasks_module
 from agentrt.services.jobs import _worker as worker_module
-from agentrt.services.jobs import close_queue, listens, reconcile_post_turn_work, retry_stalled_jobs, run_worker
+from agentrt.services.jobs import (
+    close_queue,
+    defer_summary,
+    listens,
+    reconcile_post_turn_work,
+    retry_stalled_jobs,
+    run_worker,
+)
+from agentrt.services.jobs._app import queue_unavailable
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
 from tests.private_database import PrivateDatabase
@@ -67,6 +77,50 @@ async def test_turns_queue_their_jobs_once_and_a_worker_runs_them(queue: None, m
     assert await title('queued')
     assert await rolled_up_requests() == len(await ledger_rows()) == 6
     assert await queued_jobs() == []  # succeeded jobs are deleted
+
+
+async def test_a_login_role_that_does_not_own_the_tables_runs_the_queue(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The queue connects as its URL's login role and takes none of the runtime's roles. A login role that did not own
+    # procrastinate's tables (migrated by another role), a member of the runtime's roles as README "Tenant isolation"
+    # asks, had no right on them: every turn logged "queue post-turn jobs ... failed: ConnectorException: Database
+    # error." and no worker could start. Migration 0016 grants them to agentrt_jobs, whose members inherit them.
+    login = f'agentrt_test_queue_{uuid.uuid4().hex[:8]}'
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f"CREATE ROLE {login} LOGIN NOSUPERUSER PASSWORD 'pw'"))
+        await session.execute(text(f'GRANT {", ".join(FUNCTION_ROLES)} TO {login}'))
+    url = get_engine().url.set(username=login, password='pw').render_as_string(hide_password=False)
+    monkeypatch.setattr(current_settings(), 'queue_database_url', queue_url(url))
+    await close_queue()
+    titles_left_to_the_background(monkeypatch)
+    try:
+        await chat('not-owner')
+        assert await queued_jobs() == [('agentrt.conversation_summary', 'todo'), ('agentrt.usage_rollup', 'todo')]
+        await run_worker(concurrency=2, burst=True)
+        assert await title('not-owner') and await rolled_up_requests() == 3
+        assert await queued_jobs() == []
+        # Without those rights (a membership that does not inherit, a grant revoked), the error says what to grant,
+        # not procrastinate's "Database error.", when a turn queues its jobs and when a worker starts.
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text(f'REVOKE ALL ON {PROCRASTINATE_TABLES} FROM agentrt_jobs'))
+        await close_queue()
+        for refused in (defer_summary(1, 'not-owner-2'), run_worker(concurrency=1, burst=True)):
+            with pytest.raises(ConfigError) as raised:
+                await refused
+            message = str(raised.value)
+            assert message.startswith(f"the job queue's login role ({login}) was refused its tables (permission"), (
+                message
+            )
+            assert f'GRANT agentrt_jobs TO {login}' in message and 'CONTEXT' not in message, message
+    finally:
+        await close_queue()
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(
+                text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {PROCRASTINATE_TABLES} TO agentrt_jobs')
+            )
+            await session.execute(text(f'REVOKE {", ".join(FUNCTION_ROLES)} FROM {login}'))
+            await session.execute(text(f'DROP ROLE {login}'))
 
 
 async def test_each_job_a_worker_runs_is_one_span_its_failure_recorded_redacted(
@@ -358,6 +412,19 @@ async def test_a_queue_connection_postgresql_closed_is_no_warning_of_psycopgs(
         assert dropped == ['the job queue dropped a connection PostgreSQL closed; a new one replaces it']
     else:
         assert dropped == []
+
+
+@pytest.mark.parametrize('pooler', ['none', 'pgbouncer'])
+def test_the_queue_losing_pgbouncer_says_pgbouncer(monkeypatch: pytest.MonkeyPatch, pooler: str) -> None:
+    # A worker whose PgBouncer went away said "the job queue lost PostgreSQL at 127.0.0.1:6432/...": an operator
+    # looked at PostgreSQL, which was fine.
+    monkeypatch.setattr(current_settings(), 'pooler', pooler)
+    lost = queue_unavailable(psycopg.OperationalError('server closed the connection unexpectedly'), 'lost PostgreSQL')
+    assert lost is not None
+    if pooler == 'pgbouncer':
+        assert re.match(r'the job queue lost its database at \S+ \(PgBouncer\): server closed', str(lost)), str(lost)
+    else:
+        assert re.match(r'the job queue lost PostgreSQL at \S+: server closed', str(lost)), str(lost)
 
 
 def _closed_port() -> int:
