@@ -503,6 +503,19 @@ def read_settings() -> Settings:
     except ValidationError as exc:
         problems = '; '.join(_describe(err) for err in exc.errors())
         raise ConfigError(f'invalid configuration: {problems}') from exc
+    except UnicodeDecodeError as exc:  # the environment is text already: only `.env` is decoded here
+        # Was an internal error (exit 70): "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff ...".
+        raise ConfigError(
+            f'invalid configuration: {_env_file()} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset '
+            f'{exc.start}): save it as UTF-8, or remove it'
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f'invalid configuration: {_env_file()} cannot be read: {exc.strerror or exc}') from exc
+
+
+def _env_file() -> Path:
+    """The `.env` file the settings read (in the working directory), for error messages."""
+    return Path.cwd() / str(Settings.model_config.get('env_file') or '.env')
 
 
 @lru_cache(maxsize=1)

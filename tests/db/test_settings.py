@@ -295,3 +295,16 @@ def test_the_stream_send_timeout_reads_from_the_environment(monkeypatch: pytest.
     assert Settings(_env_file=None).stream_send_timeout_seconds == 30
     monkeypatch.setenv('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '2.5')
     assert read_settings().stream_send_timeout_seconds == 2.5
+
+
+def test_a_dot_env_that_is_not_utf8_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # A `.env` saved in Latin-1 in the working directory: every command was "internal error: UnicodeDecodeError"
+    # (exit 70, "report it").
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / '.env').write_bytes(b'DB_POOL_SIZE=5\nAGENTRT_MODEL=caf\xe9\n')
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    assert str(raised.value) == (
+        f'invalid configuration: {tmp_path / ".env"} is not UTF-8 text (byte 0xe9 at offset 32): save it as UTF-8, '
+        'or remove it'
+    )
