@@ -15,7 +15,7 @@ from agentrt.agents.observability import configure_observability, flush_spans
 from agentrt.db.engine import check_event_loop, close_database, init_database
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import claims_released
-from agentrt.services.ledger import get_request_tracker
+from agentrt.services.ledger import existing_request_tracker
 
 __all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
 
@@ -46,7 +46,10 @@ async def shutdown_runtime(
     await drain_supervisor(timeout)
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()
-    await get_request_tracker().aclose()
+    # Never made here: making it reads the settings, and invalid ones raised again, from the `finally` of
+    # `agentrt_runtime` whose start they had failed, as if the shutdown had failed.
+    if (tracker := existing_request_tracker()) is not None:
+        await tracker.aclose()
     await close_database(release_embedded_server=release_embedded_server)
     await flush_spans()
 

@@ -92,6 +92,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     with _lifecycle_lock(data_dir), warnings.catch_warnings():
         # Under the lock, like every other look at the directory: never read a cluster another process is making.
         _check_not_foreign(data_dir)
+        _check_no_single_user_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         users = _prune(data_dir)
@@ -205,16 +206,60 @@ def _start_time(pid: int) -> float | None:
 
 
 def _postmaster_pid(data_dir: Path) -> int | None:
-    """The running server's pid, from `postmaster.pid`; None when it is not running."""
-    try:
-        pid = int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
+    """The running server's pid, from `postmaster.pid`; None when it is not running (or the file is a single-user
+    process's: `_check_no_single_user_lock`)."""
+    pid = _lock_file_pid(data_dir)
+    if pid is None or pid <= 0:  # psutil refuses a negative pid (ValueError): it was an internal error
         return None
     try:
         process = psutil.Process(pid)
         return pid if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
     except psutil.NoSuchProcess:
         return None
+
+
+def _lock_file_pid(data_dir: Path) -> int | None:
+    """The pid on the first line of `postmaster.pid` (negative: a single-user process's), None without one."""
+    try:
+        return int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _check_no_single_user_lock(data_dir: Path) -> None:
+    """Deal with a `postmaster.pid` holding a negative pid: a single-user PostgreSQL's (initdb making the cluster,
+    `postgres --single`), which no server can share (under the lifecycle lock).
+
+    A first start killed outright (SIGKILL of its process group) during initdb left one behind, in a cluster initdb
+    never finished: the next start was an internal error (psutil refuses a negative pid), and with the file gone, a
+    server crash-looping on the missing catalog files. A cluster agentrt has started before (its settings are in
+    postgresql.conf) keeps its data: a dead single-user process's lock file is stale there, and removed, as
+    PostgreSQL itself would.
+
+    Raises:
+        EmbeddedPostgresError: the process is alive, or the cluster it was making was never finished.
+    """
+    pid = _lock_file_pid(data_dir)
+    if pid is None or pid > 0:
+        return
+    if psutil.pid_exists(-pid):
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} is in use by a single-user PostgreSQL process (pid '
+            f'{-pid}: initdb making it, or postgres --single): run the command again once it ended, or set '
+            'AGENTRT_DATA_DIR to another directory'
+        )
+    try:
+        finished = _CONF_MARKER in (data_dir / 'postgresql.conf').read_text(errors='replace')
+    except OSError:
+        finished = False
+    if not finished:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} was left half-made: the initdb making it (pid {-pid}) '
+            f'was killed before it finished, and nothing is stored in it yet. Delete it (rm -rf {data_dir}) and run '
+            'the command again, or set AGENTRT_DATA_DIR to another directory'
+        )
+    logger.info('embedded PostgreSQL in %s: removing the lock file of a single-user process that is gone', data_dir)
+    (data_dir / 'postmaster.pid').unlink(missing_ok=True)
 
 
 def _started_by_agentrt(data_dir: Path) -> bool:

@@ -23,6 +23,7 @@ from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.failures import (
     connection_problem,
+    given_up,
     out_of_step,
     pooler_error,
     refused_startup_parameter,
@@ -470,6 +471,10 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
     except Exception as exc:
         if (pooler := pooler_error(exc)) is not None:
             raise pooler from exc
+        if (gave_up := given_up(exc)) is not None:
+            # Connected: the server gave up on the check's statement (a DB_STATEMENT_TIMEOUT_MS of a few ms), which
+            # was "cannot connect to PostgreSQL at ...: canceling statement due to statement timeout".
+            raise DatabaseUnavailableError(f'{gave_up} (PostgreSQL at {where}, as the connection was checked)') from exc
         if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
             raise
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc

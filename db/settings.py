@@ -46,7 +46,10 @@ class Settings(BaseSettings):
 
     # Inputs stay out of validation errors: a URL too malformed to mask (`u:pw@host/db`, no scheme) was quoted
     # whole in the ValidationError that `--debug` prints chained under the ConfigError.
-    model_config = SettingsConfigDict(env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True)
+    # Not NaN or infinity: `DB_POOL_TIMEOUT=nan` failed every bound and was reported as "less than or equal to 3600".
+    model_config = SettingsConfigDict(
+        env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -456,6 +459,13 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator('ledger_spool', mode='before')
+    @classmethod
+    def _blank_spool_is_the_default(cls, value: object) -> object:
+        # As a blank data directory is the default one: `AGENTRT_LEDGER_SPOOL=` was Path(''), refused as ". is not a
+        # file", and a blank of spaces was a file named ' ' in the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator('data_dir', mode='before')
     @classmethod
     def _blank_data_dir_is_the_default(cls, value: object) -> object:
@@ -493,6 +503,19 @@ def read_settings() -> Settings:
     except ValidationError as exc:
         problems = '; '.join(_describe(err) for err in exc.errors())
         raise ConfigError(f'invalid configuration: {problems}') from exc
+    except UnicodeDecodeError as exc:  # the environment is text already: only `.env` is decoded here
+        # Was an internal error (exit 70): "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff ...".
+        raise ConfigError(
+            f'invalid configuration: {_env_file()} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset '
+            f'{exc.start}): save it as UTF-8, or remove it'
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f'invalid configuration: {_env_file()} cannot be read: {exc.strerror or exc}') from exc
+
+
+def _env_file() -> Path:
+    """The `.env` file the settings read (in the working directory), for error messages."""
+    return Path.cwd() / str(Settings.model_config.get('env_file') or '.env')
 
 
 @lru_cache(maxsize=1)

@@ -20,10 +20,12 @@ from agentrt.agents.cli.support import (
     run,
 )
 from agentrt.db.errors import (
+    BudgetExceededError,
     DatabaseUnavailableError,
     InvalidInputError,
     ModelBehaviorError,
     ModelProviderError,
+    RuntimeBusyError,
     TurnLimitExceededError,
 )
 
@@ -37,9 +39,13 @@ def turn_errors() -> tuple[type[BaseException], ...]:
     """What can fail one turn of an interactive conversation without ending it."""
     from agentrt.services.conversations import ConcurrentTurnError
 
+    # A budget's refusal and a busy process too: the next line may fit (a raised limit, a new period, a quieter
+    # moment); they ended the whole conversation.
     return (
+        BudgetExceededError,
         ConcurrentTurnError,
         DatabaseUnavailableError,
+        RuntimeBusyError,
         InvalidInputError,
         ModelBehaviorError,
         ModelProviderError,

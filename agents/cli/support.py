@@ -463,7 +463,9 @@ class _Unloaded(TyperCommand):
 
 
 def _single_command(name: str, function: Callable[..., Any]) -> typer.Typer:
-    app = typer.Typer()
+    # No completion options: `agentrt --install-completion` has them; a command's own (`agentrt chat --help`
+    # listed --install-completion and --show-completion) did the same for the whole `agentrt`.
+    app = typer.Typer(add_completion=False)
     app.command(name)(function)
     return app
 

@@ -40,7 +40,12 @@ if TYPE_CHECKING:
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
     from agentrt.services.ledger._replay import ReplayReport
-    from agentrt.services.ledger._tracker import LLMRequestTracker, get_request_tracker, set_request_tracker
+    from agentrt.services.ledger._tracker import (
+        LLMRequestTracker,
+        existing_request_tracker,
+        get_request_tracker,
+        set_request_tracker,
+    )
 
 # The write path imports pydantic-ai (its message types), about 0.7 s of CPU: it is imported when first used, so
 # the commands that only read the ledger (`agentrt costs`, `agentrt audit`) start without it.
@@ -59,6 +64,7 @@ _WRITE_PATH = {
     'utc_now': '_record',
     'ReplayReport': '_replay',
     'LLMRequestTracker': '_tracker',
+    'existing_request_tracker': '_tracker',
     'get_request_tracker': '_tracker',
     'set_request_tracker': '_tracker',
 }
@@ -107,6 +113,7 @@ __all__ = [
     'agent_slugs',
     'default_spool_path',
     'dumped_message_json',
+    'existing_request_tracker',
     'get_request',
     'get_request_tracker',
     'identity_of',

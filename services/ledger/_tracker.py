@@ -499,6 +499,12 @@ def get_request_tracker() -> LLMRequestTracker:
     return _default_tracker
 
 
+def existing_request_tracker() -> LLMRequestTracker | None:
+    """The process-wide tracker if one was made (`get_request_tracker`), else None: for closing it without making
+    one, which reads the settings (invalid ones raise again at a shutdown of a runtime that never started)."""
+    return _default_tracker
+
+
 def set_request_tracker(tracker: LLMRequestTracker | None) -> LLMRequestTracker | None:
     """Replace the process-wide tracker (e.g. with another configuration); returns the previous one."""
     global _default_tracker

@@ -19,8 +19,10 @@ import psutil
 import pytest
 
 from agentrt.db.embedded import (
+    _CONF_MARKER,
     SERVER_FILE,
     USERS_FILE,
+    _check_no_single_user_lock,
     _lifecycle_lock,
     _prune,
     bundled_major_version,
@@ -299,3 +301,48 @@ def test_a_start_cut_short_after_the_server_started_stops_it_again(
     finally:
         for process in _servers(data_dir):
             process.kill()
+
+
+def _dead_pid() -> int:
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def _cluster_locked_by(data_dir: Path, pid: int, *, started_before: bool) -> None:
+    """A cluster's files as a single-user PostgreSQL leaves them: `postmaster.pid` holding its pid, negated."""
+    data_dir.mkdir()
+    (data_dir / 'PG_VERSION').write_text(f'{bundled_major_version()}\n')
+    (data_dir / 'postgresql.conf').write_text('# made by initdb\n' + (_CONF_MARKER if started_before else ''))
+    (data_dir / 'postmaster.pid').write_text(f'-{pid}\n{data_dir}\n1796357376\n5432\n\n\n')
+
+
+async def test_a_cluster_whose_initdb_was_killed_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    # A first start killed outright (SIGKILL of its process group) while initdb ran left initdb's single-user
+    # backend's lock file, a negative pid: the next start was "internal error: ValueError: pid must be a positive
+    # integer" (exit 70); with the file removed by hand, a server crash-looping on the catalog initdb never made.
+    data_dir = tmp_path / 'pgdata'
+    _cluster_locked_by(data_dir, _dead_pid(), started_before=False)
+    with pytest.raises(EmbeddedPostgresError, match='half-made') as raised:
+        start_embedded(data_dir, stop_at_exit=False)
+    message = str(raised.value)
+    assert '\n' not in message and 'AGENTRT_DATA_DIR' in message and f'rm -rf {data_dir}' in message
+    assert not _servers(data_dir)
+    result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
+    assert result.exit_code == 4
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f'error: {message}']
+
+
+def test_a_live_single_user_process_keeps_the_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    _cluster_locked_by(data_dir, os.getpid(), started_before=True)  # alive: initdb, or postgres --single
+    with pytest.raises(EmbeddedPostgresError, match=f'in use by a single-user PostgreSQL process \\(pid {os.getpid()}'):
+        start_embedded(data_dir, stop_at_exit=False)
+    assert (data_dir / 'postmaster.pid').exists() and not _servers(data_dir)
+
+
+def test_a_dead_single_user_process_lock_file_in_a_started_cluster_is_stale(tmp_path: Path) -> None:
+    # A cluster agentrt started before keeps its data: the lock file is removed, as PostgreSQL would, and it starts.
+    data_dir = tmp_path / 'pgdata'
+    _cluster_locked_by(data_dir, _dead_pid(), started_before=True)
+    _check_no_single_user_lock(data_dir)
+    assert not (data_dir / 'postmaster.pid').exists()

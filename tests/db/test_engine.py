@@ -54,6 +54,29 @@ async def test_refused_connection_names_host_and_port() -> None:
     assert 'secret' not in str(info.value)
 
 
+async def test_a_statement_timeout_while_checking_the_connection_names_the_setting(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `DB_STATEMENT_TIMEOUT_MS=1 agentrt chat ...`: the check's statement ran out of time, and the line said "cannot
+    # connect to PostgreSQL at ...: canceling statement due to statement timeout", naming neither cause nor setting.
+    async def slow_check(conn: Any) -> dict[str, int]:
+        await conn.execute(text('SET LOCAL statement_timeout = 1'))
+        await conn.execute(text('SELECT pg_sleep(5)'))
+        return {}
+
+    monkeypatch.setattr('agentrt.db.engine.timeouts_in_force', slow_check)
+    url = parse_database_url(database_url)
+    engine = build_engine(url, Settings(database_url=database_url))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await check_connection(engine, url, 10)
+    finally:
+        await engine.dispose()
+    message = str(info.value)
+    assert 'cannot connect' not in message and 'DB_STATEMENT_TIMEOUT_MS' in message, message
+    assert message.startswith('PostgreSQL cancelled a statement') and 'as the connection was checked' in message
+
+
 async def test_silent_server_fails_within_connect_timeout(silent_server: int) -> None:
     url = parse_database_url(f'postgresql://u:p@127.0.0.1:{silent_server}/db')
     engine = build_engine(url, Settings(database_url=str(url), connect_timeout=0.3))

@@ -11,8 +11,8 @@ import textwrap
 from tests.programs import run_program
 
 
-async def _python(script: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    return await run_program('-c', textwrap.dedent(script), database_url=database_url)
+async def _python(script: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return await run_program('-c', textwrap.dedent(script), database_url=database_url, **env)
 
 
 async def test_starts_that_wait_for_each_other_on_a_second_event_loop(database_url: str) -> None:
@@ -178,3 +178,32 @@ async def test_work_that_outlived_a_shutdown_is_told_so(database_url: str) -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['before True', 'after True False', 'again 1'], done.stdout + done.stderr
+
+
+async def test_a_runtime_that_never_started_for_invalid_settings_shuts_down_quietly(database_url: str) -> None:
+    """`agentrt_runtime()` with an invalid setting: the start's ConfigError was raised again by its `finally`'s
+    `shutdown_runtime()` (it made the ledger's tracker only to close it, reading the settings), so the program's
+    traceback pointed at the shutdown and hid the start; and `shutdown_runtime()` alone, nothing started, failed."""
+    done = await _python(
+        """
+        import asyncio, traceback
+        from agentrt.agents.runtime import agentrt_runtime, shutdown_runtime
+        from agentrt.db.errors import ConfigError
+
+        async def main():
+            try:
+                async with agentrt_runtime():
+                    print('started')
+            except ConfigError as exc:
+                where = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+                named = 'DB_POOL_SIZE' in str(exc)
+                print('start refused', named, 'init_database' in where, 'shutdown_runtime' in where)
+            print('shutdown', await shutdown_runtime())
+
+        asyncio.run(main())
+        """,
+        database_url,
+        DB_POOL_SIZE='nan',
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['start refused True True False', 'shutdown None'], done.stdout + done.stderr

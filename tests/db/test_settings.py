@@ -153,6 +153,27 @@ def test_a_blank_data_dir_is_the_default_not_the_working_directory(monkeypatch: 
     assert Settings().data_dir == default_data_dir()
 
 
+@pytest.mark.parametrize('blank', ['', '  '])
+def test_a_blank_spool_is_the_default_spool(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    # Was Path(''): refused as ". is not a file (a directory?)"; a blank of spaces, a file ' ' in the working directory.
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', blank)
+    assert read_settings().ledger_spool is None
+
+
+@pytest.mark.parametrize('value', ['nan', 'NaN', 'inf', '-inf', '1e400'])
+@pytest.mark.parametrize(
+    'variable', ['DB_POOL_TIMEOUT', 'AGENTRT_TURN_LEASE_SECONDS', 'AGENTRT_LEDGER_COMMIT_DELAY_MS']
+)
+def test_a_number_that_is_not_finite_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # NaN failed every bound and was reported as "less than or equal to 3600", infinity as out of range.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    assert str(raised.value) == f'invalid configuration: {variable}: Input should be a finite number'
+
+
 def test_a_heartbeat_slower_than_the_stall_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Live workers would be taken for dead: their jobs run again by others, every time.
     monkeypatch.setenv('AGENTRT_JOBS_HEARTBEAT_SECONDS', '100')
@@ -242,14 +263,14 @@ def test_a_spool_under_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatc
     [
         ('AGENTRT_MODEL_TIMEOUT_SECONDS', '0', 'greater than 0'),
         ('AGENTRT_MODEL_TIMEOUT_SECONDS', '-5', 'greater than 0'),
-        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'nan', 'less than or equal to 3600'),
-        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'inf', 'less than or equal to 3600'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'nan', 'a finite number'),
+        ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'inf', 'a finite number'),
         ('AGENTRT_MODEL_TIMEOUT_SECONDS', 'two minutes', 'a valid number'),
         ('AGENTRT_MODEL_MAX_RETRIES', '-1', 'greater than or equal to 0'),
         ('AGENTRT_MODEL_MAX_RETRIES', '1.5', 'a valid integer'),
         ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '0', 'greater than 0'),
         ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '-1', 'greater than 0'),
-        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'nan', 'less than or equal to 3600'),
+        ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'nan', 'a finite number'),
         ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '3601', 'less than or equal to 3600'),
         ('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', 'half a minute', 'a valid number'),
     ],
@@ -274,3 +295,16 @@ def test_the_stream_send_timeout_reads_from_the_environment(monkeypatch: pytest.
     assert Settings(_env_file=None).stream_send_timeout_seconds == 30
     monkeypatch.setenv('AGENTRT_STREAM_SEND_TIMEOUT_SECONDS', '2.5')
     assert read_settings().stream_send_timeout_seconds == 2.5
+
+
+def test_a_dot_env_that_is_not_utf8_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # A `.env` saved in Latin-1 in the working directory: every command was "internal error: UnicodeDecodeError"
+    # (exit 70, "report it").
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / '.env').write_bytes(b'DB_POOL_SIZE=5\nAGENTRT_MODEL=caf\xe9\n')
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    assert str(raised.value) == (
+        f'invalid configuration: {tmp_path / ".env"} is not UTF-8 text (byte 0xe9 at offset 32): save it as UTF-8, '
+        'or remove it'
+    )

@@ -111,3 +111,16 @@ async def test_tiny_amounts_print_in_plain_notation_never_as_exponents(demo_data
     assert json.loads(outputs[0])['groups'][0]['total_cost'] == '0.00000015'
     assert json.loads(outputs[2])['items'][0]['total_cost'] == '0.00000015'
     assert all('0.00000015' in output and 'E-' not in output for output in outputs), outputs
+
+
+async def test_an_interactive_chat_goes_on_after_a_turn_the_budget_refused(demo_data: None, database_url: str) -> None:
+    # A refused turn ended the whole conversation (exit 10 after the first line; the next lines were never read),
+    # where every other failed turn is one `error:` line and the conversation goes on: the account's owner may raise
+    # the limit meanwhile, or the period end.
+    env = {'DATABASE_URL': database_url}
+    await invoke('budget', 'set', '--account', 'acme-health', '--limit', '5', env=env)
+    lines = 'Find cardiologists\nFind dentists\nFind nurses\n'
+    result = await invoke('chat', '--session', 'refused-lines', '--delay', '0', input=lines, env=env)
+    assert result.exit_code == EXIT_BUDGET, result.stderr
+    assert result.stderr.count("model 'demo' has no price") == 3, result.stderr
+    assert 'error: 3 of 3 turns failed' in result.stderr

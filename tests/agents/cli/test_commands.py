@@ -63,6 +63,19 @@ def test_the_root_lists_every_command_in_table_order() -> None:
         assert loaded.name == command.name and group.get_command(None, command.name) is not None  # type: ignore[arg-type]
 
 
+def test_completion_options_are_the_roots_only() -> None:
+    # `agentrt chat --help` (and costs, serve, worker: the commands that are one function) listed
+    # --install-completion and --show-completion, which install or show the completion of the whole `agentrt`.
+    from typer.testing import CliRunner
+
+    with logging_restored():
+        assert '--install-completion' in CliRunner().invoke(app, ['--help']).output
+        for command in COMMANDS:
+            shown = CliRunner().invoke(app, [command.name, '--help'], env={'COLUMNS': '200'})
+            assert shown.exit_code == 0 and '--help' in shown.output, (command.name, shown.output)
+            assert '-completion' not in shown.output, command.name
+
+
 async def test_version() -> None:
     shown = await invoke('--version')
     assert shown.exit_code == 0 and shown.stdout.strip() == f'agentrt {__version__}'
