@@ -91,14 +91,19 @@ def out_of_step(error: BaseException | None) -> bool:
     prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
     seen = 0
     while error is not None and seen < 8:
-        name = type(error).__name__
-        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+        if _protocol_out_of_step(error):
             return True
-        if name in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
+        if type(error).__name__ in ('InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'):
             return True
         error = error.__cause__ or getattr(error, 'orig', None) or error.__context__
         seen += 1
     return False
+
+
+def _protocol_out_of_step(error: BaseException) -> bool:
+    """asyncpg's own complaint that the connection's protocol state does not match the server's (`out_of_step`)."""
+    name = type(error).__name__
+    return name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error))
 
 
 def cannot_connect(exc: BaseException) -> bool:
@@ -408,8 +413,7 @@ def _root_message(exc: BaseException) -> str:
     for error in _chain(exc):
         if isinstance(error, FileNotFoundError) and not error.filename:
             return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none
-        name = type(error).__name__
-        if name == 'InternalClientError' or (name == 'InterfaceError' and 'another operation' in str(error)):
+        if _protocol_out_of_step(error):
             return _OUT_OF_STEP_TEXT
         if isinstance(error, sqlalchemy.exc.StatementError):
             continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
