@@ -6,15 +6,16 @@ listing filter by account), so another account's conversation id is simply not f
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
-from pydantic_ai.messages import ModelMessagesTypeAdapter
 from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.api.auth import ChatCaller, ChatKeyBeforeBody, ReadCaller
+from agentrt.api.conversation_body import messages_body
 from agentrt.api.cursors import (
     MAX_CURSOR_CHARS,
     Listing,
@@ -42,7 +43,6 @@ from agentrt.api.schemas import (
 )
 from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_utf8_json
 from agentrt.api.turn_stream import chat_config
-from agentrt.api.vercel_messages import vercel_messages
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
 from agentrt.services.conversations import (
@@ -52,6 +52,7 @@ from agentrt.services.conversations import (
     UnknownPositionError,
     list_conversations,
     load_page,
+    off_loop,
 )
 
 MAX_MESSAGES_PAGE = 100_000
@@ -100,7 +101,12 @@ async def list_all(
     )
 
 
-@router.get('/{conversation_id}', summary="One conversation's messages", responses=NOT_FOUND_RESPONSE)
+@router.get(
+    '/{conversation_id}',
+    summary="One conversation's messages",
+    response_model=ConversationMessages,
+    responses=NOT_FOUND_RESPONSE,
+)
 async def messages(
     caller: ReadCaller,
     conversation_id: ConversationId,
@@ -128,12 +134,12 @@ async def messages(
             'unchanged. Positions stay valid while the conversation goes on.',
         ),
     ] = None,
-) -> ConversationMessages:
+) -> Response:
     """The conversation's stored messages, in order (with `limit`, only the latest; with `before`, the ones before a
     page read earlier): page back with `limit` and `earlier_cursor` until `earlier` is false.
 
     Without `limit` every message is read and sent: a conversation of several hundred turns is megabytes, which the
-    server takes about a second of CPU to read and encode.
+    server takes about a second of CPU to read and encode (in a worker thread: other requests go on meanwhile).
     """
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     entry_id = (
@@ -151,22 +157,18 @@ async def messages(
         ) from exc
     if page is None:
         raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
-    if format == 'vercel':
-        dumped = vercel_messages(page)  # each id its stored message's: the same on every page
-    else:
-        dumped = ModelMessagesTypeAdapter.dump_python(page.messages, mode='json')
-    return ConversationMessages(
-        conversation_id=conversation_id,
-        revision=page.revision,
-        format=format,
-        messages=dumped,
-        earlier=page.earlier is not None,
-        earlier_cursor=(
-            encode_message_cursor(page.earlier, conversation_id=conversation_id, account_id=caller.account_id)
-            if page.earlier is not None
-            else None
-        ),
+    earlier_cursor = (
+        encode_message_cursor(page.earlier, conversation_id=conversation_id, account_id=caller.account_id)
+        if page.earlier is not None
+        else None
     )
+    # Megabytes for a long conversation: dumped and encoded off the event loop (`conversation_body`), the same bytes
+    # FastAPI made of the `ConversationMessages` this route returned.
+    body = await off_loop(
+        functools.partial(messages_body, conversation_id=conversation_id, format=format, earlier_cursor=earlier_cursor),
+        page,
+    )
+    return Response(body, media_type='application/json')
 
 
 @router.delete(

@@ -11,7 +11,7 @@ in every read, and never another message's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic_ai.messages import ModelRequest, ModelResponse
@@ -38,9 +38,10 @@ def entry_message_ids(page: MessagePage) -> MessageIdFunction:
     return message_id
 
 
-def vercel_messages(page: MessagePage) -> list[dict[str, Any]]:
-    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring)."""
-    return [
-        message.model_dump(mode='json', by_alias=True, exclude_none=True)
-        for message in VercelAIAdapter.dump_messages(page.messages, generate_message_id=entry_message_ids(page))
-    ]
+def vercel_messages(page: MessagePage) -> Iterator[dict[str, Any]]:
+    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring).
+
+    Made one at a time as they are read: a caller that encodes each before the next never holds all of them.
+    """
+    for message in VercelAIAdapter.dump_messages(page.messages, generate_message_id=entry_message_ids(page)):
+        yield message.model_dump(mode='json', by_alias=True, exclude_none=True)

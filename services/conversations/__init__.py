@@ -6,7 +6,8 @@ per conversation; a race between two turns raises `ConcurrentTurnError`);
 `fit_history` is the history processor that bounds what a request sends; `refresh_title_and_summary` is the
 post-turn task that keeps a title and a short summary on the conversation row (`summary_due` says when a turn
 should run it, `summary_source` hands it the text); `list_conversations` pages through
-an account's conversations; `load_page` reads one's messages a page at a time, newest first. The modules with a
+an account's conversations; `load_page` reads one's messages a page at a time, newest first (`off_loop` runs a
+large read's CPU work in a worker thread). The modules with a
 leading underscore are internals.
 """
 
@@ -26,6 +27,7 @@ from agentrt.services.conversations._listing import (
     ConversationSummary,
     list_conversations,
 )
+from agentrt.services.conversations._off_loop import off_loop
 from agentrt.services.conversations._pages import MessagePage, UnknownPositionError, load_page, starts_turn
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._stored import StoredTail
@@ -86,6 +88,7 @@ __all__ = [
     'make_summary',
     'make_title',
     'message_exchanges',
+    'off_loop',
     'refresh_title_and_summary',
     'save_turn',
     'starts_turn',

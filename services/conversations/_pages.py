@@ -18,6 +18,7 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, User
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.conversations._arguments import MAX_LIMIT, check_conversation_id, check_entry_id, check_limit
+from agentrt.services.conversations._off_loop import off_loop
 from agentrt.services.conversations._statements import BEFORE_ON_DRIVER
 from agentrt.services.conversations._store import PostgresConversationStore, read_on_driver
 from agentrt.services.conversations._stored import StoredTail, stored_tail
@@ -48,6 +49,7 @@ async def load_page(
 
     A page reaching into a turn starts at that turn's next user message; see the module's docstring for a turn longer
     than `limit` (its page may then hold `limit + 1` messages, so that a tool result is never split from its call).
+    The messages are validated in a worker thread (`_off_loop`): a whole conversation can be megabytes.
 
     Args:
         store: the account's conversation store.
@@ -70,7 +72,7 @@ async def load_page(
         raise InvalidInputError(f'the limit must be from 1 to {MAX_LIMIT - 1:,}, not {limit:,}', field='limit')
     read = MAX_LIMIT if limit is None else limit + 1  # one more: what a page cut inside a turn may need
     if before is None:
-        tail = await store.read_tail(conversation_id, cap_chars=MAX_LIMIT, max_messages=read)
+        tail = await store.read_tail(conversation_id, cap_chars=MAX_LIMIT, max_messages=read, in_thread=True)
     else:
         tail = await _read_before(store, conversation_id, before, read)
     if tail is None:
@@ -126,4 +128,4 @@ async def _read_before(
         return None
     if not rows[0][7]:
         raise UnknownPositionError(before)
-    return stored_tail(rows, 0)
+    return await off_loop(stored_tail, rows, 0)

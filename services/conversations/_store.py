@@ -33,6 +33,7 @@ from agentrt.services.conversations._arguments import (
     check_revision,
     check_scope,
 )
+from agentrt.services.conversations._off_loop import off_loop
 from agentrt.services.conversations._statements import (
     APPEND_CREATE_ON_DRIVER,
     APPEND_UPDATE_ON_DRIVER,
@@ -125,6 +126,7 @@ class PostgresConversationStore(ConversationStore):
         cap_chars: int,
         max_messages: int,
         transaction: DriverTransaction | None = None,
+        in_thread: bool = False,
     ) -> StoredTail | None:
         """The record and the newest messages of a conversation, up to about `cap_chars` of stored JSON: one query.
 
@@ -136,6 +138,8 @@ class PostgresConversationStore(ConversationStore):
             max_messages: read at most this many.
             transaction: run in the caller's transaction (`driver_transaction`); else in one of its own (repeated
                 once if the connection is lost: a read).
+            in_thread: validate the messages in a worker thread, a piece at a time (`_off_loop`), not on the event
+                loop: for a read that may be megabytes (a whole conversation).
 
         Returns:
             None when the account has no such conversation.
@@ -155,7 +159,9 @@ class PostgresConversationStore(ConversationStore):
             rows = await transaction.fetch(TAIL_ON_DRIVER, params)
         else:
             rows = await read_on_driver(self.account_id, TAIL_ON_DRIVER, params)
-        return stored_tail(rows, 0) if rows else None
+        if not rows:
+            return None
+        return await off_loop(stored_tail, rows, 0) if in_thread else stored_tail(rows, 0)
 
     async def claim_and_read_tail(
         self,

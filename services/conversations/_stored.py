@@ -12,6 +12,7 @@ from pydantic import TypeAdapter
 from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
 from pydantic_ai.messages import ModelMessage
 
+from agentrt.services.conversations._off_loop import pieces
 from agentrt.services.ledger import dumped_message_json
 from agentrt.services.pg_text import storable
 
@@ -88,7 +89,7 @@ def stored_tail(rows: Sequence[Any], at: int) -> StoredTail:
         messages = [entry_adapter.validate_python(_entry_data(row, at)).message for row in entries]
         stored_bodies: list[str] = []
     else:
-        messages = messages_adapter.validate_json('[' + ','.join(bodies) + ']')
+        messages = validate_messages(bodies)
         stored_bodies = bodies
     return StoredTail(
         record=record,
@@ -100,6 +101,15 @@ def stored_tail(rows: Sequence[Any], at: int) -> StoredTail:
         reached_first=not entries or entries[0][at + 4] is None,
         bodies=stored_bodies,
     )
+
+
+def validate_messages(bodies: Sequence[str]) -> list[ModelMessage]:
+    """The messages of `bodies` (each a message's stored JSON), validated a piece at a time (`_off_loop.pieces`): a
+    worker thread validating a long conversation gives the GIL back to the event loop between two pieces."""
+    messages: list[ModelMessage] = []
+    for piece in pieces([len(body) for body in bodies]):
+        messages += messages_adapter.validate_json('[' + ','.join(bodies[piece]) + ']')
+    return messages
 
 
 def _entry_data(row: Any, at: int) -> dict[str, Any]:

@@ -1,0 +1,69 @@
+"""A large conversation read's CPU work (its messages validated, dumped, encoded) off the event loop, in pieces.
+
+One event loop serves every chat of a server process: a whole conversation of several hundred turns is megabytes of
+JSON, and validating or dumping it on the loop held every other request for up to a second. The work runs in a
+worker thread instead; but pydantic-core keeps the GIL for the whole of one call, so one call over the whole
+conversation would still hold the loop out for most of its time. Each call takes a piece of at most `CHUNK_CHARS`
+of JSON (milliseconds), and the loop gets the GIL back between two pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar('T')
+
+READ_THREADS = 2
+"""Reads made side by side: the work is CPU under the GIL, so more threads would only queue for it."""
+CHUNK_CHARS = 64 * 1024
+"""At most this much stored JSON per call into pydantic-core (a message larger than this is a piece alone)."""
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+async def off_loop(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` in a worker thread of the conversation reads' own pool; its result.
+
+    A pool of its own, not the loop's default executor: a burst of reads of long conversations must not hold up the
+    other users of `asyncio.to_thread` (titles, the ledger's spool).
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_readers(), functools.partial(function, *args))
+
+
+def pieces(sizes: Sequence[int], limit: int | None = None) -> Iterator[slice]:
+    """Consecutive slices of `sizes`' indexes, each of at most `limit` (default `CHUNK_CHARS`) in total, or one item
+    larger than that alone; none for no items."""
+    limit = CHUNK_CHARS if limit is None else limit
+    start, total = 0, 0
+    for n, size in enumerate(sizes):
+        if n > start and total + size > limit:
+            yield slice(start, n)
+            start, total = n, 0
+        total += size
+    if start < len(sizes):
+        yield slice(start, len(sizes))
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix='agentrt-conversation-read')
+        return _pool
+
+
+def _forget_readers() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_readers)
