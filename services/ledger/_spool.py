@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,19 @@ from agentrt.db.errors import ConfigError
 from agentrt.db.settings import unsafe_directory
 
 logger = logging.getLogger('agentrt.ledger')
+
+
+@dataclass(frozen=True)
+class SpoolBatch:
+    """Entries of a claimed spool file read together (`LedgerSpool.read_batch`)."""
+
+    entries: list[dict[str, Any]]
+    bad: list[str]
+    """The lines that are not valid entries (a torn line, another file's text)."""
+    end: int
+    """Where the next batch starts (an opaque position of the file)."""
+    done: bool
+    """The file ended: no batch after this one."""
 
 
 class LedgerSpool:
@@ -176,10 +191,23 @@ class LedgerSpool:
 
     def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         """Parse a claimed file: the entries, and the lines that are not valid entries (e.g. a torn last line)."""
+        batch = self.read_batch(path, 0, sys.maxsize)
+        return batch.entries, batch.bad
+
+    def read_batch(self, path: Path, offset: int, size: int) -> SpoolBatch:
+        """Parse at most `size` entries of a claimed file from `offset` (0, or the `end` of the batch before), and
+        the lines among them that are not valid entries. Blocking: call it in a thread from async code.
+
+        A replay reads a file a batch at a time, so a large spool is never all in memory at once.
+        """
         entries: list[dict[str, Any]] = []
         bad: list[str] = []
         with open(path, encoding='utf-8', errors='replace') as handle:
-            for line in handle:
+            handle.seek(offset)
+            while len(entries) < size:
+                line = handle.readline()
+                if not line:
+                    return SpoolBatch(entries, bad, handle.tell(), done=True)
                 if not line.strip():
                     continue
                 try:
@@ -191,7 +219,7 @@ class LedgerSpool:
                     entries.append(entry)
                 else:
                     bad.append(line)
-        return entries, bad
+            return SpoolBatch(entries, bad, handle.tell(), done=False)
 
     def reject(self, lines: list[str]) -> None:
         """Keep lines that can never be written in the `.rejected` file, fsynced, and log how many."""
