@@ -42,3 +42,4 @@ bench:
 	.venv/bin/python scripts/bench_tracing.py
 	.venv/bin/python scripts/bench_workers.py
 	.venv/bin/python scripts/bench_rls.py
+	.venv/bin/python scripts/bench_loop_stalls.py

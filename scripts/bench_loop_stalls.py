@@ -3,11 +3,13 @@
 One worker process serves every chat on one event loop: a request whose CPU work runs on that loop (a long
 conversation validated and dumped in one call) makes every other request of the process wait, `/health/live`
 included. The script starts `agentrt serve` (one process) as a child on a free loopback port, on the embedded
-PostgreSQL (`AGENTRT_DATA_DIR`, else its own `bench-pgdata`), makes the data fast with SQL (a conversation of
-`--turns` turns, `--conversations` conversations, `--ledger-rows` ledger rows, each copied from one real demo turn),
-then sends each request of the scenario list alone while a probe polls `/health/live` every 10 ms on a connection of
-its own. Per request: its wall time, and the probe's worst wait while it ran (plus `--settle` s after it, for the
-background work a turn leaves), the probe's median outside any request as the floor.
+PostgreSQL (`AGENTRT_DATA_DIR`, else its own `bench-pgdata`) or the server in `DATABASE_URL`, makes the data fast
+with SQL (a conversation of `--turns` turns, `--conversations` conversations, `--ledger-rows` ledger rows, each copied
+from one real demo turn), then sends each request of the scenario list alone (`--repeat` times, the worst kept) while
+a probe polls `/health/live` every 10 ms on a connection of its own: the listings, costs, budget and web UI routes, a
+turn with a `--message-chars` message, a long conversation's DELETE. Then it stops the server and starts a new one
+`--replays` times with `--spool-rows` spooled ledger rows to replay. Per request: its wall time, and the probe's
+worst wait while it ran (plus `--settle` s after a turn, for its background work); the probe's median is the floor.
 
 Run:
     .venv/bin/python scripts/bench_loop_stalls.py [--turns 330,700] [--conversations 10000] [--ledger-rows 100000]
@@ -41,6 +43,7 @@ from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 PREFIX = 'stall'
 PROBE_EVERY_S = 0.01
 BIG_MESSAGE_CHARS = 1_000_000
+"""The large message's default size; the server is configured to take messages twice this long."""
 
 
 @dataclass
@@ -223,7 +226,6 @@ class Server:
             'AGENTRT_TURN_TOTAL_TOKENS_LIMIT': str(20 * BIG_MESSAGE_CHARS),
             'AGENTRT_LEDGER_SPOOL': str(spool),
         }
-        env.pop('DATABASE_URL', None)
         self.log_path = root / 'server.log'
         self.log = self.log_path.open('a')
         command = [sys.executable, '-m', 'agentrt', 'serve', '--port', str(self.port), '--log-level', 'warning']
@@ -357,19 +359,21 @@ async def main() -> None:
     args.add_argument('--conversations', type=int, default=10_000)
     args.add_argument('--ledger-rows', type=int, default=100_000)
     args.add_argument('--spool-rows', type=int, default=20_000, help='spooled ledger rows replayed at a start')
+    args.add_argument('--message-chars', type=int, default=BIG_MESSAGE_CHARS, help='the large message of a turn')
     args.add_argument('--replays', type=int, default=3, help='starts with a spool to replay (each a new server)')
     args.add_argument('--settle', type=float, default=1.0, help='s after a turn: its background work')
     args.add_argument('--repeat', type=int, default=3, help='each request this many times (the worst counts)')
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.conversations, opts.ledger_rows, opts.repeat, opts.settle = [20], 50, 500, 1, 0.2
-        opts.spool_rows, opts.replays = 200, 1
+        opts.spool_rows, opts.replays, opts.message_chars = 200, 1, 100_000
     config = {
         'turns': opts.turns,
         'conversations': opts.conversations,
         'ledger_rows': opts.ledger_rows,
         'spool_rows': opts.spool_rows,
         'replays': opts.replays,
+        'message_chars': opts.message_chars,
         'repeat': opts.repeat,
         'probe': '/health/live every 10 ms',
     }
@@ -459,7 +463,7 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
                 rows.append(worst)
                 print(worst, flush=True)
             for i in range(opts.repeat):
-                big = 'x' * 10 + ' '.join(['lorem ipsum dolor sit amet'] * (BIG_MESSAGE_CHARS // 27))
+                big = 'x' * 10 + ' '.join(['lorem ipsum dolor sit amet'] * (opts.message_chars // 27))
                 row = await measure(
                     client,
                     probe,
@@ -475,14 +479,20 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
             interaction = await largest_request(f'{PREFIX}-big-0')
             follow_ups = [
                 (
-                    'POST turn after the 1 MB one (+settle)',
+                    'POST turn after the large one (+settle)',
                     'POST',
                     f'{big_conversation}/turns',
                     settle,
                     {'json': {'message': 'Cardiologists in Seattle'}},
                 ),
-                ('GET conversation holding the 1 MB message', 'GET', big_conversation, 0, {}),
-                ('GET interaction with a 1 MB prompt', 'GET', f'/api/v1/llm-audit/interactions/{interaction}', 0, {}),
+                ('GET conversation holding the large message', 'GET', big_conversation, 0, {}),
+                (
+                    'GET interaction with the large prompt',
+                    'GET',
+                    f'/api/v1/llm-audit/interactions/{interaction}',
+                    0,
+                    {},
+                ),
             ]
             for label, method, path, wait, kwargs in follow_ups:
                 row = await measure(client, probe, label, method, path, wait, **kwargs)

@@ -43,6 +43,7 @@ EXPECTED_ROW_KEYS = {
     'bench_cli_startup': {'command', 'runs', 'median_ms', 'min_ms', 'max_ms'},
     'bench_tracing': {'mode', 'pattern', 'turns', 'cpu_ms_per_turn', 'median_turn_cpu_ms', 'spans_per_turn'},
     'bench_rls': {'what', 'mode', 'n', 'median_ms', 'p90_ms', 'cpu_ms'},
+    'bench_loop_stalls': {'request', 'wall_ms'},
     'bench_workers': {
         'workers',
         'turns_ok',
