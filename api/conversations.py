@@ -52,7 +52,7 @@ from agentrt.services.conversations import (
     UnknownPositionError,
     list_conversations,
     load_page,
-    off_loop,
+    off_loop_taking,
 )
 
 MAX_MESSAGES_PAGE = 100_000
@@ -163,12 +163,13 @@ async def messages(
         else None
     )
     # Megabytes for a long conversation: dumped and encoded off the event loop (`conversation_body`), the same bytes
-    # FastAPI made of the `ConversationMessages` this route returned.
-    body = await off_loop(
+    # FastAPI made of the `ConversationMessages` this route returned; the page goes along, to be freed there too.
+    encoding = off_loop_taking(
         functools.partial(messages_body, conversation_id=conversation_id, format=format, earlier_cursor=earlier_cursor),
         page,
     )
-    return Response(body, media_type='application/json')
+    del page
+    return Response(await encoding, media_type='application/json')
 
 
 @router.delete(

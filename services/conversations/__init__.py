@@ -27,7 +27,7 @@ from agentrt.services.conversations._listing import (
     ConversationSummary,
     list_conversations,
 )
-from agentrt.services.conversations._off_loop import off_loop
+from agentrt.services.conversations._off_loop import off_loop, off_loop_taking
 from agentrt.services.conversations._pages import MessagePage, UnknownPositionError, load_page, starts_turn
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._stored import StoredTail
@@ -89,6 +89,7 @@ __all__ = [
     'make_title',
     'message_exchanges',
     'off_loop',
+    'off_loop_taking',
     'refresh_title_and_summary',
     'save_turn',
     'starts_turn',
