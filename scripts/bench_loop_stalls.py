@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -527,6 +528,11 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
         await server.stop()
         await clean_up()
         await close_database()
+        log = root / 'server.log'
+        if log.exists() and log.stat().st_size:  # warnings and errors only (`--log-level warning`): kept to read
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, opts.out.with_suffix('.server.log'))
+            print(f'the server logged something: {opts.out.with_suffix(".server.log")}')
     print(f'\nprobe median (floor): {ms(floor)} ms over {len(probe.samples)} probes')
     print_table(rows, [(c, c) for c in ('request', 'status', 'bytes', 'wall_ms', 'worst_live_ms')])
     write_results(opts.out, 'loop_stalls', config, machine, rows, {'probe_median_ms': ms(floor)})
