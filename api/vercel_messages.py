@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic_ai.messages import ModelRequest, ModelResponse
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 
-from agentrt.services.conversations import MessagePage
+from agentrt.services.conversations import MessagePage, starts_turn
 
 MessageIdFunction = Callable[[ModelRequest | ModelResponse, Literal['system', 'user', 'assistant'], int], str]
 
@@ -39,8 +39,28 @@ def entry_message_ids(page: MessagePage) -> MessageIdFunction:
 
 
 def vercel_messages(page: MessagePage) -> list[dict[str, Any]]:
-    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring)."""
+    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring), each
+    turn dumped on its own (`turns`)."""
+    message_id = entry_message_ids(page)
     return [
         message.model_dump(mode='json', by_alias=True, exclude_none=True)
-        for message in VercelAIAdapter.dump_messages(page.messages, generate_message_id=entry_message_ids(page))
+        for turn in turns(page.messages)
+        for message in VercelAIAdapter.dump_messages(turn, generate_message_id=message_id)
     ]
+
+
+def turns(messages: list[ModelMessage]) -> list[list[ModelMessage]]:
+    """`messages` cut before each user's message (`starts_turn`, where the pages of `limit` are cut too).
+
+    `dump_messages` gives a tool call the result with its id anywhere in the list it is given. A tool call id is
+    unique within a turn but not across a conversation: the demo model names its calls after the turn's number
+    among the prompts it is sent (`t17-search`), which repeats once the context window leaves older turns out, and
+    a provider may number its calls per response. Dumped whole, a 60-turn conversation showed an earlier call with
+    a later turn's result; dumped a turn at a time, as the pages of `limit` already were, each call has its own.
+    """
+    cut: list[list[ModelMessage]] = []
+    for message in messages:
+        if not cut or starts_turn(message):
+            cut.append([])
+        cut[-1].append(message)
+    return cut
