@@ -182,7 +182,7 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
 
 async def test_a_bad_conversation_id_is_called_a_conversation_id(keys: Keys, client: httpx2.AsyncClient) -> None:
     # The messages were `simple_chat`'s, which calls it a session id: a word the HTTP API uses nowhere.
-    # (A read or a delete of such an id looks it up: an earlier version may have stored it, test_legacy_conversation_ids.)
+    # A read or a delete of such an id looks it up (an older version may have stored it): test_legacy_conversation_ids
     bad = 'caf\u00e9'
     for response in (
         await client.post(f'/api/v1/conversations/{bad}/turns', json={'message': 'hi'}, headers=auth(keys.acme)),
