@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -498,6 +499,12 @@ def server_address() -> str | None:
     if runtime is None:
         return None
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
+
+
+def embedded_data_dir() -> Path | None:
+    """The data directory of the embedded server the process's runtime uses, for messages; None without one."""
+    runtime = _runtime
+    return runtime.embedded.data_dir if runtime is not None and runtime.embedded is not None else None
 
 
 def describe_server(url: URL) -> str:
