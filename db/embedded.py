@@ -92,7 +92,44 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
     _check_major_version(data_dir)
-    with _lifecycle_lock(data_dir), warnings.catch_warnings():
+    with _lifecycle_lock(data_dir):
+        info, created = _start_locked(data_dir)
+    _released.discard(data_dir)
+    if stop_at_exit and data_dir not in _registered:
+        _registered.add(data_dir)
+        atexit.register(release_embedded, data_dir)
+    return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+
+
+def revive_embedded(data_dir: Path) -> bool:
+    """Start the server again when it stopped under this process, which uses it and has not left.
+
+    PostgreSQL shuts itself down when its crash recovery fails: a full disk under `pg_wal` is a PANIC, and the
+    recovery after it cannot write its first WAL segment either. A long-lived process (`agentrt serve`, a worker)
+    then answered "no server is listening" until someone restarted it, though the disk had room again. Its log's last
+    lines (the cause) are logged as a warning.
+
+    Returns:
+        True when this call started it; False when it runs, or this process left it (`release_embedded`).
+
+    Raises:
+        EmbeddedPostgresError: it cannot start (still no room: "its file system is full").
+    """
+    data_dir = data_dir.expanduser().resolve()
+    with _lifecycle_lock(data_dir):
+        if data_dir in _released or _postmaster_pid(data_dir) is not None:
+            return False
+        logger.warning(
+            'embedded PostgreSQL in %s stopped (its log ends: %s); starting it again', data_dir, _log_tail(data_dir)
+        )
+        _start_locked(data_dir)
+    return True
+
+
+def _start_locked(data_dir: Path) -> tuple[Any, bool]:
+    """Start or adopt the server and register this process as a user (under the lifecycle lock): the server's
+    postmaster info, and whether this start made the cluster."""
+    with warnings.catch_warnings():
         # Under the lock, like every other look at the directory: never read a cluster another process is making.
         _check_not_foreign(data_dir)
         _check_no_single_user_lock(data_dir)
@@ -124,11 +161,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
             if not was_running and alone:
                 _stop_started_here(data_dir)
             raise
-    _released.discard(data_dir)
-    if stop_at_exit and data_dir not in _registered:
-        _registered.add(data_dir)
-        atexit.register(release_embedded, data_dir)
-    return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+    return info, created
 
 
 def release_embedded(data_dir: Path) -> bool:
@@ -227,23 +260,21 @@ def _quote_socket_dirs() -> None:
 
 
 def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
-    """Why initdb or pg_ctl failed, in one line: the last lines of what it printed (initdb writes no server log: a
-    new cluster on a full disk said only "(no log)"), else of the server log, and what to do."""
+    """Why initdb or pg_ctl failed, in one line, and what to do: the last lines of what it printed (initdb writes no
+    server log: a new cluster on a full disk said only "(no log)"), and the server log's (pg_ctl prints only "could
+    not start server | Examine the log output"), its last PANIC or FATAL line first."""
     log_file = data_dir / 'log'
-    try:
-        log_tail = log_file.read_text(errors='replace').strip().splitlines()[-3:] if log_file.exists() else []
-    except OSError:
-        log_tail = []
     said = [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()][-3:]
-    tail = ' | '.join(said or log_tail) or '(no log)'
+    logged = _log_lines(data_dir)
+    if any('Examine the log output' in line for line in said):
+        said = []  # pg_ctl's words for "see the server log": the log says it
+    tail = ' | '.join(said or logged) or '(no log)'
     head = f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}): '
     if any(marker in tail for marker in _NO_SPACE):
-        return (
-            f'{head}its file system is full ({tail}). Free space there (a new cluster takes about 50 MB with the demo '
-            'data) and run the command again'
-        )
+        size = '' if (data_dir / 'PG_VERSION').exists() else ' (a new cluster takes about 50 MB with the demo data)'
+        return f'{head}its file system is full ({tail}). Free space there{size} and run the command again'
     source = 'it printed' if said else 'the server log ends'
-    see = f' See {log_file};' if log_tail else ''
+    see = f' See {log_file};' if logged else ''
     return f'{head}{source}: {tail}.{see} set AGENTRT_DATA_DIR to another directory to start afresh'
 
 
@@ -341,6 +372,25 @@ def _lock_file_pid(data_dir: Path) -> int | None:
         return int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _log_tail(data_dir: Path) -> str:
+    """The server log's last lines (its last PANIC or FATAL line first), on one line, for a message."""
+    return ' | '.join(_log_lines(data_dir)) or '(no log)'
+
+
+def _log_lines(data_dir: Path) -> list[str]:
+    """The server log's last two lines, after its last PANIC or FATAL line (the cause: a server that shut itself
+    down ends its log with "database system is shut down"), whitespace folded; none without a log."""
+    try:
+        with (data_dir / 'log').open('rb') as handle:
+            handle.seek(max(handle.seek(0, os.SEEK_END) - 16384, 0))
+            lines = [' '.join(line.split()) for line in handle.read().decode(errors='replace').splitlines()]
+    except OSError:
+        return []
+    lines = [line for line in lines if line]
+    cause = [line for line in lines if 'PANIC: ' in line or 'FATAL: ' in line][-1:]
+    return cause + [line for line in lines[-2:] if line not in cause]
 
 
 def _check_no_single_user_lock(data_dir: Path) -> None:

