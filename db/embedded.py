@@ -557,10 +557,19 @@ def _check_writable(data_dir: Path) -> None:
     if not target.is_dir():
         raise EmbeddedPostgresError(f'embedded PostgreSQL data directory {target} exists but is not a directory')
     if not os.access(target, os.W_OK | os.X_OK):
+        why = 'is on a read-only file system' if _read_only(target) else 'is not writable by this user'
         raise EmbeddedPostgresError(
-            f'embedded PostgreSQL data directory {target} is not writable by this user. '
-            'Set AGENTRT_DATA_DIR to a writable path.'
+            f'embedded PostgreSQL data directory {target} {why}. Set AGENTRT_DATA_DIR to a writable path.'
         )
+
+
+def _read_only(path: Path) -> bool:
+    """Whether `path` is on a file system mounted read-only (said so: "not writable by this user" sent people to
+    its permissions)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _shown(path: Path) -> str:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -470,3 +472,27 @@ def test_a_long_lived_process_starts_its_embedded_server_again_when_it_stopped(t
     assert refused.startswith('refused: ') and answered == 'answered: 1'  # the connection lost, or none made
     assert 'started again' in done.stderr
     _assert_no_orphan(data_dir)
+
+
+@contextmanager
+def _read_only_bind(directory: Path) -> Iterator[bool]:
+    """`directory` bind-mounted read-only onto itself while the block runs; False where mounting is not allowed."""
+    mounted = subprocess.run(['mount', '--bind', str(directory), str(directory)], capture_output=True).returncode == 0
+    try:
+        if mounted:
+            remount = ['mount', '-o', 'remount,ro,bind', str(directory), str(directory)]
+            mounted = subprocess.run(remount, capture_output=True).returncode == 0
+        yield mounted
+    finally:
+        subprocess.run(['umount', str(directory)], capture_output=True)
+
+
+def test_a_data_dir_on_a_read_only_mount_is_said_to_be_one(tmp_path: Path) -> None:
+    # "is not writable by this user" sent people (root included) to the directory's permissions.
+    (tmp_path / 'ro').mkdir()
+    with _read_only_bind(tmp_path / 'ro') as mounted:
+        if not mounted:
+            pytest.skip('bind mounts are not allowed here')
+        with pytest.raises(EmbeddedPostgresError, match='is on a read-only file system') as raised:
+            start_embedded(tmp_path / 'ro' / 'pgdata', stop_at_exit=False)
+    assert 'AGENTRT_DATA_DIR' in str(raised.value) and '\n' not in str(raised.value)
