@@ -542,8 +542,14 @@ def _check_writable(data_dir: Path) -> None:
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError) and (file := _a_file_above(data_dir)) is not None:
+            # "File exists", naming the directory to be made, sent people looking for a directory that was not there.
+            raise EmbeddedPostgresError(
+                f'cannot create the embedded PostgreSQL data directory {_shown(data_dir)}: {_shown(file)} is a file, '
+                'not a directory. Set AGENTRT_DATA_DIR to a writable path.'
+            ) from exc
         raise EmbeddedPostgresError(
-            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {exc.strerror or exc}. '
+            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {_why(exc)}. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         ) from exc
     try:
@@ -561,6 +567,14 @@ def _check_writable(data_dir: Path) -> None:
         raise EmbeddedPostgresError(
             f'embedded PostgreSQL data directory {target} {why}. Set AGENTRT_DATA_DIR to a writable path.'
         )
+
+
+def _a_file_above(path: Path) -> Path | None:
+    """The nearest of `path`'s parents that exists and is not a directory, if any."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _read_only(path: Path) -> bool:

@@ -496,3 +496,11 @@ def test_a_data_dir_on_a_read_only_mount_is_said_to_be_one(tmp_path: Path) -> No
         with pytest.raises(EmbeddedPostgresError, match='is on a read-only file system') as raised:
             start_embedded(tmp_path / 'ro' / 'pgdata', stop_at_exit=False)
     assert 'AGENTRT_DATA_DIR' in str(raised.value) and '\n' not in str(raised.value)
+
+
+def test_a_file_where_a_directory_of_the_path_goes_is_named(tmp_path: Path) -> None:
+    # "cannot create ... /path/afile: File exists" named the directory to be made, not the file in its way.
+    (tmp_path / 'afile').write_text('')
+    with pytest.raises(EmbeddedPostgresError, match=f'{tmp_path / "afile"} is a file, not a directory') as raised:
+        start_embedded(tmp_path / 'afile' / 'deeper' / 'pgdata', stop_at_exit=False)
+    assert 'AGENTRT_DATA_DIR' in str(raised.value)
