@@ -8,7 +8,9 @@ city, insurance, produce category, ...) from a fixed vocabulary and plays a thre
 2. one response asking for `get_directory_entry` on the top matches, again in parallel;
 3. an answer written only from the tool results.
 
-Usage is estimated by `FunctionModel` (it counts words), in the plain and the streamed path alike.
+Usage is estimated by `FunctionModel` (it counts words). A streamed response counts its input as a plain one does
+(`FunctionModel`'s streams alone count 50 tokens of input whatever was sent); their output counts differ a little (a
+plain response also counts the earlier responses it was sent as output, as `FunctionModel` does).
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_ai import ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart
+from pydantic_ai.models import ModelRequestParameters, StreamedResponse
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import RunContext
+from pydantic_ai.usage import RequestUsage
 
 from agentrt.services import demo_data as vocab
 
@@ -298,6 +305,32 @@ def _stream(delay: float) -> Callable[[list[ModelMessage], AgentInfo], AsyncIter
     return stream
 
 
+class _DemoModel(FunctionModel):
+    """`FunctionModel` whose streamed responses count their input tokens as its plain responses do.
+
+    `FunctionModel`'s stream starts from an estimate of no messages (50 tokens whatever the history), so a streamed
+    demo chat's ledger rows and token line stayed flat as the conversation grew while a plain one's grew.
+    """
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        async with super().request_stream(messages, model_settings, model_request_parameters, run_context) as stream:
+            # The plain path's own estimate of these messages (an empty response adds no tokens to its input).
+            counted = await _INPUT_COUNTER.request(messages, model_settings, model_request_parameters)
+            stream._usage += RequestUsage(input_tokens=counted.usage.input_tokens - stream.usage.input_tokens)
+            yield stream
+
+
+_INPUT_COUNTER = FunctionModel(lambda messages, info: ModelResponse(parts=[]))
+"""Answers nothing: `request` returns `FunctionModel`'s usage estimate of the messages it was given."""
+
+
 def demo_model(*, stream_delay: float = 0.0) -> FunctionModel:
     """The `demo` model. `stream_delay` pauses between streamed words so streaming is visible in a terminal."""
-    return FunctionModel(_respond, stream_function=_stream(stream_delay), model_name=DEMO_MODEL_NAME)
+    return _DemoModel(_respond, stream_function=_stream(stream_delay), model_name=DEMO_MODEL_NAME)

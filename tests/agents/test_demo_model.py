@@ -11,9 +11,10 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
+from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo
 
-from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE, next_response
+from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE, demo_model, next_response
 
 QUESTION = 'cardiologists in Seattle'
 
@@ -104,3 +105,21 @@ def test_a_follow_up_keeps_the_previous_questions_other_criteria() -> None:
         'city': 'Denver',
     }
     assert _search_filters('Dermatologists in Boston') == {'specialty': 'Dermatology', 'city': 'Boston'}
+
+
+async def test_a_streamed_demo_request_counts_its_input_as_a_plain_one_does() -> None:
+    # FunctionModel's stream counted 50 input tokens whatever was sent, so a streamed demo chat's ledger rows and
+    # token line stayed flat as the conversation grew.
+    model = demo_model()
+    messages: list[ModelMessage] = [
+        ModelRequest(parts=[UserPromptPart('an earlier question ' * 200)]),
+        ModelResponse(parts=[TextPart('an earlier answer')]),
+        ModelRequest(parts=[UserPromptPart(QUESTION)], instructions=f'{SCHEMAS_LINE} medical_providers.'),
+    ]
+    parameters = ModelRequestParameters(allow_text_output=True)
+    plain = await model.request(messages, None, parameters)
+    async with model.request_stream(messages, None, parameters) as stream:
+        events = [event async for event in stream]
+    assert events, 'the stream sent nothing'
+    assert stream.usage.input_tokens == plain.usage.input_tokens > 600
+    assert stream.usage.output_tokens > 0
