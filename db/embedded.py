@@ -332,12 +332,25 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     }
     handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
-    if live != handles:
+    # The wheel writes its list in place (truncate, then write): cut short (a full disk, a kill), it is empty or
+    # torn, and the wheel's own read of it failed every start after ("internal error: JSONDecodeError"). Rewritten.
+    if live != handles or not _holds_json(data_dir / HANDLE_PIDS_FILE):
         try:
             _write_json(data_dir / HANDLE_PIDS_FILE, live)
         except OSError as exc:  # the wheel's list, tidied on every start and stop: done by a later one
             logger.debug('embedded PostgreSQL in %s: %s not pruned (%s)', data_dir, HANDLE_PIDS_FILE, _why(exc))
     return users
+
+
+def _holds_json(path: Path) -> bool:
+    """Whether `path` is missing or holds JSON (a file that cannot be read is left to whoever reads it next)."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError:
+        return True
+    except ValueError:
+        return False
+    return True
 
 
 def _alive(pid: int, users: dict[str, float]) -> bool:

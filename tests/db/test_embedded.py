@@ -504,3 +504,12 @@ def test_a_file_where_a_directory_of_the_path_goes_is_named(tmp_path: Path) -> N
     with pytest.raises(EmbeddedPostgresError, match=f'{tmp_path / "afile"} is a file, not a directory') as raised:
         start_embedded(tmp_path / 'afile' / 'deeper' / 'pgdata', stop_at_exit=False)
     assert 'AGENTRT_DATA_DIR' in str(raised.value)
+
+
+@pytest.mark.parametrize('left', ['', '[12'], ids=['empty', 'torn'])
+def test_the_wheels_list_of_users_cut_short_is_rewritten(tmp_path: Path, left: str) -> None:
+    # The wheel writes `.handle_pids.json` in place: cut short (a full disk, a kill), its own read of it failed every
+    # later start with "internal error: JSONDecodeError" until someone deleted the file.
+    (tmp_path / '.handle_pids.json').write_text(left)
+    assert _prune(tmp_path) == {}
+    assert json.loads((tmp_path / '.handle_pids.json').read_text()) == []
