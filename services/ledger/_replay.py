@@ -80,6 +80,27 @@ async def _replay_file(
     on_retry: Callable[[BaseException], None] | None,
 ) -> dict[str, int]:
     entries, bad = await asyncio.to_thread(spool.read, path)
+    counts = await write_spooled_entries(entries, bad, session_factory, policy, on_retry)
+    await asyncio.to_thread(spool.reject, bad)
+    await asyncio.to_thread(spool.release, path)
+    return {**counts, 'rejected': len(bad)}
+
+
+async def write_spooled_entries(
+    entries: list[dict[str, Any]],
+    bad: list[str],
+    session_factory: SessionFactory,
+    policy: RetryPolicy,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> dict[str, int]:
+    """Write spool entries (rows, then their contents), exactly once: what a replay does with a file's lines, and
+    the tracker with rows it held in memory while neither the database nor the spool took them.
+
+    Entries the database refuses for their values are added to `bad` (as lines, for the `.rejected` file).
+
+    Raises:
+        Exception: a database error that outlived the retries (nothing is lost: every row is written again).
+    """
     counts = {'rows': 0, 'inserted': 0, 'duplicates': 0, 'contents': 0}
     write = _Writer(session_factory, policy, on_retry)
     for start in range(0, len(entries), REPLAY_CHUNK_ROWS):
@@ -116,9 +137,7 @@ async def _replay_file(
                 if database_unavailable(exc):
                     raise
                 logger.error('ledger spool: contents not stored (%s: %s)', type(exc).__name__, exc)
-    await asyncio.to_thread(spool.reject, bad)
-    await asyncio.to_thread(spool.release, path)
-    return {**counts, 'rejected': len(bad)}
+    return counts
 
 
 def refused_for_its_values(exc: BaseException) -> bool:
