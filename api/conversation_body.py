@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from pydantic_ai.messages import ModelMessage
 
 from agentrt.api.schemas import ConversationMessages
-from agentrt.api.vercel_messages import vercel_messages
+from agentrt.api.vercel_messages import iter_vercel_messages
 from agentrt.services.conversations import MessagePage
 
 _body_adapter: TypeAdapter[ConversationMessages] = TypeAdapter(ConversationMessages)
@@ -39,7 +39,7 @@ def messages_body(
         earlier_cursor: the position of the page before (`encode_message_cursor`), None when there is none.
     """
     if format == 'vercel':
-        items = [_value_adapter.dump_json(message) for message in vercel_messages(page)]
+        items = [_value_adapter.dump_json(message) for message in iter_vercel_messages(page)]
     else:
         items = [_value_adapter.dump_json(_message_adapter.dump_python(m, mode='json')) for m in page.messages]
     envelope = ConversationMessages(

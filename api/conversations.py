@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.responses import Response
 
 from agentrt.agents.simple_chat import simple_chat
@@ -63,6 +64,19 @@ router = APIRouter(prefix='/api/v1/conversations', tags=['conversations'], respo
 ConversationId = Annotated[str, Path(min_length=1, max_length=200, description='The conversation id.')]
 
 
+class _StoredIdConvertor(StringConvertor):
+    """A path segment that may hold a `/`: an agentrt from before 2026-12-01 took any text as a session id
+    (`team/alice`), and such a conversation is listed, so it must open and delete (`check_conversation_id`). The
+    AI SDK and the web UI send it percent-encoded (`team%2Falice`), which the server decodes before routing."""
+
+    # Any character, a newline too (as `str`'s `[^/]+`: an id with control characters is refused in words, not
+    # missed by the router); `<id>/turns` stays the turn route's (POST only: a GET there is still a 405).
+    regex = '(?s:.+)(?<!/turns)'
+
+
+register_url_convertor('stored_id', _StoredIdConvertor())
+
+
 @router.get('', summary='List conversations, newest first')
 async def list_all(
     caller: ReadCaller,
@@ -102,7 +116,7 @@ async def list_all(
 
 
 @router.get(
-    '/{conversation_id}',
+    '/{conversation_id:stored_id}',
     summary="One conversation's messages",
     response_model=ConversationMessages,
     responses=NOT_FOUND_RESPONSE,
@@ -173,7 +187,7 @@ async def messages(
 
 
 @router.delete(
-    '/{conversation_id}',
+    '/{conversation_id:stored_id}',
     status_code=204,
     summary='Delete a conversation',
     responses={
@@ -263,7 +277,7 @@ async def run_turn(
 
 
 router.add_api_route(
-    '/{conversation_id}/turns',
+    '/{conversation_id:stored_id}/turns',
     run_turn,
     methods=['POST'],
     route_class_override=ChatKeyBeforeBody,  # the key checked before the body is read

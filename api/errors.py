@@ -66,7 +66,7 @@ from agentrt.agents.errors import (
 from agentrt.api.head_requests import methods_served
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
-from agentrt.db.failures import cannot_connect, lost_connection, pool_exhausted
+from agentrt.db.failures import cannot_connect, disk_full, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
 from agentrt.services.log_redaction import install_log_redaction
@@ -143,8 +143,9 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
 
     Client errors (4xx) are logged at INFO with their message; a busy refusal (503 `busy`: turns or the pool at
     capacity, an expected and documented answer), a request the shutdown stopped (503 `shutting_down`), PostgreSQL
-    away (503 `database_unavailable` for a connection that could not be made or was lost: each turn through an outage
-    says so) and a model provider's or a model's failure (502: the ledger row holds the rest) at WARNING in one line;
+    away (503 `database_unavailable` for a connection that could not be made or was lost, or its disk full: each turn
+    through an outage says so) and a model provider's or a model's failure (502: the ledger row holds the rest) at
+    WARNING in one line;
     everything else at ERROR with the traceback.
 
     Args:
@@ -196,7 +197,12 @@ def _outage(exc: BaseException) -> bool:
     in use was lost. A lock or statement timeout, a deadlock, is not: where it happened is worth its traceback."""
     if not isinstance(exc, DatabaseUnavailableError):
         return False
-    return isinstance(exc, DatabaseDisconnectedError) or cannot_connect(exc) or lost_connection(exc)
+    return (
+        isinstance(exc, DatabaseDisconnectedError)
+        or cannot_connect(exc)
+        or lost_connection(exc)
+        or disk_full(exc) is not None  # each turn while the disk is full says so; where says nothing more
+    )
 
 
 # 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from agentrt.agents.chat_turn import check_turn_input
-from agentrt.agents.turn_input import TurnInput, validate_identifiers
+from agentrt.agents.turn_input import SESSION_ID_MAX_CHARS, TurnInput, validate_identifiers
 from agentrt.api.duplicate_keys import loads_with_unique_keys
 from agentrt.api.errors import ApiError
 from agentrt.api.lone_surrogates import lone_surrogate_in_body
@@ -47,14 +47,22 @@ def check_http_turn(
 
 
 def check_conversation_id(conversation_id: str, *, account: str) -> str:
-    """A conversation id from a path, by the turn's rules (so no query ever sees one it could not have stored).
+    """A conversation id from the path of a read or a delete: one a turn may name, or one stored before the turn's
+    rules came (agentrt before 2026-12-01 took any text as a session id, so `conv ü` or `a b` may be in the table:
+    such a conversation is listed, and must still open and delete).
+
+    An id outside the turn's rules is looked up as it is when the store can hold it (at most 200 characters, no NUL
+    or lone surrogate: `services.conversations` checks that before its SQL); not found, it is a 404 as any other.
 
     Raises:
-        InvalidInputError: naming `conversation_id` and the problem.
+        InvalidInputError: naming `conversation_id`: the account slug or the id's length breaks the rules (the
+            store refuses what it cannot hold itself, with the same field).
     """
     try:
         return validate_identifiers(session_id=conversation_id, account=account)[0]
     except InvalidInputError as exc:
+        if exc.field == 'session_id' and 0 < len(conversation_id) <= SESSION_ID_MAX_CHARS:
+            return conversation_id  # maybe stored by an earlier version: the store checks what it can hold
         raise InvalidInputError(_in_http_words(exc), field='conversation_id') from exc
 
 

@@ -11,16 +11,13 @@ in every read, and never another message's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 
-from agentrt.services.conversations import MessagePage
-
-PIECE_MESSAGES = 64
-"""Messages dumped together (`vercel_messages`): few enough that their UI messages are small beside the page."""
+from agentrt.services.conversations import MessagePage, starts_turn
 
 MessageIdFunction = Callable[[ModelRequest | ModelResponse, Literal['system', 'user', 'assistant'], int], str]
 
@@ -41,43 +38,34 @@ def entry_message_ids(page: MessagePage) -> MessageIdFunction:
     return message_id
 
 
-def vercel_messages(page: MessagePage) -> Iterator[dict[str, Any]]:
-    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring).
+def vercel_messages(page: MessagePage) -> list[dict[str, Any]]:
+    """The page's messages as AI SDK UI messages (JSON values), each id its stored entry's (module docstring), each
+    turn dumped on its own (`turns`)."""
+    return list(iter_vercel_messages(page))
 
-    Made a piece of about `PIECE_MESSAGES` messages at a time (`independent_pieces`), and each one as it is read: a
-    caller that encodes each before the next never holds the UI messages of a whole conversation (in a worker thread,
-    the garbage collector's full collections of them held the event loop too).
-    """
+
+def iter_vercel_messages(page: MessagePage) -> Iterator[dict[str, Any]]:
+    """`vercel_messages` one at a time, as they are read: a caller that encodes each before the next never holds
+    the UI messages of more than one turn (a whole conversation's, in a worker thread, made the garbage collector's
+    full collections there longer, and they hold the event loop too)."""
     message_id = entry_message_ids(page)
-    for piece in independent_pieces(page.messages, PIECE_MESSAGES):
-        for message in VercelAIAdapter.dump_messages(page.messages[piece], generate_message_id=message_id):
+    for turn in turns(page.messages):
+        for message in VercelAIAdapter.dump_messages(turn, generate_message_id=message_id):
             yield message.model_dump(mode='json', by_alias=True, exclude_none=True)
 
 
-def independent_pieces(messages: Sequence[ModelMessage], size: int) -> Iterator[slice]:
-    """Consecutive slices of `messages`, each of at least `size` messages (but the last), that share no tool call id.
+def turns(messages: list[ModelMessage]) -> list[list[ModelMessage]]:
+    """`messages` cut before each user's message (`starts_turn`, where the pages of `limit` are cut too).
 
-    `dump_messages` gives each tool call the result of its id found in the list it was given (the last one), and
-    depends on nothing else beyond the message: a piece that holds every message naming its tool call ids is dumped
-    alone as it is within the whole list.
+    `dump_messages` gives a tool call the result with its id anywhere in the list it is given. A tool call id is
+    unique within a turn but not across a conversation: the demo model names its calls after the turn's number
+    among the prompts it is sent (`t17-search`), which repeats once the context window leaves older turns out, and
+    a provider may number its calls per response. Dumped whole, a 60-turn conversation showed an earlier call with
+    a later turn's result; dumped a turn at a time, as the pages of `limit` already were, each call has its own.
     """
-    last: dict[str, int] = {}
-    for n, message in enumerate(messages):
-        for call_id in _call_ids(message):
-            last[call_id] = n
-    start, reach = 0, 0
-    for n, message in enumerate(messages):
-        for call_id in _call_ids(message):
-            reach = max(reach, last[call_id])
-        if n + 1 - start >= size and reach <= n:
-            yield slice(start, n + 1)
-            start = n + 1
-    if start < len(messages):
-        yield slice(start, len(messages))
-
-
-def _call_ids(message: ModelMessage) -> Iterator[str]:
-    for part in message.parts:
-        call_id = getattr(part, 'tool_call_id', None)  # calls, results, retries, built-in tools' calls and results
-        if isinstance(call_id, str):
-            yield call_id
+    cut: list[list[ModelMessage]] = []
+    for message in messages:
+        if not cut or starts_turn(message):
+            cut.append([])
+        cut[-1].append(message)
+    return cut

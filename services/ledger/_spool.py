@@ -11,7 +11,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,20 +75,38 @@ class LedgerSpool:
         payload = ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
         self._private_directory()
         while True:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # read: its last byte
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 # A replay may have renamed the file between our open and our lock: write to the live one.
                 if not self._is_live(fd):
                     continue
-                view = memoryview(payload)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
+                self._append_locked(fd, payload)
                 return
             finally:
                 os.close(fd)
+
+    @staticmethod
+    def _append_locked(fd: int, payload: bytes) -> None:
+        """Write `payload` at the end of the file whole, or not at all (under the append lock).
+
+        A write that fails part way (a full disk takes what fits, then raises ENOSPC) is cut off again: left there, the
+        torn line swallowed the next append's first row, which the replay then set aside as unreadable with it. A
+        file that does not end with a newline (torn by a crash) gets one first, for the same reason.
+        """
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b'\n':
+            payload = b'\n' + payload
+        try:
+            view = memoryview(payload)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
 
     def _is_live(self, fd: int) -> bool:
         try:
@@ -213,8 +231,10 @@ class LedgerSpool:
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
-                    bad.append(line)
-                    continue
+                    torn, entry = _glued(line)
+                    bad.append(torn)
+                    if entry is None:
+                        continue
                 if isinstance(entry, dict) and isinstance(entry.get('row'), dict):
                     entries.append(entry)
                 else:
@@ -238,11 +258,30 @@ class LedgerSpool:
 
 
 _FIRST_LINE_BYTES = 8 * 1024 * 1024
+_ENTRY_START = '{"v"'  # how `LedgerRecord.spool_entry()` lines begin
+
+
+def _glued(line: str) -> tuple[str, dict[str, Any] | None]:
+    """A line that is not JSON: a torn write with a whole entry glued after it (a spool written before appends cut
+    off what they tore), split into the torn part (set aside) and that entry; else the line and None."""
+    start = line.find(_ENTRY_START, 1)
+    while start > 0:
+        try:
+            entry = json.loads(line[start:])
+        except json.JSONDecodeError:
+            start = line.find(_ENTRY_START, start + 1)
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get('row'), dict):
+            return line[:start] + '\n', entry
+        break
+    return line, None
 
 
 def _is_spooled_row(line: bytes) -> bool:
     try:
         entry = json.loads(line)
-    except ValueError:  # not JSON, not UTF-8, or cut at _FIRST_LINE_BYTES
+    except UnicodeDecodeError:
         return False
+    except ValueError:  # not JSON, or cut at _FIRST_LINE_BYTES; or a torn write with an entry glued after it
+        entry = _glued(line.decode('utf-8', errors='replace'))[1]
     return isinstance(entry, dict) and isinstance(entry.get('row'), dict)

@@ -18,11 +18,12 @@ from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._held import HeldRows
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
-from agentrt.services.ledger._replay import ReplayReport, replay_spool
-from agentrt.services.ledger._retry import retry_transient
+from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
+from agentrt.services.ledger._retry import RetryPolicy, retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
@@ -101,6 +102,9 @@ class LLMRequestTracker:
         self._by_loop_lock = threading.Lock()
         self._spool: LedgerSpool | None = None
         self._spool_dirty = False
+        # Spool entries neither the database nor the spool took (a full disk under both): written by the next replay
+        # task, or spooled with the next append that succeeds; lost only when the process ends first.
+        self._held = HeldRows()
         self._last_spool_check: float | None = None
 
     def _side_session(self) -> AbstractAsyncContextManager[DriverTransaction]:
@@ -177,8 +181,9 @@ class LLMRequestTracker:
 
         Returns:
             `'written'` once committed (with its contents, or with them given up on and logged), `'spooled'`
-            when it went to the spool file instead, or `'lost'` if even the spool failed (then the row is logged
-            at error level).
+            when it went to the spool file instead, `'held'` if even the spool failed (a full disk): kept in memory
+            and written once the database or the spool takes it again, lost only if the process ends first, or
+            `'lost'` when memory set aside for that is full too (then the row is logged at error level).
         """
         future = self.submit(record)
         self.commit_now([future])
@@ -200,8 +205,25 @@ class LLMRequestTracker:
             queues.flushing -= 1
 
     async def aclose(self) -> None:
-        """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool."""
+        """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool. Rows held in
+        memory (neither the database nor the spool took them) are written or spooled now if either takes them, else
+        reported lost, each logged."""
         await self.flush()
+        held = self._held.take()
+        if not held:
+            return
+        try:
+            await asyncio.to_thread(self.spool.append, held)
+        except Exception as exc:
+            self._held.give_back(held)
+            refused = exc
+        else:
+            self.stats.spooled += len(held)
+            return
+        try:  # the spool still refuses them: the database, once, without the writer's patient retries
+            await self._write_held(RetryPolicy(attempts=1, attempt_timeout=5))
+        except Exception as exc:
+            self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
 
     async def replay_spool(self) -> ReplayReport:
         """Write every spooled row and its contents to the database, exactly once, then delete the spool files.
@@ -418,12 +440,14 @@ class LLMRequestTracker:
         return self.config.content_max_bytes if self.config.store_content else None
 
     async def _spool_entries(self, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
+        held = self._held.take()  # rows an earlier append could not take go with these
         try:
-            await asyncio.to_thread(self.spool.append, entries)
+            await asyncio.to_thread(self.spool.append, held + entries)
         except Exception as exc:
+            self._held.give_back(held)
             return self._spool_failed(entries, exc, rows)
         self._spool_dirty = True
-        self.stats.spooled += rows
+        self.stats.spooled += rows + len(held)
         return 'spooled'
 
     def _spool_now(self, pending: list[PendingRow], reason: str) -> None:
@@ -435,22 +459,62 @@ class LLMRequestTracker:
         if not entries:
             return
         logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
+        held = self._held.take()
         try:
-            self.spool.append(entries)
+            self.spool.append(held + entries)
             self._spool_dirty = True
-            self.stats.spooled += len(pending)
+            self.stats.spooled += len(pending) + len(held)
             outcome: WriteOutcome = 'spooled'
         except Exception as exc:
+            self._held.give_back(held)
             outcome = self._spool_failed(entries, exc, len(pending))
         for item in pending:
             if not item.future.done() and not item.future.get_loop().is_closed():
                 item.future.set_result(outcome)
 
     def _spool_failed(self, entries: list[dict[str, Any]], exc: Exception, rows: int) -> WriteOutcome:
-        self.stats.lost += rows
+        """Neither the database nor the spool took `entries` (a full disk under both, often one disk: the default
+        spool sits beside the data directory): kept in memory for the next write that succeeds, within
+        `_held.HELD_MAX_BYTES` (64 MiB); beyond it, lost and logged (each row), as all of them were before."""
+        if self._held.hold(entries):
+            self.stats.held += rows
+            logger.error(
+                'ledger: neither the database nor the spool took %d row(s) (%s: %s); %d held in memory, written when '
+                'either takes them again (lost if this process ends first)',
+                rows,
+                type(exc).__name__,
+                exc,
+                len(self._held),
+            )
+            return 'held'
+        self._lose(entries, exc)
+        return 'lost'
+
+    def _lose(self, entries: list[dict[str, Any]], exc: BaseException | str) -> None:
+        self.stats.lost += len(entries)
         for entry in entries:
             logger.error('ledger: neither the database nor the spool took this row (%s): %s', exc, entry['row'])
-        return 'lost'
+
+    async def _write_held(self, policy: RetryPolicy | None = None) -> None:
+        """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails."""
+        held = self._held.take()
+        if not held:
+            return
+        refused: list[str] = []
+        try:
+            counts = await write_spooled_entries(
+                held, refused, self._session_factory, policy or self.config.retry, on_retry=self._retried
+            )
+        except Exception:
+            self._held.give_back(held)
+            raise
+        self.stats.written += counts['inserted']
+        logger.warning('ledger: wrote %d row(s) held in memory, %d new', counts['rows'], counts['inserted'])
+        if refused:
+            try:
+                await asyncio.to_thread(self.spool.reject, refused)
+            except Exception as exc:
+                logger.error('ledger: %d refused row(s) not set aside (%s): %s', len(refused), exc, refused)
 
     def _maybe_replay(self, queues: LoopQueues, *, at_start: bool = False) -> bool:
         """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
@@ -463,7 +527,7 @@ class LLMRequestTracker:
             return False
         self._last_spool_check = now
         try:
-            pending = self._spool_dirty or self.spool.has_pending()
+            pending = self._spool_dirty or bool(self._held) or self.spool.has_pending()
         except OSError as exc:
             if at_start:
                 logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
@@ -478,6 +542,7 @@ class LLMRequestTracker:
 
     async def _background_replay(self, queues: LoopQueues) -> None:
         try:
+            await self._write_held()
             report = await self.replay_spool()
             if report.rows:
                 logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)

@@ -71,10 +71,7 @@ BAD_QUERIES: list[tuple[str, dict[str, str]]] = [
     (AUDIT, {'cursor': _cursor('9999-12-31T23:59:59-14:00', '01a23014-ea87-791c-afe7-823174d274a5', 'audit')}),
     ('/api/v1/conversations/c1', {'format': 'xml'}),
     (f'/api/v1/conversations/{"c" * 201}', {}),
-    ('/api/v1/conversations/a%20b', {}),
-    ('/api/v1/conversations/-x', {}),
     ('/api/v1/conversations/a%00b', {}),
-    ('/api/v1/conversations/a%07b', {}),
 ]
 
 
@@ -185,10 +182,9 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deep_is_named_as_such(
 
 async def test_a_bad_conversation_id_is_called_a_conversation_id(keys: Keys, client: httpx2.AsyncClient) -> None:
     # The messages were `simple_chat`'s, which calls it a session id: a word the HTTP API uses nowhere.
+    # A read or a delete of such an id looks it up (an older version may have stored it): test_legacy_conversation_ids
     bad = 'caf\u00e9'
     for response in (
-        await client.get(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
-        await client.delete(f'/api/v1/conversations/{bad}', headers=auth(keys.acme)),
         await client.post(f'/api/v1/conversations/{bad}/turns', json={'message': 'hi'}, headers=auth(keys.acme)),
         await client.post('/api/v1/chat', json=chat_body(bad, 'hi'), headers=auth(keys.acme)),
     ):

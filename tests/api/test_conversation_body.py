@@ -11,22 +11,12 @@ from typing import Any
 import httpx2
 import pytest
 from pydantic import TypeAdapter
-from pydantic_ai.messages import (
-    ModelMessagesTypeAdapter,
-    ModelRequest,
-    ModelResponse,
-    TextPart,
-    ToolCallPart,
-    ToolReturnPart,
-    UserPromptPart,
-)
-from pydantic_ai.ui.vercel_ai import VercelAIAdapter
+from pydantic_ai.messages import ModelMessagesTypeAdapter
 
 from agentrt.api import conversations as conversations_route
-from agentrt.api import vercel_messages
 from agentrt.api.cursors import encode_message_cursor
 from agentrt.api.schemas import ConversationMessages
-from agentrt.api.vercel_messages import entry_message_ids, independent_pieces
+from agentrt.api.vercel_messages import vercel_messages
 from agentrt.services.conversations import PostgresConversationStore, _off_loop, _store, load_page
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth
@@ -51,11 +41,11 @@ async def _fastapi_body(conversation_id: str, format: str, limit: int | None) ->
     account = await account_id('acme-health')
     page = await load_page(PostgresConversationStore(account), conversation_id, limit=limit)
     assert page is not None
-    if format == 'vercel':  # the whole page in one `dump_messages`, as before it was dumped a piece at a time
-        whole = VercelAIAdapter.dump_messages(page.messages, generate_message_id=entry_message_ids(page))
-        dumped = [message.model_dump(mode='json', by_alias=True, exclude_none=True) for message in whole]
-    else:
-        dumped = ModelMessagesTypeAdapter.dump_python(page.messages, mode='json')
+    dumped = (
+        vercel_messages(page)
+        if format == 'vercel'
+        else ModelMessagesTypeAdapter.dump_python(page.messages, mode='json')
+    )
     model = ConversationMessages(
         conversation_id=conversation_id,
         revision=page.revision,
@@ -78,7 +68,6 @@ async def test_the_body_is_byte_for_byte_what_fastapi_encoded(
     path = f'{PATH}-{format}'
     await _turns(client, keys.acme, path)
     monkeypatch.setattr(_off_loop, 'CHUNK_CHARS', 1)  # every message validated by a call of its own
-    monkeypatch.setattr(vercel_messages, 'PIECE_MESSAGES', 1)  # dumped in the smallest pieces the tool calls allow
     for limit in (None, 3):
         params: dict[str, Any] = {'format': format} | ({'limit': limit} if limit else {})
         response = await client.get(path, params=params, headers=auth(keys.acme))
@@ -121,22 +110,3 @@ async def test_the_messages_are_validated_and_encoded_off_the_event_loop(
     assert all(thread is not loop_thread for thread in validated + encoded)
     assert len(freed) == 1 and freed[0] is not loop_thread  # the page was freed in the worker thread too
     assert {thread.name.rsplit('_', 1)[0] for thread in validated + encoded + freed} == {'agentrt-conversation-read'}
-
-
-def test_pieces_never_part_a_tool_call_from_any_message_naming_its_id() -> None:
-    messages = [
-        ModelRequest(parts=[UserPromptPart('find')]),
-        ModelResponse(
-            parts=[ToolCallPart('search', {}, tool_call_id='a'), ToolCallPart('search', {}, tool_call_id='b')]
-        ),
-        ModelRequest(parts=[ToolReturnPart('search', 1, tool_call_id='a')]),
-        ModelResponse(parts=[TextPart('thinking')]),
-        ModelRequest(parts=[ToolReturnPart('search', 2, tool_call_id='b')]),
-        ModelResponse(parts=[TextPart('done')]),
-        ModelRequest(parts=[UserPromptPart('again')]),
-        ModelRequest(parts=[ToolReturnPart('search', 3, tool_call_id='a')]),  # an id met again: its last result wins
-    ]
-    assert [(p.start, p.stop) for p in independent_pieces(messages, 1)] == [(0, 1), (1, 8)]
-    assert [(p.start, p.stop) for p in independent_pieces(messages[:7], 1)] == [(0, 1), (1, 5), (5, 6), (6, 7)]
-    assert [(p.start, p.stop) for p in independent_pieces(messages[:7], 3)] == [(0, 5), (5, 7)]
-    assert list(independent_pieces([], 1)) == []

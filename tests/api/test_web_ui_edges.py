@@ -17,8 +17,10 @@ from playwright.async_api import Page, Route, expect
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from sqlalchemy import text
 
 from agentrt.api.app import create_app
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import ConcurrentTurnError
 from tests.api.conftest import Keys, auth, serve
 from tests.api.test_web_ui import CHROMIUM, _send, browser_page
@@ -27,6 +29,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: 
 
 
 CONVERSATIONS = 21
+# The newest conversation, renamed as an agentrt before 2026-12-01 could have saved it (any text was an id).
+LEGACY_ID = 'team/\u00e5lice'
 """One more than the conversation list shows at first (`PAGE` of conversations.js)."""
 
 
@@ -88,6 +92,12 @@ async def test_web_ui_edges_in_a_real_browser(keys: Keys, tmp_path: Path) -> Non
                     f'/api/v1/conversations/c-{number:02d}/turns', json=body, headers=auth(keys.acme)
                 )
                 assert turn.status_code == 200, turn.text
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            renamed = await session.execute(
+                text('UPDATE conversations SET conversation_id = :legacy WHERE conversation_id = :newest'),
+                {'legacy': LEGACY_ID, 'newest': f'c-{CONVERSATIONS - 1:02d}'},
+            )
+            assert renamed.rowcount == 1
         async with browser_page(tmp_path / 'profile') as page:
             await _edges(page, url, keys)
 
@@ -126,6 +136,16 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.notice .alert')).to_contain_text(invalid)
     await expect(box).to_have_value('and in Boston?')
     await expect(page.locator('.message')).to_have_count(0)
+    # One an earlier version saved under such an id opens (it was refused as above, though listed), says it can be
+    # read, not continued, and a message sent there gets the refusal above, kept in the box.
+    await page.goto(f'{url}/#/chat/team%2F%C3%A5lice')
+    await expect(page.locator('.message.user')).to_have_text(re.compile(f'Question {CONVERSATIONS - 1}'))
+    await expect(page.get_by_role('status')).to_contain_text('saved by an earlier version')
+    await box.fill('and in Boston?')
+    await box.press('Enter')
+    await expect(page.locator('.notice .alert')).to_contain_text('The conversation id in the address, “team/ålice”')
+    await expect(box).to_have_value('and in Boston?')
+    await expect(page.locator('.message')).to_have_count(2)
     # Enter on a blank message did nothing at all: a hint, read out (a status) and describing the box.
     await page.get_by_role('link', name='New chat').click()
     refusal = page.locator('#message-refusal')

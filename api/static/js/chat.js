@@ -16,6 +16,8 @@ const HISTORY_MESSAGES = 600;
 // history loaded and as "id" when a message was sent, which did not say the address was at fault.
 const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
+const STORED_BEFORE_THE_RULES =
+  'This conversation was saved by an earlier version under an id that new messages can no longer use: you can read and delete it; start a new chat to go on.';
 // Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
 const CUT_OFF_BY = {
   length: "the model's output limit (max_tokens)",
@@ -413,8 +415,10 @@ export function createChatView() {
       setLoading(null);
       return;
     }
+    // An id outside the rules may still be stored (an agentrt before 2026-12-01 took any text): it is looked up, and
+    // refused in words only when there is no such conversation; one found can be read and deleted, not continued.
     const bad = badConversationId(wanted);
-    if (bad) {
+    if (bad && wanted.length > CONVERSATION_ID_MAX_CHARS) {
       setLoading(null);
       notice.append(alertBox(bad));
       return;
@@ -431,6 +435,7 @@ export function createChatView() {
       setHead(renderHistory(data.messages));
       setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
       restorePending(wanted, data.messages);
+      if (bad) notice.append(alertBox(STORED_BEFORE_THE_RULES, 'info'));
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
       if (element.isConnected) toEnd();
     } catch (error) {
@@ -439,6 +444,10 @@ export function createChatView() {
         transcript.replaceChildren();
         setEarlier(null);
         setHead(null);
+        if (bad) {
+          notice.append(alertBox(bad)); // not stored, and no message can start it
+          return;
+        }
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
         restorePending(wanted, []);
       } else {

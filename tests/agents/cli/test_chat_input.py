@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prompt_toolkit.application import create_app_session
@@ -71,3 +72,23 @@ async def test_a_colour_code_typed_at_the_prompt_is_no_traceback(keys: PipeInput
     lines = TerminalLines(None)
     keys.send_text(f'red {sequence}text\rnext\r')  # the failure's 'Press ENTER to continue' took 'text' and Enter
     assert await lines.read() == 'red text'
+
+
+async def test_a_history_file_that_cannot_be_written_is_said_once_and_the_chat_goes_on(
+    keys: PipeInput, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A full disk under the history file (beside the data directory): prompt_toolkit's write failed inside its key
+    # handler, a traceback and "Press ENTER to continue..." in the middle of the chat, at every line. Here a directory
+    # stands where the file was (its write fails with an OSError, as ENOSPC does).
+    history = tmp_path / 'chat-history'
+    lines = TerminalLines(history)
+    history.unlink()
+    history.mkdir()
+    keys.send_text('first\r')
+    assert await lines.read() == 'first'
+    keys.send_text('second\r')
+    assert await lines.read() == 'second'
+    keys.send_text('\x1b[A\r')  # Up: the last line, from memory
+    assert await lines.read() == 'second'
+    told = capsys.readouterr().err
+    assert told.count('chat history: cannot use') == 1 and str(history) in told and 'in memory only' in told

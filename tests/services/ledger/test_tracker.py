@@ -382,8 +382,8 @@ async def test_a_spooled_line_that_can_never_be_written_is_set_aside_and_the_res
 async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The database down and the spool refused (a directory others may write): the caller learns the row is lost, and
-    # the log names the row (nothing else keeps it).
+    # The database down and the spool refused (a directory others may write): the row is held in memory; when the
+    # process ends with neither taking it, it is lost, and the log names the row (nothing else keeps it).
     dead_engine = create_async_engine(
         f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
     )
@@ -401,13 +401,15 @@ async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
     record = _record()
     try:
         with caplog.at_level(logging.ERROR, logger='agentrt.ledger'):
-            assert await tracker.track_request(record) == 'lost'
+            assert await tracker.track_request(record) == 'held'
+            assert tracker.stats.held == 1 and tracker.stats.lost == 0
+            await tracker.aclose()
     finally:
         await dead_engine.dispose()
     assert tracker.stats.lost == 1 and tracker.stats.spooled == 0
     assert os.listdir(shared) == []
     assert await scalar('SELECT count(*) FROM llm_requests') == 0
-    lost = [r.getMessage() for r in caplog.records if 'neither the database nor the spool' in r.getMessage()]
+    lost = [r.getMessage() for r in caplog.records if 'neither the database nor the spool took this' in r.getMessage()]
     assert len(lost) == 1 and str(record.id) in lost[0] and 'writable by others' in lost[0]
 
 
