@@ -1,6 +1,7 @@
 """The conversation store's SQL: a conversation's tail read (alone, or with a turn's claim in one round trip), a turn's
-save (the record swapped, its entries added and its claim released in one statement), and the pruning of entries no
-record reaches. The hot ones are `DriverStatement`s, run on the driver connection (`agentrt.db.driver`)."""
+save (the record swapped, its entries added and its claim released in one statement), and the pruning of a deleted
+history's entries no other record reaches. The hot ones are `DriverStatement`s, run on the driver connection
+(`agentrt.db.driver`)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,35 @@ from agentrt.db.driver import DriverStatement
 # First key of the two-key advisory lock that orders writes against pruning, per account.
 LOCK_NAMESPACE = 0x636F6E76  # 'conv'
 
-# Entries that no record of the account reaches: from every head and branch tip, walk up the parents.
-PRUNE_UNREACHABLE = text("""
-WITH RECURSIVE reachable(id) AS (
-    SELECT tip FROM (
-        SELECT head_id AS tip FROM conversations WHERE account_id = :account_id
-        UNION
-        SELECT jsonb_array_elements_text(record -> 'branches') FROM conversations WHERE account_id = :account_id
-    ) AS tips
-    WHERE tip IS NOT NULL
+# After a record's delete: the entries of its history (from its head and branch tips, `:tips`, up the parents) that no
+# other record reaches. Another record reaches an entry of that history only through an entry of it that is its head
+# or a branch tip, or that is the parent of an entry outside it (where a fork's own messages begin): those, and their
+# ancestors, stay. Only the deleted history is walked, not the account's (walking every record's took 0.4-1.5 s under
+# the account's exclusive lock with 10,000 conversations, holding every save of the account meanwhile).
+PRUNE_DELETED_HISTORY = text("""
+WITH RECURSIVE history(id, parent_id) AS (
+    SELECT e.id, e.parent_id FROM conversation_entries AS e
+    WHERE e.account_id = :account_id AND e.id = ANY(CAST(:tips AS text[]))
     UNION
-    SELECT e.parent_id
-    FROM conversation_entries AS e JOIN reachable AS r ON e.id = r.id
-    WHERE e.account_id = :account_id AND e.parent_id IS NOT NULL
+    SELECT p.id, p.parent_id
+    FROM history AS h JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = h.parent_id
+), reached(id) AS (
+    SELECT child.parent_id FROM conversation_entries AS child JOIN history AS h ON child.parent_id = h.id
+    WHERE child.account_id = :account_id AND child.id NOT IN (SELECT id FROM history)
+    UNION
+    SELECT c.head_id FROM conversations AS c
+    WHERE c.account_id = :account_id AND c.head_id IN (SELECT id FROM history)
+    UNION
+    SELECT tip FROM conversations AS c CROSS JOIN LATERAL jsonb_array_elements_text(c.record -> 'branches') AS tip
+    WHERE c.account_id = :account_id AND tip IN (SELECT id FROM history)
+), kept(id, parent_id) AS (
+    SELECT h.id, h.parent_id FROM history AS h WHERE h.id IN (SELECT id FROM reached)
+    UNION
+    SELECT h.id, h.parent_id FROM kept AS k JOIN history AS h ON h.id = k.parent_id
 )
 DELETE FROM conversation_entries AS e
-WHERE e.account_id = :account_id AND NOT EXISTS (SELECT 1 FROM reachable AS r WHERE r.id = e.id)
+WHERE e.account_id = :account_id AND e.id IN (SELECT id FROM history) AND e.id NOT IN (SELECT id FROM kept)
 """)
-
 
 # The record and the newest entries of a conversation, in one statement: from the head back, one entry at a time,
 # while the JSON read so far is under the cap (the entry that crosses it is the last one read). Bodies come back as

@@ -38,7 +38,7 @@ from agentrt.services.conversations._statements import (
     APPEND_CREATE_ON_DRIVER,
     APPEND_UPDATE_ON_DRIVER,
     LOCK_NAMESPACE,
-    PRUNE_UNREACHABLE,
+    PRUNE_DELETED_HISTORY,
     TAIL_ON_DRIVER,
     claimed_tail,
 )
@@ -101,10 +101,10 @@ class PostgresConversationStore(ConversationStore):
     between calls.
 
     Saves use compare-and-swap on the record's revision: of two turns saved from the same revision one
-    wins and the other gets `ConversationConflict`. Deleting a conversation also deletes the entries no
-    remaining record of the account reaches (its head, its branches, and forks pointing into it keep
-    them), like `InMemoryConversationStore`. Writes take a shared per-account advisory lock and deletes
-    an exclusive one, so the pruning never races a save or fork that points at an entry it would delete.
+    wins and the other gets `ConversationConflict`. Deleting a conversation also deletes the entries of its
+    history that no remaining record of the account reaches (forks pointing into it keep theirs). Writes take a
+    shared per-account advisory lock and deletes an exclusive one, so the pruning never races a save or fork that
+    points at an entry it would delete.
 
     Every public method refuses, before any SQL, an id PostgreSQL cannot take as it is (`InvalidInputError`, a
     `ValueError`, naming the argument): not text, longer than its column, or holding a NUL or a lone surrogate
@@ -491,7 +491,8 @@ class PostgresConversationStore(ConversationStore):
             return bool((await session.execute(query)).scalar_one())
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
-        """Delete a record if its revision is `expected_revision`, and the entries no remaining record reaches.
+        """Delete a record if its revision is `expected_revision`, and the entries of its history no other record
+        reaches.
 
         Raises:
             ConversationConflict: If no record with `expected_revision` is stored for this account.
@@ -505,13 +506,17 @@ class PostgresConversationStore(ConversationStore):
                 _records.c.conversation_id == conversation_id,
                 _records.c.revision == expected_revision,
             )
-            .returning(_records.c.conversation_id)
+            .returning(_records.c.head_id, _records.c.record['branches'])
         )
         async with get_db_session(account=self.account_id) as session:
             await self._lock(session, exclusive=True)
-            if (await session.execute(statement)).first() is None:
+            deleted = (await session.execute(statement)).first()
+            if deleted is None:
                 raise ConversationConflict(conversation_id)
-            await session.execute(PRUNE_UNREACHABLE, {'account_id': self.account_id})
+            head_id, branches = deleted
+            tips = [tip for tip in [head_id, *(branches or [])] if tip is not None]
+            if tips:
+                await session.execute(PRUNE_DELETED_HISTORY, {'account_id': self.account_id, 'tips': tips})
 
     async def read_entry(self, entry_id: str) -> ConversationEntry:
         """The entry with this id in this account.

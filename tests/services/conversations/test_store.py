@@ -503,3 +503,37 @@ async def test_nul_characters_do_not_lose_the_turn(store: PostgresConversationSt
     loaded = await store.load('nul')
     assert loaded is not None
     assert loaded.messages[-1].parts[0].content == 'bin\ufffdary'
+
+
+async def test_delete_prunes_only_what_no_other_record_reaches_of_its_history(store: PostgresConversationStore) -> None:
+    # Other records reach a deleted history through their head (a fork with no message of its own), a branch tip,
+    # or an entry of their own whose parent is in it (a fork that continued): each keeps that entry and its ancestors.
+    agent = Agent(FunctionModel(Recorder(), model_name='gpt-4o-mini'))
+    for prompt in ['one', 'two', 'three']:
+        await turn(store, agent, 'main', prompt)
+    main_entries = await store.load_entries('main')
+    continued = await store.fork('main', at=4, new_conversation_id='continued')
+    await save_turn(store, await agent.run('four', conversation=continued))
+    await store.fork('main', at=3, new_conversation_id='bare')
+    await store.fork('main', new_conversation_id='branched')
+    branched = await store.branch('branched', at=2, expected_revision=(await store.read_record('branched')).revision)
+    await save_turn(store, await agent.run('two, again', conversation=branched))
+    assert (await store.read_record('branched')).branches == [main_entries[-1].id]
+    histories = {c: await store.load_entries(c) for c in ['continued', 'bare', 'branched']}
+    assert await count_rows(ConversationEntryRow) == 10
+
+    await store.delete('main')  # every entry of it is reached by another record
+    assert await count_rows(ConversationEntryRow) == 10
+    assert {c: await store.load_entries(c) for c in histories} == histories
+    back = await store.branch(
+        'branched', from_entry=main_entries[-1].id, expected_revision=(await store.read_record('branched')).revision
+    )
+    assert back.messages == [entry.message for entry in main_entries]
+    await store.delete('continued')  # its own two go; main's first four stay (main's fifth, branched's, is a child)
+    assert await count_rows(ConversationEntryRow) == 8
+    assert await store.load_entries('bare') == histories['bare']
+    await store.delete('branched')  # its own two and main's last three go; bare's head and ancestors stay
+    assert await count_rows(ConversationEntryRow) == 3
+    assert await store.load_entries('bare') == histories['bare'] == main_entries[:3]
+    await store.delete('bare')
+    assert await count_rows(ConversationEntryRow) == 0
