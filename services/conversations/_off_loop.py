@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from agentrt.services.thread_pools import ProcessThreadPool
 
 T = TypeVar('T')
 V = TypeVar('V')
@@ -25,8 +24,7 @@ READ_THREADS = 2
 CHUNK_CHARS = 64 * 1024
 """At most this much stored JSON per call into pydantic-core (a message larger than this is a piece alone)."""
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_READERS = ProcessThreadPool(READ_THREADS, 'agentrt-conversation-read')
 
 
 async def off_loop(function: Callable[..., T], *args: object) -> T:
@@ -36,7 +34,7 @@ async def off_loop(function: Callable[..., T], *args: object) -> T:
     other users of `asyncio.to_thread` (titles, the ledger's spool).
     """
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_readers(), functools.partial(function, *args))
+    return await loop.run_in_executor(_READERS.executor(), functools.partial(function, *args))
 
 
 async def off_loop_taking(function: Callable[[V], T], value: V) -> T:
@@ -65,20 +63,3 @@ def pieces(sizes: Sequence[int], limit: int | None = None) -> Iterator[slice]:
         total += size
     if start < len(sizes):
         yield slice(start, len(sizes))
-
-
-def _readers() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix='agentrt-conversation-read')
-        return _pool
-
-
-def _forget_readers() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool there on first use."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_readers)

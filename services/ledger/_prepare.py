@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from agentrt.services.ledger._queues import PendingRow
 from agentrt.services.ledger._record import LedgerRecord
+from agentrt.services.thread_pools import ProcessThreadPool
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -18,8 +16,9 @@ INLINE_PREPARE_BYTES = 64 * 1024
 """A record whose bodies hold at most this much text not checked yet (and no possible secret) is prepared on the
 event loop as it is submitted: checking it costs less than a hand-off to a thread (RE2 checks 64 KiB in well under a
 millisecond); anything else is prepared in a worker thread."""
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+# RE2 releases the GIL while it scans, so preparations run beside the event loop on another core; records are
+# prepared side by side, so a huge one delays only itself. A pool of its own (not asyncpg's host name lookups').
+_PREPARERS = ProcessThreadPool(PREPARE_THREADS, 'agentrt-ledger-prepare')
 
 
 def start_preparing(
@@ -35,7 +34,7 @@ def start_preparing(
             return None
     except Exception:  # a bug: the worker thread tries again, and `check_prepared` handles its failure
         logger.debug('ledger: quick preparation of request %s failed', record.id, exc_info=True)
-    return loop.run_in_executor(_preparers(), record.prepare, content_max_bytes)
+    return loop.run_in_executor(_PREPARERS.executor(), record.prepare, content_max_bytes)
 
 
 def check_prepared(item: PendingRow) -> None:
@@ -49,26 +48,3 @@ def check_prepared(item: PendingRow) -> None:
     error = None if prepared.cancelled() else prepared.exception()
     logger.error('ledger: could not prepare request %s; its contents are dropped', item.record.id, exc_info=error)
     item.record.discard_contents()
-
-
-def _preparers() -> ThreadPoolExecutor:
-    """The worker threads that prepare records, shared by every tracker and event loop of the process.
-
-    A pool of its own, not the loop's default executor: a burst of huge messages must not hold up other users of
-    `asyncio.to_thread` (or asyncpg's host name lookups). RE2 releases the GIL while it scans, so preparations run
-    beside the event loop on another core; records are prepared side by side, so a huge one delays only itself.
-    """
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix='agentrt-ledger-prepare')
-        return _pool
-
-
-def _forget_preparers() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool there on first use."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_preparers)
