@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic_ai import Agent, Conversation
 from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.usage import RunUsage, UsageLimits
@@ -34,7 +35,7 @@ from agentrt.agents.turn_limits import turn_usage_limits
 from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
-from agentrt.db.errors import DatabaseNotInitializedError
+from agentrt.db.errors import DatabaseNotInitializedError, InvalidInputError
 from agentrt.db.session import Unscoped, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
@@ -236,9 +237,10 @@ async def _claimed_turn(
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
         remember_message_json(recent.stored, recent.stored_json)
     async with claim.held():
+        conversation = recent.conversation
+        check_continuable(conversation_id, conversation.messages)
         deps = _dependencies(conversation_id, tenant)
         store = PostgresConversationStore(tenant.account_id)
-        conversation = recent.conversation
         usage_before, conversation.usage = conversation.usage, RunUsage()
         capabilities = turn_hooks(
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
@@ -260,6 +262,32 @@ async def _claimed_turn(
             claim,
             settings,
         )
+
+
+def check_continuable(conversation_id: str, messages: list[ModelMessage]) -> None:
+    """Refuse a new message on a history that ends where pydantic-ai takes none: a response whose tool calls have no
+    results (a fork or branch cut between a call and its result: `store.fork(..., at=2)`), or one a provider suspended.
+
+    pydantic-ai raises a `UserError` for it after the turn started (an HTTP 500 with a traceback, on every later turn of
+    that conversation too); this says so before anything is sent.
+
+    Raises:
+        InvalidInputError: naming `session_id`.
+    """
+    last = messages[-1] if messages else None
+    if not isinstance(last, ModelResponse):
+        return
+    if last.state == 'suspended':
+        problem = 'a response its provider suspended'
+    elif last.tool_calls and last.state != 'interrupted':  # an interrupted one's calls are closed out by pydantic-ai
+        problem = 'tool calls without their results (a fork or branch cut it there)'
+    else:
+        return
+    raise InvalidInputError(
+        f'conversation {conversation_id!r} ends with {problem}, so a new message cannot continue it; nothing was '
+        'sent. Fork or branch it at the end of a turn (after a response without tool calls) and continue that',
+        field='session_id',
+    )
 
 
 async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
