@@ -186,6 +186,10 @@ async def messages(
     return Response(await encoding, media_type='application/json')
 
 
+UNCONDITIONAL_DELETE_ATTEMPTS = 5
+"""Reads and deletes a DELETE without If-Match makes while turns keep saving the conversation in between."""
+
+
 @router.delete(
     '/{conversation_id:stored_id}',
     status_code=204,
@@ -205,20 +209,28 @@ async def delete(
     """Delete the conversation and the messages no other conversation of the account shares."""
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     store = PostgresConversationStore(caller.account_id)
-    record = await store.read_record(conversation_id)
-    if record is None:
-        raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
     named = _revisions(if_match)
-    revision = record.revision if not named or record.revision in named else named[0]
-    try:
-        await store.delete_record(conversation_id, expected_revision=revision)
-    except ConversationConflict as exc:
-        raise ApiError(409, 'conflict', 'the conversation changed meanwhile; read it again and retry') from exc
-    except InvalidInputError as exc:  # the store's words named its own argument, expected_revision
-        if exc.field != 'expected_revision':
-            raise
-        message = str(exc).replace('the expected_revision', 'the revision', 1)
-        raise InvalidInputError(f'If-Match: {message}; send a revision this API returned', field='If-Match') from exc
+    # Without If-Match (or with `*`) whatever revision is there is deleted: a turn saved between the read and the
+    # delete is read again, not a 409 the caller (who named no revision) could only answer by sending the same again.
+    for attempt in range(1 if named else UNCONDITIONAL_DELETE_ATTEMPTS):
+        record = await store.read_record(conversation_id)
+        if record is None:
+            raise ApiError(404, 'not_found', f'no conversation {conversation_id!r}')
+        revision = record.revision if not named or record.revision in named else named[0]
+        try:
+            await store.delete_record(conversation_id, expected_revision=revision)
+        except ConversationConflict as exc:
+            if named or attempt == UNCONDITIONAL_DELETE_ATTEMPTS - 1:
+                raise ApiError(409, 'conflict', 'the conversation changed meanwhile; read it again and retry') from exc
+            continue
+        except InvalidInputError as exc:  # the store's words named its own argument, expected_revision
+            if exc.field != 'expected_revision':
+                raise
+            message = str(exc).replace('the expected_revision', 'the revision', 1)
+            raise InvalidInputError(
+                f'If-Match: {message}; send a revision this API returned', field='If-Match'
+            ) from exc
+        break
     return Response(status_code=204)
 
 
