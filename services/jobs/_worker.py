@@ -170,6 +170,13 @@ class _QueueLossSaidOnce(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.lost: BaseException | None = None
+        self._quiet = contextlib.ExitStack()
+        """Once the loss is known: the pool's failed attempts as the worker stops (its last writes) are DEBUG lines;
+        the worker says it once (`_ride_out`, or its error)."""
+
+    def close(self) -> None:
+        """The worker has stopped: the pool's failed attempts are warnings again."""
+        self._quiet.close()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False for a line `run_worker`'s error replaces; a lost connection on one line; any other line as it is."""
@@ -178,7 +185,9 @@ class _QueueLossSaidOnce(logging.Filter):
             return True
         action = str(getattr(record, 'action', ''))
         if action == 'side_task_failed' or (record.name == 'procrastinate.utils' and action.endswith('_error')):
-            self.lost = self.lost or exc
+            if self.lost is None:
+                self.lost = exc
+                self._quiet.enter_context(connect_failures_quiet())
             return False
         record.msg, record.args = f'{action or record.getMessage()}: {lost}', None
         record.exc_info, record.exc_text = None, None
@@ -285,6 +294,7 @@ async def _run(worker: Worker, burst: bool, stop: WorkerStop) -> None:
     finally:
         for each in loggers:
             each.removeFilter(said_once)
+        said_once.close()
         stop.detach()
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures('queue')
 
 _WAITING = 'waiting for it to come back'
 _BACK = 'the job queue is back after'
+_ATTEMPT = 'the job queue cannot connect to PostgreSQL'
 
 
 class _HeldReconcile:
@@ -44,8 +45,13 @@ async def _empty_queue() -> None:
         await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
 
 
-async def _logged(caplog: pytest.LogCaptureFixture, words: str) -> None:
-    while not any(words in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - polling the log is the wait
+async def _logged(caplog: pytest.LogCaptureFixture, words: str, after: str | None = None) -> None:
+    """Until a line with `words` is logged (after the first line with `after`, when given)."""
+    while True:
+        messages = [r.getMessage() for r in caplog.records]
+        start = next((i for i, m in enumerate(messages) if after in m), None) if after else -1
+        if start is not None and any(words in m for m in messages[start + 1 :]):
+            return
         await asyncio.sleep(0.05)
 
 
@@ -63,6 +69,7 @@ async def test_a_worker_rides_out_a_restart_and_runs_again_the_job_whose_end_was
     # The worker exited with code 3 at every restart of PostgreSQL; the job it was running stayed 'doing' until the
     # retry-stalled job of another worker found it, AGENTRT_JOBS_STALLED_SECONDS later.
     caplog.set_level(logging.INFO, logger='agentrt.jobs')
+    caplog.set_level(logging.DEBUG, logger='psycopg.pool')  # its failed attempts are kept, at their level
     held = _HeldReconcile()
     monkeypatch.setattr(reconcile_module, 'reconcile_post_turn_work', held)
     stop = WorkerStop()
@@ -79,6 +86,7 @@ async def test_a_worker_rides_out_a_restart_and_runs_again_the_job_whose_end_was
                 held.finish.set()  # the job ends with the server away: its end cannot be saved
                 await asyncio.wait_for(_logged(caplog, _WAITING), 60)
                 assert not worker.done()
+                await asyncio.wait_for(_logged(caplog, _ATTEMPT, after=_WAITING), 60)  # the pool tried, and failed
             finally:
                 await asyncio.to_thread(private_database.server.ensure_running)
             await asyncio.wait_for(_logged(caplog, _BACK), 60)
@@ -97,8 +105,14 @@ async def test_a_worker_rides_out_a_restart_and_runs_again_the_job_whose_end_was
     assert workers == 0  # neither the worker that lost the queue nor the one after it left a row
     messages = [r.getMessage() for r in caplog.records if r.name == 'agentrt.jobs']
     assert len([m for m in messages if _WAITING in m]) == 1
-    [back] = [m for m in messages if _BACK in m]
-    assert back.endswith('taking jobs again (1 job put back in the queue: how they ended was not saved)')
+    # While it waits, the pool's failed attempts are not a warning each: the worker said it once.
+    waiting = next(i for i, r in enumerate(caplog.records) if _WAITING in r.getMessage())
+    back = next(i for i, r in enumerate(caplog.records) if _BACK in r.getMessage())
+    between = caplog.records[waiting + 1 : back]
+    assert [r.levelname for r in between if _ATTEMPT in r.getMessage()][:1] == ['DEBUG']
+    assert [r.getMessage() for r in between if r.levelno >= logging.WARNING] == []
+    [back_line] = [m for m in messages if _BACK in m]
+    assert back_line.endswith('taking jobs again (1 job put back in the queue: how they ended was not saved)')
 
 
 async def test_a_worker_whose_queue_stays_away_past_the_bound_stops_with_a_database_error(
