@@ -282,6 +282,14 @@ class Settings(BaseSettings):
         description='a worker asked to stop (SIGTERM, Ctrl-C) lets its running jobs finish this long, then puts the '
         'rest back in the queue for the next worker (under the 30 s Kubernetes gives a pod by default)',
     )
+    jobs_outage_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        le=86_400,
+        validation_alias=AliasChoices('AGENTRT_JOBS_OUTAGE_SECONDS', 'jobs_outage_seconds'),
+        description='a worker that loses the job queue (PostgreSQL restarted, a failover) waits this long for it to '
+        'come back, then takes jobs again; longer, it exits with code 3 (0: at once)',
+    )
     jobs_reconcile_after_seconds: float = Field(
         default=120.0,
         ge=0,

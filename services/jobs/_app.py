@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any, Self
 
 import psycopg
@@ -100,12 +102,20 @@ class _OneLineConnectFailures(logging.Filter):
     task's "not done: database unavailable", a worker's `error:` line).
     """
 
+    quiet = 0
+    """Above 0 while a worker waits for the queue to come back (`connect_failures_quiet`): it says so once, and its
+    pool's failed attempts are DEBUG lines, not a warning each second."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         """The record reworded when it is such a notice; False only for a discarded connection's with DEBUG off."""
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
             detail = ' '.join(str(args[1]).split())[:300]
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
+            if self.quiet:
+                if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                    return False
+                record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
         elif (
             record.msg == 'discarding closed connection: %s' and len(args) == 1 and isinstance(args[0], QueueConnection)
         ):
@@ -117,7 +127,20 @@ class _OneLineConnectFailures(logging.Filter):
         return True
 
 
-logging.getLogger('psycopg.pool').addFilter(_OneLineConnectFailures())
+_connect_failures = _OneLineConnectFailures()
+logging.getLogger('psycopg.pool').addFilter(_connect_failures)
+
+
+@contextlib.contextmanager
+def connect_failures_quiet() -> Iterator[None]:
+    """While the block runs, the queue pool's failed connection attempts are DEBUG lines (a worker waiting for the
+    queue to come back has said so once)."""
+    _connect_failures.quiet += 1
+    try:
+        yield
+    finally:
+        _connect_failures.quiet -= 1
+
 
 # The tasks register on it when `agentrt.services.jobs` is imported; the pool is given when the queue is opened.
 jobs = App(connector=PsycopgConnector())

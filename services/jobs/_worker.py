@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from procrastinate import App
 from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job
 from procrastinate.worker import Worker
@@ -18,7 +19,13 @@ from procrastinate.worker import Worker
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.settings import Settings
-from agentrt.services.jobs._app import listens, open_queue, queue_refused, queue_unavailable
+from agentrt.services.jobs._app import (
+    connect_failures_quiet,
+    listens,
+    open_queue,
+    queue_refused,
+    queue_unavailable,
+)
 from agentrt.services.jobs._tasks import QUEUES
 
 logger = logging.getLogger('agentrt.jobs')
@@ -47,10 +54,14 @@ class WorkerStop:
     _deadline: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
     _putting_back: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
     """The tasks putting back in the queue the jobs whose end could not be saved."""
+    _requested: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    unsaved: set[int] = field(default_factory=set, init=False, repr=False)
+    """The ids of the jobs that ran but whose end could not be saved (put back once the queue answers)."""
 
     def request(self) -> None:
         """Stop the worker: gracefully the first time, at once the second."""
         self.requests += 1
+        self._requested.set()
         if self._worker is None:
             return  # not started yet: `run_worker` returns instead of starting
         if self.requests == 1:
@@ -88,6 +99,11 @@ class WorkerStop:
         finally:
             self._running.remove(task)
 
+    async def asked(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a stop is asked meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._requested.wait(), seconds)
+
     def attach(self, worker: Worker) -> None:
         """The worker to stop (`run_worker`)."""
         self._worker = worker
@@ -115,6 +131,8 @@ class WorkerStop:
             task.get_name().removeprefix('process job '),
             lost or f'{type(exc).__name__}: {" ".join(str(exc).split())}',
         )
+        if job.id is not None:
+            self.unsaved.add(job.id)
         if self._worker is not None and job.id is not None:
             putting_back = asyncio.get_running_loop().create_task(_put_back(self._worker, job.id))
             self._putting_back.add(putting_back)
@@ -152,6 +170,13 @@ class _QueueLossSaidOnce(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.lost: BaseException | None = None
+        self._quiet = contextlib.ExitStack()
+        """Once the loss is known: the pool's failed attempts as the worker stops (its last writes) are DEBUG lines;
+        the worker says it once (`_ride_out`, or its error)."""
+
+    def close(self) -> None:
+        """The worker has stopped: the pool's failed attempts are warnings again."""
+        self._quiet.close()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False for a line `run_worker`'s error replaces; a lost connection on one line; any other line as it is."""
@@ -160,7 +185,9 @@ class _QueueLossSaidOnce(logging.Filter):
             return True
         action = str(getattr(record, 'action', ''))
         if action == 'side_task_failed' or (record.name == 'procrastinate.utils' and action.endswith('_error')):
-            self.lost = self.lost or exc
+            if self.lost is None:
+                self.lost = exc
+                self._quiet.enter_context(connect_failures_quiet())
             return False
         record.msg, record.args = f'{action or record.getMessage()}: {lost}', None
         record.exc_info, record.exc_text = None, None
@@ -180,35 +207,59 @@ async def run_worker(
     Call `init_database()` first: the jobs use the process's engine and pool. The worker also defers the periodic
     jobs (reconcile every 5 minutes, retry-stalled every minute; one of each across all workers). Cancelling it
     stops it as a first `stop.request()` does, then raises `CancelledError`.
+
+    A worker that loses the queue's connection (PostgreSQL restarted, a failover, PgBouncer killed the connection)
+    lets its running jobs end, waits for the queue to answer again for up to `AGENTRT_JOBS_OUTAGE_SECONDS`, puts back
+    in the queue the jobs whose end it could not save, and takes jobs again (see `_ride_out`).
+
+    Raises:
+        DatabaseUnavailableError: the queue cannot be reached at start, or was lost for longer than
+            `AGENTRT_JOBS_OUTAGE_SECONDS`.
     """
     settings = current_settings()
     stop = stop or WorkerStop()
     app = await open_queue()
-    worker = Worker(
-        app,
-        queues=list(QUEUES),
-        concurrency=concurrency,
-        name=name,
-        wait=not burst,
-        listen_notify=listens(settings),
-        fetch_job_polling_interval=POLL_SECONDS if not listens(settings) else LISTEN_POLL_SECONDS,
-        update_heartbeat_interval=settings.jobs_heartbeat_seconds,
-        stalled_worker_timeout=settings.jobs_stalled_seconds,
-        delete_jobs='successful',
-        install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
-        worker_middleware=[stop.middleware],
-    )
     logger.info('worker: queues %s, concurrency %d, %s', ','.join(QUEUES), concurrency, _waits(settings))
-    if stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
-        return
+    while not stop.requests:  # asked while starting; from here to its first step, nothing awaits: none is missed
+        worker = Worker(
+            app,
+            queues=list(QUEUES),
+            concurrency=concurrency,
+            name=name,
+            wait=not burst,
+            listen_notify=listens(settings),
+            fetch_job_polling_interval=POLL_SECONDS if not listens(settings) else LISTEN_POLL_SECONDS,
+            update_heartbeat_interval=settings.jobs_heartbeat_seconds,
+            stalled_worker_timeout=settings.jobs_stalled_seconds,
+            delete_jobs='successful',
+            install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
+            worker_middleware=[stop.middleware],
+        )
+        try:
+            await _run(worker, burst, stop)
+            return
+        except DatabaseUnavailableError as lost:
+            if stop.requests:
+                raise
+            if settings.jobs_outage_seconds <= 0:
+                raise DatabaseUnavailableError(
+                    f'{lost}; the worker stopped (AGENTRT_JOBS_OUTAGE_SECONDS is 0): start it again once it is back'
+                ) from lost
+            await _ride_out(app, lost, worker.worker_id, stop, settings.jobs_outage_seconds)
+
+
+async def _run(worker: Worker, burst: bool, stop: WorkerStop) -> None:
+    """One run of procrastinate's worker, until it stops (asked, the burst done, or the queue lost: raised)."""
     stop.attach(worker)
     said_once = _QueueLossSaidOnce()
-    loggers = [logging.getLogger(name) for name in ('procrastinate.worker', f'procrastinate.worker.{name}')]
+    loggers = [
+        logging.getLogger(name) for name in ('procrastinate.worker', f'procrastinate.worker.{worker.worker_name}')
+    ]
     loggers.append(logging.getLogger('procrastinate.utils'))
     for each in loggers:
         each.addFilter(said_once)
     running = asyncio.ensure_future(worker.run())  # type: ignore[no-untyped-call]  # procrastinate: untyped
-    heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, settings.jobs_heartbeat_seconds))
+    heartbeat = asyncio.create_task(_heartbeat_until_gone(worker, current_settings().jobs_heartbeat_seconds))
     cancelled = False
     try:
         while not running.done():
@@ -230,13 +281,12 @@ async def run_worker(
             # process manager that all is well, and no job would run until someone started a worker again.
             raise DatabaseUnavailableError(
                 'the worker stopped by itself: its connection to the job queue failed (the error is logged above: '
-                'PostgreSQL restarted or the connection was cut); start it again once PostgreSQL is back (a process '
-                'manager restarts a worker that exits with this code)'
+                'PostgreSQL restarted or the connection was cut)'
             )
     except Exception as exc:
         # procrastinate stops a worker whose queue connection failed (a restart, a failover): say so, as the rest of
-        # the runtime does, rather than with the connector's "Database error."; a process manager starts it again.
-        if lost := queue_unavailable(exc, 'lost PostgreSQL; the worker stopped, start it again once it is back'):
+        # the runtime does, rather than with the connector's "Database error."
+        if lost := queue_unavailable(exc, 'lost PostgreSQL'):
             raise lost from exc
         if refused := queue_refused(exc):
             raise refused from exc
@@ -244,10 +294,92 @@ async def run_worker(
     finally:
         for each in loggers:
             each.removeFilter(said_once)
+        said_once.close()
         stop.detach()
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+
+
+_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+"""The waits between a lost queue's probes: short first (a restart takes a second or two), then every 5 s."""
+_DOING = "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %(worker_id)s ORDER BY id"
+
+
+async def _ride_out(
+    app: App, lost: DatabaseUnavailableError, worker_id: int | None, stop: WorkerStop, seconds: float
+) -> None:
+    """Wait for a lost queue to answer again, for at most `seconds`, then put back the jobs of the worker that lost it.
+
+    procrastinate's worker has returned: every job it ran has ended, but those whose end it could not save are still
+    marked as running under its id (as is any it was taking). Nothing of this process runs them any more, so they go
+    back to the queue at once (jobs are idempotent; `QueueJobManager` drops one whose successor already waits), and
+    the old worker's row is removed: none waits `AGENTRT_JOBS_STALLED_SECONDS` for the retry-stalled job. One warning
+    when the queue is lost and one line when it is back; the pool's attempts meanwhile are DEBUG lines. A stop asked
+    meanwhile returns at once (the jobs left marked running are the retry-stalled job's, as for a killed worker).
+
+    Raises:
+        DatabaseUnavailableError: the queue did not answer within `seconds`.
+    """
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    logger.warning('worker: %s; waiting for it to come back (at most %g s, AGENTRT_JOBS_OUTAGE_SECONDS)', lost, seconds)
+    attempt = 0
+    with connect_failures_quiet():
+        while not stop.requests:
+            left = began + seconds - loop.time()
+            try:
+                async with asyncio.timeout(max(left, 0.1)):
+                    await app.check_connection_async()
+                    put_back = await _put_back_jobs_of(app, worker_id, stop.unsaved)
+                break
+            except Exception as exc:
+                if not isinstance(exc, TimeoutError) and queue_unavailable(exc, 'lost PostgreSQL') is None:
+                    raise
+                logger.debug('worker: the job queue does not answer yet: %s: %s', type(exc).__name__, exc)
+            left = began + seconds - loop.time()
+            if left <= 0:
+                raise DatabaseUnavailableError(
+                    f'{lost}; it did not come back within AGENTRT_JOBS_OUTAGE_SECONDS ({seconds:g} s): the worker '
+                    'stopped (a process manager starts it again; the jobs it was running are retried as stalled)'
+                )
+            await stop.asked(min(_BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS) - 1)], left))
+            attempt += 1
+        else:
+            return
+    with contextlib.suppress(Exception):  # the pool's other idle connection may be a dead one: replaced now
+        await app.connector.pool.check()  # type: ignore[attr-defined]
+    logger.warning(
+        'worker: the job queue is back after %.1f s; taking jobs again%s',
+        loop.time() - began,
+        f' ({put_back} put back in the queue: how they ended was not saved)' if put_back else '',
+    )
+
+
+async def _put_back_jobs_of(app: App, worker_id: int | None, unsaved: set[int]) -> str:
+    """Put back in the queue the jobs still marked as running under a worker that has returned (and those whose end
+    it could not save, in case its row went first), and remove its row.
+
+    Returns:
+        "N job(s)", or '' when there were none.
+    """
+    ids = set(unsaved)
+    if worker_id is not None:  # None: it unregistered as it stopped (the queue back already)
+        ids.update(row['id'] for row in await app.connector.execute_query_all_async(_DOING, worker_id=worker_id))
+    count = 0
+    for job_id in sorted(ids):
+        try:
+            await app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
+        except Exception as exc:
+            if queue_unavailable(exc, 'lost PostgreSQL') is not None:
+                raise
+            logger.debug('job %s not put back: %s', job_id, exc)  # not running any more: saved, or put back already
+        else:
+            count += 1
+        unsaved.discard(job_id)
+    if worker_id is not None:
+        await app.job_manager.unregister_worker(worker_id)
+    return f'{count} job' + ('' if count == 1 else 's') if count else ''
 
 
 async def _heartbeat_until_gone(worker: Worker, interval: float) -> None:

@@ -55,7 +55,7 @@ from tests.services.jobs.helpers import (
     wait_for,
 )
 
-_WORKER_LOST_POSTGRESQL = r'worker stopped by itself|job queue lost PostgreSQL'
+_WORKER_LOST_POSTGRESQL = r'(worker stopped by itself|job queue lost PostgreSQL).*AGENTRT_JOBS_OUTAGE_SECONDS is 0'
 HEARTBEAT_S, STALLED_S = 0.25, 1.0  # the killed worker's AGENTRT_JOBS_HEARTBEAT_SECONDS and _STALLED_SECONDS
 
 
@@ -266,6 +266,9 @@ async def test_a_worker_whose_server_goes_away_stops_with_a_database_error_not_e
     # (a `pg_ctl restart` here raced with it, and in CI the worker outlived the restart).
     async with private_database.active():
         monkeypatch.setattr(current_settings(), 'connect_timeout', 2)  # its last writes wait for the server that long
+        monkeypatch.setattr(
+            current_settings(), 'jobs_outage_seconds', 0.0
+        )  # at once (riding it out: test_worker_outage)
         worker = asyncio.ensure_future(run_worker(concurrency=1))
         try:
             async with asyncio.timeout(30):
@@ -308,6 +311,9 @@ async def test_a_job_that_ends_while_postgresql_is_down_says_its_outcome_was_not
     monkeypatch.setattr(reconcile_module, 'reconcile_post_turn_work', held)
     async with private_database.active():
         monkeypatch.setattr(current_settings(), 'connect_timeout', 2)  # each write with the server down waits for it
+        monkeypatch.setattr(
+            current_settings(), 'jobs_outage_seconds', 0.0
+        )  # at once (riding it out: test_worker_outage)
         worker: asyncio.Future[None] | None = None
         try:
             async with get_db_session(account=Unscoped.OWNER) as session:  # the worker defers the periodic reconcile
