@@ -31,11 +31,11 @@ from pydantic_ai.messages import (
     RetryPromptPart,
     SystemPromptPart,
     TextContent,
-    UserPromptPart,
 )
 
 from agentrt.db.driver import DriverTransaction
 from agentrt.db.settings import CHARS_PER_TOKEN
+from agentrt.services.conversations._pages import starts_turn
 from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._titles import make_summary, message_exchanges
 
@@ -148,7 +148,7 @@ async def load_recent_conversation(
     since = None
     if tail.summary_head_id is not None and tail.summary_head_id in tail.entry_ids:
         after = tail.entry_ids.index(tail.summary_head_id) + 1
-        turns = sum(1 for message in tail.messages[after:] if _starts_turn(message))
+        turns = sum(1 for message in tail.messages[after:] if starts_turn(message))
         since = SinceSummary(turns, sum(tail.sizes[after:]))
     return RecentConversation(
         conversation,
@@ -189,7 +189,7 @@ def fit_history(
     memo = memo or FitMemo()
     estimate = memo.estimate
     messages = list(messages)
-    starts = [i for i, message in enumerate(messages) if _starts_turn(message)]
+    starts = [i for i, message in enumerate(messages) if starts_turn(message)]
     if not starts:
         return messages
     turns = [messages[start:end] for start, end in zip(starts, [*starts[1:], len(messages)], strict=True)]
@@ -282,10 +282,6 @@ def _item_chars(item: object) -> int:
     if isinstance(item, TextContent):
         return len(item.content)
     return MEDIA_CHARS
-
-
-def _starts_turn(message: ModelMessage) -> bool:
-    return isinstance(message, ModelRequest) and any(isinstance(part, UserPromptPart) for part in message.parts)
 
 
 def _is_summary(message: ModelMessage) -> bool:
