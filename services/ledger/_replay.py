@@ -79,7 +79,7 @@ async def _replay_file(
     policy: RetryPolicy,
     on_retry: Callable[[BaseException], None] | None,
 ) -> dict[str, int]:
-    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
+    counts = _no_counts()
     write = _Writer(session_factory, policy, on_retry)
     bad: list[str] = []
     offset, done = 0, False
@@ -111,7 +111,7 @@ async def write_spooled_entries(
     Raises:
         Exception: a database error that outlived the retries (nothing is lost: every row is written again).
     """
-    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
+    counts = _no_counts()
     write = _Writer(session_factory, policy, on_retry)
     for start in range(0, len(entries), REPLAY_CHUNK_ROWS):
         parsed = await asyncio.to_thread(_parsed, entries[start : start + REPLAY_CHUNK_ROWS], bad)
@@ -147,7 +147,7 @@ def _parsed(entries: list[dict[str, Any]], bad: list[str]) -> Parsed:
 
 async def _write_parsed(write: _Writer, parsed: Parsed, bad: list[str]) -> dict[str, int]:
     """Write `parsed` (rows in one statement, then their contents); rows the database refuses go to `bad`."""
-    counts = dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
+    counts = _no_counts()
     if not parsed:
         return counts
     try:
@@ -175,6 +175,11 @@ async def _write_parsed(write: _Writer, parsed: Parsed, bad: list[str]) -> dict[
                 raise
             logger.error('ledger spool: contents not stored (%s: %s)', type(exc).__name__, exc)
     return counts
+
+
+def _no_counts() -> dict[str, int]:
+    """What a replay counts, each at 0: rows read, inserted, already there (duplicates), contents written."""
+    return dict.fromkeys(('rows', 'inserted', 'duplicates', 'contents'), 0)
 
 
 def _add(totals: dict[str, int], counts: dict[str, int]) -> None:

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import stat
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -207,11 +206,6 @@ class LedgerSpool:
         # Escaped: a spool named `spool[1].jsonl` otherwise matched nothing (`[1]` is a character class).
         return sorted(self.path.parent.glob(glob.escape(self.path.name) + '.replaying-*'))
 
-    def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parse a claimed file: the entries, and the lines that are not valid entries (e.g. a torn last line)."""
-        batch = self.read_batch(path, 0, sys.maxsize)
-        return batch.entries, batch.bad
-
     def read_batch(self, path: Path, offset: int, size: int) -> SpoolBatch:
         """Parse at most `size` entries of a claimed file from `offset` (0, or the `end` of the batch before), and
         the lines among them that are not valid entries. Blocking: call it in a thread from async code.
@@ -235,7 +229,7 @@ class LedgerSpool:
                     bad.append(torn)
                     if entry is None:
                         continue
-                if isinstance(entry, dict) and isinstance(entry.get('row'), dict):
+                if _is_entry(entry):
                     entries.append(entry)
                 else:
                     bad.append(line)
@@ -271,7 +265,7 @@ def _glued(line: str) -> tuple[str, dict[str, Any] | None]:
         except json.JSONDecodeError:
             start = line.find(_ENTRY_START, start + 1)
             continue
-        if isinstance(entry, dict) and isinstance(entry.get('row'), dict):
+        if _is_entry(entry):
             return line[:start] + '\n', entry
         break
     return line, None
@@ -284,4 +278,9 @@ def _is_spooled_row(line: bytes) -> bool:
         return False
     except ValueError:  # not JSON, or cut at _FIRST_LINE_BYTES; or a torn write with an entry glued after it
         entry = _glued(line.decode('utf-8', errors='replace'))[1]
-    return isinstance(entry, dict) and isinstance(entry.get('row'), dict)
+    return _is_entry(entry)
+
+
+def _is_entry(value: Any) -> bool:
+    """Whether a parsed line is a spool entry (an object with its ledger row), not some other JSON."""
+    return isinstance(value, dict) and isinstance(value.get('row'), dict)

@@ -63,7 +63,7 @@ async def test_a_spool_of_several_batches_is_replayed_whole_with_its_bad_lines_s
     assert not tracker.spool.has_pending()
 
 
-def test_read_batch_walks_a_file_in_batches_to_what_read_gives_at_once(tmp_path: Path) -> None:
+def test_read_batch_walks_a_file_in_batches_to_what_one_batch_of_the_whole_file_gives(tmp_path: Path) -> None:
     spool = LedgerSpool(tmp_path / 'spool' / 'ledger.jsonl')
     spool.append([_entry()[1] for _ in range(5)])
     with spool.path.open('a') as handle:
@@ -77,5 +77,6 @@ def test_read_batch_walks_a_file_in_batches_to_what_read_gives_at_once(tmp_path:
         offset = batch.end
         if batch.done:
             break
-    assert (entries, bad) == spool.read(spool.path)
+    whole = spool.read_batch(spool.path, 0, 100)
+    assert whole.done and (entries, bad) == (whole.entries, whole.bad)
     assert len(entries) == 5 and bad == ['{"torn": \n']
