@@ -113,18 +113,22 @@ class _OneLineConnectFailures(logging.Filter):
             detail = ' '.join(str(args[1]).split())[:300]
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
             if self.quiet:
-                if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-                    return False
-                record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
+                return _as_debug(record)
         elif (
             record.msg == 'discarding closed connection: %s' and len(args) == 1 and isinstance(args[0], QueueConnection)
         ):
-            # A logger's filter runs after its level was checked: as if logged at DEBUG, kept only when DEBUG is on.
-            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-                return False
-            record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
             record.msg, record.args = 'the job queue dropped a connection PostgreSQL closed; a new one replaces it', ()
+            return _as_debug(record)
         return True
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    """`record` as if logged at DEBUG: kept (as a DEBUG line) only when its logger shows DEBUG. A logger's filter runs
+    after its level was checked, so the level is checked here again."""
+    if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+        return False
+    record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
+    return True
 
 
 _connect_failures = _OneLineConnectFailures()

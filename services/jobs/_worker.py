@@ -146,15 +146,29 @@ async def _put_back(worker: Worker, job_id: int) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await worker.app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
-        except Exception as exc:
-            if queue_unavailable(exc, 'lost PostgreSQL') is not None:
-                continue  # still away: the next beat
-            # Not running any more (its end was saved after all, or another worker put it back): nothing to do.
-            logger.debug('job %s not put back: %s', job_id, exc)
-            return
-        logger.info('job %s put back in the queue: its end could not be saved', job_id)
+            put_back = await _retry_now(worker.app, job_id)
+        except Exception:  # the queue still away (`_retry_now` lets only that through): the next beat
+            continue
+        if put_back:
+            logger.info('job %s put back in the queue: its end could not be saved', job_id)
         return
+
+
+async def _retry_now(app: App, job_id: int) -> bool:
+    """Put a job marked as running back in the queue, due now: True when it was; False when it is not running any
+    more (its end was saved after all, or it was put back already: nothing to do).
+
+    Raises:
+        Exception: the queue's error when it does not answer (`queue_unavailable`).
+    """
+    try:
+        await app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
+    except Exception as exc:
+        if queue_unavailable(exc, 'lost PostgreSQL') is not None:
+            raise
+        logger.debug('job %s not put back: %s', job_id, exc)
+        return False
+    return True
 
 
 class _QueueLossSaidOnce(logging.Filter):
@@ -368,13 +382,7 @@ async def _put_back_jobs_of(app: App, worker_id: int | None, unsaved: set[int]) 
         ids.update(row['id'] for row in await app.connector.execute_query_all_async(_DOING, worker_id=worker_id))
     count = 0
     for job_id in sorted(ids):
-        try:
-            await app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
-        except Exception as exc:
-            if queue_unavailable(exc, 'lost PostgreSQL') is not None:
-                raise
-            logger.debug('job %s not put back: %s', job_id, exc)  # not running any more: saved, or put back already
-        else:
+        if await _retry_now(app, job_id):
             count += 1
         unsaved.discard(job_id)
     if worker_id is not None:
