@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -55,6 +56,39 @@ async def _logged(caplog: pytest.LogCaptureFixture, words: str, after: str | Non
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def _running_worker(
+    private_database: PrivateDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: WorkerStop,
+    *,
+    connect_timeout: float,
+    outage_seconds: float,
+) -> AsyncIterator[asyncio.Future[None]]:
+    """A worker on the private server's empty queue, stopped (and its queue closed) when the block ends."""
+    worker: asyncio.Future[None] | None = None
+    async with private_database.active():
+        monkeypatch.setattr(current_settings(), 'connect_timeout', connect_timeout)
+        monkeypatch.setattr(current_settings(), 'jobs_outage_seconds', outage_seconds)
+        try:
+            await _empty_queue()
+            worker = asyncio.ensure_future(run_worker(concurrency=1, stop=stop))
+            yield worker
+        finally:
+            await _stopped(worker, stop)
+            await close_queue()
+
+
+@contextlib.asynccontextmanager
+async def _server_away(private_database: PrivateDatabase) -> AsyncIterator[None]:
+    """The private server stopped ('fast') while the block runs, running again after it."""
+    await asyncio.to_thread(private_database.server.stop, 'fast')
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(private_database.server.ensure_running)
+
+
 async def _stopped(worker: asyncio.Future[None] | None, stop: WorkerStop) -> None:
     if worker is not None and not worker.done():
         stop.request()
@@ -73,33 +107,21 @@ async def test_a_worker_rides_out_a_restart_and_runs_again_the_job_whose_end_was
     held = _HeldReconcile()
     monkeypatch.setattr(reconcile_module, 'reconcile_post_turn_work', held)
     stop = WorkerStop()
-    worker: asyncio.Future[None] | None = None
-    async with private_database.active():
-        monkeypatch.setattr(current_settings(), 'connect_timeout', 2)
-        monkeypatch.setattr(current_settings(), 'jobs_outage_seconds', 120.0)
-        try:
-            await _empty_queue()
-            worker = asyncio.ensure_future(run_worker(concurrency=1, stop=stop))
-            await asyncio.wait_for(held.started.wait(), 30)
-            try:
-                await asyncio.to_thread(private_database.server.stop, 'fast')
-                held.finish.set()  # the job ends with the server away: its end cannot be saved
-                await asyncio.wait_for(_logged(caplog, _WAITING), 60)
-                assert not worker.done()
-                await asyncio.wait_for(_logged(caplog, _ATTEMPT, after=_WAITING), 60)  # the pool tried, and failed
-            finally:
-                await asyncio.to_thread(private_database.server.ensure_running)
-            await asyncio.wait_for(_logged(caplog, _BACK), 60)
-            while held.runs < 2:  # noqa: ASYNC110 - the job put back runs again
-                await asyncio.sleep(0.05)
-            stop.request()
-            await asyncio.wait_for(worker, 30)  # returns: a stop, not an error
-            async with get_db_session(account=Unscoped.OWNER) as session:
-                jobs = (await session.execute(text('SELECT id, status FROM procrastinate_jobs ORDER BY id'))).all()
-                workers = (await session.execute(text('SELECT count(*) FROM procrastinate_workers'))).scalar_one()
-        finally:
-            await _stopped(worker, stop)
-            await close_queue()
+    async with _running_worker(private_database, monkeypatch, stop, connect_timeout=2, outage_seconds=120.0) as worker:
+        await asyncio.wait_for(held.started.wait(), 30)
+        async with _server_away(private_database):
+            held.finish.set()  # the job ends with the server away: its end cannot be saved
+            await asyncio.wait_for(_logged(caplog, _WAITING), 60)
+            assert not worker.done()
+            await asyncio.wait_for(_logged(caplog, _ATTEMPT, after=_WAITING), 60)  # the pool tried, and failed
+        await asyncio.wait_for(_logged(caplog, _BACK), 60)
+        while held.runs < 2:  # noqa: ASYNC110 - the job put back runs again
+            await asyncio.sleep(0.05)
+        stop.request()
+        await asyncio.wait_for(worker, 30)  # returns: a stop, not an error
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            jobs = (await session.execute(text('SELECT id, status FROM procrastinate_jobs ORDER BY id'))).all()
+            workers = (await session.execute(text('SELECT count(*) FROM procrastinate_workers'))).scalar_one()
     assert [status for _, status in jobs if status == 'doing'] == []  # none left marked running
     assert 1 not in [job_id for job_id, _ in jobs]  # the held job ran again and succeeded (deleted as it ended)
     assert workers == 0  # neither the worker that lost the queue nor the one after it left a row
@@ -119,23 +141,11 @@ async def test_a_worker_whose_queue_stays_away_past_the_bound_stops_with_a_datab
     private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stop = WorkerStop()
-    worker: asyncio.Future[None] | None = None
-    async with private_database.active():
-        monkeypatch.setattr(current_settings(), 'connect_timeout', 1)
-        monkeypatch.setattr(current_settings(), 'jobs_outage_seconds', 1.0)
-        try:
-            await _empty_queue()
-            worker = asyncio.ensure_future(run_worker(concurrency=1, stop=stop))
-            await asyncio.wait_for(_registered(), 30)
-            try:
-                await asyncio.to_thread(private_database.server.stop, 'fast')
-                with pytest.raises(DatabaseUnavailableError, match='did not come back within AGENTRT_JOBS_OUTAGE_SECO'):
-                    await asyncio.wait_for(worker, 60)
-            finally:
-                await asyncio.to_thread(private_database.server.ensure_running)
-        finally:
-            await _stopped(worker, stop)
-            await close_queue()
+    async with _running_worker(private_database, monkeypatch, stop, connect_timeout=1, outage_seconds=1.0) as worker:
+        await asyncio.wait_for(_registered(), 30)
+        async with _server_away(private_database):
+            with pytest.raises(DatabaseUnavailableError, match='did not come back within AGENTRT_JOBS_OUTAGE_SECO'):
+                await asyncio.wait_for(worker, 60)
 
 
 async def test_a_worker_asked_to_stop_while_it_waits_for_the_queue_returns_at_once(
@@ -143,24 +153,12 @@ async def test_a_worker_asked_to_stop_while_it_waits_for_the_queue_returns_at_on
 ) -> None:
     caplog.set_level(logging.INFO, logger='agentrt.jobs')
     stop = WorkerStop()
-    worker: asyncio.Future[None] | None = None
-    async with private_database.active():
-        monkeypatch.setattr(current_settings(), 'connect_timeout', 1)
-        monkeypatch.setattr(current_settings(), 'jobs_outage_seconds', 3600.0)
-        try:
-            await _empty_queue()
-            worker = asyncio.ensure_future(run_worker(concurrency=1, stop=stop))
-            await asyncio.wait_for(_registered(), 30)
-            try:
-                await asyncio.to_thread(private_database.server.stop, 'fast')
-                await asyncio.wait_for(_logged(caplog, _WAITING), 60)
-                stop.request()
-                await asyncio.wait_for(worker, 30)  # returns (exit code 0 in the CLI), long before the bound
-            finally:
-                await asyncio.to_thread(private_database.server.ensure_running)
-        finally:
-            await _stopped(worker, stop)
-            await close_queue()
+    async with _running_worker(private_database, monkeypatch, stop, connect_timeout=1, outage_seconds=3600.0) as worker:
+        await asyncio.wait_for(_registered(), 30)
+        async with _server_away(private_database):
+            await asyncio.wait_for(_logged(caplog, _WAITING), 60)
+            stop.request()
+            await asyncio.wait_for(worker, 30)  # returns (exit code 0 in the CLI), long before the bound
 
 
 async def _registered() -> None:
