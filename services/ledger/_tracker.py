@@ -209,16 +209,14 @@ class LLMRequestTracker:
         memory (neither the database nor the spool took them) are written or spooled now if either takes them, else
         reported lost, each logged."""
         await self.flush()
-        held = self._held.take()
-        if not held:
+        if not self._held:
             return
         try:
-            await asyncio.to_thread(self.spool.append, held)
+            appended = await asyncio.to_thread(self._append_after_held, [])
         except Exception as exc:
-            self._held.give_back(held)
             refused = exc
         else:
-            self.stats.spooled += len(held)
+            self.stats.spooled += appended
             return
         try:  # the spool still refuses them: the database, once, without the writer's patient retries
             await self._write_held(RetryPolicy(attempts=1, attempt_timeout=5))
@@ -440,15 +438,28 @@ class LLMRequestTracker:
         return self.config.content_max_bytes if self.config.store_content else None
 
     async def _spool_entries(self, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
-        held = self._held.take()  # rows an earlier append could not take go with these
         try:
-            await asyncio.to_thread(self.spool.append, held + entries)
+            held = await asyncio.to_thread(self._append_after_held, entries)
         except Exception as exc:
-            self._held.give_back(held)
             return self._spool_failed(entries, exc, rows)
         self._spool_dirty = True
-        self.stats.spooled += rows + len(held)
+        self.stats.spooled += rows + held
         return 'spooled'
+
+    def _append_after_held(self, entries: list[dict[str, Any]]) -> int:
+        """Append `entries` to the spool after the rows held in memory, which an earlier append could not take (they
+        go first, with these): how many held rows went. Blocking (a file's fsync).
+
+        Raises:
+            Exception: the spool's error; the held rows are held again.
+        """
+        held = self._held.take()
+        try:
+            self.spool.append(held + entries)
+        except Exception:
+            self._held.give_back(held)
+            raise
+        return len(held)
 
     def _spool_now(self, pending: list[PendingRow], reason: str) -> None:
         """Spool synchronously (the loop is going away) and resolve the futures of `pending`.
@@ -459,14 +470,12 @@ class LLMRequestTracker:
         if not entries:
             return
         logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
-        held = self._held.take()
         try:
-            self.spool.append(held + entries)
+            held = self._append_after_held(entries)
             self._spool_dirty = True
-            self.stats.spooled += len(pending) + len(held)
+            self.stats.spooled += len(pending) + held
             outcome: WriteOutcome = 'spooled'
         except Exception as exc:
-            self._held.give_back(held)
             outcome = self._spool_failed(entries, exc, len(pending))
         for item in pending:
             if not item.future.done() and not item.future.get_loop().is_closed():
