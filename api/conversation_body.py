@@ -41,7 +41,7 @@ def messages_body(
     if format == 'vercel':
         items = [_value_adapter.dump_json(message) for message in iter_vercel_messages(page)]
     else:
-        items = [_value_adapter.dump_json(_message_adapter.dump_python(m, mode='json')) for m in page.messages]
+        items = [_message_adapter.dump_json(m) for m in page.messages]
     envelope = ConversationMessages(
         conversation_id=conversation_id,
         revision=page.revision,
