@@ -160,19 +160,36 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             distributed_tracing=True,
         )
         instrument_runtime()
+        if export.otlp_endpoint is not None:
+            import atexit
+
+            from agentrt.agents.otlp_stop import bound_exports_at_exit
+
+            # After logfire's providers registered their shutdowns: atexit runs the last registered first.
+            atexit.register(bound_exports_at_exit)
     _configured = export
     return export
 
 
 async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound on the exporters' work
-    """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here."""
+    """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here.
+
+    Sent to an OTLP collector, each batch gets one attempt of a few seconds (`stopping_exports`): a stop with the
+    collector down or not answering is not held up by retries.
+    """
     if _configured is None or not _configured.enabled:
         return
     # The spans only: the metrics go at the process's exit (the meter provider's own shutdown); flushing them here
     # too made a command's end wait for two exports to a collector that is down.
     force_flush = getattr(trace.get_tracer_provider(), 'force_flush', None)
     if force_flush is not None:
-        await asyncio.to_thread(force_flush, int(timeout * 1000))
+        if _configured.otlp_endpoint is None:
+            await asyncio.to_thread(force_flush, int(timeout * 1000))
+            return
+        from agentrt.agents.otlp_stop import stopping_exports
+
+        with stopping_exports():
+            await asyncio.to_thread(force_flush, int(timeout * 1000))
 
 
 def spans_exported() -> bool:

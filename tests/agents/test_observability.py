@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,7 +28,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
-from tests.agents.otlp_receiver import OtlpReceiver
+from tests.agents.otlp_receiver import OtlpReceiver, SilentCollector
 from tests.factories import ledger_rows
 from tests.programs import run_program
 
@@ -583,42 +581,6 @@ async def test_a_stream_the_provider_breaks_off_marks_its_request_span_failed_an
     assert request.status.status_code is StatusCode.ERROR
     expected = {'drop': 'ModelConnectionError', 'stall': 'ModelTimeoutError', 'corrupt': 'ModelAPIError'}[fault]
     assert failures == [f'pydantic_ai.exceptions.{expected}']
-
-
-class SilentCollector:
-    """Accepts connections, never answers; notes how long each client waited before it gave up (closed)."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-        self._socket = socket.create_server(('127.0.0.1', 0))
-        self._socket.settimeout(0.2)
-        self.port = self._socket.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._hold, args=(connection, time.monotonic()), daemon=True).start()
-
-    def _hold(self, connection: socket.socket, accepted: float) -> None:
-        with connection:
-            connection.settimeout(30)
-            try:
-                while connection.recv(65536):
-                    pass
-            except OSError:
-                return
-            self.waits.append(time.monotonic() - accepted)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._socket.close()
 
 
 async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(
