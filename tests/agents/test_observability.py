@@ -706,3 +706,41 @@ async def test_a_servers_exported_log_records_are_redacted_and_a_clients_tracepa
     text = repr(record)
     assert 'RuntimeError' in text and 'ConnectionError' in text and '[REDACTED]' in text  # the story, redacted
     assert 'aB3dE5fG7hJ9' not in text
+
+
+SECRET_VALUE = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+
+@pytest.mark.parametrize(
+    'sql',
+    [
+        'SELECT CAST(CAST(:value AS text) AS integer)',  # PostgreSQL's error: invalid input syntax ...: "sk-proj-..."
+        'SELECT CAST(:value AS integer)',  # asyncpg's, before sending: invalid input for query argument $1: 'sk-...'
+    ],
+    ids=['server', 'driver'],
+)
+async def test_a_failed_statements_span_carries_its_error_redacted(
+    two_accounts: tuple[int, int], instrumented: CaptureLogfire, sql: str
+) -> None:
+    # The error of a failed statement quotes the value it refused; the SQLAlchemy instrumentation put it on the
+    # statement's span status as it was, where every other error on a span is redacted (`record_redacted`).
+    alpha, _ = two_accounts
+    with pytest.raises(DBAPIError):
+        async with get_db_session(account=alpha) as session:
+            await session.execute(text(sql + ' -- session'), {'value': SECRET_VALUE})
+    with pytest.raises((asyncpg.PostgresError, asyncpg.DataError)):
+        async with driver_transaction(account=alpha) as transaction:
+            await transaction.fetch(DriverStatement.of(text(sql + ' -- driver')), {'value': SECRET_VALUE})
+    spans = {
+        span.attributes['db.statement']: span
+        for span in instrumented.exporter.exported_spans
+        if span.attributes and span.attributes.get('logfire.span_type') == 'span' and 'db.statement' in span.attributes
+    }
+    sent = sql.replace(':value', '$1')
+    for how in ('session', 'driver'):
+        span = spans[f'{sent} -- {how}']
+        assert span.status.status_code is StatusCode.ERROR
+        description = span.status.description or ''
+        assert 'aB3dE5fG7hJ9' not in description and '[REDACTED]' in description, description
+        assert 'aB3dE5fG7hJ9' not in repr(span.events) + repr(span.attributes), (span.events, span.attributes)
+    assert spans[f'{sent} -- session'].status.description == spans[f'{sent} -- driver'].status.description
