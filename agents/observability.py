@@ -29,7 +29,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
-from agentrt.services.span_errors import record_redacted
+from agentrt.services.span_errors import exported_text, record_redacted
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
@@ -160,19 +160,36 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             distributed_tracing=True,
         )
         instrument_runtime()
+        if export.otlp_endpoint is not None:
+            import atexit
+
+            from agentrt.agents.otlp_stop import bound_exports_at_exit
+
+            # After logfire's providers registered their shutdowns: atexit runs the last registered first.
+            atexit.register(bound_exports_at_exit)
     _configured = export
     return export
 
 
 async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound on the exporters' work
-    """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here."""
+    """Send the spans still buffered (a batch exporter sends every few seconds), when tracing was configured here.
+
+    Sent to an OTLP collector, each batch gets one attempt of a few seconds (`stopping_exports`): a stop with the
+    collector down or not answering is not held up by retries.
+    """
     if _configured is None or not _configured.enabled:
         return
     # The spans only: the metrics go at the process's exit (the meter provider's own shutdown); flushing them here
     # too made a command's end wait for two exports to a collector that is down.
     force_flush = getattr(trace.get_tracer_provider(), 'force_flush', None)
     if force_flush is not None:
-        await asyncio.to_thread(force_flush, int(timeout * 1000))
+        if _configured.otlp_endpoint is None:
+            await asyncio.to_thread(force_flush, int(timeout * 1000))
+            return
+        from agentrt.agents.otlp_stop import stopping_exports
+
+        with stopping_exports():
+            await asyncio.to_thread(force_flush, int(timeout * 1000))
 
 
 def spans_exported() -> bool:
@@ -196,7 +213,7 @@ def instrument_runtime() -> None:
     (`include_content=False`): the ledger stores them, redacted. Engines made afterwards are instrumented too.
     """
     import logfire
-    from sqlalchemy import event
+    from sqlalchemy import Engine, event
     from sqlalchemy.pool import Pool
 
     from agentrt.db.engine import current_engine
@@ -207,19 +224,24 @@ def instrument_runtime() -> None:
     logfire.instrument_sqlalchemy(engine=current_engine(), skip_dep_check=True)
     if not event.contains(Pool, 'checkout', _note_backend_pid):
         event.listen(Pool, 'checkout', _note_backend_pid)
+    if not event.contains(Engine, 'handle_error', _redacted_statement_error):
+        # First (class-level listeners run before an engine's own): the instrumentation's would set the raw text.
+        event.listen(Engine, 'handle_error', _redacted_statement_error, insert=True)
 
 
 def uninstrument_runtime() -> None:
     """Undo `instrument_runtime()` (tests; a program that turns tracing off)."""
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
     from pydantic_ai import Agent
-    from sqlalchemy import event
+    from sqlalchemy import Engine, event
     from sqlalchemy.pool import Pool
 
     Agent.instrument_all(False)
     SQLAlchemyInstrumentor().uninstrument()
     if event.contains(Pool, 'checkout', _note_backend_pid):
         event.remove(Pool, 'checkout', _note_backend_pid)
+    if event.contains(Engine, 'handle_error', _redacted_statement_error):
+        event.remove(Engine, 'handle_error', _redacted_statement_error)
 
 
 def _note_backend_pid(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -230,6 +252,25 @@ def _note_backend_pid(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     get_pid = getattr(getattr(dbapi_connection, 'driver_connection', None), 'get_server_pid', None)
     if get_pid is not None:
         span.set_attribute(BACKEND_PID_ATTRIBUTE, get_pid())
+
+
+def _redacted_statement_error(context: Any) -> None:
+    """End a failed statement's span with its error redacted, as every error on the runtime's spans is.
+
+    The SQLAlchemy instrumentation sets the status to the driver's text as it is (`str(original_exception)`), which
+    quotes the value a statement refused (`invalid input syntax for type integer: "sk-..."`, asyncpg's `invalid input
+    for query argument $1: '...'`). Its span (`_otel_span` on the execution context, a session's or a driver
+    statement's) is ended here and taken off the context, so the instrumentation's listener, after this one, finds
+    none to write on.
+    """
+    execution = context.execution_context
+    span = getattr(execution, '_otel_span', None)
+    if span is None:
+        return
+    if span.is_recording():
+        span.set_status(trace.Status(trace.StatusCode.ERROR, exported_text(str(context.original_exception))))
+    span.end()
+    execution._otel_span = None
 
 
 @contextmanager

@@ -205,6 +205,13 @@ def _outage(exc: BaseException) -> bool:
     )
 
 
+DISK_FULL_MESSAGE = (
+    "the database's disk is full: nothing of this request was saved; try again once the server's operator has freed "
+    'space'
+)
+"""A 503 `database_unavailable` for PostgreSQL out of disk space (SQLSTATE 53100): the CLI's words name the data
+directory, a client's do not (no other answer of the API shows a server path)."""
+
 # 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
 _ONE_LINE = frozenset({'busy', 'shutting_down'})
 
@@ -263,6 +270,9 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
         return 503, 'busy', 'the server is busy; try again shortly', None
     if isinstance(exc, DatabaseUnavailableError) and pool_exhausted(exc):  # the runtime's words for the pool's timeout
         return 503, 'busy', 'the server is busy; try again shortly', None
+    if isinstance(exc, DatabaseUnavailableError) and disk_full(exc) is not None:
+        # Not "try again shortly": it fails until the operator frees space (where stays in the server's log).
+        return 503, 'database_unavailable', DISK_FULL_MESSAGE, None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
         return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None
     if isinstance(exc, PoolTimeoutError):

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import AgentRuntimeError, InvalidInputError
@@ -192,8 +193,32 @@ async def revoke_api_key(*, session: AsyncSession, key: str) -> ApiKeyInfo:
     if row is None:
         raise UnknownApiKeyError(f'no API key {KEY_PREFIX}_{prefix}')
     slug = (await session.execute(select(Account.slug).where(Account.id == row.account_id))).scalar_one()
-    _cache.pop(prefix, None)
+    _revoking_in(session, prefix)
     return _info(row, slug)
+
+
+def _revoking_in(session: AsyncSession, prefix: str) -> None:
+    """Forget `prefix`'s key in this process now and when `session`'s transaction ends, and cache no check of it
+    meanwhile: a check while the revoke is not committed reads the key as valid (it still is, for everyone), and one
+    under way when it commits answers from before; cached, either kept the revoked key working for the cache time."""
+    _cache.pop(prefix, None)
+    _revoking[prefix] = _revoking.get(prefix, 0) + 1
+    ended = False
+
+    def on_end(_: Session, transaction: SessionTransaction) -> None:
+        nonlocal ended
+        if ended or transaction.parent is not None:  # a savepoint's end: the revoke is not settled yet
+            return
+        ended = True
+        global _revocations
+        _revocations += 1  # a lookup that began before this moment is not cached
+        if _revoking[prefix] == 1:
+            del _revoking[prefix]
+        else:
+            _revoking[prefix] -= 1
+        _cache.pop(prefix, None)
+
+    event.listen(session.sync_session, 'after_transaction_end', on_end)
 
 
 def is_api_key_shaped(token: str) -> bool:
@@ -243,6 +268,10 @@ _cache: dict[str, _Cached] = {}
 # same 48 random bits (`create_api_key` forgets it here; another process's within the cache time).
 _refused: dict[str, float] = {}
 _inflight: dict[str, asyncio.Future[_Cached | None]] = {}
+# Revokes of this process not committed (or rolled back) yet, by prefix, and how many have ended: a check of a key
+# under revocation, or one that began before a revoke ended, answers but is not cached (`_revoking_in`).
+_revoking: dict[str, int] = {}
+_revocations = 0
 
 
 async def _lookup_once(prefix: str, digest: bytes) -> _Cached | None:
@@ -274,6 +303,7 @@ async def _lookup(prefix: str, digest: bytes) -> _Cached | None:
         .join(Account, Account.id == ApiKey.account_id)
         .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
     )
+    revocations = _revocations
     async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:  # any account's key
         row = (await session.execute(query)).first()
         if row is None:
@@ -289,7 +319,8 @@ async def _lookup(prefix: str, digest: bytes) -> _Cached | None:
         await session.execute(touch.values(last_used_at=func.now()))
     caller = ApiCaller(key_id, prefix, account_id, slug, frozenset(scopes))
     entry = _Cached(caller, bytes(secret_hash), time.monotonic() + current_settings().api_key_cache_seconds)
-    _remember(_cache, prefix, entry)
+    if revocations == _revocations and prefix not in _revoking:  # else: the answer of a moment a revoke has passed
+        _remember(_cache, prefix, entry)
     _refused.pop(prefix, None)
     return entry
 

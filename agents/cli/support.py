@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -229,11 +230,20 @@ class ExportFailuresOnce(logging.Filter):
         if self.shown:
             return False
         self.shown = True
+        # OpenTelemetry's first words may be "Transient error ..., retrying": said plainly what did not reach the
+        # collector (a stop gives up at once on what a running process retries).
+        kind = _EXPORTED_KIND.search(record.getMessage())
+        what = f'{_KIND_NAMES.get(kind.group(1), kind.group(1))} could not be exported: ' if kind else ''
         record.msg = (
-            f'tracing: {record.getMessage()} (later export failures are not shown; {self.shows_all} shows them)'
+            f'tracing: {what}{record.getMessage()} (later export failures are not shown; {self.shows_all} shows them)'
         )
         record.args = None
         return True
+
+
+_EXPORTED_KIND = re.compile(r'\b(spans?|metrics|logs) batch\b')
+"""What an exporter's line is about, in its own words (`exporting spans batch`, `Failed to export span batch`)."""
+_KIND_NAMES = {'span': 'spans', 'logs': 'log records'}
 
 
 MAX_ERROR_CHARS = 1500

@@ -4,7 +4,9 @@ log records."""
 from __future__ import annotations
 
 import gzip
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -113,3 +115,39 @@ class OtlpReceiver:
             for scope_logs in resource_logs.scope_logs
             for record in scope_logs.log_records
         ]
+
+
+class SilentCollector:
+    """Accepts connections, never answers; notes how long each client waited before it gave up (closed)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self._socket = socket.create_server(('127.0.0.1', 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._hold, args=(connection, time.monotonic()), daemon=True).start()
+
+    def _hold(self, connection: socket.socket, accepted: float) -> None:
+        with connection:
+            connection.settimeout(30)
+            try:
+                while connection.recv(65536):
+                    pass
+            except OSError:
+                return
+            self.waits.append(time.monotonic() - accepted)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()

@@ -10,6 +10,7 @@ traceback per turn).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -105,3 +106,40 @@ async def test_a_full_disk_under_a_server_is_one_503_warning_line_without_a_trac
     [record] = caplog.records
     assert record.levelno == logging.WARNING and record.exc_info is None, 'one line, no traceback'
     assert 'ran out of disk space' in record.getMessage()
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['json', 'streamed'])
+async def test_over_http_a_full_disk_says_the_databases_disk_is_full_without_its_path(
+    full_disk: None, streamed: bool
+) -> None:
+    # The CLI said the disk was full; a client got "the database is unavailable; try again shortly", as for an outage
+    # of seconds, while every turn would fail until space was freed.
+    import httpx2
+
+    from agentrt.api.app import create_app
+    from agentrt.services.api_keys import create_api_key
+
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        key = (await create_api_key(session=session, account='acme-health')).token
+    transport = httpx2.ASGITransport(app=create_app(manage_runtime=False), raise_app_exceptions=False)
+    headers = {'Authorization': f'Bearer {key}'}
+    async with httpx2.AsyncClient(transport=transport, base_url='http://test', timeout=60) as client:
+        if streamed:
+            message = {'id': 'm1', 'role': 'user', 'parts': [{'type': 'text', 'text': QUESTION}]}
+            body = {'trigger': 'submit-message', 'id': 'full-http', 'messages': [message]}
+            response = await client.post('/api/v1/chat', json=body, headers=headers)
+            # The answer streamed before the save met the full disk: the error is the stream's last word.
+            assert response.status_code == 200
+            [error] = [line for line in response.text.splitlines() if line.startswith('data: {"type":"error"')]
+            text_shown = json.loads(error.removeprefix('data: '))['errorText']
+        else:
+            response = await client.post(
+                '/api/v1/conversations/full-http/turns', json={'message': QUESTION}, headers=headers
+            )
+            assert (response.status_code, response.headers['retry-after']) == (503, '5'), response.text
+            error_body = response.json()
+            assert error_body['type'] == 'database_unavailable'
+            text_shown = error_body['detail']
+    assert text_shown.startswith("the database's disk is full: nothing of this request was saved"), text_shown
+    assert 'data' not in text_shown.replace('database', '') and '/' not in text_shown, 'no path of the server'
+    assert await _count('SELECT count(*) FROM conversation_entries') == 0

@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,7 +28,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.models import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.transaction_setup import TransactionSetup
-from tests.agents.otlp_receiver import OtlpReceiver
+from tests.agents.otlp_receiver import OtlpReceiver, SilentCollector
 from tests.factories import ledger_rows
 from tests.programs import run_program
 
@@ -585,42 +583,6 @@ async def test_a_stream_the_provider_breaks_off_marks_its_request_span_failed_an
     assert failures == [f'pydantic_ai.exceptions.{expected}']
 
 
-class SilentCollector:
-    """Accepts connections, never answers; notes how long each client waited before it gave up (closed)."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-        self._socket = socket.create_server(('127.0.0.1', 0))
-        self._socket.settimeout(0.2)
-        self.port = self._socket.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._hold, args=(connection, time.monotonic()), daemon=True).start()
-
-    def _hold(self, connection: socket.socket, accepted: float) -> None:
-        with connection:
-            connection.settimeout(30)
-            try:
-                while connection.recv(65536):
-                    pass
-            except OSError:
-                return
-            self.waits.append(time.monotonic() - accepted)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._socket.close()
-
-
 async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one_line(
     demo_data: None, database_url: str
 ) -> None:
@@ -744,3 +706,41 @@ async def test_a_servers_exported_log_records_are_redacted_and_a_clients_tracepa
     text = repr(record)
     assert 'RuntimeError' in text and 'ConnectionError' in text and '[REDACTED]' in text  # the story, redacted
     assert 'aB3dE5fG7hJ9' not in text
+
+
+SECRET_VALUE = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
+
+
+@pytest.mark.parametrize(
+    'sql',
+    [
+        'SELECT CAST(CAST(:value AS text) AS integer)',  # PostgreSQL's error: invalid input syntax ...: "sk-proj-..."
+        'SELECT CAST(:value AS integer)',  # asyncpg's, before sending: invalid input for query argument $1: 'sk-...'
+    ],
+    ids=['server', 'driver'],
+)
+async def test_a_failed_statements_span_carries_its_error_redacted(
+    two_accounts: tuple[int, int], instrumented: CaptureLogfire, sql: str
+) -> None:
+    # The error of a failed statement quotes the value it refused; the SQLAlchemy instrumentation put it on the
+    # statement's span status as it was, where every other error on a span is redacted (`record_redacted`).
+    alpha, _ = two_accounts
+    with pytest.raises(DBAPIError):
+        async with get_db_session(account=alpha) as session:
+            await session.execute(text(sql + ' -- session'), {'value': SECRET_VALUE})
+    with pytest.raises((asyncpg.PostgresError, asyncpg.DataError)):
+        async with driver_transaction(account=alpha) as transaction:
+            await transaction.fetch(DriverStatement.of(text(sql + ' -- driver')), {'value': SECRET_VALUE})
+    spans = {
+        span.attributes['db.statement']: span
+        for span in instrumented.exporter.exported_spans
+        if span.attributes and span.attributes.get('logfire.span_type') == 'span' and 'db.statement' in span.attributes
+    }
+    sent = sql.replace(':value', '$1')
+    for how in ('session', 'driver'):
+        span = spans[f'{sent} -- {how}']
+        assert span.status.status_code is StatusCode.ERROR
+        description = span.status.description or ''
+        assert 'aB3dE5fG7hJ9' not in description and '[REDACTED]' in description, description
+        assert 'aB3dE5fG7hJ9' not in repr(span.events) + repr(span.attributes), (span.events, span.attributes)
+    assert spans[f'{sent} -- session'].status.description == spans[f'{sent} -- driver'].status.description

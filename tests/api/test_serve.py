@@ -31,7 +31,7 @@ from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
-from tests.agents.otlp_receiver import OtlpReceiver
+from tests.agents.otlp_receiver import OtlpReceiver, SilentCollector
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events, stream_chat
 from tests.factories import ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
@@ -429,3 +429,54 @@ async def test_serve_sends_each_requests_span_and_its_turn_to_a_collector_withou
 def _attribute(span: Any, name: str) -> Any:
     """A string attribute of a span as the collector received it."""
     return next((a.value.string_value for a in span.attributes if a.key == name), None)
+
+
+async def test_a_stop_with_the_collector_down_or_not_answering_takes_seconds_and_says_so_in_one_line(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # A stop made its last exports one after another (the spans flushed, then the metrics at the exit), each retried
+    # for the SDK's 10 s: SIGTERM took 14 s to end `agentrt serve` with the collector down, 21 s with one that never
+    # answered. The batch processors export only at the stop here (OTEL_BSP_SCHEDULE_DELAY): no export under way.
+    silent = SilentCollector()
+    with socket.socket() as refusing:
+        refusing.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused
+        endpoints = [f'http://127.0.0.1:{refusing.getsockname()[1]}', f'http://127.0.0.1:{silent.port}']
+        try:
+            stops = await asyncio.gather(
+                *(_stop_while_the_collector_fails(database_url, tmp_path / str(i), e) for i, e in enumerate(endpoints))
+            )
+        finally:
+            silent.close()
+    for (returncode, seconds, stderr), bound in zip(stops, (6, 10), strict=True):
+        assert returncode == 0, stderr[-3000:]
+        assert seconds < bound, (seconds, stderr[-3000:])  # 14 s and 21 s before
+        lines = [line for line in stderr.splitlines() if 'tracing' in line or 'export' in line.lower()]
+        [line] = lines
+        assert 'tracing: spans could not be exported' in line and '--log-level debug' in line, line
+        assert 'Traceback' not in stderr
+    assert silent.waits and max(silent.waits) < 6, silent.waits  # each export gave up after its 2 s
+
+
+async def _stop_while_the_collector_fails(database_url: str, spool: Path, endpoint: str) -> tuple[int, float, str]:
+    """`agentrt serve` exporting to `endpoint`, one turn, then SIGTERM: its exit code, how long it took to end after
+    the signal, its stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('LOGFIRE_', 'OTEL_'))}
+    env |= {
+        'DATABASE_URL': database_url,
+        'OTEL_EXPORTER_OTLP_ENDPOINT': endpoint,
+        'OTEL_BSP_SCHEDULE_DELAY': '600000',
+        'AGENTRT_LEDGER_SPOOL': str(spool),
+    }
+    server, url = _start_serve(env, '--log-level', 'warning', stdout=subprocess.DEVNULL)
+    try:
+        key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+        async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+            turn = await client.post(
+                f'/api/v1/conversations/stop-export-{spool.name}/turns', json={'message': 'hi'}, headers=auth(key)
+            )
+            assert turn.status_code == 200, turn.text
+    finally:
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    return server.returncode, time.monotonic() - signalled, stderr

@@ -183,3 +183,36 @@ def test_a_flood_of_unknown_prefixes_stays_bounded_and_keeps_the_keys_in_use() -
     assert api_keys._cache == {'f' * 12: cached}
     forget_cached_api_keys()
     assert not api_keys._refused and not api_keys._cache
+
+
+async def test_a_revoke_takes_effect_at_once_in_its_process_even_with_checks_during_it(demo_data: None) -> None:
+    # The revoke dropped the key from this process's cache before its transaction committed: a check in between read
+    # the key as still valid (the revoke not committed yet) and cached it again, and so did a check whose lookup was
+    # under way when the revoke committed: the revoked key then worked for AGENTRT_API_KEY_CACHE_SECONDS (30 s).
+    during, across = await _create(), await _create()
+    assert await authenticate_api_key(during) is not None
+    forget_cached_api_keys()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await revoke_api_key(session=session, key=during)
+        await revoke_api_key(session=session, key=across)
+        assert await authenticate_api_key(during) is not None  # not committed yet: still valid for everyone
+        # A first use notes the key as used: that update waits for the revoke's lock on the row, after reading it.
+        in_flight = asyncio.create_task(authenticate_api_key(across))
+        while not await _waiting_for_a_lock():  # noqa: ASYNC110 - polling the server
+            await asyncio.sleep(0.02)
+    assert await in_flight is not None  # read before the revoke committed
+    assert await authenticate_api_key(during) is None
+    assert await authenticate_api_key(across) is None
+
+
+async def _waiting_for_a_lock() -> bool:
+    """Whether a session of this test's database waits for a lock (pg_locks: pg_stat_activity hides another role's
+    wait events)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        waiting = await session.execute(
+            text(
+                'SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) '
+                'WHERE NOT l.granted AND a.datname = current_database()'
+            )
+        )
+        return bool(waiting.scalar_one())
