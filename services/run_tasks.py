@@ -21,34 +21,50 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-_turn_runs: contextvars.ContextVar[set[asyncio.Task[Any]] | None] = contextvars.ContextVar(
-    'agentrt_turn_runs', default=None
-)
+
+class _TurnRuns:
+    """The run tasks of one turn, and whether the turn has ended."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ended = False
+
+
+_turn_runs: contextvars.ContextVar[_TurnRuns | None] = contextvars.ContextVar('agentrt_turn_runs', default=None)
 
 
 def note_run_task() -> None:
-    """In a capability's `wrap_run`: the task it runs in belongs to the enclosing turn's runs (if in a turn)."""
+    """In a capability's `wrap_run`: the task it runs in belongs to the enclosing turn's runs (if in a turn).
+
+    A run that starts once its turn has ended (a streamed response closed its turn while the task that drives the run
+    had not got that far) is cancelled at once: nothing would end its task later.
+    """
     runs = _turn_runs.get()
     task = asyncio.current_task()
-    if runs is not None and task is not None:
-        runs.add(task)
-        task.add_done_callback(runs.discard)  # ended: nothing to hold on to
+    if runs is None or task is None:
+        return
+    if runs.ended:
+        task.cancel()
+        return
+    runs.tasks.add(task)
+    task.add_done_callback(runs.tasks.discard)  # ended: nothing to hold on to
 
 
 @asynccontextmanager
 async def turn_runs() -> AsyncIterator[None]:
     """A turn's block: the run tasks noted inside it (`note_run_task`) still running when it ends are cancelled, and
-    waited for (they only unwind: the run they belonged to is over)."""
-    runs: set[asyncio.Task[Any]] = set()
+    waited for (they only unwind: the turn they belonged to is over)."""
+    runs = _TurnRuns()
     token = _turn_runs.set(runs)
     try:
         yield
     finally:
+        runs.ended = True
         try:
             _turn_runs.reset(token)
         except ValueError:  # the block ended in another context (a streamed response closed by its server)
             pass
-        left = [task for task in runs if not task.done()]
+        left = [task for task in runs.tasks if not task.done()]
         for task in left:
             task.cancel()
         if left:
