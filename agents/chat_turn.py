@@ -50,6 +50,7 @@ from agentrt.services.conversations import (
 from agentrt.services.ledger import remember_message_json
 from agentrt.services.pg_text import storable
 from agentrt.services.post_turn import schedule_post_turn_work
+from agentrt.services.run_tasks import turn_runs
 from agentrt.services.tenancy import Tenant, lookup_tenant, lookup_tenant_on, unknown_tenant_error
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -236,7 +237,9 @@ async def _claimed_turn(
     claim.loaded(recent.conversation.revision)
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
         remember_message_json(recent.stored, recent.stored_json)
-    async with claim.held():
+    # The run tasks pydantic-ai left waiting are ended inside the claim: their cut-off requests reach the ledger before
+    # the conversation is released (what a stopping server waits for before it closes the ledger).
+    async with claim.held(), turn_runs():
         conversation = recent.conversation
         check_continuable(conversation_id, conversation.messages)
         deps = _dependencies(conversation_id, tenant)

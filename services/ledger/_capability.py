@@ -24,6 +24,7 @@ from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
 from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
+from agentrt.services.run_tasks import note_run_task
 
 logger = logging.getLogger('agentrt.ledger')
 _IDENTITY_COLUMNS = tuple(f.name for f in fields(LedgerIdentity))
@@ -150,8 +151,10 @@ class LedgerCapability(AbstractCapability[Any]):
         A streamed request cut off meanwhile is recorded here, once the run's error says why (see `Cut`). The
         responses recorded since the last model request are sealed here (`RunBodies.seal`): their stored content is
         taken once pydantic-ai has stamped them. A run that is cancelled does not wait, but its rows are committed
-        without delay all the same.
+        without delay all the same. The task it runs in is noted for the turn, which ends it if pydantic-ai leaves it
+        waiting (`agentrt.services.run_tasks`).
         """
+        note_run_task()
         try:
             result = await handler()
         except BaseException as exc:
