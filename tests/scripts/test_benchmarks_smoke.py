@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.pgbouncer import BINARY as PGBOUNCER_BINARY
+from tests.pgbouncer import require_pgbouncer
 from tests.scripts.forked_scripts import run_forked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,10 +73,8 @@ def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_ROW_KEYS))
 def test_benchmark_runs_and_writes_json(name: str, quick_runs: dict[str, tuple[int, str, Path]]) -> None:
-    if name not in quick_runs:  # as the pgbouncer fixture does for the pooler tests (tests/conftest.py)
-        if os.environ.get('CI'):
-            pytest.fail('pgbouncer is not installed: .ci/run installs it with apt')
-        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer)')
+    if name not in quick_runs:  # as the pooler tests are
+        require_pgbouncer()
     returncode, output, out = quick_runs[name]
     assert returncode == 0, output
     data = json.loads(out.read_text())
