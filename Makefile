@@ -40,6 +40,6 @@ bench:
 	.venv/bin/python scripts/bench_budgets.py
 	.venv/bin/python scripts/bench_cli_startup.py
 	.venv/bin/python scripts/bench_tracing.py
-	.venv/bin/python scripts/bench_workers.py
 	.venv/bin/python scripts/bench_rls.py
 	.venv/bin/python scripts/bench_loop_stalls.py
+	.venv/bin/python scripts/bench_workers.py  # last: it needs pgbouncer, and stops make without it

@@ -49,7 +49,8 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import seed_demo_data
 
 sys.path.insert(0, str(ROOT))
-from tests.pgbouncer import PgBouncer, bouncer_for  # the tests' PgBouncer launcher
+from tests.pgbouncer import BINARY as PGBOUNCER_BINARY  # the tests' PgBouncer launcher
+from tests.pgbouncer import PgBouncer, bouncer_for
 
 BUDGET = 10
 CHAT_PREFIX = f'bench-workers-{os.getpid()}'
@@ -202,6 +203,10 @@ async def main() -> None:
         return
     if args.quick:  # the smoke test: every step once (each worker process is another Python start, about 2 s of CPU)
         args.workers, args.chats, args.turns, args.latency = [1], 3, 1, 0.05
+    if PGBOUNCER_BINARY is None:  # said before the database starts: it was a traceback after the seeding
+        said = 'bench_workers: pgbouncer is not installed (apt-get install pgbouncer); nothing measured'
+        print(said, file=sys.stderr)
+        raise SystemExit(2)
     await init_database()
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)

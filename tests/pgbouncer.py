@@ -214,8 +214,21 @@ class PooledDatabase:
             engine._runtime = saved
 
 
+def require_pgbouncer() -> None:
+    """Skip the calling test when pgbouncer is not installed, except in CI, where `.ci/run` installs it: there that
+    is a failure. (pytest imported here: `scripts/bench_workers.py` imports this module without it.)"""
+    if BINARY is None:
+        import pytest
+
+        if os.environ.get('CI'):
+            pytest.fail('pgbouncer is not installed: .ci/run installs it with apt')
+        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer)')
+
+
 def bouncer_for(url: URL, **options: Any) -> PgBouncer:
-    """A PgBouncer (not started) in front of the server of `url` (a TCP host or a Unix socket directory)."""
+    """A PgBouncer (not started) in front of the server of `url` (a TCP host or a Unix socket directory); a test
+    that asks for one without pgbouncer installed is skipped (`require_pgbouncer`)."""
+    require_pgbouncer()
     host = str(url.query.get('host') or url.host or '127.0.0.1')
     port = int(str(url.query.get('port') or url.port or 5432))
     return PgBouncer(host=host, port=port, dbname=str(url.database), **options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 
 import typer
@@ -92,4 +93,16 @@ def main() -> None:
     # printed as a replacement, never an error that ends the command (`chat` shows the store's U+FFFD itself).
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors='replace')
-    app()
+    try:
+        app()
+    finally:
+        _exit_unstoppable()
+
+
+def _exit_unstoppable() -> None:
+    """The command has ended, its clean shutdown included: what is left is the interpreter's exit (`atexit`: the
+    embedded server's release, where the last user stops it; the spans' last export). A SIGTERM or SIGHUP then, with the
+    command's own handlers gone, killed the process where it stood (129 after a chat that had answered and saved), so
+    they are ignored from here on; Ctrl-C still interrupts a stuck exit."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)

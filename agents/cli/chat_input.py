@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import errno
 import os
 import stat
 import sys
@@ -210,8 +211,11 @@ class TerminalLines:
         self._untaken = 0  # characters typed or pasted past `max_chars` into the line being read
         self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
         stored = _private_file(history) if history is not None else None
-        self._history_path = stored
-        self._history_file = _kept_history(stored) if stored is not None else None
+        self._history_path = history
+        self._history_file = _kept_history(stored) if isinstance(stored, Path) else None
+        # A file refused at the start is said as one whose write fails is: a directory named by AGENTRT_CHAT_HISTORY
+        # was silently no history at all.
+        self._history_refused = stored if isinstance(stored, str) else None
         self._history_told = False
         kept: History = self._history_file if self._history_file is not None else InMemoryHistory()
         self._session: PromptSession[str] = PromptSession(
@@ -230,6 +234,7 @@ class TerminalLines:
         """
         self._armed = False
         self._untaken = 0
+        self._tell_history_failure()  # a file refused at the start: before the first prompt
         # The chat loop owns SIGINT (it stops an answer); at the prompt Ctrl-C is a key (the terminal is raw).
         line = await self._session.prompt_async(self._message, handle_sigint=False)
         self._tell_history_failure()
@@ -241,7 +246,7 @@ class TerminalLines:
 
     def _tell_history_failure(self) -> None:
         """Say once that the history file could not be written (the chat goes on, its lines kept in memory)."""
-        failure = getattr(self._history_file, 'failure', None)
+        failure = self._history_refused or getattr(self._history_file, 'failure', None)
         if failure is None or self._history_told:
             return
         self._history_told = True
@@ -335,21 +340,26 @@ def _kept_history(path: Path) -> FileHistory:
     return KeptHistory(str(path))
 
 
-def _private_file(path: Path) -> Path | None:
+def _private_file(path: Path) -> Path | str:
     """`path`, created if missing with owner-only permissions (what is typed may be private), an existing one of ours
-    made owner-only; None if it cannot be, if it is a symlink or if it is another user's (a `chat-history` beside a
-    data directory under `/tmp` is a name anyone could have taken first, to read what is typed)."""
+    made owner-only; else why it is not used: it cannot be, it is a symlink, not a file, or another user's (a
+    `chat-history` beside a data directory under `/tmp` is a name anyone could have taken first, to read what is
+    typed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
         try:
             status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
-                return None
+            if not stat.S_ISREG(status.st_mode):
+                return 'not a file'
+            if status.st_uid != os.geteuid():
+                return "another user's file"
             if stat.S_IMODE(status.st_mode) & 0o077:  # an earlier version's, or made by hand
                 os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            return 'a symlink, not followed'
+        return exc.strerror or str(exc)
     return path

@@ -38,6 +38,9 @@ def ledger_filters(
     """The filters the options name; a usage error (exit 2) for a time that does not parse."""
     from agentrt.services.ledger import LedgerFilters
 
+    for flag, value in (('--agent', agent), ('--model', model), ('--session', chat_session_id)):
+        if value is not None and not value.strip():  # it matched nothing: an empty page, read as "no activity"
+            fail(f'{flag} is blank; leave it out to match every value', EXIT_USAGE)
     start, end = parse_time(since, '--since'), parse_time(until, '--until')
     if start is not None and end is not None and start >= end:
         fail('--since must be before --until', EXIT_USAGE)  # as the HTTP API says, rather than an empty answer

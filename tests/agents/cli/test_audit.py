@@ -114,3 +114,20 @@ async def test_an_agent_that_does_not_exist_is_a_usage_error_not_an_empty_page(
         for agent in ('provider-finder', 'my-own-agent'):
             quiet = await invoke(*command, '--agent', agent, '--since', '2099-01-01', '--json', env=env)
             assert quiet.exit_code == 0 and 'error' not in quiet.stderr, (agent, quiet.stderr)
+
+
+@pytest.mark.parametrize(
+    'args',
+    [
+        ('audit', 'list', '--model', ' '),
+        ('audit', 'list', '--session', ''),
+        ('audit', 'list', '--agent', '\t'),
+        ('costs', '--source', 'ledger', '--model', '  '),
+    ],
+)
+async def test_a_blank_filter_is_a_usage_error_not_an_empty_page(database_url: str, args: tuple[str, ...]) -> None:
+    # `audit list --model ' '` printed an empty page (exit 0), as if nothing had run; the HTTP API answers the same
+    # blank filter with a 422.
+    blank = await invoke(*args, env={'DATABASE_URL': database_url})
+    assert blank.exit_code == 2, blank.stderr
+    assert blank.stderr.strip() == f'error: {args[-2]} is blank; leave it out to match every value'

@@ -96,7 +96,7 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['costs', '--by', ''], {}, 2, '--by must be one of'),
     (['costs', '--source', SURROGATE], {}, 2, '--source must be one of'),
     (['audit', 'list', '--page-size', '-1'], {}, 2, '--page-size'),
-    (['audit', 'list', '--agent', ''], {}, 2, "unknown agent ''"),
+    (['audit', 'list', '--agent', ''], {}, 2, '--agent is blank; leave it out to match every value'),
     (['keys', 'revoke', ANSI], {}, 2, 'not an API key id'),
     (['keys', 'create', '--account', 'acme-health', '--name', ANSI], {}, 2, 'the key name'),
     (['keys', 'create', '--account', 'acme-health', '--scope', '   '], {}, 2, 'unknown scope'),

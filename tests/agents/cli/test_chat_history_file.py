@@ -32,7 +32,7 @@ def test_a_history_path_that_is_a_symlink_is_not_used(tmp_path: Path) -> None:
     target.write_text('someone else\n')
     path = tmp_path / 'chat-history'
     path.symlink_to(target)
-    assert _private_file(path) is None
+    assert _private_file(path) == 'a symlink, not followed'
     assert target.read_text() == 'someone else\n'
 
 
@@ -42,5 +42,9 @@ def test_a_history_file_another_user_made_first_is_not_used(tmp_path: Path) -> N
     path.write_text('')
     path.chmod(0o666)
     os.chown(path, 65534, 65534)
-    assert _private_file(path) is None
+    assert _private_file(path) == "another user's file"
     assert stat.S_IMODE(path.stat().st_mode) == 0o666
+
+
+def test_a_history_path_that_is_a_directory_is_not_used(tmp_path: Path) -> None:
+    assert _private_file(tmp_path) == 'Is a directory'

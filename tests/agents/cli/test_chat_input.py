@@ -92,3 +92,27 @@ async def test_a_history_file_that_cannot_be_written_is_said_once_and_the_chat_g
     assert await lines.read() == 'second'
     told = capsys.readouterr().err
     assert told.count('chat history: cannot use') == 1 and str(history) in told and 'in memory only' in told
+
+
+@pytest.mark.parametrize('kind', ['directory', 'symlink'])
+async def test_a_history_file_refused_at_the_start_is_said_once_before_the_first_prompt(
+    keys: PipeInput, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # AGENTRT_CHAT_HISTORY naming a directory (or a symlink) was no history at all, silently: the lines typed were
+    # lost at the end of the chat with nothing said, where a file that failed its write was said.
+    history = tmp_path / 'chat-history'
+    if kind == 'directory':
+        history.mkdir()
+    else:
+        history.symlink_to(tmp_path / 'elsewhere')
+    lines = TerminalLines(history)
+    keys.send_text('first\r')
+    assert await lines.read() == 'first'
+    told = capsys.readouterr().err
+    assert told.count('chat history: cannot use') == 1 and str(history) in told and 'in memory only' in told
+    keys.send_text('second\r')
+    assert await lines.read() == 'second'
+    keys.send_text('\x1b[A\r')  # Up: the last line, from memory
+    assert await lines.read() == 'second'
+    assert 'chat history' not in capsys.readouterr().err  # once
+    assert kind == 'symlink' or not any(history.iterdir())

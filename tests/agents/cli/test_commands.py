@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -102,3 +103,29 @@ def test_constants_the_cli_keeps_to_stay_fast_agree_with_their_sources() -> None
     assert chat_cli.DEFAULT_ACCOUNT == MEDICAL_ACCOUNT
     assert costs_cli.COST_GROUPINGS == COST_GROUPINGS
     assert keys_cli.API_KEY_SCOPES == API_KEY_SCOPES
+
+
+@pytest.mark.parametrize('signum', [signal.SIGHUP, signal.SIGTERM])
+async def test_a_signal_while_the_command_exits_does_not_cut_its_exit_short(signum: signal.Signals) -> None:
+    # After the command's own clean shutdown, the interpreter's exit still runs the embedded server's release (the
+    # last user stops it) and the spans' last export (atexit). A SIGHUP or SIGTERM then, with the command's handlers
+    # gone, killed the process where it stood: `agentrt chat "..."` answered, saved, then died of the signal (129) in
+    # the middle of that release. Here an exit handler of the program's own stands for that release.
+    program = textwrap.dedent(
+        """
+        import atexit, sys, time
+        from agentrt.agents.cli import main
+        atexit.register(lambda: (print('exiting', flush=True), time.sleep(3), print('released', flush=True)))
+        sys.argv = ['agentrt', '--version']
+        main()
+        """
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, '-c', program, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    assert (await process.stdout.readline()).decode().startswith('agentrt ')
+    assert await process.stdout.readline() == b'exiting\n'
+    process.send_signal(signum)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert (process.returncode, out, err) == (0, b'released\n', b'')
