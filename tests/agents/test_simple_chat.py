@@ -380,12 +380,7 @@ async def test_a_users_own_tool_raising_reaches_the_caller_as_it_is_unsaved_and_
     session_id = f'broken-tool-{streamed}'
     turn = {'session_id': session_id, 'account': 'acme-health', 'model': _Seen().model(), 'toolsets': [_broken_tools]}
     with pytest.raises(ZeroDivisionError, match='the tool broke'):
-        if streamed:
-            async with simple_chat_stream('how many?', **turn) as stream:
-                async for _ in stream:
-                    pass
-        else:
-            await simple_chat('how many?', **turn)
+        await _turn(streamed, 'how many?', **turn)
     await get_supervisor().join()
     rows = await ledger_rows()
     assert [(row['status'], row['chat_session_id']) for row in rows] == [('complete', session_id)]
@@ -412,13 +407,14 @@ class _CancelsItsCaller(AbstractCapability[Any]):
         step(self.after)
 
 
-async def _turn(streamed: bool, **arguments: Any) -> None:
+async def _turn(streamed: bool, message: str = 'hi', **arguments: Any) -> None:
+    """One turn, `simple_chat_stream` read to its end or `simple_chat`."""
     if streamed:
-        async with simple_chat_stream('hi', **arguments) as stream:
+        async with simple_chat_stream(message, **arguments) as stream:
             async for _ in stream:
                 pass
     else:
-        await simple_chat('hi', **arguments)
+        await simple_chat(message, **arguments)
 
 
 def _waiting_run_tasks() -> list[asyncio.Task[Any]]:
