@@ -22,13 +22,14 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
 from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
+from agentrt.agents.otlp_stop import bound_exports_at_exit, stopping_exports
 from agentrt.services.span_errors import exported_text, record_redacted
 
 TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
@@ -163,8 +164,6 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         if export.otlp_endpoint is not None:
             import atexit
 
-            from agentrt.agents.otlp_stop import bound_exports_at_exit
-
             # After logfire's providers registered their shutdowns: atexit runs the last registered first.
             atexit.register(bound_exports_at_exit)
     _configured = export
@@ -183,12 +182,7 @@ async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound
     # too made a command's end wait for two exports to a collector that is down.
     force_flush = getattr(trace.get_tracer_provider(), 'force_flush', None)
     if force_flush is not None:
-        if _configured.otlp_endpoint is None:
-            await asyncio.to_thread(force_flush, int(timeout * 1000))
-            return
-        from agentrt.agents.otlp_stop import stopping_exports
-
-        with stopping_exports():
+        with stopping_exports() if _configured.otlp_endpoint is not None else nullcontext():
             await asyncio.to_thread(force_flush, int(timeout * 1000))
 
 

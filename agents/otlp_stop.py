@@ -10,7 +10,8 @@ command 3 s more than without tracing. `stopping_exports()` gives each export st
 Neither OpenTelemetry's providers nor logfire hand out their exporters, and the SDK's batch processors ignore the
 timeouts of their `force_flush` and `shutdown`, so the exporters are found by walking the providers' objects and their
 HTTP client's timeout and shutdown event are set (`_OTLPHTTPClient`, OpenTelemetry 1.45): a version that changed those
-leaves the exports as they were (tests/agents/test_otlp_stop.py fails then).
+leaves the exports as they were (`tests/api/test_serve.py`, `test_a_stop_with_the_collector_down_or_not_answering_...`,
+fails then).
 """
 
 from __future__ import annotations
@@ -71,13 +72,7 @@ def stopping_exports(seconds: float = STOP_EXPORT_SECONDS, *, restore: bool = Tr
         seconds: the time each export gets (less when `OTEL_EXPORTER_OTLP_TIMEOUT` says less).
         restore: give the exporters back their timeout and retries after the block.
     """
-    bounded = []
-    for client in otlp_clients():
-        if client._shutdown_event.is_set():  # shut down already (or bounded by an enclosing stop)
-            continue
-        bounded.append((client, client._timeout))
-        client._timeout = min(client._timeout, seconds)  # read by each export as it starts
-        client._shutdown_event.set()  # one attempt: the client gives up instead of waiting to retry
+    bounded = _bound(seconds)
     try:
         yield
     finally:
@@ -89,5 +84,16 @@ def stopping_exports(seconds: float = STOP_EXPORT_SECONDS, *, restore: bool = Tr
 
 def bound_exports_at_exit() -> None:
     """An `atexit` hook, registered after the providers' own: their shutdowns' last exports are bounded as a stop's."""
-    with stopping_exports(restore=False):
-        pass
+    _bound(STOP_EXPORT_SECONDS)
+
+
+def _bound(seconds: float) -> list[tuple[Any, float]]:
+    """Give each OTLP client not bounded yet one attempt of at most `seconds`; the bounded ones and their timeouts."""
+    bounded = []
+    for client in otlp_clients():
+        if client._shutdown_event.is_set():  # shut down already (or bounded by an enclosing stop)
+            continue
+        bounded.append((client, client._timeout))
+        client._timeout = min(client._timeout, seconds)  # read by each export as it starts
+        client._shutdown_event.set()  # one attempt: the client gives up instead of waiting to retry
+    return bounded
