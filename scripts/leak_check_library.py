@@ -59,6 +59,7 @@ WITH RECURSIVE chain AS (
 SELECT (SELECT count(*) FROM conversations) AS conversations,
        (SELECT count(*) FROM conversation_entries) AS entries,
        (SELECT count(*) FROM chain) AS entries_on_a_chain,
+       (SELECT count(*) FROM conversation_entries) - (SELECT count(*) FROM chain) AS entries_off_a_chain,
        (SELECT count(*) FROM chain WHERE parent_id IS NULL) AS roots,
        (SELECT count(*) FROM chain WHERE depth = 1 AND message->>'kind' <> 'response') AS heads_not_a_response,
        (SELECT count(*) FROM chain WHERE parent_id IS NULL AND message->>'kind' <> 'request') AS roots_not_a_request,
@@ -183,7 +184,6 @@ async def checks(model: Counted) -> dict[str, Any]:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         ledger = dict((await session.execute(text('SELECT status, count(*) FROM llm_requests GROUP BY 1'))).all())
         history = dict((await session.execute(text(HISTORY_SQL))).mappings().one())
-    history['entries_off_a_chain'] = history['entries'] - history['entries_on_a_chain']
     return {'model_answers': model.calls, 'ledger_rows_by_status': ledger, 'history': history}
 
 

@@ -176,7 +176,6 @@ async def checks(pg: PgProbe) -> dict[str, Any]:
         'FROM llm_requests GROUP BY 1'
     )
     history = dict(await pg.conn.fetchrow(HISTORY_SQL))
-    history['entries_off_a_chain'] = history['entries'] - history['entries_on_a_chain']
     return {
         'claims': await pg.conn.fetchval('SELECT count(*) FROM conversation_turns'),
         'holds': await pg.conn.fetchval('SELECT count(*) FROM budget_reservations'),
