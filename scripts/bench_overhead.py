@@ -87,6 +87,7 @@ LEFT_BEHIND = text(
     'LEFT JOIN llm_request_contents c ON c.request_id = r.id WHERE r.chat_session_id LIKE :p'
 )
 MODEL_NOTE = 'demo planner (agents/demo_model.py) as a FunctionModel named gpt-4o-mini, priced by genai-prices'
+BUDGETS_ON = text('SELECT count(*) FROM account_budgets b JOIN accounts a ON a.id = b.account_id WHERE a.slug = :slug')
 CONVERSATIONS = text('SELECT conversation_id FROM conversations WHERE conversation_id LIKE :p')
 
 
@@ -133,6 +134,13 @@ async def count_rows(prefix: str) -> dict[str, int]:
         'conversations': conversations,
         'background_tasks': spawned,
     }
+
+
+async def budgets_on(account: str) -> int:
+    """How many budgets `account` has in this database. The demo turn has none; with one, every model request takes
+    a hold first (a session of its own), which the breakdown would count as the runtime's."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(BUDGETS_ON, {'slug': account})).scalar_one()
 
 
 async def delete_conversations(prefix: str) -> None:
@@ -502,7 +510,14 @@ async def main() -> None:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         machine = await machine_info()
+        config['budgets_on_the_account'] = await budgets_on(MEDICAL_ACCOUNT)
         print_config('Benchmark 3: overhead of a runtime turn over a bare pydantic-ai run', config | machine)
+        if config['budgets_on_the_account']:
+            print(
+                f'warning: {MEDICAL_ACCOUNT} has a budget in this database: each model request takes a hold (one more '
+                'session and statement), so these figures are not those of the demo turn; run with a fresh '
+                f'AGENTRT_DATA_DIR, or remove it (`agentrt budget remove --account {MEDICAL_ACCOUNT}`)'
+            )
         parts: list[dict] = []
         if opts.breakdown_turns:
             parts = await breakdown(opts.breakdown_turns, prefix)
