@@ -15,7 +15,7 @@ tokens grow (tiers apply to all tokens once crossed), so rounding up keeps the b
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -194,11 +194,18 @@ class RequestSizes:
     thread-safe: one per run, used from the run's event loop.
     """
 
-    __slots__ = ('_messages',)
+    __slots__ = ('_json_of', '_messages')
 
-    def __init__(self) -> None:
-        """Start with no message seen."""
+    def __init__(self, json_of: Callable[[ModelMessage], str | None] | None = None) -> None:
+        """Start with no message seen.
+
+        Args:
+            json_of: a message's `dump_json` text when the caller has it or makes it anyway (the ledger's bodies of
+                the run: a loaded message's stored text, a message it dumps for its prompt), so a message is
+                serialised once for both; None for a message it has no text for, which is then dumped here.
+        """
         self._messages: dict[int, tuple[ModelMessage, int, int]] = {}
+        self._json_of = json_of
 
     def input_tokens_bound(self, messages: Sequence[ModelMessage], parameters: ModelRequestParameters | None) -> int:
         """An upper bound on the input tokens of a request sending `messages` with `parameters`."""
@@ -219,7 +226,9 @@ class RequestSizes:
         seen = self._messages.get(id(message))
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
-        size = _json_size(message, _MESSAGE_ADAPTER) + MEDIA_URL_TOKENS * _file_urls(message)
+        text = None if self._json_of is None else self._json_of(message)
+        measured = _json_size(message, _MESSAGE_ADAPTER) if text is None else _utf8_size(text)
+        size = measured + MEDIA_URL_TOKENS * _file_urls(message)
         self._messages[id(message)] = (message, len(message.parts), size)
         return size
 

@@ -45,8 +45,9 @@ class _RunLedger:
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
     bodies: RunBodies = field(default_factory=RunBodies)
     """The run's message bodies: each message dumped, redacted and serialised once however often it is resent."""
-    sizes: RequestSizes = field(default_factory=RequestSizes)
-    """The run's message sizes (the budget's input bound), each message measured once however often it is resent."""
+    sizes: RequestSizes = field(init=False)
+    """The run's message sizes (the budget's input bound), each message measured once however often it is resent,
+    from the text its body is stored by (`RunBodies.message_json`)."""
     no_budget: bool = False
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
     columns: dict[str, Any] = field(init=False)
@@ -54,6 +55,7 @@ class _RunLedger:
 
     def __post_init__(self) -> None:
         self.columns = {name: getattr(self.identity, name) for name in _IDENTITY_COLUMNS}  # scalars: no deep copy
+        self.sizes = RequestSizes(self.bodies.message_json)
 
 
 @dataclass

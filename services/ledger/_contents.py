@@ -123,6 +123,11 @@ class JsonBody(Body):
         self._suspect = False
         """The check found a possible secret: `render()` walks the value without checking again."""
 
+    @property
+    def text(self) -> str:
+        """The JSON text, as given (not redacted)."""
+        return self._text
+
     def pending_size(self) -> int | None:
         """The length of the text until it is rendered."""
         return 0 if self._rendered is not None else len(self._text)
@@ -345,6 +350,11 @@ class ResponseBody(Body):
             except Exception as exc:
                 self._error = exc
 
+    @property
+    def dumped(self) -> Body | None:
+        """Its dump once sealed; None before (and when it could not be dumped)."""
+        return self._body
+
     def pending_size(self) -> int | None:
         """Its dump's, once sealed; None before (and when it could not be dumped)."""
         if self._rendered is not None:
@@ -374,11 +384,13 @@ class RunBodies:
     replaced by a copy is simply dumped again. Not thread-safe: call it from the run's event loop.
     """
 
-    __slots__ = ('_instructions', '_messages', '_open')
+    __slots__ = ('_instructions', '_measured', '_messages', '_open')
 
     def __init__(self) -> None:
         """Start with no message seen."""
         self._messages: dict[int, tuple[ModelMessage, int, Body]] = {}
+        self._measured: dict[int, ModelMessage] = {}
+        """Messages `message_json` dumped (kept alive here, so their ids stay theirs)."""
         self._instructions: dict[str | None, Body] = {}
         self._open: list[ResponseBody] = []
 
@@ -414,9 +426,31 @@ class RunBodies:
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
         known = _known(message)
+        if known is None and self._measured.get(id(message)) is message:
+            known = dumped_message_json(message)  # dumped by `message_json` in this run, and unchanged since
         body = JsonBody(known) if known is not None else _dumped(message)
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
+
+    def message_json(self, message: ModelMessage) -> str | None:
+        """The `dump_json` text of a message a request is about to send, for the budget's bound on its input
+        (`RequestSizes`): its body's when it has one, its stored text, or dumped now. A dump made here is taken for
+        the message's body (`message()`) if nothing pydantic-ai changes on a sent message has changed by then, so each
+        message is serialised once for both. Only this run's dumps are used: a message resent by a later run may
+        have been changed in place by the caller. None when it has no such text (a lone surrogate).
+        """
+        seen = self._messages.get(id(message))
+        if seen is not None and seen[0] is message and seen[1] == len(message.parts):
+            body = seen[2].dumped if isinstance(seen[2], ResponseBody) else seen[2]
+            return body.text if isinstance(body, JsonBody) else None
+        known = _known(message)
+        if known is None and self._measured.get(id(message)) is message:
+            known = dumped_message_json(message)
+        if known is not None:
+            return known
+        body = _dumped(message)
+        self._measured[id(message)] = message
+        return body.text if isinstance(body, JsonBody) else None
 
     def response(self, response: ModelResponse) -> Body:
         """The body of a request's response: dumped when sealed (`seal()`), so with the stamps pydantic-ai adds after

@@ -8,6 +8,7 @@ What the store saves must be, byte for byte, a fresh dump of the message as it i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,16 +20,21 @@ import pytest
 from pydantic import TypeAdapter
 from pydantic_ai import ModelResponse, RequestUsage, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart, UserPromptPart, WorkspaceRef
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
+from agentrt.agents.demo_model import next_response
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
+from agentrt.services.budgets import _estimate as budget_estimate
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.conversations._stored import message_adapter, message_json, storable_json
+from agentrt.services.ledger import _contents as ledger_contents
 from agentrt.services.ledger import dumped_message_json, get_request_tracker
 from agentrt.services.ledger._contents import JsonBody, RunBodies
 from tests.factories import listening
+from tests.services.budgets.helpers import give_budget
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 _ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
@@ -317,3 +323,60 @@ def test_the_ledger_redacts_its_copy_of_a_response_and_the_store_keeps_it_as_it_
     text, redactions = body.render()
     assert redactions == 1 and secret not in text and '"run_id":"run-1"' in text  # what the ledger stores
     assert message_json(response) == _fresh(response) and secret in message_json(response)  # what the store stores
+
+
+def _priced_demo_model() -> FunctionModel:
+    """The demo planner named `gpt-4o-mini`, so genai-prices prices it and a budget holds each of its requests."""
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        move = next_response(messages, info)
+        return ModelResponse(parts=[TextPart(move)] if isinstance(move, str) else list(move))
+
+    return FunctionModel(respond, model_name='gpt-4o-mini')
+
+
+class _CountingAdapter:
+    """A message adapter that counts `dump_json` calls by message identity (and delegates everything)."""
+
+    def __init__(self, adapter: TypeAdapter[ModelMessage], counts: Counter[int]) -> None:
+        self._adapter, self._counts = adapter, counts
+
+    def dump_json(self, message: Any, **kwargs: Any) -> bytes:
+        self._counts[id(message)] += 1
+        return self._adapter.dump_json(message, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+
+async def test_with_a_budget_each_message_of_a_turn_is_dumped_once_for_its_hold_and_its_bodies(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The budget bounds each request's input by the JSON size of what it sends, and the ledger stores the same JSON:
+    # a message loaded with the conversation is measured by its stored text, a new one dumped once for both.
+    await give_budget('acme-health', '100')
+    model = _priced_demo_model()
+    await simple_chat(QUESTION, session_id='budget-dumps', account='acme-health', model=model)
+    counts: Counter[int] = Counter()
+    for module in (budget_estimate, ledger_contents):
+        monkeypatch.setattr(module, '_MESSAGE_ADAPTER', _CountingAdapter(module._MESSAGE_ADAPTER, counts))
+    await simple_chat(QUESTION, session_id='budget-dumps', account='acme-health', model=model)
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    # The turn's 6 new messages (its prompt, 2 tool results, 3 responses), each once; none of the 6 it loaded.
+    assert sorted(counts.values()) == [1] * 6, counts
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        held = (
+            await session.execute(
+                text("SELECT count(*) FROM llm_requests WHERE conversation_id = 'budget-dumps' AND status = 'complete'")
+            )
+        ).scalar_one()
+        spent = (
+            await session.execute(
+                text(
+                    'SELECT p.spent_usd FROM budget_periods p JOIN accounts a ON a.id = p.account_id '
+                    "WHERE a.slug = 'acme-health'"
+                )
+            )
+        ).scalar_one()
+    assert held == 6 and spent > 0, (held, spent)  # both turns' requests were held, sent, billed
