@@ -39,7 +39,12 @@ class LedgerConfig:
     lock_timeout_ms: int = 2000
     statement_timeout_ms: int = 15000
     replay_check_interval: float = 30.0
-    """Seconds between checks for spool files left by other processes or earlier runs."""
+    """Seconds between checks for spool files left by other processes or earlier runs; also the longest wait between
+    two tries of this process's own spool while the database stays away."""
+    replay_retry_seconds: float = 2.0
+    """After rows were spooled (the database could not take them), try the spool again this many seconds later, then
+    after twice as long each time it still fails (up to `replay_check_interval`), until it is written: an idle process
+    does not keep its rows out of the database until its next write."""
 
     @classmethod
     def from_env(cls) -> LedgerConfig:

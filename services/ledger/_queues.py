@@ -75,6 +75,10 @@ class LoopQueues:
     """Set while the writer waits: for a row to be ready, a run to end, or its commit delay to pass."""
     flushing: int = 0
     """How many `flush()` calls are waiting: while any is, the writer commits what is ready at once."""
+    comeback: asyncio.TimerHandle | None = None
+    """Set while a try of the spool is due (`LLMRequestTracker._come_back_later`): rows were spooled or held."""
+    comeback_after: float = 0.0
+    """The wait before the due try (doubles while the database stays away; 0 once the spool was written)."""
 
     def wake(self) -> None:
         """Tell a waiting writer that something changed: a row is ready, a run ended, a flush started."""

@@ -51,8 +51,9 @@ class LLMRequestTracker:
     huge hostile message delays only its own row. One writer task group-commits the rows that are ready, with their
     contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
     ... ON CONFLICT DO NOTHING`, on a connection of its own with lock and statement timeouts), so 200 concurrent
-    chats cost one connection, not 200. The spool is replayed after a later successful write, at the start of a
-    long-lived process (`replay_pending_in_background()`), and by `replay_spool()`. Nothing raises into the caller:
+    chats cost one connection, not 200. The spool is replayed after a later successful write, on a backing-off timer
+    once this tracker spooled or held rows (`_come_back_later`), at the start of a long-lived process
+    (`replay_pending_in_background()`), and by `replay_spool()`. Nothing raises into the caller:
     failures are logged and counted in `stats`.
 
     The commit delay (`LedgerConfig.commit_delay_ms`, `AGENTRT_LEDGER_COMMIT_DELAY_MS`, 50 ms by default): a ready row
@@ -208,6 +209,15 @@ class LLMRequestTracker:
         """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool. Rows held in
         memory (neither the database nor the spool took them) are written or spooled now if either takes them, else
         reported lost, each logged."""
+        try:
+            await self._close()
+        finally:
+            queues = self._queues(asyncio.get_running_loop())
+            if queues.comeback is not None:  # the process is stopping: a later start replays what is left
+                queues.comeback.cancel()
+                queues.comeback = None
+
+    async def _close(self) -> None:
         await self.flush()
         if not self._held:
             return
@@ -223,15 +233,20 @@ class LLMRequestTracker:
         except Exception as exc:
             self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
 
-    async def replay_spool(self) -> ReplayReport:
+    async def replay_spool(self, policy: RetryPolicy | None = None) -> ReplayReport:
         """Write every spooled row and its contents to the database, exactly once, then delete the spool files.
+
+        Args:
+            policy: how patiently to retry the database; the writer's (`LedgerConfig.retry`) when None.
 
         Raises:
             Exception: a database error that outlived the retries; the spool files stay for the next replay.
         """
         queues = self._queues(asyncio.get_running_loop())
         async with queues.replay_lock:
-            report = await replay_spool(self.spool, self._session_factory, self.config.retry, on_retry=self._retried)
+            report = await replay_spool(
+                self.spool, self._session_factory, policy or self.config.retry, on_retry=self._retried
+            )
         self.stats.replayed_rows += report.inserted
         self.stats.replay_duplicates += report.duplicates
         return report
@@ -244,7 +259,8 @@ class LLMRequestTracker:
 
         The task is the one a successful write would start: tracked (`flush()`, `aclose()` wait for it), its own
         transactions, the cross-process replay lock (a replay already running elsewhere is left to finish), and a
-        failure logged as a warning and retried after the next successful write. Call it from a running event loop.
+        failure logged as a warning and retried on the tracker's timer or after the next successful write. Call it
+        from a running event loop.
 
         Returns:
             True when a replay was started, False when there was nothing to replay or one is already running.
@@ -438,6 +454,7 @@ class LLMRequestTracker:
         return self.config.content_max_bytes if self.config.store_content else None
 
     async def _spool_entries(self, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
+        self._come_back_later(self._queues(asyncio.get_running_loop()))  # spooled or held: written when it is back
         try:
             held = await asyncio.to_thread(self._append_after_held, entries)
         except Exception as exc:
@@ -525,7 +542,7 @@ class LLMRequestTracker:
             except Exception as exc:
                 logger.error('ledger: %d refused row(s) not set aside (%s): %s', len(refused), exc, refused)
 
-    def _maybe_replay(self, queues: LoopQueues, *, at_start: bool = False) -> bool:
+    def _maybe_replay(self, queues: LoopQueues, *, at_start: bool = False, policy: RetryPolicy | None = None) -> bool:
         """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
         `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started."""
         if queues.replay_task is not None:
@@ -545,22 +562,48 @@ class LLMRequestTracker:
             return False
         self._spool_dirty = False
         queues.replay_task = asyncio.get_running_loop().create_task(
-            self._background_replay(queues), context=contextvars.Context()
+            self._background_replay(queues, policy), context=contextvars.Context()
         )
         return True
 
-    async def _background_replay(self, queues: LoopQueues) -> None:
+    async def _background_replay(self, queues: LoopQueues, policy: RetryPolicy | None = None) -> None:
         try:
-            await self._write_held()
-            report = await self.replay_spool()
+            await self._write_held(policy)
+            report = await self.replay_spool(policy)
             if report.rows:
                 logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)
+            queues.comeback_after = 0.0
         except Exception as exc:
             self._spool_dirty = True
             logger.warning('ledger: spool replay failed (%s: %s); will retry', type(exc).__name__, exc)
+            self._come_back_later(queues)
         finally:
             queues.replay_task = None
 
+    def _come_back_later(self, queues: LoopQueues) -> None:
+        """Try the spool (and the rows held in memory) again later, whether or not anything else is written meanwhile:
+        `replay_retry_seconds` after the first failure, twice as long after each further one, at most
+        `replay_check_interval`. A timer of the event loop: it keeps nothing alive, and a loop that closes drops it."""
+        if queues.comeback is not None:
+            return
+        first, most = self.config.replay_retry_seconds, max(self.config.replay_check_interval, 0.0)
+        queues.comeback_after = min(max(queues.comeback_after * 2, first), max(most, first))
+        queues.comeback = asyncio.get_running_loop().call_later(queues.comeback_after, self._come_back, queues)
+
+    def _come_back(self, queues: LoopQueues) -> None:
+        queues.comeback = None
+        if queues.replay_task is not None:  # a replay is running: it comes back itself if it fails
+            return
+        if queues.flushing:  # a flush (a shutdown's) would wait for the try: later
+            self._come_back_later(queues)
+            return
+        self._spool_dirty = True  # try now, not at the next periodic check
+        # One attempt, bounded: the timer is the retry, and a shutdown's flush that finds the try running waits for it.
+        self._maybe_replay(queues, policy=_COMEBACK_TRY)
+
+
+_COMEBACK_TRY = RetryPolicy(attempts=1, attempt_timeout=5)
+"""A timed try of the spool (`LLMRequestTracker._come_back`): one attempt of at most 5 s."""
 
 _default_tracker: LLMRequestTracker | None = None
 

@@ -143,6 +143,74 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
         await dead_engine.dispose()
 
 
+async def test_spooled_rows_reach_the_database_once_it_is_back_without_another_write(tmp_path: Path):
+    # An idle process (a server between requests) does not keep its spooled rows out of the database, and out of its
+    # budgets' settlements, until its next write: it tries the spool again on a timer that backs off.
+    dead_engine = create_async_engine(
+        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
+    )
+    dead_sessions = async_sessionmaker(dead_engine)
+    database_down = True
+    tries = 0
+
+    @asynccontextmanager
+    async def sessions() -> AsyncIterator[AsyncSession]:
+        nonlocal tries
+        tries += 1
+        if database_down:
+            async with dead_sessions() as session, session.begin():
+                yield session
+        else:
+            async with get_side_session(account=Unscoped.ADMIN) as session:
+                yield session
+
+    config = fast_config(tmp_path, replay_retry_seconds=0.1, replay_check_interval=0.4)
+    tracker = LLMRequestTracker(config, session_factory=sessions)
+    try:
+        spooled = [_record() for _ in range(3)]
+        assert await asyncio.gather(*(tracker.track_request(r) for r in spooled)) == ['spooled'] * 3
+        queues = tracker._queues(asyncio.get_running_loop())
+        tried = tries
+        await asyncio.sleep(1.5)  # still down: tried again, each wait twice the last, at most 0.4 s
+        assert tries > tried and queues.comeback_after == 0.4
+        assert await scalar('SELECT count(*) FROM llm_requests') == 0 and tracker.spool.has_pending()
+
+        database_down = False  # back; nothing else is written
+        for _ in range(100):
+            if not tracker.spool.has_pending() and queues.replay_task is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await scalar('SELECT count(*) FROM llm_requests') == 3
+        assert tracker.stats.replayed_rows == 3 and queues.comeback is None and queues.comeback_after == 0
+    finally:
+        await tracker.aclose()
+        await dead_engine.dispose()
+
+
+async def test_closing_the_tracker_stops_its_tries_of_the_spool(tmp_path: Path):
+    dead_engine = create_async_engine(
+        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
+    )
+    dead_sessions = async_sessionmaker(dead_engine)
+
+    @asynccontextmanager
+    async def sessions() -> AsyncIterator[AsyncSession]:
+        async with dead_sessions() as session, session.begin():
+            yield session
+
+    tracker = LLMRequestTracker(fast_config(tmp_path, replay_retry_seconds=0.1), session_factory=sessions)
+    try:
+        assert await tracker.track_request(_record()) == 'spooled'
+        queues = tracker._queues(asyncio.get_running_loop())
+        assert queues.comeback is not None
+        await tracker.aclose()
+        assert queues.comeback is None  # a later start replays the spool (`replay_pending_in_background`)
+        await asyncio.sleep(0.3)
+        assert queues.replay_task is None and tracker.spool.has_pending()
+    finally:
+        await dead_engine.dispose()
+
+
 async def test_a_commit_on_the_writers_own_connection_whose_reply_is_lost_is_written_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
