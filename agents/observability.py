@@ -30,9 +30,9 @@ from opentelemetry import trace
 
 from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
 from agentrt.agents.otlp_stop import bound_exports_at_exit, stopping_exports
+from agentrt.db.flags import LOGFIRE_OFF, LOGFIRE_ON, env_flag
 from agentrt.services.span_errors import exported_text, record_redacted
 
-TRUE_VALUES = frozenset({'1', 'true', 'yes', 'on'})
 SERVICE_NAME = 'agentrt'
 BACKEND_PID_ATTRIBUTE = 'db.postgresql.backend_pid'
 
@@ -90,7 +90,8 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
         environ: the environment to read; `os.environ` when omitted.
 
     Raises:
-        ConfigError: an `OTEL_*` value the runtime cannot honour (`check_otlp_settings`): an exporter other than
+        ConfigError: `LOGFIRE_CONSOLE` set to something that is not on or off (`env_flag`), or an `OTEL_*` value the
+            runtime cannot honour (`check_otlp_settings`): an exporter other than
             `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry or endpoint, a timeout or
             compression the exporter cannot use, an unknown propagator; or, when spans are made, one of the SDK's own
             variables it cannot read (`check_sdk_settings`: batching, sampler, resource attributes).
@@ -102,7 +103,7 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
         # As logfire (and the OpenTelemetry SDK) read them: the signal's own endpoint first.
         otlp = env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or None
     if console is None:
-        console = env.get('LOGFIRE_CONSOLE', '').strip().lower() in TRUE_VALUES
+        console = env_flag('LOGFIRE_CONSOLE', env, on=LOGFIRE_ON, off=LOGFIRE_OFF)  # as logfire reads it
     export = TraceExport(logfire=bool(env.get('LOGFIRE_TOKEN')), otlp_endpoint=otlp, console=console)
     if export.enabled:  # the SDK is set up and reads its own variables (batching, sampler, resource)
         check_sdk_settings(env)
@@ -126,7 +127,8 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         Where spans go.
 
     Raises:
-        ConfigError: an `OTEL_*` value the runtime cannot honour (see `trace_export`).
+        ConfigError: `LOGFIRE_CONSOLE` set to something that is not on or off (`env_flag`), or an `OTEL_*` value the
+            runtime cannot honour (see `trace_export`).
     """
     global _configured
     if _configured is not None:

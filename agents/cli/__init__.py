@@ -17,7 +17,7 @@ import sys
 import typer
 
 from agentrt import __version__
-from agentrt.agents.cli.support import AgentrtGroup, LazyCommand, set_debug, setup_logging
+from agentrt.agents.cli.support import AgentrtGroup, LazyCommand, check_debug_flag, set_debug, setup_logging
 
 COMMANDS = (
     LazyCommand('db', 'agentrt.agents.cli.database:db_app', 'The database: status, upgrade, seed the demo data.'),
@@ -71,6 +71,7 @@ def _root(
     ),
 ) -> None:
     set_debug(debug)
+    check_debug_flag()
     setup_logging(verbose)
     if trace:
         set_trace()

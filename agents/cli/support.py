@@ -47,6 +47,7 @@ from agentrt.db.errors import (
     RuntimeBusyError,
     TurnLimitExceededError,
 )
+from agentrt.db.flags import env_flag
 
 if TYPE_CHECKING:  # the runtime is imported when a command runs, so every `--help` stays fast
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -176,7 +177,20 @@ def set_debug(enabled: bool) -> None:
 
 def debug_enabled() -> bool:
     """Whether tracebacks are shown."""
-    return _debug or os.environ.get('AGENTRT_DEBUG', '').strip().lower() in {'1', 'true', 'yes', 'on'}
+    if _debug:
+        return True
+    try:
+        return env_flag('AGENTRT_DEBUG')
+    except ConfigError:  # refused with its own error as the command starts (`check_debug_flag`); here: off
+        return False
+
+
+def check_debug_flag() -> None:
+    """Refuse a value of `AGENTRT_DEBUG` that is neither on nor off, as a command starts (exit 2, one line)."""
+    try:
+        env_flag('AGENTRT_DEBUG')
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from agentrt.db.flags import env_flag
 from tests.agents.cli.helpers import invoke, run_cli
 
 BIG = str(2**70)  # beyond 64 bits
@@ -184,16 +185,45 @@ async def test_debug_shows_the_traceback(database_url: str) -> None:
 
 
 async def test_a_logfire_variable_logfire_refuses_is_one_configuration_error() -> None:
-    # logfire reads LOGFIRE_* when it is first imported (pydantic-ai imports it): LOGFIRE_CONSOLE=maybe raised there,
+    # logfire reads LOGFIRE_* when it is first imported (pydantic-ai imports it): a value it refuses raised there,
     # and again in the error boundary's own import of the services, so the command ended in a traceback. A new
     # process: this one imported logfire long ago.
     env = {
-        'LOGFIRE_CONSOLE': 'maybe',
+        'LOGFIRE_CONSOLE_INCLUDE_TIMESTAMP': 'maybe',
         'DATABASE_URL': 'postgresql://u:hunter2@127.0.0.1:1/db',
         'DB_CONNECT_TIMEOUT': '2',
     }
     done = await asyncio.to_thread(run_cli, 'chat', 'hi', env=env)
     assert done.returncode == 2, done.stderr
     assert 'Traceback' not in done.stderr
-    refused = "logfire refused a LOGFIRE_* variable: Expected console to be a boolean, got 'maybe'"
+    refused = "logfire refused a LOGFIRE_* variable: Expected console_include_timestamp to be a boolean, got 'maybe'"
     assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: invalid configuration: {refused}']
+
+
+@pytest.mark.parametrize(
+    ('variable', 'value', 'takes'),
+    [
+        ('AGENTRT_DEBUG', 'abc', 'set true, yes, on, 1, t or y to turn it on; false, off, no, 0, f or n'),
+        ('AGENTRT_DEBUG', 'enabled', 'set true, yes, on, 1, t or y to turn it on'),
+        # logfire reads LOGFIRE_CONSOLE too, and takes fewer words than the runtime's own variables.
+        ('LOGFIRE_CONSOLE', 'abc', 'set true, 1 or t to turn it on; false, 0 or f'),
+        ('LOGFIRE_CONSOLE', 'on', 'set true, 1 or t to turn it on'),
+    ],
+)
+async def test_an_on_off_variable_set_to_anything_else_ends_the_command_with_one_line(
+    variable: str, value: str, takes: str
+) -> None:
+    # Both are read outside the settings, and both quietly meant off (no traceback, no spans on stderr).
+    env = {variable: value, 'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'DB_CONNECT_TIMEOUT': '2'}
+    done = await asyncio.to_thread(run_cli, 'costs', env=env)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f'error: {variable}={value!r} is not an on/off value: {takes}'), (
+        lines
+    )
+
+
+@pytest.mark.parametrize('value', ['', ' TRUE ', 'Yes', 'on', '1', 'off', 'No', '0', 'false', 'n'])
+def test_an_on_off_variable_takes_the_usual_words_in_any_case(value: str) -> None:
+    assert env_flag('AGENTRT_DEBUG', {'AGENTRT_DEBUG': value}) is (value.strip().lower() in {'true', 'yes', 'on', '1'})
+    assert env_flag('AGENTRT_DEBUG', {}) is False
