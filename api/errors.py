@@ -98,10 +98,11 @@ class PublicError:
         return body
 
     def headers(self) -> dict[str, str] | None:
-        """The headers the error response carries: the scheme a 401 asks for, when a 503 may be tried again."""
+        """The headers the error response carries: the scheme a 401 asks for, when a 503 or a refused turn (409
+        `concurrent_turn`) may be tried again."""
         if self.status == 401:
             return {'WWW-Authenticate': 'Bearer'}
-        retry_after = _RETRY_AFTER_S.get(self.type) if self.status == 503 else None
+        retry_after = _RETRY_AFTER_S.get(self.type) if self.status in (409, 503) else None
         return None if retry_after is None else {'Retry-After': str(retry_after)}
 
     def stream_text(self) -> str:
@@ -217,7 +218,9 @@ _ONE_LINE = frozenset({'busy', 'shutting_down'})
 
 # A 503's `Retry-After` (seconds, RFC 9110 section 10.2.3): a client or proxy that honours it waits instead of
 # hammering a server at capacity, or a database that is away (an outage lasts seconds at least), or a server stopping.
-_RETRY_AFTER_S = {'busy': 1, 'database_unavailable': 5, 'shutting_down': 5}
+# And a turn refused because another holds its conversation (409 `concurrent_turn`): a turn lasts seconds. Not a 409
+# `conflict` (`If-Match` named another revision): the same request again cannot succeed, only one read anew.
+_RETRY_AFTER_S = {'busy': 1, 'database_unavailable': 5, 'shutting_down': 5, 'concurrent_turn': 2}
 
 # 502s: the provider failed the request, or the model's answer could not be used. Its traceback is our code's (the
 # run, the ledger, the route) and says nothing the error, its id and the ledger row do not.

@@ -114,6 +114,7 @@ async def test_a_second_turn_on_a_busy_conversation_is_refused_before_its_stream
             status, events = await first
     assert model.arrived == 3  # the first turn's 3 requests; the refused turn never reached the model
     assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
+    assert second.headers['retry-after'] == '2'  # the other turn lasts seconds: a client that honours it waits
     assert status == 200 and events[-1] == '[DONE]' and not of_type(events, 'error')
     await _settled()
     assert len(await ledger_rows(chat_session_id='busy')) == 3  # the refused turn sent nothing
@@ -359,6 +360,7 @@ async def test_ag_ui_disconnect_mid_stream_cancels_the_run_and_a_second_stream_i
             model.release.set()
             status, events = await first
             assert second.status_code == 409 and second.json()['type'] == 'concurrent_turn'
+            assert second.headers['retry-after'] == '2'
             assert status == 200 and of_type(events, 'TEXT_MESSAGE_CONTENT')
             for _ in range(200):
                 await get_request_tracker().flush()
