@@ -17,6 +17,7 @@ from agentrt.db.errors import (
     ModelBehaviorError,
     ModelProviderError,
     RuntimeBusyError,
+    ShuttingDownError,
     TurnLimitExceededError,
 )
 from agentrt.services.conversations import ConcurrentTurnError
@@ -36,6 +37,7 @@ __all__ = [
     'ModelBehaviorError',
     'ModelProviderError',
     'RuntimeBusyError',
+    'ShuttingDownError',
     'TurnLimitExceededError',
     'UnknownTenantError',
 ]

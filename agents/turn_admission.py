@@ -12,6 +12,11 @@ longer than `AGENTRT_TURN_QUEUE_SECONDS` fails with `RuntimeBusyError` (nothing 
 
 A turn started inside another turn (a tool that chats) is admitted at once: it cannot wait for a place its own parent
 holds, so nesting never deadlocks.
+
+When the process begins to stop (`stop_admitting()`, which `agentrt serve` calls on SIGTERM and Ctrl-C), the turns
+still waiting are refused at once with `ShuttingDownError` (the HTTP API's 503 `shutting_down`), and so is any turn
+that asks afterwards; turns already running go on within the server's grace period. They waited out that grace
+period before, and some were admitted meanwhile only to be cut off at its end.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from agentrt.db.errors import RuntimeBusyError
+from agentrt.db.errors import RuntimeBusyError, ShuttingDownError
 
 MIN_LIMIT = 2
 """Turns admitted however late the loop is: progress is never blocked by a loop busy with something else."""
@@ -54,9 +59,12 @@ class TurnAdmission:
         self.admitted = 0
         self.waited = 0
         self.refused = 0
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
+        """Each waiting turn's future: True once admitted, False when refused by `stop()`."""
         self._watcher: asyncio.Task[None] | None = None
         self._last_decrease = 0.0
+        self.stopping = False
+        """`stop()` was called: no turn is admitted any more, except inside a running turn."""
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -80,16 +88,31 @@ class TurnAdmission:
                 pass
             self._admit_waiting()
 
+    def stop(self) -> None:
+        """The process is stopping: refuse the turns waiting now and every turn that asks from now on."""
+        self.stopping = True
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.done():
+                self.refused += 1
+                waiting.set_result(False)
+
     async def _admit(self) -> None:
+        if self.stopping:
+            self.refused += 1
+            raise ShuttingDownError(_STOPPING)
         if not self._waiting and self.running < self.limit:
             self._start()
             return
-        admitted = asyncio.get_running_loop().create_future()
+        admitted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append(admitted)
         self.waited += 1
         self._watch()
         try:
-            await asyncio.wait_for(asyncio.shield(admitted), self.queue_s)
+            if not await asyncio.wait_for(asyncio.shield(admitted), self.queue_s):
+                raise ShuttingDownError(_STOPPING)
+        except ShuttingDownError:
+            raise
         except TimeoutError:
             if not admitted.done():
                 admitted.cancel()
@@ -100,7 +123,7 @@ class TurnAdmission:
                     'again shortly, or run more worker processes'
                 ) from None
         except BaseException:
-            if admitted.done() and not admitted.cancelled():
+            if admitted.done() and not admitted.cancelled() and admitted.result():
                 self.running -= 1  # admitted as it was cancelled: give the place back
                 self._admit_waiting()
             else:
@@ -117,7 +140,7 @@ class TurnAdmission:
             admitted = self._waiting.popleft()
             if not admitted.done():  # not given up meanwhile
                 self._start()
-                admitted.set_result(None)
+                admitted.set_result(True)
 
     def _watch(self) -> None:
         if self.running > MIN_LIMIT or self._waiting:
@@ -140,7 +163,24 @@ class TurnAdmission:
             self._admit_waiting()
 
 
+_STOPPING = (
+    'this server is shutting down: the turn was not started (nothing was sent or saved); send it again, to another '
+    'worker or once the server is back'
+)
+
 _admissions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnAdmission] = weakref.WeakKeyDictionary()
+
+
+def stop_admitting() -> None:
+    """Refuse the turns waiting for admission and any turn asking from now on, in every event loop of the process
+    (`TurnAdmission.stop`). Safe to call from a signal handler or another thread; turns already running go on."""
+    for loop, admission in list(_admissions.items()):
+        if loop.is_closed():
+            continue
+        try:
+            loop.call_soon_threadsafe(admission.stop)
+        except RuntimeError:  # closed meanwhile
+            pass
 
 
 def turn_admission(*, max_lag_s: float, queue_s: float) -> TurnAdmission:

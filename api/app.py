@@ -15,6 +15,7 @@ FastAPI runs a yield-dependency's exit after the response is sent, for a streame
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from agentrt.api.errors import install_error_handlers
 from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
+from agentrt.api.stopping import refusing_waiting_turns_on_stop
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
 from agentrt.api.web_ui import WEB_UI_DIR, WEB_UI_HEADERS, FilesMount, WebUIFiles
@@ -58,6 +60,7 @@ def create_app(
     static_dir: Path | None = None,
     web_ui: bool = False,
     freeze_heap: bool = False,
+    refuse_on_stop: bool = False,
 ) -> FastAPI:
     """Build the HTTP API.
 
@@ -74,6 +77,10 @@ def create_app(
             neither is given.
         freeze_heap: once the runtime has started, freeze the process's start-up objects out of the cyclic GC's way
             (`freeze_startup_heap`); what `agentrt serve` does, for a process that only serves this app.
+        refuse_on_stop: while the app runs, a stop signal (SIGTERM, Ctrl-C) first refuses the chat turns waiting for
+            admission (503 `shutting_down` at once, instead of at the end of the server's grace period); what
+            `agentrt serve` does (`api/stopping.py`). It wraps the process's signal handlers: for a process that
+            serves only this app.
 
     Raises:
         InvalidInputError: `agent` is not a pydantic-ai `Agent` a turn can run (its `deps_type` not
@@ -93,7 +100,8 @@ def create_app(
             await start_database_and_replay(settings)
             if freeze_heap:
                 freeze_startup_heap()
-            yield
+            with refusing_waiting_turns_on_stop() if refuse_on_stop else contextlib.nullcontext():
+                yield
         finally:
             # uvicorn ends its process (and stops its workers) by SIGTERM after this, skipping exit handlers.
             await shutdown_runtime(release_embedded_server=True)
@@ -146,8 +154,9 @@ def create_app(
 
 def create_served_app() -> FastAPI:
     """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`,
-    and the start-up heap frozen (`freeze_heap`): the process serves only this app."""
-    return create_app(web_ui=get_settings().http_web_ui, freeze_heap=True)
+    the start-up heap frozen (`freeze_heap`) and waiting turns refused on a stop signal (`refuse_on_stop`): the
+    process serves only this app."""
+    return create_app(web_ui=get_settings().http_web_ui, freeze_heap=True, refuse_on_stop=True)
 
 
 def _telemetry_option() -> dict[str, Any]:

@@ -60,6 +60,7 @@ from agentrt.agents.errors import (
     ModelBehaviorError,
     ModelProviderError,
     RuntimeBusyError,
+    ShuttingDownError,
     TurnLimitExceededError,
     UnknownTenantError,
 )
@@ -269,6 +270,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
         return 502, 'model_behavior_error', str(exc), None
     if isinstance(exc, ModelProviderError | ModelAPIError | UnexpectedModelBehavior):
         return 502, 'model_provider_error', _provider_message(exc), None
+    if isinstance(exc, ShuttingDownError):  # the server began to stop while the turn waited: nothing was started
+        return 503, 'shutting_down', str(exc), None
     if isinstance(exc, RuntimeBusyError):  # the turn waited its turn too long: nothing was started
         return 503, 'busy', 'the server is busy; try again shortly', None
     if isinstance(exc, DatabaseUnavailableError) and pool_exhausted(exc):  # the runtime's words for the pool's timeout

@@ -38,6 +38,11 @@ class RuntimeBusyError(AgentRuntimeError):
     message again shortly, or run more worker processes."""
 
 
+class ShuttingDownError(RuntimeBusyError):
+    """The process began to stop (SIGTERM, Ctrl-C) while this turn waited for admission: it was not started (nothing
+    sent, nothing billed, nothing saved). Send the message again (to another worker, or once the server is back)."""
+
+
 class EmbeddedPostgresError(AgentRuntimeError):
     """The embedded PostgreSQL server could not be initialised or started."""
 

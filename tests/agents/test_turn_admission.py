@@ -9,11 +9,12 @@ import time
 
 import pytest
 
+from agentrt.agents import turn_admission as admission_module
 from agentrt.agents.cli.support import EXIT_BUSY, report
 from agentrt.agents.simple_chat import simple_chat
-from agentrt.agents.turn_admission import MIN_LIMIT, TurnAdmission, turn_admission
+from agentrt.agents.turn_admission import MIN_LIMIT, TurnAdmission, stop_admitting, turn_admission
 from agentrt.db.engine import current_settings
-from agentrt.db.errors import RuntimeBusyError
+from agentrt.db.errors import RuntimeBusyError, ShuttingDownError
 from tests.factories import HeldModel
 
 
@@ -92,6 +93,41 @@ async def test_a_turn_that_waits_too_long_is_refused_and_a_cancelled_one_gives_i
     assert admission.running == 0
     async with admission.turn():
         assert admission.running == 1
+
+
+async def test_a_stop_refuses_the_waiting_turns_at_once_and_lets_the_running_ones_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server told to stop (SIGTERM): its waiting turns waited out the whole grace period before their 503, and
+    # some were admitted meanwhile only to be cut off at its end. The loop's admission, for this test only (the loop
+    # is shared with other tests, whose turns a stopped admission would refuse).
+    admission = TurnAdmission(max_lag_s=0.01, queue_s=30)
+    monkeypatch.setattr(admission_module, '_admissions', {asyncio.get_running_loop(): admission})
+    stop = asyncio.Event()
+    hogs = [asyncio.create_task(_busy_turn(admission, stop)) for _ in range(4)]
+    await _cap_below(admission, 4)
+    entered: list[int] = []
+
+    async def waiting(n: int) -> None:
+        async with admission.turn():
+            entered.append(n)
+
+    waiters = [asyncio.create_task(waiting(n)) for n in range(3)]
+    await asyncio.sleep(0.1)
+    assert admission.waited == 3 and not entered
+    started = time.monotonic()
+    stop_admitting()  # as the stop signal's handler calls it: for every loop, through call_soon_threadsafe
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    assert time.monotonic() - started < 1  # at once, not after the 30 s queue time
+    assert all(isinstance(outcome, ShuttingDownError) for outcome in outcomes), outcomes
+    assert 'shutting down' in str(outcomes[0]) and 'not started' in str(outcomes[0])
+    with pytest.raises(ShuttingDownError):  # and every turn that asks from now on
+        async with admission.turn():
+            entered.append(99)
+    assert not entered and admission.running == 4  # the running turns go on
+    stop.set()
+    await asyncio.gather(*hogs)
+    assert admission.running == 0 and admission.refused == 4
 
 
 async def test_a_turn_inside_a_turn_never_waits() -> None:
