@@ -178,8 +178,10 @@ def _log_config(level: str) -> dict[str, Any]:
 
 class CutOffAsOneLine(logging.Filter):
     """A request still running when the shutdown's grace (`--shutdown-seconds`) ran out is cancelled by uvicorn, which
-    logs the cancellation as an "Exception in ASGI application" with its traceback: one WARNING line instead (uvicorn's
-    own line, "Cancel N running task(s)", says how many). Any other record passes as it is."""
+    logs the cancellation as an "Exception in ASGI application" with its traceback: one WARNING line instead. uvicorn's
+    own line before them, "ERROR: Cancel N running task(s), timeout graceful shutdown exceeded", is a WARNING too,
+    saying which setting ran out: an ordinary stop with a long answer still streaming is not an error of the server's.
+    Any other record passes as it is."""
 
     def __init__(self, keep_traceback: bool = False) -> None:
         super().__init__()
@@ -188,6 +190,13 @@ class CutOffAsOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite uvicorn's record of a request cancelled by the shutdown in place; keep every record."""
         exc = record.exc_info[1] if record.exc_info else None
+        if record.name == 'uvicorn.error' and record.msg == _CANCELLING and isinstance(record.args, tuple):
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+            record.msg = (
+                'shutdown: %s request(s) still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) are '
+                'cancelled'
+            )
+            return True
         if record.name == 'uvicorn.error' and isinstance(exc, CancelledError) and _GRACE_OVER in str(exc):
             record.levelno, record.levelname = logging.WARNING, 'WARNING'
             record.msg, record.args = (
@@ -200,3 +209,4 @@ class CutOffAsOneLine(logging.Filter):
 
 
 _GRACE_OVER = 'timeout graceful shutdown exceeded'  # uvicorn's message on the cancellation (uvicorn/server.py)
+_CANCELLING = 'Cancel %s running task(s), timeout graceful shutdown exceeded'  # its log line before it (the same)

@@ -259,6 +259,9 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
     assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
+    # An ordinary stop that cut a long answer short: warnings that say which setting ran out, no ERROR line.
+    assert 'ERROR' not in stderr and 'Cancel 1 running task' not in stderr, stderr[-3000:]
+    assert 'shutdown: 1 request(s) still running after --shutdown-seconds' in stderr, stderr[-3000:]
 
 
 async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_shape(
