@@ -67,6 +67,7 @@ from agentrt.agents.errors import (
 from agentrt.api.head_requests import methods_served
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
+from agentrt.db.errors import validation_message
 from agentrt.db.failures import cannot_connect, disk_full, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
@@ -432,7 +433,7 @@ def _validation_message(error: dict[str, Any], body: Any) -> str:
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)
         return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))
-    return str(error.get('msg', ''))
+    return validation_message(error, '')
 
 
 def _http_type(status: int) -> str:

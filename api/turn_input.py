@@ -18,7 +18,7 @@ from agentrt.api.duplicate_keys import loads_with_unique_keys
 from agentrt.api.errors import ApiError
 from agentrt.api.lone_surrogates import lone_surrogate_in_body
 from agentrt.api.url_text import not_utf8
-from agentrt.db.errors import InvalidInputError
+from agentrt.db.errors import InvalidInputError, validation_message
 
 T = TypeVar('T')
 
@@ -167,7 +167,7 @@ def parse_run_input(
         if location and location[0] in tags:
             location = location[1:]
         where = read.as_sent(location)
-        raise InvalidInputError(f'{where}: {first["msg"]}', field=where) from exc
+        raise InvalidInputError(f'{where}: {validation_message(first)}', field=where) from exc
 
 
 _BYTE_ORDER_MARKS = (b'\xef\xbb\xbf', b'\xff\xfe', b'\xfe\xff')

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 
 class AgentRuntimeError(Exception):
@@ -163,3 +165,14 @@ class BudgetExceededError(AgentRuntimeError):
         self.needed_usd = needed_usd
         self.period_start = period_start
         self.period_end = period_end
+
+
+def validation_message(error: Mapping[str, Any], default: str = 'invalid value') -> str:
+    """The message of one pydantic validation error (`ValidationError.errors()`) as a person should read it: a
+    validator's own words without pydantic's "Value error, " / "Assertion failed, " in front of them."""
+    context = error.get('ctx')
+    if error.get('type') in ('value_error', 'assertion_error') and isinstance(context, Mapping):
+        raised = context.get('error')
+        if isinstance(raised, BaseException | str) and str(raised):
+            return str(raised)
+    return str(error.get('msg') or default)

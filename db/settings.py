@@ -15,7 +15,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentrt.db.database_url import mask_url, parse_database_url
-from agentrt.db.errors import ConfigError
+from agentrt.db.errors import ConfigError, validation_message
 
 __all__ = ['Settings', 'default_data_dir', 'get_settings', 'mask_url', 'parse_database_url', 'read_settings']
 
@@ -535,7 +535,7 @@ def get_settings() -> Settings:
 def _describe(err: ErrorDetails) -> str:
     field = str(err['loc'][0]) if err.get('loc') else '?'
     env_name = _ENV_NAMES.get(field, field)
-    message = str(err.get('msg', 'invalid value'))
+    message = validation_message(err)
     context = err.get('ctx')
     if isinstance(context, dict) and isinstance(context.get('error'), ConfigError):
         text = str(context['error'])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import traceback
+from pathlib import Path
 
 import pytest
 
@@ -307,4 +308,18 @@ def test_a_dot_env_that_is_not_utf8_is_a_configuration_error(monkeypatch: pytest
     assert str(raised.value) == (
         f'invalid configuration: {tmp_path / ".env"} is not UTF-8 text (byte 0xe9 at offset 32): save it as UTF-8, '
         'or remove it'
+    )
+
+
+def test_a_validators_own_words_are_shown_without_pydantics_prefix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # "AGENTRT_LEDGER_SPOOL: Value error, /tmp is not a file": pydantic's "Value error, " in front of the runtime's own
+    # message, in a CLI error line and a ConfigError.
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path))
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    assert str(raised.value) == (
+        f"invalid configuration: AGENTRT_LEDGER_SPOOL: {tmp_path} is not a file (a directory?); give the spool file's "
+        'path'
     )
