@@ -128,13 +128,15 @@ WITH {_LOCKED}, swapped AS (
     WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
     RETURNING 1
 ), {_APPEND_REST}""")
+# A new conversation is created when it was last updated (`created_at` = the record's `updated_at`): the column's
+# default, the transaction's `now()`, came a few milliseconds after the record's own time.
 _APPEND_CREATE = text(f"""
 WITH {_LOCKED}, swapped AS (
     INSERT INTO conversations (
-        account_id, conversation_id, scope, head_id, revision, record, updated_at,
+        account_id, conversation_id, scope, head_id, revision, record, updated_at, created_at,
         title, summary, summary_head_id, summarised_at
     )
-    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at,
+    SELECT :account_id, :conversation_id, :scope, :head_id, :revision, CAST(:record AS jsonb), :updated_at, :updated_at,
         CAST(:title AS varchar), CAST(:summary AS text),
         CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE CAST(:head_id AS varchar) END,
         CASE WHEN CAST(:summary AS text) IS NULL THEN NULL ELSE now() END

@@ -602,7 +602,13 @@ class PostgresConversationStore(ConversationStore):
         if expected_revision is None:
             statement = (
                 insert(_records)
-                .values(account_id=self.account_id, conversation_id=record.conversation_id, **values)
+                # Created when it was last updated: the record's own time, not the transaction's a few ms later.
+                .values(
+                    account_id=self.account_id,
+                    conversation_id=record.conversation_id,
+                    created_at=record.updated_at,
+                    **values,
+                )
                 .on_conflict_do_nothing(index_elements=[_records.c.account_id, _records.c.conversation_id])
                 .returning(_records.c.revision)
             )

@@ -33,6 +33,7 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import func, select, text
 
+from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models import Account, ConversationEntryRow, ConversationRow
 from agentrt.db.session import Unscoped, get_db_session
@@ -141,6 +142,33 @@ async def test_second_turn_sees_first_turn_and_reload_is_equal(store: PostgresCo
     assert loaded.revision == second.conversation.revision
     assert await count_rows(ConversationRow) == 1
     assert await count_rows(ConversationEntryRow) == 4
+
+
+CREATED_AND_UPDATED = text(
+    'SELECT created_at, updated_at FROM conversations WHERE conversation_id = :c ORDER BY account_id'
+)
+
+
+async def _created_and_updated(conversation_id: str) -> tuple[datetime, datetime]:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        created, updated = (await session.execute(CREATED_AND_UPDATED, {'c': conversation_id})).one()
+    return created, updated
+
+
+async def test_a_new_conversation_is_created_when_it_was_updated_and_keeps_it(
+    store: PostgresConversationStore, demo_data: None
+) -> None:
+    # created_at was the transaction's now(), a few ms after the record's own updated_at: created after updated.
+    agent = Agent(FunctionModel(Recorder(), model_name='gpt-4o-mini'))
+    await turn(store, agent, 'stamped', 'hello')  # pydantic-ai's path: the store's write_record
+    created, updated = await _created_and_updated('stamped')
+    assert created == updated
+    await turn(store, agent, 'stamped', 'again')
+    later_created, later_updated = await _created_and_updated('stamped')
+    assert later_created == created and later_updated > updated
+    await simple_chat('Cardiologists in Seattle', session_id='stamped-turn', account='acme-health')  # a runtime turn
+    created, updated = await _created_and_updated('stamped-turn')
+    assert created == updated
 
 
 async def test_load_conversation_starts_empty(store: PostgresConversationStore) -> None:
