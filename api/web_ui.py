@@ -14,7 +14,7 @@ from pathlib import Path
 from starlette.responses import Response
 from starlette.routing import Match, Mount, Router
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 WEB_UI_DIR = Path(__file__).resolve().parent / 'static'
 """The packaged web UI (package data of `agentrt.api`)."""
@@ -39,11 +39,28 @@ class WebUIFiles(StaticFiles):
         super().__init__(directory=directory, html=True)
         self._headers = dict(headers or {})
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request; a `Range` in a unit other than bytes is ignored (the whole file)."""
+        await super().__call__(_without_foreign_range(scope), receive, send)
+
     async def get_response(self, path: str, scope: Scope) -> Response:
         """The file, with the extra headers."""
         response = await super().get_response(path, scope)
         response.headers.update(self._headers)
         return response
+
+
+def _without_foreign_range(scope: Scope) -> Scope:
+    """`scope` without its `Range` header when that names a unit other than `bytes` (`items=0-5`): RFC 9110 section
+    14.2 says a server MUST ignore a range unit it does not understand and answer the whole representation; Starlette
+    answered 400. A malformed `bytes` range stays refused (400: the RFC lets a server reject it)."""
+    headers = scope.get('headers') or []
+    kept = [
+        (name, value)
+        for name, value in headers
+        if name.lower() != b'range' or value.strip().lower().startswith(b'bytes=')
+    ]
+    return scope if len(kept) == len(headers) else {**scope, 'headers': kept}
 
 
 class FilesMount(Mount):
