@@ -35,6 +35,29 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+class _Outage:
+    """The writer's sessions during an outage: a server that refuses connections (a closed port) while `down`, this
+    test's database once it is set False. `tries` counts the sessions asked for."""
+
+    def __init__(self) -> None:
+        self.engine = create_async_engine(
+            f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
+        )
+        self._dead = async_sessionmaker(self.engine)
+        self.down = True
+        self.tries = 0
+
+    @asynccontextmanager
+    async def sessions(self) -> AsyncIterator[AsyncSession]:
+        self.tries += 1
+        if self.down:
+            async with self._dead() as session, session.begin():
+                yield session
+        else:
+            async with get_side_session(account=Unscoped.ADMIN) as session:
+                yield session
+
+
 async def test_the_same_key_twice_writes_one_row(tmp_path: Path):
     tracker = LLMRequestTracker(fast_config(tmp_path))
     record = _record()
@@ -100,22 +123,8 @@ async def test_a_backend_killed_mid_write_gives_exactly_one_row_after_the_retry(
 
 
 async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(tmp_path: Path):
-    dead_engine = create_async_engine(
-        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
-    )
-    dead_sessions = async_sessionmaker(dead_engine)
-    database_down = True
-
-    @asynccontextmanager
-    async def sessions() -> AsyncIterator[AsyncSession]:
-        if database_down:
-            async with dead_sessions() as session, session.begin():
-                yield session
-        else:
-            async with get_side_session(account=Unscoped.ADMIN) as session:
-                yield session
-
-    tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=sessions)
+    outage = _Outage()
+    tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=outage.sessions)
     try:
         spooled = [
             _record(raw_contents=[('prompt', f'{{"n": {i}, "key": "sk-spooledSECRET123456789"}}')]) for i in range(5)
@@ -126,7 +135,7 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
         assert len(spool_text.splitlines()) == 5 and 'SECRET' not in spool_text  # redacted before it hits the disk
         assert await scalar('SELECT count(*) FROM llm_requests') == 0
 
-        database_down = False  # the database is back: the next successful write replays the spool
+        outage.down = False  # the database is back: the next successful write replays the spool
         assert await tracker.track_request(_record()) == 'written'
         await tracker.flush()
         assert await scalar('SELECT count(*) FROM llm_requests') == 6
@@ -140,42 +149,25 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
         assert await scalar('SELECT count(*) FROM llm_requests') == 6
         assert await scalar('SELECT count(DISTINCT id) FROM llm_requests') == 6
     finally:
-        await dead_engine.dispose()
+        await outage.engine.dispose()
 
 
 async def test_spooled_rows_reach_the_database_once_it_is_back_without_another_write(tmp_path: Path):
     # An idle process (a server between requests) does not keep its spooled rows out of the database, and out of its
     # budgets' settlements, until its next write: it tries the spool again on a timer that backs off.
-    dead_engine = create_async_engine(
-        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
-    )
-    dead_sessions = async_sessionmaker(dead_engine)
-    database_down = True
-    tries = 0
-
-    @asynccontextmanager
-    async def sessions() -> AsyncIterator[AsyncSession]:
-        nonlocal tries
-        tries += 1
-        if database_down:
-            async with dead_sessions() as session, session.begin():
-                yield session
-        else:
-            async with get_side_session(account=Unscoped.ADMIN) as session:
-                yield session
-
+    outage = _Outage()
     config = fast_config(tmp_path, replay_retry_seconds=0.1, replay_check_interval=0.4)
-    tracker = LLMRequestTracker(config, session_factory=sessions)
+    tracker = LLMRequestTracker(config, session_factory=outage.sessions)
     try:
         spooled = [_record() for _ in range(3)]
         assert await asyncio.gather(*(tracker.track_request(r) for r in spooled)) == ['spooled'] * 3
         queues = tracker._queues(asyncio.get_running_loop())
-        tried = tries
+        tried = outage.tries
         await asyncio.sleep(1.5)  # still down: tried again, each wait twice the last, at most 0.4 s
-        assert tries > tried and queues.comeback_after == 0.4
+        assert outage.tries > tried and queues.comeback_after == 0.4
         assert await scalar('SELECT count(*) FROM llm_requests') == 0 and tracker.spool.has_pending()
 
-        database_down = False  # back; nothing else is written
+        outage.down = False  # back; nothing else is written
         for _ in range(100):
             if not tracker.spool.has_pending() and queues.replay_task is None:
                 break
@@ -184,21 +176,12 @@ async def test_spooled_rows_reach_the_database_once_it_is_back_without_another_w
         assert tracker.stats.replayed_rows == 3 and queues.comeback is None and queues.comeback_after == 0
     finally:
         await tracker.aclose()
-        await dead_engine.dispose()
+        await outage.engine.dispose()
 
 
 async def test_closing_the_tracker_stops_its_tries_of_the_spool(tmp_path: Path):
-    dead_engine = create_async_engine(
-        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
-    )
-    dead_sessions = async_sessionmaker(dead_engine)
-
-    @asynccontextmanager
-    async def sessions() -> AsyncIterator[AsyncSession]:
-        async with dead_sessions() as session, session.begin():
-            yield session
-
-    tracker = LLMRequestTracker(fast_config(tmp_path, replay_retry_seconds=0.1), session_factory=sessions)
+    outage = _Outage()
+    tracker = LLMRequestTracker(fast_config(tmp_path, replay_retry_seconds=0.1), session_factory=outage.sessions)
     try:
         assert await tracker.track_request(_record()) == 'spooled'
         queues = tracker._queues(asyncio.get_running_loop())
@@ -208,7 +191,7 @@ async def test_closing_the_tracker_stops_its_tries_of_the_spool(tmp_path: Path):
         await asyncio.sleep(0.3)
         assert queues.replay_task is None and tracker.spool.has_pending()
     finally:
-        await dead_engine.dispose()
+        await outage.engine.dispose()
 
 
 async def test_a_commit_on_the_writers_own_connection_whose_reply_is_lost_is_written_once(
@@ -240,13 +223,11 @@ async def test_a_commit_on_the_writers_own_connection_whose_reply_is_lost_is_wri
 async def test_the_writers_own_connection_spools_when_the_database_cannot_be_reached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    dead_engine = create_async_engine(
-        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
-    )
+    outage = _Outage()
     tracker = LLMRequestTracker(fast_config(tmp_path))
     try:
         with monkeypatch.context() as patched:
-            patched.setattr('agentrt.db.driver.get_engine', lambda: dead_engine)
+            patched.setattr('agentrt.db.driver.get_engine', lambda: outage.engine)
             record = _record(raw_contents=[('prompt', '{"key": "sk-spooledSECRET123456789"}')])
             assert await tracker.track_request(record) == 'spooled'
         assert tracker.stats.retries > 0 and 'SECRET' not in tracker.spool.path.read_text()
@@ -255,7 +236,7 @@ async def test_the_writers_own_connection_spools_when_the_database_cannot_be_rea
         assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=record.id) == 1
         assert len(await content_rows(record.id)) == 1 and not tracker.spool.has_pending()
     finally:
-        await dead_engine.dispose()
+        await outage.engine.dispose()
 
 
 async def test_a_torn_spool_line_is_set_aside_and_the_rest_replayed(tmp_path: Path):
@@ -452,20 +433,13 @@ async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
 ) -> None:
     # The database down and the spool refused (a directory others may write): the row is held in memory; when the
     # process ends with neither taking it, it is lost, and the log names the row (nothing else keeps it).
-    dead_engine = create_async_engine(
-        f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
-    )
-    dead_sessions = async_sessionmaker(dead_engine)
-
-    @asynccontextmanager
-    async def sessions() -> AsyncIterator[AsyncSession]:
-        async with dead_sessions() as session, session.begin():
-            yield session
-
+    outage = _Outage()
     shared = tmp_path / 'shared'
     shared.mkdir()
     shared.chmod(0o777)
-    tracker = LLMRequestTracker(fast_config(tmp_path, spool_path=shared / 'llm-ledger.jsonl'), session_factory=sessions)
+    tracker = LLMRequestTracker(
+        fast_config(tmp_path, spool_path=shared / 'llm-ledger.jsonl'), session_factory=outage.sessions
+    )
     record = _record()
     try:
         with caplog.at_level(logging.ERROR, logger='agentrt.ledger'):
@@ -473,7 +447,7 @@ async def test_a_row_neither_the_database_nor_the_spool_takes_is_reported_lost(
             assert tracker.stats.held == 1 and tracker.stats.lost == 0
             await tracker.aclose()
     finally:
-        await dead_engine.dispose()
+        await outage.engine.dispose()
     assert tracker.stats.lost == 1 and tracker.stats.spooled == 0
     assert os.listdir(shared) == []
     assert await scalar('SELECT count(*) FROM llm_requests') == 0
