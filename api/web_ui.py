@@ -8,13 +8,14 @@ a stored prompt that holds markup is shown as text and can never run as script.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from starlette.responses import Response
 from starlette.routing import Match, Mount, Router
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 WEB_UI_DIR = Path(__file__).resolve().parent / 'static'
 """The packaged web UI (package data of `agentrt.api`)."""
@@ -31,13 +32,51 @@ WEB_UI_HEADERS: Mapping[str, str] = {
 }
 
 
+_RANGE_SPEC = re.compile(r'(?:([0-9]+)-([0-9]*)|-[0-9]+)', re.ASCII)
+
+
+def is_valid_range(value: bytes) -> bool:
+    """Whether a `Range` header is a byte range set RFC 9110 (section 14.1.1, 14.2) lets a server act on.
+
+    `bytes=` (any case), then a comma-separated list (empty elements and spaces or tabs around them allowed) of
+    `first-last`, `first-` or `-suffix`, ASCII digits only and `last` not below `first`.
+    """
+    try:
+        unit, _, ranges = value.decode('ascii').partition('=')
+    except UnicodeDecodeError:
+        return False
+    if unit.lower() != 'bytes':
+        return False
+    specs = [spec.strip(' \t') for spec in ranges.split(',')]
+    if not any(specs):
+        return False
+    for spec in filter(None, specs):
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None or (match[2] and int(match[2]) < int(match[1])):
+            return False
+    return True
+
+
 class WebUIFiles(StaticFiles):
-    """`StaticFiles` that adds `headers` to every file it serves (the packaged UI's security headers)."""
+    """`StaticFiles` that adds `headers` to every file it serves (the packaged UI's security headers).
+
+    A `Range` header that is not a valid byte range set is ignored, so the whole file answers 200 as RFC 9110 says
+    (section 14.2: a server MUST ignore a range unit it does not know, and may ignore any Range): Starlette answered
+    such a header with a plain-text 400 (`bytes=5-2`, `items=0-1`), and read `bytes=1_0-20` as bytes 10-20 (Python's
+    `int` takes `_`), a wrong 206.
+    """
 
     def __init__(self, *, directory: Path, headers: Mapping[str, str] | None = None) -> None:
         """Serve `directory` at the mount point (`index.html` for a directory), adding `headers`."""
         super().__init__(directory=directory, html=True)
         self._headers = dict(headers or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request, without its `Range` header unless that is a valid byte range set."""
+        headers = scope.get('headers', [])
+        if any(name == b'range' and not is_valid_range(value) for name, value in headers):
+            scope = {**scope, 'headers': [(name, value) for name, value in headers if name != b'range']}
+        await super().__call__(scope, receive, send)
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         """The file, with the extra headers."""
