@@ -8,6 +8,7 @@ a stored prompt that holds markup is shown as text and can never run as script.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,8 +32,39 @@ WEB_UI_HEADERS: Mapping[str, str] = {
 }
 
 
+_RANGE_SPEC = re.compile(r'(?:([0-9]+)-([0-9]*)|-[0-9]+)', re.ASCII)
+
+
+def is_valid_range(value: bytes) -> bool:
+    """Whether a `Range` header is a byte range set RFC 9110 (section 14.1.1, 14.2) lets a server act on.
+
+    `bytes=` (any case), then a comma-separated list (empty elements and spaces or tabs around them allowed) of
+    `first-last`, `first-` or `-suffix`, ASCII digits only and `last` not below `first`.
+    """
+    try:
+        unit, _, ranges = value.decode('ascii').partition('=')
+    except UnicodeDecodeError:
+        return False
+    if unit.lower() != 'bytes':
+        return False
+    specs = [spec.strip(' \t') for spec in ranges.split(',')]
+    if not any(specs):
+        return False
+    for spec in filter(None, specs):
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None or (match[2] and int(match[2]) < int(match[1])):
+            return False
+    return True
+
+
 class WebUIFiles(StaticFiles):
-    """`StaticFiles` that adds `headers` to every file it serves (the packaged UI's security headers)."""
+    """`StaticFiles` that adds `headers` to every file it serves (the packaged UI's security headers).
+
+    A `Range` header that is not a valid byte range set is ignored, so the whole file answers 200 as RFC 9110 says
+    (section 14.2: a server MUST ignore a range unit it does not know, and may ignore any Range): Starlette answered
+    such a header with a plain-text 400 (`bytes=5-2`, `items=0-1`), and read `bytes=1_0-20` as bytes 10-20 (Python's
+    `int` takes `_`), a wrong 206.
+    """
 
     def __init__(self, *, directory: Path, headers: Mapping[str, str] | None = None) -> None:
         """Serve `directory` at the mount point (`index.html` for a directory), adding `headers`."""
@@ -40,27 +72,17 @@ class WebUIFiles(StaticFiles):
         self._headers = dict(headers or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve the request; a `Range` in a unit other than bytes is ignored (the whole file)."""
-        await super().__call__(_without_foreign_range(scope), receive, send)
+        """Serve the request, without its `Range` header unless that is a valid byte range set."""
+        headers = scope.get('headers', [])
+        if any(name == b'range' and not is_valid_range(value) for name, value in headers):
+            scope = {**scope, 'headers': [(name, value) for name, value in headers if name != b'range']}
+        await super().__call__(scope, receive, send)
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         """The file, with the extra headers."""
         response = await super().get_response(path, scope)
         response.headers.update(self._headers)
         return response
-
-
-def _without_foreign_range(scope: Scope) -> Scope:
-    """`scope` without its `Range` header when that names a unit other than `bytes` (`items=0-5`): RFC 9110 section
-    14.2 says a server MUST ignore a range unit it does not understand and answer the whole representation; Starlette
-    answered 400. A malformed `bytes` range stays refused (400: the RFC lets a server reject it)."""
-    headers = scope.get('headers') or []
-    kept = [
-        (name, value)
-        for name, value in headers
-        if name.lower() != b'range' or value.strip().lower().startswith(b'bytes=')
-    ]
-    return scope if len(kept) == len(headers) else {**scope, 'headers': kept}
 
 
 class FilesMount(Mount):

@@ -21,7 +21,7 @@ from agentrt.db.errors import DatabaseUnavailableError, InvalidInputError
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
 from agentrt.tools.dependencies import SessionDependencies
-from tests.api.conftest import TEST_POOL_OUT, Keys, auth
+from tests.api.conftest import TEST_POOL_OUT, Keys, auth, serve
 
 
 async def test_openapi_lists_every_route_and_the_key_scheme(client: httpx2.AsyncClient) -> None:
@@ -110,6 +110,32 @@ async def test_the_web_ui_is_served_with_every_file_it_loads_and_a_strict_policy
         # An unknown API path is still the API's JSON error, not a page.
         missing = await ui.get('/api/v1/no-such-route')
         assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
+
+
+@pytest.mark.parametrize(
+    'header', ['bytes=5-2', 'items=0-1', 'bytes=abc', 'bytes=-', 'bytes=1_0-20', 'bytes=0x1-2', 'bytes=,', 'bytes']
+)
+async def test_a_range_that_is_not_a_byte_range_set_is_ignored_and_the_whole_file_served(header: str) -> None:
+    # RFC 9110 section 14.2: an unknown unit MUST be ignored, an invalid range set may be; Starlette answered 400
+    # in plain text, and `1_0` (Python's int takes `_`) was read as 10, a wrong 206.
+    whole = (WEB_UI_DIR / 'index.html').read_bytes()
+    app = create_app(manage_runtime=False, web_ui=True)
+    async for url in serve(app):
+        async with httpx2.AsyncClient(base_url=url) as ui:
+            response = await ui.get('/index.html', headers={'Range': header})
+            assert (response.status_code, response.content) == (200, whole), header
+            assert 'content-range' not in response.headers
+            # A valid range still answers its bytes (two ranges as multipart).
+            part = await ui.get('/index.html', headers={'Range': 'bytes=0-9, 20-'})
+            assert part.status_code == 206 and part.headers['content-type'].startswith('multipart/byteranges')
+            one = await ui.get('/index.html', headers={'Range': 'bytes=1-4'})
+            assert (one.status_code, one.content, one.headers['content-range']) == (
+                206,
+                whole[1:5],
+                f'bytes 1-4/{len(whole)}',
+            )
+            suffix = await ui.get('/index.html', headers={'Range': 'bytes=-3'})
+            assert (suffix.status_code, suffix.content) == (206, whole[-3:])
 
 
 @pytest.mark.parametrize('web_ui', [True, False], ids=['web UI', 'API only'])

@@ -13,6 +13,7 @@ from agentrt.db.models import ApiKey
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import revoke_api_key
 from tests.api.conftest import Keys, auth
+from tests.factories import listening
 
 AUDIT = '/api/v1/llm-audit/interactions'
 
@@ -107,6 +108,22 @@ async def test_a_401_says_whether_the_header_the_key_form_or_the_key_is_wrong(
     assert response.status_code == 401 and response.headers['www-authenticate'] == 'Bearer', response.text
     body = response.json()
     assert body['type'] == 'unauthorized' and said in body['detail'] and body['error_id'].startswith('err_'), body
+
+
+@pytest.mark.parametrize(
+    'token', ['sk-proj-' + 'a' * 40, 'art_zzzzzzzzzzzz_' + 'A' * 43, 'art_0123456789ab_' + 'A' * 42, 'ghp_' + 'A' * 36]
+)
+async def test_a_key_that_cannot_be_one_of_ours_is_refused_before_any_database_work(
+    client: httpx2.AsyncClient, token: str
+) -> None:
+    # Another service's key, or ours cut or with a prefix that is not hex, costs no pool checkout nor statement.
+    work: list[str] = []
+    with listening(
+        ('checkout', lambda *_: work.append('checkout')), ('before_cursor_execute', lambda *a: work.append(a[2]))
+    ):
+        response = await client.get('/api/v1/me', headers={'Authorization': f'Bearer {token}'})
+    assert response.status_code == 401 and response.json()['type'] == 'unauthorized', response.text
+    assert work == []
 
 
 @pytest.mark.parametrize(
