@@ -109,10 +109,7 @@ class TurnAdmission:
         self.waited += 1
         self._watch()
         try:
-            if not await asyncio.wait_for(asyncio.shield(admitted), self.queue_s):
-                raise ShuttingDownError(_STOPPING)
-        except ShuttingDownError:
-            raise
+            await asyncio.wait_for(asyncio.shield(admitted), self.queue_s)
         except TimeoutError:
             if not admitted.done():
                 admitted.cancel()
@@ -129,6 +126,9 @@ class TurnAdmission:
             else:
                 admitted.cancel()
             raise
+        # Settled either way by now, a time-out that lost the race included: started (True) or refused by `stop()`.
+        if not admitted.result():
+            raise ShuttingDownError(_STOPPING)
 
     def _start(self) -> None:
         self.running += 1
