@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from agentrt.db.errors import ConfigError
+from agentrt.db.flags import shown_value as _shown
 
 SUPPORTED_EXPORTERS = ('otlp', 'none')
 """`OTEL_TRACES_EXPORTER` values: `otlp` (the default, when an endpoint is set) or `none` (no export)."""
@@ -224,9 +225,3 @@ def _header_problem(value: str) -> str | None:
             'to URL-encode (a quote, comma, semicolon, backslash or non-ASCII character)'
         )
     return None
-
-
-def _shown(value: str) -> str:
-    """A value as quoted in a message: short, on one line."""
-    text = ' '.join(value.split())
-    return repr(text if len(text) <= 40 else f'{text[:40]}...')

@@ -35,11 +35,9 @@ def env_flag(
         return True
     if not value or value in off:
         return False
-    shown = ' '.join(raw.split())
-    shown = shown if len(shown) <= 40 else f'{shown[:40]}...'
     raise ConfigError(
-        f'{name}={shown!r} is not an on/off value: set {_listed(on)} to turn it on; {_listed(off)} (or leave it unset) '
-        'to turn it off'
+        f'{name}={shown_value(raw)} is not an on/off value: set {_listed(on)} to turn it on; {_listed(off)} (or leave '
+        'it unset) to turn it off'
     )
 
 
@@ -47,3 +45,9 @@ def _listed(words: frozenset[str]) -> str:
     """The words a value may be, longest first (`true, 1 or t`)."""
     ordered = sorted(words, key=lambda word: (-len(word), word))
     return ', '.join(ordered[:-1]) + f' or {ordered[-1]}'
+
+
+def shown_value(value: str) -> str:
+    """A configuration value as quoted in a message: on one line, at most 40 characters, in quotes."""
+    text = ' '.join(value.split())
+    return repr(text if len(text) <= 40 else f'{text[:40]}...')
