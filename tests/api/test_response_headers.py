@@ -46,24 +46,3 @@ async def test_the_web_ui_files_keep_their_own_cache_control(client: httpx2.Asyn
     assert page.status_code == 200
     assert page.headers['cache-control'] == WEB_UI_HEADERS['Cache-Control'] == 'no-cache'
     assert page.headers['x-content-type-options'] == 'nosniff'
-
-
-@pytest.mark.parametrize(
-    ('range_', 'status'),
-    [
-        ('items=0-5', 200),  # a unit it does not understand: ignored, the whole page (RFC 9110 14.2); it was a 400
-        ('Items=0-5', 200),
-        ('bytes=0-9', 206),  # a range of bytes: served
-        ('bytes=abc', 200),  # a malformed byte range: ignored too (more cases: tests/api/test_app.py)
-    ],
-)
-async def test_the_web_ui_files_honour_byte_ranges_and_ignore_other_units(
-    client: httpx2.AsyncClient, range_: str, status: int
-) -> None:
-    whole = await client.get('/')
-    response = await client.get('/', headers={'Range': range_})
-    assert response.status_code == status, response.text
-    if status == 200:
-        assert response.content == whole.content and 'content-range' not in response.headers
-    if status == 206:
-        assert response.content == whole.content[:10]
