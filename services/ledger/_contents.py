@@ -425,9 +425,7 @@ class RunBodies:
         seen = self._messages.get(id(message))
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
-        known = _known(message)
-        if known is None and self._measured.get(id(message)) is message:
-            known = dumped_message_json(message)  # dumped by `message_json` in this run, and unchanged since
+        known = self._known_text(message)
         body = JsonBody(known) if known is not None else _dumped(message)
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
@@ -443,14 +441,19 @@ class RunBodies:
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             body = seen[2].dumped if isinstance(seen[2], ResponseBody) else seen[2]
             return body.text if isinstance(body, JsonBody) else None
-        known = _known(message)
-        if known is None and self._measured.get(id(message)) is message:
-            known = dumped_message_json(message)
+        known = self._known_text(message)
         if known is not None:
             return known
         body = _dumped(message)
         self._measured[id(message)] = message
         return body.text if isinstance(body, JsonBody) else None
+
+    def _known_text(self, message: ModelMessage) -> str | None:
+        """Its stored text, or the dump `message_json` made of it in this run if nothing of it has changed since."""
+        known = _known(message)
+        if known is None and self._measured.get(id(message)) is message:
+            known = dumped_message_json(message)
+        return known
 
     def response(self, response: ModelResponse) -> Body:
         """The body of a request's response: dumped when sealed (`seal()`), so with the stamps pydantic-ai adds after
