@@ -397,3 +397,16 @@ def _response_events(reply: Reply) -> list[bytes]:
     final = 'response.incomplete' if reply.cut_off is not None else 'response.completed'
     payloads.append({'type': final, 'response': _response(reply)})
     return [_sse({**payload, 'sequence_number': number}) for number, payload in enumerate(payloads)]
+
+
+_UNUSABLE_ANSWER_SUBCLASSES = frozenset({'ModelEmptyResponseError', 'ModelInvalidResponseError'})
+
+
+def as_unusable_answer(error_type: str | None) -> str | None:
+    """A ledger row's `error_type` with pydantic-ai's classes for an answer it could not use named as in 2.68.
+
+    2.68 raises `UnexpectedModelBehavior` for a proxy's HTML page, JSON without the API's fields or a stream without
+    a single event; 2.78 raises its subclasses `ModelInvalidResponseError` and `ModelEmptyResponseError` for them
+    (still `UnexpectedModelBehavior`s, and `ModelAPIError`s), which the ledger records by their own names.
+    """
+    return 'UnexpectedModelBehavior' if error_type in _UNUSABLE_ANSWER_SUBCLASSES else error_type

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from pydantic_ai._agent_graph import ModelRequestNode
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
@@ -52,6 +53,11 @@ class Cut:
     cancellation: asyncio.CancelledError
     ended: float
     finished_at: Any
+
+
+PYDANTIC_AI_MARKS_FAILED_STREAMS = hasattr(ModelRequestNode, '_record_model_stream_failure')
+"""Whether pydantic-ai marks a failed streamed request's span itself (2.78 does, 2.68 does not): where it does, the
+marks below would record the same exception a second time, so they are left to it."""
 
 
 class StreamProbe(WrapperModel):
@@ -120,7 +126,7 @@ def mark_request_span(error: BaseException, span: trace.Span) -> None:
     provider's error can quote the prompt or a key).
     """
     attributes = getattr(span, 'attributes', None) or {}
-    if not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
+    if PYDANTIC_AI_MARKS_FAILED_STREAMS or not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
         return  # not a model request's span (pydantic-ai not instrumented): nothing to mark
     kind = type(error)
     name = kind.__qualname__ if kind.__module__ == 'builtins' else f'{kind.__module__}.{kind.__qualname__}'

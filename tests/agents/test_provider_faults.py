@@ -28,7 +28,7 @@ from agentrt.db.engine import pool_status
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.conftest import account_id, loopback_model
 from tests.factories import ledger_rows, scalar
-from tests.fake_openai import FakeOpenAI, Faulty, Reply
+from tests.fake_openai import FakeOpenAI, Faulty, Reply, as_unusable_answer
 
 SECRET = 'sk-proj-PLANTEDsecretvalue0123456789abcdef'
 HTML = b'<html><head><title>502</title></head><body>nginx: upstream sent an invalid header</body></html>'
@@ -131,7 +131,7 @@ async def test_a_provider_fault_is_a_documented_error_and_leaves_the_conversatio
             assert 'the turn was not saved' in message and raised.value.model_name == 'gpt-4o-mini'  # type: ignore[attr-defined]
             assert SECRET not in (raised.value.body or '')  # type: ignore[attr-defined]
         recorded = await ledger_rows(chat_session_id=session_id)
-        assert [(r['status'], r['error_type'], r['error_status_code']) for r in recorded] == rows
+        assert [(r['status'], as_unusable_answer(r['error_type']), r['error_status_code']) for r in recorded] == rows
         assert {r['streamed'] for r in recorded} == {streamed}
         store = PostgresConversationStore(await account_id('acme-health'))
         assert await store.read_record(session_id) is None  # no half-saved turn
