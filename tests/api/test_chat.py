@@ -480,6 +480,43 @@ async def test_a_lone_surrogate_in_the_models_answer_streams_as_a_replacement_ch
     assert stored.messages[-1].parts[0].content == text  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize('protocol', ['ai-sdk', 'ag-ui'])
+async def test_a_nul_in_the_models_answer_streams_as_a_replacement_character_and_escapes_stay_text(
+    keys: Keys, protocol: str
+) -> None:
+    """A NUL in the answer streams as U+FFFD, as it is saved; text that only looks like an escape (a backslash, then
+    `u0000` or `ud83d`) streams as it was written. The events are encoded first and walked only when their JSON shows
+    `\\u0000` or a surrogate's escape, so both kinds must come out as the store has them."""
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield 'Dr \x00 X'
+        yield ' at C:\\u0000\\ud83d.'
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> object:
+        raise AssertionError('streamed only')
+
+    model = FunctionModel(respond, stream_function=stream, model_name='nul')  # type: ignore[arg-type]
+    app = create_app(manage_runtime=False, model=model)
+    transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+    path, body = (
+        ('/api/v1/chat', chat_body('nul', 'hi'))
+        if protocol == 'ai-sdk'
+        else ('/api/v1/chat/ag-ui', agui_body('nul', 'hi'))
+    )
+    async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+        response = await client.post(path, json=body, headers=auth(keys.acme))
+    assert response.status_code == 200
+    assert '\\u0000' not in response.text.replace('\\\\u0000', '')  # no NUL escape left; the written one stays
+    events = [event for event in sse_events(response.text) if isinstance(event, dict)]
+    delta_type = 'text-delta' if protocol == 'ai-sdk' else 'TEXT_MESSAGE_CONTENT'
+    text = ''.join(event['delta'] for event in events if event['type'] == delta_type)
+    assert text == 'Dr \ufffd X at C:\\u0000\\ud83d.'
+    await _settled()
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('nul')
+    assert stored is not None
+    assert stored.messages[-1].parts[0].content == text  # type: ignore[union-attr]
+
+
 async def test_a_streamed_http_turn_is_a_chat_turn_span_under_its_request_its_error_redacted(
     keys: Keys, capfire: CaptureLogfire
 ) -> None:
