@@ -81,7 +81,7 @@ def _user_error_text(exc: UserError, *, has_provider: bool) -> str:
     text = str(exc)
     cut = text.find(_KEYLESS_HINT)
     if cut > 0:
-        text = f"{text[:cut].rstrip()} (or use the offline model 'demo')"
+        text = f"{text[:cut].rstrip().removesuffix('.')} (or use the offline model 'demo')"
     if not has_provider:
         # 'gpt-4o' alone: pydantic-ai says only "Unknown model", not that it wants the provider in front.
         text += '; a model string is provider:model, such as openai-chat:gpt-4o-mini'

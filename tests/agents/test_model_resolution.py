@@ -198,7 +198,7 @@ def test_a_missing_api_key_is_named_without_pydantic_ais_advice_for_its_test_mod
         resolve_model('openai:gpt-4o')
     message = str(refused.value)
     assert message.startswith("model 'openai:gpt-4o' cannot be used: Set the `OPENAI_API_KEY` environment variable")
-    assert message.endswith("(or use the offline model 'demo')")
+    assert message.endswith("to use the OpenAI provider (or use the offline model 'demo')")
     assert "Agent('test')" not in message and 'test model' not in message
 
 
