@@ -61,7 +61,7 @@ def resolve_model(
     try:
         model = infer_model(name)
     except UserError as exc:
-        raise ConfigError(f'model {name!r} cannot be used: {exc}') from exc
+        raise ConfigError(f'model {name!r} cannot be used: {_user_error_text(exc, has_provider=bool(colon))}') from exc
     except ImportError as exc:
         raise ConfigError(f'model {name!r} needs a provider package that is not installed: {exc}') from exc
     except Exception as exc:
@@ -69,6 +69,23 @@ def resolve_model(
         # "Missing credentials" for OPENAI_API_KEY set but empty was an internal error (exit 70).
         raise ConfigError(f'model {name!r} cannot be used: {type(exc).__name__}: {exc}') from exc
     return with_provider_bounds(model, timeout_s=timeout_s, max_retries=max_retries)
+
+
+# pydantic-ai ends its missing-key error with advice for its own keyless model, `Agent('test')`: no answer here, where
+# the keyless model is 'demo' ('test' calls the tools with made-up arguments until they fail: exit 9).
+_KEYLESS_HINT = 'To try Pydantic AI without an API key'
+
+
+def _user_error_text(exc: UserError, *, has_provider: bool) -> str:
+    """pydantic-ai's refusal of a model string, with advice that holds for the runtime."""
+    text = str(exc)
+    cut = text.find(_KEYLESS_HINT)
+    if cut > 0:
+        text = f"{text[:cut].rstrip().removesuffix('.')} (or use the offline model 'demo')"
+    if not has_provider:
+        # 'gpt-4o' alone: pydantic-ai says only "Unknown model", not that it wants the provider in front.
+        text += '; a model string is provider:model, such as openai-chat:gpt-4o-mini'
+    return text
 
 
 def with_provider_bounds(model: Model, *, timeout_s: float | None, max_retries: int | None) -> Model:

@@ -79,7 +79,12 @@ class WebUIFiles(StaticFiles):
         await super().__call__(scope, receive, send)
 
     async def get_response(self, path: str, scope: Scope) -> Response:
-        """The file, with the extra headers."""
+        """The file, with the extra headers; for a method files do not take, 404 where a `GET` would be one."""
+        if scope['method'] not in ('GET', 'HEAD'):
+            # Starlette answers such a method 405 `Allow: GET, HEAD` before it looks for the file, so a POST to a path
+            # nothing serves (a typo in an API path, `/api/v1/chat/ag-ui` without the agui extra) said GET works
+            # there, where a GET is 404. Looked up as a GET would be: that raises the 404 (nothing is read).
+            await super().get_response(path, {**scope, 'method': 'GET'})
         response = await super().get_response(path, scope)
         response.headers.update(self._headers)
         return response

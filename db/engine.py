@@ -298,10 +298,12 @@ def configured_timeouts(settings: Settings) -> dict[str, int]:
 
 
 @asynccontextmanager
-async def migration_engine(engine: AsyncEngine, settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The engine migrations run on: `engine`, or a small one on `DATABASE_MIGRATION_URL` (a direct connection when
-    `DATABASE_URL` points at a pooler), closed when the block ends."""
+async def migration_engine(engine: AsyncEngine | None, settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The engine migrations run on: a small one on `DATABASE_MIGRATION_URL` (a direct connection when `DATABASE_URL`
+    points at a pooler), closed when the block ends, else `engine` (None: there must be a `DATABASE_MIGRATION_URL`)."""
     if settings.migration_database_url is None:
+        if engine is None:
+            raise ValueError('no engine to migrate on: give one, or set DATABASE_MIGRATION_URL')
         yield engine
         return
     url = parse_database_url(settings.migration_database_url)

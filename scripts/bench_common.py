@@ -95,13 +95,16 @@ def run_script_forked(script: str, args: Sequence[str], env: dict[str, str]) -> 
         return os.waitstatus_to_exitcode(status), output.read()
 
 
-async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
-    """Start the runtime's engine: `DATABASE_URL` if set, else the embedded server.
+def bench_data_dir() -> Path:
+    """The embedded server's data directory for a benchmark: `AGENTRT_DATA_DIR` when set, else its own
+    `bench-pgdata` directory beside the default data directory, so benchmark rows never land in the user's own
+    ledger."""
+    return Path(os.environ.get('AGENTRT_DATA_DIR') or default_data_dir().parent / 'bench-pgdata')
 
-    The embedded server uses `AGENTRT_DATA_DIR` when set, else its own `bench-pgdata` directory beside the
-    default data directory, so benchmark rows never land in the user's own ledger.
-    """
-    data_dir = Path(os.environ.get('AGENTRT_DATA_DIR') or default_data_dir().parent / 'bench-pgdata')
+
+async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
+    """Start the runtime's engine: `DATABASE_URL` if set, else the embedded server in `bench_data_dir()`."""
+    data_dir = bench_data_dir()
     settings = Settings(data_dir=data_dir, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
     await init_database(settings)
 

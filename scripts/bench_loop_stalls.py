@@ -84,6 +84,13 @@ async def setup_account() -> tuple[str, int]:
         return key.token, int(account_id.scalar_one())
 
 
+async def forget_key(token: str) -> None:
+    """Delete the run's API key: left in place, each run added a live key (scopes chat and read) to the medical
+    account of the database it ran on, the user's own when `AGENTRT_DATA_DIR` or `DATABASE_URL` names it."""
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text('DELETE FROM api_keys WHERE prefix = :p'), {'p': token.split('_')[1]})
+
+
 async def template_entries(conversation: str) -> list[dict[str, Any]]:
     """The entries of `conversation`, oldest first."""
     walk = text(
@@ -527,6 +534,7 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
     finally:
         await server.stop()
         await clean_up()
+        await forget_key(token)
         await close_database()
         log = root / 'server.log'
         if log.exists() and log.stat().st_size:  # warnings and errors only (`--log-level warning`): kept to read

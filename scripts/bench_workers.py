@@ -9,7 +9,8 @@ clients waited for one (`SHOW STATS` total_wait_time), peak server connections i
 turn of the workers, of PostgreSQL and of PgBouncer. A 2-core machine cannot show throughput scaling: read it as "the
 budget is shared with 0 errors, and what each process needs".
 
-Run (embedded PostgreSQL unless DATABASE_URL is set; needs pgbouncer, `apt-get install pgbouncer`):
+Run (embedded PostgreSQL unless DATABASE_URL is set: `AGENTRT_DATA_DIR`'s, else the benchmarks' own `bench-pgdata`;
+needs pgbouncer, `apt-get install pgbouncer`):
     .venv/bin/python scripts/bench_workers.py [--workers 1,2,4] [--chats 25] [--turns 3] [--latency 0.3]
 """
 
@@ -30,6 +31,7 @@ import psutil
 import psycopg
 from bench_common import (
     ROOT,
+    bench_data_dir,
     delete_chats,
     demo_planner_model,
     int_list,
@@ -46,6 +48,7 @@ from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import get_engine, init_database
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.db.settings import Settings
 from agentrt.services.demo_data import seed_demo_data
 
 sys.path.insert(0, str(ROOT))
@@ -207,7 +210,9 @@ async def main() -> None:
         said = 'bench_workers: pgbouncer is not installed (apt-get install pgbouncer); nothing measured'
         print(said, file=sys.stderr)
         raise SystemExit(2)
-    await init_database()
+    # The benchmarks' own data directory, as the others use: the default one was the user's own, whose ledger then
+    # held this run's rows, priced (the demo planner is named gpt-4o-mini), in `agentrt costs` of acme-health.
+    await init_database(Settings(data_dir=bench_data_dir()))
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)
     postmaster = _postmaster_pid()

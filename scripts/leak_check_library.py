@@ -13,7 +13,13 @@ user prompt and model response alternating, no entry outside a conversation).
 
 The idle samples list the asyncio tasks still running and where each waits: after the run, only this script's own.
 
-Run (`AGENTRT_DATA_DIR`: a directory of its own; `DATABASE_URL` if set is used instead, and written to):
+It writes to the database it runs on (the embedded server in `AGENTRT_DATA_DIR` when set, else a `bench-pgdata`
+directory of its own beside the default data directory, as the benchmarks do; `DATABASE_URL` if set): the demo data,
+and its turns' conversations and ledger rows. The budget it holds the medical account's requests against is its own:
+the account's budget (or its having none) is put back as the run ends, so the demo model's turns are not refused
+afterwards (an unpriced model and a budget: `AGENTRT_BUDGET_UNPRICED=refuse`).
+
+Run (`AGENTRT_DATA_DIR`: a directory of its own):
     AGENTRT_DATA_DIR=/tmp/leak-check/pgdata .venv/bin/python scripts/leak_check_library.py --turns 5000 --concurrency 8
     AGENTRT_DATA_DIR=/tmp/leak-check/pgdata .venv/bin/python scripts/leak_check_library.py --turns 300 --kinds cancelled
 """
@@ -34,14 +40,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import demo_planner_model, percentile, start_database
+from bench_common import bench_data_dir, demo_planner_model, percentile, start_database
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import get_engine
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.budgets import Period, account_budget_status, set_budget
+from agentrt.services.budgets import BudgetStatus, Period, account_budget_status, remove_budget, set_budget
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import existing_request_tracker
 
@@ -188,12 +195,41 @@ async def checks(model: Counted) -> dict[str, Any]:
 
 
 async def main(opts: argparse.Namespace) -> None:
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(Path(os.environ['AGENTRT_DATA_DIR']).parent / 'spool.jsonl'))
+    # Without AGENTRT_DATA_DIR this was a KeyError, the data directory start_database() uses being its own then.
+    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(bench_data_dir().parent / 'spool.jsonl'))
     await start_database(pool_size=opts.pool_size, max_overflow=0, pool_timeout=30)
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)
+        before = await account_budget_status(session=session, account=MEDICAL_ACCOUNT)
         limit = Decimal('100000')
         await set_budget(session=session, account=MEDICAL_ACCOUNT, limit_usd=limit, period=Period.parse('month'))
+    try:
+        await run_and_check(opts)
+    finally:
+        # Left in place, the budget refused every later turn of the demo model on this database (`agentrt chat`:
+        # "model 'demo' has no price ... has a budget"), the user's own when AGENTRT_DATA_DIR or DATABASE_URL is.
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await restore_budget(before, session=session)
+        await shutdown_runtime()
+
+
+async def restore_budget(before: BudgetStatus | None, *, session: AsyncSession) -> None:
+    """Put the medical account's budget back as it was before the run: none, or its limit, period and anchor."""
+    if before is None:
+        await remove_budget(session=session, account=MEDICAL_ACCOUNT)
+        return
+    period = Period.parse(before.period)
+    await set_budget(
+        session=session,
+        account=MEDICAL_ACCOUNT,
+        limit_usd=before.limit_usd,
+        period=period,
+        window_anchor=before.window_anchor,
+    )
+
+
+async def run_and_check(opts: argparse.Namespace) -> None:
+    """The closed loops, the samples and the checks of what they wrote."""
     model = Counted(opts.latency)
     state: dict[str, Any] = {'started': 0, 'done': 0, 'outcomes': Counter(), 'latencies': []}
     rows = [await sample('idle-start', state)]
@@ -217,7 +253,6 @@ async def main(opts: argparse.Namespace) -> None:
         growth = (half[-1]['rss_mib'] - half[0]['rss_mib']) * 1024 / max(1, half[-1]['turns'] - half[0]['turns'])
         first, last = half[0]['rss_mib'], half[-1]['rss_mib']
         print(f'RSS over the second half: {first} -> {last} MiB ({growth * 1000:.0f} KiB per 1,000 turns)')
-    await shutdown_runtime()
 
 
 def weights(value: str) -> dict[str, float]:

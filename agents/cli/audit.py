@@ -83,6 +83,8 @@ def audit_show(
     """Show one model request: its columns, then its prompt, response or error as a conversation."""
     from agentrt.services.ledger import AmbiguousRequestIdError
 
+    check_trace_template()
+
     async def query(session: AsyncSession) -> LedgerDetail | None:
         from agentrt.services.ledger import get_request
 
@@ -177,6 +179,20 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
         note = ' (truncated)' if content.truncated else ''
         console.rule(f'{content.kind}: {content.size_bytes:,} bytes, {content.redactions} redacted{note}')
         console.print(render_body(content.kind, content.body, truncated=content.truncated), highlight=False)
+
+
+def check_trace_template() -> None:
+    """Fail (exit 2) when `AGENTRT_TRACE_URL` is set without `{trace_id}`: every request's link was that text as it
+    is, one address for every trace (`{trace}`, `{traceId}`: a typo of the placeholder), said nowhere."""
+    from agentrt.db.flags import shown_value
+
+    template = os.environ.get(TRACE_URL_ENV, '').strip()
+    if template and '{trace_id}' not in template:
+        fail(
+            f"{TRACE_URL_ENV}={shown_value(template)} has no {{trace_id}}: give the trace's address with {{trace_id}} "
+            'where its id goes, e.g. http://localhost:16686/trace/{trace_id}',
+            EXIT_USAGE,
+        )
 
 
 def trace_url(trace_id: str | None) -> str | None:

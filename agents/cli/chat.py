@@ -70,15 +70,21 @@ async def _chat(
     message: str | None, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
     from agentrt.agents.chat_turn import check_turn_input
+    from agentrt.agents.model_resolution import resolve_model
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.agents.turn_input import validate_identifiers
     from agentrt.db.engine import current_settings, init_database
+    from agentrt.db.settings import get_settings
 
     # Bad flags and a bad message fail here, before the database starts or anything is billed.
     if message is None:
         validate_identifiers(session_id=session_id, account=account, agent_instance=agent)
     else:
         message = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent).message
+    # So does a model that cannot be used (unknown, its API key or provider package missing): it waited for the
+    # database to start (a first start's initdb, migrations and seeding: seconds), and a conversation then refused
+    # each of its lines with it. Each turn resolves it again (no I/O: the provider's client is built, not called).
+    resolve_model(model, default=get_settings().model)
     try:
         await init_database()
     except DatabaseUnavailableError as exc:

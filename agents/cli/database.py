@@ -175,16 +175,23 @@ def upgrade_cmd(revision: str = typer.Argument('head', help='Target revision.'))
 
 
 async def _upgrade(revision: str) -> None:
-    from agentrt.db.engine import close_database, current_settings, get_engine, init_database, migration_engine
+    from agentrt.db.engine import close_database, get_engine, init_database, migration_engine
     from agentrt.db.migrate import current_revision, upgrade
+    from agentrt.db.settings import get_settings
 
-    await init_database(migrate=False)
+    settings = get_settings()
+    if settings.migration_database_url is not None:
+        # Only DATABASE_MIGRATION_URL (a direct connection beside a pooler's DATABASE_URL): the pooler is not used
+        # here, and a migration job run before it was up failed on "cannot connect" to it.
+        engine = None
+    else:
+        await init_database(migrate=False)
+        engine = get_engine()
     try:
-        # On DATABASE_MIGRATION_URL when it is set (a direct connection beside a pooler's DATABASE_URL).
-        async with migration_engine(get_engine(), current_settings()) as engine:
+        async with migration_engine(engine, settings) as migrating:
             # The revision under the migration lock: a `db upgrade` that waited for another one's finds nothing to do.
-            before = await upgrade(engine, revision)
-            after = await current_revision(engine)
+            before = await upgrade(migrating, revision)
+            after = await current_revision(migrating)
     finally:
         await close_database()
     if before != after:

@@ -52,6 +52,7 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:  # uvicorn's KeyError, once the database had started: an internal error
         fail(f'--log-level must be one of {", ".join(LOG_LEVELS)}, got {log_level!r}', EXIT_USAGE)
     _check_address(host, port)
+    _check_model()
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
     long_running()
@@ -123,6 +124,16 @@ def _check_address(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             fail(f'cannot listen on {where}: {exc.strerror or exc}', EXIT_USAGE)
+
+
+def _check_model() -> None:
+    """A configuration error (exit 2) for a model the served chats cannot use (`AGENTRT_MODEL`: unknown, its API key
+    or provider package missing), as for any other bad setting: the server started, `/health/ready` said ready, and
+    every chat answered 500 `configuration_error`. Building it makes no request (its client is not called)."""
+    from agentrt.agents.model_resolution import resolve_model
+    from agentrt.db.settings import get_settings
+
+    resolve_model(None, default=get_settings().model)
 
 
 async def _check_database() -> None:

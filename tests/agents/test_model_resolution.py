@@ -186,3 +186,26 @@ async def test_an_api_key_http_cannot_send_is_a_configuration_error(
     with pytest.raises(ConfigError, match=r'a header value \(the API key from the environment\?\) holds a character'):
         await _turn(streamed, 'openai-chat:gpt-4o-mini', f'bad-key-{streamed}')
     assert fake.requests == []
+
+
+def test_a_missing_api_key_is_named_without_pydantic_ais_advice_for_its_test_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pydantic-ai's message went on "To try Pydantic AI without an API key, use the built-in test model:
+    # `Agent('test')`": `agentrt chat --model test` then failed with exit 9; the keyless model here is 'demo'.
+    monkeypatch.delenv('OPENAI_API_KEY', raising=False)
+    with pytest.raises(ConfigError) as refused:
+        resolve_model('openai:gpt-4o')
+    message = str(refused.value)
+    assert message.startswith("model 'openai:gpt-4o' cannot be used: Set the `OPENAI_API_KEY` environment variable")
+    assert message.endswith("to use the OpenAI provider (or use the offline model 'demo')")
+    assert "Agent('test')" not in message and 'test model' not in message
+
+
+def test_a_model_name_without_its_provider_says_a_model_string_is_provider_model() -> None:
+    with pytest.raises(ConfigError) as refused:
+        resolve_model('gpt-4o')
+    assert str(refused.value) == (
+        "model 'gpt-4o' cannot be used: Unknown model: gpt-4o; a model string is provider:model, such as "
+        'openai-chat:gpt-4o-mini'
+    )

@@ -168,6 +168,22 @@ async def test_a_method_a_route_does_not_serve_is_405_naming_the_ones_it_does(we
             assert (await client.options('/app.css')).headers.get('allow') == 'GET, HEAD'
 
 
+async def test_a_method_files_do_not_take_on_a_path_nothing_serves_is_404_as_its_get() -> None:
+    """With the web UI mounted at `/`, `POST /api/v1/nosuch` (or `/api/v1/chat/ag-ui` without the agui extra) was
+    405 with `Allow: GET, HEAD`, where a GET of the same path is 404: a typo in a path looked like the wrong method."""
+    app = create_app(manage_runtime=False, web_ui=True)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as client:
+        for method, path in [('POST', '/api/v1/nosuch'), ('PUT', '/nosuch.css'), ('DELETE', '/js/nosuch.js')]:
+            assert (await client.get(path)).status_code == 404, path
+            response = await client.request(method, path)
+            assert (response.status_code, response.json()['type']) == (404, 'not_found'), (method, path)
+            assert 'allow' not in response.headers
+        # A file there keeps its 405 naming the methods it takes.
+        for method, path in [('POST', '/'), ('PUT', '/app.css'), ('DELETE', '/index.html')]:
+            response = await client.request(method, path)
+            assert (response.status_code, response.headers.get('allow')) == (405, 'GET, HEAD'), (method, path)
+
+
 def test_agentrt_serve_runs_the_web_ui_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
     def mounted(app: FastAPI) -> bool:
         return any(getattr(route, 'name', None) == 'static' for route in app.routes)

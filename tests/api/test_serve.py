@@ -194,6 +194,22 @@ async def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_datab
         assert 'cannot connect to PostgreSQL' not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ('model', 'said'),
+    [('nosuch:model', 'Unknown model: nosuch:model'), ('openai:gpt-4o', 'Set the `OPENAI_API_KEY` environment')],
+)
+async def test_a_model_the_chats_cannot_use_is_one_error_line_before_the_database_starts(model: str, said: str) -> None:
+    # The server started and said it was ready; every chat then answered 500 configuration_error.
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'AGENTRT_MODEL': model, 'OPENAI_API_KEY': None}
+    with socket.socket() as free:
+        free.bind(('127.0.0.1', 0))
+        port = str(free.getsockname()[1])
+    result = await invoke('serve', '--port', port, env=env)  # type: ignore[arg-type]
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"error: model '{model}' cannot be used: {said}"), result.stderr
+    assert result.stderr.count('error:') == 1
+
+
 async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(database_url: str, tmp_path: Path) -> None:
     """Rows spooled while PostgreSQL was down by a process that then exited reach the ledger (and the costs) when
     `agentrt serve` starts, before any chat makes it write to the ledger."""

@@ -91,6 +91,22 @@ async def test_unknown_account_is_a_clear_error(demo_data: None, database_url: s
     assert "unknown account 'nope'" in result.stderr and 'acme-health' in result.stderr
 
 
+@pytest.mark.parametrize(
+    ('model', 'said'),
+    [('nosuch:model', 'Unknown model: nosuch:model'), ('openai:gpt-4o', 'Set the `OPENAI_API_KEY` environment')],
+)
+async def test_a_model_that_cannot_be_used_is_refused_before_the_database_starts(model: str, said: str) -> None:
+    # It was found by the first turn, after the database started: a server that cannot be reached was the error
+    # (exit 3), a first start waited for initdb, the migrations and the seeding, and a conversation (lines piped or
+    # typed) refused each of its lines with it.
+    env = {'DATABASE_URL': 'postgresql://agentrt@127.0.0.1:9/never', 'OPENAI_API_KEY': None}
+    for args, lines in [(['chat', QUESTION], None), (['chat'], f'{QUESTION}\nand in Denver?\n')]:
+        result = await invoke(*args, '--model', model, env=env, input=lines)  # type: ignore[arg-type]
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr.startswith(f"error: model '{model}' cannot be used: {said}"), result.stderr
+        assert result.stderr.count('error:') == 1 and result.stdout == ''
+
+
 async def test_unknown_model_is_a_usage_error(demo_data: None, database_url: str) -> None:
     result = await invoke('chat', QUESTION, '--model', 'nosuch:model', env={'DATABASE_URL': database_url})
     assert result.exit_code == 2

@@ -245,3 +245,18 @@ def _squeezed(table: str) -> str:
         else:
             rows[-1][1] += ' ' + cells[1]
     return '\n'.join(f'{name}  {value}' for name, value in rows)
+
+
+async def test_upgrade_with_a_migration_url_needs_only_that_one(database_url: str, empty_database: str) -> None:
+    # It started the runtime on DATABASE_URL first: a migration job run before its pooler was up failed with
+    # "cannot connect to PostgreSQL at <the pooler>" (exit 3), the direct URL it migrates through being there.
+    direct = make_url(database_url).set(database=empty_database).render_as_string(hide_password=False)
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/pooled', 'DATABASE_MIGRATION_URL': direct}
+    result = await invoke('db', 'upgrade', env=env)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith('schema: empty -> ')
+    again = await invoke('db', 'upgrade', env=env)
+    assert again.exit_code == 0 and again.stdout.startswith('schema already at '), again.stderr
+    # Unreachable itself, it is the one named.
+    gone = await invoke('db', 'upgrade', env={**env, 'DATABASE_MIGRATION_URL': 'postgresql://u:p@127.0.0.1:2/direct'})
+    assert gone.exit_code == 3 and 'cannot connect to PostgreSQL at 127.0.0.1:2/direct' in gone.stderr, gone.stderr

@@ -98,6 +98,23 @@ async def test_trace_url_links_a_request_to_its_trace(seeded: list[LedgerRecord]
     assert as_json['trace_url'] == 'http://jaeger:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736'
 
 
+@pytest.mark.parametrize('template', ['http://jaeger:16686/trace/{trace}', 'http://jaeger:16686/trace/'])
+async def test_a_trace_url_without_its_placeholder_is_refused(
+    seeded: list[LedgerRecord], database_url: str, template: str
+) -> None:
+    # It was printed as it is as every request's trace link: one address for every trace.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text("UPDATE llm_requests SET trace_id = '4bf92f3577b34da6a3ce929d0e0e4736'"))
+    env = {'DATABASE_URL': database_url, 'AGENTRT_TRACE_URL': template}
+    for json_flag in ([], ['--json']):
+        shown = await invoke('audit', 'show', str(seeded[0].id), *json_flag, env=env)
+        assert (shown.exit_code, shown.stdout) == (2, ''), shown.stdout
+        assert shown.stderr == (
+            f"error: AGENTRT_TRACE_URL='{template}' has no {{trace_id}}: give the trace's address with {{trace_id}} "
+            'where its id goes, e.g. http://localhost:16686/trace/{trace_id}\n'
+        )
+
+
 async def test_audit_list_and_costs_as_csv(seeded: list[LedgerRecord], database_url: str) -> None:
     listed = await invoke('audit', 'list', '--csv', env={'DATABASE_URL': database_url}, columns=80)
     assert listed.exit_code == 0, listed.stderr
