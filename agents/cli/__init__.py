@@ -18,6 +18,7 @@ import typer
 
 from agentrt import __version__
 from agentrt.agents.cli.support import AgentrtGroup, LazyCommand, check_debug_flag, set_debug, setup_logging
+from agentrt.agents.cli_entry import stop_signals_raise
 
 COMMANDS = (
     LazyCommand('db', 'agentrt.agents.cli.database:db_app', 'The database: status, upgrade, seed the demo data.'),
@@ -83,7 +84,9 @@ def set_trace() -> None:
 
 
 def main() -> None:
-    """Console entry point (`agentrt`, `python -m agentrt.agents.cli`)."""
+    """The command line, once imported (`agentrt.agents.cli_entry.main`, the console script's entry point, and
+    `python -m agentrt.agents.cli`)."""
+    stop_signals_raise()  # already in place from the console script; `python -m agentrt.agents.cli` from here on
     # logfire registers itself as a pydantic plugin, so pydantic imported it (and OpenTelemetry's SDK) at the first
     # model class of any command, tracing on or off: about 0.2 s of each start, and the SDK's resource detection
     # warned from a thread during that import (a malformed OTEL_RESOURCE_ATTRIBUTES) into the CLI's log filter, whose
