@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import textwrap
 
@@ -85,3 +86,22 @@ async def test_a_signal_while_a_command_loads_is_one_line(signum: signal.Signals
     # with exit code 130 and not a word (typer's answer to KeyboardInterrupt); a SIGTERM killed the process.
     code, out, err = await stopped_while_importing('agentrt.agents.cli.costs', signum, 'costs')
     assert (code, out, err) == (128 + signum, 'exited\n', STOPPED.format(signum.name))
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_while_serve_loads_the_app_after_its_database_check_is_a_clean_stop(
+    signum: signal.Signals, database_url: str
+) -> None:
+    # `agentrt serve` starts (and migrates) the database in `run`, then imports uvicorn and the app before uvicorn's
+    # own signal handling: a SIGTERM there killed the process on the spot, and with the embedded PostgreSQL its user
+    # id stayed registered and the server running; a Ctrl-C ended it with 130 and not a word. Now it exits through the
+    # interpreter's clean path (`exited`: the embedded server's release is such an exit handler), with exit code 0 as
+    # a stop of a serving server does, and one line.
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    code, out, err = await stopped_while_importing(
+        'agentrt.api.app', signum, 'serve', '--port', str(port), env={'DATABASE_URL': database_url}
+    )
+    assert (code, out, err.splitlines()[-1:]) == (0, 'exited\n', [f'serve stopped by {signum.name} before it served'])
+    assert 'Traceback' not in err
