@@ -119,6 +119,8 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> str | None:
         if (unavailable := unavailable_error(exc)) is not None:
             if _lock_timed_out(exc):
                 raise DatabaseUnavailableError(await _lock_wait_message(engine, exc, before, revision)) from exc
+            if _statement_timed_out(exc):
+                raise DatabaseUnavailableError(await _statement_timeout_message(engine, before, revision)) from exc
             raise unavailable from exc
         raise MigrationError(
             f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
@@ -137,6 +139,31 @@ _one_at_a_time = LockPerLoop()
 def _lock_timed_out(exc: BaseException) -> bool:
     """Whether a statement of the migration gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03)."""
     return any(str(getattr(error, 'sqlstate', None) or '') == '55P03' for error in causes(exc))
+
+
+def _statement_timed_out(exc: BaseException) -> bool:
+    """Whether a statement of the migration ran longer than `statement_timeout` (SQLSTATE 57014, not an operator's
+    cancel, which has the same code)."""
+    return any(
+        str(getattr(error, 'sqlstate', None) or '') == '57014' and 'statement timeout' in str(error)
+        for error in causes(exc)
+    )
+
+
+async def _statement_timeout_message(engine: AsyncEngine, before: str | None, revision: str) -> str:
+    """A migration's statement that ran out of `statement_timeout`: said as the migration's, with what helps (it said
+    "the operation did not complete; retry once the database is less busy", and the same migration fails again)."""
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            limit = (await conn.execute(text("SELECT current_setting('statement_timeout')"))).scalar_one()
+    except Exception:  # the limit is a courtesy: the failure itself is what is reported
+        limit = 'DB_STATEMENT_TIMEOUT_MS'
+    return (
+        f'migrating the schema from {before or "empty"} to {revision} took longer than a statement may ({limit}, '
+        f'DB_STATEMENT_TIMEOUT_MS) and was cancelled: nothing was applied: the schema is still at {before or "empty"}. '
+        'A migration of a large table can take that long: raise DB_STATEMENT_TIMEOUT_MS for it (0: no limit, e.g. '
+        '`DB_STATEMENT_TIMEOUT_MS=0 agentrt db upgrade`), then run the command again'
+    )
 
 
 # Who holds locks on the database's own tables (not their indexes; not the catalogs: any session's reads take those

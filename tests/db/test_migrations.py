@@ -276,3 +276,39 @@ async def test_a_migration_that_waits_too_long_for_a_table_lock_says_who_holds_i
     finally:
         await engine.dispose()
         await holder.dispose()
+
+
+async def test_a_migration_cut_off_by_the_statement_timeout_says_which_setting_to_raise(
+    database: Settings, empty_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long migration (a backfill of a large ledger) ran out of DB_STATEMENT_TIMEOUT_MS and said "PostgreSQL cancelled
+    # a statement (...): the operation did not complete; retry once the database is less busy": the same migration
+    # fails again however idle the database; the setting to raise is what helps (README says so).
+    packaged = head_revision()
+    migrations = tmp_path / 'migrations'
+    shutil.copytree(MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns('__pycache__'))
+    (migrations / 'versions' / '9999_slow.py').write_text(
+        f"revision = '9999_slow'\ndown_revision = {packaged!r}\nbranch_labels = None\ndepends_on = None\n"
+        'from alembic import op\n\n\ndef upgrade():\n    op.execute("SELECT pg_sleep(5)")\n\n\n'
+        'def downgrade():\n    pass\n'
+    )
+    url = get_engine().url.set(database=empty_database)
+    engine = build_engine(url, database)
+    try:
+        await upgrade(engine)  # to the packaged head, with the suite's timeouts
+    finally:
+        await engine.dispose()
+    monkeypatch.setattr(migrate, 'MIGRATIONS_DIR', migrations)
+    engine = build_engine(url, database.model_copy(update={'statement_timeout_ms': 300}))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            await asyncio.wait_for(upgrade(engine), 30)
+        assert str(raised.value) == (
+            f'migrating the schema from {packaged} to head took longer than a statement may (300ms, '
+            f'DB_STATEMENT_TIMEOUT_MS) and was cancelled: nothing was applied: the schema is still at '
+            f'{packaged}. A migration of a large table can take that long: raise DB_STATEMENT_TIMEOUT_MS for '
+            'it (0: no limit, e.g. `DB_STATEMENT_TIMEOUT_MS=0 agentrt db upgrade`), then run the command again'
+        )
+        assert await current_revision(engine) == packaged
+    finally:
+        await engine.dispose()
