@@ -79,7 +79,8 @@ async def test_a_command_waiting_for_a_suspended_holder_says_so_and_stops_on_ctr
     # A command whose start found another agentrt process suspended (Ctrl-Z) while it started the server waited on the
     # lock in silence, for good; Ctrl-C and SIGTERM did not stop it (the wait ran in a thread `asyncio.run` waits for).
     data_dir = tmp_path / 'pgdata'
-    env = {k: v for k, v in os.environ.items() if k != 'DATABASE_URL'} | {'AGENTRT_DATA_DIR': str(data_dir)}
+    env = {k: v for k, v in os.environ.items() if k != 'DATABASE_URL'}
+    env |= {'AGENTRT_DATA_DIR': str(data_dir), 'COLUMNS': '400'}
     holder = await asyncio.create_subprocess_exec(
         sys.executable, '-c', HOLDER, str(data_dir), stdout=asyncio.subprocess.PIPE, cwd=ROOT
     )
@@ -100,7 +101,12 @@ async def test_a_command_waiting_for_a_suspended_holder_says_so_and_stops_on_ctr
             stderr=asyncio.subprocess.PIPE,
         )
         assert command.stderr is not None
-        line = (await asyncio.wait_for(command.stderr.readline(), 60)).decode()
+        said = ''
+        while 'waiting for it to finish' not in ' '.join(said.split()):  # rich wraps a log line at COLUMNS
+            line = await asyncio.wait_for(command.stderr.readline(), 60)
+            assert line, said
+            said += line.decode()
+        line = ' '.join(said.split())
         resume = f'it is suspended (Ctrl-Z or SIGSTOP): resume it with `fg` or `kill -CONT {holder.pid}`'
         assert line.startswith('WARNING ') and f'(pid {holder.pid}, ' in line and resume in line, line
         command.send_signal(signal.SIGINT)
