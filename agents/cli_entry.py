@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
@@ -42,6 +42,16 @@ class Stopped(BaseException):
     def exit_code(self) -> int:
         """128 + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
         return 128 + self.signum
+
+
+SERVER_COMMANDS = frozenset({'serve', 'worker'})
+"""The commands whose stop is how they end (exit code 0: systemd counts 143 as a failure), from their first instant."""
+
+
+def stopped_server(argv: Sequence[str]) -> str | None:
+    """The command `argv` runs when it is one of `SERVER_COMMANDS` (the root's options are flags), else None."""
+    command = next((arg for arg in argv if not arg.startswith('-')), None)
+    return command if command in SERVER_COMMANDS else None
 
 
 _raising = False
@@ -83,6 +93,9 @@ def main() -> None:
     try:
         from agentrt.agents.cli import main as command_line
     except Stopped as stopped:  # the CLI's error line is not imported yet: its words, as they are
+        if (server := stopped_server(sys.argv[1:])) is not None:
+            sys.stderr.write(f'{server} stopped by {stopped} before it started\n')
+            raise SystemExit(0) from None
         sys.stderr.write(f'error: {stopped.message}\n')
         raise SystemExit(stopped.exit_code) from None
     command_line()

@@ -35,7 +35,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from agentrt.agents.cli.output import plain_decimal
 from agentrt.agents.cli_entry import Stopped as Stopped  # the CLI's own name for it (chat_loop, worker)
-from agentrt.agents.cli_entry import signals_to_asyncio
+from agentrt.agents.cli_entry import signals_to_asyncio, stopped_server
 from agentrt.db.errors import (
     AgentRuntimeError,
     BudgetExceededError,
@@ -550,6 +550,10 @@ class AgentrtGroup(TyperGroup):
         except BaseException as exc:  # the boundary: everything a command raised ends here
             if isinstance(exc, SystemExit):
                 raise
+            if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
+                # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
+                err_console.print(f'{server} stopped by {exc} before it started', highlight=False)
+                return 0
             code = report(exc)
         return code if isinstance(code, int) else 0
 

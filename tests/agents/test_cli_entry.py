@@ -105,3 +105,14 @@ async def test_a_signal_while_serve_loads_the_app_after_its_database_check_is_a_
     )
     assert (code, out, err.splitlines()[-1:]) == (0, 'exited\n', [f'serve stopped by {signum.name} before it served'])
     assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize(
+    ('slow', 'command'),
+    [('agentrt.agents.cli', 'serve'), ('agentrt.agents.cli.worker', 'worker'), ('agentrt.agents.cli.serve', 'serve')],
+)
+async def test_a_stop_of_a_server_command_while_it_loads_ends_it_as_a_stop_does(slow: str, command: str) -> None:
+    # README: `agentrt serve` and `agentrt worker` exit 0 when stopped (systemd counts 143 as a failure). Stopped in
+    # their first few tenths of a second, while the CLI still loaded them, they ended with 143 and an `error:` line.
+    code, out, err = await stopped_while_importing(slow, signal.SIGTERM, '--verbose', command)
+    assert (code, out, err) == (0, 'exited\n', f'{command} stopped by SIGTERM before it started\n')
