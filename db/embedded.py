@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import json
 import logging
 import os
 import subprocess
+import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 from sqlalchemy.engine import URL
 
+from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
 from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
 
@@ -74,7 +75,9 @@ class EmbeddedServer:
         )
 
 
-def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServer:
+def start_embedded(
+    data_dir: Path, *, stop_at_exit: bool = True, cancelled: threading.Event | None = None
+) -> EmbeddedServer:
     """Start (or reuse) the embedded PostgreSQL server whose data lives in `data_dir`.
 
     The directory is created and initialised on first use and reused afterwards. When several
@@ -84,6 +87,8 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
         data_dir: the cluster's data directory.
         stop_at_exit: leave at interpreter exit (`release_embedded`), stopping the server if this process is its
             last user; with False, call `release_embedded()` yourself.
+        cancelled: set when the caller stops waiting (a thread's caller cancelled): a wait for another process's
+            start or stop ends (`EmbeddedPostgresError`); a start under way runs to its end.
 
     Raises:
         EmbeddedPostgresError: naming the path and the reason when it cannot be written or started.
@@ -91,7 +96,7 @@ def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedServ
     data_dir = data_dir.expanduser().resolve()
     _check_writable(data_dir)
     _check_major_version(data_dir)
-    with _lifecycle_lock(data_dir):
+    with _lifecycle_lock(data_dir, cancelled):
         info, created = _start_locked(data_dir)
     _released.discard(data_dir)
     if stop_at_exit and data_dir not in _registered:
@@ -396,34 +401,6 @@ def _stop(data_dir: Path) -> None:
         pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
-
-
-@contextmanager
-def _lifecycle_lock(data_dir: Path) -> Iterator[None]:
-    """An exclusive lock (across processes) on starting and stopping the server of `data_dir`."""
-    lock_path = data_dir.parent / f'.{data_dir.name}.agentrt.lock'
-    try:
-        # Owner-only, never through a symlink: beside a data directory under /tmp anyone could make it first.
-        fd = os.open(lock_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:  # a place where root passes the access check but no file can be made (/proc)
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {data_dir}: {lock_path} cannot be created '
-            f'({exc.strerror or exc}). Set AGENTRT_DATA_DIR to a writable path.'
-        ) from exc
-    owner = os.fstat(fd).st_uid
-    if owner not in (os.geteuid(), 0):
-        os.close(fd)
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {data_dir}: its lock file {lock_path} belongs to '
-            f'another user (uid {owner}), who could hold every start and stop of the server. Set AGENTRT_DATA_DIR '
-            'to a directory of your own.'
-        )
-    with open(fd, 'a') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_json(path: Path, default: Any) -> Any:

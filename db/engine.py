@@ -169,7 +169,13 @@ async def _start(
     settings = settings or get_settings()
     embedded: EmbeddedServer | None = None
     if settings.database_url is None:
-        embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
+        # A thread its caller's cancellation cannot stop: told, so a wait for another process's start gives up.
+        cancelled = threading.Event()
+        try:
+            embedded = await asyncio.to_thread(start_embedded, settings.data_dir, cancelled=cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         url = embedded.url()
         # Said once, when the directory is first used (where the data lives); after that at DEBUG (`-v`): every
         # one-shot CLI command printed it.

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.errors import AgentRuntimeError, ConfigError, MigrationError
+from agentrt.db.errors import AgentRuntimeError, ConfigError, DatabaseUnavailableError, MigrationError
 from agentrt.db.failures import causes, privilege_error, raised_inside, unavailable_error
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
@@ -113,6 +117,10 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> str | None:
         raise ConfigError(f'cannot migrate to {revision!r}: it names no migration after {before or "empty"}') from exc
     except Exception as exc:
         if (unavailable := unavailable_error(exc)) is not None:
+            if _lock_timed_out(exc):
+                raise DatabaseUnavailableError(await _lock_wait_message(engine, exc, before, revision)) from exc
+            if _statement_timed_out(exc):
+                raise DatabaseUnavailableError(await _statement_timeout_message(engine, before, revision)) from exc
             raise unavailable from exc
         raise MigrationError(
             f'migrating the schema from {before or "empty"} to {revision} failed: {_cause(exc)}. '
@@ -126,6 +134,95 @@ async def upgrade(engine: AsyncEngine, revision: str = 'head') -> str | None:
 # is in progress") or lost its script (`KeyError: 'script'`). The advisory lock orders processes; this orders the
 # upgrades of one process.
 _one_at_a_time = LockPerLoop()
+
+
+def _lock_timed_out(exc: BaseException) -> bool:
+    """Whether a statement of the migration gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03)."""
+    return any(str(getattr(error, 'sqlstate', None) or '') == '55P03' for error in causes(exc))
+
+
+def _statement_timed_out(exc: BaseException) -> bool:
+    """Whether a statement of the migration ran longer than `statement_timeout` (SQLSTATE 57014, not an operator's
+    cancel, which has the same code)."""
+    return any(
+        str(getattr(error, 'sqlstate', None) or '') == '57014' and 'statement timeout' in str(error)
+        for error in causes(exc)
+    )
+
+
+async def _statement_timeout_message(engine: AsyncEngine, before: str | None, revision: str) -> str:
+    """A migration's statement that ran out of `statement_timeout`: said as the migration's, with what helps (it said
+    "the operation did not complete; retry once the database is less busy", and the same migration fails again)."""
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            limit = (await conn.execute(text("SELECT current_setting('statement_timeout')"))).scalar_one()
+    except Exception:  # the limit is a courtesy: the failure itself is what is reported
+        limit = 'DB_STATEMENT_TIMEOUT_MS'
+    return (
+        f'migrating the schema from {before or "empty"} to {revision} took longer than a statement may ({limit}, '
+        f'DB_STATEMENT_TIMEOUT_MS) and was cancelled: nothing was applied: the schema is still at {before or "empty"}. '
+        'A migration of a large table can take that long: raise DB_STATEMENT_TIMEOUT_MS for it (0: no limit, e.g. '
+        '`DB_STATEMENT_TIMEOUT_MS=0 agentrt db upgrade`), then run the command again'
+    )
+
+
+# Who holds locks on the database's own tables (not their indexes; not the catalogs: any session's reads take those
+# briefly), longest transaction first.
+_LOCK_HOLDERS = text(
+    """
+    SELECT l.pid, coalesce(a.application_name, '') AS application, coalesce(a.state, '') AS state,
+           extract(epoch FROM clock_timestamp() - a.xact_start) AS seconds,
+           array_agg(DISTINCT c.relname::text ORDER BY c.relname::text) AS tables
+    FROM pg_locks AS l
+    JOIN pg_class AS c ON c.oid = l.relation
+    LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+    WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace
+    GROUP BY l.pid, a.application_name, a.state, a.xact_start
+    ORDER BY a.xact_start NULLS LAST
+    LIMIT 5
+    """
+)
+
+
+async def _lock_wait_message(engine: AsyncEngine, exc: BaseException, before: str | None, revision: str) -> str:
+    """What a migration that waited `lock_timeout` for a table's lock, and gave up, says to a person: how long it
+    waited, the sessions holding locks on the tables (the one it waited for among them: the tables its failed
+    statement names first), and what to do. It said only "PostgreSQL stopped waiting for a lock that another session
+    holds ... retry once that session has finished", with no word of the migration, the wait or the session."""
+    start = (
+        f'migrating the schema from {before or "empty"} to {revision} waited for a lock on a table that another '
+        'session holds'
+    )
+    nothing = f'nothing was applied: the schema is still at {before or "empty"}'
+    todo = (
+        "end or finish that session's transaction, or raise DB_LOCK_TIMEOUT_MS for the migration; then run the "
+        'command again (or `agentrt db upgrade`)'
+    )
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            # A connection of the engine gets the `lock_timeout` the migration had (env.py restores it).
+            waited = (await conn.execute(text("SELECT current_setting('lock_timeout')"))).scalar_one()
+            rows = (await conn.execute(_LOCK_HOLDERS)).all()
+    except Exception:  # the diagnosis is a courtesy: the failure itself is what is reported
+        return f'{start}, and gave up (DB_LOCK_TIMEOUT_MS): {nothing}; find it in pg_locks and pg_stat_activity: {todo}'
+    statement = str(getattr(exc, 'statement', '') or '')
+    named = [row for row in rows if any(re.search(rf'\b{re.escape(t)}\b', statement) for t in row.tables)]
+    holders = '; '.join(_holder(row) for row in (named or rows)[:3])
+    after = f'{start}, and gave up after {waited}'
+    if not holders:  # the session ended meanwhile
+        return f'{after} (DB_LOCK_TIMEOUT_MS): {nothing}; no session holds one now: run the command again'
+    return f'{after} (DB_LOCK_TIMEOUT_MS): {nothing}; held by {holders}: {todo}'
+
+
+def _holder(row: Any) -> str:
+    what = f'pid {row.pid}{f" ({row.application})" if row.application else ""}'
+    if row.state:
+        what += f', {row.state}'
+    if row.seconds is not None:
+        what += f' for {float(row.seconds):.0f} s'
+    return f'{what}, on {", ".join(row.tables)} (SELECT pg_terminate_backend({row.pid}) ends it)'
 
 
 def _cause(exc: BaseException) -> str:

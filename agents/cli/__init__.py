@@ -13,11 +13,20 @@ import io
 import os
 import signal
 import sys
+from types import FrameType
 
 import typer
 
 from agentrt import __version__
-from agentrt.agents.cli.support import AgentrtGroup, LazyCommand, check_debug_flag, set_debug, setup_logging
+from agentrt.agents.cli.support import (
+    EXIT_SIGNAL_BASE,
+    AgentrtGroup,
+    LazyCommand,
+    check_debug_flag,
+    set_debug,
+    setup_logging,
+)
+from agentrt.agents.cli_entry import stop_signals_raise
 
 COMMANDS = (
     LazyCommand('db', 'agentrt.agents.cli.database:db_app', 'The database: status, upgrade, seed the demo data.'),
@@ -83,7 +92,9 @@ def set_trace() -> None:
 
 
 def main() -> None:
-    """Console entry point (`agentrt`, `python -m agentrt.agents.cli`)."""
+    """The command line, once imported (`agentrt.agents.cli_entry.main`, the console script's entry point, and
+    `python -m agentrt.agents.cli`)."""
+    stop_signals_raise()  # already in place from the console script; `python -m agentrt.agents.cli` from here on
     # logfire registers itself as a pydantic plugin, so pydantic imported it (and OpenTelemetry's SDK) at the first
     # model class of any command, tracing on or off: about 0.2 s of each start, and the SDK's resource detection
     # warned from a thread during that import (a malformed OTEL_RESOURCE_ATTRIBUTES) into the CLI's log filter, whose
@@ -104,6 +115,25 @@ def _exit_unstoppable() -> None:
     """The command has ended, its clean shutdown included: what is left is the interpreter's exit (`atexit`: the
     embedded server's release, where the last user stops it; the spans' last export). A SIGTERM or SIGHUP then, with the
     command's own handlers gone, killed the process where it stood (129 after a chat that had answered and saved), so
-    they are ignored from here on; Ctrl-C still interrupts a stuck exit."""
+    they are ignored from here on. A Ctrl-C interrupted that release with a traceback ("Exception ignored in atexit
+    callback"), the server left running without a user: the exit goes on, said in one line, and a second Ctrl-C
+    ends a stuck one at once (`_exit_interrupted`)."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+_interrupted_exit = False
+
+
+def _exit_interrupted(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C during the interpreter's exit, after the command ended: the first lets the exit finish (the embedded
+    server's stop takes a fraction of a second; a span export at most OTEL_EXPORTER_OTLP_TIMEOUT), the second ends
+    the process at once, with exit code 130 and what may be left behind."""
+    global _interrupted_exit
+    if _interrupted_exit:
+        # An embedded server left running is adopted by the next agentrt process on its data directory, which stops it.
+        os.write(2, b'error: interrupted while exiting: its clean-up was cut short\n')
+        os._exit(EXIT_SIGNAL_BASE + signal.SIGINT)
+    _interrupted_exit = True
+    os.write(2, b'interrupted: the command has ended; finishing its exit (Ctrl-C again to quit at once)\n')

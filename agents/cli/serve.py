@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from agentrt.agents.cli.support import EXIT_USAGE, fail, long_running, run
+from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, long_running, run
 
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
@@ -53,9 +53,18 @@ def serve(
         fail(f'--log-level must be one of {", ".join(LOG_LEVELS)}, got {log_level!r}', EXIT_USAGE)
     _check_address(host, port)
     _check_model()
+    long_running()
+    try:
+        _serve(host, port, workers, log_level, shutdown_seconds)
+    except Stopped as stopped:
+        # Before uvicorn's own handling of signals (the database's start, the app's import): a stop ends as one after
+        # it does, with exit code 0 (systemd counts 143 as a failure), in one line.
+        err_console.print(f'serve stopped by {stopped} before it served', highlight=False)
+
+
+def _serve(host: str, port: int, workers: int, log_level: str, shutdown_seconds: int) -> None:
     # Start (and migrate) the database once, here, so a bad setting or an unreachable server is one clear error
     # before any worker starts, and workers never race to migrate.
-    long_running()
     run(_check_database)
     import uvicorn
 

@@ -34,6 +34,8 @@ from typer._click import exceptions as click_exceptions  # typer vendors click: 
 from typer.core import TyperCommand, TyperGroup
 
 from agentrt.agents.cli.output import plain_decimal
+from agentrt.agents.cli_entry import Stopped as Stopped  # the CLI's own name for it (chat_loop, worker)
+from agentrt.agents.cli_entry import signals_to_asyncio, stopped_server
 from agentrt.db.errors import (
     AgentRuntimeError,
     BudgetExceededError,
@@ -159,14 +161,6 @@ def exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
 
 
 _debug = False
-
-
-class Stopped(Exception):
-    """The command was stopped by a signal (SIGTERM, SIGHUP) after shutting down cleanly."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def set_debug(enabled: bool) -> None:
@@ -375,7 +369,8 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
         os.environ.setdefault('OTEL_EXPORTER_OTLP_TIMEOUT', SHORT_EXPORT_TIMEOUT)
     configure_observability()
     try:
-        return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
+        with signals_to_asyncio():
+            return asyncio.run(_stoppable(coro_fn(*args, **kwargs)))
     except KeyboardInterrupt:
         # asyncio.run's answer to Ctrl-C, once the cancelled command has cleaned up. typer would turn it into a
         # silent exit 130 before the error boundary saw it: said as SIGTERM's is.
@@ -555,6 +550,10 @@ class AgentrtGroup(TyperGroup):
         except BaseException as exc:  # the boundary: everything a command raised ends here
             if isinstance(exc, SystemExit):
                 raise
+            if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
+                # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
+                err_console.print(f'{server} stopped by {exc} before it started', highlight=False)
+                return 0
             code = report(exc)
         return code if isinstance(code, int) else 0
 
@@ -634,8 +633,8 @@ def report(exc: BaseException) -> int:
         error_line('interrupted; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + signal.SIGINT
     if isinstance(exc, Stopped):
-        error_line(f'stopped by {exc}; nothing in progress was saved', redact=False)
-        return EXIT_SIGNAL_BASE + exc.signum
+        error_line(exc.message, redact=False)
+        return exc.exit_code
     if type(exc).__name__ == 'LogfireConfigError':
         # Raised by logfire's import (pydantic-ai's, and pydantic's plugin loading, import it), which fails again in
         # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from alembic import context
 from sqlalchemy import text
@@ -11,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK
 from agentrt.db.models import Base
+
+logger = logging.getLogger('agentrt.db')
 
 
 def _run(connection: Connection) -> None:
@@ -26,7 +29,7 @@ def _run(connection: Connection) -> None:
             "set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true)"
         )
     ).one()
-    connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+    _take_migration_lock(connection)
     connection.execute(
         text("SELECT set_config('lock_timeout', :lock, true), set_config('statement_timeout', :statement, true)"),
         {'lock': saved[0], 'statement': saved[1]},
@@ -37,6 +40,27 @@ def _run(connection: Connection) -> None:
     with context.begin_transaction():
         context.run_migrations()
     connection.commit()
+
+
+def _take_migration_lock(connection: Connection) -> None:
+    """Take the migration lock; while another process holds it, say so first: the wait lasts as long as that
+    migration does, and a command waited in silence after its "upgrading to ..." line."""
+    key = {'key': MIGRATION_LOCK_KEY}
+    if connection.execute(text('SELECT pg_try_advisory_xact_lock(:key)'), key).scalar_one():
+        return
+    holder = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
+    who = f'pid {holder.pid}{f" ({holder.application})" if holder.application else ""}' if holder else 'its holder'
+    logger.warning('another process, %s, is migrating this database: waiting for it to finish', who)
+    connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
+
+
+# The session holding the migration lock (a bigint advisory key: its high half is `classid`, its low half `objid`).
+_MIGRATION_LOCK_HOLDER = text(
+    "SELECT l.pid, coalesce(a.application_name, '') AS application FROM pg_locks AS l"
+    ' LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid'
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = :objid AND l.objsubid = 1"
+    ' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())'
+)
 
 
 async def _run_async(engine: AsyncEngine) -> None:

@@ -1,5 +1,5 @@
 """`python -m agentrt`: the `agentrt` command line (where the `agentrt` script is not on PATH)."""
 
-from agentrt.agents.cli import main
+from agentrt.agents.cli_entry import main
 
 main()

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from agentrt.db import migrate
 from agentrt.db.engine import build_engine, get_engine
-from agentrt.db.errors import MigrationError
+from agentrt.db.errors import DatabaseUnavailableError, MigrationError
 from agentrt.db.migrate import (
     MIGRATIONS_DIR,
     alembic_config,
@@ -233,3 +233,82 @@ async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(databas
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
             await conn.execute(text(f'DROP ROLE IF EXISTS {name}'))
+
+
+async def test_a_migration_that_waits_too_long_for_a_table_lock_says_who_holds_it(
+    database: Settings, empty_database: str
+) -> None:
+    # A session left idle in its transaction after reading the ledger holds a lock migration 0015's ALTER TABLE waits
+    # for. After DB_LOCK_TIMEOUT_MS the upgrade said only "PostgreSQL stopped waiting for a lock that another session
+    # holds (...): the operation did not complete; retry once that session has finished": not that the migration was
+    # what waited, for how long, on which session, nor that nothing was applied.
+    url = get_engine().url.set(database=empty_database)
+    quick = database.model_copy(update={'lock_timeout_ms': 200})
+    engine, holder = build_engine(url, quick), build_engine(url, database)
+    try:
+        await _migrate_to(engine, '0014_conversations_created_index')
+        async with holder.connect() as other, other.begin():
+            pid = (await other.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            await other.execute(text('SELECT count(*) FROM llm_requests'))
+            with pytest.raises(DatabaseUnavailableError) as raised:
+                await asyncio.wait_for(upgrade(engine), 30)
+            message = str(raised.value)
+            result = await invoke(
+                'db',
+                'upgrade',
+                env={'DATABASE_URL': url.render_as_string(hide_password=False), 'DB_LOCK_TIMEOUT_MS': '200'},
+            )
+        assert message.startswith(
+            'migrating the schema from 0014_conversations_created_index to head waited for a lock on a table that '
+            'another session holds, and gave up after 200ms (DB_LOCK_TIMEOUT_MS): nothing was applied: the schema is '
+            f'still at 0014_conversations_created_index; held by pid {pid} (agentrt), idle in transaction for '
+        )
+        assert message.endswith(
+            f" s, on llm_requests (SELECT pg_terminate_backend({pid}) ends it): end or finish that session's "
+            'transaction, or raise DB_LOCK_TIMEOUT_MS for the migration; then run the command again (or `agentrt db '
+            'upgrade`)'
+        )
+        assert await current_revision(engine) == '0014_conversations_created_index'
+        assert result.exit_code == 3  # README: a statement given up on (a lock timeout)
+        errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+        assert len(errors) == 1 and f'held by pid {pid} (agentrt), idle in transaction' in errors[0], result.stderr
+        assert 'Traceback' not in result.stderr
+    finally:
+        await engine.dispose()
+        await holder.dispose()
+
+
+async def test_a_migration_cut_off_by_the_statement_timeout_says_which_setting_to_raise(
+    database: Settings, empty_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long migration (a backfill of a large ledger) ran out of DB_STATEMENT_TIMEOUT_MS and said "PostgreSQL cancelled
+    # a statement (...): the operation did not complete; retry once the database is less busy": the same migration
+    # fails again however idle the database; the setting to raise is what helps (README says so).
+    packaged = head_revision()
+    migrations = tmp_path / 'migrations'
+    shutil.copytree(MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns('__pycache__'))
+    (migrations / 'versions' / '9999_slow.py').write_text(
+        f"revision = '9999_slow'\ndown_revision = {packaged!r}\nbranch_labels = None\ndepends_on = None\n"
+        'from alembic import op\n\n\ndef upgrade():\n    op.execute("SELECT pg_sleep(5)")\n\n\n'
+        'def downgrade():\n    pass\n'
+    )
+    url = get_engine().url.set(database=empty_database)
+    engine = build_engine(url, database)
+    try:
+        await upgrade(engine)  # to the packaged head, with the suite's timeouts
+    finally:
+        await engine.dispose()
+    monkeypatch.setattr(migrate, 'MIGRATIONS_DIR', migrations)
+    engine = build_engine(url, database.model_copy(update={'statement_timeout_ms': 300}))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            await asyncio.wait_for(upgrade(engine), 30)
+        assert str(raised.value) == (
+            f'migrating the schema from {packaged} to head took longer than a statement may (300ms, '
+            f'DB_STATEMENT_TIMEOUT_MS) and was cancelled: nothing was applied: the schema is still at '
+            f'{packaged}. A migration of a large table can take that long: raise DB_STATEMENT_TIMEOUT_MS for '
+            'it (0: no limit, e.g. `DB_STATEMENT_TIMEOUT_MS=0 agentrt db upgrade`), then run the command again'
+        )
+        assert await current_revision(engine) == packaged
+    finally:
+        await engine.dispose()

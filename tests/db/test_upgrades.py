@@ -5,6 +5,7 @@ row-level security (0012) covers them; two processes upgrading one database at o
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -225,3 +226,29 @@ async def _waited_past(engine: AsyncEngine, seconds: float) -> bool:
     )
     async with engine.connect() as connection:
         return bool((await connection.execute(waited, {'seconds': seconds})).scalar_one())
+
+
+async def test_a_process_waiting_for_another_ones_migration_says_so(
+    database: Settings, empty_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The wait lasts as long as the other migration does: a command said "upgrading to ..." and then nothing at all.
+    url = get_engine().url.set(database=empty_database)
+    engine, holder = build_engine(url, database), build_engine(url, database)
+    try:
+        async with holder.connect() as other, other.begin():
+            pid = (await other.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            await other.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+            with caplog.at_level(logging.WARNING, logger='agentrt.db'):
+                migrating = asyncio.create_task(upgrade_if_behind(engine))
+                for _ in range(600):  # a poll: until the migrator said it waits
+                    if migrating.done() or caplog.records:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not migrating.done()
+        assert await migrating is True
+        assert [record.getMessage() for record in caplog.records] == [
+            f'another process, pid {pid} (agentrt), is migrating this database: waiting for it to finish'
+        ]
+    finally:
+        await engine.dispose()
+        await holder.dispose()

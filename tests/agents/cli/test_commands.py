@@ -129,3 +129,43 @@ async def test_a_signal_while_the_command_exits_does_not_cut_its_exit_short(sign
     process.send_signal(signum)
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert (process.returncode, out, err) == (0, b'released\n', b'')
+
+
+async def test_ctrl_c_while_the_command_exits_lets_the_exit_finish_and_a_second_quits_at_once() -> None:
+    # Ctrl-C during that release interrupted it with a traceback ("Exception ignored in atexit callback ...
+    # KeyboardInterrupt"), exit code 0, the embedded server left running without a user. The first now lets the exit
+    # finish, in one line; a second ends a stuck exit at once (exit code 130).
+    program = textwrap.dedent(
+        """
+        import atexit, sys, time
+        from agentrt.agents.cli import main
+        seconds = int(sys.argv[1])
+        atexit.register(lambda: (print('exiting', flush=True), time.sleep(seconds), print('released')))
+        sys.argv = ['agentrt', '--version']
+        main()
+        """
+    )
+    finished = await _interrupted_exit(program, '2', interrupts=1)
+    assert finished == (
+        0,
+        b'released\n',
+        b'interrupted: the command has ended; finishing its exit (Ctrl-C again to quit at once)\n',
+    )
+    rc, out, err = await _interrupted_exit(program, '60', interrupts=2)
+    assert (rc, out) == (130, b'')
+    assert err.endswith(b'error: interrupted while exiting: its clean-up was cut short\n') and b'Traceback' not in err
+
+
+async def _interrupted_exit(program: str, seconds: str, *, interrupts: int) -> tuple[int | None, bytes, bytes]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, '-c', program, seconds, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert (await process.stdout.readline()).decode().startswith('agentrt ')
+    assert await process.stdout.readline() == b'exiting\n'
+    process.send_signal(signal.SIGINT)
+    if interrupts == 2:  # once the first was answered
+        assert (await process.stderr.readline()).startswith(b'interrupted: ')
+        process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode, out, err
