@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a command or a server (`agentrt serve`'s handlers, `api/stopping.py`'s refusal of waiting
+turns): Ctrl-C, a process manager's stop, the terminal closed."""
 
 
 class Stopped(BaseException):

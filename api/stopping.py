@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from agentrt.agents.cli_entry import STOP_SIGNALS  # a standard-library-only module: no CLI package imported
 from agentrt.agents.turn_admission import stop_admitting
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager

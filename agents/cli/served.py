@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+from agentrt.agents.cli_entry import STOP_SIGNALS
 
 
 class GracefulServer(uvicorn.Server):
