@@ -139,6 +139,13 @@ def render_page(result: LedgerPage, *, as_json: bool, as_csv: bool = False) -> N
     if as_csv:
         print_csv([row_dict(item) for item in result.items], columns=ledger_columns())
         return
+    if result.page > result.pages:  # an empty table under "page 5 of 1" read as if the rows had gone
+        console.print(
+            f'model requests: page {result.page} is past the last, page {result.pages} '
+            f'({result.total:,} in all at {result.page_size} a page)',
+            highlight=False,
+        )
+        return
     title = f'model requests: page {result.page} of {result.pages} ({result.total:,} in all)'
     console.print(fitted_table(title, LIST_COLUMNS, result.items, width=console.table_room))
 

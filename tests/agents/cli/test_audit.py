@@ -25,6 +25,10 @@ async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.Ca
     render_page(page, as_json=True)
     payload = json.loads(capsys.readouterr().out)
     assert (payload['total'], payload['pages']) == (3, 1)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        past = await list_requests(session=session, page=5)
+    render_page(past, as_json=False)
+    assert capsys.readouterr().out.strip() == 'model requests: page 5 is past the last, page 1 (3 in all at 20 a page)'
     assert [item['id'] for item in payload['items']] == [str(r.id) for r in reversed(seeded)]
     assert payload['items'][1]['total_cost'] == '0.004000' and payload['items'][1]['success'] is False
 
