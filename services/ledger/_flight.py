@@ -101,6 +101,8 @@ def mark_read_failures(stream: StreamedResponse, span: trace.Span) -> None:
     (the plain request's span says ERROR). The provider's error is seen here, in the consumer's task, while the span
     is still open; one raised because the consumer cancelled the stream is not the provider's failure.
     """
+    if PYDANTIC_AI_MARKS_FAILED_STREAMS:  # no reader wrapped around every event for a mark pydantic-ai makes itself
+        return
     read = getattr(stream, '_get_event_iterator', None)  # pydantic-ai's per-provider reader, behind its own wrappers
     if read is None:  # a pydantic-ai that renamed it: the span goes unmarked, the stream is read as it is
         return
@@ -125,8 +127,10 @@ def mark_request_span(error: BaseException, span: trace.Span) -> None:
     or short answer. As pydantic-ai does without content (`include_content=False`): the exception's type, no message (a
     provider's error can quote the prompt or a key).
     """
+    if PYDANTIC_AI_MARKS_FAILED_STREAMS:  # a stream that failed as it opened: pydantic-ai marks its span itself
+        return
     attributes = getattr(span, 'attributes', None) or {}
-    if PYDANTIC_AI_MARKS_FAILED_STREAMS or not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
+    if not span.is_recording() or attributes.get('gen_ai.operation.name') != 'chat':
         return  # not a model request's span (pydantic-ai not instrumented): nothing to mark
     kind = type(error)
     name = kind.__qualname__ if kind.__module__ == 'builtins' else f'{kind.__module__}.{kind.__qualname__}'
