@@ -157,7 +157,7 @@ def disk_full(exc: BaseException) -> str | None:
     extend file ...: No space left on device`), else None: the operation was rolled back, nothing of it stored, and it
     succeeds again once space is freed. Unmapped, it was an internal error (exit 70, an HTTP 500 with a traceback)."""
     for error in _chain(exc):
-        if str(getattr(error, 'sqlstate', None) or '') == '53100':
+        if sqlstate_of(error) == '53100':
             return (
                 f'PostgreSQL{_at_server()} ran out of disk space ({_first_line(error)}): free space on the file system '
                 f'of {_data_directory()}; the operation did not complete (rolled back), run it again once there is room'
@@ -229,7 +229,7 @@ def given_up(exc: BaseException) -> str | None:
     operator's cancel, a deadlock or a serialization failure (`_GAVE_UP_SQLSTATES`), else None. Reported as the
     database being (briefly) unavailable for the operation: the connection is intact, the caller made no mistake."""
     for error in _chain(exc):
-        found = _GAVE_UP_SQLSTATES.get(str(getattr(error, 'sqlstate', None) or ''))
+        found = _GAVE_UP_SQLSTATES.get(sqlstate_of(error))
         if found is not None:
             what, then = found
             return f'{what.format(error=_first_line(error))}: {then}'
@@ -299,7 +299,7 @@ def privilege_error(
     """
     who = f'the login role of DATABASE_URL ({login})' if login else 'the login role of DATABASE_URL'
     for error in _chain(exc):
-        if str(getattr(error, 'sqlstate', None) or '') != '42501':
+        if sqlstate_of(error) != '42501':
             continue
         message = _first_line(error)
         if message.startswith('permission denied to set role'):
@@ -374,6 +374,11 @@ def invalid_value(exc: BaseException) -> str | None:
                 continue
             return _first_line(error)
     return None
+
+
+def sqlstate_of(error: BaseException) -> str:
+    """The SQLSTATE a driver's error carries (asyncpg's and psycopg's `sqlstate`), '' for any other exception."""
+    return str(getattr(error, 'sqlstate', None) or '')
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

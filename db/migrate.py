@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, DatabaseUnavailableError, MigrationError
-from agentrt.db.failures import causes, privilege_error, raised_inside, unavailable_error
+from agentrt.db.failures import causes, privilege_error, raised_inside, sqlstate_of, unavailable_error
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
 
@@ -138,16 +138,13 @@ _one_at_a_time = LockPerLoop()
 
 def _lock_timed_out(exc: BaseException) -> bool:
     """Whether a statement of the migration gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03)."""
-    return any(str(getattr(error, 'sqlstate', None) or '') == '55P03' for error in causes(exc))
+    return any(sqlstate_of(error) == '55P03' for error in causes(exc))
 
 
 def _statement_timed_out(exc: BaseException) -> bool:
     """Whether a statement of the migration ran longer than `statement_timeout` (SQLSTATE 57014, not an operator's
     cancel, which has the same code)."""
-    return any(
-        str(getattr(error, 'sqlstate', None) or '') == '57014' and 'statement timeout' in str(error)
-        for error in causes(exc)
-    )
+    return any(sqlstate_of(error) == '57014' and 'statement timeout' in str(error) for error in causes(exc))
 
 
 async def _statement_timeout_message(engine: AsyncEngine, before: str | None, revision: str) -> str:

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agentrt.db.failures import causes, invalid_value
+from agentrt.db.failures import causes, invalid_value, sqlstate_of
 from agentrt.services.ledger._record import parse_spool_entry
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
 from agentrt.services.ledger._spool import LedgerSpool
@@ -193,7 +193,7 @@ def refused_for_its_values(exc: BaseException) -> bool:
     Anything else (the database unavailable, a statement that fails whatever the rows) is not the rows' fault."""
     if invalid_value(exc) is not None:
         return True
-    return any(str(getattr(error, 'sqlstate', '')).startswith('23') for error in causes(exc))
+    return any(sqlstate_of(error).startswith('23') for error in causes(exc))
 
 
 def _line(entry: dict[str, Any]) -> str:
