@@ -40,6 +40,10 @@ class Stopped(BaseException):
         """The `error:` line's text."""
         return f'stopped by {self}; nothing in progress was saved'
 
+    def before_start(self, command: str) -> str:
+        """The line of a server command (`SERVER_COMMANDS`) stopped before it started: its stop, not an error."""
+        return f'{command} stopped by {self} before it started'
+
     @property
     def exit_code(self) -> int:
         """128 + the signal's number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
@@ -96,7 +100,7 @@ def main() -> None:
         from agentrt.agents.cli import main as command_line
     except Stopped as stopped:  # the CLI's error line is not imported yet: its words, as they are
         if (server := stopped_server(sys.argv[1:])) is not None:
-            sys.stderr.write(f'{server} stopped by {stopped} before it started\n')
+            sys.stderr.write(f'{stopped.before_start(server)}\n')
             raise SystemExit(0) from None
         sys.stderr.write(f'error: {stopped.message}\n')
         raise SystemExit(stopped.exit_code) from None

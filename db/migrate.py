@@ -213,8 +213,13 @@ async def _lock_wait_message(engine: AsyncEngine, exc: BaseException, before: st
     return f'{after} (DB_LOCK_TIMEOUT_MS): {nothing}; held by {holders}: {todo}'
 
 
+def session_label(pid: int, application: str) -> str:
+    """A PostgreSQL session as a message names it: `pid N (application)`, the name left out when it has none."""
+    return f'pid {pid} ({application})' if application else f'pid {pid}'
+
+
 def _holder(row: Any) -> str:
-    what = f'pid {row.pid}{f" ({row.application})" if row.application else ""}'
+    what = session_label(row.pid, row.application)
     if row.state:
         what += f', {row.state}'
     if row.seconds is not None:

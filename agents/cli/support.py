@@ -552,7 +552,7 @@ class AgentrtGroup(TyperGroup):
                 raise
             if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
                 # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
-                err_console.print(f'{server} stopped by {exc} before it started', highlight=False)
+                err_console.print(exc.before_start(server), highlight=False)
                 return 0
             code = report(exc)
         return code if isinstance(code, int) else 0

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK
+from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK, session_label
 from agentrt.db.models import Base
 
 logger = logging.getLogger('agentrt.db')
@@ -49,7 +49,7 @@ def _take_migration_lock(connection: Connection) -> None:
     if connection.execute(text('SELECT pg_try_advisory_xact_lock(:key)'), key).scalar_one():
         return
     holder = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
-    who = f'pid {holder.pid}{f" ({holder.application})" if holder.application else ""}' if holder else 'its holder'
+    who = session_label(holder.pid, holder.application) if holder else 'its holder'
     logger.warning('another process, %s, is migrating this database: waiting for it to finish', who)
     connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
 
