@@ -247,9 +247,27 @@ def connection_problem(exc: BaseException) -> str:
             )
         if isinstance(error, ssl.SSLError):
             return f'SSL failed ({_first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
-        if _class_names(error) & {'InvalidPasswordError', 'InvalidAuthorizationSpecificationError'}:
-            return f'{_first_line(error)}: check the user name and password in DATABASE_URL'
-    return _root_message(exc)
+    return login_refused(exc) or _root_message(exc)
+
+
+_LOGIN_REFUSED = {
+    '28P01': 'check the user name and password in DATABASE_URL',  # invalid_password
+    '28000': 'check the user name and password in DATABASE_URL, and pg_hba.conf',  # invalid_authorization_specification
+    '3D000': 'check the database name in DATABASE_URL, or create that database',  # invalid_catalog_name
+}
+"""What PostgreSQL refuses a login for that no retry changes: a wrong password, an unknown role (or one pg_hba.conf
+does not let in), a database that does not exist."""
+
+
+def login_refused(exc: BaseException) -> str | None:
+    """Why PostgreSQL refused the login, on one line with what to fix in `DATABASE_URL`, when it refused a password,
+    a role or a database (`_LOGIN_REFUSED`); None for any other failure. The server's text names the user or the
+    database, never the password."""
+    for error in _chain(exc):
+        advice = _LOGIN_REFUSED.get(sqlstate_of(error))
+        if advice is not None:
+            return f'{_first_line(error)}: {advice}'
+    return None
 
 
 def pooler_error(exc: BaseException) -> ConfigError | None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -18,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
-from agentrt.db.errors import DatabaseUnavailableError, EmbeddedPostgresError
-from agentrt.db.failures import lost_connection
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
+from agentrt.db.failures import login_refused, lost_connection
 from agentrt.db.settings import Settings, parse_database_url
 
 
@@ -75,6 +76,33 @@ async def test_a_statement_timeout_while_checking_the_connection_names_the_setti
     message = str(info.value)
     assert 'cannot connect' not in message and 'DB_STATEMENT_TIMEOUT_MS' in message, message
     assert message.startswith('PostgreSQL cancelled a statement') and 'as the connection was checked' in message
+
+
+def test_a_refused_password_reads_as_a_login_refused_and_names_what_to_check() -> None:
+    # The test server trusts its local connections, so a wrong password cannot be had from it: the driver's error
+    # for one (SQLSTATE 28P01), as SQLAlchemy raises it.
+    refused = asyncpg.exceptions.InvalidPasswordError('password authentication failed for user "app"')
+    wrapped = DBAPIError('SELECT 1', None, refused)
+    wrapped.orig = refused
+    assert login_refused(wrapped) == (
+        'password authentication failed for user "app": check the user name and password in DATABASE_URL'
+    )
+    assert login_refused(ConnectionRefusedError(111, 'Connection refused')) is None
+    assert login_refused(asyncpg.exceptions.CannotConnectNowError('the database system is starting up')) is None
+
+
+async def test_an_unknown_database_is_a_configuration_error_naming_it(database_url: str) -> None:
+    url = parse_database_url(database_url).set(database='no_such_database')
+    engine = build_engine(url, Settings(database_url=url.render_as_string(hide_password=False)))
+    try:
+        with pytest.raises(ConfigError) as info:
+            await check_connection(engine, url, 10)
+    finally:
+        await engine.dispose()
+    assert not isinstance(info.value, DatabaseUnavailableError)
+    message = str(info.value)
+    assert 'refused the login: database "no_such_database" does not exist' in message, message
+    assert 'check the database name in DATABASE_URL' in message
 
 
 async def test_silent_server_fails_within_connect_timeout(silent_server: int) -> None:

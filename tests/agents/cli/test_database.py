@@ -61,6 +61,23 @@ async def test_unreachable_server_exits_non_zero_quickly() -> None:
     assert '127.0.0.1:1' in result.stderr
 
 
+async def test_a_login_postgresql_refuses_is_a_configuration_error_not_an_outage(database_url: str) -> None:
+    # An unknown role or database in DATABASE_URL exited 3, "database unavailable": a script retrying on 3 (as for a
+    # restart) retried a typo for ever. No wait changes it: exit 2, with what to fix.
+    url = make_url(database_url)
+    for changed, named, advice in (
+        (url.set(username='no_such_role'), 'role "no_such_role" does not exist', 'user name and password'),
+        (url.set(database='no_such_database'), 'database "no_such_database" does not exist', 'database name'),
+    ):
+        env = {'DATABASE_URL': changed.set(password='hunter2').render_as_string(hide_password=False)}
+        result = await invoke('db', 'status', env=env)
+        assert result.exit_code == 2, result.stderr
+        line = result.stderr.strip()
+        assert line.startswith('error: PostgreSQL at ') and 'refused the login' in line, line
+        assert named in line and advice in line and 'DATABASE_URL' in line, line
+        assert 'hunter2' not in result.stderr + result.stdout and 'Traceback' not in result.stderr
+
+
 async def test_unknown_option_is_rejected() -> None:
     result = await invoke('db', 'status', '--bogus')
     assert result.exit_code == 2
