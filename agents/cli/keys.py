@@ -106,9 +106,25 @@ def revoke(
         # What was pasted may be most of a key: quoted no further than a public id goes, and redacted (`fail` is not).
         error_line(f'not an API key id: {quoted_key_argument(key)} (expected art_ and 12 hex digits)')
         raise typer.Exit(EXIT_USAGE)
-    revoked: ApiKeyInfo = run(operator_session, lambda s: revoke_api_key(session=s, key=key))
+
+    async def revoking(session: AsyncSession) -> tuple[ApiKeyInfo, bool]:
+        from sqlalchemy import func, select
+
+        # The transaction's now(), which a revoke stamps: a key stamped earlier was revoked before this command.
+        now = (await session.execute(select(func.now()))).scalar_one()
+        revoked = await revoke_api_key(session=session, key=key)
+        return revoked, revoked.revoked_at != now
+
+    revoked, already = run(operator_session, revoking)
     if as_json:
-        print_json(asdict(revoked))
+        print_json({**asdict(revoked), 'already_revoked': already})
+        return
+    if already:  # harmless, and said so: it read as if this command had revoked it
+        console.print(
+            f'{revoked.public_id} (account {revoked.account_slug!r}) was already revoked, at '
+            f'{_when(revoked.revoked_at)} UTC',
+            highlight=False,
+        )
         return
     console.print(f'revoked {revoked.public_id} (account {revoked.account_slug!r})', highlight=False)
 

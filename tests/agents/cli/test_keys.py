@@ -34,7 +34,15 @@ async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
     assert token not in listed.stdout  # never the secret
 
     revoked = await invoke('keys', 'revoke', token[:16], env=env)
-    assert revoked.exit_code == 0 and f'revoked {token[:16]}' in revoked.stdout
+    assert revoked.exit_code == 0 and revoked.stdout.startswith(f'revoked {token[:16]}'), revoked.stdout
+    # Again: harmless (exit 0), and it says the key was revoked before rather than "revoked" as if it had just been.
+    again = await invoke('keys', 'revoke', token[:16], env=env)
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout.startswith(f"{token[:16]} (account 'acme-health') was already revoked, at "), again.stdout
+    again_json = json.loads((await invoke('keys', 'revoke', token, '--json', env=env)).stdout)
+    first_json = json.loads((await invoke('keys', 'list', '--all', '--json', env=env)).stdout)
+    assert again_json['already_revoked'] is True and again_json['public_id'] == token[:16]
+    assert again_json['revoked_at'] in [key['revoked_at'] for key in first_json]  # the first revoke's time, kept
     forget_cached_api_keys()
     assert await authenticate_api_key(token) is None
     remaining = json.loads((await invoke('keys', 'list', '--json', env=env)).stdout)
