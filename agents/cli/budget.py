@@ -138,9 +138,10 @@ def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
                 plain_decimal(status.limit_usd, places=2, grouped=True),  # as set: a limit under a cent is no 0.00
                 status.period,
                 f'{_when(status.period_start)} to {_when(status.period_end)}',
-                plain_decimal(status.spent_usd, places=6),
-                f'{plain_decimal(status.reserved_usd, places=6)} ({status.holds})',
-                plain_decimal(status.remaining_usd, places=6),
+                # Grouped as the limit is: 12,345.678900 spent of a 20,000.00 limit, not 12345.678900.
+                plain_decimal(status.spent_usd, places=6, grouped=True),
+                f'{plain_decimal(status.reserved_usd, places=6, grouped=True)} ({status.holds:,})',
+                plain_decimal(status.remaining_usd, places=6, grouped=True),
                 f'{status.refused_requests:,}',
             )
         )

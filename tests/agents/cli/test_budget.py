@@ -99,6 +99,9 @@ async def test_tiny_amounts_print_in_plain_notation_never_as_exponents(demo_data
     await invoke('budget', 'set', '--account', 'acme-health', '--limit', '1234.5', env=env)
     wide = await invoke('budget', 'show', env=env)
     assert '1,234.50' in wide.stdout and '0.000000' in wide.stdout, wide.stdout  # cents and micro-dollars as before
+    [row] = [line for line in wide.stdout.splitlines() if 'acme-health' in line]
+    # What remains is grouped as the limit is (it printed 1234.500000 under a limit of 1,234.50).
+    assert [cell.strip() for cell in row.split('│')][7] == '1,234.500000', row
 
     acme = await account_id('acme-health')
     await write_ledger_row(ledger_record(cost='0.00000015', account_id=acme, account_slug='acme-health'))
