@@ -1,6 +1,6 @@
 """The LLM audit: `GET /api/v1/llm-audit/interactions` (a page of model requests) and `.../{id}` (one, with its
-stored prompt, response or error). Every model request is there, failed and cancelled ones included
-(`success=false`), and only the caller's account's."""
+stored prompt, response or error). Every model request is there, failed, cancelled and budget-refused
+ones included (`success=false`), and only the caller's account's."""
 
 from __future__ import annotations
 
@@ -37,7 +37,13 @@ async def list_interactions(
     page: Annotated[int, Query(ge=1, le=MAX_PAGE, description='Page number, from 1.')] = 1,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description='Rows per page, at most 100.')] = 20,
     success: Annotated[
-        bool | None, Query(description='Only successful (true) or failed and cancelled (false).')
+        bool | None,
+        Query(
+            description=(
+                'Only successful (true), or those that did not succeed (false): failed, cancelled, or refused by a '
+                'budget (`status` says which).'
+            )
+        ),
     ] = None,
     model: ModelFilter = None,
     agent: AgentFilter = None,

@@ -43,7 +43,11 @@ audit_app = typer.Typer(
 
 @audit_app.command('list')
 def audit_list(
-    failed: bool = typer.Option(False, '--failed', help='Only failed or cancelled requests.'),
+    failed: bool = typer.Option(
+        False,
+        '--failed',
+        help='Only requests that did not succeed: failed, cancelled, or refused by a budget (see the status column).',
+    ),
     succeeded: bool = typer.Option(False, '--succeeded', help='Only successful requests.'),
     account: str | None = ACCOUNT_OPTION,
     agent: str | None = AGENT_OPTION,
