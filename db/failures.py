@@ -259,12 +259,24 @@ _LOGIN_REFUSED = {
 does not let in), a database that does not exist."""
 
 
+_POOLER_LOGIN_REFUSED = {
+    'password authentication failed': _LOGIN_REFUSED['28P01'],
+    'no such database: ': _LOGIN_REFUSED['3D000'],
+}
+"""PgBouncer's words for the same refusals (1.18 sends them as SQLSTATE 08P01, a protocol violation), for a wrong
+password or user and a database its `[databases]` does not list."""
+
+
 def login_refused(exc: BaseException) -> str | None:
-    """Why PostgreSQL refused the login, on one line with what to fix in `DATABASE_URL`, when it refused a password,
-    a role or a database (`_LOGIN_REFUSED`); None for any other failure. The server's text names the user or the
-    database, never the password."""
+    """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in
+    `DATABASE_URL`, when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for any other failure.
+    The server's text names the user or the database, never the password."""
     for error in _chain(exc):
-        advice = _LOGIN_REFUSED.get(sqlstate_of(error))
+        sqlstate = sqlstate_of(error)
+        advice = _LOGIN_REFUSED.get(sqlstate)
+        if advice is None and sqlstate == '08P01':
+            line = _first_line(error)
+            advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
         if advice is not None:
             return f'{_first_line(error)}: {advice}'
     return None

@@ -329,6 +329,35 @@ async def test_pgbouncer_refusing_clients_while_its_logins_fail_is_said_so() -> 
     assert 'server_login_retry' in message and 'not run' in message and 'terminated backend' not in message
 
 
+async def test_a_login_pgbouncer_refuses_is_a_configuration_error_naming_what_to_check(database: Settings) -> None:
+    # PgBouncer 1.18 refuses a wrong password (or user) and a database its [databases] does not list with SQLSTATE
+    # 08P01 (a protocol violation, not PostgreSQL's 28P01 / 3D000): exit 3, "database unavailable", as for an outage.
+    bouncer = bouncer_for(get_engine().url)
+    bouncer.write_ini(
+        [
+            line.replace('auth_type = trust', 'auth_type = md5')
+            for line in bouncer.ini_lines()
+            if not line.startswith('* =')  # only the listed database
+        ]
+    )
+    (bouncer.root / 'users.txt').write_text(f'"{bouncer.user}" "right-password"\n')
+    bouncer.start()
+    try:
+        url = make_url(bouncer.url())
+        for changed, said, advice in (
+            (url.set(password='hunter2'), 'password authentication failed', 'check the user name and password'),
+            (url.set(password='right-password', database='nodb'), 'no such database: nodb', 'database name'),
+        ):
+            env = {'DATABASE_URL': changed.render_as_string(hide_password=False), 'DB_POOLER': 'pgbouncer'}
+            result = await invoke('db', 'status', env=env)
+            assert result.exit_code == 2, result.stderr
+            line = result.stderr.strip()
+            assert 'refused the login: ' + said in line and advice in line and 'DATABASE_URL' in line, line
+            assert 'hunter2' not in result.stderr + result.stdout and 'right-password' not in result.stderr
+    finally:
+        bouncer.stop()
+
+
 @pytest.mark.parametrize(
     'driver_said',
     [
