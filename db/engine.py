@@ -511,6 +511,13 @@ def server_address() -> str | None:
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
 
 
+def connect_timeout_seconds() -> float | None:
+    """The process's runtime's `DB_CONNECT_TIMEOUT` (seconds), for the message of a connection attempt that timed out;
+    None before the start."""
+    runtime = _runtime
+    return None if runtime is None else runtime.settings.connect_timeout
+
+
 def embedded_unreachable() -> None:
     """A connection to the embedded server of the process's runtime was lost or could not be made: have the server
     started again in the background if it stopped (`EmbeddedRevival`); nothing for a server of `DATABASE_URL`."""
