@@ -511,11 +511,17 @@ def server_address() -> str | None:
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
 
 
-def connect_timeout_seconds() -> float | None:
-    """The process's runtime's `DB_CONNECT_TIMEOUT` (seconds), for the message of a connection attempt that timed out;
-    None before the start."""
+def connect_timeout() -> tuple[float, str] | None:
+    """How long the process's runtime waits for a connection (seconds) and the setting that says so
+    (`DB_CONNECT_TIMEOUT`, or the `connect_timeout` of `DATABASE_URL`, which overrides it), for the message of a
+    connection attempt that timed out; None before the start."""
     runtime = _runtime
-    return None if runtime is None else runtime.settings.connect_timeout
+    if runtime is None:
+        return None
+    seconds = asyncpg_connect_args(runtime.url)[1].get('timeout')  # checked when the engine was built
+    if seconds is None:
+        return runtime.settings.connect_timeout, 'DB_CONNECT_TIMEOUT'
+    return float(seconds), 'connect_timeout of DATABASE_URL'
 
 
 def embedded_unreachable() -> None:

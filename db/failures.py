@@ -440,18 +440,21 @@ def _connect_failure(exc: BaseException) -> str:
     for error in _chain(exc):
         if isinstance(error, TimeoutError) and not str(error).strip():
             return (
-                f'no answer within {_connect_timeout()} (DB_CONNECT_TIMEOUT): the server is hung or overloaded, or '
-                'the network between drops its packets'
+                f'no answer within {_connect_timeout()}: the server is hung or overloaded, or the network between '
+                'drops its packets'
             )
     return _root_message(exc)
 
 
 def _connect_timeout() -> str:
-    """The runtime's `DB_CONNECT_TIMEOUT` in words, or `its connect timeout` before its start."""
-    from agentrt.db.engine import connect_timeout_seconds  # the engine imports this module
+    """The runtime's connect timeout and its setting in words (`10s (DB_CONNECT_TIMEOUT)`)."""
+    from agentrt.db.engine import connect_timeout  # the engine imports this module
 
-    seconds = connect_timeout_seconds()
-    return f'{seconds:g}s' if seconds is not None else 'its connect timeout'
+    timeout = connect_timeout()
+    if timeout is None:
+        return 'the connect timeout (DB_CONNECT_TIMEOUT)'
+    seconds, setting = timeout
+    return f'{seconds:g}s ({setting})'
 
 
 def _root_message(exc: BaseException) -> str:

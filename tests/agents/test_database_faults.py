@@ -114,15 +114,21 @@ async def test_a_restart_during_turns_costs_only_the_turns_in_flight(
     assert len({row['id'] for row in rows}) == len(rows)
 
 
-async def test_a_server_that_does_not_answer_is_a_connect_timeout_naming_its_setting(private: PrivateDatabase) -> None:
+@pytest.mark.parametrize(
+    ('in_url', 'setting'),
+    [(False, 'DB_CONNECT_TIMEOUT'), (True, 'connect_timeout of DATABASE_URL')],
+    ids=['env', 'url'],
+)
+async def test_a_server_that_does_not_answer_is_a_connect_timeout_naming_its_setting(
+    private: PrivateDatabase, in_url: bool, setting: str
+) -> None:
     # A hung postmaster (SIGSTOP here; a stalled VM or a saturated host alike) accepts the TCP connection and never
     # answers: the error read "cannot connect to PostgreSQL at ...: TimeoutError", naming neither the wait nor the
     # setting, where the start's own check says "did not answer within 10s".
+    url = private.server.url(sslmode='disable', **({'connect_timeout': '1'} if in_url else {}))
     saved, engine._runtime = engine._runtime, None
     try:
-        await engine.init_database(
-            Settings(database_url=private.server.url(sslmode='disable'), connect_timeout=1), migrate=False
-        )
+        await engine.init_database(Settings(database_url=url, connect_timeout=10 if in_url else 1), migrate=False)
         await get_engine().dispose()  # the next session connects anew
         postmaster = int((private.server.data / 'postmaster.pid').read_text().split()[0])
         os.kill(postmaster, signal.SIGSTOP)
@@ -137,7 +143,7 @@ async def test_a_server_that_does_not_answer_is_a_connect_timeout_naming_its_set
         engine._runtime = saved
     message = str(raised.value)
     assert message.startswith('cannot connect to PostgreSQL at ') and 'TimeoutError' not in message, message
-    assert 'no answer within 1s (DB_CONNECT_TIMEOUT)' in message, message
+    assert f'no answer within 1s ({setting})' in message, message
 
 
 async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(private: PrivateDatabase) -> None:
