@@ -35,7 +35,7 @@ import psutil
 from sqlalchemy.engine import URL
 
 from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
-from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wheel_failures
+from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wait_until_reaped, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
 
 logger = logging.getLogger('agentrt.db')
@@ -209,6 +209,8 @@ def _get_server(data_dir: Path) -> Any:
 
             quote_socket_dirs()
             _check_runtime_dir(Path(PostgresServer.runtime_path))
+            # Before the wheel's first handle of this process, which starts the server too.
+            wait_until_reaped(_lock_file_pid(data_dir), data_dir)
 
             # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
             server = get_server(data_dir, cleanup_mode=None)

