@@ -204,7 +204,13 @@ class BudgetOut(BaseModel):
     reserved_usd: Money | None = Field(default=None, description='What requests in flight hold.')
     remaining_usd: Money | None = None
     holds: int | None = Field(default=None, description='Requests in flight holding part of the budget.')
-    refused_requests: int | None = Field(default=None, description='Requests refused this period.')
+    refused_requests: int | None = Field(
+        default=None,
+        description=(
+            'Requests the limit refused this period (one refused because its model has no price is not counted here: '
+            'the audit lists every refused request, `status` `refused`).'
+        ),
+    )
 
     @classmethod
     def of(cls, status: BudgetStatus | None) -> BudgetOut:

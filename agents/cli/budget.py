@@ -125,7 +125,16 @@ def _render(statuses: list[BudgetStatus], *, as_json: bool) -> None:
         print_json([_as_dict(status) for status in statuses])
         return
     table = Table(title=f'budgets ({len(statuses)})', title_justify='left')
-    for column in ('account', 'limit USD', 'period', 'current period (UTC)', 'spent', 'held', 'remaining', 'refused'):
+    for column in (
+        'account',
+        'limit USD',
+        'period',
+        'current period (UTC)',
+        'spent',
+        'held',
+        'remaining',
+        'over limit',
+    ):
         table.add_column(
             column,
             justify='left' if column in ('account', 'period', 'current period (UTC)') else 'right',
