@@ -567,15 +567,19 @@ class LLMRequestTracker:
         return True
 
     async def _background_replay(self, queues: LoopQueues, policy: RetryPolicy | None = None) -> None:
+        # Which of the two failed, for the warning: it said "spool replay failed" when the spool was empty and the
+        # rows held in memory (a full disk) could not be written yet.
+        step = 'writing the rows held in memory'
         try:
             await self._write_held(policy)
+            step = 'spool replay'
             report = await self.replay_spool(policy)
             if report.rows:
                 logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)
             queues.comeback_after = 0.0
         except Exception as exc:
             self._spool_dirty = True
-            logger.warning('ledger: spool replay failed (%s: %s); will retry', type(exc).__name__, exc)
+            logger.warning('ledger: %s failed (%s: %s); will retry', step, type(exc).__name__, exc)
             self._come_back_later(queues)
         finally:
             queues.replay_task = None

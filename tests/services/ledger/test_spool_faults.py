@@ -161,6 +161,28 @@ async def test_rows_neither_the_database_nor_the_spool_takes_are_held_then_writt
     assert tracker.stats.lost == 0 and tracker.stats.spooled == 0
 
 
+async def test_a_retry_of_the_held_rows_that_fails_is_logged_as_that_not_as_a_spool_replay(
+    full_database: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The spool was empty and the rows held in memory could not be written yet (the database's disk still full):
+    # the warning said "spool replay failed", sending an operator to a spool file with nothing in it.
+    tracker = LLMRequestTracker(fast_config(tmp_path, replay_retry_seconds=0.05, replay_check_interval=0.2))
+    tracker.spool.path.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger='agentrt.ledger'):
+        assert await tracker.track_request(_records(1)[0]) == 'held'
+        for _ in range(100):  # the tracker comes back to the held rows on its own, a moment later
+            if 'will retry' in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+    retried = [record.getMessage() for record in caplog.records if 'will retry' in record.getMessage()]
+    assert retried, caplog.text
+    assert retried[0].startswith('ledger: writing the rows held in memory failed ('), retried[0]
+    assert 'spool replay failed' not in caplog.text
+    await _room_in_the_database()
+    await tracker.aclose()
+    assert tracker.stats.lost == 0
+
+
 async def test_held_rows_go_to_the_spool_once_it_takes_rows_again(
     full_database: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
