@@ -26,7 +26,7 @@ from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, Database
 from agentrt.db.failures import (
     connection_problem,
     given_up,
-    login_refused,
+    login_error,
     out_of_step,
     pooler_error,
     refused_startup_parameter,
@@ -490,9 +490,8 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
             raise DatabaseUnavailableError(f'{gave_up} (PostgreSQL at {where}, as the connection was checked)') from exc
         if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
             raise
-        if (refused := login_refused(exc)) is not None:
-            # Configuration, not an outage: exit code 2, and nothing retries it (no wait changes a wrong password).
-            raise ConfigError(f'PostgreSQL at {where} refused the login: {refused}') from exc
+        if (refused := login_error(exc, where)) is not None:
+            raise refused from exc
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
 
 

@@ -267,6 +267,17 @@ _POOLER_LOGIN_REFUSED = {
 password or user and a database its `[databases]` does not list."""
 
 
+def login_error(exc: BaseException, where: str | None = None) -> ConfigError | None:
+    """A login PostgreSQL (or PgBouncer) refused (`login_refused`) as a `ConfigError` naming the server (`where`, the
+    runtime's own by default), or None: at the start, or when a pooled connection is opened later (the password
+    rotated, the role made NOLOGIN or dropped, the database dropped), where it was a raw `DBAPIError`. Configuration,
+    not an outage: no wait changes it (exit code 2; HTTP 500 `configuration_error`)."""
+    refused = login_refused(exc)
+    if refused is None:
+        return None
+    return ConfigError(f'PostgreSQL{f" at {where}" if where else _at_server()} refused the login: {refused}')
+
+
 def login_refused(exc: BaseException) -> str | None:
     """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in
     `DATABASE_URL`, when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for any other failure.

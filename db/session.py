@@ -15,7 +15,14 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import embedded_unreachable, get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
-from agentrt.db.failures import cannot_connect, lost_connection, pooler_error, privilege_error, unavailable_error
+from agentrt.db.failures import (
+    cannot_connect,
+    login_error,
+    lost_connection,
+    pooler_error,
+    privilege_error,
+    unavailable_error,
+)
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
 
@@ -118,6 +125,7 @@ def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str 
     (`ConfigError`), the database unavailable."""
     translated = (
         pooler_error(exc)
+        or login_error(exc)
         or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role(), role=setup.role)
         or unavailable_error(exc)
     )

@@ -22,6 +22,7 @@ from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailable
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db import engine
 from agentrt.db.engine import current_settings, get_engine, pool_status
+from agentrt.db.errors import ConfigError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings
 from agentrt.services.background import drain_supervisor
@@ -66,6 +67,40 @@ async def test_a_restart_between_turns_costs_no_turn(private: PrivateDatabase) -
             await simple_chat(QUESTION, session_id=f'after-{index}', account='acme-health', model=model)
         await _restart(private)
         assert not _failures(await _turns(50, model, 'concurrent-after'))
+        await private.settle()
+        rows = await ledger_rows()
+    assert len(rows) == model.requests and all(row['status'] == 'complete' for row in rows)
+
+
+async def test_a_login_refused_after_the_start_is_a_configuration_error_not_a_raw_driver_error(
+    private: PrivateDatabase,
+) -> None:
+    # The login role made NOLOGIN (or its password rotated) under a running process: each new connection was refused
+    # and surfaced as a raw sqlalchemy DBAPIError ("role ... is not permitted to log in"): HTTP 500 internal_error,
+    # CLI exit 70 "a bug".
+    model = CountingModel()
+    async with private.active():
+        assert not _failures(await _turns(2, model, 'before'))
+        admin = await asyncpg.connect(private.server.url())
+        try:
+            await admin.execute('ALTER ROLE postgres NOLOGIN')
+            await admin.execute(
+                'SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+            get_engine().sync_engine.pool.dispose()  # the next checkout logs in again
+            with pytest.raises(ConfigError) as refused:
+                async with get_db_session(account=Unscoped.ADMIN) as session:
+                    await session.execute(text('SELECT 1'))
+            message = str(refused.value)
+            assert message.startswith(f'PostgreSQL at 127.0.0.1:{private.server.port}/postgres refused the login: ')
+            assert 'role "postgres" is not permitted to log in' in message and 'DATABASE_URL' in message, message
+            with pytest.raises(ConfigError):
+                await simple_chat(QUESTION, session_id='refused', account='acme-health', model=model)
+        finally:
+            await admin.execute('ALTER ROLE postgres LOGIN')
+            await admin.close()
+        assert not _failures(await _turns(2, model, 'after'))
         await private.settle()
         rows = await ledger_rows()
     assert len(rows) == model.requests and all(row['status'] == 'complete' for row in rows)
