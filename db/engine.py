@@ -470,7 +470,7 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
 
     Raises:
         DatabaseUnavailableError: naming the server that could not be reached and why (with what to do when it is
-            an SSL or authentication problem).
+            an SSL problem).
         ConfigError: the server refused the login (a wrong password, an unknown role or database), or it is behind a
             pooler and the pooler mode is off (`DB_POOLER`).
     """

@@ -237,7 +237,8 @@ def given_up(exc: BaseException) -> str | None:
 
 
 def connection_problem(exc: BaseException) -> str:
-    """Why a connection could not be made, on one line, with what to do for SSL and authentication failures."""
+    """Why a connection could not be made, on one line, with what to do for SSL failures (a refused login is not
+    asked here: `check_connection` makes it a `ConfigError` first, `login_error`)."""
     for error in _chain(exc):
         if isinstance(error, ssl.SSLCertVerificationError):
             return (
@@ -247,7 +248,7 @@ def connection_problem(exc: BaseException) -> str:
             )
         if isinstance(error, ssl.SSLError):
             return f'SSL failed ({_first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
-    return login_refused(exc) or _root_message(exc)
+    return _root_message(exc)
 
 
 _LOGIN_REFUSED = {
