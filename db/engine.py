@@ -237,9 +237,10 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
             await asyncio.to_thread(release_embedded, runtime.embedded.data_dir)
 
 
-async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Settings]:
+async def connect_engine(url: URL, settings: Settings, setting: str = 'DATABASE_URL') -> tuple[AsyncEngine, Settings]:
     """`build_engine` and `check_connection`; with `DB_POOLER=auto`, switch to the pooler mode when PgBouncer is
-    found between the runtime and the server, and return the settings in force.
+    found between the runtime and the server, and return the settings in force. `setting` names the variable `url`
+    came from, for a refused login's advice.
 
     PgBouncer shows itself two ways: it refuses the timeouts sent as startup parameters (its default), or it drops
     them (`ignore_startup_parameters`), so the server reports other timeouts than the ones sent. Either way the
@@ -257,13 +258,13 @@ async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Set
         probe = settings.model_copy(update={'statement_timeout_ms': _PROBE_TIMEOUT_MS})
     engine = build_engine(url, probe)
     try:
-        in_force = await check_connection(engine, url, settings.connect_timeout)
+        in_force = await check_connection(engine, url, settings.connect_timeout, setting)
     except ConfigError as exc:
         await engine.dispose()
         parameter = refused_startup_parameter(exc)
         if parameter is None or settings.pooler != 'auto':
             raise
-        return await _pooled(url, settings, f'it refused the startup parameter {parameter}')
+        return await _pooled(url, settings, f'it refused the startup parameter {parameter}', setting)
     except BaseException:
         await engine.dispose()
         raise
@@ -276,7 +277,7 @@ async def connect_engine(url: URL, settings: Settings) -> tuple[AsyncEngine, Set
                 f'{reason}: with DB_POOLER=none the runtime would run without them; set DB_POOLER=pgbouncer (or '
                 'auto) to set them per transaction'
             )
-        return await _pooled(url, settings, reason)
+        return await _pooled(url, settings, reason, setting)
     if probe is not settings:
         await engine.dispose()
         engine = build_engine(url, settings)
@@ -287,12 +288,12 @@ _PROBE_TIMEOUT_MS = 2_147_483_647
 """The `statement_timeout` the detection's connection sends when the settings send none (PostgreSQL's maximum)."""
 
 
-async def _pooled(url: URL, settings: Settings, reason: str) -> tuple[AsyncEngine, Settings]:
+async def _pooled(url: URL, settings: Settings, reason: str, setting: str) -> tuple[AsyncEngine, Settings]:
     logger.warning('a pooler (PgBouncer) is in front of %s: %s; pooler mode on', describe_server(url), reason)
     settings = settings.model_copy(update={'pooler': 'pgbouncer'})
     engine = build_engine(url, settings)
     try:
-        await check_connection(engine, url, settings.connect_timeout)
+        await check_connection(engine, url, settings.connect_timeout, setting)
     except BaseException:
         await engine.dispose()
         raise
@@ -314,7 +315,9 @@ async def migration_engine(engine: AsyncEngine | None, settings: Settings) -> As
         yield engine
         return
     url = parse_database_url(settings.migration_database_url)
-    direct, _ = await connect_engine(url, settings.model_copy(update={'pool_size': 1, 'max_overflow': 0}))
+    direct, _ = await connect_engine(
+        url, settings.model_copy(update={'pool_size': 1, 'max_overflow': 0}), 'DATABASE_MIGRATION_URL'
+    )
     try:
         yield direct
     finally:
@@ -462,8 +465,11 @@ def _closed(dbapi_connection: Any) -> bool:
     return bool(is_closed()) if callable(is_closed) else False
 
 
-async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float) -> dict[str, int]:
+async def check_connection(
+    engine: AsyncEngine, url: URL, connect_timeout: float, setting: str = 'DATABASE_URL'
+) -> dict[str, int]:
     """Read the timeouts in force in a transaction, failing within `connect_timeout` seconds with the host and port.
+    A refused login's advice names `setting`, the variable `url` came from.
 
     Returns:
         `statement_timeout` and `lock_timeout` in milliseconds (0: none), as the server applies them.
@@ -490,7 +496,7 @@ async def check_connection(engine: AsyncEngine, url: URL, connect_timeout: float
             raise DatabaseUnavailableError(f'{gave_up} (PostgreSQL at {where}, as the connection was checked)') from exc
         if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
             raise
-        if (refused := login_error(exc, where)) is not None:
+        if (refused := login_error(exc, where, setting)) is not None:
             raise refused from exc
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
 

@@ -252,12 +252,12 @@ def connection_problem(exc: BaseException) -> str:
 
 
 _LOGIN_REFUSED = {
-    '28P01': 'check the user name and password in DATABASE_URL',  # invalid_password
-    '28000': 'check the user name and password in DATABASE_URL, and pg_hba.conf',  # invalid_authorization_specification
-    '3D000': 'check the database name in DATABASE_URL, or create that database',  # invalid_catalog_name
+    '28P01': 'check the user name and password in {setting}',  # invalid_password
+    '28000': 'check the user name and password in {setting}, and pg_hba.conf',  # invalid_authorization_specification
+    '3D000': 'check the database name in {setting}, or create that database',  # invalid_catalog_name
 }
 """What PostgreSQL refuses a login for that no retry changes: a wrong password, an unknown role (or one pg_hba.conf
-does not let in), a database that does not exist."""
+does not let in), a database that does not exist; `{setting}` is the variable that holds the URL."""
 
 
 _POOLER_LOGIN_REFUSED = {
@@ -268,21 +268,22 @@ _POOLER_LOGIN_REFUSED = {
 password or user and a database its `[databases]` does not list."""
 
 
-def login_error(exc: BaseException, where: str | None = None) -> ConfigError | None:
+def login_error(exc: BaseException, where: str | None = None, setting: str = 'DATABASE_URL') -> ConfigError | None:
     """A login PostgreSQL (or PgBouncer) refused (`login_refused`) as a `ConfigError` naming the server (`where`, the
     runtime's own by default), or None: at the start, or when a pooled connection is opened later (the password
     rotated, the role made NOLOGIN or dropped, the database dropped), where it was a raw `DBAPIError`. Configuration,
-    not an outage: no wait changes it (exit code 2; HTTP 500 `configuration_error`)."""
-    refused = login_refused(exc)
+    not an outage: no wait changes it (exit code 2; HTTP 500 `configuration_error`). `setting` names the variable
+    the URL came from (`DATABASE_MIGRATION_URL` for the migration's own connection)."""
+    refused = login_refused(exc, setting)
     if refused is None:
         return None
     return ConfigError(f'PostgreSQL{f" at {where}" if where else _at_server()} refused the login: {refused}')
 
 
-def login_refused(exc: BaseException) -> str | None:
-    """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in
-    `DATABASE_URL`, when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for any other failure.
-    The server's text names the user or the database, never the password."""
+def login_refused(exc: BaseException, setting: str = 'DATABASE_URL') -> str | None:
+    """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in `setting`
+    (the variable that holds the URL), when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for
+    any other failure. The server's text names the user or the database, never the password."""
     for error in _chain(exc):
         sqlstate = sqlstate_of(error)
         advice = _LOGIN_REFUSED.get(sqlstate)
@@ -290,7 +291,7 @@ def login_refused(exc: BaseException) -> str | None:
             line = _first_line(error)
             advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
         if advice is not None:
-            return f'{_first_line(error)}: {advice}'
+            return f'{_first_line(error)}: {advice.format(setting=setting)}'
     return None
 
 

@@ -277,3 +277,8 @@ async def test_upgrade_with_a_migration_url_needs_only_that_one(database_url: st
     # Unreachable itself, it is the one named.
     gone = await invoke('db', 'upgrade', env={**env, 'DATABASE_MIGRATION_URL': 'postgresql://u:p@127.0.0.1:2/direct'})
     assert gone.exit_code == 3 and 'cannot connect to PostgreSQL at 127.0.0.1:2/direct' in gone.stderr, gone.stderr
+    # A login it refuses names the variable to fix: the advice said "in DATABASE_URL", the one variable not in play.
+    refused = make_url(direct).set(username='no_such_role').render_as_string(hide_password=False)
+    wrong = await invoke('db', 'upgrade', env={**env, 'DATABASE_MIGRATION_URL': refused})
+    assert wrong.exit_code == 2 and 'refused the login' in wrong.stderr, wrong.stderr
+    assert 'in DATABASE_MIGRATION_URL' in wrong.stderr and 'DATABASE_URL' not in wrong.stderr, wrong.stderr
