@@ -6,6 +6,8 @@ import re
 import textwrap
 from pathlib import Path
 
+from sqlalchemy import make_url
+
 from tests.api.conftest import Keys
 from tests.programs import run_program
 
@@ -53,6 +55,39 @@ async def test_a_mounted_app_starts_the_runtime_at_its_first_request(database_ur
     assert done.stdout.splitlines() == ["{'mine': True}", '200 acme-health', 'ready', '200 True'], (
         done.stdout + done.stderr
     )
+
+
+MISCONFIGURED = textwrap.dedent(
+    """
+    import asyncio, logging
+    import httpx2 as httpx
+    from fastapi import FastAPI
+    from agentrt.api.app import create_app
+
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+    outer = FastAPI()
+    outer.mount('/agent', create_app())
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url='http://test') as client:
+            for path in ('/agent/api/v1/me', '/agent/health/ready'):
+                answer = await client.get(path, headers={'Authorization': 'Bearer agk_x'})
+                print(answer.status_code, answer.json()['type'], answer.json()['error_id'].startswith('err_'))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_mounted_app_whose_login_postgresql_refuses_answers_configuration_error(database_url: str) -> None:
+    """A refused login (an unknown role in `DATABASE_URL`) is configuration, not an outage: a mounted app answered
+    503 `database_unavailable`, "try again shortly", to every request, as the served app would never have (it exits
+    2 at its start). Now 500 `configuration_error`, as a route answers for one; the log has the server's words."""
+    refused = make_url(database_url).set(username='no_such_role').render_as_string(hide_password=False)
+    done = await run_program('-c', MISCONFIGURED, database_url=refused)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['500 configuration_error True'] * 2, done.stdout + done.stderr
+    assert 'role "no_such_role" does not exist' in done.stderr and 'in DATABASE_URL' in done.stderr, done.stderr
 
 
 def _readme_mount_example() -> str:
