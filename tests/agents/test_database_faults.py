@@ -16,7 +16,7 @@ from pydantic_ai import RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.toolsets import FunctionToolset
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
@@ -30,6 +30,7 @@ from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 from tests.factories import ledger_rows, past_its_deadlock_check
+from tests.pgbouncer import bouncer_for
 from tests.private_database import CountingModel, PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle'
@@ -146,6 +147,56 @@ async def test_a_restart_during_turns_costs_only_the_turns_in_flight(
     assert all(isinstance(error, DatabaseUnavailableError) for error in failures), failures
     # Billing stays exact: one row per model request, whether its turn failed or not.
     assert len(rows) == model.requests
+    assert len({row['id'] for row in rows}) == len(rows)
+
+
+async def test_a_restart_behind_pgbouncer_costs_only_the_turns_in_flight(private: PrivateDatabase) -> None:
+    """The runtime through PgBouncer (transaction mode, README's `server_login_retry = 1`), in the pooler mode: a
+    restart of PostgreSQL behind it leaves the runtime's connections to PgBouncer open and only PgBouncer's own to the
+    server dead, so the failures come as PgBouncer's words (08P01), not as a lost connection of the runtime's."""
+    bouncer = bouncer_for(make_url(private.server.url()), pool_size=8)
+    bouncer.write_ini([*bouncer.ini_lines(), 'server_login_retry = 1'])
+    bouncer.start()
+    model = CountingModel()
+    try:
+        async with private.active():
+            saved, engine._runtime = engine._runtime, None
+            try:
+                await engine.init_database(Settings(database_url=bouncer.url(), pooler='pgbouncer'), migrate=False)
+                assert not _failures(await _turns(10, model, 'warm'))
+                await _restart(private)
+                for index in range(20):  # between turns: PgBouncer connects anew, no turn is refused
+                    await simple_chat(QUESTION, session_id=f'after-{index}', account='acme-health', model=model)
+                in_flight = asyncio.ensure_future(_turns(50, model, 'in-flight'))
+                await asyncio.sleep(0.3)
+                await _restart(private)
+                results = await in_flight
+                # PgBouncer refuses clients for server_login_retry (1 s) after a login failed while the server was
+                # down; past it, turns and the failed turns sent again (their claims released) all go through.
+                await asyncio.sleep(1.5)
+                after = await _turns(10, model, 'after-restart')
+                failed = [index for index, result in enumerate(results) if isinstance(result, BaseException)][:10]
+                again = [
+                    await simple_chat(QUESTION, session_id=f'in-flight-{index}', account='acme-health', model=model)
+                    for index in failed
+                ]
+                await private.settle()
+                rows = await ledger_rows()
+                for _ in range(600):  # as in the restart test above: a shielded close may still be finishing
+                    if pool_status().checked_out == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert pool_status().checked_out == 0
+            finally:
+                await engine.close_database()
+                engine._runtime = saved
+    finally:
+        bouncer.stop()
+    assert not _failures(after)
+    assert len(again) == len(failed)
+    failures = _failures(results)
+    assert all(isinstance(error, DatabaseUnavailableError) for error in failures), failures
+    assert len(rows) == model.requests  # one ledger row per model request, whether its turn failed or not
     assert len({row['id'] for row in rows}) == len(rows)
 
 
