@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
-from pydantic_ai.messages import ModelMessage
 
 from agentrt.api.schemas import ConversationMessages
 from agentrt.api.vercel_messages import iter_vercel_messages
 from agentrt.services.conversations import MessagePage
+from agentrt.services.message_json import message_adapter
 
 _body_adapter: TypeAdapter[ConversationMessages] = TypeAdapter(ConversationMessages)
 _value_adapter: TypeAdapter[Any] = TypeAdapter(Any)
-_message_adapter: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 _MESSAGES = b'"messages":[]'
 
 
@@ -41,7 +40,7 @@ def messages_body(
     if format == 'vercel':
         items = [_value_adapter.dump_json(message) for message in iter_vercel_messages(page)]
     else:
-        items = [_message_adapter.dump_json(m) for m in page.messages]
+        items = [message_adapter.dump_json(m) for m in page.messages]
     envelope = ConversationMessages(
         conversation_id=conversation_id,
         revision=page.revision,

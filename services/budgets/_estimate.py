@@ -41,8 +41,8 @@ from pydantic_ai.usage import RequestUsage
 from pydantic_core import to_json
 
 from agentrt.services.budgets._config import MEDIA_URL_TOKENS, PROVIDER_FRAMING_TOKENS
+from agentrt.services.message_json import message_adapter
 
-_MESSAGE_ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 _TOOLS_ADAPTER: TypeAdapter[list[ToolDefinition]] = TypeAdapter(list[ToolDefinition])
 _MILLION = 1_000_000
 # Models that are not a provider's: their responses carry no provider name, and pydantic-ai prices them by the model
@@ -227,7 +227,7 @@ class RequestSizes:
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
         text = None if self._json_of is None else self._json_of(message)
-        measured = _json_size(message, _MESSAGE_ADAPTER) if text is None else _utf8_size(text)
+        measured = _json_size(message, message_adapter) if text is None else _utf8_size(text)
         size = measured + MEDIA_URL_TOKENS * _file_urls(message)
         self._messages[id(message)] = (message, len(message.parts), size)
         return size

@@ -14,12 +14,12 @@ from pydantic_ai.messages import ModelMessage
 
 from agentrt.services.conversations._off_loop import pieces
 from agentrt.services.ledger import dumped_message_json
+from agentrt.services.message_json import message_adapter
 from agentrt.services.pg_text import storable
 
 record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
 entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
 # A stored entry's `message` is what `entry_adapter` dumps for it; these read and write that JSON directly.
-message_adapter: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 messages_adapter: TypeAdapter[list[ModelMessage]] = TypeAdapter(list[ModelMessage])
 
 

@@ -31,16 +31,14 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from pydantic import TypeAdapter
 from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_core import to_jsonable_python
 
 from agentrt.services.ledger.redaction import json_may_need_redaction, redact_value
+from agentrt.services.message_json import message_adapter
 
 ContentKind = Literal['prompt', 'response', 'error']
-
-_MESSAGE_ADAPTER: TypeAdapter[ModelMessage] = TypeAdapter(ModelMessage)
 
 
 def _fallback(value: Any) -> str:
@@ -496,9 +494,9 @@ def _dumped(message: ModelMessage) -> Body:
         return repr(value)
 
     try:
-        text = _MESSAGE_ADAPTER.dump_json(message, fallback=fallback).decode()
+        text = message_adapter.dump_json(message, fallback=fallback).decode()
     except ValueError:  # PydanticSerializationError: `ContentItem.build` escapes lone surrogates
-        return Body(_MESSAGE_ADAPTER.dump_python(message, mode='json', fallback=_fallback))
+        return Body(message_adapter.dump_python(message, mode='json', fallback=_fallback))
     if state is not None and not fell_back:
         _remember(message, text, state)
     return JsonBody(text)

@@ -359,7 +359,7 @@ async def test_with_a_budget_each_message_of_a_turn_is_dumped_once_for_its_hold_
     await simple_chat(QUESTION, session_id='budget-dumps', account='acme-health', model=model)
     counts: Counter[int] = Counter()
     for module in (budget_estimate, ledger_contents):
-        monkeypatch.setattr(module, '_MESSAGE_ADAPTER', _CountingAdapter(module._MESSAGE_ADAPTER, counts))
+        monkeypatch.setattr(module, 'message_adapter', _CountingAdapter(module.message_adapter, counts))
     await simple_chat(QUESTION, session_id='budget-dumps', account='acme-health', model=model)
     await get_request_tracker().flush()
     await get_supervisor().join()
