@@ -72,6 +72,13 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
                         'type': 'object',
                         'description': 'AG-UI `RunAgentInput`; `threadId` names the conversation.',
                         'required': ['threadId', 'runId', 'messages'],
+                        # The types of what is required (ag_ui.core's model has the rest): a body with a null or a
+                        # number there read as valid against this document, and was refused (422).
+                        'properties': {
+                            'threadId': {'type': 'string', 'description': 'The conversation id.'},
+                            'runId': {'type': 'string'},
+                            'messages': {'type': 'array', 'items': {'type': 'object'}},
+                        },
                     }
                 }
             },

@@ -77,6 +77,18 @@ def test_openapi_declares_the_error_statuses_each_route_answers() -> None:
                 assert 'application/json' in content, (method, path, status)  # an error body's model, not a bare line
 
 
+def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
+    # The body was an object with three required keys of any type: a generated client (or schemathesis) took
+    # `{"threadId": null, "runId": null, "messages": null}` for a valid body, which the route refuses with 422.
+    schema = create_app().openapi()['paths']['/api/v1/chat/ag-ui']['post']['requestBody']['content']
+    properties = schema['application/json']['schema']['properties']
+    assert {name: properties[name]['type'] for name in ('threadId', 'runId', 'messages')} == {
+        'threadId': 'string',
+        'runId': 'string',
+        'messages': 'array',
+    }
+
+
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
     client: httpx2.AsyncClient, tmp_path: Path
 ) -> None:
