@@ -317,7 +317,8 @@ def _cli_options() -> tuple[set[str], dict[tuple[str, ...], set[str]]]:
 def test_every_cli_flag_the_docs_give_is_the_commands() -> None:
     root, commands = _cli_options()
     every = root.union(*commands.values())
-    # pip, ruff, mypy, pytest, docker (`docker run --init`); the benchmark scripts' own (`bench_*.py --quick --out`)
+    # pip, ruff, mypy, pytest, docker (`docker run --init`); the benchmark scripts' own (`bench_*.py --quick --out`);
+    # schemathesis's (README "Development")
     others = {
         '--help',
         '--check',
@@ -328,6 +329,10 @@ def test_every_cli_flag_the_docs_give_is_the_commands() -> None:
         '--quick',
         '--out',
         '--init',
+        '--checks',
+        '--exclude-checks',
+        '--generation-allow-x',
+        '--max-examples',
     }
     wrong = []
     for doc, text in _docs().items():
