@@ -76,6 +76,9 @@ class ChatAdapter(VercelAIAdapter[SessionDependencies, str]):
         )
 
 
+CONVERSATION_ID_SCHEMA = {'type': 'string', 'maxLength': 200, 'pattern': '^[A-Za-z0-9][A-Za-z0-9._:@-]*$'}
+"""A conversation id in a chat body, for OpenAPI (the rule `services/conversations` checks)."""
+
 # The body is read by the adapter, not by FastAPI: described here for OpenAPI only.
 _CHAT_BODY = {
     'required': True,
@@ -86,12 +89,7 @@ _CHAT_BODY = {
                 'required': ['id', 'messages'],
                 'properties': {
                     'trigger': {'enum': ['submit-message'], 'default': 'submit-message'},
-                    'id': {
-                        'type': 'string',
-                        'maxLength': 200,
-                        'pattern': '^[A-Za-z0-9][A-Za-z0-9._:@-]*$',
-                        'description': 'The conversation (the chat id).',
-                    },
+                    'id': {**CONVERSATION_ID_SCHEMA, 'description': 'The conversation (the chat id).'},
                     'messages': {
                         'type': 'array',
                         'description': "AI SDK UI messages `{id, role, parts}`; the last, the user's, is the turn.",

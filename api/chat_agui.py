@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from agentrt.agents.turn_input import validate_protocol_id
 from agentrt.api.auth import ChatCaller
-from agentrt.api.chat import AGENT_QUERY
+from agentrt.api.chat import AGENT_QUERY, CONVERSATION_ID_SCHEMA
 from agentrt.api.errors import stream_error
 from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
 from agentrt.api.turn_input import check_http_turn, parse_run_input
@@ -75,7 +75,7 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
                         # The types of what is required (ag_ui.core's model has the rest): a body with a null or a
                         # number there read as valid against this document, and was refused (422).
                         'properties': {
-                            'threadId': {'type': 'string', 'description': 'The conversation id.'},
+                            'threadId': {**CONVERSATION_ID_SCHEMA, 'description': 'The conversation id.'},
                             'runId': {'type': 'string'},
                             'messages': {'type': 'array', 'items': {'type': 'object'}},
                         },

@@ -20,6 +20,7 @@ from agentrt.api.web_ui import WEB_UI_DIR
 from agentrt.db.errors import DatabaseUnavailableError, InvalidInputError
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
+from agentrt.services.conversations._arguments import CONVERSATION_ID_CHARS
 from agentrt.tools.dependencies import SessionDependencies
 from tests.api.conftest import TEST_POOL_OUT, Keys, auth, serve
 
@@ -80,13 +81,19 @@ def test_openapi_declares_the_error_statuses_each_route_answers() -> None:
 def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
     # The body was an object with three required keys of any type: a generated client (or schemathesis) took
     # `{"threadId": null, "runId": null, "messages": null}` for a valid body, which the route refuses with 422.
-    schema = create_app().openapi()['paths']['/api/v1/chat/ag-ui']['post']['requestBody']['content']
+    paths = create_app().openapi()['paths']
+    schema = paths['/api/v1/chat/ag-ui']['post']['requestBody']['content']
     properties = schema['application/json']['schema']['properties']
     assert {name: properties[name]['type'] for name in ('threadId', 'runId', 'messages')} == {
         'threadId': 'string',
         'runId': 'string',
         'messages': 'array',
     }
+    # The same conversation id rule as the other chat's `id`, as long as the store's column.
+    vercel = paths['/api/v1/chat']['post']['requestBody']['content']['application/json']['schema']['properties']['id']
+    for rule in ('maxLength', 'pattern'):
+        assert properties['threadId'][rule] == vercel[rule]
+    assert vercel['maxLength'] == CONVERSATION_ID_CHARS
 
 
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
