@@ -50,9 +50,8 @@ class StartsRuntime:
     a start that fails leaves the request to fail as it would have (503), and the next request tries again, unless it
     failed on the configuration (`ConfigError`: a refused login, a bad setting), which no wait changes: then the
     request answers 500 `configuration_error`, as a route does for one (it answered 503 `database_unavailable`, "try
-    again shortly", the cause only in the log). Nothing
-    shuts the runtime down at the end: the outer application's shutdown calls `shutdown_runtime()`, or runs this
-    app's lifespan inside its own (README "Serving over HTTP").
+    again shortly", the cause only in the log). Nothing shuts the runtime down at the end: the outer application's
+    shutdown calls `shutdown_runtime()`, or runs this app's lifespan inside its own (README "Serving over HTTP").
 
     Args:
         app: the application.
