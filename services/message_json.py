@@ -2,9 +2,9 @@
 
 The ledger's stored prompts and responses, the conversation store's entries, the budget's size estimates and the HTTP
 API's conversation bodies are the same JSON: the store saves a turn's new messages from the text the ledger dumped
-(`dumped_message_json`), and reads them back with this adapter. One adapter keeps them the same by construction, and
-builds its schema once per process: each `TypeAdapter(ModelMessage)` after the first costs about 25 ms of start-up,
-and four were built at import, by every command and every server worker.
+(`dumped_message_json`), or dumps a message with this adapter when the ledger did not. One adapter keeps them the same
+by construction, and builds its schema once per process: each `TypeAdapter(ModelMessage)` after the first costs about 25
+ms of start-up, and four were built at import, by every command and every server worker.
 """
 
 from __future__ import annotations
