@@ -93,7 +93,17 @@ _CHAT_BODY = {
                     'messages': {
                         'type': 'array',
                         'description': "AI SDK UI messages `{id, role, parts}`; the last, the user's, is the turn.",
-                        'items': {'type': 'object'},
+                        'minItems': 1,
+                        # What pydantic-ai's `UIMessage` requires of each; a part's many kinds are left to it.
+                        'items': {
+                            'type': 'object',
+                            'required': ['id', 'role', 'parts'],
+                            'properties': {
+                                'id': {'type': 'string'},
+                                'role': {'enum': ['system', 'user', 'assistant']},
+                                'parts': {'type': 'array', 'items': {'type': 'object'}},
+                            },
+                        },
                     },
                 },
             }

@@ -96,6 +96,18 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
     assert vercel['maxLength'] == CONVERSATION_ID_CHARS
 
 
+def test_openapi_gives_the_vercel_chat_messages_the_shape_pydantic_ai_reads() -> None:
+    # Each message was any object: schemathesis's bodies of `{}` messages read as valid and were refused (422).
+    from pydantic_ai.ui.vercel_ai.request_types import UIMessage
+
+    body = create_app().openapi()['paths']['/api/v1/chat']['post']['requestBody']['content']['application/json']
+    messages = body['schema']['properties']['messages']
+    model = UIMessage.model_json_schema(by_alias=True)
+    assert messages['minItems'] == 1
+    assert messages['items']['required'] == model['required']
+    assert messages['items']['properties']['role']['enum'] == model['properties']['role']['enum']
+
+
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
     client: httpx2.AsyncClient, tmp_path: Path
 ) -> None:
