@@ -151,9 +151,10 @@ async def test_a_restart_during_turns_costs_only_the_turns_in_flight(
 
 
 async def test_a_restart_behind_pgbouncer_costs_only_the_turns_in_flight(private: PrivateDatabase) -> None:
-    """The runtime through PgBouncer (transaction mode, README's `server_login_retry = 1`), in the pooler mode: a
-    restart of PostgreSQL behind it leaves the runtime's connections to PgBouncer open and only PgBouncer's own to the
-    server dead, so the failures come as PgBouncer's words (08P01), not as a lost connection of the runtime's."""
+    """The runtime through PgBouncer (transaction mode, README's `server_login_retry = 1`), in the pooler mode. A
+    restart of PostgreSQL behind it ends PgBouncer's connections to the server, not the runtime's to PgBouncer: the
+    operations in flight are lost ("server conn crashed?") and new ones refused while PgBouncer's logins fail, each
+    an outage error, and nothing is left broken in either pool."""
     bouncer = bouncer_for(make_url(private.server.url()), pool_size=8)
     bouncer.write_ini([*bouncer.ini_lines(), 'server_login_retry = 1'])
     bouncer.start()
