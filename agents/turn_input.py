@@ -31,7 +31,8 @@ SESSION_ID_MAX_CHARS = 200
 SLUG_MAX_CHARS = 64
 """`accounts.slug` and `agent_instances.slug` are `varchar(64)`."""
 
-_SESSION_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:@-]*')
+SESSION_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:@-]*')
+"""A conversation (session) id, matched whole: the rule the store, the CLI, the API's OpenAPI and the web UI share."""
 _SLUG = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _SESSION_ID_CHARS = 'letters, digits and . _ : @ - (starting with a letter or digit)'
 _SLUG_CHARS = 'letters, digits and . _ - (starting with a letter or digit)'
@@ -74,7 +75,7 @@ def validate_identifiers(
     Raises:
         InvalidInputError: naming the first field that breaks the rules, and how.
     """
-    checked_session = _identifier(session_id, 'session_id', 'session id', _SESSION_ID, SESSION_ID_MAX_CHARS)
+    checked_session = _identifier(session_id, 'session_id', 'session id', SESSION_ID, SESSION_ID_MAX_CHARS)
     checked_account = _identifier(account, 'account', 'account slug', _SLUG, SLUG_MAX_CHARS)
     if agent_instance is None:
         return checked_session, checked_account, None
@@ -97,7 +98,7 @@ def validate_protocol_id(value: object, *, field: str, name: str) -> str:
         InvalidInputError: naming `field`: not text, empty, longer than 200 characters, or with a character other
             than letters, digits and `. _ : @ -` (or not starting with a letter or digit).
     """
-    return _identifier(value, field, name, _SESSION_ID, SESSION_ID_MAX_CHARS)
+    return _identifier(value, field, name, SESSION_ID, SESSION_ID_MAX_CHARS)
 
 
 def validate_message(message: object, *, max_chars: int) -> str:
@@ -208,7 +209,7 @@ def _identifier(value: object, field: str, name: str, pattern: re.Pattern[str], 
         raise InvalidInputError(f'the {name} is {len(value):,} characters long; the limit is {max_chars}', field=field)
     if pattern.fullmatch(value) is None:
         position, char = _first_bad(value, pattern)
-        allowed = _SESSION_ID_CHARS if pattern is _SESSION_ID else _SLUG_CHARS
+        allowed = _SESSION_ID_CHARS if pattern is SESSION_ID else _SLUG_CHARS
         raise InvalidInputError(
             f'the {name} {preview(value)} has a character that is not allowed at position {position} '
             f'({describe_char(char)}); use {allowed}',

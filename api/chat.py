@@ -20,6 +20,7 @@ from pydantic_ai.ui.vercel_ai.request_types import RequestData, TextUIPart
 from pydantic_ai.ui.vercel_ai.response_types import BaseChunk, FinishStepChunk
 from starlette.responses import Response
 
+from agentrt.agents.turn_input import SESSION_ID, SESSION_ID_MAX_CHARS
 from agentrt.api.auth import ChatCaller
 from agentrt.api.errors import stream_error
 from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
@@ -76,8 +77,8 @@ class ChatAdapter(VercelAIAdapter[SessionDependencies, str]):
         )
 
 
-CONVERSATION_ID_SCHEMA = {'type': 'string', 'maxLength': 200, 'pattern': '^[A-Za-z0-9][A-Za-z0-9._:@-]*$'}
-"""A conversation id in a chat body, for OpenAPI (the rule `services/conversations` checks)."""
+CONVERSATION_ID_SCHEMA = {'type': 'string', 'maxLength': SESSION_ID_MAX_CHARS, 'pattern': f'^{SESSION_ID.pattern}$'}
+"""A conversation id in a chat body, for OpenAPI: the rule a turn's input is checked by (`agents/turn_input.py`)."""
 
 # The body is read by the adapter, not by FastAPI: described here for OpenAPI only.
 _CHAT_BODY = {

@@ -75,10 +75,10 @@ def _quick_model() -> FunctionModel:
 
 def test_the_web_uis_conversation_id_rule_is_the_servers() -> None:
     # The chat view checks an id from the address itself, to say the address is at fault: with the server's rule.
-    from agentrt.agents.turn_input import _SESSION_ID, SESSION_ID_MAX_CHARS
+    from agentrt.agents.turn_input import SESSION_ID, SESSION_ID_MAX_CHARS
 
     script = (Path(__file__).resolve().parents[2] / 'api' / 'static' / 'js' / 'chat.js').read_text()
-    assert f'const CONVERSATION_ID = /^{_SESSION_ID.pattern}$/;' in script
+    assert f'const CONVERSATION_ID = /^{SESSION_ID.pattern}$/;' in script
     assert f'const CONVERSATION_ID_MAX_CHARS = {SESSION_ID_MAX_CHARS};' in script
 
 
