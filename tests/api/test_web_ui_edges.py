@@ -1,7 +1,8 @@
 """The web UI at its edges, in a real browser (Chromium through playwright, as `test_web_ui.py`): addresses a person
-may paste or mistype, the list of many conversations by keyboard, a reload after moving between views, a response
-that is not a chat stream, a failed turn's text given back, a tool call still being written, the longest refusal on a
-short screen. One browser launch; skipped without Chromium like `test_web_ui.py`."""
+may paste or mistype (a broken escape, a view the page does not have), the list of many conversations by keyboard, a
+reload after moving between views, a response that is not a chat stream, a failed turn's text given back, a tool call
+still being written, the longest refusal on a short screen. One browser launch; skipped without Chromium like
+`test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -122,6 +123,14 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     for broken in ('#/chat/%ZZ', '#/audit/%E0%A4%A'):
         await page.goto(f'{url}/{broken}')
         await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
+    # A view the page does not have (a typo for `#/conversations/...`): a page saying so, not an empty chat on a
+    # conversation named by the address's tail, which the next message would have created.
+    for unknown, name in (('#/conversation/c-01', 'conversation'), ('#/Chat', 'Chat'), ('#/x%20y/z', 'x y')):
+        await page.goto(f'{url}/{unknown}')
+        await expect(page.get_by_role('alert')).to_have_text(
+            f'This address names no view of this page (“{name}”). Open a view from the menu above.'
+        )
+        await expect(page.get_by_role('textbox', name='Message')).to_have_count(0)
     assert crashes == []
 
     # A conversation id the server refuses, in the address: one message saying so and what an id is, on loading and on

@@ -10,6 +10,7 @@ import { alertBox, h } from './dom.js';
 import { keepPending } from './pending.js';
 
 const MESSAGE = 'agentrt.signInMessage';
+const VIEWS = ['chat', 'conversations', 'audit', 'costs'];
 const main = document.getElementById('main');
 const nav = document.getElementById('nav');
 const account = document.getElementById('account');
@@ -117,11 +118,16 @@ async function render() {
     return mount(signInView(), ticket);
   }
   showHeader(true, view === 'audit' ? 'audit' : view);
-  if (view === null) {
-    const text = 'This address is not valid: it has a broken %-escape. Open a view from the menu above.';
+  if (view === null || !VIEWS.includes(view)) {
+    // An unknown view is not taken for the chat: `#/conversation/abc` (a typo) opened an empty chat on a conversation
+    // named `abc`, which the next message would have created.
+    const text =
+      view === null
+        ? 'This address is not valid: it has a broken %-escape. Open a view from the menu above.'
+        : `This address names no view of this page (“${view}”). Open a view from the menu above.`;
     return mount({ element: h('section', { class: 'view' }, alertBox(text)), title: 'Error', focus: () => {} }, ticket);
   }
-  if (view === 'chat' || !['conversations', 'audit', 'costs'].includes(view)) {
+  if (view === 'chat') {
     chat ??= createChatView();
     const shown = chat.show(id);
     mount(chat, ticket);
