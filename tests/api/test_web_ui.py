@@ -298,6 +298,11 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
     assert await page.locator('.chart .bar').get_attribute('data-value') == str(tokens)
     await expect(page.locator('tr[data-key="demo"] td').first).to_have_text(str(requests))
     await expect(page.locator('tr[data-key$="provider-finder"]')).to_have_count(1)
+    # Every column of the tables is in sight, none behind a sideways scroll (side by side, they hid the cost column).
+    hidden = await page.locator('.table-wrap').evaluate_all(
+        'wraps => wraps.filter(wrap => wrap.scrollWidth > wrap.clientWidth).map(wrap => wrap.textContent.slice(0, 40))'
+    )
+    assert hidden == []
 
     # A phone, 390 px wide: every view fits without sideways scrolling. The conversation list has the title written
     # after the turn, and the conversation opened from it goes on.

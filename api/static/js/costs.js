@@ -149,12 +149,10 @@ export async function costsView(query) {
       chartBox,
       dayTable,
     ),
-    h(
-      'div',
-      { class: 'columns' },
-      h('section', { class: 'panel', 'aria-labelledby': 'by-model-title' }, h('h2', { id: 'by-model-title', text: 'By model' }), groupTable('Costs by model', byModel.items, 'Model')),
-      h('section', { class: 'panel', 'aria-labelledby': 'by-agent-title' }, h('h2', { id: 'by-agent-title', text: 'By agent' }), groupTable('Costs by agent', byAgent.items, 'Agent')),
-    ),
+    // One under the other: side by side (half of the page's 1,120 px each), a table of six columns was cut off at
+    // its right edge, its cost column hidden behind a sideways scroll.
+    h('section', { class: 'panel', 'aria-labelledby': 'by-model-title' }, h('h2', { id: 'by-model-title', text: 'By model' }), groupTable('Costs by model', byModel.items, 'Model')),
+    h('section', { class: 'panel', 'aria-labelledby': 'by-agent-title' }, h('h2', { id: 'by-agent-title', text: 'By agent' }), groupTable('Costs by agent', byAgent.items, 'Agent')),
   );
   let lastWidth = 0;
   const observer = new ResizeObserver(() => {
