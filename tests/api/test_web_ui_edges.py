@@ -1,8 +1,8 @@
 """The web UI at its edges, in a real browser (Chromium through playwright, as `test_web_ui.py`): addresses a person
-may paste or mistype (a broken escape, a view the page does not have), the list of many conversations by keyboard, a
-reload after moving between views, a response that is not a chat stream, a failed turn's text given back, a tool call
-still being written, the longest refusal on a short screen. One browser launch; skipped without Chromium like
-`test_web_ui.py`."""
+may paste or mistype (a broken escape, a view the page does not have, an audit page past the last), the list of many
+conversations by keyboard, a reload after moving between views, a response that is not a chat stream, a failed turn's
+text given back, a tool call still being written, the longest refusal on a short screen. One browser launch; skipped
+without Chromium like `test_web_ui.py`."""
 
 from __future__ import annotations
 
@@ -131,6 +131,14 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
             f'This address names no view of this page (“{name}”). Open a view from the menu above.'
         )
         await expect(page.get_by_role('textbox', name='Message')).to_have_count(0)
+    # An audit page past the last (an address kept from when there were more requests): it says so, and its link back
+    # goes to the last page, not to the page before it (it read "page 7 of 2", and "← Newer" led to page 6).
+    await page.goto(f'{url}/#/audit?page=7')
+    await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests: page 7 is past the last page, 2.')
+    await page.get_by_role('link', name='← The last page').click()
+    await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests · page 2 of 2')
+    await expect(page.locator('tbody tr')).to_have_count(CONVERSATIONS - 20)
+    await expect(page.get_by_role('link', name='← Newer')).to_have_attribute('href', '#/audit?page=1')
     assert crashes == []
 
     # A conversation id the server refuses, in the address: one message saying so and what an id is, on loading and on

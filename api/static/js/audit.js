@@ -84,9 +84,11 @@ export async function auditListView(query) {
   const summary = h('p', {
     class: 'count',
     role: 'status',
-    text: data.total
-      ? `${formatInt(data.total)} request${data.total === 1 ? '' : 's'} · page ${data.page} of ${data.total_pages}`
-      : 'No requests match.',
+    text: !data.total
+      ? 'No requests match.'
+      : page > data.total_pages // an address kept from when there were more (or typed): not an empty "page 9 of 2"
+        ? `${formatInt(data.total)} request${data.total === 1 ? '' : 's'}: page ${formatInt(page)} is past the last page, ${data.total_pages}.`
+        : `${formatInt(data.total)} request${data.total === 1 ? '' : 's'} · page ${data.page} of ${data.total_pages}`,
   });
   element.append(summary);
   if (data.items.length) element.append(requestTable(data.items));
@@ -97,7 +99,10 @@ export async function auditListView(query) {
     next.set('page', String(target));
     return auditHash(next);
   };
-  if (page > 1) pager.append(h('a', { class: 'button secondary', href: goTo(page - 1), rel: 'prev', text: '← Newer' }));
+  if (page > 1 && data.total) {
+    const newer = Math.min(page - 1, data.total_pages);
+    pager.append(h('a', { class: 'button secondary', href: goTo(newer), rel: 'prev', text: newer < page - 1 ? '← The last page' : '← Newer' }));
+  }
   if (page < data.total_pages) {
     pager.append(h('a', { class: 'button secondary', href: goTo(page + 1), rel: 'next', text: 'Older →' }));
   }
