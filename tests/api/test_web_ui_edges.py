@@ -125,11 +125,18 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
         await expect(page.get_by_role('alert')).to_contain_text('This address is not valid')
     # A view the page does not have (a typo for `#/conversations/...`): a page saying so, not an empty chat on a
     # conversation named by the address's tail, which the next message would have created.
-    for unknown, name in (('#/conversation/c-01', 'conversation'), ('#/Chat', 'Chat'), ('#/x%20y/z', 'x y')):
+    views = (
+        ('#/conversation/c-01', 'conversation'),
+        ('#/Chat', 'Chat'),
+        ('#/x%20y/z', 'x y'),
+        (f'#/{"v" * 50}', 'v' * 40 + '…'),
+    )
+    for unknown, name in views:
         await page.goto(f'{url}/{unknown}')
         await expect(page.get_by_role('alert')).to_have_text(
             f'This address names no view of this page (“{name}”). Open a view from the menu above.'
         )
+        await expect(page.get_by_role('alert').locator('bdi')).to_have_text(name)  # a U+202E in it ends with it
         await expect(page.get_by_role('textbox', name='Message')).to_have_count(0)
     # An audit page past the last (an address kept from when there were more requests): it says so, and its link back
     # goes to the last page, not to the page before it (it read "page 7 of 2", and "← Newer" led to page 6).

@@ -121,10 +121,12 @@ async function render() {
   if (view === null || !VIEWS.includes(view)) {
     // An unknown view is not taken for the chat: `#/conversation/abc` (a typo) opened an empty chat on a conversation
     // named `abc`, which the next message would have created.
+    // The name in a <bdi> (a right-to-left override in it reversed the sentence), cut as the chat cuts an id.
+    const named = view && view.length > 40 ? `${view.slice(0, 40)}…` : view;
     const text =
       view === null
         ? 'This address is not valid: it has a broken %-escape. Open a view from the menu above.'
-        : `This address names no view of this page (“${view}”). Open a view from the menu above.`;
+        : ['This address names no view of this page (“', h('bdi', { text: named }), '”). Open a view from the menu above.'];
     return mount({ element: h('section', { class: 'view' }, alertBox(text)), title: 'Error', focus: () => {} }, ticket);
   }
   if (view === 'chat') {
