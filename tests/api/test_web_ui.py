@@ -303,6 +303,11 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
         'wraps => wraps.filter(wrap => wrap.scrollWidth > wrap.clientWidth).map(wrap => wrap.textContent.slice(0, 40))'
     )
     assert hidden == []
+    # A number column's heading stands over its numbers (right-aligned as they are), the name column's over names.
+    aligned = await page.locator('.panel table.numbers').first.locator('thead th').evaluate_all(
+        'cells => cells.map(cell => getComputedStyle(cell).textAlign)'
+    )
+    assert aligned == ['left'] + ['right'] * 5
 
     # A phone, 390 px wide: every view fits without sideways scrolling. The conversation list has the title written
     # after the turn, and the conversation opened from it goes on.
