@@ -304,8 +304,10 @@ async def _walk_through(page: Page, url: str, keys: Keys, shots: Path) -> None:
     )
     assert hidden == []
     # A number column's heading stands over its numbers (right-aligned as they are), the name column's over names.
-    aligned = await page.locator('.panel table.numbers').first.locator('thead th').evaluate_all(
-        'cells => cells.map(cell => getComputedStyle(cell).textAlign)'
+    aligned = (
+        await page.locator('.panel table.numbers')
+        .first.locator('thead th')
+        .evaluate_all('cells => cells.map(cell => getComputedStyle(cell).textAlign)')
     )
     assert aligned == ['left'] + ['right'] * 5
 
