@@ -37,6 +37,7 @@ from sqlalchemy.engine import URL
 from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
 from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wait_until_reaped, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
+from agentrt.db.processes import process_start
 
 logger = logging.getLogger('agentrt.db')
 
@@ -157,7 +158,7 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
                 _record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
             elif alone and _started_by_agentrt(data_dir):
                 logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
-            users[str(os.getpid())] = _start_time(os.getpid()) or 0.0
+            users[str(os.getpid())] = process_start(os.getpid()) or 0.0
             # Unrecorded (a full disk), this process's use of the server is refused: the next process to leave would
             # take itself for the last user and stop the server under it.
             _record(data_dir, USERS_FILE, users)
@@ -272,7 +273,7 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     users = {
         pid: started
         for pid, started in _read_json(data_dir / USERS_FILE, {}).items()
-        if pid.isdigit() and int(pid) != leaving and _start_time(int(pid)) == started
+        if pid.isdigit() and int(pid) != leaving and process_start(int(pid)) == started
     }
     handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
@@ -301,13 +302,6 @@ def _alive(pid: int, users: dict[str, float]) -> bool:
     if str(pid) in users:
         return True
     return psutil.pid_exists(pid) and pid != os.getpid()  # a user the wheel knows and we do not: keep while alive
-
-
-def _start_time(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
 
 
 def _postmaster_pid(data_dir: Path) -> int | None:

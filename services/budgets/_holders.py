@@ -1,7 +1,8 @@
 """Who holds a reservation: the host, process id and process start time, so a dead holder can be recognised.
 
-A process id alone is reused; with its start time it names one process. Only holders on this host can be checked
-(`psutil`); the others are released when their reservations expire.
+A process id alone is reused; with its start time (`agentrt.db.processes.process_start`, counted from the host's boot)
+it names one process. Only holders on this host can be checked; the others are released when their reservations
+expire.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import os
 import socket
 from dataclasses import dataclass
 
-import psutil
+from agentrt.db.processes import process_start
 
-# Process start times are kept to the second: `create_time()` of one process can differ by rounding between reads.
+# A start read twice is the same (clock ticks since boot); compared within a second all the same, as a float stored.
 _START_TOLERANCE = 1.0
 _HOST_MAX_CHARS = 255
 
@@ -33,7 +34,7 @@ def this_process() -> Holder:
     """This process (recomputed in a forked child)."""
     global _this
     if _this is None or _this.pid != os.getpid():
-        _this = Holder(host=this_host(), pid=os.getpid(), started=_start_time(os.getpid()) or 0.0)
+        _this = Holder(host=this_host(), pid=os.getpid(), started=process_start(os.getpid()) or 0.0)
     return _this
 
 
@@ -44,15 +45,5 @@ def this_host() -> str:
 
 def is_alive(pid: int, started: float) -> bool:
     """Whether the process `pid` that started at `started` still runs on this host."""
-    current = _start_time(pid)
+    current = process_start(pid)
     return current is not None and abs(current - started) <= _START_TOLERANCE
-
-
-def _start_time(pid: int) -> float | None:
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return float(process.create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-        return None

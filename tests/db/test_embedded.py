@@ -33,6 +33,7 @@ from agentrt.db.embedded import (
     start_embedded,
 )
 from agentrt.db.errors import EmbeddedPostgresError
+from agentrt.db.processes import process_start
 from tests.agents.cli.helpers import ROOT, invoke
 from tests.private_database import PrivateDatabase
 
@@ -196,7 +197,7 @@ def test_four_cli_processes_at_once_every_signal_and_sigkill(tmp_path: Path) -> 
 def test_ids_of_processes_that_are_gone_are_pruned(tmp_path: Path) -> None:
     gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
     me, dead = str(os.getpid()), int(gone.stdout)
-    started = psutil.Process().create_time()
+    started = process_start(os.getpid())
     (tmp_path / USERS_FILE).write_text(json.dumps({me: started, str(dead): started, '1': 12.0}))
     (tmp_path / '.handle_pids.json').write_text(json.dumps([int(me), dead]))
     # Alive and the same process: kept; dead: dropped; pid 1 alive but started at another time (a reused id):

@@ -1,0 +1,51 @@
+"""A process on this host, named by its pid and when it started, counted from the host's boot.
+
+A pid alone is reused; with its start it names one process. On Linux the start is read as the kernel keeps it, in
+clock ticks since boot (`/proc/<pid>/stat`), not as psutil's `create_time()`, which adds the boot time as the wall
+clock puts it at the moment of the read: that moves whenever the clock is stepped or slewed, and one live process read
+minutes apart then looked like another (measured on the 2-core test machine: wall clock minus boot clock moved by
+0.14 s in 6 minutes, and a suite run saw a worker's own budget hold swept as a dead process's, and its embedded server
+stopped under it, when the boot time psutil reads went over a whole second).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+
+_CLOCK_TICKS = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+_LINUX = sys.platform.startswith('linux')
+
+
+def process_start(pid: int) -> float | None:
+    """When process `pid` started: seconds since this host booted on Linux (elsewhere psutil's `create_time()`, a time
+    those kernels record once); None when there is no such process, it is a zombie, or it cannot be read.
+
+    Compare two values only from the same host: each is a start on its host's own clock.
+    """
+    if pid <= 0:
+        return None
+    if _LINUX:
+        return _linux_start(pid)
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return float(process.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return None
+
+
+def _linux_start(pid: int) -> float | None:
+    try:
+        stat = Path(f'/proc/{pid}/stat').read_bytes()
+    except OSError:  # gone, or not ours to read
+        return None
+    # `pid (comm) state ppid ...`: the command name may hold spaces and parentheses, so fields count from its last ')'.
+    fields = stat[stat.rindex(b')') + 2 :].split()
+    if fields[0] == b'Z':
+        return None
+    return int(fields[19]) / _CLOCK_TICKS  # field 22, `starttime`
