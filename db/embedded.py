@@ -37,7 +37,7 @@ from sqlalchemy.engine import URL
 from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
 from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wait_until_reaped, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
-from agentrt.db.processes import process_start
+from agentrt.db.processes import process_start, same_process
 
 logger = logging.getLogger('agentrt.db')
 
@@ -273,7 +273,7 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     users = {
         pid: started
         for pid, started in _read_json(data_dir / USERS_FILE, {}).items()
-        if pid.isdigit() and int(pid) != leaving and process_start(int(pid)) == started
+        if pid.isdigit() and int(pid) != leaving and same_process(int(pid), started)
     }
     handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]

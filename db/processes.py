@@ -49,3 +49,23 @@ def _linux_start(pid: int) -> float | None:
     if fields[0] == b'Z':
         return None
     return int(fields[19]) / _CLOCK_TICKS  # field 22, `starttime`
+
+
+_EPOCH_FLOOR = 1e9
+"""A start above this is a wall-clock time (2001 on) that an earlier version recorded (psutil's `create_time()`); a
+start since boot is never as large."""
+
+
+def same_process(pid: int, started: float, *, tolerance: float = 0.0) -> bool:
+    """Whether `pid` is still the process that started at `started` (a `process_start` value, or an earlier version's
+    wall-clock start, compared as it was recorded, within a second, so its live processes are not taken for dead)."""
+    current = process_start(pid)
+    if current is None:
+        return False
+    if _LINUX and started >= _EPOCH_FLOOR:
+        try:
+            current = float(psutil.Process(pid).create_time())
+        except psutil.Error:
+            return False
+        tolerance = max(tolerance, 1.0)
+    return abs(current - started) <= tolerance

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from agentrt.db.processes import process_start
+from agentrt.db.processes import process_start, same_process
 
 # A start read twice is the same (clock ticks since boot); compared within a second all the same, as a float stored.
 _START_TOLERANCE = 1.0
@@ -45,5 +45,4 @@ def this_host() -> str:
 
 def is_alive(pid: int, started: float) -> bool:
     """Whether the process `pid` that started at `started` still runs on this host."""
-    current = process_start(pid)
-    return current is not None and abs(current - started) <= _START_TOLERANCE
+    return same_process(pid, started, tolerance=_START_TOLERANCE)

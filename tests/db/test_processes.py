@@ -15,7 +15,7 @@ import pytest
 from psutil import _pslinux
 
 from agentrt.db.embedded import USERS_FILE, _prune
-from agentrt.db.processes import process_start
+from agentrt.db.processes import process_start, same_process
 from agentrt.services.budgets import is_alive, this_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the start since boot is read on Linux')
@@ -69,3 +69,15 @@ def test_the_embedded_servers_users_and_a_budgets_holder_stay_alive_when_the_wal
     # and stopped the server under it), and its budget holds were swept as a dead process's.
     assert _prune(tmp_path) == {me: process_start(os.getpid())}
     assert is_alive(holder.pid, holder.started)
+
+
+def test_a_start_an_earlier_version_recorded_still_names_its_process(tmp_path: Path) -> None:
+    """Users and holders recorded as psutil's wall-clock `create_time()` (before `process_start`) by processes still
+    running through an upgrade: kept while they run, not taken for dead."""
+    me = str(os.getpid())
+    recorded = psutil.Process(os.getpid()).create_time()
+    (tmp_path / USERS_FILE).write_text(json.dumps({me: recorded, '1': recorded}))  # pid 1 started at another time
+    assert _prune(tmp_path) == {me: recorded}
+    assert is_alive(os.getpid(), recorded)
+    assert not same_process(os.getpid(), recorded - 100)
+    assert not same_process(os.getpid(), (process_start(os.getpid()) or 0) + 2)
