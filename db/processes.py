@@ -4,8 +4,9 @@ A pid alone is reused; with its start it names one process. On Linux the start i
 clock ticks since boot (`/proc/<pid>/stat`), not as psutil's `create_time()`, which adds the boot time as the wall
 clock puts it at the moment of the read: that moves whenever the clock is stepped or slewed, and one live process read
 minutes apart then looked like another (measured on the 2-core test machine: wall clock minus boot clock moved by
-0.14 s in 6 minutes, and a suite run saw a worker's own budget hold swept as a dead process's, and its embedded server
-stopped under it, when the boot time psutil reads went over a whole second).
+0.14 s in 6 minutes, and a suite run saw a test process's own budget hold swept as a dead process's). The embedded
+server's users file compared starts for equality: a live user dropped, the next process to leave took itself for the
+last one and stopped the server under it.
 """
 
 from __future__ import annotations
