@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from agentrt.db.processes import process_start, same_process
 
-# A start read twice is the same (clock ticks since boot); compared within a second all the same, as a float stored.
+# Slack when a holder's stored start is compared with its process's start now. A start since boot reads the same each
+# time, so any slack would do; a second also covers an earlier version's wall-clock starts, and errs the safe way (a
+# new process with the same pid started within it keeps the hold alive until the hold expires).
 _START_TOLERANCE = 1.0
 _HOST_MAX_CHARS = 255
 
