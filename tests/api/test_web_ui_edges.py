@@ -130,6 +130,11 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
         ('#/Chat', 'Chat'),
         ('#/x%20y/z', 'x y'),
         (f'#/{"v" * 50}', 'v' * 40 + '…'),
+        # Segments past what a view takes: an address no view has, not the view without them.
+        ('#/chat/c-01/more', 'chat/c-01/more'),
+        ('#/costs/x', 'costs/x'),
+        ('#/conversations/c-01', 'conversations/c-01'),
+        ('#/audit/1/2', 'audit/1/2'),
     )
     for unknown, name in views:
         await page.goto(f'{url}/{unknown}')

@@ -10,7 +10,13 @@ import { alertBox, h } from './dom.js';
 import { keepPending } from './pending.js';
 
 const MESSAGE = 'agentrt.signInMessage';
-const VIEWS = ['chat', 'conversations', 'audit', 'costs'];
+// Each view, and how many segments its address has at most (`#/chat/<id>`: 2).
+const VIEWS = new Map([
+  ['chat', 2],
+  ['conversations', 1],
+  ['audit', 2],
+  ['costs', 1],
+]);
 const main = document.getElementById('main');
 const nav = document.getElementById('nav');
 const account = document.getElementById('account');
@@ -25,7 +31,10 @@ function route() {
   } catch {
     return { view: null }; // a broken %-escape (a link cut in half): decodeURIComponent throws URIError
   }
-  return { view: parts[0] || 'chat', id: parts[1], query: new URLSearchParams(query) };
+  const view = parts[0] || 'chat';
+  // Segments past what the view takes (`#/chat/<id>/more`) make an address no view has, not the view without them.
+  if (VIEWS.has(view) && parts.length > VIEWS.get(view)) return { view: parts.join('/') };
+  return { view, id: parts[1], query: new URLSearchParams(query) };
 }
 
 function signInView() {
@@ -118,7 +127,7 @@ async function render() {
     return mount(signInView(), ticket);
   }
   showHeader(true, view === 'audit' ? 'audit' : view);
-  if (view === null || !VIEWS.includes(view)) {
+  if (view === null || !VIEWS.has(view)) {
     // An unknown view is not taken for the chat: `#/conversation/abc` (a typo) opened an empty chat on a conversation
     // named `abc`, which the next message would have created.
     // The name in a <bdi> (a right-to-left override in it reversed the sentence), cut as the chat cuts an id.
