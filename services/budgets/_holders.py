@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from agentrt.db.processes import process_start, same_process
 
-# Slack when a holder's stored start is compared with its process's start now. A start since boot reads the same each
-# time, so any slack would do; a second also covers an earlier version's wall-clock starts, and errs the safe way (a
-# new process with the same pid started within it keeps the hold alive until the hold expires).
+# Slack when a holder's stored start (a double: stored exactly) is compared with its process's start now. A start
+# since boot reads the same every time, so none is needed; a second errs the safe way: a new process with the same pid
+# started within it keeps the hold until the hold expires, and a live holder's hold is never swept. (A start an earlier
+# version recorded on the wall clock gets its second in `same_process` whatever this is.)
 _START_TOLERANCE = 1.0
 _HOST_MAX_CHARS = 255
 
