@@ -76,7 +76,7 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
                         # number there read as valid against this document, and was refused (422).
                         'properties': {
                             'threadId': {**CONVERSATION_ID_SCHEMA, 'description': 'The conversation id.'},
-                            'runId': {'type': 'string'},
+                            'runId': {**CONVERSATION_ID_SCHEMA, 'description': 'The run id, echoed by the stream.'},
                             'messages': {'type': 'array', 'items': {'type': 'object'}},
                         },
                     }

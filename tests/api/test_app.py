@@ -93,6 +93,7 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
     vercel = paths['/api/v1/chat']['post']['requestBody']['content']['application/json']['schema']['properties']['id']
     for rule in ('maxLength', 'pattern'):
         assert properties['threadId'][rule] == vercel[rule]
+        assert properties['runId'][rule] == vercel[rule]  # checked by the same rule (`validate_protocol_id`)
     assert vercel['maxLength'] == CONVERSATION_ID_CHARS
 
 
