@@ -36,6 +36,15 @@ def unsafe_directory(directory: Path) -> str | None:
     return None
 
 
+def unwritable_directory(directory: Path) -> str | None:
+    """Why this process cannot make or write files in `directory` (a read-only file system; permissions), or None."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return 'is on a read-only file system'
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return 'is not writable by this user'
+    return None
+
+
 def default_data_dir() -> Path:
     """Where the embedded PostgreSQL keeps its data when `AGENTRT_DATA_DIR` is not set."""
     return Path(platformdirs.user_data_dir('agentrt')) / 'pgdata'
@@ -453,12 +462,17 @@ class Settings(BaseSettings):
             raise ValueError(f'the path cannot be used: {exc.strerror or exc}') from None
         if exists and not path.is_file():
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
-        if not parent_is_dir:  # made when first needed, during an outage: refused now if it never can be
-            ancestor = path.parent
-            while not ancestor.exists() and ancestor != ancestor.parent:
-                ancestor = ancestor.parent
-            if not ancestor.is_dir():
-                raise ValueError(f'{ancestor} is a file, so the spool file cannot be made under it')
+        # Made (or written) when first needed, during an outage: refused now if it never can be, when the rows it was
+        # given would be held only in the process's memory.
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ValueError(f'{ancestor} is a file, so the spool file cannot be made under it')
+        if (unwritable := unwritable_directory(ancestor)) is not None:
+            raise ValueError(f'{ancestor} {unwritable}, so the spool file cannot be written there')
+        if exists and not os.access(path, os.W_OK):
+            raise ValueError(f'{path} is not writable by this user, so no row can be spooled to it')
         # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
         if parent_is_dir and (problem := unsafe_directory(path.parent)) is not None:
             raise ValueError(

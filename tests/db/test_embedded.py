@@ -11,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -35,6 +33,7 @@ from agentrt.db.embedded import (
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
 from tests.agents.cli.helpers import ROOT, invoke
+from tests.mounts import read_only_bind
 from tests.private_database import PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle who accept Medicare'
@@ -545,23 +544,10 @@ def test_a_postmaster_killed_and_not_yet_reaped_is_waited_for_not_taken_for_a_ru
     _assert_no_orphan(data_dir)
 
 
-@contextmanager
-def _read_only_bind(directory: Path) -> Iterator[bool]:
-    """`directory` bind-mounted read-only onto itself while the block runs; False where mounting is not allowed."""
-    mounted = subprocess.run(['mount', '--bind', str(directory), str(directory)], capture_output=True).returncode == 0
-    try:
-        if mounted:
-            remount = ['mount', '-o', 'remount,ro,bind', str(directory), str(directory)]
-            mounted = subprocess.run(remount, capture_output=True).returncode == 0
-        yield mounted
-    finally:
-        subprocess.run(['umount', str(directory)], capture_output=True)
-
-
 def test_a_data_dir_on_a_read_only_mount_is_said_to_be_one(tmp_path: Path) -> None:
     # "is not writable by this user" sent people (root included) to the directory's permissions.
     (tmp_path / 'ro').mkdir()
-    with _read_only_bind(tmp_path / 'ro') as mounted:
+    with read_only_bind(tmp_path / 'ro') as mounted:
         if not mounted:
             pytest.skip('bind mounts are not allowed here')
         with pytest.raises(EmbeddedPostgresError, match='is on a read-only file system') as raised:

@@ -17,6 +17,7 @@ from agentrt.db.settings import (
     parse_database_url,
     read_settings,
 )
+from tests.mounts import immutable, read_only_bind
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,6 +258,55 @@ def test_a_spool_under_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatc
     finally:
         get_settings.cache_clear()
     assert f'{tmp_path / "a-file"} is a file, so the spool file cannot be made under it' in str(info.value)
+
+
+@pytest.mark.parametrize('existing', [False, True], ids=['to-be-made', 'existing'])
+def test_a_spool_on_a_read_only_mount_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, existing: bool
+) -> None:
+    # Accepted before: the spool failed only when an outage first needed it, and the rows it was given were then held
+    # in the process's memory alone.
+    directory = tmp_path / 'ro'
+    directory.mkdir(mode=0o700)
+    spool = directory / 'spool.jsonl' if existing else directory / 'deeper' / 'spool.jsonl'
+    if existing:
+        spool.write_text('')
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(spool))
+    with read_only_bind(directory) as mounted:
+        if not mounted:
+            pytest.skip('bind mounts are not allowed here')
+        with pytest.raises(ConfigError) as raised:
+            read_settings()
+    assert str(raised.value) == (
+        f'invalid configuration: AGENTRT_LEDGER_SPOOL: {directory} is on a read-only file system, so the spool file '
+        'cannot be written there'
+    )
+    assert read_settings().ledger_spool == spool  # the same path, writable again
+
+
+@pytest.mark.parametrize('locked', ['directory', 'file'])
+def test_a_spool_this_process_cannot_write_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, locked: str
+) -> None:
+    # An immutable directory or file stands for one of another user's (a spool made once under `sudo`): root may
+    # write anywhere else, but not there.
+    directory = tmp_path / 'spool'
+    directory.mkdir(mode=0o700)
+    spool = directory / 'spool.jsonl'
+    spool.write_text('')
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(spool))
+    with immutable(directory if locked == 'directory' else spool) as made:
+        if not made:
+            pytest.skip('chattr +i is not possible here')
+        with pytest.raises(ConfigError) as raised:
+            read_settings()
+    problem = (
+        f'{directory} is not writable by this user, so the spool file cannot be written there'
+        if locked == 'directory'
+        else f'{spool} is not writable by this user, so no row can be spooled to it'
+    )
+    assert str(raised.value) == f'invalid configuration: AGENTRT_LEDGER_SPOOL: {problem}'
+    assert read_settings().ledger_spool == spool
 
 
 @pytest.mark.parametrize(

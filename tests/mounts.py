@@ -1,0 +1,34 @@
+"""Places no process may write to, root included, for the tests of what is refused there: a read-only bind mount
+and an immutable file or directory (`chattr +i`)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def read_only_bind(directory: Path) -> Iterator[bool]:
+    """`directory` bind-mounted read-only onto itself while the block runs; False where mounting is not allowed."""
+    mounted = subprocess.run(['mount', '--bind', str(directory), str(directory)], capture_output=True).returncode == 0
+    try:
+        if mounted:
+            remount = ['mount', '-o', 'remount,ro,bind', str(directory), str(directory)]
+            mounted = subprocess.run(remount, capture_output=True).returncode == 0
+        yield mounted
+    finally:
+        subprocess.run(['umount', str(directory)], capture_output=True)
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[bool]:
+    """`path` made immutable (`chattr +i`: not written, renamed or deleted, by root either) while the block runs;
+    False where the file system or the process cannot."""
+    made = subprocess.run(['chattr', '+i', str(path)], capture_output=True).returncode == 0
+    try:
+        yield made
+    finally:
+        if made:
+            subprocess.run(['chattr', '-i', str(path)], capture_output=True)
