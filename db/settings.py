@@ -45,6 +45,26 @@ def unwritable_directory(directory: Path) -> str | None:
     return None
 
 
+def spool_write_problem(path: Path) -> str | None:
+    """Why this process could not make or append to the spool file `path`, or None: a file where a directory of its
+    path goes; its directory (or the nearest one that exists) on a read-only file system or not writable by this user;
+    the file itself not writable.
+
+    Raises:
+        OSError: the path cannot even be looked at (a name too long, a directory this user may not enter).
+    """
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f'{ancestor} is a file, so the spool file cannot be made under it'
+    if (unwritable := unwritable_directory(ancestor)) is not None:
+        return f'{ancestor} {unwritable}, so the spool file cannot be written there'
+    if path.exists() and not os.access(path, os.W_OK):
+        return f'{path} is not writable by this user, so no row can be spooled to it'
+    return None
+
+
 def default_data_dir() -> Path:
     """Where the embedded PostgreSQL keeps its data when `AGENTRT_DATA_DIR` is not set."""
     return Path(platformdirs.user_data_dir('agentrt')) / 'pgdata'
@@ -464,15 +484,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
         # Made (or written) when first needed, during an outage: refused now if it never can be, when the rows it was
         # given would be held only in the process's memory.
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise ValueError(f'{ancestor} is a file, so the spool file cannot be made under it')
-        if (unwritable := unwritable_directory(ancestor)) is not None:
-            raise ValueError(f'{ancestor} {unwritable}, so the spool file cannot be written there')
-        if exists and not os.access(path, os.W_OK):
-            raise ValueError(f'{path} is not writable by this user, so no row can be spooled to it')
+        if (problem := spool_write_problem(path)) is not None:
+            raise ValueError(problem)
         # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
         if parent_is_dir and (problem := unsafe_directory(path.parent)) is not None:
             raise ValueError(

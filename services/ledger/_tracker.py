@@ -15,10 +15,11 @@ from opentelemetry import trace
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.roles import Unscoped
+from agentrt.db.settings import spool_write_problem
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._held import HeldRows
+from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
@@ -262,10 +263,31 @@ class LLMRequestTracker:
         failure logged as a warning and retried on the tracker's timer or after the next successful write. Call it
         from a running event loop.
 
+        It also says, once, when the spool cannot take rows (`spool_warning`).
+
         Returns:
             True when a replay was started, False when there was nothing to replay or one is already running.
         """
+        if (warning := self.spool_warning()) is not None:
+            logger.warning('%s', warning)
         return self._maybe_replay(self._queues(asyncio.get_running_loop()), at_start=True)
+
+    def spool_warning(self) -> str | None:
+        """What a long-lived process says at its start when its spool could not take rows, or None: the default spool
+        under a home on a read-only file system (a container's), for one; a configured spool is refused with the rest
+        of the configuration already. Said then, not found out during an outage."""
+        path = self.spool.path
+        try:
+            problem = spool_write_problem(path)
+        except OSError as exc:
+            problem = f'{path} cannot be looked at ({exc.strerror or exc})'
+        if problem is None:
+            return None
+        return (
+            f"ledger: {problem}: rows written while the database is down would be held in this process's memory only "
+            f'(up to {HELD_MAX_BYTES // 2**20} MiB) and lost if it ended first; set AGENTRT_LEDGER_SPOOL to a file it '
+            'can write'
+        )
 
     def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
         """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""
