@@ -280,6 +280,22 @@ def test_every_file_the_docs_name_exists() -> None:
     assert missing == []
 
 
+def _heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_every_link_within_a_doc_names_one_of_its_headings() -> None:
+    # The README's contents line, and links such as [Web UI](#web-ui): a heading renamed without them led nowhere.
+    broken = []
+    for doc, text in _docs().items():
+        anchors = {_heading_anchor(heading) for heading in re.findall(r'^#{1,6} (.+)$', text, flags=re.MULTILINE)}
+        broken += [(doc, link) for link in re.findall(r'\]\(#([^)]+)\)', text) if link not in anchors]
+    assert broken == []
+    repro = 'Repro: parallel tools on one shared session'
+    assert _heading_anchor(repro) == 'repro-parallel-tools-on-one-shared-session'
+
+
 def test_every_environment_variable_the_code_reads_is_in_the_readme() -> None:
     # AGENTRT_DEBUG, AGENTRT_CHAT_HISTORY and the HTTP server's variables are read outside `Settings`, so the
     # settings check above cannot see them.
