@@ -17,11 +17,12 @@ headline ratio stays against the bare turn without it). The parts are turned off
 `agentrt.agents.chat_turn`; names a version does not have are skipped, so the same script measures earlier versions.
 
 Run (embedded PostgreSQL unless DATABASE_URL is set):
-    .venv/bin/python scripts/bench_overhead.py [--latencies 0,0.25] [--turns 15] [--breakdown-turns 30]
+    .venv/bin/python scripts/bench_overhead.py [--latencies 0,0.25] [--turns 15] [--breakdown-turns 30] [--loop uvloop]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import inspect
@@ -492,12 +493,22 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-async def main() -> None:
+def options() -> argparse.Namespace:
+    """The command line's options."""
     args = parser(__doc__.splitlines()[0], 'overhead')
     args.add_argument('--latencies', type=lambda v: [float(x) for x in v.split(',')], default=[0.0, 0.25])
     args.add_argument('--turns', type=int, default=15, help='measured turns per pattern, mode and latency')
     args.add_argument('--breakdown-turns', type=int, default=30, help='measured turns per breakdown variant (0: none)')
-    opts = args.parse_args()
+    args.add_argument(
+        '--loop',
+        choices=('asyncio', 'uvloop'),
+        default='asyncio',
+        help='the event loop both patterns run on (uvloop: what `agentrt serve` runs on; the http extra installs it)',
+    )
+    return args.parse_args()
+
+
+async def main(opts: argparse.Namespace) -> None:
     if opts.quick:
         opts.latencies, opts.turns, opts.breakdown_turns = [0.0], 2, 1
     os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
@@ -505,7 +516,7 @@ async def main() -> None:
     prefix = f'bench-ovh-{uuid.uuid4().hex[:8]}'
     config = {'model_latency_s_per_request': opts.latencies, 'turns': opts.turns, 'model': MODEL_NOTE}
     config |= {'model_requests_per_turn': 3, 'tool_calls_per_turn': 7, 'runtime_conversation_turns': 4}
-    config |= {'breakdown_turns': opts.breakdown_turns}
+    config |= {'breakdown_turns': opts.breakdown_turns, 'event_loop': opts.loop}
     try:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
@@ -577,4 +588,10 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    chosen = options()
+    if chosen.loop == 'uvloop':
+        import uvloop
+
+        uvloop.run(main(chosen))
+    else:
+        asyncio.run(main(chosen))
