@@ -27,6 +27,9 @@ from agentrt.tools.dependencies import SessionDependencies
 
 router = APIRouter(prefix='/api/v1', tags=['chat'])
 
+AGUI_ROLES = ('activity', 'assistant', 'developer', 'reasoning', 'system', 'tool', 'user')
+"""The roles of ag_ui.core's messages (`RunAgentInput.messages`), for OpenAPI."""
+
 
 class SafeAGUIStream(AGUIEventStream[SessionDependencies, str]):
     """The AG-UI event stream with a `RUN_ERROR` that says what the client may know, and an error id."""
@@ -77,7 +80,15 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
                         'properties': {
                             'threadId': {**CONVERSATION_ID_SCHEMA, 'description': 'The conversation id.'},
                             'runId': {**CONVERSATION_ID_SCHEMA, 'description': 'The run id, echoed by the stream.'},
-                            'messages': {'type': 'array', 'items': {'type': 'object'}},
+                            # What each of ag_ui.core's message kinds requires, and the roles it tells them by.
+                            'messages': {
+                                'type': 'array',
+                                'items': {
+                                    'type': 'object',
+                                    'required': ['id', 'role'],
+                                    'properties': {'id': {'type': 'string'}, 'role': {'enum': list(AGUI_ROLES)}},
+                                },
+                            },
                         },
                     }
                 }

@@ -89,6 +89,12 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
         'runId': 'string',
         'messages': 'array',
     }
+    # Each message as ag_ui.core reads it: its id, and a role it knows (any object was valid, and refused).
+    from ag_ui.core import RunAgentInput
+
+    model = RunAgentInput.model_json_schema(by_alias=True)['properties']['messages']['items']
+    assert properties['messages']['items']['required'] == ['id', 'role']
+    assert properties['messages']['items']['properties']['role']['enum'] == sorted(model['discriminator']['mapping'])
     # The same conversation id rule as the other chat's `id`, as long as the store's column.
     vercel = paths['/api/v1/chat']['post']['requestBody']['content']['application/json']['schema']['properties']['id']
     for rule in ('maxLength', 'pattern'):

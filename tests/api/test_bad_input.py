@@ -486,6 +486,42 @@ async def test_a_bad_field_of_a_chat_body_is_named_as_the_client_sent_it(
     assert refused['detail'].startswith(f'{field}: ') and said in refused['detail'], refused
 
 
+# pydantic-ai's adapter skips a role, a content type or a media source its ag-ui-protocol does not know, with a
+# UserWarning: a 500 under `-W error` (this suite; schemathesis found it), and in a server a warning on stderr and a
+# turn without what was skipped ("hi" alone). Each is in the user's message, the one the turn reads: refused.
+AG_UI_SKIPPED = [
+    ('critic', 'hi', "role='critic'"),
+    ('user', [{'type': 'text', 'text': 'hi'}, {'type': 'hologram', 'value': 'x'}], "type='hologram'"),
+    (
+        'user',
+        [{'type': 'text', 'text': 'hi'}, {'type': 'image', 'source': {'type': 'psychic', 'value': 'x'}}],
+        'psychic',
+    ),
+]
+
+
+@pytest.mark.parametrize(('role', 'content', 'named'), AG_UI_SKIPPED, ids=['role', 'content-type', 'source-type'])
+async def test_ag_ui_content_the_server_cannot_read_is_a_422_naming_it(
+    keys: Keys, client: httpx2.AsyncClient, role: str, content: object, named: str
+) -> None:
+    body = {
+        'threadId': 'agui-skipped',
+        'runId': 'r1',
+        'messages': [
+            {'id': 'u0', 'role': 'user', 'content': 'earlier'},
+            {'id': 'u1', 'role': role, 'content': content},
+        ],
+    }
+    response = await client.post('/api/v1/chat/ag-ui', json=body, headers=auth(keys.acme))
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'messages.1', refused
+    assert (
+        refused['detail'].startswith('messages.1: AG-UI content this server cannot read (')
+        and named in refused['detail']
+    )
+    assert await ledger_rows() == []  # refused before anything ran
+
+
 TURN_ROUTES = ['/api/v1/chat', '/api/v1/chat/ag-ui', '/api/v1/conversations/c1/turns']
 NOT_UTF8_JSON: list[tuple[Callable[[str], bytes], str, list[str]]] = [
     (lambda text: b'\xef\xbb\xbf' + text.encode(), 'starts with a byte order mark', TURN_ROUTES),
