@@ -135,6 +135,7 @@ def create_app(
     app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
     app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included
     app.include_router(chat.router)
+    chat.document_ui_messages(app)
     if importlib.util.find_spec('ag_ui') is not None:
         from agentrt.api import chat_agui
 

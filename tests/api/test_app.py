@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -104,15 +105,22 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
 
 
 def test_openapi_gives_the_vercel_chat_messages_the_shape_pydantic_ai_reads() -> None:
-    # Each message was any object: schemathesis's bodies of `{}` messages read as valid and were refused (422).
+    # Each message was any object (schemathesis's bodies of `{}` messages read as valid and were refused, 422), then
+    # `{id, role, parts}` with the parts untyped: now pydantic-ai's `UIMessage`, every kind of part included.
     from pydantic_ai.ui.vercel_ai.request_types import UIMessage
 
-    body = create_app().openapi()['paths']['/api/v1/chat']['post']['requestBody']['content']['application/json']
+    document = create_app().openapi()
+    body = document['paths']['/api/v1/chat']['post']['requestBody']['content']['application/json']
     messages = body['schema']['properties']['messages']
-    model = UIMessage.model_json_schema(by_alias=True)
-    assert messages['minItems'] == 1
-    assert messages['items']['required'] == model['required']
-    assert messages['items']['properties']['role']['enum'] == model['properties']['role']['enum']
+    assert messages['minItems'] == 1 and messages['items'] == {'$ref': '#/components/schemas/UIMessage'}
+    model = UIMessage.model_json_schema(by_alias=True, ref_template='#/components/schemas/{model}')
+    schemas = document['components']['schemas']
+    assert {name: schemas[name] for name in model['$defs']} == model.pop('$defs')
+    assert schemas['UIMessage'] == model
+    assert 'TextUIPart' in schemas and 'ErrorOut' in schemas  # its parts' kinds beside the API's own schemas
+    # Every reference in the document resolves.
+    names = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert names and names <= set(schemas)
 
 
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(
