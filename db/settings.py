@@ -484,7 +484,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
         # Made (or written) when first needed, during an outage: refused now if it never can be, when the rows it was
         # given would be held only in the process's memory.
-        if (problem := spool_write_problem(path)) is not None:
+        try:
+            problem = spool_write_problem(path)
+        except OSError as exc:  # an ancestor this user may not look into
+            raise ValueError(f'the path cannot be used: {exc.strerror or exc}') from None
+        if problem is not None:
             raise ValueError(problem)
         # Checked here, at start, as well as by the spool when it writes: then, during an outage, it is too late.
         if parent_is_dir and (problem := unsafe_directory(path.parent)) is not None:

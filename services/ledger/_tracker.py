@@ -263,7 +263,8 @@ class LLMRequestTracker:
         failure logged as a warning and retried on the tracker's timer or after the next successful write. Call it
         from a running event loop.
 
-        It also says, once, when the spool cannot take rows (`spool_warning`).
+        It also logs a warning when the spool cannot take rows (`spool_warning`): said at the start, not found out
+        during an outage.
 
         Returns:
             True when a replay was started, False when there was nothing to replay or one is already running.
