@@ -7,12 +7,16 @@ of the caller's account and its last message, the user's, is the turn; everythin
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ag_ui.core import BaseEvent, RunAgentInput
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from pydantic_ai.ui.ag_ui import AGUIAdapter, AGUIEventStream
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from agentrt.agents.turn_input import validate_protocol_id
@@ -54,6 +58,50 @@ class AGUIChatAdapter(AGUIAdapter[SessionDependencies, str]):
             manage_system_prompt=self.manage_system_prompt,
             preserve_file_data=self.preserve_file_data,
         )
+
+
+def build_run_input(body: bytes) -> RunAgentInput:
+    """`AGUIAdapter.build_run_input`, refusing what it would skip: a role, a content type or a media source the
+    installed ag-ui-protocol does not know, which pydantic-ai's adapter skips with a `UserWarning` (a 500 under
+    `-W error`; in a server, a warning on stderr and a turn run without what was skipped). The body is the user's
+    message alone (`parse_run_input`), so what was skipped is part of the turn.
+
+    Raises:
+        ValidationError: the body does not validate, or holds such content (at `messages.0`).
+    """
+    try:
+        return RunAgentInput.model_validate_json(body)  # what the adapter tries first: then nothing is skipped
+    except ValidationError:
+        pass
+    # Only a body that failed to validate reaches the adapter's skipping, so only then are warnings caught (the filters
+    # are the process's: not on every request).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        run_input = AGUIChatAdapter.build_run_input(body)
+    for warning in caught:
+        skipped = _SKIPPED_CONTENT.search(str(warning.message))
+        if skipped is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        raise ValidationError.from_exception_data(
+            'RunAgentInput',
+            [
+                {
+                    'type': PydanticCustomError(
+                        'agui_unsupported',
+                        "AG-UI content this server cannot read ({skipped}); a turn is the user's message, as text",
+                        {'skipped': skipped[1]},
+                    ),
+                    'loc': ('messages', 0),
+                    'input': None,
+                }
+            ],
+        )
+    return run_input
+
+
+_SKIPPED_CONTENT = re.compile(r'^AG-UI content .* does not support \((.*)\) was skipped')
+"""pydantic-ai's warning for what `AGUIAdapter.build_run_input` skipped (`role='...'`, a content `type`)."""
 
 
 @router.post(
@@ -102,7 +150,7 @@ async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = A
     The `threadId` follows the conversation id's rule (1-200 letters, digits and `. _ : @ -`), and so does the
     `runId`, which the stream echoes back.
     """
-    run_input = parse_run_input(request, await request.body(), AGUIChatAdapter.build_run_input)
+    run_input = parse_run_input(request, await request.body(), build_run_input)
     validate_protocol_id(run_input.run_id, field='runId', name='run id')  # echoed on RUN_STARTED and RUN_FINISHED
     turn_input = check_http_turn(
         _new_message_text(run_input),

@@ -5,8 +5,6 @@ the HTTP name of each field in the error."""
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -151,31 +149,6 @@ def parse_run_input(
     """
     require_json(request)
     read = _last_message_only(body, {tag_field: tag_default} if tag_field else {})
-    # pydantic-ai's AG-UI adapter skips a role or content kind its ag-ui-protocol does not know, with a UserWarning: the
-    # warning went to the server's stderr (an exception, a 500, under `-W error`), and the user's message lost what was
-    # skipped. Caught here: the build does not await, so no other request runs meanwhile (a warning another thread
-    # raises in that moment is passed on below).
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        built = _built(read, build, tags, tag_field, tag_default)
-    for warning in caught:
-        skipped = _SKIPPED_CONTENT.search(str(warning.message))
-        if skipped is not None:
-            where = read.as_sent(['messages', 0])
-            raise InvalidInputError(
-                f"{where}: AG-UI content this server cannot read ({skipped[1]}); a turn is the user's message, as text",
-                field=where,
-            )
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return built
-
-
-_SKIPPED_CONTENT = re.compile(r'^AG-UI content .* does not support \((.*)\) was skipped')
-"""pydantic-ai's warning for what `AGUIAdapter.build_run_input` skipped (`role='...'`, a content `type`)."""
-
-
-def _built(read: _ReadBody, build: Callable[[bytes], T], tags: frozenset[str], tag_field: str, tag_default: str) -> T:
-    """`build(read.body)`, or the `InvalidInputError` that names the first bad field (`parse_run_input`)."""
     try:
         return build(read.body)
     except ValidationError as exc:
