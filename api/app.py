@@ -38,6 +38,7 @@ from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.docs_pages import install_docs_pages
 from agentrt.api.errors import install_error_handlers
 from agentrt.api.head_requests import HeadAsGet
+from agentrt.api.message_schemas import document_messages
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
 from agentrt.api.stopping import refusing_waiting_turns_on_stop
@@ -135,7 +136,7 @@ def create_app(
     app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
     app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included
     app.include_router(chat.router)
-    chat.document_ui_messages(app)
+    document_messages(app)
     if importlib.util.find_spec('ag_ui') is not None:
         from agentrt.api import chat_agui
 

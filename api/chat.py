@@ -12,17 +12,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
-from pydantic_ai.ui.vercel_ai.request_types import RequestData, TextUIPart, UIMessage
+from pydantic_ai.ui.vercel_ai.request_types import RequestData, TextUIPart
 from pydantic_ai.ui.vercel_ai.response_types import BaseChunk, FinishStepChunk
 from starlette.responses import Response
 
 from agentrt.agents.turn_input import SESSION_ID, SESSION_ID_MAX_CHARS
 from agentrt.api.auth import ChatCaller
 from agentrt.api.errors import stream_error
+from agentrt.api.message_schemas import UI_MESSAGE, schema_ref
 from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
 from agentrt.api.turn_input import check_http_turn, parse_run_input
 from agentrt.api.turn_stream import chat_config, stream_turn
@@ -80,36 +81,6 @@ class ChatAdapter(VercelAIAdapter[SessionDependencies, str]):
 CONVERSATION_ID_SCHEMA = {'type': 'string', 'maxLength': SESSION_ID_MAX_CHARS, 'pattern': f'^{SESSION_ID.pattern}$'}
 """A conversation id in a chat body, for OpenAPI: the rule a turn's input is checked by (`agents/turn_input.py`)."""
 
-UI_MESSAGE = 'UIMessage'
-"""The OpenAPI schema of a message of the chat body: pydantic-ai's `UIMessage` (`document_ui_messages`)."""
-
-
-def document_ui_messages(app: FastAPI) -> None:
-    """Have `app`'s OpenAPI document describe each message of a chat body as pydantic-ai's `UIMessage` reads it: its
-    schema and those of its parts' kinds (text, files, tool calls and results, ...) among the document's schemas.
-
-    Generated from the installed pydantic-ai, so the document follows its version. A generated client then types the
-    messages it sends, and a request generated from the document (schemathesis) sends parts of every kind.
-
-    Raises:
-        RuntimeError: (when the document is made) one of those schemas has the name of one of the API's own.
-    """
-    make = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = make()
-            message = UIMessage.model_json_schema(by_alias=True, ref_template='#/components/schemas/{model}')
-            schemas = document.setdefault('components', {}).setdefault('schemas', {})
-            for name, schema in {**message.pop('$defs', {}), UI_MESSAGE: message}.items():
-                if name in schemas:
-                    raise RuntimeError(f'OpenAPI: pydantic-ai names a schema {name!r} as the API does')
-                schemas[name] = schema
-        return app.openapi_schema  # type: ignore[return-value]  # set by `make()`
-
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to amend the document
-
-
 # The body is read by the adapter, not by FastAPI: described here for OpenAPI only.
 _CHAT_BODY = {
     'required': True,
@@ -125,8 +96,8 @@ _CHAT_BODY = {
                         'type': 'array',
                         'description': "AI SDK UI messages `{id, role, parts}`; the last, the user's, is the turn.",
                         'minItems': 1,
-                        # pydantic-ai's `UIMessage`, its parts' kinds included (`document_ui_messages`).
-                        'items': {'$ref': f'#/components/schemas/{UI_MESSAGE}'},
+                        # pydantic-ai's `UIMessage`, its parts' kinds included (`document_messages`).
+                        'items': schema_ref(UI_MESSAGE),
                     },
                 },
             }

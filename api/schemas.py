@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
+from agentrt.api.message_schemas import MODEL_MESSAGE, UI_MESSAGE, schema_ref
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 from agentrt.services.budgets import BudgetStatus
 from agentrt.services.conversations import ConversationSummary
@@ -296,7 +297,12 @@ class ConversationMessages(BaseModel):
     conversation_id: str
     revision: str | None
     format: Literal['vercel', 'pydantic']
-    messages: list[Any]
+    messages: list[Any] = Field(
+        description="In `format` `vercel`, each an AI SDK UI message (`UIMessage`); in `pydantic`, pydantic-ai's own "
+        '(`ModelMessage`).',
+        # The schemas `document_messages` adds to the document (the route writes these bytes itself).
+        json_schema_extra={'items': {'anyOf': [schema_ref(UI_MESSAGE), schema_ref(MODEL_MESSAGE)]}},
+    )
     earlier: bool = Field(default=False, description='Older messages were left out (`limit`).')
     earlier_cursor: str | None = Field(
         default=None,

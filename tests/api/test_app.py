@@ -104,23 +104,52 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
     assert vercel['maxLength'] == CONVERSATION_ID_CHARS
 
 
-def test_openapi_gives_the_vercel_chat_messages_the_shape_pydantic_ai_reads() -> None:
-    # Each message was any object (schemathesis's bodies of `{}` messages read as valid and were refused, 422), then
-    # `{id, role, parts}` with the parts untyped: now pydantic-ai's `UIMessage`, every kind of part included.
+def test_openapi_gives_the_messages_the_shapes_pydantic_ai_reads_and_writes() -> None:
+    # Each message of a chat body was any object (schemathesis's bodies of `{}` messages read as valid and were
+    # refused, 422), then `{id, role, parts}` with the parts untyped: now pydantic-ai's `UIMessage`, every kind of part
+    # included. A conversation's messages were a list of anything: now `UIMessage` or pydantic-ai's `ModelMessage`.
     from pydantic_ai.ui.vercel_ai.request_types import UIMessage
+
+    from agentrt.api.message_schemas import ISO_DURATION, iso_durations
+    from agentrt.services.message_json import message_adapter
 
     document = create_app().openapi()
     body = document['paths']['/api/v1/chat']['post']['requestBody']['content']['application/json']
     messages = body['schema']['properties']['messages']
     assert messages['minItems'] == 1 and messages['items'] == {'$ref': '#/components/schemas/UIMessage'}
-    model = UIMessage.model_json_schema(by_alias=True, ref_template='#/components/schemas/{model}')
     schemas = document['components']['schemas']
-    assert {name: schemas[name] for name in model['$defs']} == model.pop('$defs')
-    assert schemas['UIMessage'] == model
-    assert 'TextUIPart' in schemas and 'ErrorOut' in schemas  # its parts' kinds beside the API's own schemas
+    read = schemas['ConversationMessages']['properties']['messages']
+    assert read['items'] == {
+        'anyOf': [{'$ref': '#/components/schemas/UIMessage'}, {'$ref': '#/components/schemas/ModelMessage'}]
+    }
+    template = '#/components/schemas/{model}'
+    for name, model in (
+        ('UIMessage', UIMessage.model_json_schema(by_alias=True, ref_template=template)),
+        ('ModelMessage', message_adapter.json_schema(mode='serialization', by_alias=True, ref_template=template)),
+    ):
+        model = iso_durations(model)
+        assert {part: schemas[part] for part in model['$defs']} == model.pop('$defs')
+        assert schemas[name] == model
+    # Their parts' kinds beside the API's own schemas.
+    assert {'TextUIPart', 'ToolCallPart', 'ModelRequest', 'ErrorOut'} <= set(schemas)
+    # A response's duration is what pydantic writes (`PT0.010479S`), not the `duration` format (no fractions).
+    if 'duration' in schemas['ModelResponse']['properties']:  # 2.78 has it, 2.68 does not
+        duration = schemas['ModelResponse']['properties']['duration']['anyOf'][0]
+        assert duration == {'type': 'string', 'pattern': ISO_DURATION}
+    assert not [schema for schema in _subschemas(document) if schema.get('format') == 'duration']
+    for written in ('PT0.010479S', 'P1DT2H3M4.5S', '-PT1S', 'P21D', 'PT0S'):
+        assert re.fullmatch(ISO_DURATION.strip('^$'), written), written
     # Every reference in the document resolves.
     names = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
     assert names and names <= set(schemas)
+
+
+def _subschemas(schema: Any) -> list[dict[str, Any]]:
+    if isinstance(schema, list):
+        return [found for item in schema for found in _subschemas(item)]
+    if not isinstance(schema, dict):
+        return []
+    return [schema, *(found for value in schema.values() for found in _subschemas(value))]
 
 
 async def test_nothing_is_served_at_the_root_unless_a_static_directory_is_given(

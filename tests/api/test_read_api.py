@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import jsonschema_rs
 import pytest
 
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth
+from tests.api.conftest import Keys, auth, chat_body
 from tests.factories import fast_config, ledger_record
 
 AUDIT = '/api/v1/llm-audit/interactions'
@@ -290,3 +291,33 @@ async def test_a_conversation_is_read_in_its_latest_messages_from_the_start_of_a
     assert [p['type'] for p in inside['messages'][0]['parts']] == ['text']
     for bad in (0, 100_001, 'x'):
         assert (await client.get(path, params={'limit': bad}, headers=auth(keys.acme))).status_code == 422
+
+
+async def test_a_conversation_read_in_either_format_is_what_the_openapi_document_says(
+    keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The document's messages were a list of anything: now pydantic-ai's `UIMessage` or `ModelMessage`, each with its
+    # parts' kinds, and the bytes the route writes itself (`messages_body`) must match them, in both formats.
+    path = '/api/v1/conversations/schema-1'
+    for text in ('Cardiologists in Seattle', 'and "in" Boston?\n🙂 <b>\\u0041</b>\tß'):
+        turn = await client.post(f'{path}/turns', json={'message': text}, headers=auth(keys.acme))
+        assert turn.status_code == 200, turn.text
+    streamed = await client.post('/api/v1/chat', json=chat_body('schema-1', 'Dermatologists?'), headers=auth(keys.acme))
+    assert streamed.status_code == 200 and '"type":"finish"' in streamed.text.replace(' ', '')
+    document = (await client.get('/openapi.json')).json()
+    answer = document['paths']['/api/v1/conversations/{conversation_id}']['get']['responses']['200']
+    schema = answer['content']['application/json']['schema']
+    components = document['components']
+    # Formats asserted, as schemathesis checks a response: a `duration` of `PT0.010479S` is not RFC 3339's.
+    validator = jsonschema_rs.validator_for({**schema, 'components': components}, validate_formats=True)
+    for format, one_of in (('vercel', 'UIMessage'), ('pydantic', 'ModelMessage')):
+        body = (await client.get(path, params={'format': format}, headers=auth(keys.acme))).json()
+        assert body['format'] == format and len(body['messages']) >= 6
+        assert [str(error) for error in validator.iter_errors(body)] == []
+        # Each message matches its format's schema, not merely one of the two.
+        own = jsonschema_rs.validator_for(
+            {'$ref': f'#/components/schemas/{one_of}', 'components': components}, validate_formats=True
+        )
+        assert all(own.is_valid(message) for message in body['messages'])
+    # A body that is not what the document says fails the check (the check can fail).
+    assert not validator.is_valid({**body, 'messages': [{'kind': 'request', 'parts': 'not a list'}]})
