@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
@@ -437,9 +437,7 @@ class PoolHealth:
         if _closed(dbapi_connection):
             # The server closed it while it sat in the pool (a restart, a killed backend) and the event loop has
             # seen the socket close: no round trip needed to know.
-            self.generation += 1
-            self.disconnects += 1
-            raise DisconnectionError('connection closed by the server while idle in the pool')
+            self._replace(record, 'connection closed by the server while idle in the pool')
         generation = info.get(self.GENERATION, self.generation)
         if generation == self.generation and not self._idle_too_long(info):
             return  # tested, or used, since the last disconnect
@@ -447,11 +445,24 @@ class PoolHealth:
         try:
             self._sync_engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            # The pool discards this connection and opens a new one in its place, in this same checkout.
-            self.generation += 1
-            self.disconnects += 1
-            raise DisconnectionError(f'connection failed its pre-ping: {exc}') from exc
+            self._replace(record, f'connection failed its pre-ping: {exc}', exc)
         info[self.GENERATION] = self.generation
+
+    def _replace(self, record: Any, reason: str, cause: Exception | None = None) -> NoReturn:
+        """Close `record`'s connection, then have the pool open a new one in its place, in this same checkout.
+
+        The close is made here, not left to SQLAlchemy: it closes a connection that a checkout event refused with
+        `DisconnectionError` in a branch of its checkout that does not give the connection back to the pool when the
+        close itself raises (SQLAlchemy 2.1.9, `_ConnectionFairy._checkout`). A graceful close waits for the server
+        (up to 2 s; behind PgBouncer, a round trip), and a cancellation landing there (a turn's other tool call failed)
+        left the connection checked out for as long as the cancellation's traceback lived. Raised from this event, the
+        cancellation reaches the branch that gives it back, and SQLAlchemy's own close is then a no-op.
+        """
+        self.generation += 1
+        self.disconnects += 1
+        error = DisconnectionError(reason)
+        record.invalidate(error)
+        raise error from cause
 
     def _idle_too_long(self, info: dict[str, Any]) -> bool:
         if self.ping_idle_after == 0:

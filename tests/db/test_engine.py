@@ -14,9 +14,11 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentrt.db import engine as engine_module
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
@@ -306,3 +308,46 @@ def test_a_program_that_forgot_to_start_the_runtime_is_told_how_to(tmp_path: Pat
     assert 'agentrt.agents.runtime.agentrt_runtime()' in result.stdout
     assert 'agentrt.db.engine.init_database()' in result.stdout
     assert result.stdout.rstrip().endswith(' 0'), 'no model request was sent'
+
+
+@pytest.mark.parametrize('found', ['failed ping', 'socket closed'])
+async def test_a_checkout_cancelled_while_it_closes_a_broken_connection_still_returns_it(
+    database: Settings, monkeypatch: pytest.MonkeyPatch, found: str
+) -> None:
+    # A connection fails its ping (PgBouncer answers "server conn crashed?" while PostgreSQL restarts behind it) and
+    # is closed gracefully, which waits for the server (up to 2 s). A cancellation landing there (a turn's other tool
+    # call failed, and pydantic-ai cancelled this one) escaped SQLAlchemy's disconnect branch of the checkout, which
+    # does not return the connection on an error of its own: it stayed checked out for as long as the error's
+    # traceback lived (a turn's error, kept by its caller), one connection fewer in the pool each time.
+    settings = database.model_copy(update={'pool_size': 1, 'max_overflow': 0, 'pool_pre_ping_idle': 0})  # every time
+    engine = build_engine(get_engine().url, settings)
+    closing = asyncio.Event()
+    graceful_close = AsyncAdapt_asyncpg_connection._terminate_graceful_close
+
+    async def slow_close(self: AsyncAdapt_asyncpg_connection) -> None:
+        closing.set()
+        await asyncio.sleep(30)
+        await graceful_close(self)
+
+    def failed_ping(dbapi_connection: Any) -> bool:
+        raise OSError('server conn crashed?')
+
+    try:
+        await _backend_pid(engine)  # the pool's one connection, pinged once
+        if found == 'failed ping':
+            monkeypatch.setattr(engine.sync_engine.dialect, 'do_ping', failed_ping)
+        else:  # the event loop saw the server close it while it sat in the pool
+            monkeypatch.setattr(engine_module, '_closed', lambda dbapi_connection: True)
+        monkeypatch.setattr(AsyncAdapt_asyncpg_connection, '_terminate_graceful_close', slow_close)
+        checkout = asyncio.ensure_future(_backend_pid(engine))
+        await asyncio.wait_for(closing.wait(), 10)
+        checkout.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await checkout
+        # The error is still held here, its traceback included, as a caller holds a failed turn's: the connection is
+        # back in the pool all the same.
+        assert engine.sync_engine.pool.checkedout() == 0, cancelled.traceback
+        monkeypatch.undo()
+        assert await _backend_pid(engine)  # and the pool's one place serves the next checkout
+    finally:
+        await engine.dispose()
