@@ -26,7 +26,10 @@ MODEL_MESSAGE = 'ModelMessage'
 
 _REF = '#/components/schemas/{model}'
 
-ISO_DURATION = r'^-?P([0-9]+D)?(T([0-9]+H)?([0-9]+M)?([0-9]+(\.[0-9]+)?S)?)?$'
+_TIME = r'T(?:[0-9]+H(?:[0-9]+M)?(?:[0-9]+(?:\.[0-9]+)?S)?|[0-9]+M(?:[0-9]+(?:\.[0-9]+)?S)?|[0-9]+(?:\.[0-9]+)?S)'
+# At least one component after `P` and after `T` (`P`, `PT`, `P1DT` are not durations), without lookarounds:
+# schemathesis generates strings from the pattern, and not every generator takes them.
+ISO_DURATION = rf'^-?P(?:[0-9]+D(?:{_TIME})?|{_TIME})$'
 """A duration as pydantic writes it (ISO 8601: `PT0.010479S`, `P1DT2H3M4.5S`, `-PT1S`)."""
 
 

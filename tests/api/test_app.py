@@ -139,6 +139,8 @@ def test_openapi_gives_the_messages_the_shapes_pydantic_ai_reads_and_writes() ->
     assert not [schema for schema in _subschemas(document) if schema.get('format') == 'duration']
     for written in ('PT0.010479S', 'P1DT2H3M4.5S', '-PT1S', 'P21D', 'PT0S'):
         assert re.fullmatch(ISO_DURATION.strip('^$'), written), written
+    for not_a_duration in ('P', 'PT', '-P', 'P1DT', 'PT1', 'P1H', '1D', 'PT1.S', ''):
+        assert not re.fullmatch(ISO_DURATION.strip('^$'), not_a_duration), not_a_duration
     # Every reference in the document resolves.
     names = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
     assert names and names <= set(schemas)
