@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db import engine as engine_module
+from agentrt.db import pool_health
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
@@ -337,7 +337,7 @@ async def test_a_checkout_cancelled_while_it_closes_a_broken_connection_still_re
         if found == 'failed ping':
             monkeypatch.setattr(engine.sync_engine.dialect, 'do_ping', failed_ping)
         else:  # the event loop saw the server close it while it sat in the pool
-            monkeypatch.setattr(engine_module, '_closed', lambda dbapi_connection: True)
+            monkeypatch.setattr(pool_health, '_closed', lambda dbapi_connection: True)
         monkeypatch.setattr(AsyncAdapt_asyncpg_connection, '_terminate_graceful_close', slow_close)
         checkout = asyncio.ensure_future(_backend_pid(engine))
         await asyncio.wait_for(closing.wait(), 10)
