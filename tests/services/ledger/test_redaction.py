@@ -9,7 +9,7 @@ import string
 import time
 
 import pytest
-from pydantic_ai import ModelMessagesTypeAdapter
+from pydantic_ai import ModelMessagesTypeAdapter, RequestUsage
 from pydantic_ai.messages import (
     ModelRequest,
     ModelResponse,
@@ -82,6 +82,24 @@ def test_each_kind_is_found_by_its_own_rule(kind: Kind):
 
 def test_every_rule_has_a_planted_example():
     assert {rule_id for rule_id, _, _ in rule_kinds()} <= {kind.rule for kind in KINDS}
+
+
+def test_the_json_of_every_message_does_not_run_rules_for_its_own_field_names():
+    # `"part_kind"` holds `art_` and a response's usage `"input_tokens"` holds `token`: as triggers, they ran the
+    # agentrt-api-key and xml-secret rules over every message the ledger stores. Each trigger now needs what its
+    # rule's pattern cannot match without (the key's hex prefix, an element name's closing `>`).
+    messages = [
+        ModelRequest(parts=[UserPromptPart('Find me cardiologists in Seattle')]),
+        ModelResponse(parts=[TextPart('Here they are')], usage=RequestUsage(input_tokens=12, output_tokens=3)),
+    ]
+    data = ModelMessagesTypeAdapter.dump_json(messages)
+    assert b'"part_kind"' in data and b'"input_tokens"' in data
+    enabled = {
+        redaction._RULES[index].id
+        for hit in redaction._TRIGGERS.Match(data) or []
+        for index in redaction._RULES_BY_TRIGGER[hit]
+    }
+    assert not enabled & {'agentrt-api-key', 'xml-secret'}, enabled
 
 
 @pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
