@@ -4,7 +4,7 @@ To add a command: write its module (a command function, or a `typer.Typer()` of 
 `COMMANDS` below, with the help line `agentrt --help` shows. Keep the module's top-level imports light (typer, the
 CLI's `support` and `filters`): import the runtime (database, agents, services) inside the functions that run, so
 `agentrt COMMAND --help` stays fast too (`scripts/bench_cli_startup.py` measures it). Errors of every command,
-an import error included, end in the error boundary of `AgentrtGroup` (`support.py`).
+an import error included, end in the error boundary of `AgentrtGroup` (`group.py`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ from types import FrameType
 import typer
 
 from agentrt import __version__
-from agentrt.agents.cli.support import (
-    EXIT_SIGNAL_BASE,
-    AgentrtGroup,
-    LazyCommand,
-    check_debug_flag,
-    set_debug,
-    setup_logging,
-)
+from agentrt.agents.cli.group import AgentrtGroup, LazyCommand
+from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, check_debug_flag, set_debug, setup_logging
 from agentrt.agents.cli_entry import stop_signals_raise
 
 COMMANDS = (

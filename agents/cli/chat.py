@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, cast
 import typer
 from rich.markup import escape
 
+from agentrt.agents.cli.pipes import reader_left
 from agentrt.agents.cli.support import (
     EXIT_FAILURE,
     console,
     err_console,
     error_line,
     exit_code_of,
-    reader_left,
     run,
 )
 from agentrt.db.errors import (

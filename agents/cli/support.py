@@ -1,4 +1,6 @@
-"""Shared plumbing for the `agentrt` CLI: logging, running coroutines, and the one error boundary.
+"""Shared plumbing for the `agentrt` CLI: logging, running coroutines, and the errors its boundary reports.
+
+The boundary itself is `AgentrtGroup.main` (`group.py`); what it prints is `report()` here.
 
 Every error a user or the environment causes ends the command with one `error: ...` line on stderr (what went
 wrong and what to do) and an exit code of its class (`EXIT_CODES`, documented in README.md). A traceback is printed
@@ -9,7 +11,6 @@ Whatever the CLI prints of an error (the `error:` line, a traceback, a log line)
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -19,23 +20,19 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer._click import Command, Context, HelpFormatter
-from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
-from typer.core import TyperCommand, TyperGroup
 
 from agentrt.agents.cli.output import plain_decimal
 from agentrt.agents.cli_entry import Stopped as Stopped  # the CLI's own name for it (chat_loop, worker)
-from agentrt.agents.cli_entry import signals_to_asyncio, stopped_server
+from agentrt.agents.cli_entry import signals_to_asyncio
 from agentrt.db.errors import (
     AgentRuntimeError,
     BudgetExceededError,
@@ -447,182 +444,6 @@ def stop_requests(callback: Callable[[int], None]) -> Iterator[None]:
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-@dataclass(frozen=True)
-class LazyCommand:
-    """A command of `agentrt`, imported only when it runs (or its own `--help` is asked for).
-
-    `target` is `'module:attribute'`: a `typer.Typer` (a group of subcommands, e.g. `agentrt db ...`) or a command
-    function. `help` is its line in `agentrt --help`, which lists every command without importing any.
-    """
-
-    name: str
-    target: str
-    help: str
-
-    def load(self) -> Command:
-        """Import the command and build it."""
-        module, _, attribute = self.target.partition(':')
-        found = getattr(importlib.import_module(module), attribute)
-        if isinstance(found, typer.Typer):  # a group, even of one subcommand (`agentrt ledger replay`)
-            command: Command = typer.main.get_group(found)
-        else:
-            command = typer.main.get_command(_single_command(self.name, found))
-        command.name = self.name
-        return command
-
-
-class _Unloaded(TyperCommand):
-    """What `agentrt --help` lists for a command not imported yet: its name and help line."""
-
-    def __init__(self, lazy: LazyCommand) -> None:
-        super().__init__(lazy.name, help=lazy.help)
-        self.lazy = lazy
-
-
-def _single_command(name: str, function: Callable[..., Any]) -> typer.Typer:
-    # No completion options: `agentrt --install-completion` has them; a command's own (`agentrt chat --help`
-    # listed --install-completion and --show-completion) did the same for the whole `agentrt`.
-    app = typer.Typer(add_completion=False)
-    app.command(name)(function)
-    return app
-
-
-class AgentrtGroup(TyperGroup):
-    """The root command: the CLI's one error boundary (see the module docstring), and its commands loaded lazily.
-
-    A subclass lists its commands in `lazy_commands` (see `agentrt.agents.cli`); each module is imported when its
-    command is used, inside the boundary, so `agentrt --help` and `agentrt --version` import none of them.
-    """
-
-    lazy_commands: ClassVar[Sequence[LazyCommand]] = ()
-
-    def __init__(self, **attrs: Any) -> None:
-        super().__init__(**attrs)
-        self._listing = False
-        for lazy in self.lazy_commands:
-            self.commands.setdefault(lazy.name, _Unloaded(lazy))
-
-    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
-        command = self.commands.get(cmd_name)
-        if isinstance(command, _Unloaded) and not self._listing:
-            command = self.commands[cmd_name] = command.lazy.load()
-        return command
-
-    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
-        self._listing = True  # list the commands by their help lines, without importing them
-        try:
-            super().format_help(ctx, formatter)
-        finally:
-            self._listing = False
-
-    def main(  # type: ignore[override]
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
-    ) -> Any:
-        with reader_may_leave():
-            code = self._main(args, prog_name, complete_var, **extra)
-        if not standalone_mode:
-            return code
-        raise SystemExit(code)
-
-    def _main(self, args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click_exceptions.NoArgsIsHelpError as exc:
-            typer.echo(exc.ctx.get_help() if exc.ctx else '')
-            code = EXIT_USAGE
-        except click_exceptions.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx else 'agentrt'
-            error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
-            code = EXIT_USAGE
-        except click_exceptions.ClickException as exc:
-            error_line(exc.format_message(), redact=False)
-            code = exc.exit_code
-        except typer.Abort:
-            error_line('interrupted', redact=False)
-            code = EXIT_SIGNAL_BASE + signal.SIGINT
-        except BaseException as exc:  # the boundary: everything a command raised ends here
-            if isinstance(exc, SystemExit):
-                raise
-            if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
-                # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
-                err_console.print(exc.before_start(server), highlight=False)
-                return 0
-            code = report(exc)
-        return code if isinstance(code, int) else 0
-
-
-class _ReaderMayLeave:
-    """`sys.stdout` for a command whose reader may go away before its output ends (`agentrt chat ... | head -c 20`):
-    a write or flush that finds the pipe closed (`BrokenPipeError`) ends the output, not the command. What is left
-    to print goes to `/dev/null` (the descriptor itself, so the interpreter's last flush finds nothing to fail on),
-    and the command runs to its end: a chat turn is finished and saved, as billed. Everything else is `sys.stdout`'s.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.reader_left = False
-
-    def write(self, text: str) -> int:
-        if not self.reader_left:
-            try:
-                return int(self._stream.write(text))
-            except BrokenPipeError:
-                self._discard_the_rest()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.reader_left:
-            try:
-                self._stream.flush()
-            except BrokenPipeError:
-                self._discard_the_rest()
-
-    def _discard_the_rest(self) -> None:
-        self.reader_left = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, self._stream.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, ValueError, AttributeError):  # no descriptor (a test's stream): nothing is flushed there later
-            pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def reader_left() -> bool:
-    """Whether standard output's reader went away (`reader_may_leave`): what is printed now is discarded."""
-    return bool(getattr(sys.stdout, 'reader_left', False))
-
-
-@contextmanager
-def reader_may_leave() -> Iterator[None]:
-    """While inside, a standard output whose reader went away (a closed pipe) discards what is printed, quietly,
-    instead of failing the command (`_ReaderMayLeave`); a terminal is left as it is."""
-    stream = sys.stdout
-    try:
-        interactive = stream is None or stream.isatty()
-    except (ValueError, AttributeError):
-        interactive = True
-    if interactive:
-        yield
-        return
-    sys.stdout = guarded = _ReaderMayLeave(stream)
-    try:
-        yield
-    finally:
-        guarded.flush()  # what `print` and `typer.echo` buffered: it would fail at the interpreter's exit otherwise
-        if sys.stdout is guarded:
-            sys.stdout = stream
 
 
 def report(exc: BaseException) -> int:

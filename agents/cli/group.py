@@ -1,0 +1,135 @@
+"""`AgentrtGroup`: the `agentrt` root command, the CLI's one error boundary, with its commands imported lazily.
+
+Every command runs inside `AgentrtGroup.main`: a usage error, an interruption or anything a command raised ends there
+as one `error:` line and its exit code (`support.report`); `LazyCommand` names a command by `'module:attribute'`, so
+`agentrt --help` and `agentrt --version` import none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import typer
+from typer._click import Command, Context, HelpFormatter
+from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
+from typer.core import TyperCommand, TyperGroup
+
+from agentrt.agents.cli.pipes import reader_may_leave
+from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, EXIT_USAGE, Stopped, err_console, error_line, report
+from agentrt.agents.cli_entry import stopped_server
+
+__all__ = ['AgentrtGroup', 'LazyCommand']
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command of `agentrt`, imported only when it runs (or its own `--help` is asked for).
+
+    `target` is `'module:attribute'`: a `typer.Typer` (a group of subcommands, e.g. `agentrt db ...`) or a command
+    function. `help` is its line in `agentrt --help`, which lists every command without importing any.
+    """
+
+    name: str
+    target: str
+    help: str
+
+    def load(self) -> Command:
+        """Import the command and build it."""
+        module, _, attribute = self.target.partition(':')
+        found = getattr(importlib.import_module(module), attribute)
+        if isinstance(found, typer.Typer):  # a group, even of one subcommand (`agentrt ledger replay`)
+            command: Command = typer.main.get_group(found)
+        else:
+            command = typer.main.get_command(_single_command(self.name, found))
+        command.name = self.name
+        return command
+
+
+class _Unloaded(TyperCommand):
+    """What `agentrt --help` lists for a command not imported yet: its name and help line."""
+
+    def __init__(self, lazy: LazyCommand) -> None:
+        super().__init__(lazy.name, help=lazy.help)
+        self.lazy = lazy
+
+
+def _single_command(name: str, function: Callable[..., Any]) -> typer.Typer:
+    # No completion options: `agentrt --install-completion` has them; a command's own (`agentrt chat --help`
+    # listed --install-completion and --show-completion) did the same for the whole `agentrt`.
+    app = typer.Typer(add_completion=False)
+    app.command(name)(function)
+    return app
+
+
+class AgentrtGroup(TyperGroup):
+    """The root command: the CLI's one error boundary (see the module docstring), and its commands loaded lazily.
+
+    A subclass lists its commands in `lazy_commands` (see `agentrt.agents.cli`); each module is imported when its
+    command is used, inside the boundary, so `agentrt --help` and `agentrt --version` import none of them.
+    """
+
+    lazy_commands: ClassVar[Sequence[LazyCommand]] = ()
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self._listing = False
+        for lazy in self.lazy_commands:
+            self.commands.setdefault(lazy.name, _Unloaded(lazy))
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = self.commands.get(cmd_name)
+        if isinstance(command, _Unloaded) and not self._listing:
+            command = self.commands[cmd_name] = command.lazy.load()
+        return command
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        self._listing = True  # list the commands by their help lines, without importing them
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        with reader_may_leave():
+            code = self._main(args, prog_name, complete_var, **extra)
+        if not standalone_mode:
+            return code
+        raise SystemExit(code)
+
+    def _main(self, args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else '')
+            code = EXIT_USAGE
+        except click_exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else 'agentrt'
+            error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
+            code = EXIT_USAGE
+        except click_exceptions.ClickException as exc:
+            error_line(exc.format_message(), redact=False)
+            code = exc.exit_code
+        except typer.Abort:
+            error_line('interrupted', redact=False)
+            code = EXIT_SIGNAL_BASE + signal.SIGINT
+        except BaseException as exc:  # the boundary: everything a command raised ends here
+            if isinstance(exc, SystemExit):
+                raise
+            if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
+                # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
+                err_console.print(exc.before_start(server), highlight=False)
+                return 0
+            code = report(exc)
+        return code if isinstance(code, int) else 0
