@@ -1,4 +1,5 @@
-"""A process on this host, named by its pid and when it started, counted from the host's boot.
+"""A process on this host, named by its pid and when it started, counted from the host's boot; `Holder`: a process
+that holds something in the database (a budget hold, a conversation's claim), so a dead holder can be recognised.
 
 A pid alone is reused; with its start it names one process. On Linux the start is read as the kernel keeps it, in
 clock ticks since boot (`/proc/<pid>/stat`), not as psutil's `create_time()`, which adds the boot time as the wall
@@ -12,7 +13,9 @@ last one and stopped the server under it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -70,3 +73,44 @@ def same_process(pid: int, started: float, *, tolerance: float = 0.0) -> bool:
             return False
         tolerance = max(tolerance, 1.0)
     return abs(current - started) <= tolerance
+
+
+# Slack when a holder's stored start (a double: stored exactly) is compared with its process's start now. A start
+# since boot reads the same every time, so none is needed; a second errs the safe way: a new process with the same pid
+# started within it keeps the hold until the hold expires, and a live holder's hold is never swept. (A start an earlier
+# version recorded on the wall clock gets its second in `same_process` whatever this is.)
+_START_TOLERANCE = 1.0
+_HOST_MAX_CHARS = 255
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds something in the database (budget reservations, a conversation's claim).
+
+    Only holders on this host can be checked (`is_alive`); the others are let go when what they hold expires.
+    """
+
+    host: str
+    pid: int
+    started: float
+
+
+_this: Holder | None = None
+
+
+def this_process() -> Holder:
+    """This process (recomputed in a forked child)."""
+    global _this
+    if _this is None or _this.pid != os.getpid():
+        _this = Holder(host=this_host(), pid=os.getpid(), started=process_start(os.getpid()) or 0.0)
+    return _this
+
+
+def this_host() -> str:
+    """This host's name, as holders record it."""
+    return socket.gethostname()[:_HOST_MAX_CHARS]
+
+
+def is_alive(pid: int, started: float) -> bool:
+    """Whether the process `pid` that started at `started` still runs on this host."""
+    return same_process(pid, started, tolerance=_START_TOLERANCE)

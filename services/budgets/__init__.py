@@ -9,6 +9,7 @@ that died (or that nobody renewed). `set_budget`, `remove_budget`, `budget_statu
 "Budgets" has the semantics and the documented bound.
 """
 
+from agentrt.db.processes import Holder, is_alive, this_process
 from agentrt.services.budgets._admin import (
     MAX_LIMIT_USD,
     BudgetStatus,
@@ -27,7 +28,6 @@ from agentrt.services.budgets._estimate import (
     size_class,
     supports_count_tokens,
 )
-from agentrt.services.budgets._holders import Holder, is_alive, this_process
 from agentrt.services.budgets._renew import kept
 from agentrt.services.budgets._reserve import Hold, Refusal, give_back, has_budget, release, reserve
 from agentrt.services.budgets._settle import SETTLED_COLUMNS, WINDOW_LOCK, settlement_ctes

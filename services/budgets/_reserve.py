@@ -32,8 +32,8 @@ from sqlalchemy import text
 
 from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.processes import Holder, this_process
 from agentrt.db.session import scoped_connection
-from agentrt.services.budgets._holders import Holder, this_process
 from agentrt.services.budgets._orphans import orphan, released
 from agentrt.services.budgets._settle import WINDOW_LOCK
 from agentrt.services.budgets._windows import window_sql

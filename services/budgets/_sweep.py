@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
+from agentrt.db.processes import is_alive, this_host
 from agentrt.db.session import Unscoped, scoped_connection
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
-from agentrt.services.budgets._holders import is_alive, this_host
 from agentrt.services.budgets._orphans import orphaned, released
 
 logger = logging.getLogger('agentrt.budgets')

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pydantic_ai import Agent
 
+from agentrt.db.processes import this_host
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Hold, Holder, _sweep, reserve, sweep_reservations, this_process
-from agentrt.services.budgets._holders import this_host
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability, new_request_id, utc_now
 from tests.factories import chat_deps, fast_config, ledger_record, scalar
 from tests.services.budgets.helpers import give_budget, period_row, reservations
