@@ -21,13 +21,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, NoReturn
+from typing import ClassVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.processes import is_alive, this_host, this_process
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
 from agentrt.services.conversations._arguments import check_conversation_id
@@ -40,13 +41,21 @@ logger = logging.getLogger('agentrt.conversations')
 # first attempt committed is not refused as a concurrent turn. So does one this process gave up and could not
 # release yet (`abandoned_claim_id`: its turn ended while PostgreSQL was down, `_release_later`): the next turn of
 # the conversation takes it over rather than being refused until the release's next attempt.
+# A claim held by a process of this host that no longer runs (killed: SIGKILL, the OOM killer) is taken over at once
+# (`dead_claim_id`, named by `TurnClaim.refused` after it checked the holder), not after its lease.
 _CLAIM_SQL = """
-INSERT INTO conversation_turns (account_id, conversation_id, claim_id, claimed_at, expires_at)
-VALUES (:account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second')
+INSERT INTO conversation_turns (
+    account_id, conversation_id, claim_id, claimed_at, expires_at, holder_host, holder_pid, holder_started
+)
+VALUES (
+    :account_id, :conversation_id, :claim_id, now(), now() + :lease_s * interval '1 second',
+    :holder_host, :holder_pid, :holder_started
+)
 ON CONFLICT (account_id, conversation_id) DO UPDATE
-SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at
+SET claim_id = excluded.claim_id, claimed_at = excluded.claimed_at, expires_at = excluded.expires_at,
+    holder_host = excluded.holder_host, holder_pid = excluded.holder_pid, holder_started = excluded.holder_started
 WHERE conversation_turns.expires_at < now() OR conversation_turns.claim_id = excluded.claim_id
-    OR conversation_turns.claim_id = :abandoned_claim_id
+    OR conversation_turns.claim_id = :abandoned_claim_id OR conversation_turns.claim_id = :dead_claim_id
 RETURNING claim_id
 """
 _CLAIM = text(_CLAIM_SQL)
@@ -60,13 +69,15 @@ RETURNING (
     SELECT revision FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
 )
 """)
-# How long the claim that refused a turn still holds the conversation (whole seconds, rounded up), from the time of
-# asking: the transaction's `now()` may predate the claim, which then seemed to hold longer than its lease.
-_HELD_FOR = text("""
-SELECT greatest(ceil(extract(epoch FROM expires_at - clock_timestamp())), 0)::float8 FROM conversation_turns
-WHERE account_id = :account_id AND conversation_id = :conversation_id
+# The claim that refused a turn: how long it still holds the conversation (whole seconds, rounded up), from the time
+# of asking (the transaction's `now()` may predate the claim, which then seemed to hold longer than its lease), and
+# who holds it.
+_HOLDING = text("""
+SELECT greatest(ceil(extract(epoch FROM expires_at - clock_timestamp())), 0)::float8, claim_id, holder_host,
+    holder_pid, holder_started
+FROM conversation_turns WHERE account_id = :account_id AND conversation_id = :conversation_id
 """)
-_HELD_FOR_ON_DRIVER = DriverStatement.of(_HELD_FOR)
+_HOLDING_ON_DRIVER = DriverStatement.of(_HOLDING)
 _RELEASE = text("""
 DELETE FROM conversation_turns
 WHERE account_id = :account_id AND conversation_id = :conversation_id AND claim_id = :claim_id
@@ -114,29 +125,34 @@ class TurnClaim:
             ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
         """
         self.confirmed_at = time.monotonic()
-        if isinstance(session, DriverTransaction):
-            taken = bool(await session.fetch(_CLAIM_ON_DRIVER, self._claim_params()))
-        else:
-            taken = (await session.execute(_CLAIM, self._claim_params())).first() is not None
-        if not taken:
+        if not await _claimed(session, self._claim_params()):
             await self.refused(session=session)
         self.acquired = True
 
-    async def refused(self, *, session: AsyncSession | DriverTransaction) -> NoReturn:
-        """Raise the `ConcurrentTurnError` of a claim that was not taken, saying how long the claim that holds the
-        conversation still runs (read in the caller's transaction).
+    async def refused(self, *, session: AsyncSession | DriverTransaction) -> None:
+        """After a claim was not taken: take over the claim that holds the conversation when its holder is a process
+        of this host that no longer runs (killed before it could release it), else raise the `ConcurrentTurnError`
+        saying how long that claim still runs. Both in the caller's transaction.
+
+        A holder on another host, or one an earlier version recorded no holder for, is waited out (its lease).
 
         Raises:
-            ConcurrentTurnError: always (stage 'start').
+            ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
         """
-        params = {'account_id': self.account_id, 'conversation_id': self.conversation_id}
-        if isinstance(session, DriverTransaction):
-            rows = await session.fetch(_HELD_FOR_ON_DRIVER, params)
-            held = rows[0][0] if rows else None
-        else:
-            held = (await session.execute(_HELD_FOR, params)).scalar_one_or_none()
+        holding = await _claim_on(session, self.account_id, self.conversation_id)
+        if holding is not None and _dead(holding):
+            self.confirmed_at = time.monotonic()
+            if await _claimed(session, self._claim_params() | {'dead_claim_id': holding.claim_id}):
+                logger.info(
+                    'conversation %s: took over the claim of process %s, which no longer runs',
+                    self.conversation_id,
+                    holding.pid,
+                )
+                self.acquired = True
+                return
+            holding = await _claim_on(session, self.account_id, self.conversation_id)  # taken by another turn first
         raise ConcurrentTurnError(
-            self.conversation_id, stage='start', expires_in_s=None if held is None else float(held)
+            self.conversation_id, stage='start', expires_in_s=None if holding is None else holding.expires_in_s
         )
 
     async def check(self) -> str | None:
@@ -260,7 +276,52 @@ class TurnClaim:
 
     def _claim_params(self) -> dict[str, object]:
         abandoned = _abandoned.get((self.account_id, self.conversation_id))
-        return self._params() | {'abandoned_claim_id': abandoned}
+        holder = this_process()
+        return self._params() | {
+            'abandoned_claim_id': abandoned,
+            'dead_claim_id': None,
+            'holder_host': holder.host,
+            'holder_pid': holder.pid,
+            'holder_started': holder.started,
+        }
+
+
+@dataclass(frozen=True)
+class _Holding:
+    """The claim that holds a conversation, as `_HOLDING` reads it."""
+
+    expires_in_s: float
+    claim_id: str
+    host: str | None
+    pid: int | None
+    started: float | None
+
+
+async def _claimed(session: AsyncSession | DriverTransaction, params: dict[str, object]) -> bool:
+    """Run `_CLAIM` with `params` in the caller's transaction; whether it took the claim."""
+    if isinstance(session, DriverTransaction):
+        return bool(await session.fetch(_CLAIM_ON_DRIVER, params))
+    return (await session.execute(_CLAIM, params)).first() is not None
+
+
+async def _claim_on(
+    session: AsyncSession | DriverTransaction, account_id: int, conversation_id: str
+) -> _Holding | None:
+    """The claim on the conversation now (None: none, it was released meanwhile)."""
+    params = {'account_id': account_id, 'conversation_id': conversation_id}
+    if isinstance(session, DriverTransaction):
+        rows = await session.fetch(_HOLDING_ON_DRIVER, params)
+        row = rows[0] if rows else None
+    else:
+        row = (await session.execute(_HOLDING, params)).first()
+    return None if row is None else _Holding(float(row[0]), row[1], row[2], row[3], row[4])
+
+
+def _dead(holding: _Holding) -> bool:
+    """Whether the claim's holder is a process of this host that no longer runs (this process is never dead)."""
+    if holding.host is None or holding.pid is None or holding.started is None or holding.host != this_host():
+        return False
+    return not is_alive(holding.pid, holding.started)
 
 
 @asynccontextmanager

@@ -125,8 +125,13 @@ async def load_recent_conversation(
             max_messages=LOAD_MAX_MESSAGES,
         )
         if not taken:
-            await claim.refused(session=transaction)  # says how long the conversation stays held
-        claim.taken(taken)
+            # Raises, saying how long the conversation stays held, unless the claim was a dead process's: taken
+            # over, and the tail read again (the snapshot above may predate that process's last save).
+            await claim.refused(session=transaction)
+            tail = await store.read_tail(
+                conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, transaction=transaction
+            )
+        claim.taken(True)
     else:
         tail = await store.read_tail(
             conversation_id, cap_chars=cap_chars, max_messages=LOAD_MAX_MESSAGES, transaction=transaction

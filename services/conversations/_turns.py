@@ -34,7 +34,8 @@ TurnStage = Literal['start', 'request', 'save']
 _STAGE_MESSAGES = {
     'start': (
         'another turn is running on conversation {id!r}; this turn sent nothing; retry when that one ends (a turn '
-        'whose process died holds it until its lease lapses, AGENTRT_TURN_LEASE_SECONDS after it last renewed it)'
+        'whose process died on another host holds it until its lease lapses, AGENTRT_TURN_LEASE_SECONDS after it last '
+        'renewed it; one on this host is taken over at once)'
     ),
     # The compare-and-swap cannot tell a record another turn saved from one that was deleted (the HTTP API's DELETE).
     'request': (
@@ -64,13 +65,14 @@ class ConcurrentTurnError(AgentRuntimeError):
         self.expires_in_s = expires_in_s
         message = _STAGE_MESSAGES[stage].format(id=conversation_id)
         if stage == 'start' and expires_in_s is not None:
-            # The claim may be a turn's that can no longer release it (its process was killed, or the database was
-            # down when it ended): then the lease is how long the conversation stays held, and the user needs to know.
+            # The claim may be a turn's that can no longer release it (its process was killed on another host, where
+            # it cannot be seen dead, or the database was down when it ended): then the lease is how long the
+            # conversation stays held, and the user needs to know.
             # A live turn renews its claim while it runs: its claim's expiry is no promise, so the time left is said
             # of the dead turn only (a live one's "for up to 58 s more" was renewed, again and again, under a retry).
             message = (
                 f'another turn holds conversation {conversation_id!r}: one running now holds it until it ends; one '
-                'whose process died or lost the database before it could let go holds it for up to '
+                'whose process died on another host, or lost the database before it could let go, holds it for up to '
                 f'{expires_in_s:.0f} s more (its lease lapses AGENTRT_TURN_LEASE_SECONDS after it last renewed it); '
                 'this turn sent nothing; retry when that one ends'
             )

@@ -4,12 +4,16 @@ end however it ends, taken over once a crashed turn's lease has expired."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from agentrt.db.models import Account
+from agentrt.db.processes import process_start, this_host, this_process
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, claims_released, conversation_claim
 from tests.factories import scalar
@@ -143,3 +147,110 @@ async def test_claims_released_waits_for_the_turns_still_ending_and_counts_those
     assert await waiting == 0
     await running
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def _claimed_by(
+    account: int, conversation_id: str, host: str | None, pid: int | None, started: float | None
+) -> None:
+    """A claim of 60 s on the conversation held by the given process (None: a claim an earlier version took)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(
+            text(
+                'INSERT INTO conversation_turns (account_id, conversation_id, claim_id, expires_at, holder_host, '
+                "holder_pid, holder_started) VALUES (:a, :c, 'theirs', now() + interval '60 seconds', :h, :p, :s)"
+            ),
+            {'a': account, 'c': conversation_id, 'h': host, 'p': pid, 's': started},
+        )
+
+
+async def _holder(account: int, conversation_id: str) -> tuple[Any, ...] | None:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        row = await session.execute(
+            text(
+                'SELECT claim_id, holder_host, holder_pid, holder_started FROM conversation_turns '
+                'WHERE account_id = :a AND conversation_id = :c'
+            ),
+            {'a': account, 'c': conversation_id},
+        )
+        found = row.first()
+        return None if found is None else tuple(found)
+
+
+@pytest.fixture
+def processes() -> Iterator[tuple[tuple[int, float], tuple[int, float]]]:
+    """A process of this host that runs (pid, start) and one that ran and is gone."""
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    gone = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        live_start, gone_start = process_start(live.pid), process_start(gone.pid)
+        assert live_start is not None and gone_start is not None
+        gone.kill()
+        gone.wait()
+        assert process_start(gone.pid) is None
+        yield (live.pid, live_start), (gone.pid, gone_start)
+    finally:
+        live.kill()
+        live.wait()
+
+
+async def test_a_claim_names_its_process(account: int) -> None:
+    async with conversation_claim(account, 'mine', lease_s=60) as claim:
+        me = this_process()
+        assert await _holder(account, 'mine') == (claim.claim_id, me.host, me.pid, me.started)
+
+
+async def test_the_claim_of_a_dead_process_of_this_host_is_taken_over_at_once(
+    account: int, processes: tuple[tuple[int, float], tuple[int, float]]
+) -> None:
+    _, (pid, started) = processes
+    await _claimed_by(account, 'orphaned', this_host(), pid, started)
+    async with conversation_claim(account, 'orphaned', lease_s=60) as claim:
+        me = this_process()
+        assert await _holder(account, 'orphaned') == (claim.claim_id, me.host, me.pid, me.started)
+        with pytest.raises(ConcurrentTurnError):  # now a live process's: refused as before
+            async with conversation_claim(account, 'orphaned', lease_s=60):
+                pass
+    assert await _holder(account, 'orphaned') is None  # released at the end, as any claim
+
+
+@pytest.mark.parametrize('holder', ['live process of this host', 'process of another host', 'no holder recorded'])
+async def test_a_claim_whose_holder_cannot_be_known_dead_is_waited_out(
+    account: int, processes: tuple[tuple[int, float], tuple[int, float]], holder: str
+) -> None:
+    (live_pid, live_start), (gone_pid, gone_start) = processes
+    host, pid, started = {
+        'live process of this host': (this_host(), live_pid, live_start),
+        'process of another host': ('another-host', gone_pid, gone_start),  # gone here, but that says nothing there
+        'no holder recorded': (None, None, None),  # taken by a version before migration 0017
+    }[holder]
+    await _claimed_by(account, 'held', host, pid, started)
+    with pytest.raises(ConcurrentTurnError) as info:
+        async with conversation_claim(account, 'held', lease_s=60):
+            pass
+    assert info.value.expires_in_s is not None and 55 <= info.value.expires_in_s <= 60
+    assert await _holder(account, 'held') == ('theirs', host, pid, started)
+
+
+async def test_turns_racing_for_a_dead_process_claim_take_it_over_once(
+    account: int, processes: tuple[tuple[int, float], tuple[int, float]]
+) -> None:
+    _, (pid, started) = processes
+    await _claimed_by(account, 'contested', this_host(), pid, started)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'contested', lease_s=60):
+            entered.set()
+            await release.wait()
+
+    racers = [asyncio.create_task(turn()) for _ in range(5)]
+    await asyncio.wait_for(entered.wait(), 30)
+    for _ in range(3000):  # the other four refused while the winner holds it
+        if sum(racer.done() for racer in racers) == 4:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    outcomes = await asyncio.gather(*racers, return_exceptions=True)
+    assert sum(outcome is None for outcome in outcomes) == 1
+    assert all(isinstance(outcome, ConcurrentTurnError) for outcome in outcomes if outcome is not None)

@@ -1,0 +1,86 @@
+"""A turn whose process was killed (SIGKILL, the OOM killer) while it held its conversation: the next turn on the same
+host takes the conversation over at once instead of being refused until the dead turn's lease expires (60 s by
+default), and starts from what was saved before, the killed turn having saved nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic_ai.messages import ModelRequest, UserPromptPart
+
+from agentrt.agents.demo_model import demo_model
+from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
+from agentrt.db.engine import current_settings
+from agentrt.db.processes import process_start, this_host
+from agentrt.services.conversations import PostgresConversationStore
+from tests.agents.conftest import account_id
+from tests.factories import scalar
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
+
+
+async def _turn(session_id: str, streamed: bool) -> ChatResult:
+    if not streamed:
+        return await simple_chat(QUESTION, session_id=session_id, account='acme-health', model=demo_model())
+    async with simple_chat_stream(QUESTION, session_id=session_id, account='acme-health', model=demo_model()) as stream:
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+async def _claim_holder(session_id: str) -> str | None:
+    return await scalar(  # type: ignore[no-any-return]
+        'SELECT row(holder_host, holder_pid, holder_started)::text FROM conversation_turns WHERE conversation_id = :c',
+        c=session_id,
+    )
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_the_next_turn_takes_over_at_once_the_conversation_of_a_turn_killed_while_it_held_it(
+    demo_data: None, database_url: str, tmp_path: Path, streamed: bool
+) -> None:
+    assert current_settings().turn_lease_seconds >= 30  # the refusal would last that long without the takeover
+    session_id = f'killed-{uuid.uuid4().hex[:8]}'
+    await _turn(session_id, streamed=False)  # a saved turn to continue from
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        '-m',
+        'tests.agents.turn_and_die',
+        database_url,
+        session_id,
+        str(tmp_path / 'child'),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert json.loads(await asyncio.wait_for(process.stdout.readline(), 60)) == {'at_model': True}
+        started = process_start(process.pid)
+        # The claim names its holder: this host, the process's pid and its start.
+        assert await _claim_holder(session_id) == f'({this_host()},{process.pid},{started})'
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+
+    result = await _turn(session_id, streamed)  # refused for the lease's 60 s before (ConcurrentTurnError)
+
+    assert result.output
+    conversation = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
+    assert conversation is not None
+    prompts = [
+        part.content
+        for message in conversation.messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, UserPromptPart)
+    ]
+    assert prompts == [QUESTION, QUESTION]  # the first turn and this one: the killed turn saved nothing
+    assert await scalar('SELECT count(*) FROM conversation_turns WHERE conversation_id = :c', c=session_id) == 0
