@@ -277,12 +277,13 @@ class TurnClaim:
     def _claim_params(self) -> dict[str, object]:
         abandoned = _abandoned.get((self.account_id, self.conversation_id))
         holder = this_process()
+        known = holder.started > 0  # 0: this process's start could not be read (no /proc): name no holder then
         return self._params() | {
             'abandoned_claim_id': abandoned,
             'dead_claim_id': None,
-            'holder_host': holder.host,
-            'holder_pid': holder.pid,
-            'holder_started': holder.started,
+            'holder_host': holder.host if known else None,
+            'holder_pid': holder.pid if known else None,
+            'holder_started': holder.started if known else None,
         }
 
 

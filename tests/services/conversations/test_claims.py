@@ -1,5 +1,6 @@
 """`conversation_claim`: one turn at a time per conversation, a lease renewed while the turn runs, released at the
-end however it ends, taken over once a crashed turn's lease has expired."""
+end however it ends, taken over once a crashed turn's lease has expired (at once when its process, on this host, is
+gone)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from sqlalchemy import text
 
 from agentrt.db.models import Account
-from agentrt.db.processes import process_start, this_host, this_process
+from agentrt.db.processes import Holder, process_start, this_host, this_process
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, claims_released, conversation_claim
+from agentrt.services.conversations import _claims as claims_module
 from tests.factories import scalar
 
 
@@ -197,6 +199,15 @@ async def test_a_claim_names_its_process(account: int) -> None:
     async with conversation_claim(account, 'mine', lease_s=60) as claim:
         me = this_process()
         assert await _holder(account, 'mine') == (claim.claim_id, me.host, me.pid, me.started)
+
+
+async def test_a_process_that_cannot_read_its_own_start_names_no_holder(
+    account: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without /proc the start reads 0: another process would then take this live one for dead and its claim with it.
+    monkeypatch.setattr(claims_module, 'this_process', lambda: Holder(this_host(), 4242, 0.0))
+    async with conversation_claim(account, 'unnamed', lease_s=60) as claim:
+        assert await _holder(account, 'unnamed') == (claim.claim_id, None, None, None)
 
 
 async def test_the_claim_of_a_dead_process_of_this_host_is_taken_over_at_once(
