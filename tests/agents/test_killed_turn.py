@@ -10,14 +10,17 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic_ai.messages import ModelRequest, UserPromptPart
+from sqlalchemy import text
 
 from agentrt.agents.demo_model import demo_model
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db.engine import current_settings
 from agentrt.db.processes import process_start, this_host
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.conftest import account_id
 from tests.factories import scalar
@@ -36,11 +39,14 @@ async def _turn(session_id: str, streamed: bool) -> ChatResult:
     return stream.result
 
 
-async def _claim_holder(session_id: str) -> str | None:
-    return await scalar(  # type: ignore[no-any-return]
-        'SELECT row(holder_host, holder_pid, holder_started)::text FROM conversation_turns WHERE conversation_id = :c',
-        c=session_id,
-    )
+async def _claim_holder(session_id: str) -> tuple[Any, ...] | None:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        row = await session.execute(
+            text('SELECT holder_host, holder_pid, holder_started FROM conversation_turns WHERE conversation_id = :c'),
+            {'c': session_id},
+        )
+        found = row.first()
+        return None if found is None else tuple(found)
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
@@ -65,7 +71,7 @@ async def test_the_next_turn_takes_over_at_once_the_conversation_of_a_turn_kille
         assert json.loads(await asyncio.wait_for(process.stdout.readline(), 60)) == {'at_model': True}
         started = process_start(process.pid)
         # The claim names its holder: this host, the process's pid and its start.
-        assert await _claim_holder(session_id) == f'({this_host()},{process.pid},{started})'
+        assert await _claim_holder(session_id) == (this_host(), process.pid, started)
     finally:
         process.send_signal(signal.SIGKILL)
         await process.wait()
