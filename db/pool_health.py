@@ -59,8 +59,7 @@ class PoolHealth:
         if not context.is_disconnect and out_of_step(context.original_exception):
             context.is_disconnect = True
         if context.is_disconnect:
-            self.generation += 1
-            self.disconnects += 1
+            self._disconnected()
             if self.ping_idle_after is not None:
                 context.invalidate_pool_on_disconnect = False
 
@@ -68,10 +67,14 @@ class PoolHealth:
         """A connection (`PoolProxiedConnection`) lost under statements SQLAlchemy did not run (`agentrt.db.driver`):
         what `on_error` and SQLAlchemy do for a disconnect it sees. A new generation, so the pool tests its other
         connections before handing them out; with pre-ping off, every connection opened before now is replaced."""
-        self.generation += 1
-        self.disconnects += 1
+        self._disconnected()
         if self.ping_idle_after is None:
             self._sync_engine.pool._invalidate(connection, _checkin=False)  # SQLAlchemy's own step for a disconnect
+
+    def _disconnected(self) -> None:
+        """A disconnect: a new generation, so every connection of an older one is tested before it is handed out."""
+        self.generation += 1
+        self.disconnects += 1
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         record.info[self.GENERATION] = self.generation
@@ -105,8 +108,7 @@ class PoolHealth:
         left the connection checked out for as long as the cancellation's traceback lived. Raised from this event, the
         cancellation reaches the branch that gives it back, and SQLAlchemy's own close is then a no-op.
         """
-        self.generation += 1
-        self.disconnects += 1
+        self._disconnected()
         error = DisconnectionError(reason)
         record.invalidate(error)
         raise error from cause
