@@ -22,18 +22,12 @@ from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_databa
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.embedded_revival import EmbeddedRevival
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError, DatabaseUnavailableError
-from agentrt.db.failures import (
-    connection_problem,
-    given_up,
-    login_error,
-    pooler_error,
-    refused_startup_parameter,
-    unavailable_error,
-)
+from agentrt.db.failures import connection_problem, given_up, refused_startup_parameter, unavailable_error
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.pool_health import PoolHealth
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
+from agentrt.db.setup_failures import login_error, pooler_error
 from agentrt.db.transaction_setup import (
     PreludeConnection,
     RetryingSession,

@@ -3,18 +3,18 @@
 The driver raises a dozen exception types for these (asyncpg's own, SQLAlchemy's wrappers, plain `OSError`s, SQLSTATE
 classes 08 and 57P; a statement given up on, a transaction aborted in a conflict); `unavailable_error()` turns each
 into one of the runtime's two errors, which name the server state and what the caller may do. `get_db_session()`
-applies it, so no raw driver error of this kind leaves a session block.
+applies it, so no raw driver error of this kind leaves a session block. Errors that are the set-up's rather than an
+outage (a login refused, a privilege missing, an unannounced pooler) are in `agentrt.db.setup_failures`.
 """
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import Iterator
 
 import sqlalchemy.exc
 
-from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 
 # A connection that raised one of these is broken for good: its session state is gone or unknown.
 _LOST_CONNECTION_CLASSES = frozenset(
@@ -69,7 +69,7 @@ def lost_connection(exc: BaseException) -> bool:
             return True
         if isinstance(error, sqlalchemy.exc.DisconnectionError):
             return True
-        if _class_names(error) & _LOST_CONNECTION_CLASSES:
+        if class_names(error) & _LOST_CONNECTION_CLASSES:
             return True
         if type(error).__name__ == 'InterfaceError' and any(m in str(error) for m in _LOST_CONNECTION_MESSAGES):
             return True
@@ -109,7 +109,7 @@ def _protocol_out_of_step(error: BaseException) -> bool:
 def cannot_connect(exc: BaseException) -> bool:
     """True when `exc` says no connection could be made: server down, starting, full, unreachable, timed out."""
     for error in _chain(exc):
-        if _class_names(error) & _CANNOT_CONNECT_CLASSES:
+        if class_names(error) & _CANNOT_CONNECT_CLASSES:
             return True
         # Connecting raises plain OSErrors (refused, no such socket file, unreachable, timed out: builtin
         # TimeoutError is one); only those raised inside the driver count, not a tool's own file or timeout.
@@ -133,7 +133,7 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         return exc
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool's checkout timeout
         return DatabaseUnavailableError(
-            f'no database connection became free in time ({_first_line(exc)}): the pool is exhausted; '
+            f'no database connection became free in time ({first_line(exc)}): the pool is exhausted; '
             'raise DB_POOL_SIZE / DB_MAX_OVERFLOW or lower the concurrency'
         )
     if (refused := pooler_refusal(exc)) is not None:
@@ -144,7 +144,7 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
             '(server restart, failover or a terminated backend)'
         )
     if cannot_connect(exc):
-        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{_at_server()}: {_connect_failure(exc)}')
+        return DatabaseUnavailableError(f'cannot connect to PostgreSQL{at_server()}: {_connect_failure(exc)}')
     if (gave_up := given_up(exc)) is not None:
         return DatabaseUnavailableError(gave_up)
     if (full := disk_full(exc)) is not None:
@@ -159,7 +159,7 @@ def disk_full(exc: BaseException) -> str | None:
     for error in _chain(exc):
         if sqlstate_of(error) == '53100':
             return (
-                f'PostgreSQL{_at_server()} ran out of disk space ({_first_line(error)}): free space on the file system '
+                f'PostgreSQL{at_server()} ran out of disk space ({first_line(error)}): free space on the file system '
                 f'of {_data_directory()}; the operation did not complete (rolled back), run it again once there is room'
             )
     return None
@@ -173,7 +173,7 @@ def _data_directory() -> str:
     return f'its data directory {where} (AGENTRT_DATA_DIR)' if where is not None else "the server's data directory"
 
 
-def _at_server() -> str:
+def at_server() -> str:
     """` at host:port/db` of the runtime (PgBouncer's address when it is in front), or nothing before its start: a
     connection refused after the start named no address, though the operator's next question is which one (the
     pooler's or the server's, of which URL)."""
@@ -232,7 +232,7 @@ def given_up(exc: BaseException) -> str | None:
         found = _GAVE_UP_SQLSTATES.get(sqlstate_of(error))
         if found is not None:
             what, then = found
-            return f'{what.format(error=_first_line(error))}: {then}'
+            return f'{what.format(error=first_line(error))}: {then}'
     return None
 
 
@@ -247,155 +247,8 @@ def connection_problem(exc: BaseException) -> str:
                 'or use sslmode=require to encrypt without verifying'
             )
         if isinstance(error, ssl.SSLError):
-            return f'SSL failed ({_first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
+            return f'SSL failed ({first_line(error)}): check sslmode and the certificate files in DATABASE_URL'
     return _root_message(exc)
-
-
-_LOGIN_REFUSED = {
-    '28P01': 'check the user name and password in {setting}',  # invalid_password
-    '28000': 'check the user name and password in {setting}, and pg_hba.conf',  # invalid_authorization_specification
-    '3D000': 'check the database name in {setting}, or create that database',  # invalid_catalog_name
-}
-"""What PostgreSQL refuses a login for that no retry changes: a wrong password, an unknown role (or one pg_hba.conf
-does not let in), a database that does not exist; `{setting}` is the variable that holds the URL."""
-
-
-_POOLER_LOGIN_REFUSED = {
-    'password authentication failed': _LOGIN_REFUSED['28P01'],
-    'no such database: ': _LOGIN_REFUSED['3D000'],
-}
-"""PgBouncer's words for the same refusals (1.18 sends them as SQLSTATE 08P01, a protocol violation), for a wrong
-password or user and a database its `[databases]` does not list."""
-
-
-def login_error(exc: BaseException, where: str | None = None, setting: str = 'DATABASE_URL') -> ConfigError | None:
-    """A login PostgreSQL (or PgBouncer) refused (`login_refused`) as a `ConfigError` naming the server (`where`, the
-    runtime's own by default), or None: at the start, or when a pooled connection is opened later (the password
-    rotated, the role made NOLOGIN or dropped, the database dropped), where it was a raw `DBAPIError`. Configuration,
-    not an outage: no wait changes it (exit code 2; HTTP 500 `configuration_error`). `setting` names the variable
-    the URL came from (`DATABASE_MIGRATION_URL` for the migration's own connection)."""
-    refused = login_refused(exc, setting)
-    if refused is None:
-        return None
-    return ConfigError(f'PostgreSQL{f" at {where}" if where else _at_server()} refused the login: {refused}')
-
-
-def login_refused(exc: BaseException, setting: str = 'DATABASE_URL') -> str | None:
-    """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in `setting`
-    (the variable that holds the URL), when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for
-    any other failure. The server's text names the user or the database, never the password."""
-    for error in _chain(exc):
-        sqlstate = sqlstate_of(error)
-        advice = _LOGIN_REFUSED.get(sqlstate)
-        if advice is None and sqlstate == '08P01':
-            line = _first_line(error)
-            advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
-        if advice is not None:
-            return f'{_first_line(error)}: {advice.format(setting=setting)}'
-    return None
-
-
-def pooler_error(exc: BaseException) -> ConfigError | None:
-    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...), or a startup parameter the
-    pooler refused: a configuration error that the pooler mode (`DB_POOLER=pgbouncer`) fixes. asyncpg's own hint is
-    kept."""
-    for error in _chain(exc):
-        if _class_names(error) & {'InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'}:
-            hint = ' '.join(str(getattr(error, 'hint', '') or '').split())
-            return ConfigError(
-                f'PostgreSQL lost a prepared statement ({_first_line(error)}): a connection pooler in transaction '
-                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set DB_POOLER=pgbouncer '
-                '(statement caches off, timeouts per transaction)' + (f'. asyncpg: {hint}' if hint else '')
-            )
-        if (parameter := refused_startup_parameter(error)) is not None:
-            return ConfigError(
-                f'the server refused the startup parameter {parameter} (PgBouncer does): a connection pooler is '
-                'between the runtime and PostgreSQL; set DB_POOLER=pgbouncer (or auto), which sets the timeouts '
-                'per transaction instead'
-            )
-    return None
-
-
-_RUNTIME_ROLES = 'agentrt_app, agentrt_auth, agentrt_ledger, agentrt_jobs, agentrt_admin'
-
-
-def privilege_error(
-    exc: BaseException, *, as_login_role: bool, login: str | None = None, role: str | None = None
-) -> ConfigError | None:
-    """A privilege the login role of `DATABASE_URL` lacks (SQLSTATE 42501), when that can only be how the database
-    was set up, as a `ConfigError` saying what to grant; None otherwise.
-
-    Two cases are configuration for certain: the login role is not a member of one of the runtime's roles (every
-    transaction switches to one on its BEGIN: "permission denied to set role"), and a transaction that runs as the
-    login role itself (`Unscoped.OWNER`: `agentrt db status`, start-up checks) is refused a table: the login role
-    must own the tables or be a member of the roles. A transaction that runs as one of the runtime's roles and is
-    refused one of the runtime's tables is left alone: the migrations grant those roles what their code needs, so that
-    is a bug in the runtime (code using the wrong role) or a grant revoked by hand, and is reported as an internal
-    error. Refused a table, view, sequence or schema of the program's own (a tool's `get_db_session(account=...)`
-    runs as `agentrt_app`), it is the program's set-up: the error names the `GRANT` to run.
-
-    Args:
-        exc: what a database operation raised.
-        as_login_role: the transaction ran as the login role (no `SET ROLE`).
-        login: the login role's name, for the message.
-        role: the runtime's role the transaction ran as (`SET ROLE`), if any.
-    """
-    who = f'the login role of DATABASE_URL ({login})' if login else 'the login role of DATABASE_URL'
-    for error in _chain(exc):
-        if sqlstate_of(error) != '42501':
-            continue
-        message = _first_line(error)
-        if message.startswith('permission denied to set role'):
-            return ConfigError(
-                f"{who} may not act as the runtime's roles ({message}): an administrator grants them, once per "
-                f'server: GRANT {_RUNTIME_ROLES} TO {login or "<login role>"} (README "Tenant isolation"; '
-                '`agentrt db upgrade` does it for a role that may)'
-            )
-        if as_login_role and message.startswith('permission denied for'):
-            return ConfigError(
-                f'{who} was refused a table ({message}): it must own the tables (run `agentrt db upgrade` as it) or '
-                f"be a member of the runtime's roles: GRANT {_RUNTIME_ROLES} TO {login or '<login role>'} "
-                '(README "Tenant isolation")'
-            )
-        if role and (refused := _program_object(message)) is not None:
-            kind, name = refused
-            return ConfigError(
-                f"the runtime's role {role} was refused the {kind} {name} ({message}): sessions of "
-                f'get_db_session(account=...) run as {role}, so a {kind} of your own needs a grant to it: '
-                f'{_grant(kind, name, role)} (README "Tables of your own")'
-            )
-    return None
-
-
-_REFUSED_OBJECT = re.compile(r'permission denied for (table|view|materialized view|sequence|schema) "?([^"\s]+)"?$')
-
-
-def _program_object(message: str) -> tuple[str, str] | None:
-    """The kind and name of what a "permission denied for ..." message names, when it is not the runtime's own."""
-    matched = _REFUSED_OBJECT.fullmatch(message)
-    if matched is None:
-        return None
-    kind, name = matched.group(1), matched.group(2)
-    if kind == 'schema':
-        return None if name == 'public' else (kind, name)
-    from agentrt.db.models import Base  # on this error path only: the ORM models are not needed to connect
-
-    bare = name.rsplit('.', 1)[-1]
-    if bare.startswith('procrastinate_') or bare == 'alembic_version':
-        return None
-    if kind == 'sequence':
-        own = {f'{table.name}_{column.name}_seq' for table in Base.metadata.tables.values() for column in table.c}
-    else:
-        own = set(Base.metadata.tables)
-    return None if bare in own else (kind, name)
-
-
-def _grant(kind: str, name: str, role: str) -> str:
-    if kind == 'sequence':
-        return f'GRANT USAGE ON SEQUENCE {name} TO {role}'
-    if kind == 'schema':
-        return f'GRANT USAGE ON SCHEMA {name} TO {role}'
-    return f'GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO {role} (and USAGE on the sequences of its columns)'
 
 
 def refused_startup_parameter(exc: BaseException) -> str | None:
@@ -415,7 +268,7 @@ def invalid_value(exc: BaseException) -> str | None:
         if type(error).__name__ == 'DataError' or (isinstance(sqlstate, str) and sqlstate.startswith('22')):
             if isinstance(error, sqlalchemy.exc.StatementError):
                 continue
-            return _first_line(error)
+            return first_line(error)
     return None
 
 
@@ -467,7 +320,7 @@ def _raised_in_driver(error: BaseException) -> bool:
 _DRIVER_MODULES = ('sqlalchemy.', 'asyncpg')
 
 
-def _class_names(error: BaseException) -> set[str]:
+def class_names(error: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(error).__mro__}
 
 
@@ -511,13 +364,13 @@ def _root_message(exc: BaseException) -> str:
             return _OUT_OF_STEP_TEXT
         if isinstance(error, sqlalchemy.exc.StatementError):
             continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
-        text = _first_line(error)
+        text = first_line(error)
         if text:
             message = text
             break
     return message or type(exc).__name__
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -18,9 +18,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.errors import AgentRuntimeError, ConfigError, DatabaseUnavailableError, MigrationError
-from agentrt.db.failures import causes, privilege_error, raised_inside, sqlstate_of, unavailable_error
+from agentrt.db.failures import causes, raised_inside, sqlstate_of, unavailable_error
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import MIGRATIONS_DIR as MIGRATIONS_DIR  # also this module's: tests repoint it
+from agentrt.db.setup_failures import privilege_error
 
 logger = logging.getLogger('agentrt.db')
 

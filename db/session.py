@@ -15,15 +15,9 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import embedded_unreachable, get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
-from agentrt.db.failures import (
-    cannot_connect,
-    login_error,
-    lost_connection,
-    pooler_error,
-    privilege_error,
-    unavailable_error,
-)
+from agentrt.db.failures import cannot_connect, lost_connection, unavailable_error
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
+from agentrt.db.setup_failures import login_error, pooler_error, privilege_error
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
 
 __all__ = [

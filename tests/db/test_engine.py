@@ -22,8 +22,9 @@ from agentrt.db import pool_health
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
-from agentrt.db.failures import login_refused, lost_connection
+from agentrt.db.failures import lost_connection
 from agentrt.db.settings import Settings, parse_database_url
+from agentrt.db.setup_failures import login_refused
 
 
 @pytest.fixture

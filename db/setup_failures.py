@@ -1,0 +1,160 @@
+"""Database errors that are the set-up's, not an outage: a login PostgreSQL (or PgBouncer) refused, a privilege the
+login role or the runtime's roles lack, a pooler in front that the runtime was not told of. Each is a `ConfigError`
+saying what to fix; no wait or retry changes it (exit code 2; HTTP 500 `configuration_error`).
+
+Split from `agentrt.db.failures`, which recognises outages (a lost connection, a server that is not there) and whose
+helpers these use.
+"""
+
+from __future__ import annotations
+
+import re
+
+from agentrt.db.errors import ConfigError
+from agentrt.db.failures import at_server, causes, class_names, first_line, refused_startup_parameter, sqlstate_of
+
+_LOGIN_REFUSED = {
+    '28P01': 'check the user name and password in {setting}',  # invalid_password
+    '28000': 'check the user name and password in {setting}, and pg_hba.conf',  # invalid_authorization_specification
+    '3D000': 'check the database name in {setting}, or create that database',  # invalid_catalog_name
+}
+"""What PostgreSQL refuses a login for that no retry changes: a wrong password, an unknown role (or one pg_hba.conf
+does not let in), a database that does not exist; `{setting}` is the variable that holds the URL."""
+
+
+_POOLER_LOGIN_REFUSED = {
+    'password authentication failed': _LOGIN_REFUSED['28P01'],
+    'no such database: ': _LOGIN_REFUSED['3D000'],
+}
+"""PgBouncer's words for the same refusals (1.18 sends them as SQLSTATE 08P01, a protocol violation), for a wrong
+password or user and a database its `[databases]` does not list."""
+
+
+def login_error(exc: BaseException, where: str | None = None, setting: str = 'DATABASE_URL') -> ConfigError | None:
+    """A login PostgreSQL (or PgBouncer) refused (`login_refused`) as a `ConfigError` naming the server (`where`, the
+    runtime's own by default), or None: at the start, or when a pooled connection is opened later (the password
+    rotated, the role made NOLOGIN or dropped, the database dropped), where it was a raw `DBAPIError`. Configuration,
+    not an outage: no wait changes it (exit code 2; HTTP 500 `configuration_error`). `setting` names the variable
+    the URL came from (`DATABASE_MIGRATION_URL` for the migration's own connection)."""
+    refused = login_refused(exc, setting)
+    if refused is None:
+        return None
+    return ConfigError(f'PostgreSQL{f" at {where}" if where else at_server()} refused the login: {refused}')
+
+
+def login_refused(exc: BaseException, setting: str = 'DATABASE_URL') -> str | None:
+    """Why PostgreSQL (or PgBouncer in front of it) refused the login, on one line with what to fix in `setting`
+    (the variable that holds the URL), when it refused a password, a role or a database (`_LOGIN_REFUSED`); None for
+    any other failure. The server's text names the user or the database, never the password."""
+    for error in causes(exc):
+        sqlstate = sqlstate_of(error)
+        advice = _LOGIN_REFUSED.get(sqlstate)
+        if advice is None and sqlstate == '08P01':
+            line = first_line(error)
+            advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
+        if advice is not None:
+            return f'{first_line(error)}: {advice.format(setting=setting)}'
+    return None
+
+
+def pooler_error(exc: BaseException) -> ConfigError | None:
+    """A prepared statement lost behind a pooler in transaction mode (PgBouncer...), or a startup parameter the
+    pooler refused: a configuration error that the pooler mode (`DB_POOLER=pgbouncer`) fixes. asyncpg's own hint is
+    kept."""
+    for error in causes(exc):
+        if class_names(error) & {'InvalidSQLStatementNameError', 'DuplicatePreparedStatementError'}:
+            hint = ' '.join(str(getattr(error, 'hint', '') or '').split())
+            return ConfigError(
+                f'PostgreSQL lost a prepared statement ({first_line(error)}): a connection pooler in transaction '
+                'mode (PgBouncer, a managed pooler) is between the runtime and the server; set DB_POOLER=pgbouncer '
+                '(statement caches off, timeouts per transaction)' + (f'. asyncpg: {hint}' if hint else '')
+            )
+        if (parameter := refused_startup_parameter(error)) is not None:
+            return ConfigError(
+                f'the server refused the startup parameter {parameter} (PgBouncer does): a connection pooler is '
+                'between the runtime and PostgreSQL; set DB_POOLER=pgbouncer (or auto), which sets the timeouts '
+                'per transaction instead'
+            )
+    return None
+
+
+_RUNTIME_ROLES = 'agentrt_app, agentrt_auth, agentrt_ledger, agentrt_jobs, agentrt_admin'
+
+
+def privilege_error(
+    exc: BaseException, *, as_login_role: bool, login: str | None = None, role: str | None = None
+) -> ConfigError | None:
+    """A privilege the login role of `DATABASE_URL` lacks (SQLSTATE 42501), when that can only be how the database
+    was set up, as a `ConfigError` saying what to grant; None otherwise.
+
+    Two cases are configuration for certain: the login role is not a member of one of the runtime's roles (every
+    transaction switches to one on its BEGIN: "permission denied to set role"), and a transaction that runs as the
+    login role itself (`Unscoped.OWNER`: `agentrt db status`, start-up checks) is refused a table: the login role
+    must own the tables or be a member of the roles. A transaction that runs as one of the runtime's roles and is
+    refused one of the runtime's tables is left alone: the migrations grant those roles what their code needs, so that
+    is a bug in the runtime (code using the wrong role) or a grant revoked by hand, and is reported as an internal
+    error. Refused a table, view, sequence or schema of the program's own (a tool's `get_db_session(account=...)`
+    runs as `agentrt_app`), it is the program's set-up: the error names the `GRANT` to run.
+
+    Args:
+        exc: what a database operation raised.
+        as_login_role: the transaction ran as the login role (no `SET ROLE`).
+        login: the login role's name, for the message.
+        role: the runtime's role the transaction ran as (`SET ROLE`), if any.
+    """
+    who = f'the login role of DATABASE_URL ({login})' if login else 'the login role of DATABASE_URL'
+    for error in causes(exc):
+        if sqlstate_of(error) != '42501':
+            continue
+        message = first_line(error)
+        if message.startswith('permission denied to set role'):
+            return ConfigError(
+                f"{who} may not act as the runtime's roles ({message}): an administrator grants them, once per "
+                f'server: GRANT {_RUNTIME_ROLES} TO {login or "<login role>"} (README "Tenant isolation"; '
+                '`agentrt db upgrade` does it for a role that may)'
+            )
+        if as_login_role and message.startswith('permission denied for'):
+            return ConfigError(
+                f'{who} was refused a table ({message}): it must own the tables (run `agentrt db upgrade` as it) or '
+                f"be a member of the runtime's roles: GRANT {_RUNTIME_ROLES} TO {login or '<login role>'} "
+                '(README "Tenant isolation")'
+            )
+        if role and (refused := _program_object(message)) is not None:
+            kind, name = refused
+            return ConfigError(
+                f"the runtime's role {role} was refused the {kind} {name} ({message}): sessions of "
+                f'get_db_session(account=...) run as {role}, so a {kind} of your own needs a grant to it: '
+                f'{_grant(kind, name, role)} (README "Tables of your own")'
+            )
+    return None
+
+
+_REFUSED_OBJECT = re.compile(r'permission denied for (table|view|materialized view|sequence|schema) "?([^"\s]+)"?$')
+
+
+def _program_object(message: str) -> tuple[str, str] | None:
+    """The kind and name of what a "permission denied for ..." message names, when it is not the runtime's own."""
+    matched = _REFUSED_OBJECT.fullmatch(message)
+    if matched is None:
+        return None
+    kind, name = matched.group(1), matched.group(2)
+    if kind == 'schema':
+        return None if name == 'public' else (kind, name)
+    from agentrt.db.models import Base  # on this error path only: the ORM models are not needed to connect
+
+    bare = name.rsplit('.', 1)[-1]
+    if bare.startswith('procrastinate_') or bare == 'alembic_version':
+        return None
+    if kind == 'sequence':
+        own = {f'{table.name}_{column.name}_seq' for table in Base.metadata.tables.values() for column in table.c}
+    else:
+        own = set(Base.metadata.tables)
+    return None if bare in own else (kind, name)
+
+
+def _grant(kind: str, name: str, role: str) -> str:
+    if kind == 'sequence':
+        return f'GRANT USAGE ON SEQUENCE {name} TO {role}'
+    if kind == 'schema':
+        return f'GRANT USAGE ON SCHEMA {name} TO {role}'
+    return f'GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO {role} (and USAGE on the sequences of its columns)'
