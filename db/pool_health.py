@@ -1,6 +1,6 @@
 """`PoolHealth`: broken connections kept out of the engine's pool, suspect ones tested before they are handed out.
 
-Installed on every engine by `agentrt.db.engine.build_engine`; `pool_status()` reads its counters.
+Installed on every engine by `agentrt.db.engine_build.build_engine`; `pool_status()` reads its counters.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ async def test_a_statement_timeout_while_checking_the_connection_names_the_setti
         await conn.execute(text('SELECT pg_sleep(5)'))
         return {}
 
-    monkeypatch.setattr('agentrt.db.engine.timeouts_in_force', slow_check)
+    monkeypatch.setattr('agentrt.db.engine_build.timeouts_in_force', slow_check)
     url = parse_database_url(database_url)
     engine = build_engine(url, Settings(database_url=database_url))
     try:
