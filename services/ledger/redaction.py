@@ -52,24 +52,32 @@ Contract:
 
 For callers: apply `redact_value()` to message parts (prompts, instructions, tool arguments and returns, model
 text, error bodies) as Python values, before serialising; redacting serialised JSON works too but sees escapes.
+
+The rules' loading and checks, the trigger set and the byte-level matcher are in `_redaction_rules.py`.
 """
 
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import re2  # google-re2: linear-time matching
 
-from agentrt.services.ledger._secret_checks import BOUND, CHECKS, JSON_STRUCTURE, Candidate, Check, Span, entropy
+from agentrt.services.ledger._redaction_rules import (
+    END,
+    OFFSET_MASK,
+    RULE_BITS,
+    RULES,
+    START,
+    char_spans,
+    has_secret,
+)
 
-REDACTED = '[REDACTED]'
-_REDACTED_BYTES = REDACTED.encode()
-_RULES_FILE = Path(__file__).with_name('redaction_rules.toml')
+# Part of this module's public face, defined beside the rules.
+from agentrt.services.ledger._redaction_rules import REDACTED as REDACTED
+from agentrt.services.ledger._redaction_rules import rule_kinds as rule_kinds
 
 _T = TypeVar('_T')
 
@@ -83,204 +91,6 @@ class SecretSpan:
     rule: str
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rules: loaded from the TOML data, checked, compiled once at import.
-
-
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    id: str
-    kind: str
-    source: str
-    regex: Any  # re2._Regexp
-    groups: dict[str, int]
-    secret_groups: tuple[int, ...]
-    check: Check | None
-    min_entropy: float
-    not_followed_by: frozenset[int]
-    not_preceded_by: frozenset[int]
-
-    def spans(self, data: bytes) -> Iterator[tuple[int, int]]:
-        """Where this rule's secrets are in `data` (UTF-8 bytes), as byte offsets."""
-        for m in self.regex.finditer(data):
-            spans = _match_spans(m)
-            group, (start, end) = 0, spans[0]
-            for index in self.secret_groups:
-                if spans[index][0] >= 0:
-                    group, (start, end) = index, spans[index]
-                    break
-            if start >= end or data.startswith(_REDACTED_BYTES, start):
-                continue
-            # After a closing quote, JSON text continues with structure, which always starts with one of these:
-            # a "quoted value" there is the gap between two strings (`": "`), not a value.
-            if start and data[start - 1] == 34 and data[start] in JSON_STRUCTURE:
-                continue
-            if self.not_followed_by and end < len(data) and data[end] in self.not_followed_by:
-                continue
-            if self.not_preceded_by and start > 0 and data[start - 1] in self.not_preceded_by:
-                continue
-            if self.min_entropy and entropy(data[start:end]) < self.min_entropy:
-                continue
-            if self.check is not None:
-                checked = self.check(Candidate(data, spans, self.groups, group, start, end))
-                if checked is None:
-                    continue
-                start, end = checked
-            start = _after_escape(data, start)
-            quote = data.find(b'"', start, end)  # the patterns exclude it; this keeps JSON safe whatever a rule says
-            if quote != -1:
-                end = quote
-            if start < end:
-                yield start, end
-
-
-_HEX4 = re.compile(rb'[0-9A-Fa-f]{4}')
-
-
-def _after_escape(data: bytes, start: int) -> int:
-    """Move `start` past a JSON escape it would otherwise begin inside (`\\u2028eyJ...`, `\\npm_...` where the
-    `n` belongs to the escape): replacing from there would leave a lone backslash and break JSON text."""
-    run = 0
-    while run < BOUND and start - run > 0 and data[start - run - 1] == 92:
-        run += 1
-    if run % 2 == 0 and run < BOUND:
-        return start
-    if data[start : start + 1] == b'u' and _HEX4.match(data, start + 1, start + 5):
-        return start + 5
-    return start + 1
-
-
-def _match_spans(m: Any) -> list[Span]:
-    """The spans of all groups of an re2 match. google-re2's `span()` asks C++ for the group count on every call,
-    which is most of the per-match cost on hostile input, so read its span list when it has one."""
-    spans = getattr(m, '_spans', None)
-    return spans if spans is not None else [m.span(i) for i in range(m.re.groups + 1)]
-
-
-def _byte_class(body: str) -> frozenset[int]:
-    """The ASCII bytes in the regex character class `[body]`."""
-    pattern = re.compile(f'[{body}]')
-    return frozenset(b for b in range(128) if pattern.fullmatch(chr(b)))
-
-
-def _options() -> Any:
-    options = re2.Options()
-    options.max_mem = 64 << 20  # room for the DFA of the larger patterns, so RE2 never falls back to its NFA
-    return options
-
-
-def _load_rules(path: Path) -> tuple[tuple[_Rule, ...], Any, tuple[tuple[int, ...], ...]]:
-    """The rules, the RE2 set of all triggers, and for each trigger the indexes of the rules it enables."""
-    rules: list[_Rule] = []
-    triggers: dict[str, list[int]] = {}
-    seen: set[str] = set()
-    for raw in tomllib.loads(path.read_text(encoding='utf-8'))['rules']:
-        rule_id = raw['id']
-        if rule_id in seen:
-            raise ValueError(f'{path.name}: duplicate rule id {rule_id!r}')
-        seen.add(rule_id)
-        if not raw.get('triggers'):
-            raise ValueError(f'{path.name}: rule {rule_id!r} has no triggers')
-        try:
-            regex = re2.compile(raw['pattern'], _options())
-        except re2.error as exc:
-            raise ValueError(f'{path.name}: rule {rule_id!r}: invalid RE2 pattern: {exc}') from exc
-        names = regex.groupindex
-        if len(names) != regex.groups:
-            raise ValueError(f'{path.name}: rule {rule_id!r}: every group must be named (use (?:...) otherwise)')
-        secret_groups = tuple(sorted(i for name, i in names.items() if name.startswith('secret')))
-        check_name = raw.get('check')
-        if check_name is not None and check_name not in CHECKS:
-            raise ValueError(f'{path.name}: rule {rule_id!r}: unknown check {check_name!r}')
-        index = len(rules)
-        rules.append(
-            _Rule(
-                id=rule_id,
-                kind=raw['kind'],
-                source=raw['source'],
-                regex=regex,
-                groups=dict(names),
-                secret_groups=secret_groups,
-                check=CHECKS[check_name] if check_name else None,
-                min_entropy=float(raw.get('min_entropy', 0.0)),
-                not_followed_by=_byte_class(raw['not_followed_by']) if 'not_followed_by' in raw else frozenset(),
-                not_preceded_by=_byte_class(raw['not_preceded_by']) if 'not_preceded_by' in raw else frozenset(),
-            )
-        )
-        for trigger in raw['triggers']:
-            triggers.setdefault(trigger, []).append(index)
-    trigger_set = re2.Set.SearchSet(_options())
-    for trigger in triggers:
-        trigger_set.Add(f'(?i:{trigger})')
-    trigger_set.Compile()
-    return tuple(rules), trigger_set, tuple(tuple(indexes) for indexes in triggers.values())
-
-
-_RULES, _TRIGGERS, _RULES_BY_TRIGGER = _load_rules(_RULES_FILE)
-
-
-def rule_kinds() -> list[tuple[str, str, str]]:
-    """`(id, kind, source)` of every rule, in the order they run: what this module catches, for docs and tests."""
-    return [(rule.id, rule.kind, rule.source) for rule in _RULES]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The matcher.
-
-
-# A span is kept as one int, start << 40 | end << 8 | rule index: ints are not tracked by the garbage collector, and
-# hostile text yields one span per dozen bytes. Keeping tuples or objects alive instead promotes tens of thousands
-# of them per megabyte into the old generation, and the full collections that follow (tens of ms on an
-# application-sized heap, GIL held) would stall the event loop while a worker thread redacts.
-_START, _END, _RULE_BITS = 40, 8, 0xFF
-if len(_RULES) > _RULE_BITS:
-    raise ValueError(f'{_RULES_FILE.name}: at most {_RULE_BITS} rules fit the span encoding')
-
-
-def _byte_spans(data: bytes) -> list[int]:
-    """Secrets in `data` (UTF-8) as sorted, merged (where they overlap or touch) encoded byte spans."""
-    hits = _TRIGGERS.Match(data)
-    if not hits:
-        return []
-    enabled = sorted({index for hit in hits for index in _RULES_BY_TRIGGER[hit]})
-    found = [start << _START | end << _END | index for index in enabled for start, end in _RULES[index].spans(data)]
-    found.sort()
-    merged: list[int] = []
-    last_start = last_end = -1
-    for span in found:
-        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
-        if start <= last_end:  # overlaps or touches the previous one: extend it, keep its rule
-            last_end = max(last_end, end)
-            merged[-1] = last_start << _START | last_end << _END | (merged[-1] & _RULE_BITS)
-        else:
-            merged.append(span)
-            last_start, last_end = start, end
-    return merged
-
-
-_OFFSET_MASK = (1 << (_START - _END)) - 1
-
-
-def _char_spans(text: str) -> list[int]:
-    """`_byte_spans()` of `text`, with character offsets."""
-    if not text:
-        return []
-    # Lone surrogates cannot be encoded as UTF-8; 'replace' turns each into one '?', so character counts stay equal.
-    data = text.encode('utf-8', errors='replace')
-    spans = _byte_spans(data)
-    if not spans or len(data) == len(text):  # ASCII: byte offsets are character offsets
-        return spans
-    # Map byte offsets to character offsets in one pass over the text (linear, however many spans).
-    result, byte_at, char_at = [], 0, 0
-    for span in spans:
-        start, end = span >> _START, (span >> _END) & _OFFSET_MASK
-        char_start = char_at + len(data[byte_at:start].decode('utf-8'))
-        char_end = char_start + len(data[start:end].decode('utf-8'))
-        result.append(char_start << _START | char_end << _END | (span & _RULE_BITS))
-        byte_at, char_at = end, char_end
-    return result
-
-
 def find_secrets(text: str) -> list[SecretSpan]:
     """Where the secrets in `text` are (character offsets, in order, never overlapping) and which rule found each.
 
@@ -291,8 +101,7 @@ def find_secrets(text: str) -> list[SecretSpan]:
         The spans `redact_text()` replaces.
     """
     return [
-        SecretSpan(span >> _START, (span >> _END) & _OFFSET_MASK, _RULES[span & _RULE_BITS].id)
-        for span in _char_spans(text)
+        SecretSpan(span >> START, (span >> END) & OFFSET_MASK, RULES[span & RULE_BITS].id) for span in char_spans(text)
     ]
 
 
@@ -313,13 +122,13 @@ def redact_text(text: str) -> tuple[str, int]:
     """
     if not isinstance(text, str):
         raise TypeError(f'redact_text() takes a str, not {type(text).__name__}')
-    spans = _char_spans(text)
+    spans = char_spans(text)
     if not spans:
         return text, 0
     pieces, last = [], 0
     for span in spans:
-        pieces += [text[last : span >> _START], REDACTED]
-        last = (span >> _END) & _OFFSET_MASK
+        pieces += [text[last : span >> START], REDACTED]
+        last = (span >> END) & OFFSET_MASK
     pieces.append(text[last:])
     return ''.join(pieces), len(spans)
 
@@ -383,19 +192,7 @@ def json_may_need_redaction(text: str) -> bool:
     can store the JSON as it is in the common case and walk the value only when this says it may hold a secret.
     """
     data = text.encode('utf-8', errors='replace')
-    return _JSON_SECRET_KEY.search(data) is not None or _has_secret(data)
-
-
-def _has_secret(data: bytes) -> bool:
-    """Whether `_byte_spans(data)` would find anything, stopping at the first secret (hostile text full of secrets
-    then costs one match, not a full scan before the caller redacts it anyway)."""
-    hits = _TRIGGERS.Match(data)
-    if not hits:
-        return False
-    for index in sorted({index for hit in hits for index in _RULES_BY_TRIGGER[hit]}):
-        for _ in _RULES[index].spans(data):
-            return True
-    return False
+    return _JSON_SECRET_KEY.search(data) is not None or has_secret(data)
 
 
 def _redact_scalar(value: Any) -> tuple[Any, int]:

@@ -20,7 +20,7 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
-from agentrt.services.ledger import redaction
+from agentrt.services.ledger import _redaction_rules
 from agentrt.services.ledger.redaction import (
     REDACTED,
     find_secrets,
@@ -76,7 +76,7 @@ def test_planted_secret_leaves_no_distinctive_bytes(kind: Kind, position: str):
 @pytest.mark.parametrize('kind', KINDS, ids=lambda k: k.name)
 def test_each_kind_is_found_by_its_own_rule(kind: Kind):
     data = kind.text.encode()
-    rule = next(r for r in redaction._RULES if r.id == kind.rule)
+    rule = next(r for r in _redaction_rules.RULES if r.id == kind.rule)
     assert list(rule.spans(data)), f'rule {kind.rule} does not find {kind.name} on its own'
 
 
@@ -95,9 +95,9 @@ def test_the_json_of_every_message_does_not_run_rules_for_its_own_field_names():
     data = ModelMessagesTypeAdapter.dump_json(messages)
     assert b'"part_kind"' in data and b'"input_tokens"' in data
     enabled = {
-        redaction._RULES[index].id
-        for hit in redaction._TRIGGERS.Match(data) or []
-        for index in redaction._RULES_BY_TRIGGER[hit]
+        _redaction_rules.RULES[index].id
+        for hit in _redaction_rules.TRIGGERS.Match(data) or []
+        for index in _redaction_rules.RULES_BY_TRIGGER[hit]
     }
     assert not enabled & {'agentrt-api-key', 'xml-secret'}, enabled
 
