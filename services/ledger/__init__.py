@@ -36,7 +36,7 @@ from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
     from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
-    from agentrt.services.ledger._contents import dumped_message_json, remember_message_json
+    from agentrt.services.ledger._known_json import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
     from agentrt.services.ledger._replay import ReplayReport
@@ -53,8 +53,8 @@ _WRITE_PATH = {
     'LedgerCapability': '_capability',
     'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
-    'dumped_message_json': '_contents',
-    'remember_message_json': '_contents',
+    'dumped_message_json': '_known_json',
+    'remember_message_json': '_known_json',
     'TrackerStats': '_queues',
     'WriteOutcome': '_queues',
     'ContentKind': '_record',
