@@ -19,7 +19,8 @@ import typer
 
 from agentrt import __version__
 from agentrt.agents.cli.group import AgentrtGroup, LazyCommand
-from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, check_debug_flag, set_debug, setup_logging
+from agentrt.agents.cli.logs import setup_logging
+from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, check_debug_flag, set_debug
 from agentrt.agents.cli_entry import stop_signals_raise
 
 COMMANDS = (

@@ -180,7 +180,7 @@ def _log_config(level: str) -> dict[str, Any]:
     config['handlers']['tracing'] = {**LOGGING_CONFIG['handlers']['default'], 'filters': ['redact']}
     if not debug:
         config['filters']['export_once'] = {
-            '()': 'agentrt.agents.cli.support.ExportFailuresOnce',
+            '()': 'agentrt.agents.cli.logs.ExportFailuresOnce',
             'shows_all': '--log-level debug',
         }
         config['handlers']['tracing']['filters'] = ['export_once', 'redact']

@@ -7,6 +7,7 @@ import signal
 
 import typer
 
+from agentrt.agents.cli.logs import show_job_logs
 from agentrt.agents.cli.support import (
     EXIT_USAGE,
     Stopped,
@@ -14,7 +15,6 @@ from agentrt.agents.cli.support import (
     fail,
     long_running,
     run,
-    show_job_logs,
     stop_requests,
 )
 

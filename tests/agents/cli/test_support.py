@@ -15,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from agentrt.agents.cli import support
-from agentrt.agents.cli.support import err_console, setup_logging
+from agentrt.agents.cli.logs import setup_logging
+from agentrt.agents.cli.support import err_console
 from agentrt.db.engine import build_engine
 from agentrt.db.failures import unavailable_error
 from agentrt.db.settings import Settings
