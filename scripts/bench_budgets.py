@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -38,6 +37,7 @@ from bench_common import (
     print_config,
     print_table,
     start_database,
+    use_temporary_spool,
     write_results,
 )
 from pydantic_ai import Agent, ModelResponse, TextPart, ToolCallPart
@@ -272,7 +272,7 @@ async def main() -> None:
     opts = args.parse_args()
     if opts.quick:  # one spread (over two accounts): a second spread runs the same steps again
         opts.turns, opts.rounds, opts.latency, opts.accounts, opts.sequential = 10, 2, 0.0, [2], 3
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     await start_database(pool_size=20, max_overflow=10, pool_timeout=30)
     prefix = f'bench-budget-{os.getpid()}'
     config = {

@@ -102,6 +102,12 @@ def bench_data_dir() -> Path:
     return Path(os.environ.get('AGENTRT_DATA_DIR') or default_data_dir().parent / 'bench-pgdata')
 
 
+def use_temporary_spool() -> None:
+    """Put the ledger's spool in a new temporary directory unless `AGENTRT_LEDGER_SPOOL` is set: rows a benchmark
+    spools (the database away, a restart) must not land in, or be replayed from, the user's own spool."""
+    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+
+
 async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
     """Start the runtime's engine: `DATABASE_URL` if set, else the embedded server in `bench_data_dir()`."""
     data_dir = bench_data_dir()

@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +39,7 @@ from bench_common import (
     print_config,
     print_table,
     start_database,
+    use_temporary_spool,
     wait_ready,
     write_results,
 )
@@ -260,7 +260,7 @@ async def main() -> None:
     if opts.quick:
         opts.latencies, opts.turns, opts.streams, opts.window, opts.throughput_latency = [0.0], 1, [3], 0.5, 0.0
     configure_observability()
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     await start_database(pool_size=20, max_overflow=10, pool_timeout=30)
     prefix = f'bench-http-{uuid.uuid4().hex[:8]}'
     config = {

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from bench_common import (
     print_config,
     print_table,
     start_database,
+    use_temporary_spool,
     write_results,
 )
 from bench_overhead import delete_conversations
@@ -304,7 +304,7 @@ async def main() -> None:
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.lengths, opts.workers, opts.quiet, opts.hostile_runs, opts.size = 2, [3], 2, 0.2, 1, 20_000
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     # The chat's input limits (message size, context and tokens per turn) refuse a 1 MB message by default; this
     # benchmark is about storing one, so they are raised for this process (settings that do not exist are ignored).
     os.environ.setdefault('AGENTRT_MESSAGE_MAX_CHARS', str(2 * opts.size))

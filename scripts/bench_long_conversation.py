@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
-import tempfile
 import time
 import uuid
 
-from bench_common import machine_info, ms, parser, print_config, print_table, start_database, write_results
+from bench_common import (
+    machine_info,
+    ms,
+    parser,
+    print_config,
+    print_table,
+    start_database,
+    use_temporary_spool,
+    write_results,
+)
 from pydantic_ai import ModelMessagesTypeAdapter
 from sqlalchemy import text
 
@@ -140,7 +147,7 @@ async def main() -> None:
     opts = args.parse_args()
     if opts.quick:
         opts.turns = 8  # turn 5 and the last one with a full window (turns 3 to 8): the smallest run with both
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     await start_database(pool_size=10, max_overflow=5, pool_timeout=10)
     current_settings().context_max_tokens = opts.budget
     current_settings().message_max_chars = min(current_settings().message_max_chars, opts.budget * 4)

@@ -26,9 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import inspect
-import os
 import statistics
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -46,6 +44,7 @@ from bench_common import (
     print_config,
     print_table,
     start_database,
+    use_temporary_spool,
     write_results,
 )
 from pydantic_ai import Agent, Conversation
@@ -511,7 +510,7 @@ def options() -> argparse.Namespace:
 async def main(opts: argparse.Namespace) -> None:
     if opts.quick:
         opts.latencies, opts.turns, opts.breakdown_turns = [0.0], 2, 1
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     prefix = f'bench-ovh-{uuid.uuid4().hex[:8]}'
     config = {'model_latency_s_per_request': opts.latencies, 'turns': opts.turns, 'model': MODEL_NOTE}

@@ -19,8 +19,6 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -42,6 +40,7 @@ from bench_common import (
     scripted_model,
     server_busy_s,
     start_database,
+    use_temporary_spool,
     warm_pool,
     write_results,
 )
@@ -184,7 +183,7 @@ async def main() -> None:
     opts = args.parse_args()
     if opts.quick:
         opts.chats, opts.window, opts.model_latency, opts.pool_timeout = [4], 0.2, 0.02, 2.0
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     tool_s = 0.01 if not opts.quick else 0.001
     config = {'chats': opts.chats, 'window_s': opts.window, 'model_latency_s': opts.model_latency}
     config |= {'tools_per_turn': 3, 'tool_db_time_ms': tool_s * 1000, 'model_requests_per_turn': 2}

@@ -21,15 +21,23 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import statistics
-import tempfile
 import time
 import uuid
 from typing import Any
 
-from bench_common import machine_info, ms, parser, percentile, print_config, print_table, start_database, write_results
+from bench_common import (
+    machine_info,
+    ms,
+    parser,
+    percentile,
+    print_config,
+    print_table,
+    start_database,
+    use_temporary_spool,
+    write_results,
+)
 from sqlalchemy import text
 
 from agentrt.agents.runtime import shutdown_runtime
@@ -163,7 +171,7 @@ def main() -> None:
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.rounds, opts.sessions, opts.warm_up = 2, 1, 10, 1
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     config = {
         'turns': opts.turns,
         'rounds': opts.rounds,

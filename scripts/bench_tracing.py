@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench_common import ms, parser, print_config, print_table, run_script_forked, write_results
+from bench_common import ms, parser, print_config, print_table, run_script_forked, use_temporary_spool, write_results
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 MODES = ('off', 'otlp')
@@ -153,7 +153,7 @@ def main() -> None:
         return
     if opts.quick:
         opts.turns, opts.rounds, opts.warm_up = 2, 1, 1
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    use_temporary_spool()
     collector = Collector()
     config = {'turns': opts.turns, 'rounds': opts.rounds, 'warm_up': opts.warm_up, 'model': 'demo planner, no latency'}
     config['question'] = QUESTION
