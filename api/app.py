@@ -36,7 +36,7 @@ from agentrt.api import audit, budget, chat, conversations, costs, health, me
 from agentrt.api.body_limit import BodySizeLimit
 from agentrt.api.cut_off import CutOffAnswer
 from agentrt.api.docs_pages import install_docs_pages
-from agentrt.api.errors import install_error_handlers
+from agentrt.api.error_handlers import install_error_handlers
 from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.message_schemas import document_messages
 from agentrt.api.response_headers import ResponseHeaders

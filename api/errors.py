@@ -2,8 +2,8 @@
 
 A client reads a message meant for it and an error id; the log line with that id holds the whole story (the
 exception, its text, the traceback). Nothing internal reaches the client: not an SQL statement, a host name, a
-provider's error body or a stack. The same mapping serves JSON responses (`install_error_handlers`) and the
-error event of a streamed chat (`public_error`).
+provider's error body or a stack. The same mapping serves JSON responses (`install_error_handlers`, in
+`error_handlers.py`) and the error event of a streamed chat (`public_error`).
 
 Body of every error response: `{"detail": <message or a list of field errors>, "type": <kind>, "error_id": <id>}`,
 plus `"field"` when one input is to blame. A budget's refusal (429, `budget_exceeded`) adds its figures: `reason`,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -26,10 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic_ai.exceptions import (
-    AgentRunError,
     ModelAPIError,
     ModelAuthenticationError,
     ModelNotFoundError,
@@ -41,11 +37,9 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
     UserError,
 )
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
 
 from agentrt.agents.errors import (
     AgentRuntimeError,
@@ -64,10 +58,7 @@ from agentrt.agents.errors import (
     TurnLimitExceededError,
     UnknownTenantError,
 )
-from agentrt.api.head_requests import methods_served
-from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.api.schemas import decimal_text
-from agentrt.db.errors import validation_message
 from agentrt.db.failures import cannot_connect, disk_full, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
@@ -173,7 +164,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
             type_,
             type(exc).__name__,
             model or 'unknown',
-            loggable(_short(_redacted(str(exc)))),
+            loggable(client_text(str(exc))),
         )
     elif status >= 500:
         # The exception's text is escaped as the rest (a newline in it forged a line); the traceback follows it.
@@ -191,8 +182,8 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
         logger.info('%s %s %d %s: %s', error_id, where, status, type_, loggable(_short(str(exc) or message)))
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     # The field is the client's own words too (a key of its body, as sent): redacted as its message is.
-    shown_field = _short(_redacted(field_name)) if field_name is not None else None
-    return PublicError(status, type_, _short(_redacted(message)), error_id, shown_field, extra)
+    shown_field = client_text(field_name) if field_name is not None else None
+    return PublicError(status, type_, client_text(message), error_id, shown_field, extra)
 
 
 def _outage(exc: BaseException) -> bool:
@@ -336,113 +327,6 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 1] + '…'
 
 
-_FASTAPI_UNPARSED_BODY = 'There was an error parsing the body'
-_UNPARSED_BODY = 'the body is not JSON this server can read: send UTF-8 text nested at most a few hundred levels deep'
-
-
-def _unparsed_body(cause: BaseException | None) -> str:
-    """What is wrong with a JSON body Python's parser could not read (FastAPI's 400 for the JSON turn)."""
-    if isinstance(cause, UnicodeDecodeError):
-        where = f'byte {cause.start} (0x{cause.object[cause.start]:02X})' if cause.start < len(cause.object) else 'it'
-        return f'the body is not UTF-8 text: {where} is not UTF-8; send the JSON in UTF-8'
-    if isinstance(cause, RecursionError):
-        return 'the body nests deeper than this server reads JSON (a few hundred levels); send it less deeply nested'
-    if isinstance(cause, ValueError) and 'integer string conversion' in str(cause):
-        limit = sys.get_int_max_str_digits()
-        return f'the body has a number of more than {limit:,} digits, longer than this server reads; send it as text'
-    return _UNPARSED_BODY
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error a request can raise through `public_error`, so none answers with internal text."""
-
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        error = public_error(exc, where=f'{request.method} {request.url.path}')  # escaped there
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        # FastAPI's 400 for a body it could not read: none came (ClientDisconnect), or reading it was refused (the
-        # body limit's 413, raised by its `receive` while the body was read without a Content-Length).
-        if isinstance(exc.__cause__, ClientDisconnect | ApiError):
-            return await on_error(request, exc.__cause__)
-        error_id = new_error_id()
-        where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
-        logger.info('%s %s %d %s', error_id, where, exc.status_code, loggable(str(exc.detail)))
-        body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
-        headers = exc.headers
-        allowed = _allowed_methods(request) if exc.status_code == 405 else []
-        if allowed:  # Starlette's names the methods of the first route of the path, not of them all
-            headers = {**(headers or {}), 'Allow': ', '.join(allowed)}
-        if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSED_BODY:
-            # FastAPI's words for a JSON body that is not UTF-8 or nests deeper than Python's parser goes.
-            body.update(detail=_unparsed_body(exc.__cause__), field='body')
-        return JSONResponse(body, status_code=exc.status_code, headers=headers)
-
-    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        error_id = new_error_id()
-        # The input values are left out: they can be huge, or hold what the client should not see echoed.
-        errors = [
-            {
-                # A location names the keys of the body as sent, so a secret pasted as a key is in it.
-                'loc': [_short(_redacted(part)) if isinstance(part, str) else part for part in error.get('loc', ())],
-                'msg': _short(_redacted(_validation_message(error, exc.body))),
-                'type': error.get('type'),
-            }
-            for error in exc.errors()[:20]
-        ]
-        # The errors go in as their repr, which escapes what is not printable already (a body key's ESC as `\x1b`).
-        logger.info('%s %s 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), errors)
-        return JSONResponse({'detail': errors, 'type': 'invalid_request', 'error_id': error_id}, status_code=422)
-
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(HTTPException, on_http_error)
-    # Handlers of these classes (and their subclasses) answer and the request ends there. The one for `Exception`
-    # runs in Starlette's outermost middleware, which answers with it and then re-raises, so the server logs it too.
-    # ClientDisconnect: the chat routes read their body themselves, and a client that hung up while sending it was a 500
-    # with two tracebacks in the log.
-    for known in (ApiError, ClientDisconnect, AgentRuntimeError, AgentRunError, UserError, SQLAlchemyError, Exception):
-        app.add_exception_handler(known, on_error)
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """The methods the routes of the request's path serve (the conversation's `GET` and `DELETE` are two routes);
-    `HEAD` with `GET`, which every `GET` route answers (`HeadAsGet`)."""
-    methods = methods_served(request.app.router.routes, request.scope)
-    if 'GET' in methods:
-        methods.add('HEAD')
-    return sorted(methods, key=lambda method: (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else 99, method))
-
-
-_METHOD_ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']
-
-
-def _validation_message(error: dict[str, Any], body: Any) -> str:
-    """A validation error's message; for a lone surrogate escape, one that says so (pydantic's says only that it was
-    "unable to parse raw data as a unicode string"); for a body that is not JSON, with the parser's reason."""
-    text = error.get('input')
-    reason = (error.get('ctx') or {}).get('error')
-    if error.get('type') == 'json_invalid' and isinstance(reason, str):  # FastAPI's "JSON decode error" alone
-        position = error.get('loc', ())[-1:]
-        if reason.endswith(' at') and position and isinstance(position[0], int):
-            # Python's reason leaves the place to its own message ("Invalid control character at: line 1 column 15
-            # (char 14)"), which FastAPI drops: alone it read as cut off. The location holds it (`["body", 14]`).
-            reason = f'{reason} position {position[0]}'
-        return f'{error.get("msg", "JSON decode error")}: {reason}'
-    if error.get('type') == 'string_unicode' and isinstance(text, str):
-        where, *location = error.get('loc', ()) or ('',)
-        return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))
-    return validation_message(error, '')
-
-
-def _http_type(status: int) -> str:
-    return {
-        401: 'unauthorized',
-        403: 'forbidden',
-        404: 'not_found',
-        405: 'method_not_allowed',
-        409: 'conflict',
-        413: 'body_too_large',
-        415: 'unsupported_media_type',
-    }.get(status, 'http_error')
+def client_text(text: str) -> str:
+    """`text` as a client may read it: without secrets (`_redacted`) and at most `_MAX_MESSAGE_CHARS` long."""
+    return _short(_redacted(text))
