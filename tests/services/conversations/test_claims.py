@@ -5,6 +5,7 @@ gone)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -121,14 +122,18 @@ async def test_a_check_renews_the_lease_and_reads_the_revision_in_one_statement(
 async def test_a_refusal_never_says_the_claim_holds_longer_than_its_lease(account: int) -> None:
     # The refused turn's transaction began before the winner took its claim: measured from that transaction's start
     # (`now()`), the winner's lease looked longer than it is ('for up to 61 s' with a 60 s lease).
-    async with get_db_session(account=account) as session:
-        await session.execute(text('SELECT now()'))  # the transaction's clock starts here
-        await asyncio.sleep(0.3)  # time passing between the two transactions is what the test is about
-        async with conversation_claim(account, 'late', lease_s=60):
+    async with contextlib.AsyncExitStack() as winner:
+        async with get_db_session(account=account) as session:
+            await session.execute(text('SELECT now()'))  # the transaction's clock starts here
+            await asyncio.sleep(0.3)  # time passing between the two transactions is what the test is about
+            await winner.enter_async_context(conversation_claim(account, 'late', lease_s=60))
             loser = TurnClaim.mint(account, 'late', lease_s=60)
             with pytest.raises(ConcurrentTurnError) as info:
                 await loser.take(session=session)
+        # The refused turn's transaction ends before the winner releases (as in a turn: the refusal ends it): its
+        # attempt locked the claim's row, and a release waiting on that lock took the lock timeout (10 s) and failed.
     assert info.value.expires_in_s is not None and 59 <= info.value.expires_in_s <= 60
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # released at once
 
 
 async def test_claims_released_waits_for_the_turns_still_ending_and_counts_those_that_did_not(account: int) -> None:
