@@ -30,6 +30,9 @@ class TrackerStats:
     content_failures: int = 0
     replayed_rows: int = 0
     replay_duplicates: int = 0
+    stalls: int = 0
+    """Times the writer woke up late enough to say its event loop had stalled (`LoopQueues.stall_after`), which
+    restarted the commit delay of the rows waiting then."""
 
     def as_dict(self) -> dict[str, Any]:
         """The counters, plus mean rows per batch and mean time from submit to durable acknowledgement."""
@@ -48,6 +51,11 @@ class PendingRow:
     record: LedgerRecord
     future: asyncio.Future[WriteOutcome]
     submitted: float
+    waits_from: float
+    """When its commit delay started: as it was submitted, or once as its event loop came back from a stall
+    (`LLMRequestTracker._restart_after_stall`); `submitted` stays the time it was submitted."""
+    restarted: bool = False
+    """Its commit delay was restarted after a stall already: a row's delay restarts once at most."""
     prepared: asyncio.Future[None] | None = None
     """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
     sealing: bool = False

@@ -31,6 +31,11 @@ from agentrt.services.ledger._writes import SessionFactory, database_unavailable
 logger = logging.getLogger('agentrt.ledger')
 _tracer = trace.get_tracer('agentrt.ledger')
 
+STALL_FRACTION = 0.2
+"""A writer's wake-up later than this fraction of the commit delay says the event loop stalled."""
+STALL_MIN_SECONDS = 0.005
+"""...and later than this in any case: a busy loop runs a due timer a millisecond or two late."""
+
 __all__ = [
     'LLMRequestTracker',
     'ReplayReport',
@@ -64,7 +69,10 @@ class LLMRequestTracker:
     (`max_batch_rows`, `max_batch_content_bytes`) commit at once, a run's rows together once the last is prepared.
     So the rows of a run whose requests all end within the delay (a fast model, the demo at 0 ms) share one
     transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
-    the delay are each committed the delay after their request, as before but later.
+    the delay are each committed the delay after their request, as before but later. The delay counts the time the
+    event loop runs: a stall of the loop (a full garbage collection, the process descheduled) that wakes the writer
+    late restarts the delay of the rows that came due in it, once per row (`_restart_after_stall`), so a run stopped
+    by the stall as much as the writer still commits its rows together.
 
     A record whose response body is not sealed yet (`ResponseBody`: the ledger takes a response's content once
     pydantic-ai has stamped it, at the run's next model request or its end) is prepared once sealed; the writer seals
@@ -79,9 +87,10 @@ class LLMRequestTracker:
     before theirs); with it, also those that ended up to the delay before t and whose run had not ended, rows that
     would otherwise have been committed already. The provider billed those requests, and their budget holds are
     released by the sweeper without their cost being charged. A request in flight at t is lost either way (its row is
-    built from its response), so the delay lengthens, by up to 50 ms, a window that exists anyway and that model
-    requests (typically 0.3-30 s) dominate. A clean shutdown (`aclose()`; an event loop that closes spools what it
-    held) loses nothing. 0 turns the delay off: each row committed as soon as it is ready.
+    built from its response), so the delay lengthens, by up to 50 ms (twice that around a stall of the loop), a
+    window that exists anyway and that model requests (typically 0.3-30 s) dominate. A clean shutdown (`aclose()`;
+    an event loop that closes spools what it held) loses nothing. 0 turns the delay off: each row committed as soon
+    as it is ready.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
@@ -137,7 +146,8 @@ class LLMRequestTracker:
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)
         future: asyncio.Future[WriteOutcome] = loop.create_future()
-        item = PendingRow(record, future, time.perf_counter())
+        now = time.perf_counter()
+        item = PendingRow(record, future, now, now)
         if self._content_cap is not None and not record.sealed():
             item.sealing = True  # prepared once sealed (`_seal_due`)
             queues.wake()
@@ -318,7 +328,7 @@ class LLMRequestTracker:
         while queues.pending:
             wait = self._commit_wait(queues)
             if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
-                await queues.sleep(wait)
+                await self._wait_for_more(queues, wait)
                 continue
             self._seal_stamped(queues)
             batch = self._take_ready(queues)
@@ -332,11 +342,45 @@ class LLMRequestTracker:
                     item.future.set_result(outcome)
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
 
+    async def _wait_for_more(self, queues: LoopQueues, wait: float | None) -> None:
+        """Sleep until something changes or `wait` seconds pass; a wake-up that comes late by more than a fifth of the
+        commit delay (at least `STALL_MIN_SECONDS`) means the event loop stalled (a full garbage collection, the
+        process descheduled on a loaded machine, a step that held the loop), and restarts the delay of the rows that
+        came due meanwhile (`_restart_after_stall`)."""
+        due = None if wait is None else time.perf_counter() + wait
+        await queues.sleep(wait)
+        if due is None:
+            return
+        now = time.perf_counter()
+        delay = self.config.commit_delay_ms / 1000
+        if now - due > max(delay * STALL_FRACTION, STALL_MIN_SECONDS):
+            self._restart_after_stall(queues, now, delay)
+
+    def _restart_after_stall(self, queues: LoopQueues, now: float, delay: float) -> None:
+        """Give the rows whose commit delay ran out while the loop stalled the delay again, from now, once each.
+
+        The delay is there so a run's rows share one transaction; a stall stops the run as much as the writer, so
+        without this the run's first rows would be committed as the loop comes back, and the run's other rows in a
+        second transaction a few milliseconds later (one turn in about a hundred at 0 ms model latency, each with a
+        full collection of 60-80 ms in it; more on a loaded machine). Once per row, so no row waits longer than twice
+        the delay beyond the stalls themselves.
+        """
+        restarted = 0
+        for item in queues.pending:
+            if not item.restarted and item.waits_from + delay <= now:
+                item.waits_from = now
+                item.restarted = True
+                restarted += 1
+        if restarted:
+            self.stats.stalls += 1
+            logger.debug('ledger writer: the event loop stalled; %d rows wait the commit delay again', restarted)
+
     def _commit_wait(self, queues: LoopQueues) -> float | None:
         """Seconds until the rows that are ready should be committed (0 or less: now); None when none is ready.
 
         Now when there is no commit delay, a flush is waiting, a batch is full, or every row of a run that ended is
-        ready; otherwise when the oldest ready row has waited the commit delay since it was submitted.
+        ready; otherwise when the oldest ready row has waited the commit delay since it was submitted (or since the
+        loop came back from a stall, `_restart_after_stall`).
         """
         delay = self.config.commit_delay_ms / 1000
         sealing = self._seal_due(queues, delay)
@@ -353,7 +397,7 @@ class LLMRequestTracker:
             if delay <= 0 or queues.flushing:
                 return 0.0
             ready += 1
-            oldest = item.submitted if oldest is None else min(oldest, item.submitted)
+            oldest = item.waits_from if oldest is None else min(oldest, item.waits_from)
             if item.hurried is not None:
                 hurried.add(item.hurried)
             check_prepared(item)
@@ -376,7 +420,7 @@ class LLMRequestTracker:
             if not item.sealing:
                 continue
             if not item.record.sealed():
-                left = item.submitted + delay - now
+                left = item.waits_from + delay - now
                 if left > 0 and item.hurried is None and not queues.flushing:
                     wait = left if wait is None else min(wait, left)
                     continue

@@ -159,3 +159,60 @@ async def test_flush_and_track_request_commit_without_the_delay(tmp_path: Path):
         tracker.submit(ledger_record())
         await tracker.flush()
     assert await scalar('SELECT count(*) FROM llm_requests') == 2
+
+
+STALL_DELAY_MS = 300
+STALL_SECONDS = 0.6  # twice the delay: the writer's wake-up comes late by half the stall at least
+
+
+async def test_a_stall_of_the_loop_restarts_the_delay_so_the_runs_rows_still_share_one_transaction(tmp_path: Path):
+    """A full garbage collection (60-80 ms with a large heap) in a turn of the demo at 0 ms outlasted the 50 ms delay
+    once in about a hundred turns, and its rows took two transactions; here the tool holds the loop instead."""
+
+    async def stall(n: int) -> None:
+        if n == 0:  # after the first request: its row waits out the delay while nothing else can run
+            time.sleep(STALL_SECONDS)  # noqa: ASYNC251 - the point: the event loop held as a collection holds it
+
+    counted = _Counted()
+    tracker = _tracker(tmp_path, counted, commit_delay_ms=STALL_DELAY_MS)
+    result = await _agent(tracker, stall).run('go')
+    rows = await ledger_rows(run_id=result.run_id)
+    assert [row['run_step'] for row in rows] == [1, 2, 3]
+    assert counted.sessions == tracker.stats.batches == 1 and tracker.stats.largest_batch == 3, tracker.stats
+    assert tracker.stats.stalls == 1
+
+
+async def test_a_rows_delay_restarts_once_so_stalls_one_after_another_cannot_hold_it(tmp_path: Path):
+    committed_during_the_run: list[int] = []
+
+    async def stall(n: int) -> None:
+        time.sleep(STALL_SECONDS)  # noqa: ASYNC251 - after each of the first two requests
+        if n == 1:
+            # The first row's delay was restarted after the first stall, not again after this one: it is committed
+            # now, while the run goes on (with the second row, ready by then).
+            for _ in range(int(WELL_UNDER / 0.05)):
+                committed_during_the_run.append(await scalar('SELECT count(*) FROM llm_requests'))
+                if committed_during_the_run[-1]:
+                    break
+                await asyncio.sleep(0.05)
+
+    counted = _Counted()
+    tracker = _tracker(tmp_path, counted, commit_delay_ms=STALL_DELAY_MS)
+    result = await _agent(tracker, stall).run('go')
+    assert committed_during_the_run[-1] == 2, committed_during_the_run
+    assert [row['run_step'] for row in await ledger_rows(run_id=result.run_id)] == [1, 2, 3]
+    assert counted.sessions == tracker.stats.batches == 2 and tracker.stats.stalls == 2, tracker.stats
+
+
+async def test_a_wake_up_late_by_less_than_a_fifth_of_the_delay_is_no_stall(tmp_path: Path):
+    """The loop held past the first row's delay, by about 50 ms of a 1 s delay (the tolerance: 200 ms): the row is
+    committed as the loop comes back, alone, as a row whose delay passed is."""
+
+    async def busy(n: int) -> None:
+        if n == 0:
+            time.sleep(1.05)  # noqa: ASYNC251 - the event loop held just past the delay
+
+    counted = _Counted()
+    tracker = _tracker(tmp_path, counted, commit_delay_ms=1000)
+    await _agent(tracker, busy).run('go')
+    assert tracker.stats.stalls == 0 and counted.sessions == tracker.stats.batches == 2, tracker.stats
