@@ -44,6 +44,15 @@ def _tracker(tmp_path: Path, counted: _Counted | None = None, **config: Any) -> 
     return LLMRequestTracker(fast_config(tmp_path, **config), session_factory=counted)
 
 
+async def _poll_rows(seen: list[int], *, tries: int) -> None:
+    """Count the ledger's rows into `seen` every 50 ms until there are some, at most `tries` times."""
+    for _ in range(tries):
+        seen.append(await scalar('SELECT count(*) FROM llm_requests'))
+        if seen[-1]:
+            return
+        await asyncio.sleep(0.05)
+
+
 def _three_requests(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Two requests that call the `step` tool, then the answer: three model requests at no latency."""
     done = sum(isinstance(part, ToolReturnPart) for message in messages for part in message.parts)
@@ -89,11 +98,7 @@ async def test_a_row_is_held_for_the_delay_and_with_none_committed_at_once(
     async def look(n: int) -> None:
         # Between the run's requests: is the first request's row in the database yet?
         if n == 0:
-            for _ in range(40 if committed_during_the_run else 4):
-                seen.append(await scalar('SELECT count(*) FROM llm_requests'))
-                if seen[-1]:
-                    break
-                await asyncio.sleep(0.05)
+            await _poll_rows(seen, tries=40 if committed_during_the_run else 4)
 
     counted = _Counted()
     tracker = _tracker(tmp_path, counted, commit_delay_ms=delay_ms)
@@ -190,11 +195,7 @@ async def test_a_rows_delay_restarts_once_so_stalls_one_after_another_cannot_hol
         if n == 1:
             # The first row's delay was restarted after the first stall, not again after this one: it is committed
             # now, while the run goes on (with the second row, ready by then).
-            for _ in range(int(WELL_UNDER / 0.05)):
-                committed_during_the_run.append(await scalar('SELECT count(*) FROM llm_requests'))
-                if committed_during_the_run[-1]:
-                    break
-                await asyncio.sleep(0.05)
+            await _poll_rows(committed_during_the_run, tries=int(WELL_UNDER / 0.05))
 
     counted = _Counted()
     tracker = _tracker(tmp_path, counted, commit_delay_ms=STALL_DELAY_MS)
