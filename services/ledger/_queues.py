@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from agentrt.services.ledger._record import LedgerRecord
 
 WriteOutcome = Literal['written', 'spooled', 'held', 'lost']
+
+STALL_FRACTION = 0.2
+"""A writer's wake-up later than this fraction of the commit delay says the event loop stalled."""
+STALL_MIN_SECONDS = 0.005
+"""...and later than this in any case: a busy loop runs a due timer a millisecond or two late."""
 
 
 @dataclass
@@ -53,7 +59,7 @@ class PendingRow:
     submitted: float
     waits_from: float
     """When its commit delay started: as it was submitted, or once as its event loop came back from a stall
-    (`LLMRequestTracker._restart_after_stall`); `submitted` stays the time it was submitted."""
+    (`LoopQueues.sleep_past_stalls`); `submitted` stays the time it was submitted."""
     restarted: bool = False
     """Its commit delay was restarted after a stall already: a row's delay restarts once at most."""
     prepared: asyncio.Future[None] | None = None
@@ -104,6 +110,32 @@ class LoopQueues:
             self.wakeup = None
             if timer is not None:
                 timer.cancel()
+
+    async def sleep_past_stalls(self, seconds: float | None, delay: float) -> int:
+        """`sleep(seconds)`; then, if the wake-up came later than a fifth of the commit `delay` (at least
+        `STALL_MIN_SECONDS`), the event loop stalled (a full garbage collection, the process descheduled on a loaded
+        machine, a step that held the loop): the rows whose delay ran out in the stall wait it again, from now, once
+        each. Returns how many did (0: no stall).
+
+        The delay is there so a run's rows share one transaction; a stall stops the run as much as the writer, so
+        without this the run's first rows would be committed as the loop comes back, and its other rows in a second
+        transaction a few milliseconds later (one demo turn in about a hundred at 0 ms model latency, each with a full
+        collection of 60-80 ms in it). Once per row, so no row waits longer than twice the delay beyond the stalls.
+        """
+        due = None if seconds is None else time.perf_counter() + seconds
+        await self.sleep(seconds)
+        if due is None:
+            return 0
+        now = time.perf_counter()
+        if now - due <= max(delay * STALL_FRACTION, STALL_MIN_SECONDS):
+            return 0
+        restarted = 0
+        for item in self.pending:
+            if not item.restarted and item.waits_from + delay <= now:
+                item.waits_from = now
+                item.restarted = True
+                restarted += 1
+        return restarted
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         """The writer and replay tasks still running."""

@@ -31,11 +31,6 @@ from agentrt.services.ledger._writes import SessionFactory, database_unavailable
 logger = logging.getLogger('agentrt.ledger')
 _tracer = trace.get_tracer('agentrt.ledger')
 
-STALL_FRACTION = 0.2
-"""A writer's wake-up later than this fraction of the commit delay says the event loop stalled."""
-STALL_MIN_SECONDS = 0.005
-"""...and later than this in any case: a busy loop runs a due timer a millisecond or two late."""
-
 __all__ = [
     'LLMRequestTracker',
     'ReplayReport',
@@ -71,8 +66,8 @@ class LLMRequestTracker:
     transaction, and rows of concurrent runs share commits; the rows of a run whose model requests take longer than
     the delay are each committed the delay after their request, as before but later. The delay counts the time the
     event loop runs: a stall of the loop (a full garbage collection, the process descheduled) that wakes the writer
-    late restarts the delay of the rows that came due in it, once per row (`_restart_after_stall`), so a run stopped
-    by the stall as much as the writer still commits its rows together.
+    late restarts the delay of the rows that came due in it, once per row (`LoopQueues.sleep_past_stalls`), so a run
+    stopped by the stall as much as the writer still commits its rows together.
 
     A record whose response body is not sealed yet (`ResponseBody`: the ledger takes a response's content once
     pydantic-ai has stamped it, at the run's next model request or its end) is prepared once sealed; the writer seals
@@ -343,34 +338,9 @@ class LLMRequestTracker:
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
 
     async def _wait_for_more(self, queues: LoopQueues, wait: float | None) -> None:
-        """Sleep until something changes or `wait` seconds pass; a wake-up that comes late by more than a fifth of the
-        commit delay (at least `STALL_MIN_SECONDS`) means the event loop stalled (a full garbage collection, the
-        process descheduled on a loaded machine, a step that held the loop), and restarts the delay of the rows that
-        came due meanwhile (`_restart_after_stall`)."""
-        due = None if wait is None else time.perf_counter() + wait
-        await queues.sleep(wait)
-        if due is None:
-            return
-        now = time.perf_counter()
-        delay = self.config.commit_delay_ms / 1000
-        if now - due > max(delay * STALL_FRACTION, STALL_MIN_SECONDS):
-            self._restart_after_stall(queues, now, delay)
-
-    def _restart_after_stall(self, queues: LoopQueues, now: float, delay: float) -> None:
-        """Give the rows whose commit delay ran out while the loop stalled the delay again, from now, once each.
-
-        The delay is there so a run's rows share one transaction; a stall stops the run as much as the writer, so
-        without this the run's first rows would be committed as the loop comes back, and the run's other rows in a
-        second transaction a few milliseconds later (one turn in about a hundred at 0 ms model latency, each with a
-        full collection of 60-80 ms in it; more on a loaded machine). Once per row, so no row waits longer than twice
-        the delay beyond the stalls themselves.
-        """
-        restarted = 0
-        for item in queues.pending:
-            if not item.restarted and item.waits_from + delay <= now:
-                item.waits_from = now
-                item.restarted = True
-                restarted += 1
+        """Sleep until something changes or `wait` seconds pass; a wake-up late enough to say the event loop stalled
+        restarts the commit delay of the rows that came due in the stall (`LoopQueues.sleep_past_stalls`)."""
+        restarted = await queues.sleep_past_stalls(wait, self.config.commit_delay_ms / 1000)
         if restarted:
             self.stats.stalls += 1
             logger.debug('ledger writer: the event loop stalled; %d rows wait the commit delay again', restarted)
@@ -380,7 +350,7 @@ class LLMRequestTracker:
 
         Now when there is no commit delay, a flush is waiting, a batch is full, or every row of a run that ended is
         ready; otherwise when the oldest ready row has waited the commit delay since it was submitted (or since the
-        loop came back from a stall, `_restart_after_stall`).
+        loop came back from a stall, `LoopQueues.sleep_past_stalls`).
         """
         delay = self.config.commit_delay_ms / 1000
         sealing = self._seal_due(queues, delay)
