@@ -37,7 +37,7 @@ class TrackerStats:
     replayed_rows: int = 0
     replay_duplicates: int = 0
     stalls: int = 0
-    """Times the writer woke up late enough to say its event loop had stalled (`LoopQueues.stall_after`), which
+    """Times the writer woke up late enough to say its event loop had stalled (`LoopQueues.sleep_past_stalls`), which
     restarted the commit delay of the rows waiting then."""
 
     def as_dict(self) -> dict[str, Any]:
