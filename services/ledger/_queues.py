@@ -58,10 +58,9 @@ class PendingRow:
     future: asyncio.Future[WriteOutcome]
     submitted: float
     waits_from: float
-    """When its commit delay started: as it was submitted, or once as its event loop came back from a stall
-    (`LoopQueues.sleep_past_stalls`); `submitted` stays the time it was submitted."""
-    restarted: bool = False
-    """Its commit delay was restarted after a stall already: a row's delay restarts once at most."""
+    """When its commit delay started: `submitted`, or once (a row's delay restarts at most once, so a row whose
+    `waits_from` is not `submitted` any more has had its restart) as its event loop came back from a stall
+    (`LoopQueues.sleep_past_stalls`)."""
     prepared: asyncio.Future[None] | None = None
     """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
     sealing: bool = False
@@ -131,9 +130,8 @@ class LoopQueues:
             return 0
         restarted = 0
         for item in self.pending:
-            if not item.restarted and item.waits_from + delay <= now:
+            if item.waits_from == item.submitted and item.submitted + delay <= now:
                 item.waits_from = now
-                item.restarted = True
                 restarted += 1
         return restarted
 
