@@ -16,7 +16,9 @@ The other way round, the conversation store saves a turn's new messages from the
 they were sent, responses when sealed: `dumped_message_json`), while nothing pydantic-ai changes on a message has
 changed since: one dump per new message.
 Then the text is checked for secrets (`json_may_need_redaction`: one RE2 scan, linear, the GIL released) and, only
-when it may hold one, parsed and walked (`redact_value`, the costly part). A record whose unchecked text is small
+when it may hold one, parsed and walked (`redact_value`, the costly part). A stored text later runs resend (the
+history a chat turn loaded, the instructions) that the check found clean is remembered as clean (`_clean_texts`), so
+a conversation's history is scanned once a process, not once a turn. A record whose unchecked text is small
 (`quick_render`, at most `INLINE_PREPARE_BYTES` together) is checked on the loop when it is recorded (a fraction of a
 millisecond; a thread hand-off costs more); a body the check finds a possible secret in, a bigger one, and an error
 body are rendered in the tracker's worker threads (`Body.render()`), so neither a huge message nor a hostile one
@@ -34,6 +36,7 @@ from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTT
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_core import to_jsonable_python
 
+from agentrt.services.ledger._clean_texts import may_need_redaction
 from agentrt.services.ledger._known_json import dumped_message_json, known_json, message_state, remember
 from agentrt.services.ledger.redaction import json_may_need_redaction, redact_value
 from agentrt.services.message_json import message_adapter
@@ -112,12 +115,15 @@ class JsonBody(Body):
     """A body whose JSON text is known (a message dumped with `dump_json`, or loaded from the conversation store as
     stored): rendered from the text, parsed only when it may hold a secret, checked for one once."""
 
-    __slots__ = ('_suspect', '_text')
+    __slots__ = ('_recurring', '_suspect', '_text')
 
-    def __init__(self, text: str) -> None:
-        """Keep the JSON `text` of a JSON-able value."""
+    def __init__(self, text: str, *, recurring: bool = False) -> None:
+        """Keep the JSON `text` of a JSON-able value; `recurring` when later runs are likely to send the same text
+        (a conversation's stored history, the agent's instructions): a clean one is then remembered as clean
+        (`_clean_texts`), so those runs do not scan it again."""
         super().__init__(None)
         self._text = text
+        self._recurring = recurring
         self._suspect = False
         """The check found a possible secret: `render()` walks the value without checking again."""
 
@@ -138,7 +144,7 @@ class JsonBody(Body):
             return False
         try:
             if self._rendered is None:
-                if json_may_need_redaction(self._text):
+                if may_need_redaction(self._text, recurring=self._recurring):
                     self._suspect = True
                     return False
                 self._rendered = (self._text, 0)
@@ -147,7 +153,7 @@ class JsonBody(Body):
             self._lock.release()
 
     def _render(self) -> tuple[str, int]:
-        if not self._suspect and not json_may_need_redaction(self._text):
+        if not self._suspect and not may_need_redaction(self._text, recurring=self._recurring):
             return self._text, 0
         redacted, count = redact_value(json.loads(self._text))
         return _dumps(redacted), count
@@ -327,7 +333,7 @@ class RunBodies:
         """The prompt body of a request sending `messages` with `instructions`."""
         shared = self._instructions.get(instructions)
         if shared is None:
-            shared = self._instructions[instructions] = JsonBody(_dumps(instructions))
+            shared = self._instructions[instructions] = JsonBody(_dumps(instructions), recurring=True)
         return PromptBody(shared, [self.message(message) for message in messages])
 
     def message(self, message: ModelMessage) -> Body:
@@ -336,7 +342,7 @@ class RunBodies:
         if seen is not None and seen[0] is message and seen[1] == len(message.parts):
             return seen[2]
         known = self._known_text(message)
-        body = JsonBody(known) if known is not None else _dumped(message)
+        body = JsonBody(known, recurring=True) if known is not None else _dumped(message)
         self._messages[id(message)] = (message, len(message.parts), body)
         return body
 
@@ -374,7 +380,7 @@ class RunBodies:
         known = known_json(response)
         body: Body
         if known is not None:
-            body = JsonBody(known)
+            body = JsonBody(known, recurring=True)
         else:
             body = ResponseBody(response)
             self._open.append(body)

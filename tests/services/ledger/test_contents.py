@@ -21,6 +21,7 @@ from agentrt.db.roles import Unscoped
 from agentrt.services.conversations._stored import message_json
 from agentrt.services.ledger import (
     LLMRequestTracker,
+    _clean_texts,
     _contents,
     _prepare,
     _record,
@@ -73,6 +74,7 @@ class _Spy:
             return real(text)
 
         monkeypatch.setattr(_contents, 'json_may_need_redaction', spy)
+        monkeypatch.setattr(_clean_texts, 'json_may_need_redaction', spy)  # the check of known texts (`JsonBody`)
 
 
 async def test_each_message_of_a_run_is_redacted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
