@@ -36,7 +36,11 @@ def replay(
         )
     if spool is not None and _nothing_to_replay(spool.expanduser()):
         # Said plainly: a mistyped path otherwise "replayed 0" and left a `<name>.lock` file behind.
-        fail(f'--spool: {spool} does not exist (nor an interrupted replay of it); nothing to replay', EXIT_USAGE)
+        fail(
+            f"--spool: {spool} does not exist (nor an interrupted replay of it, nor an ended process's journal); "
+            'nothing to replay',
+            EXIT_USAGE,
+        )
     report = run(_replay, spool)
     if as_json:
         print_json(asdict(report))
@@ -70,8 +74,9 @@ def _checked_spool_path(spool: str) -> Path:
 
 
 def _nothing_to_replay(path: Path) -> bool:
-    """Whether an explicit `--spool` names neither a file nor the `.replaying-*` files a crashed replay left."""
-    return not path.exists() and not _spool_file(path).claimed_files()
+    """Whether an explicit `--spool` names neither a file, nor the `.replaying-*` files a crashed replay left, nor
+    the journal of a process that is gone."""
+    return not path.exists() and not _spool_file(path).pending_files()
 
 
 def _spool_file(path: Path) -> LedgerSpool:

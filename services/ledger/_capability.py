@@ -205,6 +205,7 @@ class LedgerCapability(AbstractCapability[Any]):
         state = self._state(ctx)
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
         state.bodies.seal()  # the responses recorded so far: pydantic-ai has stamped them by now
+        state.tracker.bodies_sealed()  # their rows can be prepared, and journaled while held for the commit delay
         request_id, started_at = new_request_id(), utc_now()
         try:
             hold = (

@@ -35,6 +35,9 @@ class LedgerConfig:
     """How long a ready row may wait for more rows before the writer commits it (PostgreSQL's `commit_delay`, in the
     process): a run's rows go in one transaction when its requests end within it. The run's end, `track_request()`,
     `flush()` and a full batch commit at once. 0: commit each row as soon as it is ready. See `LLMRequestTracker`."""
+    journal: bool = True
+    """Write the rows the writer holds (for the commit delay, or while it retries) to a journal file beside the spool,
+    so a process killed meanwhile loses none of them (`_journal.py`). Off: they are only in memory until committed."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     lock_timeout_ms: int = 2000
     statement_timeout_ms: int = 15000

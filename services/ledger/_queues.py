@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from agentrt.services.ledger._journal import RowJournal
 from agentrt.services.ledger._record import LedgerRecord
 
 WriteOutcome = Literal['written', 'spooled', 'held', 'lost']
@@ -36,6 +37,8 @@ class TrackerStats:
     content_failures: int = 0
     replayed_rows: int = 0
     replay_duplicates: int = 0
+    journaled: int = 0
+    """Rows written to the journal while held (`_journal.py`): what a process killed then would not have lost."""
     stalls: int = 0
     """Times the writer woke up late enough to say its event loop had stalled (`LoopQueues.sleep_past_stalls`), which
     restarted the commit delay of the rows waiting then."""
@@ -65,6 +68,8 @@ class PendingRow:
     """The record's `prepare()` running in a worker thread; None when there was nothing worth a thread."""
     sealing: bool = False
     """Its record waits to be sealed (a response pydantic-ai stamps after it was recorded) before it is prepared."""
+    journaled: bool = False
+    """Written to its loop's journal (`_journal.py`) while held for the commit delay or a retry."""
     hurried: object | None = None
     """Set (to a token shared by the rows of one run) when its run ended: commit it without the commit delay, as soon
     as every row with the same token is ready."""
@@ -91,6 +96,12 @@ class LoopQueues:
     comeback: asyncio.TimerHandle | None = None
     """Set while a try of the spool is due (`LLMRequestTracker._come_back_later`): rows were spooled or held."""
     comeback_after: float = 0.0
+    journal: RowJournal | None = None
+    """This loop's journal of the rows the writer holds (`_journal.py`), made when it first holds one."""
+    journaled: int = 0
+    """How many rows in the journal are not committed or spooled yet: it is emptied when none is."""
+    journal_failed: bool = False
+    """The journal could not be written (said once): this loop's writer holds rows in memory only."""
     """The wait before the due try (doubles while the database stays away; 0 once the spool was written)."""
 
     def wake(self) -> None:

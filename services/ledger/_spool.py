@@ -17,6 +17,7 @@ from typing import Any
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import unsafe_directory
+from agentrt.services.ledger._journal import dead_journals
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -72,7 +73,7 @@ class LedgerSpool:
         if not entries:
             return
         payload = ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
-        self._private_directory()
+        self.private_directory()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # read: its last byte
             try:
@@ -113,7 +114,7 @@ class LedgerSpool:
         except FileNotFoundError:
             return False
 
-    def _private_directory(self) -> None:
+    def private_directory(self) -> None:
         """Make the spool's directory (owner-only) if missing; refuse one someone else could write.
 
         Raises:
@@ -129,11 +130,14 @@ class LedgerSpool:
             )
 
     def pending_files(self) -> list[Path]:
-        """The live spool file (if not empty) and any claimed files a crashed replay left behind; nothing in a
-        directory others may write (`_private_directory`)."""
+        """The live spool file (if not empty), any claimed files a crashed replay left behind, and the journals of
+        processes that died holding rows (`_journal.py`); nothing in a directory others may write
+        (`private_directory`)."""
         if self.path.parent.exists() and unsafe_directory(self.path.parent) is not None:
             return []
         found = self.claimed_files() if self.path.parent.exists() else []
+        if self.path.parent.exists():
+            found += [path for path in dead_journals(self.path) if _size(path)]
         try:
             status = self.path.stat()
         except FileNotFoundError:
@@ -166,9 +170,9 @@ class LedgerSpool:
         """Hold the cross-process replay lock without waiting; yields False when another replay holds it.
 
         Raises:
-            ConfigError: the spool's directory is not private (`_private_directory`).
+            ConfigError: the spool's directory is not private (`private_directory`).
         """
-        self._private_directory()
+        self.private_directory()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             try:
@@ -199,7 +203,20 @@ class LedgerSpool:
                     os.rename(self.path, target)
             finally:
                 os.close(fd)
+        self._claim_dead_journals()
         return self.claimed_files()
+
+    def _claim_dead_journals(self) -> None:
+        """Take over the journals of processes that died (their rows, held for the commit delay or retries, were
+        never committed): each becomes a claimed file, replayed as spooled rows are, exactly once; an empty one is
+        deleted."""
+        for journal in dead_journals(self.path):
+            with suppress(FileNotFoundError):  # another replay took it first
+                if journal.stat().st_size == 0:
+                    journal.unlink()
+                    continue
+                logger.warning('ledger: replaying the rows a process that ended left in its journal %s', journal.name)
+                os.rename(journal, self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{journal.name}'))
 
     def claimed_files(self) -> list[Path]:
         """The `.replaying-*` files beside the spool: claimed by a replay, and left there if it did not finish."""
@@ -249,6 +266,14 @@ class LedgerSpool:
     def release(self, path: Path) -> None:
         """Delete a claimed file once all of its rows are in the database."""
         path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for one that is gone (a replay took it meanwhile)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 _FIRST_LINE_BYTES = 8 * 1024 * 1024

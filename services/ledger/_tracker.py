@@ -7,7 +7,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -20,6 +20,7 @@ from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
+from agentrt.services.ledger._journal import RowJournal
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
@@ -75,17 +76,18 @@ class LLMRequestTracker:
     along when a batch is due and pydantic-ai has stamped it (`_seal_due`, `_seal_stamped`): no row waits longer than
     it did before.
 
-    What the delay costs, precisely: a row is durable only once committed. Until then it exists only in this
-    process's memory; the spool covers a database that cannot be reached, not a process that dies (SIGKILL, out of
-    memory, power loss). A crash at a moment t loses every row not committed by t: without the delay, the rows whose
-    model requests ended in the last few milliseconds before t (their preparation and at most one commit in flight
-    before theirs); with it, also those that ended up to the delay before t and whose run had not ended, rows that
-    would otherwise have been committed already. The provider billed those requests, and their budget holds are
-    released by the sweeper without their cost being charged. A request in flight at t is lost either way (its row is
-    built from its response), so the delay lengthens, by up to 50 ms (twice that around a stall of the loop), a
-    window that exists anyway and that model requests (typically 0.3-30 s) dominate. A clean shutdown (`aclose()`;
-    an event loop that closes spools what it held) loses nothing. 0 turns the delay off: each row committed as soon
-    as it is ready.
+    What the delay costs, precisely: a row is durable only once committed. Until then it is in this process's memory;
+    the spool covers a database that cannot be reached, and the journal (`_journal.py`) a process that dies (SIGKILL,
+    out of memory): a prepared row the writer holds, for the delay or through the retries of a database that is away,
+    is written to the journal first, which a later replay takes over once the process is gone (exactly once, by the
+    row's minted key). A run seals its responses at its next model request (`bodies_sealed()` wakes the writer to
+    prepare them), so the rows of a fast run, held until its end, are journaled as it goes. A crash at a moment t
+    still loses: a row whose response was not sealed yet (its run's tools still running, at most the delay, after
+    which it is committed), a row being prepared or committed at t, and on a crash of the host (power loss) what the
+    journal held, since it is not fsynced (a flush per held row). The provider billed those requests, and their budget
+    holds are released by the sweeper without their cost being charged. A request in flight at t is lost either way
+    (its row is built from its response). A clean shutdown (`aclose()`; an event loop that closes spools what it held)
+    loses nothing. 0 turns the delay off: each row committed as soon as it is ready.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
@@ -167,6 +169,14 @@ class LLMRequestTracker:
         else:
             item.prepared.add_done_callback(lambda _: queues.wake())
 
+    def bodies_sealed(self) -> None:
+        """A run sealed the responses it recorded (its next model request started): the writer prepares their rows
+        now rather than when their delay ends, so the rows it then holds for the delay are in the journal
+        (`_journal.py`). Never blocks; call it from the loop that submitted them."""
+        queues = self._by_loop.get(asyncio.get_running_loop())
+        if queues is not None and self.config.journal and any(item.sealing for item in queues.pending):
+            queues.wake()
+
     def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
         """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
 
@@ -222,6 +232,7 @@ class LLMRequestTracker:
             if queues.comeback is not None:  # the process is stopping: a later start replays what is left
                 queues.comeback.cancel()
                 queues.comeback = None
+            self._close_journal(queues)
 
     async def _close(self) -> None:
         await self.flush()
@@ -304,17 +315,30 @@ class LLMRequestTracker:
             for old in [old for old in self._by_loop if old.is_closed()]:
                 left = self._by_loop.pop(old)
                 self._spool_now(left.inflight + left.pending, 'event loop closed')
+                left.journaled = 0  # spooled: durable (or held in memory when even the spool refused them)
+                self._close_journal(left)
             return self._by_loop.setdefault(loop, LoopQueues())
 
     def _retried(self, exc: BaseException) -> None:
         self.stats.retries += 1
 
-    async def _retrying(self, rows: list[dict[str, Any]], contents: list[dict[str, Any]], what: str) -> None:
+    async def _retrying(
+        self,
+        rows: list[dict[str, Any]],
+        contents: list[dict[str, Any]],
+        what: str,
+        retrying: Callable[[], None] | None = None,
+    ) -> None:
+        def retried(exc: BaseException) -> None:
+            self._retried(exc)
+            if retrying is not None:
+                retrying()
+
         await retry_transient(
             lambda: write_ledger_rows(self._session_factory, rows, contents),
             self.config.retry,
             what=what,
-            on_retry=self._retried,
+            on_retry=retried,
         )
 
     # --- ledger rows ---
@@ -323,6 +347,8 @@ class LLMRequestTracker:
         while queues.pending:
             wait = self._commit_wait(queues)
             if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
+                if wait is not None:  # rows held for the delay: in the journal, so a killed process loses none
+                    self._journal(queues, [item for item in queues.pending if item.ready])
                 await self._wait_for_more(queues, wait)
                 continue
             self._seal_stamped(queues)
@@ -330,6 +356,7 @@ class LLMRequestTracker:
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
+            self._unjournal(queues, batch)
             now = time.perf_counter()
             for item, outcome in zip(batch, outcomes, strict=True):
                 self.stats.ack_seconds += now - item.submitted
@@ -437,6 +464,55 @@ class LLMRequestTracker:
             leftovers, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
             reason = 'writer cancelled' if task.cancelled() else f'writer failed: {task.exception()!r}'
             self._spool_now(leftovers, reason)
+            self._unjournal(queues, leftovers)
+
+    # --- the journal (`_journal.py`) ---
+
+    def _journal(self, queues: LoopQueues, items: list[PendingRow]) -> None:
+        """Write the rows of `items` not in the journal yet to it: the writer holds them (for the commit delay, or
+        while it retries the database). A journal that cannot be written costs nothing but its protection: logged once
+        per loop, and the rows stay in memory as they would without one."""
+        items = [item for item in items if not item.journaled]
+        if not items or not self.config.journal or queues.journal_failed:
+            return
+        try:
+            entries = [item.record.spool_entry(self._content_cap) for item in items]
+            if queues.journal is None:
+                self.spool.private_directory()
+                queues.journal = RowJournal(self.spool.path)
+            queues.journal.write(entries)
+        except Exception as exc:  # a full disk, an unsafe directory (ConfigError), a bug: never the writer's end
+            queues.journal_failed = True
+            logger.warning(
+                'ledger: the journal of held rows cannot be written (%s: %s); a process killed while it holds rows '
+                'loses them',
+                type(exc).__name__,
+                exc,
+            )
+            return
+        for item in items:
+            item.journaled = True
+        queues.journaled += len(items)
+        self.stats.journaled += len(items)
+
+    def _unjournal(self, queues: LoopQueues, items: list[PendingRow]) -> None:
+        """`items` were committed or spooled (or given up on): the journal is emptied once none of its rows waits."""
+        done = sum(item.journaled for item in items)
+        if not done:
+            return
+        queues.journaled = max(queues.journaled - done, 0)
+        if queues.journaled == 0 and queues.journal is not None:
+            try:
+                queues.journal.clear()
+            except OSError as exc:  # replayed later as duplicates of committed rows: written once all the same
+                logger.warning('ledger: the journal could not be emptied (%s); replayed if this process dies', exc)
+
+    @staticmethod
+    def _close_journal(queues: LoopQueues) -> None:
+        """Delete the loop's journal: its writer is done (closed, or its event loop is)."""
+        if queues.journal is not None and not queues.journaled:
+            queues.journal.close()
+            queues.journal = None
 
     async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> list[WriteOutcome]:
         """Write the rows of `items` and their contents in one transaction; the outcome of each row."""
@@ -449,7 +525,8 @@ class LLMRequestTracker:
             with _tracer.start_as_current_span(
                 'ledger write', attributes={'rows': len(rows), 'contents': len(contents)}
             ):
-                await self._retrying(rows, contents, 'ledger write')
+                # Retrying: the rows wait in memory, maybe for minutes of an outage: in the journal meanwhile.
+                await self._retrying(rows, contents, 'ledger write', lambda: self._journal(queues, items))
         except Exception as exc:
             if not database_unavailable(exc):
                 if len(items) > 1:  # one bad row or body must not take the batch with it: one request at a time

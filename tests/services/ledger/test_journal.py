@@ -1,0 +1,193 @@
+"""The writer's journal: the rows it holds (for the commit delay, or while it retries the database) are in a file of
+the process's beside the spool until they are committed, so a process killed meanwhile loses none; a replay takes over
+the journal of a process that is gone, exactly once, and leaves a live one's alone.
+
+The end to end case, a turn's process killed while its first row is held, is in `tests/agents/test_killed_turn.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.processes import process_start, this_host
+from agentrt.db.roles import Unscoped
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, utc_now
+from agentrt.services.ledger._journal import RowJournal, dead_journals, host_tag, journal_holder
+from tests.factories import fast_config, ledger_record, ledger_rows, scalar
+
+LONG_DELAY_MS = 600_000  # held until the test commits it
+
+
+def _records(count: int) -> list[LedgerRecord]:
+    now = utc_now()
+    return [ledger_record(started_at=now, finished_at=now) for _ in range(count)]
+
+
+def _journals(tracker: LLMRequestTracker) -> list[Path]:
+    spool = tracker.spool.path
+    return sorted(spool.parent.glob(spool.name + '.journal-*'))
+
+
+async def _until(check: Any, what: str) -> None:
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f'timed out waiting for {what}')
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _dead_pid() -> tuple[int, float]:
+    """The pid and start of a process that ran and ended (its journal's holder is gone)."""
+    child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)
+    started = process_start(child.pid)
+    assert started is not None
+    child.communicate(b'')
+    return child.pid, started
+
+
+def _journal_of(spool: Path, pid: int, started: float, host: str | None = None) -> Path:
+    return spool.with_name(f'{spool.name}.journal-{host or this_host()}-{pid}-{started:.2f}-1')
+
+
+async def test_a_held_row_is_in_the_journal_until_committed_and_the_journal_goes_when_the_tracker_closes(
+    clean_database: None, tmp_path: Path
+) -> None:
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=LONG_DELAY_MS))
+    first, second = _records(2)
+    futures = [tracker.submit(first), tracker.submit(second)]
+    await _until(lambda: tracker.stats.journaled == 2, 'the held rows to be journaled')
+    [journal] = _journals(tracker)
+    entries = _lines(journal)
+    assert [entry['row']['id'] for entry in entries] == [str(first.id), str(second.id)]
+    assert {content['kind'] for content in entries[0]['contents']} == {'prompt', 'response'}
+    assert journal.stat().st_mode & 0o777 == 0o600
+    assert await scalar('SELECT count(*) FROM llm_requests') == 0  # held, not committed
+
+    tracker.commit_now(futures)
+    assert await asyncio.gather(*futures) == ['written', 'written']
+    assert journal.stat().st_size == 0  # emptied once none of its rows waits
+    assert len(await ledger_rows()) == 2
+
+    third = _records(1)[0]
+    await tracker.track_request(third)  # committed at once: never held, never journaled
+    assert tracker.stats.journaled == 2 and journal.stat().st_size == 0
+    await tracker.aclose()
+    assert _journals(tracker) == []
+
+
+async def test_rows_are_journaled_while_the_writer_retries_a_database_that_is_away(
+    clean_database: None, tmp_path: Path
+) -> None:
+    """A database outage keeps a batch in the writer's memory through its retries (minutes with the default policy):
+    a process killed then took its rows with it (41 rows once, behind a PgBouncer outage)."""
+    refused = asyncio.Event()
+    journaled_during_outage: list[int] = []
+    tracker: LLMRequestTracker
+
+    @asynccontextmanager
+    async def away_then_back() -> AsyncIterator[DriverTransaction]:
+        if not refused.is_set():
+            refused.set()
+            raise ConnectionRefusedError('the database is restarting')
+        journaled_during_outage.append(sum(1 for path in _journals(tracker) for _ in _lines(path)))
+        async with driver_transaction(account=Unscoped.LEDGER) as transaction:
+            yield transaction
+
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=0), session_factory=away_then_back)
+    record = _records(1)[0]
+    assert await tracker.track_request(record) == 'written'
+    assert journaled_during_outage == [1]  # the retry found the row in the journal
+    assert tracker.stats.retries == 1 and tracker.stats.journaled == 1
+    assert [row['id'] for row in await ledger_rows()] == [record.id]
+    assert all(path.stat().st_size == 0 for path in _journals(tracker))
+    await tracker.aclose()
+
+
+async def test_a_replay_takes_over_a_dead_processs_journal_once_and_leaves_a_live_ones_alone(
+    clean_database: None, tmp_path: Path
+) -> None:
+    live = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=LONG_DELAY_MS))
+    held = _records(1)[0]
+    held_future = live.submit(held)
+    await _until(lambda: live.stats.journaled == 1, 'the live row to be journaled')
+    [live_journal] = _journals(live)
+
+    committed, lost = _records(2)
+    # In the database already (another tracker's: this one's batch would take its held row along); its journal line
+    # outlived the commit, as when a process dies between the commit and emptying its journal.
+    await LLMRequestTracker(fast_config(tmp_path)).track_request(committed)
+    pid, started = _dead_pid()
+    spool = live.spool.path
+    dead = _journal_of(spool, pid, started)
+    dead.write_text(''.join(json.dumps(record.spool_entry(4096)) + '\n' for record in (committed, lost)))
+    dead.chmod(0o600)
+    empty = spool.with_name(dead.name[:-1] + '2')
+    empty.touch(0o600)
+    elsewhere = _journal_of(spool, pid, started, host='another-host')
+    elsewhere.write_text(dead.read_text())
+    assert sorted(dead_journals(spool)) == sorted([dead, empty])
+    assert live.spool.has_pending()
+
+    replayer = LLMRequestTracker(fast_config(tmp_path))
+    report = await replayer.replay_spool()
+    assert (report.rows, report.inserted, report.duplicates) == (2, 1, 1)  # each row once
+    assert sorted(row['id'] for row in await ledger_rows()) == sorted([committed.id, lost.id])
+    assert not dead.exists() and not empty.exists()
+    assert elsewhere.exists()  # another host's process: its host tells whether it is gone
+    assert live_journal.stat().st_size > 0  # this process's rows, still held
+    assert (await replayer.replay_spool()).rows == 0
+
+    live.commit_now([held_future])
+    assert await held_future == 'written'
+    assert live_journal.stat().st_size == 0
+    await live.aclose()
+    assert not live_journal.exists()
+    assert len(await ledger_rows()) == 3
+
+
+async def test_a_journal_that_cannot_be_written_costs_only_its_protection_said_once(
+    clean_database: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full_disk(self: RowJournal, entries: list[dict[str, Any]]) -> None:
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(RowJournal, 'write', full_disk)
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=LONG_DELAY_MS))
+    records = _records(3)
+    with caplog.at_level(logging.WARNING, logger='agentrt.ledger'):
+        futures = [tracker.submit(record) for record in records]
+        await _until(lambda: all(item.ready for item in tracker._queues(asyncio.get_running_loop()).pending), 'ready')
+        await asyncio.sleep(0.1)  # the writer went back to waiting for the delay, several times
+        tracker.commit_now(futures)
+        assert await asyncio.gather(*futures) == ['written'] * 3
+    warnings = [r.getMessage() for r in caplog.records if 'journal of held rows cannot be written' in r.getMessage()]
+    assert len(warnings) == 1 and 'No space left on device' in warnings[0]
+    assert tracker.stats.journaled == 0
+    assert len(await ledger_rows()) == 3
+    await tracker.aclose()
+
+
+def test_a_journals_name_says_whose_it_is_and_other_names_are_not_journals(tmp_path: Path) -> None:
+    journal = RowJournal(tmp_path / 'spool-a.jsonl')
+    host, pid, started = journal_holder(journal.path) or ('', 0, 0.0)
+    assert journal.path.parent == tmp_path and journal.path.name.startswith('spool-a.jsonl.journal-')
+    assert pid > 0 and started == pytest.approx(process_start(pid) or -1, abs=0.01)
+    assert host == host_tag(this_host())
+    for name in ('spool-a.jsonl', 'spool-a.jsonl.journal-x', 'spool-a.jsonl.journal-h-notapid-1.0-1'):
+        assert journal_holder(tmp_path / name) is None
+    assert RowJournal(tmp_path / 'spool-a.jsonl').path != journal.path  # one per event loop, never shared
