@@ -17,7 +17,7 @@ from typing import Any
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import unsafe_directory
-from agentrt.services.ledger._journal import dead_journals
+from agentrt.services.ledger._journal import dead_journals, read_journal
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -72,7 +72,7 @@ class LedgerSpool:
         """
         if not entries:
             return
-        payload = ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
+        payload = _lines(entries)
         self.private_directory()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # read: its last byte
@@ -211,12 +211,22 @@ class LedgerSpool:
         never committed): each becomes a claimed file, replayed as spooled rows are, exactly once; an empty one is
         deleted."""
         for journal in dead_journals(self.path):
-            with suppress(FileNotFoundError):  # another replay took it first
-                if journal.stat().st_size == 0:
-                    journal.unlink()
-                    continue
-                logger.warning('ledger: replaying the rows a process that ended left in its journal %s', journal.name)
-                os.rename(journal, self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{journal.name}'))
+            with suppress(FileNotFoundError):  # gone meanwhile
+                entries = read_journal(journal)
+                if entries:
+                    logger.warning('ledger: replaying %d row(s) an ended process left: %s', len(entries), journal.name)
+                    self._write_claimed(entries, journal.name)
+                journal.unlink()
+
+    def _write_claimed(self, entries: list[dict[str, Any]], source: str) -> None:
+        """Write `entries` as a claimed file of their own, whole and fsynced (before their journal is deleted: a crash
+        in between replays both, each row once)."""
+        claimed = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{source}')
+        fd = os.open(claimed, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            self._append_locked(fd, _lines(entries))
+        finally:
+            os.close(fd)
 
     def claimed_files(self) -> list[Path]:
         """The `.replaying-*` files beside the spool: claimed by a replay, and left there if it did not finish."""
@@ -266,6 +276,11 @@ class LedgerSpool:
     def release(self, path: Path) -> None:
         """Delete a claimed file once all of its rows are in the database."""
         path.unlink(missing_ok=True)
+
+
+def _lines(entries: list[dict[str, Any]]) -> bytes:
+    """Entries as spool lines: one JSON object per line."""
+    return ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
 
 
 def _size(path: Path) -> int:

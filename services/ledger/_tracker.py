@@ -161,21 +161,32 @@ class LLMRequestTracker:
             queues.ledger_task.add_done_callback(lambda task: self._ledger_done(queues, task))
         return future
 
-    def _prepare(self, loop: asyncio.AbstractEventLoop, queues: LoopQueues, item: PendingRow) -> None:
-        """Start preparing the record of `item` (here when that is quick, else in a worker thread)."""
+    def _prepare(
+        self, loop: asyncio.AbstractEventLoop, queues: LoopQueues, item: PendingRow, *, wake: bool = True
+    ) -> None:
+        """Start preparing the record of `item` (here when that is quick, else in a worker thread); the writer is
+        woken once it is ready (unless `wake` is False and it was quick: its timer is for its commit delay)."""
         item.prepared = start_preparing(loop, item.record, self._content_cap)
         if item.prepared is None:
-            queues.wake()
+            if wake:
+                queues.wake()
         else:
             item.prepared.add_done_callback(lambda _: queues.wake())
 
     def bodies_sealed(self) -> None:
-        """A run sealed the responses it recorded (its next model request started): the writer prepares their rows
-        now rather than when their delay ends, so the rows it then holds for the delay are in the journal
-        (`_journal.py`). Never blocks; call it from the loop that submitted them."""
-        queues = self._by_loop.get(asyncio.get_running_loop())
-        if queues is not None and self.config.journal and any(item.sealing for item in queues.pending):
-            queues.wake()
+        """A run sealed the responses it recorded (its next model request started): their rows are prepared now
+        rather than when their delay ends, and journaled (`_journal.py`) as the writer holds them for the delay: here
+        when that is quick (the writer is not woken for it, its timer stands), else by the writer once a worker thread
+        prepared them. Never blocks; call it from the loop that submitted them."""
+        loop = asyncio.get_running_loop()
+        queues = self._by_loop.get(loop)
+        if queues is None or not self.config.journal:
+            return
+        sealed = [item for item in queues.pending if item.sealing and item.record.sealed()]
+        for item in sealed:
+            item.sealing = False
+            self._prepare(loop, queues, item, wake=False)
+        self._journal(queues, [item for item in sealed if item.ready])
 
     def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
         """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.

@@ -8,7 +8,6 @@ The end to end case, a turn's process killed while its first row is held, is in 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import subprocess
 import sys
@@ -23,7 +22,14 @@ from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.processes import process_start, this_host
 from agentrt.db.roles import Unscoped
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, utc_now
-from agentrt.services.ledger._journal import RowJournal, dead_journals, host_tag, journal_holder
+from agentrt.services.ledger._journal import (
+    RowJournal,
+    dead_journals,
+    framed_entries,
+    host_tag,
+    journal_holder,
+    read_journal,
+)
 from tests.factories import fast_config, ledger_record, ledger_rows, scalar
 
 LONG_DELAY_MS = 600_000  # held until the test commits it
@@ -47,10 +53,6 @@ async def _until(check: Any, what: str) -> None:
     raise AssertionError(f'timed out waiting for {what}')
 
 
-def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _dead_pid() -> tuple[int, float]:
     """The pid and start of a process that ran and ended (its journal's holder is gone)."""
     child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)
@@ -72,7 +74,7 @@ async def test_a_held_row_is_in_the_journal_until_committed_and_the_journal_goes
     futures = [tracker.submit(first), tracker.submit(second)]
     await _until(lambda: tracker.stats.journaled == 2, 'the held rows to be journaled')
     [journal] = _journals(tracker)
-    entries = _lines(journal)
+    entries = read_journal(journal)
     assert [entry['row']['id'] for entry in entries] == [str(first.id), str(second.id)]
     assert {content['kind'] for content in entries[0]['contents']} == {'prompt', 'response'}
     assert journal.stat().st_mode & 0o777 == 0o600
@@ -104,7 +106,7 @@ async def test_rows_are_journaled_while_the_writer_retries_a_database_that_is_aw
         if not refused.is_set():
             refused.set()
             raise ConnectionRefusedError('the database is restarting')
-        journaled_during_outage.append(sum(1 for path in _journals(tracker) for _ in _lines(path)))
+        journaled_during_outage.append(sum(len(read_journal(path)) for path in _journals(tracker)))
         async with driver_transaction(account=Unscoped.LEDGER) as transaction:
             yield transaction
 
@@ -134,12 +136,12 @@ async def test_a_replay_takes_over_a_dead_processs_journal_once_and_leaves_a_liv
     pid, started = _dead_pid()
     spool = live.spool.path
     dead = _journal_of(spool, pid, started)
-    dead.write_text(''.join(json.dumps(record.spool_entry(4096)) + '\n' for record in (committed, lost)))
+    dead.write_bytes(framed_entries([record.spool_entry(4096) for record in (committed, lost)]))
     dead.chmod(0o600)
     empty = spool.with_name(dead.name[:-1] + '2')
     empty.touch(0o600)
     elsewhere = _journal_of(spool, pid, started, host='another-host')
-    elsewhere.write_text(dead.read_text())
+    elsewhere.write_bytes(dead.read_bytes())
     assert sorted(dead_journals(spool)) == sorted([dead, empty])
     assert live.spool.has_pending()
 
@@ -191,3 +193,24 @@ def test_a_journals_name_says_whose_it_is_and_other_names_are_not_journals(tmp_p
     for name in ('spool-a.jsonl', 'spool-a.jsonl.journal-x', 'spool-a.jsonl.journal-h-notapid-1.0-1'):
         assert journal_holder(tmp_path / name) is None
     assert RowJournal(tmp_path / 'spool-a.jsonl').path != journal.path  # one per event loop, never shared
+
+
+def test_bodies_go_into_the_journal_as_they_are_and_come_back_whole(tmp_path: Path) -> None:
+    """Bodies are written unescaped after their entry's JSON: any text comes back as it went in, and an entry the
+    process's death cut off (anywhere in it) is left out, logged, with the entries before it kept."""
+    hostile = '{"a": "line\\nbreak", "q": "\\"quoted\\""}\n\n{"b": "é ∑ \U0001f600"}' + '\ud800' + '\x00' + 'x' * 70_000
+    entries = [
+        {'v': 1, 'row': {'id': str(index)}, 'contents': [{'kind': 'prompt', 'body': hostile, 'size_bytes': 1}]}
+        for index in range(3)
+    ]
+    entries[1]['contents'].append({'kind': 'response', 'body': '', 'size_bytes': 0})
+    path = tmp_path / 'journal'
+    whole = framed_entries(entries)
+    path.write_bytes(whole)
+    assert read_journal(path) == entries
+    first_two = len(framed_entries(entries[:2]))
+    for cut in (first_two + 1, first_two + 40, len(whole) - 70_000, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        assert read_journal(path) == entries[:2], cut
+    path.write_bytes(whole[:first_two] + b'not json\n' + whole[first_two:])
+    assert read_journal(path) == entries[:2]
