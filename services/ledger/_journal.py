@@ -14,9 +14,9 @@ replay turns a dead process's journal back into spool lines (`read_journal`); an
 left out, as the row was not committed.
 
 A journal's name says whose it is (`<spool>.journal-<host>-<pid>-<start>-<n>`, the start as `db/processes.py` reads
-it), so a replay tells the journal of a process that is gone, which it claims like a spool file (renamed to
-`.replaying-*`: `LedgerSpool.claim`), from that of a live one, which it leaves alone. Journals of other hosts (a
-spool directory shared over the network) are left to their hosts.
+it), so a replay tells the journal of a process that is gone, which it claims (`LedgerSpool.claim`: its entries
+written as a `.replaying-*` file, replayed as spooled rows are, then the journal deleted), from that of a live one,
+which it leaves alone. Journals of other hosts (a spool directory shared over the network) are left to their hosts.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentrt.db.processes import is_alive, this_host, this_process
+
+if TYPE_CHECKING:
+    from agentrt.services.ledger._queues import PendingRow
+    from agentrt.services.ledger._spool import LedgerSpool
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -46,10 +51,7 @@ def host_tag(host: str) -> str:
 
 
 class RowJournal:
-    """One event loop's journal file (a tracker's writer per loop: `LoopQueues.journal`), opened when first written.
-
-    Not thread-safe: the loop's writer is its only user.
-    """
+    """One journal file (a `LoopJournal`'s), opened when first written. Not thread-safe: one event loop uses it."""
 
     def __init__(self, spool_path: Path) -> None:
         holder = this_process()
@@ -94,6 +96,65 @@ class RowJournal:
                 os.close(fd)
             with suppress(OSError):
                 self.path.unlink()
+
+
+class LoopJournal:
+    """What one event loop's writer journals (`LoopQueues.journal`): its file, made when it first holds a row; how
+    many rows in it still wait; whether it could not be written (said once: then the loop's rows are in memory only).
+    """
+
+    def __init__(self) -> None:
+        self._file: RowJournal | None = None
+        self.waiting = 0
+        self.failed = False
+
+    def hold(self, items: Sequence[PendingRow], spool: LedgerSpool, content_max_bytes: int | None) -> int:
+        """Write the prepared rows of `items` not in the journal yet to it: the writer holds them (for the commit delay,
+        or while it retries the database). How many were written. A journal that cannot be written costs nothing but
+        its protection: logged once, and the rows stay in memory as they would without one."""
+        items = [item for item in items if not item.journaled]
+        if not items or self.failed:
+            return 0
+        try:
+            entries = [item.record.spool_entry(content_max_bytes) for item in items]
+            if self._file is None:
+                spool.private_directory()
+                self._file = RowJournal(spool.path)
+            self._file.write(entries)
+        except Exception as exc:  # a full disk, an unsafe directory (ConfigError), a bug: never the writer's end
+            self.failed = True
+            logger.warning(
+                'ledger: the journal of held rows cannot be written (%s: %s); a process killed while it holds rows '
+                'loses them',
+                type(exc).__name__,
+                exc,
+            )
+            return 0
+        for item in items:
+            item.journaled = True
+        self.waiting += len(items)
+        return len(items)
+
+    def release(self, items: Sequence[PendingRow]) -> None:
+        """`items` were committed or spooled (or given up on): the journal is emptied once none of its rows waits."""
+        done = sum(item.journaled for item in items)
+        if not done:
+            return
+        self.waiting = max(self.waiting - done, 0)
+        if self.waiting == 0 and self._file is not None:
+            try:
+                self._file.clear()
+            except OSError as exc:  # replayed later as duplicates of committed rows: written once all the same
+                logger.warning('ledger: the journal could not be emptied (%s); replayed if this process dies', exc)
+
+    def close(self, *, released: bool = False) -> None:
+        """Delete the journal: the loop's writer is done (the tracker closed, or the loop did), and none of its rows
+        waits (or, `released`, the caller spooled them)."""
+        if released:
+            self.waiting = 0
+        if self._file is not None and not self.waiting:
+            self._file.close()
+            self._file = None
 
 
 def framed_entries(entries: list[dict[str, Any]]) -> bytes:

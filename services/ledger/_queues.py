@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from agentrt.services.ledger._journal import RowJournal
+from agentrt.services.ledger._journal import LoopJournal
 from agentrt.services.ledger._record import LedgerRecord
 
 WriteOutcome = Literal['written', 'spooled', 'held', 'lost']
@@ -96,13 +96,9 @@ class LoopQueues:
     comeback: asyncio.TimerHandle | None = None
     """Set while a try of the spool is due (`LLMRequestTracker._come_back_later`): rows were spooled or held."""
     comeback_after: float = 0.0
-    journal: RowJournal | None = None
-    """This loop's journal of the rows the writer holds (`_journal.py`), made when it first holds one."""
-    journaled: int = 0
-    """How many rows in the journal are not committed or spooled yet: it is emptied when none is."""
-    journal_failed: bool = False
-    """The journal could not be written (said once): this loop's writer holds rows in memory only."""
     """The wait before the due try (doubles while the database stays away; 0 once the spool was written)."""
+    journal: LoopJournal = field(default_factory=LoopJournal)
+    """This loop's journal of the rows the writer holds (`_journal.py`)."""
 
     def wake(self) -> None:
         """Tell a waiting writer that something changed: a row is ready, a run ended, a flush started."""

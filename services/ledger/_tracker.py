@@ -20,7 +20,6 @@ from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
-from agentrt.services.ledger._journal import RowJournal
 from agentrt.services.ledger._prepare import check_prepared, start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
@@ -80,8 +79,8 @@ class LLMRequestTracker:
     the spool covers a database that cannot be reached, and the journal (`_journal.py`) a process that dies (SIGKILL,
     out of memory): a prepared row the writer holds, for the delay or through the retries of a database that is away,
     is written to the journal first, which a later replay takes over once the process is gone (exactly once, by the
-    row's minted key). A run seals its responses at its next model request (`bodies_sealed()` wakes the writer to
-    prepare them), so the rows of a fast run, held until its end, are journaled as it goes. A crash at a moment t
+    row's minted key). A run seals its responses at its next model request (`bodies_sealed()` prepares and journals
+    their rows then), so the rows of a fast run, held until its end, are journaled as it goes. A crash at a moment t
     still loses: a row whose response was not sealed yet (its run's tools still running, at most the delay, after
     which it is committed), a row being prepared or committed at t, and on a crash of the host (power loss) what the
     journal held, since it is not fsynced (a flush per held row). The provider billed those requests, and their budget
@@ -243,7 +242,7 @@ class LLMRequestTracker:
             if queues.comeback is not None:  # the process is stopping: a later start replays what is left
                 queues.comeback.cancel()
                 queues.comeback = None
-            self._close_journal(queues)
+            queues.journal.close()
 
     async def _close(self) -> None:
         await self.flush()
@@ -326,8 +325,7 @@ class LLMRequestTracker:
             for old in [old for old in self._by_loop if old.is_closed()]:
                 left = self._by_loop.pop(old)
                 self._spool_now(left.inflight + left.pending, 'event loop closed')
-                left.journaled = 0  # spooled: durable (or held in memory when even the spool refused them)
-                self._close_journal(left)
+                left.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
             return self._by_loop.setdefault(loop, LoopQueues())
 
     def _retried(self, exc: BaseException) -> None:
@@ -367,7 +365,7 @@ class LLMRequestTracker:
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
-            self._unjournal(queues, batch)
+            queues.journal.release(batch)
             now = time.perf_counter()
             for item, outcome in zip(batch, outcomes, strict=True):
                 self.stats.ack_seconds += now - item.submitted
@@ -475,55 +473,12 @@ class LLMRequestTracker:
             leftovers, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
             reason = 'writer cancelled' if task.cancelled() else f'writer failed: {task.exception()!r}'
             self._spool_now(leftovers, reason)
-            self._unjournal(queues, leftovers)
-
-    # --- the journal (`_journal.py`) ---
+            queues.journal.release(leftovers)
 
     def _journal(self, queues: LoopQueues, items: list[PendingRow]) -> None:
-        """Write the rows of `items` not in the journal yet to it: the writer holds them (for the commit delay, or
-        while it retries the database). A journal that cannot be written costs nothing but its protection: logged once
-        per loop, and the rows stay in memory as they would without one."""
-        items = [item for item in items if not item.journaled]
-        if not items or not self.config.journal or queues.journal_failed:
-            return
-        try:
-            entries = [item.record.spool_entry(self._content_cap) for item in items]
-            if queues.journal is None:
-                self.spool.private_directory()
-                queues.journal = RowJournal(self.spool.path)
-            queues.journal.write(entries)
-        except Exception as exc:  # a full disk, an unsafe directory (ConfigError), a bug: never the writer's end
-            queues.journal_failed = True
-            logger.warning(
-                'ledger: the journal of held rows cannot be written (%s: %s); a process killed while it holds rows '
-                'loses them',
-                type(exc).__name__,
-                exc,
-            )
-            return
-        for item in items:
-            item.journaled = True
-        queues.journaled += len(items)
-        self.stats.journaled += len(items)
-
-    def _unjournal(self, queues: LoopQueues, items: list[PendingRow]) -> None:
-        """`items` were committed or spooled (or given up on): the journal is emptied once none of its rows waits."""
-        done = sum(item.journaled for item in items)
-        if not done:
-            return
-        queues.journaled = max(queues.journaled - done, 0)
-        if queues.journaled == 0 and queues.journal is not None:
-            try:
-                queues.journal.clear()
-            except OSError as exc:  # replayed later as duplicates of committed rows: written once all the same
-                logger.warning('ledger: the journal could not be emptied (%s); replayed if this process dies', exc)
-
-    @staticmethod
-    def _close_journal(queues: LoopQueues) -> None:
-        """Delete the loop's journal: its writer is done (closed, or its event loop is)."""
-        if queues.journal is not None and not queues.journaled:
-            queues.journal.close()
-            queues.journal = None
+        """Journal the rows of `items` the writer holds (`LoopJournal.hold`), when the journal is on."""
+        if self.config.journal:
+            self.stats.journaled += queues.journal.hold(items, self.spool, self._content_cap)
 
     async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> list[WriteOutcome]:
         """Write the rows of `items` and their contents in one transaction; the outcome of each row."""
