@@ -28,12 +28,15 @@ import pytest
 from sqlalchemy import text
 
 from agentrt.db.models import Account, AgentInstance
+from agentrt.db.processes import process_start, this_host
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
+from agentrt.services.ledger import utc_now
+from agentrt.services.ledger._journal import framed_entries, host_tag
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.agents.otlp_receiver import OtlpReceiver, SilentCollector
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events, stream_chat
-from tests.factories import ledger_rows, spool_left_by_an_exited_process
+from tests.factories import ledger_record, ledger_rows, spool_left_by_an_exited_process
 from tests.fake_openai import FakeOpenAI, Reply
 
 CHATS = 200
@@ -227,6 +230,35 @@ async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(databas
         _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
     assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+
+
+async def test_serve_replays_at_start_the_rows_a_killed_process_left_in_its_journal(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Rows a process's ledger writer held (for the commit delay, or through retries) when it was killed are in its
+    journal beside the spool: `agentrt serve` takes the journal over at its start and writes them, once."""
+    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
+    spool.parent.mkdir(mode=0o700)
+    child = await asyncio.create_subprocess_exec('true')
+    started = process_start(child.pid) or 0.0
+    await child.wait()
+    journal = spool.with_name(f'{spool.name}.journal-{host_tag(this_host())}-{child.pid}-{started:.2f}-1')
+    now = utc_now()
+    records = [ledger_record(started_at=now, finished_at=now) for _ in range(2)]
+    journal.write_bytes(framed_entries([record.spool_entry(1 << 20) for record in records]))
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(spool)}
+    server, url = _start_serve(env, '--log-level', 'warning')
+    try:
+        await _wait_until_up(url, server)
+        deadline = time.monotonic() + 30
+        while len(await ledger_rows()) < len(records) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
+            await asyncio.sleep(0.1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
+    assert not journal.exists() and not list(spool.parent.glob('*.replaying-*'))
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
 
