@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -98,22 +99,29 @@ class RowJournal:
                 self.path.unlink()
 
 
+RETRY_SECONDS = 30.0
+"""After the journal could not be written (a full disk), rows are held in memory only for this long; then it is tried
+again (so a disk that has room again protects them again)."""
+
+
 class LoopJournal:
     """What one event loop's writer journals (`LoopQueues.journal`): its file, made when it first holds a row; how
-    many rows in it still wait; whether it could not be written (said once: then the loop's rows are in memory only).
+    many rows in it still wait; whether writing it failed (said once until it works again; meanwhile, and for
+    `RETRY_SECONDS` after each failure, the loop's rows are in memory only).
     """
 
     def __init__(self) -> None:
         self._file: RowJournal | None = None
         self.waiting = 0
-        self.failed = False
+        self._failing_until: float | None = None
 
     def hold(self, items: Sequence[PendingRow], spool: LedgerSpool, content_max_bytes: int | None) -> int:
         """Write the prepared rows of `items` not in the journal yet to it: the writer holds them (for the commit delay,
         or while it retries the database). How many were written. A journal that cannot be written costs nothing but
-        its protection: logged once, and the rows stay in memory as they would without one."""
+        its protection: said once, and the rows stay in memory as they would without one."""
         items = [item for item in items if not item.journaled]
-        if not items or self.failed:
+        failing_until = self._failing_until
+        if not items or (failing_until is not None and time.monotonic() < failing_until):
             return 0
         try:
             entries = [item.record.spool_entry(content_max_bytes) for item in items]
@@ -122,14 +130,18 @@ class LoopJournal:
                 self._file = RowJournal(spool.path)
             self._file.write(entries)
         except Exception as exc:  # a full disk, an unsafe directory (ConfigError), a bug: never the writer's end
-            self.failed = True
-            logger.warning(
-                'ledger: the journal of held rows cannot be written (%s: %s); a process killed while it holds rows '
-                'loses them',
-                type(exc).__name__,
-                exc,
-            )
+            self._failing_until = time.monotonic() + RETRY_SECONDS
+            if failing_until is None:
+                logger.warning(
+                    'ledger: the journal of held rows cannot be written (%s: %s); until it can, a process killed while '
+                    'it holds rows loses them',
+                    type(exc).__name__,
+                    exc,
+                )
             return 0
+        if failing_until is not None:
+            self._failing_until = None
+            logger.warning('ledger: the journal of held rows is written again')
         for item in items:
             item.journaled = True
         self.waiting += len(items)
