@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
@@ -183,6 +185,24 @@ def spool_left_by_an_exited_process(spool_path: Path, rows: int) -> list[LedgerR
     asyncio.run(program())
     assert len(spool_path.read_text().splitlines()) == rows
     return records
+
+
+def journal_left_by_a_killed_process(spool_path: Path, records: list[LedgerRecord], *, host: str | None = None) -> Path:
+    """The journal (`services/ledger/_journal.py`) a process that held `records` when it was killed left beside the
+    spool `spool_path`: named for a process that ran and ended (on `host`, this host by default)."""
+    from agentrt.db.processes import process_start, this_host
+    from agentrt.services.ledger._journal import JOURNAL_INFIX, framed_entries, host_tag
+
+    child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)
+    started = process_start(child.pid)
+    child.communicate(b'')
+    assert started is not None
+    spool_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f'{spool_path.name}{JOURNAL_INFIX}{host_tag(host or this_host())}-{child.pid}-{started:.2f}-1'
+    journal = spool_path.with_name(name)
+    journal.write_bytes(framed_entries([record.spool_entry(1 << 20) for record in records]))
+    journal.chmod(0o600)
+    return journal
 
 
 @contextmanager

@@ -28,15 +28,18 @@ import pytest
 from sqlalchemy import text
 
 from agentrt.db.models import Account, AgentInstance
-from agentrt.db.processes import process_start, this_host
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from agentrt.services.ledger import utc_now
-from agentrt.services.ledger._journal import framed_entries, host_tag
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.agents.otlp_receiver import OtlpReceiver, SilentCollector
 from tests.api.conftest import Keys, auth, chat_body, of_type, sse_events, stream_chat
-from tests.factories import ledger_record, ledger_rows, spool_left_by_an_exited_process
+from tests.factories import (
+    journal_left_by_a_killed_process,
+    ledger_record,
+    ledger_rows,
+    spool_left_by_an_exited_process,
+)
 from tests.fake_openai import FakeOpenAI, Reply
 
 CHATS = 200
@@ -213,24 +216,31 @@ async def test_a_model_the_chats_cannot_use_is_one_error_line_before_the_databas
     assert result.stderr.count('error:') == 1
 
 
-async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(database_url: str, tmp_path: Path) -> None:
-    """Rows spooled while PostgreSQL was down by a process that then exited reach the ledger (and the costs) when
-    `agentrt serve` starts, before any chat makes it write to the ledger."""
-    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
-    records = await asyncio.to_thread(spool_left_by_an_exited_process, spool, 3)
+async def _serve_until_written(database_url: str, spool: Path, rows: int) -> str:
+    """Start `agentrt serve` with `spool` as its ledger spool, wait (30 s at most) until the ledger holds `rows` rows,
+    stop it; its stderr."""
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(spool)}
     server, url = _start_serve(env, '--log-level', 'warning')
     try:
         await _wait_until_up(url, server)
         deadline = time.monotonic() + 30
-        while len(await ledger_rows()) < len(records) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
+        while len(await ledger_rows()) < rows and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
             await asyncio.sleep(0.1)
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+    return stderr
+
+
+async def test_serve_replays_at_start_the_rows_an_exited_process_spooled(database_url: str, tmp_path: Path) -> None:
+    """Rows spooled while PostgreSQL was down by a process that then exited reach the ledger (and the costs) when
+    `agentrt serve` starts, before any chat makes it write to the ledger."""
+    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
+    records = await asyncio.to_thread(spool_left_by_an_exited_process, spool, 3)
+    stderr = await _serve_until_written(database_url, spool, len(records))
     assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
     assert not spool.exists() or not spool.read_text().strip()
-    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
 
 async def test_serve_replays_at_start_the_rows_a_killed_process_left_in_its_journal(
@@ -239,27 +249,12 @@ async def test_serve_replays_at_start_the_rows_a_killed_process_left_in_its_jour
     """Rows a process's ledger writer held (for the commit delay, or through retries) when it was killed are in its
     journal beside the spool: `agentrt serve` takes the journal over at its start and writes them, once."""
     spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
-    spool.parent.mkdir(mode=0o700)
-    child = await asyncio.create_subprocess_exec('true')
-    started = process_start(child.pid) or 0.0
-    await child.wait()
-    journal = spool.with_name(f'{spool.name}.journal-{host_tag(this_host())}-{child.pid}-{started:.2f}-1')
     now = utc_now()
     records = [ledger_record(started_at=now, finished_at=now) for _ in range(2)]
-    journal.write_bytes(framed_entries([record.spool_entry(1 << 20) for record in records]))
-    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(spool)}
-    server, url = _start_serve(env, '--log-level', 'warning')
-    try:
-        await _wait_until_up(url, server)
-        deadline = time.monotonic() + 30
-        while len(await ledger_rows()) < len(records) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
-            await asyncio.sleep(0.1)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    journal = await asyncio.to_thread(journal_left_by_a_killed_process, spool, records)
+    stderr = await _serve_until_written(database_url, spool, len(records))
     assert {row['id'] for row in await ledger_rows()} == {record.id for record in records}, stderr[-3000:]
     assert not journal.exists() and not list(spool.parent.glob('*.replaying-*'))
-    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
 
 async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_records_its_request(

@@ -7,12 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from agentrt.db.processes import process_start, this_host
 from agentrt.services.ledger import LedgerSpool
-from agentrt.services.ledger._journal import framed_entries, host_tag
 from tests.agents.cli.conftest import cli_record
 from tests.agents.cli.helpers import invoke, run_cli
-from tests.factories import scalar
+from tests.factories import journal_left_by_a_killed_process, scalar
 
 
 async def test_ledger_replay_writes_spooled_rows_once(tmp_path: Path, database_url: str):
@@ -97,13 +95,9 @@ async def test_a_spool_path_whose_only_file_is_an_ended_processs_journal_is_repl
 ) -> None:
     """A process killed while its writer held rows leaves only its journal beside the spool (`_journal.py`): `ledger
     replay --spool` replays it, not "does not exist"."""
-    child = await asyncio.create_subprocess_exec('true')
-    started = process_start(child.pid) or 0.0
-    await child.wait()
     spool = LedgerSpool(tmp_path / 'spool.jsonl')
-    journal = spool.path.with_name(f'{spool.path.name}.journal-{host_tag(this_host())}-{child.pid}-{started:.2f}-1')
     record = cli_record('acme', 'gpt-4o-mini', '0.000100', minute=9)
-    journal.write_bytes(framed_entries([record.spool_entry(1 << 20)]))
+    journal = await asyncio.to_thread(journal_left_by_a_killed_process, spool.path, [record])
     result = await invoke('ledger', 'replay', '--spool', str(spool.path), env={'DATABASE_URL': database_url})
     assert result.exit_code == 0 and '1 row(s), 1 new' in result.stdout, result.stdout + result.stderr
     assert await scalar('SELECT count(*) FROM llm_requests') == 1

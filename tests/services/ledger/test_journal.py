@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +28,7 @@ from agentrt.services.ledger._journal import (
     journal_holder,
     read_journal,
 )
-from tests.factories import fast_config, ledger_record, ledger_rows, scalar
+from tests.factories import fast_config, journal_left_by_a_killed_process, ledger_record, ledger_rows, scalar
 
 LONG_DELAY_MS = 600_000  # held until the test commits it
 
@@ -51,19 +49,6 @@ async def _until(check: Any, what: str) -> None:
             return
         await asyncio.sleep(0.025)
     raise AssertionError(f'timed out waiting for {what}')
-
-
-def _dead_pid() -> tuple[int, float]:
-    """The pid and start of a process that ran and ended (its journal's holder is gone)."""
-    child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)
-    started = process_start(child.pid)
-    assert started is not None
-    child.communicate(b'')
-    return child.pid, started
-
-
-def _journal_of(spool: Path, pid: int, started: float, host: str | None = None) -> Path:
-    return spool.with_name(f'{spool.name}.journal-{host or this_host()}-{pid}-{started:.2f}-1')
 
 
 async def test_a_held_row_is_in_the_journal_until_committed_and_the_journal_goes_when_the_tracker_closes(
@@ -134,15 +119,11 @@ async def test_a_replay_takes_over_a_dead_processs_journal_once_and_leaves_a_liv
     # In the database already (another tracker's: this one's batch would take its held row along); its journal line
     # outlived the commit, as when a process dies between the commit and emptying its journal.
     await LLMRequestTracker(fast_config(tmp_path)).track_request(committed)
-    pid, started = _dead_pid()
     spool = live.spool.path
-    dead = _journal_of(spool, pid, started)
-    dead.write_bytes(framed_entries([record.spool_entry(4096) for record in (committed, lost)]))
-    dead.chmod(0o600)
+    dead = journal_left_by_a_killed_process(spool, [committed, lost])
     empty = spool.with_name(dead.name[:-1] + '2')
     empty.touch(0o600)
-    elsewhere = _journal_of(spool, pid, started, host='another-host')
-    elsewhere.write_bytes(dead.read_bytes())
+    elsewhere = journal_left_by_a_killed_process(spool, [committed, lost], host='another-host')
     assert sorted(dead_journals(spool)) == sorted([dead, empty])
     assert live.spool.has_pending()
 
