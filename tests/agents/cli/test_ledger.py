@@ -95,7 +95,7 @@ async def test_a_spool_path_whose_only_file_is_an_ended_processs_journal_is_repl
 ) -> None:
     """A process killed while its writer held rows leaves only its journal beside the spool (`_journal.py`): `ledger
     replay --spool` replays it, not "does not exist"."""
-    spool = LedgerSpool(tmp_path / 'spool.jsonl')
+    spool = LedgerSpool(tmp_path / 'spool[1].jsonl')  # glob characters, taken literally by the journals' lookup
     record = cli_record('acme', 'gpt-4o-mini', '0.000100', minute=9)
     journal = await asyncio.to_thread(journal_left_by_a_killed_process, spool.path, [record])
     result = await invoke('ledger', 'replay', '--spool', str(spool.path), env={'DATABASE_URL': database_url})
