@@ -118,7 +118,6 @@ def start_embedded(
     """
     data_dir = data_dir.expanduser().resolve()
     check_writable(data_dir)
-    check_major_version(data_dir)
     with _lifecycle_lock(data_dir, cancelled):
         info, created = _start_locked(data_dir)
     _released.discard(data_dir)
@@ -164,8 +163,11 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
     """Start or adopt the server and register this process as a user (under the lifecycle lock): the server's
     postmaster info, and whether this start made the cluster."""
     with warnings.catch_warnings():
-        # Under the lock, like every other look at the directory: never read a cluster another process is making.
+        # Under the lock, like every other look at the directory: never read a cluster another process is making
+        # (its PG_VERSION, read before the lock, was sometimes still empty, and a second process started with the
+        # first on a new directory refused it as "made by PostgreSQL ''").
         check_not_foreign(data_dir)
+        check_major_version(data_dir)
         check_no_single_user_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')

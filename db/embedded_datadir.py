@@ -2,7 +2,7 @@
 refusal one line naming the path and what to do), and what its server log says.
 
 Split from `agentrt.db.embedded`, which starts, revives and stops the server; everything here is read or written
-under that module's lifecycle lock, or before it is taken (`check_writable`, `check_major_version`).
+under that module's lifecycle lock, or before it is taken (`check_writable`).
 """
 
 from __future__ import annotations

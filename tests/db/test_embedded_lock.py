@@ -121,3 +121,32 @@ async def test_a_command_waiting_for_a_suspended_holder_says_so_and_stops_on_ctr
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()  # SIGKILL ends a suspended process too
+
+
+def test_a_start_reads_the_clusters_version_only_under_the_lock(tmp_path: Path) -> None:
+    """Two processes started at once on a new data directory: the second read PG_VERSION before taking the lock, while
+    the first's initdb had made the file and not written it yet, and refused the directory as "made by PostgreSQL ''"
+    (a CI run failed so). It now waits for the lock, as for every other look at the directory."""
+    from agentrt.db.embedded import start_embedded
+
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir(mode=0o700)
+    cancelled = threading.Event()
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            start_embedded(data_dir, stop_at_exit=False, cancelled=cancelled)
+        except EmbeddedPostgresError as exc:
+            failures.append(exc)
+
+    with lifecycle_lock(data_dir):  # another process making the cluster: initdb made PG_VERSION, not written it yet
+        (data_dir / 'PG_VERSION').write_text('')
+        starter = threading.Thread(target=start)
+        starter.start()
+        starter.join(1.0)
+        assert starter.is_alive(), failures  # waiting for the lock, not refusing a file it cannot read yet
+        cancelled.set()
+        starter.join(30)
+    assert not starter.is_alive()
+    assert len(failures) == 1 and 'made by PostgreSQL' not in str(failures[0]), failures
