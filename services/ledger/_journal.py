@@ -22,11 +22,11 @@ which it leaves alone. Journals of other hosts (a spool directory shared over th
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger('agentrt.ledger')
 
 JOURNAL_INFIX = '.journal-'
-_serials = iter(range(1, 2**62))
-_serials_lock = threading.Lock()
+_serials = itertools.count(1)  # `next()` on it is atomic: no lock needed across threads
 
 
 def host_tag(host: str) -> str:
@@ -56,8 +55,7 @@ class RowJournal:
 
     def __init__(self, spool_path: Path) -> None:
         holder = this_process()
-        with _serials_lock:
-            serial = next(_serials)
+        serial = next(_serials)
         name = f'{spool_path.name}{JOURNAL_INFIX}{host_tag(holder.host)}-{holder.pid}-{holder.started:.2f}-{serial}'
         self.path = spool_path.with_name(name)
         self._fd: int | None = None
@@ -73,14 +71,7 @@ class RowJournal:
         payload = framed_entries(entries)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        view = memoryview(payload)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError:
-            with suppress(OSError):  # a line torn by a full disk must not glue itself to the next one
-                os.ftruncate(self._fd, self._size)
-            raise
+        append_whole(self._fd, payload, self._size, fsync=False)
         self._size += len(payload)
 
     def clear(self) -> None:
@@ -97,6 +88,26 @@ class RowJournal:
                 os.close(fd)
             with suppress(OSError):
                 self.path.unlink()
+
+
+def append_whole(fd: int, payload: bytes, start: int, *, fsync: bool) -> None:
+    """Write `payload` at the end of the file `fd` (`start` bytes long) whole, or not at all: a write that fails part
+    way (a full disk takes what fits, then raises ENOSPC), or its fsync, is cut back to `start`, so no torn entry
+    swallows the next one. The spool's appends (fsynced) and the journal's (not) share it.
+
+    Raises:
+        OSError: the write or the fsync failed (the file is as it was, unless cutting it back failed too).
+    """
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except OSError:
+        with suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 RETRY_SECONDS = 30.0

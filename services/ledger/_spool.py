@@ -17,7 +17,7 @@ from typing import Any
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import unsafe_directory
-from agentrt.services.ledger._journal import dead_journals, read_journal
+from agentrt.services.ledger._journal import append_whole, dead_journals, read_journal
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -97,16 +97,7 @@ class LedgerSpool:
         start = os.fstat(fd).st_size
         if start and os.pread(fd, 1, start - 1) != b'\n':
             payload = b'\n' + payload
-        try:
-            view = memoryview(payload)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except OSError:
-            with suppress(OSError):
-                os.ftruncate(fd, start)
-            raise
+        append_whole(fd, payload, start, fsync=True)
 
     def _is_live(self, fd: int) -> bool:
         try:
