@@ -65,6 +65,11 @@ class LedgerConfig:
             commit_delay_ms=settings.ledger_commit_delay_ms,
         )
 
+    @property
+    def content_cap(self) -> int | None:
+        """The cap per stored body, or None when contents are not stored (rows and spool lines then carry none)."""
+        return self.content_max_bytes if self.store_content else None
+
     def resolved_spool_path(self) -> Path:
         """The configured spool path, or the default one."""
         return self.spool_path or default_spool_path()

@@ -94,7 +94,7 @@ class LoopQueues:
     flushing: int = 0
     """How many `flush()` calls are waiting: while any is, the writer commits what is ready at once."""
     comeback: asyncio.TimerHandle | None = None
-    """Set while a try of the spool is due (`LLMRequestTracker._come_back_later`): rows were spooled or held."""
+    """Set while a try of the spool is due (`SpoolFallback.come_back_later`): rows were spooled or held."""
     comeback_after: float = 0.0
     """The wait before the due try (doubles while the database stays away; 0 once the spool was written)."""
     journal: LoopJournal = field(default_factory=LoopJournal)

@@ -15,16 +15,16 @@ from opentelemetry import trace
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.roles import Unscoped
-from agentrt.db.settings import spool_write_problem
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
-from agentrt.services.ledger._prepare import check_prepared, start_preparing
+from agentrt.services.ledger._fallback import SpoolFallback
+from agentrt.services.ledger._prepare import start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
-from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
+from agentrt.services.ledger._replay import ReplayReport
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
+from agentrt.services.ledger._schedule import Prepare, commit_wait, contents_of, seal_stamped, take_ready
 from agentrt.services.ledger._spool import LedgerSpool
 from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
@@ -53,7 +53,7 @@ class LLMRequestTracker:
     contents and the settlement of their budget holds, in one statement of one transaction (`_writes.py`: `INSERT
     ... ON CONFLICT DO NOTHING`, on a connection of its own with lock and statement timeouts), so 200 concurrent
     chats cost one connection, not 200. The spool is replayed after a later successful write, on a backing-off timer
-    once this tracker spooled or held rows (`_come_back_later`), at the start of a long-lived process
+    once this tracker spooled or held rows (`_fallback.py`), at the start of a long-lived process
     (`replay_pending_in_background()`), and by `replay_spool()`. Nothing raises into the caller:
     failures are logged and counted in `stats`.
 
@@ -72,7 +72,7 @@ class LLMRequestTracker:
     A record whose response body is not sealed yet (`ResponseBody`: the ledger takes a response's content once
     pydantic-ai has stamped it, at the run's next model request or its end) is prepared once sealed; the writer seals
     it itself, as the response is then, when its commit delay passed, its run ended or a flush waits, and takes it
-    along when a batch is due and pydantic-ai has stamped it (`_seal_due`, `_seal_stamped`): no row waits longer than
+    along when a batch is due and pydantic-ai has stamped it (`_schedule.py`): no row waits longer than
     it did before.
 
     What the delay costs, precisely: a row is durable only once committed. Until then it is in this process's memory;
@@ -107,12 +107,8 @@ class LLMRequestTracker:
         self.stats = TrackerStats()
         self._by_loop: dict[asyncio.AbstractEventLoop, LoopQueues] = {}
         self._by_loop_lock = threading.Lock()
-        self._spool: LedgerSpool | None = None
-        self._spool_dirty = False
-        # Spool entries neither the database nor the spool took (a full disk under both): written by the next replay
-        # task, or spooled with the next append that succeeds; lost only when the process ends first.
-        self._held = HeldRows()
-        self._last_spool_check: float | None = None
+        # Through the attribute, so a transaction opener set on the tracker later (a test's) is the fallback's too.
+        self._fallback = SpoolFallback(self.config, self.stats, lambda: self._session_factory())
 
     def _side_session(self) -> AbstractAsyncContextManager[DriverTransaction]:
         """The writer's transaction: the driver connection of a pooled connection (`driver_transaction`) as the
@@ -123,9 +119,7 @@ class LLMRequestTracker:
     @property
     def spool(self) -> LedgerSpool:
         """The spool file this tracker appends to and replays."""
-        if self._spool is None:
-            self._spool = LedgerSpool(self.config.resolved_spool_path())
-        return self._spool
+        return self._fallback.spool
 
     def submit(self, record: LedgerRecord, *, with_content: bool = False) -> asyncio.Future[WriteOutcome]:
         """Queue `record` for the next group commit; never blocks, never raises for database reasons.
@@ -144,8 +138,8 @@ class LLMRequestTracker:
         future: asyncio.Future[WriteOutcome] = loop.create_future()
         now = time.perf_counter()
         item = PendingRow(record, future, now, now)
-        if self._content_cap is not None and not record.sealed():
-            item.sealing = True  # prepared once sealed (`_seal_due`)
+        if self.config.content_cap is not None and not record.sealed():
+            item.sealing = True  # prepared once sealed (`_schedule.seal_due`)
             queues.wake()
         else:
             self._prepare(loop, queues, item)
@@ -165,12 +159,17 @@ class LLMRequestTracker:
     ) -> None:
         """Start preparing the record of `item` (here when that is quick, else in a worker thread); the writer is
         woken once it is ready (unless `wake` is False and it was quick: its timer is for its commit delay)."""
-        item.prepared = start_preparing(loop, item.record, self._content_cap)
+        item.prepared = start_preparing(loop, item.record, self.config.content_cap)
         if item.prepared is None:
             if wake:
                 queues.wake()
         else:
             item.prepared.add_done_callback(lambda _: queues.wake())
+
+    def _preparer(self, queues: LoopQueues) -> Prepare:
+        """`_prepare` for the rows of `queues`, on the running event loop (its writer's)."""
+        loop = asyncio.get_running_loop()
+        return lambda item: self._prepare(loop, queues, item)
 
     def bodies_sealed(self) -> None:
         """A run sealed the responses it recorded (its next model request started): their rows are prepared now
@@ -246,19 +245,7 @@ class LLMRequestTracker:
 
     async def _close(self) -> None:
         await self.flush()
-        if not self._held:
-            return
-        try:
-            appended = await asyncio.to_thread(self._append_after_held, [])
-        except Exception as exc:
-            refused = exc
-        else:
-            self.stats.spooled += appended
-            return
-        try:  # the spool still refuses them: the database, once, without the writer's patient retries
-            await self._write_held(RetryPolicy(attempts=1, attempt_timeout=5))
-        except Exception as exc:
-            self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
+        await self._fallback.close()
 
     async def replay_spool(self, policy: RetryPolicy | None = None) -> ReplayReport:
         """Write every spooled row and its contents to the database, exactly once, then delete the spool files.
@@ -269,14 +256,7 @@ class LLMRequestTracker:
         Raises:
             Exception: a database error that outlived the retries; the spool files stay for the next replay.
         """
-        queues = self._queues(asyncio.get_running_loop())
-        async with queues.replay_lock:
-            report = await replay_spool(
-                self.spool, self._session_factory, policy or self.config.retry, on_retry=self._retried
-            )
-        self.stats.replayed_rows += report.inserted
-        self.stats.replay_duplicates += report.duplicates
-        return report
+        return await self._fallback.replay(self._queues(asyncio.get_running_loop()), policy)
 
     def replay_pending_in_background(self) -> bool:
         """Start replaying the spool in a background task of this event loop if it holds rows (left by this process
@@ -297,24 +277,13 @@ class LLMRequestTracker:
         """
         if (warning := self.spool_warning()) is not None:
             logger.warning('%s', warning)
-        return self._maybe_replay(self._queues(asyncio.get_running_loop()), at_start=True)
+        return self._fallback.maybe_replay(self._queues(asyncio.get_running_loop()), at_start=True)
 
     def spool_warning(self) -> str | None:
         """What a long-lived process says at its start when its spool could not take rows, or None: the default spool
         under a home on a read-only file system (a container's), for one; a configured spool is refused with the rest
         of the configuration already. Said then, not found out during an outage."""
-        path = self.spool.path
-        try:
-            problem = spool_write_problem(path)
-        except OSError as exc:
-            problem = f'{path} cannot be looked at ({exc.strerror or exc})'
-        if problem is None:
-            return None
-        return (
-            f"ledger: {problem}: rows written while the database is down would be held in this process's memory only "
-            f'(up to {HELD_MAX_BYTES // 2**20} MiB) and lost if it ended first; set AGENTRT_LEDGER_SPOOL to a file it '
-            'can write'
-        )
+        return self._fallback.warning()
 
     def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
         """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""
@@ -324,12 +293,9 @@ class LLMRequestTracker:
         with self._by_loop_lock:
             for old in [old for old in self._by_loop if old.is_closed()]:
                 left = self._by_loop.pop(old)
-                self._spool_now(left.inflight + left.pending, 'event loop closed')
+                self._fallback.spool_now(left.inflight + left.pending, 'event loop closed')
                 left.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
             return self._by_loop.setdefault(loop, LoopQueues())
-
-    def _retried(self, exc: BaseException) -> None:
-        self.stats.retries += 1
 
     async def _retrying(
         self,
@@ -339,7 +305,7 @@ class LLMRequestTracker:
         retrying: Callable[[], None] | None = None,
     ) -> None:
         def retried(exc: BaseException) -> None:
-            self._retried(exc)
+            self._fallback.retried(exc)
             if retrying is not None:
                 retrying()
 
@@ -354,14 +320,14 @@ class LLMRequestTracker:
 
     async def _ledger_worker(self, queues: LoopQueues) -> None:
         while queues.pending:
-            wait = self._commit_wait(queues)
+            wait = commit_wait(queues, self.config, self._preparer(queues))
             if wait is None or wait > 0:  # nothing ready yet, or the commit delay has not passed: wait for more
                 if wait is not None:  # rows held for the delay: in the journal, so a killed process loses none
                     self._journal(queues, [item for item in queues.pending if item.ready])
                 await self._wait_for_more(queues, wait)
                 continue
-            self._seal_stamped(queues)
-            batch = self._take_ready(queues)
+            seal_stamped(queues, self._preparer(queues))
+            batch = take_ready(queues, self.config)
             queues.inflight = batch
             outcomes = await self._write_batch(queues, batch)
             queues.inflight = []
@@ -381,90 +347,6 @@ class LLMRequestTracker:
             self.stats.stalls += 1
             logger.debug('ledger writer: the event loop stalled; %d rows wait the commit delay again', restarted)
 
-    def _commit_wait(self, queues: LoopQueues) -> float | None:
-        """Seconds until the rows that are ready should be committed (0 or less: now); None when none is ready.
-
-        Now when there is no commit delay, a flush is waiting, a batch is full, or every row of a run that ended is
-        ready; otherwise when the oldest ready row has waited the commit delay since it was submitted (or since the
-        loop came back from a stall, `LoopQueues.sleep_past_stalls`).
-        """
-        delay = self.config.commit_delay_ms / 1000
-        sealing = self._seal_due(queues, delay)
-        ready = 0
-        size = 0
-        oldest: float | None = None
-        hurried: set[object] = set()
-        preparing: set[object] = set()
-        for item in queues.pending:
-            if not item.ready:
-                if item.hurried is not None:
-                    preparing.add(item.hurried)
-                continue
-            if delay <= 0 or queues.flushing:
-                return 0.0
-            ready += 1
-            oldest = item.waits_from if oldest is None else min(oldest, item.waits_from)
-            if item.hurried is not None:
-                hurried.add(item.hurried)
-            check_prepared(item)
-            size += sum(len(content['body']) for content in self._contents_of(item))
-        if oldest is None:
-            return sealing
-        if hurried - preparing or ready >= self.config.max_batch_rows or size >= self.config.max_batch_content_bytes:
-            return 0.0
-        wait = oldest + delay - time.perf_counter()
-        return wait if sealing is None else min(wait, sealing)
-
-    def _seal_due(self, queues: LoopQueues, delay: float) -> float | None:
-        """Prepare the records waiting to be sealed that are: sealed by their run (at its next model request or its
-        end), or due all the same, sealed here as they are (their commit delay passed, their run ended, a flush is
-        waiting), so a row is never held longer than the commit delay; seconds until the next is due (None: none)."""
-        wait: float | None = None
-        now = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        for item in queues.pending:
-            if not item.sealing:
-                continue
-            if not item.record.sealed():
-                left = item.waits_from + delay - now
-                if left > 0 and item.hurried is None and not queues.flushing:
-                    wait = left if wait is None else min(wait, left)
-                    continue
-                item.record.seal()
-            item.sealing = False
-            self._prepare(loop, queues, item)
-        return wait
-
-    def _seal_stamped(self, queues: LoopQueues) -> None:
-        """A batch is due: seal and prepare the records waiting to be sealed whose responses pydantic-ai has stamped
-        already, so they join it as they would have had they been ready (one transaction, not one more later)."""
-        loop = asyncio.get_running_loop()
-        for item in queues.pending:
-            if item.sealing and item.record.stamped():
-                item.record.seal()
-                item.sealing = False
-                self._prepare(loop, queues, item)
-
-    def _take_ready(self, queues: LoopQueues) -> list[PendingRow]:
-        """The prepared rows, in order, up to a batch's rows and content bytes; the others stay queued."""
-        batch: list[PendingRow] = []
-        waiting: list[PendingRow] = []
-        size = 0
-        for item in queues.pending:
-            if item.ready and len(batch) < self.config.max_batch_rows and size < self.config.max_batch_content_bytes:
-                check_prepared(item)
-                batch.append(item)
-                size += sum(len(content['body']) for content in self._contents_of(item))
-            else:
-                waiting.append(item)
-        queues.pending[:] = waiting
-        return batch
-
-    def _contents_of(self, item: PendingRow) -> list[dict[str, Any]]:
-        """The content rows of a prepared record (none when contents are not stored)."""
-        cap = self._content_cap
-        return item.record.content_rows(cap) if cap is not None and item.record.raw_contents else []
-
     def _ledger_done(self, queues: LoopQueues, task: asyncio.Task[None]) -> None:
         """Runs even for a task cancelled before it started (`asyncio.run()` ending): spool what it held."""
         if queues.ledger_task is task:
@@ -472,19 +354,19 @@ class LLMRequestTracker:
         if task.cancelled() or task.exception() is not None:
             leftovers, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
             reason = 'writer cancelled' if task.cancelled() else f'writer failed: {task.exception()!r}'
-            self._spool_now(leftovers, reason)
+            self._fallback.spool_now(leftovers, reason)
             queues.journal.release(leftovers)
 
     def _journal(self, queues: LoopQueues, items: list[PendingRow]) -> None:
         """Journal the rows of `items` the writer holds (`LoopJournal.hold`), when the journal is on."""
         if self.config.journal:
-            self.stats.journaled += queues.journal.hold(items, self.spool, self._content_cap)
+            self.stats.journaled += queues.journal.hold(items, self.spool, self.config.content_cap)
 
     async def _write_batch(self, queues: LoopQueues, items: list[PendingRow]) -> list[WriteOutcome]:
         """Write the rows of `items` and their contents in one transaction; the outcome of each row."""
         started = time.perf_counter()
         rows = [item.record.to_row() for item in items]
-        contents = [content for item in items for content in self._contents_of(item)]
+        contents = [content for item in items for content in contents_of(item, self.config.content_cap)]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         try:
@@ -500,13 +382,13 @@ class LLMRequestTracker:
                 if contents:
                     return [await self._write_row_alone(queues, items[0], rows[0], exc)]
             logger.warning('ledger: %d row(s) not written (%s: %s); spooling', len(rows), type(exc).__name__, exc)
-            entries = [item.record.spool_entry(self._content_cap) for item in items]
-            return [await self._spool_entries(entries, rows=len(rows))] * len(items)
+            entries = [item.record.spool_entry(self.config.content_cap) for item in items]
+            return [await self._fallback.spool_entries(queues, entries, rows=len(rows))] * len(items)
         finally:
             self.stats.batch_seconds += time.perf_counter() - started
         self.stats.written += len(rows)
         self.stats.contents_written += len(contents)
-        self._maybe_replay(queues)
+        self._fallback.maybe_replay(queues)
         return ['written'] * len(items)
 
     async def _write_row_alone(
@@ -517,177 +399,16 @@ class LLMRequestTracker:
             await self._retrying([row], [], 'ledger write')
         except Exception as exc:
             logger.warning('ledger: 1 row not written (%s: %s); spooling', type(exc).__name__, exc)
-            return await self._spool_entries([item.record.spool_entry(self._content_cap)], rows=1)
+            entries = [item.record.spool_entry(self.config.content_cap)]
+            return await self._fallback.spool_entries(queues, entries, rows=1)
         self.stats.written += 1
         self.stats.content_failures += 1
         logger.error(
             'ledger: content of request %s not stored (%s: %s)', item.record.id, type(refused).__name__, refused
         )
-        self._maybe_replay(queues)
+        self._fallback.maybe_replay(queues)
         return 'written'
 
-    # --- the spool ---
-
-    @property
-    def _content_cap(self) -> int | None:
-        """The cap per stored body, or None when contents are not stored (spool lines then carry none)."""
-        return self.config.content_max_bytes if self.config.store_content else None
-
-    async def _spool_entries(self, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
-        self._come_back_later(self._queues(asyncio.get_running_loop()))  # spooled or held: written when it is back
-        try:
-            held = await asyncio.to_thread(self._append_after_held, entries)
-        except Exception as exc:
-            return self._spool_failed(entries, exc, rows)
-        self._spool_dirty = True
-        self.stats.spooled += rows + held
-        return 'spooled'
-
-    def _append_after_held(self, entries: list[dict[str, Any]]) -> int:
-        """Append `entries` to the spool after the rows held in memory, which an earlier append could not take (they
-        go first, with these): how many held rows went. Blocking (a file's fsync).
-
-        Raises:
-            Exception: the spool's error; the held rows are held again.
-        """
-        held = self._held.take()
-        try:
-            self.spool.append(held + entries)
-        except Exception:
-            self._held.give_back(held)
-            raise
-        return len(held)
-
-    def _spool_now(self, pending: list[PendingRow], reason: str) -> None:
-        """Spool synchronously (the loop is going away) and resolve the futures of `pending`.
-
-        Rows still being prepared are prepared here, in this thread (their worker thread may still be at it).
-        """
-        entries = [item.record.spool_entry(self._content_cap) for item in pending]
-        if not entries:
-            return
-        logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
-        try:
-            held = self._append_after_held(entries)
-            self._spool_dirty = True
-            self.stats.spooled += len(pending) + held
-            outcome: WriteOutcome = 'spooled'
-        except Exception as exc:
-            outcome = self._spool_failed(entries, exc, len(pending))
-        for item in pending:
-            if not item.future.done() and not item.future.get_loop().is_closed():
-                item.future.set_result(outcome)
-
-    def _spool_failed(self, entries: list[dict[str, Any]], exc: Exception, rows: int) -> WriteOutcome:
-        """Neither the database nor the spool took `entries` (a full disk under both, often one disk: the default
-        spool sits beside the data directory): kept in memory for the next write that succeeds, within
-        `_held.HELD_MAX_BYTES` (64 MiB); beyond it, lost and logged (each row), as all of them were before."""
-        if self._held.hold(entries):
-            self.stats.held += rows
-            logger.error(
-                'ledger: neither the database nor the spool took %d row(s) (%s: %s); %d held in memory, written when '
-                'either takes them again (lost if this process ends first)',
-                rows,
-                type(exc).__name__,
-                exc,
-                len(self._held),
-            )
-            return 'held'
-        self._lose(entries, exc)
-        return 'lost'
-
-    def _lose(self, entries: list[dict[str, Any]], exc: BaseException | str) -> None:
-        self.stats.lost += len(entries)
-        for entry in entries:
-            logger.error('ledger: neither the database nor the spool took this row (%s): %s', exc, entry['row'])
-
-    async def _write_held(self, policy: RetryPolicy | None = None) -> None:
-        """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails."""
-        held = self._held.take()
-        if not held:
-            return
-        refused: list[str] = []
-        try:
-            counts = await write_spooled_entries(
-                held, refused, self._session_factory, policy or self.config.retry, on_retry=self._retried
-            )
-        except Exception:
-            self._held.give_back(held)
-            raise
-        self.stats.written += counts['inserted']
-        logger.warning('ledger: wrote %d row(s) held in memory, %d new', counts['rows'], counts['inserted'])
-        if refused:
-            try:
-                await asyncio.to_thread(self.spool.reject, refused)
-            except Exception as exc:
-                logger.error('ledger: %d refused row(s) not set aside (%s): %s', len(refused), exc, refused)
-
-    def _maybe_replay(self, queues: LoopQueues, *, at_start: bool = False, policy: RetryPolicy | None = None) -> bool:
-        """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
-        `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started."""
-        if queues.replay_task is not None:
-            return False
-        now = time.monotonic()
-        due = self._last_spool_check is None or now - self._last_spool_check >= self.config.replay_check_interval
-        if not (self._spool_dirty or due or at_start):
-            return False
-        self._last_spool_check = now
-        try:
-            pending = self._spool_dirty or bool(self._held) or self.spool.has_pending()
-        except OSError as exc:
-            if at_start:
-                logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
-            return False
-        if not pending:
-            return False
-        self._spool_dirty = False
-        queues.replay_task = asyncio.get_running_loop().create_task(
-            self._background_replay(queues, policy), context=contextvars.Context()
-        )
-        return True
-
-    async def _background_replay(self, queues: LoopQueues, policy: RetryPolicy | None = None) -> None:
-        # Which of the two failed, for the warning: it said "spool replay failed" when the spool was empty and the
-        # rows held in memory (a full disk) could not be written yet.
-        step = 'writing the rows held in memory'
-        try:
-            await self._write_held(policy)
-            step = 'spool replay'
-            report = await self.replay_spool(policy)
-            if report.rows:
-                logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)
-            queues.comeback_after = 0.0
-        except Exception as exc:
-            self._spool_dirty = True
-            logger.warning('ledger: %s failed (%s: %s); will retry', step, type(exc).__name__, exc)
-            self._come_back_later(queues)
-        finally:
-            queues.replay_task = None
-
-    def _come_back_later(self, queues: LoopQueues) -> None:
-        """Try the spool (and the rows held in memory) again later, whether or not anything else is written meanwhile:
-        `replay_retry_seconds` after the first failure, twice as long after each further one, at most
-        `replay_check_interval`. A timer of the event loop: it keeps nothing alive, and a loop that closes drops it."""
-        if queues.comeback is not None:
-            return
-        first, most = self.config.replay_retry_seconds, max(self.config.replay_check_interval, 0.0)
-        queues.comeback_after = min(max(queues.comeback_after * 2, first), max(most, first))
-        queues.comeback = asyncio.get_running_loop().call_later(queues.comeback_after, self._come_back, queues)
-
-    def _come_back(self, queues: LoopQueues) -> None:
-        queues.comeback = None
-        if queues.replay_task is not None:  # a replay is running: it comes back itself if it fails
-            return
-        if queues.flushing:  # a flush (a shutdown's) would wait for the try: later
-            self._come_back_later(queues)
-            return
-        self._spool_dirty = True  # try now, not at the next periodic check
-        # One attempt, bounded: the timer is the retry, and a shutdown's flush that finds the try running waits for it.
-        self._maybe_replay(queues, policy=_COMEBACK_TRY)
-
-
-_COMEBACK_TRY = RetryPolicy(attempts=1, attempt_timeout=5)
-"""A timed try of the spool (`LLMRequestTracker._come_back`): one attempt of at most 5 s."""
 
 _default_tracker: LLMRequestTracker | None = None
 

@@ -1,6 +1,6 @@
 """A response's stored content is taken once pydantic-ai has stamped it (`run_id`, `conversation_id`, `model_id`), on
 every way a run can go: each request's prompt and response stored once, nothing lost, rows never held back longer than
-the commit delay (`ResponseBody`, `LLMRequestTracker._seal_due`)."""
+the commit delay (`ResponseBody`, `_schedule.seal_due`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,270 @@
+"""What the ledger writer does with rows the database did not take: the spool, memory, and the replays that write them.
+
+`SpoolFallback` is the writer's (`LLMRequestTracker`'s) second half: a batch the database refused through every retry
+is appended to the fsynced spool file; when the spool refuses too (a full disk, often the same disk), the rows are held
+in this process's memory (`HeldRows`, up to 64 MiB) and written by the next write that succeeds, lost and logged only
+past that or if the process ends first. Spooled and held rows are written back exactly once (by each row's minted key)
+by a replay: after a later successful write, on a backing-off timer of the event loop while the database stays away
+(`come_back_later`), at a long-lived process's start, and on demand (`replay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from agentrt.db.settings import spool_write_problem
+from agentrt.services.ledger._config import LedgerConfig
+from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
+from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
+from agentrt.services.ledger._retry import RetryPolicy
+from agentrt.services.ledger._spool import LedgerSpool
+from agentrt.services.ledger._writes import SessionFactory
+
+logger = logging.getLogger('agentrt.ledger')
+
+COMEBACK_TRY = RetryPolicy(attempts=1, attempt_timeout=5)
+"""A timed try of the spool (`SpoolFallback._come_back`): one attempt of at most 5 s."""
+
+
+class SpoolFallback:
+    """The spool file, the rows held in memory when even the spool refuses them, and their replays, for one tracker.
+
+    Its counters are the tracker's (`stats`); the database is reached through the tracker's transaction opener
+    (`session_factory`), so what is set on the tracker holds here too.
+    """
+
+    def __init__(self, config: LedgerConfig, stats: TrackerStats, session_factory: SessionFactory) -> None:
+        self.config = config
+        self.stats = stats
+        self._session_factory = session_factory
+        self._spool: LedgerSpool | None = None
+        self._dirty = False
+        """This tracker spooled rows (or a replay failed) since its last replay: replay after the next write."""
+        # Spool entries neither the database nor the spool took (a full disk under both): written by the next replay
+        # task, or spooled with the next append that succeeds; lost only when the process ends first.
+        self._held = HeldRows()
+        self._last_check: float | None = None
+
+    @property
+    def spool(self) -> LedgerSpool:
+        """The spool file rows are appended to and replayed from."""
+        if self._spool is None:
+            self._spool = LedgerSpool(self.config.resolved_spool_path())
+        return self._spool
+
+    def warning(self) -> str | None:
+        """What a long-lived process says at its start when the spool could not take rows, or None: the default spool
+        under a home on a read-only file system (a container's), for one; a configured spool is refused with the rest
+        of the configuration already. Said then, not found out during an outage."""
+        path: Path = self.spool.path
+        try:
+            problem = spool_write_problem(path)
+        except OSError as exc:
+            problem = f'{path} cannot be looked at ({exc.strerror or exc})'
+        if problem is None:
+            return None
+        return (
+            f"ledger: {problem}: rows written while the database is down would be held in this process's memory only "
+            f'(up to {HELD_MAX_BYTES // 2**20} MiB) and lost if it ended first; set AGENTRT_LEDGER_SPOOL to a file it '
+            'can write'
+        )
+
+    def retried(self, exc: BaseException) -> None:
+        """Count a retry of the database (`RetryPolicy`'s `on_retry`)."""
+        self.stats.retries += 1
+
+    # --- rows the database did not take ---
+
+    async def spool_entries(self, queues: LoopQueues, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
+        """Append `entries` (of `rows` ledger rows) to the spool, after the rows held in memory, in a worker thread;
+        held in memory when the spool refuses them. The spool is tried again later whatever else happens."""
+        self.come_back_later(queues)  # spooled or held: written when the database is back
+        try:
+            held = await asyncio.to_thread(self._append_after_held, entries)
+        except Exception as exc:
+            return self._spool_failed(entries, exc, rows)
+        self._dirty = True
+        self.stats.spooled += rows + held
+        return 'spooled'
+
+    def spool_now(self, pending: list[PendingRow], reason: str) -> None:
+        """Spool synchronously (the event loop is going away) and resolve the futures of `pending`.
+
+        Rows still being prepared are prepared here, in this thread (their worker thread may still be at it).
+        """
+        entries = [item.record.spool_entry(self.config.content_cap) for item in pending]
+        if not entries:
+            return
+        logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
+        try:
+            held = self._append_after_held(entries)
+            self._dirty = True
+            self.stats.spooled += len(pending) + held
+            outcome: WriteOutcome = 'spooled'
+        except Exception as exc:
+            outcome = self._spool_failed(entries, exc, len(pending))
+        for item in pending:
+            if not item.future.done() and not item.future.get_loop().is_closed():
+                item.future.set_result(outcome)
+
+    async def close(self) -> None:
+        """At shutdown, after the writer's flush: the rows still held in memory go to the spool, or else to the
+        database once (without the writer's patient retries), or else are reported lost, each logged."""
+        if not self._held:
+            return
+        try:
+            appended = await asyncio.to_thread(self._append_after_held, [])
+        except Exception as exc:
+            refused = exc
+        else:
+            self.stats.spooled += appended
+            return
+        try:
+            await self._write_held(RetryPolicy(attempts=1, attempt_timeout=5))
+        except Exception as exc:
+            self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
+
+    def _append_after_held(self, entries: list[dict[str, Any]]) -> int:
+        """Append `entries` to the spool after the rows held in memory, which an earlier append could not take (they
+        go first, with these): how many held rows went. Blocking (a file's fsync).
+
+        Raises:
+            Exception: the spool's error; the held rows are held again.
+        """
+        held = self._held.take()
+        try:
+            self.spool.append(held + entries)
+        except Exception:
+            self._held.give_back(held)
+            raise
+        return len(held)
+
+    def _spool_failed(self, entries: list[dict[str, Any]], exc: Exception, rows: int) -> WriteOutcome:
+        """Neither the database nor the spool took `entries` (a full disk under both, often one disk: the default
+        spool sits beside the data directory): kept in memory for the next write that succeeds, within
+        `_held.HELD_MAX_BYTES` (64 MiB); beyond it, lost and logged (each row), as all of them were before."""
+        if self._held.hold(entries):
+            self.stats.held += rows
+            logger.error(
+                'ledger: neither the database nor the spool took %d row(s) (%s: %s); %d held in memory, written when '
+                'either takes them again (lost if this process ends first)',
+                rows,
+                type(exc).__name__,
+                exc,
+                len(self._held),
+            )
+            return 'held'
+        self._lose(entries, exc)
+        return 'lost'
+
+    def _lose(self, entries: list[dict[str, Any]], exc: BaseException | str) -> None:
+        self.stats.lost += len(entries)
+        for entry in entries:
+            logger.error('ledger: neither the database nor the spool took this row (%s): %s', exc, entry['row'])
+
+    # --- replays ---
+
+    async def replay(self, queues: LoopQueues, policy: RetryPolicy | None = None) -> ReplayReport:
+        """Write every spooled row and its contents to the database, exactly once, then delete the spool files
+        (`LLMRequestTracker.replay_spool`); one replay of this event loop at a time.
+
+        Raises:
+            Exception: a database error that outlived the retries; the spool files stay for the next replay.
+        """
+        async with queues.replay_lock:
+            report = await replay_spool(
+                self.spool, self._session_factory, policy or self.config.retry, on_retry=self.retried
+            )
+        self.stats.replayed_rows += report.inserted
+        self.stats.replay_duplicates += report.duplicates
+        return report
+
+    def maybe_replay(self, queues: LoopQueues, *, at_start: bool = False, policy: RetryPolicy | None = None) -> bool:
+        """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
+        `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started."""
+        if queues.replay_task is not None:
+            return False
+        now = time.monotonic()
+        due = self._last_check is None or now - self._last_check >= self.config.replay_check_interval
+        if not (self._dirty or due or at_start):
+            return False
+        self._last_check = now
+        try:
+            pending = self._dirty or bool(self._held) or self.spool.has_pending()
+        except OSError as exc:
+            if at_start:
+                logger.warning('ledger: the spool could not be read (%s); not replayed at start', exc)
+            return False
+        if not pending:
+            return False
+        self._dirty = False
+        queues.replay_task = asyncio.get_running_loop().create_task(
+            self._background_replay(queues, policy), context=contextvars.Context()
+        )
+        return True
+
+    async def _write_held(self, policy: RetryPolicy | None = None) -> None:
+        """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails."""
+        held = self._held.take()
+        if not held:
+            return
+        refused: list[str] = []
+        try:
+            counts = await write_spooled_entries(
+                held, refused, self._session_factory, policy or self.config.retry, on_retry=self.retried
+            )
+        except Exception:
+            self._held.give_back(held)
+            raise
+        self.stats.written += counts['inserted']
+        logger.warning('ledger: wrote %d row(s) held in memory, %d new', counts['rows'], counts['inserted'])
+        if refused:
+            try:
+                await asyncio.to_thread(self.spool.reject, refused)
+            except Exception as exc:
+                logger.error('ledger: %d refused row(s) not set aside (%s): %s', len(refused), exc, refused)
+
+    async def _background_replay(self, queues: LoopQueues, policy: RetryPolicy | None = None) -> None:
+        # Which of the two failed, for the warning: it said "spool replay failed" when the spool was empty and the
+        # rows held in memory (a full disk) could not be written yet.
+        step = 'writing the rows held in memory'
+        try:
+            await self._write_held(policy)
+            step = 'spool replay'
+            report = await self.replay(queues, policy)
+            if report.rows:
+                logger.info('ledger: replayed %d spooled row(s), %d new', report.rows, report.inserted)
+            queues.comeback_after = 0.0
+        except Exception as exc:
+            self._dirty = True
+            logger.warning('ledger: %s failed (%s: %s); will retry', step, type(exc).__name__, exc)
+            self.come_back_later(queues)
+        finally:
+            queues.replay_task = None
+
+    def come_back_later(self, queues: LoopQueues) -> None:
+        """Try the spool (and the rows held in memory) again later, whether or not anything else is written meanwhile:
+        `replay_retry_seconds` after the first failure, twice as long after each further one, at most
+        `replay_check_interval`. A timer of the event loop: it keeps nothing alive, and a loop that closes drops it."""
+        if queues.comeback is not None:
+            return
+        first, most = self.config.replay_retry_seconds, max(self.config.replay_check_interval, 0.0)
+        queues.comeback_after = min(max(queues.comeback_after * 2, first), max(most, first))
+        queues.comeback = asyncio.get_running_loop().call_later(queues.comeback_after, self._come_back, queues)
+
+    def _come_back(self, queues: LoopQueues) -> None:
+        queues.comeback = None
+        if queues.replay_task is not None:  # a replay is running: it comes back itself if it fails
+            return
+        if queues.flushing:  # a flush (a shutdown's) would wait for the try: later
+            self.come_back_later(queues)
+            return
+        self._dirty = True  # try now, not at the next periodic check
+        # One attempt, bounded: the timer is the retry, and a shutdown's flush that finds the try running waits for it.
+        self.maybe_replay(queues, policy=COMEBACK_TRY)
