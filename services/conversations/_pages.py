@@ -19,8 +19,9 @@ from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, User
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.conversations._arguments import MAX_LIMIT, check_conversation_id, check_entry_id, check_limit
 from agentrt.services.conversations._off_loop import off_loop
+from agentrt.services.conversations._primitives import read_on_driver
 from agentrt.services.conversations._statements import BEFORE_ON_DRIVER
-from agentrt.services.conversations._store import PostgresConversationStore, read_on_driver
+from agentrt.services.conversations._store import PostgresConversationStore
 from agentrt.services.conversations._stored import StoredTail, stored_tail
 
 

@@ -1,15 +1,22 @@
 """The conversation store's SQL: a conversation's tail read (alone, or with a turn's claim in one round trip), a turn's
 save (the record swapped, its entries added and its claim released in one statement), and the pruning of a deleted
 history's entries no other record reaches. The hot ones are `DriverStatement`s, run on the driver connection
-(`agentrt.db.driver`)."""
+(`agentrt.db.driver`); pydantic-ai's primitives (`_primitives.py`) build Core statements here (`swap_record`,
+`history_walk`, `account_lock`)."""
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import text
+from pydantic_ai.conversation_store import ConversationRecord
+from sqlalchemy import Executable, Integer, Select, Table, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import insert
 
 from agentrt.db.driver import DriverStatement
+from agentrt.db.models import ConversationEntryRow, ConversationRow
+from agentrt.services.conversations._stored import record_adapter
+from agentrt.services.pg_text import storable
 
 # First key of the two-key advisory lock that orders writes against pruning, per account.
 LOCK_NAMESPACE = 0x636F6E76  # 'conv'
@@ -175,3 +182,67 @@ FROM conv LEFT JOIN walk ON true
 ORDER BY walk.depth DESC
 """)
 BEFORE_ON_DRIVER = DriverStatement.of(_BEFORE)
+
+# Core tables (the ORM types `__table__` as a plain FromClause): the primitives' statements stay Core statements.
+RECORDS = cast(Table, ConversationRow.__table__)
+ENTRIES = cast(Table, ConversationEntryRow.__table__)
+
+
+def account_lock(account_id: int, *, exclusive: bool) -> Select[Any]:
+    """Take the account's conversation lock until the transaction ends: shared to write, exclusive to prune."""
+    lock = func.pg_advisory_xact_lock if exclusive else func.pg_advisory_xact_lock_shared
+    # The two-key form keeps clear of single-key advisory locks; collisions past 2**31 accounts only serialise more,
+    # they never lose a lock.
+    return select(lock(literal(LOCK_NAMESPACE, Integer), literal(account_id % 2**31, Integer)))
+
+
+def swap_record(account_id: int, record: ConversationRecord, expected_revision: str | None) -> Executable:
+    """Insert or update `record` if the stored revision is `expected_revision` (None: there is no record yet); it
+    returns a row when it wrote."""
+    values: dict[str, Any] = {
+        'scope': record.scope,
+        'head_id': record.head_id,
+        'revision': record.revision,
+        'record': storable(record_adapter.dump_python(record, mode='json')),
+        'updated_at': record.updated_at,
+    }
+    if expected_revision is None:
+        return (
+            insert(RECORDS)
+            # Created when it was last updated: the record's own time, not the transaction's a few ms later.
+            .values(
+                account_id=account_id, conversation_id=record.conversation_id, created_at=record.updated_at, **values
+            )
+            .on_conflict_do_nothing(index_elements=[RECORDS.c.account_id, RECORDS.c.conversation_id])
+            .returning(RECORDS.c.revision)
+        )
+    return (
+        update(RECORDS)
+        .where(
+            RECORDS.c.account_id == account_id,
+            RECORDS.c.conversation_id == record.conversation_id,
+            RECORDS.c.revision == expected_revision,
+        )
+        .values(**values)
+        .returning(RECORDS.c.revision)
+    )
+
+
+def history_walk(account_id: int, head_id: str, limit: int | None) -> Select[Any]:
+    """The entries from the first one up to `head_id` (id, parent_id, kind, message), oldest first, or only the last
+    `limit`: a recursive walk up the parents, within the account."""
+    walk = (
+        select(ENTRIES.c.id, ENTRIES.c.parent_id, ENTRIES.c.kind, ENTRIES.c.message, literal(1, Integer).label('depth'))
+        .where(ENTRIES.c.account_id == account_id, ENTRIES.c.id == head_id)
+        .cte('walk', recursive=True)
+    )
+    parent = ENTRIES.alias('parent')
+    step = (
+        select(parent.c.id, parent.c.parent_id, parent.c.kind, parent.c.message, walk.c.depth + 1)
+        .join(walk, parent.c.id == walk.c.parent_id)
+        .where(parent.c.account_id == account_id)
+    )
+    if limit is not None:
+        step = step.where(walk.c.depth < limit)
+    walk = walk.union_all(step)
+    return select(walk.c.id, walk.c.parent_id, walk.c.kind, walk.c.message).order_by(walk.c.depth.desc())
