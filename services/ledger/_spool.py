@@ -123,12 +123,17 @@ class LedgerSpool:
     def pending_files(self) -> list[Path]:
         """The live spool file (if not empty), any claimed files a crashed replay left behind, and the journals of
         processes that died holding rows (`_journal.py`); nothing in a directory others may write
-        (`private_directory`)."""
+        (`private_directory`). The empty journal of a process that died holding nothing is deleted as it is found:
+        nothing would replay it, so each killed process left one file behind for good."""
         if self.path.parent.exists() and unsafe_directory(self.path.parent) is not None:
             return []
         found = self.claimed_files() if self.path.parent.exists() else []
         if self.path.parent.exists():
-            found += [path for path in dead_journals(self.path) if _size(path)]
+            for journal in dead_journals(self.path):
+                if _size(journal):
+                    found.append(journal)
+                else:
+                    _delete_empty(journal)
         try:
             status = self.path.stat()
         except FileNotFoundError:
@@ -272,6 +277,13 @@ class LedgerSpool:
 def _lines(entries: list[dict[str, Any]]) -> bytes:
     """Entries as spool lines: one JSON object per line."""
     return ''.join(json.dumps(entry, separators=(',', ':')) + '\n' for entry in entries).encode('utf-8')
+
+
+def _delete_empty(journal: Path) -> None:
+    """Delete the empty journal of a process that is gone (no one writes it again). Another process may have deleted it
+    already; a spool directory that became read-only keeps it, which costs nothing but the file."""
+    with suppress(OSError):
+        journal.unlink()
 
 
 def _size(path: Path) -> int:

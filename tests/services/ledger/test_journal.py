@@ -28,6 +28,7 @@ from agentrt.services.ledger._journal import (
     journal_holder,
     read_journal,
 )
+from agentrt.services.ledger._spool import LedgerSpool
 from tests.factories import fast_config, journal_left_by_a_killed_process, ledger_record, ledger_rows, scalar
 
 LONG_DELAY_MS = 600_000  # held until the test commits it
@@ -142,6 +143,20 @@ async def test_a_replay_takes_over_a_dead_processs_journal_once_and_leaves_a_liv
     await live.aclose()
     assert not live_journal.exists()
     assert len(await ledger_rows()) == 3
+
+
+def test_the_empty_journal_of_a_killed_process_is_deleted_when_found_and_a_live_ones_is_kept(tmp_path: Path) -> None:
+    """A process killed while it held nothing leaves an empty journal, which no replay takes over (there is nothing
+    to replay): the check a process makes for something to replay (at a server's start, after writes, `agentrt
+    ledger replay`) deletes it, so killed processes do not leave a file each for good."""
+    spool = LedgerSpool(tmp_path / 'spool' / 'ledger.jsonl')
+    empty = journal_left_by_a_killed_process(spool.path, [])
+    assert empty.exists() and empty.stat().st_size == 0
+    live = RowJournal(spool.path).path  # this process's name: a live holder
+    live.touch(0o600)
+    assert spool.pending_files() == [] and not spool.has_pending()
+    assert not empty.exists()
+    assert live.exists()
 
 
 async def test_a_journal_that_cannot_be_written_costs_only_its_protection_said_once_and_is_tried_again(
