@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -145,3 +146,29 @@ class LoopQueues:
     def tasks(self) -> list[asyncio.Task[Any]]:
         """The writer and replay tasks still running."""
         return [t for t in (self.ledger_task, self.replay_task) if t is not None and not t.done()]
+
+
+SLOW_WRITE_SECONDS = 0.1
+"""A batch's write still running after this long is slow (a healthy group commit takes a few milliseconds): the
+writer's rows are journaled then, and again this often while it lasts (`SlowWriteWatch`)."""
+
+
+class SlowWriteWatch:
+    """Calls `journal` every `SLOW_WRITE_SECONDS` from the first on, until `cancel()`: a timer of the event loop, which
+    costs a write that ends in time only its scheduling."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, journal: Callable[[], None] | None) -> None:
+        self._loop = loop
+        self._journal = journal
+        self._timer = None if journal is None else loop.call_later(SLOW_WRITE_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = self._loop.call_later(SLOW_WRITE_SECONDS, self._tick)
+        if self._journal is not None:
+            self._journal()
+
+    def cancel(self) -> None:
+        """The write ended: no more journaling for it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -20,7 +20,7 @@ from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._fallback import SpoolFallback
 from agentrt.services.ledger._prepare import start_preparing
-from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from agentrt.services.ledger._queues import LoopQueues, PendingRow, SlowWriteWatch, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
 from agentrt.services.ledger._replay import ReplayReport
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
@@ -79,14 +79,16 @@ class LLMRequestTracker:
     the spool covers a database that cannot be reached, and the journal (`_journal.py`) a process that dies (SIGKILL,
     out of memory): a prepared row the writer holds, for the delay or through the retries of a database that is away,
     is written to the journal first, which a later replay takes over once the process is gone (exactly once, by the
-    row's minted key). A run seals its responses at its next model request (`bodies_sealed()` prepares and journals
-    their rows then), so the rows of a fast run, held until its end, are journaled as it goes. A crash at a moment t
-    still loses: a row whose response was not sealed yet (its run's tools still running, at most the delay, after
-    which it is committed), a row being prepared or committed at t, and on a crash of the host (power loss) what the
-    journal held, since it is not fsynced (a flush per held row). The provider billed those requests, and their budget
-    holds are released by the sweeper without their cost being charged. A request in flight at t is lost either way
-    (its row is built from its response). A clean shutdown (`aclose()`; an event loop that closes spools what it held)
-    loses nothing. 0 turns the delay off: each row committed as soon as it is ready.
+    row's minted key); so is a batch whose write runs longer than `SLOW_WRITE_SECONDS` (a database that hangs), with
+    the rows that come ready behind it (`_journal_if_slow`). A run seals its responses at its next model request
+    (`bodies_sealed()` prepares and journals their rows then), so the rows of a fast run, held until its end, are
+    journaled as it goes. A crash at a moment t still loses: a row whose response was not sealed yet (its run's tools
+    still running, at most the delay, after which it is committed), a row being prepared at t or in a write that began
+    less than 100 ms before, and on a crash of the host (power loss) what the journal held, since it is not fsynced
+    (a flush per held row). The provider billed those requests, and their budget holds are released by the sweeper
+    without their cost being charged. A request in flight at t is lost either way (its row is built from its
+    response). A clean shutdown (`aclose()`; an event loop that closes spools what it held) loses nothing. 0 turns the
+    delay off: each row committed as soon as it is ready.
     """
 
     def __init__(self, config: LedgerConfig | None = None, *, session_factory: SessionFactory | None = None) -> None:
@@ -180,11 +182,16 @@ class LLMRequestTracker:
         queues = self._by_loop.get(loop)
         if queues is None or not self.config.journal:
             return
+        self._journal(queues, [item for item in self._prepare_sealed(loop, queues) if item.ready])
+
+    def _prepare_sealed(self, loop: asyncio.AbstractEventLoop, queues: LoopQueues) -> list[PendingRow]:
+        """Start preparing the rows waiting to be sealed whose run sealed them; those rows (the writer is not woken
+        for the quick ones: its timer stands)."""
         sealed = [item for item in queues.pending if item.sealing and item.record.sealed()]
         for item in sealed:
             item.sealing = False
             self._prepare(loop, queues, item, wake=False)
-        self._journal(queues, [item for item in sealed if item.ready])
+        return sealed
 
     def commit_now(self, futures: Iterable[asyncio.Future[WriteOutcome]]) -> None:
         """Commit the rows of `futures` (those not written yet) without waiting out the commit delay: their run ended.
@@ -329,7 +336,11 @@ class LLMRequestTracker:
             seal_stamped(queues, self._preparer(queues))
             batch = take_ready(queues, self.config)
             queues.inflight = batch
-            outcomes = await self._write_batch(queues, batch)
+            watch = self._journal_if_slow(queues)
+            try:
+                outcomes = await self._write_batch(queues, batch)
+            finally:
+                watch.cancel()
             queues.inflight = []
             queues.journal.release(batch)
             now = time.perf_counter()
@@ -338,6 +349,19 @@ class LLMRequestTracker:
                 if not item.future.done():
                     item.future.set_result(outcome)
         queues.ledger_task = None  # in the same step as the emptiness check: no submit can slip in between
+
+    def _journal_if_slow(self, queues: LoopQueues) -> SlowWriteWatch:
+        """Journal the batch being written, and the rows that come ready behind it, if its write is slow: a database
+        that hangs rather than refuses (a stopped server, a network partition, a pooler queueing its clients) holds
+        the first attempt up to its timeout, and the writer, inside it, journals nothing else meanwhile; a process
+        killed then lost those rows, although their responses had been shown."""
+        loop = asyncio.get_running_loop()
+
+        def journal_held() -> None:
+            self._prepare_sealed(loop, queues)  # a run that ended meanwhile: the writer cannot seal its last row now
+            self._journal(queues, queues.inflight + [item for item in queues.pending if item.ready])
+
+        return SlowWriteWatch(loop, journal_held if self.config.journal else None)
 
     async def _wait_for_more(self, queues: LoopQueues, wait: float | None) -> None:
         """Sleep until something changes or `wait` seconds pass; a wake-up late enough to say the event loop stalled

@@ -107,6 +107,43 @@ async def test_rows_are_journaled_while_the_writer_retries_a_database_that_is_aw
     await tracker.aclose()
 
 
+async def test_a_write_to_a_database_that_hangs_journals_its_batch_and_the_rows_that_come_ready_behind_it(
+    clean_database: None, tmp_path: Path
+) -> None:
+    """A database that accepts connections and never answers (a stopped server, a network partition, a pooler
+    queueing its clients) holds the first attempt of a write up to its timeout, with no retry yet to journal the
+    batch; the rows that come ready behind it wait for the writer, which is inside that attempt. A process killed
+    then lost them all, though their responses had been shown (a QA run: 0 rows of 3 after a kill 3 and 12 s in)."""
+    hanging = asyncio.Event()
+    answer = asyncio.Event()
+
+    @asynccontextmanager
+    async def hangs_until_answered() -> AsyncIterator[DriverTransaction]:
+        hanging.set()
+        await answer.wait()
+        async with driver_transaction(account=Unscoped.LEDGER) as transaction:
+            yield transaction
+
+    tracker = LLMRequestTracker(fast_config(tmp_path, commit_delay_ms=0), session_factory=hangs_until_answered)
+    first, behind = _records(2)
+    written = tracker.submit(first)
+    await hanging.wait()
+    behind_written = tracker.submit(behind)  # its run ended: due at once, but the writer is stuck in the first write
+    tracker.commit_now([behind_written])
+
+    def journaled() -> set[str]:
+        return {entry['row']['id'] for path in _journals(tracker) for entry in read_journal(path)}
+
+    await _until(
+        lambda: journaled() == {str(first.id), str(behind.id)}, 'both rows to be journaled while the write hangs'
+    )
+    answer.set()
+    assert await written == 'written' and await behind_written == 'written'
+    assert sorted(row['id'] for row in await ledger_rows()) == sorted([first.id, behind.id])
+    assert all(path.stat().st_size == 0 for path in _journals(tracker))  # committed: no longer held
+    await tracker.aclose()
+
+
 async def test_a_replay_takes_over_a_dead_processs_journal_once_and_leaves_a_live_ones_alone(
     clean_database: None, tmp_path: Path
 ) -> None:
