@@ -23,6 +23,9 @@ CHARS_PER_TOKEN = 4
 """How the context budget turns text into tokens: the usual rule of thumb for English, without a tokenizer."""
 MAX_PG_TIMEOUT_MS = 2**31 - 1
 """The largest `statement_timeout` / `lock_timeout` PostgreSQL takes (milliseconds, a 32-bit int)."""
+SPOOL_NAME_MAX_BYTES = 150
+"""The longest ledger spool file name: a journal's name adds up to about 100 bytes to it (`<spool>.journal-<host>-<pid>-
+<start>-<n>`, a host name up to 64), and file systems take 255."""
 
 
 def unsafe_directory(directory: Path) -> str | None:
@@ -482,6 +485,12 @@ class Settings(BaseSettings):
             raise ValueError(f'the path cannot be used: {exc.strerror or exc}') from None
         if exists and not path.is_file():
             raise ValueError(f"{value} is not a file (a directory?); give the spool file's path")
+        if (length := len(os.fsencode(path.name))) > SPOOL_NAME_MAX_BYTES:
+            raise ValueError(
+                f'its file name is {length} bytes long, and at most {SPOOL_NAME_MAX_BYTES} leave room for the files '
+                "made beside it (a journal per process, named for the process's host; a replay's claimed files) in a "
+                "file system's 255-byte names; give it a shorter name"
+            )
         # Made (or written) when first needed, during an outage: refused now if it never can be, when the rows it was
         # given would be held only in the process's memory.
         try:

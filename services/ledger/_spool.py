@@ -17,7 +17,7 @@ from typing import Any
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import unsafe_directory
-from agentrt.services.ledger._journal import append_whole, dead_journals, read_journal
+from agentrt.services.ledger._journal import append_whole, dead_journals, journal_holder, read_journal
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -205,22 +205,43 @@ class LedgerSpool:
     def _claim_dead_journals(self) -> None:
         """Take over the journals of processes that died (their rows, held for the commit delay or retries, were
         never committed): each becomes a claimed file, replayed as spooled rows are, exactly once; an empty one is
-        deleted."""
+        deleted. A journal that cannot be taken over now (a full disk under the spool) stays for the next replay,
+        said in a warning, and the rest is replayed: it stopped the whole replay, spooled rows too, as an internal
+        error."""
         for journal in dead_journals(self.path):
-            with suppress(FileNotFoundError):  # gone meanwhile
+            try:
                 entries = read_journal(journal)
                 if entries:
                     logger.warning('ledger: replaying %d row(s) an ended process left: %s', len(entries), journal.name)
-                    self._write_claimed(entries, journal.name)
+                    self._write_claimed(entries, journal)
                 journal.unlink()
+            except FileNotFoundError:  # gone meanwhile: another replay took it
+                continue
+            except OSError as exc:
+                logger.warning(
+                    'ledger: the rows an ended process left in %s cannot be taken over now (%s); left for the next '
+                    'replay',
+                    journal.name,
+                    exc.strerror or exc,
+                )
 
-    def _write_claimed(self, entries: list[dict[str, Any]], source: str) -> None:
-        """Write `entries` as a claimed file of their own, whole and fsynced (before their journal is deleted: a crash
-        in between replays both, each row once)."""
-        claimed = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{source}')
+    def _write_claimed(self, entries: list[dict[str, Any]], journal: Path) -> None:
+        """Write `entries` as a claimed file of their own, whole and fsynced (before their `journal` is deleted: a
+        crash in between replays both, each row once). Named for the journal's process, not with the journal's whole
+        name, which holds the spool's name already: twice that went past a file system's 255-byte names.
+
+        Raises:
+            OSError: the file cannot be made or written whole (none is left behind).
+        """
+        holder = journal_holder(journal)
+        claimed = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-j{holder[1] if holder else 0}')
         fd = os.open(claimed, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             self._append_locked(fd, _lines(entries))
+        except OSError:
+            with suppress(OSError):
+                claimed.unlink()
+            raise
         finally:
             os.close(fd)
 

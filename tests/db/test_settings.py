@@ -10,6 +10,7 @@ import pytest
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import (
+    SPOOL_NAME_MAX_BYTES,
     Settings,
     default_data_dir,
     get_settings,
@@ -258,6 +259,23 @@ def test_a_spool_under_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatc
     finally:
         get_settings.cache_clear()
     assert f'{tmp_path / "a-file"} is a file, so the spool file cannot be made under it' in str(info.value)
+
+
+def test_a_spool_whose_name_leaves_no_room_for_its_journals_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A 101-character spool name was accepted, and every journal a killed process left was then claimed under a name
+    # holding the spool's name twice: past 255 bytes, each replay failed as an internal error (ENAMETOOLONG).
+    longest = 'x' * (SPOOL_NAME_MAX_BYTES - len('.jsonl')) + '.jsonl'
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / longest))
+    assert read_settings().ledger_spool == tmp_path / longest
+    for too_long in ('yy' + longest, 'é' * 76):  # bytes, not characters: 76 two-byte letters are 152
+        monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(tmp_path / too_long))
+        with pytest.raises(ConfigError) as info:
+            read_settings()
+        message = str(info.value)
+        assert message.startswith('invalid configuration: AGENTRT_LEDGER_SPOOL:') and '152 bytes long' in message
+        assert f'at most {SPOOL_NAME_MAX_BYTES}' in message
 
 
 @pytest.mark.parametrize('existing', [False, True], ids=['to-be-made', 'existing'])

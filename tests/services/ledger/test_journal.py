@@ -8,6 +8,7 @@ The end to end case, a turn's process killed while its first row is held, is in 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import pytest
 from agentrt.db.driver import DriverTransaction, driver_transaction
 from agentrt.db.processes import process_start, this_host
 from agentrt.db.roles import Unscoped
+from agentrt.db.settings import SPOOL_NAME_MAX_BYTES
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, _journal, utc_now
 from agentrt.services.ledger._journal import (
     RowJournal,
@@ -194,6 +196,47 @@ def test_the_empty_journal_of_a_killed_process_is_deleted_when_found_and_a_live_
     assert spool.pending_files() == [] and not spool.has_pending()
     assert not empty.exists()
     assert live.exists()
+
+
+async def test_a_journal_that_cannot_be_taken_over_now_stays_for_the_next_replay_and_the_spool_is_replayed(
+    clean_database: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk under the spool: a dead process's journal could not be turned into a claimed file, and that stopped
+    the whole replay, spooled rows too, as an internal error, leaving an empty claimed file at each try."""
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    spooled, held = _records(2)
+    tracker.spool.append([spooled.spool_entry(1 << 20)])
+    journal = journal_left_by_a_killed_process(tracker.spool.path, [held])
+
+    def disk_full(fd: int, payload: bytes) -> None:
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, logger='agentrt.ledger'):
+        patched.setattr(LedgerSpool, '_append_locked', staticmethod(disk_full))
+        report = await tracker.replay_spool()
+    assert (report.rows, report.inserted) == (1, 1)  # the spooled row, written all the same
+    assert journal.exists() and not list(journal.parent.glob('*.replaying-*'))
+    assert f'{journal.name} cannot be taken over now (No space left on device)' in caplog.text
+
+    report = await tracker.replay_spool()  # room again
+    assert (report.rows, report.inserted) == (1, 1)
+    assert not journal.exists()
+    assert sorted(row['id'] for row in await ledger_rows()) == sorted([spooled.id, held.id])
+
+
+async def test_the_journals_of_a_spool_with_the_longest_name_allowed_are_replayed(
+    clean_database: None, tmp_path: Path
+) -> None:
+    """A dead process's journal was claimed under a name holding the spool's name twice: a spool name of about 100
+    bytes went past a file system's 255, and every replay failed (ENAMETOOLONG)."""
+    name = 'l' * (SPOOL_NAME_MAX_BYTES - len('.jsonl')) + '.jsonl'
+    tracker = LLMRequestTracker(fast_config(tmp_path, spool_path=tmp_path / 'spool' / name))
+    held = _records(1)[0]
+    journal = journal_left_by_a_killed_process(tracker.spool.path, [held])
+    report = await tracker.replay_spool()
+    assert (report.rows, report.inserted) == (1, 1)
+    assert not journal.exists()
+    assert [row['id'] for row in await ledger_rows()] == [held.id]
 
 
 async def test_a_journal_that_cannot_be_written_costs_only_its_protection_said_once_and_is_tried_again(
