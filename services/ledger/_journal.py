@@ -14,13 +14,16 @@ replay turns a dead process's journal back into spool lines (`read_journal`); an
 left out, as the row was not committed.
 
 A journal's name says whose it is (`<spool>.journal-<host>-<pid>-<start>-<n>`, the start as `db/processes.py` reads
-it), so a replay tells the journal of a process that is gone, which it claims (`LedgerSpool.claim`: its entries
-written as a `.replaying-*` file, replayed as spooled rows are, then the journal deleted), from that of a live one,
-which it leaves alone. Journals of other hosts (a spool directory shared over the network) are left to their hosts.
+it), and its process holds a lock on it while it has it open, so a replay tells the journal of a process that is
+gone, which it claims (`LedgerSpool.claim`: its entries written as a `.replaying-*` file, replayed as spooled rows
+are, then the journal deleted), from that of a live one, which it leaves alone, even one whose pid it cannot see
+(another PID namespace). Journals of other hosts (a spool directory shared over the network) are left to their
+hosts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import itertools
 import json
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger('agentrt.ledger')
 
 JOURNAL_INFIX = '.journal-'
+_MAKING_INFIX = '.journal_making-'  # not a journal's name (`dead_journals` globs the infix above)
 _serials = itertools.count(1)  # `next()` on it is atomic: no lock needed across threads
 
 
@@ -70,7 +74,7 @@ class RowJournal:
         """
         payload = framed_entries(entries)
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._fd = _made_locked(self.path)
         append_whole(self._fd, payload, self._size, fsync=False)
         self._size += len(payload)
 
@@ -84,10 +88,48 @@ class RowJournal:
         """Close and delete the journal (its rows were all committed or spooled); safe to call twice."""
         fd, self._fd = self._fd, None
         if fd is not None:
+            with suppress(OSError):  # before its lock goes with the descriptor: no replay takes it meanwhile
+                self.path.unlink()
             with suppress(OSError):
                 os.close(fd)
-            with suppress(OSError):
-                self.path.unlink()
+
+
+def _made_locked(path: Path) -> int:
+    """Make the journal file `path`, locked (`flock`) for as long as this process has it open: a replay takes over
+    only a journal it can lock (`dead_journals`), so a live holder its name's pid does not find keeps its journal (a
+    process in another PID namespace: containers with one host name sharing the spool's directory). Made under
+    another name and renamed once locked, so no replay finds it unlocked.
+
+    Raises:
+        OSError: it cannot be made.
+    """
+    making = path.with_name(path.name.replace(JOURNAL_INFIX, _MAKING_INFIX, 1))
+    fd = os.open(making, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, path)
+    except BaseException:
+        with suppress(OSError):
+            making.unlink()
+        os.close(fd)
+        raise
+    return fd
+
+
+def held_by_a_live_process(path: Path) -> bool:
+    """Whether a live process holds the journal `path` (its lock, `_made_locked`), or it cannot be looked at (gone,
+    or not readable): either way not one to take over."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: it is held
+        return True
+    finally:
+        os.close(fd)  # and the lock with it
+    return False
 
 
 def append_whole(fd: int, payload: bytes, start: int, *, fsync: bool) -> None:
@@ -254,13 +296,14 @@ def journal_holder(path: Path) -> tuple[str, int, float] | None:
 
 
 def dead_journals(spool_path: Path) -> list[Path]:
-    """The journals beside the spool `spool_path` whose processes, on this host, are gone: theirs to replay."""
+    """The journals beside the spool `spool_path` whose processes, on this host, are gone: theirs to replay. Gone: its
+    name's pid and start name no process here, and no process holds its lock (one in another PID namespace would)."""
     here = host_tag(this_host())
     found: list[Path] = []
     for path in sorted(spool_path.parent.glob(glob.escape(spool_path.name) + JOURNAL_INFIX + '*')):
         holder = journal_holder(path)
         if holder is None or holder[0] != here or is_alive(holder[1], holder[2]):
             continue
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and not held_by_a_live_process(path):
             found.append(path)
     return found

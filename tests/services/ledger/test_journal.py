@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from agentrt.services.ledger._journal import (
     RowJournal,
     dead_journals,
     framed_entries,
+    held_by_a_live_process,
     host_tag,
     journal_holder,
     read_journal,
@@ -273,6 +276,31 @@ async def test_a_journal_that_cannot_be_written_costs_only_its_protection_said_o
     assert len(said) == 2 and 'No space left on device' in said[0] and 'written again' in said[1], said
     assert len(await ledger_rows()) == 7
     await tracker.aclose()
+
+
+def test_a_journal_whose_holder_lives_where_its_pid_cannot_be_seen_is_left_alone(tmp_path: Path) -> None:
+    """Containers with one host name sharing the spool's directory, each in its own PID namespace: a replay in one
+    looked the other's pid up in its own process table, took the live process for dead and deleted its journal (a QA
+    run, with `unshare --pid`); the live process went on writing to a deleted file. A journal is locked by its process
+    while open, and a replay takes over only one it can lock."""
+    spool = tmp_path / 'spool' / 'ledger.jsonl'
+    record = _records(1)[0]
+    journal = journal_left_by_a_killed_process(spool, [record])  # named for a pid that is gone here
+    holder = os.open(journal, os.O_RDONLY)  # its process, alive in another namespace, holds its lock
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert dead_journals(spool) == []
+        assert not LedgerSpool(spool).has_pending()
+    finally:
+        os.close(holder)
+    assert dead_journals(spool) == [journal]  # its holder is gone now
+
+    written = RowJournal(spool)  # what a live process writes is locked, from the moment its name can be seen
+    written.write([record.spool_entry(1 << 20)])
+    assert held_by_a_live_process(written.path)
+    assert not list(spool.parent.glob('*journal_making*'))
+    written.close()
+    assert not written.path.exists()
 
 
 def test_a_journals_name_says_whose_it_is_and_other_names_are_not_journals(tmp_path: Path) -> None:
