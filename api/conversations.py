@@ -166,7 +166,8 @@ async def messages(
         page = await load_page(store, conversation_id, limit=limit, before=entry_id)
     except UnknownPositionError as exc:
         raise InvalidInputError(
-            'this position is no longer in the conversation (it was deleted since): read its latest messages again',
+            'this position is not in the conversation (deleted or branched away since, or never one of its '
+            'messages): read its latest messages again',
             field='before',
         ) from exc
     if page is None:

@@ -40,7 +40,8 @@ class MessagePage:
 
 
 class UnknownPositionError(LookupError):
-    """`before` is not an entry of the account (its conversation was deleted, or it never was one)."""
+    """`before` is not a message of the conversation's history: not an entry of the account (its conversation was
+    deleted, or it never was one), another conversation's, or one its history no longer holds (a `branch()`)."""
 
 
 async def load_page(
@@ -62,7 +63,7 @@ async def load_page(
         None when the account has no such conversation.
 
     Raises:
-        UnknownPositionError: the account has no entry `before`.
+        UnknownPositionError: `before` is not a message of the conversation's history.
         InvalidInputError: `conversation_id` or `before` is not an id the store can hold, or `limit` is not a whole
             number from 1 to 2**31 - 2.
     """

@@ -157,14 +157,24 @@ TAIL_ON_DRIVER = DriverStatement.of(_TAIL)
 APPEND_UPDATE_ON_DRIVER = DriverStatement.of(_APPEND_UPDATE)
 APPEND_CREATE_ON_DRIVER = DriverStatement.of(_APPEND_CREATE)
 
-# A page of older messages (`_pages`): the record, and the entries before `:before` (an entry of the account), from
-# its parent back, at most `:max_messages`. No row: no record; `found` 0: the account has no entry `:before`.
+# A page of older messages (`_pages`): the record, and the entries before `:before` (an entry of the conversation's
+# history, from its head back), from its parent back, at most `:max_messages`. No row: no record; `found` 0:
+# `:before` is not in the history: not an entry of the account, or another conversation's, or one a `branch()` left
+# behind (it was found anywhere in the account, and the page was another history's). Finding it walks the history
+# from the head to it, an index lookup per message newer than the position.
 _BEFORE = text("""
 WITH RECURSIVE conv AS (
-    SELECT record::text AS record, title, summary_head_id
+    SELECT record::text AS record, head_id, title, summary_head_id
     FROM conversations WHERE account_id = :account_id AND conversation_id = :conversation_id
+), history(id, parent_id) AS (
+    SELECT e.id, e.parent_id
+    FROM conv JOIN conversation_entries AS e ON e.account_id = :account_id AND e.id = conv.head_id
+    UNION ALL
+    SELECT p.id, p.parent_id
+    FROM history AS h JOIN conversation_entries AS p ON p.account_id = :account_id AND p.id = h.parent_id
+    WHERE h.id <> :before
 ), mark AS (
-    SELECT e.parent_id FROM conversation_entries AS e WHERE e.account_id = :account_id AND e.id = :before
+    SELECT parent_id FROM history WHERE id = :before
 ), walk(id, parent_id, kind, body, depth) AS (
     SELECT e.id, e.parent_id, e.kind, e.message::text, 1
     FROM conv CROSS JOIN mark

@@ -97,7 +97,7 @@ async def test_each_bad_position_is_422_naming_before(keys: Keys, client: httpx2
         listing['next_cursor']: "a listing's next_cursor",
         encode_message_cursor(entry, conversation_id='pages', account_id=green): "another account's",
         encode_message_cursor(entry, conversation_id='another', account_id=acme): 'another conversation',
-        encode_message_cursor('gone', conversation_id='pages', account_id=acme): 'no longer in the conversation',
+        encode_message_cursor('gone', conversation_id='pages', account_id=acme): 'not in the conversation',
         encode_message_cursor('x' * 500, conversation_id='pages', account_id=acme): None,
     }
     for cursor, words in bad.items():

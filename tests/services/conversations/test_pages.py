@@ -156,3 +156,36 @@ async def test_an_unknown_or_foreign_position_is_refused(account_ids: tuple[int,
     with pytest.raises(InvalidInputError) as caught:
         await load_page(mine, 'c', limit=2, before='a\x00b')
     assert caught.value.field == 'before'
+
+
+async def test_a_position_outside_the_conversations_history_is_refused(account_ids: tuple[int, int]) -> None:
+    """A position names an entry; one of another conversation of the account, or one a `branch()` left behind, was
+    read as this conversation's earlier messages (a QA run: another conversation's turns under this one's name)."""
+    store = PostgresConversationStore(account_ids[0])
+    await add_turns(store, 'a', ['one', 'two'])
+    await add_turns(store, 'b', ['uno', 'dos'])
+    page_of_b = await load_page(store, 'b', limit=2)
+    assert page_of_b is not None and page_of_b.earlier is not None
+    with pytest.raises(UnknownPositionError):
+        await load_page(store, 'a', limit=2, before=page_of_b.earlier)
+
+    in_turn_two = await load_page(store, 'a', limit=2)
+    assert in_turn_two is not None and in_turn_two.earlier is not None
+    older = await load_page(store, 'a', limit=2, before=in_turn_two.earlier)
+    assert older is not None and older.messages
+    loaded = await store.load('a')
+    assert loaded is not None and len(loaded.messages) == 12  # two turns of 6 messages
+    await store.branch('a', at=6, expected_revision=loaded.revision)  # turn two left behind, kept as a branch
+    await add_turns(store, 'a', ['two, again'])
+    with pytest.raises(UnknownPositionError):
+        await load_page(store, 'a', limit=2, before=in_turn_two.earlier)
+    whole = await store.load('a')
+    assert whole is not None and len(whole.messages) == 12
+    newest = await load_page(store, 'a', limit=2)
+    assert newest is not None and newest.earlier is not None
+    pages = [newest]
+    while pages[-1].earlier is not None:  # the history as it is now reads back whole, page by page
+        page = await load_page(store, 'a', limit=2, before=pages[-1].earlier)
+        assert page is not None
+        pages.append(page)
+    assert [m for page in reversed(pages) for m in page.messages] == whole.messages
