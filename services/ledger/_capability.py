@@ -225,7 +225,12 @@ class LedgerCapability(AbstractCapability[Any]):
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)
             raise
         flight = InFlight(
-            request_id, time.perf_counter(), started_at, bool(request_context.streaming), _current_trace_id()
+            request_id,
+            time.perf_counter(),
+            started_at,
+            bool(request_context.streaming),
+            _current_trace_id(),
+            run_step=ctx.run_step,
         )
         state.current = flight
         try:
@@ -342,7 +347,7 @@ class LedgerCapability(AbstractCapability[Any]):
             started_at=flight.started_at,
             finished_at=finished_at,
             run_id=ctx.run_id,
-            run_step=ctx.run_step,
+            run_step=flight.run_step,
             conversation_id=ctx.conversation_id,
             agent_name=getattr(ctx.agent, 'name', None),
             provider=request_context.model.system,

@@ -26,6 +26,9 @@ class InFlight:
     started_at: Any
     streamed: bool
     trace_id: str | None
+    run_step: int | None = None
+    """The run's step as the request was sent: a cut stream is recorded when the run ends (`wrap_run`), whose context
+    is the run's start's (step 0)."""
     stream: StreamedResponse | None = None
     stream_started: float | None = None
     response: ModelResponse | None = None

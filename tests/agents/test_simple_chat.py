@@ -167,9 +167,19 @@ async def test_consumer_stopping_a_stream_early_saves_nothing_and_bills_what_ran
     await get_request_tracker().flush()
     await get_supervisor().join()
     async with get_db_session(account=Unscoped.ADMIN) as session:
-        statuses = (await session.execute(select(LLMRequestRow.status).order_by(LLMRequestRow.started_at))).scalars()
+        rows = (
+            await session.execute(
+                select(LLMRequestRow.status, LLMRequestRow.run_step).order_by(LLMRequestRow.started_at)
+            )
+        ).all()
         conversations = (await session.execute(select(func.count()).select_from(ConversationRow))).scalar_one()
-    assert list(statuses) == ['complete', 'complete', 'cancelled']  # two tool rounds, then the stopped answer
+    assert [status for status, _ in rows] == [
+        'complete',
+        'complete',
+        'cancelled',
+    ]  # two tool rounds, the stopped answer
+    # The cut request's own step: it is recorded as the run ends, whose context said step 0 (a QA run: 105 of 105).
+    assert [step for _, step in rows] == [1, 2, 3]
     assert conversations == 0  # an unfinished turn is not saved
     assert pool_status().checked_out == 0
 

@@ -137,7 +137,7 @@ async def test_stream_stopped_early_records_a_cancelled_row_with_usage_so_far(tr
                 break
     await tracker.flush()
     [row] = await ledger_rows()
-    assert (row['status'], row['success'], row['streamed']) == ('cancelled', False, True)
+    assert (row['status'], row['success'], row['streamed'], row['run_step']) == ('cancelled', False, True, 1)
     assert 0 < row['output_tokens'] < 6 and row['input_tokens'] > 0  # FunctionModel estimates as it streams
     assert row['total_cost'] is not None and row['time_to_first_token_ms'] is not None
     assert row['time_to_first_token_ms'] <= row['latency_ms']
