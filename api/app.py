@@ -49,6 +49,7 @@ from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.heap import freeze_startup_heap
+from agentrt.services.warnings_log import log_warnings
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -156,8 +157,9 @@ def create_app(
 
 def create_served_app() -> FastAPI:
     """What `agentrt serve` runs in each worker: `create_app()` with the web UI, unless `AGENTRT_HTTP_WEB_UI=false`,
-    the start-up heap frozen (`freeze_heap`) and waiting turns refused on a stop signal (`refuse_on_stop`): the
-    process serves only this app."""
+    the start-up heap frozen (`freeze_heap`), waiting turns refused on a stop signal (`refuse_on_stop`) and Python
+    warnings logged as one line each (`log_warnings`): the process serves only this app."""
+    log_warnings()
     return create_app(web_ui=get_settings().http_web_ui, freeze_heap=True, refuse_on_stop=True)
 
 

@@ -51,7 +51,9 @@ async def _worker(concurrency: int, burst: bool, signals: list[int]) -> None:
     from agentrt.services.heap import freeze_startup_heap
     from agentrt.services.jobs import WorkerStop, run_worker
     from agentrt.services.ledger import get_request_tracker
+    from agentrt.services.warnings_log import log_warnings
 
+    log_warnings()  # a library's warning as a line of the worker's log, not Python's paragraph
     await init_database()
     if not burst:  # a process that runs until stopped: its start-up objects out of the cyclic GC's way
         # Rows an earlier process spooled while the database was down reach the costs now, not at the first ledger

@@ -400,6 +400,34 @@ async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
     assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
 
 
+async def test_a_library_warning_is_one_line_of_the_servers_log(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    """A model that reports no token usage, with the turn limits on (the default): pydantic-ai warns, and the server's
+    log had Python's text of it (a site-packages path, the paragraph, `warnings.warn(`) glued to the access line."""
+    with FakeOpenAI(lambda body: Reply(text='Nobody in Seattle matches.', reports_usage=False)).running() as fake:
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
+        }
+        server, url = _start_serve(env, stdout=subprocess.DEVNULL)
+        try:
+            key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                status, events = await stream_chat(client, key, chat_body('no-usage', 'Who is in Seattle?'))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+    assert status == 200 and events[-1] == '[DONE]', events[-3:]
+    [warned] = [line for line in stderr.splitlines() if 'UsageLimitUnavailableWarning' in line]
+    assert warned.startswith('WARNING:') and 'UsageLimitUnavailableWarning: Some responses omitted usage' in warned
+    assert 'warnings.warn(' not in stderr and 'site-packages' not in stderr, stderr[-3000:]
+
+
 async def _key(account: str) -> str:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         return (await create_api_key(session=session, account=account)).token
