@@ -210,6 +210,11 @@ async def delete(
     """Delete the conversation and the messages no other conversation of the account shares."""
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     store = PostgresConversationStore(caller.account_id)
+    if if_match is not None and not if_match.strip():  # a condition meant and lost on the way: it deleted whatever
+        raise InvalidInputError(
+            'If-Match is empty: send a revision this API returned, or * to delete whatever revision is there',
+            field='If-Match',
+        )
     named = _revisions(if_match)
     # Without If-Match (or with `*`) whatever revision is there is deleted: a turn saved between the read and the
     # delete is read again, not a 409 the caller (who named no revision) could only answer by sending the same again.
@@ -308,7 +313,7 @@ router.add_api_route(
 def _revisions(if_match: str | None) -> list[str]:
     """The revisions an `If-Match` header names: its entity tags (RFC 9110: a comma-separated list, any of which
     matches), each quoted or not, weak (`W/"..."`) or strong; none for no header or `*` (any current revision), which
-    deletes whatever revision is there."""
+    deletes whatever revision is there (an empty header is refused before)."""
     value = (if_match or '').strip()
     if value in ('', '*'):
         return []

@@ -566,6 +566,21 @@ async def test_an_if_match_no_revision_can_be_is_a_422_naming_the_header(
     assert await PostgresConversationStore(await account_id('acme-health')).load('kept') is not None
 
 
+@pytest.mark.parametrize('if_match', [b'', b'   '])
+async def test_an_empty_if_match_is_a_422_and_deletes_nothing(
+    keys: Keys, client: httpx2.AsyncClient, if_match: bytes
+) -> None:
+    # It was taken for no header: the conversation was deleted whatever its revision (a QA run), though a client that
+    # sends If-Match means a condition, one that was lost on its way (an empty variable in a template).
+    turn = await client.post('/api/v1/conversations/kept/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+    assert turn.status_code == 200, turn.text
+    response = await client.delete('/api/v1/conversations/kept', headers={**auth(keys.acme), 'If-Match': if_match})
+    refused = response.json()
+    assert response.status_code == 422 and refused['field'] == 'If-Match', refused
+    assert refused['detail'].startswith('If-Match is empty') and '*' in refused['detail'], refused
+    assert await PostgresConversationStore(await account_id('acme-health')).load('kept') is not None
+
+
 # A secret a client pasted where a key of its body goes: its field (or pydantic's location) named it unredacted, while
 # the detail beside it and the log line said [REDACTED].
 _PASTED = 'sk-proj-' + 'Qx7vLm2Rt9Wz4Kp8Hs3Nd6Yb1Fc5Jg0Ae'
