@@ -106,8 +106,13 @@ async def _chat(
             lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors(), reader_left
         )
         if conversed.last_error is not None and not isinstance(lines, TerminalLines):
-            # Lines from a pipe or a file: the script that fed them reads the exit code, not the error lines.
-            error_line(f"{conversed.failed} of {conversed.turns} turns failed; the exit code is the last one's")
+            # Lines from a pipe or a file: the script that fed them reads the exit code, not the error lines (an
+            # answer Ctrl-C stopped, unsaved, exited 0 with no line saying so).
+            stopped = f' ({conversed.stopped} stopped by Ctrl-C)' if conversed.stopped else ''
+            error_line(
+                f'{conversed.failed + conversed.stopped} of {conversed.turns} turns failed{stopped}; '
+                "the exit code is the last one's"
+            )
             raise typer.Exit(exit_code_of(conversed.last_error) or EXIT_FAILURE)
     finally:
         await shutdown_runtime()

@@ -51,10 +51,12 @@ class _Interrupts:
 
 @dataclass
 class Conversed:
-    """What a conversation came to: the lines answered or tried, and the turns that failed (the last one's error)."""
+    """What a conversation came to: the lines answered or tried, the turns that failed, the answers Ctrl-C stopped,
+    and what went wrong last (a failed turn's error, or `Stopped` for a stopped answer)."""
 
     turns: int = 0
     failed: int = 0
+    stopped: int = 0
     last_error: BaseException | None = None
 
 
@@ -75,7 +77,8 @@ async def converse(
             model for an output nobody reads (the turn it left in runs to its end).
 
     Returns:
-        How many turns ran and failed (an answer stopped by Ctrl-C is neither a failure nor an error).
+        How many turns ran, failed and were stopped by Ctrl-C (a stopped answer is no error: the chat goes on; a
+        script feeding lines learns of it from the exit code, `agentrt chat`).
 
     Raises:
         Stopped: Ctrl-C twice while an answer was stopping (the answer was stopped first): exit 130.
@@ -113,6 +116,8 @@ async def converse(
                         raise Stopped(signal.SIGINT) from None
                     raise
                 err_console.print(STOPPED_NOTE, style='dim', highlight=False)
+                conversed.stopped += 1
+                conversed.last_error = Stopped(signal.SIGINT)
             except turn_errors as exc:  # one failed turn (a line too long, a rate limit...) does not end the chat
                 error_line(str(exc))
                 conversed.failed += 1

@@ -374,7 +374,10 @@ def report(exc: BaseException) -> int:
 
 
 def exit_code_of(exc: BaseException) -> int | None:
-    """The documented exit code of an error of the runtime (`EXIT_CODES`), None for anything else."""
+    """The documented exit code of an error of the runtime (`EXIT_CODES`), or of a stop by a signal (128 + its
+    number), None for anything else."""
+    if isinstance(exc, Stopped):
+        return EXIT_SIGNAL_BASE + exc.signum
     try:
         codes = exit_codes()
     except Exception:  # the services did not import: the failure being reported, again; the base classes decide

@@ -11,12 +11,15 @@ import sys
 import time
 
 import pytest
+from pydantic_ai.messages import UserPromptPart
 from rich.console import Console
 from sqlalchemy import text
 
 from agentrt.agents.cli import chat
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
+from tests.agents.conftest import account_id
 from tests.factories import ledger_rows
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -161,6 +164,44 @@ async def test_a_signal_while_a_piped_chat_waits_for_its_next_line_stops_it_clea
     assert 'I found ' in out and 'you>' not in out  # answers only: a prompt was mixed into them
     assert code == 143, err
     assert 'Fatal Python error' not in err and 'stopped by SIGTERM' in err
+
+
+def _piped_chat_stopped_by_ctrl_c(database_url: str, session_id: str) -> tuple[int, str, str]:
+    """`printf 'QUESTION\nand in Boston?\n' | agentrt chat`, with Ctrl-C (SIGINT) while the first answer streams."""
+    env = {**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200', 'AGENTRT_CHAT_HISTORY': ''}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', '--session', session_id, '--delay', '0.05']
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(f'{QUESTION}\n'.encode())
+        process.stdin.flush()
+        answered = process.stdout.read(10)  # the answer is streaming, word by word
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.stdin.write(b'and in Boston?\n')  # the chat goes on with the next line
+        out, err = process.communicate(timeout=120)  # then the end of its input
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    return process.returncode, (answered + out).decode(), err.decode()
+
+
+async def test_a_piped_chat_whose_answer_ctrl_c_stopped_says_so_and_exits_130(
+    demo_data: None, database_url: str
+) -> None:
+    # It said the answer was stopped and not saved, then exited 0 with no summary: a script feeding lines saw success.
+    code, out, err = await asyncio.to_thread(_piped_chat_stopped_by_ctrl_c, database_url, 'piped-stop')
+    assert 'stopped: this answer was not saved' in err
+    assert "error: 1 of 2 turns failed (1 stopped by Ctrl-C); the exit code is the last one's" in err, err
+    assert code == 130, err
+    assert 'Traceback' not in err and 'Boston' in out
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('piped-stop')
+    assert stored is not None  # the next line was answered and saved; the stopped one was not
+    prompts = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
+    assert prompts == ['and in Boston?']
 
 
 def _chat_read_by_head(database_url: str, session_id: str, lines: bytes | None = None) -> tuple[int, bytes, str]:

@@ -53,8 +53,10 @@ async def test_ctrl_c_stops_the_answer_and_the_next_line_is_answered(capsys: pyt
         answered.append(line)
 
     before = signal.getsignal(signal.SIGINT)
-    await converse(Lines('slow', 'next'), answer, turn_errors=())
+    conversed = await converse(Lines('slow', 'next'), answer, turn_errors=())
     assert cancelled == ['slow'] and answered == ['next']
+    assert (conversed.turns, conversed.failed, conversed.stopped) == (2, 0, 1)
+    assert isinstance(conversed.last_error, Stopped)  # what a script feeding the lines is told: exit 130
     assert STOPPED_NOTE in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before  # the prompt's Ctrl-C is the terminal's again
 
