@@ -53,13 +53,23 @@ def turn_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _delay_seconds(value: float) -> float:
+    """`--delay` from 0 to 2 seconds. Checked here, not by typer's range: `nan` passes every comparison, and typer
+    said of it "Input should be less than or equal to 2"."""
+    if not 0 <= value <= 2:  # False for nan
+        raise typer.BadParameter(f'{value:g} is not a number of seconds from 0 to 2')
+    return value
+
+
 def chat(
     message: str | None = typer.Argument(None, help='Your message; omit it for an interactive conversation.'),
     session: str | None = typer.Option(None, '--session', '-s', help='Conversation id to continue.'),
     account: str = typer.Option(DEFAULT_ACCOUNT, '--account', '-a', help='Account slug (tenant).'),
     agent: str | None = typer.Option(None, '--agent', help='Agent slug of the account (default: its first agent).'),
     model: str | None = typer.Option(None, '--model', '-m', help="'demo' or a pydantic-ai model string."),
-    delay: float = typer.Option(0.02, '--delay', min=0, max=2, help='Pause between words of the demo model (s).'),
+    delay: float = typer.Option(
+        0.02, '--delay', callback=_delay_seconds, help='Pause between words of the demo model (s, 0 to 2).'
+    ),
 ) -> None:
     """Chat with an agent; the answer streams as it is produced."""
     session_id = session if session is not None else f'cli-{uuid.uuid4().hex[:12]}'

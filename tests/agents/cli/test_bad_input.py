@@ -24,6 +24,9 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['db', 'status', '--bogus'], {}, 2, 'No such option'),
     (['chat', 'hi', '--delay', 'fast'], {}, 2, '--delay'),
     (['chat', 'hi', '--delay', '-1'], {}, 2, '--delay'),
+    # typer's range let nan through its comparisons and said "Input should be less than or equal to 2"
+    (['chat', 'hi', '--delay', 'nan'], {}, 2, "'--delay': nan is not a number of seconds from 0 to 2"),
+    (['chat', 'hi', '--delay', '2.5'], {}, 2, "'--delay': 2.5 is not a number of seconds from 0 to 2"),
     (['chat', ''], {}, 2, 'empty'),
     (['chat', 'hi', '--account', 'nope'], {}, 2, "unknown account 'nope'"),
     (['chat', 'hi', '--account', NUL], {}, 2, ''),  # refused by PostgreSQL, or by the chat's own checks
