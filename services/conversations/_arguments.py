@@ -17,7 +17,7 @@ from sqlalchemy import String
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.models import ConversationEntryRow, ConversationRow, ConversationTurnRow
-from agentrt.services.pg_text import checked_identifier
+from agentrt.services.pg_text import checked_identifier, storable_text
 
 
 def _chars(column: Any) -> int:
@@ -32,6 +32,7 @@ REVISION_CHARS = _chars(ConversationRow.__table__.c.revision)
 ENTRY_ID_CHARS = _chars(ConversationEntryRow.__table__.c.id)
 KIND_CHARS = _chars(ConversationEntryRow.__table__.c.kind)
 CLAIM_ID_CHARS = _chars(ConversationTurnRow.__table__.c.claim_id)
+TITLE_CHARS = _chars(ConversationRow.__table__.c.title)
 MAX_LIMIT = 2**31 - 1
 """A `limit` is bound as a PostgreSQL `integer`."""
 
@@ -100,3 +101,21 @@ def check_entries(entries: Sequence[ConversationEntry]) -> None:
         checked_identifier(entry.id, f'new_entries[{index}].id', max_chars=ENTRY_ID_CHARS)
         check_entry_id(entry.parent_id, f'new_entries[{index}].parent_id')
         checked_identifier(entry.kind, f'new_entries[{index}].kind', max_chars=KIND_CHARS)
+
+
+def checked_title(value: object) -> str | None:
+    """A title to store (`update(title=...)`): None, or text of at most `TITLE_CHARS` characters, what PostgreSQL
+    cannot store replaced (a title is text shown, not an id: `storable_text`).
+
+    Raises:
+        InvalidInputError: not text, or too long.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f'the title must be text, not {type(value).__name__}', field='title')
+    if len(value) > TITLE_CHARS:
+        raise InvalidInputError(
+            f'the title is {len(value):,} characters long; the limit is {TITLE_CHARS}', field='title'
+        )
+    return storable_text(value)

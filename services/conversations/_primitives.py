@@ -29,16 +29,19 @@ from agentrt.services.conversations._arguments import (
     check_record,
     check_revision,
     check_scope,
+    checked_title,
 )
 from agentrt.services.conversations._statements import (
     ENTRIES,
     PRUNE_DELETED_HISTORY,
     RECORDS,
+    UNCHANGED,
     account_lock,
     history_walk,
     swap_record,
+    update_title,
 )
-from agentrt.services.conversations._stored import entry_adapter, record_adapter
+from agentrt.services.conversations._stored import entry_adapter, titled
 from agentrt.services.pg_text import storable
 
 T = TypeVar('T')
@@ -164,13 +167,11 @@ class ConversationPrimitives(ConversationStore):
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record for a conversation of this account, or `None` if there is none."""
         check_conversation_id(conversation_id)
-        query = select(RECORDS.c.record).where(
+        query = select(RECORDS.c.record, RECORDS.c.title).where(
             RECORDS.c.account_id == self.account_id, RECORDS.c.conversation_id == conversation_id
         )
-        data = await _read(
-            self.account_id, lambda session: session.execute(query), lambda result: result.scalar_one_or_none()
-        )
-        return None if data is None else record_adapter.validate_python(data)
+        row = await _read(self.account_id, lambda session: session.execute(query), lambda result: result.first())
+        return None if row is None else titled(*row)
 
     async def read_revision(self, conversation_id: str) -> str | None:
         """The stored revision of a conversation of this account, or `None` if there is none: one key lookup.
@@ -190,7 +191,7 @@ class ConversationPrimitives(ConversationStore):
         check_scope(scope)
         check_limit(limit)
         query = (
-            select(RECORDS.c.record)
+            select(RECORDS.c.record, RECORDS.c.title)
             .where(RECORDS.c.account_id == self.account_id)
             # conversation_id breaks ties so the order is stable between calls.
             .order_by(RECORDS.c.updated_at.desc(), RECORDS.c.conversation_id)
@@ -198,10 +199,48 @@ class ConversationPrimitives(ConversationStore):
         )
         if scope is not None:
             query = query.where(RECORDS.c.scope == scope)
-        rows = await _read(
-            self.account_id, lambda session: session.execute(query), lambda result: result.scalars().all()
+        rows = await _read(self.account_id, lambda session: session.execute(query), lambda result: result.all())
+        return [titled(data, title) for data, title in rows]
+
+    async def write_details(
+        self,
+        conversation_id: str,
+        details: Mapping[str, Any],
+        *,
+        expected_revision: str,
+        expected: Mapping[str, Any] | None = None,
+    ) -> ConversationRecord:
+        """Set the conversation's title (`details['title']`, None clears it), keeping its revision and `updated_at`,
+        if the stored revision is `expected_revision` and (`expected['title']`) its title is still that one: what
+        pydantic-ai's `update(title=...)` calls. The title is the one the runtime's own titles fill when there is
+        none, and listings show; a save never changes one that is set.
+
+        Raises:
+            ConversationConflict: the conversation was saved, deleted or retitled since it was read.
+            NotImplementedError: `metadata` was given: this store keeps none apart from the record a save writes.
+            InvalidInputError: an id is not one the store can hold, or the title is not text of at most 200
+                characters.
+        """
+        check_conversation_id(conversation_id)
+        check_revision(expected_revision, 'expected_revision')
+        expected = expected or {}
+        unknown = (set(details) | set(expected)) - {'title'}
+        if unknown:
+            raise NotImplementedError(
+                f"{type(self).__name__} stores a conversation's title, not {', '.join(sorted(unknown))}"
+            )
+        statement = update_title(
+            self.account_id,
+            conversation_id,
+            checked_title(details['title']) if 'title' in details else UNCHANGED,
+            expected_revision=expected_revision,
+            expected_title=expected['title'] if 'title' in expected else UNCHANGED,
         )
-        return [record_adapter.validate_python(data) for data in rows]
+        async with get_db_session(account=self.account_id) as session:
+            row = (await session.execute(statement)).first()
+        if row is None:
+            raise ConversationConflict(conversation_id)
+        return titled(*row)
 
     async def write_record(
         self,

@@ -256,3 +256,34 @@ def history_walk(account_id: int, head_id: str, limit: int | None) -> Select[Any
         step = step.where(walk.c.depth < limit)
     walk = walk.union_all(step)
     return select(walk.c.id, walk.c.parent_id, walk.c.kind, walk.c.message).order_by(walk.c.depth.desc())
+
+
+class _Unchanged:
+    """Not given: `update_title` leaves that part of its statement out."""
+
+
+UNCHANGED = _Unchanged()
+
+
+def update_title(
+    account_id: int,
+    conversation_id: str,
+    title: str | _Unchanged | None,
+    *,
+    expected_revision: str,
+    expected_title: str | _Unchanged | None = UNCHANGED,
+) -> Executable:
+    """Set the conversation's title column (`title`; UNCHANGED: write nothing, only check) if its revision is
+    `expected_revision` and its title `expected_title` (UNCHANGED: any); it returns the record and its title when
+    the conditions held. Neither the revision nor `updated_at` changes: a save of the conversation never conflicts
+    with it."""
+    conditions = [
+        RECORDS.c.account_id == account_id,
+        RECORDS.c.conversation_id == conversation_id,
+        RECORDS.c.revision == expected_revision,
+    ]
+    if not isinstance(expected_title, _Unchanged):
+        conditions.append(RECORDS.c.title.is_not_distinct_from(expected_title))
+    if isinstance(title, _Unchanged):
+        return select(RECORDS.c.record, RECORDS.c.title).where(*conditions)
+    return update(RECORDS).where(*conditions).values(title=title).returning(RECORDS.c.record, RECORDS.c.title)

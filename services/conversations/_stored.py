@@ -114,3 +114,12 @@ def validate_messages(bodies: Sequence[str]) -> list[ModelMessage]:
 
 def _entry_data(row: Any, at: int) -> dict[str, Any]:
     return {'id': row[at + 3], 'parent_id': row[at + 4], 'kind': row[at + 5], 'message': json.loads(row[at + 6])}
+
+
+def titled(data: Any, title: str | None) -> ConversationRecord:
+    """A stored record (its JSON as read) with the title of its own column, where the runtime's titles and
+    `update(title=...)` write it: pydantic-ai 2.78 carries a title on the record; earlier versions have none, and
+    ignore it."""
+    if isinstance(data, str | bytes):
+        data = json.loads(data)
+    return record_adapter.validate_python({**data, 'title': title})

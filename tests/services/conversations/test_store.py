@@ -34,7 +34,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import func, select, text
 
 from agentrt.agents.simple_chat import simple_chat
-from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.errors import AgentRuntimeError, InvalidInputError
 from agentrt.db.models import Account, ConversationEntryRow, ConversationRow
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
@@ -565,3 +565,53 @@ async def test_delete_prunes_only_what_no_other_record_reaches_of_its_history(st
     assert await store.load_entries('bare') == histories['bare'] == main_entries[:3]
     await store.delete('bare')
     assert await count_rows(ConversationEntryRow) == 0
+
+
+RECORD_HAS_TITLE = 'title' in ConversationRecord.__dataclass_fields__  # pydantic-ai 2.78 on; 2.68 has none
+
+
+async def title_column(store: PostgresConversationStore, conversation_id: str) -> str | None:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        query = select(ConversationRow.title).where(
+            ConversationRow.account_id == store.account_id, ConversationRow.conversation_id == conversation_id
+        )
+        return (await session.execute(query)).scalar_one()
+
+
+async def test_a_title_is_set_by_revision_and_expected_title_and_a_save_keeps_it(
+    store: PostgresConversationStore,
+) -> None:
+    """pydantic-ai 2.78's `update(title=...)` raised NotImplementedError (no `write_details`), and its records read
+    back had no title though the runtime had stored one (a QA run). The title is the conversation's column, which the
+    runtime's own titles fill when empty and listings show."""
+    agent = Agent(FunctionModel(Recorder(), model_name='gpt-4o-mini'))
+    await turn(store, agent, 'titled', 'hello')
+    record = await store.read_record('titled')
+    assert record is not None
+    with pytest.raises(ConversationConflict):  # another revision: nothing written
+        await store.write_details('titled', {'title': 'Mine'}, expected_revision='not-it')
+    written = await store.write_details(
+        'titled', {'title': 'Mine\x00'}, expected_revision=record.revision, expected={'title': None}
+    )
+    assert await title_column(store, 'titled') == 'Mine\N{REPLACEMENT CHARACTER}'
+    with pytest.raises(ConversationConflict):  # it is titled now: a writer that expects no title writes nothing
+        await store.write_details(
+            'titled', {'title': 'Theirs'}, expected_revision=record.revision, expected={'title': None}
+        )
+    with pytest.raises(NotImplementedError, match='metadata'):
+        await store.write_details('titled', {'metadata': {'a': 1}}, expected_revision=record.revision)
+    with pytest.raises(InvalidInputError) as too_long:
+        await store.write_details('titled', {'title': 'x' * 201}, expected_revision=record.revision)
+    assert too_long.value.field == 'title'
+
+    after = await store.read_record('titled')
+    assert after is not None and after.revision == record.revision and after.updated_at == record.updated_at
+    await turn(store, agent, 'titled', 'and again')  # a save keeps the title
+    assert await title_column(store, 'titled') == 'Mine\N{REPLACEMENT CHARACTER}'
+    if RECORD_HAS_TITLE:  # what pydantic-ai 2.78 users read and update
+        assert getattr(written, 'title', None) == 'Mine\N{REPLACEMENT CHARACTER}'
+        assert [getattr(r, 'title', None) for r in await store.read_records()] == ['Mine\N{REPLACEMENT CHARACTER}']
+        updated = await store.update('titled', title='Renamed')  # type: ignore[attr-defined, unused-ignore]
+        assert updated.title == 'Renamed' and await title_column(store, 'titled') == 'Renamed'
+        listed = await store.list_conversations()
+        assert [getattr(r, 'title', None) for r in listed] == ['Renamed']
