@@ -32,6 +32,7 @@ LOGGERS = (
     'agentrt.jobs',
     'agentrt.ledger',
     'agentrt.usage',
+    'agentrt.warnings',  # a library's warning text (`warnings_log`) may quote what it was given
 )
 # The most of a message or traceback redacted (and kept): bounded work whatever an error's text holds.
 MAX_LOGGED_CHARS = 64_000
