@@ -234,7 +234,7 @@ class ConversationPrimitives(ConversationStore):
             conversation_id,
             checked_title(details['title']) if 'title' in details else UNCHANGED,
             expected_revision=expected_revision,
-            expected_title=expected['title'] if 'title' in expected else UNCHANGED,
+            expected_title=checked_title(expected['title']) if 'title' in expected else UNCHANGED,
         )
         async with get_db_session(account=self.account_id) as session:
             row = (await session.execute(statement)).first()

@@ -598,6 +598,10 @@ async def test_a_title_is_set_by_revision_and_expected_title_and_a_save_keeps_it
         await store.write_details(
             'titled', {'title': 'Theirs'}, expected_revision=record.revision, expected={'title': None}
         )
+    # An expected title is compared as it would be stored (a NUL in it was a driver error in the comparison).
+    await store.write_details(
+        'titled', {'title': 'Mine\x00'}, expected_revision=record.revision, expected={'title': 'Mine\x00'}
+    )
     with pytest.raises(NotImplementedError, match='metadata'):
         await store.write_details('titled', {'metadata': {'a': 1}}, expected_revision=record.revision)
     with pytest.raises(InvalidInputError) as too_long:
