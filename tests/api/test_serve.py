@@ -62,6 +62,18 @@ def _start_serve(
     return server, f'http://127.0.0.1:{port}'
 
 
+def _env_on(fake: FakeOpenAI, database_url: str, **extra: str) -> dict[str, str]:
+    """`agentrt serve`'s environment with an OpenAI model on the loopback `fake`, plus `extra`."""
+    return {
+        **os.environ,
+        'DATABASE_URL': database_url,
+        'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
+        'OPENAI_BASE_URL': fake.base_url,
+        'OPENAI_API_KEY': 'sk-test',
+        **extra,
+    }
+
+
 async def _wait_until_up(url: str, server: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
     async with httpx2.AsyncClient(base_url=url, timeout=2) as client:
@@ -266,14 +278,7 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     The stream ends with the protocol's error event and end (it was cut mid-stream: "incomplete chunked read")."""
     spool = tmp_path / 'spool.jsonl'
     with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
-        env = {
-            **os.environ,
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-            'AGENTRT_LEDGER_SPOOL': str(spool),
-        }
+        env = _env_on(fake, database_url, AGENTRT_LEDGER_SPOOL=str(spool))
         server, url = _start_serve(env, '--shutdown-seconds', '1')
         try:
             await _wait_until_up(url, server)
@@ -314,13 +319,7 @@ async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_s
     request and, its response not started, answered `500 Internal Server Error` in plain text (no error id, a server
     error for a turn that was only stopped). The API's 503 `shutting_down` now, and the turn is not saved."""
     with FakeOpenAI(lambda body: Reply(text='never sent', fault='stall')).running() as fake:
-        env = {
-            **os.environ,
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-        }
+        env = _env_on(fake, database_url)
         server, url = _start_serve(env, '--shutdown-seconds', '1')
         try:
             await _wait_until_up(url, server)
@@ -360,17 +359,14 @@ async def test_a_stop_signal_lets_the_turn_in_flight_finish_then_exits_0(
         return Reply(text='Nobody in Seattle matches.')
 
     with FakeOpenAI(slow_provider).running() as fake:
-        env = {
-            **os.environ,
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
-            # A loaded machine must not make the save wait past the defaults (as in the test above).
-            'AGENTRT_TURN_QUEUE_SECONDS': '110',
-            'DB_POOL_TIMEOUT': '110',
-        }
+        # A loaded machine must not make the save wait past the defaults (as in the test above).
+        env = _env_on(
+            fake,
+            database_url,
+            AGENTRT_LEDGER_SPOOL=str(tmp_path / 'spool.jsonl'),
+            AGENTRT_TURN_QUEUE_SECONDS='110',
+            DB_POOL_TIMEOUT='110',
+        )
         server, url = _start_serve(env, '--log-level', 'info', stdout=subprocess.DEVNULL)
         shutting_down, signalled = '', False
         try:
@@ -406,14 +402,7 @@ async def test_a_library_warning_is_one_line_of_the_servers_log(
     """A model that reports no token usage, with the turn limits on (the default): pydantic-ai warns, and the server's
     log had Python's text of it (a site-packages path, the paragraph, `warnings.warn(`) glued to the access line."""
     with FakeOpenAI(lambda body: Reply(text='Nobody in Seattle matches.', reports_usage=False)).running() as fake:
-        env = {
-            **os.environ,
-            'DATABASE_URL': database_url,
-            'AGENTRT_MODEL': 'openai-chat:gpt-4o-mini',
-            'OPENAI_BASE_URL': fake.base_url,
-            'OPENAI_API_KEY': 'sk-test',
-            'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl'),
-        }
+        env = _env_on(fake, database_url, AGENTRT_LEDGER_SPOOL=str(tmp_path / 'spool.jsonl'))
         server, url = _start_serve(env, stdout=subprocess.DEVNULL)
         try:
             key, _ = await asyncio.gather(_key('acme-health'), _wait_until_up(url, server))
