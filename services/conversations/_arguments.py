@@ -9,6 +9,7 @@ altered (`storable_text`): an altered id would address another conversation or e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from sqlalchemy import String
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.models import ConversationEntryRow, ConversationRow, ConversationTurnRow
-from agentrt.services.pg_text import checked_identifier, storable_text
+from agentrt.services.pg_text import checked_identifier, storable, storable_text
 
 
 def _chars(column: Any) -> int:
@@ -119,3 +120,24 @@ def checked_title(value: object) -> str | None:
             f'the title is {len(value):,} characters long; the limit is {TITLE_CHARS}', field='title'
         )
     return storable_text(value)
+
+
+def checked_metadata(value: object) -> dict[str, Any] | None:
+    """Metadata to store (`update(metadata=...)`): None, or a JSON object, what PostgreSQL cannot store in its text
+    replaced (`storable`).
+
+    Raises:
+        InvalidInputError: not a dict, or not JSON (a value `json` cannot write, or NaN).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInputError(
+            f'the metadata must be a JSON object (a dict), not {type(value).__name__}', field='metadata'
+        )
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f'the metadata is not JSON: {exc}', field='metadata') from None
+    stored: dict[str, Any] = storable(value)
+    return stored

@@ -29,6 +29,7 @@ from agentrt.services.conversations._arguments import (
     check_record,
     check_revision,
     check_scope,
+    checked_metadata,
     checked_title,
 )
 from agentrt.services.conversations._statements import (
@@ -39,9 +40,9 @@ from agentrt.services.conversations._statements import (
     account_lock,
     history_walk,
     swap_record,
-    update_title,
+    update_details,
 )
-from agentrt.services.conversations._stored import entry_adapter, titled
+from agentrt.services.conversations._stored import RECORDS_HAVE_METADATA, entry_adapter, titled
 from agentrt.services.pg_text import storable
 
 T = TypeVar('T')
@@ -210,29 +211,33 @@ class ConversationPrimitives(ConversationStore):
         expected_revision: str,
         expected: Mapping[str, Any] | None = None,
     ) -> ConversationRecord:
-        """Set the conversation's title (`details['title']`, None clears it), keeping its revision and `updated_at`,
-        if the stored revision is `expected_revision` and (`expected['title']`) its title is still that one: what
-        pydantic-ai's `update(title=...)` calls. The title is the one the runtime's own titles fill when there is
-        none, and listings show; a save never changes one that is set.
+        """Set the conversation's title (`details['title']`) or its record's metadata (`details['metadata']`), None
+        clearing either, keeping its revision and `updated_at`, if the stored revision is `expected_revision` and
+        (`expected['title']`) its title is still that one: what pydantic-ai's `update(...)` calls. The title is the one
+        the runtime's own titles fill when there is none, and listings show; a save never changes a title that is set,
+        nor metadata set since the record it saves was read.
 
         Raises:
             ConversationConflict: the conversation was saved, deleted or retitled since it was read.
-            NotImplementedError: `metadata` was given: this store keeps none apart from the record a save writes.
-            InvalidInputError: an id is not one the store can hold, or the title is not text of at most 200
-                characters.
+            NotImplementedError: a key other than those (or `metadata` on a pydantic-ai whose records have none).
+            InvalidInputError: an id is not one the store can hold, the title is not text of at most 200 characters,
+                or the metadata is not a JSON object.
         """
         check_conversation_id(conversation_id)
         check_revision(expected_revision, 'expected_revision')
         expected = expected or {}
-        unknown = (set(details) | set(expected)) - {'title'}
+        kept = {'title', 'metadata'} if RECORDS_HAVE_METADATA else {'title'}
+        unknown = (set(details) - kept) | (set(expected) - {'title'})
         if unknown:
             raise NotImplementedError(
-                f"{type(self).__name__} stores a conversation's title, not {', '.join(sorted(unknown))}"
+                f"{type(self).__name__} stores a conversation's {' and '.join(sorted(kept))}, not "
+                f'{", ".join(sorted(unknown))}'
             )
-        statement = update_title(
+        statement = update_details(
             self.account_id,
             conversation_id,
-            checked_title(details['title']) if 'title' in details else UNCHANGED,
+            title=checked_title(details['title']) if 'title' in details else UNCHANGED,
+            metadata=checked_metadata(details['metadata']) if 'metadata' in details else UNCHANGED,
             expected_revision=expected_revision,
             expected_title=checked_title(expected['title']) if 'title' in expected else UNCHANGED,
         )

@@ -10,8 +10,21 @@ from functools import cache
 from typing import Any, cast
 
 from pydantic_ai.conversation_store import ConversationRecord
-from sqlalchemy import Executable, Integer, Select, Table, func, literal, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Integer,
+    Select,
+    Table,
+    func,
+    literal,
+    literal_column,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from agentrt.db.driver import DriverStatement
 from agentrt.db.models import ConversationEntryRow, ConversationRow
@@ -129,7 +142,11 @@ SELECT (SELECT count(*) FROM swapped), (SELECT count(*) FROM released)
 _APPEND_UPDATE = text(f"""
 WITH {_LOCKED}, swapped AS (
     UPDATE conversations
-    SET scope = :scope, head_id = :head_id, revision = :revision, record = CAST(:record AS jsonb),
+    SET scope = :scope, head_id = :head_id, revision = :revision,
+        record = coalesce(
+            jsonb_set(CAST(:record AS jsonb), '{{metadata}}', conversations.record -> 'metadata'),
+            CAST(:record AS jsonb)
+        ),
         updated_at = :updated_at, {_SUMMARY_SET}
     FROM locked
     WHERE account_id = :account_id AND conversation_id = :conversation_id AND revision = :expected_revision
@@ -226,6 +243,7 @@ def swap_record(account_id: int, record: ConversationRecord, expected_revision: 
             .on_conflict_do_nothing(index_elements=[RECORDS.c.account_id, RECORDS.c.conversation_id])
             .returning(RECORDS.c.revision)
         )
+    values['record'] = _with_stored_metadata(sql_cast(literal(values['record'], JSONB), JSONB))
     return (
         update(RECORDS)
         .where(
@@ -259,24 +277,34 @@ def history_walk(account_id: int, head_id: str, limit: int | None) -> Select[Any
 
 
 class _Unchanged:
-    """Not given: `update_title` leaves that part of its statement out."""
+    """Not given: `update_details` leaves that part of its statement out."""
 
 
 UNCHANGED = _Unchanged()
 
 
-def update_title(
+def _with_stored_metadata(new: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The record `new` with the stored record's `metadata` (set by `update(metadata=...)`), when it has one: a save
+    replaces the record, and must not undo an update made since the record was read (pydantic-ai's contract)."""
+    return func.coalesce(func.jsonb_set(new, _METADATA_PATH, RECORDS.c.record['metadata']), new)
+
+
+_METADATA_PATH: ColumnElement[Any] = literal_column("'{metadata}'")
+
+
+def update_details(
     account_id: int,
     conversation_id: str,
-    title: str | _Unchanged | None,
     *,
+    title: str | _Unchanged | None = UNCHANGED,
+    metadata: dict[str, Any] | _Unchanged | None = UNCHANGED,
     expected_revision: str,
     expected_title: str | _Unchanged | None = UNCHANGED,
 ) -> Executable:
-    """Set the conversation's title column (`title`; UNCHANGED: write nothing, only check) if its revision is
-    `expected_revision` and its title `expected_title` (UNCHANGED: any); it returns the record and its title when
-    the conditions held. Neither the revision nor `updated_at` changes: a save of the conversation never conflicts
-    with it."""
+    """Set the conversation's title column and its record's `metadata` (each UNCHANGED: left as it is; both: only
+    check) if its revision is `expected_revision` and its title `expected_title` (UNCHANGED: any); it returns the record
+    and its title when the conditions held. Neither the revision nor `updated_at` changes: a save of the conversation
+    never conflicts with it."""
     conditions = [
         RECORDS.c.account_id == account_id,
         RECORDS.c.conversation_id == conversation_id,
@@ -284,6 +312,11 @@ def update_title(
     ]
     if not isinstance(expected_title, _Unchanged):
         conditions.append(RECORDS.c.title.is_not_distinct_from(expected_title))
-    if isinstance(title, _Unchanged):
+    values: dict[str, Any] = {}
+    if not isinstance(title, _Unchanged):
+        values['title'] = title
+    if not isinstance(metadata, _Unchanged):
+        values['record'] = func.jsonb_set(RECORDS.c.record, _METADATA_PATH, sql_cast(literal(metadata, JSONB), JSONB))
+    if not values:
         return select(RECORDS.c.record, RECORDS.c.title).where(*conditions)
-    return update(RECORDS).where(*conditions).values(title=title).returning(RECORDS.c.record, RECORDS.c.title)
+    return update(RECORDS).where(*conditions).values(**values).returning(RECORDS.c.record, RECORDS.c.title)

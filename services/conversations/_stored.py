@@ -18,6 +18,8 @@ from agentrt.services.message_json import message_adapter
 from agentrt.services.pg_text import storable
 
 record_adapter: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
+RECORDS_HAVE_METADATA = 'metadata' in ConversationRecord.__dataclass_fields__
+"""pydantic-ai 2.78's records carry `title` and `metadata`; 2.68's neither."""
 entry_adapter: TypeAdapter[ConversationEntry] = TypeAdapter(ConversationEntry)
 # A stored entry's `message` is what `entry_adapter` dumps for it; these read and write that JSON directly.
 messages_adapter: TypeAdapter[list[ModelMessage]] = TypeAdapter(list[ModelMessage])

@@ -43,6 +43,7 @@ from agentrt.services.conversations import (
     load_conversation,
     save_turn,
 )
+from agentrt.services.conversations._stored import RECORDS_HAVE_METADATA
 from tests.conversation_races import assert_one_writer_wins
 
 
@@ -602,8 +603,8 @@ async def test_a_title_is_set_by_revision_and_expected_title_and_a_save_keeps_it
     await store.write_details(
         'titled', {'title': 'Mine\x00'}, expected_revision=record.revision, expected={'title': 'Mine\x00'}
     )
-    with pytest.raises(NotImplementedError, match='metadata'):
-        await store.write_details('titled', {'metadata': {'a': 1}}, expected_revision=record.revision)
+    with pytest.raises(NotImplementedError, match='summary'):  # what the store does not keep on a record
+        await store.write_details('titled', {'summary': 'x'}, expected_revision=record.revision)
     with pytest.raises(InvalidInputError) as too_long:
         await store.write_details('titled', {'title': 'x' * 201}, expected_revision=record.revision)
     assert too_long.value.field == 'title'
@@ -619,3 +620,41 @@ async def test_a_title_is_set_by_revision_and_expected_title_and_a_save_keeps_it
         assert updated.title == 'Renamed' and await title_column(store, 'titled') == 'Renamed'
         listed = await store.list_conversations()
         assert [getattr(r, 'title', None) for r in listed] == ['Renamed']
+
+
+async def test_metadata_set_by_update_is_kept_by_the_saves_that_follow(store: PostgresConversationStore) -> None:
+    """pydantic-ai 2.78's `update(metadata=...)` needs `write_details`, and a save (a turn's append, pydantic-ai's
+    `save`) replaces the record: it must keep metadata set since the record it saves was read."""
+    agent = Agent(FunctionModel(Recorder(), model_name='gpt-4o-mini'))
+    await turn(store, agent, 'tagged', 'hello')
+    loaded = await load_conversation(store, 'tagged')  # read before the update: its save must not undo it
+    record = await store.read_record('tagged')
+    assert record is not None
+    if not RECORDS_HAVE_METADATA:  # pydantic-ai 2.68: records have no metadata to keep
+        with pytest.raises(NotImplementedError, match='metadata'):
+            await store.write_details('tagged', {'metadata': {'a': 1}}, expected_revision=record.revision)
+        return
+    for bad in ([1], {'x': float('nan')}, {'x': object()}):
+        with pytest.raises(InvalidInputError) as refused:
+            await store.write_details('tagged', {'metadata': bad}, expected_revision=record.revision)
+        assert refused.value.field == 'metadata'
+    written = await store.write_details(
+        'tagged', {'metadata': {'team': 'a\x00b', 'n': 1}}, expected_revision=record.revision
+    )
+    assert getattr(written, 'metadata', None) == {'team': 'a\N{REPLACEMENT CHARACTER}b', 'n': 1}
+    result = await agent.run('again', conversation=loaded)
+    await save_turn(store, result)  # the turn's one-statement append
+    after_turn = await store.read_record('tagged')
+    assert after_turn is not None and after_turn.revision != record.revision
+    assert getattr(after_turn, 'metadata', None) == {'team': 'a\N{REPLACEMENT CHARACTER}b', 'n': 1}
+    updated = await store.update('tagged', metadata={'team': 'b'})  # type: ignore[attr-defined, unused-ignore]
+    assert updated.metadata == {'team': 'b'}
+    stale = await store.load('tagged')
+    assert stale is not None
+    await store.update('tagged', metadata={'team': 'c'})  # type: ignore[attr-defined, unused-ignore]
+    again = await agent.run('once more', conversation=stale)
+    await store.save(again)  # pydantic-ai's save: write_record, with the metadata as it was loaded
+    final = await store.read_record('tagged')
+    assert final is not None and getattr(final, 'metadata', None) == {'team': 'c'}
+    whole = await store.load('tagged')
+    assert whole is not None and len(whole.messages) == 6  # three turns saved
