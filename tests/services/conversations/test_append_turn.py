@@ -31,7 +31,7 @@ from agentrt.services.conversations import (
     load_recent_conversation,
     save_turn,
 )
-from agentrt.services.conversations._stored import message_json
+from agentrt.services.conversations._stored import RECORDS_HAVE_METADATA, message_json
 from agentrt.services.conversations._titles import title_and_summary
 from tests.factories import scalar
 from tests.services.conversations.test_store import assert_chain, count_rows
@@ -368,3 +368,32 @@ async def test_a_summary_that_cannot_be_made_leaves_the_save_whole(
     row = await _summary_row(store, 'c')
     assert not saved.summarised and len(saved.entries) == 4 and row['head_id'] == saved.entries[-1].id
     assert row['title'] is None and row['summary'] is None  # the post-turn task does it instead
+
+
+async def test_a_turns_save_keeps_the_title_and_metadata_set_while_it_ran(store: PostgresConversationStore) -> None:
+    """A turn's one-statement save builds its record from the one it loaded, without title or metadata: metadata
+    set by `update(metadata=...)` (pydantic-ai 2.78) was wiped by the next turn's save, and one set while the turn
+    ran as well. The title is a column the save only fills when empty."""
+    await _fast_turn(store, 'kept-details', 'first question')
+    recent = await load_recent_conversation(store, 'kept-details', max_tokens=16_000)
+    record = await store.read_record('kept-details')
+    assert record is not None
+    details: dict[str, Any] = {'title': 'Set by hand'}
+    if RECORDS_HAVE_METADATA:
+        details['metadata'] = {'team': 'billing'}
+    await store.write_details('kept-details', details, expected_revision=record.revision)  # while the turn runs
+    result = await _agent().run('second question', conversation=recent.conversation)
+    await append_turn(store, result, recent)
+    await _fast_turn(store, 'kept-details', 'third question')  # and a turn loaded after it
+    after = await store.read_record('kept-details')
+    assert after is not None and after.revision != record.revision
+    assert (
+        await scalar(
+            "SELECT title FROM conversations WHERE account_id = :a AND conversation_id = 'kept-details'",
+            a=store.account_id,
+        )
+        == 'Set by hand'
+    )
+    if RECORDS_HAVE_METADATA:
+        assert getattr(after, 'metadata', None) == {'team': 'billing'}
+        assert getattr(after, 'title', None) == 'Set by hand'
