@@ -143,6 +143,7 @@ _APPEND_UPDATE = text(f"""
 WITH {_LOCKED}, swapped AS (
     UPDATE conversations
     SET scope = :scope, head_id = :head_id, revision = :revision,
+        -- The stored metadata kept, as `_with_stored_metadata` keeps it for `swap_record` (a Core statement).
         record = coalesce(
             jsonb_set(CAST(:record AS jsonb), '{{metadata}}', conversations.record -> 'metadata'),
             CAST(:record AS jsonb)

@@ -568,9 +568,6 @@ async def test_delete_prunes_only_what_no_other_record_reaches_of_its_history(st
     assert await count_rows(ConversationEntryRow) == 0
 
 
-RECORD_HAS_TITLE = 'title' in ConversationRecord.__dataclass_fields__  # pydantic-ai 2.78 on; 2.68 has none
-
-
 async def title_column(store: PostgresConversationStore, conversation_id: str) -> str | None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         query = select(ConversationRow.title).where(
@@ -613,7 +610,7 @@ async def test_a_title_is_set_by_revision_and_expected_title_and_a_save_keeps_it
     assert after is not None and after.revision == record.revision and after.updated_at == record.updated_at
     await turn(store, agent, 'titled', 'and again')  # a save keeps the title
     assert await title_column(store, 'titled') == 'Mine\N{REPLACEMENT CHARACTER}'
-    if RECORD_HAS_TITLE:  # what pydantic-ai 2.78 users read and update
+    if RECORDS_HAVE_METADATA:  # pydantic-ai 2.78, whose records carry a title: what its users read and update
         assert getattr(written, 'title', None) == 'Mine\N{REPLACEMENT CHARACTER}'
         assert [getattr(r, 'title', None) for r in await store.read_records()] == ['Mine\N{REPLACEMENT CHARACTER}']
         updated = await store.update('titled', title='Renamed')  # type: ignore[attr-defined, unused-ignore]
