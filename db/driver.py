@@ -11,8 +11,9 @@ must keep is kept here:
 - SQLAlchemy's cursor events fire for each statement (statement counters, tracing spans), as if it had run them, and
   a failed statement goes to its `handle_error` listeners instead of `after_cursor_execute`, as SQLAlchemy does (a
   tracing span ends with an error status);
-- failures are translated as a session's are (`translated_error`); a lost connection, or one out of
-  step with its server or with a prepared statement lost behind a pooler, is invalidated and reported to `PoolHealth`,
+- failures are translated as a session's are (`translated_error`); a lost connection, one out of step with its server
+  or with a prepared statement lost behind a pooler, or one whose server did not answer within the client's wait
+  (`StatementNotAnswered`), is invalidated and reported to `PoolHealth`,
   so the pool tests its other connections before handing them out (a `retry_on_disconnect` gets a working one);
 - the transaction always ends here (COMMIT, ROLLBACK, or the connection discarded): the pool never gets it back open.
 """
@@ -33,7 +34,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from agentrt.db.engine import get_engine
-from agentrt.db.failures import lost_connection, out_of_step
+from agentrt.db.failures import StatementNotAnswered, lost_connection, out_of_step
 from agentrt.db.roles import Account
 from agentrt.db.session import scoped_setup, translated_error
 from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup
@@ -190,14 +191,19 @@ async def driver_transaction(
             driver: Any = pooled.driver_connection
             try:
                 if issubclass(type(driver), PreludeConnection):  # the prelude (and the pooler's defaults) on BEGIN
-                    driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
+                    driver.begin_as(setup)
                     await driver.execute('BEGIN;')
                 else:  # a plain asyncpg connection: the same prelude in the same message
                     await driver.execute('BEGIN;' + setup.begin_sql())
                 yield DriverTransaction(engine, pooled, driver)
                 await driver.execute('COMMIT;')
             except BaseException as exc:
-                await _abandon(engine, pooled, driver, exc)
+                # The client's wait for an answer ran out (a server that stopped answering): said as such, and the
+                # connection discarded (a ROLLBACK would wait for that server too).
+                silent = StatementNotAnswered.of(exc, driver)
+                await _abandon(engine, pooled, driver, silent or exc)
+                if silent is not None:
+                    raise silent from exc
                 raise
         finally:
             # Back to the pool even when cancelled meanwhile (a checkin may close an overflow connection: awaits).
@@ -231,5 +237,6 @@ async def _abandon(engine: Engine, pooled: PoolProxiedConnection, driver: Any, e
 
 
 def _unusable(exc: BaseException) -> bool:
-    """Whether the connection must not serve another transaction: lost, or out of step (`out_of_step`)."""
-    return lost_connection(exc) or out_of_step(exc)
+    """Whether the connection must not serve another transaction: lost, out of step (`out_of_step`), or its server
+    did not answer in time (`StatementNotAnswered`)."""
+    return lost_connection(exc) or out_of_step(exc) or isinstance(exc, StatementNotAnswered)

@@ -26,7 +26,7 @@ from agentrt.db.failures import connection_problem, given_up, refused_startup_pa
 from agentrt.db.pool_health import PoolHealth
 from agentrt.db.settings import Settings
 from agentrt.db.setup_failures import login_error, pooler_error
-from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup, install_prelude
+from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup, client_wait, install_prelude
 
 logger = logging.getLogger('agentrt.db')
 
@@ -119,7 +119,8 @@ async def migration_engine(engine: AsyncEngine | None, settings: Settings) -> As
 
 
 def build_engine(url: URL, settings: Settings) -> AsyncEngine:
-    """Create an async engine with the pool, per-connection timeouts and the disconnect handling from `settings`.
+    """Create an async engine with the pool, per-connection timeouts and the disconnect handling from `settings`; the
+    client waits for each answer at most the statement timeout plus a margin (`client_wait`).
 
     In the pooler mode (`DB_POOLER=pgbouncer`) the statement caches are off and the timeouts ride on every
     transaction's BEGIN (`SET LOCAL`'s `set_config(..., true)`) instead of being startup parameters: PgBouncer
@@ -131,6 +132,9 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         server_settings.update({name: str(ms) for name, ms in timeouts.items() if ms})
     connect_args: dict[str, Any] = {
         'timeout': settings.connect_timeout,
+        # The longest the client waits for an answer (a transaction with a statement timeout of its own waits that
+        # plus the margin instead: `PreludeConnection.begin_as`): a frozen server cannot cancel its own statements.
+        'command_timeout': client_wait(timeouts['statement_timeout']),
         'server_settings': server_settings,
         'connection_class': PreludeConnection,  # sends a transaction's prelude with its BEGIN (transaction_setup.py)
     }

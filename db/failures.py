@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy.exc
 
@@ -60,6 +61,33 @@ _GAVE_UP_SQLSTATES = {
     ),
 }
 _LOST_CONNECTION_MESSAGES = ('connection is closed', 'another operation is in progress', 'connection was closed')
+
+
+class StatementNotAnswered(Exception):
+    """PostgreSQL did not answer a statement (or a BEGIN, a COMMIT) within the client's wait for it: the transaction's
+    statement timeout plus a margin (`agentrt.db.transaction_setup.client_wait`). The server's own timeout would have
+    cancelled the statement first had it been running: it is frozen or overloaded past answering, or the network
+    between drops packets. The connection is discarded; the operation did not complete, or its commit's outcome is
+    unknown. Reported as `DatabaseDisconnectedError` (`unavailable_error`).
+
+    Attributes:
+        seconds: how long the client waited (None when unknown).
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        waited = f'within {seconds:g}s' if seconds is not None else 'within the wait for it'
+        super().__init__(f'PostgreSQL did not answer {waited}')
+
+    @classmethod
+    def of(cls, exc: BaseException, driver: Any) -> StatementNotAnswered | None:
+        """The error for `exc` when it is asyncpg's `TimeoutError` for an answer `driver` (the asyncpg connection it
+        ran on, a `PreludeConnection`) waited too long for, else None. A caller's own timeout reaches the driver as a
+        cancellation, never as this."""
+        if type(exc) is not TimeoutError or not raised_inside(exc, 'asyncpg.'):
+            return None
+        waiting = getattr(driver, 'waiting', None)
+        return cls(waiting() if callable(waiting) else None)
 
 
 def lost_connection(exc: BaseException) -> bool:
@@ -138,6 +166,12 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         )
     if (refused := pooler_refusal(exc)) is not None:
         return refused
+    if (silent := _not_answered(exc)) is not None:  # before `cannot_connect`: asyncpg's TimeoutError is an OSError
+        return DatabaseDisconnectedError(
+            f'PostgreSQL{at_server()} did not answer a statement {_waited(silent)}: the server is frozen or '
+            'overloaded, or the network between drops its packets; the connection was closed and the operation did '
+            'not complete (if it was committing, whether it did is unknown)'
+        )
     if lost_connection(exc):
         return DatabaseDisconnectedError(
             f'the connection to PostgreSQL was lost ({_root_message(exc)}); the operation did not complete '
@@ -150,6 +184,22 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
     if (full := disk_full(exc)) is not None:
         return DatabaseUnavailableError(full)
     return None
+
+
+def _not_answered(exc: BaseException) -> StatementNotAnswered | None:
+    return next((error for error in _chain(exc) if isinstance(error, StatementNotAnswered)), None)
+
+
+def _waited(silent: StatementNotAnswered) -> str:
+    """How long the client waited, in words with where the figure comes from."""
+    from agentrt.db.transaction_setup import CLIENT_WAIT_MARGIN_SECONDS  # imports this module
+
+    if silent.seconds is None:
+        return 'within the wait for its answer'
+    return (
+        f'within {silent.seconds:g}s (its statement timeout, DB_STATEMENT_TIMEOUT_MS or its own, plus '
+        f'{CLIENT_WAIT_MARGIN_SECONDS:g}s)'
+    )
 
 
 def disk_full(exc: BaseException) -> str | None:

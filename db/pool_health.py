@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.failures import out_of_step
+from agentrt.db.failures import StatementNotAnswered, out_of_step
 
 __all__ = ['PoolHealth']
 
@@ -53,15 +53,30 @@ class PoolHealth:
         if ping_idle_after:
             event.listen(engine.sync_engine, 'checkin', self._on_checkin)
 
-    def on_error(self, context: Any) -> None:
+    def on_error(self, context: Any) -> StatementNotAnswered | None:
         """SQLAlchemy's `handle_error` listener: a disconnect starts a new generation (and an out-of-step connection
-        counts as one)."""
-        if not context.is_disconnect and out_of_step(context.original_exception):
+        counts as one, as does one whose server did not answer within the client's wait).
+
+        Returns:
+            `StatementNotAnswered` for a wait that ran out, raised by SQLAlchemy in place of asyncpg's bare
+            `TimeoutError` (which SQLAlchemy already takes for a disconnect, as it takes a cancellation); else None.
+        """
+        original = context.original_exception
+        silent = None
+        if context.connection is not None and not context.is_pre_ping:
+            driver = _driver_of(context.connection)
+            silent = StatementNotAnswered.of(original, driver)
+            if silent is not None:
+                # Closed now: SQLAlchemy's invalidation closes it gracefully, which waits up to 2 s for a server
+                # that has just shown it does not answer.
+                driver.terminate()
+        if not context.is_disconnect and (silent is not None or out_of_step(original)):
             context.is_disconnect = True
         if context.is_disconnect:
             self._disconnected()
             if self.ping_idle_after is not None:
                 context.invalidate_pool_on_disconnect = False
+        return silent
 
     def lost(self, connection: Any) -> None:
         """A connection (`PoolProxiedConnection`) lost under statements SQLAlchemy did not run (`agentrt.db.driver`):
@@ -118,6 +133,13 @@ class PoolHealth:
             return True  # DB_POOL_PRE_PING_IDLE=0: every checkout
         checked_in = info.get(self.CHECKED_IN)
         return checked_in is not None and time.monotonic() - checked_in > self.ping_idle_after
+
+
+def _driver_of(connection: Any) -> Any:
+    """The asyncpg connection under a SQLAlchemy `Connection`, None when it has none any more (read from the
+    attribute: the `connection` property would reconnect an invalidated one, from inside an error handler)."""
+    pooled = getattr(connection, '_dbapi_connection', None)
+    return getattr(pooled, 'driver_connection', None)
 
 
 def _closed(dbapi_connection: Any) -> bool:

@@ -193,7 +193,7 @@ async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnectio
             driver: Any = (await connection.get_raw_connection()).driver_connection
             carries = issubclass(type(driver), PreludeConnection)
             if carries:
-                driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
+                driver.begin_as(setup)
             async with connection.begin():
                 if not carries:  # an engine `build_engine` did not make: the same statements, one by one
                     for statement in setup.statements():

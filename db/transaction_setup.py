@@ -12,12 +12,20 @@ every session opener goes through `get_db_session(account=..., setup=...)`. Behi
 (`DB_POOLER=pgbouncer`) the connection's default timeouts are per-transaction too: `install_prelude(defaults=...)`
 gives every transaction of the engine that prelude (also the ones opened without a session: migrations,
 `engine.connect()`), and a session's own setup takes the timeouts it does not set from it (`with_defaults`).
+
+The client waits for each answer at most the transaction's statement timeout plus `CLIENT_WAIT_MARGIN_SECONDS`
+(`client_wait`): a server that stops answering (frozen, or behind a network that drops packets) cannot cancel its own
+statement, and a turn waited for it without end. asyncpg's `command_timeout` bounds each operation; it is set per
+transaction with the prelude (`PreludeConnection.begin_as`), and the wait that runs out is reported by
+`agentrt.db.failures.StatementNotAnswered`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +44,18 @@ _ROLE_NAME = re.compile(r'[a-z_][a-z0-9_]{0,62}')
 
 SETUP_KEY = 'agentrt_transaction_setup'
 """`Session.info` key of the session's `TransactionSetup`."""
+
+CLIENT_WAIT_MARGIN_SECONDS = 5.0
+"""How much longer than its statement timeout the client waits for a statement's answer (`client_wait`): the server's
+own cancel ("canceling statement due to statement timeout") arrives first whenever the server is running."""
+
+
+def client_wait(statement_timeout_ms: int) -> float | None:
+    """The longest the client waits for one answer of a transaction whose `statement_timeout` is `statement_timeout_ms`
+    (None: no statement timeout, no client-side bound either: `DB_STATEMENT_TIMEOUT_MS=0` for a long migration)."""
+    if statement_timeout_ms <= 0:
+        return None
+    return statement_timeout_ms / 1000 + CLIENT_WAIT_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -112,7 +132,7 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
     transaction.
     """
 
-    __slots__ = ('agentrt_default_prelude', 'agentrt_default_setup', 'agentrt_prelude')
+    __slots__ = ('agentrt_default_prelude', 'agentrt_default_setup', 'agentrt_default_wait', 'agentrt_prelude')
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -121,6 +141,30 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
         # (`install_prelude(defaults=...)`); None on a direct connection, whose timeouts are set at connect.
         self.agentrt_default_setup: TransactionSetup | None = None
         self.agentrt_default_prelude = ''
+        # The wait for an answer of a transaction that sets no statement timeout of its own: the engine's
+        # `command_timeout` (`build_engine`: `client_wait` of DB_STATEMENT_TIMEOUT_MS).
+        self.agentrt_default_wait: float | None = self._config.command_timeout
+
+    def begin_as(self, setup: TransactionSetup) -> None:
+        """Make the next `BEGIN` carry `setup`'s prelude (its timeouts completed from the connection's defaults), and
+        wait for each answer of that transaction at most `client_wait` of its statement timeout."""
+        self.agentrt_prelude = setup.with_defaults(self.agentrt_default_setup).begin_sql()
+        statement_timeout_ms = setup.statement_timeout_ms
+        self.set_wait(self.agentrt_default_wait if statement_timeout_ms is None else client_wait(statement_timeout_ms))
+
+    def set_wait(self, seconds: float | None) -> None:
+        """Wait at most `seconds` for each answer from now on (None: without end).
+
+        asyncpg reads `command_timeout` from the connection's configuration at each operation (asyncpg 0.32,
+        `protocol._get_timeout_impl`); it has no setter, so the configuration (a named tuple) is replaced.
+        """
+        if self._config.command_timeout != seconds:
+            self._config = self._config._replace(command_timeout=seconds)  # type: ignore[misc]  # asyncpg's slot
+
+    def waiting(self) -> float | None:
+        """The longest this connection now waits for an answer, in seconds (None: without end)."""
+        seconds: float | None = self._config.command_timeout
+        return seconds
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's)
         """asyncpg's `execute`; a `BEGIN` without arguments carries the pending prelude (or the default one).
@@ -192,7 +236,7 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
         return
     driver: Any = connection.connection.driver_connection
     if _carries_prelude(driver):
-        driver.agentrt_prelude = setup.with_defaults(driver.agentrt_default_setup).begin_sql()
+        driver.begin_as(setup)
         return
     # An engine that was not built by `build_engine` (another driver class): the same statements, one by one.
     for statement in setup.statements():
@@ -200,8 +244,9 @@ def _apply_setup(session: Session, transaction: SessionTransaction, connection: 
 
 
 def install_prelude(engine: AsyncEngine, *, defaults: TransactionSetup | None = None) -> None:
-    """Drop a prelude left unsent (a session that began but ran nothing) when its connection is checked in; with
-    `defaults`, give every transaction of the engine that prelude when its session sets nothing else.
+    """Drop a prelude left unsent (a session that began but ran nothing), and a transaction's own client-side wait,
+    when its connection is checked in; with `defaults`, give every transaction of the engine that prelude when its
+    session sets nothing else.
 
     `build_engine` calls it, and connects with `connection_class=PreludeConnection`; the pooler mode passes its
     per-transaction timeouts as `defaults`.
@@ -222,6 +267,24 @@ def _clear_prelude(dbapi_connection: Any, record: Any) -> None:
     driver: Any = getattr(dbapi_connection, 'driver_connection', None)
     if _carries_prelude(driver):
         driver.agentrt_prelude = ''
+        driver.set_wait(driver.agentrt_default_wait)
+
+
+@contextmanager
+def waiting_without_end(connection: Connection) -> Iterator[None]:
+    """Wait for the answers of the statements run on `connection` in the block without a client-side bound: for a
+    statement that waits as long as another process's work takes (the migration lock), its statement timeout lifted
+    for it (`migrations/env.py`)."""
+    driver: Any = connection.connection.driver_connection
+    if not _carries_prelude(driver):
+        yield
+        return
+    before = driver.waiting()
+    driver.set_wait(None)
+    try:
+        yield
+    finally:
+        driver.set_wait(before)
 
 
 def _carries_prelude(driver: Any) -> bool:

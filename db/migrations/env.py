@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK, session_label
 from agentrt.db.models import Base
+from agentrt.db.transaction_setup import waiting_without_end
 
 logger = logging.getLogger('agentrt.db')
 
@@ -51,7 +52,8 @@ def _take_migration_lock(connection: Connection) -> None:
     holder = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
     who = session_label(holder.pid, holder.application) if holder else 'its holder'
     logger.warning('another process, %s, is migrating this database: waiting for it to finish', who)
-    connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
+    with waiting_without_end(connection):  # the client's wait too: its statement timeout is lifted for this one
+        connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
 
 
 # The session holding the migration lock (a bigint advisory key: its high half is `classid`, its low half `objid`).
