@@ -143,7 +143,7 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
         self.agentrt_default_prelude = ''
         # The wait for an answer of a transaction that sets no statement timeout of its own: the engine's
         # `command_timeout` (`build_engine`: `client_wait` of DB_STATEMENT_TIMEOUT_MS).
-        self.agentrt_default_wait: float | None = self._config.command_timeout
+        self.agentrt_default_wait: float | None = self.waiting()
 
     def begin_as(self, setup: TransactionSetup) -> None:
         """Make the next `BEGIN` carry `setup`'s prelude (its timeouts completed from the connection's defaults), and
@@ -158,12 +158,14 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
         asyncpg reads `command_timeout` from the connection's configuration at each operation (asyncpg 0.32,
         `protocol._get_timeout_impl`); it has no setter, so the configuration (a named tuple) is replaced.
         """
-        if self._config.command_timeout != seconds:
-            self._config = self._config._replace(command_timeout=seconds)  # type: ignore[misc]  # asyncpg's slot
+        config: Any = self._config  # type: ignore[has-type]  # asyncpg's, untyped
+        if config.command_timeout != seconds:
+            self._config = config._replace(command_timeout=seconds)  # type: ignore[misc]  # asyncpg's slot
 
     def waiting(self) -> float | None:
         """The longest this connection now waits for an answer, in seconds (None: without end)."""
-        seconds: float | None = self._config.command_timeout
+        config: Any = self._config
+        seconds: float | None = config.command_timeout
         return seconds
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's)
