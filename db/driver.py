@@ -13,8 +13,8 @@ must keep is kept here:
   tracing span ends with an error status);
 - failures are translated as a session's are (`translated_error`); a lost connection, one out of step with its server
   or with a prepared statement lost behind a pooler, or one whose server did not answer within the client's wait
-  (`StatementNotAnswered`), is invalidated and reported to `PoolHealth`,
-  so the pool tests its other connections before handing them out (a `retry_on_disconnect` gets a working one);
+  (`StatementNotAnswered`), is invalidated and reported to `PoolHealth`, so the pool tests its other connections
+  before handing them out (a `retry_on_disconnect` gets a working one);
 - the transaction always ends here (COMMIT, ROLLBACK, or the connection discarded): the pool never gets it back open.
 """
 
