@@ -66,7 +66,7 @@ class PoolHealth:
         if context.connection is not None and not context.is_pre_ping:
             driver = _driver_of(context.connection)
             silent = StatementNotAnswered.of(original, driver)
-            if silent is not None:
+            if silent is not None and driver is not None:
                 # Closed now: SQLAlchemy's invalidation closes it gracefully, which waits up to 2 s for a server
                 # that has just shown it does not answer.
                 driver.terminate()
