@@ -11,7 +11,7 @@ from typing import Any
 
 from opentelemetry import trace
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
-from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest
+from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest, UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 
@@ -181,7 +181,14 @@ class LedgerCapability(AbstractCapability[Any]):
             # custom model, pydantic-ai's `UnexpectedModelBehavior` for a stream that ended before any content).
             opened = cut.flight.open_error
             error = run_error if isinstance(run_error, ModelAPIError) else opened or cut.cancellation
-            self._record(ctx, state, cut.request_context, cut.flight, None, error, ended=(cut.ended, cut.finished_at))
+            whole = None
+            if error is cut.cancellation and isinstance(run_error, UsageLimitExceeded):
+                # The run stopped the stream itself: a token limit, checked on each chunk. With the provider's end
+                # received (its finish reason) the request was answered: complete, as on the plain path. Else the
+                # limit is the error, not a cancellation (which says the caller stopped the run).
+                whole = _answered_whole(cut.flight)
+                error = None if whole is not None else run_error
+            self._record(ctx, state, cut.request_context, cut.flight, whole, error, ended=(cut.ended, cut.finished_at))
 
     async def _settle(self, ctx: Any) -> None:
         state = self._state(ctx)
@@ -332,7 +339,7 @@ class LedgerCapability(AbstractCapability[Any]):
         seen = response if response is not None else flight.response or _partial(flight.stream)
         status: Status
         if response is not None:
-            status = 'complete' if response.state in ('complete', 'suspended') else 'cancelled'
+            status = 'complete' if _answered(response) else 'cancelled'
         elif isinstance(error, Exception):
             status = 'error'
         else:
@@ -429,6 +436,19 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         # The writer prices the input/output split (and a cut-off stream's total) off the request's path.
         record.price_source = 'genai-prices' if usage.cost is not None else 'unpriced'
         record.pricing = response
+
+
+def _answered_whole(flight: InFlight) -> ModelResponse | None:
+    """The response of a streamed request that received the provider's whole answer (finished, or its finish reason
+    received before the run stopped reading), as complete; else None."""
+    seen = flight.response or _partial(flight.stream)
+    return seen if seen is not None and _answered(seen) else None
+
+
+def _answered(response: ModelResponse) -> bool:
+    """Whether the provider's whole answer is in `response`: complete (or suspended), or its finish reason received
+    (a stream the run stopped reading after its last chunk is 'interrupted' all the same)."""
+    return response.state in ('complete', 'suspended') or response.finish_reason is not None
 
 
 def _partial(stream: StreamedResponse | None) -> ModelResponse | None:

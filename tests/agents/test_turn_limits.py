@@ -11,7 +11,10 @@ import pytest
 from pydantic_ai import ModelResponse, ToolCallPart
 from pydantic_ai.exceptions import UnexpectedModelBehavior, UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.errors import ModelBehaviorError, TurnLimitExceededError
@@ -24,6 +27,7 @@ from agentrt.services.conversations import ConcurrentTurnError, PostgresConversa
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar
+from tests.fake_openai import FakeOpenAI, Reply
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'  # the demo plays 3 requests, 7 tool calls
 
@@ -82,6 +86,34 @@ async def test_a_turn_over_a_limit_stops_sends_nothing_more_and_saves_nothing(
     await get_request_tracker().flush()
     rows = await ledger_rows(chat_session_id='limited')
     assert len(rows) == sent, 'the ledger has every request that was sent, and only those'
+    # Each was answered whole before the limit stopped the turn: complete, streamed or not (a streamed one stopped
+    # by the token limit after its last chunk was filed as cancelled, with the answer's tokens and cost).
+    # The demo model sends no finish reason: the token limit, checked on each chunk, stopped its stream after the
+    # last one, and the row says the limit did it (not a cancellation, which says the caller stopped the run).
+    stopped = streamed and setting == 'turn_total_tokens_limit'
+    expected = [('error', 'UsageLimitExceeded')] if stopped else [('complete', None)] * sent
+    assert [(row['status'], row['error_type']) for row in rows] == expected
+    if stopped:
+        assert rows[0]['usage_reported'] and rows[0]['total_tokens'] > value, 'the answer received is billed'
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_provider_answer_that_crosses_the_token_limit_is_recorded_complete_on_both_paths(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # A real provider's stream ends with its finish reason and usage: the limit, checked on that last chunk, stopped
+    # the stream before it ended, and the request was filed as cancelled (CancelledError), though answered whole.
+    monkeypatch.setattr(current_settings(), 'turn_total_tokens_limit', 50)
+    reply = Reply(text='an answer in a few pieces', chunks=3, prompt_tokens=60, completion_tokens=9)
+    with override_allow_model_requests(True), FakeOpenAI(lambda _: reply).running() as fake:
+        provider = OpenAIProvider(base_url=fake.base_url, api_key='sk-test-loopback-only-0000')
+        model = OpenAIChatModel('gpt-4o-mini', provider=provider)
+        with pytest.raises(TurnLimitExceededError, match='AGENTRT_TURN_TOTAL_TOKENS_LIMIT'):
+            await _turn('hello', 'provider-limit', streamed, model=model)
+    await get_request_tracker().flush()
+    [row] = await ledger_rows(chat_session_id='provider-limit')
+    assert (row['status'], row['error_type'], row['finish_reason']) == ('complete', None, 'stop')
+    assert (row['input_tokens'], row['output_tokens'], row['streamed']) == (60, 9, streamed)
     assert await scalar('SELECT count(*) FROM conversation_entries') == 0, 'nothing saved'
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0, 'the conversation was released'
 
