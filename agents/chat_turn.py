@@ -27,6 +27,7 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.sendable_text import SendableText
 from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
@@ -246,6 +247,7 @@ async def _claimed_turn(
         store = PostgresConversationStore(tenant.account_id)
         usage_before, conversation.usage = conversation.usage, RunUsage()
         capabilities = turn_hooks(
+            SendableText(),  # first: the window and the ledger see the messages as they are sent
             ContextWindow(settings.context_max_tokens, recent.title, recent.earlier_omitted),
             TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
             agent=agent,

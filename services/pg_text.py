@@ -29,6 +29,17 @@ def is_storable(text: str) -> bool:
     return _UNSTORABLE.search(text) is None
 
 
+def is_storable_value(value: Any) -> bool:
+    """Whether `storable(value)` would find nothing to replace in `value` (checked without copying it)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.search(value) is None
+    if isinstance(value, dict):
+        return all(is_storable_value(key) and is_storable_value(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return all(is_storable_value(item) for item in value)
+    return True
+
+
 def storable(value: Any) -> Any:
     """`value` with `storable_text` applied to every string in it, dict keys and nested lists included.
 

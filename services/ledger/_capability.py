@@ -180,7 +180,9 @@ class LedgerCapability(AbstractCapability[Any]):
             # A model's own failure opening the stream counts as an error even when it is not a `ModelAPIError` (a
             # custom model, pydantic-ai's `UnexpectedModelBehavior` for a stream that ended before any content).
             opened = cut.flight.open_error
-            error = run_error if isinstance(run_error, ModelAPIError) else opened or cut.cancellation
+            error: BaseException | None = (
+                run_error if isinstance(run_error, ModelAPIError) else opened or cut.cancellation
+            )
             whole = None
             if error is cut.cancellation and isinstance(run_error, UsageLimitExceeded):
                 # The run stopped the stream itself: a token limit, checked on each chunk. With the provider's end
