@@ -7,12 +7,13 @@ import os
 import stat
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agentrt.db.database_url import mask_url, parse_database_url
 from agentrt.db.errors import ConfigError, validation_message
@@ -82,6 +83,21 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file='.env', extra='ignore', populate_by_name=True, hide_input_in_errors=True, allow_inf_nan=False
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment and `.env` by their documented names only. `populate_by_name` (so code can write
+        `Settings(pool_size=5)`) made pydantic-settings read each field's own name from them too, in any case:
+        `MODEL`, `DATA_DIR`, `POOL_SIZE` and 54 more changed the runtime, and a `POOL_SIZE=0` was reported as
+        `DB_POOL_SIZE` (QA)."""
+        return init_settings, _DocumentedNames(env_settings), _DocumentedNames(dotenv_settings), file_secret_settings
 
     database_url: str | None = Field(
         default=None,
@@ -538,6 +554,20 @@ class Settings(BaseSettings):
     def uses_embedded(self) -> bool:
         """True when no `DATABASE_URL` is configured and the embedded server is used."""
         return self.database_url is None
+
+
+class _DocumentedNames(PydanticBaseSettingsSource):
+    """A source's values read under a documented variable name (each field's upper-case alias), not its field name."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value for name, value in self._source().items() if name.isupper()}
 
 
 def read_settings() -> Settings:

@@ -33,6 +33,28 @@ def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not settings.uses_embedded
 
 
+def test_only_the_documented_names_are_read_not_the_fields_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `populate_by_name` made pydantic-settings read each field's own name too, in any case: a `MODEL` or `DATA_DIR`
+    # set for another program changed the runtime's model and database.
+    for name, value in {
+        'MODEL': 'openai-chat:x',
+        'DATA_DIR': str(tmp_path),
+        'POOL_SIZE': '0',
+        'background': 'queue',
+    }.items():
+        monkeypatch.setenv(name, value)
+    dotenv = tmp_path / '.env'
+    dotenv.write_text('MODEL=openai-chat:y\nstatement_timeout_ms=1\nAGENTRT_TURN_REQUEST_LIMIT=4\n')
+    settings = Settings(_env_file=dotenv)
+    defaults = Settings(_env_file=None)
+    assert (settings.model, settings.data_dir, settings.pool_size) == ('demo', defaults.data_dir, 10)
+    assert (settings.background, settings.statement_timeout_ms) == (defaults.background, 30_000)
+    assert settings.turn_request_limit == 4  # the documented names are read from both
+    monkeypatch.setenv('agentrt_model', 'openai-chat:z')  # a documented name, in any case, as before
+    assert Settings(_env_file=None).model == 'openai-chat:z'
+    assert Settings(_env_file=None, pool_size=3, model='m').pool_size == 3  # code still writes the field names
+
+
 def test_no_database_url_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv('DATABASE_URL', raising=False)
     assert Settings(_env_file=None).uses_embedded
