@@ -70,11 +70,21 @@ class _StoredIdConvertor(StringConvertor):
     AI SDK and the web UI send it percent-encoded (`team%2Falice`), which the server decodes before routing."""
 
     # Any character, a newline too (as `str`'s `[^/]+`: an id with control characters is refused in words, not
-    # missed by the router); `<id>/turns` stays the turn route's (POST only: a GET there is still a 405).
-    regex = '(?s:.+)(?<!/turns)'
+    # missed by the router); `<id>/turns` stays the turn route's (POST only: a GET there is still a 405). Said as a
+    # lookahead from the id's start: a lookbehind `(?<!/turns)` also saw the `/` before the id, so the id `turns`
+    # matched no route (its conversation could be created but never opened, continued or deleted).
+    regex = '(?s:(?!.+/turns$).+)'
+
+
+class _TurnOwnerConvertor(StringConvertor):
+    """The conversation of the turn route (`<id>/turns`): any id `_StoredIdConvertor` takes, `turns` included (the
+    route's own `/turns` follows it)."""
+
+    regex = '(?s:.+)'
 
 
 register_url_convertor('stored_id', _StoredIdConvertor())
+register_url_convertor('turn_owner_id', _TurnOwnerConvertor())
 
 
 @router.get('', summary='List conversations, newest first')
@@ -295,7 +305,7 @@ async def run_turn(
 
 
 router.add_api_route(
-    '/{conversation_id:stored_id}/turns',
+    '/{conversation_id:turn_owner_id}/turns',
     run_turn,
     methods=['POST'],
     route_class_override=ChatKeyBeforeBody,  # the key checked before the body is read

@@ -72,3 +72,22 @@ async def test_an_id_outside_the_rules_that_was_never_stored_is_not_found(
     for path in (f'/api/v1/conversations/{"c" * 201}', '/api/v1/conversations/a%00b'):
         response = await client.get(path, headers=auth(keys.acme))
         assert response.status_code == 422, (path, response.text)
+
+
+@pytest.mark.parametrize('conversation_id', ['turns', 'turns-1', 'my-turns'])
+async def test_a_conversation_named_turns_opens_continues_and_deletes(
+    conversation_id: str, keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    # The id route's `(?<!/turns)` also saw the `/` before the id: `turns` was created (by /chat) and listed, and then
+    # every route redirected it to `turns/` and answered 404 or 405.
+    path = f'/api/v1/conversations/{conversation_id}'
+    for question in ('Cardiologists in Seattle', 'Dermatologists in Boston'):  # the turn route, created and continued
+        turn = await client.post(f'{path}/turns', json={'message': question}, headers=auth(keys.acme))
+        assert turn.status_code == 200, turn.text
+    opened = await client.get(path, params={'format': 'pydantic'}, headers=auth(keys.acme), follow_redirects=False)
+    assert opened.status_code == 200, opened.text
+    assert opened.json()['conversation_id'] == conversation_id and len(opened.json()['messages']) >= 4
+    assert (await client.get(f'{path}/turns', headers=auth(keys.acme))).status_code == 405  # the turn route's, POST
+    deleted = await client.delete(path, headers=auth(keys.acme), follow_redirects=False)
+    assert deleted.status_code == 204, deleted.text
+    assert (await client.get(path, headers=auth(keys.acme))).status_code == 404
