@@ -183,13 +183,14 @@ class LedgerCapability(AbstractCapability[Any]):
             error: BaseException | None = (
                 run_error if isinstance(run_error, ModelAPIError) else opened or cut.cancellation
             )
-            whole = None
-            if error is cut.cancellation and isinstance(run_error, UsageLimitExceeded):
-                # The run stopped the stream itself: a token limit, checked on each chunk. With the provider's end
-                # received (its finish reason) the request was answered: complete, as on the plain path. Else the
-                # limit is the error, not a cancellation (which says the caller stopped the run).
-                whole = _answered_whole(cut.flight)
-                error = None if whole is not None else run_error
+            whole = _answered_whole(cut.flight) if error is cut.cancellation else None
+            if whole is not None:
+                # The provider's end (its finish reason) had arrived when the stream was stopped (by the caller, or
+                # by the run: a token limit is checked on each chunk): the request was answered, complete, as the
+                # same request is on the plain path.
+                error = None
+            elif error is cut.cancellation and isinstance(run_error, UsageLimitExceeded):
+                error = run_error  # the run stopped the stream, not the caller (whom a cancellation names)
             self._record(ctx, state, cut.request_context, cut.flight, whole, error, ended=(cut.ended, cut.finished_at))
 
     async def _settle(self, ctx: Any) -> None:

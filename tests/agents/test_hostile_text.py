@@ -79,8 +79,9 @@ async def test_hostile_text_everywhere_is_saved_replaced_and_every_request_keeps
     sent = json.loads(prompts[1])['messages']
     # The user's message was normalised at the boundary: the model and the ledger saw what the store keeps.
     assert sent[0]['parts'][0]['content'] == f'question: {STORED}'
-    # The tool's result went to the model as it was; the ledger keeps it (escaped in JSON, decoded here).
-    assert sent[-1]['parts'][0]['content'] == f'blob: {HOSTILE}'
+    # The tool's result went to the model as the store saves it (`SendableText`): a lone surrogate in it failed a real
+    # provider's request as it was built.
+    assert sent[-1]['parts'][0]['content'] == f'blob: {STORED}'
 
     store = PostgresConversationStore(await account_id('acme-health'))
     conversation = await store.load('hostile')
