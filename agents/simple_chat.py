@@ -80,7 +80,7 @@ class ToolEvent:
 def create_simple_chat_agent(
     model: Model | str | None = None,
     *,
-    toolsets: Toolsets = (),
+    toolsets: Toolsets | None = (),
     instructions: Instruction | Sequence[Instruction] = (),
 ) -> Agent[SessionDependencies, str]:
     """Build the directory chat agent: instructions, the directory toolset and the ledger capability.
@@ -90,7 +90,7 @@ def create_simple_chat_agent(
             a name on the agent, which each turn builds with the runtime's bounds on its provider
             (`AGENTRT_MODEL_TIMEOUT_SECONDS`, `AGENTRT_MODEL_MAX_RETRIES`), as it builds `AGENTRT_MODEL`; a `Model`
             is used as it is.
-        toolsets: more toolsets for the agent, beside the directory toolset.
+        toolsets: more toolsets for the agent, beside the directory toolset (None: none).
         instructions: more instructions, after the base ones.
 
     Raises:
@@ -107,7 +107,7 @@ def create_simple_chat_agent(
         deps_type=SessionDependencies,
         name='simple_chat',
         instructions=[BASE_INSTRUCTIONS, *_instruction_list(instructions)],
-        toolsets=[directory_toolset, *toolsets],
+        toolsets=[directory_toolset, *(toolsets or ())],
         capabilities=[ledger_capability(id=TURN_LEDGER_ID)],
     )
 
@@ -140,7 +140,7 @@ async def simple_chat(
     agent_instance: str | None = None,
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
-    toolsets: Toolsets = (),
+    toolsets: Toolsets | None = (),
     instructions: Instruction | Sequence[Instruction] = (),
     agent: Agent[SessionDependencies, str] | None = None,
 ) -> ChatResult:
@@ -156,7 +156,8 @@ async def simple_chat(
         model: a model or model name; when omitted, the agent's own model, else the configured one (`AGENTRT_MODEL`,
             default `demo`).
         usage_limits: usage limits for this turn (they count this turn only); `AGENTRT_TURN_*` when omitted.
-        toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`).
+        toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`; None:
+            none).
         instructions: more instructions for this turn.
         agent: the agent to run; `create_simple_chat_agent()`'s when omitted.
 
@@ -188,7 +189,7 @@ async def simple_chat(
                     conversation=turn.conversation,
                     model=turn.model,
                     usage_limits=turn.usage_limits,
-                    toolsets=list(toolsets) or None,
+                    toolsets=list(toolsets or ()) or None,
                     instructions=_instruction_list(instructions) or None,
                     capabilities=turn.capabilities,
                 )
@@ -258,7 +259,7 @@ def simple_chat_stream(
     agent_instance: str | None = None,
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
-    toolsets: Toolsets = (),
+    toolsets: Toolsets | None = (),
     instructions: Instruction | Sequence[Instruction] = (),
     agent: Agent[SessionDependencies, str] | None = None,
     on_tool_event: Callable[[ToolEvent], None] | None = None,
@@ -291,7 +292,7 @@ def simple_chat_stream(
         turn_input,
         model,
         usage_limits,
-        list(toolsets),
+        list(toolsets or ()),
         _instruction_list(instructions),
         agent,
         on_tool_event,

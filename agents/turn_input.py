@@ -147,8 +147,8 @@ def validate_run_arguments(
         raise InvalidInputError.wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
     if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
         raise InvalidInputError.wrong_type('usage_limits', 'a pydantic-ai UsageLimits or None', usage_limits)
-    if not _sequence_of(toolsets, lambda item: isinstance(item, AbstractToolset)):
-        raise InvalidInputError.wrong_type('toolsets', 'a sequence of pydantic-ai toolsets', toolsets)
+    if toolsets is not None and not _sequence_of(toolsets, lambda item: isinstance(item, AbstractToolset)):
+        raise InvalidInputError.wrong_type('toolsets', 'a sequence of pydantic-ai toolsets or None', toolsets)
     if not (_instruction(instructions) or _sequence_of(instructions, _instruction)):
         raise InvalidInputError.wrong_type(
             'instructions', 'text, a function of the run context, or a sequence of them', instructions

@@ -121,7 +121,7 @@ def test_an_agent_whose_deps_a_turn_can_give_is_accepted() -> None:
 ARGUMENT_CASES = [
     Case('model not a model', 'model', 123, 'model must be a model name, a pydantic-ai Model or None, not int'),
     Case('usage limits not UsageLimits', 'usage_limits', {'request_limit': 3}, 'not dict'),
-    Case('toolsets not a sequence', 'toolsets', 5, 'a sequence of pydantic-ai toolsets, not int'),
+    Case('toolsets not a sequence', 'toolsets', 5, 'a sequence of pydantic-ai toolsets or None, not int'),
     Case('toolsets a string', 'toolsets', 'directory', 'not str'),
     Case('toolsets of strings', 'toolsets', ['directory'], 'not list'),
     Case('instructions a number', 'instructions', 5, 'not int'),

@@ -294,6 +294,16 @@ async def test_extra_toolsets_and_instructions_apply_to_one_turn_only(demo_data:
 
     later = await simple_chat('how many now?', session_id='plain-after', account='acme-health', model=seen.model())
     assert later.output == 'no extra tool' and seen.tools[-1] == ['get_directory_entry', 'search_directory']
+    # `toolsets=None` is "no extra tools", as it is for pydantic-ai (it was refused as not a sequence).
+    none = await simple_chat(
+        'and now?', session_id='none-extra', account='acme-health', model=seen.model(), toolsets=None
+    )
+    assert none.output == 'no extra tool' and seen.tools[-1] == ['get_directory_entry', 'search_directory']
+    async with simple_chat_stream(
+        'and now?', session_id='none-extra', account='acme-health', model=seen.model(), toolsets=None
+    ) as stream:
+        assert ''.join([delta async for delta in stream]) == 'no extra tool'
+    assert create_simple_chat_agent(toolsets=None).toolsets  # the directory toolset alone
     assert 'Count before answering.' not in (seen.instructions[-1] or '')
     assert sorted(directory_toolset.tools) == ['get_directory_entry', 'search_directory']
 
