@@ -63,7 +63,9 @@ class DatabaseNotInitializedError(AgentRuntimeError):
 
 
 class InvalidInputError(AgentRuntimeError, ValueError):
-    """Input was refused at the boundary, before any model request or billing (message, id, slug, ...).
+    """Input was refused at the boundary, before any model request or billing (message, id, slug, ...); or data too
+    large for PostgreSQL to hold (`field` `value`: a turn's tool result or history, refused as it is saved, nothing
+    of it stored).
 
     Attributes:
         field: the name of the argument or field that was refused.

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy.exc
 
-from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError, InvalidInputError
 
 # A connection that raised one of these is broken for good: its session state is gone or unknown.
 _LOST_CONNECTION_CLASSES = frozenset(
@@ -160,8 +160,10 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
     if isinstance(exc, DatabaseUnavailableError):
         return exc
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool's checkout timeout
+        # In the runtime's words: SQLAlchemy's ("QueuePool limit of size 1 overflow 0 reached, connection timed out,
+        # timeout 0.00 (Background on this error at: https://sqlalche.me/...)") rounded the wait and linked its docs.
         return DatabaseUnavailableError(
-            f'no database connection became free in time ({first_line(exc)}): the pool is exhausted; '
+            f'no database connection became free {_pool_wait()}: the pool is exhausted; '
             'raise DB_POOL_SIZE / DB_MAX_OVERFLOW or lower the concurrency'
         )
     if (refused := pooler_refusal(exc)) is not None:
@@ -186,6 +188,22 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
     return None
 
 
+def _pool_wait() -> str:
+    """How long a checkout waited, and the pool's size, in words with their settings."""
+    from agentrt.db.engine import current_engine  # the engine imports this module
+
+    engine = current_engine()
+    pool: Any = engine.sync_engine.pool if engine is not None else None
+    try:
+        timeout, size, overflow = float(pool.timeout()), int(pool.size()), int(pool._max_overflow)
+    except Exception:  # not a queue pool (or none): the words alone
+        return 'in time (DB_POOL_TIMEOUT)'
+    return (
+        f"within {timeout:g}s (DB_POOL_TIMEOUT) while all {size + overflow} of the pool's connections were in use "
+        f'(DB_POOL_SIZE {size} + DB_MAX_OVERFLOW {overflow})'
+    )
+
+
 def _not_answered(exc: BaseException) -> StatementNotAnswered | None:
     return next((error for error in _chain(exc) if isinstance(error, StatementNotAnswered)), None)
 
@@ -200,6 +218,21 @@ def _waited(silent: StatementNotAnswered) -> str:
         f'within {silent.seconds:g}s (its statement timeout, DB_STATEMENT_TIMEOUT_MS or its own, plus '
         f'{CLIENT_WAIT_MARGIN_SECONDS:g}s)'
     )
+
+
+def too_large(exc: BaseException) -> InvalidInputError | None:
+    """The error for a value PostgreSQL cannot hold (SQLSTATE class 54, "program limit exceeded": a jsonb value over
+    256 MB, a text over 1 GB), else None. It was a raw driver error from a turn's save (QA: a 90 MB tool result, the
+    history's JSON past the jsonb limit); the transaction was rolled back, nothing of it stored."""
+    for error in _chain(exc):
+        if sqlstate_of(error).startswith('54'):
+            return InvalidInputError(
+                f'PostgreSQL cannot hold a value this large ({first_line(error)}): a text value is at most 1 GB and a '
+                'JSON one 256 MB (a message, a tool result or a conversation this large); the operation did not '
+                'complete and nothing of it was stored',
+                field='value',
+            )
+    return None
 
 
 def disk_full(exc: BaseException) -> str | None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import embedded_unreachable, get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
-from agentrt.db.failures import cannot_connect, lost_connection, unavailable_error
+from agentrt.db.failures import cannot_connect, lost_connection, too_large, unavailable_error
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
 from agentrt.db.setup_failures import login_error, pooler_error, privilege_error
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
@@ -116,12 +116,13 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
 def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str | None = None) -> Exception | None:
     """The runtime's error for what a transaction run with `setup` raised (`db/failures.py`), or None: a prepared
     statement lost behind a pooler, a privilege the login role (`login`, the engine's user by default) lacks
-    (`ConfigError`), the database unavailable."""
+    (`ConfigError`), the database unavailable, a value too large for PostgreSQL (`InvalidInputError`)."""
     translated = (
         pooler_error(exc)
         or login_error(exc)
         or privilege_error(exc, as_login_role=not setup.role, login=login or _login_role(), role=setup.role)
         or unavailable_error(exc)
+        or too_large(exc)
     )
     if isinstance(translated, DatabaseUnavailableError) and (cannot_connect(exc) or lost_connection(exc)):
         embedded_unreachable()  # the embedded server may have stopped (a full disk): started again if so

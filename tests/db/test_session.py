@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -11,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from agentrt.db.engine import build_engine, get_engine, pool_status
-from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError
+from agentrt.db.errors import ConfigError, DatabaseDisconnectedError, DatabaseUnavailableError, InvalidInputError
 from agentrt.db.failures import unavailable_error
 from agentrt.db.models import Account
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, get_side_session, retry_on_disconnect
@@ -343,3 +344,45 @@ async def test_one_of_the_runtimes_own_tables_refused_to_a_role_stays_an_interna
     with pytest.raises(DBAPIError, match='permission denied for table conversation_entries'):
         async with get_db_session(account=Unscoped.JOBS) as session:
             await session.execute(text('SELECT count(*) FROM conversation_entries'))
+
+
+async def test_a_value_too_large_for_postgresql_is_an_invalid_input_error_naming_the_limit() -> None:
+    # SQLSTATE class 54 ("program limit exceeded": a jsonb value over 256 MB in a turn's save) left the session as a
+    # raw asyncpg error. `repeat` refuses a length over 1 GB before it allocates anything: the same class, cheaply.
+    with pytest.raises(InvalidInputError, match='PostgreSQL cannot hold a value this large') as raised:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(text("SELECT repeat('x', 1100000000)"))
+    assert raised.value.field == 'value' and 'nothing of it was stored' in str(raised.value)
+    assert 'requested length too large' in str(raised.value)
+    assert pool_status().checked_out == 0
+
+
+async def test_a_pool_that_stays_exhausted_is_said_with_its_wait_and_size_in_the_runtimes_words() -> None:
+    pool_size, max_overflow = TEST_POOL_SIZE, TEST_MAX_OVERFLOW
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await session.execute(text('SELECT 1'))
+            if pool_status().checked_out == pool_size + max_overflow:
+                held.set()
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(pool_size + max_overflow)]
+    pool: Any = get_engine().sync_engine.pool
+    timeout = pool._timeout
+    pool._timeout = 0.05
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            async with get_db_session(account=Unscoped.ADMIN) as session:
+                await session.execute(text('SELECT 1'))
+    finally:
+        pool._timeout = timeout
+        release.set()
+        await asyncio.gather(*holders)
+    message = str(raised.value)
+    assert message.startswith('no database connection became free within 0.05s (DB_POOL_TIMEOUT) while all ')
+    assert f'(DB_POOL_SIZE {pool_size} + DB_MAX_OVERFLOW {max_overflow})' in message
+    assert 'sqlalche.me' not in message and 'QueuePool' not in message
