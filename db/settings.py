@@ -523,6 +523,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator('pool_recycle')
+    @classmethod
+    def _recycle_is_never_or_seconds(cls, value: int) -> int:
+        # 0 is taken by SQLAlchemy as "older than 0 s": every checkout replaced its connection (twice the latency of a
+        # turn, QA), which no one asks for.
+        if value == 0:
+            raise ValueError(
+                '0 would replace the connection at every checkout: give seconds (1 or more), or -1 for never'
+            )
+        return value
+
     @field_validator('ledger_spool', mode='before')
     @classmethod
     def _blank_spool_is_the_default(cls, value: object) -> object:

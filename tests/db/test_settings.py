@@ -55,6 +55,14 @@ def test_only_the_documented_names_are_read_not_the_fields_own(monkeypatch: pyte
     assert Settings(_env_file=None, pool_size=3, model='m').pool_size == 3  # code still writes the field names
 
 
+def test_a_pool_recycle_of_zero_is_refused_naming_what_it_would_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('DB_POOL_RECYCLE', '0')
+    with pytest.raises(ConfigError, match=r'DB_POOL_RECYCLE: .*0 would replace the connection at every checkout'):
+        read_settings()
+    monkeypatch.setenv('DB_POOL_RECYCLE', '-1')
+    assert read_settings().pool_recycle == -1
+
+
 def test_no_database_url_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv('DATABASE_URL', raising=False)
     assert Settings(_env_file=None).uses_embedded
