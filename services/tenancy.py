@@ -11,7 +11,7 @@ from sqlalchemy import Select, bindparam, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
-from agentrt.db.errors import AgentRuntimeError
+from agentrt.db.errors import AgentRuntimeError, ConfigError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
 from agentrt.db.roles import Unscoped
 from agentrt.db.session import entered_account, entering_account, get_read_only_session, row_security
@@ -116,8 +116,11 @@ async def lookup_tenant_on(
         return None
     row = rows[0]
     config = row[5]
-    if isinstance(config, str):  # the driver hands JSON over as text
-        config = json.loads(config)
+    if isinstance(config, str):  # JSON as text, from a connection whose driver does not decode it
+        try:
+            config = json.loads(config)
+        except ValueError:  # a JSON string, decoded already (refused as a config below)
+            pass
     return _tenant_of(row, config)
 
 
@@ -137,9 +140,40 @@ async def _unknown(account: str, agent_instance: str | None, session: AsyncSessi
     return UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
 
 
-def _tenant_of(row: Any, config: dict[str, Any] | None) -> Tenant:
-    """The `Tenant` of a row of `_tenant_query` (its config column decoded: `config`)."""
-    return Tenant(row[0], row[1], row[2], row[3], row[4], dict(config or {}), has_budget=bool(row[6]))
+def _tenant_of(row: Any, config: Any) -> Tenant:
+    """The `Tenant` of a row of `_tenant_query` (its config column decoded: `config`).
+
+    Raises:
+        ConfigError: the agent instance's config is not a JSON object, or its `schemas` not a list of names.
+    """
+    config = _checked_config(row[1], row[3], config)
+    return Tenant(row[0], row[1], row[2], row[3], row[4], config, has_budget=bool(row[6]))
+
+
+def _checked_config(account: str, agent: str, config: Any) -> dict[str, Any]:
+    """An agent instance's config as a dict, checked where the runtime reads it. A malformed one (written by hand in
+    the table) was a raw `TypeError` in the turn, or read a string of schemas letter by letter; and the directory
+    tools took `schemas` they could not read as no restriction at all."""
+    where = f'the config of agent instance {agent!r} of account {account!r}'
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f'{where} must be a JSON object (or null), not {_json_type(config)}; fix its row')
+    schemas = config.get('schemas')
+    if schemas is not None and not (isinstance(schemas, list) and all(isinstance(name, str) for name in schemas)):
+        raise ConfigError(
+            f'{where}: "schemas" must be a list of schema names (text), not {_json_type(schemas)}'
+            f'{" holding other values" if isinstance(schemas, list) else ""}; fix its row'
+        )
+    return dict(config)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type of a decoded value, in JSON's words."""
+    for types, name in ((bool, 'a boolean'), (int | float, 'a number'), (str, 'a string'), (list, 'an array')):
+        if isinstance(value, types):
+            return name
+    return 'an object' if isinstance(value, dict) else type(value).__name__
 
 
 @cache

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
+import pytest
+from sqlalchemy import select
+
+from agentrt.db.driver import driver_transaction
+from agentrt.db.errors import ConfigError
+from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
-from agentrt.services.tenancy import UnknownTenantError, lookup_tenant
+from agentrt.services.tenancy import UnknownTenantError, lookup_tenant, lookup_tenant_on
 
 
 @pytest.mark.parametrize('enter', [False, True], ids=['read', 'enter'])
@@ -30,3 +36,33 @@ async def test_an_agent_of_another_account_is_not_found(demo_data: None) -> None
         await lookup_tenant(PRODUCE_ACCOUNT, 'supplier-finder', session=session)
         with pytest.raises(UnknownTenantError, match="unknown agent 'supplier-finder'"):
             await lookup_tenant(MEDICAL_ACCOUNT, 'supplier-finder', session=session)
+
+
+@pytest.mark.parametrize(
+    ('config', 'said'),
+    [
+        ([1, 2], 'must be a JSON object (or null), not an array'),
+        ('medical_providers', 'must be a JSON object (or null), not a string'),
+        ({'schemas': 'medical_providers'}, '"schemas" must be a list of schema names (text), not a string'),
+        ({'schemas': [1, 2]}, '"schemas" must be a list of schema names (text), not an array holding other values'),
+        ({'schemas': {'a': 1}}, '"schemas" must be a list of schema names (text), not an object'),
+    ],
+)
+async def test_a_malformed_agent_config_is_a_config_error_naming_the_instance_on_both_lookups(
+    demo_data: None, config: object, said: str
+) -> None:
+    # A hand-written config was a raw TypeError in the turn, a string of schemas was read letter by letter, and the
+    # directory tools took schemas they could not read as no restriction at all.
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        account = (await session.execute(select(Account).where(Account.slug == MEDICAL_ACCOUNT))).scalar_one()
+        session.add(AgentInstance(account_id=account.id, slug='odd-config', agent_type='assistant', config=config))
+    expected = f"the config of agent instance 'odd-config' of account '{MEDICAL_ACCOUNT}'"
+    async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
+        with pytest.raises(ConfigError, match=re.escape(said)) as raised:
+            await lookup_tenant(MEDICAL_ACCOUNT, 'odd-config', session=session)
+    assert str(raised.value).startswith(expected)
+    async with driver_transaction(account=Unscoped.TENANT_LOOKUP) as transaction:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            await lookup_tenant_on(transaction, MEDICAL_ACCOUNT, 'odd-config', enter=True)
+    async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:  # a null or a good one is read
+        assert (await lookup_tenant(MEDICAL_ACCOUNT, 'provider-finder', session=session)).config['schemas']
