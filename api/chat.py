@@ -25,7 +25,7 @@ from agentrt.api.auth import ChatCaller
 from agentrt.api.errors import stream_error
 from agentrt.api.message_schemas import UI_MESSAGE, schema_ref
 from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
-from agentrt.api.turn_input import check_http_turn, parse_run_input
+from agentrt.api.turn_input import check_http_turn, read_run_input
 from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
 from agentrt.tools.dependencies import SessionDependencies
@@ -133,9 +133,8 @@ async def chat(
     turn's. The conversation is created on first use. Only `submit-message` is served: the conversation's history
     is the server's, so regenerating or editing an earlier message is not (send a new message instead).
     """
-    run_input = parse_run_input(
+    run_input = await read_run_input(
         request,
-        await request.body(),
         ChatAdapter.build_run_input,
         tags=_TRIGGERS,
         tag_field='trigger',

@@ -24,7 +24,7 @@ from agentrt.api.auth import ChatCaller
 from agentrt.api.chat import AGENT_QUERY, CONVERSATION_ID_SCHEMA
 from agentrt.api.errors import stream_error
 from agentrt.api.schemas import BODY_RESPONSES, BUSY_CONVERSATION_RESPONSE, ERROR_RESPONSES
-from agentrt.api.turn_input import check_http_turn, parse_run_input
+from agentrt.api.turn_input import check_http_turn, read_run_input
 from agentrt.api.turn_stream import chat_config, stream_turn
 from agentrt.db.errors import InvalidInputError
 from agentrt.tools.dependencies import SessionDependencies
@@ -150,7 +150,7 @@ async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = A
     The `threadId` follows the conversation id's rule (1-200 letters, digits and `. _ : @ -`), and so does the
     `runId`, which the stream echoes back.
     """
-    run_input = parse_run_input(request, await request.body(), build_run_input)
+    run_input = await read_run_input(request, build_run_input)
     validate_protocol_id(run_input.run_id, field='runId', name='run id')  # echoed on RUN_STARTED and RUN_FINISHED
     turn_input = check_http_turn(
         _new_message_text(run_input),
