@@ -350,7 +350,9 @@ async def _refuse_a_schema_behind(engine: AsyncEngine) -> None:
     from agentrt.db.schema_version import packaged_head, revision_behind
 
     if (revision := await revision_behind(engine)) is not None:
+        # `'none'` is a database never migrated: "at empty", as `agentrt db upgrade` says it ("schema at empty").
         raise SchemaBehindError(
-            f"the database schema is at {revision}, behind this version's {packaged_head()} (AGENTRT_AUTO_MIGRATE is "
-            'false, so it is not upgraded here): run `agentrt db upgrade`, or set AGENTRT_AUTO_MIGRATE=true'
+            f"the database schema is at {'empty' if revision == 'none' else revision}, behind this version's "
+            f'{packaged_head()} (AGENTRT_AUTO_MIGRATE is false, so it is not upgraded here): run `agentrt db upgrade`, '
+            'or set AGENTRT_AUTO_MIGRATE=true'
         )

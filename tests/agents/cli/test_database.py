@@ -166,6 +166,12 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
             )
             assert 'agentrt db upgrade' in result.stderr and len(result.stderr.strip().splitlines()) == 1
         status = await invoke('db', 'status', env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
+        # A database never migrated is "at empty", as `agentrt db upgrade` says (it said "at none").
+        async with _scratch_database(database_url, 'never') as never:
+            empty = await invoke('keys', 'list', env={'DATABASE_URL': never, 'AGENTRT_AUTO_MIGRATE': 'false'})
+            assert empty.exit_code == 2 and empty.stderr.startswith('error: the database schema is at empty,'), (
+                empty.stderr
+            )
         assert status.exit_code == 0 and 'behind' in status.stdout, status.stderr
         assert 'job queue  missing (not migrated: `agentrt db upgrade`)' in _squeezed(status.stdout), status.stdout
 
