@@ -189,12 +189,14 @@ async def messages(
     )
     # Megabytes for a long conversation: dumped and encoded off the event loop (`conversation_body`), the same bytes
     # FastAPI made of the `ConversationMessages` this route returned; the page goes along, to be freed there too.
+    # The revision as an entity tag too, for a conditional DELETE (`If-Match`) without reading the body.
+    headers = {'ETag': f'"{page.revision}"'} if page.revision is not None else None
     encoding = off_loop_taking(
         functools.partial(messages_body, conversation_id=conversation_id, format=format, earlier_cursor=earlier_cursor),
         page,
     )
     del page
-    return Response(await encoding, media_type='application/json')
+    return Response(await encoding, media_type='application/json', headers=headers)
 
 
 UNCONDITIONAL_DELETE_ATTEMPTS = 5

@@ -153,7 +153,9 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     item = listing['items'][0]
     assert item['title'] and item['summary'] and item['usage']['requests'] == 6
 
-    vercel = (await client.get(path, headers=auth(keys.acme))).json()
+    read = await client.get(path, headers=auth(keys.acme))
+    vercel = read.json()
+    assert read.headers['etag'] == f'"{vercel["revision"]}"'  # the revision as an entity tag, for If-Match
     roles = [message['role'] for message in vercel['messages']]
     assert vercel['format'] == 'vercel' and roles.count('user') == 2 and roles[0] == 'user' and roles[-1] == 'assistant'
     texts = [p['text'] for m in vercel['messages'] if m['role'] == 'user' for p in m['parts'] if p['type'] == 'text']
