@@ -168,7 +168,7 @@ def unavailable_error(exc: BaseException) -> DatabaseUnavailableError | None:
         )
     if (refused := pooler_refusal(exc)) is not None:
         return refused
-    if (silent := _not_answered(exc)) is not None:  # before `cannot_connect`: asyncpg's TimeoutError is an OSError
+    if (silent := not_answered(exc)) is not None:  # before `cannot_connect`: asyncpg's TimeoutError is an OSError
         return DatabaseDisconnectedError(
             f'PostgreSQL{at_server()} did not answer a statement {_waited(silent)}: the server is frozen or '
             'overloaded, or the network between drops its packets; the connection was closed and the operation did '
@@ -204,7 +204,10 @@ def _pool_wait() -> str:
     )
 
 
-def _not_answered(exc: BaseException) -> StatementNotAnswered | None:
+def not_answered(exc: BaseException) -> StatementNotAnswered | None:
+    """The `StatementNotAnswered` in `exc`'s chain (a server that did not answer in time), or None. An operation that
+    failed so is not worth repeating at once: the server that did not answer is most likely still not answering, and a
+    repeat waited for a new connection's `DB_CONNECT_TIMEOUT` on top, then hid this error behind "cannot connect"."""
     return next((error for error in _chain(exc) if isinstance(error, StatementNotAnswered)), None)
 
 

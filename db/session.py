@@ -15,7 +15,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from agentrt.db.engine import embedded_unreachable, get_engine, get_sessionmaker
 from agentrt.db.errors import DatabaseDisconnectedError, DatabaseUnavailableError
-from agentrt.db.failures import cannot_connect, lost_connection, too_large, unavailable_error
+from agentrt.db.failures import cannot_connect, lost_connection, not_answered, too_large, unavailable_error
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING, Account, Unscoped, scope_of
 from agentrt.db.setup_failures import login_error, pooler_error, privilege_error
 from agentrt.db.transaction_setup import SETUP_KEY, PreludeConnection, RetryingSession, TransactionSetup
@@ -244,13 +244,17 @@ async def retry_on_disconnect(operation: Callable[[], Awaitable[T]], *, what: st
     the pool tests every connection of that generation before handing it out (`PoolHealth`), so the second attempt
     never gets another dead one. A server that is down fails the second attempt at once: no waiting.
 
+    Not repeated: an operation whose server did not answer in time (`not_answered`).
+
     Raises:
-        DatabaseDisconnectedError: the connection was lost twice.
+        DatabaseDisconnectedError: the connection was lost twice, or the server did not answer.
         DatabaseUnavailableError: the server cannot be reached.
     """
     try:
         return await operation()
     except DatabaseDisconnectedError as exc:
+        if not_answered(exc) is not None:
+            raise  # the server did not answer: a repeat would wait for it again (`not_answered`)
         logger.info('%s: %s; repeating it on a fresh connection', what, exc)
     return await operation()
 

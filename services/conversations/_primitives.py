@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.failures import not_answered
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.conversations._arguments import (
     check_conversation_id,
@@ -270,6 +271,8 @@ class ConversationPrimitives(ConversationStore):
             await self._write(record, new_entries, expected_revision)
             return
         except DatabaseDisconnectedError as exc:
+            if not_answered(exc) is not None:
+                raise  # the server did not answer: its check would wait for it again; the outcome stays unknown
             logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
         # Nothing was written, or everything was and the reply was lost (one transaction). Which of the two shows in
         # the database; and a second write is safe either way: it is the same compare-and-swap on

@@ -16,6 +16,7 @@ from pydantic_ai.messages import ModelMessage
 
 from agentrt.db.driver import DriverStatement, DriverTransaction, driver_transaction
 from agentrt.db.errors import DatabaseDisconnectedError
+from agentrt.db.failures import not_answered
 from agentrt.db.session import retry_on_disconnect
 from agentrt.services.conversations._arguments import (
     check_claim_id,
@@ -229,6 +230,8 @@ class PostgresConversationStore(ConversationPrimitives):
         try:
             released = await self._append_write(record.conversation_id, statement, params)
         except DatabaseDisconnectedError as exc:
+            if not_answered(exc) is not None:
+                raise  # the server did not answer: its check would wait for it again; the outcome stays unknown
             logger.info('conversation %r: the save lost its connection (%s)', record.conversation_id, exc)
             # As in `write_record`: committed whole or not at all, and a second write is the same compare-and-swap.
             if await retry_on_disconnect(lambda: self._stored(record, entries), what='conversation save check'):

@@ -21,7 +21,8 @@ from agentrt.db import transaction_setup
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.engine import build_engine, current_settings, get_engine
 from agentrt.db.errors import DatabaseDisconnectedError
-from agentrt.db.session import Unscoped, get_db_session, get_side_session
+from agentrt.db.failures import StatementNotAnswered
+from agentrt.db.session import Unscoped, get_db_session, get_side_session, retry_on_disconnect
 from agentrt.db.settings import Settings
 from agentrt.db.transaction_setup import TransactionSetup, client_wait, waiting_without_end
 
@@ -174,3 +175,20 @@ async def test_without_a_statement_timeout_there_is_no_client_side_wait_and_the_
 
         assert await connection.run_sync(lock_wait) is None
         assert driver.waiting() == before
+
+
+async def test_an_operation_whose_server_did_not_answer_is_not_repeated() -> None:
+    # A repeat waited for a new connection's DB_CONNECT_TIMEOUT on top, and then hid the error behind "cannot connect".
+    calls = 0
+
+    async def operation() -> None:
+        nonlocal calls
+        calls += 1
+        try:
+            raise StatementNotAnswered(8.0) from TimeoutError()
+        except StatementNotAnswered as exc:
+            raise DatabaseDisconnectedError('PostgreSQL did not answer a statement within 8s') from exc
+
+    with pytest.raises(DatabaseDisconnectedError, match='did not answer'):
+        await retry_on_disconnect(operation, what='a read')
+    assert calls == 1
