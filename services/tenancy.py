@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import Select, bindparam, exists, select
+from sqlalchemy import Select, Text, bindparam, cast, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
@@ -114,14 +114,7 @@ async def lookup_tenant_on(
     rows = await transaction.fetch(statement, {'account': account, 'agent_instance': agent_instance})
     if not rows:
         return None
-    row = rows[0]
-    config = row[5]
-    if isinstance(config, str):  # JSON as text, from a connection whose driver does not decode it
-        try:
-            config = json.loads(config)
-        except ValueError:  # a JSON string, decoded already (refused as a config below)
-            pass
-    return _tenant_of(row, config)
+    return _tenant_of(rows[0], rows[0][5])
 
 
 async def unknown_tenant_error(account: str, agent_instance: str | None) -> UnknownTenantError:
@@ -140,14 +133,14 @@ async def _unknown(account: str, agent_instance: str | None, session: AsyncSessi
     return UnknownTenantError(f'unknown agent {agent_instance!r} for account {account!r}', what='agent')
 
 
-def _tenant_of(row: Any, config: Any) -> Tenant:
-    """The `Tenant` of a row of `_tenant_query` (its config column decoded: `config`).
+def _tenant_of(row: Any, config: str | None) -> Tenant:
+    """The `Tenant` of a row of `_tenant_query` (`config`: its config column, JSON text).
 
     Raises:
         ConfigError: the agent instance's config is not a JSON object, or its `schemas` not a list of names.
     """
-    config = _checked_config(row[1], row[3], config)
-    return Tenant(row[0], row[1], row[2], row[3], row[4], config, has_budget=bool(row[6]))
+    checked = _checked_config(row[1], row[3], None if config is None else json.loads(config))
+    return Tenant(row[0], row[1], row[2], row[3], row[4], checked, has_budget=bool(row[6]))
 
 
 def _checked_config(account: str, agent: str, config: Any) -> dict[str, Any]:
@@ -186,14 +179,16 @@ def _tenant_statement(by_agent: bool, enter: bool) -> DriverStatement:
 def _tenant_query(by_agent: bool, enter: bool) -> Select[Any]:
     """`lookup_tenant`'s statement, built once per shape: the slugs are parameters (`account`, `agent_instance`), so
     SQLAlchemy neither rebuilds it nor computes its cache key on each turn."""
-    query = (
+    query: Select[Any] = (
         select(
             Account.id,
             Account.slug,
             AgentInstance.id,
             AgentInstance.slug,
             AgentInstance.agent_type,
-            AgentInstance.config,
+            # As JSON text on both paths, decoded in `_tenant_of`: the driver decodes JSON itself, and a config that
+            # is a JSON string holding JSON text could not be told from text still to decode.
+            cast(AgentInstance.config, Text),
             exists().where(AccountBudget.account_id == Account.id),
         )
         .join(AgentInstance, AgentInstance.account_id == Account.id)

@@ -46,6 +46,8 @@ async def test_an_agent_of_another_account_is_not_found(demo_data: None) -> None
         ({'schemas': 'medical_providers'}, '"schemas" must be a list of schema names (text), not a string'),
         ({'schemas': [1, 2]}, '"schemas" must be a list of schema names (text), not an array holding other values'),
         ({'schemas': {'a': 1}}, '"schemas" must be a list of schema names (text), not an object'),
+        # A JSON string holding an object's text: it was decoded twice on the driver path, and the turn ran with it.
+        ('{"schemas": ["medical_providers"]}', 'must be a JSON object (or null), not a string'),
     ],
 )
 async def test_a_malformed_agent_config_is_a_config_error_naming_the_instance_on_both_lookups(
