@@ -179,7 +179,7 @@ def _tenant_statement(by_agent: bool, enter: bool) -> DriverStatement:
 def _tenant_query(by_agent: bool, enter: bool) -> Select[Any]:
     """`lookup_tenant`'s statement, built once per shape: the slugs are parameters (`account`, `agent_instance`), so
     SQLAlchemy neither rebuilds it nor computes its cache key on each turn."""
-    query: Select[Any] = (
+    query: Any = (  # Select of seven columns, eight with `enter`: its return type names none
         select(
             Account.id,
             Account.slug,
