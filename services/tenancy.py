@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, Unpack
+from typing import Any, Literal
 
 from sqlalchemy import Select, Text, bindparam, cast, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -176,10 +176,10 @@ def _tenant_statement(by_agent: bool, enter: bool) -> DriverStatement:
 
 
 @cache
-def _tenant_query(by_agent: bool, enter: bool) -> Select[Unpack[tuple[Any, ...]]]:
+def _tenant_query(by_agent: bool, enter: bool) -> Select[*tuple[Any, ...]]:
     """`lookup_tenant`'s statement, built once per shape: the slugs are parameters (`account`, `agent_instance`), so
     SQLAlchemy neither rebuilds it nor computes its cache key on each turn."""
-    query: Select[Unpack[tuple[Any, ...]]] = (  # seven columns, eight with `enter`
+    query: Select[*tuple[Any, ...]] = (  # seven columns, eight with `enter`
         select(
             Account.id,
             Account.slug,
