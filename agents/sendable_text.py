@@ -10,13 +10,16 @@ model sees what is saved.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic_ai import RunContext
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import ModelRequestContext
+from pydantic_core import to_jsonable_python
 
 from agentrt.services.pg_text import is_storable_value, storable, storable_text
 
@@ -27,7 +30,8 @@ class SendableText(AbstractCapability[Any]):
 
     The messages are mended in place, in the run's history (so the turn saves what was sent), each once: a run's
     history only grows, and the capability remembers how many messages it has checked. Text in strings, lists and
-    dicts is mended (a tool's result as a pydantic model or a dataclass is sent as pydantic-ai serialises it).
+    dicts is mended, and a tool's result that is (or holds) a pydantic model, a dataclass or a set is replaced by its
+    JSON data (what pydantic-ai would send) when that needs mending.
     """
 
     _checked: int = 0
@@ -61,5 +65,36 @@ def _mend_message(message: ModelMessage) -> None:
     for part in message.parts:
         for name in ('content', 'args'):  # a part's text or result; a tool call's arguments
             value = getattr(part, name, None)
-            if value is not None and not is_storable_value(value):
+            if value is None:
+                continue
+            if getattr(part, 'part_kind', None) == 'tool-return' and _holds_objects(value):
+                # A pydantic model, a dataclass or a set of the tool's: as the JSON pydantic-ai would send, to be read
+                # (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as it was).
+                value = _as_json_data(value)
+                if value is None or is_storable_value(value):
+                    continue
                 setattr(part, name, storable(value))
+            elif not is_storable_value(value):
+                setattr(part, name, storable(value))
+
+
+def _holds_objects(value: Any) -> bool:
+    """Whether a tool's result holds a pydantic model, a dataclass or a set (pydantic-ai's own content, a file or an
+    image, is sent as it is)."""
+    if isinstance(value, str | int | float | bool):
+        return False
+    if isinstance(value, dict):
+        return any(_holds_objects(key) or _holds_objects(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_objects(item) for item in value)
+    if type(value).__module__.startswith('pydantic_ai'):
+        return False
+    return isinstance(value, BaseModel | set | frozenset) or dataclasses.is_dataclass(value)
+
+
+def _as_json_data(value: Any) -> Any:
+    """`value` as JSON data (dicts, lists, strings, numbers), as pydantic serialises it; None when it cannot be."""
+    try:
+        return to_jsonable_python(value)
+    except Exception:  # pydantic-ai's own serialisation says why, as it did before
+        return None

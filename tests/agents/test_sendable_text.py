@@ -7,10 +7,12 @@ pydantic's serialization error), plain and streamed (QA).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from pydantic_ai import FunctionToolset, RunContext
 from pydantic_ai.models import override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
@@ -30,12 +32,37 @@ MENDED = 'abc \ufffd def\ufffdghi \ufffd'
 tools = FunctionToolset[SessionDependencies]()
 
 
+class Record(BaseModel):
+    name: str
+    lines: list[str]
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    lines: list[str]
+
+
 @tools.tool
 async def read_file(ctx: RunContext[SessionDependencies], kind: str) -> Any:
     """Text as a broken file gives it (undecodable bytes, a NUL)."""
-    if kind == 'text':
-        return HOSTILE
-    return {'name': HOSTILE, HOSTILE: [HOSTILE, 1]}
+    return {
+        'text': HOSTILE,
+        'json': {'name': HOSTILE, HOSTILE: [HOSTILE, 1]},
+        # pydantic-ai serialises these itself: a lone surrogate failed it ("surrogates not allowed"), a NUL went out
+        'model': Record(name=HOSTILE, lines=[HOSTILE]),
+        'dataclass': Row(name=HOSTILE, lines=[HOSTILE]),
+        'set': {HOSTILE},
+    }[kind]
+
+
+STORED_RESULT = {
+    'text': MENDED,
+    'json': {'name': MENDED, MENDED: [MENDED, 1]},
+    'model': {'name': MENDED, 'lines': [MENDED]},
+    'dataclass': {'name': MENDED, 'lines': [MENDED]},
+    'set': [MENDED],
+}
 
 
 def _script(kind: str) -> Any:
@@ -47,7 +74,7 @@ def _script(kind: str) -> Any:
     return answer
 
 
-@pytest.mark.parametrize('kind', ['text', 'json'])
+@pytest.mark.parametrize('kind', ['text', 'json', 'model', 'dataclass', 'set'])
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_a_tools_result_and_the_instructions_reach_the_provider_as_the_store_saves_them(
     demo_data: None, streamed: bool, kind: str
@@ -77,4 +104,4 @@ async def test_a_tools_result_and_the_instructions_reach_the_provider_as_the_sto
     stored = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
     assert stored is not None and len(stored.messages) == 6
     returned = stored.messages[2].parts[0].content  # type: ignore[union-attr]
-    assert returned == (MENDED if kind == 'text' else {'name': MENDED, MENDED: [MENDED, 1]})
+    assert returned == STORED_RESULT[kind]
