@@ -85,7 +85,8 @@ async def _status() -> None:
     table.add_row(
         'pool',
         f'size {settings.pool_size}, max overflow {settings.max_overflow}, timeout {settings.pool_timeout:g}s, '
-        f'pre-ping {settings.pool_pre_ping}, recycle {settings.pool_recycle}s',
+        f'pre-ping {settings.pool_pre_ping}, recycle '
+        f'{"never" if settings.pool_recycle < 0 else f"{settings.pool_recycle}s"}',  # -1: never (it said -1s)
     )
     # The settings in force say `pgbouncer` once `auto` detected it; the environment's say what was asked for.
     table.add_row('pooler', _pooler_line(settings.pooled, get_settings().pooler))

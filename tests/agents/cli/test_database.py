@@ -23,6 +23,9 @@ async def test_status_in_a_subprocess_against_database_url(database_url: str) ->
     assert result.returncode == 0, result.stderr
     assert 'external (DATABASE_URL)' in result.stdout
     assert 'rows: llm_requests' in result.stdout and 'behind' not in result.stdout
+    assert 'recycle 1800s' in result.stdout
+    never = await invoke('db', 'status', env={'DATABASE_URL': database_url, 'DB_POOL_RECYCLE': '-1'})
+    assert never.exit_code == 0 and 'recycle never' in never.stdout, never.stdout  # it said "recycle -1s"
 
 
 async def test_seed_then_status_on_a_fresh_embedded_server(tmp_path: Path) -> None:
