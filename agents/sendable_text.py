@@ -11,6 +11,7 @@ model sees what is saved.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import ModelRequestContext
 from pydantic_core import to_jsonable_python
 
-from agentrt.services.pg_text import is_storable_value, storable, storable_text
+from agentrt.services.pg_text import is_storable, is_storable_value, storable, storable_text
 
 
 @dataclass
@@ -67,29 +68,37 @@ def _mend_message(message: ModelMessage) -> None:
             value = getattr(part, name, None)
             if value is None:
                 continue
-            if getattr(part, 'part_kind', None) == 'tool-return' and _holds_objects(value):
+            objects, clean = _scan(value)
+            if objects and getattr(part, 'part_kind', None) == 'tool-return':
                 # A pydantic model, a dataclass or a set of the tool's: as the JSON pydantic-ai would send, to be read
                 # (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as it was).
                 value = _as_json_data(value)
                 if value is None or is_storable_value(value):
                     continue
-                setattr(part, name, storable(value))
-            elif not is_storable_value(value):
+                clean = False
+            if not clean:
                 setattr(part, name, storable(value))
 
 
-def _holds_objects(value: Any) -> bool:
-    """Whether a tool's result holds a pydantic model, a dataclass or a set (pydantic-ai's own content, a file or an
-    image, is sent as it is)."""
-    if isinstance(value, str | int | float | bool):
-        return False
-    if isinstance(value, dict):
-        return any(_holds_objects(key) or _holds_objects(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_objects(item) for item in value)
+def _scan(value: Any) -> tuple[bool, bool]:
+    """In one walk of `value`: whether it holds a pydantic model, a dataclass or a set (pydantic-ai's own content, a
+    file or an image, is sent as it is), and whether its text holds no NUL and no lone surrogate (as
+    `is_storable_value` says)."""
+    if isinstance(value, str):
+        return False, is_storable(value)
+    if isinstance(value, int | float | bool):
+        return False, True
+    if isinstance(value, dict | list | tuple):
+        objects, clean = False, True
+        for item in itertools.chain(value.keys(), value.values()) if isinstance(value, dict) else value:
+            item_objects, item_clean = _scan(item)
+            objects, clean = objects or item_objects, clean and item_clean
+            if objects and not clean:
+                break
+        return objects, clean
     if type(value).__module__.startswith('pydantic_ai'):
-        return False
-    return isinstance(value, BaseModel | set | frozenset) or dataclasses.is_dataclass(value)
+        return False, True
+    return isinstance(value, BaseModel | set | frozenset) or dataclasses.is_dataclass(value), True
 
 
 def _as_json_data(value: Any) -> Any:
