@@ -541,6 +541,13 @@ class Settings(BaseSettings):
         # file", and a blank of spaces was a file named ' ' in the working directory.
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator('pooler', 'background', 'budget_unpriced', mode='before')
+    @classmethod
+    def _choice_in_any_case(cls, value: object) -> object:
+        # `DB_POOLER=PgBouncer` or `AGENTRT_BACKGROUND=Queue ` names a choice as plainly as the lower-case word does
+        # (QA); spelling it in the words the error lists is busywork, not a safeguard.
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator('data_dir', mode='before')
     @classmethod
     def _blank_data_dir_is_the_default(cls, value: object) -> object:

@@ -421,3 +421,24 @@ def test_a_validators_own_words_are_shown_without_pydantics_prefix(
         f"invalid configuration: AGENTRT_LEDGER_SPOOL: {tmp_path} is not a file (a directory?); give the spool file's "
         'path'
     )
+
+
+@pytest.mark.parametrize(
+    ('variable', 'written', 'field', 'value'),
+    [
+        ('DB_POOLER', 'PgBouncer', 'pooler', 'pgbouncer'),
+        ('AGENTRT_BACKGROUND', ' Queue ', 'background', 'queue'),
+        ('AGENTRT_BUDGET_UNPRICED', 'REFUSE', 'budget_unpriced', 'refuse'),
+    ],
+)
+def test_a_choice_is_read_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, variable: str, written: str, field: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, written)
+    assert getattr(Settings(_env_file=None), field) == value
+
+
+def test_a_choice_that_is_none_of_them_is_still_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('DB_POOLER', 'PgPool')
+    with pytest.raises(ConfigError, match="DB_POOLER: Input should be 'auto', 'none' or 'pgbouncer'"):
+        read_settings()
