@@ -17,13 +17,33 @@ from typing import Any, ClassVar
 import typer
 from typer._click import Command, Context, HelpFormatter
 from typer._click import exceptions as click_exceptions  # typer vendors click: these are what it raises
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from agentrt.agents.cli.pipes import reader_may_leave
 from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, EXIT_USAGE, Stopped, err_console, error_line, report
 from agentrt.agents.cli_entry import stopped_server
 
 __all__ = ['AgentrtGroup', 'LazyCommand']
+
+
+def _flags_take_no_value() -> None:
+    """Show no value type beside a flag in `--help` (`--verbose -v`, not `--verbose -v <bool>`).
+
+    typer 0.29's rich help gives every option its type, a flag's too, which reads as if it took one: `agentrt
+    --verbose true` was then "No such command 'true'" (QA). Its plain help, like click's, shows none.
+    """
+    shown_type = getattr(TyperOption, 'display_type_rich', None)
+    if shown_type is None or getattr(shown_type, 'flags_take_no_value', False):  # another typer, or done
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Context) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown_type(self, ctx)
+
+    display_type_rich.flags_take_no_value = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 
 @dataclass(frozen=True)

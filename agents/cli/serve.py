@@ -45,7 +45,10 @@ def serve(
     missing = missing_http_packages()
     if missing:
         needed = ', '.join(missing)  # `fail` prints text as it is (`[http]` is no style tag)
-        fail(f"the HTTP server needs the http extra ({needed} not installed): pip install 'agentrt[http]'", EXIT_USAGE)
+        fail(
+            f"the HTTP server needs the http extra ({needed} not installed): pip install -e '.[http]' in the clone",
+            EXIT_USAGE,
+        )
     if web_ui is not None:
         # The workers build their app from the settings (create_served_app), so the flag travels as the variable.
         os.environ['AGENTRT_HTTP_WEB_UI'] = 'true' if web_ui else 'false'

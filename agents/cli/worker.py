@@ -30,7 +30,10 @@ def worker(
     at once.
     """
     if importlib.util.find_spec('procrastinate') is None:
-        fail("the worker needs the queue extra (procrastinate not installed): pip install 'agentrt[queue]'", EXIT_USAGE)
+        fail(
+            "the worker needs the queue extra (procrastinate not installed): pip install -e '.[queue]' in the clone",
+            EXIT_USAGE,
+        )
     show_job_logs()
     signals: list[int] = []
     if not burst:

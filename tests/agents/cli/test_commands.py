@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,18 @@ def test_completion_options_are_the_roots_only() -> None:
             shown = CliRunner().invoke(app, [command.name, '--help'], env={'COLUMNS': '200'})
             assert shown.exit_code == 0 and '--help' in shown.output, (command.name, shown.output)
             assert '-completion' not in shown.output, command.name
+
+
+def test_help_shows_a_type_beside_options_that_take_a_value_and_none_beside_flags() -> None:
+    # typer 0.29 showed `--verbose -v <bool>`, as if `agentrt --verbose true` worked ("No such command 'true'", QA).
+    from typer.testing import CliRunner
+
+    with logging_restored():
+        root = CliRunner().invoke(app, ['--help'], env={'COLUMNS': '200'}).output
+        chat = CliRunner().invoke(app, ['chat', '--help'], env={'COLUMNS': '200'}).output
+    assert '<bool>' not in root + chat
+    assert '--verbose' in root and '--help' in chat
+    assert re.search(r'--delay +<float>', chat) and re.search(r'--account +-a +<str>', chat)
 
 
 async def test_version() -> None:

@@ -115,7 +115,9 @@ async def test_serve_without_the_http_extra_says_how_to_install_it(monkeypatch: 
     monkeypatch.setattr(serve_module, 'missing_http_packages', lambda: ['fastapi', 'uvicorn'])
     result = await invoke('serve')
     assert result.exit_code == 2
-    assert "pip install 'agentrt[http]'" in result.stderr and 'fastapi, uvicorn not installed' in result.stderr
+    assert (
+        "pip install -e '.[http]' in the clone" in result.stderr and 'fastapi, uvicorn not installed' in result.stderr
+    )
 
 
 async def test_revoking_a_malformed_key_id_is_a_usage_error(database_url: str) -> None:
