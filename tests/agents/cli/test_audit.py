@@ -135,3 +135,29 @@ async def test_a_blank_filter_is_a_usage_error_not_an_empty_page(database_url: s
     blank = await invoke(*args, env={'DATABASE_URL': database_url})
     assert blank.exit_code == 2, blank.stderr
     assert blank.stderr.strip() == f'error: {args[-2]} is blank; leave it out to match every value'
+
+
+@pytest.mark.parametrize('character', ['\u202e', '\u202a', '\u2066', '\u2069', '\u2028', '\u2029'])
+def test_a_stored_prompt_cannot_reorder_or_split_what_audit_show_prints(character: str) -> None:
+    # U+202E before a stored prompt showed it reversed in `audit show` (QA): anyone who can chat wrote the audit's
+    # text in an order of their choosing. Shown as its escape, as the web UI and the API's errors do.
+    from rich.console import Console
+
+    from agentrt.agents.cli.transcript import render_body
+
+    prompt = {
+        'instructions': '',
+        'messages': [
+            {
+                'kind': 'request',
+                'parts': [{'part_kind': 'user-prompt', 'content': f'{character}dermatologists in Boston'}],
+            }
+        ],
+    }
+    for body, truncated in ((json.dumps(prompt), False), (f'{character}cut short', True)):
+        screen = Console(width=200, record=True, color_system=None)
+        screen.print(render_body('prompt', body, truncated=truncated))
+        shown = screen.export_text()
+        assert character not in shown
+        assert f'\\u{ord(character):04x}' in shown
+    assert '\u200d' in render_body('response', '👩\u200d💻', truncated=True).plain  # type: ignore[union-attr]
