@@ -19,6 +19,7 @@ import codecs
 import collections
 import errno
 import os
+import re
 import stat
 import sys
 import threading
@@ -84,6 +85,10 @@ def _is_terminal(stream: object) -> bool:
     return bool(isatty()) if isatty is not None else False
 
 
+_LINE_END = re.compile(r'\r\n|\r|\n')
+"""A line's end in piped input: universal newlines, as `open()` reads text."""
+
+
 class PlainLines:
     """Lines from stdin as they come, read in a daemon thread: a signal that stops the command while it waits for
     input must not leave the process waiting for that thread at exit.
@@ -133,9 +138,14 @@ class PlainLines:
         try:
             while chunk := os.read(fd, 65536):
                 buffered += decoder.decode(chunk)
-                *lines, buffered = buffered.split('\n')
+                # Lines end as Python's own text files say (`\n`, `\r\n` or `\r`): a file saved with CR endings was
+                # one message, its questions but the last lost (QA). A CR at the end of what has come waits for
+                # the next read, which may begin with the LF of the same line end.
+                held = buffered.endswith('\r')
+                *lines, buffered = _LINE_END.split(buffered[:-1] if held else buffered)
+                buffered += '\r' if held else ''
                 for line in lines:
-                    self._hand(loop, line.removesuffix('\r'))
+                    self._hand(loop, line)
             buffered += decoder.decode(b'', final=True)
             if buffered:
                 self._hand(loop, buffered.removesuffix('\r'))

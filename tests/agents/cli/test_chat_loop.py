@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import signal
 from pathlib import Path
 
@@ -127,3 +128,26 @@ async def test_lines_typed_at_a_terminal_whose_output_is_piped_are_prompted_on_s
         await typed.read()
     captured = capsys.readouterr()
     assert captured.err.count('you>') == 2 and 'you>' not in captured.out
+
+
+async def test_piped_lines_end_at_lf_crlf_or_cr_even_when_a_crlf_is_split_between_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `printf 'a\rb\r' | agentrt chat` was one message (the reader split at LF only: QA); a CRLF that arrives in two
+    # reads must still be one line end, not an empty line between.
+    read_end, write_end = os.pipe()
+    stdin = os.fdopen(read_end, 'r')
+    monkeypatch.setattr('sys.stdin', stdin)
+    lines = PlainLines()
+    try:
+        os.write(write_end, b'dermatologists in Boston\r')
+        first = asyncio.ensure_future(lines.read())
+        await asyncio.sleep(0.1)  # the reader has the CR; its LF comes in a read of its own
+        os.write(write_end, b'\ncardiologists\rin Denver\nlast, no end')
+        os.close(write_end)
+        assert await first == 'dermatologists in Boston'
+        assert [await lines.read() for _ in range(3)] == ['cardiologists', 'in Denver', 'last, no end']
+        with pytest.raises(EOFError):
+            await lines.read()
+    finally:
+        stdin.close()
