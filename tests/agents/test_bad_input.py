@@ -35,6 +35,10 @@ class Case:
 CASES = [
     Case('empty message', 'message', '', 'is empty'),
     Case('blank message', 'message', '  \n ', 'is empty'),
+    Case('zero-width message', 'message', '\u200b \u200d', 'no visible character'),
+    Case('NUL message', 'message', '\x00\x00', 'no visible character'),
+    Case('lone surrogate message', 'message', '\ud800\n', 'no visible character'),
+    Case('direction marks message', 'message', '\u202e\ufeff\u2066', 'no visible character'),
     Case('message over the limit', 'message', 'x' * (LIMIT + 1), 'the limit is 2,000 (AGENTRT_MESSAGE_MAX_CHARS)'),
     Case('5 MB message', 'message', 'word ' * 1_000_000, '5,000,000 characters long'),
     Case('message not text', 'message', 42, 'must be text'),

@@ -78,7 +78,8 @@ def test_the_limits_are_the_column_sizes() -> None:
     [
         ('plain', 'plain'),
         ('nul\x00inside', 'nul\ufffdinside'),
-        ('\x00' * 3, '\ufffd' * 3),
+        ('\x00' * 3 + '?', '\ufffd' * 3 + '?'),
+        ('\u200bzero-width first', '\u200bzero-width first'),
         ('half an emoji \ud83d', 'half an emoji \ufffd'),
         ('argv byte \udcff', 'argv byte \ufffd'),
         ('a whole emoji \U0001f600 stays', 'a whole emoji \U0001f600 stays'),
@@ -94,6 +95,12 @@ def test_messages_are_normalised_not_refused(message: str, expected: str) -> Non
     [
         ('', 'is empty'),
         (' \n\t ', 'is empty'),
+        # No question a model could read, yet a whole turn, billed by a real provider (was run: QA).
+        ('\x00' * 3, 'no visible character'),
+        ('\u200b\u200c\u200d\ufeff', 'no visible character'),
+        ('\ud83d \udcff', 'no visible character'),
+        ('\u202e\u2066\u00ad\u3000', 'no visible character'),
+        ('\ufffd', 'no visible character'),
         ('x' * 101, '101 characters long; the limit is 100 (AGENTRT_MESSAGE_MAX_CHARS)'),
         (None, 'must be text, not NoneType'),
         (b'bytes', 'must be text, not bytes'),
