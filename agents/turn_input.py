@@ -114,8 +114,8 @@ def validate_message(message: object, *, max_chars: int) -> str:
     if not message.strip():
         raise InvalidInputError('the chat message is empty', field='message')
     if not message.strip(_INVISIBLE):
-        # Only zero-width or direction marks, NULs or lone surrogates (each saved as U+FFFD): no question a model could
-        # read, yet a whole turn, billed by a real provider (QA). C's strip: a message's first visible character ends it.
+        # Only zero-width or direction marks, NULs or lone surrogates (each saved as U+FFFD): no question a model
+        # could read, yet a whole turn, billed by a real provider (QA). C's strip: the first visible character ends it.
         raise InvalidInputError(
             'the chat message has no visible character (only spaces, zero-width or direction marks, NUL, U+FFFD or '
             'lone surrogates)',
