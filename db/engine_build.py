@@ -160,7 +160,11 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         # logs, CLI error lines and tracebacks, where the redaction catches only secret shapes.
         hide_parameters=True,
     )
-    PoolHealth(engine, ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None)
+    PoolHealth(
+        engine,
+        ping_idle_after=settings.pool_pre_ping_idle if settings.pool_pre_ping else None,
+        bounded_ping=not settings.pooled,
+    )
     per_transaction = TransactionSetup(
         lock_timeout_ms=timeouts['lock_timeout'] or None, statement_timeout_ms=timeouts['statement_timeout'] or None
     )

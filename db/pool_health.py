@@ -5,16 +5,22 @@ Installed on every engine by `agentrt.db.engine_build.build_engine`; `pool_statu
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentrt.db import transaction_setup
 from agentrt.db.failures import StatementNotAnswered, out_of_step
 
 __all__ = ['PoolHealth']
+
+logger = logging.getLogger(__name__)
 
 
 class PoolHealth:
@@ -31,6 +37,12 @@ class PoolHealth:
       (idle timeouts, firewalls): a connection in use moments ago in the same generation is as alive as a ping
       would say, and skipping that ping saves three round trips per short session (a fifth of the CPU per turn).
 
+    - A ping waits for its answer at most `CLIENT_WAIT_MARGIN_SECONDS` (5 s), not a statement's whole wait (the
+      statement timeout plus the margin, 35 s by default): `SELECT 1` has nothing to time out, and a connection a
+      firewall dropped while it was idle, or whose backend froze, cost each checkout that found one 35 s (QA: a
+      turn took 74 s on two such connections). Behind PgBouncer (`bounded_ping=False`) a ping waits in its queue for a
+      server connection as any statement does, so it keeps the whole wait.
+
     With pre-ping off (`ping_idle_after=None`), nothing is pinged and a disconnect invalidates the whole pool
     instead (SQLAlchemy's default), so a stale connection is still never handed out.
     """
@@ -38,11 +50,12 @@ class PoolHealth:
     GENERATION = 'agentrt_generation'
     CHECKED_IN = 'agentrt_checked_in'
 
-    def __init__(self, engine: AsyncEngine, *, ping_idle_after: float | None) -> None:
+    def __init__(self, engine: AsyncEngine, *, ping_idle_after: float | None, bounded_ping: bool = True) -> None:
         self.generation = 0
         self.disconnects = 0
         self.pings = 0
         self.ping_idle_after = ping_idle_after
+        self.bounded_ping = bounded_ping
         self._sync_engine = engine.sync_engine
         engine.sync_engine.pool.agentrt_health = self  # type: ignore[attr-defined]  # for pool_status() and tests
         event.listen(engine.sync_engine, 'handle_error', self.on_error)
@@ -107,11 +120,46 @@ class PoolHealth:
         if generation == self.generation and not self._idle_too_long(info):
             return  # tested, or used, since the last disconnect
         self.pings += 1
+        driver = getattr(dbapi_connection, '_connection', None)  # the asyncpg connection (a PreludeConnection)
+        wait = self._ping_wait(driver)
         try:
-            self._sync_engine.dialect.do_ping(dbapi_connection)
+            with self._waiting(driver, wait):
+                self._sync_engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            self._replace(record, f'connection failed its pre-ping: {exc}', exc)
+            silent = next(filter(None, (StatementNotAnswered.of(e, driver) for e in (exc, exc.__cause__) if e)), None)
+            if silent is not None:
+                silent = StatementNotAnswered(wait) if wait is not None else silent  # the ping's wait, not the next's
+                # Closed now: a graceful close waits up to 2 s more for a server that has just not answered.
+                driver.terminate()
+                logger.warning(
+                    'a pooled connection did not answer its ping (%s): replaced by a new one; a firewall that drops '
+                    'idle connections, or a frozen server?',
+                    silent,
+                )
+            self._replace(record, f'connection failed its pre-ping: {silent or exc}', exc)
         info[self.GENERATION] = self.generation
+
+    def _ping_wait(self, driver: Any) -> float | None:
+        """How long a ping on `driver` waits for its answer (see the class); None: as long as its statements do (behind
+        PgBouncer, another driver, or no client-side bound at all: no statement timeout)."""
+        waiting = getattr(driver, 'waiting', None)
+        before = waiting() if callable(waiting) and self.bounded_ping else None
+        return None if before is None else min(before, transaction_setup.CLIENT_WAIT_MARGIN_SECONDS)
+
+    @staticmethod
+    @contextmanager
+    def _waiting(driver: Any, wait: float | None) -> Iterator[None]:
+        """`driver` waits `wait` seconds for each answer in the block (None: as it does), then its own wait again."""
+        if wait is None:
+            yield
+            return
+        before = driver.waiting()
+        driver.set_wait(wait)
+        try:
+            yield
+        finally:
+            if not driver.is_closed():
+                driver.set_wait(before)
 
     def _replace(self, record: Any, reason: str, cause: Exception | None = None) -> NoReturn:
         """Close `record`'s connection, then have the pool open a new one in its place, in this same checkout.

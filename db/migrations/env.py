@@ -50,8 +50,10 @@ def _take_migration_lock(connection: Connection) -> None:
     if connection.execute(text('SELECT pg_try_advisory_xact_lock(:key)'), key).scalar_one():
         return
     holder = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
-    who = session_label(holder.pid, holder.application) if holder else 'its holder'
-    logger.warning('another process, %s, is migrating this database: waiting for it to finish', who)
+    # The pid is the holder's PostgreSQL backend (pg_locks knows no client's pid): said as such, since `ps` shows a
+    # postgres process under it, not the agentrt one (QA).
+    who = f' (its PostgreSQL session: {session_label(holder.pid, holder.application)})' if holder else ''
+    logger.warning('another process is migrating this database%s: waiting for it to finish', who)
     with waiting_without_end(connection):  # the client's wait too: its statement timeout is lifted for this one
         connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
 

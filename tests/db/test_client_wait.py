@@ -192,3 +192,37 @@ async def test_an_operation_whose_server_did_not_answer_is_not_repeated() -> Non
     with pytest.raises(DatabaseDisconnectedError, match='did not answer'):
         await retry_on_disconnect(operation, what='a read')
     assert calls == 1
+
+
+async def test_a_pooled_connection_that_does_not_answer_its_ping_is_replaced_after_the_margin_not_the_whole_wait(
+    database: Settings, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A connection a firewall dropped while idle, or whose backend froze, held each checkout that found one for a
+    # statement's whole wait (35 s by default; QA: a turn took 74 s on two of them). `SELECT 1` has nothing to time
+    # out: the ping waits the margin alone, and the checkout goes on with a new connection.
+    from agentrt.db.database_url import parse_database_url
+
+    engine = build_engine(
+        parse_database_url(database_url), database.model_copy(update={'pool_size': 1, 'max_overflow': 0})
+    )
+    health = engine.sync_engine.pool.agentrt_health  # type: ignore[attr-defined]
+    try:
+        async with engine.connect() as connection:
+            pid = (await connection.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            assert driver.waiting() == database.statement_timeout_ms / 1000 + MARGIN  # a statement's whole wait
+        with Freezer() as freezer:
+            freezer.freeze(pid)
+            health._disconnected()  # a disconnect elsewhere: the pooled connection is tested at its next checkout
+            pings = health.pings
+            async with asyncio.timeout(MARGIN + 3):
+                async with engine.connect() as connection:
+                    replaced = (await connection.execute(text('SELECT pg_backend_pid()'))).scalar_one()
+                    new_driver: Any = (await connection.get_raw_connection()).driver_connection
+        assert replaced != pid and health.pings == pings + 1
+        assert driver.is_closed()  # terminated, not closed gracefully (2 s more for a frozen backend)
+        assert new_driver.waiting() == database.statement_timeout_ms / 1000 + MARGIN  # the ping's wait was its own
+        assert f'did not answer its ping (PostgreSQL did not answer within {MARGIN:g}s)' in caplog.text
+        assert await _gone(pid)
+    finally:
+        await engine.dispose()

@@ -247,7 +247,8 @@ async def test_a_process_waiting_for_another_ones_migration_says_so(
                 assert not migrating.done()
         assert await migrating is True
         assert [record.getMessage() for record in caplog.records] == [
-            f'another process, pid {pid} (agentrt), is migrating this database: waiting for it to finish'
+            f'another process is migrating this database (its PostgreSQL session: pid {pid} (agentrt)): waiting for it'
+            ' to finish'
         ]
     finally:
         await engine.dispose()
