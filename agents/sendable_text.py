@@ -10,12 +10,10 @@ model sees what is saved.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import BaseModel
 from pydantic_ai import RunContext
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ModelMessage
@@ -32,7 +30,8 @@ class SendableText(AbstractCapability[Any]):
     The messages are mended in place, in the run's history (so the turn saves what was sent), each once: a run's
     history only grows, and the capability remembers how many messages it has checked. Text in strings, lists and
     dicts is mended, and a tool's result that is (or holds) a pydantic model, a dataclass or a set is replaced by its
-    JSON data (what pydantic-ai would send) when that needs mending.
+    JSON data (what pydantic-ai would send) when that needs mending. A tool's result that pydantic-ai cannot send at
+    all is a `TypeError` naming the tool.
     """
 
     _checked: int = 0
@@ -70,10 +69,14 @@ def _mend_message(message: ModelMessage) -> None:
                 continue
             objects, clean = _scan(value)
             if objects and getattr(part, 'part_kind', None) == 'tool-return':
-                # A pydantic model, a dataclass or a set of the tool's: as the JSON pydantic-ai would send, to be read
-                # (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as it was).
+                # A pydantic model, a dataclass, a set or another object of the tool's: as the JSON pydantic-ai would
+                # send, to be read (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as
+                # it was).
                 value = _as_json_data(value)
-                if value is None or is_storable_value(value):
+                if value is None:
+                    _check_serialisable(part)
+                    continue
+                if clean and is_storable_value(value):
                     continue
                 clean = False
             if not clean:
@@ -81,11 +84,15 @@ def _mend_message(message: ModelMessage) -> None:
 
 
 def _scan(value: Any) -> tuple[bool, bool]:
-    """In one walk of `value`: whether it holds a pydantic model, a dataclass or a set (pydantic-ai's own content, a
-    file or an image, is sent as it is), and whether its text holds no NUL and no lone surrogate (as
-    `is_storable_value` says)."""
+    """In one walk of `value`: whether it holds an object other than JSON data (a pydantic model, a dataclass, a set,
+    bytes, a datetime; pydantic-ai's own content, a file or an image, is sent as it is), and whether its text holds no
+    NUL and no lone surrogate (as `is_storable_value` says)."""
     if isinstance(value, str):
         return False, is_storable(value)
+    if isinstance(value, bytes | bytearray):
+        # Sent as base64 (pydantic-ai's serialisation of a tool's result), and saved so: the store's dump read bytes
+        # as UTF-8, and the turn's save failed on bytes that are not (`b'\xff'`) with pydantic's bare error.
+        return True, False
     if isinstance(value, int | float | bool):
         return False, True
     if isinstance(value, dict | list | tuple):
@@ -96,14 +103,30 @@ def _scan(value: Any) -> tuple[bool, bool]:
             if objects and not clean:
                 break
         return objects, clean
-    if type(value).__module__.startswith('pydantic_ai'):
+    if value is None or type(value).__module__.startswith('pydantic_ai'):
         return False, True
-    return isinstance(value, BaseModel | set | frozenset) or dataclasses.is_dataclass(value), True
+    return True, True  # a pydantic model, a dataclass, a set, bytes, a datetime...: pydantic serialises it
 
 
 def _as_json_data(value: Any) -> Any:
     """`value` as JSON data (dicts, lists, strings, numbers), as pydantic serialises it; None when it cannot be."""
     try:
-        return to_jsonable_python(value)
-    except Exception:  # pydantic-ai's own serialisation says why, as it did before
+        return to_jsonable_python(value, bytes_mode='base64')  # bytes as pydantic-ai sends them
+    except Exception:  # pydantic-ai's own serialisation has the last word (`_check_serialisable`)
         return None
+
+
+def _check_serialisable(part: Any) -> None:
+    """Raise a `TypeError` naming the tool when pydantic-ai cannot serialise its result for the model either.
+
+    An object pydantic does not know (an exception, a socket, a class of the tool's own with no pydantic schema)
+    failed the turn with pydantic's bare `PydanticSerializationError`, from wherever the result was first measured or
+    sent, naming neither the tool nor what to return instead (QA).
+    """
+    try:
+        part.model_response_str()
+    except Exception as exc:
+        raise TypeError(
+            f'tool {part.tool_name!r} returned a {type(part.content).__name__} that cannot be sent to the model as '
+            f'JSON ({exc}); return text, numbers, lists, dicts, pydantic models or dataclasses'
+        ) from exc

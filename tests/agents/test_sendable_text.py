@@ -105,3 +105,54 @@ async def test_a_tools_result_and_the_instructions_reach_the_provider_as_the_sto
     assert stored is not None and len(stored.messages) == 6
     returned = stored.messages[2].parts[0].content  # type: ignore[union-attr]
     assert returned == STORED_RESULT[kind]
+
+
+odd_tools = FunctionToolset[SessionDependencies]()
+
+
+@odd_tools.tool
+async def read_odd(ctx: RunContext[SessionDependencies], kind: str) -> Any:
+    """A result pydantic-ai cannot send (an exception object), or can (bytes that are not UTF-8, as base64)."""
+    return {'exception': ValueError('boom'), 'bytes': b'\xff\xfe\x00raw'}[kind]
+
+
+def _odd_script(kind: str) -> Any:
+    def answer(body: dict[str, Any]) -> Reply:
+        if not any(message['role'] == 'tool' for message in body['messages']):
+            return Reply(tool_calls=[('read_odd', {'kind': kind})])
+        return Reply(text='done')
+
+    return answer
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(demo_data: None, streamed: bool) -> None:
+    # Was pydantic's bare PydanticSerializationError ("Unable to serialize unknown type"), raised from the runtime's
+    # measure of the context, naming neither the tool nor what to return instead (QA).
+    turn: dict[str, Any] = {'session_id': f'odd-{streamed}', 'account': 'acme-health', 'toolsets': [odd_tools]}
+    with override_allow_model_requests(True), FakeOpenAI(_odd_script('exception')).running() as fake:
+        turn['model'] = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
+        with pytest.raises(TypeError) as raised:
+            if streamed:
+                async with simple_chat_stream('read it', **turn) as stream:
+                    [delta async for delta in stream]
+            else:
+                await simple_chat('read it', **turn)
+    message = str(raised.value)
+    assert "tool 'read_odd' returned a ValueError that cannot be sent to the model as JSON" in message, message
+    assert 'return text, numbers, lists, dicts, pydantic models or dataclasses' in message
+    assert len(fake.requests) == 1  # the result never went out
+    assert await PostgresConversationStore(await account_id('acme-health')).load(f'odd-{streamed}') is None
+
+
+async def test_bytes_a_tool_returns_reach_the_provider_and_the_store_as_base64_text(demo_data: None) -> None:
+    turn: dict[str, Any] = {'session_id': 'odd-bytes', 'account': 'acme-health', 'toolsets': [odd_tools]}
+    with override_allow_model_requests(True), FakeOpenAI(_odd_script('bytes')).running() as fake:
+        turn['model'] = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
+        assert (await simple_chat('read it', **turn)).output == 'done'
+    # Sent and saved as the same base64 text (URL-safe, pydantic's): the save read bytes as UTF-8, and failed on these
+    # with pydantic's bare error, the model's request already made.
+    tool_message = next(m for m in fake.requests[1]['messages'] if m['role'] == 'tool')
+    assert tool_message['content'] == '__4AcmF3'
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('odd-bytes')
+    assert stored is not None and stored.messages[2].parts[0].content == '__4AcmF3'  # type: ignore[union-attr]
