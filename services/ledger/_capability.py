@@ -50,6 +50,8 @@ class _RunLedger:
     from the text its body is stored by (`RunBodies.message_json`)."""
     no_budget: bool = False
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
+    held: bool = False
+    """A request of the run held part of a budget: the next one is admitted once its row settled it."""
     columns: dict[str, Any] = field(init=False)
     """The identity as row columns, for every record of the run."""
 
@@ -217,6 +219,8 @@ class LedgerCapability(AbstractCapability[Any]):
         state.bodies.seal()  # the responses recorded so far: pydantic-ai has stamped them by now
         state.tracker.bodies_sealed()  # their rows can be prepared, and journaled while held for the commit delay
         request_id, started_at = new_request_id(), utc_now()
+        if state.held:
+            await self._earlier_holds_settled(state)
         try:
             hold = (
                 None
@@ -234,6 +238,7 @@ class LedgerCapability(AbstractCapability[Any]):
         except BudgetExceededError as exc:
             self._record_refused(ctx, state, request_context, request_id, started_at, exc)
             raise
+        state.held = state.held or hold is not None
         flight = InFlight(
             request_id,
             time.perf_counter(),
@@ -264,6 +269,21 @@ class LedgerCapability(AbstractCapability[Any]):
             raise
         self._record(ctx, state, request_context, flight, response, None)
         return response
+
+    async def _earlier_holds_settled(self, state: _RunLedger) -> None:
+        """Have the run's earlier requests' rows written before the next request is admitted (waiting at most the
+        ack timeout), once one of them held part of a budget.
+
+        A row's insert settles its request's hold (`services/budgets/_settle.py`): until then the whole hold, the most
+        the request could have cost, still counted against the budget. Held for the writer's commit delay, it made
+        the turn's next request, near the limit, capped to a few output tokens or refused, the first one billed, and
+        a retry of the message billed it again (QA). Nothing to wait for once they are written.
+        """
+        waiting = [ack for ack in state.acks if not ack.done()]
+        if not waiting:
+            return
+        state.tracker.commit_now(waiting)
+        await asyncio.wait(waiting, timeout=self.ack_timeout)
 
     async def after_model_request(
         self, ctx: Any, *, request_context: ModelRequestContext, response: ModelResponse

@@ -13,6 +13,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic_ai import FunctionToolset
+from pydantic_ai.models import override_allow_model_requests
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 from sqlalchemy import text
 
 from agentrt.agents.errors import BudgetExceededError
@@ -22,8 +26,10 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Period, budget_statuses, pricer_for, set_budget, sweep_reservations
 from agentrt.services.ledger import LedgerFilters, get_request_tracker, summarise_costs, utc_now
+from agentrt.tools.dependencies import SessionDependencies
 from tests.agents.conftest import account_id
 from tests.factories import ledger_rows, scalar, slow_commit_reply
+from tests.fake_openai import FakeOpenAI, Reply
 from tests.services.budgets.priced_model import LongAnswerModel, PricedModel
 
 TURNS = 50
@@ -333,3 +339,51 @@ async def test_a_request_in_flight_longer_than_the_hold_ttl_keeps_its_hold(
     await _drain()
     spent, reserved, holds = await _status('acme-health')
     assert reserved == 0 and holds == 0 and spent == spent_before + await _ledger_spent('slow-')
+
+
+_lookup = FunctionToolset[SessionDependencies]()
+
+
+@_lookup.tool_plain
+def count_cardiologists() -> int:
+    """How many cardiologists there are."""
+    return 12
+
+
+def _tool_then_answer(body: dict[str, Any]) -> Reply:
+    if not any(message['role'] == 'tool' for message in body['messages']):
+        return Reply(tool_calls=[('count_cardiologists', {})], prompt_tokens=300, completion_tokens=10)
+    return Reply(text='There are 12.', prompt_tokens=320, completion_tokens=5)
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_turns_next_request_is_admitted_against_what_the_last_one_cost_not_what_it_held(
+    demo_data: None, streamed: bool
+) -> None:
+    # The first request's hold (its most: 16,384 output tokens) counted until the ledger writer's commit delay ended;
+    # the turn's second request, admitted meanwhile, was capped to what was left of the limit, or refused with the
+    # first already billed, and a retry billed it again (QA). Here the budget has room for one and a half holds.
+    account = 'acme-health'
+    await _set(account, '1000')
+    with override_allow_model_requests(True), FakeOpenAI(_tool_then_answer).running() as fake:
+        model = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
+        turn: dict[str, Any] = {'account': account, 'model': model, 'toolsets': [_lookup]}
+        await simple_chat('How many cardiologists?', session_id=f'probe-{streamed}', **turn)
+        await _drain()
+        hold = await scalar('SELECT last_reserved_usd FROM budget_periods')  # the probe's second request's
+        spent_before, _, _ = await _status(account)
+        await _set(account, spent_before + hold * Decimal('1.5'))
+        fake.requests.clear()
+        session_id = f'tight-{streamed}'
+        if streamed:
+            async with simple_chat_stream('How many cardiologists?', session_id=session_id, **turn) as stream:
+                output = ''.join([delta async for delta in stream])
+        else:
+            output = (await simple_chat('How many cardiologists?', session_id=session_id, **turn)).output
+    assert output == 'There are 12.'
+    assert [request['max_completion_tokens'] for request in fake.requests] == [16_384, 16_384], 'neither was capped'
+    await _drain()
+    rows = await ledger_rows(chat_session_id=session_id)
+    assert [row['status'] for row in rows] == ['complete', 'complete']
+    spent, reserved, holds = await _status(account)
+    assert (reserved, holds) == (0, 0) and spent == spent_before + sum(row['total_cost'] for row in rows)
