@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 import httpx2
 import pytest
 from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
 
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key, forget_cached_api_keys, revoke_api_key
 from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore
+from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, serve
 from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
 
@@ -474,3 +476,25 @@ async def test_older_messages_load_above_by_keyboard_keeping_the_place_read(page
     # Every turn once, in order, each with its one tool call.
     await expect(users).to_have_text([f'You{question}' for question in questions])
     await expect(page.locator('.message.assistant')).to_have_count(320)
+
+
+async def test_a_key_that_may_chat_but_not_read_continues_a_conversation_it_cannot_show(
+    page: Page, site: str, keys: Keys
+) -> None:
+    # With a `--scope chat` key, a conversation opened again (a reload, a link) could not be loaded (403), which marked
+    # it stale: every message then waited for a load that could not succeed, and Send did nothing at all (QA).
+    await page.get_by_role('button', name='Sign out').click()
+    await _sign_in(page, keys.acme_chat_only)
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    await page.reload()
+    await expect(page.locator('.notice')).to_contain_text('Earlier messages cannot be shown here')
+    await expect(page.locator('.notice')).to_contain_text("does not have the 'read' scope")
+    turn = await _send(page, 'second question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('')
+    stored = await PostgresConversationStore(await account_id('acme-health')).load(conversation)
+    assert stored is not None
+    asked = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
+    assert asked == ['first question', 'second question'], 'both turns were saved in the one conversation'

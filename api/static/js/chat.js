@@ -450,6 +450,16 @@ export function createChatView() {
         }
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
         restorePending(wanted, []);
+      } else if (error instanceof ApiError && error.status === 403) {
+        // A key that may chat but not read (`--scope chat`): it never will load the conversation, and need not to
+        // continue it, since the server holds what was said. Marked stale, every message sent waited for a load that
+        // could not succeed, and Send did nothing at all (QA).
+        transcript.replaceChildren();
+        setEarlier(null);
+        setHead(null);
+        notice.append(
+          alertBox(`Earlier messages cannot be shown here: ${errorMessage(error)} A message you send continues this conversation.`, 'info'),
+        );
       } else {
         // What is shown (if anything) may lack what the server holds: loaded again before the next message is sent.
         stale = true;
@@ -570,7 +580,9 @@ export function createChatView() {
       const id = conversationId;
       show(id).then(() => {
         // Not if the person moved on, nor when it could not be loaded (the message waits in the box; the notice says why).
-        if (!stale && conversationId === id && element.isConnected) form.requestSubmit();
+        if (conversationId !== id || !element.isConnected) return;
+        if (!stale) form.requestSubmit();
+        else refusal.textContent = 'Not sent: the conversation must be loaded first (see the notice above). Send again to retry.';
       });
       return;
     }
