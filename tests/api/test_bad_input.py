@@ -243,6 +243,7 @@ async def test_a_nul_in_a_message_is_stored_as_a_replacement_character_a_lone_su
     # JSON text with a lone surrogate is not valid UTF-8 once decoded: FastAPI's parser refuses the body.
     refused = await client.post(path, content='{"message": "\\ud800 Seattle"}', headers=headers)
     assert refused.status_code == 422 and refused.json()['detail'][0]['loc'] == ['body', 'message']
+    assert refused.json()['field'] == 'message'  # as the runtime's own 422s name it
 
 
 # Where a lone surrogate escape goes in a string: at its start, inside, at its end (the parser's message varied).

@@ -272,6 +272,7 @@ async def test_the_client_names_its_ai_sdk_version(keys: Keys, client: httpx2.As
             f'/api/v1/chat?sdk_version={bad}', json=chat_body('v', 'hi'), headers=auth(keys.acme)
         )
         assert response.status_code == 422 and response.json()['detail'][0]['loc'] == ['query', 'sdk_version']
+        assert response.json()['field'] == 'sdk_version'
 
 
 @pytest.mark.parametrize('failure', ['connection', 'behavior', 'http'])
