@@ -146,6 +146,7 @@ async def test_unreachable_database_spools_rows_then_replays_them_exactly_once(t
         tracker.spool.path.write_text(spool_text)
         report = await tracker.replay_spool()
         assert (report.rows, report.inserted, report.duplicates) == (5, 0, 5)
+        assert report.contents == 0  # none new: it said 5 content rows written (QA)
         assert await scalar('SELECT count(*) FROM llm_requests') == 6
         assert await scalar('SELECT count(DISTINCT id) FROM llm_requests') == 6
     finally:
