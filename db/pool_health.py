@@ -129,8 +129,8 @@ class PoolHealth:
             silent = next(filter(None, (StatementNotAnswered.of(e, driver) for e in (exc, exc.__cause__) if e)), None)
             if silent is not None:
                 silent = StatementNotAnswered(wait) if wait is not None else silent  # the ping's wait, not the next's
-                # Closed now: a graceful close waits up to 2 s more for a server that has just not answered.
-                driver.terminate()
+                if driver is not None:  # closed now: a graceful close waits up to 2 s more for a silent server
+                    driver.terminate()
                 logger.warning(
                     'a pooled connection did not answer its ping (%s): replaced by a new one; a firewall that drops '
                     'idle connections, or a frozen server?',
