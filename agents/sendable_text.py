@@ -127,6 +127,6 @@ def _check_serialisable(part: Any) -> None:
         part.model_response_str()
     except Exception as exc:
         raise TypeError(
-            f'tool {part.tool_name!r} returned a {type(part.content).__name__} that cannot be sent to the model as '
-            f'JSON ({exc}); return text, numbers, lists, dicts, pydantic models or dataclasses'
+            f'tool {part.tool_name!r} returned a value of type {type(part.content).__name__} that cannot be sent to '
+            f'the model as JSON ({exc}); return text, numbers, lists, dicts, pydantic models or dataclasses'
         ) from exc

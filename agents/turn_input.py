@@ -12,6 +12,7 @@ saved.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -113,25 +114,39 @@ def validate_message(message: object, *, max_chars: int) -> str:
         raise message_too_long(len(message), max_chars=max_chars)
     if not message.strip():
         raise InvalidInputError('the chat message is empty', field='message')
-    if not message.strip(_INVISIBLE):
-        # Only zero-width or direction marks, NULs or lone surrogates (each saved as U+FFFD): no question a model
-        # could read, yet a whole turn, billed by a real provider (QA). C's strip: the first visible character ends it.
+    if not any(map(_shows, message)):
+        # Only zero-width or direction marks, controls, NULs or lone surrogates (each saved as U+FFFD): no question a
+        # model could read, yet a whole turn, billed by a real provider (QA). The first character that shows ends the
+        # walk: a message's first, as a rule.
         raise InvalidInputError(
-            'the chat message has no visible character (only spaces, zero-width or direction marks, NUL, U+FFFD or '
-            'lone surrogates)',
+            'the chat message has no visible character (only spaces, controls, zero-width or direction marks, NUL, '
+            'U+FFFD or lone surrogates)',
             field='message',
         )
     return storable_text(message)
 
 
-_INVISIBLE = (
-    '\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009'
-    '\u200a\u2028\u2029\u202f\u205f\u3000'  # what str.strip() takes away (Unicode's white space)
-    '\x00\ufffd\u00ad\u034f\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062'
-    '\u2063\u2064\u2066\u2067\u2068\u2069\ufeff'  # NUL, its replacement, zero-width and direction marks
-    + ''.join(map(chr, range(0xD800, 0xE000)))  # lone surrogates (saved as U+FFFD)
-)
-"""The characters a chat message of nothing else is refused for: none of them shows."""
+def _shows(char: str) -> bool:
+    """Whether `char` shows as a mark on the page: not white space, a control, a format character (zero-width and
+    direction marks, tags), a lone surrogate, nor another character that renders as nothing."""
+    return char not in _BLANK_SHAPES and unicodedata.category(char) not in _INVISIBLE_CATEGORIES
+
+
+_INVISIBLE_CATEGORIES = frozenset(('Cc', 'Cf', 'Cs', 'Zs', 'Zl', 'Zp'))
+"""Controls (NUL, ESC, DEL, C1), format characters (U+200B, U+202E, U+FEFF, tags), surrogates, separators."""
+_BLANK_SHAPES = frozenset(
+    map(
+        chr,
+        (
+            0xFFFD,  # what a NUL or a lone surrogate is saved as
+            0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0,  # grapheme joiner, fillers, braille blank
+            *range(0x180B, 0x1810),  # Mongolian variation selectors and vowel separator
+            *range(0xFE00, 0xFE10),  # variation selectors
+            *range(0xE0100, 0xE01F0),  # variation selectors supplement
+        ),
+    )
+)  # fmt: skip
+"""Characters of other categories that render as nothing (Unicode's Default_Ignorable, the blank ones)."""
 
 
 def message_too_long(length: int, *, max_chars: int) -> InvalidInputError:

@@ -121,7 +121,7 @@ async def _chat(
             stopped = f' ({conversed.stopped} stopped by Ctrl-C)' if conversed.stopped else ''
             error_line(
                 f'{conversed.failed + conversed.stopped} of {conversed.turns} turns failed{stopped}; '
-                "the exit code is the last one's"
+                "the exit code is the last failed one's"
             )
             raise typer.Exit(exit_code_of(conversed.last_error) or EXIT_FAILURE)
     finally:

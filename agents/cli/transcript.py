@@ -19,10 +19,11 @@ from rich.text import Text
 INDENT = 2
 # Terminal control characters (all but newline and tab): a stored body is anyone's text, and an escape sequence in it
 # must show as text, not move the cursor or recolour the terminal. With them the bidirectional embeddings, overrides
-# and isolates (U+202A-U+202E, U+2066-U+2069): `\u202e` before a stored prompt showed it reversed in `audit show`,
-# an audit trail anyone who can chat could make read otherwise (QA); the web UI and the API's errors escape them too.
-# And the line and paragraph separators, which some terminals break a line at and others do not.
-_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
+# and isolates (U+202A-U+202E, U+2066-U+2069) and marks (U+200E, U+200F, U+061C: they reorder digits and
+# punctuation): `\u202e` before a stored prompt showed it reversed in `audit show`, an audit trail anyone who can chat
+# could make read otherwise (QA); the web UI and the API's errors escape them too. And the line and paragraph
+# separators, which some terminals break a line at and others do not.
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
 _ROLE_STYLES = {
     'instructions': 'bold magenta',
     'system': 'bold magenta',

@@ -139,7 +139,7 @@ async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(de
             else:
                 await simple_chat('read it', **turn)
     message = str(raised.value)
-    assert "tool 'read_odd' returned a ValueError that cannot be sent to the model as JSON" in message, message
+    assert "tool 'read_odd' returned a value of type ValueError that cannot be sent to the model" in message, message
     assert 'return text, numbers, lists, dicts, pydantic models or dataclasses' in message
     assert len(fake.requests) == 1  # the result never went out
     assert await PostgresConversationStore(await account_id('acme-health')).load(f'odd-{streamed}') is None

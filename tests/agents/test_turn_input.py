@@ -80,6 +80,8 @@ def test_the_limits_are_the_column_sizes() -> None:
         ('nul\x00inside', 'nul\ufffdinside'),
         ('\x00' * 3 + '?', '\ufffd' * 3 + '?'),
         ('\u200bzero-width first', '\u200bzero-width first'),
+        ('\u0301', '\u0301'),  # a combining accent alone shows (on a dotted circle)
+        ('\ufe0f\u2764', '\ufe0f\u2764'),
         ('half an emoji \ud83d', 'half an emoji \ufffd'),
         ('argv byte \udcff', 'argv byte \ufffd'),
         ('a whole emoji \U0001f600 stays', 'a whole emoji \U0001f600 stays'),
@@ -101,6 +103,10 @@ def test_messages_are_normalised_not_refused(message: str, expected: str) -> Non
         ('\ud83d \udcff', 'no visible character'),
         ('\u202e\u2066\u00ad\u3000', 'no visible character'),
         ('\ufffd', 'no visible character'),
+        ('\x01\x1b\x7f\x85\x9f', 'no visible character'),  # C0, DEL and C1 controls (QA)
+        ('\u3164\u115f\uffa0', 'no visible character'),  # Hangul fillers
+        ('\ufe0f\U000e0020\U000e007f\u2800', 'no visible character'),  # variation selector, tags, braille blank
+        ('\u206a\u206f\ufff9\u0600\u17b4', 'no visible character'),
         ('x' * 101, '101 characters long; the limit is 100 (AGENTRT_MESSAGE_MAX_CHARS)'),
         (None, 'must be text, not NoneType'),
         (b'bytes', 'must be text, not bytes'),

@@ -137,7 +137,7 @@ async def test_a_blank_filter_is_a_usage_error_not_an_empty_page(database_url: s
     assert blank.stderr.strip() == f'error: {args[-2]} is blank; leave it out to match every value'
 
 
-@pytest.mark.parametrize('character', ['\u202e', '\u202a', '\u2066', '\u2069', '\u2028', '\u2029'])
+@pytest.mark.parametrize('character', ['\u202e', '\u202a', '\u2066', '\u2069', '\u2028', '\u2029', '\u200f', '\u061c'])
 def test_a_stored_prompt_cannot_reorder_or_split_what_audit_show_prints(character: str) -> None:
     # U+202E before a stored prompt showed it reversed in `audit show` (QA): anyone who can chat wrote the audit's
     # text in an order of their choosing. Shown as its escape, as the web UI and the API's errors do.

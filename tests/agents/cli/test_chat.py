@@ -195,7 +195,7 @@ async def test_a_piped_chat_whose_answer_ctrl_c_stopped_says_so_and_exits_130(
     # It said the answer was stopped and not saved, then exited 0 with no summary: a script feeding lines saw success.
     code, out, err = await asyncio.to_thread(_piped_chat_stopped_by_ctrl_c, database_url, 'piped-stop')
     assert 'stopped: this answer was not saved' in err
-    assert "error: 1 of 2 turns failed (1 stopped by Ctrl-C); the exit code is the last one's" in err, err
+    assert "error: 1 of 2 turns failed (1 stopped by Ctrl-C); the exit code is the last failed one's" in err, err
     assert code == 130, err
     assert 'Traceback' not in err and 'Boston' in out
     stored = await PostgresConversationStore(await account_id('acme-health')).load('piped-stop')
