@@ -378,7 +378,10 @@ class Settings(BaseSettings):
     @model_validator(mode='after')
     def _queue_is_installed(self) -> Settings:
         if self.background == 'queue' and importlib.util.find_spec('procrastinate') is None:
-            raise ConfigError("AGENTRT_BACKGROUND=queue needs the queue extra: pip install -e '.[queue]' in the clone")
+            raise ConfigError(
+                "AGENTRT_BACKGROUND=queue needs the queue extra: pip install -e '.[queue]' in a clone of agentrt, "
+                "pip install 'agentrt[queue]' where it was installed as a package"
+            )
         return self
 
     @model_validator(mode='after')

@@ -46,7 +46,8 @@ def serve(
     if missing:
         needed = ', '.join(missing)  # `fail` prints text as it is (`[http]` is no style tag)
         fail(
-            f"the HTTP server needs the http extra ({needed} not installed): pip install -e '.[http]' in the clone",
+            f"the HTTP server needs the http extra ({needed} not installed): pip install -e '.[http]' in a clone of "
+            "agentrt, pip install 'agentrt[http]' where it was installed as a package",
             EXIT_USAGE,
         )
     if web_ui is not None:

@@ -31,7 +31,8 @@ def worker(
     """
     if importlib.util.find_spec('procrastinate') is None:
         fail(
-            "the worker needs the queue extra (procrastinate not installed): pip install -e '.[queue]' in the clone",
+            "the worker needs the queue extra (procrastinate not installed): pip install -e '.[queue]' in a clone of "
+            "agentrt, pip install 'agentrt[queue]' where it was installed as a package",
             EXIT_USAGE,
         )
     show_job_logs()

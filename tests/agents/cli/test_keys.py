@@ -116,7 +116,8 @@ async def test_serve_without_the_http_extra_says_how_to_install_it(monkeypatch: 
     result = await invoke('serve')
     assert result.exit_code == 2
     assert (
-        "pip install -e '.[http]' in the clone" in result.stderr and 'fastapi, uvicorn not installed' in result.stderr
+        "pip install -e '.[http]' in a clone of agentrt" in result.stderr
+        and 'fastapi, uvicorn not installed' in result.stderr
     )
 
 
