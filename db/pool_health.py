@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Any, NoReturn
 
 from sqlalchemy import event
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db import transaction_setup
 from agentrt.db.failures import StatementNotAnswered, out_of_step
+from agentrt.db.transaction_setup import driver_waiting
 
 __all__ = ['PoolHealth']
 
@@ -123,7 +123,7 @@ class PoolHealth:
         driver = getattr(dbapi_connection, '_connection', None)  # the asyncpg connection (a PreludeConnection)
         wait = self._ping_wait(driver)
         try:
-            with self._waiting(driver, wait):
+            with driver_waiting(driver, wait) if wait is not None else nullcontext():
                 self._sync_engine.dialect.do_ping(dbapi_connection)
         except Exception as exc:
             silent = next(filter(None, (StatementNotAnswered.of(e, driver) for e in (exc, exc.__cause__) if e)), None)
@@ -145,21 +145,6 @@ class PoolHealth:
         waiting = getattr(driver, 'waiting', None)
         before = waiting() if callable(waiting) and self.bounded_ping else None
         return None if before is None else min(before, transaction_setup.CLIENT_WAIT_MARGIN_SECONDS)
-
-    @staticmethod
-    @contextmanager
-    def _waiting(driver: Any, wait: float | None) -> Iterator[None]:
-        """`driver` waits `wait` seconds for each answer in the block (None: as it does), then its own wait again."""
-        if wait is None:
-            yield
-            return
-        before = driver.waiting()
-        driver.set_wait(wait)
-        try:
-            yield
-        finally:
-            if not driver.is_closed():
-                driver.set_wait(before)
 
     def _replace(self, record: Any, reason: str, cause: Exception | None = None) -> NoReturn:
         """Close `record`'s connection, then have the pool open a new one in its place, in this same checkout.

@@ -277,16 +277,25 @@ def waiting_without_end(connection: Connection) -> Iterator[None]:
     """Wait for the answers of the statements run on `connection` in the block without a client-side bound: for a
     statement that waits as long as another process's work takes (the migration lock), its statement timeout lifted
     for it (`migrations/env.py`)."""
-    driver: Any = connection.connection.driver_connection
+    with driver_waiting(connection.connection.driver_connection, None):
+        yield
+
+
+@contextmanager
+def driver_waiting(driver: Any, seconds: float | None) -> Iterator[None]:
+    """`driver` (an asyncpg connection) waits at most `seconds` for each answer in the block (None: without end),
+    then as long as before; a driver that is not a `PreludeConnection` as it does. A connection closed in the block
+    (terminated for not answering) keeps what it had."""
     if not _carries_prelude(driver):
         yield
         return
     before = driver.waiting()
-    driver.set_wait(None)
+    driver.set_wait(seconds)
     try:
         yield
     finally:
-        driver.set_wait(before)
+        if not driver.is_closed():
+            driver.set_wait(before)
 
 
 def _carries_prelude(driver: Any) -> bool:
