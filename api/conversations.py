@@ -158,6 +158,13 @@ async def messages(
             'unchanged. Positions stay valid while the conversation goes on.',
         ),
     ] = None,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            max_length=200,
+            description='A revision read before (the `ETag`): 304 with no body while the conversation is still at it.',
+        ),
+    ] = None,
 ) -> Response:
     """The conversation's stored messages, in order (with `limit`, only the latest; with `before`, the ones before a
     page read earlier): page back with `limit` and `earlier_cursor` until `earlier` is false.
@@ -191,6 +198,10 @@ async def messages(
     # FastAPI made of the `ConversationMessages` this route returned; the page goes along, to be freed there too.
     # The revision as an entity tag too, for a conditional DELETE (`If-Match`) without reading the body.
     headers = {'ETag': f'"{page.revision}"'} if page.revision is not None else None
+    # A client polling a conversation it holds gets 304 instead of megabytes: a revision's messages never change, and
+    # the rest of the body follows from the URL (format, limit, before), which the client's cache is keyed by.
+    if page.revision is not None and if_none_match is not None and _none_match(if_none_match, page.revision):
+        return Response(status_code=304, headers=headers)
     encoding = off_loop_taking(
         functools.partial(messages_body, conversation_id=conversation_id, format=format, earlier_cursor=earlier_cursor),
         page,
@@ -320,6 +331,12 @@ router.add_api_route(
         502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
     },
 )
+
+
+def _none_match(if_none_match: str, revision: str) -> bool:
+    """Whether an `If-None-Match` header names `revision` (RFC 9110: weak comparison, so `W/"..."` names it too; `*`
+    names any current revision)."""
+    return if_none_match.strip() == '*' or revision in _revisions(if_none_match)
 
 
 def _revisions(if_match: str | None) -> list[str]:

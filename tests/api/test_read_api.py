@@ -156,6 +156,13 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     read = await client.get(path, headers=auth(keys.acme))
     vercel = read.json()
     assert read.headers['etag'] == f'"{vercel["revision"]}"'  # the revision as an entity tag, for If-Match
+    # Polling with the tag: 304 and no body while the revision stands (weak or listed tags too), the body when not.
+    for tag in (read.headers['etag'], f'W/{read.headers["etag"]}', f'"other", {read.headers["etag"]}', '*'):
+        unchanged = await client.get(path, headers={**auth(keys.acme), 'If-None-Match': tag})
+        assert unchanged.status_code == 304 and unchanged.content == b'', tag
+        assert unchanged.headers['etag'] == read.headers['etag']
+    changed = await client.get(path, headers={**auth(keys.acme), 'If-None-Match': '"an-older-revision"'})
+    assert changed.status_code == 200 and changed.json() == vercel
     roles = [message['role'] for message in vercel['messages']]
     assert vercel['format'] == 'vercel' and roles.count('user') == 2 and roles[0] == 'user' and roles[-1] == 'assistant'
     texts = [p['text'] for m in vercel['messages'] if m['role'] == 'user' for p in m['parts'] if p['type'] == 'text']
