@@ -132,7 +132,11 @@ def create_app(
     # starts the runtime instead.
     app.add_middleware(HeadAsGet)  # innermost: HEAD on a GET route is that GET's answer without its body
     app.add_middleware(StartsRuntime, start=start)
-    app.add_middleware(BodySizeLimit, max_bytes=lambda: _max_body_bytes(settings))
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=lambda: _max_body_bytes(settings),
+        body_timeout=lambda: _settings(settings).http_body_timeout_seconds,
+    )
     app.add_middleware(CutOffAnswer)  # around every route: a request the shutdown cancels answers 503, not 500
     app.add_middleware(Utf8Url)  # a URL that is not text is refused before anything else reads it
     app.add_middleware(ResponseHeaders)  # outermost: on every response, the refusals of the layers inside included

@@ -1,9 +1,11 @@
 """A cap on request bodies (`AGENTRT_HTTP_MAX_BODY_BYTES`): 413 before a byte more is read, whatever the framing; and
-bodies in a content coding (`Content-Encoding: gzip`, ...) refused, since none is decoded. A response sent before its
-request's body was read (a refusal: 401, 403, 413, ...) closes the connection, so the rest is never read."""
+bodies in a content coding (`Content-Encoding: gzip`, ...) refused, since none is decoded; and a body that stops
+arriving for `AGENTRT_HTTP_BODY_TIMEOUT_SECONDS` answered 408. A response sent before its request's body was read (a
+refusal: 401, 403, 408, 413, ...) closes the connection, so the rest is never read."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.responses import JSONResponse
@@ -16,16 +18,20 @@ class BodySizeLimit:
     """ASGI middleware refusing bodies over `max_bytes()` bytes: by `Content-Length` at once, or while reading.
 
     It also refuses a body sent in a content coding (415): nothing here decodes one, so a gzipped body was read as
-    text ("not UTF-8") and a body that only claimed to be gzipped was taken as it was.
+    text ("not UTF-8") and a body that only claimed to be gzipped was taken as it was. And it bounds the wait for each
+    piece of the body (408): uvicorn puts no limit on it, so a client that sent its headers and then nothing (or a
+    byte a minute) held its connection and its request's task for as long as it liked.
 
     Args:
         app: the application.
         max_bytes: the limit, read per request (so it follows the settings the database was started with).
+        body_timeout: the longest wait, in seconds, for the next piece of a body not read whole yet.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int], body_timeout: Callable[[], float]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on, with a `receive` that counts what it delivers."""
@@ -33,6 +39,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes()
+        body_timeout = self.body_timeout()
         headers = dict(scope['headers'])
         declared = headers.get(b'content-length')
         coding = headers.get(b'content-encoding', b'identity').decode('latin-1').strip().lower()
@@ -54,7 +61,17 @@ class BodySizeLimit:
 
         async def counting_receive() -> Message:
             nonlocal received, read_whole
-            message = await receive()
+            if read_whole:  # after the body, a receive waits for the client's hang-up: for as long as the turn runs
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), body_timeout)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    'request_timeout',
+                    f'the request body stopped arriving: nothing of it for {body_timeout:g} s; send the whole body '
+                    'without pausing',
+                ) from None
             if message['type'] == 'http.request':
                 received += len(message.get('body', b''))
                 if received > limit:

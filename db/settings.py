@@ -410,6 +410,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
         description='largest HTTP request body accepted (413 beyond it)',
     )
+    http_body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices('AGENTRT_HTTP_BODY_TIMEOUT_SECONDS', 'http_body_timeout_seconds'),
+        description='a request whose body stops arriving (nothing of it for this long) is answered 408 and its '
+        'connection closed, so a client that sends headers and no body does not hold the connection for ever',
+    )
     http_stream_keepalive_seconds: float = Field(
         default=15.0,
         ge=0,

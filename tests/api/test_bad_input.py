@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -12,6 +13,7 @@ import httpx2
 import pytest
 
 from agentrt.api.cursors import encode_cursor
+from agentrt.db.engine import current_settings
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
@@ -392,6 +394,65 @@ async def test_a_body_refused_before_it_is_read_gets_the_usual_error_body(
     response = await client.post('/api/v1/chat', content=b'{}', headers={**auth(keys.acme), **headers})
     body = response.json()
     assert response.status_code == status and body['error_id'].startswith('err_') and body.get('field') == field, body
+
+
+async def _raw_exchange(url: str, head: str, pieces: list[bytes], pause: float) -> tuple[int, bytes, dict[str, str]]:
+    """Send a request's head and its body in `pieces`, `pause` seconds apart, over a real connection; its answer's
+    status, head and JSON body (the connection left to the server to close)."""
+    host, port = url.removeprefix('http://').split(':')
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head.encode())
+        for piece in pieces:
+            await asyncio.sleep(pause)
+            writer.write(piece)
+            await writer.drain()
+        async with asyncio.timeout(30):  # a guard: the answer comes within the body timeout, or never
+            status_line = await reader.readline()
+            response_head = (await reader.readuntil(b'\r\n\r\n')).lower()
+            length = int(response_head.split(b'content-length: ')[1].split(b'\r\n')[0])
+            body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    return int(status_line.split()[1]), response_head, body
+
+
+@pytest.mark.parametrize('framing', ['content-length', 'chunked'])
+async def test_a_body_that_stops_arriving_is_a_408_and_the_connection_closed(
+    keys: Keys, live_url: str, monkeypatch: pytest.MonkeyPatch, framing: str
+) -> None:
+    # uvicorn puts no limit on the wait for a request's body: headers and then nothing (or part of the body) held the
+    # connection and the request's task for as long as the client liked.
+    monkeypatch.setattr(current_settings(), 'http_body_timeout_seconds', 0.5)
+    length = 'Content-Length: 100' if framing == 'content-length' else 'Transfer-Encoding: chunked'
+    head = (
+        f'POST /api/v1/conversations/stalled/turns HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {keys.acme}\r\n'
+        f'Content-Type: application/json\r\n{length}\r\n\r\n'
+    )
+    first = b'{"message": ' if framing == 'content-length' else b'c\r\n{"message": \r\n'
+    started = asyncio.get_running_loop().time()
+    status, response_head, body = await _raw_exchange(live_url, head, [first], pause=0)
+    waited = asyncio.get_running_loop().time() - started
+    assert (status, body['type']) == (408, 'request_timeout'), body
+    assert 'stopped arriving' in body['detail'] and '0.5 s' in body['detail'] and body['error_id'].startswith('err_')
+    assert b'connection: close' in response_head and 0.4 < waited < 10
+    async with httpx2.AsyncClient(base_url=live_url) as client:  # nothing ran, the server goes on
+        assert (await client.get('/api/v1/conversations/stalled', headers=auth(keys.acme))).status_code == 404
+
+
+async def test_a_body_sent_in_pieces_within_the_timeout_is_read(
+    keys: Keys, live_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limit is on the wait for each piece, not the whole body: a slow client that keeps sending is served.
+    monkeypatch.setattr(current_settings(), 'http_body_timeout_seconds', 0.5)
+    payload = json.dumps({'message': 'Dermatologists in Boston'}).encode()
+    pieces = [payload[:5], payload[5:12], payload[12:]]
+    head = (
+        f'POST /api/v1/conversations/slow-body/turns HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {keys.acme}\r\n'
+        f'Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n'
+    )
+    status, _, body = await _raw_exchange(live_url, head, pieces, pause=0.3)  # 0.9 s in all, 0.3 s a piece
+    assert status == 200 and 'Boston' in body['output'], body
 
 
 # (route, parameter, value, words of the message): these answered 200, a blank filter with an empty page, a number
