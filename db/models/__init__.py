@@ -5,6 +5,7 @@ from agentrt.db.models.base import Base
 from agentrt.db.models.budgets import (
     BUDGET_PERIODS,
     AccountBudget,
+    BudgetCharge,
     BudgetPeriod,
     BudgetReservation,
     BudgetSettlement,
@@ -23,6 +24,7 @@ __all__ = [
     'AgentInstance',
     'ApiKey',
     'Base',
+    'BudgetCharge',
     'BudgetPeriod',
     'BudgetReservation',
     'BudgetSettlement',

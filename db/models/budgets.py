@@ -146,3 +146,28 @@ class BudgetSettlement(Base):
     spent_usd: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class BudgetCharge(Base):
+    """What a held request was charged beyond its ledger row's `total_cost` (the input's share of a failed or
+    cancelled request, the whole hold of one whose usage never came, the output a cut stream received).
+
+    Written by the settlement, in the statement that inserts the ledger row, for such rows only; read when a window's
+    row is built from the ledger (its first admission, or after `budget set` changed the period), so a rebuilt window
+    charges what the settled one did: summing `total_cost` alone left these amounts out.
+    """
+
+    __tablename__ = 'budget_charges'
+    __table_args__ = (
+        ForeignKeyConstraint(['id'], ['llm_requests.id'], ondelete='CASCADE'),
+        CheckConstraint('extra_usd > 0', name='extra_positive'),
+        Index('ix_budget_charges_account_id_started_at', 'account_id', 'started_at'),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    """The ledger row's id."""
+    account_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    """The ledger row's: the window it falls in."""
+    extra_usd: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    """The charge less the row's `total_cost` (0 when it has none)."""

@@ -47,7 +47,13 @@ CROSS JOIN LATERAL (
     FROM budget_settlements AS x WHERE x.account_id = b.account_id AND x.period_start = w.period_start
 ) AS u
 LEFT JOIN LATERAL (
-    SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
+    -- What settlements charged beyond a row's total_cost (`budget_charges`), as the window row would have.
+    SELECT coalesce(sum(r.total_cost), 0) + (
+               SELECT coalesce(sum(c.extra_usd), 0) FROM budget_charges AS c
+               WHERE p.account_id IS NULL AND c.account_id = b.account_id
+                 AND c.started_at >= w.period_start AND c.started_at < w.period_end
+           ) AS spent,
+           coalesce(sum(r.total_tokens), 0) AS tokens
     FROM llm_requests AS r
     WHERE p.account_id IS NULL AND r.account_id = b.account_id AND r.status <> 'refused'
       AND r.started_at >= w.period_start AND r.started_at < w.period_end

@@ -86,7 +86,13 @@ WITH quick AS (
            CASE WHEN {_FRESH_LEFT} >= :minimum THEN least(:full, {_FRESH_LEFT}) END,
            CASE WHEN {_FRESH_LEFT} >= :minimum THEN 0 ELSE 1 END
     FROM missing AS budget, LATERAL (
-        SELECT coalesce(sum(r.total_cost), 0) AS spent, coalesce(sum(r.total_tokens), 0) AS tokens
+        -- What settlements charged beyond a row's total_cost (`budget_charges`), as the window row would have.
+        SELECT coalesce(sum(r.total_cost), 0) + (
+                   SELECT coalesce(sum(c.extra_usd), 0) FROM budget_charges AS c
+                   WHERE c.account_id = budget.account_id
+                     AND c.started_at >= budget.period_start AND c.started_at < budget.period_end
+               ) AS spent,
+               coalesce(sum(r.total_tokens), 0) AS tokens
         FROM llm_requests AS r
         WHERE r.account_id = budget.account_id AND r.status <> 'refused'
           AND r.started_at >= budget.period_start AND r.started_at < budget.period_end

@@ -23,6 +23,10 @@ that had received output (a stream cut off before its end, where providers repor
 input's share and what that output can cost at most (`output_bound_usd`, its UTF-8 size as tokens), within its hold,
 whatever else it says: the provider bills the output it streamed, and a caller could otherwise read an answer and
 hang up before its usage arrived, over and over, its answers free against the budget.
+
+What a row is charged beyond its `total_cost` is also recorded (`budget_charges`, one row per such ledger row), so a
+window's row built from the ledger later (its first admission, or after `budget set` changed the period) charges what
+the settlement did: `total_cost` alone left these amounts out.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def settlement_ctes(new: str) -> str:
     DELETE FROM budget_reservations AS h USING {new} WHERE h.id = {new}.id AND {new}.account_id IS NOT NULL
     RETURNING h.id, h.account_id, h.period_start, h.amount_usd, h.input_usd
 ), charges AS (
-    SELECT h.account_id, h.period_start, h.amount_usd AS held,
+    SELECT n.id, n.started_at, n.total_cost, h.account_id, h.period_start, h.amount_usd AS held,
            CASE WHEN n.output_bound_usd IS NOT NULL
                     THEN greatest(coalesce(n.total_cost, 0), least(h.amount_usd, h.input_usd + n.output_bound_usd))
                 WHEN n.total_cost IS NOT NULL THEN n.total_cost
@@ -66,10 +70,16 @@ def settlement_ctes(new: str) -> str:
            n.total_tokens AS tokens
     FROM holds AS h JOIN {new} AS n ON n.id = h.id
     UNION ALL
-    SELECT p.account_id, p.period_start, 0, coalesce(n.total_cost, 0), n.total_tokens
+    SELECT n.id, n.started_at, n.total_cost, p.account_id, p.period_start, 0, coalesce(n.total_cost, 0),
+           n.total_tokens
     FROM {new} AS n JOIN budget_periods AS p
         ON p.account_id = n.account_id AND p.period_start <= n.started_at AND n.started_at < p.period_end
     WHERE n.status <> 'refused' AND NOT EXISTS (SELECT 1 FROM holds AS h WHERE h.id = n.id)
+), extras AS (
+    -- What a window built from the ledger later (`_reserve.py`, `_admin.py`) adds to the rows' `total_cost`.
+    INSERT INTO budget_charges (id, account_id, started_at, extra_usd)
+    SELECT id, account_id, started_at, cost - coalesce(total_cost, 0) FROM charges
+    WHERE cost > coalesce(total_cost, 0)
 ), settled AS (
     INSERT INTO budget_settlements (account_id, period_start, held_usd, spent_usd, tokens)
     SELECT account_id, period_start, sum(held), sum(cost), sum(tokens)

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from agentrt.db.engine import get_engine
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.budgets import Hold, reserve
+from agentrt.services.budgets import Hold, account_budget_status, reserve
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, RetryPolicy, new_request_id, utc_now
 from tests.factories import fast_config, ledger_record, scalar
 from tests.services.budgets.helpers import give_budget, period_row, reservations
@@ -90,6 +90,16 @@ async def test_a_ledger_row_settles_its_hold_at_what_it_cost(
     assert row is not None and row['spent_usd'] == Decimal(charged) and row['reserved_usd'] == 0
     assert row['spent_tokens'] == 15
     assert await reservations() == []
+    # A window built from the ledger later charges the same: `budget set` changing the period reads the ledger (the
+    # status, then the next admission's new window row). It summed total_cost alone: the input's share, the hold of an
+    # unmeasured answer and a cut stream's output were left out.
+    await give_budget('alpha', '1', period='30d')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        status = await account_budget_status(session=session, account='alpha')
+    assert status is not None and status.spent_usd == Decimal(charged) and status.spent_tokens == 15
+    await _hold(alpha, '0.01', '0.01')
+    rebuilt = await period_row(alpha)
+    assert rebuilt is not None and rebuilt['spent_usd'] == Decimal(charged) and rebuilt['spent_tokens'] == 15
 
 
 async def test_a_row_written_again_or_replayed_settles_once(two_accounts: tuple[int, int], tmp_path: Path) -> None:
