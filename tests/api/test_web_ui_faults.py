@@ -491,6 +491,12 @@ async def test_a_key_that_may_chat_but_not_read_continues_a_conversation_it_cann
     await page.reload()
     await expect(page.locator('.notice')).to_contain_text('Earlier messages cannot be shown here')
     await expect(page.locator('.notice')).to_contain_text("does not have the 'read' scope")
+    # Not called new, and no way offered to what the key may not read: the audit link, the other views.
+    await expect(page.locator('#chat-title')).to_have_text('Conversation')
+    await expect(page.get_by_role('link', name='Its requests')).to_be_hidden()
+    for view in ('Conversations', 'Audit', 'Costs'):
+        await expect(page.get_by_role('navigation').get_by_role('link', name=view)).to_be_hidden()
+    await expect(page.get_by_role('navigation').get_by_role('link', name='Chat')).to_be_visible()
     turn = await _send(page, 'second question')
     await expect(turn).to_have_attribute('data-state', 'done')
     await expect(page.get_by_role('textbox', name='Message')).to_have_value('')

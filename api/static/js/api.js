@@ -16,6 +16,11 @@ export const session = {
       return null;
     }
   },
+  /** Whether the key may read (its `read` scope): a `--scope chat` key may only chat. True when not known. */
+  get mayRead() {
+    const scopes = this.me?.scopes;
+    return !Array.isArray(scopes) || scopes.includes('read');
+  },
   signIn(key, me) {
     sessionStorage.setItem(KEY, key);
     sessionStorage.setItem(WHO, JSON.stringify(me));

@@ -116,6 +116,8 @@ function showHeader(signedIn, view) {
   for (const link of nav.querySelectorAll('a')) {
     if (link.dataset.view === view) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
+    // A key without the read scope (`--scope chat`) would be refused every view but the chat: not offered.
+    link.parentElement.hidden = link.dataset.view !== 'chat' && !session.mayRead;
   }
 }
 

@@ -242,9 +242,11 @@ export function createChatView() {
 
   function setHead(firstMessage) {
     if (firstMessage) title.textContent = firstMessage.length > TITLE_CHARS ? `${firstMessage.slice(0, TITLE_CHARS - 1)}…` : firstMessage;
-    else if (!conversationId || !transcript.childElementCount) title.textContent = 'New conversation';
+    else if (!conversationId) title.textContent = 'New conversation';
+    // An existing conversation whose messages a key without the read scope cannot load is not a new one.
+    else if (!transcript.childElementCount) title.textContent = session.mayRead ? 'New conversation' : 'Conversation';
     idLine.textContent = conversationId ? `Conversation ${conversationId}` : 'Not saved until its first message is sent.';
-    auditLink.hidden = !conversationId;
+    auditLink.hidden = !conversationId || !session.mayRead; // the audit needs the read scope
     if (conversationId) auditLink.href = `#/audit?conversation=${encodeURIComponent(conversationId)}`;
     empty.hidden = transcript.childElementCount > 0;
   }
