@@ -82,9 +82,13 @@ class KeyBeforeBody(APIRoute):
 
         async def key_first(request: Request) -> Response:
             request.scope[_CHECKED_CALLER] = await check(await api_caller(request, None))
+            await self.after_key(request)
             return await handler(request)
 
         return key_first
+
+    async def after_key(self, request: Request) -> None:
+        """What a subclass does once the key passed, before FastAPI reads the body (nothing here)."""
 
 
 def _bearer_token(values: list[str]) -> str:

@@ -42,7 +42,7 @@ from agentrt.api.schemas import (
     TurnResponse,
     UsageOut,
 )
-from agentrt.api.turn_input import check_conversation_id, check_http_turn, require_utf8_json
+from agentrt.api.turn_input import check_conversation_id, check_http_turn, parse_json_off_loop, require_utf8_json
 from agentrt.api.turn_stream import chat_config
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.session import get_read_only_session
@@ -317,11 +317,19 @@ async def run_turn(
     )
 
 
+class _JsonTurnRoute(ChatKeyBeforeBody):
+    """The JSON turn's route: the key checked before the body is read, and a large body parsed off the event loop."""
+
+    async def after_key(self, request: Request) -> None:
+        """Parse a large body in a worker thread (`parse_json_off_loop`), before FastAPI would on the loop."""
+        await parse_json_off_loop(request)
+
+
 router.add_api_route(
     '/{conversation_id:turn_owner_id}/turns',
     run_turn,
     methods=['POST'],
-    route_class_override=ChatKeyBeforeBody,  # the key checked before the body is read
+    route_class_override=_JsonTurnRoute,  # the key checked before the body is read
     summary='Run one turn, not streamed',
     response_model=TurnResponse,
     responses={

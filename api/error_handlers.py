@@ -88,6 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
             # Where the first error is, as the runtime's own 422s name it (`messages.1.role`), so a client reads `field`
             # from every 422 alike (QA: FastAPI's had only its list of locations).
             loc = errors[0]['loc']
+            if errors[0]['type'] == 'json_invalid':  # FastAPI's location is ('body', <character offset>)
+                loc = loc[:1]
             body['field'] = '.'.join(str(part) for part in (loc[1:] if len(loc) > 1 else loc))
         return JSONResponse(body, status_code=422)
 

@@ -115,6 +115,8 @@ async def require_utf8_json(request: Request) -> None:
     reason = _not_utf8_json(body)
     if reason is not None:
         raise InvalidInputError(f'body: {reason}', field='body')
+    if request.scope.get(_KEYS_CHECKED):
+        return  # checked with the parse, in a worker thread (`parse_json_off_loop`)
     try:
         loads_with_unique_keys(body)  # FastAPI's parser keeps the last of a key given twice
     except InvalidInputError:
@@ -124,7 +126,39 @@ async def require_utf8_json(request: Request) -> None:
 
 
 OFF_LOOP_BODY_BYTES = 64 * 1024
-"""A chat body larger than this is parsed in a worker thread (`read_run_input`)."""
+"""A chat body larger than this is parsed in a worker thread (`read_run_input`, `parse_json_off_loop`)."""
+
+_KEYS_CHECKED = 'agentrt.json_keys_checked'
+"""Set in a request's scope once its body was parsed with the duplicate-key check (`parse_json_off_loop`)."""
+
+
+async def parse_json_off_loop(request: Request) -> None:
+    """Parse a JSON route's large body in a worker thread, with the duplicate-key check, before FastAPI would parse
+    it on the event loop (it reads `Request.json()`, whose cache this fills).
+
+    A 4 MB body of 240,000 tiny objects held the event loop 2-5 s (FastAPI's parse, then the duplicate-key check's
+    parse), every other request of the process waiting, before the route refused it (QA). In a thread, the check's
+    Python hook gives the loop the GIL back every few milliseconds. A body that is not UTF-8 JSON is left to the
+    route's own checks, which say why.
+
+    Raises:
+        InvalidInputError: an object of the body has a key twice (`field`: where the key is).
+    """
+    try:
+        require_json(request)
+    except ApiError:
+        return  # the route's own check refuses it (415), after FastAPI, which parses no body not declared JSON
+    body = await request.body()
+    if len(body) <= OFF_LOOP_BODY_BYTES or _not_utf8_json(body) is not None:
+        return
+    try:
+        parsed = await off_loop(functools.partial(loads_with_unique_keys, body.decode()))
+    except InvalidInputError:
+        raise
+    except (ValueError, RecursionError):
+        return  # not JSON: FastAPI's validation of the body says why
+    request._json = parsed  # Starlette's cache of `Request.json()`, which FastAPI reads a body parameter from
+    request.scope[_KEYS_CHECKED] = True
 
 
 async def read_run_input(
@@ -252,12 +286,54 @@ def _in_body(location: list[str | int], data: Any) -> list[str | int]:
     return kept
 
 
+MAX_TURN_BODY_VALUES = 20_000
+"""The most JSON values (objects, arrays, strings, numbers, ...) a chat body may hold besides its earlier messages."""
+
+
+def _values_within(node: Any, cap: int) -> bool:
+    """Whether `node` (parsed JSON) holds at most `cap` values, itself included; stops counting past `cap`."""
+    pending, seen = [node], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > cap:
+            return False
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return True
+
+
+def _check_values(data: dict[str, Any], skipped: int) -> None:
+    """Refuse a body whose part the adapter validates (its last message and the other fields) holds more than
+    `MAX_TURN_BODY_VALUES` values: pydantic validates it in one call that holds the GIL, so a 3.9 MB last message of
+    150,000 empty text parts held the event loop 5 s even from a worker thread (QA).
+
+    Raises:
+        InvalidInputError: too many values, naming the last message when it alone has too many, else the body.
+    """
+    if _values_within(data, MAX_TURN_BODY_VALUES):
+        return
+    messages = data.get('messages')
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    where = f'messages.{skipped}' if last is not None and not _values_within(last, MAX_TURN_BODY_VALUES) else 'body'
+    raise InvalidInputError(
+        f'{where}: more than {MAX_TURN_BODY_VALUES:,} JSON values (objects, arrays, strings, numbers) in what a turn '
+        'reads of its body (the last message and the other fields); send fewer parts',
+        field=where,
+    )
+
+
 def _last_message_only(body: bytes, defaults: dict[str, str]) -> _ReadBody:
     """The body with its `messages` cut to the last one and the `defaults` of fields it lacks, and how many messages
     were left out (0: the body as it came).
 
     A body that is not a JSON object with a list of several messages is passed on as it is, for the adapter's own
     validation to name what is wrong with it.
+
+    Raises:
+        InvalidInputError: a key twice in an object of the body; too many values in what the turn reads of it.
     """
     try:
         # UTF-8 only, as the adapters read it (json.loads(bytes) takes UTF-16 too); a key twice in an object refused
@@ -271,9 +347,10 @@ def _last_message_only(body: bytes, defaults: dict[str, str]) -> _ReadBody:
     missing = {name: value for name, value in defaults.items() if name not in data}
     messages = data.get('messages')
     skipped = len(messages) - 1 if isinstance(messages, list) and len(messages) >= 2 else 0
-    if not missing and not skipped:
-        return _ReadBody(body, 0, data)
     if isinstance(messages, list) and skipped:
         data['messages'] = messages[-1:]
+    _check_values(data, skipped)
+    if not missing and not skipped:
+        return _ReadBody(body, 0, data)
     data = {**missing, **data}
     return _ReadBody(json.dumps(data).encode(), skipped, data)
