@@ -33,7 +33,7 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import turn_usage_limits
-from agentrt.db.cancellation import undone_if_cancelled
+from agentrt.db.cancellation import finished_if_started, undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError, InvalidInputError
@@ -304,8 +304,13 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
     """
     settings = turn.settings
     every = (settings.summary_every_turns, settings.summary_every_tokens)
-    saved = await append_turn(
-        turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim, summary_every=every
+    # Once sent, the save runs to its end, and the turn returns its result though its caller was cancelled meanwhile:
+    # the caller's CancelledError means nothing was saved (a save cancelled with its COMMIT's reply in flight was
+    # saved all the same, and the caller, told "cancelled", sent the message again).
+    saved = await finished_if_started(
+        append_turn(
+            turn.store, result, turn.recent, usage_before=turn.usage_before, claim=turn.claim, summary_every=every
+        )
     )
     # Due titles and summaries are stored by the save when the turn's messages can make them; else the post-turn
     # work does it (reading the history when it must).

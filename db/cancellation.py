@@ -1,4 +1,5 @@
-"""`undone_if_cancelled`: a database operation whose commit a cancellation cannot leave half-known.
+"""`undone_if_cancelled`, `finished_if_started`: a database operation whose commit a cancellation cannot leave
+half-known.
 
 A task cancelled while it awaits a COMMIT's reply does not know whether the server committed: with the reply in
 flight, it usually did. For most operations that is harmless (a retry is idempotent), but an operation that takes
@@ -38,6 +39,31 @@ async def undone_if_cancelled(operation: Coroutine[Any, Any, T], undo: Callable[
         if not task.cancelled() and task.exception() is None:
             await _to_the_end(asyncio.ensure_future(undo(task.result())))
         raise
+
+
+async def finished_if_started(operation: Coroutine[Any, Any, T]) -> T:
+    """Await `operation` to its end even when the caller is cancelled meanwhile, and return what it returned: once it
+    started, what it writes stands, and the caller is told so rather than told it was cancelled.
+
+    For a write the caller cannot undo and must know the fate of (a turn's save: cancelled while its COMMIT's reply
+    was in flight, it was saved all the same, and a caller told "cancelled" sent the message again, twice in the
+    history and billed twice). A cancellation before it started, or one that finds it failed, goes on as usual: the
+    caller's `CancelledError` then still means it wrote nothing.
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled and the operation failed (or was itself cancelled).
+        Exception: what `operation` raised, when the caller was not cancelled.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise
+        await _to_the_end(task)
+        if task.cancelled() or task.exception() is not None:
+            raise
+        return task.result()
 
 
 async def _to_the_end(task: asyncio.Future[Any]) -> None:
