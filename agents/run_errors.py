@@ -31,12 +31,14 @@ from pydantic_ai.exceptions import (
     ModelTimeoutError,
     UnexpectedModelBehavior,
     UsageLimitExceeded,
+    UserError,
 )
 
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
 from agentrt.db.errors import (
     AgentRuntimeError,
     ConfigError,
+    InvalidInputError,
     ModelBehaviorError,
     ModelProviderError,
     TurnLimitExceededError,
@@ -66,6 +68,8 @@ def documented_error(
       proxy's page, a server that only looks OpenAI-compatible) -> `ModelProviderError`, as a corrupt answer is;
     - `ModelAPIError` (an HTTP error, a rate limit, a dropped connection, a corrupt answer, a timeout: plain or
       streamed alike) -> `ModelProviderError` with the status code and the redacted body;
+    - a `UserError` for two tools of one name (a turn's toolsets beside the agent's) -> `InvalidInputError` naming
+      `toolsets`;
     - a `UnicodeEncodeError` of the HTTP client building the request (a header, the API key, it cannot encode)
       -> `ConfigError`, naming only the character.
 
@@ -89,6 +93,10 @@ def documented_error(
         )
     if isinstance(exc, ModelAPIError):
         return provider_error(exc, model_name)
+    if isinstance(exc, UserError) and 'conflicts with existing tool' in exc.message:
+        # Two tools of one name (a turn's toolset beside the agent's, or the agent's own toolset given again): found
+        # as the run lists its tools, before its first request. The caller's argument, not a bug of the runtime's.
+        return InvalidInputError(f'toolsets: {exc.message}; nothing was sent', field='toolsets')
     if isinstance(exc, UnicodeEncodeError) and raised_inside(exc, 'httpx'):
         # A header the HTTP client cannot encode: an API key from an undecodable environment value (a lone
         # surrogate) failed as the request was built, before anything was sent; it was an internal error.

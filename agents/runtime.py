@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from agentrt.agents.observability import configure_observability, flush_spans
 from agentrt.db.engine import check_event_loop, close_database, init_database
+from agentrt.db.errors import check_seconds
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import existing_request_tracker
@@ -35,8 +36,10 @@ async def shutdown_runtime(
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
 
     Raises:
+        InvalidInputError: `timeout` is not a finite number of seconds, 0 or more (nothing is shut down).
         ConfigError: the runtime is in use on another event loop, running in another thread (nothing is shut down).
     """
+    check_seconds(timeout, 'timeout')
     # The runtime of another thread's running event loop is not this loop's to shut down: its pool, ledger writer
     # and claims work on that loop.
     check_event_loop()
@@ -66,9 +69,11 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
         shutdown_timeout: seconds to let background tasks finish at the end before they are cancelled.
 
     Raises:
+        InvalidInputError: `shutdown_timeout` is not a finite number of seconds, 0 or more (nothing was started).
         ConfigError: a setting is invalid, or the runtime is in use on another event loop running in another thread.
         DatabaseUnavailableError, EmbeddedPostgresError: no database.
     """
+    check_seconds(shutdown_timeout, 'shutdown_timeout')  # at the start: it failed only at the end, the work done
     configure_observability()
     check_event_loop()  # refused before the `finally` below would shut down another thread's runtime
     try:

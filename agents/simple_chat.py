@@ -35,7 +35,7 @@ from agentrt.agents.model_resolution import resolve_model
 from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_hooks import TURN_LEDGER_ID
-from agentrt.agents.turn_input import TurnInput, validate_run_arguments
+from agentrt.agents.turn_input import TurnInput, validate_agent_arguments, validate_run_arguments
 from agentrt.services.ledger import ledger_capability
 from agentrt.services.pg_text import storable, storable_text
 from agentrt.tools.dependencies import SessionDependencies
@@ -81,7 +81,7 @@ def create_simple_chat_agent(
     model: Model | str | None = None,
     *,
     toolsets: Toolsets | None = (),
-    instructions: Instruction | Sequence[Instruction] = (),
+    instructions: Instruction | Sequence[Instruction] | None = (),
 ) -> Agent[SessionDependencies, str]:
     """Build the directory chat agent: instructions, the directory toolset and the ledger capability.
 
@@ -91,11 +91,13 @@ def create_simple_chat_agent(
             (`AGENTRT_MODEL_TIMEOUT_SECONDS`, `AGENTRT_MODEL_MAX_RETRIES`), as it builds `AGENTRT_MODEL`; a `Model`
             is used as it is.
         toolsets: more toolsets for the agent, beside the directory toolset (None: none).
-        instructions: more instructions, after the base ones.
+        instructions: more instructions, after the base ones (None: none).
 
     Raises:
+        InvalidInputError: an argument of the wrong type (naming it; a turn of the agent would have failed on it).
         ConfigError: `model` is a string no model can be built from (an unknown provider, a missing API key...).
     """
+    validate_agent_arguments(model=model, toolsets=toolsets, instructions=instructions)
     if isinstance(model, str):
         # Checked now, as pydantic-ai would have built it now; kept as a name (`defer_model_check`): pydantic-ai
         # built a model of its own from it, which the runtime cannot tell from one a caller built and leaves alone,
@@ -141,7 +143,7 @@ async def simple_chat(
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
     toolsets: Toolsets | None = (),
-    instructions: Instruction | Sequence[Instruction] = (),
+    instructions: Instruction | Sequence[Instruction] | None = (),
     agent: Agent[SessionDependencies, str] | None = None,
 ) -> ChatResult:
     """Run one chat turn and return its output, usage and cost.
@@ -158,7 +160,7 @@ async def simple_chat(
         usage_limits: usage limits for this turn (they count this turn only); `AGENTRT_TURN_*` when omitted.
         toolsets: more toolsets for this turn (each tool opens its own session; see `SessionDependencies`; None:
             none).
-        instructions: more instructions for this turn.
+        instructions: more instructions for this turn (None: none).
         agent: the agent to run; `create_simple_chat_agent()`'s when omitted.
 
     Raises:
@@ -260,7 +262,7 @@ def simple_chat_stream(
     model: Model | str | None = None,
     usage_limits: UsageLimits | None = None,
     toolsets: Toolsets | None = (),
-    instructions: Instruction | Sequence[Instruction] = (),
+    instructions: Instruction | Sequence[Instruction] | None = (),
     agent: Agent[SessionDependencies, str] | None = None,
     on_tool_event: Callable[[ToolEvent], None] | None = None,
     stream_delay: float = 0.0,
@@ -343,7 +345,9 @@ def _turn_span(turn_input: TurnInput, *, streamed: bool) -> AbstractContextManag
     )
 
 
-def _instruction_list(instructions: Instruction | Sequence[Instruction]) -> list[Instruction]:
+def _instruction_list(instructions: Instruction | Sequence[Instruction] | None) -> list[Instruction]:
+    if instructions is None:
+        return []
     if not isinstance(instructions, Sequence) or isinstance(instructions, str):  # one instruction
         return [instructions]
     return list(instructions)

@@ -176,16 +176,9 @@ def validate_run_arguments(
     Raises:
         InvalidInputError: naming the first argument of the wrong type or value.
     """
-    if model is not None and not isinstance(model, str | Model):
-        raise InvalidInputError.wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
+    validate_agent_arguments(model=model, toolsets=toolsets, instructions=instructions)
     if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
         raise InvalidInputError.wrong_type('usage_limits', 'a pydantic-ai UsageLimits or None', usage_limits)
-    if toolsets is not None and not _sequence_of(toolsets, lambda item: isinstance(item, AbstractToolset)):
-        raise InvalidInputError.wrong_type('toolsets', 'a sequence of pydantic-ai toolsets or None', toolsets)
-    if not (_instruction(instructions) or _sequence_of(instructions, _instruction)):
-        raise InvalidInputError.wrong_type(
-            'instructions', 'text, a function of the run context, or a sequence of them', instructions
-        )
     if agent is not None and not isinstance(agent, Agent):
         raise InvalidInputError.wrong_type('agent', 'a pydantic-ai Agent (create_simple_chat_agent()) or None', agent)
     if agent is not None and not _takes_session_dependencies(agent.deps_type):
@@ -206,6 +199,33 @@ def validate_run_arguments(
     if on_tool_event is not None and not callable(on_tool_event):
         raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
     check_seconds(stream_delay, 'stream_delay')
+
+
+def validate_agent_arguments(*, model: object, toolsets: object, instructions: object) -> None:
+    """Check the types of the arguments `create_simple_chat_agent` shares with a turn: `model`, `toolsets` (None:
+    none) and `instructions` (None: none), naming the first item of a sequence that is wrong.
+
+    Raises:
+        InvalidInputError: naming the argument (or its item, `toolsets[1]`) of the wrong type.
+    """
+    if model is not None and not isinstance(model, str | Model):
+        raise InvalidInputError.wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
+    if toolsets is not None:
+        _check_items(toolsets, 'toolsets', 'a pydantic-ai toolset', lambda item: isinstance(item, AbstractToolset))
+    if instructions is not None and not _instruction(instructions):
+        _check_items(instructions, 'instructions', 'text or a function of the run context', _instruction)
+
+
+def _check_items(value: object, field: str, item: str, check: Callable[[object], bool]) -> None:
+    """Refuse `value` unless it is a sequence (not text) whose every item passes `check`, naming the first that
+    does not (`toolsets[1] must be a pydantic-ai toolset, not str`): `not list` said nothing of what was wrong."""
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+        raise InvalidInputError.wrong_type(field, f'{item}, a sequence of them, or None', value)
+    for index, element in enumerate(value):
+        if not check(element):
+            raise InvalidInputError(
+                f'{field}[{index}] must be {item}, not {type(element).__name__}', field=f'{field}.{index}'
+            )
 
 
 def _takes_session_dependencies(deps_type: object) -> bool:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 from pydantic import BaseModel
-from pydantic_ai import Agent, ModelResponse, TextPart
+from pydantic_ai import Agent, FunctionToolset, ModelResponse, RunContext, TextPart
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.agents.runtime import agentrt_runtime, shutdown_runtime
+from agentrt.agents.simple_chat import create_simple_chat_agent, simple_chat, simple_chat_stream
 from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import InvalidInputError
@@ -125,11 +126,12 @@ def test_an_agent_whose_deps_a_turn_can_give_is_accepted() -> None:
 ARGUMENT_CASES = [
     Case('model not a model', 'model', 123, 'model must be a model name, a pydantic-ai Model or None, not int'),
     Case('usage limits not UsageLimits', 'usage_limits', {'request_limit': 3}, 'not dict'),
-    Case('toolsets not a sequence', 'toolsets', 5, 'a sequence of pydantic-ai toolsets or None, not int'),
+    Case('toolsets not a sequence', 'toolsets', 5, 'a pydantic-ai toolset, a sequence of them, or None, not int'),
     Case('toolsets a string', 'toolsets', 'directory', 'not str'),
-    Case('toolsets of strings', 'toolsets', ['directory'], 'not list'),
+    # The item that is wrong, named (it said "not list" of a list).
+    Case('toolsets of strings', 'toolsets', ['directory'], 'toolsets[0] must be a pydantic-ai toolset, not str'),
     Case('instructions a number', 'instructions', 5, 'not int'),
-    Case('instructions with a number', 'instructions', ['be brief', 5], 'not list'),
+    Case('instructions with a number', 'instructions', ['be brief', 5], 'instructions[1] must be text or a function'),
     Case('agent a name', 'agent', 'simple_chat', 'a pydantic-ai Agent'),
     # Its tools would get SessionDependencies where they expect their own deps: an AttributeError mid-run, billed.
     Case('agent of other deps', 'agent', Agent(None, deps_type=OtherDeps), "the agent's deps_type is OtherDeps"),
@@ -158,9 +160,28 @@ async def test_arguments_of_the_wrong_type_are_refused_before_anything_runs(demo
                 await simple_chat(message, **kwargs)
             else:
                 simple_chat_stream(message, **kwargs)
-        assert info.value.field == case.field, case.id
+        assert info.value.field.split('.')[0] == case.field, case.id  # `toolsets.0`: the item of the argument
         assert case.reason in str(info.value), (case.id, str(info.value))
         await _nothing_happened(case)
+
+
+def test_create_simple_chat_agent_refuses_what_a_turn_would_have_failed_on() -> None:
+    # The agent was built with any of these, and each of its turns failed deep in pydantic-ai ("'int' object has no
+    # attribute 'strip'", "'str' object is not callable" in an ExceptionGroup), far from the argument (QA).
+    for case in ARGUMENT_CASES:
+        if case.field not in ('model', 'toolsets', 'instructions'):
+            continue
+        with pytest.raises(InvalidInputError) as info:
+            create_simple_chat_agent(**{case.field: case.value})  # type: ignore[arg-type]
+        assert info.value.field.split('.')[0] == case.field and case.reason in str(info.value), case.id
+    # None means none, for instructions as for toolsets (it was refused as "not NoneType").
+    agent = create_simple_chat_agent(toolsets=None, instructions=None)
+    assert isinstance(agent, Agent)
+
+
+async def test_none_as_a_turns_instructions_is_none(demo_data: None) -> None:
+    result = await simple_chat(GOOD['message'], session_id='no-instructions', account='acme-health', instructions=None)
+    assert result.output
 
 
 async def test_bad_input_through_the_cli_is_a_clear_error(
@@ -195,3 +216,41 @@ async def test_a_bad_line_in_an_interactive_chat_is_reported_and_the_chat_goes_o
     assert '2,001 characters long; the limit is 2,000' in result.stderr and '1 of 2 turns failed' in result.stderr
     assert result.stdout.count('model demo') == 1, 'the good line ran'
     assert await scalar("SELECT count(*) FROM llm_requests WHERE chat_session_id = 'inter'") == 3
+
+
+@pytest.mark.parametrize('path', ['simple_chat', 'simple_chat_stream'])
+async def test_a_turns_tool_named_as_one_of_the_agents_is_an_invalid_toolsets_error(demo_data: None, path: str) -> None:
+    # pydantic-ai's UserError reached the caller as it was, not one of the documented errors (QA).
+    clash = FunctionToolset[SessionDependencies]()
+
+    @clash.tool
+    async def search_directory(ctx: RunContext[SessionDependencies], q: str) -> str:
+        return q
+
+    with pytest.raises(InvalidInputError) as info:
+        if path == 'simple_chat':
+            await simple_chat(**GOOD, toolsets=[clash])
+        else:
+            async with simple_chat_stream(**GOOD, toolsets=[clash]) as stream:
+                async for _ in stream:
+                    pass
+    assert info.value.field == 'toolsets' and "'search_directory'" in str(info.value), str(info.value)
+    assert 'nothing was sent' in str(info.value)
+    await _nothing_happened(Case('tool name clash', 'toolsets', clash, ''))
+
+
+@pytest.mark.parametrize('value', ['x', -1, float('nan'), float('inf'), True])
+async def test_a_shutdown_timeout_that_is_not_seconds_is_refused_before_anything_stops(
+    demo_data: None, value: object
+) -> None:
+    # `timeout='x'` was a TypeError of a comparison; -1 returned at once and NaN waited for every turn; and
+    # `agentrt_runtime(shutdown_timeout='x')` ran its whole block before it failed.
+    with pytest.raises(InvalidInputError) as info:
+        await shutdown_runtime(value)  # type: ignore[arg-type]
+    assert info.value.field == 'timeout', str(info.value)
+    with pytest.raises(InvalidInputError) as info:
+        async with agentrt_runtime(shutdown_timeout=value):  # type: ignore[arg-type]
+            pytest.fail('the block ran')
+    assert info.value.field == 'shutdown_timeout', str(info.value)
+    result = await simple_chat(**{**GOOD, 'session_id': 'after-bad-shutdown'})  # the runtime is still up
+    assert result.output
