@@ -227,7 +227,8 @@ async def delete(
     caller: ChatCaller,
     conversation_id: ConversationId,
     if_match: Annotated[
-        str | None, Header(max_length=200, description='Delete only if the revision is still this one.')
+        str | None,
+        Header(max_length=2000, description='Delete only if the revision is still this one (or one of a list).'),
     ] = None,
 ) -> Response:
     """Delete the conversation and the messages no other conversation of the account shares."""
@@ -236,6 +237,12 @@ async def delete(
     if if_match is not None and not if_match.strip():  # a condition meant and lost on the way: it deleted whatever
         raise InvalidInputError(
             'If-Match is empty: send a revision this API returned, or * to delete whatever revision is there',
+            field='If-Match',
+        )
+    malformed = _malformed_tag(if_match)
+    if malformed is not None:  # a 409 ("changed meanwhile") sent a client to retry what could never match
+        raise InvalidInputError(
+            f'If-Match: {malformed!r} is not an entity tag: send a revision this API returned, in double quotes',
             field='If-Match',
         )
     named = _revisions(if_match)
@@ -339,6 +346,21 @@ router.add_api_route(
         502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
     },
 )
+
+
+def _malformed_tag(header: str | None) -> str | None:
+    """The first tag of an `If-Match` list whose double quotes do not enclose it (`"abc`, `W/abc`, `a"b`), or None.
+
+    A tag without quotes is taken as the revision it spells (lenient, as before); one with a quote must be quoted.
+    """
+    for tag in (header or '').split(','):
+        tag = tag.strip()
+        quoted = tag.removeprefix('W/')
+        if (tag.startswith('W/') or '"' in quoted) and not (
+            len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' and '"' not in quoted[1:-1]
+        ):
+            return tag
+    return None
 
 
 def _none_match(if_none_match: str, revision: str) -> bool:

@@ -620,6 +620,10 @@ async def test_a_turn_body_that_is_not_utf8_json_is_a_422_saying_so(
         # If-Match means a condition, one lost on its way (an empty variable in a template).
         (b'', 'If-Match is empty: send a revision this API returned, or * to delete'),
         (b'   ', 'If-Match is empty'),
+        # Quotes that enclose nothing: a 409 ("changed meanwhile; retry") sent the client to retry for ever (QA).
+        (b'"unterminated', "If-Match: '\"unterminated' is not an entity tag"),
+        (b'"ok", W/abc', "If-Match: 'W/abc' is not an entity tag"),
+        (b'a"b', 'is not an entity tag'),
     ],
 )
 async def test_an_if_match_no_revision_can_be_is_a_422_naming_the_header_and_deletes_nothing(
