@@ -129,7 +129,13 @@ UNUSABLE_ANSWER_ADVICE = (
     "Check the provider base URL (a proxy's page, or a server that only looks like the API, answers like this), or "
     'send the message again later'
 )
-UNUSABLE_ANSWER_PREFIXES = ('Invalid response from ', 'Streamed response ended without content or tool calls')
+STREAM_ENDED_EARLY = "Streamed response ended before the provider's last event: the answer may be cut off"
+"""What a turn raises (`UnexpectedModelBehavior`, `TurnGuard`) for a streamed answer pydantic-ai marks `incomplete`."""
+UNUSABLE_ANSWER_PREFIXES = (
+    'Invalid response from ',
+    'Streamed response ended without content or tool calls',
+    STREAM_ENDED_EARLY,
+)
 
 
 def _is_unusable_answer(exc: UnexpectedModelBehavior) -> bool:

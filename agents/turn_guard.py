@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic_ai import ModelRequestNode, RunContext
+from pydantic_ai import CallToolsNode, ModelRequestNode, RunContext
 from pydantic_ai.capabilities import AbstractCapability, AgentNode
+from pydantic_ai.exceptions import UnexpectedModelBehavior
 
+from agentrt.agents.run_errors import STREAM_ENDED_EARLY
 from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore, TurnClaim
 
 
@@ -46,9 +48,19 @@ class TurnGuard(AbstractCapability[Any]):
     _confirmed_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
 
     async def before_node_run(self, ctx: RunContext[Any], *, node: AgentNode[Any]) -> AgentNode[Any]:
-        """Raise `ConcurrentTurnError` (stage 'request') before a model request when the turn lost its conversation."""
+        """Raise `ConcurrentTurnError` (stage 'request') before a model request when the turn lost its conversation;
+        and stop a turn before it acts on a streamed answer that ended before the provider's last event.
+
+        pydantic-ai marks such an answer `incomplete` (the Responses API's stream without `response.completed`,
+        Anthropic's, Google's, Mistral's without their last event: a proxy's idle timeout, a dropped connection that
+        closed cleanly) and runs on with it: the turn was saved with an answer that may be cut off. It stops here, as
+        a stream cut with an error does: `UnexpectedModelBehavior`, a `ModelProviderError` to the caller, nothing
+        saved (the ledger's row says `error`).
+        """
         if isinstance(node, ModelRequestNode) and not await self._still_ours():
             raise ConcurrentTurnError(self.conversation_id, stage='request')
+        if isinstance(node, CallToolsNode) and node.model_response.state == 'incomplete':
+            raise UnexpectedModelBehavior(STREAM_ENDED_EARLY)
         return node
 
     async def _still_ours(self) -> bool:

@@ -54,6 +54,9 @@ class Reply:
     object that is not the API's)."""
     content_type: str = 'application/json'
     reports_usage: bool = True
+    ends_early: bool = False
+    """A Responses stream that ends cleanly without its last event (`response.completed`), as a proxy's idle
+    timeout cuts one."""
     cut_off: Literal['length', 'content_filter'] | None = None
     """The text answer ends cut off: at the output token limit, or by the provider's content filter (Chat Completions'
     `finish_reason`; the Responses API's `incomplete` response and its reason)."""
@@ -395,7 +398,8 @@ def _response_events(reply: Reply) -> list[bytes]:
             payloads.append({'type': 'response.output_text.done', **where, 'text': reply.text or '', 'logprobs': []})
         payloads.append({'type': 'response.output_item.done', 'output_index': index, 'item': item})
     final = 'response.incomplete' if reply.cut_off is not None else 'response.completed'
-    payloads.append({'type': final, 'response': _response(reply)})
+    if not reply.ends_early:
+        payloads.append({'type': final, 'response': _response(reply)})
     return [_sse({**payload, 'sequence_number': number}) for number, payload in enumerate(payloads)]
 
 

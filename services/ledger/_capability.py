@@ -361,7 +361,9 @@ class LedgerCapability(AbstractCapability[Any]):
         finished, finished_at = ended or (time.perf_counter(), utc_now())
         seen = response if response is not None else flight.response or _partial(flight.stream)
         status: Status
-        if response is not None:
+        if response is not None and response.state == 'incomplete' and _ended_by_provider(flight.stream):
+            status = 'error'  # the stream ended before the provider's last event: cut off on the provider's side
+        elif response is not None:
             status = 'complete' if _answered(response) else 'cancelled'
         elif isinstance(error, Exception):
             status = 'error'
@@ -401,6 +403,9 @@ class LedgerCapability(AbstractCapability[Any]):
             record.error_status_code = status_code if isinstance(status_code, int) else None
         elif status == 'cancelled':
             record.error_message = 'stream stopped before the response was complete'
+        elif status == 'error':
+            record.error_type = 'IncompleteStream'
+            record.error_message = "the provider's stream ended before its last event: the answer may be cut off"
         if self.store_content:
             record.raw_contents = _contents(state.bodies, request_context, seen, error)
         return record
@@ -466,6 +471,16 @@ def _answered_whole(flight: InFlight) -> ModelResponse | None:
     received before the run stopped reading), as complete; else None."""
     seen = flight.response or _partial(flight.stream)
     return seen if seen is not None and _answered(seen) else None
+
+
+def _ended_by_provider(stream: StreamedResponse | None) -> bool:
+    """Whether a stream whose response is `incomplete` ran to its end (the provider closed it before its last event:
+    a proxy's idle timeout), rather than being left by its reader (`break`, a run that stopped reading: `cancelled`).
+
+    pydantic-ai tells the two apart only by its stream's private `_finished` (set on a natural end, in 2.68 and 2.78
+    alike); without it, the row is `cancelled` as before (tests/agents/test_provider_faults.py would say so).
+    """
+    return stream is not None and getattr(stream, '_finished', False) is True
 
 
 def _answered(response: ModelResponse) -> bool:

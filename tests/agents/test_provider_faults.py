@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
+from pydantic_ai.exceptions import UsageLimitUnavailableWarning
 from pydantic_ai.models import Model
 
 from agentrt.agents.errors import AgentRuntimeError, ModelBehaviorError, ModelProviderError
@@ -192,3 +193,27 @@ async def test_a_failure_after_a_tool_round_saves_none_of_the_turn(
     assert result.conversation_usage.requests == 1
     statuses = [(r['status'], r['error_type']) for r in await ledger_rows(chat_session_id=session_id)]
     assert statuses == [('complete', None), ('error', 'ModelServerError'), ('complete', None)]
+
+
+async def test_a_stream_that_ends_before_the_providers_last_event_is_not_saved(
+    demo_data: None, clients: list[AsyncOpenAI]
+) -> None:
+    # A Responses stream without `response.completed` (a proxy's idle timeout that closed it cleanly): pydantic-ai
+    # marks the answer `incomplete` and runs on, so the turn was saved with an answer that may be cut off, and the
+    # ledger filed it `cancelled`, as if the caller had stopped it (QA).
+    session_id = 'ended-early'
+    script = Faulty(Reply(text='Nobody in Seattle matches, and the rest of this', chunks=3, ends_early=True))
+    with FakeOpenAI(script).running() as fake:
+        # Its usage came with the last event, which never came: pydantic-ai warns of a response without usage.
+        with pytest.raises(ModelProviderError) as raised, pytest.warns(UsageLimitUnavailableWarning):
+            await _turn(True, loopback_model('responses', fake, clients, ANSWER_TIMEOUT_S), session_id)
+        message = str(raised.value)
+        assert "ended before the provider's last event" in message and 'the turn was not saved' in message, message
+        [row] = await ledger_rows(chat_session_id=session_id)
+        assert (row['status'], row['error_type'], row['streamed']) == ('error', 'IncompleteStream', True)
+        assert 'stream ended before its last event' in row['error_message']
+        assert await PostgresConversationStore(await account_id('acme-health')).read_record(session_id) is None
+        assert await scalar('SELECT count(*) FROM conversation_turns WHERE conversation_id = :c', c=session_id) == 0
+        script.healed = True
+        result = await _turn(True, loopback_model('responses', fake, clients, ANSWER_TIMEOUT_S), session_id)
+    assert result.output == 'Nobody matches.' and result.conversation_usage.requests == 1
