@@ -88,7 +88,8 @@ def documented_error(
         return unusable_answer_error(exc, model_name)
     if isinstance(exc, UnexpectedModelBehavior):
         return ModelBehaviorError(
-            f'the model did not produce a usable answer: {_redacted_message(exc.message)}',
+            f'the model did not produce a usable answer: {_for_the_user(_redacted_message(exc.message))}; the turn was '
+            'not saved',
             body=_redacted_body(exc.body),
         )
     if isinstance(exc, ModelAPIError):
@@ -211,6 +212,15 @@ def _redacted_body(body: object | None) -> str | None:
         return None
     text = body if isinstance(body, str) else json.dumps(body, default=str, ensure_ascii=False)
     return redact_text(text)[0]
+
+
+_DEVELOPER_ADVICE = re.compile(r'\.? Consider raising the retry limit, or see the docs on tool retries: \S+')
+"""pydantic-ai's advice to the agent's developer in its tool-retry error: a chat's user has no retry limit to raise."""
+
+
+def _for_the_user(message: str) -> str:
+    """pydantic-ai's message without its advice to the developer, and without the full stop the caller adds after."""
+    return _DEVELOPER_ADVICE.sub('', message).rstrip('. ')
 
 
 def _redacted_message(message: str) -> str:
