@@ -81,6 +81,8 @@ class PublicError:
     field: str | None = None
     extra: dict[str, Any] = dataclass_field(default_factory=dict)
     """More of the error a client may act on (a budget's figures), JSON-ready."""
+    retry_after_s: int | None = None
+    """When the provider asked to be called again (a rate limit's `Retry-After`), for the response's own header."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the error response."""
@@ -95,7 +97,7 @@ class PublicError:
         `concurrent_turn`) may be tried again."""
         if self.status == 401:
             return {'WWW-Authenticate': 'Bearer'}
-        retry_after = _RETRY_AFTER_S.get(self.type) if self.status in (409, 503) else None
+        retry_after = _RETRY_AFTER_S.get(self.type) if self.status in (409, 503) else self.retry_after_s
         return None if retry_after is None else {'Retry-After': str(retry_after)}
 
     def stream_text(self) -> str:
@@ -183,7 +185,23 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
     extra = _budget_figures(exc) if isinstance(exc, BudgetExceededError) else {}
     # The field is the client's own words too (a key of its body, as sent): redacted as its message is.
     shown_field = client_text(field_name) if field_name is not None else None
-    return PublicError(status, type_, client_text(message), error_id, shown_field, extra)
+    return PublicError(
+        status,
+        type_,
+        client_text(message),
+        error_id,
+        shown_field,
+        extra,
+        _provider_retry_after(exc) if status == 502 else None,
+    )
+
+
+def _provider_retry_after(exc: BaseException) -> int | None:
+    """The whole seconds a rate-limiting provider asked to wait (its `Retry-After`), or None: the 502 says it in a
+    header too, as the 409 and 503 say theirs, so a client need not read it out of the text."""
+    cause = exc if isinstance(exc, ModelAPIError) else exc.__cause__
+    retry_after = cause.retry_after if isinstance(cause, ModelAPIError) else None
+    return math.ceil(retry_after) if isinstance(retry_after, int | float) and retry_after > 0 else None
 
 
 def _outage(exc: BaseException) -> bool:

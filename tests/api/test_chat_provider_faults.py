@@ -95,6 +95,8 @@ async def test_a_provider_fault_on_each_chat_route_says_what_to_do_and_leaves_th
             agui = await client.post('/api/v1/chat/ag-ui', json=_ag_ui(f'agui-{name}', 'hi'), headers=auth(keys.acme))
             assert plain.status_code == 502 and plain.json()['type'] == type_, plain.text
             assert words in plain.json()['detail'], plain.text
+            # The wait the provider asked for is a header too, as the 409's and 503's are (it was only in the text).
+            assert plain.headers.get('retry-after') == ('7' if fault == '429 retry-after' else None), plain.headers
             [error] = of_type(sse_events(vercel.text), 'error')
             assert words in error['errorText'] and 'error id err_' in error['errorText']
             [run_error] = of_type(sse_events(agui.text), 'RUN_ERROR')
