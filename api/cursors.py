@@ -28,6 +28,12 @@ Listing = Literal['audit', 'conversations', 'conversations-created']
 _LISTINGS: tuple[str, ...] = get_args(Listing)
 
 _NOT_A_CURSOR = 'not a cursor from this API; pass next_cursor back unchanged'
+_LISTING_WORDS = {
+    'audit': 'the audit',
+    'conversations': 'the conversations by order=updated',
+    'conversations-created': 'the conversations by order=created',
+}
+"""Each listing as a client names it (its route and query), for the error of a cursor of another."""
 
 
 def _packed(fields: list[Any]) -> str:
@@ -70,8 +76,8 @@ def decode_cursor(cursor: str, *, listing: Listing, account_id: int) -> tuple[da
         raise InvalidInputError(_NOT_A_CURSOR, field='cursor')
     if made_for != listing:
         raise InvalidInputError(
-            f"this cursor is another listing's ({made_for!r}, not {listing!r}): pass back the next_cursor of this "
-            'listing, with the query (order=) of the page that gave it',
+            f'this cursor is a position in {_LISTING_WORDS[made_for]}, not in {_LISTING_WORDS[listing]}: pass back the '
+            'next_cursor of this listing, with the query (order=) of the page that gave it',
             field='cursor',
         )
     if owner != account_id:

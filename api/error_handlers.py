@@ -127,6 +127,13 @@ def _validation_message(error: dict[str, Any], body: Any) -> str:
             # (char 14)"), which FastAPI drops: alone it read as cut off. The location holds it (`["body", 14]`).
             reason = f'{reason} position {position[0]}'
         return f'{error.get("msg", "JSON decode error")}: {reason}'
+    context = error.get('ctx') or {}
+    if error.get('type') in ('too_long', 'too_short') and isinstance(text, str):
+        # A text parameter bounded beside a validator of its own (`FilterText | None`): pydantic checks the bound on
+        # the union, and says "items", as of a list.
+        bound = context.get('max_length') if error.get('type') == 'too_long' else context.get('min_length')
+        most = 'at most' if error.get('type') == 'too_long' else 'at least'
+        return f'should have {most} {bound} characters, not {len(text):,}'
     if error.get('type') == 'string_unicode' and isinstance(text, str):
         where, *location = error.get('loc', ()) or ('',)
         return lone_surrogate_message(text, in_key=where == 'body' and is_key_of(body, tuple(location), text))

@@ -128,10 +128,16 @@ async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
     for path, cursor, headers, words in (
         ('/api/v1/conversations', conversations['next_cursor'], green, 'another account'),
         (AUDIT, audit['next_cursor'], green, 'another account'),
-        ('/api/v1/conversations', audit['next_cursor'], acme, "another listing's"),
-        (AUDIT, conversations['next_cursor'], acme, "another listing's"),
-        # A position by the last update means nothing by creation (the default order).
-        ('/api/v1/conversations', by_update['next_cursor'], acme, "another listing's"),
+        ('/api/v1/conversations', audit['next_cursor'], acme, 'a position in the audit, not in the conversations'),
+        (AUDIT, conversations['next_cursor'], acme, 'in the conversations by order=created, not in the audit'),
+        # A position by the last update means nothing by creation (the default order): the message says which is
+        # which (it named the listings' internal names, 'conversations-created' and 'conversations').
+        (
+            '/api/v1/conversations',
+            by_update['next_cursor'],
+            acme,
+            'a position in the conversations by order=updated, not in the conversations by order=created',
+        ),
     ):
         response = await client.get(path, params={'cursor': cursor}, headers=headers)
         body = response.json()
@@ -139,4 +145,7 @@ async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
     # And back: a position by creation means nothing by the last update.
     params = {'order': 'updated', 'cursor': conversations['next_cursor']}
     response = await client.get('/api/v1/conversations', params=params, headers=acme)
-    assert response.status_code == 422 and "another listing's" in response.json()['detail'], response.text
+    assert (
+        response.status_code == 422
+        and 'by order=created, not in the conversations by order=updated' in (response.json()['detail'])
+    ), response.text
