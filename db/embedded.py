@@ -46,6 +46,7 @@ from agentrt.db.embedded_datadir import (
     check_not_foreign,
     check_runtime_dir,
     check_writable,
+    clear_cut_short_lock,
     holds_json,
     lock_file_pid,
     log_lines,
@@ -169,6 +170,7 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
         check_not_foreign(data_dir)
         check_major_version(data_dir)
         check_no_single_user_lock(data_dir)
+        clear_cut_short_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         # This process's own id is stale when it left before (its leaving could not be recorded: a full disk).
@@ -277,7 +279,11 @@ def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> s
         return f'{head}its file system is full ({tail}). Free space there{size} and run the command again'
     source = 'it printed' if said else 'the server log ends'
     see = f' See {log_file};' if logged else ''
-    return f'{head}{source}: {tail}.{see} set AGENTRT_DATA_DIR to another directory to start afresh'
+    # A start cut short (a kill while pg_ctl waited) works the next time: the data directory is not the first suspect.
+    return (
+        f'{head}{source}: {tail}.{see} run the command again; if it fails the same way, set AGENTRT_DATA_DIR to '
+        'another directory to start afresh'
+    )
 
 
 _NO_SPACE = ('No space left on device', 'Disk quota exceeded')

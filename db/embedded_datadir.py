@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import time
 import warnings
 from contextlib import suppress
 from pathlib import Path
@@ -266,6 +267,74 @@ def check_no_single_user_lock(data_dir: Path) -> None:
         )
     logger.info('embedded PostgreSQL in %s: removing the lock file of a single-user process that is gone', data_dir)
     (data_dir / 'postmaster.pid').unlink(missing_ok=True)
+
+
+LOCK_FILE_LINES = 8
+"""The lines of a running server's `postmaster.pid` (pid, data directory, start time, port, socket directory, host,
+shared memory, status): the wheel reads no other."""
+_CUT_SHORT_WAIT_S = 5.0
+"""How long a lock file cut short may be a postmaster's still writing it, before it is taken as left behind."""
+
+
+def clear_cut_short_lock(data_dir: Path) -> None:
+    """Remove a `postmaster.pid` cut short (empty, or fewer than `LOCK_FILE_LINES` lines) whose postmaster is gone,
+    as PostgreSQL itself takes a lock file of a dead process for stale (under the lifecycle lock).
+
+    A postmaster killed as it started (or a power cut) leaves one: the wheel asserts eight lines, and every later
+    command failed with its AssertionError until the file was deleted by hand (QA). A live PostgreSQL still writing
+    its file is waited for (`_CUT_SHORT_WAIT_S`); an empty file, which names no process, is taken for left behind once
+    it is that old.
+
+    Raises:
+        EmbeddedPostgresError: a live PostgreSQL process holds the file and has not finished writing it.
+    """
+    path = data_dir / 'postmaster.pid'
+    deadline = time.monotonic() + _CUT_SHORT_WAIT_S
+    while True:
+        try:
+            lines = path.read_text(errors='replace').splitlines()
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return  # none (or unreadable: the wheel's own read says why)
+        if len(lines) >= LOCK_FILE_LINES:
+            return
+        pid = _number(lines[0]) if lines else None
+        if pid is not None and pid < 0:
+            return  # a single-user process's: `check_no_single_user_lock`
+        writing = _is_postgres(pid) if pid is not None else age < _CUT_SHORT_WAIT_S
+        if not writing:
+            break
+        if time.monotonic() > deadline:
+            raise EmbeddedPostgresError(
+                f'the embedded PostgreSQL data directory {data_dir} is in use by a PostgreSQL process (pid {pid}) '
+                'that has not finished starting: run the command again once it has, or stop it'
+            )
+        time.sleep(0.1)
+    logger.warning(
+        'embedded PostgreSQL in %s: removing a lock file cut short (%d of %d lines) of a server that is gone%s',
+        data_dir,
+        len(lines),
+        LOCK_FILE_LINES,
+        f' (pid {pid})' if pid is not None else '',
+    )
+    path.unlink(missing_ok=True)
+
+
+def _number(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether `pid` is a live PostgreSQL process (not another process given a dead postmaster's pid since)."""
+    try:
+        return 'postgres' in psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # not ours to look at: taken as live, the file kept
 
 
 def lock_file_pid(data_dir: Path) -> int | None:

@@ -25,6 +25,7 @@ from agentrt.db.embedded_datadir import (
     USERS_FILE,
     bundled_major_version,
     check_no_single_user_lock,
+    clear_cut_short_lock,
 )
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
@@ -345,6 +346,50 @@ def test_a_dead_single_user_process_lock_file_in_a_started_cluster_is_stale(tmp_
     _cluster_locked_by(data_dir, _dead_pid(), started_before=True)
     check_no_single_user_lock(data_dir)
     assert not (data_dir / 'postmaster.pid').exists()
+
+
+@pytest.mark.parametrize('content', ['{dead}\n{data_dir}\n1796580907\n5432\n\n', '', '{self}\n'])
+def test_a_lock_file_cut_short_by_a_postmaster_that_is_gone_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str
+) -> None:
+    # A postmaster killed as it started (or a power cut) leaves it with fewer than eight lines, or none: the wheel's
+    # AssertionError on every later command until the file was deleted by hand (QA). The pid may be dead, or reused
+    # by a process that is no PostgreSQL (this test's own); an empty file names none, and is stale once old.
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir()
+    lock = data_dir / 'postmaster.pid'
+    lock.write_text(content.format(dead=_dead_pid(), data_dir=data_dir, self=os.getpid()))
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with caplog.at_level('WARNING', logger='agentrt.db'):
+        clear_cut_short_lock(data_dir)
+    assert not lock.exists()
+    assert 'removing a lock file cut short' in caplog.text
+
+
+def test_a_whole_lock_file_and_a_live_postgres_writing_one_are_kept(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir()
+    lock = data_dir / 'postmaster.pid'
+    whole = f'{_dead_pid()}\n{data_dir}\n1796580907\n5432\n/tmp\nlocalhost\n  0 0\nready\n'
+    lock.write_text(whole)
+    clear_cut_short_lock(data_dir)  # eight lines: the wheel's to judge (it takes a dead pid's for stale)
+    assert lock.read_text() == whole
+
+
+async def test_a_stopped_cluster_with_a_cut_short_lock_file_starts(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    assert release_embedded(data_dir)
+    (data_dir / 'postmaster.pid').write_text(f'{_dead_pid()}\n{data_dir}\n')
+    try:
+        server = start_embedded(data_dir, stop_at_exit=False)
+        assert _servers(data_dir) and len((data_dir / 'postmaster.pid').read_text().splitlines()) >= 8
+        connection = await asyncpg.connect(host=str(server.socket_dir), port=server.port, user='postgres')
+        assert await connection.fetchval('SELECT 1') == 1
+        await connection.close()
+    finally:
+        assert release_embedded(data_dir)
+    assert not _servers(data_dir)
 
 
 async def test_a_data_dir_whose_path_holds_a_space_and_non_ascii_letters_starts(tmp_path: Path) -> None:
