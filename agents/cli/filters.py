@@ -62,8 +62,12 @@ def one_output_format(*, as_json: bool, as_csv: bool) -> None:
 
 
 def account_option(value: str | None) -> str | int | None:
-    """`--account`: an id when it is all digits (a usage error beyond 64 bits), else a slug."""
-    if value is None or not value.isdigit():
+    """`--account`: an id when it is all ASCII digits (a usage error beyond 64 bits), else a slug.
+
+    Python's `isdigit` takes superscripts and other scripts' digits: `²` was an internal error (`int()` refuses it)
+    and `١` (Arabic-Indic one) was taken for account 1, silently another account (QA).
+    """
+    if value is None or not (value.isascii() and value.isdigit()):
         return value
     if int(value) > MAX_ID:
         fail(f'--account {value} is not an account id (ids are at most {MAX_ID})', EXIT_USAGE)

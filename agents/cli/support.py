@@ -69,7 +69,8 @@ class _UnwrappedWhenPiped(Console):
 
     def _unbounded(self) -> bool:
         # `_width` is rich's record of a width it was given (its argument, the setter, or COLUMNS when it was made).
-        return not self.is_terminal and self._width is None and not os.environ.get('COLUMNS', '').isdigit()
+        columns = os.environ.get('COLUMNS', '')
+        return not self.is_terminal and self._width is None and not (columns.isascii() and columns.isdigit())
 
     def print(self, *objects: Any, soft_wrap: bool | None = None, **options: Any) -> None:
         """`Console.print`, soft-wrapped (never broken into lines) when every object is text and not for a terminal;
@@ -114,6 +115,16 @@ class _StderrConsole(_UnwrappedWhenPiped):
         self.quiet = True
 
 
+def _ignore_unusable_columns() -> None:
+    """Drop a `COLUMNS` that is no positive whole number of ASCII digits before rich reads it: rich takes `0` for a
+    width of nothing (every table and message printed as nothing, exit 0) and crashes on `²` (its `int()` refuses
+    what `isdigit` let through), as the consoles are made, so even `--version` was a traceback (QA)."""
+    columns = os.environ.get('COLUMNS')
+    if columns is not None and not (columns.isascii() and columns.isdigit() and int(columns) > 0):
+        del os.environ['COLUMNS']
+
+
+_ignore_unusable_columns()
 console = _UnwrappedWhenPiped()
 err_console = _StderrConsole(stderr=True)
 

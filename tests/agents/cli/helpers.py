@@ -111,7 +111,7 @@ def logging_restored() -> Iterator[None]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120, columns: int | None = 200
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, columns: int | str | None = 200
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m agentrt.agents.cli ARGS...` from the repository root (the working directory on `sys.path`,
     so the installed namespace must win over the bare folders), with the test environment plus `env`. `columns` is

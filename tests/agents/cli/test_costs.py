@@ -102,6 +102,29 @@ async def test_a_table_written_to_a_pipe_is_printed_in_full(
     assert max(len(line) for line in terminal.stdout.splitlines()) <= 80 and '…' not in terminal.stdout
 
 
+async def test_a_columns_that_is_no_positive_number_is_ignored(seeded: list[LedgerRecord], database_url: str) -> None:
+    # rich took COLUMNS=0 for a width of nothing (every table printed as nothing, exit 0) and crashed on `²` as the
+    # console was made, `--version` included (QA).
+    env = {'DATABASE_URL': database_url}
+    for columns in ('0', '²', '-5', 'wide'):
+        args = ('costs', '--by', 'model', '--source', 'ledger')
+        piped = await asyncio.to_thread(run_cli, *args, env=env, columns=columns)
+        assert piped.returncode == 0 and 'gpt-4o-mini' in piped.stdout and 'Traceback' not in piped.stderr, columns
+        version = await asyncio.to_thread(run_cli, '--version', columns=columns)
+        assert version.returncode == 0 and version.stdout.startswith('agentrt '), (columns, version.stderr)
+
+
+@pytest.mark.parametrize('account', ['²', '١', '１'])
+async def test_an_account_of_digits_of_another_script_is_a_slug_not_an_id(database_url: str, account: str) -> None:
+    # `isdigit` took them: `²` was an internal error (exit 70) and `١` (Arabic-Indic one) account 1, whose budget
+    # `budget set --account ١` then set (QA).
+    env = {'DATABASE_URL': database_url}
+    costs = await invoke('costs', '--account', account, env=env)
+    assert costs.exit_code == 2 and f"unknown account '{account}'" in costs.stderr, costs.stderr
+    budget = await invoke('budget', 'set', '--account', account, '--limit', '5', env=env)
+    assert budget.exit_code == 2 and 'unknown account' in budget.stderr, budget.stderr
+
+
 async def test_audit_list_written_to_a_pipe_has_every_column(seeded: list[LedgerRecord], database_url: str) -> None:
     """With no terminal to fit, `audit list` shows each request's whole id and every column, as `--csv` does."""
     piped = await asyncio.to_thread(run_cli, 'audit', 'list', env={'DATABASE_URL': database_url}, columns=None)
