@@ -68,6 +68,23 @@ async def test_a_spool_path_that_is_a_symlink_is_not_followed(tmp_path: Path) ->
     assert victim.read_text() == 'keep me\n'
 
 
+async def test_a_spool_symlink_to_a_file_of_spooled_rows_is_not_replayed(tmp_path: Path) -> None:
+    # The privacy check looks at the directory holding the link; its target, a file anyone could write, was
+    # replayed into the ledger and the link renamed away (QA).
+    directory = tmp_path / 'spool'
+    directory.mkdir(mode=0o700)
+    public = tmp_path / 'public'
+    public.mkdir(mode=0o777)
+    planted, forged = public / 'rows.jsonl', _forged_line()
+    planted.write_text(forged)
+    tracker = LLMRequestTracker(fast_config(tmp_path, spool_path=directory / 'llm-ledger.jsonl'))
+    tracker.spool.path.symlink_to(planted)
+    assert tracker.spool.pending_files() == []
+    report = await tracker.replay_spool()
+    assert report.rows == 0 and await scalar('SELECT count(*) FROM llm_requests') == 0
+    assert tracker.spool.path.is_symlink() and planted.read_text() == forged  # both left as they were
+
+
 async def test_lines_set_aside_are_as_private_as_the_spool(tmp_path: Path) -> None:
     tracker = LLMRequestTracker(fast_config(tmp_path))
     tracker.spool.append([{'v': 1, 'row': _row(ledger_record(started_at=utc_now(), id=uuid.uuid4())), 'contents': []}])
