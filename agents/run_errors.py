@@ -88,8 +88,7 @@ def documented_error(
         return unusable_answer_error(exc, model_name)
     if isinstance(exc, UnexpectedModelBehavior):
         return ModelBehaviorError(
-            f'the model did not produce a usable answer: {_for_the_user(_redacted_message(exc.message))}; the turn was '
-            'not saved',
+            f'the model did not produce a usable answer: {_for_the_user(exc.message)}; the turn was not saved',
             body=_redacted_body(exc.body),
         )
     if isinstance(exc, ModelAPIError):
@@ -219,8 +218,10 @@ _DEVELOPER_ADVICE = re.compile(r'\.? Consider raising the retry limit, or see th
 
 
 def _for_the_user(message: str) -> str:
-    """pydantic-ai's message without its advice to the developer, and without the full stop the caller adds after."""
-    return _DEVELOPER_ADVICE.sub('', message).rstrip('. ')
+    """pydantic-ai's message without its advice to the developer, redacted and cut (`_redacted_message`), without a
+    last full stop (the caller's sentence goes on; a cut's `...` stays)."""
+    text = _redacted_message(_DEVELOPER_ADVICE.sub('', message)).rstrip()
+    return text[:-1] if text.endswith('.') and not text.endswith('...') else text
 
 
 def _redacted_message(message: str) -> str:

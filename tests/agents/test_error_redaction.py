@@ -89,7 +89,7 @@ def test_what_is_shown_of_a_message_is_its_first_line_redacted_then_cut() -> Non
     assert OPENAI_KEY.secret[:12] not in str(error) and 'second line' not in str(error)
     huge = documented_error(UnexpectedModelBehavior('y' * 3995 + ' ' + OPENAI_KEY.secret), 'gpt-4o-mini')
     assert isinstance(huge, ModelBehaviorError)
-    assert OPENAI_KEY.secret[:12] not in str(huge) and str(huge).endswith('...')
+    assert OPENAI_KEY.secret[:12] not in str(huge) and str(huge).endswith('...; the turn was not saved')
     assert 'Incorrect API key' in str(documented_error(ModelConnectionError('m', _planted(OPENAI_KEY, 'inside_json'))))
 
 
