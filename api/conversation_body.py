@@ -44,6 +44,7 @@ def messages_body(
     envelope = ConversationMessages(
         conversation_id=conversation_id,
         revision=page.revision,
+        title=page.title,
         format=format,
         messages=[],
         earlier=page.earlier is not None,

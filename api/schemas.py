@@ -297,6 +297,9 @@ class ConversationMessages(BaseModel):
 
     conversation_id: str
     revision: str | None
+    title: str | None = Field(
+        default=None, description="The conversation's title (as listed), whichever page this is; None until made."
+    )
     format: Literal['vercel', 'pydantic']
     messages: list[Any] = Field(
         description="In `format` `vercel`, each an AI SDK UI message (`UIMessage`); in `pydantic`, pydantic-ai's own "

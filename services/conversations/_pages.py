@@ -37,6 +37,8 @@ class MessagePage:
     """The entry of each of `messages`."""
     earlier: str | None
     """The position to pass as `before` for the page before this one; None when this page starts the conversation."""
+    title: str | None = None
+    """The conversation's stored title (None until one is made)."""
 
 
 class UnknownPositionError(LookupError):
@@ -86,6 +88,7 @@ async def load_page(
         messages=tail.messages[start:],
         entry_ids=tail.entry_ids[start:],
         earlier=tail.entry_ids[start] if earlier and start < len(tail.entry_ids) else None,
+        title=tail.title,
     )
 
 

@@ -252,15 +252,42 @@ def make_title(exchange: Exchange) -> str:
 
 
 def make_summary(title: str | None, recent: Sequence[Exchange]) -> str:
-    """A few sentences: the topic, the latest questions, and the latest answer."""
-    parts = [_sentence(f'Topic: {title}')] if title else []
-    questions = [_shorten(e.question, 100) for e in recent[-RECENT_QUESTIONS:]]
+    """A few sentences: the topic, the latest questions, and the latest answer.
+
+    Each piece of the user's or the model's text ends every bidirectional embedding, override or isolate it opened
+    (`bidi_closed`): a right-to-left override in a question ran on over the rest of the summary, the summary's own
+    words and the answer shown reversed (QA).
+    """
+    parts = [_sentence(f'Topic: {bidi_closed(title)}')] if title else []
+    questions = [bidi_closed(_shorten(e.question, 100)) for e in recent[-RECENT_QUESTIONS:]]
     if questions:
         parts.append(_sentence('Recent questions: ' + '; '.join(questions)))
     answer = next((e.answer for e in reversed(recent) if e.answer), '')
     if answer:
-        parts.append(_sentence(f'Latest answer: {_shorten(answer, 200)}'))
-    return _shorten(' '.join(parts), SUMMARY_MAX_CHARS)
+        parts.append(_sentence(f'Latest answer: {bidi_closed(_shorten(answer, 200))}'))
+    return bidi_closed(_shorten(' '.join(parts), SUMMARY_MAX_CHARS))  # the cut may fall inside a piece
+
+
+_EMBEDDINGS = frozenset('\u202a\u202b\u202d\u202e')  # LRE, RLE, LRO, RLO: each ended by a PDF (U+202C)
+_ISOLATES = frozenset('\u2066\u2067\u2068')  # LRI, RLI, FSI: each ended by a PDI (U+2069)
+
+
+def bidi_closed(text: str) -> str:
+    """`text` with the bidirectional embeddings, overrides and isolates it leaves open closed at its end (Unicode's
+    bidirectional algorithm, UAX #9: a PDF ends the last embedding of the current isolate, a PDI its isolate and the
+    embeddings inside it), so text after it is laid out as if it were not there."""
+    if not any(char in _EMBEDDINGS or char in _ISOLATES for char in text):
+        return text
+    opened: list[str] = []
+    for char in text:
+        if char in _EMBEDDINGS or char in _ISOLATES:
+            opened.append(char)
+        elif char == '\u202c' and opened and opened[-1] in _EMBEDDINGS:
+            opened.pop()
+        elif char == '\u2069' and any(kind in _ISOLATES for kind in opened):
+            while opened.pop() not in _ISOLATES:
+                pass
+    return text + ''.join('\u2069' if kind in _ISOLATES else '\u202c' for kind in reversed(opened))
 
 
 def _prompt_text(part: UserPromptPart) -> str:

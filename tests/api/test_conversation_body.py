@@ -49,6 +49,7 @@ async def _fastapi_body(conversation_id: str, format: str, limit: int | None) ->
     model = ConversationMessages(
         conversation_id=conversation_id,
         revision=page.revision,
+        title=page.title,
         format=format,  # type: ignore[arg-type]
         messages=dumped,
         earlier=page.earlier is not None,

@@ -163,6 +163,7 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
         assert unchanged.headers['etag'] == read.headers['etag']
     changed = await client.get(path, headers={**auth(keys.acme), 'If-None-Match': '"an-older-revision"'})
     assert changed.status_code == 200 and changed.json() == vercel
+    assert vercel['title'] == item['title']  # the title as listed, on every page (the web UI's heading)
     roles = [message['role'] for message in vercel['messages']]
     assert vercel['format'] == 'vercel' and roles.count('user') == 2 and roles[0] == 'user' and roles[-1] == 'assistant'
     texts = [p['text'] for m in vercel['messages'] if m['role'] == 'user' for p in m['parts'] if p['type'] == 'text']

@@ -26,7 +26,12 @@ from agentrt.services.conversations import (
     summary_due,
     summary_source,
 )
-from agentrt.services.conversations._titles import TEXT_SCAN_CHARS, title_and_summary, title_and_summary_from
+from agentrt.services.conversations._titles import (
+    TEXT_SCAN_CHARS,
+    bidi_closed,
+    title_and_summary,
+    title_and_summary_from,
+)
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -149,6 +154,19 @@ def test_titles_are_cut_at_a_word_boundary() -> None:
         'Hi: Hello, how can I help with the directory'
     )
     assert len(make_summary('t', [Exchange('q ' * 300, 'a ' * 300)] * 5)) <= 500
+
+
+def test_a_bidi_override_in_a_question_ends_with_it_in_the_summary() -> None:
+    # A right-to-left override in a question ran on over the rest of the summary: "Recent questions:", the answer
+    # and the server's own words shown reversed (QA).
+    summary = make_summary('Dermatologists in \u202eBoston', [Exchange('in \u202eBoston and \u2067more', 'Found 3.')])
+    assert summary == (
+        'Topic: Dermatologists in \u202eBoston\u202c. Recent questions: in \u202eBoston and \u2067more\u2069\u202c. '
+        'Latest answer: Found 3.'
+    )
+    assert bidi_closed('a\u202eb\u202c c') == 'a\u202eb\u202c c'  # closed already: as it is
+    assert bidi_closed('\u2067a\u202eb\u2069c') == '\u2067a\u202eb\u2069c'  # a PDI ends its isolate's embeddings
+    assert bidi_closed('x\u202c\u2069') == 'x\u202c\u2069'  # closers with nothing open: nothing added
 
 
 def _chain(messages: list[ModelMessage]) -> list[ConversationEntry]:
