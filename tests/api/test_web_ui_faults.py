@@ -504,3 +504,60 @@ async def test_a_key_that_may_chat_but_not_read_continues_a_conversation_it_cann
     assert stored is not None
     asked = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
     assert asked == ['first question', 'second question'], 'both turns were saved in the one conversation'
+
+
+async def test_a_key_that_may_read_but_not_chat_lands_on_its_conversations(page: Page, keys: Keys) -> None:
+    # It landed on a chat whose message box took a message, refused only once sent, under a header naming a
+    # conversation that did not exist (QA).
+    await page.get_by_role('button', name='Sign out').click()
+    await _sign_in(page, keys.acme_read_only)
+    await expect(page.get_by_role('heading', level=1)).to_have_text('Conversations')
+    navigation = page.get_by_role('navigation')
+    await expect(navigation.get_by_role('link', name='Chat')).to_be_hidden()
+    await expect(navigation.get_by_role('link', name='Audit')).to_be_visible()
+    await page.goto(page.url.split('#', 1)[0] + '#/chat/some-conversation')  # a conversation's address: to read
+    await expect(page.locator('.notice')).to_contain_text("may read conversations but not chat (it has no 'chat'")
+    await expect(page.get_by_role('button', name='Send')).to_be_disabled()
+
+
+async def test_a_refused_first_message_leaves_the_chat_a_new_one(page: Page) -> None:
+    # The id made for the new conversation stayed: the address and the header named a conversation nothing was saved
+    # to, with an "Its requests" link to an empty audit (QA).
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill('x' * 40_000)  # over the message limit: refused by the server before anything ran
+    await box.press('Enter')
+    await expect(page.get_by_role('alert')).to_contain_text('characters')
+    await expect(box).to_have_value('x' * 40_000)
+    assert page.url.endswith('#/chat/new'), page.url
+    await expect(page.locator('#chat-title')).to_have_text('New conversation')
+    await expect(page.locator('.conversation-id')).to_have_text('Not saved until its first message is sent.')
+    await expect(page.get_by_role('link', name='Its requests')).to_be_hidden()
+
+
+async def test_a_turn_saved_in_another_tab_is_shown_before_this_tabs_next_message(
+    page: Page, browser: Browser, site: str, keys: Keys
+) -> None:
+    # Tab A never showed tab B's turn: A's next answer followed a question A never showed (QA). Before sending, A
+    # asks the server whether the conversation is still at the revision it shows (a 304 when it is).
+    turn = await _send(page, 'first question in tab A')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    other = await browser.new_context(viewport={'width': 1280, 'height': 800})
+    try:
+        tab_b = await other.new_page()
+        await tab_b.goto(f'{site}/#/chat/{conversation}')
+        await _sign_in(tab_b, keys.acme)
+        await expect(tab_b.locator('.message.user')).to_have_text(['Youfirst question in tab A'])
+        answered = await _send(tab_b, 'a question from tab B')
+        await expect(answered).to_have_attribute('data-state', 'done')
+    finally:
+        await other.close()
+    await _send(page, 'and a second one in tab A')
+    await expect(page.locator('.message.user')).to_have_text(
+        ['Youfirst question in tab A', 'Youa question from tab B', 'Youand a second one in tab A']
+    )
+    await expect(page.locator('.message.assistant').last).to_have_attribute('data-state', 'done')
+    stored = await PostgresConversationStore(await account_id('acme-health')).load(conversation)
+    assert stored is not None
+    asked = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
+    assert asked == ['first question in tab A', 'a question from tab B', 'and a second one in tab A']

@@ -21,6 +21,11 @@ export const session = {
     const scopes = this.me?.scopes;
     return !Array.isArray(scopes) || scopes.includes('read');
   },
+  /** Whether the key may chat (its `chat` scope): a `--scope read` key may only read. True when not known. */
+  get mayChat() {
+    const scopes = this.me?.scopes;
+    return !Array.isArray(scopes) || scopes.includes('chat');
+  },
   signIn(key, me) {
     sessionStorage.setItem(KEY, key);
     sessionStorage.setItem(WHO, JSON.stringify(me));

@@ -25,6 +25,11 @@ let rendering = 0;
 
 function route() {
   const [path, query = ''] = window.location.hash.replace(/^#\/?/, '').split('?');
+  // A key that may only read opens on its conversations, not on a new chat it could never send to (a conversation's
+  // own address still opens it, to be read).
+  if (session.key && !session.mayChat && /^(chat(\/new)?\/?)?$/.test(path)) {
+    return { view: 'conversations', query: new URLSearchParams(query) };
+  }
   let parts;
   try {
     parts = path.split('/').filter(Boolean).map((part) => decodeURIComponent(part));
@@ -116,8 +121,9 @@ function showHeader(signedIn, view) {
   for (const link of nav.querySelectorAll('a')) {
     if (link.dataset.view === view) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
-    // A key without the read scope (`--scope chat`) would be refused every view but the chat: not offered.
-    link.parentElement.hidden = link.dataset.view !== 'chat' && !session.mayRead;
+    // A key without the read scope (`--scope chat`) would be refused every view but the chat, and one without the
+    // chat scope (`--scope read`) the chat: what it would be refused is not offered.
+    link.parentElement.hidden = link.dataset.view === 'chat' ? !session.mayChat : !session.mayRead;
   }
 }
 

@@ -2,7 +2,7 @@
 // POST /chat as they are written, each tool call on a timeline. The server holds the history: a turn sends only the
 // new message. One chat view lives for the whole page, so a turn keeps streaming while another view is shown.
 
-import { ApiError, errorMessage, getJson, postChat, session } from './api.js';
+import { ApiError, errorMessage, getJson, postChat, request, session } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
 import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
@@ -176,6 +176,13 @@ export function createChatView() {
   let readingAt = null;
   let earlierCursor = null; // where the messages shown begin (the server's `earlier_cursor`), or null from the first
   let history = 0; // counts the histories shown: a page of older messages that arrives after another is not shown
+  // The conversation's revision as last shown or saved here (its ETag), and the one checked just before a send: a turn
+  // another tab or client saved meanwhile is shown before this tab's next message (it went unseen, and the answer
+  // followed a question this tab never showed).
+  let knownRevision = null;
+  let storedTitle = null; // the conversation's title as the server holds it, when it has one
+  let checkedRevision = null;
+  let checking = false;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -256,7 +263,7 @@ export function createChatView() {
     // A focused button that is disabled drops the focus to the start of the page, where a keyboard user would have to
     // Tab back from: pressing Send or Stop leaves the focus in the message box instead, the next thing to use.
     if (document.activeElement === (busy ? send : stop)) input.focus();
-    send.disabled = busy || loading !== null;
+    send.disabled = busy || loading !== null || !session.mayChat;
     stop.disabled = !busy;
     if (!busy) refusal.textContent = '';
     sayIfOffline();
@@ -288,7 +295,7 @@ export function createChatView() {
     loading = note;
     element.dataset.loading = String(note !== null);
     transcript.setAttribute('aria-busy', String(note !== null));
-    send.disabled = note !== null || element.dataset.busy === 'true';
+    send.disabled = note !== null || element.dataset.busy === 'true' || !session.mayChat;
   }
 
   /** Show the end of the conversation: its newest message, just above the message box. */
@@ -366,14 +373,18 @@ export function createChatView() {
     // What the reader sees stays put: the message that was first on screen is where it was after the page goes in.
     const anchor = transcript.firstElementChild;
     const top = anchor?.getBoundingClientRect().top;
+    // Not read out message by message from the live log (up to a hundred turns at once): the status line says it.
+    transcript.setAttribute('aria-busy', 'true');
     transcript.prepend(page);
+    requestAnimationFrame(() => transcript.setAttribute('aria-busy', String(loading !== null)));
     if (anchor) window.scrollBy(0, anchor.getBoundingClientRect().top - top);
-    setHead(first);
+    setHead(storedTitle || first);
     const focused = document.activeElement === olderButton;
     setEarlier(data.earlier_cursor ?? null);
-    olderStatus.textContent = data.earlier
-      ? `${data.messages.length} older messages shown above.`
-      : `${data.messages.length} older messages shown above: the conversation starts there.`;
+    // Counted as shown: a question and its answer are one turn (the stored messages, several a turn, said nothing).
+    const turns = data.messages.filter((message) => message.role === 'user').length;
+    const shownAbove = `${turns} older ${turns === 1 ? 'turn' : 'turns'} shown above`;
+    olderStatus.textContent = data.earlier ? `${shownAbove}.` : `${shownAbove}: the conversation starts there.`;
     // The button goes once the start is shown: the focus goes to the title, not to the start of the page.
     if (older.hidden && focused) title.focus({ preventScroll: true });
   }
@@ -404,6 +415,10 @@ export function createChatView() {
     const again = shownId !== undefined && wanted !== null && wanted === conversationId;
     conversationId = wanted;
     shownId = wanted;
+    if (!again) {
+      knownRevision = null; // another conversation's: until its history says
+      storedTitle = null;
+    }
     history += 1; // a page of older messages on its way is not shown
     setEarlier(again ? earlierCursor : null);
     olderStatus.replaceChildren();
@@ -412,6 +427,10 @@ export function createChatView() {
       readingAt = null; // another conversation opens at its end
     }
     notice.replaceChildren();
+    if (!session.mayChat) {
+      // A `--scope read` key: the conversation can be read here, not continued (its send was refused only after it).
+      notice.append(alertBox("This API key may read conversations but not chat (it has no 'chat' scope): sign in with a key that may chat to send a message.", 'info'));
+    }
     setHead(null);
     if (wanted === null) {
       setLoading(null);
@@ -434,7 +453,12 @@ export function createChatView() {
       const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
       if (conversationId !== wanted) return;
       transcript.replaceChildren();
-      setHead(renderHistory(data.messages));
+      knownRevision = data.revision ?? null;
+      storedTitle = data.title || null;
+      // The conversation's title, whichever page is loaded (it was the first question of the latest page loaded,
+      // and changed as older pages were).
+      const first = renderHistory(data.messages);
+      setHead(storedTitle || first);
       setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
       restorePending(wanted, data.messages);
       if (bad) notice.append(alertBox(STORED_BEFORE_THE_RULES, 'info'));
@@ -495,6 +519,7 @@ export function createChatView() {
 
   async function sendMessage(text) {
     notice.replaceChildren();
+    const madeId = !conversationId;
     if (!conversationId) {
       conversationId = `web-${randomId()}`;
       shownId = conversationId;
@@ -533,6 +558,7 @@ export function createChatView() {
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
       if (!turn.finished && !turn.failed) stale = true; // cut off: see `end()`
       turn.end();
+      if (turn.finished) learnRevision(sending);
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
       else if (response === null) {
@@ -541,6 +567,12 @@ export function createChatView() {
         mine.remove();
         turn.element.remove();
         if (!input.value) input.value = text;
+        if (madeId && conversationId === sending) {
+          // Still a new conversation: the id made for it named nothing saved (its header offered "Its requests").
+          conversationId = null;
+          shownId = null;
+          window.history.replaceState(null, '', '#/chat/new');
+        }
         setHead(null);
         notice.append(alertBox(errorMessage(error)));
       } else {
@@ -555,6 +587,38 @@ export function createChatView() {
       // A failed turn saved nothing: its text goes back to the box to be sent again, unless something was typed
       // meanwhile. Not a stopped one: stopping was the person's choice, or they opened another conversation.
       if (turn.element.dataset.state === 'error' && !input.value) input.value = text;
+    }
+  }
+
+  /** The revision this tab's own turn saved on `id`, so that the next send can tell another's turn from it. */
+  async function learnRevision(id) {
+    knownRevision = null; // until known: the next send checks nothing rather than take its own turn for another's
+    try {
+      // With the key given: a 401 here (a key revoked meanwhile) does not return the page to sign-in by itself; the
+      // next send finds it out, with its message kept (pending.js).
+      const response = await request('GET', `/conversations/${encodeURIComponent(id)}`, {
+        params: { format: 'vercel', limit: '1' },
+        key: session.key,
+      });
+      const data = await response.json();
+      if (conversationId === id && !controller) knownRevision = data.revision ?? null;
+    } catch {
+      // Unknown: the next send is not checked; the server still refuses one that races another (409).
+    }
+  }
+
+  /** Whether conversation `id` was saved by someone else since it was shown here (at `revision`): one cheap
+   * conditional read, a 304 when not. A read that fails says "not changed": the send goes on as before. */
+  async function changedElsewhere(id, revision) {
+    try {
+      await request('GET', `/conversations/${encodeURIComponent(id)}`, {
+        params: { format: 'vercel', limit: '1' },
+        headers: { 'If-None-Match': `"${revision}"` },
+        key: session.key, // a 401 is the send's to find out, with its message kept (pending.js)
+      });
+      return true; // a 200: another revision
+    } catch {
+      return false; // 304 (the same revision), or the read failed
     }
   }
 
@@ -574,6 +638,21 @@ export function createChatView() {
     const bad = conversationId && badConversationId(conversationId);
     if (bad) {
       notice.replaceChildren(alertBox(bad)); // the message stays in the box
+      return;
+    }
+    if (checking) return; // the check below is under way: its end sends the message
+    if (conversationId && knownRevision && checkedRevision !== knownRevision && !stale) {
+      // Saved by another tab or client since it was shown here? Then that turn is shown first (the stale path below).
+      const id = conversationId;
+      const revision = knownRevision;
+      checking = true;
+      changedElsewhere(id, revision).then((changed) => {
+        checking = false;
+        if (conversationId !== id || !element.isConnected) return;
+        if (changed) stale = true;
+        else checkedRevision = revision;
+        form.requestSubmit();
+      });
       return;
     }
     if (stale && conversationId) {
@@ -619,6 +698,8 @@ export function createChatView() {
     if (event.detail !== conversationId || controller) return;
     conversationId = null;
     shownId = null;
+    knownRevision = null;
+    storedTitle = null;
     stale = false;
     history += 1;
     setEarlier(null);
