@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -83,8 +84,21 @@ def parse_database_url(value: str) -> URL:
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
         _check_port(_integer(port, 'port'), 'the port parameter')
-    asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
+    stripped, _ = asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
+    _check_host_list(stripped.set(drivername='postgresql+asyncpg'))
     return url.set(drivername='postgresql+asyncpg')
+
+
+def _check_host_list(url: URL) -> None:
+    """Refuse now a list of hosts SQLAlchemy's asyncpg dialect cannot connect to (libpq's `host=a,b` with one port, or
+    ports missing): its `ArgumentError` came at the first connection, an internal error (QA)."""
+    try:
+        PGDialect_asyncpg().create_connect_args(url)
+    except ArgumentError as exc:
+        raise ConfigError(
+            f'DATABASE_URL: its hosts cannot be used as given ({exc}); give each host with its port as a host '
+            'parameter of its own: ?host=db1:5432&host=db2:5432'
+        ) from None
 
 
 def _check_host(host: str | None) -> None:
@@ -117,6 +131,8 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
         if name in _URL_PARAMETERS:
             continue
         value = _single(name, raw)
+        if '\x00' in value:  # asyncpg sent it in the startup packet, which PostgreSQL refused as malformed
+            raise ConfigError(f'DATABASE_URL parameter {name!r} holds a NUL character (%00)')
         if name in _REFUSED:
             raise ConfigError(f'DATABASE_URL parameter {name!r} is not supported: {_REFUSED[name]}')
         if name in _DSN_PARAMETERS:

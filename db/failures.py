@@ -32,6 +32,9 @@ _LOST_CONNECTION_CLASSES = frozenset(
 _CANNOT_CONNECT_CLASSES = frozenset(
     {
         'CannotConnectNowError',  # 57P03: starting up or shutting down
+        # No host of the URL is what `target_session_attrs` asks for (a primary, a standby): an `InternalClientError`
+        # to asyncpg, which read as a connection broken "mid-operation" (QA).
+        'TargetServerAttributeNotMatched',
         'TooManyConnectionsError',  # 53300
         'ClientCannotConnectError',  # 08001
         'ConnectionRejectionError',  # 08004
@@ -97,7 +100,7 @@ def lost_connection(exc: BaseException) -> bool:
             return True
         if isinstance(error, sqlalchemy.exc.DisconnectionError):
             return True
-        if class_names(error) & _LOST_CONNECTION_CLASSES:
+        if class_names(error) & _LOST_CONNECTION_CLASSES and not _no_such_session_kind(exc):
             return True
         if type(error).__name__ == 'InterfaceError' and any(m in str(error) for m in _LOST_CONNECTION_MESSAGES):
             return True
@@ -112,11 +115,19 @@ def pool_exhausted(exc: BaseException) -> bool:
     return any(isinstance(error, sqlalchemy.exc.TimeoutError) for error in _chain(exc))
 
 
+def _no_such_session_kind(exc: BaseException) -> bool:
+    """No host of the URL is the kind `target_session_attrs` asks for: asyncpg's `TargetServerAttributeNotMatched`,
+    an `InternalClientError` (SQLAlchemy's adapted one in front of it), which is no connection broken in use."""
+    return any(type(error).__name__ == 'TargetServerAttributeNotMatched' for error in _chain(exc))
+
+
 def out_of_step(error: BaseException | None) -> bool:
     """asyncpg's `InternalClientError` (and "another operation is in progress"): the connection's protocol state
     no longer matches the server's, typically after its backend was killed mid-statement. SQLAlchemy's disconnect
     test asks only whether the socket is closed yet, so such a connection could go back to the pool. Also a
     prepared statement lost behind a pooler: the connection's statement cache is wrong from then on."""
+    if error is None or _no_such_session_kind(error):
+        return False
     seen = 0
     while error is not None and seen < 8:
         if _protocol_out_of_step(error):
@@ -443,6 +454,8 @@ def _root_message(exc: BaseException) -> str:
     """The driver's own message (the innermost one that says something), on one line; asyncpg's protocol-state
     complaint in words."""
     message = ''
+    if _no_such_session_kind(exc):  # its own words, not those of an out-of-step protocol
+        return next(first_line(e) for e in _chain(exc) if type(e).__name__ == 'TargetServerAttributeNotMatched')
     for error in _chain(exc):
         if isinstance(error, FileNotFoundError) and not error.filename:
             return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none

@@ -54,6 +54,11 @@ def test_libpq_parameters_become_asyncpg_arguments(tmp_path: Path) -> None:
         ('sslmode=require&sslmode=disable', "'sslmode' is given 2 times"),
         ('frobnicate=1', "parameter 'frobnicate' is not supported; supported: sslmode"),
         ('port=70000&host=/tmp', 'port parameter must be 1 to 65535'),
+        # libpq's comma lists, which the dialect cannot connect to: its ArgumentError came at the first connection, an
+        # internal error; and a NUL, which the server refused as a malformed startup packet ("unavailable") (QA).
+        ('host=127.0.0.9,127.0.0.1&port=5432', 'give each host with its port as a host parameter of its own'),
+        ('host=127.0.0.1:5433,127.0.0.1:5432', 'All ports are required'),
+        ('application_name=%00x', "parameter 'application_name' holds a NUL character"),
     ],
 )
 def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, words: str) -> None:

@@ -108,6 +108,21 @@ async def test_an_unknown_database_is_a_configuration_error_naming_it(database_u
     assert 'check the database name in DATABASE_URL' in message
 
 
+async def test_no_host_of_the_asked_session_kind_says_so(database_url: str) -> None:
+    # asyncpg's TargetServerAttributeNotMatched is an InternalClientError: it read as a connection the server ended
+    # "mid-operation" (QA).
+    url = parse_database_url(database_url).update_query_dict({'target_session_attrs': 'standby'})
+    engine = build_engine(url, Settings(database_url=url.render_as_string(hide_password=False)))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await check_connection(engine, url, 10)
+    finally:
+        await engine.dispose()
+    message = str(info.value)
+    assert 'None of the hosts match the target attribute requirement' in message, message
+    assert 'mid-operation' not in message, message
+
+
 async def test_silent_server_fails_within_connect_timeout(silent_server: int) -> None:
     url = parse_database_url(f'postgresql://u:p@127.0.0.1:{silent_server}/db')
     engine = build_engine(url, Settings(database_url=str(url), connect_timeout=0.3))
