@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import InvalidInputError
 from agentrt.db.models import AccountBudget, BudgetPeriod
+from agentrt.services.budgets._settle import WINDOW_LOCK
 from agentrt.services.budgets._windows import Period, default_anchor, window_sql
 from agentrt.services.tenancy import get_account
 
@@ -25,6 +26,9 @@ MAX_LIMIT_PLACES = 12
 _FINEST = Decimal(1).scaleb(-MAX_LIMIT_PLACES)
 _AMOUNT = re.compile(r'(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?')
 _START, _END = window_sql('b', 'now()')
+
+_WINDOWS_LOCKED = text('SELECT pg_advisory_xact_lock(:key)')
+"""`WINDOW_LOCK` exclusive, until the transaction ends: no ledger write settles into a window being deleted."""
 
 _STATUS = text(f"""
 SELECT a.id AS account_id, a.slug AS account_slug, b.limit_usd, b.period, b.window_seconds, b.window_anchor,
@@ -175,6 +179,9 @@ async def set_budget(
     upsert = upsert.on_conflict_do_update(index_elements=['account_id'], set_={**values, 'updated_at': text('now()')})
     await session.execute(upsert)
     if changed_window:
+        # Exclusive against the ledger writes (which take it shared): a write whose statement still saw a window row
+        # this deletes settled into it, and its settlement failed the foreign key (written unsettled, an ERROR) (QA).
+        await session.execute(_WINDOWS_LOCKED, {'key': WINDOW_LOCK})
         await session.execute(delete(BudgetPeriod).where(BudgetPeriod.account_id == account_row.id))
     statuses = await budget_statuses(session=session, account_id=account_row.id)
     return statuses[0]
@@ -187,6 +194,7 @@ async def remove_budget(*, session: AsyncSession, account: str | int) -> bool:
         UnknownTenantError: no such account.
     """
     account_row = await get_account(account, session=session)
+    await session.execute(_WINDOWS_LOCKED, {'key': WINDOW_LOCK})  # its windows go with it: as `set_budget`
     result = await session.execute(
         delete(AccountBudget).where(AccountBudget.account_id == account_row.id).returning(AccountBudget.account_id)
     )
