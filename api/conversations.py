@@ -317,6 +317,8 @@ async def run_turn(
             tool_calls=usage.tool_calls,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
+            # Said apart, as `agentrt chat` says "tokens unknown": a provider that reported no usage read as 0 tokens.
+            unmeasured_requests=getattr(usage, 'unmeasured_requests', 0),
         ),
         cost=result.cost,
         duration_s=result.duration_s,

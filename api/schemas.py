@@ -254,6 +254,10 @@ class UsageOut(BaseModel):
     tool_calls: int
     input_tokens: int
     output_tokens: int
+    unmeasured_requests: int = Field(
+        default=0,
+        description='Requests whose provider reported no usage: the token counts leave them out (not measured zeros).',
+    )
 
 
 class ConversationOut(BaseModel):

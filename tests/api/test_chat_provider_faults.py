@@ -11,6 +11,7 @@ from typing import Any
 import httpx2
 import pytest
 from openai import AsyncOpenAI
+from pydantic_ai.exceptions import UsageLimitUnavailableWarning
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
@@ -155,3 +156,17 @@ async def test_a_json_turn_says_why_its_answer_ended(keys: Keys, cut_off: str | 
             )
     assert answer.status_code == 200, answer.text
     assert (answer.json()['output'], answer.json()['finish_reason']) == ('The cardiologists are Dr', cut_off or 'stop')
+
+
+async def test_a_json_turn_says_which_requests_reported_no_usage(keys: Keys) -> None:
+    # A provider that reports no usage read as a measured 0 tokens in the JSON turn's `usage`, where `agentrt chat`
+    # says "tokens unknown" and the ledger `usage_reported = false` (QA).
+    with FakeOpenAI(lambda body: Reply(text='Nobody in Seattle matches.', reports_usage=False)).running() as fake:
+        async for client in _client(fake):
+            with pytest.warns(UsageLimitUnavailableWarning):  # pydantic-ai's, for a response without usage
+                response = await client.post(
+                    '/api/v1/conversations/no-usage/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+                )
+    assert response.status_code == 200, response.text
+    usage = response.json()['usage']
+    assert usage['requests'] == 1 and usage['unmeasured_requests'] == 1, usage
