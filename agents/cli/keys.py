@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -10,7 +11,18 @@ import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION, check_account
 from agentrt.agents.cli.output import text_cells
-from agentrt.agents.cli.support import EXIT_USAGE, console, err_console, error_line, operator_session, print_json, run
+from agentrt.agents.cli.pipes import reader_left
+from agentrt.agents.cli.support import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    console,
+    err_console,
+    error_line,
+    fail,
+    operator_session,
+    print_json,
+    run,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -46,13 +58,37 @@ def create(
     )
     if as_json:
         print_json({'key': created.token, **asdict(created.info)})
+    else:
+        typer.echo(created.token)
+    if not _delivered():
+        # Its only showing went nowhere: the key could never be used, and stayed active (exit 0, "store it now").
+        from agentrt.services.api_keys import revoke_api_key
+
+        run(operator_session, lambda s: revoke_api_key(session=s, key=created.info.public_id))
+        fail(
+            f'the key could not be printed (standard output is closed, or its reader left), and a key never shown '
+            f'cannot be used: {created.info.public_id} was revoked. Run the command again with its output kept',
+            EXIT_FAILURE,
+        )
+    if as_json:
         return
-    typer.echo(created.token)
     err_console.print(
         f'API key {created.info.public_id} for account {created.info.account_slug!r} '
         f'(scopes: {", ".join(created.info.scopes)}). Store it now: it is not shown again.',
         highlight=False,
     )
+
+
+def _delivered() -> bool:
+    """Whether what was printed reached standard output: it is open, and its reader did not leave."""
+    stream = sys.stdout
+    if stream is None:  # the descriptor was closed when the process started (`>&-`)
+        return False
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        return False
+    return not reader_left()
 
 
 @keys_app.command('list')

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import text
 
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import authenticate_api_key, forget_cached_api_keys
-from tests.agents.cli.helpers import invoke, run_cli
+from tests.agents.cli.helpers import ROOT, invoke, run_cli
 
 
 async def test_create_list_revoke(demo_data: None, database_url: str) -> None:
@@ -156,3 +160,17 @@ async def test_a_mistyped_whole_key_given_to_revoke_shows_none_of_its_secret(dat
         result = await invoke('keys', 'revoke', pasted, env={'DATABASE_URL': database_url})
         assert result.exit_code == 2 and result.stderr.startswith('error: not an API key id'), result.stderr
         assert 'Zq8Xw7' not in result.stderr and 'art_0123456789ab' in result.stderr, result.stderr
+
+
+async def test_a_key_whose_only_showing_went_nowhere_is_revoked(demo_data: None, database_url: str) -> None:
+    # With standard output closed (`>&-`) the key was made, never shown, left active, and the command said "Store it
+    # now" with exit 0: a credential nobody could use, and nobody revoked (QA).
+    command = f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name lost >&-'
+    env = {**os.environ, 'DATABASE_URL': database_url}
+    done = await asyncio.to_thread(
+        subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 1 and 'could not be printed' in done.stderr and 'was revoked' in done.stderr, done.stderr
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        revoked = await session.execute(text("SELECT revoked_at IS NOT NULL FROM api_keys WHERE name = 'lost'"))
+        assert revoked.scalar_one() is True
