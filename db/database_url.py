@@ -93,7 +93,7 @@ def _check_host_list(url: URL) -> None:
     """Refuse now a list of hosts SQLAlchemy's asyncpg dialect cannot connect to (libpq's `host=a,b` with one port, or
     ports missing): its `ArgumentError` came at the first connection, an internal error (QA)."""
     try:
-        PGDialect_asyncpg().create_connect_args(url)
+        PGDialect_asyncpg().create_connect_args(url)  # type: ignore[no-untyped-call]  # SQLAlchemy dialects are untyped
     except ArgumentError as exc:
         raise ConfigError(
             f'DATABASE_URL: its hosts cannot be used as given ({exc}); give each host with its port as a host '
