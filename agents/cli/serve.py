@@ -197,7 +197,32 @@ def _log_config(level: str) -> dict[str, Any]:
         'level': 'DEBUG' if debug else 'WARNING',
         'propagate': False,
     }
+    # Every other library's records too (SQLAlchemy's pool first): in the workers of `--workers N` they had no handler
+    # and went through Python's last-resort one, a bare traceback each (QA: "Exception closing connection ...
+    # CancelledError", 15 in a soak, for a pooled connection whose closing a dropped stream cancelled, which the pool
+    # discards: not reported, as the CLI's logging and `--workers 1` do not).
+    config['filters']['pool_close'] = {'()': 'agentrt.agents.cli.serve.CancelledCloseDropped', 'keep': debug}
+    config['handlers']['library'] = {
+        **LOGGING_CONFIG['handlers']['default'],
+        'filters': ['pool_close', 'outage', 'redact'],
+    }
+    config['root'] = {'handlers': ['library'], 'level': 'DEBUG' if debug else 'WARNING'}
     return config
+
+
+class CancelledCloseDropped(logging.Filter):
+    """Drop SQLAlchemy's pool record of a connection whose closing was cancelled (a client that dropped its stream
+    cancels the request's work): the pool discards the connection, nothing is wrong (`agents/cli/logs.py` drops it
+    from the CLI's logging alike). Kept with `keep` (`--log-level debug`)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for such a record; every other record passes."""
+        exc = record.exc_info[1] if record.exc_info else None
+        return self.keep or not (isinstance(exc, CancelledError) and record.name.startswith('sqlalchemy.pool'))
 
 
 class CutOffAsOneLine(logging.Filter):

@@ -147,3 +147,32 @@ def test_the_job_queues_connect_failures_go_through_serves_handlers(tmp_path: Pa
         'WARNING:  the job queue cannot connect to PostgreSQL (connection failed: password [REDACTED] refused); '
         'trying again'
     ], done.stderr
+
+
+# What SQLAlchemy's pool logs in a worker of `--workers N` when a dropped stream cancels a connection's closing, and a
+# library's warning with a secret in it.
+LIBRARIES = f"""
+import asyncio, logging.config, sys
+from agentrt.agents.cli.serve import _log_config
+
+logging.config.dictConfig(_log_config(sys.argv[1]))
+try:
+    raise asyncio.CancelledError()
+except asyncio.CancelledError as exc:
+    pool = logging.getLogger('sqlalchemy.pool.impl.AsyncAdaptedQueuePool')
+    pool.error('Exception closing connection %r', 'c', exc_info=exc)
+logging.getLogger('some.library').warning('could not reach %s', 'http://u:{SECRET}@host')
+"""
+
+
+@pytest.mark.parametrize('level', ['INFO', 'DEBUG'])
+def test_library_records_are_log_lines_and_a_cancelled_pool_close_is_not_one(tmp_path: Path, level: str) -> None:
+    # The workers of `agentrt serve --workers N` printed SQLAlchemy's pool record bare (Python's last-resort handler:
+    # no level, no redaction, 20 lines of traceback) for a connection the pool discards as it should (QA).
+    done = subprocess.run(
+        [sys.executable, '-c', LIBRARIES, level], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert ('Exception closing connection' in done.stderr) == (level == 'DEBUG'), done.stderr
+    [warned] = [line for line in done.stderr.splitlines() if 'could not reach' in line]
+    assert warned.startswith('WARNING:') and 'aB3dE5fG7hJ9' not in done.stderr, done.stderr
