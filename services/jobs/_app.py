@@ -264,7 +264,9 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
                 )
             settings = current_settings()
             where = mask_url(queue_conninfo(settings, get_engine().url))
-            if settings.pooled:  # the queue's connections go to PgBouncer, which may be what went away
+            # The queue's connections go to PgBouncer, which may be what went away; not a queue URL of its own (another
+            # address: PostgreSQL itself, as README "Running several workers" advises), once called PgBouncer (QA).
+            if settings.pooled and not listens(settings):
                 what, where = what.replace('PostgreSQL', 'its database'), f'{where} (PgBouncer)'
             return DatabaseUnavailableError(f'the job queue {what} at {where}: {detail}')
     return None

@@ -433,6 +433,20 @@ def test_the_queue_losing_pgbouncer_says_pgbouncer(monkeypatch: pytest.MonkeyPat
         assert re.match(r'the job queue lost PostgreSQL at \S+: server closed', str(lost)), str(lost)
 
 
+def test_a_queue_url_of_its_own_behind_a_pooled_database_url_is_postgresql(monkeypatch: pytest.MonkeyPatch) -> None:
+    # README's set-up: DATABASE_URL at PgBouncer, AGENTRT_QUEUE_DATABASE_URL at PostgreSQL itself. The worker's outage
+    # warning said "(PgBouncer)" of the direct address, sending the operator to PgBouncer (QA).
+    settings = current_settings()
+    monkeypatch.setattr(settings, 'pooler', 'pgbouncer')
+    monkeypatch.setattr(settings, 'database_url', 'postgresql://app:s3cret@127.0.0.1:6432/agents')
+    monkeypatch.setattr(settings, 'queue_database_url', 'postgresql://app:s3cret@127.0.0.1:5432/agents')
+    lost = queue_unavailable(psycopg.OperationalError('the database system is shutting down'), 'lost PostgreSQL')
+    assert lost is not None and str(lost).startswith(
+        'the job queue lost PostgreSQL at postgresql://app:***@127.0.0.1:5432'
+    )
+    assert 'PgBouncer' not in str(lost)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
