@@ -15,11 +15,14 @@ expected failure; it passes, failing the strict xfail, once pydantic-ai reports 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
+from pydantic_ai import Agent, CallToolsNode
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import UsageLimitUnavailableWarning
 from pydantic_ai.models import Model
 
@@ -195,6 +198,25 @@ async def test_a_failure_after_a_tool_round_saves_none_of_the_turn(
     assert statuses == [('complete', None), ('error', 'ModelServerError'), ('complete', None)]
 
 
+async def _marks_a_cut_stream(model: Model) -> bool:
+    """Whether the installed pydantic-ai marks a streamed answer that ended before its last event `incomplete`
+    (2.78 does; 2.68 takes it for complete), asked of a bare agent on the same server."""
+    states: list[str] = []
+
+    class _Seen(AbstractCapability[Any]):
+        async def before_node_run(self, ctx: Any, *, node: Any) -> Any:
+            if isinstance(node, CallToolsNode):
+                states.append(node.model_response.state)
+            return node
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # its response without usage
+        async with Agent(model, capabilities=[_Seen()]).run_stream_events('hi') as events:
+            async for _ in events:
+                pass
+    return states == ['incomplete']
+
+
 async def test_a_stream_that_ends_before_the_providers_last_event_is_not_saved(
     demo_data: None, clients: list[AsyncOpenAI]
 ) -> None:
@@ -204,6 +226,8 @@ async def test_a_stream_that_ends_before_the_providers_last_event_is_not_saved(
     session_id = 'ended-early'
     script = Faulty(Reply(text='Nobody in Seattle matches, and the rest of this', chunks=3, ends_early=True))
     with FakeOpenAI(script).running() as fake:
+        if not await _marks_a_cut_stream(loopback_model('responses', fake, clients, ANSWER_TIMEOUT_S)):
+            pytest.skip('this pydantic-ai (2.68) does not mark such a stream incomplete: it is saved, as README says')
         # Its usage came with the last event, which never came: pydantic-ai warns of a response without usage.
         with pytest.raises(ModelProviderError) as raised, pytest.warns(UsageLimitUnavailableWarning):
             await _turn(True, loopback_model('responses', fake, clients, ANSWER_TIMEOUT_S), session_id)
