@@ -162,7 +162,9 @@ def _limit_message(message: str, limits_given: bool = False) -> str:
     setting = LIMIT_SETTINGS.get(found.group(1)) if found else None
     # The caller's own `usage_limits=` replace the settings for the turn: naming a setting they never set misled.
     where = ' (the usage_limits given to this turn)' if limits_given else f' ({setting})' if setting else ''
-    return f'this turn reached its usage limit{where}: {message.rstrip(".")}; the turn stopped and was not saved'
+    shown = _DEVELOPER_ADVICE.sub('', message).rstrip('. ')  # "Consider raising the limit, or see the docs ...": not
+    # the caller's to follow over HTTP or in a chat (the setting named is the operator's)
+    return f'this turn reached its usage limit{where}: {shown}; the turn stopped and was not saved'
 
 
 def provider_error(exc: ModelAPIError, model_name: str | None = None) -> ModelProviderError:
@@ -213,8 +215,9 @@ def _redacted_body(body: object | None) -> str | None:
     return redact_text(text)[0]
 
 
-_DEVELOPER_ADVICE = re.compile(r'\.? Consider raising the retry limit, or see the docs on tool retries: \S+')
-"""pydantic-ai's advice to the agent's developer in its tool-retry error: a chat's user has no retry limit to raise."""
+_DEVELOPER_ADVICE = re.compile(r'\.? Consider raising the (?:retry )?limit, or see the docs on [^:]*: \S+')
+"""pydantic-ai's advice to the agent's developer in its tool-retry and usage-limit errors: a chat's user has no limit
+to raise."""
 
 
 def _for_the_user(message: str) -> str:

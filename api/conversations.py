@@ -161,7 +161,7 @@ async def messages(
     if_none_match: Annotated[
         str | None,
         Header(
-            max_length=200,
+            max_length=2000,
             description='A revision read before (the `ETag`): 304 with no body while the conversation is still at it.',
         ),
     ] = None,
@@ -355,8 +355,10 @@ def _malformed_tag(header: str | None) -> str | None:
 
     A tag without quotes is taken as the revision it spells (lenient, as before); one with a quote must be quoted.
     """
-    for tag in (header or '').split(','):
-        tag = tag.strip()
+    tags = [tag.strip() for tag in (header or '').split(',')]
+    if header is not None and header.strip() and not any(tags):
+        return header.strip()  # a list of no tag at all (`,`): nothing it could match
+    for tag in tags:
         quoted = tag.removeprefix('W/')
         if (tag.startswith('W/') or '"' in quoted) and not (
             len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' and '"' not in quoted[1:-1]

@@ -56,18 +56,22 @@ def create(
     created: NewApiKey = run(
         operator_session, lambda s: create_api_key(session=s, account=account, name=name, scopes=scope)
     )
-    if as_json:
-        print_json({'key': created.token, **asdict(created.info)})
-    else:
-        typer.echo(created.token)
-    if not _delivered():
+    try:
+        if as_json:
+            print_json({'key': created.token, **asdict(created.info)})
+        else:
+            typer.echo(created.token)
+        delivered = _delivered()
+    except OSError:  # a full disk under `> key.txt`: written in part, or not at all
+        delivered = False
+    if not delivered:
         # Its only showing went nowhere: the key could never be used, and stayed active (exit 0, "store it now").
         from agentrt.services.api_keys import revoke_api_key
 
         run(operator_session, lambda s: revoke_api_key(session=s, key=created.info.public_id))
         fail(
-            f'the key could not be printed (standard output is closed, or its reader left), and a key never shown '
-            f'cannot be used: {created.info.public_id} was revoked. Run the command again with its output kept',
+            'the key could not be printed (standard output is closed or full, or its reader left), and a key never '
+            f'shown cannot be used: {created.info.public_id} was revoked. Run the command again with its output kept',
             EXIT_FAILURE,
         )
     if as_json:

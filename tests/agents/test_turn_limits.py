@@ -82,6 +82,8 @@ async def test_a_turn_over_a_limit_stops_sends_nothing_more_and_saves_nothing(
     with pytest.raises(TurnLimitExceededError, match=names) as info:
         await _turn(QUESTION, 'limited', streamed)
     assert 'not saved' in str(info.value)
+    # pydantic-ai's advice to the developer ("Consider raising the limit, or see the docs ...") is no user's (QA).
+    assert 'Consider' not in str(info.value) and 'https://' not in str(info.value), str(info.value)
     assert isinstance(info.value.__cause__, UsageLimitExceeded)
     await get_request_tracker().flush()
     rows = await ledger_rows(chat_session_id='limited')

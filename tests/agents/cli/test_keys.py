@@ -165,12 +165,18 @@ async def test_a_mistyped_whole_key_given_to_revoke_shows_none_of_its_secret(dat
 async def test_a_key_whose_only_showing_went_nowhere_is_revoked(demo_data: None, database_url: str) -> None:
     # With standard output closed (`>&-`) the key was made, never shown, left active, and the command said "Store it
     # now" with exit 0: a credential nobody could use, and nobody revoked (QA).
-    command = f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name lost >&-'
-    env = {**os.environ, 'DATABASE_URL': database_url}
-    done = await asyncio.to_thread(
-        subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-    )
-    assert done.returncode == 1 and 'could not be printed' in done.stderr and 'was revoked' in done.stderr, done.stderr
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        revoked = await session.execute(text("SELECT revoked_at IS NOT NULL FROM api_keys WHERE name = 'lost'"))
-        assert revoked.scalar_one() is True
+    # And to a full disk (`> key.txt`): an internal error, the key left active (QA).
+    for name, redirect in (('lost', '>&-'), ('full', '> /dev/full')):
+        command = (
+            f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name {name} '
+            f'{redirect}'
+        )
+        env = {**os.environ, 'DATABASE_URL': database_url}
+        done = await asyncio.to_thread(
+            subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+        )
+        assert done.returncode == 1 and 'could not be printed' in done.stderr, (name, done.stderr)
+        assert 'was revoked' in done.stderr, (name, done.stderr)
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            query = text('SELECT revoked_at IS NOT NULL FROM api_keys WHERE name = :name')
+            assert (await session.execute(query, {'name': name})).scalar_one() is True, name
