@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from prompt_toolkit.buffer import Buffer
-    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.history import FileHistory, History
     from prompt_toolkit.key_binding import KeyBindings
 
 from agentrt.agents.cli.support import console, err_console
@@ -214,11 +214,11 @@ class TerminalLines:
         """`max_chars`: a line stops growing there, and `read()` refuses it as too long (None: no limit)."""
         from prompt_toolkit import PromptSession
         from prompt_toolkit.formatted_text import HTML
-        from prompt_toolkit.history import History, InMemoryHistory
 
         self._armed = False  # Ctrl-C was pressed at an empty prompt: a second one leaves
         self._max_chars = max_chars
         self._untaken = 0  # characters typed or pasted past `max_chars` into the line being read
+        self._taking = False  # an insertion of `_take` is under way
         self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
         stored = _private_file(history) if history is not None else None
         self._history_path = history
@@ -227,7 +227,10 @@ class TerminalLines:
         # was silently no history at all.
         self._history_refused = stored if isinstance(stored, str) else None
         self._history_told = False
-        kept: History = self._history_file if self._history_file is not None else InMemoryHistory()
+        kept: History = self._history_file if self._history_file is not None else _memory_history()
+        # A line refused as too long is not kept: kept cut to the limit, Up then Enter sent the cut text, silently
+        # another question (QA).
+        kept.refuses = lambda: self._untaken > 0  # type: ignore[attr-defined]  # both classes below have it
         self._session: PromptSession[str] = PromptSession(
             history=kept,
             key_bindings=self._key_bindings(),
@@ -274,6 +277,11 @@ class TerminalLines:
 
     def _disarm(self, _: object) -> None:
         self._armed = False
+        if not self._taking:
+            # Any change but an insertion (Backspace, Ctrl-U, Ctrl-C's clearing, a history line): the line is what
+            # the person now sees and chose, not the one that stopped growing; its length judged so. It was refused
+            # with the length of text long deleted ("45 characters; the limit is 40" of a short line: QA).
+            self._untaken = 0
 
     def _take(self, buffer: Buffer, text: str) -> None:
         """Insert `text` up to the limit; count the rest (a line is never sent cut short: `read()` refuses it)."""
@@ -283,7 +291,11 @@ class TerminalLines:
                 self._untaken += len(text) - room
                 text = text[:room]
         if text:
-            buffer.insert_text(text)
+            self._taking = True
+            try:
+                buffer.insert_text(text)
+            finally:
+                self._taking = False
 
     def _key_bindings(self) -> KeyBindings:
         from prompt_toolkit.application import run_in_terminal
@@ -316,7 +328,8 @@ class TerminalLines:
         def _interrupt(event: KeyPressEvent) -> None:
             buffer = event.app.current_buffer
             if buffer.text:
-                buffer.reset()
+                buffer.reset()  # (no text-changed event: the count of what did not fit is cleared here)
+                self._untaken = 0
             elif self._armed:
                 event.app.exit(exception=EOFError())
             else:
@@ -324,6 +337,20 @@ class TerminalLines:
                 run_in_terminal(lambda: console.print(LEAVE_HINT, style='dim', highlight=False))
 
         return bindings
+
+
+def _memory_history() -> History:
+    """prompt_toolkit's history in memory, which keeps no line `refuses` says not to (`_kept_history` alike)."""
+    from prompt_toolkit.history import InMemoryHistory
+
+    class MemoryHistory(InMemoryHistory):
+        refuses: Callable[[], bool] = staticmethod(lambda: False)
+
+        def append_string(self, string: str) -> None:
+            if not self.refuses():
+                super().append_string(string)
+
+    return MemoryHistory()
 
 
 def _kept_history(path: Path) -> FileHistory:
@@ -334,6 +361,11 @@ def _kept_history(path: Path) -> FileHistory:
 
     class KeptHistory(FileHistory):
         failure: str | None = None
+        refuses: Callable[[], bool] = staticmethod(lambda: False)  # the line being accepted is not to be kept
+
+        def append_string(self, string: str) -> None:
+            if not self.refuses():
+                super().append_string(string)
 
         def load_history_strings(self) -> Iterable[str]:
             try:

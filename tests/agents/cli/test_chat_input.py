@@ -40,6 +40,39 @@ async def test_a_bracketed_paste_past_the_limit_is_refused_and_one_within_it_is_
     assert await lines.read() == 'two\nlines'
 
 
+@pytest.mark.parametrize(
+    ('edit', 'sent'),
+    [
+        ('\x03', 'Cardiologists'),  # Ctrl-C clears the line
+        ('\x15', 'Cardiologists'),  # Ctrl-U deletes to its start
+        ('\x7f' * 30, 'x' * 10 + 'Cardiologists'),  # Backspace: what is left is what is seen, and sent
+    ],
+    ids=['ctrl-c', 'ctrl-u', 'backspace'],
+)
+async def test_a_line_cleared_or_shortened_after_it_stopped_growing_is_judged_as_it_is(
+    keys: PipeInput, edit: str, sent: str
+) -> None:
+    # The characters past the limit were still counted after the line was cleared or shortened: a short line was then
+    # refused, with a length it never had ("25 characters long; the limit is 30") (QA).
+    lines = TerminalLines(None, max_chars=40)
+    keys.send_text('\x1b[200~' + 'x' * 60 + '\x1b[201~' + edit + 'Cardiologists\r')
+    assert await lines.read() == sent
+
+
+async def test_a_line_refused_as_too_long_is_not_kept_in_history(keys: PipeInput, tmp_path: Path) -> None:
+    # It was kept cut to the limit: Up then Enter sent the cut text, silently another question (QA).
+    history = tmp_path / 'history'
+    lines = TerminalLines(history, max_chars=20)
+    keys.send_text('\x1b[200~Dermatologists in Boston who take Medicare\x1b[201~\r')
+    with pytest.raises(InvalidInputError, match='is 42 characters long'):
+        await lines.read()
+    keys.send_text('short one\r')
+    assert await lines.read() == 'short one'
+    keys.send_text('\x1b[A\x1b[A\r')  # Up twice: the line before 'short one' is none
+    assert await lines.read() == 'short one'
+    assert 'Dermatologists' not in history.read_text()
+
+
 async def test_a_long_typed_line_keeps_no_copy_of_itself_per_key(keys: PipeInput) -> None:
     # prompt_toolkit kept an undo step, a copy of the whole line, for every key: a megabyte typed took gigabytes.
     lines = TerminalLines(None, max_chars=20_000)
