@@ -283,7 +283,9 @@ def clear_cut_short_lock(data_dir: Path) -> None:
     A postmaster killed as it started (or a power cut) leaves one: the wheel asserts eight lines, and every later
     command failed with its AssertionError until the file was deleted by hand (QA). A live PostgreSQL still writing
     its file is waited for (`_CUT_SHORT_WAIT_S`); an empty file, which names no process, is taken for left behind once
-    it is that old.
+    it is that old. A whole file whose pid now names a live process that is no PostgreSQL (a killed postmaster's, the
+    pid reused since: in a restarted container pids repeat) is removed too: the wheel took the server for running and
+    every command failed to connect (QA).
 
     Raises:
         EmbeddedPostgresError: a live PostgreSQL process holds the file and has not finished writing it.
@@ -296,9 +298,11 @@ def clear_cut_short_lock(data_dir: Path) -> None:
             age = time.time() - path.stat().st_mtime
         except OSError:
             return  # none (or unreadable: the wheel's own read says why)
-        if len(lines) >= LOCK_FILE_LINES:
-            return
         pid = _number(lines[0]) if lines else None
+        if len(lines) >= LOCK_FILE_LINES:
+            if pid is not None and pid > 0 and psutil.pid_exists(pid) and not _is_postgres(pid):
+                break  # whole, but its pid is another process's now (a container restarted: pids repeat)
+            return  # the wheel's to judge: a dead pid's file it takes for stale
         if pid is not None and pid < 0:
             return  # a single-user process's: `check_no_single_user_lock`
         writing = _is_postgres(pid) if pid is not None else age < _CUT_SHORT_WAIT_S
@@ -311,11 +315,13 @@ def clear_cut_short_lock(data_dir: Path) -> None:
             )
         time.sleep(0.1)
     logger.warning(
-        'embedded PostgreSQL in %s: removing a lock file cut short (%d of %d lines) of a server that is gone%s',
+        'embedded PostgreSQL in %s: removing a lock file (%d of its %d lines) of a server that is gone%s',
         data_dir,
         len(lines),
         LOCK_FILE_LINES,
-        f' (pid {pid})' if pid is not None else '',
+        f' (pid {pid}{", now another process" if pid is not None and psutil.pid_exists(pid) else ""})'
+        if pid is not None
+        else '',
     )
     path.unlink(missing_ok=True)
 

@@ -363,7 +363,21 @@ def test_a_lock_file_cut_short_by_a_postmaster_that_is_gone_is_removed(
     with caplog.at_level('WARNING', logger='agentrt.db'):
         clear_cut_short_lock(data_dir)
     assert not lock.exists()
-    assert 'removing a lock file cut short' in caplog.text
+    assert 'removing a lock file' in caplog.text
+
+
+def test_a_whole_lock_file_whose_pid_is_now_another_process_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A killed postmaster's whole file, its pid reused by a process that is no PostgreSQL (this test's own): the wheel
+    # took the server for running, and every command failed to connect to it until the file was deleted (QA).
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir()
+    lock = data_dir / 'postmaster.pid'
+    lock.write_text(f'{os.getpid()}\n{data_dir}\n1796580907\n5432\n{data_dir}\n\n  0 0\nready\n')
+    with caplog.at_level('WARNING', logger='agentrt.db'):
+        clear_cut_short_lock(data_dir)
+    assert not lock.exists() and 'removing a lock file' in caplog.text
 
 
 def test_a_whole_lock_file_and_a_live_postgres_writing_one_are_kept(tmp_path: Path) -> None:
