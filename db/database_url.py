@@ -66,6 +66,8 @@ def parse_database_url(value: str) -> URL:
     Raises:
         ConfigError: naming `DATABASE_URL`, and the parameter, when something is wrong with it.
     """
+    if ',' in _netloc(value.strip()):  # libpq's `postgresql://h1:5432,h2:5432/db`: one URL host of a list
+        raise ConfigError(_HOST_LIST)
     try:
         url = make_url(value.strip())
     except (ArgumentError, ValueError) as exc:
@@ -83,10 +85,24 @@ def parse_database_url(value: str) -> URL:
             _check_host(host.strip())
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
+        if ',' in port:  # libpq's list of ports, one a host
+            raise ConfigError(_HOST_LIST)
         _check_port(_integer(port, 'port'), 'the port parameter')
     stripped, _ = asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
     _check_host_list(stripped.set(drivername='postgresql+asyncpg'))
     return url.set(drivername='postgresql+asyncpg')
+
+
+_HOST_LIST = (
+    'DATABASE_URL: a list of hosts goes in host parameters, each with its port: '
+    'postgresql://user:password@/database?host=db1:5432&host=db2:5432 (libpq\'s host1,host2 form is not read)'
+)
+
+
+def _netloc(value: str) -> str:
+    """The part of a URL between `//` and the path: its user, password, hosts and ports."""
+    rest = value.split('://', 1)[1] if '://' in value else ''
+    return rest.split('/', 1)[0].split('?', 1)[0].rsplit('@', 1)[-1]
 
 
 def _check_host_list(url: URL) -> None:
@@ -95,10 +111,7 @@ def _check_host_list(url: URL) -> None:
     try:
         PGDialect_asyncpg().create_connect_args(url)  # type: ignore[no-untyped-call]  # SQLAlchemy dialects are untyped
     except ArgumentError as exc:
-        raise ConfigError(
-            f'DATABASE_URL: its hosts cannot be used as given ({exc}); give each host with its port as a host '
-            'parameter of its own: ?host=db1:5432&host=db2:5432'
-        ) from None
+        raise ConfigError(f'{_HOST_LIST}; as given: {exc}') from None
 
 
 def _check_host(host: str | None) -> None:

@@ -41,6 +41,16 @@ def test_libpq_parameters_become_asyncpg_arguments(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    'url', ['postgresql://app:s3cret@h1,h2/app', 'postgresql://app:s3cret@localhost:5432,localhost:5433/app']
+)
+def test_libpqs_host_list_in_the_url_says_the_form_that_works(url: str) -> None:
+    # "Name or service not known" at the first connection, or "not a valid URL (invalid literal for int() ...)" (QA).
+    with pytest.raises(ConfigError, match=r'\?host=db1:5432&host=db2:5432') as raised:
+        parse_database_url(url)
+    assert 's3cret' not in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ('query', 'words'),
     [
         ('sslmode=sometimes', 'sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full'),
@@ -56,8 +66,9 @@ def test_libpq_parameters_become_asyncpg_arguments(tmp_path: Path) -> None:
         ('port=70000&host=/tmp', 'port parameter must be 1 to 65535'),
         # libpq's comma lists, which the dialect cannot connect to: its ArgumentError came at the first connection, an
         # internal error; and a NUL, which the server refused as a malformed startup packet ("unavailable") (QA).
-        ('host=127.0.0.9,127.0.0.1&port=5432', 'give each host with its port as a host parameter of its own'),
+        ('host=127.0.0.9,127.0.0.1&port=5432', 'a list of hosts goes in host parameters, each with its port'),
         ('host=127.0.0.1:5433,127.0.0.1:5432', 'All ports are required'),
+        ('host=/run/a,/run/b&port=5432,5432', 'a list of hosts goes in host parameters'),
         ('application_name=%00x', "parameter 'application_name' holds a NUL character"),
     ],
 )
