@@ -95,7 +95,7 @@ def parse_database_url(value: str) -> URL:
 
 _HOST_LIST = (
     'DATABASE_URL: a list of hosts goes in host parameters, each with its port: '
-    'postgresql://user:password@/database?host=db1:5432&host=db2:5432 (libpq\'s host1,host2 form is not read)'
+    "postgresql://user:password@/database?host=db1:5432&host=db2:5432 (libpq's host1,host2 form is not read)"
 )
 
 
