@@ -7,6 +7,7 @@ listing filter by account), so another account's conversation id is simply not f
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -197,10 +198,12 @@ async def messages(
     # Megabytes for a long conversation: dumped and encoded off the event loop (`conversation_body`), the same bytes
     # FastAPI made of the `ConversationMessages` this route returned; the page goes along, to be freed there too.
     # The revision as an entity tag too, for a conditional DELETE (`If-Match`) without reading the body.
-    headers = {'ETag': f'"{page.revision}"'} if page.revision is not None else None
-    # A client polling a conversation it holds gets 304 instead of megabytes: a revision's messages never change, and
-    # the rest of the body follows from the URL (format, limit, before), which the client's cache is keyed by.
-    if page.revision is not None and if_none_match is not None and _none_match(if_none_match, page.revision):
+    tag = entity_tag(page.revision, page.title) if page.revision is not None else None
+    headers = {'ETag': f'"{tag}"'} if tag is not None else None
+    # A client polling a conversation it holds gets 304 instead of megabytes: a revision's messages never change, the
+    # title is in the tag (it changes without a new revision), and the rest of the body follows from the URL (format,
+    # limit, before), which the client's cache is keyed by.
+    if tag is not None and if_none_match is not None and _none_match(if_none_match, tag):
         return Response(status_code=304, headers=headers)
     encoding = off_loop_taking(
         functools.partial(messages_body, conversation_id=conversation_id, format=format, earlier_cursor=earlier_cursor),
@@ -245,7 +248,7 @@ async def delete(
             f'If-Match: {malformed!r} is not an entity tag: send a revision this API returned, in double quotes',
             field='If-Match',
         )
-    named = _revisions(if_match)
+    named = [revision_of(tag) for tag in _revisions(if_match)]  # a GET's ETag names its revision
     # Without If-Match (or with `*`) whatever revision is there is deleted: a turn saved between the read and the
     # delete is read again, not a 409 the caller (who named no revision) could only answer by sending the same again.
     for attempt in range(1 if named else UNCONDITIONAL_DELETE_ATTEMPTS):
@@ -367,10 +370,28 @@ def _malformed_tag(header: str | None) -> str | None:
     return None
 
 
-def _none_match(if_none_match: str, revision: str) -> bool:
-    """Whether an `If-None-Match` header names `revision` (RFC 9110: weak comparison, so `W/"..."` names it too; `*`
-    names any current revision)."""
-    return if_none_match.strip() == '*' or revision in _revisions(if_none_match)
+_TITLE_MARK = '.t'
+"""Between the revision and the title's digest in an entity tag (a revision, pydantic-ai's UUID, holds no dot)."""
+
+
+def entity_tag(revision: str, title: str | None) -> str:
+    """The `ETag` of a conversation's messages (unquoted): its revision, and a digest of its title, which is in the body
+    and changes without a new revision (`update(title=...)`, a title made in the background): with the revision alone,
+    a renamed conversation was a 304 (QA)."""
+    digest = hashlib.sha256((title or '').encode('utf-8', 'surrogatepass')).hexdigest()[:8]
+    return f'{revision}{_TITLE_MARK}{digest}'
+
+
+def revision_of(tag: str) -> str:
+    """The revision an entity tag names: an `entity_tag`'s, or a bare revision (the body's `revision`) as it is."""
+    head, mark, digest = tag.rpartition(_TITLE_MARK)
+    return head if mark and len(digest) == 8 and all(c in '0123456789abcdef' for c in digest) else tag
+
+
+def _none_match(if_none_match: str, tag: str) -> bool:
+    """Whether an `If-None-Match` header names `tag` (RFC 9110: weak comparison, so `W/"..."` names it too; `*`
+    names any current one)."""
+    return if_none_match.strip() == '*' or tag in _revisions(if_none_match)
 
 
 def _revisions(if_match: str | None) -> list[str]:

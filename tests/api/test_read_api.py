@@ -11,7 +11,9 @@ import httpx2
 import jsonschema_rs
 import pytest
 
+from agentrt.api.conversations import entity_tag
 from agentrt.services.background import get_supervisor
+from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request_tracker
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body
@@ -155,7 +157,9 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
 
     read = await client.get(path, headers=auth(keys.acme))
     vercel = read.json()
-    assert read.headers['etag'] == f'"{vercel["revision"]}"'  # the revision as an entity tag, for If-Match
+    # The revision and the title's digest as the entity tag: for If-None-Match, and If-Match takes it (or the revision).
+    assert read.headers['etag'] == f'"{entity_tag(vercel["revision"], vercel["title"])}"'
+    assert read.headers['etag'].startswith(f'"{vercel["revision"]}.t')
     # Polling with the tag: 304 and no body while the revision stands (weak or listed tags too), the body when not.
     for tag in (read.headers['etag'], f'W/{read.headers["etag"]}', f'"other", {read.headers["etag"]}', '*'):
         unchanged = await client.get(path, headers={**auth(keys.acme), 'If-None-Match': tag})
@@ -171,6 +175,12 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     native = (await client.get(path, params={'format': 'pydantic'}, headers=auth(keys.acme))).json()
     assert [m['kind'] for m in native['messages']][:2] == ['request', 'response']
 
+    # Renamed (a title changes without a new revision): the tag changes, so a poll gets the new title, not a 304 (QA).
+    store = PostgresConversationStore(await account_id('acme-health'))
+    await store.update(path.rsplit('/', 1)[1], title='Renamed by me')
+    renamed = await client.get(path, headers={**auth(keys.acme), 'If-None-Match': read.headers['etag']})
+    assert renamed.status_code == 200 and renamed.json()['title'] == 'Renamed by me', renamed.status_code
+    assert renamed.headers['etag'] != read.headers['etag'] and renamed.json()['revision'] == vercel['revision']
     stale = await client.delete(path, headers={**auth(keys.acme), 'If-Match': '"not-the-revision"'})
     assert stale.status_code == 409
     stale_list = '"not-it", "nor-this"'
@@ -180,9 +190,9 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     assert empty_list.status_code == 422 and empty_list.json()['field'] == 'If-Match', empty_list.text
     # A list of tags matches when one does (RFC 9110; the list was read as one tag, a 409), a weak validator names the
     # same revision (it was a 409).
-    listed = ', '.join([*(f'"not-it-{n:032}"' for n in range(6)), f'W/"{vercel["revision"]}"'])  # 290 characters
+    listed = ', '.join([*(f'"not-it-{n:032}"' for n in range(6)), f'W/{renamed.headers["etag"]}'])  # 300 characters
     gone = await client.delete(path, headers={**auth(keys.acme), 'If-Match': listed})
-    assert gone.status_code == 204
+    assert gone.status_code == 204  # the GET's ETag names its revision
     assert (await client.get(path, headers=auth(keys.acme))).status_code == 404
     assert (await client.delete(path, headers=auth(keys.acme))).status_code == 404
     # `If-Match: *`: whatever revision exists (RFC 9110); it was taken for a revision named "*", a 409

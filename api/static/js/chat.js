@@ -176,13 +176,11 @@ export function createChatView() {
   let readingAt = null;
   let earlierCursor = null; // where the messages shown begin (the server's `earlier_cursor`), or null from the first
   let history = 0; // counts the histories shown: a page of older messages that arrives after another is not shown
-  // The conversation's revision as last shown or saved here (its ETag), and the one checked just before a send: a turn
-  // another tab or client saved meanwhile is shown before this tab's next message (it went unseen, and the answer
-  // followed a question this tab never showed).
+  // The conversation's entity tag (its revision and title) as last shown or saved here, and the one checked just
+  // before a send: a turn another tab or client saved meanwhile is shown before this tab's next message (it went
+  // unseen, and the answer followed a question this tab never showed).
   let knownRevision = null;
   let storedTitle = null; // the conversation's title as the server holds it, when it has one
-  let checkedRevision = null;
-  let checking = false;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -450,10 +448,12 @@ export function createChatView() {
     setLoading(loadingNote);
     try {
       const path = `/conversations/${encodeURIComponent(wanted)}`;
-      const data = await getJson(path, { format: 'vercel', limit: String(HISTORY_MESSAGES) });
+      const response = await request('GET', path, { params: { format: 'vercel', limit: String(HISTORY_MESSAGES) } });
+      const data = await response.json();
       if (conversationId !== wanted) return;
       transcript.replaceChildren();
-      knownRevision = data.revision ?? null;
+      // The entity tag, not the body's revision: a title changed under the same revision changes the tag too.
+      knownRevision = response.headers.get('ETag');
       storedTitle = data.title || null;
       // The conversation's title, whichever page is loaded (it was the first question of the latest page loaded,
       // and changed as older pages were).
@@ -539,6 +539,21 @@ export function createChatView() {
     setBusy(true);
     let response = null;
     try {
+      if (knownRevision && !isFirst) {
+        // Saved by another tab or client since it was shown here? Then its turns are shown first, this message after
+        // them: the answer followed a question this tab never showed, with nothing on screen to say why (QA).
+        const latest = await latestIfChanged(sending, knownRevision, ownController.signal);
+        if (latest && conversationId === sending) {
+          transcript.replaceChildren();
+          storedTitle = latest.data.title || storedTitle;
+          renderHistory(latest.data.messages);
+          setEarlier(latest.data.earlier ? (latest.data.earlier_cursor ?? null) : null);
+          transcript.append(mine, turn.element);
+          if (storedTitle) setHead(storedTitle);
+          knownRevision = latest.tag;
+          toEnd();
+        }
+      }
       response = await postChat(
         {
           trigger: 'submit-message',
@@ -600,26 +615,31 @@ export function createChatView() {
         params: { format: 'vercel', limit: '1' },
         key: session.key,
       });
-      const data = await response.json();
-      if (conversationId === id && !controller) knownRevision = data.revision ?? null;
+      if (conversationId === id && !controller) knownRevision = response.headers.get('ETag');
     } catch {
       // Unknown: the next send is not checked; the server still refuses one that races another (409).
     }
   }
 
-  /** Whether conversation `id` was saved by someone else since it was shown here (at `revision`): one cheap
-   * conditional read, a 304 when not. A read that fails says "not changed": the send goes on as before. */
-  async function changedElsewhere(id, revision) {
+  /**
+   * Conversation `id`'s latest messages when it was saved by someone else since this tab showed or saved it (at entity
+   * tag `tag`), else null: one conditional read, a 304 when it was not. A read that fails is taken for "not changed"
+   * (the send goes on, as before; the server still refuses a turn racing another). Aborted with `signal` (Stop).
+   */
+  async function latestIfChanged(id, tag, signal) {
+    let response;
     try {
-      await request('GET', `/conversations/${encodeURIComponent(id)}`, {
-        params: { format: 'vercel', limit: '1' },
-        headers: { 'If-None-Match': `"${revision}"` },
+      response = await request('GET', `/conversations/${encodeURIComponent(id)}`, {
+        params: { format: 'vercel', limit: String(HISTORY_MESSAGES) },
+        headers: { 'If-None-Match': tag }, // the ETag as it came, quotes and all
         key: session.key, // a 401 is the send's to find out, with its message kept (pending.js)
+        signal,
       });
-      return true; // a 200: another revision
-    } catch {
-      return false; // 304 (the same revision), or the read failed
+    } catch (error) {
+      if (error.name === 'AbortError') throw error;
+      return null; // 304 (the same), or the read failed
     }
+    return { data: await response.json(), tag: response.headers.get('ETag') };
   }
 
   form.addEventListener('submit', (event) => {
@@ -638,21 +658,6 @@ export function createChatView() {
     const bad = conversationId && badConversationId(conversationId);
     if (bad) {
       notice.replaceChildren(alertBox(bad)); // the message stays in the box
-      return;
-    }
-    if (checking) return; // the check below is under way: its end sends the message
-    if (conversationId && knownRevision && checkedRevision !== knownRevision && !stale) {
-      // Saved by another tab or client since it was shown here? Then that turn is shown first (the stale path below).
-      const id = conversationId;
-      const revision = knownRevision;
-      checking = true;
-      changedElsewhere(id, revision).then((changed) => {
-        checking = false;
-        if (conversationId !== id || !element.isConnected) return;
-        if (changed) stale = true;
-        else checkedRevision = revision;
-        form.requestSubmit();
-      });
       return;
     }
     if (stale && conversationId) {
