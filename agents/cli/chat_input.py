@@ -235,6 +235,7 @@ class TerminalLines:
             history=kept,
             key_bindings=self._key_bindings(),
             enable_history_search=False,
+            search_ignore_case=True,  # Ctrl-R: `derm` finds "Dermatologists in Boston", as a shell's search does
         )
         self._session.default_buffer.on_text_changed += self._disarm
 

@@ -73,6 +73,15 @@ async def test_a_line_refused_as_too_long_is_not_kept_in_history(keys: PipeInput
     assert 'Dermatologists' not in history.read_text()
 
 
+async def test_ctrl_r_finds_an_earlier_line_whatever_its_case(keys: PipeInput) -> None:
+    # prompt_toolkit's search is case-sensitive by default: `derm` did not find "Dermatologists in Boston" (QA).
+    lines = TerminalLines(None)
+    keys.send_text('Dermatologists in Boston\r')
+    assert await lines.read() == 'Dermatologists in Boston'
+    keys.send_text('\x12derm\r\r')  # Ctrl-R, the search, Enter to take the line found, Enter to send it
+    assert await lines.read() == 'Dermatologists in Boston'
+
+
 async def test_a_long_typed_line_keeps_no_copy_of_itself_per_key(keys: PipeInput) -> None:
     # prompt_toolkit kept an undo step, a copy of the whole line, for every key: a megabyte typed took gigabytes.
     lines = TerminalLines(None, max_chars=20_000)
