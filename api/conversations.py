@@ -163,7 +163,8 @@ async def messages(
         str | None,
         Header(
             max_length=2000,
-            description='A revision read before (the `ETag`): 304 with no body while the conversation is still at it.',
+            description='An `ETag` read before: 304 with no body while the conversation (its revision and title) is '
+            'still as it was.',
         ),
     ] = None,
 ) -> Response:
@@ -197,7 +198,7 @@ async def messages(
     )
     # Megabytes for a long conversation: dumped and encoded off the event loop (`conversation_body`), the same bytes
     # FastAPI made of the `ConversationMessages` this route returned; the page goes along, to be freed there too.
-    # The revision as an entity tag too, for a conditional DELETE (`If-Match`) without reading the body.
+    # The entity tag (`entity_tag`) names the revision too, for a conditional DELETE (`If-Match`) without the body.
     tag = entity_tag(page.revision, page.title) if page.revision is not None else None
     headers = {'ETag': f'"{tag}"'} if tag is not None else None
     # A client polling a conversation it holds gets 304 instead of megabytes: a revision's messages never change, the

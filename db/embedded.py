@@ -46,7 +46,7 @@ from agentrt.db.embedded_datadir import (
     check_not_foreign,
     check_runtime_dir,
     check_writable,
-    clear_cut_short_lock,
+    clear_stale_lock,
     holds_json,
     lock_file_pid,
     log_lines,
@@ -170,7 +170,7 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
         check_not_foreign(data_dir)
         check_major_version(data_dir)
         check_no_single_user_lock(data_dir)
-        clear_cut_short_lock(data_dir)
+        clear_stale_lock(data_dir)
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter('ignore')
         # This process's own id is stale when it left before (its leaving could not be recorded: a full disk).

@@ -276,9 +276,10 @@ _CUT_SHORT_WAIT_S = 5.0
 """How long a lock file cut short may be a postmaster's still writing it, before it is taken as left behind."""
 
 
-def clear_cut_short_lock(data_dir: Path) -> None:
-    """Remove a `postmaster.pid` cut short (empty, or fewer than `LOCK_FILE_LINES` lines) whose postmaster is gone,
-    as PostgreSQL itself takes a lock file of a dead process for stale (under the lifecycle lock).
+def clear_stale_lock(data_dir: Path) -> None:
+    """Remove a stale `postmaster.pid`: one cut short (empty, or fewer than `LOCK_FILE_LINES` lines) whose postmaster
+    is gone, or a whole one whose pid is now another process's, as PostgreSQL itself takes a lock file of a dead process
+    for stale (under the lifecycle lock).
 
     A postmaster killed as it started (or a power cut) leaves one: the wheel asserts eight lines, and every later
     command failed with its AssertionError until the file was deleted by hand (QA). A live PostgreSQL still writing

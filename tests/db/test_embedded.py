@@ -25,7 +25,7 @@ from agentrt.db.embedded_datadir import (
     USERS_FILE,
     bundled_major_version,
     check_no_single_user_lock,
-    clear_cut_short_lock,
+    clear_stale_lock,
 )
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
@@ -361,7 +361,7 @@ def test_a_lock_file_cut_short_by_a_postmaster_that_is_gone_is_removed(
     lock.write_text(content.format(dead=_dead_pid(), data_dir=data_dir, self=os.getpid()))
     os.utime(lock, (time.time() - 60, time.time() - 60))
     with caplog.at_level('WARNING', logger='agentrt.db'):
-        clear_cut_short_lock(data_dir)
+        clear_stale_lock(data_dir)
     assert not lock.exists()
     assert 'removing a lock file' in caplog.text
 
@@ -376,7 +376,7 @@ def test_a_whole_lock_file_whose_pid_is_now_another_process_is_removed(
     lock = data_dir / 'postmaster.pid'
     lock.write_text(f'{os.getpid()}\n{data_dir}\n1796580907\n5432\n{data_dir}\n\n  0 0\nready\n')
     with caplog.at_level('WARNING', logger='agentrt.db'):
-        clear_cut_short_lock(data_dir)
+        clear_stale_lock(data_dir)
     assert not lock.exists() and 'removing a lock file' in caplog.text
 
 
@@ -386,7 +386,7 @@ def test_a_whole_lock_file_and_a_live_postgres_writing_one_are_kept(tmp_path: Pa
     lock = data_dir / 'postmaster.pid'
     whole = f'{_dead_pid()}\n{data_dir}\n1796580907\n5432\n/tmp\nlocalhost\n  0 0\nready\n'
     lock.write_text(whole)
-    clear_cut_short_lock(data_dir)  # eight lines: the wheel's to judge (it takes a dead pid's for stale)
+    clear_stale_lock(data_dir)  # eight lines: the wheel's to judge (it takes a dead pid's for stale)
     assert lock.read_text() == whole
 
 

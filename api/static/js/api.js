@@ -18,13 +18,16 @@ export const session = {
   },
   /** Whether the key may read (its `read` scope): a `--scope chat` key may only chat. True when not known. */
   get mayRead() {
-    const scopes = this.me?.scopes;
-    return !Array.isArray(scopes) || scopes.includes('read');
+    return this.allows('read');
   },
   /** Whether the key may chat (its `chat` scope): a `--scope read` key may only read. True when not known. */
   get mayChat() {
+    return this.allows('chat');
+  },
+  /** Whether the key has `scope` (true when its scopes are not known: the server decides). */
+  allows(scope) {
     const scopes = this.me?.scopes;
-    return !Array.isArray(scopes) || scopes.includes('chat');
+    return !Array.isArray(scopes) || scopes.includes(scope);
   },
   signIn(key, me) {
     sessionStorage.setItem(KEY, key);

@@ -179,7 +179,7 @@ export function createChatView() {
   // The conversation's entity tag (its revision and title) as last shown or saved here, and the one checked just
   // before a send: a turn another tab or client saved meanwhile is shown before this tab's next message (it went
   // unseen, and the answer followed a question this tab never showed).
-  let knownRevision = null;
+  let knownTag = null;
   let storedTitle = null; // the conversation's title as the server holds it, when it has one
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
@@ -414,7 +414,7 @@ export function createChatView() {
     conversationId = wanted;
     shownId = wanted;
     if (!again) {
-      knownRevision = null; // another conversation's: until its history says
+      knownTag = null; // another conversation's: until its history says
       storedTitle = null;
     }
     history += 1; // a page of older messages on its way is not shown
@@ -451,15 +451,10 @@ export function createChatView() {
       const response = await request('GET', path, { params: { format: 'vercel', limit: String(HISTORY_MESSAGES) } });
       const data = await response.json();
       if (conversationId !== wanted) return;
-      transcript.replaceChildren();
-      // The entity tag, not the body's revision: a title changed under the same revision changes the tag too.
-      knownRevision = response.headers.get('ETag');
-      storedTitle = data.title || null;
       // The conversation's title, whichever page is loaded (it was the first question of the latest page loaded,
       // and changed as older pages were).
-      const first = renderHistory(data.messages);
+      const first = putHistory(data, response.headers.get('ETag'));
       setHead(storedTitle || first);
-      setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
       restorePending(wanted, data.messages);
       if (bad) notice.append(alertBox(STORED_BEFORE_THE_RULES, 'info'));
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
@@ -539,18 +534,14 @@ export function createChatView() {
     setBusy(true);
     let response = null;
     try {
-      if (knownRevision && !isFirst) {
+      if (knownTag && !isFirst) {
         // Saved by another tab or client since it was shown here? Then its turns are shown first, this message after
         // them: the answer followed a question this tab never showed, with nothing on screen to say why (QA).
-        const latest = await latestIfChanged(sending, knownRevision, ownController.signal);
+        const latest = await latestIfChanged(sending, knownTag, ownController.signal);
         if (latest && conversationId === sending) {
-          transcript.replaceChildren();
-          storedTitle = latest.data.title || storedTitle;
-          renderHistory(latest.data.messages);
-          setEarlier(latest.data.earlier ? (latest.data.earlier_cursor ?? null) : null);
+          putHistory(latest.data, latest.tag);
           transcript.append(mine, turn.element);
           if (storedTitle) setHead(storedTitle);
-          knownRevision = latest.tag;
           toEnd();
         }
       }
@@ -573,7 +564,7 @@ export function createChatView() {
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
       if (!turn.finished && !turn.failed) stale = true; // cut off: see `end()`
       turn.end();
-      if (turn.finished) learnRevision(sending);
+      if (turn.finished) learnTag(sending);
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
       else if (response === null) {
@@ -605,9 +596,22 @@ export function createChatView() {
     }
   }
 
-  /** The revision this tab's own turn saved on `id`, so that the next send can tell another's turn from it. */
-  async function learnRevision(id) {
-    knownRevision = null; // until known: the next send checks nothing rather than take its own turn for another's
+  /**
+   * The transcript made of `data` (a page of the conversation's latest messages, as the server holds it) and its
+   * entity tag `tag` (the response's ETag: the revision and the title, which changes under the same revision); the
+   * page's first user message.
+   */
+  function putHistory(data, tag) {
+    transcript.replaceChildren();
+    knownTag = tag;
+    storedTitle = data.title || null;
+    setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
+    return renderHistory(data.messages);
+  }
+
+  /** The entity tag of what this tab's own turn saved on `id`, so that the next send can tell another's turn from it. */
+  async function learnTag(id) {
+    knownTag = null; // until known: the next send checks nothing rather than take its own turn for another's
     try {
       // With the key given: a 401 here (a key revoked meanwhile) does not return the page to sign-in by itself; the
       // next send finds it out, with its message kept (pending.js).
@@ -615,7 +619,7 @@ export function createChatView() {
         params: { format: 'vercel', limit: '1' },
         key: session.key,
       });
-      if (conversationId === id && !controller) knownRevision = response.headers.get('ETag');
+      if (conversationId === id && !controller) knownTag = response.headers.get('ETag');
     } catch {
       // Unknown: the next send is not checked; the server still refuses one that races another (409).
     }
@@ -703,7 +707,7 @@ export function createChatView() {
     if (event.detail !== conversationId || controller) return;
     conversationId = null;
     shownId = null;
-    knownRevision = null;
+    knownTag = null;
     storedTitle = null;
     stale = false;
     history += 1;
