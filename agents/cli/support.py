@@ -77,27 +77,64 @@ class _UnwrappedWhenPiped(Console):
         a table printed for a file or a pipe is as wide as its widest row needs."""
         if soft_wrap is None and not self.is_terminal and all(isinstance(item, str) for item in objects):
             soft_wrap = True
-        natural = self._natural_width(objects) if self._unbounded() else None
-        if natural is None or natural <= self.width:
+        if self._unbounded():
+            needed = self._natural_width(objects)
+        else:
+            needed = self._least_width(objects)
+        if needed is None or needed <= self.width:
             super().print(*objects, soft_wrap=soft_wrap, **options)
             return
-        self._width = natural  # rich never renders wider than the console: widen it for this print only
+        given = self._width
+        self._width = needed  # rich never renders wider than the console: widen it for this print only
         try:
             super().print(*objects, soft_wrap=soft_wrap, **options)
         finally:
-            self._width = None
+            self._width = given
 
     def _natural_width(self, objects: tuple[Any, ...]) -> int | None:
         from rich.measure import Measurement
-        from rich.table import Table
 
-        tables = [item for item in objects if isinstance(item, Table)]
-        if not tables:
-            return None
         room = self.options.update_width(_NO_LIMIT)
-        return max(Measurement.get(self, room, table).maximum for table in tables)
+        widths = [Measurement.get(self, room, table).maximum for table in _tables(objects)]
+        return max(widths, default=None)
+
+    def _least_width(self, objects: tuple[Any, ...]) -> int | None:
+        """The width the tables among `objects` need in a terminal, each column given at least a few cells.
+
+        rich squeezes a table too wide for its terminal column by column, down to 0 cells when their padding alone
+        does not fit (`COLUMNS=30 agentrt costs`: the cost column printed empty). Each column of a table wider than
+        the terminal is kept to `_FEWEST_CELLS` (or its whole width when less), its cells folded into them, and the
+        table is given the width that needs when the terminal is narrower still (the terminal wraps its lines):
+        every cell is there.
+        """
+        from rich.measure import Measurement
+
+        room = self.options.update_width(_NO_LIMIT)
+        least: int | None = None
+        for table in _tables(objects):
+            natural = Measurement.get(self, room, table).maximum
+            if natural <= self.width:
+                continue
+            contents = [
+                max(Measurement.get(self, room, cell).maximum for cell in (column.header, *column.cells))
+                for column in table.columns
+            ]
+            for column, content in zip(table.columns, contents, strict=True):
+                if column.min_width is None:
+                    column.min_width = min(content, _FEWEST_CELLS)
+            frame = natural - sum(contents)  # padding, dividers and edges
+            width = frame + sum(column.min_width or 0 for column in table.columns)
+            least = width if least is None else max(least, width)
+        return least
 
 
+def _tables(objects: tuple[Any, ...]) -> list[Any]:
+    from rich.table import Table
+
+    return [item for item in objects if isinstance(item, Table)]
+
+
+_FEWEST_CELLS = 3  # a column of a squeezed table keeps at least this many cells (or its whole width when less)
 _NO_LIMIT = 1_000_000  # columns: a measure wide enough for any table's widest row
 
 

@@ -114,6 +114,23 @@ async def test_a_columns_that_is_no_positive_number_is_ignored(seeded: list[Ledg
         assert version.returncode == 0 and version.stdout.startswith('agentrt '), (columns, version.stderr)
 
 
+async def test_a_narrow_terminal_folds_every_cell_and_empties_none(
+    seeded: list[LedgerRecord], database_url: str
+) -> None:
+    # At COLUMNS=30 rich squeezed the costs table's last columns to 0 cells (the cost printed as nothing) and at 40
+    # `keys list`'s (QA): each column now keeps at least 3 cells, the table as wide as that needs.
+    env = {'DATABASE_URL': database_url}
+    args = ('costs', '--by', 'account', '--source', 'ledger')
+    for columns in (30, 40):
+        shown = await asyncio.to_thread(run_cli, *args, env=env, columns=columns)
+        assert shown.returncode == 0, shown.stderr
+        [acme] = [line for line in shown.stdout.splitlines() if '│ acm' in line]
+        cells = [cell.strip() for cell in acme.split('│')[1:-1]]
+        # acme: 2 requests, 1 failed, 0 cancelled, 2,400 tokens in; each cell's first line holds its start.
+        assert len(cells) == 8 and all(cells), (columns, shown.stdout)
+        assert cells[:5] == ['acm', '2', '1', '0', '2,4'], (columns, shown.stdout)
+
+
 @pytest.mark.parametrize('account', ['²', '١', '１'])
 async def test_an_account_of_digits_of_another_script_is_a_slug_not_an_id(database_url: str, account: str) -> None:
     # `isdigit` took them: `²` was an internal error (exit 70) and `١` (Arabic-Indic one) account 1, whose budget
