@@ -284,9 +284,9 @@ def clear_stale_lock(data_dir: Path) -> None:
     A postmaster killed as it started (or a power cut) leaves one: the wheel asserts eight lines, and every later
     command failed with its AssertionError until the file was deleted by hand (QA). A live PostgreSQL still writing
     its file is waited for (`_CUT_SHORT_WAIT_S`); an empty file, which names no process, is taken for left behind once
-    it is that old. A whole file whose pid now names a live process that is no PostgreSQL (a killed postmaster's, the
-    pid reused since: in a restarted container pids repeat) is removed too: the wheel took the server for running and
-    every command failed to connect (QA).
+    it is that old. A whole file whose pid now names a live process that is not this directory's PostgreSQL (a killed
+    postmaster's, the pid reused since, in a restarted container pids repeat, by any process or another cluster's
+    server) is removed too: the wheel took the server for running and every command failed to connect (QA).
 
     Raises:
         EmbeddedPostgresError: a live PostgreSQL process holds the file and has not finished writing it.
@@ -301,12 +301,12 @@ def clear_stale_lock(data_dir: Path) -> None:
             return  # none (or unreadable: the wheel's own read says why)
         pid = _number(lines[0]) if lines else None
         if len(lines) >= LOCK_FILE_LINES:
-            if pid is not None and pid > 0 and psutil.pid_exists(pid) and not _is_postgres(pid):
+            if pid is not None and pid > 0 and psutil.pid_exists(pid) and not _serves(pid, data_dir):
                 break  # whole, but its pid is another process's now (a container restarted: pids repeat)
             return  # the wheel's to judge: a dead pid's file it takes for stale
         if pid is not None and pid < 0:
             return  # a single-user process's: `check_no_single_user_lock`
-        writing = _is_postgres(pid) if pid is not None else age < _CUT_SHORT_WAIT_S
+        writing = _serves(pid, data_dir) if pid is not None else age < _CUT_SHORT_WAIT_S
         if not writing:
             break
         if time.monotonic() > deadline:
@@ -334,13 +334,20 @@ def _number(text: str) -> int | None:
         return None
 
 
-def _is_postgres(pid: int) -> bool:
-    """Whether `pid` is a live PostgreSQL process (not another process given a dead postmaster's pid since)."""
+def _serves(pid: int, data_dir: Path) -> bool:
+    """Whether `pid` is a live PostgreSQL process of the server in `data_dir`: not another process given a dead
+    postmaster's pid since, nor another cluster's server (a second data directory's, the system's PostgreSQL), whose
+    processes a reused pid lands on as easily; every command then failed to connect, or was told to stop that other
+    server (QA). A postmaster changes into its data directory before it writes its lock file, and its children
+    inherit that working directory."""
     try:
-        return 'postgres' in psutil.Process(pid).name()
+        process = psutil.Process(pid)
+        if 'postgres' not in process.name():
+            return False
+        return Path(process.cwd()).resolve() == data_dir.resolve()
     except psutil.NoSuchProcess:
         return False
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return True  # not ours to look at: taken as live, the file kept
 
 

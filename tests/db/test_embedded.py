@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,6 +379,38 @@ def test_a_whole_lock_file_whose_pid_is_now_another_process_is_removed(
     with caplog.at_level('WARNING', logger='agentrt.db'):
         clear_stale_lock(data_dir)
     assert not lock.exists() and 'removing a lock file' in caplog.text
+
+
+@pytest.mark.parametrize('whole', [True, False], ids=['whole', 'cut-short'])
+def test_a_lock_file_whose_pid_is_another_clusters_postgres_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, whole: bool
+) -> None:
+    # The pid reused by another cluster's server (a second data directory's, the system's PostgreSQL): taken for this
+    # directory's, every command failed to connect (whole file), or waited and was told to stop that server (QA). A
+    # process named postgres working in another directory stands in for it; in this data directory, it is its own.
+    data_dir, other = tmp_path / 'pgdata', tmp_path / 'other'
+    data_dir.mkdir()
+    other.mkdir()
+    postgres = tmp_path / 'postgres'
+    shutil.copy(shutil.which('sleep') or '/bin/sleep', postgres)
+    lock = data_dir / 'postmaster.pid'
+    for cwd, stale in ((other, True), (data_dir, False)):
+        process = subprocess.Popen([str(postgres), '60'], cwd=cwd)
+        try:
+            content = f'{process.pid}\n{data_dir}\n1796580907\n'
+            lock.write_text(content + ('5432\n/tmp\nlocalhost\n  0 0\nready\n' if whole else ''))
+            os.utime(lock, (time.time() - 3600, time.time() - 3600))
+            if not stale and not whole:
+                continue  # this directory's server still writing its file: waited for (the test below)
+            started = time.monotonic()
+            with caplog.at_level('WARNING', logger='agentrt.db'):
+                clear_stale_lock(data_dir)
+            assert lock.exists() is not stale, cwd
+            assert time.monotonic() - started < 2  # no wait for a server that is not this directory's
+        finally:
+            process.kill()
+            process.wait()
+    assert 'now another process' in caplog.text
 
 
 def test_a_whole_lock_file_and_a_live_postgres_writing_one_are_kept(tmp_path: Path) -> None:
