@@ -211,16 +211,26 @@ def validate_agent_arguments(*, model: object, toolsets: object, instructions: o
     if model is not None and not isinstance(model, str | Model):
         raise InvalidInputError.wrong_type('model', 'a model name, a pydantic-ai Model or None', model)
     if toolsets is not None:
-        _check_items(toolsets, 'toolsets', 'a pydantic-ai toolset', lambda item: isinstance(item, AbstractToolset))
+        # A sequence, as pydantic-ai's own `toolsets=` takes: one toolset alone is refused, and the message says so.
+        expected = 'a sequence of pydantic-ai toolsets, or None'
+        _check_items(toolsets, 'toolsets', 'a pydantic-ai toolset', expected, _is_toolset)
     if instructions is not None and not _instruction(instructions):
-        _check_items(instructions, 'instructions', 'text or a function of the run context', _instruction)
+        instruction = 'text or a function of the run context'
+        _check_items(
+            instructions, 'instructions', instruction, f'{instruction}, a sequence of them, or None', _instruction
+        )
 
 
-def _check_items(value: object, field: str, item: str, check: Callable[[object], bool]) -> None:
+def _is_toolset(item: object) -> bool:
+    return isinstance(item, AbstractToolset)
+
+
+def _check_items(value: object, field: str, item: str, expected: str, check: Callable[[object], bool]) -> None:
     """Refuse `value` unless it is a sequence (not text) whose every item passes `check`, naming the first that
-    does not (`toolsets[1] must be a pydantic-ai toolset, not str`): `not list` said nothing of what was wrong."""
+    does not (`toolsets[1] must be a pydantic-ai toolset, not str`): `not list` said nothing of what was wrong.
+    `expected` says what the argument may be, for a value that is no sequence."""
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-        raise InvalidInputError.wrong_type(field, f'{item}, a sequence of them, or None', value)
+        raise InvalidInputError.wrong_type(field, expected, value)
     for index, element in enumerate(value):
         if not check(element):
             raise InvalidInputError(

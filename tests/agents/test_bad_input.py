@@ -126,8 +126,10 @@ def test_an_agent_whose_deps_a_turn_can_give_is_accepted() -> None:
 ARGUMENT_CASES = [
     Case('model not a model', 'model', 123, 'model must be a model name, a pydantic-ai Model or None, not int'),
     Case('usage limits not UsageLimits', 'usage_limits', {'request_limit': 3}, 'not dict'),
-    Case('toolsets not a sequence', 'toolsets', 5, 'a pydantic-ai toolset, a sequence of them, or None, not int'),
+    Case('toolsets not a sequence', 'toolsets', 5, 'a sequence of pydantic-ai toolsets, or None, not int'),
     Case('toolsets a string', 'toolsets', 'directory', 'not str'),
+    # One toolset alone (pydantic-ai takes a sequence): the message said a toolset was accepted as it refused one (QA).
+    Case('one toolset alone', 'toolsets', FunctionToolset(), 'a sequence of pydantic-ai toolsets, or None, not Func'),
     # The item that is wrong, named (it said "not list" of a list).
     Case('toolsets of strings', 'toolsets', ['directory'], 'toolsets[0] must be a pydantic-ai toolset, not str'),
     Case('instructions a number', 'instructions', 5, 'not int'),
