@@ -355,7 +355,8 @@ router.add_api_route(
 
 
 def _malformed_tag(header: str | None) -> str | None:
-    """The first tag of an `If-Match` list whose double quotes do not enclose it (`"abc`, `W/abc`, `a"b`), or None.
+    """The first tag of an `If-Match` list whose double quotes do not enclose it (`"abc`, `W/abc`, `a"b`), or a `*`
+    in a list, or None.
 
     A tag without quotes is taken as the revision it spells (lenient, as before); one with a quote must be quoted.
     """
@@ -363,6 +364,8 @@ def _malformed_tag(header: str | None) -> str | None:
     if header is not None and header.strip() and not any(tags):
         return header.strip()  # a list of no tag at all (`,`): nothing it could match
     for tag in tags:
+        if tag == '*' and len(tags) > 1:
+            return tag  # `*` stands alone (RFC 9110): in a list it was taken for a revision `*`, a 409 for ever (QA)
         quoted = tag.removeprefix('W/')
         if (tag.startswith('W/') or '"' in quoted) and not (
             len(quoted) >= 2 and quoted[0] == quoted[-1] == '"' and '"' not in quoted[1:-1]
