@@ -229,8 +229,9 @@ class TerminalLines:
         self._history_told = False
         kept: History = self._history_file if self._history_file is not None else _memory_history()
         # A line refused as too long is not kept: kept cut to the limit, Up then Enter sent the cut text, silently
-        # another question (QA).
-        kept.refuses = lambda: self._untaken > 0  # type: ignore[attr-defined]  # both classes below have it
+        # another question (QA); nor is one recalled from an earlier session's history that is over today's limit,
+        # which each Up and Enter added again (QA).
+        kept.refuses = self._too_long  # type: ignore[attr-defined]  # both classes below have it
         self._session: PromptSession[str] = PromptSession(
             history=kept,
             key_bindings=self._key_bindings(),
@@ -252,11 +253,16 @@ class TerminalLines:
         # The chat loop owns SIGINT (it stops an answer); at the prompt Ctrl-C is a key (the terminal is raw).
         line = await self._session.prompt_async(self._message, handle_sigint=False)
         self._tell_history_failure()
-        if self._untaken and self._max_chars is not None:
+        if self._too_long(line) and self._max_chars is not None:
             from agentrt.agents.turn_input import message_too_long
 
             raise message_too_long(len(line) + self._untaken, max_chars=self._max_chars)
         return line
+
+    def _too_long(self, line: str) -> bool:
+        """Whether `line`, the one being accepted, went past the limit: typed or pasted past it (`_untaken`), or
+        recalled from the history whole."""
+        return self._max_chars is not None and (self._untaken > 0 or len(line) > self._max_chars)
 
     def _tell_history_failure(self) -> None:
         """Say once that the history file could not be written (the chat goes on, its lines kept in memory)."""
@@ -345,10 +351,10 @@ def _memory_history() -> History:
     from prompt_toolkit.history import InMemoryHistory
 
     class MemoryHistory(InMemoryHistory):
-        refuses: Callable[[], bool] = staticmethod(lambda: False)
+        refuses: Callable[[str], bool] = staticmethod(lambda line: False)
 
         def append_string(self, string: str) -> None:
-            if not self.refuses():
+            if not self.refuses(string):
                 super().append_string(string)
 
     return MemoryHistory()
@@ -362,10 +368,10 @@ def _kept_history(path: Path) -> FileHistory:
 
     class KeptHistory(FileHistory):
         failure: str | None = None
-        refuses: Callable[[], bool] = staticmethod(lambda: False)  # the line being accepted is not to be kept
+        refuses: Callable[[str], bool] = staticmethod(lambda line: False)  # the line accepted is not to be kept
 
         def append_string(self, string: str) -> None:
-            if not self.refuses():
+            if not self.refuses(string):
                 super().append_string(string)
 
         def load_history_strings(self) -> Iterable[str]:

@@ -73,6 +73,19 @@ async def test_a_line_refused_as_too_long_is_not_kept_in_history(keys: PipeInput
     assert 'Dermatologists' not in history.read_text()
 
 
+async def test_a_line_recalled_over_the_limit_is_refused_and_not_kept_again(keys: PipeInput, tmp_path: Path) -> None:
+    # An earlier session's line, kept when the limit was higher: Up then Enter was refused by the turn, but added to
+    # the history again each time (QA).
+    history = tmp_path / 'history'
+    long_line = 'Dermatologists in Boston who take Medicare and see children'
+    history.write_text(f'\n# 2026-12-01 10:00:00.000000\n+{long_line}\n')
+    lines = TerminalLines(history, max_chars=40)
+    keys.send_text('\x1b[A\r')
+    with pytest.raises(InvalidInputError, match=f'is {len(long_line)} characters long; the limit is 40'):
+        await lines.read()
+    assert history.read_text().count(long_line) == 1
+
+
 async def test_ctrl_r_finds_an_earlier_line_whatever_its_case(keys: PipeInput) -> None:
     # prompt_toolkit's search is case-sensitive by default: `derm` did not find "Dermatologists in Boston" (QA).
     lines = TerminalLines(None)
