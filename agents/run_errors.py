@@ -15,6 +15,7 @@ Importing this module also puts the log redaction on the runtime's loggers (`age
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +190,20 @@ def provider_error(exc: ModelAPIError, model_name: str | None = None) -> ModelPr
     )
 
 
+def provider_wait(exc: ModelAPIError) -> float | None:
+    """The seconds a provider asked to wait before the next request, or None: pydantic-ai's reading of its
+    `retry-after-ms` or `Retry-After`, or a `Retry-After` in fractional seconds (`0.5`), which pydantic-ai does not read
+    (RFC 9110 has whole seconds) though the OpenAI SDK and compatible servers send it: it was dropped (QA)."""
+    if exc.retry_after is not None:
+        return exc.retry_after
+    headers = exc.headers if isinstance(exc, ModelHTTPError) else None
+    try:
+        seconds = float((headers or {}).get('retry-after', ''))
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < math.inf else None
+
+
 def _advice(exc: ModelAPIError, status: int | None) -> str:
     if isinstance(exc, ModelAuthenticationError) or status in (401, 403):
         return 'Check the API key (e.g. OPENAI_API_KEY) and that it may use this model'
@@ -197,7 +212,8 @@ def _advice(exc: ModelAPIError, status: int | None) -> str:
     if isinstance(exc, ModelQuotaExceededError):
         return "The account's quota or credit is used up"
     if isinstance(exc, ModelRateLimitError) or status == 429:
-        wait = f' (the provider asked for {exc.retry_after:g} s)' if exc.retry_after else ''
+        asked = provider_wait(exc)
+        wait = f' (the provider asked for {asked:g} s)' if asked else ''
         return f'Rate limited: wait and send the message again{wait}'
     if isinstance(exc, ModelConnectionError | ModelRequestTimeout):
         return 'Check the network and the provider base URL, then send the message again'

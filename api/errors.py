@@ -58,6 +58,7 @@ from agentrt.agents.errors import (
     TurnLimitExceededError,
     UnknownTenantError,
 )
+from agentrt.agents.run_errors import provider_wait
 from agentrt.api.schemas import decimal_text
 from agentrt.db.failures import cannot_connect, disk_full, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
@@ -200,7 +201,7 @@ def _provider_retry_after(exc: BaseException) -> int | None:
     """The whole seconds a rate-limiting provider asked to wait (its `Retry-After`), or None: the 502 says it in a
     header too, as the 409 and 503 say theirs, so a client need not read it out of the text."""
     cause = exc if isinstance(exc, ModelAPIError) else exc.__cause__
-    retry_after = cause.retry_after if isinstance(cause, ModelAPIError) else None
+    retry_after = provider_wait(cause) if isinstance(cause, ModelAPIError) else None
     return math.ceil(retry_after) if isinstance(retry_after, int | float) and retry_after > 0 else None
 
 
@@ -328,7 +329,7 @@ def _provider_message(exc: BaseException) -> str:
     if isinstance(cause, ModelQuotaExceededError):
         return f"the model provider's quota for this server is used up{suffix}; the server's operator must raise it"
     if isinstance(cause, ModelRateLimitError) or status == 429:
-        retry_after = cause.retry_after if isinstance(cause, ModelAPIError) else None
+        retry_after = provider_wait(cause) if isinstance(cause, ModelAPIError) else None
         when = f'in {math.ceil(retry_after)} s' if retry_after else 'shortly'
         return f'the model provider is rate limiting this server{suffix}; try again {when}'
     if isinstance(cause, ModelRequestTimeout | ModelTimeoutError):

@@ -45,6 +45,7 @@ FAULTS = {
         error_body={'error': {'message': f'Incorrect API key provided: {SECRET}', 'code': 'invalid_api_key'}},
     ),
     '429 retry-after': Reply(status=429, error='Rate limit reached for requests', headers={'retry-after': '7'}),
+    '429 half a second': Reply(status=429, error='Rate limit reached', headers={'retry-after': '0.5'}),
     'html page': Reply(raw_body=HTML, content_type='text/html'),
     'json without fields': Reply(
         raw_body=b'{"id": "x", "object": "chat.completion", "detail": "' + SECRET.encode() + b'"}'
@@ -59,6 +60,11 @@ EXPECTED: dict[str, tuple[type[AgentRuntimeError], str, list[tuple[Any, ...]]]] 
     '429 retry-after': (
         ModelProviderError,
         'the provider asked for 7 s',
+        [('error', 'ModelRateLimitError', 429)],
+    ),
+    '429 half a second': (
+        ModelProviderError,
+        'the provider asked for 0.5 s',
         [('error', 'ModelRateLimitError', 429)],
     ),
     'html page': (
