@@ -1,11 +1,11 @@
 """`SendableText`: what a turn sends to its model holds no NUL and no lone surrogate, as the store saves it.
 
 A tool's result, the caller's `instructions=`, a retry prompt quoting a model's arguments, or a model's own answer
-resent in the next request can hold a lone surrogate (`"\\ud800"` in JSON, half of a UTF-16 pair) or a NUL (binary
-data read as text). UTF-8 cannot encode the first, so the request failed as it was built, with a raw
-`UnicodeEncodeError` or pydantic's serialization error (QA); the second reached the model as it was while the store
-saved U+FFFD. Both are replaced with U+FFFD (`agentrt.services.pg_text.storable`) before each model request: the
-model sees what is saved.
+resent in the next request (its text, a tool call's arguments, name or id) can hold a lone surrogate (`"\\ud800"` in
+JSON, half of a UTF-16 pair) or a NUL (binary data read as text). UTF-8 cannot encode the first, so the request failed
+as it was built, with a raw `UnicodeEncodeError` or pydantic's serialization error (QA); the second reached the model
+as it was while the store saved U+FFFD. Both are replaced with U+FFFD (`agentrt.services.pg_text.storable`) before
+each model request: the model sees what is saved.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ def _mend_message(message: ModelMessage) -> None:
     if isinstance(instructions, str) and not is_storable_value(instructions):
         message.instructions = storable_text(instructions)  # type: ignore[union-attr]  # a request's
     for part in message.parts:
+        for name in ('tool_name', 'tool_call_id'):  # a model's own names for a call, resent with its result
+            text = getattr(part, name, None)
+            if isinstance(text, str) and not is_storable(text):
+                setattr(part, name, storable_text(text))
         for name in ('content', 'args'):  # a part's text or result; a tool call's arguments
             value = getattr(part, name, None)
             if value is None:

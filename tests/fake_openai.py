@@ -54,13 +54,15 @@ class Reply:
     object that is not the API's)."""
     content_type: str = 'application/json'
     reports_usage: bool = True
+    """False: no usage in the answer (no `usage` chunk in a stream), as some OpenAI-compatible servers and proxies."""
     ends_early: bool = False
     """A Responses stream that ends cleanly without its last event (`response.completed`), as a proxy's idle
     timeout cuts one."""
     cut_off: Literal['length', 'content_filter'] | None = None
     """The text answer ends cut off: at the output token limit, or by the provider's content filter (Chat Completions'
     `finish_reason`; the Responses API's `incomplete` response and its reason)."""
-    """False: no usage in the answer (no `usage` chunk in a stream), as some OpenAI-compatible servers and proxies."""
+    call_id: str = 'call_'
+    """What each tool call's id starts with (its index follows): a model's own text, which may be hostile."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
@@ -285,7 +287,7 @@ def _chat_choices(reply: Reply) -> Iterator[dict[str, Any]]:
             half = len(arguments) // 2
             head = {
                 'index': index,
-                'id': f'call_{index}',
+                'id': f'{reply.call_id}{index}',
                 'type': 'function',
                 'function': {'name': name, 'arguments': arguments[:half]},
             }
@@ -313,7 +315,7 @@ def _completion(reply: Reply) -> dict[str, Any]:
     message: dict[str, Any] = {'role': 'assistant', 'content': reply.text}
     if reply.tool_calls:
         message['tool_calls'] = [
-            {'id': f'call_{i}', 'type': 'function', 'function': {'name': name, 'arguments': _arguments(args)}}
+            {'id': f'{reply.call_id}{i}', 'type': 'function', 'function': {'name': name, 'arguments': _arguments(args)}}
             for i, (name, args) in enumerate(reply.tool_calls)
         ]
     finish = 'tool_calls' if reply.tool_calls else reply.cut_off or 'stop'
@@ -336,7 +338,7 @@ def _output_items(reply: Reply) -> list[dict[str, Any]]:
             {
                 'type': 'function_call',
                 'id': f'fc_{i}',
-                'call_id': f'call_{i}',
+                'call_id': f'{reply.call_id}{i}',
                 'name': name,
                 'arguments': _arguments(args),
                 'status': 'completed',

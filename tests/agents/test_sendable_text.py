@@ -156,3 +156,37 @@ async def test_bytes_a_tool_returns_reach_the_provider_and_the_store_as_base64_t
     assert tool_message['content'] == '__4AcmF3'
     stored = await PostgresConversationStore(await account_id('acme-health')).load('odd-bytes')
     assert stored is not None and stored.messages[2].parts[0].content == '__4AcmF3'  # type: ignore[union-attr]
+
+
+def _named_script(name: str, call_id: str) -> Any:
+    def answer(body: dict[str, Any]) -> Reply:
+        if not any(message['role'] == 'tool' for message in body['messages']):
+            return Reply(tool_calls=[(name, {'kind': 'text'})], call_id=call_id)
+        return Reply(text='done')
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ('name', 'call_id'), [('read\ud800file', 'call_'), ('read_file', 'c\ud800\x00')], ids=['tool name', 'call id']
+)
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_tool_calls_name_or_id_with_a_lone_surrogate_is_sent_back_mended(
+    demo_data: None, streamed: bool, name: str, call_id: str
+) -> None:
+    # The name and id a model gave its call are resent with its result (or the retry prompt of an unknown tool): a lone
+    # surrogate in them failed the next request as it was built, a raw UnicodeEncodeError (CLI exit 70, HTTP 500; QA).
+    session_id = f'sendable-named-{streamed}-{call_id == "call_"}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health', 'toolsets': [tools]}
+    with override_allow_model_requests(True), FakeOpenAI(_named_script(name, call_id)).running() as fake:
+        turn['model'] = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
+        if streamed:
+            async with simple_chat_stream('read it', **turn) as stream:
+                output = ''.join([delta async for delta in stream])
+        else:
+            output = (await simple_chat('read it', **turn)).output
+    assert output == 'done'
+    sent = json.dumps(fake.requests[1], ensure_ascii=False)  # as the provider read it: text, not JSON escapes
+    assert '\ud800' not in sent and '\x00' not in sent and '\ufffd' in sent
+    stored = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
+    assert stored is not None and len(stored.messages) == 4
