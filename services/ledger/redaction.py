@@ -52,12 +52,17 @@ Contract:
 
 For callers: apply `redact_value()` to message parts (prompts, instructions, tool arguments and returns, model
 text, error bodies) as Python values, before serialising; redacting serialised JSON works too but sees escapes.
+`redact_value()` reads a string that is JSON text with escapes in it (a model's tool-call arguments:
+`"sk\\u002dproj-..."`, `"a\\fsk-proj-..."`, `"\\/"`) decoded, as the tool does, and redacts the input a
+validation error quotes for a secret-named field (pydantic's `{"loc": ["api_key"], "input": ...}` in a retry
+prompt) as that field's value.
 
 The rules' loading and checks, the trigger set and the byte-level matcher are in `_redaction_rules.py`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -169,11 +174,16 @@ _SECRET_NAME_END = (
     r'(?:[_.-]?(?:confirm(?:ation)?|again|new|old|current|plain(?:text)?|value|[0-9]))?'
 )
 _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
+# JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,
+# `\f`, `\b`; a double backslash: JSON text escaped again, a model's arguments in a message): the rules read
+# the text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`, `_Walker.leaf`).
+_HIDING_ESCAPE = re2.compile(rb'\\[u/fb\\]')
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded). A match starting inside a string value
 # runs to the value's closing quote, which is never followed by `:`. RE2: one linear scan, whatever the text.
 _JSON_SECRET_KEY = re2.compile(
-    (_SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + r'"\s*:|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:').encode()
+    # `]` after the name: the last item of a validation error's `loc`, whose `input` is that field's value.
+    (_SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + r'"\s*[:\]]|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:').encode()
 )
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
@@ -192,7 +202,7 @@ def json_may_need_redaction(text: str) -> bool:
     can store the JSON as it is in the common case and walk the value only when this says it may hold a secret.
     """
     data = text.encode('utf-8', errors='replace')
-    return _JSON_SECRET_KEY.search(data) is not None or has_secret(data)
+    return _JSON_SECRET_KEY.search(data) is not None or _HIDING_ESCAPE.search(data) is not None or has_secret(data)
 
 
 def _redact_scalar(value: Any) -> tuple[Any, int]:
@@ -241,6 +251,12 @@ class _Walker:
                 self.count += n
                 return replaced
         if isinstance(value, str):
+            decoded = _escaped_json(value)
+            if decoded is not None:  # JSON text whose escapes may hide a secret from the rules: read as the tool does
+                walked, n = _Walker().walk(decoded)
+                if n:
+                    self.count += n
+                    return json.dumps(walked, ensure_ascii=False)
             redacted, n = redact_text(value)
             self.count += n
             return redacted
@@ -259,7 +275,11 @@ class _Walker:
     @staticmethod
     def frame(container: Any, secret: bool, key_in_parent: Any) -> _Frame:
         if isinstance(container, dict):
-            items = ((k, v, isinstance(k, str) and is_secret_name(k)) for k, v in container.items())
+            quoted = _quotes_a_secret(container)
+            items = (
+                (k, v, isinstance(k, str) and (is_secret_name(k) or (quoted and k == 'input')))
+                for k, v in container.items()
+            )
             return _Frame(container, iter(items), {}, key_in_parent)
         return _Frame(container, iter((None, v, secret) for v in container), [], key_in_parent)
 
@@ -292,6 +312,22 @@ class _Walker:
                 stack.append(self.frame(child, secret and not isinstance(child, dict), key))
                 continue
             _put(frame.out, key, self.leaf(child, secret))
+
+
+def _escaped_json(text: str) -> Any:
+    """The object or array `text` is the JSON of when it holds an escape that may hide a secret; else None."""
+    if text[:1] not in ('{', '[') or '\\' not in text or not _HIDING_ESCAPE.search(text.encode('utf-8', 'replace')):
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # not JSON after all, or nested past what Python's parser takes
+        return None
+
+
+def _quotes_a_secret(error: dict[Any, Any]) -> bool:
+    """Whether `error` is a validation error (pydantic's) of a secret-named field, whose `input` is its value."""
+    loc = error.get('loc') if 'input' in error else None
+    return isinstance(loc, list | tuple) and bool(loc) and isinstance(loc[-1], str) and is_secret_name(loc[-1])
 
 
 @dataclass(slots=True)

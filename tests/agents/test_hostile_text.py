@@ -176,3 +176,43 @@ async def test_streamed_deltas_and_tool_events_hold_only_text_utf8_can_encode(de
         ('echo\ufffd', 'call\ufffd', False),
         ('echo\ufffd', 'call\ufffd', True),
     ]
+
+
+_finder = FunctionToolset[SessionDependencies]()
+
+
+@_finder.tool_plain
+def find(query: str) -> str:
+    """Look something up."""
+    return f'{len(query)} characters looked up'
+
+
+_ESCAPED_KEY = 'sk\\u002dproj\\u002dQz7xK2mN9pL4vB8cR1tY6wE3aS5dF0gH2jK4lZ6xC8'
+
+
+def _escaping_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Arguments as the model wrote them, JSON escapes in the secret; then an extra argument named as a secret."""
+    calls = sum(isinstance(part, ToolCallPart) for message in messages for part in message.parts)
+    if calls == 0:
+        return ModelResponse(parts=[ToolCallPart('find', args='{"query": "' + _ESCAPED_KEY + '"}', tool_call_id='a')])
+    if calls == 1:
+        args = '{"query": "x", "api_key": "rv12345zzQUOTED"}'
+        return ModelResponse(parts=[ToolCallPart('find', args=args, tool_call_id='b')])
+    return ModelResponse(parts=[TextPart('done')])
+
+
+async def test_secrets_a_model_hid_behind_json_escapes_or_quoted_in_a_retry_are_not_stored(demo_data: None) -> None:
+    # The ledger's bodies kept `sk\u002dproj\u002d...` whole (the rules read the arguments' text as written), and the
+    # retry prompt of an extra `api_key` argument quoted its value (QA).
+    model = FunctionModel(_escaping_model, model_name='gpt-4o-mini')
+    result = await simple_chat(
+        'look it up', session_id='escaped', account='acme-health', model=model, toolsets=[_finder]
+    )
+    assert result.output == 'done'
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id='escaped')
+    bodies = [c['body'] for row in rows for c in await content_rows(row['id'])]
+    assert len(rows) == 3 and len(bodies) == 6
+    stored = '\n'.join(bodies)
+    assert 'Qz7xK2mN9pL4' not in stored and 'rv12345zzQUOTED' not in stored, stored
+    assert 'extra_forbidden' in stored  # the retry prompt is there, its quoted value redacted

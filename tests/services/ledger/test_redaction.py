@@ -489,3 +489,54 @@ def test_pydantic_ai_messages_dumped_redacted_and_validated_back():
         assert fragment not in text
     call = restored[1].parts[1]
     assert isinstance(call, ToolCallPart) and call.args == {'user': 'bob', 'password': REDACTED, 'max_tokens': 5}
+
+
+_KEY = 'sk-proj-Qz7xK2mN9pL4vB8cR1tY6wE3aS5dF0gH2jK4lZ6xC8'
+# A model's tool-call arguments as JSON text, each with an escape the rules, reading the text as written, did not see
+# through (QA): what the tool receives, decoded, is the secret.
+ESCAPED_ARGUMENTS = [
+    ('unicode escapes inside the key', '{"query": "' + _KEY.replace('-', '\\u002d') + '"}', 'Qz7xK2mN9pL4'),
+    ('a unicode escape for a digit', '{"query": "key ' + _KEY.replace('7', '\\u0037', 1) + '"}', 'K2mN9pL4vB8c'),
+    ('a form feed before the key', '{"query": "a\\f' + _KEY + '"}', 'K2mN9pL4vB8c'),
+    ('a backspace before the key', '{"query": "a\\b' + _KEY + '"}', 'K2mN9pL4vB8c'),
+    (
+        'escaped slashes in an AWS secret',
+        '{"query": "aws_secret_access_key=wJalrXUtnFEMI\\/K7MDENG\\/bPxRfiCYSLASHKEY"}',
+        'bPxRfiCYSLASHKEY',
+    ),
+    ('an escape inside a password', '{"query": "password=hunt\\u0065r2PWDESC9"}', 'r2PWDESC9'),
+]
+
+
+@pytest.mark.parametrize(
+    ('text', 'tail'), [case[1:] for case in ESCAPED_ARGUMENTS], ids=[c[0] for c in ESCAPED_ARGUMENTS]
+)
+def test_a_secret_in_json_arguments_behind_an_escape_is_redacted(text: str, tail: str) -> None:
+    assert tail in json.loads(text)['query']  # what the tool gets
+    message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'search', 'args': text}]}
+    for dumped in (json.dumps(message), json.dumps(message, ensure_ascii=False, separators=(',', ':'))):
+        assert json_may_need_redaction(dumped), dumped
+    redacted, count = redact_value(message)
+    args = redacted['parts'][0]['args']
+    assert count >= 1 and tail not in args and tail not in json.dumps(json.loads(args)), args
+    assert REDACTED in json.loads(args)['query']  # still the arguments' JSON, the secret's place marked
+
+
+def test_json_arguments_with_escapes_and_no_secret_come_back_as_they_were() -> None:
+    text = '{"query": "caf\\u00e9 \\/ line\\nbreak", "path": "C:\\\\users"}'
+    message = {'parts': [{'args': text}]}
+    assert redact_value(message) == (message, 0)
+
+
+def test_the_input_a_validation_error_quotes_for_a_secret_named_field_is_redacted() -> None:
+    # pydantic's error of an extra argument, in the retry prompt pydantic-ai sends back: the argument's value was
+    # redacted in the tool call and stored whole in the retry beside it (QA).
+    errors = [
+        {'type': 'extra_forbidden', 'loc': ['api_key'], 'msg': 'Extra inputs are not permitted', 'input': 'rv12345zz'},
+        {'type': 'string_type', 'loc': ['query'], 'msg': 'Input should be a valid string', 'input': 42},
+    ]
+    message = {'parts': [{'part_kind': 'retry-prompt', 'content': errors}]}
+    assert json_may_need_redaction(json.dumps(message))
+    redacted, count = redact_value(message)
+    first, second = redacted['parts'][0]['content']
+    assert count == 1 and first['input'] == REDACTED and first['loc'] == ['api_key'] and second['input'] == 42
