@@ -456,6 +456,22 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.total_tokens = usage.total_tokens
     record.usage_reported = not usage.unmeasured_requests
     record.total_cost = usage.cost
+    if not _countable(record):
+        # A count no token column holds (past 64 bits, or negative): a provider's nonsense, not a measurement. The
+        # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected`: the
+        # request gone from the ledger (QA).
+        logger.warning(
+            'ledger: %s reported token counts no ledger column holds (input %s, output %s, total %s); '
+            'the request is recorded unmeasured',
+            record.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+        )
+        for name in _TOKEN_COUNTS:
+            setattr(record, name, 0)
+        record.usage_reported = False
+        record.total_cost = None
     if not record.usage_reported:
         record.price_source = 'unmeasured'
     elif usage.cost is None and response.state == 'complete':
@@ -464,6 +480,22 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         # The writer prices the input/output split (and a cut-off stream's total) off the request's path.
         record.price_source = 'genai-prices' if usage.cost is not None else 'unpriced'
         record.pricing = response
+
+
+_TOKEN_COUNTS = (
+    'input_tokens',
+    'output_tokens',
+    'cache_read_tokens',
+    'cache_write_tokens',
+    'reasoning_tokens',
+    'total_tokens',
+)
+_BIGINT_MAX = 2**63 - 1  # the token columns are PostgreSQL bigints
+
+
+def _countable(record: LedgerRecord) -> bool:
+    """Whether every token count of `record` is a whole number its column holds."""
+    return all(isinstance(count := getattr(record, name), int) and 0 <= count <= _BIGINT_MAX for name in _TOKEN_COUNTS)
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

@@ -134,3 +134,28 @@ async def test_real_client_stream_stopped_early_keeps_the_usage_seen_so_far(trac
     assert (row['status'], row['success'], row['streamed']) == ('cancelled', False, True)
     assert row['input_tokens'] == 90 and 0 < row['output_tokens'] < 40
     assert row['total_cost'] is not None and row['total_cost'] > 0
+
+
+@pytest.mark.parametrize(
+    ('prompt_tokens', 'completion_tokens'), [(10**20, 5), (2**62, 2**62)], ids=['past-64-bits', 'their-sum']
+)
+@pytest.mark.parametrize('streamed', [False, True], ids=['run', 'run_stream'])
+async def test_token_counts_no_column_holds_are_recorded_unmeasured_not_lost(
+    tracker: LLMRequestTracker, streamed: bool, prompt_tokens: int, completion_tokens: int
+) -> None:
+    # PostgreSQL refused the row (value out of int64 range): spooled, then moved to `.rejected` at replay, so the
+    # request was gone from the ledger, its audit and its costs (QA).
+    def absurd(body: dict[str, Any]) -> Reply:
+        return Reply(text='fine', prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    with FakeOpenAI(absurd).running() as fake:
+        agent = _agent(fake, tracker)
+        if streamed:
+            async with agent.run_stream('hi', deps=chat_deps()) as stream:
+                assert await stream.get_output() == 'fine'
+        else:
+            assert (await agent.run('hi', deps=chat_deps())).output == 'fine'
+    await tracker.flush()
+    [row] = await ledger_rows()
+    assert (row['status'], row['usage_reported'], row['price_source']) == ('complete', False, 'unmeasured')
+    assert (row['input_tokens'], row['output_tokens'], row['total_tokens'], row['total_cost']) == (0, 0, 0, None)
