@@ -71,7 +71,10 @@ def _mend_message(message: ModelMessage) -> None:
             value = getattr(part, name, None)
             if value is None:
                 continue
-            objects, clean = _scan(value)
+            try:
+                objects, clean = _scan(value)
+            except RecursionError:  # nested past Python's recursion (a model's hostile arguments): copied mended
+                objects, clean = False, False
             if objects and getattr(part, 'part_kind', None) == 'tool-return':
                 # A pydantic model, a dataclass, a set or another object of the tool's: as the JSON pydantic-ai would
                 # send, to be read (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as

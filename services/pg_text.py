@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from agentrt.db.errors import InvalidInputError
@@ -30,13 +31,21 @@ def is_storable(text: str) -> bool:
 
 
 def is_storable_value(value: Any) -> bool:
-    """Whether `storable(value)` would find nothing to replace in `value` (checked without copying it)."""
+    """Whether `storable(value)` would find nothing to replace in `value` (checked without copying it); False for a
+    value nested deeper than Python's recursion allows (`storable` copies it all the same)."""
+    try:
+        return _is_storable_value(value)
+    except RecursionError:
+        return False
+
+
+def _is_storable_value(value: Any) -> bool:
     if isinstance(value, str):
         return _UNSTORABLE.search(value) is None
     if isinstance(value, dict):
-        return all(is_storable_value(key) and is_storable_value(item) for key, item in value.items())
+        return all(_is_storable_value(key) and _is_storable_value(item) for key, item in value.items())
     if isinstance(value, list | tuple):
-        return all(is_storable_value(item) for item in value)
+        return all(_is_storable_value(item) for item in value)
     return True
 
 
@@ -45,14 +54,64 @@ def storable(value: Any) -> Any:
 
     For JSON about to go into `jsonb`: a model or a tool can produce a NUL (binary data read as text) or a lone
     surrogate (`"\\ud800"` in a provider's JSON), and the whole write would fail. Replacing them keeps the turn.
+    A value nested deeper than Python's recursion allows (a model's hostile arguments, parsed) is copied without
+    recursion: it was a raw `RecursionError` (QA).
+
+    Raises:
+        ValueError: the value contains itself (as `json.dumps` says of it).
     """
+    try:
+        return _storable(value)
+    except RecursionError:
+        return _storable_deep(value)
+
+
+def _storable(value: Any) -> Any:
     if isinstance(value, str):
         return storable_text(value)
     if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
+        return {_storable(k): _storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [storable(v) for v in value]
+        return [_storable(v) for v in value]
     return value
+
+
+def _storable_deep(value: Any) -> Any:
+    """`_storable` with a stack of its own instead of Python's: each container is put in its parent as it is opened."""
+    if not isinstance(value, dict | list | tuple):
+        return _storable(value)
+    root: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Iterator[tuple[Any, Any]], Any, int]] = [(_entries(value), root, id(value))]
+    open_ids = {id(value)}
+    while stack:
+        entries, out, source_id = stack[-1]
+        for key, item in entries:
+            if isinstance(item, dict | list | tuple):
+                if id(item) in open_ids:
+                    raise ValueError('Circular reference detected')
+                child: Any = {} if isinstance(item, dict) else []
+                _put(out, key, child)
+                stack.append((_entries(item), child, id(item)))
+                open_ids.add(id(item))
+                break
+            _put(out, key, storable_text(item) if isinstance(item, str) else item)
+        else:
+            stack.pop()
+            open_ids.discard(source_id)
+    return root
+
+
+def _entries(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, dict):
+        return ((storable_text(k) if isinstance(k, str) else k, v) for k, v in value.items())
+    return ((None, v) for v in value)
+
+
+def _put(out: dict[Any, Any] | list[Any], key: Any, item: Any) -> None:
+    if isinstance(out, dict):
+        out[key] = item
+    else:
+        out.append(item)
 
 
 def checked_identifier(value: object, field: str, *, max_chars: int | None = None) -> str:

@@ -223,6 +223,13 @@ class _Display:
 
 
 def _short_args(args: object) -> str:
+    try:
+        return _shown_args(args)
+    except RecursionError:  # a model's arguments nested past Python's parser: a traceback ended the chat (QA)
+        return args[:120] if isinstance(args, str) else '...'
+
+
+def _shown_args(args: object) -> str:
     if isinstance(args, str):
         try:
             parsed: object = json.loads(args)

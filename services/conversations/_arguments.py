@@ -139,5 +139,7 @@ def checked_metadata(value: object) -> dict[str, Any] | None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f'the metadata is not JSON: {exc}', field='metadata') from None
+    except RecursionError:  # was raised as it was, from `storable` (QA)
+        raise InvalidInputError('the metadata is nested too deeply to store', field='metadata') from None
     stored: dict[str, Any] = storable(value)
     return stored

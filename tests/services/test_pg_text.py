@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agentrt.db.errors import InvalidInputError
-from agentrt.services.pg_text import checked_identifier, is_storable, storable, storable_text
+from agentrt.services.pg_text import checked_identifier, is_storable, is_storable_value, storable, storable_text
 
 
 def test_storable_text_replaces_only_nul_and_lone_surrogates() -> None:
@@ -20,6 +20,23 @@ def test_storable_walks_json_values_keys_included() -> None:
     value = {'k\x00': ['v\udc80', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ('x\x00',)}
     assert storable(value) == {'k\ufffd': ['v\ufffd', {'n': 1, 'f': 1.5, 'b': True, 'none': None}], 't': ['x\ufffd']}
     storable_text(str(storable(value))).encode('utf-8')
+
+
+def test_a_value_nested_past_pythons_recursion_is_copied_mended() -> None:
+    # A model's arguments nested thousands deep, parsed (a provider that sends dicts): a raw RecursionError (QA).
+    deep: object = ['leaf\x00', {'k\ud800': 1}]
+    for _ in range(5_000):
+        deep = [deep, 'x']
+    copied = storable(deep)
+    assert not is_storable_value(deep)
+    for _ in range(5_000):
+        assert isinstance(copied, list) and copied[1] == 'x'
+        copied = copied[0]
+    assert copied == ['leaf\ufffd', {'k\ufffd': 1}]
+    looped: list[object] = []
+    looped.append([looped])
+    with pytest.raises(ValueError, match='Circular reference'):  # a value that contains itself, as json.dumps says
+        storable(looped[0])
 
 
 def test_is_storable_says_whether_storable_text_would_change_it() -> None:

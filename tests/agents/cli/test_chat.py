@@ -330,3 +330,16 @@ def test_an_escape_sequence_in_the_streamed_answer_is_shown_not_obeyed_in_a_term
         assert screen.getvalue() == 'Dr \\x1b]0;PWNED\\x07 \\x1b[31mred\n'
     else:  # a script capturing the answers gets the model's text as it is (rich drops BEL and CR itself)
         assert '\x1b]0;PWNED' in screen.getvalue() and '\x1b[31mred' in screen.getvalue()
+
+
+def test_a_tools_arguments_nested_past_pythons_parser_are_shown_cut_not_a_crash() -> None:
+    # `agentrt chat` ended with an internal error (RecursionError, exit 70), a piped session at that line (QA).
+    from agentrt.agents.cli.chat import _short_args
+
+    nested = '{"query": null, "filters": ' + '[' * 100_000 + ']' * 100_000 + '}'
+    assert _short_args(nested) == nested[:120]
+    deep: object = 'leaf'
+    for _ in range(100_000):
+        deep = [deep]
+    assert _short_args({'filters': deep}) == '...'
+    assert _short_args('{"query": "cardiology", "limit": 5}') == 'query="cardiology", limit=5'

@@ -305,3 +305,15 @@ async def test_a_tails_sizes_are_whole_numbers_from_zero(stored: Stored) -> None
     assert tail is not None and len(tail.messages) == 2
     tail = await store.read_tail('c', cap_chars=0, max_messages=MAX_LIMIT)
     assert tail is not None and len(tail.messages) == 1  # the head is read whatever the cap (the entry crossing it)
+
+
+async def test_metadata_nested_too_deeply_is_refused_naming_it(stored: Stored) -> None:
+    # 500 levels raised Python's RecursionError as it was, from the store's own copy (QA).
+    deep: dict[str, object] = {'leaf': 1}
+    for _ in range(5_000):
+        deep = {'k': deep}
+    before = await _contents()
+    with pytest.raises(InvalidInputError, match='the metadata is nested too deeply to store') as refused:
+        await stored.store.update('c', metadata=deep)
+    assert refused.value.field == 'metadata'
+    assert await _contents() == before
