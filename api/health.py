@@ -61,8 +61,10 @@ async def _check_database() -> DatabaseOut:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), get_read_only_session(account=Unscoped.NO_TENANT) as session:
             revision = (await session.execute(text('SELECT version_num FROM alembic_version'))).scalar_one_or_none()
-    except TimeoutError:
-        return DatabaseOut(ok=False, revision=None, head=head, error=f'no answer within {READY_TIMEOUT_S:g} s')
+    except TimeoutError:  # a frozen or lock-blocked server: logged once as a refused connection is (it was not; QA)
+        cause = f'no answer within {READY_TIMEOUT_S:g} s'
+        error_id = _failed(cause)
+        return DatabaseOut(ok=False, revision=None, head=head, error=f'{cause} (error id {error_id})')
     except Exception as exc:  # whatever the driver raises, readiness answers: not ready, and why is in the log
         error_id = _failed(f'{type(exc).__name__}: {exc}')
         return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')

@@ -302,15 +302,22 @@ async def test_ready_reports_the_revision_and_the_pool(client: httpx2.AsyncClien
 
 
 async def test_ready_is_503_when_the_schema_is_behind_or_the_database_does_not_answer(
-    client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(health, '_head', lambda: '9999_future')
     behind = await client.get('/health/ready')
     assert behind.status_code == 503 and behind.json()['status'] == 'unavailable'
     assert behind.json()['database']['ok'] is True
     monkeypatch.setattr(health, 'READY_TIMEOUT_S', 0.000001)
-    slow = await client.get('/health/ready')
-    assert slow.status_code == 503 and slow.json()['database']['error'] == 'no answer within 1e-06 s'
+    with caplog.at_level(logging.WARNING, logger='agentrt'):
+        slow = await client.get('/health/ready')
+        again = await client.get('/health/ready')
+    error = slow.json()['database']['error']
+    assert slow.status_code == 503 and error.startswith('no answer within 1e-06 s (error id err_'), error
+    assert again.json()['database']['error'] == error  # the same cause: the same id, not logged again
+    # A server that does not answer (frozen, blocked on a lock) is logged once, as a refused connection is (QA).
+    [logged] = [r.getMessage() for r in caplog.records if 'readiness' in r.getMessage()]
+    assert 'database check failed: no answer within 1e-06 s' in logged
 
 
 async def test_ready_on_a_schema_a_newer_version_migrated(
