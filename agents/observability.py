@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             send_to_logfire='if-token-present',
             # Never on stdout: with stderr closed (`2>&-`, sys.stderr None) logfire printed the spans among the answers.
             console=logfire.ConsoleOptions(output=sys.stderr) if export.console and sys.stderr is not None else False,
-            service_name=SERVICE_NAME,
+            service_name=service_name(),
             service_version=__version__,
             # First: a request's URL redacted before any exporter sees the span (a key in `?api_key=`).
             additional_span_processors=[UrlRedaction()],
@@ -170,6 +171,20 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             atexit.register(bound_exports_at_exit)
     _configured = export
     return export
+
+
+def service_name() -> str:
+    """The service's name in its spans' resource: `OTEL_SERVICE_NAME`, else `service.name` in
+    `OTEL_RESOURCE_ATTRIBUTES` (OpenTelemetry's order), else `LOGFIRE_SERVICE_NAME`, else `agentrt`. Given to logfire,
+    which otherwise puts its own argument over them: two deployments could not be told apart (QA)."""
+    named = os.environ.get('OTEL_SERVICE_NAME', '').strip()
+    if named:
+        return named
+    for pair in os.environ.get('OTEL_RESOURCE_ATTRIBUTES', '').split(','):
+        key, _, value = pair.partition('=')
+        if key.strip() == 'service.name' and value.strip():
+            return urllib.parse.unquote(value.strip())
+    return os.environ.get('LOGFIRE_SERVICE_NAME', '').strip() or SERVICE_NAME
 
 
 async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound on the exporters' work

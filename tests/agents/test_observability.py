@@ -21,7 +21,13 @@ from opentelemetry.trace import StatusCode
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from agentrt.agents.observability import BACKEND_PID_ATTRIBUTE, instrument_runtime, trace_export, uninstrument_runtime
+from agentrt.agents.observability import (
+    BACKEND_PID_ATTRIBUTE,
+    instrument_runtime,
+    service_name,
+    trace_export,
+    uninstrument_runtime,
+)
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.driver import DriverStatement, driver_transaction
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
@@ -380,7 +386,12 @@ async def test_turns_on_new_event_loops_after_ones_that_ended_without_shutdown(
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
-    env = _clean_env(DATABASE_URL=database_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, COLUMNS='200')
+    env = _clean_env(
+        DATABASE_URL=database_url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_SERVICE_NAME='directory-chat',  # the deployment's name, over logfire's own (`service_name`)
+        COLUMNS='200',
+    )
     # --delay 0: the demo model's pause between words (0.02 s by default, for a terminal) only made this wait 3 s.
     chat = ['chat', QUESTION, '-a', 'acme-health', '-s', 'otlp', '--delay', '0']
     done = await _cli(env, '--trace', *chat)
@@ -399,7 +410,7 @@ async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_databa
     # Spans are named by the statement's first word: the tools' reads, the turn's start and save (statements on the
     # driver connection, seen through SQLAlchemy's events) and the ledger's write begin with WITH.
     assert {'connect', 'SELECT', 'WITH'} <= names
-    assert receiver.service_names() == {'agentrt'}
+    assert receiver.service_names() == {'directory-chat'}
     assert all(path in ('/v1/traces', '/v1/metrics', '/v1/logs') for path in receiver.paths)
     # The ledger rows of the turn name the trace the collector received.
     async with get_db_session(account=Unscoped.ADMIN) as session:
@@ -744,3 +755,24 @@ async def test_a_failed_statements_span_carries_its_error_redacted(
         assert 'aB3dE5fG7hJ9' not in description and '[REDACTED]' in description, description
         assert 'aB3dE5fG7hJ9' not in repr(span.events) + repr(span.attributes), (span.events, span.attributes)
     assert spans[f'{sent} -- session'].status.description == spans[f'{sent} -- driver'].status.description
+
+
+@pytest.mark.parametrize(
+    ('variables', 'name'),
+    [
+        ({}, 'agentrt'),
+        ({'OTEL_SERVICE_NAME': 'billing-chat'}, 'billing-chat'),
+        ({'OTEL_RESOURCE_ATTRIBUTES': 'deployment.environment=prod,service.name=eu%20chat'}, 'eu chat'),
+        ({'OTEL_SERVICE_NAME': 'first', 'OTEL_RESOURCE_ATTRIBUTES': 'service.name=second'}, 'first'),
+        ({'LOGFIRE_SERVICE_NAME': 'from-logfire'}, 'from-logfire'),
+    ],
+)
+def test_the_service_name_of_the_spans_is_the_one_opentelemetry_variables_give(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], name: str
+) -> None:
+    # logfire's own argument, always `agentrt`, was put over OTEL_SERVICE_NAME: every deployment exported as one (QA).
+    for variable in ('OTEL_SERVICE_NAME', 'OTEL_RESOURCE_ATTRIBUTES', 'LOGFIRE_SERVICE_NAME'):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    assert service_name() == name
