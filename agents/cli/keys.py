@@ -76,11 +76,14 @@ def create(
         )
     if as_json:
         return
-    err_console.print(
-        f'API key {created.info.public_id} for account {created.info.account_slug!r} '
-        f'(scopes: {", ".join(created.info.scopes)}). Store it now: it is not shown again.',
-        highlight=False,
-    )
+    try:
+        err_console.print(
+            f'API key {created.info.public_id} for account {created.info.account_slug!r} '
+            f'(scopes: {", ".join(created.info.scopes)}). Store it now: it is not shown again.',
+            highlight=False,
+        )
+    except OSError:  # a full stderr: the key reached its reader, so the command did what it was asked (exit 0)
+        err_console.quiet = True
 
 
 def _delivered() -> bool:

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -180,3 +181,25 @@ async def test_a_key_whose_only_showing_went_nowhere_is_revoked(demo_data: None,
         async with get_db_session(account=Unscoped.ADMIN) as session:
             query = text('SELECT revoked_at IS NOT NULL FROM api_keys WHERE name = :name')
             assert (await session.execute(query, {'name': name})).scalar_one() is True, name
+
+
+async def test_a_key_printed_while_stderr_is_full_is_kept_and_the_command_succeeds(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # The key reached standard output, the "Store it now" note could not be written: exit 1 sent a script to create
+    # another key, leaving this one active and unstored (QA).
+    kept = tmp_path / 'key.txt'
+    command = (
+        f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name errfull '
+        f'2>/dev/full > {shlex.quote(str(kept))}'
+    )
+    env = {**os.environ, 'DATABASE_URL': database_url}
+    done = await asyncio.to_thread(
+        subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done
+    key = kept.read_text().strip()
+    assert key.startswith('art_')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        query = text("SELECT revoked_at IS NULL FROM api_keys WHERE name = 'errfull'")
+        assert (await session.execute(query)).scalar_one() is True
