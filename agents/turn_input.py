@@ -30,6 +30,7 @@ from agentrt.tools.dependencies import SessionDependencies
 SESSION_ID_MAX_CHARS = 200
 """`conversations.conversation_id` and `llm_requests.chat_session_id` are `varchar(200)`."""
 SLUG_MAX_CHARS = 64
+MAX_STREAM_DELAY_S = 2.0  # `stream_delay`, the demo model's pause between words (`agentrt chat --delay` alike)
 """`accounts.slug` and `agent_instances.slug` are `varchar(64)`."""
 
 SESSION_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:@-]*')
@@ -199,6 +200,13 @@ def validate_run_arguments(
     if on_tool_event is not None and not callable(on_tool_event):
         raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
     check_seconds(stream_delay, 'stream_delay')
+    if stream_delay > MAX_STREAM_DELAY_S:  # type: ignore[operator]  # a number: checked above
+        # A pause between the demo model's words: 1e308 passed as finite and the stream waited for ever (QA).
+        raise InvalidInputError(
+            f"stream_delay is a pause between the demo model's words, at most {MAX_STREAM_DELAY_S:g} s, "
+            f'not {stream_delay!r}',
+            field='stream_delay',
+        )
 
 
 def validate_agent_arguments(*, model: object, toolsets: object, instructions: object) -> None:

@@ -146,6 +146,8 @@ STREAM_ARGUMENT_CASES = [
     Case('stream_delay NaN', 'stream_delay', float('nan'), 'finite number of seconds, 0 or more, not nan'),
     Case('stream_delay infinite', 'stream_delay', float('inf'), 'not inf'),
     Case('stream_delay negative', 'stream_delay', -1, 'not -1'),
+    # Finite, but the demo model's stream waited for ever between its words (QA).
+    Case('stream_delay huge', 'stream_delay', 1e308, "pause between the demo model's words, at most 2 s, not 1e+308"),
 ]
 
 
