@@ -83,7 +83,11 @@ _PROBE_TIMEOUT_MS = 2_147_483_647
 
 
 async def _pooled(url: URL, settings: Settings, reason: str, setting: str) -> tuple[AsyncEngine, Settings]:
-    logger.warning('a pooler (PgBouncer) is in front of %s: %s; pooler mode on', describe_server(url), reason)
+    logger.warning(
+        'a pooler (PgBouncer) is in front of %s: %s; pooler mode on (DB_POOLER=pgbouncer says so, and silences this)',
+        describe_server(url),
+        reason,
+    )
     settings = settings.model_copy(update={'pooler': 'pgbouncer'})
     engine = build_engine(url, settings)
     try:

@@ -7,12 +7,14 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):  python scripts/seed_demo_
 
 from __future__ import annotations
 
+import sys
+
 from agentrt.agents.cli import app
 
 
 def main() -> None:
-    """Run `agentrt db seed`."""
-    app(['db', 'seed'])
+    """Run `agentrt db seed` (its arguments passed on: `--help` shows its help instead of seeding)."""
+    app(['db', 'seed', *sys.argv[1:]])
 
 
 if __name__ == '__main__':

@@ -249,14 +249,20 @@ def _summary(result: ChatResult, tools_run: int) -> str:
     cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
     if usage.unmeasured_requests:
         # Not 0 tokens and "unpriced": the provider did not say, so neither is known (nor the turn's token limit kept).
-        unmeasured = f'usage not reported for {usage.unmeasured_requests} of {usage.requests} requests'
+        unmeasured = f'usage not reported for {usage.unmeasured_requests} of {_count(usage.requests, "request")}'
         tokens = f'at least {tokens}, {unmeasured}' if usage.total_tokens else f'tokens unknown ({unmeasured})'
         cost = 'unknown' if usage.cost is None or not usage.total_tokens else f'at least ${usage.cost:.6f}'
     cut = _CUT_OFF.get(result.finish_reason or '')
     return (
-        f'model {result.model_name} · {usage.requests} requests · {tokens} · cost {cost} · {tools_run} tools · '
+        f'model {result.model_name} · {_count(usage.requests, "request")} · {tokens} · cost {cost} · '
+        f'{_count(tools_run, "tool")} · '
         f'{result.duration_s:.2f} s · session {result.session_id}' + (f' · {cut}' if cut else '')
     )
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 request`, `3 requests` (the summary said `1 requests`; QA)."""
+    return f'{number:,} {noun}' + ('' if number == 1 else 's')
 
 
 # A cut-off answer reads like a whole one: the summary says it was cut (the turn is saved as it is).
