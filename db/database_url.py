@@ -72,6 +72,7 @@ def parse_database_url(value: str) -> URL:
         url = make_url(value.strip())
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f'DATABASE_URL is not a valid URL ({exc}); {_EXAMPLE}') from exc
+    _check_sendable(url)
     if url.drivername not in _POSTGRES_DRIVERS:
         raise ConfigError(
             f'DATABASE_URL must use the postgresql:// (or postgresql+asyncpg://) scheme, got {url.drivername!r}'
@@ -97,6 +98,24 @@ _HOST_LIST = (
     'DATABASE_URL: a list of hosts goes in host parameters, each with its port: '
     "postgresql://user:password@/database?host=db1:5432&host=db2:5432 (libpq's host1,host2 form is not read)"
 )
+
+
+def _check_sendable(url: URL) -> None:
+    """Refuse a user, password, database name or parameter the connection cannot send: one holding a NUL (`%00`),
+    or bytes that are not UTF-8 (a shell's `$'\\xff'`, read by Python as a lone surrogate). The first was refused by
+    PostgreSQL as a malformed startup packet and the second failed in asyncpg's protocol, both reported as "cannot
+    connect" (exit 3) with a raw asyncio error: a network problem to look for, where the URL was wrong (QA)."""
+    parts = [('the user name', url.username), ('the password', url.password), ('the database name', url.database)]
+    parts += [(f'parameter {name!r}', value) for name, raw in url.query.items() for value in _values(raw)]
+    for what, value in parts:
+        if not value:
+            continue
+        if '\x00' in value:
+            raise ConfigError(f'DATABASE_URL: {what} holds a NUL character (%00)')
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError:
+            raise ConfigError(f'DATABASE_URL: {what} holds bytes that are not UTF-8') from None
 
 
 def _netloc(value: str) -> str:

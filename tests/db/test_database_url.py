@@ -51,6 +51,25 @@ def test_libpqs_host_list_in_the_url_says_the_form_that_works(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ('url', 'words'),
+    [
+        ('postgresql://post%00gres@/postgres?host=/tmp', 'the user name holds a NUL character'),
+        ('postgresql://post\udcffgres@/postgres?host=/tmp', 'the user name holds bytes that are not UTF-8'),
+        ('postgresql://u:p%00w@/postgres?host=/tmp', 'the password holds a NUL character'),
+        ('postgresql://u@/post%00gres?host=/tmp', 'the database name holds a NUL character'),
+        ('postgresql://u@/post\udcffgres?host=/tmp', 'the database name holds bytes that are not UTF-8'),
+        ('postgresql://u@/db?host=/tmp&application_name=a\udcffb', "parameter 'application_name' holds bytes"),
+    ],
+)
+def test_a_part_the_connection_cannot_send_is_a_configuration_error(url: str, words: str) -> None:
+    # A NUL was refused by PostgreSQL as a malformed startup packet, and bytes that are not UTF-8 (a shell's $'\xff',
+    # read by Python as a lone surrogate) failed in asyncpg's protocol: both "cannot connect" (exit 3) (QA).
+    with pytest.raises(ConfigError, match='DATABASE_URL') as raised:
+        parse_database_url(url)
+    assert words in str(raised.value) and 'p%00w' not in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ('query', 'words'),
     [
         ('sslmode=sometimes', 'sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full'),
