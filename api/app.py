@@ -41,6 +41,7 @@ from agentrt.api.head_requests import HeadAsGet
 from agentrt.api.message_schemas import document_messages
 from agentrt.api.response_headers import ResponseHeaders
 from agentrt.api.runtime_start import RuntimeStart, StartsRuntime, start_database_and_replay
+from agentrt.api.schema_gate import SchemaGate
 from agentrt.api.stopping import refusing_waiting_turns_on_stop
 from agentrt.api.turn_stream import ChatConfig
 from agentrt.api.url_text import Utf8Url
@@ -131,6 +132,7 @@ def create_app(
     # Mounted in another app, this one's lifespan never runs (Starlette runs the served app's only): the first request
     # starts the runtime instead.
     app.add_middleware(HeadAsGet)  # innermost: HEAD on a GET route is that GET's answer without its body
+    app.add_middleware(SchemaGate)  # a schema left behind (AGENTRT_AUTO_MIGRATE=false): 503, not the routes' 500s
     app.add_middleware(StartsRuntime, start=start)
     app.add_middleware(
         BodySizeLimit,

@@ -44,6 +44,9 @@ class _Runtime:
     embedded: EmbeddedServer | None
     loop: asyncio.AbstractEventLoop
     """The event loop the pool's connections belong to."""
+    schema_behind: str | None = None
+    """The schema's revision when it was started behind this version's and not upgraded (`allow_behind`; `'none'`:
+    never migrated), until `schema_caught_up()`; None otherwise."""
 
 
 _runtime: _Runtime | None = None
@@ -178,6 +181,7 @@ async def _start(
     else:
         url = parse_database_url(settings.database_url)
     engine, settings = await connect_engine(url, settings)
+    behind: str | None = None
     try:
         # At the packaged head (every start but the first after an upgrade), Alembic is not even imported.
         if (settings.auto_migrate if migrate is None else migrate) and not await at_packaged_head(engine):
@@ -185,8 +189,13 @@ async def _start(
 
             async with migration_engine(engine, settings) as migrating:
                 await upgrade_if_behind(migrating)
-        elif migrate is None and not settings.auto_migrate and not allow_behind:
-            await _refuse_a_schema_behind(engine)
+        elif migrate is None and not settings.auto_migrate:
+            if not allow_behind:
+                await _refuse_a_schema_behind(engine)
+            else:
+                from agentrt.db.schema_version import revision_behind
+
+                behind = await revision_behind(engine)
     except BaseException:
         await engine.dispose()
         raise
@@ -203,6 +212,7 @@ async def _start(
         ),
         embedded=embedded,
         loop=loop,
+        schema_behind=behind,
     )
     _shut_down = False
     return engine
@@ -303,6 +313,19 @@ def _follow(runtime: _Runtime, loop: asyncio.AbstractEventLoop) -> None:
 def get_engine() -> AsyncEngine:
     """The process-wide engine. Raises `DatabaseNotInitializedError` before `init_database()`."""
     return _require().engine
+
+
+def schema_left_behind() -> str | None:
+    """The schema's revision when the runtime was started on a schema behind this version's and allowed to
+    (`init_database(allow_behind=True)` with `AGENTRT_AUTO_MIGRATE=false`; `'none'`: never migrated) and it has not
+    caught up since; None otherwise, or before a start."""
+    return _runtime.schema_behind if _runtime is not None else None
+
+
+def schema_caught_up() -> None:
+    """The schema is no longer behind (an upgrade ran meanwhile): `schema_left_behind()` says None from now on."""
+    if _runtime is not None:
+        _runtime.schema_behind = None
 
 
 def current_engine() -> AsyncEngine | None:

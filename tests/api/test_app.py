@@ -15,14 +15,16 @@ from fastapi import FastAPI
 from pydantic_ai import Agent
 
 from agentrt.api import app as app_module
-from agentrt.api import health
+from agentrt.api import health, schema_gate
 from agentrt.api.app import create_app, create_served_app
 from agentrt.api.web_ui import WEB_UI_DIR
+from agentrt.db import engine
 from agentrt.db.errors import DatabaseUnavailableError, InvalidInputError
 from agentrt.db.migrate import head_revision
 from agentrt.db.settings import Settings
 from agentrt.services.conversations._arguments import CONVERSATION_ID_CHARS
 from agentrt.tools.dependencies import SessionDependencies
+from tests.agents.cli.helpers import invoke, scratch_database
 from tests.api.conftest import TEST_POOL_OUT, Keys, auth, serve
 
 
@@ -387,3 +389,60 @@ async def test_an_outage_is_logged_once_however_often_readiness_is_probed(
     assert [r.levelname for r in caplog.records if r.name == 'agentrt.api'] == ['WARNING', 'INFO', 'WARNING']
     monkeypatch.setattr(health, 'get_read_only_session', working)
     assert (await client.get('/health/ready')).status_code == 200  # the process's outage ended for the next tests
+
+
+async def test_api_requests_on_a_schema_left_behind_answer_503_saying_to_upgrade(
+    keys: Keys, client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With AGENTRT_AUTO_MIGRATE=false on a schema behind, the app starts (readiness 503) and its routes ran on tables
+    # that are not there: 500 internal_error, an UndefinedColumnError traceback (QA). The runtime started on a schema
+    # behind, and read so again, stands in for a database an upgrade has not migrated.
+    runtime = engine._require()
+    monkeypatch.setattr(runtime, 'schema_behind', '0016_budget_windows')
+    reads: list[str] = []
+
+    async def still_behind(_: object) -> str | None:
+        reads.append('read')
+        return None if upgraded else '0016_budget_windows'
+
+    upgraded = False
+    monkeypatch.setattr(schema_gate, 'revision_behind', still_behind)
+    with caplog.at_level(logging.WARNING, logger='agentrt'):
+        listed = await client.get('/api/v1/conversations', headers=auth(keys.acme))
+        turn = await client.post('/api/v1/conversations/gated/turns', json={'message': 'hi'}, headers=auth(keys.acme))
+    for refused in (listed, turn):
+        body = refused.json()
+        assert refused.status_code == 503 and body['type'] == 'schema_behind', body
+        assert f'at revision 0016_budget_windows; this version needs {head_revision()}' in body['detail']
+        assert 'agentrt db upgrade' in body['detail'] and refused.headers['retry-after'] == '30'
+    assert sum('schema is behind' in record.getMessage() for record in caplog.records) == 1  # said once
+    assert len(reads) == 1  # read again at most every RECHECK_S
+    assert (await client.get('/health/live')).status_code == 200
+    # Upgraded meanwhile: the next read after RECHECK_S sees it, and the gate stays open without reading again.
+    upgraded = True
+    monkeypatch.setattr(schema_gate, 'RECHECK_S', 0.0)
+    for _ in range(2):
+        assert (await client.get('/api/v1/conversations', headers=auth(keys.acme))).status_code == 200
+    assert len(reads) == 2 and runtime.schema_behind is None
+
+
+async def test_an_app_started_on_a_real_schema_left_behind_refuses_api_requests(database_url: str) -> None:
+    # The previous release's database (0017), AGENTRT_AUTO_MIGRATE=false: the runtime starts (allow_behind, as the
+    # app's start does) and says the schema is behind; an API request is a 503 before anything reads a missing table.
+    async with scratch_database(database_url, 'gate') as behind:
+        upgraded = await invoke('db', 'upgrade', '0017_claim_holders', env={'DATABASE_URL': behind})
+        assert upgraded.exit_code == 0, upgraded.stderr
+        saved, engine._runtime = engine._runtime, None
+        try:
+            await engine.init_database(Settings(database_url=behind, auto_migrate=False), allow_behind=True)
+            assert engine.schema_left_behind() == '0017_claim_holders'
+            transport = httpx2.ASGITransport(app=create_app(manage_runtime=False))
+            async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+                refused = await client.get('/api/v1/budget', headers={'Authorization': 'Bearer art_0123456789ab_x'})
+                ready = await client.get('/health/ready')
+        finally:
+            await engine.close_database()
+            engine._runtime = saved
+    assert refused.status_code == 503 and refused.json()['type'] == 'schema_behind', refused.text
+    assert 'at revision 0017_claim_holders' in refused.json()['detail']
+    assert ready.status_code == 503

@@ -9,12 +9,14 @@ import os
 import runpy
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from click.testing import Result
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from agentrt.agents.cli import app
@@ -130,3 +132,19 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+@asynccontextmanager
+async def scratch_database(database_url: str, label: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the server of `database_url`, dropped afterwards."""
+    import asyncpg
+
+    name = f'agentrt_{label}_{uuid.uuid4().hex[:8]}'
+    url = make_url(database_url)
+    connection = await asyncpg.connect(url.set(drivername='postgresql').render_as_string(hide_password=False))
+    try:
+        await connection.execute(f'CREATE DATABASE {name}')
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+        await connection.close()

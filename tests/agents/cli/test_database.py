@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import text
@@ -14,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from agentrt.db.roles import FUNCTION_ROLES
 from agentrt.db.session import Unscoped, get_db_session
-from tests.agents.cli.helpers import invoke, run_cli
+from tests.agents.cli.helpers import invoke, run_cli, scratch_database
 from tests.services.jobs.helpers import PROCRASTINATE_TABLES
 
 
@@ -137,27 +135,11 @@ async def test_status_for_a_member_of_the_roles_that_does_not_own_the_tables(dat
             await session.execute(text(f'DROP ROLE {login}'))
 
 
-@asynccontextmanager
-async def _scratch_database(database_url: str, label: str) -> AsyncIterator[str]:
-    """The URL of a new, empty database on the server of `database_url`, dropped afterwards."""
-    import asyncpg
-
-    name = f'agentrt_{label}_{uuid.uuid4().hex[:8]}'
-    url = make_url(database_url)
-    connection = await asyncpg.connect(url.set(drivername='postgresql').render_as_string(hide_password=False))
-    try:
-        await connection.execute(f'CREATE DATABASE {name}')
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-        await connection.close()
-
-
 async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: str) -> None:
     """With AGENTRT_AUTO_MIGRATE=false (a fleet migrated by one job) and the schema behind this version's, a command
     said "a value given is not valid for the database: role "agentrt_admin" does not exist" (or a missing table),
     exit 2 as if the operator had typed a wrong value."""
-    async with _scratch_database(database_url, 'behind') as behind:
+    async with scratch_database(database_url, 'behind') as behind:
         upgraded = await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env={'DATABASE_URL': behind})
         assert upgraded.exit_code == 0, upgraded.stderr
         for args in (('keys', 'list'), ('audit', 'list'), ('chat', '--account', 'acme-health', 'hello')):
@@ -170,7 +152,7 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
             assert 'agentrt db upgrade' in result.stderr and len(result.stderr.strip().splitlines()) == 1
         status = await invoke('db', 'status', env={'DATABASE_URL': behind, 'AGENTRT_AUTO_MIGRATE': 'false'})
         # A database never migrated is "at empty", as `agentrt db upgrade` says (it said "at none").
-        async with _scratch_database(database_url, 'never') as never:
+        async with scratch_database(database_url, 'never') as never:
             empty = await invoke('keys', 'list', env={'DATABASE_URL': never, 'AGENTRT_AUTO_MIGRATE': 'false'})
             assert empty.exit_code == 2 and empty.stderr.startswith('error: the database schema is at empty,'), (
                 empty.stderr
@@ -186,7 +168,7 @@ async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(
     failed the same way."""
     import asyncpg
 
-    async with _scratch_database(database_url, 'ahead') as ahead:
+    async with scratch_database(database_url, 'ahead') as ahead:
         assert (await invoke('db', 'upgrade', env={'DATABASE_URL': ahead})).exit_code == 0
         database = await asyncpg.connect(make_url(ahead).set(drivername='postgresql').render_as_string(False))
         try:
