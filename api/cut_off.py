@@ -1,4 +1,5 @@
-"""A request the server's shutdown cancels before it answered: a 503 in the API's error shape, not uvicorn's 500.
+"""A request the server's shutdown cancels before it answered: a 503 in the API's error shape, not uvicorn's 500; and
+a request a bug failed: a 500 in that shape, logged once.
 
 When `--shutdown-seconds` runs out, uvicorn cancels the requests still running; for one whose response had not
 started (a JSON turn, `POST .../turns`, waiting for its model) it then answered `500 Internal Server Error` in plain
@@ -23,7 +24,8 @@ STOPPED = (
 
 
 class CutOffAnswer:
-    """ASGI middleware answering 503 `shutting_down` for a request cancelled before its response started.
+    """ASGI middleware answering 503 `shutting_down` for a request cancelled before its response started, and 500
+    `internal_error` for one an unexpected exception failed (logged once, redacted, and not raised on to the server).
 
     The cancellation goes on (re-raised) once the answer is sent: uvicorn then closes the connection, as it does for
     every request it cut off.
@@ -60,3 +62,12 @@ class CutOffAnswer:
                 )
                 await response(scope, receive, send)
             raise
+        except Exception as exc:
+            # A route's unexpected error (a bug), past the handlers of the errors the API knows: answered here, logged
+            # once by `public_error` (redacted, with its error id). Starlette's outermost middleware answered it and
+            # then re-raised it, so the server logged it a second time, a whole traceback, and under a uvicorn of the
+            # user's own unredacted (a secret in the exception's message; QA).
+            error = public_error(exc, where=f'{scope.get("method", "")} {scope.get("path", "")}')
+            if not started:  # else the response cannot change: the connection ends with it unfinished
+                response = JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+                await response(scope, receive, send)

@@ -69,10 +69,10 @@ async def test_a_client_that_hangs_up_while_sending_its_body_is_logged_as_such_n
     # at ERROR with its traceback, twice (the error id's line, then uvicorn's "Exception in ASGI application"). The
     # JSON route's log line said the body was not JSON it could read.
     server_log = logging.getLogger('uvicorn.error')  # uvicorn's loggers do not propagate to the root's capture
-    server_log.addHandler(caplog.handler)
     caplog.set_level(logging.INFO)
     try:
         async for url in serve(create_app(manage_runtime=False)):
+            server_log.addHandler(caplog.handler)  # after uvicorn's start, whose logging set-up replaces its handlers
             port = int(url.rsplit(':', 1)[1])
             _, writer = await asyncio.open_connection('127.0.0.1', port)
             head = (

@@ -8,11 +8,16 @@ import socket
 import asyncpg
 import httpx2
 import pytest
+from pydantic_ai import FunctionToolset, ModelResponse, RunContext, ToolCallPart
 from pydantic_ai.exceptions import ModelHTTPError, UnexpectedModelBehavior, UsageLimitExceeded, UserError
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from agentrt.agents.simple_chat import create_simple_chat_agent
 from agentrt.api import audit
+from agentrt.api.app import create_app
 from agentrt.api.errors import ApiError, loggable, public_error, stream_error
 from agentrt.db.errors import (
     ConfigError,
@@ -28,7 +33,8 @@ from agentrt.db.failures import unavailable_error
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.tenancy import UnknownTenantError
-from tests.api.conftest import Keys, auth
+from agentrt.tools.dependencies import SessionDependencies
+from tests.api.conftest import Keys, auth, serve
 
 SECRET = 'db.internal:5432 SELECT * FROM api_keys -- sk-live-123'
 
@@ -363,3 +369,36 @@ def test_an_unexpected_errors_text_is_escaped_in_its_log_line(kind: str, caplog:
     assert line.endswith(ascii(text)[1:-1]), line  # written out once, not escaped twice
     assert record.levelno == logging.ERROR and record.exc_text and 'RuntimeError' in record.exc_text
     assert record.exc_text.encode('utf-8')  # escaped there too: any handler can write it (and pytest-xdist send it)
+
+
+_GITHUB_TOKEN = 'ghp_' + 'abcdefghijklmnopqrstuvwxyz0123456789'
+
+
+async def test_a_bug_in_a_route_is_a_500_logged_once_redacted_under_a_plain_uvicorn(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Starlette's outermost middleware answered with the error handler and re-raised: uvicorn logged the error again,
+    # "Exception in ASGI application" and a whole traceback, unredacted under a uvicorn of the user's own (QA).
+    def broken_tool(ctx: RunContext[SessionDependencies]) -> str:
+        """Look something up."""
+        raise RuntimeError(f'boom with github token {_GITHUB_TOKEN}')
+
+    def call_it(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart('broken_tool', {})])
+
+    agent = create_simple_chat_agent(FunctionModel(call_it), toolsets=[FunctionToolset([broken_tool])])
+    server_log = logging.getLogger('uvicorn.error')  # uvicorn's loggers do not propagate to the root's capture
+    caplog.set_level(logging.INFO)
+    async for url in serve(create_app(manage_runtime=False, agent=agent)):
+        server_log.addHandler(caplog.handler)  # after uvicorn's start, whose logging set-up replaces its handlers
+        try:
+            async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+                body, headers = {'message': 'hi'}, auth(keys.acme)
+                answer = await client.post('/api/v1/conversations/bug/turns', json=body, headers=headers)
+        finally:
+            server_log.removeHandler(caplog.handler)
+    assert answer.status_code == 500 and answer.json()['type'] == 'internal_error', answer.text
+    logged = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(logged) == 1 and answer.json()['error_id'] in logged[0].getMessage(), [r.getMessage() for r in logged]
+    everything = '\n'.join(record.getMessage() + (record.exc_text or '') for record in caplog.records)
+    assert 'Exception in ASGI application' not in everything and _GITHUB_TOKEN not in everything
