@@ -345,6 +345,8 @@ def _serves(pid: int, data_dir: Path) -> bool:
         if 'postgres' not in process.name():
             return False
         return Path(process.cwd()).resolve() == data_dir.resolve()
+    except psutil.ZombieProcess:  # a killed postmaster not reaped yet: its own file, which the start waits out
+        return True
     except psutil.NoSuchProcess:
         return False
     except (psutil.Error, OSError):
