@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from asyncio import CancelledError
 
+from opentelemetry import trace
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentrt.api.errors import ApiError, public_error
+from agentrt.services.span_errors import record_redacted
 
 STOPPED = (
     'the server is shutting down and stopped this request before it finished (a chat turn stopped so is not saved); '
@@ -68,6 +70,9 @@ class CutOffAnswer:
             # then re-raised it, so the server logged it a second time, a whole traceback, and under a uvicorn of the
             # user's own unredacted (a secret in the exception's message; QA).
             error = public_error(exc, where=f'{scope.get("method", "")} {scope.get("path", "")}')
+            span = trace.get_current_span()  # the request's, when its telemetry is on: the error on it, redacted
+            if span.is_recording():
+                record_redacted(span, exc)
             if not started:  # else the response cannot change: the connection ends with it unfinished
                 response = JSONResponse(error.body(), status_code=error.status, headers=error.headers())
                 await response(scope, receive, send)
