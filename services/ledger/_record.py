@@ -347,9 +347,29 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
         row[name] = value
     if row['id'] is None or row['model'] is None or row['started_at'] is None:
         raise ValueError('spooled ledger row lacks id, model or started_at')
+    _check_amounts(row)
     # Lines spooled before rows were made storable can hold NUL or a lone surrogate (the JSON keeps both escaped):
     # cleaned here, the replay writes them instead of being refused again by every replay.
     return storable_row(row)
+
+
+_MAX_COST_USD = Decimal(10) ** 12
+"""A spooled amount no request costs: `1e400` replayed made `agentrt costs` report 10^400 USD (QA)."""
+
+
+def _check_amounts(row: dict[str, Any]) -> None:
+    """Refuse a spooled row whose costs, counts or durations no request has (a hand-edited or corrupt line): the
+    database took them, and every total built on them was wrong."""
+    for name in _DECIMALS:
+        value = row.get(name)
+        if value is not None and not (value.is_finite() and 0 <= value < _MAX_COST_USD):
+            raise ValueError(f'spooled ledger row has {name} {value}: not a cost a request has')
+    for name, value in row.items():
+        if value is None or not name.endswith(('_tokens', '_ms')):
+            continue
+        kinds = int if name.endswith('_tokens') else int | float  # counts are whole; durations may not be
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise ValueError(f'spooled ledger row has {name} {value!r}: not a count or duration a request has')
 
 
 def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

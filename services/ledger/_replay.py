@@ -172,8 +172,28 @@ async def _write_parsed(write: _Writer, parsed: Parsed, bad: list[str]) -> dict[
         except Exception as exc:
             if database_unavailable(exc):
                 raise
-            logger.error('ledger spool: contents not stored (%s: %s)', type(exc).__name__, exc)
+            # One content the database refuses (a kind it does not know) dropped every row's contents of the
+            # batch, the spool then deleted: the good rows' prompts and responses lost (QA). Each row's alone.
+            logger.warning("ledger spool: contents refused (%s: %s); each row's alone", type(exc).__name__, exc)
+            counts['contents'] = await _contents_one_row_at_a_time(write, parsed, bad)
     return counts
+
+
+async def _contents_one_row_at_a_time(write: _Writer, parsed: Parsed, bad: list[str]) -> int:
+    """Write each row's contents alone; the entry of a row whose contents the database refuses goes to `bad` (its
+    row is written: a replay of the `.rejected` line finds it there and adds only what is new)."""
+    written = 0
+    for entry, row, row_contents in parsed:
+        if not row_contents:
+            continue
+        try:
+            written += await write.contents(row_contents)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            logger.error('ledger spool: contents of row %s refused (%s: %s)', row['id'], type(exc).__name__, exc)
+            bad.append(_line(entry))
+    return written
 
 
 def _no_counts() -> dict[str, int]:

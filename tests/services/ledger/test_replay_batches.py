@@ -15,10 +15,10 @@ from agentrt.services.ledger._spool import LedgerSpool
 from tests.factories import fast_config, ledger_record, scalar
 
 
-def _entry() -> tuple[LedgerRecord, dict[str, Any]]:
+def _entry(content_max_bytes: int | None = None) -> tuple[LedgerRecord, dict[str, Any]]:
     now = utc_now()
     record = ledger_record(started_at=now, finished_at=now)
-    return record, record.spool_entry(None)
+    return record, record.spool_entry(content_max_bytes)
 
 
 async def test_a_spool_of_several_batches_is_replayed_whole_with_its_bad_lines_set_aside_off_the_event_loop(
@@ -80,3 +80,39 @@ def test_read_batch_walks_a_file_in_batches_to_what_one_batch_of_the_whole_file_
     whole = spool.read_batch(spool.path, 0, 100)
     assert whole.done and (entries, bad) == (whole.entries, whole.bad)
     assert len(entries) == 5 and bad == ['{"torn": \n']
+
+
+async def test_a_content_the_database_refuses_keeps_the_other_rows_contents_and_goes_to_rejected(
+    tmp_path: Path,
+) -> None:
+    # One content of an unknown kind made the batch's contents statement fail: every row was written without its
+    # contents, and the spool deleted, so the good rows' prompts and responses were lost (QA).
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    made = [_entry(content_max_bytes=100_000) for _ in range(3)]
+    odd = {**made[1][1], 'contents': [{**made[1][1]['contents'][0], 'kind': 'bogus'}]}
+    tracker.spool.append([made[0][1], odd, made[2][1]])
+    report = await tracker.replay_spool()
+    assert (report.rows, report.inserted, report.rejected) == (3, 3, 1)
+    for record, entry in (made[0], made[2]):
+        stored = await scalar('SELECT count(*) FROM llm_request_contents WHERE request_id = :id', id=record.id)
+        assert stored == len(entry['contents']) > 0
+    [rejected] = tracker.spool.rejected_path.read_text().splitlines()
+    assert json.loads(rejected)['contents'][0]['kind'] == 'bogus'
+
+
+@pytest.mark.parametrize(
+    ('field', 'value'),
+    [('total_cost', '1e400'), ('total_cost', '-1'), ('total_cost', 'NaN'), ('input_tokens', -5), ('latency_ms', -1)],
+)
+async def test_a_spooled_row_with_an_amount_no_request_has_is_set_aside(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    # The database took them: `agentrt costs` then reported 10^400 USD (QA).
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    (good, entry), (bad, damaged) = _entry(), _entry()
+    damaged = {**damaged, 'row': {**damaged['row'], field: value}}
+    tracker.spool.append([entry, damaged])
+    report = await tracker.replay_spool()
+    assert (report.rows, report.inserted, report.rejected) == (1, 1, 1)
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=bad.id) == 0
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=good.id) == 1
