@@ -27,6 +27,7 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
+from agentrt.agents.observability import name_turn_agent
 from agentrt.agents.sendable_text import SendableText
 from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
@@ -235,6 +236,7 @@ async def _claimed_turn(
             lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'
         )
     tenant, claim, recent = opened
+    name_turn_agent(tenant.agent_instance_slug)
     claim.loaded(recent.conversation.revision)
     if recent.stored_json:  # the ledger stores the loaded history as it is stored, without dumping it again
         remember_message_json(recent.stored, recent.stored_json)

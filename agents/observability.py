@@ -315,6 +315,14 @@ def start_turn_span(*, session_id: str, account: str, agent_instance: str | None
     return _tracer.start_span('chat turn', attributes=attributes, record_exception=False, set_status_on_exception=False)
 
 
+def name_turn_agent(slug: str) -> None:
+    """Set the current turn span's `agentrt.agent_instance` to the agent the turn resolved: the caller's argument is
+    empty for the account's default agent, which the ledger's rows name (QA)."""
+    span = trace.get_current_span()
+    if span.is_recording() and getattr(span, 'name', None) == 'chat turn':
+        span.set_attribute('agentrt.agent_instance', slug)
+
+
 @contextmanager
 def within_turn_span(span: trace.Span | None) -> Iterator[None]:
     """Run a block in `span` (current: what the block does joins it), recording an exception leaving the block,

@@ -103,7 +103,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
         if problem:
             raise ConfigError(
                 f'{name}: {problem}; give comma-separated name=value pairs, values URL-encoded '
-                "(e.g. 'authorization=Bearer%20TOKEN,x-team=a')"
+                "(e.g. 'x-team=chat%20agents,x-region=eu'; a space is %20)"
             )
 
 

@@ -248,18 +248,18 @@ class TaskSupervisor:
         self._accepting = False
         pending = set(self._tasks)
         if pending:
-            logger.info('background %s: waiting up to %.1fs for %d tasks', self.name, timeout, len(pending))
+            logger.info('%s work: waiting up to %.1fs for %d task(s)', self.name, timeout, len(pending))
             _, pending = await asyncio.wait(pending, timeout=timeout)
         if pending:
             logger.warning(
-                'background %s: cancelling %d tasks still running after %.1fs', self.name, len(pending), timeout
+                '%s work: cancelling %d task(s) still running after %.1fs', self.name, len(pending), timeout
             )
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
         if pending:
             logger.error(
-                'background %s: %d tasks ignored cancellation: %s',
+                '%s work: %d task(s) ignored cancellation: %s',
                 self.name,
                 len(pending),
                 ', '.join(sorted(t.get_name() for t in pending)),

@@ -73,6 +73,8 @@ async def test_parallel_tool_calls_overlap_each_with_its_own_database_connection
     # holds `session` ("[Scrubbed due to 'session']"), so the id is under the name pydantic-ai's spans use.
     assert turn['attributes']['gen_ai.conversation.id'] == 'traced', turn['attributes']
     assert turn['attributes']['agentrt.account'] == 'acme-health'
+    # The agent the turn ran: the account's default one when the caller named none (it was '', QA).
+    assert turn['attributes']['agentrt.agent_instance'] == 'provider-finder', turn['attributes']
     trace_id = turn['context']['trace_id']
     [run] = [s for s in spans if s['name'] == 'invoke_agent simple_chat']
     assert run['context']['trace_id'] == trace_id
