@@ -100,7 +100,9 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
     env = os.environ if environ is None else environ
     check_otlp_settings(env)  # a value logfire would ignore or misread: a ConfigError, as an invalid setting is
     otlp: str | None = None
-    if env.get('OTEL_TRACES_EXPORTER', '').strip().lower() in ('', 'otlp'):
+    # OpenTelemetry's switch for its whole SDK: nothing is exported then, and `agentrt db status` said OTLP (QA).
+    sdk_off = env.get('OTEL_SDK_DISABLED', '').strip().lower() == 'true'
+    if env.get('OTEL_TRACES_EXPORTER', '').strip().lower() in ('', 'otlp') and not sdk_off:
         # As logfire (and the OpenTelemetry SDK) read them: the signal's own endpoint first.
         otlp = env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or None
     if console is None:

@@ -80,6 +80,14 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
         env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or env.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT')
     ):
         return
+    for kind in ('METRICS', 'LOGS'):  # taken and ignored, their data going nowhere (QA)
+        name = f'OTEL_{kind}_EXPORTER'
+        value = env.get(name, '').strip().lower()
+        if value not in ('', *SUPPORTED_EXPORTERS):
+            raise ConfigError(
+                f'{name}={_shown(value)} is not supported: agentrt exports {kind.lower()} over OTLP/HTTP beside its '
+                "spans, or not at all; set it to 'otlp' (the default) or 'none'"
+            )
     # A metrics or logs exporter turned off (`OTEL_METRICS_EXPORTER=none`) reads none of its own variables.
     signals = [signal for signal in SIGNALS if env.get(f'OTEL_{signal}EXPORTER', '').strip().lower() != 'none']
     for signal in signals:

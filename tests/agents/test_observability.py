@@ -166,6 +166,8 @@ async def test_a_failed_statement_on_the_driver_connection_ends_its_span_with_an
         ({'LOGFIRE_TOKEN': 'pylf_v1_x'}, None, 'Logfire'),
         ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}, None, 'OTLP http://c:4318'),
         ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318', 'OTEL_TRACES_EXPORTER': 'none'}, None, 'off'),
+        # OpenTelemetry's switch for its whole SDK: nothing was exported, and `db status` said OTLP (QA).
+        ({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318', 'OTEL_SDK_DISABLED': 'TRUE'}, None, 'off'),
         (
             {
                 'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318',
@@ -206,6 +208,9 @@ ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
         ({**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'zipkin'}, r"^OTEL_TRACES_EXPORTER='zipkin' is not supported.*'otlp'"),
         ({'OTEL_TRACES_EXPORTER': 'console'}, r'LOGFIRE_CONSOLE=true'),
         ({**ENDPOINT, 'OTEL_TRACES_EXPORTER': 'otlp,console'}, r'^OTEL_TRACES_EXPORTER='),
+        # Taken and ignored: the metrics or logs went nowhere (QA).
+        ({**ENDPOINT, 'OTEL_METRICS_EXPORTER': 'prometheus'}, r"^OTEL_METRICS_EXPORTER='prometheus' is not supported"),
+        ({**ENDPOINT, 'OTEL_LOGS_EXPORTER': 'console'}, r"^OTEL_LOGS_EXPORTER='console' is not supported.*'none'"),
         # A malformed header was dropped with a warning that used up the one line about export failures; its value
         # (a token) is not quoted.
         (
