@@ -225,6 +225,11 @@ async def timeouts_in_force(conn: AsyncConnection | AsyncSession) -> dict[str, i
 
 def describe_server(url: URL) -> str:
     """`host:port/database` (or the socket directory) for messages; never includes a password."""
-    host = url.host or url.query.get('host') or 'localhost'
-    port = url.port or url.query.get('port') or 5432
-    return f'{host}:{port}/{url.database}'
+    if url.host:
+        return f'{url.host}:{url.port or 5432}/{url.database}'
+    hosts = url.query.get('host') or 'localhost'
+    ports = url.query.get('port')
+    if isinstance(hosts, tuple):  # `?host=a:5432&host=b:5432`: each with its port (a tuple was printed; QA)
+        return f'{",".join(hosts)}/{url.database}'
+    port = url.port or (ports[0] if isinstance(ports, tuple) else ports) or 5432
+    return f'{hosts}:{port}/{url.database}'

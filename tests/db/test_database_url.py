@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
-from agentrt.db.engine import build_engine, check_connection
+from agentrt.db.engine import build_engine, check_connection, describe_server
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.settings import Settings, read_settings
 from tests.agents.cli.helpers import invoke
@@ -170,3 +170,16 @@ async def test_verify_full_with_the_wrong_root_certificate_says_so(private_datab
     result = await invoke('db', 'status', env={'DATABASE_URL': url, 'DB_CONNECT_TIMEOUT': '5'})
     assert result.exit_code == 3
     assert [line for line in result.stderr.splitlines() if line.startswith('error:')] == [f'error: {message}']
+
+
+@pytest.mark.parametrize(
+    ('url', 'described'),
+    [
+        ('postgresql://u:p@/db?host=h1:5432&host=h2:5433', 'h1:5432,h2:5433/db'),
+        ('postgresql://u:p@/db?host=/tmp&port=5433', '/tmp:5433/db'),
+        ('postgresql://u:p@db.internal:6432/agents', 'db.internal:6432/agents'),
+    ],
+)
+def test_a_server_is_described_in_messages_as_a_person_reads_it(url: str, described: str) -> None:
+    # A list of hosts was printed as a Python tuple with a made-up port: "at ('h1:5432', 'h2:5432'):5432/db" (QA).
+    assert describe_server(make_url(url)) == described
