@@ -36,6 +36,25 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger('opentelemetry.sdk.resources').setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
         handler.addFilter(ExportFailuresOnce('--verbose'))
+    if not debug_enabled():
+        # A library's warning (pydantic's serializer warnings over a tool's odd result, pydantic-ai's usage that could
+        # not be read) was printed by Python as it is: its file, line number and source line, several lines (QA).
+        import warnings
+
+        warnings.showwarning = _warning_line
+
+
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: object = None,
+) -> None:
+    """A Python warning as one log line (`py.warnings`, redacted like the others): its class and its words."""
+    text = ' '.join(str(message).split())
+    logging.getLogger('py.warnings').warning('%s: %s', category.__name__, shortened(text, LOG_EXCEPTION_CHARS))
 
 
 def show_job_logs() -> None:

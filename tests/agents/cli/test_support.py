@@ -166,3 +166,19 @@ async def test_ctrl_c_during_a_command_says_what_it_stopped(monkeypatch: pytest.
     result = await invoke('db', 'status')
     assert result.exit_code == 130
     assert result.stderr == 'error: stopped by SIGINT; nothing in progress was saved\n'
+
+
+def test_a_libraries_warning_is_one_log_line_without_its_source() -> None:
+    # Python printed it as it is: file, line number, the source line, the warning's own several lines (QA: pydantic's
+    # serializer warnings over a tool's odd result, pydantic-ai's usage it could not read, in a chat's output).
+    import warnings
+
+    words = 'Pydantic serializer warnings:\n  PydanticSerializationUnexpectedValue(Expected `str`)'
+    with _terminal() as stderr, warnings.catch_warnings():
+        setup_logging(False)  # inside catch_warnings: the test's own warning capture is given back after it
+        warnings.simplefilter('always')
+        warnings.warn(words, stacklevel=1)
+    shown = ' '.join(stderr.getvalue().split())  # one record, which the 80-column console may wrap
+    assert shown.count('WARNING') == 1, shown
+    assert 'UserWarning: Pydantic serializer warnings: PydanticSerializationUnexpectedValue' in shown, shown
+    assert 'warnings.warn' not in shown and '.py:' not in shown
