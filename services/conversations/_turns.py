@@ -72,7 +72,8 @@ class ConcurrentTurnError(AgentRuntimeError):
             # of the dead turn only (a live one's "for up to 58 s more" was renewed, again and again, under a retry).
             message = (
                 f'another turn holds conversation {conversation_id!r}: one running now holds it until it ends; one '
-                'whose process died on another host, or lost the database before it could let go, holds it for up to '
+                'whose process died on another host (or under an earlier version, which records no holder), or lost '
+                'the database before it could let go, holds it for up to '
                 f'{expires_in_s:.0f} s more (its lease lapses AGENTRT_TURN_LEASE_SECONDS after it last renewed it); '
                 'this turn sent nothing; retry when that one ends'
             )
