@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 import typer
 from rich.markup import escape
 
+from agentrt.agents.cli import support
 from agentrt.agents.cli.pipes import reader_left
 from agentrt.agents.cli.support import (
     EXIT_FAILURE,
@@ -199,6 +200,8 @@ class _Display:
         self.printable = printable
         self.mid_line = False
         self.tools_run = 0
+        if console.is_terminal and err_console.is_terminal:  # one screen: a log line starts on a line of its own
+            support.open_answer_line = self.end_line
 
     def tool(self, event: ToolEvent) -> None:
         self.end_line()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
+from agentrt.agents.cli import support
 from agentrt.agents.cli.support import debug_enabled, err_console, shortened
 from agentrt.db.errors import DatabaseUnavailableError
 
@@ -36,12 +37,21 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger('opentelemetry.sdk.resources').setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
         handler.addFilter(ExportFailuresOnce('--verbose'))
+    handler.addFilter(_answer_line_ended)  # last: only before a line that is shown
     if not debug_enabled():
         # A library's warning (pydantic's serializer warnings over a tool's odd result, pydantic-ai's usage that could
         # not be read) was printed by Python as it is: its file, line number and source line, several lines (QA).
         import warnings
 
         warnings.showwarning = _warning_line
+
+
+def _answer_line_ended(record: logging.LogRecord) -> bool:
+    """End the answer's open line before the log line is shown (`support.open_answer_line`)."""
+    end = support.open_answer_line
+    if end is not None:
+        end()
+    return True
 
 
 def _warning_line(

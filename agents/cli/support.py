@@ -206,6 +206,10 @@ def exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
 
 _debug = False
 
+open_answer_line: Callable[[], None] | None = None
+"""Ends the streamed answer's line on the terminal, if one is open, before a log line is shown there (`agentrt chat`
+sets it: a log line printed in the middle of an answer was glued to its last word, `okERROR ledger spool: ...`)."""
+
 
 def set_debug(enabled: bool) -> None:
     """Print tracebacks of errors (`--debug`, or `AGENTRT_DEBUG=1` in the environment)."""

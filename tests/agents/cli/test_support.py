@@ -182,3 +182,25 @@ def test_a_libraries_warning_is_one_log_line_without_its_source() -> None:
     assert shown.count('WARNING') == 1, shown
     assert 'UserWarning: Pydantic serializer warnings: PydanticSerializationUnexpectedValue' in shown, shown
     assert 'warnings.warn' not in shown and '.py:' not in shown
+
+
+def test_a_log_line_during_a_streamed_answer_starts_on_a_line_of_its_own() -> None:
+    # Both on one terminal, a ledger warning printed mid-answer was glued to its last word: `okERROR ledger ...` (QA).
+    from agentrt.agents.cli.chat import _Display
+    from agentrt.agents.cli.support import console
+
+    with _terminal() as screen:
+        saved = console._file, console._force_terminal, err_console._force_terminal, support.open_answer_line
+        console.file, console._force_terminal, err_console._force_terminal = screen, True, True
+        try:
+            display = _Display()
+            display.text('The first three are ok')
+            logging.getLogger('agentrt.ledger').warning('ledger spool: 1 unwritable line(s) moved')
+            display.text(' and more.')
+            display.end_line()
+        finally:
+            console._file, console._force_terminal, err_console._force_terminal = saved[:3]
+            support.open_answer_line = saved[3]
+    lines = [line.rstrip() for line in screen.getvalue().splitlines()]
+    assert 'The first three are ok' in lines and lines[-1] == ' and more.', lines
+    assert any(line.startswith('WARNING') and 'ledger spool' in line for line in lines), lines
