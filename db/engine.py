@@ -31,7 +31,7 @@ from agentrt.db.errors import ConfigError, DatabaseNotInitializedError
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
-from agentrt.db.transaction_setup import RetryingSession, SetupSession
+from agentrt.db.transaction_setup import RetryingSession, SetupSession, close_connections_of
 
 logger = logging.getLogger('agentrt.db')
 
@@ -106,6 +106,7 @@ async def init_database(
                 # afresh on this one.
                 ended, _runtime = _runtime, None
                 await ended.engine.dispose(close=False)
+                close_connections_of(ended.loop)  # a closed loop's, its tasks' checked-out ones too
             if _runtime is not None:
                 return _runtime.engine
             return await _start(settings, migrate=migrate, allow_behind=allow_behind, loop=loop)
@@ -340,6 +341,7 @@ def _follow(runtime: _Runtime, loop: asyncio.AbstractEventLoop) -> None:
     pool = runtime.engine.sync_engine.pool
     health = getattr(pool, 'agentrt_health', None)
     runtime.engine.sync_engine.dispose(close=False)
+    close_connections_of(runtime.loop)  # a closed loop's, its tasks' checked-out ones too
     if health is not None:
         runtime.engine.sync_engine.pool.agentrt_health = health  # type: ignore[attr-defined]
     runtime.loop = loop

@@ -22,8 +22,10 @@ transaction with the prelude (`PreludeConnection.begin_as`), and the wait that r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -123,6 +125,38 @@ class TransactionSetup:
         )
 
 
+_open_connections: weakref.WeakSet[PreludeConnection] = weakref.WeakSet()
+"""Every connection the runtime opened and has not collected, for `close_connections_of` (a closed loop's)."""
+
+
+def close_connections_of(loop: asyncio.AbstractEventLoop) -> int:
+    """Close the sockets of the runtime's connections that belong to `loop`, an event loop that was closed; return how
+    many.
+
+    A loop closed with its tasks still pending (`loop = asyncio.new_event_loop(); loop.run_until_complete(...);
+    loop.close()`, a sync wrapper's pattern) leaves the connections of those tasks' sessions checked out, and no loop
+    can close them the asyncio way (asyncpg's "attached to a different loop", or "Event loop is closed"): each call
+    kept about 3 server backends until the server refused every client (QA). A closed loop's selector is gone, so
+    nothing reads these sockets again: each is closed here, and its transport and connection marked so (no
+    ResourceWarning when they are collected).
+    """
+    if not loop.is_closed():
+        return 0
+    closed = 0
+    for connection in list(_open_connections):
+        if connection._loop is not loop or connection._aborted:
+            continue
+        transport = connection._transport
+        sock = getattr(transport, '_sock', None)  # asyncio's selector transports (the only kind asyncpg gets here)
+        if sock is not None:
+            sock.close()
+            transport._sock = None
+        connection._aborted = True
+        _open_connections.discard(connection)
+        closed += 1
+    return closed
+
+
 class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
 
@@ -136,6 +170,7 @@ class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _open_connections.add(self)
         self.agentrt_prelude = ''
         # Pooler mode: what every transaction on this connection sets when its session sets nothing else
         # (`install_prelude(defaults=...)`); None on a direct connection, whose timeouts are set at connect.

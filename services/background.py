@@ -251,9 +251,7 @@ class TaskSupervisor:
             logger.info('%s work: waiting up to %.1fs for %d task(s)', self.name, timeout, len(pending))
             _, pending = await asyncio.wait(pending, timeout=timeout)
         if pending:
-            logger.warning(
-                '%s work: cancelling %d task(s) still running after %.1fs', self.name, len(pending), timeout
-            )
+            logger.warning('%s work: cancelling %d task(s) still running after %.1fs', self.name, len(pending), timeout)
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
@@ -441,6 +439,10 @@ def get_supervisor() -> TaskSupervisor:
     loop = asyncio.get_running_loop()
     supervisor = _supervisors.get(loop)
     if supervisor is None or not supervisor.accepting:
+        # A closed loop's supervisor is let go: its tasks can never run again, and they kept the loop (the weak key)
+        # and their sessions alive (a sync wrapper's new loop per call, closed with tasks pending; QA).
+        for closed in [other for other in _supervisors if other.is_closed()]:
+            del _supervisors[closed]
         supervisor = _supervisors[loop] = TaskSupervisor()
     return supervisor
 

@@ -422,6 +422,42 @@ async def test_each_ended_event_loop_closes_its_pools_connections(demo_data: Non
     assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
 
 
+async def test_loops_closed_with_tasks_pending_leave_no_connection_open(demo_data: None, database_url: str) -> None:
+    """A sync wrapper's pattern, a new loop per call closed without cancelling its tasks: the pending ones (the usage
+    roll-up) kept their sessions' connections, and the closed loop's supervisor kept them alive, about 3 server
+    backends a call until the server refused every client (QA). The closed loop's connections are closed as the
+    next loop takes the runtime over."""
+    url = make_url(database_url).update_query_dict({'application_name': 'loops-pending'})
+    script = textwrap.dedent(
+        """
+        import asyncio
+        import asyncpg
+        import warnings
+        warnings.simplefilter('default')  # a connection left unclosed says so
+        from agentrt.agents.simple_chat import simple_chat
+
+        async def backends():
+            connection = await asyncpg.connect(DSN)
+            try:
+                query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loops-pending'"
+                return await connection.fetchval(query)
+            finally:
+                await connection.close()
+
+        for i in range(12):
+            loop = asyncio.new_event_loop()
+            turn = simple_chat('cardiologists in Boston', session_id=f'pending-{i}', account='acme-health')
+            loop.run_until_complete(turn)
+            loop.close()
+        print(asyncio.run(backends()))
+        """
+    ).replace('DSN', repr(make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)))
+    done = await _python(script, url.render_as_string(hide_password=False))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) <= 4, done.stdout  # the last loop's, at most: not 3 a call
+    assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+
+
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:
