@@ -245,6 +245,12 @@ class SpoolFallback:
             self._dirty = True
             logger.warning('ledger: %s failed (%s: %s); will retry', step, type(exc).__name__, exc)
             self.come_back_later(queues)
+        except asyncio.CancelledError:
+            # Its loop ended (`asyncio.run` cancels what is left): the next loop's first write tries again at once.
+            # It waited for the periodic check, and a script of short loops cancelled each try: the spooled rows
+            # stayed out of the ledger until another process replayed them (QA).
+            self._dirty = True
+            raise
         finally:
             queues.replay_task = None
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -175,6 +176,45 @@ async def test_spooled_rows_reach_the_database_once_it_is_back_without_another_w
             await asyncio.sleep(0.05)
         assert await scalar('SELECT count(*) FROM llm_requests') == 3
         assert tracker.stats.replayed_rows == 3 and queues.comeback is None and queues.comeback_after == 0
+    finally:
+        await tracker.aclose()
+        await outage.engine.dispose()
+
+
+async def test_a_replay_its_loop_ended_is_tried_again_at_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `asyncio.run` cancels what is left as it ends: a replay cancelled so waited for the periodic check (30 s), and a
+    # script of short loops cancelled each try, its spooled rows out of the ledger until another process came (QA).
+    outage = _Outage()
+    config = fast_config(tmp_path, replay_check_interval=3600, replay_retry_seconds=3600)  # no timer tries it
+    tracker = LLMRequestTracker(config, session_factory=outage.sessions)
+    fallback = tracker._fallback
+    replay, started = fallback.replay, asyncio.Event()
+
+    async def held_up(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await asyncio.sleep(3600)  # cut off by the loop's end, as a turn's short `asyncio.run` does
+
+    try:
+        assert await tracker.track_request(_record()) == 'spooled'
+        outage.down = False
+        monkeypatch.setattr(fallback, 'replay', held_up)
+        assert await tracker.track_request(_record()) == 'written'  # the write that starts a replay
+        queues = tracker._queues(asyncio.get_running_loop())
+        await asyncio.wait_for(started.wait(), 10)
+        task = queues.replay_task
+        assert task is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(fallback, 'replay', replay)
+        assert await tracker.track_request(_record()) == 'written'  # tried again now, not in an hour
+        for _ in range(100):
+            if not tracker.spool.has_pending() and queues.replay_task is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await scalar('SELECT count(*) FROM llm_requests') == 3 and not tracker.spool.has_pending()
     finally:
         await tracker.aclose()
         await outage.engine.dispose()
