@@ -344,7 +344,10 @@ def _serves(pid: int, data_dir: Path) -> bool:
         process = psutil.Process(pid)
         if 'postgres' not in process.name():
             return False
-        return Path(process.cwd()).resolve() == data_dir.resolve()
+        # The directory itself, not its name: a bind mount or another path to the same directory is the same one
+        # (the name compared took a live server for another, removed its lock file, and it shut itself down; QA).
+        cwd = f'/proc/{pid}/cwd' if Path(f'/proc/{pid}/cwd').exists() else process.cwd()
+        return os.path.samefile(cwd, data_dir)
     except psutil.ZombieProcess:  # a killed postmaster not reaped yet: its own file, which the start waits out
         return True
     except psutil.NoSuchProcess:

@@ -32,3 +32,16 @@ def immutable(path: Path) -> Iterator[bool]:
     finally:
         if made:
             subprocess.run(['chattr', '-i', str(path)], capture_output=True)
+
+
+@contextmanager
+def bind(directory: Path, onto: Path) -> Iterator[bool]:
+    """`directory` bind-mounted onto `onto` (made if missing) while the block runs: the same directory under another
+    name; False where mounting is not allowed."""
+    onto.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(['mount', '--bind', str(directory), str(onto)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(onto)], capture_output=True)

@@ -31,7 +31,7 @@ from agentrt.db.embedded_datadir import (
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
 from tests.agents.cli.helpers import ROOT, invoke
-from tests.mounts import read_only_bind
+from tests.mounts import bind, read_only_bind
 from tests.private_database import PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle who accept Medicare'
@@ -411,6 +411,27 @@ def test_a_lock_file_whose_pid_is_another_clusters_postgres_is_removed(
             process.kill()
             process.wait()
     assert 'now another process' in caplog.text
+
+
+def test_the_lock_file_of_a_live_server_reached_by_another_path_is_kept(tmp_path: Path) -> None:
+    # The data directory under a bind mount (or any other name for it): its server's working directory compared by
+    # name was "another process", its lock file removed, and the live server shut itself down (QA).
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir()
+    postgres = tmp_path / 'postgres'
+    shutil.copy(shutil.which('sleep') or '/bin/sleep', postgres)
+    with bind(data_dir, tmp_path / 'elsewhere') as mounted:
+        if not mounted:
+            pytest.skip('bind mounts are not allowed here')
+        process = subprocess.Popen([str(postgres), '60'], cwd=data_dir)
+        try:
+            lock = data_dir / 'postmaster.pid'
+            lock.write_text(f'{process.pid}\n{data_dir}\n1796580907\n5432\n/tmp\nlocalhost\n  0 0\nready\n')
+            clear_stale_lock(tmp_path / 'elsewhere')
+            assert lock.exists()
+        finally:
+            process.kill()
+            process.wait()
 
 
 def test_a_whole_lock_file_and_a_live_postgres_writing_one_are_kept(tmp_path: Path) -> None:
