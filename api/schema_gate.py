@@ -45,7 +45,7 @@ class SchemaGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse an API request while the schema is behind; pass every other request on."""
-        if scope['type'] != 'http' or not scope['path'].startswith(_GATED_PREFIX) or schema_left_behind() is None:
+        if scope['type'] != 'http' or schema_left_behind() is None or not _route_path(scope).startswith(_GATED_PREFIX):
             await self.app(scope, receive, send)
             return
         behind = await self._still_behind()
@@ -65,9 +65,22 @@ class SchemaGate:
         await JSONResponse(body, status_code=503, headers={'Retry-After': '30'})(scope, receive, send)
 
     async def _still_behind(self) -> str | None:
-        """The revision of the schema while it is behind; None once it caught up (an upgrade ran meanwhile)."""
+        """The revision of the schema while it is behind; None once it caught up (an upgrade ran meanwhile), or when
+        the database cannot be asked now (the route answers as it does in an outage: 503 `database_unavailable`)."""
         if time.monotonic() - self._read_at >= RECHECK_S and (engine := current_engine()) is not None:
             self._read_at = time.monotonic()
-            if await revision_behind(engine) is None:  # at the head now, or past it (or unreadable: the route says)
+            try:
+                behind = await revision_behind(engine)
+            except Exception:  # the driver's own connect errors (a socket gone, refused): it was a 500 (QA)
+                return None
+            if behind is None:  # at the head now, or past it
                 schema_caught_up()
         return schema_left_behind()
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path within this app: without the prefix of an app it is mounted in (`root_path`), whose
+    routes the gate missed (`/agent/api/...`; QA)."""
+    path: str = scope['path']
+    root: str = scope.get('root_path', '')
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -157,6 +157,17 @@ def close_connections_of(loop: asyncio.AbstractEventLoop) -> int:
     return closed
 
 
+def abort_connections_of(loop: asyncio.AbstractEventLoop) -> int:
+    """Abort (`terminate`: no goodbye to the server, no wait) the runtime's open connections of `loop`, the running
+    loop, as it ends with a server that does not answer a graceful close; return how many."""
+    aborted = 0
+    for connection in list(_open_connections):
+        if connection._loop is loop and not connection.is_closed():
+            connection.terminate()
+            aborted += 1
+    return aborted
+
+
 class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends the pending transaction prelude in the same message as the next `BEGIN`.
 

@@ -22,7 +22,16 @@ from agentrt.services.ledger._contents import RunBodies
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
-from agentrt.services.ledger._record import ContentKind, LedgerRecord, RawBody, Status, new_request_id, utc_now
+from agentrt.services.ledger._record import (
+    MAX_COST_USD,
+    MAX_TOKENS,
+    ContentKind,
+    LedgerRecord,
+    RawBody,
+    Status,
+    new_request_id,
+    utc_now,
+)
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 from agentrt.services.run_tasks import note_run_task
 
@@ -457,11 +466,11 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.usage_reported = not usage.unmeasured_requests
     record.total_cost = usage.cost
     if not _countable(record):
-        # A count no token column holds (past 64 bits, or negative): a provider's nonsense, not a measurement. The
-        # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected`: the
-        # request gone from the ledger (QA).
+        # A count no request has (past 64 bits, a trillion, negative): a provider's nonsense, not a measurement. The
+        # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected` (the
+        # request gone from the ledger), or, just under 64 bits, it overflowed every sum of the counts (QA).
         logger.warning(
-            'ledger: %s reported token counts no ledger column holds (input %s, output %s, total %s); '
+            'ledger: %s reported token counts no request has (input %s, output %s, total %s); '
             'the request is recorded unmeasured',
             record.model,
             usage.input_tokens,
@@ -490,12 +499,15 @@ _TOKEN_COUNTS = (
     'reasoning_tokens',
     'total_tokens',
 )
-_BIGINT_MAX = 2**63 - 1  # the token columns are PostgreSQL bigints
 
 
 def _countable(record: LedgerRecord) -> bool:
-    """Whether every token count of `record` is a whole number its column holds."""
-    return all(isinstance(count := getattr(record, name), int) and 0 <= count <= _BIGINT_MAX for name in _TOKEN_COUNTS)
+    """Whether every token count of `record` is a whole number a request can have (`MAX_TOKENS`), and its cost one
+    (`MAX_COST_USD`): what the ledger's columns, and the sums over them, hold."""
+    cost = record.total_cost
+    if cost is not None and not (cost.is_finite() and 0 <= cost < MAX_COST_USD):
+        return False
+    return all(isinstance(count := getattr(record, name), int) and 0 <= count < MAX_TOKENS for name in _TOKEN_COUNTS)
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

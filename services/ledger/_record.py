@@ -353,8 +353,11 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
     return storable_row(row)
 
 
-_MAX_COST_USD = Decimal(10) ** 12
-"""A spooled amount no request costs: `1e400` replayed made `agentrt costs` report 10^400 USD (QA)."""
+MAX_COST_USD = Decimal(10) ** 12
+"""An amount no request costs: `1e400` replayed made `agentrt costs` report 10^400 USD (QA)."""
+MAX_TOKENS = 10**12
+"""A count no request has (a trillion tokens): counts just under the bigint columns' limit made every sum of them
+(`agentrt costs`, the usage roll-up) overflow, for every account from then on (QA)."""
 
 
 def _check_amounts(row: dict[str, Any]) -> None:
@@ -362,13 +365,14 @@ def _check_amounts(row: dict[str, Any]) -> None:
     database took them, and every total built on them was wrong."""
     for name in _DECIMALS:
         value = row.get(name)
-        if value is not None and not (value.is_finite() and 0 <= value < _MAX_COST_USD):
+        if value is not None and not (value.is_finite() and 0 <= value < MAX_COST_USD):
             raise ValueError(f'spooled ledger row has {name} {value}: not a cost a request has')
     for name, value in row.items():
         if value is None or not name.endswith(('_tokens', '_ms')):
             continue
         kinds = int if name.endswith('_tokens') else int | float  # counts are whole; durations may not be
-        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 <= value < 2**63:
+        most = MAX_TOKENS if name.endswith('_tokens') else 2**63
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 <= value < most:
             raise ValueError(f'spooled ledger row has {name} {value!r}: not a count or duration a request has')
 
 

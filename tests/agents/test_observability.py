@@ -458,6 +458,48 @@ async def test_loops_closed_with_tasks_pending_leave_no_connection_open(demo_dat
     assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
 
 
+async def test_a_loops_end_does_not_wait_on_a_server_that_does_not_answer(demo_data: None, database_url: str) -> None:
+    """The loop's end closed its pool gracefully, without a bound: with the server frozen (its backends stopped, as
+    a network that drops packets looks), `asyncio.run` returned after 72 s instead of 2 (QA). Bounded now, the
+    connections left aborted."""
+    url = make_url(database_url).update_query_dict({'application_name': 'loops-frozen'})
+    script = textwrap.dedent(
+        """
+        import asyncio, os, signal, time
+        import asyncpg
+        from agentrt.agents.simple_chat import simple_chat
+
+        stopped = []
+
+        async def turn_then_freeze():
+            await simple_chat('cardiologists in Boston', session_id='frozen-end', account='acme-health')
+            connection = await asyncpg.connect(DSN)
+            try:
+                rows = await connection.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'loops-frozen' AND state = 'idle'"
+                )
+            finally:
+                await connection.close()
+            for row in rows:
+                os.kill(row['pid'], signal.SIGSTOP)
+                stopped.append(row['pid'])
+
+        started = time.monotonic()
+        try:
+            asyncio.run(turn_then_freeze())
+        finally:
+            ended = time.monotonic() - started
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        print(len(stopped), round(ended, 1))
+        """
+    ).replace('DSN', repr(make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)))
+    done = await _python(script, url.render_as_string(hide_password=False))
+    assert done.returncode == 0, done.stderr
+    frozen, seconds = done.stdout.split()
+    assert int(frozen) >= 1 and float(seconds) < 15, done.stdout
+
+
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
     demo_data: None, database_url: str, receiver: OtlpReceiver
 ) -> None:

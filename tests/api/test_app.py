@@ -446,3 +446,31 @@ async def test_an_app_started_on_a_real_schema_left_behind_refuses_api_requests(
     assert refused.status_code == 503 and refused.json()['type'] == 'schema_behind', refused.text
     assert 'at revision 0017_claim_holders' in refused.json()['detail']
     assert ready.status_code == 503
+
+
+async def test_the_schema_gate_holds_for_a_mounted_app_and_passes_a_request_it_cannot_check(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mounted (`outer.mount('/agent', create_app())`), the request's path kept the prefix and the gate let every
+    # route run on the schema behind (500s); and a recheck that met the driver's own connect error (the socket gone)
+    # was a 500 itself, where a route answers 503 database_unavailable in an outage (QA).
+    runtime = engine._require()
+    monkeypatch.setattr(runtime, 'schema_behind', '0017_claim_holders')
+
+    async def still_behind(_: object) -> str | None:
+        return '0017_claim_holders'
+
+    monkeypatch.setattr(schema_gate, 'revision_behind', still_behind)
+    outer = FastAPI()
+    outer.mount('/agent', create_app(manage_runtime=False))
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=outer), base_url='http://test') as client:
+        refused = await client.get('/agent/api/v1/me', headers=auth(keys.acme))
+        assert refused.status_code == 503 and refused.json()['type'] == 'schema_behind', refused.text
+
+        async def socket_gone(_: object) -> str | None:
+            raise FileNotFoundError(2, 'No such file or directory')
+
+        monkeypatch.setattr(schema_gate, 'revision_behind', socket_gone)
+        monkeypatch.setattr(schema_gate, 'RECHECK_S', 0.0)
+        passed = await client.get('/agent/api/v1/me', headers=auth(keys.acme))
+    assert passed.status_code == 200, passed.text  # passed on: the database answers the route itself here

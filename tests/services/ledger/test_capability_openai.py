@@ -137,7 +137,10 @@ async def test_real_client_stream_stopped_early_keeps_the_usage_seen_so_far(trac
 
 
 @pytest.mark.parametrize(
-    ('prompt_tokens', 'completion_tokens'), [(10**20, 5), (2**62, 2**62)], ids=['past-64-bits', 'their-sum']
+    ('prompt_tokens', 'completion_tokens'),
+    # Past 64 bits; two whose sum is; and 2^61 each, which fits a row but overflowed every sum over a few such rows.
+    [(10**20, 5), (2**62, 2**62), (2**61, 2**61)],
+    ids=['past-64-bits', 'their-sum', 'no-request-has'],
 )
 @pytest.mark.parametrize('streamed', [False, True], ids=['run', 'run_stream'])
 async def test_token_counts_no_column_holds_are_recorded_unmeasured_not_lost(
