@@ -128,13 +128,16 @@ def _text(content: Any) -> str:
 
 
 def _arguments(args: Any) -> str:
-    if isinstance(args, str):  # arguments as the model sent them: JSON text, or not
-        try:
-            parsed: Any = json.loads(args)
-        except ValueError:
-            return args
-        return _pretty(parsed)
-    return _pretty(args)
+    try:
+        if isinstance(args, str):  # arguments as the model sent them: JSON text, or not
+            try:
+                parsed: Any = json.loads(args)
+            except ValueError:
+                return args
+            return _pretty(parsed)
+        return _pretty(args)
+    except RecursionError:  # nested past Python's parser (a model's hostile arguments): as stored (exit 70; QA)
+        return args if isinstance(args, str) else '(arguments nested too deeply to show here; --json has them)'
 
 
 def _call_id(part: dict[str, Any]) -> str:

@@ -161,3 +161,18 @@ def test_a_stored_prompt_cannot_reorder_or_split_what_audit_show_prints(characte
         assert character not in shown
         assert f'\\u{ord(character):04x}' in shown
     assert '\u200d' in render_body('response', '👩\u200d💻', truncated=True).plain  # type: ignore[union-attr]
+
+
+def test_a_tool_calls_arguments_nested_past_pythons_parser_are_shown_as_stored() -> None:
+    # The runtime stores them (a model's hostile arguments); `audit show` ended with an internal error, RecursionError
+    # (exit 70), where --json and the HTTP route answered (QA).
+    from rich.console import Console
+
+    from agentrt.agents.cli.transcript import render_body
+
+    nested = '{"text": ' + '[' * 100_000 + ']' * 100_000 + '}'
+    response = {'kind': 'response', 'parts': [{'part_kind': 'tool-call', 'tool_name': 'echo', 'args': nested}]}
+    screen = Console(width=200, record=True, color_system=None)
+    screen.print(render_body('response', json.dumps(response), truncated=False))
+    shown = screen.export_text()
+    assert 'echo' in shown and '{"text":' in shown and '[[[[' in shown
