@@ -175,15 +175,23 @@ _SECRET_NAME_END = (
 )
 _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,
-# `\f`, `\b`; a double backslash: JSON text escaped again, a model's arguments in a message): the rules read
-# the text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`, `_Walker.leaf`).
-_HIDING_ESCAPE = re2.compile(rb'\\[u/fb\\]')
+# `\f`, `\b`), at either level of JSON text escaped again (a model's arguments in a message): the rules read the
+# text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`, `_Walker.leaf`). Not
+# any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU (QA).
+_HIDING_ESCAPE = re2.compile(rb'\\(?:u[0-9a-fA-F]{4}|[/fb])')
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded). A match starting inside a string value
 # runs to the value's closing quote, which is never followed by `:`. RE2: one linear scan, whatever the text.
 _JSON_SECRET_KEY = re2.compile(
-    # `]` after the name: the last item of a validation error's `loc`, whose `input` is that field's value.
-    (_SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + r'"\s*[:\]]|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:').encode()
+    # Also a key of JSON text inside a string (a model's arguments: `\"password\": [`) whose value is a list or an
+    # object, which the rules' `key: "value"` does not cover; and the name as an item of a validation error's `loc`,
+    # whose `input` is that field's value (`["password", 0]`).
+    (
+        _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
+        + r'(?:"\s*:|\\"\s*:\s*[\[{])|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:|"loc"\s*:\s*\[[^\]]*'
+        + _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
+        + '"'
+    ).encode()
 )
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
@@ -224,7 +232,7 @@ def redact_value(value: _T) -> tuple[_T, int]:
 
     Every string (dict keys included) goes through `redact_text()`. The value of a key that names a secret
     (`is_secret_name()`) is replaced whole when it is a string, a number or bytes; inside a list or tuple under
-    such a key every such item is replaced; a dict under it is walked normally (its own keys decide). Other types
+    such a key every such item is replaced, and so is every value of a dict under it. Other types
     are returned as they are (dump models and dataclasses to dicts first, e.g. with pydantic's `dump_python(...,
     mode='json')`); subclasses of dict, list and tuple come back as the plain type. The walk is iterative, so
     depth is no problem; a container that contains itself is replaced by `[REDACTED]` at the point of the cycle.
@@ -251,8 +259,8 @@ class _Walker:
                 self.count += n
                 return replaced
         if isinstance(value, str):
-            decoded = _escaped_json(value)
-            if decoded is not None:  # JSON text whose escapes may hide a secret from the rules: read as the tool does
+            decoded = _json_to_decode(value)
+            if decoded is not None:  # JSON text the rules cannot read whole: read as the tool does, then walked
                 walked, n = _Walker().walk(decoded)
                 if n:
                     self.count += n
@@ -277,7 +285,7 @@ class _Walker:
         if isinstance(container, dict):
             quoted = _quotes_a_secret(container)
             items = (
-                (k, v, isinstance(k, str) and (is_secret_name(k) or (quoted and k == 'input')))
+                (k, v, secret or (isinstance(k, str) and (is_secret_name(k) or (quoted and k == 'input'))))
                 for k, v in container.items()
             )
             return _Frame(container, iter(items), {}, key_in_parent)
@@ -308,15 +316,21 @@ class _Walker:
                     _put(frame.out, key, REDACTED)
                     continue
                 on_path.add(id(child))
-                # Under a secret-named key, list items inherit the secrecy; a dict's own keys decide for it.
-                stack.append(self.frame(child, secret and not isinstance(child, dict), key))
+                # Under a secret-named key, everything inherits the secrecy: a list's items, a dict's values (`secret:
+                # {"db": "..."}` was stored whole; QA); elsewhere a dict's own keys decide.
+                stack.append(self.frame(child, secret, key))
                 continue
             _put(frame.out, key, self.leaf(child, secret))
 
 
-def _escaped_json(text: str) -> Any:
-    """The object or array `text` is the JSON of when it holds an escape that may hide a secret; else None."""
-    if text[:1] not in ('{', '[') or '\\' not in text or not _HIDING_ESCAPE.search(text.encode('utf-8', 'replace')):
+def _json_to_decode(text: str) -> Any:
+    """The object or array `text` is the JSON of, when the rules cannot read it whole: an escape in it may hide a
+    secret, or a key names a secret whose value is no string (`"password": ["..."]`, which the rules' `key: "value"`
+    does not cover); else None."""
+    if text[:1] not in ('{', '['):
+        return None
+    data = text.encode('utf-8', 'replace')
+    if _HIDING_ESCAPE.search(data) is None and _JSON_SECRET_KEY.search(data) is None:
         return None
     try:
         return json.loads(text)
@@ -327,7 +341,8 @@ def _escaped_json(text: str) -> Any:
 def _quotes_a_secret(error: dict[Any, Any]) -> bool:
     """Whether `error` is a validation error (pydantic's) of a secret-named field, whose `input` is its value."""
     loc = error.get('loc') if 'input' in error else None
-    return isinstance(loc, list | tuple) and bool(loc) and isinstance(loc[-1], str) and is_secret_name(loc[-1])
+    # Anywhere in it: an item of a secret-named list (`["password", 0]`; QA) is its value too.
+    return isinstance(loc, list | tuple) and any(isinstance(part, str) and is_secret_name(part) for part in loc)
 
 
 @dataclass(slots=True)
