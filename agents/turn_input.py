@@ -30,8 +30,9 @@ from agentrt.tools.dependencies import SessionDependencies
 SESSION_ID_MAX_CHARS = 200
 """`conversations.conversation_id` and `llm_requests.chat_session_id` are `varchar(200)`."""
 SLUG_MAX_CHARS = 64
-MAX_STREAM_DELAY_S = 2.0  # `stream_delay`, the demo model's pause between words (`agentrt chat --delay` alike)
 """`accounts.slug` and `agent_instances.slug` are `varchar(64)`."""
+MAX_STREAM_DELAY_S = 2.0
+"""`stream_delay`, the demo model's pause between words, at most (`agentrt chat --delay` alike)."""
 
 SESSION_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9._:@-]*')
 """A conversation (session) id, matched whole: the rule the store, the CLI, the API's OpenAPI and the web UI share."""

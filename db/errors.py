@@ -90,8 +90,13 @@ def check_seconds(value: object, field: str) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError.wrong_type(field, 'a number of seconds', value)
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidInputError(f'{field} must be a finite number of seconds, 0 or more, not {value!r}', field=field)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # a whole number past a float's range (`10**400`): raised as it was (QA)
+        finite = False
+    if not (finite and value >= 0):
+        shown = f'{value!r}' if finite or not isinstance(value, int) else 'a whole number past any duration'
+        raise InvalidInputError(f'{field} must be a finite number of seconds, 0 or more, not {shown}', field=field)
 
 
 class TurnLimitExceededError(AgentRuntimeError):

@@ -148,6 +148,8 @@ STREAM_ARGUMENT_CASES = [
     Case('stream_delay negative', 'stream_delay', -1, 'not -1'),
     # Finite, but the demo model's stream waited for ever between its words (QA).
     Case('stream_delay huge', 'stream_delay', 1e308, "pause between the demo model's words, at most 2 s, not 1e+308"),
+    # Past a float's range: math.isfinite raised a raw OverflowError (QA).
+    Case('stream_delay past a float', 'stream_delay', 10**400, 'seconds, 0 or more, not a whole number past any'),
 ]
 
 
