@@ -182,11 +182,12 @@ def service_name() -> str:
     named = os.environ.get('OTEL_SERVICE_NAME', '').strip()
     if named:
         return named
+    resource = ''  # the last one given, as the SDK's own parser takes it
     for pair in os.environ.get('OTEL_RESOURCE_ATTRIBUTES', '').split(','):
         key, _, value = pair.partition('=')
         if key.strip() == 'service.name' and value.strip():
-            return urllib.parse.unquote(value.strip())
-    return os.environ.get('LOGFIRE_SERVICE_NAME', '').strip() or SERVICE_NAME
+            resource = urllib.parse.unquote(value.strip())
+    return resource or os.environ.get('LOGFIRE_SERVICE_NAME', '').strip() or SERVICE_NAME
 
 
 async def flush_spans(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound on the exporters' work

@@ -194,14 +194,19 @@ def provider_wait(exc: ModelAPIError) -> float | None:
     """The seconds a provider asked to wait before the next request, or None: pydantic-ai's reading of its
     `retry-after-ms` or `Retry-After`, or a `Retry-After` in fractional seconds (`0.5`), which pydantic-ai does not read
     (RFC 9110 has whole seconds) though the OpenAI SDK and compatible servers send it: it was dropped (QA)."""
-    if exc.retry_after is not None:
-        return exc.retry_after
-    headers = exc.headers if isinstance(exc, ModelHTTPError) else None
-    try:
-        seconds = float((headers or {}).get('retry-after', ''))
-    except ValueError:
-        return None
-    return seconds if 0 < seconds < math.inf else None
+    seconds = exc.retry_after
+    if seconds is None:
+        headers = exc.headers if isinstance(exc, ModelHTTPError) else None
+        text = (headers or {}).get('retry-after', '').strip()
+        if not _SECONDS.fullmatch(text):  # digits, maybe a fraction: not `1_000` or `1e10`, which float() reads
+            return None
+        seconds = float(text)
+    # A day at most: a provider asking for more (1e10 s) says nothing a client can act on (it was passed on; QA).
+    return min(seconds, MAX_PROVIDER_WAIT_S) if 0 < seconds < math.inf else None
+
+
+MAX_PROVIDER_WAIT_S = 86_400.0
+_SECONDS = re.compile(r'[0-9]+(?:\.[0-9]+)?')
 
 
 def _advice(exc: ModelAPIError, status: int | None) -> str:

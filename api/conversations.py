@@ -244,6 +244,12 @@ async def delete(
             field='If-Match',
         )
     malformed = _malformed_tag(if_match)
+    if malformed == '*':
+        raise InvalidInputError(
+            'If-Match: * (whatever revision is there) stands alone, not in a list of entity tags: send * by itself, '
+            'or the revisions',
+            field='If-Match',
+        )
     if malformed is not None:  # a 409 ("changed meanwhile") sent a client to retry what could never match
         raise InvalidInputError(
             f'If-Match: {malformed!r} is not an entity tag: send a revision this API returned, in double quotes',
@@ -363,8 +369,9 @@ def _malformed_tag(header: str | None) -> str | None:
     tags = [tag.strip() for tag in (header or '').split(',')]
     if header is not None and header.strip() and not any(tags):
         return header.strip()  # a list of no tag at all (`,`): nothing it could match
+    listed = [tag for tag in tags if tag]  # empty elements of a list are ignored (RFC 9110 5.6.1): `*,` is `*`
     for tag in tags:
-        if tag == '*' and len(tags) > 1:
+        if tag == '*' and len(listed) > 1:
             return tag  # `*` stands alone (RFC 9110): in a list it was taken for a revision `*`, a 409 for ever (QA)
         quoted = tag.removeprefix('W/')
         if (tag.startswith('W/') or '"' in quoted) and not (
@@ -403,8 +410,8 @@ def _revisions(if_match: str | None) -> list[str]:
     matches), each quoted or not, weak (`W/"..."`) or strong; none for no header or `*` (any current revision), which
     deletes whatever revision is there (an empty header is refused before)."""
     value = (if_match or '').strip()
-    if value in ('', '*'):
-        return []
     tags = [tag.strip() for tag in value.split(',')]  # a revision never holds a comma
+    if value == '' or [tag for tag in tags if tag] == ['*']:  # `*`, alone among empty elements too (`*,`)
+        return []
     # An empty tag (and a header of commas only) matches no revision.
     return [tag.removeprefix('W/').strip('"') or '""' for tag in tags if tag] or ['""']

@@ -883,6 +883,7 @@ async def test_a_failed_statements_span_carries_its_error_redacted(
         ({'OTEL_SERVICE_NAME': 'billing-chat'}, 'billing-chat'),
         ({'OTEL_RESOURCE_ATTRIBUTES': 'deployment.environment=prod,service.name=eu%20chat'}, 'eu chat'),
         ({'OTEL_SERVICE_NAME': 'first', 'OTEL_RESOURCE_ATTRIBUTES': 'service.name=second'}, 'first'),
+        ({'OTEL_RESOURCE_ATTRIBUTES': 'service.name=one,service.name=two'}, 'two'),  # the SDK takes the last
         ({'LOGFIRE_SERVICE_NAME': 'from-logfire'}, 'from-logfire'),
     ],
 )

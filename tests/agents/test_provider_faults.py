@@ -247,3 +247,15 @@ async def test_a_stream_that_ends_before_the_providers_last_event_is_not_saved(
         script.healed = True
         result = await _turn(True, loopback_model('responses', fake, clients, ANSWER_TIMEOUT_S), session_id)
     assert result.output == 'Nobody matches.' and result.conversation_usage.requests == 1
+
+
+@pytest.mark.parametrize(
+    ('header', 'wait'), [('0.5', 0.5), ('7', 7.0), ('99999999', 86_400.0), ('1e10', None), ('soon', None), ('-3', None)]
+)
+def test_the_wait_a_provider_asks_for_is_read_in_seconds_at_most_a_day(header: str, wait: float | None) -> None:
+    # Fractional seconds were dropped (pydantic-ai reads whole ones); 1e10 s was passed on to clients (QA).
+    from pydantic_ai.exceptions import ModelHTTPError
+
+    from agentrt.agents.run_errors import provider_wait
+
+    assert provider_wait(ModelHTTPError(429, 'gpt-4o-mini', body=None, headers={'retry-after': header})) == wait
