@@ -25,6 +25,7 @@ from agentrt.services.ledger._options import check_option_names, check_options
 from agentrt.services.ledger._record import (
     MAX_COST_USD,
     MAX_TOKENS,
+    TOKEN_FIELDS,
     ContentKind,
     LedgerRecord,
     RawBody,
@@ -477,7 +478,7 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
             usage.output_tokens,
             usage.total_tokens,
         )
-        for name in _TOKEN_COUNTS:
+        for name in TOKEN_FIELDS:
             setattr(record, name, 0)
         record.usage_reported = False
         record.total_cost = None
@@ -491,23 +492,13 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         record.pricing = response
 
 
-_TOKEN_COUNTS = (
-    'input_tokens',
-    'output_tokens',
-    'cache_read_tokens',
-    'cache_write_tokens',
-    'reasoning_tokens',
-    'total_tokens',
-)
-
-
 def _countable(record: LedgerRecord) -> bool:
     """Whether every token count of `record` is a whole number a request can have (`MAX_TOKENS`), and its cost one
     (`MAX_COST_USD`): what the ledger's columns, and the sums over them, hold."""
     cost = record.total_cost
     if cost is not None and not (cost.is_finite() and 0 <= cost < MAX_COST_USD):
         return False
-    return all(isinstance(count := getattr(record, name), int) and 0 <= count < MAX_TOKENS for name in _TOKEN_COUNTS)
+    return all(isinstance(count := getattr(record, name), int) and 0 <= count < MAX_TOKENS for name in TOKEN_FIELDS)
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

@@ -355,6 +355,8 @@ def row_from_json(data: dict[str, Any]) -> dict[str, Any]:
 
 MAX_COST_USD = Decimal(10) ** 12
 """An amount no request costs: `1e400` replayed made `agentrt costs` report 10^400 USD (QA)."""
+TOKEN_FIELDS: tuple[str, ...] = tuple(name for name in ROW_FIELDS if name.endswith('_tokens'))
+"""A row's token counts (input, output, cache read and write, reasoning, total)."""
 MAX_TOKENS = 10**12
 """A count no request has (a trillion tokens): counts just under the bigint columns' limit made every sum of them
 (`agentrt costs`, the usage roll-up) overflow, for every account from then on (QA)."""

@@ -390,11 +390,9 @@ async def test_turns_on_new_event_loops_after_ones_that_ended_without_shutdown(
         assert saved.scalar_one() == 4
 
 
-async def test_each_ended_event_loop_closes_its_pools_connections(demo_data: None, database_url: str) -> None:
-    """The pool of a loop that ended without `shutdown_runtime()` kept its connections open until the garbage
-    collector found them (about 3 server backends more each `asyncio.run`, 60 idle in one script; with
-    `-W default`, a ResourceWarning for each): each loop's end closes them now (QA)."""
-    url = make_url(database_url).update_query_dict({'application_name': 'loops-closed'})
+def _backends_script(database_url: str, application: str, loops: str) -> tuple[str, str]:
+    """A program that defines `backends()` (how many connections named `application` the server has open) and then
+    runs `loops`, its warnings shown; and the URL to run it with, which names its connections `application`."""
     script = textwrap.dedent(
         """
         import asyncio
@@ -406,17 +404,31 @@ async def test_each_ended_event_loop_closes_its_pools_connections(demo_data: Non
         async def backends():
             connection = await asyncpg.connect(DSN)
             try:
-                query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loops-closed'"
-                return await connection.fetchval(query)
+                return await connection.fetchval(
+                    'SELECT count(*) FROM pg_stat_activity WHERE application_name = $1', APPLICATION
+                )
             finally:
                 await connection.close()
 
+        """
+    )
+    dsn = make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)
+    script = script.replace('DSN', repr(dsn)).replace('APPLICATION', repr(application)) + textwrap.dedent(loops)
+    url = make_url(database_url).update_query_dict({'application_name': application})
+    return script, url.render_as_string(hide_password=False)
+
+
+async def test_each_ended_event_loop_closes_its_pools_connections(demo_data: None, database_url: str) -> None:
+    """The pool of a loop that ended without `shutdown_runtime()` kept its connections open until the garbage
+    collector found them (about 3 server backends more each `asyncio.run`, 60 idle in one script; with
+    `-W default`, a ResourceWarning for each): each loop's end closes them now (QA)."""
+    loops = """
         for i in range(6):
             asyncio.run(simple_chat('cardiologists in Boston', session_id=f'closed-{i}', account='acme-health'))
             print(asyncio.run(backends()))
         """
-    ).replace('DSN', repr(make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)))
-    done = await _python(script, url.render_as_string(hide_password=False))
+    script, url = _backends_script(database_url, 'loops-closed', loops)
+    done = await _python(script, url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ['0'] * 6, done.stdout
     assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
@@ -427,23 +439,7 @@ async def test_loops_closed_with_tasks_pending_leave_no_connection_open(demo_dat
     roll-up) kept their sessions' connections, and the closed loop's supervisor kept them alive, about 3 server
     backends a call until the server refused every client (QA). The closed loop's connections are closed as the
     next loop takes the runtime over."""
-    url = make_url(database_url).update_query_dict({'application_name': 'loops-pending'})
-    script = textwrap.dedent(
-        """
-        import asyncio
-        import asyncpg
-        import warnings
-        warnings.simplefilter('default')  # a connection left unclosed says so
-        from agentrt.agents.simple_chat import simple_chat
-
-        async def backends():
-            connection = await asyncpg.connect(DSN)
-            try:
-                query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loops-pending'"
-                return await connection.fetchval(query)
-            finally:
-                await connection.close()
-
+    loops = """
         for i in range(12):
             loop = asyncio.new_event_loop()
             turn = simple_chat('cardiologists in Boston', session_id=f'pending-{i}', account='acme-health')
@@ -451,8 +447,8 @@ async def test_loops_closed_with_tasks_pending_leave_no_connection_open(demo_dat
             loop.close()
         print(asyncio.run(backends()))
         """
-    ).replace('DSN', repr(make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)))
-    done = await _python(script, url.render_as_string(hide_password=False))
+    script, url = _backends_script(database_url, 'loops-pending', loops)
+    done = await _python(script, url)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) <= 4, done.stdout  # the last loop's, at most: not 3 a call
     assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
