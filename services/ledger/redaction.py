@@ -327,7 +327,7 @@ def _json_to_decode(text: str) -> Any:
     """The object or array `text` is the JSON of, when the rules cannot read it whole: an escape in it may hide a
     secret, or a key names a secret whose value is no string (`"password": ["..."]`, which the rules' `key: "value"`
     does not cover); else None."""
-    if text[:1] not in ('{', '['):
+    if text.lstrip()[:1] not in ('{', '['):  # JSON may start with whitespace (`\n{...}`): its secrets were kept (QA)
         return None
     data = text.encode('utf-8', 'replace')
     if _HIDING_ESCAPE.search(data) is None and _JSON_SECRET_KEY.search(data) is None:

@@ -516,6 +516,7 @@ ESCAPED_ARGUMENTS = [
 )
 def test_a_secret_in_json_arguments_behind_an_escape_is_redacted(text: str, tail: str) -> None:
     assert tail in json.loads(text)['query']  # what the tool gets
+    text = ' ' + text  # JSON may start with whitespace (QA)
     message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'search', 'args': text}]}
     for dumped in (json.dumps(message), json.dumps(message, ensure_ascii=False, separators=(',', ':'))):
         assert json_may_need_redaction(dumped), dumped
@@ -529,11 +530,12 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
     # A model's JSON arguments: the rules' `"password": "..."` did not cover a list or an object under the name, and
     # pydantic's retry prompt quoted an item of the list (`loc` `["password", 0]`) whole (QA).
     text = '{"password": ["hunter2-correct-horse-battery", 3], "secret": {"db": "opensesame-xyz-123"}, "q": "ok"}'
-    message = {'parts': [{'part_kind': 'tool-call', 'args': text}]}
-    assert json_may_need_redaction(json.dumps(message))
-    redacted, _ = redact_value(message)
-    args = json.loads(redacted['parts'][0]['args'])
-    assert args == {'password': [REDACTED, REDACTED], 'secret': {'db': REDACTED}, 'q': 'ok'}
+    for written in (text, '\n' + text, '  ' + text):  # JSON may start with whitespace: it was stored whole (QA)
+        message = {'parts': [{'part_kind': 'tool-call', 'args': written}]}
+        assert json_may_need_redaction(json.dumps(message))
+        redacted, _ = redact_value(message)
+        args = json.loads(redacted['parts'][0]['args'])
+        assert args == {'password': [REDACTED, REDACTED], 'secret': {'db': REDACTED}, 'q': 'ok'}, written
     retry = {'type': 'string_type', 'loc': ['password', 0], 'msg': 'Input should be a valid string', 'input': 'hunter2'}
     assert redact_value(retry)[0]['input'] == REDACTED
 
