@@ -31,12 +31,7 @@ from agentrt.db.errors import ConfigError, DatabaseNotInitializedError
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
-from agentrt.db.transaction_setup import (
-    RetryingSession,
-    SetupSession,
-    abort_connections_of,
-    close_connections_of,
-)
+from agentrt.db.transaction_setup import RetryingSession, SetupSession, close_connections_of
 
 logger = logging.getLogger('agentrt.db')
 
@@ -111,7 +106,7 @@ async def init_database(
                 # afresh on this one.
                 ended, _runtime = _runtime, None
                 await ended.engine.dispose(close=False)
-                close_connections_of(ended.loop)  # a closed loop's, its tasks' checked-out ones too
+                close_connections_of(ended.loop)  # the ended loop's, its tasks' checked-out ones too
             if _runtime is not None:
                 return _runtime.engine
             return await _start(settings, migrate=migrate, allow_behind=allow_behind, loop=loop)
@@ -253,22 +248,14 @@ async def _pool_closed_with_loop(runtime: _Runtime) -> AsyncGenerator[None, None
         # Still the process's runtime, on this loop (not shut down, nor following a later loop): its pool's idle
         # connections closed, the engine kept (the next loop's sessions open new ones, as `_follow` says).
         if _runtime is runtime and runtime.loop is asyncio.get_running_loop():
+            # Closed at once, not each with a goodbye the server must answer: a server that did not answer (frozen, a
+            # network that drops packets) held the loop's end 36 s a connection (QA). The engine is kept, with a new
+            # pool and the old one's health record (as `_follow` does): the next loop's sessions open new ones.
             health = getattr(runtime.engine.sync_engine.pool, 'agentrt_health', None)
-            try:
-                # Bounded: a server that does not answer (frozen, a network that drops packets) held the loop's end
-                # for a graceful close of each connection, 36 s each (QA); those left are aborted instead.
-                async with asyncio.timeout(_CLOSE_AT_LOOP_END_S):
-                    await runtime.engine.dispose()
-            except TimeoutError:
-                abort_connections_of(runtime.loop)
-            except Exception as exc:  # the loop is ending: what could not be closed goes with it
-                logger.debug('closing the pool as its event loop ended: %s', exc)
-            if health is not None:  # the new pool keeps the old one's health record, as `_follow` does
+            close_connections_of(runtime.loop)
+            runtime.engine.sync_engine.dispose(close=False)
+            if health is not None:
                 runtime.engine.sync_engine.pool.agentrt_health = health  # type: ignore[attr-defined]
-
-
-_CLOSE_AT_LOOP_END_S = 2.0
-"""How long an ending loop waits for its pool's graceful close before it aborts the connections left."""
 
 
 async def close_database(*, release_embedded_server: bool = False) -> None:
@@ -358,7 +345,7 @@ def _follow(runtime: _Runtime, loop: asyncio.AbstractEventLoop) -> None:
     pool = runtime.engine.sync_engine.pool
     health = getattr(pool, 'agentrt_health', None)
     runtime.engine.sync_engine.dispose(close=False)
-    close_connections_of(runtime.loop)  # a closed loop's, its tasks' checked-out ones too
+    close_connections_of(runtime.loop)  # the old loop's, its tasks' checked-out ones too: their locks let go
     if health is not None:
         runtime.engine.sync_engine.pool.agentrt_health = health  # type: ignore[attr-defined]
     runtime.loop = loop

@@ -130,42 +130,35 @@ _open_connections: weakref.WeakSet[PreludeConnection] = weakref.WeakSet()
 
 
 def close_connections_of(loop: asyncio.AbstractEventLoop) -> int:
-    """Close the sockets of the runtime's connections that belong to `loop`, an event loop that was closed; return how
-    many.
+    """Close at once the runtime's connections that belong to `loop`, an event loop that ends or has ended, or that
+    the runtime leaves for another; return how many.
 
-    A loop closed with its tasks still pending (`loop = asyncio.new_event_loop(); loop.run_until_complete(...);
-    loop.close()`, a sync wrapper's pattern) leaves the connections of those tasks' sessions checked out, and no loop
-    can close them the asyncio way (asyncpg's "attached to a different loop", or "Event loop is closed"): each call
-    kept about 3 server backends until the server refused every client (QA). A closed loop's selector is gone, so
-    nothing reads these sockets again: each is closed here, and its transport and connection marked so (no
-    ResourceWarning when they are collected).
+    No goodbye to the server and no wait for it: a connection's socket is closed, so the server ends its session and
+    lets go of what it held. The ways it was left open (QA): a loop closed with its tasks pending (a sync wrapper's
+    `new_event_loop()`, `run_until_complete(...)`, `close()`) kept its tasks' connections checked out, which no loop
+    can close the asyncio way ("attached to a different loop", "Event loop is closed"): about 3 server backends a call
+    until the server refused every client; a loop left idle for another (two loops used in turn) kept a pending task's
+    transaction, whose lock on a conversation made the other loop's turn time out; and a graceful close at a loop's
+    end waited on a server that did not answer (72 s). On a loop that is not closed the connection is aborted the
+    asyncio way too (`terminate`: off the loop's selector; its tasks are told the connection is lost if the loop runs
+    again); on a closed one, its transport is marked closed (no ResourceWarning when it is collected).
     """
-    if not loop.is_closed():
-        return 0
     closed = 0
     for connection in list(_open_connections):
         if connection._loop is not loop or connection._aborted:
             continue
         transport = connection._transport
+        if not loop.is_closed():
+            connection.terminate()
         sock = getattr(transport, '_sock', None)  # asyncio's selector transports (the only kind asyncpg gets here)
         if sock is not None:
             sock.close()
-            transport._sock = None
+            if loop.is_closed():
+                transport._sock = None
         connection._aborted = True
         _open_connections.discard(connection)
         closed += 1
     return closed
-
-
-def abort_connections_of(loop: asyncio.AbstractEventLoop) -> int:
-    """Abort (`terminate`: no goodbye to the server, no wait) the runtime's open connections of `loop`, the running
-    loop, as it ends with a server that does not answer a graceful close; return how many."""
-    aborted = 0
-    for connection in list(_open_connections):
-        if connection._loop is loop and not connection.is_closed():
-            connection.terminate()
-            aborted += 1
-    return aborted
 
 
 class PreludeConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped

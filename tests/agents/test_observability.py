@@ -339,14 +339,14 @@ async def _cli(env: dict[str, str], *args: str, seconds: float = 120) -> subproc
     )
 
 
-async def _python(script: str, database_url: str) -> subprocess.CompletedProcess[str]:
+async def _python(script: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`script` run by a new interpreter on the test database, without the environment's tracing settings."""
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, '-c', script],
         capture_output=True,
         text=True,
-        env=_clean_env(DATABASE_URL=database_url),
+        env=_clean_env(DATABASE_URL=database_url, **env),
         timeout=120,
         check=False,
     )
@@ -454,6 +454,24 @@ async def test_loops_closed_with_tasks_pending_leave_no_connection_open(demo_dat
     assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
 
 
+async def test_two_loops_used_in_turn_keep_no_connection_of_the_other(demo_data: None, database_url: str) -> None:
+    """Two loops of a program used one after the other, never at once: the idle one's pending post-turn work kept its
+    transaction open, and its lock on the conversation made the other loop's next turn time out; backends grew 3 to 42
+    until garbage collection (QA). The runtime, following the new loop, closes the old loop's connections."""
+    loops = """
+        first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+        for i in range(10):
+            turn = simple_chat(f'cardiologists in Boston {i}', session_id='in-turn', account='acme-health')
+            (first if i % 2 == 0 else second).run_until_complete(turn)
+        print(first.run_until_complete(backends()))
+        """
+    script, url = _backends_script(database_url, 'loops-in-turn', loops)
+    done = await _python(script, url, AGENTRT_SUMMARY_EVERY_TURNS='1')
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) <= 6, done.stdout
+    assert 'ResourceWarning' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+
+
 async def test_a_loops_end_does_not_wait_on_a_server_that_does_not_answer(demo_data: None, database_url: str) -> None:
     """The loop's end closed its pool gracefully, without a bound: with the server frozen (its backends stopped, as
     a network that drops packets looks), `asyncio.run` returned after 72 s instead of 2 (QA). Bounded now, the
@@ -494,6 +512,7 @@ async def test_a_loops_end_does_not_wait_on_a_server_that_does_not_answer(demo_d
     assert done.returncode == 0, done.stderr
     frozen, seconds = done.stdout.split()
     assert int(frozen) >= 1 and float(seconds) < 15, done.stdout
+    assert 'Exception closing connection' not in done.stderr, done.stderr  # SQLAlchemy's traceback of a cut close
 
 
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(
