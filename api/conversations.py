@@ -228,14 +228,25 @@ UNCONDITIONAL_DELETE_ATTEMPTS = 5
     },
 )
 async def delete(
+    request: Request,
     caller: ChatCaller,
     conversation_id: ConversationId,
     if_match: Annotated[
         str | None,
-        Header(max_length=2000, description='Delete only if the revision is still this one (or one of a list).'),
+        Header(
+            max_length=_HEADER_CHARS, description='Delete only if the revision is still this one (or one of a list).'
+        ),
     ] = None,
 ) -> Response:
     """Delete the conversation and the messages no other conversation of the account shares."""
+    lines = request.headers.getlist('if-match')
+    if len(lines) > 1:  # several lines are one list (RFC 9110 5.3): only the first was read, the others lost (QA)
+        if_match = ', '.join(lines)
+        if len(if_match) > _HEADER_CHARS:
+            raise InvalidInputError(
+                f'If-Match is {len(if_match):,} characters long, its lines together; the limit is {_HEADER_CHARS:,}',
+                field='If-Match',
+            )
     conversation_id = check_conversation_id(conversation_id, account=caller.account_slug)
     store = PostgresConversationStore(caller.account_id)
     if if_match is not None and not if_match.strip():  # a condition meant and lost on the way: it deleted whatever
@@ -358,6 +369,10 @@ router.add_api_route(
         502: {'model': ErrorOut, 'description': 'The model provider failed, or its answer could not be used.'},
     },
 )
+
+
+_HEADER_CHARS = 2000
+"""The longest `If-Match` taken (a list of a few dozen tags)."""
 
 
 def _malformed_tag(header: str | None) -> str | None:

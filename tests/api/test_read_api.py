@@ -205,6 +205,11 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     again = await client.post(f'{path}/turns', json={'message': 'Dermatologists'}, headers=auth(keys.acme))
     assert again.status_code == 200, again.text
     assert (await client.delete(path, headers={**auth(keys.acme), 'If-Match': '*'})).status_code == 204
+    # Several If-Match lines are one list (RFC 9110): only the first was read, a 409 where the second named it (QA).
+    again = await client.post(f'{path}/turns', json={'message': 'Dermatologists'}, headers=auth(keys.acme))
+    tag = (await client.get(path, headers=auth(keys.acme))).headers['etag']
+    lines = [*auth(keys.acme).items(), ('If-Match', '"not-it"'), ('If-Match', tag)]
+    assert (await client.delete(path, headers=lines)).status_code == 204
     # `*` among empty list elements is `*` (RFC 9110 ignores empty elements; it was a 422).
     for listed_any in ('*,', ', *'):
         again = await client.post(f'{path}/turns', json={'message': 'Dermatologists'}, headers=auth(keys.acme))
