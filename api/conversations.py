@@ -241,7 +241,8 @@ async def delete(
     """Delete the conversation and the messages no other conversation of the account shares."""
     lines = request.headers.getlist('if-match')
     if len(lines) > 1:  # several lines are one list (RFC 9110 5.3): only the first was read, the others lost (QA)
-        if_match = ', '.join(lines)
+        # Empty lines add nothing to the list: all of them empty is the empty header refused below (it read ',').
+        if_match = ', '.join(line for line in lines if line.strip())
         if len(if_match) > _HEADER_CHARS:
             raise InvalidInputError(
                 f'If-Match is {len(if_match):,} characters long, its lines together; the limit is {_HEADER_CHARS:,}',

@@ -106,7 +106,7 @@ async def init_database(
                 # afresh on this one.
                 ended, _runtime = _runtime, None
                 await ended.engine.dispose(close=False)
-                close_connections_of(ended.loop)  # the ended loop's, its tasks' checked-out ones too
+                close_connections_of(ended.loop)  # a closed loop's, its tasks' checked-out ones too
             if _runtime is not None:
                 return _runtime.engine
             return await _start(settings, migrate=migrate, allow_behind=allow_behind, loop=loop)
@@ -345,7 +345,7 @@ def _follow(runtime: _Runtime, loop: asyncio.AbstractEventLoop) -> None:
     pool = runtime.engine.sync_engine.pool
     health = getattr(pool, 'agentrt_health', None)
     runtime.engine.sync_engine.dispose(close=False)
-    close_connections_of(runtime.loop)  # the old loop's, its tasks' checked-out ones too: their locks let go
+    close_connections_of(runtime.loop)  # a closed loop's, its tasks' checked-out ones too (an idle one's are left)
     if health is not None:
         runtime.engine.sync_engine.pool.agentrt_health = health  # type: ignore[attr-defined]
     runtime.loop = loop

@@ -130,19 +130,21 @@ _open_connections: weakref.WeakSet[PreludeConnection] = weakref.WeakSet()
 
 
 def close_connections_of(loop: asyncio.AbstractEventLoop) -> int:
-    """Close at once the runtime's connections that belong to `loop`, an event loop that ends or has ended, or that
-    the runtime leaves for another; return how many.
+    """Close at once the runtime's connections that belong to `loop`, an event loop that has ended (closed) or is
+    ending (the running one, at `asyncio.run`'s end); return how many. A loop that is merely idle is left alone: its
+    tasks may still run on it, and closing their connections under them broke them with tracebacks (QA).
 
     No goodbye to the server and no wait for it: a connection's socket is closed, so the server ends its session and
     lets go of what it held. The ways it was left open (QA): a loop closed with its tasks pending (a sync wrapper's
     `new_event_loop()`, `run_until_complete(...)`, `close()`) kept its tasks' connections checked out, which no loop
     can close the asyncio way ("attached to a different loop", "Event loop is closed"): about 3 server backends a call
-    until the server refused every client; a loop left idle for another (two loops used in turn) kept a pending task's
-    transaction, whose lock on a conversation made the other loop's turn time out; and a graceful close at a loop's
-    end waited on a server that did not answer (72 s). On a loop that is not closed the connection is aborted the
-    asyncio way too (`terminate`: off the loop's selector; its tasks are told the connection is lost if the loop runs
-    again); on a closed one, its transport is marked closed (no ResourceWarning when it is collected).
+    until the server refused every client; and a graceful close at a loop's end waited on a server that did not answer
+    (72 s). On the running loop the connection is aborted the asyncio way too (`terminate`); on a closed one, its
+    transport is marked closed (no ResourceWarning when it is collected).
     """
+    running = asyncio._get_running_loop()
+    if not loop.is_closed() and loop is not running:
+        return 0
     closed = 0
     for connection in list(_open_connections):
         if connection._loop is not loop or connection._aborted:

@@ -210,6 +210,10 @@ async def test_json_turns_continue_a_conversation_that_can_be_listed_read_and_de
     tag = (await client.get(path, headers=auth(keys.acme))).headers['etag']
     lines = [*auth(keys.acme).items(), ('If-Match', '"not-it"'), ('If-Match', tag)]
     assert (await client.delete(path, headers=lines)).status_code == 204
+    # Empty lines only: the empty header's refusal, not "',' is not an entity tag" (QA).
+    empty_lines = [*auth(keys.acme).items(), ('If-Match', ''), ('If-Match', ' ')]
+    refused = await client.delete(path, headers=empty_lines)
+    assert refused.status_code == 422 and refused.json()['detail'].startswith('If-Match is empty'), refused.text
     # `*` among empty list elements is `*` (RFC 9110 ignores empty elements; it was a 422).
     for listed_any in ('*,', ', *'):
         again = await client.post(f'{path}/turns', json={'message': 'Dermatologists'}, headers=auth(keys.acme))
