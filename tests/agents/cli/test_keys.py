@@ -163,19 +163,24 @@ async def test_a_mistyped_whole_key_given_to_revoke_shows_none_of_its_secret(dat
         assert 'Zq8Xw7' not in result.stderr and 'art_0123456789ab' in result.stderr, result.stderr
 
 
+async def _keys_create_redirected(name: str, redirect: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """`agentrt keys create` for acme-health named `name`, run by bash with its output redirected as `redirect` says."""
+    command = (
+        f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name {name} '
+        f'{redirect}'
+    )
+    env = {**os.environ, 'DATABASE_URL': database_url}
+    return await asyncio.to_thread(
+        subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+
+
 async def test_a_key_whose_only_showing_went_nowhere_is_revoked(demo_data: None, database_url: str) -> None:
     # With standard output closed (`>&-`) the key was made, never shown, left active, and the command said "Store it
     # now" with exit 0: a credential nobody could use, and nobody revoked (QA).
     # And to a full disk (`> key.txt`): an internal error, the key left active (QA).
     for name, redirect in (('lost', '>&-'), ('full', '> /dev/full')):
-        command = (
-            f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name {name} '
-            f'{redirect}'
-        )
-        env = {**os.environ, 'DATABASE_URL': database_url}
-        done = await asyncio.to_thread(
-            subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-        )
+        done = await _keys_create_redirected(name, redirect, database_url)
         assert done.returncode == 1 and 'could not be printed' in done.stderr, (name, done.stderr)
         assert 'was revoked' in done.stderr, (name, done.stderr)
         async with get_db_session(account=Unscoped.ADMIN) as session:
@@ -189,14 +194,7 @@ async def test_a_key_printed_while_stderr_is_full_is_kept_and_the_command_succee
     # The key reached standard output, the "Store it now" note could not be written: exit 1 sent a script to create
     # another key, leaving this one active and unstored (QA).
     kept = tmp_path / 'key.txt'
-    command = (
-        f'{shlex.quote(sys.executable)} -m agentrt.agents.cli keys create --account acme-health --name errfull '
-        f'2>/dev/full > {shlex.quote(str(kept))}'
-    )
-    env = {**os.environ, 'DATABASE_URL': database_url}
-    done = await asyncio.to_thread(
-        subprocess.run, ['bash', '-c', command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-    )
+    done = await _keys_create_redirected('errfull', f'2>/dev/full > {shlex.quote(str(kept))}', database_url)
     assert done.returncode == 0, done
     key = kept.read_text().strip()
     assert key.startswith('art_')
