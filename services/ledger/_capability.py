@@ -23,13 +23,12 @@ from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
 from agentrt.services.ledger._record import (
-    MAX_COST_USD,
-    MAX_TOKENS,
     TOKEN_FIELDS,
     ContentKind,
     LedgerRecord,
     RawBody,
     Status,
+    implausible_amount,
     new_request_id,
     utc_now,
 )
@@ -493,12 +492,10 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
 
 
 def _countable(record: LedgerRecord) -> bool:
-    """Whether every token count of `record` is a whole number a request can have (`MAX_TOKENS`), and its cost one
-    (`MAX_COST_USD`): what the ledger's columns, and the sums over them, hold."""
-    cost = record.total_cost
-    if cost is not None and not (cost.is_finite() and 0 <= cost < MAX_COST_USD):
-        return False
-    return all(isinstance(count := getattr(record, name), int) and 0 <= count < MAX_TOKENS for name in TOKEN_FIELDS)
+    """Whether `record`'s token counts and cost are ones a request has (`implausible_amount`, as a replay checks
+    spooled rows): what the ledger's columns, and the sums over them, hold."""
+    amounts = {name: getattr(record, name) for name in TOKEN_FIELDS}
+    return implausible_amount({**amounts, 'total_cost': record.total_cost}) is None
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

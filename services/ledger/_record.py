@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -362,20 +363,32 @@ MAX_TOKENS = 10**12
 (`agentrt costs`, the usage roll-up) overflow, for every account from then on (QA)."""
 
 
+def implausible_amount(values: Mapping[str, Any]) -> str | None:
+    """The first of `values` (a row's or a record's costs, token counts and durations, by column name) that no request
+    has, described (`total_cost 1E+400`); None when every one is a request's. A cost is a finite amount from 0 under
+    `MAX_COST_USD`; a token count a whole number from 0 under `MAX_TOKENS`; a duration (`_ms`) a number from 0."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in _DECIMALS:
+            plausible = isinstance(value, Decimal) and value.is_finite() and 0 <= value < MAX_COST_USD
+        elif name.endswith(('_tokens', '_ms')):
+            kinds = int if name.endswith('_tokens') else int | float  # counts are whole; durations may not be
+            most = MAX_TOKENS if name.endswith('_tokens') else 2**63
+            plausible = isinstance(value, kinds) and not isinstance(value, bool) and 0 <= value < most
+        else:
+            continue
+        if not plausible:
+            return f'{name} {value!r}'
+    return None
+
+
 def _check_amounts(row: dict[str, Any]) -> None:
     """Refuse a spooled row whose costs, counts or durations no request has (a hand-edited or corrupt line): the
     database took them, and every total built on them was wrong."""
-    for name in _DECIMALS:
-        value = row.get(name)
-        if value is not None and not (value.is_finite() and 0 <= value < MAX_COST_USD):
-            raise ValueError(f'spooled ledger row has {name} {value}: not a cost a request has')
-    for name, value in row.items():
-        if value is None or not name.endswith(('_tokens', '_ms')):
-            continue
-        kinds = int if name.endswith('_tokens') else int | float  # counts are whole; durations may not be
-        most = MAX_TOKENS if name.endswith('_tokens') else 2**63
-        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 <= value < most:
-            raise ValueError(f'spooled ledger row has {name} {value!r}: not a count or duration a request has')
+    problem = implausible_amount(row)
+    if problem is not None:
+        raise ValueError(f'spooled ledger row has {problem}: not an amount a request has')
 
 
 def parse_spool_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
