@@ -177,22 +177,22 @@ _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,
 # `\f`, `\b`), at either level of JSON text escaped again (a model's arguments in a message): the rules read the
 # text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`, `_Walker.leaf`). Not
-# any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU (QA).
-_HIDING_ESCAPE = re2.compile(rb'\\(?:u[0-9a-fA-F]{4}|[/fb])')
+# any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU (QA). Case-sensitive.
+_HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
-# with an escape in it (the name it stands for is only known once decoded). A match starting inside a string value
-# runs to the value's closing quote, which is never followed by `:`. RE2: one linear scan, whatever the text.
-_JSON_SECRET_KEY = re2.compile(
-    # Also a key of JSON text inside a string (a model's arguments: `\"password\": [`) whose value is a list or an
-    # object, which the rules' `key: "value"` does not cover; and the name as an item of a validation error's `loc`,
-    # whose `input` is that field's value (`["password", 0]`).
-    (
-        _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
-        + r'(?:"\s*:|\\"\s*:\s*[\[{])|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:|"loc"\s*:\s*\[[^\]]*'
-        + _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
-        + '"'
-    ).encode()
+# with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
+# model's arguments: `\"password\": [`) whose value is a list or an object, which the rules' `key: "value"` does not
+# cover; and the name as an item of a validation error's `loc`, whose `input` is that field's value (`["password",
+# 0]`). A match starting inside a string value runs to the value's closing quote, which is never followed by `:`.
+_JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
+_JSON_SECRET_KEY = (
+    _JSON_NAME_END
+    + r'(?:"\s*:|\\"\s*:\s*[\[{])|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:|"loc"\s*:\s*\[[^\]]*'
+    + _JSON_NAME_END
+    + '"'
 )
+# Both in one scan (RE2: linear, whatever the text): JSON text the rules cannot be trusted to read whole.
+_WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE).encode())
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
 
@@ -210,7 +210,7 @@ def json_may_need_redaction(text: str) -> bool:
     can store the JSON as it is in the common case and walk the value only when this says it may hold a secret.
     """
     data = text.encode('utf-8', errors='replace')
-    return _JSON_SECRET_KEY.search(data) is not None or _HIDING_ESCAPE.search(data) is not None or has_secret(data)
+    return _WORTH_DECODING.search(data) is not None or has_secret(data)
 
 
 def _redact_scalar(value: Any) -> tuple[Any, int]:
@@ -330,7 +330,7 @@ def _json_to_decode(text: str) -> Any:
     if text.lstrip()[:1] not in ('{', '['):  # JSON may start with whitespace (`\n{...}`): its secrets were kept (QA)
         return None
     data = text.encode('utf-8', 'replace')
-    if _HIDING_ESCAPE.search(data) is None and _JSON_SECRET_KEY.search(data) is None:
+    if _WORTH_DECODING.search(data) is None:
         return None
     try:
         return json.loads(text)
