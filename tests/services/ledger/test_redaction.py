@@ -540,6 +540,35 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
     assert redact_value(retry)[0]['input'] == REDACTED
 
 
+@pytest.mark.parametrize(
+    ('text', 'expected'),
+    [
+        ('{"password": ["hunter2-correct-horse", 3', '{"password": ' + REDACTED),
+        (
+            '{"a": "é\ud800", "pässword": 1, "password": [1], "b": "ü"',
+            '{"a": "é\ud800", "pässword": 1, "password": ' + REDACTED + ', "b": "ü"',
+        ),
+        (
+            '{"q": "ok", "password": ["hunter2-x"], "x": "shown", "token": {"a": "s3cr3t-value", "b": [1, "]"',
+            '{"q": "ok", "password": ' + REDACTED + ', "x": "shown", "token": ' + REDACTED,
+        ),
+        ('{"secret": {"db": "open\\"sesame]}"}, "after": "shown"', '{"secret": ' + REDACTED + ', "after": "shown"'),
+        (
+            '\n[{"api_key" : [{"b": "c"}], "passwd": "plain-one"',
+            '\n[{"api_key" : ' + REDACTED + ', "passwd": "' + REDACTED + '"',
+        ),
+    ],
+)
+def test_containers_under_secret_names_in_json_that_does_not_parse_are_redacted(text: str, expected: str) -> None:
+    # A model's arguments cut off (its output limit reached inside them) do not parse, so there is no tree to walk,
+    # and the rules' `"password": "..."` does not cover a list or an object: `["hunter2", ...` was stored whole (QA).
+    message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'login', 'args': text}]}
+    assert json_may_need_redaction(json.dumps(message))
+    redacted, count = redact_value(message)
+    assert redacted['parts'][0]['args'] == expected
+    assert count >= 1
+
+
 def test_a_backslash_alone_does_not_make_a_message_walked() -> None:
     # Any backslash (a Windows path, a regular expression) walked a message: 30 times the CPU of the scan (QA).
     for text in ('C:\\Users\\me\\notes.txt', 'C:\\users\\x', '^\\d+\\s*$'):
