@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import TypeAdapter
 from pydantic_ai import RunContext
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ModelMessage
@@ -21,6 +22,8 @@ from pydantic_ai.models import ModelRequestContext
 from pydantic_core import to_jsonable_python
 
 from agentrt.services.pg_text import is_storable, is_storable_value, storable, storable_text
+
+_ANY = TypeAdapter[Any](Any)
 
 
 @dataclass
@@ -79,11 +82,11 @@ def _mend_message(message: ModelMessage) -> None:
                 # A pydantic model, a dataclass, a set or another object of the tool's: as the JSON pydantic-ai would
                 # send, to be read (pydantic-ai's serialisation failed on a lone surrogate in it, and sent a NUL as
                 # it was).
-                value = _as_json_data(value)
+                value, mended = _as_json_data(value)
                 if value is None:
                     _check_serialisable(part)
                     continue
-                if clean and is_storable_value(value):
+                if clean and not mended and is_storable_value(value):
                     continue
                 clean = False
             if not clean:
@@ -115,12 +118,20 @@ def _scan(value: Any) -> tuple[bool, bool]:
     return True, True  # a pydantic model, a dataclass, a set, bytes, a datetime...: pydantic serialises it
 
 
-def _as_json_data(value: Any) -> Any:
-    """`value` as JSON data (dicts, lists, strings, numbers), as pydantic serialises it; None when it cannot be."""
+def _as_json_data(value: Any) -> tuple[Any, bool]:
+    """`value` as JSON data (dicts, lists, strings, numbers), as pydantic serialises it, and whether its keys had to be
+    mended for that; None when it cannot be."""
     try:
-        return to_jsonable_python(value, bytes_mode='base64')  # bytes as pydantic-ai sends them
+        return to_jsonable_python(value, bytes_mode='base64'), False  # bytes as pydantic-ai sends them
+    except UnicodeEncodeError:
+        # A lone surrogate in a dict's key, anywhere (a model's dict field too): pydantic's JSON keys must encode, its
+        # values need not. Dumped as Python objects first (keys as they are), mended, then made JSON data (QA).
+        try:
+            return to_jsonable_python(storable(_ANY.dump_python(value, mode='python')), bytes_mode='base64'), True
+        except Exception:
+            return None, False
     except Exception:  # pydantic-ai's own serialisation has the last word (`_check_serialisable`)
-        return None
+        return None, False
 
 
 def _check_serialisable(part: Any) -> None:
