@@ -42,7 +42,7 @@ def parse_body(body: str, *, truncated: bool) -> tuple[Any, bool]:
         return body, False
     try:
         return json.loads(body), True
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past Python's parser (a tool's hostile result): the text as stored
         return body, False
 
 
@@ -104,7 +104,7 @@ def _message(message: dict[str, Any]) -> list[RenderableType]:
         elif kind == 'tool-call':
             shown += _turn('assistant', f'→ {part.get("tool_name")}  {_call_id(part)}', _arguments(part.get('args')))
         elif kind == 'tool-return':
-            shown += _turn('tool', f'{part.get("tool_name")}  {_call_id(part)}', _text(part.get('content')))
+            shown += _turn('tool', f'{part.get("tool_name")}  {_call_id(part)}', _result(part.get('content')))
         elif kind == 'retry-prompt':
             shown += _turn('retry', str(part.get('tool_name') or ''), _text(part.get('content')))
         else:
@@ -125,6 +125,11 @@ def _text(content: Any) -> str:
     if isinstance(content, list):  # a user prompt of several items: text, images, documents...
         return '\n'.join(item if isinstance(item, str) else _pretty(item) for item in content)
     return _pretty(content)
+
+
+def _result(content: Any) -> str:
+    """A tool's result: text as it is, anything else as JSON (a list of strings was shown as lines of text; QA)."""
+    return content if isinstance(content, str) else _pretty(content)
 
 
 def _arguments(args: Any) -> str:

@@ -176,3 +176,30 @@ def test_a_tool_calls_arguments_nested_past_pythons_parser_are_shown_as_stored()
     screen.print(render_body('response', json.dumps(response), truncated=False))
     shown = screen.export_text()
     assert 'echo' in shown and '{"text":' in shown and '[[[[' in shown
+    # A tool's result nested so (the body itself past the parser): the body's text as stored.
+    body = '{"kind": "request", "parts": [{"part_kind": "tool-return", "content": ' + nested + '}]}'
+    screen.print(render_body('prompt', body, truncated=False))
+    assert '"tool-return", "content": {"text":' in screen.export_text() and '[[[[' in screen.export_text()
+
+
+@pytest.mark.parametrize(
+    ('content', 'expected'),
+    [
+        (['berries', 'apples'], '[\n  "berries",\n  "apples"\n]'),
+        ([{'id': 4}], '[\n  {\n    "id": 4\n  }\n]'),
+        ([], '[]'),
+        ('plain text\nof two lines', 'plain text\nof two lines'),
+    ],
+)
+def test_a_tools_result_is_shown_as_its_json_and_text_as_it_is(content: object, expected: str) -> None:
+    # A list of strings was shown as lines of text, a list of one dict as the dict, `[]` as an empty line (QA).
+    from rich.console import Console
+
+    from agentrt.agents.cli.transcript import render_body
+
+    part = {'part_kind': 'tool-return', 'tool_name': 'x_titles', 'tool_call_id': 'call_1', 'content': content}
+    screen = Console(width=200, record=True, color_system=None)
+    screen.print(render_body('response', json.dumps({'kind': 'request', 'parts': [part]}), truncated=False))
+    lines = screen.export_text().splitlines()
+    assert lines[0].split() == ['tool', 'x_titles', '(call', 'call_1)']
+    assert '\n'.join(line.strip() for line in lines[1:]) == '\n'.join(line.strip() for line in expected.splitlines())
