@@ -179,7 +179,8 @@ def test_a_tool_calls_arguments_nested_past_pythons_parser_are_shown_as_stored()
     # A tool's result nested so (the body itself past the parser): the body's text as stored.
     body = '{"kind": "request", "parts": [{"part_kind": "tool-return", "content": ' + nested + '}]}'
     screen.print(render_body('prompt', body, truncated=False))
-    assert '"tool-return", "content": {"text":' in screen.export_text() and '[[[[' in screen.export_text()
+    shown = screen.export_text()
+    assert '"tool-return", "content": {"text":' in shown and '[[[[' in shown
 
 
 @pytest.mark.parametrize(
