@@ -7,7 +7,9 @@ halves for programs that manage their own lifecycle (a web server's start-up and
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +21,9 @@ from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import existing_request_tracker
 
 __all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
+
+_open_blocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+"""`agentrt_runtime()` blocks open, by event loop: the last to end shuts the runtime down."""
 
 
 async def shutdown_runtime(
@@ -63,7 +68,9 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
     (and migrated if behind).
 
     On the way out, even after an error, the runtime is shut down as `shutdown_runtime()` does: background work
-    drained, the ledger flushed, the pool closed. Use it once around the part of a program that chats.
+    drained, the ledger flushed, the pool closed. Use it around the part of a program that chats. Blocks may nest or
+    overlap on one event loop (a library's helper inside an application's block): the runtime is shut down when the
+    last of them ends, not under the others.
 
     Args:
         shutdown_timeout: seconds to let background tasks finish at the end before they are cancelled.
@@ -76,8 +83,15 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
     check_seconds(shutdown_timeout, 'shutdown_timeout')  # at the start: it failed only at the end, the work done
     configure_observability()
     check_event_loop()  # refused before the `finally` below would shut down another thread's runtime
+    loop = asyncio.get_running_loop()
+    _open_blocks[loop] = _open_blocks.get(loop, 0) + 1
     try:
         await init_database()
         yield
     finally:
-        await shutdown_runtime(shutdown_timeout)
+        # A nested block's end shut the runtime down under the block around it: its sessions then failed while its
+        # turns quietly started the runtime again (QA).
+        _open_blocks[loop] -= 1
+        if not _open_blocks[loop]:
+            del _open_blocks[loop]
+            await shutdown_runtime(shutdown_timeout)

@@ -11,6 +11,7 @@ saved.
 
 from __future__ import annotations
 
+import inspect
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -200,6 +201,15 @@ def validate_run_arguments(
         )
     if on_tool_event is not None and not callable(on_tool_event):
         raise InvalidInputError.wrong_type('on_tool_event', 'a function or None', on_tool_event)
+    call = type(on_tool_event).__call__ if on_tool_event is not None else None  # an object's own async __call__ too
+    if inspect.iscoroutinefunction(on_tool_event) or inspect.iscoroutinefunction(call):
+        # Called as a plain function: its coroutine was never awaited, the callback never ran, with only Python's
+        # RuntimeWarning to say so (QA).
+        raise InvalidInputError(
+            'on_tool_event must be a plain function, not an async one (it is called as each tool call starts and '
+            'ends, and is not awaited); to do async work, hand the event to a task or a queue from it',
+            field='on_tool_event',
+        )
     check_seconds(stream_delay, 'stream_delay')
     if stream_delay > MAX_STREAM_DELAY_S:  # type: ignore[operator]  # a number: checked above
         # A pause between the demo model's words: 1e308 passed as finite and the stream waited for ever (QA).

@@ -3,6 +3,7 @@ before any model request; no ledger row, nothing saved."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import pytest
@@ -142,6 +143,8 @@ ARGUMENT_CASES = [
 ]
 STREAM_ARGUMENT_CASES = [
     Case('on_tool_event not callable', 'on_tool_event', 'print', 'a function or None, not str'),
+    # Called and never awaited: the callback never ran, with only a RuntimeWarning (QA).
+    Case('on_tool_event async', 'on_tool_event', asyncio.sleep, 'a plain function, not an async one'),
     Case('stream_delay text', 'stream_delay', '0.1', 'a number of seconds, not str'),
     Case('stream_delay NaN', 'stream_delay', float('nan'), 'finite number of seconds, 0 or more, not nan'),
     Case('stream_delay infinite', 'stream_delay', float('inf'), 'not inf'),
