@@ -62,6 +62,9 @@ class Reply:
     """The text answer ends cut off: at the output token limit, or by the provider's content filter (Chat Completions'
     `finish_reason`; the Responses API's `incomplete` response and its reason)."""
     call_id: str = 'call_'
+    usage_fields: dict[str, Any] = field(default_factory=dict)
+    """Fields set in the Chat Completions `usage` object over the counts above (`{'prompt_tokens': None}`, a gateway's
+    reported cost)."""
     """What each tool call's id starts with (its index follows): a model's own text, which may be hostile."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
@@ -73,6 +76,7 @@ class Reply:
             'total_tokens': self.prompt_tokens + completion,
             'prompt_tokens_details': {'cached_tokens': self.cached_tokens},
             'completion_tokens_details': {'reasoning_tokens': self.reasoning_tokens},
+            **self.usage_fields,
         }
 
     def responses_usage(self) -> dict[str, Any]:

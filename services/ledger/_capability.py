@@ -463,8 +463,11 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.cache_write_tokens = usage.cache_write_tokens
     record.reasoning_tokens = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     record.total_tokens = usage.total_tokens
-    record.usage_reported = not usage.unmeasured_requests
-    record.total_cost = usage.cost
+    # No count at all in a complete answer: pydantic-ai's reading of the provider's usage failed (null, negative or
+    # non-numeric counts: a warning, then zeros), for no request sends nothing; charged as a measured free request,
+    # the budget was spent by $0 (QA).
+    record.usage_reported = not usage.unmeasured_requests and bool(usage.input_tokens or usage.output_tokens)
+    record.total_cost = usage.cost if record.usage_reported else None  # genai-prices' $0 for the zeros included
     if not _countable(record):
         # A count no request has (past 64 bits, a trillion, negative): a provider's nonsense, not a measurement. The
         # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected` (the

@@ -358,6 +358,10 @@ MAX_COST_USD = Decimal(10) ** 12
 """An amount no request costs: `1e400` replayed made `agentrt costs` report 10^400 USD (QA)."""
 TOKEN_FIELDS: tuple[str, ...] = tuple(name for name in ROW_FIELDS if name.endswith('_tokens'))
 """A row's token counts (input, output, cache read and write, reasoning, total)."""
+MAX_COST_DECIMALS = 40
+"""The most decimal places a cost has: a provider's `1e-20000` could not be encoded for PostgreSQL's numeric (the row
+refused, then rejected at replay: the request gone from the ledger), and `1e-400` made every sum carry 400 digits
+(QA). A price per token times a count has a dozen or so."""
 MAX_TOKENS = 10**12
 """A count no request has (a trillion tokens): counts just under the bigint columns' limit made every sum of them
 (`agentrt costs`, the usage roll-up) overflow, for every account from then on (QA)."""
@@ -366,12 +370,18 @@ MAX_TOKENS = 10**12
 def implausible_amount(values: Mapping[str, Any]) -> str | None:
     """The first of `values` (a row's or a record's costs, token counts and durations, by column name) that no request
     has, described (`total_cost 1E+400`); None when every one is a request's. A cost is a finite amount from 0 under
-    `MAX_COST_USD`; a token count a whole number from 0 under `MAX_TOKENS`; a duration (`_ms`) a number from 0."""
+    `MAX_COST_USD`, of at most `MAX_COST_DECIMALS` decimal places; a token count a whole number from 0 under
+    `MAX_TOKENS`; a duration (`_ms`) a number from 0."""
     for name, value in values.items():
         if value is None:
             continue
         if name in _DECIMALS:
-            plausible = isinstance(value, Decimal) and value.is_finite() and 0 <= value < MAX_COST_USD
+            plausible = (
+                isinstance(value, Decimal)
+                and value.is_finite()
+                and 0 <= value < MAX_COST_USD
+                and -MAX_COST_DECIMALS <= int(value.as_tuple().exponent)
+            )
         elif name.endswith(('_tokens', '_ms')):
             kinds = int if name.endswith('_tokens') else int | float  # counts are whole; durations may not be
             most = MAX_TOKENS if name.endswith('_tokens') else 2**63

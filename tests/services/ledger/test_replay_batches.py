@@ -106,6 +106,8 @@ async def test_a_content_the_database_refuses_keeps_the_other_rows_contents_and_
         ('total_cost', '1e400'),
         ('total_cost', '-1'),
         ('total_cost', 'NaN'),
+        ('total_cost', '1e-20000'),  # PostgreSQL's numeric cannot encode it: the row refused
+        ('total_cost', '1e-400'),  # taken, and every sum carried 400 digits (QA)
         ('input_tokens', -5),
         ('input_tokens', 2**61),  # fits its column, overflowed every sum of them (QA)
         ('latency_ms', -1),
