@@ -176,10 +176,12 @@ _SECRET_NAME_END = (
 )
 _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,
-# `\f`, `\b`), at either level of JSON text escaped again (a model's arguments in a message): the rules read the
-# text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`, `_Walker.leaf`). Not
-# any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU (QA). Case-sensitive.
-_HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]))'
+# `\f`, `\b`, and `\t` before a word or a quote: a tab is the space of `password:\thunter2`, which the rules read
+# decoded but not escaped; QA), at either level of JSON text escaped again (a model's arguments in a message): the
+# rules read the text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`,
+# `_Walker.leaf`). Not any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU
+# (QA). Case-sensitive.
+_HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[0-9A-Za-z\'`]|\\+")))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
 # model's arguments: `\"password\": [`) whose value is a list or an object, which the rules' `key: "value"` does not
@@ -199,13 +201,15 @@ _WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE).encode()
 _CONTAINER_UNDER_SECRET_NAME = re2.compile((_JSON_NAME_END + r'\\?"\s*:\s*[\[{]').encode())
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
 _CUT_OFF = object()  # `_json_to_decode`'s answer for JSON text worth decoding that cannot be parsed
+_CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
 
 def is_secret_name(name: str) -> bool:
     """Whether a key with this name holds a secret: `password`, `api_key`, `client_secret`, `Authorization`,
     `x-auth-token`, `DB_PASSWORD`, `accessToken`, ... but not `max_tokens`, `token_count` or `primary_key`."""
-    return _SECRET_NAME.search(name[-80:]) is not None
+    # Control characters after the name (`"password\u0000"` of a model's arguments) hid it (QA).
+    return _SECRET_NAME.search(name[-80:].rstrip(_CONTROL)) is not None
 
 
 def json_may_need_redaction(text: str) -> bool:

@@ -508,6 +508,10 @@ ESCAPED_ARGUMENTS = [
         'bPxRfiCYSLASHKEY',
     ),
     ('an escape inside a password', '{"query": "password=hunt\\u0065r2PWDESC9"}', 'r2PWDESC9'),
+    # A tab is the space of `name: value` and of `Bearer token`: escaped, it glued itself to the value (QA).
+    ('a tab after the name', '{"query": "password:\\thunter2TABSEP"}', 'hunter2TABSEP'),
+    ('a tab after Bearer', '{"query": "Authorization: Bearer\\tabcdefghijklmnop1234"}', 'ghijklmnop1234'),
+    ('a tab before a quoted value', '{"query": "password:\\t\\"quoted-secret1\\""}', 'quoted-secret1'),
 ]
 
 
@@ -536,6 +540,11 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
         redacted, _ = redact_value(message)
         args = json.loads(redacted['parts'][0]['args'])
         assert args == {'password': [REDACTED, REDACTED], 'secret': {'db': REDACTED}, 'q': 'ok'}, written
+    # A control character after the name hid it (a model's `"password\u0000"`; QA).
+    assert redact_value({'password\x00': 'hunter2', 'api_key\t': 'x1'})[0] == {
+        'password\x00': REDACTED,
+        'api_key\t': REDACTED,
+    }
     retry = {'type': 'string_type', 'loc': ['password', 0], 'msg': 'Input should be a valid string', 'input': 'hunter2'}
     assert redact_value(retry)[0]['input'] == REDACTED
 
