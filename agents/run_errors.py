@@ -71,6 +71,8 @@ def documented_error(
       streamed alike) -> `ModelProviderError` with the status code and the redacted body;
     - a `UserError` for two tools of one name (a turn's toolsets beside the agent's) -> `InvalidInputError` naming
       `toolsets`;
+    - an `AttributeError`, `TypeError`, `KeyError` or `IndexError` raised in pydantic-ai's model code (what the
+      provider sent is not its API's: a streamed `usage` that is no object) -> `ModelProviderError`;
     - a `UnicodeEncodeError` of the HTTP client building the request (a header, the API key, it cannot encode)
       -> `ConfigError`, naming only the character.
 
@@ -98,6 +100,20 @@ def documented_error(
         # Two tools of one name (a turn's toolset beside the agent's, or the agent's own toolset given again): found
         # as the run lists its tools, before its first request. The caller's argument, not a bug of the runtime's.
         return InvalidInputError(f'toolsets: {exc.message}; nothing was sent', field='toolsets')
+    if isinstance(exc, AttributeError | TypeError | KeyError | IndexError) and raised_inside(
+        exc, 'pydantic_ai.models.'
+    ):
+        # pydantic-ai's model code failing on what the provider sent (a streamed `usage` that is no object: "'str'
+        # object has no attribute 'model_dump'"): an answer that is not the API's, as a plain request's is, not an
+        # internal error of the runtime's (CLI exit 70, HTTP 500; QA).
+        where = f'model {model_name!r}' if model_name else 'the model'
+        return ModelProviderError(
+            f'the provider of {where} sent an answer that could not be read ({type(exc).__name__}: '
+            f'{redact_cut(_first_line(str(exc)), 200)}). {UNUSABLE_ANSWER_ADVICE}; the turn was not saved',
+            status_code=None,
+            model_name=model_name,
+            body=None,
+        )
     if isinstance(exc, UnicodeEncodeError) and raised_inside(exc, 'httpx'):
         # A header the HTTP client cannot encode: an API key from an undecodable environment value (a lone
         # surrogate) failed as the request was built, before anything was sent; it was an internal error.

@@ -65,10 +65,14 @@ class Reply:
     usage_fields: dict[str, Any] = field(default_factory=dict)
     """Fields set in the Chat Completions `usage` object over the counts above (`{'prompt_tokens': None}`, a gateway's
     reported cost)."""
+    usage_sent: Any = None
+    """When not None, what the Chat Completions answer sends as its `usage`, as it is (`"abc"`: not an object)."""
     """What each tool call's id starts with (its index follows): a model's own text, which may be hostile."""
 
     def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
         """The Chat Completions `usage` object (cached and reasoning tokens in the details)."""
+        if self.usage_sent is not None:
+            return self.usage_sent  # type: ignore[no-any-return]
         completion = self.completion_tokens if completion_tokens is None else completion_tokens
         return {
             'prompt_tokens': self.prompt_tokens,

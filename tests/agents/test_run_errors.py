@@ -114,3 +114,20 @@ async def test_usage_reported_before_a_cut_is_kept_and_priced(demo_data: None, c
     assert (row['status'], row['error_type']) == ('error', 'ModelConnectionError')
     assert (row['input_tokens'], row['output_tokens'], row['usage_reported']) == (92, 22, True)
     assert row['total_cost'] is not None and row['total_cost'] > 0
+
+
+@pytest.mark.parametrize('usage', ['abc', [1, 2]], ids=['text', 'list'])
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_usage_that_is_no_object_is_a_provider_error_not_an_internal_one(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool, usage: object
+) -> None:
+    # pydantic-ai's streamed usage mapping raised AttributeError ("'str' object has no attribute 'model_dump'"):
+    # CLI exit 70, HTTP 500 with a traceback; the plain request's SDK already refused the body (QA).
+    session_id = f'usage-{type(usage).__name__}-{streamed}'
+    with FakeOpenAI(lambda body: Reply(text=TEXT, usage_sent=usage)).running() as fake:
+        with pytest.raises(ModelProviderError) as raised:
+            await _turn(streamed, loopback_model('chat', fake, clients), session_id)
+    assert 'the turn was not saved' in str(raised.value) and '\n' not in str(raised.value)
+    assert raised.value.model_name == 'gpt-4o-mini'
+    store = PostgresConversationStore(await account_id('acme-health'))
+    assert await store.read_record(session_id) is None
