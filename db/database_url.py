@@ -84,6 +84,13 @@ def parse_database_url(value: str) -> URL:
     for hosts in [url.host, *_values(url.query.get('host'))]:
         for host in (hosts or '').split(','):  # libpq's list of hosts to try
             _check_host(host.strip())
+    for host in _values(url.query.get('host')):
+        if host.count(':') == 1 and not host.startswith('['):  # `host=db1:5432`: SQLAlchemy's host and port
+            # Never checked: port 0 was 5432, 84737 wrapped round to 19201 (another server's), silently (QA).
+            port, what = host.rsplit(':', 1)[1], f'the port of host parameter {host!r}'
+            if not port.strip().isdigit():
+                raise ConfigError(f'DATABASE_URL: {what} must be a whole number from 1 to 65535')
+            _check_port(int(port), what)
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
         if ',' in port:  # libpq's list of ports, one a host

@@ -3,6 +3,7 @@ and SSL against a server with a certificate made for the test."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -122,6 +123,25 @@ def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: p
     monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@localhost:{port}/db')
     with pytest.raises(ConfigError, match=f'DATABASE_URL: the port must be 1 to 65535, got {int(port)}'):
         read_settings()
+
+
+@pytest.mark.parametrize(
+    ('host', 'words'),
+    [
+        ('localhost:84737', "the port of host parameter 'localhost:84737' must be 1 to 65535, got 84737"),
+        ('localhost:0', 'must be 1 to 65535, got 0'),  # was 5432: maybe another server
+        ('localhost:x', "the port of host parameter 'localhost:x' must be a whole number from 1 to 65535"),
+    ],
+)
+def test_a_host_parameters_port_out_of_range_is_a_configuration_error(
+    host: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never checked: 84737 wrapped round to 19201, another server's port, and 0 meant 5432 (QA).
+    monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@/db?host={host}')
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        read_settings()
+    for fine in ('db1:5432', '[::1]:5432', '::1', '/var/run/postgresql'):
+        parse_database_url(f'postgresql://u:p@/db?host={fine}')
 
 
 @asynccontextmanager
