@@ -108,7 +108,7 @@ def documented_error(
         # internal error of the runtime's (CLI exit 70, HTTP 500; QA).
         where = f'model {model_name!r}' if model_name else 'the model'
         return ModelProviderError(
-            f'the provider of {where} sent an answer that could not be read ({type(exc).__name__}: '
+            f'the provider of {where} sent an answer that could not be used ({type(exc).__name__}: '
             f'{redact_cut(_first_line(str(exc)), 200)}). {UNUSABLE_ANSWER_ADVICE}; the turn was not saved',
             status_code=None,
             model_name=model_name,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.db.settings import Settings
+from agentrt.services.ledger import MAX_TOKENS
 
 LIMIT_SETTINGS = {
     'request_limit': 'AGENTRT_TURN_REQUEST_LIMIT',
@@ -40,8 +41,22 @@ class TurnUsageLimits(UsageLimits):
 
     def check_tokens(self, usage: RunUsage) -> None:
         """pydantic-ai's check after each response, as plain `UsageLimits` make it (the limits, and its warning when
-        a response reported no usage)."""
-        UsageLimits(**{field.name: getattr(self, field.name) for field in fields(UsageLimits)}).check_tokens(usage)
+        a response reported no usage); none on counts no request has (a trillion tokens or more, a fraction), which
+        the ledger records unmeasured: a proxy's nonsense counts ended every turn as over its limit (QA)."""
+        if _counted(usage):
+            UsageLimits(**{field.name: getattr(self, field.name) for field in fields(UsageLimits)}).check_tokens(usage)
+
+    def _check_token_limits(self, usage: RunUsage) -> None:
+        """pydantic-ai's check of a streamed request's provisional total (its continuations), on counts a request
+        has only, as `check_tokens`."""
+        if _counted(usage):
+            super()._check_token_limits(usage)
+
+
+def _counted(usage: RunUsage) -> bool:
+    """Whether `usage` holds token counts a request has (whole numbers under `MAX_TOKENS`), a limit can be read on."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.total_tokens)
+    return all(isinstance(count, int) and count < MAX_TOKENS for count in counts)
 
 
 def turn_usage_limits(settings: Settings) -> UsageLimits:

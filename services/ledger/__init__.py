@@ -35,10 +35,10 @@ from agentrt.services.ledger._rollups import (
 from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
-    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
+    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability, usage_measured
     from agentrt.services.ledger._known_json import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
-    from agentrt.services.ledger._record import ContentKind, LedgerRecord, Status, new_request_id, utc_now
+    from agentrt.services.ledger._record import MAX_TOKENS, ContentKind, LedgerRecord, Status, new_request_id, utc_now
     from agentrt.services.ledger._replay import ReplayReport
     from agentrt.services.ledger._tracker import (
         LLMRequestTracker,
@@ -53,11 +53,13 @@ _WRITE_PATH = {
     'LedgerCapability': '_capability',
     'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
+    'usage_measured': '_capability',
     'dumped_message_json': '_known_json',
     'remember_message_json': '_known_json',
     'TrackerStats': '_queues',
     'WriteOutcome': '_queues',
     'ContentKind': '_record',
+    'MAX_TOKENS': '_record',
     'LedgerRecord': '_record',
     'Status': '_record',
     'new_request_id': '_record',
@@ -86,6 +88,7 @@ __all__ = [
     'COST_GROUPINGS',
     'COST_SOURCES',
     'MAX_PAGE_SIZE',
+    'MAX_TOKENS',
     'POST_TURN_LOOKBACK',
     'RIDER_HOOKS',
     'AmbiguousRequestIdError',
@@ -127,5 +130,6 @@ __all__ = [
     'roll_up_pending',
     'set_request_tracker',
     'summarise_costs',
+    'usage_measured',
     'utc_now',
 ]

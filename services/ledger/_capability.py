@@ -14,6 +14,7 @@ from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest, UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
+from pydantic_ai.usage import RequestUsage
 
 from agentrt.db.errors import BudgetExceededError
 from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, kept, output_bound_usd
@@ -463,10 +464,7 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.cache_write_tokens = usage.cache_write_tokens
     record.reasoning_tokens = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     record.total_tokens = usage.total_tokens
-    # No count at all in a complete answer: pydantic-ai's reading of the provider's usage failed (null, negative or
-    # non-numeric counts: a warning, then zeros), for no request sends nothing; charged as a measured free request,
-    # the budget was spent by $0 (QA).
-    record.usage_reported = not usage.unmeasured_requests and bool(usage.input_tokens or usage.output_tokens)
+    record.usage_reported = _reported(usage)
     record.total_cost = usage.cost if record.usage_reported else None  # genai-prices' $0 for the zeros included
     if not _countable(record):
         # A count no request has (past 64 bits, a trillion, negative): a provider's nonsense, not a measurement. The
@@ -492,6 +490,24 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         # The writer prices the input/output split (and a cut-off stream's total) off the request's path.
         record.price_source = 'genai-prices' if usage.cost is not None else 'unpriced'
         record.pricing = response
+
+
+def usage_measured(usage: RequestUsage) -> bool:
+    """Whether a response's usage is a measurement, as the ledger records it: reported, some tokens counted, and counts
+    and cost a request has (`implausible_amount`). A turn's figures (`ChatResult.usage`, the HTTP turn's) take the
+    same judgement, so a turn never shows what its ledger row calls unmeasured (a gateway's 10^15 USD; QA)."""
+    if not _reported(usage):
+        return False
+    reasoning = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
+    amounts = {name: getattr(usage, name, 0) for name in TOKEN_FIELDS if name != 'reasoning_tokens'}
+    return implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is None
+
+
+def _reported(usage: RequestUsage) -> bool:
+    # No count at all in an answer: pydantic-ai's reading of the provider's usage failed (null, negative or
+    # non-numeric counts: a warning, then zeros), for no request sends nothing; charged as a measured free request,
+    # a budget was spent by $0 (QA).
+    return not usage.unmeasured_requests and bool(usage.input_tokens or usage.output_tokens)
 
 
 def _countable(record: LedgerRecord) -> bool:

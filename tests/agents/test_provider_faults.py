@@ -7,10 +7,9 @@ bad key, a 429 that says when to come back, an answer that is not the API's (a p
 without the API's fields), a stream that stalls, tool arguments that are not JSON or fail validation, NUL and lone
 surrogates in the answer.
 
-One cell fails in pydantic-ai itself, not here: a plain (not streamed) Responses API answer of JSON without `output`
-raises `TypeError: 'NoneType' object is not iterable` in `pydantic_ai.models.openai._tool_search`, which is no error of
-pydantic-ai's to translate: it reaches a caller as it is (the CLI's `internal error`, HTTP 500). The cell is an
-expected failure; it passes, failing the strict xfail, once pydantic-ai reports the answer as it reports the others.
+A plain (not streamed) Responses API answer of JSON without `output` fails in pydantic-ai itself, as `TypeError:
+'NoneType' object is not iterable` in `pydantic_ai.models.openai._tool_search`: raised in pydantic-ai's model code, it
+is translated as an answer that could not be used (`run_errors.documented_error`); its ledger row names the TypeError.
 """
 
 from __future__ import annotations
@@ -92,7 +91,10 @@ EXPECTED: dict[str, tuple[type[AgentRuntimeError], str, list[tuple[Any, ...]]]] 
 }
 
 # pydantic-ai's Responses model reads a plain HTML answer as a corrupt one (its own `ModelAPIError`).
-ROWS_OF = {('html page', 'responses', False): [('error', 'ModelAPIError', None)]}
+ROWS_OF = {
+    ('html page', 'responses', False): [('error', 'ModelAPIError', None)],
+    ('json without fields', 'responses', False): [('error', 'TypeError', None)],
+}
 
 
 pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
@@ -109,15 +111,11 @@ async def _turn(streamed: bool, model: Model, session_id: str, message: str = 'W
 
 
 def _cells() -> Iterator[Any]:
-    upstream_bug = pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="pydantic-ai: a Responses answer without `output` (module's docstring)"
-    )
     for fault in FAULTS:
         for streamed in (False, True):
             for api in ('chat', 'responses'):
-                marks = [upstream_bug] if (fault, streamed, api) == ('json without fields', False, 'responses') else []
                 cell_id = f'{fault}-{"streamed" if streamed else "plain"}-{api}'
-                yield pytest.param(fault, streamed, api, marks=marks, id=cell_id)
+                yield pytest.param(fault, streamed, api, id=cell_id)
 
 
 @pytest.mark.parametrize(('fault', 'streamed', 'api'), list(_cells()))
