@@ -8,9 +8,10 @@ checked when the settings are read, and anything asyncpg cannot honour is refuse
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
@@ -68,6 +69,17 @@ def parse_database_url(value: str) -> URL:
     """
     if ',' in _netloc(value.strip()):  # libpq's `postgresql://h1:5432,h2:5432/db`: one URL host of a list
         raise ConfigError(_HOST_LIST)
+    for escaped in set(re.findall(r'(?:%[0-9A-Fa-f]{2})+', value)):
+        try:
+            unquote_to_bytes(escaped).decode('utf-8')
+        except UnicodeDecodeError:
+            # Decoded with U+FFFD in its place: a database `post\ufffdgres` that does not exist, a server option
+            # refused as "invalid command-line argument" (QA).
+            # Not shown: they may be a password's.
+            raise ConfigError(
+                'DATABASE_URL: a percent-escape in it stands for bytes that are not UTF-8 (such as %FF); '
+                'escape the UTF-8 bytes of the text meant'
+            ) from None
     try:
         url = make_url(value.strip())
     except (ArgumentError, ValueError) as exc:

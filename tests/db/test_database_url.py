@@ -203,3 +203,22 @@ async def test_verify_full_with_the_wrong_root_certificate_says_so(private_datab
 def test_a_server_is_described_in_messages_as_a_person_reads_it(url: str, described: str) -> None:
     # A list of hosts was printed as a Python tuple with a made-up port: "at ('h1:5432', 'h2:5432'):5432/db" (QA).
     assert describe_server(make_url(url)) == described
+
+
+@pytest.mark.parametrize(
+    'url',
+    [
+        'postgresql://postgres@/post%FFgres?host=/tmp',
+        'postgresql://u:p@localhost/db?application_name=%FF%FE',
+        'postgresql://u:p@localhost/db?options=%ED%A0%80',  # an escaped lone surrogate
+        'postgresql://u:secret%FFpw@localhost/db',
+    ],
+)
+def test_percent_escapes_that_are_not_utf8_are_a_configuration_error(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decoded with U+FFFD in their place: `database "post\ufffdgres" does not exist`, an option refused by the
+    # server as an invalid argument (QA). The escapes are not shown: they may be a password's.
+    monkeypatch.setenv('DATABASE_URL', url)
+    with pytest.raises(ConfigError, match='a percent-escape in it stands for bytes that are not UTF-8') as info:
+        read_settings()
+    assert 'secret' not in str(info.value) and '%FE' not in str(info.value)
+    parse_database_url('postgresql://u:p%C3%A9%2F@localhost/caf%C3%A9')  # UTF-8 escapes are fine
