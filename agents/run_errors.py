@@ -213,7 +213,8 @@ def provider_wait(exc: ModelAPIError) -> float | None:
     seconds = exc.retry_after
     if seconds is None:
         headers = exc.headers if isinstance(exc, ModelHTTPError) else None
-        text = (headers or {}).get('retry-after', '').strip()
+        # The first of several headers (the HTTP client joins them: `5, 9`; QA).
+        text = (headers or {}).get('retry-after', '').split(',', 1)[0].strip()
         if not _SECONDS.fullmatch(text):  # digits, maybe a fraction: not `1_000` or `1e10`, which float() reads
             return None
         seconds = float(text)
@@ -222,7 +223,7 @@ def provider_wait(exc: ModelAPIError) -> float | None:
 
 
 MAX_PROVIDER_WAIT_S = 86_400.0
-_SECONDS = re.compile(r'[0-9]+(?:\.[0-9]+)?')
+_SECONDS = re.compile(r'[0-9]+\.?[0-9]*|\.[0-9]+')  # `3`, `1.5`, and `3.` or `.5` as float() reads them (QA)
 
 
 def _advice(exc: ModelAPIError, status: int | None) -> str:
@@ -233,16 +234,22 @@ def _advice(exc: ModelAPIError, status: int | None) -> str:
     if isinstance(exc, ModelQuotaExceededError):
         return "The account's quota or credit is used up"
     if isinstance(exc, ModelRateLimitError) or status == 429:
-        asked = provider_wait(exc)
-        wait = f' (the provider asked for {asked:g} s)' if asked else ''
-        return f'Rate limited: wait and send the message again{wait}'
+        return f'Rate limited: wait and send the message again{_asked_wait(exc)}'
     if isinstance(exc, ModelConnectionError | ModelRequestTimeout):
         return 'Check the network and the provider base URL, then send the message again'
     if status is not None and status < 500:
         return 'The provider refused the request'
     if status is None:  # an answer came, but could not be read
         return UNUSABLE_ANSWER_ADVICE
-    return 'The provider failed; send the message again later'
+    return f'The provider failed; send the message again later{_asked_wait(exc)}'
+
+
+def _asked_wait(exc: ModelAPIError) -> str:
+    """` (the provider asked for N s)`, when it did: a date's seconds to a tenth (it showed `12.2065 s`; QA)."""
+    asked = provider_wait(exc)
+    if not asked:
+        return ''
+    return f' (the provider asked for {asked:.0f} s)' if asked >= 100 else f' (the provider asked for {asked:.3g} s)'
 
 
 def _redacted_body(body: object | None) -> str | None:

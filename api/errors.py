@@ -334,7 +334,11 @@ def _provider_message(exc: BaseException) -> str:
         return f'the model provider is rate limiting this server{suffix}; try again {when}'
     if isinstance(cause, ModelRequestTimeout | ModelTimeoutError):
         return 'the model provider did not answer in time; try again shortly'
-    return f'the model provider failed{suffix}; try again shortly'
+    # A 503 may say when too: the header passed it on, the text said "shortly" (QA).
+    retry_after = provider_wait(cause) if isinstance(cause, ModelAPIError) else None
+    return (
+        f'the model provider failed{suffix}; try again {f"in {math.ceil(retry_after)} s" if retry_after else "shortly"}'
+    )
 
 
 def _redacted(text: str) -> str:

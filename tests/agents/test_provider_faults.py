@@ -248,7 +248,19 @@ async def test_a_stream_that_ends_before_the_providers_last_event_is_not_saved(
 
 
 @pytest.mark.parametrize(
-    ('header', 'wait'), [('0.5', 0.5), ('7', 7.0), ('99999999', 86_400.0), ('1e10', None), ('soon', None), ('-3', None)]
+    ('header', 'wait'),
+    [
+        ('0.5', 0.5),
+        ('7', 7.0),
+        ('99999999', 86_400.0),
+        ('1e10', None),
+        ('soon', None),
+        ('-3', None),
+        # float() reads these; several headers come joined by the HTTP client (QA)
+        ('3.', 3.0),
+        ('.5', 0.5),
+        ('5, 9', 5.0),
+    ],
 )
 def test_the_wait_a_provider_asks_for_is_read_in_seconds_at_most_a_day(header: str, wait: float | None) -> None:
     # Fractional seconds were dropped (pydantic-ai reads whole ones); 1e10 s was passed on to clients (QA).
@@ -257,3 +269,17 @@ def test_the_wait_a_provider_asks_for_is_read_in_seconds_at_most_a_day(header: s
     from agentrt.agents.run_errors import provider_wait
 
     assert provider_wait(ModelHTTPError(429, 'gpt-4o-mini', body=None, headers={'retry-after': header})) == wait
+
+
+def test_a_503_that_says_when_tells_the_wait_in_its_words() -> None:
+    # The header was passed on, the words said "try again shortly" and the CLI nothing of the wait (QA).
+    from pydantic_ai.exceptions import ModelHTTPError
+
+    from agentrt.agents.run_errors import provider_error
+    from agentrt.api.errors import public_error
+
+    exc = ModelHTTPError(503, 'gpt-4o-mini', body=None, headers={'retry-after': '12.2065'})
+    translated = provider_error(exc)
+    translated.__cause__ = exc
+    assert 'send the message again later (the provider asked for 12.2 s)' in str(translated)
+    assert 'try again in 13 s' in public_error(translated).message
