@@ -16,6 +16,7 @@ from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job
 from procrastinate.worker import Worker
 
+from agentrt.db import engine
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.settings import Settings
@@ -351,6 +352,10 @@ async def _ride_out(
                 if not isinstance(exc, TimeoutError) and queue_unavailable(exc, 'lost PostgreSQL') is None:
                     raise
                 logger.debug('worker: the job queue does not answer yet: %s: %s', type(exc).__name__, exc)
+                # The embedded server may have stopped (killed, a failed crash recovery): started again in the
+                # background, as `agentrt serve` does; the queue's psycopg connections never asked for it, and a
+                # worker alone on the server waited out its bound and exited 3 (QA). A no-op for DATABASE_URL's.
+                engine.embedded_unreachable()
             left = began + seconds - loop.time()
             if left <= 0:
                 raise DatabaseUnavailableError(

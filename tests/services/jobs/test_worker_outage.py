@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from agentrt.db import engine
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.db.session import Unscoped, get_db_session
@@ -141,11 +142,14 @@ async def test_a_worker_whose_queue_stays_away_past_the_bound_stops_with_a_datab
     private_database: PrivateDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stop = WorkerStop()
+    revivals: list[None] = []  # an embedded server is started again while the worker waits (none here: a no-op)
+    monkeypatch.setattr(engine, 'embedded_unreachable', lambda: revivals.append(None))
     async with _running_worker(private_database, monkeypatch, stop, connect_timeout=1, outage_seconds=1.0) as worker:
         await asyncio.wait_for(_registered(), 30)
         async with _server_away(private_database):
             with pytest.raises(DatabaseUnavailableError, match='did not come back within AGENTRT_JOBS_OUTAGE_SECO'):
                 await asyncio.wait_for(worker, 60)
+    assert revivals, 'the worker asked for no revival of an embedded server while the queue was away (QA)'
 
 
 async def test_a_worker_asked_to_stop_while_it_waits_for_the_queue_returns_at_once(
