@@ -176,12 +176,12 @@ _SECRET_NAME_END = (
 )
 _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,
-# `\f`, `\b`, and `\t` before a word or a quote: a tab is the space of `password:\thunter2`, which the rules read
-# decoded but not escaped; QA), at either level of JSON text escaped again (a model's arguments in a message): the
-# rules read the text as it is written, so a text holding one is decoded and walked (`json_may_need_redaction`,
-# `_Walker.leaf`). Not any backslash: a Windows path or a regular expression in a message walked it, 30 times the CPU
-# (QA). Case-sensitive.
-_HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[0-9A-Za-z\'`]|\\+")))'
+# `\f`, `\b`, and `\t` before anything but another escape: a tab is the space of `password:\thunter2` and of
+# `password=\t$ecret`, which the rules read decoded but not escaped; QA), at either level of JSON text escaped again
+# (a model's arguments in a message): the rules read the text as it is written, so a text holding one is decoded and
+# walked (`json_may_need_redaction`, `_Walker.leaf`). Not any backslash: a Windows path or a regular expression in a
+# message walked it, 30 times the CPU (QA). Case-sensitive.
+_HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
 # model's arguments: `\"password\": [`) whose value is a list or an object, which the rules' `key: "value"` does not
@@ -198,8 +198,12 @@ _JSON_SECRET_KEY = (
 _WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE).encode())
 # A secret-named key of JSON text (or of JSON text inside a string: `\\"password\\": [`) whose value is a list or an
 # object, for text that does not parse; and the tokens that find where such a value ends (strings skipped whole).
-_CONTAINER_UNDER_SECRET_NAME = re2.compile((_JSON_NAME_END + r'\\?"\s*:\s*[\[{]').encode())
+_CONTAINER_UNDER_SECRET_NAME = re2.compile((_JSON_NAME_END + r'\\"\s*:\s*[\[{]').encode())
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # a string, or one cut off at the text's end
+_KEY_COLON = re.compile(r'\s*:\s*')
+_SCALAR = re.compile(r'[^,}\]\s]*')
+_NOT_SECRETS = frozenset({'null', 'true', 'false', '""'})
 _CUT_OFF = object()  # `_json_to_decode`'s answer for JSON text worth decoding that cannot be parsed
 _CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
@@ -271,7 +275,7 @@ class _Walker:
         if isinstance(value, str):
             decoded = _json_to_decode(value)
             if decoded is _CUT_OFF:  # JSON text that does not parse (a model's arguments cut off): no tree to walk
-                value = self.containers_under_secret_names(value)
+                value = self.containers_under_secret_names(self.cut_off_json(value))
             elif decoded is not None:  # JSON text the rules cannot read whole: read as the tool does, then walked
                 walked, n = _Walker().walk(decoded)
                 if n:
@@ -282,10 +286,40 @@ class _Walker:
             return redacted
         return value
 
+    def cut_off_json(self, text: str) -> str:
+        """JSON text that does not parse, read token by token as a walk reads a value: the value of a secret-named key
+        (its name decoded: `pass\\u0077ord`) replaced whole, a string, a number or a list or an object up to its
+        close (or the text's end where it never closes), and each string with an escape decoded for the rules
+        (`password:\\thunter2`), written back as JSON when they redact it. The arguments of a model's answer cut off
+        at its output limit kept what the escapes hid, and `{"password": ["hunter2", ...` whole (QA)."""
+        pieces, last, at = [], 0, 0
+        while (token := _JSON_STRING.search(text, at)) is not None:
+            at = token.end()
+            colon = _KEY_COLON.match(text, at)
+            if colon is not None:  # a key
+                if not is_secret_name(_decoded(token.group())):
+                    at = colon.end()
+                    continue
+                start = colon.end()
+                end = _value_end(text, start)
+                if end > start and not text.startswith(REDACTED, start) and text[start:end] not in _NOT_SECRETS:
+                    quoted = text[start] not in '[{'
+                    pieces += [text[last:start], f'"{REDACTED}"' if quoted else REDACTED]
+                    last = end
+                    self.count += 1
+                at = max(end, at)
+            elif '\\' in token.group():  # a string value with an escape: the rules read it decoded
+                redacted, n = redact_text(_decoded(token.group()))
+                if n:
+                    pieces += [text[last : token.start()], json.dumps(redacted, ensure_ascii=False)]
+                    last = token.end()
+                    self.count += n
+        return ''.join(pieces) + text[last:] if pieces else text
+
     def containers_under_secret_names(self, text: str) -> str:
-        """`text` with every list or object under a secret-named key replaced up to its close, or to the end of the
-        text where it never closes: JSON that does not parse cannot be walked, and the rules' `key: "value"` does not
-        cover a container (`{"password": ["hunter2", ...` of a model's cut-off arguments was stored whole; QA)."""
+        """`text` with every list or object under a secret-named key of JSON text inside a string (`\\"password\\": [`)
+        replaced up to its close, or to the end of the text where it never closes (`cut_off_json` reads the text's
+        own keys)."""
         pieces, last = [], 0
         for start in _byte_ends_as_char_offsets(text, _CONTAINER_UNDER_SECRET_NAME):
             start -= 1  # the opening bracket
@@ -376,6 +410,31 @@ def _byte_ends_as_char_offsets(text: str, pattern: Any) -> Iterator[int]:
         chars += len(data[done : match.end()].decode('utf-8', 'surrogatepass'))
         done = match.end()
         yield chars
+
+
+def _decoded(token: str) -> str:
+    """A JSON string token's text, decoded (one cut off at the text's end closed first); as written when it cannot
+    be (an escape broken by the cut)."""
+    closed = token if len(token) > 1 and token.endswith('"') and not token.endswith('\\"') else token + '"'
+    try:
+        decoded = json.loads(closed)
+    except ValueError:
+        return token.strip('"')
+    return decoded if isinstance(decoded, str) else token.strip('"')
+
+
+def _value_end(text: str, start: int) -> int:
+    """Where the JSON value starting at `text[start]` ends: a container at its close, a string after its quote, a
+    number or a literal before the next `,`, `}`, `]` or space; the end of `text` for one cut off."""
+    if start >= len(text):
+        return start
+    if text[start] in '[{':
+        return _container_end(text, start)
+    if text[start] == '"':
+        string = _JSON_STRING.match(text, start)
+        return string.end() if string is not None else len(text)
+    scalar = _SCALAR.match(text, start)
+    return scalar.end() if scalar is not None else start
 
 
 def _container_end(text: str, start: int) -> int:

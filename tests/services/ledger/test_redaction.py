@@ -512,6 +512,8 @@ ESCAPED_ARGUMENTS = [
     ('a tab after the name', '{"query": "password:\\thunter2TABSEP"}', 'hunter2TABSEP'),
     ('a tab after Bearer', '{"query": "Authorization: Bearer\\tabcdefghijklmnop1234"}', 'ghijklmnop1234'),
     ('a tab before a quoted value', '{"query": "password:\\t\\"quoted-secret1\\""}', 'quoted-secret1'),
+    ('a tab before a symbol', '{"query": "password=\\t$ecret123SYM"}', 'ecret123SYM'),
+    ('a tab before a space', '{"query": "password:\\t hunter2SPACED"}', 'hunter2SPACED'),
 ]
 
 
@@ -553,6 +555,16 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
     ('text', 'expected'),
     [
         ('{"password": ["hunter2-correct-horse", 3', '{"password": ' + REDACTED),
+        # escapes in JSON that does not parse: the walk's decoding never ran, the rules read them as written (QA)
+        ('{"q": "password:\\thunter2SECRET", "x', '{"q": "password:\\t' + REDACTED + '", "x'),
+        ('{"q": "x", "password\\u0000": "hunter2SECRET", "x', '{"q": "x", "password\\u0000": "' + REDACTED + '", "x'),
+        ('{"pass\\u0077ord": "hunter2SECRET", "x', '{"pass\\u0077ord": "' + REDACTED + '", "x'),
+        ('{"api\\u005fkey": ["hunter2SECRET", "x', '{"api\\u005fkey": ' + REDACTED),
+        (
+            '{"password": 12345, "n": null, "secret": null, "x": "y',
+            '{"password": "' + REDACTED + '", "n": null, "secret": null, "x": "y',
+        ),
+        ('{"password": "hunter2SECRET', '{"password": "' + REDACTED + '"'),
         (
             '{"a": "é\ud800", "pässword": 1, "password": [1], "b": "ü"',
             '{"a": "é\ud800", "pässword": 1, "password": ' + REDACTED + ', "b": "ü"',
