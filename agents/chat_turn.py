@@ -23,7 +23,7 @@ from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
-from pydantic_ai.usage import RequestUsage, RunUsage, UsageLimits
+from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.agents.context_window import ContextWindow
 from agentrt.agents.model_resolution import resolve_model
@@ -49,7 +49,7 @@ from agentrt.services.conversations import (
     summary_due,
     summary_source,
 )
-from agentrt.services.ledger import remember_message_json, usage_measured
+from agentrt.services.ledger import remember_message_json
 from agentrt.services.pg_text import storable
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.run_tasks import turn_runs
@@ -340,22 +340,9 @@ async def finish_turn(turn: Turn, result: AgentRunResult[str]) -> ChatResult:
         session_id=turn.deps.session_id,
         run_id=result.run_id,
         model_name=turn.model.model_name,
-        usage=measured_usage(result),
+        usage=result.usage,
         duration_s=time.perf_counter() - turn.started,
         # What the save stored (the lifetime usage it computed), not a second sum.
         conversation_usage=saved.usage if saved.usage is not None else turn.usage_before + result.usage,
         finish_reason=result.response.finish_reason,
     )
-
-
-def measured_usage(result: AgentRunResult[Any]) -> RunUsage:
-    """The turn's usage as its ledger rows record it: a response whose usage is no measurement (`usage_measured`:
-    unreported, unreadable, or counts and a cost no request has) counts as unmeasured, not as what it claimed (the CLI
-    summary and the HTTP turn showed a gateway's 10^15 USD, or 10.5 tokens, that the ledger set aside; QA)."""
-    responses = [message for message in result.new_messages() if isinstance(message, ModelResponse)]
-    if all(usage_measured(response.usage) for response in responses):
-        return result.usage
-    usage = RunUsage(requests=result.usage.requests, tool_calls=result.usage.tool_calls)
-    for response in responses:
-        usage.incr(response.usage if usage_measured(response.usage) else RequestUsage(unmeasured_requests=1))
-    return usage

@@ -35,7 +35,7 @@ from agentrt.services.ledger._rollups import (
 from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
-    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability, usage_measured
+    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
     from agentrt.services.ledger._known_json import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import MAX_TOKENS, ContentKind, LedgerRecord, Status, new_request_id, utc_now
@@ -53,7 +53,6 @@ _WRITE_PATH = {
     'LedgerCapability': '_capability',
     'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
-    'usage_measured': '_capability',
     'dumped_message_json': '_known_json',
     'remember_message_json': '_known_json',
     'TrackerStats': '_queues',
@@ -130,6 +129,5 @@ __all__ = [
     'roll_up_pending',
     'set_request_tracker',
     'summarise_costs',
-    'usage_measured',
     'utc_now',
 ]

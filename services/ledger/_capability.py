@@ -14,7 +14,7 @@ from pydantic_ai.capabilities import AbstractCapability, AgentNode
 from pydantic_ai.exceptions import ModelAPIError, SkipModelRequest, UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
-from pydantic_ai.usage import RequestUsage
+from pydantic_ai.usage import RequestUsage, RunUsage
 
 from agentrt.db.errors import BudgetExceededError
 from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, kept, output_bound_usd
@@ -278,6 +278,8 @@ class LedgerCapability(AbstractCapability[Any]):
             self._record(ctx, state, request_context, flight, None, exc)
             raise
         self._record(ctx, state, request_context, flight, response, None)
+        if not usage_measured(response.usage) and not response.usage.unmeasured_requests:
+            _counted_unmeasured(ctx.usage, response)
         return response
 
     async def _earlier_holds_settled(self, state: _RunLedger) -> None:
@@ -494,13 +496,43 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
 
 def usage_measured(usage: RequestUsage) -> bool:
     """Whether a response's usage is a measurement, as the ledger records it: reported, some tokens counted, and counts
-    and cost a request has (`implausible_amount`). A turn's figures (`ChatResult.usage`, the HTTP turn's) take the
-    same judgement, so a turn never shows what its ledger row calls unmeasured (a gateway's 10^15 USD; QA)."""
+    and cost a request has (`implausible_amount`)."""
     if not _reported(usage):
         return False
     reasoning = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     amounts = {name: getattr(usage, name, 0) for name in TOKEN_FIELDS if name != 'reasoning_tokens'}
     return implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is None
+
+
+def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse) -> None:
+    """Count `response` in the run's usage as the ledger recorded it, unmeasured, not as what it claimed.
+
+    pydantic-ai adds a response's usage to the run's before the hooks see it: a proxy's 2^70 tokens then ended every
+    later request of the turn over its token limit, a gateway's 10^15 USD was the turn's cost in `agentrt chat`'s
+    summary and the HTTP turn, and the conversation's lifetime usage kept both, where the ledger had set them aside
+    (QA). Taken back out here, so the turn's limits, figures and saved usage read what its ledger rows record.
+    """
+    claimed = response.usage
+    for name, value in vars(claimed).items():
+        if name != 'unmeasured_requests' and _number(value) and _number(getattr(run_usage, name, None)):
+            setattr(run_usage, name, _whole(getattr(run_usage, name) - value))
+    for key, value in claimed.details.items():
+        if _number(value) and _number(run_usage.details.get(key)):
+            run_usage.details[key] = _whole(run_usage.details[key] - value)
+    if claimed.cost is not None and run_usage.cost is not None:
+        # Nothing left: no other response was priced (pydantic-ai's None, not a measured $0).
+        run_usage.cost = (run_usage.cost - claimed.cost) or None
+    run_usage.unmeasured_requests += 1
+    response.usage = RequestUsage(unmeasured_requests=1)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: float) -> Any:
+    """A count back to a whole number once a fraction a provider claimed is taken out of it (10.5 - 10.5)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _reported(usage: RequestUsage) -> bool:

@@ -52,5 +52,38 @@ async def test_a_response_the_ledger_records_unmeasured_is_unmeasured_in_the_tur
     [row] = await ledger_rows(chat_session_id=session_id)
     assert (row['usage_reported'], row['total_cost']) == (False, None)
     assert result is not None
-    assert result.usage.unmeasured_requests == 1 and result.usage.requests == 1
-    assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.cost) == (0, 0, None)
+    for usage in (result.usage, result.conversation_usage):  # the conversation's lifetime usage kept them (QA)
+        assert usage.unmeasured_requests == 1 and usage.requests == 1
+        assert (usage.input_tokens, usage.output_tokens, usage.cost) == (0, 0, None)
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool
+) -> None:
+    # A tool call claiming 2^70 tokens, then the answer: pydantic-ai checks the turn's token limit before the next
+    # request on the run's usage, which kept the 2^70: the turn ended over its limit, nothing saved (QA).
+    def script(body: dict[str, Any]) -> Reply:
+        if not any(message['role'] == 'tool' for message in body['messages']):
+            huge = {'prompt_tokens': 2**70, 'total_tokens': 2**70 + 20}
+            return Reply(tool_calls=[('search_directory', {'query': 'cardiology'})], usage_fields=huge)
+        return Reply(text='Found one.', prompt_tokens=300, completion_tokens=5)
+
+    session_id = f'huge-then-fine-{streamed}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health'}
+    with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # pydantic-ai's UsageLimitUnavailableWarning: a response was unmeasured
+        turn['model'] = loopback_model('chat', fake, clients)
+        if streamed:
+            async with simple_chat_stream('cardiologists?', **turn) as stream:
+                assert ''.join([delta async for delta in stream]) == 'Found one.'
+            result = stream.result
+        else:
+            result = await simple_chat('cardiologists?', **turn)
+    assert result is not None
+    assert (result.usage.requests, result.usage.unmeasured_requests) == (2, 1)
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (300, 5)  # the measured answer's alone
+    assert result.conversation_usage.input_tokens == 300
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id=session_id)
+    assert sorted(row['usage_reported'] for row in rows) == [False, True]
