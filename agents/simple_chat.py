@@ -9,6 +9,7 @@ module-level toolset.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -36,6 +37,7 @@ from agentrt.agents.observability import turn_span
 from agentrt.agents.run_errors import documented_errors
 from agentrt.agents.turn_hooks import TURN_LEDGER_ID
 from agentrt.agents.turn_input import TurnInput, validate_agent_arguments, validate_run_arguments
+from agentrt.db.errors import InvalidInputError
 from agentrt.services.ledger import ledger_capability
 from agentrt.services.pg_text import storable, storable_text
 from agentrt.tools.dependencies import SessionDependencies
@@ -368,10 +370,25 @@ def _report_tool(event: object, started: dict[str, float], callback: Callable[[T
     if isinstance(event, FunctionToolCallEvent):
         part = event.part
         started[part.tool_call_id] = time.perf_counter()
-        callback(ToolEvent(storable_text(part.tool_name), storable_text(part.tool_call_id), storable(part.args), False))
+        args = storable(part.args)
+        _called(callback, ToolEvent(storable_text(part.tool_name), storable_text(part.tool_call_id), args, False))
     elif isinstance(event, FunctionToolResultEvent):
         result = event.part
         begin = started.pop(result.tool_call_id, None)
         duration = time.perf_counter() - begin if begin is not None else None
         name, call_id = storable_text(result.tool_name or '?'), storable_text(result.tool_call_id)
-        callback(ToolEvent(name, call_id, None, True, duration, result.outcome))
+        _called(callback, ToolEvent(name, call_id, None, True, duration, result.outcome))
+
+
+def _called(callback: Callable[[ToolEvent], None], event: ToolEvent) -> None:
+    """Call `on_tool_event`; one that hands back an awaitable (a plain function returning a coroutine, which the
+    up-front check cannot see) is refused: it was never awaited, with only Python's RuntimeWarning to say so (QA)."""
+    returned: object = callback(event)  # type: ignore[func-returns-value]  # typed None; it may not be
+    if inspect.isawaitable(returned):
+        if inspect.iscoroutine(returned):
+            returned.close()  # not awaited, and no RuntimeWarning for it
+        raise InvalidInputError(
+            'on_tool_event returned an awaitable, which is never awaited: it must do its work when called (to do '
+            'async work, hand the event to a task or a queue from it)',
+            field='on_tool_event',
+        )

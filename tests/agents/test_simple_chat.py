@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,23 @@ async def test_stream_reports_parallel_tool_calls(demo_data: None) -> None:
     first_finish = next(i for i, e in enumerate(searches) if e.finished)
     assert first_finish == 4, 'all four searches start before the first one finishes'
     assert all(e.outcome == 'success' and e.duration_s is not None for e in searches if e.finished)
+
+
+async def test_an_on_tool_event_that_returns_an_awaitable_is_refused(demo_data: None) -> None:
+    # A plain function wrapping an async one (`lambda event: handle(event)`): its coroutine was never awaited, the
+    # callback never ran, with only a RuntimeWarning to say so (QA).
+    async def handle(event: ToolEvent) -> None:
+        pytest.fail('never awaited')
+
+    stream = simple_chat_stream(
+        QUESTION, session_id='events-async', account='acme-health', on_tool_event=lambda e: handle(e)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)  # no "coroutine was never awaited"
+        with pytest.raises(InvalidInputError, match='on_tool_event returned an awaitable') as raised:
+            async for _ in stream:
+                pass
+    assert raised.value.field == 'on_tool_event'
 
 
 async def test_history_persists_across_turns(demo_data: None) -> None:
