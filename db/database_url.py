@@ -97,12 +97,21 @@ def parse_database_url(value: str) -> URL:
         for host in (hosts or '').split(','):  # libpq's list of hosts to try
             _check_host(host.strip())
     for host in _values(url.query.get('host')):
-        if host.count(':') == 1 and not host.startswith('['):  # `host=db1:5432`: SQLAlchemy's host and port
+        if host.startswith('[') and ']:' in host:  # asyncpg took `[::1]:5432` for a host name: a DNS error
+            raise ConfigError(
+                f'DATABASE_URL: host parameter {host!r}: an IPv6 address with a port is not read there; give the '
+                'address alone (host=::1) and the port as the port parameter'
+            )
+        if host.count(':') == 1:  # `host=db1:5432`: SQLAlchemy's host and port
             # Never checked: port 0 was 5432, 84737 wrapped round to 19201 (another server's), silently (QA).
             port, what = host.rsplit(':', 1)[1], f'the port of host parameter {host!r}'
-            if not port.strip().isdigit():
+            if not (port.isascii() and port.isdigit()):  # ` 19239` and `+19239` became a DNS error (QA)
                 raise ConfigError(f'DATABASE_URL: {what} must be a whole number from 1 to 65535')
             _check_port(int(port), what)
+            if url.query.get('port'):
+                raise ConfigError(
+                    f'DATABASE_URL: host parameter {host!r} has a port, and so does the port parameter: give one'
+                )
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
         if ',' in port:  # libpq's list of ports, one a host

@@ -131,6 +131,10 @@ def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: p
         ('localhost:84737', "the port of host parameter 'localhost:84737' must be 1 to 65535, got 84737"),
         ('localhost:0', 'must be 1 to 65535, got 0'),  # was 5432: maybe another server
         ('localhost:x', "the port of host parameter 'localhost:x' must be a whole number from 1 to 65535"),
+        ('localhost:%2019239', 'must be a whole number from 1 to 65535'),  # a DNS error for "localhost: 19239"
+        ('localhost:+19239', 'must be a whole number from 1 to 65535'),
+        ('[::1]:19239', 'an IPv6 address with a port is not read there'),
+        ('localhost:19239&port=19238', 'has a port, and so does the port parameter'),
     ],
 )
 def test_a_host_parameters_port_out_of_range_is_a_configuration_error(
@@ -140,7 +144,7 @@ def test_a_host_parameters_port_out_of_range_is_a_configuration_error(
     monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@/db?host={host}')
     with pytest.raises(ConfigError, match=re.escape(words)):
         read_settings()
-    for fine in ('db1:5432', '[::1]:5432', '::1', '/var/run/postgresql'):
+    for fine in ('db1:5432', '::1', '/var/run/postgresql'):
         parse_database_url(f'postgresql://u:p@/db?host={fine}')
 
 
