@@ -249,7 +249,9 @@ def _asked_wait(exc: ModelAPIError) -> str:
     asked = provider_wait(exc)
     if not asked:
         return ''
-    return f' (the provider asked for {asked:.0f} s)' if asked >= 100 else f' (the provider asked for {asked:.3g} s)'
+    # Rounded up past 100 s, as the HTTP API's Retry-After is (1234.5 showed as 1234 s there, 1235 here; QA).
+    shown = f'{math.ceil(asked)}' if asked >= 100 else f'{max(asked, 0.001):.3g}'
+    return f' (the provider asked for {shown} s)'
 
 
 def _redacted_body(body: object | None) -> str | None:

@@ -103,6 +103,8 @@ def _message(message: dict[str, Any]) -> list[RenderableType]:
             shown += _turn('thinking', '', _text(part.get('content')))
         elif kind == 'tool-call':
             shown += _turn('assistant', f'→ {part.get("tool_name")}  {_call_id(part)}', _arguments(part.get('args')))
+        elif kind == 'tool-return' and part.get('outcome') == 'retried':  # pydantic-ai 2.78's validation retry
+            shown += _turn('retry', f'{part.get("tool_name")}  {_call_id(part)}', _result(part.get('content')))
         elif kind == 'tool-return':
             shown += _turn('tool', f'{part.get("tool_name")}  {_call_id(part)}', _result(part.get('content')))
         elif kind == 'retry-prompt':

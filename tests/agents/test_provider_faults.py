@@ -283,3 +283,14 @@ def test_a_503_that_says_when_tells_the_wait_in_its_words() -> None:
     translated.__cause__ = exc
     assert 'send the message again later (the provider asked for 12.2 s)' in str(translated)
     assert 'try again in 13 s' in public_error(translated).message
+
+
+@pytest.mark.parametrize(('header', 'shown'), [('0.00001', '0.001'), ('1234.5', '1235'), ('7', '7'), ('1.25', '1.25')])
+def test_the_wait_a_provider_asks_for_is_shown_rounded_up(header: str, shown: str) -> None:
+    # 1e-05 s was shown; 1234.5 showed as 1234 s where the HTTP API said 1235 (QA).
+    from pydantic_ai.exceptions import ModelHTTPError
+
+    from agentrt.agents.run_errors import provider_error
+
+    exc = ModelHTTPError(429, 'gpt-4o-mini', body=None, headers={'retry-after': header})
+    assert f'(the provider asked for {shown} s)' in str(provider_error(exc))

@@ -204,3 +204,24 @@ def test_a_tools_result_is_shown_as_its_json_and_text_as_it_is(content: object, 
     lines = screen.export_text().splitlines()
     assert lines[0].split() == ['tool', 'x_titles', '(call', 'call_1)']
     assert '\n'.join(line.strip() for line in lines[1:]) == '\n'.join(line.strip() for line in expected.splitlines())
+
+
+def test_a_validation_retry_is_shown_as_a_retry() -> None:
+    # pydantic-ai 2.78 sends a tool's validation errors back as a `tool-return` part whose outcome is `retried`: it
+    # read as the tool's result (QA).
+    from rich.console import Console
+
+    from agentrt.agents.cli.transcript import render_body
+
+    part = {
+        'part_kind': 'tool-return',
+        'tool_name': 'search',
+        'tool_call_id': 'c1',
+        'content': [],
+        'outcome': 'retried',
+    }
+    screen = Console(width=200, record=True, color_system=None)
+    screen.print(
+        render_body('prompt', json.dumps({'messages': [{'kind': 'request', 'parts': [part]}]}), truncated=False)
+    )
+    assert screen.export_text().split()[:2] == ['retry', 'search']
