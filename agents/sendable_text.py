@@ -76,6 +76,12 @@ def _mend_message(message: ModelMessage) -> None:
                 continue
             try:
                 objects, clean = _scan(value)
+            except _Deep:
+                if getattr(part, 'part_kind', None) == 'tool-return':
+                    # pydantic serialises 255 levels at most: "Maximum serialization depth exceeded" came raw from
+                    # wherever the result was first measured or sent (an internal error; QA); named here instead.
+                    _check_serialisable(part)
+                objects, clean = False, False
             except RecursionError:  # nested past Python's recursion (a model's hostile arguments): copied mended
                 objects, clean = False, False
             if objects and getattr(part, 'part_kind', None) == 'tool-return':
@@ -93,10 +99,18 @@ def _mend_message(message: ModelMessage) -> None:
                 setattr(part, name, storable(value))
 
 
-def _scan(value: Any) -> tuple[bool, bool]:
+class _Deep(Exception):
+    """A value nested deeper than `DEEP` levels."""
+
+
+DEEP = 200
+"""Nesting past which a tool's result is checked for what pydantic can serialise (255 levels)."""
+
+
+def _scan(value: Any, depth: int = 0) -> tuple[bool, bool]:
     """In one walk of `value`: whether it holds an object other than JSON data (a pydantic model, a dataclass, a set,
     bytes, a datetime; pydantic-ai's own content, a file or an image, is sent as it is), and whether its text holds no
-    NUL and no lone surrogate (as `is_storable_value` says)."""
+    NUL and no lone surrogate (as `is_storable_value` says). Raises `_Deep` past `DEEP` levels."""
     if isinstance(value, str):
         return False, is_storable(value)
     if isinstance(value, bytes | bytearray):
@@ -106,9 +120,11 @@ def _scan(value: Any) -> tuple[bool, bool]:
     if isinstance(value, int | float | bool):
         return False, True
     if isinstance(value, dict | list | tuple):
+        if depth > DEEP:
+            raise _Deep
         objects, clean = False, True
         for item in itertools.chain(value.keys(), value.values()) if isinstance(value, dict) else value:
-            item_objects, item_clean = _scan(item)
+            item_objects, item_clean = _scan(item, depth + 1)
             objects, clean = objects or item_objects, clean and item_clean
             if objects and not clean:
                 break

@@ -122,7 +122,10 @@ odd_tools = FunctionToolset[SessionDependencies]()
 @odd_tools.tool
 async def read_odd(ctx: RunContext[SessionDependencies], kind: str) -> Any:
     """A result pydantic-ai cannot send (an exception object), or can (bytes that are not UTF-8, as base64)."""
-    return {'exception': ValueError('boom'), 'bytes': b'\xff\xfe\x00raw'}[kind]
+    deep: Any = 'bottom'
+    for _ in range(300):  # past the 255 levels pydantic serialises
+        deep = [deep]
+    return {'exception': ValueError('boom'), 'bytes': b'\xff\xfe\x00raw', 'deep': deep}[kind]
 
 
 def _odd_script(kind: str) -> Any:
@@ -134,12 +137,16 @@ def _odd_script(kind: str) -> Any:
     return answer
 
 
+@pytest.mark.parametrize(('kind', 'type_name'), [('exception', 'ValueError'), ('deep', 'list')])
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
-async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(demo_data: None, streamed: bool) -> None:
-    # Was pydantic's bare PydanticSerializationError ("Unable to serialize unknown type"), raised from the runtime's
-    # measure of the context, naming neither the tool nor what to return instead (QA).
-    turn: dict[str, Any] = {'session_id': f'odd-{streamed}', 'account': 'acme-health', 'toolsets': [odd_tools]}
-    with override_allow_model_requests(True), FakeOpenAI(_odd_script('exception')).running() as fake:
+async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(
+    demo_data: None, streamed: bool, kind: str, type_name: str
+) -> None:
+    # Was pydantic's bare PydanticSerializationError ("Unable to serialize unknown type", or for a result nested past
+    # 255 levels "Maximum serialization depth exceeded"), raised from the runtime's measure of the context, naming
+    # neither the tool nor what to return instead (QA).
+    turn: dict[str, Any] = {'session_id': f'odd-{kind}-{streamed}', 'account': 'acme-health', 'toolsets': [odd_tools]}
+    with override_allow_model_requests(True), FakeOpenAI(_odd_script(kind)).running() as fake:
         turn['model'] = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
         with pytest.raises(TypeError) as raised:
             if streamed:
@@ -148,10 +155,10 @@ async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(de
             else:
                 await simple_chat('read it', **turn)
     message = str(raised.value)
-    assert "tool 'read_odd' returned a value of type ValueError that cannot be sent to the model" in message, message
+    assert f"tool 'read_odd' returned a value of type {type_name} that cannot be sent to the model" in message, message
     assert 'return text, numbers, lists, dicts, pydantic models or dataclasses' in message
     assert len(fake.requests) == 1  # the result never went out
-    assert await PostgresConversationStore(await account_id('acme-health')).load(f'odd-{streamed}') is None
+    assert await PostgresConversationStore(await account_id('acme-health')).load(f'odd-{kind}-{streamed}') is None
 
 
 async def test_bytes_a_tool_returns_reach_the_provider_and_the_store_as_base64_text(demo_data: None) -> None:
