@@ -8,6 +8,7 @@ halves for programs that manage their own lifecycle (a web server's start-up and
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import weakref
 from collections.abc import AsyncIterator
@@ -18,9 +19,11 @@ from agentrt.db.engine import check_event_loop, close_database, init_database
 from agentrt.db.errors import check_seconds
 from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import claims_released
-from agentrt.services.ledger import existing_request_tracker
+from agentrt.services.ledger import LLMRequestTracker, existing_request_tracker
 
 __all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
+
+logger = logging.getLogger('agentrt.ledger')
 
 _open_blocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 """`agentrt_runtime()` blocks open, by event loop: the last to end shuts the runtime down."""
@@ -36,7 +39,9 @@ async def shutdown_runtime(
 
     Args:
         timeout: seconds to let turns still running end (then their conversations stay claimed until their leases
-            expire), and then background tasks finish before they are cancelled.
+            expire), then background tasks finish before they are cancelled, then the ledger's flush (at least
+            `LEDGER_CLOSE_SECONDS`; what a database that does not answer leaves unwritten stays in the journal for
+            the next start).
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
 
@@ -57,9 +62,29 @@ async def shutdown_runtime(
     # Never made here: making it reads the settings, and invalid ones raised again, from the `finally` of
     # `agentrt_runtime` whose start they had failed, as if the shutdown had failed.
     if (tracker := existing_request_tracker()) is not None:
-        await tracker.aclose()
+        await _ledger_closed(tracker, max(timeout, LEDGER_CLOSE_SECONDS))
     await close_database(release_embedded_server=release_embedded_server)
     await flush_spans()
+
+
+LEDGER_CLOSE_SECONDS = 5.0
+"""The least time the ledger's flush is given at a stop, whatever `timeout` says (a flush takes milliseconds when the
+database answers: `timeout=0`, no wait for turns, must not leave every held row to the next start)."""
+
+
+async def _ledger_closed(tracker: LLMRequestTracker, seconds: float) -> None:
+    """Flush the ledger, for at most `seconds` more: a database that does not answer (frozen, not down) held
+    a server's stop 75-150 s in the writer's retries, past any process manager's patience (QA). What is not written
+    by then stays in the process's journal of held rows, which the next start (or `agentrt ledger replay`) writes."""
+    try:
+        async with asyncio.timeout(seconds):
+            await tracker.aclose()
+    except TimeoutError:
+        logger.warning(
+            'ledger: rows not written within %g s of the stop (the database does not answer); they stay in the '
+            'journal beside the spool, written by the next start or `agentrt ledger replay`',
+            seconds,
+        )
 
 
 @asynccontextmanager

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import textwrap
+import uuid
+from pathlib import Path
 
+from agentrt.agents.runtime import LEDGER_CLOSE_SECONDS
+from agentrt.services.ledger import LLMRequestTracker
+from tests.factories import fast_config, ledger_rows
+from tests.private_database import PrivateDatabase
 from tests.programs import run_program
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NESTED = textwrap.dedent(
     """
@@ -52,3 +60,64 @@ async def test_a_nested_block_leaves_the_runtime_up_for_the_block_around_it(data
         'overlapping 0.3 1',
         'down after the last block',
     ], done.stdout + done.stderr[-3000:]
+
+
+FROZEN_STOP = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, time
+    import psutil
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.db.engine import init_database
+    from agentrt.services.ledger import get_request_tracker
+    from tests.factories import ledger_record
+
+    async def main() -> None:
+        await init_database()
+        tracker = get_request_tracker()
+        tracker.submit(ledger_record(model='before-the-freeze'))
+        await tracker.flush()  # the pool's connections are made
+        postmaster = psutil.Process(int(sys.argv[1]))
+        frozen = [postmaster, *postmaster.children()]
+        for process in frozen:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            record = ledger_record(model='held-at-the-stop')
+            tracker.submit(record)
+            started = time.monotonic()
+            await shutdown_runtime(1)
+            print(record.id, round(time.monotonic() - started, 1))
+        finally:
+            for process in frozen:
+                process.send_signal(signal.SIGCONT)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_stop_on_a_database_that_does_not_answer_is_bounded_and_loses_no_row(
+    private_database: PrivateDatabase, tmp_path: Path
+) -> None:
+    # A frozen database held `agentrt serve`'s stop 75-150 s in the ledger writer's retries, past a process manager's
+    # kill timeout (QA). Now the flush gets `timeout` (at least LEDGER_CLOSE_SECONDS); the row it could not write
+    # stays in the journal, and the next replay writes it.
+    spool = tmp_path / 'spool.jsonl'
+    url = private_database.server.url(sslmode='disable')
+    postmaster = (private_database.server.data / 'postmaster.pid').read_text().split()[0]
+    done = await run_program(
+        '-c',
+        FROZEN_STOP,
+        postmaster,
+        database_url=url,
+        cwd=ROOT,
+        AGENTRT_LEDGER_SPOOL=str(spool),
+        DB_CONNECT_TIMEOUT='2',
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    request_id, seconds = done.stdout.split()
+    assert float(seconds) < LEDGER_CLOSE_SECONDS + 4, done.stderr[-3000:]
+    assert 'they stay in the journal' in done.stderr
+    async with private_database.active():
+        report = await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()
+        assert report.inserted == 1, report
+        assert [row['model'] for row in await ledger_rows(id=uuid.UUID(request_id))] == ['held-at-the-stop']
