@@ -278,6 +278,7 @@ class ConversationOut(BaseModel):
             tool_calls=item.tool_calls,
             input_tokens=item.input_tokens,
             output_tokens=item.output_tokens,
+            unmeasured_requests=item.unmeasured_requests,
         )
         return cls(
             conversation_id=item.conversation_id,

@@ -37,6 +37,8 @@ class ConversationSummary:
     tool_calls: int
     input_tokens: int
     output_tokens: int
+    unmeasured_requests: int = 0
+    """Requests whose provider reported no usage (or none the ledger took): the token counts leave them out."""
 
 
 async def list_conversations(
@@ -76,5 +78,6 @@ async def list_conversations(
 def _usage(usage: Any) -> dict[str, int]:
     """The counters shown in a listing, from the record's stored `RunUsage` (absent counters are 0)."""
     stored = usage if isinstance(usage, dict) else {}
-    names = ('requests', 'tool_calls', 'input_tokens', 'output_tokens')
+    # `unmeasured_requests` too: without it a conversation of unmeasured requests read as a measured zero (QA).
+    names = ('requests', 'tool_calls', 'input_tokens', 'output_tokens', 'unmeasured_requests')
     return {name: int(stored.get(name) or 0) for name in names}

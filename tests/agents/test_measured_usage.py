@@ -9,8 +9,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.conversations import list_conversations
 from agentrt.services.ledger import get_request_tracker
-from tests.agents.conftest import loopback_model
+from tests.agents.conftest import account_id, loopback_model
 from tests.factories import ledger_rows
 from tests.fake_openai import FakeOpenAI, Reply
 
@@ -55,6 +57,11 @@ async def test_a_response_the_ledger_records_unmeasured_is_unmeasured_in_the_tur
     for usage in (result.usage, result.conversation_usage):  # the conversation's lifetime usage kept them (QA)
         assert usage.unmeasured_requests == 1 and usage.requests == 1
         assert (usage.input_tokens, usage.output_tokens, usage.cost) == (0, 0, None)
+    # The listing (HTTP, web UI) said 0 unmeasured: a measured zero (QA).
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        listed = await list_conversations(session=session, account_id=await account_id('acme-health'), limit=200)
+    [mine] = [item for item in listed if item.conversation_id == session_id]
+    assert (mine.requests, mine.unmeasured_requests, mine.input_tokens) == (1, 1, 0)
 
 
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])

@@ -43,7 +43,10 @@ export async function conversationsView() {
         'Updated ',
         timeEl(item.updated_at),
         ` · ${formatInt(usage.requests)} model requests · ${formatInt(usage.tool_calls)} tool calls · `,
-        `${formatInt(usage.input_tokens + usage.output_tokens)} tokens`,
+        // Requests whose usage was never measured: the count is a floor, not the total (it read as a measured 0).
+        usage.unmeasured_requests
+          ? `at least ${formatInt(usage.input_tokens + usage.output_tokens)} tokens (${formatInt(usage.unmeasured_requests)} requests unmeasured)`
+          : `${formatInt(usage.input_tokens + usage.output_tokens)} tokens`,
       ),
       h('div', { class: 'card-actions' }, remover),
     );
