@@ -33,7 +33,7 @@ from agentrt.agents.turn_admission import turn_admission
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
-from agentrt.agents.turn_limits import turn_usage_limits
+from agentrt.agents.turn_limits import measured_limits, turn_usage_limits
 from agentrt.db.cancellation import finished_if_started, undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
@@ -254,7 +254,7 @@ async def _claimed_turn(
             TurnGuard(store, conversation_id, conversation.revision, claim, check_after_s=settings.turn_check_seconds),
             agent=agent,
         )
-        limits = usage_limits if usage_limits is not None else turn_usage_limits(settings)
+        limits = measured_limits(usage_limits) if usage_limits is not None else turn_usage_limits(settings)
         yield Turn(
             agent,
             resolved,

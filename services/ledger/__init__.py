@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
     from agentrt.services.ledger._known_json import dumped_message_json, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
-    from agentrt.services.ledger._record import MAX_TOKENS, ContentKind, LedgerRecord, Status, new_request_id, utc_now
+    from agentrt.services.ledger._record import (
+        MAX_COST_USD,
+        MAX_TOKENS,
+        ContentKind,
+        LedgerRecord,
+        Status,
+        new_request_id,
+        utc_now,
+    )
     from agentrt.services.ledger._replay import ReplayReport
     from agentrt.services.ledger._tracker import (
         LLMRequestTracker,
@@ -58,6 +66,7 @@ _WRITE_PATH = {
     'TrackerStats': '_queues',
     'WriteOutcome': '_queues',
     'ContentKind': '_record',
+    'MAX_COST_USD': '_record',
     'MAX_TOKENS': '_record',
     'LedgerRecord': '_record',
     'Status': '_record',
@@ -86,6 +95,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     'COST_GROUPINGS',
     'COST_SOURCES',
+    'MAX_COST_USD',
     'MAX_PAGE_SIZE',
     'MAX_TOKENS',
     'POST_TURN_LOOKBACK',

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
+from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.errors import TurnLimitExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import list_conversations
 from agentrt.services.ledger import get_request_tracker
@@ -64,20 +66,26 @@ async def test_a_response_the_ledger_records_unmeasured_is_unmeasured_in_the_tur
     assert (mine.requests, mine.unmeasured_requests, mine.input_tokens) == (1, 1, 0)
 
 
+@pytest.mark.parametrize(
+    'limits',
+    [None, UsageLimits(total_tokens_limit=1000, cost_limit=1), UsageLimits(input_tokens_limit=400)],
+    ids=['the-turns-own', 'the-callers-tokens-and-cost', 'the-callers-input'],
+)
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
-    demo_data: None, clients: list[AsyncOpenAI], streamed: bool
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool, limits: UsageLimits | None
 ) -> None:
     # A tool call claiming 2^70 tokens, then the answer: pydantic-ai checks the turn's token limit before the next
     # request on the run's usage, which kept the 2^70: the turn ended over its limit, nothing saved (QA).
     def script(body: dict[str, Any]) -> Reply:
         if not any(message['role'] == 'tool' for message in body['messages']):
-            huge = {'prompt_tokens': 2**70, 'total_tokens': 2**70 + 20}
+            # and a gateway's cost no request has: a caller's cost limit read it (QA)
+            huge = {'prompt_tokens': 2**70, 'total_tokens': 2**70 + 20, 'logfire_ai_gateway': {'cost': '1e15'}}
             return Reply(tool_calls=[('search_directory', {'query': 'cardiology'})], usage_fields=huge)
         return Reply(text='Found one.', prompt_tokens=300, completion_tokens=5)
 
-    session_id = f'huge-then-fine-{streamed}'
-    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health'}
+    session_id = f'huge-then-fine-{streamed}-{limits is None}-{limits and limits.input_tokens_limit}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health', 'usage_limits': limits}
     with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
         warnings.simplefilter('ignore')  # pydantic-ai's UsageLimitUnavailableWarning: a response was unmeasured
         turn['model'] = loopback_model('chat', fake, clients)
@@ -94,3 +102,20 @@ async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
     await get_request_tracker().flush()
     rows = await ledger_rows(chat_session_id=session_id)
     assert sorted(row['usage_reported'] for row in rows) == [False, True]
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_callers_limit_still_stops_a_turn_that_measurably_crosses_it(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool
+) -> None:
+    session_id = f'over-the-callers-limit-{streamed}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health'}
+    turn['usage_limits'] = UsageLimits(total_tokens_limit=100)
+    with FakeOpenAI(lambda body: Reply(text='fine', prompt_tokens=300)).running() as fake:
+        turn['model'] = loopback_model('chat', fake, clients)
+        with pytest.raises(TurnLimitExceededError, match='total_tokens_limit of 100'):
+            if streamed:
+                async with simple_chat_stream('hi', **turn) as stream:
+                    [delta async for delta in stream]
+            else:
+                await simple_chat('hi', **turn)
