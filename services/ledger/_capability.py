@@ -62,6 +62,8 @@ class _RunLedger:
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
     held: bool = False
     """A request of the run held part of a budget: the next one is admitted once its row settled it."""
+    priced: bool = False
+    """A response of the run had a measured cost (a $0 one included): the run's cost is theirs, not unknown."""
     columns: dict[str, Any] = field(init=False)
     """The identity as row columns, for every record of the run."""
 
@@ -278,8 +280,11 @@ class LedgerCapability(AbstractCapability[Any]):
             self._record(ctx, state, request_context, flight, None, exc)
             raise
         self._record(ctx, state, request_context, flight, response, None)
-        if not usage_measured(response.usage) and not response.usage.unmeasured_requests:
-            _counted_unmeasured(ctx.usage, response)
+        if not usage_measured(response.usage):
+            if not response.usage.unmeasured_requests:
+                _counted_unmeasured(ctx.usage, response, priced=state.priced)
+        elif response.usage.cost is not None:
+            state.priced = True
         return response
 
     async def _earlier_holds_settled(self, state: _RunLedger) -> None:
@@ -504,7 +509,7 @@ def usage_measured(usage: RequestUsage) -> bool:
     return implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is None
 
 
-def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse) -> None:
+def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, priced: bool) -> None:
     """Count `response` in the run's usage as the ledger recorded it, unmeasured, not as what it claimed.
 
     pydantic-ai adds a response's usage to the run's before the hooks see it: a proxy's 2^70 tokens then ended every
@@ -520,8 +525,8 @@ def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse) -> None:
         if _number(value) and _number(run_usage.details.get(key)):
             run_usage.details[key] = _whole(run_usage.details[key] - value)
     if claimed.cost is not None and run_usage.cost is not None:
-        # Nothing left: no other response was priced (pydantic-ai's None, not a measured $0).
-        run_usage.cost = (run_usage.cost - claimed.cost) or None
+        # No other response priced (`priced`): pydantic-ai's None, not a measured $0 (its order decided; QA).
+        run_usage.cost = run_usage.cost - claimed.cost if priced else None
     run_usage.unmeasured_requests += 1
     response.usage = RequestUsage(unmeasured_requests=1)
 

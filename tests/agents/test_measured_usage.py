@@ -119,3 +119,29 @@ async def test_a_callers_limit_still_stops_a_turn_that_measurably_crosses_it(
                     [delta async for delta in stream]
             else:
                 await simple_chat('hi', **turn)
+
+
+@pytest.mark.parametrize('free_first', [True, False], ids=['free-first', 'nonsense-first'])
+async def test_a_measured_zero_cost_beside_an_unmeasured_one_is_kept_whatever_their_order(
+    demo_data: None, clients: list[AsyncOpenAI], free_first: bool
+) -> None:
+    # A gateway's $0 and a gateway's 10^15 USD: "cost unknown" in one order, "at least $0" in the other (QA).
+    costs = ['0', '1e15'] if free_first else ['1e15', '0']
+
+    def script(body: dict[str, Any]) -> Reply:
+        answered = any(message['role'] == 'tool' for message in body['messages'])
+        cost = {'logfire_ai_gateway': {'cost': costs[1 if answered else 0]}}
+        if not answered:
+            return Reply(tool_calls=[('search_directory', {'query': 'cardiology'})], usage_fields=cost)
+        return Reply(text='Found one.', usage_fields=cost)
+
+    with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        result = await simple_chat(
+            'cardiologists?',
+            session_id=f'free-and-nonsense-{free_first}',
+            account='acme-health',
+            model=loopback_model('chat', fake, clients),
+        )
+    assert (result.usage.requests, result.usage.unmeasured_requests) == (2, 1)
+    assert result.usage.cost == 0 and result.usage.cost is not None
