@@ -38,10 +38,10 @@ async def shutdown_runtime(
     pool and send the spans still buffered; call it once before the event loop ends.
 
     Args:
-        timeout: seconds to let turns still running end (then their conversations stay claimed until their leases
-            expire), then background tasks finish before they are cancelled, then the ledger's flush (at least
-            `LEDGER_CLOSE_SECONDS`; what a database that does not answer leaves unwritten stays in the journal for
-            the next start).
+        timeout: seconds for the whole clean-up: turns still running end (then their conversations stay claimed
+            until their leases expire), background tasks finish before they are cancelled, and the ledger's flush
+            (given at least `LEDGER_CLOSE_SECONDS`; what a database that does not answer leaves unwritten stays in
+            the journal for the next start).
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
 
@@ -55,21 +55,25 @@ async def shutdown_runtime(
     check_event_loop()
     # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
     # requests handed to the ledger, before the pool closes under them.
+    # One budget for the whole clean-up: turns ending, background work, the ledger's flush (each took `timeout` of its
+    # own: a frozen database held serve's stop 3 x 10 s past its --shutdown-seconds; QA).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     await claims_released(timeout)
-    await drain_supervisor(timeout)
+    await drain_supervisor(max(deadline - loop.time(), 0.0))
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()
     # Never made here: making it reads the settings, and invalid ones raised again, from the `finally` of
     # `agentrt_runtime` whose start they had failed, as if the shutdown had failed.
     if (tracker := existing_request_tracker()) is not None:
-        await _ledger_closed(tracker, max(timeout, LEDGER_CLOSE_SECONDS))
+        await _ledger_closed(tracker, max(deadline - loop.time(), LEDGER_CLOSE_SECONDS))
     await close_database(release_embedded_server=release_embedded_server)
     await flush_spans()
 
 
-LEDGER_CLOSE_SECONDS = 5.0
-"""The least time the ledger's flush is given at a stop, whatever `timeout` says (a flush takes milliseconds when the
-database answers: `timeout=0`, no wait for turns, must not leave every held row to the next start)."""
+LEDGER_CLOSE_SECONDS = 2.0
+"""The least time the ledger's flush is given at a stop, whatever is left of `timeout` (a flush takes milliseconds
+when the database answers: `timeout=0`, no wait for turns, must not leave every held row to the next start)."""
 
 
 async def _ledger_closed(tracker: LLMRequestTracker, seconds: float) -> None:
