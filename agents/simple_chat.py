@@ -9,6 +9,7 @@ module-level toolset.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -381,10 +382,12 @@ def _report_tool(event: object, started: dict[str, float], callback: Callable[[T
 
 
 def _called(callback: Callable[[ToolEvent], None], event: ToolEvent) -> None:
-    """Call `on_tool_event`; one that hands back an awaitable (a plain function returning a coroutine, which the
-    up-front check cannot see) is refused: it was never awaited, with only Python's RuntimeWarning to say so (QA)."""
+    """Call `on_tool_event`; one that hands back an awaitable other than a task or a future (a plain function
+    returning a coroutine, which the up-front check cannot see) is refused: it was never awaited, with only Python's
+    RuntimeWarning to say so (QA)."""
     returned: object = callback(event)  # type: ignore[func-returns-value]  # typed None; it may not be
-    if inspect.isawaitable(returned):
+    # A task or a future is already scheduled (`lambda event: asyncio.create_task(log(event))`): its work runs.
+    if inspect.isawaitable(returned) and not isinstance(returned, asyncio.Future):
         if inspect.iscoroutine(returned):
             returned.close()  # not awaited, and no RuntimeWarning for it
         raise InvalidInputError(

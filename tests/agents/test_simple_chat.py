@@ -90,6 +90,18 @@ async def test_an_on_tool_event_that_returns_an_awaitable_is_refused(demo_data: 
             async for _ in stream:
                 pass
     assert raised.value.field == 'on_tool_event'
+    # A task is already scheduled: its work runs, and the turn goes on (the message advises handing work to one).
+    seen: list[str] = []
+
+    async def log(event: ToolEvent) -> None:
+        seen.append(event.tool_name)
+
+    turn = {'session_id': 'events-task', 'account': 'acme-health'}
+    stream = simple_chat_stream(QUESTION, **turn, on_tool_event=lambda event: asyncio.create_task(log(event)))
+    async for _ in stream:
+        pass
+    await asyncio.sleep(0)
+    assert stream.result is not None and 'search_directory' in seen
 
 
 async def test_history_persists_across_turns(demo_data: None) -> None:
