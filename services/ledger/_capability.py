@@ -478,12 +478,13 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected` (the
         # request gone from the ledger), or, just under 64 bits, it overflowed every sum of the counts (QA).
         logger.warning(
-            'ledger: %s reported token counts no request has (input %s, output %s, total %s); '
+            'ledger: %s reported token counts or a cost no request has (input %s, output %s, total %s, cost %s); '
             'the request is recorded unmeasured',
             record.model,
             usage.input_tokens,
             usage.output_tokens,
             usage.total_tokens,
+            usage.cost,
         )
         for name in TOKEN_FIELDS:
             setattr(record, name, 0)

@@ -204,6 +204,7 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # a string, or one cut 
 _KEY_COLON = re.compile(r'\s*:\s*')
 _SCALAR = re.compile(r'[^,}\]\s]*')
 _NOT_SECRETS = frozenset({'null', 'true', 'false', '""'})
+_QUOTED = f'"{REDACTED}"'
 _CUT_OFF = object()  # `_json_to_decode`'s answer for JSON text worth decoding that cannot be parsed
 _CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
@@ -302,9 +303,9 @@ class _Walker:
                     continue
                 start = colon.end()
                 end = _value_end(text, start)
-                if end > start and not text.startswith(REDACTED, start) and text[start:end] not in _NOT_SECRETS:
-                    quoted = text[start] not in '[{'
-                    pieces += [text[last:start], f'"{REDACTED}"' if quoted else REDACTED]
+                if end > start and not text[start:].startswith(_QUOTED) and text[start:end] not in _NOT_SECRETS:
+                    # Quoted: JSON nested past Python's parser comes here too, and stays JSON (QA).
+                    pieces += [text[last:start], _QUOTED]
                     last = end
                     self.count += 1
                 at = max(end, at)

@@ -554,12 +554,12 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
 @pytest.mark.parametrize(
     ('text', 'expected'),
     [
-        ('{"password": ["hunter2-correct-horse", 3', '{"password": ' + REDACTED),
+        ('{"password": ["hunter2-correct-horse", 3', '{"password": "' + REDACTED + '"'),
         # escapes in JSON that does not parse: the walk's decoding never ran, the rules read them as written (QA)
         ('{"q": "password:\\thunter2SECRET", "x', '{"q": "password:\\t' + REDACTED + '", "x'),
         ('{"q": "x", "password\\u0000": "hunter2SECRET", "x', '{"q": "x", "password\\u0000": "' + REDACTED + '", "x'),
         ('{"pass\\u0077ord": "hunter2SECRET", "x', '{"pass\\u0077ord": "' + REDACTED + '", "x'),
-        ('{"api\\u005fkey": ["hunter2SECRET", "x', '{"api\\u005fkey": ' + REDACTED),
+        ('{"api\\u005fkey": ["hunter2SECRET", "x', '{"api\\u005fkey": "' + REDACTED + '"'),
         (
             '{"password": 12345, "n": null, "secret": null, "x": "y',
             '{"password": "' + REDACTED + '", "n": null, "secret": null, "x": "y',
@@ -567,16 +567,16 @@ def test_secret_named_arguments_whose_values_are_no_string_are_redacted() -> Non
         ('{"password": "hunter2SECRET', '{"password": "' + REDACTED + '"'),
         (
             '{"a": "é\ud800", "pässword": 1, "password": [1], "b": "ü"',
-            '{"a": "é\ud800", "pässword": 1, "password": ' + REDACTED + ', "b": "ü"',
+            '{"a": "é\ud800", "pässword": 1, "password": "' + REDACTED + '", "b": "ü"',
         ),
         (
             '{"q": "ok", "password": ["hunter2-x"], "x": "shown", "token": {"a": "s3cr3t-value", "b": [1, "]"',
-            '{"q": "ok", "password": ' + REDACTED + ', "x": "shown", "token": ' + REDACTED,
+            '{"q": "ok", "password": "' + REDACTED + '", "x": "shown", "token": "' + REDACTED + '"',
         ),
-        ('{"secret": {"db": "open\\"sesame]}"}, "after": "shown"', '{"secret": ' + REDACTED + ', "after": "shown"'),
+        ('{"secret": {"db": "open\\"sesame]}"}, "after": "shown"', '{"secret": "' + REDACTED + '", "after": "shown"'),
         (
             '\n[{"api_key" : [{"b": "c"}], "passwd": "plain-one"',
-            '\n[{"api_key" : ' + REDACTED + ', "passwd": "' + REDACTED + '"',
+            '\n[{"api_key" : "' + REDACTED + '", "passwd": "' + REDACTED + '"',
         ),
     ],
 )
@@ -614,3 +614,12 @@ def test_the_input_a_validation_error_quotes_for_a_secret_named_field_is_redacte
     redacted, count = redact_value(message)
     first, second = redacted['parts'][0]['content']
     assert count == 1 and first['input'] == REDACTED and first['loc'] == ['api_key'] and second['input'] == 42
+
+
+def test_json_nested_past_pythons_parser_stays_json_once_redacted() -> None:
+    # Read as JSON that does not parse (json.loads raises RecursionError), a container under a secret name was
+    # replaced by a bare [REDACTED]: valid JSON came out invalid (QA).
+    text = '{"password": ' + '[' * 5000 + '"hunter2"' + ']' * 5000 + ', "n": "\\u0041"}'
+    redacted, count = redact_value({'args': text})
+    assert count >= 1 and 'hunter2' not in redacted['args']
+    assert json.loads(redacted['args']) == {'password': REDACTED, 'n': 'A'}
