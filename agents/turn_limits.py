@@ -56,6 +56,11 @@ class MeasuredUsageLimits(UsageLimits):
         else:
             super()._check_token_limits(usage)
 
+    def check_per_request_input_tokens(self, request_input_tokens: int) -> None:
+        """pydantic-ai's check of one request's input tokens (on each streamed chunk too), on a count a request has."""
+        if isinstance(request_input_tokens, int) and request_input_tokens < MAX_TOKENS:
+            super().check_per_request_input_tokens(request_input_tokens)
+
     def check_cost(self, usage: RunUsage, *, warn_if_cost_unavailable: bool = True) -> None:
         """pydantic-ai's cost check, on a cost a request has."""
         if self._skips(usage):

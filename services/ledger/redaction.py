@@ -303,7 +303,7 @@ class _Walker:
                     continue
                 start = colon.end()
                 end = _value_end(text, start)
-                if end > start and not text[start:].startswith(_QUOTED) and text[start:end] not in _NOT_SECRETS:
+                if end > start and not text.startswith(_QUOTED, start) and text[start:end] not in _NOT_SECRETS:
                     # Quoted: JSON nested past Python's parser comes here too, and stays JSON (QA).
                     pieces += [text[last:start], _QUOTED]
                     last = end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from typing import Any
 
@@ -68,8 +69,13 @@ async def test_a_response_the_ledger_records_unmeasured_is_unmeasured_in_the_tur
 
 @pytest.mark.parametrize(
     'limits',
-    [None, UsageLimits(total_tokens_limit=1000, cost_limit=1), UsageLimits(input_tokens_limit=400)],
-    ids=['the-turns-own', 'the-callers-tokens-and-cost', 'the-callers-input'],
+    [
+        None,
+        UsageLimits(total_tokens_limit=1000, cost_limit=1),
+        UsageLimits(input_tokens_limit=400),
+        UsageLimits(per_request_input_tokens_limit=400),  # checked on each streamed chunk too (QA)
+    ],
+    ids=['the-turns-own', 'the-callers-tokens-and-cost', 'the-callers-input', 'the-callers-per-request-input'],
 )
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
@@ -84,7 +90,7 @@ async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
             return Reply(tool_calls=[('search_directory', {'query': 'cardiology'})], usage_fields=huge)
         return Reply(text='Found one.', prompt_tokens=300, completion_tokens=5)
 
-    session_id = f'huge-then-fine-{streamed}-{limits is None}-{limits and limits.input_tokens_limit}'
+    session_id = f'huge-then-fine-{streamed}-{uuid.uuid4().hex[:8]}'
     turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health', 'usage_limits': limits}
     with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
         warnings.simplefilter('ignore')  # pydantic-ai's UsageLimitUnavailableWarning: a response was unmeasured

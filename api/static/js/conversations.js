@@ -45,7 +45,7 @@ export async function conversationsView() {
         ` · ${formatInt(usage.requests)} model requests · ${formatInt(usage.tool_calls)} tool calls · `,
         // Requests whose usage was never measured: the count is a floor, not the total (it read as a measured 0).
         usage.unmeasured_requests
-          ? `at least ${formatInt(usage.input_tokens + usage.output_tokens)} tokens (${formatInt(usage.unmeasured_requests)} requests unmeasured)`
+          ? `at least ${formatInt(usage.input_tokens + usage.output_tokens)} tokens (${formatInt(usage.unmeasured_requests)} ${usage.unmeasured_requests === 1 ? 'request' : 'requests'} unmeasured)`
           : `${formatInt(usage.input_tokens + usage.output_tokens)} tokens`,
       ),
       h('div', { class: 'card-actions' }, remover),
