@@ -10,6 +10,7 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic_ai.usage import UsageLimits
 
+from agentrt.agents.chat_turn import ChatResult
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.errors import TurnLimitExceededError
 from agentrt.db.session import Unscoped, get_db_session
@@ -20,6 +21,18 @@ from tests.factories import ledger_rows
 from tests.fake_openai import FakeOpenAI, Reply
 
 pytestmark = pytest.mark.usefixtures('allow_loopback_model_requests')  # only ever to the loopback server
+
+
+async def _turn(message: str, streamed: bool, **turn: Any) -> ChatResult:
+    """One turn, on the plain or the streamed path; its result."""
+    if not streamed:
+        return await simple_chat(message, **turn)
+    async with simple_chat_stream(message, **turn) as stream:
+        async for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
 
 ODD_USAGE = {
     'gateway-cost-1e15': {'logfire_ai_gateway': {'cost': '1e15'}},
@@ -44,19 +57,14 @@ async def test_a_response_the_ledger_records_unmeasured_is_unmeasured_in_the_tur
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # pydantic-ai's UsageExtractionFailedWarning
             try:
-                if streamed:
-                    async with simple_chat_stream('hi', **turn) as stream:
-                        assert ''.join([delta async for delta in stream]) == 'fine'
-                    result = stream.result
-                else:
-                    result = await simple_chat('hi', **turn)
+                result = await _turn('hi', streamed, **turn)
             except Exception:  # the SDK's check of a plain answer refuses some bodies outright
                 assert not streamed
                 return
     await get_request_tracker().flush()
     [row] = await ledger_rows(chat_session_id=session_id)
     assert (row['usage_reported'], row['total_cost']) == (False, None)
-    assert result is not None
+    assert result.output == 'fine'
     for usage in (result.usage, result.conversation_usage):  # the conversation's lifetime usage kept them (QA)
         assert usage.unmeasured_requests == 1 and usage.requests == 1
         assert (usage.input_tokens, usage.output_tokens, usage.cost) == (0, 0, None)
@@ -95,13 +103,8 @@ async def test_counts_no_request_has_do_not_end_the_turn_at_its_next_request(
     with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
         warnings.simplefilter('ignore')  # pydantic-ai's UsageLimitUnavailableWarning: a response was unmeasured
         turn['model'] = loopback_model('chat', fake, clients)
-        if streamed:
-            async with simple_chat_stream('cardiologists?', **turn) as stream:
-                assert ''.join([delta async for delta in stream]) == 'Found one.'
-            result = stream.result
-        else:
-            result = await simple_chat('cardiologists?', **turn)
-    assert result is not None
+        result = await _turn('cardiologists?', streamed, **turn)
+    assert result.output == 'Found one.'
     assert (result.usage.requests, result.usage.unmeasured_requests) == (2, 1)
     assert (result.usage.input_tokens, result.usage.output_tokens) == (300, 5)  # the measured answer's alone
     assert result.conversation_usage.input_tokens == 300
@@ -120,11 +123,7 @@ async def test_a_callers_limit_still_stops_a_turn_that_measurably_crosses_it(
     with FakeOpenAI(lambda body: Reply(text='fine', prompt_tokens=300)).running() as fake:
         turn['model'] = loopback_model('chat', fake, clients)
         with pytest.raises(TurnLimitExceededError, match='total_tokens_limit of 100'):
-            if streamed:
-                async with simple_chat_stream('hi', **turn) as stream:
-                    [delta async for delta in stream]
-            else:
-                await simple_chat('hi', **turn)
+            await _turn('hi', streamed, **turn)
 
 
 @pytest.mark.parametrize('free_first', [True, False], ids=['free-first', 'nonsense-first'])
