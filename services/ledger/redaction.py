@@ -55,8 +55,10 @@ text, error bodies) as Python values, before serialising; redacting serialised J
 `redact_value()` reads a string that is JSON text with escapes in it (a model's tool-call arguments:
 `"sk\\u002dproj-..."`, `"a\\fsk-proj-..."`, `"\\/"`) decoded, as the tool does, and redacts the input a
 validation error quotes for a secret-named field (pydantic's `{"loc": ["api_key"], "input": ...}` in a retry
-prompt) as that field's value. JSON text that does not parse (arguments a model's output limit cut off) has each list
-or object under a secret-named key replaced up to its close, or to the end of the text when it never closes.
+prompt) as that field's value. JSON text that does not parse (arguments a model's output limit cut off) is read token
+by token (`_Walker.cut_off_json`): a secret-named key's value, whatever it is, becomes `"[REDACTED]"` (a list or an
+object up to its close, or to the end of the text when it never closes), and each string with an escape is read
+decoded.
 
 The rules' loading and checks, the trigger set and the byte-level matcher are in `_redaction_rules.py`.
 """
@@ -196,8 +198,8 @@ _JSON_SECRET_KEY = (
 )
 # Both in one scan (RE2: linear, whatever the text): JSON text the rules cannot be trusted to read whole.
 _WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE).encode())
-# A secret-named key of JSON text (or of JSON text inside a string: `\\"password\\": [`) whose value is a list or an
-# object, for text that does not parse; and the tokens that find where such a value ends (strings skipped whole).
+# A secret-named key of JSON text inside a string (`\\"password\\": [`) whose value is a list or an object, for text
+# that does not parse; the tokens that find where a value ends (strings skipped whole); what `cut_off_json` reads.
 _CONTAINER_UNDER_SECRET_NAME = re2.compile((_JSON_NAME_END + r'\\"\s*:\s*[\[{]').encode())
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]')
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # a string, or one cut off at the text's end
