@@ -69,3 +69,22 @@ async def test_costs_from_the_rollup_equal_costs_from_the_ledger() -> None:
         for filters in (LedgerFilters(success=False), LedgerFilters(since=midnight + timedelta(hours=3))):
             with pytest.raises(RollupCannotAnswer):
                 await summarise_costs(session=session, by='day', filters=filters, source='rollup')
+
+
+async def test_the_rollup_refuses_a_model_name_only_a_provider_reported() -> None:
+    # The rollup keeps requested names: filtered by the name the provider reported (as `audit show` shows it), it
+    # answered nothing, a silent $0, where the ledger had $0.69 (QA).
+    (a1, g1), *_ = await _tenants(1)
+    await _ledger(a1, g1, model='gpt-4o-mini', response_model='gpt-4o-mini-2024-07-18', cost=Decimal('0.5'))
+    await roll_up_pending(LONG_AGO)
+    reported = LedgerFilters(model='gpt-4o-mini-2024-07-18', account=a1)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        [row] = await summarise_costs(session=session, by='model', filters=reported)
+        assert row.total_cost == Decimal('0.5')
+        with pytest.raises(RollupCannotAnswer, match='keeps the requested model names'):
+            await summarise_costs(session=session, by='model', filters=reported, source='rollup')
+        requested = LedgerFilters(model='gpt-4o-mini', account=a1)
+        [rolled] = await summarise_costs(session=session, by='model', filters=requested, source='rollup')
+        assert rolled.total_cost == Decimal('0.5')
+        unknown = LedgerFilters(model='no-such-model', account=a1)
+        assert await summarise_costs(session=session, by='model', filters=unknown, source='rollup') == []

@@ -37,6 +37,7 @@ async def ledger_row(
     cost: Decimal | None = Decimal('0.000123'),
     success: bool = True,
     run_id: str | None = None,
+    response_model: str | None = None,
 ) -> None:
     """Write one ledger row in its own session, as the ledger tracker does (recorded when it started by default)."""
     started = started_at or datetime.now(UTC)
@@ -52,6 +53,7 @@ async def ledger_row(
         agent_instance_slug=None if agent_instance_id is None else f'agent-{agent_instance_id}',
         agent_name='simple_chat',
         model=model,
+        response_model=response_model,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cache_read_tokens=input_tokens // 10,
