@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageDailyRollup
-from agentrt.services.ledger._filters import CostSource, LedgerFilters, RollupCannotAnswer
+from agentrt.services.ledger._filters import CostSource, LedgerFilters
 
 CostGrouping = Literal['account', 'agent', 'model', 'day']
 COST_GROUPINGS: tuple[CostGrouping, ...] = ('account', 'agent', 'model', 'day')
@@ -79,24 +79,7 @@ async def summarise_costs(
         query = query.order_by(key)
     else:
         query = query.order_by(totals['total_cost'].desc().nulls_last(), key)
-    rows = [CostSummary(**dict(row)) for row in (await session.execute(query)).mappings()]
-    if not rows and source == 'rollup' and filters is not None and filters.model is not None:
-        await _requested_name_or_refuse(session, filters.model)
-    return rows
-
-
-async def _requested_name_or_refuse(session: AsyncSession, model: str) -> None:
-    """Refuse a rollup read by a model name the ledger has only as the one a provider reported
-    (`gpt-4o-mini-2024-07-18` for a request of `gpt-4o-mini`): the rollup keeps requested names, so it answered
-    nothing, a silent $0, for money that was spent (`agentrt costs --model <a name from audit show>`; QA). One look
-    at the ledger, which stops at the first such row, and only when the rollup's answer is empty."""
-    row = LLMRequestRow
-    reported_only = select(literal(1)).where(row.response_model == model, row.model != model).limit(1)
-    if (await session.execute(reported_only)).first() is not None:
-        raise RollupCannotAnswer(
-            f'the usage rollup keeps the requested model names; {model!r} is a name a provider reported: read the '
-            'ledger'
-        )
+    return [CostSummary(**dict(row)) for row in (await session.execute(query)).mappings()]
 
 
 def _group_key(by: CostGrouping, source: CostSource) -> ColumnElement[Any]:

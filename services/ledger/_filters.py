@@ -18,7 +18,7 @@ CostSource = Literal['ledger', 'rollup']
 
 
 class RollupCannotAnswer(AgentRuntimeError):
-    """The filters need the ledger itself: success, chat session, or a time that is not a UTC midnight."""
+    """The filters need the ledger itself: success, chat session, model, or a time that is not a UTC midnight."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LedgerFilters:
     agent: str | None = None
     """An agent instance slug, or an agent name."""
     model: str | None = None
-    """The requested model name, or the one the provider reported (the rollup knows the requested one only)."""
+    """The requested model name, or the one the provider reported (a ledger filter: the rollup has requested names)."""
     chat_session_id: str | None = None
     since: datetime | None = None
     """Requests started at or after this time."""
@@ -51,8 +51,8 @@ class LedgerFilters:
         """The filters as SQL conditions (values bound as parameters) on the ledger or on the daily rollup.
 
         Raises:
-            RollupCannotAnswer: `source` is `'rollup'` and a filter needs the ledger (success, chat session, or a
-                time that is not a UTC day boundary).
+            RollupCannotAnswer: `source` is `'rollup'` and a filter needs the ledger (success, chat session, model,
+                or a time that is not a UTC day boundary).
         """
         return self._ledger_conditions() if source == 'ledger' else self._rollup_conditions()
 
@@ -74,10 +74,15 @@ class LedgerFilters:
     def _rollup_conditions(self) -> list[ColumnElement[bool]]:
         if self.success is not None or self.chat_session_id is not None:
             raise RollupCannotAnswer('the usage rollup has no success or chat-session breakdown; read the ledger')
+        if self.model is not None:
+            # The rollup keeps requested names only: a name a provider reported (as `audit show` shows it) answered
+            # nothing, a silent $0, or part of the ledger's total where other requests asked for it by name (QA).
+            raise RollupCannotAnswer(
+                'the usage rollup keeps requested model names, not those providers reported; a model filter reads '
+                'the ledger'
+            )
         rollup = UsageDailyRollup
         conditions = self._tenant_conditions(rollup)
-        if self.model is not None:
-            conditions.append(rollup.model == self.model)
         if self.since is not None:
             conditions.append(rollup.day >= _utc_day(self.since, 'since'))
         if self.until is not None:
