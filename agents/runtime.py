@@ -53,12 +53,12 @@ async def shutdown_runtime(
     # The runtime of another thread's running event loop is not this loop's to shut down: its pool, ledger writer
     # and claims work on that loop.
     check_event_loop()
-    # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
-    # requests handed to the ledger, before the pool closes under them.
     # One budget for the whole clean-up: turns ending, background work, the ledger's flush (each took `timeout` of its
     # own: a frozen database held serve's stop 3 x 10 s past its --shutdown-seconds; QA).
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
+    # requests handed to the ledger, before the pool closes under them.
     await claims_released(timeout)
     await drain_supervisor(max(deadline - loop.time(), 0.0))
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
@@ -102,7 +102,7 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
     last of them ends, not under the others.
 
     Args:
-        shutdown_timeout: seconds to let background tasks finish at the end before they are cancelled.
+        shutdown_timeout: seconds for the clean-up at the end, as `shutdown_runtime`'s `timeout`.
 
     Raises:
         InvalidInputError: `shutdown_timeout` is not a finite number of seconds, 0 or more (nothing was started).
