@@ -21,7 +21,10 @@ async def costs(
     by: Annotated[Literal['account', 'agent', 'model', 'day'], Query(description='The grouping.')] = 'day',
     source: Annotated[
         Literal['ledger', 'rollup'],
-        Query(description='`ledger` scans every request; `rollup` reads the daily rollup (whole UTC days only).'),
+        Query(
+            description='`ledger` scans every request; `rollup` reads the daily rollup (whole UTC days and requested '
+            'model names only: a `model` filter, or a time within a day, is refused with it).'
+        ),
     ] = 'ledger',
     model: ModelFilter = None,
     agent: AgentFilter = None,

@@ -42,7 +42,12 @@ def costs(
     since: str | None = SINCE_OPTION,
     until: str | None = UNTIL_OPTION,
     source: str = typer.Option(
-        'rollup', '--source', help='rollup: the daily usage rollup kept after each chat turn; ledger: scan the ledger.'
+        'rollup',
+        '--source',
+        help=(
+            'rollup: the daily usage rollup kept after each chat turn (the ledger when --model, or a time within a '
+            'day, needs it); ledger: scan the ledger.'
+        ),
     ),
     as_json: bool = JSON_OPTION,
     as_csv: bool = CSV_OPTION,

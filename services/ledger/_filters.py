@@ -17,6 +17,10 @@ CostSource = Literal['ledger', 'rollup']
 """`ledger`: scan `llm_requests`; `rollup`: read `usage_daily_rollups` (per UTC day, no success or session)."""
 
 
+_READ_THE_LEDGER = 'read the ledger (source=ledger, or --source ledger)'
+"""What a refusal tells the caller to do instead (`agentrt costs` does it by itself)."""
+
+
 class RollupCannotAnswer(AgentRuntimeError):
     """The filters need the ledger itself: success, chat session, model, or a time that is not a UTC midnight."""
 
@@ -73,13 +77,12 @@ class LedgerFilters:
 
     def _rollup_conditions(self) -> list[ColumnElement[bool]]:
         if self.success is not None or self.chat_session_id is not None:
-            raise RollupCannotAnswer('the usage rollup has no success or chat-session breakdown; read the ledger')
+            raise RollupCannotAnswer(f'the usage rollup has no success or chat-session breakdown; {_READ_THE_LEDGER}')
         if self.model is not None:
             # The rollup keeps requested names only: a name a provider reported (as `audit show` shows it) answered
             # nothing, a silent $0, or part of the ledger's total where other requests asked for it by name (QA).
             raise RollupCannotAnswer(
-                'the usage rollup keeps requested model names, not those providers reported; a model filter reads '
-                'the ledger'
+                f'the usage rollup keeps requested model names, not those providers reported; {_READ_THE_LEDGER}'
             )
         rollup = UsageDailyRollup
         conditions = self._tenant_conditions(rollup)
@@ -104,5 +107,7 @@ class LedgerFilters:
 def _utc_day(moment: datetime, what: str) -> date:
     utc = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
     if utc.time() != time.min:
-        raise RollupCannotAnswer(f'{what} {moment.isoformat()} is not a UTC day boundary; the rollup is per day')
+        raise RollupCannotAnswer(
+            f'{what} {moment.isoformat()} is not a UTC day boundary; the rollup is per day: {_READ_THE_LEDGER}'
+        )
     return utc.date()
