@@ -174,7 +174,7 @@ _SECRET_NAME_END = (
     r'|(?:access|account|app|client|consumer|encryption|license|master|private|secret|service|session'
     r'|shared[_.-]?access|signing|storage|subscription|webhook)[_.-]?key'
     r'|(?:^|[^a-z])(?:pass|credentials?|cookie|sig|signature))'
-    r'(?:[_.-]?(?:confirm(?:ation)?|again|new|old|current|plain(?:text)?|value|[0-9]))?'
+    r'(?:[_.-]?(?:confirm(?:ation)?|again|new|old|current|plain(?:text)?|value|[0-9]{1,4}))?'
 )
 _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 # JSON escapes that can stand for a secret's own characters or glue a letter to its start (`\u002d` for `-`, `\/`,

@@ -178,7 +178,8 @@ def test_values_of_secret_named_keys_are_replaced_whole():
      'client_secret', 'clientSecret', 'token', 'access_token', 'accessToken', 'x-auth-token', 'GITHUB_TOKEN',
      'api_key', 'apiKey', 'x-api-key', 'API-KEY', 'secret_key', 'private_key', 'AccountKey', 'authorization',
      'Proxy-Authorization', 'cookie', 'set-cookie', 'credentials', 'password_confirmation', 'new_password', 'pass',
-     'db.pass', 'signing_key', 'SharedAccessKey', 'sig'],
+     'db.pass', 'signing_key', 'SharedAccessKey', 'sig',
+     'password10', 'password_10', 'token99', 'api_key_2'],  # numbered past 9 were not (QA)
 )  # fmt: skip
 def test_secret_names(name: str):
     assert is_secret_name(name)
@@ -190,7 +191,7 @@ def test_secret_names(name: str):
     'name',
     ['max_tokens', 'tokens', 'token_count', 'token_type', 'input_tokens', 'primary_key', 'sort_key', 'key',
      'password_policy', 'private_key_id', 'keyboard', 'bypass', 'compass', 'passport', 'tokenizer', 'secretary',
-     'api_key_env', 'author', 'signature_count'],
+     'api_key_env', 'author', 'signature_count', 'token12345', 'password10x'],
 )  # fmt: skip
 def test_names_that_are_not_secret(name: str):
     assert not is_secret_name(name)
