@@ -21,6 +21,7 @@ from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import ModelRequestContext
 from pydantic_core import to_jsonable_python
 
+from agentrt.services.ledger import is_as_loaded
 from agentrt.services.pg_text import is_storable, is_storable_value, storable, storable_text
 
 _ANY = TypeAdapter[Any](Any)
@@ -31,7 +32,8 @@ class SendableText(AbstractCapability[Any]):
     """Replace NUL and lone surrogates with U+FFFD in what each model request sends (a turn's first capability).
 
     The messages are mended in place, in the run's history (so the turn saves what was sent), each once: a run's
-    history only grows, and the capability remembers how many messages it has checked. Text in strings, lists and
+    history only grows, and the capability remembers how many messages it has checked. Messages the turn loaded from
+    the store as they are (`is_as_loaded`) are not read: they hold neither. Text in strings, lists and
     dicts is mended, and a tool's result that is (or holds) a pydantic model, a dataclass or a set is replaced by its
     JSON data (what pydantic-ai would send) when that needs mending. A tool's result that pydantic-ai cannot send at
     all is a `TypeError` naming the tool.
@@ -51,7 +53,10 @@ class SendableText(AbstractCapability[Any]):
         messages = request_context.messages
         start = self._checked if self._checked <= len(messages) else 0  # a history that shrank: check it all
         for message in messages[start:]:
-            _mend_message(message)
+            # The history a turn loaded came out of JSONB (no NUL, no lone surrogate): read once more on every turn
+            # of a long conversation, it was the capability's main cost (a few ms a turn at a full window).
+            if not is_as_loaded(message):
+                _mend_message(message)
         self._checked = len(messages)
         parameters = request_context.model_request_parameters
         parts = getattr(parameters, 'instruction_parts', None)

@@ -36,7 +36,7 @@ from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
     from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
-    from agentrt.services.ledger._known_json import dumped_message_json, remember_message_json
+    from agentrt.services.ledger._known_json import dumped_message_json, is_as_loaded, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import (
         MAX_COST_USD,
@@ -62,6 +62,7 @@ _WRITE_PATH = {
     'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
     'dumped_message_json': '_known_json',
+    'is_as_loaded': '_known_json',
     'remember_message_json': '_known_json',
     'TrackerStats': '_queues',
     'WriteOutcome': '_queues',
@@ -129,6 +130,7 @@ __all__ = [
     'get_request',
     'get_request_tracker',
     'identity_of',
+    'is_as_loaded',
     'is_transient_db_error',
     'ledger_capability',
     'list_requests',

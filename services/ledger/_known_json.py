@@ -50,6 +50,12 @@ def known_json(message: ModelMessage) -> str | None:
     return entry[2]
 
 
+def is_as_loaded(message: ModelMessage) -> bool:
+    """Whether a message is one a chat turn loaded from the store (`remember_message_json`), with its number of parts:
+    its text came out of a JSONB column, which holds no NUL and no lone surrogate."""
+    return known_json(message) is not None
+
+
 def message_state(message: ModelMessage) -> MessageState | None:
     """What a message's JSON depends on that pydantic-ai changes after the ledger dumped it: its parts (by identity),
     then its run stamps, timestamp and state (a request's instructions; a response's `model_id`, `workspace_ref`,

@@ -206,3 +206,27 @@ async def test_a_tool_calls_name_or_id_with_a_lone_surrogate_is_sent_back_mended
     assert '\ud800' not in sent and '\x00' not in sent and '\ufffd' in sent
     stored = await PostgresConversationStore(await account_id('acme-health')).load(session_id)
     assert stored is not None and len(stored.messages) == 4
+
+
+async def test_the_history_a_turn_loaded_is_not_read_again_and_reaches_the_provider_as_stored(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loaded history came out of JSONB, which holds no NUL and no lone surrogate: reading it again on every turn
+    # was the capability's main cost in a long conversation. What the turn adds is still read, and mended.
+    from agentrt.agents import sendable_text
+
+    read: list[Any] = []
+    mend = sendable_text._mend_message
+    monkeypatch.setattr(sendable_text, '_mend_message', lambda message: (read.append(message), mend(message)))
+    turn: dict[str, Any] = {'session_id': 'sendable-loaded', 'account': 'acme-health', 'toolsets': [tools]}
+    with override_allow_model_requests(True), FakeOpenAI(_script('text')).running() as fake:
+        turn['model'] = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-x'))
+        await simple_chat('read it', **turn)
+        assert len(read) == 3  # the prompt, then the call and its result: the first turn has no history
+        read.clear()
+        second = await simple_chat('and again', **turn)
+    assert second.output == 'the file says ' + MENDED
+    assert [type(message).__name__ for message in read] == ['ModelRequest']  # only the new prompt: 4 were loaded
+    assert read[0].parts[-1].content == 'and again'
+    sent = json.dumps(fake.requests[-1], ensure_ascii=False)  # the loaded tool result and answer, as they were saved
+    assert sent.count(MENDED) == 2 and '\ud800' not in sent and '\x00' not in sent
