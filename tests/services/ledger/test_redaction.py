@@ -624,3 +624,20 @@ def test_json_nested_past_pythons_parser_stays_json_once_redacted() -> None:
     redacted, count = redact_value({'args': text})
     assert count >= 1 and 'hunter2' not in redacted['args']
     assert json.loads(redacted['args']) == {'password': REDACTED, 'n': 'A'}
+
+
+@pytest.mark.parametrize(
+    'value',
+    ['\\\\Xq7LeakFive9', '\\nXq7LeakSix9', 'a\\nXq7LeakSeven', 'ab\\\\Xq7LeakEight', 'a\\"Xq7LeakNine', '\\rXq7Leak10'],
+)
+def test_a_secret_named_arguments_value_that_starts_with_an_escape_is_redacted(value: str) -> None:
+    # A model's JSON arguments with a generated password starting with `\\`, `\"` or `\n`: the rules read no value
+    # from an escape, and the check never walked the arguments, so it was stored in clear (QA).
+    text = '{"query": "x", "password": "' + value + '"}'
+    assert 'Xq7Leak' in json.loads(text)['password']
+    for args in (text, text[:-2]):  # whole, and cut off at the model's output limit
+        message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'login', 'args': args}]}
+        for dumped in (json.dumps(message), json.dumps(message, ensure_ascii=False, separators=(',', ':'))):
+            assert json_may_need_redaction(dumped), dumped
+        redacted, count = redact_value(message)
+        assert count >= 1 and 'Xq7Leak' not in json.dumps(redacted), redacted
