@@ -8,13 +8,15 @@ lifetime usage when it saves, so these limits bound one turn and the lifetime fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from typing import Any
 
 from pydantic_ai.usage import RunUsage, UsageLimits
 
 from agentrt.db.settings import Settings
-from agentrt.services.ledger import MAX_COST_USD, MAX_TOKENS
+from agentrt.services.ledger import MAX_TOKENS, implausible_amount, usage_plausible
 
 LIMIT_SETTINGS = {
     'request_limit': 'AGENTRT_TURN_REQUEST_LIMIT',
@@ -22,18 +24,33 @@ LIMIT_SETTINGS = {
     'total_tokens_limit': 'AGENTRT_TURN_TOTAL_TOKENS_LIMIT',
 }
 """pydantic-ai's name of each limit and the setting that sets it, for error messages."""
+_COUNTS = ('input_tokens', 'output_tokens', 'cache_read_tokens', 'cache_write_tokens', 'total_tokens')
+"""The run usage's counts the ledger has columns for (and `details['reasoning_tokens']`)."""
 
 
 @dataclass(repr=False, kw_only=True)
 class MeasuredUsageLimits(UsageLimits):
-    """`UsageLimits` read on what the ledger takes for a measurement: token limits not on counts no request has (a
-    trillion tokens or more, a fraction), a cost limit not on a cost no request has (`MAX_COST_USD` or more).
+    """`UsageLimits` read on what the ledger takes for a measurement: no token or cost limit is read on a sum that
+    holds an amount no request has (`implausible_amount`: a trillion tokens or more in any count, a fraction, a cost
+    of `MAX_COST_USD` or more or of more than `MAX_COST_DECIMALS` places), for the ledger records the response that
+    brought it unmeasured, counts and cost together.
 
     pydantic-ai adds a response's usage to the run's before the ledger sees it, and checks the limits on that sum (on
     each streamed chunk, with a caller's own token limits): a proxy's 2^70 tokens or a gateway's 10^15 USD ended the
-    turn as over its limit, where the ledger recorded the request unmeasured (QA). The ledger then takes such usage
-    back out of the run's (`LedgerCapability`), so later checks read the measured rest.
+    turn as over its limit, where the ledger recorded the request unmeasured (QA); on a stream, so did plausible
+    counts beside such a cost, or beside 2^70 cached or reasoning tokens (QA). The ledger then takes such usage back
+    out of the run's (`LedgerCapability`), so later checks read the measured rest.
     """
+
+    _request: Any = field(default=None, init=False, repr=False, compare=False)
+    """The model request in flight (the ledger's `InFlight`, set by `watch_request`), whose stream's usage so far is
+    in the sums pydantic-ai checks on each chunk."""
+
+    def watch_request(self, flight: Any) -> None:
+        """The ledger's note of the request in flight (None once it ended), called by `LedgerCapability`: a stream
+        whose usage so far holds an amount no request has (a gateway's cost of 45 decimal places, lost in pydantic-ai's
+        28-digit sum) leaves no trace in the sum, and stopped the turn on counts the ledger records unmeasured (QA)."""
+        self._request = flight
 
     def check_before_request(self, usage: RunUsage) -> None:
         """pydantic-ai's check before each request, on what can be read."""
@@ -69,15 +86,15 @@ class MeasuredUsageLimits(UsageLimits):
             super().check_cost(usage, warn_if_cost_unavailable=warn_if_cost_unavailable)
 
     def _skips(self, usage: RunUsage) -> bool:
-        return not (_counted(usage) and _priced(usage))
+        so_far = getattr(getattr(self._request, 'stream', None), 'usage', None)  # a stream's usage as it goes
+        so_far = so_far() if callable(so_far) else so_far  # a method in earlier pydantic-ai
+        return not _measured(usage) or (so_far is not None and not usage_plausible(so_far))
 
     def _readable(self, usage: RunUsage) -> UsageLimits:
         """Plain limits without those `usage` cannot be read against."""
-        values = {field.name: getattr(self, field.name) for field in fields(UsageLimits)}
-        if not _counted(usage):
-            values.update(input_tokens_limit=None, output_tokens_limit=None, total_tokens_limit=None)
-        if not _priced(usage):
-            values['cost_limit'] = None
+        values = {limit.name: getattr(self, limit.name) for limit in fields(UsageLimits)}
+        if self._skips(usage):
+            values.update(input_tokens_limit=None, output_tokens_limit=None, total_tokens_limit=None, cost_limit=None)
         return UsageLimits(**values)
 
 
@@ -107,19 +124,22 @@ def measured_limits(limits: UsageLimits) -> UsageLimits:
     """A caller's own `usage_limits=` read as a turn's are (`MeasuredUsageLimits`); a subclass of theirs as it is."""
     if type(limits) is not UsageLimits:
         return limits
-    return MeasuredUsageLimits(**{field.name: getattr(limits, field.name) for field in fields(UsageLimits)})
+    return MeasuredUsageLimits(**{limit.name: getattr(limits, limit.name) for limit in fields(UsageLimits)})
 
 
-def _counted(usage: RunUsage) -> bool:
-    """Whether `usage` holds token counts a request has (whole numbers under `MAX_TOKENS`), a limit can be read on."""
-    counts = (usage.input_tokens, usage.output_tokens, usage.total_tokens)
-    return all(isinstance(count, int) and count < MAX_TOKENS for count in counts)
-
-
-def _priced(usage: RunUsage) -> bool:
-    """Whether `usage`'s cost (if any) is one a request has."""
-    cost = usage.cost
-    return cost is None or (isinstance(cost, int | float | Decimal) and 0 <= cost < MAX_COST_USD)
+def _measured(usage: RunUsage) -> bool:
+    """Whether every count and the cost in `usage` are amounts a request has, as the ledger reads a response's
+    (`implausible_amount`): a sum holding one it records unmeasured is not read against a limit."""
+    cost: Any = usage.cost  # a Decimal by its type; a float or an int from code that filled it itself
+    if isinstance(cost, float):
+        if not math.isfinite(cost):
+            return False
+        cost = Decimal(repr(cost))
+    elif isinstance(cost, int) and not isinstance(cost, bool):
+        cost = Decimal(cost)
+    amounts = {name: getattr(usage, name, 0) for name in _COUNTS}
+    amounts['reasoning_tokens'] = usage.details.get('reasoning_tokens', 0)
+    return implausible_amount({**amounts, 'total_cost': cost}) is None
 
 
 def turn_usage_limits(settings: Settings) -> UsageLimits:

@@ -35,7 +35,7 @@ from agentrt.services.ledger._rollups import (
 from agentrt.services.ledger._spool import LedgerSpool
 
 if TYPE_CHECKING:
-    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability
+    from agentrt.services.ledger._capability import RIDER_HOOKS, LedgerCapability, ledger_capability, usage_plausible
     from agentrt.services.ledger._known_json import dumped_message_json, is_as_loaded, remember_message_json
     from agentrt.services.ledger._queues import TrackerStats, WriteOutcome
     from agentrt.services.ledger._record import (
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         ContentKind,
         LedgerRecord,
         Status,
+        implausible_amount,
         new_request_id,
         utc_now,
     )
@@ -61,6 +62,7 @@ _WRITE_PATH = {
     'LedgerCapability': '_capability',
     'RIDER_HOOKS': '_capability',
     'ledger_capability': '_capability',
+    'usage_plausible': '_capability',
     'dumped_message_json': '_known_json',
     'is_as_loaded': '_known_json',
     'remember_message_json': '_known_json',
@@ -71,6 +73,7 @@ _WRITE_PATH = {
     'MAX_TOKENS': '_record',
     'LedgerRecord': '_record',
     'Status': '_record',
+    'implausible_amount': '_record',
     'new_request_id': '_record',
     'utc_now': '_record',
     'ReplayReport': '_replay',
@@ -130,6 +133,7 @@ __all__ = [
     'get_request',
     'get_request_tracker',
     'identity_of',
+    'implausible_amount',
     'is_as_loaded',
     'is_transient_db_error',
     'ledger_capability',
@@ -141,5 +145,6 @@ __all__ = [
     'roll_up_pending',
     'set_request_tracker',
     'summarise_costs',
+    'usage_plausible',
     'utc_now',
 ]

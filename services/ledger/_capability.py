@@ -62,8 +62,6 @@ class _RunLedger:
     """The deps say the account had no budget when the turn started (`account_has_budget=False`): nothing to hold."""
     held: bool = False
     """A request of the run held part of a budget: the next one is admitted once its row settled it."""
-    priced: bool = False
-    """A response of the run had a measured cost (a $0 one included): the run's cost is theirs, not unknown."""
     columns: dict[str, Any] = field(init=False)
     """The identity as row columns, for every record of the run."""
 
@@ -260,6 +258,12 @@ class LedgerCapability(AbstractCapability[Any]):
             run_step=ctx.run_step,
         )
         state.current = flight
+        cost_before = ctx.usage.cost  # the run's cost before this response's: exact, whatever the response claims
+        # A chat turn's limits (`MeasuredUsageLimits`) read a stream's usage so far, to check no limit on a sum holding
+        # amounts the ledger will record unmeasured (pydantic-ai checks on every chunk, before this hook sees it).
+        watch = getattr(ctx.usage_limits, 'watch_request', None)
+        if watch is not None:
+            watch(flight)
         try:
             # However long the request runs (a slow reader holds a stream open), its hold does not expire under it.
             async with kept(hold, state.budget.reservation_ttl_seconds):
@@ -279,12 +283,12 @@ class LedgerCapability(AbstractCapability[Any]):
         except BaseException as exc:
             self._record(ctx, state, request_context, flight, None, exc)
             raise
+        finally:
+            if watch is not None:
+                watch(None)
         self._record(ctx, state, request_context, flight, response, None)
-        if not usage_measured(response.usage):
-            if not response.usage.unmeasured_requests:
-                _counted_unmeasured(ctx.usage, response, priced=state.priced)
-        elif response.usage.cost is not None:
-            state.priced = True
+        if not usage_measured(response.usage) and not response.usage.unmeasured_requests:
+            _counted_unmeasured(ctx.usage, response, cost_before=cost_before)
         return response
 
     async def _earlier_holds_settled(self, state: _RunLedger) -> None:
@@ -503,20 +507,25 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
 def usage_measured(usage: RequestUsage) -> bool:
     """Whether a response's usage is a measurement, as the ledger records it: reported, some tokens counted, and counts
     and cost a request has (`implausible_amount`)."""
-    if not _reported(usage):
-        return False
+    return _reported(usage) and usage_plausible(usage)
+
+
+def usage_plausible(usage: RequestUsage) -> bool:
+    """Whether every count and the cost of a response's usage (so far, for one still streaming) are amounts a request
+    has (`implausible_amount`); one that is not makes the ledger record the response unmeasured."""
     reasoning = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     amounts = {name: getattr(usage, name, 0) for name in TOKEN_FIELDS if name != 'reasoning_tokens'}
     return implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is None
 
 
-def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, priced: bool) -> None:
+def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, cost_before: Any) -> None:
     """Count `response` in the run's usage as the ledger recorded it, unmeasured, not as what it claimed.
 
     pydantic-ai adds a response's usage to the run's before the hooks see it: a proxy's 2^70 tokens then ended every
     later request of the turn over its token limit, a gateway's 10^15 USD was the turn's cost in `agentrt chat`'s
     summary and the HTTP turn, and the conversation's lifetime usage kept both, where the ledger had set them aside
-    (QA). Taken back out here, so the turn's limits, figures and saved usage read what its ledger rows record.
+    (QA). Taken back out here, so the turn's limits, figures and saved usage read what its ledger rows record; the
+    cost is put back to `cost_before`, the run's before the response.
     """
     claimed = response.usage
     for name, value in vars(claimed).items():
@@ -525,9 +534,9 @@ def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, priced:
     for key, value in claimed.details.items():
         if _number(value) and _number(run_usage.details.get(key)):
             run_usage.details[key] = _whole(run_usage.details[key] - value)
-    if claimed.cost is not None and run_usage.cost is not None:
-        # No other response priced (`priced`): pydantic-ai's None, not a measured $0 (its order decided; QA).
-        run_usage.cost = run_usage.cost - claimed.cost if priced else None
+    # The cost as it was before the response (None: no response priced, not a measured $0; QA): subtracting the claim
+    # lost the measured part to pydantic-ai's 28 digits ($0.0000045 beside a claimed $1e30 came back $0; QA).
+    run_usage.cost = cost_before
     run_usage.unmeasured_requests += 1
     response.usage = RequestUsage(unmeasured_requests=1)
 

@@ -12,6 +12,7 @@ from pydantic_ai.usage import UsageLimits
 
 from agentrt.agents.chat_turn import ChatResult
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+from agentrt.db.engine import current_settings
 from agentrt.db.errors import TurnLimitExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import list_conversations
@@ -150,3 +151,68 @@ async def test_a_measured_zero_cost_beside_an_unmeasured_one_is_kept_whatever_th
         )
     assert (result.usage.requests, result.usage.unmeasured_requests) == (2, 1)
     assert result.usage.cost == 0 and result.usage.cost is not None
+
+
+# An answer whose counts look like a request's but which the ledger records unmeasured for another of its amounts.
+UNMEASURED_LAST = {
+    'gateway-cost-1e15': {'logfire_ai_gateway': {'cost': '1e15'}},
+    'cached-2-70': {'prompt_tokens_details': {'cached_tokens': 2**70}},
+    'reasoning-2-70': {'completion_tokens_details': {'reasoning_tokens': 2**70}},
+    'cost-of-45-decimals': {'logfire_ai_gateway': {'cost': '1e-45'}},
+}
+
+
+@pytest.mark.parametrize('odd', list(UNMEASURED_LAST))
+@pytest.mark.parametrize('limit', ['the-turns-own', 'the-callers'])
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_an_answer_recorded_unmeasured_for_any_amount_does_not_stop_the_turn_on_a_limit(
+    demo_data: None, clients: list[AsyncOpenAI], monkeypatch: pytest.MonkeyPatch, streamed: bool, limit: str, odd: str
+) -> None:
+    # 90 measured tokens, then an answer of 15 tokens the ledger records unmeasured (its cost or its cache or reasoning
+    # count no request has): a stream checked the limit of 100 on 105 before the ledger took the answer out, and the
+    # turn stopped, not saved, where the plain path completed (QA).
+    def script(body: dict[str, Any]) -> Reply:
+        if not any(message['role'] == 'tool' for message in body['messages']):
+            return Reply(
+                tool_calls=[('search_directory', {'query': 'cardiology'})], prompt_tokens=80, completion_tokens=10
+            )
+        return Reply(text='Found one.', prompt_tokens=10, completion_tokens=5, usage_fields=UNMEASURED_LAST[odd])
+
+    session_id = f'unmeasured-last-{odd}-{limit}-{streamed}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health'}
+    if limit == 'the-callers':
+        turn['usage_limits'] = UsageLimits(total_tokens_limit=100, input_tokens_limit=85, cost_limit=1)
+    else:
+        monkeypatch.setattr(current_settings(), 'turn_total_tokens_limit', 100)
+    with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        turn['model'] = loopback_model('chat', fake, clients)
+        result = await _turn('cardiologists?', streamed, **turn)
+    assert result.output == 'Found one.'
+    assert (result.usage.requests, result.usage.unmeasured_requests, result.usage.total_tokens) == (2, 1, 90)
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id=session_id)
+    assert sorted(row['usage_reported'] for row in rows) == [False, True]
+
+
+@pytest.mark.parametrize('claimed', ['1e30', '1e-45'])
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_the_turns_cost_is_the_measured_cost_beside_an_unmeasured_claim(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool, claimed: str
+) -> None:
+    # $0.0000045 measured, then a gateway's $1e30: pydantic-ai's sum of 28 digits lost the measured part, so taking
+    # the claim back out left $0 (the CLI's "at least $0.000000", the HTTP turn's "0"); a 1e-45 claim left 0.0000045
+    # with 26 trailing zeros (QA).
+    def script(body: dict[str, Any]) -> Reply:
+        if not any(message['role'] == 'tool' for message in body['messages']):
+            cost = {'logfire_ai_gateway': {'cost': '0.0000045'}}
+            return Reply(tool_calls=[('search_directory', {'query': 'cardiology'})], usage_fields=cost)
+        return Reply(text='Found one.', usage_fields={'logfire_ai_gateway': {'cost': claimed}})
+
+    session_id = f'measured-beside-{claimed}-{streamed}'
+    with FakeOpenAI(script).running() as fake, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = loopback_model('chat', fake, clients)
+        result = await _turn('cardiologists?', streamed, session_id=session_id, account='acme-health', model=model)
+    assert result.usage.unmeasured_requests == 1
+    assert str(result.usage.cost) == '0.0000045' and str(result.conversation_usage.cost) == '0.0000045'
