@@ -135,9 +135,9 @@ async def _seed_demo_if_empty(account: str) -> None:
 
     from agentrt.db.models import Account
     from agentrt.db.session import Unscoped, get_db_session
-    from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
+    from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT, seed_demo_data
 
-    if account != MEDICAL_ACCOUNT:
+    if account not in (MEDICAL_ACCOUNT, PRODUCE_ACCOUNT):  # the demo's accounts (the README's examples name both)
         return
 
     async with get_db_session(account=Unscoped.ADMIN) as session:

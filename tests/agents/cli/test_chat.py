@@ -343,3 +343,23 @@ def test_a_tools_arguments_nested_past_pythons_parser_are_shown_cut_not_a_crash(
         deep = [deep]
     assert _short_args({'filters': deep}) == '...'
     assert _short_args('{"query": "cardiology", "limit": 5}') == 'query="cardiology", limit=5'
+
+
+@pytest.mark.parametrize('account', ['green-grocer', 'acme-health'])
+async def test_a_first_chat_with_either_demo_account_seeds_the_demo_data(account: str) -> None:
+    # `agentrt chat --account green-grocer ...` (a README example) as the first command on a new data directory failed:
+    # "unknown account 'green-grocer'; accounts: none", for only the default account seeded (QA).
+    from agentrt.agents.cli.chat import _seed_demo_if_empty
+
+    await _seed_demo_if_empty(account)
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        slugs = set((await session.execute(text('SELECT slug FROM accounts'))).scalars())
+    assert {'acme-health', 'green-grocer'} <= slugs
+
+
+async def test_a_first_chat_with_an_account_of_ones_own_seeds_nothing() -> None:
+    from agentrt.agents.cli.chat import _seed_demo_if_empty
+
+    await _seed_demo_if_empty('my-own-account')
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        assert (await session.execute(text('SELECT count(*) FROM accounts'))).scalar_one() == 0
