@@ -29,6 +29,7 @@ from functools import wraps
 from typing import Any
 
 from bench_common import (
+    delete_ledger_rows,
     int_list,
     machine_info,
     ms,
@@ -112,7 +113,7 @@ class AdmissionTimer:
 
 
 async def bench_accounts(count: int) -> list[int]:
-    """The benchmark's own accounts (created once), each with a budget no round reaches, set afresh for this run."""
+    """The benchmark's own accounts (removed when it ends), each with a budget no round reaches."""
     ids = []
     async with get_db_session(account=Unscoped.ADMIN) as session:
         for index in range(count):
@@ -309,7 +310,10 @@ async def main() -> None:
     finally:
         await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
         async with get_db_session(account=Unscoped.ADMIN) as session:
-            await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
+            await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
+            # Its accounts go too (their budgets, charges and conversations with them): each with a $1,000,000 budget,
+            # they were left in `agentrt budget show` of the database the benchmark ran on (QA).
+            await session.execute(text('DELETE FROM accounts WHERE slug LIKE :s'), {'s': f'{ACCOUNT}-%'})
         await close_database()
 
 

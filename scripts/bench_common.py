@@ -28,13 +28,14 @@ from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, T
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
 from agentrt.agents.simple_chat import BASE_INSTRUCTIONS
 from agentrt.db.engine import build_engine, current_settings, get_engine, init_database
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
+from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LEDGER_KEY, _LOCK_EXCLUSIVE, _LOCK_KEYS
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
 
@@ -309,7 +310,7 @@ async def delete_chats(prefix: str, *, account: Unscoped = Unscoped.OWNER) -> No
     """Remove the conversations (entries, claims) and ledger rows of chats whose ids start with `prefix-`."""
     pattern = {'p': f'{prefix}-%'}
     async with get_db_session(account=account) as session:
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), pattern)
+        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', pattern)
         heads = text(
             'WITH RECURSIVE chain(id) AS (SELECT head_id FROM conversations WHERE conversation_id LIKE :p '
             'UNION SELECT e.parent_id FROM conversation_entries AS e JOIN chain ON e.id = chain.id '
@@ -319,6 +320,35 @@ async def delete_chats(prefix: str, *, account: Unscoped = Unscoped.OWNER) -> No
         await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), pattern)
         await session.execute(text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), pattern)
         await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
+
+
+async def delete_ledger_rows(session: AsyncSession, where: str, params: dict[str, Any]) -> None:
+    """Delete the ledger rows `where` selects (an SQL condition on `r`, an `llm_requests` row) and take those already
+    counted back out of the daily usage rollup, in `session`'s transaction.
+
+    The rollup keeps a deleted ledger row's usage (a retention job's deletions must not change the books), so the
+    rows a benchmark deleted were still counted: `agentrt costs` showed requests and a cost on the demo account that
+    its ledger did not have (QA). Under the roll-up's exclusive lock, so no roll-up counts a row between the two.
+    """
+    await session.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)
+    taken_out = ', '.join(f'{name} = b.{name} - s.{name}' for name in _COUNTERS)
+    await session.execute(
+        text(f"""
+        WITH gone AS (
+            DELETE FROM usage_rolled_up_requests AS u USING llm_requests AS r
+            WHERE u.request_id = r.id AND ({where}) RETURNING u.request_id
+        ), sums AS (
+            SELECT {_LEDGER_KEY}, {_LEDGER_AGGREGATES} FROM llm_requests AS r JOIN gone ON gone.request_id = r.id
+            WHERE r.status <> 'refused' GROUP BY 1, 2, 3, 4
+        )
+        UPDATE usage_daily_rollups AS b SET {taken_out}, updated_at = now() FROM sums AS s
+        WHERE b.day = s.day AND b.account_id = s.account_id
+          AND b.agent_instance_id IS NOT DISTINCT FROM s.agent_instance_id AND b.model IS NOT DISTINCT FROM s.model
+        """),
+        params,
+    )
+    await session.execute(text('DELETE FROM usage_daily_rollups WHERE requests <= 0'))
+    await session.execute(text(f'DELETE FROM llm_requests AS r WHERE {where}'), params)
 
 
 def print_config(title: str, config: dict[str, Any]) -> None:

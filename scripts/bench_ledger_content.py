@@ -34,6 +34,7 @@ from typing import Any
 from bench_common import (
     PoolMeter,
     bare_directory_agent,
+    delete_ledger_rows,
     demo_planner_model,
     machine_info,
     ms,
@@ -271,11 +272,9 @@ async def delete_rows(prefix: str, since: datetime) -> None:
     """Remove what this run stored: its conversations and ledger rows (parts 1 and 2 have no conversation)."""
     await delete_conversations(prefix)
     async with get_db_session(account=Unscoped.ADMIN) as session:
-        await session.execute(
-            text(
-                'DELETE FROM llm_requests WHERE started_at >= :since '
-                "AND (chat_session_id IS NULL OR chat_session_id = 'bench-ledger-content')"
-            ),
+        await delete_ledger_rows(
+            session,
+            "r.started_at >= :since AND (r.chat_session_id IS NULL OR r.chat_session_id = 'bench-ledger-content')",
             {'since': since},
         )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench_common import (
     closed_loop,
+    delete_ledger_rows,
     int_list,
     machine_info,
     ms,
@@ -140,7 +141,7 @@ async def main() -> None:
     finally:
         await tracker.aclose()
         async with get_db_session(account=Unscoped.ADMIN) as session:
-            await session.execute(text('DELETE FROM llm_requests WHERE account_slug = :a'), {'a': ACCOUNT})
+            await delete_ledger_rows(session, 'r.account_slug = :a', {'a': ACCOUNT})
         await close_database()
 
 

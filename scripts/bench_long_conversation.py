@@ -22,6 +22,7 @@ import time
 import uuid
 
 from bench_common import (
+    delete_ledger_rows,
     machine_info,
     ms,
     parser,
@@ -112,7 +113,7 @@ def prompt_tokens(body: str | None) -> int:
 async def delete_conversations(prefix: str) -> None:
     """Remove what this run stored: its conversations (and their entries) and its ledger rows."""
     async with get_db_session(account=Unscoped.ADMIN) as session:
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
+        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
         account_id = (await session.execute(ACCOUNT, {'slug': MEDICAL_ACCOUNT})).scalar_one()
     store = PostgresConversationStore(account_id)
     for mode in ('plain', 'streamed'):

@@ -32,7 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from bench_common import int_list, machine_info, ms, parser, print_config, print_table, wait_ready, write_results
+from bench_common import (
+    delete_ledger_rows,
+    int_list,
+    machine_info,
+    ms,
+    parser,
+    print_config,
+    print_table,
+    wait_ready,
+    write_results,
+)
 from sqlalchemy import text
 
 from agentrt.db.engine import close_database, init_database
@@ -200,7 +210,7 @@ async def big_ledger(template_session: str, count: int) -> None:
 
 async def clean_up() -> None:
     async with get_db_session(account=Unscoped.OWNER) as session:
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{PREFIX}-%'})
+        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{PREFIX}-%'})
         await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), {'p': f'{PREFIX}-%'})
         await session.execute(
             text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), {'p': f'{PREFIX}-%'}
@@ -524,9 +534,7 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
         rows.append({'request': 'stop (SIGTERM) with the data above', 'wall_ms': ms(stopped)})
         for _ in range(opts.replays):
             async with get_db_session(account=Unscoped.OWNER) as session:
-                await session.execute(
-                    text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{PREFIX}-spool-%'}
-                )
+                await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{PREFIX}-spool-%'})
             for row in await measure_replay(root, spool, template, opts.spool_rows):
                 rows.append(row)
                 print(row, flush=True)

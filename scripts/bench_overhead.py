@@ -36,6 +36,7 @@ from typing import Any
 
 from bench_common import (
     bare_directory_agent,
+    delete_ledger_rows,
     demo_planner_model,
     is_text_delta,
     machine_info,
@@ -148,7 +149,7 @@ async def delete_conversations(prefix: str) -> None:
     store = PostgresConversationStore((await load_dependencies('cleanup', MEDICAL_ACCOUNT, None)).account_id)
     async with get_db_session(account=Unscoped.ADMIN) as session:
         ids = list((await session.execute(CONVERSATIONS, {'p': f'{prefix}-%'})).scalars())
-        await session.execute(text('DELETE FROM llm_requests WHERE chat_session_id LIKE :p'), {'p': f'{prefix}-%'})
+        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
     for conversation_id in ids:
         if (record := await store.read_record(conversation_id)) is not None:
             await store.delete_record(conversation_id, expected_revision=record.revision)
