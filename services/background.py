@@ -74,7 +74,7 @@ class TaskSupervisor:
     """Runs coroutine functions as tracked asyncio tasks on one event loop.
 
     Each task is given ids, never an ORM object or a session, and opens its own session
-    (`async with get_side_session() as session:`): the caller's session is closed, or busy committing,
+    (`async with get_side_session(account=account_id) as session:`): the caller's session is closed, or busy committing,
     by the time the task runs. `spawn` refuses `AsyncSession`, `Session` and ORM instances outright.
 
     At most `max_running` tasks run at once, so a burst cannot take every pooled connection from
