@@ -165,7 +165,11 @@ def _check_serialisable(part: Any) -> None:
     try:
         part.model_response_str()
     except Exception as exc:
+        if 'depth exceeded' in str(exc):  # "return text, numbers, lists, ..." said nothing to a list's tool (QA)
+            advice = f'it is nested deeper than the 255 levels pydantic serialises ({exc}); flatten it'
+        else:
+            advice = f'{exc}; return text, numbers, lists, dicts, pydantic models or dataclasses'
         raise TypeError(
             f'tool {part.tool_name!r} returned a value of type {type(part.content).__name__} that cannot be sent to '
-            f'the model as JSON ({exc}); return text, numbers, lists, dicts, pydantic models or dataclasses'
+            f'the model as JSON: {advice}'
         ) from exc

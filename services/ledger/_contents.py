@@ -414,7 +414,12 @@ def _dumped(message: ModelMessage) -> Body:
     try:
         text = message_adapter.dump_json(message, fallback=fallback).decode()
     except ValueError:  # PydanticSerializationError: `ContentItem.build` escapes lone surrogates
-        return Body(message_adapter.dump_python(message, mode='json', fallback=_fallback))
+        try:
+            return Body(message_adapter.dump_python(message, mode='json', fallback=_fallback))
+        except ValueError as exc:
+            # Nested past the 255 levels pydantic serialises (a tool's result the turn refuses to send): the request's
+            # row was recorded without any contents, after a traceback of five chained errors (QA). A note instead.
+            return Body({'kind': getattr(message, 'kind', None), 'not_stored': f'not serialisable: {exc}'})
     if state is not None and not fell_back:
         remember(message, text, state)
     return JsonBody(text)

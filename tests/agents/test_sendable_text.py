@@ -23,7 +23,7 @@ from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from agentrt.tools.dependencies import SessionDependencies
 from tests.agents.conftest import account_id
-from tests.factories import ledger_rows
+from tests.factories import content_rows, ledger_rows
 from tests.fake_openai import FakeOpenAI, Reply
 
 HOSTILE = 'abc \ud800 def\x00ghi \udfff'
@@ -140,7 +140,7 @@ def _odd_script(kind: str) -> Any:
 @pytest.mark.parametrize(('kind', 'type_name'), [('exception', 'ValueError'), ('deep', 'list')])
 @pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
 async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(
-    demo_data: None, streamed: bool, kind: str, type_name: str
+    demo_data: None, caplog: pytest.LogCaptureFixture, streamed: bool, kind: str, type_name: str
 ) -> None:
     # Was pydantic's bare PydanticSerializationError ("Unable to serialize unknown type", or for a result nested past
     # 255 levels "Maximum serialization depth exceeded"), raised from the runtime's measure of the context, naming
@@ -156,9 +156,19 @@ async def test_a_tools_result_that_cannot_be_sent_is_an_error_naming_the_tool(
                 await simple_chat('read it', **turn)
     message = str(raised.value)
     assert f"tool 'read_odd' returned a value of type {type_name} that cannot be sent to the model" in message, message
-    assert 'return text, numbers, lists, dicts, pydantic models or dataclasses' in message
+    if kind == 'deep':  # "return text, numbers, lists, ..." for a list said nothing of what was wrong with it (QA)
+        assert 'nested deeper than the 255 levels pydantic serialises' in message, message
+    else:
+        assert 'return text, numbers, lists, dicts, pydantic models or dataclasses' in message
     assert len(fake.requests) == 1  # the result never went out
     assert await PostgresConversationStore(await account_id('acme-health')).load(f'odd-{kind}-{streamed}') is None
+    # The request it stopped is an error row with its prompt: the ledger's dump of the deep result failed as well, with
+    # a traceback of five chained errors on stderr, and the row was recorded without contents (QA).
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id=f'odd-{kind}-{streamed}')
+    [failed] = [row for row in rows if row['status'] == 'error']
+    assert {row['kind'] for row in await content_rows(failed['id'])} >= {'prompt', 'error'}
+    assert 'could not take the contents' not in caplog.text
 
 
 async def test_bytes_a_tool_returns_reach_the_provider_and_the_store_as_base64_text(demo_data: None) -> None:
