@@ -97,10 +97,12 @@ def create_simple_chat_agent(
         instructions: more instructions, after the base ones (None: none).
 
     Raises:
-        InvalidInputError: an argument of the wrong type (naming it; a turn of the agent would have failed on it).
+        InvalidInputError: an argument of the wrong type (naming it; a turn of the agent would have failed on it), or
+            two tools of one name among the directory toolset and `toolsets`.
         ConfigError: `model` is a string no model can be built from (an unknown provider, a missing API key...).
     """
     validate_agent_arguments(model=model, toolsets=toolsets, instructions=instructions)
+    _check_tool_names([directory_toolset, *(toolsets or ())])
     if isinstance(model, str):
         # Checked now, as pydantic-ai would have built it now; kept as a name (`defer_model_check`): pydantic-ai
         # built a model of its own from it, which the runtime cannot tell from one a caller built and leaves alone,
@@ -346,6 +348,29 @@ def _turn_span(turn_input: TurnInput, *, streamed: bool) -> AbstractContextManag
         agent_instance=turn_input.agent_instance,
         streamed=streamed,
     )
+
+
+def _check_tool_names(toolsets: Sequence[object]) -> None:
+    """Refuse two tools of one name among the toolsets whose tools are known before a run (function toolsets; an MCP
+    server's are listed only by a run): the agent was built and its first turn failed on it (QA).
+
+    Raises:
+        InvalidInputError: naming the tool and the toolsets that both have it.
+    """
+    owners: dict[str, str] = {}
+    for index, toolset in enumerate(toolsets):
+        tools = getattr(toolset, 'tools', None)
+        if not isinstance(tools, dict):
+            continue
+        where = 'the directory toolset' if index == 0 else f'toolsets[{index - 1}]'
+        for name in tools:
+            if name in owners:
+                raise InvalidInputError(
+                    f'toolsets: tool {name!r} of {where} conflicts with the tool of that name in {owners[name]}; '
+                    'rename one (pydantic-ai needs tool names unique in an agent)',
+                    field='toolsets',
+                )
+            owners[name] = where
 
 
 def _instruction_list(instructions: Instruction | Sequence[Instruction] | None) -> list[Instruction]:

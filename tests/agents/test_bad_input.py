@@ -248,6 +248,31 @@ async def test_a_turns_tool_named_as_one_of_the_agents_is_an_invalid_toolsets_er
     await _nothing_happened(Case('tool name clash', 'toolsets', clash, ''))
 
 
+def test_an_agent_built_with_a_tool_named_as_one_of_the_directorys_is_refused_at_once() -> None:
+    # The agent was built, and only its first turn failed on the clash (QA).
+    clash = FunctionToolset[SessionDependencies]()
+
+    @clash.tool
+    async def search_directory(ctx: RunContext[SessionDependencies], q: str) -> str:
+        return q
+
+    with pytest.raises(InvalidInputError) as info:
+        create_simple_chat_agent('demo', toolsets=[clash])
+    assert info.value.field == 'toolsets', str(info.value)
+    assert "tool 'search_directory' of toolsets[0] conflicts with the tool of that name in the directory toolset" in (
+        str(info.value)
+    )
+    mine = FunctionToolset[SessionDependencies]()
+
+    @mine.tool
+    async def lookup(ctx: RunContext[SessionDependencies], q: str) -> str:
+        return q
+
+    with pytest.raises(InvalidInputError, match=r"tool 'lookup' of toolsets\[1\] conflicts .* in toolsets\[0\]"):
+        create_simple_chat_agent('demo', toolsets=[mine, mine])
+    create_simple_chat_agent('demo', toolsets=[mine])  # one of each name: built
+
+
 @pytest.mark.parametrize('value', ['x', -1, float('nan'), float('inf'), True])
 async def test_a_shutdown_timeout_that_is_not_seconds_is_refused_before_anything_stops(
     demo_data: None, value: object
