@@ -252,7 +252,8 @@ def _summary(result: ChatResult, tools_run: int) -> str:
     cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
     if usage.unmeasured_requests:
         # Not 0 tokens and "unpriced": the provider did not say, so neither is known (nor the turn's token limit kept).
-        unmeasured = f'usage not reported for {usage.unmeasured_requests} of {_count(usage.requests, "request")}'
+        # Not "not reported": a provider's 2^70 tokens were reported, and are not a measurement either (QA).
+        unmeasured = f'usage not measured for {usage.unmeasured_requests} of {_count(usage.requests, "request")}'
         tokens = f'at least {tokens}, {unmeasured}' if usage.total_tokens else f'tokens unknown ({unmeasured})'
         cost = 'unknown' if usage.cost is None or not usage.total_tokens else f'at least ${usage.cost:.6f}'
     cut = _CUT_OFF.get(result.finish_reason or '')

@@ -94,7 +94,7 @@ async def test_a_provider_that_reports_no_usage_is_said_so_in_the_summary_line_n
     assert done.stderr == ''
     [answer, summary] = done.stdout.splitlines()
     assert answer == 'Nobody matches.'
-    assert '· 1 request · tokens unknown (usage not reported for 1 of 1 request) · cost unknown ·' in summary
+    assert '· 1 request · tokens unknown (usage not measured for 1 of 1 request) · cost unknown ·' in summary
     [row] = await ledger_rows(chat_session_id='no-usage')
     assert (row['status'], row['usage_reported']) == ('complete', False)
 
