@@ -126,6 +126,10 @@ KINDS: tuple[Kind, ...] = (
     # The key alone on the line after its label: in JSON text the newline is `\n`, whose `n` read as part of the key.
     Kind('aws-secret-key-next-line', 'aws-secret-access-key', tok('aws-nextline', B64, 40),
          template='AWS secret key:\n{s}\n', positions=NO_URL),
+    Kind('aws-secret-key-after-crlf', 'aws-secret-access-key', tok('aws-crlf', B64, 40),
+         template='AWS secret key:\r\n{s}\r\n', positions=NO_URL),
+    Kind('aws-secret-key-after-a-blank-line', 'aws-secret-access-key', tok('aws-blank', B64, 40),
+         template='AWS secret key:\n\n    {s}\n', positions=NO_URL),
     Kind('aws-sts-json', 'secret-assignment', tok('aws-sts', B64, 40), template='"SecretAccessKey": "{s}"',
          positions=NO_URL),
     Kind('google-api-key', 'google-api-key', 'AIza' + tok('aiza', URLSAFE, 35)),
@@ -187,6 +191,11 @@ KINDS: tuple[Kind, ...] = (
     # which the rules did not take as a line start, so these were stored in clear (QA).
     Kind('cli-flag-first', 'cli-secret-flag', tok('cliflagfirst', ALNUM, 24), template='--password {s} \\',
          positions=NO_URL),
+    # A quoted value: in JSON text its quote is `\"`, which the rules did not read as one (QA).
+    Kind('cli-flag-quoted', 'cli-secret-flag', tok('cliflagquoted', ALNUM, 24),
+         template='deploy --password "{s}" --verbose', positions=NO_URL),
+    Kind('curl-user-quoted', 'curl-user', tok('curlquoted', ALNUM, 14) + '!5',
+         template='curl -u "admin:{s}" https://x.io', positions=NO_URL),
     Kind('curl-user-first', 'curl-user', tok('curlfirst', ALNUM, 14) + '!7', template='-u admin:{s} \\',
          positions=NO_URL),
     Kind('signature-first', 'url-signature', tok('sigfirst', ALNUM, 40), template='sig={s}&se=2030-01-01',

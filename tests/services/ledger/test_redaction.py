@@ -641,3 +641,19 @@ def test_a_secret_named_arguments_value_that_starts_with_an_escape_is_redacted(v
             assert json_may_need_redaction(dumped), dumped
         redacted, count = redact_value(message)
         assert count >= 1 and 'Xq7Leak' not in json.dumps(redacted), redacted
+
+
+@pytest.mark.parametrize(
+    'value', ['p\\Xq7LeakDeep1', '\nXq7LeakDeep2', 'Xq"7LeakDeep3', 'Xq\r7LeakDeep4', 'Xq7LeakDeep5']
+)
+def test_a_secret_named_value_of_json_text_in_an_argument_of_json_text_is_redacted(value: str) -> None:
+    # An `http_post(url, body)` tool whose body is JSON text: its password, with an escape in it, was stored in clear,
+    # for the check looked one level of JSON-in-string deep (QA).
+    body = json.dumps({'user': 'bob', 'password': value})
+    args = json.dumps({'url': 'https://api.example.com/login', 'body': body})
+    message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'http_post', 'args': args}]}
+    for dumped in (json.dumps(message), json.dumps(message, ensure_ascii=False, separators=(',', ':'))):
+        assert json_may_need_redaction(dumped), dumped
+    redacted, count = redact_value(message)
+    assert count >= 1 and 'Xq' not in json.dumps(redacted), redacted
+    assert json.loads(json.loads(redacted['parts'][0]['args'])['body']) == {'user': 'bob', 'password': REDACTED}
