@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx2
 from bench_common import (
+    clean_up_on_sigterm,
     delete_ledger_rows,
     int_list,
     machine_info,
@@ -555,4 +556,5 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
 
 
 if __name__ == '__main__':
+    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too
     asyncio.run(main())
