@@ -74,8 +74,11 @@ class MeasuredUsageLimits(UsageLimits):
             super()._check_token_limits(usage)
 
     def check_per_request_input_tokens(self, request_input_tokens: int) -> None:
-        """pydantic-ai's check of one request's input tokens (on each streamed chunk too), on a count a request has."""
-        if isinstance(request_input_tokens, int) and request_input_tokens < MAX_TOKENS:
+        """pydantic-ai's check of one request's input tokens (on each streamed chunk too), on a count a request has,
+        of a response the ledger records measured (plausible counts beside a gateway's 10^15 USD stopped a stream;
+        QA)."""
+        measured = isinstance(request_input_tokens, int) and request_input_tokens < MAX_TOKENS
+        if measured and not self._streaming_unmeasured():
             super().check_per_request_input_tokens(request_input_tokens)
 
     def check_cost(self, usage: RunUsage, *, warn_if_cost_unavailable: bool = True) -> None:
@@ -86,9 +89,13 @@ class MeasuredUsageLimits(UsageLimits):
             super().check_cost(usage, warn_if_cost_unavailable=warn_if_cost_unavailable)
 
     def _skips(self, usage: RunUsage) -> bool:
-        so_far = getattr(getattr(self._request, 'stream', None), 'usage', None)  # a stream's usage as it goes
+        return not _measured(usage) or self._streaming_unmeasured()
+
+    def _streaming_unmeasured(self) -> bool:
+        """Whether the stream in flight has reported an amount no request has (its usage so far)."""
+        so_far = getattr(getattr(self._request, 'stream', None), 'usage', None)
         so_far = so_far() if callable(so_far) else so_far  # a method in earlier pydantic-ai
-        return not _measured(usage) or (so_far is not None and not usage_plausible(so_far))
+        return so_far is not None and not usage_plausible(so_far)
 
     def _readable(self, usage: RunUsage) -> UsageLimits:
         """Plain limits without those `usage` cannot be read against."""

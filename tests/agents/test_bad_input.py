@@ -4,11 +4,11 @@ before any model request; no ledger row, nothing saved."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from pydantic import BaseModel
-from pydantic_ai import Agent, FunctionToolset, ModelResponse, RunContext, TextPart
+from pydantic_ai import Agent, FunctionToolset, ModelResponse, RunContext, TextPart, ToolDefinition
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
@@ -271,6 +271,18 @@ def test_an_agent_built_with_a_tool_named_as_one_of_the_directorys_is_refused_at
     with pytest.raises(InvalidInputError, match=r"tool 'lookup' of toolsets\[1\] conflicts .* in toolsets\[0\]"):
         create_simple_chat_agent('demo', toolsets=[mine, mine])
     create_simple_chat_agent('demo', toolsets=[mine])  # one of each name: built
+
+    # A tool whose `prepare` hides or renames it per run may share a name: the run lists what it offers (QA).
+    async def renamed(ctx: RunContext[SessionDependencies], tool_def: ToolDefinition) -> ToolDefinition:
+        return replace(tool_def, name='my_search_directory')
+
+    prepared = FunctionToolset[SessionDependencies]()
+
+    @prepared.tool(prepare=renamed)
+    async def search_directory(ctx: RunContext[SessionDependencies], q: str) -> str:  # noqa: F811
+        return q
+
+    create_simple_chat_agent('demo', toolsets=[prepared])
 
 
 @pytest.mark.parametrize('value', ['x', -1, float('nan'), float('inf'), True])

@@ -216,3 +216,21 @@ async def test_the_turns_cost_is_the_measured_cost_beside_an_unmeasured_claim(
         result = await _turn('cardiologists?', streamed, session_id=session_id, account='acme-health', model=model)
     assert result.usage.unmeasured_requests == 1
     assert str(result.usage.cost) == '0.0000045' and str(result.conversation_usage.cost) == '0.0000045'
+
+
+@pytest.mark.parametrize('odd', list(UNMEASURED_LAST))
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_callers_per_request_input_limit_is_not_read_on_an_answer_recorded_unmeasured(
+    demo_data: None, clients: list[AsyncOpenAI], streamed: bool, odd: str
+) -> None:
+    # 10 input tokens beside a gateway's 10^15 USD (or 2^70 cached tokens): pydantic-ai checks this limit on every
+    # streamed chunk, and the stream stopped where the plain turn completed (QA).
+    reply = Reply(text='fine', prompt_tokens=10, completion_tokens=5, usage_fields=UNMEASURED_LAST[odd])
+    session_id = f'per-request-unmeasured-{odd}-{streamed}'
+    turn: dict[str, Any] = {'session_id': session_id, 'account': 'acme-health'}
+    turn['usage_limits'] = UsageLimits(per_request_input_tokens_limit=8)
+    with FakeOpenAI(lambda body: reply).running() as fake, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        turn['model'] = loopback_model('chat', fake, clients)
+        result = await _turn('hi', streamed, **turn)
+    assert result.output == 'fine' and result.usage.unmeasured_requests == 1
