@@ -36,7 +36,6 @@ from agentrt.agents.simple_chat import BASE_INSTRUCTIONS
 from agentrt.db.engine import build_engine, current_settings, get_engine, init_database
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
-from agentrt.services.budgets._settle import WINDOW_LOCK
 from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LEDGER_KEY, _LOCK_EXCLUSIVE, _LOCK_KEYS
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -339,8 +338,11 @@ async def delete_ledger_rows(session: AsyncSession, where: str, params: dict[str
 
     The rollup keeps a deleted ledger row's usage (a retention job's deletions must not change the books), so the
     rows a benchmark deleted were still counted: `agentrt costs` showed requests and a cost on the demo account that
-    its ledger did not have (QA). Under the roll-up's exclusive lock, so no roll-up counts a row between the two. The
-    accounts' budget periods are rebuilt from the ledger at their next request.
+    its ledger did not have (QA). Under the roll-up's exclusive lock, so no roll-up counts a row between the two.
+
+    A budget period of their account keeps what they spent: dropping the period to rebuild it from the ledger also
+    dropped the holds of that account's requests in flight (their cascade), and those requests' charges with them
+    (QA), and a period's own settlements cannot be undone row by row.
     """
     await session.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)
     taken_out = ', '.join(f'{name} = b.{name} - s.{name}' for name in _COUNTERS)
@@ -360,15 +362,7 @@ async def delete_ledger_rows(session: AsyncSession, where: str, params: dict[str
         params,
     )
     await session.execute(text('DELETE FROM usage_daily_rollups WHERE requests <= 0'))
-    accounts = text(f'SELECT DISTINCT r.account_id FROM llm_requests AS r WHERE {where} AND r.account_id IS NOT NULL')
-    account_ids = list((await session.execute(accounts, params)).scalars())
     await session.execute(text(f'DELETE FROM llm_requests AS r WHERE {where}'), params)
-    if account_ids:
-        # Their accounts' budget periods counted them too (a budget set on the demo account): dropped, so the next
-        # request builds each from the ledger, as a changed period is (`set_budget`), without these rows (QA). Under
-        # the windows' lock, as `set_budget` takes it: no ledger write settles into a period being deleted.
-        await session.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': WINDOW_LOCK})
-        await session.execute(text('DELETE FROM budget_periods WHERE account_id = ANY(:ids)'), {'ids': account_ids})
 
 
 def print_config(title: str, config: dict[str, Any]) -> None:

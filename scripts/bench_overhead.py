@@ -57,6 +57,7 @@ from sqlalchemy import event, text
 from agentrt.agents import chat_turn
 from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
+from agentrt.db.errors import BudgetExceededError
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING
 from agentrt.db.session import Unscoped, enter_account, get_db_session, row_security
 from agentrt.services.background import drain_supervisor, get_supervisor
@@ -526,8 +527,9 @@ async def main(opts: argparse.Namespace) -> None:
         if config['budgets_on_the_account']:
             print(
                 f'warning: {MEDICAL_ACCOUNT} has a budget in this database: each model request takes a hold (one more '
-                'session and statement), so these figures are not those of the demo turn; run with a fresh '
-                f'AGENTRT_DATA_DIR, or remove it (`agentrt budget remove --account {MEDICAL_ACCOUNT}`)'
+                'session and statement), so these figures are not those of the demo turn, and the budget keeps what '
+                'the benchmark spends; run with a fresh AGENTRT_DATA_DIR, or remove it '
+                f'(`agentrt budget remove --account {MEDICAL_ACCOUNT}`)'
             )
         parts: list[dict] = []
         if opts.breakdown_turns:
@@ -580,6 +582,8 @@ async def main(opts: argparse.Namespace) -> None:
             }
         print('summary:', summary)
         write_results(opts.out, 'overhead', config, machine, rows, summary)
+    except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback (QA)
+        raise SystemExit(f'stopped: {exc}') from None
     finally:
         await settle()
         await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
