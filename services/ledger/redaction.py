@@ -186,15 +186,16 @@ _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 _HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
-# model's arguments: `\"password\": [`) whose value is a list, an object or a string with an escape (the rules'
-# `key: "value"` reads a value up to its first escape: `\\\\Xq7...`, `a\\nX...` were stored in clear; QA), at any
+# model's arguments: `\"password\": [`) whose value is a list, an object or a string, walked so the value goes whole
+# (the rules read a value up to its first escape, `\\\\Xq7...`, and refuse ones that look like placeholders or start
+# with punctuation, `;lFCc...`, `/Xq7...`: fine in free text, stored in clear as a model's arguments; QA), at any
 # depth of JSON-in-string (`\\\"password\\\": ...`: an argument of JSON text holding JSON text; QA); and the
 # name as an item of a validation error's `loc`, whose `input` is that field's value (`["password", 0]`). A match
 # starting inside a string value runs to the value's closing quote, which is never followed by `:`.
 _JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
 _JSON_SECRET_KEY = (
     _JSON_NAME_END
-    + r'(?:"\s*:|(?:\\\\)*\\"\s*:\s*(?:[\[{]|(?:\\\\)*\\"[^"\\]*\\\\))'
+    + r'(?:"\s*:|(?:\\\\)*\\"\s*:\s*(?:[\[{]|(?:\\\\)*\\"))'
     + r'|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:|"loc"\s*:\s*\[[^\]]*'
     + _JSON_NAME_END
     + '"'
