@@ -186,16 +186,17 @@ _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 _HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
-# model's arguments: `\"password\": [`) whose value is a list, an object or a string, walked so the value goes whole
-# (the rules read a value up to its first escape, `\\\\Xq7...`, and refuse ones that look like placeholders or start
-# with punctuation, `;lFCc...`, `/Xq7...`: fine in free text, stored in clear as a model's arguments; QA), at any
-# depth of JSON-in-string (`\\\"password\\\": ...`: an argument of JSON text holding JSON text; QA); and the
+# model's arguments: `\"password\": [`), whatever its value, walked so the value goes whole (the rules over the text as
+# written left `\"password\": 2.5}` invalid JSON once redacted, read a value up to its first escape, `\\\\Xq7...`, and
+# refuse values that start with punctuation or look like placeholders, `;lFCc...`, `/Xq7...`: fine in free text, stored
+# in clear as a model's arguments; QA), at any depth of JSON-in-string (`\\\"password\\\": ...`: an
+# argument of JSON text holding JSON text; QA); and the
 # name as an item of a validation error's `loc`, whose `input` is that field's value (`["password", 0]`). A match
 # starting inside a string value runs to the value's closing quote, which is never followed by `:`.
 _JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
 _JSON_SECRET_KEY = (
     _JSON_NAME_END
-    + r'(?:"\s*:|(?:\\\\)*\\"\s*:\s*(?:[\[{]|(?:\\\\)*\\"))'
+    + r'(?:"\s*:|(?:\\\\)*\\"\s*:)'
     + r'|"(?:[^"\\]|\\.)*\\.(?:[^"\\]|\\.)*"\s*:|"loc"\s*:\s*\[[^\]]*'
     + _JSON_NAME_END
     + '"'
@@ -288,6 +289,9 @@ class _Walker:
                 if n:
                     self.count += n
                     return json.dumps(walked, ensure_ascii=False)
+                # The walk read every string and key of it: the rules over the JSON text as written found secrets in
+                # its structure instead (`"password":null},[2,3]` taken for a value: invalid JSON, data lost; QA).
+                return value
             redacted, n = redact_text(value)
             self.count += n
             return redacted

@@ -272,9 +272,9 @@ def test_json_of_a_value_holding_a_secret_is_never_passed_as_clean(kind: Kind):
 
 
 def test_json_of_ordinary_values_is_passed_as_clean():
-    # Text quoting a secret-named key with a string value (`"secret": "..."` in a code sample) is walked, as a model's
+    # Text quoting a secret-named key (`"secret": "..."` in a code sample) is walked, as a model's
     # JSON arguments are, so their values go whole (QA); it comes back as it was. The rest is passed on the fast path.
-    keyed = [text for text in FALSE_POSITIVES if any(map(is_secret_name, re.findall(r'"([^"\\]*)"\s*:\s*"', text)))]
+    keyed = [text for text in FALSE_POSITIVES if any(map(is_secret_name, re.findall(r'"([^"\\]*)"\s*:', text)))]
     assert 1 <= len(keyed) <= 3, keyed
     for text in keyed:
         assert redact_value({'content': text}) == ({'content': text}, 0)
@@ -682,3 +682,21 @@ def test_a_secret_named_arguments_value_the_rules_take_for_no_secret_goes_whole(
         assert json_may_need_redaction(dumped), dumped
     redacted, count = redact_value(message)
     assert count >= 1 and value.strip() not in json.dumps(redacted), redacted
+
+
+@pytest.mark.parametrize(
+    ('args', 'expected'),
+    [
+        ('{"rows":[{"id":1,"password":null},[2,3]]}', '{"rows":[{"id":1,"password":null},[2,3]]}'),
+        ('{"a":[{"password":false},[[1]]],"b":2}', '{"a":[{"password":false},[[1]]],"b":2}'),
+        ('{"x": "{\\"password\\": 2.5}"}', '{"x": "{\\"password\\": \\"[REDACTED]\\"}"}'),
+    ],
+)
+def test_json_arguments_stay_valid_json_when_a_secret_named_value_is_no_secret_or_a_number(
+    args: str, expected: str
+) -> None:
+    # The rules over the JSON text as written took `null},[2,3]` for a password and cut the text there (invalid JSON,
+    # `[2,3]` lost), and left `{\"password\": [REDACTED]}` unquoted in the inner JSON (QA).
+    redacted, _ = redact_value({'args': args})
+    assert redacted['args'] == expected
+    json.loads(json.loads(redacted['args']).get('x', '{}'))
