@@ -319,12 +319,13 @@ class _Walker:
                     last = end
                     self.count += 1
                 at = max(end, at)
-            elif '\\' in token.group():  # a string value with an escape: the rules read it decoded
-                redacted, n = redact_text(_decoded(token.group()))
-                if n:
+            elif '\\' in token.group():  # a string value with an escape: read decoded, as a walk reads a leaf (JSON
+                # text in it decoded and walked in turn: the rules alone kept a secret-named value of it whole; QA)
+                found = self.count
+                redacted = self.leaf(_decoded(token.group()), False)
+                if self.count > found:
                     pieces += [text[last : token.start()], json.dumps(redacted, ensure_ascii=False)]
                     last = token.end()
-                    self.count += n
         return ''.join(pieces) + text[last:] if pieces else text
 
     def containers_under_secret_names(self, text: str) -> str:

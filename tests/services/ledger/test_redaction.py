@@ -700,3 +700,16 @@ def test_json_arguments_stay_valid_json_when_a_secret_named_value_is_no_secret_o
     redacted, _ = redact_value({'args': args})
     assert redacted['args'] == expected
     json.loads(json.loads(redacted['args']).get('x', '{}'))
+
+
+def test_json_text_in_cut_off_arguments_is_walked_as_in_whole_ones() -> None:
+    # Arguments cut off at the model's output limit, holding JSON text whose password has an escape: the rules read the
+    # inner value up to its escape and kept the rest (`[REDACTED]\\\\Secr3t...`), where whole arguments go whole (QA).
+    inner = json.dumps({'password': 'Xq7\\Secr3tAbZk9', 'note': 'ok'})
+    full = json.dumps({'payload': inner, 'n': 2})
+    start = full.index('Secr3t') + len('Secr3tAbZk9') + 3  # cut anywhere after the value's closing quote
+    for cut in range(start, len(full)):
+        message = {'parts': [{'part_kind': 'tool-call', 'tool_name': 'post', 'args': full[:cut]}]}
+        assert json_may_need_redaction(json.dumps(message)), cut
+        redacted, count = redact_value(message)
+        assert count >= 1 and 'Secr3t' not in json.dumps(redacted), (cut, redacted)
