@@ -217,6 +217,14 @@ _CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a key with this name holds a secret: `password`, `api_key`, `client_secret`, `Authorization`,
     `x-auth-token`, `DB_PASSWORD`, `accessToken`, ... but not `max_tokens`, `token_count` or `primary_key`."""
@@ -289,9 +297,14 @@ class _Walker:
                 if n:
                     self.count += n
                     return json.dumps(walked, ensure_ascii=False)
-                # The walk read every string and key of it: the rules over the JSON text as written found secrets in
-                # its structure instead (`"password":null},[2,3]` taken for a value: invalid JSON, data lost; QA).
-                return value
+                # The rules over the text as written still read what spans its strings (a label in one, a key in the
+                # next), but not what crosses its structure: `"password":null},[2,3]` taken for a value left invalid
+                # JSON, `[2,3]` lost (QA).
+                redacted, n = redact_text(value)
+                if n and not _parses(redacted):
+                    return value
+                self.count += n
+                return redacted
             redacted, n = redact_text(value)
             self.count += n
             return redacted

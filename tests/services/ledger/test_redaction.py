@@ -713,3 +713,11 @@ def test_json_text_in_cut_off_arguments_is_walked_as_in_whole_ones() -> None:
         assert json_may_need_redaction(json.dumps(message)), cut
         redacted, count = redact_value(message)
         assert count >= 1 and 'Secr3t' not in json.dumps(redacted), (cut, redacted)
+
+
+def test_a_secret_a_rule_reads_across_two_strings_of_json_arguments_is_still_redacted() -> None:
+    # The walk reads each string alone; the AWS rule needs its label, which sits in the string before the key.
+    key = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLE12'
+    args = json.dumps({'label': 'aws secret', 'value': key, 'password': None})
+    redacted, count = redact_value({'args': args})
+    assert count == 1 and key not in redacted['args'] and json.loads(redacted['args'])['password'] is None
