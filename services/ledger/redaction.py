@@ -217,12 +217,36 @@ _CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
 
-def _parses(text: str) -> bool:
+MAX_JSON_IN_STRING_DEPTH = 4
+"""Levels of JSON text in strings decoded and walked in turn (`_Walker.leaf`, `_Walker.cut_off_json`): deeper ones are
+read by the rules as text. Each level reads its whole text again, so a hostile nesting cost its depth times its size."""
+
+
+def _redact_inside_strings(text: str) -> tuple[str, int]:
+    """`redact_text()` on JSON text, keeping only the replacements that lie inside one of its strings."""
+    spans = char_spans(text)
+    if not spans:
+        return text, 0
+    strings = [(m.start() + 1, m.end() - 1) for m in _JSON_STRING.finditer(text)]
+    pieces, last, kept, at = [], 0, 0, 0
+    for span in spans:
+        start, end = span >> START, (span >> END) & OFFSET_MASK
+        while at < len(strings) and strings[at][1] < end:
+            at += 1
+        if at < len(strings) and strings[at][0] <= start:
+            pieces += [text[last:start], REDACTED]
+            last, kept = end, kept + 1
+    return (''.join(pieces) + text[last:], kept) if kept else (text, 0)
+
+
+def _strictly_decoded(token: str) -> str | None:
+    """A JSON string token's text, decoded (one cut off at the text's end closed first); None when it cannot be."""
+    closed = token if len(token) > 1 and token.endswith('"') and not token.endswith('\\"') else token + '"'
     try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
+        decoded = json.loads(closed)
+    except ValueError:
+        return None
+    return decoded if isinstance(decoded, str) else None
 
 
 def is_secret_name(name: str) -> bool:
@@ -279,8 +303,10 @@ def redact_value(value: _T) -> tuple[_T, int]:
 class _Walker:
     """An explicit-stack walk, so hostile nesting depth cannot hit Python's recursion limit."""
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 0) -> None:
         self.count = 0
+        self.depth = depth
+        """How many levels of JSON text in strings this walk is inside."""
 
     def leaf(self, value: Any, secret: bool) -> Any:
         if secret:
@@ -289,21 +315,18 @@ class _Walker:
                 self.count += n
                 return replaced
         if isinstance(value, str):
-            decoded = _json_to_decode(value)
+            # JSON text in strings is decoded a few levels deep: each level reads its whole text again (QA).
+            decoded = _json_to_decode(value) if self.depth < MAX_JSON_IN_STRING_DEPTH else None
             if decoded is _CUT_OFF:  # JSON text that does not parse (a model's arguments cut off): no tree to walk
                 value = self.containers_under_secret_names(self.cut_off_json(value))
             elif decoded is not None:  # JSON text the rules cannot read whole: read as the tool does, then walked
-                walked, n = _Walker().walk(decoded)
-                if n:
-                    self.count += n
-                    return json.dumps(walked, ensure_ascii=False)
-                # The rules over the text as written still read what spans its strings (a label in one, a key in the
-                # next), but not what crosses its structure: `"password":null},[2,3]` taken for a value left invalid
-                # JSON, `[2,3]` lost (QA).
-                redacted, n = redact_text(value)
-                if n and not _parses(redacted):
-                    return value
-                self.count += n
+                walked, n = _Walker(self.depth + 1).walk(decoded)
+                text = json.dumps(walked, ensure_ascii=False) if n else value
+                # Then the rules over the text as written, for what they read across its strings (a label in one, the
+                # AWS key in the next: the walk reads each alone; QA), kept where it lies inside a string: across its
+                # structure (`"password":null},[2,3]` taken for a value) one left invalid JSON, data lost (QA).
+                redacted, found = _redact_inside_strings(text)
+                self.count += n + found
                 return redacted
             redacted, n = redact_text(value)
             self.count += n
@@ -332,10 +355,19 @@ class _Walker:
                     last = end
                     self.count += 1
                 at = max(end, at)
-            elif '\\' in token.group():  # a string value with an escape: read decoded, as a walk reads a leaf (JSON
-                # text in it decoded and walked in turn: the rules alone kept a secret-named value of it whole; QA)
+            elif '\\' in token.group():  # a string value with an escape: the rules read it decoded
+                decoded = _strictly_decoded(token.group())
                 found = self.count
-                redacted = self.leaf(_decoded(token.group()), False)
+                if decoded is not None and self.depth < MAX_JSON_IN_STRING_DEPTH:
+                    # As a walk reads a leaf: JSON text in it decoded and walked in turn (the rules alone kept a
+                    # secret-named value of it whole; QA). Only a string that decodes, a few levels deep: one with a
+                    # broken escape read raw, level after level, hit the recursion limit on 7 KB (QA).
+                    inner = _Walker(self.depth + 1)
+                    redacted = inner.leaf(decoded, False)
+                    self.count += inner.count
+                else:
+                    redacted, n = redact_text(_decoded(token.group()))
+                    self.count += n
                 if self.count > found:
                     pieces += [text[last : token.start()], json.dumps(redacted, ensure_ascii=False)]
                     last = token.end()
@@ -440,12 +472,8 @@ def _byte_ends_as_char_offsets(text: str, pattern: Any) -> Iterator[int]:
 def _decoded(token: str) -> str:
     """A JSON string token's text, decoded (one cut off at the text's end closed first); as written when it cannot
     be (an escape broken by the cut)."""
-    closed = token if len(token) > 1 and token.endswith('"') and not token.endswith('\\"') else token + '"'
-    try:
-        decoded = json.loads(closed)
-    except ValueError:
-        return token.strip('"')
-    return decoded if isinstance(decoded, str) else token.strip('"')
+    decoded = _strictly_decoded(token)
+    return token.strip('"') if decoded is None else decoded
 
 
 def _value_end(text: str, start: int) -> int:

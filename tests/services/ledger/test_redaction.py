@@ -721,3 +721,41 @@ def test_a_secret_a_rule_reads_across_two_strings_of_json_arguments_is_still_red
     args = json.dumps({'label': 'aws secret', 'value': key, 'password': None})
     redacted, count = redact_value({'args': args})
     assert count == 1 and key not in redacted['args'] and json.loads(redacted['args'])['password'] is None
+
+
+def test_broken_escapes_repeated_in_a_short_text_do_not_hit_the_recursion_limit() -> None:
+    # `[\/\q\"` a thousand times (7 KB): read as cut-off JSON, each string with a broken escape was read raw and again,
+    # level after level, until a RecursionError dropped the request's contents and its conversation's later ones (QA).
+    text = '[\\/\\q\\"' * 1000
+    assert redact_value(text) == (text, 0)
+    assert redact_value({'content': text}) == ({'content': text}, 0)
+
+
+_AWS_KEY = 'Zx8qLm2Pn4Rt6Vw9Ya1Bc3De5Fg7Hj0Kk2Mn4Pq6'
+
+
+@pytest.mark.parametrize(
+    'inner',
+    [
+        {'env': [{'name': 'AWS_SECRET_ACCESS_KEY', 'value': _AWS_KEY}], 'api_token': 'abc123'},
+        {'pair': ['AWS_SECRET_ACCESS_KEY', _AWS_KEY], 'password': 'hunter2'},
+        {'label': 'aws secret', 'value': _AWS_KEY, 'password': 12345},
+    ],
+)
+@pytest.mark.parametrize('depth', [0, 1, 2])
+def test_an_aws_key_labelled_in_another_string_goes_beside_a_secret_named_value(inner: dict, depth: int) -> None:
+    # The walk replaced the secret-named value and read each string alone: the AWS rule, which needs the label in the
+    # string before the key, no longer saw it, and the key was stored in clear (QA).
+    text = json.dumps(inner)
+    for _ in range(depth):
+        text = json.dumps({'manifest': text})
+    redacted, _ = redact_value({'args': text})
+    assert _AWS_KEY not in json.dumps(redacted), redacted
+    json.loads(redacted['args'])
+
+
+def test_a_replacement_across_json_structure_is_dropped_and_those_inside_strings_kept() -> None:
+    text = '{"rows":[{"id":1,"password":null},[2,3]],"label":"aws secret","value":"' + _AWS_KEY + '"}'
+    redacted, count = redact_value({'args': text})
+    assert count == 1 and json.loads(redacted['args'])['rows'] == [{'id': 1, 'password': None}, [2, 3]]
+    assert json.loads(redacted['args'])['value'] == REDACTED
