@@ -222,8 +222,14 @@ MAX_JSON_IN_STRING_DEPTH = 4
 read by the rules as text. Each level reads its whole text again, so a hostile nesting cost its depth times its size."""
 
 
+_JSON_TEXT_START = re.compile(r'(?:\s|\\[nrt])*[\[{]')
+"""A string's text that starts as JSON text does (blanks, escaped or not, then `[` or `{`)."""
+
+
 def _redact_inside_strings(text: str) -> tuple[str, int]:
-    """`redact_text()` on JSON text, keeping only the replacements that lie inside one of its strings."""
+    """`redact_text()` on JSON text, keeping only the replacements that lie inside one of its strings, and not inside
+    a string that holds JSON text itself: the walk read that one at its own level, where a replacement across its
+    structure was dropped (kept here, `"password":null},[2,3]` one level down was cut all the same; QA)."""
     spans = char_spans(text)
     if not spans:
         return text, 0
@@ -233,7 +239,7 @@ def _redact_inside_strings(text: str) -> tuple[str, int]:
         start, end = span >> START, (span >> END) & OFFSET_MASK
         while at < len(strings) and strings[at][1] < end:
             at += 1
-        if at < len(strings) and strings[at][0] <= start:
+        if at < len(strings) and strings[at][0] <= start and not _JSON_TEXT_START.match(text, strings[at][0]):
             pieces += [text[last:start], REDACTED]
             last, kept = end, kept + 1
     return (''.join(pieces) + text[last:], kept) if kept else (text, 0)

@@ -759,3 +759,19 @@ def test_a_replacement_across_json_structure_is_dropped_and_those_inside_strings
     redacted, count = redact_value({'args': text})
     assert count == 1 and json.loads(redacted['args'])['rows'] == [{'id': 1, 'password': None}, [2, 3]]
     assert json.loads(redacted['args'])['value'] == REDACTED
+
+
+@pytest.mark.parametrize('depth', [1, 2])
+def test_a_replacement_across_json_structure_one_level_down_is_dropped_too(depth: int) -> None:
+    # The inner level dropped `"password":null},[2,3]` read as a password's value; the level above, reading the inner
+    # JSON text as one of its strings, kept it, and the stored arguments lost `[2,3]` and parsed no more (QA).
+    inner = '{"rows":[{"id":1,"password":null},[2,3]],"label":"aws secret","value":"' + _AWS_KEY + '"}'
+    text = inner
+    for _ in range(depth):
+        text = json.dumps({'m': text})
+    redacted, count = redact_value({'args': text})
+    text = redacted['args']
+    for _ in range(depth):
+        text = json.loads(text)['m']
+    assert _AWS_KEY not in json.dumps(redacted) and count == 1
+    assert json.loads(text)['rows'] == [{'id': 1, 'password': None}, [2, 3]]
