@@ -186,13 +186,13 @@ _SECRET_NAME = re.compile(_SECRET_NAME_END + '$')
 _HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # In JSON text: a key that `is_secret_name()` accepts (`^` is the key's opening quote, `$` its closing one), or a key
 # with an escape in it (the name it stands for is only known once decoded); a key of JSON text inside a string (a
-# model's arguments: `\"password\": [`), whatever its value, walked so the value goes whole (the rules over the text as
-# written left `\"password\": 2.5}` invalid JSON once redacted, read a value up to its first escape, `\\\\Xq7...`, and
-# refuse values that start with punctuation or look like placeholders, `;lFCc...`, `/Xq7...`: fine in free text, stored
-# in clear as a model's arguments; QA), at any depth of JSON-in-string (`\\\"password\\\": ...`: an
-# argument of JSON text holding JSON text; QA); and the
-# name as an item of a validation error's `loc`, whose `input` is that field's value (`["password", 0]`). A match
-# starting inside a string value runs to the value's closing quote, which is never followed by `:`.
+# model's arguments: `\"password\": [`), at any depth of JSON-in-string (`\\\"password\\\": ...`: arguments of JSON text
+# holding JSON text), whatever its value, so the text is walked and the value goes whole (the rules over the text as
+# written left `\"password\": 2.5}` invalid JSON once redacted, read a value only up to its first escape, and refuse
+# values that start with punctuation or look like placeholders, `;lFCc...`, `/Xq7...`: fine in free text, stored in
+# clear as a model's arguments; QA); and the name as an item of a validation error's `loc`, whose `input` is that
+# field's value (`["password", 0]`). A match starting inside a string value runs to the value's closing quote, which
+# is never followed by `:`.
 _JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
 _JSON_SECRET_KEY = (
     _JSON_NAME_END
