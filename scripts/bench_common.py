@@ -332,6 +332,16 @@ async def delete_chats(prefix: str, *, account: Unscoped = Unscoped.OWNER) -> No
         await session.execute(text('DELETE FROM conversation_entries WHERE id = ANY(:ids)'), {'ids': ids})
 
 
+async def budgets_on(account: str) -> int:
+    """How many budgets `account` (a slug) has in this database. The demo turn has none; with one, every model
+    request takes a hold first (a session of its own), and the budget keeps what a benchmark spends."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(_BUDGETS_ON, {'slug': account})).scalar_one()  # type: ignore[no-any-return]
+
+
+_BUDGETS_ON = text('SELECT count(*) FROM account_budgets b JOIN accounts a ON a.id = b.account_id WHERE a.slug = :slug')
+
+
 async def delete_ledger_rows(session: AsyncSession, where: str, params: dict[str, Any]) -> None:
     """Delete the ledger rows `where` selects (an SQL condition on `r`, an `llm_requests` row) and take those already
     counted back out of the daily usage rollup, in `session`'s transaction.

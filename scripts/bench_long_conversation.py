@@ -22,6 +22,7 @@ import time
 import uuid
 
 from bench_common import (
+    budgets_on,
     delete_ledger_rows,
     machine_info,
     ms,
@@ -56,7 +57,6 @@ PER_REQUEST = text(
     'WHERE r.chat_session_id = :s GROUP BY r.id'
 )
 ACCOUNT = text('SELECT id FROM accounts WHERE slug = :slug')
-BUDGET_OF = text('SELECT count(*) FROM account_budgets b JOIN accounts a ON a.id = b.account_id WHERE a.slug = :slug')
 FIGURES = ('latency_ms', 'cpu_ms', 'prompt_tokens', 'ledger_bytes')
 WINDOW = 2  # turns either side of the one compared
 
@@ -141,12 +141,6 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-async def has_budget(account: str) -> bool:
-    """Whether `account` has a budget in this database."""
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        return bool((await session.execute(BUDGET_OF, {'slug': account})).scalar())
-
-
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'long_conversation')
     args.add_argument('--turns', type=int, default=200, help='turns of each conversation')
@@ -166,7 +160,7 @@ async def main() -> None:
     try:
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
-        if await has_budget(MEDICAL_ACCOUNT) and current_settings().budget_unpriced == 'refuse':
+        if await budgets_on(MEDICAL_ACCOUNT) and current_settings().budget_unpriced == 'refuse':
             # The demo model has no price: every request would be refused (a traceback of BudgetExceededError; QA).
             raise SystemExit(
                 f'{MEDICAL_ACCOUNT} has a budget in this database, which refuses the unpriced demo model: run with a '

@@ -36,6 +36,7 @@ from typing import Any
 
 from bench_common import (
     bare_directory_agent,
+    budgets_on,
     delete_ledger_rows,
     demo_planner_model,
     is_text_delta,
@@ -89,7 +90,6 @@ LEFT_BEHIND = text(
     'LEFT JOIN llm_request_contents c ON c.request_id = r.id WHERE r.chat_session_id LIKE :p'
 )
 MODEL_NOTE = 'demo planner (agents/demo_model.py) as a FunctionModel named gpt-4o-mini, priced by genai-prices'
-BUDGETS_ON = text('SELECT count(*) FROM account_budgets b JOIN accounts a ON a.id = b.account_id WHERE a.slug = :slug')
 CONVERSATIONS = text('SELECT conversation_id FROM conversations WHERE conversation_id LIKE :p')
 
 
@@ -136,13 +136,6 @@ async def count_rows(prefix: str) -> dict[str, int]:
         'conversations': conversations,
         'background_tasks': spawned,
     }
-
-
-async def budgets_on(account: str) -> int:
-    """How many budgets `account` has in this database. The demo turn has none; with one, every model request takes
-    a hold first (a session of its own), which the breakdown would count as the runtime's."""
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        return (await session.execute(BUDGETS_ON, {'slug': account})).scalar_one()
 
 
 async def delete_conversations(prefix: str) -> None:
