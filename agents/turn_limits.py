@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from pydantic_ai.usage import RunUsage, UsageLimits
 
@@ -54,24 +54,15 @@ class MeasuredUsageLimits(UsageLimits):
 
     def check_before_request(self, usage: RunUsage) -> None:
         """pydantic-ai's check before each request, on what can be read."""
-        if self._skips(usage):
-            self._readable(usage).check_before_request(usage)
-        else:
-            super().check_before_request(usage)
+        self._read_by(usage).check_before_request(usage)
 
     def check_tokens(self, usage: RunUsage) -> None:
         """pydantic-ai's check after each response (the limits, and its warning when a response reported no usage)."""
-        if self._skips(usage):
-            self._readable(usage).check_tokens(usage)
-        else:
-            super().check_tokens(usage)
+        self._read_by(usage).check_tokens(usage)
 
     def _check_token_limits(self, usage: RunUsage) -> None:
         """pydantic-ai's check of a streamed request's provisional total (its continuations)."""
-        if self._skips(usage):
-            self._readable(usage)._check_token_limits(usage)
-        else:
-            super()._check_token_limits(usage)
+        self._read_by(usage)._check_token_limits(usage)
 
     def check_per_request_input_tokens(self, request_input_tokens: int) -> None:
         """pydantic-ai's check of one request's input tokens (on each streamed chunk too), on a count a request has,
@@ -83,10 +74,12 @@ class MeasuredUsageLimits(UsageLimits):
 
     def check_cost(self, usage: RunUsage, *, warn_if_cost_unavailable: bool = True) -> None:
         """pydantic-ai's cost check, on a cost a request has."""
-        if self._skips(usage):
-            self._readable(usage).check_cost(usage, warn_if_cost_unavailable=warn_if_cost_unavailable)
-        else:
-            super().check_cost(usage, warn_if_cost_unavailable=warn_if_cost_unavailable)
+        self._read_by(usage).check_cost(usage, warn_if_cost_unavailable=warn_if_cost_unavailable)
+
+    def _read_by(self, usage: RunUsage) -> UsageLimits:
+        """What `usage` is checked against: these limits (pydantic-ai's checks of them), or plain ones without the
+        token and cost limits when it holds an amount no request has."""
+        return self._plain(unreadable=True) if self._skips(usage) else cast(UsageLimits, super())
 
     def _skips(self, usage: RunUsage) -> bool:
         return not _measured(usage) or self._streaming_unmeasured()
@@ -99,8 +92,12 @@ class MeasuredUsageLimits(UsageLimits):
 
     def _readable(self, usage: RunUsage) -> UsageLimits:
         """Plain limits without those `usage` cannot be read against."""
+        return self._plain(unreadable=self._skips(usage))
+
+    def _plain(self, *, unreadable: bool) -> UsageLimits:
+        """These limits as plain `UsageLimits`; without the token and cost limits when `unreadable`."""
         values = {limit.name: getattr(self, limit.name) for limit in fields(UsageLimits)}
-        if self._skips(usage):
+        if unreadable:
             values.update(input_tokens_limit=None, output_tokens_limit=None, total_tokens_limit=None, cost_limit=None)
         return UsageLimits(**values)
 
