@@ -404,9 +404,16 @@ def _backends_script(database_url: str, application: str, loops: str) -> tuple[s
         async def backends():
             connection = await asyncpg.connect(DSN)
             try:
-                return await connection.fetchval(
-                    'SELECT count(*) FROM pg_stat_activity WHERE application_name = $1', APPLICATION
-                )
+                # A closed connection's backend leaves pg_stat_activity as its process exits, a moment after the
+                # client closed it (CI, loaded, counted one): read again for up to a second while any is listed.
+                for _ in range(20):
+                    count = await connection.fetchval(
+                        'SELECT count(*) FROM pg_stat_activity WHERE application_name = $1', APPLICATION
+                    )
+                    if not count:
+                        break
+                    await asyncio.sleep(0.05)
+                return count
             finally:
                 await connection.close()
 
