@@ -32,6 +32,7 @@ from sqlalchemy import text
 from agentrt.agents.demo_model import DEMO_MODEL_NAME, demo_model
 from agentrt.api.app import create_app
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services import directory_service
 from agentrt.services.api_keys import forget_cached_api_keys, revoke_api_key
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
@@ -163,9 +164,23 @@ def shots(tmp_path: Path) -> Path:
     return directory
 
 
+SEARCH_TAKES_S = 0.05
+"""How long each directory search takes in the walk-through, as a directory across a network would: the local one
+answers in a millisecond or two, and a loaded machine's browser then read a search's start and another's result in
+one chunk of the stream, at one time, and could not show that they overlapped."""
+
+
 async def test_web_ui_chat_conversations_audit_and_costs_in_a_real_browser(
-    keys: Keys, tmp_path: Path, shots: Path
+    keys: Keys, tmp_path: Path, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    search = directory_service.search_directory
+
+    async def slower_search(*args: Any, **kwargs: Any) -> Any:
+        result = await search(*args, **kwargs)  # the real query, on the real database
+        await asyncio.sleep(SEARCH_TAKES_S)
+        return result
+
+    monkeypatch.setattr(directory_service, 'search_directory', slower_search)
     app = create_app(manage_runtime=False, model=ui_model(), web_ui=True)
     async for url in serve(app):
         async with browser_page(tmp_path / 'profile', viewport={'width': 1280, 'height': 1000}) as page:
