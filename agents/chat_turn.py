@@ -53,7 +53,13 @@ from agentrt.services.ledger import remember_message_json
 from agentrt.services.pg_text import storable
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.run_tasks import turn_runs
-from agentrt.services.tenancy import Tenant, lookup_tenant, lookup_tenant_on, unknown_tenant_error
+from agentrt.services.tenancy import (
+    Tenant,
+    UnknownTenantError,
+    lookup_tenant,
+    lookup_tenant_on,
+    unknown_tenant_error,
+)
 from agentrt.tools.dependencies import SessionDependencies
 
 
@@ -213,6 +219,12 @@ async def _claimed_turn(
             tenant = await lookup_tenant_on(transaction, turn_input.account, turn_input.agent_instance, enter=True)
             if tenant is None:
                 return None
+            if turn_input.account_id is not None and tenant.account_id != turn_input.account_id:
+                # Rolled back with the transaction before anything of the other account was read or claimed.
+                raise UnknownTenantError(
+                    f'account {turn_input.account!r} is no longer the account {turn_input.account_id} this turn was '
+                    'asked for (it was deleted and its slug given to another)'
+                )
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
             store = PostgresConversationStore(tenant.account_id)
             # The claim and the tail in one statement: a second turn on the conversation fails here, sent nothing.

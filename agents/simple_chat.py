@@ -183,6 +183,22 @@ async def simple_chat(
             (`DatabaseDisconnectedError`); nothing was saved.
     """
     turn_input = check_turn_input(message, session_id=session_id, account=account, agent_instance=agent_instance)
+    return await run_checked_turn(
+        turn_input, model=model, usage_limits=usage_limits, toolsets=toolsets, instructions=instructions, agent=agent
+    )
+
+
+async def run_checked_turn(
+    turn_input: TurnInput,
+    *,
+    model: Model | str | None = None,
+    usage_limits: UsageLimits | None = None,
+    toolsets: Toolsets | None = (),
+    instructions: Instruction | Sequence[Instruction] | None = (),
+    agent: Agent[SessionDependencies, str] | None = None,
+) -> ChatResult:
+    """`simple_chat` of an input already checked (`check_turn_input`), which may name the account's id too (an HTTP
+    turn: its API key's account); the arguments and errors of `simple_chat`."""
     validate_run_arguments(
         model=model, usage_limits=usage_limits, toolsets=toolsets, instructions=instructions, agent=agent
     )

@@ -50,6 +50,10 @@ class TurnInput:
     session_id: str
     account: str
     agent_instance: str | None
+    account_id: int | None = None
+    """The id the account must have, when the caller knows it (an HTTP turn: the account of its API key, which a
+    server trusts for a while after checking it). A slug names an account only until it is deleted and another one
+    takes the slug: the turn is then refused (`UnknownTenantError`), not run as the new account's."""
 
 
 def validate_turn_input(

@@ -148,6 +148,7 @@ async def chat(
         _new_message_text(run_input),
         conversation_id=run_input.id,
         account=caller.account_slug,
+        account_id=caller.account_id,
         agent=agent,
         id_field='id',
         message_field='messages',

@@ -156,6 +156,7 @@ async def chat_ag_ui(request: Request, caller: ChatCaller, agent: str | None = A
         _new_message_text(run_input),
         conversation_id=run_input.thread_id,
         account=caller.account_slug,
+        account_id=caller.account_id,
         agent=agent,
         id_field='threadId',
         message_field='messages',

@@ -15,7 +15,7 @@ from pydantic_ai.conversation_store import ConversationConflict
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.responses import Response
 
-from agentrt.agents.simple_chat import simple_chat
+from agentrt.agents.simple_chat import run_checked_turn
 from agentrt.api.auth import ChatCaller, ChatKeyBeforeBody, ReadCaller
 from agentrt.api.conversation_body import messages_body
 from agentrt.api.cursors import (
@@ -311,19 +311,13 @@ async def run_turn(
         body.message,
         conversation_id=conversation_id,
         account=caller.account_slug,
+        account_id=caller.account_id,
         agent=body.agent,
         id_field='conversation_id',
         message_field='message',
     )
     config = chat_config(request)
-    turn = simple_chat(
-        turn_input.message,
-        session_id=turn_input.session_id,
-        account=turn_input.account,
-        agent_instance=turn_input.agent_instance,
-        model=config.model,
-        agent=config.agent,
-    )
+    turn = run_checked_turn(turn_input, model=config.model, agent=config.agent)
     try:
         result = await unless_disconnected(request, turn)
     except ClientDisconnected:

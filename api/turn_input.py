@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -26,7 +26,14 @@ T = TypeVar('T')
 
 
 def check_http_turn(
-    message: object, *, conversation_id: object, account: str, agent: str | None, id_field: str, message_field: str
+    message: object,
+    *,
+    conversation_id: object,
+    account: str,
+    account_id: int,
+    agent: str | None,
+    id_field: str,
+    message_field: str,
 ) -> TurnInput:
     """The turn's input, checked before anything is looked up, run or billed.
 
@@ -34,6 +41,8 @@ def check_http_turn(
         message: the new user message.
         conversation_id: the conversation, as the request names it.
         account: the account slug of the caller's key.
+        account_id: its account's id: the turn is refused if the slug names another account by then (the key's
+            account deleted and its slug given to a new one while the server still trusted the key).
         agent: the agent slug the request asks for, or None.
         id_field: where the request carries the conversation id (`id`, `threadId`, `conversation_id`).
         message_field: where it carries the message (`messages`, `message`).
@@ -42,10 +51,11 @@ def check_http_turn(
         InvalidInputError: naming the request's field and the problem.
     """
     try:
-        return check_turn_input(message, session_id=conversation_id, account=account, agent_instance=agent)
+        checked = check_turn_input(message, session_id=conversation_id, account=account, agent_instance=agent)
     except InvalidInputError as exc:
         field = {'message': message_field, 'session_id': id_field, 'agent_instance': 'agent'}.get(exc.field, exc.field)
         raise InvalidInputError(_in_http_words(exc), field=field) from exc
+    return replace(checked, account_id=account_id)
 
 
 def check_conversation_id(conversation_id: str, *, account: str) -> str:

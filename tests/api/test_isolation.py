@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import httpx2
+from sqlalchemy import text
 
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.api_keys import create_api_key, forget_cached_api_keys
 from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from agentrt.services.ledger import get_request_tracker
 from tests.agents.conftest import account_id
-from tests.api.conftest import Keys, auth, chat_body
+from tests.api.conftest import Keys, agui_body, auth, chat_body
+from tests.factories import scalar
 
 AUDIT = '/api/v1/llm-audit/interactions'
 
@@ -149,3 +153,68 @@ async def test_a_cursor_is_refused_by_another_account_and_by_another_listing(
         response.status_code == 422
         and 'by order=created, not in the conversations by order=updated' in (response.json()['detail'])
     ), response.text
+
+
+async def _account_with_an_agent(slug: str, name: str) -> int:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        account = (
+            await session.execute(
+                text('INSERT INTO accounts (slug, name) VALUES (:slug, :name) RETURNING id'),
+                {'slug': slug, 'name': name},
+            )
+        ).scalar_one()
+        await session.execute(
+            text(
+                'INSERT INTO agent_instances (account_id, slug, agent_type, config) '
+                "VALUES (:account, 'bot', 'directory_assistant', '{\"schemas\": [\"medical_providers\"]}')"
+            ),
+            {'account': account},
+        )
+        return int(account)
+
+
+async def _key(slug: str) -> str:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await create_api_key(session=session, account=slug, name=slug)).token
+
+
+async def test_a_deleted_accounts_key_still_trusted_by_the_server_never_runs_a_turn_of_the_account_given_its_slug(
+    demo_data: None, client: httpx2.AsyncClient
+) -> None:
+    forget_cached_api_keys()
+    await _account_with_an_agent('reused-slug', 'Tenant A')
+    old_key = await _key('reused-slug')
+    assert (await client.get('/api/v1/me', headers=auth(old_key))).status_code == 200  # checked, and now trusted
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text("DELETE FROM accounts WHERE slug = 'reused-slug'"))
+    new_account = await _account_with_an_agent('reused-slug', 'Tenant B')
+    new_key = await _key('reused-slug')
+    first = await client.post(
+        '/api/v1/conversations/b-conv/turns', json={'message': 'Tenant B private data'}, headers=auth(new_key)
+    )
+    assert first.status_code == 200
+    await get_request_tracker().flush()
+    store = PostgresConversationStore(new_account)
+    before = await store.load('b-conv')
+    rows = await scalar('SELECT count(*) FROM llm_requests WHERE account_id = :account', account=new_account)
+
+    # The old key, within the server's trust of it, on every chat route: refused, as a key whose account is gone.
+    tries = [
+        ('/api/v1/conversations/b-conv/turns', {'message': 'what did I say?'}),
+        ('/api/v1/chat', chat_body('b-conv', 'what did I say?')),
+        ('/api/v1/chat/ag-ui', agui_body('b-conv', 'what did I say?')),
+    ]
+    for route, body in tries:
+        response = await client.post(route, json=body, headers=auth(old_key))
+        assert response.status_code == 401, response.text
+        refusal = response.json()
+        assert refusal['type'] == 'unauthorized' and refusal['detail'] == "the API key's account no longer exists"
+    await get_request_tracker().flush()
+    after = await store.load('b-conv')
+    assert before is not None and after is not None
+    assert after.revision == before.revision and after.messages == before.messages
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE account_id = :account', account=new_account) == rows
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # no claim left behind
+    # The new account's own key goes on.
+    again = await client.post('/api/v1/conversations/b-conv/turns', json={'message': 'more'}, headers=auth(new_key))
+    assert again.status_code == 200
