@@ -22,6 +22,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """The signals that stop a command or a server (`agentrt serve`'s handlers, `api/stopping.py`'s refusal of waiting
 turns): Ctrl-C, a process manager's stop, the terminal closed."""
 
+CUT_BY_SECOND_SIGNAL = 'cut off by a second Ctrl-C during the shutdown'
+"""The message of the cancellation of a request `agentrt serve` still ran at a second Ctrl-C (`api/stopping.py` cancels
+it; the server's log filter reads it)."""
+
 
 class Stopped(BaseException):
     """The command was stopped by a signal (Ctrl-C, SIGTERM, SIGHUP): before its own handling was in place, or after

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from agentrt.agents.cli.support import EXIT_USAGE, Stopped, err_console, fail, long_running, run
+from agentrt.agents.cli_entry import CUT_BY_SECOND_SIGNAL
 
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
@@ -246,10 +247,12 @@ class CutOffAsOneLine(logging.Filter):
                 'cancelled'
             )
             return True
-        if record.name == 'uvicorn.error' and isinstance(exc, CancelledError) and _GRACE_OVER in str(exc):
+        if record.name == 'uvicorn.error' and isinstance(exc, CancelledError) and _cut_by_stop(str(exc)):
             record.levelno, record.levelname = logging.WARNING, 'WARNING'
             record.msg, record.args = (
-                'a request still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) was cut off',
+                'a request still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) was cut off'
+                if _GRACE_OVER in str(exc)
+                else 'a request still running at a second Ctrl-C was cut off',
                 (),
             )
             if not self.keep_traceback:
@@ -258,4 +261,11 @@ class CutOffAsOneLine(logging.Filter):
 
 
 _GRACE_OVER = 'timeout graceful shutdown exceeded'  # uvicorn's message on the cancellation (uvicorn/server.py)
+
+
+def _cut_by_stop(message: str) -> bool:
+    """Whether a cancellation's message is the shutdown's: the grace ran out, or a second Ctrl-C."""
+    return _GRACE_OVER in message or CUT_BY_SECOND_SIGNAL in message
+
+
 _CANCELLING = 'Cancel %s running task(s), timeout graceful shutdown exceeded'  # its log line before it (the same)

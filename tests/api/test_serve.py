@@ -53,12 +53,16 @@ def _free_port() -> int:
 
 
 def _start_serve(
-    env: dict[str, str], *options: str, stdout: int = subprocess.PIPE
+    env: dict[str, str], *options: str, stdout: int = subprocess.PIPE, own_group: bool = False
 ) -> tuple[subprocess.Popen[str], str]:
-    """`agentrt serve OPTIONS` with exactly `env`, on a free loopback port: the process and its base URL."""
+    """`agentrt serve OPTIONS` with exactly `env`, on a free loopback port: the process and its base URL.
+
+    `own_group`: in a process group of its own (a terminal's Ctrl-C signals the group: `os.killpg`)."""
     port = _free_port()
     command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), *options]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=own_group
+    )
     return server, f'http://127.0.0.1:{port}'
 
 
@@ -310,6 +314,60 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
     # An ordinary stop that cut a long answer short: warnings that say which setting ran out, no ERROR line.
     assert 'ERROR' not in stderr and 'Cancel 1 running task' not in stderr, stderr[-3000:]
     assert 'shutdown: 1 request(s) still running after --shutdown-seconds' in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+async def test_a_second_ctrl_c_cuts_off_the_streams_still_running_and_the_clean_up_still_records_them(
+    keys: Keys, database_url: str, tmp_path: Path, workers: int
+) -> None:
+    """Ctrl-C, then Ctrl-C again while an answer streams (uvicorn: "Waiting for connections to close. (CTRL+C to force
+    quit)"). uvicorn's force quit skipped the app's shutdown: the turn was cancelled by `asyncio.run` after the ledger's
+    writer had gone, so a model request the provider had billed had no ledger row, nothing spooled, and a traceback in
+    the log (qa117). Now the second Ctrl-C cuts the stream off at once and the clean-up still runs. Ctrl-C as a terminal
+    sends it, to the process group: with `--workers 2`, the supervisor and its workers."""
+    spool = tmp_path / 'spool.jsonl'
+    with FakeOpenAI(lambda body: Reply(text='word ' * 400, chunks=400, chunk_delay=0.05)).running() as fake:
+        env = _env_on(fake, database_url, AGENTRT_LEDGER_SPOOL=str(spool))
+        # The default --shutdown-seconds, 20: longer than the test waits.
+        server, url = _start_serve(env, '--workers', str(workers), own_group=True)
+        try:
+            await _wait_until_up(url, server)
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                body = chat_body('cut-by-second-ctrl-c', 'Cardiologists in Seattle?')
+                async with client.stream('POST', '/api/v1/chat', json=body, headers=auth(keys.acme)) as response:
+                    assert response.status_code == 200
+                    lines = response.aiter_lines()
+                    async for line in lines:
+                        if '"text-delta"' in line:
+                            break  # the answer is streaming
+                    os.killpg(server.pid, signal.SIGINT)
+                    deltas = 0
+                    async for line in lines:  # the first Ctrl-C lets the answer go on
+                        deltas += '"text-delta"' in line
+                        if deltas == 10:
+                            break
+                    assert server.poll() is None
+                    stopped = time.monotonic()
+                    os.killpg(server.pid, signal.SIGINT)
+                    rest = sse_events('\n'.join([line async for line in lines]))  # to the stream's end
+                    _, stderr = await asyncio.to_thread(server.communicate, timeout=60)
+                    took = time.monotonic() - stopped
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert server.returncode == 0, stderr
+    assert took < 15, (took, stderr[-3000:])  # not the 20 s of --shutdown-seconds, nor the answer's end
+    [*_, error, finish, done] = rest
+    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
+    assert error['errorText'].startswith('the server is shutting down'), error
+    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
+    assert claims == 0, stderr[-3000:]
+    assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
+    assert not spool.exists() or not spool.read_text().strip()
+    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+    assert stderr.count('a second Ctrl-C cuts off 1 request(s) still running; the clean-up still runs') == 1, stderr
 
 
 async def test_a_json_turn_the_shutdown_cuts_off_answers_503_in_the_apis_error_shape(
