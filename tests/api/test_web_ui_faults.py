@@ -561,3 +561,63 @@ async def test_a_turn_saved_in_another_tab_is_shown_before_this_tabs_next_messag
     assert stored is not None
     asked = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
     assert asked == ['first question in tab A', 'a question from tab B', 'and a second one in tab A']
+
+
+DELETED_NOT_SENT = (
+    'The conversation shown here was deleted: this is a new one. '
+    'Your message was not sent: it is in the box, to start it with.'
+)
+
+
+async def _delete(site: str, key: str, conversation: str) -> None:
+    """Delete `conversation` as another client would (another tab, the CLI)."""
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        gone = await client.delete(f'/api/v1/conversations/{conversation}', headers=auth(key))
+        assert gone.status_code == 204, gone.text
+
+
+async def _not_sent(page: Page, conversation: str, text: str) -> None:
+    """The chat is a new one, saying why, with `text` in its box; `conversation` was not started again."""
+    await expect(page.locator('.notice .alert')).to_have_text(DELETED_NOT_SENT)
+    await expect(page.locator('.message')).to_have_count(0)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(text)
+    await expect(page.locator('#chat-title')).to_have_text('New conversation')
+    assert page.url.endswith('#/chat/new'), page.url
+    assert await PostgresConversationStore(await account_id('acme-health')).load(conversation) is None
+
+
+async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: Page, site: str, keys: Keys) -> None:
+    # Another tab deleted the conversation shown here: the check before the next message took its 404 for "not
+    # changed", and the message started a new conversation of the same id below turns the model no longer had (QA).
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    await page.reload()  # its entity tag read with its history (after a turn it is read a moment later)
+    await expect(page.locator('.message.user')).to_have_text(['Youfirst question'])
+    await _delete(site, keys.acme, conversation)
+    await _send(page, 'second question')
+    await _not_sent(page, conversation, 'second question')
+
+    # The same after an answer cut off, where the conversation is shown again before the next message: its 404 was
+    # taken for a conversation with no messages yet, and the message went.
+    turn = await _send(page, 'third question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': 'H'},
+        ]
+        await route.fulfill(
+            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
+        )
+
+    await page.route('**/api/v1/chat', cut_off)
+    turn = await _send(page, 'fourth question')
+    await expect(turn).to_contain_text('connection was lost')
+    await page.unroute('**/api/v1/chat')
+    await _delete(site, keys.acme, conversation)
+    await page.get_by_role('textbox', name='Message').press('Enter')  # the text given back when it was cut off
+    await _not_sent(page, conversation, 'fourth question')

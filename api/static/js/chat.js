@@ -16,6 +16,8 @@ const HISTORY_MESSAGES = 600;
 // history loaded and as "id" when a message was sent, which did not say the address was at fault.
 const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
+const DELETED = 'The conversation shown here was deleted: this is a new one.';
+const NOT_SENT = 'Your message was not sent: it is in the box, to start it with.';
 const STORED_BEFORE_THE_RULES =
   'This conversation was saved by an earlier version under an id that new messages can no longer use: you can read and delete it; start a new chat to go on.';
 // Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
@@ -181,6 +183,9 @@ export function createChatView() {
   // unseen, and the answer followed a question this tab never showed).
   let knownTag = null;
   let storedTitle = null; // the conversation's title as the server holds it, when it has one
+  // Whether the server held the conversation shown when last heard of (its history read, or a turn of it saved here):
+  // then a 404 says it was deleted since, not that it has no messages yet (a first turn cut off saved nothing).
+  let saved = false;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -416,6 +421,7 @@ export function createChatView() {
     if (!again) {
       knownTag = null; // another conversation's: until its history says
       storedTitle = null;
+      saved = false;
     }
     history += 1; // a page of older messages on its way is not shown
     setEarlier(again ? earlierCursor : null);
@@ -461,7 +467,12 @@ export function createChatView() {
       if (element.isConnected) toEnd();
     } catch (error) {
       if (conversationId !== wanted) return;
-      if (error instanceof ApiError && error.status === 404) {
+      if (error instanceof ApiError && error.status === 404 && again && saved) {
+        // Shown here, and deleted since (shown again before the next message, after a 409 or an answer cut off): that
+        // message would start a new conversation of the same id below turns the model no longer has. It waits.
+        forgetDeleted(input.value.trim() ? `${DELETED} ${NOT_SENT}` : DELETED);
+        window.history.replaceState(null, '', '#/chat/new');
+      } else if (error instanceof ApiError && error.status === 404) {
         transcript.replaceChildren();
         setEarlier(null);
         setHead(null);
@@ -489,6 +500,22 @@ export function createChatView() {
     } finally {
       if (loading === loadingNote) setLoading(null); // else a newer show() is loading another one
     }
+  }
+
+  /** The conversation shown here no longer exists: the view becomes a new chat, `message` in its notice. */
+  function forgetDeleted(message) {
+    conversationId = null;
+    shownId = null;
+    knownTag = null;
+    storedTitle = null;
+    saved = false;
+    stale = false;
+    history += 1; // a page of older messages on its way is not shown
+    setEarlier(null);
+    olderStatus.replaceChildren();
+    transcript.replaceChildren();
+    setHead(null);
+    notice.replaceChildren(alertBox(message, 'info'));
   }
 
   /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
@@ -538,6 +565,18 @@ export function createChatView() {
         // Saved by another tab or client since it was shown here? Then its turns are shown first, this message after
         // them: the answer followed a question this tab never showed, with nothing on screen to say why (QA).
         const latest = await latestIfChanged(sending, knownTag, ownController.signal);
+        if (latest?.deleted) {
+          // Deleted meanwhile (another tab, Conversations, another client): sent, it started a new conversation of
+          // the same id below turns the model no longer had. Not sent; the view is a new chat, the text in the box.
+          mine.remove();
+          turn.element.remove();
+          if (conversationId === sending) {
+            forgetDeleted(`${DELETED} ${NOT_SENT}`);
+            window.history.replaceState(null, '', '#/chat/new');
+            if (!input.value) input.value = text;
+          }
+          return;
+        }
         if (latest && conversationId === sending) {
           putHistory(latest.data, latest.tag);
           transcript.append(mine, turn.element);
@@ -564,7 +603,10 @@ export function createChatView() {
       await readEventStream(response.body, (events) => follow(() => events.forEach((event) => turn.handle(event))));
       if (!turn.finished && !turn.failed) stale = true; // cut off: see `end()`
       turn.end();
-      if (turn.finished) learnTag(sending);
+      if (turn.finished) {
+        if (conversationId === sending) saved = true; // saved just before its finish event
+        learnTag(sending);
+      }
     } catch (error) {
       if (error.name === 'AbortError') turn.stopped();
       else if (response === null) {
@@ -603,6 +645,7 @@ export function createChatView() {
    */
   function putHistory(data, tag) {
     transcript.replaceChildren();
+    saved = true;
     knownTag = tag;
     storedTitle = data.title || null;
     setEarlier(data.earlier ? (data.earlier_cursor ?? null) : null);
@@ -627,8 +670,9 @@ export function createChatView() {
 
   /**
    * Conversation `id`'s latest messages when it was saved by someone else since this tab showed or saved it (at entity
-   * tag `tag`), else null: one conditional read, a 304 when it was not. A read that fails is taken for "not changed"
-   * (the send goes on, as before; the server still refuses a turn racing another). Aborted with `signal` (Stop).
+   * tag `tag`), `{deleted: true}` when it no longer exists (404), else null: one conditional read, a 304 when it was
+   * not changed. A read that fails otherwise is taken for "not changed" (the send goes on; the server still refuses a
+   * turn racing another). Aborted with `signal` (Stop).
    */
   async function latestIfChanged(id, tag, signal) {
     let response;
@@ -641,6 +685,7 @@ export function createChatView() {
       });
     } catch (error) {
       if (error.name === 'AbortError') throw error;
+      if (error instanceof ApiError && error.status === 404) return { deleted: true };
       return null; // 304 (the same), or the read failed
     }
     return { data: await response.json(), tag: response.headers.get('ETag') };
@@ -705,17 +750,7 @@ export function createChatView() {
     // Deleted from Conversations while shown here (no answer coming): it stayed on screen, and the next message started
     // a conversation of the same id without any of it, below messages the model no longer had.
     if (event.detail !== conversationId || controller) return;
-    conversationId = null;
-    shownId = null;
-    knownTag = null;
-    storedTitle = null;
-    stale = false;
-    history += 1;
-    setEarlier(null);
-    olderStatus.replaceChildren();
-    transcript.replaceChildren();
-    setHead(null);
-    notice.replaceChildren(alertBox('The conversation shown here was deleted: this is a new one.', 'info'));
+    forgetDeleted(DELETED);
   });
 
   return {
