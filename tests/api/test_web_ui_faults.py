@@ -621,3 +621,92 @@ async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: 
     await _delete(site, keys.acme, conversation)
     await page.get_by_role('textbox', name='Message').press('Enter')  # the text given back when it was cut off
     await _not_sent(page, conversation, 'fourth question')
+
+
+BIDI_CONTROLS = [chr(code) for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
+"""The embeddings, overrides and isolates: each reorders the text after it."""
+
+
+async def _opened_panels(page: Page, rows: str) -> list[str]:
+    """Open each of the folded rows `rows` (a selector of `<details>`) and give the text of every `<pre>` shown."""
+    for row in await page.locator(rows).all():
+        await row.locator('summary').first.click()
+        await expect(row.locator('pre').first).not_to_be_empty()
+    return await page.locator(f'{rows} pre').all_text_contents()
+
+
+async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(page: Page, site: str) -> None:
+    # A right-to-left override in a tool's input, output or error reversed the rest of its line in the opened panel
+    # (`"query": "<RLO>evil",` showed as `,"live"`): the value shown was not the tool's. Shown as `\u202e` now.
+    controls = ''.join(BIDI_CONTROLS)
+
+    async def with_tool_calls(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {
+                'type': 'tool-input-available',
+                'toolCallId': 't1',
+                'toolName': 'search',
+                'input': {'query': f'{RLO}evil'},
+            },
+            {'type': 'tool-output-available', 'toolCallId': 't1', 'output': {'found': f'{controls}abc'}},
+            {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': 'lookup', 'input': f'{RLO}id'},
+            {'type': 'tool-output-error', 'toolCallId': 't2', 'errorText': f'no such id: {RLO}abc'},
+            {'type': 'finish'},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', with_tool_calls)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    shown = await _opened_panels(page, '.tool details')
+    assert shown == [
+        '{\n  "query": "\\u202eevil"\n}',
+        '{\n  "found": "\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069abc"\n}',
+        '\\u202eid',
+        'no such id: \\u202eabc',
+    ], shown
+
+    # The audit's stored prompt: a tool call's arguments, its result, a retry; a body cut at the size limit (not JSON).
+    prompt = {
+        'instructions': None,
+        'messages': [
+            {'kind': 'request', 'parts': [{'part_kind': 'user-prompt', 'content': 'search'}]},
+            {
+                'kind': 'response',
+                'parts': [{'part_kind': 'tool-call', 'tool_name': 'search', 'args': f'{{"query": "{RLO}evil"}}'}],
+            },
+            {
+                'kind': 'request',
+                'parts': [
+                    {'part_kind': 'tool-return', 'tool_name': 'search', 'content': {'found': f'{RLO}abc'}},
+                    {'part_kind': 'retry-prompt', 'tool_name': 'lookup', 'content': f'no such id: {RLO}abc'},
+                ],
+            },
+        ],
+    }
+    item = {
+        'id': 'req-rtl', 'status': 'complete', 'started_at': '2026-12-01T10:00:00Z', 'model': 'quick',
+        'response_model': None, 'agent': None, 'conversation_id': None, 'input_tokens': 1, 'output_tokens': 1,
+        'total_cost': None, 'latency_ms': 1.0, 'ttft_ms': None, 'streamed': False, 'run_id': None,
+        'error_type': None, 'error_message': None,
+        'contents': [
+            {'kind': 'prompt', 'body': json.dumps(prompt, ensure_ascii=False), 'size_bytes': 1, 'redactions': 0},
+            {'kind': 'response', 'body': f'{{"parts": [{{"args": "{RLO}evil', 'size_bytes': 1, 'truncated': True},
+        ],
+    }  # fmt: skip
+
+    async def stored(route: Route) -> None:
+        await route.fulfill(status=200, content_type='application/json', body=json.dumps(item))
+
+    await page.route('**/api/v1/llm-audit/interactions/req-rtl', stored)
+    await page.goto(f'{site}/#/audit/req-rtl')
+    await expect(page.locator('.content-response pre').first).to_have_text('{"parts": [{"args": "\\u202eevil')
+    shown = [*await _opened_panels(page, '.tool-line'), *await _opened_panels(page, '.raw')]
+    shown += await page.locator('.content pre').all_text_contents()
+    assert len(shown) > 6
+    for text in shown:
+        assert not set(text) & set(BIDI_CONTROLS), text
+    assert '"query": "\\u202eevil"' in shown[0] and '"found": "\\u202eabc"' in shown[1], shown
+    assert 'no such id: \\u202eabc' in await page.locator('.content-prompt').inner_text()

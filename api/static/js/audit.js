@@ -2,7 +2,7 @@
 // cancelled ones included; open one (GET /llm-audit/interactions/{id}) to read its redacted prompt and response.
 
 import { errorMessage, getJson } from './api.js';
-import { alertBox, formatCost, formatInt, formatMs, h, prettyJson, timeEl } from './dom.js';
+import { alertBox, formatCost, formatInt, formatMs, h, prettyJson, timeEl, visibleControls } from './dom.js';
 import { renderErrorBody, renderMessages, renderPrompt } from './messages.js';
 
 const PAGE_SIZE = 20;
@@ -207,14 +207,16 @@ function contentSection(content) {
   } catch {
     // A body cut at the size limit is no longer JSON: shown as stored.
   }
-  if (body === null) section.append(h('pre', { text: content.body }));
+  if (body === null) section.append(h('pre', { text: visibleControls(content.body) }));
   else if (content.kind === 'prompt') section.append(...renderPrompt(body));
   else if (content.kind === 'response') section.append(renderMessages([body]));
   else section.append(renderErrorBody(body));
   const raw = h('pre');
   const details = h('details', { class: 'raw' }, h('summary', { text: 'As stored (JSON)' }), raw);
   details.addEventListener('toggle', () => {
-    if (details.open && !raw.textContent) raw.textContent = body === null ? content.body : prettyJson(body, 200000);
+    if (details.open && !raw.textContent) {
+      raw.textContent = body === null ? visibleControls(content.body) : prettyJson(body, 200000);
+    }
   });
   section.append(details);
   return section;

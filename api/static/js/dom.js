@@ -73,7 +73,19 @@ export function formatCost(value) {
   return number < 0.01 ? `$${number.toPrecision(2)}` : `$${number.toFixed(2)}`;
 }
 
-/** JSON for people: pretty, and cut at `limit` characters. */
+// The bidirectional embeddings, overrides and isolates (U+202A-E, U+2066-9): the ones that reorder the text after them.
+const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
+
+/**
+ * `text` (a tool's input, output or error, a stored body) for a `<pre>`, each bidirectional control in it written as
+ * its escape (`\u202e`, as JSON writes it): a right-to-left override reversed the rest of its line on screen, so
+ * the value shown was not the one the tool got or gave. Isolating each line would still reverse the value itself.
+ */
+export function visibleControls(text) {
+  return text.replace(BIDI_CONTROLS, (control) => `\\u${control.charCodeAt(0).toString(16)}`);
+}
+
+/** JSON for people: pretty, with bidirectional controls escaped (`visibleControls`), cut at `limit` characters. */
 export function prettyJson(value, limit = 20000) {
   let text;
   try {
@@ -81,6 +93,7 @@ export function prettyJson(value, limit = 20000) {
   } catch {
     text = String(value);
   }
+  text = visibleControls(text);
   return text.length > limit ? `${text.slice(0, limit)}\n… (${formatInt(text.length - limit)} more characters)` : text;
 }
 

@@ -2,7 +2,7 @@
 // one entry per message (the user, the assistant, the tool results), tool calls and results as one line each with
 // their arguments or result folded away.
 
-import { h, prettyJson, summariseArgs } from './dom.js';
+import { h, prettyJson, summariseArgs, visibleControls } from './dom.js';
 
 function contentText(content) {
   if (typeof content === 'string') return content;
@@ -63,7 +63,7 @@ function renderPart(part) {
         'div',
         { class: 'part' },
         h('p', { class: 'part-label', text: `Asked to retry${part.tool_name ? ` ${part.tool_name}` : ''}` }),
-        h('pre', { text: contentText(part.content) }),
+        h('pre', { text: visibleControls(contentText(part.content)) }), // a tool's error, said to the model
       );
     default:
       return folded(part.part_kind || 'part', part);

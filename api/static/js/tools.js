@@ -3,7 +3,7 @@
 // turn, so calls that ran at the same time show as overlapping bars. Times are the browser's, in milliseconds since
 // the turn was sent (`data-start-ms`, `data-end-ms` on each call).
 
-import { formatMs, h, prettyJson, summariseArgs } from './dom.js';
+import { formatMs, h, prettyJson, summariseArgs, visibleControls } from './dom.js';
 
 /** The most calls running at one moment, from `[start, end]` intervals (a call ending as another starts: not both). */
 export function maxParallel(intervals) {
@@ -113,7 +113,7 @@ export class ToolTimeline {
         h('h4', { text: 'Input' }),
         h('pre', { text: prettyJson(call.input ?? null) }),
         h('h4', { text: call.error ? 'Error' : 'Output' }),
-        h('pre', { text: call.error ? call.error : prettyJson(call.output ?? null) }),
+        h('pre', { text: call.error ? visibleControls(call.error) : prettyJson(call.output ?? null) }),
       );
     });
     return { item: h('li', { class: 'tool' }, details), name, args, bar, status };
