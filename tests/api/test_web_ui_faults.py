@@ -710,3 +710,41 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
         assert not set(text) & set(BIDI_CONTROLS), text
     assert '"query": "\\u202eevil"' in shown[0] and '"found": "\\u202eabc"' in shown[1], shown
     assert 'no such id: \\u202eabc' in await page.locator('.content-prompt').inner_text()
+
+
+STATUS_FITS = """(row, texts) => {
+  // Each of `texts` as the status of tool row `row`: those that do not show whole, on one line, inside the box of
+  // the tool calls.
+  const status = row.querySelector('.tool-status');
+  const box = row.closest('.tools').getBoundingClientRect();
+  const line = parseFloat(getComputedStyle(status).lineHeight);
+  return texts.filter((text) => {
+    status.textContent = text;
+    const shown = status.getBoundingClientRect();
+    return status.scrollWidth > status.clientWidth || shown.right > box.right || shown.height > line * 1.5;
+  });
+}"""
+
+
+async def test_a_tools_status_fits_its_row(page: Page) -> None:
+    # "failed after 12.30 s" (in bold) was wider than the last column of the tool rows at 1280 px: it ran over the
+    # right edge of their box.
+    async def with_tools(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'tool-input-available', 'toolCallId': 't1', 'toolName': 'search', 'input': {'q': 'x' * 200}},
+            {'type': 'tool-output-error', 'toolCallId': 't1', 'errorText': 'failed'},
+            {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': 'search', 'input': {'q': 'y' * 200}},
+            {'type': 'finish'},  # t2 never ends: stopped
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', with_tools)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    durations = ['999 ms', '12.30 s', '999.99 s']
+    for state, words in (('error', 'failed after'), ('stopped', 'stopped after')):
+        row = turn.locator(f'.tool[data-state="{state}"]')
+        await expect(row.locator('.tool-status')).to_contain_text(words)
+        assert await row.evaluate(STATUS_FITS, [f'{words} {took}' for took in durations]) == []
