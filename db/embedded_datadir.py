@@ -11,11 +11,12 @@ import errno
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -199,18 +200,67 @@ def check_not_foreign(data_dir: Path) -> None:
 
 
 def check_major_version(data_dir: Path) -> None:
-    """Refuse, in one line, a data directory another PostgreSQL major version made (it cannot start it)."""
+    """Refuse, in one line, a data directory another PostgreSQL major version made (it cannot start it), or one whose
+    `PG_VERSION` names none (empty, not a version, unreadable: a disk that was full, a file cut short)."""
+    path = data_dir / 'PG_VERSION'
     try:
-        theirs = (data_dir / 'PG_VERSION').read_text().strip()
-    except OSError:
+        theirs = path.read_bytes().decode(errors='replace').strip()
+    except FileNotFoundError:
         return  # new (or not a cluster yet): initdb makes it
+    except OSError as exc:
+        _no_version(data_dir, f'cannot be read ({os_error_reason(exc)})')
     ours = bundled_major_version()
+    if not _MAJOR_VERSION.fullmatch(theirs):
+        # It was quoted as a version: "made by PostgreSQL , ... (or pg_dump from , restore into 18)".
+        _no_version(data_dir, 'is empty' if not theirs else f'does not name a PostgreSQL version ({_quoted(theirs)})')
     if ours is not None and theirs != ours:
         raise EmbeddedPostgresError(
             f'the embedded PostgreSQL data directory {data_dir} was made by PostgreSQL {theirs}, and this runtime '
             f'ships PostgreSQL {ours}: set AGENTRT_DATA_DIR to a new directory (or move this one away) to start '
             f'afresh, or upgrade it with pg_upgrade (or pg_dump from {theirs}, restore into {ours}) to keep its data'
         )
+
+
+_MAJOR_VERSION = re.compile(r'\d+(\.\d+)?')  # "18"; "9.6" before PostgreSQL 10
+
+
+def _no_version(data_dir: Path, what: str) -> NoReturn:
+    """Refuse a data directory whose `PG_VERSION` names no version (`what`: how), saying what to do.
+
+    A cluster agentrt never finished (its settings are not in postgresql.conf) holds nothing yet: it is deleted. One
+    it started before holds data, and its `PG_VERSION` can be written again: PostgreSQL refuses a cluster of
+    another version anyway (its pg_control says which), so writing this runtime's version is safe to try.
+
+    Raises:
+        EmbeddedPostgresError: always.
+    """
+    path = data_dir / 'PG_VERSION'
+    ours = bundled_major_version()
+    head = f'the embedded PostgreSQL data directory {data_dir} cannot be started: its {path} {what}'
+    if not finished(data_dir):
+        raise EmbeddedPostgresError(
+            f'{head}, and the cluster was never finished (nothing is stored in it yet): delete it (rm -rf {data_dir}) '
+            'and run the command again, or set AGENTRT_DATA_DIR to another directory'
+        )
+    version = ours or '<the major version that made it>'
+    raise EmbeddedPostgresError(
+        f'{head}, a file naming the PostgreSQL major version that made the cluster: if this runtime made it, write '
+        f'that back (echo {version} > {path}) and run the command again; or set AGENTRT_DATA_DIR to a new directory '
+        '(or move this one away) to start afresh'
+    )
+
+
+def _quoted(text: str) -> str:
+    """A file's text for an error line: control characters written out, a long one cut."""
+    return repr(text[:40] + ('...' if len(text) > 40 else ''))
+
+
+def finished(data_dir: Path) -> bool:
+    """Whether the cluster in `data_dir` was finished and started by agentrt (its settings are in postgresql.conf)."""
+    try:
+        return CONF_MARKER in (data_dir / 'postgresql.conf').read_text(errors='replace')
+    except OSError:
+        return False
 
 
 def bundled_major_version() -> str | None:
@@ -255,11 +305,7 @@ def check_no_single_user_lock(data_dir: Path) -> None:
             f'{-pid}: initdb making it, or postgres --single): run the command again once it ended, or set '
             'AGENTRT_DATA_DIR to another directory'
         )
-    try:
-        finished = CONF_MARKER in (data_dir / 'postgresql.conf').read_text(errors='replace')
-    except OSError:
-        finished = False
-    if not finished:
+    if not finished(data_dir):
         raise EmbeddedPostgresError(
             f'the embedded PostgreSQL data directory {data_dir} was left half-made: the initdb making it (pid {-pid}) '
             f'was killed before it finished, and nothing is stored in it yet. Delete it (rm -rf {data_dir}) and run '

@@ -231,6 +231,35 @@ async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
     assert [line for line in result.stderr.splitlines() if line.strip()] == [f'error: {message}']
 
 
+@pytest.mark.parametrize(
+    ('content', 'words'),
+    [(b'', 'is empty'), (b'\n', 'is empty'), (b'abc\n', "does not name a PostgreSQL version ('abc')"), (b'\xff', '')],
+    ids=['empty', 'blank line', 'not a version', 'not utf-8'],
+)
+@pytest.mark.parametrize('started_before', [False, True], ids=['never finished', 'started before'])
+async def test_a_pg_version_that_names_no_version_is_one_line_of_advice(
+    tmp_path: Path, content: bytes, words: str, started_before: bool
+) -> None:
+    # It was quoted as a version ("made by PostgreSQL , ... pg_dump from , restore into 18"); one not UTF-8 was an
+    # internal error (UnicodeDecodeError, exit 70).
+    data_dir = tmp_path / 'pgdata'
+    data_dir.mkdir()
+    (data_dir / 'PG_VERSION').write_bytes(content)
+    if started_before:
+        (data_dir / 'postgresql.conf').write_text(f'{CONF_MARKER}\n')
+    result = await invoke('db', 'status', env={'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)})
+    assert result.exit_code == 4, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f'error: the embedded PostgreSQL data directory {data_dir} cannot be started: its '), line
+    assert f'{data_dir / "PG_VERSION"} {words or "does not name a PostgreSQL version"}' in line, line
+    assert 'made by PostgreSQL' not in line and 'pg_dump from' not in line
+    if started_before:  # its data is kept: the file is written back
+        assert f'echo {bundled_major_version()} > {data_dir / "PG_VERSION"}' in line and 'rm -rf' not in line
+    else:  # nothing is stored yet
+        assert f'rm -rf {data_dir})' in line and 'echo' not in line
+    assert (data_dir / 'PG_VERSION').read_bytes() == content  # untouched
+
+
 def test_an_existing_data_dir_starts_without_a_warning_when_xdg_runtime_dir_is_unset(tmp_path: Path) -> None:
     # The version check runs before the start's own warnings filter when PG_VERSION exists; it imports the wheel,
     # whose platformdirs call warned (RuntimeDirWarning and a source line) on every command but a data dir's first.
