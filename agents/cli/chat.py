@@ -173,12 +173,25 @@ async def _turn(
                 async for delta in stream:
                     display.text(delta)
     except DatabaseUnavailableError as exc:
-        raise type(exc)(f'{exc}; the turn was not saved: send the message again once PostgreSQL is back') from exc
+        raise type(exc)(f'{exc}; the turn was not saved: {_send_again(exc)}') from exc
     finally:
         display.end_line()
     assert stream.result is not None
     summary = _summary(stream.result, display.tools_run)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)
+
+
+def _send_again(exc: DatabaseUnavailableError) -> str:
+    """When to send a message whose turn the database failed again: PostgreSQL was not away for each such failure."""
+    from agentrt.db.failures import disk_full, given_up, pool_exhausted  # here: `chat --help` loads no SQLAlchemy
+
+    if pool_exhausted(exc):  # every connection of this process's pool stayed in use: PostgreSQL was there
+        return 'send the message again shortly'
+    if disk_full(exc) is not None:
+        return 'send the message again once there is room'
+    if given_up(exc) is not None:  # a lock or statement timeout, a deadlock: the server is there
+        return 'send the message again'
+    return 'send the message again once PostgreSQL is back'
 
 
 class _Display:

@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from pydantic_ai.messages import UserPromptPart
 from rich.console import Console
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.cli import chat
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services import directory_service
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.cli.helpers import ROOT, invoke, run_cli
 from tests.agents.conftest import account_id
@@ -86,6 +89,45 @@ async def test_piped_lines_exit_with_the_last_failed_turns_code(demo_data: None,
     every_line_answered = await invoke('chat', '--delay', '0', input='organic berries in Fresno\n', env=env)
     assert every_line_answered.exit_code == 0, every_line_answered.stderr
     assert 'turns failed' not in every_line_answered.stderr
+
+
+# A turn the database failed though PostgreSQL was there: what it said, and when to send the message again.
+DATABASE_THERE = {
+    # The demo's four searches at once on a pool of two, each holding its connection a while: two wait DB_POOL_TIMEOUT.
+    'pool exhausted': (
+        'SELECT 1',
+        {'DB_POOL_SIZE': '2', 'DB_MAX_OVERFLOW': '0', 'DB_POOL_TIMEOUT': '0.2'},
+        'no database connection became free within 0.2s (DB_POOL_TIMEOUT)',
+        'send the message again shortly',
+    ),
+    'statement timeout': (
+        'SELECT pg_sleep(5)',
+        {'DB_STATEMENT_TIMEOUT_MS': '200'},
+        'PostgreSQL cancelled a statement',
+        'send the message again',
+    ),
+}
+
+
+@pytest.mark.parametrize('case', list(DATABASE_THERE))
+async def test_a_turn_the_database_failed_while_there_is_not_said_to_wait_for_postgresql(
+    demo_data: None, database_url: str, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    # It said "send the message again once PostgreSQL is back" of a pool that was full and a statement PostgreSQL
+    # cancelled: PostgreSQL was never away.
+    statement, env, said, advice = DATABASE_THERE[case]
+    search = directory_service.search_directory
+
+    async def slow_search(*args: Any, session: AsyncSession, **kwargs: Any) -> Any:
+        await session.execute(text(statement))  # the session takes its connection at its first statement
+        await asyncio.sleep(1)
+        return await search(*args, session=session, **kwargs)
+
+    monkeypatch.setattr(directory_service, 'search_directory', slow_search)
+    result = await invoke('chat', QUESTION, '--delay', '0', env={'DATABASE_URL': database_url, **env})
+    assert result.exit_code == 3, result.stdout + result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert said in line and line.endswith(f'the turn was not saved: {advice}'), line
 
 
 async def test_unknown_account_is_a_clear_error(demo_data: None, database_url: str) -> None:
