@@ -25,7 +25,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import connection_problem, given_up, refused_startup_parameter, unavailable_error
 from agentrt.db.pool_health import PoolHealth
 from agentrt.db.settings import Settings
-from agentrt.db.setup_failures import login_error, pooler_error
+from agentrt.db.setup_failures import login_error, pooler_error, setting_error
 from agentrt.db.transaction_setup import PreludeConnection, TransactionSetup, client_wait, install_prelude
 
 logger = logging.getLogger('agentrt.db')
@@ -188,8 +188,8 @@ async def check_connection(
     Raises:
         DatabaseUnavailableError: naming the server that could not be reached and why (with what to do when it is
             an SSL problem).
-        ConfigError: the server refused the login (a wrong password, an unknown role or database), or it is behind a
-            pooler and the pooler mode is off (`DB_POOLER`).
+        ConfigError: the server refused the login (a wrong password, an unknown role or database) or a server setting
+            of the URL's `options`, or it is behind a pooler and the pooler mode is off (`DB_POOLER`).
     """
     where = describe_server(url)
     try:
@@ -207,7 +207,7 @@ async def check_connection(
             raise DatabaseUnavailableError(f'{gave_up} (PostgreSQL at {where}, as the connection was checked)') from exc
         if unavailable_error(exc) is None and not isinstance(exc, DBAPIError | ssl.SSLError):
             raise
-        if (refused := login_error(exc, where, setting)) is not None:
+        if (refused := login_error(exc, where, setting) or setting_error(exc, where, setting)) is not None:
             raise refused from exc
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
 

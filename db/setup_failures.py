@@ -2,6 +2,8 @@
 login role or the runtime's roles lack, a pooler in front that the runtime was not told of. Each is a `ConfigError`
 saying what to fix; no wait or retry changes it (exit code 2; HTTP 500 `configuration_error`).
 
+A server setting it refused as the connection started (`options=-c name=value` in the URL) is one too.
+
 Split from `agentrt.db.failures`, which recognises outages (a lost connection, a server that is not there) and whose
 helpers these use.
 """
@@ -54,6 +56,36 @@ def login_refused(exc: BaseException, setting: str = 'DATABASE_URL') -> str | No
             advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
         if advice is not None:
             return f'{first_line(error)}: {advice.format(setting=setting)}'
+    return None
+
+
+_REFUSED_SETTING_STATES = frozenset({'22023', '42704', '55P02', '42501'})
+"""What PostgreSQL refuses a server setting sent as the connection starts (`options=-c name=value`) with: a value
+invalid or out of range, a parameter it does not know, one that only a restart changes, one the login role may not
+set."""
+_PARAMETER_NAMED = re.compile(r'parameter "([^"]+)"')
+
+
+def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL') -> ConfigError | None:
+    """A server setting PostgreSQL refused as a connection started, as a `ConfigError` naming it in PostgreSQL's own
+    words (and its hint: the values it takes), else None. Only the start's connection check asks (`check_connection`):
+    its one statement sets nothing, so a refused parameter is one of the startup's, from `setting`'s `options` (the
+    runtime's own, `statement_timeout` and `lock_timeout`, are checked as settings). It was "cannot connect to
+    PostgreSQL" (exit 3), though no wait changes it."""
+    for error in causes(exc):
+        if sqlstate_of(error) not in _REFUSED_SETTING_STATES:
+            continue
+        message = first_line(error)
+        named = _PARAMETER_NAMED.search(message)
+        if named is None:
+            continue
+        # asyncpg's own error carries the hint; SQLAlchemy's adapted one in front of it only the SQLSTATE.
+        hint = next((' '.join(str(hint).split()) for e in causes(exc) if (hint := getattr(e, 'hint', None))), '')
+        return ConfigError(
+            f'PostgreSQL at {where} refused the server setting {named.group(1)} of {setting} ({message}'
+            f'{f"; {hint}" if hint else ""}): correct it or remove it from its options parameter '
+            '(options=-c name=value)'
+        )
     return None
 
 

@@ -7,6 +7,7 @@ import re
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -77,6 +78,35 @@ async def test_a_login_postgresql_refuses_is_a_configuration_error_not_an_outage
         assert line.startswith('error: PostgreSQL at ') and 'refused the login' in line, line
         assert named in line and advice in line and 'DATABASE_URL' in line, line
         assert 'hunter2' not in result.stderr + result.stdout and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ('options', 'said'),
+    [
+        (
+            '-c statement_timeout=abc',
+            'statement_timeout of DATABASE_URL (invalid value for parameter "statement_timeout"',
+        ),
+        (
+            '-c nosuch_setting=1',
+            'nosuch_setting of DATABASE_URL (unrecognized configuration parameter "nosuch_setting")',
+        ),
+        ('-c default_transaction_isolation=bogus', '"bogus"; Available values: serializable, repeatable read'),
+    ],
+    ids=['invalid value', 'unknown parameter', 'with its hint'],
+)
+async def test_a_server_setting_postgresql_refuses_is_a_configuration_error_naming_it(
+    database_url: str, options: str, said: str
+) -> None:
+    # It was "cannot connect to PostgreSQL at ...: invalid value for parameter ..." with exit 3, an outage a script
+    # waits out; no wait changes it.
+    url = make_url(database_url).update_query_dict({'options': options})
+    result = await invoke('db', 'status', env={'DATABASE_URL': url.render_as_string(hide_password=False)})
+    assert result.exit_code == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith('error: PostgreSQL at ') and ' refused the server setting ' in line, line
+    assert said in line and line.endswith('remove it from its options parameter (options=-c name=value)'), line
+    assert 'cannot connect' not in line and 'Traceback' not in result.stderr
 
 
 async def test_unknown_option_is_rejected() -> None:
