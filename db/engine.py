@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from agentrt.db.database_url import asyncpg_connect_args, mask_url, parse_database_url
+from agentrt.db.database_url import mask_url, parse_database_url
 from agentrt.db.embedded import EmbeddedServer, release_embedded, start_embedded
 from agentrt.db.embedded_revival import EmbeddedRevival
 from agentrt.db.engine_build import build_engine as build_engine
@@ -25,6 +25,7 @@ from agentrt.db.engine_build import check_connection as check_connection
 from agentrt.db.engine_build import configured_timeouts as configured_timeouts
 from agentrt.db.engine_build import connect_engine as connect_engine
 from agentrt.db.engine_build import describe_server as describe_server
+from agentrt.db.engine_build import effective_connect_timeout as effective_connect_timeout
 from agentrt.db.engine_build import migration_engine as migration_engine
 from agentrt.db.engine_build import timeouts_in_force as timeouts_in_force
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError
@@ -292,10 +293,7 @@ def connect_timeout() -> tuple[float, str] | None:
     runtime = _runtime
     if runtime is None:
         return None
-    seconds = asyncpg_connect_args(runtime.url)[1].get('timeout')  # checked when the engine was built
-    if seconds is None:
-        return runtime.settings.connect_timeout, 'DB_CONNECT_TIMEOUT'
-    return float(seconds), 'connect_timeout of DATABASE_URL'
+    return effective_connect_timeout(runtime.url, runtime.settings.connect_timeout)
 
 
 def embedded_unreachable() -> None:

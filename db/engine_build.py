@@ -179,8 +179,9 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
 async def check_connection(
     engine: AsyncEngine, url: URL, connect_timeout: float, setting: str = 'DATABASE_URL'
 ) -> dict[str, int]:
-    """Read the timeouts in force in a transaction, failing within `connect_timeout` seconds with the host and port.
-    A refused login's advice names `setting`, the variable `url` came from.
+    """Read the timeouts in force in a transaction, failing within the connect timeout with the host and port: the
+    `connect_timeout` of `url` when it sets one, else `connect_timeout` seconds (`DB_CONNECT_TIMEOUT`). A refused
+    login's advice, and a timeout's message, name `setting`, the variable `url` came from.
 
     Returns:
         `statement_timeout` and `lock_timeout` in milliseconds (0: none), as the server applies them.
@@ -192,12 +193,15 @@ async def check_connection(
             of the URL's `options`, or it is behind a pooler and the pooler mode is off (`DB_POOLER`).
     """
     where = describe_server(url)
+    # The URL's `connect_timeout` is the wait asyncpg is given (`build_engine`): bounded by DB_CONNECT_TIMEOUT instead,
+    # `?connect_timeout=30` gave up after 11 s, and `?connect_timeout=1` after 1 s said "within 10s".
+    seconds, source = effective_connect_timeout(url, connect_timeout, setting)
     try:
-        async with asyncio.timeout(connect_timeout + 1):
+        async with asyncio.timeout(seconds + 1):
             async with engine.connect() as conn:
                 return await timeouts_in_force(conn)
     except TimeoutError as exc:
-        raise DatabaseUnavailableError(f'PostgreSQL at {where} did not answer within {connect_timeout:g}s') from exc
+        raise DatabaseUnavailableError(f'PostgreSQL at {where} did not answer within {seconds:g}s ({source})') from exc
     except Exception as exc:
         if (pooler := pooler_error(exc)) is not None:
             raise pooler from exc
@@ -210,6 +214,16 @@ async def check_connection(
         if (refused := login_error(exc, where, setting) or setting_error(exc, where, setting)) is not None:
             raise refused from exc
         raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {connection_problem(exc)}') from exc
+
+
+def effective_connect_timeout(url: URL, default: float, setting: str = 'DATABASE_URL') -> tuple[float, str]:
+    """How long a connection to `url` is waited for, in seconds, and the setting that says so: the URL's own
+    `connect_timeout` (`connect_timeout of DATABASE_URL`, `setting` naming the variable), which overrides
+    `DB_CONNECT_TIMEOUT` (`default`)."""
+    seconds = asyncpg_connect_args(url)[1].get('timeout')  # checked (1-600) when the settings were read
+    if seconds is None:
+        return default, 'DB_CONNECT_TIMEOUT'
+    return float(seconds), f'connect_timeout of {setting}'
 
 
 _TIMEOUTS_IN_FORCE = text(

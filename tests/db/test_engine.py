@@ -20,7 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db import pool_health
 from agentrt.db.embedded import start_embedded
-from agentrt.db.engine import build_engine, check_connection, get_engine, init_database, pool_status
+from agentrt.db.engine import (
+    build_engine,
+    check_connection,
+    connect_engine,
+    get_engine,
+    init_database,
+    pool_status,
+)
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
 from agentrt.db.failures import lost_connection
 from agentrt.db.settings import Settings, parse_database_url
@@ -135,6 +142,31 @@ async def test_silent_server_fails_within_connect_timeout(silent_server: int) ->
         await engine.dispose()
     assert time.monotonic() - started < 5
     assert f'127.0.0.1:{silent_server}' in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ('in_url', 'env', 'waited', 'named'),
+    [
+        (None, 0.5, 0.5, 'DB_CONNECT_TIMEOUT'),
+        ('1', 10, 1, 'connect_timeout of DATABASE_URL'),
+        ('2', 0.5, 2, 'connect_timeout of DATABASE_URL'),
+    ],
+    ids=['env', 'url-shorter', 'url-longer'],
+)
+async def test_the_start_waits_the_connect_timeout_in_force_and_names_it(
+    silent_server: int, in_url: str | None, env: float, waited: float, named: str
+) -> None:
+    # The start's check waited DB_CONNECT_TIMEOUT + 1 s and named it, whatever the URL said: `?connect_timeout=30`
+    # gave up after 11 s, `?connect_timeout=1` after 1 s saying "within 10s"; README documents the URL's as
+    # overriding it (QA).
+    query = f'?connect_timeout={in_url}' if in_url else ''
+    url = parse_database_url(f'postgresql://u:p@127.0.0.1:{silent_server}/db{query}')
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError) as info:
+        await connect_engine(url, Settings(database_url=str(url), connect_timeout=env))
+    elapsed = time.monotonic() - started
+    assert waited <= elapsed < waited + 1, elapsed
+    assert str(info.value) == f'PostgreSQL at 127.0.0.1:{silent_server}/db did not answer within {waited:g}s ({named})'
 
 
 def test_data_dir_that_cannot_be_created_names_the_path(tmp_path: Path) -> None:
