@@ -500,6 +500,20 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode='after')
+    def _migration_url_beside_a_database_url(self) -> Settings:
+        # Without DATABASE_URL the runtime's database is the embedded server's: `agentrt db upgrade` migrated the
+        # other database and said it was done, while the runtime's own stayed unmigrated (and `agentrt chat` said to
+        # run `db upgrade`: a loop).
+        if self.migration_database_url is not None and self.database_url is None:
+            raise ConfigError(
+                'DATABASE_MIGRATION_URL is set but DATABASE_URL is not: it is the direct connection migrations take '
+                'when DATABASE_URL points at a pooler, and without DATABASE_URL the runtime uses its embedded '
+                'PostgreSQL, which it migrates itself; unset DATABASE_MIGRATION_URL, or set DATABASE_URL to the '
+                'database it names'
+            )
+        return self
+
     @field_validator('ledger_spool')
     @classmethod
     def _spool_is_a_file(cls, value: Path | None) -> Path | None:

@@ -111,6 +111,20 @@ def test_a_malformed_second_url_names_its_own_variable(monkeypatch: pytest.Monke
     assert str(info.value) == f'invalid configuration: {variable}: the port must be 1 to 65535, got 99999'
 
 
+def test_a_migration_url_needs_a_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DATABASE_MIGRATION_URL is for a DATABASE_URL at a pooler; without DATABASE_URL the embedded server is the
+    # runtime's database, and `db upgrade` migrated the other one instead (QA).
+    monkeypatch.setenv('DATABASE_URL', '')
+    monkeypatch.setenv('DATABASE_MIGRATION_URL', 'postgresql://u:hunter2@db.internal:5432/agents')
+    with pytest.raises(ConfigError) as info:
+        read_settings()
+    message = str(info.value)
+    assert message.startswith('invalid configuration: DATABASE_MIGRATION_URL is set but DATABASE_URL is not: ')
+    assert 'hunter2' not in message
+    monkeypatch.setenv('DATABASE_URL', 'postgresql://u:p@pooler:6432/agents')
+    assert read_settings().migration_database_url == 'postgresql://u:hunter2@db.internal:5432/agents'
+
+
 def test_asyncpg_driver_and_masked_password() -> None:
     url = parse_database_url('postgres://app:s3cret@db.example:6543/agents')
     assert url.drivername == 'postgresql+asyncpg'

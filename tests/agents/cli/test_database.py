@@ -285,6 +285,22 @@ def _squeezed(table: str) -> str:
     return '\n'.join(f'{name}  {value}' for name, value in rows)
 
 
+async def test_a_migration_url_without_database_url_is_refused(
+    database_url: str, empty_database: str, tmp_path: Path
+) -> None:
+    # With the embedded server (DATABASE_URL unset), `db upgrade` migrated DATABASE_MIGRATION_URL's database and said
+    # so, the embedded one left unmigrated: `agentrt chat` then said to run `db upgrade`, which said it was done.
+    direct = make_url(database_url).set(database=empty_database).render_as_string(hide_password=False)
+    env = {'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(tmp_path / 'pgdata'), 'DATABASE_MIGRATION_URL': direct}
+    for command in (('db', 'upgrade'), ('db', 'seed')):  # `db seed` starts the runtime: its automatic migration
+        result = await invoke(*command, env=env)
+        assert result.exit_code == 2 and not result.stdout, result.stdout + result.stderr
+        line = result.stderr.strip()
+        assert line.startswith('error: invalid configuration: DATABASE_MIGRATION_URL is set but DATABASE_URL is not')
+        assert 'unset DATABASE_MIGRATION_URL' in line and '\n' not in line, line
+    assert not (tmp_path / 'pgdata').exists()  # refused before anything started
+
+
 async def test_upgrade_with_a_migration_url_needs_only_that_one(database_url: str, empty_database: str) -> None:
     # It started the runtime on DATABASE_URL first: a migration job run before its pooler was up failed with
     # "cannot connect to PostgreSQL at <the pooler>" (exit 3), the direct URL it migrates through being there.
