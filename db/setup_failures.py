@@ -32,6 +32,18 @@ _POOLER_LOGIN_REFUSED = {
 password or user and a database its `[databases]` does not list."""
 
 
+_LIBPQ_FATAL = re.compile(r'\bFATAL:\s+(.+)')
+_LIBPQ_LOGIN_REFUSED = (
+    (re.compile(r'password authentication failed for user '), '28P01'),
+    (re.compile(r'role ".*" (does not exist|is not permitted to log in)'), '28000'),
+    (re.compile(r'(no pg_hba\.conf entry|pg_hba\.conf rejects connection) for '), '28000'),
+    (re.compile(r'database ".*" does not exist'), '3D000'),
+    (re.compile(r'no such database: '), '3D000'),  # PgBouncer's
+)
+"""The server's words for the same refusals, as libpq (psycopg: the job queue's connections) reports a failed
+connection: its "FATAL:" line, without the SQLSTATE, which libpq keeps only for a statement's error."""
+
+
 def login_error(exc: BaseException, where: str | None = None, setting: str = 'DATABASE_URL') -> ConfigError | None:
     """A login PostgreSQL (or PgBouncer) refused (`login_refused`) as a `ConfigError` naming the server (`where`, the
     runtime's own by default), or None: at the start, or when a pooled connection is opened later (the password
@@ -56,6 +68,20 @@ def login_refused(exc: BaseException, setting: str = 'DATABASE_URL') -> str | No
             advice = next((then for words, then in _POOLER_LOGIN_REFUSED.items() if line.startswith(words)), None)
         if advice is not None:
             return f'{first_line(error)}: {advice.format(setting=setting)}'
+        if not sqlstate and (refused := _libpq_login_refused(str(error))) is not None:
+            said, sqlstate = refused
+            return f'{said}: {_LOGIN_REFUSED[sqlstate].format(setting=setting)}'
+    return None
+
+
+def _libpq_login_refused(message: str) -> tuple[str, str] | None:
+    """The server's reason and its SQLSTATE (`_LOGIN_REFUSED`) when libpq's `message` of a failed connection says the
+    login was refused (`_LIBPQ_LOGIN_REFUSED`), else None."""
+    for fatal in _LIBPQ_FATAL.finditer(message):
+        said = fatal.group(1).strip()
+        for words, sqlstate in _LIBPQ_LOGIN_REFUSED:
+            if words.match(said):
+                return said, sqlstate
     return None
 
 

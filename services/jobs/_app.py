@@ -14,11 +14,12 @@ from procrastinate import App, PsycopgConnector
 from sqlalchemy.engine import URL
 
 from agentrt.db.database_url import mask_url
-from agentrt.db.engine import current_settings, get_engine
+from agentrt.db.engine import current_settings, describe_server, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
+from agentrt.db.setup_failures import login_error, login_refused
 from agentrt.services.jobs._manager import QueueJobManager
 
 logger = logging.getLogger('agentrt.jobs')
@@ -52,7 +53,8 @@ class QueueConnection(psycopg.AsyncConnection):
 
 class _QueuePool(psycopg_pool.AsyncConnectionPool):
     """psycopg's pool, whose opening (procrastinate waits for it) gives up after the pool's own timeout
-    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached.
+    (`DB_CONNECT_TIMEOUT`) rather than psycopg_pool's fixed 30 s, when the queue's server cannot be reached, and at
+    once, with the server's error, when it refuses the login (`login_refused`: no wait changes that).
 
     Its `PoolTimeout` carries the last connection attempt's error (`last_connect_error`): psycopg's says only "pool
     initialization incomplete after 10.0 sec", and the cause (`database "x" does not exist`, a password refused)
@@ -60,10 +62,29 @@ class _QueuePool(psycopg_pool.AsyncConnectionPool):
     """
 
     last_connect_error: Exception | None = None
+    _refused: asyncio.Event | None = None
+    """Set when a connection attempt's login is refused: the opening stops waiting."""
 
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - psycopg's own
+        refused = self._refused = asyncio.Event()
+        opening = asyncio.ensure_future(super().open(wait, timeout=min(timeout, self.timeout)))
+        waiting = asyncio.ensure_future(refused.wait())
         try:
-            await super().open(wait, timeout=min(timeout, self.timeout))
+            with _connect_failures.opening():
+                await asyncio.wait((opening, waiting), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (opening, waiting):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if refused.is_set() and self.last_connect_error is not None:
+            # psycopg retried a refused login until DB_CONNECT_TIMEOUT (four warnings), and the queue reported it as
+            # an outage (exit 3: a process manager started the worker again and again).
+            await self.close()
+            raise self.last_connect_error
+        try:
+            opening.result()
         except psycopg_pool.PoolTimeout as exc:
             exc.last_connect_error = self.last_connect_error  # type: ignore[attr-defined]
             raise
@@ -81,6 +102,8 @@ class _QueuePool(psycopg_pool.AsyncConnectionPool):
             connection = await super()._connect(timeout)
         except Exception as exc:
             self.last_connect_error = exc
+            if self._refused is not None and login_refused(exc) is not None:
+                self._refused.set()
             raise
         self.last_connect_error = None
         return connection
@@ -105,14 +128,18 @@ class _OneLineConnectFailures(logging.Filter):
     quiet = 0
     """Above 0 while a worker waits for the queue to come back (`connect_failures_quiet`): it says so once, and its
     pool's failed attempts are DEBUG lines, not a warning each second."""
+    opening_pools = 0
+    """Above 0 while the queue's pool is opened (`opening`): a refused login ends the opening with its error, which
+    says it; its warning ("trying again") would not be true."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """The record reworded when it is such a notice; False only for a discarded connection's with DEBUG off."""
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
             detail = ' '.join(str(args[1]).split())[:300]
+            refused = isinstance(args[1], BaseException) and login_refused(args[1]) is not None
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
-            if self.quiet:
+            if self.quiet or (refused and self.opening_pools):
                 return _as_debug(record)
         elif (
             record.msg == 'discarding closed connection: %s' and len(args) == 1 and isinstance(args[0], QueueConnection)
@@ -120,6 +147,15 @@ class _OneLineConnectFailures(logging.Filter):
             record.msg, record.args = 'the job queue dropped a connection PostgreSQL closed; a new one replaces it', ()
             return _as_debug(record)
         return True
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator[None]:
+        """While the block runs, the queue's pool is being opened (`opening_pools`)."""
+        self.opening_pools += 1
+        try:
+            yield
+        finally:
+            self.opening_pools -= 1
 
 
 def _as_debug(record: logging.LogRecord) -> bool:
@@ -217,6 +253,8 @@ async def open_queue() -> App:
             # reconnecting in the background until the next opening replaced it ("Task was destroyed but it is
             # pending!" as it was collected).
             await jobs.close_async()
+            if (refused := queue_refused(exc)) is not None:
+                raise refused from exc
             if (unavailable := queue_unavailable(exc, 'cannot connect to PostgreSQL')) is not None:
                 raise unavailable from exc
             raise
@@ -245,12 +283,14 @@ async def close_queue() -> None:
 def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError | None:
     """The runtime's error for a failure of the queue's connections (psycopg's, wrapped by procrastinate in a
     `ConnectorException`, or the pool's `PoolTimeout`): PostgreSQL down, restarting, unreachable, a connection lost;
-    None for any other exception.
+    None for any other exception, and for a login PostgreSQL refused, which no wait changes (`queue_refused`).
 
     Args:
         exc: what the queue raised.
         what: what failed, for the message (`cannot connect to PostgreSQL`, `lost PostgreSQL`...).
     """
+    if _queue_login_refused(exc) is not None:
+        return None
     for error in causes(exc):
         if isinstance(error, psycopg.OperationalError):  # psycopg_pool.PoolTimeout is one
             detail = _one_line(error)
@@ -273,8 +313,12 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
 
 
 def queue_refused(exc: BaseException) -> ConfigError | None:
-    """The queue's login role refused procrastinate's tables or functions (SQLSTATE 42501), as the `ConfigError` that
-    says what to grant; None for any other exception. procrastinate said only "Database error."."""
+    """The queue's login PostgreSQL refused (a wrong password, an unknown role or database: as `DATABASE_URL`'s, the
+    line naming the variable to fix), or its login role refused procrastinate's tables or functions (SQLSTATE
+    42501), as the `ConfigError` that says what to fix or grant; None for any other exception. procrastinate said only
+    "Database error."."""
+    if (refused := _queue_login_refused(exc)) is not None:
+        return refused
     for error in causes(exc):
         if isinstance(error, psycopg.errors.InsufficientPrivilege):
             url = parse_database_url(queue_conninfo(current_settings(), get_engine().url))
@@ -285,6 +329,19 @@ def queue_refused(exc: BaseException) -> ConfigError | None:
                 f'rights (GRANT agentrt_jobs TO {login}), with the schema at head (`agentrt db upgrade`: migration '
                 '0016 grants them to agentrt_jobs; README "Background work")'
             )
+    return None
+
+
+def _queue_login_refused(exc: BaseException) -> ConfigError | None:
+    """A login the queue's server refused, as `login_error` says it for `DATABASE_URL`, naming the variable the queue's
+    URL came from; the cause of a pool's `PoolTimeout` (`last_connect_error`) too."""
+    for error in causes(exc):
+        for candidate in (error, getattr(error, 'last_connect_error', None)):
+            if isinstance(candidate, BaseException) and login_refused(candidate) is not None:
+                settings = current_settings()
+                where = describe_server(parse_database_url(queue_conninfo(settings, get_engine().url)))
+                setting = 'AGENTRT_QUEUE_DATABASE_URL' if settings.queue_database_url else 'DATABASE_URL'
+                return login_error(candidate, where, setting)
     return None
 
 

@@ -335,6 +335,7 @@ async def _ride_out(
 
     Raises:
         DatabaseUnavailableError: the queue did not answer within `seconds`.
+        ConfigError: the queue's server answered, refusing the login or its tables (`queue_refused`).
     """
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -349,6 +350,8 @@ async def _ride_out(
                     put_back = await _put_back_jobs_of(app, worker_id, stop.unsaved)
                 break
             except Exception as exc:
+                if (refused := queue_refused(exc)) is not None:  # the password rotated meanwhile: no wait changes it
+                    raise refused from exc
                 if not isinstance(exc, TimeoutError) and queue_unavailable(exc, 'lost PostgreSQL') is None:
                     raise
                 logger.debug('worker: the job queue does not answer yet: %s: %s', type(exc).__name__, exc)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 from sqlalchemy import URL, text
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
@@ -99,6 +100,29 @@ def test_a_refused_password_reads_as_a_login_refused_and_names_what_to_check() -
     )
     assert login_refused(ConnectionRefusedError(111, 'Connection refused')) is None
     assert login_refused(asyncpg.exceptions.CannotConnectNowError('the database system is starting up')) is None
+
+
+@pytest.mark.parametrize(
+    ('fatal', 'said', 'advice'),
+    [
+        ('password authentication failed for user "app"', 'password authentication failed for user "app"', 'password'),
+        ('database "nodb" does not exist', 'database "nodb" does not exist', 'database name'),
+        ('role "app" is not permitted to log in', 'role "app" is not permitted to log in', 'pg_hba.conf'),
+        ('no such database: nodb', 'no such database: nodb', 'database name'),  # PgBouncer's
+    ],
+)
+def test_a_login_refused_to_libpq_reads_as_a_login_refused(fatal: str, said: str, advice: str) -> None:
+    # psycopg (the job queue's connections) reports a refused login as libpq does, without a SQLSTATE: the queue took a
+    # wrong password for an outage, retried it until DB_CONNECT_TIMEOUT and exited 3 (QA).
+    refused = psycopg.OperationalError(
+        f'connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  {fatal}'
+    )
+    found = login_refused(refused, 'AGENTRT_QUEUE_DATABASE_URL')
+    assert found is not None and found.startswith(f'{said}: check the '), found
+    assert advice in found and 'in AGENTRT_QUEUE_DATABASE_URL' in found, found
+    outage = 'connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database system is shutting down'
+    assert login_refused(psycopg.OperationalError(outage)) is None
+    assert login_refused(psycopg.OperationalError('connection failed: Connection refused')) is None
 
 
 async def _connection_refused(url: URL) -> ConfigError | DatabaseUnavailableError:

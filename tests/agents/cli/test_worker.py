@@ -3,7 +3,10 @@ tests/services/jobs/."""
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from agentrt.db.session import Unscoped, get_db_session
 from tests.agents.cli.helpers import invoke
@@ -31,3 +34,24 @@ async def test_verbose_shows_each_job_and_how_it_ended(demo_data: None, database
     quiet = await invoke('worker', '--burst', env=env)
     assert quiet.exit_code == 0, quiet.stderr[-2000:]
     assert 'worker: queues' in quiet.stderr and 'ended with status' not in quiet.stderr, quiet.stderr
+
+
+async def test_a_queue_login_refused_is_one_configuration_line(database_url: str) -> None:
+    # `AGENTRT_QUEUE_DATABASE_URL` with a wrong password, role or database: four warnings ("trying again") over
+    # DB_CONNECT_TIMEOUT, then exit 3 "cannot connect", which a process manager answers by starting the worker again
+    # for ever; DATABASE_URL's is one "refused the login" line naming the variable, exit 2 (QA).
+    url = make_url(queue_url(database_url))
+    for changed, named in (
+        (url.set(database='agentrt_no_such_queue'), 'database "agentrt_no_such_queue" does not exist'),
+        (url.set(username='agentrt_no_such_role'), 'role "agentrt_no_such_role" does not exist'),
+    ):
+        queue = changed.set(password='hunter2').render_as_string(hide_password=False)
+        env = {'DATABASE_URL': queue_url(database_url), 'AGENTRT_QUEUE_DATABASE_URL': queue, 'DB_CONNECT_TIMEOUT': '30'}
+        started = time.monotonic()
+        result = await invoke('worker', '--burst', env=env)
+        assert time.monotonic() - started < 15
+        assert result.exit_code == 2, result.stderr
+        line = result.stderr.strip()
+        assert line.startswith('error: PostgreSQL at ') and f'refused the login: {named}: check the ' in line, line
+        assert 'in AGENTRT_QUEUE_DATABASE_URL' in line, line
+        assert '\n' not in line and 'hunter2' not in result.stderr, result.stderr
