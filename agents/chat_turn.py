@@ -223,7 +223,7 @@ async def _claimed_turn(
                 # Rolled back with the transaction before anything of the other account was read or claimed.
                 raise UnknownTenantError(
                     f'account {turn_input.account!r} is no longer the account {turn_input.account_id} this turn was '
-                    'asked for (it was deleted and its slug given to another)'
+                    'asked for (the account was deleted or renamed since its key was checked)'
                 )
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
             store = PostgresConversationStore(tenant.account_id)
