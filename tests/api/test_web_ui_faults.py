@@ -622,6 +622,25 @@ async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: 
     await page.get_by_role('textbox', name='Message').press('Enter')  # the text given back when it was cut off
     await _not_sent(page, conversation, 'fourth question')
 
+    # Deleted while its answer came (after the server saved the turn, before the browser read its end): the entity
+    # tag read after the answer got a 404, taken for "unknown", so the next message was not checked at all (qa119).
+    turn = await _send(page, 'fifth question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+
+    async def deleted_meanwhile(route: Route) -> None:
+        answered = await route.fetch()  # the server ran the turn and saved it
+        body = await answered.body()
+        await _delete(site, keys.acme, conversation)
+        await route.fulfill(response=answered, body=body)
+
+    await page.route('**/api/v1/chat', deleted_meanwhile)
+    turn = await _send(page, 'sixth question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await page.unroute('**/api/v1/chat')
+    await _send(page, 'seventh question')
+    await _not_sent(page, conversation, 'seventh question')
+
 
 BIDI_CONTROLS = [chr(code) for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
 """The embeddings, overrides and isolates: each reorders the text after it."""
@@ -660,6 +679,9 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
     await page.route('**/api/v1/chat', with_tool_calls)
     turn = await _send(page, 'search')
     await expect(turn).to_have_attribute('data-state', 'done')
+    # The closed rows too: a string input, and a value among an object's (isolated, it still read "live").
+    summaries = await turn.locator('.tool-args').all_text_contents()
+    assert summaries == ['query: \u2068\\u202eevil\u2069', '\\u202eid'], summaries
     shown = await _opened_panels(page, '.tool details')
     assert shown == [
         '{\n  "query": "\\u202eevil"\n}',
@@ -748,3 +770,12 @@ async def test_a_tools_status_fits_its_row(page: Page) -> None:
         row = turn.locator(f'.tool[data-state="{state}"]')
         await expect(row.locator('.tool-status')).to_contain_text(words)
         assert await row.evaluate(STATUS_FITS, [f'{words} {took}' for took in durations]) == []
+    # At a tablet's width the status column gives back what the arguments had: 10.5rem there left them 73 px
+    # (`entry_id: 481` cut to `entry_id:…`; qa119).
+    await page.set_viewport_size({'width': 768, 'height': 900})
+    args = await turn.locator('.tool-args').first.evaluate('node => node.getBoundingClientRect().width')
+    assert args >= 110, args
+    # There a long status takes two lines, inside the box.
+    inside = """row => row.querySelector('.tool-status').getBoundingClientRect().right
+                       <= row.closest('.tools').getBoundingClientRect().right"""
+    assert await turn.locator('.tool[data-state="error"]').evaluate(inside)

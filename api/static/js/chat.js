@@ -186,6 +186,9 @@ export function createChatView() {
   // Whether the server held the conversation shown when last heard of (its history read, or a turn of it saved here):
   // then a 404 says it was deleted since, not that it has no messages yet (a first turn cut off saved nothing).
   let saved = false;
+  // The conversation whose entity tag, read after its answer, was not found (404): deleted while the answer came, or
+  // never saved (an answer that did not come from the server): the next message checks first, though no tag is known.
+  let unfound = null;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -422,6 +425,7 @@ export function createChatView() {
       knownTag = null; // another conversation's: until its history says
       storedTitle = null;
       saved = false;
+      unfound = null;
     }
     history += 1; // a page of older messages on its way is not shown
     setEarlier(again ? earlierCursor : null);
@@ -509,6 +513,7 @@ export function createChatView() {
     knownTag = null;
     storedTitle = null;
     saved = false;
+    unfound = null;
     stale = false;
     history += 1; // a page of older messages on its way is not shown
     setEarlier(null);
@@ -561,7 +566,7 @@ export function createChatView() {
     setBusy(true);
     let response = null;
     try {
-      if (knownTag && !isFirst) {
+      if ((knownTag || unfound === sending) && !isFirst) {
         // Saved by another tab or client since it was shown here? Then its turns are shown first, this message after
         // them: the answer followed a question this tab never showed, with nothing on screen to say why (QA).
         const latest = await latestIfChanged(sending, knownTag, ownController.signal);
@@ -662,9 +667,16 @@ export function createChatView() {
         params: { format: 'vercel', limit: '1' },
         key: session.key,
       });
-      if (conversationId === id && !controller) knownTag = response.headers.get('ETag');
-    } catch {
-      // Unknown: the next send is not checked; the server still refuses one that races another (409).
+      if (conversationId === id && !controller) {
+        knownTag = response.headers.get('ETag');
+        unfound = null;
+      }
+    } catch (error) {
+      // Deleted while its answer came (another tab or client, or Conversations here, whose event an answer on its way
+      // leaves alone): with no tag the next send checked nothing, and started a conversation of the same id below
+      // turns the model no longer had. It checks now (a 404 then takes the deleted path).
+      if (error instanceof ApiError && error.status === 404 && conversationId === id) unfound = id;
+      // Otherwise unknown: the next send is not checked; the server still refuses one that races another (409).
     }
   }
 
@@ -679,7 +691,7 @@ export function createChatView() {
     try {
       response = await request('GET', `/conversations/${encodeURIComponent(id)}`, {
         params: { format: 'vercel', limit: String(HISTORY_MESSAGES) },
-        headers: { 'If-None-Match': tag }, // the ETag as it came, quotes and all
+        headers: tag ? { 'If-None-Match': tag } : {}, // the ETag as it came, quotes and all
         key: session.key, // a 401 is the send's to find out, with its message kept (pending.js)
         signal,
       });

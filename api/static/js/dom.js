@@ -104,7 +104,9 @@ export function prettyJson(value, limit = 20000) {
  */
 export function summariseArgs(input, limit = 90, { nestedFirst = true } = {}) {
   if (input === null || input === undefined) return '';
-  if (typeof input !== 'object') return String(input).slice(0, limit);
+  // Bidirectional controls written out, as in the panels (`visibleControls`): isolated, `\u202egnp.exe` still read
+  // "exe.png" in the closed row.
+  if (typeof input !== 'object') return visibleControls(String(input)).slice(0, limit);
   const nested = [];
   const flat = [];
   const walk = (object, into) => {
@@ -113,7 +115,7 @@ export function summariseArgs(input, limit = 90, { nestedFirst = true } = {}) {
       if (typeof value === 'object' && !Array.isArray(value)) walk(value, nested);
       else if (Array.isArray(value) && value.some((item) => item !== null && typeof item === 'object')) {
         into.push(`${key}: ${value.length} item${value.length === 1 ? '' : 's'}`);
-      } else into.push(`${key}: ${isolate(Array.isArray(value) ? value.join(', ') : value)}`);
+      } else into.push(`${key}: ${isolate(visibleControls(String(Array.isArray(value) ? value.join(', ') : value)))}`);
     }
   };
   walk(input, flat);
