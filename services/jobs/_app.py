@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any, Self
+from urllib.parse import quote, urlencode
 
 import psycopg
 import psycopg_pool
@@ -195,8 +196,16 @@ def queue_conninfo(settings: Settings, engine_url: URL) -> str:
     """The libpq URL of the queue: `AGENTRT_QUEUE_DATABASE_URL`, else `DATABASE_URL`, else the embedded server's."""
     given = settings.queue_database_url or settings.database_url
     url = parse_database_url(given) if given else engine_url
-    query = {key: value for key, value in url.query.items() if key != 'prepared_statement_cache_size'}
-    return url.set(drivername='postgresql', query=query).render_as_string(hide_password=False)
+    pairs = [
+        (key, value)
+        for key, values in url.query.items()
+        if key != 'prepared_statement_cache_size'
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    base = url.set(drivername='postgresql', query={}).render_as_string(hide_password=False)
+    # Percent-encoded, as libpq decodes a URI: SQLAlchemy writes a space in the query as `+` (a form's encoding), and
+    # `options=-c%20search_path%3Dapp` reached PostgreSQL as the parameter `+search_path`: the queue never connected.
+    return f'{base}?{urlencode(pairs, quote_via=quote)}' if pairs else base
 
 
 def listens(settings: Settings) -> bool:

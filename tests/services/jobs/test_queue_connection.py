@@ -132,3 +132,15 @@ async def test_openings_that_wait_for_each_other_on_a_second_event_loop(database
     done = await run_program('-c', script, database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["['App', 'App']"] * 2, done.stdout + done.stderr
+
+
+async def test_a_space_in_the_urls_options_reaches_postgresql_as_a_space(database_url: str) -> None:
+    # SQLAlchemy writes a space in a URL's query as `+` (a form's encoding), which libpq does not decode: README's own
+    # `options=-c%20search_path%3Dapp` reached PostgreSQL as the parameter `+search_path`, and the queue never
+    # connected (qa120). As the runtime's own connections (asyncpg) read the same URL.
+    joined = '&' if '?' in database_url else '?'
+    url = f'{database_url}{joined}options=-c%20application_name%3Dqueue_test'
+    settings = current_settings().model_copy(update={'queue_database_url': url})
+    async with await psycopg.AsyncConnection.connect(queue_conninfo(settings, get_engine().url)) as connection:
+        row = await (await connection.execute('SHOW application_name')).fetchone()
+    assert row == ('queue_test',)
