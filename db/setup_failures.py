@@ -99,9 +99,13 @@ def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL')
     runtime's own, `statement_timeout` and `lock_timeout`, are checked as settings). It was "cannot connect to
     PostgreSQL" (exit 3), though no wait changes it."""
     for error in causes(exc):
-        if sqlstate_of(error) not in _REFUSED_SETTING_STATES:
+        sqlstate = sqlstate_of(error)
+        if sqlstate in _REFUSED_SETTING_STATES:
+            message = first_line(error)
+        elif not sqlstate and (said := _libpq_setting_refused(str(error))) is not None:
+            message = said  # libpq's (the job queue's connections): the server's FATAL line, without its SQLSTATE
+        else:
             continue
-        message = first_line(error)
         named = _PARAMETER_NAMED.search(message)
         if named is None:
             continue
@@ -112,6 +116,22 @@ def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL')
             f'{f"; {hint}" if hint else ""}): correct it or remove it from its options parameter '
             '(options=-c name=value)'
         )
+    return None
+
+
+_LIBPQ_SETTING_REFUSED = re.compile(
+    r'invalid value for parameter |unrecognized configuration parameter |permission denied to set parameter '
+    r'|parameter "[^"]+" cannot be changed'
+)
+"""The server's words for `_REFUSED_SETTING_STATES`, as libpq reports a failed connection (see `_LIBPQ_FATAL`)."""
+
+
+def _libpq_setting_refused(message: str) -> str | None:
+    """The server's FATAL line when libpq's `message` of a failed connection says it refused a server setting."""
+    for fatal in _LIBPQ_FATAL.finditer(message):
+        said = fatal.group(1).strip()
+        if _LIBPQ_SETTING_REFUSED.match(said):
+            return said
     return None
 
 

@@ -20,7 +20,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
-from agentrt.db.setup_failures import login_error, login_refused
+from agentrt.db.setup_failures import login_error, login_refused, setting_error
 from agentrt.services.jobs._manager import QueueJobManager
 
 logger = logging.getLogger('agentrt.jobs')
@@ -103,7 +103,7 @@ class _QueuePool(psycopg_pool.AsyncConnectionPool):
             connection = await super()._connect(timeout)
         except Exception as exc:
             self.last_connect_error = exc
-            if self._refused is not None and login_refused(exc) is not None:
+            if self._refused is not None and _refused_by_the_server(exc):
                 self._refused.set()
             raise
         self.last_connect_error = None
@@ -138,7 +138,7 @@ class _OneLineConnectFailures(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
             detail = ' '.join(str(args[1]).split())[:300]
-            refused = isinstance(args[1], BaseException) and login_refused(args[1]) is not None
+            refused = isinstance(args[1], BaseException) and _refused_by_the_server(args[1])
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
             if self.quiet or (refused and self.opening_pools):
                 return _as_debug(record)
@@ -341,16 +341,22 @@ def queue_refused(exc: BaseException) -> ConfigError | None:
     return None
 
 
+def _refused_by_the_server(exc: BaseException) -> bool:
+    """Whether the queue's server refused the connection: its login, or a server setting of the URL's `options`."""
+    return login_refused(exc) is not None or setting_error(exc, '') is not None
+
+
 def _queue_login_refused(exc: BaseException) -> ConfigError | None:
-    """A login the queue's server refused, as `login_error` says it for `DATABASE_URL`, naming the variable the queue's
-    URL came from; the cause of a pool's `PoolTimeout` (`last_connect_error`) too."""
+    """A login, or a server setting of the URL's `options`, the queue's server refused, as `login_error` and
+    `setting_error` say it for `DATABASE_URL`, naming the variable the queue's URL came from; the cause of a pool's
+    `PoolTimeout` (`last_connect_error`) too."""
     for error in causes(exc):
         for candidate in (error, getattr(error, 'last_connect_error', None)):
-            if isinstance(candidate, BaseException) and login_refused(candidate) is not None:
+            if isinstance(candidate, BaseException) and _refused_by_the_server(candidate):
                 settings = current_settings()
                 where = describe_server(parse_database_url(queue_conninfo(settings, get_engine().url)))
                 setting = 'AGENTRT_QUEUE_DATABASE_URL' if settings.queue_database_url else 'DATABASE_URL'
-                return login_error(candidate, where, setting)
+                return login_error(candidate, where, setting) or setting_error(candidate, where, setting)
     return None
 
 

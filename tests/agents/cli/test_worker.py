@@ -55,3 +55,19 @@ async def test_a_queue_login_refused_is_one_configuration_line(database_url: str
         assert line.startswith('error: PostgreSQL at ') and f'refused the login: {named}: check the ' in line, line
         assert 'in AGENTRT_QUEUE_DATABASE_URL' in line, line
         assert '\n' not in line and 'hunter2' not in result.stderr, result.stderr
+
+
+async def test_a_server_setting_the_queues_server_refuses_is_one_configuration_line(database_url: str) -> None:
+    # A bad value in `AGENTRT_QUEUE_DATABASE_URL`'s options: retried as an outage over DB_CONNECT_TIMEOUT, then exit 3,
+    # where DATABASE_URL's is one line naming the setting, exit 2 (qa120).
+    url = make_url(queue_url(database_url))
+    queue = url.update_query_dict({'options': '-cstatement_timeout=abc'}).render_as_string(hide_password=False)
+    env = {'DATABASE_URL': queue_url(database_url), 'AGENTRT_QUEUE_DATABASE_URL': queue, 'DB_CONNECT_TIMEOUT': '30'}
+    started = time.monotonic()
+    result = await invoke('worker', '--burst', env=env)
+    assert time.monotonic() - started < 15
+    assert result.exit_code == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith('error: PostgreSQL at ') and 'refused the server setting statement_timeout of ' in line, line
+    assert 'AGENTRT_QUEUE_DATABASE_URL (invalid value for parameter "statement_timeout": "abc")' in line, line
+    assert '\n' not in line and 'trying again' not in result.stderr, result.stderr
