@@ -288,7 +288,11 @@ def _start_failure(data_dir: Path, exc: BaseException, failures: list[str]) -> s
     if any(_NO_SPACE.search(line) for line in printed or logged):
         size = '' if (data_dir / 'PG_VERSION').exists() else ' (a new cluster takes about 50 MB with the demo data)'
         why = ' | '.join(cause_of(printed)) or tail  # PostgreSQL's own words, without initdb's after them
-        return f'{head}its file system is full ({why}). Free space there{size} and run the command again'
+        # ENOSPC is also a file system out of inodes, with space left (`df -h` showed 200 MB free: qa120).
+        return (
+            f'{head}its file system is full ({why}). Free space there{size}, or inodes when `df -i` shows none '
+            'left, and run the command again'
+        )
     source = 'it printed' if said else 'the server log ends'
     see = f' See {log_file};' if logged else ''
     # A start cut short (a kill while pg_ctl waited) works the next time: the data directory is not the first suspect.

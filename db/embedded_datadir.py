@@ -221,7 +221,8 @@ def check_major_version(data_dir: Path) -> None:
         )
 
 
-_MAJOR_VERSION = re.compile(r'\d+(\.\d+)?')  # "18"; "9.6" before PostgreSQL 10
+# "18" (PostgreSQL 10 on writes the major version alone), "9.6" before; "18.1" or "018" name none (qa120).
+_MAJOR_VERSION = re.compile(r'[1-9]\d+|[89]\.\d')
 
 
 def _no_version(data_dir: Path, what: str) -> NoReturn:

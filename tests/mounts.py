@@ -48,11 +48,12 @@ def bind(directory: Path, onto: Path) -> Iterator[bool]:
 
 
 @contextmanager
-def small_file_system(directory: Path, megabytes: int) -> Iterator[bool]:
-    """A tmpfs of `megabytes` mounted on `directory` (made if missing) while the block runs: a disk that fills up;
-    False where mounting is not allowed."""
+def small_file_system(directory: Path, megabytes: int, inodes: int | None = None) -> Iterator[bool]:
+    """A tmpfs of `megabytes` (and at most `inodes` files) mounted on `directory` (made if missing) while the block
+    runs: a disk that fills up; False where mounting is not allowed."""
     directory.mkdir(parents=True, exist_ok=True)
-    mount = ['mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs', str(directory)]
+    options = f'size={megabytes}m' + ('' if inodes is None else f',nr_inodes={inodes}')
+    mount = ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(directory)]
     mounted = subprocess.run(mount, capture_output=True).returncode == 0
     try:
         yield mounted

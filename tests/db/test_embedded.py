@@ -233,8 +233,16 @@ async def test_a_data_dir_of_another_major_version_is_one_line_of_advice(
 
 @pytest.mark.parametrize(
     ('content', 'words'),
-    [(b'', 'is empty'), (b'\n', 'is empty'), (b'abc\n', "does not name a PostgreSQL version ('abc')"), (b'\xff', '')],
-    ids=['empty', 'blank line', 'not a version', 'not utf-8'],
+    [
+        (b'', 'is empty'),
+        (b'\n', 'is empty'),
+        (b'abc\n', "does not name a PostgreSQL version ('abc')"),
+        (b'\xff', ''),
+        # PostgreSQL 10 on writes the major version alone: these were taken for another one (pg_upgrade advised).
+        (b'18.1\n', "does not name a PostgreSQL version ('18.1')"),
+        (b'018\n', "does not name a PostgreSQL version ('018')"),
+    ],
+    ids=['empty', 'blank line', 'not a version', 'not utf-8', 'a minor version', 'a leading zero'],
 )
 @pytest.mark.parametrize('started_before', [False, True], ids=['never finished', 'started before'])
 async def test_a_pg_version_that_names_no_version_is_one_line_of_advice(
@@ -554,6 +562,20 @@ def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
     assert last.startswith('agentrt.db.errors.EmbeddedPostgresError: ') and 'it printed: ' in last, last
     assert 'File too large' in last and 'initdb' in last and '(no log)' not in last
     assert not _servers(data_dir)
+
+
+def test_a_first_start_on_a_file_system_out_of_inodes_says_to_look_at_them_too(tmp_path: Path) -> None:
+    # ENOSPC with 200 MB free: the advice was only to free space (`df -h` showed room: qa120).
+    disk = tmp_path / 'disk'
+    with small_file_system(disk, 200, inodes=300) as mounted:
+        if not mounted:
+            pytest.skip('mounting a tmpfs is not allowed here')
+        with pytest.raises(EmbeddedPostgresError) as raised:
+            start_embedded(disk / 'pgdata', stop_at_exit=False)
+        assert not _servers(disk / 'pgdata')
+    message = str(raised.value)
+    assert 'its file system is full' in message and 'No space left on device' in message, message
+    assert 'or inodes when `df -i` shows none left' in message, message
 
 
 @pytest.mark.parametrize('megabytes', [20, 30])
