@@ -52,7 +52,9 @@ async def connect_engine(url: URL, settings: Settings, setting: str = 'DATABASE_
         probe = settings.model_copy(update={'statement_timeout_ms': _PROBE_TIMEOUT_MS})
     engine = build_engine(url, probe)
     try:
-        in_force = await check_connection(engine, url, settings.connect_timeout, setting)
+        # The migration URL is the direct connection beside the pooler: not named as it.
+        pooled = settings.pooled and setting == 'DATABASE_URL'
+        in_force = await check_connection(engine, url, settings.connect_timeout, setting, pooled=pooled)
     except ConfigError as exc:
         await engine.dispose()
         parameter = refused_startup_parameter(exc)
@@ -91,7 +93,7 @@ async def _pooled(url: URL, settings: Settings, reason: str, setting: str) -> tu
     settings = settings.model_copy(update={'pooler': 'pgbouncer'})
     engine = build_engine(url, settings)
     try:
-        await check_connection(engine, url, settings.connect_timeout, setting)
+        await check_connection(engine, url, settings.connect_timeout, setting, pooled=setting == 'DATABASE_URL')
     except BaseException:
         await engine.dispose()
         raise
@@ -177,7 +179,7 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
 
 
 async def check_connection(
-    engine: AsyncEngine, url: URL, connect_timeout: float, setting: str = 'DATABASE_URL'
+    engine: AsyncEngine, url: URL, connect_timeout: float, setting: str = 'DATABASE_URL', *, pooled: bool = False
 ) -> dict[str, int]:
     """Read the timeouts in force in a transaction, failing within the connect timeout with the host and port: the
     `connect_timeout` of `url` when it sets one, else `connect_timeout` seconds (`DB_CONNECT_TIMEOUT`). A refused
@@ -192,7 +194,9 @@ async def check_connection(
         ConfigError: the server refused the login (a wrong password, an unknown role or database) or a server setting
             of the URL's `options`, or it is behind a pooler and the pooler mode is off (`DB_POOLER`).
     """
-    where = describe_server(url)
+    # `(PgBouncer)` in the pooler mode, as a running process says it (`engine.server_address`): a pooler that is down
+    # read as PostgreSQL refusing connections.
+    where = describe_server(url) + (' (PgBouncer)' if pooled else '')
     # The URL's `connect_timeout` is the wait asyncpg is given (`build_engine`): bounded by DB_CONNECT_TIMEOUT instead,
     # `?connect_timeout=30` gave up after 11 s, and `?connect_timeout=1` after 1 s said "within 10s".
     seconds, source = effective_connect_timeout(url, connect_timeout, setting)

@@ -319,3 +319,14 @@ async def test_upgrade_with_a_migration_url_needs_only_that_one(database_url: st
     wrong = await invoke('db', 'upgrade', env={**env, 'DATABASE_MIGRATION_URL': refused})
     assert wrong.exit_code == 2 and 'refused the login' in wrong.stderr, wrong.stderr
     assert 'in DATABASE_MIGRATION_URL' in wrong.stderr and 'DATABASE_URL' not in wrong.stderr, wrong.stderr
+
+
+async def test_a_pooler_that_is_down_at_the_start_is_named_as_the_pooler() -> None:
+    # In the pooler mode a running process says "(PgBouncer)" after the address; the start's check did not, so a pooler
+    # that was down read as PostgreSQL refusing connections (qa122). The direct migration URL is not the pooler.
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/pooled', 'DB_POOLER': 'pgbouncer'}
+    result = await invoke('db', 'status', env=env)
+    assert result.exit_code == 3 and 'cannot connect to PostgreSQL at 127.0.0.1:1/pooled (PgBouncer): ' in result.stderr
+    direct = {**env, 'DATABASE_MIGRATION_URL': 'postgresql://u:p@127.0.0.1:2/direct'}
+    gone = await invoke('db', 'upgrade', env=direct)
+    assert gone.exit_code == 3 and 'cannot connect to PostgreSQL at 127.0.0.1:2/direct: ' in gone.stderr, gone.stderr
