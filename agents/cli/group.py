@@ -122,8 +122,13 @@ class AgentrtGroup(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        with reader_may_leave():
+        with reader_may_leave() as output:
             code = self._main(args, prog_name, complete_var, **extra)
+        if output is not None and output.not_written is not None and code == 0:
+            error_line(
+                f'the output could not be written ({output.not_written}); the command ran to its end', redact=False
+            )
+            code = 1
         if not standalone_mode:
             return code
         raise SystemExit(code)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ['reader_left', 'reader_may_leave']
+__all__ = ['reader_left', 'reader_may_leave', 'terminal_went_away']
+
+_on_a_terminal = False
+"""Whether standard output was a terminal as the command started (`reader_may_leave`)."""
 
 
 class _ReaderMayLeave:
@@ -16,26 +20,36 @@ class _ReaderMayLeave:
     a write or flush that finds the pipe closed (`BrokenPipeError`) ends the output, not the command. What is left
     to print goes to `/dev/null` (the descriptor itself, so the interpreter's last flush finds nothing to fail on),
     and the command runs to its end: a chat turn is finished and saved, as billed. Everything else is `sys.stdout`'s.
+
+    A write that fails otherwise (a full disk: `> /dev/full`) ends the output the same way, and is kept in
+    `not_written`: the command runs to its end, then says so and exits 1 (`agentrt.agents.cli.group`). It was an
+    "internal error" (exit 70), and a chat turn was cut off at its first line of output.
     """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self.reader_left = False
+        self.not_written: str | None = None
 
     def write(self, text: str) -> int:
         if not self.reader_left:
             try:
                 return int(self._stream.write(text))
-            except BrokenPipeError:
-                self._discard_the_rest()
+            except OSError as exc:
+                self._failed(exc)
         return len(text)
 
     def flush(self) -> None:
         if not self.reader_left:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._discard_the_rest()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        if not isinstance(exc, BrokenPipeError):
+            self.not_written = exc.strerror or str(exc)
+        self._discard_the_rest()
 
     def _discard_the_rest(self) -> None:
         self.reader_left = True
@@ -58,21 +72,30 @@ def reader_left() -> bool:
 
 
 @contextmanager
-def reader_may_leave() -> Iterator[None]:
+def reader_may_leave() -> Iterator[_ReaderMayLeave | None]:
     """While inside, a standard output whose reader went away (a closed pipe) discards what is printed, quietly,
-    instead of failing the command (`_ReaderMayLeave`); a terminal is left as it is."""
+    instead of failing the command, and one that cannot be written (a full disk) discards it too, noting why
+    (`_ReaderMayLeave`, given to the block); a terminal is left as it is (None)."""
     stream = sys.stdout
     try:
         interactive = stream is None or stream.isatty()
     except (ValueError, AttributeError):
         interactive = True
     if interactive:
-        yield
+        global _on_a_terminal
+        _on_a_terminal = stream is not None
+        yield None
         return
     sys.stdout = guarded = _ReaderMayLeave(stream)
     try:
-        yield
+        yield guarded
     finally:
         guarded.flush()  # what `print` and `typer.echo` buffered: it would fail at the interpreter's exit otherwise
         if sys.stdout is guarded:
             sys.stdout = stream
+
+
+def terminal_went_away(exc: BaseException) -> bool:
+    """Whether `exc` is a write to the terminal that went away (its window closed, an ssh connection dropped: the
+    kernel answers EIO, and a hung-up terminal no longer says it is one): the command's output was a terminal."""
+    return _on_a_terminal and isinstance(exc, OSError) and exc.errno == errno.EIO

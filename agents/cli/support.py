@@ -20,7 +20,7 @@ import threading
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agentrt.agents.cli.output import plain_decimal
+from agentrt.agents.cli.pipes import terminal_went_away
 from agentrt.agents.cli_entry import Stopped as Stopped  # the CLI's own name for it (chat_loop, worker)
 from agentrt.agents.cli_entry import signals_to_asyncio
 from agentrt.db.errors import (
@@ -406,6 +407,13 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, Stopped):
         error_line(exc.message, redact=False)
         return exc.exit_code
+    if terminal_went_away(exc):
+        # Written to a terminal that was closed (the SIGHUP that comes with it may not have been handled yet): the
+        # stop the SIGHUP makes (exit 129), not an "internal error" (exit 70). Said where it can still be read.
+        hung_up = Stopped(signal.SIGHUP)
+        with suppress(OSError):
+            error_line(hung_up.message, redact=False)
+        return hung_up.exit_code
     if type(exc).__name__ == 'LogfireConfigError':
         # Raised by logfire's import (pydantic-ai's, and pydantic's plugin loading, import it), which fails again in
         # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.

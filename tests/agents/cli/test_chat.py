@@ -405,3 +405,68 @@ async def test_a_first_chat_with_an_account_of_ones_own_seeds_nothing() -> None:
     await _seed_demo_if_empty('my-own-account')
     async with get_db_session(account=Unscoped.OWNER) as session:
         assert (await session.execute(text('SELECT count(*) FROM accounts'))).scalar_one() == 0
+
+
+def _chat_to_a_full_disk(database_url: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, 'DATABASE_URL': database_url}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--session', 'to-a-full-disk']
+    with open('/dev/full', 'w') as full:
+        return subprocess.run(
+            [*command, '--delay', '0'], cwd=ROOT, env=env, stdout=full, stderr=subprocess.PIPE, timeout=120
+        )
+
+
+async def test_an_output_that_cannot_be_written_is_said_after_the_turn_ran_to_its_end(
+    demo_data: None, database_url: str
+) -> None:
+    # `agentrt chat ... > /dev/full`: "internal error: OSError: [Errno 28] No space left on device" (exit 70), the
+    # turn cut off at its first line of output (qa121). The turn runs to its end, saved as billed; one line, exit 1.
+    done = await asyncio.to_thread(_chat_to_a_full_disk, database_url)
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.decode().splitlines() if line.startswith('error:')]
+    assert lines == ['error: the output could not be written (No space left on device); the command ran to its end']
+    assert 'Traceback' not in done.stderr.decode()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(
+            text("SELECT count(*) FROM conversations WHERE conversation_id = 'to-a-full-disk'")
+        )
+        assert saved.scalar_one() == 1
+    assert {row['status'] for row in await ledger_rows(chat_session_id='to-a-full-disk')} == {'complete'}
+
+
+def _chat_on_a_terminal_that_goes_away(database_url: str) -> int:
+    """`agentrt chat QUESTION` writing to a terminal (not its controlling one) that is closed once the answer comes:
+    its exit code."""
+    master, terminal = os.openpty()
+    env = {**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'chat', QUESTION, '--session', 'hung-up', '--delay', '0.05']
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True
+    )
+    os.close(terminal)
+    try:
+        seen = b''
+        while b'Cardiolog' not in seen:  # the answer is being written
+            seen += os.read(master, 4096)
+        os.close(master)  # the terminal goes away
+        return process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+async def test_a_terminal_closed_while_the_answer_is_written_stops_the_chat_as_a_hang_up(
+    demo_data: None, database_url: str
+) -> None:
+    # The window closed (or ssh dropped) during an answer: the next write to the terminal fails with EIO, which was
+    # "internal error: OSError: [Errno 5] Input/output error ... report it" (exit 70; qa121). It is the hang-up it is:
+    # exit 129, the turn not saved, as a SIGHUP there. (The terminal is not the process's controlling one here, so no
+    # SIGHUP comes: only the failed write tells.)
+    code = await asyncio.to_thread(_chat_on_a_terminal_that_goes_away, database_url)
+    assert code == 128 + signal.SIGHUP
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        saved = await session.execute(text("SELECT count(*) FROM conversations WHERE conversation_id = 'hung-up'"))
+        assert saved.scalar_one() == 0
+    statuses = [row['status'] for row in await ledger_rows(chat_session_id='hung-up')]
+    assert statuses and set(statuses) <= {'complete', 'cancelled'}, statuses
