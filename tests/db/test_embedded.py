@@ -813,3 +813,51 @@ def test_a_runtime_directory_that_cannot_be_made_is_one_line_naming_xdg_runtime_
     assert done.returncode == 4
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and 'XDG_RUNTIME_DIR' in lines[0] and '/proc/agentrt-gone' in lines[0], done.stderr
+
+
+def _ctrl_c_during_the_exits_stop(data_dir: Path) -> tuple[bool, int, str]:
+    """`agentrt db status` on `data_dir` (its last user: its exit stops the server), with a Ctrl-C to its process
+    group, as a terminal sends it, while its `pg_ctl stop` runs: whether the Ctrl-C came then, the exit code, stderr."""
+    env = {**os.environ, 'DATABASE_URL': '', 'AGENTRT_DATA_DIR': str(data_dir)}
+    command = [sys.executable, '-m', 'agentrt.agents.cli', 'db', 'status']
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    caught = False
+    try:
+        parent = psutil.Process(process.pid)
+        while process.poll() is None and not caught:
+            try:
+                stopping = [
+                    child
+                    for child in parent.children(recursive=True)
+                    if 'stop' in child.cmdline() and 'pg_ctl' in child.name()
+                ]
+            except psutil.Error:
+                stopping = []
+            if stopping:
+                os.killpg(process.pid, signal.SIGINT)
+                caught = True
+            time.sleep(0.002)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    return caught, process.returncode, err.decode()
+
+
+def test_ctrl_c_while_the_exit_stops_the_server_does_not_kill_its_pg_ctl(tmp_path: Path) -> None:
+    # A Ctrl-C at the terminal as a command exited reached its `pg_ctl stop` too (the process group's): pg_ctl died
+    # mid-stop, "WARNING embedded PostgreSQL ... did not stop cleanly: ... died with <Signals.SIGINT: 2>" (qa121),
+    # perhaps before it had asked the server to stop. pg_ctl now runs in a session of its own.
+    data_dir = tmp_path / 'pgdata'
+    for _ in range(5):  # pg_ctl runs a fraction of a second: until the Ctrl-C came while it ran
+        caught, code, err = _ctrl_c_during_the_exits_stop(data_dir)
+        if caught:
+            break
+    assert caught, 'the Ctrl-C never came while pg_ctl stopped the server'
+    assert code == 0, err
+    assert 'did not stop cleanly' not in err and 'Traceback' not in err, err
+    assert 'interrupted: the command has ended; finishing its exit' in err, err
+    assert not _servers(data_dir)

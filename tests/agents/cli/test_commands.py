@@ -169,6 +169,34 @@ async def test_ctrl_c_while_the_command_exits_lets_the_exit_finish_and_a_second_
     assert err.endswith(b'error: interrupted while exiting: its clean-up was cut short\n') and b'Traceback' not in err
 
 
+async def test_ctrl_c_in_the_interpreters_last_moments_does_not_kill_the_process() -> None:
+    # After the exit's callbacks, the interpreter puts a Python signal handler back to the default: a Ctrl-C in the
+    # 0.3 s left (its modules torn down) killed the process with SIGINT, no word said (status -2; qa121). Here an
+    # object torn down with the program's module sends it.
+    program = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from agentrt.agents.cli import main
+
+        class TornDownLast:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                os.write(1, b'torn down\\n')
+
+        last = TornDownLast()
+        sys.argv = ['agentrt', '--version']
+        main()
+        """
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, '-c', program, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, (process.returncode, err)
+    assert out.endswith(b'torn down\n') and err == b'', (out, err)
+
+
 async def _interrupted_exit(program: str, seconds: str, *, interrupts: int) -> tuple[int | None, bytes, bytes]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, '-c', program, seconds, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
