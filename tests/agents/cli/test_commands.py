@@ -148,14 +148,22 @@ async def test_ctrl_c_while_the_command_exits_lets_the_exit_finish_and_a_second_
     # Ctrl-C during that release interrupted it with a traceback ("Exception ignored in atexit callback ...
     # KeyboardInterrupt"), exit code 0, the embedded server left running without a user. The first now lets the exit
     # finish, in one line; a second ends a stuck exit at once (exit code 130).
+    # Registered as the command runs, as the embedded server's start registers its release (the CLI's own last
+    # callback, registered before, ignores a Ctrl-C after them all).
     program = textwrap.dedent(
         """
         import atexit, sys, time
-        from agentrt.agents.cli import main
+        import agentrt.agents.cli as cli
         seconds = int(sys.argv[1])
-        atexit.register(lambda: (print('exiting', flush=True), time.sleep(seconds), print('released')))
+        command = cli.app
+
+        def app():
+            atexit.register(lambda: (print('exiting', flush=True), time.sleep(seconds), print('released')))
+            command()
+
+        cli.app = app
         sys.argv = ['agentrt', '--version']
-        main()
+        cli.main()
         """
     )
     finished = await _interrupted_exit(program, '2', interrupts=1)
