@@ -634,12 +634,41 @@ async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: 
         await _delete(site, keys.acme, conversation)
         await route.fulfill(response=answered, body=body)
 
+    async def slow_read(route: Route) -> None:  # a slow network: the read after the answer is not back yet
+        await asyncio.sleep(1.5)
+        await route.continue_()
+
     await page.route('**/api/v1/chat', deleted_meanwhile)
+    await page.route('**/api/v1/conversations/*limit=1*', slow_read)
     turn = await _send(page, 'sixth question')
     await expect(turn).to_have_attribute('data-state', 'done')
     await page.unroute('**/api/v1/chat')
-    await _send(page, 'seventh question')
+    await _send(page, 'seventh question')  # at once: it waited for that read (it was sent unchecked: qa125)
     await _not_sent(page, conversation, 'seventh question')
+    await page.unroute('**/api/v1/conversations/*limit=1*')
+
+    # Not found after its answer, then the check before the next message fails for a moment (a 503): it was taken for
+    # "not changed" and the message sent (qa125). It waits, in the box; sent again, the check says it is gone.
+    await page.get_by_role('textbox', name='Message').fill('')
+    turn = await _send(page, 'eighth question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    conversation = page.url.split('#/chat/', 1)[1]
+    await page.route('**/api/v1/chat', deleted_meanwhile)
+    turn = await _send(page, 'ninth question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    await page.unroute('**/api/v1/chat')
+
+    async def unavailable(route: Route) -> None:
+        await route.fulfill(status=503, content_type='application/json', body='{"detail": "busy"}')
+
+    await page.route('**/api/v1/conversations/*limit=600*', unavailable)
+    await _send(page, 'tenth question')
+    await expect(page.locator('.notice .alert')).to_contain_text('whether it still exists could not be checked')
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value('tenth question')
+    assert await PostgresConversationStore(await account_id('acme-health')).load(conversation) is None
+    await page.unroute('**/api/v1/conversations/*limit=600*')
+    await page.get_by_role('textbox', name='Message').press('Enter')
+    await _not_sent(page, conversation, 'tenth question')
 
 
 BIDI_CONTROLS = [chr(code) for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
@@ -732,6 +761,28 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
         assert not set(text) & set(BIDI_CONTROLS), text
     assert '"query": "\\u202eevil"' in shown[0] and '"found": "\\u202eabc"' in shown[1], shown
     assert 'no such id: \\u202eabc' in await page.locator('.content-prompt').inner_text()
+
+
+async def test_bidirectional_controls_in_a_tools_name_and_its_arguments_keys_are_shown_as_escapes(page: Page) -> None:
+    # Values were escaped in the closed rows, keys and names not: a model names a dict's keys, and `{RLO}key: value,
+    # n: 481` read "481 :n ,value :yek" (qa125).
+    async def with_tool_calls(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'tool-input-available', 'toolCallId': 't1', 'toolName': 'lookup', 'input': {f'{RLO}key': 'v'}},
+            {'type': 'tool-output-available', 'toolCallId': 't1', 'output': 'ok'},
+            {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': f'{RLO}toolname', 'input': {}},
+            {'type': 'tool-output-available', 'toolCallId': 't2', 'output': 'ok'},
+            {'type': 'finish'},
+        ]
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', with_tool_calls)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    assert await turn.locator('.tool-args').first.text_content() == '\\u202ekey: \u2068v\u2069'
+    assert await turn.locator('.tool-name').all_text_contents() == ['lookup', '\\u202etoolname']
 
 
 STATUS_FITS = """(row, texts) => {

@@ -18,6 +18,8 @@ const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
 const DELETED = 'The conversation shown here was deleted: this is a new one.';
 const NOT_SENT = 'Your message was not sent: it is in the box, to start it with.';
+const UNCHECKED =
+  'This conversation was not found a moment ago, and whether it still exists could not be checked: your message was not sent; it is in the box, to send again.';
 const STORED_BEFORE_THE_RULES =
   'This conversation was saved by an earlier version under an id that new messages can no longer use: you can read and delete it; start a new chat to go on.';
 // Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
@@ -189,6 +191,8 @@ export function createChatView() {
   // The conversation whose entity tag, read after its answer, was not found (404): deleted while the answer came, or
   // never saved (an answer that did not come from the server): the next message checks first, though no tag is known.
   let unfound = null;
+  // The read of the entity tag after this tab's last answer (`learnTag`): `{id, done}`, `done` its promise.
+  let tagRead = null;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -426,6 +430,7 @@ export function createChatView() {
       storedTitle = null;
       saved = false;
       unfound = null;
+      tagRead = null;
     }
     history += 1; // a page of older messages on its way is not shown
     setEarlier(again ? earlierCursor : null);
@@ -514,6 +519,7 @@ export function createChatView() {
     storedTitle = null;
     saved = false;
     unfound = null;
+    tagRead = null;
     stale = false;
     history += 1; // a page of older messages on its way is not shown
     setEarlier(null);
@@ -566,6 +572,13 @@ export function createChatView() {
     setBusy(true);
     let response = null;
     try {
+      if (tagRead?.id === sending) {
+        // Sent before the read after its last answer was back: that read is the check's starting point.
+        const learnt = await tagRead.done;
+        tagRead = null;
+        if (learnt?.tag && conversationId === sending) knownTag = learnt.tag;
+        else if (learnt?.deleted && conversationId === sending) unfound = sending;
+      }
       if ((knownTag || unfound === sending) && !isFirst) {
         // Saved by another tab or client since it was shown here? Then its turns are shown first, this message after
         // them: the answer followed a question this tab never showed, with nothing on screen to say why (QA).
@@ -580,6 +593,15 @@ export function createChatView() {
             window.history.replaceState(null, '', '#/chat/new');
             if (!input.value) input.value = text;
           }
+          return;
+        }
+        if (latest === null && !knownTag && unfound === sending) {
+          // Not found a moment ago, and the read that would say it is back failed (a 503, a dropped connection):
+          // sent, the message would start it again below turns the model no longer has (qa125). It waits.
+          mine.remove();
+          turn.element.remove();
+          if (!input.value) input.value = text;
+          notice.replaceChildren(alertBox(UNCHECKED));
           return;
         }
         if (latest && conversationId === sending) {
@@ -657,9 +679,19 @@ export function createChatView() {
     return renderHistory(data.messages);
   }
 
-  /** The entity tag of what this tab's own turn saved on `id`, so that the next send can tell another's turn from it. */
-  async function learnTag(id) {
+  /**
+   * The entity tag of what this tab's own turn saved on `id`, so that the next send can tell another's turn from it:
+   * `{tag}`, `{deleted: true}` (404), or null when unknown. A send that starts before the read is back waits for it
+   * (`tagRead`): on a slow network the message went unchecked, the tag not known yet (qa125).
+   */
+  function learnTag(id) {
     knownTag = null; // until known: the next send checks nothing rather than take its own turn for another's
+    const done = readTag(id);
+    tagRead = { id, done };
+    return done;
+  }
+
+  async function readTag(id) {
     try {
       // With the key given: a 401 here (a key revoked meanwhile) does not return the page to sign-in by itself; the
       // next send finds it out, with its message kept (pending.js).
@@ -667,16 +699,22 @@ export function createChatView() {
         params: { format: 'vercel', limit: '1' },
         key: session.key,
       });
+      const tag = response.headers.get('ETag');
       if (conversationId === id && !controller) {
-        knownTag = response.headers.get('ETag');
+        knownTag = tag;
         unfound = null;
       }
+      return { tag };
     } catch (error) {
       // Deleted while its answer came (another tab or client, or Conversations here, whose event an answer on its way
       // leaves alone): with no tag the next send checked nothing, and started a conversation of the same id below
       // turns the model no longer had. It checks now (a 404 then takes the deleted path).
-      if (error instanceof ApiError && error.status === 404 && conversationId === id) unfound = id;
+      if (error instanceof ApiError && error.status === 404) {
+        if (conversationId === id && !controller) unfound = id;
+        return { deleted: true };
+      }
       // Otherwise unknown: the next send is not checked; the server still refuses one that races another (409).
+      return null;
     }
   }
 

@@ -114,8 +114,11 @@ export function summariseArgs(input, limit = 90, { nestedFirst = true } = {}) {
       if (value === null || value === undefined) continue;
       if (typeof value === 'object' && !Array.isArray(value)) walk(value, nested);
       else if (Array.isArray(value) && value.some((item) => item !== null && typeof item === 'object')) {
-        into.push(`${key}: ${value.length} item${value.length === 1 ? '' : 's'}`);
-      } else into.push(`${key}: ${isolate(visibleControls(String(Array.isArray(value) ? value.join(', ') : value)))}`);
+        into.push(`${visibleControls(key)}: ${value.length} item${value.length === 1 ? '' : 's'}`);
+      } else {
+        const shown = visibleControls(String(Array.isArray(value) ? value.join(', ') : value));
+        into.push(`${visibleControls(key)}: ${isolate(shown)}`); // keys too: a model names a dict's keys
+      }
     }
   };
   walk(input, flat);

@@ -36,7 +36,7 @@ function toolLine(name, value, what, nestedFirst) {
   const details = h(
     'details',
     { class: 'tool-line' },
-    h('summary', {}, h('span', { class: 'tool-name', text: name }), h('span', { class: 'tool-args', text: summariseArgs(value, 160, { nestedFirst }) || what })),
+    h('summary', {}, h('span', { class: 'tool-name', text: visibleControls(String(name ?? '')) }), h('span', { class: 'tool-args', text: summariseArgs(value, 160, { nestedFirst }) || what })),
     pre,
   );
   details.addEventListener('toggle', () => {
@@ -62,7 +62,7 @@ function renderPart(part) {
       return h(
         'div',
         { class: 'part' },
-        h('p', { class: 'part-label', text: `Asked to retry${part.tool_name ? ` ${part.tool_name}` : ''}` }),
+        h('p', { class: 'part-label', text: `Asked to retry${part.tool_name ? ` ${visibleControls(part.tool_name)}` : ''}` }),
         h('pre', { text: visibleControls(contentText(part.content)) }), // a tool's error, said to the model
       );
     default:

@@ -129,7 +129,7 @@ export class ToolTimeline {
     const span = Math.max(last - origin, 1);
     for (const call of calls) {
       const { item, name, args, bar, status } = call.view;
-      name.textContent = call.name;
+      name.textContent = visibleControls(call.name);
       args.textContent = summariseArgs(call.input);
       item.dataset.toolCallId = call.id;
       item.dataset.toolName = call.name;
