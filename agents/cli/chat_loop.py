@@ -24,7 +24,9 @@ EXIT_COMMANDS = frozenset({'exit', 'quit', ':q'})
 STOPPED_NOTE = (
     'stopped: this answer was not saved (the ledger keeps its model requests; one the stop cut off is marked cancelled)'
 )
-READER_LEFT_NOTE = 'the output is no longer read (its pipe was closed): the lines left were not sent'
+READER_LEFT_NOTE = (
+    'the output can no longer be written (its reader left, or its disk is full): the lines left were not sent'
+)
 
 
 class _Interrupts:

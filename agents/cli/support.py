@@ -254,7 +254,10 @@ def error_line(message: str, *, redact: bool = True) -> None:
     # an escape sequence typed in an argument recoloured or cleared the terminal, a NUL went out as a raw byte.
     one_line = ' '.join((redacted(str(message)) if redact else str(message)).split())
     text = shortened(visible(one_line), MAX_ERROR_CHARS)
-    err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
+    # Said where it can be: a standard error that cannot be written (a full disk, a terminal closed) raised out of the
+    # error boundary, so every failure exited 1 and a usage error's 2 was lost (qa124).
+    with suppress(OSError):
+        err_console.print(f'[bold red]error:[/] {escape(text)}', highlight=False, soft_wrap=True)
 
 
 def shortened(text: str, limit: int) -> str:
@@ -411,8 +414,7 @@ def report(exc: BaseException) -> int:
         # Written to a terminal that was closed (the SIGHUP that comes with it may not have been handled yet): the
         # stop the SIGHUP makes (exit 129), not an "internal error" (exit 70). Said where it can still be read.
         hung_up = Stopped(signal.SIGHUP)
-        with suppress(OSError):
-            error_line(hung_up.message, redact=False)
+        error_line(hung_up.message, redact=False)
         return hung_up.exit_code
     if type(exc).__name__ == 'LogfireConfigError':
         # Raised by logfire's import (pydantic-ai's, and pydantic's plugin loading, import it), which fails again in

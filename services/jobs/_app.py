@@ -192,20 +192,36 @@ _open_on: asyncio.AbstractEventLoop | None = None
 _lock = LockPerLoop()
 
 
-def queue_conninfo(settings: Settings, engine_url: URL) -> str:
-    """The libpq URL of the queue: `AGENTRT_QUEUE_DATABASE_URL`, else `DATABASE_URL`, else the embedded server's."""
+def queue_conninfo(settings: Settings, engine_url: URL, *, hide_password: bool = False) -> str:
+    """The libpq URL of the queue: `AGENTRT_QUEUE_DATABASE_URL`, else `DATABASE_URL`, else the embedded server's
+    (`hide_password`: `***` for the password, for a message)."""
     given = settings.queue_database_url or settings.database_url
     url = parse_database_url(given) if given else engine_url
+    return _libpq_uri(url, hide_password=hide_password)
+
+
+def _libpq_uri(url: URL, *, hide_password: bool) -> str:
+    """`url` as libpq reads a URI: every part percent-encoded. SQLAlchemy's rendering writes a space in the query as
+    `+` (a form's encoding), which libpq does not decode (`options=-c%20search_path%3Dapp` reached PostgreSQL as the
+    parameter `+search_path`: the queue never connected), and one in the user, password or database as a space, which
+    libpq refuses ("unexpected spaces found")."""
+    where = URL.create('postgresql', host=url.host, port=url.port)  # (`URL.set` keeps a part given None)
+    scheme, host_and_port = where.render_as_string(hide_password=False).split('://', 1)
+    user = ''
+    if url.username is not None:
+        user = quote(url.username, safe='')
+        if url.password is not None:
+            user += ':' + ('***' if hide_password else quote(str(url.password), safe=''))
+        user += '@'
+    database = f'/{quote(url.database, safe="")}' if url.database else ''
     pairs = [
         (key, value)
         for key, values in url.query.items()
         if key != 'prepared_statement_cache_size'
         for value in ((values,) if isinstance(values, str) else values)
     ]
-    base = url.set(drivername='postgresql', query={}).render_as_string(hide_password=False)
-    # Percent-encoded, as libpq decodes a URI: SQLAlchemy writes a space in the query as `+` (a form's encoding), and
-    # `options=-c%20search_path%3Dapp` reached PostgreSQL as the parameter `+search_path`: the queue never connected.
-    return f'{base}?{urlencode(pairs, quote_via=quote)}' if pairs else base
+    query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
+    return f'{scheme}://{user}{host_and_port}{database}{query}'
 
 
 def listens(settings: Settings) -> bool:
@@ -275,7 +291,7 @@ async def open_queue() -> App:
                 'AGENTRT_QUEUE_DATABASE_URL, when set, names that same database by a direct connection'
             )
         _open_on = loop
-        logger.info('job queue open on %s', mask_url(conninfo))
+        logger.info('job queue open on %s', queue_conninfo(settings, get_engine().url, hide_password=True))
         return jobs
 
 
@@ -312,7 +328,7 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
                     else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
                 )
             settings = current_settings()
-            where = mask_url(queue_conninfo(settings, get_engine().url))
+            where = queue_conninfo(settings, get_engine().url, hide_password=True)
             # The queue's connections go to PgBouncer, which may be what went away; not a queue URL of its own (another
             # address: PostgreSQL itself, as README "Running several workers" advises), once called PgBouncer (QA).
             if settings.pooled and not listens(settings):
