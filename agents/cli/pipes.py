@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +53,10 @@ class _ReaderMayLeave:
         self._stream.flush()  # anything written to the stream itself first, in order
         data = memoryview(text.encode(self._stream.encoding or 'utf-8', self._stream.errors or 'strict'))
         while data:
-            data = data[os.write(fd, data) :]
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:  # a non-blocking descriptor (its program set O_NONBLOCK): wait until it takes more
+                select.select([], [fd], [])
 
     def flush(self) -> None:
         if not self.reader_left:

@@ -217,11 +217,52 @@ def _libpq_uri(url: URL, *, hide_password: bool) -> str:
     pairs = [
         (key, value)
         for key, values in url.query.items()
-        if key != 'prepared_statement_cache_size'
+        if key not in ('prepared_statement_cache_size', 'host', 'port')
         for value in ((values,) if isinstance(values, str) else values)
     ]
+    pairs += _libpq_hosts(url)
     query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
     return f'{scheme}://{user}{host_and_port}{database}{query}'
+
+
+def _libpq_hosts(url: URL) -> list[tuple[str, str]]:
+    """The `host` and `port` parameters of `url` as libpq reads them: README's (asyncpg's) `?host=db1:5432&host=
+    db2:5432` became two `host` parameters, of which libpq kept the last and read `db2:5432` as a host name (the
+    queue never connected: qa126); libpq's form is one `host` list and one `port` list, comma-separated."""
+    hosts, ports = _values(url, 'host'), _values(url, 'port')
+    if not hosts:
+        return [('port', port) for port in ports]
+    default = ports[0] if len(ports) == 1 else None
+    names: list[str] = []
+    numbers: list[str | None] = []
+    for host in hosts:
+        name, port = _split_port(host)
+        names.append(name)
+        numbers.append(port or default)
+    if len(ports) > 1:  # libpq's own lists, given as they are
+        return [('host', ','.join(names)), ('port', ','.join(ports))]
+    if all(number is None for number in numbers):
+        return [('host', ','.join(names))]
+    return [('host', ','.join(names)), ('port', ','.join(number or '5432' for number in numbers))]
+
+
+def _values(url: URL, key: str) -> list[str]:
+    """The values of query parameter `key` of `url` (none, one or several)."""
+    value = url.query.get(key)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _split_port(host: str) -> tuple[str, str | None]:
+    """`db1:5432` as (`db1`, `5432`); `[::1]:5432` as (`::1`, `5432`); a host without a port as it is."""
+    if host.startswith('['):
+        name, _, rest = host[1:].partition(']')
+        return name, rest[1:] if rest.startswith(':') and rest[1:].isdigit() else None
+    name, colon, port = host.rpartition(':')
+    if colon and port.isdigit() and ':' not in name:
+        return name, port
+    return host, None
 
 
 def listens(settings: Settings) -> bool:

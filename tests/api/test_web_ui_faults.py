@@ -8,6 +8,7 @@ browser for the module, a new context (an empty tab state) for each short test; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -669,6 +670,25 @@ async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: 
     await page.unroute('**/api/v1/conversations/*limit=600*')
     await page.get_by_role('textbox', name='Message').press('Enter')
     await _not_sent(page, conversation, 'tenth question')
+
+
+async def test_stop_ends_the_wait_for_a_stalled_read_after_the_last_answer(page: Page) -> None:
+    # A send waits for the read after its last answer (see above); that read stalled (a hung proxy), the send waited
+    # with it and Stop did nothing until it came back, 40 s later (qa126). Stop ends the wait.
+    turn = await _send(page, 'first question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+
+    async def stalled(route: Route) -> None:
+        await asyncio.sleep(20)
+        with contextlib.suppress(Exception):  # the page may be gone by then
+            await route.continue_()
+
+    await page.route('**/api/v1/conversations/*limit=1*', stalled)
+    turn = await _send(page, 'second question')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    turn = await _send(page, 'third question')  # its read still stalled
+    await page.get_by_role('button', name='Stop').click()
+    await expect(turn).to_have_attribute('data-state', 'stopped', timeout=3_000)
 
 
 BIDI_CONTROLS = [chr(code) for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]

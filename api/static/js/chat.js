@@ -18,6 +18,21 @@ const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
 const DELETED = 'The conversation shown here was deleted: this is a new one.';
 const NOT_SENT = 'Your message was not sent: it is in the box, to start it with.';
+const TAG_WAIT_MS = 5000;
+
+/** A promise that rejects with an `AbortError` when `signal` aborts (as `fetch` does). */
+function abortedBy(signal) {
+  return new Promise((_, reject) => {
+    const abort = () => reject(new DOMException('stopped', 'AbortError'));
+    if (signal.aborted) abort();
+    else signal.addEventListener('abort', abort, { once: true });
+  });
+}
+
+/** A promise of null after `ms` milliseconds. */
+function wait(ms) {
+  return new Promise((resolve) => setTimeout(() => resolve(null), ms));
+}
 const UNCHECKED =
   'This conversation was not found a moment ago, and whether it still exists could not be checked: your message was not sent; it is in the box, to send again.';
 const STORED_BEFORE_THE_RULES =
@@ -573,9 +588,11 @@ export function createChatView() {
     let response = null;
     try {
       if (tagRead?.id === sending) {
-        // Sent before the read after its last answer was back: that read is the check's starting point.
-        const learnt = await tagRead.done;
+        // Sent before the read after its last answer was back: that read is the check's starting point. Waited for at
+        // most TAG_WAIT_MS, and Stop ends the wait (a stalled read held the send, Stop doing nothing: qa126).
+        const pending = tagRead.done;
         tagRead = null;
+        const learnt = await Promise.race([pending, abortedBy(ownController.signal), wait(TAG_WAIT_MS)]);
         if (learnt?.tag && conversationId === sending) knownTag = learnt.tag;
         else if (learnt?.deleted && conversationId === sending) unfound = sending;
       }

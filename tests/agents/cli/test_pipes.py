@@ -6,6 +6,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,28 @@ def test_a_standard_error_that_cannot_be_written_keeps_the_commands_exit_code() 
             cwd=ROOT, env=os.environ, stdout=subprocess.DEVNULL, stderr=full, timeout=60,
         )  # fmt: skip
     assert done.returncode == 2
+
+
+def test_a_non_blocking_output_is_waited_for_not_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its program set O_NONBLOCK on the pipe (some runners do): a write past the pipe's 64 KiB found it full (EAGAIN),
+    # and the rest was taken for not written, exit 1 (qa126). It waits until the reader takes more.
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    received = bytearray()
+
+    def read_late() -> None:
+        time.sleep(0.5)  # the pipe fills meanwhile
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_late)
+    reader.start()
+    with open(write_end, 'w', encoding='utf-8') as out:
+        monkeypatch.setattr(sys, 'stdout', out)
+        with reader_may_leave() as output:
+            print('x' * 300_000)
+        monkeypatch.undo()
+    reader.join(10)
+    os.close(read_end)
+    assert output is not None and output.not_written is None
+    assert bytes(received) == b'x' * 300_000 + b'\n'

@@ -150,3 +150,17 @@ async def test_a_space_in_the_urls_options_reaches_postgresql_as_a_space(databas
         row = await (await connection.execute('SHOW application_name')).fetchone()
     assert row == ('queue_test',)
     assert 'a b' not in queue_conninfo(settings, get_engine().url, hide_password=True)
+
+
+async def test_hosts_with_their_ports_in_the_query_reach_libpq_as_its_lists(database_url: str) -> None:
+    # README's form for one host or several, `?host=db1:5432&host=db2:5432` (asyncpg's): libpq kept the last `host`
+    # and read `db2:5432` as a host name, so the queue never connected (qa126). Here the first host is a socket
+    # directory where nothing listens: libpq goes on to the next, as asyncpg does.
+    url = make_url(database_url)  # the suite's: `...@/postgres?host=<socket directory>&port=<port>`
+    socket_dir, port = url.query['host'], url.query['port']
+    for hosts in ((f'{socket_dir}:{port}',), ('/nonexistent-socket-dir:5432', f'{socket_dir}:{port}')):
+        queue = url.set(query={'host': hosts}).render_as_string(hide_password=False)
+        settings = current_settings().model_copy(update={'queue_database_url': queue})
+        conninfo = queue_conninfo(settings, get_engine().url)
+        async with await psycopg.AsyncConnection.connect(conninfo) as connection:
+            assert await (await connection.execute('SELECT 1')).fetchone() == (1,)
