@@ -273,6 +273,20 @@ async def test_serve_replays_at_start_the_rows_a_killed_process_left_in_its_jour
     assert not journal.exists() and not list(spool.parent.glob('*.replaying-*'))
 
 
+async def _cut_off_by_the_stop(rest: list[dict[str, Any] | str], stderr: str) -> None:
+    """A stream the server's stop cut off: it ended with the protocol's error event and end, its request is
+    `cancelled` in the ledger, its conversation free, and no traceback was logged."""
+    [*_, error, finish, done] = rest
+    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
+    assert error['errorText'].startswith('the server is shutting down'), error
+    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
+    assert claims == 0, stderr[-3000:]
+    assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+
+
 async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_records_its_request(
     keys: Keys, database_url: str, tmp_path: Path
 ) -> None:
@@ -301,16 +315,10 @@ async def test_a_stream_the_shutdown_cuts_off_releases_its_conversation_and_reco
             if server.poll() is None:
                 server.kill()
     assert server.returncode in (0, -signal.SIGTERM), stderr
-    [*_, error, finish, done] = rest
-    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
-    assert error['errorText'].startswith('the server is shutting down') and 'error id err_' in error['errorText']
-    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
-    assert claims == 0, stderr[-3000:]
-    assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
-    assert not spool.exists() or not spool.read_text().strip()
-    assert 'not written' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
+    await _cut_off_by_the_stop(rest, stderr)
+    assert not spool.exists() or not spool.read_text().strip()  # written, not spooled
+    assert 'error id err_' in rest[-3]['errorText']  # type: ignore[index]
+    assert 'not written' not in stderr, stderr[-3000:]
     # An ordinary stop that cut a long answer short: warnings that say which setting ran out, no ERROR line.
     assert 'ERROR' not in stderr and 'Cancel 1 running task' not in stderr, stderr[-3000:]
     assert 'shutdown: 1 request(s) still running after --shutdown-seconds' in stderr, stderr[-3000:]
@@ -357,16 +365,9 @@ async def test_a_second_ctrl_c_cuts_off_the_streams_still_running_and_the_clean_
                 server.kill()
     assert server.returncode == 0, stderr
     assert took < 15, (took, stderr[-3000:])  # not the 20 s of --shutdown-seconds, nor the answer's end
-    [*_, error, finish, done] = rest
-    assert isinstance(error, dict) and error['type'] == 'error', rest[-3:]
-    assert error['errorText'].startswith('the server is shutting down'), error
-    assert (finish, done) == ({'type': 'finish', 'finishReason': 'error'}, '[DONE]')
-    async with get_db_session(account=Unscoped.ADMIN) as session:
-        claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
-    assert claims == 0, stderr[-3000:]
-    assert [row['status'] for row in await ledger_rows()] == ['cancelled'], stderr[-3000:]
-    assert not spool.exists() or not spool.read_text().strip()
-    assert 'Traceback' not in stderr and 'ERROR' not in stderr, stderr[-3000:]
+    await _cut_off_by_the_stop(rest, stderr)
+    assert not spool.exists() or not spool.read_text().strip()  # written, not spooled
+    assert 'ERROR' not in stderr, stderr[-3000:]
     assert stderr.count('a second Ctrl-C cuts off 1 request(s) still running; the clean-up still runs') == 1, stderr
 
 

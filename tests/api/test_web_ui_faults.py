@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx2
 import pytest
@@ -348,6 +349,35 @@ async def test_shift_enter_starts_a_line_and_enter_sends_both(page: Page) -> Non
     await expect(page.get_by_role('log', name='Messages')).to_contain_text('line two')
 
 
+async def _answered_with(page: Page, events: list[dict[str, Any]]) -> Any:
+    """Send "search", answered with the stream of `events` and its end (not the server's): the assistant turn, done."""
+
+    async def answer(route: Route) -> None:
+        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
+        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
+
+    await page.route('**/api/v1/chat', answer)
+    turn = await _send(page, 'search')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    return turn
+
+
+def _answer_cut_off_after(delta: str) -> Callable[[Route], Awaitable[None]]:
+    """A route handler answering the chat with a stream cut off after its first text `delta` (no finish, no end)."""
+
+    async def cut_off(route: Route) -> None:
+        events = [
+            {'type': 'start'},
+            {'type': 'text-start', 'id': 't1'},
+            {'type': 'text-delta', 'id': 't1', 'delta': delta},
+        ]
+        await route.fulfill(
+            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
+        )
+
+    return cut_off
+
+
 async def test_a_conversation_that_cannot_be_shown_again_stays_on_screen_until_it_can(page: Page) -> None:
     # After an answer cut off, the next message first shows the conversation as the server holds it. With the server
     # still away, that wiped the conversation off the screen, and once it was back the message went out without it:
@@ -355,15 +385,7 @@ async def test_a_conversation_that_cannot_be_shown_again_stays_on_screen_until_i
     turn = await _send(page, 'first question')
     await expect(turn).to_have_attribute('data-state', 'done')
 
-    async def cut_off(route: Route) -> None:
-        events = [
-            {'type': 'start'},
-            {'type': 'text-start', 'id': 't1'},
-            {'type': 'text-delta', 'id': 't1', 'delta': 'Hal'},
-        ]
-        await route.fulfill(
-            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
-        )
+    cut_off = _answer_cut_off_after('Hal')
 
     async def away(route: Route) -> None:
         await route.abort('connectionrefused')
@@ -605,15 +627,7 @@ async def test_a_message_to_a_conversation_deleted_elsewhere_stays_unsent(page: 
     await expect(turn).to_have_attribute('data-state', 'done')
     conversation = page.url.split('#/chat/', 1)[1]
 
-    async def cut_off(route: Route) -> None:
-        events = [
-            {'type': 'start'},
-            {'type': 'text-start', 'id': 't1'},
-            {'type': 'text-delta', 'id': 't1', 'delta': 'H'},
-        ]
-        await route.fulfill(
-            status=200, content_type='text/event-stream', body=''.join(f'data: {json.dumps(e)}\n\n' for e in events)
-        )
+    cut_off = _answer_cut_off_after('H')
 
     await page.route('**/api/v1/chat', cut_off)
     turn = await _send(page, 'fourth question')
@@ -708,8 +722,9 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
     # (`"query": "<RLO>evil",` showed as `,"live"`): the value shown was not the tool's. Shown as `\u202e` now.
     controls = ''.join(BIDI_CONTROLS)
 
-    async def with_tool_calls(route: Route) -> None:
-        events = [
+    turn = await _answered_with(
+        page,
+        [
             {'type': 'start'},
             {
                 'type': 'tool-input-available',
@@ -721,13 +736,8 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
             {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': 'lookup', 'input': f'{RLO}id'},
             {'type': 'tool-output-error', 'toolCallId': 't2', 'errorText': f'no such id: {RLO}abc'},
             {'type': 'finish'},
-        ]
-        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
-        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
-
-    await page.route('**/api/v1/chat', with_tool_calls)
-    turn = await _send(page, 'search')
-    await expect(turn).to_have_attribute('data-state', 'done')
+        ],
+    )
     # The closed rows too: a string input, and a value among an object's (isolated, it still read "live").
     summaries = await turn.locator('.tool-args').all_text_contents()
     assert summaries == ['query: \u2068\\u202eevil\u2069', '\\u202eid'], summaries
@@ -786,21 +796,17 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
 async def test_bidirectional_controls_in_a_tools_name_and_its_arguments_keys_are_shown_as_escapes(page: Page) -> None:
     # Values were escaped in the closed rows, keys and names not: a model names a dict's keys, and `{RLO}key: value,
     # n: 481` read "481 :n ,value :yek" (qa125).
-    async def with_tool_calls(route: Route) -> None:
-        events = [
+    turn = await _answered_with(
+        page,
+        [
             {'type': 'start'},
             {'type': 'tool-input-available', 'toolCallId': 't1', 'toolName': 'lookup', 'input': {f'{RLO}key': 'v'}},
             {'type': 'tool-output-available', 'toolCallId': 't1', 'output': 'ok'},
             {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': f'{RLO}toolname', 'input': {}},
             {'type': 'tool-output-available', 'toolCallId': 't2', 'output': 'ok'},
             {'type': 'finish'},
-        ]
-        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
-        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
-
-    await page.route('**/api/v1/chat', with_tool_calls)
-    turn = await _send(page, 'search')
-    await expect(turn).to_have_attribute('data-state', 'done')
+        ],
+    )
     assert await turn.locator('.tool-args').first.text_content() == '\\u202ekey: \u2068v\u2069'
     assert await turn.locator('.tool-name').all_text_contents() == ['lookup', '\\u202etoolname']
 
@@ -822,20 +828,16 @@ STATUS_FITS = """(row, texts) => {
 async def test_a_tools_status_fits_its_row(page: Page) -> None:
     # "failed after 12.30 s" (in bold) was wider than the last column of the tool rows at 1280 px: it ran over the
     # right edge of their box.
-    async def with_tools(route: Route) -> None:
-        events = [
+    turn = await _answered_with(
+        page,
+        [
             {'type': 'start'},
             {'type': 'tool-input-available', 'toolCallId': 't1', 'toolName': 'search', 'input': {'q': 'x' * 200}},
             {'type': 'tool-output-error', 'toolCallId': 't1', 'errorText': 'failed'},
             {'type': 'tool-input-available', 'toolCallId': 't2', 'toolName': 'search', 'input': {'q': 'y' * 200}},
             {'type': 'finish'},  # t2 never ends: stopped
-        ]
-        stream = ''.join(f'data: {json.dumps(event)}\n\n' for event in events) + 'data: [DONE]\n\n'
-        await route.fulfill(status=200, content_type='text/event-stream', body=stream)
-
-    await page.route('**/api/v1/chat', with_tools)
-    turn = await _send(page, 'search')
-    await expect(turn).to_have_attribute('data-state', 'done')
+        ],
+    )
     durations = ['999 ms', '12.30 s', '999.99 s']
     for state, words in (('error', 'failed after'), ('stopped', 'stopped after')):
         row = turn.locator(f'.tool[data-state="{state}"]')

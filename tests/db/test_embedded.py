@@ -564,16 +564,21 @@ def test_an_initdb_that_fails_says_what_it_printed(tmp_path: Path) -> None:
     assert not _servers(data_dir)
 
 
-def test_a_first_start_on_a_file_system_out_of_inodes_says_to_look_at_them_too(tmp_path: Path) -> None:
-    # ENOSPC with 200 MB free: the advice was only to free space (`df -h` showed room: qa120).
-    disk = tmp_path / 'disk'
-    with small_file_system(disk, 200, inodes=300) as mounted:
+def _first_start_refused_on(disk: Path, megabytes: int, inodes: int | None = None) -> str:
+    """The error of a first start on a tmpfs of `megabytes` (and `inodes`) mounted on `disk`; skipped where mounting
+    is not allowed. No server is left running."""
+    with small_file_system(disk, megabytes, inodes) as mounted:
         if not mounted:
             pytest.skip('mounting a tmpfs is not allowed here')
         with pytest.raises(EmbeddedPostgresError) as raised:
             start_embedded(disk / 'pgdata', stop_at_exit=False)
         assert not _servers(disk / 'pgdata')
-    message = str(raised.value)
+    return str(raised.value)
+
+
+def test_a_first_start_on_a_file_system_out_of_inodes_says_to_look_at_them_too(tmp_path: Path) -> None:
+    # ENOSPC with 200 MB free: the advice was only to free space (`df -h` showed room: qa120).
+    message = _first_start_refused_on(tmp_path / 'disk', 200, inodes=300)
     assert 'its file system is full' in message and 'No space left on device' in message, message
     assert 'or inodes when `df -i` shows none left' in message, message
 
@@ -583,14 +588,7 @@ def test_a_first_start_on_a_disk_that_fills_up_says_its_file_system_is_full(tmp_
     # initdb's backend said so in its first FATAL line (20 MB: "wrote only 4096 of 8192 bytes", "HINT: Check free disk
     # space"; 30 MB: "No space left on device"), then its abort (PANIC, "Aborted") or the failed STATEMENT, and
     # initdb's own lines: only the last three were read, and the advice was to run the command again.
-    disk = tmp_path / 'disk'
-    with small_file_system(disk, megabytes) as mounted:
-        if not mounted:
-            pytest.skip('mounting a tmpfs is not allowed here')
-        with pytest.raises(EmbeddedPostgresError) as raised:
-            start_embedded(disk / 'pgdata', stop_at_exit=False)
-        assert not _servers(disk / 'pgdata')
-    message = str(raised.value)
+    message = _first_start_refused_on(tmp_path / 'disk', megabytes)
     assert '\n' not in message
     assert 'failed to start (CalledProcessError): its file system is full (' in message, message
     assert 'FATAL: could not ' in message and 'Free space there' in message, message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from click.testing import Result
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -36,6 +37,17 @@ async def test_verbose_shows_each_job_and_how_it_ended(demo_data: None, database
     assert 'worker: queues' in quiet.stderr and 'ended with status' not in quiet.stderr, quiet.stderr
 
 
+async def _refused_at_once(database_url: str, queue: str) -> Result:
+    """`agentrt worker --burst` with the queue at `queue`, which its server refuses: exit 2, well within the 30 s of
+    DB_CONNECT_TIMEOUT (not retried as an outage)."""
+    env = {'DATABASE_URL': queue_url(database_url), 'AGENTRT_QUEUE_DATABASE_URL': queue, 'DB_CONNECT_TIMEOUT': '30'}
+    started = time.monotonic()
+    result = await invoke('worker', '--burst', env=env)
+    assert time.monotonic() - started < 15
+    assert result.exit_code == 2, result.stderr
+    return result
+
+
 async def test_a_queue_login_refused_is_one_configuration_line(database_url: str) -> None:
     # `AGENTRT_QUEUE_DATABASE_URL` with a wrong password, role or database: four warnings ("trying again") over
     # DB_CONNECT_TIMEOUT, then exit 3 "cannot connect", which a process manager answers by starting the worker again
@@ -46,11 +58,7 @@ async def test_a_queue_login_refused_is_one_configuration_line(database_url: str
         (url.set(username='agentrt_no_such_role'), 'role "agentrt_no_such_role" does not exist'),
     ):
         queue = changed.set(password='hunter2').render_as_string(hide_password=False)
-        env = {'DATABASE_URL': queue_url(database_url), 'AGENTRT_QUEUE_DATABASE_URL': queue, 'DB_CONNECT_TIMEOUT': '30'}
-        started = time.monotonic()
-        result = await invoke('worker', '--burst', env=env)
-        assert time.monotonic() - started < 15
-        assert result.exit_code == 2, result.stderr
+        result = await _refused_at_once(database_url, queue)
         line = result.stderr.strip()
         assert line.startswith('error: PostgreSQL at ') and f'refused the login: {named}: check the ' in line, line
         assert 'in AGENTRT_QUEUE_DATABASE_URL' in line, line
@@ -62,11 +70,7 @@ async def test_a_server_setting_the_queues_server_refuses_is_one_configuration_l
     # where DATABASE_URL's is one line naming the setting, exit 2 (qa120).
     url = make_url(queue_url(database_url))
     queue = url.update_query_dict({'options': '-cstatement_timeout=abc'}).render_as_string(hide_password=False)
-    env = {'DATABASE_URL': queue_url(database_url), 'AGENTRT_QUEUE_DATABASE_URL': queue, 'DB_CONNECT_TIMEOUT': '30'}
-    started = time.monotonic()
-    result = await invoke('worker', '--burst', env=env)
-    assert time.monotonic() - started < 15
-    assert result.exit_code == 2, result.stderr
+    result = await _refused_at_once(database_url, queue)
     line = result.stderr.strip()
     assert line.startswith('error: PostgreSQL at ') and 'refused the server setting statement_timeout of ' in line, line
     assert 'AGENTRT_QUEUE_DATABASE_URL (invalid value for parameter "statement_timeout": "abc")' in line, line
