@@ -102,6 +102,10 @@ def parse_database_url(value: str) -> URL:
                 f'DATABASE_URL: host parameter {host!r}: an IPv6 address with a port is not read there; give the '
                 'address alone (host=::1) and the port as the port parameter'
             )
+        if host.startswith('['):  # `[::1]` alone: asyncpg looked the brackets up as a name, the queue (libpq) did not
+            raise ConfigError(
+                f'DATABASE_URL: host parameter {host!r}: an IPv6 address goes there without brackets (host=::1)'
+            )
         if host.count(':') == 1:  # `host=db1:5432`: SQLAlchemy's host and port
             # Never checked: port 0 was 5432, 84737 wrapped round to 19201 (another server's), silently (QA).
             port, what = host.rsplit(':', 1)[1], f'the port of host parameter {host!r}'
@@ -159,6 +163,8 @@ def _check_host_list(url: URL) -> None:
         PGDialect_asyncpg().create_connect_args(url)  # type: ignore[no-untyped-call]  # SQLAlchemy dialects are untyped
     except ArgumentError as exc:
         raise ConfigError(f'{_HOST_LIST}; as given: {exc}') from None
+    except ValueError:  # SQLAlchemy's split of `::1` at its colons: "too many values to unpack" (qa127)
+        raise ConfigError(f'{_HOST_LIST}; an IPv6 address cannot be one of several hosts there') from None
 
 
 def _check_host(host: str | None) -> None:

@@ -134,6 +134,8 @@ def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: p
         ('localhost:%2019239', 'must be a whole number from 1 to 65535'),  # a DNS error for "localhost: 19239"
         ('localhost:+19239', 'must be a whole number from 1 to 65535'),
         ('[::1]:19239', 'an IPv6 address with a port is not read there'),
+        ('[::1]&port=19239', 'an IPv6 address goes there without brackets (host=::1)'),  # a DNS error (qa127)
+        ('::1&host=::2', 'an IPv6 address cannot be one of several hosts there'),  # "too many values to unpack"
         ('localhost:19239&port=19238', 'has a port, and so does the port parameter'),
     ],
 )
