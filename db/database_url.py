@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
@@ -225,6 +225,61 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
         args['server_settings'] = server_settings
     kept = {name: raw for name, raw in url.query.items() if name in _URL_PARAMETERS}
     return url.set(query=kept), args
+
+
+def libpq_uri(url: URL, *, hide_password: bool = False) -> str:
+    """`url` as libpq reads a URI (the job queue's psycopg connections): every part percent-encoded. SQLAlchemy's
+    rendering writes a space in the query as `+` (a form's encoding), which libpq does not decode
+    (`options=-c%20search_path%3Dapp` reached PostgreSQL as the parameter `+search_path`: the queue never connected),
+    and one in the user, password or database as a space, which libpq refuses ("unexpected spaces found")."""
+    where = URL.create('postgresql', host=url.host, port=url.port)  # (`URL.set` keeps a part given None)
+    scheme, host_and_port = where.render_as_string(hide_password=False).split('://', 1)
+    user = ''
+    if url.username is not None:
+        user = quote(url.username, safe='')
+        if url.password is not None:
+            user += ':' + ('***' if hide_password else quote(str(url.password), safe=''))
+        user += '@'
+    database = f'/{quote(url.database, safe="")}' if url.database else ''
+    pairs = [
+        (key, value)
+        for key, values in url.query.items()
+        if key not in ('prepared_statement_cache_size', 'host', 'port')
+        for value in _values(values)
+    ]
+    pairs += _libpq_hosts(url)
+    query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
+    return f'{scheme}://{user}{host_and_port}{database}{query}'
+
+
+def _libpq_hosts(url: URL) -> list[tuple[str, str]]:
+    """The `host` and `port` parameters of `url` as libpq reads them: README's (asyncpg's) `?host=db1:5432&host=
+    db2:5432` became two `host` parameters, of which libpq kept the last and read `db2:5432` as a host name (the
+    queue never connected: qa126); libpq's form is one `host` list and one `port` list, comma-separated."""
+    hosts, ports = list(_values(url.query.get('host'))), list(_values(url.query.get('port')))
+    if not hosts:
+        return [('port', port) for port in ports]
+    default = ports[0] if len(ports) == 1 else None
+    names: list[str] = []
+    numbers: list[str | None] = []
+    for host in hosts:
+        name, port = _split_port(host)
+        names.append(name)
+        numbers.append(port or default)
+    if len(ports) > 1:  # libpq's own lists, given as they are
+        return [('host', ','.join(names)), ('port', ','.join(ports))]
+    if all(number is None for number in numbers):
+        return [('host', ','.join(names))]
+    return [('host', ','.join(names)), ('port', ','.join(number or '5432' for number in numbers))]
+
+
+def _split_port(host: str) -> tuple[str, str | None]:
+    """`db1:5432` as (`db1`, `5432`); a host without a port (`db1`, `::1`, a socket directory) as it is (a bracketed
+    IPv6 address is refused by `parse_database_url`)."""
+    name, colon, port = host.rpartition(':')
+    if colon and port.isdigit() and ':' not in name:
+        return name, port
+    return host, None
 
 
 def mask_url(url: URL | str) -> str:

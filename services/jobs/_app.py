@@ -7,14 +7,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any, Self
-from urllib.parse import quote, urlencode
 
 import psycopg
 import psycopg_pool
 from procrastinate import App, PsycopgConnector
 from sqlalchemy.engine import URL
 
-from agentrt.db.database_url import mask_url
+from agentrt.db.database_url import libpq_uri, mask_url
 from agentrt.db.engine import current_settings, describe_server, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
@@ -197,72 +196,7 @@ def queue_conninfo(settings: Settings, engine_url: URL, *, hide_password: bool =
     (`hide_password`: `***` for the password, for a message)."""
     given = settings.queue_database_url or settings.database_url
     url = parse_database_url(given) if given else engine_url
-    return _libpq_uri(url, hide_password=hide_password)
-
-
-def _libpq_uri(url: URL, *, hide_password: bool) -> str:
-    """`url` as libpq reads a URI: every part percent-encoded. SQLAlchemy's rendering writes a space in the query as
-    `+` (a form's encoding), which libpq does not decode (`options=-c%20search_path%3Dapp` reached PostgreSQL as the
-    parameter `+search_path`: the queue never connected), and one in the user, password or database as a space, which
-    libpq refuses ("unexpected spaces found")."""
-    where = URL.create('postgresql', host=url.host, port=url.port)  # (`URL.set` keeps a part given None)
-    scheme, host_and_port = where.render_as_string(hide_password=False).split('://', 1)
-    user = ''
-    if url.username is not None:
-        user = quote(url.username, safe='')
-        if url.password is not None:
-            user += ':' + ('***' if hide_password else quote(str(url.password), safe=''))
-        user += '@'
-    database = f'/{quote(url.database, safe="")}' if url.database else ''
-    pairs = [
-        (key, value)
-        for key, values in url.query.items()
-        if key not in ('prepared_statement_cache_size', 'host', 'port')
-        for value in ((values,) if isinstance(values, str) else values)
-    ]
-    pairs += _libpq_hosts(url)
-    query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
-    return f'{scheme}://{user}{host_and_port}{database}{query}'
-
-
-def _libpq_hosts(url: URL) -> list[tuple[str, str]]:
-    """The `host` and `port` parameters of `url` as libpq reads them: README's (asyncpg's) `?host=db1:5432&host=
-    db2:5432` became two `host` parameters, of which libpq kept the last and read `db2:5432` as a host name (the
-    queue never connected: qa126); libpq's form is one `host` list and one `port` list, comma-separated."""
-    hosts, ports = _values(url, 'host'), _values(url, 'port')
-    if not hosts:
-        return [('port', port) for port in ports]
-    default = ports[0] if len(ports) == 1 else None
-    names: list[str] = []
-    numbers: list[str | None] = []
-    for host in hosts:
-        name, port = _split_port(host)
-        names.append(name)
-        numbers.append(port or default)
-    if len(ports) > 1:  # libpq's own lists, given as they are
-        return [('host', ','.join(names)), ('port', ','.join(ports))]
-    if all(number is None for number in numbers):
-        return [('host', ','.join(names))]
-    return [('host', ','.join(names)), ('port', ','.join(number or '5432' for number in numbers))]
-
-
-def _values(url: URL, key: str) -> list[str]:
-    """The values of query parameter `key` of `url` (none, one or several)."""
-    value = url.query.get(key)
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _split_port(host: str) -> tuple[str, str | None]:
-    """`db1:5432` as (`db1`, `5432`); `[::1]:5432` as (`::1`, `5432`); a host without a port as it is."""
-    if host.startswith('['):
-        name, _, rest = host[1:].partition(']')
-        return name, rest[1:] if rest.startswith(':') and rest[1:].isdigit() else None
-    name, colon, port = host.rpartition(':')
-    if colon and port.isdigit() and ':' not in name:
-        return name, port
-    return host, None
+    return libpq_uri(url, hide_password=hide_password)
 
 
 def listens(settings: Settings) -> bool:
