@@ -18,23 +18,10 @@ const CONVERSATION_ID = /^[A-Za-z0-9][A-Za-z0-9._:@-]*$/;
 const CONVERSATION_ID_MAX_CHARS = 200;
 const DELETED = 'The conversation shown here was deleted: this is a new one.';
 const NOT_SENT = 'Your message was not sent: it is in the box, to start it with.';
-const TAG_WAIT_MS = 5000;
-
-/** A promise that rejects with an `AbortError` when `signal` aborts (as `fetch` does). */
-function abortedBy(signal) {
-  return new Promise((_, reject) => {
-    const abort = () => reject(new DOMException('stopped', 'AbortError'));
-    if (signal.aborted) abort();
-    else signal.addEventListener('abort', abort, { once: true });
-  });
-}
-
-/** A promise of null after `ms` milliseconds. */
-function wait(ms) {
-  return new Promise((resolve) => setTimeout(() => resolve(null), ms));
-}
 const UNCHECKED =
   'This conversation was not found a moment ago, and whether it still exists could not be checked: your message was not sent; it is in the box, to send again.';
+// How long a message waits for the read after its last answer (`learnTag`) before it goes without it.
+const TAG_WAIT_MS = 5000;
 const STORED_BEFORE_THE_RULES =
   'This conversation was saved by an earlier version under an id that new messages can no longer use: you can read and delete it; start a new chat to go on.';
 // Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
@@ -180,6 +167,20 @@ class AssistantTurn {
       }
     }
   }
+}
+
+/** A promise that rejects with an `AbortError` when `signal` aborts (as `fetch` does). */
+function abortedBy(signal) {
+  return new Promise((_, reject) => {
+    const abort = () => reject(new DOMException('stopped', 'AbortError'));
+    if (signal.aborted) abort();
+    else signal.addEventListener('abort', abort, { once: true });
+  });
+}
+
+/** A promise of null after `ms` milliseconds. */
+function wait(ms) {
+  return new Promise((resolve) => setTimeout(() => resolve(null), ms));
 }
 
 export function createChatView() {
