@@ -49,7 +49,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # client did not know that a request it asks for by id can be 404, or that a turn can be 409 or 502).
 BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {'model': ErrorOut, 'description': 'A `Content-Length` that is not a number, or a body that cannot be read.'},
-    408: {'model': ErrorOut, 'description': 'The body stopped arriving (`AGENTRT_HTTP_BODY_TIMEOUT_SECONDS`).'},
+    408: {
+        'model': ErrorOut,
+        'description': 'The body stopped arriving, or arrived too slowly (`AGENTRT_HTTP_BODY_TIMEOUT_SECONDS`).',
+    },
     413: {'model': ErrorOut, 'description': 'A body over `AGENTRT_HTTP_MAX_BODY_BYTES`.'},
     415: {'model': ErrorOut, 'description': 'A body not sent as UTF-8 `application/json`, or in a content coding.'},
 }

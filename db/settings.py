@@ -415,8 +415,9 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         validation_alias=AliasChoices('AGENTRT_HTTP_BODY_TIMEOUT_SECONDS', 'http_body_timeout_seconds'),
-        description='a request whose body stops arriving (nothing of it for this long) is answered 408 and its '
-        'connection closed, so a client that sends headers and no body does not hold the connection for ever',
+        description='a request whose body stops arriving (nothing of it for this long), or averages less than 500 '
+        'bytes a second once this long has passed, is answered 408 and its connection closed, so a client that sends '
+        'headers and no body, or a byte now and then, does not hold the connection for ever',
     )
     http_stream_keepalive_seconds: float = Field(
         default=15.0,

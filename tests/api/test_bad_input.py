@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 from collections.abc import Callable
@@ -443,16 +444,56 @@ async def test_a_body_that_stops_arriving_is_a_408_and_the_connection_closed(
 async def test_a_body_sent_in_pieces_within_the_timeout_is_read(
     keys: Keys, live_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The limit is on the wait for each piece, not the whole body: a slow client that keeps sending is served.
+    # The limit is on the wait for each piece and on the body's average rate after the timeout, not the whole body: a
+    # slow client that keeps sending is served.
     monkeypatch.setattr(current_settings(), 'http_body_timeout_seconds', 0.5)
-    payload = json.dumps({'message': 'Dermatologists in Boston'}).encode()
-    pieces = [payload[:5], payload[5:12], payload[12:]]
+    payload = json.dumps({'message': 'Dermatologists in Boston' + ' ' * 1500}).encode()
+    pieces = [payload[i : i + 300] for i in range(0, len(payload), 300)]
     head = (
         f'POST /api/v1/conversations/slow-body/turns HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {keys.acme}\r\n'
         f'Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n'
     )
-    status, _, body = await _raw_exchange(live_url, head, pieces, pause=0.3)  # 0.9 s in all, 0.3 s a piece
-    assert status == 200 and 'Boston' in body['output'], body
+    status, _, body = await _raw_exchange(live_url, head, pieces, pause=0.3)  # 1.8 s in all, 0.3 s a piece
+    assert len(pieces) == 6 and status == 200 and 'Boston' in body['output'], body
+
+
+async def test_a_body_that_trickles_in_is_a_408_once_its_allowance_is_spent(
+    keys: Keys, live_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the wait for each piece was bounded: a client sending a byte a minute held its connection for as long as it
+    # liked (QA: 200 connections at a byte every 5 s, unanswered after 76 s; a 4 MiB body would take 48 days).
+    monkeypatch.setattr(current_settings(), 'http_body_timeout_seconds', 0.5)
+    host, port = live_url.removeprefix('http://').split(':')
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def trickle() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(200):  # a byte every 0.1 s: never a pause of 0.5 s
+                writer.write(b' ')
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    writer.write(
+        (
+            f'POST /api/v1/conversations/trickle/turns HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {keys.acme}'
+            '\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n'
+        ).encode()
+    )
+    started = asyncio.get_running_loop().time()
+    sender = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(15):  # the old rule answered after the 20 s of the trickle (a 422)
+            status_line = await reader.readline()
+            response_head = (await reader.readuntil(b'\r\n\r\n')).lower()
+            length = int(response_head.split(b'content-length: ')[1].split(b'\r\n')[0])
+            body = json.loads(await reader.readexactly(length))
+    finally:
+        sender.cancel()
+        writer.close()
+    waited = asyncio.get_running_loop().time() - started
+    assert int(status_line.split()[1]) == 408 and body['type'] == 'request_timeout', body
+    assert 'arrived too slowly' in body['detail'] and 'at least 500 bytes a second' in body['detail'], body
+    assert b'connection: close' in response_head and 0.4 < waited < 5, waited
 
 
 # (route, parameter, value, words of the message): these answered 200, a blank filter with an empty page, a number
