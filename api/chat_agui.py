@@ -131,6 +131,7 @@ _SKIPPED_CONTENT = re.compile(r'^AG-UI content .* does not support \((.*)\) was 
                             # What each of ag_ui.core's message kinds requires, and the roles it tells them by.
                             'messages': {
                                 'type': 'array',
+                                'minItems': 1,  # the new message is the last: an empty list is refused (422)
                                 'items': {
                                     'type': 'object',
                                     'required': ['id', 'role'],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic_ai.conversation_store import ConversationConflict
@@ -126,11 +126,24 @@ async def list_all(
     )
 
 
+_ETAG_HEADER = {
+    'ETag': {
+        'description': "The conversation's revision and title, for `If-None-Match` here and `If-Match` on DELETE.",
+        'schema': {'type': 'string'},
+    }
+}
+# Declared, so a generated client expects them (OpenAPI had neither; only the parameter's description named the 304).
+CONDITIONAL_READ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {'headers': _ETAG_HEADER},
+    304: {'description': '`If-None-Match` names the current `ETag`: no body.', 'headers': _ETAG_HEADER},
+}
+
+
 @router.get(
     '/{conversation_id:stored_id}',
     summary="One conversation's messages",
     response_model=ConversationMessages,
-    responses=NOT_FOUND_RESPONSE,
+    responses={**NOT_FOUND_RESPONSE, **CONDITIONAL_READ_RESPONSES},
 )
 async def messages(
     caller: ReadCaller,

@@ -74,8 +74,11 @@ def test_openapi_declares_the_error_statuses_each_route_answers() -> None:
     }
     missing = {route: sorted(statuses - declared[route]) for route, statuses in wanted.items()}
     assert {route: gone for route, gone in missing.items() if gone} == {}
+    # A conditional read's 304 and the ETag it is keyed by (only the parameter's description named them)
+    read = paths['/api/v1/conversations/{conversation_id}']['get']['responses']
+    assert '304' in read and 'ETag' in read['304']['headers'] and 'ETag' in read['200']['headers']
     for (method, path), statuses in declared.items():
-        for status in statuses - {'200', '204'}:
+        for status in statuses - {'200', '204', '304'}:
             content = paths[path][method.lower()]['responses'][status].get('content', {})
             if not path.startswith('/health'):  # readiness answers its report, not an error body
                 assert 'application/json' in content, (method, path, status)  # an error body's model, not a bare line
@@ -97,6 +100,7 @@ def test_openapi_types_the_required_fields_of_the_ag_ui_body() -> None:
 
     model = RunAgentInput.model_json_schema(by_alias=True)['properties']['messages']['items']
     assert properties['messages']['items']['required'] == ['id', 'role']
+    assert properties['messages']['minItems'] == 1  # `[]` read as valid, and was refused (422)
     assert properties['messages']['items']['properties']['role']['enum'] == sorted(model['discriminator']['mapping'])
     # The same conversation id rule as the other chat's `id`, as long as the store's column.
     vercel = paths['/api/v1/chat']['post']['requestBody']['content']['application/json']['schema']['properties']['id']
