@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import anyio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -240,11 +241,15 @@ class TurnClaim:
             yield
         finally:
             timer.cancel()
-            if heartbeat:
-                heartbeat[0].cancel()
-                await asyncio.wait(heartbeat)  # unlike `await task`, never swallows this task's own cancellation
-            if not self.released:
-                await self._release_or_defer()
+            # Shielded from anyio's cancel scopes (Starlette's cut of a streamed response, `anyio.move_on_after`),
+            # which cancel again at every await until they exit: the release's statement was cancelled, and the
+            # conversation stayed claimed for the whole lease. A plain asyncio cancellation still reaches it.
+            with anyio.CancelScope(shield=True):
+                if heartbeat:
+                    heartbeat[0].cancel()
+                    await asyncio.wait(heartbeat)  # unlike `await task`, never swallows this task's own cancellation
+                if not self.released:
+                    await self._release_or_defer()
 
     async def _release_or_defer(self) -> None:
         try:

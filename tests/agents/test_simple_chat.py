@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import pytest
 from pydantic_ai import Agent, FunctionToolset, ModelResponse, RunContext, TextPart, ToolCallPart
 from pydantic_ai.capabilities import AbstractCapability
@@ -465,6 +466,56 @@ async def _turn(streamed: bool, message: str = 'hi', **arguments: Any) -> None:
                 pass
     else:
         await simple_chat(message, **arguments)
+
+
+def _slow_model(where: str) -> FunctionModel:
+    """A model that sleeps in its request (`model`), or asks for two tools that sleep (`tools`), then answers."""
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if where == 'model':
+            await asyncio.sleep(30)
+        if where == 'tools' and len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart('nap', {}, tool_call_id=f'nap-{i}') for i in range(2)])
+        return ModelResponse(parts=[TextPart('done')])
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        response = await respond(messages, info)
+        if isinstance(response.parts[0], TextPart):
+            yield 'done'
+        else:
+            yield {i: DeltaToolCall('nap', '{}', tool_call_id=f'nap-{i}') for i in range(2)}
+
+    return FunctionModel(respond, stream_function=stream)
+
+
+@pytest.mark.parametrize('streamed', [False, True])
+@pytest.mark.parametrize('where', ['model', 'tools'])
+async def test_a_turn_an_anyio_cancel_scope_cuts_leaves_its_conversation_free(
+    demo_data: None, streamed: bool, where: str
+) -> None:
+    # Starlette cuts a streamed response whose client left, and anyio code a timeout, with a cancel scope: it cancels
+    # again at every await until it exits, and the claim's release was cancelled too; the next message on the
+    # conversation was refused as concurrent ("one running now holds it") for the whole lease (QA: 59 s).
+    toolset: FunctionToolset[SessionDependencies] = FunctionToolset()
+
+    @toolset.tool_plain
+    async def nap() -> str:
+        await asyncio.sleep(30)
+        return 'rested'
+
+    session_id = f'anyio-cut-{where}-{streamed}'
+    with anyio.move_on_after(0.5) as scope:
+        await _turn(
+            streamed, session_id=session_id, account='acme-health', model=_slow_model(where), toolsets=[toolset]
+        )
+    assert scope.cancelled_caught
+    with anyio.fail_after(5):  # at once, not after the lease
+        await _turn(streamed, 'again', session_id=session_id, account='acme-health', model=_answer('fine'))
+    await get_supervisor().join()
+    rows = await ledger_rows(account_slug='acme-health', chat_session_id=session_id)
+    # the cut request `cancelled` (cut in its tools: its one request had ended), then the next turn's
+    first = 'cancelled' if where == 'model' else 'complete'
+    assert [row['status'] for row in rows] == [first, 'complete']
 
 
 def _waiting_run_tasks() -> list[asyncio.Task[Any]]:

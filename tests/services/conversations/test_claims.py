@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import text
 
@@ -82,6 +83,24 @@ async def test_the_claim_is_released_when_the_turn_fails_or_is_cancelled(account
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+
+async def test_the_claim_is_released_when_an_anyio_cancel_scope_cuts_the_turn(account: int) -> None:
+    # Starlette cuts a streamed response, and anyio code a timeout, with a cancel scope, which cancels again at every
+    # await until it exits: the release's own statement was cancelled, so the conversation stayed claimed for the
+    # whole lease (QA: the next turn refused as concurrent for 59 s, "one running now holds it").
+    with anyio.move_on_after(0.2) as scope:
+        async with conversation_claim(account, 'cut', lease_s=60):
+            await asyncio.sleep(60)
+    assert scope.cancelled_caught
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+
+    with anyio.move_on_after(0.2):  # and once the heartbeat runs: its end is waited for under the same scope
+        async with conversation_claim(account, 'cut', lease_s=0.3):
+            await asyncio.sleep(60)
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    async with conversation_claim(account, 'cut', lease_s=60):  # free at once
+        pass
 
 
 async def test_an_expired_claim_is_taken_over_and_its_holder_learns_it_lost(account: int) -> None:
