@@ -87,6 +87,7 @@ class TurnAdmission:
             except ValueError:  # the block ended in another context (a streamed response closed by its server)
                 pass
             self._admit_waiting()
+            self._unwatch()
 
     def stop(self) -> None:
         """The process is stopping: refuse the turns waiting now and every turn that asks from now on."""
@@ -146,6 +147,13 @@ class TurnAdmission:
         if self.running > MIN_LIMIT or self._waiting:
             if self._watcher is None or self._watcher.done():
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_loop(), name='agentrt-admission')
+
+    def _unwatch(self) -> None:
+        # Stopped now, not at its next tick: a program that closes its event loop right after its turns ended (a loop
+        # of its own per call, as README allows) got "Task was destroyed but it is pending!" for the sleeping watcher.
+        if self._watcher is not None and self.running <= MIN_LIMIT and not self._waiting:
+            self._watcher.cancel()
+            self._watcher = None
 
     async def _watch_loop(self) -> None:
         loop = asyncio.get_running_loop()

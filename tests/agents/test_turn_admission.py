@@ -54,6 +54,28 @@ async def test_turns_start_at_once_while_the_loop_keeps_up() -> None:
     assert admission.running == 0 and admission.admitted == 5
 
 
+def test_a_loop_closed_right_after_its_turns_leaves_no_watcher_pending() -> None:
+    # The watcher (more than MIN_LIMIT turns at once) stopped only at its next tick after the last turn: a program
+    # running each call in a loop of its own and closing it got "Task was destroyed but it is pending!" (QA).
+    admission = TurnAdmission(max_lag_s=0.05, queue_s=5)
+
+    async def turn() -> None:
+        async with admission.turn():
+            await asyncio.sleep(0.02)
+
+    async def turns() -> asyncio.Task[None] | None:
+        await asyncio.gather(*(turn() for _ in range(MIN_LIMIT + 2)))
+        return admission._watcher
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(turns()) is None
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    finally:
+        loop.close()
+    assert pending == [] and admission.running == 0
+
+
 async def test_a_lagging_loop_shrinks_the_cap_and_makes_turns_wait_in_order() -> None:
     admission = TurnAdmission(max_lag_s=0.01, queue_s=5)
     order: list[int] = []
