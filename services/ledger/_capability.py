@@ -461,6 +461,7 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         # cut (a usage chunk, cumulative usage stats) has values and is kept below.
         record.response_model = response.model_name
         record.provider = response.provider_name or record.provider
+        record.finish_reason = response.finish_reason  # when it came before the cut: the answer had ended
         record.provider_response_id = response.provider_response_id
         record.usage_reported = False
         record.price_source = 'unmeasured'

@@ -7,6 +7,7 @@ same ledger outcome for the same failure and raise the same `ModelProviderError`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -114,6 +115,18 @@ async def test_usage_reported_before_a_cut_is_kept_and_priced(demo_data: None, c
     assert (row['status'], row['error_type']) == ('error', 'ModelConnectionError')
     assert (row['input_tokens'], row['output_tokens'], row['usage_reported']) == (92, 22, True)
     assert row['total_cost'] is not None and row['total_cost'] > 0
+
+
+async def test_a_stream_cut_after_its_finish_reason_keeps_it(demo_data: None, clients: list[AsyncOpenAI]) -> None:
+    # The whole answer came (its finish reason included) and the connection dropped before the usage chunk: the row
+    # is the run's error, unmeasured, and its finish reason was dropped with the usage (NULL although 'stop' came; QA).
+    cut_before_usage = Reply(text=TEXT, chunks=2)
+    cut_before_usage.fault, cut_before_usage.fault_after = 'drop', 4  # role, two text chunks, the finish reason
+    with FakeOpenAI(lambda body: copy.deepcopy(cut_before_usage)).running() as fake:
+        with contextlib.suppress(ModelProviderError):
+            await _turn(True, loopback_model('chat', fake, clients), 'finished-then-cut')
+    [row] = await ledger_rows(chat_session_id='finished-then-cut')
+    assert (row['status'], row['usage_reported'], row['finish_reason']) == ('error', False, 'stop'), row
 
 
 @pytest.mark.parametrize('usage', ['abc', [1, 2]], ids=['text', 'list'])
