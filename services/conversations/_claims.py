@@ -247,17 +247,46 @@ class TurnClaim:
             with anyio.CancelScope(shield=True):
                 if heartbeat:
                     heartbeat[0].cancel()
-                    await asyncio.wait(heartbeat)  # unlike `await task`, never swallows this task's own cancellation
+                    # Unlike `await task`, never swallows this task's own cancellation; bounded, as the release: a
+                    # renewal cut mid-statement on a database that hangs gives its connection up slowly.
+                    await asyncio.wait(heartbeat, timeout=RELEASE_WAIT_S)
                 if not self.released:
-                    await self._release_or_defer()
+                    await self._release_within_wait()
 
-    async def _release_or_defer(self) -> None:
+    async def _release_within_wait(self) -> None:
+        """Release the claim, waiting at most `RELEASE_WAIT_S`: past it the release goes on in the background, and
+        this process's next turn of the conversation takes the claim over meanwhile (`_abandoned`)."""
+        supervisor = get_supervisor()
+        try:
+            release = supervisor.spawn(
+                self._release_or_defer,
+                name='release a conversation claim',
+                attributes={'gen_ai.conversation.id': self.conversation_id},
+            )
+        except (SupervisorClosed, BackgroundQueueFull):  # the process is stopping, or swamped: release it here
+            await self._release_or_defer()
+            return
+        await asyncio.wait([release], timeout=RELEASE_WAIT_S)
+        if not release.done():
+            key = (self.account_id, self.conversation_id)
+            _abandoned[key] = self.claim_id
+
+            def settled(task: asyncio.Task[bool]) -> None:
+                deferred = not task.cancelled() and task.exception() is None and task.result()
+                if _abandoned.get(key) == self.claim_id and not deferred:
+                    del _abandoned[key]  # released, or given up (a release deferred to its retries clears it itself)
+
+            release.add_done_callback(settled)
+
+    async def _release_or_defer(self) -> bool:
+        """Release the claim; whether its release was deferred until the database is back (`_release_later`)."""
         try:
             await self.release()
         except DatabaseUnavailableError as exc:
             # The database is down (the turn most likely failed for the same reason): release the claim once it is
             # back, so the message can be sent again at once rather than after the lease.
             _release_later(self, exc)
+            return True
         except Exception as exc:  # the lease expires by itself; the turn's own outcome matters more
             logger.warning(
                 'could not release the claim on conversation %s (%s); it expires in %gs',
@@ -265,6 +294,7 @@ class TurnClaim:
                 exc,
                 self.lease_s,
             )
+        return False
 
     def _confirmed(self, started: float, held: bool) -> None:
         if held:
@@ -394,6 +424,11 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
         )
     return held
 
+
+RELEASE_WAIT_S = 1.0
+"""How long a turn that ends without its save (cancelled, failed) waits for its claim's release: against a database
+that hangs (its connections open and silent) a cancelled turn waited DB_CONNECT_TIMEOUT and the pool's ping, 12 s,
+before Ctrl-C gave the prompt back (QA). Past it the release goes on in the background (`_release_within_wait`)."""
 
 _abandoned: dict[tuple[int, str], str] = {}
 """The claims this process must still release, by (account, conversation): a turn that ended while PostgreSQL was

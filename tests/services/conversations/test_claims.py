@@ -18,6 +18,7 @@ from sqlalchemy import text
 from agentrt.db.models import Account
 from agentrt.db.processes import Holder, process_start, this_host, this_process
 from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, claims_released, conversation_claim
 from agentrt.services.conversations import _claims as claims_module
 from tests.factories import scalar
@@ -101,6 +102,42 @@ async def test_the_claim_is_released_when_an_anyio_cancel_scope_cuts_the_turn(ac
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
     async with conversation_claim(account, 'cut', lease_s=60):  # free at once
         pass
+
+
+async def test_a_release_the_database_is_slow_to_answer_does_not_hold_the_cancelled_turn_up(
+    account: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Against a database that hangs (connections open and silent), a cancelled turn waited for its claim's release
+    # (DB_CONNECT_TIMEOUT and the pool's ping: 12 s) before Ctrl-C gave the prompt back (QA). The release's statement
+    # is made slow here; the turn ends after RELEASE_WAIT_S and the release goes on in the background.
+    real_release = TurnClaim.release
+
+    async def slow_release(self: TurnClaim) -> None:
+        await asyncio.sleep(2.5)
+        await real_release(self)
+
+    monkeypatch.setattr(TurnClaim, 'release', slow_release)
+    inside = asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'slow', lease_s=60):
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(turn())
+    await inside.wait()
+    started = asyncio.get_running_loop().time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    waited = asyncio.get_running_loop().time() - started
+    assert claims_module.RELEASE_WAIT_S - 0.1 < waited < claims_module.RELEASE_WAIT_S + 1, waited
+    monkeypatch.setattr(TurnClaim, 'release', real_release)
+    async with conversation_claim(account, 'slow', lease_s=60):  # this process's next turn takes it over at once
+        pass
+    await get_supervisor().join()  # the background release ends (its claim was taken over: it deletes nothing)
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    assert claims_module._abandoned == {}
 
 
 async def test_an_expired_claim_is_taken_over_and_its_holder_learns_it_lost(account: int) -> None:
