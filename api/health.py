@@ -58,18 +58,54 @@ async def ready() -> JSONResponse:
 
 async def _check_database() -> DatabaseOut:
     head = _head()
+    # The read in a task of its own, waited for at most READY_TIMEOUT_S: a timeout around the session itself answered
+    # only once the session's clean-up under the cancellation was done, about 2 s more on a hung connection (QA: 3 s,
+    # and a probe with Kubernetes' default timeout of 1 s failed on the client's side). Given up, it is cancelled and
+    # its clean-up (the connection back to the pool, or discarded) goes on after the answer.
+    check = asyncio.create_task(_read_revision(), name='readiness: database check')
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S), get_read_only_session(account=Unscoped.NO_TENANT) as session:
-            revision = (await session.execute(text('SELECT version_num FROM alembic_version'))).scalar_one_or_none()
-    except TimeoutError:  # a frozen or lock-blocked server: logged once as a refused connection is (it was not; QA)
+        await asyncio.wait({check}, timeout=READY_TIMEOUT_S)
+    finally:  # the timeout, or this request cancelled (its client gone): the check is given up either way
+        if not check.done():
+            _give_up(check)
+    if not check.done():  # a frozen or lock-blocked server: logged once as a refused connection is (it was not; QA)
         cause = f'no answer within {READY_TIMEOUT_S:g} s'
         error_id = _failed(cause)
         return DatabaseOut(ok=False, revision=None, head=head, error=f'{cause} (error id {error_id})')
+    try:
+        revision = check.result()
     except Exception as exc:  # whatever the driver raises, readiness answers: not ready, and why is in the log
         error_id = _failed(f'{type(exc).__name__}: {exc}')
         return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
     _answered()
     return DatabaseOut(ok=True, revision=revision, head=head)
+
+
+async def _read_revision() -> str | None:
+    async with get_read_only_session(account=Unscoped.NO_TENANT) as session:
+        revision: str | None = (
+            await session.execute(text('SELECT version_num FROM alembic_version'))
+        ).scalar_one_or_none()
+        return revision
+
+
+_given_up: set[asyncio.Task[str | None]] = set()
+"""Checks given up on and still ending: the event loop holds a task only weakly."""
+
+
+def _give_up(check: asyncio.Task[str | None]) -> None:
+    """Cancel `check` and let it end (its session's clean-up) without anyone waiting for it."""
+    check.cancel()
+    _given_up.add(check)
+    check.add_done_callback(_ended)
+
+
+def _ended(check: asyncio.Task[str | None]) -> None:
+    """A check given up on has ended: its outcome is retrieved (no "Task exception was never retrieved"); the answer
+    it was given up for already said what mattered."""
+    _given_up.discard(check)
+    if not check.cancelled() and (exc := check.exception()) is not None:
+        logger.debug('readiness: a database check given up on ended with %s: %s', type(exc).__name__, exc)
 
 
 class _Outage:
