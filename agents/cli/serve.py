@@ -247,11 +247,12 @@ class CutOffAsOneLine(logging.Filter):
                 'cancelled'
             )
             return True
-        if record.name == 'uvicorn.error' and isinstance(exc, CancelledError) and _cut_by_stop(str(exc)):
+        stop = _stop_cancellation(exc) if record.name == 'uvicorn.error' and _cancellation(exc) else None
+        if stop is not None:
             record.levelno, record.levelname = logging.WARNING, 'WARNING'
             record.msg, record.args = (
                 'a request still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) was cut off'
-                if _GRACE_OVER in str(exc)
+                if _GRACE_OVER in stop
                 else 'a request still running at a second Ctrl-C was cut off',
                 (),
             )
@@ -266,6 +267,41 @@ _GRACE_OVER = 'timeout graceful shutdown exceeded'  # uvicorn's message on the c
 def _cut_by_stop(message: str) -> bool:
     """Whether a cancellation's message is the shutdown's: the grace ran out, or a second Ctrl-C."""
     return _GRACE_OVER in message or CUT_BY_SECOND_SIGNAL in message
+
+
+def _cancellation(exc: BaseException | None) -> bool:
+    """Whether `exc` is a cancellation: a `CancelledError`, or a group of nothing else (a task group's)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_cancellation(member) for member in exc.exceptions)
+    return isinstance(exc, CancelledError)
+
+
+_CHAIN_LIMIT = 64
+"""How many exceptions of a chain `_stop_cancellation` looks at: a chain is a few long, one built in a loop need not
+be read to its end."""
+
+
+def _stop_cancellation(exc: BaseException | None) -> str | None:
+    """The message of the shutdown's cancellation if `exc` is it, or carries it in its `__context__` or `__cause__`
+    chain or in a group's members; None otherwise.
+
+    The request's code may not end with uvicorn's cancellation itself: anyio's task group (Starlette's streamed
+    response) re-raises a bare `CancelledError` of its own while handling it, so the shutdown's message is only on the
+    `__context__` of the exception uvicorn logs (QA: 3 tracebacks at a stop, for 2 streams and a JSON turn).
+    """
+    seen: set[int] = set()
+    pending = [exc] if exc is not None else []
+    while pending and len(seen) < _CHAIN_LIMIT:
+        current = pending.pop()
+        if id(current) in seen:  # a chain can loop (an exception raised again while handling itself)
+            continue
+        seen.add(id(current))
+        if isinstance(current, CancelledError) and _cut_by_stop(str(current)):
+            return str(current)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(linked for linked in (current.__cause__, current.__context__) if linked is not None)
+    return None
 
 
 _CANCELLING = 'Cancel %s running task(s), timeout graceful shutdown exceeded'  # its log line before it (the same)

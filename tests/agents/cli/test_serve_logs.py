@@ -176,3 +176,58 @@ def test_library_records_are_log_lines_and_a_cancelled_pool_close_is_not_one(tmp
     assert ('Exception closing connection' in done.stderr) == (level == 'DEBUG'), done.stderr
     [warned] = [line for line in done.stderr.splitlines() if 'could not reach' in line]
     assert warned.startswith('WARNING:') and 'aB3dE5fG7hJ9' not in done.stderr, done.stderr
+
+
+# What uvicorn logs of requests its shutdown cancels, as their code ends: anyio's task group (Starlette's streamed
+# response) handles uvicorn's cancellation and re-raises a bare CancelledError of its own, the message on its context.
+CUT_OFF = """
+import asyncio, logging.config, sys
+from agentrt.agents.cli.serve import _log_config
+from agentrt.agents.cli_entry import CUT_BY_SECOND_SIGNAL
+
+logging.config.dictConfig(_log_config(sys.argv[1]))
+GRACE_OVER = 'Task cancelled, timeout graceful shutdown exceeded'  # uvicorn/server.py
+
+def raised_while_handling(message):
+    try:
+        try:
+            raise asyncio.CancelledError(message)
+        except asyncio.CancelledError:
+            raise asyncio.CancelledError()
+    except asyncio.CancelledError as exc:
+        return exc
+
+looped = asyncio.CancelledError()
+looped.__context__ = asyncio.CancelledError()
+looped.__context__.__context__ = looped
+for exc in [
+    asyncio.CancelledError(GRACE_OVER),  # uvicorn's own, as a JSON turn's code may end with it
+    raised_while_handling(GRACE_OVER),
+    raised_while_handling(CUT_BY_SECOND_SIGNAL),
+    BaseExceptionGroup('unhandled errors in a TaskGroup', [raised_while_handling(GRACE_OVER)]),
+    raised_while_handling('cancelled by something else'),  # not the stop's: as it is
+    looped,  # a chain that loops, and not the stop's
+]:
+    logging.getLogger('uvicorn.error').error('Exception in ASGI application\\n', exc_info=exc)
+"""
+
+
+@pytest.mark.parametrize('level', ['INFO', 'DEBUG'])
+def test_a_request_the_stop_cuts_off_is_one_warning_line_wherever_its_cancellation_is_chained(
+    tmp_path: Path, level: str
+) -> None:
+    # A stream's code ended with anyio's bare CancelledError raised while handling uvicorn's: the shutdown's message
+    # was only on its __context__, so "ERROR: Exception in ASGI application" and two tracebacks were logged for each
+    # stream cut off, where README promises a WARNING line (QA: 3 at a stop, for 2 streams and a JSON turn).
+    done = subprocess.run(
+        [sys.executable, '-c', CUT_OFF, level], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    grace = 'WARNING:  a request still running after --shutdown-seconds (AGENTRT_HTTP_SHUTDOWN_SECONDS) was cut off'
+    second = 'WARNING:  a request still running at a second Ctrl-C was cut off'
+    logged = [line for line in done.stderr.splitlines() if line.startswith(('WARNING:', 'ERROR:'))]
+    assert logged == [grace, grace, second, grace] + ['ERROR:    Exception in ASGI application'] * 2, done.stderr
+    # The tracebacks of the requests cut off only with --log-level debug; the other cancellation's always.
+    assert ('timeout graceful shutdown exceeded' in done.stderr) == (level == 'DEBUG'), done.stderr
+    assert ('cut off by a second Ctrl-C' in done.stderr) == (level == 'DEBUG'), done.stderr
+    assert 'CancelledError: cancelled by something else' in done.stderr
