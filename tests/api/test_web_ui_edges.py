@@ -433,3 +433,34 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(box).to_be_focused()
     await expect(refusal).to_be_hidden()  # said while the answer came; it has ended
     assert crashes == []
+
+
+async def test_the_web_ui_mounted_under_a_prefix_calls_the_api_beside_it(keys: Keys, tmp_path: Path) -> None:
+    # README mounts `create_app()` in an app of one's own (`app.mount('/agent', ...)`): with `web_ui=True` the page
+    # loaded at /agent/ and called /api/v1/... at the site's root: every call a 404, or a route of the host app's, sent
+    # the agentrt key (QA).
+    from fastapi import FastAPI
+
+    host = FastAPI()
+    misrouted: list[str] = []
+    crashes: list[str] = []
+
+    @host.get('/api/v1/me')
+    async def hosts_own_route() -> dict[str, str]:
+        misrouted.append('/api/v1/me')
+        return {'host': 'not agentrt'}
+
+    host.mount('/agent', create_app(manage_runtime=False, model=_quick_model(), web_ui=True))
+    async for url in serve(host):  # type: ignore[arg-type]  # a FastAPI app of one's own
+        async with browser_page(tmp_path / 'profile') as page:
+            page.set_default_timeout(15_000)
+            page.on('pageerror', lambda error: crashes.append(str(error)))
+            await page.goto(f'{url}/agent/')
+            await page.get_by_label('API key').fill(keys.acme)
+            await page.get_by_label('API key').press('Enter')
+            turn = await _send(page, 'Cardiologists in Seattle')
+            await expect(turn).to_have_attribute('data-state', 'done')
+            await page.get_by_role('link', name='Conversations').click()
+            await expect(page.locator('main')).to_contain_text('Cardiologists in Seattle')
+            assert crashes == []
+    assert misrouted == []

@@ -64,12 +64,14 @@ export class NetworkError extends Error {
 }
 
 /**
- * Send a request to `/api/v1{path}`. Resolves to the response when it is a success; throws ApiError (after
+ * Send a request to `api/v1{path}` of the server that served this page. Resolves to the response when it is a success; throws ApiError (after
  * announcing a 401 with the `agentrt:unauthorized` event, so the page returns to sign-in), NetworkError, or the
  * AbortError of `signal`.
  */
 export async function request(method, path, { params, body, signal, headers, key } = {}) {
-  const url = new URL(`/api/v1${path}`, window.location.origin);
+  // Beside this script (`js/api.js`), not at the site's root: an app that mounts agentrt under a prefix
+  // (`app.mount('/agent', create_app(web_ui=True))`) serves the page and its API at /agent/.
+  const url = new URL(`../api/v1${path}`, import.meta.url);
   for (const [name, value] of Object.entries(params || {})) {
     if (value !== null && value !== undefined && value !== '') url.searchParams.set(name, value);
   }
