@@ -10,6 +10,8 @@ The run has per-turn usage limits (`turn_usage_limits`), a bounded context (`Con
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,6 +43,7 @@ from agentrt.db.errors import DatabaseNotInitializedError, InvalidInputError
 from agentrt.db.session import Unscoped, get_read_only_session, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
+    ConcurrentTurnError,
     PostgresConversationStore,
     RecentConversation,
     TurnClaim,
@@ -61,6 +64,10 @@ from agentrt.services.tenancy import (
     unknown_tenant_error,
 )
 from agentrt.tools.dependencies import SessionDependencies
+
+ENDING_TURN_WAIT_S = 3.0
+"""How long a turn's start waits for the conversation's previous turn in this process to let go of it when that turn
+is ending (cancelled) but has not handed its claim to its release yet (`ConcurrentTurnError.ending_here`)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,18 @@ async def _claimed_turn(
 
     # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken. A claim
     # committed as the turn is cancelled is released, not left to its lease (`undone_if_cancelled`).
-    opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
+    try:
+        opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
+    except ConcurrentTurnError as exc:
+        if exc.ending_here is None:
+            raise
+        # The conversation's last turn in this process is ending (its client went away, a timeout cut it) and has not
+        # handed its claim over yet: a retry sent right after a hang-up was refused as concurrent, "one running now
+        # holds it" (QA). Once it has, a start takes the claim over; a turn still not ending by then is refused.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ENDING_TURN_WAIT_S):
+                await exc.ending_here.wait()
+        opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
     if opened is None:  # after the transaction: the error's own session lists what exists (a read: repeatable)
         raise await retry_on_disconnect(
             lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'

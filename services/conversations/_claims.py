@@ -97,6 +97,8 @@ class TurnClaim:
     """Set when a renewal found the claim gone (it expired and another turn took it over)."""
     released: bool = False
     """Set once the claim is deleted (by `release`, or by the transaction that saved the turn)."""
+    releasing: asyncio.Task[bool] | None = field(default=None, repr=False, compare=False)
+    """The release begun as the turn ended (`_start_release`), while it runs."""
     confirmed_at: float = field(default_factory=time.monotonic)
     """`time.monotonic()` just before the claim was last taken, renewed or checked: the lease runs from later."""
     revision: str | None = None
@@ -152,9 +154,11 @@ class TurnClaim:
                 self.acquired = True
                 return
             holding = await _claim_on(session, self.account_id, self.conversation_id)  # taken by another turn first
-        raise ConcurrentTurnError(
+        error = ConcurrentTurnError(
             self.conversation_id, stage='start', expires_in_s=None if holding is None else holding.expires_in_s
         )
+        error.ending_here = None if holding is None else _ending_here(holding.claim_id)
+        raise error
 
     async def check(self) -> str | None:
         """Renew the lease and read the conversation's stored revision, in one statement.
@@ -219,14 +223,17 @@ class TurnClaim:
         loop = asyncio.get_running_loop()
         holding = _holding.setdefault(loop, set())
         holding.add(self.claim_id)
+        _held_here[self.claim_id] = _HeldHere(asyncio.current_task(), asyncio.Event())
         try:
             async with self._renewed():
                 yield self
         finally:
-            holding.discard(self.claim_id)
-            if not holding:
-                for waiter in _none_held.get(loop, ()):
-                    waiter.set()
+            _held_here.pop(self.claim_id, None)
+            releasing = self.releasing
+            if releasing is None or releasing.done():
+                _let_go(loop, holding, self.claim_id)
+            else:  # still held by this process until its release ends (`claims_released` waits for it)
+                releasing.add_done_callback(lambda _: _let_go(loop, holding, self.claim_id))
 
     @asynccontextmanager
     async def _renewed(self) -> AsyncIterator[None]:
@@ -241,42 +248,41 @@ class TurnClaim:
             yield
         finally:
             timer.cancel()
+            if heartbeat:
+                heartbeat[0].cancel()
+            # The release starts now, in a task of its own, before anything here awaits: a second cancellation of
+            # this task (an outer timeout over an inner one, a task group aborting) cancelled the release's statement
+            # and left the conversation claimed for the whole lease (QA). From now on this process's next turn of
+            # the conversation takes the claim over (`_abandoned`; the release deletes only this claim).
+            if not self.released:
+                self.releasing = self._start_release()
+            here = _held_here.get(self.claim_id)
+            if here is not None:
+                here.ending.set()
             # Shielded from anyio's cancel scopes (Starlette's cut of a streamed response, `anyio.move_on_after`),
-            # which cancel again at every await until they exit: the release's statement was cancelled, and the
-            # conversation stayed claimed for the whole lease. A plain asyncio cancellation still reaches it.
+            # which cancel again at every await until they exit. The waits are bounded: a renewal cut mid-statement
+            # or a release on a database that hangs gives its connection up slowly (a cancelled turn waited 12 s).
             with anyio.CancelScope(shield=True):
-                if heartbeat:
-                    heartbeat[0].cancel()
-                    # Unlike `await task`, never swallows this task's own cancellation; bounded, as the release: a
-                    # renewal cut mid-statement on a database that hangs gives its connection up slowly.
-                    await asyncio.wait(heartbeat, timeout=RELEASE_WAIT_S)
-                if not self.released:
-                    await self._release_within_wait()
+                waiting = [*heartbeat, *([self.releasing] if self.releasing is not None else [])]
+                if waiting:
+                    await asyncio.wait(waiting, timeout=RELEASE_WAIT_S)  # never swallows this task's cancellation
 
-    async def _release_within_wait(self) -> None:
-        """Release the claim, waiting at most `RELEASE_WAIT_S`: past it the release goes on in the background, and
-        this process's next turn of the conversation takes the claim over meanwhile (`_abandoned`)."""
-        supervisor = get_supervisor()
-        try:
-            release = supervisor.spawn(
-                self._release_or_defer,
-                name='release a conversation claim',
-                attributes={'gen_ai.conversation.id': self.conversation_id},
-            )
-        except (SupervisorClosed, BackgroundQueueFull):  # the process is stopping, or swamped: release it here
-            await self._release_or_defer()
-            return
-        await asyncio.wait([release], timeout=RELEASE_WAIT_S)
-        if not release.done():
-            key = (self.account_id, self.conversation_id)
-            _abandoned[key] = self.claim_id
+    def _start_release(self) -> asyncio.Task[bool]:
+        """The release as a task of its own (not the supervisor's: its few places are shared with post-turn work,
+        behind which a release waited while other processes were refused), the claim marked abandoned by this
+        process until it ends, so this process's next turn of the conversation takes it over meanwhile."""
+        release = asyncio.get_running_loop().create_task(self._release_or_defer(), name='agentrt-claim-release')
+        key = (self.account_id, self.conversation_id)
+        _abandoned[key] = self.claim_id
 
-            def settled(task: asyncio.Task[bool]) -> None:
-                deferred = not task.cancelled() and task.exception() is None and task.result()
-                if _abandoned.get(key) == self.claim_id and not deferred:
-                    del _abandoned[key]  # released, or given up (a release deferred to its retries clears it itself)
+        def settled(task: asyncio.Task[bool]) -> None:
+            deferred = not task.cancelled() and task.exception() is None and task.result()
+            if _abandoned.get(key) == self.claim_id and not deferred:
+                del _abandoned[key]  # released, or given up (a release deferred to its retries clears it itself)
+            self.releasing = None
 
-            release.add_done_callback(settled)
+        release.add_done_callback(settled)
+        return release
 
     async def _release_or_defer(self) -> bool:
         """Release the claim; whether its release was deferred until the database is back (`_release_later`)."""
@@ -394,6 +400,14 @@ _none_held: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Ev
 """Set when the last claim held on their loop is given up (`claims_released` waits on one)."""
 
 
+def _let_go(loop: asyncio.AbstractEventLoop, holding: set[str], claim_id: str) -> None:
+    """The claim is no longer this process's (released, or its release given up): wake `claims_released`."""
+    holding.discard(claim_id)
+    if not holding:
+        for waiter in _none_held.get(loop, ()):
+            waiter.set()
+
+
 async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget for the turns ending
     """Wait until no turn on this event loop holds a conversation, at most `timeout` seconds; before the pool closes.
 
@@ -425,10 +439,35 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
     return held
 
 
+@dataclass(frozen=True)
+class _HeldHere:
+    """A claim a turn of this process holds: the turn's task, and an event set once the turn is ending (its claim
+    handed to its release)."""
+
+    task: asyncio.Task[object] | None
+    ending: asyncio.Event
+
+
+_held_here: dict[str, _HeldHere] = {}
+"""The claims turns of this process hold, by claim id (`TurnClaim.held`)."""
+
+
+def _ending_here(claim_id: str) -> asyncio.Event | None:
+    """When the claim is held by a turn of this process that is ending (cancelled: its client went away, a timeout),
+    the event set once its claim is handed to its release; else None (another process's, or a running turn's)."""
+    here = _held_here.get(claim_id)
+    if here is None:
+        return None
+    task = here.task
+    if here.ending.is_set() or task is None or task.done() or task.cancelling():
+        return here.ending
+    return None
+
+
 RELEASE_WAIT_S = 1.0
 """How long a turn that ends without its save (cancelled, failed) waits for its claim's release: against a database
 that hangs (its connections open and silent) a cancelled turn waited DB_CONNECT_TIMEOUT and the pool's ping, 12 s,
-before Ctrl-C gave the prompt back (QA). Past it the release goes on in the background (`_release_within_wait`)."""
+before Ctrl-C gave the prompt back (QA). Past it the release goes on in a task of its own (`_start_release`)."""
 
 _abandoned: dict[tuple[int, str], str] = {}
 """The claims this process must still release, by (account, conversation): a turn that ended while PostgreSQL was

@@ -59,6 +59,10 @@ class ConcurrentTurnError(AgentRuntimeError):
             renewed while that turn runs); None when unknown.
     """
 
+    ending_here: asyncio.Event | None = None
+    """At stage 'start': set when the claim is held by a turn of this process that is ending (cancelled), the event
+    set once that turn has handed its claim to its release; a start tried again after it takes the claim over."""
+
     def __init__(self, conversation_id: str, *, stage: TurnStage = 'save', expires_in_s: float | None = None) -> None:
         self.conversation_id = conversation_id
         self.stage: TurnStage = stage

@@ -25,12 +25,12 @@ from agentrt.agents.simple_chat import (
     simple_chat,
     simple_chat_stream,
 )
-from agentrt.db.engine import pool_status
+from agentrt.db.engine import current_settings, pool_status
 from agentrt.db.errors import ConfigError, InvalidInputError
 from agentrt.db.models import ConversationRow, DirectoryEntry
 from agentrt.db.session import Unscoped, get_read_only_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore
+from agentrt.services.conversations import ConcurrentTurnError, PostgresConversationStore, TurnClaim
 from agentrt.services.tenancy import UnknownTenantError
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -516,6 +516,79 @@ async def test_a_turn_an_anyio_cancel_scope_cuts_leaves_its_conversation_free(
     # the cut request `cancelled` (cut in its tools: its one request had ended), then the next turn's
     first = 'cancelled' if where == 'model' else 'complete'
     assert [row['status'] for row in rows] == [first, 'complete']
+
+
+@pytest.mark.parametrize('streamed', [False, True])
+async def test_a_turn_cancelled_again_while_it_releases_its_conversation_still_frees_it(
+    demo_data: None, streamed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second task.cancel() (an outer timeout over an inner one, a task group aborting) landing while the turn gave
+    # its claim back cancelled the release's statement, or the wait before it: the conversation stayed claimed for the
+    # whole lease, silently (QA: 12 of 32 cuts with two cancels 2 ms apart). The lease is short here so that the
+    # claim's heartbeat runs (its end is waited for first); the release is made slow enough for the cancels to land.
+    monkeypatch.setattr(current_settings(), 'turn_lease_seconds', 0.6)
+    real_release = TurnClaim.release
+
+    async def slow_release(self: TurnClaim) -> None:
+        await asyncio.sleep(0.05)
+        await real_release(self)
+
+    monkeypatch.setattr(TurnClaim, 'release', slow_release)
+    session_id = f'cancelled-again-{streamed}'
+    for cancels in (2, 30):
+        task = asyncio.create_task(
+            _turn(streamed, session_id=session_id, account='acme-health', model=_slow_model('model'))
+        )
+        await asyncio.sleep(0.4)  # in its model request, its heartbeat running
+        for _ in range(cancels):
+            task.cancel()
+            await asyncio.sleep(0.002)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)  # the release's statement done, whatever ran it
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:
+            claims = (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one()
+        assert claims == 0, f'{cancels} cancels left the conversation claimed'
+    await get_supervisor().join()
+
+
+async def test_a_turn_sent_while_the_last_one_is_still_ending_takes_its_conversation_over(demo_data: None) -> None:
+    # A client that hangs up and sends its next message at once (the server cancels the cut turn, whose tools take a
+    # moment to stop): the new turn was refused as concurrent, "one running now holds it" (QA: 6 of 10 retries).
+    toolset: FunctionToolset[SessionDependencies] = FunctionToolset()
+
+    @toolset.tool_plain
+    async def nap() -> str:
+        try:
+            await asyncio.sleep(30)
+        finally:  # a tool whose clean-up takes a while (a rollback, a remote call's cancel)
+            await asyncio.shield(asyncio.sleep(0.5))
+        return 'rested'
+
+    cut = asyncio.create_task(
+        simple_chat('nap', session_id='ending', account='acme-health', model=_slow_model('tools'), toolsets=[toolset])
+    )
+    await asyncio.sleep(0.5)  # in its tools
+    cut.cancel()
+    with anyio.fail_after(5):
+        result = await simple_chat('again', session_id='ending', account='acme-health', model=_answer('fine'))
+    assert result.output == 'fine'
+    with contextlib.suppress(asyncio.CancelledError):
+        await cut
+    assert cut.cancelled()
+
+    running = asyncio.create_task(  # a turn that is not ending is still refused
+        simple_chat('nap', session_id='running', account='acme-health', model=_slow_model('tools'), toolsets=[toolset])
+    )
+    await asyncio.sleep(0.5)
+    assert not running.done(), running
+    with pytest.raises(ConcurrentTurnError) as refused:
+        await simple_chat('meanwhile', session_id='running', account='acme-health', model=_answer('fine'))
+    assert refused.value.stage == 'start'
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    await get_supervisor().join()
 
 
 def _waiting_run_tasks() -> list[asyncio.Task[Any]]:

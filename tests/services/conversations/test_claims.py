@@ -135,9 +135,36 @@ async def test_a_release_the_database_is_slow_to_answer_does_not_hold_the_cancel
     monkeypatch.setattr(TurnClaim, 'release', real_release)
     async with conversation_claim(account, 'slow', lease_s=60):  # this process's next turn takes it over at once
         pass
-    await get_supervisor().join()  # the background release ends (its claim was taken over: it deletes nothing)
+    assert await claims_released(5) == 0  # the release ends (its claim was taken over: it deletes nothing)
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
     assert claims_module._abandoned == {}
+
+
+async def test_a_cancelled_turns_release_does_not_wait_behind_background_work(account: int) -> None:
+    # The release ran as a task of the background supervisor, whose few places post-turn work shares: with them all
+    # busy it waited in the queue, the claim row stayed, and every other process's turn was refused (QA).
+    supervisor = get_supervisor()
+    busy = [supervisor.spawn(asyncio.sleep, 10, name='busy') for _ in range(supervisor.max_running + 2)]
+    inside = asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'behind', lease_s=60):
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(turn())
+    await inside.wait()
+    started = asyncio.get_running_loop().time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    try:
+        assert asyncio.get_running_loop().time() - started < 0.5
+        assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # gone for every process, not this one
+    finally:
+        for sleeper in busy:
+            sleeper.cancel()
+        await asyncio.wait(busy)
 
 
 async def test_an_expired_claim_is_taken_over_and_its_holder_learns_it_lost(account: int) -> None:
