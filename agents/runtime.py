@@ -2,7 +2,8 @@
 
 `async with agentrt_runtime():` does both around a block; `configure_observability()` (from
 `agentrt.agents.observability`: spans go nowhere unless the environment asks) and `shutdown_runtime()` are the two
-halves for programs that manage their own lifecycle (a web server's start-up and shutdown hooks).
+halves for programs that manage their own lifecycle (a web server's start-up and shutdown hooks). `runtime_block()` is
+the count both `agentrt_runtime()` and `create_app()`'s lifespan take part in: the last block open shuts down.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from agentrt.agents.observability import configure_observability, flush_spans
 from agentrt.db.engine import check_event_loop, close_database, init_database
@@ -21,12 +23,24 @@ from agentrt.services.background import drain_supervisor
 from agentrt.services.conversations import claims_released
 from agentrt.services.ledger import LLMRequestTracker, existing_request_tracker
 
-__all__ = ['agentrt_runtime', 'configure_observability', 'shutdown_runtime']
+__all__ = ['agentrt_runtime', 'configure_observability', 'runtime_block', 'shutdown_runtime']
 
 logger = logging.getLogger('agentrt.ledger')
 
-_open_blocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
-"""`agentrt_runtime()` blocks open, by event loop: the last to end shuts the runtime down."""
+
+@dataclass
+class _OpenBlocks:
+    """The blocks open on one event loop (`runtime_block`)."""
+
+    count: int = 0
+    release_embedded_server: bool = False
+    """One of them asked to let go of the embedded server at the end: a server's lifespan, whose process a signal
+    ends (no exit hook), so the last block does it whichever it is."""
+
+
+_open_blocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _OpenBlocks] = weakref.WeakKeyDictionary()
+"""`runtime_block()`s open (`agentrt_runtime()`, `create_app()`'s lifespan), by event loop: the last to end shuts the
+runtime down."""
 
 
 async def shutdown_runtime(
@@ -98,8 +112,9 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
 
     On the way out, even after an error, the runtime is shut down as `shutdown_runtime()` does: background work
     drained, the ledger flushed, the pool closed. Use it around the part of a program that chats. Blocks may nest or
-    overlap on one event loop (a library's helper inside an application's block): the runtime is shut down when the
-    last of them ends, not under the others.
+    overlap on one event loop (a library's helper inside an application's block, a `create_app()` lifespan run
+    inside one or around one: `runtime_block()`): the runtime is shut down when the last of them ends, not under the
+    others.
 
     Args:
         shutdown_timeout: seconds for the clean-up at the end, as `shutdown_runtime`'s `timeout`.
@@ -111,16 +126,44 @@ async def agentrt_runtime(*, shutdown_timeout: float = 10.0) -> AsyncIterator[No
     """
     check_seconds(shutdown_timeout, 'shutdown_timeout')  # at the start: it failed only at the end, the work done
     configure_observability()
+    async with runtime_block(shutdown_timeout=shutdown_timeout):
+        await init_database()
+        yield
+
+
+@asynccontextmanager
+async def runtime_block(
+    *, shutdown_timeout: float = 10.0, release_embedded_server: bool = False
+) -> AsyncIterator[None]:
+    """Count a block among those the runtime is up for on this event loop; the last of them to end, even by an
+    error, shuts the runtime down (`shutdown_runtime()`). Starts nothing: the block starts the runtime its own way.
+
+    `agentrt_runtime()` is one; so is `create_app()`'s lifespan, so a program may run the app's lifespan inside an
+    `agentrt_runtime()` block of its own, or the other way round, and keep the runtime up to the end of the outer one.
+
+    Args:
+        shutdown_timeout: seconds for the clean-up, when this block is the last to end (`shutdown_runtime`'s
+            `timeout`).
+        release_embedded_server: let go of the embedded PostgreSQL at the end of the last block, whichever it is
+            (`shutdown_runtime`'s argument): for a server's lifespan, whose process a signal ends.
+
+    Raises:
+        InvalidInputError: `shutdown_timeout` is not a finite number of seconds, 0 or more (nothing counted).
+        ConfigError: the runtime is in use on another event loop running in another thread (nothing counted).
+    """
+    check_seconds(shutdown_timeout, 'shutdown_timeout')
     check_event_loop()  # refused before the `finally` below would shut down another thread's runtime
     loop = asyncio.get_running_loop()
-    _open_blocks[loop] = _open_blocks.get(loop, 0) + 1
+    blocks = _open_blocks.setdefault(loop, _OpenBlocks())
+    blocks.count += 1
+    blocks.release_embedded_server |= release_embedded_server
     try:
-        await init_database()
         yield
     finally:
         # A nested block's end shut the runtime down under the block around it: its sessions then failed while its
-        # turns quietly started the runtime again (QA).
-        _open_blocks[loop] -= 1
-        if not _open_blocks[loop]:
+        # turns quietly started the runtime again (QA); so did the end of a `create_app()` lifespan run inside an
+        # `agentrt_runtime()` block (QA).
+        blocks.count -= 1
+        if not blocks.count:
             del _open_blocks[loop]
-            await shutdown_runtime(shutdown_timeout)
+            await shutdown_runtime(shutdown_timeout, release_embedded_server=blocks.release_embedded_server)

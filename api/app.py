@@ -29,7 +29,7 @@ from pydantic_ai.models import Model
 
 from agentrt import __version__
 from agentrt.agents.observability import spans_exported
-from agentrt.agents.runtime import configure_observability, shutdown_runtime
+from agentrt.agents.runtime import configure_observability, runtime_block
 from agentrt.agents.simple_chat import default_chat_agent
 from agentrt.agents.turn_input import validate_run_arguments
 from agentrt.api import audit, budget, chat, conversations, costs, health, me
@@ -72,9 +72,10 @@ def create_app(
         model: the model for every turn; when omitted, the agent's own model, else `AGENTRT_MODEL`.
         settings: the runtime settings; read from the environment (and `.env`) when omitted.
         manage_runtime: start the database at start-up and shut the runtime down (background work drained, ledger
-            flushed, pool closed) at shutdown. False when the embedding program manages the runtime itself. Mounted
-            in another app (whose server runs only that app's lifespan), the first request starts it instead, and the
-            other app's shutdown calls `shutdown_runtime()`.
+            flushed, pool closed) at shutdown, unless an `agentrt_runtime()` block around or inside the lifespan is
+            still open (the last to end shuts down: `runtime_block`). False when the embedding program manages the
+            runtime itself. Mounted in another app (whose server runs only that app's lifespan), the first request
+            starts it instead, and the other app's shutdown calls `shutdown_runtime()`.
         static_dir: a directory to serve at `/` (`index.html` for `/`), e.g. a web UI of your own.
         web_ui: serve the packaged web UI at `/` (when `static_dir` is not given). Nothing is served at `/` when
             neither is given.
@@ -99,15 +100,16 @@ def create_app(
             return
         start.by_lifespan = True
         configure_observability()
-        try:
+        # One of the runtime's blocks, as an `agentrt_runtime()` is: run inside (or around) one of a program's own, it
+        # shut the runtime down under that block at its end (QA). Alone (`agentrt serve`), its end shuts down, and
+        # lets go of the embedded server: uvicorn ends its process (and stops its workers) by SIGTERM after this,
+        # skipping exit handlers.
+        async with runtime_block(release_embedded_server=True):
             await start_database_and_replay(settings)
             if freeze_heap:
                 freeze_startup_heap()
             with refusing_waiting_turns_on_stop() if refuse_on_stop else contextlib.nullcontext():
                 yield
-        finally:
-            # uvicorn ends its process (and stops its workers) by SIGTERM after this, skipping exit handlers.
-            await shutdown_runtime(release_embedded_server=True)
 
     app = FastAPI(
         title='agentrt',

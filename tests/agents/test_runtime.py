@@ -6,6 +6,9 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
+
+from agentrt.agents import runtime
 from agentrt.agents.runtime import LEDGER_CLOSE_SECONDS
 from agentrt.services.ledger import LLMRequestTracker
 from tests.factories import fast_config, ledger_rows
@@ -121,3 +124,27 @@ async def test_a_stop_on_a_database_that_does_not_answer_is_bounded_and_loses_no
         report = await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()
         assert report.inserted == 1, report
         assert [row['model'] for row in await ledger_rows(id=uuid.UUID(request_id))] == ['held-at-the-stop']
+
+
+async def test_the_last_block_to_end_shuts_down_and_lets_go_of_the_embedded_server_if_any_block_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `create_app()`'s lifespan asks to let go of the embedded server (uvicorn's process ends by a signal, no exit
+    # hook); run inside a program's `agentrt_runtime()` block, the block's end is the runtime's, and does it.
+    stops: list[tuple[float, bool]] = []
+
+    async def stopped(timeout: float = 10.0, *, release_embedded_server: bool = False) -> None:  # noqa: ASYNC109
+        stops.append((timeout, release_embedded_server))
+
+    monkeypatch.setattr(runtime, 'shutdown_runtime', stopped)
+    async with runtime.runtime_block(shutdown_timeout=3.0):
+        async with runtime.runtime_block(release_embedded_server=True):
+            pass
+        assert stops == []  # the inner end left the runtime up
+    assert stops == [(3.0, True)]
+    async with runtime.runtime_block(release_embedded_server=True):
+        async with runtime.runtime_block(shutdown_timeout=2.0):
+            pass
+    async with runtime.runtime_block():  # a block of its own afterwards: nobody asked
+        pass
+    assert stops == [(3.0, True), (10.0, True), (10.0, False)]

@@ -122,3 +122,70 @@ async def test_the_readmes_mounting_example_runs_as_written(database_url: str, k
     done = await run_program('-c', _readme_mount_example() + runner, keys.acme, database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ['started True', '200 acme-health', 'stopped True'], done.stdout + done.stderr
+
+
+LIFESPANS_NESTED = textwrap.dedent(
+    """
+    import asyncio, sys
+    from contextlib import asynccontextmanager
+    import httpx2 as httpx
+    from fastapi import FastAPI
+    from sqlalchemy import text
+    from agentrt.agents.runtime import agentrt_runtime
+    from agentrt.api.app import create_app
+    from agentrt.db.engine import current_engine
+    from agentrt.db.session import Unscoped, get_db_session
+
+    SUB = create_app()  # manage_runtime=True: its lifespan starts the runtime and shuts it down
+
+    async def one():
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            return (await session.execute(text('SELECT 1'))).scalar_one()
+
+    @asynccontextmanager
+    async def app_inside(app):  # the program's block around the mounted app's lifespan
+        async with agentrt_runtime():
+            async with SUB.router.lifespan_context(SUB):
+                yield
+            print('after the app', await one())  # was DatabaseNotInitializedError: the app's end shut it down
+
+    @asynccontextmanager
+    async def app_around(app):  # the other way round
+        async with SUB.router.lifespan_context(SUB):
+            async with agentrt_runtime():
+                yield
+            print('after the block', await one())
+
+    async def serve(lifespan):
+        host = FastAPI(lifespan=lifespan)
+        host.mount('/agent', SUB)
+        async with host.router.lifespan_context(host):  # what the program's server runs
+            transport = httpx.ASGITransport(app=host)
+            async with httpx.AsyncClient(transport=transport, base_url='http://test') as client:
+                me = await client.get('/agent/api/v1/me', headers={'Authorization': f'Bearer {sys.argv[1]}'})
+                print(me.status_code, me.json().get('account'))
+        print('down', current_engine() is None)
+
+    async def main():
+        await serve(app_inside)
+        await serve(app_around)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_the_apps_lifespan_and_an_agentrt_runtime_block_nest_either_way(database_url: str, keys: Keys) -> None:
+    """`create_app()`'s lifespan run inside a program's `agentrt_runtime()` block shut the runtime down at its end,
+    under the block: the program's own sessions after it failed with `DatabaseNotInitializedError` (QA). Now the
+    lifespan counts as one of the blocks, either way round: the runtime shuts down as the outer one ends."""
+    done = await run_program('-c', LIFESPANS_NESTED, keys.acme, database_url=database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        '200 acme-health',
+        'after the app 1',
+        'down True',
+        '200 acme-health',
+        'after the block 1',
+        'down True',
+    ], done.stdout + done.stderr[-3000:]
