@@ -225,6 +225,14 @@ DISK_FULL_MESSAGE = (
 """A 503 `database_unavailable` for PostgreSQL out of disk space (SQLSTATE 53100): the CLI's words name the data
 directory, a client's do not (no other answer of the API shows a server path)."""
 
+NEVER_STARTED_MESSAGE = (
+    "the server's runtime was never started: the app was built with create_app(manage_runtime=False), which leaves its "
+    "start to the program around it, and nothing started it; start it in that program's lifespan (agentrt_runtime() "
+    'or init_database(); README "Serving over HTTP")'
+)
+"""A 500 `configuration_error` for a runtime nothing tried to start (`DatabaseNotInitializedError.never_started`):
+the one a mounted `create_app(manage_runtime=False)` answers when its program's lifespan does not start it."""
+
 # 503s that are expected answers, not bugs: at capacity, or a request the server's shutdown stopped (`api/cut_off.py`).
 _ONE_LINE = frozenset({'busy', 'shutting_down'})
 
@@ -290,6 +298,11 @@ def _classify(exc: BaseException) -> tuple[int, str, str, str | None]:
     if isinstance(exc, DatabaseUnavailableError) and disk_full(exc) is not None:
         # Not "try again shortly": it fails until the operator frees space (where stays in the server's log).
         return 503, 'database_unavailable', DISK_FULL_MESSAGE, None
+    if isinstance(exc, DatabaseNotInitializedError) and exc.never_started:
+        # Not "try again shortly" (QA: a 503 for ever, readiness "unreachable"): nothing tried to start the runtime,
+        # which only an app of `create_app(manage_runtime=False)` leaves to its program. After a shutdown, or a start
+        # that failed, it is the 503 below.
+        return 500, 'configuration_error', NEVER_STARTED_MESSAGE, None
     if isinstance(exc, DatabaseUnavailableError | DatabaseNotInitializedError | EmbeddedPostgresError):
         return 503, 'database_unavailable', 'the database is unavailable; try again shortly', None
     if isinstance(exc, PoolTimeoutError):

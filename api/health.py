@@ -74,11 +74,29 @@ async def _check_database() -> DatabaseOut:
         return DatabaseOut(ok=False, revision=None, head=head, error=f'{cause} (error id {error_id})')
     try:
         revision = check.result()
+    except DatabaseNotInitializedError as exc:
+        if not exc.never_started:  # shut down, or a start that failed: as the driver's errors below
+            return _unreachable(head, exc)
+        # Not "unreachable" (QA): nothing tried to start the runtime (`create_app(manage_runtime=False)` and a
+        # program that does not), which no wait mends.
+        error_id = _failed(NEVER_STARTED_CAUSE)
+        return DatabaseOut(ok=False, revision=None, head=head, error=f'{NEVER_STARTED_CAUSE} (error id {error_id})')
     except Exception as exc:  # whatever the driver raises, readiness answers: not ready, and why is in the log
-        error_id = _failed(f'{type(exc).__name__}: {exc}')
-        return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
+        return _unreachable(head, exc)
     _answered()
     return DatabaseOut(ok=True, revision=revision, head=head)
+
+
+NEVER_STARTED_CAUSE = (
+    'the runtime was never started: create_app(manage_runtime=False) leaves it to the program around the app, and '
+    'nothing started it (README "Serving over HTTP")'
+)
+
+
+def _unreachable(head: str | None, exc: Exception) -> DatabaseOut:
+    """Not ready: the database check failed on `exc` (logged once, `_failed`)."""
+    error_id = _failed(f'{type(exc).__name__}: {exc}')
+    return DatabaseOut(ok=False, revision=None, head=head, error=f'unreachable (error id {error_id})')
 
 
 async def _read_revision() -> str | None:

@@ -52,6 +52,8 @@ class StartsRuntime:
     request answers 500 `configuration_error`, as a route does for one (it answered 503 `database_unavailable`, "try
     again shortly", the cause only in the log). Nothing shuts the runtime down at the end: the outer application's
     shutdown calls `shutdown_runtime()`, or runs this app's lifespan inside its own (README "Serving over HTTP").
+    With `manage_runtime=False` nothing starts here: a request before the program started the runtime answers 500
+    `configuration_error` (`DatabaseNotInitializedError.never_started`, `errors.py`).
 
     Args:
         app: the application.

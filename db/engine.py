@@ -61,6 +61,8 @@ _starting: asyncio.AbstractEventLoop | None = None
 """The event loop initialising the database, while it does (before `_runtime` names it)."""
 _shut_down = False
 """The runtime was closed (`close_database`, by `shutdown_runtime()`) and not started again since."""
+_start_tried = False
+"""`init_database()` was called in this process, whether its start succeeded or not."""
 _revival = EmbeddedRevival()
 _loops_guard = threading.Lock()  # the check that no other running loop owns the runtime, and the claim, in one step
 
@@ -95,7 +97,8 @@ async def init_database(
         EmbeddedPostgresError: the embedded server cannot start.
         DatabaseUnavailableError: the server cannot be reached within the connect timeout.
     """
-    global _runtime
+    global _runtime, _start_tried
+    _start_tried = True
     loop = asyncio.get_running_loop()
     starting = _claim_start(loop)
     try:
@@ -322,7 +325,8 @@ def _require() -> _Runtime:
     if runtime is None:
         raise DatabaseNotInitializedError(
             'the database is not initialised: run inside `async with agentrt.agents.runtime.agentrt_runtime():`, '
-            'or await agentrt.db.engine.init_database() first'
+            'or await agentrt.db.engine.init_database() first',
+            never_started=not _start_tried,  # else a start failed: the database may come back
         )
     loop = asyncio._get_running_loop()
     if loop is not None and loop is not runtime.loop:

@@ -55,7 +55,17 @@ class MigrationError(AgentRuntimeError):
 
 
 class DatabaseNotInitializedError(AgentRuntimeError):
-    """`get_db_session()` was used before `init_database()`."""
+    """`get_db_session()` was used before `init_database()`, or after `shutdown_runtime()`.
+
+    Attributes:
+        never_started: nothing tried to start the runtime in this process (no `init_database()`, no
+            `agentrt_runtime()`): the program's mistake, which no wait mends. False after a shutdown, or after a start
+            that failed (a database that may come back).
+    """
+
+    def __init__(self, message: str, *, never_started: bool = False) -> None:
+        super().__init__(message)
+        self.never_started = never_started
 
 
 # The classes below are raised above the database layer; they live here, at the bottom of the layers, so any layer

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
 from pathlib import Path
 
+import httpx2
+import pytest
+from fastapi import FastAPI
 from sqlalchemy import make_url
 
-from tests.api.conftest import Keys
+from agentrt.api.app import create_app
+from agentrt.db import engine
+from agentrt.db.settings import Settings
+from tests.api.conftest import Keys, auth
 from tests.programs import run_program
 
 MOUNTED = textwrap.dedent(
@@ -189,3 +196,72 @@ async def test_the_apps_lifespan_and_an_agentrt_runtime_block_nest_either_way(da
         'after the block 1',
         'down True',
     ], done.stdout + done.stderr[-3000:]
+
+
+NEVER_STARTED = textwrap.dedent(
+    """
+    import asyncio, sys
+    import httpx2 as httpx
+    from fastapi import FastAPI
+    from agentrt.agents.runtime import agentrt_runtime
+    from agentrt.api.app import create_app
+
+    outer = FastAPI()  # told the app it starts the runtime, and has no lifespan that does
+    outer.mount('/agent', create_app(manage_runtime=False))
+    KEY = {'Authorization': f'Bearer {sys.argv[1]}'}
+
+    async def ask(client):
+        listed = await client.get('/agent/api/v1/conversations', headers=KEY)
+        print(listed.status_code, listed.json()['type'], listed.headers.get('retry-after'))
+        print(listed.json()['detail'])
+        ready = await client.get('/agent/health/ready')
+        print(ready.status_code, ready.json()['database']['error'].split(' (error id ')[0])
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url='http://test') as client:
+            await ask(client)  # never started in this process
+            async with agentrt_runtime():
+                print((await client.get('/agent/api/v1/conversations', headers=KEY)).status_code)
+            await ask(client)  # shut down: what a stopping server's last requests meet
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_an_app_whose_program_never_starts_the_runtime_answers_configuration_error(
+    database_url: str, keys: Keys
+) -> None:
+    """`create_app(manage_runtime=False)` mounted in a program that never starts the runtime answered every request
+    503 `database_unavailable`, "try again shortly", and readiness "unreachable", for ever (QA): a mistake of the
+    program's, which no retry mends. Now 500 `configuration_error` saying so, and readiness says it was never started;
+    after a shutdown it is the 503 it was."""
+    done = await run_program('-c', NEVER_STARTED, keys.acme, database_url=database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    never, detail, never_ready, started, down, down_detail, down_ready = done.stdout.splitlines()
+    assert never == '500 configuration_error None', done.stdout + done.stderr[-3000:]
+    assert 'create_app(manage_runtime=False)' in detail and 'nothing started it' in detail, detail
+    assert 'README "Serving over HTTP"' in detail, detail
+    assert never_ready.startswith('503 the runtime was never started: create_app(manage_runtime=False)'), never_ready
+    assert started == '200'
+    assert down == '503 database_unavailable 5', done.stdout
+    assert down_detail == 'the database is unavailable; try again shortly'
+    assert down_ready == '503 unreachable', down_ready
+
+
+async def test_a_mounted_app_whose_start_failed_still_answers_database_unavailable(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other runtime that is not running without a shutdown: a mounted `create_app()` tried to start it and
+    # PostgreSQL refused the connection. That may pass: still 503, "try again shortly", not `configuration_error`.
+    monkeypatch.setattr(engine, '_runtime', None)
+    monkeypatch.setattr(engine, '_start_tried', False)
+    monkeypatch.setattr(engine, '_shut_down', False)
+    with socket.socket() as refusing:
+        refusing.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused
+        down = f'postgresql://nobody@127.0.0.1:{refusing.getsockname()[1]}/none'
+        outer = FastAPI()
+        outer.mount('/agent', create_app(settings=Settings(database_url=down, connect_timeout=2)))
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=outer), base_url='http://test') as client:
+            listed = await client.get('/agent/api/v1/conversations', headers=auth(keys.acme))
+    assert listed.status_code == 503 and listed.json()['type'] == 'database_unavailable', listed.text
