@@ -334,8 +334,10 @@ def test_every_cli_flag_the_docs_give_is_the_commands() -> None:
     root, commands = _cli_options()
     every = root.union(*commands.values())
     # pip, ruff, mypy, pytest, docker (`docker run --init`); the benchmark scripts' own (`bench_*.py --quick --out`);
-    # schemathesis's (README "Development")
+    # schemathesis's (README "Development"); uvicorn's and gunicorn's graceful stop (README "Using it from Python")
     others = {
+        '--timeout-graceful-shutdown',
+        '--graceful-timeout',
         '--help',
         '--check',
         '--strict',
