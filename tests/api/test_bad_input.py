@@ -409,13 +409,17 @@ async def _raw_exchange(url: str, head: str, pieces: list[bytes], pause: float) 
             writer.write(piece)
             await writer.drain()
         async with asyncio.timeout(30):  # a guard: the answer comes within the body timeout, or never
-            status_line = await reader.readline()
-            response_head = (await reader.readuntil(b'\r\n\r\n')).lower()
-            length = int(response_head.split(b'content-length: ')[1].split(b'\r\n')[0])
-            body = json.loads(await reader.readexactly(length))
+            return await _read_answer(reader)
     finally:
         writer.close()
-    return int(status_line.split()[1]), response_head, body
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes, dict[str, str]]:
+    """An HTTP answer's status, head (lower case) and JSON body, read from `reader`."""
+    status_line = await reader.readline()
+    response_head = (await reader.readuntil(b'\r\n\r\n')).lower()
+    length = int(response_head.split(b'content-length: ')[1].split(b'\r\n')[0])
+    return int(status_line.split()[1]), response_head, json.loads(await reader.readexactly(length))
 
 
 @pytest.mark.parametrize('framing', ['content-length', 'chunked'])
@@ -483,15 +487,12 @@ async def test_a_body_that_trickles_in_is_a_408_once_its_allowance_is_spent(
     sender = asyncio.create_task(trickle())
     try:
         async with asyncio.timeout(15):  # the old rule answered after the 20 s of the trickle (a 422)
-            status_line = await reader.readline()
-            response_head = (await reader.readuntil(b'\r\n\r\n')).lower()
-            length = int(response_head.split(b'content-length: ')[1].split(b'\r\n')[0])
-            body = json.loads(await reader.readexactly(length))
+            status, response_head, body = await _read_answer(reader)
     finally:
         sender.cancel()
         writer.close()
     waited = asyncio.get_running_loop().time() - started
-    assert int(status_line.split()[1]) == 408 and body['type'] == 'request_timeout', body
+    assert status == 408 and body['type'] == 'request_timeout', body
     assert 'arrived too slowly' in body['detail'] and 'at least 500 bytes a second' in body['detail'], body
     assert b'connection: close' in response_head and 0.4 < waited < 5, waited
 

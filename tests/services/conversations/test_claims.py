@@ -50,6 +50,24 @@ async def _expires_at(account: int, conversation_id: str) -> Any:
     )
 
 
+async def _cancelled_turn(account: int, conversation_id: str) -> float:
+    """A turn holding the conversation's claim, cancelled once it holds it; seconds from the cancel to its end."""
+    inside = asyncio.Event()
+
+    async def turn() -> None:
+        async with conversation_claim(account, conversation_id, lease_s=60):
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(turn())
+    await inside.wait()
+    started = asyncio.get_running_loop().time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return asyncio.get_running_loop().time() - started
+
+
 async def test_a_second_claim_is_refused_until_the_first_is_released(account: int) -> None:
     async with conversation_claim(account, 'c1', lease_s=60) as claim:
         assert 50 < await _expires_in(account, 'c1') <= 60
@@ -71,18 +89,7 @@ async def test_the_claim_is_released_when_the_turn_fails_or_is_cancelled(account
             raise RuntimeError('the turn failed')
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
 
-    inside = asyncio.Event()
-
-    async def turn() -> None:
-        async with conversation_claim(account, 'c', lease_s=60):
-            inside.set()
-            await asyncio.sleep(60)
-
-    task = asyncio.create_task(turn())
-    await inside.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_turn(account, 'c')
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
 
 
@@ -117,20 +124,7 @@ async def test_a_release_the_database_is_slow_to_answer_does_not_hold_the_cancel
         await real_release(self)
 
     monkeypatch.setattr(TurnClaim, 'release', slow_release)
-    inside = asyncio.Event()
-
-    async def turn() -> None:
-        async with conversation_claim(account, 'slow', lease_s=60):
-            inside.set()
-            await asyncio.sleep(60)
-
-    task = asyncio.create_task(turn())
-    await inside.wait()
-    started = asyncio.get_running_loop().time()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    waited = asyncio.get_running_loop().time() - started
+    waited = await _cancelled_turn(account, 'slow')
     assert claims_module.RELEASE_WAIT_S - 0.1 < waited < claims_module.RELEASE_WAIT_S + 1, waited
     monkeypatch.setattr(TurnClaim, 'release', real_release)
     async with conversation_claim(account, 'slow', lease_s=60):  # this process's next turn takes it over at once
@@ -145,21 +139,9 @@ async def test_a_cancelled_turns_release_does_not_wait_behind_background_work(ac
     # busy it waited in the queue, the claim row stayed, and every other process's turn was refused (QA).
     supervisor = get_supervisor()
     busy = [supervisor.spawn(asyncio.sleep, 10, name='busy') for _ in range(supervisor.max_running + 2)]
-    inside = asyncio.Event()
-
-    async def turn() -> None:
-        async with conversation_claim(account, 'behind', lease_s=60):
-            inside.set()
-            await asyncio.sleep(60)
-
-    task = asyncio.create_task(turn())
-    await inside.wait()
-    started = asyncio.get_running_loop().time()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    waited = await _cancelled_turn(account, 'behind')
     try:
-        assert asyncio.get_running_loop().time() - started < 0.5
+        assert waited < 0.5
         assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # gone for every process, not this one
     finally:
         for sleeper in busy:
