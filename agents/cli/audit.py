@@ -1,9 +1,10 @@
-"""`agentrt audit list` and `agentrt audit show`: the audit trail of model requests, with prompts and responses."""
+"""`agentrt audit list`, `show` and `prune`: the audit trail of model requests, with prompts and responses, and
+their stored bodies removed (billing rows kept)."""
 
 from __future__ import annotations
 
 import os
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -16,12 +17,14 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
+    account_option,
     check_account,
     check_agent,
     dash,
     ledger_filters,
     money,
     one_output_format,
+    parse_time_or_age,
 )
 from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from agentrt.db.models.ledger import LLMRequestRow
-    from agentrt.services.ledger import LedgerDetail, LedgerPage
+    from agentrt.services.ledger import LedgerDetail, LedgerPage, PruneReport
 
 
 MAX_PAGE = (2**63 - 1) // 100  # the row offset of the last page still fits a bigint
@@ -101,6 +104,91 @@ def audit_show(
     if detail is None:
         fail(f'no model request {request_id}', EXIT_FAILURE)
     render_detail(detail, as_json=as_json)
+
+
+@audit_app.command('prune')
+def audit_prune(
+    before: str | None = typer.Option(
+        None,
+        '--before',
+        help='Requests started before this: an ISO date or time (UTC unless given), or an age such as 90d, 12h, 2w.',
+    ),
+    conversation: str | None = typer.Option(
+        None, '--conversation', help="A conversation's id: its requests only (a deleted conversation's too)."
+    ),
+    account: str | None = typer.Option(
+        None,
+        '--account',
+        help='Account slug or id: its requests only (required with --conversation when there are several accounts).',
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete stored prompts, responses and errors, keeping each request's billing row (tokens, cost, status)."""
+    if before is None and conversation is None:
+        fail('give --before, --conversation, or both: which stored prompts and responses to remove', EXIT_USAGE)
+    if conversation is not None and not conversation.strip():
+        fail('--conversation is blank', EXIT_USAGE)
+    cut = parse_time_or_age(before, '--before')
+    if cut is not None and cut > datetime.now(UTC):
+        fail(f'--before {before} is in the future: it would remove bodies of requests not made yet', EXIT_USAGE)
+    report = run(_prune, cut, account_option(account), conversation)
+    if as_json:
+        print_json(
+            {
+                'bodies': report.bodies,
+                'bytes': report.bytes,
+                'requests': report.requests,
+                'before': cut,
+                'account': account,
+                'conversation': conversation,
+            }
+        )
+        return
+    console.print(
+        f'removed {report.bodies:,} stored bodies ({report.bytes:,} bytes) of {report.requests:,} model '
+        'requests; their billing rows are kept',
+        highlight=False,
+    )
+
+
+async def _prune(before: datetime | None, account: str | int | None, conversation: str | None) -> PruneReport:
+    """Check what the options name (nothing is deleted when one is wrong), then prune as the operator."""
+    from agentrt.db.engine import close_database, init_database
+    from agentrt.db.session import Unscoped, get_read_only_session
+    from agentrt.services.ledger import prune_contents
+
+    await init_database()
+    try:
+        async with get_read_only_session(account=Unscoped.ADMIN) as session:
+            await _check_prune_target(session, account, conversation)
+        return await prune_contents(before=before, account=account, conversation=conversation)
+    finally:
+        await close_database()
+
+
+async def _check_prune_target(session: AsyncSession, account: str | int | None, conversation: str | None) -> None:
+    from agentrt.db.errors import InvalidInputError
+    from agentrt.services.ledger import account_count, conversation_accounts, ledger_knows_account
+
+    # A deleted account's ledger rows are kept with its slug: they can still be pruned by it.
+    if account is not None and not await ledger_knows_account(session=session, account=account):
+        await check_account(session, account)
+    if conversation is None:
+        return
+    accounts = await conversation_accounts(session=session, conversation=conversation, account=account)
+    where = '' if account is None else f' of account {account!r}'
+    if not accounts:
+        raise InvalidInputError(
+            f'no model request of conversation {conversation!r}{where} in the ledger', field='conversation'
+        )
+    # A conversation id is unique within its account only: without --account, another tenant's conversation of the
+    # same id could be the one pruned.
+    if account is None and (len(accounts) > 1 or await account_count(session=session) > 1):
+        raise InvalidInputError(
+            f'--account is required with --conversation when there are several accounts (conversation '
+            f'{conversation!r} has model requests of {", ".join(accounts)})',
+            field='account',
+        )
 
 
 def _status(item: LLMRequestRow, *, full: bool) -> str:
@@ -186,6 +274,8 @@ def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:
     if (link := trace_url(detail.request.trace_id)) is not None:
         table.add_row('trace', link)
     console.print(table)
+    if not detail.contents:  # not stored (AGENTRT_LEDGER_STORE_CONTENT=false), or removed since
+        console.print('no prompt, response or error is stored for this request', highlight=False)
     for content in detail.contents:
         note = ' (truncated)' if content.truncated else ''
         console.rule(f'{content.kind}: {content.size_bytes:,} bytes, {content.redactions} redacted{note}')

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,26 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         return parsed.astimezone(UTC)
     except OverflowError:
         fail(f'{option} {value} is out of range: in UTC it falls outside years 1 to 9999', EXIT_USAGE)
+
+
+_AGE = re.compile(r'(\d+)([mhdw])', re.ASCII)
+_AGE_UNITS = {'m': 'minutes', 'h': 'hours', 'd': 'days', 'w': 'weeks'}
+
+
+def parse_time_or_age(value: str | None, option: str, *, now: datetime | None = None) -> datetime | None:
+    """`parse_time`, or an age counted back from now: a number and a unit (`m`inutes, `h`ours, `d`ays, `w`eeks),
+    e.g. `90d` for 90 days ago; a usage error (exit 2) naming `option` for anything else."""
+    if value is None:
+        return None
+    found = _AGE.fullmatch(value.strip().lower())
+    if found is None:
+        if value.strip()[-1:].isalpha() and value.strip()[:-1].isdigit():  # `90y`: an age, of a unit not taken
+            fail(f'{option} takes an age in m, h, d or w (e.g. 90d), or an ISO date or time; got {value!r}', EXIT_USAGE)
+        return parse_time(value, option)
+    try:
+        return (now or datetime.now(UTC)) - timedelta(**{_AGE_UNITS[found.group(2)]: int(found.group(1))})
+    except (OverflowError, ValueError):  # ValueError: more digits than `int()` converts
+        fail(f'{option} {value} is out of range: it reaches before year 1', EXIT_USAGE)
 
 
 def money(value: Decimal | None) -> str:

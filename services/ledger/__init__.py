@@ -4,9 +4,10 @@ Write path: `ledger_capability()` (on an agent or a run) builds a `LedgerRecord`
 the process-wide `LLMRequestTracker`, which group-commits rows in side sessions (a run's rows together, with a short
 commit delay: `LedgerConfig.commit_delay_ms`), retries, spools to a file when the database is down and replays it.
 Read path: `list_requests`, `get_request`, `summarise_costs` (from the ledger or the daily rollup kept by
-`roll_up_pending`). Secrets are redacted (`agentrt.services.ledger.redaction`) from every string of the messages
-before any body is stored or spooled, once per message per run (in worker threads, unless a body is small and holds
-no possible secret). The modules with a leading underscore are this wing's internals.
+`roll_up_pending`). Retention: `prune_contents` deletes stored bodies, keeping the billing rows. Secrets are
+redacted (`agentrt.services.ledger.redaction`) from every string of the messages before any body is stored or
+spooled, once per message per run (in worker threads, unless a body is small and holds no possible secret). The
+modules with a leading underscore are this wing's internals.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,14 @@ from agentrt.services.ledger._config import LedgerConfig, default_spool_path
 from agentrt.services.ledger._costs import COST_GROUPINGS, COST_SOURCES, CostGrouping, CostSummary, summarise_costs
 from agentrt.services.ledger._filters import CostSource, LedgerFilters, RollupCannotAnswer
 from agentrt.services.ledger._identity import LedgerIdentity, RunIdentity, identity_of
+from agentrt.services.ledger._prune import (
+    PRUNE_BATCH_REQUESTS,
+    PruneReport,
+    account_count,
+    conversation_accounts,
+    ledger_knows_account,
+    prune_contents,
+)
 from agentrt.services.ledger._queries import (
     MAX_PAGE_SIZE,
     AmbiguousRequestIdError,
@@ -103,6 +112,7 @@ __all__ = [
     'MAX_PAGE_SIZE',
     'MAX_TOKENS',
     'POST_TURN_LOOKBACK',
+    'PRUNE_BATCH_REQUESTS',
     'RIDER_HOOKS',
     'AmbiguousRequestIdError',
     'ContentKind',
@@ -118,6 +128,7 @@ __all__ = [
     'LedgerPage',
     'LedgerRecord',
     'LedgerSpool',
+    'PruneReport',
     'ReplayReport',
     'RetryPolicy',
     'RollupCannotAnswer',
@@ -125,8 +136,10 @@ __all__ = [
     'Status',
     'TrackerStats',
     'WriteOutcome',
+    'account_count',
     'agent_is_known',
     'agent_slugs',
+    'conversation_accounts',
     'default_spool_path',
     'dumped_message_json',
     'existing_request_tracker',
@@ -137,8 +150,10 @@ __all__ = [
     'is_as_loaded',
     'is_transient_db_error',
     'ledger_capability',
+    'ledger_knows_account',
     'list_requests',
     'new_request_id',
+    'prune_contents',
     'recompute_usage_rollups',
     'remember_message_json',
     'roll_up_account_usage',

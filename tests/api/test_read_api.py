@@ -15,7 +15,7 @@ from sqlalchemy import text as sql
 from agentrt.api.conversations import entity_tag
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
-from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request_tracker
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request_tracker, prune_contents
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, chat_body
 from tests.factories import fast_config, ledger_record
@@ -115,6 +115,19 @@ async def test_audit_detail_shows_the_stored_prompt_and_response_or_error(
     ]
     missing = await client.get(f'{AUDIT}/01a23014-ea87-791c-afe7-823174d274a5', headers=auth(keys.acme))
     assert missing.status_code == 404 and missing.json()['type'] == 'not_found'
+
+
+async def test_audit_detail_of_a_request_whose_bodies_were_pruned(
+    ledger: tuple[int, int], keys: Keys, client: httpx2.AsyncClient
+) -> None:
+    acme, _ = ledger
+    report = await prune_contents(conversation='conv-0', account=acme)
+    assert report.requests == 9  # minutes 0, 3, ... 24
+    listed = (await client.get(AUDIT, params={'conversation_id': 'conv-0'}, headers=auth(keys.acme))).json()
+    assert listed['total'] == 9
+    detail = await client.get(f'{AUDIT}/{listed["items"][0]["id"]}', headers=auth(keys.acme))
+    assert detail.status_code == 200 and detail.json()['contents'] == []
+    assert detail.json()['total_cost'] == '0.001'
 
 
 async def test_costs_group_the_accounts_own_requests(

@@ -184,7 +184,7 @@ export async function auditDetailView(id) {
 
   const order = { prompt: 0, response: 1, error: 2 };
   const contents = [...item.contents].sort((a, b) => order[a.kind] - order[b.kind]);
-  if (!contents.length) element.append(alertBox('No prompt or response was stored for this request.', 'info'));
+  if (!contents.length) element.append(alertBox('No prompt, response or error is stored for this request.', 'info'));
   for (const content of contents) element.append(contentSection(content));
   return done;
 }

@@ -1,0 +1,116 @@
+"""`agentrt audit prune`: stored bodies removed by age or conversation, billing kept; bad input refused, nothing
+deleted; `audit show` of a pruned request."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from click.testing import Result
+
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker
+from tests.agents.cli.helpers import invoke
+from tests.factories import ledger_record, scalar
+
+NOW = datetime.now(UTC)
+
+
+def _record(account: int, slug: str, conversation: str, days_ago: int, cost: str) -> LedgerRecord:
+    return ledger_record(
+        started_at=NOW - timedelta(days=days_ago),
+        cost=cost,
+        account_id=account,
+        account_slug=slug,
+        chat_session_id=conversation,
+        raw_contents=[('prompt', '{"messages": ["hello there"]}'), ('response', '{"parts": ["general kenobi"]}')],
+    )
+
+
+async def _seed(tracker: LLMRequestTracker) -> list[LedgerRecord]:
+    records = [
+        _record(1, 'acme', 'chat-1', 100, '0.001'),
+        _record(1, 'acme', 'chat-2', 100, '0.002'),
+        _record(1, 'acme', 'chat-1', 1, '0.004'),
+        _record(2, 'globex', 'chat-1', 100, '0.008'),
+    ]
+    for record in records:
+        await tracker.track_request(record)
+    await tracker.flush()
+    return records
+
+
+async def _stored() -> set[str]:
+    return set(
+        await scalar('SELECT coalesce(array_agg(DISTINCT request_id::text), ARRAY[]::text[]) FROM llm_request_contents')
+    )
+
+
+async def _prune(*args: str, database_url: str) -> Result:
+    return await invoke('audit', 'prune', *args, env={'DATABASE_URL': database_url})
+
+
+async def test_bodies_older_than_the_cut_go_billing_and_costs_stay(tracker: LLMRequestTracker, database_url: str):
+    records = await _seed(tracker)
+    env = {'DATABASE_URL': database_url}
+    costs = await invoke('costs', '--source', 'ledger', '--json', env=env)
+    assert costs.exit_code == 0, costs.stderr
+    pruned = await _prune('--before', '90d', '--json', database_url=database_url)
+    assert pruned.exit_code == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert (report['bodies'], report['requests']) == (6, 3) and report['bytes'] > 0
+    assert await _stored() == {str(records[2].id)}
+    assert await scalar('SELECT count(*) FROM llm_requests') == 4
+    assert (await invoke('costs', '--source', 'ledger', '--json', env=env)).stdout == costs.stdout
+    # An ISO time works the same; nothing left before it.
+    again = await _prune('--before', (NOW - timedelta(days=50)).date().isoformat(), database_url=database_url)
+    assert again.exit_code == 0, again.stderr
+    assert 'removed 0 stored bodies (0 bytes) of 0 model requests; their billing rows are kept' in again.stdout
+
+
+async def test_a_conversation_of_one_account_only(tracker: LLMRequestTracker, database_url: str) -> None:
+    records = await _seed(tracker)
+    # chat-1 is a conversation id of two accounts: which one is meant must be said.
+    ambiguous = await _prune('--conversation', 'chat-1', database_url=database_url)
+    assert ambiguous.exit_code == 2 and ambiguous.stderr.count('error:') == 1, ambiguous.stderr
+    assert '--account is required with --conversation' in ambiguous.stderr and 'acme, globex' in ambiguous.stderr
+    assert len(await _stored()) == 4
+    pruned = await _prune('--conversation', 'chat-1', '--account', 'acme', database_url=database_url)
+    assert pruned.exit_code == 0, pruned.stderr
+    assert 'removed 4 stored bodies' in pruned.stdout and 'of 2 model requests' in pruned.stdout
+    assert await _stored() == {str(records[1].id), str(records[3].id)}
+
+
+async def test_bad_input_is_one_error_line_and_deletes_nothing(
+    tracker: LLMRequestTracker, demo_data: None, database_url: str
+) -> None:
+    await _seed(tracker)
+    future = (NOW + timedelta(days=1)).isoformat()
+    for args, said in (
+        ((), 'give --before, --conversation, or both'),
+        (('--account', 'acme'), 'give --before, --conversation, or both'),
+        (('--before', future), 'is in the future'),
+        (('--before', 'last week'), '--before must be an ISO date or time'),
+        (('--before', '90y'), '--before takes an age in m, h, d or w'),
+        (('--before', '9' * 40 + 'd'), 'is out of range'),
+        (('--before', '90d', '--account', 'umbrella'), "unknown account 'umbrella'"),
+        (('--conversation', 'chat-9', '--account', 'acme'), "no model request of conversation 'chat-9' of account"),
+        # One conversation of one account in the ledger, but the database has several accounts (the demo's).
+        (('--conversation', 'chat-2'), '--account is required with --conversation'),
+    ):
+        refused = await _prune(*args, database_url=database_url)
+        assert refused.exit_code == 2, (args, refused.stdout, refused.stderr)
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error:') and said in lines[0], (args, refused.stderr)
+        assert len(await _stored()) == 4, args
+
+
+async def test_audit_show_of_a_pruned_request(tracker: LLMRequestTracker, database_url: str) -> None:
+    records = await _seed(tracker)
+    assert (await _prune('--before', '30d', database_url=database_url)).exit_code == 0
+    env = {'DATABASE_URL': database_url}
+    shown = await invoke('audit', 'show', str(records[0].id), env=env)
+    assert shown.exit_code == 0, shown.stderr
+    assert str(records[0].id) in shown.stdout and '0.001' in shown.stdout
+    assert 'no prompt, response or error is stored for this request' in shown.stdout
+    as_json = await invoke('audit', 'show', str(records[0].id), '--json', env=env)
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)['contents'] == []
