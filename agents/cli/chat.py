@@ -175,7 +175,7 @@ async def _turn(
     except DatabaseUnavailableError as exc:
         raise type(exc)(f'{exc}; the turn was not saved: {_send_again(exc)}') from exc
     finally:
-        display.end_line()
+        display.unfinished()
     assert stream.result is not None
     summary = _summary(stream.result, display.tools_run)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)
@@ -213,6 +213,8 @@ class _Display:
         self.printable = printable
         self.mid_line = False
         self.tools_run = 0
+        self.running: dict[str, str] = {}
+        """The tool calls shown started and not finished, by call id: their names, as shown."""
         if console.is_terminal and err_console.is_terminal:  # one screen: a log line starts on a line of its own
             support.open_answer_line = self.end_line
 
@@ -222,11 +224,21 @@ class _Display:
         if not event.finished:
             args = escape(self.printable(_short_args(event.args)))
             console.print(f'  [yellow]→[/] {name}({args})', highlight=False, soft_wrap=True)
+            self.running[event.tool_call_id] = name
             return
+        self.running.pop(event.tool_call_id, None)
         self.tools_run += 1
         mark = '[green]✓[/]' if event.outcome == 'success' else f'[red]✗ {event.outcome}[/]'
         took = f'{event.duration_s * 1000:.0f} ms' if event.duration_s is not None else ''
         console.print(f'  {mark} {name} {took}', highlight=False, soft_wrap=True)
+
+    def unfinished(self) -> None:
+        """Close the lines of the tool calls the turn's end cut off (a failure, a stop): each started line had its
+        `✓`/`✗` line but these, which stayed open above the error (QA: a database that hangs)."""
+        self.end_line()
+        for name in self.running.values():
+            console.print(f'  [red]✗ not finished[/] {name}', highlight=False, soft_wrap=True)
+        self.running.clear()
 
     def text(self, delta: str) -> None:
         console.print(self.printable(delta), end='', markup=False, highlight=False, soft_wrap=True)

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.cli import chat
+from agentrt.db.errors import DatabaseDisconnectedError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services import directory_service
 from agentrt.services.conversations import PostgresConversationStore
@@ -47,6 +48,32 @@ async def test_chat_in_a_subprocess_streams_a_grounded_answer_with_tool_calls_an
     lines = [line.strip() for line in out.splitlines()]
     first_done = next(i for i, line in enumerate(lines) if line.startswith('✓'))
     assert sum(1 for line in lines[:first_done] if line.startswith('→ search_directory')) == 4
+
+
+async def test_the_tool_calls_a_failed_turn_cut_off_are_closed_as_not_finished(
+    demo_data: None, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database that stops answering in the middle of the searches: each started `→` line stayed open above the
+    # error, as if the searches were still running (QA).
+    search = directory_service.search_directory
+    calls: list[int] = []
+
+    async def one_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise DatabaseDisconnectedError('PostgreSQL did not answer a statement within 35s')
+        await asyncio.sleep(0.3)
+        return await search(*args, **kwargs)
+
+    monkeypatch.setattr(directory_service, 'search_directory', one_fails)
+    result = await invoke(
+        'chat', QUESTION, '--delay', '0', '--session', 'cut-tools', env={'DATABASE_URL': database_url}
+    )
+    assert result.exit_code == 3, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    assert sum(line.startswith('→ search_directory(') for line in lines) == 4
+    assert lines[4:] == ['✗ not finished search_directory'] * 4, result.stdout
+    assert 'did not answer a statement' in result.stderr
 
 
 async def test_a_second_turn_continues_the_conversation(demo_data: None, database_url: str) -> None:
