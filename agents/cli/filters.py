@@ -127,24 +127,45 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         fail(f'{option} {value} is out of range: in UTC it falls outside years 1 to 9999', EXIT_USAGE)
 
 
-_AGE = re.compile(r'(\d+)([mhdw])', re.ASCII)
-_AGE_UNITS = {'m': 'minutes', 'h': 'hours', 'd': 'days', 'w': 'weeks'}
+_AGE = re.compile(r'(\d+)([hdw])', re.ASCII)
+_AGE_UNITS = {'h': 'hours', 'd': 'days', 'w': 'weeks'}
+"""No `m`: minutes to one reader, months to another, and an age that cuts too late deletes what was meant to stay
+(QA: `--before 6m` meant six months and pruned all but the last six minutes)."""
 
 
 def parse_time_or_age(value: str | None, option: str, *, now: datetime | None = None) -> datetime | None:
-    """`parse_time`, or an age counted back from now: a number and a unit (`m`inutes, `h`ours, `d`ays, `w`eeks),
-    e.g. `90d` for 90 days ago; a usage error (exit 2) naming `option` for anything else."""
+    """`parse_time`, or an age counted back from now: a number and a unit (`h`ours, `d`ays, `w`eeks), e.g. `90d` for
+    90 days ago; a usage error (exit 2) naming `option` for anything else."""
     if value is None:
         return None
-    found = _AGE.fullmatch(value.strip().lower())
+    text = value.strip()
+    found = _AGE.fullmatch(text.lower())
     if found is None:
-        if value.strip()[-1:].isalpha() and value.strip()[:-1].isdigit():  # `90y`: an age, of a unit not taken
-            fail(f'{option} takes an age in m, h, d or w (e.g. 90d), or an ISO date or time; got {value!r}', EXIT_USAGE)
+        shown = shown_age(text)
+        if text[-1:].isalpha() and text[:-1].isdigit():  # `90y`, `6m`: an age, of a unit not taken
+            fail(
+                f'{option} takes an age in hours, days or weeks (h, d, w: e.g. 90d; m is not taken, minutes or '
+                f'months), or an ISO date or time; got {shown!r}',
+                EXIT_USAGE,
+            )
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            fail(
+                f'{option} must be an ISO date or time (e.g. 2026-03-01 or 2026-03-01T12:00) or an age (e.g. 90d, '
+                f'12h, 2w), got {shown!r}',
+                EXIT_USAGE,
+            )
         return parse_time(value, option)
     try:
         return (now or datetime.now(UTC)) - timedelta(**{_AGE_UNITS[found.group(2)]: int(found.group(1))})
     except (OverflowError, ValueError):  # ValueError: more digits than `int()` converts
-        fail(f'{option} {value} is out of range: it reaches before year 1', EXIT_USAGE)
+        fail(f'{option} {shown_age(text)} is out of range: it reaches before year 1', EXIT_USAGE)
+
+
+def shown_age(text: str) -> str:
+    """An age as an error line shows it: at most 40 characters (QA: a 5,000-digit age printed in full)."""
+    return text if len(text) <= 40 else text[:40] + '...'
 
 
 def money(value: Decimal | None) -> str:

@@ -90,7 +90,12 @@ async def test_bad_input_is_one_error_line_and_deletes_nothing(
         (('--account', 'acme'), 'give --before, --conversation, or both'),
         (('--before', future), 'is in the future'),
         (('--before', 'last week'), '--before must be an ISO date or time'),
-        (('--before', '90y'), '--before takes an age in m, h, d or w'),
+        (('--before', '90y'), '--before takes an age in hours, days or weeks'),
+        # minutes to one reader, months to another: `6m` meant six months and pruned all but six minutes (QA)
+        (('--before', '6m'), 'm is not taken, minutes or months'),
+        (('--before', '6M'), 'm is not taken, minutes or months'),
+        (('--before', '1.5d'), 'or an age (e.g. 90d, 12h, 2w)'),
+        (('--before', '9' * 5000 + 'd'), 'is out of range'),
         (('--before', '9' * 40 + 'd'), 'is out of range'),
         (('--before', '90d', '--account', 'umbrella'), "unknown account 'umbrella'"),
         (('--conversation', 'chat-9', '--account', 'acme'), "no model request of conversation 'chat-9' of account"),
@@ -101,6 +106,7 @@ async def test_bad_input_is_one_error_line_and_deletes_nothing(
         assert refused.exit_code == 2, (args, refused.stdout, refused.stderr)
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith('error:') and said in lines[0], (args, refused.stderr)
+        assert len(lines[0]) < 400, args  # an age of 5,000 digits was printed in full
         assert len(await _stored()) == 4, args
 
 
