@@ -34,6 +34,7 @@ from typing import Any
 import httpx2
 from bench_common import (
     clean_up_on_sigterm,
+    delete_chats,
     delete_ledger_rows,
     int_list,
     machine_info,
@@ -210,20 +211,10 @@ async def big_ledger(template_session: str, count: int) -> None:
 
 
 async def clean_up() -> None:
-    async with get_db_session(account=Unscoped.OWNER) as session:
-        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{PREFIX}-%'})
-        await session.execute(text('DELETE FROM conversations WHERE conversation_id LIKE :p'), {'p': f'{PREFIX}-%'})
-        await session.execute(
-            text('DELETE FROM conversation_turns WHERE conversation_id LIKE :p'), {'p': f'{PREFIX}-%'}
-        )
-        # Entries whose conversations are gone: the copies (their ids start with the prefix or end with -m<n>).
-        await session.execute(
-            text(
-                'DELETE FROM conversation_entries e WHERE NOT EXISTS (SELECT 1 FROM conversations c WHERE '
-                'c.account_id = e.account_id AND c.head_id = e.id) AND (e.id LIKE :p OR e.id ~ :m)'
-            ),
-            {'p': f'{PREFIX}-%', 'm': '-m[0-9]+$'},
-        )
+    """Delete what runs of this benchmark stored: their ledger rows (and rollup usage), their conversations with all
+    their entries, walked from each head as `delete_chats` does (deleting only entries no conversation pointed at
+    left the older entries of its real turns, 24 a run: QA)."""
+    await delete_chats(PREFIX)
 
 
 class Server:
