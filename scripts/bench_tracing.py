@@ -63,13 +63,13 @@ class Collector:
 
 async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
     """One process's measurement: warm-up, then `turns` turns of each pattern."""
-    from bench_common import machine_info, start_database
+    from bench_common import delete_chats, machine_info, start_database
 
     from agentrt.agents.observability import configure_observability, flush_spans
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
     from agentrt.db.session import Unscoped, get_db_session
-    from agentrt.services.background import get_supervisor
+    from agentrt.services.background import drain_supervisor, get_supervisor
     from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
     from agentrt.services.ledger import get_request_tracker
 
@@ -90,33 +90,38 @@ async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
         await get_request_tracker().flush()
         await get_supervisor().join()
 
-    rows = []
-    for streamed in (False, True):
-        for i in range(warm_up):
-            await turn(-1 - i, streamed)
-        await flush_spans()
-        cpus, walls = [], []
-        total_cpu = time.process_time()
-        for i in range(turns):
-            started, cpu = time.perf_counter(), time.process_time()
-            await turn(i, streamed)
-            walls.append(time.perf_counter() - started)
-            cpus.append(time.process_time() - cpu)
-        await flush_spans()  # what the exporter still holds is part of these turns' cost
-        total_cpu = time.process_time() - total_cpu
-        rows.append(
-            {
-                'mode': mode,
-                'pattern': 'streamed' if streamed else 'plain',
-                'turns': turns,
-                'cpu_ms_per_turn': ms(total_cpu / turns),
-                'median_turn_cpu_ms': ms(statistics.median(cpus)),
-                'median_ms': ms(statistics.median(walls)),
-                'exporting': export.describe(),
-            }
-        )
-    machine = await machine_info()
-    await shutdown_runtime()
+    try:
+        rows = []
+        for streamed in (False, True):
+            for i in range(warm_up):
+                await turn(-1 - i, streamed)
+            await flush_spans()
+            cpus, walls = [], []
+            total_cpu = time.process_time()
+            for i in range(turns):
+                started, cpu = time.perf_counter(), time.process_time()
+                await turn(i, streamed)
+                walls.append(time.perf_counter() - started)
+                cpus.append(time.process_time() - cpu)
+            await flush_spans()  # what the exporter still holds is part of these turns' cost
+            total_cpu = time.process_time() - total_cpu
+            rows.append(
+                {
+                    'mode': mode,
+                    'pattern': 'streamed' if streamed else 'plain',
+                    'turns': turns,
+                    'cpu_ms_per_turn': ms(total_cpu / turns),
+                    'median_turn_cpu_ms': ms(statistics.median(cpus)),
+                    'median_ms': ms(statistics.median(walls)),
+                    'exporting': export.describe(),
+                }
+            )
+        machine = await machine_info()
+    finally:
+        await get_request_tracker().flush()
+        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
+        await delete_chats(prefix)  # left, `agentrt costs` and budgets counted this process's turns (QA)
+        await shutdown_runtime()
     await asyncio.to_thread(out.write_text, json.dumps({'rows': rows, 'machine': machine}))
 
 

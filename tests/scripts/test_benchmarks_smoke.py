@@ -69,12 +69,27 @@ def quick_runs(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> d
     runs = {name: ['--quick', '--out', str(out_dir / f'{name}.json')] for name in EXPECTED_ROW_KEYS}
     if PGBOUNCER_BINARY is None:  # its test is skipped (or fails, in CI): not worth a process
         del runs['bench_workers']
+    before = asyncio.run(_row_counts(database_url))
     results = run_forked(ROOT / 'scripts', runs, out_dir / 'logs', env=env, timeout=240)
     _keys_left.extend(asyncio.run(_benchmark_keys(database_url)))  # before the next test empties the tables
+    after = asyncio.run(_row_counts(database_url))
+    _rows_left.update({table: after[table] - before[table] for table in after if after[table] != before[table]})
     return {name: (code, output, out_dir / f'{name}.json') for name, (code, output) in results.items()}
 
 
 _keys_left: list[str] = []
+_rows_left: dict[str, int] = {}
+LEFT_BEHIND_TABLES = ('llm_requests', 'conversations', 'conversation_entries', 'conversation_turns')
+
+
+async def _row_counts(database_url: str) -> dict[str, int]:
+    """The rows of each table a benchmark's turns write (`LEFT_BEHIND_TABLES`). Only this module uses the test
+    database while the benchmarks run, so a difference between before and after is theirs."""
+    connection = await asyncpg.connect(database_url.replace('postgresql+asyncpg://', 'postgresql://', 1))
+    try:
+        return {table: await connection.fetchval(f'SELECT count(*) FROM {table}') for table in LEFT_BEHIND_TABLES}
+    finally:
+        await connection.close()
 
 
 async def _benchmark_keys(database_url: str) -> list[str]:
@@ -92,6 +107,14 @@ def test_no_benchmark_leaves_an_api_key_in_the_database_it_ran_on(
 ) -> None:
     # bench_loop_stalls.py left a live key (chat and read) of the medical account at each run.
     assert _keys_left == []
+
+
+def test_no_benchmark_leaves_ledger_rows_or_conversations_in_the_database_it_ran_on(
+    quick_runs: dict[str, tuple[int, str, Path]],
+) -> None:
+    # bench_http, bench_tracing and bench_rls left every ledger row and conversation of their turns: on the user's
+    # database, `agentrt costs` and budgets counted them (QA). bench_loop_stalls left its conversations' older entries.
+    assert _rows_left == {}
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_ROW_KEYS))
