@@ -244,12 +244,13 @@ async def main() -> None:
             summary['target_simple_chat_0_timeouts_at_400'] = largest >= 400 and at_largest[0]['pool_timeouts'] == 0
         print('summary:', summary)
         write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
-        async with get_db_session(account=Unscoped.OWNER) as session:
-            await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
     finally:
         await get_request_tracker().flush()
         await drain_supervisor()  # and the usage roll-up still pending
         await delete_chats(CHAT_PREFIX)
+        # Here, not at the end of the try: SIGTERM, Ctrl-C, a budget's refusal or an unwritable --out left the table.
+        async with get_db_session(account=Unscoped.OWNER) as session:
+            await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
         await close_database()
 
 

@@ -166,9 +166,10 @@ async def main() -> int:
         reproduced = await part_a()
         fixed = await part_b()
         await part_c()
+    finally:
+        # Here, not at the end of the try: a failure or Ctrl-C left the table in the database it ran on.
         async with get_db_session(account=Unscoped.OWNER) as session:
             await session.execute(text(f'DROP TABLE IF EXISTS {COST_TABLE}'))
-    finally:
         await close_database()
     print(f'result: failure reproduced={reproduced}, fix works={fixed}')
     return 0 if reproduced and fixed else 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -115,6 +117,32 @@ def test_no_benchmark_leaves_ledger_rows_or_conversations_in_the_database_it_ran
     # bench_http, bench_tracing and bench_rls left every ledger row and conversation of their turns: on the user's
     # database, `agentrt costs` and budgets counted them (QA). bench_loop_stalls left its conversations' older entries.
     assert _rows_left == {}
+
+
+def test_pool_capacity_drops_its_table_when_it_fails(database_url: str, tmp_path: Path) -> None:
+    # The DROP was the try's last statement: an unwritable --out (as SIGTERM, Ctrl-C or a budget's refusal) left it.
+    unwritable = tmp_path / 'a-file'
+    unwritable.write_text('')
+    result = subprocess.run(
+        [sys.executable, str(ROOT / 'scripts' / 'bench_pool_capacity.py'), '--quick', '--out', f'{unwritable}/x.json'],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')},
+        check=False,
+    )
+    assert result.returncode != 0, result.stdout
+    assert 'NotADirectoryError' in result.stderr or 'FileExistsError' in result.stderr, result.stderr
+    assert not asyncio.run(table_exists(database_url, 'bench_turns'))
+
+
+async def table_exists(database_url: str, name: str) -> bool:
+    """Whether the test database has a table `name`, read on a connection of its own."""
+    connection = await asyncpg.connect(database_url.replace('postgresql+asyncpg://', 'postgresql://', 1))
+    try:
+        return bool(await connection.fetchval('SELECT to_regclass($1) IS NOT NULL', name))
+    finally:
+        await connection.close()
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_ROW_KEYS))

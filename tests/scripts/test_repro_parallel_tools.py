@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.scripts.test_benchmarks_smoke import table_exists
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,3 +31,24 @@ def test_repro_script_reproduces_failure_and_fix(demo_data: None, database_url: 
     assert 'run succeeded' in out and 'cost rows written: 1' in out
     assert 'speed-up:' in out
     assert 'failure reproduced=True, fix works=True' in out
+
+
+def test_repro_script_drops_its_table_when_interrupted(demo_data: None, database_url: str) -> None:
+    import os
+
+    # The DROP was the try's last statement: Ctrl-C (or any failure) in the middle left the table.
+    process = subprocess.Popen(
+        [sys.executable, '-u', str(ROOT / 'scripts' / 'repro_parallel_tools.py'), '--quick'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, 'DATABASE_URL': database_url},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:  # the table is made before part (a) starts
+        if line.startswith('(a)'):
+            process.send_signal(signal.SIGINT)
+            break
+    output = line + process.communicate(timeout=60)[0]
+    assert process.returncode != 0, output
+    assert not asyncio.run(table_exists(database_url, 'repro_cost_rows')), output
