@@ -11,6 +11,7 @@ import platform
 import random
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,8 +108,12 @@ def bench_data_dir() -> Path:
 def use_temporary_spool() -> None:
     """Put the ledger's spool in a new temporary directory unless `AGENTRT_LEDGER_SPOOL` is set: rows a benchmark
     spools (the database away, a restart) must not land in, or be replayed from, the user's own spool. Also makes
-    SIGTERM stop the benchmark as Ctrl-C does (`clean_up_on_sigterm`)."""
-    os.environ.setdefault('AGENTRT_LEDGER_SPOOL', str(tempfile.mkdtemp(prefix='bench-spool-')) + '/ledger.jsonl')
+    SIGTERM stop the benchmark as Ctrl-C does (`clean_up_on_sigterm`). The directory is removed at exit: each run
+    left one in /tmp (QA)."""
+    if 'AGENTRT_LEDGER_SPOOL' not in os.environ:
+        spool_dir = tempfile.mkdtemp(prefix='bench-spool-')
+        atexit.register(shutil.rmtree, spool_dir, True)
+        os.environ['AGENTRT_LEDGER_SPOOL'] = f'{spool_dir}/ledger.jsonl'
     clean_up_on_sigterm()
 
 

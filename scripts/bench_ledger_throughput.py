@@ -11,6 +11,8 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):
 from __future__ import annotations
 
 import asyncio
+import atexit
+import shutil
 import tempfile
 import uuid
 from datetime import timedelta
@@ -116,6 +118,7 @@ async def main() -> None:
         opts.writers, opts.window = [1, 4], 0.3
     await start_database(pool_size=20, max_overflow=10, pool_timeout=10)
     spool_dir = Path(tempfile.mkdtemp(prefix='bench-ledger-spool-'))
+    atexit.register(shutil.rmtree, spool_dir, True)  # at exit, after the tracker's close: each run left one (QA)
     tracker = LLMRequestTracker(LedgerConfig(spool_path=spool_dir / 'ledger.jsonl'))
     config = {'writers': opts.writers, 'window_s': opts.window, 'content_bytes_per_body': opts.content_bytes}
     config |= {'max_batch_rows': tracker.config.max_batch_rows, 'pool_size': 20, 'max_overflow': 10}

@@ -136,6 +136,26 @@ def test_pool_capacity_drops_its_table_when_it_fails(database_url: str, tmp_path
     assert not asyncio.run(table_exists(database_url, 'bench_turns'))
 
 
+def test_benchmarks_remove_their_temporary_spool_directories(database_url: str, tmp_path: Path) -> None:
+    # bench_common.use_temporary_spool() and bench_ledger_throughput.py made a directory in /tmp at each run, never
+    # removed.
+    temp = tmp_path / 'tmp'
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != 'AGENTRT_LEDGER_SPOOL'} | {'DATABASE_URL': database_url}
+    env['TMPDIR'] = str(temp)
+    spool = 'import bench_common, os; bench_common.use_temporary_spool(); print(os.environ["AGENTRT_LEDGER_SPOOL"])'
+    script = ROOT / 'scripts' / 'bench_ledger_throughput.py'
+    outputs = []
+    for command in (['-c', spool], [str(script), '--quick', '--out', str(tmp_path / 'out.json')]):
+        result = subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, timeout=240, env=env, cwd=script.parent
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0].startswith(str(temp)), outputs[0]  # it was made there
+    assert list(temp.iterdir()) == []
+
+
 async def table_exists(database_url: str, name: str) -> bool:
     """Whether the test database has a table `name`, read on a connection of its own."""
     connection = await asyncpg.connect(database_url.replace('postgresql+asyncpg://', 'postgresql://', 1))
