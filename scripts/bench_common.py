@@ -84,6 +84,8 @@ def run_script_forked(script: str, args: Sequence[str], env: dict[str, str]) -> 
                 code = 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if not isinstance(stop.code, int | None):  # its message, on stderr as the interpreter prints it
+                    print(stop.code, file=sys.stderr)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -49,6 +49,7 @@ from sqlalchemy import text
 from agentrt.agents.runtime import configure_observability
 from agentrt.agents.simple_chat import simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
+from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.api_keys import create_api_key
 from agentrt.services.background import drain_supervisor, get_supervisor
@@ -305,6 +306,8 @@ async def main() -> None:
         summary = await _summary(rows, opts, prefix)
         print('summary:', summary)
         write_results(opts.out, 'http', config, machine, rows, summary)
+    except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
+        raise SystemExit(f'stopped: {exc}') from None
     finally:
         await settle()
         await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next

@@ -50,6 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import close_database
+from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -244,6 +245,8 @@ async def main() -> None:
             summary['target_simple_chat_0_timeouts_at_400'] = largest >= 400 and at_largest[0]['pool_timeouts'] == 0
         print('summary:', summary)
         write_results(opts.out, 'pool_capacity', config, machine, rows, summary)
+    except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
+        raise SystemExit(f'stopped: {exc}') from None
     finally:
         await get_request_tracker().flush()
         await drain_supervisor()  # and the usage roll-up still pending

@@ -43,6 +43,7 @@ from sqlalchemy import text
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat
+from agentrt.db.errors import BudgetExceededError
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session, set_row_security
 from agentrt.services import directory_service as directory
 from agentrt.services.background import drain_supervisor, get_supervisor
@@ -152,6 +153,8 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
             summary[f'added_median_ms_{key}'] = round(on['median_ms'] - off['median_ms'], 3)
             summary[f'added_cpu_ms_{key}'] = round(on['cpu_ms'] - off['cpu_ms'], 3)
         machine = await machine_info()
+    except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
+        raise SystemExit(f'stopped: {exc}') from None
     finally:
         await get_request_tracker().flush()
         await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next

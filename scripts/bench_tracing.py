@@ -68,6 +68,7 @@ async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
     from agentrt.agents.observability import configure_observability, flush_spans
     from agentrt.agents.runtime import shutdown_runtime
     from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+    from agentrt.db.errors import BudgetExceededError
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.services.background import drain_supervisor, get_supervisor
     from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
@@ -117,6 +118,8 @@ async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
                 }
             )
         machine = await machine_info()
+    except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
+        raise SystemExit(f'stopped: {exc}') from None
     finally:
         await get_request_tracker().flush()
         await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
@@ -134,7 +137,8 @@ def run_child(mode: str, turns: int, warm_up: int, collector: Collector) -> tupl
         args = ['--child', mode, '--turns', str(turns), '--child-out', str(out), '--warm-up', str(warm_up)]
         code, output = run_script_forked(__file__, args, env)
         if code != 0:
-            raise SystemExit(f'{mode} run failed:\n{output}')
+            stopped = [line for line in output.splitlines() if line.startswith('stopped: ')]
+            raise SystemExit(stopped[-1] if stopped else f'{mode} run failed:\n{output}')  # a budget's: one line
         data = json.loads(out.read_text())
     return data['rows'], data['machine']
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -154,6 +155,26 @@ def test_benchmarks_remove_their_temporary_spool_directories(database_url: str, 
         outputs.append(result.stdout)
     assert outputs[0].startswith(str(temp)), outputs[0]  # it was made there
     assert list(temp.iterdir()) == []
+
+
+@pytest.mark.parametrize('name', ['bench_http', 'bench_pool_capacity', 'bench_rls', 'bench_tracing'])
+async def test_a_benchmark_refused_by_a_budget_says_so_and_stops(
+    name: str, demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # README: a benchmark a budget refuses "says so and stops"; these four ended with BudgetExceededError's traceback.
+    from agentrt.db.session import Unscoped, get_db_session
+    from agentrt.services.budgets import Period, set_budget
+
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await set_budget(session=session, account='acme-health', limit_usd=Decimal(0), period=Period('month'))
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')}
+    env['AGENTRT_BUDGET_UNPRICED'] = 'refuse'  # the demo model's requests too
+    command = [sys.executable, str(ROOT / 'scripts' / f'{name}.py'), '--quick', '--out', str(tmp_path / 'out.json')]
+    result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=240, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert result.stderr.strip().splitlines()[-1].startswith('stopped: '), output
+    assert 'Traceback' not in output
 
 
 async def table_exists(database_url: str, name: str) -> bool:
