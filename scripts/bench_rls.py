@@ -111,6 +111,7 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
                 'bench_rls compares against running without row-level security, which only a superuser login does '
                 '(superusers bypass it): run it on the embedded server, or with a superuser DATABASE_URL'
             )
+        machine = await machine_info()  # before the measurements: its load average is the one at the start
         async with get_db_session(account=Unscoped.ADMIN) as session:
             await seed_demo_data(session=session)
         account_id = await _account_id()
@@ -152,7 +153,6 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
             on, off = by[(what, 'rls')], by[(what, 'off')]
             summary[f'added_median_ms_{key}'] = round(on['median_ms'] - off['median_ms'], 3)
             summary[f'added_cpu_ms_{key}'] = round(on['cpu_ms'] - off['cpu_ms'], 3)
-        machine = await machine_info()
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
         raise SystemExit(f'stopped: {exc}') from None
     finally:

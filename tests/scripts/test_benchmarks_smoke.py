@@ -177,6 +177,29 @@ async def test_a_benchmark_refused_by_a_budget_says_so_and_stops(
     assert 'Traceback' not in output
 
 
+def test_rls_takes_the_load_average_before_measuring(database_url: str, tmp_path: Path) -> None:
+    # It printed "load average at start" read after every measurement.
+    trace = (
+        'import asyncio, sys, bench_rls\n'
+        'calls = []\n'
+        'def noted(name, fn):\n'
+        '    async def call(*args, **kwargs):\n'
+        '        calls.append(name)\n'
+        '        return await fn(*args, **kwargs)\n'
+        '    return call\n'
+        "bench_rls.machine_info = noted('machine_info', bench_rls.machine_info)\n"
+        "bench_rls._block = noted('measure', bench_rls._block)\n"
+        "sys.argv = ['bench_rls.py', '--quick', '--out', sys.argv[1]]\n"
+        'bench_rls.main()\n'
+        "print('calls:', calls[0], calls.count('machine_info'))\n"
+    )
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')}
+    command = [sys.executable, '-c', trace, str(tmp_path / 'out.json')]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT / 'scripts')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'calls: machine_info 1' in result.stdout, result.stdout
+
+
 async def table_exists(database_url: str, name: str) -> bool:
     """Whether the test database has a table `name`, read on a connection of its own."""
     connection = await asyncpg.connect(database_url.replace('postgresql+asyncpg://', 'postgresql://', 1))
