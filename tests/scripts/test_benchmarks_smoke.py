@@ -163,14 +163,18 @@ async def test_a_benchmark_refused_by_a_budget_says_so_and_stops(
 ) -> None:
     # README: a benchmark a budget refuses "says so and stops"; these four ended with BudgetExceededError's traceback.
     from agentrt.db.session import Unscoped, get_db_session
-    from agentrt.services.budgets import Period, set_budget
+    from agentrt.services.budgets import Period, remove_budget, set_budget
 
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await set_budget(session=session, account='acme-health', limit_usd=Decimal(0), period=Period('month'))
     env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')}
     env['AGENTRT_BUDGET_UNPRICED'] = 'refuse'  # the demo model's requests too
     command = [sys.executable, str(ROOT / 'scripts' / f'{name}.py'), '--quick', '--out', str(tmp_path / 'out.json')]
-    result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=240, env=env)
+    try:
+        result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=240, env=env)
+    finally:  # the module's benchmark runs (`quick_runs`) may come after this test in its worker, on its database
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            await remove_budget(session=session, account='acme-health')
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert result.stderr.strip().splitlines()[-1].startswith('stopped: '), output
