@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +35,26 @@ def test_repro_script_reproduces_failure_and_fix(demo_data: None, database_url: 
 def test_repro_script_drops_its_table_when_interrupted(demo_data: None, database_url: str) -> None:
     import os
 
-    # The DROP was the try's last statement: Ctrl-C (or any failure) in the middle left the table.
-    process = subprocess.Popen(
-        [sys.executable, '-u', str(ROOT / 'scripts' / 'repro_parallel_tools.py'), '--quick'],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, 'DATABASE_URL': database_url},
+    # The DROP was the try's last statement: Ctrl-C (or any failure) in the middle left the table. The interruption
+    # comes from inside, in part (b), after the table was made: a SIGINT sent from here raced a 0.3 s run (CI: it
+    # landed after the run's end).
+    interrupted = (
+        'import asyncio, sys, repro_parallel_tools as repro\n'
+        'async def ctrl_c() -> bool:\n'
+        '    raise KeyboardInterrupt\n'
+        'repro.part_b = ctrl_c\n'
+        'repro.SLEEP_S = 0.05\n'
+        'asyncio.run(repro.main())\n'
     )
-    assert process.stdout is not None
-    for line in process.stdout:  # the table is made before part (a) starts
-        if line.startswith('(a)'):
-            process.send_signal(signal.SIGINT)
-            break
-    output = line + process.communicate(timeout=60)[0]
-    assert process.returncode != 0, output
+    process = subprocess.run(
+        [sys.executable, '-c', interrupted],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'DATABASE_URL': database_url},
+        cwd=ROOT / 'scripts',
+        check=False,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode != 0 and 'KeyboardInterrupt' in output and '(a) legacy' in output, output
     assert not asyncio.run(table_exists(database_url, 'repro_cost_rows')), output
