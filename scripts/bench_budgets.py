@@ -33,8 +33,11 @@ from bench_common import (
     int_list,
     machine_info,
     ms,
+    non_negative_float,
+    non_negative_int,
     parser,
     percentile,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -265,11 +268,15 @@ COLUMNS = [
 
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'budgets')
-    args.add_argument('--turns', type=int, default=200, help='concurrent turns per round')
-    args.add_argument('--rounds', type=int, default=6, help='measured rounds per spread, alternating on and off')
-    args.add_argument('--latency', type=float, default=0.1, help='model latency per request (s)')
+    args.add_argument('--turns', type=positive_int, default=200, help='concurrent turns per round')
+    args.add_argument(
+        '--rounds', type=positive_int, default=6, help='measured rounds per spread, alternating on and off'
+    )
+    args.add_argument('--latency', type=non_negative_float, default=0.1, help='model latency per request (s)')
     args.add_argument('--accounts', type=int_list, default=[1, 20], help='spreads: turns over this many accounts')
-    args.add_argument('--sequential', type=int, default=40, help='turns per round run one at a time (0: none)')
+    args.add_argument(
+        '--sequential', type=non_negative_int, default=40, help='turns per round run one at a time (0: none)'
+    )
     opts = args.parse_args()
     if opts.quick:  # one spread (over two accounts): a second spread runs the same steps again
         opts.turns, opts.rounds, opts.latency, opts.accounts, opts.sequential = 10, 2, 0.0, [2], 3

@@ -18,7 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import _host_info, ms, parser, print_config, print_table, write_results
+from bench_common import (
+    _host_info,
+    ms,
+    parser,
+    positive_int,
+    print_config,
+    print_table,
+    write_results,
+)
 
 from agentrt.agents.cli import COMMANDS
 
@@ -50,7 +58,7 @@ def time_runs(argv: list[str], runs: int, *, warm_up: bool = True) -> list[float
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], 'cli_startup')
-    args.add_argument('--runs', type=int, default=15, help='measured runs per command')
+    args.add_argument('--runs', type=positive_int, default=15, help='measured runs per command')
     opts = args.parse_args()
     runs = 1 if opts.quick else opts.runs
     agentrt = agentrt_command()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import atexit
 import json
+import math
 import os
 import platform
 import random
@@ -23,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, TextPartDelta, ToolReturnPart
@@ -42,6 +43,7 @@ from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
 
 ROOT = Path(__file__).resolve().parents[1]
+N = TypeVar('N', int, float)
 
 
 def parser(description: str, name: str) -> argparse.ArgumentParser:
@@ -52,9 +54,57 @@ def parser(description: str, name: str) -> argparse.ArgumentParser:
     return result
 
 
+def positive_int(value: str) -> int:
+    """An integer above 0 (an argparse type: a count of turns, rounds, runs...)."""
+    return _number(value, int, 'a positive integer', lambda n: n > 0)
+
+
+def non_negative_int(value: str) -> int:
+    """An integer of 0 or more (an argparse type, where 0 means none)."""
+    return _number(value, int, 'an integer of 0 or more', lambda n: n >= 0)
+
+
+def positive_float(value: str) -> float:
+    """A number above 0 (an argparse type: a window, a timeout...)."""
+    return _number(value, float, 'a number above 0', lambda n: n > 0)
+
+
+def non_negative_float(value: str) -> float:
+    """A number of 0 or more (an argparse type: a latency, where 0 means none)."""
+    return _number(value, float, 'a number of 0 or more', lambda n: n >= 0)
+
+
 def int_list(value: str) -> list[int]:
-    """Parse `1,2,4` into `[1, 2, 4]` (an argparse type)."""
-    return [int(part) for part in value.split(',') if part.strip()]
+    """Parse `1,2,4` into `[1, 2, 4]` (an argparse type); each a positive integer, at least one."""
+    return _numbers(value, positive_int)
+
+
+def float_list(value: str) -> list[float]:
+    """Parse `0,0.25` into `[0.0, 0.25]` (an argparse type); each a number of 0 or more, at least one."""
+    return _numbers(value, non_negative_float)
+
+
+def _number(value: str, kind: Callable[[str], N], what: str, fits: Callable[[N], bool]) -> N:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    # NaN and infinity are no count of seconds either: `float('nan') > 0` is False, `inf` would never end.
+    if number is None or not fits(number) or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f'{value!r} is not {what}')
+    return number
+
+
+def _numbers(value: str, one: Callable[[str], N]) -> list[N]:
+    parts = [part.strip() for part in value.split(',') if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a comma-separated list of numbers')
+    try:
+        return [one(part) for part in parts]
+    except argparse.ArgumentTypeError as exc:
+        if len(parts) == 1:
+            raise
+        raise argparse.ArgumentTypeError(f'{exc} (in {value!r})') from None
 
 
 def run_script_forked(script: str, args: Sequence[str], env: dict[str, str]) -> tuple[int, str]:

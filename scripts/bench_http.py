@@ -33,10 +33,15 @@ from bench_common import (
     closed_loop,
     delete_chats,
     demo_planner_model,
+    float_list,
+    int_list,
     machine_info,
     ms,
+    non_negative_float,
     parser,
     percentile,
+    positive_float,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -253,11 +258,11 @@ THROUGHPUT_COLUMNS = [
 
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'http')
-    args.add_argument('--latencies', type=lambda v: [float(x) for x in v.split(',')], default=[0.0, 0.25])
-    args.add_argument('--turns', type=int, default=15, help='measured single turns per pattern and latency')
-    args.add_argument('--streams', type=lambda v: [int(x) for x in v.split(',')], default=[50, 200])
-    args.add_argument('--window', type=float, default=10.0, help='seconds of load per throughput row')
-    args.add_argument('--throughput-latency', type=float, default=0.25, help='model s/request in part 2')
+    args.add_argument('--latencies', type=float_list, default=[0.0, 0.25])
+    args.add_argument('--turns', type=positive_int, default=15, help='measured single turns per pattern and latency')
+    args.add_argument('--streams', type=int_list, default=[50, 200])
+    args.add_argument('--window', type=positive_float, default=10.0, help='seconds of load per throughput row')
+    args.add_argument('--throughput-latency', type=non_negative_float, default=0.25, help='model s/request in part 2')
     opts = args.parse_args()
     if opts.quick:
         opts.latencies, opts.turns, opts.streams, opts.window, opts.throughput_latency = [0.0], 1, [3], 0.5, 0.0

@@ -36,10 +36,14 @@ from bench_common import (
     bare_directory_agent,
     delete_ledger_rows,
     demo_planner_model,
+    int_list,
     machine_info,
     ms,
+    non_negative_float,
     parser,
     percentile,
+    positive_float,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -293,13 +297,13 @@ LAG_COLUMNS = [
 
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'bench_ledger_content')
-    args.add_argument('--turns', type=int, default=30, help='measured turns per pattern (parts 1 and 2)')
-    args.add_argument('--lengths', type=lambda v: [int(x) for x in v.split(',')], default=[3, 10, 30])
-    args.add_argument('--workers', type=int, default=4, help='concurrent simple_chat workers (part 3)')
-    args.add_argument('--latency', type=float, default=0.1, help='model latency per request in part 3 (s)')
-    args.add_argument('--quiet', type=float, default=3.0, help='seconds of load without the hostile message')
-    args.add_argument('--hostile-runs', type=int, default=3)
-    args.add_argument('--size', type=int, default=1_000_000, help='characters of the hostile message')
+    args.add_argument('--turns', type=positive_int, default=30, help='measured turns per pattern (parts 1 and 2)')
+    args.add_argument('--lengths', type=int_list, default=[3, 10, 30])
+    args.add_argument('--workers', type=positive_int, default=4, help='concurrent simple_chat workers (part 3)')
+    args.add_argument('--latency', type=non_negative_float, default=0.1, help='model latency per request in part 3 (s)')
+    args.add_argument('--quiet', type=positive_float, default=3.0, help='seconds of load without the hostile message')
+    args.add_argument('--hostile-runs', type=positive_int, default=3)
+    args.add_argument('--size', type=positive_int, default=1_000_000, help='characters of the hostile message')
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.lengths, opts.workers, opts.quiet, opts.hostile_runs, opts.size = 2, [3], 2, 0.2, 1, 20_000

@@ -24,8 +24,10 @@ from bench_common import (
     int_list,
     machine_info,
     ms,
+    non_negative_int,
     parser,
     percentile,
+    positive_float,
     print_config,
     print_table,
     start_database,
@@ -111,8 +113,10 @@ COLUMNS = [
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'ledger_throughput')
     args.add_argument('--writers', type=int_list, default=[1, 10, 50, 200, 500], help='concurrent writers per level')
-    args.add_argument('--window', type=float, default=4.0, help='seconds each level writes for')
-    args.add_argument('--content-bytes', type=int, default=0, help='also store a prompt and a response of this size')
+    args.add_argument('--window', type=positive_float, default=4.0, help='seconds each level writes for')
+    args.add_argument(
+        '--content-bytes', type=non_negative_int, default=0, help='also store a prompt and a response of this size'
+    )
     opts = args.parse_args()
     if opts.quick:
         opts.writers, opts.window = [1, 4], 0.3

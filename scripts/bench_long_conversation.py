@@ -27,6 +27,7 @@ from bench_common import (
     machine_info,
     ms,
     parser,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -143,12 +144,17 @@ COLUMNS = [
 
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'long_conversation')
-    args.add_argument('--turns', type=int, default=200, help='turns of each conversation')
-    args.add_argument('--budget', type=int, default=4_000, help='context budget, estimated tokens')
-    args.add_argument('--early', type=int, default=5, help='the early turn compared (once the budget is full)')
+    args.add_argument('--turns', type=positive_int, default=200, help='turns of each conversation')
+    args.add_argument('--budget', type=positive_int, default=4_000, help='context budget, estimated tokens')
+    args.add_argument('--early', type=positive_int, default=5, help='the early turn compared (once the budget is full)')
     opts = args.parse_args()
     if opts.quick:
         opts.turns = 8  # turn 5 and the last one with a full window (turns 3 to 8): the smallest run with both
+    if opts.turns - WINDOW < max(opts.early, 1 + WINDOW):  # the late turn compared would come before the early one
+        args.error(
+            f'argument --turns: {opts.turns} is too few to compare with turn {opts.early}: at least '
+            f'{max(opts.early, 1 + WINDOW) + WINDOW}'
+        )
     use_temporary_spool()
     await start_database(pool_size=10, max_overflow=5, pool_timeout=10)
     current_settings().context_max_tokens = opts.budget

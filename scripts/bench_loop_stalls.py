@@ -39,7 +39,9 @@ from bench_common import (
     int_list,
     machine_info,
     ms,
+    non_negative_float,
     parser,
+    positive_int,
     print_config,
     print_table,
     wait_ready,
@@ -366,13 +368,17 @@ async def measure(
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'loop_stalls')
     args.add_argument('--turns', type=int_list, default=[330, 700], help='turns of the long conversations')
-    args.add_argument('--conversations', type=int, default=10_000)
-    args.add_argument('--ledger-rows', type=int, default=100_000)
-    args.add_argument('--spool-rows', type=int, default=20_000, help='spooled ledger rows replayed at a start')
-    args.add_argument('--message-chars', type=int, default=BIG_MESSAGE_CHARS, help='the large message of a turn')
-    args.add_argument('--replays', type=int, default=3, help='starts with a spool to replay (each a new server)')
-    args.add_argument('--settle', type=float, default=1.0, help='s after a turn: its background work')
-    args.add_argument('--repeat', type=int, default=3, help='each request this many times (the worst counts)')
+    args.add_argument('--conversations', type=positive_int, default=10_000)
+    args.add_argument('--ledger-rows', type=positive_int, default=100_000)
+    args.add_argument('--spool-rows', type=positive_int, default=20_000, help='spooled ledger rows replayed at a start')
+    args.add_argument(
+        '--message-chars', type=positive_int, default=BIG_MESSAGE_CHARS, help='the large message of a turn'
+    )
+    args.add_argument(
+        '--replays', type=positive_int, default=3, help='starts with a spool to replay (each a new server)'
+    )
+    args.add_argument('--settle', type=non_negative_float, default=1.0, help='s after a turn: its background work')
+    args.add_argument('--repeat', type=positive_int, default=3, help='each request this many times (the worst counts)')
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.conversations, opts.ledger_rows, opts.repeat, opts.settle = [20], 50, 500, 1, 0.2

@@ -39,10 +39,13 @@ from bench_common import (
     budgets_on,
     delete_ledger_rows,
     demo_planner_model,
+    float_list,
     is_text_delta,
     machine_info,
     ms,
+    non_negative_int,
     parser,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -490,9 +493,11 @@ COLUMNS = [
 def options() -> argparse.Namespace:
     """The command line's options."""
     args = parser(__doc__.splitlines()[0], 'overhead')
-    args.add_argument('--latencies', type=lambda v: [float(x) for x in v.split(',')], default=[0.0, 0.25])
-    args.add_argument('--turns', type=int, default=15, help='measured turns per pattern, mode and latency')
-    args.add_argument('--breakdown-turns', type=int, default=30, help='measured turns per breakdown variant (0: none)')
+    args.add_argument('--latencies', type=float_list, default=[0.0, 0.25])
+    args.add_argument('--turns', type=positive_int, default=15, help='measured turns per pattern, mode and latency')
+    args.add_argument(
+        '--breakdown-turns', type=non_negative_int, default=30, help='measured turns per breakdown variant (0: none)'
+    )
     args.add_argument(
         '--loop',
         choices=('asyncio', 'uvloop'),

@@ -22,6 +22,8 @@ from bench_common import (
     machine_info,
     ms,
     parser,
+    positive_float,
+    positive_int,
     print_config,
     print_table,
     root_cause,
@@ -120,8 +122,8 @@ async def main() -> None:
     global sleep_s
     args = parser(__doc__.splitlines()[0], 'parallel_tools')
     args.add_argument('--tools', type=int_list, default=[1, 2, 4, 8, 16], help='tool calls per response')
-    args.add_argument('--repeats', type=int, default=5, help='turns per N and pattern (medians are reported)')
-    args.add_argument('--sleep-ms', type=float, default=100.0, help='time each tool spends in pg_sleep')
+    args.add_argument('--repeats', type=positive_int, default=5, help='turns per N and pattern (medians are reported)')
+    args.add_argument('--sleep-ms', type=positive_float, default=100.0, help='time each tool spends in pg_sleep')
     opts = args.parse_args()
     if opts.quick:
         opts.tools, opts.repeats, opts.sleep_ms = [1, 2], 1, 10.0

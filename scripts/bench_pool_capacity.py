@@ -33,8 +33,10 @@ from bench_common import (
     int_list,
     machine_info,
     ms,
+    non_negative_float,
     parser,
     percentile,
+    positive_float,
     print_config,
     print_table,
     scripted_model,
@@ -172,9 +174,13 @@ async def main() -> None:
     global tool_s
     args = parser(__doc__.splitlines()[0], 'pool_capacity')
     args.add_argument('--chats', type=int_list, default=[25, 50, 100, 200, 400], help='concurrent chats per level')
-    args.add_argument('--window', type=float, default=5.0, help='seconds during which each chat starts new turns')
-    args.add_argument('--model-latency', type=float, default=1.0, help='seconds per model request')
-    args.add_argument('--pool-timeout', type=float, default=5.0, help='seconds to wait for a pooled connection')
+    args.add_argument(
+        '--window', type=positive_float, default=5.0, help='seconds during which each chat starts new turns'
+    )
+    args.add_argument('--model-latency', type=non_negative_float, default=1.0, help='seconds per model request')
+    args.add_argument(
+        '--pool-timeout', type=positive_float, default=5.0, help='seconds to wait for a pooled connection'
+    )
     args.add_argument(
         '--patterns',
         type=lambda v: [p.strip() for p in v.split(',') if p.strip()],

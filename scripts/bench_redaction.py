@@ -20,7 +20,12 @@ import string
 import time
 from collections.abc import Callable
 
-from bench_common import _host_info, parser, write_results  # puts the repository root on sys.path
+from bench_common import (
+    _host_info,
+    parser,
+    positive_int,
+    write_results,
+)  # puts the repository root on sys.path
 
 from agentrt.services.ledger._contents import Body
 from agentrt.services.ledger.redaction import redact_text
@@ -174,8 +179,8 @@ def main() -> None:
 
 def _arguments() -> argparse.Namespace:
     result = parser(__doc__.splitlines()[0], 'bench_redaction')
-    result.add_argument('--size', type=int, default=1_000_000, help='characters per input (default 1 MB)')
-    result.add_argument('--repeat', type=int, default=3, help='runs per input; the best is reported')
+    result.add_argument('--size', type=positive_int, default=1_000_000, help='characters per input (default 1 MB)')
+    result.add_argument('--repeat', type=positive_int, default=3, help='runs per input; the best is reported')
     result.add_argument('--families', default='', help='comma-separated substrings of family names to run')
     return result.parse_args()
 

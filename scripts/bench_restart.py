@@ -33,6 +33,7 @@ from bench_common import (
     delete_chats,
     machine_info,
     parser,
+    positive_int,
     print_config,
     print_table,
     use_temporary_spool,
@@ -165,7 +166,7 @@ async def scenario(name: str, variant: str, rounds: int, warm: int) -> dict[str,
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'restart')
     args.add_argument('--settings', default='default,ping-every-checkout', help=f'of {", ".join(SETTINGS)}')
-    args.add_argument('--rounds', type=int, default=3)
+    args.add_argument('--rounds', type=positive_int, default=3)
     args.add_argument('--scenarios', default='between,during,steady,sessions')
     opts = args.parse_args()
     rounds, warm = (1, 5) if opts.quick else (opts.rounds, 20)

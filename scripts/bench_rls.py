@@ -31,8 +31,10 @@ from bench_common import (
     delete_chats,
     machine_info,
     ms,
+    non_negative_int,
     parser,
     percentile,
+    positive_int,
     print_config,
     print_table,
     start_database,
@@ -171,10 +173,14 @@ COLUMNS = [
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], 'rls')
-    args.add_argument('--turns', type=int, default=4, help='measured turns per mode and round (a block)')
-    args.add_argument('--rounds', type=int, default=20, help='rounds; each runs both modes, in random order')
-    args.add_argument('--sessions', type=int, default=50, help='measured tool sessions per mode and round (a block)')
-    args.add_argument('--warm-up', type=int, default=3, help='unmeasured turns per mode first (and 10x sessions)')
+    args.add_argument('--turns', type=positive_int, default=4, help='measured turns per mode and round (a block)')
+    args.add_argument('--rounds', type=positive_int, default=20, help='rounds; each runs both modes, in random order')
+    args.add_argument(
+        '--sessions', type=positive_int, default=50, help='measured tool sessions per mode and round (a block)'
+    )
+    args.add_argument(
+        '--warm-up', type=non_negative_int, default=3, help='unmeasured turns per mode first (and 10x sessions)'
+    )
     opts = args.parse_args()
     if opts.quick:
         opts.turns, opts.rounds, opts.sessions, opts.warm_up = 2, 1, 10, 1

@@ -27,7 +27,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench_common import ms, parser, print_config, print_table, run_script_forked, use_temporary_spool, write_results
+from bench_common import (
+    ms,
+    non_negative_int,
+    parser,
+    positive_int,
+    print_config,
+    print_table,
+    run_script_forked,
+    use_temporary_spool,
+    write_results,
+)
 
 QUESTION = 'Find me cardiologists in Seattle who accept Medicare'
 MODES = ('off', 'otlp')
@@ -151,9 +161,11 @@ COLUMNS = [
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], 'tracing')
-    args.add_argument('--turns', type=int, default=30, help='measured turns per pattern and process')
-    args.add_argument('--rounds', type=int, default=2, help='processes per mode, alternating')
-    args.add_argument('--warm-up', type=int, default=3, help='unmeasured turns per pattern and process first')
+    args.add_argument('--turns', type=positive_int, default=30, help='measured turns per pattern and process')
+    args.add_argument('--rounds', type=positive_int, default=2, help='processes per mode, alternating')
+    args.add_argument(
+        '--warm-up', type=non_negative_int, default=3, help='unmeasured turns per pattern and process first'
+    )
     args.add_argument('--child', choices=MODES, help=argparse_hidden())
     args.add_argument('--child-out', type=Path, help=argparse_hidden())
     opts = args.parse_args()

@@ -37,7 +37,9 @@ from bench_common import (
     demo_planner_model,
     int_list,
     machine_info,
+    non_negative_float,
     parser,
+    positive_int,
     print_config,
     print_table,
     write_results,
@@ -197,9 +199,9 @@ async def run_n(n: int, bouncer: PgBouncer, args: Any, postmaster: int) -> dict[
 async def main() -> None:
     cli = parser(__doc__.splitlines()[0], 'bench_workers')
     cli.add_argument('--workers', type=int_list, default=[1, 2, 4])
-    cli.add_argument('--chats', type=int, default=25, help='concurrent chats per worker process')
-    cli.add_argument('--turns', type=int, default=3, help='turns per chat')
-    cli.add_argument('--latency', type=float, default=0.3, help='seconds per model request')
+    cli.add_argument('--chats', type=positive_int, default=25, help='concurrent chats per worker process')
+    cli.add_argument('--turns', type=positive_int, default=3, help='turns per chat')
+    cli.add_argument('--latency', type=non_negative_float, default=0.3, help='seconds per model request')
     cli.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = cli.parse_args()
     if args.child:
