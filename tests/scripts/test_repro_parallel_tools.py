@@ -58,3 +58,15 @@ def test_repro_script_drops_its_table_when_interrupted(demo_data: None, database
     output = process.stdout + process.stderr
     assert process.returncode != 0 and 'KeyboardInterrupt' in output and '(a) legacy' in output, output
     assert not asyncio.run(table_exists(database_url, 'repro_cost_rows')), output
+
+
+def test_repro_script_help_runs_nothing_and_unknown_options_are_refused() -> None:
+    # Every argument but `--quick` was ignored: `--help` ran the whole repro, `--bogus` was taken.
+    script = str(ROOT / 'scripts' / 'repro_parallel_tools.py')
+    shown = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert '--quick' in shown.stdout and '(a) legacy pattern' in shown.stdout
+    assert '(a) legacy: one AsyncSession' not in shown.stdout  # part (a) never ran
+    bogus = subprocess.run([sys.executable, script, '--bogus'], capture_output=True, text=True, timeout=60, check=False)
+    assert bogus.returncode == 2, bogus.stdout + bogus.stderr
+    assert 'unrecognized arguments: --bogus' in bogus.stderr and bogus.stdout == ''
