@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -46,12 +47,62 @@ ROOT = Path(__file__).resolve().parents[1]
 N = TypeVar('N', int, float)
 
 
-def parser(description: str, name: str) -> argparse.ArgumentParser:
+def parser(description: str, name: str) -> BenchParser:
     """An argument parser with the options every benchmark takes: `--out` and `--quick`."""
-    result = argparse.ArgumentParser(description=description)
-    result.add_argument('--out', type=Path, default=ROOT / 'bench-results' / f'{name}.json', help='JSON output path')
-    result.add_argument('--quick', action='store_true', help='tiny parameters, for the smoke test')
-    return result
+    return BenchParser(description, name)
+
+
+class BenchParser(argparse.ArgumentParser):
+    """A benchmark's argument parser: `--out` and `--quick`, the output path checked as it parses.
+
+    The path is checked before anything runs: one that cannot be written failed only when the figures were written,
+    after the whole run (QA).
+    """
+
+    def __init__(self, description: str, name: str) -> None:
+        super().__init__(description=description)
+        self.add_argument('--out', type=Path, default=ROOT / 'bench-results' / f'{name}.json', help='JSON output path')
+        self.add_argument('--quick', action='store_true', help='tiny parameters, for the smoke test')
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse as argparse does, then check that `--out` can be written."""
+        opts, extra = super().parse_known_args(args, namespace)
+        # A script's child process (`--child`) writes no figures: its parent checked its own path.
+        if not getattr(opts, 'child', None):
+            problem = out_problem(opts.out)
+            if problem:
+                self.error(f'--out {opts.out}: {problem}')
+        return opts, extra
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the figures cannot be written to `out` (as `write_results` writes them), or None if they can.
+
+    Tried, not guessed from permissions (root may write anywhere but /proc), and left as found: an existing file is
+    opened for append (its content kept), a new one is made and removed, and so are the directories made for it.
+    """
+    if out.is_dir():
+        return 'is a directory'
+    made: list[Path] = []
+    try:
+        for folder in reversed(out.parents):
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
+        existed = out.exists()
+        with out.open('a'):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return None
 
 
 def positive_int(value: str) -> int:

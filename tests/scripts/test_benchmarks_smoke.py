@@ -121,19 +121,27 @@ def test_no_benchmark_leaves_ledger_rows_or_conversations_in_the_database_it_ran
 
 
 def test_pool_capacity_drops_its_table_when_it_fails(database_url: str, tmp_path: Path) -> None:
-    # The DROP was the try's last statement: an unwritable --out (as SIGTERM, Ctrl-C or a budget's refusal) left it.
-    unwritable = tmp_path / 'a-file'
-    unwritable.write_text('')
+    # The DROP was the try's last statement: a failure at the end (as SIGTERM, Ctrl-C or a budget's refusal) left it.
+    # The failure is the figures' writing (a full disk): an unwritable --out is now refused before the run starts.
+    failing = (
+        'import runpy, sys, bench_common\n'
+        'def full_disk(*args, **kwargs):\n'
+        "    raise OSError(28, 'No space left on device')\n"
+        'bench_common.write_results = full_disk\n'
+        "sys.argv = ['bench_pool_capacity.py', '--quick', '--out', sys.argv[1]]\n"
+        "runpy.run_path('bench_pool_capacity.py', run_name='__main__')\n"
+    )
     result = subprocess.run(
-        [sys.executable, str(ROOT / 'scripts' / 'bench_pool_capacity.py'), '--quick', '--out', f'{unwritable}/x.json'],
+        [sys.executable, '-c', failing, str(tmp_path / 'out.json')],
         capture_output=True,
         text=True,
         timeout=240,
         env={**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 'spool.jsonl')},
+        cwd=ROOT / 'scripts',
         check=False,
     )
     assert result.returncode != 0, result.stdout
-    assert 'NotADirectoryError' in result.stderr or 'FileExistsError' in result.stderr, result.stderr
+    assert 'No space left on device' in result.stderr, result.stderr
     assert not asyncio.run(table_exists(database_url, 'bench_turns'))
 
 
