@@ -53,22 +53,31 @@ def parser(description: str, name: str) -> BenchParser:
 
 
 class BenchParser(argparse.ArgumentParser):
-    """A benchmark's argument parser: `--out` and `--quick`, the output path checked as it parses.
+    """A benchmark's argument parser: `--out` and `--quick`, the output path resolved and checked as it parses.
 
-    The path is checked before anything runs: one that cannot be written failed only when the figures were written,
-    after the whole run (QA).
+    Without `--out`, the figures go to `bench-results/<name>.json`, or `<name>-quick.json` with `--quick`: a quick
+    check wrote over the full run's figures (QA). The path is checked before anything runs: one that cannot be
+    written failed only when the figures were written, after the whole run (QA).
     """
 
     def __init__(self, description: str, name: str) -> None:
         super().__init__(description=description)
-        self.add_argument('--out', type=Path, default=ROOT / 'bench-results' / f'{name}.json', help='JSON output path')
+        self.name = name
+        self.add_argument(
+            '--out',
+            type=Path,
+            default=None,
+            help=f'JSON output path (default: bench-results/{name}.json; with --quick, {name}-quick.json)',
+        )
         self.add_argument('--quick', action='store_true', help='tiny parameters, for the smoke test')
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        """Parse as argparse does, then check that `--out` can be written."""
+        """Parse as argparse does, then resolve `--out`'s default and check that it can be written."""
         opts, extra = super().parse_known_args(args, namespace)
+        if opts.out is None:
+            opts.out = ROOT / 'bench-results' / (f'{self.name}-quick.json' if opts.quick else f'{self.name}.json')
         # A script's child process (`--child`) writes no figures: its parent checked its own path.
         if not getattr(opts, 'child', None):
             problem = out_problem(opts.out)

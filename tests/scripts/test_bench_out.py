@@ -1,4 +1,5 @@
-"""A benchmark's `--out`: checked before the run (an unwritable path failed only after the whole run)."""
+"""A benchmark's `--out`: checked before the run (an unwritable path failed only after the whole run), and with
+`--quick` a default of its own (a quick check wrote over the full run's figures)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def test_the_check_keeps_what_it_finds(bench_common: ModuleType, tmp_path: Path)
     assert bench_common.out_problem(new) is None
     assert list(tmp_path.iterdir()) == [existing]  # the file and the directories made for it removed again
     assert bench_common.out_problem(tmp_path) == 'is a directory'
+
+
+def test_quick_writes_beside_the_full_runs_figures_not_over_them(
+    bench_common: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench_common, 'ROOT', tmp_path)
+    assert bench_common.parser('x', 'overhead').parse_args([]).out == tmp_path / 'bench-results' / 'overhead.json'
+    quick = bench_common.parser('x', 'overhead').parse_args(['--quick']).out
+    assert quick == tmp_path / 'bench-results' / 'overhead-quick.json'
+    given = bench_common.parser('x', 'overhead').parse_args(['--quick', '--out', str(tmp_path / 'o.json')]).out
+    assert given == tmp_path / 'o.json'
