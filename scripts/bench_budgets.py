@@ -40,6 +40,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     use_temporary_spool,
     write_results,
@@ -325,4 +326,4 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

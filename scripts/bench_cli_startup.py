@@ -25,6 +25,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     write_results,
 )
 
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_benchmark(main, interrupted='interrupted')

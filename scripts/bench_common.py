@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -37,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from agentrt.agents.demo_model import SCHEMAS_LINE, next_response
 from agentrt.agents.simple_chat import BASE_INSTRUCTIONS
 from agentrt.db.engine import build_engine, current_settings, get_engine, init_database
+from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError, MigrationError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
 from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LEDGER_KEY, _LOCK_EXCLUSIVE, _LOCK_KEYS
@@ -234,6 +236,38 @@ def clean_up_on_sigterm() -> None:
     `finally:` deletes its rows and accounts): killed by the default handler, it left them all (QA). Call it from the
     main thread, before the event loop starts."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+INTERRUPTED = 'interrupted; its clean-up ran: the rows it added are removed'
+"""What `run_benchmark` says when a benchmark is stopped (its `finally:` blocks have run by then)."""
+
+SETUP_ERRORS = (DatabaseUnavailableError, ConfigError, EmbeddedPostgresError, MigrationError)
+"""A database that cannot be reached or set up: said in one line by `run_benchmark`."""
+
+
+def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED) -> None:
+    """Run a benchmark's entry point (`lambda: asyncio.run(main())`) as its `__main__` block.
+
+    Ctrl-C and SIGTERM (`clean_up_on_sigterm`) end it with `interrupted` on one line and exit status 130, once its
+    clean-up has run (the exception reaches here through its `finally:` blocks); a database that cannot be reached
+    or set up ends it with one `error:` line (the server's host and port in it) and status 1. Both were tracebacks,
+    a chained one for an interrupt (QA).
+
+    Args:
+        entry: runs the benchmark to its end.
+        interrupted: what to say when it is stopped: what its clean-up did.
+    """
+    try:
+        entry()
+    except KeyboardInterrupt:
+        # The tasks the interrupt cut off (SIGTERM raises it inside one) are collected at exit, each logged by
+        # asyncio as "exception was never retrieved" with its traceback: what stopped them is said here instead.
+        logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+        print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
+    except SETUP_ERRORS as exc:
+        print(f'error: {" ".join(str(exc).split())}', file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:

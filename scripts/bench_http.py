@@ -44,6 +44,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     use_temporary_spool,
     wait_ready,
@@ -358,4 +359,4 @@ if __name__ == '__main__':
     if len(sys.argv) == 4 and sys.argv[1] == '--serve-child':
         serve_child(int(sys.argv[2]), float(sys.argv[3]))
     else:
-        asyncio.run(main())
+        run_benchmark(lambda: asyncio.run(main()))

@@ -46,6 +46,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     use_temporary_spool,
     write_results,
@@ -355,4 +356,4 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

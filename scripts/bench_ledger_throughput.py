@@ -30,6 +30,7 @@ from bench_common import (
     positive_float,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     write_results,
 )
@@ -153,4 +154,4 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

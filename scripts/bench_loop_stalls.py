@@ -44,6 +44,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     wait_ready,
     write_results,
 )
@@ -554,4 +555,4 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
 
 if __name__ == '__main__':
     clean_up_on_sigterm()  # its clean-up runs on SIGTERM too
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

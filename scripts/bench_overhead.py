@@ -48,6 +48,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     use_temporary_spool,
     write_results,
@@ -594,6 +595,6 @@ if __name__ == '__main__':
     if chosen.loop == 'uvloop':
         import uvloop
 
-        uvloop.run(main(chosen))
+        run_benchmark(lambda: uvloop.run(main(chosen)))
     else:
-        asyncio.run(main(chosen))
+        run_benchmark(lambda: asyncio.run(main(chosen)))

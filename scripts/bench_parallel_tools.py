@@ -27,6 +27,7 @@ from bench_common import (
     print_config,
     print_table,
     root_cause,
+    run_benchmark,
     scripted_model,
     start_database,
     write_results,
@@ -173,4 +174,4 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

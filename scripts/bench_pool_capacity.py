@@ -39,6 +39,7 @@ from bench_common import (
     positive_float,
     print_config,
     print_table,
+    run_benchmark,
     scripted_model,
     server_busy_s,
     start_database,
@@ -264,4 +265,4 @@ async def main() -> None:
 
 
 if __name__ == '__main__':
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

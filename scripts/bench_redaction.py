@@ -24,6 +24,7 @@ from bench_common import (
     _host_info,
     parser,
     positive_int,
+    run_benchmark,
     write_results,
 )  # puts the repository root on sys.path
 
@@ -186,4 +187,4 @@ def _arguments() -> argparse.Namespace:
 
 
 if __name__ == '__main__':
-    main()
+    run_benchmark(main, interrupted='interrupted')

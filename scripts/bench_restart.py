@@ -36,6 +36,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     use_temporary_spool,
     write_results,
 )
@@ -203,4 +204,4 @@ async def main() -> None:
 
 if __name__ == '__main__':
     use_temporary_spool()  # and SIGTERM stops it as Ctrl-C does: its clean-up runs
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))

@@ -37,6 +37,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     start_database,
     use_temporary_spool,
     write_results,
@@ -202,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_benchmark(main)

@@ -34,6 +34,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     run_script_forked,
     use_temporary_spool,
     write_results,
@@ -224,4 +225,4 @@ def argparse_hidden() -> str:
 
 
 if __name__ == '__main__':
-    main()
+    run_benchmark(main)

@@ -42,6 +42,7 @@ from bench_common import (
     positive_int,
     print_config,
     print_table,
+    run_benchmark,
     write_results,
 )
 from pydantic_ai.models.wrapper import WrapperModel
@@ -251,4 +252,4 @@ def _postmaster_pid() -> int:
 
 if __name__ == '__main__':
     clean_up_on_sigterm()  # its clean-up runs on SIGTERM too
-    asyncio.run(main())
+    run_benchmark(lambda: asyncio.run(main()))
