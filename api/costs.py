@@ -10,7 +10,7 @@ from agentrt.api.auth import ReadCaller
 from agentrt.api.filters import AgentFilter, ModelFilter, Since, Until, time_range
 from agentrt.api.schemas import ERROR_RESPONSES, CostReport, CostRowOut
 from agentrt.db.session import get_read_only_session
-from agentrt.services.ledger import LedgerFilters, summarise_costs
+from agentrt.services.ledger import LedgerFilters, roll_up_pending, summarise_costs
 
 router = APIRouter(prefix='/api/v1', tags=['costs'], responses=ERROR_RESPONSES)
 
@@ -34,6 +34,8 @@ async def costs(
     """Totals of the account's model requests, days in date order, other groupings by cost, highest first."""
     start, end = time_range(since, until)
     filters = LedgerFilters(account=caller.account_id, agent=agent, model=model, since=start, until=end)
+    if source == 'rollup':  # the account's rows no roll-up has counted yet (an agent of one's own, say) count too
+        await roll_up_pending(account_id=caller.account_id)
     async with get_read_only_session(account=caller.account_id) as session:
         rows = await summarise_costs(session=session, by=by, filters=filters, source=source)
     return CostReport(by=by, source=source, items=[CostRowOut.of(row) for row in rows])

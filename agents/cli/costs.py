@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import typer
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 # services.ledger.COST_GROUPINGS, not imported here (`costs --help` stays fast; a test checks they agree).
 COST_GROUPINGS = ('account', 'agent', 'model', 'day')
 COST_SOURCES = ('rollup', 'ledger')
-ROLLUP_CATCH_UP = timedelta(days=7)
 
 
 def costs(
@@ -66,8 +64,8 @@ def costs(
 async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> list[CostSummary]:
     """Read the rollup when it can answer the question (whole UTC days, no success filter), else the ledger.
 
-    Post-turn work keeps the rollup current for chat turns; ledger rows written by other agents are caught up
-    here first (the last `ROLLUP_CATCH_UP`), each counted once however often this runs.
+    Post-turn work keeps the rollup current for chat turns; every ledger row not counted yet (an agent of one's own,
+    a roll-up a process's end dropped) is rolled up here first, each counted once however often this runs.
     """
     from agentrt.db.engine import close_database, init_database
     from agentrt.db.session import Unscoped, get_read_only_session
@@ -76,7 +74,7 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
     await init_database()
     try:
         if source == 'rollup':
-            await roll_up_pending(datetime.now(UTC) - ROLLUP_CATCH_UP)
+            await roll_up_pending()
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
             rows = None
             if source == 'rollup':

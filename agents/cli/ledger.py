@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,7 +96,7 @@ async def _replay(spool: Path | None) -> ReplayReport:
         if report.inserted:
             # Replayed rows may be days old: fold every not-yet-rolled-up row into the usage rollup.
             try:
-                await roll_up_pending(datetime(1970, 1, 1, tzinfo=UTC))
+                await roll_up_pending()
             except Exception as exc:  # the replay itself succeeded; the rollup can be repaired later
                 warning = f'warning: rows replayed, but the usage rollup was not updated: {redacted(str(exc))}'
                 err_console.print(warning, markup=False, highlight=False)

@@ -14,7 +14,11 @@ from agentrt.db.models.conversations import ConversationEntryRow, ConversationRo
 from agentrt.db.models.directory import DirectoryEntry
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow  # noqa: F401 - registers the ledger tables
 from agentrt.db.models.tenancy import Account, AgentInstance
-from agentrt.db.models.usage_rollups import UsageDailyRollup, UsageRolledUpRequest  # noqa: F401 - registers the rollup tables
+from agentrt.db.models.usage_rollups import (  # noqa: F401 - registers the rollup tables
+    UsageDailyRollup,
+    UsagePendingRequest,
+    UsageRolledUpRequest,
+)
 
 __all__ = [
     'API_KEY_SCOPES',

@@ -62,3 +62,20 @@ class UsageRolledUpRequest(Base):
         Uuid, ForeignKey('llm_requests.id', ondelete='CASCADE'), primary_key=True
     )
     rolled_up_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class UsagePendingRequest(Base):
+    """A ledger row the rollup has not counted yet: queued by a trigger on `llm_requests` in the transaction that
+    writes it (migration 0019), taken off by the roll-up that counts it (`services/ledger/_rollups.py`).
+
+    What lets a roll-up find every uncounted row without looking back over the ledger by time.
+    """
+
+    __tablename__ = 'usage_pending_requests'
+    __table_args__ = (Index('ix_usage_pending_requests_account_id', 'account_id'),)
+
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey('llm_requests.id', ondelete='CASCADE'), primary_key=True
+    )
+    account_id: Mapped[int | None] = mapped_column(BigInteger)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

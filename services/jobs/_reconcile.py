@@ -17,8 +17,6 @@ from agentrt.services.ledger import roll_up_pending
 
 logger = logging.getLogger('agentrt.jobs')
 
-# Ledger rows written this long ago or less are looked at (the post-turn rollup looks back one hour).
-ROLLUP_LOOKBACK = timedelta(days=2)
 _BATCH = 1000
 
 # A conversation with turns and no summary at all: its first turn's title and summary never came.
@@ -55,7 +53,7 @@ class ReconcileReport:
 
 async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> ReconcileReport:
     """Queue the title and summary of every conversation left without them for `idle_seconds` (default
-    `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), roll up every ledger row of the last two days nobody counted, and delete
+    `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), roll up every ledger row nobody counted, and delete
     the jobs that failed every attempt (or were cancelled or aborted) more than `AGENTRT_JOBS_KEEP_FAILED_DAYS` ago:
     succeeded jobs are deleted as they end, and without this a job failing for good (a bug, a row that cannot be
     saved) added a row to the queue's table for ever, every five minutes for the periodic ones.
@@ -80,7 +78,7 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
         for account_id, conversation_id in missing:
             if (str(account_id), str(conversation_id)) not in resting:
                 queued += await defer_summary(int(account_id), str(conversation_id))
-    buckets = await roll_up_pending(datetime.now(UTC) - ROLLUP_LOOKBACK)
+    buckets = await roll_up_pending()
     deleted = await delete_finished_jobs(current_settings().jobs_keep_failed_days)
     if queued or buckets or deleted:
         logger.info(

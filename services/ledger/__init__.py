@@ -36,7 +36,6 @@ from agentrt.services.ledger._queries import (
 )
 from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error
 from agentrt.services.ledger._rollups import (
-    POST_TURN_LOOKBACK,
     recompute_usage_rollups,
     roll_up_account_usage,
     roll_up_pending,
@@ -111,7 +110,6 @@ __all__ = [
     'MAX_COST_USD',
     'MAX_PAGE_SIZE',
     'MAX_TOKENS',
-    'POST_TURN_LOOKBACK',
     'PRUNE_BATCH_REQUESTS',
     'RIDER_HOOKS',
     'AmbiguousRequestIdError',

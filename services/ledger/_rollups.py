@@ -15,10 +15,6 @@ from agentrt.db.session import Unscoped, get_side_session
 
 logger = logging.getLogger('agentrt.usage')
 
-# How far back (by the time a ledger row was recorded) the post-turn roll-up looks for rows not yet
-# counted: the turn's own rows, and rows delivered late (a previous turn's write, a spool replay).
-# Rows recorded earlier need `roll_up_pending(since=...)`.
-POST_TURN_LOOKBACK = timedelta(hours=1)
 # Roll-ups and recomputes of large ranges can wait behind each other; the side session's default is 2 s.
 _LOCK_TIMEOUT_MS = 30_000
 _STATEMENT_TIMEOUT_MS = 120_000
@@ -65,17 +61,23 @@ _LABELS = ('account_slug', 'agent_instance_slug', 'agent_name')
 _LEDGER_LABELS = ', '.join(f'max(r.{name}) AS {name}' for name in _LABELS)
 _COLUMNS = f'{_KEY}, {", ".join(_LABELS)}, {", ".join(_COUNTERS)}'
 
-# Claim the matching ledger rows nobody counted yet (the claim is the idempotency key: a retried or
-# concurrent roll-up claims nothing twice), then add just those rows to their buckets; rows a budget refused are
-# claimed (so they are not looked at again) but not counted: those requests were never sent. Sorted so two
-# roll-ups touching the same buckets lock them in the same order and cannot deadlock.
+# Take the queued rows (`usage_pending_requests`: every ledger row is queued by the statement that writes it,
+# migration 0019) and claim them (the claim is the idempotency key: a row counted by a recompute, or by a roll-up
+# of an earlier version, is claimed already and counted nothing twice), then add just the newly claimed rows to their
+# buckets; rows a budget refused are claimed (so they are not looked at again) but not counted: those requests were
+# never sent. Queued rows another roll-up is taking are skipped, not waited for. Sorted so two roll-ups touching the
+# same buckets lock them in the same order and cannot deadlock.
 _ROLL_UP = f"""
-WITH claimed AS (
+WITH taken AS (
+    DELETE FROM usage_pending_requests AS p
+    WHERE p.request_id IN (
+        SELECT q.request_id FROM usage_pending_requests AS q WHERE true {{where}}
+        ORDER BY q.request_id FOR UPDATE SKIP LOCKED
+    )
+    RETURNING p.request_id
+), claimed AS (
     INSERT INTO usage_rolled_up_requests (request_id)
-    SELECT r.id FROM llm_requests AS r
-    WHERE r.recorded_at >= :since {{where}}
-      AND NOT EXISTS (SELECT 1 FROM usage_rolled_up_requests AS u WHERE u.request_id = r.id)
-    ORDER BY r.id
+    SELECT t.request_id FROM taken AS t ORDER BY t.request_id
     ON CONFLICT DO NOTHING
     RETURNING request_id
 )
@@ -100,6 +102,8 @@ WITH in_range AS (
     SELECT r.id FROM llm_requests AS r WHERE r.started_at >= :start AND r.started_at < :end
 ), claimed AS (
     INSERT INTO usage_rolled_up_requests (request_id) SELECT id FROM in_range ON CONFLICT DO NOTHING
+), unqueued AS (
+    DELETE FROM usage_pending_requests AS p USING in_range AS i WHERE p.request_id = i.id
 )
 INSERT INTO usage_daily_rollups ({_COLUMNS})
 SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
@@ -110,32 +114,38 @@ GROUP BY 1, 2, 3, 4
 
 
 async def roll_up_account_usage(account_id: int) -> int:
-    """Background task after a chat turn: add the account's recent, uncounted ledger rows to the rollup.
+    """Background task after a chat turn: add the account's uncounted ledger rows to the rollup.
 
     Args:
-        account_id: the account whose ledger rows (started within `POST_TURN_LOOKBACK`) to roll up.
+        account_id: the account whose queued ledger rows to roll up (every one, however old).
 
     Returns:
         How many buckets were created or updated.
     """
-    return await roll_up_pending(datetime.now(UTC) - POST_TURN_LOOKBACK, account_id=account_id)
+    return await roll_up_pending(account_id=account_id)
 
 
-async def roll_up_pending(since: datetime, *, account_id: int | None = None) -> int:
-    """Add every ledger row recorded at or after `since` that is not counted yet, for one account or all.
+async def roll_up_pending(since: datetime | None = None, *, account_id: int | None = None) -> int:
+    """Add the ledger rows not counted yet to the rollup, for one account or all.
 
-    Rows are selected by when they were written (`recorded_at`), not when the request started, so rows
-    replayed from the spool long after their request are caught by a recent `since`.
+    Every ledger row is queued for the rollup by the statement that writes it (whoever writes it: a chat turn, an
+    agent of one's own with `ledger_capability()`, a spool's replay), so nothing is missed however late a roll-up
+    runs, and no clock is compared.
 
-    Safe to run any number of times, concurrently too: each ledger row is counted once. Use it after
-    replaying spooled ledger rows, or on a schedule, for rows older than the post-turn lookback.
+    Safe to run any number of times, concurrently too: each ledger row is counted once.
+
+    Args:
+        since: only rows recorded (`recorded_at`, the database's clock) at or after this; all when None.
+        account_id: only this account's rows; every account's when None.
 
     Returns:
         How many buckets were created or updated.
     """
-    where, params = '', dict[str, Any](since=since)
+    where, params = '', dict[str, Any]()
+    if since is not None:
+        where, params['since'] = f'{where} AND q.recorded_at >= :since', since
     if account_id is not None:
-        where, params['account_id'] = 'AND r.account_id = :account_id', account_id
+        where, params['account_id'] = f'{where} AND q.account_id = :account_id', account_id
     async with get_side_session(
         account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:

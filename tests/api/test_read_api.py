@@ -315,6 +315,24 @@ async def test_costs_count_cancelled_requests_apart_from_failed_ones_in_both_sou
         assert (row['requests'], row['failed'], row['cancelled']) == (4, 1, 2), source
 
 
+async def test_costs_from_the_rollup_count_the_accounts_rows_no_roll_up_reached(
+    keys: Keys, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    """Rows of an agent of one's own (`ledger_capability()`: no post-turn roll-up) were left out of `source=rollup`
+    (QA): the read rolls up the account's queued rows first, and only its own."""
+    acme, grocer = await account_id('acme-health'), await account_id('green-grocer')
+    await _record(
+        tmp_path, [_row(acme, 'acme-health', 0), _row(acme, 'acme-health', 1), _row(grocer, 'green-grocer', 2)]
+    )
+    for source in ('rollup', 'ledger'):
+        body = await client.get('/api/v1/costs', params={'by': 'account', 'source': source}, headers=auth(keys.acme))
+        [row] = body.json()['items']
+        assert row['requests'] == 2, source
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        queued = await session.execute(sql('SELECT account_id FROM usage_pending_requests'))
+        assert list(queued.scalars()) == [grocer]  # the other account's row waits for its own roll-up
+
+
 async def test_a_conversation_is_read_in_its_latest_messages_from_the_start_of_a_turn(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:

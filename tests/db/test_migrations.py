@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db import migrate
 from agentrt.db.engine import build_engine, get_engine
@@ -160,17 +163,11 @@ VALUES (:day, :account_id, NULL, :model, :requests, :failed, 0, 0, 0, 0, 0, 0, 0
 """
 
 
-@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
-async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(database: Settings, migrator: str) -> None:
-    """A rollup written before 0013 counted cancelled requests as failed: the upgrade moves the ones whose ledger
-    rows it can see to `cancelled_requests` (a bucket at a time, its own rows only), the downgrade puts them back.
-    `owner`: migrated by a login role that owns the tables and is no superuser (README "Tenant isolation"), so the
-    backfill runs under the forced row-level security, through the role's membership of the cross-account roles."""
-    from sqlalchemy import insert
-
-    from agentrt.db.models.ledger import LLMRequestRow
+@asynccontextmanager
+async def _scratch_database(database: Settings, migrator: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a new, empty database of the test server, dropped afterwards. `owner`: a login role that owns
+    the database and is no superuser (README "Tenant isolation"), member of the function roles, connects."""
     from agentrt.db.roles import FUNCTION_ROLES
-    from tests.factories import ledger_record
 
     name = f'migrations_{uuid.uuid4().hex[:8]}'
     admin = get_engine().execution_options(isolation_level='AUTOCOMMIT')
@@ -185,6 +182,26 @@ async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(databas
             await conn.execute(text(f'CREATE DATABASE {name}'))
     engine = build_engine(url, database)
     try:
+        yield engine
+    finally:
+        await engine.dispose()
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
+            await conn.execute(text(f'DROP ROLE IF EXISTS {name}'))
+
+
+@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
+async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(database: Settings, migrator: str) -> None:
+    """A rollup written before 0013 counted cancelled requests as failed: the upgrade moves the ones whose ledger
+    rows it can see to `cancelled_requests` (a bucket at a time, its own rows only), the downgrade puts them back.
+    `owner`: migrated by a login role that owns the tables and is no superuser (README "Tenant isolation"), so the
+    backfill runs under the forced row-level security, through the role's membership of the cross-account roles."""
+    from sqlalchemy import insert
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from tests.factories import ledger_record
+
+    async with _scratch_database(database, migrator) as engine:
         await _migrate_to(engine, '0012_row_level_security')
         rows = [
             ledger_record(account_id=1, status=status, success=status == 'complete', model=model)
@@ -228,11 +245,44 @@ async def test_0013_moves_rolled_up_cancellations_out_of_failed_and_back(databas
         assert before == {model: (requests, failed) for model, requests, failed in buckets}
         await _migrate_to(engine, 'head')
         assert await current_revision(engine) == head_revision()
-    finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
-            await conn.execute(text(f'DROP ROLE IF EXISTS {name}'))
+
+
+@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
+async def test_0019_queues_the_rows_never_rolled_up_and_every_new_one(database: Settings, migrator: str) -> None:
+    """The roll-ups looked back by time, so a row none reached in time was never counted: the upgrade queues every
+    row not counted yet (however old), the trigger each new one whoever writes it; the downgrade removes both."""
+    from sqlalchemy import insert
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from tests.factories import ledger_record
+
+    async with _scratch_database(database, migrator) as engine:
+        await _migrate_to(engine, '0018_budget_charges')
+        counted, old, recent = (ledger_record(account_id=1) for _ in range(3))
+        async with engine.begin() as conn:
+            rows = [row.to_row() for row in (counted, old, recent)]
+            await conn.execute(insert(LLMRequestRow), rows)
+            await conn.execute(
+                text("UPDATE llm_requests SET recorded_at = now() - interval '400 days' WHERE id = :id"), {'id': old.id}
+            )
+            await conn.execute(
+                text('INSERT INTO usage_rolled_up_requests (request_id) VALUES (:id)'), {'id': counted.id}
+            )
+        pending = text('SELECT request_id FROM usage_pending_requests')
+
+        await _migrate_to(engine, 'head')
+        async with engine.begin() as conn:
+            assert set((await conn.execute(pending)).scalars()) == {old.id, recent.id}
+            new = ledger_record(account_id=2)
+            await conn.execute(insert(LLMRequestRow), [new.to_row()])
+            assert set((await conn.execute(pending)).scalars()) == {old.id, recent.id, new.id}
+
+        await _migrate_to(engine, '0018_budget_charges', down=True)
+        async with engine.begin() as conn:
+            assert (await conn.execute(text("SELECT to_regclass('usage_pending_requests')"))).scalar() is None
+            await conn.execute(insert(LLMRequestRow), [ledger_record(account_id=2).to_row()])  # no trigger left
+        await _migrate_to(engine, 'head')
+        assert await current_revision(engine) == head_revision()
 
 
 async def test_a_migration_that_waits_too_long_for_a_table_lock_says_who_holds_it(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from agentrt.agents.cli.costs import render_costs
 from agentrt.db.session import Unscoped, get_db_session
@@ -43,6 +44,18 @@ async def test_costs_from_the_ledger_and_bad_choices(seeded: list[LedgerRecord],
     assert bad_by.exit_code == 2 and '--by must be one of account, agent, model, day' in bad_by.stderr
     bad_source = await invoke('costs', '--source', 'cache', env=env)
     assert bad_source.exit_code == 2 and '--source must be one of rollup, ledger' in bad_source.stderr
+
+
+async def test_costs_from_the_rollup_count_rows_recorded_long_ago_that_no_roll_up_reached(
+    seeded: list[LedgerRecord], database_url: str
+) -> None:
+    """`agentrt costs` caught up only the rows recorded in its last seven days, so a row no roll-up reached in time
+    (an agent of one's own, a roll-up dropped at a process's end) was left out of a month's report (QA)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text("UPDATE llm_requests SET recorded_at = now() - interval '30 days'"))
+    by_day = await invoke('costs', '--by', 'day', '--json', env={'DATABASE_URL': database_url})
+    assert by_day.exit_code == 0, by_day.stderr
+    assert [(group['key'], group['requests']) for group in json.loads(by_day.stdout)['groups']] == [('2026-03-01', 3)]
 
 
 async def test_costs_show_cancelled_requests_apart_from_failed_ones(

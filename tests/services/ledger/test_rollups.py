@@ -89,20 +89,31 @@ async def test_requests_a_budget_refused_are_in_no_total() -> None:
     assert ledger.requests == rolled.requests == 1 and ledger.failed == 0
 
 
-async def test_post_turn_roll_up_sees_only_its_account_and_recent_rows() -> None:
+async def test_post_turn_roll_up_counts_its_accounts_rows_however_old_they_are() -> None:
+    """Every ledger row is queued for the rollup as it is written: the roll-ups looked back by time before (an hour
+    after a turn, a week for `agentrt costs`), and a row none reached in time was never counted (QA)."""
     (a1, g1), _, (a2, g3), *_ = await _tenants()
     await _ledger(a1, g1)
     await _ledger(a2, g3)
-    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=2))  # recorded before the lookback
+    eight_days_ago = datetime.now(UTC) - timedelta(days=8)
+    await _ledger(a1, g1, started_at=eight_days_ago, recorded_at=eight_days_ago)
 
-    assert await roll_up_account_usage(a1) == 1
+    assert await roll_up_account_usage(a1) == 2  # today's bucket and the one eight days ago
+    assert await _total_requests() == 2  # not the other account's row
+    assert await roll_up_account_usage(a1) == 0
+    await roll_up_pending()
+    assert await _total_requests() == 3
+    await _assert_rollup_equals_ledger()
+
+
+async def test_roll_up_pending_since_takes_only_rows_recorded_since() -> None:
+    (a1, g1), *_ = await _tenants()
+    await _ledger(a1, g1)
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    await _ledger(a1, g1, started_at=two_days_ago, recorded_at=two_days_ago)
+    assert await roll_up_pending(datetime.now(UTC) - timedelta(days=1)) == 1
     assert await _total_requests() == 1
-    # A row the ledger delivers late (e.g. replayed from the spool) is recorded now, whatever its start:
-    # the next roll-up picks it up; rows recorded before the lookback need a sweep.
-    await _ledger(a1, g1, started_at=datetime.now(UTC) - timedelta(days=1), recorded_at=datetime.now(UTC))
-    await roll_up_account_usage(a1)
-    assert await _total_requests() == 2
-    await roll_up_pending(LONG_AGO)
+    assert await roll_up_pending() == 1
     await _assert_rollup_equals_ledger()
 
 
