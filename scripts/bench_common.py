@@ -45,6 +45,14 @@ from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LED
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
 
+try:  # the runtime's one reading of config['schemas']; earlier versions (a before column) read the list as it is
+    from agentrt.services.tenancy import configured_schemas
+except ImportError:  # pragma: no cover
+
+    def configured_schemas(config: dict[str, Any]) -> list[str] | None:  # type: ignore[misc]
+        return config.get('schemas')
+
+
 ROOT = Path(__file__).resolve().parents[1]
 N = TypeVar('N', int, float)
 
@@ -632,7 +640,7 @@ def bare_directory_agent(capabilities: Sequence[Any] = ()) -> Agent[SessionDepen
 
     @agent.instructions
     async def _tenant(ctx: RunContext[SessionDependencies]) -> str:  # as in agents/simple_chat.py
-        schemas = ', '.join(ctx.deps.config.get('schemas') or []) or 'none configured'
+        schemas = ', '.join(configured_schemas(ctx.deps.config) or []) or 'none configured'
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -152,18 +154,45 @@ def _checked_config(account: str, agent: str, config: Any) -> dict[str, Any]:
         return {}
     if not isinstance(config, dict):
         raise ConfigError(f'{where} must be a JSON object (or null), not {_json_type(config)}; fix its row')
-    schemas = config.get('schemas')
-    if schemas is not None and not (isinstance(schemas, list) and all(isinstance(name, str) for name in schemas)):
-        raise ConfigError(
-            f'{where}: "schemas" must be a list of schema names (text), not {_json_type(schemas)}'
-            f'{" holding other values" if isinstance(schemas, list) else ""}; fix its row'
-        )
+    try:
+        configured_schemas(config, where=where)
+    except ConfigError as exc:
+        raise ConfigError(f'{exc}; fix its row') from None
     return dict(config)
 
 
+def configured_schemas(config: Mapping[str, Any], *, where: str = 'the agent config') -> list[str] | None:
+    """The directories an agent's config (`config['schemas']`) restricts its directory tools to: the one reading of it.
+
+    The tenant lookup checks a stored config with it; the directory tools and the agent's instructions read
+    `SessionDependencies.config` with it on each use, since deps built by hand never went through the lookup.
+
+    Args:
+        config: an agent instance's config, as `SessionDependencies.config`.
+        where: what the config belongs to, named by the error.
+
+    Returns:
+        The schema names (possibly none), or None when `schemas` is absent or null: no restriction.
+
+    Raises:
+        ConfigError: `schemas` is present but not a list or tuple of strings (the value named): a string would be
+            read letter by letter, and a value that cannot be read must never mean every directory.
+    """
+    schemas = config.get('schemas')
+    if schemas is None:
+        return None
+    if isinstance(schemas, list | tuple) and all(isinstance(name, str) for name in schemas):
+        return list(schemas)
+    holding = ' holding other values' if isinstance(schemas, list | tuple) else ''
+    raise ConfigError(
+        f'{where}: "schemas" must be a list of schema names (text), not {_json_type(schemas)}{holding}: '
+        f'{reprlib.repr(schemas)}'
+    )
+
+
 def _json_type(value: Any) -> str:
-    """The JSON type of a decoded value, in JSON's words."""
-    for types, name in ((bool, 'a boolean'), (int | float, 'a number'), (str, 'a string'), (list, 'an array')):
+    """The JSON type of a decoded value, in JSON's words (a tuple, as `SessionDependencies` may hold, an array)."""
+    for types, name in ((bool, 'a boolean'), (int | float, 'a number'), (str, 'a string'), (list | tuple, 'an array')):
         if isinstance(value, types):
             return name
     return 'an object' if isinstance(value, dict) else type(value).__name__

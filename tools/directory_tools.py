@@ -12,6 +12,7 @@ from pydantic_ai.tools import ToolDefinition
 from agentrt.db.session import get_read_only_session
 from agentrt.services import directory_service as directory
 from agentrt.services.directory_service import DirectoryEntryDetail, DirectorySearchResult
+from agentrt.services.tenancy import configured_schemas
 from agentrt.tools.dependencies import SessionDependencies
 
 MAX_QUERY_LENGTH = 200
@@ -45,7 +46,7 @@ EntryId = Annotated[int, Field(ge=1, le=MAX_ENTRY_ID)]
 
 async def _describe_filters(ctx: RunContext[SessionDependencies], tool_def: ToolDefinition) -> ToolDefinition:
     """Append the filters of the agent's own directories to the description the model reads."""
-    schemas = _configured_schemas(ctx.deps)
+    schemas = configured_schemas(ctx.deps.config)
     names = sorted(directory.SCHEMAS) if schemas is None else sorted(schemas)
     lines = ['Directories and their filters:']
     for name in names:
@@ -80,7 +81,7 @@ async def search_directory(
             be spelled as they appear in results; yes/no filters take true or false.
         limit: how many results to return, 1 to 25.
     """
-    allowed = _configured_schemas(ctx.deps)
+    allowed = configured_schemas(ctx.deps.config)
     try:
         async with get_read_only_session(account=ctx.deps.account_id) as session:
             if allowed is not None and schema_name not in allowed:
@@ -111,16 +112,8 @@ async def get_directory_entry(ctx: RunContext[SessionDependencies], entry_id: En
     """
     async with get_read_only_session(account=ctx.deps.account_id) as session:
         entry = await directory.get_directory_entry(
-            ctx.deps.account_id, entry_id, schema_names=_configured_schemas(ctx.deps), session=session
+            ctx.deps.account_id, entry_id, schema_names=configured_schemas(ctx.deps.config), session=session
         )
     if entry is None:
         raise ModelRetry(f'no entry with id {entry_id} in this directory; use an id from search_directory results')
     return entry
-
-
-def _configured_schemas(deps: SessionDependencies) -> list[str] | None:
-    """The directories the agent instance is configured for, or None when its config does not restrict them."""
-    schemas = deps.config.get('schemas')
-    if isinstance(schemas, list | tuple) and all(isinstance(name, str) for name in schemas):
-        return list(schemas)
-    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -15,10 +16,12 @@ from pydantic_ai.capabilities import Hooks
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.tools import ToolDefinition
+from pydantic_ai.usage import RunUsage
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from agentrt.db.engine import pool_status
+from agentrt.db.errors import ConfigError
 from agentrt.db.models import Account, AgentInstance, DirectoryEntry
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, MEDICAL_SCHEMA, PRODUCE_ACCOUNT, PRODUCE_SCHEMA
@@ -307,6 +310,37 @@ async def test_agent_config_limits_the_directories_a_tool_may_use() -> None:
     saw = {k: p.model_response_str() for k, p in model.returns().items()}
     assert "unknown directory 'medical_providers'; valid directories: none" in saw['s']
     assert f'no entry with id {acme_ids[0]}' in saw['e']
+
+
+@pytest.mark.parametrize(
+    ('schemas', 'said'),
+    [
+        (MEDICAL_SCHEMA, f"not a string: '{MEDICAL_SCHEMA}'"),
+        ([MEDICAL_SCHEMA, 7], f"not an array holding other values: ['{MEDICAL_SCHEMA}', 7]"),
+        ({MEDICAL_SCHEMA: True}, 'not an object'),
+    ],
+)
+async def test_schemas_the_tools_cannot_read_refuse_the_run_never_open_every_directory(
+    schemas: object, said: str
+) -> None:
+    # Deps built by hand never went through the tenant lookup's check: a string of schemas was no restriction at all.
+    odd = await deps_for(MEDICAL_ACCOUNT, config={'schemas': schemas})
+    acme_ids = await entry_ids(MEDICAL_ACCOUNT)
+    model = ScriptedModel([[call('search_directory', 's', query=None, schema_name=MEDICAL_SCHEMA)]])
+    with pytest.raises(ConfigError, match=re.escape(f'"schemas" must be a list of schema names (text), {said}')):
+        await make_agent(model).run('find', deps=odd)
+    assert model.seen == []  # refused before any tool ran
+    read_entry = directory_toolset.tools['get_directory_entry'].function
+    context = RunContext(deps=odd, model=FunctionModel(ScriptedModel([])), usage=RunUsage())
+    with pytest.raises(ConfigError, match='"schemas" must be a list'):
+        await read_entry(context, acme_ids[0])
+
+
+async def test_schemas_as_a_list_or_tuple_restrict_the_tools() -> None:
+    for schemas in ([MEDICAL_SCHEMA], (MEDICAL_SCHEMA,)):
+        model = ScriptedModel([[call('search_directory', 's', query=None, schema_name=MEDICAL_SCHEMA)]])
+        await make_agent(model).run('find', deps=await deps_for(MEDICAL_ACCOUNT, config={'schemas': schemas}))
+        assert model.returns()['s'].outcome == 'success'
 
 
 async def test_tool_description_lists_the_agents_own_filters() -> None:
