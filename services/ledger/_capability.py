@@ -327,7 +327,7 @@ class LedgerCapability(AbstractCapability[Any]):
         state.current = None
         try:
             record = self._build(ctx, state, request_context, flight, response, error, ended)
-            state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
+            state.acks.append(state.tracker.submit(record))
         except Exception:  # billing must never fail the chat
             logger.exception('ledger: could not record model request %s', flight.id)
 
@@ -365,7 +365,7 @@ class LedgerCapability(AbstractCapability[Any]):
                 error_message=str(error),
                 **state.columns,
             )
-            state.acks.append(state.tracker.submit(record, with_content=self.wait_for_durable))
+            state.acks.append(state.tracker.submit(record))
         except Exception:  # the refusal stands whether or not its row can be recorded
             logger.exception('ledger: could not record the refused model request %s', request_id)
 

@@ -123,17 +123,15 @@ class LLMRequestTracker:
         """The spool file this tracker appends to and replays."""
         return self._fallback.spool
 
-    def submit(self, record: LedgerRecord, *, with_content: bool = False) -> asyncio.Future[WriteOutcome]:
+    def submit(self, record: LedgerRecord) -> asyncio.Future[WriteOutcome]:
         """Queue `record` for the next group commit; never blocks, never raises for database reasons.
 
         Call it from a running event loop. Awaiting the future is optional, and the write happens even
-        if the caller is cancelled (await it through `asyncio.shield`).
+        if the caller is cancelled (await it through `asyncio.shield`). Contents are written in the row's own
+        transaction (or just after it, when the database refused them), so the future resolves after them.
 
         Args:
             record: the ledger row, with its raw contents.
-            with_content: kept for callers of earlier versions: contents are written in the row's own
-                transaction (or just after it, when the database refused them), so the future always
-                resolves after them.
         """
         loop = asyncio.get_running_loop()
         queues = self._queues(loop)

@@ -62,7 +62,7 @@ async def test_unstorable_text_in_any_column_is_written_cleaned_once(tracker: LL
         for name in TEXT_COLUMNS
     }
     # One batch: before the fix, each of these rows was refused and went to the spool, for good.
-    outcomes = await asyncio.gather(*(tracker.submit(record, with_content=True) for record in records.values()))
+    outcomes = await asyncio.gather(*(tracker.submit(record) for record in records.values()))
     assert outcomes == ['written'] * len(records)
     assert await asyncio.gather(*(tracker.submit(record) for record in records.values())) == ['written'] * len(records)
     assert not tracker.spool.has_pending() and tracker.stats.spooled == 0
