@@ -40,7 +40,7 @@ from agentrt.db.cancellation import finished_if_started, undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
 from agentrt.db.errors import DatabaseNotInitializedError, InvalidInputError
-from agentrt.db.session import Unscoped, get_read_only_session, retry_on_disconnect
+from agentrt.db.session import Unscoped, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
     ConcurrentTurnError,
@@ -59,7 +59,6 @@ from agentrt.services.run_tasks import turn_runs
 from agentrt.services.tenancy import (
     Tenant,
     UnknownTenantError,
-    lookup_tenant,
     lookup_tenant_on,
     unknown_tenant_error,
 )
@@ -94,24 +93,8 @@ class ChatResult:
         return self.usage.cost
 
 
-async def load_dependencies(session_id: str, account: str, agent_instance: str | None) -> SessionDependencies:
-    """Look up the tenant in one short read-only session and build the run's dependencies.
-
-    Raises:
-        UnknownTenantError: the account or agent slug does not exist (the message lists what does).
-    """
-
-    async def lookup() -> SessionDependencies:
-        async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:
-            tenant = await lookup_tenant(account, agent_instance, session=session)
-            return _dependencies(session_id, tenant, for_one_turn=False)
-
-    return await retry_on_disconnect(lookup, what='tenant lookup')  # a read: safe to repeat
-
-
-def _dependencies(session_id: str, tenant: Tenant, *, for_one_turn: bool = True) -> SessionDependencies:
-    """The run's deps. Only deps made for one turn say whether the account has a budget: deps kept for many runs
-    must let each request check."""
+def _dependencies(session_id: str, tenant: Tenant) -> SessionDependencies:
+    """The turn's deps, saying whether the account had a budget when the turn started (the tenant lookup read it)."""
     return SessionDependencies(
         session_id=session_id,
         account_id=tenant.account_id,
@@ -120,7 +103,7 @@ def _dependencies(session_id: str, tenant: Tenant, *, for_one_turn: bool = True)
         agent_instance_slug=tenant.agent_instance_slug,
         agent_type=tenant.agent_type,
         config=tenant.config,
-        account_has_budget=tenant.has_budget if for_one_turn else None,
+        account_has_budget=tenant.has_budget,
     )
 
 

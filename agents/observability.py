@@ -244,7 +244,9 @@ def instrument_runtime() -> None:
 
 
 def uninstrument_runtime() -> None:
-    """Undo `instrument_runtime()` (tests; a program that turns tracing off)."""
+    """Undo `instrument_runtime()`.
+
+    For tests: the runtime never calls it (a program of your own that turns tracing off may)."""
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
     from pydantic_ai import Agent
     from sqlalchemy import Engine, event

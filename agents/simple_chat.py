@@ -31,7 +31,7 @@ from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
 from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 
-from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, load_dependencies, open_turn
+from agentrt.agents.chat_turn import ChatResult, check_turn_input, finish_turn, open_turn
 from agentrt.agents.demo_model import NO_SCHEMAS, SCHEMAS_LINE
 from agentrt.agents.model_resolution import resolve_model
 from agentrt.agents.observability import turn_span
@@ -53,7 +53,6 @@ __all__ = [
     'ToolEvent',
     'create_simple_chat_agent',
     'default_chat_agent',
-    'load_dependencies',
     'simple_chat',
     'simple_chat_stream',
 ]

@@ -282,10 +282,6 @@ def _instruction(value: object) -> bool:
     return isinstance(value, str | TemplateStr | InstructionPart) or callable(value)
 
 
-def _sequence_of(value: object, check: Callable[[object], bool]) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str | bytes) and all(check(item) for item in value)
-
-
 def _identifier(value: object, field: str, name: str, pattern: re.Pattern[str], max_chars: int) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f'the {name} must be text, not {type(value).__name__}', field=field)

@@ -42,6 +42,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPos
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
 from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LEDGER_KEY, _LOCK_EXCLUSIVE, _LOCK_KEYS
+from agentrt.services.tenancy import lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
 
@@ -644,6 +645,22 @@ def bare_directory_agent(capabilities: Sequence[Any] = ()) -> Agent[SessionDepen
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent
+
+
+async def bare_dependencies(session_id: str, account: str) -> SessionDependencies:
+    """Deps for runs of `bare_directory_agent`: the account's first agent instance, as the tenant lookup finds it.
+    Kept across runs, so whether the account has a budget is left unknown (each request checks)."""
+    async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
+        tenant = await lookup_tenant(account, None, session=session)
+    return SessionDependencies(
+        session_id=session_id,
+        account_id=tenant.account_id,
+        account_slug=tenant.account_slug,
+        agent_instance_id=tenant.agent_instance_id,
+        agent_instance_slug=tenant.agent_instance_slug,
+        agent_type=tenant.agent_type,
+        config=tenant.config,
+    )
 
 
 def is_text_delta(event: Any) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 
 from bench_common import (
     PoolMeter,
+    bare_dependencies,
     bare_directory_agent,
     delete_ledger_rows,
     demo_planner_model,
@@ -58,7 +59,7 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from sqlalchemy import text
 
-from agentrt.agents.simple_chat import load_dependencies, simple_chat
+from agentrt.agents.simple_chat import simple_chat
 from agentrt.db.engine import close_database
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
@@ -91,7 +92,7 @@ PATTERNS: dict[str, list[Any]] = {
 async def cpu_per_turn(turns: int, meter: PoolMeter) -> list[dict[str, Any]]:
     agent = bare_directory_agent()
     model = demo_planner_model(0.0)
-    deps = await load_dependencies('bench-ledger-content', MEDICAL_ACCOUNT, None)
+    deps = await bare_dependencies('bench-ledger-content', MEDICAL_ACCOUNT)
     tracker = get_request_tracker()
     samples: dict[str, list[tuple[float, int]]] = {name: [] for name in PATTERNS}
     for i in range(turns + 1):  # the first round warms up

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench_common import (
+    bare_dependencies,
     bare_directory_agent,
     budgets_on,
     delete_ledger_rows,
@@ -60,7 +61,7 @@ from pydantic_ai.models import Model
 from sqlalchemy import event, text
 
 from agentrt.agents import chat_turn
-from agentrt.agents.simple_chat import create_simple_chat_agent, load_dependencies, simple_chat, simple_chat_stream
+from agentrt.agents.simple_chat import create_simple_chat_agent, simple_chat, simple_chat_stream
 from agentrt.db.engine import close_database, get_engine
 from agentrt.db.errors import BudgetExceededError
 from agentrt.db.roles import APP_ROLE, TENANT_SETTING
@@ -69,6 +70,7 @@ from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.conversations import PostgresConversationStore, RecentConversation
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, seed_demo_data
 from agentrt.services.ledger import LLMRequestTracker, get_request_tracker, ledger_capability, set_request_tracker
+from agentrt.services.tenancy import lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 
 try:  # names of this version; earlier ones (the before column) lack them and skip what uses them
@@ -144,7 +146,7 @@ async def count_rows(prefix: str) -> dict[str, int]:
 
 async def delete_conversations(prefix: str) -> None:
     """Remove what this run stored: its conversations (and their entries) and its ledger rows."""
-    store = PostgresConversationStore((await load_dependencies('cleanup', MEDICAL_ACCOUNT, None)).account_id)
+    store = PostgresConversationStore((await bare_dependencies('cleanup', MEDICAL_ACCOUNT)).account_id)
     async with get_db_session(account=Unscoped.ADMIN) as session:
         ids = list((await session.execute(CONVERSATIONS, {'p': f'{prefix}-%'})).scalars())
         await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
@@ -157,7 +159,7 @@ async def measure(latency: float, streamed: bool, turns: int, prefix: str) -> li
     """`turns` bare and `turns` runtime turns, alternating; conversations of 4 turns for the runtime."""
     model = demo_planner_model(latency)
     agent = bare_directory_agent()
-    deps = await load_dependencies('bench-bare', MEDICAL_ACCOUNT, None)
+    deps = await bare_dependencies('bench-bare', MEDICAL_ACCOUNT)
     samples = {'bare': [], 'runtime': []}
     for i in range(turns + 1):  # the first pair warms up and is not counted
         for pattern in ('bare', 'runtime'):
@@ -355,7 +357,7 @@ async def _looked_up_tenant() -> Any:
     if not hasattr(chat_turn, 'lookup_tenant_on'):
         return None
     async with get_db_session(account=Unscoped.TENANT_LOOKUP) as session:
-        return await chat_turn.lookup_tenant(MEDICAL_ACCOUNT, None, session=session)
+        return await lookup_tenant(MEDICAL_ACCOUNT, None, session=session)
 
 
 @contextlib.contextmanager
@@ -378,7 +380,7 @@ async def breakdown(turns: int, prefix: str) -> list[dict]:
     part turned off at a time; variants interleaved turn by turn, medians of CPU, means of the counts."""
     model = demo_planner_model(0.0)
     bare = bare_directory_agent()
-    deps = await load_dependencies('bench-bare', MEDICAL_ACCOUNT, None)
+    deps = await bare_dependencies('bench-bare', MEDICAL_ACCOUNT)
     without_ledger = bare_directory_agent()
     # The ledger's id as the runtime's agent has it: the turn's hooks then carry it (one capability, not two).
     without_content = bare_directory_agent([ledger_capability(store_content=False, **LEDGER_ID)])

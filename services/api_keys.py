@@ -250,7 +250,9 @@ async def authenticate_api_key(token: str) -> ApiCaller | None:
 
 
 def forget_cached_api_keys() -> None:
-    """Drop every cached key and refusal in this process (the next use of each reads the database again)."""
+    """Drop every cached key and refusal in this process (the next use of each reads the database again).
+
+    For tests: the runtime never calls it."""
     _cache.clear()
     _refused.clear()
 

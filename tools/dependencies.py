@@ -1,25 +1,17 @@
 """`SessionDependencies`: what every tool of a chat run can see through `ctx.deps`.
 
 It lives in the tools layer because tools are typed against it (`RunContext[SessionDependencies]`) and tools must
-not import agents; the agents build it (`agentrt.agents.chat_turn.load_dependencies`). The ledger reads its
+not import agents; the agents build it (`agentrt.agents.chat_turn`, one per turn). The ledger reads its
 identity through the `RunIdentity` protocol, which this class satisfies (checked by the type checker below).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agentrt.services.ledger import RunIdentity
-
-
-class EmbeddingService(Protocol):
-    """Anything that turns texts into vectors (optional; the demo directory search does not need one)."""
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Return one vector per text."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +32,6 @@ class SessionDependencies:
     agent_instance_slug: str
     agent_type: str
     config: dict[str, Any] = field(default_factory=dict)
-    embedding_service: EmbeddingService | None = None
     account_has_budget: bool | None = None
     """Whether the account had a budget when the turn started (read with the tenant, no statement of its own).
     False: the ledger holds none of the run's requests against a budget (a budget set meanwhile applies from the next

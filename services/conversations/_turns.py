@@ -85,7 +85,9 @@ class ConcurrentTurnError(AgentRuntimeError):
 
     @property
     def stopped_early(self) -> bool:
-        """True when the turn stopped before sending everything it would have (stage 'start' or 'request')."""
+        """True when the turn stopped before sending everything it would have (stage 'start' or 'request').
+
+        For tests: nothing in the runtime reads it."""
         return self.stage != 'save'
 
 

@@ -65,12 +65,16 @@ def _remember(text: str) -> None:
 
 
 def remembered_chars() -> int:
-    """How many characters are remembered now (for tests and diagnostics)."""
+    """How many characters are remembered now.
+
+    For tests: nothing in the runtime reads it."""
     return _chars
 
 
 def forget_all() -> None:
-    """Forget every remembered text (for tests)."""
+    """Forget every remembered text.
+
+    For tests: the runtime never calls it."""
     global _chars
     with _lock:
         _clean.clear()
