@@ -10,7 +10,8 @@ there instead.
 The rule this project exists for holds here too: no route or dependency yields (or holds) a database session.
 FastAPI runs a yield-dependency's exit after the response is sent, for a streamed chat after the whole stream, so a
 `Depends(get_db)` session would stay checked out for the whole model run. Each operation opens its own
-`async with get_read_only_session()` / `get_db_session()` instead (`tests/api/test_no_session_dependency.py`).
+`async with get_read_only_session(account=...)` / `get_db_session(account=...)` instead
+(`tests/api/test_no_session_dependency.py`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""On/off environment variables read outside `Settings`, without importing pydantic (the CLI reads
-`AGENTRT_DEBUG` before anything else is imported: see `agentrt.agents.cli.main`)."""
+"""On/off environment variables read outside `Settings`, without importing pydantic (the CLI's root callback reads
+`AGENTRT_DEBUG` before a command's module, or pydantic, is imported: `agentrt.agents.cli.support.check_debug_flag`)."""
 
 from __future__ import annotations
 

@@ -54,9 +54,10 @@ class Unscoped(enum.Enum):
     ADMIN = ADMIN_ROLE
     """The operator: CLI commands over all accounts, seeding, tests' set-up."""
     OWNER = ''
-    """The login role itself, no role switch (it owns the tables and runs migrations): only for what must work
-    before migration 0012 made the roles (`agentrt db status`). Forced row-level security hides every account's
-    rows from an owner that is not a superuser."""
+    """The login role itself, no role switch (it owns the tables and runs migrations): for what must work before
+    migration 0012 made the roles (`agentrt db status`) and for DDL and grants of your own
+    (README "Tables of your own"). Forced row-level security hides every account's rows from an owner that is not
+    a superuser."""
 
 
 Account = int | Unscoped

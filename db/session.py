@@ -93,7 +93,10 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
         DatabaseUnavailableError: no connection could be made (server down or starting, pool exhausted).
         ConfigError: a prepared statement vanished behind a pooler (`DB_POOLER=pgbouncer` fixes it), or the login
             role lacks a privilege only its set-up can give (`privilege_error`).
+        InvalidInputError: a value PostgreSQL cannot hold (SQLSTATE class 54: a text over 1 GB, a JSON value over
+            256 MB; `field='value'`, from `db/failures.py`'s `too_large`); nothing was stored.
         TypeError: `account` is neither an account id nor an `Unscoped` member.
+        ValueError: `account` is an integer out of the range of account ids (bigint).
     """
     scoped = scoped_setup(account, setup)
     session = get_sessionmaker()()
@@ -223,7 +226,8 @@ async def get_read_only_session(*, account: Account) -> AsyncIterator[AsyncSessi
 async def get_side_session(
     *, account: Account, lock_timeout_ms: int = 2000, statement_timeout_ms: int = 5000
 ) -> AsyncIterator[AsyncSession]:
-    """A session for independent writers (billing, audit, background work) with tight timeouts.
+    """A session for independent writers (titles and summaries, usage rollups, background work) with tight timeouts.
+    The ledger writes its rows through `driver_transaction` (`agentrt.db.driver`), not here.
 
     The timeouts are transaction-local, so a side write can never wait forever on a lock its own
     caller holds in another session (PostgreSQL cannot see that deadlock); they ride on the transaction's BEGIN.
