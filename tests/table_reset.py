@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import Table, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.engine import get_engine
 from agentrt.db.models import Account, AgentInstance, Base, DirectoryEntry
@@ -42,24 +43,38 @@ def _stored_columns(table: Table) -> str:
     return ', '.join(f'"{column.name}"' for column in table.columns if column.computed is None)
 
 
-def _id_sequence(table: Table) -> str | None:
-    """`pg_get_serial_sequence(...)` for a table with an integer identity `id`, else None."""
-    column = table.columns.get('id')
-    if column is None or not column.primary_key or column.autoincrement is not True:
-        return None
-    return f"pg_get_serial_sequence('\"{table.name}\"', 'id')"
+# Every sequence a runtime table owns (an identity or serial column, whatever its model says of `autoincrement`: a
+# model written with the default reads `'auto'`), with its table and column, read from the catalog.
+OWNED_SEQUENCES = text(
+    'SELECT t.relname AS "table", a.attname AS "column", quote_literal(s.oid::regclass::text) AS sequence'
+    ' FROM pg_depend AS d'
+    " JOIN pg_class AS s ON s.oid = d.objid AND s.relkind = 'S'"
+    ' JOIN pg_class AS t ON t.oid = d.refobjid'
+    ' JOIN pg_attribute AS a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid'
+    " WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')"
+    ' AND t.relnamespace = current_schema()::regnamespace AND t.relname = ANY(:tables)'
+    ' ORDER BY 1, 2'
+)
+
+
+async def owned_sequences(session: AsyncSession) -> list[tuple[str, str, str]]:
+    """(table, column, sequence as a quoted literal) of every sequence the runtime tables own."""
+    names = [table.name for table in Base.metadata.sorted_tables]
+    rows = await session.execute(OWNED_SEQUENCES, {'tables': names})
+    return [(row.table, row.column, row.sequence) for row in rows]
 
 
 # Every session here runs as the login role (`Unscoped.OWNER`): deleting, copying, DDL and sequences are the
 # owner's (the test server's superuser), whatever row-level security allows the runtime's roles.
 
 
-def _reset_function() -> str:
+def _reset_function(sequences: list[tuple[str, str, str]]) -> str:
     """`SNAPSHOT_SCHEMA.reset_tables(demo, copy_xid, expected)`: what `TableReset.reset` does, as one statement. Returns
     the transaction id of the demo rows in place afterwards (the copy kept, or the new one), NULL without them.
 
     `expected` is the snapshot's row count per demo table (JSON). The demo rows are kept when `demo` is asked for,
     `copy_xid` names the copy in place and that copy is intact: as many rows as the snapshot, none written since.
+    `sequences`: `owned_sequences()`, each reset.
     """
     tables = list(reversed(Base.metadata.sorted_tables))  # children first: no foreign key in the way
     demo_tables = [t for t in Base.metadata.sorted_tables if t.name in _DEMO_NAMES]
@@ -84,13 +99,13 @@ def _reset_function() -> str:
     # As TRUNCATE ... RESTART IDENTITY and seeding leave them: 1 for an empty table, the highest id for the demo
     # tables (a rolled-back insert moved the sequence on without leaving a row).
     setvals = ', '.join(
-        f'CASE WHEN demo THEN setval({sequence}, (SELECT max(id) FROM "{t.name}")) '
+        f'CASE WHEN demo THEN setval({sequence}, (SELECT max("{column}") FROM "{table}")) '
         f'ELSE setval({sequence}, 1, false) END'
-        if t.name in _DEMO_NAMES
+        if table in _DEMO_NAMES
         else f'setval({sequence}, 1, false)'
-        for t in Base.metadata.sorted_tables
-        if (sequence := _id_sequence(t)) is not None
+        for table, column, sequence in sequences
     )
+    setvals = setvals or 'NULL'  # no sequence at all: PERFORM still needs an expression
     return f"""
 CREATE OR REPLACE FUNCTION {SNAPSHOT_SCHEMA}.reset_tables(demo boolean, copy_xid text, expected jsonb) RETURNS text
 LANGUAGE plpgsql AS $fn$
@@ -164,7 +179,7 @@ class TableReset:
         if not self._function:
             async with get_db_session(account=Unscoped.OWNER) as session:
                 await session.execute(text(f'CREATE SCHEMA IF NOT EXISTS {SNAPSHOT_SCHEMA}'))
-                await session.execute(text(_reset_function()))
+                await session.execute(text(_reset_function(await owned_sequences(session))))
             self._function = True
         if demo and not self._snapshot_rows:
             await self.take_snapshot()  # once, when the first test wants the demo data

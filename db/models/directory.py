@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Computed, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Computed, ForeignKey, Identity, Index, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -28,7 +28,7 @@ class DirectoryEntry(CreatedAtMixin, Base):
         ),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)  # as migration 0001 made it
     account_id: Mapped[int] = mapped_column(ForeignKey('accounts.id', ondelete='CASCADE'), nullable=False)
     external_id: Mapped[str] = mapped_column(String(64), nullable=False)
     schema_name: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Identity, String, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -16,7 +16,7 @@ class Account(CreatedAtMixin, Base):
 
     __tablename__ = 'accounts'
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)  # as migration 0001 made it
     slug: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     name: Mapped[str] = mapped_column(String(200), nullable=False)
 
@@ -27,7 +27,7 @@ class AgentInstance(CreatedAtMixin, Base):
     __tablename__ = 'agent_instances'
     __table_args__ = (UniqueConstraint('account_id', 'slug'),)
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)  # as migration 0001 made it
     account_id: Mapped[int] = mapped_column(ForeignKey('accounts.id', ondelete='CASCADE'), nullable=False, index=True)
     slug: Mapped[str] = mapped_column(String(64), nullable=False)
     agent_type: Mapped[str] = mapped_column(String(64), nullable=False)
