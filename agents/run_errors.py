@@ -48,6 +48,13 @@ from agentrt.db.failures import raised_inside
 from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.log_redaction import install_log_redaction
 
+try:  # pydantic-ai 2.78: a provider's empty or malformed answer has classes of its own
+    from pydantic_ai.exceptions import ModelEmptyResponseError, ModelInvalidResponseError
+
+    UNUSABLE_ANSWER_CLASSES: tuple[type[Exception], ...] = (ModelEmptyResponseError, ModelInvalidResponseError)
+except ImportError:  # pragma: no cover - 2.68 raises a plain `UnexpectedModelBehavior` (or an `IndexError`)
+    UNUSABLE_ANSWER_CLASSES = ()
+
 # How much of the provider's error body goes into the message (all of it, redacted, is on `.body`).
 MESSAGE_BODY_CHARS = 300
 # How much of a provider's or model's error message is redacted and shown (the first line of it for a provider).
@@ -137,8 +144,9 @@ def documented_errors(model_name: str | None = None, *, limits_given: bool = Fal
         raise translated from exc
 
 
-# pydantic-ai raises `UnexpectedModelBehavior` with these words when the provider's answer is not one of its API (it
-# has no type of its own for it): the provider's or a proxy's fault, not the model's. The plain request says
+# pydantic-ai 2.68 raises `UnexpectedModelBehavior` with these words when the provider's answer is not one of its API
+# (it has no type of its own for it; 2.78 has: `UNUSABLE_ANSWER_CLASSES`): the provider's or a proxy's fault, not the
+# model's. The plain request says
 # "Invalid response from openai chat completions endpoint, expected JSON data" (an HTML page) or "...: N validation
 # errors for ChatCompletion" (JSON without `choices`); the same answer to a streamed request is a stream without a
 # single event.
@@ -156,7 +164,10 @@ UNUSABLE_ANSWER_PREFIXES = (
 
 
 def _is_unusable_answer(exc: UnexpectedModelBehavior) -> bool:
-    return exc.message.startswith(UNUSABLE_ANSWER_PREFIXES)
+    # By class first: 2.78's `ModelEmptyResponseError` says "Empty response from ...: no choices" (a 200 with
+    # `choices: []`), which no prefix matched, so it was taken for the model's fault (rephrase) rather than the
+    # provider's (QA). The prefixes are for 2.68, whose plain `UnexpectedModelBehavior` has only its words.
+    return isinstance(exc, UNUSABLE_ANSWER_CLASSES) or exc.message.startswith(UNUSABLE_ANSWER_PREFIXES)
 
 
 def unusable_answer_error(exc: UnexpectedModelBehavior, model_name: str | None = None) -> ModelProviderError:

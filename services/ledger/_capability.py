@@ -20,6 +20,7 @@ from agentrt.db.errors import BudgetExceededError
 from agentrt.services.budgets import BudgetConfig, Hold, RequestSizes, give_back, kept, output_bound_usd
 from agentrt.services.ledger._admission import admit
 from agentrt.services.ledger._contents import RunBodies
+from agentrt.services.ledger._error_usage import reported_in_error
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
@@ -410,10 +411,15 @@ class LedgerCapability(AbstractCapability[Any]):
         if self.measure_time_to_first_token and flight.stream is not None and flight.stream_started is not None:
             first = flight.stream.time_to_first_chunk(flight.stream_started)
             record.time_to_first_token_ms = None if first is None else first * 1000
+        # No response, but the error kept the provider's answer and the usage it billed (a completion without
+        # choices): measured, though the contents keep no made-up response.
+        billed = reported_in_error(request_context.model, error) if seen is None and error is not None else None
         if seen is not None:
             _apply_response(record, seen)
             if status != 'complete':
                 record.output_bound_usd = _output_bound(request_context.model, seen, flight.started_at)
+        elif billed is not None:
+            _apply_response(record, billed)
         else:
             record.usage_reported = False
             record.price_source = 'unmeasured'
