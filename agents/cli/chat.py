@@ -151,16 +151,18 @@ async def _seed_demo_if_empty(account: str) -> None:
 async def _turn(
     message: str, session_id: str, account: str, agent: str | None, model: str | None, delay: float
 ) -> None:
-    from pydantic_ai import UsageLimitUnavailableWarning
+    from pydantic_ai import UsageExtractionFailedWarning, UsageLimitUnavailableWarning
 
     from agentrt.agents.simple_chat import simple_chat_stream
 
     display = _Display()
     try:
         # A provider that reports no usage made pydantic-ai warn as Python does, under the answer: a source path, the
-        # warning's paragraph, `warnings.warn(`. The summary line says it instead.
+        # warning's paragraph, `warnings.warn(`; one whose usage cannot be read (`prompt_tokens: -50`) too, as a line
+        # glued to the answer's (QA). The summary line says it instead (`usage not measured`).
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', UsageLimitUnavailableWarning)
+            warnings.simplefilter('ignore', UsageExtractionFailedWarning)
             async with simple_chat_stream(
                 message,
                 session_id=session_id,

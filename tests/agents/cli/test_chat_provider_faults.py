@@ -100,6 +100,25 @@ async def test_a_provider_that_reports_no_usage_is_said_so_in_the_summary_line_n
 
 
 @pytest.mark.parametrize('model', ['openai:gpt-4o-mini', 'openai-chat:gpt-4o-mini'])
+async def test_usage_that_cannot_be_read_is_said_so_in_the_summary_line_not_glued_to_the_answer(
+    demo_data: None, database_url: str, model: str
+) -> None:
+    # `prompt_tokens: -50`: pydantic-ai's UsageExtractionFailedWarning ("Failed to extract usage with `genai-prices`:
+    # ValueError: Invalid usage value ...") was printed at the end of the answer's line (QA).
+    reply = Reply(text='Nobody matches.', prompt_tokens=-50)
+    with FakeOpenAI(lambda body: reply).running() as fake:
+        env = _env(database_url, model, fake)
+        done = await invoke('chat', '--session', 'bad-usage', 'Who is in Seattle?', env=env)
+    assert done.exit_code == 0, done.stderr
+    assert done.stderr == ''
+    [answer, summary] = done.stdout.splitlines()
+    assert answer == 'Nobody matches.'
+    assert 'usage not measured for 1 of 1 request' in summary, summary
+    [row] = await ledger_rows(chat_session_id='bad-usage')
+    assert (row['status'], row['usage_reported']) == ('complete', False)
+
+
+@pytest.mark.parametrize('model', ['openai:gpt-4o-mini', 'openai-chat:gpt-4o-mini'])
 @pytest.mark.parametrize(
     ('cut_off', 'said'),
     [
