@@ -26,7 +26,7 @@ from agentrt.agents.cli.filters import (
     one_output_format,
     parse_time_or_age,
 )
-from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells
+from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells, utc_text
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
 
 if TYPE_CHECKING:
@@ -205,8 +205,8 @@ LIST_COLUMNS: tuple[Column[LLMRequestRow], ...] = (
     Column(
         'started (UTC)',
         (
-            lambda r: r.started_at.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S'),
-            lambda r: r.started_at.astimezone(UTC).strftime('%m-%d %H:%M'),
+            lambda r: utc_text(r.started_at),
+            lambda r: utc_text(r.started_at, '%m-%d %H:%M'),
         ),
         essential=True,
         rank=7,

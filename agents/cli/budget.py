@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
-from agentrt.agents.cli.output import plain_decimal, text_cells
+from agentrt.agents.cli.output import plain_decimal, text_cells, utc_text
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
 if TYPE_CHECKING:  # the runtime is imported when a command runs, so `agentrt budget --help` stays fast
@@ -162,4 +162,4 @@ def _as_dict(status: BudgetStatus) -> dict[str, Any]:
 
 
 def _when(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M')
+    return utc_text(moment, '%Y-%m-%d %H:%M')

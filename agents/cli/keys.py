@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import typer
 
 from agentrt.agents.cli.filters import JSON_OPTION, check_account
-from agentrt.agents.cli.output import text_cells
+from agentrt.agents.cli.output import text_cells, utc_text
 from agentrt.agents.cli.pipes import reader_left
 from agentrt.agents.cli.support import (
     EXIT_FAILURE,
@@ -173,4 +173,4 @@ def revoke(
 
 
 def _when(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S') if moment is not None else '-'
+    return utc_text(moment) if moment is not None else '-'

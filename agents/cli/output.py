@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -39,6 +39,17 @@ class Column(Generic[R]):
     """When the column (or its richer form) gets room: lower first."""
     right: bool = False
     """Right-aligned (numbers)."""
+
+
+def utc_text(moment: datetime, form: str = '%Y-%m-%d %H:%M:%S') -> str:
+    """`moment` in UTC as `form` (strftime's), its year in 4 digits.
+
+    glibc's `%Y` does not pad: a row started at 0001-01-01 showed as `1-01-01 00:00:00` among `YYYY-MM-DD` ones (QA).
+    A naive `moment` is taken as UTC: asyncpg reads a `timestamptz` of `-infinity` as a naive `datetime.min`, which
+    `astimezone` (local time first) took for the year 0 and failed on.
+    """
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime(form.replace('%Y', f'{moment.year:04d}'))
 
 
 def fitted_table(title: str, columns: Sequence[Column[R]], rows: Sequence[R], *, width: int) -> Table:

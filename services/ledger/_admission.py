@@ -168,4 +168,4 @@ def _account(identity: LedgerIdentity) -> str:
 
 
 def _when(moment: datetime) -> str:
-    return moment.strftime('%Y-%m-%d %H:%M')
+    return moment.strftime(f'{moment.year:04d}-%m-%d %H:%M')  # glibc's `%Y` does not pad a year before 1000

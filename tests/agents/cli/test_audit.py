@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from agentrt.agents.cli.audit import render_detail, render_page
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request, list_requests
 from tests.agents.cli.helpers import invoke, run_cli
-from tests.factories import ledger_record, scalar
+from tests.factories import fast_config, ledger_record, scalar
 
 
 async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,6 +32,20 @@ async def test_list_table_and_json(seeded: list[LedgerRecord], capsys: pytest.Ca
     assert capsys.readouterr().out.strip() == 'model requests: page 5 is past the last, page 1 (3 in all at 20 a page)'
     assert [item['id'] for item in payload['items']] == [str(r.id) for r in reversed(seeded)]
     assert payload['items'][1]['total_cost'] == '0.004000' and payload['items'][1]['success'] is False
+
+
+async def test_a_row_started_before_the_year_1000_shows_its_year_in_4_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # glibc's strftime `%Y` does not pad: a row started at 0001-01-01 00:00+00 showed as `1-01-01 00:00:00` (QA).
+    record = ledger_record(started_at=datetime(1, 1, 1, 0, 0, 5, tzinfo=UTC), cost='0.000100', account_slug='acme')
+    tracker = LLMRequestTracker(fast_config(tmp_path))
+    await tracker.track_request(record)
+    await tracker.flush()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        page = await list_requests(session=session)
+    render_page(page, as_json=False)
+    assert '0001-01-01 00:00:05' in capsys.readouterr().out
 
 
 async def test_show_prints_the_row_and_each_body(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):

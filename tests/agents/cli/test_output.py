@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from agentrt.agents.cli.output import csv_cell
+from agentrt.agents.cli.output import csv_cell, utc_text
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord
 from tests.agents.cli.helpers import invoke
@@ -149,3 +150,11 @@ async def test_json_and_csv_together_is_a_usage_error(database_url: str, args: l
 )
 def test_csv_cells(value: object, cell: str) -> None:
     assert csv_cell(value) == cell
+
+
+def test_a_time_shows_its_year_in_4_digits_and_a_naive_one_is_utc() -> None:
+    # glibc's `%Y` does not pad (`1-01-01`); asyncpg reads `-infinity` as a naive `datetime.min`, which `astimezone`
+    # failed on (year 0).
+    assert utc_text(datetime(999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-2)))) == '1000-01-01 01:00:00'
+    assert utc_text(datetime(1, 1, 1, 0, 5, tzinfo=UTC), '%Y-%m-%d %H:%M') == '0001-01-01 00:05'
+    assert utc_text(datetime.min) == '0001-01-01 00:00:00'
