@@ -25,6 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from pydantic import TypeAdapter
 from pydantic_ai.exceptions import (
     ModelAPIError,
     ModelAuthenticationError,
@@ -247,11 +248,18 @@ _RETRY_AFTER_S = {'busy': 1, 'database_unavailable': 5, 'shutting_down': 5, 'con
 _NOT_OURS = frozenset({'model_provider_error', 'model_behavior_error'})
 
 
+_TIME = TypeAdapter(datetime)
+
+
 def _budget_figures(exc: BudgetExceededError) -> dict[str, Any]:
     """The refusal's figures: the caller's own account's, so nothing of another tenant is told."""
 
     def value(item: Decimal | datetime | None) -> str | None:
-        return None if item is None else item.isoformat() if isinstance(item, datetime) else decimal_text(item)
+        if isinstance(item, datetime):
+            # As pydantic writes every other time of the API (`GET /api/v1/budget`'s `period_end`): UTC as `Z`, where
+            # `isoformat()` wrote `+00:00`, two spellings of one time (QA).
+            return str(_TIME.dump_python(item, mode='json'))
+        return None if item is None else decimal_text(item)
 
     return {
         'reason': exc.reason,

@@ -75,6 +75,9 @@ async def test_a_turn_the_budget_refuses_answers_429_and_saves_nothing(keys: Key
         assert body['type'] == 'budget_exceeded' and body['reason'] == 'limit' and body['limit_usd'] == '0'
         assert body['detail'].startswith("the budget of account 'acme-health' does not cover")
         assert Decimal(body['needed_usd']) > 0 and body['period_end'] and body['error_id'].startswith('err_')
+        # One spelling of a time in the API: the refusal's period end was `...+00:00`, the budget's `...Z` (QA).
+        budget = (await client.get('/api/v1/budget', headers=auth(keys.acme))).json()
+        assert body['period_end'] == budget['period_end'] and body['period_end'].endswith('Z'), body
         # Streamed, the refusal comes after the response started: it is the stream's error event.
         streamed = await client.post('/api/v1/chat', json=chat_body('b3', 'hi'), headers=auth(keys.acme))
         assert streamed.status_code == 200
