@@ -179,7 +179,7 @@ async def _turn(
     finally:
         display.unfinished()
     assert stream.result is not None
-    summary = _summary(stream.result, display.tools_run)
+    summary = _summary(stream.result)
     console.print(summary, style='dim', highlight=False, soft_wrap=True)
 
 
@@ -214,7 +214,6 @@ class _Display:
 
         self.printable = printable
         self.mid_line = False
-        self.tools_run = 0
         self.running: dict[str, str] = {}
         """The tool calls shown started and not finished, by call id: their names, as shown."""
         if console.is_terminal and err_console.is_terminal:  # one screen: a log line starts on a line of its own
@@ -229,7 +228,6 @@ class _Display:
             self.running[event.tool_call_id] = name
             return
         self.running.pop(event.tool_call_id, None)
-        self.tools_run += 1
         mark = '[green]✓[/]' if event.outcome == 'success' else f'[red]✗ {event.outcome}[/]'
         took = f'{event.duration_s * 1000:.0f} ms' if event.duration_s is not None else ''
         console.print(f'  {mark} {name} {took}', highlight=False, soft_wrap=True)
@@ -273,7 +271,7 @@ def _shown_args(args: object) -> str:
     return ''
 
 
-def _summary(result: ChatResult, tools_run: int) -> str:
+def _summary(result: ChatResult) -> str:
     usage = result.usage
     tokens = f'{usage.total_tokens:,} tokens ({usage.input_tokens:,} in / {usage.output_tokens:,} out)'
     cost = 'unpriced' if usage.cost is None else f'${usage.cost:.6f}'
@@ -286,7 +284,9 @@ def _summary(result: ChatResult, tools_run: int) -> str:
     cut = _CUT_OFF.get(result.finish_reason or '')
     return (
         f'model {result.model_name} · {_count(usage.requests, "request")} · {tokens} · cost {cost} · '
-        f'{_count(tools_run, "tool")} · '
+        # The turn's count of tools run (pydantic-ai's, the HTTP turn's `tool_calls`), not the tool lines shown: a
+        # call refused by validation (arguments not JSON, an unknown tool) was a line, `1 tool` where both said 0 (QA).
+        f'{_count(usage.tool_calls, "tool")} · '
         f'{result.duration_s:.2f} s · session {result.session_id}' + (f' · {cut}' if cut else '')
     )
 

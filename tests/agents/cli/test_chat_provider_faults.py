@@ -140,3 +140,23 @@ async def test_an_answer_cut_off_by_the_provider_is_said_so_in_the_summary_line(
     assert summary.endswith(f'· session cut-off · {said}'), summary
     [row] = await ledger_rows(chat_session_id='cut-off')
     assert (row['status'], row['finish_reason']) == ('complete', cut_off)
+
+
+async def test_a_tool_call_refused_by_validation_is_no_tool_run_in_the_summary(
+    demo_data: None, database_url: str
+) -> None:
+    # Arguments that are not JSON, then a tool that does not exist: each retried, neither run. The summary said
+    # `1 tool` where `ChatResult.usage` and the HTTP turn's `tool_calls` said 0 (QA).
+    replies = iter(
+        [
+            Reply(tool_calls=[('search_directory', '{"query": "cardiology", ')]),
+            Reply(tool_calls=[('no_such_tool', {'query': 'cardiology'})]),
+            Reply(text='Nobody matches.'),
+        ]
+    )
+    with FakeOpenAI(lambda body: next(replies)).running() as fake:
+        env = _env(database_url, 'openai-chat:gpt-4o-mini', fake)
+        done = await invoke('chat', '--session', 'refused-tools', 'Who is in Seattle?', env=env)
+    assert done.exit_code == 0, done.stderr
+    summary = done.stdout.splitlines()[-1]
+    assert '· 3 requests ·' in summary and '· 0 tools ·' in summary, summary
