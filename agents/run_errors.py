@@ -49,7 +49,10 @@ from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.log_redaction import install_log_redaction
 
 try:  # pydantic-ai 2.78: a provider's empty or malformed answer has classes of its own
-    from pydantic_ai.exceptions import ModelEmptyResponseError, ModelInvalidResponseError
+    from pydantic_ai.exceptions import (  # type: ignore[attr-defined,unused-ignore]  # 2.68 has neither
+        ModelEmptyResponseError,
+        ModelInvalidResponseError,
+    )
 
     UNUSABLE_ANSWER_CLASSES: tuple[type[Exception], ...] = (ModelEmptyResponseError, ModelInvalidResponseError)
 except ImportError:  # pragma: no cover - 2.68 raises a plain `UnexpectedModelBehavior` (or an `IndexError`)
