@@ -209,7 +209,7 @@ turn's own sessions."""
 # A session's kind, from its first statement (as in tests/agents/test_turn_budget.py).
 SESSION_KINDS = (
     ('SELECT accounts.id', 'turn start'),
-    ('WITH locked AS', 'turn save'),
+    ('WITH swapped AS', 'turn save'),
     ('INSERT INTO llm_requests', 'ledger'),
     ('directory_entries', 'tool call'),
     ('UPDATE conversations SET title', 'summary'),

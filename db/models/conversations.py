@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -71,6 +72,8 @@ class ConversationRow(CreatedAtMixin, Base):
         # The listing's default order, newest first by when each began (migration 0014).
         Index('ix_conversations_account_created', 'account_id', 'created_at', 'conversation_id'),
         Index('ix_conversations_account_head', 'account_id', 'head_id'),
+        # A delete's prune finds the records with a branch tip in the deleted history by it (migration 0020).
+        Index('ix_conversations_branches', text("(record -> 'branches')"), postgresql_using='gin'),
     )
 
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey('accounts.id', ondelete='CASCADE'))

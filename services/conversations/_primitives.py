@@ -35,10 +35,10 @@ from agentrt.services.conversations._arguments import (
 )
 from agentrt.services.conversations._statements import (
     ENTRIES,
+    LOCK_DELETED_HISTORY,
     PRUNE_DELETED_HISTORY,
     RECORDS,
     UNCHANGED,
-    account_lock,
     history_walk,
     swap_record,
     update_details,
@@ -284,7 +284,6 @@ class ConversationPrimitives(ConversationStore):
         self, record: ConversationRecord, new_entries: Sequence[ConversationEntry], expected_revision: str | None
     ) -> None:
         async with get_db_session(account=self.account_id) as session:
-            await self._lock(session, exclusive=False)
             # Swap the record first: the row lock makes a concurrent writer of the same conversation wait
             # here and then find the revision changed, before either inserts a single entry.
             if not await self._swap_record(session, record, expected_revision):
@@ -292,7 +291,7 @@ class ConversationPrimitives(ConversationStore):
             new_ids = {entry.id for entry in new_entries}
             parents = (record.head_id, *(entry.parent_id for entry in new_entries))
             referenced = {entry_id for entry_id in parents if entry_id is not None} - new_ids
-            if referenced and await self._count_entries(session, referenced) != len(referenced):
+            if referenced and await self._lock_entries(session, referenced) != len(referenced):
                 raise ConversationConflict(record.conversation_id)
             if new_entries:
                 await session.execute(ENTRIES.insert(), [self._entry_row(entry) for entry in new_entries])
@@ -338,14 +337,18 @@ class ConversationPrimitives(ConversationStore):
             .returning(RECORDS.c.head_id, RECORDS.c.record['branches'])
         )
         async with get_db_session(account=self.account_id) as session:
-            await self._lock(session, exclusive=True)
             deleted = (await session.execute(statement)).first()
             if deleted is None:
                 raise ConversationConflict(conversation_id)
             head_id, branches = deleted
             tips = [tip for tip in [head_id, *(branches or [])] if tip is not None]
-            if tips:
-                await session.execute(PRUNE_DELETED_HISTORY, {'account_id': self.account_id, 'tips': tips})
+            if not tips:
+                return
+            # The history's entries locked first (see LOCK_DELETED_HISTORY): writes into it wait, no other write does.
+            params = {'account_id': self.account_id, 'tips': tips}
+            history = (await session.execute(LOCK_DELETED_HISTORY, params)).scalars().all()
+            if history:
+                await session.execute(PRUNE_DELETED_HISTORY, {'account_id': self.account_id, 'history': list(history)})
 
     async def read_entry(self, entry_id: str) -> ConversationEntry:
         """The entry with this id in this account.
@@ -388,10 +391,6 @@ class ConversationPrimitives(ConversationStore):
             raise KeyError(first_parent)
         return [entry_adapter.validate_python(dict(row)) for row in rows]
 
-    async def _lock(self, session: AsyncSession, *, exclusive: bool) -> None:
-        """Take this account's conversation lock until the transaction ends: shared to write, exclusive to prune."""
-        await session.execute(account_lock(self.account_id, exclusive=exclusive))
-
     async def _swap_record(
         self, session: AsyncSession, record: ConversationRecord, expected_revision: str | None
     ) -> bool:
@@ -399,13 +398,17 @@ class ConversationPrimitives(ConversationStore):
         statement = swap_record(self.account_id, record, expected_revision)
         return (await session.execute(statement)).first() is not None
 
-    async def _count_entries(self, session: AsyncSession, entry_ids: set[str]) -> int:
+    async def _lock_entries(self, session: AsyncSession, entry_ids: set[str]) -> int:
+        """How many of `entry_ids` this account has, each locked FOR KEY SHARE until the transaction ends: a delete
+        pruning one waits for this write, or this write for it (and then does not find it): `LOCK_DELETED_HISTORY`.
+        Locked in id order, as the delete locks them, so the two never wait for each other in a cycle."""
         query = (
-            select(func.count())
-            .select_from(ENTRIES)
+            select(ENTRIES.c.id)
             .where(ENTRIES.c.account_id == self.account_id, ENTRIES.c.id.in_(entry_ids))
+            .order_by(ENTRIES.c.id)
+            .with_for_update(read=True, key_share=True)
         )
-        return (await session.execute(query)).scalar_one()
+        return len((await session.execute(query)).all())
 
     def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
         data = storable(entry_adapter.dump_python(entry, mode='json'))

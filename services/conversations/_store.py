@@ -30,7 +30,6 @@ from agentrt.services.conversations._primitives import ConversationPrimitives, r
 from agentrt.services.conversations._statements import (
     APPEND_CREATE_ON_DRIVER,
     APPEND_UPDATE_ON_DRIVER,
-    LOCK_NAMESPACE,
     TAIL_ON_DRIVER,
     claimed_tail,
 )
@@ -65,9 +64,9 @@ class PostgresConversationStore(ConversationPrimitives):
 
     Saves use compare-and-swap on the record's revision: of two turns saved from the same revision one
     wins and the other gets `ConversationConflict`. Deleting a conversation also deletes the entries of its
-    history that no remaining record of the account reaches (forks pointing into it keep theirs). Writes take a
-    shared per-account advisory lock and deletes an exclusive one, so the pruning never races a save or fork that
-    points at an entry it would delete.
+    history that no remaining record of the account reaches (forks pointing into it keep theirs). A delete locks only
+    the entries of its history (FOR UPDATE), which every write locks FOR KEY SHARE where it points into it, so the
+    pruning never races a save or fork that points at an entry it would delete, and saves elsewhere never wait for it.
 
     Every public method refuses, before any SQL, an id PostgreSQL cannot take as it is (`InvalidInputError`, a
     `ValueError`, naming the argument): not text, longer than its column, or holding a NUL or a lone surrogate
@@ -208,8 +207,6 @@ class PostgresConversationStore(ConversationPrimitives):
         sizes = [len(body) for body in bodies]
         titled = await summarise(entries, sizes) if summarise is not None else None
         params = {
-            'namespace': LOCK_NAMESPACE,
-            'lock_key': self.account_id % 2**31,
             'account_id': self.account_id,
             'conversation_id': record.conversation_id,
             'scope': record.scope,

@@ -38,7 +38,7 @@ SUMMARISED = text(
 )
 KINDS = (
     ('SELECT accounts.id', 'turn start'),
-    ('WITH locked AS', 'turn save'),
+    ('WITH swapped AS', 'turn save'),
     ('INSERT INTO llm_requests', 'ledger'),
     ('directory_entries', 'tool call'),
     ('UPDATE conversations SET title', 'summary'),

@@ -40,11 +40,14 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.conversations import (
     ConcurrentTurnError,
     PostgresConversationStore,
+    append_turn,
     load_conversation,
+    load_recent_conversation,
     save_turn,
 )
 from agentrt.services.conversations._stored import RECORDS_HAVE_METADATA
 from tests.conversation_races import assert_one_writer_wins
+from tests.factories import wait_until_waiting_on_a_lock
 
 
 @dataclass
@@ -566,6 +569,34 @@ async def test_delete_prunes_only_what_no_other_record_reaches_of_its_history(st
     assert await store.load_entries('bare') == histories['bare'] == main_entries[:3]
     await store.delete('bare')
     assert await count_rows(ConversationEntryRow) == 0
+
+
+async def test_a_delete_in_progress_holds_no_save_of_another_conversation(store: PostgresConversationStore) -> None:
+    # The delete used to take the account's exclusive lock for its whole prune: every save of the account waited
+    # (0.5 s behind a 5,000-turn conversation's delete). Now it locks only its history's entries.
+    agent = Agent(FunctionModel(Recorder(), model_name='gpt-4o-mini'))
+    for prompt in ['one', 'two']:
+        await turn(store, agent, 'main', prompt)
+    await turn(store, agent, 'saved', 'one')
+    await turn(store, agent, 'appended', 'one')
+    main_entries = await store.load_entries('main')
+    await store.fork('main', at=2, new_conversation_id='fork')
+    async with get_db_session(account=Unscoped.ADMIN) as holder:
+        # A writer pointing at main's last entry (as a fork of it would): the delete waits for it before its prune.
+        lock = 'SELECT id FROM conversation_entries WHERE id = :id FOR KEY SHARE'
+        await holder.execute(text(lock), {'id': main_entries[-1].id})
+        deleting = asyncio.create_task(store.delete('main'))
+        await wait_until_waiting_on_a_lock('%history(id, parent_id)')
+        async with asyncio.timeout(5):  # both ways a turn saves, on two other conversations of the account
+            await turn(store, agent, 'saved', 'two')
+            recent = await load_recent_conversation(store, 'appended', max_tokens=16_000)
+            await append_turn(store, await agent.run('two', conversation=recent.conversation), recent)
+        assert not deleting.done()
+    await deleting
+    assert await store.read_record('main') is None
+    # main's own two entries are gone; the two the fork shares with it stay.
+    assert await store.load_entries('fork') == main_entries[:2]
+    assert await count_rows(ConversationEntryRow) == 2 + 4 + 4
 
 
 async def title_column(store: PostgresConversationStore, conversation_id: str) -> str | None:
