@@ -63,7 +63,8 @@ class AccountBudget(CreatedAtMixin, Base):
 class BudgetPeriod(Base):
     """One window of an account's budget: what was spent in it and what requests in flight hold.
 
-    Created by the first reservation of the window, with `spent_usd` summed from the ledger rows of the window
+    Created by the first reservation of the window (or its first unpriced request counted, which holds nothing), with
+    `spent_usd` summed from the ledger rows of the window
     (so a budget set mid-month counts the month so far). `reserved_usd` is the sum of the window's reservations;
     settlements not folded yet (`BudgetSettlement`) still count in it, and their cost not yet in `spent_usd`.
     """

@@ -29,7 +29,7 @@ from agentrt.services.budgets._estimate import (
     supports_count_tokens,
 )
 from agentrt.services.budgets._renew import kept
-from agentrt.services.budgets._reserve import Hold, Refusal, give_back, has_budget, release, reserve
+from agentrt.services.budgets._reserve import Hold, Refusal, give_back, has_budget, open_window, release, reserve
 from agentrt.services.budgets._settle import SETTLED_COLUMNS, WINDOW_LOCK, settlement_ctes
 from agentrt.services.budgets._sweep import SweepReport, sweep_reservations, sweep_soon
 from agentrt.services.budgets._windows import Period, default_anchor
@@ -55,6 +55,7 @@ __all__ = [
     'has_budget',
     'is_alive',
     'kept',
+    'open_window',
     'output_bound_usd',
     'parse_limit',
     'pricer_for',

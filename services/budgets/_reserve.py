@@ -17,7 +17,9 @@ counts when its ledger row arrives), and settlements folded are folded again.
 
 A window's first request finds no row (the statement changes nothing then): it takes `WINDOW_LOCK` exclusive, which
 waits for the ledger writes in flight to commit and holds new ones back, and runs the statement again to create the
-row with the ledger rows of the window so far (`_settle.py` says why). Once per account and window.
+row with the ledger rows of the window so far (`_settle.py` says why). Once per account and window. A request admitted
+without a hold (an unpriced model counted) creates the row the same way (`open_window`), so reads never sum the
+window's ledger rows once a request was admitted in it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ _START, _END = window_sql('b', 'CAST(:at AS timestamptz)')
 # What is left of the limit once the pending settlements are folded in.
 _LEFT = 'budget.limit_usd - (p.spent_usd + f.spent) - (p.reserved_usd - f.held)'
 _FRESH_LEFT = 'budget.limit_usd - s.spent'
+
+# What the ledger holds for the window of `budget` (a window's row is created with it): summed once per account and
+# window, under `WINDOW_LOCK` exclusive, and never once the row exists.
+_LEDGER_SPENT = """
+        -- What settlements charged beyond a row's total_cost (`budget_charges`), as the window row would have.
+        SELECT coalesce(sum(r.total_cost), 0) + (
+                   SELECT coalesce(sum(c.extra_usd), 0) FROM budget_charges AS c
+                   WHERE c.account_id = budget.account_id
+                     AND c.started_at >= budget.period_start AND c.started_at < budget.period_end
+               ) AS spent,
+               coalesce(sum(r.total_tokens), 0) AS tokens
+        FROM llm_requests AS r
+        WHERE r.account_id = budget.account_id AND r.status <> 'refused'
+          AND r.started_at >= budget.period_start AND r.started_at < budget.period_end
+    """
 
 _RESERVE = text(f"""
 WITH quick AS (
@@ -85,18 +102,7 @@ WITH quick AS (
            CASE WHEN {_FRESH_LEFT} >= :minimum THEN least(:full, {_FRESH_LEFT}) ELSE 0 END,
            CASE WHEN {_FRESH_LEFT} >= :minimum THEN least(:full, {_FRESH_LEFT}) END,
            CASE WHEN {_FRESH_LEFT} >= :minimum THEN 0 ELSE 1 END
-    FROM missing AS budget, LATERAL (
-        -- What settlements charged beyond a row's total_cost (`budget_charges`), as the window row would have.
-        SELECT coalesce(sum(r.total_cost), 0) + (
-                   SELECT coalesce(sum(c.extra_usd), 0) FROM budget_charges AS c
-                   WHERE c.account_id = budget.account_id
-                     AND c.started_at >= budget.period_start AND c.started_at < budget.period_end
-               ) AS spent,
-               coalesce(sum(r.total_tokens), 0) AS tokens
-        FROM llm_requests AS r
-        WHERE r.account_id = budget.account_id AND r.status <> 'refused'
-          AND r.started_at >= budget.period_start AND r.started_at < budget.period_end
-    ) AS s
+    FROM missing AS budget, LATERAL ({_LEDGER_SPENT}) AS s
     ON CONFLICT DO NOTHING
     RETURNING period_start, last_reserved_usd AS amount, spent_usd, reserved_usd
 ), window_row AS (
@@ -123,6 +129,32 @@ FROM r WHERE p.account_id = r.account_id AND p.period_start = r.period_start
 """)
 
 _OPEN_WINDOW = text('SELECT pg_advisory_xact_lock(:key)')
+
+# Whether the account has a budget (no row: none) and its window at :at a row.
+_WINDOW_ROW = text(f"""
+SELECT EXISTS (
+    SELECT 1 FROM budget_periods AS p WHERE p.account_id = b.account_id AND p.period_start = {_START}
+) FROM account_budgets AS b WHERE b.account_id = :account_id
+""")
+
+# The window's row created, holding nothing, when it has none (run under `WINDOW_LOCK` exclusive, as `_RESERVE`'s
+# `fresh`): the ledger is summed only then.
+_CREATE_WINDOW = text(f"""
+WITH budget AS (
+    SELECT b.account_id, {_START} AS period_start, {_END} AS period_end
+    FROM account_budgets AS b WHERE b.account_id = :account_id
+), missing AS MATERIALIZED (
+    SELECT budget.* FROM budget
+    WHERE NOT EXISTS (
+        SELECT 1 FROM budget_periods AS p
+        WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
+    )
+)
+INSERT INTO budget_periods (account_id, period_start, period_end, spent_usd, spent_tokens)
+SELECT budget.account_id, budget.period_start, budget.period_end, s.spent, s.tokens
+FROM missing AS budget, LATERAL ({_LEDGER_SPENT}) AS s
+ON CONFLICT DO NOTHING
+""")
 
 _HAS_BUDGET = text('SELECT 1 FROM account_budgets WHERE account_id = :account_id')
 
@@ -235,6 +267,22 @@ async def _reserve(request_id: uuid.UUID, account_id: int, params: dict[str, Any
                 await connection.execute(_OPEN_WINDOW, {'key': WINDOW_LOCK})
                 params['open'] = True
     return Refusal(row['limit_usd'], None, None, row['period_start'], row['period_end'])
+
+
+async def open_window(account_id: int, at: datetime) -> None:
+    """Create the row of the account's budget window that `at` falls in, if it has a budget and the window no row,
+    without holding anything: what a request admitted without a hold (an unpriced model counted) does, so budget
+    reads and the ledger's settlements use the row rather than sum the window's ledger rows each time.
+
+    One key lookup once the row exists; the first time, the row is built from the ledger as a window's first
+    reservation builds it (under `WINDOW_LOCK` exclusive, so a ledger row written meanwhile counts once).
+    """
+    async with scoped_connection(account=account_id) as connection:
+        params = {'account_id': account_id, 'at': at}
+        if (await connection.execute(_WINDOW_ROW, params)).scalar_one_or_none() is not False:
+            return  # no budget, or the row is there
+        await connection.execute(_OPEN_WINDOW, {'key': WINDOW_LOCK})
+        await connection.execute(_CREATE_WINDOW, params)
 
 
 async def _release_hold(result: Hold | Refusal | None) -> None:

@@ -28,6 +28,7 @@ from agentrt.services.budgets import (
     Refusal,
     RequestSizes,
     has_budget,
+    open_window,
     pricer_for,
     reserve,
     supports_count_tokens,
@@ -81,6 +82,10 @@ async def admit(
                 reason='unpriced',
                 account_id=account_id,
             )
+        if config.unpriced == 'count':
+            # Counted, not held: its window still gets its row (once), or every budget read summed the window's
+            # ledger (1.2 s for a 365-day window of a million rows) until a priced request came.
+            await open_window(account_id, at)
         return None
     counting = config.count_tokens and supports_count_tokens(model)
     if counting and not await has_budget(account_id):

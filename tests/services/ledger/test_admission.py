@@ -17,9 +17,11 @@ from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RequestUsage
+from sqlalchemy import text
 
 from agentrt.db.errors import BudgetExceededError
-from agentrt.services.budgets import BudgetConfig
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.budgets import BudgetConfig, account_budget_status
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from tests.factories import chat_deps, fast_config, ledger_rows
 from tests.services.budgets.helpers import give_budget, period_row, reservations
@@ -105,6 +107,27 @@ async def test_an_unpriced_model_is_refused_or_counted_as_configured(
     await _agent(model, tmp_path, counted).run('hi', deps=chat_deps('s', alpha))
     spent, reserved, tokens = await _spent(alpha)
     assert spent == spent_before and reserved == 0 and tokens == tokens_before + 42, 'tokens counted, 0 USD'
+
+
+async def test_a_counted_unpriced_request_gives_its_window_the_row_budget_reads_use(
+    two_accounts: tuple[int, int], tmp_path: Any
+) -> None:
+    # Counted, an unpriced request never reserved, so its window never got a row: every budget read summed the
+    # window's ledger rows (1.25 s for a 365-day window of a million rows) until a priced request came.
+    alpha, _ = two_accounts
+    model = FunctionModel(_unpriced, model_name='my-local-llama')
+    counted = BudgetConfig(unpriced='count')
+    await _agent(model, tmp_path, counted).run('hi', deps=chat_deps('s', alpha))  # before the budget: 42 tokens
+    await give_budget('alpha', '5', '365d')
+    assert await period_row(alpha) is None
+    await _agent(model, tmp_path, counted).run('hi', deps=chat_deps('s', alpha))
+    assert await _spent(alpha) == (0, 0, 84), 'built from the ledger, then the request settled into it'
+    # Reads use the row: with the ledger rows gone, they still show what the window holds.
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text('DELETE FROM llm_requests WHERE account_id = :a'), {'a': alpha})
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        status = await account_budget_status(session=session, account=alpha)
+    assert status is not None and status.spent_tokens == 84 and status.spent_usd == 0
 
 
 async def test_with_budgets_off_requests_are_not_held_but_their_cost_still_counts(
