@@ -291,7 +291,10 @@ class ConversationPrimitives(ConversationStore):
             new_ids = {entry.id for entry in new_entries}
             parents = (record.head_id, *(entry.parent_id for entry in new_entries))
             referenced = {entry_id for entry_id in parents if entry_id is not None} - new_ids
-            if referenced and await self._lock_entries(session, referenced) != len(referenced):
+            # Its branch tips are locked too, so a delete pruning one waits for this write and then keeps it; they
+            # need not exist (pydantic-ai's stores take any tip), so only the head and the parents must be found.
+            tips = set(record.branches) - new_ids - referenced
+            if (referenced or tips) and not referenced <= await self._lock_entries(session, referenced | tips):
                 raise ConversationConflict(record.conversation_id)
             if new_entries:
                 await session.execute(ENTRIES.insert(), [self._entry_row(entry) for entry in new_entries])
@@ -398,8 +401,8 @@ class ConversationPrimitives(ConversationStore):
         statement = swap_record(self.account_id, record, expected_revision)
         return (await session.execute(statement)).first() is not None
 
-    async def _lock_entries(self, session: AsyncSession, entry_ids: set[str]) -> int:
-        """How many of `entry_ids` this account has, each locked FOR KEY SHARE until the transaction ends: a delete
+    async def _lock_entries(self, session: AsyncSession, entry_ids: set[str]) -> set[str]:
+        """Which of `entry_ids` this account has, each locked FOR KEY SHARE until the transaction ends: a delete
         pruning one waits for this write, or this write for it (and then does not find it): `LOCK_DELETED_HISTORY`.
         Locked in id order, as the delete locks them, so the two never wait for each other in a cycle."""
         query = (
@@ -408,7 +411,7 @@ class ConversationPrimitives(ConversationStore):
             .order_by(ENTRIES.c.id)
             .with_for_update(read=True, key_share=True)
         )
-        return len((await session.execute(query)).all())
+        return set((await session.execute(query)).scalars())
 
     def _entry_row(self, entry: ConversationEntry) -> dict[str, Any]:
         data = storable(entry_adapter.dump_python(entry, mode='json'))
