@@ -78,8 +78,9 @@ async def list_interactions(
         items=items,
         page=page,
         page_size=page_size,
-        total=result.total,
-        total_pages=result.pages,
+        # Counted: list_requests counts unless told not to (the CLI's walk by --after does).
+        total=result.total or 0,
+        total_pages=result.pages or 1,
         next_cursor=(
             encode_cursor(last.started_at, last.id, listing='audit', account_id=caller.account_id)
             if last is not None

@@ -60,26 +60,53 @@ def audit_list(
     until: str | None = UNTIL_OPTION,
     page: int = typer.Option(1, '--page', min=1, max=MAX_PAGE, help='Page number, from 1.'),
     page_size: int = typer.Option(20, '--page-size', min=1, max=100, help='Rows per page (at most 100).'),
+    after: str | None = typer.Option(
+        None,
+        '--after',
+        help='Only requests older than this one (its id, or 8+ hex digits of it): the page after one whose last row '
+        'it is (the footer and --json name it), found without reading the rows before it or counting them all.',
+    ),
     as_json: bool = JSON_OPTION,
     as_csv: bool = CSV_OPTION,
 ) -> None:
     """List model requests, newest first (the columns that fit the terminal, all in a pipe; or --json, --csv)."""
+    from agentrt.services.ledger import AmbiguousRequestIdError
+
     if failed and succeeded:
         fail('--failed and --succeeded exclude each other', EXIT_USAGE)
+    if after is not None and page != 1:
+        fail('--after and --page exclude each other: --after names where the page starts', EXIT_USAGE)
     one_output_format(as_json=as_json, as_csv=as_csv)
     success = False if failed else True if succeeded else None
     filters = ledger_filters(account, agent, model, since, until, success=success, chat_session_id=chat_session)
 
     async def query(session: AsyncSession) -> LedgerPage:
-        from agentrt.services.ledger import list_requests
+        from agentrt.db.errors import InvalidInputError
+        from agentrt.services.ledger import list_requests, request_position
 
-        found = await list_requests(session=session, filters=filters, page=page, page_size=page_size)
+        position = None
+        if after is not None:
+            try:
+                position = await request_position(session=session, request_id=after)
+            except ValueError as exc:  # AmbiguousRequestIdError is a LookupError: said as it is below
+                raise InvalidInputError(str(exc), field='after') from exc
+            if position is None:
+                raise InvalidInputError(f'--after: no model request {after}', field='after')
+        # An offset (--page 45000) reads and sorts every row before its page, and the total counts every row: a walk
+        # by --after reads only its page, so it skips the count too (a year of ledger is a million rows).
+        found = await list_requests(
+            session=session, filters=filters, page=page, page_size=page_size, after=position, count=position is None
+        )
         if not found.items:
             await check_account(session, filters.account)
             await check_agent(session, filters)
         return found
 
-    render_page(run(operator_session, query, read_only=True), as_json=as_json, as_csv=as_csv)
+    try:
+        result = run(operator_session, query, read_only=True)
+    except AmbiguousRequestIdError as exc:
+        fail(f'--after: {exc}', EXIT_USAGE)
+    render_page(result, as_json=as_json, as_csv=as_csv)
 
 
 @audit_app.command('show')
@@ -224,22 +251,35 @@ LIST_COLUMNS: tuple[Column[LLMRequestRow], ...] = (
 def render_page(result: LedgerPage, *, as_json: bool, as_csv: bool = False) -> None:
     """Print one page of requests as a table as wide as the terminal, as JSON (decimals as strings, so they stay
     exact) or as CSV (every column, a header line first)."""
+    older = next_after(result)
     if as_json:
         payload = {'page': result.page, 'page_size': result.page_size, 'total': result.total, 'pages': result.pages}
-        print_json({**payload, 'items': [row_dict(item) for item in result.items]})
+        print_json({**payload, 'next_after': older, 'items': [row_dict(item) for item in result.items]})
         return
-    if as_csv:
+    if as_csv:  # the last row's id is the next page's --after
         print_csv([row_dict(item) for item in result.items], columns=ledger_columns())
         return
-    if result.page > result.pages:  # an empty table under "page 5 of 1" read as if the rows had gone
+    if result.total is None:  # a walk by --after: not counted, so no "page N of M"
+        title = f'model requests: {len(result.items)} older than --after' + ('' if older else ' (the oldest)')
+    elif result.pages is not None and result.page > result.pages:  # not an empty table under "page 5 of 1"
         console.print(
             f'model requests: page {result.page} is past the last, page {result.pages} '
             f'({result.total:,} in all at {result.page_size} a page)',
             highlight=False,
         )
         return
-    title = f'model requests: page {result.page} of {result.pages} ({result.total:,} in all)'
+    else:
+        title = f'model requests: page {result.page} of {result.pages} ({result.total:,} in all)'
     console.print(fitted_table(title, LIST_COLUMNS, result.items, width=console.table_room))
+    if older:
+        console.print(f'older: --after {older}', highlight=False)
+
+
+def next_after(result: LedgerPage) -> str | None:
+    """The `--after` of the page after `result` (its last row's id), or None when `result` is the last page."""
+    if len(result.items) < result.page_size or (result.pages is not None and result.page >= result.pages):
+        return None
+    return str(result.items[-1].id)
 
 
 def render_detail(detail: LedgerDetail, *, as_json: bool) -> None:

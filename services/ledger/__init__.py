@@ -33,6 +33,7 @@ from agentrt.services.ledger._queries import (
     agent_slugs,
     get_request,
     list_requests,
+    request_position,
 )
 from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error
 from agentrt.services.ledger._rollups import (
@@ -154,6 +155,7 @@ __all__ = [
     'prune_contents',
     'recompute_usage_rollups',
     'remember_message_json',
+    'request_position',
     'roll_up_account_usage',
     'roll_up_pending',
     'set_request_tracker',

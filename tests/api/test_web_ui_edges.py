@@ -151,6 +151,20 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests · page 2 of 2')
     await expect(page.locator('tbody tr')).to_have_count(CONVERSATIONS - 20)
     await expect(page.get_by_role('link', name='← Newer')).to_have_attribute('href', '#/audit?page=1')
+    # "Older" walks by the API's cursor, not by an offset (page=45000 read every row before it), and "Newer" goes
+    # back to the page it came from.
+    asked: list[str] = []
+    page.on('request', lambda request: asked.append(request.url) if '/llm-audit/interactions?' in request.url else None)
+    await page.goto(f'{url}/#/audit')
+    await expect(page.locator('tbody tr')).to_have_count(20)
+    await page.get_by_role('link', name='Older →').click()
+    await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests · page 2 of 2')
+    await expect(page.locator('tbody tr')).to_have_count(CONVERSATIONS - 20)
+    assert 'cursor=' in asked[-1] and 'page=' not in asked[-1], asked
+    await expect(page.get_by_role('link', name='Older →')).to_have_count(0)
+    await page.get_by_role('link', name='← Newer').click()
+    await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests · page 1 of 2')
+    await expect(page.locator('tbody tr')).to_have_count(20)
     assert crashes == []
 
     # A conversation id the server refuses, in the address: one message saying so and what an id is, on loading and on

@@ -7,6 +7,10 @@ import { renderErrorBody, renderMessages, renderPrompt } from './messages.js';
 
 const PAGE_SIZE = 20;
 let lastListHash = '#/audit';
+// Older pages are walked by the API's next_cursor (a keyset position), not by page=N: an offset deep in a large
+// ledger read and sorted every row before it (seconds at page 45,000). Each cursor's page remembers the address of
+// the page before it, for "Newer"; after a reload that memory is gone and "Newer" goes to the newest page.
+const newerPage = new Map();
 
 function statusBadge(item) {
   const label = { complete: 'succeeded', error: 'failed', cancelled: 'cancelled' }[item.status] || item.status;
@@ -21,6 +25,7 @@ function auditHash(query) {
 export async function auditListView(query) {
   lastListHash = auditHash(query);
   const page = Math.max(1, Number.parseInt(query.get('page') || '1', 10) || 1);
+  const cursor = query.get('cursor') || '';
   const success = query.get('success') || '';
   const conversation = query.get('conversation') || '';
 
@@ -71,7 +76,9 @@ export async function auditListView(query) {
   let data;
   try {
     data = await getJson('/llm-audit/interactions', {
-      page,
+      // With a cursor, page is only the number shown: the API takes the position from the cursor.
+      page: cursor ? null : page,
+      cursor: cursor || null,
       page_size: PAGE_SIZE,
       success: success || null,
       conversation_id: conversation || null,
@@ -86,25 +93,31 @@ export async function auditListView(query) {
     role: 'status',
     text: !data.total
       ? 'No requests match.'
-      : page > data.total_pages // an address kept from when there were more (or typed): not an empty "page 9 of 2"
+      : page > data.total_pages && !cursor // an address kept from when there were more (or typed): not "page 9 of 2"
         ? `${formatInt(data.total)} request${data.total === 1 ? '' : 's'}: page ${formatInt(page)} is past the last page, ${data.total_pages}.`
-        : `${formatInt(data.total)} request${data.total === 1 ? '' : 's'} · page ${data.page} of ${data.total_pages}`,
+        : `${formatInt(data.total)} request${data.total === 1 ? '' : 's'} · page ${formatInt(page)} of ${data.total_pages}`,
   });
   element.append(summary);
   if (data.items.length) element.append(requestTable(data.items));
 
   const pager = h('nav', { class: 'pager', 'aria-label': 'Pages of the audit' });
-  const goTo = (target) => {
+  const goTo = (target, at = null) => {
     const next = new URLSearchParams(query);
+    next.delete('cursor');
+    if (at) next.set('cursor', at);
     next.set('page', String(target));
     return auditHash(next);
   };
-  if (page > 1 && data.total) {
+  if (cursor && data.total) {
+    const newer = newerPage.get(cursor);
+    pager.append(h('a', { class: 'button secondary', href: newer ?? goTo(1), rel: 'prev', text: newer ? '← Newer' : '← The newest' }));
+  } else if (page > 1 && data.total) {
     const newer = Math.min(page - 1, data.total_pages);
     pager.append(h('a', { class: 'button secondary', href: goTo(newer), rel: 'prev', text: newer < page - 1 ? '← The last page' : '← Newer' }));
   }
-  if (page < data.total_pages) {
-    pager.append(h('a', { class: 'button secondary', href: goTo(page + 1), rel: 'next', text: 'Older →' }));
+  if (data.next_cursor && page < data.total_pages) {
+    newerPage.set(data.next_cursor, lastListHash);
+    pager.append(h('a', { class: 'button secondary', href: goTo(page + 1, data.next_cursor), rel: 'next', text: 'Older →' }));
   }
   if (pager.childElementCount) element.append(pager);
   return { element, title: 'Audit', focus: () => title.focus() };
