@@ -51,6 +51,12 @@ OTHER_TAB = 'from the other tab'
 other_tab_may_end = asyncio.Event()
 
 
+async def _tokens_today() -> int:
+    """The tokens of every model request in the ledger (the test's are all of today)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return int((await session.execute(text('SELECT sum(total_tokens) FROM llm_requests'))).scalar_one())
+
+
 def _quick_model() -> FunctionModel:
     """A model answering 'ok' at once, streamed or not; streamed, it fails after a word when asked to `FAIL`."""
 
@@ -165,6 +171,33 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.get_by_role('link', name='← Newer').click()
     await expect(page.locator('p.count')).to_have_text(f'{CONVERSATIONS} requests · page 1 of 2')
     await expect(page.locator('tbody tr')).to_have_count(20)
+    assert crashes == []
+
+    # The costs are read from the daily rollup (the ledger's scan took 0.2-0.4 s a request at a million rows), with
+    # the same numbers; from the ledger when the server refuses the rollup (422).
+    costs: list[str] = []
+    page.on('request', lambda request: costs.append(request.url) if '/api/v1/costs?' in request.url else None)
+    await page.goto(f'{url}/#/costs')
+    await expect(page.locator('.chart .bar')).to_have_count(1)
+    assert len(costs) == 3 and all('source=rollup' in asked for asked in costs), costs
+    from_rollup = await page.locator('.chart .bar').get_attribute('data-value')
+    assert from_rollup == str(await _tokens_today())
+
+    async def refuse_the_rollup(route: Route) -> None:
+        if 'source=rollup' in route.request.url:
+            body = {'detail': 'the rollup cannot answer', 'type': 'invalid_input', 'error_id': None, 'field': 'source'}
+            await route.fulfill(status=422, json=body)
+        else:
+            await route.continue_()
+
+    await page.route('**/api/v1/costs?*', refuse_the_rollup)
+    costs.clear()
+    await page.goto(f'{url}/#/costs?days=7')
+    await expect(page.locator('p.totals')).to_contain_text('Last 7 days')
+    await expect(page.locator('.chart .bar')).to_have_count(1)
+    assert await page.locator('.chart .bar').get_attribute('data-value') == from_rollup
+    assert sorted(asked.split('source=')[1][:6] for asked in costs) == ['ledger'] * 3 + ['rollup'] * 3, costs
+    await page.unroute('**/api/v1/costs?*', refuse_the_rollup)
     assert crashes == []
 
     # A conversation id the server refuses, in the address: one message saying so and what an id is, on loading and on

@@ -1,7 +1,7 @@
 // Costs of the account (GET /costs): a chart by day, and tables by model and by agent, over the last 7, 30 or 90
 // days. Requests of unpriced models (the offline demo model, say) count in requests and tokens, not in cost.
 
-import { errorMessage, getJson } from './api.js';
+import { ApiError, errorMessage, getJson } from './api.js';
 import { alertBox, formatCost, formatInt, h } from './dom.js';
 import { barChart } from './chart.js';
 
@@ -64,6 +64,21 @@ function costText(row) {
   return row.unpriced ? `${formatCost(row.total_cost)} (+${row.unpriced} unpriced)` : formatCost(row.total_cost);
 }
 
+/**
+ * One grouping of the costs since `since` (a UTC midnight), from the daily rollup: this view never asks what the
+ * rollup cannot answer (a time within a day, a model), and the API rolls up the account's rows not counted yet
+ * first, so the numbers are the ledger's, in milliseconds where a scan of the ledger took 0.2-0.4 s each at a
+ * million rows. A server that refuses the rollup for this question (422) is asked the ledger.
+ */
+async function costsBy(by, since) {
+  try {
+    return await getJson('/costs', { by, since, source: 'rollup' });
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 422) return getJson('/costs', { by, since, source: 'ledger' });
+    throw error;
+  }
+}
+
 export async function costsView(query) {
   const days = RANGES.includes(Number(query.get('days'))) ? Number(query.get('days')) : 30;
   const title = h('h1', { id: 'costs-title', tabindex: '-1', text: 'Costs' });
@@ -94,7 +109,7 @@ export async function costsView(query) {
   let byAgent;
   try {
     [byDay, byModel, byAgent] = await Promise.all(
-      ['day', 'model', 'agent'].map((by) => getJson('/costs', { by, since: since.toISOString() })),
+      ['day', 'model', 'agent'].map((by) => costsBy(by, since.toISOString())),
     );
   } catch (error) {
     notice.append(alertBox(`The costs could not be loaded. ${errorMessage(error)}`));
