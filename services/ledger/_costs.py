@@ -68,7 +68,7 @@ async def summarise_costs(
         raise ValueError(f'cannot group costs by {by!r}; choose one of {", ".join(COST_GROUPINGS)}')
     if source not in COST_SOURCES:
         raise ValueError(f'unknown cost source {source!r}; choose one of {", ".join(COST_SOURCES)}')
-    conditions = (filters or LedgerFilters()).conditions(source)
+    conditions = (await (filters or LedgerFilters()).resolved(session)).conditions(source)
     if source == 'ledger':  # a request a budget refused was never sent: it is in the audit, not in the costs
         conditions.append(LLMRequestRow.status != 'refused')
     key = _group_key(by, source).label('key')

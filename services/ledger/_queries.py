@@ -70,7 +70,7 @@ async def list_requests(
     """
     page = max(page, 1)
     page_size = min(max(page_size, 1), MAX_PAGE_SIZE)
-    conditions = (filters or LedgerFilters()).conditions()
+    conditions = (await (filters or LedgerFilters()).resolved(session)).conditions()
     total = None
     if count:
         counted = select(func.count()).select_from(LLMRequestRow).where(*conditions)
@@ -140,7 +140,8 @@ async def agent_is_known(*, session: AsyncSession, agent: str, account: str | in
     For a listing that found nothing: to tell "no such agent" (a misspelt `--agent`) from "no activity".
     """
     instances = _instances_of(AgentInstance.id, account).where(AgentInstance.slug == storable_text(agent))
-    rows = select(LLMRequestRow.id).where(*LedgerFilters(account=account, agent=agent).conditions())
+    filters = await LedgerFilters(account=account, agent=agent).resolved(session)
+    rows = select(LLMRequestRow.id).where(*filters.conditions())
     return bool((await session.execute(select(or_(exists(instances), exists(rows))))).scalar_one())
 
 
