@@ -98,7 +98,7 @@ async def _status() -> None:
     table.add_row('background', _background_line(settings.background, settings.queue_database_url))
     table.add_row('job queue', _queue_line(queue, settings.background == 'queue', settings.jobs_stalled_seconds))
     for name, count in counts.items():
-        table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else f'{count:,}')
+        table.add_row(f'rows: {name}', 'missing (not migrated)' if count is None else str(count))
     console.print(table)
 
 
