@@ -41,9 +41,8 @@ from agentrt.agents.turn_input import TurnInput, validate_agent_arguments, valid
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.ledger import ledger_capability
 from agentrt.services.pg_text import storable, storable_text
-from agentrt.services.tenancy import configured_schemas
 from agentrt.tools.dependencies import SessionDependencies
-from agentrt.tools.directory_tools import directory_toolset
+from agentrt.tools.directory_tools import directory_toolset, searchable_schemas
 
 __all__ = [
     'BASE_INSTRUCTIONS',
@@ -122,7 +121,8 @@ def create_simple_chat_agent(
     # (and its CPU) before every model request.
     @agent.instructions
     async def _tenant(ctx: RunContext[SessionDependencies]) -> str:
-        schemas = ', '.join(configured_schemas(ctx.deps.config) or []) or NO_SCHEMAS
+        # As the tools read it: no `schemas` is every directory, not none (the tools searched them all meanwhile).
+        schemas = ', '.join(searchable_schemas(ctx.deps.config)) or NO_SCHEMAS
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent
