@@ -73,8 +73,8 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
 
     await init_database()
     try:
-        if source == 'rollup':
-            await roll_up_pending()
+        if source == 'rollup' and await roll_up_pending(wait=False) is None:
+            source = 'ledger'  # a recompute is rebuilding the rollup: the ledger answers now rather than wait for it
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
             rows = None
             if source == 'rollup':

@@ -78,7 +78,7 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
         for account_id, conversation_id in missing:
             if (str(account_id), str(conversation_id)) not in resting:
                 queued += await defer_summary(int(account_id), str(conversation_id))
-    buckets = await roll_up_pending()
+    buckets = await roll_up_pending() or 0
     deleted = await delete_finished_jobs(current_settings().jobs_keep_failed_days)
     if queued or buckets or deleted:
         logger.info(

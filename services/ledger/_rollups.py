@@ -22,6 +22,7 @@ _STATEMENT_TIMEOUT_MS = 120_000
 # Incremental roll-ups share this lock; a recompute takes it exclusively, so it never interleaves with one.
 _LOCK_KEYS = {'namespace': 0x726F6C6C, 'key': 0}  # 'roll'
 _LOCK_SHARED = text('SELECT pg_advisory_xact_lock_shared(:namespace, :key)')
+_TRY_LOCK_SHARED = text('SELECT pg_try_advisory_xact_lock_shared(:namespace, :key)')
 _LOCK_EXCLUSIVE = text('SELECT pg_advisory_xact_lock(:namespace, :key)')
 
 _COUNTERS = (
@@ -122,10 +123,12 @@ async def roll_up_account_usage(account_id: int) -> int:
     Returns:
         How many buckets were created or updated.
     """
-    return await roll_up_pending(account_id=account_id)
+    return await roll_up_pending(account_id=account_id) or 0
 
 
-async def roll_up_pending(since: datetime | None = None, *, account_id: int | None = None) -> int:
+async def roll_up_pending(
+    since: datetime | None = None, *, account_id: int | None = None, wait: bool = True
+) -> int | None:
     """Add the ledger rows not counted yet to the rollup, for one account or all.
 
     Every ledger row is queued for the rollup by the statement that writes it (whoever writes it: a chat turn, an
@@ -137,9 +140,12 @@ async def roll_up_pending(since: datetime | None = None, *, account_id: int | No
     Args:
         since: only rows recorded (`recorded_at`, the database's clock) at or after this; all when None.
         account_id: only this account's rows; every account's when None.
+        wait: wait (up to 30 s) while a recompute holds the roll-ups off; when False, do nothing then and return
+            None: a read about to show the rollup answers from it as it stands rather than wait (QA: a `source=rollup`
+            read waited 30 s behind a recompute and answered 503).
 
     Returns:
-        How many buckets were created or updated.
+        How many buckets were created or updated; None when `wait` is False and a recompute is running.
     """
     where, params = '', dict[str, Any]()
     if since is not None:
@@ -149,7 +155,10 @@ async def roll_up_pending(since: datetime | None = None, *, account_id: int | No
     async with get_side_session(
         account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
-        await session.execute(_LOCK_SHARED, _LOCK_KEYS)
+        if wait:
+            await session.execute(_LOCK_SHARED, _LOCK_KEYS)
+        elif not (await session.execute(_TRY_LOCK_SHARED, _LOCK_KEYS)).scalar_one():
+            return None
         touched = len((await session.execute(text(_ROLL_UP.format(where=where)), params)).all())
     return touched
 

@@ -333,6 +333,26 @@ async def test_costs_from_the_rollup_count_the_accounts_rows_no_roll_up_reached(
         assert list(queued.scalars()) == [grocer]  # the other account's row waits for its own roll-up
 
 
+async def test_costs_from_the_rollup_during_a_recompute_answer_from_the_ledger_at_once(
+    keys: Keys, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    """The rollup read's roll-up waited 30 s for a recompute's exclusive lock, then answered 503 (QA): now the
+    ledger answers at once while a recompute runs, and the report says which source it read."""
+    from agentrt.services.ledger._rollups import _LOCK_EXCLUSIVE, _LOCK_KEYS
+
+    acme = await account_id('acme-health')
+    await _record(tmp_path, [_row(acme, 'acme-health', 0), _row(acme, 'acme-health', 1)])
+    params = {'by': 'account', 'source': 'rollup'}
+    async with get_db_session(account=Unscoped.JOBS) as recompute:
+        await recompute.execute(_LOCK_EXCLUSIVE, _LOCK_KEYS)  # a recompute holds the roll-ups off
+        started = asyncio.get_running_loop().time()
+        body = (await client.get('/api/v1/costs', params=params, headers=auth(keys.acme))).json()
+        assert asyncio.get_running_loop().time() - started < 5
+    assert body['source'] == 'ledger' and [row['requests'] for row in body['items']] == [2]
+    body = (await client.get('/api/v1/costs', params=params, headers=auth(keys.acme))).json()
+    assert body['source'] == 'rollup' and [row['requests'] for row in body['items']] == [2]
+
+
 async def test_a_conversation_is_read_in_its_latest_messages_from_the_start_of_a_turn(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:
