@@ -41,8 +41,9 @@ from agentrt.agents.turn_input import TurnInput, validate_agent_arguments, valid
 from agentrt.db.errors import InvalidInputError
 from agentrt.services.ledger import ledger_capability
 from agentrt.services.pg_text import storable, storable_text
+from agentrt.services.tenancy import configured_schemas
 from agentrt.tools.dependencies import SessionDependencies
-from agentrt.tools.directory_tools import directory_toolset, searchable_schemas
+from agentrt.tools.directory_tools import directory_toolset
 
 __all__ = [
     'BASE_INSTRUCTIONS',
@@ -121,8 +122,7 @@ def create_simple_chat_agent(
     # (and its CPU) before every model request.
     @agent.instructions
     async def _tenant(ctx: RunContext[SessionDependencies]) -> str:
-        # As the tools read it: no `schemas` is every directory, not none (the tools searched them all meanwhile).
-        schemas = ', '.join(searchable_schemas(ctx.deps.config)) or NO_SCHEMAS
+        schemas = ', '.join(configured_schemas(ctx.deps.config) or []) or NO_SCHEMAS
         return f'Account: {ctx.deps.account_slug}. {SCHEMAS_LINE} {schemas}.'
 
     return agent

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, StrictBool, StringConstraints
 from pydantic_ai import FunctionToolset, ModelRetry, RunContext
@@ -44,20 +44,10 @@ Limit = Annotated[int, Field(ge=1, le=directory.MAX_RESULTS)]
 EntryId = Annotated[int, Field(ge=1, le=MAX_ENTRY_ID)]
 
 
-def searchable_schemas(config: dict[str, Any]) -> list[str]:
-    """The directories the tools may search for an agent's `config`: its `schemas` in their order, or every
-    directory when it names none (absent or null), as the tools read it; what the agent's instructions list too.
-
-    Raises:
-        ConfigError: `schemas` cannot be read (`configured_schemas`).
-    """
-    schemas = configured_schemas(config)
-    return sorted(directory.SCHEMAS) if schemas is None else schemas
-
-
 async def _describe_filters(ctx: RunContext[SessionDependencies], tool_def: ToolDefinition) -> ToolDefinition:
     """Append the filters of the agent's own directories to the description the model reads."""
-    names = sorted(searchable_schemas(ctx.deps.config))
+    schemas = configured_schemas(ctx.deps.config)
+    names = sorted(directory.SCHEMAS) if schemas is None else sorted(schemas)
     lines = ['Directories and their filters:']
     for name in names:
         filters = directory.schema_spec(name).filters

@@ -412,20 +412,3 @@ async def test_malformed_arguments_become_retries_never_crashes() -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(select(func.count()).select_from(Account))).scalar_one() == 2
     assert pool_status().checked_out == 0
-
-
-@pytest.mark.parametrize('config', [{}, {'schemas': None}])
-async def test_no_schemas_is_every_directory_for_the_instructions_as_for_the_tools(config: dict[str, Any]) -> None:
-    """No `schemas` lets the tools search every directory; the agent's instructions said "none configured", so the
-    demo model (and any model reading them) searched nothing (QA)."""
-    from pydantic_ai.messages import ModelRequest, ToolCallPart
-
-    from agentrt.agents.demo_model import demo_model
-    from agentrt.agents.simple_chat import create_simple_chat_agent
-
-    deps = await deps_for(MEDICAL_ACCOUNT, config=config)
-    result = await create_simple_chat_agent(demo_model()).run('Cardiologists in Seattle who accept Medicare', deps=deps)
-    [first, *_] = [m for m in result.all_messages() if isinstance(m, ModelRequest)]
-    assert f'{MEDICAL_SCHEMA}, produce_suppliers' in (first.instructions or '')
-    calls = [p for m in result.all_messages() for p in getattr(m, 'parts', []) if isinstance(p, ToolCallPart)]
-    assert calls and all(c.tool_name in directory_toolset.tools for c in calls)
