@@ -793,6 +793,45 @@ async def test_bidirectional_controls_in_a_tools_values_are_shown_as_escapes(pag
     assert 'no such id: \\u202eabc' in await page.locator('.content-prompt').inner_text()
 
 
+async def test_a_large_body_cut_at_the_size_limit_opens_in_seconds_and_shows_all_when_asked(
+    page: Page, site: str
+) -> None:
+    # A body cut at the size limit (not JSON) went whole into one `<pre>`: one line of megabytes (its newlines are `\n`
+    # escapes), which Chromium took 40-205 s to lay out with emoji or CJK in it, the tab frozen (qa140). Its start is
+    # shown now, broken at its `\n` escapes, and the rest when asked, a chunk at a time.
+    row = '{"content": "' + ''.join(f'row {i} é😀 東京都 {RLO}x \\u001b[2J' + 'y' * 40 + '\\n' for i in range(14_000))
+    body = row[:1_000_000]
+    item = {
+        'id': 'req-big', 'status': 'complete', 'started_at': '2026-12-01T10:00:00Z', 'model': 'quick',
+        'response_model': None, 'agent': None, 'conversation_id': None, 'input_tokens': 1, 'output_tokens': 1,
+        'total_cost': None, 'latency_ms': 1.0, 'ttft_ms': None, 'streamed': False, 'run_id': None,
+        'error_type': None, 'error_message': None,
+        'contents': [{'kind': 'response', 'body': body, 'size_bytes': len(body.encode()), 'truncated': True}],
+    }  # fmt: skip
+
+    async def stored(route: Route) -> None:
+        await route.fulfill(status=200, content_type='application/json', body=json.dumps(item))
+
+    await page.route('**/api/v1/llm-audit/interactions/req-big', stored)
+    started = asyncio.get_running_loop().time()
+    await page.goto(f'{site}/#/audit/req-big')
+    shown = page.locator('.content-response pre').first
+    await expect(shown).to_contain_text('row 0 é😀 東京都 \\u202ex \\u001b[2J')
+    await page.evaluate('() => new Promise((done) => requestAnimationFrame(() => setTimeout(done)))')
+    assert asyncio.get_running_loop().time() - started < 5
+    lines = (await shown.text_content() or '').split('\n')
+    assert lines[0].startswith('{"content": "row 0 ') and lines[0].endswith('\\n'), lines[0][:80]
+    assert 60_000 < sum(len(line) + 1 for line in lines) <= 64 * 1024, len(lines)  # UTF-16 units in the page
+
+    button = page.locator('.content-response').get_by_role(
+        'button', name=f'Show all ({len(body.encode()) / 1e6:.1f} MB)'
+    )
+    await button.click()
+    await expect(page.locator('.content-response button')).to_have_count(0, timeout=30_000)  # all shown
+    everything = (await shown.text_content() or '').replace('\n', '')
+    assert everything == body.replace(RLO, '\\u202e')
+
+
 async def test_bidirectional_controls_in_a_tools_name_and_its_arguments_keys_are_shown_as_escapes(page: Page) -> None:
     # Values were escaped in the closed rows, keys and names not: a model names a dict's keys, and `{RLO}key: value,
     # n: 481` read "481 :n ,value :yek" (qa125).

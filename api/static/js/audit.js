@@ -220,17 +220,65 @@ function contentSection(content) {
   } catch {
     // A body cut at the size limit is no longer JSON: shown as stored.
   }
-  if (body === null) section.append(h('pre', { text: visibleControls(content.body) }));
+  if (body === null) section.append(...storedText(content.body));
   else if (content.kind === 'prompt') section.append(...renderPrompt(body));
   else if (content.kind === 'response') section.append(renderMessages([body]));
   else section.append(renderErrorBody(body));
-  const raw = h('pre');
-  const details = h('details', { class: 'raw' }, h('summary', { text: 'As stored (JSON)' }), raw);
+  const details = h('details', { class: 'raw' }, h('summary', { text: 'As stored (JSON)' }));
   details.addEventListener('toggle', () => {
-    if (details.open && !raw.textContent) {
-      raw.textContent = body === null ? visibleControls(content.body) : prettyJson(body, 200000);
+    if (details.open && details.childElementCount === 1) {
+      if (body === null) details.append(...storedText(content.body));
+      else details.append(h('pre', { text: prettyJson(body, 200000) }));
     }
   });
   section.append(details);
   return section;
+}
+
+// A body cut at the size limit is no longer JSON and is shown as stored: JSON text whose newlines are `\n` escapes,
+// one line of up to 4 MiB. Chromium took minutes to lay such a line out (emoji, CJK: font fallback and shaping), so
+// the text is broken after each `\n` escape and only its first PREVIEW_CHARS are laid out until the reader asks.
+const PREVIEW_CHARS = 64 * 1024;
+const CHUNK_CHARS = 256 * 1024;
+// A `\n` escape: a backslash that is not itself escaped (an even number of backslashes before it), then `n`.
+const NEWLINE_ESCAPE = /(?<!\\)((?:\\\\)*\\n)/g;
+
+/** Where the piece of `text` from `start` ends: at most `limit` characters on, after a line break if there is one. */
+function pieceEnd(text, start, limit) {
+  let end = Math.min(text.length, start + limit);
+  if (end === text.length) return end;
+  const lineEnd = text.lastIndexOf('\n', end - 1);
+  if (lineEnd > start) return lineEnd + 1;
+  // Not between the two halves of a surrogate pair (an emoji).
+  const code = text.charCodeAt(end - 1);
+  if (code >= 0xd800 && code <= 0xdbff) end -= 1;
+  return end;
+}
+
+/**
+ * A stored body that is not JSON, for people: its bidirectional controls written out (`visibleControls`), a line
+ * after each `\n` escape, its first PREVIEW_CHARS shown, the rest behind a "Show all" button that adds it a chunk
+ * per frame (the page answers between them). Gives the `<pre>` and, for a long body, the button.
+ */
+function storedText(stored) {
+  const text = visibleControls(stored).replace(NEWLINE_ESCAPE, '$1\n');
+  const shown = pieceEnd(text, 0, PREVIEW_CHARS);
+  const pre = h('pre', { class: 'stored-body', text: text.slice(0, shown) });
+  if (shown === text.length) return [pre];
+  const megabytes = (new TextEncoder().encode(stored).length / 1e6).toFixed(1);
+  const button = h('button', { type: 'button', class: 'secondary', text: `Show all (${megabytes} MB)` });
+  button.addEventListener('click', () => {
+    button.disabled = true;
+    button.textContent = 'Showing all…';
+    let start = shown;
+    const more = () => {
+      const end = pieceEnd(text, start, CHUNK_CHARS);
+      pre.append(text.slice(start, end));
+      start = end;
+      if (start < text.length) requestAnimationFrame(more);
+      else button.remove();
+    };
+    requestAnimationFrame(more);
+  });
+  return [pre, button];
 }
