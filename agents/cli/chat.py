@@ -214,6 +214,8 @@ class _Display:
 
         self.printable = printable
         self.mid_line = False
+        self.held_cr = False
+        """A terminal's answer so far ended with a CR, held back: the first half of a CRLF the next delta ends."""
         self.running: dict[str, str] = {}
         """The tool calls shown started and not finished, by call id: their names, as shown."""
         if console.is_terminal and err_console.is_terminal:  # one screen: a log line starts on a line of its own
@@ -241,10 +243,24 @@ class _Display:
         self.running.clear()
 
     def text(self, delta: str) -> None:
+        if not console.is_terminal:
+            # Written as it is, not through rich, which expands tabs and drops CR, BEL, BS, VT and FF (and let ESC
+            # through): a script capturing the answer (a TSV, a Makefile) gets the text `simple_chat` gives.
+            console.file.write(self.printable(delta))
+            console.file.flush()
+            self.mid_line = not delta.endswith('\n')
+            return
+        if self.held_cr:
+            delta, self.held_cr = '\r' + delta, False
+        if delta.endswith('\r'):  # a CRLF split across two deltas showed as `\x0d`: the next delta says which it is
+            delta, self.held_cr = delta[:-1], True
         console.print(self.printable(delta), end='', markup=False, highlight=False, soft_wrap=True)
-        self.mid_line = not delta.endswith('\n')
+        self.mid_line = self.held_cr or not delta.endswith('\n')
 
     def end_line(self) -> None:
+        if self.held_cr:  # the answer (or its text before a tool call) ended with a lone CR: shown as one
+            self.held_cr = False
+            console.print(self.printable('\r'), end='', markup=False, highlight=False, soft_wrap=True)
         if self.mid_line:
             console.print()
             self.mid_line = False

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 from pydantic_ai.messages import UserPromptPart
+from pydantic_ai.models import override_allow_model_requests
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 from rich.console import Console
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -352,6 +355,36 @@ async def test_a_lone_surrogate_in_the_models_answer_is_printed_as_a_replacement
     assert saved == 1
 
 
+async def test_a_piped_answer_is_the_models_text_byte_for_byte(demo_data: None, database_url: str) -> None:
+    # Piped, the answer went through rich: tabs became spaces, CR, BEL, BS, VT and FF were dropped, ESC, DEL and C1
+    # passed (qa140). A script capturing it (a TSV, a Makefile) now gets the text `simple_chat` gives, NUL as U+FFFD.
+    from agentrt.agents.simple_chat import simple_chat
+
+    answer = 'name\tcity\nAva\tBoston\r\nA\rB\x07C\x08D\x0bE\x0cF\x1b[2JG\x7fH\x00I\x85J\u2028K\x9b\u202eL\n\tmake\n'
+    with override_allow_model_requests(True), FakeOpenAI(lambda _: Reply(text=answer, chunks=7)).running() as fake:
+        env = {
+            **os.environ,
+            'DATABASE_URL': database_url,
+            'AGENTRT_MODEL': 'openai:gpt-4o-mini',
+            'OPENAI_BASE_URL': fake.base_url,
+            'OPENAI_API_KEY': 'sk-test',
+        }
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, '-m', 'agentrt.agents.cli', 'chat', '--session', 'bytes', '--delay', '0', 'hi'],
+            capture_output=True,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+        model = OpenAIChatModel('gpt-4o-mini', provider=OpenAIProvider(base_url=fake.base_url, api_key='sk-test'))
+        said = await simple_chat('hi', session_id='bytes-python', account='acme-health', model=model)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert said.output == answer.replace('\x00', '\ufffd')
+    assert done.stdout.startswith(said.output.encode() + b'model gpt-4o-mini'), done.stdout[:300]
+
+
 async def test_chats_starting_at_once_on_an_empty_database_say_seeded_once() -> None:
     # Wave 2: three `agentrt chat` started together on a new data directory each printed "empty database: seeded the
     # demo data (4,500 directory entries)", though only the first one's inserts found no row there (ON CONFLICT).
@@ -397,8 +430,20 @@ def test_an_escape_sequence_in_the_streamed_answer_is_shown_not_obeyed_in_a_term
     display.text('Dr \x1b]0;PWNED\x07 \x1b[31mred\r\n')
     if terminal:
         assert screen.getvalue() == 'Dr \\x1b]0;PWNED\\x07 \\x1b[31mred\n'
-    else:  # a script capturing the answers gets the model's text as it is (rich drops BEL and CR itself)
-        assert '\x1b]0;PWNED' in screen.getvalue() and '\x1b[31mred' in screen.getvalue()
+    else:  # a script capturing the answers gets the model's text as it is
+        assert screen.getvalue() == 'Dr \x1b]0;PWNED\x07 \x1b[31mred\r\n'
+
+
+def test_a_crlf_split_across_two_deltas_is_one_line_break_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CRLF cut between two stream chunks ('line1\r', '\nline2') showed as `line1\x0d` (qa140): the CR is held
+    # until the next delta says whether a newline follows it. A CR that ends the answer is still written out.
+    screen = io.StringIO()
+    monkeypatch.setattr(chat, 'console', Console(file=screen, force_terminal=True, color_system=None))
+    display = chat._Display()
+    for delta in ('line1\r', '\nline2\r', '', 'x\r', '\r', '\nend\r'):
+        display.text(delta)
+    display.end_line()
+    assert screen.getvalue() == 'line1\nline2\\x0dx\\x0d\nend\\x0d\n'
 
 
 def test_a_tools_arguments_nested_past_pythons_parser_are_shown_cut_not_a_crash() -> None:
