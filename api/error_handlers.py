@@ -42,11 +42,18 @@ def _unparsed_body(cause: BaseException | None) -> str:
     return _UNPARSED_BODY
 
 
+def _where(request: Request) -> str:
+    """The request's method and path as it asked, for the log line (to escape: `loggable`). The scope's path, not
+    `request.url.path`, from which Starlette's URL parsing drops newlines, CRs and tabs: `/a%0AINFO:...` was logged
+    as `/aINFO:...`, not the path requested."""
+    return f'{request.method} {request.scope["path"]}'
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error a request can raise through `public_error`, so none answers with internal text."""
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        error = public_error(exc, where=f'{request.method} {request.url.path}')  # escaped there
+        error = public_error(exc, where=_where(request))  # escaped there
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -56,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, ClientDisconnect | ApiError):
             return await on_error(request, exc.__cause__)
         error_id = new_error_id()
-        where = loggable(f'{request.method} {request.url.path}')  # the client's characters: escaped
+        where = loggable(_where(request))  # the client's characters: escaped
         logger.info('%s %s %d %s', error_id, where, exc.status_code, loggable(str(exc.detail)))
         body = {'detail': exc.detail, 'type': _http_type(exc.status_code), 'error_id': error_id}
         headers = exc.headers
@@ -82,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
             for error in exc.errors()[:20]
         ]
         # The errors go in as their repr, which escapes what is not printable already (a body key's ESC as `\x1b`).
-        logger.info('%s %s 422 %s', error_id, loggable(f'{request.method} {request.url.path}'), errors)
+        logger.info('%s %s 422 %s', error_id, loggable(_where(request)), errors)
         body: dict[str, Any] = {'detail': errors, 'type': 'invalid_request', 'error_id': error_id}
         if errors:
             # Where the first error is, as the runtime's own 422s name it (`messages.1.role`), so a client reads `field`

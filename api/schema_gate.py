@@ -17,7 +17,7 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agentrt.api.errors import new_error_id
+from agentrt.api.errors import loggable, new_error_id
 from agentrt.db.engine import current_engine, schema_caught_up, schema_left_behind
 from agentrt.db.schema_version import packaged_head, revision_behind
 
@@ -60,7 +60,9 @@ class SchemaGate:
         )
         if not self._told:  # once: every request while it lasts would say the same
             self._told = True
-            logger.warning('%s %s %s: %s (said once)', error_id, scope['method'], scope['path'], message)
+            # The path is the client's, percent-decoded and not yet authenticated: escaped, or `%0A` forges a line.
+            where = loggable(f'{scope["method"]} {scope["path"]}')
+            logger.warning('%s %s: %s (said once)', error_id, where, message)
         body = {'detail': message, 'type': 'schema_behind', 'error_id': error_id}
         await JSONResponse(body, status_code=503, headers={'Retry-After': '30'})(scope, receive, send)
 

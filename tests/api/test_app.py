@@ -478,6 +478,29 @@ async def test_api_requests_on_a_schema_left_behind_answer_503_saying_to_upgrade
     assert len(reads) == 2 and runtime.schema_behind is None
 
 
+async def test_the_schema_gates_log_line_escapes_the_path_it_was_asked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The gate runs before the key is checked, and logged the path raw (percent-decoded): `%0A` forged a log line of
+    # its own and `%1B` put a terminal's escapes in it, from a request with no valid key (qa140).
+    monkeypatch.setattr(engine._require(), 'schema_behind', '0017_claim_holders')
+
+    async def still_behind(_: object) -> str | None:
+        return '0017_claim_holders'
+
+    monkeypatch.setattr(schema_gate, 'revision_behind', still_behind)
+    transport = httpx2.ASGITransport(app=create_app(manage_runtime=False))
+    async with httpx2.AsyncClient(transport=transport, base_url='http://test') as client:
+        with caplog.at_level(logging.WARNING, logger='agentrt'):
+            path = '/api/v1/conversations/a%0AWARNING:  forged%1B%5B2J%1B%5D0%3BGATE%07'
+            refused = await client.get(path, headers={'Authorization': 'Bearer x'})
+    assert refused.status_code == 503, refused.text
+    [line] = [record.getMessage() for record in caplog.records if 'schema is behind' in record.getMessage()]
+    assert line.isprintable(), line
+    expected = r'GET /api/v1/conversations/a\nWARNING:  forged\x1b[2J\x1b]0;GATE\x07: '
+    assert f'{refused.json()["error_id"]} {expected}' in line, line
+
+
 async def test_an_app_started_on_a_real_schema_left_behind_refuses_api_requests(database_url: str) -> None:
     # The previous release's database (0017), AGENTRT_AUTO_MIGRATE=false: the runtime starts (allow_behind, as the
     # app's start does) and says the schema is behind; an API request is a 503 before anything reads a missing table.
