@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO, cast
 
 from opentelemetry import trace
 
@@ -38,6 +39,30 @@ SERVICE_NAME = 'agentrt'
 BACKEND_PID_ATTRIBUTE = 'db.postgresql.backend_pid'
 
 _tracer = trace.get_tracer('agentrt')
+
+
+# The colours rich writes for logfire's console lines (Select Graphic Rendition): the only escapes left as they are.
+_COLOURS = re.compile(r'(\x1b\[[0-9;]*m)')
+
+
+class ShownText:
+    """A text stream (stderr) for logfire's console exporter, which writes each character of a span's name and
+    attributes to the terminal as it is: what it is given is written with its control characters, bidirectional
+    controls and line separators written out (`visible`: `\\x1b`, `\\u202e`), all but newlines and tabs and the
+    colours of its own lines. Everything else is the stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from agentrt.agents.cli.transcript import visible  # here: tracing off never loads rich's modules
+
+        pieces = _COLOURS.split(text)  # the colours at odd indexes
+        self._stream.write(''.join(piece if i % 2 else visible(piece) for i, piece in enumerate(pieces)))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @dataclass(frozen=True)
@@ -154,7 +179,11 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         logfire.configure(
             send_to_logfire='if-token-present',
             # Never on stdout: with stderr closed (`2>&-`, sys.stderr None) logfire printed the spans among the answers.
-            console=logfire.ConsoleOptions(output=sys.stderr) if export.console and sys.stderr is not None else False,
+            # Its control characters written out: a span's name holds the operator's model name (`chat <model>`),
+            # whose ESC and U+202E reached the terminal as they were (qa140).
+            console=logfire.ConsoleOptions(output=cast(TextIO, ShownText(sys.stderr)))
+            if export.console and sys.stderr is not None
+            else False,
             service_name=service_name(),
             service_version=__version__,
             # First: a request's URL redacted before any exporter sees the span (a key in `?api_key=`).

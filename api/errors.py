@@ -167,7 +167,7 @@ def public_error(exc: BaseException, *, where: str = '') -> PublicError:
             status,
             type_,
             type(exc).__name__,
-            model or 'unknown',
+            loggable(model or 'unknown'),  # the operator's text (AGENTRT_MODEL): a newline in it forged a line
             loggable(client_text(str(exc))),
         )
     elif status >= 500:

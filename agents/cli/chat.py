@@ -180,7 +180,9 @@ async def _turn(
         display.unfinished()
     assert stream.result is not None
     summary = _summary(stream.result)
-    console.print(summary, style='dim', highlight=False, soft_wrap=True)
+    # Not markup: a model's name is the operator's text (`--model 'openai-chat:gpt[/x]'` was a MarkupError after the
+    # turn was saved, exit 70, and `[link=...]` made a hyperlink).
+    console.print(summary, style='dim', markup=False, highlight=False, soft_wrap=True)
 
 
 def _send_again(exc: DatabaseUnavailableError) -> str:
@@ -297,9 +299,13 @@ def _summary(result: ChatResult) -> str:
         unmeasured = f'usage not measured for {usage.unmeasured_requests} of {_count(usage.requests, "request")}'
         tokens = f'at least {tokens}, {unmeasured}' if usage.total_tokens else f'tokens unknown ({unmeasured})'
         cost = 'unknown' if usage.cost is None or not usage.total_tokens else f'at least ${usage.cost:.6f}'
+    from agentrt.agents.cli.transcript import visible_line
+
     cut = _CUT_OFF.get(result.finish_reason or '')
     return (
-        f'model {result.model_name} · {_count(usage.requests, "request")} · {tokens} · cost {cost} · '
+        # Its control characters written out, as `audit list` shows the name: an ESC, a U+202E, a newline in it
+        # (`--model`, AGENTRT_MODEL) reached the terminal as they were.
+        f'model {visible_line(result.model_name)} · {_count(usage.requests, "request")} · {tokens} · cost {cost} · '
         # The turn's count of tools run (pydantic-ai's, the HTTP turn's `tool_calls`), not the tool lines shown: a
         # call refused by validation (arguments not JSON, an unknown tool) was a line, `1 tool` where both said 0 (QA).
         f'{_count(usage.tool_calls, "tool")} · '

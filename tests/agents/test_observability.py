@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from agentrt.agents.observability import (
     BACKEND_PID_ATTRIBUTE,
+    ShownText,
     instrument_runtime,
     service_name,
     trace_export,
@@ -523,6 +525,15 @@ async def test_a_loops_end_does_not_wait_on_a_server_that_does_not_answer(demo_d
     frozen, seconds = done.stdout.split()
     assert int(frozen) >= 1 and float(seconds) < 15, done.stdout
     assert 'Exception closing connection' not in done.stderr, done.stderr  # SQLAlchemy's traceback of a cut close
+
+
+def test_the_console_spans_show_control_characters_written_out() -> None:
+    # `agentrt --trace chat --model 'openai-chat:gpt<ESC>]0;T<BEL>'`: the span `chat <model>` reached the terminal with
+    # the name's escapes as they were (a new title, a cleared screen, U+202E). The exporter's own colours stay.
+    shown = io.StringIO()
+    written = ShownText(shown).write('\x1b[1mchat\x1b[0m gpt\x1b]0;T\x07\x1b[2J\x1b[31m\u202eX\x9b\tY\n')
+    assert shown.getvalue() == '\x1b[1mchat\x1b[0m gpt\\x1b]0;T\\x07\\x1b[2J\x1b[31m\\u202eX\\x9b\tY\n'
+    assert written == 37  # the characters given, as a stream says
 
 
 async def test_an_otlp_collector_and_the_console_get_agent_model_tool_and_database_spans_without_a_logfire_token(

@@ -261,6 +261,19 @@ def test_a_provider_failure_is_one_warning_line_without_a_traceback(
     assert f'(model {model or "unknown"}): ' in line and str(exc)[:30] in line, line
 
 
+def test_a_provider_failures_line_escapes_the_models_name(caplog: pytest.LogCaptureFixture) -> None:
+    # The model's name (AGENTRT_MODEL, the operator's) was the one part of the line not escaped: a newline in it
+    # forged a line of the serve log, an ESC reached the terminal reading it (qa140).
+    model = 'gpt\x1b]0;SRV\x07\x1b[2J\nWARNING:  forged-serve-line'
+    with caplog.at_level(logging.INFO, logger='agentrt.api'):
+        public = public_error(ModelHTTPError(500, model, body={'error': 'down'}), where='POST /api/v1/chat')
+    [record] = caplog.records
+    line = record.getMessage()
+    assert line.isprintable(), line
+    assert f'{public.error_id} POST /api/v1/chat 502 model_provider_error: ModelHTTPError (model ' in line, line
+    assert r'(model gpt\x1b]0;SRV\x07\x1b[2J\nWARNING:  forged-serve-line): ' in line, line
+
+
 # A request's path is percent-decoded: the client chooses each of its characters. ESC starts a terminal's control
 # sequence, a newline forges a log line, U+202E turns the rest of a line around on screen.
 HOSTILE_PATH = '%1b%5b2J%0a2026-12-01 INFO forged line%0d%E2%80%AE%E2%80%A8%00end'

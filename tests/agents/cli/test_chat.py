@@ -385,6 +385,26 @@ async def test_a_piped_answer_is_the_models_text_byte_for_byte(demo_data: None, 
     assert done.stdout.startswith(said.output.encode() + b'model gpt-4o-mini'), done.stdout[:300]
 
 
+@pytest.mark.parametrize(
+    ('name', 'shown'),
+    [
+        ('gpt[/x]', 'gpt[/x]'),  # a MarkupError after the turn was saved: exit 70, a piped batch stopped there
+        ('[local]model', '[local]model'),  # taken for a style: the summary named another model
+        ('gpt[link=http://evil.example/]-4o[/link][red]', 'gpt[link=http://evil.example/]-4o[/link][red]'),
+        ('gpt\x1b]0;T\x07\x1b[2J\u202eX\nforged', 'gpt\\x1b]0;T\\x07\\x1b[2J\\u202eX\\nforged'),
+    ],
+    ids=['closing tag', 'style', 'hyperlink', 'controls'],
+)
+async def test_the_summary_shows_the_models_name_as_text(demo_data: None, name: str, shown: str) -> None:
+    # The summary was printed as rich markup with the model's name in it raw (qa140).
+    with override_allow_model_requests(True), FakeOpenAI(lambda _: Reply(text='ok')).running() as fake:
+        env = {'OPENAI_BASE_URL': fake.base_url, 'OPENAI_API_KEY': 'sk-test'}
+        done = await invoke('chat', '--session', 'named', '--model', f'openai-chat:{name}', 'hi', env=env)
+    assert done.exit_code == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f'ok\nmodel {shown} · 1 request · '), done.stdout
+    assert done.stdout.count('\n') == 2 and '\x1b' not in done.stdout and '\u202e' not in done.stdout
+
+
 async def test_chats_starting_at_once_on_an_empty_database_say_seeded_once() -> None:
     # Wave 2: three `agentrt chat` started together on a new data directory each printed "empty database: seeded the
     # demo data (4,500 directory entries)", though only the first one's inserts found no row there (ON CONFLICT).
