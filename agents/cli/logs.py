@@ -139,4 +139,14 @@ def _one_line_unless_debug(record: logging.LogRecord) -> bool:
         record.msg = f'{record.getMessage()}: {shortened(line, LOG_EXCEPTION_CHARS)}' if line else record.getMessage()
         record.args = None
         record.exc_text = None
+    # Control characters written out (`\x1b`): rich drops BEL, CR and a few more, and let ESC through, so a provider's
+    # or a path's escape sequence in a line reached the terminal (qa140).
+    from agentrt.agents.cli.transcript import visible
+
+    try:
+        record.msg, record.args = visible(record.getMessage()), None
+    except Exception:  # arguments that do not fit the format: logging reports that itself (as `redact_record`)
+        return True
+    if record.exc_text:
+        record.exc_text = visible(record.exc_text)
     return True

@@ -403,7 +403,11 @@ def _in_main_thread() -> bool:
 def report(exc: BaseException) -> int:
     """Print one `error:` line for `exc` (a traceback before it with `--debug`) and return the exit code."""
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt | Stopped):
-        print(redacted(''.join(traceback.format_exception(exc))), end='', file=sys.stderr)
+        from agentrt.agents.cli.transcript import visible
+
+        # Its control characters written out (a provider's error text is the provider's: `ESC]0;...` retitled the
+        # terminal of whoever turned `--debug` on to see why it failed); the traceback's own lines kept.
+        print(visible(redacted(''.join(traceback.format_exception(exc)))), end='', file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
         error_line('interrupted; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + signal.SIGINT

@@ -117,6 +117,43 @@ async def test_a_long_exception_on_a_log_line_keeps_its_end_and_says_what_is_lef
     assert len(shown) < 1_000
 
 
+ESCAPES = '\x1b[2J\x1b]0;TITLE\x07\u202e\x9b'
+"""A provider's error text as it may be: a cleared screen, a new title, a right-to-left override, an 8-bit CSI."""
+
+
+@pytest.mark.parametrize('debug', [False, True])
+def test_a_log_lines_control_characters_are_written_out(debug: bool) -> None:
+    # Rich drops BEL, CR and a few more from a log line, and let ESC and C1 through: a provider's text in a warning
+    # (or its exception, whole with --debug) reached the terminal as escapes (qa140).
+    with _terminal(debug=debug) as stderr:
+        try:
+            raise RuntimeError(f'bad {ESCAPES} thing')
+        except RuntimeError:
+            logging.getLogger('agentrt.test').warning('provider said %s', ESCAPES, exc_info=True)
+    shown = stderr.getvalue()
+    assert not {'\x1b', '\x07', '\u202e', '\x9b'} & set(shown), repr(shown)
+    assert shown.count(r'\x1b[2J\x1b]0;TITLE\x07\u202e\x9b') == 2, shown
+    assert ('Traceback' in shown) is debug
+
+
+def test_debugs_traceback_writes_the_exceptions_control_characters_out(capsys: pytest.CaptureFixture[str]) -> None:
+    # `agentrt --debug` printed a provider's error text raw in the traceback: `ESC]0;...` retitled the terminal of
+    # whoever turned --debug on to see why a provider failed (qa140). The traceback's own lines stay lines.
+    saved = support._debug
+    support.set_debug(True)
+    try:
+        try:
+            raise RuntimeError(f'Error code: 400 - bad {ESCAPES} thing')
+        except RuntimeError as exc:
+            support.report(exc)
+    finally:
+        support.set_debug(saved)
+    printed = capsys.readouterr().err
+    assert printed.startswith('Traceback (most recent call last):\n  File '), printed
+    assert r'RuntimeError: Error code: 400 - bad \x1b[2J\x1b]0;TITLE\x07\u202e\x9b thing' in printed, printed
+    assert not {'\x1b', '\x07', '\u202e', '\x9b'} & set(printed), repr(printed)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_handlers() -> Iterator[None]:
     yield
