@@ -118,8 +118,24 @@ def print_csv(rows: Iterable[dict[str, Any]], *, columns: Sequence[str]) -> None
     in ISO 8601, booleans `true`/`false`; text that a spreadsheet would run as a formula starts with `'`."""
     writer = csv.writer(sys.stdout, lineterminator='\n')
     writer.writerow(columns)
+    # To a file or a pipe, the cells as stored (a script's). To a terminal, control characters written out, as the
+    # table shows them: a stored model name's or error body's escape sequence retitled or cleared it (qa140).
+    cell = _terminal_cell if _on_a_terminal(sys.stdout) else csv_cell
     for row in rows:
-        writer.writerow([csv_cell(row.get(name)) for name in columns])
+        writer.writerow([cell(row.get(name)) for name in columns])
+
+
+def _on_a_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no descriptor (a test's stream), or closed
+        return False
+
+
+def _terminal_cell(value: Any) -> str:
+    from agentrt.agents.cli.transcript import visible_line
+
+    return visible_line(csv_cell(value))
 
 
 def plain_decimal(value: Decimal, *, places: int = 0, grouped: bool = False) -> str:

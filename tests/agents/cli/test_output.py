@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from agentrt.agents.cli.output import csv_cell, utc_text
+from agentrt.agents.cli.output import csv_cell, print_csv, utc_text
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord
 from tests.agents.cli.helpers import invoke
@@ -150,6 +151,25 @@ async def test_json_and_csv_together_is_a_usage_error(database_url: str, args: l
 )
 def test_csv_cells(value: object, cell: str) -> None:
     assert csv_cell(value) == cell
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize('terminal', [True, False], ids=['terminal', 'file or pipe'])
+def test_csv_writes_control_characters_out_to_a_terminal_only(monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
+    # `costs --by model --csv` on a terminal wrote a stored model name's `ESC]0;...` raw: the terminal's title changed
+    # (qa140). To a terminal the cells are written out as the table's are; to a file or a pipe they stay as stored.
+    stdout = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, 'stdout', stdout)
+    name = 'gpt\x1b]0;T\x07\x1b[2J\u202e\x9b\nx\ty'
+    print_csv([{'model': name, 'requests': 2}], columns=['model', 'requests'])
+    if terminal:
+        assert stdout.getvalue() == 'model,requests\n' + r'gpt\x1b]0;T\x07\x1b[2J\u202e\x9b\nx\ty' + ',2\n'
+    else:
+        assert list(csv.reader(io.StringIO(stdout.getvalue()))) == [['model', 'requests'], [name, '2']]
 
 
 def test_a_time_shows_its_year_in_4_digits_and_a_naive_one_is_utc() -> None:
