@@ -18,10 +18,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from agentrt.agents.errors import AgentRuntimeError
-from agentrt.api.errors import ApiError, client_text, loggable, new_error_id, public_error
+from agentrt.api.errors import ApiError, client_text, new_error_id, public_error
 from agentrt.api.head_requests import methods_served
 from agentrt.api.lone_surrogates import is_key_of, lone_surrogate_message
 from agentrt.db.errors import validation_message
+from agentrt.services.log_redaction import loggable
 
 logger = logging.getLogger('agentrt.api')  # redacted by the filter `errors.py` installs
 

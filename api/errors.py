@@ -64,7 +64,7 @@ from agentrt.api.schemas import decimal_text
 from agentrt.db.failures import cannot_connect, disk_full, lost_connection, pool_exhausted
 from agentrt.services.ledger import RollupCannotAnswer
 from agentrt.services.ledger.redaction import redact_text
-from agentrt.services.log_redaction import install_log_redaction
+from agentrt.services.log_redaction import install_log_redaction, loggable
 
 logger = logging.getLogger('agentrt.api')
 install_log_redaction()
@@ -116,19 +116,6 @@ class ApiError(Exception):
         self.type = type_
         self.message = message
         self.field = field
-
-
-def loggable(text: str) -> str:
-    """`text` safe to put in one log line: each character that is not printable (a control character such as ESC or
-    a newline, a format character such as U+202E, a separator other than the space) written as its escape (`\\x1b`).
-
-    A request's path is decoded from its percent-escapes, so a client chooses every character of it: unescaped,
-    `/%1b[2J` cleared the terminal of whoever read the log and `/%0a...` forged a line of its own. Secrets are
-    redacted first: escaped, a secret on a line of its own (`\\nsk-...`) would no longer read as one to the log filter.
-    """
-    if text.isprintable():
-        return text
-    return ''.join(char if char.isprintable() else ascii(char)[1:-1] for char in redact_text(text)[0])
 
 
 def new_error_id() -> str:

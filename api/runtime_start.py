@@ -16,11 +16,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentrt.agents.runtime import configure_observability
-from agentrt.api.errors import loggable, public_error
+from agentrt.api.errors import public_error
 from agentrt.db.engine import current_engine, init_database
 from agentrt.db.errors import ConfigError
 from agentrt.db.settings import Settings
 from agentrt.services.ledger import get_request_tracker
+from agentrt.services.log_redaction import loggable
 
 logger = logging.getLogger('agentrt.api')
 

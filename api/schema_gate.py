@@ -17,9 +17,10 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agentrt.api.errors import loggable, new_error_id
+from agentrt.api.errors import new_error_id
 from agentrt.db.engine import current_engine, schema_caught_up, schema_left_behind
 from agentrt.db.schema_version import packaged_head, revision_behind
+from agentrt.services.log_redaction import loggable
 
 logger = logging.getLogger('agentrt.api')
 

@@ -121,6 +121,19 @@ def redact_url_text(text: str) -> tuple[str, int]:
     return ''.join(pieces), found + len(spans)
 
 
+def loggable(text: str) -> str:
+    """`text` safe to put in one log line: each character that is not printable (a control character such as ESC or
+    a newline, a format character such as U+202E, a separator other than the space) written as its escape (`\\x1b`).
+
+    A request's path is decoded from its percent-escapes, so a client chooses every character of it: unescaped,
+    `/%1b[2J` cleared the terminal of whoever read the log and `/%0a...` forged a line of its own. Secrets are
+    redacted first: escaped, a secret on a line of its own (`\\nsk-...`) would no longer read as one to the log filter.
+    """
+    if text.isprintable():
+        return text
+    return ''.join(char if char.isprintable() else ascii(char)[1:-1] for char in redact_text(text)[0])
+
+
 class RedactingFilter(logging.Filter):
     """A logger filter that redacts every record (it never drops one)."""
 
@@ -131,14 +144,17 @@ class RedactingFilter(logging.Filter):
 
 
 class ArgumentRedactingFilter(logging.Filter):
-    """A filter that redacts each string argument of a record in place, keeping the arguments' shape: for a
+    """A filter that redacts each string argument of a record in place, and writes its control and format characters
+    out (`loggable`), keeping the arguments' shape: for a
     formatter that reads `record.args` itself (uvicorn's access log: client, method, path with query, version,
     status), where `RedactingFilter`, merging the arguments into the message, would break it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record`'s string arguments; keep it."""
         if isinstance(record.args, tuple):
-            record.args = tuple(logged_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+            # Escaped too: the client's address is `X-Forwarded-For` as sent when uvicorn trusts the proxy (127.0.0.1,
+            # its default), so a local client forged request text in the line, and put C1 controls in it (qa140).
+            record.args = tuple(loggable(logged_text(arg)) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 

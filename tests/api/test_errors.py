@@ -18,7 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from agentrt.agents.simple_chat import create_simple_chat_agent
 from agentrt.api import audit
 from agentrt.api.app import create_app
-from agentrt.api.errors import ApiError, loggable, public_error, stream_error
+from agentrt.api.errors import ApiError, public_error, stream_error
 from agentrt.db.errors import (
     ConfigError,
     DatabaseDisconnectedError,
@@ -32,6 +32,7 @@ from agentrt.db.errors import (
 from agentrt.db.failures import unavailable_error
 from agentrt.services.conversations import ConcurrentTurnError
 from agentrt.services.ledger import RollupCannotAnswer
+from agentrt.services.log_redaction import loggable
 from agentrt.services.tenancy import UnknownTenantError
 from agentrt.tools.dependencies import SessionDependencies
 from tests.api.conftest import Keys, auth, serve

@@ -47,6 +47,30 @@ def test_uvicorns_access_and_error_lines_are_redacted(tmp_path: Path) -> None:
     assert 'aB3dE5fG7hJ9' not in done.stdout + done.stderr
 
 
+# A client's address as uvicorn takes it from `X-Forwarded-For` sent from 127.0.0.1 (trusted by default): anything.
+FORWARDED = """
+import logging.config
+from agentrt.agents.cli.serve import _log_config
+
+logging.config.dictConfig(_log_config('INFO'))
+logging.getLogger('uvicorn.access').info(
+    '%s - "%s %s HTTP/%s" %d', '9.9.9.9\\x9b2J\\u202e\\x1b]0;T\\x07\\nINFO: forged:0', 'GET', '/health/live', '1.1', 200
+)
+"""
+
+
+def test_the_access_logs_client_is_written_out(tmp_path: Path) -> None:
+    # uvicorn trusts `X-Forwarded-For` from 127.0.0.1 and printed it as sent: a local client put an 8-bit CSI, a
+    # right-to-left override or a newline of its own in the access log (qa140).
+    done = subprocess.run(
+        [sys.executable, '-c', FORWARDED], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.isprintable(), repr(line)
+    assert r'9.9.9.9\x9b2J\u202e\x1b]0;T\x07\nINFO: forged:0 - "GET /health/live HTTP/1.1" 200' in line, line
+
+
 # A background task an outage stops, logged by the real supervisor under `serve`'s configuration.
 OUTAGE = """
 import asyncio, logging.config, sys
