@@ -100,10 +100,6 @@ def check_scopes(scopes: Iterable[str]) -> list[str]:
 MAX_NAME_CHARS = 200
 """The longest key name (its column)."""
 
-# What a label cannot hold: control characters (a tab or a newline broke `keys list`'s table into extra lines),
-# line and paragraph separators, and the bidirectional overrides and isolates that make a name print reordered.
-_NOT_IN_A_NAME = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]')
-
 
 def check_key_name(name: str) -> None:
     """Refuse a key name that is too long, or holds a character that does not belong in a one-line label.
@@ -115,11 +111,14 @@ def check_key_name(name: str) -> None:
         raise InvalidInputError(
             f'a key name is at most {MAX_NAME_CHARS} characters, this one {len(name):,}', field='name'
         )
-    bad = _NOT_IN_A_NAME.search(name)
-    if bad is not None:
+    # What a label cannot hold: what Python's `isprintable` refuses. Control characters (a tab or a newline broke
+    # `keys list`'s table into extra lines), line and paragraph separators, bidirectional overrides and isolates (a
+    # name printed reordered), and invisible format characters (U+200B, U+FEFF, tags: `ad\u200bmin` read `admin`).
+    if not name.isprintable():
+        position, char = next((i, char) for i, char in enumerate(name) if not char.isprintable())
         raise InvalidInputError(
-            f'the key name {preview(name)} has a character not allowed in a name at position {bad.start()} '
-            f'({describe_char(bad.group())}): a name is one line of printable text',
+            f'the key name {preview(name)} has a character not allowed in a name at position {position} '
+            f'({describe_char(char)}): a name is one line of printable text',
             field='name',
         )
 

@@ -74,6 +74,10 @@ async def test_a_key_name_with_markup_is_listed_as_text(demo_data: None, databas
         ('x\x1b[2J', 1, 'U+001B'),
         ('\u202eevil', 0, 'U+202E'),  # a right-to-left override: the row printed reversed
         ('a\u2028b', 1, 'U+2028'),
+        # Invisible: `ad\u200bmin` listed as `admin` (qa140); Python's `isprintable` is False for each.
+        ('ad\u200bmin', 2, 'U+200B'),
+        ('\ufeffadmin', 0, 'U+FEFF'),
+        ('admin\U000e0041', 5, 'U+E0041'),  # a tag character
     ],
 )
 async def test_a_key_name_with_a_control_character_is_refused(
