@@ -832,6 +832,41 @@ async def test_a_large_body_cut_at_the_size_limit_opens_in_seconds_and_shows_all
     assert everything == body.replace(RLO, '\\u202e')
 
 
+async def test_a_model_name_with_a_right_to_left_override_is_isolated(page: Page, site: str) -> None:
+    # A provider's response model name with U+202E mirrored the closing parenthesis of the audit's Model cell
+    # (`mock (<img …>(`), and a model's name read reversed in the costs table (qa140): each is in a <bdi> now.
+    response_model = f'{RLO}<img src=x>'
+    item = {
+        'id': 'req-model', 'status': 'complete', 'started_at': '2026-12-01T10:00:00Z', 'model': 'mock',
+        'response_model': response_model, 'agent': None, 'conversation_id': None, 'input_tokens': 1,
+        'output_tokens': 1, 'total_cost': None, 'latency_ms': 1.0, 'ttft_ms': None, 'streamed': False,
+        'run_id': None, 'error_type': None, 'error_message': None, 'contents': [],
+    }  # fmt: skip
+
+    async def stored(route: Route) -> None:
+        await route.fulfill(status=200, content_type='application/json', body=json.dumps(item))
+
+    await page.route('**/api/v1/llm-audit/interactions/req-model', stored)
+    await page.goto(f'{site}/#/audit/req-model')
+    model = page.locator('dd').nth(1)
+    await expect(model).to_have_text(f'mock ({response_model})')
+    assert await model.locator('bdi').all_text_contents() == ['mock', response_model]
+
+    async def by_model(route: Route) -> None:
+        costs = json.loads((await (await route.fetch()).body()).decode())
+        costs['items'] = [
+            {'key': f'gpt{RLO}-4o', 'requests': 1, 'failed': 0, 'cancelled': 0, 'input_tokens': 1,
+             'output_tokens': 1, 'total_cost': None, 'unpriced': 1},
+        ]  # fmt: skip
+        await route.fulfill(status=200, content_type='application/json', body=json.dumps(costs))
+
+    await page.route('**/api/v1/costs?*by=model*', by_model)
+    await page.goto(f'{site}/#/costs')
+    row = page.locator('tbody tr[data-key="gpt\u202e-4o"] th')
+    await expect(row).to_have_text(f'gpt{RLO}-4o')
+    assert await row.locator('bdi').all_text_contents() == [f'gpt{RLO}-4o']
+
+
 async def test_bidirectional_controls_in_a_tools_name_and_its_arguments_keys_are_shown_as_escapes(page: Page) -> None:
     # Values were escaped in the closed rows, keys and names not: a model names a dict's keys, and `{RLO}key: value,
     # n: 481` read "481 :n ,value :yek" (qa125).

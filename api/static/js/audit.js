@@ -130,7 +130,7 @@ function requestTable(items) {
     const cells = [
       h('a', { href: `#/audit/${item.id}`, 'aria-label': `Open the request of ${new Date(item.started_at).toLocaleString()}` }, timeEl(item.started_at)),
       statusBadge(item),
-      item.model,
+      h('bdi', { text: item.model }),
       item.agent ?? '—',
       item.conversation_id ?? '—',
       `${formatInt(item.input_tokens)} / ${formatInt(item.output_tokens)}`,
@@ -175,7 +175,13 @@ export async function auditDetailView(id) {
   element.dataset.status = item.status;
   const facts = [
     ['Started', timeEl(item.started_at)],
-    ['Model', item.response_model && item.response_model !== item.model ? `${item.model} (${item.response_model})` : item.model],
+    // Each name in a <bdi>, as titles are: a right-to-left override in a provider's model name mirrored the rest.
+    [
+      'Model',
+      item.response_model && item.response_model !== item.model
+        ? [h('bdi', { text: item.model }), ' (', h('bdi', { text: item.response_model }), ')']
+        : h('bdi', { text: item.model }),
+    ],
     ['Agent', item.agent ?? '—'],
     [
       'Conversation',

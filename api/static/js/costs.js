@@ -46,7 +46,8 @@ function groupTable(caption, rows, keyName) {
           h(
             'tr',
             { dataset: { key: row.key } },
-            h('th', { scope: 'row', 'data-label': keyName, text: row.key }),
+            // In a <bdi>, as titles are: a model's or an agent's name with a right-to-left override read reversed.
+            h('th', { scope: 'row', 'data-label': keyName }, h('bdi', { text: row.key })),
             h('td', { 'data-label': head[1], text: formatInt(row.requests) }),
             h('td', { 'data-label': head[2], text: formatInt(row.failed) }),
             h('td', { 'data-label': head[3], text: formatInt(row.cancelled) }),
