@@ -19,6 +19,7 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -267,11 +268,20 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def two_or_more(value: str) -> int:
+    """`--rounds`: they alternate budgets on and off, so one round measures only one side (QA: a traceback after
+    the whole run, 'no median for empty data')."""
+    rounds = positive_int(value)
+    if rounds < 2:
+        raise argparse.ArgumentTypeError(f'{value!r} is fewer than 2 (rounds alternate on and off)')
+    return rounds
+
+
 async def main() -> None:
     args = parser(__doc__.splitlines()[0], 'budgets')
     args.add_argument('--turns', type=positive_int, default=200, help='concurrent turns per round')
     args.add_argument(
-        '--rounds', type=positive_int, default=6, help='measured rounds per spread, alternating on and off'
+        '--rounds', type=two_or_more, default=6, help='measured rounds per spread, alternating on and off (2 or more)'
     )
     args.add_argument('--latency', type=non_negative_float, default=0.1, help='model latency per request (s)')
     args.add_argument('--accounts', type=int_list, default=[1, 20], help='spreads: turns over this many accounts')

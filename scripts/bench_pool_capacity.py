@@ -18,6 +18,7 @@ Run (embedded PostgreSQL unless DATABASE_URL is set):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 import uuid
@@ -171,6 +172,19 @@ def ratio(best: dict[str, int]) -> float | None:
     return round(best['runtime'] / best['request-scoped'], 1) if best['request-scoped'] else None
 
 
+PATTERNS = ('runtime', 'request-scoped', 'simple_chat')
+
+
+def pattern_list(value: str) -> list[str]:
+    """`--patterns`: names among `PATTERNS`, comma-separated, at least one (an argparse type; an unknown one was a
+    KeyError after the database had started, QA)."""
+    names = [name.strip() for name in value.split(',') if name.strip()]
+    unknown = [name for name in names if name not in PATTERNS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f'{value!r}: give one or more of {", ".join(PATTERNS)}')
+    return names
+
+
 async def main() -> None:
     global tool_s
     args = parser(__doc__.splitlines()[0], 'pool_capacity')
@@ -184,7 +198,7 @@ async def main() -> None:
     )
     args.add_argument(
         '--patterns',
-        type=lambda v: [p.strip() for p in v.split(',') if p.strip()],
+        type=pattern_list,
         default=['runtime', 'request-scoped', 'simple_chat'],
         help='which of runtime, request-scoped, simple_chat to run',
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
+from pydantic_ai import UsageExtractionFailedWarning
 from pydantic_ai.exceptions import ModelAPIError
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model
@@ -30,7 +32,15 @@ def reported_in_error(model: Model, error: BaseException) -> ModelResponse | Non
     usage = body.get('usage') if isinstance(body, dict) else None
     if not isinstance(body, dict) or not isinstance(usage, dict):
         return None
-    flavor = 'chat' if 'prompt_tokens' in usage else 'responses' if 'input_tokens' in usage else None
+    # pydantic-ai's body of an empty completion carries both shapes' keys, the unused ones None (QA: Responses-API
+    # usage beside `prompt_tokens: None` was read as Chat Completions' and lost).
+    flavor = (
+        'chat'
+        if usage.get('prompt_tokens') is not None
+        else 'responses'
+        if usage.get('input_tokens') is not None
+        else None
+    )
     if flavor is None:
         return None
     named = body.get('model')
@@ -38,21 +48,27 @@ def reported_in_error(model: Model, error: BaseException) -> ModelResponse | Non
     response_id = body.get('id')
     base_url = model.base_url or ''
     try:
-        response = ModelResponse(
-            parts=[],
-            usage=RequestUsage.extract(
-                {'model': model_name, 'usage': usage},
-                provider=model.system,
+        with warnings.catch_warnings():
+            # Usage it cannot read (negative, not a number) is a warning pydantic-ai prints with its source line to
+            # the caller's stderr (QA): here it is the row's being unmeasured, which the ledger says.
+            warnings.simplefilter('error', UsageExtractionFailedWarning)
+            response = ModelResponse(
+                parts=[],
+                usage=RequestUsage.extract(
+                    {'model': model_name, 'usage': usage},
+                    provider=model.system,
+                    provider_url=base_url,
+                    provider_fallback='openai',
+                    api_flavor=flavor,
+                    details=_details(usage),
+                ),
+                model_name=model_name,
+                provider_name=model.system,
                 provider_url=base_url,
-                provider_fallback='openai',
-                api_flavor=flavor,
-                details=_details(usage),
-            ),
-            model_name=model_name,
-            provider_name=model.system,
-            provider_url=base_url,
-            provider_response_id=response_id if isinstance(response_id, str) and response_id else None,
-        )
+                provider_response_id=response_id if isinstance(response_id, str) and response_id else None,
+            )
+    except UsageExtractionFailedWarning:
+        return None  # recorded unmeasured
     except Exception:  # the row is recorded unmeasured all the same
         logger.exception('ledger: could not read the usage of a refused answer')
         return None

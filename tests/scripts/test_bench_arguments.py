@@ -22,6 +22,8 @@ BAD_FLAGS = {
     'bench_http': ['--window', '0'],
     'bench_overhead': ['--latencies', '0,-0.5'],
     'bench_long_conversation': ['--turns', '0'],
+    'bench_budgets': ['--rounds', '1'],  # rounds alternate budgets on and off: one measured one side only
+    'bench_rls': ['--rounds', '0'],
 }
 
 
@@ -41,3 +43,21 @@ def test_a_zero_or_negative_flag_is_a_usage_error(name: str, refused: dict[str, 
     assert code == 2, output
     assert f'error: argument {flag}: ' in output and value.split(',')[-1] in output, output
     assert 'Traceback' not in output, output
+
+
+def test_pool_capacity_refuses_a_pattern_it_does_not_have() -> None:
+    """`--patterns foo` was a KeyError after the database had started, `--patterns ,` a TypeError (QA)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from bench_pool_capacity import pattern_list
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert pattern_list('runtime, simple_chat') == ['runtime', 'simple_chat']
+    for bad in ('foo', ',', '', 'runtime,foo'):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match='give one or more of runtime, request-scoped, simple_chat'
+        ):
+            pattern_list(bad)
