@@ -410,6 +410,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices('AGENTRT_HTTP_MAX_BODY_BYTES', 'http_max_body_bytes'),
         description='largest HTTP request body accepted (413 beyond it)',
     )
+    http_max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        validation_alias=AliasChoices('AGENTRT_HTTP_MAX_HEADER_BYTES', 'http_max_header_bytes'),
+        description='largest request line and headers `agentrt serve` reads (431 beyond it, or beyond 100 headers)',
+    )
     http_body_timeout_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -16,6 +16,8 @@ from agentrt.agents.cli_entry import CUT_BY_SECOND_SIGNAL
 # By name, not imported: the API layer sits above this one (api -> agents), and uvicorn's workers import it
 # themselves. Each worker process builds the app and its own engine and pool.
 APP_FACTORY = 'agentrt.api.app:create_served_app'
+# httptools (fast) with a bound on the request's header section, which httptools has none of (api/header_limit.py).
+HTTP_PROTOCOL = 'agentrt.api.header_limit:HeaderLimitedProtocol'
 HTTP_PACKAGES = ('fastapi', 'uvicorn', 'starlette')
 LOG_LEVELS = ('critical', 'error', 'warning', 'info', 'debug', 'trace')  # uvicorn's
 
@@ -81,6 +83,7 @@ def _serve(host: str, port: int, workers: int, log_level: str, shutdown_seconds:
         'log_level': log_level.lower(),
         'log_config': _log_config(log_level.upper()),
         'timeout_graceful_shutdown': shutdown_seconds,
+        'http': HTTP_PROTOCOL,  # by name, as the app: each worker of `--workers N` imports it
     }
     if workers > 1:
         # uvicorn's supervisor: SIGTERM and Ctrl-C stop every worker gracefully and it exits 0; SIGHUP replaces the

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.importer import import_from_string
 
+from agentrt.api.header_limit import HeaderLimitedProtocol
 from tests.agents.cli.helpers import invoke
 
 
@@ -31,6 +33,8 @@ async def test_workers_that_start_slowly_on_a_busy_host_are_not_killed_as_hung(
     result = await invoke('serve', '--workers', '3', '--port', str(port))
     assert result.exit_code == 0, result.stderr
     assert given['workers'] == 3 and given['timeout_worker_healthcheck'] >= 30
+    # Each worker reads headers with the bounded protocol (httptools alone has no limit on them), imported by name.
+    assert import_from_string(given['http']) is HeaderLimitedProtocol
     given.pop('app')
     # Every option is one uvicorn knows (not by building a Config: that would configure this process's logging).
     assert set(given) <= set(inspect.signature(uvicorn.Config).parameters)
