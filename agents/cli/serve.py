@@ -60,6 +60,7 @@ def serve(
         fail(f'--log-level must be one of {", ".join(LOG_LEVELS)}, got {log_level!r}', EXIT_USAGE)
     _check_address(host, port)
     _check_model()
+    _warn_plain_http(host)
     long_running()
     try:
         _serve(host, port, workers, log_level, shutdown_seconds)
@@ -141,6 +142,27 @@ def _check_address(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             fail(f'cannot listen on {where}: {exc.strerror or exc}', EXIT_USAGE)
+
+
+def _warn_plain_http(host: str) -> None:
+    """One warning line when `host` is not a loopback address: the server speaks plain HTTP (it has no TLS option), so
+    every request's key crosses the network readable by anyone on its path."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError):  # _check_address has said it resolves; nothing to add if not
+        return
+    if addresses and all(ipaddress.ip_address(str(address).split('%')[0]).is_loopback for address in addresses):
+        return
+    err_console.print(
+        f'warning: serving plain HTTP on {host}: API keys cross the network in clear text; put a reverse proxy '
+        'that terminates TLS in front (README "In front of it")',
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _check_model() -> None:

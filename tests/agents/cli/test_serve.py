@@ -38,3 +38,17 @@ async def test_workers_that_start_slowly_on_a_busy_host_are_not_killed_as_hung(
     given.pop('app')
     # Every option is one uvicorn knows (not by building a Config: that would configure this process's logging).
     assert set(given) <= set(inspect.signature(uvicorn.Config).parameters)
+
+
+@pytest.mark.parametrize(('host', 'warned'), [('0.0.0.0', True), ('127.0.0.1', False), ('localhost', False)])
+async def test_serving_beyond_loopback_warns_that_it_is_plain_http(
+    database: Any, monkeypatch: pytest.MonkeyPatch, host: str, warned: bool
+) -> None:
+    # `agentrt serve` has no TLS: on an address other machines reach, every request's key crosses the network readable.
+    monkeypatch.setattr(uvicorn, 'run', lambda app, **options: None)
+    result = await invoke('serve', '--workers', '2', '--host', host, '--port', '19871')
+    assert result.exit_code == 0, result.stderr
+    warning = f'warning: serving plain HTTP on {host}: API keys cross the network in clear text'
+    assert (warning in result.stderr) is warned, result.stderr
+    if warned:
+        assert 'reverse proxy that terminates TLS' in result.stderr
