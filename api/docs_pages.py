@@ -8,6 +8,10 @@ one. Each page's policy allows those origins, its own inline script by its SHA-2
 holds the URL of `/openapi.json`, which depends on where the app is mounted), the same origin for the document and
 "Try it out", and inline styles, which both UIs set in their bundles. Swagger UI's validator badge
 (validator.swagger.io, which would be sent the document's URL) stays blocked.
+
+The bundles are pinned to one version each (FastAPI's own URLs name a major version, `swagger-ui-dist@5`: whatever
+release the CDN served that day, on the page where a key is pasted into "Authorize"), and each policy allows those
+files' URLs alone, not the whole CDN.
 """
 
 from __future__ import annotations
@@ -22,15 +26,22 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 CDN = 'https://cdn.jsdelivr.net'
+SWAGGER_UI_VERSION = '5.36.0'
+"""The `swagger-ui-dist` release `/docs` loads (npm; FastAPI's default is `@5`, the latest 5.x)."""
+REDOC_VERSION = '2.5.4'
+"""The `redoc` release `/redoc` loads (npm; FastAPI's default is `@2`, the latest 2.x)."""
+SWAGGER_JS = f'{CDN}/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}/swagger-ui-bundle.js'
+SWAGGER_CSS = f'{CDN}/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}/swagger-ui.css'
+REDOC_JS = f'{CDN}/npm/redoc@{REDOC_VERSION}/bundles/redoc.standalone.js'
 _COMMON = "default-src 'none'; base-uri 'none'; object-src 'none'; form-action 'none'; frame-ancestors 'none'"
 _FAVICON = 'https://fastapi.tiangolo.com'
 _SWAGGER_UI = (
-    f"script-src {CDN} {{scripts}}; style-src {CDN} 'unsafe-inline'; img-src 'self' data: {_FAVICON}; "
+    f"script-src {SWAGGER_JS} {{scripts}}; style-src {SWAGGER_CSS} 'unsafe-inline'; img-src 'self' data: {_FAVICON}; "
     f"connect-src 'self'; {_COMMON}"
 )
 _REDOC = (
-    f"script-src {CDN}; style-src 'unsafe-inline' https://fonts.googleapis.com; font-src https://fonts.gstatic.com; "
-    f"img-src 'self' data: {_FAVICON}; connect-src 'self'; "
+    f"script-src {REDOC_JS}; style-src 'unsafe-inline' https://fonts.googleapis.com; "
+    f"font-src https://fonts.gstatic.com; img-src 'self' data: {_FAVICON}; connect-src 'self'; "
     'worker-src blob:; '  # ReDoc's search runs in a worker it makes from a blob of its own bundle
     f'{_COMMON}'
 )
@@ -53,6 +64,8 @@ def install_docs_pages(app: FastAPI, *, docs_url: str = '/docs', redoc_url: str 
         page = get_swagger_ui_html(
             openapi_url=openapi_url(request),
             title=f'{app.title} - Swagger UI',
+            swagger_js_url=SWAGGER_JS,
+            swagger_css_url=SWAGGER_CSS,
             oauth2_redirect_url=root_path(request) + oauth2_redirect,
             init_oauth=app.swagger_ui_init_oauth,
             swagger_ui_parameters=app.swagger_ui_parameters,
@@ -63,7 +76,10 @@ def install_docs_pages(app: FastAPI, *, docs_url: str = '/docs', redoc_url: str 
         return _with_policy(get_swagger_ui_oauth2_redirect_html(), _OAUTH2_REDIRECT)
 
     async def redoc(request: Request) -> HTMLResponse:
-        return _with_policy(get_redoc_html(openapi_url=openapi_url(request), title=f'{app.title} - ReDoc'), _REDOC)
+        return _with_policy(
+            get_redoc_html(openapi_url=openapi_url(request), title=f'{app.title} - ReDoc', redoc_js_url=REDOC_JS),
+            _REDOC,
+        )
 
     app.add_route(docs_url, swagger_ui, include_in_schema=False)
     app.add_route(oauth2_redirect, swagger_ui_redirect, include_in_schema=False)

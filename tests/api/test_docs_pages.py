@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from playwright.async_api import Route
 
 from agentrt.api.app import create_app
+from agentrt.api.docs_pages import REDOC_VERSION, SWAGGER_UI_VERSION
 from tests.api.conftest import serve
 from tests.api.test_web_ui import CHROMIUM, browser_page
 
@@ -50,14 +51,30 @@ async def test_each_docs_page_has_a_policy_that_allows_what_it_loads_and_no_more
             for script in re.findall(r'<script>(.*?)</script>', response.text, re.DOTALL):
                 digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
                 assert f"'sha256-{digest}'" in policy['script-src'], path
+            # Each bundle by its own URL, not its origin: the policy allows nothing else of the CDN.
             for url in re.findall(r'<script src="([^"]+)"', response.text):
-                assert _origin(url) in policy['script-src'], (path, url)
+                assert url in policy['script-src'] and _origin(url) not in policy['script-src'], (path, url)
             for url in re.findall(r'<link[^>]*rel="stylesheet"[^>]*href="([^"]+)"', response.text):
-                assert _origin(url) in policy['style-src'], (path, url)
+                assert url in policy['style-src'] and _origin(url) not in policy['style-src'], (path, url)
             for url in re.findall(r'<link[^>]*rel="shortcut icon"[^>]*href="([^"]+)"', response.text):
                 assert _origin(url) in policy['img-src'], (path, url)
             if path != '/docs/oauth2-redirect':
                 assert f'{prefix}/openapi.json' in response.text and policy['connect-src'] == ["'self'"], path
+
+
+async def test_the_docs_pages_load_pinned_releases() -> None:
+    # FastAPI's URLs name a major version (`swagger-ui-dist@5`, `redoc@2`): whatever release the CDN serves that day.
+    app = create_app(manage_runtime=False)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url='http://test') as client:
+        docs, redoc = (await client.get('/docs')).text, (await client.get('/redoc')).text
+    assert f'swagger-ui-dist@{SWAGGER_UI_VERSION}/swagger-ui-bundle.js' in docs
+    assert f'swagger-ui-dist@{SWAGGER_UI_VERSION}/swagger-ui.css' in docs
+    assert f'redoc@{REDOC_VERSION}/bundles/redoc.standalone.js' in redoc
+    for version in (SWAGGER_UI_VERSION, REDOC_VERSION):
+        assert re.fullmatch(r'\d+\.\d+\.\d+', version), version
+    assert not re.search(r'@\d+/', docs + redoc)  # no major version alone anywhere
+    readme = (Path(__file__).parents[2] / 'README.md').read_text()  # which the README names
+    assert f'swagger-ui-dist@{SWAGGER_UI_VERSION}' in readme and f'redoc@{REDOC_VERSION}' in readme
 
 
 # Stand-ins for the CDN's bundles: each does what its real one needs the policy for (the page's own inline script
