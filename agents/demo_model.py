@@ -285,7 +285,10 @@ def _entry_line(entry: dict[str, Any]) -> str:
 # --- FunctionModel glue ------------------------------------------------------------------------------------------
 
 
-def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+async def _respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    # A coroutine, as `_stream` is: pydantic-ai runs a plain function in a worker thread of AnyIO's, which outlives
+    # the loop when a `SystemExit` or `KeyboardInterrupt` leaves `asyncio.run` (only the root task's end stops those
+    # threads): the interpreter then waited for it at exit for ever, the embedded server never released (QA).
     move = next_response(messages, info)
     return ModelResponse(parts=[TextPart(move)] if isinstance(move, str) else list(move))
 
@@ -327,7 +330,11 @@ class _DemoModel(FunctionModel):
             yield stream
 
 
-_INPUT_COUNTER = FunctionModel(lambda messages, info: ModelResponse(parts=[]))
+async def _nothing(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    return ModelResponse(parts=[])
+
+
+_INPUT_COUNTER = FunctionModel(_nothing)
 """Answers nothing: `request` returns `FunctionModel`'s usage estimate of the messages it was given."""
 
 

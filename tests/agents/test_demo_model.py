@@ -123,3 +123,17 @@ async def test_a_streamed_demo_request_counts_its_input_as_a_plain_one_does() ->
     assert events, 'the stream sent nothing'
     assert stream.usage.input_tokens == plain.usage.input_tokens > 600
     assert stream.usage.output_tokens > 0
+
+
+def test_the_demo_model_answers_on_the_event_loop_not_in_a_worker_thread() -> None:
+    """pydantic-ai runs a model function that is not a coroutine function in one of AnyIO's worker threads, which
+    only the root task's end stops: a `sys.exit()` in another task during a demo turn left `asyncio.run` with that
+    thread alive, and the interpreter waited for it at exit for ever (QA). The plain answer, and the stream's count of
+    its input, are coroutine functions (the stream an async generator)."""
+    import inspect
+
+    from agentrt.agents.demo_model import _INPUT_COUNTER
+
+    model = demo_model()
+    assert inspect.iscoroutinefunction(model.function) and inspect.iscoroutinefunction(_INPUT_COUNTER.function)
+    assert inspect.isasyncgenfunction(model.stream_function)
