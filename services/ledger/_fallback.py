@@ -101,7 +101,11 @@ class SpoolFallback:
         entries = [item.record.spool_entry(self.config.content_cap) for item in pending]
         if not entries:
             return
-        logger.warning('ledger: %s; spooling %d entr(ies)', reason, len(entries))
+        logger.warning(
+            'ledger: %s; spooling %d row(s): the next ledger write or `agentrt ledger replay` writes them',
+            reason,
+            len(entries),
+        )
         try:
             held = self._append_after_held(entries)
             self._dirty = True
