@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -67,6 +68,7 @@ from agentrt.db.embedded_wheel import (
     wheel_failures,
 )
 from agentrt.db.errors import EmbeddedPostgresError
+from agentrt.db.forks import forget_in_child
 from agentrt.db.processes import process_start, same_process
 
 logger = logging.getLogger('agentrt.db')
@@ -93,6 +95,18 @@ down")."""
 
 _released: set[Path] = set()
 _registered: set[Path] = set()
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the parent's use of a server is not the child's; the child registers as a user of its own
+    when it starts the runtime, and leaves at its own exit."""
+    global _released, _registered
+    left: list[object] = [_released, _registered]
+    _released, _registered = set(), set()
+    return left
+
+
+forget_in_child(_forget_the_parents)
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,19 @@ def start_embedded(
     if stop_at_exit and data_dir not in _registered:
         _registered.add(data_dir)
         atexit.register(release_embedded, data_dir)
+        _release_at_child_exit(data_dir)
     return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+
+
+def _release_at_child_exit(data_dir: Path) -> None:
+    """A `multiprocessing` child (a pool's worker, forked or spawned) ends by `os._exit()`, running no `atexit` hook
+    but its own exit functions: its leaving is registered there too (`release_embedded` is safe to call twice)."""
+    if 'multiprocessing' not in sys.modules:  # loaded in such a child: never imported here for the others
+        return
+    import multiprocessing.util
+
+    if multiprocessing.parent_process() is not None:
+        multiprocessing.util.Finalize(None, release_embedded, args=(data_dir,), exitpriority=0)
 
 
 def revive_embedded(data_dir: Path, *, grace: float = REVIVAL_GRACE_SECONDS) -> bool:

@@ -29,6 +29,7 @@ from agentrt.db.engine_build import effective_connect_timeout as effective_conne
 from agentrt.db.engine_build import migration_engine as migration_engine
 from agentrt.db.engine_build import timeouts_in_force as timeouts_in_force
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError
+from agentrt.db.forks import forget_in_child
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
@@ -64,7 +65,26 @@ _shut_down = False
 _start_tried = False
 """`init_database()` was called in this process, whether its start succeeded or not."""
 _revival = EmbeddedRevival()
+_forked = False
+"""This process was forked from one whose runtime was running (or starting), and forgot it: said when it is used
+before it started its own."""
 _loops_guard = threading.Lock()  # the check that no other running loop owns the runtime, and the claim, in one step
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the parent's runtime is not this process's (its loop, a copy, still says it runs; its
+    connections are the parent's sockets). Forgotten, unclosed (`agentrt.db.forks`): the child's first session starts
+    one of its own, and registers the child as a user of the embedded server."""
+    global _runtime, _starting, _shut_down, _start_tried, _init_lock, _revival, _loops_guard, _forked
+    left: list[object] = [_runtime, _starting, _init_lock, _revival]
+    _forked = _forked or _runtime is not None or _starting is not None
+    _runtime = _starting = None
+    _shut_down = _start_tried = False
+    _init_lock, _revival, _loops_guard = LockPerLoop(), EmbeddedRevival(), threading.Lock()
+    return left
+
+
+forget_in_child(_forget_the_parents)
 
 
 @dataclass(frozen=True)
@@ -325,7 +345,13 @@ def _require() -> _Runtime:
     if runtime is None:
         raise DatabaseNotInitializedError(
             'the database is not initialised: run inside `async with agentrt.agents.runtime.agentrt_runtime():`, '
-            'or await agentrt.db.engine.init_database() first',
+            'or await agentrt.db.engine.init_database() first'
+            + (
+                " (this process was forked from one whose runtime was running: the parent's is not this process's, "
+                'which starts its own)'
+                if _forked
+                else ''
+            ),
             never_started=not _start_tried,  # else a start failed: the database may come back
         )
     loop = asyncio._get_running_loop()

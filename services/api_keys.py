@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from agentrt.db.engine import current_settings
 from agentrt.db.errors import AgentRuntimeError, InvalidInputError
+from agentrt.db.forks import forget_in_child
 from agentrt.db.models import API_KEY_SCOPES, Account, ApiKey
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.pg_text import describe_char, preview, storable_text
@@ -273,6 +274,17 @@ _inflight: dict[str, asyncio.Future[_Cached | None]] = {}
 # under revocation, or one that began before a revoke ended, answers but is not cached (`_revoking_in`).
 _revoking: dict[str, int] = {}
 _revocations = 0
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the parent's lookups in flight are futures of the parent's loop, which nothing in the child
+    resolves (`agentrt.db.forks`)."""
+    left = dict(_inflight)
+    _inflight.clear()
+    return [left]
+
+
+forget_in_child(_forget_the_parents)
 
 
 async def _lookup_once(prefix: str, digest: bytes) -> _Cached | None:

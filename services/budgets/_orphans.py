@@ -14,8 +14,19 @@ from __future__ import annotations
 
 import uuid
 
+from agentrt.db.forks import forget_in_child
+
 _orphans: set[uuid.UUID] = set()
 _MAX_ORPHANS = 10_000  # bounded: an outage of hours with no sweep succeeding; beyond it, the TTL covers them
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the parent's orphaned holds are its sweeper's to give back (`agentrt.db.forks`)."""
+    _orphans.clear()
+    return []
+
+
+forget_in_child(_forget_the_parents)
 
 
 def orphan(hold_id: uuid.UUID) -> None:

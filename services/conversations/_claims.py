@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.forks import forget_in_child
 from agentrt.db.processes import is_alive, this_host, this_process
 from agentrt.db.session import get_db_session, retry_on_disconnect
 from agentrt.services.background import BackgroundQueueFull, SupervisorClosed, get_supervisor
@@ -474,6 +475,18 @@ _abandoned: dict[tuple[int, str], str] = {}
 down left its claim there (`_release_later`). The next turn of the conversation takes such a claim over (`_CLAIM_SQL`):
 the release retries with a backoff of up to 2 s, and until then that turn was refused as if another turn held the
 conversation for the rest of the lease. An entry leaves when its release ends, however it ends."""
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the claims the parent's turns hold (or must still release) are the parent's, and so are
+    their loop's events; the child's turns take claims of their own (`agentrt.db.forks`)."""
+    global _holding, _none_held, _held_here, _abandoned
+    left: list[object] = [_holding, _none_held, _held_here, _abandoned]
+    _holding, _none_held, _held_here, _abandoned = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary(), {}, {}
+    return left
+
+
+forget_in_child(_forget_the_parents)
 
 
 def _release_later(claim: TurnClaim, error: Exception) -> None:

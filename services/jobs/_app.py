@@ -17,6 +17,7 @@ from agentrt.db.database_url import libpq_uri, mask_url
 from agentrt.db.engine import current_settings, describe_server, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes
+from agentrt.db.forks import forget_in_child
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.db.setup_failures import login_error, login_refused, setting_error
@@ -189,6 +190,19 @@ jobs.job_manager = QueueJobManager(connector=jobs.connector)
 _open_on: asyncio.AbstractEventLoop | None = None
 # Per event loop: one lock for the process failed the openings that waited on it in the next `asyncio.run`.
 _lock = LockPerLoop()
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the queue's pool is the parent's (its connections, which libpq would end with a goodbye to
+    the server if collected); the child opens one of its own (`agentrt.db.forks`)."""
+    global _open_on, _lock
+    left: list[object] = [_open_on, _lock, jobs.connector]
+    jobs.connector = jobs.job_manager.connector = PsycopgConnector()
+    _open_on, _lock = None, LockPerLoop()
+    return left
+
+
+forget_in_child(_forget_the_parents)
 
 
 def queue_conninfo(settings: Settings, engine_url: URL, *, hide_password: bool = False) -> str:

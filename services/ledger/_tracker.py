@@ -14,6 +14,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.forks import forget_in_child
 from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
@@ -433,6 +434,17 @@ class LLMRequestTracker:
 
 
 _default_tracker: LLMRequestTracker | None = None
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child: the parent's tracker holds the parent's rows (the parent writes them) and its writer on the
+    parent's loop; the child makes a tracker of its own on first use (`agentrt.db.forks`)."""
+    global _default_tracker
+    left, _default_tracker = _default_tracker, None
+    return [left]
+
+
+forget_in_child(_forget_the_parents)
 
 
 def get_request_tracker() -> LLMRequestTracker:

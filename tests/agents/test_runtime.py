@@ -11,7 +11,7 @@ import pytest
 from agentrt.agents import runtime
 from agentrt.agents.runtime import LEDGER_CLOSE_SECONDS
 from agentrt.services.ledger import LLMRequestTracker
-from tests.factories import fast_config, ledger_rows
+from tests.factories import fast_config, ledger_rows, scalar
 from tests.private_database import PrivateDatabase
 from tests.programs import run_program
 
@@ -124,6 +124,50 @@ async def test_a_stop_on_a_database_that_does_not_answer_is_bounded_and_loses_no
         report = await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()
         assert report.inserted == 1, report
         assert [row['model'] for row in await ledger_rows(id=uuid.UUID(request_id))] == ['held-at-the-stop']
+
+
+FORKED = textwrap.dedent(
+    """
+    import asyncio, multiprocessing, sys
+    from agentrt.agents.runtime import agentrt_runtime
+    from agentrt.agents.simple_chat import simple_chat
+
+    def child() -> None:  # a process forked while the parent's runtime runs: a runtime of its own, on its own loop
+        result = asyncio.run(simple_chat('Dermatologists in Boston', session_id='forked-child', account='acme-health'))
+        print('child', bool(result.output), flush=True)
+
+    async def main() -> None:
+        async with agentrt_runtime():
+            await simple_chat('Dermatologists in Boston', session_id='forked-parent', account='acme-health')
+            process = multiprocessing.get_context('fork').Process(target=child)
+            process.start()
+            await asyncio.to_thread(process.join, 60)
+            print('child exit', process.exitcode, flush=True)
+            # Its connections untouched by the child: the parent's pool goes on.
+            await simple_chat('And in Chicago?', session_id='forked-parent', account='acme-health')
+            print('parent after', flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_child_forked_while_the_runtime_runs_starts_its_own_and_leaves_the_parents_alone(
+    database_url: str, demo_data: None
+) -> None:
+    # The child took the copy of the parent's running loop for a loop of another thread: every turn and even
+    # `shutdown_runtime()` refused as "in use on another event loop" (QA). Now the fork forgets the parent's runtime.
+    done = await run_program('-c', FORKED, database_url=database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split('\n')[:-1] == ['child True', 'child exit 0', 'parent after'], done.stderr[-3000:]
+    child_rows = await ledger_rows(chat_session_id='forked-child')
+    assert child_rows and all(row['success'] for row in child_rows)  # billed, by the child's own ledger writer
+    assert len({row['run_id'] for row in await ledger_rows(chat_session_id='forked-parent')}) == 2
+    saved = await scalar(
+        'SELECT count(*) FROM conversations WHERE conversation_id = :id AND head_id IS NOT NULL',
+        id=child_rows[0]['conversation_id'],
+    )
+    assert saved == 1
 
 
 async def test_the_last_block_to_end_shuts_down_and_lets_go_of_the_embedded_server_if_any_block_asked(

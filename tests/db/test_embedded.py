@@ -899,3 +899,52 @@ def test_ctrl_c_while_the_exit_stops_the_server_does_not_kill_its_pg_ctl(tmp_pat
     assert 'did not stop cleanly' not in err and 'Traceback' not in err, err
     assert 'interrupted: the command has ended; finishing its exit' in err, err
     assert not _servers(data_dir)
+
+
+_FORKED = """
+import asyncio, json, multiprocessing, os
+from pathlib import Path
+from sqlalchemy import text
+from agentrt.agents.runtime import agentrt_runtime
+from agentrt.db.session import Unscoped, get_db_session
+
+USERS = Path(os.environ['AGENTRT_DATA_DIR']) / 'agentrt-users.json'
+
+async def one() -> object:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(text('SELECT 1'))).scalar_one()
+
+async def in_child() -> tuple[object, bool]:
+    async with agentrt_runtime():
+        return await one(), str(os.getpid()) in json.loads(USERS.read_text())
+
+def child() -> None:
+    print('child', *asyncio.run(in_child()), flush=True)
+
+async def main() -> None:
+    async with agentrt_runtime():
+        await one()
+        process = multiprocessing.get_context('fork').Process(target=child)
+        process.start()
+        await asyncio.to_thread(process.join, 60)
+        print('child left', process.exitcode, sorted(json.loads(USERS.read_text())) == [str(os.getpid())], flush=True)
+        print('parent', await one(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_child_forked_while_the_runtime_runs_is_a_user_of_its_own_and_the_last_to_leave_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    # A forked child started no runtime of its own: its copy of the parent's said it was running on another loop (QA).
+    # Now it starts one, registered as a user of the server; it leaves at its exit (a multiprocessing child runs no
+    # atexit hook), and the parent, last to leave, stops the server.
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run(
+        [sys.executable, '-c', _FORKED], cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['child 1 True', 'child left 0 True', 'parent 1'], done.stderr
+    _assert_no_orphan(data_dir)
+    assert json.loads((data_dir / USERS_FILE).read_text()) == {}
