@@ -62,6 +62,7 @@ from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
 from agentrt.db.embedded_wheel import (
     cause_first,
     cause_of,
+    make_socket_dir_private,
     printed_lines,
     quote_socket_dirs,
     wait_until_reaped,
@@ -231,7 +232,7 @@ def _start_locked(data_dir: Path) -> tuple[Any, bool]:
                 write_record(data_dir, SERVER_FILE, {'started_by': os.getpid()})
             _tune_cluster(data_dir, server)
             info = server.get_postmaster_info()
-            _private_socket(Path(info.socket_dir))
+            _private_socket(Path(info.socket_dir), data_dir)
             if not was_running:
                 write_record(data_dir, SERVER_FILE, {'postmaster_pid': info.pid, 'started_by': os.getpid()})
             elif alone and _started_by_agentrt(data_dir):
@@ -421,15 +422,16 @@ def _private_socket_conf(data_dir: Path) -> None:
         )
 
 
-def _private_socket(socket_dir: Path) -> None:
-    """The server's socket files readable and writable by their owner only, whatever started the server: one an
-    earlier version started, or a new cluster's first start (before `_tune_cluster`'s restart) made them 0777."""
-    for socket in socket_dir.glob('.s.PGSQL.*'):
-        try:
-            if not socket.name.endswith('.lock') and socket.stat().st_mode & 0o077:
-                socket.chmod(0o700)
-        except OSError as exc:
-            logger.warning('embedded PostgreSQL socket %s: could not make it private: %s', socket, exc)
+def _private_socket(socket_dir: Path, data_dir: Path) -> None:
+    """A socket directory outside the data directory made its server user's alone, whatever started the server (an
+    earlier version's start left it world-writable: `make_socket_dir_private`). Only the directory: a file in it is
+    never touched (one a user of the host put there may be a link to anything)."""
+    if socket_dir == data_dir:
+        return
+    try:
+        make_socket_dir_private(socket_dir)
+    except (OSError, KeyError, EmbeddedPostgresError) as exc:
+        logger.warning('embedded PostgreSQL socket directory %s: could not make it private: %s', socket_dir, exc)
 
 
 def _tune_cluster(data_dir: Path, server: object) -> None:

