@@ -41,7 +41,8 @@ _SWAGGER_UI = (
 )
 _REDOC = (
     f"script-src {REDOC_JS}; style-src 'unsafe-inline' https://fonts.googleapis.com; "
-    f"font-src https://fonts.gstatic.com; img-src 'self' data: {_FAVICON}; connect-src 'self'; "
+    # ReDoc's own logo under its sidebar comes from cdn.redoc.ly (blocked before: a console error; QA).
+    f"font-src https://fonts.gstatic.com; img-src 'self' data: {_FAVICON} https://cdn.redoc.ly; connect-src 'self'; "
     'worker-src blob:; '  # ReDoc's search runs in a worker it makes from a blob of its own bundle
     f'{_COMMON}'
 )
