@@ -155,9 +155,27 @@ def start_embedded(
     _released.discard(data_dir)
     if stop_at_exit and data_dir not in _registered:
         _registered.add(data_dir)
-        atexit.register(release_embedded, data_dir)
+        atexit.register(_leave_at_exit, data_dir)
         _release_at_child_exit(data_dir)
     return EmbeddedServer(data_dir, Path(info.socket_dir), int(info.port or 5432), created=created)
+
+
+def _leave_at_exit(data_dir: Path) -> None:
+    """This process's leaving at its exit, after its `multiprocessing` children's when it has any still running.
+
+    A pool left open to the interpreter's exit (never closed, or one an exception skipped past) has its workers,
+    users of the server since their first session, stopped by multiprocessing's own exit function, which runs after
+    this hook: leaving first, this process was not the last user, and the server ran on until the next start (QA).
+    Then the leaving waits for that function's last finalizers, after it has stopped and joined the children (whose
+    ids, dead, are pruned as this process leaves).
+    """
+    if 'multiprocessing' in sys.modules:
+        import multiprocessing.util
+
+        if multiprocessing.active_children():
+            multiprocessing.util.Finalize(None, release_embedded, args=(data_dir,), exitpriority=-1)
+            return
+    release_embedded(data_dir)
 
 
 def _release_at_child_exit(data_dir: Path) -> None:

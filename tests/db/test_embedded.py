@@ -944,6 +944,51 @@ asyncio.run(main())
 """
 
 
+_POOL_LEFT_OPEN = """
+import asyncio, multiprocessing
+from sqlalchemy import text
+from agentrt.agents.runtime import agentrt_runtime
+from agentrt.db.engine import init_database
+from agentrt.db.session import Unscoped, get_db_session
+
+async def one() -> object:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        return (await session.execute(text('SELECT 1'))).scalar_one()
+
+async def in_worker() -> object:
+    await init_database()  # as a first turn does: the worker is a user of the server until it ends
+    return await one()
+
+def work(_: int) -> object:
+    return asyncio.run(in_worker())
+
+pool = multiprocessing.get_context('fork').Pool(2)  # never closed: multiprocessing stops its workers at exit
+
+async def main() -> None:
+    async with agentrt_runtime():
+        print(await one(), pool.map(work, range(4)), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_pool_left_open_to_the_exit_still_leaves_the_server_to_be_stopped_by_the_last_user(tmp_path: Path) -> None:
+    # The parent left the server at its exit before multiprocessing stopped the pool's workers (users since their
+    # first session, ended by SIGTERM so never leaving themselves): the server ran on until the next start (QA).
+    data_dir = tmp_path / 'pgdata'
+    done = subprocess.run(
+        [sys.executable, '-c', _POOL_LEFT_OPEN],
+        cwd=ROOT,
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['1', '[1,', '1,', '1,', '1]'], done.stdout + done.stderr
+    _assert_no_orphan(data_dir)
+
+
 def test_a_child_forked_while_the_runtime_runs_is_a_user_of_its_own_and_the_last_to_leave_stops_the_server(
     tmp_path: Path,
 ) -> None:
