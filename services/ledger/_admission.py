@@ -32,6 +32,7 @@ from agentrt.services.budgets import (
     pricer_for,
     reserve,
     supports_count_tokens,
+    sweep_reservations,
     sweep_soon,
 )
 from agentrt.services.ledger._identity import LedgerIdentity
@@ -98,17 +99,25 @@ async def admit(
     least = min(config.min_output_tokens, wanted)
     full = pricer.cost(input_tokens, wanted, at)
     minimum = pricer.cost(input_tokens, least, at)
-    result = await reserve(
-        request_id=request_id,
-        account_id=account_id,
-        full_usd=full,
-        minimum_usd=minimum,
-        input_usd=pricer.cost(input_tokens, 0, at),
-        at=at,
-        ttl_seconds=config.reservation_ttl_seconds,
-    )
+    arguments: dict[str, Any] = {
+        'request_id': request_id,
+        'account_id': account_id,
+        'full_usd': full,
+        'minimum_usd': minimum,
+        'input_usd': pricer.cost(input_tokens, 0, at),
+        'at': at,
+        'ttl_seconds': config.reservation_ttl_seconds,
+    }
+    result = await reserve(**arguments)
     if result is None:
         return None
+    if isinstance(result, Refusal) and result.reserved_usd and await _gave_back_holds():
+        # Refused with holds on the window: some may be a dead process's (a `kill -9` of a server mid-turn), which the
+        # background sweep gave back only after this refusal, or not at all on an idle server (QA: a 429 naming
+        # "requests in flight" that were gone). Swept now, once, and asked again.
+        result = await reserve(**arguments)
+        if result is None:
+            return None
     sweep_soon(config.sweep_interval_seconds)  # (now and then) holds a dead process left are given back
     if isinstance(result, Refusal):
         raise _refused(identity, result, minimum, least)
@@ -119,6 +128,17 @@ async def admit(
     settings['max_tokens'] = output
     request_context.model_settings = cast(ModelSettings, settings)
     return result
+
+
+async def _gave_back_holds() -> bool:
+    """Sweep now (dead processes' and expired holds): whether it gave any back. One sweeps at a time; one that finds
+    another under way gives back nothing here (the other does)."""
+    try:
+        report = await sweep_reservations()
+    except Exception as exc:  # the refusal stands as it was; the background sweep tries again
+        logger.warning('budget: the sweep before a refusal failed (%s: %s)', type(exc).__name__, exc)
+        return False
+    return bool(report.released_dead or report.released_expired or report.released_orphans)
 
 
 async def _input_tokens(

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -124,4 +125,20 @@ async def test_reserving_starts_a_background_sweep_now_and_then(two_accounts: tu
     _sweep.sweep_soon(60)  # within the interval: not again
     assert get_supervisor().stats().spawned >= 1
     await get_supervisor().join()
+    assert await reservations(alpha) == []
+
+
+async def test_a_request_refused_only_for_a_dead_processs_holds_sweeps_them_and_is_admitted(
+    two_accounts: tuple[int, int],
+) -> None:
+    # A server killed mid-turn left its holds; the next request on a live server was refused ("held by requests in
+    # flight") before its own background sweep gave them back, and an idle server never swept (QA: 429 then 200).
+    alpha, _ = two_accounts
+    await give_budget('alpha', '0.10')
+    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')  # a dead holder fills the window
+    _sweep._last_sweep = time.monotonic()  # this process swept just now: the background sweep waits its interval
+    result = await Agent(PricedModel(), capabilities=[ledger_capability()]).run(
+        'How many cardiologists?', deps=chat_deps('after-a-crash', alpha)
+    )
+    assert result.output
     assert await reservations(alpha) == []
