@@ -100,6 +100,8 @@ async def sweep_reservations() -> SweepReport:
     do nothing): a reservation is deleted (and its amount given back) once, and one a live request holds is never
     touched before it expires.
     """
+    global _last_sweep
+    _last_sweep = time.monotonic()  # any sweep of this process's is its sweep for `sweep_soon`'s interval
     host = this_host()
     orphans = orphaned()  # holds this process took and could not give back (`_orphans.py`)
     async with scoped_connection(account=Unscoped.JOBS) as connection:  # every account's holds

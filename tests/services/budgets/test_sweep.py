@@ -142,3 +142,17 @@ async def test_a_request_refused_only_for_a_dead_processs_holds_sweeps_them_and_
     )
     assert result.output
     assert await reservations(alpha) == []
+
+
+async def test_a_sweep_before_a_refusal_is_the_processs_sweep_for_its_interval(two_accounts: tuple[int, int]) -> None:
+    # The admission's sweep before a refusal, then its background sweep right after: the same work twice.
+    alpha, _ = two_accounts
+    await give_budget('alpha', '0.10')
+    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')
+    _sweep._last_sweep = None  # no sweep yet in this process: the background one would start
+    spawned = get_supervisor().stats().spawned
+    await Agent(PricedModel(), capabilities=[ledger_capability()]).run(
+        'How many cardiologists?', deps=chat_deps('after-a-crash-2', alpha)
+    )
+    assert get_supervisor().stats().spawned == spawned
+    assert await reservations(alpha) == []
