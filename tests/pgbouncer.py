@@ -31,6 +31,7 @@ from agentrt.db import engine
 from agentrt.db.settings import Settings
 from agentrt.services.background import get_supervisor
 from agentrt.services.ledger import get_request_tracker
+from tests.ports import free_port
 
 BINARY = shutil.which('pgbouncer') or ('/usr/sbin/pgbouncer' if Path('/usr/sbin/pgbouncer').exists() else None)
 _AS_ROOT = os.geteuid() == 0
@@ -69,7 +70,7 @@ class PgBouncer:
         if BINARY is None:
             raise RuntimeError('pgbouncer is not installed (apt-get install pgbouncer)')
         self.root = Path(tempfile.mkdtemp(prefix='agentrt-pgbouncer-'))
-        self.port = _free_port()
+        self.port = free_port()
         self.database = database
         self.user = user
         self.pool_size = pool_size
@@ -166,12 +167,6 @@ class PgBouncer:
                 self.process.kill()
                 self.process.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
 
 
 class PooledDatabase:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import textwrap
 
 import pytest
 
 from tests.agents.cli.helpers import ROOT
+from tests.ports import free_port
 
 STOPPED = 'error: stopped by {}; nothing in progress was saved\n'
 
@@ -97,9 +97,7 @@ async def test_a_signal_while_serve_loads_the_app_after_its_database_check_is_a_
     # id stayed registered and the server running; a Ctrl-C ended it with 130 and not a word. Now it exits through the
     # interpreter's clean path (`exited`: the embedded server's release is such an exit handler), with exit code 0 as
     # a stop of a serving server does, and one line.
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     code, out, err = await stopped_while_importing(
         'agentrt.api.app', signum, 'serve', '--port', str(port), env={'DATABASE_URL': database_url}
     )

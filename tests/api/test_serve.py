@@ -41,15 +41,10 @@ from tests.factories import (
     spool_left_by_an_exited_process,
 )
 from tests.fake_openai import FakeOpenAI, Reply
+from tests.ports import free_port
 
 CHATS = 200
 TOOL_CHATS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return int(probe.getsockname()[1])
 
 
 def _start_serve(
@@ -58,7 +53,7 @@ def _start_serve(
     """`agentrt serve OPTIONS` with exactly `env`, on a free loopback port: the process and its base URL.
 
     `own_group`: in a process group of its own (a terminal's Ctrl-C signals the group: `os.killpg`)."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, '-m', 'agentrt.agents.cli', 'serve', '--port', str(port), *options]
     server = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=own_group

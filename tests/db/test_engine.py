@@ -33,6 +33,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPos
 from agentrt.db.failures import lost_connection
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.db.setup_failures import login_refused
+from tests.ports import free_port
 
 
 @pytest.fixture
@@ -45,16 +46,8 @@ def silent_server() -> Iterator[int]:
     listener.close()
 
 
-def _closed_port() -> int:
-    probe = socket.socket()
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 async def test_refused_connection_names_host_and_port() -> None:
-    port = _closed_port()
+    port = free_port()
     url = parse_database_url(f'postgresql://u:secret@127.0.0.1:{port}/db')
     engine = build_engine(url, Settings(database_url=str(url), connect_timeout=2))
     try:
@@ -233,7 +226,7 @@ async def test_unreachable_server_does_not_hang_init(tmp_path: Path) -> None:
 
     saved, engine_module._runtime = engine_module._runtime, None
     try:
-        settings = Settings(database_url=f'postgresql://u:p@127.0.0.1:{_closed_port()}/db', connect_timeout=2)
+        settings = Settings(database_url=f'postgresql://u:p@127.0.0.1:{free_port()}/db', connect_timeout=2)
         with pytest.raises(DatabaseUnavailableError):
             await asyncio.wait_for(init_database(settings), 10)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import socket
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from uvicorn.importer import import_from_string
 
 from agentrt.api.header_limit import HeaderLimitedProtocol
 from tests.agents.cli.helpers import invoke
+from tests.ports import free_port
 
 
 async def test_workers_that_start_slowly_on_a_busy_host_are_not_killed_as_hung(
@@ -27,9 +27,7 @@ async def test_workers_that_start_slowly_on_a_busy_host_are_not_killed_as_hung(
         given.update(options, app=app)
 
     monkeypatch.setattr(uvicorn, 'run', run)
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = await invoke('serve', '--workers', '3', '--port', str(port))
     assert result.exit_code == 0, result.stderr
     assert given['workers'] == 3 and given['timeout_worker_healthcheck'] >= 30

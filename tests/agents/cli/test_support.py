@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,12 +21,7 @@ from agentrt.db.failures import unavailable_error
 from agentrt.db.settings import Settings
 from agentrt.services.background import get_supervisor
 from tests.agents.cli.helpers import invoke, logging_restored
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
+from tests.ports import free_port
 
 
 @contextmanager
@@ -48,7 +42,7 @@ def _terminal(debug: bool = False) -> Iterator[io.StringIO]:
 
 async def _rollup_while_the_database_is_down(database: Settings) -> None:
     """What a post-turn task meets during an outage: a real connection failure, translated as a session does."""
-    engine = build_engine(make_url(f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere'), database)
+    engine = build_engine(make_url(f'postgresql+asyncpg://nobody:pw@127.0.0.1:{free_port()}/nowhere'), database)
     try:
         async with engine.connect() as connection:
             await connection.execute(text('SELECT 1'))

@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import time
 import uuid
 from typing import Any
@@ -42,6 +41,7 @@ from agentrt.services.jobs import (
 from agentrt.services.jobs._app import queue_unavailable
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_rows
+from tests.ports import free_port
 from tests.private_database import PrivateDatabase
 from tests.services.jobs.helpers import (
     PROCRASTINATE_TABLES,
@@ -360,7 +360,7 @@ async def test_a_queue_server_that_cannot_be_reached_is_a_database_error(
 ) -> None:
     # Was "internal error: PoolTimeout: pool initialization incomplete after 30.0 sec ... report it", after 30 s.
     settings = current_settings()
-    monkeypatch.setattr(settings, 'queue_database_url', f'postgresql://postgres@127.0.0.1:{_closed_port()}/postgres')
+    monkeypatch.setattr(settings, 'queue_database_url', f'postgresql://postgres@127.0.0.1:{free_port()}/postgres')
     monkeypatch.setattr(settings, 'connect_timeout', 1)
     await close_queue()
     try:
@@ -455,12 +455,6 @@ def test_a_queue_url_of_its_own_behind_a_pooled_database_url_is_postgresql(monke
         'the job queue lost PostgreSQL at postgresql://app:***@127.0.0.1:5432'
     )
     assert 'PgBouncer' not in str(lost)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_a_queue_database_without_the_job_tables_is_a_clear_error(

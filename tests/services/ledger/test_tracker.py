@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,17 +22,12 @@ from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.session import Unscoped, get_db_session, get_side_session
 from agentrt.services.ledger import LedgerRecord, LedgerSpool, LLMRequestTracker, is_transient_db_error, utc_now
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
+from tests.ports import free_port
 
 
 def _record(**overrides: object) -> LedgerRecord:
     now = utc_now()
     return ledger_record(started_at=now, finished_at=now, **overrides)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class _Outage:
@@ -42,7 +36,7 @@ class _Outage:
 
     def __init__(self) -> None:
         self.engine = create_async_engine(
-            f'postgresql+asyncpg://nobody:pw@127.0.0.1:{_closed_port()}/nowhere', connect_args={'timeout': 2}
+            f'postgresql+asyncpg://nobody:pw@127.0.0.1:{free_port()}/nowhere', connect_args={'timeout': 2}
         )
         self._dead = async_sessionmaker(self.engine)
         self.down = True
