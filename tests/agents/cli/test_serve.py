@@ -44,7 +44,7 @@ async def test_serving_beyond_loopback_warns_that_it_is_plain_http(
 ) -> None:
     # `agentrt serve` has no TLS: on an address other machines reach, every request's key crosses the network readable.
     monkeypatch.setattr(uvicorn, 'run', lambda app, **options: None)
-    result = await invoke('serve', '--workers', '2', '--host', host, '--port', '19871')
+    result = await invoke('serve', '--workers', '2', '--host', host, '--port', str(free_port()))
     assert result.exit_code == 0, result.stderr
     warning = f'warning: serving plain HTTP on {host}: API keys cross the network in clear text'
     assert (warning in result.stderr) is warned, result.stderr
