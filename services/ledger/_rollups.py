@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
@@ -62,18 +63,25 @@ _LABELS = ('account_slug', 'agent_instance_slug', 'agent_name')
 _LEDGER_LABELS = ', '.join(f'max(r.{name}) AS {name}' for name in _LABELS)
 _COLUMNS = f'{_KEY}, {", ".join(_LABELS)}, {", ".join(_COUNTERS)}'
 
-# Take the queued rows (`usage_pending_requests`: every ledger row is queued by the statement that writes it,
-# migration 0019) and claim them (the claim is the idempotency key: a row counted by a recompute, or by a roll-up
-# of an earlier version, is claimed already and counted nothing twice), then add just the newly claimed rows to their
-# buckets; rows a budget refused are claimed (so they are not looked at again) but not counted: those requests were
-# never sent. Queued rows another roll-up is taking are skipped, not waited for. Sorted so two roll-ups touching the
-# same buckets lock them in the same order and cannot deadlock.
+# A roll-up takes the queue this many rows a transaction, each committed: one statement over the whole queue (millions
+# of rows after an upgrade whose ledger was never rolled up) outran the statement timeout, rolled back and made no
+# progress, again at every later roll-up (QA: ~18.6k rows/s on 2 cores). A batch takes a fraction of a second.
+ROLL_UP_BATCH = 5_000
+
+# Take up to `:batch` queued rows past `:after` in key order (ids are time-ordered: a cursor, so a batch never walks
+# again over the rows earlier batches deleted) and claim them (the claim is the idempotency key: a row counted by a
+# recompute, or by a roll-up of an earlier version, is claimed already and counted nothing twice), then add just the
+# newly claimed rows to their buckets; rows a budget refused are claimed (so they are not looked at again) but not
+# counted: those requests were never sent. Queued rows another roll-up is taking are skipped, not waited for (the
+# limit counts only rows taken). Sorted so two roll-ups touching the same buckets lock them in the same order and
+# cannot deadlock. One row per bucket touched (a row of NULL buckets when none), each with how many rows the batch
+# took and the last one's id.
 _ROLL_UP = f"""
 WITH taken AS (
     DELETE FROM usage_pending_requests AS p
     WHERE p.request_id IN (
-        SELECT q.request_id FROM usage_pending_requests AS q WHERE true {{where}}
-        ORDER BY q.request_id FOR UPDATE SKIP LOCKED
+        SELECT q.request_id FROM usage_pending_requests AS q WHERE q.request_id > :after {{where}}
+        ORDER BY q.request_id LIMIT :batch FOR UPDATE SKIP LOCKED
     )
     RETURNING p.request_id
 ), claimed AS (
@@ -81,19 +89,26 @@ WITH taken AS (
     SELECT t.request_id FROM taken AS t ORDER BY t.request_id
     ON CONFLICT DO NOTHING
     RETURNING request_id
+), buckets AS (
+    INSERT INTO usage_daily_rollups ({_COLUMNS})
+    SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
+    FROM llm_requests AS r JOIN claimed AS c ON c.request_id = r.id
+    WHERE r.status <> 'refused'
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT ON CONSTRAINT uq_usage_daily_rollups_day_account_id_agent_instance_id_model DO UPDATE SET
+        {', '.join(f'{name} = usage_daily_rollups.{name} + EXCLUDED.{name}' for name in _COUNTERS)},
+        {', '.join(f'{name} = greatest(usage_daily_rollups.{name}, EXCLUDED.{name})' for name in _LABELS)},
+        updated_at = now()
+    RETURNING {_KEY}
 )
-INSERT INTO usage_daily_rollups ({_COLUMNS})
-SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
-FROM llm_requests AS r JOIN claimed AS c ON c.request_id = r.id
-WHERE r.status <> 'refused'
-GROUP BY 1, 2, 3, 4
-ORDER BY 1, 2, 3, 4
-ON CONFLICT ON CONSTRAINT uq_usage_daily_rollups_day_account_id_agent_instance_id_model DO UPDATE SET
-    {', '.join(f'{name} = usage_daily_rollups.{name} + EXCLUDED.{name}' for name in _COUNTERS)},
-    {', '.join(f'{name} = greatest(usage_daily_rollups.{name}, EXCLUDED.{name})' for name in _LABELS)},
-    updated_at = now()
-RETURNING requests
+SELECT s.taken, s.last_id, b.day, b.account_id, b.agent_instance_id, b.model
+FROM (SELECT count(*) AS taken, (SELECT t.request_id FROM taken AS t ORDER BY 1 DESC LIMIT 1) AS last_id
+    FROM taken) AS s
+LEFT JOIN buckets AS b ON true
 """
+# Below every id: the first batch's cursor.
+_FIRST_ID = uuid.UUID(int=0)
 
 _RECOMPUTE_DELETE = text('DELETE FROM usage_daily_rollups WHERE day >= :first_day AND day <= :last_day')
 # One statement, so the rows claimed and the rows summed come from one snapshot: a ledger row committed
@@ -135,23 +150,51 @@ async def roll_up_pending(
     agent of one's own with `ledger_capability()`, a spool's replay), so nothing is missed however late a roll-up
     runs, and no clock is compared.
 
-    Safe to run any number of times, concurrently too: each ledger row is counted once.
+    Safe to run any number of times, concurrently too: each ledger row is counted once. The queue is taken
+    `ROLL_UP_BATCH` rows a transaction, each committed as it ends, in id order (time order) until a batch finds fewer:
+    a roll-up stopped midway (a cancellation, a lost connection) loses only its current batch, which stays queued for
+    the next one; a row queued meanwhile with an older id (a spool's replay) waits for the next roll-up too.
 
     Args:
         since: only rows recorded (`recorded_at`, the database's clock) at or after this; all when None.
         account_id: only this account's rows; every account's when None.
         wait: wait (up to 30 s) while a recompute holds the roll-ups off; when False, do nothing then and return
             None: a read about to show the rollup answers from it as it stands rather than wait (QA: a `source=rollup`
-            read waited 30 s behind a recompute and answered 503).
+            read waited 30 s behind a recompute and answered 503). Asked before each batch: batches committed before
+            a recompute began stay counted.
 
     Returns:
-        How many buckets were created or updated; None when `wait` is False and a recompute is running.
+        How many buckets were created or updated (each once, however many batches touched it); None when `wait` is
+        False and a recompute is running.
     """
     where, params = '', dict[str, Any]()
     if since is not None:
         where, params['since'] = f'{where} AND q.recorded_at >= :since', since
     if account_id is not None:
         where, params['account_id'] = f'{where} AND q.account_id = :account_id', account_id
+    statement = text(_ROLL_UP.format(where=where))
+    touched = set[tuple[Any, ...]]()
+    after = _FIRST_ID
+    while True:
+        batch = await _roll_up_batch(statement, {**params, 'after': after, 'batch': ROLL_UP_BATCH}, wait=wait)
+        if batch is None:
+            return None
+        taken, last_id, buckets = batch
+        touched |= buckets
+        if taken < ROLL_UP_BATCH:
+            return len(touched)
+        after = last_id
+
+
+async def _roll_up_batch(
+    statement: Any, params: dict[str, Any], *, wait: bool
+) -> tuple[int, uuid.UUID, set[tuple[Any, ...]]] | None:
+    """One batch in a transaction of its own, under the shared roll-up lock (a recompute takes it between batches).
+
+    Returns:
+        How many queued rows it took, the last one's id and the buckets it touched; None when `wait` is False and a
+        recompute holds the lock.
+    """
     async with get_side_session(
         account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
     ) as session:
@@ -159,8 +202,9 @@ async def roll_up_pending(
             await session.execute(_LOCK_SHARED, _LOCK_KEYS)
         elif not (await session.execute(_TRY_LOCK_SHARED, _LOCK_KEYS)).scalar_one():
             return None
-        touched = len((await session.execute(text(_ROLL_UP.format(where=where)), params)).all())
-    return touched
+        rows = (await session.execute(statement, params)).all()
+    buckets = {tuple(row[2:]) for row in rows if row.day is not None}  # a bucket's day is never NULL
+    return rows[0].taken, rows[0].last_id, buckets
 
 
 async def recompute_usage_rollups(first_day: date, last_day: date) -> int:

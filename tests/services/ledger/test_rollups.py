@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -17,7 +19,13 @@ from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.models.usage_rollups import UsageRolledUpRequest
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor
-from agentrt.services.ledger import recompute_usage_rollups, roll_up_account_usage, roll_up_pending, summarise_costs
+from agentrt.services.ledger import (
+    _rollups,
+    recompute_usage_rollups,
+    roll_up_account_usage,
+    roll_up_pending,
+    summarise_costs,
+)
 from agentrt.services.post_turn import schedule_post_turn_work
 from tests.factories import ledger_record, write_ledger_row
 from tests.services.ledger.usage_oracle import GROUPINGS, ledger_totals, rollup_totals
@@ -148,6 +156,70 @@ async def test_concurrent_turns_and_retried_roll_ups_match_the_ledger() -> None:
     await _assert_rollup_equals_ledger()
     await _assert_rollup_equals_ledger(account_id=tenants[0][0], first_day=_today(), last_day=_today())
     assert pool_status().checked_out == 0
+
+
+async def _queued_and_claimed() -> tuple[int, int]:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        queued = (await session.execute(text('SELECT count(*) FROM usage_pending_requests'))).scalar_one()
+        claimed = (await session.execute(select(func.count()).select_from(UsageRolledUpRequest))).scalar_one()
+    return queued, claimed
+
+
+async def test_a_queue_of_many_batches_is_rolled_up_whole_and_each_bucket_reported_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One statement took the whole queue: with millions of rows queued (an upgrade of a ledger never rolled up) it
+    outran its statement timeout, rolled back and made no progress, at every roll-up again (QA). Now it takes the
+    queue a batch at a time."""
+    monkeypatch.setattr(_rollups, 'ROLL_UP_BATCH', 10)
+    (a1, g1), (_, g2), *_ = await _tenants(1)
+    for i in range(37):
+        await _ledger(a1, g1 if i % 2 else g2)
+    real, transactions = _rollups.get_side_session, 0
+
+    def counted(**kwargs: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return real(**kwargs)
+
+    monkeypatch.setattr(_rollups, 'get_side_session', counted)
+    assert await roll_up_pending() == 2  # two buckets, touched by all four batches
+    assert transactions == 4  # 10 + 10 + 10 + 7 rows, each batch committed in its own transaction
+    assert await _queued_and_claimed() == (0, 37)
+    assert await _total_requests() == 37
+    await _assert_rollup_equals_ledger()
+    assert await roll_up_pending() == 0
+
+
+@pytest.mark.parametrize('stop', [RuntimeError('lost'), asyncio.CancelledError()], ids=['fails', 'cancelled'])
+async def test_a_roll_up_stopped_after_its_first_batch_keeps_it_and_the_next_finishes_the_rest(
+    monkeypatch: pytest.MonkeyPatch, stop: BaseException
+) -> None:
+    monkeypatch.setattr(_rollups, 'ROLL_UP_BATCH', 10)
+    (a1, g1), *_ = await _tenants(1)
+    for _ in range(35):
+        await _ledger(a1, g1)
+    real, batches = _rollups.get_side_session, 0
+
+    @asynccontextmanager
+    async def stopped_in_second_batch(**kwargs: Any) -> AsyncIterator[Any]:
+        nonlocal batches
+        batches += 1
+        async with real(**kwargs) as session:
+            yield session
+            if batches == 2:
+                raise stop  # the second batch ran its statement, not committed yet
+
+    monkeypatch.setattr(_rollups, 'get_side_session', stopped_in_second_batch)
+    with pytest.raises(type(stop)):
+        await roll_up_pending()
+    assert await _queued_and_claimed() == (25, 10)  # the first batch committed, the second rolled back
+    assert await _total_requests() == 10
+    monkeypatch.setattr(_rollups, 'get_side_session', real)
+    assert await roll_up_pending() == 1
+    assert await _queued_and_claimed() == (0, 35)
+    assert await _total_requests() == 35
+    await _assert_rollup_equals_ledger()
 
 
 async def test_recompute_rebuilds_the_same_totals_and_repairs_drift() -> None:
