@@ -10,7 +10,7 @@ from agentrt.api.auth import ReadCaller
 from agentrt.api.filters import AgentFilter, ModelFilter, Since, Until, time_range
 from agentrt.api.schemas import ERROR_RESPONSES, CostReport, CostRowOut
 from agentrt.db.session import get_read_only_session
-from agentrt.services.ledger import LedgerFilters, roll_up_pending, summarise_costs
+from agentrt.services.ledger import LedgerFilters, catch_up_rollup, summarise_costs
 
 router = APIRouter(prefix='/api/v1', tags=['costs'], responses=ERROR_RESPONSES)
 
@@ -34,10 +34,11 @@ async def costs(
     """Totals of the account's model requests, days in date order, other groupings by cost, highest first."""
     start, end = time_range(since, until)
     filters = LedgerFilters(account=caller.account_id, agent=agent, model=model, since=start, until=end)
-    # The account's rows no roll-up has counted yet (an agent of one's own, say) are rolled up first; while a
-    # recompute rebuilds the rollup (up to minutes) that would wait, so the ledger answers instead, at once, and the
-    # report says so (QA: the read waited 30 s behind a recompute and answered 503).
-    if source == 'rollup' and await roll_up_pending(account_id=caller.account_id, wait=False) is None:
+    # The account's rows no roll-up has counted yet (an agent of one's own, say) are rolled up first, for a few
+    # seconds at most. When some are still queued (another roll-up is taking them, or a backlog outlasted those
+    # seconds), or a recompute rebuilds the rollup, the rollup would leave them out: the ledger answers instead and
+    # the report says so (QA: an under-count labelled `rollup`; a 503 after waiting behind a recompute).
+    if source == 'rollup' and not await catch_up_rollup(caller.account_id):
         source = 'ledger'
     async with get_read_only_session(account=caller.account_id) as session:
         rows = await summarise_costs(session=session, by=by, filters=filters, source=source)

@@ -65,16 +65,19 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
     """Read the rollup when it can answer the question (whole UTC days, no success filter), else the ledger.
 
     Post-turn work keeps the rollup current for chat turns; every ledger row not counted yet (an agent of one's own,
-    a roll-up a process's end dropped) is rolled up here first, each counted once however often this runs.
+    a roll-up a process's end dropped) is rolled up here first (for a few seconds: the ledger answers when rows are
+    left queued), each counted once however often this runs.
     """
     from agentrt.db.engine import close_database, init_database
     from agentrt.db.session import Unscoped, get_read_only_session
-    from agentrt.services.ledger import RollupCannotAnswer, roll_up_pending, summarise_costs
+    from agentrt.services.ledger import RollupCannotAnswer, catch_up_rollup, summarise_costs
 
     await init_database()
     try:
-        if source == 'rollup' and await roll_up_pending(wait=False) is None:
-            source = 'ledger'  # a recompute is rebuilding the rollup: the ledger answers now rather than wait for it
+        if source == 'rollup' and not await catch_up_rollup():
+            # Rows still queued (another roll-up is taking them, a backlog outlasted the read's few seconds) or a
+            # recompute rebuilding the rollup: the rollup would leave them out, so the ledger answers now.
+            source = 'ledger'
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
             rows = None
             if source == 'rollup':

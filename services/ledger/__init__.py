@@ -4,10 +4,10 @@ Write path: `ledger_capability()` (on an agent or a run) builds a `LedgerRecord`
 the process-wide `LLMRequestTracker`, which group-commits rows in side sessions (a run's rows together, with a short
 commit delay: `LedgerConfig.commit_delay_ms`), retries, spools to a file when the database is down and replays it.
 Read path: `list_requests`, `get_request`, `summarise_costs` (from the ledger or the daily rollup kept by
-`roll_up_pending`). Retention: `prune_contents` deletes stored bodies, keeping the billing rows. Secrets are
-redacted (`agentrt.services.ledger.redaction`) from every string of the messages before any body is stored or
-spooled, once per message per run (in worker threads, unless a body is small and holds no possible secret). The
-modules with a leading underscore are this wing's internals.
+`roll_up_pending`; `catch_up_rollup` before a read of it). Retention: `prune_contents` deletes stored bodies, keeping
+the billing rows. Secrets are redacted (`agentrt.services.ledger.redaction`) from every string of the messages before
+any body is stored or spooled, once per message per run (in worker threads, unless a body is small and holds no
+possible secret). The modules with a leading underscore are this wing's internals.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from agentrt.services.ledger._queries import (
 )
 from agentrt.services.ledger._retry import RetryPolicy, is_transient_db_error
 from agentrt.services.ledger._rollups import (
+    catch_up_rollup,
     recompute_usage_rollups,
     roll_up_account_usage,
     roll_up_pending,
@@ -138,6 +139,7 @@ __all__ = [
     'account_count',
     'agent_is_known',
     'agent_slugs',
+    'catch_up_rollup',
     'conversation_accounts',
     'default_spool_path',
     'dumped_message_json',

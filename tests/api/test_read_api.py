@@ -353,6 +353,28 @@ async def test_costs_from_the_rollup_during_a_recompute_answer_from_the_ledger_a
     assert body['source'] == 'rollup' and [row['requests'] for row in body['items']] == [2]
 
 
+async def test_costs_from_the_rollup_while_another_roll_up_holds_queued_rows_answer_from_the_ledger(
+    keys: Keys, client: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    """The read's roll-up skipped the queued rows another roll-up was taking, then answered from the rollup without
+    them, labelled `rollup` (QA: 375,439 requests of 3,333,001). Now the ledger answers, and the report says so."""
+    acme = await account_id('acme-health')
+    await _record(tmp_path, [_row(acme, 'acme-health', m, success=m != 3) for m in range(6)])
+    ledger = {'by': 'day', 'source': 'ledger'}
+    expected = (await client.get('/api/v1/costs', params=ledger, headers=auth(keys.acme))).json()['items']
+    assert [row['requests'] for row in expected] == [6]
+    params = {'by': 'day', 'source': 'rollup'}
+    async with get_db_session(account=Unscoped.JOBS) as other_roll_up:
+        await other_roll_up.execute(
+            sql('SELECT 1 FROM usage_pending_requests WHERE account_id = :a ORDER BY request_id LIMIT 4 FOR UPDATE'),
+            {'a': acme},
+        )
+        body = (await client.get('/api/v1/costs', params=params, headers=auth(keys.acme))).json()
+    assert body['source'] == 'ledger' and body['items'] == expected
+    body = (await client.get('/api/v1/costs', params=params, headers=auth(keys.acme))).json()
+    assert body['source'] == 'rollup' and body['items'] == expected  # released: the next read caught up
+
+
 async def test_a_conversation_is_read_in_its_latest_messages_from_the_start_of_a_turn(
     keys: Keys, client: httpx2.AsyncClient
 ) -> None:

@@ -21,6 +21,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import drain_supervisor
 from agentrt.services.ledger import (
     _rollups,
+    catch_up_rollup,
     recompute_usage_rollups,
     roll_up_account_usage,
     roll_up_pending,
@@ -219,6 +220,28 @@ async def test_a_roll_up_stopped_after_its_first_batch_keeps_it_and_the_next_fin
     assert await roll_up_pending() == 1
     assert await _queued_and_claimed() == (0, 35)
     assert await _total_requests() == 35
+    await _assert_rollup_equals_ledger()
+
+
+async def test_a_read_rolls_up_for_its_seconds_only_and_says_whether_its_scope_is_caught_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read drained the whole backlog before it answered (minutes after an upgrade): now it rolls up for a few
+    seconds, and the rollup answers only when nothing of the read's scope is left queued."""
+    monkeypatch.setattr(_rollups, 'ROLL_UP_BATCH', 10)
+    (a1, g1), _, (a2, g2), _ = await _tenants(2)
+    for _ in range(25):
+        await _ledger(a1, g1)
+    await _ledger(a2, g2)
+    assert await catch_up_rollup(a1, seconds=0) is False  # one batch, then its time is up
+    assert await _queued_and_claimed() == (16, 10)
+    assert await catch_up_rollup(a1) is True  # the other account's queued row is not in this read's scope
+    assert await _queued_and_claimed() == (1, 25)
+    async with get_db_session(account=Unscoped.JOBS) as other_roll_up:
+        await other_roll_up.execute(text('SELECT 1 FROM usage_pending_requests FOR UPDATE'))
+        assert await catch_up_rollup() is False  # a row another roll-up holds is still queued
+    assert await catch_up_rollup() is True
+    assert await _queued_and_claimed() == (0, 26)
     await _assert_rollup_equals_ledger()
 
 
