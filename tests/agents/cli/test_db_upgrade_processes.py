@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.engine import build_engine, get_engine
-from agentrt.db.migrate import head_revision, upgrade
+from agentrt.db.migrate import MIGRATION_LOCK_KEY, head_revision, upgrade
 from agentrt.db.settings import Settings
 from tests.agents.cli.helpers import ROOT, run_cli
 
@@ -56,7 +57,8 @@ async def test_a_db_upgrade_killed_mid_migration_leaves_the_old_revision_and_the
     engine = build_engine(get_engine().url.set(database=empty_database), database)
     try:
         await upgrade(engine, '0003_llm_ledger')
-        env = {**os.environ, **_env(database_url, empty_database)}
+        # A long lock wait: the backend's end below is the lost client's, not the wait's (`lock_timeout`) ending it.
+        env = {**os.environ, **_env(database_url, empty_database), 'DB_LOCK_TIMEOUT_MS': '120000'}
         async with engine.connect() as holder, holder.begin():
             # 0008 adds a column to llm_requests: the upgrade runs 0004 to 0007 in its transaction, then waits here.
             await holder.execute(text('LOCK TABLE llm_requests IN ACCESS SHARE MODE'))
@@ -84,15 +86,16 @@ async def test_a_db_upgrade_killed_mid_migration_leaves_the_old_revision_and_the
                     process.send_signal(signal.SIGKILL)  # no handler, no rollback of its own: as `kill -9` does
                 await process.communicate()
             assert process.returncode == -signal.SIGKILL
-        # The lock is released: the killed client's backend runs its ALTER, finds no client, and rolls back.
-        for _ in range(400):  # a poll until that backend has ended
-            async with engine.connect() as conn:
-                alive = (
-                    await conn.execute(text('SELECT count(*) FROM pg_stat_activity WHERE pid = :pid'), {'pid': backend})
-                ).scalar_one()
-            if not alive:
-                break
-            await asyncio.sleep(0.05)
+            # Still holding the lock it waits for: the killed client's backend notices its client is gone
+            # (`client_connection_check_interval`, 1 s) and rolls back. It waited for the lock, holding the migration
+            # lock and the ones its migrations took, until a statement of its own ended (QA: 22 s of a backfill).
+            killed_at = time.monotonic()
+            for _ in range(200):  # a poll, 10 s at most
+                if not await _alive(engine, backend):
+                    break
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - killed_at < 4, "the killed migrator's backend outlived its client"
+            assert not await _migration_locked(engine)
         assert await _versions(engine) == ['0003_llm_ledger']
         async with engine.connect() as conn:
             made = (await conn.execute(text("SELECT to_regclass('usage_daily_rollups') IS NOT NULL"))).scalar_one()
@@ -112,6 +115,21 @@ async def test_a_db_upgrade_killed_mid_migration_leaves_the_old_revision_and_the
         assert await _versions(engine) == [head_revision()]
     finally:
         await engine.dispose()
+
+
+async def _alive(engine: AsyncEngine, backend: int) -> bool:
+    async with engine.connect() as conn:
+        query = text('SELECT count(*) FROM pg_stat_activity WHERE pid = :pid')
+        return bool((await conn.execute(query, {'pid': backend})).scalar_one())
+
+
+async def _migration_locked(engine: AsyncEngine) -> bool:
+    """Whether a session holds the migration lock (`migrate.MIGRATION_LOCK_KEY`) on the engine's database."""
+    async with engine.connect() as conn:
+        # A lock taken at once, then given back at the transaction's end.
+        return not (
+            await conn.execute(text('SELECT pg_try_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+        ).scalar_one()
 
 
 async def _waiting_on(engine: AsyncEngine, table: str, process: asyncio.subprocess.Process) -> int | None:
