@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from alembic import command
@@ -236,6 +238,57 @@ def _cause(exc: BaseException) -> str:
     text = ' '.join(str(error).split())[:500] or type(error).__name__
     code = f' (SQLSTATE {server_error.sqlstate})' if server_error is not None else ''  # type: ignore[attr-defined]
     return f'{type(error).__name__}: {text}{code}'
+
+
+@dataclass(frozen=True)
+class MigrationLockHolder:
+    """The PostgreSQL session holding the migration lock: an upgrade running now (`agentrt db upgrade`, or a process's
+    `init_database()` migrating).
+
+    Attributes:
+        pid: its PostgreSQL backend (pg_locks knows no client's pid): `ps` shows a postgres process under it, not the
+            agentrt one (QA).
+        application: its `application_name` ('' when it has none).
+        since: when its transaction, the upgrade's, began (None: pg_stat_activity hides it from this role).
+        seconds: how long ago that was.
+    """
+
+    pid: int
+    application: str
+    since: datetime | None
+    seconds: float | None
+
+    def __str__(self) -> str:
+        """`its PostgreSQL session: pid N (agentrt), since 2026-12-07 12:00:01 UTC (14 s ago)`."""
+        said = f'its PostgreSQL session: {session_label(self.pid, self.application)}'
+        if self.since is not None and self.seconds is not None:
+            said += f', since {self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({self.seconds:.0f} s ago)'
+        return said
+
+
+# The session holding the migration lock (a bigint advisory key: its high half is `classid`, its low half `objid`).
+_MIGRATION_LOCK_HOLDER = text(
+    "SELECT l.pid, coalesce(a.application_name, '') AS application, a.xact_start AS since,"
+    ' extract(epoch FROM clock_timestamp() - a.xact_start) AS seconds'
+    ' FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid'
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = :objid AND l.objsubid = 1"
+    ' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())'
+)
+
+
+def migration_lock_holder(connection: Connection) -> MigrationLockHolder | None:
+    """The session holding the migration lock on `connection`'s database (an upgrade running now), or None."""
+    row = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
+    if row is None:
+        return None
+    seconds = None if row.seconds is None else float(row.seconds)
+    return MigrationLockHolder(pid=row.pid, application=row.application, since=row.since, seconds=seconds)
+
+
+async def running_upgrade(engine: AsyncEngine) -> MigrationLockHolder | None:
+    """The session of an upgrade running now on `engine`'s database (`agentrt db status` says so), or None."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(migration_lock_holder)
 
 
 REVISION_AT_LOCK = 'agentrt_revision_at_lock'

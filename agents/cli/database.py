@@ -36,7 +36,7 @@ async def _status() -> None:
         timeouts_in_force,
     )
     from agentrt.db.errors import ConfigError
-    from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision
+    from agentrt.db.migrate import ahead_of_this_version, current_revision, head_revision, running_upgrade
     from agentrt.db.session import Unscoped, get_db_session
     from agentrt.db.settings import get_settings
     from agentrt.db.status import job_queue_state, roles_exist, server_version, session_timeouts, table_counts
@@ -69,6 +69,8 @@ async def _status() -> None:
             # the error's advice, to grant it the roles it has, would mislead: say what was refused instead.
             queue = f'not readable by the login role ({_denied(str(exc))}): its tables belong to the role that migrated'
         session_defaults = await session_timeouts(get_engine())
+        # After the revision: an upgrade found running had not committed when the revision was read.
+        upgrading = await running_upgrade(get_engine())
     finally:
         await close_database()
     kind = f'embedded (data in {info["data_dir"]})' if info['embedded'] else 'external (DATABASE_URL)'
@@ -81,6 +83,12 @@ async def _status() -> None:
     behind = '' if revision == head else f' (behind: head is {head}; run `agentrt db upgrade`)'
     if ahead_of_this_version(revision):  # `db upgrade` cannot help: it does not know the revision
         behind = f' (ahead: this version of agentrt knows up to {head}; a newer agentrt migrated it)'
+    if upgrading is not None:
+        # It said "behind ... run `agentrt db upgrade`" while one ran, and a second one only waits for the first (QA).
+        behind = (
+            f' (an upgrade is running now, {upgrading}: the schema is at this revision until it commits; wait for it '
+            'rather than starting another `agentrt db upgrade`, which would only wait for it)'
+        )
     table.add_row('migration', f'{revision or "none"}{behind}')
     table.add_row(
         'pool',

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK, session_label
+from agentrt.db.migrate import MIGRATION_LOCK_KEY, REVISION_AT_LOCK, migration_lock_holder
 from agentrt.db.models import Base
 from agentrt.db.transaction_setup import waiting_without_end
 
@@ -67,22 +67,11 @@ def _take_migration_lock(connection: Connection) -> None:
     key = {'key': MIGRATION_LOCK_KEY}
     if connection.execute(text('SELECT pg_try_advisory_xact_lock(:key)'), key).scalar_one():
         return
-    holder = connection.execute(_MIGRATION_LOCK_HOLDER, {'objid': MIGRATION_LOCK_KEY & 0xFFFFFFFF}).first()
-    # The pid is the holder's PostgreSQL backend (pg_locks knows no client's pid): said as such, since `ps` shows a
-    # postgres process under it, not the agentrt one (QA).
-    who = f' (its PostgreSQL session: {session_label(holder.pid, holder.application)})' if holder else ''
+    holder = migration_lock_holder(connection)
+    who = f' ({holder})' if holder else ''
     logger.warning('another process is migrating this database%s: waiting for it to finish', who)
     with waiting_without_end(connection):  # the client's wait too: its statement timeout is lifted for this one
         connection.execute(text('SELECT pg_advisory_xact_lock(:key)'), key)
-
-
-# The session holding the migration lock (a bigint advisory key: its high half is `classid`, its low half `objid`).
-_MIGRATION_LOCK_HOLDER = text(
-    "SELECT l.pid, coalesce(a.application_name, '') AS application FROM pg_locks AS l"
-    ' LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid'
-    " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = :objid AND l.objsubid = 1"
-    ' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())'
-)
 
 
 async def _run_async(engine: AsyncEngine) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -246,10 +247,12 @@ async def test_a_process_waiting_for_another_ones_migration_says_so(
                     await asyncio.sleep(0.05)
                 assert not migrating.done()
         assert await migrating is True
-        assert [record.getMessage() for record in caplog.records] == [
-            f'another process is migrating this database (its PostgreSQL session: pid {pid} (agentrt)): waiting for it'
-            ' to finish'
-        ]
+        [said] = [record.getMessage() for record in caplog.records]
+        assert re.fullmatch(
+            rf'another process is migrating this database \(its PostgreSQL session: pid {pid} \(agentrt\), since '
+            r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+ s ago\)\): waiting for it to finish',
+            said,
+        ), said
     finally:
         await engine.dispose()
         await holder.dispose()

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from agentrt.db.migrate import MIGRATION_LOCK_KEY
 from agentrt.db.roles import FUNCTION_ROLES
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.status import TableRows, table_counts
@@ -191,6 +192,40 @@ async def test_commands_on_a_schema_left_behind_say_to_upgrade_it(database_url: 
             )
         assert status.exit_code == 0 and 'behind' in status.stdout, status.stderr
         assert 'job queue  missing (not migrated: `agentrt db upgrade`)' in _squeezed(status.stdout), status.stdout
+
+
+async def test_status_during_an_upgrade_says_one_is_running_not_to_run_one(database_url: str) -> None:
+    """`db status` while an upgrade ran said the schema was behind and to run `agentrt db upgrade`: a second one,
+    which only waits for the first (QA)."""
+    import asyncpg
+
+    async with scratch_database(database_url, 'upgrading') as upgrading:
+        env = {'DATABASE_URL': upgrading}
+        assert (await invoke('db', 'upgrade', '0005_ledger_recorded_at_index', env=env)).exit_code == 0
+        # The lock as a running upgrade holds it (migrations/env.py): transaction-level, until its COMMIT.
+        migrator = await asyncpg.connect(make_url(upgrading).set(drivername='postgresql').render_as_string(False))
+        try:
+            async with migrator.transaction():
+                pid = await migrator.fetchval('SELECT pg_backend_pid()')
+                await migrator.execute('SELECT pg_advisory_xact_lock($1)', MIGRATION_LOCK_KEY)
+                during = await invoke('db', 'status', env=env)
+        finally:
+            await migrator.close()
+        after = await invoke('db', 'status', env=env)
+    assert during.exit_code == 0, during.stderr
+    migration = _row(during.stdout, 'migration')
+    assert re.fullmatch(
+        rf'0005_ledger_recorded_at_index \(an upgrade is running now, its PostgreSQL session: pid {pid}, since '
+        r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+ s ago\): the schema is at this revision until it commits; wait '
+        r'for it rather than starting another `agentrt db upgrade`, which would only wait for it\)',
+        migration,
+    ), migration
+    assert 'behind' in _row(after.stdout, 'migration')  # once it has ended, as before
+
+
+def _row(table: str, name: str) -> str:
+    """The value of the row `name` of `db status`'s table."""
+    return next(line.split('  ', 1)[1] for line in _squeezed(table).splitlines() if line.startswith(f'{name}  '))
 
 
 async def test_a_schema_ahead_of_this_version_is_said_so_and_commands_run_on_it(database_url: str) -> None:
