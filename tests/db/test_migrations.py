@@ -273,6 +273,10 @@ async def test_0019_queues_the_rows_never_rolled_up_and_every_new_one(database: 
         await _migrate_to(engine, 'head')
         async with engine.begin() as conn:
             assert set((await conn.execute(pending)).scalars()) == {old.id, recent.id}
+            # Queued without a foreign-key check each: its lock on each ledger row (a row's `xmax`) and its lookup
+            # made the backfill, which runs with the ledger write-locked, about 4 times longer (README "Sizing").
+            locked = text('SELECT count(*) FROM llm_requests WHERE xmax <> 0 AND id IN (:old, :recent)')
+            assert (await conn.execute(locked, {'old': old.id, 'recent': recent.id})).scalar_one() == 0
             new = ledger_record(account_id=2)
             await conn.execute(insert(LLMRequestRow), [new.to_row()])
             assert set((await conn.execute(pending)).scalars()) == {old.id, recent.id, new.id}

@@ -45,20 +45,16 @@ REFERENCING NEW TABLE AS new_requests FOR EACH STATEMENT EXECUTE FUNCTION agentr
 
 
 def upgrade() -> None:
+    # The queue's key, index and foreign key are made after its backfill, which runs with the ledger write-locked
+    # (the trigger's lock, until the commit: no ledger row is written or deleted meanwhile, none is missed). Made
+    # before, each backfilled row cost a key check and a foreign-key check locking its ledger row: 1M rows, 875k not
+    # counted, 8.6-10.8 s; made after (one index build each, the foreign key checked by one join), 2.2-2.7 s.
     op.create_table(
         'usage_pending_requests',
         sa.Column('request_id', sa.Uuid(), nullable=False),
         sa.Column('account_id', sa.BigInteger(), nullable=True),
         sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ['request_id'],
-            ['llm_requests.id'],
-            name='fk_usage_pending_requests_request_id_llm_requests',
-            ondelete='CASCADE',
-        ),
-        sa.PrimaryKeyConstraint('request_id', name='pk_usage_pending_requests'),
     )
-    op.create_index('ix_usage_pending_requests_account_id', 'usage_pending_requests', ['account_id'])
     # The function's tables as the migration sees them, whatever search path the writing session has.
     op.execute(_QUEUE_FUNCTION)
     op.execute('ALTER FUNCTION agentrt_queue_usage_rollup() SET search_path FROM CURRENT')
@@ -68,6 +64,16 @@ def upgrade() -> None:
         SELECT r.id, r.account_id, r.recorded_at FROM llm_requests AS r
         WHERE NOT EXISTS (SELECT 1 FROM usage_rolled_up_requests AS u WHERE u.request_id = r.id)
     """)
+    op.create_primary_key('pk_usage_pending_requests', 'usage_pending_requests', ['request_id'])
+    op.create_index('ix_usage_pending_requests_account_id', 'usage_pending_requests', ['account_id'])
+    op.create_foreign_key(
+        'fk_usage_pending_requests_request_id_llm_requests',
+        'usage_pending_requests',
+        'llm_requests',
+        ['request_id'],
+        ['id'],
+        ondelete='CASCADE',
+    )
     # Whoever inserts ledger rows queues them (the trigger runs as that role); the roll-ups (jobs) take them; the
     # request role reads its own account's (a `source=rollup` read checks there is nothing left to count).
     op.execute('GRANT INSERT ON usage_pending_requests TO agentrt_ledger')
