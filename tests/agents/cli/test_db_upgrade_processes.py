@@ -90,11 +90,11 @@ async def test_a_db_upgrade_killed_mid_migration_leaves_the_old_revision_and_the
             # (`client_connection_check_interval`, 1 s) and rolls back. It waited for the lock, holding the migration
             # lock and the ones its migrations took, until a statement of its own ended (QA: 22 s of a backfill).
             killed_at = time.monotonic()
-            for _ in range(200):  # a poll, 10 s at most
+            for _ in range(400):  # a poll, 20 s at most
                 if not await _alive(engine, backend):
                     break
                 await asyncio.sleep(0.05)
-            assert time.monotonic() - killed_at < 4, "the killed migrator's backend outlived its client"
+            assert time.monotonic() - killed_at < 10, "the killed migrator's backend outlived its client"
             assert not await _migration_locked(engine)
         assert await _versions(engine) == ['0003_llm_ledger']
         async with engine.connect() as conn:
