@@ -33,9 +33,12 @@ SELECT DISTINCT holder_pid, holder_started FROM budget_reservations WHERE holder
 
 _SWEEP = text("""
 WITH quick AS (
-    -- One sweep at a time (another process's sweep does the same work); not waiting for the disk: a sweep lost to a
-    -- database crash is simply done again.
-    SELECT set_config('synchronous_commit', 'off', true), pg_try_advisory_xact_lock(:lock) AS mine
+    -- One sweep at a time (another process's sweep does the same work): skipped when one runs, or waited for (a
+    -- request refused with holds on its window); not waiting for the disk: a sweep lost to a database crash is simply
+    -- done again.
+    SELECT set_config('synchronous_commit', 'off', true),
+           CASE WHEN CAST(:wait AS boolean) THEN (SELECT true FROM pg_advisory_xact_lock(:lock))
+                ELSE pg_try_advisory_xact_lock(:lock) END AS mine
 ), gone AS (
     DELETE FROM budget_reservations
     WHERE (SELECT mine FROM quick) AND (
@@ -92,13 +95,16 @@ class SweepReport:
     """Holds of this process released by id: it could not give them back itself (`_orphans.py`)."""
 
 
-async def sweep_reservations() -> SweepReport:
+async def sweep_reservations(*, wait: bool = False) -> SweepReport:
     """Release the reservations of dead processes on this host and every expired reservation, and fold pending
     settlements into their windows, in one statement.
 
-    Safe to run at any time, from any number of processes (one sweeps at a time; the others find the lock taken and
-    do nothing): a reservation is deleted (and its amount given back) once, and one a live request holds is never
-    touched before it expires.
+    Safe to run at any time, from any number of processes (one sweeps at a time): a reservation is deleted (and its
+    amount given back) once, and one a live request holds is never touched before it expires.
+
+    Args:
+        wait: when another sweep runs, wait for it to commit (up to the session's lock timeout) and sweep after it,
+            rather than do nothing: a refused request asks again only once what that sweep gave back is visible.
     """
     global _last_sweep
     _last_sweep = time.monotonic()  # any sweep of this process's is its sweep for `sweep_soon`'s interval
@@ -113,6 +119,7 @@ async def sweep_reservations() -> SweepReport:
             'starts': [started for _, started in dead],
             'lock': _SWEEP_LOCK,
             'orphans': orphans,
+            'wait': wait,
         }
         row = (await connection.execute(_SWEEP, params)).one()
     if row.mine:

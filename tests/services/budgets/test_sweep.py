@@ -156,3 +156,22 @@ async def test_a_sweep_before_a_refusal_is_the_processs_sweep_for_its_interval(t
     )
     assert get_supervisor().stats().spawned == spawned
     assert await reservations(alpha) == []
+
+
+async def test_requests_refused_together_for_a_dead_processs_holds_are_all_admitted(
+    two_accounts: tuple[int, int],
+) -> None:
+    # Requests refused at the same moment each swept; the first gave the dead holds back and the others, finding the
+    # sweep under way or nothing left, kept refusals naming holds already gone (QA: 16 of 20 concurrent chats after a
+    # `kill -9` of a server mid-turn).
+    alpha, _ = two_accounts
+    await give_budget('alpha', '0.10')
+    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')  # a dead holder fills the window
+    _sweep._last_sweep = time.monotonic()  # this process swept just now: the background sweep waits its interval
+    agent = Agent(PricedModel(), capabilities=[ledger_capability()])
+    results = await asyncio.gather(
+        *(agent.run('How many cardiologists?', deps=chat_deps(f'together-{n}', alpha)) for n in range(10)),
+        return_exceptions=True,
+    )
+    assert [type(result).__name__ for result in results if isinstance(result, BaseException)] == []
+    assert await reservations(alpha) == []
