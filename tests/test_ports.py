@@ -10,8 +10,8 @@ import pytest
 from tests import ports
 
 
-def test_each_worker_takes_ports_of_its_own_below_the_ephemeral_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    ephemeral_low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+def test_each_worker_takes_ports_of_its_own_outside_the_ephemeral_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    low, high = (int(bound) for bound in Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[:2])
     monkeypatch.setenv('PYTEST_XDIST_WORKER_COUNT', '3')
     slices = []
     for worker in range(3):
@@ -19,10 +19,12 @@ def test_each_worker_takes_ports_of_its_own_below_the_ephemeral_ports(monkeypatc
         slices.append(set(ports._slice()))
     assert all(slices), slices
     assert not (slices[0] & slices[1]) and not (slices[1] & slices[2]) and not (slices[0] & slices[2])
-    assert max(max(ports) for ports in slices) < ephemeral_low
+    assert not any(low <= port <= high for ports in slices for port in ports)
 
 
 def test_a_port_is_this_workers_and_free_and_a_port_in_use_is_skipped() -> None:
+    if not ports._PORTS:
+        pytest.skip('no room beside the ephemeral ports on this host: the kernel picks ports')
     first = ports.free_port()
     assert first in ports._PORTS
     with socket.socket() as listener:

@@ -169,18 +169,17 @@ def test_a_busy_refusal_is_one_warning_line_without_a_traceback(
 
 async def _refused_connection() -> DatabaseUnavailableError:
     """The runtime's error for a connection PostgreSQL (or PgBouncer) refused, as its sessions raise it."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]  # nothing listens on it once closed
-    try:
+    with socket.socket() as refusing:
+        refusing.bind(('127.0.0.1', 0))  # bound, not listening: connections are refused, and no one else takes it
         try:
-            await asyncpg.connect(host='127.0.0.1', port=port, user='x', timeout=5)
-        except OSError as exc:
-            error = unavailable_error(exc)
-            assert error is not None
-            raise error from exc  # as `get_db_session()` raises it (db/session.py)
-    except DatabaseUnavailableError as raised:
-        return raised
+            try:
+                await asyncpg.connect(host='127.0.0.1', port=refusing.getsockname()[1], user='x', timeout=5)
+            except OSError as exc:
+                error = unavailable_error(exc)
+                assert error is not None
+                raise error from exc  # as `get_db_session()` raises it (db/session.py)
+        except DatabaseUnavailableError as raised:
+            return raised
     raise AssertionError('connected to a closed port')
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agentrt.agents.cli.support import console
-from agentrt.services.ledger import LedgerRecord, LLMRequestTracker
+from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, new_request_id
 from tests.factories import fast_config, ledger_record
 
 STARTED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -17,6 +18,9 @@ STARTED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 def cli_record(account: str, model: str, cost: str | None, *, success: bool = True, minute: int = 0) -> LedgerRecord:
     return ledger_record(
+        # Ids a millisecond apart per minute: made in one millisecond, three ids shared their first 16 hex digits (what
+        # `audit list` shows, `audit show` takes) one run in ~2,000, and the short-id test failed (QA).
+        id=uuid.UUID(int=new_request_id().int + (minute << 80)),
         success=success,
         started_at=STARTED + timedelta(minutes=minute),
         cost=cost,
