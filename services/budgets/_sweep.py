@@ -33,12 +33,9 @@ SELECT DISTINCT holder_pid, holder_started FROM budget_reservations WHERE holder
 
 _SWEEP = text("""
 WITH quick AS (
-    -- One sweep at a time (another process's sweep does the same work): skipped when one runs, or waited for (a
-    -- request refused with holds on its window); not waiting for the disk: a sweep lost to a database crash is simply
-    -- done again.
-    SELECT set_config('synchronous_commit', 'off', true),
-           CASE WHEN CAST(:wait AS boolean) THEN (SELECT true FROM pg_advisory_xact_lock(:lock))
-                ELSE pg_try_advisory_xact_lock(:lock) END AS mine
+    -- One sweep at a time (another process's sweep does the same work); not waiting for the disk: a sweep lost to a
+    -- database crash is simply done again.
+    SELECT set_config('synchronous_commit', 'off', true), pg_try_advisory_xact_lock(:lock) AS mine
 ), gone AS (
     DELETE FROM budget_reservations
     WHERE (SELECT mine FROM quick) AND (
@@ -75,6 +72,8 @@ FROM gone
 """)
 # The advisory lock that makes sweeps exclusive (any constant; this one spells "budgets").
 _SWEEP_LOCK = 0x62756467657473
+# Until the sweep under way commits: shared, so the sweeps' waiters do not queue behind each other.
+_AFTER_THE_SWEEP = text('SELECT pg_advisory_xact_lock_shared(:lock)')
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,9 @@ async def sweep_reservations(*, wait: bool = False) -> SweepReport:
     amount given back) once, and one a live request holds is never touched before it expires.
 
     Args:
-        wait: when another sweep runs, wait for it to commit (up to the session's lock timeout) and sweep after it,
-            rather than do nothing: a refused request asks again only once what that sweep gave back is visible.
+        wait: when another sweep is under way, wait for it to commit (up to the session's lock timeout) instead of
+            returning at once: a refused request asks again once what that sweep gave back is visible. It does not
+            sweep again (the other one did the work).
     """
     global _last_sweep
     _last_sweep = time.monotonic()  # any sweep of this process's is its sweep for `sweep_soon`'s interval
@@ -119,9 +119,10 @@ async def sweep_reservations(*, wait: bool = False) -> SweepReport:
             'starts': [started for _, started in dead],
             'lock': _SWEEP_LOCK,
             'orphans': orphans,
-            'wait': wait,
         }
         row = (await connection.execute(_SWEEP, params)).one()
+        if wait and not row.mine:
+            await connection.execute(_AFTER_THE_SWEEP, {'lock': _SWEEP_LOCK})
     if row.mine:
         released(orphans)  # committed: gone now, or never committed in the first place
     amount = format(row.amount, 'f')  # never `1E-9`

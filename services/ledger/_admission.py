@@ -131,11 +131,12 @@ async def admit(
 
 
 async def _swept() -> bool:
-    """Sweep now (dead processes' and expired holds), after any sweep under way: whether it ran.
+    """Sweep now (dead processes' and expired holds), or wait for the sweep under way: whether either ended well.
 
-    Not whether this sweep gave anything back: requests refused together each sweep, one after another, and only the
-    first finds the dead holds; the others' refusals named the same holds, gone by then (QA: 16 of 20 concurrent
-    chats after a `kill -9` refused). Each asks again after a sweep that ran."""
+    Not whether this sweep gave anything back: of requests refused together, one sweeps and finds the dead holds; the
+    others kept refusals naming the same holds, gone by then (QA: 16 of 20 concurrent chats after a `kill -9`
+    refused). Each asks again once a sweep has committed; they wait for it side by side, holding no lock of the
+    sweep's own, so a flood of refusals does not line up behind one sweep after another."""
     try:
         await sweep_reservations(wait=True)
     except Exception as exc:  # the refusal stands as it was; the background sweep tries again

@@ -12,8 +12,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from pydantic_ai import Agent
+from sqlalchemy import text
 
 from agentrt.db.processes import this_host
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.background import get_supervisor
 from agentrt.services.budgets import Hold, Holder, _sweep, reserve, sweep_reservations, this_process
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability, new_request_id, utc_now
@@ -174,4 +176,25 @@ async def test_requests_refused_together_for_a_dead_processs_holds_are_all_admit
         return_exceptions=True,
     )
     assert [type(result).__name__ for result in results if isinstance(result, BaseException)] == []
+    assert await reservations(alpha) == []
+
+
+async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_again(
+    two_accounts: tuple[int, int],
+) -> None:
+    # The request's own sweep found another under way (its lock taken) and gave nothing back; asked again at once,
+    # before that sweep committed, it was refused for holds on their way out (QA, requests from several processes).
+    alpha, _ = two_accounts
+    await give_budget('alpha', '0.10')
+    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')  # a dead holder fills the window
+    _sweep._last_sweep = time.monotonic()  # this process swept just now: the background sweep waits its interval
+    agent = Agent(PricedModel(), capabilities=[ledger_capability()])
+    async with get_db_session(account=Unscoped.ADMIN) as sweeping:  # another process's sweep, not committed yet
+        await sweeping.execute(text('SELECT pg_advisory_xact_lock(:lock)'), {'lock': _sweep._SWEEP_LOCK})
+        run = asyncio.create_task(agent.run('How many cardiologists?', deps=chat_deps('waits', alpha)))
+        await asyncio.sleep(0.5)
+        assert not run.done()  # refused once, and waiting for that sweep: not refused again before it commits
+        await sweeping.execute(text('DELETE FROM budget_reservations WHERE account_id = :a'), {'a': alpha})
+        await sweeping.execute(text('UPDATE budget_periods SET reserved_usd = 0 WHERE account_id = :a'), {'a': alpha})
+    assert (await run).output
     assert await reservations(alpha) == []
