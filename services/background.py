@@ -96,7 +96,9 @@ class TaskSupervisor:
         self._spawned = self._running = self._queued = 0
         self._completed = self._failed = self._cancelled = self._rejected = 0
         self._last_run: dict[Hashable, float] = {}
-        self._deferred: dict[Hashable, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        # A throttled key's run to come: at the end of its interval (a timer), or when its run under way ends (None).
+        self._deferred: dict[Hashable, tuple[asyncio.TimerHandle | None, Callable[[bool], None]]] = {}
+        self._keyed: dict[Hashable, asyncio.Task[Any]] = {}  # each throttled key's last run
 
     @property
     def accepting(self) -> bool:
@@ -187,11 +189,15 @@ class TaskSupervisor:
         attributes: TaskAttributes | None = None,
         **kwargs: Any,
     ) -> asyncio.Task[Any] | None:
-        """`spawn`, at most once per `interval` seconds per `key`, for idempotent work that catches up by itself.
+        """`spawn`, at most once per `interval` seconds per `key` and one run of a key at a time, for idempotent work
+        that catches up by itself.
 
-        The first call runs at once; calls within `interval` of that run leave one run pending for the end of the
-        interval (however many calls came), so the work of the last call is never dropped. A pending run starts at
-        once when the supervisor shuts down; `join` does not wait for one that has not started.
+        The first call runs at once; calls within `interval` of that run, or while it is still running, leave one run
+        pending for the end of the interval, or of the run, whichever comes later (however many calls came), so the
+        work of the last call is never dropped. (A run outlasting its interval, a roll-up draining a backlog of
+        millions, was started again by each later call: QA, four roll-ups of one account at once for minutes, filling
+        the supervisor's slots.) A pending run starts at once when the supervisor shuts down; `join` does not wait
+        for one that has not started.
 
         Returns:
             The task when the work started now, else None.
@@ -205,26 +211,39 @@ class TaskSupervisor:
         if key in self._deferred:
             return None
         due = self._last_run.get(key, float('-inf')) + interval
-        if loop.time() >= due:
+        if loop.time() >= due and not self._busy(key):
             task = self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
             self._last_run[key] = loop.time()
+            self._keyed[key] = task
             return task
         if not self._accepting:
             # Raises SupervisorClosed, logged and counted.
             self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
 
-        def run_deferred() -> None:
-            self._deferred.pop(key, None)
+        def run_deferred(now: bool) -> None:
+            """The pending run: `now` at shutdown, else when both the interval and the run under way have ended."""
+            if self._deferred.get(key, (None, None))[1] is not run_deferred:
+                return  # started already (at shutdown)
+            self._deferred.pop(key)
             if not self._accepting:
+                return
+            if self._busy(key) and not now:  # the run under way outlasted the interval: this one starts when it ends
+                self._deferred[key] = (None, run_deferred)
+                self._keyed[key].add_done_callback(lambda _: run_deferred(False))
                 return
             self._last_run[key] = loop.time()
             try:
-                self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
+                self._keyed[key] = self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
             except BackgroundQueueFull:
                 pass  # logged and counted by `spawn`; the next call's run covers it
 
-        self._deferred[key] = (loop.call_at(due, run_deferred), run_deferred)
+        self._deferred[key] = (loop.call_at(due, run_deferred, False), run_deferred)
         return None
+
+    def _busy(self, key: Hashable) -> bool:
+        """Whether the last run of a throttled `key` is still queued or running."""
+        task = self._keyed.get(key)
+        return task is not None and not task.done()
 
     async def join(self) -> None:
         """Wait until no task is queued or running, tasks spawned meanwhile included, without shutting down.
@@ -243,8 +262,9 @@ class TaskSupervisor:
         """
         started = time.monotonic()
         for handle, run_deferred in list(self._deferred.values()):  # throttled work waiting: start it now
-            handle.cancel()
-            run_deferred()
+            if handle is not None:
+                handle.cancel()
+            run_deferred(True)
         self._accepting = False
         pending = set(self._tasks)
         if pending:

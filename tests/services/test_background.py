@@ -440,3 +440,28 @@ async def test_a_task_cancelled_while_its_loop_runs_on_is_still_a_warning(caplog
     ]
     assert len(warnings) == 1 and 'cancelled after' in warnings[0]
     await supervisor.shutdown(1)
+
+
+async def test_a_throttled_run_outlasting_its_interval_is_not_started_again_beside_itself() -> None:
+    # A run longer than its interval (a roll-up draining a backlog of millions) was started again by each later call:
+    # four roll-ups of one account at once for minutes, filling the supervisor's slots (QA).
+    supervisor = TaskSupervisor()
+    release = asyncio.Event()
+    running = most = runs = 0
+
+    async def work() -> None:
+        nonlocal running, most, runs
+        running, runs = running + 1, runs + 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+
+    assert supervisor.spawn_throttled('key', 0, work) is not None
+    for _ in range(5):  # past the interval (0 s), the first still running: one run left for its end
+        await asyncio.sleep(0.02)
+        assert supervisor.spawn_throttled('key', 0, work) is None
+    assert (runs, most) == (1, 1)
+    release.set()
+    await supervisor.join()
+    assert (runs, most) == (2, 1)  # the pending run started when the first ended, and covered the calls meanwhile
+    await supervisor.shutdown()
