@@ -72,7 +72,7 @@ class UsagePendingRequest(Base):
     """
 
     __tablename__ = 'usage_pending_requests'
-    __table_args__ = (Index('ix_usage_pending_requests_account_id', 'account_id'),)
+    __table_args__ = (Index('ix_usage_pending_requests_account_id_request_id', 'account_id', 'request_id'),)
 
     request_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey('llm_requests.id', ondelete='CASCADE'), primary_key=True

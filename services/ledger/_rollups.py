@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, text
 
+from agentrt.db.failures import causes, sqlstate_of
 from agentrt.db.session import Unscoped, get_read_only_session, get_side_session
 
 logger = logging.getLogger('agentrt.usage')
@@ -113,8 +114,12 @@ LEFT JOIN buckets AS b ON true
 """
 # Below every id: the first batch's cursor.
 _FIRST_ID = uuid.UUID(int=0)
-# Anything queued, in the scope of a read: one probe of `ix_usage_pending_requests_account_id` for an account.
+# Anything queued, in the scope of a read: one probe of `ix_usage_pending_requests_account_id_request_id` for an
+# account.
 _QUEUED = 'SELECT EXISTS (SELECT 1 FROM usage_pending_requests AS q WHERE true {where})'
+_STATEMENT_TIMEOUT = text("SELECT set_config('statement_timeout', :ms, true)")
+# The least a read's statement is given, however little of its seconds is left.
+_LEAST_MS = 200
 
 _RECOMPUTE_DELETE = text('DELETE FROM usage_daily_rollups WHERE day >= :first_day AND day <= :last_day')
 # One statement, so the rows claimed and the rows summed come from one snapshot: a ledger row committed
@@ -156,20 +161,30 @@ async def catch_up_rollup(account_id: int | None = None, *, seconds: float | Non
 
     Args:
         account_id: the read's account; every account's rows (and those of none) when None.
-        seconds: how long to roll up, `READ_ROLL_UP_SECONDS` when None (checked after each batch).
+        seconds: how long to roll up, `READ_ROLL_UP_SECONDS` when None (each statement cancelled past it).
 
     Returns:
         True when nothing of the scope is queued any more: the rollup answers as the ledger would. False when rows
         are still queued (held by another roll-up, or the time ran out) or a recompute is rebuilding the rollup.
     """
     budget = READ_ROLL_UP_SECONDS if seconds is None else seconds
-    if await roll_up_pending(account_id=account_id, wait=False, seconds=budget) is None:
-        return False
-    where, params = ('', {}) if account_id is None else ('AND q.account_id = :account_id', {'account_id': account_id})
-    # Rows another roll-up has taken but not committed are still seen here, so they count as queued; the request
-    # role may read its own account's queue (migration 0019).
-    async with get_read_only_session(account=Unscoped.JOBS if account_id is None else account_id) as session:
-        queued = (await session.execute(text(_QUEUED.format(where=where)), params)).scalar_one()
+    started = clock.monotonic()
+    try:
+        if await roll_up_pending(account_id=account_id, wait=False, seconds=budget) is None:
+            return False
+        where, params = (
+            ('', {}) if account_id is None else ('AND q.account_id = :account_id', {'account_id': account_id})
+        )
+        # Rows another roll-up has taken but not committed are still seen here, so they count as queued; the request
+        # role may read its own account's queue (migration 0019). Bounded too: a queue just drained of millions of
+        # rows leaves dead entries to walk past until vacuum.
+        async with get_read_only_session(account=Unscoped.JOBS if account_id is None else account_id) as session:
+            await session.execute(_STATEMENT_TIMEOUT, {'ms': str(_left_ms(started, budget))})
+            queued = (await session.execute(text(_QUEUED.format(where=where)), params)).scalar_one()
+    except Exception as exc:
+        if not any(sqlstate_of(error) == '57014' for error in causes(exc)):
+            raise
+        return False  # a batch or the check outran the read's seconds: the ledger answers
     return not queued
 
 
@@ -194,8 +209,9 @@ async def roll_up_pending(
             None: a read about to show the rollup answers from the ledger rather than wait (`catch_up_rollup`; QA: a
             `source=rollup` read waited 30 s behind a recompute and answered 503). Asked before each batch: batches
             committed before a recompute began stay counted.
-        seconds: stop after the batch that ends this many seconds after the start, rows left queued (a read's
-            budget, `catch_up_rollup`); None: take the whole queue (the background roll-ups).
+        seconds: stop after the batch that ends this many seconds after the start, rows left queued, each batch's
+            statement cancelled when it would run past them (a read's budget, `catch_up_rollup`: QA, a single batch
+            walking a drained queue took 11 s); None: take the whole queue (the background roll-ups).
 
     Returns:
         How many buckets were created or updated (each once, however many batches touched it); None when `wait` is
@@ -208,9 +224,13 @@ async def roll_up_pending(
         where, params['account_id'] = f'{where} AND q.account_id = :account_id', account_id
     statement = text(_ROLL_UP.format(where=where))
     touched = set[tuple[Any, ...]]()
-    after, deadline = _FIRST_ID, None if seconds is None else clock.monotonic() + seconds
+    after, started = _FIRST_ID, clock.monotonic()
+    deadline = None if seconds is None else started + seconds
     while True:
-        batch = await _roll_up_batch(statement, {**params, 'after': after, 'batch': ROLL_UP_BATCH}, wait=wait)
+        timeout_ms = _STATEMENT_TIMEOUT_MS if seconds is None else _left_ms(started, seconds)
+        batch = await _roll_up_batch(
+            statement, {**params, 'after': after, 'batch': ROLL_UP_BATCH}, wait=wait, timeout_ms=timeout_ms
+        )
         if batch is None:
             return None
         taken, last_id, buckets = batch
@@ -220,8 +240,13 @@ async def roll_up_pending(
         after = last_id
 
 
+def _left_ms(started: float, seconds: float) -> int:
+    """What is left of `seconds` from `started`, in milliseconds, at least `_LEAST_MS` (a statement must get to run)."""
+    return max(int((started + seconds - clock.monotonic()) * 1000), _LEAST_MS)
+
+
 async def _roll_up_batch(
-    statement: Any, params: dict[str, Any], *, wait: bool
+    statement: Any, params: dict[str, Any], *, wait: bool, timeout_ms: int
 ) -> tuple[int, uuid.UUID, set[tuple[Any, ...]]] | None:
     """One batch in a transaction of its own, under the shared roll-up lock (a recompute takes it between batches).
 
@@ -230,7 +255,7 @@ async def _roll_up_batch(
         recompute holds the lock.
     """
     async with get_side_session(
-        account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=_STATEMENT_TIMEOUT_MS
+        account=Unscoped.JOBS, lock_timeout_ms=_LOCK_TIMEOUT_MS, statement_timeout_ms=timeout_ms
     ) as session:
         if wait:
             await session.execute(_LOCK_SHARED, _LOCK_KEYS)

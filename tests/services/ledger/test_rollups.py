@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -286,3 +287,19 @@ async def test_grouping_is_an_allowlist() -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         with pytest.raises(ValueError, match='cannot group costs by'):
             await summarise_costs(session=session, by='account; DROP TABLE llm_requests', source='rollup')  # type: ignore[arg-type]
+
+
+async def test_a_read_whose_roll_up_is_held_up_answers_within_its_seconds() -> None:
+    """A read's seconds were checked only between batches: one batch walking a queue just drained of millions of
+    rows took 11-53 s of a `source=rollup` read (QA). Each statement of a read's roll-up now ends with its seconds."""
+    (a1, g1), *_ = await _tenants(1)
+    await _ledger(a1, g1)
+    assert await catch_up_rollup(a1) is True  # the bucket exists
+    await _ledger(a1, g1)  # queued for the same bucket
+    async with get_db_session(account=Unscoped.ADMIN) as holder:  # the bucket locked: the batch's upsert waits
+        await holder.execute(text('SELECT 1 FROM usage_daily_rollups WHERE account_id = :a FOR UPDATE'), {'a': a1})
+        started = time.monotonic()
+        assert await catch_up_rollup(a1, seconds=0.5) is False  # the ledger answers
+        assert time.monotonic() - started < 10  # not the roll-ups' 30 s lock timeout
+    assert await catch_up_rollup(a1) is True
+    await _assert_rollup_equals_ledger()
