@@ -114,8 +114,8 @@ async def admit(
     if isinstance(result, Refusal) and result.reserved_usd and await _swept():
         # Refused with holds on the window: some may be a dead process's (a `kill -9` of a server mid-turn), which the
         # background sweep gave back only after this refusal, or not at all on an idle server (QA: a 429 naming
-        # "requests in flight" that were gone). Swept now, once, and asked again.
-        result = await reserve(**arguments)
+        # "requests in flight" that were gone). Swept now, once, and asked again (its refusal counted once).
+        result = await reserve(**arguments, again=True)
         if result is None:
             return None
     sweep_soon(config.sweep_interval_seconds)  # (now and then) holds a dead process left are given back

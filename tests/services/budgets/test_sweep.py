@@ -177,6 +177,8 @@ async def test_requests_refused_together_for_a_dead_processs_holds_are_all_admit
     )
     assert [type(result).__name__ for result in results if isinstance(result, BaseException)] == []
     assert await reservations(alpha) == []
+    window = await period_row(alpha)
+    assert window is not None and window['refused_requests'] == 0  # each first refusal taken back by its admission
 
 
 async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_again(
@@ -198,3 +200,5 @@ async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_
         await sweeping.execute(text('UPDATE budget_periods SET reserved_usd = 0 WHERE account_id = :a'), {'a': alpha})
     assert (await run).output
     assert await reservations(alpha) == []
+    window = await period_row(alpha)
+    assert window is not None and window['refused_requests'] == 0
