@@ -226,8 +226,8 @@ def _status(item: LLMRequestRow, *, full: bool) -> str:
 # variant first, as far as the terminal allows (80 columns: id prefix, time, account, model, status, cost; 120:
 # tokens, latency and the error type too); --json and --csv have every column.
 LIST_COLUMNS: tuple[Column[LLMRequestRow], ...] = (
-    # Ids are time-ordered (UUID version 7): 16 hex digits reach past the millisecond, so they tell rows apart and
-    # `audit show` takes them.
+    # Ids are time-ordered (UUID version 7): 16 hex digits are the millisecond and 12 random bits, so they tell rows
+    # apart but for one pair in 4,096 of a millisecond's (`audit show` then asks for more of the id).
     Column('id', (lambda r: str(r.id), lambda r: r.id.hex[:16]), essential=True, rank=9),
     Column(
         'started (UTC)',
