@@ -10,6 +10,7 @@ import sys
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from pydantic_ai import Agent
 from sqlalchemy import text
@@ -167,18 +168,13 @@ async def test_requests_refused_together_for_a_dead_processs_holds_are_all_admit
     # sweep under way or nothing left, kept refusals naming holds already gone (QA: 16 of 20 concurrent chats after a
     # `kill -9` of a server mid-turn).
     alpha, _ = two_accounts
-    await give_budget('alpha', '0.10')
-    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')  # a dead holder fills the window
-    _sweep._last_sweep = time.monotonic()  # this process swept just now: the background sweep waits its interval
-    agent = Agent(PricedModel(), capabilities=[ledger_capability()])
+    agent = await _a_dead_holder_fills_the_window(alpha)
     results = await asyncio.gather(
         *(agent.run('How many cardiologists?', deps=chat_deps(f'together-{n}', alpha)) for n in range(10)),
         return_exceptions=True,
     )
     assert [type(result).__name__ for result in results if isinstance(result, BaseException)] == []
-    assert await reservations(alpha) == []
-    window = await period_row(alpha)
-    assert window is not None and window['refused_requests'] == 0  # each first refusal taken back by its admission
+    await _no_hold_and_no_refusal_left(alpha)  # each first refusal taken back by its admission
 
 
 async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_again(
@@ -187,10 +183,7 @@ async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_
     # The request's own sweep found another under way (its lock taken) and gave nothing back; asked again at once,
     # before that sweep committed, it was refused for holds on their way out (QA, requests from several processes).
     alpha, _ = two_accounts
-    await give_budget('alpha', '0.10')
-    await _hold(alpha, Holder(this_host(), os.getpid(), 1.0), full='0.10')  # a dead holder fills the window
-    _sweep._last_sweep = time.monotonic()  # this process swept just now: the background sweep waits its interval
-    agent = Agent(PricedModel(), capabilities=[ledger_capability()])
+    agent = await _a_dead_holder_fills_the_window(alpha)
     async with get_db_session(account=Unscoped.ADMIN) as sweeping:  # another process's sweep, not committed yet
         await sweeping.execute(text('SELECT pg_advisory_xact_lock(:lock)'), {'lock': _sweep._SWEEP_LOCK})
         run = asyncio.create_task(agent.run('How many cardiologists?', deps=chat_deps('waits', alpha)))
@@ -199,6 +192,18 @@ async def test_a_request_refused_while_another_sweep_runs_waits_for_it_and_asks_
         await sweeping.execute(text('DELETE FROM budget_reservations WHERE account_id = :a'), {'a': alpha})
         await sweeping.execute(text('UPDATE budget_periods SET reserved_usd = 0 WHERE account_id = :a'), {'a': alpha})
     assert (await run).output
-    assert await reservations(alpha) == []
-    window = await period_row(alpha)
+    await _no_hold_and_no_refusal_left(alpha)
+
+
+async def _a_dead_holder_fills_the_window(account_id: int) -> Agent[Any, str]:
+    """A $0.10 budget whose window a dead process's hold fills, this process's background sweep not due: the agent."""
+    await give_budget('alpha', '0.10')
+    await _hold(account_id, Holder(this_host(), os.getpid(), 1.0), full='0.10')
+    _sweep._last_sweep = time.monotonic()
+    return Agent(PricedModel(), capabilities=[ledger_capability()])
+
+
+async def _no_hold_and_no_refusal_left(account_id: int) -> None:
+    assert await reservations(account_id) == []
+    window = await period_row(account_id)
     assert window is not None and window['refused_requests'] == 0
