@@ -196,7 +196,8 @@ class TaskSupervisor:
         pending for the end of the interval, or of the run, whichever comes later (however many calls came), so the
         work of the last call is never dropped. (A run outlasting its interval, a roll-up draining a backlog of
         millions, was started again by each later call: QA, four roll-ups of one account at once for minutes, filling
-        the supervisor's slots.) A pending run starts at once when the supervisor shuts down; `join` does not wait
+        the supervisor's slots.) A pending run starts at once when the supervisor shuts down, unless a run of its key
+        is still under way (the work catches up by itself: the next process's run covers it); `join` does not wait
         for one that has not started.
 
         Returns:
@@ -214,7 +215,7 @@ class TaskSupervisor:
         if loop.time() >= due and not self._busy(key):
             task = self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
             self._last_run[key] = loop.time()
-            self._keyed[key] = task
+            self._track(key, task)
             return task
         if not self._accepting:
             # Raises SupervisorClosed, logged and counted.
@@ -227,13 +228,16 @@ class TaskSupervisor:
             self._deferred.pop(key)
             if not self._accepting:
                 return
-            if self._busy(key) and not now:  # the run under way outlasted the interval: this one starts when it ends
+            if self._busy(key):
+                if now:  # shutting down: not a second run beside it (QA: two roll-ups of an account, both cut off)
+                    return
+                # The run under way outlasted the interval: this one starts when it ends.
                 self._deferred[key] = (None, run_deferred)
                 self._keyed[key].add_done_callback(lambda _: run_deferred(False))
                 return
             self._last_run[key] = loop.time()
             try:
-                self._keyed[key] = self.spawn(fn, *args, name=name, attributes=attributes, **kwargs)
+                self._track(key, self.spawn(fn, *args, name=name, attributes=attributes, **kwargs))
             except BackgroundQueueFull:
                 pass  # logged and counted by `spawn`; the next call's run covers it
 
@@ -244,6 +248,11 @@ class TaskSupervisor:
         """Whether the last run of a throttled `key` is still queued or running."""
         task = self._keyed.get(key)
         return task is not None and not task.done()
+
+    def _track(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        """Note `task` as `key`'s run under way, forgotten when it ends (a failed one's error is not kept)."""
+        self._keyed[key] = task
+        task.add_done_callback(lambda _: self._keyed.pop(key) if self._keyed.get(key) is task else None)
 
     async def join(self) -> None:
         """Wait until no task is queued or running, tasks spawned meanwhile included, without shutting down.

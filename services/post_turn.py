@@ -92,6 +92,9 @@ def schedule_post_turn_work(
             rollup_interval_s,
             roll_up_account_usage,
             account_id,
+            # At shutdown it stops after its batch under way: the backlog is the next process's (a one-shot command
+            # would otherwise wait out the supervisor's shutdown on it).
+            keep_going=lambda: supervisor.accepting,
             name='usage rollup',
             attributes={'agentrt.account_id': account_id, **run},
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time as clock
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
@@ -140,16 +141,19 @@ GROUP BY 1, 2, 3, 4
 """)
 
 
-async def roll_up_account_usage(account_id: int) -> int:
+async def roll_up_account_usage(account_id: int, *, keep_going: Callable[[], bool] | None = None) -> int:
     """Background task after a chat turn: add the account's uncounted ledger rows to the rollup.
 
     Args:
         account_id: the account whose queued ledger rows to roll up (every one, however old).
+        keep_going: asked before each batch after the first; False stops the roll-up there, the rest left queued
+            (the post-turn roll-up's supervisor shutting down: a one-shot `agentrt chat` after an upgrade waited its
+            10 s at exit on a backlog of millions and printed that it cancelled the roll-up, QA).
 
     Returns:
         How many buckets were created or updated.
     """
-    return await roll_up_pending(account_id=account_id) or 0
+    return await roll_up_pending(account_id=account_id, keep_going=keep_going) or 0
 
 
 async def catch_up_rollup(account_id: int | None = None, *, seconds: float | None = None) -> bool:
@@ -189,7 +193,12 @@ async def catch_up_rollup(account_id: int | None = None, *, seconds: float | Non
 
 
 async def roll_up_pending(
-    since: datetime | None = None, *, account_id: int | None = None, wait: bool = True, seconds: float | None = None
+    since: datetime | None = None,
+    *,
+    account_id: int | None = None,
+    wait: bool = True,
+    seconds: float | None = None,
+    keep_going: Callable[[], bool] | None = None,
 ) -> int | None:
     """Add the ledger rows not counted yet to the rollup, for one account or all.
 
@@ -212,6 +221,7 @@ async def roll_up_pending(
         seconds: stop after the batch that ends this many seconds after the start, rows left queued, each batch's
             statement cancelled when it would run past them (a read's budget, `catch_up_rollup`: QA, a single batch
             walking a drained queue took 11 s); None: take the whole queue (the background roll-ups).
+        keep_going: asked before each batch after the first: False stops there, the rest left queued.
 
     Returns:
         How many buckets were created or updated (each once, however many batches touched it); None when `wait` is
@@ -236,6 +246,8 @@ async def roll_up_pending(
         taken, last_id, buckets = batch
         touched |= buckets
         if taken < ROLL_UP_BATCH or (deadline is not None and clock.monotonic() >= deadline):
+            return len(touched)
+        if keep_going is not None and not keep_going():
             return len(touched)
         after = last_id
 

@@ -132,3 +132,37 @@ async def test_post_turn_spans_are_named_by_their_kind_with_the_ids_as_attribute
     assert (rollup['agentrt.account_id'], rollup['agentrt.run_id']) == (await account_id(ACCOUNT), 'run-1')
     completed = [r.getMessage() for r in caplog.records if 'completed in' in r.getMessage()]
     assert any(m.startswith('background task conversation summary (conversation chat-7, run run-1)') for m in completed)
+
+
+async def test_a_post_turn_roll_up_stops_after_its_batch_when_the_supervisor_shuts_down(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-shot `agentrt chat` on a backlog of millions (after an upgrade) waited its supervisor's 10 s at exit for
+    the post-turn roll-up, then cancelled it with two WARNING lines (QA). It now stops after the batch under way,
+    the rest left queued for the next roll-up."""
+    from agentrt.services.ledger import _rollups
+
+    monkeypatch.setattr(_rollups, 'ROLL_UP_BATCH', 2)
+    await drain_supervisor()
+    await _turn('backlog', QUESTIONS[0])  # its three requests queued, and its roll-up
+    await drain_supervisor()
+    async with get_db_session(account=Unscoped.ADMIN) as session:  # a backlog: the ledger's rows queued again
+        await session.execute(text('DELETE FROM usage_rolled_up_requests'))
+        await session.execute(text('DELETE FROM usage_daily_rollups'))
+        await session.execute(
+            text(
+                'INSERT INTO usage_pending_requests SELECT id, account_id, recorded_at FROM llm_requests '
+                'ON CONFLICT DO NOTHING'
+            )
+        )
+        queued = (await session.execute(text('SELECT count(*) FROM usage_pending_requests'))).scalar_one()
+    assert queued >= 3
+    acme = await account_id(ACCOUNT)
+    [rollup] = schedule_post_turn_work(acme, 'backlog', summarise=False, rollup_interval_s=0)
+    with caplog.at_level(logging.WARNING):
+        report = await drain_supervisor(timeout=30)
+    assert report is not None and (report.completed, report.cancelled) == (1, 0) and rollup.done()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        left = (await session.execute(text('SELECT count(*) FROM usage_pending_requests'))).scalar_one()
+    assert left == queued - 2  # one batch of two taken, then it stopped
