@@ -270,7 +270,8 @@ class TaskSupervisor:
         to the pool); any still running after that are counted as `abandoned` and logged.
         """
         started = time.monotonic()
-        for handle, run_deferred in list(self._deferred.values()):  # throttled work waiting: start it now
+        # Throttled work waiting: started now, unless its key's run is still under way (`run_deferred`).
+        for handle, run_deferred in list(self._deferred.values()):
             if handle is not None:
                 handle.cancel()
             run_deferred(True)
