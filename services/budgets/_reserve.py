@@ -82,11 +82,9 @@ WITH quick AS (
         reserved_usd = greatest(p.reserved_usd - f.held, 0)
             + CASE WHEN {_LEFT} >= :minimum THEN least(:full, {_LEFT}) ELSE 0 END,
         last_reserved_usd = CASE WHEN {_LEFT} >= :minimum THEN least(:full, {_LEFT}) END,
-        -- One refusal a request: asked again after a refusal of its own (:again), it counts nothing more, and an
-        -- admission takes that refusal back.
-        refused_requests = greatest(p.refused_requests + CASE WHEN {_LEFT} >= :minimum
-            THEN CASE WHEN CAST(:again AS boolean) THEN -1 ELSE 0 END
-            ELSE CASE WHEN CAST(:again AS boolean) THEN 0 ELSE 1 END END, 0),
+        -- One refusal a request: asked again after a refusal of its own (:again), that refusal is taken back first.
+        refused_requests = greatest(p.refused_requests + CASE WHEN {_LEFT} >= :minimum THEN 0 ELSE 1 END
+            - CASE WHEN CAST(:again AS boolean) THEN 1 ELSE 0 END, 0),
         updated_at = now()
     FROM budget, folded AS f
     WHERE p.account_id = budget.account_id AND p.period_start = budget.period_start
@@ -207,8 +205,8 @@ async def reserve(
         at: the moment that picks the window (the ledger row's `started_at`).
         ttl_seconds: how long the hold lasts if nothing settles it and its process cannot be checked.
         holder: the process holding it; this one by default.
-        again: asked again after a refusal of this request's own (its sweep gave holds back): the window's refusal
-            count counts the request once, refused or admitted this time.
+        again: asked again after a refusal of this request's own (and the sweep that followed it): the window's
+            refusal count counts the request once, refused or admitted this time.
 
     Returns:
         The `Hold` (`amount_usd` may be below `full_usd`, never below `minimum_usd`), a `Refusal`, or None when
