@@ -32,15 +32,25 @@ async def defer_post_turn_work(
     """
     if summarise:
         await defer_summary(account_id, conversation_id)
+    await defer_rollup(account_id, rollup_interval_s)  # False: one is pending, it takes this turn's ledger rows too
+    await _workers.check()
+
+
+async def defer_rollup(account_id: int, rollup_interval_s: float = 0.0) -> bool:
+    """Queue the account's usage rollup, to run in `rollup_interval_s` (now when under a second), unless one is pending
+    already (the queueing lock: one per account and day); one of an account runs at a time, across workers (its lock).
+
+    Returns:
+        True when queued now, False when one was pending already.
+    """
     await open_queue()
     day = datetime.now(UTC).date().isoformat()
     deferrer = usage_rollup.configure(
         queueing_lock=f'rollup:{account_id}:{day}',
-        lock=f'rollup:{account_id}',  # one rollup of an account at a time, across workers
+        lock=f'rollup:{account_id}',
         schedule_in={'seconds': int(rollup_interval_s)} if rollup_interval_s >= 1 else None,
     )
-    await _defer(deferrer, account_id=account_id)  # False: one is pending, it will take this turn's ledger rows too
-    await _workers.check()
+    return await _defer(deferrer, account_id=account_id)
 
 
 WORKERS_CHECK_SECONDS = 300.0

@@ -4,6 +4,7 @@ saving a turn and queueing its jobs, a job that failed every attempt, turns save
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -51,7 +52,9 @@ class ReconcileReport:
     jobs_deleted: int = 0
 
 
-async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> ReconcileReport:
+async def reconcile_post_turn_work(
+    *, idle_seconds: float | None = None, keep_going: Callable[[], bool] | None = None
+) -> ReconcileReport:
     """Queue the title and summary of every conversation left without them for `idle_seconds` (default
     `AGENTRT_JOBS_RECONCILE_AFTER_SECONDS`), roll up every ledger row nobody counted, and delete
     the jobs that failed every attempt (or were cancelled or aborted) more than `AGENTRT_JOBS_KEEP_FAILED_DAYS` ago:
@@ -60,6 +63,11 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
 
     Idempotent: a summary already queued is not queued twice (its queueing lock), a ledger row is counted once. A
     summary that failed every attempt is queued again a day later (`SUMMARY_RETRY_AFTER`), not at every run.
+
+    Args:
+        idle_seconds: how long a conversation is left without its summary before it is queued.
+        keep_going: the roll-up's (`roll_up_pending`): asked before each batch after the first, False stops it there,
+            the rest left queued for the next roll-up (the reconcile job's worker asked to stop).
 
     Returns:
         What it did.
@@ -78,7 +86,7 @@ async def reconcile_post_turn_work(*, idle_seconds: float | None = None) -> Reco
         for account_id, conversation_id in missing:
             if (str(account_id), str(conversation_id)) not in resting:
                 queued += await defer_summary(int(account_id), str(conversation_id))
-    buckets = await roll_up_pending() or 0
+    buckets = await roll_up_pending(keep_going=keep_going) or 0
     deleted = await delete_finished_jobs(current_settings().jobs_keep_failed_days)
     if queued or buckets or deleted:
         logger.info(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from opentelemetry import trace
 from procrastinate import BaseRetryStrategy, RetryStrategy
+from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job
 from procrastinate.retry import RetryDecision
 
@@ -23,6 +25,11 @@ _tracer = trace.get_tracer('agentrt.jobs')
 POST_TURN_QUEUE = 'post_turn'
 MAINTENANCE_QUEUE = 'maintenance'
 QUEUES = (POST_TURN_QUEUE, MAINTENANCE_QUEUE)
+
+WORKER_STOPPING = 'agentrt.worker_stopping'
+"""The key, in a job's context (`additional_context`), of a callable that says whether the worker running the job has
+been asked to stop (`run_worker` puts `WorkerStop.stopping` there: each worker its own, so two in one process do not
+see each other's stop)."""
 
 
 class PutBackOnStop(BaseRetryStrategy):
@@ -65,21 +72,58 @@ async def conversation_summary(account_id: int, conversation_id: str) -> None:
         await refresh_title_and_summary(account_id, conversation_id)
 
 
-@jobs.task(name='agentrt.usage_rollup', queue=POST_TURN_QUEUE, retry=_RETRY)
-async def usage_rollup(account_id: int) -> None:
-    """Add the account's recent ledger rows nobody counted yet to the daily rollup (each row counted once)."""
+class UntilStop:
+    """A roll-up's `keep_going` in a job: False once the job's worker is asked to stop, so a long roll-up (a backlog of
+    millions after an upgrade) ends after its batch under way, committed, instead of holding the stop until its
+    deadline and then being cancelled mid-batch. Always True for a job run by a worker that is not `run_worker`'s."""
+
+    def __init__(self, context: JobContext) -> None:
+        self._stopping: Callable[[], bool] | None = context.additional_context.get(WORKER_STOPPING)
+        self.stopped = False
+        """Whether it said False: the roll-up stopped there, rows left queued."""
+
+    def __call__(self) -> bool:
+        self.stopped = self._stopping is not None and self._stopping()
+        return not self.stopped
+
+
+@jobs.task(name='agentrt.usage_rollup', queue=POST_TURN_QUEUE, retry=_RETRY, pass_context=True)
+async def usage_rollup(context: JobContext, account_id: int) -> None:
+    """Add the account's recent ledger rows nobody counted yet to the daily rollup (each row counted once).
+
+    When its worker is asked to stop, it ends after the batch under way and queues the account's rollup again for the
+    next worker (as a job cut short goes back to the queue, `PutBackOnStop`): the rest of a backlog goes on at once on
+    another worker rather than waiting for a turn of the account or the next reconcile.
+    """
     with _job_span('usage rollup', {'agentrt.account_id': account_id}):
-        await roll_up_account_usage(account_id)
+        until_stop = UntilStop(context)
+        await roll_up_account_usage(account_id, keep_going=until_stop)
+        if until_stop.stopped:
+            from agentrt.services.jobs._defer import defer_rollup
+
+            again = await defer_rollup(account_id)
+            logger.info(
+                'usage rollup of account %s stopped after its batch (the worker is stopping): the rest %s',
+                account_id,
+                'queued again, for the next worker' if again else 'left to the rollup already queued',
+            )
 
 
 @jobs.periodic(cron='*/5 * * * *', periodic_id='reconcile')
-@jobs.task(name='agentrt.reconcile', queue=MAINTENANCE_QUEUE, queueing_lock='agentrt.reconcile', retry=_RETRY)
-async def reconcile(timestamp: int) -> None:
-    """Every five minutes: queue the work the database says is missing (`reconcile_post_turn_work`)."""
+@jobs.task(
+    name='agentrt.reconcile',
+    queue=MAINTENANCE_QUEUE,
+    queueing_lock='agentrt.reconcile',
+    retry=_RETRY,
+    pass_context=True,
+)
+async def reconcile(context: JobContext, timestamp: int) -> None:
+    """Every five minutes: queue the work the database says is missing (`reconcile_post_turn_work`); its roll-up of
+    every account ends after its batch under way when the worker is asked to stop (the next reconcile goes on)."""
     from agentrt.services.jobs._reconcile import reconcile_post_turn_work
 
     with _job_span('reconcile', {}):
-        await reconcile_post_turn_work()
+        await reconcile_post_turn_work(keep_going=UntilStop(context))
 
 
 @jobs.periodic(cron='* * * * *', periodic_id='retry_stalled')

@@ -27,7 +27,7 @@ from agentrt.services.jobs._app import (
     queue_refused,
     queue_unavailable,
 )
-from agentrt.services.jobs._tasks import QUEUES
+from agentrt.services.jobs._tasks import QUEUES, WORKER_STOPPING
 
 logger = logging.getLogger('agentrt.jobs')
 
@@ -42,9 +42,11 @@ class WorkerStop:
     """Asks a running `run_worker` to stop (the CLI calls `request()` on SIGTERM, SIGINT and SIGHUP).
 
     The first request: the worker takes no new job and lets the running ones finish, for at most
-    `AGENTRT_JOBS_SHUTDOWN_SECONDS`; then it cancels those still running, and each goes back to the queue at once, for
-    the next worker (a cancelled job writes nothing: each runs in its own transactions and is idempotent). A second
-    request cancels them now. Either way the worker then leaves the queue's table of workers and returns.
+    `AGENTRT_JOBS_SHUTDOWN_SECONDS` (a job that may run long asks `stopping()` and ends early: a usage roll-up after
+    its batch under way, the rest queued again); then it cancels those still running, and each goes back to the queue
+    at once, for the next worker (a cancelled job writes nothing: each runs in its own transactions and is
+    idempotent). A second request cancels them now. Either way the worker then leaves the queue's table of workers
+    and returns.
     """
 
     requests: int = 0
@@ -58,6 +60,11 @@ class WorkerStop:
     _requested: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     unsaved: set[int] = field(default_factory=set, init=False, repr=False)
     """The ids of the jobs that ran but whose end could not be saved (put back once the queue answers)."""
+
+    def stopping(self) -> bool:
+        """Whether a stop was asked: what the worker's jobs ask (their context's `WORKER_STOPPING`), so a long one
+        (a usage roll-up draining a backlog) ends at its next step instead of holding the stop until its deadline."""
+        return self.requests > 0
 
     def request(self) -> None:
         """Stop the worker: gracefully the first time, at once the second."""
@@ -249,6 +256,7 @@ async def run_worker(
             delete_jobs='successful',
             install_signal_handlers=False,  # the CLI calls stop.request() (agents/cli/worker.py)
             worker_middleware=[stop.middleware],
+            additional_context={WORKER_STOPPING: stop.stopping},  # this worker's stop, seen by the jobs it runs
         )
         try:
             await _run(worker, burst, stop)

@@ -133,7 +133,7 @@ async def test_each_job_a_worker_runs_is_one_span_its_failure_recorded_redacted(
     await chat('spanned')
     secret = 'sk-proj-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7'
 
-    async def fail(account_id: int) -> None:
+    async def fail(account_id: int, **kwargs: Any) -> None:
         raise RuntimeError(f'rollup failed, token={secret}')
 
     monkeypatch.setattr(tasks_module, 'roll_up_account_usage', fail)
