@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import Select, Text, bindparam, cast, exists, select
+from sqlalchemy import Select, Text, bindparam, cast, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
-from agentrt.db.errors import AgentRuntimeError, ConfigError
+from agentrt.db.errors import AgentRuntimeError, ConfigError, InvalidInputError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
 from agentrt.db.roles import Unscoped
 from agentrt.db.session import entered_account, entering_account, get_read_only_session, row_security
@@ -51,6 +51,42 @@ async def get_account(slug: str | int, *, session: AsyncSession) -> Account:
         hint = ', '.join(known) if known else 'none (run `agentrt db seed`)'
         raise UnknownTenantError(f'unknown account {slug!r}; accounts: {hint}')
     return account
+
+
+MAX_ACCOUNT_ID = 2**63 - 1
+"""`accounts.id` is a bigint."""
+
+
+async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
+    """What an operator's account "slug or id" names, as `get_account` and `LedgerFilters` take it: a slug, or an id.
+
+    Slugs may be all digits (`2`, `007`), so an all-digit value can be a slug, an id, or both: a slug of one account
+    and the id of another is refused, never guessed (an id taken for it pruned and budgeted another tenant, QA). A
+    value that is only an account's slug stays that slug; one that is no account's slug is an id (an unknown id is
+    `get_account`'s error, and the ledger keeps a deleted account's rows by id). Only ASCII digits make an id:
+    Python's `isdigit` takes `²` and `١` (Arabic-Indic one), which were an internal error and another account.
+
+    Raises:
+        InvalidInputError: (`field` `account`) `value` is the slug of one account and the id of another, naming both.
+    """
+    if not (value.isascii() and value.isdigit()):
+        return value
+    # No `int()` of thousands of digits (Python refuses past 4,300) nor a bind past a bigint: no such id.
+    number = int(value) if len(value) <= len(str(MAX_ACCOUNT_ID)) else None
+    as_id = number if number is not None and number <= MAX_ACCOUNT_ID else None
+    named = Account.slug == value if as_id is None else or_(Account.slug == value, Account.id == as_id)
+    found = (await session.execute(select(Account.id, Account.slug).where(named))).all()
+    by_slug = next((id_ for id_, slug in found if slug == value), None)
+    by_id = next(((id_, slug) for id_, slug in found if id_ == as_id), None)
+    if by_slug is not None and by_id is not None and by_id[0] != by_slug:
+        raise InvalidInputError(
+            f'account {value!r} is ambiguous: {value!r} is the slug of account {by_slug} and the id of account '
+            f'{by_id[0]} ({by_id[1]}); give the id, {by_slug} or {by_id[0]}',
+            field='account',
+        )
+    if by_slug is not None or as_id is None:
+        return value
+    return as_id
 
 
 async def get_agent_instance(account: Account, slug: str | None, *, session: AsyncSession) -> AgentInstance:

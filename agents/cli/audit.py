@@ -17,14 +17,15 @@ from agentrt.agents.cli.filters import (
     MODEL_OPTION,
     SINCE_OPTION,
     UNTIL_OPTION,
-    account_option,
     check_account,
     check_agent,
     dash,
     ledger_filters,
     money,
+    named_account,
     one_output_format,
     parse_time_or_age,
+    with_named_account,
 )
 from agentrt.agents.cli.output import Column, fitted_table, print_csv, text_cells, utc_text
 from agentrt.agents.cli.support import EXIT_FAILURE, EXIT_USAGE, console, fail, operator_session, print_json, run
@@ -84,6 +85,7 @@ def audit_list(
         from agentrt.db.errors import InvalidInputError
         from agentrt.services.ledger import list_requests, request_position
 
+        named = await with_named_account(session, filters)
         position = None
         if after is not None:
             try:
@@ -95,11 +97,11 @@ def audit_list(
         # An offset (--page 45000) reads and sorts every row before its page, and the total counts every row: a walk
         # by --after reads only its page, so it skips the count too (a year of ledger is a million rows).
         found = await list_requests(
-            session=session, filters=filters, page=page, page_size=page_size, after=position, count=position is None
+            session=session, filters=named, page=page, page_size=page_size, after=position, count=position is None
         )
         if not found.items:
-            await check_account(session, filters.account)
-            await check_agent(session, filters)
+            await check_account(session, named.account)
+            await check_agent(session, named)
         return found
 
     try:
@@ -158,7 +160,7 @@ def audit_prune(
     cut = parse_time_or_age(before, '--before')
     if cut is not None and cut > datetime.now(UTC):
         fail(f'--before {before} is in the future: it would remove bodies of requests not made yet', EXIT_USAGE)
-    report = run(_prune, cut, account_option(account), conversation)
+    report = run(_prune, cut, account, conversation)
     if as_json:
         print_json(
             {
@@ -178,7 +180,7 @@ def audit_prune(
     )
 
 
-async def _prune(before: datetime | None, account: str | int | None, conversation: str | None) -> PruneReport:
+async def _prune(before: datetime | None, account: str | None, conversation: str | None) -> PruneReport:
     """Check what the options name (nothing is deleted when one is wrong), then prune as the operator."""
     from agentrt.db.engine import close_database, init_database
     from agentrt.db.session import Unscoped, get_read_only_session
@@ -187,8 +189,9 @@ async def _prune(before: datetime | None, account: str | int | None, conversatio
     await init_database()
     try:
         async with get_read_only_session(account=Unscoped.ADMIN) as session:
-            await _check_prune_target(session, account, conversation)
-        return await prune_contents(before=before, account=account, conversation=conversation)
+            named = await named_account(session, account)
+            await _check_prune_target(session, named, conversation)
+        return await prune_contents(before=before, account=named, conversation=conversation)
     finally:
         await close_database()
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from agentrt.agents.cli.filters import JSON_OPTION, account_option, parse_time
+from agentrt.agents.cli.filters import JSON_OPTION, named_account, parse_time
 from agentrt.agents.cli.output import plain_decimal, text_cells, utc_text
 from agentrt.agents.cli.support import console, err_console, operator_session, print_json, run
 
@@ -45,11 +45,14 @@ def budget_set(
     limit_usd = parse_limit(limit)
     window = Period.parse(period)
     anchored = parse_time(anchor, '--anchor')
-    who = _required_account(account)
-    status: BudgetStatus = run(
-        operator_session,
-        lambda s: set_budget(session=s, account=who, limit_usd=limit_usd, period=window, window_anchor=anchored),
-    )
+
+    async def set_it(session: AsyncSession) -> BudgetStatus:
+        who = await named_account(session, account)
+        return await set_budget(
+            session=session, account=who, limit_usd=limit_usd, period=window, window_anchor=anchored
+        )
+
+    status: BudgetStatus = run(operator_session, set_it)
     _render([status], as_json=as_json)
 
 
@@ -59,9 +62,8 @@ def budget_show(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show budgets and their current period: limit, spent, held by requests in flight, remaining."""
-    who = account_option(account)
-    statuses: list[BudgetStatus] = run(operator_session, lambda s: _statuses(s, who))
-    if who is not None and not statuses and not as_json:
+    statuses: list[BudgetStatus] = run(operator_session, lambda s: _statuses(s, account))
+    if account is not None and not statuses and not as_json:
         err_console.print(f'account {account!r} has no budget (no limit)', highlight=False)
         return
     _render(statuses, as_json=as_json)
@@ -72,8 +74,10 @@ def budget_remove(account: str = _ACCOUNT, as_json: bool = JSON_OPTION) -> None:
     """Remove an account's budget: its requests are no longer limited."""
     from agentrt.services.budgets import remove_budget
 
-    who = _required_account(account)
-    removed: bool = run(operator_session, lambda s: remove_budget(session=s, account=who))
+    async def remove_it(session: AsyncSession) -> bool:
+        return await remove_budget(session=session, account=await named_account(session, account))
+
+    removed: bool = run(operator_session, remove_it)
     if as_json:
         print_json({'account': account, 'removed': removed})
         return
@@ -94,18 +98,13 @@ def budget_sweep(as_json: bool = JSON_OPTION) -> None:
     )
 
 
-def _required_account(account: str) -> str | int:
-    who = account_option(account)
-    assert who is not None  # a required option
-    return who
-
-
-async def _statuses(session: AsyncSession, account: str | int | None) -> list[BudgetStatus]:
+async def _statuses(session: AsyncSession, account: str | None) -> list[BudgetStatus]:
     from agentrt.services.budgets import account_budget_status, budget_statuses
 
-    if account is None:
+    who = await named_account(session, account)
+    if who is None:
         return await budget_statuses(session=session)
-    status = await account_budget_status(session=session, account=account)
+    status = await account_budget_status(session=session, account=who)
     return [] if status is None else [status]
 
 

@@ -20,6 +20,7 @@ from agentrt.agents.cli.filters import (
     ledger_filters,
     money,
     one_output_format,
+    with_named_account,
 )
 from agentrt.agents.cli.output import print_csv, text_cells
 from agentrt.agents.cli.support import EXIT_USAGE, console, fail, print_json, run
@@ -79,6 +80,7 @@ async def _cost_rows(by: CostGrouping, filters: LedgerFilters, source: str) -> l
             # recompute rebuilding the rollup: the rollup would leave them out, so the ledger answers now.
             source = 'ledger'
         async with get_read_only_session(account=Unscoped.ADMIN) as session:  # the operator: every account
+            filters = await with_named_account(session, filters)
             rows = None
             if source == 'rollup':
                 try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import typer
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
     from agentrt.services.ledger import LedgerFilters
 
-MAX_ID = 2**63 - 1  # PostgreSQL bigint
 JSON_OPTION = typer.Option(False, '--json', help='Print JSON for scripts instead of a table.')
 CSV_OPTION = typer.Option(False, '--csv', help='Print CSV (every column, a header line first) instead of a table.')
 ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id.')
@@ -46,7 +46,7 @@ def ledger_filters(
     if start is not None and end is not None and start >= end:
         fail('--since must be before --until', EXIT_USAGE)  # as the HTTP API says, rather than an empty answer
     return LedgerFilters(
-        account=account_option(account),
+        account=account,  # as given: `with_named_account` reads it (an id, or a slug) in the command's session
         agent=agent,
         model=model,
         since=start,
@@ -62,17 +62,24 @@ def one_output_format(*, as_json: bool, as_csv: bool) -> None:
         fail('--json and --csv exclude each other', EXIT_USAGE)
 
 
-def account_option(value: str | None) -> str | int | None:
-    """`--account`: an id when it is all ASCII digits (a usage error beyond 64 bits), else a slug.
+@overload
+async def named_account(session: AsyncSession, account: str) -> str | int: ...
+@overload
+async def named_account(session: AsyncSession, account: str | int | None) -> str | int | None: ...
+async def named_account(session: AsyncSession, account: str | int | None) -> str | int | None:
+    """`--account` (an account's slug or id) as the services take it, read as `account_slug_or_id` does.
 
-    Python's `isdigit` takes superscripts and other scripts' digits: `²` was an internal error (`int()` refuses it)
-    and `١` (Arabic-Indic one) was taken for account 1, silently another account (QA).
+    Only the accounts tell which an all-digit value is (slugs may be all digits): a usage error (exit 2) for the slug
+    of one account that is the id of another.
     """
-    if value is None or not (value.isascii() and value.isdigit()):
-        return value
-    if int(value) > MAX_ID:
-        fail(f'--account {value} is not an account id (ids are at most {MAX_ID})', EXIT_USAGE)
-    return int(value)
+    from agentrt.services.tenancy import account_slug_or_id
+
+    return await account_slug_or_id(account, session=session) if isinstance(account, str) else account
+
+
+async def with_named_account(session: AsyncSession, filters: LedgerFilters) -> LedgerFilters:
+    """`filters` (of `ledger_filters`, whose `--account` is as given) with the account `named_account` reads."""
+    return dataclasses.replace(filters, account=await named_account(session, filters.account))
 
 
 async def check_account(session: AsyncSession, account: str | int | None) -> None:

@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import select
 
 from agentrt.db.driver import driver_transaction
-from agentrt.db.errors import ConfigError
+from agentrt.db.errors import ConfigError, InvalidInputError
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
-from agentrt.services.tenancy import UnknownTenantError, lookup_tenant, lookup_tenant_on
+from agentrt.services.tenancy import UnknownTenantError, account_slug_or_id, lookup_tenant, lookup_tenant_on
 
 
 @pytest.mark.parametrize('enter', [False, True], ids=['read', 'enter'])
@@ -68,3 +68,28 @@ async def test_a_malformed_agent_config_is_a_config_error_naming_the_instance_on
             await lookup_tenant_on(transaction, MEDICAL_ACCOUNT, 'odd-config', enter=True)
     async with get_read_only_session(account=Unscoped.TENANT_LOOKUP) as session:  # a null or a good one is read
         assert (await lookup_tenant(MEDICAL_ACCOUNT, 'provider-finder', session=session)).config['schemas']
+
+
+async def test_an_all_digit_slug_or_id_is_the_account_it_names_and_refused_when_it_names_two(demo_data: None) -> None:
+    """Slugs may be all digits: such a value is a slug, an id, or both (refused when they are two accounts)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        green = (await session.execute(select(Account.id).where(Account.slug == PRODUCE_ACCOUNT))).scalar_one()
+        session.add_all(
+            [
+                Account(id=900_001, slug=str(green), name='Clash'),
+                Account(id=900_007, slug='007', name='Zeros'),
+                Account(id=900_008, slug='900008', name='Itself'),
+            ]
+        )
+    big = str(2**70)
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
+        named = [await account_slug_or_id(value, session=session) for value in ('007', '900001', '900008', '424242')]
+        assert named == ['007', 900_001, '900008', 424242]  # a slug, an id, both of one account, no account's slug
+        assert [await account_slug_or_id(value, session=session) for value in (big, '²', 'acme')] == [big, '²', 'acme']
+        with pytest.raises(InvalidInputError) as refused:
+            await account_slug_or_id(str(green), session=session)
+    assert refused.value.field == 'account'
+    assert str(refused.value) == (
+        f"account '{green}' is ambiguous: '{green}' is the slug of account 900001 and the id of account {green} "
+        f'(green-grocer); give the id, 900001 or {green}'
+    )

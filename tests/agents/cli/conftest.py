@@ -1,16 +1,21 @@
-"""Fixtures of the CLI tests: three model requests in the ledger, for the audit, costs and replay commands."""
+"""Fixtures of the CLI tests: three model requests in the ledger, for the audit, costs and replay commands; accounts
+whose slugs are all digits, one of them another account's id."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from agentrt.agents.cli.support import console
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, new_request_id
+from tests.agents.conftest import account_id
 from tests.factories import fast_config, ledger_record
 
 STARTED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -58,3 +63,52 @@ def _wide_console() -> Iterator[None]:
     console.width = 240
     yield
     console.width = width
+
+
+@dataclass(frozen=True)
+class DigitAccounts:
+    """The demo accounts and two whose slugs are all digits: `clash`'s slug is green-grocer's id, `007`'s no id."""
+
+    acme: int
+    green: int
+    clash: int
+    """Its slug is `str(green)`."""
+    zeros: int
+    """Its slug is `007`; no account has the id 7."""
+
+    @property
+    def clash_slug(self) -> str:
+        return str(self.green)
+
+
+@pytest.fixture
+async def digit_accounts(demo_data: None, tracker: LLMRequestTracker) -> DigitAccounts:
+    """`DigitAccounts`, each with a model request a day old (a prompt and a response stored) in the ledger."""
+    acme, green = await account_id('acme-health'), await account_id('green-grocer')
+    # Ids far past the sequence's, so none is 7 and none is taken by a later insert.
+    accounts = DigitAccounts(acme=acme, green=green, clash=900_001, zeros=900_007)
+    assert 7 not in (acme, green) and str(acme) != str(green)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(
+            text('INSERT INTO accounts (id, slug, name) VALUES (:clash, :slug, :name), (:zeros, :zeros_slug, :name)'),
+            {
+                'clash': accounts.clash,
+                'slug': accounts.clash_slug,
+                'zeros': accounts.zeros,
+                'zeros_slug': '007',
+                'name': 'Digits',
+            },
+        )
+    day_ago = datetime.now(UTC) - timedelta(days=1)
+    owners = (
+        (acme, 'acme-health'),
+        (green, 'green-grocer'),
+        (accounts.clash, accounts.clash_slug),
+        (accounts.zeros, '007'),
+    )
+    for number, slug in owners:
+        await tracker.track_request(
+            ledger_record(started_at=day_ago, cost='0.001', account_id=number, account_slug=slug)
+        )
+    await tracker.flush()
+    return accounts

@@ -12,6 +12,7 @@ import pytest
 from agentrt.agents.cli.audit import render_detail, render_page
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, get_request, list_requests
+from tests.agents.cli.conftest import DigitAccounts
 from tests.agents.cli.helpers import invoke, run_cli
 from tests.factories import fast_config, ledger_record, scalar, write_ledger_row
 
@@ -133,6 +134,20 @@ async def test_an_agent_that_does_not_exist_is_a_usage_error_not_an_empty_page(
         for agent in ('provider-finder', 'my-own-agent'):
             quiet = await invoke(*command, '--agent', agent, '--since', '2099-01-01', '--json', env=env)
             assert quiet.exit_code == 0 and 'error' not in quiet.stderr, (agent, quiet.stderr)
+
+
+async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_refused(
+    digit_accounts: DigitAccounts, database_url: str
+) -> None:
+    # `--account 2` listed green-grocer's requests (id 2), not those of the account whose slug is `2` (QA).
+    accounts, env = digit_accounts, {'DATABASE_URL': database_url}
+    refused = await invoke('audit', 'list', '--account', accounts.clash_slug, env=env)
+    assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, refused.stderr
+    assert f'the id of account {accounts.green} (green-grocer)' in ' '.join(refused.stderr.split())
+    for account, slug in (('007', '007'), (str(accounts.clash), accounts.clash_slug)):
+        listed = await invoke('audit', 'list', '--account', account, '--json', env=env)
+        assert listed.exit_code == 0, (account, listed.stderr)
+        assert [row['account_slug'] for row in json.loads(listed.stdout)['items']] == [slug], account
 
 
 async def test_audit_list_walks_by_after_every_row_once_in_order(database_url: str) -> None:

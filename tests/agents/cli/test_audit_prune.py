@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from click.testing import Result
 
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker
+from tests.agents.cli.conftest import DigitAccounts
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_record, scalar
 
@@ -120,3 +121,39 @@ async def test_audit_show_of_a_pruned_request(tracker: LLMRequestTracker, databa
     assert 'no prompt, response or error is stored for this request' in shown.stdout
     as_json = await invoke('audit', 'show', str(records[0].id), '--json', env=env)
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)['contents'] == []
+
+
+async def _stored_of(account: int) -> int:
+    return int(
+        await scalar(
+            'SELECT count(*) FROM llm_request_contents c JOIN llm_requests r ON r.id = c.request_id '
+            'WHERE r.account_id = :account',
+            account=account,
+        )
+    )
+
+
+async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_refused(
+    digit_accounts: DigitAccounts, database_url: str
+) -> None:
+    # Slugs may be all digits: `--account 2` was always the id 2 and pruned green-grocer's bodies, not those of the
+    # account whose slug is `2` (QA).
+    accounts = digit_accounts
+    everyone = (accounts.acme, accounts.green, accounts.clash, accounts.zeros)
+    refused = await _prune('--before', '0h', '--account', accounts.clash_slug, database_url=database_url)
+    assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, refused.stderr
+    said = ' '.join(refused.stderr.split())
+    assert (
+        f"'{accounts.clash_slug}' is the slug of account {accounts.clash} and the id of account {accounts.green} "
+        f'(green-grocer); give the id, {accounts.clash} or {accounts.green}'
+    ) in said, said
+    assert [await _stored_of(account) for account in everyone] == [2, 2, 2, 2]
+    for account, gone in (
+        ('007', accounts.zeros),
+        (str(accounts.clash), accounts.clash),
+        (str(accounts.acme), accounts.acme),
+    ):
+        pruned = await _prune('--before', '0h', '--account', account, '--json', database_url=database_url)
+        assert pruned.exit_code == 0 and json.loads(pruned.stdout)['bodies'] == 2, (account, pruned.stderr)
+        assert await _stored_of(gone) == 0, account
+    assert await _stored_of(accounts.green) == 2  # never the account the digits' slug clashes with

@@ -37,7 +37,8 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['audit', 'list', '--page-size', '101'], {}, 2, '--page-size'),
     (['audit', 'list', '--since', 'yesterday'], {}, 2, '--since'),
     (['audit', 'list', '--failed', '--succeeded'], {}, 2, 'exclude each other'),
-    (['audit', 'list', '--account', BIG], {}, 2, '--account'),
+    # past a bigint no id, so a slug (slugs may be all digits), one no account has
+    (['audit', 'list', '--account', BIG], {}, 2, f"unknown account '{BIG}'"),
     # an account that does not exist: was an empty list, read as "no activity" (a known one with none is still empty)
     (['audit', 'list', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'; accounts:"),
     (['audit', 'list', '--account', '424242'], {}, 2, 'unknown account id 424242'),
@@ -51,7 +52,7 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['audit', 'show', 'ffffffff'], {}, 1, 'no model request'),
     (['costs', '--by', 'planet'], {}, 2, '--by'),
     (['costs', '--since', '2026-13-45'], {}, 2, '--since'),
-    (['costs', '--account', BIG], {}, 2, '--account'),
+    (['costs', '--account', BIG], {}, 2, f"unknown account '{BIG}'"),
     # a time past the last (or before the first) moment once in UTC: was an internal error (rollup), a driver's
     # message (ledger)
     (['costs', '--until', '9999-12-31T23:59:59-14:00'], {}, 2, '--until 9999-12-31T23:59:59-14:00 is out of range'),

@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 
 from agentrt.agents.cli.support import EXIT_BUDGET, EXIT_USAGE
+from tests.agents.cli.conftest import DigitAccounts
 from tests.agents.cli.helpers import invoke
 from tests.agents.conftest import account_id
 from tests.factories import ledger_record, write_ledger_row
@@ -33,6 +34,28 @@ async def test_set_show_and_remove_a_budget(demo_data: None, database_url: str) 
     assert none.exit_code == 0 and 'has no budget' in none.stderr
     swept = await invoke('budget', 'sweep', '--json', env=env)
     assert swept.exit_code == 0 and json.loads(swept.stdout)['released_dead'] == 0
+
+
+async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_refused(
+    digit_accounts: DigitAccounts, database_url: str
+) -> None:
+    # `budget set --account 2` set green-grocer's budget (id 2), not that of the account whose slug is `2` (QA).
+    accounts, env = digit_accounts, {'DATABASE_URL': database_url}
+    for args in (('set', '--limit', '5'), ('show',), ('remove',)):
+        refused = await invoke('budget', *args, '--account', accounts.clash_slug, env=env)
+        assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, (args, refused.stderr)
+        said = ' '.join(refused.stderr.split())
+        assert f'is the slug of account {accounts.clash} and the id of account {accounts.green} (green-grocer)' in said
+    assert json.loads((await invoke('budget', 'show', '--json', env=env)).stdout) == []
+    for account, slug in (('007', '007'), (str(accounts.clash), accounts.clash_slug)):
+        made = await invoke('budget', 'set', '--account', account, '--limit', '5', '--json', env=env)
+        assert made.exit_code == 0, (account, made.stderr)
+        assert [status['account_slug'] for status in json.loads(made.stdout)] == [slug], account
+        shown = await invoke('budget', 'show', '--account', account, '--json', env=env)
+        assert [status['account_slug'] for status in json.loads(shown.stdout)] == [slug], account
+    assert (await invoke('budget', 'remove', '--account', '007', env=env)).exit_code == 0
+    left = json.loads((await invoke('budget', 'show', '--json', env=env)).stdout)
+    assert [status['account_slug'] for status in left] == [accounts.clash_slug]  # green-grocer never had one
 
 
 async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, database_url: str) -> None:

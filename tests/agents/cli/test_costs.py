@@ -12,7 +12,7 @@ from sqlalchemy import text
 from agentrt.agents.cli.costs import render_costs
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, summarise_costs
-from tests.agents.cli.conftest import cli_record
+from tests.agents.cli.conftest import DigitAccounts, cli_record
 from tests.agents.cli.helpers import invoke, run_cli
 from tests.factories import fast_config
 
@@ -181,3 +181,24 @@ async def test_audit_list_written_to_a_pipe_has_every_column(seeded: list[Ledger
     for column in ('agent', 'tokens in/out', 'ms', 'cost USD'):
         assert column in header
     assert '1,200/80' in piped.stdout and '…' not in piped.stdout
+
+
+async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_refused(
+    digit_accounts: DigitAccounts, database_url: str
+) -> None:
+    # Slugs may be all digits: `--account 2` was always the id 2 (green-grocer's costs, not those of the account whose
+    # slug is `2`) and `--account 007` "unknown account id 7" (QA).
+    accounts, env = digit_accounts, {'DATABASE_URL': database_url}
+    for source in ('rollup', 'ledger'):
+        refused = await invoke('costs', '--account', accounts.clash_slug, '--source', source, env=env)
+        assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, refused.stderr
+        said = ' '.join(refused.stderr.split())
+        assert f'is the slug of account {accounts.clash} and the id of account {accounts.green} (green-grocer)' in said
+        for account, slug in (
+            ('007', '007'),
+            (str(accounts.clash), accounts.clash_slug),
+            (str(accounts.acme), 'acme-health'),
+        ):
+            shown = await invoke('costs', '--account', account, '--source', source, '--json', env=env)
+            assert shown.exit_code == 0, (account, shown.stderr)
+            assert [group['key'] for group in json.loads(shown.stdout)['groups']] == [slug], (account, source)
