@@ -32,14 +32,22 @@ class Period:
         """`month`, `week`, `day`, or a custom window: a number and a unit (`m`inutes, `h`ours, `d`ays), e.g. `7d`.
 
         Raises:
-            InvalidInputError: anything else (field `period`).
+            InvalidInputError: anything else (field `period`), an upper-case `M` too (months or minutes).
         """
         value = text.strip().lower()
         if value in CALENDAR_PERIODS:
             return cls(value)
         if value in ('monthly', 'weekly', 'daily'):
             return cls({'monthly': 'month', 'weekly': 'week', 'daily': 'day'}[value])
-        found = _WINDOW.match(value)
+        found = _WINDOW.match(text)
+        if found and found.group(2) == 'M':
+            # A month to most readers, a minute to the parser: `1M` was a 1-minute window, its limit renewed every
+            # minute (QA). `H` and `D` mean one thing each, so they stay taken.
+            raise InvalidInputError(
+                f'the period {text.strip()!r} is ambiguous, months or minutes: give month for the calendar month, '
+                f"or a window's minutes with a lower-case m (e.g. 90m)",
+                field='period',
+            )
         if found:
             seconds = int(found.group(1)) * _UNIT_SECONDS[found.group(2).lower()]
             if 60 <= seconds <= MAX_WINDOW_SECONDS:

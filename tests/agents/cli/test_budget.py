@@ -74,6 +74,8 @@ async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, databas
         (('--account', 'acme-health', '--limit', '1_000'), 'the limit must be an amount in USD'),
         (('--account', 'acme-health', '--limit', '5', '--period', 'fortnight'), 'month, week, day or a window'),
         (('--account', 'acme-health', '--limit', '5', '--period', '0d'), 'month, week, day or a window'),
+        # a month to most readers: was a 1-minute window (QA)
+        (('--account', 'acme-health', '--limit', '5', '--period', '1M'), 'ambiguous, months or minutes'),
         (('--account', 'acme-health', '--limit', '5', '--anchor', '2026-01-01'), 'custom window'),
         (('--account', 'acme-health', '--limit', '5', '--period', '7d', '--anchor', 'soon'), '--anchor must be'),
         # the first and last instants in UTC: the driver sends them as -infinity/infinity (was the database's
