@@ -165,13 +165,16 @@ async def _input_tokens(
 
 
 def _refused(identity: LedgerIdentity, refusal: Refusal, needed: Decimal, least: int) -> BudgetExceededError:
-    held = f' and {usd(refusal.reserved_usd)} held by requests in flight' if refusal.reserved_usd else ''
-    spent = usd(refusal.spent_usd) if refusal.spent_usd is not None else 'what was spent'
+    # Six decimals, or the limit's own when it has more: the limit as set (`$0.000000000001`, not `$0.000001`, a
+    # million times it, QA), and every amount beside it to the places that compare with it.
+    places = max(USD_PLACES, -min(0, int(refusal.limit_usd.normalize().as_tuple().exponent)))
+    held = f' and {usd(refusal.reserved_usd, places)} held by requests in flight' if refusal.reserved_usd else ''
+    spent = usd(refusal.spent_usd, places) if refusal.spent_usd is not None else 'what was spent'
     return BudgetExceededError(
         f'the budget of account {_account(identity)} does not cover this model request: {spent} spent{held} of its '
-        f'{usd(refusal.limit_usd)} limit for the period {_when(refusal.period_start)} to '
-        f'{_when(refusal.period_end)} UTC, and the request needs at least {usd(needed)} (its input and {least} '
-        f'output tokens); it was not sent. Raise the limit (agentrt budget set) or wait for the next period',
+        f'{usd(refusal.limit_usd, places)} limit for the period {_when(refusal.period_start)} to '
+        f'{_when(refusal.period_end)} UTC, and the request needs at least {usd(needed, places)} (its input and '
+        f'{least} output tokens); it was not sent. Raise the limit (agentrt budget set) or wait for the next period',
         reason='limit',
         account_id=identity.account_id,
         limit_usd=refusal.limit_usd,
@@ -183,11 +186,16 @@ def _refused(identity: LedgerIdentity, refusal: Refusal, needed: Decimal, least:
     )
 
 
-def usd(amount: Decimal | None) -> str:
-    """`$12.50`, `$0.000123`: at least cents, at most six decimals (rounded up, as a hold is)."""
+USD_PLACES = 6
+"""The decimals a refusal shows its amounts to, unless its limit has more (a limit has at most 12)."""
+
+
+def usd(amount: Decimal | None, places: int = USD_PLACES) -> str:
+    """`$12.50`, `$0.000123`: at least cents, at most `places` decimals (rounded up, as a hold is: a request's need,
+    what was spent and held, never shown under what they are; a limit has no more decimals than `places`)."""
     if amount is None:
         return '-'
-    text = f'{amount.quantize(Decimal("0.000001"), rounding="ROUND_CEILING"):f}'.rstrip('0')
+    text = f'{amount.quantize(Decimal(1).scaleb(-places), rounding="ROUND_CEILING"):f}'.rstrip('0')
     whole, _, cents = text.partition('.')
     return f'${whole}.{cents.ljust(2, "0")}'
 

@@ -5,6 +5,7 @@ recorded and raised before anything is sent, unpriced models counted or refused,
 from __future__ import annotations
 
 import asyncio
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -208,3 +209,19 @@ async def test_the_input_is_counted_by_the_provider_where_the_model_can(
     assert holds[0] < holds[1], 'ten counted tokens hold less than the byte bound of the request'
     await _agent(_CountingModel(), tmp_path).run('hi', deps=chat_deps('t', two_accounts[1]))
     assert _CountingModel.counted == 1, 'the provider is not asked to count for an account without a budget'
+
+
+@pytest.mark.parametrize(('limit', 'shown'), [('0.000000000001', '$0.000000000001'), ('0.0000015', '$0.0000015')])
+async def test_a_refusal_says_the_limit_as_set(
+    two_accounts: tuple[int, int], tmp_path: Any, limit: str, shown: str
+) -> None:
+    # Amounts were rounded up to six decimals: a $0.000000000001 limit was said to be $0.000001, a million times it,
+    # in the CLI's error line and the HTTP 429's detail (QA).
+    alpha, _ = two_accounts
+    await give_budget('alpha', limit)
+    with pytest.raises(BudgetExceededError) as refused:
+        await _agent(PricedModel(), tmp_path).run('hi', deps=chat_deps('s', alpha))
+    said = str(refused.value)
+    assert f': $0.00 spent of its {shown} limit for the period ' in said, said
+    needed = re.search(r'needs at least \$(0\.\d+) ', said)
+    assert needed is not None and Decimal(needed.group(1)) >= refused.value.needed_usd, said  # rounded up, if at all
