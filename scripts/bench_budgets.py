@@ -42,6 +42,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     write_results,
@@ -326,13 +327,19 @@ async def main() -> None:
             raise SystemExit(f'the books do not balance: {books}')
         write_results(opts.out, 'budgets', config, machine, rows, summary)
     finally:
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
-            # Its accounts go too (their budgets, charges and conversations with them): each with a $1,000,000 budget,
-            # they were left in `agentrt budget show` of the database the benchmark ran on (QA).
-            await session.execute(text('DELETE FROM accounts WHERE slug LIKE :s'), {'s': f'{ACCOUNT}-%'})
-        await close_database()
+        # The ledger's rows first: those its writer still held (a round stopped mid-way) were written after the
+        # delete, rows of accounts gone, in `agentrt costs` for good (QA). drain_supervisor: and the usage roll-up
+        # still pending, which would race the ledger rows deleted next.
+        await run_clean_up(settle, drain_supervisor, lambda: delete_rows(prefix), close_database)
+
+
+async def delete_rows(prefix: str) -> None:
+    """Remove the run's ledger rows and its accounts."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await delete_ledger_rows(session, 'r.chat_session_id LIKE :p', {'p': f'{prefix}-%'})
+        # Its accounts go too (their budgets, charges and conversations with them): each with a $1,000,000 budget,
+        # they were left in `agentrt budget show` of the database the benchmark ran on (QA).
+        await session.execute(text('DELETE FROM accounts WHERE slug LIKE :s'), {'s': f'{ACCOUNT}-%'})
 
 
 if __name__ == '__main__':

@@ -265,21 +265,74 @@ def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
 INTERRUPTED = 'interrupted; its clean-up ran: the rows it added are removed'
 """What `run_benchmark` says when a benchmark is stopped (its `finally:` blocks have run by then)."""
 
+CUT_SHORT = 'interrupted again during its clean-up, which was cut short: rows it added may be left in the database'
+"""What `run_benchmark` says when a second Ctrl-C stopped a clean-up (`run_clean_up`) before its end."""
+
 SETUP_ERRORS = (DatabaseUnavailableError, ConfigError, EmbeddedPostgresError, MigrationError)
 """A database that cannot be reached or set up: said in one line by `run_benchmark`."""
 
 
-def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED) -> None:
+@dataclass
+class _CleanUps:
+    """How many clean-ups (`run_clean_up`) this process started and how many ran to their end."""
+
+    started: int = 0
+    ended: int = 0
+
+
+_clean_ups = _CleanUps()
+
+
+async def run_clean_up(*steps: Callable[[], Awaitable[object]]) -> None:
+    """Run a benchmark's clean-up (its `finally:` block): `steps` one after another, to their end whatever cancels the
+    benchmark meanwhile; then go on with that cancellation.
+
+    A Ctrl-C or SIGTERM landing as the clean-up started (just after `summary:`) cancelled its await under way and
+    skipped the rest: the rows stayed, and `run_benchmark` said they were removed (QA). So the steps run in a task of
+    their own, which the main task's cancellation (`asyncio.run`'s answer to the first Ctrl-C) does not reach; the
+    cancellation is raised once they have ended, so the benchmark still stops (exit 130). A second Ctrl-C raises
+    `KeyboardInterrupt` and may cut them short: `run_benchmark` then says so (`CUT_SHORT`).
+
+    Args:
+        steps: what to await, in order (flush the ledger before deleting its rows: rows it still held were written
+            after the delete).
+
+    Raises:
+        asyncio.CancelledError: the benchmark was stopped meanwhile (after the steps), or the steps were cancelled.
+        Exception: what a step raised (the later steps do not run).
+    """
+    _clean_ups.started += 1
+    work = asyncio.ensure_future(_in_order(steps))
+    stopped = False
+    while not work.done():
+        try:
+            await asyncio.wait([work])
+        except asyncio.CancelledError:
+            stopped = True  # noted, and raised once the steps have ended
+    work.result()
+    if stopped:
+        raise asyncio.CancelledError
+
+
+async def _in_order(steps: Sequence[Callable[[], Awaitable[object]]]) -> None:
+    for step in steps:
+        await step()
+    _clean_ups.ended += 1
+
+
+def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED, cut_short: str = CUT_SHORT) -> None:
     """Run a benchmark's entry point (`lambda: asyncio.run(main())`) as its `__main__` block.
 
     Ctrl-C and SIGTERM (`clean_up_on_sigterm`) end it with `interrupted` on one line and exit status 130, once its
-    clean-up has run (the exception reaches here through its `finally:` blocks); a database that cannot be reached
-    or set up ends it with one `error:` line (the server's host and port in it) and status 1. Both were tracebacks,
-    a chained one for an interrupt (QA).
+    clean-up has run (the exception reaches here through its `finally:` blocks), or with `cut_short` when a clean-up
+    of `run_clean_up` did not reach its end (a second Ctrl-C during it); a database that cannot be reached or set up
+    ends it with one `error:` line (the server's host and port in it) and status 1. Both were tracebacks, a chained
+    one for an interrupt (QA).
 
     Args:
         entry: runs the benchmark to its end.
         interrupted: what to say when it is stopped: what its clean-up did.
+        cut_short: what to say when its clean-up was stopped too: what may be left.
     """
     try:
         entry()
@@ -287,7 +340,7 @@ def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED
         # The tasks the interrupt cut off (SIGTERM raises it inside one) are collected at exit, each logged by
         # asyncio as "exception was never retrieved" with its traceback: what stopped them is said here instead.
         logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-        print(interrupted, file=sys.stderr)
+        print(cut_short if _clean_ups.ended < _clean_ups.started else interrupted, file=sys.stderr)
         raise SystemExit(130) from None
     except SETUP_ERRORS as exc:
         print(f'error: {" ".join(str(exc).split())}', file=sys.stderr)

@@ -45,6 +45,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     wait_ready,
@@ -306,7 +307,7 @@ async def main() -> None:
                             inproc, http = rows[-2]['turns_per_s'], rows[-1]['turns_per_s']
                             print(f'  throughput, {streams} streams: {inproc} / {http} turns/s')
             finally:
-                await server.stop()
+                await run_clean_up(server.stop)  # to its end: the server's turns are deleted next
         print_table([r for r in rows if r['part'] == 'latency'], LATENCY_COLUMNS)
         print_table([r for r in rows if r['part'] == 'throughput'], THROUGHPUT_COLUMNS)
         summary = await _summary(rows, opts, prefix)
@@ -315,14 +316,18 @@ async def main() -> None:
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
         raise SystemExit(f'stopped: {exc}') from None
     finally:
-        await settle()
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        # Both patterns' turns (the server's too, stopped by now): left, they were counted by `agentrt costs` and
-        # budgets of the database the benchmark ran on (QA).
-        await delete_chats(prefix)
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            await session.execute(text('DELETE FROM api_keys WHERE name = :p'), {'p': prefix})
-        await close_database()
+        # drain_supervisor: and the usage roll-up still pending, which would race the ledger rows deleted next. Both
+        # patterns' turns (the server's too, stopped by now): left, they were counted by `agentrt costs` and budgets
+        # of the database the benchmark ran on (QA).
+        await run_clean_up(
+            settle, drain_supervisor, lambda: delete_chats(prefix), lambda: forget_key(prefix), close_database
+        )
+
+
+async def forget_key(prefix: str) -> None:
+    """Remove the API key the run made (named `prefix`)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text('DELETE FROM api_keys WHERE name = :p'), {'p': prefix})
 
 
 async def _summary(rows: list[dict[str, Any]], opts: Any, prefix: str) -> dict[str, Any]:

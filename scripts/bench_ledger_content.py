@@ -48,6 +48,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     write_results,
@@ -351,9 +352,7 @@ async def main() -> None:
         print('summary:', summary)
         write_results(opts.out, 'bench_ledger_content', config, machine, rows + lag_rows, summary)
     finally:
-        await settle()
-        await delete_rows(prefix, since)
-        await close_database()
+        await run_clean_up(settle, lambda: delete_rows(prefix, since), close_database)
 
 
 if __name__ == '__main__':

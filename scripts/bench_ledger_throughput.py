@@ -31,6 +31,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     write_results,
 )
@@ -147,10 +148,13 @@ async def main() -> None:
         print('summary:', {k: v for k, v in summary.items() if k != 'tracker_stats'})
         write_results(opts.out, 'ledger_throughput', config, machine, rows, summary)
     finally:
-        await tracker.aclose()
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            await delete_ledger_rows(session, 'r.account_slug = :a', {'a': ACCOUNT})
-        await close_database()
+        await run_clean_up(tracker.aclose, delete_rows, close_database)
+
+
+async def delete_rows() -> None:
+    """Remove the rows the run wrote (its account's)."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await delete_ledger_rows(session, 'r.account_slug = :a', {'a': ACCOUNT})
 
 
 if __name__ == '__main__':

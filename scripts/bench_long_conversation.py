@@ -31,6 +31,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     write_results,
@@ -192,10 +193,8 @@ async def main() -> None:
         print('summary:', summary)
         write_results(opts.out, 'long_conversation', config, machine, results, summary | {'per_turn': per_turn})
     finally:
-        await settle()
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        await delete_conversations(prefix)
-        await close_database()
+        # drain_supervisor: and the usage roll-up still pending, which would race the ledger rows deleted next
+        await run_clean_up(settle, drain_supervisor, lambda: delete_conversations(prefix), close_database)
 
 
 if __name__ == '__main__':

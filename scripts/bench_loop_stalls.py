@@ -45,6 +45,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     wait_ready,
     write_results,
 )
@@ -341,7 +342,13 @@ async def measure_replay(root: Path, spool: Path, template: str, count: int) -> 
     finally:
         probe.running = False
         await probing
-        stopped = await server.stop()
+        stopped = 0.0
+
+        async def stop() -> None:
+            nonlocal stopped
+            stopped = await server.stop()
+
+        await run_clean_up(stop)  # to its end: the server's replayed rows are deleted next
     rows.append({'request': 'stop (SIGTERM) after the replay', 'wall_ms': ms(stopped)})
     return rows
 
@@ -539,10 +546,7 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
                 print(row, flush=True)
         machine = await machine_info()
     finally:
-        await server.stop()
-        await clean_up()
-        await forget_key(token)
-        await close_database()
+        await run_clean_up(server.stop, clean_up, lambda: forget_key(token), close_database)
         log = root / 'server.log'
         if log.exists() and log.stat().st_size:  # warnings and errors only (`--log-level warning`): kept to read
             opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     write_results,
@@ -586,10 +587,8 @@ async def main(opts: argparse.Namespace) -> None:
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback (QA)
         raise SystemExit(f'stopped: {exc}') from None
     finally:
-        await settle()
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        await delete_conversations(prefix)
-        await close_database()
+        # drain_supervisor: and the usage roll-up still pending, which would race the ledger rows deleted next
+        await run_clean_up(settle, drain_supervisor, lambda: delete_conversations(prefix), close_database)
 
 
 if __name__ == '__main__':

@@ -41,6 +41,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     scripted_model,
     server_busy_s,
     start_database,
@@ -269,13 +270,18 @@ async def main() -> None:
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
         raise SystemExit(f'stopped: {exc}') from None
     finally:
-        await get_request_tracker().flush()
-        await drain_supervisor()  # and the usage roll-up still pending
-        await delete_chats(CHAT_PREFIX)
-        # Here, not at the end of the try: SIGTERM, Ctrl-C, a budget's refusal or an unwritable --out left the table.
-        async with get_db_session(account=Unscoped.OWNER) as session:
-            await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
-        await close_database()
+        # drain_supervisor: and the usage roll-up still pending. The table dropped here, not at the end of the try:
+        # SIGTERM, Ctrl-C, a budget's refusal or an unwritable --out left it.
+        tracker = get_request_tracker()
+        await run_clean_up(
+            tracker.flush, drain_supervisor, lambda: delete_chats(CHAT_PREFIX), drop_table, close_database
+        )
+
+
+async def drop_table() -> None:
+    """Drop the table the request-scoped pattern's turns write to."""
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text('DROP TABLE IF EXISTS bench_turns'))
 
 
 if __name__ == '__main__':

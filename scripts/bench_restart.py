@@ -37,6 +37,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     use_temporary_spool,
     write_results,
 )
@@ -187,13 +188,13 @@ async def main() -> None:
                     rows.append(await scenario(name, variant, rounds, warm))
                 print(rows[-1], flush=True)
         finally:
-            await drain_supervisor(30)  # and the usage roll-up still pending, which would race the rows deleted next
-            await get_request_tracker().flush()
-            # Left, its turns' ledger rows and conversations were counted by `agentrt costs` and budgets of the
-            # database it ran on (`AGENTRT_DATA_DIR`: the user's own, when set).
-            await delete_chats(RUN)
-            await get_request_tracker().aclose()
-            await close_database()
+            # drain_supervisor: and the usage roll-up still pending, which would race the rows deleted next. Left, its
+            # turns' ledger rows and conversations were counted by `agentrt costs` and budgets of the database it ran
+            # on (`AGENTRT_DATA_DIR`: the user's own, when set).
+            tracker = get_request_tracker()
+            await run_clean_up(
+                lambda: drain_supervisor(30), tracker.flush, lambda: delete_chats(RUN), tracker.aclose, close_database
+            )
     print_config('restart', {'rounds': rounds, 'warm': warm, **info})
     columns = [(k, k) for k in ('scenario', 'settings', 'turns', 'failed', 'model_requests', 'ledger_rows')]
     print_table(rows, [*columns, ('CPU ms/turn', 'cpu_ms_per_turn'), ('errors', 'errors')])

@@ -38,6 +38,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     start_database,
     use_temporary_spool,
     write_results,
@@ -159,10 +160,10 @@ async def measure(turns: int, rounds: int, sessions: int, warm_up: int) -> tuple
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
         raise SystemExit(f'stopped: {exc}') from None
     finally:
-        await get_request_tracker().flush()
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        await delete_chats(prefix)  # left, `agentrt costs` and budgets counted its turns (QA)
-        await shutdown_runtime()
+        # drain_supervisor: and the usage roll-up still pending, which would race the ledger rows deleted next; the
+        # chats: left, `agentrt costs` and budgets counted its turns (QA).
+        tracker = get_request_tracker()
+        await run_clean_up(tracker.flush, drain_supervisor, lambda: delete_chats(prefix), shutdown_runtime)
     return rows, summary, machine
 
 

@@ -35,6 +35,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     run_script_forked,
     use_temporary_spool,
     write_results,
@@ -132,10 +133,10 @@ async def child(mode: str, turns: int, out: Path, warm_up: int = 3) -> None:
     except BudgetExceededError as exc:  # a budget on the account, nearly spent: said in one line, not a traceback
         raise SystemExit(f'stopped: {exc}') from None
     finally:
-        await get_request_tracker().flush()
-        await drain_supervisor()  # and the usage roll-up still pending, which would race the ledger rows deleted next
-        await delete_chats(prefix)  # left, `agentrt costs` and budgets counted this process's turns (QA)
-        await shutdown_runtime()
+        # drain_supervisor: and the usage roll-up still pending, which would race the ledger rows deleted next; the
+        # chats: left, `agentrt costs` and budgets counted this process's turns (QA).
+        tracker = get_request_tracker()
+        await run_clean_up(tracker.flush, drain_supervisor, lambda: delete_chats(prefix), shutdown_runtime)
     await asyncio.to_thread(out.write_text, json.dumps({'rows': rows, 'machine': machine}))
 
 

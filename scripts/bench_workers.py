@@ -43,6 +43,7 @@ from bench_common import (
     print_config,
     print_table,
     run_benchmark,
+    run_clean_up,
     write_results,
 )
 from pydantic_ai.models.wrapper import WrapperModel
@@ -230,8 +231,7 @@ async def main() -> None:
         rows = [await run_n(n, bouncer, args, postmaster) for n in args.workers]
     finally:
         bouncer.stop()
-        await delete_chats(CHAT_PREFIX, account=Unscoped.ADMIN)
-        await shutdown_runtime()
+        await run_clean_up(lambda: delete_chats(CHAT_PREFIX, account=Unscoped.ADMIN), shutdown_runtime)
     print_table(rows, [(key, key) for key in rows[0] if key != 'errors'])
     for row in rows:
         for error in row['errors']:
