@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -250,8 +251,11 @@ def clean_up_on_sigterm() -> None:
     it. A `KeyboardInterrupt` raised wherever the signal landed (a ledger writer's task, a worker thread's join) left
     rows the writer recorded after the clean-up, and once a process waiting for its idle worker threads for ever
     (QA: 2 of 12 SIGTERMs).
+
+    Only the main thread may set a handler: a script run in another (a test's, in-process) keeps the process's.
     """
-    signal.signal(signal.SIGTERM, _as_ctrl_c)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
 
 
 def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:

@@ -16,8 +16,8 @@ The idle samples list the asyncio tasks still running and where each waits: afte
 It writes to the database it runs on (the embedded server in `AGENTRT_DATA_DIR` when set, else a `bench-pgdata`
 directory of its own beside the default data directory, as the benchmarks do; `DATABASE_URL` if set): the demo data,
 and its turns' conversations and ledger rows. The budget it holds the medical account's requests against is its own:
-the account's budget (or its having none) is put back as the run ends, so the demo model's turns are not refused
-afterwards (an unpriced model and a budget: `AGENTRT_BUDGET_UNPRICED=refuse`).
+the account's budget (or its having none) is put back as the run ends, on Ctrl-C and SIGTERM too, so the demo
+model's turns are not refused afterwards (an unpriced model and a budget: `AGENTRT_BUDGET_UNPRICED=refuse`).
 
 Run (`AGENTRT_DATA_DIR`: a directory of its own):
     AGENTRT_DATA_DIR=/tmp/leak-check/pgdata .venv/bin/python scripts/leak_check_library.py --turns 5000 --concurrency 8
@@ -40,9 +40,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import bench_data_dir, demo_planner_model, percentile, start_database
+from bench_common import (
+    bench_data_dir,
+    clean_up_on_sigterm,
+    demo_planner_model,
+    percentile,
+    run_benchmark,
+    run_clean_up,
+    start_database,
+)
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.agents.runtime import shutdown_runtime
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
@@ -136,6 +143,13 @@ async def drive(index: int, opts: argparse.Namespace, state: dict[str, Any], mod
         state['done'] += 1
 
 
+async def stopped(workers: list[asyncio.Task[None]]) -> None:
+    """Cancel the closed loops still running and wait for their turns to end."""
+    for worker in workers:
+        worker.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+
+
 def awaiting(task: asyncio.Task[Any]) -> str:
     """Where a task waits: its chain of coroutines and async generators, innermost last (the last few)."""
     chain, step = [], task.get_coro()
@@ -201,31 +215,32 @@ async def main(opts: argparse.Namespace) -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         await seed_demo_data(session=session)
         before = await account_budget_status(session=session, account=MEDICAL_ACCOUNT)
-        limit = Decimal('100000')
-        await set_budget(session=session, account=MEDICAL_ACCOUNT, limit_usd=limit, period=Period.parse('month'))
-    try:
+    try:  # a stop as the budget is set is undone too: its commit may have gone through
+        async with get_db_session(account=Unscoped.ADMIN) as session:
+            limit = Decimal('100000')
+            await set_budget(session=session, account=MEDICAL_ACCOUNT, limit_usd=limit, period=Period.parse('month'))
         await run_and_check(opts)
     finally:
         # Left in place, the budget refused every later turn of the demo model on this database (`agentrt chat`:
         # "model 'demo' has no price ... has a budget"), the user's own when AGENTRT_DATA_DIR or DATABASE_URL is.
-        async with get_db_session(account=Unscoped.ADMIN) as session:
-            await restore_budget(before, session=session)
-        await shutdown_runtime()
+        # To its end whatever stops the run meanwhile: SIGTERM killed it with the budget in place (QA).
+        await run_clean_up(lambda: restore_budget(before), shutdown_runtime)
 
 
-async def restore_budget(before: BudgetStatus | None, *, session: AsyncSession) -> None:
+async def restore_budget(before: BudgetStatus | None) -> None:
     """Put the medical account's budget back as it was before the run: none, or its limit, period and anchor."""
-    if before is None:
-        await remove_budget(session=session, account=MEDICAL_ACCOUNT)
-        return
-    period = Period.parse(before.period)
-    await set_budget(
-        session=session,
-        account=MEDICAL_ACCOUNT,
-        limit_usd=before.limit_usd,
-        period=period,
-        window_anchor=before.window_anchor,
-    )
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        if before is None:
+            await remove_budget(session=session, account=MEDICAL_ACCOUNT)
+            return
+        period = Period.parse(before.period)
+        await set_budget(
+            session=session,
+            account=MEDICAL_ACCOUNT,
+            limit_usd=before.limit_usd,
+            period=period,
+            window_anchor=before.window_anchor,
+        )
 
 
 async def run_and_check(opts: argparse.Namespace) -> None:
@@ -235,11 +250,16 @@ async def run_and_check(opts: argparse.Namespace) -> None:
     rows = [await sample('idle-start', state)]
     workers = [asyncio.create_task(drive(i, opts, state, model.model)) for i in range(opts.concurrency)]
     next_sample = opts.sample_every
-    while not all(w.done() for w in workers):
-        await asyncio.sleep(0.2)
-        if state['done'] >= next_sample:
-            rows.append(await sample('load', state))
-            next_sample += opts.sample_every
+    try:
+        while not all(w.done() for w in workers):
+            await asyncio.sleep(0.2)
+            if state['done'] >= next_sample:
+                rows.append(await sample('load', state))
+                next_sample += opts.sample_every
+    finally:
+        # A stopped run's turns end here (their holds and claims given back), not after the budget is put back and
+        # the runtime shut down: what they held then stayed in the database (QA).
+        await run_clean_up(lambda: stopped(workers))
     for w in workers:
         w.result()
     await asyncio.sleep(opts.idle_seconds)
@@ -280,5 +300,10 @@ def parse_args() -> argparse.Namespace:
     return args.parse_args()
 
 
+INTERRUPTED = "interrupted; its clean-up ran: the account's budget is as it was (its turns' rows stay, as after a run)"
+CUT_SHORT = "interrupted again during its clean-up, which was cut short: the run's own budget may be left in place"
+
+
 if __name__ == '__main__':
-    asyncio.run(main(parse_args()))
+    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too: killed, it left its budget (QA)
+    run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED, cut_short=CUT_SHORT)

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import percentile
+from bench_common import clean_up_on_sigterm, percentile, run_benchmark, run_clean_up
 from leak_check_library import HISTORY_SQL
-from soak_serve import PgProbe, Server, setup
+from soak_serve import INTERRUPTED, PgProbe, Server, setup
 
 QUESTION = 'Cardiologists in Seattle who accept Medicare'
 
@@ -231,8 +231,14 @@ async def main(opts: argparse.Namespace) -> None:
                 print('idle after:  ', await idle(server, pg))
         print('checks:', await checks(pg))
     finally:
-        await pg.close()
-        print('server exit:', await server.stop())
+        stopped: list[int | None] = []
+
+        async def stop_server() -> None:
+            stopped.append(await server.stop())
+
+        # To its end whatever stops it meanwhile: killed by SIGTERM, it left its server running.
+        await run_clean_up(pg.close, stop_server)
+        print('server exit:', stopped[0])
         print('log:', log_findings(server.log_path))
         if opts.keep_log:
             shutil.copy(server.log_path, opts.keep_log)
@@ -258,4 +264,5 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == '__main__':
-    asyncio.run(main(parse_args()))
+    clean_up_on_sigterm()  # SIGTERM stops the server it started too, as Ctrl-C does
+    run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED)

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench_common import clean_up_on_sigterm, run_benchmark, run_clean_up
 from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart, capture_run_messages
 from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -169,11 +170,15 @@ async def main() -> int:
         await part_c()
     finally:
         # Here, not at the end of the try: a failure or Ctrl-C left the table in the database it ran on.
-        async with get_db_session(account=Unscoped.OWNER) as session:
-            await session.execute(text(f'DROP TABLE IF EXISTS {COST_TABLE}'))
-        await close_database()
+        await run_clean_up(drop_table, close_database)
     print(f'result: failure reproduced={reproduced}, fix works={fixed}')
     return 0 if reproduced and fixed else 1
+
+
+async def drop_table() -> None:
+    """Drop the table the tools of (c) write their costs to."""
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        await session.execute(text(f'DROP TABLE IF EXISTS {COST_TABLE}'))
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,6 +196,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == '__main__':
+    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too: killed, it left its table
     if arguments().quick:
         SLEEP_S = 0.05
-    sys.exit(asyncio.run(main()))
+    run_benchmark(
+        lambda: sys.exit(asyncio.run(main())), interrupted='interrupted; its clean-up ran: its table is dropped'
+    )

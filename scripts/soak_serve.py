@@ -217,6 +217,10 @@ class Server:
             self.log.close()
 
 
+INTERRUPTED = 'interrupted; its clean-up ran: the server it started is stopped'
+"""What it says when Ctrl-C or SIGTERM stops it (its data directory, its own unless `--data-dir`, goes at exit)."""
+
+
 def client_module() -> Any:
     import httpx2
 
@@ -652,8 +656,16 @@ async def main(opts: argparse.Namespace) -> None:
         await pg.open()
         rows = await soak(opts, server, pg, key, prefix)
     finally:
-        await pg.close()
-        code = await server.stop()
+        from bench_common import run_clean_up
+
+        stopped: list[int | None] = []
+
+        async def stop_server() -> None:
+            stopped.append(await server.stop())
+
+        # To its end whatever stops the soak meanwhile: killed by SIGTERM, it left its server running (QA).
+        await run_clean_up(pg.close, stop_server)
+        code = stopped[0]
         print(f'server exited with {code} (log: {server.log_path})')
     summary = verdict(rows, opts)
     summary['server_exit_code'] = code
@@ -671,4 +683,7 @@ if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == '--serve-child':
         serve_child(sys.argv[2:])
     else:
-        asyncio.run(main(parse_args()))
+        from bench_common import clean_up_on_sigterm, run_benchmark  # here: the server's child needs none of it
+
+        clean_up_on_sigterm()  # SIGTERM stops the server it started too, as Ctrl-C does
+        run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED)

@@ -4,10 +4,15 @@ demo model on that database (`agentrt chat` exit 10, "model 'demo' has no price 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.budgets import Period, account_budget_status, set_budget
@@ -47,3 +52,55 @@ async def test_an_accounts_own_budget_is_put_back(demo_data: None, database_url:
         await set_budget(session=session, account=MEDICAL_ACCOUNT, limit_usd=Decimal('7.5'), period=Period.parse('2d'))
     await _run(database_url, tmp_path)
     assert await _budget() == (Decimal('7.5'), '2d')
+
+
+STOPPED_AT_ITS_FIRST_REQUEST = """
+import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's: the test worker's (xdist) is ignored
+import bench_common
+
+stop, built, sent = getattr(signal, sys.argv[1]), bench_common.demo_planner_model, []
+
+def stopping_model(latency):
+    model = built(latency)
+    respond = model.function
+
+    async def first_request_stops(messages, info):
+        if not sent:  # once: a second signal would be a second Ctrl-C
+            sent.append(stop)
+            os.kill(os.getpid(), stop)
+        return await respond(messages, info)
+
+    model.function = first_request_stops
+    return model
+
+bench_common.demo_planner_model = stopping_model
+sys.argv = ['leak_check_library.py', *sys.argv[2:]]
+runpy.run_path('leak_check_library.py', run_name='__main__')
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('signal_name', ['SIGTERM', 'SIGINT'])
+async def test_a_stopped_run_puts_the_budget_back_and_says_so_in_one_line(
+    signal_name: str, demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # SIGTERM killed it with its $100,000 budget (and the holds of its turns in flight) left on the account: every
+    # later demo chat was refused; Ctrl-C put the budget back but ended in a KeyboardInterrupt traceback (QA).
+    # The signal comes from the run's own process as its model answers its first request: the turns are under way.
+    env = {**os.environ, 'DATABASE_URL': database_url, 'AGENTRT_LEDGER_SPOOL': str(tmp_path / 's.jsonl')}
+    args = ['--turns', '40', '--concurrency', '3', '--kinds', 'new', '--latency', '0.05', '--idle-seconds', '0']
+    command = [sys.executable, '-c', STOPPED_AT_ITS_FIRST_REQUEST, signal_name, *args]
+    scripts = SCRIPT.parent
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=90, env=env, cwd=scripts, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 130, output
+    assert result.stderr.strip().splitlines() == [
+        "interrupted; its clean-up ran: the account's budget is as it was (its turns' rows stay, as after a run)"
+    ], output
+    assert await _budget() is None
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(text('SELECT count(*) FROM budget_reservations'))).scalar_one() == 0
+        assert (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one() == 0

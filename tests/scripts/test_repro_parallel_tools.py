@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.scripts.test_benchmarks_smoke import table_exists
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,3 +72,41 @@ def test_repro_script_help_runs_nothing_and_unknown_options_are_refused() -> Non
     bogus = subprocess.run([sys.executable, script, '--bogus'], capture_output=True, text=True, timeout=60, check=False)
     assert bogus.returncode == 2, bogus.stdout + bogus.stderr
     assert 'unrecognized arguments: --bogus' in bogus.stderr and bogus.stdout == ''
+
+
+STOPPED_AS_PART_A_STARTS = """
+import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's: the test worker's (xdist) is ignored
+import agentrt.db.engine as engine
+
+stop, built = getattr(signal, sys.argv[1]), engine.build_engine
+
+def build_then_stop(*args, **kwargs):
+    os.kill(os.getpid(), stop)
+    return built(*args, **kwargs)
+
+engine.build_engine = build_then_stop  # (a)'s legacy engine: its table is made by then
+sys.argv = ['repro_parallel_tools.py', '--quick']
+runpy.run_path('repro_parallel_tools.py', run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('signal_name', ['SIGTERM', 'SIGINT'])
+def test_a_stopped_repro_drops_its_table_and_says_so_in_one_line(
+    signal_name: str, demo_data: None, database_url: str
+) -> None:
+    # Killed by SIGTERM, it left its table in the database it ran on; Ctrl-C dropped it but ended in a traceback.
+    import os
+
+    result = subprocess.run(
+        [sys.executable, '-c', STOPPED_AS_PART_A_STARTS, signal_name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'DATABASE_URL': database_url},
+        cwd=ROOT / 'scripts',
+        check=False,
+    )
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == ['interrupted; its clean-up ran: its table is dropped'], result.stderr
+    assert not asyncio.run(table_exists(database_url, 'repro_cost_rows'))
