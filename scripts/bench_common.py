@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+import bench_start  # first: Ctrl-C and SIGTERM during the imports below end the benchmark with one line
 from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart
 from pydantic_ai.messages import ModelMessage, PartDeltaEvent, PartStartEvent, TextPartDelta, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
@@ -232,20 +233,18 @@ def bench_data_dir() -> Path:
 
 def use_temporary_spool() -> None:
     """Put the ledger's spool in a new temporary directory unless `AGENTRT_LEDGER_SPOOL` is set: rows a benchmark
-    spools (the database away, a restart) must not land in, or be replayed from, the user's own spool. Also makes
-    SIGTERM stop the benchmark as Ctrl-C does (`clean_up_on_sigterm`). The directory is removed at exit: each run
-    left one in /tmp (QA)."""
+    spools (the database away, a restart) must not land in, or be replayed from, the user's own spool. The directory
+    is removed at exit: each run left one in /tmp (QA)."""
     if 'AGENTRT_LEDGER_SPOOL' not in os.environ:
         spool_dir = tempfile.mkdtemp(prefix='bench-spool-')
         atexit.register(shutil.rmtree, spool_dir, True)
         os.environ['AGENTRT_LEDGER_SPOOL'] = f'{spool_dir}/ledger.jsonl'
-    clean_up_on_sigterm()
 
 
 def clean_up_on_sigterm() -> None:
     """Make SIGTERM do what Ctrl-C does, so a benchmark stopped by it runs its clean-up (its `finally:` deletes its
-    rows and accounts): killed by the default handler, it left them all (QA). Call it from the main thread, before the
-    event loop starts.
+    rows and accounts): killed by the default handler, it left them all (QA). `run_benchmark` calls it, before the
+    benchmark's entry point (its arguments, its event loop).
 
     Ctrl-C's handler is asked, whichever it is then: `asyncio.run`'s cancels the main task, so the clean-up runs in
     it. A `KeyboardInterrupt` raised wherever the signal landed (a ledger writer's task, a worker thread's join) left
@@ -327,7 +326,8 @@ async def _in_order(steps: Sequence[Callable[[], Awaitable[object]]]) -> None:
 def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED, cut_short: str = CUT_SHORT) -> None:
     """Run a benchmark's entry point (`lambda: asyncio.run(main())`) as its `__main__` block.
 
-    Ctrl-C and SIGTERM (`clean_up_on_sigterm`) end it with `interrupted` on one line and exit status 130, once its
+    Ctrl-C and SIGTERM (`clean_up_on_sigterm`, set here; before, during the imports, `bench_start`'s) end it with
+    `interrupted` on one line and exit status 130, once its
     clean-up has run (the exception reaches here through its `finally:` blocks), or with `cut_short` when a clean-up
     of `run_clean_up` did not reach its end (a second Ctrl-C during it); a database that cannot be reached or set up
     ends it with one `error:` line (the server's host and port in it) and status 1. Both were tracebacks, a chained
@@ -338,6 +338,8 @@ def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED
         interrupted: what to say when it is stopped: what its clean-up did.
         cut_short: what to say when its clean-up was stopped too: what may be left.
     """
+    bench_start.started()
+    clean_up_on_sigterm()
     try:
         entry()
     except KeyboardInterrupt:

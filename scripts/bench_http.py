@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import bench_start
 import httpx2
 from bench_common import (
     closed_loop,
@@ -362,6 +363,7 @@ async def _summary(rows: list[dict[str, Any]], opts: Any, prefix: str) -> dict[s
 
 if __name__ == '__main__':
     if len(sys.argv) == 4 and sys.argv[1] == '--serve-child':
+        bench_start.started()  # the server's own handlers: it stops on SIGTERM, as uvicorn does
         serve_child(int(sys.argv[2]), float(sys.argv[3]))
     else:
         run_benchmark(lambda: asyncio.run(main()))

@@ -33,7 +33,6 @@ from typing import Any
 
 import httpx2
 from bench_common import (
-    clean_up_on_sigterm,
     delete_chats,
     delete_ledger_rows,
     int_list,
@@ -558,5 +557,4 @@ async def run(opts: argparse.Namespace, config: dict[str, Any], root: Path) -> N
 
 
 if __name__ == '__main__':
-    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too
     run_benchmark(lambda: asyncio.run(main()))

@@ -32,7 +32,6 @@ import psycopg
 from bench_common import (
     ROOT,
     bench_data_dir,
-    clean_up_on_sigterm,
     delete_chats,
     demo_planner_model,
     int_list,
@@ -251,5 +250,4 @@ def _postmaster_pid() -> int:
 
 
 if __name__ == '__main__':
-    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too
     run_benchmark(lambda: asyncio.run(main()))

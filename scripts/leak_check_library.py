@@ -42,7 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (
     bench_data_dir,
-    clean_up_on_sigterm,
     demo_planner_model,
     percentile,
     run_benchmark,
@@ -305,5 +304,4 @@ CUT_SHORT = "interrupted again during its clean-up, which was cut short: the run
 
 
 if __name__ == '__main__':
-    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too: killed, it left its budget (QA)
     run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED, cut_short=CUT_SHORT)

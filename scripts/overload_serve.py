@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import clean_up_on_sigterm, percentile, run_benchmark, run_clean_up
+from bench_common import percentile, run_benchmark, run_clean_up
 from leak_check_library import HISTORY_SQL
 from soak_serve import INTERRUPTED, PgProbe, Server, setup
 
@@ -264,5 +264,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == '__main__':
-    clean_up_on_sigterm()  # SIGTERM stops the server it started too, as Ctrl-C does
     run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED)

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench_common import clean_up_on_sigterm, run_benchmark, run_clean_up
+from bench_common import run_benchmark, run_clean_up
 from pydantic_ai import Agent, ModelResponse, RunContext, TextPart, ToolCallPart, capture_run_messages
 from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -196,7 +196,6 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == '__main__':
-    clean_up_on_sigterm()  # its clean-up runs on SIGTERM too: killed, it left its table
     if arguments().quick:
         SLEEP_S = 0.05
     run_benchmark(

@@ -683,7 +683,6 @@ if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == '--serve-child':
         serve_child(sys.argv[2:])
     else:
-        from bench_common import clean_up_on_sigterm, run_benchmark  # here: the server's child needs none of it
+        from bench_common import run_benchmark  # here: the server's child needs none of it
 
-        clean_up_on_sigterm()  # SIGTERM stops the server it started too, as Ctrl-C does
         run_benchmark(lambda: asyncio.run(main(parse_args())), interrupted=INTERRUPTED)
