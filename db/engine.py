@@ -31,6 +31,7 @@ from agentrt.db.engine_build import timeouts_in_force as timeouts_in_force
 from agentrt.db.errors import ConfigError, DatabaseNotInitializedError
 from agentrt.db.forks import forget_in_child
 from agentrt.db.loop_lock import LockPerLoop
+from agentrt.db.pool_close import CLOSE_WAIT_SECONDS, close_idle_connections
 from agentrt.db.schema_version import at_packaged_head
 from agentrt.db.settings import Settings, get_settings
 from agentrt.db.transaction_setup import RetryingSession, SetupSession, close_connections_of
@@ -293,6 +294,18 @@ async def close_database(*, release_embedded_server: bool = False) -> None:
     runtime, _runtime = _runtime, None
     if runtime is not None:
         _shut_down = True
+        if runtime.loop is asyncio.get_running_loop():
+            # Closed together, each goodbye bounded: `dispose()` closes them one by one, each waiting up to a
+            # statement's whole wait for a server that does not answer (QA: 243 s for 6, a traceback each).
+            unanswered = await close_idle_connections(runtime.engine)
+            if unanswered:
+                logger.warning(
+                    'closing the pool: %d pooled connection(s) to PostgreSQL at %s did not answer within %g s (a '
+                    'frozen server, or a network that drops packets?); closed without waiting for it',
+                    unanswered,
+                    _address(runtime),
+                    CLOSE_WAIT_SECONDS,
+                )
         # Connections of an event loop that has ended cannot be closed from this one (asyncpg's "attached to a
         # different loop"): dropped, their sockets went with that loop.
         await runtime.engine.dispose(close=not runtime.loop.is_closed())
@@ -304,8 +317,10 @@ def server_address() -> str | None:
     """Where the process's runtime connects, for the messages of connections that fail after its start: `host:port/db`,
     and `(PgBouncer)` in the pooler mode; None before the start."""
     runtime = _runtime
-    if runtime is None:
-        return None
+    return None if runtime is None else _address(runtime)
+
+
+def _address(runtime: _Runtime) -> str:
     return describe_server(runtime.url) + (' (PgBouncer)' if runtime.settings.pooled else '')
 
 

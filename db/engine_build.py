@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import connection_problem, given_up, refused_startup_parameter, unavailable_error
+from agentrt.db.pool_close import track_idle_connections
 from agentrt.db.pool_health import PoolHealth
 from agentrt.db.settings import Settings
 from agentrt.db.setup_failures import login_error, pooler_error, setting_error
@@ -175,6 +176,7 @@ def build_engine(url: URL, settings: Settings) -> AsyncEngine:
         lock_timeout_ms=timeouts['lock_timeout'] or None, statement_timeout_ms=timeouts['statement_timeout'] or None
     )
     install_prelude(engine, defaults=per_transaction if settings.pooled else None)
+    track_idle_connections(engine)  # closed together at the runtime's end (`close_database`)
     return engine
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentrt.db import engine as runtime_engine
 from agentrt.db import pool_health
 from agentrt.db.embedded import start_embedded
 from agentrt.db.engine import (
@@ -31,9 +33,11 @@ from agentrt.db.engine import (
 )
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError
 from agentrt.db.failures import lost_connection
+from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.db.setup_failures import login_refused
 from tests.ports import free_port
+from tests.stalling_proxy import StallingDatabase
 
 
 @pytest.fixture
@@ -417,3 +421,46 @@ async def test_a_checkout_cancelled_while_it_closes_a_broken_connection_still_re
         assert await _backend_pid(engine)  # and the pool's one place serves the next checkout
     finally:
         await engine.dispose()
+
+
+async def test_closing_the_pool_on_a_server_that_does_not_answer_is_bounded_and_said_in_one_line(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `agentrt serve` stopped on a frozen PostgreSQL in 243 s: SQLAlchemy's `dispose()` closed its 6 pooled connections
+    # one after another, each asyncpg goodbye waiting the statement timeout plus the margin for the server's answer,
+    # and each logged as an ERROR with a traceback (QA). Now they are closed together, each waiting a few seconds.
+    pooled = 6
+    saved, shut_down = runtime_engine._runtime, runtime_engine._shut_down
+    runtime_engine._runtime = None
+    try:
+        async with StallingDatabase(database_url).running() as proxy:
+            try:
+                # A 10 s wait for each answer (5 s + the margin): the close took 60 s before.
+                await init_database(Settings(database_url=proxy.url, statement_timeout_ms=5000), migrate=False)
+                together = asyncio.Barrier(pooled)
+
+                async def hold_one() -> None:
+                    async with get_db_session(account=Unscoped.OWNER) as session:
+                        await session.execute(text('SELECT 1'))
+                        await together.wait()  # all checked out at once: the pool keeps each of them
+
+                await asyncio.gather(*(hold_one() for _ in range(pooled)))
+                assert pool_status().checked_in == pooled
+                proxy.stall()
+                started = time.monotonic()
+                with caplog.at_level(logging.WARNING):
+                    async with asyncio.timeout(30):
+                        await runtime_engine.close_database()
+                took = time.monotonic() - started
+            finally:
+                await runtime_engine.close_database()  # nothing left to close when the test got this far
+                proxy.resume()
+    finally:
+        runtime_engine._runtime, runtime_engine._shut_down = saved, shut_down
+    assert took < 8, f'closed after {took:.1f} s'
+    logged = [(record.levelname, record.getMessage(), record.exc_info) for record in caplog.records]
+    assert len(logged) == 1, logged
+    [(level, message, exc_info)] = logged
+    assert level == 'WARNING' and exc_info is None, logged
+    assert f'{pooled} pooled connection(s)' in message and f'127.0.0.1:{proxy.port}' in message, message
+    assert 'did not answer' in message, message
