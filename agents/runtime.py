@@ -53,9 +53,10 @@ async def shutdown_runtime(
 
     Args:
         timeout: seconds for the whole clean-up: turns still running end (then their conversations stay claimed
-            until their leases expire), background tasks finish before they are cancelled, and the ledger's flush
-            (given at least `LEDGER_CLOSE_SECONDS`; what a database that does not answer leaves unwritten stays in
-            the journal for the next start).
+            until their leases expire, or for a turn on this host until the process has ended; a release the database
+            does not answer is not retried in the background), background tasks finish before they are cancelled, and
+            the ledger's flush (given at least `LEDGER_CLOSE_SECONDS`; what a database that does not answer leaves
+            unwritten stays in the journal for the next start).
         release_embedded_server: also let go of the embedded PostgreSQL now (the last process using it stops it),
             for a process that may end by a signal rather than a normal exit (a uvicorn server or worker).
 

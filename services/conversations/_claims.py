@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
-from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.forks import forget_in_child
 from agentrt.db.processes import is_alive, this_host, this_process
 from agentrt.db.session import get_db_session, retry_on_disconnect
@@ -222,6 +222,7 @@ class TurnClaim:
         claim counts as held by this process (`claims_released`).
         """
         loop = asyncio.get_running_loop()
+        _stopping.discard(loop)  # turns run on it again: the runtime was started again after a shutdown
         holding = _holding.setdefault(loop, set())
         holding.add(self.claim_id)
         _held_here[self.claim_id] = _HeldHere(asyncio.current_task(), asyncio.Event())
@@ -289,6 +290,8 @@ class TurnClaim:
         """Release the claim; whether its release was deferred until the database is back (`_release_later`)."""
         try:
             await self.release()
+        except DatabaseNotInitializedError as exc:  # the runtime was shut down before the release could start
+            _left_held(self.conversation_id, self.lease_s, exc)
         except DatabaseUnavailableError as exc:
             # The database is down (the turn most likely failed for the same reason): release the claim once it is
             # back, so the message can be sent again at once rather than after the lease.
@@ -399,6 +402,11 @@ _holding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakr
 event loop of their turn; a loop that ended with a turn still on it (no finally ran) goes with its entry."""
 _none_held: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Event]] = weakref.WeakKeyDictionary()
 """Set when the last claim held on their loop is given up (`claims_released` waits on one)."""
+_stopping: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+"""Event loops whose runtime is shutting down: `claims_released` was called there, and no claim taken since. A release
+the database does not answer there is left to its lease (`_left_held`), not retried by a background task: one started
+after the runtime's supervisor was drained ran on a supervisor nobody drained, and failed after the runtime had shut
+down, with a traceback, or was cut by the loop's end with a line saying `shutdown_runtime()` was not called (QA)."""
 
 
 def _let_go(loop: asyncio.AbstractEventLoop, holding: set[str], claim_id: str) -> None:
@@ -417,10 +425,16 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
     claimed for the rest of its lease (the next turn, after a restart, was refused as concurrent) and the cancelled
     request's ledger row unwritten.
 
+    From this call until a claim is taken again on this event loop, a release the database does not answer is not
+    retried in the background: its conversation stays claimed until its lease expires, or until this process has
+    ended for a turn on this host (`TurnClaim.refused`), which a WARNING line says.
+
     Returns:
-        How many claims are still held (logged as a warning): their conversations are free when their leases expire.
+        How many claims are still held (logged as a warning): their conversations are free when their leases expire,
+        or, for a turn on this host, once this process has ended.
     """
     loop = asyncio.get_running_loop()  # only its turns can end while this waits
+    _stopping.add(loop)
     if _holding.get(loop):
         waiter = asyncio.Event()
         _none_held.setdefault(loop, []).append(waiter)
@@ -435,7 +449,10 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
     held = len(_holding.get(loop, ()))
     if held:
         logger.warning(
-            '%d turn(s) still running at shutdown; their conversations are free when their claims expire', held
+            '%d turn(s) still running or releasing their conversations at shutdown (a database that does not answer?); '
+            'their conversations are free when their claims expire, or at once for a turn on this host once this '
+            'process has ended',
+            held,
         )
     return held
 
@@ -480,9 +497,10 @@ conversation for the rest of the lease. An entry leaves when its release ends, h
 def _forget_the_parents() -> list[object]:
     """In a forked child: the claims the parent's turns hold (or must still release) are the parent's, and so are
     their loop's events; the child's turns take claims of their own (`agentrt.db.forks`)."""
-    global _holding, _none_held, _held_here, _abandoned
-    left: list[object] = [_holding, _none_held, _held_here, _abandoned]
+    global _holding, _none_held, _held_here, _abandoned, _stopping
+    left: list[object] = [_holding, _none_held, _held_here, _abandoned, _stopping]
     _holding, _none_held, _held_here, _abandoned = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary(), {}, {}
+    _stopping = weakref.WeakSet()
     return left
 
 
@@ -490,8 +508,14 @@ forget_in_child(_forget_the_parents)
 
 
 def _release_later(claim: TurnClaim, error: Exception) -> None:
-    supervisor = get_supervisor()
+    loop = asyncio.get_running_loop()
     key = (claim.account_id, claim.conversation_id)
+    if loop in _stopping:  # no background task once the shutdown began (`_stopping`)
+        if _abandoned.get(key) == claim.claim_id:
+            del _abandoned[key]
+        _left_held(claim.conversation_id, claim.lease_s, error)
+        return
+    supervisor = get_supervisor()
     _abandoned[key] = claim.claim_id
     try:
         supervisor.spawn(
@@ -500,7 +524,7 @@ def _release_later(claim: TurnClaim, error: Exception) -> None:
             claim.conversation_id,
             claim.claim_id,
             claim.lease_s,
-            lambda: not supervisor.accepting,
+            lambda: not supervisor.accepting or loop in _stopping,
             name='release a conversation claim',
             attributes={'gen_ai.conversation.id': claim.conversation_id},
         )
@@ -537,18 +561,27 @@ async def _release_with_backoff(claim: TurnClaim, shutting_down: Callable[[], bo
         try:
             await claim.release()
             return
-        except DatabaseUnavailableError:
+        except DatabaseNotInitializedError as exc:  # the runtime was shut down meanwhile
+            _left_held(conversation_id, lease_s, exc)
+            return
+        except DatabaseUnavailableError as exc:
             if shutting_down():
-                logger.info(
-                    'conversation %s stays held until its claim expires (at most %gs): PostgreSQL is still '
-                    'unreachable as the process ends',
-                    conversation_id,
-                    lease_s,
-                )
+                _left_held(conversation_id, lease_s, exc)
                 return
             if asyncio.get_running_loop().time() + delay > deadline:
                 return  # expired by now: the next turn takes it over
             delay = min(delay * 2, 2.0)
+
+
+def _left_held(conversation_id: str, lease_s: float, error: Exception) -> None:
+    """Say, in one line, that a claim this process is stopping without is left to its lease."""
+    logger.warning(
+        'conversation %s stays claimed: its release did not reach PostgreSQL as the process stopped (%s); it is free '
+        'when its claim expires (in %gs at most), or at once for a turn on this host once this process has ended',
+        conversation_id,
+        error,
+        lease_s,
+    )
 
 
 async def _keep_alive(claim: TurnClaim) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,13 +16,17 @@ import anyio
 import pytest
 from sqlalchemy import text
 
+from agentrt.db import engine, transaction_setup
 from agentrt.db.models import Account
 from agentrt.db.processes import Holder, process_start, this_host, this_process
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.background import get_supervisor
+from agentrt.db.settings import Settings
+from agentrt.services import background
+from agentrt.services.background import drain_supervisor, get_supervisor
 from agentrt.services.conversations import ConcurrentTurnError, TurnClaim, claims_released, conversation_claim
 from agentrt.services.conversations import _claims as claims_module
 from tests.factories import scalar
+from tests.stalling_proxy import StallingDatabase
 
 
 @pytest.fixture
@@ -335,3 +340,53 @@ async def test_turns_racing_for_a_dead_process_claim_take_it_over_once(
     outcomes = await asyncio.gather(*racers, return_exceptions=True)
     assert sum(outcome is None for outcome in outcomes) == 1
     assert all(isinstance(outcome, ConcurrentTurnError) for outcome in outcomes if outcome is not None)
+
+
+async def test_a_release_the_database_does_not_answer_at_shutdown_is_left_to_its_lease_in_one_line_and_no_task(
+    account: int, database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server stopped while PostgreSQL was frozen: a cut-off turn's release failed after the runtime's supervisor
+    # was drained, and was retried by a task of a new supervisor nobody drained, which failed with a traceback once
+    # the runtime was shut down (DatabaseNotInitializedError), or was cut by the loop's end with a line saying that
+    # shutdown_runtime() had not been called (QA). Now nothing starts once the shutdown began: one WARNING line.
+    monkeypatch.setattr(transaction_setup, 'CLIENT_WAIT_MARGIN_SECONDS', 0.4)  # a statement given up after 1.4 s
+    loop = asyncio.get_running_loop()
+    saved, shut_down = engine._runtime, engine._shut_down
+    engine._runtime = None
+    try:
+        async with StallingDatabase(database_url).running() as proxy:
+            try:
+                await engine.init_database(Settings(database_url=proxy.url, statement_timeout_ms=1000), migrate=False)
+                inside = asyncio.Event()
+
+                async def turn() -> None:
+                    async with conversation_claim(account, 'frozen', lease_s=60):
+                        inside.set()
+                        await asyncio.sleep(60)
+
+                running = asyncio.create_task(turn())
+                await inside.wait()
+                proxy.stall()
+                running.cancel()  # cut off by the stop: its release waits on the frozen database
+                await asyncio.gather(running, return_exceptions=True)
+                with caplog.at_level(logging.INFO):
+                    assert await claims_released(0.2) == 1  # shutdown_runtime's steps, in its order
+                    await drain_supervisor(0.2)
+                    await engine.close_database()
+                    for _ in range(100):  # the release's statement is given up
+                        if 'stays claimed' in caplog.text:
+                            break
+                        await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.5)  # a retry started now would have run, and failed, by then
+                    assert background._supervisors.get(loop) is None  # no supervisor made after the drain
+            finally:
+                await engine.close_database()
+                proxy.resume()
+    finally:
+        engine._runtime, engine._shut_down = saved, shut_down
+    ours = [record for record in caplog.records if record.name.startswith('agentrt')]
+    assert all(record.levelno < logging.ERROR and not record.exc_info for record in ours), caplog.text
+    assert 'without shutdown_runtime()' not in caplog.text
+    [left] = [record.getMessage() for record in ours if 'stays claimed' in record.getMessage()]
+    assert left.startswith('conversation frozen stays claimed') and 'once this process has ended' in left, left
+    assert 'frozen' not in str(claims_module._abandoned), claims_module._abandoned
