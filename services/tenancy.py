@@ -57,18 +57,27 @@ MAX_ACCOUNT_ID = 2**63 - 1
 """`accounts.id` is a bigint."""
 
 
+ID_PREFIX = 'id:'
+"""`id:N` is always the account id N: a colon is no slug's (`agentrt.agents.turn_input`), so it names what an
+all-digit value cannot when it is one account's slug and another's id."""
+
+
 async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
     """What an operator's account "slug or id" names, as `get_account` and `LedgerFilters` take it: a slug, or an id.
 
-    Slugs may be all digits (`2`, `007`), so an all-digit value can be a slug, an id, or both: a slug of one account
-    and the id of another is refused, never guessed (an id taken for it pruned and budgeted another tenant, QA). A
-    value that is only an account's slug stays that slug; one that is no account's slug is an id (an unknown id is
-    `get_account`'s error, and the ledger keeps a deleted account's rows by id). Only ASCII digits make an id:
-    Python's `isdigit` takes `²` and `١` (Arabic-Indic one), which were an internal error and another account.
+    `id:N` is the id N. Slugs may be all digits (`2`, `007`), so an all-digit value can be a slug, an id, or both: a
+    slug of one account and the id of another is refused, never guessed (an id taken for it pruned and budgeted
+    another tenant, QA). A value that is only an account's slug stays that slug; one that is no account's slug is an
+    id (an unknown id is `get_account`'s error, and the ledger keeps a deleted account's rows by id). Only ASCII
+    digits make an id: Python's `isdigit` takes `²` and `١` (Arabic-Indic one), which were an internal error and
+    another account.
 
     Raises:
-        InvalidInputError: (`field` `account`) `value` is the slug of one account and the id of another, naming both.
+        InvalidInputError: (`field` `account`) `value` is the slug of one account and the id of another, naming both
+            and what names each; or an `id:` without an id (no digits, other characters, past a bigint).
     """
+    if value.startswith(ID_PREFIX):
+        return _explicit_id(value)
     if not (value.isascii() and value.isdigit()):
         return value
     # No `int()` of thousands of digits (Python refuses past 4,300) nor a bind past a bigint: no such id.
@@ -79,14 +88,32 @@ async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
     by_slug = next((id_ for id_, slug in found if slug == value), None)
     by_id = next(((id_, slug) for id_, slug in found if id_ == as_id), None)
     if by_slug is not None and by_id is not None and by_id[0] != by_slug:
+        # Its own id is what always names each; a slug too when it is not all digits (then it is never ambiguous),
+        # never the refused value itself nor another all-digit slug that may be refused as well (a swapped pair).
+        other = f'{ID_PREFIX}{by_id[0]}' + ('' if by_id[1].isascii() and by_id[1].isdigit() else f' / {by_id[1]}')
         raise InvalidInputError(
             f'account {value!r} is ambiguous: {value!r} is the slug of account {by_slug} and the id of account '
-            f'{by_id[0]} ({by_id[1]}); give the id, {by_slug} or {by_id[0]}',
+            f'{by_id[0]} ({by_id[1]}); give {ID_PREFIX}{by_slug} for account {by_slug}, or {other} for account '
+            f'{by_id[0]}',
             field='account',
         )
     if by_slug is not None or as_id is None:
         return value
     return as_id
+
+
+def _explicit_id(value: str) -> int:
+    """The id of an `id:N` value; `InvalidInputError` when N is not one (an id of digits, at most a bigint)."""
+    digits = value[len(ID_PREFIX) :]
+    # The length first: no `int()` of thousands of digits (Python refuses past 4,300).
+    if digits.isascii() and digits.isdigit() and len(digits) <= len(str(MAX_ACCOUNT_ID)):
+        if int(digits) <= MAX_ACCOUNT_ID:
+            return int(digits)
+    shown = reprlib.repr(value)
+    raise InvalidInputError(
+        f'account {shown} is not an account id: {ID_PREFIX} takes the digits of one (at most {MAX_ACCOUNT_ID})',
+        field='account',
+    )
 
 
 async def get_agent_instance(account: Account, slug: str | None, *, session: AsyncSession) -> AgentInstance:

@@ -148,7 +148,10 @@ def audit_prune(
     account: str | None = typer.Option(
         None,
         '--account',
-        help='Account slug or id: its requests only (required with --conversation when there are several accounts).',
+        help=(
+            'Account slug or id (id:N is always the id N): its requests only (required with --conversation when '
+            'there are several accounts).'
+        ),
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -24,7 +24,7 @@ budget_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_ACCOUNT = typer.Option(..., '--account', help='Account slug or id.')
+_ACCOUNT = typer.Option(..., '--account', help='Account slug or id (id:N is always the id N).')
 
 
 @budget_app.command('set')
@@ -58,7 +58,9 @@ def budget_set(
 
 @budget_app.command('show')
 def budget_show(
-    account: str | None = typer.Option(None, '--account', help='Only this account (slug or id).'),
+    account: str | None = typer.Option(
+        None, '--account', help='Only this account (slug or id; id:N is always the id N).'
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show budgets and their current period: limit, spent, held by requests in flight, remaining."""

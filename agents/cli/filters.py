@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 JSON_OPTION = typer.Option(False, '--json', help='Print JSON for scripts instead of a table.')
 CSV_OPTION = typer.Option(False, '--csv', help='Print CSV (every column, a header line first) instead of a table.')
-ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id.')
+ACCOUNT_OPTION = typer.Option(None, '--account', help='Account slug or id (id:N is always the id N).')
 AGENT_OPTION = typer.Option(None, '--agent', help='Agent instance slug or agent name.')
 MODEL_OPTION = typer.Option(None, '--model', help='Model name (requested or reported).')
 SINCE_OPTION = typer.Option(None, '--since', help='Started at or after (ISO date or time, UTC unless given).')

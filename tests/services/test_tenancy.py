@@ -91,5 +91,27 @@ async def test_an_all_digit_slug_or_id_is_the_account_it_names_and_refused_when_
     assert refused.value.field == 'account'
     assert str(refused.value) == (
         f"account '{green}' is ambiguous: '{green}' is the slug of account 900001 and the id of account {green} "
-        f'(green-grocer); give the id, 900001 or {green}'
+        f'(green-grocer); give id:900001 for account 900001, or id:{green} / green-grocer for account {green}'
     )
+
+
+async def test_id_colon_is_always_the_id_and_what_an_ambiguous_value_suggests(demo_data: None) -> None:
+    """The ambiguity error said "give the id, 13 or 2", and 2 was the value refused: `id:N` always names the id N."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        # A swapped pair: no plain value names either of them.
+        session.add_all([Account(id=900_400, slug='900401', name='A'), Account(id=900_401, slug='900400', name='B')])
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
+        for value in ('900400', '900401'):
+            with pytest.raises(InvalidInputError) as refused:
+                await account_slug_or_id(value, session=session)
+            other = 900_401 if value == '900400' else 900_400
+            said = str(refused.value)
+            # only the `id:` forms: each account's slug is the other's refused value
+            assert said.endswith(f'give id:{other} for account {other}, or id:{value} for account {value}'), said
+        named = [await account_slug_or_id(value, session=session) for value in ('id:900400', 'id:900401', 'id:0007')]
+        assert named == [900_400, 900_401, 7]
+        assert await account_slug_or_id(f'id:{2**63 - 1}', session=session) == 2**63 - 1
+        for malformed in ('id:', 'id:x', 'id: 7', 'id:-1', 'id:²', f'id:{2**63}', 'id:' + '9' * 5000):
+            with pytest.raises(InvalidInputError, match='is not an account id: id: takes the digits') as bad:
+                await account_slug_or_id(malformed, session=session)
+            assert bad.value.field == 'account' and len(str(bad.value)) < 120, malformed

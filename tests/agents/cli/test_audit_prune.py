@@ -145,15 +145,16 @@ async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_re
     said = ' '.join(refused.stderr.split())
     assert (
         f"'{accounts.clash_slug}' is the slug of account {accounts.clash} and the id of account {accounts.green} "
-        f'(green-grocer); give the id, {accounts.clash} or {accounts.green}'
+        f'(green-grocer); give id:{accounts.clash} for account {accounts.clash}, or id:{accounts.green} / '
+        f'green-grocer for account {accounts.green}'
     ) in said, said
     assert [await _stored_of(account) for account in everyone] == [2, 2, 2, 2]
     for account, gone in (
         ('007', accounts.zeros),
         (str(accounts.clash), accounts.clash),
         (str(accounts.acme), accounts.acme),
+        (f'id:{accounts.green}', accounts.green),  # what the error suggests for the refused value's id
     ):
         pruned = await _prune('--before', '0h', '--account', account, '--json', database_url=database_url)
         assert pruned.exit_code == 0 and json.loads(pruned.stdout)['bodies'] == 2, (account, pruned.stderr)
         assert await _stored_of(gone) == 0, account
-    assert await _stored_of(accounts.green) == 2  # never the account the digits' slug clashes with

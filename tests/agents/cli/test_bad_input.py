@@ -42,6 +42,11 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     # an account that does not exist: was an empty list, read as "no activity" (a known one with none is still empty)
     (['audit', 'list', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'; accounts:"),
     (['audit', 'list', '--account', '424242'], {}, 2, 'unknown account id 424242'),
+    # `id:N` is always the id N; without one it is refused, not a slug no account has
+    (['audit', 'list', '--account', 'id:'], {}, 2, "account 'id:' is not an account id: id: takes the digits"),
+    (['costs', '--account', 'id:7x'], {}, 2, "account 'id:7x' is not an account id"),
+    (['budget', 'set', '--account', f'id:{BIG}', '--limit', '5'], {}, 2, 'is not an account id'),
+    (['audit', 'prune', '--before', '1d', '--account', 'id:424242'], {}, 2, 'unknown account id 424242'),
     (['costs', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'"),
     (['costs', '--account', 'nosuch', '--source', 'ledger'], {}, 2, "unknown account 'nosuch'"),
     (['keys', 'list', '--account', 'nosuch'], {}, 2, "unknown account 'nosuch'"),

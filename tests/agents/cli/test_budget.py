@@ -56,6 +56,12 @@ async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_re
     assert (await invoke('budget', 'remove', '--account', '007', env=env)).exit_code == 0
     left = json.loads((await invoke('budget', 'show', '--json', env=env)).stdout)
     assert [status['account_slug'] for status in left] == [accounts.clash_slug]  # green-grocer never had one
+    # What the error suggests names each: `id:` the id even where the digits alone are refused.
+    made = await invoke('budget', 'set', '--account', f'id:{accounts.green}', '--limit', '3', '--json', env=env)
+    assert [status['account_slug'] for status in json.loads(made.stdout)] == ['green-grocer'], made.stderr
+    for account, slug in ((f'id:{accounts.green}', 'green-grocer'), (f'id:{accounts.clash}', accounts.clash_slug)):
+        shown = await invoke('budget', 'show', '--account', account, '--json', env=env)
+        assert [status['account_slug'] for status in json.loads(shown.stdout)] == [slug], (account, shown.stderr)
 
 
 async def test_bad_flags_are_usage_errors_with_one_line(demo_data: None, database_url: str) -> None:
