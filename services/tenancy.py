@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.errors import AgentRuntimeError, ConfigError, InvalidInputError
 from agentrt.db.models import Account, AccountBudget, AgentInstance
+from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.roles import Unscoped
 from agentrt.db.session import entered_account, entering_account, get_read_only_session, row_security
 from agentrt.services.pg_text import storable_text
@@ -62,7 +63,7 @@ ID_PREFIX = 'id:'
 all-digit value cannot when it is one account's slug and another's id."""
 
 
-async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
+async def account_slug_or_id(value: str, *, session: AsyncSession, ledger: bool = False) -> str | int:
     """What an operator's account "slug or id" names, as `get_account` and `LedgerFilters` take it: a slug, or an id.
 
     `id:N` is the id N. Slugs may be all digits (`2`, `007`), so an all-digit value can be a slug, an id, or both: a
@@ -71,6 +72,12 @@ async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
     id (an unknown id is `get_account`'s error, and the ledger keeps a deleted account's rows by id). Only ASCII
     digits make an id: Python's `isdigit` takes `²` and `١` (Arabic-Indic one), which were an internal error and
     another account.
+
+    Args:
+        value: the operator's value.
+        session: a session that reads every account (and, with `ledger`, every ledger row).
+        ledger: the command reads or prunes ledger rows, which outlive their account: a live account's slug that is
+            also the id of a deleted account with ledger rows is refused too (it listed, and pruned, the live one's).
 
     Raises:
         InvalidInputError: (`field` `account`) `value` is the slug of one account and the id of another, naming both
@@ -97,9 +104,27 @@ async def account_slug_or_id(value: str, *, session: AsyncSession) -> str | int:
             f'{by_id[0]}',
             field='account',
         )
+    if (
+        by_slug is not None
+        and by_id is None
+        and as_id is not None
+        and ledger
+        and await _has_ledger_rows(as_id, session)
+    ):
+        raise InvalidInputError(
+            f'account {value!r} is ambiguous: {value!r} is the slug of account {by_slug} and the id of a deleted '
+            f'account {as_id} whose model requests are in the ledger; give {ID_PREFIX}{by_slug} for account '
+            f'{by_slug}, or {ID_PREFIX}{as_id} for the deleted account {as_id}',
+            field='account',
+        )
     if by_slug is not None or as_id is None:
         return value
     return as_id
+
+
+async def _has_ledger_rows(account_id: int, session: AsyncSession) -> bool:
+    """Whether the ledger has a row of `account_id`: one probe of `ix_llm_requests_account_id_started_at`."""
+    return bool((await session.execute(select(exists().where(LLMRequestRow.account_id == account_id)))).scalar())
 
 
 def _explicit_id(value: str) -> int:

@@ -192,7 +192,7 @@ async def _prune(before: datetime | None, account: str | None, conversation: str
     await init_database()
     try:
         async with get_read_only_session(account=Unscoped.ADMIN) as session:
-            named = await named_account(session, account)
+            named = await named_account(session, account, ledger=True)
             await _check_prune_target(session, named, conversation)
         return await prune_contents(before=before, account=named, conversation=conversation)
     finally:

@@ -63,23 +63,29 @@ def one_output_format(*, as_json: bool, as_csv: bool) -> None:
 
 
 @overload
-async def named_account(session: AsyncSession, account: str) -> str | int: ...
+async def named_account(session: AsyncSession, account: str, *, ledger: bool = False) -> str | int: ...
 @overload
-async def named_account(session: AsyncSession, account: str | int | None) -> str | int | None: ...
-async def named_account(session: AsyncSession, account: str | int | None) -> str | int | None:
+async def named_account(
+    session: AsyncSession, account: str | int | None, *, ledger: bool = False
+) -> str | int | None: ...
+async def named_account(session: AsyncSession, account: str | int | None, *, ledger: bool = False) -> str | int | None:
     """`--account` (an account's slug or id) as the services take it, read as `account_slug_or_id` does.
 
     Only the accounts tell which an all-digit value is (slugs may be all digits): a usage error (exit 2) for the slug
-    of one account that is the id of another.
+    of one account that is the id of another; with `ledger` (a command that reads or prunes ledger rows) also of a
+    deleted one that has ledger rows. Budget commands leave `ledger` out: a deleted account has no budget.
     """
     from agentrt.services.tenancy import account_slug_or_id
 
-    return await account_slug_or_id(account, session=session) if isinstance(account, str) else account
+    if not isinstance(account, str):
+        return account
+    return await account_slug_or_id(account, session=session, ledger=ledger)
 
 
 async def with_named_account(session: AsyncSession, filters: LedgerFilters) -> LedgerFilters:
-    """`filters` (of `ledger_filters`, whose `--account` is as given) with the account `named_account` reads."""
-    return dataclasses.replace(filters, account=await named_account(session, filters.account))
+    """`filters` (of `ledger_filters`, whose `--account` is as given) with the account `named_account` reads (as the
+    ledger's: a deleted account's id is one too)."""
+    return dataclasses.replace(filters, account=await named_account(session, filters.account, ledger=True))
 
 
 async def check_account(session: AsyncSession, account: str | int | None) -> None:

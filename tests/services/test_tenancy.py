@@ -5,14 +5,21 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select, text
 
 from agentrt.db.driver import driver_transaction
 from agentrt.db.errors import ConfigError, InvalidInputError
 from agentrt.db.models import Account, AgentInstance
 from agentrt.db.session import Unscoped, get_db_session, get_read_only_session
 from agentrt.services.demo_data import MEDICAL_ACCOUNT, PRODUCE_ACCOUNT
-from agentrt.services.tenancy import UnknownTenantError, account_slug_or_id, lookup_tenant, lookup_tenant_on
+from agentrt.services.tenancy import (
+    UnknownTenantError,
+    _has_ledger_rows,
+    account_slug_or_id,
+    lookup_tenant,
+    lookup_tenant_on,
+)
+from tests.factories import ledger_record, write_ledger_row
 
 
 @pytest.mark.parametrize('enter', [False, True], ids=['read', 'enter'])
@@ -115,3 +122,38 @@ async def test_id_colon_is_always_the_id_and_what_an_ambiguous_value_suggests(de
             with pytest.raises(InvalidInputError, match='is not an account id: id: takes the digits') as bad:
                 await account_slug_or_id(malformed, session=session)
             assert bad.value.field == 'account' and len(str(bad.value)) < 120, malformed
+
+
+async def test_a_live_slug_that_is_a_deleted_accounts_id_is_refused_for_the_ledger_only(demo_data: None) -> None:
+    """Ledger rows outlive their account: for a command on them, a live slug that is a deleted account's id (one with
+    ledger rows) is both, refused; for the others (budgets: a deleted account has none) it is the live account."""
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        session.add_all(
+            [
+                Account(id=900_300, slug='tmpdel', name='Gone'),
+                Account(id=900_301, slug='tmpdel2', name='Gone, no requests'),
+                Account(id=900_019, slug='900300', name='Live'),
+                Account(id=900_020, slug='900301', name='Live too'),
+            ]
+        )
+    await write_ledger_row(ledger_record(account_id=900_300, account_slug='tmpdel'))
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(delete(Account).where(Account.id.in_([900_300, 900_301])))
+    async with get_read_only_session(account=Unscoped.ADMIN) as session:
+        with pytest.raises(InvalidInputError) as refused:
+            await account_slug_or_id('900300', session=session, ledger=True)
+        assert str(refused.value) == (
+            "account '900300' is ambiguous: '900300' is the slug of account 900019 and the id of a deleted account "
+            '900300 whose model requests are in the ledger; give id:900019 for account 900019, or id:900300 for the '
+            'deleted account 900300'
+        )
+        assert await account_slug_or_id('900300', session=session) == '900300'
+        assert await account_slug_or_id('900301', session=session, ledger=True) == '900301'  # no rows: the slug
+        assert await account_slug_or_id('id:900300', session=session, ledger=True) == 900_300
+        # One probe of an index on the account id, not a scan of the ledger (a year of it is a million rows).
+        await session.execute(text('SET LOCAL enable_seqscan = off'))
+        assert await _has_ledger_rows(900_300, session) and not await _has_ledger_rows(900_301, session)
+        plan = (
+            await session.execute(text('EXPLAIN SELECT EXISTS (SELECT 1 FROM llm_requests WHERE account_id = 900300)'))
+        ).scalars()
+        assert 'ix_llm_requests_account_id_' in '\n'.join(plan)

@@ -1,5 +1,5 @@
 """Fixtures of the CLI tests: three model requests in the ledger, for the audit, costs and replay commands; accounts
-whose slugs are all digits, one of them another account's id."""
+whose slugs are all digits, one of them another account's id (or a deleted account's)."""
 
 from __future__ import annotations
 
@@ -111,4 +111,36 @@ async def digit_accounts(demo_data: None, tracker: LLMRequestTracker) -> DigitAc
             ledger_record(started_at=day_ago, cost='0.001', account_id=number, account_slug=slug)
         )
     await tracker.flush()
+    return accounts
+
+
+@dataclass(frozen=True)
+class DeletedIdSlug:
+    """A deleted account whose model requests stay in the ledger, and a live account whose slug is its id."""
+
+    deleted: int
+    live: int
+
+    @property
+    def live_slug(self) -> str:
+        return str(self.deleted)
+
+
+@pytest.fixture
+async def deleted_id_slug(digit_accounts: DigitAccounts, tracker: LLMRequestTracker) -> DeletedIdSlug:
+    """`DeletedIdSlug` beside `digit_accounts`, each with a model request a day old (its contents stored)."""
+    accounts = DeletedIdSlug(deleted=900_300, live=900_019)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(
+            text("INSERT INTO accounts (id, slug, name) VALUES (:deleted, 'tmpdel', 'Gone'), (:live, :slug, 'Live')"),
+            {'deleted': accounts.deleted, 'live': accounts.live, 'slug': accounts.live_slug},
+        )
+    day_ago = datetime.now(UTC) - timedelta(days=1)
+    for number, slug in ((accounts.deleted, 'tmpdel'), (accounts.live, accounts.live_slug)):
+        await tracker.track_request(
+            ledger_record(started_at=day_ago, cost='0.001', account_id=number, account_slug=slug)
+        )
+    await tracker.flush()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await session.execute(text('DELETE FROM accounts WHERE id = :deleted'), {'deleted': accounts.deleted})
     return accounts

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from click.testing import Result
 
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker
-from tests.agents.cli.conftest import DigitAccounts
+from tests.agents.cli.conftest import DeletedIdSlug, DigitAccounts
 from tests.agents.cli.helpers import invoke
 from tests.factories import ledger_record, scalar
 
@@ -158,3 +158,26 @@ async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_re
         pruned = await _prune('--before', '0h', '--account', account, '--json', database_url=database_url)
         assert pruned.exit_code == 0 and json.loads(pruned.stdout)['bodies'] == 2, (account, pruned.stderr)
         assert await _stored_of(gone) == 0, account
+
+
+async def test_a_live_slug_that_is_a_deleted_accounts_id_with_ledger_rows_is_refused(
+    deleted_id_slug: DeletedIdSlug, database_url: str
+) -> None:
+    # Account 300 deleted (its requests still in the ledger), account 19's slug `300`: `audit prune --account 300`
+    # pruned the live account's bodies and `audit list` listed its rows, without a word (QA).
+    accounts, env = deleted_id_slug, {'DATABASE_URL': database_url}
+    for args in (('list',), ('prune', '--before', '0h')):
+        refused = await invoke('audit', *args, '--account', accounts.live_slug, env=env)
+        assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, (args, refused.stderr)
+        assert (
+            f"'{accounts.live_slug}' is the slug of account {accounts.live} and the id of a deleted account "
+            f'{accounts.deleted} whose model requests are in the ledger; give id:{accounts.live} for account '
+            f'{accounts.live}, or id:{accounts.deleted} for the deleted account {accounts.deleted}'
+        ) in ' '.join(refused.stderr.split()), args
+    assert [await _stored_of(account) for account in (accounts.deleted, accounts.live)] == [2, 2]
+    for account in (accounts.live, accounts.deleted):
+        listed = await invoke('audit', 'list', '--account', f'id:{account}', '--json', env=env)
+        assert [row['account_id'] for row in json.loads(listed.stdout)['items']] == [account], listed.stderr
+        pruned = await _prune('--before', '0h', '--account', f'id:{account}', '--json', database_url=database_url)
+        assert pruned.exit_code == 0 and json.loads(pruned.stdout)['bodies'] == 2, (account, pruned.stderr)
+        assert await _stored_of(account) == 0, account

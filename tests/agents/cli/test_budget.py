@@ -6,7 +6,7 @@ import json
 from decimal import Decimal
 
 from agentrt.agents.cli.support import EXIT_BUDGET, EXIT_USAGE
-from tests.agents.cli.conftest import DigitAccounts
+from tests.agents.cli.conftest import DeletedIdSlug, DigitAccounts
 from tests.agents.cli.helpers import invoke
 from tests.agents.conftest import account_id
 from tests.factories import ledger_record, write_ledger_row
@@ -158,3 +158,14 @@ async def test_an_interactive_chat_goes_on_after_a_turn_the_budget_refused(demo_
     assert result.exit_code == EXIT_BUDGET, result.stderr
     assert result.stderr.count("model 'demo' has no price") == 3, result.stderr
     assert 'error: 3 of 3 turns failed' in result.stderr
+
+
+async def test_a_live_slug_that_is_a_deleted_accounts_id_is_the_live_account(
+    deleted_id_slug: DeletedIdSlug, database_url: str
+) -> None:
+    # Budgets are a live account's (a deleted account's went with it): the slug names the live account, unrefused,
+    # where audit and costs refuse it while the deleted account's requests are in the ledger.
+    accounts, env = deleted_id_slug, {'DATABASE_URL': database_url}
+    made = await invoke('budget', 'set', '--account', accounts.live_slug, '--limit', '5', '--json', env=env)
+    assert made.exit_code == 0, made.stderr
+    assert [status['account_slug'] for status in json.loads(made.stdout)] == [accounts.live_slug]

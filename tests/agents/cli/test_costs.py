@@ -12,7 +12,7 @@ from sqlalchemy import text
 from agentrt.agents.cli.costs import render_costs
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, summarise_costs
-from tests.agents.cli.conftest import DigitAccounts, cli_record
+from tests.agents.cli.conftest import DeletedIdSlug, DigitAccounts, cli_record
 from tests.agents.cli.helpers import invoke, run_cli
 from tests.factories import fast_config
 
@@ -202,3 +202,19 @@ async def test_an_all_digit_account_is_its_slug_and_one_that_is_also_an_id_is_re
             shown = await invoke('costs', '--account', account, '--source', source, '--json', env=env)
             assert shown.exit_code == 0, (account, shown.stderr)
             assert [group['key'] for group in json.loads(shown.stdout)['groups']] == [slug], (account, source)
+
+
+async def test_a_live_slug_that_is_a_deleted_accounts_id_with_ledger_rows_is_refused(
+    deleted_id_slug: DeletedIdSlug, database_url: str
+) -> None:
+    # `costs --account 300` showed live account 19 (slug `300`) while deleted account 300's requests are in the
+    # ledger, without a word (QA).
+    accounts, env = deleted_id_slug, {'DATABASE_URL': database_url}
+    for source in ('rollup', 'ledger'):
+        refused = await invoke('costs', '--account', accounts.live_slug, '--source', source, env=env)
+        assert refused.exit_code == 2 and refused.stderr.count('error:') == 1, refused.stderr
+        said = ' '.join(refused.stderr.split())
+        assert f'the id of a deleted account {accounts.deleted} whose model requests are in the ledger' in said
+        for account, slug in ((accounts.live, accounts.live_slug), (accounts.deleted, 'tmpdel')):
+            shown = await invoke('costs', '--account', f'id:{account}', '--source', source, '--json', env=env)
+            assert [group['key'] for group in json.loads(shown.stdout)['groups']] == [slug], (account, shown.stderr)
