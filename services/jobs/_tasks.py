@@ -92,8 +92,9 @@ async def usage_rollup(context: JobContext, account_id: int) -> None:
     """Add the account's recent ledger rows nobody counted yet to the daily rollup (each row counted once).
 
     When its worker is asked to stop, it ends after the batch under way and queues the account's rollup again for the
-    next worker (as a job cut short goes back to the queue, `PutBackOnStop`): the rest of a backlog goes on at once on
-    another worker rather than waiting for a turn of the account or the next reconcile.
+    next worker (as a job cut short goes back to the queue, `PutBackOnStop`): the rest of a backlog goes on on another
+    worker at its next poll of the queue (seconds: the new job is queued while this one still holds the account's
+    lock, so the LISTEN notice finds it locked), rather than waiting for a turn of the account or the next reconcile.
     """
     with _job_span('usage rollup', {'agentrt.account_id': account_id}):
         until_stop = UntilStop(context)
