@@ -331,7 +331,8 @@ def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED
     clean-up has run (the exception reaches here through its `finally:` blocks), or with `cut_short` when a clean-up
     of `run_clean_up` did not reach its end (a second Ctrl-C during it); a database that cannot be reached or set up
     ends it with one `error:` line (the server's host and port in it) and status 1. Both were tracebacks, a chained
-    one for an interrupt (QA).
+    one for an interrupt (QA). Once the entry has ended (either way), Ctrl-C and SIGTERM are ignored
+    (`bench_start.ignore_stops`): the process's exit is all that is left, and its status is the one the run earned.
 
     Args:
         entry: runs the benchmark to its end.
@@ -343,6 +344,7 @@ def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED
     try:
         entry()
     except KeyboardInterrupt:
+        bench_start.ignore_stops()  # first: a signal now would interrupt this line, or the exit handlers
         # The tasks the interrupt cut off (SIGTERM raises it inside one) are collected at exit, each logged by
         # asyncio as "exception was never retrieved" with its traceback: what stopped them is said here instead.
         logging.getLogger('asyncio').setLevel(logging.CRITICAL)
@@ -351,6 +353,9 @@ def run_benchmark(entry: Callable[[], object], *, interrupted: str = INTERRUPTED
     except SETUP_ERRORS as exc:
         print(f'error: {" ".join(str(exc).split())}', file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        # Its entry has ended, either way: the process exits now (its exit handlers stop the embedded server).
+        bench_start.ignore_stops()
 
 
 async def start_database(*, pool_size: int, max_overflow: int, pool_timeout: float) -> None:

@@ -20,9 +20,22 @@ BEFORE_START = 'interrupted before it started: it added nothing'
 
 
 def stop_at_once(signum: int, frame: FrameType | None) -> None:
-    """A signal handler: say `BEFORE_START` and exit with status 130."""
+    """A signal handler: say `BEFORE_START` and exit with status 130; a second signal changes nothing."""
+    ignore_stops()
     print(BEFORE_START, file=sys.stderr)
     raise SystemExit(130)
+
+
+def ignore_stops() -> None:
+    """Ignore Ctrl-C and SIGTERM for the rest of the process: what is left of a benchmark that ended (or was stopped)
+    is its exit, whose exit handlers stop the embedded server (bounded: `pg_ctl stop`'s 30 s). A signal then raised
+    KeyboardInterrupt in them: a traceback and exit 0, or a silent 143 (QA); its exit status is the one it earned.
+
+    Only the main thread may set a handler: a benchmark run in another (a test's, in-process) keeps the process's.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def started() -> None:

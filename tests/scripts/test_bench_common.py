@@ -117,3 +117,40 @@ def test_a_clean_up_runs_to_its_end_unless_interrupted_twice(
     assert result.returncode == 130, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [said], result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == steps_run
+
+
+SIGNALLED_AS_IT_EXITS = """
+import atexit, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's: the test worker's (xdist) is ignored
+from pathlib import Path
+import bench_common
+
+stop, interrupted, marks = getattr(signal, sys.argv[1]), sys.argv[2] == 'interrupted', Path(sys.argv[3])
+
+def leave():  # as the embedded server's stop at exit (`_leave_at_exit`), which waits for `pg_ctl stop`
+    os.kill(os.getpid(), stop)
+    time.sleep(0.2)
+    (marks / 'left').touch()
+
+atexit.register(leave)
+
+def entry():
+    if interrupted:
+        os.kill(os.getpid(), stop)
+        time.sleep(5)  # the interrupt lands here
+
+bench_common.run_benchmark(entry)
+"""
+
+
+@pytest.mark.parametrize('signal_name', ['SIGINT', 'SIGTERM'])
+@pytest.mark.parametrize('how', ['ended', 'interrupted'])
+def test_a_signal_while_it_exits_changes_nothing(signal_name: str, how: str, tmp_path: Path) -> None:
+    # Once its entry has ended (its figures written, or its "interrupted" line said), the exit handlers run: the
+    # embedded server's stop, which waits for `pg_ctl stop`. A signal then raised KeyboardInterrupt in them: "Exception
+    # ignored in atexit callback" with its traceback and exit 0, or a silent 143 (QA). Now it is ignored.
+    command = [sys.executable, '-c', SIGNALLED_AS_IT_EXITS, signal_name, how, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=SCRIPTS, check=False)
+    assert result.returncode == (130 if how == 'interrupted' else 0), result.stdout + result.stderr
+    assert result.stderr.splitlines() == ([INTERRUPTED] if how == 'interrupted' else []), result.stderr
+    assert (tmp_path / 'left').exists()  # the exit handler ran to its end

@@ -49,6 +49,36 @@ def test_a_stop_during_the_imports_is_one_line_and_exit_130(signal_name: str, tm
     assert not out.exists()
 
 
+SIGNALLED_AGAIN_AS_IT_EXITS = """
+import atexit, os, signal, sys, time
+from pathlib import Path
+
+stop, marks = getattr(signal, sys.argv[1]), Path(os.environ['MARKS'])
+
+def leave():  # an exit handler, as the embedded server's stop: a second signal lands in it
+    os.kill(os.getpid(), stop)
+    time.sleep(0.2)
+    (marks / 'left').touch()
+
+atexit.register(leave)
+"""
+
+
+@pytest.mark.parametrize('signal_name', ['SIGTERM', 'SIGINT'])
+def test_a_second_signal_while_the_first_one_exits_changes_nothing(signal_name: str, tmp_path: Path) -> None:
+    # The first signal's exit runs the exit handlers; a second one there exited 143 (SIGTERM) or -2 (Ctrl-C), or said
+    # the line twice (QA). Now it is ignored: one line, exit 130.
+    out = tmp_path / 'figures.json'
+    script = str(SCRIPTS / 'bench_budgets.py')
+    program = SIGNALLED_AGAIN_AS_IT_EXITS + STOPPED_DURING_ITS_IMPORTS
+    command = [sys.executable, '-c', program, signal_name, script, '--quick', '--out', str(out)]
+    env = {**os.environ, 'DATABASE_URL': 'postgresql://nobody@127.0.0.1:19769/none', 'MARKS': str(tmp_path)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=SCRIPTS, check=False)
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert result.stderr.splitlines() == ['interrupted before it started: it added nothing'], result.stderr
+    assert (tmp_path / 'left').exists()
+
+
 def test_a_program_that_imports_the_benchmarks_keeps_its_handlers(tmp_path: Path) -> None:
     # A test (or any program) importing bench_common is no benchmark: its Ctrl-C stays a KeyboardInterrupt.
     check = (

@@ -4,7 +4,9 @@ it, without `AGENTRT_DATA_DIR`: the benchmarks' own data directory, never the us
 from __future__ import annotations
 
 import runpy
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,16 @@ import tests.pgbouncer
 from agentrt.db.settings import Settings, default_data_dir
 
 SCRIPTS = Path(__file__).resolve().parents[2] / 'scripts'
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept() -> Iterator[None]:
+    # The script runs in this process's main thread: the handlers it sets (`run_benchmark` ignores Ctrl-C and SIGTERM
+    # once its entry has ended, the process's exit being all that is left of a benchmark) are put back after it.
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def test_without_pgbouncer_it_says_so_in_one_line_and_exits_2(
