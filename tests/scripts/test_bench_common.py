@@ -9,7 +9,9 @@ benchmark said "its clean-up ran" with its ledger rows and conversations left (Q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +156,63 @@ def test_a_signal_while_it_exits_changes_nothing(signal_name: str, how: str, tmp
     assert result.returncode == (130 if how == 'interrupted' else 0), result.stdout + result.stderr
     assert result.stderr.splitlines() == ([INTERRUPTED] if how == 'interrupted' else []), result.stderr
     assert (tmp_path / 'left').exists()  # the exit handler ran to its end
+
+
+FORKED_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+import bench_common
+
+marks, stop, interrupts = Path(sys.argv[1]), getattr(signal, sys.argv[2]), int(sys.argv[3])
+(marks / 'child.pid').write_text(str(os.getpid()))
+
+async def step(number):
+    if number < interrupts:
+        os.kill(os.getppid(), stop)  # its parent stopped again, during the child's clean-up
+    await asyncio.sleep(0.2)
+    (marks / str(number)).touch()
+
+async def main():
+    try:
+        os.kill(os.getppid(), stop)  # its parent stopped while it waits for its child
+        await asyncio.sleep(30)
+    finally:
+        await bench_common.run_clean_up(*(lambda n=n: step(n) for n in (1, 2)))
+
+bench_common.run_benchmark(lambda: asyncio.run(main()))
+"""
+
+STOPPED_WHILE_ITS_CHILD_RUNS = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's: the test worker's (xdist) is ignored
+import bench_common
+
+child, args = sys.argv[1], sys.argv[2:]
+bench_common.run_benchmark(lambda: bench_common.run_script_forked(child, args, dict(os.environ)))
+"""
+
+
+@pytest.mark.parametrize(
+    ('signal_name', 'interrupts', 'steps_run', 'said'),
+    [('SIGTERM', 1, ['1', '2'], INTERRUPTED), ('SIGINT', 1, ['1', '2'], INTERRUPTED), ('SIGTERM', 2, [], CUT_SHORT)],
+    ids=['sigterm', 'sigint', 'twice'],
+)
+def test_a_stop_while_a_forked_child_runs_is_passed_on_and_waited_for(
+    signal_name: str, interrupts: int, steps_run: list[str], said: str, tmp_path: Path
+) -> None:
+    # bench_tracing.py's children (`run_script_forked`): the parent, stopped while it waited for its child, said "its
+    # clean-up ran" and exited while the child, never told, wrote rows for 17 s more and then deleted them (QA).
+    child, marks = tmp_path / 'child.py', tmp_path / 'marks'
+    child.write_text(FORKED_CHILD)
+    marks.mkdir()
+    command = [sys.executable, '-c', STOPPED_WHILE_ITS_CHILD_RUNS, str(child), str(marks), signal_name, str(interrupts)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=SCRIPTS, check=False)
+        assert result.returncode == 130, result.stdout + result.stderr
+        assert result.stderr.splitlines() == [said], result.stderr
+        # The child's clean-up had ended (or been cut short) and the child was gone when its parent said so.
+        assert sorted(path.name for path in marks.iterdir() if path.name != 'child.pid') == steps_run
+        assert not Path(f'/proc/{(marks / "child.pid").read_text()}').exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+            os.kill(int((marks / 'child.pid').read_text()), signal.SIGKILL)
