@@ -300,7 +300,10 @@ def parse_args() -> argparse.Namespace:
 
 
 INTERRUPTED = "interrupted; its clean-up ran: the account's budget is as it was (its turns' rows stay, as after a run)"
-CUT_SHORT = "interrupted again during its clean-up, which was cut short: the run's own budget may be left in place"
+CUT_SHORT = (
+    "interrupted again during its clean-up, which was cut short: the run's own budget may be left in place, and its"
+    " requests' budget holds too (`agentrt budget sweep` on the same database releases those)"
+)
 
 
 if __name__ == '__main__':

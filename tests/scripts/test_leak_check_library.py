@@ -5,7 +5,9 @@ demo model on that database (`agentrt chat` exit 10, "model 'demo' has no price 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import runpy
 import subprocess
 import sys
 from decimal import Decimal
@@ -14,10 +16,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from agentrt.db.processes import this_host
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.budgets import Period, account_budget_status, set_budget
+from agentrt.services.budgets import Holder, Period, account_budget_status, reserve, set_budget
 from agentrt.services.demo_data import MEDICAL_ACCOUNT
-from tests.agents.cli.helpers import run_script
+from agentrt.services.ledger import new_request_id, utc_now
+from tests.agents.cli.helpers import invoke, run_script
+from tests.agents.conftest import account_id
+from tests.services.budgets.helpers import give_budget
 
 SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'leak_check_library.py'
 SMALL = ['--turns', '6', '--concurrency', '2', '--long-turns', '3', '--sample-every', '3', '--idle-seconds', '0']
@@ -104,3 +110,29 @@ async def test_a_stopped_run_puts_the_budget_back_and_says_so_in_one_line(
     async with get_db_session(account=Unscoped.ADMIN) as session:
         assert (await session.execute(text('SELECT count(*) FROM budget_reservations'))).scalar_one() == 0
         assert (await session.execute(text('SELECT count(*) FROM conversation_turns'))).scalar_one() == 0
+
+
+async def test_its_cut_short_line_names_the_sweep_that_releases_the_holds_it_left(
+    demo_data: None, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run whose clean-up a second Ctrl-C cut short left 2 budget holds, which its line did not mention (QA). They are
+    # its process's, which has ended: `agentrt budget sweep`, which the line names, gives them back.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its `from bench_common import ...`
+    said = runpy.run_path(str(SCRIPT))['CUT_SHORT']
+    assert '`agentrt budget sweep` on the same database releases' in said
+    medical = await account_id(MEDICAL_ACCOUNT)
+    await give_budget(medical, '100000')
+    await reserve(
+        request_id=new_request_id(),
+        account_id=medical,
+        full_usd=Decimal('0.01'),
+        minimum_usd=Decimal('0.01'),
+        input_usd=Decimal('0.001'),
+        at=utc_now(),
+        ttl_seconds=3600,
+        holder=Holder(this_host(), os.getpid(), 1.0),  # this pid, another start: a process that has ended
+    )
+    swept = await invoke('budget', 'sweep', '--json', env={'DATABASE_URL': database_url})
+    assert swept.exit_code == 0 and json.loads(swept.stdout)['released_dead'] == 1, swept.stdout + swept.stderr
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        assert (await session.execute(text('SELECT count(*) FROM budget_reservations'))).scalar_one() == 0
