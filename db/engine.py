@@ -334,6 +334,16 @@ def connect_timeout() -> tuple[float, str] | None:
     return effective_connect_timeout(runtime.url, runtime.settings.connect_timeout)
 
 
+def runtime_shut_down() -> bool:
+    """Whether the runtime was shut down (`shutdown_runtime()`, the end of `agentrt_runtime()`) and not started again.
+
+    Work still running then (a turn cut off at a stop while blocked on a frozen database) ends after it: its
+    sessions raise `DatabaseNotInitializedError`, whose text advises a developer; this lets that work say what
+    happened in an operator's terms instead, and start no retry that only the next start can do.
+    """
+    return _runtime is None and _shut_down
+
+
 def embedded_unreachable() -> None:
     """A connection to the embedded server of the process's runtime was lost or could not be made: have the server
     started again in the background if it stopped (`EmbeddedRevival`); nothing for a server of `DATABASE_URL`."""

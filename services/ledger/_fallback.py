@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agentrt.db.engine import runtime_shut_down
 from agentrt.db.settings import spool_write_problem
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
@@ -24,7 +25,7 @@ from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats
 from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
 from agentrt.services.ledger._retry import RetryPolicy
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import SessionFactory
+from agentrt.services.ledger._writes import SessionFactory, after_shutdown
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -191,8 +192,9 @@ class SpoolFallback:
 
     def maybe_replay(self, queues: LoopQueues, *, at_start: bool = False, policy: RetryPolicy | None = None) -> bool:
         """After a successful write, replay the spool if this tracker spooled, or now and then for other processes;
-        `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started."""
-        if queues.replay_task is not None:
+        `at_start` (`replay_pending_in_background`), whenever it holds rows. Whether a replay was started; never once
+        the runtime has shut down (a turn cut off at the stop wrote after it): the next start replays."""
+        if queues.replay_task is not None or runtime_shut_down():
             return False
         now = time.monotonic()
         due = self._last_check is None or now - self._last_check >= self.config.replay_check_interval
@@ -247,6 +249,13 @@ class SpoolFallback:
             queues.comeback_after = 0.0
         except Exception as exc:
             self._dirty = True
+            if after_shutdown(exc):  # started before the stop, it reached the database after it: no retry
+                logger.warning(
+                    'ledger: %s stopped: the runtime had shut down; the rows stay in the spool, written by the next '
+                    'start or `agentrt ledger replay`',
+                    step,
+                )
+                return
             logger.warning('ledger: %s failed (%s: %s); will retry', step, type(exc).__name__, exc)
             self.come_back_later(queues)
         except asyncio.CancelledError:
@@ -261,8 +270,10 @@ class SpoolFallback:
     def come_back_later(self, queues: LoopQueues) -> None:
         """Try the spool (and the rows held in memory) again later, whether or not anything else is written meanwhile:
         `replay_retry_seconds` after the first failure, twice as long after each further one, at most
-        `replay_check_interval`. A timer of the event loop: it keeps nothing alive, and a loop that closes drops it."""
-        if queues.comeback is not None:
+        `replay_check_interval`. A timer of the event loop: it keeps nothing alive, and a loop that closes drops it.
+        None once the runtime has shut down: each try failed (4 "will retry" lines in 30 s after a server's stop, QA),
+        and the next start replays."""
+        if queues.comeback is not None or runtime_shut_down():
             return
         first, most = self.config.replay_retry_seconds, max(self.config.replay_check_interval, 0.0)
         queues.comeback_after = min(max(queues.comeback_after * 2, first), max(most, first))

@@ -390,3 +390,49 @@ async def test_a_release_the_database_does_not_answer_at_shutdown_is_left_to_its
     [left] = [record.getMessage() for record in ours if 'stays claimed' in record.getMessage()]
     assert left.startswith('conversation frozen stays claimed') and 'once this process has ended' in left, left
     assert 'frozen' not in str(claims_module._abandoned), claims_module._abandoned
+
+
+async def test_a_turn_that_outlives_the_shutdown_on_a_frozen_database_says_so_in_operator_terms(
+    account: int, database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server stopped while PostgreSQL was frozen: a turn still running after shutdown_runtime() renewed its claim
+    # and released it on a runtime already shut down, and both WARNINGs quoted DatabaseNotInitializedError's advice to
+    # a developer ("start it with init_database()") in the operator's log, after "Finished server process" (QA). Now
+    # the renewal stops quietly and the release's one line says the runtime had shut down.
+    monkeypatch.setattr(transaction_setup, 'CLIENT_WAIT_MARGIN_SECONDS', 0.4)  # a statement given up after 1.4 s
+    saved, shut_down = engine._runtime, engine._shut_down
+    engine._runtime = None
+    try:
+        async with StallingDatabase(database_url).running() as proxy:
+            try:
+                await engine.init_database(Settings(database_url=proxy.url, statement_timeout_ms=1000), migrate=False)
+                inside, ending = asyncio.Event(), asyncio.Event()
+
+                async def turn() -> None:
+                    async with conversation_claim(account, 'outlived', lease_s=1.5):  # renewed every 0.5 s
+                        inside.set()
+                        await ending.wait()  # blocked past the shutdown (on the frozen database, in a server)
+
+                running = asyncio.create_task(turn())
+                await inside.wait()
+                proxy.stall()
+                with caplog.at_level(logging.INFO):
+                    assert await claims_released(0.2) == 1  # shutdown_runtime's steps, in its order
+                    await drain_supervisor(0.2)
+                    await engine.close_database()
+                    await asyncio.sleep(2.5)  # the renewal in flight given up, the next ones meet the shutdown
+                    ending.set()
+                    await running
+                    for _ in range(50):
+                        if 'stays claimed' in caplog.text:
+                            break
+                        await asyncio.sleep(0.1)
+            finally:
+                await engine.close_database()
+                proxy.resume()
+    finally:
+        engine._runtime, engine._shut_down = saved, shut_down
+    assert 'init_database' not in caplog.text, caplog.text
+    ours = [record.getMessage() for record in caplog.records if record.name.startswith('agentrt')]
+    [left] = [line for line in ours if 'stays claimed' in line]
+    assert left.startswith('conversation outlived stays claimed') and '(the runtime had shut down)' in left, left

@@ -18,11 +18,21 @@ import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from agentrt.db import engine, transaction_setup
 from agentrt.db.engine import get_engine, pool_status
 from agentrt.db.session import Unscoped, get_db_session, get_side_session
-from agentrt.services.ledger import LedgerRecord, LedgerSpool, LLMRequestTracker, is_transient_db_error, utc_now
+from agentrt.db.settings import Settings
+from agentrt.services.ledger import (
+    LedgerRecord,
+    LedgerSpool,
+    LLMRequestTracker,
+    RetryPolicy,
+    is_transient_db_error,
+    utc_now,
+)
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 from tests.ports import free_port
+from tests.stalling_proxy import StallingDatabase
 
 
 def _record(**overrides: object) -> LedgerRecord:
@@ -505,3 +515,39 @@ async def test_a_replay_while_another_one_runs_does_nothing_and_leaves_the_spool
     report = await tracker.replay_spool()
     assert not report.skipped and report.inserted == 1
     assert await scalar('SELECT id::text FROM llm_requests') == str(spooled.id)
+
+
+async def test_a_write_that_outlives_the_shutdown_on_a_frozen_database_is_spooled_for_the_next_start(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server stopped while PostgreSQL was frozen: a cut-off turn's row, written after shutdown_runtime(), was spooled
+    # with DatabaseNotInitializedError's advice to a developer ("start it with init_database()") in the operator's
+    # log, and a background replay was started and retried 4 times over 30 s, each failing the same way (QA). Now one
+    # line says the runtime had shut down, and nothing tries the spool before the next start.
+    monkeypatch.setattr(transaction_setup, 'CLIENT_WAIT_MARGIN_SECONDS', 0.4)  # a statement given up after 1.4 s
+    saved, shut_down = engine._runtime, engine._shut_down
+    engine._runtime = None
+    retry = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, attempt_timeout=1)  # each try cut after 1 s
+    tracker = LLMRequestTracker(fast_config(tmp_path, replay_retry_seconds=0.1, retry=retry))
+    try:
+        async with StallingDatabase(database_url).running() as proxy:
+            try:
+                await engine.init_database(Settings(database_url=proxy.url, statement_timeout_ms=1000), migrate=False)
+                assert await tracker.track_request(_record()) == 'written'  # a pooled connection through the proxy
+                proxy.stall()
+                writing = asyncio.create_task(tracker.track_request(_record()))
+                await asyncio.sleep(0.3)  # blocked on the frozen database
+                with caplog.at_level(logging.INFO):
+                    await engine.close_database()
+                    assert await writing == 'spooled'
+                    await asyncio.sleep(0.5)  # a retry of the spool would have been due by now
+                queues = tracker._queues(asyncio.get_running_loop())
+                assert queues.comeback is None and queues.replay_task is None
+                assert tracker.spool.has_pending()  # for the next start
+            finally:
+                await engine.close_database()
+                proxy.resume()
+    finally:
+        engine._runtime, engine._shut_down = saved, shut_down
+    assert 'init_database' not in caplog.text and 'will retry' not in caplog.text, caplog.text
+    assert 'the runtime had shut down' in caplog.text, caplog.text
