@@ -163,8 +163,10 @@ def _ignore_unusable_columns() -> None:
 
 
 _ignore_unusable_columns()
-console = _UnwrappedWhenPiped()
-err_console = _StderrConsole(stderr=True)
+# No emoji codes: rich turned a `:name:` of a value it printed into an emoji (`--account 'id:id:2'` was quoted as
+# `'id🆔2'`, a title's `:smile:` too, QA); nothing here writes one on purpose.
+console = _UnwrappedWhenPiped(emoji=False)
+err_console = _StderrConsole(stderr=True, emoji=False)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -235,3 +235,13 @@ def test_a_log_line_during_a_streamed_answer_starts_on_a_line_of_its_own() -> No
     lines = [line.rstrip() for line in screen.getvalue().splitlines()]
     assert 'The first three are ok' in lines and lines[-1] == ' and more.', lines
     assert any(line.startswith('WARNING') and 'ledger spool' in line for line in lines), lines
+
+
+def test_an_emoji_code_in_a_printed_value_stays_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich turned `:id:` and `:smile:` of a quoted value into emoji (`--account 'id:id:2'` was quoted as `'id🆔2'`)."""
+    support.error_line("account 'id:id:2' is not an account id; title 'x:smile:y'", redact=False)
+    support.console.print('a title :smile: of a table cell', highlight=False)
+    captured = capsys.readouterr()
+    assert "'id:id:2'" in captured.err and "'x:smile:y'" in captured.err
+    assert ':smile:' in captured.out
+    assert not any(ord(character) > 0xFFFF for character in captured.err + captured.out)
