@@ -259,6 +259,10 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await page.get_by_role('link', name='Costs', exact=True).click()
     await page.get_by_role('link', name='Chat', exact=True).click()
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
+    # The address names the conversation on screen before the reload: the chat view was still on screen while the
+    # costs view loaded, so the check above could pass before the browser ran the click's hashchange, and a reload
+    # then came first (CI, under load: the page reloaded at #/chat and opened a new conversation).
+    await expect(page).to_have_url(re.compile(r'#/chat/c-05$'))
     await page.reload()
     await expect(page.locator('.message.user')).to_have_text(['YouQuestion 5'])
 
