@@ -82,13 +82,17 @@ READ_ROLL_UP_SECONDS = 3.0
 # limit counts only rows taken). Sorted so two roll-ups touching the same buckets lock them in the same order and
 # cannot deadlock. One row per bucket touched (a row of NULL buckets when none), each with how many rows the batch
 # took and the last one's id.
+# The batch is picked once (MATERIALIZED): as `DELETE ... WHERE request_id IN (SELECT ... LIMIT :batch FOR UPDATE SKIP
+# LOCKED)`, a plan that ran the subquery again per outer row (a nested loop) skipped the rows this statement had just
+# deleted and picked the next ones, so one batch took 19 or 27 rows of 10 and the cursor jumped past rows left queued
+# (CI: a roll-up of 37 rows in 2 batches, a read's one batch taking 19).
 _ROLL_UP = f"""
-WITH taken AS (
-    DELETE FROM usage_pending_requests AS p
-    WHERE p.request_id IN (
-        SELECT q.request_id FROM usage_pending_requests AS q WHERE q.request_id > :after {{where}}
-        ORDER BY q.request_id LIMIT :batch FOR UPDATE SKIP LOCKED
-    )
+WITH picked AS MATERIALIZED (
+    SELECT q.request_id FROM usage_pending_requests AS q WHERE q.request_id > :after {{where}}
+    ORDER BY q.request_id LIMIT :batch FOR UPDATE SKIP LOCKED
+), taken AS (
+    DELETE FROM usage_pending_requests AS p USING picked
+    WHERE p.request_id = picked.request_id
     RETURNING p.request_id
 ), claimed AS (
     INSERT INTO usage_rolled_up_requests (request_id)
