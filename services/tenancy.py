@@ -87,9 +87,7 @@ async def account_slug_or_id(value: str, *, session: AsyncSession, ledger: bool 
         return _explicit_id(value)
     if not (value.isascii() and value.isdigit()):
         return value
-    # No `int()` of thousands of digits (Python refuses past 4,300) nor a bind past a bigint: no such id.
-    number = int(value) if len(value) <= len(str(MAX_ACCOUNT_ID)) else None
-    as_id = number if number is not None and number <= MAX_ACCOUNT_ID else None
+    as_id = _bigint(value)
     named = Account.slug == value if as_id is None else or_(Account.slug == value, Account.id == as_id)
     found = (await session.execute(select(Account.id, Account.slug).where(named))).all()
     by_slug = next((id_ for id_, slug in found if slug == value), None)
@@ -127,13 +125,21 @@ async def _has_ledger_rows(account_id: int, session: AsyncSession) -> bool:
     return bool((await session.execute(select(exists().where(LLMRequestRow.account_id == account_id)))).scalar())
 
 
+def _bigint(digits: str) -> int | None:
+    """ASCII `digits` as an account id, None past a bigint: the length first, no `int()` of thousands of digits
+    (Python refuses past 4,300) nor a bind past a bigint."""
+    if len(digits) > len(str(MAX_ACCOUNT_ID)):
+        return None
+    number = int(digits)
+    return number if number <= MAX_ACCOUNT_ID else None
+
+
 def _explicit_id(value: str) -> int:
     """The id of an `id:N` value; `InvalidInputError` when N is not one (an id of digits, at most a bigint)."""
     digits = value[len(ID_PREFIX) :]
-    # The length first: no `int()` of thousands of digits (Python refuses past 4,300).
-    if digits.isascii() and digits.isdigit() and len(digits) <= len(str(MAX_ACCOUNT_ID)):
-        if int(digits) <= MAX_ACCOUNT_ID:
-            return int(digits)
+    as_id = _bigint(digits) if digits.isascii() and digits.isdigit() else None
+    if as_id is not None:
+        return as_id
     shown = reprlib.repr(value)
     raise InvalidInputError(
         f'account {shown} is not an account id: {ID_PREFIX} takes the digits of one (at most {MAX_ACCOUNT_ID})',
