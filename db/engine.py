@@ -344,6 +344,14 @@ def runtime_shut_down() -> bool:
     return _runtime is None and _shut_down
 
 
+def refused_after_shutdown(error: BaseException) -> bool:
+    """Whether `error` is a session refused because the runtime had shut down under it (a turn cut off at a stop,
+    blocked on a frozen database, ended after it): the exception's text advises a developer calling the API too late
+    ("start it with init_database()"), which an operator of `agentrt serve` can do nothing about, and only the next
+    start can do what was refused (QA)."""
+    return isinstance(error, DatabaseNotInitializedError) and runtime_shut_down()
+
+
 def embedded_unreachable() -> None:
     """A connection to the embedded server of the process's runtime was lost or could not be made: have the server
     started again in the background if it stopped (`EmbeddedRevival`); nothing for a server of `DATABASE_URL`."""

@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
-from agentrt.db.engine import runtime_shut_down
+from agentrt.db.engine import refused_after_shutdown
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
 from agentrt.db.forks import forget_in_child
 from agentrt.db.processes import is_alive, this_host, this_process
@@ -580,16 +580,9 @@ def _left_held(conversation_id: str, lease_s: float, error: Exception) -> None:
         'conversation %s stays claimed: its release did not reach PostgreSQL as the process stopped (%s); it is free '
         'when its claim expires (in %gs at most), or at once for a turn on this host once this process has ended',
         conversation_id,
-        'the runtime had shut down' if _after_shutdown(error) else error,
+        'the runtime had shut down' if refused_after_shutdown(error) else error,
         lease_s,
     )
-
-
-def _after_shutdown(error: BaseException) -> bool:
-    """Whether `error` is a turn's session refused because the runtime had shut down under it (a turn cut off at a
-    stop, blocked on a frozen database, ended after it): the exception's text advises a developer calling the API too
-    late ("start it with init_database()"), which an operator of `agentrt serve` can do nothing about (QA)."""
-    return isinstance(error, DatabaseNotInitializedError) and runtime_shut_down()
 
 
 async def _keep_alive(claim: TurnClaim) -> None:
@@ -598,7 +591,7 @@ async def _keep_alive(claim: TurnClaim) -> None:
         try:
             await claim.check()  # the renewal also tells the turn guard the conversation's revision
         except Exception as exc:  # a database blip: the lease still has two thirds to run
-            if _after_shutdown(exc):
+            if refused_after_shutdown(exc):
                 return  # no renewal can come any more: the claim is left to its lease, which its release's line says
             logger.warning('could not renew the claim on conversation %s (%s)', claim.conversation_id, exc)
         if claim.lost:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agentrt.db.engine import runtime_shut_down
+from agentrt.db.engine import refused_after_shutdown, runtime_shut_down
 from agentrt.db.settings import spool_write_problem
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
@@ -25,7 +25,7 @@ from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats
 from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
 from agentrt.services.ledger._retry import RetryPolicy
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import SessionFactory, after_shutdown
+from agentrt.services.ledger._writes import SessionFactory
 
 logger = logging.getLogger('agentrt.ledger')
 
@@ -249,7 +249,7 @@ class SpoolFallback:
             queues.comeback_after = 0.0
         except Exception as exc:
             self._dirty = True
-            if after_shutdown(exc):  # started before the stop, it reached the database after it: no retry
+            if refused_after_shutdown(exc):  # started before the stop, it reached the database after it: no retry
                 logger.warning(
                     'ledger: %s stopped: the runtime had shut down; the rows stay in the spool, written by the next '
                     'start or `agentrt ledger replay`',

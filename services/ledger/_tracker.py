@@ -14,6 +14,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
+from agentrt.db.engine import refused_after_shutdown
 from agentrt.db.forks import forget_in_child
 from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
@@ -27,7 +28,7 @@ from agentrt.services.ledger._replay import ReplayReport
 from agentrt.services.ledger._retry import RetryPolicy, retry_transient
 from agentrt.services.ledger._schedule import Prepare, commit_wait, contents_of, seal_stamped, take_ready
 from agentrt.services.ledger._spool import LedgerSpool
-from agentrt.services.ledger._writes import SessionFactory, after_shutdown, database_unavailable, write_ledger_rows
+from agentrt.services.ledger._writes import SessionFactory, database_unavailable, write_ledger_rows
 
 logger = logging.getLogger('agentrt.ledger')
 _tracer = trace.get_tracer('agentrt.ledger')
@@ -404,7 +405,7 @@ class LLMRequestTracker:
                     return [outcome for item in items for outcome in await self._write_batch(queues, [item])]
                 if contents:
                     return [await self._write_row_alone(queues, items[0], rows[0], exc)]
-            if after_shutdown(exc):  # said in an operator's terms; no replay is tried before the next start
+            if refused_after_shutdown(exc):  # said in an operator's terms; no replay is tried before the next start
                 logger.warning(
                     'ledger: %d row(s) not written: the runtime had shut down (a turn still running at the stop); '
                     'they stay in the spool, written by the next start or `agentrt ledger replay`',

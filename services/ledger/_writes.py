@@ -21,7 +21,6 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from agentrt.db.driver import DriverStatement, DriverTransaction
-from agentrt.db.engine import runtime_shut_down
 from agentrt.db.errors import DatabaseNotInitializedError
 from agentrt.db.models.ledger import LLMRequestContentRow, LLMRequestRow
 from agentrt.services.budgets import SETTLED_COLUMNS, settlement_ctes
@@ -99,13 +98,6 @@ _CONTENT_PARAMS = tuple((f'c_{name}', name) for name in CONTENT_COLUMNS)
 def database_unavailable(exc: BaseException) -> bool:
     """True when a write failed because the database cannot be reached (now): spool it, don't drop it."""
     return is_transient_db_error(exc) or isinstance(exc, DatabaseNotInitializedError)
-
-
-def after_shutdown(exc: BaseException) -> bool:
-    """True when a write was refused because the runtime had shut down under it (a turn cut off at a stop, blocked on
-    a frozen database, ended after it): only the next start writes its rows, and the exception's text advises a
-    developer ("start it with init_database()"), not an operator of `agentrt serve` (QA)."""
-    return isinstance(exc, DatabaseNotInitializedError) and runtime_shut_down()
 
 
 async def insert_contents(session_factory: SessionFactory, contents: list[dict[str, Any]]) -> int:
