@@ -94,7 +94,8 @@ when the database answers: `timeout=0`, no wait for turns, must not leave every 
 async def _ledger_closed(tracker: LLMRequestTracker, seconds: float) -> None:
     """Flush the ledger, for at most `seconds` more: a database that does not answer (frozen, not down) held
     a server's stop 75-150 s in the writer's retries, past any process manager's patience (QA). What is not written
-    by then stays in the process's journal of held rows, which the next start (or `agentrt ledger replay`) writes."""
+    by then stays in the process's journal of held rows, which the next start (or `agentrt ledger replay`) writes; rows
+    held in memory because the spool refused them too (a full disk) are reported lost, each logged (`aclose`)."""
     try:
         async with asyncio.timeout(seconds):
             await tracker.aclose()

@@ -135,6 +135,12 @@ class SpoolFallback:
         except Exception as exc:
             self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
 
+    def abandon(self, exc: BaseException) -> None:
+        """The close was cut off by `exc` (cancelled, or out of time: `shutdown_runtime` bounds it): the rows still held
+        in memory end with the process, each reported lost and logged (the log line is the last record of the row).
+        """
+        self._lose(self._held.take(), f'the close was cut off ({type(exc).__name__}) before either took it')
+
     def _append_after_held(self, entries: list[dict[str, Any]]) -> int:
         """Append `entries` to the spool after the rows held in memory, which an earlier append could not take (they
         go first, with these): how many held rows went. Blocking (a file's fsync).
@@ -145,7 +151,7 @@ class SpoolFallback:
         held = self._held.take()
         try:
             self.spool.append(held + entries)
-        except Exception:
+        except BaseException:  # whatever ends the append (a KeyboardInterrupt too): the held rows are held again
             self._held.give_back(held)
             raise
         return len(held)
@@ -216,7 +222,8 @@ class SpoolFallback:
         return True
 
     async def _write_held(self, policy: RetryPolicy | None = None) -> None:
-        """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails."""
+        """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails or is
+        cancelled."""
         held = self._held.take()
         if not held:
             return
@@ -225,7 +232,10 @@ class SpoolFallback:
             counts = await write_spooled_entries(
                 held, refused, self._session_factory, policy or self.config.retry, on_retry=self.retried
             )
-        except Exception:
+        except BaseException:
+            # Cancelled too (`asyncio.run` ending the background replay, a shutdown's timeout): taken, they were in no
+            # spool and no journal, and were gone unlogged (QA). Written again later: each row is inserted only if
+            # its minted id is new, and only a new row settles its budget hold, so nothing is written twice.
             self._held.give_back(held)
             raise
         self.stats.written += counts['inserted']

@@ -240,9 +240,14 @@ class LLMRequestTracker:
     async def aclose(self) -> None:
         """Flush; call it at shutdown (before `close_database()`) so contents are not left to the spool. Rows held in
         memory (neither the database nor the spool took them) are written or spooled now if either takes them, else
-        reported lost, each logged."""
+        reported lost, each logged; so are they when the close is cancelled or bounded (`asyncio.timeout`) first."""
         try:
             await self._close()
+        except BaseException as exc:
+            # Cut off (cancelled, or `shutdown_runtime`'s bound ran out) while the database did not answer: the rows
+            # held in memory would end with the process unsaid; each is reported lost, as the docstring says.
+            self._fallback.abandon(exc)
+            raise
         finally:
             queues = self._queues(asyncio.get_running_loop())
             if queues.comeback is not None:  # the process is stopping: a later start replays what is left
