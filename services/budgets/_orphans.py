@@ -5,9 +5,10 @@ may have committed: the request is not sent (its admission failed with `Database
 would ever settle the hold, and the process that took it is alive, so the sweeper would leave it to its TTL
 (`AGENTRT_BUDGET_RESERVATION_TTL_SECONDS`, 15 minutes), the account's budget short by it meanwhile: the next
 requests refused for holds "by requests in flight" that none were. `reserve` gives such a hold back at once; when the
-database is still away (the release fails too), or a release of a skipped request's hold fails, the hold's id is
-kept here and the next sweep of this process releases it by id (a no-op for a hold that was never committed), and the
-next admission sweeps at once rather than after `AGENTRT_BUDGET_SWEEP_INTERVAL_SECONDS`.
+database is still away (the release fails too), or a release of a skipped request's hold (or of a hold taken as its
+caller was cancelled) fails, the hold's id is kept here and the next sweep of this process releases it by id (a no-op
+for a hold that was never committed), and the next admission sweeps at once rather than after
+`AGENTRT_BUDGET_SWEEP_INTERVAL_SECONDS`.
 """
 
 from __future__ import annotations

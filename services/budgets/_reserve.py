@@ -292,8 +292,10 @@ async def open_window(account_id: int, at: datetime) -> None:
 
 
 async def _release_hold(result: Hold | Refusal | None) -> None:
+    # Through `give_back`: with `release`, a database that failed the undo (its error swallowed by
+    # `undone_if_cancelled`) left the hold to its TTL (15 min), not remembered for this process's next sweep (QA).
     if isinstance(result, Hold):
-        await release(result)
+        await give_back(result.id, result.account_id)
 
 
 async def release(hold: Hold) -> None:

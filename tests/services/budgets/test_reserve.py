@@ -180,3 +180,36 @@ async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_swee
     row = await period_row(alpha)
     assert row is not None and row['reserved_usd'] == 0
     assert (await sweep_reservations()).released_orphans == 0, 'released once'
+
+
+async def test_a_hold_whose_undo_on_a_cancellation_fails_is_released_by_the_next_sweep(
+    two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request cancelled while its hold's COMMIT reply was in flight, and the database away when the hold is given
+    # back: the failed release was forgotten, and the hold left to its TTL (15 min; its process is alive).
+    alpha, _ = two_accounts
+    await give_budget('alpha', '1')
+    opened = _reserve.scoped_connection
+    calls = 0
+
+    def away_after_the_first(*, account: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise DatabaseUnavailableError('cannot connect to PostgreSQL: the test says so')
+        return opened(account=account)
+
+    monkeypatch.setattr(_reserve, 'scoped_connection', away_after_the_first)
+    with slow_commit_reply(monkeypatch) as committed:
+        admission = asyncio.create_task(hold_usd(alpha, '0.10'))
+        await committed.wait()
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+    monkeypatch.setattr(_reserve, 'scoped_connection', opened)
+    assert len(await reservations()) == 1 and calls == 2
+    report = await sweep_reservations()
+    assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
+    assert await reservations() == []
+    row = await period_row(alpha)
+    assert row is not None and row['reserved_usd'] == 0
