@@ -22,7 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
-from agentrt.db.failures import connection_problem, given_up, refused_startup_parameter, unavailable_error
+from agentrt.db.failures import (
+    connection_problem,
+    given_up,
+    pooler_refusal,
+    refused_startup_parameter,
+    unavailable_error,
+)
 from agentrt.db.pool_close import track_idle_connections
 from agentrt.db.pool_health import PoolHealth
 from agentrt.db.settings import Settings
@@ -211,6 +217,10 @@ async def check_connection(
     except Exception as exc:
         if (pooler := pooler_error(exc)) is not None:
             raise pooler from exc
+        if (refused_by_pooler := pooler_refusal(exc)) is not None:
+            # PgBouncer full (`max_client_conn`) or refusing clients while its logins fail: what to raise, as a running
+            # process says it; at start-up it was only PgBouncer's own words, with no advice (QA).
+            raise DatabaseUnavailableError(f'cannot connect to PostgreSQL at {where}: {refused_by_pooler}') from exc
         if (gave_up := given_up(exc)) is not None:
             # Connected: the server gave up on the check's statement (a DB_STATEMENT_TIMEOUT_MS of a few ms), which
             # was "cannot connect to PostgreSQL at ...: canceling statement due to statement timeout".

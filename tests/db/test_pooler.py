@@ -299,6 +299,25 @@ async def test_pgbouncer_out_of_client_connections_is_said_so_not_a_lost_connect
     assert 'DB_POOL_SIZE' in message and 'DB_MAX_OVERFLOW' in message
 
 
+async def test_pgbouncer_out_of_client_connections_at_start_up_says_what_to_raise() -> None:
+    # A process starting while PgBouncer is full got PgBouncer's own words ("cannot connect to PostgreSQL at ...
+    # (PgBouncer): no more connections allowed (max_client_conn)"), where a running one says what to raise (QA).
+    bouncer = bouncer_for(get_engine().url, max_client_conn=1)
+    bouncer.start()
+    try:
+        holder = await asyncpg.connect(bouncer.url())  # the one client connection it accepts
+        try:
+            result = await invoke('db', 'status', env={'DATABASE_URL': bouncer.url(), 'DB_POOLER': 'pgbouncer'})
+        finally:
+            await holder.close()
+    finally:
+        bouncer.stop()
+    assert result.exit_code == 3, result.output
+    assert f'cannot connect to PostgreSQL at 127.0.0.1:{bouncer.port}/' in result.stderr, result.stderr
+    assert 'PgBouncer refused the connection: no more connections allowed (max_client_conn)' in result.stderr
+    assert 'raise its max_client_conn to at least' in result.stderr and 'Traceback' not in result.output
+
+
 async def test_pgbouncer_giving_up_on_a_server_connection_is_said_so(database: Settings) -> None:
     # A query that waited query_wait_timeout for one of PgBouncer's server connections (all busy, or PostgreSQL not
     # reachable) is closed with SQLSTATE 08P01: it was "the connection to PostgreSQL was lost ... (server restart,
