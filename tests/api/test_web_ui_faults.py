@@ -422,6 +422,22 @@ async def test_the_browser_going_offline_while_an_answer_comes_says_so(page: Pag
     await expect(turn.locator('.answer')).to_have_text('ok and more')
 
 
+async def test_a_reload_gives_back_a_message_that_repeats_the_one_before(page: Page) -> None:
+    # The page took the message for saved when the conversation's last user message had its text: "continue" sent
+    # again, reloaded while its answer came, was lost (box empty, no notice), though its turn was cancelled (qa168).
+    drip_more.set()
+    turn = await _send(page, DRIP)
+    await expect(turn).to_have_attribute('data-state', 'done')
+    drip_more.clear()
+    turn = await _send(page, DRIP)
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.reload()
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(DRIP)
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    await expect(page.locator('.message.user')).to_have_count(1)
+    drip_more.set()
+
+
 async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(
     page: Page, site: str, keys: Keys
 ) -> None:

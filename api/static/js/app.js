@@ -192,7 +192,7 @@ window.addEventListener('agentrt:unauthorized', (event) => {
   const unsent = chat?.leaving();
   const account = session.me?.account;
   session.signOut();
-  if (unsent && account) keepPending(unsent.conversation, unsent.text, account, { signedOut: true });
+  if (unsent && account) keepPending(unsent.conversation, unsent.text, account, { signedOut: true, from: unsent.from });
   sessionStorage.setItem(MESSAGE, JSON.stringify({ text: errorMessage(event.detail), kind: 'error' }));
   window.location.reload(); // a clean page: no view of the previous key stays in memory
 });

@@ -169,6 +169,11 @@ class AssistantTurn {
   }
 }
 
+/** The revision an entity tag names (the server's `ETag`: the revision, `.t` and a digest of the title, quoted). */
+function revisionOf(tag) {
+  return tag.replace(/^W\//, '').replace(/^"|"$/g, '').replace(/\.t[0-9a-f]{8}$/, '');
+}
+
 /** A promise that rejects with an `AbortError` when `signal` aborts (as `fetch` does). */
 function abortedBy(signal) {
   return new Promise((_, reject) => {
@@ -189,7 +194,7 @@ export function createChatView() {
   let controller = null;
   let loading = null; // the notice of a conversation whose history is loading, else null
   let stale = false; // a turn here was refused as another one ran, or cut off: the history shown may lack what was saved
-  let inFlight = null; // {conversation, text} of the message being sent and answered, else null
+  let inFlight = null; // {conversation, text, from} of the message being sent and answered, else null
   let offlineNote = null; // the notice that the browser is offline while an answer is coming, else null
   // Where the reader was in the chat (window.scrollY), or null at its end: the chat shown again after another view
   // goes back there. It kept the other view's position, and came back at its oldest messages.
@@ -282,6 +287,15 @@ export function createChatView() {
     auditLink.hidden = !conversationId || !session.mayRead; // the audit needs the read scope
     if (conversationId) auditLink.href = `#/audit?conversation=${encodeURIComponent(conversationId)}`;
     empty.hidden = transcript.childElementCount > 0;
+  }
+
+  /**
+   * The revision of the conversation shown, as this tab last heard of it: '' when the server holds nothing of it, null
+   * when not known (a turn of this tab saved it, and the read of its tag is not back).
+   */
+  function knownRevision() {
+    if (knownTag) return revisionOf(knownTag);
+    return saved ? null : '';
   }
 
   function setBusy(busy) {
@@ -486,7 +500,7 @@ export function createChatView() {
       // and changed as older pages were).
       const first = putHistory(data, response.headers.get('ETag'));
       setHead(storedTitle || first);
-      restorePending(wanted, data.messages);
+      restorePending(wanted, data);
       if (bad) notice.append(alertBox(STORED_BEFORE_THE_RULES, 'info'));
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
       if (element.isConnected) toEnd();
@@ -506,7 +520,7 @@ export function createChatView() {
           return;
         }
         notice.append(alertBox('This conversation has no saved messages yet: send the first one.', 'info'));
-        restorePending(wanted, []);
+        restorePending(wanted, { revision: null, messages: [] });
       } else if (error instanceof ApiError && error.status === 403) {
         // A key that may chat but not read (`--scope chat`): it never will load the conversation, and need not to
         // continue it, since the server holds what was said. Marked stale, every message sent waited for a load that
@@ -545,9 +559,12 @@ export function createChatView() {
     notice.replaceChildren(alertBox(message, 'info'));
   }
 
-  /** The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the box. */
-  function restorePending(id, messages) {
-    const pending = takePending(id, messages, session.me?.account);
+  /**
+   * The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the
+   * box; `held`: the conversation as the server holds it (`{revision, messages}`).
+   */
+  function restorePending(id, held) {
+    const pending = takePending(id, held, session.me?.account);
     if (pending === null) return;
     if (!input.value) input.value = pending.text;
     const back = pending.signedOut
@@ -558,12 +575,13 @@ export function createChatView() {
 
   /**
    * The page is leaving for sign-in (the key stopped working): the message being sent, else the one typed in the box
-   * of a conversation, as `{conversation, text}` (or null), no longer forgotten when its request fails.
+   * of a conversation, as `{conversation, text, from}` (or null), no longer forgotten when its request fails.
    */
   function leaving() {
     if (controller) controller.left = true; // its failure (the 401) must not forget the note kept for after sign-in
     if (inFlight) return inFlight;
-    return conversationId && input.value.trim() ? { conversation: conversationId, text: input.value } : null;
+    if (!conversationId || !input.value.trim()) return null;
+    return { conversation: conversationId, text: input.value, from: knownRevision() };
   }
 
   async function sendMessage(text) {
@@ -582,8 +600,13 @@ export function createChatView() {
     setHead(isFirst ? text : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
-    keepPending(sending, text, session.me?.account);
-    inFlight = { conversation: sending, text };
+    // Kept with the revision the turn starts from (`takePending` tells by it whether the turn was saved), known once
+    // the checks below are done: kept again then.
+    const keep = () => {
+      inFlight = { conversation: sending, text, from: conversationId === sending ? knownRevision() : null };
+      keepPending(sending, text, session.me?.account, { from: inFlight.from });
+    };
+    keep();
     const ownController = (controller = new AbortController());
     setBusy(true);
     let response = null;
@@ -629,6 +652,7 @@ export function createChatView() {
           toEnd();
         }
       }
+      keep();
       response = await postChat(
         {
           trigger: 'submit-message',

@@ -8,10 +8,11 @@ const KEY = 'agentrt.pendingMessage';
 
 /**
  * Keep `text`, sent to (or typed for) conversation `conversation` of account `account`, until `forgetPending()`;
- * `signedOut`: kept because the key stopped working, not for a reload.
+ * `signedOut`: kept because the key stopped working, not for a reload; `from`: the conversation's revision when it
+ * was sent ('' when nothing of it was saved yet), or null when this tab did not know it.
  */
-export function keepPending(conversation, text, account, { signedOut = false } = {}) {
-  sessionStorage.setItem(KEY, JSON.stringify({ conversation, text, account, signedOut }));
+export function keepPending(conversation, text, account, { signedOut = false, from = null } = {}) {
+  sessionStorage.setItem(KEY, JSON.stringify({ conversation, text, account, signedOut, from }));
 }
 
 /** Its turn ended on this page (saved, stopped, or its text given back), or the key is signed out. */
@@ -21,10 +22,13 @@ export function forgetPending() {
 
 /**
  * The message kept for conversation `id` of account `account`, forgotten now (`{text, signedOut}`), or null: none
- * (another conversation's stays kept), another account's, or saved after all (the last user message of `messages`,
- * the conversation as the server holds it, is it: stored with NUL as U+FFFD).
+ * (another conversation's stays kept), another account's, or saved after all. `held` is the conversation as the
+ * server holds it (`{revision, messages}`; a revision of null: nothing saved). Its turn was saved when the revision
+ * moved on from the one it was sent at and the last user message is it (stored with NUL as U+FFFD); at the same
+ * revision nothing was saved, whatever the text: a message that repeats the one before ("continue", "yes") was taken
+ * for saved, and lost.
  */
-export function takePending(id, messages, account) {
+export function takePending(id, held, account) {
   let pending = null;
   try {
     pending = JSON.parse(sessionStorage.getItem(KEY) || 'null');
@@ -34,8 +38,9 @@ export function takePending(id, messages, account) {
   if (pending?.conversation !== id || typeof pending.text !== 'string') return null;
   forgetPending();
   if (pending.account !== account) return null; // a key of another account signed in on this tab
-  const lastUser = messages.findLast((message) => message.role === 'user');
+  const back = { text: pending.text, signedOut: pending.signedOut === true };
+  if (typeof pending.from === 'string' && pending.from === (held.revision ?? '')) return back;
+  const lastUser = held.messages.findLast((message) => message.role === 'user');
   const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
-  if (saved === pending.text.replaceAll('\0', '\ufffd')) return null;
-  return { text: pending.text, signedOut: pending.signedOut === true };
+  return saved === pending.text.replaceAll('\0', '\ufffd') ? null : back;
 }
