@@ -150,7 +150,7 @@ async def test_a_message_sent_as_the_key_is_revoked_comes_back_after_signing_in_
     await page.goto(f'{site}/#/chat/{conversation}')
     await expect(page.locator('.notice')).to_contain_text('This conversation has no saved messages yet')
     await expect(box).to_have_value('')
-    assert await page.evaluate("sessionStorage.getItem('agentrt.pendingMessage')") is None
+    assert await page.evaluate("sessionStorage.getItem('agentrt.pendingMessages')") is None
 
 
 async def test_a_message_sent_offline_says_the_browser_is_offline(page: Page) -> None:
@@ -436,6 +436,26 @@ async def test_a_reload_gives_back_a_message_that_repeats_the_one_before(page: P
     await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
     await expect(page.locator('.message.user')).to_have_count(1)
     drip_more.set()
+
+
+async def test_a_message_cut_off_by_leaving_comes_back_after_a_turn_in_another_conversation(page: Page) -> None:
+    # The page kept one message for the whole tab: a message sent in the conversation opened next took its place, and
+    # that turn's end forgot it. The first conversation, shown again, gave nothing back (qa168).
+    turn = await _send(page, 'a first question here')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    here = page.url
+    drip_more.clear()
+    turn = await _send(page, f'a second question, {DRIP}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    await page.get_by_role('link', name='New chat').click()  # cancels the turn: its message waits for this chat
+    await expect(page.locator('.message')).to_have_count(0)
+    turn = await _send(page, 'a question elsewhere')
+    await expect(turn).to_have_attribute('data-state', 'done')
+    drip_more.set()
+    await page.goto(here)
+    await expect(page.get_by_role('textbox', name='Message')).to_have_value(f'a second question, {DRIP}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    await expect(page.locator('.message.user')).to_have_text(['Youa first question here'])
 
 
 async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(

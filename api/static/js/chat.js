@@ -697,7 +697,7 @@ export function createChatView() {
         turn.fail(errorMessage(error));
       }
     } finally {
-      if (!ownController.left) forgetPending(); // its turn ended here: saved, stopped, or its text back in the box
+      if (!ownController.left) forgetPending(sending); // its turn ended here: saved, stopped, or its text back in the box
       controller = null;
       inFlight = null;
       setBusy(false);
