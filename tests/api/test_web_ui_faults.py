@@ -458,6 +458,30 @@ async def test_a_message_cut_off_by_leaving_comes_back_after_a_turn_in_another_c
     await expect(page.locator('.message.user')).to_have_text(['Youa first question here'])
 
 
+async def test_the_chat_heading_is_cut_between_characters_and_the_servers_title_is_shown_as_it_is(
+    page: Page, site: str, keys: Keys
+) -> None:
+    # The heading was cut at 80 UTF-16 units, an emoji split in two (its half a broken character), and so was the
+    # server's title, already cut at 80 code points: it differed from the one Conversations lists (qa168).
+    emoji = '\U0001f600'
+    await _send(page, 'a' * 78 + emoji + ' Cardiologists in Seattle')
+    await expect(page.locator('#chat-title')).to_have_text('a' * 78 + emoji + '…')
+    async with httpx2.AsyncClient(base_url=site, timeout=30) as client:
+        made = await client.post(
+            '/api/v1/conversations/emoji-title/turns',
+            json={'message': emoji * 45 + ' Cardiologists in Seattle'},
+            headers=auth(keys.acme),
+        )
+        assert made.status_code == 200, made.text
+        await get_supervisor().join()  # its title is made after the turn
+        read = await client.get('/api/v1/conversations/emoji-title?format=vercel', headers=auth(keys.acme))
+    title = read.json()['title']
+    assert title == emoji * 45 + ' Cardiologists in Seattle'  # 70 code points: not cut
+    await page.goto(f'{site}/#/chat/emoji-title')
+    await expect(page.locator('.message.user')).to_have_count(1)
+    await expect(page.locator('#chat-title')).to_have_text(title)
+
+
 async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(
     page: Page, site: str, keys: Keys
 ) -> None:

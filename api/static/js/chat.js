@@ -8,7 +8,7 @@ import { forgetPending, keepPending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
-const TITLE_CHARS = 80;
+const TITLE_CHARS = 80; // in code points, as the server's titles (TITLE_MAX_CHARS of services/conversations/_titles.py)
 // The latest messages a conversation opens with (a demo turn is 6): reading a long one whole costs the server seconds.
 // "Show older messages" loads as many again, each time, above them.
 const HISTORY_MESSAGES = 600;
@@ -169,6 +169,16 @@ class AssistantTurn {
   }
 }
 
+/**
+ * A heading made of a conversation's first message, until the server's title comes: at most `TITLE_CHARS` code points,
+ * as the server cuts a title (services/conversations/_titles.py). Cut in UTF-16 units, an emoji was split, its half
+ * shown as a broken character.
+ */
+function headingOf(firstMessage) {
+  const chars = Array.from(firstMessage);
+  return chars.length > TITLE_CHARS ? `${chars.slice(0, TITLE_CHARS - 1).join('')}…` : firstMessage;
+}
+
 /** The revision an entity tag names (the server's `ETag`: the revision, `.t` and a digest of the title, quoted). */
 function revisionOf(tag) {
   return tag.replace(/^W\//, '').replace(/^"|"$/g, '').replace(/\.t[0-9a-f]{8}$/, '');
@@ -278,8 +288,12 @@ export function createChatView() {
     form,
   );
 
-  function setHead(firstMessage) {
-    if (firstMessage) title.textContent = firstMessage.length > TITLE_CHARS ? `${firstMessage.slice(0, TITLE_CHARS - 1)}…` : firstMessage;
+  /**
+   * The view's head: `heading` (the server's title as it is, as Conversations lists it, or `headingOf` a first
+   * message), else what the conversation shown is.
+   */
+  function setHead(heading) {
+    if (heading) title.textContent = heading;
     else if (!conversationId) title.textContent = 'New conversation';
     // An existing conversation whose messages a key without the read scope cannot load is not a new one.
     else if (!transcript.childElementCount) title.textContent = session.mayRead ? 'New conversation' : 'Conversation';
@@ -418,7 +432,7 @@ export function createChatView() {
     transcript.prepend(page);
     requestAnimationFrame(() => transcript.setAttribute('aria-busy', String(loading !== null)));
     if (anchor) window.scrollBy(0, anchor.getBoundingClientRect().top - top);
-    setHead(storedTitle || first);
+    setHead(storedTitle || (first && headingOf(first)));
     const focused = document.activeElement === olderButton;
     setEarlier(data.earlier_cursor ?? null);
     // Counted as shown: a question and its answer are one turn (the stored messages, several a turn, said nothing).
@@ -499,7 +513,7 @@ export function createChatView() {
       // The conversation's title, whichever page is loaded (it was the first question of the latest page loaded,
       // and changed as older pages were).
       const first = putHistory(data, response.headers.get('ETag'));
-      setHead(storedTitle || first);
+      setHead(storedTitle || (first && headingOf(first)));
       restorePending(wanted, data);
       if (bad) notice.append(alertBox(STORED_BEFORE_THE_RULES, 'info'));
       // It opens where it goes on, as a chat does: at its first turn, a message sent next streamed in out of sight.
@@ -597,7 +611,7 @@ export function createChatView() {
     const turn = new AssistantTurn({ live: true });
     const isFirst = transcript.childElementCount === 0;
     transcript.append(mine, turn.element);
-    setHead(isFirst ? text : null);
+    setHead(isFirst ? headingOf(text) : null);
     toEnd(); // what was just sent, and its answer as it comes, even when the reader had scrolled up
     const sending = conversationId;
     // Kept with the revision the turn starts from (`takePending` tells by it whether the turn was saved), known once
