@@ -178,7 +178,10 @@ class CostRowOut(BaseModel):
     output_tokens: int
     total_tokens: int
     total_cost: Money | None
-    unpriced: int = Field(description='Requests without a price: counted in tokens, not in cost.')
+    unpriced: int = Field(
+        description="Requests without a cost: an unpriced model's, and any whose usage the provider never reported "
+        '(a failure or a cancellation before any usage); counted in tokens, not in cost.'
+    )
 
     @classmethod
     def of(cls, summary: CostSummary) -> CostRowOut:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
@@ -480,6 +481,40 @@ async def test_the_chat_heading_is_cut_between_characters_and_the_servers_title_
     await page.goto(f'{site}/#/chat/emoji-title')
     await expect(page.locator('.message.user')).to_have_count(1)
     await expect(page.locator('#chat-title')).to_have_text(title)
+
+
+async def test_the_costs_call_requests_without_a_cost_so_not_requests_of_unpriced_models(page: Page, site: str) -> None:
+    # `unpriced` counts every request without a cost, a priced model's failures before any usage and cancellations
+    # too: the page called them all "requests of unpriced models", and a priced model's "(+34 unpriced)" (qa168).
+    today = datetime.now(UTC).date().isoformat()
+    counts = {'requests': 50, 'failed': 20, 'cancelled': 14, 'input_tokens': 210, 'output_tokens': 840}
+    priced = {**counts, 'total_tokens': 1050, 'total_cost': '0.00054', 'unpriced': 34}
+    none = {
+        **counts,
+        'requests': 3,
+        'failed': 3,
+        'cancelled': 0,
+        'total_tokens': 1050,
+        'total_cost': None,
+        'unpriced': 3,
+    }
+
+    async def costs(route: Route) -> None:
+        by = route.request.url.split('by=', 1)[1].split('&', 1)[0]
+        items = {
+            'day': [{'key': today, **priced}],
+            'model': [{'key': 'gpt-4o-mini', **priced}, {'key': 'gone-model', **none}],
+            'agent': [{'key': 'helper', **priced}],
+        }[by]
+        await route.fulfill(json={'by': by, 'source': 'rollup', 'items': items})
+
+    await page.route('**/api/v1/costs?*', costs)
+    await page.goto(f'{site}/#/costs')
+    totals = page.locator('p.totals')
+    await expect(totals).to_contain_text('34 requests without a cost (unpriced models, failures before any usage)')
+    await expect(totals).not_to_contain_text('of unpriced models')
+    await expect(page.locator('tr[data-key="gpt-4o-mini"] td').last).to_have_text('$0.00054 (+34 without a cost)')
+    await expect(page.locator('tr[data-key="gone-model"] td').last).to_have_text('no cost')
 
 
 async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(

@@ -1,5 +1,7 @@
 // Costs of the account (GET /costs): a chart by day, and tables by model and by agent, over the last 7, 30 or 90
-// days. Requests of unpriced models (the offline demo model, say) count in requests and tokens, not in cost.
+// days. Requests without a cost count in requests and tokens, not in cost: those of unpriced models (the offline demo
+// model, say), and those whose usage the provider never reported (a failure or a cancellation before any usage),
+// whichever the model: the API's `unpriced` counts both, so the page does not call them the model's.
 
 import { ApiError, errorMessage, getJson } from './api.js';
 import { alertBox, formatCost, formatInt, h } from './dom.js';
@@ -61,8 +63,8 @@ function groupTable(caption, rows, keyName) {
 }
 
 function costText(row) {
-  if (row.total_cost === null) return row.requests ? 'unpriced' : '$0';
-  return row.unpriced ? `${formatCost(row.total_cost)} (+${row.unpriced} unpriced)` : formatCost(row.total_cost);
+  if (row.total_cost === null) return row.requests ? 'no cost' : '$0';
+  return row.unpriced ? `${formatCost(row.total_cost)} (+${row.unpriced} without a cost)` : formatCost(row.total_cost);
 }
 
 /**
@@ -128,7 +130,8 @@ export async function costsView(query) {
   const totals = [`${formatInt(requests)} requests (${formatInt(total('failed'))} failed, ${formatInt(total('cancelled'))} cancelled)`, `${formatInt(total('total_tokens'))} tokens`];
   if (unpriced < requests) totals.push(`${formatCost(String(total('total_cost')))} spent`);
   if (unpriced) {
-    totals.push(unpriced === requests ? 'all from unpriced models, so no cost' : `${formatInt(unpriced)} requests of unpriced models (no cost)`);
+    const why = 'unpriced models, failures before any usage';
+    totals.push(unpriced === requests ? `none with a cost (${why})` : `${formatInt(unpriced)} requests without a cost (${why})`);
   }
 
   const chartBox = h('div', { class: 'chart-box' });
