@@ -7,6 +7,11 @@ and two pages that each held part of one long turn gave two of its messages the 
 client that merges pages, or a read before and after a turn, by id (the AI SDK keys its messages by id) showed
 messages twice or replaced one with another. The stored entry's id is the message's own: the same on every page,
 in every read, and never another message's.
+
+An answer that ended before the model was done (its response's `finish_reason` `length`, `content_filter`...) says so
+in its UI message's `metadata`, as `finishReason` in the AI SDK's words (those of the stream's `finish` event:
+`length`, `content-filter`...): `dump_messages` carries only the timestamp there, and a reader of the stored
+conversation (the web UI after a reload) showed a truncated answer as a whole one.
 """
 
 from __future__ import annotations
@@ -21,11 +26,19 @@ from agentrt.services.conversations import MessagePage, starts_turn
 
 MessageIdFunction = Callable[[ModelRequest | ModelResponse, Literal['system', 'user', 'assistant'], int], str]
 
+FINISH_REASON_KEY = 'finishReason'
+"""The key of a UI message's `metadata` that names why its response ended, when not in the normal way."""
+_CUT_SHORT: dict[str, str] = {'length': 'length', 'content_filter': 'content-filter', 'error': 'error'}
+"""pydantic-ai's finish reasons of an answer the model did not end itself, in the AI SDK's words (its stream's
+`finish` event's, pydantic-ai's `_FINISH_REASON_MAP`); `stop` and `tool_call` are a response's normal ends."""
 
-def entry_message_ids(page: MessagePage) -> MessageIdFunction:
+
+def entry_message_ids(
+    page: MessagePage, named: dict[str, ModelRequest | ModelResponse] | None = None
+) -> MessageIdFunction:
     """A `generate_message_id` for `dump_messages(page.messages)`: the entry id of the message a UI message comes
     from; a request dumped as several UI messages (its system-voice and user parts apart) adds `-1`, `-2`... to the
-    second and later ones."""
+    second and later ones. Each id given is noted in `named`, with the message it names."""
     entries = {id(message): entry for message, entry in zip(page.messages, page.entry_ids, strict=True)}
     dumped: dict[str, int] = {}
 
@@ -33,7 +46,10 @@ def entry_message_ids(page: MessagePage) -> MessageIdFunction:
         entry = entries[id(message)]
         count = dumped.get(entry, 0)
         dumped[entry] = count + 1
-        return entry if count == 0 else f'{entry}-{count}'
+        given = entry if count == 0 else f'{entry}-{count}'
+        if named is not None:
+            named[given] = message
+        return given
 
     return message_id
 
@@ -48,10 +64,16 @@ def iter_vercel_messages(page: MessagePage) -> Iterator[dict[str, Any]]:
     """`vercel_messages` one at a time, as they are read: a caller that encodes each before the next never holds
     the UI messages of more than one turn (a whole conversation's, in a worker thread, made the garbage collector's
     full collections there longer, and they hold the event loop too)."""
-    message_id = entry_message_ids(page)
+    named: dict[str, ModelRequest | ModelResponse] = {}
+    message_id = entry_message_ids(page, named)
     for turn in turns(page.messages):
         for message in VercelAIAdapter.dump_messages(turn, generate_message_id=message_id):
-            yield message.model_dump(mode='json', by_alias=True, exclude_none=True)
+            dumped = message.model_dump(mode='json', by_alias=True, exclude_none=True)
+            source = named.pop(message.id, None)
+            if isinstance(source, ModelResponse) and (reason := _CUT_SHORT.get(source.finish_reason or '')):
+                # Not over a key of the application's own metadata, which `dump_messages` put there.
+                dumped.setdefault('metadata', {}).setdefault(FINISH_REASON_KEY, reason)
+            yield dumped
 
 
 def turns(messages: list[ModelMessage]) -> list[list[ModelMessage]]:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx2
 import pytest
 from playwright.async_api import Browser, Dialog, Page, Route, async_playwright, expect
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCalls, FunctionModel
 
 from agentrt.api.app import create_app
@@ -27,6 +27,7 @@ from agentrt.services.background import get_supervisor
 from agentrt.services.conversations import PostgresConversationStore
 from tests.agents.conftest import account_id
 from tests.api.conftest import Keys, auth, serve
+from tests.api.test_vercel_messages import _store
 from tests.api.test_web_ui import CHROMIUM, CHROMIUM_ARGS, _send
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason='no Chromium to drive: see tests/api/test_web_ui.py')
@@ -515,6 +516,26 @@ async def test_the_costs_call_requests_without_a_cost_so_not_requests_of_unprice
     await expect(totals).not_to_contain_text('of unpriced models')
     await expect(page.locator('tr[data-key="gpt-4o-mini"] td').last).to_have_text('$0.00054 (+34 without a cost)')
     await expect(page.locator('tr[data-key="gone-model"] td').last).to_have_text('no cost')
+
+
+async def test_a_stored_answer_cut_off_by_the_output_limit_says_so_when_shown_again(page: Page, site: str) -> None:
+    # Said live only (the stream's finish event): a reload showed the truncated answer as a whole one (qa168).
+    await _store(
+        'cut-short',
+        [
+            ModelRequest.user_text_prompt('Cardiologists in Seattle'),
+            ModelResponse(parts=[TextPart('The cardiologists are Dr')], finish_reason='length'),
+            ModelRequest.user_text_prompt('and in Boston?'),
+            ModelResponse(parts=[TextPart('None found.')], finish_reason='stop'),
+        ],
+    )
+    await page.goto(f'{site}/#/chat/cut-short')
+    answers = page.locator('.message.assistant')
+    await expect(answers).to_have_count(2)
+    await expect(answers.first.locator('.outcome')).to_have_text(
+        "The answer was cut off by the model's output limit (max_tokens); it is saved as it is."
+    )
+    await expect(answers.last.locator('.outcome')).to_have_text('')
 
 
 async def test_the_chat_shown_again_after_another_view_is_where_the_reader_left_it(

@@ -24,11 +24,19 @@ const UNCHECKED =
 const TAG_WAIT_MS = 5000;
 const STORED_BEFORE_THE_RULES =
   'This conversation was saved by an earlier version under an id that new messages can no longer use: you can read and delete it; start a new chat to go on.';
-// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's).
+// Why an answer ended before the model was done (the finish event's `finishReason`, from the provider's; a stored
+// answer's, its message's `metadata.finishReason`, in the same words: api/vercel_messages.py).
 const CUT_OFF_BY = {
   length: "the model's output limit (max_tokens)",
   'content-filter': "the provider's content filter",
 };
+
+/** What an answer that ended for `finishReason` says of it, or null when the model ended it itself. */
+function cutOffNote(finishReason) {
+  const cutBy = CUT_OFF_BY[finishReason];
+  // Saved as it is: the text stops where the limit or the filter stopped it, which read as a whole answer.
+  return cutBy ? `The answer was cut off by ${cutBy}; it is saved as it is.` : null;
+}
 
 /**
  * `text` with each lone surrogate (half of an emoji's UTF-16 pair, from a paste cut in the middle of one) as U+FFFD,
@@ -134,9 +142,8 @@ class AssistantTurn {
       return;
     }
     const answered = `Answered in ${formatMs(performance.now() - this.started)}.`;
-    const cutBy = CUT_OFF_BY[this.finishReason];
-    // Saved as it is: the text stops where the limit or the filter stopped it, which read as a whole answer.
-    this.close('done', cutBy ? `${answered} The answer was cut off by ${cutBy}; it is saved as it is.` : answered);
+    const note = cutOffNote(this.finishReason);
+    this.close('done', note ? `${answered} ${note}` : answered);
   }
 
   fail(message) {
@@ -157,8 +164,13 @@ class AssistantTurn {
     this.outcome.replaceChildren(text ? h('p', { class: 'turn-status', text }) : '');
   }
 
-  /** Parts of a stored assistant message (AI SDK UI message parts). */
-  addStored(parts) {
+  /**
+   * A stored assistant message (AI SDK UI message): its parts, and its end when it was cut off. The last message of
+   * the answer says how it ended: the note was shown live only, and a reload showed a truncated answer as whole.
+   */
+  addStored({ parts, metadata }) {
+    const note = cutOffNote(metadata?.finishReason);
+    this.outcome.replaceChildren(note ? h('p', { class: 'turn-status', text: note }) : '');
     for (const part of parts || []) {
       if (part.type === 'text') this.appendText(part.text ?? '', true);
       else if (part.type === 'dynamic-tool' || part.type?.startsWith('tool-')) {
@@ -386,7 +398,7 @@ export function createChatView() {
           turn = new AssistantTurn({ live: false });
           into.append(turn.element);
         }
-        turn.addStored(message.parts);
+        turn.addStored(message);
       }
     }
     return first;
