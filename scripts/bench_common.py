@@ -44,7 +44,14 @@ from agentrt.db.engine import build_engine, current_settings, get_engine, init_d
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError, EmbeddedPostgresError, MigrationError
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.settings import Settings, default_data_dir
-from agentrt.services.ledger._rollups import _COUNTERS, _LEDGER_AGGREGATES, _LEDGER_KEY, _LOCK_EXCLUSIVE, _LOCK_KEYS
+from agentrt.services.ledger._rollups import (
+    _COUNTERS,
+    _GROUP_BY_KEY,
+    _LEDGER_AGGREGATES,
+    _LEDGER_KEY,
+    _LOCK_EXCLUSIVE,
+    _LOCK_KEYS,
+)
 from agentrt.services.tenancy import lookup_tenant
 from agentrt.tools.dependencies import SessionDependencies
 from agentrt.tools.directory_tools import directory_toolset
@@ -638,11 +645,12 @@ async def delete_ledger_rows(session: AsyncSession, where: str, params: dict[str
             WHERE u.request_id = r.id AND ({where}) RETURNING u.request_id
         ), sums AS (
             SELECT {_LEDGER_KEY}, {_LEDGER_AGGREGATES} FROM llm_requests AS r JOIN gone ON gone.request_id = r.id
-            WHERE r.status <> 'refused' GROUP BY 1, 2, 3, 4
+            WHERE r.status <> 'refused' GROUP BY {_GROUP_BY_KEY}
         )
         UPDATE usage_daily_rollups AS b SET {taken_out}, updated_at = now() FROM sums AS s
         WHERE b.day = s.day AND b.account_id = s.account_id
-          AND b.agent_instance_id IS NOT DISTINCT FROM s.agent_instance_id AND b.model IS NOT DISTINCT FROM s.model
+          AND b.agent_instance_id IS NOT DISTINCT FROM s.agent_instance_id
+          AND b.agent_name IS NOT DISTINCT FROM s.agent_name AND b.model IS NOT DISTINCT FROM s.model
         """),
         params,
     )

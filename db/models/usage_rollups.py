@@ -13,17 +13,27 @@ from agentrt.db.models.base import Base
 
 
 class UsageDailyRollup(Base):
-    """Totals of the ledger's requests for one UTC day, account, agent instance and model.
+    """Totals of the ledger's requests for one UTC day, account, agent instance, agent name and model.
 
-    Account and agent are copied ids, NULL when the ledger row had none (like the ledger, no foreign
-    key: totals outlive the tenant rows they name). NULLs count as one key (`NULLS NOT DISTINCT`,
-    PostgreSQL 15+), so the upsert has a single row to hit. Costs sum the priced requests;
-    `unpriced_requests` says how many had no price.
+    Account and agent instance are copied ids, NULL when the ledger row had none (like the ledger, no foreign
+    key: totals outlive the tenant rows they name). The agent's name is part of the key: two agents on one
+    instance, or agents without one, are reported apart, as the ledger reports them (migration 0021). NULLs
+    count as one key (`NULLS NOT DISTINCT`, PostgreSQL 15+), so the upsert has a single row to hit. Costs sum
+    the priced requests; `unpriced_requests` says how many had no price.
     """
 
     __tablename__ = 'usage_daily_rollups'
     __table_args__ = (
-        UniqueConstraint('day', 'account_id', 'agent_instance_id', 'model', postgresql_nulls_not_distinct=True),
+        # Named: the convention's name (72 characters) would pass PostgreSQL's 63.
+        UniqueConstraint(
+            'day',
+            'account_id',
+            'agent_instance_id',
+            'agent_name',
+            'model',
+            name='uq_usage_daily_rollups_bucket',
+            postgresql_nulls_not_distinct=True,
+        ),
         Index('ix_usage_daily_rollups_account_id_day', 'account_id', 'day'),
     )
 
@@ -31,11 +41,11 @@ class UsageDailyRollup(Base):
     day: Mapped[date] = mapped_column(Date, nullable=False)
     account_id: Mapped[int | None] = mapped_column(BigInteger)
     agent_instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    agent_name: Mapped[str | None] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(200), nullable=False)
     # Labels copied from the ledger (the greatest seen in the bucket), for reports that outlive the tenant rows.
     account_slug: Mapped[str | None] = mapped_column(String(64))
     agent_instance_slug: Mapped[str | None] = mapped_column(String(64))
-    agent_name: Mapped[str | None] = mapped_column(String(200))
     requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     failed_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     """Requests that failed; the cancelled ones are in `cancelled_requests` (migration 0013)."""

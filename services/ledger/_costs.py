@@ -83,7 +83,11 @@ async def summarise_costs(
 
 
 def _group_key(by: CostGrouping, source: CostSource) -> ColumnElement[Any]:
-    """The group label; both tables carry the same id and label columns, only the day differs."""
+    """The group label; both tables carry the same id and label columns, only the day differs.
+
+    An agent is its instance's slug, or its name when it has no instance: a rollup bucket is one agent instance and
+    one agent name (migration 0021), so the rollup's groups hold the same requests as the ledger's.
+    """
     table = LLMRequestRow if source == 'ledger' else UsageDailyRollup
     none = literal('(none)')
     if by == 'account':

@@ -108,7 +108,12 @@ class LedgerFilters:
         return conditions
 
     def _tenant_conditions(self, table: type[LLMRequestRow] | type[UsageDailyRollup]) -> list[ColumnElement[bool]]:
-        """Account and agent: both tables carry the same id and label columns."""
+        """Account and agent: both tables carry the same id and label columns.
+
+        The agent's name is part of the rollup's key (migration 0021), so a name picks the rollup's buckets of just
+        that agent's requests, as it picks the ledger's rows: with it a label, agents sharing an instance (or without
+        one) were one bucket under the greatest name, which answered for all of them (QA).
+        """
         conditions: list[ColumnElement[bool]] = []
         if isinstance(self.account, int):
             conditions.append(table.account_id == self.account)

@@ -1,4 +1,4 @@
-"""Daily usage per account, agent and model: rolled up from the ledger exactly once, and recomputable.
+"""Daily usage per account, agent (its instance and name) and model: rolled up from the ledger once, and recomputable.
 
 `summarise_costs(source='rollup')` reads it.
 """
@@ -44,9 +44,16 @@ _COUNTERS = (
     'output_cost',
     'total_cost',
 )
-_KEY = 'day, account_id, agent_instance_id, model'
+# A bucket: the incremental upsert, the recompute and the model's unique constraint (migration 0021) share this key.
+# The agent's name is in it, not a label: two agents on one instance, or agents without one, were one bucket under the
+# greatest name, and reports filtered and grouped by that name (`costs --agent`, `--by agent`) moved a day's usage to
+# the wrong agent (QA).
+_KEY_COLUMNS = ('day', 'account_id', 'agent_instance_id', 'agent_name', 'model')
+_KEY = ', '.join(_KEY_COLUMNS)
+_BUCKET = 'uq_usage_daily_rollups_bucket'
 # One UTC day per row; the same expression in the incremental and the recompute path keeps them equal.
-_LEDGER_KEY = "(r.started_at AT TIME ZONE 'UTC')::date AS day, r.account_id, r.agent_instance_id, r.model"
+_LEDGER_KEY = "(r.started_at AT TIME ZONE 'UTC')::date AS day, " + ', '.join(f'r.{name}' for name in _KEY_COLUMNS[1:])
+_GROUP_BY_KEY = ', '.join(str(position) for position in range(1, len(_KEY_COLUMNS) + 1))
 _LEDGER_AGGREGATES = """
     count(*) AS requests,
     count(*) FILTER (WHERE NOT r.success AND r.status <> 'cancelled') AS failed_requests,
@@ -62,7 +69,7 @@ _LEDGER_AGGREGATES = """
     coalesce(sum(r.output_cost), 0) AS output_cost,
     coalesce(sum(r.total_cost), 0) AS total_cost
 """
-_LABELS = ('account_slug', 'agent_instance_slug', 'agent_name')
+_LABELS = ('account_slug', 'agent_instance_slug')
 _LEDGER_LABELS = ', '.join(f'max(r.{name}) AS {name}' for name in _LABELS)
 _COLUMNS = f'{_KEY}, {", ".join(_LABELS)}, {", ".join(_COUNTERS)}'
 
@@ -104,15 +111,15 @@ WITH picked AS MATERIALIZED (
     SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
     FROM llm_requests AS r JOIN claimed AS c ON c.request_id = r.id
     WHERE r.status <> 'refused'
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT ON CONSTRAINT uq_usage_daily_rollups_day_account_id_agent_instance_id_model DO UPDATE SET
+    GROUP BY {_GROUP_BY_KEY}
+    ORDER BY {_GROUP_BY_KEY}
+    ON CONFLICT ON CONSTRAINT {_BUCKET} DO UPDATE SET
         {', '.join(f'{name} = usage_daily_rollups.{name} + EXCLUDED.{name}' for name in _COUNTERS)},
         {', '.join(f'{name} = greatest(usage_daily_rollups.{name}, EXCLUDED.{name})' for name in _LABELS)},
         updated_at = now()
     RETURNING {_KEY}
 )
-SELECT s.taken, s.last_id, b.day, b.account_id, b.agent_instance_id, b.model
+SELECT s.taken, s.last_id, {', '.join(f'b.{name}' for name in _KEY_COLUMNS)}
 FROM (SELECT count(*) AS taken, (SELECT t.request_id FROM taken AS t ORDER BY 1 DESC LIMIT 1) AS last_id
     FROM taken) AS s
 LEFT JOIN buckets AS b ON true
@@ -141,7 +148,7 @@ INSERT INTO usage_daily_rollups ({_COLUMNS})
 SELECT {_LEDGER_KEY}, {_LEDGER_LABELS}, {_LEDGER_AGGREGATES}
 FROM llm_requests AS r JOIN in_range AS i ON i.id = r.id
 WHERE r.status <> 'refused'
-GROUP BY 1, 2, 3, 4
+GROUP BY {_GROUP_BY_KEY}
 """)
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -285,6 +286,145 @@ async def test_0019_queues_the_rows_never_rolled_up_and_every_new_one(database: 
         async with engine.begin() as conn:
             assert (await conn.execute(text("SELECT to_regclass('usage_pending_requests')"))).scalar() is None
             await conn.execute(insert(LLMRequestRow), [ledger_record(account_id=2).to_row()])  # no trigger left
+        await _migrate_to(engine, 'head')
+        assert await current_revision(engine) == head_revision()
+
+
+_ROLLUP_COUNTERS = (
+    'requests, failed_requests, cancelled_requests, unpriced_requests, input_tokens, output_tokens, cache_read_tokens, '
+    'cache_write_tokens, reasoning_tokens, total_tokens, input_cost, output_cost, total_cost'
+)
+_LEDGER_COUNTERS = """
+    count(*), count(*) FILTER (WHERE r.status = 'error'), count(*) FILTER (WHERE r.status = 'cancelled'),
+    count(*) FILTER (WHERE r.total_cost IS NULL), coalesce(sum(r.input_tokens), 0), coalesce(sum(r.output_tokens), 0),
+    coalesce(sum(r.cache_read_tokens), 0), coalesce(sum(r.cache_write_tokens), 0), coalesce(sum(r.reasoning_tokens), 0),
+    coalesce(sum(r.total_tokens), 0), coalesce(sum(r.input_cost), 0), coalesce(sum(r.output_cost), 0),
+    coalesce(sum(r.total_cost), 0)
+"""
+_COUNTED_ROWS = """
+FROM llm_requests AS r JOIN usage_rolled_up_requests AS m ON m.request_id = r.id WHERE r.status <> 'refused'
+"""
+# What a roll-up before 0021 wrote: one bucket per day, account, instance and model, the greatest name its label.
+_BUCKETS_BEFORE_0021 = f"""
+INSERT INTO usage_daily_rollups (day, account_id, agent_instance_id, model, account_slug, agent_instance_slug,
+    agent_name, {_ROLLUP_COUNTERS})
+SELECT (r.started_at AT TIME ZONE 'UTC')::date, r.account_id, r.agent_instance_id, r.model, max(r.account_slug),
+    max(r.agent_instance_slug), max(r.agent_name), {_LEDGER_COUNTERS}
+{_COUNTED_ROWS} GROUP BY 1, 2, 3, 4
+"""
+
+
+def _rows(result: Any) -> list[tuple[Any, ...]]:
+    """Rows as tuples, in an order that does not depend on the scan's (NULLs compared as text)."""
+    return sorted((tuple(row) for row in result), key=repr)
+
+
+@pytest.mark.parametrize('migrator', ['superuser', 'owner'])
+async def test_0021_splits_each_bucket_by_agent_name_exactly_and_merges_them_back(
+    database: Settings, migrator: str
+) -> None:
+    """Two agents on one instance, or agents without one, shared a bucket under the greatest name (QA): the upgrade
+    splits each bucket into its names' buckets from the ledger rows it counted, every counted row in exactly one,
+    the totals of each day, account, instance and model unchanged (what a deleted ledger row left stays under the old
+    name), the marks and the queue untouched; the downgrade merges them back as they were."""
+    from datetime import datetime
+    from decimal import Decimal
+
+    from sqlalchemy import insert
+
+    from agentrt.db.models.ledger import LLMRequestRow
+    from tests.factories import ledger_record
+
+    started = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    shared = {'account_id': 1, 'account_slug': 'acme', 'agent_instance_id': 10, 'agent_instance_slug': 'helper'}
+    own = {'account_id': 1, 'account_slug': 'acme'}  # agents of one's own: no instance
+
+    def row(name: str | None, fields: dict[str, Any], status: str = 'complete', **more: Any) -> Any:
+        return ledger_record(
+            agent_name=name, started_at=started, status=status, success=status == 'complete', **fields, **more
+        )
+
+    counted = [
+        row('simple_chat', shared, cost='0.25', input_tokens=100),
+        row('simple_chat', shared, 'cancelled', input_tokens=7),
+        row('zeta-bot', shared, cost='0.125', cache_read_tokens=3, reasoning_tokens=2),
+        row('zeta-bot', shared, 'refused'),  # claimed, never counted: the request was not sent
+        row('simple_chat', shared, model='gpt-4o', cost='1'),
+        row('billing-bot', own, cost='0.5', input_cost=Decimal('0.2'), output_cost=Decimal('0.3')),
+        row('alpha-bot', own, 'error'),
+        row('alpha-bot', own, cost='0.75'),
+        row(None, {}),  # no account, no agent
+    ]
+    gone = row('aardvark', shared, cost='2', input_tokens=1000)  # rolled up, its ledger row deleted since
+    queued = row('alpha-bot', own, cost='4')  # not rolled up yet
+    async with _scratch_database(database, migrator) as engine:
+        await _migrate_to(engine, '0020_conversation_branches_index')
+        async with engine.begin() as conn:
+            await conn.execute(insert(LLMRequestRow), [r.to_row() for r in [*counted, gone, queued]])
+            ids = [r.id for r in [*counted, gone]]
+            await conn.execute(
+                text('INSERT INTO usage_rolled_up_requests (request_id) SELECT unnest(CAST(:ids AS uuid[]))'),
+                {'ids': ids},
+            )
+            await conn.execute(text('DELETE FROM usage_pending_requests WHERE request_id = ANY(:ids)'), {'ids': ids})
+            await conn.execute(text(_BUCKETS_BEFORE_0021))
+            await conn.execute(text('DELETE FROM llm_requests WHERE id = :id'), {'id': gone.id})
+        buckets = text(
+            'SELECT day, account_id, agent_instance_id, agent_name, model, account_slug, agent_instance_slug, '
+            f'{_ROLLUP_COUNTERS} FROM usage_daily_rollups'
+        )
+        sums = ', '.join(f'sum({counter})' for counter in _ROLLUP_COUNTERS.split(', '))
+        totals = text(  # per bucket of before 0021
+            f'SELECT day, account_id, agent_instance_id, model, {sums} FROM usage_daily_rollups GROUP BY 1, 2, 3, 4'
+        )
+        marks = text(
+            'SELECT (SELECT array_agg(request_id ORDER BY request_id) FROM usage_rolled_up_requests), '
+            '(SELECT array_agg(request_id ORDER BY request_id) FROM usage_pending_requests)'
+        )
+        async with engine.connect() as conn:
+            before, totals_before = _rows(await conn.execute(buckets)), _rows(await conn.execute(totals))
+            marks_before = tuple((await conn.execute(marks)).one())
+        assert len(before) == 4  # the instance's gpt-4o-mini and gpt-4o, the agents of one's own, no account's
+
+        await _migrate_to(engine, 'head')
+        async with engine.connect() as conn:
+            after, totals_after = _rows(await conn.execute(buckets)), _rows(await conn.execute(totals))
+            assert tuple((await conn.execute(marks)).one()) == marks_before
+            # Every counted ledger row in the bucket of its name, and in no other.
+            from_ledger = _rows(
+                await conn.execute(
+                    text(
+                        "SELECT (r.started_at AT TIME ZONE 'UTC')::date, r.account_id, r.agent_instance_id, "
+                        f'r.agent_name, r.model, max(r.account_slug), max(r.agent_instance_slug), {_LEDGER_COUNTERS} '
+                        f'{_COUNTED_ROWS} GROUP BY 1, 2, 3, 4, 5'
+                    )
+                )
+            )
+        assert totals_after == totals_before
+        names = [(bucket[3], bucket[4], bucket[7]) for bucket in after]
+        assert sorted(names, key=repr) == sorted(
+            [
+                ('simple_chat', 'gpt-4o-mini', 2),
+                ('zeta-bot', 'gpt-4o-mini', 2),  # its row, and the deleted row's rest under the old name
+                ('simple_chat', 'gpt-4o', 1),
+                ('billing-bot', 'gpt-4o-mini', 1),
+                ('alpha-bot', 'gpt-4o-mini', 2),
+                (None, 'gpt-4o-mini', 1),
+            ],
+            key=repr,
+        )
+        [zeta] = [bucket for bucket in after if bucket[3] == 'zeta-bot']
+        assert [bucket for bucket in after if bucket is not zeta] == [
+            bucket for bucket in from_ledger if bucket[3] != 'zeta-bot'
+        ]
+        [zeta_rows] = [bucket for bucket in from_ledger if bucket[3] == 'zeta-bot']
+        rest = [a - b for a, b in zip(zeta[7:], zeta_rows[7:], strict=True)]
+        assert rest == [1, 0, 0, 0, 1000, 5, 0, 0, 0, 15, 0, 0, Decimal('2')]  # the deleted row's, exactly
+
+        await _migrate_to(engine, '0020_conversation_branches_index', down=True)
+        async with engine.connect() as conn:
+            assert _rows(await conn.execute(buckets)) == before
+            assert tuple((await conn.execute(marks)).one()) == marks_before
         await _migrate_to(engine, 'head')
         assert await current_revision(engine) == head_revision()
 

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from agentrt.agents.cli.costs import render_costs
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LedgerRecord, LLMRequestTracker, summarise_costs
-from tests.agents.cli.conftest import DeletedIdSlug, DigitAccounts, cli_record
+from tests.agents.cli.conftest import STARTED, DeletedIdSlug, DigitAccounts, cli_record
 from tests.agents.cli.helpers import invoke, run_cli
-from tests.factories import fast_config
+from tests.factories import fast_config, ledger_record, write_ledger_row
 
 
 async def test_costs_table_and_json(seeded: list[LedgerRecord], capsys: pytest.CaptureFixture[str]):
@@ -103,6 +103,37 @@ async def test_costs_show_cancelled_requests_apart_from_failed_ones(
     assert 'cancelled' in table.stdout
     [acme] = [line for line in table.stdout.splitlines() if 'acme' in line]
     assert [cell.strip() for cell in acme.split('│')[1:6]] == ['acme', '3', '1', '1', '3,600'], acme
+
+
+async def test_costs_of_an_agent_are_its_own_from_the_rollup_as_from_the_ledger(database_url: str) -> None:
+    """The rollup kept one agent name per instance (the greatest): `costs --agent simple_chat` answered no rows and
+    `--agent zeta-bot` both agents' requests, where the ledger had 2 and 1 (QA). Agents of one's own (no instance)
+    were merged the same way in `--by agent`."""
+    shared = {'account_slug': 'acme', 'agent_instance_id': 900_001, 'agent_instance_slug': 'helper'}
+    for name, fields, n in (
+        ('simple_chat', shared, 2),
+        ('zeta-bot', shared, 1),
+        ('billing-bot', {}, 1),
+        ('alpha-bot', {}, 2),
+    ):
+        for _ in range(n):
+            await write_ledger_row(ledger_record(agent_name=name, started_at=STARTED, cost='0.25', **fields))
+    env = {'DATABASE_URL': database_url}
+
+    async def groups(source: str, *filters: str) -> list[tuple[str, int]]:
+        result = await invoke('costs', '--by', 'agent', '--source', source, '--json', *filters, env=env)
+        assert result.exit_code == 0, result.stderr
+        return [(group['key'], group['requests']) for group in json.loads(result.stdout)['groups']]
+
+    assert (
+        await groups('rollup')
+        == await groups('ledger')
+        == [('acme/helper', 3), ('-/alpha-bot', 2), ('-/billing-bot', 1)]
+    )
+    for agent, expected in (('simple_chat', 2), ('zeta-bot', 1), ('alpha-bot', 2), ('billing-bot', 1)):
+        from_ledger = await groups('ledger', '--agent', agent)
+        assert await groups('rollup', '--agent', agent) == from_ledger
+        assert sum(requests for _, requests in from_ledger) == expected, agent
 
 
 LONG_MODEL = 'openrouter:anthropic/claude-3.5-sonnet-20241022-with-a-very-long-deployment-name'

@@ -89,3 +89,35 @@ async def test_the_rollup_refuses_a_model_filter() -> None:
         for name in ('gpt-4o-mini-2024-07-18', 'gpt-4o-mini', 'no-such-model'):
             with pytest.raises(RollupCannotAnswer, match='keeps requested model names'):
                 await summarise_costs(session=session, by='model', filters=LedgerFilters(model=name), source='rollup')
+
+
+async def test_an_agents_costs_from_the_rollup_are_its_own_when_it_shares_an_instance_or_has_none() -> None:
+    """The rollup kept one agent name per instance (the greatest): filtered or grouped by agent, it answered a day's
+    usage of two agents under one's name and nothing under the other's, where the ledger told them apart (QA)."""
+    (a1, g1), (_, g2), *_ = await _tenants(1)
+    await _ledger(a1, g1, agent_name='simple_chat', cost=Decimal('0.25'))
+    await _ledger(a1, g1, agent_name='simple_chat', cost=Decimal('0.25'))
+    await _ledger(a1, g1, agent_name='zeta-bot', cost=Decimal('0.125'))
+    await _ledger(a1, g2, agent_name='zeta-bot', cost=Decimal('1'))
+    await _ledger(None, None, agent_name='billing-bot', cost=Decimal('0.5'))  # agents of one's own: no instance
+    await _ledger(None, None, agent_name='alpha-bot', cost=Decimal('0.75'))
+    await _ledger(None, None, agent_name='alpha-bot', cost=None, model='unpriced-model')
+    await roll_up_pending(LONG_AGO)
+
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        for agent in (None, 'simple_chat', 'zeta-bot', 'billing-bot', 'alpha-bot', f'agent-{g1}', 'no-such-agent'):
+            filters = LedgerFilters(agent=agent)
+            for by in GROUPINGS:
+                from_ledger = await summarise_costs(session=session, by=by, filters=filters)
+                assert await summarise_costs(session=session, by=by, filters=filters, source='rollup') == from_ledger
+        by_name = {}
+        for agent in ('simple_chat', 'zeta-bot', 'alpha-bot'):
+            rows = await summarise_costs(
+                session=session, by='agent', filters=LedgerFilters(agent=agent), source='rollup'
+            )
+            by_name[agent] = [(row.key, row.requests) for row in rows]
+    assert by_name == {
+        'simple_chat': [(f'account-{a1}/agent-{g1}', 2)],
+        'zeta-bot': [(f'account-{a1}/agent-{g2}', 1), (f'account-{a1}/agent-{g1}', 1)],
+        'alpha-bot': [('-/alpha-bot', 2)],
+    }

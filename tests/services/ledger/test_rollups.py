@@ -303,3 +303,29 @@ async def test_a_read_whose_roll_up_is_held_up_answers_within_its_seconds() -> N
         assert time.monotonic() - started < 10  # not the roll-ups' 30 s lock timeout
     assert await catch_up_rollup(a1) is True
     await _assert_rollup_equals_ledger()
+
+
+async def test_agents_sharing_an_instance_or_without_one_have_buckets_of_their_own() -> None:
+    """A bucket was a day, account, agent instance and model, the agent's name a label (the greatest seen): two agents
+    on one instance (`simple_chat(agent=...)`) or agents of one's own without one (`ledger_capability()`) were one
+    bucket under one name, and `costs --agent`/`--by agent` moved a day's usage to the wrong agent (QA)."""
+    (a1, g1), *_ = await _tenants(1)
+    for agent_id, name, n in ((g1, 'simple_chat', 2), (g1, 'zeta-bot', 1), (None, 'billing-bot', 1)):
+        for _ in range(n):
+            await _ledger(a1, agent_id, agent_name=name, tokens=(100, 20))
+    await _ledger(a1, None, agent_name='alpha-bot', tokens=(7, 3))
+    await _ledger(a1, None, agent_name=None, tokens=(1, 1))  # a request of no named agent
+
+    assert await roll_up_pending() == 5  # one bucket per name, the instance's two apart
+    await _assert_rollup_equals_ledger()
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        agents = {t.agent_name: t.requests for t in await rollup_totals('agent', session=session)}
+    assert agents == {'simple_chat': 2, 'zeta-bot': 1, 'billing-bot': 1, 'alpha-bot': 1, None: 1}
+
+    for name in ('zeta-bot', 'alpha-bot', None):  # more of a name into its own bucket, none into another's
+        await _ledger(a1, g1 if name == 'zeta-bot' else None, agent_name=name)
+    assert await roll_up_pending() == 3
+    await _assert_rollup_equals_ledger()
+    today = _today()
+    assert await recompute_usage_rollups(today, today) == 5
+    await _assert_rollup_equals_ledger()

@@ -34,10 +34,12 @@ _COUNTERS = (
     'total_cost',
 )
 _LABELS = ('account_slug', 'agent_instance_slug', 'agent_name')
-# Per grouping: the key columns, and the labels reported with them (the greatest in the group).
+# Per grouping: the key columns, and the labels reported with them (the greatest in the group). An agent is its
+# instance and its name: two agents on one instance, or agents without one, are apart in the ledger, and so must be in
+# the rollup (they were one bucket under the greatest name, QA).
 _GROUPINGS: dict[Grouping, tuple[tuple[str, ...], tuple[str, ...]]] = {
     'account': (('account_id',), ('account_slug',)),
-    'agent': (('account_id', 'agent_instance_id'), _LABELS),
+    'agent': (('account_id', 'agent_instance_id', 'agent_name'), ('account_slug', 'agent_instance_slug')),
     'model': (('model',), ()),
     'day': (('day',), ()),
 }

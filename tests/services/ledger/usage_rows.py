@@ -38,6 +38,7 @@ async def ledger_row(
     success: bool = True,
     run_id: str | None = None,
     response_model: str | None = None,
+    agent_name: str | None = 'simple_chat',
 ) -> None:
     """Write one ledger row in its own session, as the ledger tracker does (recorded when it started by default)."""
     started = started_at or datetime.now(UTC)
@@ -51,7 +52,7 @@ async def ledger_row(
         account_slug=None if account_id is None else f'account-{account_id}',
         agent_instance_id=agent_instance_id,
         agent_instance_slug=None if agent_instance_id is None else f'agent-{agent_instance_id}',
-        agent_name='simple_chat',
+        agent_name=agent_name,
         model=model,
         response_model=response_model,
         input_tokens=input_tokens,
