@@ -44,7 +44,8 @@ class Cut:
     pydantic-ai reads a stream in the task that consumes it and cancels the request's task (where
     `wrap_model_request` runs) when that consumer stops, whether a provider error inside the stream (or opening
     it) stopped it or the caller did. Which of the two it was is known only when the run ends (`wrap_run` sees
-    the run's error), so the row waits for that. A `ModelAPIError` (pydantic-ai's class for every provider
+    the run's error), so the row waits for that (or, when the run has ended first, is recorded at once against the
+    run's error: `LedgerCapability._cut`). A `ModelAPIError` (pydantic-ai's class for every provider
     failure: HTTP status, dropped connection, undecodable chunk, timeout) makes it an `error`, and so does whatever
     the model raised while opening the stream (`InFlight.open_error`: a custom model's exception, a stream that
     ended before its first chunk); anything else (the consumer's own exception, a cancellation) means the caller

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import textwrap
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from pydantic_ai import Agent, ModelResponse, RequestUsage, RunContext, TextPart, ToolCallPart
@@ -17,7 +19,8 @@ from agentrt.db.engine import pool_status
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import chat_deps, content_rows, ledger_rows, scalar
+from tests.factories import chat_deps, content_rows, fast_config, ledger_rows, scalar
+from tests.programs import run_program
 
 
 def _tools_then_text(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -264,3 +267,53 @@ async def test_a_stream_the_model_fails_to_open_is_an_error_not_a_cancellation(
     [row] = await ledger_rows()
     assert (row['status'], row['success'], row['streamed']) == ('error', False, True)
     assert row['error_type'] == type(raised.value).__qualname__ != 'CancelledError'
+
+
+STREAMING_AS_THE_LOOP_ENDS = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pydantic_ai.models.function import FunctionModel
+    from agentrt.agents.simple_chat import simple_chat_stream
+
+    SENT = []
+
+    async def words(messages, info):
+        SENT.append(1)
+        for _ in range(500):
+            yield 'word '
+            await asyncio.sleep(0.01)
+
+    async def turn(streaming):
+        model = FunctionModel(stream_function=words, model_name='cut-as-the-loop-ends')
+        async with simple_chat_stream('hello', session_id=sys.argv[1], account='acme-health', model=model) as deltas:
+            async for _ in deltas:
+                streaming.set()
+
+    async def main():
+        streaming = asyncio.Event()
+        task = asyncio.create_task(turn(streaming))  # a turn per task, as a service runs them
+        await streaming.wait()
+        return task  # and the loop ends: asyncio.run cancels the turn's tasks, its request still streaming
+
+    asyncio.run(main())
+    print(len(SENT))
+    """
+)
+
+
+async def test_a_stream_still_running_as_asyncio_run_ends_is_recorded_as_cancelled(
+    database_url: str, demo_data: None, tmp_path: Path
+) -> None:
+    # No `shutdown_runtime()`, the turn in a task of its own: `asyncio.run` cancels every task at once, and the run's
+    # `wrap_run` ended (nothing to record yet) before the request's task saw its cancellation and noted the cut for it.
+    # The request was sent and had no row anywhere, neither in the ledger, the spool nor the journal (QA: 5 of 5).
+    spool = tmp_path / 'spool.jsonl'
+    done = await run_program(
+        '-c', STREAMING_AS_THE_LOOP_ENDS, 'cut-at-loop-end', database_url=database_url, AGENTRT_LEDGER_SPOOL=str(spool)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sent = int(done.stdout)
+    await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()  # what the loop's end left
+    rows = await ledger_rows(chat_session_id='cut-at-loop-end')
+    assert sent == len(rows) == 1, done.stderr[-3000:]
+    assert (rows[0]['status'], rows[0]['streamed'], rows[0]['model']) == ('cancelled', True, 'cut-as-the-loop-ends')
