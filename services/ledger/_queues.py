@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -100,6 +100,9 @@ class LoopQueues:
     """The wait before the due try (doubles while the database stays away; 0 once the spool was written)."""
     journal: LoopJournal = field(default_factory=LoopJournal)
     """This loop's journal of the rows the writer holds (`_journal.py`)."""
+    loop_end: AsyncGenerator[None, None] | None = None
+    """Finalised as the event loop ends: spools what is left (`LLMRequestTracker._spooled_as_the_loop_ends`). Held
+    here, as the loop holds its async generators only weakly."""
 
     def wake(self) -> None:
         """Tell a waiting writer that something changed: a row is ready, a run ended, a flush started."""

@@ -7,7 +7,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -298,7 +298,8 @@ class LLMRequestTracker:
         return self._fallback.warning()
 
     def _queues(self, loop: asyncio.AbstractEventLoop) -> LoopQueues:
-        """This loop's writer state; what closed loops left behind (never flushed) goes to the spool."""
+        """This loop's writer state (what it holds as the loop ends is spooled then: `_spooled_as_the_loop_ends`); what
+        closed loops left behind (never flushed) goes to the spool."""
         queues = self._by_loop.get(loop)
         if queues is not None:
             return queues
@@ -307,7 +308,32 @@ class LLMRequestTracker:
                 left = self._by_loop.pop(old)
                 self._fallback.spool_now(left.inflight + left.pending, 'event loop closed')
                 left.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
-            return self._by_loop.setdefault(loop, LoopQueues())
+            queues = self._by_loop.setdefault(loop, LoopQueues())
+            queues.loop_end = self._spooled_as_the_loop_ends(queues)
+            try:  # iterated once, here: the running loop's hooks know it from now on, and close it as the loop ends
+                queues.loop_end.__anext__().send(None)
+            except StopIteration:
+                pass
+            return queues
+
+    async def _spooled_as_the_loop_ends(self, queues: LoopQueues) -> AsyncGenerator[None, None]:
+        """Spool what `queues` still holds when its event loop ends (`asyncio.run()` closing the loop's async
+        generators, once its tasks are cancelled and done), rather than when this process next writes a row.
+
+        A task cut by the loop's end records its request as it unwinds (a cut request is recorded so); the writer that
+        row starts is not among the tasks the loop's end cancels, and was in its write when the loop closed: the row
+        in no spool or journal, and lost once the process exited (QA: a plain turn's, 2 runs in 4). A row the writer
+        commits after all is replayed once, by its key.
+        """
+        try:
+            yield
+        finally:
+            left, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
+            if left:
+                self._fallback.spool_now(left, 'its event loop ended with rows unwritten (no shutdown_runtime())')
+                queues.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
+            if queues.ledger_task is not None:  # nothing left to write: ended in the loop's last steps, not destroyed
+                queues.ledger_task.cancel()
 
     async def _retrying(
         self,

@@ -335,6 +335,48 @@ async def test_rows_pending_when_the_program_ends_are_spooled_then_replayed(tmp_
     assert await scalar('SELECT count(*) FROM llm_request_contents') == 8
 
 
+async def test_a_row_submitted_as_the_program_ends_is_spooled_by_the_loops_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A turn's task cut by `asyncio.run`'s end records its request as it unwinds (a cut request is recorded so): the
+    # writer that row starts is not among the tasks the loop's end cancels, and was in its write when the loop closed,
+    # the row in no spool or journal (QA's plain turn: 2 runs in 4, with "aclose(): asynchronous generator is already
+    # running" for the writer's transaction).
+    class Slow:  # a class, not an async generator, which asyncio.run's end would report as still running
+        async def __aenter__(self) -> AsyncSession:
+            await asyncio.sleep(3600)  # a write takes more than the loop's last steps
+            raise AssertionError('unreachable')
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            return None
+
+    tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=Slow)
+    record = _record()
+
+    async def turn(started: asyncio.Event) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            tracker.commit_now([tracker.submit(record)])  # as the ledger does for a cancelled run
+            raise
+
+    async def program() -> asyncio.Task[None]:
+        started = asyncio.Event()
+        task = asyncio.create_task(turn(started))
+        await started.wait()
+        return task  # and the loop ends, the turn still running
+
+    with caplog.at_level(logging.WARNING, logger='agentrt.ledger'):
+        await asyncio.to_thread(asyncio.run, program())
+    assert [_row_json(record)['id']] == [
+        json.loads(line)['row']['id'] for line in tracker.spool.path.read_text().splitlines()
+    ]
+    assert 'its event loop ended' in caplog.text
+    assert (await LLMRequestTracker(fast_config(tmp_path)).replay_spool()).inserted == 1
+    assert [row['id'] for row in await ledger_rows()] == [record.id]
+
+
 async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     tracker = LLMRequestTracker(fast_config(tmp_path))
     async with get_db_session(account=Unscoped.OWNER) as session:  # DDL: the owner
