@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from agentrt.db.models import ConversationRow
 from agentrt.db.session import Unscoped, get_db_session
+from tests.factories import ledger_rows
 from tests.programs import run_program
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
@@ -27,6 +28,15 @@ def python_example() -> str:
     section = section[: section.index('\n## ', 3)]
     match = re.search(r'```python\n(.*?)```', section, re.DOTALL)
     assert match is not None, 'README.md: no python block under "Using it from Python"'
+    return match.group(1)
+
+
+def tasks_example() -> str:
+    """The ```python block of "Turns in tasks of your own"."""
+    text = README.read_text()
+    section = text[text.index('**Turns in tasks of your own.**') :]
+    match = re.search(r'```python\n(.*?)```', section, re.DOTALL)
+    assert match is not None, 'README.md: no python block under "Turns in tasks of your own"'
     return match.group(1)
 
 
@@ -58,6 +68,22 @@ async def test_the_python_example_runs_as_written(demo_data: None, database_url:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         saved = (await session.execute(select(func.count()).where(ConversationRow.conversation_id == 's-1'))).scalar()
     assert saved == 1
+
+
+async def test_turns_in_tasks_stopped_as_the_readme_says_end_quietly_and_billed(
+    demo_data: None, database_url: str, tmp_path: Path
+) -> None:
+    # Turns left running as `asyncio.run` ends print asyncio's tracebacks and Python's "never awaited" warnings from
+    # pydantic-ai's teardown (QA); the README says what a service does instead, and this runs it as written.
+    done = await run_program(
+        '-c', tasks_example(), database_url=database_url, AGENTRT_LEDGER_SPOOL=str(tmp_path / 'spool.jsonl')
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for printed in ('Traceback', 'an error occurred', 'never awaited', 'WARNING', 'ledger:'):
+        assert printed not in done.stderr, done.stderr[-3000:]
+    rows = await ledger_rows(chat_session_id='in-a-task')
+    statuses = [row['status'] for row in rows]
+    assert statuses == ['complete', 'complete', 'cancelled']  # the demo's tools, then the answer it cut, once each
 
 
 async def test_the_python_examples_tool_runs_when_a_model_calls_it(demo_data: None) -> None:
