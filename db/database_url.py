@@ -121,6 +121,7 @@ def parse_database_url(value: str) -> URL:
         if ',' in port:  # libpq's list of ports, one a host
             raise ConfigError(_HOST_LIST)
         _check_port(_integer(port, 'port'), 'the port parameter')
+    _check_cache_size(url)
     stripped, _ = asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
     _check_host_list(stripped.set(drivername='postgresql+asyncpg'))
     return url.set(drivername='postgresql+asyncpg')
@@ -165,6 +166,14 @@ def _check_host_list(url: URL) -> None:
         raise ConfigError(f'{_HOST_LIST}; as given: {exc}') from None
     except ValueError:  # SQLAlchemy's split of `::1` at its colons: "too many values to unpack" (qa127)
         raise ConfigError(f'{_HOST_LIST}; an IPv6 address cannot be one of several hosts there') from None
+
+
+def _check_cache_size(url: URL) -> None:
+    """Refuse a `prepared_statement_cache_size` the dialect cannot take: its `int()` failed in `_check_host_list`,
+    reported as a wrong list of hosts (qa170), and given twice, an internal error."""
+    raw = url.query.get('prepared_statement_cache_size')
+    if raw is not None:
+        _integer(_single('prepared_statement_cache_size', raw), 'prepared_statement_cache_size')
 
 
 def _check_host(host: str | None) -> None:

@@ -102,6 +102,29 @@ def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, words:
 
 
 @pytest.mark.parametrize(
+    ('value', 'words'),
+    [
+        ('abc', "prepared_statement_cache_size must be a whole number, got 'abc'"),
+        ('1.5', "prepared_statement_cache_size must be a whole number, got '1.5'"),
+        ('1&prepared_statement_cache_size=2', "'prepared_statement_cache_size' is given 2 times"),
+    ],
+)
+@pytest.mark.parametrize('variable', ['DATABASE_URL', 'AGENTRT_QUEUE_DATABASE_URL'])
+def test_a_statement_cache_size_that_is_no_number_is_named(
+    value: str, words: str, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its int() failed in the dialect and was reported as a wrong list of hosts ("an IPv6 address cannot be one of
+    # several hosts there"), and a value given twice was an internal error (qa170).
+    monkeypatch.setenv('DATABASE_URL', URL)
+    monkeypatch.setenv(variable, f'{URL}?prepared_statement_cache_size={value}')
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    message = str(raised.value)
+    assert f'{variable} parameter' in message and words in message, message
+    assert 'list of hosts' not in message and 's3cret' not in message
+
+
+@pytest.mark.parametrize(
     ('url', 'words'),
     [
         ('postgresql://app:s3cret@db.example.com:5432', 'names no database; expected postgresql://'),
