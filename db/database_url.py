@@ -45,6 +45,8 @@ _FILES = ('sslrootcert', 'sslcert', 'sslkey', 'sslcrl', 'passfile')
 _SERVER_SETTINGS = ('application_name', 'options')
 # Kept in the URL for SQLAlchemy and its asyncpg dialect.
 _URL_PARAMETERS = ('host', 'port', 'prepared_statement_cache_size')
+# The most statements a connection keeps prepared (SQLAlchemy's default: 100): each holds memory on the server.
+_MAX_CACHE_SIZE = 1_000_000
 # Refused with advice: what they would do in libpq is not something asyncpg can do.
 _REFUSED = {
     'pgbouncer': 'behind PgBouncer set DB_POOLER=pgbouncer instead',
@@ -170,10 +172,18 @@ def _check_host_list(url: URL) -> None:
 
 def _check_cache_size(url: URL) -> None:
     """Refuse a `prepared_statement_cache_size` the dialect cannot take: its `int()` failed in `_check_host_list`,
-    reported as a wrong list of hosts (qa170), and given twice, an internal error."""
+    reported as a wrong list of hosts, and given twice, an internal error. Out of range it is worse: SQLAlchemy's
+    LRU cache with a negative size empties itself for ever on the event loop (every command hung at 100 % CPU, deaf
+    to SIGTERM and Ctrl-C), and one past a float's range fails at the first statement (qa170)."""
     raw = url.query.get('prepared_statement_cache_size')
-    if raw is not None:
-        _integer(_single('prepared_statement_cache_size', raw), 'prepared_statement_cache_size')
+    if raw is None:
+        return
+    value = _single('prepared_statement_cache_size', raw)
+    if not (value.isascii() and value.isdigit()) or len(value) > 12 or int(value) > _MAX_CACHE_SIZE:
+        raise ConfigError(
+            'DATABASE_URL parameter prepared_statement_cache_size must be a whole number from 0 (the cache off) to '
+            f'{_MAX_CACHE_SIZE:,}, got {value!r}'
+        )
 
 
 def _check_host(host: str | None) -> None:

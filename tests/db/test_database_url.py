@@ -16,7 +16,7 @@ from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
 from agentrt.db.engine import build_engine, check_connection, describe_server
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.settings import Settings, read_settings
-from tests.agents.cli.helpers import invoke
+from tests.agents.cli.helpers import invoke, run_cli
 from tests.private_database import PrivateDatabase
 
 URL = 'postgresql://app:s3cret@db.example.com:5432/app'
@@ -104,8 +104,8 @@ def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, words:
 @pytest.mark.parametrize(
     ('value', 'words'),
     [
-        ('abc', "prepared_statement_cache_size must be a whole number, got 'abc'"),
-        ('1.5', "prepared_statement_cache_size must be a whole number, got '1.5'"),
+        ('abc', "prepared_statement_cache_size must be a whole number from 0 (the cache off) to 1,000,000, got 'abc'"),
+        ('1.5', "prepared_statement_cache_size must be a whole number from 0 (the cache off) to 1,000,000, got '1.5'"),
         ('1&prepared_statement_cache_size=2', "'prepared_statement_cache_size' is given 2 times"),
     ],
 )
@@ -122,6 +122,32 @@ def test_a_statement_cache_size_that_is_no_number_is_named(
     message = str(raised.value)
     assert f'{variable} parameter' in message and words in message, message
     assert 'list of hosts' not in message and 's3cret' not in message
+
+
+@pytest.mark.parametrize('value', ['-5', '-1', '1000001', '1' * 400, '5e3'])
+def test_a_statement_cache_size_out_of_range_is_refused(value: str) -> None:
+    # A negative size made SQLAlchemy's LRU cache empty itself for ever, and one past a float's range failed at the
+    # first statement (qa170).
+    with pytest.raises(ConfigError) as raised:
+        parse_database_url(f'{URL}?prepared_statement_cache_size={value}')
+    assert str(raised.value) == (
+        'DATABASE_URL parameter prepared_statement_cache_size must be a whole number from 0 (the cache off) to '
+        f'1,000,000, got {value!r}'
+    )
+    for fine in ('0', '100', '1000000'):
+        parse_database_url(f'{URL}?prepared_statement_cache_size={fine}')
+
+
+def test_a_negative_statement_cache_size_stops_the_command_at_once(database_url: str) -> None:
+    # Every command hung at 100 % CPU on its first prepared statement, deaf to SIGTERM and Ctrl-C: only SIGKILL
+    # ended it (qa170). A process of its own, which the timeout can kill.
+    url = make_url(database_url).update_query_dict({'prepared_statement_cache_size': '-5'})
+    result = run_cli('db', 'status', env={'DATABASE_URL': url.render_as_string(hide_password=False)}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith('error:')] == [
+        'error: invalid configuration: DATABASE_URL parameter prepared_statement_cache_size must be a whole number '
+        "from 0 (the cache off) to 1,000,000, got '-5'"
+    ]
 
 
 @pytest.mark.parametrize(
