@@ -85,6 +85,8 @@ def parse_database_url(value: str) -> URL:
     try:
         url = make_url(value.strip())
     except (ArgumentError, ValueError) as exc:
+        if '@' in str(exc):  # the port's `int()` of `app:p@ss:w0rd@db`: `w0rd@db`, the password's tail
+            raise ConfigError(f'DATABASE_URL: its port is not a number (not shown); {_ENCODE}') from None
         raise ConfigError(f'DATABASE_URL is not a valid URL ({exc}); {_EXAMPLE}') from exc
     _check_sendable(url)
     if url.drivername not in _POSTGRES_DRIVERS:
@@ -93,11 +95,16 @@ def parse_database_url(value: str) -> URL:
         )
     if not url.database:
         raise ConfigError(f'DATABASE_URL names no database; {_EXAMPLE}')
+    if '@' in url.database and value.split('?', 1)[0].count('@') > 1:
+        # `app:p@ss/w0rd@db/agents`: the host `ss` and the database `w0rd@db/agents`, the password's tail, printed
+        # with the host that could not be reached (qa170). A database name's own @ is written %40.
+        raise ConfigError(
+            'DATABASE_URL: its database name holds an @ that is not percent-encoded (the name is not shown: it may '
+            f'hold part of the password); {_ENCODE}, and an @ in the database name as %40'
+        )
     if not url.host and 'host' not in url.query:
         raise ConfigError(f'DATABASE_URL names no host; {_EXAMPLE}')
-    for hosts in [url.host, *_values(url.query.get('host'))]:
-        for host in (hosts or '').split(','):  # libpq's list of hosts to try
-            _check_host(host.strip())
+    _check_host(url.host)
     for host in _values(url.query.get('host')):
         if host.startswith('[') and ']:' in host:  # asyncpg took `[::1]:5432` for a host name: a DNS error
             raise ConfigError(
@@ -118,6 +125,9 @@ def parse_database_url(value: str) -> URL:
                 raise ConfigError(
                     f'DATABASE_URL: host parameter {host!r} has a port, and so does the port parameter: give one'
                 )
+    for hosts in _values(url.query.get('host')):  # after the checks above, which say more of a port or brackets
+        for host in hosts.split(','):  # libpq's list of hosts to try
+            _check_host(host.strip(), parameter=True)
     _check_port(url.port, 'the port')
     for port in _values(url.query.get('port')):
         if ',' in port:  # libpq's list of ports, one a host
@@ -129,6 +139,11 @@ def parse_database_url(value: str) -> URL:
     return url.set(drivername='postgresql+asyncpg')
 
 
+# A password (or user name) with these characters reads as another URL: SQLAlchemy ends the password at its first `@`.
+_ENCODE = (
+    'a password or user name holding @, :, /, ?, #, % or a space must be percent-encoded in the URL '
+    '(@ as %40, : as %3A, / as %2F, ? as %3F, # as %23, % as %25, a space as %20)'
+)
 _HOST_LIST = (
     'DATABASE_URL: a list of hosts goes in host parameters, each with its port: '
     "postgresql://user:password@/database?host=db1:5432&host=db2:5432 (libpq's host1,host2 form is not read)"
@@ -186,10 +201,29 @@ def _check_cache_size(url: URL) -> None:
         )
 
 
-def _check_host(host: str | None) -> None:
+def _check_host(host: str | None, *, parameter: bool = False) -> None:
     """A host name the resolver can take: one it cannot encode (a label over 63 characters) failed in the connect
-    itself, as an `idna` `UnicodeError` no error class knows. A socket directory (`/...`) or an address is no name."""
-    if not host or host.startswith('/') or ':' in host:
+    itself, as an `idna` `UnicodeError` no error class knows. A socket directory (`/...`) or an address is no name.
+
+    A host holding a character no host name or address has is refused, the URL's own (not a `parameter`'s) without
+    being shown: SQLAlchemy ends the password at its first `@`, so `app:p@ssw0rd@db` has the host `ssw0rd@db`, which
+    was printed in "cannot connect to PostgreSQL at ssw0rd@db:5432/..." (a DNS failure, exit 3): the password's tail
+    on the terminal and in the log (qa170).
+    """
+    if not host or host.startswith('/'):
+        return
+    # ASCII letters, digits, `.`, `-` and `_` (a container's name); an IPv6 address's `:` and its zone's `%`. Other
+    # characters, as an IDN's, are for the `idna` encoding below to judge.
+    allowed = '.-_:%' if ':' in host else '.-_'
+    odd = '@' if '@' in host else next((c for c in host if c.isascii() and not (c.isalnum() or c in allowed)), None)
+    if odd is not None and parameter:
+        raise ConfigError(f'DATABASE_URL: host parameter {host!r} holds {odd!r}, which no host name has')
+    if odd is not None:
+        raise ConfigError(
+            f'DATABASE_URL: its host holds {odd!r}, which no host name has (the host is not shown: it may hold part '
+            f'of the password); {_ENCODE}'
+        )
+    if ':' in host:
         return
     try:
         host.encode('idna')

@@ -167,6 +167,45 @@ async def test_the_url_a_refusal_shows_as_the_example_is_not_redacted(url: str, 
     assert 's3cret' not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ('url', 'words'),
+    [
+        ('postgresql://app:p@XQw0rdTAIL@localhost/agents', "its host holds '@'"),
+        ('postgresql://app:p@XQ#w0rdTAIL@localhost:19921/db', "its host holds '@'"),
+        ('postgresql://app:p@XQ:w0rdTAIL@localhost/db', 'its port is not a number (not shown)'),
+        ('postgresql://app:p@XQ/w0rdTAIL@localhost/db', 'its database name holds an @ that is not percent-encoded'),
+        ('postgresql://app:pw@XQTAIL$x/db', "its host holds '$', which no host name has"),
+    ],
+)
+def test_a_password_with_an_unencoded_at_sign_is_refused_without_showing_it(url: str, words: str) -> None:
+    # SQLAlchemy ends the password at its first @: the rest became the host, printed in "cannot connect to PostgreSQL
+    # at ssw0rd@localhost:5432/agents: Name or service not known" (exit 3) and in serve's log (qa170).
+    with pytest.raises(ConfigError, match='DATABASE_URL') as raised:
+        parse_database_url(url)
+    message = str(raised.value)
+    assert words in message and 'must be percent-encoded in the URL (@ as %40' in message, message
+    assert 'TAIL' not in message and 'XQ' not in message, message
+
+
+@pytest.mark.parametrize('host', ['db#1', 'db?x', 'a%40b', 'db%20x'])
+def test_a_host_parameter_holding_what_no_host_name_has_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"DATABASE_URL: host parameter '.*' holds '[#?@ ]', which no host name has"):
+        parse_database_url(f'postgresql://u:p@/db?host={host}')
+    for fine in ('my_db', 'bücher.example', '[::1]', '[fe80::1%25eth0]', '10.0.0.1'):  # a container's name, an IDN
+        parse_database_url(f'postgresql://u:p@{fine}/db')
+
+
+async def test_a_password_with_an_unencoded_at_sign_is_not_printed_by_a_command() -> None:
+    result = await invoke('db', 'status', env={'DATABASE_URL': 'postgresql://app:p@ssw0rdTAIL@localhost/agents'})
+    assert result.exit_code == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith('error:')] == [
+        "error: invalid configuration: DATABASE_URL: its host holds '@', which no host name has (the host is not "
+        'shown: it may hold part of the password); a password or user name holding @, :, /, ?, #, % or a space must '
+        'be percent-encoded in the URL (@ as %40, : as %3A, / as %2F, ? as %3F, # as %23, % as %25, a space as %20)'
+    ]
+    assert 'w0rdTAIL' not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize('port', ['99999', '0', '65536'])
 def test_an_out_of_range_port_is_a_configuration_error(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv('DATABASE_URL', f'postgresql://u:p@localhost:{port}/db')
