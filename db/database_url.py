@@ -272,6 +272,9 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
                 f'DATABASE_URL parameter {name!r} is not supported; supported: '
                 f'{", ".join((*SUPPORTED_PARAMETERS, *_URL_PARAMETERS))}'
             )
+    for parameter in ('sslmode', 'ssl'):  # checked by asyncpg before it connects, to a Unix socket too
+        if mode := dsn.get(parameter) or args.get(parameter):
+            _check_root_certificate(parameter, mode, dsn)
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)
     if server_settings:
@@ -347,6 +350,32 @@ def _checked(name: str, value: str, allowed: tuple[str, ...] | None) -> str:
     if name in _FILES:
         _check_file(name, value)
     return value
+
+
+def _check_root_certificate(parameter: str, mode: str, dsn: dict[str, str]) -> None:
+    """Refuse a verifying `sslmode` with no CA certificate to verify against: asyncpg (and libpq, the job queue's)
+    read `PGSSLROOTCERT` or `~/.postgresql/root.crt` then, and without either file the first connection failed as
+    "cannot connect" (exit 3, a server to wait for) where the URL lacked its `sslrootcert` (qa170). `parameter` is
+    the URL's parameter that gave the `mode`: `sslmode`, or SQLAlchemy's `ssl`."""
+    if mode not in ('verify-ca', 'verify-full') or 'sslrootcert' in dsn:
+        return
+    given = os.environ.get('PGSSLROOTCERT')
+    try:
+        path = Path(given).expanduser() if given else Path.home() / '.postgresql' / 'root.crt'
+    except (RuntimeError, KeyError):  # no home directory to look in
+        path = None
+    if path is not None and path.is_file() and os.access(path, os.R_OK):
+        return
+    if given:
+        missing = f'PGSSLROOTCERT {given!r} is no readable file'
+    elif path is not None:
+        missing = f'none is given, and {str(path)!r}, read then, is no readable file'
+    else:
+        missing = 'none is given, and there is no home directory to find ~/.postgresql/root.crt in'
+    raise ConfigError(
+        f'DATABASE_URL parameter {parameter}={mode} checks the server against a CA certificate, but {missing}: give '
+        "the CA as sslrootcert=/path/ca.crt (or sslrootcert=system for the system's trusted roots)"
+    )
 
 
 def _check_file(name: str, value: str) -> None:

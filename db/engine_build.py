@@ -254,12 +254,16 @@ async def timeouts_in_force(conn: AsyncConnection | AsyncSession) -> dict[str, i
 
 
 def describe_server(url: URL) -> str:
-    """`host:port/database` (or the socket directory) for messages; never includes a password."""
-    if url.host:
-        return f'{url.host}:{url.port or 5432}/{url.database}'
-    hosts = url.query.get('host') or 'localhost'
+    """`host:port/database` (or the socket directory) for messages; never includes a password. The `host` and `port`
+    parameters first, as the dialect connects to them: `postgresql://...@127.0.0.1:5432/db?host=/nonexistent` was
+    "at 127.0.0.1:5432/db: no server is listening on its Unix socket", naming an address never tried (qa170)."""
+    hosts = url.query.get('host')
+    if not hosts:
+        return f'{url.host or "localhost"}:{url.port or 5432}/{url.database}'
     ports = url.query.get('port')
     if isinstance(hosts, tuple):  # `?host=a:5432&host=b:5432`: each with its port (a tuple was printed; QA)
         return f'{",".join(hosts)}/{url.database}'
-    port = url.port or (ports[0] if isinstance(ports, tuple) else ports) or 5432
+    if hosts.count(':') == 1:  # `?host=db1:6432`, with its port
+        return f'{hosts}/{url.database}'
+    port = (ports[0] if isinstance(ports, tuple) else ports) or url.port or 5432
     return f'{hosts}:{port}/{url.database}'

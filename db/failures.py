@@ -9,6 +9,7 @@ outage (a login refused, a privilege missing, an unannounced pooler) are in `age
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -455,7 +456,11 @@ def _root_message(exc: BaseException) -> str:
     complaint in words."""
     message = ''
     if _no_such_session_kind(exc):  # its own words, not those of an out-of-step protocol
-        return next(first_line(e) for e in _chain(exc) if type(e).__name__ == 'TargetServerAttributeNotMatched')
+        text = next(first_line(e) for e in _chain(exc) if type(e).__name__ == 'TargetServerAttributeNotMatched')
+        # asyncpg names the kind by its enum's repr: "... requirement <SessionAttribute.standby: 'standby'>" (qa170).
+        if (kind := re.search(r"<SessionAttribute\.\w+: '([^']+)'>", text)) is not None:
+            return f'none of its hosts is what target_session_attrs={kind[1]} asks for'
+        return text
     for error in _chain(exc):
         if isinstance(error, FileNotFoundError) and not error.filename:
             return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none

@@ -150,6 +150,34 @@ def test_a_negative_statement_cache_size_stops_the_command_at_once(database_url:
     ]
 
 
+@pytest.mark.parametrize('query', ['sslmode=verify-full', 'sslmode=verify-ca', 'ssl=verify-full'])
+def test_a_verifying_sslmode_without_a_ca_certificate_is_a_configuration_error(
+    query: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncpg looked for ~/.postgresql/root.crt at the first connection: "cannot connect ... root certificate file
+    # ... does not exist", exit 3 (a server to wait for), where the URL lacked its sslrootcert (qa170).
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.delenv('PGSSLROOTCERT', raising=False)
+    monkeypatch.setenv('DATABASE_URL', f'{URL}?{query}')
+    default = tmp_path / '.postgresql' / 'root.crt'
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    assert str(raised.value) == (
+        f'invalid configuration: DATABASE_URL parameter {query} checks the server against a CA certificate, but none '
+        f"is given, and '{default}', read then, is no readable file: give the CA as sslrootcert=/path/ca.crt (or "
+        "sslrootcert=system for the system's trusted roots)"
+    )
+    monkeypatch.setenv('PGSSLROOTCERT', str(tmp_path / 'ca.crt'))
+    with pytest.raises(ConfigError, match=f"but PGSSLROOTCERT '{tmp_path}/ca.crt' is no readable file"):
+        read_settings()
+    (tmp_path / 'ca.crt').write_text('-----BEGIN CERTIFICATE-----\n')
+    read_settings()
+    monkeypatch.delenv('PGSSLROOTCERT')
+    default.parent.mkdir()
+    default.write_text('-----BEGIN CERTIFICATE-----\n')
+    read_settings()  # what asyncpg reads when the URL names none
+
+
 @pytest.mark.parametrize(
     ('url', 'words'),
     [
@@ -292,6 +320,10 @@ async def test_verify_full_with_the_wrong_root_certificate_says_so(private_datab
         ('postgresql://u:p@/db?host=h1:5432&host=h2:5433', 'h1:5432,h2:5433/db'),
         ('postgresql://u:p@/db?host=/tmp&port=5433', '/tmp:5433/db'),
         ('postgresql://u:p@db.internal:6432/agents', 'db.internal:6432/agents'),
+        ('postgresql://u:p@/agents?host=db.internal:6432', 'db.internal:6432/agents'),
+        # The socket the dialect connects to, not the URL's address ("no server is listening on its Unix socket"; qa170)
+        ('postgresql://u:p@127.0.0.1:19940/agents?host=/nonexistent', '/nonexistent:19940/agents'),
+        ('postgresql://u:p@127.0.0.1:19940/agents?host=/run/pg&port=5433', '/run/pg:5433/agents'),
     ],
 )
 def test_a_server_is_described_in_messages_as_a_person_reads_it(url: str, described: str) -> None:
