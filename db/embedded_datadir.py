@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+import unicodedata
 import warnings
 from contextlib import suppress
 from pathlib import Path
@@ -100,6 +101,16 @@ def check_writable(data_dir: Path) -> None:
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
             'Set AGENTRT_DATA_DIR to another path.'
         ) from None
+    if controls := sorted({char for char in str(data_dir) if unicodedata.category(char) == 'Cc'}):
+        # initdb refuses a newline or CR in the path only after the directory was made (every start failed the same
+        # way, in words garbled by the newline, leaving the directory and its lock file); the other control characters
+        # have no place in a path either. Refused before anything is made, each written out (`\n`): one line.
+        shown = ' '.join(_escaped(char) for char in controls)
+        what = 'a control character' if len(controls) == 1 else 'control characters'
+        raise EmbeddedPostgresError(
+            f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {what} ({shown}), '
+            'which PostgreSQL cannot take. Set AGENTRT_DATA_DIR to a path without them.'
+        )
     if found := set(QUOTE_BREAKERS).intersection(str(data_dir)):
         # pg_ctl starts the server through /bin/sh with the path in double quotes (`-D "..."`): these end or expand
         # them, and the server was started with a wrong path or not at all.
@@ -155,9 +166,15 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+def _escaped(char: str) -> str:
+    """A control character written out as Python writes it (`\\n`, `\\x1b`)."""
+    return char.encode('unicode_escape').decode('ascii')
+
+
 def _shown(path: Path) -> str:
-    """A path for an error line: a very long one (a pasted value) is cut, not printed whole."""
-    text = str(path)
+    """A path for an error line: its control characters written out (one line), a very long one (a pasted value)
+    cut, not printed whole."""
+    text = ''.join(_escaped(char) if unicodedata.category(char) == 'Cc' else char for char in str(path))
     return text if len(text) <= 200 else f'{text[:160]}... ({len(text):,} characters)'
 
 

@@ -576,6 +576,22 @@ def test_a_data_dir_path_pg_ctl_cannot_quote_is_refused_naming_the_character(tmp
     assert not (tmp_path / 'a$HOME').exists()
 
 
+@pytest.mark.parametrize(
+    ('name', 'shown'), [('d\nnl', r'\n'), ('d\rcr', r'\r'), ('d\x1besc', r'\x1b')], ids=['newline', 'cr', 'escape']
+)
+def test_a_data_dir_path_with_a_control_character_is_refused_naming_it(tmp_path: Path, name: str, shown: str) -> None:
+    # initdb refused a newline only after the directory was made: every start failed the same way, in words the
+    # newline garbled, advising to run it again, and left the directory and its lock file.
+    data_dir = tmp_path / name / 'pgdata'
+    with pytest.raises(EmbeddedPostgresError, match='its path holds a control character') as raised:
+        start_embedded(data_dir, stop_at_exit=False)
+    message = str(raised.value)
+    assert f'({shown})' in message and f'{tmp_path}/d{shown}' in message, 'the character named, the path written out'
+    assert '\n' not in message and '\r' not in message and '\x1b' not in message
+    assert 'AGENTRT_DATA_DIR' in message
+    assert list(tmp_path.iterdir()) == [], 'nothing is made: no directory, no lock file'
+
+
 def test_records_that_cannot_be_written_never_leave_the_server_running(tmp_path: Path) -> None:
     # A full disk under the data directory: leaving raised OSError in the atexit handler (a traceback at the end of
     # every command) before it stopped the server, which ran on; a start was "internal error: OSError" (exit 70).
