@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import stat
+import tempfile
+from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -51,8 +54,9 @@ def unwritable_directory(directory: Path) -> str | None:
 
 def spool_write_problem(path: Path) -> str | None:
     """Why this process could not make or append to the spool file `path`, or None: a file where a directory of its
-    path goes; its directory (or the nearest one that exists) on a read-only file system or not writable by this user;
-    the file itself not writable.
+    path goes; its directory (or the nearest one that exists) on a read-only file system, not writable by this user,
+    or refusing a probe file made there (`/proc`), where the spool and the journals beside it are made; the file
+    itself not writable.
 
     Raises:
         OSError: the path cannot even be looked at (a name too long, a directory this user may not enter).
@@ -64,9 +68,38 @@ def spool_write_problem(path: Path) -> str | None:
         return f'{ancestor} is a file, so the spool file cannot be made under it'
     if (unwritable := unwritable_directory(ancestor)) is not None:
         return f'{ancestor} {unwritable}, so the spool file cannot be written there'
+    if (refused := _refused_file(ancestor, path.name)) is not None:
+        return f'{ancestor} refused a file made in it ({refused}), so the spool file cannot be written there'
     if path.exists() and not os.access(path, os.W_OK):
         return f'{path} is not writable by this user, so no row can be spooled to it'
     return None
+
+
+def _refused_file(directory: Path, name: str) -> str | None:
+    """Why a file named after `name` could not be made and written in `directory`, tried with a probe file removed at
+    once, or None. Permission bits and mount flags do not tell it all: root may write in `/proc` by them, whose files
+    cannot be made (the spool's journals failed there during the turn, after the start's check had passed)."""
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=f'.{name}.probe-', dir=directory)
+    except OSError as exc:
+        return _unless_full(exc)
+    try:
+        os.write(descriptor, b'\n')
+    except OSError as exc:
+        return _unless_full(exc)
+    finally:
+        os.close(descriptor)
+        with suppress(OSError):
+            os.unlink(probe)
+    return None
+
+
+def _unless_full(exc: OSError) -> str | None:
+    """An error of the probe file as said, or None for a full disk: the spool takes rows again once there is room,
+    and until then holds them in memory, so a full disk at start is no reason to refuse it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return exc.strerror or str(exc)
 
 
 def default_data_dir() -> Path:

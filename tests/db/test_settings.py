@@ -371,6 +371,24 @@ def test_a_spool_this_process_cannot_write_is_refused_at_start(
     assert read_settings().ledger_spool == spool
 
 
+@pytest.mark.skipif(not Path('/proc/self').is_dir(), reason='no /proc here')
+def test_a_spool_where_no_file_can_be_made_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # /proc is neither read-only nor closed to root by its permission bits, yet no file can be made there: the spool
+    # was accepted, and its journal failed during the turn ("FileNotFoundError: ... /proc/x.journal_...").
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', '/proc/agentrt-spool.jsonl')
+    with pytest.raises(ConfigError) as raised:
+        read_settings()
+    message = str(raised.value)
+    assert message.startswith('invalid configuration: AGENTRT_LEDGER_SPOOL: /proc ') and '\n' not in message
+    assert message.endswith('so the spool file cannot be written there')
+    # A directory that takes files passes, and the probe file that proved it is gone.
+    directory = tmp_path / 'spool'
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv('AGENTRT_LEDGER_SPOOL', str(directory / 'spool.jsonl'))
+    assert read_settings().ledger_spool == directory / 'spool.jsonl'
+    assert list(directory.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ('variable', 'value', 'problem'),
     [
