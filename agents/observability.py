@@ -30,6 +30,7 @@ from typing import Any, TextIO, cast
 
 from opentelemetry import trace
 
+from agentrt.agents.otlp_failures import name_export_failures, shown_endpoint
 from agentrt.agents.otlp_settings import check_otlp_settings, check_sdk_settings
 from agentrt.agents.otlp_stop import bound_exports_at_exit, stopping_exports
 from agentrt.db.flags import LOGFIRE_OFF, LOGFIRE_ON, env_flag
@@ -85,27 +86,10 @@ class TraceExport:
         """Where spans go, in a few words (`agentrt db status`, logs)."""
         places = [
             *(['Logfire'] if self.logfire else []),
-            *([f'OTLP {_shown_endpoint(self.otlp_endpoint)}'] if self.otlp_endpoint else []),
+            *([f'OTLP {shown_endpoint(self.otlp_endpoint)}'] if self.otlp_endpoint else []),
             *(['console (stderr)'] if self.console else []),
         ]
         return ', '.join(places) or 'off'
-
-
-def _shown_endpoint(endpoint: str) -> str:
-    """`endpoint` as it may be shown: a password in it masked (`***`, as in `DATABASE_URL`), other secrets redacted."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    from agentrt.services.ledger.redaction import redact_text
-
-    try:
-        parts = urlsplit(endpoint)
-        if parts.password is not None:
-            host = parts.netloc.rpartition('@')[2]
-            parts = parts._replace(netloc=f'{parts.username or ""}:***@{host}')
-        endpoint = urlunsplit(parts)
-    except ValueError:  # not a URL the SDK could use either: shown redacted as text
-        pass
-    return redact_text(endpoint)[0]
 
 
 def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | None = None) -> TraceExport:
@@ -198,6 +182,7 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         if export.otlp_endpoint is not None:
             import atexit
 
+            name_export_failures()  # an export given up on says why (the SDK's line does not)
             # After logfire's providers registered their shutdowns: atexit runs the last registered first.
             atexit.register(bound_exports_at_exit)
     _configured = export

@@ -775,11 +775,19 @@ async def test_a_collector_down_or_not_answering_costs_a_command_seconds_and_one
             )
     finally:
         silent.close()
-    for done, (_, args) in zip(results, runs, strict=True):
+    for done, (port, args), cause in zip(
+        results, runs, ('timed out', 'Connection refused', 'Connection refused'), strict=True
+    ):
         assert done.returncode == 0, done.stderr
         assert ('tracing' if args[0] == 'db' else 'I found') in done.stdout
         export_lines = [line for line in done.stderr.splitlines() if 'export' in line.lower()]
         assert len(export_lines) <= 1, done.stderr
+        # The line names the cause, and the endpoint when the export was given up on (a chat's spans, at its end):
+        # the SDK's words named neither ("Failed to export spans batch due to timeout, max retries or shutdown.").
+        assert all(cause in line for line in export_lines), done.stderr
+        if args[0] == 'chat':
+            [line] = export_lines
+            assert f'to http://127.0.0.1:{port}/v1/traces due to' in line, line
         assert 'Traceback' not in done.stderr and 'error:' not in done.stderr, done.stderr
     # Each export gave up after its 2 s (a loaded machine adds a little), not the SDK's 10 s.
     assert silent.waits and max(silent.waits) < 6, silent.waits
