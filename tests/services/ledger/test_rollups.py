@@ -149,6 +149,11 @@ async def test_concurrent_turns_and_retried_roll_ups_match_the_ledger() -> None:
     await asyncio.gather(*(chat_turn(i) for i in range(60)))
     report = await drain_supervisor(timeout=60)
     assert report is not None and report.failed == 0 and report.cancelled == 0
+    # What the next process does first. At shutdown a pending roll-up of an account is not started beside a run of it
+    # still under way (`spawn_throttled`), and that run's statement cannot see a row committed after it began: such a
+    # row is left queued for the next process's roll-up, by design (README, "Background work"; 1 row in about 40 runs
+    # of this test). Counted then, and only then: nothing twice.
+    await roll_up_pending()
 
     async with get_db_session(account=Unscoped.ADMIN) as session:
         ledger_rows = (await session.execute(select(func.count()).select_from(LLMRequestRow))).scalar_one()
