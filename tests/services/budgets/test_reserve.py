@@ -152,6 +152,19 @@ async def test_a_hold_whose_commit_reply_was_lost_is_given_back(
     assert row is not None and row['reserved_usd'] == 0
 
 
+class _AwayAfterTheFirst:
+    """`scoped_connection` as the database gives it: the first connection (the hold's), then none (its release)."""
+
+    def __init__(self, opened: Any) -> None:
+        self.opened, self.calls = opened, 0
+
+    def __call__(self, *, account: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise DatabaseUnavailableError('cannot connect to PostgreSQL: the test says so')
+        return self.opened(account=account)
+
+
 async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_sweep(
     two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,21 +172,12 @@ async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_swee
     # (the process is alive, so its holds were otherwise left to their TTL).
     alpha, _ = two_accounts
     await give_budget('alpha', '1')
-    opened = _reserve.scoped_connection
-    calls = 0
-
-    def away_after_the_first(*, account: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise DatabaseUnavailableError('cannot connect to PostgreSQL: the test says so')
-        return opened(account=account)
-
-    monkeypatch.setattr(_reserve, 'scoped_connection', away_after_the_first)
+    opened, away = _reserve.scoped_connection, _AwayAfterTheFirst(_reserve.scoped_connection)
+    monkeypatch.setattr(_reserve, 'scoped_connection', away)
     with lost_commit_reply(monkeypatch), pytest.raises(DatabaseDisconnectedError):
         await hold_usd(alpha, '0.10')
     monkeypatch.setattr(_reserve, 'scoped_connection', opened)
-    assert len(await reservations()) == 1 and calls == 2
+    assert len(await reservations()) == 1 and away.calls == 2
     report = await sweep_reservations()
     assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
     assert await reservations() == []
@@ -189,17 +193,8 @@ async def test_a_hold_whose_undo_on_a_cancellation_fails_is_released_by_the_next
     # back: the failed release was forgotten, and the hold left to its TTL (15 min; its process is alive).
     alpha, _ = two_accounts
     await give_budget('alpha', '1')
-    opened = _reserve.scoped_connection
-    calls = 0
-
-    def away_after_the_first(*, account: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise DatabaseUnavailableError('cannot connect to PostgreSQL: the test says so')
-        return opened(account=account)
-
-    monkeypatch.setattr(_reserve, 'scoped_connection', away_after_the_first)
+    opened, away = _reserve.scoped_connection, _AwayAfterTheFirst(_reserve.scoped_connection)
+    monkeypatch.setattr(_reserve, 'scoped_connection', away)
     with slow_commit_reply(monkeypatch) as committed:
         admission = asyncio.create_task(hold_usd(alpha, '0.10'))
         await committed.wait()
@@ -207,7 +202,7 @@ async def test_a_hold_whose_undo_on_a_cancellation_fails_is_released_by_the_next
         with pytest.raises(asyncio.CancelledError):
             await admission
     monkeypatch.setattr(_reserve, 'scoped_connection', opened)
-    assert len(await reservations()) == 1 and calls == 2
+    assert len(await reservations()) == 1 and away.calls == 2
     report = await sweep_reservations()
     assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
     assert await reservations() == []
