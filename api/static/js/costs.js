@@ -130,7 +130,7 @@ export async function costsView(query) {
   const totals = [`${formatInt(requests)} requests (${formatInt(total('failed'))} failed, ${formatInt(total('cancelled'))} cancelled)`, `${formatInt(total('total_tokens'))} tokens`];
   if (unpriced < requests) totals.push(`${formatCost(String(total('total_cost')))} spent`);
   if (unpriced) {
-    const why = 'unpriced models, failures before any usage';
+    const why = 'unpriced models, failures or cancellations before any usage';
     totals.push(unpriced === requests ? `none with a cost (${why})` : `${formatInt(unpriced)} requests without a cost (${why})`);
   }
 
