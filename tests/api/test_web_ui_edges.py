@@ -224,6 +224,7 @@ async def _edges(page: Page, url: str, keys: Keys) -> None:
     await expect(page.locator('.message')).to_have_count(2)
     # Enter on a blank message did nothing at all: a hint, read out (a status) and describing the box.
     await page.get_by_role('link', name='New chat').click()
+    await expect(page.locator('#chat-title')).to_have_text('New conversation')  # opened: the box is the new chat's
     refusal = page.locator('#message-refusal')
     await box.fill('  \n ')
     await box.press('Enter')

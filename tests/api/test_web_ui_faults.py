@@ -460,6 +460,28 @@ async def test_a_message_cut_off_by_leaving_comes_back_after_a_turn_in_another_c
     await expect(page.locator('.message.user')).to_have_text(['Youa first question here'])
 
 
+async def test_text_in_the_box_stays_with_the_conversation_it_was_typed_in(page: Page) -> None:
+    # The box kept its text as another conversation opened: a message given back there found it taken and was lost,
+    # under a notice saying it was back in the box, and Enter sent the text to the conversation opened (qa175).
+    drip_more.clear()
+    turn = await _send(page, f'cut off, {DRIP}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    here = page.url
+    await page.get_by_role('link', name='New chat').click()  # cancels the turn: its message waits for its conversation
+    await expect(page.locator('.message')).to_have_count(0)
+    box = page.get_by_role('textbox', name='Message')
+    await box.fill('a draft of a new chat')
+    drip_more.set()
+    await page.goto(here)
+    await expect(box).to_have_value(f'cut off, {DRIP}')
+    await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    await page.get_by_role('link', name='New chat').click()
+    await expect(box).to_have_value('a draft of a new chat')
+    await expect(page.locator('.notice')).to_contain_text('What you were typing here when you left')
+    await page.goto(here)
+    await expect(box).to_have_value(f'cut off, {DRIP}')
+
+
 async def test_the_chat_heading_is_cut_between_characters_and_the_servers_title_is_shown_as_it_is(
     page: Page, site: str, keys: Keys
 ) -> None:

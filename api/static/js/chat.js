@@ -4,7 +4,7 @@
 
 import { ApiError, errorMessage, getJson, postChat, request, session } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
-import { forgetPending, keepPending, takePending } from './pending.js';
+import { forgetPending, keepPending, keepTyped, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
@@ -479,6 +479,7 @@ export function createChatView() {
     // is on screen stays until its history arrives, and stays if that fails. It was wiped first, and a server still
     // away left an empty chat.
     const again = shownId !== undefined && wanted !== null && wanted === conversationId;
+    if (!again && shownId !== undefined) setAside();
     conversationId = wanted;
     shownId = wanted;
     if (!again) {
@@ -503,6 +504,7 @@ export function createChatView() {
     setHead(null);
     if (wanted === null) {
       setLoading(null);
+      restorePending('', { revision: null, messages: [] }); // what was typed in a new chat before another was opened
       return;
     }
     // An id outside the rules may still be stored (an agentrt before 2026-12-01 took any text): it is looked up, and
@@ -567,6 +569,18 @@ export function createChatView() {
     }
   }
 
+  /**
+   * Another conversation opens: the text in the box stays with the one it was typed (or given back) in, kept for when
+   * that one is shown again (pending.js), and the box is cleared. It stayed in the box, and Enter sent it to the
+   * conversation opened; a message given back there found the box taken, and was lost (qa175).
+   */
+  function setAside() {
+    const left = conversationId ?? '';
+    if (input.value.trim()) keepTyped(left, input.value, session.me?.account, knownRevision());
+    input.value = '';
+    refusal.textContent = '';
+  }
+
   /** The conversation shown here no longer exists: the view becomes a new chat, `message` in its notice. */
   function forgetDeleted(message) {
     conversationId = null;
@@ -586,16 +600,19 @@ export function createChatView() {
   }
 
   /**
-   * The message this tab sent before a reload or another conversation cut its answer off (`takePending`), back in the
-   * box; `held`: the conversation as the server holds it (`{revision, messages}`).
+   * The message this tab sent before a reload or another conversation cut its answer off, or the text left in the box
+   * as another conversation opened (`takePending`), back in the box; `id`: the conversation ('' a new chat); `held`: it
+   * as the server holds it (`{revision, messages}`). Not while the box holds text typed as it loaded: the kept text
+   * waits, still kept, and the notice, which said "it is back in the box" over the other text, is not shown.
    */
   function restorePending(id, held) {
+    if (input.value) return;
     const pending = takePending(id, held, session.me?.account);
     if (pending === null) return;
-    if (!input.value) input.value = pending.text;
-    const back = pending.signedOut
-      ? 'Your message was not sent, or not answered, before the page returned to sign-in: it is back in the box.'
-      : 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
+    input.value = pending.text;
+    let back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
+    if (pending.typed) back = 'What you were typing here when you left, not sent, is back in the box.';
+    else if (pending.signedOut) back = 'Your message was not sent, or not answered, before the page returned to sign-in: it is back in the box.';
     notice.append(alertBox(back, 'info'));
   }
 

@@ -6,11 +6,15 @@
 //
 // One a conversation: a message sent in another conversation meanwhile took the one slot there was, and its turn's end
 // forgot it (qa168). The latest `KEPT` conversations' are kept, the oldest forgotten first.
+//
+// Text in the box when another conversation opens is kept the same way, for the conversation it was typed in ('' a
+// new chat): it stayed in the box, sent to the next conversation by Enter, and a message given back there found the
+// box taken and was forgotten (qa175).
 
 const KEY = 'agentrt.pendingMessages';
 const KEPT = 20;
 
-/** The messages kept, oldest first (`[{conversation, text, account, signedOut, from}]`). */
+/** The messages kept, oldest first (`[{conversation, text, account, signedOut, from, typed, draft}]`). */
 function kept() {
   try {
     const notes = JSON.parse(sessionStorage.getItem(KEY) || '[]');
@@ -29,11 +33,36 @@ function store(notes) {
  * Keep `text`, sent to (or typed for) conversation `conversation` of account `account`, in place of what was kept for
  * it, until `forgetPending()`; `signedOut`: kept because the key stopped working, not for a reload; `from`: the
  * conversation's revision when it was sent ('' when nothing of it was saved yet), or null when this tab did not know
- * it.
+ * it; `typed`: typed in the box and never sent; `draft`: text typed in the box beside it, not sent.
  */
-export function keepPending(conversation, text, account, { signedOut = false, from = null } = {}) {
+export function keepPending(
+  conversation,
+  text,
+  account,
+  { signedOut = false, from = null, typed = false, draft = '' } = {},
+) {
   const others = kept().filter((note) => note.conversation !== conversation);
-  store([...others, { conversation, text, account, signedOut, from }]);
+  store([...others, { conversation, text, account, signedOut, from, typed, draft }]);
+}
+
+/** What `note` says of its text, to keep it again. */
+function noted(note) {
+  return { signedOut: note.signedOut === true, from: note.from ?? null, typed: note.typed === true };
+}
+
+/**
+ * Keep `text`, in the box of conversation `conversation` ('' a new chat) as another one opens, not sent: beside the
+ * message kept for it (its answer cut off by this leaving, or its conversation left before it could be given back), as
+ * its `draft`, or alone; `from`: the conversation's revision as shown.
+ */
+export function keepTyped(conversation, text, account, from) {
+  const note = kept().find((candidate) => candidate.conversation === conversation && candidate.account === account);
+  if (note && typeof note.text === 'string') {
+    // After a draft set aside before, if any (typed as the conversation loaded, the box then not free to give it back).
+    const before = typeof note.draft === 'string' ? note.draft : '';
+    const draft = [before, text].filter(Boolean).join('\n\n');
+    keepPending(conversation, note.text, account, { ...noted(note), draft });
+  } else keepPending(conversation, text, account, { from, typed: true });
 }
 
 /**
@@ -46,12 +75,12 @@ export function forgetPending(conversation) {
 }
 
 /**
- * The message kept for conversation `id` of account `account`, forgotten now (`{text, signedOut}`), or null: none
- * (other conversations' stay kept), another account's, or saved after all. `held` is the conversation as the
- * server holds it (`{revision, messages}`; a revision of null: nothing saved). Its turn was saved when the revision
- * moved on from the one it was sent at and the last user message is it (stored with NUL as U+FFFD); at the same
- * revision nothing was saved, whatever the text: a message that repeats the one before ("continue", "yes") was taken
- * for saved, and lost.
+ * The text kept for conversation `id` of account `account`, forgotten now (`{text, signedOut, typed}`), or null: none
+ * (other conversations' stay kept), another account's, or saved after all. `held` is the conversation as the server
+ * holds it (`{revision, messages}`; a revision of null: nothing saved). A turn was saved when the revision moved on
+ * from the one it was sent at and the last user message is it (stored with NUL as U+FFFD); at the same revision nothing
+ * was saved, whatever the text: a message that repeats the one before ("continue", "yes") was taken for saved, and
+ * lost. Its `draft` (typed beside it) comes back after it, saved or not.
  */
 export function takePending(id, held, account) {
   const pending = kept().find((note) => note.conversation === id);
@@ -59,9 +88,20 @@ export function takePending(id, held, account) {
   forgetPending(id);
   if (typeof pending.text !== 'string') return null;
   if (pending.account !== account) return null; // a key of another account signed in on this tab
-  const back = { text: pending.text, signedOut: pending.signedOut === true };
-  if (typeof pending.from === 'string' && pending.from === (held.revision ?? '')) return back;
+  const draft = typeof pending.draft === 'string' ? pending.draft : '';
+  const text = savedSince(pending, held) ? '' : pending.text;
+  if (!text && !draft) return null;
+  return {
+    text: [text, draft].filter(Boolean).join('\n\n'),
+    signedOut: pending.signedOut === true && text !== '',
+    typed: pending.typed === true || text === '',
+  };
+}
+
+/** Whether the turn of kept message `pending` was saved, by `held` (see `takePending`). */
+function savedSince(pending, held) {
+  if (typeof pending.from === 'string' && pending.from === (held.revision ?? '')) return false;
   const lastUser = held.messages.findLast((message) => message.role === 'user');
   const saved = (lastUser?.parts || []).filter((part) => part.type === 'text').map((part) => part.text).join('');
-  return saved === pending.text.replaceAll('\0', '\ufffd') ? null : back;
+  return saved === pending.text.replaceAll('\0', '\ufffd');
 }
