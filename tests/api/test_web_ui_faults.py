@@ -460,6 +460,24 @@ async def test_a_message_cut_off_by_leaving_comes_back_after_a_turn_in_another_c
     await expect(page.locator('.message.user')).to_have_text(['Youa first question here'])
 
 
+async def test_a_message_given_back_after_a_reload_comes_back_after_another_until_sent(page: Page) -> None:
+    # Given back, the message was forgotten: one more reload (an accidental F5) lost it for good (qa175). It stays
+    # until it is sent, or the box emptied.
+    drip_more.clear()
+    turn = await _send(page, f'reloaded twice, {DRIP}')
+    await expect(turn.locator('.answer')).to_have_text('ok')
+    box = page.get_by_role('textbox', name='Message')
+    for _ in range(2):
+        await page.reload()
+        await expect(box).to_have_value(f'reloaded twice, {DRIP}')
+        await expect(page.locator('.notice')).to_contain_text('was not answered before you left')
+    drip_more.set()
+    await box.fill('')
+    await page.reload()
+    await expect(page.locator('.notice')).to_contain_text('no saved messages yet')
+    await expect(box).to_have_value('')
+
+
 async def test_text_in_the_box_stays_with_the_conversation_it_was_typed_in(page: Page) -> None:
     # The box kept its text as another conversation opened: a message given back there found it taken and was lost,
     # under a notice saying it was back in the box, and Enter sent the text to the conversation opened (qa175).

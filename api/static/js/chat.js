@@ -4,7 +4,7 @@
 
 import { ApiError, errorMessage, getJson, postChat, request, session } from './api.js';
 import { alertBox, formatMs, h, randomId } from './dom.js';
-import { forgetPending, keepPending, keepTyped, takePending } from './pending.js';
+import { forgetPending, keepPending, keepTyped, retypePending, takePending } from './pending.js';
 import { readEventStream } from './stream.js';
 import { ToolTimeline } from './tools.js';
 
@@ -236,6 +236,9 @@ export function createChatView() {
   let unfound = null;
   // The read of the entity tag after this tab's last answer (`learnTag`): `{id, done}`, `done` its promise.
   let tagRead = null;
+  // The conversation ('' a new chat) whose kept text (pending.js) the box shows, given back and not sent since, else
+  // null: edited, it is kept as the box shows it.
+  let givenBack = null;
 
   const title = h('h1', { id: 'chat-title', tabindex: '-1', text: 'New conversation' });
   const idLine = h('p', { class: 'subtle conversation-id' });
@@ -576,13 +579,16 @@ export function createChatView() {
    */
   function setAside() {
     const left = conversationId ?? '';
-    if (input.value.trim()) keepTyped(left, input.value, session.me?.account, knownRevision());
+    if (input.value.trim() && givenBack !== left) keepTyped(left, input.value, session.me?.account, knownRevision());
     input.value = '';
+    givenBack = null;
     refusal.textContent = '';
   }
 
   /** The conversation shown here no longer exists: the view becomes a new chat, `message` in its notice. */
   function forgetDeleted(message) {
+    if (givenBack !== null) forgetPending(givenBack); // the text in the box stays, now a new chat's
+    givenBack = null;
     conversationId = null;
     shownId = null;
     knownTag = null;
@@ -610,6 +616,7 @@ export function createChatView() {
     const pending = takePending(id, held, session.me?.account);
     if (pending === null) return;
     input.value = pending.text;
+    givenBack = id;
     let back = 'Your last message was not answered before you left (the page or the conversation), and was not saved: it is back in the box.';
     if (pending.typed) back = 'What you were typing here when you left, not sent, is back in the box.';
     else if (pending.signedOut) back = 'Your message was not sent, or not answered, before the page returned to sign-in: it is back in the box.';
@@ -856,6 +863,8 @@ export function createChatView() {
       });
       return;
     }
+    if (givenBack !== null) forgetPending(givenBack); // sent: a new chat's was kept under '', a conversation's is sent
+    givenBack = null;
     input.value = '';
     sendMessage(text);
   });
@@ -867,6 +876,9 @@ export function createChatView() {
   });
   input.addEventListener('input', () => {
     refusal.textContent = '';
+    if (givenBack === null) return;
+    retypePending(givenBack, input.value); // a reload gives back what the box shows; emptied, nothing
+    if (!input.value) givenBack = null;
   });
   stop.addEventListener('click', () => controller?.abort());
   olderButton.addEventListener('click', showOlder);

@@ -7,9 +7,10 @@
 // One a conversation: a message sent in another conversation meanwhile took the one slot there was, and its turn's end
 // forgot it (qa168). The latest `KEPT` conversations' are kept, the oldest forgotten first.
 //
-// Text in the box when another conversation opens is kept the same way, for the conversation it was typed in ('' a
-// new chat): it stayed in the box, sent to the next conversation by Enter, and a message given back there found the
-// box taken and was forgotten (qa175).
+// A message given back stays kept until it is sent or the box is emptied: forgotten as it was given back, a second
+// reload lost it. Text in the box when another conversation opens is kept the same way, for the conversation
+// it was typed in ('' a new chat): it stayed in the box, sent to the next conversation by Enter, and a message given
+// back there found the box taken and was forgotten (qa175).
 
 const KEY = 'agentrt.pendingMessages';
 const KEPT = 20;
@@ -65,9 +66,16 @@ export function keepTyped(conversation, text, account, from) {
   } else keepPending(conversation, text, account, { from, typed: true });
 }
 
+/** The box given the text kept for `conversation` back was edited: `text` is kept instead (none: forgotten). */
+export function retypePending(conversation, text) {
+  const note = kept().find((candidate) => candidate.conversation === conversation);
+  if (!text) forgetPending(conversation);
+  else if (note) keepPending(conversation, text, note.account, noted(note));
+}
+
 /**
- * Conversation `conversation`'s turn ended on this page (saved, stopped, or its text given back); without it, every
- * conversation's (the key is signed out).
+ * Conversation `conversation`'s turn ended on this page (saved, stopped, or refused with its text back in the box), or
+ * the text given back was sent; without it, every conversation's (the key is signed out).
  */
 export function forgetPending(conversation) {
   if (conversation === undefined) sessionStorage.removeItem(KEY);
@@ -75,8 +83,9 @@ export function forgetPending(conversation) {
 }
 
 /**
- * The text kept for conversation `id` of account `account`, forgotten now (`{text, signedOut, typed}`), or null: none
- * (other conversations' stay kept), another account's, or saved after all. `held` is the conversation as the server
+ * The text kept for conversation `id` of account `account` (`{text, signedOut, typed}`), or null: none, another
+ * account's, or saved after all (then forgotten). Given back, it stays kept, as the box now shows it, until it is sent
+ * or the box emptied (`retypePending`): a second reload gives it back again. `held` is the conversation as the server
  * holds it (`{revision, messages}`; a revision of null: nothing saved). A turn was saved when the revision moved on
  * from the one it was sent at and the last user message is it (stored with NUL as U+FFFD); at the same revision nothing
  * was saved, whatever the text: a message that repeats the one before ("continue", "yes") was taken for saved, and
@@ -85,17 +94,24 @@ export function forgetPending(conversation) {
 export function takePending(id, held, account) {
   const pending = kept().find((note) => note.conversation === id);
   if (!pending) return null;
-  forgetPending(id);
-  if (typeof pending.text !== 'string') return null;
-  if (pending.account !== account) return null; // a key of another account signed in on this tab
+  if (typeof pending.text !== 'string' || pending.account !== account) {
+    forgetPending(id); // unreadable, or another account's: a key of another account signed in on this tab
+    return null;
+  }
   const draft = typeof pending.draft === 'string' ? pending.draft : '';
   const text = savedSince(pending, held) ? '' : pending.text;
-  if (!text && !draft) return null;
-  return {
+  if (!text && !draft) {
+    forgetPending(id);
+    return null;
+  }
+  const back = {
     text: [text, draft].filter(Boolean).join('\n\n'),
     signedOut: pending.signedOut === true && text !== '',
     typed: pending.typed === true || text === '',
   };
+  // Kept as given back, from the revision shown: at the next restore it is unsaved while the revision stays.
+  keepPending(id, back.text, account, { signedOut: back.signedOut, from: held.revision ?? '', typed: back.typed });
+  return back;
 }
 
 /** Whether the turn of kept message `pending` was saved, by `held` (see `takePending`). */
