@@ -4,20 +4,25 @@
 is appended to the fsynced spool file; when the spool refuses too (a full disk, often the same disk), the rows are held
 in this process's memory (`HeldRows`, up to 64 MiB) and written by the next write that succeeds, lost and logged only
 past that or if the process ends first. Spooled and held rows are written back exactly once (by each row's minted key)
-by a replay: after a later successful write, on a backing-off timer of the event loop while the database stays away
-(`come_back_later`), at a long-lived process's start, and on demand (`replay`).
+by a replay: after a later successful write (of this event loop or a later one), on a backing-off timer of the event
+loop while the database stays away (`come_back_later`), at a long-lived process's start, and on demand (`replay`).
+Rows still held as an event loop ends, or as the process exits, are spooled then if the spool takes them
+(`spool_held_now`); at the exit, those it refuses are reported lost, each logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 from agentrt.db.engine import refused_after_shutdown, runtime_shut_down
+from agentrt.db.forks import forget_in_child
 from agentrt.db.settings import spool_write_problem
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
@@ -135,6 +140,37 @@ class SpoolFallback:
         except Exception as exc:
             self._lose(self._held.take(), f'{refused}; the database: {type(exc).__name__}: {exc}')
 
+    def spool_held_now(self, *, exiting: bool = False) -> None:
+        """The event loop ends (`asyncio.run()` without `shutdown_runtime()`), or the process exits (`exiting`), with
+        rows held in memory: appended to the spool now if it takes them (a disk with room again), for the next replay.
+        Else they stay held for a later event loop's first successful write, or, as the process exits, are reported
+        lost, each logged. Blocking (a file's fsync); never raises.
+        """
+        if not self._held:
+            return
+        try:
+            appended = self._append_after_held([])
+        except Exception as exc:
+            if exiting:
+                self._lose(self._held.take(), f'the process exited; the spool: {type(exc).__name__}: {exc}')
+            else:
+                logger.warning(
+                    'ledger: the event loop ended with %d row(s) held in memory (the spool: %s: %s); written by a '
+                    "later event loop's first write, else lost when this process exits",
+                    len(self._held),
+                    type(exc).__name__,
+                    exc,
+                )
+            return
+        self._dirty = True
+        self.stats.spooled += appended
+        logger.warning(
+            'ledger: %d row(s) held in memory spooled as %s: the next ledger write or `agentrt ledger replay` writes '
+            'them',
+            appended,
+            'the process exits' if exiting else 'the event loop ended',
+        )
+
     def abandon(self, exc: BaseException) -> None:
         """The close was cut off by `exc` (cancelled, or out of time: `shutdown_runtime` bounds it): the rows still held
         in memory end with the process, each reported lost and logged (the log line is the last record of the row).
@@ -162,6 +198,7 @@ class SpoolFallback:
         `_held.HELD_MAX_BYTES` (64 MiB); beyond it, lost and logged (each row), as all of them were before."""
         if self._held.hold(entries):
             self.stats.held += rows
+            _holding.add(self)  # spooled or reported lost as the process exits, if nothing took them by then
             logger.error(
                 'ledger: neither the database nor the spool took %d row(s) (%s: %s); %d held in memory, written when '
                 'either takes them again (lost if this process ends first)',
@@ -204,7 +241,9 @@ class SpoolFallback:
             return False
         now = time.monotonic()
         due = self._last_check is None or now - self._last_check >= self.config.replay_check_interval
-        if not (self._dirty or due or at_start):
+        # Rows held in memory: tried after any successful write, a later event loop's first one too (the timer that
+        # would have tried them belonged to the loop that held them; QA: never tried, lost unsaid at the exit).
+        if not (self._dirty or due or at_start or self._held):
             return False
         self._last_check = now
         try:
@@ -299,3 +338,25 @@ class SpoolFallback:
         self._dirty = True  # try now, not at the next periodic check
         # One attempt, bounded: the timer is the retry, and a shutdown's flush that finds the try running waits for it.
         self.maybe_replay(queues, policy=COMEBACK_TRY)
+
+
+_holding: weakref.WeakSet[SpoolFallback] = weakref.WeakSet()
+"""Fallbacks that held rows in memory (`_spool_failed`): what they still hold as the process exits goes to the spool, or
+is reported lost, each logged (`_spooled_at_exit`); a program ending without `shutdown_runtime()` left them unsaid."""
+
+
+@atexit.register
+def _spooled_at_exit() -> None:
+    # Registered at import, after `logging`'s own exit hook: run before it (last in, first out), so the lines are said.
+    for fallback in list(_holding):
+        fallback.spool_held_now(exiting=True)
+
+
+def _forget_the_parents() -> list[object]:
+    """In a forked child, the rows held are the parent's (the parent spools or reports them): not the child's exit's."""
+    global _holding
+    left, _holding = _holding, weakref.WeakSet()
+    return [left]
+
+
+forget_in_child(_forget_the_parents)

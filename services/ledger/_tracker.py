@@ -332,8 +332,13 @@ class LLMRequestTracker:
             if left:
                 self._fallback.spool_now(left, 'its event loop ended with rows unwritten (no shutdown_runtime())')
                 queues.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
+            # Rows held in memory (neither the database nor the spool took them): spooled now if the spool takes them
+            # again; they were left to a process exit that lost them unsaid (QA).
+            self._fallback.spool_held_now()
             if queues.ledger_task is not None:  # nothing left to write: ended in the loop's last steps, not destroyed
                 queues.ledger_task.cancel()
+            if queues.replay_task is not None:  # started as the turns unwound: held rows it took are given back
+                queues.replay_task.cancel()
 
     async def _retrying(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agentrt.db.errors import DatabaseUnavailableError
-from agentrt.services.ledger import LedgerSpool, LLMRequestTracker, RetryPolicy
+from agentrt.services.ledger import LedgerSpool, LLMRequestTracker, RetryPolicy, _fallback
 from tests.factories import content_rows, fast_config, ledger_record, scalar
 
 
@@ -53,6 +54,26 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(LedgerSpool, 'append', refused)
+
+
+class _Disk:
+    """The spool's disk: while `full`, every append with rows is refused (ENOSPC); `full = False` makes room."""
+
+    full = True
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> _Disk:
+    state = _Disk()
+    append = LedgerSpool.append
+
+    def appended(spool: LedgerSpool, entries: list[dict[str, object]]) -> None:
+        if entries and state.full:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        append(spool, entries)
+
+    monkeypatch.setattr(LedgerSpool, 'append', appended)
+    return state
 
 
 def _held_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[LLMRequestTracker, _Database]:
@@ -113,3 +134,77 @@ async def test_a_close_cut_off_by_its_bound_reports_each_held_row_lost(
     lost = [record.getMessage() for record in caplog.records if 'took this row' in record.getMessage()]
     assert len(lost) == 1 and str(held.id) in lost[0] and 'cut off' in lost[0], caplog.text
     assert await scalar('SELECT count(*) FROM llm_requests') == 0
+
+
+async def test_rows_held_as_the_event_loop_ends_are_spooled_if_the_spool_takes_them_then(
+    clean_database: None, disk: _Disk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A program ending `asyncio.run()` without `shutdown_runtime()` (which a turn does not need): the held rows were
+    # left in memory, the spool never tried though it had room again, and the process exited with them unsaid (QA).
+    tracker, database = _held_tracker(tmp_path, monkeypatch)
+    held = ledger_record()
+
+    async def program() -> None:
+        assert await tracker.track_request(held) == 'held'
+        disk.full = False  # room again before the loop ends
+
+    await asyncio.to_thread(asyncio.run, program())
+    assert [json.loads(line)['row']['id'] for line in tracker.spool.path.read_text().splitlines()] == [str(held.id)]
+    assert not tracker._fallback._held and tracker.stats.spooled == 1 and tracker.stats.lost == 0
+    database.state = 'up'
+    assert (await tracker.replay_spool()).inserted == 1
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=held.id) == 1
+    await tracker.aclose()
+
+
+async def test_rows_held_past_their_event_loop_are_written_by_a_later_loops_first_write(
+    clean_database: None, disk: _Disk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The spool still refuses as the loop ends: held for the next event loop (a script's second `asyncio.run()`),
+    # whose first successful write tries them, though the periodic check is not due: a write of this loop checked the
+    # spool a moment ago. They were never tried, `lost` 0, no line at the exit (QA).
+    tracker, database = _held_tracker(tmp_path, monkeypatch)
+    database.state = 'up'
+    assert await tracker.track_request(ledger_record()) == 'written'
+    held = ledger_record()
+
+    async def program() -> None:
+        database.state = 'down'
+        assert await tracker.track_request(held) == 'held'
+
+    with caplog.at_level(logging.WARNING, logger='agentrt.ledger'):
+        await asyncio.to_thread(asyncio.run, program())
+    assert len(tracker._fallback._held) == 1 and 'the event loop ended with 1 row(s) held' in caplog.text
+    database.state = 'up'
+    assert await tracker.track_request(ledger_record()) == 'written'  # this test's loop: a later one
+    await tracker.flush()
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=held.id) == 1
+    assert await scalar('SELECT count(*) FROM llm_requests') == 3
+    assert not tracker._fallback._held and tracker.stats.lost == 0
+    await tracker.aclose()
+
+
+async def test_rows_still_held_as_the_process_exits_are_spooled_or_each_reported_lost(
+    clean_database: None, disk: _Disk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker, database = _held_tracker(tmp_path, monkeypatch)
+    first, second = ledger_record(), ledger_record()
+    assert await tracker.track_request(first) == 'held'
+    assert tracker._fallback in _fallback._holding  # the process's exit hook (`_spooled_at_exit`) knows it
+
+    # The exit with the spool still full: each row said, with its contents, and counted lost.
+    with caplog.at_level(logging.ERROR, logger='agentrt.ledger'):
+        tracker._fallback.spool_held_now(exiting=True)
+    lost = [record.getMessage() for record in caplog.records if 'took this row' in record.getMessage()]
+    assert len(lost) == 1 and str(first.id) in lost[0] and 'exited' in lost[0], caplog.text
+    assert tracker.stats.lost == 1 and not tracker._fallback._held
+
+    # The exit with room on the disk again: spooled, written by the next replay.
+    assert await tracker.track_request(second) == 'held'
+    disk.full = False
+    tracker._fallback.spool_held_now(exiting=True)
+    assert tracker.stats.spooled == 1 and tracker.stats.lost == 1
+    database.state = 'up'
+    assert (await tracker.replay_spool()).inserted == 1
+    assert await scalar('SELECT count(*) FROM llm_requests') == 1
+    await tracker.aclose()
