@@ -36,6 +36,7 @@ from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import turn_hooks
 from agentrt.agents.turn_input import TurnInput, validate_turn_input
 from agentrt.agents.turn_limits import measured_limits, turn_usage_limits
+from agentrt.agents.turns_in_progress import turn_in_progress
 from agentrt.db.cancellation import finished_if_started, undone_if_cancelled
 from agentrt.db.driver import driver_transaction
 from agentrt.db.engine import current_settings, init_database
@@ -173,21 +174,22 @@ async def open_turn(
             longer than `AGENTRT_TURN_QUEUE_SECONDS` (nothing was sent).
     """
     started = time.perf_counter()
-    await init_database()
-    settings = current_settings()
-    resolved = resolve_model(
-        # The agent's own model (`create_simple_chat_agent(model)`, `Agent(model)`) before the configured one: a run
-        # passes its model explicitly, which in pydantic-ai would override the agent's.
-        agent.model if model is None else model,
-        default=settings.model,
-        stream_delay=stream_delay,
-        timeout_s=settings.model_timeout_seconds,
-        max_retries=settings.model_max_retries,
-    )
-    admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
-    async with admission.turn():
-        async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
-            yield turn
+    with turn_in_progress():  # from its first step: `shutdown_runtime()` waits for it, claimed or not
+        await init_database()
+        settings = current_settings()
+        resolved = resolve_model(
+            # The agent's own model (`create_simple_chat_agent(model)`, `Agent(model)`) before the configured one: a run
+            # passes its model explicitly, which in pydantic-ai would override the agent's.
+            agent.model if model is None else model,
+            default=settings.model,
+            stream_delay=stream_delay,
+            timeout_s=settings.model_timeout_seconds,
+            max_retries=settings.model_max_retries,
+        )
+        admission = turn_admission(max_lag_s=settings.turn_admission_lag_ms / 1000, queue_s=settings.turn_queue_seconds)
+        async with admission.turn():
+            async with _claimed_turn(agent, turn_input, resolved, settings, usage_limits, started) as turn:
+                yield turn
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from agentrt.agents.observability import configure_observability, flush_spans
+from agentrt.agents.turns_in_progress import turns_ended
 from agentrt.db.engine import check_event_loop, close_database, init_database
 from agentrt.db.errors import check_seconds
 from agentrt.services.background import drain_supervisor
@@ -48,8 +49,9 @@ async def shutdown_runtime(
     *,
     release_embedded_server: bool = False,
 ) -> None:
-    """Let turns that are ending release their conversations, finish background work, flush the ledger, close the
-    pool and send the spans still buffered; call it once before the event loop ends.
+    """Let the chat turns of this event loop still in progress finish (those still starting too, not yet holding
+    their conversation: a task created just before this call) and release their conversations, finish background work,
+    flush the ledger, close the pool and send the spans still buffered; call it once before the event loop ends.
 
     Args:
         timeout: seconds for the whole clean-up: turns still running end (then their conversations stay claimed
@@ -72,9 +74,13 @@ async def shutdown_runtime(
     # own: a frozen database held serve's stop 3 x 10 s past its --shutdown-seconds; QA).
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    # Turns still ending first (a server's requests cancelled as it stops): their claims released, their cancelled
-    # requests handed to the ledger, before the pool closes under them.
-    await claims_released(timeout)
+    # Turns first, before the pool closes under them: those still starting (a task created just before this call,
+    # before its claim: it was cancelled by the loop's end, its conversation left claimed; QA), those running, those
+    # ending (a server's requests cancelled as it stops); then their claims released, their cancelled requests
+    # handed to the ledger.
+    await asyncio.sleep(0)  # a turn's task created just before this call takes its first step: it counts from there
+    await turns_ended(timeout)  # those past it holding a claim are said by `claims_released`
+    await claims_released(max(deadline - loop.time(), 0.0))
     await drain_supervisor(max(deadline - loop.time(), 0.0))
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()

@@ -192,3 +192,44 @@ async def test_the_last_block_to_end_shuts_down_and_lets_go_of_the_embedded_serv
     async with runtime.runtime_block():  # a block of its own afterwards: nobody asked
         pass
     assert stops == [(3.0, True), (10.0, True), (10.0, False)]
+
+
+TURNS_STARTING = textwrap.dedent(
+    """
+    import asyncio, sys
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.agents.simple_chat import simple_chat
+
+    async def main() -> None:
+        if sys.argv[1] == 'warm':  # the runtime up: the turns below reach their claims quickly
+            await simple_chat('Dermatologists in Boston', session_id='starting-warm', account='acme-health')
+        sessions = [f'starting-{sys.argv[1]}-{sys.argv[2]}-{i}' for i in range(3)]
+        turns = [
+            asyncio.create_task(simple_chat('Cardiologists in Seattle', session_id=session, account='acme-health'))
+            for session in sessions
+        ]
+        if sys.argv[2] == 'stepped':
+            await asyncio.sleep(0)  # each turn's first step taken, none holding its conversation yet
+        await shutdown_runtime()
+        print('done', [turn.done() and not turn.cancelled() and turn.exception() is None for turn in turns], flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize(('start', 'stepped'), [('warm', 'stepped'), ('cold', 'stepped'), ('warm', 'created')])
+async def test_shutdown_lets_the_turns_still_starting_finish(
+    database_url: str, demo_data: None, start: str, stepped: str
+) -> None:
+    # README: `shutdown_runtime()` "lets the turns still running finish". It waited only for turns holding their
+    # conversation: turns still starting were cut by the loop's end, their conversations left claimed (QA).
+    done = await run_program('-c', TURNS_STARTING, start, stepped, database_url=database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split('\n')[:-1] == ['done [True, True, True]'], done.stdout + done.stderr[-3000:]
+    assert 'stays claimed' not in done.stderr, done.stderr[-3000:]
+    for i in range(3):
+        rows = await ledger_rows(chat_session_id=f'starting-{start}-{stepped}-{i}')
+        assert rows and all(row['success'] for row in rows)
+        claimed = 'SELECT count(*) FROM conversation_turns WHERE conversation_id = :id'
+        assert await scalar(claimed, id=rows[0]['conversation_id']) == 0
