@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -103,17 +103,23 @@ async def get_db_session(*, account: Account, setup: TransactionSetup | None = N
     session.info[SETUP_KEY] = scoped
     if setup is not None and isinstance(session, RetryingSession):
         session.retry_first_statement = True
+    closed_from_outside = False
     try:
         yield session
         await session.commit()
     except BaseException as exc:
-        await _finish(session.rollback(), 'rollback')
+        # GeneratorExit: the generator is closed from outside, by the end of `asyncio.run()` (it closes the async
+        # generators still open) while the task that opened the session may still be in a statement with it (one
+        # started as the turns unwound): the clean-up then fails ("close() can't be called here; method
+        # '_connection_for_bind()' is already in progress"), which the loop's end makes moot; said at DEBUG only.
+        closed_from_outside = isinstance(exc, GeneratorExit)
+        await _finish(session.rollback(), 'rollback', quiet=closed_from_outside)
         translated = translated_error(exc, scoped)
         if translated is not None and translated is not exc:
             raise translated from exc
         raise
     finally:
-        await _finish(session.close(), 'close')
+        await _finish(session.close(), 'close', quiet=closed_from_outside)
 
 
 def translated_error(exc: BaseException, setup: TransactionSetup, *, login: str | None = None) -> Exception | None:
@@ -210,22 +216,25 @@ async def scoped_connection(*, account: Account) -> AsyncIterator[AsyncConnectio
         raise
 
 
-@asynccontextmanager
-async def get_read_only_session(*, account: Account) -> AsyncIterator[AsyncSession]:
+# `get_read_only_session` and `get_side_session` return `get_db_session`'s context manager rather than wrap it in an
+# async generator of their own: `asyncio.run()` ending closes every async generator still open at once, and two nested
+# ones, one closed while the other's clean-up ran, printed "RuntimeError: athrow(): asynchronous generator is already
+# running" for a session still in use by a task started as the turns unwound (QA).
+
+
+def get_read_only_session(*, account: Account) -> AbstractAsyncContextManager[AsyncSession]:
     """Like `get_db_session()`, inside a `READ ONLY` transaction: for tools that only read.
 
     The read-only mode rides on the transaction's BEGIN (no extra round trip). A connection found broken by the
     first statement (a server restarted since it was last used) is replaced and the statement run again, once:
     nothing had been read yet. `account` as for `get_db_session()`.
     """
-    async with get_db_session(account=account, setup=_READ_ONLY) as session:
-        yield session
+    return get_db_session(account=account, setup=_READ_ONLY)
 
 
-@asynccontextmanager
-async def get_side_session(
+def get_side_session(
     *, account: Account, lock_timeout_ms: int = 2000, statement_timeout_ms: int = 5000
-) -> AsyncIterator[AsyncSession]:
+) -> AbstractAsyncContextManager[AsyncSession]:
     """A session for independent writers (titles and summaries, usage rollups, background work) with tight timeouts.
     The ledger writes its rows through `driver_transaction` (`agentrt.db.driver`), not here.
 
@@ -235,8 +244,7 @@ async def get_side_session(
     for `get_db_session()`.
     """
     setup = TransactionSetup(lock_timeout_ms=int(lock_timeout_ms), statement_timeout_ms=int(statement_timeout_ms))
-    async with get_db_session(account=account, setup=setup) as session:
-        yield session
+    return get_db_session(account=account, setup=setup)
 
 
 async def retry_on_disconnect(operation: Callable[[], Awaitable[T]], *, what: str = 'database operation') -> T:
@@ -263,24 +271,24 @@ async def retry_on_disconnect(operation: Callable[[], Awaitable[T]], *, what: st
     return await operation()
 
 
-async def _finish(cleanup: Awaitable[None], what: str) -> None:
+async def _finish(cleanup: Awaitable[None], what: str, *, quiet: bool = False) -> None:
     """Run a rollback or close to completion even if this task is cancelled again meanwhile.
 
     Without the shield a second cancellation (a timeout, a task group tearing down) would abandon the
     cleanup halfway and leave the connection checked out. A failing cleanup is logged, not raised, so
-    the caller sees the error that caused it (a broken connection is invalidated by SQLAlchemy).
+    the caller sees the error that caused it (a broken connection is invalidated by SQLAlchemy); at DEBUG when `quiet`.
     """
     task = asyncio.ensure_future(cleanup)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait({task})
-        _log_failure(task, what)
+        _log_failure(task, what, quiet)
         raise
     except Exception:
-        _log_failure(task, what)
+        _log_failure(task, what, quiet)
 
 
-def _log_failure(task: asyncio.Future[None], what: str) -> None:
+def _log_failure(task: asyncio.Future[None], what: str, quiet: bool) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning('session %s failed: %r', what, task.exception())
+        logger.log(logging.DEBUG if quiet else logging.WARNING, 'session %s failed: %r', what, task.exception())
