@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlencode
@@ -272,9 +273,8 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
                 f'DATABASE_URL parameter {name!r} is not supported; supported: '
                 f'{", ".join((*SUPPORTED_PARAMETERS, *_URL_PARAMETERS))}'
             )
-    for parameter in ('sslmode', 'ssl'):  # checked by asyncpg before it connects, to a Unix socket too
-        if mode := dsn.get(parameter) or args.get(parameter):
-            _check_root_certificate(parameter, mode, dsn)
+    parameter = 'sslmode' if 'sslmode' in dsn else 'ssl'
+    _check_root_certificate(parameter, dsn.get('sslmode') or args.get('ssl'), dsn)
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)
     if server_settings:
@@ -352,16 +352,37 @@ def _checked(name: str, value: str, allowed: tuple[str, ...] | None) -> str:
     return value
 
 
-def _check_root_certificate(parameter: str, mode: str, dsn: dict[str, str]) -> None:
+def _check_root_certificate(parameter: str, mode: str | None, dsn: dict[str, str]) -> None:
     """Refuse a verifying `sslmode` with no CA certificate to verify against: asyncpg (and libpq, the job queue's)
     read `PGSSLROOTCERT` or `~/.postgresql/root.crt` then, and without either file the first connection failed as
     "cannot connect" (exit 3, a server to wait for) where the URL lacked its `sslrootcert` (qa170). `parameter` is
-    the URL's parameter that gave the `mode`: `sslmode`, or SQLAlchemy's `ssl`."""
+    the URL's parameter that gave the `mode`: `sslmode`, or SQLAlchemy's `ssl`.
+
+    libpq's `sslrootcert=system` (or `PGSSLROOTCERT=system`) becomes the system's CA file in `dsn`: asyncpg has no
+    such value and read `system` as a file name, a `FileNotFoundError` reported as "no server is listening on its
+    Unix socket" (exit 3; qa174).
+    """
+    given = dsn.get('sslrootcert')
+    if given is None and mode in ('require', 'verify-ca', 'verify-full'):  # asyncpg reads PGSSLROOTCERT from require
+        given = os.environ.get('PGSSLROOTCERT')
+        if given is not None and given.startswith('~'):
+            raise ConfigError(
+                f'PGSSLROOTCERT {given!r}: a path starting with ~ is not expanded (by asyncpg or libpq); '
+                'give it in full'
+            )
+        source = f'PGSSLROOTCERT={given}'
+    else:
+        source = f'DATABASE_URL parameter sslrootcert={given}'
+    if given == 'system':
+        if mode != 'verify-full':  # libpq refuses it too: the system's roots vouch for any name, so check the name
+            got = f'; got {parameter}={mode}' if mode else ''
+            raise ConfigError(f'{source} needs sslmode=verify-full, as libpq requires{got}')
+        dsn['sslrootcert'] = _system_roots(source)
+        return
     if mode not in ('verify-ca', 'verify-full') or 'sslrootcert' in dsn:
         return
-    given = os.environ.get('PGSSLROOTCERT')
     try:
-        path = Path(given).expanduser() if given else Path.home() / '.postgresql' / 'root.crt'
+        path = Path(given) if given else Path.home() / '.postgresql' / 'root.crt'
     except (RuntimeError, KeyError):  # no home directory to look in
         path = None
     if path is not None and path.is_file() and os.access(path, os.R_OK):
@@ -374,14 +395,31 @@ def _check_root_certificate(parameter: str, mode: str, dsn: dict[str, str]) -> N
         missing = 'none is given, and there is no home directory to find ~/.postgresql/root.crt in'
     raise ConfigError(
         f'DATABASE_URL parameter {parameter}={mode} checks the server against a CA certificate, but {missing}: give '
-        "the CA as sslrootcert=/path/ca.crt (or sslrootcert=system for the system's trusted roots)"
+        "the CA as sslrootcert=/path/ca.crt (or with verify-full sslrootcert=system, the system's trusted roots)"
     )
 
 
+def _system_roots(source: str) -> str:
+    """The file of the system's trusted CA certificates (OpenSSL's default, `SSL_CERT_FILE` if set), which asyncpg
+    loads as `sslrootcert=system` means: it takes a file, never OpenSSL's directory of hashed certificates."""
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile is None or not os.access(cafile, os.R_OK):
+        raise ConfigError(
+            f'{source}: this system has no file of trusted CA certificates for asyncpg to read (only a '
+            'directory, which it cannot); give the CA as sslrootcert=/path/ca.crt'
+        )
+    return cafile
+
+
 def _check_file(name: str, value: str) -> None:
-    if name == 'sslrootcert' and value == 'system':  # libpq 16: the system's trusted roots
+    if name == 'sslrootcert' and value == 'system':  # libpq 16: the system's trusted roots (`_system_roots`)
         return
-    path = Path(value).expanduser()
+    if value.startswith('~'):  # checked expanded, then asyncpg opened `~/...` as it is: "cannot connect" (qa174)
+        raise ConfigError(
+            f'DATABASE_URL parameter {name}: a path starting with ~ is not expanded (by asyncpg or libpq); give it '
+            f'in full, not {value!r}'
+        )
+    path = Path(value)
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ConfigError(f'DATABASE_URL parameter {name}: no readable file {value!r}')
 

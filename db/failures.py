@@ -462,8 +462,15 @@ def _root_message(exc: BaseException) -> str:
             return f'none of its hosts is what target_session_attrs={kind[1]} asks for'
         return text
     for error in _chain(exc):
-        if isinstance(error, FileNotFoundError) and not error.filename:
-            return 'no server is listening on its Unix socket (not running, or restarting)'  # asyncpg names none
+        if isinstance(error, FileNotFoundError) and not error.filename:  # asyncpg names neither socket nor file
+            if _raised_in(error, 'create_unix_connection'):
+                return 'no server is listening on its Unix socket (not running, or restarting)'
+            # A certificate or key file asyncpg loads before it connects (`PGSSLCERT=~/...`): it was said as a Unix
+            # socket with no server, for a TCP host (qa174).
+            return (
+                'a certificate or key file it was to read does not exist (No such file or directory): check '
+                'sslrootcert, sslcert, sslkey, sslcrl and the PGSSL* variables (PGSSLCERT, PGSSLKEY...)'
+            )
         if _protocol_out_of_step(error):
             return _OUT_OF_STEP_TEXT
         if isinstance(error, sqlalchemy.exc.StatementError):
@@ -473,6 +480,16 @@ def _root_message(exc: BaseException) -> str:
             message = text
             break
     return message or type(exc).__name__
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether `exc` was raised in (or under) a call of a function of this name."""
+    trace = exc.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name == function:
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def first_line(exc: BaseException) -> str:

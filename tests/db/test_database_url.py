@@ -4,15 +4,17 @@ and SSL against a server with a certificate made for the test."""
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.database_url import asyncpg_connect_args, parse_database_url
+from agentrt.db.database_url import asyncpg_connect_args, libpq_uri, parse_database_url
 from agentrt.db.engine import build_engine, check_connection, describe_server
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.settings import Settings, read_settings
@@ -165,7 +167,7 @@ def test_a_verifying_sslmode_without_a_ca_certificate_is_a_configuration_error(
     assert str(raised.value) == (
         f'invalid configuration: DATABASE_URL parameter {query} checks the server against a CA certificate, but none '
         f"is given, and '{default}', read then, is no readable file: give the CA as sslrootcert=/path/ca.crt (or "
-        "sslrootcert=system for the system's trusted roots)"
+        "with verify-full sslrootcert=system, the system's trusted roots)"
     )
     monkeypatch.setenv('PGSSLROOTCERT', str(tmp_path / 'ca.crt'))
     with pytest.raises(ConfigError, match=f"but PGSSLROOTCERT '{tmp_path}/ca.crt' is no readable file"):
@@ -176,6 +178,57 @@ def test_a_verifying_sslmode_without_a_ca_certificate_is_a_configuration_error(
     default.parent.mkdir()
     default.write_text('-----BEGIN CERTIFICATE-----\n')
     read_settings()  # what asyncpg reads when the URL names none
+
+
+def test_sslrootcert_system_is_the_systems_ca_file_for_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg has no `system`: it loaded a file of that name, a FileNotFoundError said as "no server is listening on
+    # its Unix socket" (exit 3), for a TCP host (qa174). libpq (the job queue's) keeps its own `system`.
+    monkeypatch.delenv('PGSSLROOTCERT', raising=False)
+    system = ssl.get_default_verify_paths().cafile
+    assert system is not None
+    url = parse_database_url(f'{URL}?sslmode=verify-full&sslrootcert=system')
+    assert (
+        asyncpg_connect_args(url)[1]['dsn'] == f'postgresql://?sslmode=verify-full&sslrootcert={quote(system, safe="")}'
+    )
+    assert 'sslrootcert=system' in libpq_uri(url)
+    monkeypatch.setenv('PGSSLROOTCERT', 'system')
+    dsn = asyncpg_connect_args(parse_database_url(f'{URL}?ssl=verify-full'))[1]['dsn']
+    assert dsn == f'postgresql://?sslrootcert={quote(system, safe="")}'
+    for query in ('sslmode=require&sslrootcert=system', 'sslrootcert=system', 'ssl=verify-ca&sslrootcert=system'):
+        with pytest.raises(ConfigError, match='sslrootcert=system needs sslmode=verify-full, as libpq requires'):
+            parse_database_url(f'{URL}?{query}')
+    with pytest.raises(ConfigError, match='PGSSLROOTCERT=system needs sslmode=verify-full'):
+        parse_database_url(f'{URL}?sslmode=require')
+
+
+@pytest.mark.parametrize('name', ['sslrootcert', 'sslcert', 'sslkey', 'sslcrl', 'passfile'])
+def test_a_path_starting_with_a_tilde_is_refused(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checked expanded, then given to asyncpg as it was, which opens `~/ca.crt` in the working directory (qa174).
+    monkeypatch.setenv('HOME', str(tmp_path))
+    (tmp_path / 'ca.crt').write_text('-----BEGIN CERTIFICATE-----\n')
+    with pytest.raises(ConfigError, match=f"parameter {name}: a path starting with ~ is not expanded .* '~/ca.crt'"):
+        parse_database_url(f'{URL}?sslmode=require&{name}=~/ca.crt')
+    monkeypatch.setenv('PGSSLROOTCERT', '~/ca.crt')
+    with pytest.raises(ConfigError, match=r"PGSSLROOTCERT '~/ca.crt': a path starting with ~ is not expanded"):
+        parse_database_url(f'{URL}?sslmode=verify-full')
+    parse_database_url(f'{URL}?sslmode=disable')  # asyncpg reads it from require up
+
+
+async def test_sslrootcert_system_and_a_missing_file_are_not_said_as_a_unix_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = 'postgresql://app:s3cret@127.0.0.1:19661/app'
+    result = await invoke('db', 'status', env={'DATABASE_URL': f'{url}?sslmode=require&sslrootcert=system'})
+    assert result.exit_code == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert 'sslrootcert=system needs sslmode=verify-full' in line and 's3cret' not in result.stdout + result.stderr
+    # A file asyncpg loads before it connects, named by a variable the start-up check does not read.
+    monkeypatch.setenv('PGSSLCERT', '/nonexistent/client.crt')
+    result = await invoke('db', 'status', env={'DATABASE_URL': f'{url}?sslmode=require', 'DB_CONNECT_TIMEOUT': '3'})
+    assert result.exit_code == 3
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert 'a certificate or key file it was to read does not exist' in line, line
+    assert 'Unix socket' not in line and 's3cret' not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
