@@ -101,12 +101,15 @@ def check_writable(data_dir: Path) -> None:
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path is not valid UTF-8. '
             'Set AGENTRT_DATA_DIR to another path.'
         ) from None
-    if controls := sorted({char for char in str(data_dir) if unicodedata.category(char) == 'Cc'}):
+    if controls := sorted({char for char in str(data_dir) if _unprintable(char)}):
         # initdb refuses a newline or CR in the path only after the directory was made (every start failed the same
         # way, in words garbled by the newline, leaving the directory and its lock file); the other control characters
-        # have no place in a path either. Refused before anything is made, each written out (`\n`): one line.
+        # have no place in a path either, nor U+2028 and U+2029, on which the wheel's `splitlines()` of
+        # postmaster.pid splits it (an AssertionError, exit 4, on every start: qa174). Refused before anything is
+        # made, each written out (`\n`, `\u2028`): one line.
         shown = ' '.join(_escaped(char) for char in controls)
-        what = 'a control character' if len(controls) == 1 else 'control characters'
+        kind = 'control character' if all(unicodedata.category(char) == 'Cc' for char in controls) else 'line break'
+        what = f'a {kind}' if len(controls) == 1 else f'{kind}s'
         raise EmbeddedPostgresError(
             f'cannot use the embedded PostgreSQL data directory {_shown(data_dir)}: its path holds {what} ({shown}), '
             'which PostgreSQL cannot take. Set AGENTRT_DATA_DIR to a path without them.'
@@ -166,15 +169,20 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+def _unprintable(char: str) -> bool:
+    """A control character, or one of the line breaks `str.splitlines()` splits on that are not (U+2028, U+2029)."""
+    return unicodedata.category(char) in ('Cc', 'Zl', 'Zp')
+
+
 def _escaped(char: str) -> str:
-    """A control character written out as Python writes it (`\\n`, `\\x1b`)."""
+    """A control character (or line break) written out as Python writes it (`\\n`, `\\x1b`, `\\u2028`)."""
     return char.encode('unicode_escape').decode('ascii')
 
 
 def _shown(path: Path) -> str:
     """A path for an error line: its control characters written out (one line), a very long one (a pasted value)
     cut, not printed whole."""
-    text = ''.join(_escaped(char) if unicodedata.category(char) == 'Cc' else char for char in str(path))
+    text = ''.join(_escaped(char) if _unprintable(char) else char for char in str(path))
     return text if len(text) <= 200 else f'{text[:160]}... ({len(text):,} characters)'
 
 
