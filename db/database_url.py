@@ -61,6 +61,9 @@ _REFUSED = {
     'password': 'put the password in the URL: postgresql://<user>:<password>@<host>/<database>',
     'dbname': 'put the database name in the URL path: postgresql://<user>:<password>@<host>/<database>',
 }
+# Parameters holding a secret, shown as `***` with the password: the client key's password (`password=` is refused
+# by `asyncpg_connect_args`, but a URL shown may not have been parsed).
+_SECRET_PARAMETERS = ('sslpassword', 'password')
 SUPPORTED_PARAMETERS = (*_DSN_PARAMETERS, 'ssl', 'connect_timeout', 'target_session_attrs', *_SERVER_SETTINGS)
 
 
@@ -298,14 +301,14 @@ def libpq_uri(url: URL, *, hide_password: bool = False) -> str:
         user += '@'
     database = f'/{quote(url.database, safe="")}' if url.database else ''
     pairs = [
-        (key, value)
+        (key, '***' if hide_password and key in _SECRET_PARAMETERS else value)
         for key, values in url.query.items()
         if key not in ('prepared_statement_cache_size', 'host', 'port')
         for value in _values(values)
     ]
     pairs += _libpq_hosts(url)
     query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
-    return f'{scheme}://{user}{host_and_port}{database}{query}'
+    return _masks_unquoted(f'{scheme}://{user}{host_and_port}{database}{query}')
 
 
 def _libpq_hosts(url: URL) -> list[tuple[str, str]]:
@@ -339,9 +342,18 @@ def _split_port(host: str) -> tuple[str, str | None]:
 
 
 def mask_url(url: URL | str) -> str:
-    """Render a URL with any password replaced by `***`."""
+    """Render a URL with any password replaced by `***`: the URL's, and a parameter's that holds one (`sslpassword`,
+    the client key's, was printed in clear by `agentrt db status`: qa174)."""
     parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.render_as_string(hide_password=True)
+    query = {name: ('***' if name in _SECRET_PARAMETERS else value) for name, value in parsed.query.items()}
+    return _masks_unquoted(parsed.set(query=query).render_as_string(hide_password=True))
+
+
+def _masks_unquoted(text: str) -> str:
+    """`sslpassword=***` as it was masked, not percent-encoded (`%2A%2A%2A`) by the URL's rendering."""
+    for name in _SECRET_PARAMETERS:
+        text = re.sub(rf'([?&]{name}=)%2A%2A%2A(?=&|$)', r'\1***', text)
+    return text
 
 
 def _checked(name: str, value: str, allowed: tuple[str, ...] | None) -> str:

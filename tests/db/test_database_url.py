@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentrt.db.database_url import asyncpg_connect_args, libpq_uri, parse_database_url
+from agentrt.db.database_url import asyncpg_connect_args, libpq_uri, mask_url, parse_database_url
 from agentrt.db.engine import build_engine, check_connection, describe_server
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.settings import Settings, read_settings
@@ -229,6 +229,20 @@ async def test_sslrootcert_system_and_a_missing_file_are_not_said_as_a_unix_sock
     [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert 'a certificate or key file it was to read does not exist' in line, line
     assert 'Unix socket' not in line and 's3cret' not in result.stdout + result.stderr
+
+
+def test_a_parameter_holding_a_secret_is_masked_where_a_url_is_shown() -> None:
+    # The client key's password was printed in clear by `agentrt db status` and the worker's log (qa174).
+    url = parse_database_url(f'{URL}?sslmode=disable&sslpassword=KEY%26SEKRET&application_name=a%2A%2A%2A')
+    assert mask_url(url) == (
+        'postgresql+asyncpg://app:***@db.example.com:5432/app?application_name=a%2A%2A%2A&sslmode=disable'
+        '&sslpassword=***'
+    )
+    assert libpq_uri(url, hide_password=True) == (
+        'postgresql://app:***@db.example.com:5432/app?sslmode=disable&sslpassword=***&application_name=a%2A%2A%2A'
+    )
+    assert 'sslpassword=KEY%26SEKRET' in libpq_uri(url)  # what the queue connects with
+    assert mask_url('postgresql://u@h/d?password=SEKRET') == 'postgresql://u@h/d?password=***'
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from agentrt.db.session import Unscoped, get_db_session
 from agentrt.db.status import TableRows, table_counts
 from tests.agents.cli.helpers import invoke, run_cli, scratch_database
 from tests.factories import ledger_record, write_ledger_row
-from tests.services.jobs.helpers import PROCRASTINATE_TABLES
+from tests.services.jobs.helpers import PROCRASTINATE_TABLES, queue_url
 
 
 async def test_status_in_a_subprocess_against_database_url(database_url: str) -> None:
@@ -28,6 +28,17 @@ async def test_status_in_a_subprocess_against_database_url(database_url: str) ->
     assert 'recycle 1800s' in result.stdout
     never = await invoke('db', 'status', env={'DATABASE_URL': database_url, 'DB_POOL_RECYCLE': '-1'})
     assert never.exit_code == 0 and 'recycle never' in never.stdout, never.stdout  # it said "recycle -1s"
+
+
+async def test_status_masks_the_client_keys_password(database_url: str) -> None:
+    # `sslpassword`, the client key's password, was printed in clear in the server row (and the queue's) (qa174).
+    url = make_url(database_url).update_query_dict({'sslpassword': 'KEYSEKRET', 'sslmode': 'disable'})
+    shown = url.render_as_string(hide_password=False)
+    env = {'DATABASE_URL': shown, 'AGENTRT_BACKGROUND': 'queue', 'AGENTRT_QUEUE_DATABASE_URL': queue_url(shown)}
+    result = await invoke('db', 'status', env=env)
+    assert result.exit_code == 0, result.stderr
+    assert 'KEYSEKRET' not in result.stdout + result.stderr
+    assert result.stdout.count('sslpassword=***') == 2, result.stdout  # the server's URL and the queue's
 
 
 async def test_seed_then_status_on_a_fresh_embedded_server(tmp_path: Path) -> None:

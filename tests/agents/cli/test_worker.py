@@ -37,6 +37,16 @@ async def test_verbose_shows_each_job_and_how_it_ended(demo_data: None, database
     assert 'worker: queues' in quiet.stderr and 'ended with status' not in quiet.stderr, quiet.stderr
 
 
+async def test_the_log_masks_the_client_keys_password(database_url: str) -> None:
+    # "job queue open on postgresql://app:***@.../agents?sslpassword=KEYSEKRET..." (qa174).
+    url = make_url(queue_url(database_url)).update_query_dict({'sslpassword': 'KEYSEKRET', 'sslmode': 'disable'})
+    result = await invoke('worker', '--burst', env={'DATABASE_URL': url.render_as_string(hide_password=False)})
+    assert result.exit_code == 0, result.stderr[-2000:]
+    [opened] = [line for line in result.stderr.splitlines() if 'job queue open on' in line]
+    assert 'sslpassword=***' in opened, opened
+    assert 'KEYSEKRET' not in result.stdout + result.stderr
+
+
 async def _refused_at_once(database_url: str, queue: str) -> Result:
     """`agentrt worker --burst` with the queue at `queue`, which its server refuses: exit 2, well within the 30 s of
     DB_CONNECT_TIMEOUT (not retried as an outage)."""
