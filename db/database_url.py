@@ -276,8 +276,7 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
                 f'DATABASE_URL parameter {name!r} is not supported; supported: '
                 f'{", ".join((*SUPPORTED_PARAMETERS, *_URL_PARAMETERS))}'
             )
-    parameter = 'sslmode' if 'sslmode' in dsn else 'ssl'
-    _check_root_certificate(parameter, dsn.get('sslmode') or args.get('ssl'), dsn)
+    _check_root_certificate(*_ssl_mode(dsn, args), dsn)
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)
     if server_settings:
@@ -364,11 +363,25 @@ def _checked(name: str, value: str, allowed: tuple[str, ...] | None) -> str:
     return value
 
 
-def _check_root_certificate(parameter: str, mode: str | None, dsn: dict[str, str]) -> None:
+def _ssl_mode(dsn: dict[str, str], args: dict[str, Any]) -> tuple[str, str | None]:
+    """The SSL mode asyncpg connects with and the setting that gave it: the URL's `sslmode` (or SQLAlchemy's `ssl`),
+    else `PGSSLMODE`, which asyncpg (and libpq, the job queue's) read then, to a Unix socket too. The embedded
+    server's URL names `sslmode=disable` (`EmbeddedServer.url`): a `PGSSLMODE` there is someone else's."""
+    if 'sslmode' in dsn:
+        return 'DATABASE_URL parameter sslmode', dsn['sslmode']
+    if 'ssl' in args:
+        return 'DATABASE_URL parameter ssl', args['ssl']
+    mode = os.environ.get('PGSSLMODE') or None
+    if mode is not None and mode not in SSL_MODES:  # asyncpg's ClientConfigurationError at the first connection
+        raise ConfigError(f'PGSSLMODE must be one of {", ".join(SSL_MODES)}; got {mode!r}')
+    return 'PGSSLMODE', mode
+
+
+def _check_root_certificate(setting: str, mode: str | None, dsn: dict[str, str]) -> None:
     """Refuse a verifying `sslmode` with no CA certificate to verify against: asyncpg (and libpq, the job queue's)
     read `PGSSLROOTCERT` or `~/.postgresql/root.crt` then, and without either file the first connection failed as
-    "cannot connect" (exit 3, a server to wait for) where the URL lacked its `sslrootcert` (qa170). `parameter` is
-    the URL's parameter that gave the `mode`: `sslmode`, or SQLAlchemy's `ssl`.
+    "cannot connect" (exit 3, a server to wait for) where the URL lacked its `sslrootcert` (qa170). `setting` is
+    what gave the `mode`: the URL's `sslmode`, SQLAlchemy's `ssl`, or `PGSSLMODE` (qa174).
 
     libpq's `sslrootcert=system` (or `PGSSLROOTCERT=system`) becomes the system's CA file in `dsn`: asyncpg has no
     such value and read `system` as a file name, a `FileNotFoundError` reported as "no server is listening on its
@@ -387,7 +400,7 @@ def _check_root_certificate(parameter: str, mode: str | None, dsn: dict[str, str
         source = f'DATABASE_URL parameter sslrootcert={given}'
     if given == 'system':
         if mode != 'verify-full':  # libpq refuses it too: the system's roots vouch for any name, so check the name
-            got = f'; got {parameter}={mode}' if mode else ''
+            got = f'; got {setting}={mode}' if mode else ''
             raise ConfigError(f'{source} needs sslmode=verify-full, as libpq requires{got}')
         dsn['sslrootcert'] = _system_roots(source)
         return
@@ -406,7 +419,7 @@ def _check_root_certificate(parameter: str, mode: str | None, dsn: dict[str, str
     else:
         missing = 'none is given, and there is no home directory to find ~/.postgresql/root.crt in'
     raise ConfigError(
-        f'DATABASE_URL parameter {parameter}={mode} checks the server against a CA certificate, but {missing}: give '
+        f'{setting}={mode} checks the server against a CA certificate, but {missing}: give '
         "the CA as sslrootcert=/path/ca.crt (or with verify-full sslrootcert=system, the system's trusted roots)"
     )
 

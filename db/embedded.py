@@ -121,12 +121,14 @@ class EmbeddedServer:
     """Whether this start made the cluster (the directory's first use)."""
 
     def url(self, database: str = 'postgres') -> URL:
-        """SQLAlchemy URL (asyncpg driver) for this server's Unix socket."""
+        """SQLAlchemy URL (asyncpg driver) for this server's Unix socket. Its `sslmode=disable` keeps a `PGSSLMODE`
+        of the environment, meant for another server, from asyncpg and libpq: `verify-full` failed every start, as
+        a root certificate missing, though a socket has no TLS (qa174)."""
         return URL.create(
             'postgresql+asyncpg',
             username='postgres',
             database=database,
-            query={'host': str(self.socket_dir), 'port': str(self.port)},
+            query={'host': str(self.socket_dir), 'port': str(self.port), 'sslmode': 'disable'},
         )
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentrt.db.database_url import asyncpg_connect_args, libpq_uri, mask_url, parse_database_url
+from agentrt.db.embedded import EmbeddedServer
 from agentrt.db.engine import build_engine, check_connection, describe_server
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.settings import Settings, read_settings
@@ -243,6 +244,35 @@ def test_a_parameter_holding_a_secret_is_masked_where_a_url_is_shown() -> None:
     )
     assert 'sslpassword=KEY%26SEKRET' in libpq_uri(url)  # what the queue connects with
     assert mask_url('postgresql://u@h/d?password=SEKRET') == 'postgresql://u@h/d?password=***'
+
+
+def test_pgsslmode_is_checked_as_the_urls_sslmode_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg reads PGSSLMODE when the URL names no mode: verify-full without a CA was "cannot connect" (exit 3; qa174).
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.delenv('PGSSLROOTCERT', raising=False)
+    monkeypatch.setenv('PGSSLMODE', 'verify-full')
+    with pytest.raises(ConfigError, match=r'^PGSSLMODE=verify-full checks the server against a CA certificate, but'):
+        parse_database_url(URL)
+    parse_database_url(f'{URL}?sslmode=require')  # the URL's own mode is the one asyncpg uses
+    monkeypatch.setenv('PGSSLMODE', 'sometimes')
+    with pytest.raises(ConfigError, match=r"PGSSLMODE must be one of disable, .*; got 'sometimes'"):
+        parse_database_url(URL)
+
+
+async def test_pgsslmode_leaves_the_embedded_servers_socket_alone(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PGSSLMODE meant for another server failed every start of the embedded one: asyncpg looked for
+    # ~/.postgresql/root.crt before connecting to its Unix socket, which has no TLS (qa174).
+    suite = make_url(database_url)
+    if 'host' not in suite.query:
+        pytest.skip('the run is on a DATABASE_URL server, not the embedded one')
+    server = EmbeddedServer(tmp_path, Path(suite.query['host']), int(suite.query['port']))
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv('PGSSLMODE', 'verify-full')
+    url = server.url(suite.database or 'postgres').set(username=suite.username)
+    async with _engine(url.render_as_string(hide_password=False)) as engine, engine.connect() as conn:
+        assert (await conn.execute(text('SELECT 1'))).scalar_one() == 1
 
 
 @pytest.mark.parametrize(
