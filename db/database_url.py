@@ -227,6 +227,13 @@ def _check_host(host: str | None, *, parameter: bool = False) -> None:
             f'DATABASE_URL: its host holds {odd!r}, which no host name has (the host is not shown: it may hold part '
             f'of the password); {_ENCODE}'
         )
+    if '%' in host and not parameter:
+        # An IPv6 zone (`[fe80::1%25eth0]`, or `%eth0`): SQLAlchemy does not decode the URL's host, so asyncpg looked
+        # `fe80::1%25eth0` up as a name and libpq (the job queue) refused `%eth0`; a host parameter is decoded (qa174).
+        raise ConfigError(
+            "DATABASE_URL: an IPv6 address with a zone (%) is not read as the URL's host; give it as a host "
+            'parameter, postgresql://<user>:<password>@/<database>?host=fe80::1%25eth0&port=5432'
+        )
     if ':' in host:
         return
     try:
