@@ -216,6 +216,13 @@ def _check_host(host: str | None, *, parameter: bool = False) -> None:
     """
     if not host or host.startswith('/'):
         return
+    if host[:3].upper() == '%2F' and not parameter:
+        # libpq's socket directory in the URL's host (`postgresql://%2Frun%2Fpostgresql/db`), which SQLAlchemy does
+        # not decode: it was refused with advice to encode the password (qa174).
+        raise ConfigError(
+            "DATABASE_URL: a Unix socket directory (%2F...) is not read as the URL's host; give it as a host "
+            'parameter, postgresql://<user>:<password>@/<database>?host=/run/postgresql'
+        )
     # ASCII letters, digits, `.`, `-` and `_` (a container's name); an IPv6 address's `:` and its zone's `%`. Other
     # characters, as an IDN's, are for the `idna` encoding below to judge.
     allowed = '.-_:%' if ':' in host else '.-_'

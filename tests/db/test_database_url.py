@@ -332,6 +332,17 @@ def test_an_ipv6_zone_in_the_urls_host_says_the_host_parameter_form(host: str) -
     assert 'host=fe80%3A%3A1%25eth0&port=6432' in libpq_uri(url)
 
 
+@pytest.mark.parametrize('host', ['%2Ftmp%2Fsock:5432', '%2frun%2fpostgresql'])
+def test_a_socket_directory_in_the_urls_host_says_the_host_parameter_form(host: str) -> None:
+    # libpq's `postgresql://%2Fvar%2Flib%2Fpostgresql/dbname` was refused with advice to percent-encode the password
+    # (qa174).
+    with pytest.raises(ConfigError) as raised:
+        parse_database_url(f'postgresql://app:s3cret@{host}/db')
+    message = str(raised.value)
+    assert "a Unix socket directory (%2F...) is not read as the URL's host" in message, message
+    assert '?host=/run/postgresql' in message and 'percent-encoded' not in message and 's3cret' not in message
+
+
 async def test_a_password_with_an_unencoded_at_sign_is_not_printed_by_a_command() -> None:
     result = await invoke('db', 'status', env={'DATABASE_URL': 'postgresql://app:p@ssw0rdTAIL@localhost/agents'})
     assert result.exit_code == 2
