@@ -86,8 +86,8 @@ def os_error_reason(exc: OSError) -> str:
         return f'{exc.strerror}: its file system is full; free space there and run the command again'
     if exc.errno == errno.EROFS:
         return f'{exc.strerror}: set AGENTRT_DATA_DIR to a directory on a writable file system'
-    if exc.strerror and exc.filename:
-        return f'{exc.strerror}: {exc.filename}'
+    if exc.strerror and exc.filename:  # cut as the message's own path is: a 4 KB path made a 1,500-character line
+        return f'{exc.strerror}: {_shown(Path(os.fsdecode(exc.filename)))}'
     return exc.strerror or str(exc)
 
 

@@ -605,6 +605,17 @@ def test_a_data_dir_path_with_a_control_character_is_refused_naming_it(
     assert list(tmp_path.iterdir()) == [], 'nothing is made: no directory, no lock file'
 
 
+def test_a_data_dir_path_too_long_is_one_short_line(tmp_path: Path) -> None:
+    # The path was cut in the message, but the OS error's file name after it was not: one line of 1,543 characters
+    # (qa174).
+    data_dir = tmp_path.joinpath(*['b' * 110] * 40, 'pgdata')
+    with pytest.raises(EmbeddedPostgresError, match='File name too long') as raised:
+        start_embedded(data_dir, stop_at_exit=False)
+    message = str(raised.value)
+    assert len(message) < 600 and '\n' not in message, message
+    assert message.count('characters)') == 2, message  # both paths cut, their length said
+
+
 def test_records_that_cannot_be_written_never_leave_the_server_running(tmp_path: Path) -> None:
     # A full disk under the data directory: leaving raised OSError in the atexit handler (a traceback at the end of
     # every command) before it stopped the server, which ran on; a start was "internal error: OSError" (exit 70).
