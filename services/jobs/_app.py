@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from agentrt.db.database_url import libpq_uri, mask_url
 from agentrt.db.engine import current_settings, describe_server, get_engine
 from agentrt.db.errors import ConfigError, DatabaseUnavailableError
-from agentrt.db.failures import causes
+from agentrt.db.failures import causes, pooler_refusal
 from agentrt.db.forks import forget_in_child
 from agentrt.db.loop_lock import LockPerLoop
 from agentrt.db.settings import Settings, parse_database_url
@@ -137,8 +137,9 @@ class _OneLineConnectFailures(logging.Filter):
         """The record reworded when it is such a notice; False only for a discarded connection's with DEBUG off."""
         args = record.args if isinstance(record.args, tuple) else ()
         if record.msg == 'error connecting in %r: %s' and len(args) == 2 and args[0] == _POOL_NAME:
-            detail = ' '.join(str(args[1]).split())[:300]
-            refused = isinstance(args[1], BaseException) and _refused_by_the_server(args[1])
+            failed = args[1]
+            detail = _cause(failed) if isinstance(failed, BaseException) else ' '.join(str(failed).split())[:300]
+            refused = isinstance(failed, BaseException) and _refused_by_the_server(failed)
             record.msg, record.args = 'the job queue cannot connect to PostgreSQL (%s); trying again', (detail,)
             if self.quiet or (refused and self.opening_pools):
                 return _as_debug(record)
@@ -312,7 +313,7 @@ def queue_unavailable(exc: BaseException, what: str) -> DatabaseUnavailableError
                 last = getattr(error, 'last_connect_error', None)
                 # The cause first (a database or role that does not exist, a password refused): what to fix.
                 detail = (
-                    f'{_one_line(last)} (no connection could be made within DB_CONNECT_TIMEOUT)'
+                    f'{_cause(last)} (no connection could be made within DB_CONNECT_TIMEOUT)'
                     if last is not None
                     else f'no connection could be made within DB_CONNECT_TIMEOUT ({detail})'
                 )
@@ -368,6 +369,14 @@ def _queue_login_refused(exc: BaseException) -> ConfigError | None:
 def _primary(error: psycopg.Error) -> str:
     """PostgreSQL's own message, without the CONTEXT lines (the PL/pgSQL function of procrastinate's that ran it)."""
     return error.diag.message_primary or _one_line(error)
+
+
+def _cause(error: BaseException) -> str:
+    """Why a connection attempt failed, on one line: a full PgBouncer (max_client_conn), or one refusing clients while
+    its logins fail, with what to raise, as the runtime's own connections say it; the queue's (psycopg's) said only
+    PgBouncer's words (qa174)."""
+    refused = pooler_refusal(error)
+    return str(refused) if refused is not None else _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Generator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from procrastinate import App
@@ -19,8 +20,11 @@ from agentrt.db.engine import current_settings, get_engine
 from agentrt.db.errors import DatabaseUnavailableError
 from agentrt.services.jobs import close_queue, jobs, open_queue
 from agentrt.services.jobs._app import QueueConnection, queue_conninfo
+from tests.agents.cli.helpers import invoke
+from tests.pgbouncer import bouncer_for
 from tests.private_database import PrivateDatabase
 from tests.programs import run_program
+from tests.services.jobs.helpers import queue_url
 
 
 def _sockets() -> int:
@@ -164,3 +168,31 @@ async def test_hosts_with_their_ports_in_the_query_reach_libpq_as_its_lists(data
         conninfo = queue_conninfo(settings, get_engine().url)
         async with await psycopg.AsyncConnection.connect(conninfo) as connection:
             assert await (await connection.execute('SELECT 1')).fetchone() == (1,)
+
+
+async def test_a_full_pgbouncer_in_front_of_the_queue_says_what_to_raise(database_url: str) -> None:
+    # The queue's psycopg connections through a PgBouncer at its max_client_conn got only PgBouncer's words, in each
+    # "trying again" warning and the last line, where the runtime's own connections say what to raise (qa174).
+    bouncer = bouncer_for(get_engine().url, max_client_conn=1)
+    bouncer.start()
+    try:
+        holder = await asyncpg.connect(bouncer.url())  # the one client connection it accepts
+        try:
+            env = {
+                'DATABASE_URL': queue_url(database_url),
+                'AGENTRT_QUEUE_DATABASE_URL': bouncer.url(),
+                'DB_CONNECT_TIMEOUT': '3',
+            }
+            result = await invoke('worker', '--burst', env=env)
+        finally:
+            await holder.close()
+    finally:
+        bouncer.stop()
+    assert result.exit_code == 3, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert line.startswith('error: the job queue cannot connect to PostgreSQL at postgresql://'), line
+    advice = 'PgBouncer refused the connection: no more connections allowed (max_client_conn): it accepts fewer'
+    assert advice in line and 'raise its max_client_conn to at least' in line, line
+    assert line.endswith('or lower those pools (no connection could be made within DB_CONNECT_TIMEOUT)'), line
+    warnings = [line for line in result.stderr.splitlines() if 'the job queue cannot connect to PostgreSQL (' in line]
+    assert warnings and all(advice in warning for warning in warnings), result.stderr
