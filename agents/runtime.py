@@ -27,6 +27,7 @@ from agentrt.services.ledger import LLMRequestTracker, existing_request_tracker
 __all__ = ['agentrt_runtime', 'configure_observability', 'runtime_block', 'shutdown_runtime']
 
 logger = logging.getLogger('agentrt.ledger')
+turns_logger = logging.getLogger('agentrt.conversations')  # beside `claims_released`'s line of the turns holding one
 
 
 @dataclass
@@ -79,8 +80,14 @@ async def shutdown_runtime(
     # ending (a server's requests cancelled as it stops); then their claims released, their cancelled requests
     # handed to the ledger.
     await asyncio.sleep(0)  # a turn's task created just before this call takes its first step: it counts from there
-    await turns_ended(timeout)  # those past it holding a claim are said by `claims_released`
-    await claims_released(max(deadline - loop.time(), 0.0))
+    running = await turns_ended(timeout)
+    holding = await claims_released(max(deadline - loop.time(), 0.0))  # says those holding their conversations
+    if running > holding:  # the others were still starting (the database, admission, their claims): said here
+        turns_logger.warning(
+            '%d turn(s) still starting at shutdown (a database that does not answer?); cut off when the event loop '
+            'ends, before their conversations were claimed',
+            running - holding,
+        )
     await drain_supervisor(max(deadline - loop.time(), 0.0))
     if 'agentrt.services.jobs' in sys.modules:  # the queue was used (AGENTRT_BACKGROUND=queue): close its pool
         await sys.modules['agentrt.services.jobs'].close_queue()

@@ -450,7 +450,8 @@ async def claims_released(timeout: float) -> int:  # noqa: ASYNC109 - a budget f
     held = len(_holding.get(loop, ()))
     if held:
         logger.warning(
-            '%d turn(s) still running or releasing their conversations at shutdown (a database that does not answer?); '
+            '%d turn(s) still running or releasing their conversations at shutdown (a tool or a model that does not '
+            'return, or a database that does not answer); '
             'their conversations are free when their claims expire, or at once for a turn on this host once this '
             'process has ended',
             held,

@@ -36,6 +36,9 @@ logger = logging.getLogger('agentrt.ledger')
 
 COMEBACK_TRY = RetryPolicy(attempts=1, attempt_timeout=5)
 """A timed try of the spool (`SpoolFallback._come_back`): one attempt of at most 5 s."""
+LOOP_END_WRITE_SECONDS = 2.0
+"""How long an ending event loop waits for the replay of the rows held in memory, then for one more write of them
+(`write_held_as_the_loop_ends`): what a script's exit may take longer when the database and the spool both failed."""
 
 
 class SpoolFallback:
@@ -259,6 +262,25 @@ class SpoolFallback:
             self._background_replay(queues, policy), context=contextvars.Context()
         )
         return True
+
+    async def write_held_as_the_loop_ends(self, replay: asyncio.Task[None] | None, seconds: float) -> None:
+        """The event loop ends with rows held in memory: let the replay under way finish, else write them once more,
+        within `seconds` each; those not written stay held (for the spool, a later loop or the exit). Never raises.
+
+        A replay of the held rows, started by the loop's first write that succeeded, is cancelled with the loop's
+        tasks as `asyncio.run()` ends: a script running one turn per `asyncio.run()` never wrote them, and they were
+        reported lost at the exit with the disk still full (QA), the database up all along.
+        """
+        if replay is not None and not replay.done():
+            await asyncio.wait({replay}, timeout=seconds)
+        if not self._held or runtime_shut_down():
+            return
+        try:
+            await asyncio.wait_for(self._write_held(RetryPolicy(attempts=1)), seconds)
+        except Exception as exc:  # held again (`_write_held`): the spool, a later loop or the exit decides
+            logger.debug(
+                'ledger: rows held in memory not written as the event loop ended (%s: %s)', type(exc).__name__, exc
+            )
 
     async def _write_held(self, policy: RetryPolicy | None = None) -> None:
         """Write the rows held in memory, as a replay writes spooled ones (exactly once); put back if it fails or is

@@ -20,7 +20,7 @@ from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
 from agentrt.services.budgets import WINDOW_LOCK
 from agentrt.services.ledger._config import LedgerConfig
-from agentrt.services.ledger._fallback import SpoolFallback
+from agentrt.services.ledger._fallback import LOOP_END_WRITE_SECONDS, SpoolFallback
 from agentrt.services.ledger._prepare import start_preparing
 from agentrt.services.ledger._queues import LoopQueues, PendingRow, SlowWriteWatch, TrackerStats, WriteOutcome
 from agentrt.services.ledger._record import LedgerRecord
@@ -332,8 +332,11 @@ class LLMRequestTracker:
             if left:
                 self._fallback.spool_now(left, 'its event loop ended with rows unwritten (no shutdown_runtime())')
                 queues.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
-            # Rows held in memory (neither the database nor the spool took them): spooled now if the spool takes them
-            # again; they were left to a process exit that lost them unsaid (QA).
+            # Rows held in memory (neither the database nor the spool took them): one bounded try at the database
+            # first (a later loop's replay of them, started by its first write, was cut off by its end: lost at the
+            # exit with the disk still full, QA), then spooled now if the spool takes them again; they were left to a
+            # process exit that lost them unsaid (QA).
+            await self._fallback.write_held_as_the_loop_ends(queues.replay_task, LOOP_END_WRITE_SECONDS)
             self._fallback.spool_held_now()
             if queues.ledger_task is not None:  # nothing left to write: ended in the loop's last steps, not destroyed
                 queues.ledger_task.cancel()

@@ -233,3 +233,50 @@ async def test_shutdown_lets_the_turns_still_starting_finish(
         assert rows and all(row['success'] for row in rows)
         claimed = 'SELECT count(*) FROM conversation_turns WHERE conversation_id = :id'
         assert await scalar(claimed, id=rows[0]['conversation_id']) == 0
+
+
+TURN_HANGING = textwrap.dedent(
+    """
+    import asyncio
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.agents.simple_chat import create_simple_chat_agent, simple_chat
+    from pydantic_ai import RunContext
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+    def calls_the_tool(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart('wait_for_ever', {})])
+        return ModelResponse(parts=[TextPart('done')])
+
+    agent = create_simple_chat_agent(FunctionModel(calls_the_tool))
+
+    @agent.tool
+    async def wait_for_ever(ctx: RunContext) -> str:
+        await asyncio.sleep(3600)
+        return 'never'
+
+    async def main() -> None:
+        turn = asyncio.create_task(simple_chat('hang', session_id='hanging-tool', account='acme-health', agent=agent))
+        await asyncio.sleep(1)  # the tool called, its turn holding its conversation
+        await shutdown_runtime(timeout=1)
+        print('stopped', turn.done(), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_turn_whose_tool_never_returns_bounds_the_shutdown_and_is_said_as_such(
+    database_url: str, demo_data: None
+) -> None:
+    # The shutdown's line for a turn still running blamed only the database ("a database that does not answer?"),
+    # which had answered all along: a tool that never returns is the likelier cause now that shutdown waits for every
+    # turn in progress (QA).
+    done = await run_program('-c', TURN_HANGING, database_url=database_url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'stopped False' in done.stdout, done.stdout + done.stderr[-3000:]
+    assert (
+        '1 turn(s) still running or releasing their conversations at shutdown (a tool or a model that does not '
+        'return, or a database that does not answer)' in done.stderr
+    ), done.stderr[-3000:]

@@ -184,6 +184,34 @@ async def test_rows_held_past_their_event_loop_are_written_by_a_later_loops_firs
     await tracker.aclose()
 
 
+async def test_rows_held_are_written_as_their_loop_ends_though_the_replay_of_them_was_cancelled(
+    clean_database: None, full_disk: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A script running one turn per `asyncio.run()`: the second loop's first write succeeds and starts the replay of
+    # the held rows, which the loop's end cancels at once (with the loop's tasks); with the disk still full they were
+    # reported lost at the exit, the database up all along (QA). The loop's end gives them one more bounded write.
+    tracker, database = _held_tracker(tmp_path, monkeypatch)
+    held = ledger_record()
+    assert await tracker.track_request(held) == 'held'
+    database.state = 'up'
+    replay = asyncio.get_running_loop().create_task(tracker._fallback._write_held())
+    await asyncio.sleep(0)
+    replay.cancel()  # what `asyncio.run()` does to the loop's tasks before it closes its async generators
+    with pytest.raises(asyncio.CancelledError):
+        await replay
+    assert len(tracker._fallback._held) == 1
+    await tracker._fallback.write_held_as_the_loop_ends(replay, _fallback.LOOP_END_WRITE_SECONDS)
+    assert await scalar('SELECT count(*) FROM llm_requests WHERE id = :id', id=held.id) == 1
+    assert not tracker._fallback._held and tracker.stats.lost == 0
+
+    # The database still away as the loop ends: bounded, and held again for the spool, a later loop or the exit.
+    database.state = 'down'
+    assert await tracker.track_request(ledger_record()) == 'held'
+    database.state = 'hangs'
+    await tracker._fallback.write_held_as_the_loop_ends(None, 0.3)
+    assert len(tracker._fallback._held) == 1 and tracker.stats.lost == 0
+
+
 async def test_rows_still_held_as_the_process_exits_are_spooled_or_each_reported_lost(
     clean_database: None, disk: _Disk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
