@@ -290,6 +290,10 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
                 f'DATABASE_URL parameter {name!r} is not supported; supported: '
                 f'{", ".join((*SUPPORTED_PARAMETERS, *_URL_PARAMETERS))}'
             )
+    if 'ssl' in args and 'sslmode' in dsn:
+        # asyncpg takes `ssl` over `sslmode`, where the start-up check read `sslmode`: `sslmode=verify-full&ssl=disable`
+        # connected without TLS (QA); one spelling only.
+        raise ConfigError("DATABASE_URL gives both sslmode and ssl (SQLAlchemy's spelling of it): give one")
     _check_root_certificate(*_ssl_mode(dsn, args), dsn)
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)
@@ -314,7 +318,7 @@ def libpq_uri(url: URL, *, hide_password: bool = False) -> str:
         user += '@'
     database = f'/{quote(url.database, safe="")}' if url.database else ''
     pairs = [
-        (key, '***' if hide_password and key in _SECRET_PARAMETERS else value)
+        _libpq_pair(key, '***' if hide_password and key in _SECRET_PARAMETERS else value)
         for key, values in url.query.items()
         if key not in ('prepared_statement_cache_size', 'host', 'port')
         for value in _values(values)
@@ -322,6 +326,15 @@ def libpq_uri(url: URL, *, hide_password: bool = False) -> str:
     pairs += _libpq_hosts(url)
     query = f'?{urlencode(pairs, quote_via=quote)}' if pairs else ''
     return _masks_unquoted(f'{scheme}://{user}{host_and_port}{database}{query}')
+
+
+def _libpq_pair(key: str, value: str) -> tuple[str, str]:
+    """A URL parameter as libpq reads it: SQLAlchemy's `ssl` (README's `ssl=true`) is libpq's `sslmode`, which it
+    refused as an invalid URI parameter: the job queue never connected, and a turn's post-turn jobs were dropped as
+    "database unavailable" (QA)."""
+    if key == 'ssl':
+        return 'sslmode', {'true': 'require', 'false': 'disable'}.get(value.lower(), value)
+    return key, value
 
 
 def _libpq_hosts(url: URL) -> list[tuple[str, str]]:

@@ -469,3 +469,18 @@ def test_percent_escapes_that_are_not_utf8_are_a_configuration_error(url: str, m
         read_settings()
     assert 'secret' not in str(info.value) and '%FE' not in str(info.value)
     parse_database_url('postgresql://u:p%C3%A9%2F@localhost/caf%C3%A9')  # UTF-8 escapes are fine
+
+
+@pytest.mark.parametrize(('given', 'libpq'), [('true', 'require'), ('false', 'disable'), ('prefer', 'prefer')])
+def test_sqlalchemys_ssl_parameter_reaches_the_job_queue_as_sslmode(given: str, libpq: str) -> None:
+    # README: `ssl=true` is `require`. libpq (the job queue's psycopg) refused `ssl` as an invalid URI parameter: the
+    # queue never connected, and a turn's post-turn jobs were dropped as "database unavailable" (QA).
+    url = parse_database_url(f'{URL}?ssl={given}')
+    assert f'sslmode={libpq}' in libpq_uri(url) and 'ssl=' not in libpq_uri(url)
+
+
+def test_sslmode_and_ssl_together_are_refused() -> None:
+    # asyncpg takes `ssl` over `sslmode`, where the start-up check read `sslmode`: `sslmode=verify-full&ssl=disable`
+    # connected without TLS (QA).
+    with pytest.raises(ConfigError, match='both sslmode and ssl'):
+        parse_database_url(f'{URL}?sslmode=verify-full&sslrootcert=system&ssl=disable')
