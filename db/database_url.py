@@ -415,8 +415,10 @@ def _check_root_certificate(setting: str, mode: str | None, dsn: dict[str, str])
     Unix socket" (exit 3; qa174).
     """
     given = dsn.get('sslrootcert')
-    if given is None and mode in ('require', 'verify-ca', 'verify-full'):  # asyncpg reads PGSSLROOTCERT from require
+    if given is None and mode in (None, 'require', 'verify-ca', 'verify-full'):  # asyncpg reads it from require
         given = os.environ.get('PGSSLROOTCERT')
+        if mode is None and given != 'system':  # asyncpg's default (prefer) reads no root certificate
+            return
         if given is not None and given.startswith('~'):
             raise ConfigError(
                 f'PGSSLROOTCERT {given!r}: a path starting with ~ is not expanded (by asyncpg or libpq); '
@@ -426,9 +428,14 @@ def _check_root_certificate(setting: str, mode: str | None, dsn: dict[str, str])
     else:
         source = f'DATABASE_URL parameter sslrootcert={given}'
     if given == 'system':
-        if mode != 'verify-full':  # libpq refuses it too: the system's roots vouch for any name, so check the name
-            got = f'; got {setting}={mode}' if mode else ''
-            raise ConfigError(f'{source} needs sslmode=verify-full, as libpq requires{got}')
+        if mode is None:
+            # libpq 16 makes verify-full the default with it (the job queue's connections then), where asyncpg's
+            # default, prefer, checked no certificate: one server, two checks (QA).
+            dsn['sslmode'] = mode = 'verify-full'
+        if mode != 'verify-full':  # libpq refuses a weaker one: the system's roots vouch for any name
+            raise ConfigError(
+                f'{source} needs sslmode=verify-full (libpq refuses a weaker mode with it); got {setting}={mode}'
+            )
         dsn['sslrootcert'] = _system_roots(source)
         return
     if mode not in ('verify-ca', 'verify-full') or 'sslrootcert' in dsn:

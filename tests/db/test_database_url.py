@@ -8,7 +8,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from sqlalchemy import make_url, text
@@ -196,11 +196,21 @@ def test_sslrootcert_system_is_the_systems_ca_file_for_asyncpg(monkeypatch: pyte
     monkeypatch.setenv('PGSSLROOTCERT', 'system')
     dsn = asyncpg_connect_args(parse_database_url(f'{URL}?ssl=verify-full'))[1]['dsn']
     assert dsn == f'postgresql://?sslrootcert={quote(system, safe="")}'
-    for query in ('sslmode=require&sslrootcert=system', 'sslrootcert=system', 'ssl=verify-ca&sslrootcert=system'):
-        with pytest.raises(ConfigError, match='sslrootcert=system needs sslmode=verify-full, as libpq requires'):
+    for query in ('sslmode=require&sslrootcert=system', 'ssl=verify-ca&sslrootcert=system'):
+        with pytest.raises(ConfigError, match=r'sslrootcert=system needs sslmode=verify-full \(libpq refuses a weaker'):
             parse_database_url(f'{URL}?{query}')
     with pytest.raises(ConfigError, match='PGSSLROOTCERT=system needs sslmode=verify-full'):
         parse_database_url(f'{URL}?sslmode=require')
+    # With no mode, verify-full, as libpq 16 makes it (the job queue's connections): asyncpg's default, prefer,
+    # checked no certificate where the queue refused an untrusted one (QA).
+    expected = {'sslmode': 'verify-full', 'sslrootcert': system}
+    assert dict(parse_qsl(asyncpg_connect_args(parse_database_url(URL))[1]['dsn'].split('?', 1)[1])) == expected
+    monkeypatch.delenv('PGSSLROOTCERT')
+    dsn = asyncpg_connect_args(parse_database_url(f'{URL}?sslrootcert=system'))[1]['dsn']
+    assert dict(parse_qsl(dsn.split('?', 1)[1])) == expected
+    monkeypatch.setenv('PGSSLMODE', 'prefer')
+    with pytest.raises(ConfigError, match='got PGSSLMODE=prefer'):
+        parse_database_url(f'{URL}?sslrootcert=system')
 
 
 @pytest.mark.parametrize('name', ['sslrootcert', 'sslcert', 'sslkey', 'sslcrl', 'passfile'])
