@@ -165,6 +165,16 @@ class _AwayAfterTheFirst:
         return self.opened(account=account)
 
 
+async def _released_by_the_next_sweep(account_id: int) -> None:
+    """The one hold left is an orphan the next sweep releases, the account's period holding nothing after it."""
+    assert len(await reservations()) == 1
+    report = await sweep_reservations()
+    assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
+    assert await reservations() == []
+    row = await period_row(account_id)
+    assert row is not None and row['reserved_usd'] == 0
+
+
 async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_sweep(
     two_accounts: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,12 +187,8 @@ async def test_a_hold_that_cannot_be_given_back_yet_is_released_by_the_next_swee
     with lost_commit_reply(monkeypatch), pytest.raises(DatabaseDisconnectedError):
         await hold_usd(alpha, '0.10')
     monkeypatch.setattr(_reserve, 'scoped_connection', opened)
-    assert len(await reservations()) == 1 and away.calls == 2
-    report = await sweep_reservations()
-    assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
-    assert await reservations() == []
-    row = await period_row(alpha)
-    assert row is not None and row['reserved_usd'] == 0
+    assert away.calls == 2
+    await _released_by_the_next_sweep(alpha)
     assert (await sweep_reservations()).released_orphans == 0, 'released once'
 
 
@@ -202,9 +208,5 @@ async def test_a_hold_whose_undo_on_a_cancellation_fails_is_released_by_the_next
         with pytest.raises(asyncio.CancelledError):
             await admission
     monkeypatch.setattr(_reserve, 'scoped_connection', opened)
-    assert len(await reservations()) == 1 and away.calls == 2
-    report = await sweep_reservations()
-    assert (report.released_orphans, report.released_dead, report.released_expired) == (1, 0, 0)
-    assert await reservations() == []
-    row = await period_row(alpha)
-    assert row is not None and row['reserved_usd'] == 0
+    assert away.calls == 2
+    await _released_by_the_next_sweep(alpha)
