@@ -85,7 +85,8 @@ async def shutdown_runtime(
     if running > holding:  # the others were still starting (the database, admission, their claims): said here
         turns_logger.warning(
             '%d turn(s) still starting at shutdown (a database that does not answer?); cut off when the event loop '
-            'ends, before their conversations were claimed',
+            'ends: a conversation one of them claims meanwhile stays claimed until its lease expires, or until this '
+            'process has ended for a turn on this host',
             running - holding,
         )
     await drain_supervisor(max(deadline - loop.time(), 0.0))

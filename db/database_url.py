@@ -398,7 +398,7 @@ def _ssl_mode(dsn: dict[str, str], args: dict[str, Any]) -> tuple[str, str | Non
         return 'DATABASE_URL parameter sslmode', dsn['sslmode']
     if 'ssl' in args:
         return 'DATABASE_URL parameter ssl', args['ssl']
-    mode = os.environ.get('PGSSLMODE') or None
+    mode = os.environ.get('PGSSLMODE')  # set but empty is no mode to asyncpg or libpq either: refused below
     if mode is not None and mode not in SSL_MODES:  # asyncpg's ClientConfigurationError at the first connection
         raise ConfigError(f'PGSSLMODE must be one of {", ".join(SSL_MODES)}; got {mode!r}')
     return 'PGSSLMODE', mode

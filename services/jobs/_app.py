@@ -210,7 +210,13 @@ def queue_conninfo(settings: Settings, engine_url: URL, *, hide_password: bool =
     """The libpq URL of the queue: `AGENTRT_QUEUE_DATABASE_URL`, else `DATABASE_URL`, else the embedded server's
     (`hide_password`: `***` for the password, for a message)."""
     given = settings.queue_database_url or settings.database_url
-    url = parse_database_url(given) if given else engine_url
+    # The embedded server's socket: no TLS, whatever the environment's PGSSLMODE / PGSSLROOTCERT say for another
+    # server, which libpq reads when the URL names none (the engine's URL has its `sslmode=disable` moved to asyncpg's
+    # arguments): `PGSSLROOTCERT=system` refused every mode but verify-full, and the queue never connected (QA). An
+    # empty `sslrootcert` keeps the variable out.
+    url = (
+        parse_database_url(given) if given else engine_url.update_query_dict({'sslmode': 'disable', 'sslrootcert': ''})
+    )
     return libpq_uri(url, hide_password=hide_password)
 
 

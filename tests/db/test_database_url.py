@@ -494,3 +494,11 @@ def test_sslmode_and_ssl_together_are_refused() -> None:
     # connected without TLS (QA).
     with pytest.raises(ConfigError, match='both sslmode and ssl'):
         parse_database_url(f'{URL}?sslmode=verify-full&sslrootcert=system&ssl=disable')
+
+
+def test_an_empty_pgsslmode_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read as unset here, where asyncpg and libpq refuse "": "cannot connect" (exit 3) at the first connection (QA).
+    monkeypatch.setenv('PGSSLMODE', '')
+    with pytest.raises(ConfigError, match=r"PGSSLMODE must be one of .*; got ''"):
+        parse_database_url(URL)
+    parse_database_url(f'{URL}?sslmode=disable')  # the URL's own mode: the variable is not read

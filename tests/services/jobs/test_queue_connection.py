@@ -156,6 +156,22 @@ async def test_a_space_in_the_urls_options_reaches_postgresql_as_a_space(databas
     assert 'a b' not in queue_conninfo(settings, get_engine().url, hide_password=True)
 
 
+async def test_the_embedded_servers_queue_connects_whatever_the_environments_ssl_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PGSSLMODE / PGSSLROOTCERT meant for another server: the engine's URL names sslmode=disable for the embedded
+    # server's socket, but the queue's (libpq) read the environment, and `PGSSLROOTCERT=system` refused every mode but
+    # verify-full ("weak sslmode ... may not be used with sslrootcert=system"): post-turn jobs dropped (QA).
+    # As with no DATABASE_URL: the queue's URL made from the engine's (the suite's server, on its socket as the
+    # embedded one is).
+    settings = current_settings().model_copy(update={'database_url': None, 'queue_database_url': None})
+    monkeypatch.setenv('PGSSLROOTCERT', 'system')
+    for mode in ('require', 'disable', 'verify-ca'):
+        monkeypatch.setenv('PGSSLMODE', mode)
+        async with await psycopg.AsyncConnection.connect(queue_conninfo(settings, get_engine().url)) as connection:
+            assert await (await connection.execute('SELECT 1')).fetchone() == (1,)
+
+
 async def test_hosts_with_their_ports_in_the_query_reach_libpq_as_its_lists(database_url: str) -> None:
     # README's form for one host or several, `?host=db1:5432&host=db2:5432` (asyncpg's): libpq kept the last `host`
     # and read `db2:5432` as a host name, so the queue never connected (qa126). Here the first host is a socket
