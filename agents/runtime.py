@@ -80,7 +80,7 @@ async def shutdown_runtime(
     # ending (a server's requests cancelled as it stops); then their claims released, their cancelled requests
     # handed to the ledger.
     await asyncio.sleep(0)  # a turn's task created just before this call takes its first step: it counts from there
-    running = await turns_ended(timeout)
+    running = await turns_ended(max(deadline - loop.time(), 0.0))
     holding = await claims_released(max(deadline - loop.time(), 0.0))  # says those holding their conversations
     if running > holding:  # the others were still starting (the database, admission, their claims): said here
         turns_logger.warning(
