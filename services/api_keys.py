@@ -122,6 +122,11 @@ def check_key_name(name: str) -> None:
             f'({describe_char(char)}): a name is one line of printable text',
             field='name',
         )
+    if name and not name.strip():
+        # Stored as it is, it listed as an empty cell beside keys with no name ('-'): leave `--name` out for none.
+        raise InvalidInputError(
+            f'the key name {preview(name)} is only whitespace: give a visible label, or none', field='name'
+        )
 
 
 async def create_api_key(
