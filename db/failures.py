@@ -473,6 +473,13 @@ def _root_message(exc: BaseException) -> str:
             )
         if _protocol_out_of_step(error):
             return _OUT_OF_STEP_TEXT
+        if 'rejected SSL upgrade' in str(error):
+            # asyncpg's words alone did not say which setting asked for TLS, nor what to change (qa177).
+            return (
+                'the server does not accept TLS connections (it rejected the SSL upgrade), and sslmode (in '
+                'DATABASE_URL, or PGSSLMODE) is require, verify-ca or verify-full: turn ssl on in the server, or '
+                'set sslmode=prefer or disable'
+            )
         if isinstance(error, sqlalchemy.exc.StatementError):
             continue  # SQLAlchemy's text repeats the SQL and a link; the driver's says it better
         text = first_line(error)

@@ -461,3 +461,17 @@ async def test_the_readme_pgbouncer_ini_runs_as_written(database: Settings) -> N
         assert 'FATAL' not in bouncer.log() and 'ERROR' not in bouncer.log()
     finally:
         bouncer.stop()
+
+
+async def test_a_server_without_tls_under_sslmode_require_says_which_setting_asked_for_it(pgbouncer: PgBouncer) -> None:
+    # PgBouncer with no client TLS configured refuses the SSL upgrade, as a PostgreSQL without ssl does: asyncpg's
+    # "rejected SSL upgrade" alone named neither the setting asking for TLS nor what to change (qa177).
+    for env in (
+        {'DATABASE_URL': f'{pgbouncer.url()}?sslmode=require'},
+        {'DATABASE_URL': pgbouncer.url(), 'PGSSLMODE': 'require'},
+    ):
+        result = await invoke('db', 'status', env={**env, 'DB_POOLER': 'pgbouncer', 'DB_CONNECT_TIMEOUT': '5'})
+        assert result.exit_code == 3, result.output
+        [line] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+        assert 'the server does not accept TLS connections (it rejected the SSL upgrade)' in line, line
+        assert 'set sslmode=prefer or disable' in line and 'Traceback' not in result.output
