@@ -39,6 +39,7 @@ class _Rule:
     min_entropy: float
     not_followed_by: frozenset[int]
     not_preceded_by: frozenset[int]
+    quoted_pieces: bool
 
     def spans(self, data: bytes) -> Iterator[tuple[int, int]]:
         """Where this rule's secrets are in `data` (UTF-8 bytes), as byte offsets."""
@@ -66,12 +67,67 @@ class _Rule:
                 if checked is None:
                     continue
                 start, end = checked
+            if self.quoted_pieces:
+                yield from _quoted_pieces(data, start, end)
+                continue
             start = _after_escape(data, start)
             quote = data.find(b'"', start, end)  # the patterns exclude it; this keeps JSON safe whatever a rule says
             if quote != -1:
                 end = quote
             if start < end:
                 yield start, end
+
+
+_KEY_TEXT = re.compile(rb'[A-Za-z0-9+/]{2}')
+_BLANK = frozenset(b' \t\r\n\x0b\x0c')
+_ESCAPED_BLANK = frozenset(b'nrt')
+
+
+def _quoted_pieces(data: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The pieces of `data[start:end]` between its double quotes that hold key text, each without the blanks (and
+    `\\n` escapes) around it: a key written as string literals (`"MIIE...\\n" +`) or a JSON list of lines goes line
+    by line, its quotes and what lies between its strings kept, so JSON text stays valid and the lines stay lines."""
+    while start < end:
+        quote = data.find(b'"', start, end)
+        stop = end if quote == -1 else quote
+        piece = _trimmed(data, start, stop)
+        if piece is not None:
+            yield piece
+        start = stop + 1
+
+
+def _trimmed(data: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """`data[start:end]` without the blanks and whole escapes of them (`\\n`, `\\\\n` of JSON text in JSON text) at its
+    ends (at most `BOUND` bytes each side: bounded work), nor the backslashes before its end, which escape the quote
+    after it at some level of JSON text; None when no key text is left in it."""
+    start = _after_escape(data, start)
+    floor = min(end, start + BOUND)
+    while start < floor:
+        if data[start] in _BLANK:
+            start += 1
+            continue
+        escape = start
+        while escape < floor and data[escape] == 92:
+            escape += 1
+        if escape == start or escape >= end or data[escape] not in _ESCAPED_BLANK:
+            break
+        start = escape + 1
+    ceiling = max(start, end - BOUND)
+    while end > ceiling:
+        if data[end - 1] in _BLANK:
+            end -= 1
+            continue
+        escape = end - 1
+        while escape > ceiling and data[escape - 1] == 92:
+            escape -= 1
+        if escape == end - 1 or data[end - 1] not in _ESCAPED_BLANK:
+            break
+        end = escape
+    while end > start and data[end - 1] == 92:
+        end -= 1
+    if start >= end or data.startswith(_REDACTED_BYTES, start) or not _KEY_TEXT.search(data, start, end):
+        return None
+    return start, end
 
 
 _HEX4 = re.compile(rb'[0-9A-Fa-f]{4}')
@@ -145,6 +201,7 @@ def _load_rules(path: Path) -> tuple[tuple[_Rule, ...], Any, tuple[tuple[int, ..
                 min_entropy=float(raw.get('min_entropy', 0.0)),
                 not_followed_by=_byte_class(raw['not_followed_by']) if 'not_followed_by' in raw else frozenset(),
                 not_preceded_by=_byte_class(raw['not_preceded_by']) if 'not_preceded_by' in raw else frozenset(),
+                quoted_pieces=bool(raw.get('quoted_pieces', False)),
             )
         )
         for trigger in raw['triggers']:

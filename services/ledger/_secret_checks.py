@@ -267,7 +267,22 @@ def _not_code(c: Candidate) -> Span | None:
     return c.start, c.end
 
 
+PEM_BODY_MAX = 64 << 10
+"""The most of a private key's body replaced up to its END line (a 4096-bit key in PEM is about 3.3 KB)."""
+_KEY_RUN = re.compile(rb'(?:[A-Za-z0-9+/=\s:,.()_>#|*\x00]|\xe2\x80[\xa8\xa9]|\xef\xbf\xbd|-[A-Za-z0-9]|\\+[nrt])+')
+
+
+def _pem_body(c: Candidate) -> Span | None:
+    """A private key's body: up to its END line when that is at most `PEM_BODY_MAX` away (an armour line mentioned in
+    prose and an END line far below it), else the run of key characters, as for a key cut off."""
+    if c.end - c.start <= PEM_BODY_MAX:
+        return c.start, c.end
+    run = _KEY_RUN.match(c.data, c.start, c.start + PEM_BODY_MAX)
+    return (c.start, run.end()) if run is not None else None
+
+
 CHECKS: dict[str, Check] = {
+    'pem_body': _pem_body,
     'not_code': _not_code,
     'has_digit': _has_digit,
     'credential_like': _credential_like_check,

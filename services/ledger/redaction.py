@@ -9,7 +9,9 @@ What is caught (rules in `redaction_rules.toml` beside this module, listed by `r
   Supabase, Alibaba, Facebook, age, Firebase, Groq, Replicate, Perplexity, xAI, Logfire, Artifactory;
 - JWTs, signed or not (an `alg: none` token with an empty signature included);
 - PEM private keys (any type, encrypted ones with Proc-Type / DEK-Info headers, PGP, SSH2, PuTTY): the armour line
-  stays, the rest goes, up to the END line or the end of a truncated key;
+  and its line break stay, the rest goes, up to the END line whatever the lines carry (`> ` or `# ` before them, line
+  numbers, string literals, a JSON list of the lines, U+2028 between them; at most 64 KiB), or the run of key
+  characters of a truncated key;
 - credentials in context: `scheme://user:password@host` (passwords containing `/`, `@` or `:` included),
   `curl -u user:password`, `Authorization: Basic/Bearer ...` anywhere, signed-URL signatures, AWS secret access
   keys near "aws" or "secret", and the value of any secret-named key (`password`, `passwd`, `pwd`, `secret`,
@@ -86,6 +88,7 @@ from agentrt.services.ledger._redaction_rules import (
 # Part of this module's public face, defined beside the rules.
 from agentrt.services.ledger._redaction_rules import REDACTED as REDACTED
 from agentrt.services.ledger._redaction_rules import rule_kinds as rule_kinds
+from agentrt.services.ledger._secret_checks import PEM_BODY_MAX
 
 _T = TypeVar('_T')
 
@@ -201,8 +204,11 @@ _JSON_SECRET_KEY = (
     + _JSON_NAME_END
     + '"'
 )
-# Both in one scan (RE2: linear, whatever the text): JSON text the rules cannot be trusted to read whole.
-_WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE).encode())
+# A private key's armour line as an item of a JSON list (a key as a list of its lines, cut off before its END line:
+# the rules read each string alone; `_list_items`).
+_PEM_BEGIN_ITEM = r'(?-i:PRIVATE KEY(?: BLOCK)? ?-{4,5})\s*(?:\\\\)*\\?"\s*,'
+# All in one scan (RE2: linear, whatever the text): JSON text the rules cannot be trusted to read whole.
+_WORTH_DECODING = re2.compile((_JSON_SECRET_KEY + '|' + _HIDING_ESCAPE + '|' + _PEM_BEGIN_ITEM).encode())
 # A secret-named key of JSON text inside a string (`\\"password\\": [`) whose value is a list or an object, for text
 # that does not parse; the tokens that find where a value ends (strings skipped whole); what `cut_off_json` reads.
 _CONTAINER_UNDER_SECRET_NAME = re2.compile((_JSON_NAME_END + r'\\"\s*:\s*[\[{]').encode())
@@ -412,7 +418,7 @@ class _Walker:
                 for k, v in container.items()
             )
             return _Frame(container, iter(items), {}, key_in_parent)
-        return _Frame(container, iter((None, v, secret) for v in container), [], key_in_parent)
+        return _Frame(container, _list_items(container, secret), [], key_in_parent)
 
     def walk(self, root: Any) -> tuple[Any, int]:
         if not isinstance(root, dict | list | tuple):
@@ -444,6 +450,27 @@ class _Walker:
                 stack.append(self.frame(child, secret, key))
                 continue
             _put(frame.out, key, self.leaf(child, secret))
+
+
+_PEM_BEGIN = re.compile(r'BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)? ?-{4,5}\s*$')
+_PEM_END = re.compile(r'-{4,5} ?END [A-Z0-9 ]{0,40}PRIVATE KEY')
+
+
+def _list_items(items: list[Any] | tuple[Any, ...], secret: bool) -> Iterator[tuple[None, Any, bool]]:
+    """A list's items for the walk: those after an item that ends with a private key's armour line, up to the END
+    line's (at most `PEM_BODY_MAX` characters of them), are secrets (a key given as a list of its lines: each line is
+    a string of its own, which the rules read alone)."""
+    body = -1  # characters of a key's body seen so far; -1 outside one
+    for item in items:
+        if not isinstance(item, str):
+            body = -1
+        elif body >= 0 and not _PEM_END.search(item[:80]) and body + len(item) <= PEM_BODY_MAX:
+            body += len(item)
+            yield None, item, True
+            continue
+        else:
+            body = 0 if _PEM_BEGIN.search(item[-80:]) else -1
+        yield None, item, secret
 
 
 def _json_to_decode(text: str) -> Any:

@@ -339,3 +339,51 @@ async def test_ordinary_text_is_stored_unchanged(demo_data: None) -> None:
     async with get_db_session(account=Unscoped.ADMIN) as session:
         title, summary = (await session.execute(text('SELECT title, summary FROM conversations'))).one()
     assert title == make_title(Exchange(' '.join(ordinary.split()), '')) and REDACTED not in summary
+
+
+# --- hostile spellings the rules once missed, through a turn into the ledger ---------------------------------------
+
+
+def _says_and_returns(said: str, returned: Any) -> tuple[FunctionModel, FunctionToolset[Any]]:
+    """A model that calls a tool returning `returned`, then answers `said`."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(isinstance(part, ToolReturnPart) for part in messages[-1].parts):
+            return ModelResponse(parts=[TextPart(said)])
+        return ModelResponse(parts=[ToolCallPart('read_config', {}, tool_call_id='read')])
+
+    toolset: FunctionToolset[Any] = FunctionToolset()
+
+    @toolset.tool_plain
+    def read_config() -> Any:
+        """Read the service's configuration."""
+        return returned
+
+    return FunctionModel(respond), toolset
+
+
+async def _turn_stores_none_of(said: str, returned: Any, secrets: Iterable[str], session_id: str) -> None:
+    model, toolset = _says_and_returns(said, returned)
+    await simple_chat('show me the config', session_id=session_id, account=ACCOUNT, model=model, toolsets=[toolset])
+    await get_request_tracker().flush()
+    stored = await _stored_bodies()
+    assert [row['kind'] for row in stored] == ['prompt', 'response'] * 2
+    everything = '\n'.join(searchable(row['body']) for row in stored)
+    assert REDACTED in everything
+    kept = [secret for secret in secrets if secret in everything]
+    assert kept == [], everything[:3000]
+
+
+async def test_a_private_key_whose_lines_carry_prefixes_or_quotes_is_not_stored(demo_data: None) -> None:
+    [key] = [kind for kind in KINDS if kind.name == 'pem-rsa-key']
+    lines = key.text.split('\n')
+    said = (
+        'You quoted:\n> '
+        + '\n> '.join(lines)
+        + '\nand in Python:\nKEY = (\n'
+        + '\n'.join(f'    "{line}\\n"' for line in lines)
+        + '\n)'
+    )
+    returned = {'lines': lines, 'cut_off': lines[:-1], 'as_json': json.dumps(lines), 'separated': '\u2028'.join(lines),
+                'after_nul': lines[0] + '\x00\n' + '\n'.join(lines[1:])}  # fmt: skip
+    await _turn_stores_none_of(said, returned, key.distinctive(), 'pem-lines')

@@ -362,9 +362,9 @@ def test_text_whose_lower_case_changes_length():
         (
             '-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17\n\nMIIB\n'
             '-----END RSA PRIVATE KEY-----',
-            f'-----BEGIN RSA PRIVATE KEY-----{REDACTED}-----END RSA PRIVATE KEY-----',
+            f'-----BEGIN RSA PRIVATE KEY-----\n{REDACTED}\n-----END RSA PRIVATE KEY-----',
         ),
-        ('cut off: -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg', f'cut off: -----BEGIN PRIVATE KEY-----{REDACTED}'),
+        ('cut off: -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg', f'cut off: -----BEGIN PRIVATE KEY-----\n{REDACTED}'),
     ],
 )
 def test_labels_stay_and_only_the_secret_goes(text: str, expected: str):
@@ -449,6 +449,8 @@ _HOSTILE = {
     'closers-and-dots': 'password=a' + ').' * 2000,
     'aws-context': 'aws wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ',
     'base64-soup': ''.join(random.Random(3).choices(string.ascii_letters + string.digits + '+/', k=4096)),
+    'pem-quoted-lines': '-----BEGIN RSA PRIVATE KEY-----\n' + '"MIIEab\\n" +\n' * 40 + '-----END RSA PRIVATE KEY---\n',
+    'pem-no-end': '-----BEGIN RSA PRIVATE KEY-----\n> ab"cd\n',
 }
 
 
@@ -775,3 +777,97 @@ def test_a_replacement_across_json_structure_one_level_down_is_dropped_too(depth
         text = json.loads(text)['m']
     assert _AWS_KEY not in json.dumps(redacted) and count == 1
     assert json.loads(text)['rows'] == [{'id': 1, 'password': None}, [2, 3]]
+
+
+# --- private keys whatever their lines carry --------------------------------------------------------------------
+
+_PEM_KINDS = [kind for kind in KINDS if kind.rule in ('private-key', 'ssh2-private-key')]
+
+
+def _key_forms(key: str) -> dict[str, str]:
+    """A key as it reaches a chat: quoted in an e-mail, in string literals, commented, numbered, a JSON list of its
+    lines, its lines joined by U+2028, CR or spaces, a NUL or U+FFFD after its armour line."""
+    lines = key.split('\n')
+    return {
+        'bare': key,
+        'quoted': '> ' + '\n> '.join(lines),
+        'python-strings': '\n'.join(f'    "{line}\\n"' for line in lines),
+        'js-strings': '\n'.join(f"'{line}\\n' +" for line in lines),
+        'commented': '# ' + '\n# '.join(lines),
+        'numbered': '\n'.join(f'{n:3} | {line}' for n, line in enumerate(lines, 1)),
+        'json-list': json.dumps(lines),
+        'line-separators': '\u2028'.join(lines),
+        'cr': '\r'.join(lines),
+        'spaces': ' '.join(lines),
+        'nul-after-armour': lines[0] + '\x00\n' + '\n'.join(lines[1:]),
+        'fffd-after-armour': lines[0] + '\ufffd\n' + '\n'.join(lines[1:]),
+    }
+
+
+_KEY_PLACES = {
+    'line-start': lambda t: f'{t}\nthanks',
+    'alone-on-a-line': lambda t: f'Here it is:\n{t}\nLet me know.',
+    'inside-json': lambda t: json.dumps({'note': t, 'n': 1}),
+    'inside-a-huge-text': lambda t: 'lorem ipsum dolor sit amet\n' * 40_000 + t + '\nend',
+    'after-nul': lambda t: f'x\x00{t}',
+    'after-fffd': lambda t: f'x\ufffd{t}',
+    'after-line-separator': lambda t: f'x\u2028{t}',
+}
+
+
+@pytest.mark.parametrize('kind', _PEM_KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize('form', list(_key_forms('a\nb')))
+@pytest.mark.parametrize('place', list(_KEY_PLACES))
+def test_a_private_keys_body_goes_up_to_its_end_line_whatever_its_lines_carry(kind: Kind, form: str, place: str):
+    planted = _KEY_PLACES[place](_key_forms(kind.text)[form])
+    redacted, count = redact_text(planted)
+    assert count >= 1 and not [f for f in kind.distinctive() if f in redacted], redacted[-800:]
+    if place == 'inside-json' or (form == 'json-list' and place != 'inside-a-huge-text'):
+        json.loads(redacted if place == 'inside-json' else redacted[redacted.index('[') : redacted.rindex(']') + 1])
+    assert redact_text(redacted) == (redacted, 0)
+    # The armour lines stay, and so does the line break after the BEGIN line.
+    assert 'PRIVATE KEY' in redacted.split(REDACTED)[0] and 'END' in redacted.split(REDACTED)[-1]
+
+
+@pytest.mark.parametrize('kind', _PEM_KINDS, ids=lambda k: k.name)
+def test_a_private_key_as_a_list_of_its_lines_is_redacted(kind: Kind):
+    lines = kind.text.split('\n')
+    for value in (lines, lines[:-1], {'key': lines}, {'key': json.dumps(lines[:-1])}, (*lines, 'after')):
+        assert json_may_need_redaction(json.dumps(value))
+        redacted, count = redact_value(value)
+        as_text = json.dumps(redacted)
+        assert count >= 1 and not [f for f in kind.distinctive() if f in as_text], as_text
+    redacted, _ = redact_value([*lines, 'after the key'])
+    assert redacted[0] == lines[0] and redacted[-2:] == [lines[-1], 'after the key']
+
+
+@pytest.mark.parametrize(
+    ('text', 'expected'),
+    [
+        (
+            '> -----BEGIN RSA PRIVATE KEY-----\n> MIIEpAIBAAKCAQEA7\n> -----END RSA PRIVATE KEY-----',
+            f'> -----BEGIN RSA PRIVATE KEY-----\n{REDACTED}\n> -----END RSA PRIVATE KEY-----',
+        ),
+        (
+            '"-----BEGIN PRIVATE KEY-----\\n"\n"MIIEvQIBADANBg\\n"\n"-----END PRIVATE KEY-----\\n"',
+            f'"-----BEGIN PRIVATE KEY-----\\n"\n"{REDACTED}\\n"\n"-----END PRIVATE KEY-----\\n"',
+        ),
+        # Cut off: the run of key characters, through the usual line prefixes.
+        (
+            '-----BEGIN PRIVATE KEY-----\n> MIIEvQIBADANBg\n> Zm9vYmFyYmF6\n',
+            f'-----BEGIN PRIVATE KEY-----\n{REDACTED}\n',
+        ),
+        ('-----BEGIN PRIVATE KEY-----\u2028MIIEvQIBADANBg', f'-----BEGIN PRIVATE KEY-----\u2028{REDACTED}'),
+    ],
+)
+def test_the_armour_and_its_line_break_stay(text: str, expected: str):
+    assert redact_text(text)[0] == expected
+
+
+def test_an_end_line_far_below_an_armour_line_does_not_take_all_the_text_between():
+    # Beyond `_secret_checks.PEM_BODY_MAX` (64 KiB), the run of key characters goes, as for a key cut off (prose is
+    # made of them too).
+    text = '-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n' + 'prose. ' * 20_000 + '\n-----END PRIVATE KEY-----'
+    redacted, count = redact_text(text)
+    assert count == 1 and redacted.startswith(f'-----BEGIN PRIVATE KEY-----\n{REDACTED}')
+    assert len(text) - len(redacted) <= 64 << 10 and redacted.count('prose.') > 10_000
