@@ -196,7 +196,10 @@ _HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # clear as a model's arguments; QA); and the name as an item of a validation error's `loc`, whose `input` is that
 # field's value (`["password", 0]`). A match starting inside a string value runs to the value's closing quote, which
 # is never followed by `:`.
-_JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]')
+# What `is_secret_name()` strips after a name, as JSON text writes it at any depth of JSON in strings (`\\\\n`):
+# `"Password "`, a spreadsheet's header, was stored in clear (QA).
+_NAME_TRAIL = r'(?:[ \x7f]|\\+(?:[nrtbf]|u00[01][0-9a-fA-F]|u007[fF]))*'
+_JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + _NAME_TRAIL
 _JSON_SECRET_KEY = (
     _JSON_NAME_END
     + r'(?:"\s*:|(?:\\\\)*\\"\s*:)'
@@ -264,7 +267,8 @@ def _strictly_decoded(token: str) -> str | None:
 def is_secret_name(name: str) -> bool:
     """Whether a key with this name holds a secret: `password`, `api_key`, `client_secret`, `Authorization`,
     `x-auth-token`, `DB_PASSWORD`, `accessToken`, ... but not `max_tokens`, `token_count` or `primary_key`."""
-    # Control characters after the name (`"password\u0000"` of a model's arguments) hid it (QA).
+    # Control characters after the name (`"password\u0000"` of a model's arguments) hid it (QA); `_NAME_TRAIL` is the
+    # same for JSON text.
     return _SECRET_NAME.search(name[-80:].rstrip(_CONTROL)) is not None
 
 

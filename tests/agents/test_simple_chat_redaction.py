@@ -387,3 +387,16 @@ async def test_a_private_key_whose_lines_carry_prefixes_or_quotes_is_not_stored(
     returned = {'lines': lines, 'cut_off': lines[:-1], 'as_json': json.dumps(lines), 'separated': '\u2028'.join(lines),
                 'after_nul': lines[0] + '\x00\n' + '\n'.join(lines[1:])}  # fmt: skip
     await _turn_stores_none_of(said, returned, key.distinctive(), 'pem-lines')
+
+
+async def test_a_secret_named_key_with_a_trailing_space_or_control_character_is_not_stored(demo_data: None) -> None:
+    # Alone in the value (no other secret-named key to make the ledger walk it): the quick check must see it.
+    secrets = [f'hunter2Zq{n}' for n in range(6)]
+    keys = ['Password ', 'api_key ', 'token ', 'DB Password ', 'password\x7f', 'secret\t']
+    returned = {
+        'as_dict': {keys[0]: secrets[0]},
+        'as_json_text': json.dumps({keys[1]: secrets[1]}),
+        'nested': [{'config': {keys[2]: secrets[2]}}],
+        'more': dict(zip(keys[3:], secrets[3:], strict=True)),
+    }
+    await _turn_stores_none_of('done', returned, secrets, 'trailing-space-keys')

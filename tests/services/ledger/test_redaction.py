@@ -871,3 +871,74 @@ def test_an_end_line_far_below_an_armour_line_does_not_take_all_the_text_between
     redacted, count = redact_text(text)
     assert count == 1 and redacted.startswith(f'-----BEGIN PRIVATE KEY-----\n{REDACTED}')
     assert len(text) - len(redacted) <= 64 << 10 and redacted.count('prose.') > 10_000
+
+
+# --- secret-named keys however they are spelt: the quick check agrees with the walk -------------------------------
+
+_SECRET_KEYS = ('password', 'Password', 'api_key', 'token', 'DB Password', 'client_secret', 'x-api-key')
+# What follows a key taken from a spreadsheet's header or a careless program (what `is_secret_name()` strips).
+_KEY_TRAILS = [' ', '  ', '\t', '\n', '\r', '\x7f', '\x00', '\x1f', ' \x7f ']
+_PLANTED = 'hunter2Zq9'
+
+
+def _hostile_values(key: str) -> dict[str, object]:
+    """A secret under `key` in the places a tool result or a model's arguments put it."""
+    return {
+        'top': {key: _PLANTED},
+        'nested': {'rows': [{'id': 1, 'config': {'host': 'db', key: _PLANTED}}]},
+        'json-in-string': {'content': json.dumps({key: _PLANTED, 'n': 1})},
+        'json-in-a-huge-string': {'content': 'lorem ipsum\n' * 40_000 + json.dumps({key: _PLANTED})},
+        'list': [{'a': 1}, {key: _PLANTED}],
+    }
+
+
+def _dumps(value: object) -> list[str]:
+    return [json.dumps(value), json.dumps(value, ensure_ascii=False), json.dumps(value, separators=(',', ':'))]
+
+
+@pytest.mark.parametrize('trail', _KEY_TRAILS, ids=repr)
+@pytest.mark.parametrize('name', _SECRET_KEYS)
+def test_a_secret_named_key_with_what_is_secret_name_strips_after_it_is_redacted_and_seen(name: str, trail: str):
+    key = name + trail
+    assert is_secret_name(key)
+    for where, value in _hostile_values(key).items():
+        redacted, count = redact_value(value)
+        assert count >= 1 and _PLANTED not in json.dumps(redacted, ensure_ascii=False), (where, redacted)
+        for text in _dumps(value):
+            # The contract the ledger trusts: False means redaction would not change the value.
+            assert json_may_need_redaction(text), (where, text[-200:])
+            assert _PLANTED not in redact_text(text)[0], (where, text[-200:])
+
+
+@pytest.mark.parametrize('trail', _KEY_TRAILS, ids=repr)
+@pytest.mark.parametrize(
+    'place',
+    [
+        '{pair}',
+        'Here it is:\n{pair}\nthanks',
+        '{pair}, "host": "db"',
+        'x\x00{pair}',
+        'x\ufffd{pair}',
+        'x\u2028{pair}',
+        'lorem ipsum\n' * 40_000 + '{pair}',
+    ],
+    ids=['alone', 'on-its-own-line', 'line-start', 'after-nul', 'after-fffd', 'after-line-separator', 'huge'],
+)
+def test_a_quoted_secret_named_key_with_a_trail_in_free_text_is_redacted(place: str, trail: str):
+    pair = json.dumps({'Password' + trail: _PLANTED})[1:-1]
+    redacted, count = redact_text(place.format(pair=pair))
+    assert count == 1 and _PLANTED not in redacted, redacted[-200:]
+
+
+def test_the_quick_check_is_never_false_where_the_walk_changes_a_value():
+    """Property: for keys spelt in hostile ways, if `redact_value` changes a value, `json_may_need_redaction` of its
+    JSON says it may."""
+    names = [*_SECRET_KEYS, 'username', 'max_tokens', 'token_count', 'primary_key', 'note']
+    affixes = ['', *_KEY_TRAILS]
+    for name in names:
+        for before in ('', ' ', '\t'):
+            for after in affixes:
+                value = {'data': {before + name + after: _PLANTED}, 'ok': True}
+                if redact_value(value)[1]:
+                    for text in _dumps(value):
+                        assert json_may_need_redaction(text), text
