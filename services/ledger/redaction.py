@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -196,9 +197,11 @@ _HIDING_ESCAPE = r'(?-i:\\(?:u[0-9a-fA-F]{4}|[/fb]|t(?:[^\\]|\\+")))'
 # clear as a model's arguments; QA); and the name as an item of a validation error's `loc`, whose `input` is that
 # field's value (`["password", 0]`). A match starting inside a string value runs to the value's closing quote, which
 # is never followed by `:`.
-# What `is_secret_name()` strips after a name, as JSON text writes it at any depth of JSON in strings (`\\\\n`):
-# `"Password "`, a spreadsheet's header, was stored in clear (QA).
-_NAME_TRAIL = r'(?:[ \x7f]|\\+(?:[nrtbf]|u00[01][0-9a-fA-F]|u007[fF]))*'
+# What `is_secret_name()` strips after a name, as JSON text writes it at any depth of JSON in strings (`\\\\n`,
+# `\\ufffd`) or not escaped (`ensure_ascii=False`; a lone surrogate is the `?` of `json_may_need_redaction`'s
+# encoding): `"Password "`, a spreadsheet's header, and `"password\ufffd"`, a NUL a turn mended, were stored in clear
+# (QA).
+_NAME_TRAIL = r'(?:[\p{Cc}\p{Cf}\p{Zs}\p{Zl}\p{Zp}\p{Mn}\p{Me}\x{fffd}?]|\\+(?:[nrtbf]|u[0-9a-fA-F]{4}))*'
 _JSON_NAME_END = _SECRET_NAME_END.replace('(?:^|[^a-z])', '[^a-z]') + _NAME_TRAIL
 _JSON_SECRET_KEY = (
     _JSON_NAME_END
@@ -222,7 +225,9 @@ _SCALAR = re.compile(r'[^,}\]\s]*')
 _NOT_SECRETS = frozenset({'null', 'true', 'false', '""'})
 _QUOTED = f'"{REDACTED}"'
 _CUT_OFF = object()  # `_json_to_decode`'s answer for JSON text worth decoding that cannot be parsed
-_CONTROL = ''.join(map(chr, range(32))) + ' \x7f'
+_INVISIBLE = frozenset(('Cc', 'Cf', 'Cs', 'Zs', 'Zl', 'Zp', 'Mn', 'Me'))
+"""Unicode categories of what may sit unseen beside a key's name: controls, format characters (zero-width space,
+BOM, direction marks), spaces (NBSP), line and paragraph separators, combining marks, lone surrogates."""
 _AUTH_SCHEME = re.compile(r'(?i)((?:basic|bearer|token|digest)[ \t]+)\S')
 
 
@@ -267,9 +272,21 @@ def _strictly_decoded(token: str) -> str | None:
 def is_secret_name(name: str) -> bool:
     """Whether a key with this name holds a secret: `password`, `api_key`, `client_secret`, `Authorization`,
     `x-auth-token`, `DB_PASSWORD`, `accessToken`, ... but not `max_tokens`, `token_count` or `primary_key`."""
-    # Control characters after the name (`"password\u0000"` of a model's arguments) hid it (QA); `_NAME_TRAIL` is the
-    # same for JSON text.
-    return _SECRET_NAME.search(name[-80:].rstrip(_CONTROL)) is not None
+    # Control characters after the name (`"password\u0000"` of a model's arguments) hid it, and so did U+FFFD (what a
+    # turn makes of a NUL or a lone surrogate in a tool's result) or a zero-width space (QA); `_NAME_TRAIL` is the same
+    # for JSON text.
+    return _SECRET_NAME.search(_bare_name(name[-80:])) is not None
+
+
+def _bare_name(name: str) -> str:
+    """`name` without the invisible characters (`_INVISIBLE`, U+FFFD) at either end."""
+    end = len(name)
+    while end and (name[end - 1] == '\ufffd' or unicodedata.category(name[end - 1]) in _INVISIBLE):
+        end -= 1
+    start = 0
+    while start < end and (name[start] == '\ufffd' or unicodedata.category(name[start]) in _INVISIBLE):
+        start += 1
+    return name[start:end]
 
 
 def json_may_need_redaction(text: str) -> bool:

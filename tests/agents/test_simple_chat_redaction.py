@@ -400,3 +400,17 @@ async def test_a_secret_named_key_with_a_trailing_space_or_control_character_is_
         'more': dict(zip(keys[3:], secrets[3:], strict=True)),
     }
     await _turn_stores_none_of('done', returned, secrets, 'trailing-space-keys')
+
+
+async def test_a_secret_named_key_with_a_nul_a_lone_surrogate_or_an_invisible_mark_is_not_stored(
+    demo_data: None,
+) -> None:
+    # The turn mends NUL and lone surrogates to U+FFFD before the ledger sees the tool's result.
+    secrets = [f'hunter2Zq{n}' for n in range(6)]
+    returned = {
+        'password\x00': secrets[0],
+        'db': {'api_key\ud800': secrets[1]},
+        'as_json_text': json.dumps({'token\u200b': secrets[2]}, ensure_ascii=False),
+        'more': [{'\ufeffsecret': secrets[3]}, {'password\xa0\u200f': secrets[4]}, {'client_secret\u0301': secrets[5]}],
+    }
+    await _turn_stores_none_of('done', returned, secrets, 'invisible-keys')
