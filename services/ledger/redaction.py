@@ -17,7 +17,9 @@ What is caught (rules in `redaction_rules.toml` beside this module, listed by `r
   keys near "aws" or "secret", and the value of any secret-named key (`password`, `passwd`, `pwd`, `secret`,
   `token`, `api_key`, `client_secret`, `authorization`, `cookie`, `credentials`, `*_key` of a known kind...)
   written as `name=value`, `name: value`, `"name": "value"`, `--name value`, `<name>value</name>` or
-  `name is value`;
+  `name is value`, with Markdown emphasis around the name (`**Password:** value`, `__Password__: value`) or as a
+  Markdown table's row (`| password | value |`, a value with a digit or a symbol); SQL's role and user passwords
+  (`ALTER USER x WITH PASSWORD '...'`, `CREATE ROLE ... PASSWORD '...'`, `IDENTIFIED BY '...'`);
 - high-entropy strings, but only where they cannot flood ordinary text: as the value of an upper-case
   `KEY=value` environment line (random-looking: upper and lower case and digits, entropy >= 3.5 bits/char).
 
@@ -174,7 +176,7 @@ def redact(text: str) -> tuple[str, int]:
 # Nested values: JSON-like tool arguments and results, message parts dumped to dicts.
 
 _SECRET_NAME_END = (
-    r'(?i)(?:password|passwd|passphrase|passcode|secret|token|api[_.-]?key|pwd|authorization'
+    r'(?i)(?:password|passwd|passphrase|passcode|secret|token|api[ _.-]?key|pwd|authorization'
     r'|(?:access|account|app|client|consumer|encryption|license|master|private|secret|service|session'
     r'|shared[_.-]?access|signing|storage|subscription|webhook)[_.-]?key'
     r'|(?:^|[^a-z])(?:pass|credentials?|cookie|sig|signature))'

@@ -414,3 +414,23 @@ async def test_a_secret_named_key_with_a_nul_a_lone_surrogate_or_an_invisible_ma
         'more': [{'\ufeffsecret': secrets[3]}, {'password\xa0\u200f': secrets[4]}, {'client_secret\u0301': secrets[5]}],
     }
     await _turn_stores_none_of('done', returned, secrets, 'invisible-keys')
+
+
+async def test_markdown_labels_tables_and_sql_passwords_are_not_stored_nor_summarised(demo_data: None) -> None:
+    secrets = ['Zx9pQ2mLk7ab', 'Qw8eRt5yUi3o', 'Pl0kMnBv9Cxz', 'Mn8bVc7xZl2k', 'Ty6uIo1pAs4d', 'Gh3jKl9zXc2v']
+    said = (
+        'Here are the staging credentials:\n'
+        f'- **Username:** admin\n- **Password:** {secrets[0]}\n- **Database password**: {secrets[1]}\n'
+        f'| Setting | Value |\n|---|---|\n| password | {secrets[2]} |\n'
+        f"SQL: `ALTER USER app WITH PASSWORD '{secrets[3]}';`"
+    )
+    returned = {
+        'notes': f'* **API key:** {secrets[4]}',
+        'sql': f"CREATE USER u IDENTIFIED BY '{secrets[5]}';",
+    }
+    await _turn_stores_none_of(said, returned, secrets, 'markdown')
+    await get_supervisor().join()
+    await refresh_title_and_summary(await account_id(ACCOUNT), 'markdown')
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        title, summary = (await session.execute(text('SELECT title, summary FROM conversations'))).one()
+    assert 'Password:** [REDACTED]' in summary and [s for s in secrets if s in f'{title}\n{summary}'] == []

@@ -957,3 +957,63 @@ def test_a_secret_name_with_an_invisible_character_before_or_after_it_is_still_a
         redacted, count = redact_value({'db': {key: _PLANTED}, 'rows': [{key: 12345}]})
         assert count == 2 and _PLANTED not in json.dumps(redacted), redacted
     assert not is_secret_name('max_tokens' + mark) and not is_secret_name(mark + 'primary_key')
+
+
+# --- Markdown labels and tables, SQL ------------------------------------------------------------------------------
+
+_MARKDOWN_AND_SQL = [
+    '**Password:** {s}',
+    '**Password**: {s}',
+    '* **API key:** {s}',
+    '- **Database password**: {s}',
+    '_Password:_ {s}',
+    '__Password__: {s}',
+    '**Token:** `{s}`',
+    '| password | {s} |',
+    '| **API key** | `{s}` |',
+    "ALTER USER app WITH PASSWORD '{s}';",
+    "CREATE ROLE reporting LOGIN NOINHERIT PASSWORD '{s}' VALID UNTIL 'infinity';",
+    "CREATE USER u IDENTIFIED BY '{s}';",
+    "ALTER USER 'u'@'%' IDENTIFIED WITH mysql_native_password BY '{s}';",
+]
+_TEXT_PLACES = {
+    'line-start': '{t}\nthanks',
+    'alone-on-a-line': 'Here they are:\n{t}\nLet me know.',
+    'after-nul': 'x\x00\n{t}',
+    'after-fffd': 'x\ufffd\n{t}',
+    'after-line-separator': 'x\u2028{t}',
+    'huge': 'lorem ipsum dolor\n' * 40_000 + '{t}\n',
+}
+
+
+@pytest.mark.parametrize('form', _MARKDOWN_AND_SQL)
+@pytest.mark.parametrize('place', [*_TEXT_PLACES, 'inside-json', 'inside-a-dict'])
+def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place: str):
+    secret = 'Zx9pQ2mLk7ab'
+    planted = form.format(s=secret)
+    if place == 'inside-a-dict':
+        redacted_value, count = redact_value({'answer': f'Staging:\n{planted}\n', 'n': 1})
+        redacted = json.dumps(redacted_value)
+    elif place == 'inside-json':
+        text = json.dumps({'answer': f'Staging:\n{planted}\n'})
+        assert json_may_need_redaction(text)
+        redacted, count = redact_text(text)
+        json.loads(redacted)
+    else:
+        redacted, count = redact_text(_TEXT_PLACES[place].replace('{t}', planted))
+    assert count == 1 and secret not in redacted, redacted[-300:]
+    assert REDACTED in redacted
+
+
+@pytest.mark.parametrize(
+    'text',
+    [
+        '| Setting | Description |\n|---|---|\n| password | the one you chose |\n| token | see below |',
+        'echo $PASSWORD | base64 -d\necho $token | sha256sum',
+        '**Password:** see the vault\n**Token**: rotate it',
+        "ALTER USER app WITH PASSWORD '%s';\nALTER ROLE app WITH PASSWORD NULL;",
+        'The password reset is sent by email; identified by their badge.',
+    ],
+)
+def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
+    assert redact_text(text) == (text, 0), find_secrets(text)
