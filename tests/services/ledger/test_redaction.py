@@ -1017,3 +1017,58 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
 )
 def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
     assert redact_text(text) == (text, 0), find_secrets(text)
+
+
+# --- terminal escape sequences and other boundaries before a secret -----------------------------------------------
+
+_ESCAPES = ['\x1b[1m', '\x1b[01;31m', '\x1b[38;5;196m', '\x1b[0;1;32m', '\x1b[K']
+_TOKEN_KINDS = [kind for kind in KINDS if kind.template == '{s}' and kind.rule not in ('secret-assignment',)]
+
+
+@pytest.mark.parametrize('escape', _ESCAPES, ids=ascii)
+@pytest.mark.parametrize('kind', _TOKEN_KINDS, ids=lambda k: k.name)
+def test_a_token_right_after_a_terminal_escape_sequence_is_redacted(kind: Kind, escape: str):
+    coloured = f'{escape}{kind.text}\x1b[0m'
+    places = [
+        coloured,
+        f'Your token:\n{coloured}\n',
+        f'x\x00{coloured}',
+        f'x\ufffd{coloured}',
+        f'x\u2028{coloured}',
+        'lorem ipsum dolor\n' * 20_000 + coloured,
+    ]
+    for text in places:
+        redacted, count = redact_text(text)
+        assert count >= 1 and not [f for f in kind.distinctive() if f in redacted], repr(redacted[-200:])
+        for value in ({'out': text}, [text]):  # inside JSON: `\u001b[1m`
+            as_json = json.dumps(value)
+            assert json_may_need_redaction(as_json)
+            redacted, _ = redact_text(as_json)
+            json.loads(redacted)
+            assert not [f for f in kind.distinctive() if f in redacted], redacted[-200:]
+
+
+@pytest.mark.parametrize(
+    'text',
+    [
+        '\x1b[1mpostgresql://app:Pw0rd-9xYz@db:5432/prod',
+        '\x1b[32mCookie: sessionid=Abcdefgh12345678; theme=dark',
+        '\x1b[1mMY_SERVICE_BLOB=Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56',
+    ],
+)
+def test_a_label_right_after_a_terminal_escape_sequence_still_labels(text: str):
+    redacted, count = redact_text(text)
+    assert count == 1 and REDACTED in redacted and text[:4] == redacted[:4]
+
+
+@pytest.mark.parametrize(
+    'before', ['\x0b', '\x00', '\ufffd', '\u200b', '\u2028', '\xa0', '\u200f', '\ufeff', '\u3000', '\x1b[1m'], ids=ascii
+)
+@pytest.mark.parametrize(
+    ('flag', 'secret'),
+    [('-u admin:{s}', 'Pw0rd!x9Qz'), ('--password {s}', 'Hunter2xyz9'), ('sig={s}&se=2030', 'Ab1Cd2Ef3Gh4Ij5Kl6Mn7')],
+)
+def test_a_flag_or_a_signature_after_an_unusual_boundary_is_redacted(before: str, flag: str, secret: str):
+    for text in (f'x{before}{flag.format(s=secret)}', json.dumps({'cmd': f'x{before}{flag.format(s=secret)}'})):
+        redacted, count = redact_text(text)
+        assert count == 1 and secret not in redacted, repr(redacted)
