@@ -65,6 +65,13 @@ from agentrt.services.tenancy import (
 )
 from agentrt.tools.dependencies import SessionDependencies
 
+CANCELLED_START_WAIT_S = 3.0
+"""How long a turn cancelled during its start (the tenant, the claim, the history: one transaction) waits for the start
+to end before the cancellation goes on: about what the rest of a cancelled turn takes on a database that does not
+answer (a statement gives its connection up in about 2 s, then `RELEASE_WAIT_S`), where the start's own wait is its
+statement's, 35 s (QA: a caller's 5 s timeout ended after 35 s). The start runs on, and its claim is released once it
+ends (`TurnClaim.left_by_its_start`)."""
+
 ENDING_TURN_WAIT_S = 3.0
 """How long a turn's start waits for the conversation's previous turn in this process to let go of it when that turn
 is ending (cancelled) but has not handed its claim to its release yet (`ConcurrentTurnError.ending_here`)."""
@@ -203,6 +210,7 @@ async def _claimed_turn(
 ) -> AsyncIterator[Turn]:
     conversation_id = turn_input.session_id
     claim_id = uuid.uuid4().hex  # minted once: a repeated start finds its own claim taken, not a concurrent turn
+    claims: list[TurnClaim] = []  # the claim the start takes, once it has one (a repeated start: the same claim id)
 
     async def start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
         # On the driver connection (`driver_transaction`): two fixed statements need none of SQLAlchemy's session.
@@ -218,6 +226,7 @@ async def _claimed_turn(
                     'asked for (the account was deleted or renamed since its key was checked)'
                 )
             claim = TurnClaim(tenant.account_id, conversation_id, claim_id, settings.turn_lease_seconds)
+            claims.append(claim)
             store = PostgresConversationStore(tenant.account_id)
             # The claim and the tail in one statement: a second turn on the conversation fails here, sent nothing.
             recent = await load_recent_conversation(
@@ -232,10 +241,27 @@ async def _claimed_turn(
             async with opened[1].held():  # released as the block ends
                 pass
 
-    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken. A claim
-    # committed as the turn is cancelled is released, not left to its lease (`undone_if_cancelled`).
+    def left_running(task: asyncio.Future[object]) -> None:
+        # Its caller is gone: the claim it took (or may have, still to come if it has none yet) is released once it
+        # has ended, and this process's next turn of the conversation takes it over until then.
+        if claims:
+            claims[-1].left_by_its_start(task)
+        else:
+            task.add_done_callback(lambda _: claims[-1].left_by_its_start(task) if claims else None)
+
+    async def opened_start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
+        # A claim committed as the turn is cancelled is released, not left to its lease (`undone_if_cancelled`); a
+        # start the database does not answer is waited for at most CANCELLED_START_WAIT_S once the turn is cancelled.
+        return await undone_if_cancelled(
+            retry_on_disconnect(start, what='turn start'),
+            give_back,
+            wait_s=CANCELLED_START_WAIT_S,
+            left=left_running,
+        )
+
+    # Safe to repeat on a fresh connection: reads, and a claim that is already this turn's counts as taken.
     try:
-        opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
+        opened = await opened_start()
     except ConcurrentTurnError as exc:
         if exc.ending_here is None:
             raise
@@ -245,7 +271,7 @@ async def _claimed_turn(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ENDING_TURN_WAIT_S):
                 await exc.ending_here.wait()
-        opened = await undone_if_cancelled(retry_on_disconnect(start, what='turn start'), give_back)
+        opened = await opened_start()
     if opened is None:  # after the transaction: the error's own session lists what exists (a read: repeatable)
         raise await retry_on_disconnect(
             lambda: unknown_tenant_error(turn_input.account, turn_input.agent_instance), what='tenant lookup'

@@ -270,6 +270,23 @@ class TurnClaim:
                 if waiting:
                     await asyncio.wait(waiting, timeout=RELEASE_WAIT_S)  # never swallows this task's cancellation
 
+    def left_by_its_start(self, start: asyncio.Future[object]) -> None:
+        """The turn's start that takes this claim runs on without its caller (cancelled while the database did not
+        answer, `undone_if_cancelled(wait_s=...)`): until it is released, this process's next turn of the conversation
+        takes the claim over, and once the start has ended the claim is released whatever its outcome: a start that
+        failed may have committed it all the same (its COMMIT in the hands of a server that had not answered). One
+        that succeeded is given back by its undo (`held`), which releases it the same way."""
+        key = (self.account_id, self.conversation_id)
+        _abandoned[key] = self.claim_id
+
+        def ended(task: asyncio.Future[object]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                release = self._start_release()  # idempotent: deletes only this claim, if it is there at all
+                _releasing_for_left_starts.add(release)
+                release.add_done_callback(_releasing_for_left_starts.discard)
+
+        start.add_done_callback(ended)
+
     def _start_release(self) -> asyncio.Task[bool]:
         """The release as a task of its own (not the supervisor's: its few places are shared with post-turn work,
         behind which a release waited while other processes were refused), the claim marked abandoned by this
@@ -488,6 +505,10 @@ RELEASE_WAIT_S = 1.0
 """How long a turn that ends without its save (cancelled, failed) waits for its claim's release: against a database
 that hangs (its connections open and silent) a cancelled turn waited DB_CONNECT_TIMEOUT and the pool's ping, 12 s,
 before Ctrl-C gave the prompt back (QA). Past it the release goes on in a task of its own (`_start_release`)."""
+
+_releasing_for_left_starts: set[asyncio.Task[bool]] = set()
+"""The releases of claims whose starts failed after their callers left (`TurnClaim.left_by_its_start`), referenced
+until they end: nothing else holds them."""
 
 _abandoned: dict[tuple[int, str], str] = {}
 """The claims this process must still release, by (account, conversation): a turn that ended while PostgreSQL was

@@ -8,9 +8,12 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 from pydantic_ai import RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
@@ -18,6 +21,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.toolsets import FunctionToolset
 from sqlalchemy import event, make_url, text
 
+from agentrt.agents.chat_turn import CANCELLED_START_WAIT_S
 from agentrt.agents.errors import DatabaseDisconnectedError, DatabaseUnavailableError
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
 from agentrt.db import engine
@@ -505,6 +509,59 @@ async def test_the_next_turn_after_an_outage_is_not_refused_by_the_claim_the_fai
         rows = await ledger_rows(chat_session_id='long')
         held = await _scalar('SELECT count(*) FROM conversation_turns')
     assert len(rows) == model.requests + 1 and len({row['id'] for row in rows}) == len(rows)
+    assert held == 0
+
+
+@contextmanager
+def _frozen(private: PrivateDatabase) -> Iterator[None]:
+    """Freeze the private server (its postmaster and every backend: a stalled VM, a saturated host) for the block."""
+    postmaster = psutil.Process(int((private.server.data / 'postmaster.pid').read_text().split()[0]))
+    frozen = [postmaster, *postmaster.children()]
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in frozen:
+            process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_turn_cancelled_during_its_start_on_a_frozen_server_ends_within_seconds_and_frees_the_conversation(
+    private: PrivateDatabase, streamed: bool
+) -> None:
+    # The turn's start (tenant, claim, history) ran shielded to its end, so that a claim it committed as the caller
+    # was cancelled is given back: on a server that does not answer, a caller's 5 s timeout ended after 35 s (the
+    # statement's wait), where a turn cancelled later ends within about 3 s (QA). Now the start runs on without its
+    # caller, and the claim it took, or may have, is released once it ends: the next turn of the conversation runs.
+    async def turn(message: str, model: CountingModel) -> ChatResult:
+        if not streamed:
+            return await simple_chat(message, session_id='frozen', account='acme-health', model=model)
+        async with simple_chat_stream(message, session_id='frozen', account='acme-health', model=model) as stream:
+            async for _ in stream:
+                pass
+        assert stream.result is not None
+        return stream.result
+
+    async with private.active():
+        model = CountingModel()
+        first = await turn(QUESTION, model)  # the pool's connections are made, and used within their ping interval
+        await private.settle()
+        with _frozen(private):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1):
+                    await turn('and in Boston?', model)
+            waited = time.monotonic() - started
+        after = await turn('and in Denver?', model)  # not refused as concurrent by the cancelled start's claim
+        for _ in range(100):  # the left start's claim is released in the background once its server answers
+            if await _scalar('SELECT count(*) FROM conversation_turns') == 0:
+                break
+            await asyncio.sleep(0.05)
+        held = await _scalar('SELECT count(*) FROM conversation_turns')
+    # 1 s of timeout, then at most CANCELLED_START_WAIT_S for the start (and a loaded machine's slack).
+    assert waited < 1 + CANCELLED_START_WAIT_S + 2, f'the cancelled turn ended after {waited:.1f}s'
+    assert after.conversation_usage.requests == 2 * first.conversation_usage.requests, 'nothing of the cancelled turn'
     assert held == 0
 
 
