@@ -23,6 +23,11 @@ TaskAttributes = Mapping[str, str | int]
 """Span attributes of a task: the ids it works on (`gen_ai.conversation.id`, `agentrt.account_id`, ...)."""
 
 logger = logging.getLogger('agentrt.background')
+
+OUTAGE_LINE = 'background task %s not done: database unavailable: %s (a later turn does it again)'
+"""The one line of a background task the database being unavailable stopped (arguments: the task, the error's
+message): logged so by the supervisor unless its logger shows debug lines, and by `OutageAsOneLine` from a record
+logged with its traceback."""
 _tracer = trace.get_tracer('agentrt.background')
 
 DEFAULT_MAX_RUNNING = 4
@@ -349,12 +354,18 @@ class TaskSupervisor:
             else:
                 logger.warning('background task %s cancelled after %.3fs', task_name, time.monotonic() - started_at)
             raise
-        except Exception:
+        except Exception as exc:
             self._failed += 1
             elapsed = time.monotonic() - (started_at if started_at is not None else spawned_at)
-            logger.exception(
-                'background task %s failed after %.3fs', task_name, elapsed, extra={'task_name': task_name}
-            )
+            if isinstance(exc, DatabaseUnavailableError) and not logger.isEnabledFor(logging.DEBUG):
+                # An outage's work a later turn does again: one line, in a user's own program too, where nothing
+                # installed `OutageAsOneLine` and each task was an ERROR with ~90 lines of chained traceback (QA). The
+                # error rides on the record (`outage`) for a handler that shows tracebacks on request (`--debug`).
+                logger.warning(OUTAGE_LINE, task_name, exc, extra={'task_name': task_name, 'outage': exc})
+            else:
+                logger.exception(
+                    'background task %s failed after %.3fs', task_name, elapsed, extra={'task_name': task_name}
+                )
             raise
         self._completed += 1
         logger.info('background task %s completed in %.3fs', task_name, time.monotonic() - started_at)
@@ -418,6 +429,8 @@ class OutageAsOneLine(logging.Filter):
     the reason, not an ERROR with a traceback of ~130 lines for each task an outage stops (every turn's own error
     already says the database is away). Any other record passes as it is.
 
+    The supervisor logs that line itself unless `agentrt.background` shows debug lines; then it logs the failure
+    with its traceback, which this filter makes the same line (`keep_traceback`: with the traceback under it).
     `agentrt serve` puts it on its handlers (`keep_traceback` at `--log-level debug`); the CLI's commands have their
     own one-line handling.
     """
@@ -432,7 +445,7 @@ class OutageAsOneLine(logging.Filter):
         reason = _outage_reason(record) if task else None
         if reason is not None:
             record.levelno, record.levelname = logging.WARNING, 'WARNING'
-            record.msg, record.args = 'background task %s not done: database unavailable: %s', (task, reason)
+            record.msg, record.args = OUTAGE_LINE, (task, reason)
             if not self.keep_traceback:
                 record.exc_info, record.exc_text = None, None
         return True

@@ -118,6 +118,15 @@ def _one_line_unless_debug(record: logging.LogRecord) -> bool:
     cancels the command: the pool discards it) is not shown."""
     from agentrt.services.log_redaction import redact_record
 
+    outage = record.__dict__.get('outage')  # the supervisor's own line for it (`OUTAGE_LINE`), its error on the record
+    if isinstance(outage, BaseException) and not record.exc_info:
+        if not debug_enabled():
+            record.msg, record.args = (
+                f'background task {record.__dict__.get("task_name")} not done: database unavailable',
+                None,
+            )
+            return True
+        record.exc_info = (type(outage), outage, outage.__traceback__)  # `--debug`: with its traceback, as any failure
     redact_record(record)  # the traceback becomes `exc_text`, its last line `exc_line`, its class `exc_class`
     failure = record.__dict__.get('exc_class')
     if failure is not None and not debug_enabled():

@@ -6,8 +6,11 @@ import asyncio
 import gc
 import logging
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -28,6 +31,7 @@ from agentrt.services.background import (
     get_supervisor,
 )
 from tests.conftest import TEST_MAX_OVERFLOW, TEST_POOL_SIZE
+from tests.programs import untraced_env
 
 LOGGER = 'agentrt.background'
 
@@ -159,6 +163,57 @@ async def test_failing_task_is_logged_with_duration_and_traceback(caplog: pytest
     # Nobody awaited the failing task, yet asyncio has nothing to complain about.
     assert not [r for r in caplog.records if r.name == 'asyncio']
     assert pool_status().checked_out == 0
+
+
+# A user's own program, with no logging set up: Python's last-resort handler prints what the supervisor logs at
+# WARNING and above. The outage is as a session reports one (a DatabaseUnavailableError from the driver's error).
+USER_PROGRAM = """
+import asyncio
+import agentrt.agents.simple_chat  # what a user's program imports (it puts the log redaction on the runtime's loggers)
+from agentrt.db.errors import DatabaseUnavailableError
+from agentrt.services.background import get_supervisor
+
+async def rollup():
+    try:
+        raise FileNotFoundError(2, 'No such file or directory')
+    except FileNotFoundError as exc:
+        raise DatabaseUnavailableError(
+            'cannot connect to PostgreSQL: no server is listening on its Unix socket'
+        ) from exc
+
+async def broken():
+    raise RuntimeError('a bug')
+
+async def main():
+    get_supervisor().spawn(rollup, name='usage rollup', attributes={'agentrt.account_id': 1})
+    get_supervisor().spawn(broken, name='broken')
+    await get_supervisor().join()
+
+asyncio.run(main())
+"""
+
+
+def test_a_task_an_outage_stops_is_one_warning_line_in_a_users_own_program(tmp_path: Path) -> None:
+    # Each usage roll-up during an outage printed "background task usage rollup (...) failed after 0.001s" and ~90
+    # lines of chained traceback in a user's own program: only the CLI and `agentrt serve` install the filter that
+    # makes it one line (QA). Another failure keeps its traceback.
+    done = subprocess.run(
+        [sys.executable, '-c', USER_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=untraced_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    outage = [line for line in done.stderr.splitlines() if 'usage rollup' in line or 'Unix socket' in line]
+    assert outage == [
+        'background task usage rollup (account 1) not done: database unavailable: cannot connect to PostgreSQL: '
+        'no server is listening on its Unix socket (a later turn does it again)'
+    ], done.stderr
+    assert 'FileNotFoundError' not in done.stderr
+    assert 'background task broken failed after' in done.stderr and done.stderr.count('Traceback') == 1
 
 
 async def test_awaiting_a_failed_task_reraises_its_error() -> None:
