@@ -104,6 +104,7 @@ async def _chat(
         await _seed_demo_if_empty(account)
         if message is not None:
             await _turn(message, session_id, account, agent, model, delay)
+            _saved(f'the turn was saved (session {session_id})')
             return
         from agentrt.agents.cli.chat_input import TerminalLines, history_path, open_line_source
         from agentrt.agents.cli.chat_loop import converse
@@ -116,6 +117,8 @@ async def _chat(
         conversed = await converse(
             lines, lambda line: _turn(line, session_id, account, agent, model, delay), turn_errors(), reader_left
         )
+        ended = f'the conversation ended (session {session_id})'
+        _saved(ended)
         if conversed.last_error is not None and not isinstance(lines, TerminalLines):
             # Lines from a pipe or a file: the script that fed them reads the exit code, not the error lines (an
             # answer Ctrl-C stopped, unsaved, exited 0 with no line saying so).
@@ -124,9 +127,22 @@ async def _chat(
                 f'{conversed.failed + conversed.stopped} of {conversed.turns} turns failed{stopped}; '
                 "the exit code is the last failed one's"
             )
-            raise typer.Exit(exit_code_of(conversed.last_error) or EXIT_FAILURE)
+            code = exit_code_of(conversed.last_error) or EXIT_FAILURE
+            _saved(ended, code)
+            raise typer.Exit(code)
     finally:
         await shutdown_runtime()
+
+
+def _saved(what: str, code: int = 0) -> None:
+    """The chat's work is saved (`what`): a stop signal from now on (its clean-up, the event loop's end, the exit) says
+    so and ends the command with `code`. It exited 130 with "nothing in progress was saved" after the summary line,
+    and a script that read that as "send it again" added the turn twice (QA)."""
+    support.work_done(
+        f'interrupted after {what}: only its clean-up was cut short (background work such as the usage rollup or '
+        'the title, which a later turn does again)',
+        code,
+    )
 
 
 async def _seed_demo_if_empty(account: str) -> None:

@@ -299,6 +299,22 @@ async def operator_session(operation: Callable[[AsyncSession], Awaitable[T]], *,
         await close_database()
 
 
+_work_done: tuple[str, int] | None = None
+
+
+def work_done(note: str, code: int = 0) -> None:
+    """The command's work is done and saved (`agentrt chat`'s turn): a stop signal from now on cuts only its clean-up
+    (background work, the pool's close, the event loop's end), so `report` prints `note` instead of "nothing in
+    progress was saved" and the command ends with `code` (its work's), not 128 + the signal.
+
+    Args:
+        note: the line that says what was saved and what the stop cut.
+        code: the exit code the work ended with (0, or a piped chat's last failure's).
+    """
+    global _work_done
+    _work_done = (note, code)
+
+
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     """Run a command's coroutine to completion; SIGTERM and SIGHUP stop it as Ctrl-C does.
 
@@ -308,6 +324,9 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: An
     stopped by the last process using it. Errors go to the CLI's error boundary (`AgentrtGroup`).
     """
     import asyncio  # here: `agentrt --help` and `--version` do without it
+
+    global _work_done
+    _work_done = None  # a command of its own (the in-process test runner runs several in one process)
 
     # The log filter's own module first, in the main thread: OpenTelemetry's SDK logs from a thread of its own while it
     # is being imported (pydantic-ai imports it), and the filter importing this then, while the main thread held the
@@ -410,6 +429,11 @@ def report(exc: BaseException) -> int:
         # Its control characters written out (a provider's error text is the provider's: `ESC]0;...` retitled the
         # terminal of whoever turned `--debug` on to see why it failed); the traceback's own lines kept.
         print(visible(redacted(''.join(traceback.format_exception(exc)))), end='', file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt | Stopped) and _work_done is not None:
+        note, work_code = _work_done
+        with suppress(OSError):  # a stderr that cannot be written, as `error_line`
+            err_console.print(note, highlight=False, markup=False, soft_wrap=True)
+        return work_code
     if isinstance(exc, KeyboardInterrupt):
         error_line('interrupted; nothing in progress was saved', redact=False)
         return EXIT_SIGNAL_BASE + signal.SIGINT

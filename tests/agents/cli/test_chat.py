@@ -276,6 +276,65 @@ async def test_a_piped_chat_whose_answer_ctrl_c_stopped_says_so_and_exits_130(
     assert prompts == ['and in Boston?']
 
 
+# The usage rollup the turn leaves, held (it says when it runs): the chat's clean-up is waiting for it at the stop.
+_SLOW_ROLLUP_CHAT = """
+import asyncio, os, sys
+from agentrt.services import post_turn
+
+async def held_rollup(*args, **kwargs):
+    os.write(2, b'rollup running\\n')
+    await asyncio.sleep(60)
+
+post_turn.roll_up_account_usage = held_rollup
+from agentrt.agents.cli_entry import main
+main()
+"""
+
+
+def _chat_stopped_after_its_summary(database_url: str, session_id: str, signal_number: int) -> tuple[int, str, str]:
+    """`agentrt chat QUESTION`, the signal sent once the summary line is out, while the clean-up waits on the rollup."""
+    env = {**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'}
+    command = [sys.executable, '-c', _SLOW_ROLLUP_CHAT, 'chat', QUESTION, '--delay', '0', '--session', session_id]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        said = b''
+        while b'rollup running\n' not in said:
+            chunk = process.stderr.read1(4096)
+            assert chunk, 'the chat ended before its rollup ran'
+            said += chunk
+        answered = b''
+        while f'session {session_id}\n'.encode() not in answered:  # the summary line: the turn is saved
+            chunk = process.stdout.read1(4096)
+            assert chunk, 'the chat ended before its summary line'
+            answered += chunk
+        process.send_signal(signal_number)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    return process.returncode, (answered + out).decode(), (said + err).decode()
+
+
+async def test_a_ctrl_c_after_the_turn_was_saved_says_so_and_exits_0(demo_data: None, database_url: str) -> None:
+    # A Ctrl-C just after the summary line, while the clean-up waited on the usage rollup: exit 130 and "stopped by
+    # SIGINT; nothing in progress was saved", though the turn was saved; a script sending it again added it twice (QA).
+    code, out, err = await asyncio.to_thread(
+        _chat_stopped_after_its_summary, database_url, 'saved-then-int', signal.SIGINT
+    )
+    assert 'session saved-then-int' in out
+    assert 'interrupted after the turn was saved (session saved-then-int): only its clean-up was cut short' in err
+    assert 'nothing in progress was saved' not in err and 'error:' not in err, err
+    assert code == 0, err
+    stored = await PostgresConversationStore(await account_id('acme-health')).load('saved-then-int')
+    assert stored is not None
+    prompts = [part.content for m in stored.messages for part in m.parts if isinstance(part, UserPromptPart)]
+    assert prompts == [QUESTION]
+
+
 def _chat_read_by_head(database_url: str, session_id: str, lines: bytes | None = None) -> tuple[int, bytes, str]:
     """`agentrt chat QUESTION | head -c 20` (or `... lines | agentrt chat | head -c 20`): the reader takes 20 bytes
     and closes its end of the pipe, the answer still streaming (the demo model pauses between words)."""

@@ -200,6 +200,28 @@ async def test_ctrl_c_during_a_command_says_what_it_stopped(monkeypatch: pytest.
     assert result.stderr == 'error: stopped by SIGINT; nothing in progress was saved\n'
 
 
+@pytest.mark.parametrize('code', [0, 8])
+async def test_a_stop_after_the_commands_work_was_saved_says_so_and_keeps_its_exit_code(
+    code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ctrl-C landing after `agentrt chat` saved its turn, as asyncio.run ended (its remaining tasks cancelled, after
+    # the command's coroutine returned): "stopped by SIGINT; nothing in progress was saved", exit 130 (QA).
+    calls: list[int] = []
+
+    async def saved_then_interrupted() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            support.work_done('interrupted after the work was saved', code)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr('agentrt.agents.cli.database._status', saved_then_interrupted)
+    result = await invoke('db', 'status')
+    assert result.exit_code == code
+    assert result.stderr == 'interrupted after the work was saved\n'
+    again = await invoke('db', 'status')  # the next command starts afresh: its stop saved nothing
+    assert again.exit_code == 130 and 'nothing in progress was saved' in again.stderr
+
+
 def test_a_libraries_warning_is_one_log_line_without_its_source() -> None:
     # Python printed it as it is: file, line number, the source line, the warning's own several lines (QA: pydantic's
     # serializer warnings over a tool's odd result, pydantic-ai's usage it could not read, in a chat's output).
