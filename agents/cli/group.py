@@ -23,7 +23,7 @@ from agentrt.agents.cli.pipes import reader_may_leave
 from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, EXIT_USAGE, Stopped, err_console, error_line, report
 from agentrt.agents.cli_entry import stopped_server
 
-__all__ = ['AgentrtGroup', 'LazyCommand']
+__all__ = ['AgentrtGroup', 'LazyCommand', 'ScriptCommand']
 
 
 def _flags_take_no_value() -> None:
@@ -122,39 +122,68 @@ class AgentrtGroup(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        with reader_may_leave() as output:
-            code = self._main(args, prog_name, complete_var, **extra)
-        if output is not None and output.not_written is not None and code == 0:
-            error_line(
-                f'the output could not be written ({output.not_written}); the command ran to its end', redact=False
-            )
-            code = 1
-        if not standalone_mode:
-            return code
-        raise SystemExit(code)
+        return _bounded(
+            lambda: super(AgentrtGroup, self).main(args, prog_name, complete_var, standalone_mode=False, **extra),
+            args,
+            standalone_mode,
+        )
 
-    def _main(self, args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click_exceptions.NoArgsIsHelpError as exc:
-            typer.echo(exc.ctx.get_help() if exc.ctx else '')
-            code = EXIT_USAGE
-        except click_exceptions.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx else 'agentrt'
-            error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
-            code = EXIT_USAGE
-        except click_exceptions.ClickException as exc:
-            error_line(exc.format_message(), redact=False)
-            code = exc.exit_code
-        except typer.Abort:
-            error_line('interrupted', redact=False)
-            code = EXIT_SIGNAL_BASE + signal.SIGINT
-        except BaseException as exc:  # the boundary: everything a command raised ends here
-            if isinstance(exc, SystemExit):
-                raise
-            if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
-                # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
-                err_console.print(exc.before_start(server), highlight=False)
-                return 0
-            code = report(exc)
-        return code if isinstance(code, int) else 0
+
+class ScriptCommand(TyperCommand):
+    """A command of `agentrt` run on its own by a script of `scripts/` (`seed_demo_data.py` is `agentrt db seed`),
+    inside the same error boundary: its usage line and its errors' hints name the script as it is run
+    (`seed_demo_data.py [OPTIONS]`), not a command path the script does not take (`seed_demo_data.py db seed`)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        return _bounded(
+            lambda: super(ScriptCommand, self).main(args, prog_name, complete_var, standalone_mode=False, **extra),
+            args,
+            standalone_mode,
+        )
+
+
+def _bounded(main: Callable[[], Any], args: Sequence[str] | None, standalone_mode: bool) -> Any:
+    """Run a command's click `main` (not standalone) inside the error boundary; exit with its code when
+    `standalone_mode`, else return it."""
+    with reader_may_leave() as output:
+        code = _boundary(main, args)
+    if output is not None and output.not_written is not None and code == 0:
+        error_line(f'the output could not be written ({output.not_written}); the command ran to its end', redact=False)
+        code = 1
+    if not standalone_mode:
+        return code
+    raise SystemExit(code)
+
+
+def _boundary(main: Callable[[], Any], args: Sequence[str] | None) -> int:
+    try:
+        code = main()
+    except click_exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else '')
+        code = EXIT_USAGE
+    except click_exceptions.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else 'agentrt'
+        error_line(f"{exc.format_message()} (see '{where} --help')", redact=False)
+        code = EXIT_USAGE
+    except click_exceptions.ClickException as exc:
+        error_line(exc.format_message(), redact=False)
+        code = exc.exit_code
+    except typer.Abort:
+        error_line('interrupted', redact=False)
+        code = EXIT_SIGNAL_BASE + signal.SIGINT
+    except BaseException as exc:  # the boundary: everything a command raised ends here
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, Stopped) and (server := stopped_server(sys.argv[1:] if args is None else args)):
+            # Stopped before its own handling took over (the CLI still loading it): a stop ends it, as later.
+            err_console.print(exc.before_start(server), highlight=False)
+            return 0
+        code = report(exc)
+    return code if isinstance(code, int) else 0
