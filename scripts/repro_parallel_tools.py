@@ -1,8 +1,10 @@
 """Repro: parallel tool calls on one shared AsyncSession fail; a session per tool fixes it, and is faster.
 
 (a) legacy pattern: the deps hold one AsyncSession; the model asks for two tools in one response;
-    pydantic-ai runs them concurrently and SQLAlchemy raises its concurrent-operations error. The
-    cost-tracking write on that same session fails too, and the session cannot be closed cleanly.
+    pydantic-ai runs them concurrently and SQLAlchemy raises its concurrent-operations error, which fails
+    the run after its model request was made: the cost-tracking write that follows it on that same session
+    never happens, so the request's billing data is lost. The session still closes, and no connection
+    stays checked out (both printed).
 (b) the runtime's pattern: each tool opens `async with get_db_session()`; the same turn succeeds and
     the cost row is written in its own session.
 (c) tools that each spend a fixed time in the database (pg_sleep), run in parallel and sequentially.

@@ -29,6 +29,7 @@ def test_repro_script_reproduces_failure_and_fix(demo_data: None, database_url: 
     out = result.stdout
     assert 'concurrent operations are not permitted' in out
     assert 'cost rows written: 0 -> billing data lost' in out
+    assert 'session.close(): ok' in out and 'connections still checked out afterwards: 0' in out  # as --help says
     assert 'run succeeded' in out and 'cost rows written: 1' in out
     assert 'speed-up:' in out
     assert 'failure reproduced=True, fix works=True' in out
@@ -69,6 +70,11 @@ def test_repro_script_help_runs_nothing_and_unknown_options_are_refused() -> Non
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert '--quick' in shown.stdout and '(a) legacy pattern' in shown.stdout
     assert '(a) legacy: one AsyncSession' not in shown.stdout  # part (a) never ran
+    # What it says of (a) is what a run shows: it said the shared session "cannot be closed cleanly", while every run
+    # printed `session.close(): ok` and no connection checked out (QA).
+    described = ' '.join(shown.stdout.split())
+    assert 'cannot be closed' not in described
+    assert 'The session still closes, and no connection stays checked out (both printed)' in described
     bogus = subprocess.run([sys.executable, script, '--bogus'], capture_output=True, text=True, timeout=60, check=False)
     assert bogus.returncode == 2, bogus.stdout + bogus.stderr
     assert 'unrecognized arguments: --bogus' in bogus.stderr and bogus.stdout == ''
