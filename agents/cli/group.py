@@ -46,6 +46,32 @@ def _flags_take_no_value() -> None:
 _flags_take_no_value()
 
 
+def _usage_errors_name_their_command() -> None:
+    """Give a usage error its command's context when the parser raised it without one.
+
+    typer's vendored click raises "Option '--session' requires an argument." with no context, so the boundary's hint
+    named the root's help (`see 'agentrt --help'`) where every other usage error of `agentrt chat` names `agentrt
+    chat --help` (QA): the context of the command whose arguments were being parsed is the one to name.
+    """
+    parse_args = Command.parse_args
+    if getattr(parse_args, 'names_its_command', False):  # done
+        return
+
+    def parse_naming_the_command(self: Command, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            return parse_args(self, ctx, args)
+        except click_exceptions.UsageError as exc:
+            if exc.ctx is None:
+                exc.ctx, exc.cmd = ctx, ctx.command
+            raise
+
+    parse_naming_the_command.names_its_command = True  # type: ignore[attr-defined]
+    Command.parse_args = parse_naming_the_command  # type: ignore[method-assign]
+
+
+_usage_errors_name_their_command()
+
+
 @dataclass(frozen=True)
 class LazyCommand:
     """A command of `agentrt`, imported only when it runs (or its own `--help` is asked for).
