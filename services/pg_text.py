@@ -151,8 +151,8 @@ def describe_char(char: str) -> str:
 
 
 def preview(value: str) -> str:
-    """`value` quoted for an error message: its secrets redacted, then at most 40 characters, escaped, so it prints on
-    any terminal.
+    """`value` quoted for an error message: its secrets redacted, then at most 40 characters, each one a terminal
+    shows as itself (`été`, `東京`) kept, the others escaped (`\\x00`, `\\u202e`), so it prints on any terminal.
 
     Redacted before the cut: a key pasted as an id or a name, cut at 40 characters, no longer has the shape a rule
     knows, and the redaction of the whole message (the CLI's error line, the API's error body) showed its start.
@@ -160,5 +160,16 @@ def preview(value: str) -> str:
     from agentrt.services.ledger.redaction import redact_text  # only on an error: the rules cost an import
 
     value = redact_text(value)[0]
-    shown = value[:40].encode('unicode_escape').decode('ascii').replace("'", "\\'")
+    shown = ''.join(_previewed(char) for char in value[:40])
     return f"'{shown}'" + ('...' if len(value) > 40 else '')
+
+
+def _previewed(char: str) -> str:
+    """`char` as `preview` shows it: as itself when printable (`str.isprintable`), else escaped: a control or format
+    character (a direction override, a zero-width space), a separator (U+2028, a no-break space), a lone surrogate.
+    Every non-ASCII character was escaped, so `été` read `\\xe9t\\xe9` beside its own `(U+00E9 'é')` (QA)."""
+    if char in ('\\', "'"):  # the quote and the escape character itself: an escape in the preview is always one
+        return '\\' + char
+    if char.isprintable():
+        return char
+    return char.encode('unicode_escape').decode('ascii')

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from agentrt.db.errors import InvalidInputError
-from agentrt.services.pg_text import checked_identifier, is_storable, is_storable_value, storable, storable_text
+from agentrt.services.pg_text import (
+    checked_identifier,
+    is_storable,
+    is_storable_value,
+    preview,
+    storable,
+    storable_text,
+)
 
 
 def test_storable_text_replaces_only_nul_and_lone_surrogates() -> None:
@@ -54,3 +61,22 @@ def test_an_identifier_refused_shows_none_of_a_secret_pasted_into_it() -> None:
         assert key[:12] not in message and key[-12:] not in message, message
     with pytest.raises(InvalidInputError, match="'plain-id") as refused:
         checked_identifier('plain-id\x00', 'conversation id')
+
+
+@pytest.mark.parametrize(
+    ('value', 'shown'),
+    [
+        # Printable: as it is. Every non-ASCII character was escaped, `été` shown as '\xe9t\xe9' (QA).
+        ('été', "'été'"),
+        ('東京 \U0001f600 e\u0301', "'東京 \U0001f600 e\u0301'"),
+        # Not printable: escaped, whatever a terminal would do with it.
+        ('a\x00b\x1b[2J\x7f\t', "'a\\x00b\\x1b[2J\\x7f\\t'"),
+        ('x\u202ey\u200bz\ufeff', "'x\\u202ey\\u200bz\\ufeff'"),  # a direction override, zero-width, a BOM
+        ('a\u2028b\u2029c\xa0d', "'a\\u2028b\\u2029c\\xa0d'"),  # separators
+        ('caf\udce9', "'caf\\udce9'"),  # a lone surrogate
+        # The quote and the escape character: an escape in a preview is always one.
+        ("it's a\\x00", "'it\\'s a\\\\x00'"),
+    ],
+)
+def test_preview_shows_printable_characters_as_they_are_and_escapes_the_others(value: str, shown: str) -> None:
+    assert preview(value) == shown
