@@ -220,7 +220,10 @@ class TerminalLines:
         self._untaken = 0  # characters typed or pasted past `max_chars` into the line being read
         self._taking = False  # an insertion of `_take` is under way
         self._message = HTML('<ansicyan><b>you&gt;</b></ansicyan> ')
-        stored = _private_file(history) if history is not None else None
+        # The default file's directory (beside the data directory) is made when missing; the one of a file
+        # AGENTRT_CHAT_HISTORY names must exist: `/nonexistent/dir/hist` made `/nonexistent/dir/`, as root (QA).
+        make_parents = os.environ.get(HISTORY_ENV) is None
+        stored = _private_file(history, make_parents=make_parents) if history is not None else None
         self._history_path = history
         self._history_file = _kept_history(stored) if isinstance(stored, Path) else None
         # A file refused at the start is said as one whose write fails is: a directory named by AGENTRT_CHAT_HISTORY
@@ -389,13 +392,16 @@ def _kept_history(path: Path) -> FileHistory:
     return KeptHistory(str(path))
 
 
-def _private_file(path: Path) -> Path | str:
+def _private_file(path: Path, *, make_parents: bool = True) -> Path | str:
     """`path`, created if missing with owner-only permissions (what is typed may be private), an existing one of ours
-    made owner-only; else why it is not used: it cannot be, it is a symlink, not a file, or another user's (a
-    `chat-history` beside a data directory under `/tmp` is a name anyone could have taken first, to read what is
-    typed)."""
+    made owner-only; else why it is not used: it cannot be, its directory does not exist (and `make_parents` is
+    False), it is a symlink, not a file, or another user's (a `chat-history` beside a data directory under `/tmp` is a
+    name anyone could have taken first, to read what is typed)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            return f'its directory {path.parent} does not exist'
         fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
         try:
             status = os.fstat(fd)

@@ -48,3 +48,14 @@ def test_a_history_file_another_user_made_first_is_not_used(tmp_path: Path) -> N
 
 def test_a_history_path_that_is_a_directory_is_not_used(tmp_path: Path) -> None:
     assert _private_file(tmp_path) == 'Is a directory'
+
+
+def test_a_history_file_whose_directory_is_missing_is_not_used_unless_its_directory_may_be_made(
+    tmp_path: Path,
+) -> None:
+    # AGENTRT_CHAT_HISTORY=/nonexistent/dir/hist made `/nonexistent/dir/` (as root): only the default location's
+    # directory is made (QA).
+    path = tmp_path / 'nonexistent' / 'dir' / 'hist'
+    assert _private_file(path, make_parents=False) == f'its directory {path.parent} does not exist'
+    assert not (tmp_path / 'nonexistent').exists()
+    assert _private_file(path) == path

@@ -149,6 +149,22 @@ async def test_a_history_file_that_cannot_be_written_is_said_once_and_the_chat_g
     assert told.count('chat history: cannot use') == 1 and str(history) in told and 'in memory only' in told
 
 
+async def test_a_configured_history_file_in_a_missing_directory_is_said_and_the_directory_not_made(
+    keys: PipeInput, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AGENTRT_CHAT_HISTORY=/nonexistent/dir/hist silently made `/nonexistent/dir/` (the chat ran as root), where a
+    # path mistyped is to be said: one warning naming the variable, the lines kept in memory (QA).
+    history = tmp_path / 'nonexistent' / 'dir' / 'hist'
+    monkeypatch.setenv('AGENTRT_CHAT_HISTORY', str(history))
+    lines = TerminalLines(history)
+    keys.send_text('first\r')
+    assert await lines.read() == 'first'
+    told = ' '.join(capsys.readouterr().err.split())
+    assert f'chat history: cannot use {history} (its directory {history.parent} does not exist)' in told, told
+    assert 'in memory only (AGENTRT_CHAT_HISTORY names another file, empty for none)' in told
+    assert not (tmp_path / 'nonexistent').exists()
+
+
 @pytest.mark.parametrize('kind', ['directory', 'symlink'])
 async def test_a_history_file_refused_at_the_start_is_said_once_before_the_first_prompt(
     keys: PipeInput, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
