@@ -19,12 +19,17 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from agentrt.db.errors import ConfigError
+from agentrt.db.pg_environment import (
+    SSL_MODES,
+    TARGET_SESSION_ATTRS,
+    TLS_VERSIONS,
+    check_asyncpg_environment,
+    check_libpq_environment,
+)
 
 _POSTGRES_DRIVERS = {'postgresql', 'postgres', 'postgresql+asyncpg'}
 # Placeholders in angle brackets: `user:pass@` reads as a password in a URL, and every error line shown is redacted.
 _EXAMPLE = 'expected postgresql://<user>:<password>@<host>:5432/<database>'
-SSL_MODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
-TARGET_SESSION_ATTRS = ('any', 'primary', 'standby', 'prefer-standby', 'read-write', 'read-only')
 
 # libpq parameters asyncpg reads from a DSN of its own (the SSL files are checked to exist).
 _DSN_PARAMETERS = {
@@ -35,8 +40,8 @@ _DSN_PARAMETERS = {
     'sslcrl': None,
     'sslpassword': None,
     'sslnegotiation': ('postgres', 'direct'),
-    'ssl_min_protocol_version': ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'),
-    'ssl_max_protocol_version': ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'),
+    'ssl_min_protocol_version': TLS_VERSIONS,
+    'ssl_max_protocol_version': TLS_VERSIONS,
     'passfile': None,
     'krbsrvname': None,
     'gsslib': ('gssapi', 'sspi'),
@@ -139,6 +144,9 @@ def parse_database_url(value: str) -> URL:
         _check_port(_integer(port, 'port'), 'the port parameter')
     _check_cache_size(url)
     stripped, _ = asyncpg_connect_args(url)  # every parameter checked now, not at the first connection
+    # The job queue's libpq reads variables asyncpg does not (never for the embedded server's URLs, which are not
+    # parsed here and name each setting: `agentrt.db.pg_environment`).
+    check_libpq_environment(_named(url))
     _check_host_list(stripped.set(drivername='postgresql+asyncpg'))
     return url.set(drivername='postgresql+asyncpg')
 
@@ -294,13 +302,20 @@ def asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
         # asyncpg takes `ssl` over `sslmode`, where the start-up check read `sslmode`: `sslmode=verify-full&ssl=disable`
         # connected without TLS (QA); one spelling only.
         raise ConfigError("DATABASE_URL gives both sslmode and ssl (SQLAlchemy's spelling of it): give one")
-    _check_root_certificate(*_ssl_mode(dsn, args), dsn)
+    setting, mode = _ssl_mode(dsn, args)
+    check_asyncpg_environment(_named(url), mode)
+    _check_root_certificate(setting, mode, dsn)
     if dsn:
         args['dsn'] = 'postgresql://?' + urlencode(dsn)
     if server_settings:
         args['server_settings'] = server_settings
     kept = {name: raw for name, raw in url.query.items() if name in _URL_PARAMETERS}
     return url.set(query=kept), args
+
+
+def _named(url: URL) -> set[str]:
+    """The parameters `url` names (SQLAlchemy's `ssl` as libpq's `sslmode`), whose variables the drivers leave."""
+    return {'sslmode' if name == 'ssl' else name for name in url.query}
 
 
 def libpq_uri(url: URL, *, hide_password: bool = False) -> str:

@@ -70,6 +70,7 @@ from agentrt.db.embedded_wheel import (
 )
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.forks import forget_in_child
+from agentrt.db.pg_environment import EMBEDDED_PARAMETERS
 from agentrt.db.processes import process_start, same_process
 
 logger = logging.getLogger('agentrt.db')
@@ -121,14 +122,15 @@ class EmbeddedServer:
     """Whether this start made the cluster (the directory's first use)."""
 
     def url(self, database: str = 'postgres') -> URL:
-        """SQLAlchemy URL (asyncpg driver) for this server's Unix socket. Its `sslmode=disable` keeps a `PGSSLMODE`
-        of the environment, meant for another server, from asyncpg and libpq: `verify-full` failed every start, as
-        a root certificate missing, though a socket has no TLS (qa174)."""
+        """SQLAlchemy URL (asyncpg driver) for this server's Unix socket. It names every setting asyncpg would
+        otherwise read from the environment (`EMBEDDED_PARAMETERS`: `sslmode=disable`, `sslnegotiation=postgres`...),
+        whose `PG*` variables are meant for another server: `PGSSLMODE=verify-full` failed every start, as a root
+        certificate missing, though a socket has no TLS (qa174), and so did `PGSSLNEGOTIATION=direct` (QA)."""
         return URL.create(
             'postgresql+asyncpg',
             username='postgres',
             database=database,
-            query={'host': str(self.socket_dir), 'port': str(self.port), 'sslmode': 'disable'},
+            query={'host': str(self.socket_dir), 'port': str(self.port), **EMBEDDED_PARAMETERS},
         )
 
 

@@ -473,6 +473,16 @@ def test_the_database_url_parameters_are_the_ones_it_takes() -> None:
     assert {name for name in database_url._REFUSED if name not in named and name.split('_')[0] not in named} == set()
 
 
+def test_the_pg_variables_checked_are_the_ones_the_readme_names() -> None:
+    from agentrt.db import pg_environment
+
+    text = README.read_text()
+    paragraph = text[text.index('The `PG*` variables of the environment') :].split('\n\n')[0]
+    named = set(re.findall(r'`(PG[A-Z_]+)', paragraph))
+    checked = {*pg_environment._ASYNCPG_READS, *pg_environment._LIBPQ_READS, *pg_environment._LIBPQ_ONLY}
+    assert checked | {'PGCONNECT_TIMEOUT', 'PGSSLMODE'} <= named
+
+
 def test_the_python_version_the_readme_asks_for_is_the_packages() -> None:
     required = re.search(r"requires-python = '>=(3\.\d+)'", (_ROOT / 'pyproject.toml').read_text())
     assert required is not None and f'Python {required.group(1)} or later' in README.read_text()

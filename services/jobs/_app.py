@@ -19,6 +19,7 @@ from agentrt.db.errors import ConfigError, DatabaseUnavailableError
 from agentrt.db.failures import causes, pooler_refusal
 from agentrt.db.forks import forget_in_child
 from agentrt.db.loop_lock import LockPerLoop
+from agentrt.db.pg_environment import embedded_libpq_parameters
 from agentrt.db.settings import Settings, parse_database_url
 from agentrt.db.setup_failures import login_error, login_refused, setting_error
 from agentrt.services.jobs._manager import QueueJobManager
@@ -209,15 +210,21 @@ forget_in_child(_forget_the_parents)
 def queue_conninfo(settings: Settings, engine_url: URL, *, hide_password: bool = False) -> str:
     """The libpq URL of the queue: `AGENTRT_QUEUE_DATABASE_URL`, else `DATABASE_URL`, else the embedded server's
     (`hide_password`: `***` for the password, for a message)."""
-    given = settings.queue_database_url or settings.database_url
-    # The embedded server's socket: no TLS, whatever the environment's PGSSLMODE / PGSSLROOTCERT say for another
-    # server, which libpq reads when the URL names none (the engine's URL has its `sslmode=disable` moved to asyncpg's
-    # arguments): `PGSSLROOTCERT=system` refused every mode but verify-full, and the queue never connected (QA). An
-    # empty `sslrootcert` keeps the variable out.
-    url = (
-        parse_database_url(given) if given else engine_url.update_query_dict({'sslmode': 'disable', 'sslrootcert': ''})
-    )
+    url = _queue_url(settings, engine_url)
+    if not (settings.queue_database_url or settings.database_url):
+        # The embedded server's socket: every setting libpq would otherwise read from the environment is named, so
+        # `PG*` variables meant for another server leave it alone (the engine's URL has its own moved to asyncpg's
+        # arguments): `PGSSLROOTCERT=system`, `PGGSSENCMODE=require`, `PGCHANNELBINDING=require`... failed each of
+        # the queue's connections, and post-turn jobs were dropped (QA). An empty value keeps a variable out.
+        url = url.update_query_dict(embedded_libpq_parameters(psycopg.pq.version(), settings.connect_timeout))
     return libpq_uri(url, hide_password=hide_password)
+
+
+def _queue_url(settings: Settings, engine_url: URL) -> URL:
+    """The queue's URL as the runtime reads one (checked; without the embedded server's libpq parameters, which
+    `parse_database_url` would refuse): its server and login, for a message."""
+    given = settings.queue_database_url or settings.database_url
+    return parse_database_url(given) if given else engine_url
 
 
 def listens(settings: Settings) -> bool:
@@ -342,7 +349,7 @@ def queue_refused(exc: BaseException) -> ConfigError | None:
         return refused
     for error in causes(exc):
         if isinstance(error, psycopg.errors.InsufficientPrivilege):
-            url = parse_database_url(queue_conninfo(current_settings(), get_engine().url))
+            url = _queue_url(current_settings(), get_engine().url)
             login = url.username or 'the login role'
             return ConfigError(
                 f"the job queue's login role ({login}) was refused its tables ({_primary(error)}): the queue runs as "
@@ -366,7 +373,7 @@ def _queue_login_refused(exc: BaseException) -> ConfigError | None:
         for candidate in (error, getattr(error, 'last_connect_error', None)):
             if isinstance(candidate, BaseException) and _refused_by_the_server(candidate):
                 settings = current_settings()
-                where = describe_server(parse_database_url(queue_conninfo(settings, get_engine().url)))
+                where = describe_server(_queue_url(settings, get_engine().url))
                 setting = 'AGENTRT_QUEUE_DATABASE_URL' if settings.queue_database_url else 'DATABASE_URL'
                 return login_error(candidate, where, setting) or setting_error(candidate, where, setting)
     return None

@@ -502,3 +502,99 @@ def test_an_empty_pgsslmode_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ConfigError, match=r"PGSSLMODE must be one of .*; got ''"):
         parse_database_url(URL)
     parse_database_url(f'{URL}?sslmode=disable')  # the URL's own mode: the variable is not read
+
+
+def test_pg_variables_asyncpg_reads_are_checked_at_start_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg (and libpq, the queue's) read them when the URL names no such parameter, and refused a bad value only at
+    # the first connection: "cannot connect" (exit 3), the message naming no variable (QA).
+    monkeypatch.setenv('PGSSLNEGOTIATION', 'direct')
+    with pytest.raises(ConfigError, match=r'^PGSSLNEGOTIATION=direct needs sslmode=require, .*; got sslmode=prefer'):
+        parse_database_url(URL)
+    parse_database_url(f'{URL}?sslmode=require')
+    parse_database_url(f'{URL}?sslnegotiation=postgres')  # the URL's own: the variable is not read
+    monkeypatch.setenv('PGSSLMODE', 'require')
+    parse_database_url(URL)
+    monkeypatch.delenv('PGSSLMODE')
+    for variable, value in (
+        ('PGSSLNEGOTIATION', 'sometimes'),
+        ('PGTARGETSESSIONATTRS', 'replica'),
+        ('PGSSLMINPROTOCOLVERSION', 'TLSv9'),
+        ('PGSSLMAXPROTOCOLVERSION', 'TLSv9'),
+        ('PGGSSLIB', 'kerberos'),
+    ):
+        monkeypatch.delenv('PGSSLNEGOTIATION', raising=False)
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError, match=rf"^{variable} \(read for the .*\) must be one of .*; got '{value}'"):
+            parse_database_url(URL)
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv('PGTARGETSESSIONATTRS', 'standby')  # for another server, a choice to honour
+    assert asyncpg_connect_args(parse_database_url(URL))[1].get('target_session_attrs') is None
+
+
+@pytest.mark.parametrize(
+    ('variable', 'value', 'words'),
+    [
+        ('PGGSSENCMODE', 'require', r"^PGGSSENCMODE=require is not supported: .* \(as the URL's gssencmode parameter"),
+        ('PGCHANNELBINDING', 'require', r'^PGCHANNELBINDING=require is not supported'),
+        ('PGGSSENCMODE', 'always', r"^PGGSSENCMODE must be one of disable, prefer, require; got 'always'"),
+        ('PGREQUIREAUTH', 'scram-sha-256', r'^PGREQUIREAUTH is not supported'),
+        ('PGCONNECT_TIMEOUT', 'abc', r"^PGCONNECT_TIMEOUT must be a whole number of seconds .*'abc'"),
+    ],
+)
+def test_pg_variables_only_libpq_reads_are_refused_when_bad_or_beyond_asyncpg(
+    variable: str, value: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job queue's libpq honours them, the runtime's asyncpg does not: with an external server the queue failed
+    # alone ("GSSAPI encryption required but no credential cache", exit 3) while `agentrt db status` worked (QA).
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=words):
+        parse_database_url(URL)
+
+
+def test_pg_variables_both_drivers_honour_alike_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, value in (('PGGSSENCMODE', 'prefer'), ('PGCHANNELBINDING', 'disable'), ('PGCONNECT_TIMEOUT', '5')):
+        monkeypatch.setenv(variable, value)
+    parse_database_url(URL)
+    monkeypatch.setenv('PGCONNECT_TIMEOUT', 'abc')
+    parse_database_url(f'{URL}?connect_timeout=5')  # the URL's own: the variable is not read
+
+
+async def test_a_bad_pg_variable_with_an_external_url_is_a_configuration_error(database_url: str) -> None:
+    result = await invoke('db', 'status', env={'DATABASE_URL': database_url, 'PGGSSENCMODE': 'require'})
+    assert result.exit_code == 2, result.output
+    assert 'PGGSSENCMODE=require is not supported' in result.stderr
+
+
+@pytest.mark.parametrize(
+    'variable',
+    [
+        'PGSSLNEGOTIATION=direct',
+        'PGSSLNEGOTIATION=sometimes',
+        'PGTARGETSESSIONATTRS=standby',
+        'PGGSSLIB=kerberos',
+        'PGSSLMINPROTOCOLVERSION=TLSv9',
+        'PGGSSENCMODE=require',
+        'PGCHANNELBINDING=require',
+        'PGCONNECT_TIMEOUT=abc',
+    ],
+)
+async def test_pg_variables_leave_the_embedded_servers_socket_alone(
+    variable: str, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Meant for another server, they failed every start of the embedded one (`PGSSLNEGOTIATION=direct`: "direct TLS
+    # requires sslmode=require...", exit 3; `PGTARGETSESSIONATTRS=standby`: "none of its hosts is what ... asks
+    # for"), as PGSSLMODE did (QA). Its URL is built and connected as `agentrt.db.engine` does, not parsed.
+    suite = make_url(database_url)
+    if 'host' not in suite.query:
+        pytest.skip('the run is on a DATABASE_URL server, not the embedded one')
+    server = EmbeddedServer(tmp_path, Path(suite.query['host']), int(suite.query['port']))
+    settings = Settings(pool_size=1, max_overflow=0, connect_timeout=5)  # read before: a DATABASE_URL is checked
+    monkeypatch.setenv(*variable.split('=', 1))
+    url = server.url(suite.database or 'postgres').set(username=suite.username)
+    engine = build_engine(url, settings)
+    try:
+        await check_connection(engine, url, settings.connect_timeout)
+        async with engine.connect() as conn:
+            assert (await conn.execute(text('SELECT 1'))).scalar_one() == 1
+    finally:
+        await engine.dispose()

@@ -172,6 +172,34 @@ async def test_the_embedded_servers_queue_connects_whatever_the_environments_ssl
             assert await (await connection.execute('SELECT 1')).fetchone() == (1,)
 
 
+@pytest.mark.parametrize(
+    'variable',
+    [
+        'PGGSSENCMODE=require',
+        'PGCHANNELBINDING=require',
+        'PGSSLNEGOTIATION=direct',
+        'PGTARGETSESSIONATTRS=standby',
+        'PGSSLMINPROTOCOLVERSION=TLSv9',
+        'PGCONNECT_TIMEOUT=abc',
+        'PGREQUIREAUTH=scram-sha-256',
+        'PGREQUIREPEER=nobody',
+        'PGOPTIONS=-c no_such.setting',
+        'PGHOSTADDR=192.0.2.1',
+    ],
+)
+async def test_the_embedded_servers_queue_connects_whatever_the_environments_libpq_settings(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Meant for another server, each failed every connection of the queue to the embedded server's socket
+    # (`PGGSSENCMODE=require`: "GSSAPI encryption required but it is not supported over a local socket"): each turn
+    # waited 10 s and its post-turn jobs were dropped, `agentrt worker --burst` ended "cannot connect" (QA).
+    settings = current_settings().model_copy(update={'database_url': None, 'queue_database_url': None})
+    monkeypatch.setenv(*variable.split('=', 1))
+    conninfo = queue_conninfo(settings, get_engine().url)
+    async with await psycopg.AsyncConnection.connect(conninfo) as connection:
+        assert await (await connection.execute('SELECT 1')).fetchone() == (1,)
+
+
 async def test_hosts_with_their_ports_in_the_query_reach_libpq_as_its_lists(database_url: str) -> None:
     # README's form for one host or several, `?host=db1:5432&host=db2:5432` (asyncpg's): libpq kept the last `host`
     # and read `db2:5432` as a host name, so the queue never connected (qa126). Here the first host is a socket
