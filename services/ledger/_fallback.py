@@ -26,7 +26,7 @@ from agentrt.db.forks import forget_in_child
 from agentrt.db.settings import spool_write_problem
 from agentrt.services.ledger._config import LedgerConfig
 from agentrt.services.ledger._held import HELD_MAX_BYTES, HeldRows
-from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome
+from agentrt.services.ledger._queues import LoopQueues, PendingRow, TrackerStats, WriteOutcome, handed_to_spool
 from agentrt.services.ledger._replay import ReplayReport, replay_spool, write_spooled_entries
 from agentrt.services.ledger._retry import RetryPolicy
 from agentrt.services.ledger._spool import LedgerSpool
@@ -90,23 +90,35 @@ class SpoolFallback:
 
     # --- rows the database did not take ---
 
-    async def spool_entries(self, queues: LoopQueues, entries: list[dict[str, Any]], rows: int) -> WriteOutcome:
-        """Append `entries` (of `rows` ledger rows) to the spool, after the rows held in memory, in a worker thread;
-        held in memory when the spool refuses them. The spool is tried again later whatever else happens."""
+    async def spool_entries(self, queues: LoopQueues, items: list[PendingRow]) -> WriteOutcome:
+        """Append the rows of `items` to the spool, after the rows held in memory, in a worker thread; held in memory
+        when the spool refuses them. The spool is tried again later whatever else happens.
+
+        The thread takes the rows (`handed_to_spool`) and spools or holds them to the end even when this call is
+        cancelled (its event loop ending), as the loop's end then spools only the rows no one took."""
         self.come_back_later(queues)  # spooled or held: written when the database is back
+        return await asyncio.to_thread(self._spool_or_hold, items)
+
+    def _spool_or_hold(self, items: list[PendingRow]) -> WriteOutcome:
+        taken = handed_to_spool(items)
+        if not taken:  # the event loop's end spooled them first
+            return 'spooled'
+        entries = [item.record.spool_entry(self.config.content_cap) for item in taken]
         try:
-            held = await asyncio.to_thread(self._append_after_held, entries)
+            held = self._append_after_held(entries)
         except Exception as exc:
-            return self._spool_failed(entries, exc, rows)
+            return self._spool_failed(entries, exc, len(taken))
         self._dirty = True
-        self.stats.spooled += rows + held
+        self.stats.spooled += len(taken) + held
         return 'spooled'
 
     def spool_now(self, pending: list[PendingRow], reason: str) -> None:
         """Spool synchronously (the event loop is going away) and resolve the futures of `pending`.
 
-        Rows still being prepared are prepared here, in this thread (their worker thread may still be at it).
+        Rows still being prepared are prepared here, in this thread (their worker thread may still be at it). Rows the
+        writer's spooling took already (`spool_entries`, cut off by the loop's end) are left to it.
         """
+        pending = handed_to_spool(pending)
         entries = [item.record.spool_entry(self.config.content_cap) for item in pending]
         if not entries:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass, field
@@ -74,11 +75,29 @@ class PendingRow:
     hurried: object | None = None
     """Set (to a token shared by the rows of one run) when its run ended: commit it without the commit delay, as soon
     as every row with the same token is ready."""
+    spooled: bool = False
+    """Handed to the spool (`handed_to_spool`): by the writer's worker thread or by its event loop's end, whichever
+    took it first; the other leaves it."""
 
     @property
     def ready(self) -> bool:
         """Sealed and prepared (or needing no preparation): it can join the next group commit."""
         return not self.sealing and (self.prepared is None or self.prepared.done())
+
+
+# One lock for every tracker: a row is handed to the spool by a worker thread, or by the thread an event loop ends on.
+_handing = threading.Lock()
+
+
+def handed_to_spool(items: list[PendingRow]) -> list[PendingRow]:
+    """The rows of `items` no one has handed to the spool yet, handed now (`PendingRow.spooled`): each row is spooled
+    once. The writer's spool append runs in a worker thread, which its event loop's end does not stop: the loop's end
+    spooled the rows the writer still held as well, each twice in the spool (QA)."""
+    with _handing:
+        fresh = [item for item in items if not item.spooled]
+        for item in fresh:
+            item.spooled = True
+    return fresh
 
 
 @dataclass

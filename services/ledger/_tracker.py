@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry import trace
 
 from agentrt.db.driver import DriverTransaction, driver_transaction
-from agentrt.db.engine import refused_after_shutdown
+from agentrt.db.engine import refused_after_shutdown, runtime_shut_down
 from agentrt.db.forks import forget_in_child
 from agentrt.db.roles import Unscoped
 from agentrt.db.transaction_setup import TransactionSetup
@@ -329,8 +329,8 @@ class LLMRequestTracker:
             yield
         finally:
             left, queues.inflight, queues.pending = queues.inflight + queues.pending, [], []
-            if left:
-                self._fallback.spool_now(left, 'its event loop ended with rows unwritten (no shutdown_runtime())')
+            if left:  # those the writer's spooling took (`spool_entries`, in a thread) are left to it
+                self._fallback.spool_now(left, _loop_end_reason())
                 queues.journal.close(released=True)  # spooled: durable (or held in memory when even the spool refused)
             # Rows held in memory (neither the database nor the spool took them): one bounded try at the database
             # first (a later loop's replay of them, started by its first write, was cut off by its end: lost at the
@@ -452,8 +452,7 @@ class LLMRequestTracker:
                 )
             else:
                 logger.warning('ledger: %d row(s) not written (%s: %s); spooling', len(rows), type(exc).__name__, exc)
-            entries = [item.record.spool_entry(self.config.content_cap) for item in items]
-            return [await self._fallback.spool_entries(queues, entries, rows=len(rows))] * len(items)
+            return [await self._fallback.spool_entries(queues, items)] * len(items)
         finally:
             self.stats.batch_seconds += time.perf_counter() - started
         self.stats.written += len(rows)
@@ -469,8 +468,7 @@ class LLMRequestTracker:
             await self._retrying([row], [], 'ledger write')
         except Exception as exc:
             logger.warning('ledger: 1 row not written (%s: %s); spooling', type(exc).__name__, exc)
-            entries = [item.record.spool_entry(self.config.content_cap)]
-            return await self._fallback.spool_entries(queues, entries, rows=1)
+            return await self._fallback.spool_entries(queues, [item])
         self.stats.written += 1
         self.stats.content_failures += 1
         logger.error(
@@ -513,3 +511,15 @@ def set_request_tracker(tracker: LLMRequestTracker | None) -> LLMRequestTracker 
     global _default_tracker
     previous, _default_tracker = _default_tracker, tracker
     return previous
+
+
+def _loop_end_reason() -> str:
+    """Why rows are left as an event loop ends, for its log line: the runtime was shut down (`shutdown_runtime()`)
+    before turns still running ended (its timeout ran out), or it was never shut down: the line said "(no
+    shutdown_runtime())" either way (QA)."""
+    if runtime_shut_down():
+        return (
+            'its event loop ended with rows unwritten, of turns still running after shutdown_runtime() (its timeout '
+            'ran out)'
+        )
+    return 'its event loop ended with rows unwritten (no shutdown_runtime())'

@@ -6,6 +6,9 @@ import asyncio
 import json
 import logging
 import os
+import textwrap
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +35,7 @@ from agentrt.services.ledger import (
 )
 from tests.factories import content_rows, fast_config, ledger_record, ledger_rows, scalar
 from tests.ports import free_port
+from tests.programs import run_program
 from tests.stalling_proxy import StallingDatabase
 
 
@@ -375,6 +379,106 @@ async def test_a_row_submitted_as_the_program_ends_is_spooled_by_the_loops_end(
     assert 'its event loop ended' in caplog.text
     assert (await LLMRequestTracker(fast_config(tmp_path)).replay_spool()).inserted == 1
     assert [row['id'] for row in await ledger_rows()] == [record.id]
+
+
+async def test_a_batch_being_spooled_as_the_program_ends_is_spooled_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer appends a batch the database did not take to the spool in a worker thread, which the loop's end does
+    # not stop: the writer cancelled there left the batch to the loop's end as well, each row spooled twice (QA: turns
+    # cut by `shutdown_runtime()`'s timeout, "6 row(s), 3 new, 3 already there" at the replay, 4 runs in 6).
+    outage = _Outage()
+    tracker = LLMRequestTracker(fast_config(tmp_path), session_factory=outage.sessions)
+    appending = threading.Event()
+    append = LedgerSpool.append
+
+    def slow_append(spool: LedgerSpool, entries: list[dict[str, Any]]) -> None:
+        if not appending.is_set():  # the writer's: a slow disk's fsync, the loop ending meanwhile
+            appending.set()
+            time.sleep(0.5)
+        append(spool, entries)
+
+    monkeypatch.setattr(LedgerSpool, 'append', slow_append)
+    records = [_record() for _ in range(3)]
+
+    async def program() -> None:
+        for record in records:
+            tracker.submit(record)
+        await asyncio.to_thread(appending.wait, 10)  # and the loop ends, the writer in its spooling
+
+    try:
+        await asyncio.to_thread(asyncio.run, program())
+    finally:
+        await outage.engine.dispose()
+    spooled = [json.loads(line)['row']['id'] for line in tracker.spool.path.read_text().splitlines()]
+    assert sorted(spooled) == sorted(str(record.id) for record in records)
+    report = await LLMRequestTracker(fast_config(tmp_path)).replay_spool()
+    assert (report.inserted, report.duplicates) == (3, 0)
+
+
+CUT_BY_THE_SHUTDOWN = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from pydantic_ai.messages import ModelResponse, TextPart
+    from pydantic_ai.models.function import FunctionModel
+
+    from agentrt.agents.runtime import shutdown_runtime
+    from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
+
+    async def answers(messages, info):
+        await asyncio.sleep(3600)
+        return ModelResponse(parts=[TextPart('never')])
+
+    async def streams(messages, info):
+        await asyncio.sleep(3600)
+        yield 'never'
+
+    model = FunctionModel(answers, stream_function=streams)
+
+    async def turn(i: int) -> None:
+        session_id = f'cut-{sys.argv[1]}-{i}'
+        if sys.argv[1] == 'plain':
+            await simple_chat('hello', session_id=session_id, account='acme-health', model=model)
+            return
+        async with simple_chat_stream('hello', session_id=session_id, account='acme-health', model=model) as stream:
+            async for _ in stream:
+                pass
+
+    async def main() -> None:
+        turns = [asyncio.create_task(turn(i)) for i in range(3)]
+        await shutdown_runtime(timeout=1)  # the turns outlive it: cut by the loop's end, their requests recorded
+        print('running', sum(not t.done() for t in turns), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize('mode', ['plain', 'stream'])
+async def test_turns_cut_after_shutdown_runtime_are_spooled_once_and_said_so(
+    mode: str, database_url: str, demo_data: None, tmp_path: Path
+) -> None:
+    # The rows of turns still running when `shutdown_runtime()`'s timeout ran out were spooled by the writer and
+    # again by the loop's end (a replay's "6 row(s), 3 new, 3 already there"), which said "(no shutdown_runtime())"
+    # although it had been awaited (QA).
+    spool = tmp_path / 'spool' / 'llm-ledger.jsonl'
+    done = await run_program(
+        '-c', CUT_BY_THE_SHUTDOWN, mode, database_url=database_url, AGENTRT_LEDGER_SPOOL=str(spool)
+    )
+    assert done.returncode == 0 and 'running 3' in done.stdout, done.stdout + done.stderr[-3000:]
+    lines = [line for path in spool.parent.glob('*.jsonl') for line in path.read_text().splitlines()]
+    ids = [json.loads(line)['row']['id'] for line in lines]
+    assert len(ids) == 3 and len(set(ids)) == 3, done.stderr[-3000:]
+    assert 'no shutdown_runtime()' not in done.stderr, done.stderr[-3000:]
+    said = (
+        'of turns still running after shutdown_runtime() (its timeout ran out)',
+        'the runtime had shut down (a turn',
+    )
+    assert any(words in done.stderr for words in said), done.stderr[-3000:]  # the loop's end, or the writer first
+    report = await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()
+    assert (report.inserted, report.duplicates) == (3, 0)
 
 
 async def test_a_failed_content_write_leaves_the_ledger_row(tmp_path: Path, caplog: pytest.LogCaptureFixture):
