@@ -104,7 +104,7 @@ def trace_export(*, console: bool | None = None, environ: Mapping[str, str] | No
             runtime cannot honour (`check_otlp_settings`): an exporter other than
             `otlp` or `none`, a protocol other than OTLP/HTTP, a malformed headers entry or endpoint, a timeout or
             compression the exporter cannot use, an unknown propagator; or, when spans are made, one of the SDK's own
-            variables it cannot read (`check_sdk_settings`: batching, sampler, resource attributes).
+            variables it cannot read (`check_sdk_settings`: batching, sampler, resource attributes, limits).
     """
     env = os.environ if environ is None else environ
     check_otlp_settings(env)  # a value logfire would ignore or misread: a ConfigError, as an invalid setting is

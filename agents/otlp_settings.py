@@ -8,8 +8,9 @@ is a `ConfigError` now, as an invalid `AGENTRT_*` setting is: one line naming th
 
 The SDK's own variables are checked too, for the same reason: a value it cannot read was a warning that took the place
 of the one export-failure line (an endpoint without `http://`, a timeout that is not a number, an unknown sampler or
-compression), an internal error with a traceback (`OTEL_BSP_MAX_QUEUE_SIZE=0`, an unknown `OTEL_PROPAGATORS` name:
-read when OpenTelemetry's propagation is imported, which FastAPI and pydantic-ai do whether tracing is on or not), or a
+compression), an internal error with a traceback (`OTEL_BSP_MAX_QUEUE_SIZE=0`, `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT=abc`,
+an unknown `OTEL_PROPAGATORS` name: read when OpenTelemetry's propagation is imported, which FastAPI and pydantic-ai do
+whether tracing is on or not, and `OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT` too, read as the SDK's tracing is imported), or a
 command that never ended (a malformed `OTEL_RESOURCE_ATTRIBUTES` entry, a trailing comma included: the SDK warned from
 a thread while the main thread held the import lock the CLI's log filter waited for).
 """
@@ -50,6 +51,23 @@ _BATCH_DEFAULTS = {
     'MAX_QUEUE_SIZE': 2048,
     'MAX_EXPORT_BATCH_SIZE': 512,
 }
+IMPORT_LIMIT = 'OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT'
+"""The one limit read as `opentelemetry.sdk.trace` is imported (which pydantic-ai does through logfire), tracing on or
+off: a value it cannot read failed that import."""
+LIMIT_VARIABLES = (
+    'OTEL_ATTRIBUTE_COUNT_LIMIT',
+    'OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT',
+    'OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT',
+    'OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT',
+    'OTEL_SPAN_EVENT_COUNT_LIMIT',
+    'OTEL_SPAN_LINK_COUNT_LIMIT',
+    'OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT',
+    'OTEL_LINK_ATTRIBUTE_COUNT_LIMIT',
+    'OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT',
+    'OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT',
+)
+"""The span and log record limits the SDK reads when its providers are made (`SpanLimits`, `LogRecordLimits`): a
+whole number of at least 0, or empty for no limit; anything else was a ValueError, an internal error (QA)."""
 
 # What OpenTelemetry's parser accepts (opentelemetry.util.re, liberal mode): `name=value` pairs separated by commas,
 # a value of printable ASCII without `"`, `,`, `;` or `\`; an entry that does not match is dropped with a warning.
@@ -69,6 +87,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
         ConfigError: naming the variable, and what is supported.
     """
     _check_propagators(env.get('OTEL_PROPAGATORS', ''))
+    _check_limit(IMPORT_LIMIT, env)
     exporter = env.get('OTEL_TRACES_EXPORTER', '').strip().lower()
     if exporter not in ('', *SUPPORTED_EXPORTERS):
         console = " (for spans on stderr: LOGFIRE_CONSOLE=true or 'agentrt --trace')" if 'console' in exporter else ''
@@ -138,6 +157,8 @@ def check_sdk_settings(env: Mapping[str, str]) -> None:
             )
     for name in ('OTEL_METRIC_EXPORT_INTERVAL', 'OTEL_METRIC_EXPORT_TIMEOUT'):
         _integer(name, env.get(name, ''), 0, least=1)
+    for name in LIMIT_VARIABLES:
+        _check_limit(name, env)
     sampler = env.get('OTEL_TRACES_SAMPLER', '').strip().lower()
     if sampler and sampler not in SAMPLERS:
         raise ConfigError(f'OTEL_TRACES_SAMPLER={_shown(sampler)} is not a sampler: use one of {", ".join(SAMPLERS)}')
@@ -198,6 +219,19 @@ def _check_timeout(name: str, value: str) -> None:
             f'{name}={_shown(value)} is not a timeout: give seconds, more than 0 and at most {MAX_EXPORT_TIMEOUT:g} '
             '(the Python SDK reads seconds, not milliseconds)'
         )
+
+
+def _check_limit(name: str, env: Mapping[str, str]) -> None:
+    """A limit as the SDK reads it (`SpanLimits._from_env_if_absent`): empty is none, else an `int()` of at least 0."""
+    value = env.get(name, '').strip()
+    if not value:
+        return
+    try:
+        usable = int(value) >= 0
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ConfigError(f'{name}={_shown(value)} is not a limit: give a whole number of at least 0 (empty: none)')
 
 
 def _integer(name: str, value: str, default: int, *, least: int) -> int:

@@ -249,6 +249,12 @@ ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
         # Read when OpenTelemetry's propagation is imported, tracing on or off: an internal error with a traceback.
         ({'OTEL_PROPAGATORS': 'tracecontext,jaegr'}, r"^OTEL_PROPAGATORS: 'jaegr' is not a propagator.*tracecontext"),
         ({'OTEL_PROPAGATORS': 'tracecontext,'}, r'an empty name'),
+        # The span and log record limits: the SDK's ValueError was an internal error (exit 70) asking for a report.
+        ({**ENDPOINT, 'OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT': 'abc'}, r"^OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT='abc' is not"),
+        ({**ENDPOINT, 'OTEL_SPAN_LINK_COUNT_LIMIT': '1.5'}, r'^OTEL_SPAN_LINK_COUNT_LIMIT=.*at least 0'),
+        ({'LOGFIRE_CONSOLE': 'true', 'OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT': '-1'}, r'^OTEL_LOGRECORD_ATTRIBUTE_COUNT'),
+        # Read as opentelemetry.sdk.trace is imported (pydantic-ai imports it), tracing on or off.
+        ({'OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT': '-3'}, r"^OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT='-3' is not a limit"),
     ],
 )
 def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: dict[str, str], expected: str) -> None:
@@ -277,10 +283,18 @@ def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: d
             'OTEL_TRACES_SAMPLER_ARG': '0.25',
             'OTEL_RESOURCE_ATTRIBUTES': 'deployment.environment=prod, team = search%2Cads',
             'OTEL_PROPAGATORS': 'tracecontext, baggage',
+            'OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT': ' 4096 ',
+            'OTEL_SPAN_EVENT_COUNT_LIMIT': '0',
+            'OTEL_LINK_ATTRIBUTE_COUNT_LIMIT': '',  # empty: no limit, as the SDK reads it
         },
         {'OTEL_PROPAGATORS': 'none,unknown'},  # `none` ends the list, as OpenTelemetry reads it
-        # Spans made nowhere: the SDK's batching, sampler and resource are not used.
-        {'OTEL_RESOURCE_ATTRIBUTES': 'a,', 'OTEL_BSP_MAX_QUEUE_SIZE': '0', 'OTEL_TRACES_SAMPLER': 'x'},
+        # Spans made nowhere: the SDK's batching, sampler, resource and limits are not used.
+        {
+            'OTEL_RESOURCE_ATTRIBUTES': 'a,',
+            'OTEL_BSP_MAX_QUEUE_SIZE': '0',
+            'OTEL_TRACES_SAMPLER': 'x',
+            'OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT': 'abc',
+        },
     ],
 )
 def test_otel_values_tracing_honours_pass(environ: dict[str, str]) -> None:
@@ -296,6 +310,8 @@ async def test_a_command_refuses_an_otel_value_it_cannot_honour_with_one_line(da
         ({**env, 'OTEL_RESOURCE_ATTRIBUTES': 'team=search,'}, 'error: OTEL_RESOURCE_ATTRIBUTES: entry 2 of 2'),
         # Tracing off: an internal error (exit 70) with a ValueError, as OpenTelemetry's propagation was imported.
         (_clean_env(DATABASE_URL=database_url, OTEL_PROPAGATORS='b3'), "error: OTEL_PROPAGATORS: 'b3' is not"),
+        # An internal error (exit 70) asking for a report, from the SDK's ValueError.
+        ({**env, 'OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT': 'abc'}, "error: OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT='abc' is"),
     ]
     results = await asyncio.gather(*(_cli(environ, 'db', 'status', seconds=60) for environ, _ in runs))
     for done, (_, expected) in zip(results, runs, strict=True):
