@@ -1,5 +1,5 @@
-"""The queue's job manager: procrastinate's, with two repairs (a job put back while its successor waits; a worker
-whose row another removed)."""
+"""The queue's job manager: procrastinate's, with three repairs (a job put back while its successor waits; a run its
+worker's stop cut short counted as a try; a worker whose row another removed)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ _REGISTER_AGAIN = """
 INSERT INTO procrastinate_workers (id, last_heartbeat) OVERRIDING SYSTEM VALUE VALUES (%(worker_id)s, now())
 ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()
 """
+# procrastinate's put-back adds one to `attempts`; taken off first, while the job is still this worker's ('doing'), so
+# no other worker can take it and fail it with the count one too high meanwhile (0 becomes -1 for that moment).
+_NOT_A_TRY = "UPDATE procrastinate_jobs SET attempts = attempts - 1 WHERE id = %(job_id)s AND status = 'doing'"
+_cut_short: set[int] = set()
+"""The ids of the jobs whose put-back, next, is of a run their worker's stop cut short (`not_a_try`)."""
+
+
+def not_a_try(job_id: int) -> None:
+    """Say that the job's put-back, which follows, is of a run its worker's stop cut short (SIGTERM, Ctrl-C): not a try.
+
+    procrastinate counts every run in the job's `attempts`, which its retry strategy compares with `max_attempts`: each
+    stop that cut a job short (a rolling deploy) took one of its tries, and a job put back twice then failing was tried
+    3 times, not the 5 README says. `QueueJobManager` puts it back with its count as it was.
+
+    Args:
+        job_id: the job's id, as the retry strategy sees it.
+    """
+    _cut_short.add(job_id)
 
 
 class QueueJobManager(JobManager):
@@ -29,6 +47,7 @@ class QueueJobManager(JobManager):
       another with its queueing lock waits there: procrastinate's update then breaks the lock's unique index and the
       job stays marked as running; here it is removed instead, as the waiting job does the same work (jobs carry ids
       only and are idempotent: the same conversation's summary, the same account's rollup);
+    - a job cut short by its worker's stop (`not_a_try`): put back without counting the run in its `attempts`;
     - a worker whose row in the table of workers another removed: it registers again (`fetch_job`).
     """
 
@@ -40,7 +59,11 @@ class QueueJobManager(JobManager):
         queue: str | None = None,
         lock: str | None = None,
     ) -> None:
-        """Put the job back in the queue, or remove it if another with its queueing lock is waiting."""
+        """Put the job back in the queue, or remove it if another with its queueing lock is waiting; a run cut short
+        by its worker's stop (`not_a_try`) is not counted in its attempts."""
+        if job_id in _cut_short:
+            _cut_short.discard(job_id)
+            await self.connector.execute_query_async(_NOT_A_TRY, job_id=job_id)
         try:
             await super().retry_job_by_id_async(job_id, retry_at, priority=priority, queue=queue, lock=lock)
         except UniqueViolation as exc:

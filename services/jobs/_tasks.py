@@ -17,6 +17,7 @@ from procrastinate.retry import RetryDecision
 from agentrt.db.engine import current_settings
 from agentrt.services.conversations import refresh_title_and_summary
 from agentrt.services.jobs._app import jobs
+from agentrt.services.jobs._manager import not_a_try
 from agentrt.services.ledger import roll_up_account_usage
 
 logger = logging.getLogger('agentrt.jobs')
@@ -34,8 +35,8 @@ see each other's stop)."""
 
 class PutBackOnStop(BaseRetryStrategy):
     """A job cut short because its worker stopped (SIGTERM, Ctrl-C: the job is cancelled) did not fail: it goes back to
-    the queue at once, for the next worker, whatever its attempts. A failure is retried as `failures` says (not at all
-    when None)."""
+    the queue at once, for the next worker, whatever its attempts, and the run is not counted as one (`not_a_try`), so
+    a failure after any number of stops is tried as often as `failures` says (not at all when None)."""
 
     def __init__(self, failures: RetryStrategy | None = None) -> None:
         self.failures = failures
@@ -43,6 +44,8 @@ class PutBackOnStop(BaseRetryStrategy):
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         """Now for a cancelled job; else the failure strategy's decision."""
         if isinstance(exception, asyncio.CancelledError):
+            if job.id is not None:
+                not_a_try(job.id)
             return RetryDecision()  # no retry_at: due now
         return None if self.failures is None else self.failures.get_retry_decision(exception=exception, job=job)
 

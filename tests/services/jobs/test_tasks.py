@@ -10,14 +10,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from procrastinate import RetryStrategy
 from procrastinate.jobs import Job
 from procrastinate.retry import RetryDecision
 from sqlalchemy import insert, text
 
 from agentrt.db.models.ledger import LLMRequestRow
 from agentrt.db.session import Unscoped, get_db_session
-from agentrt.services.jobs import WorkerStop, defer_post_turn_work, open_queue, reconcile_post_turn_work, run_worker
-from agentrt.services.jobs._tasks import _RETRY, reconcile
+from agentrt.services.jobs import (
+    WorkerStop,
+    _manager,
+    _tasks,
+    defer_post_turn_work,
+    open_queue,
+    reconcile_post_turn_work,
+    run_worker,
+)
+from agentrt.services.jobs._tasks import _RETRY, reconcile, usage_rollup
 from agentrt.services.ledger import _rollups
 from tests.factories import ledger_record, scalar
 from tests.services.jobs.helpers import queued_jobs, rolled_up_requests
@@ -41,6 +50,60 @@ def test_a_job_that_always_fails_is_tried_five_times_with_growing_waits() -> Non
 def test_a_job_cut_short_by_its_workers_stop_goes_back_at_once_whatever_its_attempts() -> None:
     decision = _decision(10, asyncio.CancelledError())
     assert decision is not None and decision.retry_at is None  # due now
+    assert 1 in _manager._cut_short  # its put-back does not count the run as a try
+    _manager._cut_short.discard(1)  # no put-back follows here
+
+
+async def test_a_job_cut_short_by_stops_is_still_tried_five_times_when_it_then_fails(
+    queue: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: a job that fails is tried 5 times in all, and one cut short by its worker's stop goes back to the queue
+    however many attempts it had. procrastinate counted each run cut short in the job's attempts: a job put back by two
+    stops (a rolling deploy) then failing was tried 3 times, not 5."""
+    account = 2**40  # no account's: the reconcile a worker queues never rolls it up
+    runs: list[str] = []
+    started = asyncio.Event()
+    failing = False
+
+    async def roll_up(account_id: int, **kwargs: Any) -> None:
+        if account_id != account:
+            return
+        runs.append('failed' if failing else 'cut short')
+        if not failing:
+            started.set()
+            await asyncio.Event().wait()  # until its worker's stop cancels it
+        raise RuntimeError('boom')
+
+    monkeypatch.setattr(_tasks, 'roll_up_account_usage', roll_up)
+    monkeypatch.setattr(_RETRY, 'failures', RetryStrategy(max_attempts=4))  # the same tries, without 30 s of waits
+    await open_queue()
+    await usage_rollup.defer_async(account_id=account)
+    for _ in range(2):  # two workers stopped while it runs
+        started.clear()
+        stop = WorkerStop()
+        worker = asyncio.ensure_future(run_worker(concurrency=1, stop=stop))
+        await asyncio.wait_for(started.wait(), 30)
+        stop.request()
+        stop.request()  # again: cut short now
+        await asyncio.wait_for(worker, 15)
+    assert await _rollup_job() == ('todo', 0)  # back in the queue, no try used
+
+    failing = True
+    async with asyncio.timeout(60):
+        while await _rollup_job() != ('failed', 5):  # a burst worker ends when nothing is due (a retry not yet queued)
+            await run_worker(concurrency=1, burst=True)
+    assert runs == ['cut short'] * 2 + ['failed'] * 5
+
+
+async def _rollup_job() -> tuple[str, int]:
+    """`(status, attempts)` of the one usage rollup job."""
+    async with get_db_session(account=Unscoped.OWNER) as session:
+        row = (
+            await session.execute(
+                text("SELECT status::text, attempts FROM procrastinate_jobs WHERE task_name = 'agentrt.usage_rollup'")
+            )
+        ).one()
+    return str(row[0]), int(row[1])
 
 
 async def _backlog(rows: int) -> int:
