@@ -5,7 +5,8 @@ resent in the next request (its text, a tool call's arguments, name or id) can h
 JSON, half of a UTF-16 pair) or a NUL (binary data read as text). UTF-8 cannot encode the first, so the request failed
 as it was built, with a raw `UnicodeEncodeError` or pydantic's serialization error (QA); the second reached the model
 as it was while the store saved U+FFFD. Both are replaced with U+FFFD (`agentrt.services.pg_text.storable`) before
-each model request: the model sees what is saved.
+each model request: the model sees what is saved. A retry's rejected input is cut short on the way
+(`agentrt.agents.retry_inputs`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import ModelRequestContext
 from pydantic_core import to_jsonable_python
 
+from agentrt.agents.retry_inputs import shorten_retry
 from agentrt.services.ledger import is_as_loaded
 from agentrt.services.pg_text import is_storable, is_storable_value, storable, storable_text
 
@@ -71,6 +73,7 @@ def _mend_message(message: ModelMessage) -> None:
     if isinstance(instructions, str) and not is_storable_value(instructions):
         message.instructions = storable_text(instructions)  # type: ignore[union-attr]  # a request's
     for part in message.parts:
+        shorten_retry(part)  # first: a rejected megabyte is cut, not scanned
         for name in ('tool_name', 'tool_call_id'):  # a model's own names for a call, resent with its result
             text = getattr(part, name, None)
             if isinstance(text, str) and not is_storable(text):
