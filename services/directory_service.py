@@ -196,7 +196,8 @@ async def search_directory(
     Raises:
         UnknownSchemaError: the account has no entries in `schema_name` (lists the ones it has).
         UnknownFilterError: a filter name is not allowed for the schema (lists the valid ones).
-        InvalidFilterValueError: a flag filter got something other than a yes/no value, or a value has NUL.
+        InvalidFilterValueError: a flag filter got something other than a yes/no value, another filter true or
+            false, or a value has NUL.
         InvalidQueryError: the query contains a NUL character.
     """
     if query is not None and '\x00' in query:
@@ -267,6 +268,12 @@ def _filter_condition(name: str, value: str | bool, spec: SchemaSpec, schema_nam
         raise UnknownFilterError(schema_name, [name], spec.filters)
     if isinstance(value, str) and '\x00' in value:
         raise InvalidFilterValueError(f'filter {name!r}: values must not contain NUL characters')
+    if isinstance(value, bool) and filter_spec.kind != 'flag':
+        # Compared as the text 'True', it matched nothing and the search said so: no providers, no retry (QA).
+        raise InvalidFilterValueError(
+            f'filter {name!r} takes a text value ({filter_spec.help}), not {str(value).lower()}; '
+            'only yes/no filters take true or false'
+        )
     return _APPLY[filter_spec.kind](filter_spec, name, value)
 
 

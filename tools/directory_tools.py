@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, StrictBool, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StringConstraints
 from pydantic_ai import FunctionToolset, ModelRetry, RunContext
 from pydantic_ai.tools import ToolDefinition
 
 from agentrt.db.session import get_read_only_session
 from agentrt.services import directory_service as directory
 from agentrt.services.directory_service import DirectoryEntryDetail, DirectorySearchResult
+from agentrt.services.pg_text import preview
 from agentrt.services.tenancy import configured_schemas
 from agentrt.tools.dependencies import SessionDependencies
 
@@ -39,7 +40,29 @@ FilterValue = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_FILTER_VALUE_LENGTH),
     AfterValidator(_no_nul),
 ]
-Filters = Annotated[dict[FilterName, FilterValue | StrictBool], Field(max_length=MAX_FILTERS)]
+
+
+def _one_name_each(filters: object) -> object:
+    """Refuse two names that are one filter once stripped and lower-cased (`FilterName`).
+
+    Lower-cased after the JSON was parsed, `{"CITY": "Seattle", "city": "Boston"}` became one key and the search ran
+    on Boston alone, the other criterion dropped without a word (QA).
+    """
+    if isinstance(filters, dict):
+        seen: dict[str, str] = {}
+        for name in filters:
+            if not isinstance(name, str):
+                continue
+            key = name.strip().lower()
+            if key in seen:
+                raise ValueError(f'{preview(seen[key])} and {preview(name)} are the same filter; give it once')
+            seen[key] = name
+    return filters
+
+
+Filters = Annotated[
+    dict[FilterName, FilterValue | StrictBool], Field(max_length=MAX_FILTERS), BeforeValidator(_one_name_each)
+]
 Limit = Annotated[int, Field(ge=1, le=directory.MAX_RESULTS)]
 EntryId = Annotated[int, Field(ge=1, le=MAX_ENTRY_ID)]
 

@@ -135,6 +135,9 @@ async def test_flag_and_list_filters() -> None:
     assert not any(hit.attributes['accepting_new_patients'] for hit in not_accepting.results)
     with pytest.raises(InvalidFilterValueError, match='true or false'):
         await search(acme, schema_name=MEDICAL_SCHEMA, filters={'accepting_new_patients': 'maybe'})
+    for name in ('city', 'insurance'):  # compared as the text 'True': zero matches, no error (QA)
+        with pytest.raises(InvalidFilterValueError, match=f"filter '{name}' takes a text value .*, not true"):
+            await search(acme, schema_name=MEDICAL_SCHEMA, filters={name: True})
 
 
 async def test_produce_filters() -> None:

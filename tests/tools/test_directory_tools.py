@@ -368,6 +368,12 @@ async def test_malformed_arguments_become_retries_never_crashes() -> None:
         'value-huge': call('search_directory', 'value-huge', **search, filters={'city': 'S' * 5_000}),
         'value-int': call('search_directory', 'value-int', **search, filters={'accepting_new_patients': 1}),
         'value-maybe': call('search_directory', 'value-maybe', **search, filters={'accepting_new_patients': 'maybe'}),
+        # true for a text filter matched the text 'True': nothing, said as zero matches (QA)
+        'value-bool': call('search_directory', 'value-bool', **search, filters={'city': True}),
+        # lower-cased after parsing, one name dropped the other's criterion without a word (QA)
+        'filter-twice': call(
+            'search_directory', 'filter-twice', **search, filters={'CITY': 'Seattle', 'city': 'Boston'}
+        ),
         'filter-unknown': call('search_directory', 'filter-unknown', **search, filters={'zip': '98101'}),
         'filter-sql': call('search_directory', 'filter-sql', **search, filters={INJECTION: 'x'}),
         'schema-sql': call('search_directory', 'schema-sql', query=None, schema_name=f'{MEDICAL_SCHEMA}{INJECTION}'),
@@ -405,6 +411,8 @@ async def test_malformed_arguments_become_retries_never_crashes() -> None:
         'valid filters: accepting_new_patients, category, city, insurance, language, specialty' in saw['filter-unknown']
     )
     assert 'true or false' in saw['value-maybe']
+    assert "filter 'city' takes a text value" in saw['value-bool'] and 'only yes/no filters' in saw['value-bool']
+    assert "'CITY' and 'city' are the same filter" in saw['filter-twice']
     assert 'no entry with id 1000000000000 in this directory' in saw['id-missing']
     assert returns['query-sql'].content.total_matches == returns['value-sql'].content.total_matches == 0
     odd = returns['odd-case'].content
