@@ -34,6 +34,7 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
     UserError,
 )
+from pydantic_core import PydanticSerializationError
 
 from agentrt.agents.turn_limits import LIMIT_SETTINGS
 from agentrt.db.errors import (
@@ -83,6 +84,8 @@ def documented_error(
       `toolsets`;
     - an `AttributeError`, `TypeError`, `KeyError` or `IndexError` raised in pydantic-ai's model code (what the
       provider sent is not its API's: a streamed `usage` that is no object) -> `ModelProviderError`;
+    - a model function's answer pydantic-ai cannot serialise (`PydanticSerializationError` in `FunctionModel`: dict
+      arguments of a tool call holding a lone surrogate) -> `ModelBehaviorError`;
     - a `UnicodeEncodeError` of the HTTP client building the request (a header, the API key, it cannot encode)
       -> `ConfigError`, naming only the character.
 
@@ -122,6 +125,15 @@ def documented_error(
             f'{redact_cut(_first_line(str(exc)), 200)}). {UNUSABLE_ANSWER_ADVICE}; the turn was not saved',
             status_code=None,
             model_name=model_name,
+            body=None,
+        )
+    if isinstance(exc, PydanticSerializationError) and _passed_through(exc, 'pydantic_ai.models.function'):
+        # A model function (`FunctionModel`) answering a tool call with dict arguments that hold a lone surrogate:
+        # pydantic-ai's usage estimate serialises them as JSON and failed with pydantic's bare error, an internal
+        # error though the function had answered (QA). Its answer, as a model's that cannot be used.
+        return ModelBehaviorError(
+            f'the model function answered with text that cannot be encoded as JSON (a lone surrogate in a tool '
+            f"call's arguments?): {_first_line(str(exc))}; replace the character; the turn was not saved",
             body=None,
         )
     if isinstance(exc, UnicodeEncodeError) and raised_inside(exc, 'httpx'):
@@ -290,6 +302,17 @@ def _for_the_user(message: str) -> str:
 def _redacted_message(message: str) -> str:
     """The message, redacted, then cut to `MESSAGE_CHARS` (`redact_cut`: a secret the cut splits is redacted whole)."""
     return redact_cut(message, MESSAGE_CHARS, marker='...')
+
+
+def _passed_through(exc: BaseException, module: str) -> bool:
+    """Whether `exc` was raised under a frame of `module` (pydantic's errors come out of its compiled core, called
+    from any of pydantic-ai's modules, so the innermost frame, `raised_inside`'s, does not say whose call it was)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get('__name__') == module:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _first_line(message: str) -> str:

@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
+from pydantic_ai import ModelResponse, ToolCallPart
+from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from agentrt.agents.errors import ModelProviderError
+from agentrt.agents.errors import ModelBehaviorError, ModelProviderError
 from agentrt.agents.simple_chat import simple_chat, simple_chat_stream
 from agentrt.db.engine import pool_status
 from agentrt.services.conversations import PostgresConversationStore
@@ -142,5 +145,23 @@ async def test_a_usage_that_is_no_object_is_a_provider_error_not_an_internal_one
             await _turn(streamed, loopback_model('chat', fake, clients), session_id)
     assert 'the turn was not saved' in str(raised.value) and '\n' not in str(raised.value)
     assert raised.value.model_name == 'gpt-4o-mini'
+    store = PostgresConversationStore(await account_id('acme-health'))
+    assert await store.read_record(session_id) is None
+
+
+async def test_a_model_functions_arguments_it_cannot_serialise_are_a_behavior_error_not_an_internal_one(
+    demo_data: None,
+) -> None:
+    # pydantic-ai's usage estimate of a `FunctionModel` answer serialises dict arguments as JSON: a lone surrogate in
+    # them ended the turn with pydantic's bare `PydanticSerializationError` (QA).
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart('search_directory', {'query': 'card\ud800io', 'schema_name': 'x'})])
+
+    session_id = 'function-surrogate-arguments'
+    with pytest.raises(ModelBehaviorError) as raised:
+        await simple_chat('hi', session_id=session_id, account='acme-health', model=FunctionModel(respond))
+    message = str(raised.value)
+    assert message.startswith('the model function answered with text that cannot be encoded as JSON')
+    assert 'surrogates not allowed' in message and 'the turn was not saved' in message and '\n' not in message
     store = PostgresConversationStore(await account_id('acme-health'))
     assert await store.read_record(session_id) is None
