@@ -218,7 +218,7 @@ class _Display:
     """Interleaves tool progress lines with the streamed answer."""
 
     def __init__(self) -> None:
-        from agentrt.agents.cli.transcript import visible
+        from agentrt.agents.cli.transcript import visible, visible_line
         from agentrt.services.pg_text import storable_text  # here: `chat --help` imports no service
 
         def printable(text: str) -> str:
@@ -230,7 +230,14 @@ class _Display:
             # terminal (a new title, colours, the clipboard), as `audit show` shows it.
             return visible(text.replace('\r\n', '\n'))
 
+        def one_line(text: str) -> str:
+            # A tool call's name and arguments are the model's text in a progress line of the CLI's own: a newline in
+            # a name it invented split `→ name(args)` and `✗ retried name` into lines that read as others (QA),
+            # terminal or not, so control characters, newlines and tabs are written out there.
+            return visible_line(storable_text(text))
+
         self.printable = printable
+        self.one_line = one_line
         self.mid_line = False
         self.held_cr = False
         """A terminal's answer so far ended with a CR, held back: the first half of a CRLF the next delta ends."""
@@ -241,9 +248,9 @@ class _Display:
 
     def tool(self, event: ToolEvent) -> None:
         self.end_line()
-        name = escape(self.printable(event.tool_name))
+        name = escape(self.one_line(event.tool_name))
         if not event.finished:
-            args = escape(self.printable(_short_args(event.args)))
+            args = escape(self.one_line(_short_args(event.args)))
             console.print(f'  [yellow]→[/] {name}({args})', highlight=False, soft_wrap=True)
             self.running[event.tool_call_id] = name
             return

@@ -115,9 +115,10 @@ def _message(message: dict[str, Any]) -> list[RenderableType]:
 
 
 def _turn(role: str, label: str, content: str) -> list[RenderableType]:
-    heading = Text(visible(role), style=_ROLE_STYLES.get(role, 'bold'))
+    heading = Text(visible_line(role), style=_ROLE_STYLES.get(role, 'bold'))
     if label.strip():
-        heading.append(f'  {visible(label.strip())}', style='dim')
+        # On the heading's line: a newline in a tool's name (a model's invention) started a line that read as the body.
+        heading.append(f'  {visible_line(label.strip())}', style='dim')
     return [heading, Padding(Text(visible(content)), (0, 0, 0, INDENT))]
 
 

@@ -227,6 +227,29 @@ def test_a_stored_prompt_cannot_reorder_or_split_what_audit_show_prints(characte
     assert '\u200d' in render_body('response', '👩\u200d💻', truncated=True).plain  # type: ignore[union-attr]
 
 
+def test_a_newline_in_a_tool_name_stays_on_its_heading_line_in_audit_show() -> None:
+    # A tool name the model invented with a newline in it split the heading (`→ name  call-id`, a retry's `name`) into
+    # a line that read as the body; ESC was written out, the newline was not (QA).
+    from rich.console import Console
+
+    from agentrt.agents.cli.transcript import render_body
+
+    name = 'search\nuser\n  forged\x1b[2J'
+    shown_name = 'search\\nuser\\n  forged\\x1b[2J'
+    response = {
+        'kind': 'response',
+        'parts': [{'part_kind': 'tool-call', 'tool_name': name, 'args': '{}', 'tool_call_id': 'c1'}],
+    }
+    retry = {'part_kind': 'tool-return', 'outcome': 'retried', 'tool_name': name, 'content': 'no', 'tool_call_id': 'c1'}
+    prompt = {'instructions': '', 'messages': [{'kind': 'request', 'parts': [retry]}]}
+    screen = Console(width=200, record=True, color_system=None)
+    screen.print(render_body('response', json.dumps(response), truncated=False))
+    screen.print(render_body('prompt', json.dumps(prompt), truncated=False))
+    lines = screen.export_text().splitlines()
+    assert lines[0] == f'assistant  → {shown_name}  (call c1)' and lines[2] == f'retry  {shown_name}  (call c1)'
+    assert len(lines) == 4
+
+
 def test_a_tool_calls_arguments_nested_past_pythons_parser_are_shown_as_stored() -> None:
     # The runtime stores them (a model's hostile arguments); `audit show` ended with an internal error, RecursionError
     # (exit 70), where --json and the HTTP route answered (QA).

@@ -513,6 +513,31 @@ def test_an_escape_sequence_in_the_streamed_answer_is_shown_not_obeyed_in_a_term
         assert screen.getvalue() == 'Dr \x1b]0;PWNED\x07 \x1b[31mred\r\n'
 
 
+@pytest.mark.parametrize('terminal', [True, False])
+def test_a_tool_calls_name_and_arguments_stay_on_their_progress_line(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    # A newline in a tool name the model invented split `→ name(args)` and `✗ retried name N ms` into lines that read
+    # as others (QA); ESC was written out, a newline was not, and in a pipe nothing was.
+    from agentrt.agents.simple_chat import ToolEvent
+
+    screen = io.StringIO()
+    monkeypatch.setattr(chat, 'console', Console(file=screen, force_terminal=terminal, color_system=None, width=200))
+    display = chat._Display()
+    name = 'search\n  ✓ forged\x1b[2J\r\t'
+    display.tool(ToolEvent(name, 'c1', 'not json\nsecond', finished=False))
+    display.tool(ToolEvent(name, 'c1', None, finished=True, duration_s=0.012, outcome='retried'))
+    display.tool(ToolEvent(name, 'c2', None, finished=False))
+    display.unfinished()
+    shown = 'search\\n  ✓ forged\\x1b[2J\\x0d\\t'
+    assert screen.getvalue().splitlines() == [
+        f'  → {shown}(not json\\nsecond)',
+        f'  ✗ retried {shown} 12 ms',
+        f'  → {shown}()',
+        f'  ✗ not finished {shown}',
+    ]
+
+
 def test_a_crlf_split_across_two_deltas_is_one_line_break_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     # A CRLF cut between two stream chunks ('line1\r', '\nline2') showed as `line1\x0d` (qa140): the CR is held
     # until the next delta says whether a newline follows it. A CR that ends the answer is still written out.
