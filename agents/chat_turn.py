@@ -2,7 +2,8 @@
 
 No session is held across the model request. Before it, one short transaction looks up the tenant, claims the
 conversation (one turn at a time) and loads its tail: two statements, the claim and the load in one. After it, one
-statement saves the turn, releases the claim and, when due, stores the conversation's title and summary. Both run on
+statement saves the turn, releases the claim and, when due, stores the conversation's title and summary (a history
+the run rewrote goes through pydantic-ai's comparing save, the claim released after it, unawaited). Both run on
 the driver connection (`agentrt.db.driver`: a few fixed statements need none of SQLAlchemy's statement machinery).
 The run has per-turn usage limits (`turn_usage_limits`), a bounded context (`ContextWindow`) and the race guard
 (`TurnGuard`).

@@ -200,8 +200,16 @@ class TurnClaim:
         """Record the revision the caller loaded in the transaction that took the claim."""
         self.revision, self.knows_revision = revision, True
 
-    def settled(self) -> None:
-        """Record that the claim was deleted by the caller's transaction (the save of the turn)."""
+    def settled(self, *, still_held: bool = False) -> None:
+        """Record that the turn's save committed: the claim was deleted by its transaction, or, `still_held` (a save
+        that could not delete it: pydantic-ai's generic save), its release starts now in a task of its own.
+
+        Either way the turn's end (`held`) awaits nothing of it: a cancellation arriving after the save committed
+        turned a saved turn into `CancelledError` there, and its caller sent the message again. Until that release
+        ends, this process's next turn of the conversation takes the claim over, and `claims_released` waits for it.
+        """
+        if still_held and not self.released and self.releasing is None:
+            self.releasing = self._start_release()
         self.released = True
 
     async def release(self) -> None:
@@ -257,8 +265,9 @@ class TurnClaim:
             # this task (an outer timeout over an inner one, a task group aborting) cancelled the release's statement
             # and left the conversation claimed for the whole lease (QA). From now on this process's next turn of
             # the conversation takes the claim over (`_abandoned`; the release deletes only this claim).
-            if not self.released:
-                self.releasing = self._start_release()
+            release = None if self.released else self._start_release()
+            if release is not None:
+                self.releasing = release
             here = _held_here.get(self.claim_id)
             if here is not None:
                 here.ending.set()
@@ -266,7 +275,8 @@ class TurnClaim:
             # which cancel again at every await until they exit. The waits are bounded: a renewal cut mid-statement
             # or a release on a database that hangs gives its connection up slowly (a cancelled turn waited 12 s).
             with anyio.CancelScope(shield=True):
-                waiting = [*heartbeat, *([self.releasing] if self.releasing is not None else [])]
+                # Not a release the save started (`settled`): the turn was saved, and the release goes on by itself.
+                waiting = [*heartbeat, *([release] if release is not None else [])]
                 if waiting:
                     await asyncio.wait(waiting, timeout=RELEASE_WAIT_S)  # never swallows this task's cancellation
 

@@ -3,8 +3,8 @@
 The stored conversation stays complete (it is the record); only what a request sends is bounded. Two halves:
 
 - `load_recent_conversation` loads only the tail of a long conversation, about what the budget can use (walking
-  back from the head in SQL until the stored JSON reaches a cap), so loading a turn costs the same at turn 500 as
-  at turn 5;
+  back from the head in SQL until the stored JSON reaches a cap, then from the first user prompt of what it read),
+  so loading a turn costs the same at turn 500 as at turn 5;
 - `fit_history` is the history processor: it keeps the turn being answered whole, then earlier turns newest first
   while they fit, and folds everything older into one short summary request at the front. A turn is cut only at
   its user prompt, so a tool call is never separated from its result.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pydantic_ai import Conversation
@@ -37,6 +37,7 @@ from agentrt.db.driver import DriverTransaction
 from agentrt.db.settings import CHARS_PER_TOKEN
 from agentrt.services.conversations._pages import starts_turn
 from agentrt.services.conversations._store import PostgresConversationStore
+from agentrt.services.conversations._stored import StoredTail
 from agentrt.services.conversations._titles import make_summary, message_exchanges
 
 if TYPE_CHECKING:
@@ -98,7 +99,9 @@ async def load_recent_conversation(
 ) -> RecentConversation:
     """Load the last messages of a conversation, about what `max_tokens` of context can use, or start a new one.
 
-    One query (`PostgresConversationStore.read_tail`), each message validated once from the stored JSON text.
+    One query (`PostgresConversationStore.read_tail`), each message validated once from the stored JSON text. A tail
+    cut within a turn starts at the next user prompt, so the run keeps every loaded message (`append_turn`'s one
+    statement).
 
     Args:
         store: the account's conversation store.
@@ -140,6 +143,8 @@ async def load_recent_conversation(
         new = Conversation(conversation_id=conversation_id)
         new.new_message_index = 0  # nothing stored: everything the run adds is new
         return RecentConversation(new, None, False)
+    if not tail.reached_first:
+        tail = _from_a_turn(tail)
     record = tail.record
     conversation = Conversation(
         messages=list(tail.messages),
@@ -163,6 +168,24 @@ async def load_recent_conversation(
         stored=tuple(tail.messages),
         since_summary=since,
         stored_json=tuple(tail.bodies),
+    )
+
+
+def _from_a_turn(tail: StoredTail) -> StoredTail:
+    """`tail` from its first user prompt on: a walk cut at the cap begins anywhere in a turn, nearly always at a
+    request of tool returns whose calls it left in the database, and pydantic-ai drops such a leading orphan, so the
+    run would no longer hold the loaded messages and the save would leave its one-statement path (`append_turn`).
+    The older messages of that turn stay in the database with the rest (`earlier_omitted`); without any user prompt
+    (one turn over the whole cap) nothing is loaded."""
+    start = next((i for i, message in enumerate(tail.messages) if starts_turn(message)), len(tail.messages))
+    if start == 0:
+        return tail
+    return replace(
+        tail,
+        entry_ids=tail.entry_ids[start:],
+        sizes=tail.sizes[start:],
+        messages=tail.messages[start:],
+        bodies=tail.bodies[start:],
     )
 
 

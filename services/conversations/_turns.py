@@ -184,7 +184,8 @@ async def append_turn(
         result: the run's result.
         recent: what the turn loaded (`load_recent_conversation`).
         usage_before: as for `save_turn`: the record stores this plus the run's usage.
-        claim: the turn's claim, deleted by the save (then `claim.released`).
+        claim: the turn's claim, deleted by the save (then `claim.released`); after the comparing save, released in
+            a task of its own that the turn does not wait for (`TurnClaim.settled`).
         summary_every: `(turns, tokens)`: when the title and summary are due (`summary_due`) and the run's messages
             are enough to make them (`summary_source`), the save stores them too (`SavedTurn.summarised`), so the
             post-turn work needs no session of its own for them.
@@ -203,9 +204,11 @@ async def append_turn(
     )
     if not kept:
         try:
-            entries = await store.save(conversation)  # compares with the stored history; the claim goes at the end
+            entries = await store.save(conversation)  # compares with the stored history; the claim goes after it
         except ConversationConflict as exc:
             raise ConcurrentTurnError(exc.conversation_id) from exc
+        if claim is not None:
+            claim.settled(still_held=True)  # saved: released in a task of its own, which the turn does not wait for
         return SavedTurn(entries, sum(len(message_json(entry.message)) for entry in entries), usage=conversation.usage)
     assert index is not None
     updated = ConversationRecord(

@@ -7,10 +7,13 @@ import asyncio
 from typing import Any
 
 import pytest
+from pydantic_ai import Conversation
+from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, ToolReturnPart
 
 from agentrt.agents.simple_chat import ChatResult, simple_chat, simple_chat_stream
-from agentrt.services.conversations import PostgresConversationStore
+from agentrt.services.conversations import PostgresConversationStore, TurnClaim
 from tests.agents.conftest import account_id
+from tests.factories import scalar
 
 pytestmark = pytest.mark.usefixtures('demo_data')
 
@@ -71,3 +74,37 @@ async def test_a_turn_cancelled_during_its_save_is_saved_and_returns_its_result(
         'and in Denver?',
         'and in Austin?',
     ]
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_a_turn_cancelled_after_a_comparing_save_committed_returns_its_result(
+    monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # A history the run did not keep as loaded (here it starts with tool returns whose calls it never saw: pydantic-ai
+    # drops them) is saved by pydantic-ai's comparing save, which cannot delete the claim. The turn's end then awaited
+    # the claim's release, and a cancellation arriving in it raised CancelledError though the turn was saved (QA).
+    conversation_id = f'orphaned-{streamed}'
+    store = PostgresConversationStore(await account_id('acme-health'))
+    orphaned = [
+        ModelRequest(parts=[ToolReturnPart('t', 'r', tool_call_id='gone')]),
+        ModelResponse(parts=[TextPart('a')]),
+    ]
+    await store.save(Conversation(messages=orphaned, conversation_id=conversation_id))
+    turn: asyncio.Task[ChatResult | None] | None = None
+    release = TurnClaim.release
+
+    async def cancelling_release(self: TurnClaim) -> None:
+        if turn is not None:
+            turn.cancel()  # a Ctrl-C, a client gone, a timeout: arriving just after the save committed
+        await release(self)
+
+    monkeypatch.setattr(TurnClaim, 'release', cancelling_release)
+    turn = asyncio.create_task(_turn(streamed, 'Dermatologists in Boston', conversation_id))
+    result = await turn  # not CancelledError: the turn was saved
+    assert result is not None and 'Boston' in result.output
+    assert await _asked(conversation_id) == ['Dermatologists in Boston']
+    for _ in range(200):  # the claim's release, in a task of its own, ends soon after
+        if await scalar('SELECT count(*) FROM conversation_turns') == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0

@@ -123,7 +123,35 @@ async def test_the_tail_is_what_the_generic_load_gives(store: PostgresConversati
     assert recent.conversation.new_message_index == len(loaded.messages) and not recent.earlier_omitted
     assert recent.since_summary is None  # never summarised
     small = await load_recent_conversation(store, 'c', max_tokens=100)
-    assert small.earlier_omitted and small.conversation.messages == loaded.messages[-len(small.conversation.messages) :]
+    cut = len(loaded.messages) - len(small.conversation.messages)  # from a user prompt: none when a turn is too big
+    assert small.earlier_omitted and small.conversation.messages == loaded.messages[cut:]
+
+
+async def test_a_tail_cut_within_a_turn_is_saved_in_one_statement(
+    store: PostgresConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cap cut the tail at a request of tool returns, which pydantic-ai dropped (their calls were left behind):
+    # every save of a long conversation went through the comparing save, the claim released apart (QA).
+    for _ in range(3):
+        await _fast_turn(store, 'cut', 'question')
+    sizes = (await store.read_tail('cut', cap_chars=10**9, max_messages=100)).sizes  # type: ignore[union-attr]
+    max_tokens = (sum(sizes[-5:]) + 12) // 12  # 12 JSON characters a token: a cut at the tool returns of turn 2
+
+    async def comparing_save(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError('the comparing save')
+
+    monkeypatch.setattr(PostgresConversationStore, 'save', comparing_save)
+    claim = TurnClaim.mint(store.account_id, 'cut', lease_s=60)
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        await claim.take(session=session)
+    recent = await load_recent_conversation(store, 'cut', max_tokens=max_tokens)
+    assert recent.earlier_omitted
+    result = await _agent().run('next', conversation=recent.conversation)
+    async with claim.held():
+        saved = await append_turn(store, result, recent, claim=claim)
+    assert len(recent.stored) == 4, 'the last turn, from its prompt'
+    assert len(saved.entries) == 4 and claim.released and await scalar('SELECT count(*) FROM conversation_turns') == 0
+    assert len(await store.load_entries('cut') or []) == 16
 
 
 async def test_a_turn_saved_meanwhile_wins_and_nothing_of_the_late_one_is_stored(

@@ -150,6 +150,35 @@ async def test_the_tail_load_is_bounded_by_size_and_saving_appends_to_the_whole_
     assert len((await store.load('long')).messages) == 161  # type: ignore[union-attr]
 
 
+async def test_the_tail_load_starts_at_a_user_prompt_wherever_the_cap_cuts() -> None:
+    # A cut within a turn left a request of tool returns first, whose calls pydantic-ai did not see: it dropped it,
+    # the run no longer held the loaded messages, and every save of a long conversation left its fast path (QA).
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        account = Account(slug='cut', name='Cut')
+        session.add(account)
+        await session.flush()
+        account_id = account.id
+    store = PostgresConversationStore(account_id)
+    messages = [m for n in range(1, 11) for m in _turn(n, size=1_000)]
+    entries: list[ConversationEntry] = []
+    for message in messages:
+        entries.append(ConversationEntry(parent_id=entries[-1].id if entries else None, message=message))
+    await store.write_record(
+        ConversationRecord(conversation_id='cut', head_id=entries[-1].id), new_entries=entries, expected_revision=None
+    )
+    sizes = (await store.read_tail('cut', cap_chars=10**9, max_messages=1_000)).sizes  # type: ignore[union-attr]
+    cap_tokens = {(sum(sizes[-k:]) + 12) // 12 for k in range(1, 39)}  # a cut at every message (12 JSON chars a token)
+    starts = set()
+    for max_tokens in sorted(cap_tokens):
+        recent = await load_recent_conversation(store, 'cut', max_tokens=max_tokens)
+        loaded = recent.conversation.messages
+        assert recent.earlier_omitted and loaded == messages[len(messages) - len(loaded) :]
+        assert not loaded or isinstance(loaded[0].parts[0], UserPromptPart), (max_tokens, loaded[0])
+        assert len(recent.stored) == len(recent.stored_json) == len(loaded) == recent.conversation.new_message_index
+        starts.add(len(loaded))
+    assert {0, 4, 8} <= starts, 'under one turn: nothing; else whole turns'
+
+
 def test_a_runs_requests_share_estimates_and_the_summary() -> None:
     messages = [m for n in range(1, 41) for m in _turn(n, size=1_000)]
     memo = FitMemo()
