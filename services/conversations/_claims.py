@@ -27,6 +27,7 @@ import anyio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from agentrt.db.cancellation import undone_if_cancelled
 from agentrt.db.driver import DriverStatement, DriverTransaction
 from agentrt.db.engine import refused_after_shutdown
 from agentrt.db.errors import DatabaseNotInitializedError, DatabaseUnavailableError
@@ -419,10 +420,27 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         async with get_db_session(account=account_id) as session:
             await claim.take(session=session)
 
+    async def give_back(_: None) -> None:
+        async with claim.held():  # released as the block ends
+            pass
+
     # Safe to repeat on a fresh connection (a server restarted since the pool's connections were used): see _CLAIM.
-    await retry_on_disconnect(take, what='conversation claim')
+    # Taken as a chat turn's start takes its own: cancelled with the COMMIT's reply in flight, the claim stood with
+    # nobody to release it, and the process's next turn of the conversation was refused for the lease (QA).
+    await undone_if_cancelled(
+        retry_on_disconnect(take, what='conversation claim'),
+        give_back,
+        wait_s=CANCELLED_TAKE_WAIT_S,
+        left=claim.left_by_its_start,
+    )
     async with claim.held():
         yield claim
+
+
+CANCELLED_TAKE_WAIT_S = 3.0
+"""How long `conversation_claim` cancelled while taking its claim waits for the take to end before the cancellation
+goes on (a chat turn's start waits as long: `CANCELLED_START_WAIT_S`); the take runs on, its claim released once it
+ends."""
 
 
 _holding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakref.WeakKeyDictionary()

@@ -466,3 +466,30 @@ async def test_a_turn_that_outlives_the_shutdown_on_a_frozen_database_says_so_in
     ours = [record.getMessage() for record in caplog.records if record.name.startswith('agentrt')]
     [left] = [line for line in ours if 'stays claimed' in line]
     assert left.startswith('conversation outlived stays claimed') and '(the runtime had shut down)' in left, left
+
+
+async def test_a_claim_cancelled_as_its_take_commits_is_released(account: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The take was awaited by the caller itself: cancelled with its COMMIT's reply in flight, the claim stood with
+    # nobody to release it, and the process's next turn of the conversation was refused for the lease (QA).
+    caller: list[asyncio.Task[None]] = []
+    retry = claims_module.retry_on_disconnect
+
+    async def committed_then_cancelled(operation: Any, *, what: str) -> Any:
+        result = await retry(operation, what=what)
+        if what == 'conversation claim':  # committed: the caller is cancelled before the reply reaches it
+            caller[0].cancel()
+            await asyncio.sleep(0.05)
+        return result
+
+    monkeypatch.setattr(claims_module, 'retry_on_disconnect', committed_then_cancelled)
+
+    async def turn() -> None:
+        async with conversation_claim(account, 'taken', lease_s=60):
+            raise AssertionError('the block never runs')
+
+    caller.append(asyncio.create_task(turn()))
+    with pytest.raises(asyncio.CancelledError):
+        await caller[0]
+    assert await scalar("SELECT count(*) FROM conversation_turns WHERE conversation_id = 'taken'") == 0
+    async with conversation_claim(account, 'taken', lease_s=60) as claim:  # free at once
+        assert claim.acquired
