@@ -243,12 +243,10 @@ async def _claimed_turn(
                 pass
 
     def left_running(task: asyncio.Future[object]) -> None:
-        # Its caller is gone: the claim it took (or may have, still to come if it has none yet) is released once it
-        # has ended, and this process's next turn of the conversation takes it over until then.
-        if claims:
-            claims[-1].left_by_its_start(task)
-        else:
-            task.add_done_callback(lambda _: claims[-1].left_by_its_start(task) if claims else None)
+        # Its caller is gone: the claim it took (or may have, or may still take: known by its id from now, not from
+        # the start's end, which let the next turn be refused by a claim committed meanwhile) is released once it has
+        # ended, and this process's next turn of the conversation takes it over until then.
+        TurnClaim.left_by_its_start(claim_id, task, lambda: claims[-1] if claims else None)
 
     async def opened_start() -> tuple[Tenant, TurnClaim, RecentConversation] | None:
         # A claim committed as the turn is cancelled is released, not left to its lease (`undone_if_cancelled`); a

@@ -137,23 +137,30 @@ class TurnClaim:
 
     async def refused(self, *, session: AsyncSession | DriverTransaction) -> None:
         """After a claim was not taken: take over the claim that holds the conversation when its holder is a process
-        of this host that no longer runs (killed before it could release it), else raise the `ConcurrentTurnError`
-        saying how long that claim still runs. Both in the caller's transaction.
+        of this host that no longer runs (killed before it could release it), or when it is one this process must
+        still release (a start its cancelled turn left running, `left_by_its_start`; a turn's whose release is still
+        to come, `_abandoned`); else raise the `ConcurrentTurnError` saying how long that claim still runs. All in the
+        caller's transaction.
 
+        The claim's statement cannot know such a claim of this process by itself: its parameters are read before it
+        runs, and a start left running may commit its claim after that (the statement waits for that COMMIT): the next
+        turn was refused by the claim of its own cancelled start (a flaky test on a loaded machine).
         A holder on another host, or one an earlier version recorded no holder for, is waited out (its lease).
 
         Raises:
             ConcurrentTurnError: another turn holds a live claim on the conversation (stage 'start').
         """
         holding = await _claim_on(session, self.account_id, self.conversation_id)
-        if holding is not None and _dead(holding):
+        over = None if holding is None else self._takeover(holding)
+        if holding is not None and over is not None:
             self.confirmed_at = time.monotonic()
-            if await _claimed(session, self._claim_params() | {'dead_claim_id': holding.claim_id}):
-                logger.info(
-                    'conversation %s: took over the claim of process %s, which no longer runs',
-                    self.conversation_id,
-                    holding.pid,
-                )
+            if await _claimed(session, self._claim_params() | over):
+                if over.get('dead_claim_id') is not None:
+                    logger.info(
+                        'conversation %s: took over the claim of process %s, which no longer runs',
+                        self.conversation_id,
+                        holding.pid,
+                    )
                 self.acquired = True
                 return
             holding = await _claim_on(session, self.account_id, self.conversation_id)  # taken by another turn first
@@ -162,6 +169,16 @@ class TurnClaim:
         )
         error.ending_here = None if holding is None else _ending_here(holding.claim_id)
         raise error
+
+    def _takeover(self, holding: _Holding) -> dict[str, object] | None:
+        """The parameters that let `_CLAIM` take the conversation from `holding` (None: it cannot, another turn's)."""
+        if _dead(holding):
+            return {'dead_claim_id': holding.claim_id}
+        if holding.claim_id in _left_by_starts or holding.claim_id == _abandoned.get(
+            (self.account_id, self.conversation_id)
+        ):
+            return {'abandoned_claim_id': holding.claim_id}
+        return None
 
     async def check(self) -> str | None:
         """Renew the lease and read the conversation's stored revision, in one statement.
@@ -281,20 +298,32 @@ class TurnClaim:
                 if waiting:
                     await asyncio.wait(waiting, timeout=RELEASE_WAIT_S)  # never swallows this task's cancellation
 
-    def left_by_its_start(self, start: asyncio.Future[object]) -> None:
-        """The turn's start that takes this claim runs on without its caller (cancelled while the database did not
-        answer, `undone_if_cancelled(wait_s=...)`): until it is released, this process's next turn of the conversation
-        takes the claim over, and once the start has ended the claim is released whatever its outcome: a start that
-        failed may have committed it all the same (its COMMIT in the hands of a server that had not answered). One
-        that succeeded is given back by its undo (`held`), which releases it the same way."""
-        key = (self.account_id, self.conversation_id)
-        _abandoned[key] = self.claim_id
+    @staticmethod
+    def left_by_its_start(claim_id: str, start: asyncio.Future[object], taken: Callable[[], TurnClaim | None]) -> None:
+        """The turn's start that takes claim `claim_id` runs on without its caller (cancelled while the database did
+        not answer, `undone_if_cancelled(wait_s=...)`): until the claim is released, this process's next turn of the
+        conversation takes it over (`refused`), whether the start has taken it yet or not (still looking its tenant
+        up, its claim's statement or COMMIT in flight: known by its id, minted before), and once the start has ended
+        the claim is released whatever its outcome: a start that failed may have committed it all the same (its COMMIT
+        in the hands of a server that had not answered). One that succeeded is given back by its undo (`held`), which
+        releases it the same way.
+
+        Args:
+            claim_id: the id of the claim the start takes.
+            start: the start's task.
+            taken: the claim the start made, once it has ended (None: it ended before it had one: nothing to release).
+        """
+        _left_by_starts.add(claim_id)
 
         def ended(task: asyncio.Future[object]) -> None:
-            if task.cancelled() or task.exception() is not None:
-                release = self._start_release()  # idempotent: deletes only this claim, if it is there at all
+            claim = taken()
+            if claim is None:
+                _left_by_starts.discard(claim_id)
+            elif task.cancelled() or task.exception() is not None:
+                release = claim._start_release()  # idempotent: deletes only this claim, if it is there at all
                 _releasing_for_left_starts.add(release)
                 release.add_done_callback(_releasing_for_left_starts.discard)
+            # Else its undo holds it and releases it (`held`): the release's end forgets it (`_start_release`).
 
         start.add_done_callback(ended)
 
@@ -310,6 +339,7 @@ class TurnClaim:
             deferred = not task.cancelled() and task.exception() is None and task.result()
             if _abandoned.get(key) == self.claim_id and not deferred:
                 del _abandoned[key]  # released, or given up (a release deferred to its retries clears it itself)
+            _left_by_starts.discard(self.claim_id)  # a deferred release is `_abandoned`'s now
             self.releasing = None
 
         release.add_done_callback(settled)
@@ -538,6 +568,11 @@ _releasing_for_left_starts: set[asyncio.Task[bool]] = set()
 """The releases of claims whose starts failed after their callers left (`TurnClaim.left_by_its_start`), referenced
 until they end: nothing else holds them."""
 
+_left_by_starts: set[str] = set()
+"""The ids of the claims of starts this process's cancelled turns left running (`TurnClaim.left_by_its_start`), taken
+or not yet, until their release ends (or their start ended without one): this process's next turn of the conversation
+takes such a claim over (`TurnClaim.refused`)."""
+
 _abandoned: dict[tuple[int, str], str] = {}
 """The claims this process must still release, by (account, conversation): a turn that ended while PostgreSQL was
 down left its claim there (`_release_later`). The next turn of the conversation takes such a claim over (`_CLAIM_SQL`):
@@ -548,9 +583,10 @@ conversation for the rest of the lease. An entry leaves when its release ends, h
 def _forget_the_parents() -> list[object]:
     """In a forked child: the claims the parent's turns hold (or must still release) are the parent's, and so are
     their loop's events; the child's turns take claims of their own (`agentrt.db.forks`)."""
-    global _holding, _none_held, _held_here, _abandoned, _stopping
-    left: list[object] = [_holding, _none_held, _held_here, _abandoned, _stopping]
+    global _holding, _none_held, _held_here, _abandoned, _left_by_starts, _stopping
+    left: list[object] = [_holding, _none_held, _held_here, _abandoned, _left_by_starts, _stopping]
     _holding, _none_held, _held_here, _abandoned = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary(), {}, {}
+    _left_by_starts = set()
     _stopping = weakref.WeakSet()
     return left
 

@@ -553,8 +553,11 @@ async def test_a_turn_cancelled_during_its_start_on_a_frozen_server_ends_within_
                 async with asyncio.timeout(1):
                     await turn('and in Boston?', model)
             waited = time.monotonic() - started
-        after = await turn('and in Denver?', model)  # not refused as concurrent by the cancelled start's claim
-        for _ in range(100):  # the left start's claim is released in the background once its server answers
+        # Not refused as concurrent by the cancelled start's claim, whether that start committed it before this turn
+        # claimed, as it claimed, or not yet (then that start is refused): its claim is this process's to take over
+        # from the moment its turn left it (test_turn_race.py orders each case with gates).
+        after = await turn('and in Denver?', model)
+        for _ in range(400):  # the left start's claim is released in the background once its server answers
             if await _scalar('SELECT count(*) FROM conversation_turns') == 0:
                 break
             await asyncio.sleep(0.05)

@@ -254,6 +254,61 @@ async def test_a_turn_cancelled_as_its_claim_commits_releases_the_conversation(
     assert result.output.startswith('I found')
 
 
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_the_next_turn_takes_over_the_claim_a_cancelled_turns_start_commits_after_it_left(
+    demo_data: None, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    # A turn cancelled during its start stops waiting for it (CANCELLED_START_WAIT_S); the start runs on and may commit
+    # the conversation's claim after that. Its claim was marked this process's to take over only once the start had
+    # ended: a next turn that claimed in between (the start's claim committed, its task not ended yet) was refused as
+    # concurrent, "another turn holds conversation" (a flaky test on a loaded machine). Gates order it here.
+    real_lookup, real_retry = chat_turn.lookup_tenant_on, chat_turn.retry_on_disconnect
+    looking_up, answered, committed, end = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    lookups, starts = [], []
+
+    async def unanswered_lookup(*args: Any, **kwargs: Any) -> Any:
+        lookups.append(1)
+        if len(lookups) == 1:  # the cancelled turn's: a database that does not answer yet
+            looking_up.set()
+            await answered.wait()
+        return await real_lookup(*args, **kwargs)
+
+    async def start_ending_later(operation: Any, *, what: str = '') -> Any:
+        result = await real_retry(operation, what=what)
+        if what == 'turn start':
+            starts.append(1)
+            if len(starts) == 1:  # the cancelled turn's start: its claim committed, its task still running
+                committed.set()
+                await end.wait()
+        return result
+
+    monkeypatch.setattr(chat_turn, 'CANCELLED_START_WAIT_S', 0.1)
+    monkeypatch.setattr(chat_turn, 'lookup_tenant_on', unanswered_lookup)
+    monkeypatch.setattr(chat_turn, 'retry_on_disconnect', start_ending_later)
+    try:
+        async with asyncio.timeout(30):
+            cancelled = asyncio.create_task(_turn(QUESTIONS[0], 'left-start', streamed))
+            await looking_up.wait()
+            cancelled.cancel()  # while its start has no claim yet
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            answered.set()
+            await committed.wait()
+            assert await scalar('SELECT count(*) FROM conversation_turns') == 1  # the left start's claim
+            result = await _turn(QUESTIONS[1], 'left-start', streamed)  # not refused: taken over
+            end.set()  # the left start ends: its undo releases its claim (taken over: it deletes nothing)
+            for _ in range(500):
+                if await scalar('SELECT count(*) FROM conversation_turns') == 0:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        answered.set()
+        end.set()
+    assert await scalar('SELECT count(*) FROM conversation_turns') == 0  # released: taken over, then the turn's save
+    assert result.output.startswith('I found')
+    assert result.conversation_usage.requests == result.usage.requests  # nothing of the cancelled turn was sent
+
+
 @pytest.mark.parametrize('committed', [False, True], ids=['lost-before-commit', 'reply-lost-after-commit'])
 async def test_a_turn_start_that_loses_its_connection_is_repeated_and_claims_once(
     demo_data: None, monkeypatch: pytest.MonkeyPatch, committed: bool

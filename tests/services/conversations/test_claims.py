@@ -165,9 +165,9 @@ async def test_an_expired_claim_is_taken_over_and_its_holder_learns_it_lost(acco
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
 
 
-async def _taken(account: int, conversation_id: str) -> TurnClaim:
-    """A claim taken and committed, as by a turn's start."""
-    claim = TurnClaim.mint(account, conversation_id, lease_s=60)
+async def _taken(account: int, conversation_id: str, claim: TurnClaim | None = None) -> TurnClaim:
+    """A claim (`claim`, else a new one) taken and committed, as by a turn's start."""
+    claim = claim or TurnClaim.mint(account, conversation_id, lease_s=60)
     async with get_db_session(account=account) as session:
         await claim.take(session=session)
     return claim
@@ -178,21 +178,29 @@ async def test_the_claim_of_a_start_its_cancelled_turn_left_running_is_taken_ove
 ) -> None:
     # A turn cancelled while its start waited on a database that did not answer stops waiting for it; the start runs
     # on, and may fail having committed its claim all the same (its COMMIT applied, its answer never read). Nobody runs
-    # with that claim: this process's next turn takes it over meanwhile, and it is released once the start ends.
+    # with that claim: this process's next turn takes it over meanwhile, and it is released once the start ends. The
+    # start may take its claim only after its turn left it (it was still looking its tenant up): known by its id.
     loop = asyncio.get_running_loop()
     running: asyncio.Future[object] = loop.create_future()
-    (await _taken(account, 'left running')).left_by_its_start(running)
+    left = TurnClaim.mint(account, 'left running', lease_s=60)
+    TurnClaim.left_by_its_start(left.claim_id, running, lambda: left)
+    await _taken(account, 'left running', left)
     async with conversation_claim(account, 'left running', lease_s=60):
         pass  # not refused as concurrent
     failed: asyncio.Future[object] = loop.create_future()
-    (await _taken(account, 'left failed')).left_by_its_start(failed)
+    claim = await _taken(account, 'left failed')
+    TurnClaim.left_by_its_start(claim.claim_id, failed, lambda: claim)
     failed.set_exception(ConnectionResetError('the answer to its COMMIT never came'))
     for _ in range(100):
         if await scalar('SELECT count(*) FROM conversation_turns') == 0:
             break
         await asyncio.sleep(0.02)
     assert await scalar('SELECT count(*) FROM conversation_turns') == 0
+    assert claims_module._left_by_starts == {left.claim_id}  # the failed one's release has ended
     running.set_result(None)  # a start that succeeded is given back by its undo
+    async with left.held():
+        pass
+    assert claims_module._left_by_starts == set()
 
 
 async def test_a_running_turn_renews_its_lease(account: int) -> None:
