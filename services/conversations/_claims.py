@@ -461,7 +461,7 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
         retry_on_disconnect(take, what='conversation claim'),
         give_back,
         wait_s=CANCELLED_TAKE_WAIT_S,
-        left=claim.left_by_its_start,
+        left=lambda start: TurnClaim.left_by_its_start(claim.claim_id, start, lambda: claim),
     )
     async with claim.held():
         yield claim
