@@ -84,6 +84,23 @@ def _credential_like_check(c: Candidate) -> Span | None:
     return (c.start, c.end) if _credential_like(c.value) else None
 
 
+_TABLE_NOT_A_SECRET = re.compile(
+    rb'[A-Za-z_][A-Za-z0-9_ .]*\(\s*[0-9]+(?:\s*,\s*[0-9]+)?\s*\)'  # a column type: varchar(255), String(128)
+    rb'|[0-9.,:/ +-]+'  # a number, a price, a date, a range
+    rb'|[/~$].*'  # a path or a variable
+)
+
+
+def _table_secret(c: Candidate) -> Span | None:
+    """A Markdown table's value in a secret-named row: credential-like (`_credential_like`), at least 8 characters,
+    and neither a column type, a number, a date, a path nor a variable: schema and pricing tables (`| password |
+    varchar(255) |`, `| token | 0.0002 |`) lost their cells (QA)."""
+    value = c.value
+    if len(value) < 8 or not _credential_like(value) or _TABLE_NOT_A_SECRET.fullmatch(value):
+        return None
+    return c.start, c.end
+
+
 def _random_looking(c: Candidate) -> Span | None:
     """Upper and lower case letters and a digit: random keys of 32+ characters nearly always have all three;
     paths, words, hex digests and version strings rarely do. `K8S = Attributes.K8S_POD_UID`, `X = Cls2(...)` are
@@ -272,13 +289,28 @@ PEM_BODY_MAX = 64 << 10
 _KEY_RUN = re.compile(rb'(?:[A-Za-z0-9+/=\s:,.()_>#|*\x00]|\xe2\x80[\xa8\xa9]|\xef\xbf\xbd|-[A-Za-z0-9]|\\+[nrt])+')
 
 
+_BASE64_LINE = re.compile(
+    rb'[A-Za-z0-9+/]{40,}'  # a PEM body's line (64 characters; an encrypted key's headers are followed by them too)
+    rb'|MII[A-Za-z0-9+/]{8,}'  # the start of a DER key's base64 (an ASN.1 sequence), whatever the lines' length
+    rb'|Proc-Type:|DEK-Info:'  # an encrypted key's headers
+    rb'|(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{12,}'  # random-looking
+)
+"""What a key's body holds and prose or code between two armour lines does not."""
+
+
 def _pem_body(c: Candidate) -> Span | None:
     """A private key's body: up to its END line when that is at most `PEM_BODY_MAX` away (an armour line mentioned in
-    prose and an END line far below it), else the run of key characters, as for a key cut off."""
+    prose and an END line far below it), else the run of key characters, as for a key cut off; either only when it
+    holds a run of base64 (`_BASE64_LINE`): code that tests for the BEGIN and END lines, or a how-to naming both,
+    lost everything between them (QA)."""
     if c.end - c.start <= PEM_BODY_MAX:
-        return c.start, c.end
-    run = _KEY_RUN.match(c.data, c.start, c.start + PEM_BODY_MAX)
-    return (c.start, run.end()) if run is not None else None
+        span = c.start, c.end
+    else:
+        run = _KEY_RUN.match(c.data, c.start, c.start + PEM_BODY_MAX)
+        if run is None:
+            return None
+        span = c.start, run.end()
+    return span if _BASE64_LINE.search(c.data, *span) is not None else None
 
 
 CHECKS: dict[str, Check] = {
@@ -286,6 +318,7 @@ CHECKS: dict[str, Check] = {
     'not_code': _not_code,
     'has_digit': _has_digit,
     'credential_like': _credential_like_check,
+    'table_secret': _table_secret,
     'random_looking': _random_looking,
     'basic_credentials': _basic_credentials,
     'not_placeholder': _not_placeholder,

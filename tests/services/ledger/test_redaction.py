@@ -1014,6 +1014,20 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
         "ALTER USER app WITH PASSWORD '%s';\nALTER ROLE app WITH PASSWORD NULL;",
         'The password reset is sent by email; identified by their badge.',
         "Can't locate revision identified by 'a1b2c3d4'",  # Alembic's error, no SQL password (db upgrade's line)
+        "error: cannot migrate to 'grant-1': Can't locate revision identified by 'grant-1'",
+        "The user was identified by 'their email address' in the logs.",
+        "The role identified by 'admin' has all rights. The user's password 'must' be changed.",
+        # schema and pricing tables (QA): column types, numbers, dates, paths are no passwords
+        '| password | varchar(255) | NOT NULL |\n| api_key | char(40) |\n| access_key | String(128) |',
+        '| token | int4 |\n| token | 0.0002 |\n| pwd | /home/user |\n| password | 2024-01-01 |\n| password | 8-64 |',
+        # code and prose naming a key's armour lines: nothing between them is a key (QA)
+        'if line.startswith("-----BEGIN PRIVATE KEY-----"):\n    in_key = True\n'
+        'elif line.startswith("-----END PRIVATE KEY-----"):\n    in_key = False',
+        'PEM_HEADER = "-----BEGIN PRIVATE KEY-----"\nPEM_FOOTER = "-----END PRIVATE KEY-----"',
+        'header := "-----BEGIN RSA PRIVATE KEY-----"; footer := "-----END RSA PRIVATE KEY-----"',
+        'A key file begins with `-----BEGIN PRIVATE KEY-----`, then:\n1. its body\n2. mode 600\n'
+        'and ends with `-----END PRIVATE KEY-----`.',
+        '-----BEGIN PRIVATE KEY-----\n<your key here>\n-----END PRIVATE KEY-----',
     ],
 )
 def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
