@@ -45,6 +45,7 @@ from agentrt.db.errors import DatabaseNotInitializedError, InvalidInputError
 from agentrt.db.session import Unscoped, retry_on_disconnect
 from agentrt.db.settings import Settings, get_settings
 from agentrt.services.conversations import (
+    CANCELLED_TAKE_WAIT_S,
     ConcurrentTurnError,
     PostgresConversationStore,
     RecentConversation,
@@ -66,12 +67,12 @@ from agentrt.services.tenancy import (
 )
 from agentrt.tools.dependencies import SessionDependencies
 
-CANCELLED_START_WAIT_S = 3.0
+CANCELLED_START_WAIT_S = CANCELLED_TAKE_WAIT_S
 """How long a turn cancelled during its start (the tenant, the claim, the history: one transaction) waits for the start
 to end before the cancellation goes on: about what the rest of a cancelled turn takes on a database that does not
 answer (a statement gives its connection up in about 2 s, then `RELEASE_WAIT_S`), where the start's own wait is its
 statement's, 35 s (QA: a caller's 5 s timeout ended after 35 s). The start runs on, and its claim is released once it
-ends (`TurnClaim.left_by_its_start`)."""
+ends (`TurnClaim.left_by_its_start`). The same wait as `conversation_claim`'s, one value."""
 
 ENDING_TURN_WAIT_S = 3.0
 """How long a turn's start waits for the conversation's previous turn in this process to let go of it when that turn

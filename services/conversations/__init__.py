@@ -11,7 +11,7 @@ large read's CPU work in a worker thread). The modules with a
 leading underscore are internals.
 """
 
-from agentrt.services.conversations._claims import TurnClaim, claims_released, conversation_claim
+from agentrt.services.conversations._claims import CANCELLED_TAKE_WAIT_S, TurnClaim, claims_released, conversation_claim
 from agentrt.services.conversations._context import (
     FitMemo,
     RecentConversation,
@@ -55,6 +55,7 @@ from agentrt.services.conversations._turns import (
 )
 
 __all__ = [
+    'CANCELLED_TAKE_WAIT_S',
     'MAX_CONVERSATIONS_PAGE',
     'SUMMARY_MAX_CHARS',
     'TITLE_MAX_CHARS',

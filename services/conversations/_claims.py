@@ -469,8 +469,8 @@ async def conversation_claim(account_id: int, conversation_id: str, *, lease_s: 
 
 CANCELLED_TAKE_WAIT_S = 3.0
 """How long `conversation_claim` cancelled while taking its claim waits for the take to end before the cancellation
-goes on (a chat turn's start waits as long: `CANCELLED_START_WAIT_S`); the take runs on, its claim released once it
-ends."""
+goes on (a chat turn's start waits as long: `agentrt.agents.chat_turn.CANCELLED_START_WAIT_S` is this value); the take
+runs on, its claim released once it ends."""
 
 
 _holding: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakref.WeakKeyDictionary()
