@@ -20,7 +20,9 @@ from sqlalchemy.exc import ArgumentError
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.pg_environment import (
+    GSS_LIBS,
     SSL_MODES,
+    SSL_NEGOTIATIONS,
     TARGET_SESSION_ATTRS,
     TLS_VERSIONS,
     check_asyncpg_environment,
@@ -39,12 +41,12 @@ _DSN_PARAMETERS = {
     'sslkey': None,
     'sslcrl': None,
     'sslpassword': None,
-    'sslnegotiation': ('postgres', 'direct'),
+    'sslnegotiation': SSL_NEGOTIATIONS,
     'ssl_min_protocol_version': TLS_VERSIONS,
     'ssl_max_protocol_version': TLS_VERSIONS,
     'passfile': None,
     'krbsrvname': None,
-    'gsslib': ('gssapi', 'sspi'),
+    'gsslib': GSS_LIBS,
 }
 _FILES = ('sslrootcert', 'sslcert', 'sslkey', 'sslcrl', 'passfile')
 # Sent to the server as startup parameters, as libpq does.

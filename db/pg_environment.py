@@ -23,6 +23,8 @@ from agentrt.db.errors import ConfigError
 SSL_MODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
 TARGET_SESSION_ATTRS = ('any', 'primary', 'standby', 'prefer-standby', 'read-write', 'read-only')
 TLS_VERSIONS = ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3')
+SSL_NEGOTIATIONS = ('postgres', 'direct')
+GSS_LIBS = ('gssapi', 'sspi')
 
 # The embedded server's asyncpg URL (`EmbeddedServer.url`): every setting asyncpg reads from the environment that
 # can stop a connection to its socket (the certificate files are read only with TLS). The TLS versions are unused
@@ -72,11 +74,11 @@ def embedded_libpq_parameters(libpq_version: int, connect_timeout: float) -> dic
 # What asyncpg reads from the environment when the URL names no such parameter, and the values it takes (libpq, the
 # queue's, refuses the others too).
 _ASYNCPG_READS = {
-    'PGSSLNEGOTIATION': ('sslnegotiation', ('postgres', 'direct')),
+    'PGSSLNEGOTIATION': ('sslnegotiation', SSL_NEGOTIATIONS),
     'PGTARGETSESSIONATTRS': ('target_session_attrs', TARGET_SESSION_ATTRS),
     'PGSSLMINPROTOCOLVERSION': ('ssl_min_protocol_version', ('', *TLS_VERSIONS)),
     'PGSSLMAXPROTOCOLVERSION': ('ssl_max_protocol_version', ('', *TLS_VERSIONS)),
-    'PGGSSLIB': ('gsslib', ('gssapi', 'sspi')),
+    'PGGSSLIB': ('gsslib', GSS_LIBS),
 }
 
 
