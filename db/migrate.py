@@ -315,4 +315,9 @@ async def upgrade_if_behind(engine: AsyncEngine) -> bool:
         return False
     logger.info('database schema at %s, upgrading to %s', current or 'empty', head)
     # False when another process's migration, which this one waited for, had brought it to head meanwhile.
-    return await upgrade(engine) != head
+    if await upgrade(engine) != head:
+        return True
+    # Said, or the "upgrading to ..." line above stood for a migration this process never ran (QA: several processes
+    # starting at once on a fresh data directory each said it, and one of them migrated).
+    logger.info('database schema at %s: another process upgraded it meanwhile; nothing migrated here', head)
+    return False

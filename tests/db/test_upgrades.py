@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import sys
 
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -227,6 +230,60 @@ async def _waited_past(engine: AsyncEngine, seconds: float) -> bool:
     )
     async with engine.connect() as connection:
         return bool((await connection.execute(waited, {'seconds': seconds})).scalar_one())
+
+
+async def test_a_process_whose_wait_ended_in_another_ones_migration_says_it_migrated_nothing(
+    database: Settings, database_url: str, empty_database: str
+) -> None:
+    # Processes starting at once on a fresh data directory each said "upgrading to ...", and only one of them did.
+    url = get_engine().url.set(database=empty_database)
+    holder = build_engine(url, database)
+    waiter_url = make_url(database_url).set(database=empty_database).render_as_string(hide_password=False)
+    try:
+        async with holder.connect() as other:
+            await other.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': MIGRATION_LOCK_KEY})
+            # The waiter is another process: Alembic's context is one per process, so a second migration in this one
+            # would have run in the waiting one's.
+            waiter = await asyncio.create_subprocess_exec(
+                sys.executable, '-c', _INIT_AND_LOG, env={**os.environ, 'DATABASE_URL': waiter_url},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            for _ in range(1200):  # a poll: until the other process waits for the lock this one holds
+                if waiter.returncode is not None or await _waited_past(holder, 0.1):
+                    break
+                await asyncio.sleep(0.05)
+            assert waiter.returncode is None
+            # Migrated in the transaction holding the lock (its session takes it again), and committed: the waiter
+            # then finds the schema at head.
+            await other.run_sync(_migrate_holding_the_lock)
+        output, _ = await asyncio.wait_for(waiter.communicate(), 120)
+        said = output.decode().splitlines()
+        head = head_revision()
+        assert waiter.returncode == 0, said
+        assert said[0] == f'database schema at empty, upgrading to {head}', said
+        assert said[1].startswith('another process is migrating this database'), said
+        assert said[2:] == [f'database schema at {head}: another process upgraded it meanwhile; nothing migrated here']
+        assert await current_revision(holder) == head
+    finally:
+        await holder.dispose()
+
+
+_INIT_AND_LOG = """
+import asyncio, logging
+from agentrt.db.engine import close_database, init_database
+logging.basicConfig(level=logging.INFO, format='%(message)s')
+logging.getLogger().handlers[0].addFilter(lambda record: record.name.split('.')[:2] == ['agentrt', 'db'])
+async def main():
+    await init_database()
+    await close_database()
+asyncio.run(main())
+"""
+
+
+def _migrate_holding_the_lock(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes['connection'] = connection
+    command.upgrade(config, 'head')
 
 
 async def test_a_process_waiting_for_another_ones_migration_says_so(
