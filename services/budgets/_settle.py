@@ -16,7 +16,8 @@ window's next admission folds the settlements into the row in its own statement 
 every reader of a window adds the settlements not folded yet (`budget_statuses`).
 
 The cost charged is the ledger's `total_cost`. When the row has none: 0 for an unpriced model whose usage was
-reported (its tokens still count in `spent_tokens`), 0 for a request the provider answered with an HTTP error
+reported (its tokens still count in `spent_tokens`; a priced model's usage that cannot be priced is recorded
+unmeasured, never as this), 0 for a request the provider answered with an HTTP error
 (providers do not bill those), the whole hold for a complete response whose usage was never reported, and the
 input's share of the hold for a failed or cancelled one (what was sent is billed). A failed or cancelled request
 that had received output (a stream cut off before its end, where providers report usage) is charged at least its

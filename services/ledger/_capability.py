@@ -24,6 +24,8 @@ from agentrt.services.ledger._error_usage import reported_in_error
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
+from agentrt.services.ledger._plausible import inconsistent_counts
+from agentrt.services.ledger._pricing import priced_model
 from agentrt.services.ledger._record import (
     TOKEN_FIELDS,
     ContentKind,
@@ -311,8 +313,8 @@ class LedgerCapability(AbstractCapability[Any]):
         finally:
             if watch is not None:
                 watch(None)
-        self._record(ctx, state, request_context, flight, response, None)
-        if not usage_measured(response.usage) and not response.usage.unmeasured_requests:
+        measured = self._record(ctx, state, request_context, flight, response, None)
+        if not measured and not response.usage.unmeasured_requests:
             _counted_unmeasured(ctx.usage, response, cost_before=cost_before)
         return response
 
@@ -348,13 +350,18 @@ class LedgerCapability(AbstractCapability[Any]):
         response: ModelResponse | None,
         error: BaseException | None,
         ended: tuple[float, Any] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record the request; whether its row is measured (`usage_reported`): a response's usage is counted in the
+        run's as the row records it (`_counted_unmeasured`)."""
         state.current = None
+        measured = response is not None and usage_measured(response.usage)
         try:
             record = self._build(ctx, state, request_context, flight, response, error, ended)
+            measured = record.usage_reported  # read before the writer's thread has the record
             state.acks.append(state.tracker.submit(record))
         except Exception:  # billing must never fail the chat
             logger.exception('ledger: could not record model request %s', flight.id)
+        return measured
 
     def _record_refused(
         self,
@@ -508,27 +515,33 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.total_tokens = usage.total_tokens
     record.usage_reported = _reported(usage)
     record.total_cost = usage.cost if record.usage_reported else None  # genai-prices' $0 for the zeros included
-    if not _countable(record):
-        # A count no request has (past 64 bits, a trillion, negative): a provider's nonsense, not a measurement. The
-        # row is written unmeasured; it was refused by PostgreSQL, spooled, and at replay moved to `.rejected` (the
-        # request gone from the ledger), or, just under 64 bits, it overflowed every sum of the counts (QA).
+    problem = _implausible(record)
+    if problem is None and record.usage_reported and usage.cost is None and response.state == 'complete':
+        if priced_model(response):
+            # pydantic-ai prices every complete answer: a model with a price whose usage could not be priced reported
+            # counts genai-prices refuses. Filed as unpriced, it cost $0 against any budget (QA).
+            problem = 'usage its price cannot be worked out from'
+    if problem is not None:
+        # A count no request has (past 64 bits, a trillion, negative, cached tokens past the input's): a provider's
+        # nonsense, not a measurement. The row is written unmeasured; it was refused by PostgreSQL, spooled, and at
+        # replay moved to `.rejected` (the request gone from the ledger), or, just under 64 bits, it overflowed every
+        # sum of the counts (QA).
         logger.warning(
-            'ledger: %s reported token counts or a cost no request has (input %s, output %s, total %s, cost %s); '
-            'the request is recorded unmeasured',
+            'ledger: %s reported token counts or a cost no request has (%s; input %s, output %s, cache read %s, '
+            'total %s, cost %s); the request is recorded unmeasured',
             record.model,
+            problem,
             usage.input_tokens,
             usage.output_tokens,
+            usage.cache_read_tokens,
             usage.total_tokens,
             usage.cost,
         )
-        for name in TOKEN_FIELDS:
-            setattr(record, name, 0)
-        record.usage_reported = False
-        record.total_cost = None
+        record.unmeasured()
     if not record.usage_reported:
         record.price_source = 'unmeasured'
     elif usage.cost is None and response.state == 'complete':
-        record.price_source = 'unpriced'  # pydantic-ai's genai-prices lookup already found no price
+        record.price_source = 'unpriced'  # pydantic-ai's genai-prices lookup already found no price (`priced_model`)
     else:
         # The writer prices the input/output split (and a cut-off stream's total) off the request's path.
         record.price_source = 'genai-prices' if usage.cost is not None else 'unpriced'
@@ -543,10 +556,13 @@ def usage_measured(usage: RequestUsage) -> bool:
 
 def usage_plausible(usage: RequestUsage) -> bool:
     """Whether every count and the cost of a response's usage (so far, for one still streaming) are amounts a request
-    has (`implausible_amount`); one that is not makes the ledger record the response unmeasured."""
+    has (`implausible_amount`), and its counts agree (`inconsistent_counts`); one that is not makes the ledger record
+    the response unmeasured."""
     reasoning = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     amounts = {name: getattr(usage, name, 0) for name in TOKEN_FIELDS if name != 'reasoning_tokens'}
-    return implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is None
+    if implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is not None:
+        return False
+    return inconsistent_counts(amounts) is None
 
 
 def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, cost_before: Any) -> None:
@@ -588,11 +604,12 @@ def _reported(usage: RequestUsage) -> bool:
     return not usage.unmeasured_requests and bool(usage.input_tokens or usage.output_tokens)
 
 
-def _countable(record: LedgerRecord) -> bool:
-    """Whether `record`'s token counts and cost are ones a request has (`implausible_amount`, as a replay checks
-    spooled rows): what the ledger's columns, and the sums over them, hold."""
+def _implausible(record: LedgerRecord) -> str | None:
+    """What in `record`'s token counts and cost no request has (`implausible_amount`, as a replay checks spooled rows:
+    what the ledger's columns, and the sums over them, hold), or where its counts disagree (`inconsistent_counts`),
+    described; None when they are a measurement."""
     amounts = {name: getattr(record, name) for name in TOKEN_FIELDS}
-    return implausible_amount({**amounts, 'total_cost': record.total_cost}) is None
+    return implausible_amount({**amounts, 'total_cost': record.total_cost}) or inconsistent_counts(amounts)
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import PriceCalculation
 from pydantic_ai.messages import ModelResponse
+from pydantic_ai.usage import RequestUsage
 
 _PRICE_CACHE: dict[tuple[Any, ...], PriceCalculation] = {}
 _PRICE_CACHE_SIZE = 4096
+_PRICED_MODELS: dict[tuple[Any, ...], bool] = {}
 
 
 def price(response: ModelResponse) -> PriceCalculation:
@@ -53,6 +56,26 @@ def price(response: ModelResponse) -> PriceCalculation:
             _PRICE_CACHE.pop(next(iter(_PRICE_CACHE)))
         _PRICE_CACHE[key] = calc
     return calc
+
+
+def priced_model(response: ModelResponse) -> bool:
+    """Whether genai-prices has a price for `response`'s model, whatever its usage says (memoised per model).
+
+    pydantic-ai leaves a response's cost None both for a model without a price and for usage genai-prices cannot
+    price (cached tokens past the input's): the two are told apart here, by pricing one token in and one out.
+    """
+    key = (response.model_name, response.provider_url, response.provider_name, id(get_snapshot()))
+    known = _PRICED_MODELS.get(key)
+    if known is None:
+        try:
+            replace(response, usage=RequestUsage(input_tokens=1, output_tokens=1)).cost()
+            known = True
+        except (LookupError, ValueError):  # no such model, or no model name to look up
+            known = False
+        if len(_PRICED_MODELS) >= _PRICE_CACHE_SIZE:
+            _PRICED_MODELS.clear()
+        _PRICED_MODELS[key] = known
+    return known
 
 
 def price_source(calc: PriceCalculation) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -15,11 +16,13 @@ from typing import Any, Literal
 from pydantic_ai.messages import ModelResponse
 
 from agentrt.services.ledger._contents import Body, ContentKind
-from agentrt.services.ledger._pricing import price, price_source
+from agentrt.services.ledger._pricing import price, price_source, priced_model
 from agentrt.services.ledger.redaction import redact_cut, redact_text
 from agentrt.services.pg_text import is_storable, storable_text
 
 __all__ = ['ContentItem', 'ContentKind', 'LedgerRecord', 'Status', 'new_request_id', 'utc_now']
+
+logger = logging.getLogger('agentrt.ledger')
 
 Status = Literal['complete', 'error', 'cancelled', 'refused']
 RawBody = bytes | str | Body
@@ -284,6 +287,16 @@ class LedgerRecord:
             'contents': [{k: v for k, v in content.items() if k != 'request_id'} for content in contents],
         }
 
+    def unmeasured(self) -> None:
+        """Record the request's usage as not measured (a provider's nonsense is not a measurement): no counts, no
+        cost, `price_source` `unmeasured`; the budget charges it as a request whose usage was never reported."""
+        for name in TOKEN_FIELDS:
+            setattr(self, name, 0)
+        self.usage_reported = False
+        self.total_cost = self.input_cost = self.output_cost = None
+        self.price_source = 'unmeasured'
+        self.pricing = None
+
     def resolve_costs(self) -> None:
         """Split the cost into input and output with genai-prices, once, off the model call's path.
 
@@ -295,7 +308,19 @@ class LedgerRecord:
             return
         try:
             calc = price(response)
-        except Exception:  # unknown model (LookupError), omitted usage (ValueError), or a pricing bug
+        except LookupError:  # a model without a price: unpriced
+            return
+        except Exception as exc:  # usage genai-prices refuses (ValueError), or a pricing bug
+            if self.usage_reported and self.total_cost is None and priced_model(response):
+                # A model with a price, and no cost: not an unpriced model's free request, a usage no request has
+                # (a stream cut after such a usage chunk; a complete answer's is found before the writer).
+                logger.warning(
+                    'ledger: %s reported usage its price cannot be worked out from (%s); the request is recorded '
+                    'unmeasured',
+                    self.model,
+                    exc,
+                )
+                self.unmeasured()
             return
         self.input_cost, self.output_cost = calc.input_price, calc.output_price
         if self.total_cost is None:

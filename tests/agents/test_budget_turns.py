@@ -8,15 +8,19 @@ or refused, so the test sees what they hold at once: exactly N, and no room left
 from __future__ import annotations
 
 import asyncio
+import warnings
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from pydantic_ai import FunctionToolset
-from pydantic_ai.models import override_allow_model_requests
+from pydantic_ai.messages import ModelMessage
+from pydantic_ai.models import ModelRequestParameters, override_allow_model_requests
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RequestUsage
 from sqlalchemy import text
 
 from agentrt.agents.errors import BudgetExceededError
@@ -387,3 +391,52 @@ async def test_a_turns_next_request_is_admitted_against_what_the_last_one_cost_n
     assert [row['status'] for row in rows] == ['complete', 'complete']
     spent, reserved, holds = await _status(account)
     assert (reserved, holds) == (0, 0) and spent == spent_before + sum(row['total_cost'] for row in rows)
+
+
+class _ClaimingModel(PricedModel):
+    """gpt-4o-mini reporting `usage` for every answer, whatever it was sent; `held` is what each request held."""
+
+    def __init__(self, usage: RequestUsage) -> None:
+        super().__init__('Twelve.')
+        self.usage = usage
+        self.held: list[Decimal] = []
+
+    async def _arrive(
+        self, messages: list[ModelMessage], settings: ModelSettings | None, parameters: ModelRequestParameters
+    ) -> RequestUsage:
+        await super()._arrive(messages, settings, parameters)
+        self.held.append(await scalar('SELECT amount_usd FROM budget_reservations'))
+        return self.usage
+
+
+async def _charged_for_a_claim(usage: RequestUsage, streamed: bool, session_id: str) -> tuple[dict[str, Any], Decimal]:
+    """One turn of `acme-health` (a $100 budget) whose answer claims `usage`: its ledger row, after checking that the
+    budget was charged the request's whole hold, as for an answer whose usage was never reported."""
+    await _set('acme-health', '100')
+    spent_before, _, _ = await _status('acme-health')
+    model = _ClaimingModel(usage)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # pydantic-ai's UsageLimitUnavailableWarning: a response was unmeasured
+        result = await _turn('How many cardiologists?', session_id, streamed, model, 'acme-health')
+    assert result.output == 'Twelve.'
+    assert (result.usage.unmeasured_requests, result.usage.input_tokens, result.usage.cost) == (1, 0, None)
+    await _drain()
+    (row,) = await ledger_rows(account_slug='acme-health', chat_session_id=session_id)
+    spent, reserved, holds = await _status('acme-health')
+    (held,) = model.held
+    assert (reserved, holds) == (0, 0)
+    assert held > 0 and spent - spent_before == held, 'charged its whole hold'
+    return row, held
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_an_answer_claiming_more_cached_tokens_than_input_is_unmeasured_and_charged_its_hold(
+    demo_data: None, streamed: bool
+) -> None:
+    # A proxy reporting 100,000 cached tokens of a 100-token prompt: genai-prices cannot price that, the row was filed
+    # `unpriced` for gpt-4o-mini (which has a price) and charged $0, so every request went through any budget free (QA).
+    usage = RequestUsage(input_tokens=100, output_tokens=20, cache_read_tokens=100_000)
+    row, _ = await _charged_for_a_claim(usage, streamed, f'cached-{streamed}')
+    assert row['status'] == 'complete'
+    assert (row['usage_reported'], row['price_source'], row['total_cost']) == (False, 'unmeasured', None)
+    assert (row['input_tokens'], row['cache_read_tokens']) == (0, 0)

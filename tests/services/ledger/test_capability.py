@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from agentrt.db.engine import pool_status
 from agentrt.db.session import Unscoped, get_db_session
 from agentrt.services.ledger import LLMRequestTracker, ledger_capability
 from agentrt.tools.dependencies import SessionDependencies
-from tests.factories import chat_deps, content_rows, fast_config, ledger_rows, scalar
+from tests.factories import chat_deps, content_rows, fast_config, ledger_record, ledger_rows, scalar
 from tests.programs import run_program
 
 
@@ -97,6 +98,64 @@ async def test_unpriced_model_stores_tokens_and_null_cost(tracker: LLMRequestTra
     assert (row['input_cost'], row['output_cost'], row['total_cost']) == (None, None, None)
     assert row['price_source'] == 'unpriced'
     assert row['chat_session_id'] is None and row['account_id'] is None  # deps=None is handled
+
+
+# Usage genai-prices refuses to price: a priced model's request was filed as unpriced, $0 against any budget (QA).
+REFUSED_USAGE = {
+    'cached-past-the-input': (
+        'gpt-4o-mini',
+        RequestUsage(input_tokens=100, output_tokens=20, cache_read_tokens=100_000),
+    ),
+    'cache-writes-past-the-input': (
+        'claude-sonnet-4-5',
+        RequestUsage(input_tokens=100, output_tokens=20, cache_write_tokens=90, cache_read_tokens=20),
+    ),
+    # Counts that agree with each other, which genai-prices refuses all the same: a model with a price and no cost.
+    'one-hour-writes-past-the-writes': (
+        'claude-sonnet-4-5',
+        RequestUsage(input_tokens=200, output_tokens=20, cache_write_tokens=10, cache_write_1h_tokens=100),
+    ),
+}
+
+
+@pytest.mark.parametrize('case', list(REFUSED_USAGE))
+async def test_a_priced_models_usage_that_cannot_be_priced_is_unmeasured_not_unpriced(
+    tracker: LLMRequestTracker, case: str
+):
+    model_name, usage = REFUSED_USAGE[case]
+    provider = 'anthropic' if model_name.startswith('claude') else 'openai'
+
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('hi')], usage=usage, provider_name=provider)
+
+    agent = Agent(FunctionModel(answer, model_name=model_name), capabilities=[ledger_capability(tracker)])
+    result = await agent.run('hello')
+    [row] = await ledger_rows()
+    assert row['status'] == 'complete'
+    assert (row['usage_reported'], row['price_source'], row['total_cost']) == (False, 'unmeasured', None)
+    assert (row['input_tokens'], row['output_tokens'], row['cache_read_tokens']) == (0, 0, 0)
+    assert result.usage.unmeasured_requests == 1 and result.usage.input_tokens == 0
+
+
+def test_a_cut_streams_usage_that_cannot_be_priced_is_unmeasured_when_the_writer_prices_it() -> None:
+    # A stream cut after its usage chunk is priced by the writer (pydantic-ai prices complete answers only): usage
+    # genai-prices refuses for a model with a price was left `unpriced`, and the budget charged it nothing.
+    usage = RequestUsage(input_tokens=200, output_tokens=20, cache_write_tokens=10, cache_write_1h_tokens=100)
+    response = ModelResponse(
+        parts=[TextPart('hi')],
+        usage=usage,
+        model_name='claude-sonnet-4-5',
+        provider_name='anthropic',
+        state='incomplete',
+    )
+    record = ledger_record(status='cancelled', success=False, price_source='unpriced', pricing=response)
+    record.resolve_costs()
+    assert (record.usage_reported, record.price_source, record.total_cost) == (False, 'unmeasured', None)
+    assert (record.input_tokens, record.output_tokens) == (0, 0)
+    unpriced = replace(response, model_name='my-local-llama', provider_name=None)
+    record = ledger_record(status='cancelled', success=False, price_source='unpriced', pricing=unpriced)
+    record.resolve_costs()
+    assert (record.usage_reported, record.price_source, record.input_tokens) == (True, 'unpriced', 10), 'no price'
 
 
 async def test_failed_model_request_is_recorded_with_success_false(tracker: LLMRequestTracker):
