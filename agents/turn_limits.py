@@ -85,10 +85,11 @@ class MeasuredUsageLimits(UsageLimits):
         return not _measured(usage) or self._streaming_unmeasured()
 
     def _streaming_unmeasured(self) -> bool:
-        """Whether the stream in flight has reported an amount no request has (its usage so far)."""
+        """Whether the stream in flight has reported an amount no request has (its usage so far), or none its request
+        can have (past what it was sent with: `SentBounds`)."""
         so_far = getattr(getattr(self._request, 'stream', None), 'usage', None)
         so_far = so_far() if callable(so_far) else so_far  # a method in earlier pydantic-ai
-        return so_far is not None and not usage_plausible(so_far)
+        return so_far is not None and not usage_plausible(so_far, getattr(self._request, 'sent', None))
 
     def _readable(self, usage: RunUsage) -> UsageLimits:
         """Plain limits without those `usage` cannot be read against."""

@@ -24,7 +24,7 @@ from agentrt.services.ledger._error_usage import reported_in_error
 from agentrt.services.ledger._flight import Cut, InFlight, StreamProbe
 from agentrt.services.ledger._identity import LedgerIdentity, identity_of
 from agentrt.services.ledger._options import check_option_names, check_options
-from agentrt.services.ledger._plausible import inconsistent_counts
+from agentrt.services.ledger._plausible import SentBounds, inconsistent_counts, max_tokens_sent
 from agentrt.services.ledger._pricing import priced_model
 from agentrt.services.ledger._record import (
     TOKEN_FIELDS,
@@ -284,6 +284,7 @@ class LedgerCapability(AbstractCapability[Any]):
             bool(request_context.streaming),
             _current_trace_id(),
             run_step=ctx.run_step,
+            sent=_sent_bounds(state, request_context),
         )
         state.current = flight
         cost_before = ctx.usage.cost  # the run's cost before this response's: exact, whatever the response claims
@@ -354,7 +355,7 @@ class LedgerCapability(AbstractCapability[Any]):
         """Record the request; whether its row is measured (`usage_reported`): a response's usage is counted in the
         run's as the row records it (`_counted_unmeasured`)."""
         state.current = None
-        measured = response is not None and usage_measured(response.usage)
+        measured = response is not None and usage_measured(response.usage, flight.sent)
         try:
             record = self._build(ctx, state, request_context, flight, response, error, ended)
             measured = record.usage_reported  # read before the writer's thread has the record
@@ -446,11 +447,11 @@ class LedgerCapability(AbstractCapability[Any]):
         # choices): measured, though the contents keep no made-up response.
         billed = reported_in_error(request_context.model, error) if seen is None and error is not None else None
         if seen is not None:
-            _apply_response(record, seen)
+            _apply_response(record, seen, flight.sent)
             if status != 'complete':
                 record.output_bound_usd = _output_bound(request_context.model, seen, flight.started_at)
         elif billed is not None:
-            _apply_response(record, billed)
+            _apply_response(record, billed, flight.sent)
         else:
             record.usage_reported = False
             record.price_source = 'unmeasured'
@@ -491,7 +492,7 @@ def _current_trace_id() -> str | None:
     return trace.format_trace_id(context.trace_id) if context.is_valid and context.trace_flags.sampled else None
 
 
-def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
+def _apply_response(record: LedgerRecord, response: ModelResponse, sent: SentBounds | None = None) -> None:
     usage = response.usage
     if response.state != 'complete' and not usage.has_values():
         # A stream cut off before the provider reported usage: not a measured zero. What it reported before the
@@ -515,7 +516,7 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
     record.total_tokens = usage.total_tokens
     record.usage_reported = _reported(usage)
     record.total_cost = usage.cost if record.usage_reported else None  # genai-prices' $0 for the zeros included
-    problem = _implausible(record)
+    problem = _implausible(record, sent)
     if problem is None and record.usage_reported and usage.cost is None and response.state == 'complete':
         if priced_model(response):
             # pydantic-ai prices every complete answer: a model with a price whose usage could not be priced reported
@@ -548,21 +549,21 @@ def _apply_response(record: LedgerRecord, response: ModelResponse) -> None:
         record.pricing = response
 
 
-def usage_measured(usage: RequestUsage) -> bool:
+def usage_measured(usage: RequestUsage, sent: SentBounds | None = None) -> bool:
     """Whether a response's usage is a measurement, as the ledger records it: reported, some tokens counted, and counts
-    and cost a request has (`implausible_amount`)."""
-    return _reported(usage) and usage_plausible(usage)
+    and cost a request has (`implausible_amount`, `inconsistent_counts` with what the request was `sent` with)."""
+    return _reported(usage) and usage_plausible(usage, sent)
 
 
-def usage_plausible(usage: RequestUsage) -> bool:
+def usage_plausible(usage: RequestUsage, sent: SentBounds | None = None) -> bool:
     """Whether every count and the cost of a response's usage (so far, for one still streaming) are amounts a request
-    has (`implausible_amount`), and its counts agree (`inconsistent_counts`); one that is not makes the ledger record
-    the response unmeasured."""
+    has (`implausible_amount`), and its counts agree with each other and with what its request was `sent` with
+    (`inconsistent_counts`); one that is not makes the ledger record the response unmeasured."""
     reasoning = usage.output_reasoning_tokens or usage.details.get('reasoning_tokens', 0)
     amounts = {name: getattr(usage, name, 0) for name in TOKEN_FIELDS if name != 'reasoning_tokens'}
     if implausible_amount({**amounts, 'reasoning_tokens': reasoning, 'total_cost': usage.cost}) is not None:
         return False
-    return inconsistent_counts(amounts) is None
+    return inconsistent_counts(amounts, sent) is None
 
 
 def _counted_unmeasured(run_usage: RunUsage, response: ModelResponse, *, cost_before: Any) -> None:
@@ -604,12 +605,26 @@ def _reported(usage: RequestUsage) -> bool:
     return not usage.unmeasured_requests and bool(usage.input_tokens or usage.output_tokens)
 
 
-def _implausible(record: LedgerRecord) -> str | None:
+def _implausible(record: LedgerRecord, sent: SentBounds | None) -> str | None:
     """What in `record`'s token counts and cost no request has (`implausible_amount`, as a replay checks spooled rows:
-    what the ledger's columns, and the sums over them, hold), or where its counts disagree (`inconsistent_counts`),
-    described; None when they are a measurement."""
+    what the ledger's columns, and the sums over them, hold), or where its counts disagree with each other or with
+    what the request was `sent` with (`inconsistent_counts`), described; None when they are a measurement."""
     amounts = {name: getattr(record, name) for name in TOKEN_FIELDS}
-    return implausible_amount({**amounts, 'total_cost': record.total_cost}) or inconsistent_counts(amounts)
+    return implausible_amount({**amounts, 'total_cost': record.total_cost}) or inconsistent_counts(amounts, sent)
+
+
+def _sent_bounds(state: _RunLedger, request_context: ModelRequestContext) -> SentBounds:
+    """What the request goes with (its `max_tokens` as the budget capped it), for reading its usage; its input's size
+    bound is worked out from the messages only if an input count comes near it (`SentBounds.input_exceeds`).
+
+    The messages are the run's before a turn's window folds them (`_messages_sent`): a bound of more than was sent.
+    """
+    messages, parameters = request_context.messages, request_context.model_request_parameters
+    return SentBounds(
+        max_tokens_sent(request_context.model_settings),
+        native_tools=len(getattr(parameters, 'native_tools', None) or ()),
+        input_size=lambda: state.sizes.input_tokens_bound(messages, parameters),
+    )
 
 
 def _answered_whole(flight: InFlight) -> ModelResponse | None:

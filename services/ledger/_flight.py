@@ -16,6 +16,8 @@ from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models import Model, ModelRequestContext, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 
+from agentrt.services.ledger._plausible import SentBounds
+
 
 @dataclass(slots=True)
 class InFlight:
@@ -35,6 +37,8 @@ class InFlight:
     open_error: Exception | None = None
     """What the model raised while opening its stream (before the first chunk): the request failed there, whatever
     the run's own error turns out to be (`_record_cut`)."""
+    sent: SentBounds | None = None
+    """What the request was sent with (its `max_tokens`...), against which its usage is read (`inconsistent_counts`)."""
 
 
 @dataclass(slots=True)

@@ -440,3 +440,36 @@ async def test_an_answer_claiming_more_cached_tokens_than_input_is_unmeasured_an
     assert row['status'] == 'complete'
     assert (row['usage_reported'], row['price_source'], row['total_cost']) == (False, 'unmeasured', None)
     assert (row['input_tokens'], row['cache_read_tokens']) == (0, 0)
+
+
+CLAIMS_PAST_THE_REQUEST = {
+    # A proxy's 10^11 in and out, for a request sent with max_tokens 16,384 that held about $0.01: a $75,000 row, the
+    # account's budget spent for its period, and the turn failed as over its token limit, "ask for less" (QA).
+    'both-1e11': RequestUsage(input_tokens=10**11, output_tokens=10**11),
+    'output-past-max-tokens': RequestUsage(input_tokens=300, output_tokens=10**9),
+    'input-past-what-was-sent': RequestUsage(input_tokens=10**10, output_tokens=20),
+}
+
+
+@pytest.mark.parametrize('claim', list(CLAIMS_PAST_THE_REQUEST))
+@pytest.mark.parametrize('streamed', [False, True], ids=['plain', 'streamed'])
+async def test_an_answer_claiming_more_tokens_than_its_request_can_have_is_unmeasured_and_charged_its_hold(
+    demo_data: None, streamed: bool, claim: str
+) -> None:
+    row, held = await _charged_for_a_claim(CLAIMS_PAST_THE_REQUEST[claim], streamed, f'{claim}-{streamed}')
+    assert row['status'] == 'complete' and row['error_type'] is None
+    assert (row['usage_reported'], row['price_source'], row['total_cost']) == (False, 'unmeasured', None)
+    assert (row['input_tokens'], row['output_tokens']) == (0, 0)
+    assert held < 1
+
+
+async def test_an_answer_a_little_past_its_max_tokens_is_measured_and_priced(demo_data: None) -> None:
+    # Providers overshoot max_tokens a little, or bill thinking beside it: that is still a measurement.
+    await _set('acme-health', '100')
+    model = _ClaimingModel(RequestUsage(input_tokens=300, output_tokens=3 * 16_384))
+    result = await _turn('How many cardiologists?', 'overshoot', False, model, 'acme-health')
+    assert model.max_tokens_seen == [16_384]
+    assert (result.usage.unmeasured_requests, result.usage.output_tokens) == (0, 3 * 16_384)
+    await _drain()
+    (row,) = await ledger_rows(account_slug='acme-health', chat_session_id='overshoot')
+    assert row['usage_reported'] and row['total_cost'] > 0 and row['output_tokens'] == 3 * 16_384
