@@ -9,7 +9,9 @@ connection, or one asyncpg cannot honour while the queue's libpq would, is refus
 the URL's parameter is), not "cannot connect" (exit 3).
 
 Not covered: `PGSERVICE` (libpq reads it whatever the URL names) and `PGTZ`, `PGDATESTYLE` and `PGGEQO` (sent by
-libpq as server settings; PostgreSQL judges them).
+libpq as server settings; PostgreSQL judges them). The two settings psycopg needs are set on each of the queue's
+connections when the server reports another (`services/jobs/_app.py`'s `QueueConnection`: `DateStyle` ISO,
+`client_encoding` UTF8).
 """
 
 from __future__ import annotations

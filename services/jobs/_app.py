@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any, LiteralString, Self
 
 import psycopg
 import psycopg_pool
@@ -42,15 +42,46 @@ class QueueConnection(psycopg.AsyncConnection):
     each to read a startup packet, up to `authentication_timeout` (60 s by default). A worker stopping as its server
     shuts down cancels procrastinate's listener while it connects again: a test server's fast stop was held a minute.
     The traceback of a cancellation is of no use here; dropping it frees the attempt, and libpq closes the socket.
+
+    Each connection then has the session settings psycopg needs to read what procrastinate's queries return
+    (`_PINNED`), whatever the environment, the URL's `options`, the role or the server configured.
     """
 
     @classmethod
     async def connect(cls, *args: Any, **kwargs: Any) -> Self:
-        """`psycopg.AsyncConnection.connect`, leaving nothing open when cancelled."""
+        """`psycopg.AsyncConnection.connect`, leaving nothing open when cancelled, its session settings pinned."""
         try:
-            return await super().connect(*args, **kwargs)
+            connection = await super().connect(*args, **kwargs)
         except asyncio.CancelledError as cancelled:
             raise cancelled.with_traceback(None) from None
+        try:
+            await connection._pin_settings()
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
+
+    async def _pin_settings(self) -> None:
+        """Set each of `_PINNED` the server reports otherwise (a statement only then: usually none)."""
+        for name, wanted, statement in _PINNED:
+            if (self.info.parameter_status(name) or '').upper().startswith(wanted):
+                continue
+            # The session's (not SET LOCAL): behind PgBouncer in transaction mode both are settings it keeps per
+            # client, sent to each server connection it lends that client.
+            await self.execute(statement)
+        if self.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await self.commit()  # the pool's connections are not autocommit: the SET opened a transaction
+
+
+# The session settings psycopg cannot read the queue's rows without, and the value each is set to when the server
+# reports another. DateStyle: libpq sends PGDATESTYLE as a startup setting, which no parameter of the URL overrides
+# (its `options` are applied first), and psycopg cannot parse a timestamptz in another style: PGDATESTYLE=German
+# ended `agentrt worker` at its first job, an internal error, the job left queued (QA). client_encoding: with
+# PGCLIENTENCODING=SQL_ASCII psycopg returns text as bytes, and every job failed as "Task cannot be imported".
+_PINNED: tuple[tuple[str, str, LiteralString], ...] = (
+    ('DateStyle', 'ISO', "SET DateStyle TO 'ISO'"),
+    ('client_encoding', 'UTF8', "SET client_encoding TO 'UTF8'"),
+)
 
 
 class _QueuePool(psycopg_pool.AsyncConnectionPool):

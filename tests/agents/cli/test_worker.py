@@ -18,10 +18,14 @@ _ROLLUP = (
 )
 
 
-async def _one_job_queued() -> None:
+async def _one_job_queued(*, scheduled: bool = False) -> None:
+    """A rollup job, the only one in the queue; `scheduled`: due now, as a deferral with a delay leaves it (the worker
+    then reads its `scheduled_at`, a timestamptz)."""
     async with get_db_session(account=Unscoped.OWNER) as session:
         await session.execute(text(f'TRUNCATE {PROCRASTINATE_TABLES} RESTART IDENTITY CASCADE'))
         await session.execute(text(_ROLLUP), {'a': '{"account_id": 1}'})
+        if scheduled:
+            await session.execute(text('UPDATE procrastinate_jobs SET scheduled_at = now()'))
 
 
 async def test_verbose_shows_each_job_and_how_it_ended(demo_data: None, database_url: str) -> None:
@@ -85,3 +89,17 @@ async def test_a_server_setting_the_queues_server_refuses_is_one_configuration_l
     assert line.startswith('error: PostgreSQL at ') and 'refused the server setting statement_timeout of ' in line, line
     assert 'AGENTRT_QUEUE_DATABASE_URL (invalid value for parameter "statement_timeout": "abc")' in line, line
     assert '\n' not in line and 'trying again' not in result.stderr, result.stderr
+
+
+async def test_the_queues_connections_pin_the_settings_psycopg_reads_rows_with(
+    demo_data: None, database_url: str
+) -> None:
+    # libpq sends PGDATESTYLE as a server setting that no URL parameter overrides: with German the worker ended at its
+    # first job (psycopg cannot parse "07.12.2026 23:05:26 UTC": an internal error, exit 70), the job left queued. With
+    # PGCLIENTENCODING=SQL_ASCII psycopg read text as bytes, and each job failed "Task cannot be imported" (QA).
+    for variable, value in (('PGDATESTYLE', 'German'), ('PGCLIENTENCODING', 'SQL_ASCII')):
+        await _one_job_queued(scheduled=True)
+        env = {'DATABASE_URL': queue_url(database_url), variable: value}
+        result = await invoke('-v', 'worker', '--burst', env=env)
+        assert result.exit_code == 0, f'{variable}={value}: {result.stderr[-2000:]}'
+        assert 'agentrt.usage_rollup[1](account_id=1) ended with status: Success' in result.stderr, result.stderr
