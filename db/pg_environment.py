@@ -64,6 +64,26 @@ _EMBEDDED_LIBPQ: tuple[tuple[str, str, int], ...] = (
 )
 
 
+# The server settings libpq (the job queue's) sends from these variables, whatever the URL names (no parameter stands
+# for them): a value the server refuses is the variable's to correct, not the URL's `options` (`setting_variable`).
+# asyncpg reads none of them.
+LIBPQ_SERVER_SETTINGS = {'PGTZ': 'TimeZone', 'PGDATESTYLE': 'DateStyle', 'PGGEQO': 'geqo'}
+
+
+def setting_variable(parameter: str) -> tuple[str, str] | None:
+    """The variable libpq sent the server setting `parameter` from, and its value, when it is set (libpq sends none
+    that is unset, empty or `default`); else None.
+
+    Args:
+        parameter: the server setting's name, as PostgreSQL's message spells it (in any case).
+    """
+    for variable, setting in LIBPQ_SERVER_SETTINGS.items():
+        value = os.environ.get(variable)
+        if setting.lower() == parameter.lower() and value and value.lower() != 'default':
+            return variable, value
+    return None
+
+
 def embedded_libpq_parameters(libpq_version: int, connect_timeout: float) -> dict[str, str]:
     """The parameters of the job queue's URL to the embedded server, for a libpq of `libpq_version` (as
     `psycopg.pq.version()` gives it): every setting libpq would otherwise take from the environment, and the

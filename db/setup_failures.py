@@ -14,6 +14,8 @@ import re
 
 from agentrt.db.errors import ConfigError
 from agentrt.db.failures import at_server, causes, class_names, first_line, refused_startup_parameter, sqlstate_of
+from agentrt.db.flags import shown_value
+from agentrt.db.pg_environment import setting_variable
 
 _LOGIN_REFUSED = {
     '28P01': 'check the user name and password in {setting}',  # invalid_password
@@ -90,14 +92,19 @@ _REFUSED_SETTING_STATES = frozenset({'22023', '42704', '55P02', '42501'})
 invalid or out of range, a parameter it does not know, one that only a restart changes, one the login role may not
 set."""
 _PARAMETER_NAMED = re.compile(r'parameter "([^"]+)"')
+_REFUSED_VALUE = re.compile(r'parameter "[^"]+": "(.*)"$')
+"""The value refused, where the server's message quotes it (`invalid value for parameter "TimeZone": "Mars/Base"`)."""
 
 
-def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL') -> ConfigError | None:
+def setting_error(
+    exc: BaseException, where: str, setting: str = 'DATABASE_URL', *, libpq: bool = False
+) -> ConfigError | None:
     """A server setting PostgreSQL refused as a connection started, as a `ConfigError` naming it in PostgreSQL's own
     words (and its hint: the values it takes), else None. Only the start's connection check asks (`check_connection`):
     its one statement sets nothing, so a refused parameter is one of the startup's, from `setting`'s `options` (the
-    runtime's own, `statement_timeout` and `lock_timeout`, are checked as settings). It was "cannot connect to
-    PostgreSQL" (exit 3), though no wait changes it."""
+    runtime's own, `statement_timeout` and `lock_timeout`, are checked as settings), or, for a connection of libpq's
+    (`libpq`: the job queue's), from the variable libpq sends it from (`PGTZ`...: `setting_variable`). It was "cannot
+    connect to PostgreSQL" (exit 3), though no wait changes it."""
     for error in causes(exc):
         sqlstate = sqlstate_of(error)
         if sqlstate in _REFUSED_SETTING_STATES:
@@ -111,6 +118,16 @@ def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL')
             continue
         # asyncpg's own error carries the hint; SQLAlchemy's adapted one in front of it only the SQLSTATE.
         hint = next((' '.join(str(hint).split()) for e in causes(exc) if (hint := getattr(e, 'hint', None))), '')
+        sent = setting_variable(named.group(1)) if libpq else None
+        refused_value = _REFUSED_VALUE.search(message)
+        if sent is not None and (refused_value is None or refused_value.group(1) == sent[1]):
+            # PGTZ=Mars/Base was blamed on the URL's options parameter, which held none (QA).
+            variable, value = sent
+            return ConfigError(
+                f"PostgreSQL at {where} refused the server setting {named.group(1)} that libpq (the job queue's "
+                f'connections) sends from {variable}={shown_value(value)} ({message}{f"; {hint}" if hint else ""}): '
+                f'correct {variable} or unset it'
+            )
         return ConfigError(
             f'PostgreSQL at {where} refused the server setting {named.group(1)} of {setting} ({message}'
             f'{f"; {hint}" if hint else ""}): correct it or remove it from its options parameter '
@@ -121,7 +138,7 @@ def setting_error(exc: BaseException, where: str, setting: str = 'DATABASE_URL')
 
 _LIBPQ_SETTING_REFUSED = re.compile(
     r'invalid value for parameter |unrecognized configuration parameter |permission denied to set parameter '
-    r'|parameter "[^"]+" cannot be changed'
+    r'|parameter "[^"]+" (cannot be changed|requires a )|\S+ is outside the valid range for parameter '
 )
 """The server's words for `_REFUSED_SETTING_STATES`, as libpq reports a failed connection (see `_LIBPQ_FATAL`)."""
 

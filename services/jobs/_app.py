@@ -406,7 +406,7 @@ def _queue_login_refused(exc: BaseException) -> ConfigError | None:
                 settings = current_settings()
                 where = describe_server(_queue_url(settings, get_engine().url))
                 setting = 'AGENTRT_QUEUE_DATABASE_URL' if settings.queue_database_url else 'DATABASE_URL'
-                return login_error(candidate, where, setting) or setting_error(candidate, where, setting)
+                return login_error(candidate, where, setting) or setting_error(candidate, where, setting, libpq=True)
     return None
 
 

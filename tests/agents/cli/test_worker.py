@@ -103,3 +103,20 @@ async def test_the_queues_connections_pin_the_settings_psycopg_reads_rows_with(
         result = await invoke('-v', 'worker', '--burst', env=env)
         assert result.exit_code == 0, f'{variable}={value}: {result.stderr[-2000:]}'
         assert 'agentrt.usage_rollup[1](account_id=1) ended with status: Success' in result.stderr, result.stderr
+
+
+async def test_a_server_setting_libpq_sends_from_a_variable_is_refused_naming_the_variable(database_url: str) -> None:
+    # PGTZ=Mars/Base: "refused the server setting TimeZone of DATABASE_URL ...: correct it or remove it from its
+    # options parameter", which held none; PGGEQO=abc was retried as an outage until DB_CONNECT_TIMEOUT, then exit 3.
+    for variable, value, said in (
+        ('PGTZ', 'Mars/Base', 'invalid value for parameter "TimeZone": "Mars/Base"'),
+        ('PGGEQO', 'abc', 'parameter "geqo" requires a Boolean value'),
+    ):
+        env = {'DATABASE_URL': queue_url(database_url), variable: value, 'DB_CONNECT_TIMEOUT': '30'}
+        started = time.monotonic()
+        result = await invoke('worker', '--burst', env=env)
+        assert time.monotonic() - started < 15
+        assert result.exit_code == 2, result.stderr
+        line = result.stderr.strip()
+        assert line.startswith('error: PostgreSQL at ') and f'sends from {variable}={value!r} ({said})' in line, line
+        assert line.endswith(f'correct {variable} or unset it') and 'options' not in line, line
