@@ -43,6 +43,11 @@ SAMPLERS = (
     'parentbased_always_off',
     'parentbased_traceidratio',
 )
+SAMPLE_RATE_VARIABLES = ('LOGFIRE_TRACE_SAMPLE_RATE', 'OTEL_TRACES_SAMPLER_ARG')
+"""Where logfire reads its sampling ratio (its `trace_sample_rate`): the first of them set, whatever the sampler and
+whether spans are made or not; a value it cannot read as a number ended the command with its own words about a
+`LOGFIRE_*` variable, even for `OTEL_TRACES_SAMPLER_ARG=abc` (QA), and one below 0 an internal error when spans are
+made (the SDK's ValueError). The OpenTelemetry specification takes a number from 0 to 1."""
 BATCH_VARIABLES = ('OTEL_BSP_', 'OTEL_BLRP_')
 """The span and log record batch processors' variables (`SCHEDULE_DELAY`, `MAX_QUEUE_SIZE`, ... as integers)."""
 _BATCH_DEFAULTS = {
@@ -88,6 +93,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
     """
     _check_propagators(env.get('OTEL_PROPAGATORS', ''))
     _check_limit(IMPORT_LIMIT, env)
+    _check_sample_rate(env)
     exporter = env.get('OTEL_TRACES_EXPORTER', '').strip().lower()
     if exporter not in ('', *SUPPORTED_EXPORTERS):
         console = " (for spans on stderr: LOGFIRE_CONSOLE=true or 'agentrt --trace')" if 'console' in exporter else ''
@@ -175,6 +181,19 @@ def check_sdk_settings(env: Mapping[str, str]) -> None:
                     f'OTEL_RESOURCE_ATTRIBUTES: entry {index} of {len(entries)} is {what}; give comma-separated '
                     "key=value pairs, values URL-encoded (e.g. 'deployment.environment=prod,team=search')"
                 )
+
+
+def _check_sample_rate(env: Mapping[str, str]) -> None:
+    """The sampling ratio logfire reads (`SAMPLE_RATE_VARIABLES`: as it does, an empty value is unset)."""
+    name = next((name for name in SAMPLE_RATE_VARIABLES if env.get(name)), None)
+    if name is None:
+        return
+    value = env[name]
+    ratio = _number(value)
+    if ratio is None or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f'{name}={_shown(value)} is not a sampling ratio: give a number from 0 to 1 (the share of traces kept)'
+        )
 
 
 def _check_propagators(value: str) -> None:

@@ -243,6 +243,11 @@ ENDPOINT = {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://c:4318'}
             {**ENDPOINT, 'OTEL_TRACES_SAMPLER': 'traceidratio', 'OTEL_TRACES_SAMPLER_ARG': '10%'},
             r'^OTEL_TRACES_SAMPLER_ARG=',
         ),
+        # logfire reads it as its sample rate, whatever the sampler and tracing on or off: "logfire refused a LOGFIRE_*
+        # variable: Expected trace_sample_rate to be a number" (QA); -1 was the SDK's ValueError, an internal error.
+        ({'OTEL_TRACES_SAMPLER_ARG': 'abc'}, r"^OTEL_TRACES_SAMPLER_ARG='abc' is not a sampling ratio: .* from 0 to 1"),
+        ({'LOGFIRE_CONSOLE': 'true', 'OTEL_TRACES_SAMPLER_ARG': '-1'}, r"^OTEL_TRACES_SAMPLER_ARG='-1' is not a"),
+        ({'LOGFIRE_TRACE_SAMPLE_RATE': 'x', 'OTEL_TRACES_SAMPLER_ARG': '0.5'}, r"^LOGFIRE_TRACE_SAMPLE_RATE='x' is"),
         # A malformed entry (a comma too many included) made every command hang when the SDK warned of it.
         ({**ENDPOINT, 'OTEL_RESOURCE_ATTRIBUTES': 'team=search,'}, r'entry 2 of 2 is empty'),
         ({'LOGFIRE_TOKEN': 'pylf_v1_x', 'OTEL_RESOURCE_ATTRIBUTES': 'prod'}, r'entry 1 of 1 is not key=value'),
@@ -288,6 +293,7 @@ def test_an_otel_value_tracing_cannot_honour_is_a_configuration_error(environ: d
             'OTEL_LINK_ATTRIBUTE_COUNT_LIMIT': '',  # empty: no limit, as the SDK reads it
         },
         {'OTEL_PROPAGATORS': 'none,unknown'},  # `none` ends the list, as OpenTelemetry reads it
+        {'OTEL_TRACES_SAMPLER_ARG': ' 1 ', 'LOGFIRE_TRACE_SAMPLE_RATE': ''},  # empty: unset, as logfire reads it
         # Spans made nowhere: the SDK's batching, sampler, resource and limits are not used.
         {
             'OTEL_RESOURCE_ATTRIBUTES': 'a,',

@@ -210,6 +210,21 @@ async def test_a_logfire_variable_logfire_refuses_is_one_configuration_error() -
     assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: invalid configuration: {refused}']
 
 
+async def test_a_sampling_ratio_logfire_cannot_read_is_named_by_its_variable() -> None:
+    # OTEL_TRACES_SAMPLER_ARG, read by logfire as its trace_sample_rate whatever the sampler, tracing on or off:
+    # "logfire refused a LOGFIRE_* variable: Expected trace_sample_rate to be a number, got 'abc'" (QA). A new process,
+    # as above.
+    env = {
+        'OTEL_TRACES_SAMPLER_ARG': 'abc',
+        'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db',
+        'DB_CONNECT_TIMEOUT': '2',
+    }
+    done = await asyncio.to_thread(run_cli, 'chat', 'hi', env=env)
+    assert done.returncode == 2, done.stderr
+    said = "OTEL_TRACES_SAMPLER_ARG='abc' is not a sampling ratio: give a number from 0 to 1 (the share of traces kept)"
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: {said}']
+
+
 @pytest.mark.parametrize(
     ('variable', 'value', 'takes'),
     [
