@@ -394,14 +394,14 @@ def _kept_history(path: Path) -> FileHistory:
 
 def _private_file(path: Path, *, make_parents: bool = True) -> Path | str:
     """`path`, created if missing with owner-only permissions (what is typed may be private), an existing one of ours
-    made owner-only; else why it is not used: it cannot be, its directory does not exist (and `make_parents` is
-    False), it is a symlink, not a file, or another user's (a `chat-history` beside a data directory under `/tmp` is a
-    name anyone could have taken first, to read what is typed)."""
+    made owner-only; else why it is not used: it cannot be, its directory does not exist or is not a directory (and
+    `make_parents` is False), it is a symlink, not a file, or another user's (a `chat-history` beside a data directory
+    under `/tmp` is a name anyone could have taken first, to read what is typed)."""
     try:
         if make_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.parent.is_dir():
-            return f'its directory {path.parent} does not exist'
+        elif (problem := _directory_problem(path.parent)) is not None:
+            return problem
         fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
         try:
             status = os.fstat(fd)
@@ -416,5 +416,25 @@ def _private_file(path: Path, *, make_parents: bool = True) -> Path | str:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
             return 'a symlink, not followed'
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (problem := _directory_problem(path.parent)) is not None:
+            return problem  # the default's directory could not be made: "File exists", "Not a directory"
         return exc.strerror or str(exc)
     return path
+
+
+def _directory_problem(directory: Path) -> str | None:
+    """Why `directory` cannot hold the history file, when it does not exist or is not a directory; else None."""
+    try:
+        if stat.S_ISDIR(directory.stat().st_mode):
+            return None
+    except FileNotFoundError:
+        return f'its directory {directory} does not exist'
+    except NotADirectoryError:
+        pass  # a file above it
+    except OSError as exc:
+        return f'its directory {directory}: {exc.strerror or exc}'
+    # A file where a directory is meant (`file.txt/history`, `file.txt/sub/history`): "does not exist" was said (QA).
+    blocking = next((p for p in (*reversed(directory.parents), directory) if p.exists() and not p.is_dir()), directory)
+    if blocking == directory:
+        return f'its parent {directory} is not a directory'
+    return f'its parent {directory} cannot exist: {blocking} is not a directory'

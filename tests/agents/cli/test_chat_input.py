@@ -165,6 +165,34 @@ async def test_a_configured_history_file_in_a_missing_directory_is_said_and_the_
     assert not (tmp_path / 'nonexistent').exists()
 
 
+@pytest.mark.parametrize(
+    ('below', 'said'),
+    [
+        ('history', 'its parent {file} is not a directory'),
+        ('sub/history', 'its parent {file}/sub cannot exist: {file} is'),
+    ],
+)
+async def test_a_configured_history_file_below_a_file_is_said_so(
+    keys: PipeInput,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    below: str,
+    said: str,
+) -> None:
+    # AGENTRT_CHAT_HISTORY=/tmp/x/file.txt/history, file.txt a regular file: "its directory ... does not exist" (QA).
+    file = tmp_path / 'file.txt'
+    file.write_text('notes')
+    history = file / below
+    monkeypatch.setenv('AGENTRT_CHAT_HISTORY', str(history))
+    lines = TerminalLines(history)
+    keys.send_text('first\r')
+    assert await lines.read() == 'first'
+    told = ' '.join(capsys.readouterr().err.split())
+    assert f'chat history: cannot use {history} ({said.format(file=file)}' in told, told
+    assert 'does not exist' not in told and file.read_text() == 'notes'
+
+
 @pytest.mark.parametrize('kind', ['directory', 'symlink'])
 async def test_a_history_file_refused_at_the_start_is_said_once_before_the_first_prompt(
     keys: PipeInput, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
