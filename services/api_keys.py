@@ -124,8 +124,12 @@ def check_key_name(name: str) -> None:
         )
     if name and not name.strip():
         # Stored as it is, it listed as an empty cell beside keys with no name ('-'): leave `--name` out for none.
+        # Said by its length, not quoted: a line of spaces in quotes reads as one (the CLI's error line folds runs of
+        # whitespace), or as nothing at all (QA). What is printable and blank is spaces only (a tab, a no-break space:
+        # refused above).
+        spaces = f'{len(name)} space{"s" if len(name) > 1 else ""}'
         raise InvalidInputError(
-            f'the key name {preview(name)} is only whitespace: give a visible label, or none', field='name'
+            f'the key name is blank (only whitespace: {spaces}): give a visible label, or no name at all', field='name'
         )
 
 

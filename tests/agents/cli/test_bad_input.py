@@ -109,7 +109,13 @@ CASES: list[tuple[list[str], dict[str, str], int, str]] = [
     (['audit', 'list', '--agent', ''], {}, 2, '--agent is blank; leave it out to match every value'),
     (['keys', 'revoke', ANSI], {}, 2, 'not an API key id'),
     (['keys', 'create', '--account', 'acme-health', '--name', ANSI], {}, 2, 'the key name'),
-    (['keys', 'create', '--account', 'acme-health', '--name', '   '], {}, 2, 'is only whitespace'),
+    # a blank name was quoted as "' '" (the error line folds whitespace): said blank, with its length (QA)
+    (
+        ['keys', 'create', '--account', 'acme-health', '--name', '     '],
+        {},
+        2,
+        'the key name is blank (only whitespace: 5 spaces): give a visible label, or no name at all',
+    ),
     (['keys', 'create', '--account', 'acme-health', '--scope', '   '], {}, 2, 'unknown scope'),
     (['budget', 'set', '--account', 'acme-health', '--limit', '   '], {}, 2, 'the limit must be an amount'),
     (['budget', 'set', '--account', 'acme-health', '--limit', '-5'], {}, 2, 'limit'),
