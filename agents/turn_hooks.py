@@ -12,9 +12,13 @@ it and returns a copy of it with the parts as its `riders` (`LedgerCapability.ri
 `before_node_run` and `before_model_request` run inside the ledger's, before its own). pydantic-ai lets a run's
 capability replace the agent's capability of the same `id` and type for that run ("a run-level capability replaces
 its agent-level namesake, whole"), so the ledger is dispatched once, carrying the parts. An agent whose ledger has no
-`id` keeps it as a capability of its own (correct, one more set of calls), and the parts go in a `TurnHooks`;
-`create_simple_chat_agent` gives its ledger `TURN_LEDGER_ID`. An agent without a ledger (a user's own `Agent`) gets
-one for the turn, carrying the parts: every model request of a turn is billed and admitted against the budget.
+`id` keeps it as a capability of its own (correct, one more set of calls), and the parts go in a `TurnHooks`, as they
+do beside a ledger the agent holds in another capability (`WrapperCapability(ledger_capability())`, a group, however
+deep: `has_ledger` walks them); `create_simple_chat_agent` gives its ledger `TURN_LEDGER_ID`. An agent without a ledger
+the turn can see (a user's own `Agent`, or one whose ledger a `DynamicCapability` makes only as the run starts) gets
+one for the turn, carrying the parts, which stands in (`LedgerCapability.stands_in`): it records and holds the budget
+only when no other ledger of the run does. Every model request of a turn is billed and admitted against the budget
+once: a wrapped or dynamic ledger beside the turn's gave each request two rows, two holds and two charges (QA).
 
 Each part keeps its own module and its own tests; `tests/agents/test_turn_hooks.py` fails if a part comes to
 override a hook that is not delegated (`PART_HOOKS`).
@@ -84,16 +88,32 @@ def agent_ledger(agent: Agent[Any, Any]) -> LedgerCapability | None:
     return None
 
 
+def has_ledger(capability: AbstractCapability[Any]) -> bool:
+    """Whether `capability` is a ledger or holds one: in a wrapper (`wrapped`: `WrapperCapability` and its subclasses)
+    or a group (`capabilities`: `CombinedCapability`), however deep, in pydantic-ai 2.68 and 2.78 alike. A
+    `DynamicCapability`'s is made only as the run starts: the turn's ledger stands in for it (`turn_hooks`)."""
+    if isinstance(capability, LedgerCapability):
+        return True
+    wrapped = getattr(capability, 'wrapped', None)
+    if isinstance(wrapped, AbstractCapability) and has_ledger(wrapped):
+        return True
+    children = getattr(capability, 'capabilities', None)
+    return isinstance(children, list | tuple) and any(
+        isinstance(child, AbstractCapability) and has_ledger(child) for child in children
+    )
+
+
 def turn_hooks(*parts: AbstractCapability[Any], agent: Agent[Any, Any] | None = None) -> list[AbstractCapability[Any]]:
     """The capabilities a turn adds to its run: `agent`'s ledger carrying `parts` as its riders when it has one with
-    an `id` (`agent_ledger`), which replaces the agent's for the run; a ledger carrying them when the agent has none
-    at all (a turn is billed, and held against the account's budget, whatever agent runs it); else `parts` as one
-    `TurnHooks` beside the agent's own ledger."""
+    an `id` (`agent_ledger`), which replaces the agent's for the run; `parts` as one `TurnHooks` beside the agent's own
+    ledger when it has another (`has_ledger`: without an `id`, or in another capability); else a ledger carrying them
+    that stands in for any the agent's run makes (`LedgerCapability.stands_in`: a `DynamicCapability`'s), so a turn is
+    billed, and held against the account's budget, once, whatever agent runs it."""
     if agent is None:
         return [TurnHooks(parts)]
     ledger = agent_ledger(agent)
     if ledger is not None:
         return [replace(ledger, riders=(*ledger.riders, *parts))]
-    if not any(isinstance(capability, LedgerCapability) for capability in agent.root_capability.capabilities):
-        return [ledger_capability(id=TURN_LEDGER_ID, riders=parts)]
-    return [TurnHooks(parts)]
+    if has_ledger(agent.root_capability):
+        return [TurnHooks(parts)]
+    return [ledger_capability(id=TURN_LEDGER_ID, riders=parts, stands_in=True)]

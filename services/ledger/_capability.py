@@ -36,6 +36,7 @@ from agentrt.services.ledger._record import (
     new_request_id,
     utc_now,
 )
+from agentrt.services.ledger._recorders import RunRecorders, run_recorders
 from agentrt.services.ledger._tracker import LLMRequestTracker, WriteOutcome, get_request_tracker
 from agentrt.services.run_tasks import note_run_task
 
@@ -53,6 +54,8 @@ class _RunLedger:
     tracker: LLMRequestTracker
     identity: LedgerIdentity
     budget: BudgetConfig
+    recorders: RunRecorders
+    """The run's recording ledgers, this one counted in by its `wrap_run` unless it stands in (`stands_in`)."""
     current: InFlight | None = None
     cut: Cut | None = None
     acks: list[asyncio.Future[WriteOutcome]] = field(default_factory=list)
@@ -113,6 +116,10 @@ class LedgerCapability(AbstractCapability[Any]):
     """Capabilities dispatched through this one (`RIDER_HOOKS`, in order, before the ledger's own): a chat turn's
     window and guard ride on the agent's ledger (`agentrt.agents.turn_hooks`), so pydantic-ai, which calls every hook of
     every capability of a run, calls one capability's instead of two. Only for capabilities that use no other hook."""
+    stands_in: bool = False
+    """Record a run's requests (and hold the budget for them) only when no other ledger of the run does: the ledger a
+    chat turn adds for an agent it found none on (`agentrt.agents.turn_hooks`), which may hold one the turn cannot see
+    before the run (a `DynamicCapability`'s). Its riders run either way."""
     _run: _RunLedger | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -164,7 +171,9 @@ class LedgerCapability(AbstractCapability[Any]):
     def _new_run(self, ctx: Any) -> _RunLedger:
         tracker = self.tracker or get_request_tracker()
         no_budget = getattr(ctx.deps, 'account_has_budget', None) is False
-        return _RunLedger(tracker, identity_of(ctx.deps), self.budget or BudgetConfig.current(), no_budget=no_budget)
+        recorders = run_recorders(getattr(ctx, 'run_id', None))
+        budget = self.budget or BudgetConfig.current()
+        return _RunLedger(tracker, identity_of(ctx.deps), budget, recorders, no_budget=no_budget)
 
     async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
         """Run, then have the run's ledger rows committed now (not after the writer's commit delay) and wait (bounded)
@@ -174,9 +183,12 @@ class LedgerCapability(AbstractCapability[Any]):
         responses recorded since the last model request are sealed here (`RunBodies.seal`): their stored content is
         taken once pydantic-ai has stamped them. A run that is cancelled does not wait, but its rows are committed
         without delay all the same. The task it runs in is noted for the turn, which ends it if pydantic-ai leaves it
-        waiting (`agentrt.services.run_tasks`).
+        waiting (`agentrt.services.run_tasks`). A ledger that records the run (`stands_in` False) is counted among the
+        run's recorders here, which a stand-in asks before each request (`_recorders.py`).
         """
         note_run_task()
+        if not self.stands_in:
+            self._state(ctx).recorders.count += 1
         try:
             result = await handler()
         except BaseException as exc:
@@ -251,8 +263,11 @@ class LedgerCapability(AbstractCapability[Any]):
         return StreamProbe(model, flight)
 
     async def wrap_model_request(self, ctx: Any, *, request_context: ModelRequestContext, handler: Any) -> Any:
-        """Mint the ledger key, hold the budget, send the request, and record the outcome whatever it is."""
+        """Mint the ledger key, hold the budget, send the request, and record the outcome whatever it is; or only send
+        it when this ledger stands in (`stands_in`) for another ledger of the run, which does all that."""
         state = self._state(ctx)
+        if self.stands_in and state.recorders.count:
+            return await handler(request_context)
         self._record_cut(ctx, None)  # an earlier stream was cut and the run went on: it was not fatal
         state.bodies.seal()  # the responses recorded so far: pydantic-ai has stamped them by now
         state.tracker.bodies_sealed()  # their rows can be prepared, and journaled while held for the commit delay

@@ -15,7 +15,7 @@ from agentrt.db.errors import InvalidInputError, check_seconds
 from agentrt.services.budgets import BudgetConfig
 from agentrt.services.ledger._tracker import LLMRequestTracker
 
-_FLAGS = ('store_content', 'wait_for_durable', 'measure_time_to_first_token', 'defer_loading')
+_FLAGS = ('store_content', 'wait_for_durable', 'measure_time_to_first_token', 'stands_in', 'defer_loading')
 _TEXTS = ('id', 'description')
 
 

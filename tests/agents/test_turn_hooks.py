@@ -12,12 +12,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pydantic_ai import Agent, ModelRequestNode, RunContext
-from pydantic_ai.capabilities import AbstractCapability, AgentNode
+from pydantic_ai.capabilities import (
+    AbstractCapability,
+    AgentNode,
+    CombinedCapability,
+    DynamicCapability,
+    WrapperCapability,
+)
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -32,7 +39,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.run import AgentRunResultEvent
 
 from agentrt.agents.context_window import ContextWindow
-from agentrt.agents.simple_chat import create_simple_chat_agent
+from agentrt.agents.simple_chat import create_simple_chat_agent, simple_chat, simple_chat_stream
 from agentrt.agents.turn_guard import TurnGuard
 from agentrt.agents.turn_hooks import (
     PART_HOOKS,
@@ -41,8 +48,15 @@ from agentrt.agents.turn_hooks import (
     agent_ledger,
     turn_hooks,
 )
-from agentrt.services.ledger import LedgerCapability, LLMRequestTracker, ledger_capability
-from tests.factories import chat_deps, content_rows, ledger_rows
+from agentrt.db.session import Unscoped, get_db_session
+from agentrt.services.background import get_supervisor
+from agentrt.services.budgets import budget_statuses
+from agentrt.services.ledger import LedgerCapability, LLMRequestTracker, get_request_tracker, ledger_capability
+from agentrt.tools.dependencies import SessionDependencies
+from tests.agents.conftest import account_id
+from tests.factories import chat_deps, content_rows, ledger_rows, scalar
+from tests.services.budgets.helpers import give_budget
+from tests.services.budgets.priced_model import PricedModel
 
 
 class Stop(Exception):
@@ -245,3 +259,98 @@ def test_every_hook_of_the_parts_is_delegated() -> None:
     assert _overridden(ContextWindow, PART_HOOKS) == set()
     assert _overridden(TurnGuard, PART_HOOKS) == set()
     assert _overridden(TurnGuard, ()) == {'before_node_run'}  # the check sees an override
+
+
+# --- an agent's ledger wherever its capabilities hold it ----------------------------------------------------------
+
+
+def _shaped(shape: str) -> list[AbstractCapability[Any]]:
+    """An agent's capabilities holding one ledger (or none) in the shape named. `-id`: the ledger named as a turn's
+    (`TURN_LEDGER_ID`); a dynamic one so named is replaced by the turn's for the run (pydantic-ai: a run's capability
+    replaces its agent-level namesake), which then must not stand down for it."""
+    if shape == 'none':
+        return []
+    if shape == 'dynamic-none':
+        return [DynamicCapability(lambda ctx: None)]
+    ledger = ledger_capability(id=TURN_LEDGER_ID) if shape.endswith('-id') else ledger_capability()
+    return {
+        'plain': [ledger],
+        'plain-id': [ledger],
+        'combined': [CombinedCapability([ledger])],
+        'wrapper': [WrapperCapability(ledger)],
+        'wrapper-id': [WrapperCapability(ledger)],
+        'dynamic': [DynamicCapability(lambda ctx: ledger)],
+        'dynamic-id': [DynamicCapability(lambda ctx: ledger)],
+        'nested': [CombinedCapability([WrapperCapability(CombinedCapability([WrapperCapability(ledger)]))])],
+        'dynamic-nested': [WrapperCapability(DynamicCapability(lambda ctx: WrapperCapability(ledger)))],
+    }[shape]
+
+
+SHAPES = [
+    'none',
+    'dynamic-none',
+    'plain',
+    'plain-id',
+    'combined',
+    'wrapper',
+    'wrapper-id',
+    'dynamic',
+    'dynamic-id',
+    'nested',
+    'dynamic-nested',
+]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+async def test_a_turn_records_and_charges_each_request_once_wherever_the_agent_holds_its_ledger(
+    demo_data: None, shape: str
+) -> None:
+    """A ledger in a wrapper or a dynamic capability was not seen by the turn, which added its own: every request had
+    two rows, was held twice at admission and charged twice to the budget (QA)."""
+    account = 'acme-health'
+    await give_budget(account, '1000')
+    gate = asyncio.Event()
+    model = PricedModel(gate=gate)
+    agent: Agent[SessionDependencies, str] = Agent(model, deps_type=SessionDependencies, capabilities=_shaped(shape))
+    spent_before = await _spent(account)
+    turn = asyncio.create_task(
+        simple_chat('How many cardiologists?', session_id=f'shape-{shape}', account=account, agent=agent)
+    )
+    try:
+        while model.arrived == 0 and not turn.done():  # noqa: ASYNC110 - the model counts arrivals
+            await asyncio.sleep(0.005)
+        holds = await scalar('SELECT count(*) FROM budget_reservations')
+    finally:
+        gate.set()
+        result = await turn
+    assert holds == 1, 'the request is held once'
+    await get_request_tracker().flush()
+    await get_supervisor().join()
+    rows = await ledger_rows(chat_session_id=f'shape-{shape}')
+    assert [row['status'] for row in rows] == ['complete'] and result.usage.requests == 1
+    assert rows[0]['total_cost'] > 0
+    assert await _spent(account) - spent_before == rows[0]['total_cost'], 'the request is charged once'
+    assert await scalar('SELECT count(*) FROM budget_reservations') == 0
+
+
+@pytest.mark.parametrize('shape', ['none', 'dynamic', 'wrapper'])
+async def test_a_streamed_turn_records_each_request_once_wherever_the_agent_holds_its_ledger(
+    demo_data: None, shape: str
+) -> None:
+    agent: Agent[SessionDependencies, str] = Agent(
+        PricedModel(), deps_type=SessionDependencies, capabilities=_shaped(shape)
+    )
+    session_id = f'streamed-{shape}'
+    async with simple_chat_stream(
+        'How many cardiologists?', session_id=session_id, account='acme-health', agent=agent
+    ) as stream:
+        assert ''.join([delta async for delta in stream]) == 'ok'
+    await get_request_tracker().flush()
+    rows = await ledger_rows(chat_session_id=session_id)
+    assert [(row['status'], row['streamed']) for row in rows] == [('complete', True)]
+
+
+async def _spent(account: str) -> Decimal:
+    async with get_db_session(account=Unscoped.ADMIN) as session:
+        (status,) = await budget_statuses(session=session, account_id=await account_id(account))
+    return status.spent_usd
