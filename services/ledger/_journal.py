@@ -36,6 +36,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentrt.db.forks import close_here, close_in_child
 from agentrt.db.processes import is_alive, this_host, this_process
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class RowJournal:
         payload = framed_entries(entries)
         if self._fd is None:
             self._fd = _made_locked(self.path)
+            close_in_child(self._fd, self._forget)
         append_whole(self._fd, payload, self._size, fsync=False)
         self._size += len(payload)
 
@@ -91,27 +93,36 @@ class RowJournal:
             with suppress(OSError):  # before its lock goes with the descriptor: no replay takes it meanwhile
                 self.path.unlink()
             with suppress(OSError):
-                os.close(fd)
+                close_here(fd)
+
+    def _forget(self) -> None:
+        """In a forked child, once its copy of the descriptor is closed (`close_in_child`): the journal is the
+        parent's, never written nor deleted here."""
+        self._fd = None
+        self._size = 0
 
 
 def _made_locked(path: Path) -> int:
     """Make the journal file `path`, locked (`flock`) for as long as this process has it open: a replay takes over
     only a journal it can lock (`dead_journals`), so a live holder its name's pid does not find keeps its journal (a
     process in another PID namespace: containers with one host name sharing the spool's directory). Made under
-    another name and renamed once locked, so no replay finds it unlocked.
+    another name and renamed once locked, so no replay finds it unlocked. A child this process forks does not keep the
+    lock (its copy of the descriptor is closed there: `close_in_child`), so the journal of a process killed outright is
+    replayed whatever children it left.
 
     Raises:
         OSError: it cannot be made.
     """
     making = path.with_name(path.name.replace(JOURNAL_INFIX, _MAKING_INFIX, 1))
     fd = os.open(making, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    close_in_child(fd)  # from the start: `RowJournal.write` names it again, with what to forget there
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(making, path)
     except BaseException:
         with suppress(OSError):
             making.unlink()
-        os.close(fd)
+        close_here(fd)
         raise
     return fd
 
@@ -123,12 +134,13 @@ def held_by_a_live_process(path: Path) -> bool:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return True
+    close_in_child(fd)  # a child forked meanwhile would keep the dead journal locked
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # BlockingIOError: it is held
         return True
     finally:
-        os.close(fd)  # and the lock with it
+        close_here(fd)  # and the lock with it
     return False
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agentrt.db.errors import ConfigError
+from agentrt.db.forks import close_here, close_in_child
 from agentrt.db.settings import unsafe_directory
 from agentrt.services.ledger._journal import append_whole, dead_journals, journal_holder, read_journal
 
@@ -76,6 +77,7 @@ class LedgerSpool:
         self.private_directory()
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # read: its last byte
+            close_in_child(fd)  # a child forked meanwhile kept the lock, and every later append waited for its end
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 # A replay may have renamed the file between our open and our lock: write to the live one.
@@ -84,7 +86,7 @@ class LedgerSpool:
                 self._append_locked(fd, payload)
                 return
             finally:
-                os.close(fd)
+                close_here(fd)
 
     @staticmethod
     def _append_locked(fd: int, payload: bytes) -> None:
@@ -170,6 +172,9 @@ class LedgerSpool:
         """
         self.private_directory()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        # A child forked during the replay (a worker pool the process starts) kept the lock: every later replay said
+        # another one was running, for as long as that child lived.
+        close_in_child(fd)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -178,7 +183,7 @@ class LedgerSpool:
                 return
             yield True
         finally:
-            os.close(fd)
+            close_here(fd)
 
     def claim(self) -> list[Path]:
         """Rename the live spool aside (under the append lock) and return every claimed file, oldest first.
@@ -191,6 +196,7 @@ class LedgerSpool:
             logger.error('ledger spool: %s is a symlink, which is not followed; left as it is', self.path)
         elif self.path.exists():
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            close_in_child(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 status = os.fstat(fd)
@@ -202,7 +208,7 @@ class LedgerSpool:
                     target = self.path.with_name(f'{self.path.name}.replaying-{time.time_ns()}-{os.getpid()}')
                     os.rename(self.path, target)
             finally:
-                os.close(fd)
+                close_here(fd)
         self._claim_dead_journals()
         return self.claimed_files()
 

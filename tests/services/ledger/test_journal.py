@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +336,110 @@ def test_bodies_go_into_the_journal_as_they_are_and_come_back_whole(tmp_path: Pa
         assert read_journal(path) == entries[:2], cut
     path.write_bytes(whole[:first_two] + b'not json\n' + whole[first_two:])
     assert read_journal(path) == entries[:2]
+
+
+# --- a child forked while the journal (or a spool lock) is held -----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize('kind', ['fork', 'pool'])
+async def test_a_killed_processs_journal_is_replayed_while_a_child_it_forked_lives_on(
+    clean_database: None, tmp_path: Path, kind: str
+) -> None:
+    """A forked child kept the journal's descriptor, and with it the lock the replay asks about: the rows of a process
+    killed outright stayed out of the ledger for as long as any child lived, for good with an orphaned pool worker
+    (qa189). The child's copy is closed at the fork (`db/forks.py`'s `close_in_child`)."""
+    spool = tmp_path / 'spool' / 'ledger.jsonl'
+    spool.parent.mkdir(mode=0o700)
+    out = tmp_path / 'said.json'
+    program = ['-m', 'tests.services.ledger.journal_fork_and_die', str(spool), '3', kind, str(out)]
+    process = await asyncio.create_subprocess_exec(sys.executable, *program, cwd=ROOT)
+    try:
+        assert await asyncio.wait_for(process.wait(), 60) == -signal.SIGKILL
+    finally:
+        if process.returncode is None:  # it did not get as far as killing itself
+            process.kill()
+            await process.wait()
+    said = json.loads(out.read_text())
+    child = said['child']
+    assert said['journaled'] == 3
+    try:
+        assert _alive(child), 'the child outlives its parent'
+        [journal] = spool.parent.glob('*.journal-*')
+        assert dead_journals(spool) == [journal]
+        report = await LLMRequestTracker(fast_config(tmp_path, spool_path=spool)).replay_spool()
+        assert (report.rows, report.inserted) == (3, 3)
+        assert sorted(str(row['id']) for row in await ledger_rows()) == sorted(said['ids'])
+        assert not journal.exists()
+        assert _alive(child)  # replayed while it lives
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextmanager
+def _child_living_on() -> Iterator[None]:
+    """A child forked here that lives until the block ends (it waits for its pipe to close), then is reaped; entered
+    once the child runs (its fork hooks, which run before it, are done)."""
+    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but wait (the test's other state is the parent's)
+        os.close(write_end)
+        os.write(ready_write, b'.')
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    os.close(ready_write)
+    os.read(ready_read, 1)
+    os.close(ready_read)
+    try:
+        yield
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+
+
+def _lockable(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_a_child_forked_while_a_replay_or_an_append_holds_the_spools_lock_does_not_keep_it(tmp_path: Path) -> None:
+    """A child forked during a replay kept the replay's lock (every later replay: "another replay is running"), during
+    an append the spool's (every later append waited), for as long as it lived; the child's copy is closed at the
+    fork."""
+    spool = LedgerSpool(tmp_path / 'spool' / 'ledger.jsonl')
+    with ExitStack() as living:
+        with spool.replay_lock() as acquired:
+            assert acquired
+            living.enter_context(_child_living_on())  # forked while the replay holds its lock
+        with spool.replay_lock() as again:
+            assert again, 'the replay lock left with the replay'
+
+    append_locked = LedgerSpool._append_locked
+    with ExitStack() as living:
+
+        def forking_append(fd: int, payload: bytes) -> None:
+            append_locked(fd, payload)
+            living.enter_context(_child_living_on())  # forked while the append holds the spool's lock
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LedgerSpool, '_append_locked', staticmethod(forking_append))
+            spool.append([ledger_record().spool_entry(1 << 20)])
+        assert _lockable(spool.path), 'the append lock left with the append'
