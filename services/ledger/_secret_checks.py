@@ -84,19 +84,53 @@ def _credential_like_check(c: Candidate) -> Span | None:
     return (c.start, c.end) if _credential_like(c.value) else None
 
 
-_TABLE_NOT_A_SECRET = re.compile(
-    rb'[A-Za-z_][A-Za-z0-9_ .]*\(\s*[0-9]+(?:\s*,\s*[0-9]+)?\s*\)'  # a column type: varchar(255), String(128)
-    rb'|[0-9.,:/ +-]+'  # a number, a price, a date, a range
-    rb'|[/~$].*'  # a path or a variable
+_COLUMN_TYPES = (
+    rb'var(?:char|binary)|n?(?:var)?char(?:acter)?(?: varying)?|binary|bit(?: varying)?|string|text|bytes|blob'
+    rb'|numeric|decimal|number|float|double|real|u?int(?:eger)?[0-9]*|(?:tiny|small|medium|big)int|serial[0-9]*'
+    rb'|timestamp(?:tz)?|time(?:tz)?|datetime[0-9]*|date|interval|uuid|bytea|jsonb?|bool(?:ean)?|money|inet|cidr'
 )
+"""Column types (SQL's, an ORM's) a schema table lists under a secret-named field, with or without a length."""
+_TABLE_NOT_A_SECRET = re.compile(
+    rb'(?i:(?:' + _COLUMN_TYPES + rb')(?:\s*\(\s*[0-9]+(?:\s*,\s*[0-9]+)?\s*\))?(?:\[\])?)'  # varchar(255), int4
+    rb'|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+\(.*\)'  # a dotted call: os.urandom(32), secrets.token_hex(16)
+    rb'|\$?[0-9.,:/ +-]+'  # a number, a price, a date, a range
+    rb'|\$(?:[a-z_][a-z0-9_]*|[A-Z_][A-Z0-9_]*|\{[^}]*\}|\([^)]*\))'  # a shell variable: $password, ${DB_PASS}
+    rb'|(?i:n/a)'
+)
+"""The cells of a secret-named row that are plainly no credential: column types, library calls, numbers, dates,
+variables, `n/a` (placeholders and masks: `_is_placeholder`)."""
+_TABLE_PATH = re.compile(rb'(?:~[\w.-]*|\.{1,2})?(?:/[\w.-]+)+/?')
+_RANDOM_SEGMENT = re.compile(rb'(?=[^/]*[A-Z])(?=[^/]*[a-z])(?=[^/]*[0-9])[^/]{8,}')
+_COUNTED_TOKEN = re.compile(
+    rb'(?i)(?:input|output|prompt|completion|cached?|max|min|total|reasoning|per|context)[ _.-]*tokens?$'
+)
+"""A row that counts or prices a model's tokens (`| input token | 0.0002 |`), not a credential's name."""
+
+
+def _table_path(value: bytes) -> bool:
+    """A file path (`/home/user`, `~/.ssh/id_rsa`): none of its segments random-looking, since a base64 secret starts
+    with `/` once in 64 (`/aB3kL9mQ2xY7pR4zT8w`)."""
+    if _TABLE_PATH.fullmatch(value) is None:
+        return False
+    return not any(_RANDOM_SEGMENT.fullmatch(segment) for segment in value.split(b'/'))
 
 
 def _table_secret(c: Candidate) -> Span | None:
-    """A Markdown table's value in a secret-named row: credential-like (`_credential_like`), at least 8 characters,
-    and neither a column type, a number, a date, a path nor a variable: schema and pricing tables (`| password |
-    varchar(255) |`, `| token | 0.0002 |`) lost their cells (QA)."""
+    """A Markdown table's value in a secret-named row, unless it is plainly no credential: a word (not
+    `_credential_like`), a placeholder or mask, a column type, a library call, a number, a date, a path or a variable
+    (`_TABLE_NOT_A_SECRET`): schema and pricing tables (`| password | varchar(255) |`, `| token | 0.0002 |`) lost
+    their cells (QA). A short value is still a password (`| password | hunter2 |`), and so is one starting with `/`,
+    `~` or `$` or shaped like a call (`$ecretP4ss!`, `/aB3kL9mQ2xY7pR4zT8w`, `Hunter(2024)`); only a row counting a
+    model's tokens (`| input token | 1,024 |`) needs 8 characters."""
     value = c.value
-    if len(value) < 8 or not _credential_like(value) or _TABLE_NOT_A_SECRET.fullmatch(value):
+    if len(value) > _SHAPE_MAX:
+        return c.start, c.end
+    if _too_short(value) or not _credential_like(value) or _is_placeholder(value):
+        return None
+    if _TABLE_NOT_A_SECRET.fullmatch(value) or _table_path(value):
+        return None
+    name_start, name_end = c.spans[c.groups['name']]
+    if len(value) < 8 and _COUNTED_TOKEN.search(c.data[name_start:name_end]):
         return None
     return c.start, c.end
 

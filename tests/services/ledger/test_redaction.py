@@ -1034,6 +1034,57 @@ def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
     assert redact_text(text) == (text, 0), find_secrets(text)
 
 
+# A secret-named row's value is a credential unless it is plainly none, however short or odd it is (QA: af450b5's
+# 8-character minimum and its "path or variable" shape for anything starting with /, ~ or $ kept these in clear).
+_TABLE_CREDENTIALS = [
+    ('| password | {s} |', 'hunter2'),
+    ('| password | {s} |', 's3cr3t!'),
+    ('| password | `{s}` |', 'hunter2'),
+    ('| password | {s} |', '$ecretP4ss!'),
+    ('| secret | {s} |', '/aB3kL9mQ2xY7pR4zT8w'),
+    ('| password | {s} |', '~Tr0ub4dor&3'),
+    ('| password | {s} |', 'Hunter(2024)'),
+    ('| api_key | {s} |', 'sk_live(12345)'),
+    ('| field | value |\n|---|---|\n| password | {s} |', 'P@ss123'),
+    ('| password | `{s}` |', 'Adm1n!x'),
+]
+
+
+@pytest.mark.parametrize(('form', 'secret'), _TABLE_CREDENTIALS)
+@pytest.mark.parametrize('place', [*_TEXT_PLACES, 'inside-json', 'inside-a-dict'])
+def test_a_short_or_odd_value_of_a_secret_named_table_row_is_redacted(form: str, secret: str, place: str):
+    planted = form.format(s=secret)
+    if place == 'inside-a-dict':
+        redacted_value, count = redact_value({'answer': f'Staging:\n{planted}\n', 'n': 1})
+        redacted = json.dumps(redacted_value)
+    elif place == 'inside-json':
+        text = json.dumps({'answer': f'Staging:\n{planted}\n'})
+        redacted, count = redact_text(text)
+        json.loads(redacted)
+        secret = json.dumps(secret)[1:-1]
+    else:
+        redacted, count = redact_text(_TEXT_PLACES[place].replace('{t}', planted))
+    assert count == 1 and secret not in redacted, redacted[-300:]
+
+
+@pytest.mark.parametrize(
+    'text',
+    [
+        '| password | - |\n| token | null |\n| secret | n/a |\n| password | ***** |\n| api_key | <your-key> |',
+        '| password | [REDACTED] |\n| token | none |\n| password | N/A |\n| password | `********` |',
+        '| password | CHAR(64) |\n| token | NUMERIC(10,2) |\n| password | TIMESTAMP(6) |\n| secret | bytea |',
+        '| api_key | VARCHAR(255)[] |\n| token | int8 |\n| password | text |\n| token | uuid |',
+        '| api_key | os.urandom(32) |\n| token | secrets.token_hex(16) |',
+        '| token | $0.002 |\n| password | 8-64 |\n| secret | 12:30 |',
+        '| pwd | ~/.ssh/ |\n| password | ~/secrets/db.txt |\n| secret | /run/secrets/db_password |',
+        '| token | $GITHUB_TOKEN |\n| password | $db_password |\n| secret | ${VAULT_SECRET} |',
+        '| prompt token | $0.5/1M |\n| input tokens | 1,024 |',
+    ],
+)
+def test_a_secret_named_table_row_whose_value_is_plainly_no_credential_is_left_alone(text: str):
+    assert redact_text(text) == (text, 0), find_secrets(text)
+
+
 # --- terminal escape sequences and other boundaries before a secret -----------------------------------------------
 
 _ESCAPES = ['\x1b[1m', '\x1b[01;31m', '\x1b[38;5;196m', '\x1b[0;1;32m', '\x1b[K']
