@@ -165,6 +165,15 @@ def _not_placeholder(c: Candidate) -> Span | None:
     return None if _too_short(value) or _is_placeholder(value) else (c.start, c.end)
 
 
+def _sql_password(c: Candidate) -> Span | None:
+    """A SQL statement's password unless it is a placeholder; in prose after a user or role (`The user bob has
+    password 'S3cretPass!' now.`) only when it also looks like a credential: "the user's password 'must' be changed"
+    holds none."""
+    if c.group == c.groups['secret_prose'] and not _credential_like(c.value):
+        return None
+    return _not_placeholder(c)
+
+
 def _is_placeholder(value: bytes) -> bool:
     return len(value) <= _SHAPE_MAX and _PLACEHOLDER.match(value) is not None
 
@@ -356,6 +365,7 @@ CHECKS: dict[str, Check] = {
     'random_looking': _random_looking,
     'basic_credentials': _basic_credentials,
     'not_placeholder': _not_placeholder,
+    'sql_password': _sql_password,
     'url_password': _url_password,
     'secret_assignment': _secret_assignment,
 }

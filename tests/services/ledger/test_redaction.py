@@ -975,6 +975,14 @@ _MARKDOWN_AND_SQL = [
     "CREATE ROLE reporting LOGIN NOINHERIT PASSWORD '{s}' VALID UNTIL 'infinity';",
     "CREATE USER u IDENTIFIED BY '{s}';",
     "ALTER USER 'u'@'%' IDENTIFIED WITH mysql_native_password BY '{s}';",
+    # af450b5's statement-only rule missed these (QA): OR REPLACE, a comment or a line break between the keywords,
+    # a terminal's colour code glued to the statement, a password named in prose
+    "CREATE OR REPLACE USER 'bob'@'%' IDENTIFIED BY '{s}';",
+    'psql -c "CREATE OR REPLACE ROLE bob PASSWORD \'{s}\'"',
+    "ALTER /* rotate */ USER bob PASSWORD '{s}';",
+    "CREATE\nUSER bob PASSWORD '{s}';",
+    "\x1b[1mALTER USER bob PASSWORD '{s}';\x1b[0m",
+    "The user bob has password '{s}' now.",
 ]
 _TEXT_PLACES = {
     'line-start': '{t}\nthanks',
@@ -1017,6 +1025,8 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
         "error: cannot migrate to 'grant-1': Can't locate revision identified by 'grant-1'",
         "The user was identified by 'their email address' in the logs.",
         "The role identified by 'admin' has all rights. The user's password 'must' be changed.",
+        "Every user picks a password 'they remember'; the role's password 'policy' is strict.",
+        "CREATE OR REPLACE ROLE app PASSWORD '<password>';\nALTER /* rotate */ USER app PASSWORD '%s';",
         # schema and pricing tables (QA): column types, numbers, dates, paths are no passwords
         '| password | varchar(255) | NOT NULL |\n| api_key | char(40) |\n| access_key | String(128) |',
         '| token | int4 |\n| token | 0.0002 |\n| pwd | /home/user |\n| password | 2024-01-01 |\n| password | 8-64 |',
