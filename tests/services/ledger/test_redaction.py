@@ -935,6 +935,34 @@ def test_a_quoted_secret_named_key_with_a_trail_in_free_text_is_redacted(place: 
     assert count == 1 and _PLANTED not in redacted, redacted[-200:]
 
 
+# An invisible character, a NUL or U+FFFD right after an unquoted name (README's promise; QA: only the quoted and dict
+# forms were found). A line break is not one of them: `Password\n========` is a heading.
+_UNQUOTED_TRAILS = [
+    '\x00',
+    '\x7f',
+    '\x1f',
+    '\ufffd',
+    '\u200b',
+    '\ufeff',
+    '\xa0',
+    '\u200f',
+    '\u202e',
+    '\u0301',
+    '\u2060',
+]
+
+
+@pytest.mark.parametrize('trail', _UNQUOTED_TRAILS, ids=ascii)
+@pytest.mark.parametrize('name', ['password', 'DB_PASSWORD', 'api_key', 'token'])
+def test_an_unquoted_secret_named_key_with_an_invisible_trail_in_free_text_is_redacted(name: str, trail: str):
+    for place in ('{pair}', 'my config:\n{pair}\nthanks', 'x\ufffd{pair}', 'x\x00{pair}'):
+        for sep in ('=', ': ', ' = '):
+            text = place.format(pair=f'{name}{trail}{sep}{_PLANTED}')
+            for form in (text, json.dumps({'note': text})):
+                redacted, count = redact_text(form)
+                assert count == 1 and _PLANTED not in redacted, redacted[-200:]
+
+
 def test_the_quick_check_is_never_false_where_the_walk_changes_a_value():
     """Property: for keys spelt in hostile ways, if `redact_value` changes a value, `json_may_need_redaction` of its
     JSON says it may."""
@@ -1017,6 +1045,7 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
     'text',
     [
         '| Setting | Description |\n|---|---|\n| password | the one you chose |\n| token | see below |',
+        'Password\n========\nChoose one.\n\ntoken\n: see the vault',
         'echo $PASSWORD | base64 -d\necho $token | sha256sum',
         '**Password:** see the vault\n**Token**: rotate it',
         "ALTER USER app WITH PASSWORD '%s';\nALTER ROLE app WITH PASSWORD NULL;",
