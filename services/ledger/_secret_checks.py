@@ -165,11 +165,17 @@ def _not_placeholder(c: Candidate) -> Span | None:
     return None if _too_short(value) or _is_placeholder(value) else (c.start, c.end)
 
 
+_SQL_KEYWORDS = frozenset(b'values password random externally globally'.split())
+"""What follows Oracle's or MySQL's IDENTIFIED BY and is no password: `BY VALUES '...'`, `BY RANDOM PASSWORD`."""
+
+
 def _sql_password(c: Candidate) -> Span | None:
-    """A SQL statement's password unless it is a placeholder; in prose after a user or role (`The user bob has
-    password 'S3cretPass!' now.`) only when it also looks like a credential: "the user's password 'must' be changed"
-    holds none."""
+    """A SQL statement's password unless it is a placeholder (or, bare after IDENTIFIED BY, a keyword); in prose after
+    a user or role (`The user bob has password 'S3cretPass!' now.`) only when it also looks like a credential: "the
+    user's password 'must' be changed" holds none."""
     if c.group == c.groups['secret_prose'] and not _credential_like(c.value):
+        return None
+    if c.group == c.groups['secret_bare'] and c.value.lower() in _SQL_KEYWORDS:
         return None
     return _not_placeholder(c)
 

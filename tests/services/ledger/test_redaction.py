@@ -1011,6 +1011,18 @@ _MARKDOWN_AND_SQL = [
     "CREATE\nUSER bob PASSWORD '{s}';",
     "\x1b[1mALTER USER bob PASSWORD '{s}';\x1b[0m",
     "The user bob has password '{s}' now.",
+    # statements over several lines, and the other forms of a SQL password (QA)
+    "CREATE USER app_user\n  WITH PASSWORD '{s}';",
+    "CREATE ROLE app WITH\n  LOGIN\n  PASSWORD '{s}';",
+    'cur.execute("""\n    CREATE USER bob\n    WITH PASSWORD \'{s}\'\n""")',
+    "CREATE USER bob\r\nPASSWORD '{s}';",
+    "SET PASSWORD FOR 'bob'@'localhost' = '{s}';",
+    "SET PASSWORD FOR 'bob'@'localhost' = PASSWORD('{s}');",
+    "ALTER SERVER foo OPTIONS (SET password '{s}');",
+    'ALTER USER scott IDENTIFIED BY {s};',
+    'ALTER USER scott IDENTIFIED BY "{s}";',
+    "CREATE DATABASE LINK remote CONNECT TO scott IDENTIFIED BY '{s}' USING 'orcl';",
+    "CREATE TEMPORARY USER bob IDENTIFIED BY '{s}';",
 ]
 _TEXT_PLACES = {
     'line-start': '{t}\nthanks',
@@ -1055,6 +1067,9 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
         "The user was identified by 'their email address' in the logs.",
         "The role identified by 'admin' has all rights. The user's password 'must' be changed.",
         "Every user picks a password 'they remember'; the role's password 'policy' is strict.",
+        "ALTER USER app IDENTIFIED BY RANDOM PASSWORD;\nALTER USER app IDENTIFIED BY VALUES 'S:0A1B';",
+        "GRANT SELECT ON users TO app; -- app reads password 'hashes' only",
+        "SELECT REPLACE(name, 'a', 'b') FROM t; SET search_path = 'app';",
         "CREATE OR REPLACE ROLE app PASSWORD '<password>';\nALTER /* rotate */ USER app PASSWORD '%s';",
         # schema and pricing tables (QA): column types, numbers, dates, paths are no passwords
         '| password | varchar(255) | NOT NULL |\n| api_key | char(40) |\n| access_key | String(128) |',
@@ -1071,6 +1086,14 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
 )
 def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
     assert redact_text(text) == (text, 0), find_secrets(text)
+
+
+def test_mysqls_old_password_after_replace_is_redacted_with_the_new_one():
+    text = "ALTER USER 'bob'@'%' IDENTIFIED BY 'N3wPass!x' REPLACE 'OldPass1!';"
+    for form in (text, json.dumps({'sql': text})):
+        redacted, count = redact_text(form)
+        assert count == 2 and 'N3wPass!x' not in redacted and 'OldPass1!' not in redacted, redacted
+        assert "REPLACE '[REDACTED]'" in redacted
 
 
 # A secret-named row's value is a credential unless it is plainly none, however short or odd it is (QA: af450b5's
