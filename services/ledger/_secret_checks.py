@@ -93,12 +93,17 @@ _COLUMN_TYPES = (
 _TABLE_NOT_A_SECRET = re.compile(
     rb'(?i:(?:' + _COLUMN_TYPES + rb')(?:\s*\(\s*[0-9]+(?:\s*,\s*[0-9]+)?\s*\))?(?:\[\])?)'  # varchar(255), int4
     rb'|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+\(.*\)'  # a dotted call: os.urandom(32), secrets.token_hex(16)
+    rb'|[A-Za-z_][\w.]*\((?:\)|\s*[A-Za-z_]\w*\s*=.*\)|\s*[A-Za-z_][\w.]*\(.*\))'  # f(), f(cost=12), f(g(64))
     rb'|\$?[0-9.,:/ +-]+'  # a number, a price, a date, a range
+    rb'|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?'
+    rb'|[a-z][a-z0-9+.-]*://\S*'  # a URL (a password in it is the url-password rule's)
+    rb'|id_(?:rsa|dsa|ecdsa|ed25519)(?:[_-]sk)?(?:\.pub)?|[\w.-]+\.(?:pem|key|pub|ppk|p12|pfx|jks|crt|cer|der|asc|gpg)'
     rb'|\$(?:[a-z_][a-z0-9_]*|[A-Z_][A-Z0-9_]*|\{[^}]*\}|\([^)]*\))'  # a shell variable: $password, ${DB_PASS}
     rb'|(?i:n/a)'
 )
-"""The cells of a secret-named row that are plainly no credential: column types, library calls, numbers, dates,
-variables, `n/a` (placeholders and masks: `_is_placeholder`)."""
+"""The cells of a secret-named row that are plainly no credential: column types, code (a library call, a call with
+no or keyword arguments, or a call in it: `uuid_generate_v4()`, `bcrypt(cost=12)`, `Column(String(64))`), numbers,
+dates and timestamps, URLs, key files' names, variables, `n/a` (placeholders and masks: `_is_placeholder`)."""
 _TABLE_PATH = re.compile(rb'(?:~[\w.-]*|\.{1,2})?(?:/[\w.-]+)+/?')
 _RANDOM_SEGMENT = re.compile(rb'(?=[^/]*[A-Z])(?=[^/]*[a-z])(?=[^/]*[0-9])[^/]{8,}')
 _COUNTED_TOKEN = re.compile(
@@ -115,19 +120,28 @@ def _table_path(value: bytes) -> bool:
     return not any(_RANDOM_SEGMENT.fullmatch(segment) for segment in value.split(b'/'))
 
 
+def _table_constant(value: bytes) -> bool:
+    """An environment variable's or a constant's name (`SECRET_KEY_2`, `DB_PASSWORD`): upper case, with two words of
+    letters (`ABC_123` may be a password)."""
+    if _CONSTANT.match(value) is None:
+        return False
+    return sum(1 for word in value.split(b'_') if word[:2].isalpha()) >= 2
+
+
 def _table_secret(c: Candidate) -> Span | None:
     """A Markdown table's value in a secret-named row, unless it is plainly no credential: a word (not
-    `_credential_like`), a placeholder or mask, a column type, a library call, a number, a date, a path or a variable
-    (`_TABLE_NOT_A_SECRET`): schema and pricing tables (`| password | varchar(255) |`, `| token | 0.0002 |`) lost
-    their cells (QA). A short value is still a password (`| password | hunter2 |`), and so is one starting with `/`,
-    `~` or `$` or shaped like a call (`$ecretP4ss!`, `/aB3kL9mQ2xY7pR4zT8w`, `Hunter(2024)`); only a row counting a
-    model's tokens (`| input token | 1,024 |`) needs 8 characters."""
+    `_credential_like`), a placeholder or mask, a column type, code, a number, a date, a URL, a path, a key file's
+    name, a variable or a constant (`_TABLE_NOT_A_SECRET`, `_table_path`, `_table_constant`): schema and pricing
+    tables (`| password | varchar(255) |`, `| token | uuid_generate_v4() |`, `| token | 0.0002 |`) lost their cells
+    (QA). A short value is still a password (`| password | hunter2 |`), and so is one starting with `/`, `~` or `$` or
+    shaped like a call (`$ecretP4ss!`, `/aB3kL9mQ2xY7pR4zT8w`, `Hunter(2024)`); only a row counting a model's tokens
+    (`| input token | 1,024 |`) needs 8 characters."""
     value = c.value
     if len(value) > _SHAPE_MAX:
         return c.start, c.end
     if _too_short(value) or not _credential_like(value) or _is_placeholder(value):
         return None
-    if _TABLE_NOT_A_SECRET.fullmatch(value) or _table_path(value):
+    if _TABLE_NOT_A_SECRET.fullmatch(value) or _table_path(value) or _table_constant(value):
         return None
     name_start, name_end = c.spans[c.groups['name']]
     if len(value) < 8 and _COUNTED_TOKEN.search(c.data[name_start:name_end]):

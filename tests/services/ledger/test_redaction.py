@@ -1109,6 +1109,8 @@ _TABLE_CREDENTIALS = [
     ('| api_key | {s} |', 'sk_live(12345)'),
     ('| field | value |\n|---|---|\n| password | {s} |', 'P@ss123'),
     ('| password | `{s}` |', 'Adm1n!x'),
+    ('| secret | {s} |', 'ABC_123'),
+    ('| password | {s} |', 'pw(2024)!'),
 ]
 
 
@@ -1141,6 +1143,11 @@ def test_a_short_or_odd_value_of_a_secret_named_table_row_is_redacted(form: str,
         '| pwd | ~/.ssh/ |\n| password | ~/secrets/db.txt |\n| secret | /run/secrets/db_password |',
         '| token | $GITHUB_TOKEN |\n| password | $db_password |\n| secret | ${VAULT_SECRET} |',
         '| prompt token | $0.5/1M |\n| input tokens | 1,024 |',
+        # code, timestamps, URLs, key files' and variables' names in a schema or settings table (QA)
+        '| password | CharField(max_length=128) |\n| api_key | Column(String(64)) |\n| token | uuid_generate_v4() |',
+        '| password | bcrypt(cost=12) |\n| token | md5(random()::text) |\n| session_token | 2024-01-31T10:00:00Z |',
+        '| client_secret | https://vault.example.com/v1/app |\n| private key | id_ed25519 |\n| secret | SECRET_KEY_2 |',
+        '| private key | ~/.ssh/id_rsa |\n| private key | server.key |\n| secret | 2024-01-31 10:00:00+01:00 |',
     ],
 )
 def test_a_secret_named_table_row_whose_value_is_plainly_no_credential_is_left_alone(text: str):
