@@ -355,8 +355,15 @@ _KEY_RUN = re.compile(rb'(?:[A-Za-z0-9+/=\s:,.()_>#|*\x00]|\xe2\x80[\xa8\xa9]|\x
 _BASE64_LINE = re.compile(
     rb'[A-Za-z0-9+/]{40,}'  # a PEM body's line (64 characters; an encrypted key's headers are followed by them too)
     rb'|MII[A-Za-z0-9+/]{8,}'  # the start of a DER key's base64 (an ASN.1 sequence), whatever the lines' length
-    rb'|Proc-Type:|DEK-Info:'  # an encrypted key's headers
-    rb'|(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{12,}'  # random-looking
+    rb'|MII[A-Za-z0-9+/]{0,4}(?:[ \t]+[A-Za-z0-9+/]{4}){3,}'  # the same in groups of 4: MIIE pAIB AAKC AQEA
+    rb'|(?:[0-9A-Fa-f]{2}[: \t]){12,}[0-9A-Fa-f]{2}'  # a key's bytes in hex: 30:77:02:01:01:04:20:6b:...
+    rb'|Proc-Type:[ \t]*4,|DEK-Info:[ \t]*[A-Z0-9-]+,'  # an encrypted key's headers (not prose naming them)
+    # a random-looking line of its own (or a string literal's): short lines of a key; an identifier in code between
+    # the armour lines (`x509.ParsePKCS8PrivateKey(`, `+ base64Encoded +`) is not
+    rb'|(?:(?:^|(?<=[\r\n])|(?<=\\[nr])|(?<=\xe2\x80[\xa8\xa9]))[ \t>#*|0-9.:-]*|")'
+    rb'(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[0-9])[A-Za-z0-9+/]{12,}={0,2}'
+    rb'(?=[ \t]*(?:["\',\]\\\r\n]|\xe2\x80[\xa8\xa9]|$))',
+    re.MULTILINE,
 )
 """What a key's body holds and prose or code between two armour lines does not."""
 

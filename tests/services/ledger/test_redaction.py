@@ -1082,6 +1082,14 @@ def test_markdown_labels_tables_and_sql_passwords_are_redacted(form: str, place:
         'A key file begins with `-----BEGIN PRIVATE KEY-----`, then:\n1. its body\n2. mode 600\n'
         'and ends with `-----END PRIVATE KEY-----`.',
         '-----BEGIN PRIVATE KEY-----\n<your key here>\n-----END PRIVATE KEY-----',
+        # code and prose between the armour lines whose identifiers or words looked like key text (QA)
+        'func load(s string) (any, error) {\n\tif !strings.HasPrefix(s, "-----BEGIN PRIVATE KEY-----") {\n'
+        '\t\treturn nil, errors.New("not PKCS8")\n\t}\n\tblock, _ := pem.Decode([]byte(s))\n'
+        '\tkey, err := x509.ParsePKCS8PrivateKey(block.Bytes)\n'
+        '\tif err != nil || !strings.HasSuffix(strings.TrimSpace(s), "-----END PRIVATE KEY-----") {',
+        'String pem = "-----BEGIN PRIVATE KEY-----\\n" + base64Encoded + "\\n-----END PRIVATE KEY-----";',
+        'The first line is -----BEGIN RSA PRIVATE KEY----- and then comes Proc-Type: if it is encrypted, and the last '
+        'is -----END RSA PRIVATE KEY-----',
     ],
 )
 def test_markdown_and_sql_without_a_secret_are_left_alone(text: str):
@@ -1094,6 +1102,24 @@ def test_mysqls_old_password_after_replace_is_redacted_with_the_new_one():
         redacted, count = redact_text(form)
         assert count == 2 and 'N3wPass!x' not in redacted and 'OldPass1!' not in redacted, redacted
         assert "REPLACE '[REDACTED]'" in redacted
+
+
+@pytest.mark.parametrize(
+    ('key', 'body'),
+    [
+        ('RSA PRIVATE KEY', 'MIIE pAIB AAKC AQEA 0Z3V S8x1 qQ7k'),  # a body in groups of 4 characters
+        ('EC PRIVATE KEY', '30:77:02:01:01:04:20:6b:8c:2f:aa:13:77:de:ad:be:ef'),  # a body in hex
+        ('OPENSSH PRIVATE KEY', 'b3BlbnNzaC1r\nZXktdjEAAAAA\nBG5vbmUAAAAE'),  # short lines
+    ],
+)
+@pytest.mark.parametrize('place', ['{t}', 'Here:\n{t}\nthanks', 'x\ufffd\n{t}'])
+def test_a_key_body_in_groups_hex_or_short_lines_is_redacted(key: str, body: str, place: str):
+    """af450b5 kept a body without a base64 run of 12 characters or MII followed by 8 (QA)."""
+    text = place.format(t=f'-----BEGIN {key}-----\n{body}\n-----END {key}-----')
+    for form in (text, json.dumps({'out': text})):
+        redacted, count = redact_text(form)
+        assert count == 1 and body[:12] not in redacted and body[-8:] not in redacted, redacted
+        assert f'-----END {key}-----' in redacted
 
 
 # A secret-named row's value is a credential unless it is plainly none, however short or odd it is (QA: af450b5's
