@@ -1122,6 +1122,34 @@ def test_a_key_body_in_groups_hex_or_short_lines_is_redacted(key: str, body: str
         assert f'-----END {key}-----' in redacted
 
 
+# Rows the table rule did not take for rows (QA): after a quote's or a list's prefix, characters nobody sees at the
+# line's start, no-break spaces as padding, a name in backticks or with a colon, the first row of a JSON string.
+_TABLE_ROW_SHAPES = [
+    '> | password | {s} |',
+    '- | password | {s} |',
+    '> - | secret | `{s}` |',
+    '| `password` | {s} |',
+    '| **Password:** | {s} |',
+    '| Password: | {s} |',
+]
+_INVISIBLE_ROW_SHAPES = ['\ufffd| password | {s} |', '\u200b| password | {s} |', '\ufeff| token | {s} |']
+_INVISIBLE_ROW_SHAPES += ['|\xa0password\xa0|\xa0{s}\xa0|', '\x00| api_key | {s} |']
+
+
+@pytest.mark.parametrize('form', _TABLE_ROW_SHAPES + _INVISIBLE_ROW_SHAPES, ids=ascii)
+def test_a_table_row_after_a_prefix_or_with_a_marked_name_is_redacted(form: str):
+    secret = 'Sup3rS3cret!x'
+    row = form.format(s=secret)
+    texts = [row, f'Here:\n{row}\nthanks', f'x\r\n{row}\r\n']
+    if form in _TABLE_ROW_SHAPES:  # in JSON text, invisible characters are escapes (\u00a0) the rule does not read
+        texts += [json.dumps({'cfg': row}), json.dumps({'cfg': f'Here:\n{row}'})]
+    for text in texts:
+        redacted, count = redact_text(text)
+        assert count == 1 and secret not in redacted, repr(redacted)
+    redacted_value, count = redact_value({'answer': row})
+    assert count == 1 and secret not in json.dumps(redacted_value)
+
+
 # A secret-named row's value is a credential unless it is plainly none, however short or odd it is (QA: af450b5's
 # 8-character minimum and its "path or variable" shape for anything starting with /, ~ or $ kept these in clear).
 _TABLE_CREDENTIALS = [
@@ -1169,6 +1197,7 @@ def test_a_short_or_odd_value_of_a_secret_named_table_row_is_redacted(form: str,
         '| pwd | ~/.ssh/ |\n| password | ~/secrets/db.txt |\n| secret | /run/secrets/db_password |',
         '| token | $GITHUB_TOKEN |\n| password | $db_password |\n| secret | ${VAULT_SECRET} |',
         '| prompt token | $0.5/1M |\n| input tokens | 1,024 |',
+        '- echo $PASSWORD | base64 -d\n> grep token | wc -l\n"| password | varchar(255) |"\n> | token | see below |',
         # code, timestamps, URLs, key files' and variables' names in a schema or settings table (QA)
         '| password | CharField(max_length=128) |\n| api_key | Column(String(64)) |\n| token | uuid_generate_v4() |',
         '| password | bcrypt(cost=12) |\n| token | md5(random()::text) |\n| session_token | 2024-01-31T10:00:00Z |',
