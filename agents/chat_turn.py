@@ -56,6 +56,7 @@ from agentrt.services.conversations import (
     summary_source,
 )
 from agentrt.services.ledger import remember_message_json
+from agentrt.services.ledger.redaction import reread_configured_secrets
 from agentrt.services.pg_text import storable
 from agentrt.services.post_turn import schedule_post_turn_work
 from agentrt.services.run_tasks import turn_runs
@@ -186,6 +187,10 @@ async def open_turn(
     with turn_in_progress():  # from its first step: `shutdown_runtime()` waits for it, claimed or not
         await init_database()
         settings = current_settings()
+        # The credentials this turn's provider is built with are redacted as literals wherever they would show (a
+        # provider's error echoing a key of no known shape: `Incorrect API key provided: vllm-local-...`; QA); read
+        # again only when the environment changed since, a few microseconds otherwise.
+        reread_configured_secrets((settings.database_url, settings.migration_database_url, settings.queue_database_url))
         resolved = resolve_model(
             # The agent's own model (`create_simple_chat_agent(model)`, `Agent(model)`) before the configured one: a run
             # passes its model explicitly, which in pydantic-ai would override the agent's.

@@ -20,6 +20,8 @@ What is caught (rules in `redaction_rules.toml` beside this module, listed by `r
   `name is value`, with Markdown emphasis around the name (`**Password:** value`, `__Password__: value`) or as a
   Markdown table's row (`| password | value |`, a value with a digit or a symbol); SQL's role and user passwords
   (`ALTER USER x WITH PASSWORD '...'`, `CREATE ROLE ... PASSWORD '...'`, `IDENTIFIED BY '...'`);
+- the runtime's own credentials as literals, whatever their shape (`_configured_secrets`: the values of the
+  environment variables that hold one, `OPENAI_API_KEY=vllm-local-...`, and database URLs' passwords);
 - high-entropy strings, but only where they cannot flood ordinary text: as the value of an upper-case
   `KEY=value` environment line (random-looking: upper and lower case and digits, entropy >= 3.5 bits/char).
 
@@ -78,6 +80,8 @@ from typing import Any, TypeVar
 
 import re2  # google-re2: linear-time matching
 
+from agentrt.services.ledger._configured_secrets import holds_configured_secret, literal_spans
+from agentrt.services.ledger._configured_secrets import reread_configured_secrets as reread_configured_secrets
 from agentrt.services.ledger._redaction_rules import (
     END,
     OFFSET_MASK,
@@ -94,6 +98,35 @@ from agentrt.services.ledger._redaction_rules import rule_kinds as rule_kinds
 from agentrt.services.ledger._secret_checks import PEM_BODY_MAX
 
 _T = TypeVar('_T')
+
+CONFIGURED_CREDENTIAL = 'configured_credential'
+"""The rule id `find_secrets()` gives a span of the runtime's own credentials (`_configured_secrets`)."""
+_CONFIGURED = RULE_BITS  # its index in a span: one past the last rule's (`_redaction_rules` keeps it free)
+
+
+def _spans(text: str) -> list[int]:
+    """`char_spans(text)` and the configured credentials in it, sorted and merged where they overlap or touch."""
+    spans = char_spans(text)
+    literals = literal_spans(text)
+    if not literals:
+        return spans
+    found = sorted(spans + [start << START | end << END | _CONFIGURED for start, end in literals])
+    merged: list[int] = []
+    last_start = last_end = -1
+    for span in found:
+        start, end = span >> START, (span >> END) & OFFSET_MASK
+        if start <= last_end:  # overlaps or touches the previous one: extend it, keep its rule
+            last_end = max(last_end, end)
+            merged[-1] = last_start << START | last_end << END | (merged[-1] & RULE_BITS)
+        else:
+            merged.append(span)
+            last_start, last_end = start, end
+    return merged
+
+
+def _rule_id(span: int) -> str:
+    index = span & RULE_BITS
+    return CONFIGURED_CREDENTIAL if index == _CONFIGURED else RULES[index].id
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +147,7 @@ def find_secrets(text: str) -> list[SecretSpan]:
     Returns:
         The spans `redact_text()` replaces.
     """
-    return [
-        SecretSpan(span >> START, (span >> END) & OFFSET_MASK, RULES[span & RULE_BITS].id) for span in char_spans(text)
-    ]
+    return [SecretSpan(span >> START, (span >> END) & OFFSET_MASK, _rule_id(span)) for span in _spans(text)]
 
 
 def redact_text(text: str) -> tuple[str, int]:
@@ -136,7 +167,7 @@ def redact_text(text: str) -> tuple[str, int]:
     """
     if not isinstance(text, str):
         raise TypeError(f'redact_text() takes a str, not {type(text).__name__}')
-    spans = char_spans(text)
+    spans = _spans(text)
     if not spans:
         return text, 0
     pieces, last = [], 0
@@ -246,7 +277,7 @@ def _redact_inside_strings(text: str) -> tuple[str, int]:
     """`redact_text()` on JSON text, keeping only the replacements that lie inside one of its strings, and not inside
     a string that holds JSON text itself: the walk read that one at its own level, where a replacement across its
     structure was dropped (kept here, `"password":null},[2,3]` one level down was cut all the same; QA)."""
-    spans = char_spans(text)
+    spans = _spans(text)
     if not spans:
         return text, 0
     strings = [(m.start() + 1, m.end() - 1) for m in _JSON_STRING.finditer(text)]
@@ -299,7 +330,7 @@ def json_may_need_redaction(text: str) -> bool:
     can store the JSON as it is in the common case and walk the value only when this says it may hold a secret.
     """
     data = text.encode('utf-8', errors='replace')
-    return _WORTH_DECODING.search(data) is not None or has_secret(data)
+    return _WORTH_DECODING.search(data) is not None or has_secret(data) or holds_configured_secret(data)
 
 
 def _redact_scalar(value: Any) -> tuple[Any, int]:
