@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 import warnings
 from typing import TYPE_CHECKING, cast
@@ -214,6 +215,20 @@ def _send_again(exc: DatabaseUnavailableError) -> str:
     return 'send the message again once PostgreSQL is back'
 
 
+def _one_destination() -> bool:
+    """Whether the answer and the log lines are read together: one terminal, or one file or pipe (`> out 2>&1`, `2>&1 |
+    tee`), where a log line printed after the answer's unterminated last line was glued to it (`...is 42.WARNING
+    ledger: ...`; QA). Answers and log lines kept apart (`> answers.txt`) are left as they are: a script's captured
+    answer gets no line break the model did not write."""
+    if console.is_terminal and err_console.is_terminal:
+        return True
+    try:
+        out, err = os.fstat(console.file.fileno()), os.fstat(err_console.file.fileno())
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's StringIO): not shared
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 class _Display:
     """Interleaves tool progress lines with the streamed answer."""
 
@@ -243,7 +258,7 @@ class _Display:
         """A terminal's answer so far ended with a CR, held back: the first half of a CRLF the next delta ends."""
         self.running: dict[str, str] = {}
         """The tool calls shown started and not finished, by call id: their names, as shown."""
-        if console.is_terminal and err_console.is_terminal:  # one screen: a log line starts on a line of its own
+        if _one_destination():  # a log line starts on a line of its own
             support.open_answer_line = self.end_line
 
     def tool(self, event: ToolEvent) -> None:

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -258,6 +259,33 @@ def test_a_log_line_during_a_streamed_answer_starts_on_a_line_of_its_own() -> No
     lines = [line.rstrip() for line in screen.getvalue().splitlines()]
     assert 'The first three are ok' in lines and lines[-1] == ' and more.', lines
     assert any(line.startswith('WARNING') and 'ledger spool' in line for line in lines), lines
+
+
+def test_a_log_line_after_an_answer_written_to_the_same_file_starts_a_line(tmp_path: Path) -> None:
+    # `agentrt chat ... > out.txt 2>&1`: the answer's last line has no line break (the model wrote none) and the
+    # ledger's warning came after it: `...the answer is 42.WARNING  ledger: ...` (QA). Written to separate files,
+    # the answer is left as the model wrote it (its line ended once, by the turn's end).
+    from agentrt.agents.cli.chat import _Display
+    from agentrt.agents.cli.support import console
+
+    def shown(out: Path, err: Path) -> tuple[str, str]:
+        with _terminal(), out.open('a') as answers, answers if err == out else err.open('a') as logs:
+            saved = console._file, err_console._file, support.open_answer_line
+            console.file, err_console.file = answers, logs
+            try:
+                display = _Display()
+                display.text('Hello, the answer is 42.')
+                logging.getLogger('agentrt.ledger').warning('ledger: gpt-4o-mini reported token counts no request has')
+                display.end_line()
+            finally:
+                console._file, err_console._file, support.open_answer_line = saved
+        return out.read_text(), err.read_text()
+
+    together, _ = shown(tmp_path / 'both.txt', tmp_path / 'both.txt')
+    assert together.splitlines()[0] == 'Hello, the answer is 42.', together
+    assert together.splitlines()[1].startswith('WARNING  ledger: gpt-4o-mini'), together
+    answer, log = shown(tmp_path / 'answer.txt', tmp_path / 'log.txt')
+    assert answer == 'Hello, the answer is 42.\n' and log.startswith('WARNING  ledger: gpt-4o-mini'), (answer, log)
 
 
 def test_an_emoji_code_in_a_printed_value_stays_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
