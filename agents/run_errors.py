@@ -106,6 +106,7 @@ def documented_error(
         return ModelBehaviorError(
             f'the model did not produce a usable answer: {_for_the_user(exc.message)}; the turn was not saved',
             body=_redacted_body(exc.body),
+            model_name=model_name,  # `agentrt serve`'s 502 line said "(model unknown)" without it (QA)
         )
     if isinstance(exc, ModelAPIError):
         return provider_error(exc, model_name)
@@ -135,6 +136,7 @@ def documented_error(
             f'the model function answered with text that cannot be encoded as JSON (a lone surrogate in a tool '
             f"call's arguments?): {_first_line(str(exc))}; replace the character; the turn was not saved",
             body=None,
+            model_name=model_name,
         )
     if isinstance(exc, UnicodeEncodeError) and raised_inside(exc, 'httpx'):
         # A header the HTTP client cannot encode: an API key from an undecodable environment value (a lone

@@ -137,11 +137,13 @@ class ModelBehaviorError(AgentRuntimeError):
 
     Attributes:
         body: what the model sent, when pydantic-ai kept it (None otherwise).
+        model_name: the model that was asked, when known (`agentrt serve`'s log line names it).
     """
 
-    def __init__(self, message: str, *, body: str | None = None) -> None:
+    def __init__(self, message: str, *, body: str | None = None, model_name: str | None = None) -> None:
         super().__init__(message)
         self.body = body
+        self.model_name = model_name
 
 
 class BudgetExceededError(AgentRuntimeError):

@@ -261,6 +261,24 @@ def test_a_provider_failure_is_one_warning_line_without_a_traceback(
     assert f'(model {model or "unknown"}): ' in line and str(exc)[:30] in line, line
 
 
+async def test_a_model_behaviour_errors_line_names_the_model(keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    # A model that never calls its tool rightly: `agentrt serve` logged `502 model_behavior_error: ModelBehaviorError
+    # (model unknown): ... exceeded max retries` though the turn knew its model (QA).
+    def wrong_arguments(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart('search_directory', {'nonsense': 1})])
+
+    agent = create_simple_chat_agent(FunctionModel(wrong_arguments, model_name='gpt-4o-mini'))
+    caplog.set_level(logging.INFO, logger='agentrt.api')
+    async for url in serve(create_app(manage_runtime=False, agent=agent)):
+        async with httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            answer = await client.post(
+                '/api/v1/conversations/bad-args/turns', json={'message': 'hi'}, headers=auth(keys.acme)
+            )
+    assert answer.status_code == 502 and answer.json()['type'] == 'model_behavior_error', answer.text
+    [line] = [record.getMessage() for record in caplog.records if answer.json()['error_id'] in record.getMessage()]
+    assert '502 model_behavior_error: ModelBehaviorError (model gpt-4o-mini): ' in line, line
+
+
 def test_a_provider_failures_line_escapes_the_models_name(caplog: pytest.LogCaptureFixture) -> None:
     # The model's name (AGENTRT_MODEL, the operator's) was the one part of the line not escaped: a newline in it
     # forged a line of the serve log, an ESC reached the terminal reading it (qa140).
