@@ -472,7 +472,7 @@ class LedgerCapability(AbstractCapability[Any]):
             record.price_source = 'unmeasured'
         if error is not None:
             record.error_type = type(error).__qualname__
-            record.error_message = str(error) or repr(error)
+            record.error_message = _error_text(error, flight.streamed)
             status_code = getattr(error, 'status_code', None)
             record.error_status_code = status_code if isinstance(status_code, int) else None
         elif status == 'cancelled':
@@ -483,6 +483,17 @@ class LedgerCapability(AbstractCapability[Any]):
         if self.store_content:
             record.raw_contents = _contents(state.bodies, request_context, seen, error)
         return record
+
+
+def _error_text(error: BaseException, streamed: bool) -> str:
+    """A row's `error_message` for `error`: its text, but a plain statement for a cancellation, whose text is Python's
+    (anyio's `Cancelled via cancel scope 7fb89731ac00 by <Task cancelling name='Task-4175' coro=<run_checked_turn(...`
+    for a JSON turn whose client hung up, `CancelledError()` for a stream; QA): who stopped the turn (its client, a
+    signal, the caller) is not the request's to know; that it was stopped is what the row says, as a cut stream's
+    row without an error does."""
+    if isinstance(error, asyncio.CancelledError):
+        return f'{"stream" if streamed else "request"} stopped before the response was complete'
+    return str(error) or repr(error)
 
 
 async def _release(hold: Hold) -> None:

@@ -52,6 +52,10 @@ async def test_a_json_turn_whose_client_disconnects_is_cancelled_and_frees_its_c
                 break
             await asyncio.sleep(0.02)
         assert await _statuses() == ['cancelled']
+        # A plain statement, not Python's text of the cancellation (anyio's `Cancelled via cancel scope 7fb8... by
+        # <Task cancelling name='Task-4175' coro=<run_checked_turn(...`, a bare `CancelledError()`; QA).
+        [row] = await ledger_rows(chat_session_id='gone')
+        assert row['error_message'] == 'request stopped before the response was complete', row['error_message']
         assert await _count(ConversationTurnRow) == 0 and await _count(ConversationRow) == 0
         assert pool_status().checked_out == 0
         model.release.set()  # the next turn runs at once, not 409 for the lease's rest
