@@ -6,15 +6,21 @@ error echoed it (`Incorrect API key provided: vllm-local-...`; QA). The runtime 
 are found wherever they appear, whatever their shape, by `redact_text()` and everything built on it (stored bodies and
 error messages, log lines, the CLI's `error:` line, HTTP error messages).
 
-What counts: every environment variable whose name ends in `KEY`, `TOKEN`, `SECRET`, `PASSWORD`, `PASSWD` or
-`PASSPHRASE` after an underscore (or is just that word), which covers what pydantic-ai's providers and their SDKs read
-(`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`, `GROQ_API_KEY`, `MISTRAL_API_KEY`, `CO_API_KEY`, `HF_TOKEN`,
-`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, ...), `PGPASSWORD`, and the password of a URL in a variable whose name
-ends in `_URL` or `_DSN` (`DATABASE_URL`...; with the database URLs the settings read from `.env`, passed by the
-runtime). Left out, so that a value cannot blank ordinary text: one shorter than `MIN_CHARS` (`1234`, `true`), one of
-letters only or digits only (`postgres` of `postgresql://postgres:postgres@localhost/app`, a development set-up's,
-would blank every `postgresql` of every text), and a path (`/etc/ssl/private/server.key`, `~/.config/...`: a file's
-name is not the secret it holds).
+What counts: every environment variable whose name ends in `API_KEY`, `APIKEY`, `SECRET_KEY`, `ACCESS_KEY`,
+`PRIVATE_KEY`, `TOKEN`, `SECRET`, `PASSWORD`, `PASSWD` or `PASSPHRASE` after an underscore (or is just that word),
+which covers what pydantic-ai's providers and their SDKs read (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`, `GEMINI_API_KEY`,
+`GROQ_API_KEY`, `MISTRAL_API_KEY`, `CO_API_KEY`, `HF_TOKEN`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, ...),
+`PGPASSWORD`, and the password of a URL in a variable whose name ends in `_URL` or `_DSN` (`DATABASE_URL`...; with the
+database URLs the settings read from `.env`, passed by the runtime). Not any `_KEY`: `PARTITION_KEY=tenant_id` or
+`SORT_KEY=created_at` name no credential, and their values blanked every query that named the column (QA). Left out,
+so that a value cannot blank ordinary text: one shorter than `MIN_CHARS` (`1234`, `true`), one of letters only or
+digits only (`postgres` of `postgresql://postgres:postgres@localhost/app`, a development set-up's, would blank every
+`postgresql` of every text), one without a letter or digit (`--------`, a Markdown rule), a path
+(`/etc/ssl/private/server.key`, `~/.config/...`: a file's name is not the secret it holds), and one holding `"` or
+`\\` (JSON text writes them escaped, where the value as written is not found, and a replacement that splits an escape
+makes the text invalid JSON: such a key is left to the rules, as before; QA). A value is found only where it stands
+apart: not inside a longer word (`sk-local` in `sk-localhost`, `password1` in `password123`; QA), a letter, digit or
+`_` on either side keeping it whole, except the letter of a JSON escape before it (`\\n`).
 
 Cost: the values are read once, and again by `reread_configured_secrets()` (each turn's start calls it), which
 compares the environment with the one read before (a few microseconds) and builds the list again only when it changed;
@@ -37,7 +43,9 @@ from agentrt.services.ledger._redaction_rules import REDACTED
 MIN_CHARS = 8
 """The shortest value redacted: a shorter one would blank ordinary words and numbers wherever they appear."""
 
-_CREDENTIAL_NAME = re.compile(r'(?i)(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE)$|^PGPASSWORD$')
+_CREDENTIAL_NAME = re.compile(
+    r'(?i)(?:^|_)(?:API_?KEY|SECRET_KEY|ACCESS_KEY|PRIVATE_KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE)$|^PGPASSWORD$'
+)
 _URL_NAME = re.compile(r'(?i)(?:_URL|_DSN)$')
 _PATH = re.compile(r'^(?:~|\.{0,2}/)')
 _FEW_VALUES = 8  # up to this many values, `in` per value is cheaper than one RE2 scan
@@ -117,6 +125,9 @@ def credential_values(environment: Iterable[tuple[str, str]], urls: Iterable[str
         and not value.isspace()
         and not value.isalpha()
         and not value.isdigit()
+        and any(character.isalnum() for character in value)
+        and '"' not in value
+        and '\\' not in value
         and not _PATH.match(value)
         and value not in REDACTED  # it would replace the replacement again
         and _is_utf8(value)
@@ -164,8 +175,8 @@ def configured_secrets() -> tuple[str, ...]:
 def literal_spans(text: str) -> list[tuple[int, int]]:
     """Where the configured credentials are in `text`, as sorted `(start, end)` character offsets (they may overlap).
 
-    A span stops before a `"` the value holds (JSON text stays valid, as with the rules) and does not start on the
-    letter after a backslash (the pair is an escape of JSON text, which a replacement must not split).
+    A value is found only where it stands apart (`_apart`): not inside a longer word. No value holds a `"` or a
+    backslash (`credential_values`), so a replacement never splits an escape of JSON text.
     """
     configured_secrets()
     known = _known
@@ -176,15 +187,23 @@ def literal_spans(text: str) -> list[tuple[int, int]]:
         at = text.find(value)
         while at != -1:
             end = at + len(value)
-            start = at + 1 if at and _escaped(text, at) else at
-            quote = text.find('"', start, end)
-            if quote != -1:
-                end = quote
-            if start < end:
-                spans.append((start, end))
-            at = text.find(value, at + len(value))
+            if _apart(text, at, end):
+                spans.append((at, end))
+            at = text.find(value, at + 1)
     spans.sort()
     return spans
+
+
+def _apart(text: str, start: int, end: int) -> bool:
+    """Whether `text[start:end]` is not part of a longer word: no letter, digit or `_` touching it, but for the letter
+    of a JSON escape before it (`\\nvllm-...`: a line break, in JSON text)."""
+    before = text[start - 1] if start else ''
+    after = text[end] if end < len(text) else ''
+    if after and (after.isalnum() or after == '_'):
+        return False
+    if before and (before.isalnum() or before == '_'):
+        return before.isalpha() and _escaped(text, start - 1)
+    return True
 
 
 def _escaped(text: str, at: int) -> bool:

@@ -58,6 +58,14 @@ def test_the_variables_that_hold_a_credential_are_read_and_others_not() -> None:
         'DIGITS_PASSWORD': '12345678',  # a number
         'DEV_DATABASE_URL': 'postgresql://postgres:postgres@localhost/app',
         'PLAIN_URL': 'https://user@example.com/path-without-password',
+        # A key that names no credential (QA: every query naming the column lost it), a rule line, and values that
+        # JSON text writes escaped (a replacement there split an escape: invalid JSON; QA):
+        'PARTITION_KEY': 'tenant_id',
+        'SORT_KEY': 'created_at:desc',
+        'CACHE_KEY': 'prefix-v2-cache',
+        'RULE_SECRET': '--------',
+        'QUOTED_API_KEY': 'Xy"9kLmN2pQ',
+        'SLASHED_API_KEY': 'Secr3t\\Key99',
     }
     values = credential_values(environment.items(), ['postgresql://u:from-dotenv-pass@h/db', 'postgresql://h/db'])
     assert set(values) == {
@@ -118,17 +126,21 @@ def test_many_values_are_searched_in_one_scan(configured: pytest.MonkeyPatch) ->
     assert json_may_need_redaction(json.dumps({'a': f'x{KEY}'})) and not json_may_need_redaction('{"a": "token-3"}')
 
 
-def test_a_value_holding_a_quote_or_after_a_backslash_keeps_json_text_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv('ODD_PASSWORD', 'abc"defghijklm')
+def test_a_value_inside_a_longer_word_is_kept_and_json_text_stays_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: `sk-local` blanked the start of `sk-localhost`, `password1` of `password123`; a value after a JSON escape's
+    # letter (`\\n` then the value) is still found.
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-local')
+    monkeypatch.setenv('DB_PASSWORD', 'password1')
     monkeypatch.setenv('N_TOKEN', 'nopqrstuvwxyz012')
     reread_configured_secrets()
     try:
-        quoted = json.dumps({'m': 'abc"defghijklm'})  # `abc\"defghijklm`: the value as written in JSON text
-        assert json.loads(redact_text(quoted)[0]) == {'m': 'abc"defghijklm'}  # `\"` is not the value's `"`
-        plain = 'password was abc"defghijklm'
-        assert redact_text(plain)[0] == f'password was {REDACTED}"defghijklm'  # up to the quote, as the rules do
-        escaped = json.dumps({'m': 'line\nopqrstuvwxyz012'})  # `\n` then the value's letters after its `n`
-        assert json.loads(redact_text(escaped)[0])['m'].startswith('line\n')
+        kept = 'curl http://sk-localhost:8080 with password123 or xnopqrstuvwxyz012 or nopqrstuvwxyz0123 or a_password1'
+        assert redact_text(kept) == (kept, 0)
+        said = 'key sk-local, (password1) "nopqrstuvwxyz012".'
+        assert redact_text(said) == (f'key {REDACTED}, ({REDACTED}) "{REDACTED}".', 3)
+        escaped = json.dumps({'m': 'line\nnopqrstuvwxyz012\tsk-local'})  # each after a JSON escape's letter
+        redacted, count = redact_text(escaped)
+        assert count == 2 and json.loads(redacted) == {'m': f'line\n{REDACTED}\t{REDACTED}'}
     finally:
         monkeypatch.undo()
         reread_configured_secrets()
