@@ -100,6 +100,19 @@ _TABLE_NOT_A_SECRET = re.compile(
     rb'|id_(?:rsa|dsa|ecdsa|ed25519)(?:[_-]sk)?(?:\.pub)?|[\w.-]+\.(?:pem|key|pub|ppk|p12|pfx|jks|crt|cer|der|asc|gpg)'
     rb'|\$(?:[a-z_][a-z0-9_]*|[A-Z_][A-Z0-9_]*|\{[^}]*\}|\([^)]*\))'  # a shell variable: $password, ${DB_PASS}
     rb'|(?i:n/a)'
+    # Short technical terms a settings table names in a secret's row (QA: `| token | HS256 |`, `| password |
+    # SHA-256 |`, `| token | 24h |`, `| secret | 256-bit |` lost their cells): algorithms, durations, sizes,
+    # encodings and standards, versions and model names, percentages and prices per period.
+    rb'|(?i:[HRE]S(?:256|384|512)|PS(?:256|384|512)|EdDSA|(?:HMAC-?)?SHA-?(?:1|224|256|384|512|3(?:-(?:256|512))?)'
+    rb'|AES(?:-?(?:128|192|256))?(?:-(?:GCM|CBC|CTR))?|(?:3)?DES|MD5|RSA(?:-?(?:2048|3072|4096))?|ECDSA|Ed25519'
+    rb'|bcrypt|scrypt|argon2(?:id|i|d)?|PBKDF2(?:-SHA(?:1|256|512))?|x\.?509|PKCS ?#?(?:1|7|8|10|11|12)'
+    rb'|[0-9]+(?:\.[0-9]+)? ?(?:ms|s|sec|secs|m|min|mins|h|hr|hrs|d|days?|w|wk|weeks?|mo|months?|y|yrs?|years?)'
+    rb'|[0-9]+-(?:second|minute|hour|day|week|month|year)s?'
+    rb'|[0-9]+[ -]?(?:bits?|bytes?|chars?|characters?|digits?|[KMGT]i?B)|[0-9]+%'
+    rb'|UTF-?(?:8|16|32)|Base(?:16|32|58|64)(?:url)?|ASCII|Latin-?1|hex|OAuth ?2?(?:\.[01])?|OIDC|SAML ?2?'
+    rb'|IPv[46]|[0-9]FA|MFA(?:/2FA)?|K8s|TLS ?1\.[0-3]|mTLS|JWT|JWE|JWS|v?[0-9]+(?:\.[0-9]+){1,3}'
+    rb'|gpt-[0-9][\w.-]*|o[1-4](?:-mini)?|claude-[\w.-]+|gemini-[\w.-]+)'
+    rb'|\$[0-9]+(?:\.[0-9]+)?/(?:mo|month|yr|year|day|user|seat)'
 )
 """The cells of a secret-named row that are plainly no credential: column types, code (a library call, a call with
 no or keyword arguments, or a call in it: `uuid_generate_v4()`, `bcrypt(cost=12)`, `Column(String(64))`), numbers,

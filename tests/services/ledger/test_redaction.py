@@ -1203,6 +1203,14 @@ def test_a_short_or_odd_value_of_a_secret_named_table_row_is_redacted(form: str,
         '| password | bcrypt(cost=12) |\n| token | md5(random()::text) |\n| session_token | 2024-01-31T10:00:00Z |',
         '| client_secret | https://vault.example.com/v1/app |\n| private key | id_ed25519 |\n| secret | SECRET_KEY_2 |',
         '| private key | ~/.ssh/id_rsa |\n| private key | server.key |\n| secret | 2024-01-31 10:00:00+01:00 |',
+        # short technical terms of a settings table: algorithms, durations, sizes, encodings, versions (QA)
+        '| token | HS256 |\n| token | RS256 |\n| token | ES256 |\n| password | SHA-256 |\n| secret | AES-256 |',
+        '| password | md5 |\n| password | 3DES |\n| secret | x509 |\n| password | bcrypt |\n| password | argon2id |',
+        '| token | 24h |\n| token | 30d |\n| token | 15m |\n| token | 3600s |\n| password | 7-day |',
+        '| secret | 128-bit |\n| secret | 256-bit |\n| password | UTF-8 |\n| token | Base64 |\n| password | 12-char |',
+        '| token | OAuth2 |\n| api_key | GPT-4 |\n| api_key | gpt-4o |\n| token | K8s |\n| secret | IPv4 |',
+        '| password | 2FA |\n| password | MFA/2FA |\n| private key | PKCS#12 |\n| token | v2.1 |\n| token | 50% |',
+        '| api_key | $5/mo |\n| password | SHA-256 | yes | hashed |\n| token | JWT |',
     ],
 )
 def test_a_secret_named_table_row_whose_value_is_plainly_no_credential_is_left_alone(text: str):
