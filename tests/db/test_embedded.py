@@ -1043,3 +1043,30 @@ def test_a_child_forked_while_the_runtime_runs_is_a_user_of_its_own_and_the_last
     assert done.stdout.splitlines() == ['child 1 True', 'child left 0 True', 'parent 1'], done.stderr
     _assert_no_orphan(data_dir)
     assert json.loads((data_dir / USERS_FILE).read_text()) == {}
+
+
+async def test_the_server_starts_whatever_the_clients_pg_variables_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL takes PGDATESTYLE, PGCLIENTENCODING and PGPORT as its own settings at start: PGDATESTYLE=Bogus failed
+    # initdb, then the server's start ("invalid value for parameter "DateStyle""), exit 4 with "set AGENTRT_DATA_DIR
+    # to another directory to start afresh", though the variable was meant for a client (QA).
+    for variable, value in (
+        ('PGDATESTYLE', 'Bogus'),
+        ('PGCLIENTENCODING', 'nope'),
+        ('PGPORT', 'abc'),
+        ('PGTZ', 'Mars/Base'),
+        ('PGGEQO', 'abc'),
+        ('PGOPTIONS', '-c no_such.setting=1 -c geqo=abc'),
+    ):
+        monkeypatch.setenv(variable, value)
+    data_dir = tmp_path / 'pgdata'
+    for _ in range(2):  # a new cluster (initdb, start, restart after tuning), then an existing one's start
+        server = start_embedded(data_dir, stop_at_exit=False)
+        try:
+            connection = await asyncpg.connect(host=str(server.socket_dir), port=server.port, user='postgres')
+            assert await connection.fetchval('SHOW DateStyle') == 'ISO, MDY'
+            await connection.close()
+        finally:
+            assert release_embedded(data_dir)
+        assert not _servers(data_dir)
