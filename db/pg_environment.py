@@ -86,14 +86,14 @@ def server_start_environment() -> dict[str, str]:
 
 def setting_variable(parameter: str) -> tuple[str, str] | None:
     """The variable libpq sent the server setting `parameter` from, and its value, when it is set (libpq sends none
-    that is unset, empty or `default`); else None.
+    that is unset or `default`, but one that is empty: `PGTZ=` was blamed on the URL's options parameter); else None.
 
     Args:
         parameter: the server setting's name, as PostgreSQL's message spells it (in any case).
     """
     for variable, setting in LIBPQ_SERVER_SETTINGS.items():
         value = os.environ.get(variable)
-        if setting.lower() == parameter.lower() and value and value.lower() != 'default':
+        if setting.lower() == parameter.lower() and value is not None and value.lower() != 'default':
             return variable, value
     return None
 

@@ -111,6 +111,10 @@ async def test_a_server_setting_libpq_sends_from_a_variable_is_refused_naming_th
     for variable, value, said in (
         ('PGTZ', 'Mars/Base', 'invalid value for parameter "TimeZone": "Mars/Base"'),
         ('PGGEQO', 'abc', 'parameter "geqo" requires a Boolean value'),
+        # Empty, libpq sends them all the same: PGTZ= was blamed on DATABASE_URL's options parameter (QA). An empty
+        # PGDATESTYLE is sent too, and PostgreSQL takes it (the DateStyle stays as it was).
+        ('PGTZ', '', 'invalid value for parameter "TimeZone": ""'),
+        ('PGGEQO', '', 'parameter "geqo" requires a Boolean value'),
     ):
         env = {'DATABASE_URL': queue_url(database_url), variable: value, 'DB_CONNECT_TIMEOUT': '30'}
         started = time.monotonic()
