@@ -93,7 +93,7 @@ def check_otlp_settings(env: Mapping[str, str]) -> None:
     """
     _check_propagators(env.get('OTEL_PROPAGATORS', ''))
     _check_limit(IMPORT_LIMIT, env)
-    _check_sample_rate(env)
+    check_sample_rate(env)
     exporter = env.get('OTEL_TRACES_EXPORTER', '').strip().lower()
     if exporter not in ('', *SUPPORTED_EXPORTERS):
         console = " (for spans on stderr: LOGFIRE_CONSOLE=true or 'agentrt --trace')" if 'console' in exporter else ''
@@ -183,8 +183,17 @@ def check_sdk_settings(env: Mapping[str, str]) -> None:
                 )
 
 
-def _check_sample_rate(env: Mapping[str, str]) -> None:
-    """The sampling ratio logfire reads (`SAMPLE_RATE_VARIABLES`: as it does, an empty value is unset)."""
+def check_sample_rate(env: Mapping[str, str]) -> None:
+    """Refuse the sampling ratio logfire reads (`SAMPLE_RATE_VARIABLES`: as it does, an empty value is unset) unless it
+    is a number from 0 to 1. Each CLI command checks it first (`agentrt`'s callback): logfire reads it as it is
+    imported, which `agentrt serve` did before its tracing's own check, and said it in logfire's words.
+
+    Args:
+        env: the environment (`os.environ`).
+
+    Raises:
+        ConfigError: naming the variable.
+    """
     name = next((name for name in SAMPLE_RATE_VARIABLES if env.get(name)), None)
     if name is None:
         return

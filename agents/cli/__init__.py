@@ -24,6 +24,7 @@ from agentrt.agents.cli.group import AgentrtGroup, LazyCommand
 from agentrt.agents.cli.logs import setup_logging
 from agentrt.agents.cli.support import EXIT_SIGNAL_BASE, check_debug_flag, set_debug
 from agentrt.agents.cli_entry import stop_signals_raise
+from agentrt.agents.otlp_settings import check_sample_rate
 
 COMMANDS = (
     LazyCommand('db', 'agentrt.agents.cli.database:db_app', 'The database: status, upgrade, seed the demo data.'),
@@ -78,6 +79,9 @@ def _root(
 ) -> None:
     set_debug(debug)
     check_debug_flag()
+    # Before any command imports logfire (pydantic-ai, FastAPI's app do), which reads it: `agentrt serve` said
+    # "logfire refused a LOGFIRE_* variable" for OTEL_TRACES_SAMPLER_ARG=abc (qa191).
+    check_sample_rate(os.environ)
     setup_logging(verbose)
     if trace:
         set_trace()

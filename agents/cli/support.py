@@ -449,6 +449,15 @@ def report(exc: BaseException) -> int:
     if type(exc).__name__ == 'LogfireConfigError':
         # Raised by logfire's import (pydantic-ai's, and pydantic's plugin loading, import it), which fails again in
         # any import of the runtime, the redaction's included: its own words about a variable's value, as they are.
+        # The sampling ratio, which logfire reads from OTEL_TRACES_SAMPLER_ARG too, is named by its variable (a script
+        # of `scripts/` runs no `agentrt` callback that checks it first).
+        from agentrt.agents.otlp_settings import check_sample_rate
+
+        try:
+            check_sample_rate(os.environ)
+        except ConfigError as refused:
+            error_line(str(refused), redact=False)
+            return EXIT_USAGE
         error_line(f'invalid configuration: logfire refused a LOGFIRE_* variable: {exc}', redact=False)
         return EXIT_USAGE
     if (code := exit_code_of(exc)) is not None:

@@ -231,6 +231,21 @@ async def test_a_sampling_ratio_logfire_cannot_read_is_named_by_its_variable() -
     assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: {said}']
 
 
+@pytest.mark.parametrize('variable', ['OTEL_TRACES_SAMPLER_ARG', 'LOGFIRE_TRACE_SAMPLE_RATE'])
+@pytest.mark.parametrize('command', [('serve', '--port', '18941'), ('worker', '--burst'), ('db', 'status')])
+async def test_every_command_names_the_sampling_ratio_logfire_cannot_read(
+    variable: str, command: tuple[str, ...]
+) -> None:
+    # `agentrt serve` imported logfire (which reads the ratio as it is imported) before its tracing's check: "logfire
+    # refused a LOGFIRE_* variable: Expected trace_sample_rate to be a number, got 'abc'" (qa191). A new process, as
+    # logfire reads it once.
+    env = {variable: 'abc', 'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/db', 'DB_CONNECT_TIMEOUT': '2'}
+    done = await asyncio.to_thread(run_cli, *command, env=env)
+    assert done.returncode == 2, done.stderr
+    said = f"{variable}='abc' is not a sampling ratio: give a number from 0 to 1 (the share of traces kept)"
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [f'error: {said}']
+
+
 @pytest.mark.parametrize(
     ('variable', 'value', 'takes'),
     [
