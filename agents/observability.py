@@ -155,6 +155,7 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
         os.environ.setdefault('PYDANTIC_AI_NO_BANNER', '1')
     export = trace_export(console=console)
     if export.enabled:
+        _default_sampler_ratio()
         import logfire
 
         from agentrt import __version__
@@ -187,6 +188,17 @@ def configure_observability(*, console: bool | None = None) -> TraceExport:
             atexit.register(bound_exports_at_exit)
     _configured = export
     return export
+
+
+def _default_sampler_ratio() -> None:
+    """A ratio sampler (`OTEL_TRACES_SAMPLER=traceidratio`) given no ratio, an empty or blank
+    `OTEL_TRACES_SAMPLER_ARG`, or none, gets OpenTelemetry's default, 1, in the variable: logfire leaves the sampler
+    to the SDK when its own ratio is 1, and the SDK warned that it "Could not convert TRACES_SAMPLER_ARG to float.
+    Using default rate 1.0." (in the CLI as an export failure, naming a variable that may not be set: qa191). logfire
+    reads the same variable as its ratio, after an empty `LOGFIRE_TRACE_SAMPLE_RATE`: 1 as well."""
+    sampler = os.environ.get('OTEL_TRACES_SAMPLER', '').strip().lower()
+    if sampler.endswith('traceidratio') and not os.environ.get('OTEL_TRACES_SAMPLER_ARG', '').strip():
+        os.environ['OTEL_TRACES_SAMPLER_ARG'] = '1.0'
 
 
 def service_name() -> str:

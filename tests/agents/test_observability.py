@@ -965,3 +965,35 @@ def test_the_service_name_of_the_spans_is_the_one_opentelemetry_variables_give(
     for variable, value in variables.items():
         monkeypatch.setenv(variable, value)
     assert service_name() == name
+
+
+@pytest.mark.parametrize(
+    'given',
+    [
+        {'OTEL_TRACES_SAMPLER_ARG': ''},
+        {'LOGFIRE_TRACE_SAMPLE_RATE': ''},
+        {},
+        {'OTEL_TRACES_SAMPLER': 'parentbased_traceidratio', 'OTEL_TRACES_SAMPLER_ARG': ''},
+    ],
+    ids=['empty', 'logfire-empty', 'unset', 'parent-based'],
+)
+async def test_a_ratio_sampler_given_no_ratio_keeps_every_trace_without_the_sdks_warning(
+    database_url: str, receiver: OtlpReceiver, given: dict[str, str]
+) -> None:
+    # OTEL_TRACES_SAMPLER=traceidratio with an empty OTEL_TRACES_SAMPLER_ARG (or LOGFIRE_TRACE_SAMPLE_RATE, or none):
+    # the SDK's "Could not convert TRACES_SAMPLER_ARG to float. Using default rate 1.0.", which `agentrt chat` showed
+    # as an export failure (qa191). OpenTelemetry's default ratio, 1, without a word.
+    script = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from agentrt.agents.observability import configure_observability
+
+        configure_observability()
+        print(trace.get_tracer_provider().provider.sampler.get_description())
+        """
+    )
+    env = {'OTEL_TRACES_SAMPLER': 'traceidratio', 'OTEL_EXPORTER_OTLP_ENDPOINT': receiver.url, **given}
+    done = await _python(script, database_url, **env)
+    assert done.returncode == 0, done.stderr
+    assert 'TraceIdRatioBased{1.0}' in done.stdout, done.stdout
+    assert 'Could not convert' not in done.stderr, done.stderr
