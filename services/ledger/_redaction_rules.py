@@ -241,6 +241,12 @@ def byte_spans(data: bytes) -> list[int]:
         return []
     enabled = sorted({index for hit in hits for index in RULES_BY_TRIGGER[hit]})
     found = [start << START | end << END | index for index in enabled for start, end in RULES[index].spans(data)]
+    return merged_spans(found)
+
+
+def merged_spans(found: list[int]) -> list[int]:
+    """Packed spans (`start << START | end << END | rule index`) sorted, and merged where they overlap or touch: a
+    merged span keeps the rule of its first."""
     found.sort()
     merged: list[int] = []
     last_start = last_end = -1

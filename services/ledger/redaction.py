@@ -90,6 +90,7 @@ from agentrt.services.ledger._redaction_rules import (
     START,
     char_spans,
     has_secret,
+    merged_spans,
 )
 
 # Part of this module's public face, defined beside the rules.
@@ -110,18 +111,7 @@ def _spans(text: str) -> list[int]:
     literals = literal_spans(text)
     if not literals:
         return spans
-    found = sorted(spans + [start << START | end << END | _CONFIGURED for start, end in literals])
-    merged: list[int] = []
-    last_start = last_end = -1
-    for span in found:
-        start, end = span >> START, (span >> END) & OFFSET_MASK
-        if start <= last_end:  # overlaps or touches the previous one: extend it, keep its rule
-            last_end = max(last_end, end)
-            merged[-1] = last_start << START | last_end << END | (merged[-1] & RULE_BITS)
-        else:
-            merged.append(span)
-            last_start, last_end = start, end
-    return merged
+    return merged_spans(spans + [start << START | end << END | _CONFIGURED for start, end in literals])
 
 
 def _rule_id(span: int) -> str:
